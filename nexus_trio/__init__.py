@@ -1,0 +1,92 @@
+"""nexus_trio: an agent kernel for Python on Trio.
+
+Thousands to millions of long-lived agents in one process with kernel guarantees:
+bounded mailboxes with backpressure, time-bounded send and handle, O(1) routing,
+supervision with restarts, graceful ordered shutdown and observability.
+"""
+
+from ._agent import Agent as Agent
+from ._agent import AgentRef as AgentRef
+from ._agent import AgentSpec as AgentSpec
+from ._agent import Context as Context
+from ._agent import RestartType as RestartType
+from ._agent import agent as agent
+from ._config import Config as Config
+from ._config import KernelConfig as KernelConfig
+from ._config import LoggingConfig as LoggingConfig
+from ._config import OverflowPolicy as OverflowPolicy
+from ._config import RestartStrategy as RestartStrategy
+from ._config import RuntimeConfig as RuntimeConfig
+from ._config import SupervisionConfig as SupervisionConfig
+from ._deadletter import DeadLetter as DeadLetter
+from ._deadletter import DeadLetterReason as DeadLetterReason
+from ._errors import AgentNotFound as AgentNotFound
+from ._errors import AgentStopped as AgentStopped
+from ._errors import KernelShuttingDown as KernelShuttingDown
+from ._errors import MailboxFull as MailboxFull
+from ._errors import MessageDecodeError as MessageDecodeError
+from ._errors import NameTaken as NameTaken
+from ._errors import NexusError as NexusError
+from ._errors import RequestFailed as RequestFailed
+from ._errors import RequestTimeout as RequestTimeout
+from ._errors import SupervisorEscalation as SupervisorEscalation
+from ._events import EventKind as EventKind
+from ._events import LifecycleEvent as LifecycleEvent
+from ._kernel import Kernel as Kernel
+from ._kernel import open_kernel as open_kernel
+from ._mailbox import MailboxStatistics as MailboxStatistics
+from ._message import SYSTEM_ID as SYSTEM_ID
+from ._message import Message as Message
+from ._message import MessageKind as MessageKind
+from ._message import new_id as new_id
+from ._stats import AgentStats as AgentStats
+from ._stats import HistogramSnapshot as HistogramSnapshot
+from ._stats import KernelStats as KernelStats
+from ._streams import Subscription as Subscription
+from ._supervisor import Backoff as Backoff
+from ._supervisor import Supervisor as Supervisor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SYSTEM_ID",
+    "Agent",
+    "AgentNotFound",
+    "AgentRef",
+    "AgentSpec",
+    "AgentStats",
+    "AgentStopped",
+    "Backoff",
+    "Config",
+    "Context",
+    "DeadLetter",
+    "DeadLetterReason",
+    "EventKind",
+    "HistogramSnapshot",
+    "Kernel",
+    "KernelConfig",
+    "KernelShuttingDown",
+    "KernelStats",
+    "LifecycleEvent",
+    "LoggingConfig",
+    "MailboxFull",
+    "MailboxStatistics",
+    "Message",
+    "MessageDecodeError",
+    "MessageKind",
+    "NameTaken",
+    "NexusError",
+    "OverflowPolicy",
+    "RequestFailed",
+    "RequestTimeout",
+    "RestartStrategy",
+    "RestartType",
+    "RuntimeConfig",
+    "Subscription",
+    "SupervisionConfig",
+    "Supervisor",
+    "SupervisorEscalation",
+    "agent",
+    "new_id",
+    "open_kernel",
+]

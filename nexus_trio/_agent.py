@@ -1,0 +1,373 @@
+"""Agents as users write them: ``@agent`` on a handler, or a class with ``handle``.
+
+An :class:`AgentSpec` is a recipe: how to build a fresh behaviour (the state that a
+restart throws away) plus the agent's limits (mailbox capacity, handle timeout,
+overflow policy) and its place under a supervisor (restart type, shutdown timeout).
+One spec can be spawned many times. :class:`Context` is everything a running handler
+may touch.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, final, overload
+
+import attrs
+import trio
+
+from ._config import OverflowPolicy
+from ._message import Address, Message, MessageKind
+
+if TYPE_CHECKING:
+    from ._kernel import Kernel
+    from ._supervisor import Supervisor
+
+
+class RestartType(enum.Enum):
+    """When a supervisor restarts a child that exited (OTP child restart types)."""
+
+    #: always restarted, whether it failed or exited normally
+    PERMANENT = "permanent"
+    #: restarted only if it failed
+    TRANSIENT = "transient"
+    #: never restarted
+    TEMPORARY = "temporary"
+
+
+Handler = Callable[["Context", Message], Awaitable[Any]]
+
+
+class Behaviour(Protocol):
+    """What a spec's factory builds for each run of an agent."""
+
+    async def handle(self, ctx: Context, msg: Message) -> Any: ...
+
+    async def on_start(self, ctx: Context) -> None: ...
+
+    async def on_stop(self, ctx: Context) -> None: ...
+
+
+class Agent:
+    """Base class for agents with state and lifecycle.
+
+    Subclass it and override :meth:`handle` (required), :meth:`on_start` and
+    :meth:`on_stop`. A fresh instance is created for every run: a restart starts from
+    ``__init__`` again. ``__init__`` must take no arguments (use a factory with
+    :func:`agent` for parameters)::
+
+        @agent(name="counter")
+        class Counter(Agent):
+            def __init__(self) -> None:
+                self.count = 0
+
+            async def handle(self, ctx, msg):
+                self.count += 1
+                return {"count": self.count}
+    """
+
+    async def on_start(self, ctx: Context) -> None:
+        """Runs before the first message of each run (again after a restart)."""
+
+    async def handle(self, ctx: Context, msg: Message) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} must implement handle(ctx, msg)")
+
+    async def on_stop(self, ctx: Context) -> None:
+        """Runs when the agent stops for good or before a restart (bounded by its shutdown timeout)."""
+
+
+@final
+class _FunctionBehaviour:
+    """The behaviour of a function agent: stateless, so one instance serves every run."""
+
+    __slots__ = ("handle",)
+
+    def __init__(self, handler: Handler) -> None:
+        self.handle = handler
+
+    async def on_start(self, ctx: Context) -> None:
+        pass
+
+    async def on_stop(self, ctx: Context) -> None:
+        pass
+
+
+def _validate_optional_positive(name: str) -> Callable[[Any, Any, Any], None]:
+    def check(inst: Any, attribute: Any, value: Any) -> None:
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+    return check
+
+
+def _validate_shutdown_timeout(inst: Any, attribute: Any, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValueError(f"shutdown_timeout must be >= 0 seconds, got {value!r}")
+
+
+def _validate_capacity(inst: Any, attribute: Any, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"mailbox_capacity must be an integer >= 1, got {value!r}")
+
+
+def _validate_name(inst: Any, attribute: Any, value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"agent name must be a non-empty string, got {value!r}")
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return
+    raise ValueError(f"agent name {value!r} looks like a UUID; names and ids share one address space")
+
+
+def _to_overflow(value: Any) -> OverflowPolicy | None:
+    if value is None or isinstance(value, OverflowPolicy):
+        return value
+    try:
+        return OverflowPolicy(value)
+    except ValueError:
+        known = ", ".join(repr(p.value) for p in OverflowPolicy)
+        raise ValueError(f"overflow must be one of {known}, got {value!r}") from None
+
+
+def _to_restart(value: Any) -> RestartType:
+    if isinstance(value, RestartType):
+        return value
+    try:
+        return RestartType(value)
+    except ValueError:
+        known = ", ".join(repr(r.value) for r in RestartType)
+        raise ValueError(f"restart must be one of {known}, got {value!r}") from None
+
+
+@final
+@attrs.frozen
+class AgentSpec:
+    """How to run an agent. ``None`` limits fall back to the kernel's config.
+
+    ``handle_timeout`` and ``shutdown_timeout`` are in seconds.
+    """
+
+    factory: Callable[[], Behaviour]
+    name: str | None = attrs.field(default=None, validator=_validate_name)
+    mailbox_capacity: int | None = attrs.field(default=None, validator=_validate_capacity)
+    handle_timeout: float | None = attrs.field(
+        default=None, validator=_validate_optional_positive("handle_timeout")
+    )
+    overflow: OverflowPolicy | None = attrs.field(default=None, converter=_to_overflow)
+    restart: RestartType = attrs.field(default=RestartType.PERMANENT, converter=_to_restart)
+    shutdown_timeout: float | None = attrs.field(default=None, validator=_validate_shutdown_timeout)
+    #: the user's function, for function agents (so tests can call it directly)
+    handler: Handler | None = None
+
+    def with_options(self, **changes: Any) -> AgentSpec:
+        """A copy with some fields replaced (e.g. ``spec.with_options(name="b")``)."""
+        return attrs.evolve(self, **changes)
+
+
+_T = TypeVar("_T")
+
+
+def _spec_for(target: Any, options: dict[str, Any]) -> AgentSpec:
+    if isinstance(target, AgentSpec):
+        return attrs.evolve(target, **options)
+    if inspect.isclass(target):
+        if not callable(getattr(target, "handle", None)):
+            raise TypeError(f"agent class {target.__qualname__} has no handle(ctx, msg) method")
+        return AgentSpec(factory=target, **options)
+    if inspect.iscoroutinefunction(target):
+        behaviour = _FunctionBehaviour(target)
+        return AgentSpec(factory=lambda: behaviour, handler=target, **options)
+    raise TypeError(
+        f"@agent needs an 'async def handler(ctx, msg)' or a class with handle(); got {target!r}"
+    )
+
+
+@overload
+def agent(target: Handler | type[Any], /) -> AgentSpec: ...
+@overload
+def agent(
+    *,
+    name: str | None = None,
+    mailbox_capacity: int | None = None,
+    handle_timeout: float | None = None,
+    overflow: OverflowPolicy | str | None = None,
+    restart: RestartType | str = RestartType.PERMANENT,
+    shutdown_timeout: float | None = None,
+) -> Callable[[Handler | type[Any]], AgentSpec]: ...
+
+
+def agent(
+    target: Handler | type[Any] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    mailbox_capacity: int | None = None,
+    handle_timeout: float | None = None,
+    overflow: OverflowPolicy | str | None = None,
+    restart: RestartType | str = RestartType.PERMANENT,
+    shutdown_timeout: float | None = None,
+) -> AgentSpec | Callable[[Handler | type[Any]], AgentSpec]:
+    """Turn ``async def handler(ctx, msg)`` or an :class:`Agent` class into an :class:`AgentSpec`.
+
+    Usable bare (``@agent``) or with options (``@agent(name="a", handle_timeout=2.0)``).
+    """
+    options: dict[str, Any] = {
+        "name": name,
+        "mailbox_capacity": mailbox_capacity,
+        "handle_timeout": handle_timeout,
+        "overflow": overflow,
+        "restart": restart,
+        "shutdown_timeout": shutdown_timeout,
+    }
+    if target is not None:
+        return _spec_for(target, options)
+    return lambda t: _spec_for(t, options)
+
+
+def as_spec(target: Any) -> AgentSpec:
+    """Accept what ``spawn`` accepts besides supervisors: a spec, an agent class, a handler."""
+    if isinstance(target, AgentSpec):
+        return target
+    return _spec_for(target, {})
+
+
+@final
+@attrs.frozen
+class AgentRef:
+    """The address of a spawned agent or supervisor: usable wherever an address is."""
+
+    id: uuid.UUID
+    name: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.id})" if self.name else str(self.id)
+
+
+def address_of(target: AgentRef | Address) -> Address:
+    return target.id if isinstance(target, AgentRef) else target
+
+
+@final
+class Context:
+    """What a handler may touch; one per agent, shared by its runs.
+
+    ``nursery`` is the agent's own child nursery for background work: it is cancelled
+    when the agent stops or restarts, and an exception there fails the agent.
+    """
+
+    __slots__ = ("_cell", "_kernel", "id", "log", "name", "nursery")
+
+    def __init__(self, kernel: Kernel, cell: Any, agent_id: uuid.UUID, name: str | None) -> None:
+        self._kernel = kernel
+        self._cell = cell
+        self.id = agent_id
+        self.name = name
+        self.log = logging.LoggerAdapter(
+            logging.getLogger("nexus_trio.agent"),
+            {"agent_id": str(agent_id), "agent_name": name or ""},
+        )
+        self.nursery: trio.Nursery | None = None
+
+    @property
+    def kernel(self) -> Kernel:
+        return self._kernel
+
+    @property
+    def message(self) -> Message | None:
+        """The message being handled, if any."""
+        current: Message | None = self._cell.current
+        return current
+
+    def _outgoing(
+        self, to: AgentRef | Address | Message, payload: Any, kind: MessageKind
+    ) -> Message:
+        if isinstance(to, Message):
+            return to
+        current = self._cell.current
+        return Message(
+            sender=self.id,
+            to=address_of(to),
+            payload=payload,
+            kind=kind,
+            trace_id=current.trace_id if current is not None else None,
+        )
+
+    async def send(
+        self,
+        to: AgentRef | Address | Message,
+        payload: Any = None,
+        *,
+        kind: MessageKind = MessageKind.COMMAND,
+    ) -> Message:
+        """Send (tell) from this agent; same rules as :meth:`Kernel.send`.
+
+        The trace id of the message being handled is carried over.
+        """
+        msg = self._outgoing(to, payload, kind)
+        await self._kernel._send_from_agent(msg)
+        return msg
+
+    def send_nowait(
+        self,
+        to: AgentRef | Address | Message,
+        payload: Any = None,
+        *,
+        kind: MessageKind = MessageKind.COMMAND,
+    ) -> Message:
+        """Like :meth:`send` but raise :class:`MailboxFull` at once instead of waiting."""
+        msg = self._outgoing(to, payload, kind)
+        self._kernel._send_nowait_from_agent(msg)
+        return msg
+
+    async def request(
+        self, to: AgentRef | Address, payload: Any = None, *, timeout: float | None = None
+    ) -> Any:
+        """Send a Query from this agent and return the reply's payload (see :meth:`Kernel.request`)."""
+        reply = await self._kernel._request(
+            address_of(to), payload, timeout=timeout, sender=self.id, trace_id=self._trace_id()
+        )
+        return reply.payload
+
+    def _trace_id(self) -> uuid.UUID | None:
+        current = self._cell.current
+        return current.trace_id if current is not None else None
+
+    def spawn(
+        self, target: AgentSpec | Supervisor | Handler | type[Any], *, name: str | None = None
+    ) -> AgentRef:
+        """Spawn an agent linked to this one: it stops before this agent does."""
+        return self._kernel._spawn(target, name=name, parent=self._cell)
+
+    def stop(self) -> None:
+        """Stop this agent after the current message (a normal exit; see restart types)."""
+        self._cell.request_exit()
+
+    def monitor(self, target: AgentRef | Address) -> None:
+        """Receive an ``Event`` message when ``target`` stops or fails.
+
+        The payload is ``{"event": "down", "agent": <id>, "name": ..., "reason": ...}``.
+        Monitoring an agent that does not exist delivers the event at once with reason
+        ``"noproc"`` (as Erlang does).
+        """
+        self._kernel._monitor(self.id, address_of(target))
+
+    async def run_sync(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run a blocking function in a worker thread, bounded by ``[runtime]`` limits.
+
+        Cancelling the handler abandons the thread (its result is discarded).
+        """
+        return await trio.to_thread.run_sync(
+            fn, *args, limiter=self._kernel._thread_limiter, abandon_on_cancel=True
+        )

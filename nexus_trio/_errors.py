@@ -1,0 +1,115 @@
+"""The exception hierarchy.
+
+Every error the kernel raises derives from :class:`NexusError` and carries the ids
+involved as attributes, so that a log line or an ``except`` clause can tell exactly
+which agent or message was concerned.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+
+class NexusError(Exception):
+    """Base class of every error raised by nexus_trio."""
+
+
+class AgentNotFound(NexusError, LookupError):
+    """No agent is registered under ``address`` (an id or a name)."""
+
+    def __init__(self, address: uuid.UUID | str) -> None:
+        self.address = address
+        super().__init__(f"no agent is registered as {address!r}")
+
+
+class NameTaken(NexusError, ValueError):
+    """An agent with this ``name`` is already alive in the kernel."""
+
+    def __init__(self, name: str, holder: uuid.UUID) -> None:
+        self.name = name
+        self.holder = holder
+        super().__init__(f"agent name {name!r} is already taken by agent {holder}")
+
+
+class MailboxFull(NexusError):
+    """The recipient's mailbox stayed full: the message was *not* enqueued.
+
+    Raised by ``send`` after ``send_timeout`` under the ``block`` policy, at once by
+    ``send_nowait`` and under the ``reject`` policy.
+    """
+
+    def __init__(self, recipient: uuid.UUID, name: str | None, capacity: int, message_id: uuid.UUID) -> None:
+        self.recipient = recipient
+        self.name = name
+        self.capacity = capacity
+        self.message_id = message_id
+        who = f"{name!r} ({recipient})" if name else str(recipient)
+        super().__init__(f"mailbox of agent {who} is full (capacity {capacity}); message {message_id} was not enqueued")
+
+
+class KernelShuttingDown(NexusError):
+    """The kernel is stopping and accepts no new messages or agents."""
+
+    def __init__(self, what: str = "send") -> None:
+        self.what = what
+        super().__init__(f"kernel is shutting down: {what} refused")
+
+
+class RequestTimeout(NexusError, TimeoutError):
+    """No reply to request ``request_id`` arrived within ``timeout`` seconds."""
+
+    def __init__(self, request_id: uuid.UUID, to: uuid.UUID | str, timeout: float) -> None:
+        self.request_id = request_id
+        self.to = to
+        self.timeout = timeout
+        super().__init__(f"request {request_id} to {to!r} got no reply within {timeout:g}s")
+
+
+class AgentStopped(NexusError):
+    """The agent stopped before it could answer (e.g. during a request)."""
+
+    def __init__(self, agent_id: uuid.UUID, name: str | None) -> None:
+        self.agent_id = agent_id
+        self.name = name
+        super().__init__(f"agent {name or agent_id} stopped")
+
+
+class MessageDecodeError(NexusError, ValueError):
+    """Input could not be decoded into a message; ``field`` names what was wrong."""
+
+    def __init__(self, field: str, problem: str, value: Any = None) -> None:
+        self.field = field
+        self.problem = problem
+        self.value = value
+        super().__init__(f"invalid message field {field!r}: {problem}")
+
+
+class SupervisorEscalation(NexusError):
+    """A supervisor exceeded its restart intensity and the failure reached the kernel.
+
+    ``chain`` names the supervisors and agent the failure went through, innermost last;
+    ``last_error`` is the exception that tripped the limit.
+    """
+
+    def __init__(self, chain: tuple[str, ...], last_error: BaseException | None) -> None:
+        self.chain = chain
+        self.last_error = last_error
+        path = " -> ".join(chain)
+        super().__init__(f"restart intensity exceeded along {path}; last error: {last_error!r}")
+
+
+class RequestFailed(NexusError):
+    """The request was accepted but will never be answered: its Query was dead-lettered.
+
+    ``reason`` is the dead-letter reason (e.g. ``"handler_error"``, ``"agent_stopped"``);
+    ``error`` is the handler's exception when there was one.
+    """
+
+    def __init__(self, request_id: uuid.UUID, to: uuid.UUID | str, reason: str, error: BaseException | None) -> None:
+        self.request_id = request_id
+        self.to = to
+        self.reason = reason
+        self.error = error
+        detail = f": {error!r}" if error is not None else ""
+        super().__init__(f"request {request_id} to {to!r} failed ({reason}){detail}")

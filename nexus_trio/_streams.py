@@ -1,0 +1,109 @@
+"""Bounded fan-out streams (dead letters, lifecycle events).
+
+A :class:`Broadcast` hands every published item to each subscriber's bounded memory
+channel without ever blocking the publisher. A subscriber that falls behind loses the
+newest items, and the loss is counted (per subscription and in total), so memory stays
+bounded whether or not anybody listens. A bounded ring of the most recent items is kept
+for inspection after the fact.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from typing import Generic, TypeVar, final
+
+import trio
+
+T = TypeVar("T")
+
+
+@final
+class Subscription(Generic[T]):
+    """One subscriber's view of a :class:`Broadcast`: an async iterator of items.
+
+    Use it as ``async with kernel.dead_letters() as stream: async for item in stream``;
+    leaving the block unsubscribes. ``dropped`` counts items this subscriber missed
+    because its buffer was full.
+    """
+
+    def __init__(self, owner: Broadcast[T], buffer: int) -> None:
+        self._owner = owner
+        self._send, self._receive = trio.open_memory_channel[T](buffer)
+        self.dropped = 0
+
+    async def __aenter__(self) -> Subscription[T]:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._owner._subscribers.discard(self)
+        self._send.close()
+        self._receive.close()
+
+    def _offer(self, item: T) -> None:
+        try:
+            self._send.send_nowait(item)
+        except trio.WouldBlock:
+            self.dropped += 1
+            self._owner.dropped += 1
+
+    def _finish(self) -> None:
+        self._send.close()
+
+    def __aiter__(self) -> Subscription[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        try:
+            return await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise StopAsyncIteration from None
+
+    async def receive(self) -> T:
+        """The next item; raises ``trio.EndOfChannel`` once the stream is finished."""
+        return await self._receive.receive()
+
+    def receive_nowait(self) -> T:
+        """The next item or ``trio.WouldBlock``."""
+        return self._receive.receive_nowait()
+
+
+@final
+class Broadcast(Generic[T]):
+    """Publish items to any number of bounded subscriptions without blocking."""
+
+    def __init__(self, recent: int) -> None:
+        self._subscribers: set[Subscription[T]] = set()
+        self.recent: deque[T] = deque(maxlen=recent)
+        self.published = 0
+        self.dropped = 0
+        self._finished = False
+
+    def subscribe(self, buffer: int) -> Subscription[T]:
+        if buffer < 1:
+            raise ValueError(f"subscription buffer must be >= 1, got {buffer}")
+        sub = Subscription(self, buffer)
+        if self._finished:
+            sub._finish()
+        else:
+            self._subscribers.add(sub)
+        return sub
+
+    def publish(self, item: T) -> None:
+        self.published += 1
+        self.recent.append(item)
+        for sub in self._subscribers:
+            sub._offer(item)
+
+    def finish(self) -> None:
+        """End every subscription: iterators stop after the items already buffered."""
+        self._finished = True
+        for sub in self._subscribers:
+            sub._finish()
+        self._subscribers.clear()
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(self.recent)

@@ -1,0 +1,430 @@
+"""Supervision: restart strategies, intensity, backoff and ordered shutdown (OTP semantics).
+
+A supervisor owns an ordered list of children (agents or supervisors) and one nursery in
+which each child runs as one task per *run*. When a child's run ends, the supervisor
+decides, one event at a time, what to do:
+
+* a failure (an exception) restarts ``permanent`` and ``transient`` children, a normal
+  exit (``ctx.stop()``) restarts only ``permanent`` ones, ``temporary`` children are
+  never restarted;
+* ``one_for_one`` restarts the child alone, ``one_for_all`` stops every other child
+  (reverse start order) and restarts all of them, ``rest_for_one`` does so for the
+  children started after the failed one;
+* more than ``max_restarts`` restarts within ``within`` seconds trips the supervisor:
+  it stops its children (reverse start order) and fails, so that its parent applies
+  its own strategy; at the root the kernel shuts down and raises
+  :class:`SupervisorEscalation`;
+* restarts wait an exponential backoff with jitter (Akka's ``BackoffSupervisor``),
+  which resets once a child has run healthily for ``reset_after`` seconds.
+
+A restarted agent keeps its id, name and mailbox. Children are stopped in reverse start
+order, children before parents, each within its ``shutdown_timeout`` and then cancelled.
+The child interface (:class:`Child`) is small so that other kinds of children (external
+processes, remote agents) are supervised by the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Final, final
+
+import attrs
+import trio
+
+from ._agent import RestartType
+from ._config import RestartStrategy
+from ._errors import SupervisorEscalation
+from ._message import new_id
+
+if TYPE_CHECKING:
+    from ._kernel import Kernel
+
+log = logging.getLogger("nexus_trio.supervisor")
+
+
+def _non_negative(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValueError(f"{attribute.name} must be a number >= 0, got {value!r}")
+
+
+@final
+@attrs.frozen
+class Backoff:
+    """Delay before a restart: ``initial * 2**n`` capped at ``maximum``, times a random
+    factor in ``[1, 1 + jitter]`` and capped at ``maximum`` again, where ``n`` counts the
+    restarts since the child last ran healthily for ``reset_after`` seconds.
+
+    ``Backoff(0, 0)`` restarts at once, as OTP does. Times are in seconds.
+    """
+
+    initial: float = attrs.field(default=0.01, validator=_non_negative)
+    maximum: float = attrs.field(default=5.0, validator=_non_negative)
+    jitter: float = attrs.field(default=0.2, validator=_non_negative)
+    reset_after: float = attrs.field(default=30.0, validator=_non_negative)
+
+    def __attrs_post_init__(self) -> None:
+        if self.maximum < self.initial:
+            raise ValueError(f"backoff maximum ({self.maximum}) must be >= initial ({self.initial})")
+
+    def delay(self, step: int, rng: random.Random) -> float:
+        base = min(self.maximum, self.initial * (2.0 ** min(step, 64)))
+        return min(self.maximum, base * (1.0 + rng.random() * self.jitter))
+
+
+def _to_strategy(value: Any) -> RestartStrategy:
+    if isinstance(value, RestartStrategy):
+        return value
+    try:
+        return RestartStrategy(value)
+    except ValueError:
+        known = ", ".join(repr(s.value) for s in RestartStrategy)
+        raise ValueError(f"strategy must be one of {known}, got {value!r}") from None
+
+
+def _to_restart(value: Any) -> RestartType:
+    if isinstance(value, RestartType):
+        return value
+    try:
+        return RestartType(value)
+    except ValueError:
+        known = ", ".join(repr(r.value) for r in RestartType)
+        raise ValueError(f"restart must be one of {known}, got {value!r}") from None
+
+
+def _positive(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ValueError(f"{attribute.name} must be a number > 0, got {value!r}")
+
+
+@final
+@attrs.frozen
+class Supervisor:
+    """A supervisor spec: spawn it like an agent (``kernel.spawn(Supervisor(...))``).
+
+    ``children`` are started in order when the supervisor starts; more can be added
+    with ``kernel.spawn(spec, supervisor=ref)``. As a child itself, a supervisor is
+    ``permanent`` and has an infinite ``shutdown_timeout`` by default (OTP).
+    """
+
+    strategy: RestartStrategy = attrs.field(default=RestartStrategy.ONE_FOR_ONE, converter=_to_strategy)
+    max_restarts: int = attrs.field(default=3, validator=_non_negative)
+    within: float = attrs.field(default=5.0, validator=_positive)
+    backoff: Backoff = attrs.field(factory=Backoff)
+    children: Sequence[Any] = attrs.field(default=(), converter=tuple)
+    name: str | None = None
+    restart: RestartType = attrs.field(default=RestartType.PERMANENT, converter=_to_restart)
+    shutdown_timeout: float = attrs.field(default=math.inf, validator=_non_negative)
+
+
+class Child:
+    """What a supervisor needs of a child: run once, stop gracefully, identity.
+
+    ``run_once`` returns on a normal exit and raises on failure. ``request_stop`` asks
+    the current run to finish soon; the supervisor cancels the run if it has not
+    finished within ``shutdown_timeout``.
+    """
+
+    id: uuid.UUID
+    name: str | None
+    restart: RestartType
+    shutdown_timeout: float
+    supervisor: SupervisorNode | None
+    linked_parent: Child | None
+    linked_children: list[Child]
+    #: bumped at every start; exits of older runs are ignored
+    run: int
+    restarts: int
+    backoff_step: int
+    started_at: float
+    scope: trio.CancelScope | None
+    done: trio.Event | None
+    running: bool
+    terminating: bool
+    retired: bool
+
+    def _init_child(
+        self,
+        child_id: uuid.UUID,
+        name: str | None,
+        restart: RestartType,
+        shutdown_timeout: float,
+    ) -> None:
+        self.id = child_id
+        self.name = name
+        self.restart = restart
+        self.shutdown_timeout = shutdown_timeout
+        self.supervisor = None
+        self.linked_parent = None
+        self.linked_children = []
+        self.run = 0
+        self.restarts = 0
+        self.backoff_step = 0
+        self.started_at = 0.0
+        self.scope = None
+        self.done = None
+        self.running = False
+        self.terminating = False
+        self.retired = False
+
+    @property
+    def label(self) -> str:
+        return self.name or str(self.id)
+
+    async def run_once(self) -> None:
+        raise NotImplementedError
+
+    def request_stop(self) -> None:
+        raise NotImplementedError
+
+    def on_retired(self, reason: str) -> None:
+        """Called once the child is stopped for good (not restarted)."""
+
+    def state(self) -> str:
+        if self.retired:
+            return "stopped"
+        if self.terminating:
+            return "stopping"
+        if self.running:
+            return "running"
+        return "restarting" if self.run else "starting"
+
+
+class _Escalation(Exception):
+    """A supervisor gave up; carries the chain of names from it down to the failing child."""
+
+    def __init__(self, chain: tuple[str, ...], last_error: BaseException | None) -> None:
+        super().__init__(chain, last_error)
+        self.chain = chain
+        self.last_error = last_error
+
+    def to_public(self, root: str) -> SupervisorEscalation:
+        return SupervisorEscalation((root, *self.chain), self.last_error)
+
+
+_EXIT: Final = "exit"
+_ADD: Final = "add"
+_TERMINATE: Final = "terminate"
+_SHUTDOWN: Final = "shutdown"
+
+
+@final
+class SupervisorNode(Child):
+    """The running side of a :class:`Supervisor`."""
+
+    def __init__(self, kernel: Kernel, spec: Supervisor, name: str | None) -> None:
+        self._init_child(new_id(), name, spec.restart, spec.shutdown_timeout)
+        self.kernel = kernel
+        self.spec = spec
+        self.children: list[Child] = []
+        self._nursery: trio.Nursery | None = None
+        self._inbox_send: trio.MemorySendChannel[tuple[Any, ...]] | None = None
+        self._restart_times: deque[float] = deque()
+
+    # --- the child interface -----------------------------------------------------------
+
+    def request_stop(self) -> None:
+        if self._inbox_send is not None:
+            self._inbox_send.send_nowait((_SHUTDOWN, None))
+
+    async def run_once(self) -> None:
+        send, receive = trio.open_memory_channel[tuple[Any, ...]](math.inf)
+        self._restart_times.clear()
+        escalation: _Escalation | None = None
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self._inbox_send = send
+            try:
+                for child in list(self.children):
+                    self._start(child, 0.0)
+                async for event in receive:
+                    if await self._handle(event):
+                        break
+            except _Escalation as exc:
+                # Raised outside the nursery below, so that it is not wrapped in a group.
+                escalation = exc
+            finally:
+                self._inbox_send = None
+                send.close()
+                # Whatever way we leave, children stop first, in reverse start order.
+                with trio.CancelScope(shield=True):
+                    await self._stop_all()
+                self._nursery = None
+        if escalation is not None:
+            raise escalation
+
+    # --- called by the kernel ------------------------------------------------------------
+
+    def add(self, child: Child) -> None:
+        """Adopt ``child`` and start it if this supervisor is running."""
+        child.supervisor = self
+        self.children.append(child)
+        if self._inbox_send is not None:
+            self._inbox_send.send_nowait((_ADD, child))
+
+    async def terminate(self, child: Child, reason: str) -> None:
+        """Stop ``child`` for good (``kernel.stop``); returns once it is stopped."""
+        if self._inbox_send is None:
+            # Not running (e.g. waiting to be restarted): the child is not running either.
+            await trio.lowlevel.checkpoint()
+            self._retire(child, reason)
+            return
+        finished = trio.Event()
+        self._inbox_send.send_nowait((_TERMINATE, child, reason, finished))
+        await finished.wait()
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _start(self, child: Child, delay: float) -> None:
+        assert self._nursery is not None
+        child.run += 1
+        child.done = trio.Event()
+        child.terminating = False
+        self._nursery.start_soon(self._child_task, child, child.run, delay, child.done)
+
+    async def _child_task(self, child: Child, run: int, delay: float, done: trio.Event) -> None:
+        error: BaseException | None = None
+        try:
+            with trio.CancelScope() as scope:
+                child.scope = scope
+                if delay > 0:
+                    await trio.sleep(delay)
+                child.running = True
+                child.started_at = trio.current_time()
+                try:
+                    await child.run_once()
+                except _Escalation as exc:
+                    error = exc
+                except Exception as exc:
+                    error = exc
+        finally:
+            child.running = False
+            if child.run == run:
+                child.scope = None
+            done.set()
+        if child.run == run and self._inbox_send is not None and not child.terminating:
+            self._inbox_send.send_nowait((_EXIT, child, run, error))
+
+    async def _handle(self, event: tuple[Any, ...]) -> bool:
+        """Process one event; True means this supervisor must stop."""
+        kind = event[0]
+        if kind == _ADD:
+            child = event[1]
+            if child in self.children and not child.retired:
+                self._start(child, 0.0)
+        elif kind == _TERMINATE:
+            _, child, reason, finished = event
+            if child in self.children:
+                await self._stop_child(child)
+                self._retire(child, reason)
+            finished.set()
+        elif kind == _SHUTDOWN:
+            return True
+        elif kind == _EXIT:
+            _, child, run, error = event
+            if child.run == run and child in self.children:
+                await self._on_exit(child, error)
+        return False
+
+    async def _on_exit(self, child: Child, error: BaseException | None) -> None:
+        kernel = self.kernel
+        if error is not None:
+            kernel._lifecycle_failed(child, error)
+            wanted = child.restart is not RestartType.TEMPORARY
+        else:
+            wanted = child.restart is RestartType.PERMANENT
+        if not wanted:
+            self._retire(child, "failed" if error is not None else "normal")
+            return
+        now = trio.current_time()
+        times = self._restart_times
+        while times and now - times[0] > self.spec.within:
+            times.popleft()
+        if len(times) >= self.spec.max_restarts:
+            chain: tuple[str, ...]
+            if isinstance(error, _Escalation):
+                chain = (self.label, *error.chain)
+                last = error.last_error
+            else:
+                chain = (self.label, child.label)
+                last = error
+            kernel._lifecycle_escalated(self, child, last, len(times))
+            raise _Escalation(chain, last)
+        times.append(now)
+        backoff = self.spec.backoff
+        if now - child.started_at >= backoff.reset_after:
+            child.backoff_step = 0
+        delay = backoff.delay(child.backoff_step, kernel._rng)
+        child.backoff_step += 1
+        strategy = self.spec.strategy
+        if strategy is RestartStrategy.ONE_FOR_ONE:
+            group = [child]
+        elif strategy is RestartStrategy.ONE_FOR_ALL:
+            group = [c for c in self.children if not c.retired]
+        else:
+            index = self.children.index(child)
+            group = [c for c in self.children[index:] if not c.retired]
+        for other in reversed(group):
+            if other is not child:
+                await self._stop_child(other)
+        for member in group:
+            member.restarts += 1
+            kernel._lifecycle_restarted(member, delay, error)
+            self._start(member, delay)
+
+    async def _stop_child(self, child: Child) -> None:
+        """Stop one running child: its linked children first, then it, within its timeout."""
+        for linked in reversed(child.linked_children):
+            sup = linked.supervisor
+            if sup is not None and not linked.retired:
+                if sup is self:
+                    await self._stop_child(linked)
+                    self._retire(linked, "parent_stopped")
+                else:
+                    await sup.terminate(linked, "parent_stopped")
+        child.terminating = True
+        done = child.done
+        if done is None or done.is_set():
+            return
+        if not child.running:
+            # Still waiting out a backoff: nothing to be graceful about.
+            if child.scope is not None:
+                child.scope.cancel()
+            await done.wait()
+            return
+        child.request_stop()
+        if child.shutdown_timeout > 0:
+            with trio.move_on_after(child.shutdown_timeout):
+                await done.wait()
+        if not done.is_set():
+            if child.scope is not None:
+                child.scope.cancel()
+            await done.wait()
+
+    async def _stop_all(self) -> None:
+        for child in reversed(self.children):
+            if not child.retired:
+                await self._stop_child(child)
+
+    def _retire(self, child: Child, reason: str) -> None:
+        if child.retired:
+            return
+        child.retired = True
+        child.terminating = True
+        if child in self.children:
+            self.children.remove(child)
+        parent = child.linked_parent
+        if parent is not None and child in parent.linked_children:
+            parent.linked_children.remove(child)
+        self.kernel._lifecycle_retired(child, reason)
+
+    def retire_all(self, reason: str) -> None:
+        """Retire every child, depth first (used once the kernel has stopped the tree)."""
+        for child in reversed(list(self.children)):
+            if isinstance(child, SupervisorNode):
+                child.retire_all(reason)
+            self._retire(child, reason)
