@@ -13,8 +13,8 @@ import enum
 import inspect
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, final, overload
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast, final, overload
 
 import attrs
 import trio
@@ -38,13 +38,14 @@ class RestartType(enum.Enum):
     TEMPORARY = "temporary"
 
 
-Handler = Callable[["Context", Message], Awaitable[Any]]
+Handler = Callable[["Context", Message], Coroutine[Any, Any, Any]]
 
 
 class Behaviour(Protocol):
     """What a spec's factory builds for each run of an agent."""
 
-    async def handle(self, ctx: Context, msg: Message) -> Any: ...
+    @property
+    def handle(self) -> Handler: ...
 
     async def on_start(self, ctx: Context) -> None: ...
 
@@ -128,7 +129,9 @@ def _validate_name(inst: Any, attribute: Any, value: Any) -> None:
         uuid.UUID(value)
     except ValueError:
         return
-    raise ValueError(f"agent name {value!r} looks like a UUID; names and ids share one address space")
+    raise ValueError(
+        f"agent name {value!r} looks like a UUID; names and ids share one address space"
+    )
 
 
 def _to_overflow(value: Any) -> OverflowPolicy | None:
@@ -185,7 +188,8 @@ def _spec_for(target: Any, options: dict[str, Any]) -> AgentSpec:
     if inspect.isclass(target):
         if not callable(getattr(target, "handle", None)):
             raise TypeError(f"agent class {target.__qualname__} has no handle(ctx, msg) method")
-        return AgentSpec(factory=target, **options)
+        factory = cast("Callable[[], Behaviour]", target)
+        return AgentSpec(factory=factory, **options)
     if inspect.iscoroutinefunction(target):
         behaviour = _FunctionBehaviour(target)
         return AgentSpec(factory=lambda: behaviour, handler=target, **options)

@@ -18,8 +18,8 @@ from __future__ import annotations
 import logging
 import math
 import types
-from time import time_ns
 from collections.abc import Coroutine, Generator
+from time import time_ns
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -73,6 +73,9 @@ class AgentCell(Child):
             spec.restart,
             spec.shutdown_timeout if spec.shutdown_timeout is not None else config.shutdown_grace,
         )
+        # Without an explicit shutdown_timeout, a kernel shutdown that has already spent
+        # its grace period cancels the agent at once instead of granting a second grace.
+        self.cancel_after_grace = spec.shutdown_timeout is None
         self.kernel = kernel
         self.spec = spec
         self.mailbox = Mailbox(spec.mailbox_capacity or config.mailbox_capacity)
@@ -144,7 +147,9 @@ class AgentCell(Child):
                     self.current = None
                     self.kernel._dead_letter(
                         current,
-                        DeadLetterReason.SHUTDOWN if self.kernel._stopping else DeadLetterReason.AGENT_STOPPED,
+                        DeadLetterReason.SHUTDOWN
+                        if self.kernel._stopping
+                        else DeadLetterReason.AGENT_STOPPED,
                         self.id,
                         detail="cancelled while being handled",
                     )
@@ -187,7 +192,11 @@ class AgentCell(Child):
                     self.label,
                     self.handle_timeout,
                     msg.id,
-                    extra={"agent_id": str(self.id), "agent_name": self.name or "", "msg_id": str(msg.id)},
+                    extra={
+                        "agent_id": str(self.id),
+                        "agent_name": self.name or "",
+                        "msg_id": str(msg.id),
+                    },
                 )
             self.kernel._dead_letter(msg, reason, self.id)
 

@@ -39,13 +39,17 @@ class MailboxFull(NexusError):
     ``send_nowait`` and under the ``reject`` policy.
     """
 
-    def __init__(self, recipient: uuid.UUID, name: str | None, capacity: int, message_id: uuid.UUID) -> None:
+    def __init__(
+        self, recipient: uuid.UUID, name: str | None, capacity: int, message_id: uuid.UUID
+    ) -> None:
         self.recipient = recipient
         self.name = name
         self.capacity = capacity
         self.message_id = message_id
         who = f"{name!r} ({recipient})" if name else str(recipient)
-        super().__init__(f"mailbox of agent {who} is full (capacity {capacity}); message {message_id} was not enqueued")
+        super().__init__(
+            f"mailbox of agent {who} is full (capacity {capacity}); message {message_id} was not enqueued"
+        )
 
 
 class KernelShuttingDown(NexusError):
@@ -106,7 +110,9 @@ class RequestFailed(NexusError):
     ``error`` is the handler's exception when there was one.
     """
 
-    def __init__(self, request_id: uuid.UUID, to: uuid.UUID | str, reason: str, error: BaseException | None) -> None:
+    def __init__(
+        self, request_id: uuid.UUID, to: uuid.UUID | str, reason: str, error: BaseException | None
+    ) -> None:
         self.request_id = request_id
         self.to = to
         self.reason = reason

@@ -143,7 +143,9 @@ class Kernel:
 
     # --- lifecycle of the kernel -----------------------------------------------------------
 
-    async def _run_root(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _run_root(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         self._now = trio.lowlevel.current_clock().current_time
         root = self._root
         root.run = 1
@@ -332,7 +334,9 @@ class Kernel:
     ) -> Message:
         if isinstance(to, Message):
             return to
-        return Message(sender=sender, to=address_of(to), payload=payload, kind=kind, trace_id=trace_id)
+        return Message(
+            sender=sender, to=address_of(to), payload=payload, kind=kind, trace_id=trace_id
+        )
 
     async def send(
         self,
@@ -423,8 +427,9 @@ class Kernel:
             return True
         if reply_to in self._late_set:
             self._accepted += 1
-            self._dead_letter(msg, DeadLetterReason.LATE_REPLY, msg.to,
-                              detail="the request had timed out")
+            self._dead_letter(
+                msg, DeadLetterReason.LATE_REPLY, msg.to, detail="the request had timed out"
+            )
             return True
         return False
 
@@ -447,13 +452,18 @@ class Kernel:
         if policy is OverflowPolicy.DROP_NEWEST:
             cell.received += 1
             self._accepted += 1
-            self._dead_letter(msg, DeadLetterReason.MAILBOX_OVERFLOW, cell.id,
-                              detail="drop_newest: mailbox full")
+            self._dead_letter(
+                msg, DeadLetterReason.MAILBOX_OVERFLOW, cell.id, detail="drop_newest: mailbox full"
+            )
             return None
         if policy is OverflowPolicy.DROP_OLDEST:
             oldest = cell.mailbox.evict_oldest()
-            self._dead_letter(oldest, DeadLetterReason.MAILBOX_OVERFLOW, cell.id,
-                              detail="drop_oldest: evicted for a newer message")
+            self._dead_letter(
+                oldest,
+                DeadLetterReason.MAILBOX_OVERFLOW,
+                cell.id,
+                detail="drop_oldest: evicted for a newer message",
+            )
             cell.mailbox.force_put(msg)
             cell.received += 1
             self._accepted += 1
@@ -501,8 +511,12 @@ class Kernel:
             self._dead_letter(msg, reason, msg.to)
         except MailboxFull:
             self._accepted += 1
-            self._dead_letter(msg, DeadLetterReason.MAILBOX_FULL, msg.to,
-                              detail=f"still full after {self._send_timeout:g}s")
+            self._dead_letter(
+                msg,
+                DeadLetterReason.MAILBOX_FULL,
+                msg.to,
+                detail=f"still full after {self._send_timeout:g}s",
+            )
 
     def _route_nowait(self, msg: Message) -> None:
         if not self._accepting_internal:
@@ -546,8 +560,9 @@ class Kernel:
         if not self._accepting:
             self._rejected["shutting_down"] += 1
             raise KernelShuttingDown("request")
-        reply = await self._request(address_of(to), payload, timeout=timeout, sender=sender,
-                                    trace_id=trace_id)
+        reply = await self._request(
+            address_of(to), payload, timeout=timeout, sender=sender, trace_id=trace_id
+        )
         return reply.payload
 
     async def _request(
@@ -565,7 +580,9 @@ class Kernel:
             raise ValueError(f"request timeout must be > 0 seconds, got {timeout!r}")
         if not self._accepting_internal:
             raise KernelShuttingDown("request")
-        query = Message(sender=sender, to=to, payload=payload, kind=MessageKind.QUERY, trace_id=trace_id)
+        query = Message(
+            sender=sender, to=to, payload=payload, kind=MessageKind.QUERY, trace_id=trace_id
+        )
         pending = _Pending()
         self._pending[query.id] = pending
         enqueued = False
@@ -600,8 +617,12 @@ class Kernel:
         if cell.current is query:
             cell.cancel_current(DeadLetterReason.REQUEST_TIMEOUT)
         elif cell.mailbox.remove(query):
-            self._dead_letter(query, DeadLetterReason.REQUEST_TIMEOUT, cell.id,
-                              detail="the requester stopped waiting before it was handled")
+            self._dead_letter(
+                query,
+                DeadLetterReason.REQUEST_TIMEOUT,
+                cell.id,
+                detail="the requester stopped waiting before it was handled",
+            )
 
     # --- dead letters ----------------------------------------------------------------------------
 
@@ -630,8 +651,11 @@ class Kernel:
                 recipient,
                 reason.value,
                 f" ({detail})" if detail else "",
-                extra={"msg_id": str(msg.id), "trace_id": str(msg.trace_id) if msg.trace_id else "",
-                       "reason": reason.value},
+                extra={
+                    "msg_id": str(msg.id),
+                    "trace_id": str(msg.trace_id) if msg.trace_id else "",
+                    "reason": reason.value,
+                },
             )
         self._dead_letters.publish(DeadLetter(msg, reason, recipient, error, detail))
 
@@ -660,7 +684,9 @@ class Kernel:
         self, kind: EventKind, node: Child, reason: str = "", error: BaseException | None = None
     ) -> None:
         self._events.publish(
-            LifecycleEvent(kind, node.id, node.name, trio.current_time(), reason, error, node.restarts)
+            LifecycleEvent(
+                kind, node.id, node.name, trio.current_time(), reason, error, node.restarts
+            )
         )
 
     def _lifecycle_started(self, cell: AgentCell) -> None:
@@ -676,8 +702,13 @@ class Kernel:
 
     def _lifecycle_restarted(self, child: Child, delay: float, error: BaseException | None) -> None:
         self._restarts += 1
-        log.info("restarting %s in %.3fs (restart %d)", child.label, delay, child.restarts,
-                 extra=_log_extra(child))
+        log.info(
+            "restarting %s in %.3fs (restart %d)",
+            child.label,
+            delay,
+            child.restarts,
+            extra=_log_extra(child),
+        )
         if self._events._subscribers:
             self._publish_event(EventKind.RESTARTED, child, f"backoff {delay:.6f}s", error)
 
@@ -686,7 +717,11 @@ class Kernel:
     ) -> None:
         log.error(
             "supervisor %s: restart intensity exceeded (%d restarts within %gs) after %s failed; escalating",
-            sup.label, restarts, sup.spec.within, child.label, extra=_log_extra(sup),
+            sup.label,
+            restarts,
+            sup.spec.within,
+            child.label,
+            extra=_log_extra(sup),
         )
         if self._events._subscribers:
             self._publish_event(EventKind.ESCALATED, sup, f"child {child.label}", error)
@@ -697,7 +732,11 @@ class Kernel:
         if child.name is not None and self._names.get(child.name) is child:
             del self._names[child.name]
         if isinstance(child, AgentCell):
-            dl_reason = DeadLetterReason.SHUTDOWN if reason == "shutdown" else DeadLetterReason.AGENT_STOPPED
+            dl_reason = (
+                DeadLetterReason.SHUTDOWN
+                if reason == "shutdown"
+                else DeadLetterReason.AGENT_STOPPED
+            )
             for msg in child.mailbox.take_all():
                 self._dead_letter(msg, dl_reason, child.id, detail=f"agent stopped ({reason})")
         child.on_retired(reason)
@@ -714,7 +753,12 @@ class Kernel:
                     sender=target if isinstance(target, uuid.UUID) else SYSTEM_ID,
                     to=watcher,
                     kind=MessageKind.EVENT,
-                    payload={"event": "down", "agent": str(target), "name": None, "reason": "noproc"},
+                    payload={
+                        "event": "down",
+                        "agent": str(target),
+                        "name": None,
+                        "reason": "noproc",
+                    },
                 )
             )
             return
@@ -730,7 +774,12 @@ class Kernel:
                     sender=child.id,
                     to=watcher,
                     kind=MessageKind.EVENT,
-                    payload={"event": event, "agent": str(child.id), "name": child.name, "reason": reason},
+                    payload={
+                        "event": event,
+                        "agent": str(child.id),
+                        "name": child.name,
+                        "reason": reason,
+                    },
                 )
             )
 
@@ -802,7 +851,9 @@ class Kernel:
 
 
 @asynccontextmanager
-async def open_kernel(config: Config | None = None, *, seed: int | None = None) -> AsyncIterator[Kernel]:
+async def open_kernel(
+    config: Config | None = None, *, seed: int | None = None
+) -> AsyncIterator[Kernel]:
     """Run a kernel for the duration of the ``async with`` block.
 
     Leaving the block shuts the kernel down gracefully (see :meth:`Kernel.shutdown`),

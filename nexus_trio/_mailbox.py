@@ -174,5 +174,6 @@ class Mailbox:
 
     def _wake_consumer(self) -> None:
         task = self._consumer
+        assert task is not None
         self._consumer = None
         trio.lowlevel.reschedule(task)

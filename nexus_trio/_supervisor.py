@@ -69,7 +69,9 @@ class Backoff:
 
     def __attrs_post_init__(self) -> None:
         if self.maximum < self.initial:
-            raise ValueError(f"backoff maximum ({self.maximum}) must be >= initial ({self.initial})")
+            raise ValueError(
+                f"backoff maximum ({self.maximum}) must be >= initial ({self.initial})"
+            )
 
     def delay(self, step: int, rng: random.Random) -> float:
         base = min(self.maximum, self.initial * (2.0 ** min(step, 64)))
@@ -111,7 +113,9 @@ class Supervisor:
     ``permanent`` and has an infinite ``shutdown_timeout`` by default (OTP).
     """
 
-    strategy: RestartStrategy = attrs.field(default=RestartStrategy.ONE_FOR_ONE, converter=_to_strategy)
+    strategy: RestartStrategy = attrs.field(
+        default=RestartStrategy.ONE_FOR_ONE, converter=_to_strategy
+    )
     max_restarts: int = attrs.field(default=3, validator=_non_negative)
     within: float = attrs.field(default=5.0, validator=_positive)
     backoff: Backoff = attrs.field(factory=Backoff)
@@ -397,8 +401,11 @@ class SupervisorNode(Child):
             await done.wait()
             return
         child.request_stop()
-        if child.shutdown_timeout > 0:
-            with trio.move_on_after(child.shutdown_timeout):
+        timeout = child.shutdown_timeout
+        if self.kernel._stopping and getattr(child, "cancel_after_grace", False):
+            timeout = 0.0
+        if timeout > 0:
+            with trio.move_on_after(timeout):
                 await done.wait()
         if not done.is_set():
             if child.scope is not None:

@@ -1,0 +1,705 @@
+"""One test per row of DESIGN.md's semantics table, plus the kernel's bookkeeping."""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from typing import Any, ClassVar
+
+import pytest
+import trio
+import trio.testing
+
+from nexus_trio import (
+    SYSTEM_ID,
+    Agent,
+    AgentNotFound,
+    Context,
+    DeadLetter,
+    DeadLetterReason,
+    Kernel,
+    KernelShuttingDown,
+    MailboxFull,
+    Message,
+    MessageKind,
+    NameTaken,
+    RequestFailed,
+    RequestTimeout,
+    agent,
+    open_kernel,
+)
+
+from .conftest import make_config
+
+
+@agent
+async def noop(ctx: Context, msg: Message) -> None:
+    return None
+
+
+@agent
+async def echo(ctx: Context, msg: Message) -> Any:
+    return {"echo": msg.payload}
+
+
+def assert_conserved(kernel: Kernel) -> None:
+    stats = kernel.stats()
+    assert (
+        stats.accepted
+        == stats.handled + stats.replies_delivered + stats.dead_lettered + stats.in_flight
+    )
+    assert stats.in_flight >= 0
+
+
+def reasons(kernel: Kernel) -> list[tuple[Any, DeadLetterReason]]:
+    return [(d.message.payload, d.reason) for d in kernel.recent_dead_letters()]
+
+
+# --- send --------------------------------------------------------------------------------------
+
+
+async def test_send_to_unknown_recipient_raises_agent_not_found_at_once(
+    autojump_clock: Any,
+) -> None:
+    async with open_kernel(make_config()) as kernel:
+        start = trio.current_time()
+        with pytest.raises(AgentNotFound) as info:
+            await kernel.send("nobody", 1)
+        assert info.value.address == "nobody"
+        assert trio.current_time() == start
+        with pytest.raises(AgentNotFound):
+            await kernel.send(uuid.uuid4(), 1)
+        stats = kernel.stats()
+        assert stats.rejected == {"no_such_agent": 2}
+        assert stats.accepted == 0
+
+
+async def test_send_with_room_enqueues_without_yielding() -> None:
+    seen: list[int] = []
+
+    @agent(name="sink")
+    async def sink(ctx: Context, msg: Message) -> None:
+        seen.append(msg.payload)
+
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(sink)
+        await trio.testing.wait_all_tasks_blocked()
+        for i in range(5):
+            await kernel.send(ref, i)
+        # No schedule point happened: the agent has not run yet, all five wait in its mailbox.
+        assert seen == []
+        assert kernel.stats(agents=True).agents[0].mailbox_depth == 5
+        await trio.testing.wait_all_tasks_blocked()
+        assert seen == [0, 1, 2, 3, 4]
+
+
+async def test_full_mailbox_blocks_until_send_timeout_then_raises(autojump_clock: Any) -> None:
+    release = trio.Event()
+
+    @agent(name="stuck", mailbox_capacity=2)
+    async def stuck(ctx: Context, msg: Message) -> None:
+        await release.wait()
+
+    async with open_kernel(make_config(send_timeout_ms=500, handle_timeout_ms=60_000)) as kernel:
+        ref = kernel.spawn(stuck)
+        await kernel.send(ref, "being handled")
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send(ref, "queued 1")
+        await kernel.send(ref, "queued 2")
+        start = trio.current_time()
+        with pytest.raises(MailboxFull) as info:
+            await kernel.send(ref, "too many")
+        assert trio.current_time() - start == pytest.approx(0.5)
+        assert info.value.recipient == ref.id and info.value.capacity == 2
+        stats = kernel.stats(agents=True)
+        assert stats.rejected == {"mailbox_full": 1}
+        assert stats.agents[0].mailbox_depth == 2
+        assert stats.accepted == 3
+        release.set()
+    assert kernel.stats().handled == 3
+
+
+async def test_blocked_send_completes_when_room_frees_within_the_deadline(
+    autojump_clock: Any,
+) -> None:
+    release = trio.Event()
+    order: list[str] = []
+
+    @agent(name="slow", mailbox_capacity=1)
+    async def slow(ctx: Context, msg: Message) -> None:
+        await release.wait()
+        order.append(msg.payload)
+
+    async with open_kernel(make_config(send_timeout_ms=1000)) as kernel:
+        ref = kernel.spawn(slow)
+        await kernel.send(ref, "a")
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send(ref, "b")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kernel.send, ref, "c")
+            await trio.sleep(0.2)
+            release.set()
+        assert trio.current_time() < 1.0
+    assert order == ["a", "b", "c"]
+    assert kernel.stats().rejected == {}
+
+
+async def test_send_nowait_on_full_mailbox_raises_at_once() -> None:
+    release = trio.Event()
+
+    @agent(mailbox_capacity=1)
+    async def stuck(ctx: Context, msg: Message) -> None:
+        await release.wait()
+
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(stuck)
+        kernel.send_nowait(ref, 1)
+        await trio.testing.wait_all_tasks_blocked()
+        kernel.send_nowait(ref, 2)
+        with pytest.raises(MailboxFull):
+            kernel.send_nowait(ref, 3)
+        assert kernel.stats().rejected == {"mailbox_full": 1}
+        release.set()
+
+
+async def test_sends_are_refused_once_the_kernel_is_shutting_down() -> None:
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(noop)
+        await kernel.shutdown()
+        with pytest.raises(KernelShuttingDown):
+            await kernel.send(ref, 1)
+        with pytest.raises(KernelShuttingDown):
+            kernel.send_nowait(ref, 1)
+        with pytest.raises(KernelShuttingDown):
+            await kernel.request(ref, 1)
+        with pytest.raises(KernelShuttingDown):
+            kernel.spawn(noop)
+        assert kernel.stats().rejected == {"shutting_down": 3}
+
+
+async def test_a_cancelled_sender_enqueues_nothing() -> None:
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(noop)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await kernel.send(ref, 1)
+        assert scope.cancelled_caught
+        assert kernel.stats().accepted == 0
+
+
+# --- overflow policies ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("policy", "handled", "dropped"),
+    [
+        ("drop_newest", ["m0", "m1", "m2"], ["m3", "m4"]),
+        ("drop_oldest", ["m0", "m3", "m4"], ["m1", "m2"]),
+    ],
+)
+async def test_drop_policies_accept_and_dead_letter_what_they_drop(
+    policy: str, handled: list[str], dropped: list[str]
+) -> None:
+    release = trio.Event()
+    seen: list[str] = []
+
+    @agent(mailbox_capacity=2, overflow=policy)
+    async def slow(ctx: Context, msg: Message) -> None:
+        await release.wait()
+        seen.append(msg.payload)
+
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(slow)
+        await kernel.send(ref, "m0")
+        await trio.testing.wait_all_tasks_blocked()
+        for i in range(1, 5):
+            await kernel.send(ref, f"m{i}")
+        release.set()
+    assert seen == handled
+    assert reasons(kernel) == [(p, DeadLetterReason.MAILBOX_OVERFLOW) for p in dropped]
+    stats = kernel.stats()
+    assert stats.accepted == 5 and stats.rejected == {}
+    assert_conserved(kernel)
+
+
+async def test_reject_policy_raises_at_once_without_waiting(autojump_clock: Any) -> None:
+    release = trio.Event()
+
+    @agent(mailbox_capacity=1, overflow="reject")
+    async def slow(ctx: Context, msg: Message) -> None:
+        await release.wait()
+
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(slow)
+        await kernel.send(ref, 0)
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send(ref, 1)
+        start = trio.current_time()
+        with pytest.raises(MailboxFull):
+            await kernel.send(ref, 2)
+        assert trio.current_time() == start
+        release.set()
+
+
+# --- handling ------------------------------------------------------------------------------------------
+
+
+async def test_handler_timeout_cancels_the_handler_dead_letters_and_the_agent_continues(
+    autojump_clock: Any,
+) -> None:
+    log: list[str] = []
+
+    @agent(name="sometimes-slow", handle_timeout=2.0)
+    async def handler(ctx: Context, msg: Message) -> None:
+        try:
+            if msg.payload == "hang":
+                await trio.sleep_forever()
+            log.append(msg.payload)
+        except trio.Cancelled:
+            log.append(f"cancelled at {trio.current_time():g}")
+            raise
+
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(handler)
+        await kernel.send(ref, "hang")
+        await kernel.send(ref, "after")
+        await trio.sleep(10)
+        stats = kernel.stats(agents=True)
+        assert log == ["cancelled at 2", "after"]
+        assert stats.timed_out == 1 and stats.agents[0].timed_out == 1
+        assert stats.restarts == 0 and stats.handled == 1
+    assert reasons(kernel) == [("hang", DeadLetterReason.HANDLER_TIMEOUT)]
+
+
+async def test_handlers_that_never_await_pay_for_no_timer() -> None:
+    deadlines: list[float] = []
+
+    @agent(handle_timeout=30.0)
+    async def sync_handler(ctx: Context, msg: Message) -> None:
+        deadlines.append(trio.lowlevel.current_statistics().seconds_to_next_deadline)
+        if msg.payload == "await":
+            await trio.lowlevel.checkpoint()
+            deadlines.append(trio.lowlevel.current_statistics().seconds_to_next_deadline)
+
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(sync_handler)
+        await kernel.send(ref, "plain")
+        await kernel.send(ref, "await")
+        await trio.testing.wait_all_tasks_blocked()
+    assert deadlines[0] == math.inf and deadlines[1] == math.inf
+    assert 0 < deadlines[2] <= 30.0
+
+
+async def test_handler_exception_is_logged_counted_dead_lettered_and_the_agent_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    seen: list[str] = []
+
+    @agent(name="fragile")
+    async def fragile(ctx: Context, msg: Message) -> None:
+        if msg.payload == "bad":
+            raise KeyError("missing field")
+        seen.append(msg.payload)
+
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(fragile)
+        for p in ("ok1", "bad", "ok2"):
+            await kernel.send(ref, p)
+        await trio.testing.wait_all_tasks_blocked()
+        stats = kernel.stats(agents=True)
+        assert seen == ["ok1", "ok2"]
+        assert stats.failed == 1 and stats.agents[0].failed == 1 and stats.restarts == 1
+        assert kernel.lookup("fragile") == ref
+    [letter] = kernel.recent_dead_letters()
+    assert letter.reason is DeadLetterReason.HANDLER_ERROR
+    assert isinstance(letter.error, KeyError) and letter.message.payload == "bad"
+    records = [
+        r for r in caplog.records if r.levelno == logging.ERROR and "fragile" in r.getMessage()
+    ]
+    assert records and records[0].exc_info is not None
+    assert records[0].agent_id == str(ref.id)  # type: ignore[attr-defined]
+
+
+async def test_returned_payload_replies_and_returned_message_is_routed() -> None:
+    got: list[Any] = []
+
+    @agent(name="b")
+    async def b(ctx: Context, msg: Message) -> None:
+        got.append((msg.kind, msg.payload, msg.sender))
+
+    @agent(name="a")
+    async def a(ctx: Context, msg: Message) -> Message:
+        return Message(ctx.id, "b", {"forwarded": msg.payload})
+
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(b)
+        a_ref = kernel.spawn(a)
+        e = kernel.spawn(echo, name="echo")
+        await kernel.send(a_ref, 7)
+        assert await kernel.request(e, "hi") == {"echo": "hi"}
+        await trio.testing.wait_all_tasks_blocked()
+    assert got == [(MessageKind.COMMAND, {"forwarded": 7}, a_ref.id)]
+
+
+async def test_reply_to_a_non_agent_without_pending_request_is_dead_lettered() -> None:
+    async with open_kernel(make_config()) as kernel:
+        e = kernel.spawn(echo)
+        await kernel.send(e, "tell, not ask")
+        await trio.testing.wait_all_tasks_blocked()
+        stats = kernel.stats()
+        assert stats.handled == 1 and stats.dead_lettered == 1
+    [letter] = kernel.recent_dead_letters()
+    assert letter.reason is DeadLetterReason.UNROUTABLE_REPLY
+    assert letter.message.payload == {"echo": "tell, not ask"}
+    assert letter.message.to == SYSTEM_ID
+
+
+async def test_returned_message_to_a_full_mailbox_waits_the_deadline_then_dead_letters(
+    autojump_clock: Any,
+) -> None:
+    """The original kernel deadlocks when two agents route into each other's full mailboxes."""
+
+    go = trio.Event()
+
+    @agent(mailbox_capacity=1, handle_timeout=1000.0)
+    async def ping_pong(ctx: Context, msg: Message) -> Message | None:
+        await go.wait()
+        if msg.payload == 0:
+            return None
+        other = "pong" if ctx.name == "ping" else "ping"
+        return Message(ctx.id, other, msg.payload - 1)
+
+    async with open_kernel(make_config(send_timeout_ms=100)) as kernel:
+        kernel.spawn(ping_pong, name="ping")
+        kernel.spawn(ping_pong, name="pong")
+        for name in ("ping", "pong"):
+            await kernel.send(name, 3)
+        await trio.testing.wait_all_tasks_blocked()
+        for name in ("ping", "pong"):
+            await kernel.send(name, 3)
+        async with kernel.dead_letters() as stream:
+            start = trio.current_time()
+            go.set()
+            # Both handlers route into the other's full mailbox: each waits 100 ms, then
+            # dead-letters instead of deadlocking.
+            first = await stream.receive()
+            assert first.reason is DeadLetterReason.MAILBOX_FULL
+            assert trio.current_time() - start == pytest.approx(0.1)
+        await trio.sleep(1)
+        assert kernel.stats().in_flight == 0
+    assert_conserved(kernel)
+    assert kernel.stats().in_flight == 0
+
+
+# --- request/reply --------------------------------------------------------------------------------------
+
+
+async def test_request_returns_the_correlated_reply() -> None:
+    async with open_kernel(make_config()) as kernel:
+        e = kernel.spawn(echo)
+        results = []
+        async with trio.open_nursery() as nursery:
+            for i in range(10):
+
+                async def ask(i: int = i) -> None:
+                    results.append((i, await kernel.request(e, i)))
+
+                nursery.start_soon(ask)
+        assert sorted(results) == [(i, {"echo": i}) for i in range(10)]
+        stats = kernel.stats()
+        assert stats.replies_delivered == 10 and stats.handled == 10
+
+
+async def test_request_timeout_raises_and_cancels_the_handler_still_working(
+    autojump_clock: Any,
+) -> None:
+    cancelled_at: list[float] = []
+
+    @agent(name="thinker", handle_timeout=100.0)
+    async def thinker(ctx: Context, msg: Message) -> str:
+        try:
+            await trio.sleep(50)
+        except trio.Cancelled:
+            cancelled_at.append(trio.current_time())
+            raise
+        return "too late"
+
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(thinker)
+        with pytest.raises(RequestTimeout) as info:
+            await kernel.request(ref, "q", timeout=3.0)
+        assert info.value.timeout == 3.0
+        await trio.testing.wait_all_tasks_blocked()
+        assert cancelled_at == [3.0]
+        stats = kernel.stats()
+        assert stats.dead_letters_by_reason == {"request_timeout": 1}
+        assert stats.timed_out == 0 and stats.handled == 0
+
+
+async def test_request_timeout_unqueues_a_query_not_started_yet(autojump_clock: Any) -> None:
+    release = trio.Event()
+    seen: list[Any] = []
+
+    @agent(handle_timeout=100.0)
+    async def busy(ctx: Context, msg: Message) -> None:
+        seen.append(msg.payload)
+        if msg.payload == "first":
+            await release.wait()
+
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(busy)
+        await kernel.send(ref, "first")
+        with pytest.raises(RequestTimeout):
+            await kernel.request(ref, "queued query", timeout=1.0)
+        release.set()
+        await trio.testing.wait_all_tasks_blocked()
+    assert seen == ["first"]
+    assert reasons(kernel) == [("queued query", DeadLetterReason.REQUEST_TIMEOUT)]
+
+
+async def test_request_to_a_failing_handler_fails_fast() -> None:
+    @agent
+    async def broken(ctx: Context, msg: Message) -> None:
+        raise RuntimeError("nope")
+
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(broken)
+        with pytest.raises(RequestFailed) as info:
+            await kernel.request(ref, 1)
+        assert info.value.reason == "handler_error"
+        assert isinstance(info.value.error, RuntimeError)
+
+
+async def test_agents_can_request_each_other_and_trace_ids_follow() -> None:
+    traces: list[Any] = []
+
+    @agent(name="inner")
+    async def inner(ctx: Context, msg: Message) -> int:
+        traces.append(msg.trace_id)
+        return int(msg.payload) * 2
+
+    @agent(name="outer")
+    async def outer(ctx: Context, msg: Message) -> int:
+        doubled = await ctx.request("inner", msg.payload)
+        return int(doubled) + 1
+
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(inner)
+        kernel.spawn(outer)
+        trace = uuid.uuid4()
+        await kernel.send("outer", 20, trace_id=trace)
+        assert await kernel.request("outer", 5) == 11
+    assert traces[0] == trace
+
+
+# --- stop and shutdown ---------------------------------------------------------------------------------
+
+
+class Recorder(Agent):
+    log: ClassVar[list[str]] = []
+
+    async def on_start(self, ctx: Context) -> None:
+        Recorder.log.append(f"start {ctx.name}")
+
+    async def handle(self, ctx: Context, msg: Message) -> None:
+        Recorder.log.append(f"{ctx.name} handles {msg.payload}")
+        await trio.sleep(1)
+
+    async def on_stop(self, ctx: Context) -> None:
+        Recorder.log.append(f"stop {ctx.name}")
+
+
+@pytest.mark.parametrize("drain", [False, True])
+async def test_stop_runs_on_stop_and_drains_or_dead_letters_the_rest(
+    autojump_clock: Any, drain: bool
+) -> None:
+    Recorder.log = []
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(Recorder, name="r")
+        for i in range(3):
+            await kernel.send(ref, i)
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.stop(ref, drain=drain)
+        with pytest.raises(AgentNotFound):
+            await kernel.send(ref, 99)
+        assert kernel.stats().agents_alive == 0
+    if drain:
+        assert Recorder.log == ["start r", "r handles 0", "r handles 1", "r handles 2", "stop r"]
+        assert reasons(kernel) == []
+    else:
+        assert Recorder.log == ["start r", "r handles 0", "stop r"]
+        assert reasons(kernel) == [
+            (1, DeadLetterReason.AGENT_STOPPED),
+            (2, DeadLetterReason.AGENT_STOPPED),
+        ]
+    assert_conserved(kernel)
+    assert kernel.stats().in_flight == 0
+
+
+async def test_shutdown_drains_within_grace_then_stops_in_reverse_spawn_order(
+    autojump_clock: Any,
+) -> None:
+    Recorder.log = []
+    async with open_kernel(make_config(shutdown_grace_ms=2500)) as kernel:
+        for name in ("a", "b", "c"):
+            kernel.spawn(Recorder, name=name)
+        await trio.testing.wait_all_tasks_blocked()
+        for i in range(4):
+            await kernel.send("a", i)
+        await kernel.send("b", "x")
+    assert Recorder.log[:3] == ["start a", "start b", "start c"]
+    # 2.5 s of grace: a handles 0, 1, 2 (one second each), is stopped while on 3... no: the third
+    # handler is cancelled at the grace deadline after the tree stop begins.
+    stops = [entry for entry in Recorder.log if entry.startswith("stop")]
+    assert stops == ["stop c", "stop b", "stop a"]
+    handled_by_a = [e for e in Recorder.log if e.startswith("a handles")]
+    assert handled_by_a[:3] == ["a handles 0", "a handles 1", "a handles 2"]
+    assert "b handles x" in Recorder.log
+    assert_conserved(kernel)
+    stats = kernel.stats()
+    assert stats.in_flight == 0
+    assert stats.handled + stats.dead_lettered == 5
+
+
+async def test_shutdown_dead_letters_everything_undelivered(autojump_clock: Any) -> None:
+    @agent(name="never", handle_timeout=1000.0, shutdown_timeout=0.5)
+    async def never(ctx: Context, msg: Message) -> None:
+        await trio.sleep_forever()
+
+    async with open_kernel(make_config(shutdown_grace_ms=1000)) as kernel:
+        for i in range(3):
+            await kernel.send(kernel.spawn(never) if i == 0 else "never", i)
+    assert sorted(reasons(kernel), key=lambda r: r[0]) == [
+        (0, DeadLetterReason.SHUTDOWN),
+        (1, DeadLetterReason.SHUTDOWN),
+        (2, DeadLetterReason.SHUTDOWN),
+    ]
+    assert kernel.stats().in_flight == 0
+
+
+async def test_shutdown_is_idempotent_and_an_exception_in_the_block_propagates_unchanged() -> None:
+    Recorder.log = []
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom):  # noqa: PT012 - the raise must happen inside the kernel block
+        async with open_kernel(make_config()) as kernel:
+            kernel.spawn(Recorder, name="z")
+            await trio.testing.wait_all_tasks_blocked()
+            await kernel.shutdown()
+            await kernel.shutdown()
+            raise Boom
+    assert Recorder.log == ["start z", "stop z"]
+
+
+async def test_agents_spawned_by_agents_stop_before_their_parent(autojump_clock: Any) -> None:
+    Recorder.log = []
+
+    class Parent(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            ctx.spawn(Recorder, name="child")
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            return None
+
+        async def on_stop(self, ctx: Context) -> None:
+            Recorder.log.append("stop parent")
+
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(Parent, name="parent")
+        await trio.testing.wait_all_tasks_blocked()
+        kernel.spawn(Recorder, name="later")
+        await trio.testing.wait_all_tasks_blocked()
+    assert [e for e in Recorder.log if e.startswith("stop")] == [
+        "stop later",
+        "stop child",
+        "stop parent",
+    ]
+
+    Recorder.log = []
+    async with open_kernel(make_config()) as kernel:
+        parent = kernel.spawn(Parent, name="parent")
+        kernel.spawn(Recorder, name="bystander")
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.stop(parent)
+        assert [e for e in Recorder.log if e.startswith("stop")] == ["stop child", "stop parent"]
+        assert [a.name for a in kernel.agents()] == ["bystander"]
+
+
+# --- registry, names, stats ------------------------------------------------------------------------------
+
+
+async def test_names_are_unique_and_spawn_time_names_override() -> None:
+    async with open_kernel(make_config()) as kernel:
+        spec = echo.with_options(name="decorated")
+        a = kernel.spawn(spec)
+        b = kernel.spawn(spec, name="override")
+        anonymous = kernel.spawn(echo)
+        assert (a.name, b.name, anonymous.name) == ("decorated", "override", None)
+        with pytest.raises(NameTaken) as info:
+            kernel.spawn(spec)
+        assert info.value.holder == a.id
+        assert kernel.lookup("override") == b
+        assert await kernel.request(anonymous.id, 1) == {"echo": 1}
+        await kernel.stop(a)
+        assert kernel.spawn(spec).name == "decorated"
+        with pytest.raises(ValueError, match="looks like a UUID"):
+            kernel.spawn(echo, name=str(uuid.uuid4()))
+
+
+async def test_stats_snapshot_counts_per_agent_and_high_water() -> None:
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(noop, name="n")
+        for i in range(7):
+            await kernel.send(ref, i)
+        await trio.testing.wait_all_tasks_blocked()
+        stats = kernel.stats(agents=True)
+    [agent_stats] = stats.agents
+    assert (agent_stats.received, agent_stats.handled, agent_stats.mailbox_high_water) == (7, 7, 7)
+    assert agent_stats.mailbox_depth == 0 and agent_stats.mailbox_capacity == 1024
+    assert stats.handle_latency.count == 0 or stats.handle_latency.count <= 7
+
+
+async def test_dead_letter_stream_is_bounded_and_counts_what_it_drops(autojump_clock: Any) -> None:
+    @agent(mailbox_capacity=1, overflow="drop_newest")
+    async def plug(ctx: Context, msg: Message) -> None:
+        await trio.sleep_forever()
+
+    received: list[DeadLetter] = []
+    async with open_kernel(make_config(dead_letter_buffer=4, handle_timeout_ms=10**9)) as kernel:
+        ref = kernel.spawn(plug)
+        await kernel.send(ref, "in handler")
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send(ref, "queued")
+        async with kernel.dead_letters(buffer=3) as stream:
+            for i in range(10):
+                await kernel.send(ref, i)
+            for _ in range(3):
+                received.append(await stream.receive())
+            assert stream.dropped == 7
+        stats = kernel.stats()
+        assert stats.dead_letter_stream_dropped == 7
+        assert stats.dead_letters_by_reason == {"mailbox_overflow": 10}
+        assert [d.message.payload for d in kernel.recent_dead_letters()] == [6, 7, 8, 9]
+    assert [d.message.payload for d in received] == [0, 1, 2]
+
+
+async def test_ten_thousand_agents_each_get_one_message_and_shut_down_cleanly() -> None:
+    count = 0
+
+    @agent
+    async def counter(ctx: Context, msg: Message) -> None:
+        nonlocal count
+        count += 1
+
+    async with open_kernel(make_config()) as kernel:
+        refs = [kernel.spawn(counter) for _ in range(10_000)]
+        for ref in refs:
+            kernel.send_nowait(ref, None)
+        await trio.testing.wait_all_tasks_blocked()
+        assert count == 10_000
+        assert kernel.stats().agents_alive == 10_000
+    assert kernel.stats().agents_alive == 0
+    assert kernel.stats().in_flight == 0
