@@ -210,7 +210,13 @@ class Kernel:
 
     @property
     def shutting_down(self) -> bool:
+        """True from the moment :meth:`shutdown` starts (sends from outside are refused)."""
         return self._shutdown_started
+
+    @property
+    def stopping(self) -> bool:
+        """True once the drain is over and the supervision tree is being stopped."""
+        return self._stopping
 
     # --- spawning -----------------------------------------------------------------------------
 
@@ -379,10 +385,17 @@ class Kernel:
     ) -> Message:
         """Like :meth:`send` but never waits: a full mailbox raises :class:`MailboxFull` at once
         (``drop_newest``/``drop_oldest`` policies still accept and dead-letter)."""
-        msg = self._make(to, payload, kind, sender, trace_id)
+        msg = to if to.__class__ is Message else self._make(to, payload, kind, sender, trace_id)  # type: ignore[assignment]
         if not self._accepting:
             self._rejected["shutting_down"] += 1
             raise KernelShuttingDown("send")
+        # The common case inline: a known recipient with room, not a reply.
+        if msg.reply_to is None:
+            cell = self._routes.get(msg.to)
+            if cell is not None and cell.mailbox.try_put(msg):
+                cell.received += 1
+                self._accepted += 1
+                return msg
         try:
             self._deliver_nowait(msg)
         except (AgentNotFound, MailboxFull) as exc:

@@ -41,7 +41,16 @@ class MailboxStatistics:
 class Mailbox:
     """A bounded FIFO of messages with one consuming task."""
 
-    __slots__ = ("_blocked", "_consumer", "_reserved", "capacity", "closed", "high_water", "queue")
+    __slots__ = (
+        "_blocked",
+        "_consumer",
+        "_reserved",
+        "_waiting",
+        "capacity",
+        "closed",
+        "high_water",
+        "queue",
+    )
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
@@ -54,6 +63,9 @@ class Mailbox:
         # Slots freed by the consumer and promised to a woken producer that has not run
         # yet: counting them keeps newcomers from overtaking producers that waited.
         self._reserved = 0
+        # Producers parked for room, as a plain int: ParkingLot.__bool__ is a Python-level
+        # call and this is checked on every put and take.
+        self._waiting = 0
         self.closed = False
 
     def __len__(self) -> int:
@@ -64,7 +76,7 @@ class Mailbox:
             depth=len(self.queue),
             capacity=self.capacity,
             high_water=self.high_water,
-            producers_waiting=len(self._blocked),
+            producers_waiting=self._waiting,
         )
 
     def try_put(self, msg: Message) -> bool:
@@ -74,7 +86,7 @@ class Mailbox:
         newcomer cannot overtake them).
         """
         queue = self.queue
-        if len(queue) + self._reserved >= self.capacity or self._blocked:
+        if self._waiting or len(queue) + self._reserved >= self.capacity:
             return False
         queue.append(msg)
         depth = len(queue)
@@ -100,9 +112,13 @@ class Mailbox:
         deadline) leaves the message *not* enqueued.
         """
         queue = self.queue
-        if len(queue) + self._reserved >= self.capacity or self._blocked:
+        if self._waiting or len(queue) + self._reserved >= self.capacity:
             # Woken by take()/take_all(), which reserve a slot for us first, or by close().
-            await self._blocked.park()
+            self._waiting += 1
+            try:
+                await self._blocked.park()
+            finally:
+                self._waiting -= 1
             if self.closed:
                 raise trio.ClosedResourceError("the agent of this mailbox has stopped")
             self._reserved -= 1
@@ -118,9 +134,8 @@ class Mailbox:
         for index, queued in enumerate(self.queue):
             if queued is msg:
                 del self.queue[index]
-                if self._blocked and len(self.queue) + self._reserved < self.capacity:
-                    self._reserved += 1
-                    self._blocked.unpark()
+                if self._waiting and len(self.queue) + self._reserved < self.capacity:
+                    self._reserved += len(self._blocked.unpark())
                 return True
         return False
 
@@ -130,9 +145,9 @@ class Mailbox:
     def take(self) -> Message:
         """Remove the oldest message (the caller checked the mailbox is not empty)."""
         msg = self.queue.popleft()
-        if self._blocked and len(self.queue) + self._reserved < self.capacity:
-            self._reserved += 1
-            self._blocked.unpark()
+        if self._waiting and len(self.queue) + self._reserved < self.capacity:
+            # _waiting still counts producers woken but not yet run: unpark may find none.
+            self._reserved += len(self._blocked.unpark())
         return msg
 
     def take_all(self) -> list[Message]:
@@ -140,7 +155,7 @@ class Mailbox:
         items = list(self.queue)
         self.queue.clear()
         room = self.capacity - self._reserved
-        if self._blocked and room > 0:
+        if self._waiting and room > 0:
             woken = self._blocked.unpark(count=room)
             self._reserved += len(woken)
         return items

@@ -59,11 +59,11 @@ class Probe(Agent):
         self.record["handled"].append(msg.id)
 
     async def on_stop(self, ctx: Context) -> None:
-        if ctx.kernel.shutting_down:
+        if ctx.kernel.stopping:
             self.record["stopped"].append(ctx.name)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(setups=agent_setups, work=workloads, stop_after=st.sampled_from([0, 0.1, 0.7, 3.0]))
 def test_every_accepted_message_is_handled_or_dead_lettered_exactly_once(
     setups: list[tuple[int, str]], work: list[list[tuple[int, str, float]]], stop_after: float
