@@ -30,6 +30,7 @@ from ._errors import NexusError as NexusError
 from ._errors import RequestFailed as RequestFailed
 from ._errors import RequestTimeout as RequestTimeout
 from ._errors import SupervisorEscalation as SupervisorEscalation
+from ._errors import TransportUnavailable as TransportUnavailable
 from ._events import EventKind as EventKind
 from ._events import LifecycleEvent as LifecycleEvent
 from ._kernel import Kernel as Kernel
@@ -45,6 +46,7 @@ from ._stats import KernelStats as KernelStats
 from ._streams import Subscription as Subscription
 from ._supervisor import Backoff as Backoff
 from ._supervisor import Supervisor as Supervisor
+from ._transport import Transport as Transport
 
 __version__ = "0.1.0"
 
@@ -86,6 +88,8 @@ __all__ = [
     "SupervisionConfig",
     "Supervisor",
     "SupervisorEscalation",
+    "Transport",
+    "TransportUnavailable",
     "agent",
     "new_id",
     "open_kernel",

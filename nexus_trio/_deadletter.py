@@ -41,6 +41,8 @@ class DeadLetterReason(enum.Enum):
     SHUTDOWN = "shutdown"
     #: an external agent sent a frame that could not be used
     MALFORMED = "malformed"
+    #: the recipient is not local and the transport to remote kernels could not take it
+    TRANSPORT_UNAVAILABLE = "transport_unavailable"
 
 
 @final

@@ -119,3 +119,11 @@ class RequestFailed(NexusError):
         self.error = error
         detail = f": {error!r}" if error is not None else ""
         super().__init__(f"request {request_id} to {to!r} failed ({reason}){detail}")
+
+
+class TransportUnavailable(NexusError):
+    """The transport to remote kernels cannot deliver right now (e.g. NATS is unreachable)."""
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(f"transport unavailable: {detail}")

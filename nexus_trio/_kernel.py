@@ -37,12 +37,14 @@ from ._errors import (
     RequestFailed,
     RequestTimeout,
     SupervisorEscalation,
+    TransportUnavailable,
 )
 from ._events import EventKind, LifecycleEvent
 from ._message import SYSTEM_ID, Address, Message, MessageKind, new_id
 from ._stats import AgentStats, Histogram, KernelStats
 from ._streams import Broadcast, Subscription
 from ._supervisor import Child, Supervisor, SupervisorNode, _Escalation
+from ._transport import Transport
 
 log = logging.getLogger("nexus_trio.kernel")
 dead_letter_log = logging.getLogger("nexus_trio.dead_letters")
@@ -99,6 +101,8 @@ class Kernel:
         self._accepted = 0
         self._handled = 0
         self._replies = 0
+        self._forwarded = 0
+        self._transport: Transport | None = None
         self._failed = 0
         self._timed_out = 0
         self._dead = 0
@@ -202,7 +206,7 @@ class Kernel:
         self._shutdown_finished.set()
 
     def _is_drained(self) -> bool:
-        return self._accepted == self._handled + self._replies + self._dead
+        return self._accepted == self._handled + self._replies + self._dead + self._forwarded
 
     def _check_drained(self) -> None:
         if self._is_drained():
@@ -385,7 +389,7 @@ class Kernel:
     ) -> Message:
         """Like :meth:`send` but never waits: a full mailbox raises :class:`MailboxFull` at once
         (``drop_newest``/``drop_oldest`` policies still accept and dead-letter)."""
-        msg = to if to.__class__ is Message else self._make(to, payload, kind, sender, trace_id)  # type: ignore[assignment]
+        msg = to if to.__class__ is Message else self._make(to, payload, kind, sender, trace_id)
         if not self._accepting:
             self._rejected["shutting_down"] += 1
             raise KernelShuttingDown("send")
@@ -456,7 +460,12 @@ class Kernel:
             return None
         cell = self._routes.get(msg.to)
         if cell is None:
-            raise AgentNotFound(msg.to)
+            if self._transport is None:
+                raise AgentNotFound(msg.to)
+            self._transport.deliver_nowait(msg)
+            self._accepted += 1
+            self._forwarded += 1
+            return None
         if cell.mailbox.try_put(msg):
             cell.received += 1
             self._accepted += 1
@@ -488,7 +497,17 @@ class Kernel:
             return
         cell = self._routes.get(msg.to)
         if cell is None:
-            raise AgentNotFound(msg.to)
+            if self._transport is None:
+                raise AgentNotFound(msg.to)
+            with trio.move_on_after(self._send_timeout) as scope:
+                await self._transport.deliver(msg)
+            if scope.cancelled_caught:
+                raise TransportUnavailable(
+                    f"message {msg.id} to {msg.to!r} not taken within {self._send_timeout:g}s"
+                )
+            self._accepted += 1
+            self._forwarded += 1
+            return
         if cell.mailbox.try_put(msg):
             cell.received += 1
             self._accepted += 1
@@ -530,6 +549,11 @@ class Kernel:
                 msg.to,
                 detail=f"still full after {self._send_timeout:g}s",
             )
+        except TransportUnavailable as exc:
+            self._accepted += 1
+            self._dead_letter(
+                msg, DeadLetterReason.TRANSPORT_UNAVAILABLE, msg.to, detail=exc.detail
+            )
 
     def _route_nowait(self, msg: Message) -> None:
         if not self._accepting_internal:
@@ -544,11 +568,47 @@ class Kernel:
         except MailboxFull:
             self._accepted += 1
             self._dead_letter(msg, DeadLetterReason.MAILBOX_FULL, msg.to)
+        except TransportUnavailable as exc:
+            self._accepted += 1
+            self._dead_letter(
+                msg, DeadLetterReason.TRANSPORT_UNAVAILABLE, msg.to, detail=exc.detail
+            )
 
     async def _route_result(self, cell: AgentCell, msg: Message, result: Any) -> None:
         """A handler returned something: a Message is routed, anything else answers the sender."""
         out = result if isinstance(result, Message) else msg.reply(cell.id, result)
         await self._route(out)
+
+    # --- remote kernels ------------------------------------------------------------------------
+
+    def attach_transport(self, transport: Transport) -> None:
+        """Route messages for non-local addresses through ``transport`` (one per kernel)."""
+        if self._transport is not None:
+            raise RuntimeError("a transport is already attached to this kernel")
+        self._transport = transport
+
+    def detach_transport(self) -> None:
+        self._transport = None
+
+    def is_local(self, address: AgentRef | Address) -> bool:
+        """True if ``address`` names an agent of this kernel."""
+        return address_of(address) in self._routes
+
+    async def deliver_from_remote(self, msg: Message) -> None:
+        """Deliver a message that a transport received from a remote kernel.
+
+        Local delivery rules apply (``AgentNotFound``, ``MailboxFull`` after the send
+        deadline, ``KernelShuttingDown``); a reply to a pending local request resolves
+        it. Messages for addresses that are not local are *not* forwarded again.
+        """
+        if not self._accepting_internal:
+            raise KernelShuttingDown("remote delivery")
+        if msg.reply_to is not None and self._deliver_special(msg):
+            await trio.lowlevel.checkpoint()
+            return
+        if msg.to not in self._routes:
+            raise AgentNotFound(msg.to)
+        await self._deliver(msg, wait=True)
 
     # --- request/reply -------------------------------------------------------------------------
 
@@ -831,7 +891,8 @@ class Kernel:
             dead_letters_by_reason=dict(self._dead_by_reason),
             dead_letter_stream_dropped=self._dead_letters.dropped,
             rejected=dict(self._rejected),
-            in_flight=self._accepted - self._handled - self._replies - self._dead,
+            forwarded=self._forwarded,
+            in_flight=self._accepted - self._handled - self._replies - self._dead - self._forwarded,
             restarts=self._restarts,
             max_mailbox_depth=max((len(c.mailbox) for c in cells), default=0),
             handle_latency=self._handle_latency.snapshot(),

@@ -131,7 +131,8 @@ class AgentStats:
 class KernelStats:
     """Kernel totals and, if asked for, one :class:`AgentStats` per live agent.
 
-    Conservation: ``accepted == handled + replies_delivered + dead_lettered + in_flight``.
+    Conservation: ``accepted == handled + replies_delivered + forwarded + dead_lettered + in_flight``
+    (``forwarded``: handed to the transport for a remote kernel).
     ``rejected`` counts sends refused with an exception to the caller (never accepted).
     """
 
@@ -145,6 +146,7 @@ class KernelStats:
     dead_letters_by_reason: Mapping[str, int]
     dead_letter_stream_dropped: int
     rejected: Mapping[str, int]
+    forwarded: int
     in_flight: int
     restarts: int
     max_mailbox_depth: int

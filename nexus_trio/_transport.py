@@ -1,0 +1,34 @@
+"""The transport interface: how the kernel reaches agents that are not in this process.
+
+The kernel's routing is a dict of local agents. Only when an address is *not* local
+does the kernel hand the message to its transport (if one is attached), so in-process
+delivery pays nothing for the remote path. A transport delivers to remote kernels and
+feeds messages that arrive from them into the local kernel with
+:meth:`Kernel.deliver_from_remote`. Like httpx's transports, the kernel knows only this
+small interface; NATS, or an in-memory transport in tests, live outside the core.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ._message import Message
+
+
+class Transport(Protocol):
+    """What the kernel needs from a transport.
+
+    Both methods raise :class:`AgentNotFound` when no remote agent has the address,
+    :class:`MailboxFull` when the remote side refuses for lack of room, and
+    :class:`TransportUnavailable` when the remote side cannot be reached. Returning
+    means the transport took the message (its delivery guarantee is the transport's:
+    e.g. at-most-once for core NATS).
+    """
+
+    async def deliver(self, msg: Message) -> None:
+        """Hand ``msg`` to the remote side; may wait up to the kernel's send deadline."""
+        ...
+
+    def deliver_nowait(self, msg: Message) -> None:
+        """Hand ``msg`` to the remote side without waiting (buffer it or refuse)."""
+        ...

@@ -1,0 +1,100 @@
+"""The transport hook: two kernels joined by an in-memory transport."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from nexus_trio import (
+    AgentNotFound,
+    Context,
+    DeadLetterReason,
+    Kernel,
+    Message,
+    TransportUnavailable,
+    agent,
+    open_kernel,
+)
+
+from .conftest import make_config
+
+
+class Loopback:
+    """Delivers every non-local message to the peer kernel, as a network transport would."""
+
+    def __init__(self) -> None:
+        self.peer: Kernel | None = None
+        self.carried: list[Message] = []
+        self.down = False
+
+    async def deliver(self, msg: Message) -> None:
+        if self.down or self.peer is None:
+            raise TransportUnavailable("peer down")
+        self.carried.append(msg)
+        await self.peer.deliver_from_remote(msg)
+
+    def deliver_nowait(self, msg: Message) -> None:
+        raise TransportUnavailable("this loopback only delivers with send()")
+
+
+@agent(name="doubler")
+async def doubler(ctx: Context, msg: Message) -> Any:
+    return msg.payload * 2
+
+
+async def test_requests_cross_kernels_and_replies_find_their_way_back() -> None:
+    link_ab, link_ba = Loopback(), Loopback()
+    async with open_kernel(make_config()) as a, open_kernel(make_config()) as b:
+        link_ab.peer, link_ba.peer = b, a
+        a.attach_transport(link_ab)
+        b.attach_transport(link_ba)
+        remote = b.spawn(doubler)
+        assert not a.is_local(remote) and b.is_local(remote)
+        assert await a.request(remote.id, 21) == 42
+        assert await a.request("doubler", 5) == 10
+        await trio.testing.wait_all_tasks_blocked()
+        assert [m.kind.value for m in link_ab.carried] == ["Query", "Query"]
+        assert [m.payload for m in link_ba.carried] == [42, 10]
+        stats_a, stats_b = a.stats(), b.stats()
+        assert stats_a.forwarded == 2 and stats_a.replies_delivered == 2
+        assert stats_b.handled == 2 and stats_b.forwarded == 2
+        with pytest.raises(AgentNotFound):
+            await a.send("nobody-anywhere", 1)
+    for kernel in (a, b):
+        stats = kernel.stats()
+        assert stats.in_flight == 0
+        assert stats.accepted == (
+            stats.handled + stats.replies_delivered + stats.forwarded + stats.dead_lettered
+        )
+
+
+async def test_local_delivery_never_touches_the_transport() -> None:
+    link = Loopback()
+    link.down = True
+    async with open_kernel(make_config()) as kernel:
+        kernel.attach_transport(link)
+        ref = kernel.spawn(doubler)
+        assert await kernel.request(ref, 2) == 4
+        with pytest.raises(TransportUnavailable):
+            await kernel.send("elsewhere", 1)
+    assert link.carried == []
+
+
+async def test_a_routed_result_the_transport_cannot_take_is_dead_lettered() -> None:
+    link = Loopback()
+    link.down = True
+
+    @agent(name="forwarder")
+    async def forwarder(ctx: Context, msg: Message) -> Message:
+        return Message(ctx.id, "remote-agent", msg.payload)
+
+    async with open_kernel(make_config()) as kernel:
+        kernel.attach_transport(link)
+        await kernel.send(kernel.spawn(forwarder), "x")
+        await trio.testing.wait_all_tasks_blocked()
+    [letter] = kernel.recent_dead_letters()
+    assert letter.reason is DeadLetterReason.TRANSPORT_UNAVAILABLE
+    assert letter.detail == "peer down"
