@@ -23,5 +23,5 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    session.install("-e", ".", "mypy")
+    session.install("-e", ".[test]", "mypy")
     session.run("mypy", "--strict", "nexus_trio")
