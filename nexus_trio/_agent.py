@@ -174,6 +174,18 @@ class AgentSpec:
     #: the user's function, for function agents (so tests can call it directly)
     handler: Handler | None = None
 
+    @property
+    def starts_lazily(self) -> bool:
+        """Whether the agent's task is only started by its first message.
+
+        True when starting has no observable effect: function agents, and classes that
+        do not override :meth:`Agent.on_start`. Such an agent waits, idle, as just an
+        address and a mailbox (no task), which is what makes a million idle agents cheap.
+        """
+        if self.handler is not None:
+            return True
+        return getattr(self.factory, "on_start", None) is Agent.on_start
+
     def with_options(self, **changes: Any) -> AgentSpec:
         """A copy with some fields replaced (e.g. ``spec.with_options(name="b")``)."""
         return attrs.evolve(self, **changes)
@@ -271,18 +283,26 @@ class Context:
     when the agent stops or restarts, and an exception there fails the agent.
     """
 
-    __slots__ = ("_cell", "_kernel", "id", "log", "name", "nursery")
+    __slots__ = ("_cell", "_kernel", "_log", "id", "name", "nursery")
 
     def __init__(self, kernel: Kernel, cell: Any, agent_id: uuid.UUID, name: str | None) -> None:
         self._kernel = kernel
         self._cell = cell
         self.id = agent_id
         self.name = name
-        self.log = logging.LoggerAdapter(
-            logging.getLogger("nexus_trio.agent"),
-            {"agent_id": str(agent_id), "agent_name": name or ""},
-        )
+        self._log: logging.LoggerAdapter[logging.Logger] | None = None
         self.nursery: trio.Nursery | None = None
+
+    @property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]:
+        """A logger whose records carry this agent's ``agent_id`` and ``agent_name``."""
+        if self._log is None:
+            # Built on first use: a million idle agents should not carry a million adapters.
+            self._log = logging.LoggerAdapter(
+                logging.getLogger("nexus_trio.agent"),
+                {"agent_id": str(self.id), "agent_name": self.name or ""},
+            )
+        return self._log
 
     @property
     def kernel(self) -> Kernel:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import types
-from collections.abc import Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator
 from time import time_ns
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +65,29 @@ class _HandlerFailed(Exception):
 class AgentCell(Child):
     """One agent address and everything that survives its restarts."""
 
+    __slots__ = (
+        "_drain_before_exit",
+        "_exit_requested",
+        "_handler_cancel_reason",
+        "_loop_scope",
+        "_suspended",
+        "cancel_after_grace",
+        "ctx",
+        "current",
+        "dead_lettered",
+        "drain_on_stop",
+        "failed",
+        "handle_timeout",
+        "handled",
+        "kernel",
+        "lazy",
+        "mailbox",
+        "overflow",
+        "received",
+        "spec",
+        "timed_out",
+    )
+
     def __init__(self, kernel: Kernel, spec: AgentSpec, agent_id: Any, name: str | None) -> None:
         config = kernel.config.kernel
         self._init_child(
@@ -78,6 +101,7 @@ class AgentCell(Child):
         self.cancel_after_grace = spec.shutdown_timeout is None
         self.kernel = kernel
         self.spec = spec
+        self.lazy = spec.starts_lazily
         self.mailbox = Mailbox(spec.mailbox_capacity or config.mailbox_capacity)
         self.overflow = spec.overflow or config.overflow
         self.handle_timeout: float = spec.handle_timeout or config.handle_timeout
@@ -116,7 +140,14 @@ class AgentCell(Child):
         return True
 
     def on_retired(self, reason: str) -> None:
+        self.mailbox.cancel_activation()
         self.mailbox.close()
+
+    def start_dormant(self, activate: Callable[[], None]) -> bool:
+        if not self.lazy or self.mailbox.queue:
+            return False
+        self.mailbox.activate_on_put(activate)
+        return True
 
     async def run_once(self) -> None:
         """One run: fresh behaviour, ``on_start``, serve until asked to exit, ``on_stop``."""

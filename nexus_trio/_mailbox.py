@@ -16,6 +16,7 @@ reading the depth without a statistics object per call.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Final, final
 
 import attrs
@@ -35,6 +36,16 @@ class MailboxStatistics:
     capacity: int
     high_water: int
     producers_waiting: int
+
+
+@final
+class _Activation:
+    """Stands in for the consumer task of an agent that has not started yet."""
+
+    __slots__ = ("activate",)
+
+    def __init__(self, activate: Callable[[], None]) -> None:
+        self.activate = activate
 
 
 @final
@@ -58,8 +69,9 @@ class Mailbox:
         self.capacity = capacity
         self.queue: deque[Message] = deque()
         self.high_water = 0
-        self._consumer: trio.lowlevel.Task | None = None
-        self._blocked = trio.lowlevel.ParkingLot()
+        self._consumer: trio.lowlevel.Task | _Activation | None = None
+        # Created when a producer first has to wait: most mailboxes never need one.
+        self._blocked: trio.lowlevel.ParkingLot | None = None
         # Slots freed by the consumer and promised to a woken producer that has not run
         # yet: counting them keeps newcomers from overtaking producers that waited.
         self._reserved = 0
@@ -114,6 +126,8 @@ class Mailbox:
         queue = self.queue
         if self._waiting or len(queue) + self._reserved >= self.capacity:
             # Woken by take()/take_all(), which reserve a slot for us first, or by close().
+            if self._blocked is None:
+                self._blocked = trio.lowlevel.ParkingLot()
             self._waiting += 1
             try:
                 await self._blocked.park()
@@ -135,6 +149,7 @@ class Mailbox:
             if queued is msg:
                 del self.queue[index]
                 if self._waiting and len(self.queue) + self._reserved < self.capacity:
+                    assert self._blocked is not None
                     self._reserved += len(self._blocked.unpark())
                 return True
         return False
@@ -147,6 +162,7 @@ class Mailbox:
         msg = self.queue.popleft()
         if self._waiting and len(self.queue) + self._reserved < self.capacity:
             # _waiting still counts producers woken but not yet run: unpark may find none.
+            assert self._blocked is not None
             self._reserved += len(self._blocked.unpark())
         return msg
 
@@ -156,6 +172,7 @@ class Mailbox:
         self.queue.clear()
         room = self.capacity - self._reserved
         if self._waiting and room > 0:
+            assert self._blocked is not None
             woken = self._blocked.unpark(count=room)
             self._reserved += len(woken)
         return items
@@ -164,7 +181,8 @@ class Mailbox:
         """The agent is gone for good: producers waiting for room get ``ClosedResourceError``."""
         self.closed = True
         self._reserved = 0
-        self._blocked.unpark_all()
+        if self._blocked is not None:
+            self._blocked.unpark_all()
 
     async def wait_nonempty(self) -> None:
         """Park the consumer until a message arrives or :meth:`wake_consumer` is called.
@@ -188,7 +206,18 @@ class Mailbox:
             self._wake_consumer()
 
     def _wake_consumer(self) -> None:
-        task = self._consumer
-        assert task is not None
+        consumer = self._consumer
         self._consumer = None
-        trio.lowlevel.reschedule(task)
+        if isinstance(consumer, _Activation):
+            consumer.activate()
+        else:
+            assert consumer is not None
+            trio.lowlevel.reschedule(consumer)
+
+    def activate_on_put(self, activate: Callable[[], None]) -> None:
+        """Call ``activate`` when the next message arrives (the agent has no task yet)."""
+        self._consumer = _Activation(activate)
+
+    def cancel_activation(self) -> None:
+        if isinstance(self._consumer, _Activation):
+            self._consumer = None

@@ -30,7 +30,7 @@ import math
 import random
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, final
 
 import attrs
@@ -133,6 +133,26 @@ class Child:
     finished within ``shutdown_timeout``.
     """
 
+    __slots__ = (
+        "backoff_step",
+        "dormant",
+        "done",
+        "id",
+        "linked_children",
+        "linked_parent",
+        "name",
+        "restart",
+        "restarts",
+        "retired",
+        "run",
+        "running",
+        "scope",
+        "shutdown_timeout",
+        "started_at",
+        "supervisor",
+        "terminating",
+    )
+
     id: uuid.UUID
     name: str | None
     restart: RestartType
@@ -172,6 +192,7 @@ class Child:
         self.scope = None
         self.done = None
         self.running = False
+        self.dormant = False
         self.terminating = False
         self.retired = False
 
@@ -188,6 +209,13 @@ class Child:
     def on_retired(self, reason: str) -> None:
         """Called once the child is stopped for good (not restarted)."""
 
+    def start_dormant(self, activate: Callable[[], None]) -> bool:
+        """Offer to start later, when ``activate`` is called (e.g. on the first message).
+
+        Returns False (the default) to be started at once.
+        """
+        return False
+
     def state(self) -> str:
         if self.retired:
             return "stopped"
@@ -195,7 +223,9 @@ class Child:
             return "stopping"
         if self.running:
             return "running"
-        return "restarting" if self.run else "starting"
+        if self.dormant:
+            return "idle"
+        return "restarting" if self.run > 1 else "starting"
 
 
 class _Escalation(Exception):
@@ -220,11 +250,15 @@ _SHUTDOWN: Final = "shutdown"
 class SupervisorNode(Child):
     """The running side of a :class:`Supervisor`."""
 
+    __slots__ = ("_inbox_send", "_nursery", "_restart_times", "children", "kernel", "spec")
+
     def __init__(self, kernel: Kernel, spec: Supervisor, name: str | None) -> None:
         self._init_child(new_id(), name, spec.restart, spec.shutdown_timeout)
         self.kernel = kernel
         self.spec = spec
-        self.children: list[Child] = []
+        # Insertion-ordered: start order, O(1) membership and removal (a million agents
+        # under one supervisor must not make spawn or shutdown quadratic).
+        self.children: dict[Child, None] = {}
         self._nursery: trio.Nursery | None = None
         self._inbox_send: trio.MemorySendChannel[tuple[Any, ...]] | None = None
         self._restart_times: deque[float] = deque()
@@ -266,7 +300,7 @@ class SupervisorNode(Child):
     def add(self, child: Child) -> None:
         """Adopt ``child`` and start it if this supervisor is running."""
         child.supervisor = self
-        self.children.append(child)
+        self.children[child] = None
         if self._inbox_send is not None:
             self._inbox_send.send_nowait((_ADD, child))
 
@@ -286,9 +320,26 @@ class SupervisorNode(Child):
     def _start(self, child: Child, delay: float) -> None:
         assert self._nursery is not None
         child.run += 1
-        child.done = trio.Event()
         child.terminating = False
-        self._nursery.start_soon(self._child_task, child, child.run, delay, child.done)
+        run = child.run
+        if delay <= 0 and child.start_dormant(lambda: self._activate(child, run)):
+            # No task until there is work: an idle agent costs no task, nursery or frames.
+            child.dormant = True
+            child.done = None
+            return
+        child.dormant = False
+        child.done = trio.Event()
+        self._nursery.start_soon(self._child_task, child, run, delay, child.done)
+
+    def _activate(self, child: Child, run: int) -> None:
+        if child.run != run or not child.dormant or child.retired or child.terminating:
+            return
+        if self._nursery is None:
+            # This supervisor is not running; its next start picks the child up.
+            return
+        child.dormant = False
+        child.done = trio.Event()
+        self._nursery.start_soon(self._child_task, child, run, 0.0, child.done)
 
     async def _child_task(self, child: Child, run: int, delay: float, done: trio.Event) -> None:
         error: BaseException | None = None
@@ -370,8 +421,8 @@ class SupervisorNode(Child):
         elif strategy is RestartStrategy.ONE_FOR_ALL:
             group = [c for c in self.children if not c.retired]
         else:
-            index = self.children.index(child)
-            group = [c for c in self.children[index:] if not c.retired]
+            order = list(self.children)
+            group = [c for c in order[order.index(child) :] if not c.retired]
         for other in reversed(group):
             if other is not child:
                 await self._stop_child(other)
@@ -391,6 +442,7 @@ class SupervisorNode(Child):
                 else:
                     await sup.terminate(linked, "parent_stopped")
         child.terminating = True
+        child.dormant = False
         done = child.done
         if done is None or done.is_set():
             return
@@ -413,7 +465,7 @@ class SupervisorNode(Child):
             await done.wait()
 
     async def _stop_all(self) -> None:
-        for child in reversed(self.children):
+        for child in reversed(list(self.children)):
             if not child.retired:
                 await self._stop_child(child)
 
@@ -422,8 +474,7 @@ class SupervisorNode(Child):
             return
         child.retired = True
         child.terminating = True
-        if child in self.children:
-            self.children.remove(child)
+        self.children.pop(child, None)
         parent = child.linked_parent
         if parent is not None and child in parent.linked_children:
             parent.linked_children.remove(child)

@@ -703,3 +703,27 @@ async def test_ten_thousand_agents_each_get_one_message_and_shut_down_cleanly() 
         assert kernel.stats().agents_alive == 10_000
     assert kernel.stats().agents_alive == 0
     assert kernel.stats().in_flight == 0
+
+
+async def test_agents_without_on_start_wait_idle_without_a_task_until_their_first_message() -> None:
+    class Eager(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            pass
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            pass
+
+    async with open_kernel(make_config()) as kernel:
+        await trio.testing.wait_all_tasks_blocked()
+        tasks_before = trio.lowlevel.current_statistics().tasks_living
+        lazy = [kernel.spawn(noop) for _ in range(100)]
+        kernel.spawn(Eager)
+        await trio.testing.wait_all_tasks_blocked()
+        # Only the agent with an on_start got a task.
+        assert trio.lowlevel.current_statistics().tasks_living == tasks_before + 1
+        assert {s.state for s in kernel.stats(agents=True).agents} == {"idle", "running"}
+        for ref in lazy[:10]:
+            await kernel.send(ref, "wake up")
+        await trio.testing.wait_all_tasks_blocked()
+        assert trio.lowlevel.current_statistics().tasks_living == tasks_before + 11
+        assert kernel.stats().handled == 10
