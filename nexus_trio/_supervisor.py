@@ -135,8 +135,8 @@ class Child:
 
     __slots__ = (
         "backoff_step",
-        "dormant",
         "done",
+        "dormant",
         "id",
         "linked_children",
         "linked_parent",
