@@ -60,17 +60,24 @@ def _fraction(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         raise ValueError(f"[{section}] {attribute.name} must be between 0 and 1, got {value!r}")
 
 
-def _enum_converter(enum_type: type[enum.Enum]) -> Any:
-    def convert(value: Any) -> Any:
-        if isinstance(value, enum_type):
-            return value
-        try:
-            return enum_type(value)
-        except ValueError:
-            known = ", ".join(repr(m.value) for m in enum_type)
-            raise ValueError(f"{value!r} is not one of {known}") from None
+def _to_enum(enum_type: type[enum.Enum], section: str, key: str, value: Any) -> Any:
+    if isinstance(value, enum_type):
+        return value
+    try:
+        return enum_type(value)
+    except ValueError:
+        known = ", ".join(repr(m.value) for m in enum_type)
+        raise ValueError(f"[{section}] {key} must be one of {known}, got {value!r}") from None
 
-    return convert
+
+def _to_overflow(value: Any) -> OverflowPolicy:
+    result: OverflowPolicy = _to_enum(OverflowPolicy, "kernel", "overflow", value)
+    return result
+
+
+def _to_strategy(value: Any) -> RestartStrategy:
+    result: RestartStrategy = _to_enum(RestartStrategy, "supervision", "strategy", value)
+    return result
 
 
 @attrs.frozen
@@ -83,9 +90,7 @@ class KernelConfig:
     send_timeout_ms: float = attrs.field(default=500, validator=_positive)
     handle_timeout_ms: float = attrs.field(default=30_000, validator=_positive)
     request_timeout_ms: float = attrs.field(default=5_000, validator=_positive)
-    overflow: OverflowPolicy = attrs.field(
-        default=OverflowPolicy.BLOCK, converter=_enum_converter(OverflowPolicy)
-    )
+    overflow: OverflowPolicy = attrs.field(default=OverflowPolicy.BLOCK, converter=_to_overflow)
     shutdown_grace_ms: float = attrs.field(default=5_000, validator=_at_least(0))
     batch_size: int = attrs.field(default=64, validator=_at_least(1))
     dead_letter_buffer: int = attrs.field(default=1024, validator=_at_least(1))
@@ -114,7 +119,7 @@ class SupervisionConfig:
     _section = "supervision"
 
     strategy: RestartStrategy = attrs.field(
-        default=RestartStrategy.ONE_FOR_ONE, converter=_enum_converter(RestartStrategy)
+        default=RestartStrategy.ONE_FOR_ONE, converter=_to_strategy
     )
     max_restarts: int = attrs.field(default=3, validator=_at_least(0))
     within_ms: float = attrs.field(default=5_000, validator=_positive)
