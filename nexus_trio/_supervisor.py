@@ -472,6 +472,9 @@ class SupervisorNode(Child):
     def _retire(self, child: Child, reason: str) -> None:
         if child.retired:
             return
+        if isinstance(child, SupervisorNode):
+            # A supervisor stopped for good takes its (already stopped) subtree with it.
+            child.retire_all(reason)
         child.retired = True
         child.terminating = True
         self.children.pop(child, None)

@@ -727,3 +727,24 @@ async def test_agents_without_on_start_wait_idle_without_a_task_until_their_firs
         await trio.testing.wait_all_tasks_blocked()
         assert trio.lowlevel.current_statistics().tasks_living == tasks_before + 11
         assert kernel.stats().handled == 10
+
+
+async def test_stopping_a_supervisor_stops_and_unregisters_its_whole_subtree() -> None:
+    from nexus_trio import Supervisor
+
+    Recorder.log = []
+    async with open_kernel(make_config()) as kernel:
+        sup = kernel.spawn(
+            Supervisor(children=[agent(Recorder, name="x"), agent(Recorder, name="y")]),
+            name="team",
+        )
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send("x", 1)
+        await kernel.stop(sup)
+        assert kernel.agents() == []
+        with pytest.raises(AgentNotFound):
+            kernel.lookup("x")
+        with pytest.raises(AgentNotFound):
+            await kernel.send("y", 1)
+        assert kernel.spawn(agent(Recorder, name="x")).name == "x"
+    assert [e for e in Recorder.log if e.startswith("stop")][:2] == ["stop y", "stop x"]
