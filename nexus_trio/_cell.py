@@ -235,7 +235,7 @@ class AgentCell(Child):
         kernel = self.kernel
         mailbox = self.mailbox
         queue = mailbox.queue
-        take = mailbox.take
+        popleft = queue.popleft
         handler = behaviour.handle
         ctx = self.ctx
         now = kernel._now
@@ -255,7 +255,9 @@ class AgentCell(Child):
             n = batch
             while queue and n:
                 n -= 1
-                msg = take()
+                msg = popleft()
+                if mailbox._waiting:
+                    mailbox.room_freed()
                 self.current = msg
                 start = now()
                 try:

@@ -160,11 +160,16 @@ class Mailbox:
     def take(self) -> Message:
         """Remove the oldest message (the caller checked the mailbox is not empty)."""
         msg = self.queue.popleft()
-        if self._waiting and len(self.queue) + self._reserved < self.capacity:
+        if self._waiting:
+            self.room_freed()
+        return msg
+
+    def room_freed(self) -> None:
+        """A message was taken out: hand the slot to the longest-waiting producer."""
+        if len(self.queue) + self._reserved < self.capacity:
             # _waiting still counts producers woken but not yet run: unpark may find none.
             assert self._blocked is not None
             self._reserved += len(self._blocked.unpark())
-        return msg
 
     def take_all(self) -> list[Message]:
         """Remove every queued message, oldest first; waiting producers get room."""
