@@ -23,6 +23,7 @@ from ._config import OverflowPolicy
 from ._message import Address, Message, MessageKind
 
 if TYPE_CHECKING:
+    from ._background import BackgroundTasks
     from ._kernel import Kernel
     from ._supervisor import Supervisor
 
@@ -279,11 +280,11 @@ def address_of(target: AgentRef | Address) -> Address:
 class Context:
     """What a handler may touch; one per agent, shared by its runs.
 
-    ``nursery`` is the agent's own child nursery for background work: it is cancelled
-    when the agent stops or restarts, and an exception there fails the agent.
+    ``nursery`` is a task group for background work of the current run: its tasks are
+    cancelled when the agent stops or restarts, and an exception there fails the agent.
     """
 
-    __slots__ = ("_cell", "_kernel", "_log", "id", "name", "nursery")
+    __slots__ = ("_cell", "_kernel", "_log", "id", "name")
 
     def __init__(self, kernel: Kernel, cell: Any, agent_id: uuid.UUID, name: str | None) -> None:
         self._kernel = kernel
@@ -291,7 +292,16 @@ class Context:
         self.id = agent_id
         self.name = name
         self._log: logging.LoggerAdapter[logging.Logger] | None = None
-        self.nursery: trio.Nursery | None = None
+
+    @property
+    def nursery(self) -> BackgroundTasks:
+        """Background work that dies with this run of the agent (a nursery-like task group).
+
+        ``ctx.nursery.start_soon(fn, *args)``; the tasks are cancelled when the agent
+        stops or restarts, and an exception in one of them fails the agent.
+        """
+        tasks: BackgroundTasks = self._cell.background_tasks()
+        return tasks
 
     @property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ._agent import AgentSpec, Behaviour, Context
+from ._background import BackgroundTasks
 from ._deadletter import DeadLetterReason
 from ._mailbox import Mailbox
 from ._message import Message
@@ -70,7 +71,9 @@ class AgentCell(Child):
         "_exit_requested",
         "_handler_cancel_reason",
         "_loop_scope",
+        "_background_failure",
         "_suspended",
+        "background",
         "cancel_after_grace",
         "ctx",
         "current",
@@ -107,6 +110,8 @@ class AgentCell(Child):
         self.handle_timeout: float = spec.handle_timeout or config.handle_timeout
         self.ctx = Context(kernel, self, agent_id, name)
         self.current: Message | None = None
+        self.background: BackgroundTasks | None = None
+        self._background_failure: BaseException | None = None
         self.received = 0
         self.handled = 0
         self.failed = 0
@@ -143,6 +148,31 @@ class AgentCell(Child):
         self.mailbox.cancel_activation()
         self.mailbox.close()
 
+    def background_tasks(self) -> BackgroundTasks:
+        """The task group of the current run (``ctx.nursery``), created on first use."""
+        if self.background is None:
+            supervisor = self.supervisor
+            if supervisor is None or supervisor._nursery is None or not self.running:
+                raise RuntimeError(f"agent {self.label} is not running: no background tasks")
+            self.background = BackgroundTasks(supervisor._nursery, self._background_failed)
+        return self.background
+
+    def _background_failed(self, error: BaseException) -> None:
+        log.error(
+            "background task of agent %s failed",
+            self.label,
+            exc_info=error,
+            extra={"agent_id": str(self.id), "agent_name": self.name or ""},
+        )
+        # End the run; the supervisor sees the failure (see take_failure).
+        self._background_failure = error
+        if self.scope is not None:
+            self.scope.cancel()
+
+    def take_failure(self) -> BaseException | None:
+        failure, self._background_failure = self._background_failure, None
+        return failure
+
     def start_dormant(self, activate: Callable[[], None]) -> bool:
         if not self.lazy or self.mailbox.queue:
             return False
@@ -155,8 +185,9 @@ class AgentCell(Child):
         behaviour: Behaviour = self.spec.factory()
         ctx = self.ctx
         failure: BaseException | None = None
-        async with trio.open_nursery() as nursery:
-            ctx.nursery = nursery
+        self.background = None
+        self._background_failure = None
+        if True:  # one block for the run, like the nursery it replaces
             try:
                 await behaviour.on_start(ctx)
                 self.kernel._lifecycle_started(self)
@@ -195,8 +226,10 @@ class AgentCell(Child):
                             self.label,
                             extra={"agent_id": str(self.id), "agent_name": self.name or ""},
                         )
-                nursery.cancel_scope.cancel()
-        ctx.nursery = None
+                background = self.background
+                if background is not None:
+                    self.background = None
+                    await background.aclose(1.0)
         if failure is not None:
             raise failure
 

@@ -209,6 +209,10 @@ class Child:
     def on_retired(self, reason: str) -> None:
         """Called once the child is stopped for good (not restarted)."""
 
+    def take_failure(self) -> BaseException | None:
+        """A failure recorded while the run was cancelled from inside (e.g. a background task)."""
+        return None
+
     def start_dormant(self, activate: Callable[[], None]) -> bool:
         """Offer to start later, when ``activate`` is called (e.g. on the first message).
 
@@ -356,6 +360,8 @@ class SupervisorNode(Child):
                     error = exc
                 except Exception as exc:
                     error = exc
+            if error is None:
+                error = child.take_failure()
         finally:
             child.running = False
             if child.run == run:

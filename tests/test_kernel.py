@@ -748,3 +748,70 @@ async def test_stopping_a_supervisor_stops_and_unregisters_its_whole_subtree() -
             await kernel.send("y", 1)
         assert kernel.spawn(agent(Recorder, name="x")).name == "x"
     assert [e for e in Recorder.log if e.startswith("stop")][:2] == ["stop y", "stop x"]
+
+
+async def test_background_tasks_live_and_die_with_the_agent_run(autojump_clock: Any) -> None:
+    ticks: list[float] = []
+    cancelled: list[str] = []
+
+    class Ticker(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            async def tick(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+                task_status.started("ticking")
+                try:
+                    while True:
+                        await trio.sleep(1)
+                        ticks.append(trio.current_time())
+                except trio.Cancelled:
+                    cancelled.append("tick")
+                    raise
+
+            assert await ctx.nursery.start(tick) == "ticking"
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            return None
+
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(Ticker)
+        await trio.sleep(3.5)
+        await kernel.stop(ref)
+        assert cancelled == ["tick"]
+        await trio.sleep(5)
+    assert ticks == [1.0, 2.0, 3.0]
+
+
+async def test_a_failing_background_task_fails_the_agent_and_it_is_restarted(
+    autojump_clock: Any,
+) -> None:
+    starts: list[float] = []
+
+    class Doomed(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            starts.append(trio.current_time())
+
+            async def explode() -> None:
+                await trio.sleep(2)
+                raise OSError("background boom")
+
+            if len(starts) == 1:
+                ctx.nursery.start_soon(explode)
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            return None
+
+    async with open_kernel(make_config()) as kernel:
+        async with kernel.events() as events:
+            ref = kernel.spawn(Doomed, name="doomed")
+            await trio.sleep(3)
+            failures = []
+            while True:
+                try:
+                    event = events.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                if event.kind.value == "failed":
+                    failures.append(event)
+        assert [type(e.error) for e in failures] == [OSError]
+        assert starts == [0.0, 2.0]
+        assert kernel.lookup("doomed") == ref
+        assert kernel.stats().restarts == 1
