@@ -67,11 +67,11 @@ class AgentCell(Child):
     """One agent address and everything that survives its restarts."""
 
     __slots__ = (
+        "_background_failure",
         "_drain_before_exit",
         "_exit_requested",
         "_handler_cancel_reason",
         "_loop_scope",
-        "_background_failure",
         "_suspended",
         "background",
         "cancel_after_grace",
