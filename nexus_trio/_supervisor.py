@@ -352,6 +352,9 @@ class SupervisorNode(Child):
                 child.scope = scope
                 if delay > 0:
                     await trio.sleep(delay)
+                if child.terminating:
+                    # Stopped before this run got to start: there is nothing to run.
+                    return
                 child.running = True
                 child.started_at = trio.current_time()
                 try:

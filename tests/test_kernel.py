@@ -815,3 +815,23 @@ async def test_a_failing_background_task_fails_the_agent_and_it_is_restarted(
         assert starts == [0.0, 2.0]
         assert kernel.lookup("doomed") == ref
         assert kernel.stats().restarts == 1
+
+
+@pytest.mark.parametrize("target", ["eager", "lazy-woken", "supervisor"])
+async def test_stopping_an_agent_before_its_task_first_runs_does_not_hang(
+    autojump_clock: Any, target: str
+) -> None:
+    from nexus_trio import Supervisor
+
+    with trio.fail_after(60):
+        async with open_kernel(make_config()) as kernel:
+            if target == "eager":
+                ref = kernel.spawn(Recorder, name="fresh")
+            elif target == "supervisor":
+                ref = kernel.spawn(Supervisor(children=[agent(Recorder, name="kid")]))
+            else:
+                ref = kernel.spawn(noop)
+                await trio.testing.wait_all_tasks_blocked()
+                await kernel.send(ref, "wakes it")
+            await kernel.stop(ref)
+            assert kernel.agents() == []
