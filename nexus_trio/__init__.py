@@ -25,6 +25,7 @@ from ._errors import AgentStopped as AgentStopped
 from ._errors import KernelShuttingDown as KernelShuttingDown
 from ._errors import MailboxFull as MailboxFull
 from ._errors import MessageDecodeError as MessageDecodeError
+from ._errors import MessageFailed as MessageFailed
 from ._errors import NameTaken as NameTaken
 from ._errors import NexusError as NexusError
 from ._errors import RequestFailed as RequestFailed
@@ -75,6 +76,7 @@ __all__ = [
     "MailboxStatistics",
     "Message",
     "MessageDecodeError",
+    "MessageFailed",
     "MessageKind",
     "NameTaken",
     "NexusError",

@@ -27,6 +27,7 @@ import trio
 from ._agent import AgentSpec, Behaviour, Context
 from ._background import BackgroundTasks
 from ._deadletter import DeadLetterReason
+from ._errors import MessageFailed
 from ._mailbox import Mailbox
 from ._message import Message
 from ._supervisor import Child
@@ -309,6 +310,27 @@ class AgentCell(Child):
                         finally:
                             self._suspended = False
                             scope.deadline = math.inf
+                except MessageFailed as exc:
+                    # This message failed, the agent did not: go on with the next one.
+                    self.current = None
+                    self.failed += 1
+                    kernel._failed += 1
+                    kernel._dead_letter(
+                        msg, exc.reason or DeadLetterReason.HANDLER_ERROR, self.id, error=exc
+                    )
+                    log.warning(
+                        "agent %s failed message %s: %s",
+                        self.label,
+                        msg.id,
+                        exc.detail,
+                        extra={
+                            "agent_id": str(self.id),
+                            "agent_name": self.name or "",
+                            "msg_id": str(msg.id),
+                            "trace_id": str(msg.trace_id) if msg.trace_id else "",
+                        },
+                    )
+                    continue
                 except Exception as exc:
                     self.current = None
                     self.failed += 1

@@ -79,6 +79,21 @@ class AgentStopped(NexusError):
         super().__init__(f"agent {name or agent_id} stopped")
 
 
+class MessageFailed(NexusError):
+    """Raised by a handler to fail the current message only; the agent keeps running.
+
+    The message is dead-lettered (reason ``handler_error``, or ``reason`` if given, e.g.
+    ``DeadLetterReason.MALFORMED``), counted as failed, and a pending request for it gets
+    :class:`RequestFailed`. Unlike any other exception it does not fail the agent, so the
+    supervisor does not restart it (used by process agents for a child's error frame).
+    """
+
+    def __init__(self, detail: str, *, reason: Any = None) -> None:
+        self.detail = detail
+        self.reason = reason
+        super().__init__(detail)
+
+
 class MessageDecodeError(NexusError, ValueError):
     """Input could not be decoded into a message; ``field`` names what was wrong."""
 

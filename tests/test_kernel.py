@@ -22,6 +22,7 @@ from nexus_trio import (
     KernelShuttingDown,
     MailboxFull,
     Message,
+    MessageFailed,
     MessageKind,
     NameTaken,
     RequestFailed,
@@ -469,6 +470,32 @@ async def test_request_to_a_failing_handler_fails_fast() -> None:
             await kernel.request(ref, 1)
         assert info.value.reason == "handler_error"
         assert isinstance(info.value.error, RuntimeError)
+
+
+async def test_message_failed_fails_one_message_and_the_agent_goes_on() -> None:
+    starts: list[int] = []
+
+    class Picky(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            starts.append(1)
+
+        async def handle(self, ctx: Context, msg: Message) -> Any:
+            if msg.payload == "bad":
+                raise MessageFailed("bad input", reason=DeadLetterReason.MALFORMED)
+            return msg.payload
+
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(Picky)
+        with pytest.raises(RequestFailed) as info:
+            await kernel.request(ref, "bad")
+        assert info.value.reason == "malformed"
+        await kernel.send(ref, "bad")
+        assert await kernel.request(ref, "good") == "good"
+        stats = kernel.stats()
+        assert stats.failed == 2
+        assert stats.restarts == 0
+        assert stats.dead_letters_by_reason == {"malformed": 2}
+    assert starts == [1]
 
 
 async def test_agents_can_request_each_other_and_trace_ids_follow() -> None:
