@@ -391,7 +391,9 @@ class Context:
     def monitor(self, target: AgentRef | Address) -> None:
         """Receive an ``Event`` message when ``target`` stops or fails.
 
-        The payload is ``{"event": "down", "agent": <id>, "name": ..., "reason": ...}``.
+        The payload is ``{"event": "failed" | "stopped", "agent": <id>, "name": ...,
+        "reason": ...}``: ``failed`` each time it fails (it may be restarted), ``stopped``
+        once when it stops for good (the monitor is then removed).
         Monitoring an agent that does not exist delivers the event at once with reason
         ``"noproc"`` (as Erlang does).
         """

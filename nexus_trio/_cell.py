@@ -191,6 +191,7 @@ class AgentCell(Child):
         if True:  # one block for the run, like the nursery it replaces
             try:
                 await behaviour.on_start(ctx)
+                self.signal_started()
                 self.kernel._lifecycle_started(self)
                 await self._serve(behaviour)
             except _HandlerFailed as exc:

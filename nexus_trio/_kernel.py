@@ -19,7 +19,7 @@ import random
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final, final
 
@@ -296,6 +296,24 @@ class Kernel:
             self._routes.pop(node.id, None)
             if node.name is not None and self._routes.get(node.name) is node:
                 del self._routes[node.name]
+
+    def spawn_process(
+        self,
+        cmd: Sequence[str] | str,
+        *,
+        supervisor: AgentRef | None = None,
+        **options: Any,
+    ) -> AgentRef:
+        """Start an agent written in any language as a child process (stdio bridge).
+
+        ``options`` are those of :func:`nexus_trio.bridges.process_agent` (``name``,
+        ``env``, ``cwd``, ``restart``, ``register_timeout``, ``line_limit``,
+        ``shutdown_grace``, ``handle_timeout``, ``mailbox_capacity``, ...). The bridge is
+        imported here, on use, so the core does not depend on it.
+        """
+        from .bridges.process import process_agent
+
+        return self.spawn(process_agent(cmd, **options), supervisor=supervisor)
 
     def lookup(self, name: str) -> AgentRef:
         """The address of the live agent or supervisor called ``name``."""
@@ -827,9 +845,9 @@ class Kernel:
                     to=watcher,
                     kind=MessageKind.EVENT,
                     payload={
-                        "event": "down",
-                        "agent": str(target),
-                        "name": None,
+                        "event": "stopped",
+                        "agent": None if isinstance(target, str) else str(target),
+                        "name": target if isinstance(target, str) else None,
                         "reason": "noproc",
                     },
                 )

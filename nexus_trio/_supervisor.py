@@ -148,6 +148,7 @@ class Child:
         "running",
         "scope",
         "shutdown_timeout",
+        "start_gate",
         "started_at",
         "supervisor",
         "terminating",
@@ -167,6 +168,9 @@ class Child:
     started_at: float
     scope: trio.CancelScope | None
     done: trio.Event | None
+    #: set when this run has started (``on_start`` returned); the next sibling of an
+    #: ordered start waits for it
+    start_gate: trio.Event | None
     running: bool
     terminating: bool
     retired: bool
@@ -191,6 +195,7 @@ class Child:
         self.started_at = 0.0
         self.scope = None
         self.done = None
+        self.start_gate = None
         self.running = False
         self.dormant = False
         self.terminating = False
@@ -199,6 +204,13 @@ class Child:
     @property
     def label(self) -> str:
         return self.name or str(self.id)
+
+    def signal_started(self) -> None:
+        """This run has started: release the sibling waiting to start after it."""
+        gate = self.start_gate
+        if gate is not None:
+            self.start_gate = None
+            gate.set()
 
     async def run_once(self) -> None:
         raise NotImplementedError
@@ -281,8 +293,11 @@ class SupervisorNode(Child):
             self._nursery = nursery
             self._inbox_send = send
             try:
-                for child in list(self.children):
-                    self._start(child, 0.0)
+                last = self._start_in_order(list(self.children), 0.0)
+                if last is not None:
+                    nursery.start_soon(self._started_after, last)
+                else:
+                    self.signal_started()
                 async for event in receive:
                     if await self._handle(event):
                         break
@@ -321,7 +336,26 @@ class SupervisorNode(Child):
 
     # --- internals ----------------------------------------------------------------------------
 
-    def _start(self, child: Child, delay: float) -> None:
+    async def _started_after(self, last: trio.Event) -> None:
+        await last.wait()
+        self.signal_started()
+
+    def _start_in_order(self, group: list[Child], delay: float) -> trio.Event | None:
+        """Start ``group`` as OTP does: each child once the previous one has started.
+
+        Returns the gate of the last child that has a start to wait for (dormant agents
+        have none: starting them has no observable effect).
+        """
+        after: trio.Event | None = None
+        for child in group:
+            gate = self._start(child, delay, after)
+            if gate is not None:
+                after = gate
+        return after
+
+    def _start(
+        self, child: Child, delay: float, after: trio.Event | None = None
+    ) -> trio.Event | None:
         assert self._nursery is not None
         child.run += 1
         child.terminating = False
@@ -330,10 +364,13 @@ class SupervisorNode(Child):
             # No task until there is work: an idle agent costs no task, nursery or frames.
             child.dormant = True
             child.done = None
-            return
+            child.start_gate = None
+            return None
         child.dormant = False
         child.done = trio.Event()
-        self._nursery.start_soon(self._child_task, child, run, delay, child.done)
+        gate = child.start_gate = trio.Event()
+        self._nursery.start_soon(self._child_task, child, run, delay, child.done, after, gate)
+        return gate
 
     def _activate(self, child: Child, run: int) -> None:
         if child.run != run or not child.dormant or child.retired or child.terminating:
@@ -343,15 +380,25 @@ class SupervisorNode(Child):
             return
         child.dormant = False
         child.done = trio.Event()
-        self._nursery.start_soon(self._child_task, child, run, 0.0, child.done)
+        self._nursery.start_soon(self._child_task, child, run, 0.0, child.done, None, None)
 
-    async def _child_task(self, child: Child, run: int, delay: float, done: trio.Event) -> None:
+    async def _child_task(
+        self,
+        child: Child,
+        run: int,
+        delay: float,
+        done: trio.Event,
+        after: trio.Event | None,
+        gate: trio.Event | None,
+    ) -> None:
         error: BaseException | None = None
         try:
             with trio.CancelScope() as scope:
                 child.scope = scope
                 if delay > 0:
                     await trio.sleep(delay)
+                if after is not None:
+                    await after.wait()
                 if child.terminating:
                     # Stopped before this run got to start: there is nothing to run.
                     return
@@ -367,8 +414,12 @@ class SupervisorNode(Child):
                 error = child.take_failure()
         finally:
             child.running = False
+            if gate is not None:
+                gate.set()
             if child.run == run:
                 child.scope = None
+                if child.start_gate is gate:
+                    child.start_gate = None
             done.set()
         if child.run == run and self._inbox_send is not None and not child.terminating:
             self._inbox_send.send_nowait((_EXIT, child, run, error))
@@ -438,7 +489,7 @@ class SupervisorNode(Child):
         for member in group:
             member.restarts += 1
             kernel._lifecycle_restarted(member, delay, error)
-            self._start(member, delay)
+        self._start_in_order(group, delay)
 
     async def _stop_child(self, child: Child) -> None:
         """Stop one running child: its linked children first, then it, within its timeout."""

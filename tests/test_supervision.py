@@ -1,0 +1,535 @@
+"""Supervision: strategies, restart types, intensity, backoff, escalation, order, events.
+
+Every test runs on trio's MockClock (pytest-trio's ``autojump_clock``), so backoff delays and
+restart windows are exact kernel times, not sleeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import re
+from typing import Any, ClassVar
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nexus_trio import (
+    Agent,
+    AgentNotFound,
+    Backoff,
+    Config,
+    Context,
+    DeadLetterReason,
+    EventKind,
+    Message,
+    RequestFailed,
+    SupervisionConfig,
+    Supervisor,
+    SupervisorEscalation,
+    agent,
+    open_kernel,
+)
+from nexus_trio.testing import assert_conserved, dead_letters, record_events
+
+from .conftest import make_config
+
+NO_BACKOFF = Backoff(initial=0, maximum=0, jitter=0)
+
+
+def strict_root() -> Config:
+    """A root supervisor that gives up at the first failure that reaches it."""
+    return Config(supervision=SupervisionConfig(max_restarts=0))
+
+
+class Journal:
+    """What every tracked agent did, in order: ("start"|"stop"|"handle", name, detail)."""
+
+    entries: ClassVar[list[tuple[str, str, Any]]] = []
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.entries = []
+
+    @classmethod
+    def of(cls, what: str) -> list[str]:
+        return [name for kind, name, _ in cls.entries if kind == what]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_journal() -> None:
+    Journal.reset()
+
+
+class Tracked(Agent):
+    """Records start/stop/handle; fails when the payload is "boom"; state is a counter."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    async def on_start(self, ctx: Context) -> None:
+        Journal.entries.append(("start", ctx.name or "?", None))
+
+    async def handle(self, ctx: Context, msg: Message) -> Any:
+        self.seen += 1
+        Journal.entries.append(("handle", ctx.name or "?", (msg.payload, self.seen)))
+        if msg.payload == "boom":
+            raise RuntimeError(f"{ctx.name} exploded")
+        if msg.payload == "exit":
+            ctx.stop()
+        return self.seen
+
+    async def on_stop(self, ctx: Context) -> None:
+        Journal.entries.append(("stop", ctx.name or "?", None))
+
+
+def tracked(name: str, **options: Any) -> Any:
+    return agent(Tracked, name=name, **options)
+
+
+def sup(*children: Any, **options: Any) -> Supervisor:
+    options.setdefault("backoff", NO_BACKOFF)
+    options.setdefault("max_restarts", 100)
+    return Supervisor(children=children, **options)
+
+
+# --- strategies ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("strategy", "restarted", "stopped_in_order"),
+    [
+        ("one_for_one", ["b"], ["b"]),
+        ("one_for_all", ["a", "b", "c"], ["c", "a", "b"]),
+        ("rest_for_one", ["b", "c"], ["c", "b"]),
+    ],
+)
+async def test_strategies_restart_the_right_children_in_order(
+    autojump_clock: Any, strategy: str, restarted: list[str], stopped_in_order: list[str]
+) -> None:
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(sup(tracked("a"), tracked("b"), tracked("c"), strategy=strategy))
+        await trio.testing.wait_all_tasks_blocked()
+        assert Journal.of("start") == ["a", "b", "c"]
+        Journal.reset()
+        await kernel.send("b", "boom")
+        await trio.testing.wait_all_tasks_blocked()
+        # Siblings are stopped in reverse start order (the failed one has already stopped
+        # by failing, its on_stop still runs), then the group starts again in start order.
+        assert sorted(Journal.of("stop")) == sorted(stopped_in_order)
+        siblings_stopped = [n for n in Journal.of("stop") if n != "b"]
+        assert siblings_stopped == [n for n in stopped_in_order if n != "b"]
+        assert Journal.of("start") == restarted
+        for name in ("a", "b", "c"):
+            assert await kernel.request(name, "ping") == 1  # fresh state everywhere
+        per_agent = {a.name: a.restarts for a in kernel.stats(agents=True).agents}
+        assert per_agent == {n: (1 if n in restarted else 0) for n in ("a", "b", "c")}
+
+
+async def test_root_strategy_comes_from_the_config(autojump_clock: Any) -> None:
+    config = Config(
+        supervision=SupervisionConfig(
+            strategy="one_for_all",  # type: ignore[arg-type]
+            max_restarts=10,
+            backoff_initial_ms=0,
+            backoff_max_ms=0,
+        )
+    )
+    async with open_kernel(config) as kernel:
+        kernel.spawn(tracked("a"))
+        kernel.spawn(tracked("b"))
+        await trio.testing.wait_all_tasks_blocked()
+        Journal.reset()
+        await kernel.send("a", "boom")
+        await trio.testing.wait_all_tasks_blocked()
+        assert Journal.of("start") == ["a", "b"]
+
+
+# --- restart types -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("restart", "after_failure", "after_normal_exit"),
+    [
+        ("permanent", True, True),
+        ("transient", True, False),
+        ("temporary", False, False),
+    ],
+)
+async def test_restart_types(
+    autojump_clock: Any, restart: str, after_failure: bool, after_normal_exit: bool
+) -> None:
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(sup(tracked("f", restart=restart), tracked("n", restart=restart)))
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send("f", "boom")
+        await kernel.send("n", "exit")
+        await trio.testing.wait_all_tasks_blocked()
+        names = {ref.name for ref in kernel.agents()}
+        assert ("f" in names) is after_failure
+        assert ("n" in names) is after_normal_exit
+        assert Journal.of("start").count("f") == (2 if after_failure else 1)
+        assert Journal.of("start").count("n") == (2 if after_normal_exit else 1)
+
+
+# --- restart keeps the address and the mailbox ---------------------------------------------------
+
+
+async def test_restart_keeps_id_name_and_queued_messages_in_order(autojump_clock: Any) -> None:
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(sup(tracked("w"), backoff=Backoff(initial=1.0, maximum=1.0, jitter=0)))
+        del ref
+        before = kernel.lookup("w")
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send("w", "boom")
+        # These arrive while the agent waits out its 1 s backoff: they wait in the mailbox.
+        for i in range(5):
+            await kernel.send("w", i)
+        await trio.testing.wait_all_tasks_blocked()
+        assert [e for e in Journal.entries if e[0] == "handle"] == [("handle", "w", ("boom", 1))]
+        depth = {a.name: a.mailbox_depth for a in kernel.stats(agents=True).agents}["w"]
+        assert depth == 5
+        await trio.sleep(1.0)
+        await trio.testing.wait_all_tasks_blocked()
+        after = kernel.lookup("w")
+        assert after == before
+        handled = [detail for kind, _, detail in Journal.entries if kind == "handle"]
+        # Fresh state: the counter starts again at 1 after the restart.
+        assert handled == [("boom", 1), (0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
+        assert [
+            d.message.payload for d in dead_letters(kernel, DeadLetterReason.HANDLER_ERROR)
+        ] == ["boom"]
+        assert_conserved(kernel)
+
+
+async def test_failed_message_is_dead_lettered_with_the_exception_and_logged(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="nexus_trio")
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(tracked("w"))
+        with pytest.raises(RequestFailed) as info:
+            await kernel.request(ref, "boom")
+        assert info.value.reason == "handler_error"
+        [letter] = dead_letters(kernel, DeadLetterReason.HANDLER_ERROR)
+        assert isinstance(letter.error, RuntimeError)
+        assert str(letter.error) == "w exploded"
+    records = [r for r in caplog.records if r.exc_info]
+    assert records, "the handler failure is logged with its traceback"
+    record = records[0]
+    assert record.__dict__["agent_id"] == str(ref.id)
+    assert record.__dict__["agent_name"] == "w"
+    assert "exploded" in caplog.text and "Traceback" in caplog.text
+
+
+# --- intensity and backoff -----------------------------------------------------------------------
+
+
+async def test_max_restarts_allows_n_restarts_and_escalates_on_the_next_failure(
+    autojump_clock: Any,
+) -> None:
+    with pytest.raises(SupervisorEscalation) as info:  # noqa: PT012 - the body is the scenario
+        async with open_kernel(strict_root()) as kernel:
+            kernel.spawn(sup(tracked("w"), name="team", max_restarts=3, within=5.0))
+            for _ in range(3):
+                await kernel.send("w", "boom")
+                await trio.testing.wait_all_tasks_blocked()
+            assert Journal.of("start") == ["w"] * 4  # three restarts, still alive
+            assert kernel.stats().restarts == 3
+            await kernel.send("w", "boom")
+            await trio.sleep(10)  # cancelled by the escalation
+            pytest.fail("the kernel body should have been cancelled")
+    assert info.value.chain == ("kernel", "root", "team", "w")
+    assert isinstance(info.value.last_error, RuntimeError)
+    assert "team -> w" in str(info.value)
+
+
+async def test_failures_spread_beyond_the_window_do_not_escalate(autojump_clock: Any) -> None:
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(sup(tracked("w"), max_restarts=2, within=1.0))
+        for _ in range(10):
+            await kernel.send("w", "boom")
+            await trio.testing.wait_all_tasks_blocked()
+            await trio.sleep(0.6)  # at most two failures fall in any 1 s window
+        assert kernel.stats().restarts == 10
+        assert await kernel.request("w", "ping") == 1
+
+
+def test_backoff_doubles_is_capped_and_jitter_stays_in_bounds() -> None:
+    exact = Backoff(initial=0.1, maximum=1.0, jitter=0)
+    rng = random.Random(1)
+    assert [exact.delay(n, rng) for n in range(6)] == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.0, 1.0])
+    jittery = Backoff(initial=0.1, maximum=1.0, jitter=0.5)
+    for step in range(8):
+        base = min(1.0, 0.1 * 2**step)
+        for _ in range(200):
+            d = jittery.delay(step, rng)
+            assert base <= d <= min(1.0, base * 1.5)
+    with pytest.raises(ValueError, match="maximum"):
+        Backoff(initial=2.0, maximum=1.0)
+    with pytest.raises(ValueError, match="jitter"):
+        Backoff(jitter=-1)
+
+
+async def test_backoff_delays_restarts_and_resets_after_a_healthy_run(autojump_clock: Any) -> None:
+    starts: list[float] = []
+
+    class Timed(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            starts.append(trio.current_time())
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            raise RuntimeError("again")
+
+    backoff = Backoff(initial=0.5, maximum=2.0, jitter=0, reset_after=10.0)
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(
+            Supervisor(
+                children=[agent(Timed, name="t")], max_restarts=100, within=1.0, backoff=backoff
+            )
+        )
+        await trio.testing.wait_all_tasks_blocked()
+        for _ in range(4):
+            t0 = trio.current_time()
+            await kernel.send("t", None)
+            await trio.sleep(5)
+            assert starts[-1] - t0 == pytest.approx(min(2.0, 0.5 * 2 ** (len(starts) - 2)))
+        # Healthy for longer than reset_after: the next restart starts from `initial` again.
+        await trio.sleep(20)
+        t0 = trio.current_time()
+        await kernel.send("t", None)
+        await trio.sleep(5)
+        assert starts[-1] - t0 == pytest.approx(0.5)
+
+
+async def test_restarted_events_carry_the_backoff(autojump_clock: Any) -> None:
+    async with open_kernel(make_config()) as kernel, record_events(kernel) as rec:
+        kernel.spawn(sup(tracked("w"), backoff=Backoff(initial=0.25, maximum=1.0, jitter=0)))
+        await trio.testing.wait_all_tasks_blocked()
+        for _ in range(3):
+            await kernel.send("w", "boom")
+            await trio.sleep(2)
+    delays = [float(re.findall(r"[\d.]+", e.reason)[0]) for e in rec.of("restarted")]
+    assert delays == pytest.approx([0.25, 0.5, 1.0])
+    assert [e.restarts for e in rec.of("restarted")] == [1, 2, 3]
+
+
+# --- escalation ----------------------------------------------------------------------------------
+
+
+async def test_nested_escalation_is_handled_by_the_parent_strategy(autojump_clock: Any) -> None:
+    async with open_kernel(make_config()) as kernel, record_events(kernel) as rec:
+        inner = sup(tracked("w"), tracked("x"), name="inner", max_restarts=1)
+        kernel.spawn(sup(tracked("sibling"), inner, name="outer", max_restarts=5))
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send("x", "boom")
+        await trio.testing.wait_all_tasks_blocked()
+        Journal.reset()
+        await kernel.send("x", "boom")  # second failure: inner gives up, outer restarts it
+        await trio.testing.wait_all_tasks_blocked()
+        assert Journal.of("stop") == ["x", "w"]  # inner stops its children in reverse order
+        assert Journal.of("start") == ["w", "x"]  # outer restarted inner (one_for_one)
+        assert "sibling" not in Journal.of("start")
+        assert await kernel.request("x", "ping") == 1
+    [escalated] = rec.of("escalated")
+    assert escalated.name == "inner"
+    assert isinstance(escalated.error, RuntimeError)
+    assert [e.name for e in rec.of("restarted")] == ["x", "inner"]
+
+
+async def test_escalation_to_the_root_shuts_down_gracefully(autojump_clock: Any) -> None:
+    body_reached_end = False
+    with pytest.raises(SupervisorEscalation) as info:  # noqa: PT012 - the body is the scenario
+        async with open_kernel(strict_root()) as kernel:
+            inner = sup(tracked("w"), name="inner", max_restarts=0)
+            kernel.spawn(sup(tracked("first"), inner, name="outer", max_restarts=0))
+            await trio.testing.wait_all_tasks_blocked()
+            await kernel.send("first", 1)
+            await kernel.send("w", "boom")
+            await trio.sleep_forever()
+            body_reached_end = True
+    assert not body_reached_end
+    assert info.value.chain == ("kernel", "root", "outer", "inner", "w")
+    assert str(info.value.last_error) == "w exploded"
+    # Everyone was stopped once, and nobody was left running.
+    assert sorted(Journal.of("stop")) == ["first", "w"]
+    assert kernel.agents() == []
+    assert_conserved(kernel)
+
+
+# --- shutdown timeouts and order -----------------------------------------------------------------
+
+
+class Stubborn(Agent):
+    stopped_at: ClassVar[dict[str, float]] = {}
+    cancelled: ClassVar[list[str]] = []
+
+    async def handle(self, ctx: Context, msg: Message) -> bool:
+        return True
+
+    async def on_stop(self, ctx: Context) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            Stubborn.stopped_at[ctx.name or "?"] = trio.current_time()
+            Stubborn.cancelled.append(ctx.name or "?")
+
+
+@pytest.mark.parametrize("timeout", [0.0, 1.5])
+async def test_shutdown_timeout_is_a_grace_then_cancel(autojump_clock: Any, timeout: float) -> None:
+    Stubborn.stopped_at.clear()
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(agent(Stubborn, name="s", shutdown_timeout=timeout))
+        await kernel.request(ref, None)
+        t0 = trio.current_time()
+        await kernel.stop(ref)
+        # 0 means at once (the cell gives on_stop one millisecond to notice).
+        assert trio.current_time() - t0 == pytest.approx(timeout, abs=0.002)
+        assert Stubborn.stopped_at["s"] - t0 == pytest.approx(timeout, abs=0.002)
+        assert kernel.agents() == []
+
+
+async def test_shutdown_stops_children_before_parents_in_reverse_start_order(
+    autojump_clock: Any,
+) -> None:
+    order: list[str] = []
+
+    class Logged(Tracked):
+        async def on_stop(self, ctx: Context) -> None:
+            order.append(ctx.name or "?")
+
+    def logged(name: str) -> Any:
+        return agent(Logged, name=name)
+
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(logged("a"))
+        kernel.spawn(sup(logged("b1"), sup(logged("c1"), logged("c2")), logged("b2")))
+        kernel.spawn(logged("d"))
+        await trio.testing.wait_all_tasks_blocked()
+    assert order == ["d", "b2", "c2", "c1", "b1", "a"]
+
+
+# --- events and monitors -------------------------------------------------------------------------
+
+
+async def test_lifecycle_events_in_order(autojump_clock: Any) -> None:
+    async with open_kernel(make_config()) as kernel, record_events(kernel) as rec:
+        ref = kernel.spawn(tracked("w"))
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send(ref, "boom")
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.stop(ref)
+    assert rec.kinds("w") == [
+        EventKind.SPAWNED,
+        EventKind.STARTED,
+        EventKind.FAILED,
+        EventKind.RESTARTED,
+        EventKind.STARTED,
+        EventKind.STOPPED,
+    ]
+    failed = rec.of("failed")[0]
+    assert failed.reason == "RuntimeError" and str(failed.error) == "w exploded"
+    assert all(e.agent_id == ref.id for e in rec.events if e.name == "w")
+
+
+async def test_monitor_receives_failed_and_stopped_events(autojump_clock: Any) -> None:
+    seen: list[Any] = []
+
+    @agent(name="watcher")
+    async def watcher(ctx: Context, msg: Message) -> str | None:
+        if msg.payload == "watch":
+            ctx.monitor("w")
+            return "watching"
+        if msg.payload == "watch-ghost":
+            ctx.monitor("ghost")
+            return "watching"
+        seen.append(
+            (msg.kind.value, msg.payload["event"], msg.payload["name"], msg.payload["reason"])
+        )
+        return None
+
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(watcher)
+        w = kernel.spawn(tracked("w"))
+        await kernel.request("watcher", "watch")
+        await kernel.send(w, "boom")
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.stop(w)
+        await kernel.request("watcher", "watch-ghost")
+        await trio.testing.wait_all_tasks_blocked()
+    assert seen == [
+        ("Event", "failed", "w", "RuntimeError('w exploded')"),
+        ("Event", "stopped", "w", "stopped"),
+        ("Event", "stopped", "ghost", "noproc"),
+    ]
+
+
+# --- property: random trees and failures never hang, lose or leak ---------------------------------
+
+
+tree_shapes = st.recursive(
+    st.just("agent"),
+    lambda kids: st.tuples(
+        st.sampled_from(["one_for_one", "one_for_all", "rest_for_one"]),
+        st.lists(kids, min_size=1, max_size=3),
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shape=tree_shapes,
+    failures=st.lists(st.integers(min_value=0, max_value=7), max_size=12),
+    max_restarts=st.integers(min_value=0, max_value=4),
+)
+def test_random_trees_and_failures(shape: Any, failures: list[int], max_restarts: int) -> None:
+    names: list[str] = []
+
+    def build(node: Any) -> Any:
+        if node == "agent":
+            name = f"a{len(names)}"
+            names.append(name)
+            return tracked(name)
+        strategy, kids = node
+        return Supervisor(
+            strategy=strategy,
+            children=[build(k) for k in kids],
+            max_restarts=max_restarts,
+            within=60.0,
+            backoff=Backoff(initial=0.01, maximum=0.1, jitter=0.5),
+        )
+
+    async def main() -> tuple[str, int, int]:
+        Journal.reset()
+        outcome = "clean"
+        restarts = restarted_events = 0
+        try:
+            async with open_kernel(make_config(), seed=7) as kernel, record_events(kernel) as rec:
+                kernel.spawn(build(shape))
+                for i in failures:
+                    name = names[i % len(names)]
+                    with contextlib.suppress(AgentNotFound):  # retired for good by now
+                        await kernel.send(name, "boom")
+                    await trio.sleep(0.2)
+                    await trio.testing.wait_all_tasks_blocked()
+                restarts = kernel.stats().restarts
+                restarted_events = len(rec.of("restarted"))
+        except SupervisorEscalation as exc:
+            outcome = "escalated"
+            chain = exc.chain
+            assert chain[:2] == ("kernel", "root")
+        assert kernel.agents() == []
+        assert_conserved(kernel)
+        starts = len(Journal.of("start"))
+        stops = len(Journal.of("stop"))
+        assert starts == stops, "every started agent ran on_stop exactly once per run"
+        if outcome == "clean":
+            assert restarts == restarted_events
+        return outcome, restarts, starts
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
