@@ -1,0 +1,435 @@
+'use strict';
+/**
+ * The agent side of the Nexus stdio bridge for Node.js (18+, no dependencies, CommonJS).
+ *
+ * Subclass NexusAgent, override handleMessage(message) (may be async) and optionally
+ * onStart() / onStop(), then call runAgent(). The bridge speaks newline-delimited JSON with
+ * the kernel over stdin/stdout: it sends `register`, answers every `message` with exactly one
+ * `response` (or `error`) frame, one message at a time, answers `ping` with `pong`, and exits
+ * after a `shutdown` frame or at the end of input. Stdout carries nothing but frames: while
+ * the agent runs, console.log() and process.stdout.write() go to stderr.
+ * The wire format is described in docs/protocol.md. `node nexus-bridge.js` runs an echo agent.
+ */
+
+const crypto = require('crypto');
+
+const PROTOCOL_VERSION = 2;
+const KINDS = ['Command', 'Event', 'Query', 'Response'];
+const MESSAGE_FIELDS = ['from', 'to', 'kind', 'payload'];
+const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+const SNIPPET = 60;
+
+/** An input line that is not a frame this bridge understands (reported, then skipped). */
+class InvalidFrame extends Error {
+  constructor(problem, message = null) {
+    super(problem);
+    this.name = 'InvalidFrame';
+    // Set for a `message` frame with bad fields: it still gets an error answer.
+    this.frameMessage = message;
+  }
+}
+
+class NotSerialisable extends TypeError {}
+
+function typeName(value) {
+  if (value === null) return 'null';
+  if (typeof value === 'object') {
+    return (value.constructor && value.constructor.name) || 'Object';
+  }
+  return typeof value;
+}
+
+/** JSON.stringify that refuses what JSON cannot carry instead of silently dropping it. */
+function encode(obj) {
+  let text;
+  try {
+    text = JSON.stringify(obj, (key, value) => {
+      const kind = typeof value;
+      if (kind === 'bigint' || kind === 'function' || kind === 'symbol') {
+        throw new NotSerialisable(kind);
+      }
+      if (kind === 'number' && !Number.isFinite(value)) {
+        throw new NotSerialisable(`number (${value})`);
+      }
+      if (value instanceof Map || value instanceof Set) {
+        throw new NotSerialisable(value.constructor.name);
+      }
+      return value;
+    });
+  } catch (err) {
+    if (err instanceof NotSerialisable) throw err;
+    if (err instanceof TypeError && /circular/i.test(err.message)) {
+      throw new NotSerialisable('circular structure');
+    }
+    throw new NotSerialisable(`${typeName(err)}: ${err.message}`);
+  }
+  return text;
+}
+
+function protocolFrom(value, source) {
+  const text = String(value).trim();
+  if (text !== '1' && text !== '2') {
+    throw new RangeError(`${source} must be 1 or 2, got ${JSON.stringify(value)}`);
+  }
+  return Number(text);
+}
+
+/**
+ * Base class for an agent that runs as a child process of a nexus_trio kernel.
+ *
+ * Options: name (else NEXUS_AGENT_NAME, else the class's static defaultName, else the class
+ * name), id (else NEXUS_AGENT_ID, else a fresh UUID), protocol 1|2 (else NEXUS_PROTOCOL,
+ * else 2), input/output/errorOutput streams (default: the process's own).
+ * Protocol 1 is the original Nexus wire format: no `protocol` in `register`, responses
+ * without `id`/`reply_to`, errors as a response payload {error, error_type}, no ping/send.
+ */
+class NexusAgent {
+  constructor(options = {}) {
+    const env = process.env;
+    this.name =
+      options.name || env.NEXUS_AGENT_NAME || this.constructor.defaultName || this.constructor.name;
+    const id = options.id || env.NEXUS_AGENT_ID || crypto.randomUUID();
+    if (!UUID_RE.test(id)) {
+      const source = options.id ? 'id' : 'NEXUS_AGENT_ID';
+      throw new RangeError(`${source} must be a UUID, got ${JSON.stringify(id)}`);
+    }
+    this.id = id.toLowerCase();
+    if (options.protocol !== undefined && options.protocol !== null) {
+      this.protocol = protocolFrom(options.protocol, 'protocol');
+    } else if (env.NEXUS_PROTOCOL) {
+      this.protocol = protocolFrom(env.NEXUS_PROTOCOL, 'NEXUS_PROTOCOL');
+    } else {
+      this.protocol = PROTOCOL_VERSION;
+    }
+    this._input = options.input || process.stdin;
+    this._output = options.output || null;
+    this._errorOutput = options.errorOutput || process.stderr;
+    this._write = null;
+    this._lineNumber = 0;
+    this.handled = 0;
+    this.failed = 0;
+    this.invalidLines = 0;
+    this._stopping = undefined;
+  }
+
+  /** Handle one message (the wire object); return (or resolve to) the response payload. */
+  handleMessage(message) {
+    return null;
+  }
+
+  /** Called once after `register` was sent, before the first message. */
+  onStart() {}
+
+  /** Called once on `shutdown` or at the end of input. */
+  onStop() {}
+
+  /** Send a message to another agent (id or name) through the kernel (protocol 2). */
+  send(to, payload, kind = 'Command', options = {}) {
+    if (this.protocol < 2) {
+      throw new Error('send() needs protocol 2; this agent speaks protocol 1');
+    }
+    if (typeof to !== 'string' || to === '') {
+      throw new TypeError(`send(): 'to' must be an agent id or name, got ${JSON.stringify(to)}`);
+    }
+    if (!KINDS.includes(kind)) {
+      throw new RangeError(`send(): unknown kind ${JSON.stringify(kind)} (expected one of ${KINDS.join(', ')})`);
+    }
+    const frame = { to, kind, payload };
+    // Checked here: the kernel treats a send frame with a bad id as an invalid line, which
+    // fails the message being handled.
+    for (const [option, field] of [['conversationId', 'conversation_id'], ['traceId', 'trace_id']]) {
+      const value = options[option];
+      if (value === undefined || value === null) continue;
+      if (!UUID_RE.test(String(value))) {
+        throw new TypeError(`send(): ${option} must be a UUID, got ${JSON.stringify(value)}`);
+      }
+      frame[field] = String(value).toLowerCase();
+    }
+    let line;
+    try {
+      line = encode({ type: 'send', payload: frame });
+    } catch (err) {
+      throw new TypeError(`send() payload is not JSON serialisable: ${err.message}`);
+    }
+    this._writeLine(line);
+  }
+
+  /** Write one line to stderr (the kernel logs it with this agent's fields). */
+  log(text) {
+    this._errorOutput.write(`${text}\n`);
+  }
+
+  /**
+   * Register, serve messages until `shutdown` or end of input, then run onStop.
+   * Resolves to the exit code (0 clean, 1 if onStop threw). When the agent uses the
+   * process's own stdout, the process exits with that code once stdout is flushed.
+   */
+  async runAgent() {
+    const ownStdout = this._output === null;
+    const restore = this._claimStdout();
+    try {
+      this._writeFrame('register', this._registerPayload());
+      await this.onStart();
+      await this._serve();
+    } catch (err) {
+      restore();
+      throw err;
+    }
+    const code = await this._stopOnce();
+    if (ownStdout) {
+      // Leave even if user code keeps timers or sockets open; the empty write's callback
+      // runs once everything written before it has reached the pipe.
+      this._write('', () => process.exit(code));
+    } else {
+      restore();
+    }
+    return code;
+  }
+
+  /** Run onStop exactly once; resolves to the exit code (0, or 1 if onStop threw). */
+  _stopOnce() {
+    if (this._stopping === undefined) {
+      this._stopping = (async () => {
+        try {
+          await this.onStop();
+          return 0;
+        } catch (err) {
+          this.log(`nexus-bridge[${this.name}]: onStop failed: ${(err && err.stack) || err}`);
+          return 1;
+        }
+      })();
+    }
+    return this._stopping;
+  }
+
+  _registerPayload() {
+    const payload = { id: this.id, name: this.name };
+    if (this.protocol >= 2) payload.protocol = this.protocol;
+    return payload;
+  }
+
+  _claimStdout() {
+    if (this._output !== null) {
+      const output = this._output;
+      this._write = output.write.bind(output);
+      return () => {};
+    }
+    const stdout = process.stdout;
+    const original = stdout.write;
+    this._write = original.bind(stdout);
+    // The kernel closed our stdout (EPIPE): nobody can receive answers any more; stop.
+    stdout.on('error', (err) => {
+      this.log(`nexus-bridge[${this.name}]: the kernel stopped reading stdout (${err.code || err.message}); stopping`);
+      this._stopOnce().then((code) => process.exit(code));
+    });
+    // console.log and stray writes go to stderr so they cannot corrupt the frame stream.
+    stdout.write = (...args) => process.stderr.write(...args);
+    return () => {
+      stdout.write = original;
+    };
+  }
+
+  async _serve() {
+    const decoder = new TextDecoder('utf-8', { fatal: true });
+    let pending = Buffer.alloc(0);
+    try {
+      // Chunks are split into lines here and each line is handled to completion before the
+      // next one: one message at a time, and the stream pauses while a handler runs.
+      for await (const data of this._input) {
+        const chunk = typeof data === 'string' ? Buffer.from(data, 'utf8') : data;
+        // Only the new chunk can hold the next newline: a long line is scanned once.
+        let newline = chunk.indexOf(10);
+        pending = pending.length === 0 ? chunk : Buffer.concat([pending, chunk]);
+        if (newline !== -1) newline += pending.length - chunk.length;
+        while (newline !== -1) {
+          const raw = pending.subarray(0, newline);
+          pending = pending.subarray(newline + 1);
+          if ((await this._onLine(raw, decoder)) === 'shutdown') return;
+          newline = pending.indexOf(10);
+        }
+      }
+      if (pending.length > 0 && (await this._onLine(pending, decoder)) === 'shutdown') return;
+    } finally {
+      if (this._input === process.stdin) process.stdin.pause();
+    }
+  }
+
+  async _onLine(raw, decoder) {
+    this._lineNumber += 1;
+    let frame;
+    try {
+      let line;
+      try {
+        line = decoder.decode(raw);
+      } catch (err) {
+        throw new InvalidFrame('not UTF-8');
+      }
+      line = line.replace(/\r$/, '');
+      if (line.trim() === '') return null;
+      frame = this._parse(line);
+    } catch (err) {
+      if (!(err instanceof InvalidFrame)) throw err;
+      this._report(err.message);
+      if (err.frameMessage !== null) {
+        this._sendError(err.frameMessage, err.message, 'InvalidFrame');
+      }
+      return null;
+    }
+    if (frame.type === 'message') {
+      await this._onMessage(frame.payload);
+    } else if (frame.type === 'ping') {
+      this._writeFrame('pong', { id: frame.payload.id });
+    }
+    return frame.type;
+  }
+
+  _parse(line) {
+    let frame;
+    try {
+      frame = JSON.parse(line);
+    } catch (err) {
+      throw new InvalidFrame(`not JSON (${err.message}): ${JSON.stringify(line.slice(0, SNIPPET))}`);
+    }
+    if (frame === null || typeof frame !== 'object' || Array.isArray(frame)) {
+      throw new InvalidFrame(`a frame must be a JSON object, got ${Array.isArray(frame) ? 'array' : typeName(frame)}`);
+    }
+    if (typeof frame.type !== 'string') {
+      throw new InvalidFrame(`frame has no string 'type': ${JSON.stringify(line.slice(0, SNIPPET))}`);
+    }
+    const payload = frame.payload;
+    if (frame.type === 'shutdown') return frame;
+    if (frame.type === 'message') {
+      this._checkMessage(payload);
+      return frame;
+    }
+    if (frame.type === 'ping' && this.protocol >= 2) {
+      if (payload === null || typeof payload !== 'object' || typeof payload.id !== 'string') {
+        throw new InvalidFrame("ping frame needs a payload with a string 'id'");
+      }
+      return frame;
+    }
+    throw new InvalidFrame(`unknown frame type ${JSON.stringify(frame.type)}`);
+  }
+
+  _checkMessage(payload) {
+    if (payload === null || typeof payload !== 'object' || Array.isArray(payload)) {
+      throw new InvalidFrame('message frame needs an object payload');
+    }
+    const missing = MESSAGE_FIELDS.filter((key) => !(key in payload));
+    let problem = null;
+    if (missing.length > 0) problem = `missing field(s) ${missing.join(', ')}`;
+    else if (typeof payload.from !== 'string') problem = "field 'from' must be a string";
+    else if (!KINDS.includes(payload.kind)) problem = `unknown kind ${JSON.stringify(payload.kind)}`;
+    if (problem !== null) throw new InvalidFrame(`invalid message frame: ${problem}`, payload);
+  }
+
+  _report(problem) {
+    this.invalidLines += 1;
+    this.log(`nexus-bridge[${this.name}]: skipped input line ${this._lineNumber}: ${problem}`);
+  }
+
+  async _onMessage(message) {
+    let result;
+    try {
+      result = await this.handleMessage(message);
+    } catch (err) {
+      this.failed += 1;
+      this.log(`nexus-bridge[${this.name}]: handleMessage failed: ${(err && err.stack) || err}`);
+      const isError = err instanceof Error;
+      const text = isError ? err.message || err.name : String(err);
+      // A subclass of Error keeps name 'Error' unless it sets one: fall back to its class.
+      const errorType = isError && err.name && err.name !== 'Error' ? err.name : typeName(err);
+      this._sendError(message, text, errorType);
+      return;
+    }
+    let line;
+    try {
+      line = encode({ type: 'response', payload: this._response(message, result === undefined ? null : result) });
+    } catch (err) {
+      // Only the handler's result can fail to encode: every other field is a string.
+      this.failed += 1;
+      const text = `result of handleMessage is not JSON serialisable: ${err.message}`;
+      this.log(`nexus-bridge[${this.name}]: ${text}`);
+      this._sendError(message, text, 'TypeError');
+      return;
+    }
+    this.handled += 1;
+    this._writeLine(line);
+  }
+
+  _response(message, payload) {
+    const response = {
+      from: this.id,
+      to: message.from,
+      kind: 'Response',
+      payload,
+      timestamp: new Date().toISOString(),
+    };
+    if (this.protocol >= 2) {
+      const msgId = message.id === undefined ? null : message.id;
+      response.id = crypto.randomUUID();
+      if (msgId !== null) response.reply_to = msgId;
+      response.conversation_id = message.conversation_id || msgId;
+      response.trace_id = message.trace_id === undefined ? null : message.trace_id;
+    }
+    return response;
+  }
+
+  _sendError(message, text, errorType) {
+    if (this.protocol >= 2) {
+      const msgId = message && message.id !== undefined ? message.id : null;
+      this._writeFrame('error', { reply_to: msgId, error: text, error_type: errorType });
+    } else {
+      this._writeFrame('response', this._response(message || {}, { error: text, error_type: errorType }));
+    }
+  }
+
+  _writeFrame(type, payload) {
+    this._writeLine(encode({ type, payload }));
+  }
+
+  _writeLine(line) {
+    if (this._write === null) {
+      throw new Error('the agent is not running: call runAgent() first');
+    }
+    this._write(`${line}\n`);
+  }
+}
+
+/** Answers every message with its payload, unchanged. */
+class EchoAgent extends NexusAgent {
+  handleMessage(message) {
+    return message.payload;
+  }
+}
+EchoAgent.defaultName = 'echo';
+
+/** Run an agent class as the main program: reports bad options and exits 2. */
+function runMain(AgentClass, options = {}) {
+  let agent;
+  try {
+    agent = new AgentClass(options);
+  } catch (err) {
+    process.stderr.write(`nexus-bridge: ${err.message}\n`);
+    process.exit(2);
+  }
+  agent.runAgent().catch((err) => {
+    process.stderr.write(`nexus-bridge[${agent.name}]: ${(err && err.stack) || err}\n`);
+    process.exit(1);
+  });
+  return agent;
+}
+
+module.exports = {
+  PROTOCOL_VERSION,
+  KINDS,
+  InvalidFrame,
+  NexusAgent,
+  Agent: NexusAgent,
+  EchoAgent,
+  runMain,
+};
+
+if (require.main === module) {
+  runMain(EchoAgent);
+}

@@ -1,0 +1,957 @@
+"""Process agents: a child process speaking newline-delimited JSON is an agent like any other.
+
+:func:`process_agent` builds an :class:`~nexus_trio.AgentSpec` whose behaviour,
+:class:`ProcessAgent`, owns one child process per run of the agent. ``on_start`` starts
+the child in its own process group and waits for its ``register`` line; ``handle`` writes
+each message as a ``message`` frame and waits for the correlated ``response`` (by
+``reply_to`` when the child speaks protocol 2, else by order: one message in flight at a
+time); a background reader routes ``send`` frames and answers, a second one copies the
+child's stderr to the log. The kernel's guarantees carry over: the agent has an address,
+a bounded mailbox, a handle timeout per message, dead letters and supervision — a child
+that exits, or cannot be written to within the send deadline, fails the agent and its
+supervisor restarts it (a fresh child registers under the same address).
+
+Hostile children cannot hurt the kernel: a stdout line longer than ``line_limit``, invalid
+JSON, an unknown frame type or missing fields are logged with the agent's fields,
+counted (:func:`bridge_stats`) and dead-letter the message they answered (reason
+``malformed``); the agent goes on. A child that stays silent past the handle timeout
+has its message dead-lettered (``handler_timeout``) and is replaced before the next
+message if it still has not answered. ``on_stop`` sends ``shutdown``, waits
+``shutdown_grace``, then SIGTERMs and finally SIGKILLs the whole process group and
+always reaps the child, so nothing outlives the kernel — not a child that ignores
+SIGTERM, nor a grandchild that holds the pipes.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import json
+import logging
+import math
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import uuid
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final, final
+
+import attrs
+import trio
+
+from .._agent import Agent, AgentSpec, Context, RestartType
+from .._deadletter import DeadLetterReason
+from .._errors import MessageFailed, NexusError
+from .._message import SYSTEM_ID, Message, MessageKind, parse_address
+
+if TYPE_CHECKING:
+    from .._kernel import Kernel
+
+log = logging.getLogger("nexus_trio.bridge")
+
+#: the highest protocol version this side speaks
+PROTOCOL_VERSION: Final = 2
+_CHUNK: Final = 65536
+_STDERR_LINE_LIMIT: Final = 16 * 1024
+#: how long to wait for the stdout reader to see end-of-file once the group is dead
+_READER_DRAIN: Final = 1.0
+#: after the leader has gone: how long its process group gets between SIGTERM and SIGKILL
+_GROUP_TERM_WAIT: Final = 0.5
+_STDERR_WARNING = re.compile(
+    r"^\s*(Traceback|\w*(Error|Exception)\b|error\b|ERROR|WARN|WARNING|CRITICAL|FATAL|panic)"
+)
+
+
+class ProcessAgentError(NexusError):
+    """The child process of a process agent failed (could not start, exited, stopped reading).
+
+    ``agent`` names the agent, ``pid`` is the child's process id (None if it never started).
+    Raised inside the agent, where it fails the run: the supervisor restarts it per policy.
+    """
+
+    def __init__(self, agent: str, problem: str, pid: int | None = None) -> None:
+        self.agent = agent
+        self.problem = problem
+        self.pid = pid
+        where = f" (pid {pid})" if pid is not None else ""
+        super().__init__(f"process agent {agent}{where}: {problem}")
+
+
+@attrs.define
+class BridgeStats:
+    """Counters of one process agent (one address), kept across restarts of its child.
+
+    :func:`bridge_stats` returns copies; the live object belongs to the agent.
+    """
+
+    agent_id: uuid.UUID
+    name: str | None
+    cmd: tuple[str, ...]
+    #: pid of the current child (None before the first start)
+    pid: int | None = None
+    #: protocol version announced by the current child's ``register`` (1 = original Nexus)
+    protocol: int = 1
+    #: the current child's ``register`` payload
+    registered: Mapping[str, Any] = attrs.field(factory=dict)
+    #: children started for this address (the first start and every restart)
+    starts: int = 0
+    #: frames read from the child's stdout (valid or not, oversized ones included)
+    lines_in: int = 0
+    #: frames written to the child's stdin
+    lines_out: int = 0
+    #: stdout lines that were not usable frames (invalid JSON, unknown type, missing fields)
+    invalid_lines: int = 0
+    #: stdout lines longer than the line limit (discarded whole)
+    oversized_lines: int = 0
+    #: responses or errors that came after their message had timed out (discarded)
+    late_responses: int = 0
+    #: responses that matched no message in flight (discarded)
+    unmatched_responses: int = 0
+    #: messages whose handling was cancelled (handle timeout, request timeout) before an answer
+    abandoned: int = 0
+    #: children replaced in place because they did not answer a timed-out message
+    replaced: int = 0
+    #: ``send`` frames routed, and those the kernel refused (unknown recipient, full mailbox, ...)
+    sends_routed: int = 0
+    sends_failed: int = 0
+    #: lines the child wrote on stderr
+    stderr_lines: int = 0
+    #: pings (protocol 2, ``ping_interval``) not answered in time
+    pings_missed: int = 0
+    #: exit status of the last child that exited (negative: killed by that signal)
+    last_exit: int | None = None
+
+    @property
+    def restarts(self) -> int:
+        """Children started after the first one (supervisor restarts and in-place replacements)."""
+        return max(self.starts - 1, 0)
+
+
+_registry: weakref.WeakKeyDictionary[Kernel, dict[uuid.UUID, BridgeStats]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def bridge_stats(kernel: Kernel) -> dict[uuid.UUID, BridgeStats]:
+    """Counters of the live process agents of ``kernel``, by agent id (copies)."""
+    table = _registry.get(kernel)
+    if not table:
+        return {}
+    for gone in [agent_id for agent_id in table if not kernel.is_local(agent_id)]:
+        del table[gone]
+    return {agent_id: attrs.evolve(stats) for agent_id, stats in table.items()}
+
+
+def _stats_for(ctx: Context, cmd: tuple[str, ...]) -> BridgeStats:
+    table = _registry.setdefault(ctx.kernel, {})
+    stats = table.get(ctx.id)
+    if stats is None:
+        stats = table[ctx.id] = BridgeStats(ctx.id, ctx.name, cmd)
+    return stats
+
+
+@final
+@attrs.frozen
+class ProcessOptions:
+    """What :func:`process_agent` was asked for, validated."""
+
+    cmd: tuple[str, ...]
+    env: Mapping[str, str] | None = None
+    cwd: str | None = None
+    register_timeout: float = 10.0
+    line_limit: int = 1 << 20
+    shutdown_grace: float = 5.0
+    ping_interval: float | None = None
+    ping_timeout: float = 5.0
+
+
+class _Oversized:
+    """Marker returned by :class:`_LineReader` for a discarded line."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+@final
+class _LineReader:
+    """Lines from a byte stream, at most ``limit`` bytes each; longer ones are skipped whole."""
+
+    __slots__ = ("_buf", "_eof", "_limit", "_scan", "_stream")
+
+    def __init__(self, stream: trio.abc.ReceiveStream, limit: int) -> None:
+        self._stream = stream
+        self._limit = limit
+        self._buf = bytearray()
+        self._scan = 0
+        self._eof = False
+
+    async def next_line(self) -> bytes | _Oversized | None:
+        """The next line without its newline, an :class:`_Oversized` marker, or None at EOF."""
+        discarded = 0
+        while True:
+            index = self._buf.find(b"\n", self._scan)
+            if index >= 0:
+                line = bytes(self._buf[:index])
+                del self._buf[: index + 1]
+                self._scan = 0
+                if discarded or len(line) > self._limit:
+                    return _Oversized(discarded + len(line))
+                return line
+            if len(self._buf) > self._limit:
+                # Too long already: drop what we have and skip to the next newline.
+                discarded += len(self._buf)
+                self._buf.clear()
+            self._scan = len(self._buf)
+            if self._eof:
+                break
+            chunk = await self._stream.receive_some(_CHUNK)
+            if not chunk:
+                self._eof = True
+                continue
+            self._buf += chunk
+        if discarded:
+            return _Oversized(discarded + len(self._buf))
+        if self._buf:
+            line = bytes(self._buf)
+            self._buf.clear()
+            self._scan = 0
+            return line
+        return None
+
+
+@final
+class _Slot:
+    """One message written to the child and waiting for its answer."""
+
+    __slots__ = ("abandoned", "done", "error", "event", "msg_id", "value")
+
+    def __init__(self, msg_id: uuid.UUID) -> None:
+        self.msg_id = msg_id
+        self.event = trio.Event()
+        self.value: Any = None
+        self.error: Exception | None = None
+        self.done = False
+        #: the handler stopped waiting (timeout): a later answer is discarded
+        self.abandoned = False
+
+    def resolve(self, value: Any) -> None:
+        if not self.done:
+            self.done = True
+            self.value = value
+            self.event.set()
+
+    def fail(self, error: Exception) -> None:
+        if not self.done:
+            self.done = True
+            self.error = error
+            self.event.set()
+
+
+class _BadFrame(Exception):
+    """A stdout line that is not a usable frame; the text says what is wrong."""
+
+
+def _frame(kind: str, payload: Any) -> bytes:
+    return json.dumps({"type": kind, "payload": payload}, separators=(",", ":")).encode() + b"\n"
+
+
+def _message_frame(msg: Message) -> bytes:
+    return b'{"type":"message","payload":' + msg.to_json().encode() + b"}\n"
+
+
+def _preview(line: bytes, size: int = 120) -> str:
+    text = line[:size].decode("utf-8", "replace")
+    return text + ("..." if len(line) > size else "")
+
+
+class ProcessAgent(Agent):
+    """The behaviour of a process agent: one child process for one run of the agent.
+
+    Built by the spec from :func:`process_agent`; not meant to be instantiated directly.
+    """
+
+    def __init__(self, options: ProcessOptions) -> None:
+        self.options = options
+        self.process: trio.Process | None = None
+        self.protocol = 1
+        self._ctx: Context | None = None
+        self._stats: BridgeStats | None = None
+        self._stdout: _LineReader | None = None
+        self._inflight: collections.OrderedDict[uuid.UUID, _Slot] = collections.OrderedDict()
+        self._write_lock = trio.Lock()
+        self._stopping = False
+        self._lost = False
+        #: set when the current child's stdout reader has finished
+        self._reader_done = trio.Event()
+        self._generation = 0
+        self._extra: dict[str, Any] | None = None
+        self._ping_token: str | None = None
+        self._pong = trio.Event()
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def label(self) -> str:
+        ctx = self._ctx
+        if ctx is None:
+            return shlex.join(self.options.cmd)
+        if ctx.name:
+            return f"{ctx.name} ({ctx.id})"
+        registered = self._stats.registered.get("name") if self._stats is not None else None
+        return f"{ctx.id} (registered as {registered!r})" if registered else str(ctx.id)
+
+    @property
+    def stats(self) -> BridgeStats:
+        assert self._stats is not None, "the process agent has not started"
+        return self._stats
+
+    async def on_start(self, ctx: Context) -> None:
+        self._ctx = ctx
+        self._stats = _stats_for(ctx, self.options.cmd)
+        await self._start_child()
+
+    async def on_stop(self, ctx: Context) -> None:
+        self._stopping = True
+        # A child still silent on a timed-out message would not read a shutdown frame.
+        stuck = any(slot.abandoned for slot in self._inflight.values())
+        await self._stop_child(graceful=not stuck)
+
+    async def _start_child(self) -> None:
+        ctx = self._ctx
+        assert ctx is not None
+        options = self.options
+        env = dict(os.environ if options.env is None else options.env)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        env["NEXUS_AGENT_ID"] = str(ctx.id)
+        if ctx.name:
+            env["NEXUS_AGENT_NAME"] = ctx.name
+        stats = self.stats
+        self._generation += 1
+        self._lost = False
+        self._reader_done = trio.Event()
+        self.protocol = 1
+        try:
+            process = await trio.lowlevel.open_process(
+                list(options.cmd),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                env=env,
+                cwd=options.cwd,
+            )
+        except OSError as exc:
+            raise ProcessAgentError(
+                self.label, f"cannot start {shlex.join(options.cmd)}: {exc}"
+            ) from exc
+        self.process = process
+        stats.starts += 1
+        stats.pid = process.pid
+        log.info(
+            "process agent %s started %s (pid %d)",
+            self.label,
+            shlex.join(options.cmd),
+            process.pid,
+            extra=self._fields(),
+        )
+        assert process.stdout is not None and process.stderr is not None
+        ctx.nursery.start_soon(self._copy_stderr, process, name=f"stderr of {self.label}")
+        self._stdout = _LineReader(process.stdout, options.line_limit)
+        await self._await_register(process)
+        ctx.nursery.start_soon(
+            self._read_stdout, process, self._generation, name=f"stdout of {self.label}"
+        )
+        ctx.nursery.start_soon(
+            self._watch_exit, process, self._generation, name=f"exit of {self.label}"
+        )
+        if options.ping_interval is not None and self.protocol >= 2:
+            ctx.nursery.start_soon(
+                self._ping_loop, process, self._generation, name=f"ping of {self.label}"
+            )
+
+    async def _await_register(self, process: trio.Process) -> None:
+        stdout = self._stdout
+        assert stdout is not None
+        stats = self.stats
+        with trio.move_on_after(self.options.register_timeout):
+            while True:
+                line = await stdout.next_line()
+                if line is None:
+                    code = await self._exit_code(process)
+                    raise ProcessAgentError(
+                        self.label,
+                        f"exited (status {code}) before registering",
+                        process.pid,
+                    )
+                stats.lines_in += 1
+                if isinstance(line, _Oversized):
+                    stats.oversized_lines += 1
+                    self._warn(f"discarded a {line.size}-byte stdout line before register")
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    frame_type, payload = self._parse(line)
+                    if frame_type != "register":
+                        raise _BadFrame(f"expected a register frame first, got {frame_type!r}")
+                    if not isinstance(payload, dict):
+                        raise _BadFrame("register payload must be an object")
+                except _BadFrame as exc:
+                    stats.invalid_lines += 1
+                    self._warn(f"invalid line before register: {exc}: {_preview(line)}")
+                    continue
+                self._registered(payload)
+                return
+        raise ProcessAgentError(
+            self.label,
+            f"did not register within {self.options.register_timeout:g}s",
+            process.pid,
+        )
+
+    def _registered(self, payload: dict[str, Any]) -> None:
+        version = payload.get("protocol", 1)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            self._warn(f"register: unknown protocol {version!r}; using protocol 1")
+            version = 1
+        self.protocol = min(version, PROTOCOL_VERSION)
+        stats = self.stats
+        stats.protocol = self.protocol
+        stats.registered = dict(payload)
+        log.info(
+            "process agent %s registered as %r (protocol %d)",
+            self.label,
+            payload.get("name"),
+            self.protocol,
+            extra=self._fields(),
+        )
+
+    async def _exit_code(self, process: trio.Process, wait: float = 1.0) -> int | None:
+        with trio.move_on_after(wait):
+            await process.wait()
+        code = process.returncode
+        if code is not None:
+            self.stats.last_exit = code
+        return code
+
+    async def _stop_child(self, *, graceful: bool) -> None:
+        """Stop the current child: shutdown frame, grace, SIGTERM, SIGKILL; always reap it."""
+        process = self.process
+        if process is None:
+            return
+        grace = self.options.shutdown_grace
+        try:
+            if graceful and process.returncode is None:
+                with trio.move_on_after(grace):
+                    with contextlib.suppress(ProcessAgentError):
+                        await self._write(_frame("shutdown", {}))
+                    # End of input too: original-protocol agents may only stop at EOF.
+                    await self._close_stdin(process)
+                    await process.wait()
+                if process.returncode is None:
+                    self._warn(f"did not exit within {grace:g}s of shutdown; sending SIGTERM")
+            elif process.returncode is None:
+                self._warn("is not answering; sending SIGTERM")
+            if process.returncode is None:
+                self._signal_group(process, signal.SIGTERM)
+                with trio.move_on_after(grace):
+                    await process.wait()
+        finally:
+            # Past this point nothing may be skipped: not even an outer cancellation.
+            with trio.CancelScope(shield=True):
+                await self._kill_and_reap(process)
+
+    async def _kill_and_reap(self, process: trio.Process) -> None:
+        if process.returncode is None:
+            if not self._stopping:
+                self._warn("killing the process group")
+            else:
+                self._warn("still running; sending SIGKILL")
+            self._signal_group(process, signal.SIGKILL)
+        await process.wait()
+        self.stats.last_exit = process.returncode
+        # The leader is gone; what is left of its group (grandchildren, maybe holding
+        # the pipes) gets SIGTERM, a moment, then SIGKILL.
+        if self._signal_group(process, signal.SIGTERM):
+            with trio.move_on_after(_GROUP_TERM_WAIT):
+                # No event tells when the last member of a group is gone: poll.
+                while self._signal_group(process, 0):  # noqa: ASYNC110
+                    await trio.sleep(0.02)
+            self._signal_group(process, signal.SIGKILL)
+        await self._close_stdin(process)
+        with trio.move_on_after(_READER_DRAIN):
+            await self._reader_done.wait()
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                await stream.aclose()
+        log.info(
+            "process agent %s: child %d exited with status %s",
+            self.label,
+            process.pid,
+            process.returncode,
+            extra=self._fields(),
+        )
+
+    @staticmethod
+    def _signal_group(process: trio.Process, sig: int) -> bool:
+        """Signal the child's process group; False if no process of it is left."""
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            # A group member changed user: nothing we may do; it is not ours to reap.
+            return False
+        return True
+
+    async def _close_stdin(self, process: trio.Process) -> None:
+        if process.stdin is not None:
+            async with self._write_lock:
+                await process.stdin.aclose()
+
+    # --- messages ----------------------------------------------------------------------------------
+
+    async def handle(self, ctx: Context, msg: Message) -> Any:
+        if self._lost:
+            raise ProcessAgentError(self.label, "the child process is gone", self.stats.pid)
+        if any(slot.abandoned for slot in self._inflight.values()):
+            await self._replace_child()
+        slot = _Slot(msg.id)
+        self._inflight[msg.id] = slot
+        try:
+            await self._write(_message_frame(msg))
+            await slot.event.wait()
+        except trio.Cancelled:
+            if not slot.done:
+                # Handle timeout, request timeout or stop: a late answer to this message
+                # is discarded, and a child that never answers is replaced.
+                slot.abandoned = True
+                self.stats.abandoned += 1
+            raise
+        finally:
+            if not slot.abandoned:
+                self._inflight.pop(msg.id, None)
+        if slot.error is not None:
+            raise slot.error
+        payload = slot.value
+        if msg.kind is MessageKind.RESPONSE:
+            # Answering an answer would start an endless exchange.
+            return None
+        if msg.kind is MessageKind.QUERY:
+            # The child answered explicitly, even with null: the requester gets it.
+            return msg.reply(ctx.id, payload)
+        if payload is None or msg.sender == SYSTEM_ID:
+            # Nobody to receive a reply to a tell from outside any agent.
+            return None
+        return payload
+
+    async def _replace_child(self) -> None:
+        """The child did not answer a message that timed out: replace it before going on."""
+        stats = self.stats
+        stats.replaced += 1
+        self._warn("did not answer a timed-out message; replacing the child process")
+        # Bounded by the kill sequence and the register timeout, whatever the handle
+        # deadline: a half-replaced child would be worse than a late message.
+        with trio.CancelScope(shield=True):
+            old = self.process
+            self._generation += 1  # the old reader must not treat the kill as a crash
+            for slot in self._inflight.values():
+                slot.abandoned = True
+            self._inflight.clear()
+            if old is not None:
+                await self._kill_and_reap(old)
+            with trio.fail_after(self.options.register_timeout + 1.0):
+                await self._start_child()
+
+    async def _write(self, data: bytes) -> None:
+        """Write one frame, bounded by the kernel's send timeout."""
+        process = self.process
+        assert process is not None and process.stdin is not None
+        timeout = self._send_timeout()
+        with trio.move_on_after(timeout) as scope:
+            async with self._write_lock:
+                try:
+                    await process.stdin.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    raise ProcessAgentError(
+                        self.label, "its stdin is closed (the child exited?)", process.pid
+                    ) from exc
+        if scope.cancelled_caught:
+            raise ProcessAgentError(
+                self.label,
+                f"stopped reading its stdin (write blocked for {timeout:g}s)",
+                process.pid,
+            )
+        self.stats.lines_out += 1
+
+    def _send_timeout(self) -> float:
+        ctx = self._ctx
+        return ctx.kernel.config.kernel.send_timeout if ctx is not None else 0.5
+
+    # --- the child's output -----------------------------------------------------------------------
+
+    async def _read_stdout(self, process: trio.Process, generation: int) -> None:
+        stdout = self._stdout
+        assert stdout is not None
+        done = self._reader_done
+        try:
+            while True:
+                try:
+                    line = await stdout.next_line()
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    line = None
+                if line is None:
+                    break
+                self.stats.lines_in += 1
+                if isinstance(line, _Oversized):
+                    self.stats.oversized_lines += 1
+                    self._bad_line(
+                        f"stdout line of {line.size} bytes exceeds the limit of "
+                        f"{self.options.line_limit} bytes; discarded"
+                    )
+                    continue
+                if not line.strip():
+                    continue  # a stray blank line (print()) carries nothing
+                try:
+                    frame_type, payload = self._parse(line)
+                    await self._dispatch(frame_type, payload)
+                except _BadFrame as exc:
+                    self.stats.invalid_lines += 1
+                    self._bad_line(f"{exc}: {_preview(line)}")
+        finally:
+            done.set()
+        if self._stopping or generation != self._generation:
+            return
+        code = await self._exit_code(process)
+        if self._stopping or generation != self._generation:
+            return
+        problem = (
+            f"exited with status {code}"
+            if code is not None
+            else "closed its stdout (still running; it will be killed)"
+        )
+        self._child_lost(ProcessAgentError(self.label, problem, process.pid))
+
+    async def _watch_exit(self, process: trio.Process, generation: int) -> None:
+        """Notice the child's exit even when a grandchild keeps its stdout open."""
+        await process.wait()
+        # Let the reader take what the child wrote before it exited (its last answer).
+        with trio.move_on_after(_READER_DRAIN):
+            await self._reader_done.wait()
+        if self._stopping or generation != self._generation:
+            return
+        self.stats.last_exit = process.returncode
+        self._child_lost(
+            ProcessAgentError(self.label, f"exited with status {process.returncode}", process.pid)
+        )
+
+    async def _ping_loop(self, process: trio.Process, generation: int) -> None:
+        """Protocol 2 liveness: an idle child must answer ``ping`` within ``ping_timeout``."""
+        interval = self.options.ping_interval
+        assert interval is not None
+        timeout = self.options.ping_timeout
+        while True:
+            await trio.sleep(interval)
+            if self._stopping or generation != self._generation:
+                return
+            if self._inflight:
+                continue  # busy (one message at a time): the handle timeout watches it
+            self._ping_token = token = uuid.uuid4().hex
+            self._pong = pong = trio.Event()
+            try:
+                await self._write(_frame("ping", {"id": token}))
+            except ProcessAgentError as exc:
+                # Exited (the exit watcher may say so first) or stopped reading its stdin.
+                if not self._stopping and generation == self._generation:
+                    self._child_lost(exc)
+                return
+            with trio.move_on_after(timeout):
+                await pong.wait()
+            if pong.is_set() or self._stopping or generation != self._generation:
+                continue
+            self.stats.pings_missed += 1
+            if self._inflight:
+                continue  # a message overtook the ping: its handle timeout applies
+            self._child_lost(
+                ProcessAgentError(
+                    self.label, f"did not answer ping within {timeout:g}s", process.pid
+                )
+            )
+            return
+
+    def _child_lost(self, error: ProcessAgentError) -> None:
+        """The child is gone or unusable: fail the message in flight, or else the agent itself."""
+        if self._lost:
+            return
+        self._lost = True
+        log.error("process agent %s: %s", self.label, error.problem, extra=self._fields())
+        for slot in list(self._inflight.values()):
+            if not slot.abandoned and not slot.done:
+                # The handler raises it: the message is dead-lettered, the agent fails.
+                slot.fail(error)
+                return
+        raise error
+
+    @staticmethod
+    def _parse(line: bytes) -> tuple[str, Any]:
+        try:
+            frame = json.loads(line)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise _BadFrame(f"not JSON ({exc})") from None
+        except RecursionError:
+            raise _BadFrame("JSON nested too deeply") from None
+        if not isinstance(frame, dict):
+            raise _BadFrame(f"a frame must be a JSON object, got {type(frame).__name__}")
+        frame_type = frame.get("type")
+        if not isinstance(frame_type, str):
+            raise _BadFrame("frame has no 'type' string")
+        if "payload" not in frame:
+            raise _BadFrame(f"{frame_type!r} frame has no 'payload'")
+        return frame_type, frame["payload"]
+
+    async def _dispatch(self, frame_type: str, payload: Any) -> None:
+        if frame_type == "response":
+            if not isinstance(payload, dict):
+                raise _BadFrame("response payload must be an object")
+            slot = self._correlate(payload.get("reply_to"), "response")
+            if slot is None:
+                return
+            if "payload" not in payload:
+                slot.fail(
+                    MessageFailed(
+                        f"response from process agent {self.label} has no 'payload' field",
+                        reason=DeadLetterReason.MALFORMED,
+                    )
+                )
+                raise _BadFrame("response has no 'payload' field")
+            slot.resolve(payload["payload"])
+        elif frame_type == "error":
+            if not isinstance(payload, dict):
+                raise _BadFrame("error payload must be an object")
+            slot = self._correlate(payload.get("reply_to"), "error")
+            if slot is None:
+                return
+            error = payload.get("error")
+            error_type = payload.get("error_type")
+            text = error if isinstance(error, str) else json.dumps(error)
+            detail = f"{error_type}: {text}" if isinstance(error_type, str) else text
+            slot.fail(MessageFailed(f"process agent {self.label} failed the message: {detail}"))
+        elif frame_type == "send":
+            await self._route_send(payload)
+        elif frame_type == "pong":
+            token = payload.get("id") if isinstance(payload, dict) else None
+            if token is not None and token == self._ping_token:
+                self._pong.set()
+        elif frame_type == "register":
+            raise _BadFrame("already registered")
+        else:
+            raise _BadFrame(f"unknown frame type {frame_type!r}")
+
+    def _correlate(self, reply_to: Any, what: str) -> _Slot | None:
+        """The slot a response or error belongs to; None if it is discarded."""
+        stats = self.stats
+        if reply_to is not None:
+            try:
+                key = uuid.UUID(reply_to) if isinstance(reply_to, str) else None
+            except ValueError:
+                key = None
+            if key is None:
+                raise _BadFrame(f"{what} has an invalid 'reply_to' {reply_to!r}")
+            slot = self._inflight.get(key)
+        else:
+            # Original protocol: one message at a time, answers in order.
+            slot = next((s for s in self._inflight.values() if not s.done), None)
+        if slot is None:
+            stats.unmatched_responses += 1
+            self._warn(f"{what} matches no message in flight (reply_to={reply_to}); discarded")
+            return None
+        if slot.abandoned:
+            del self._inflight[slot.msg_id]
+            stats.late_responses += 1
+            self._warn(f"late {what} to message {slot.msg_id} (it timed out); discarded")
+            return None
+        return slot
+
+    async def _route_send(self, payload: Any) -> None:
+        ctx = self._ctx
+        assert ctx is not None
+        if not isinstance(payload, dict):
+            raise _BadFrame("send payload must be an object")
+        if "to" not in payload:
+            raise _BadFrame("send frame has no 'to'")
+        try:
+            to = parse_address(payload["to"])
+            kind = MessageKind(payload.get("kind", "Command"))
+            conversation_id = payload.get("conversation_id")
+            trace_id = payload.get("trace_id")
+            msg = Message(
+                sender=ctx.id,
+                to=to,
+                payload=payload.get("payload"),
+                kind=kind,
+                conversation_id=uuid.UUID(conversation_id) if conversation_id else None,
+                trace_id=uuid.UUID(trace_id) if trace_id else None,
+            )
+        except (TypeError, ValueError) as exc:
+            raise _BadFrame(f"invalid send frame: {exc}") from None
+        try:
+            await ctx.send(msg)
+        except NexusError as exc:
+            self.stats.sends_failed += 1
+            self._warn(f"send to {payload['to']!r} refused: {exc}")
+        else:
+            self.stats.sends_routed += 1
+
+    def _bad_line(self, problem: str) -> None:
+        """Report an unusable stdout line; it fails the message in flight, if there is one."""
+        self._warn(problem)
+        for slot in self._inflight.values():
+            if not slot.abandoned and not slot.done:
+                slot.fail(
+                    MessageFailed(
+                        f"process agent {self.label} wrote an unusable line: {problem}",
+                        reason=DeadLetterReason.MALFORMED,
+                    )
+                )
+                break
+
+    async def _copy_stderr(self, process: trio.Process) -> None:
+        assert process.stderr is not None
+        reader = _LineReader(process.stderr, _STDERR_LINE_LIMIT)
+        logger = logging.LoggerAdapter(
+            logging.getLogger("nexus_trio.bridge.stderr"), self._fields()
+        )
+        while True:
+            try:
+                line = await reader.next_line()
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                return
+            if line is None:
+                return
+            self.stats.stderr_lines += 1
+            if isinstance(line, _Oversized):
+                logger.warning("[%s] <stderr line of %d bytes not shown>", self.label, line.size)
+                continue
+            text = line.decode("utf-8", "replace").rstrip("\r")
+            level = logging.WARNING if _STDERR_WARNING.match(text) else logging.INFO
+            logger.log(level, "[%s] %s", self.label, text)
+
+    # --- logging -----------------------------------------------------------------------------------
+
+    def _fields(self) -> dict[str, Any]:
+        ctx = self._ctx
+        if self._extra is None and ctx is not None:
+            self._extra = {"agent_id": str(ctx.id), "agent_name": ctx.name or ""}
+        return self._extra or {}
+
+    def _warn(self, problem: str) -> None:
+        log.warning("process agent %s: %s", self.label, problem, extra=self._fields())
+
+
+def _check_positive(name: str, value: Any, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise ValueError(f"process_agent: {name} must be a number of seconds, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero) or math.isinf(value):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"process_agent: {name} must be finite and {bound}, got {value!r}")
+    return float(value)
+
+
+def _command(
+    cmd: Sequence[str] | str, env: Mapping[str, str] | None, cwd: str | None
+) -> tuple[str, ...]:
+    if isinstance(cmd, str):
+        parts = shlex.split(cmd)
+    elif isinstance(cmd, Sequence):
+        parts = [os.fspath(part) for part in cmd]
+    else:
+        raise TypeError(f"process_agent: cmd must be a list of strings or a string, got {cmd!r}")
+    if not parts or not parts[0]:
+        raise ValueError(f"process_agent: empty command {cmd!r}")
+    for part in parts:
+        if not isinstance(part, str):
+            raise TypeError(f"process_agent: command items must be strings, got {part!r}")
+    program = parts[0]
+    if os.sep in program:
+        path = program if os.path.isabs(program) else os.path.join(cwd or os.getcwd(), program)
+        if not os.path.isfile(path) or not os.access(path, os.X_OK):
+            raise ValueError(f"process_agent: command {program!r} is not an executable file")
+    else:
+        search = (env if env is not None else os.environ).get("PATH", os.defpath)
+        if shutil.which(program, path=search) is None:
+            raise ValueError(f"process_agent: command {program!r} not found on PATH")
+    return tuple(parts)
+
+
+def process_agent(
+    cmd: Sequence[str] | str,
+    *,
+    name: str | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    restart: RestartType | str = RestartType.PERMANENT,
+    register_timeout: float = 10.0,
+    line_limit: int = 1 << 20,
+    shutdown_grace: float = 5.0,
+    handle_timeout: float | None = None,
+    mailbox_capacity: int | None = None,
+    ping_interval: float | None = None,
+    ping_timeout: float = 5.0,
+) -> AgentSpec:
+    """An agent spec that runs ``cmd`` as a child process speaking the NDJSON bridge protocol.
+
+    ``cmd`` is an argument list (a string is split with :func:`shlex.split`); its program
+    must exist when the spec is built. ``env`` replaces the environment of the child
+    (default: the kernel's); the child also gets ``NEXUS_AGENT_ID`` and
+    ``NEXUS_AGENT_NAME``. The child must write its ``register`` line within
+    ``register_timeout`` seconds; stdout lines longer than ``line_limit`` bytes are
+    discarded. Stopping sends ``shutdown`` and waits ``shutdown_grace`` seconds before
+    SIGTERM, and as long again before SIGKILL. With ``ping_interval``, a child that
+    announced protocol 2 is pinged whenever it has been idle that long and must answer
+    within ``ping_timeout`` seconds, else the agent fails (and is restarted).
+    ``restart``, ``handle_timeout`` and ``mailbox_capacity`` are those of
+    :func:`nexus_trio.agent`.
+    """
+    cwd_text = os.fspath(cwd) if cwd is not None else None
+    if cwd_text is not None and not os.path.isdir(cwd_text):
+        raise ValueError(f"process_agent: cwd {cwd_text!r} is not a directory")
+    if env is not None:
+        for key, value in env.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise TypeError(
+                    f"process_agent: env must map strings to strings, got {key!r}: {value!r}"
+                )
+    command = _command(cmd, env, cwd_text)
+    register = _check_positive("register_timeout", register_timeout)
+    grace = _check_positive("shutdown_grace", shutdown_grace, allow_zero=True)
+    if isinstance(line_limit, bool) or not isinstance(line_limit, int) or line_limit < 64:
+        raise ValueError(
+            f"process_agent: line_limit must be an integer >= 64 bytes, got {line_limit!r}"
+        )
+    interval = None if ping_interval is None else _check_positive("ping_interval", ping_interval)
+    pong_wait = _check_positive("ping_timeout", ping_timeout)
+    options = ProcessOptions(
+        cmd=command,
+        env=dict(env) if env is not None else None,
+        cwd=cwd_text,
+        register_timeout=register,
+        line_limit=line_limit,
+        shutdown_grace=grace,
+        ping_interval=interval,
+        ping_timeout=pong_wait,
+    )
+    return AgentSpec(
+        factory=functools.partial(ProcessAgent, options),
+        name=name,
+        mailbox_capacity=mailbox_capacity,
+        handle_timeout=handle_timeout,
+        restart=restart,
+        # shutdown frame + grace, SIGTERM + grace, then the kill and reap (never skipped).
+        shutdown_timeout=2 * grace + _READER_DRAIN + _GROUP_TERM_WAIT + 1.0,
+    )

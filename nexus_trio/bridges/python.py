@@ -1,0 +1,458 @@
+"""The agent side of the Nexus stdio bridge for Python: write an agent, run it as a child.
+
+An agent is a subclass of :class:`NexusAgent` that overrides :meth:`~NexusAgent.handle_message`
+(and optionally :meth:`~NexusAgent.on_start` / :meth:`~NexusAgent.on_stop`); calling
+:meth:`~NexusAgent.run_agent` speaks newline-delimited JSON with the kernel over stdin/stdout:
+it sends ``register``, answers every ``message`` with exactly one ``response`` (or ``error``)
+frame, one message at a time, answers ``ping`` with ``pong`` and stops on ``shutdown`` or end of
+input. Stdout carries nothing but frames: while the agent runs, ``print()`` and anything written
+to file descriptor 1 (also by child processes) goes to stderr. The wire format is described in
+docs/protocol.md. This module uses only the standard library and runs on Python 3.9+, so it can
+be copied next to an agent or run as ``python3 python.py`` (an echo agent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import threading
+import time
+import traceback
+import uuid
+from typing import IO, Any
+
+__all__ = [
+    "KINDS",
+    "PROTOCOL_VERSION",
+    "Agent",
+    "EchoAgent",
+    "InvalidFrame",
+    "NexusAgent",
+    "main",
+]
+
+#: The newest protocol version this bridge speaks (announced in ``register``).
+PROTOCOL_VERSION = 2
+
+#: Message kinds, spelled as on the wire.
+KINDS = ("Command", "Event", "Query", "Response")
+
+_MESSAGE_FIELDS = ("from", "to", "kind", "payload")
+_SNIPPET = 60
+
+
+class InvalidFrame(ValueError):
+    """An input line that is not a frame this bridge understands (reported, then skipped).
+
+    ``message`` is set when the line was a ``message`` frame with bad fields: the kernel
+    waits for one answer per message it wrote, so that message still gets an error answer.
+    """
+
+    def __init__(self, problem: str, message: dict[str, Any] | None = None) -> None:
+        super().__init__(problem)
+        self.message = message
+
+
+class _NotSerialisable(TypeError):
+    pass
+
+
+def _reject(value: Any) -> Any:
+    raise _NotSerialisable(type(value).__name__)
+
+
+def _encode(obj: Any) -> str:
+    # allow_nan=False: NaN/Infinity are not JSON and other languages' parsers reject them.
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False, default=_reject)
+
+
+def _timestamp() -> str:
+    """Now as RFC 3339 in UTC with microseconds and a ``Z`` suffix (the kernel's format)."""
+    now = time.time()
+    whole = math.floor(now)
+    micros = min(int((now - whole) * 1_000_000), 999_999)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{micros:06d}Z"
+
+
+def _describe_unserialisable(exc: Exception) -> tuple[str, str]:
+    """(text, error_type) for a result json refused to encode."""
+    if isinstance(exc, _NotSerialisable):
+        what = str(exc)
+    elif isinstance(exc, ValueError) and "Circular" in str(exc):
+        what = "circular reference"
+    elif isinstance(exc, ValueError):
+        what = "float (NaN or Infinity)"
+    else:
+        what = f"{type(exc).__name__}: {exc}"
+    kind = "ValueError" if isinstance(exc, ValueError) else "TypeError"
+    return f"result of handle_message is not JSON serialisable: {what}", kind
+
+
+def _protocol_from(value: Any, source: str) -> int:
+    text = str(value).strip()
+    if text not in ("1", "2"):
+        raise ValueError(f"{source} must be 1 or 2, got {value!r}")
+    return int(text)
+
+
+class NexusAgent:
+    """Base class for an agent that runs as a child process of a nexus_trio kernel.
+
+    Subclasses override :meth:`handle_message`; its return value is the response payload
+    (``None`` becomes JSON ``null``). An exception in it becomes an error frame for that
+    message and the agent goes on with the next one.
+
+    The name is, in order: the ``name`` argument, the environment variable
+    ``NEXUS_AGENT_NAME``, the class attribute :attr:`default_name`, the class name. The id:
+    ``agent_id``, ``NEXUS_AGENT_ID``, a fresh UUID. The protocol: ``protocol``,
+    ``NEXUS_PROTOCOL``, 2. Protocol 1 is the original Nexus wire format (no ``protocol`` in
+    ``register``, responses without ``id``/``reply_to``, errors as a response payload
+    ``{"error": ..., "error_type": ...}``, no ``ping`` and no agent-initiated ``send``).
+
+    ``stdin``/``stdout``/``stderr`` default to the process's own streams; pass binary streams
+    (and a text stream for stderr) to drive an agent in-process, e.g. in a test.
+    """
+
+    #: The agent's name unless the constructor argument or ``NEXUS_AGENT_NAME`` gives one.
+    default_name: str | None = None
+
+    def __init__(
+        self,
+        name: str | None = None,
+        agent_id: str | None = None,
+        protocol: int | None = None,
+        *,
+        stdin: IO[bytes] | None = None,
+        stdout: IO[bytes] | None = None,
+        stderr: IO[str] | None = None,
+    ) -> None:
+        env = os.environ
+        resolved_name = name or env.get("NEXUS_AGENT_NAME") or self.default_name
+        self.name: str = resolved_name or type(self).__name__
+        raw_id = agent_id or env.get("NEXUS_AGENT_ID") or str(uuid.uuid4())
+        try:
+            self.id: str = str(uuid.UUID(raw_id))
+        except ValueError:
+            source = "agent_id" if agent_id else "NEXUS_AGENT_ID"
+            raise ValueError(f"{source} must be a UUID, got {raw_id!r}") from None
+        if protocol is not None:
+            self.protocol = _protocol_from(protocol, "protocol")
+        elif env.get("NEXUS_PROTOCOL"):
+            self.protocol = _protocol_from(env["NEXUS_PROTOCOL"], "NEXUS_PROTOCOL")
+        else:
+            self.protocol = PROTOCOL_VERSION
+        self._stdin = stdin
+        self._stdout = stdout
+        self._stderr = stderr
+        self._out: IO[bytes] | None = None
+        self._write_lock = threading.Lock()
+        self._line_number = 0
+        #: Counters of what crossed the wire (useful in tests and on_stop reports).
+        self.handled = 0
+        self.failed = 0
+        self.invalid_lines = 0
+
+    # --- the agent's hooks ---------------------------------------------------------------
+
+    def handle_message(self, message: dict[str, Any]) -> Any:
+        """Handle one message (the wire object: ``from``, ``to``, ``kind``, ``payload``, ``id``...).
+
+        Return the response payload (JSON-serialisable, ``None`` for ``null``).
+        """
+        return None
+
+    def on_start(self) -> None:
+        """Called once after ``register`` was sent, before the first message."""
+
+    def on_stop(self) -> None:
+        """Called once on ``shutdown``, on end of input, or when the kernel stopped reading."""
+
+    # --- talking to the kernel -----------------------------------------------------------
+
+    def send(
+        self,
+        to: str | uuid.UUID,
+        payload: Any,
+        kind: str = "Command",
+        *,
+        conversation_id: str | None = None,
+        trace_id: str | None = None,
+    ) -> None:
+        """Send a message to another agent (by id or name) through the kernel (protocol 2).
+
+        The kernel routes it with this agent as sender; delivery failures are logged and
+        counted on the kernel side, not reported back. Safe to call from other threads.
+        """
+        if self.protocol < 2:
+            raise RuntimeError("send() needs protocol 2; this agent speaks protocol 1")
+        if isinstance(to, uuid.UUID):
+            to = str(to)
+        if not isinstance(to, str) or not to:
+            raise ValueError(f"send(): 'to' must be an agent id or name, got {to!r}")
+        if kind not in KINDS:
+            raise ValueError(f"send(): unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
+        frame: dict[str, Any] = {"to": to, "kind": kind, "payload": payload}
+        # Checked here: the kernel treats a send frame with a bad id as an invalid line,
+        # which fails the message being handled.
+        for field, value in (("conversation_id", conversation_id), ("trace_id", trace_id)):
+            if value is None:
+                continue
+            try:
+                frame[field] = str(uuid.UUID(str(value)))
+            except ValueError:
+                raise ValueError(f"send(): {field} must be a UUID, got {value!r}") from None
+        try:
+            line = _encode({"type": "send", "payload": frame})
+        except (TypeError, ValueError) as exc:
+            text, _ = _describe_unserialisable(exc)
+            raise TypeError(text.replace("result of handle_message", "send() payload")) from None
+        self._write_line(line)
+
+    def log(self, text: str) -> None:
+        """Write one line to stderr (the kernel logs it with this agent's fields)."""
+        stream = self._stderr or sys.stderr
+        stream.write(f"{text}\n")
+        stream.flush()
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def run_agent(self) -> int:
+        """Register, serve messages until ``shutdown`` or end of input, return the exit code.
+
+        0 after a clean stop; 1 if :meth:`on_stop` raised; 130 on Ctrl-C. An exception in
+        :meth:`on_start` propagates (the process exits non-zero and the kernel restarts it
+        per its policy).
+        """
+        restore = self._claim_stdout()
+        try:
+            self._write_frame("register", self._register_payload())
+            self.on_start()
+            try:
+                self._serve()
+            except KeyboardInterrupt:
+                self._stop()
+                return 130
+            except BrokenPipeError:
+                self.log(f"nexus-bridge[{self.name}]: the kernel stopped reading stdout; stopping")
+            return self._stop()
+        finally:
+            restore()
+            self._out = None  # a late send() (e.g. from a thread) gets a clear error
+
+    def _register_payload(self) -> dict[str, Any]:
+        payload: dict[str, Any] = {"id": self.id, "name": self.name}
+        if self.protocol >= 2:
+            payload["protocol"] = self.protocol
+        return payload
+
+    def _stop(self) -> int:
+        try:
+            self.on_stop()
+        except Exception:
+            self.log(f"nexus-bridge[{self.name}]: on_stop failed:\n{traceback.format_exc()}")
+            return 1
+        return 0
+
+    def _claim_stdout(self) -> Any:
+        """Keep the real stdout for frames and send everything else written to it to stderr."""
+        if self._stdout is not None:
+            self._out = self._stdout
+            return lambda: None
+        saved = sys.stdout
+        if saved is None:
+            raise RuntimeError("the bridge needs a stdout to write frames to, and there is none")
+        try:
+            is_fd1 = saved.fileno() == 1
+        except (AttributeError, OSError, ValueError):
+            is_fd1 = False
+        if not is_fd1:
+            buffer = getattr(saved, "buffer", None)
+            if buffer is None:
+                raise RuntimeError("sys.stdout has no binary buffer: pass stdout= explicitly")
+            self._out = buffer
+            sys.stdout = sys.stderr
+            return lambda: setattr(sys, "stdout", saved)
+        saved.flush()
+        # Stray writes to fd 1 (os.write, C code, child processes) must not reach the kernel:
+        # frames go to a duplicate of the real stdout and fd 1 is pointed at stderr.
+        frames_fd = os.dup(1)
+        os.dup2(2, 1)
+        out = os.fdopen(frames_fd, "wb")
+        self._out = out
+        sys.stdout = sys.stderr
+
+        def restore() -> None:
+            sys.stdout = saved
+            with contextlib.suppress(OSError):
+                out.flush()
+            os.dup2(frames_fd, 1)
+            with contextlib.suppress(OSError):
+                out.close()
+
+        return restore
+
+    def _serve(self) -> None:
+        source = self._stdin if self._stdin is not None else sys.stdin.buffer
+        while True:
+            raw = source.readline()
+            if not raw:
+                return  # end of input: the kernel is gone or closed our stdin
+            self._line_number += 1
+            line = raw.rstrip(b"\r\n")
+            if not line.strip():
+                continue  # blank lines (e.g. an extra Enter on a tty) carry nothing
+            try:
+                frame = self._parse(line)
+            except InvalidFrame as exc:
+                self._report(str(exc))
+                if exc.message is not None:
+                    # Answer it anyway: the kernel must not hang until its handle timeout
+                    # and protocol-1 order correlation must stay intact.
+                    self._send_error(exc.message, str(exc), "InvalidFrame")
+                continue
+            kind = frame["type"]
+            if kind == "shutdown":
+                return
+            if kind == "message":
+                self._on_message(frame["payload"])
+            elif kind == "ping":
+                self._write_frame("pong", {"id": frame["payload"]["id"]})
+
+    def _parse(self, line: bytes) -> dict[str, Any]:
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidFrame(f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        try:
+            frame = json.loads(text)
+        except ValueError as exc:
+            raise InvalidFrame(f"not JSON ({exc}): {text[:_SNIPPET]!r}") from None
+        if not isinstance(frame, dict):
+            raise InvalidFrame(f"a frame must be a JSON object, got {type(frame).__name__}")
+        kind = frame.get("type")
+        if not isinstance(kind, str):
+            raise InvalidFrame(f"frame has no string 'type': {text[:_SNIPPET]!r}")
+        payload = frame.get("payload")
+        if kind == "shutdown":
+            return frame
+        if kind == "message":
+            self._check_message(payload)
+            return frame
+        if kind == "ping" and self.protocol >= 2:
+            if not isinstance(payload, dict) or not isinstance(payload.get("id"), str):
+                raise InvalidFrame("ping frame needs a payload with a string 'id'")
+            return frame
+        raise InvalidFrame(f"unknown frame type {kind!r}")
+
+    def _check_message(self, payload: Any) -> None:
+        if not isinstance(payload, dict):
+            raise InvalidFrame("message frame needs an object payload")
+        missing = [key for key in _MESSAGE_FIELDS if key not in payload]
+        problem = None
+        if missing:
+            problem = f"missing field(s) {', '.join(missing)}"
+        elif not isinstance(payload["from"], str):
+            problem = "field 'from' must be a string"
+        elif payload["kind"] not in KINDS:
+            problem = f"unknown kind {payload['kind']!r}"
+        if problem is not None:
+            raise InvalidFrame(f"invalid message frame: {problem}", payload)
+
+    def _report(self, problem: str) -> None:
+        self.invalid_lines += 1
+        self.log(f"nexus-bridge[{self.name}]: skipped input line {self._line_number}: {problem}")
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        try:
+            result = self.handle_message(message)
+        except Exception as exc:
+            self.failed += 1
+            self.log(f"nexus-bridge[{self.name}]: handle_message failed:\n{traceback.format_exc()}")
+            self._send_error(message, str(exc) or type(exc).__name__, type(exc).__name__)
+            return
+        try:
+            line = _encode({"type": "response", "payload": self._response(message, result)})
+        except (TypeError, ValueError) as exc:
+            # Only the handler's result can fail to encode: every other field is a string.
+            self.failed += 1
+            text, error_type = _describe_unserialisable(exc)
+            self.log(f"nexus-bridge[{self.name}]: {text}")
+            self._send_error(message, text, error_type)
+            return
+        self.handled += 1
+        self._write_line(line)
+
+    def _response(self, message: Any, payload: Any) -> dict[str, Any]:
+        sender = message.get("from") if isinstance(message, dict) else None
+        response: dict[str, Any] = {
+            "from": self.id,
+            "to": sender,
+            "kind": "Response",
+            "payload": payload,
+            "timestamp": _timestamp(),
+        }
+        if self.protocol >= 2 and isinstance(message, dict):
+            msg_id = message.get("id")
+            response["id"] = str(uuid.uuid4())
+            if msg_id is not None:
+                response["reply_to"] = msg_id
+            response["conversation_id"] = message.get("conversation_id") or msg_id
+            response["trace_id"] = message.get("trace_id")
+        return response
+
+    def _send_error(self, message: Any, text: str, error_type: str) -> None:
+        if self.protocol >= 2:
+            msg_id = message.get("id") if isinstance(message, dict) else None
+            self._write_frame(
+                "error", {"reply_to": msg_id, "error": text, "error_type": error_type}
+            )
+        else:
+            payload = {"error": text, "error_type": error_type}
+            self._write_frame("response", self._response(message, payload))
+
+    def _write_frame(self, kind: str, payload: Any) -> None:
+        self._write_line(_encode({"type": kind, "payload": payload}))
+
+    def _write_line(self, line: str) -> None:
+        out = self._out
+        if out is None:
+            raise RuntimeError("the agent is not running: call run_agent() first")
+        data = line.encode("utf-8") + b"\n"
+        with self._write_lock:
+            out.write(data)
+            out.flush()
+
+
+#: Short alias for subclassing: ``class MyAgent(Agent): ...``.
+Agent = NexusAgent
+
+
+class EchoAgent(NexusAgent):
+    """Answers every message with its payload, unchanged."""
+
+    default_name = "echo"
+
+    def handle_message(self, message: dict[str, Any]) -> Any:
+        return message.get("payload")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run an :class:`EchoAgent` (``python3 python.py [--name N] [--protocol 1|2]``)."""
+    parser = argparse.ArgumentParser(description="Nexus stdio bridge: an echo agent.")
+    parser.add_argument("--name", help="agent name (default: NEXUS_AGENT_NAME or 'echo')")
+    parser.add_argument("--protocol", choices=("1", "2"), help="wire protocol version")
+    args = parser.parse_args(argv)
+    try:
+        agent = EchoAgent(name=args.name, protocol=int(args.protocol) if args.protocol else None)
+    except ValueError as exc:
+        print(f"nexus-bridge: {exc}", file=sys.stderr)
+        return 2
+    return agent.run_agent()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

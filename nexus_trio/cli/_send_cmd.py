@@ -1,0 +1,202 @@
+"""``nexus send``: try an external agent from the shell — start it, send one message, print the answer."""
+
+from __future__ import annotations
+
+import enum
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+_EPILOG = """\
+[bold]Examples[/]
+
+  nexus send "python3 examples/python_agent_example.py" '{"operation": "add", "a": 40, "b": 2}'
+
+  nexus send "node examples/javascript_agent_example.js" \\
+      '{"operation": "stats", "data": [1, 2, 3, 4]}' --kind Command
+
+The agent is started under a kernel, gets one message, and is shut down (shutdown frame,
+grace, SIGTERM, SIGKILL). The answer's payload is printed as JSON on stdout; logs and the
+agent's stderr go to stderr. Exit status: 0 answered, 1 the agent failed (did not start,
+crashed, sent an error frame, timed out), 2 bad arguments.
+"""
+
+
+class SendKind(enum.StrEnum):
+    Query = "Query"
+    Command = "Command"
+    Event = "Event"
+
+
+class _Failed(Exception):
+    """The exchange failed; the text is for the user."""
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``send`` command to ``app``."""
+
+    @app.command(epilog=_EPILOG)
+    def send(
+        cmd: Annotated[str, typer.Argument(metavar="CMD", help="The agent's command line.")],
+        payload: Annotated[
+            str, typer.Argument(metavar="JSON", help="The message payload (a JSON value).")
+        ],
+        name: Annotated[
+            str | None, typer.Option("--name", help="Agent name (also NEXUS_AGENT_NAME).")
+        ] = None,
+        kind: Annotated[
+            SendKind,
+            typer.Option(
+                "--kind",
+                "-k",
+                help="Query waits for the reply; Command/Event wait for the answer the "
+                "agent routes back.",
+            ),
+        ] = SendKind.Query,
+        timeout: Annotated[
+            float,
+            typer.Option("--timeout", "-t", min=0.001, help="Seconds to wait for the answer."),
+        ] = 10.0,
+        register_timeout: Annotated[
+            float,
+            typer.Option(
+                "--register-timeout", min=0.001, help="Seconds the agent has to register."
+            ),
+        ] = 10.0,
+        config: Annotated[
+            Path | None,
+            typer.Option("--config", "-c", help="Config file (TOML).", dir_okay=False),
+        ] = None,
+        log_level: Annotated[
+            str, typer.Option("--log-level", "-l", help="Log level on stderr.")
+        ] = "warning",
+        compact: Annotated[
+            bool, typer.Option("--compact", help="Print the answer on one line.")
+        ] = False,
+    ) -> None:
+        """Start an external agent, send it one message, print its answer as JSON."""
+        from ..bridges.process import process_agent
+        from ..config import ConfigError, load_config
+        from ..logs import configure_logging
+
+        try:
+            value = json.loads(payload)
+        except ValueError as exc:
+            raise typer.BadParameter(f"not JSON: {exc}", param_hint="'JSON'") from None
+        try:
+            argv = shlex.split(cmd)
+        except ValueError as exc:
+            raise typer.BadParameter(f"{exc} in {cmd!r}", param_hint="'CMD'") from None
+        try:
+            spec = process_agent(
+                argv, name=name, restart="temporary", register_timeout=register_timeout
+            )
+        except (TypeError, ValueError) as exc:
+            hint = "'--name'" if "name" in str(exc) else "'CMD'"
+            raise typer.BadParameter(str(exc), param_hint=hint) from None
+        try:
+            loaded = load_config(config, overrides={"logging.level": log_level})
+        except ConfigError as exc:
+            flag = "'--log-level'" if exc.key == "logging.level" else "'--config'"
+            raise typer.BadParameter(str(exc), param_hint=flag) from None
+        configure_logging(loaded.config.logging)
+
+        import trio
+
+        try:
+            answer = trio.run(_exchange, loaded.config, spec, value, kind, timeout)
+        except _Failed as exc:
+            typer.echo(f"nexus send: {exc}", err=True)
+            raise typer.Exit(1) from None
+        text = json.dumps(answer, ensure_ascii=False, indent=None if compact else 2)
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
+
+async def _exchange(config: Any, spec: Any, value: Any, kind: SendKind, timeout: float) -> Any:
+    import trio
+
+    from .. import (
+        EventKind,
+        Message,
+        MessageKind,
+        NexusError,
+        RequestFailed,
+        RequestTimeout,
+        agent,
+        open_kernel,
+    )
+
+    async with open_kernel(config) as kernel:
+        async with kernel.events() as events:
+            ref = kernel.spawn(spec)
+            async for event in events:
+                if event.agent_id != ref.id:
+                    continue
+                if event.kind is EventKind.STARTED:
+                    break
+                if event.kind in (EventKind.FAILED, EventKind.STOPPED):
+                    raise _Failed(f"the agent did not start: {event.error or event.reason}")
+        if kind is SendKind.Query:
+            try:
+                return await kernel.request(ref, value, timeout=timeout)
+            except RequestTimeout:
+                raise _Failed(f"no answer within {timeout:g}s") from None
+            except RequestFailed as exc:
+                detail = exc.error if exc.error is not None else exc.reason
+                raise _Failed(f"the message failed ({exc.reason}): {detail}") from None
+            except NexusError as exc:
+                raise _Failed(str(exc)) from None
+
+        # Command/Event: the agent answers the sender, so send from a local agent.
+        answers: list[Message] = []
+        arrived = trio.Event()
+
+        @agent
+        async def inbox(ctx: Any, msg: Message) -> None:
+            answers.append(msg)
+            arrived.set()
+
+        sink = kernel.spawn(inbox)
+        message = Message(sender=sink.id, to=ref.id, payload=value, kind=MessageKind(kind.value))
+        async with kernel.dead_letters() as letters:
+            await kernel.send(message)
+            failure: list[Any] = []
+
+            async def watch_dead_letters() -> None:
+                async for letter in letters:
+                    if letter.message.id == message.id:
+                        failure.append(letter)
+                        arrived.set()
+                        return
+
+            async def watch_handled() -> None:
+                # A null answer to a tell routes nothing: handled without a reply is null.
+                while True:
+                    stats = {a.id: a for a in kernel.stats(agents=True).agents}
+                    mine = stats.get(ref.id)
+                    if mine is not None and mine.handled >= 1:
+                        await trio.sleep(0.2)
+                        arrived.set()
+                        return
+                    await trio.sleep(0.01)
+
+            with trio.move_on_after(timeout) as scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(watch_dead_letters)
+                    nursery.start_soon(watch_handled)
+                    await arrived.wait()
+                    nursery.cancel_scope.cancel()
+        if failure:
+            letter = failure[0]
+            detail = letter.error if letter.error is not None else letter.detail
+            raise _Failed(f"the message failed ({letter.reason.value}): {detail}")
+        if answers:
+            return answers[0].payload
+        if scope.cancelled_caught:
+            raise _Failed(f"no answer within {timeout:g}s")
+        return None

@@ -1,0 +1,184 @@
+"""A deliberately misbehaving bridge agent for the kernel-side process agent tests.
+
+Stdlib only, independent of the shipped bridges. Each message payload is a command
+``{"op": ..., ...}`` (see ``answer``); command-line flags select the protocol and the
+hostile behaviours that happen outside messages:
+
+  --protocol 1|2          1: responses without id/reply_to, errors as response payloads
+  --ignore-term           ignore SIGTERM and the shutdown frame
+  --no-register           never register (just read stdin)
+  --register-delay S      sleep S seconds before registering
+  --garbage-first         write a non-JSON line before the register line
+  --exit-at-start CODE    exit with CODE right after registering
+  --silent-after N        answer the first N messages, then never answer again
+  --no-read               register, then never read stdin (the pipe fills up)
+  --no-pong               do not answer ping frames
+  --tag TEXT              ignored: lets a test find this process and its children in /proc
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from typing import Any
+
+out = sys.stdout.buffer
+history: list[Any] = []
+
+
+def emit(obj: Any) -> None:
+    out.write(json.dumps(obj).encode() + b"\n")
+    out.flush()
+
+
+def emit_raw(data: bytes) -> None:
+    out.write(data)
+    out.flush()
+
+
+def respond(args: argparse.Namespace, msg: dict[str, Any], payload: Any) -> None:
+    body: dict[str, Any] = {
+        "from": msg["to"],
+        "to": msg["from"],
+        "kind": "Response",
+        "payload": payload,
+        "timestamp": "2024-01-01T00:00:00Z",
+    }
+    if args.protocol >= 2:
+        body["id"] = str(uuid.uuid4())
+        body["reply_to"] = msg["id"]
+    emit({"type": "response", "payload": body})
+
+
+def fail(args: argparse.Namespace, msg: dict[str, Any], text: str) -> None:
+    if args.protocol >= 2:
+        emit(
+            {
+                "type": "error",
+                "payload": {"reply_to": msg["id"], "error": text, "error_type": "ValueError"},
+            }
+        )
+    else:
+        respond(args, msg, {"error": text, "error_type": "ValueError"})
+
+
+def answer(args: argparse.Namespace, msg: dict[str, Any]) -> None:
+    command = msg.get("payload")
+    op = command.get("op") if isinstance(command, dict) else None
+    if op is None:
+        respond(args, msg, command)  # plain echo
+    elif op == "echo":
+        respond(args, msg, command.get("value"))
+    elif op == "record":
+        history.append(command.get("value"))
+        respond(args, msg, None)
+    elif op == "history":
+        respond(args, msg, history)
+    elif op == "pid":
+        respond(args, msg, os.getpid())
+    elif op == "env":
+        respond(args, msg, {k: os.environ.get(k) for k in command.get("keys", [])})
+    elif op == "crash":
+        os._exit(command.get("code", 3))
+    elif op == "hang":
+        while True:
+            time.sleep(3600)
+    elif op == "sleep":
+        time.sleep(command["seconds"])
+        respond(args, msg, "slept")
+    elif op == "error":
+        fail(args, msg, command.get("text", "bad input"))
+    elif op == "garbage":
+        emit_raw(b"this is not json {\n")
+    elif op == "unknown_type":
+        emit({"type": "bogus", "payload": {}})
+    elif op == "missing_payload":
+        emit({"type": "response"})
+    elif op == "deep":
+        emit_raw(b"[" * 100_000 + b"]" * 100_000 + b"\n")
+    elif op == "huge":
+        respond(args, msg, "x" * command["size"])
+    elif op == "stderr":
+        sys.stderr.write(command["text"] + "\n")
+        sys.stderr.flush()
+        respond(args, msg, "logged")
+    elif op == "send":
+        frame = {"to": command["to"], "payload": command.get("payload")}
+        if "kind" in command:
+            frame["kind"] = command["kind"]
+        emit({"type": "send", "payload": frame})
+        respond(args, msg, "sent")
+    elif op == "grandchild":
+        # A grandchild in our process group that inherits (and holds) stdin/stdout/stderr.
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            while True:
+                time.sleep(3600)
+        respond(args, msg, pid)
+    else:
+        fail(args, msg, f"unknown op {op!r}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--protocol", type=int, default=2)
+    parser.add_argument("--ignore-term", action="store_true")
+    parser.add_argument("--no-register", action="store_true")
+    parser.add_argument("--register-delay", type=float, default=0.0)
+    parser.add_argument("--garbage-first", action="store_true")
+    parser.add_argument("--exit-at-start", type=int, default=None)
+    parser.add_argument("--silent-after", type=int, default=None)
+    parser.add_argument("--no-read", action="store_true")
+    parser.add_argument("--no-pong", action="store_true")
+    parser.add_argument("--tag", default="")
+    args = parser.parse_args()
+    if args.ignore_term:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if args.register_delay:
+        time.sleep(args.register_delay)
+    if args.garbage_first:
+        emit_raw(b"hello from a noisy child\n")
+    if not args.no_register:
+        register: dict[str, Any] = {"id": str(uuid.uuid4()), "name": "toy"}
+        if args.protocol >= 2:
+            register["protocol"] = args.protocol
+        emit({"type": "register", "payload": register})
+    if args.exit_at_start is not None:
+        sys.exit(args.exit_at_start)
+    if args.no_read:
+        while True:
+            time.sleep(3600)
+    answered = 0
+    while True:
+        line = sys.stdin.buffer.readline()
+        if not line:
+            if args.ignore_term:
+                while True:
+                    time.sleep(3600)
+            return
+        frame = json.loads(line)
+        if frame["type"] == "shutdown":
+            if args.ignore_term:
+                continue
+            return
+        if frame["type"] == "ping":
+            if args.no_pong:
+                continue
+            emit({"type": "pong", "payload": frame["payload"]})
+            continue
+        if frame["type"] != "message" or args.no_register:
+            continue
+        if args.silent_after is not None and answered >= args.silent_after:
+            continue
+        answer(args, frame["payload"])
+        answered += 1
+
+
+if __name__ == "__main__":
+    main()

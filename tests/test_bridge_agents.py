@@ -1,0 +1,1206 @@
+"""The agent-side bridges (Python module, Node file) and the two examples, as real processes.
+
+Each test starts a child the way the kernel does (pipes on stdin/stdout/stderr), plays the
+kernel's part of the protocol by hand and checks the exact frames, stderr lines and exit
+code. Frames sent to the children are built with :meth:`Message.to_json`, and responses are
+decoded with :func:`decode_message`, so both ends agree with the kernel's own codec.
+Real time is used (generous fail-safe timeouts); every child is reaped.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import json
+import os
+import pty
+import re
+import select
+import shutil
+import subprocess
+import sys
+import textwrap
+import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from nexus_trio import Message, MessageKind
+from nexus_trio._message import decode_message
+
+ROOT = Path(__file__).resolve().parent.parent
+PY_BRIDGE = ROOT / "nexus_trio" / "bridges" / "python.py"
+JS_BRIDGE = ROOT / "nexus_trio" / "bridges" / "nexus-bridge.js"
+PY_EXAMPLE = ROOT / "examples" / "python_agent_example.py"
+JS_EXAMPLE = ROOT / "examples" / "javascript_agent_example.js"
+KERNEL_ID = uuid.UUID("0f0f0f0f-0000-4000-8000-000000000001")
+TIMEOUT = 30.0  # fail-safe per step; a loaded 2-core machine may start children slowly
+RFC3339_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+
+
+def _node() -> str:
+    node = shutil.which("node")
+    if node is None:
+        if os.environ.get("NEXUS_ALLOW_MISSING_NODE") == "1":
+            pytest.skip("node not on PATH and NEXUS_ALLOW_MISSING_NODE=1")
+        pytest.fail("node (Node.js 18+) is not on PATH: the JavaScript bridge tests need it")
+    version = subprocess.run([node, "--version"], capture_output=True, text=True, check=True)
+    major = int(version.stdout.strip().lstrip("v").split(".")[0])
+    assert major >= 18, f"the JavaScript bridge needs Node 18+, found {version.stdout.strip()}"
+    return node
+
+
+# --- probe agents: one per language, steered by the payload ------------------------------
+
+PY_PROBE = """
+import os, subprocess, sys
+from nexus_trio.bridges.python import NexusAgent
+
+class Probe(NexusAgent):
+    default_name = "probe"
+
+    def on_start(self):
+        self.log("probe started")
+
+    def handle_message(self, message):
+        p = message["payload"]
+        do = p.get("do")
+        if do == "echo":
+            return p.get("value")
+        if do == "none":
+            return None
+        if do == "raise":
+            raise ValueError(p["text"])
+        if do == "unserialisable":
+            return {"ok": {1, 2}}
+        if do == "nan":
+            return float("nan")
+        if do == "print":
+            print("stray print")
+            sys.stdout.write("stray sys.stdout.write\\n")
+            sys.stdout.flush()
+            os.write(1, b"stray os.write\\n")
+            subprocess.run(["echo", "stray child process"], check=True)
+            return "printed"
+        if do == "send":
+            self.send(p["to"], p["payload"], p.get("kind", "Command"), trace_id=p.get("trace_id"))
+            return "sent"
+        if do == "message":
+            return {k: message.get(k) for k in ("from", "to", "kind", "id")}
+        raise KeyError(do)
+
+    def on_stop(self):
+        self.log("probe stopped")
+
+if __name__ == "__main__":
+    sys.exit(Probe().run_agent())
+"""
+
+JS_PROBE = """
+const { NexusAgent, runMain } = require(%(bridge)s);
+
+class Probe extends NexusAgent {
+  onStart() {
+    this.log('probe started');
+    // A live timer must not keep the process alive after a shutdown frame.
+    this.timer = setInterval(() => {}, 1000);
+  }
+
+  async handleMessage(message) {
+    const p = message.payload;
+    switch (p.do) {
+      case 'echo': return p.value;
+      case 'none': return undefined;
+      case 'raise': throw new RangeError(p.text);
+      case 'reject': return Promise.reject(new TypeError(p.text));
+      case 'unserialisable': return { ok: 1n };
+      case 'nan': return NaN;
+      case 'circular': { const o = {}; o.self = o; return o; }
+      case 'sleep':
+        await new Promise((resolve) => setTimeout(resolve, p.ms));
+        return p.value;
+      case 'print':
+        console.log('stray console.log');
+        console.info('stray console.info');
+        process.stdout.write('stray process.stdout.write\\n');
+        return 'printed';
+      case 'send':
+        this.send(p.to, p.payload, p.kind || 'Command', { traceId: p.trace_id });
+        return 'sent';
+      case 'message':
+        return { from: message.from, to: message.to, kind: message.kind, id: message.id };
+      default: throw new Error(`unknown do ${p.do}`);
+    }
+  }
+
+  onStop() { this.log('probe stopped'); }
+}
+Probe.defaultName = 'probe';
+runMain(Probe);
+"""
+
+
+def probe_command(lang: str, tmp_path: Path) -> list[str]:
+    if lang == "python":
+        script = tmp_path / "probe.py"
+        script.write_text(textwrap.dedent(PY_PROBE))
+        return [sys.executable, str(script)]
+    script = tmp_path / "probe.js"
+    script.write_text(JS_PROBE % {"bridge": json.dumps(str(JS_BRIDGE))})
+    return [_node(), str(script)]
+
+
+def echo_command(lang: str) -> list[str]:
+    if lang == "python":
+        return [sys.executable, str(PY_BRIDGE)]
+    return [_node(), str(JS_BRIDGE)]
+
+
+def example_command(lang: str) -> list[str]:
+    if lang == "python":
+        return [sys.executable, str(PY_EXAMPLE)]
+    return [_node(), str(JS_EXAMPLE)]
+
+
+# --- the harness: the kernel's side of the pipe, by hand --------------------------------
+
+
+def message(
+    payload: Any,
+    *,
+    kind: MessageKind = MessageKind.COMMAND,
+    to: str = "agent",
+    conversation_id: uuid.UUID | None = None,
+    trace_id: uuid.UUID | None = None,
+) -> Message:
+    return Message(
+        sender=KERNEL_ID,
+        to=to,
+        payload=payload,
+        kind=kind,
+        conversation_id=conversation_id,
+        trace_id=trace_id,
+    )
+
+
+def message_frame(msg: Message) -> bytes:
+    return f'{{"type":"message","payload":{msg.to_json()}}}\n'.encode()
+
+
+SHUTDOWN = b'{"type":"shutdown","payload":{}}\n'
+
+
+class Child:
+    """A bridge child process with the kernel's view of it: frames out, frames in."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self._buffer = bytearray()
+        self.stderr = bytearray()
+        self.raw_stdout = bytearray()
+
+    async def write(self, *chunks: bytes | Message) -> None:
+        assert self.process.stdin is not None
+        for chunk in chunks:
+            data = message_frame(chunk) if isinstance(chunk, Message) else chunk
+            await self.process.stdin.send_all(data)
+
+    async def close_stdin(self) -> None:
+        assert self.process.stdin is not None
+        await self.process.stdin.aclose()
+
+    async def _line(self) -> bytes | None:
+        assert self.process.stdout is not None
+        while b"\n" not in self._buffer:
+            chunk = await self.process.stdout.receive_some(65536)
+            if not chunk:
+                return None
+            self._buffer += chunk
+            self.raw_stdout += chunk
+        line, _, rest = bytes(self._buffer).partition(b"\n")
+        self._buffer = bytearray(rest)
+        return line
+
+    async def frame(self) -> dict[str, Any]:
+        with trio.fail_after(TIMEOUT):
+            line = await self._line()
+        assert line is not None, f"stdout closed; stderr: {self.stderr.decode(errors='replace')}"
+        frame = json.loads(line)
+        assert isinstance(frame, dict)
+        assert set(frame) == {"type", "payload"}, frame
+        return frame
+
+    async def rest(self) -> list[dict[str, Any]]:
+        """Every frame until stdout closes; each line must be a frame."""
+        frames = []
+        with trio.fail_after(TIMEOUT):
+            while (line := await self._line()) is not None:
+                frame = json.loads(line)
+                assert set(frame) == {"type", "payload"}, frame
+                frames.append(frame)
+        assert not self._buffer, f"unterminated bytes on stdout: {bytes(self._buffer)!r}"
+        return frames
+
+    async def register(self) -> dict[str, Any]:
+        frame = await self.frame()
+        assert frame["type"] == "register", frame
+        return dict(frame["payload"])
+
+    async def response_to(self, msg: Message) -> dict[str, Any]:
+        await self.write(msg)
+        frame = await self.frame()
+        assert frame["type"] == "response", frame
+        return dict(frame["payload"])
+
+    async def wait(self) -> int:
+        with trio.fail_after(TIMEOUT):
+            return await self.process.wait()
+
+    def stderr_lines(self) -> list[str]:
+        return self.stderr.decode("utf-8", errors="replace").splitlines()
+
+
+@asynccontextmanager
+async def open_child(
+    cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> AsyncIterator[Child]:
+    full_env = {**os.environ, **(env or {})}
+    process = await trio.lowlevel.open_process(
+        list(cmd),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=full_env,
+        cwd=cwd,
+    )
+    child = Child(process)
+
+    async def collect_stderr() -> None:
+        assert process.stderr is not None
+        while chunk := await process.stderr.receive_some(65536):
+            child.stderr += chunk
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(collect_stderr)
+            try:
+                yield child
+                await child.wait()  # stderr is complete once the child is gone
+            finally:
+                if process.returncode is None:
+                    process.kill()
+                    with trio.move_on_after(TIMEOUT):
+                        await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+def assert_response_to(response: dict[str, Any], msg: Message, register: dict[str, Any]) -> None:
+    """A protocol-2 response: correlated, addressed back, and decodable by the kernel."""
+    assert response["reply_to"] == str(msg.id)
+    assert response["to"] == str(msg.sender)
+    assert response["from"] == register["id"]
+    assert response["kind"] == "Response"
+    assert uuid.UUID(response["id"]) != msg.id
+    assert response["conversation_id"] == str(msg.conversation_id or msg.id)
+    assert response["trace_id"] == (str(msg.trace_id) if msg.trace_id else None)
+    assert RFC3339_Z.match(response["timestamp"]), response["timestamp"]
+    decoded = decode_message(response)
+    assert decoded.reply_to == msg.id
+    assert decoded.kind is MessageKind.RESPONSE
+
+
+LANGS = ["python", "node"]
+
+
+# --- the harness from the issue: calculator example by hand ------------------------------
+
+
+async def test_python_example_harness_add_40_2_gives_42_and_clean_exit() -> None:
+    async with open_child(example_command("python")) as child:
+        register = await child.register()
+        assert register["name"] == "calculator"
+        assert register["protocol"] == 2
+        uuid.UUID(register["id"])
+        msg = message({"operation": "add", "a": 40, "b": 2}, to="calculator")
+        response = await child.response_to(msg)
+        assert response["payload"] == {"result": 42}
+        assert response["reply_to"] == str(msg.id)
+        assert_response_to(response, msg, register)
+        await child.write(SHUTDOWN)
+        assert await child.rest() == []
+        assert await child.wait() == 0
+    assert "calculator calculator stopping after 1 calculations" in child.stderr_lines()
+
+
+@pytest.mark.parametrize("flags", [["-S"], ["-I", "-S"]], ids=["no-site", "isolated"])
+async def test_python_example_runs_without_the_package_installed(
+    flags: list[str], tmp_path: Path
+) -> None:
+    # -S hides site-packages (where nexus_trio is installed): the example must load the
+    # bridge file from the checkout by path. Run from an unrelated directory.
+    async with open_child([sys.executable, *flags, str(PY_EXAMPLE)], cwd=tmp_path) as child:
+        await child.register()
+        msg = message({"operation": "multiply", "a": 6, "b": 7})
+        assert (await child.response_to(msg))["payload"] == {"result": 42}
+        await child.write(SHUTDOWN)
+        assert await child.wait() == 0
+
+
+CALCULATIONS = [
+    ({"operation": "add", "a": 40, "b": 2}, {"result": 42}),
+    ({"operation": "subtract", "a": 50, "b": 8}, {"result": 42}),
+    ({"operation": "multiply", "a": 2.5, "b": 4}, {"result": 10.0}),
+    ({"operation": "divide", "a": 84, "b": 2}, {"result": 42.0}),
+    ({"operation": "divide", "a": 1, "b": 4}, {"result": 0.25}),
+    ({"operation": "power", "a": 2, "b": 10}, {"result": 1024}),
+    ({"operation": "power", "a": 2, "b": -2}, {"result": 0.25}),
+    ({"operation": "power", "a": 4, "b": 0.5}, {"result": 2.0}),
+    (
+        {"operation": "divide", "a": 1, "b": 0},
+        {"error": "division by zero", "code": "division_by_zero", "field": "b"},
+    ),
+    (
+        {"operation": "add", "a": "40", "b": 2},
+        {
+            "error": "operand 'a' must be a number, got str '40'",
+            "code": "operand_not_numeric",
+            "field": "a",
+        },
+    ),
+    (
+        {"operation": "add", "a": 1, "b": True},
+        {
+            "error": "operand 'b' must be a number, got bool True",
+            "code": "operand_not_numeric",
+            "field": "b",
+        },
+    ),
+    (
+        {"operation": "add", "a": 1},
+        {"error": "operand 'b' is missing", "code": "operand_missing", "field": "b"},
+    ),
+    (
+        {"operation": "power", "a": 10, "b": 10000},
+        {"error": "power(10, 10000) is too large", "code": "overflow"},
+    ),
+    (
+        {"operation": "power", "a": 10.0, "b": 400},
+        {"error": "power(10.0, 400) is too large", "code": "overflow"},
+    ),
+    (
+        {"operation": "multiply", "a": 1e300, "b": 1e300},
+        {"error": "the result of multiply is too large", "code": "overflow"},
+    ),
+    (
+        {"operation": "power", "a": -8, "b": 0.5},
+        {"error": "power(-8, 0.5) is not a real number", "code": "domain_error", "field": "b"},
+    ),
+    (
+        {"operation": "power", "a": 0, "b": -1},
+        {"error": "zero cannot be raised to a negative power", "code": "division_by_zero"},
+    ),
+    (
+        {"operation": "modulo", "a": 1, "b": 2},
+        {
+            "error": "unknown operation 'modulo' (expected one of add, subtract, multiply, divide, "
+            "power)",
+            "code": "unknown_operation",
+            "field": "operation",
+        },
+    ),
+    (
+        [1, 2],
+        {"error": "payload must be an object, got list", "code": "invalid_payload"},
+    ),
+]
+
+
+async def test_python_example_answers_every_operation_and_specific_errors() -> None:
+    async with open_child(example_command("python")) as child:
+        await child.register()
+        for payload, expected in CALCULATIONS:
+            response = await child.response_to(message(payload))
+            assert response["payload"] == expected, payload
+        # Events are not calculations: answered with null so the kernel knows it is done.
+        event = message({"operation": "add", "a": 1, "b": 1}, kind=MessageKind.EVENT)
+        assert (await child.response_to(event))["payload"] is None
+        await child.close_stdin()
+        assert await child.wait() == 0
+    assert "calculator calculator stopping after 8 calculations" in child.stderr_lines()
+
+
+DATA_REQUESTS = [
+    (
+        {"operation": "transform", "data": ["a", " b "], "map": ["trim", "uppercase"]},
+        {"result": ["A", "B"]},
+    ),
+    ({"operation": "transform", "data": [1, 2.5], "map": "double"}, {"result": [2, 5]}),
+    (
+        {"operation": "transform", "data": [1, "x"], "map": "double"},
+        {
+            "error": "map double needs a number at index 1, got string",
+            "code": "type_mismatch",
+            "index": 1,
+        },
+    ),
+    (
+        {"operation": "transform", "data": [1], "map": "explode"},
+        {
+            "error": 'unknown map "explode" (expected one of uppercase, lowercase, trim, reverse, '
+            "length, double, square, negate, increment, abs, round)",
+            "code": "unknown_map",
+            "field": "map",
+        },
+    ),
+    (
+        {
+            "operation": "filter",
+            "data": [{"age": 5}, {"age": 20}, {"age": 11}],
+            "predicate": {"op": "gt", "value": 10, "key": "age"},
+        },
+        {"result": [{"age": 20}, {"age": 11}]},
+    ),
+    (
+        {
+            "operation": "filter",
+            "data": ["apple", "banana", "avocado"],
+            "predicate": {"op": "startsWith", "value": "a"},
+        },
+        {"result": ["apple", "avocado"]},
+    ),
+    (
+        {"operation": "filter", "data": [1, 2], "predicate": {"op": "near", "value": 1}},
+        {
+            "error": 'unknown predicate op "near" (expected one of eq, ne, gt, gte, lt, lte, '
+            "contains, startsWith, in)",
+            "code": "unknown_predicate",
+            "field": "predicate.op",
+        },
+    ),
+    (
+        {
+            "operation": "filter",
+            "data": [{"a": 1}],
+            "predicate": {"op": "eq", "value": 1, "key": "b"},
+        },
+        {"error": 'item 0 has no field "b"', "code": "missing_field", "field": "b", "index": 0},
+    ),
+    (
+        {
+            "operation": "aggregate",
+            "fn": "sum",
+            "field": "v",
+            "by": "c",
+            "data": [{"c": "x", "v": 1}, {"c": "y", "v": 2}, {"c": "x", "v": 3}],
+        },
+        {"result": {"x": 4, "y": 2}},
+    ),
+    (
+        {"operation": "aggregate", "fn": "avg", "field": "v", "data": [{"v": 1}, {"v": 4}]},
+        {"result": 2.5},
+    ),
+    (
+        {
+            "operation": "aggregate",
+            "fn": "count",
+            "by": "c",
+            "data": [{"c": "x"}, {"c": "y"}, {"c": "x"}],
+        },
+        {"result": {"x": 2, "y": 1}},
+    ),
+    (
+        {"operation": "aggregate", "fn": "max", "field": "v", "data": [{"v": 1}, {"v": "2"}]},
+        {
+            "error": 'field "v" of item 1 must be a number, got string',
+            "code": "not_numeric",
+            "index": 1,
+        },
+    ),
+    (
+        {"operation": "aggregate", "fn": "median", "field": "v", "data": []},
+        {
+            "error": 'unknown aggregate fn "median" (expected one of sum, avg, min, max, count)',
+            "code": "unknown_function",
+            "field": "fn",
+        },
+    ),
+    (
+        {"operation": "stats", "data": [2, 4, 4, 4, 5, 5, 7, 9]},
+        {"result": {"count": 8, "mean": 5, "median": 4.5, "stddev": 2, "min": 2, "max": 9}},
+    ),
+    (
+        {"operation": "stats", "data": []},
+        {"error": "stats of no values is undefined", "code": "empty_data", "field": "data"},
+    ),
+    (
+        {"operation": "stats", "data": "1,2,3"},
+        {"error": "'data' must be an array, got string", "code": "invalid_data", "field": "data"},
+    ),
+    (
+        {"operation": "sort", "data": []},
+        {
+            "error": 'unknown operation "sort" (expected one of transform, filter, aggregate, '
+            "stats)",
+            "code": "unknown_operation",
+            "field": "operation",
+        },
+    ),
+]
+
+
+async def test_javascript_example_harness_and_every_operation() -> None:
+    async with open_child(example_command("node")) as child:
+        register = await child.register()
+        assert register["name"] == "data-processor"
+        assert register["protocol"] == 2
+        for payload, expected in DATA_REQUESTS:
+            msg = message(payload)
+            response = await child.response_to(msg)
+            assert response["payload"] == expected, payload
+            assert_response_to(response, msg, register)
+        await child.write(SHUTDOWN)
+        assert await child.rest() == []
+        assert await child.wait() == 0
+    assert "data processor data-processor stopping after 8 requests" in child.stderr_lines()
+
+
+# --- both bridges: the protocol -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("lang", LANGS)
+async def test_echo_bridge_registers_round_trips_and_exits_0_on_shutdown(lang: str) -> None:
+    async with open_child(echo_command(lang)) as child:
+        register = await child.register()
+        assert set(register) == {"id", "name", "protocol"}
+        assert register["name"] == "echo"
+        assert register["protocol"] == 2
+        assert str(uuid.UUID(register["id"])) == register["id"]
+        conversation, trace = uuid.uuid4(), uuid.uuid4()
+        payloads = [{"nested": [1, 2.5, None, True, "é€😀"]}, "text", 0, None, [], {}]
+        for index, payload in enumerate(payloads):
+            msg = message(
+                payload,
+                kind=MessageKind.QUERY,
+                trace_id=trace,
+                conversation_id=conversation if index % 2 else None,
+            )
+            response = await child.response_to(msg)
+            assert response["payload"] == payload
+            assert_response_to(response, msg, register)
+        await child.write(SHUTDOWN)
+        assert await child.rest() == []
+        assert await child.wait() == 0
+
+
+@pytest.mark.parametrize("lang", LANGS)
+async def test_end_of_input_runs_on_stop_and_exits_0(lang: str, tmp_path: Path) -> None:
+    async with open_child(probe_command(lang, tmp_path)) as child:
+        await child.register()
+        msg = message({"do": "echo", "value": 1})
+        assert (await child.response_to(msg))["payload"] == 1
+        await child.close_stdin()
+        assert await child.rest() == []
+        assert await child.wait() == 0
+    assert child.stderr_lines() == ["probe started", "probe stopped"]
+
+
+@pytest.mark.parametrize("lang", LANGS)
+async def test_shutdown_runs_on_stop_and_exits_even_with_stdin_open(
+    lang: str, tmp_path: Path
+) -> None:
+    # The JS probe holds a setInterval: the bridge must still exit after `shutdown`.
+    async with open_child(probe_command(lang, tmp_path)) as child:
+        await child.register()
+        await child.write(SHUTDOWN)
+        assert await child.wait() == 0
+        assert await child.rest() == []
+    assert child.stderr_lines() == ["probe started", "probe stopped"]
+
+
+@pytest.mark.parametrize("lang", LANGS)
+async def test_none_result_is_answered_with_null(lang: str, tmp_path: Path) -> None:
+    async with open_child(probe_command(lang, tmp_path)) as child:
+        register = await child.register()
+        msg = message({"do": "none"})
+        response = await child.response_to(msg)
+        assert response["payload"] is None
+        assert_response_to(response, msg, register)
+        await child.close_stdin()
+
+
+@pytest.mark.parametrize("lang", LANGS)
+async def test_handler_sees_the_wire_message(lang: str, tmp_path: Path) -> None:
+    async with open_child(probe_command(lang, tmp_path)) as child:
+        await child.register()
+        msg = message({"do": "message"}, kind=MessageKind.QUERY, to="probe")
+        response = await child.response_to(msg)
+        assert response["payload"] == {
+            "from": str(KERNEL_ID),
+            "to": "probe",
+            "kind": "Query",
+            "id": str(msg.id),
+        }
+        await child.close_stdin()
+
+
+@pytest.mark.parametrize("lang", LANGS)
+async def test_handler_exception_becomes_error_frame_and_agent_goes_on(
+    lang: str, tmp_path: Path
+) -> None:
+    async with open_child(probe_command(lang, tmp_path)) as child:
+        register = await child.register()
+        failing = message({"do": "raise", "text": "boom"})
+        await child.write(failing)
+        frame = await child.frame()
+        expected_type = "ValueError" if lang == "python" else "RangeError"
+        assert frame == {
+            "type": "error",
+            "payload": {"reply_to": str(failing.id), "error": "boom", "error_type": expected_type},
+        }
+        msg = message({"do": "echo", "value": "after"})
+        response = await child.response_to(msg)
+        assert response["payload"] == "after"
+        assert_response_to(response, msg, register)
+        await child.write(SHUTDOWN)
+        assert await child.wait() == 0
+    # The traceback goes to stderr for the kernel's log.
+    assert any("boom" in line for line in child.stderr_lines())
+
+
+async def test_node_rejected_promise_becomes_error_frame(tmp_path: Path) -> None:
+    async with open_child(probe_command("node", tmp_path)) as child:
+        await child.register()
+        failing = message({"do": "reject", "text": "nope"})
+        await child.write(failing)
+        assert await child.frame() == {
+            "type": "error",
+            "payload": {"reply_to": str(failing.id), "error": "nope", "error_type": "TypeError"},
+        }
+        await child.close_stdin()
+        assert await child.wait() == 0
+
+
+async def test_node_async_handlers_are_answered_one_at_a_time_in_order(tmp_path: Path) -> None:
+    # The first handler sleeps; the second must not start before the first answered.
+    async with open_child(probe_command("node", tmp_path)) as child:
+        await child.register()
+        slow = message({"do": "sleep", "ms": 200, "value": "slow"})
+        fast = message({"do": "echo", "value": "fast"})
+        await child.write(slow, fast)
+        first, second = await child.frame(), await child.frame()
+        assert (first["payload"]["reply_to"], first["payload"]["payload"]) == (str(slow.id), "slow")
+        assert (second["payload"]["reply_to"], second["payload"]["payload"]) == (
+            str(fast.id),
+            "fast",
+        )
+        await child.close_stdin()
+
+
+UNSERIALISABLE = {
+    "python": [
+        ("unserialisable", "result of handle_message is not JSON serialisable: set", "TypeError"),
+        (
+            "nan",
+            "result of handle_message is not JSON serialisable: float (NaN or Infinity)",
+            "ValueError",
+        ),
+    ],
+    "node": [
+        ("unserialisable", "result of handleMessage is not JSON serialisable: bigint", "TypeError"),
+        ("nan", "result of handleMessage is not JSON serialisable: number (NaN)", "TypeError"),
+        (
+            "circular",
+            "result of handleMessage is not JSON serialisable: circular structure",
+            "TypeError",
+        ),
+    ],
+}
+
+
+@pytest.mark.parametrize("lang", LANGS)
+async def test_unserialisable_result_becomes_clear_error_frame(lang: str, tmp_path: Path) -> None:
+    async with open_child(probe_command(lang, tmp_path)) as child:
+        await child.register()
+        for do, text, error_type in UNSERIALISABLE[lang]:
+            msg = message({"do": do})
+            await child.write(msg)
+            assert await child.frame() == {
+                "type": "error",
+                "payload": {"reply_to": str(msg.id), "error": text, "error_type": error_type},
+            }
+        assert (await child.response_to(message({"do": "echo", "value": 7})))["payload"] == 7
+        await child.write(SHUTDOWN)
+        assert await child.wait() == 0
+
+
+INVALID_LINES: list[tuple[bytes, str]] = [
+    (b"not json at all\n", "not JSON"),
+    (b"[1, 2]\n", "a frame must be a JSON object, got"),
+    (b'"just a string"\n', "a frame must be a JSON object, got"),
+    (b'{"payload": {}}\n', "frame has no string 'type'"),
+    (b'{"type": 7, "payload": {}}\n', "frame has no string 'type'"),
+    (b'{"type": "teleport", "payload": {}}\n', "unknown frame type"),
+    (b'{"type": "message", "payload": "hello"}\n', "message frame needs an object payload"),
+    (b'{"type": "ping", "payload": {}}\n', "ping frame needs a payload with a string 'id'"),
+    (b"\xff\xfe{}\n", "not UTF-8"),
+    (b'{"type": "message", "payload": {"from": "x"\n', "not JSON"),
+]
+
+
+@pytest.mark.parametrize("lang", LANGS)
+async def test_invalid_lines_are_reported_on_stderr_and_skipped(lang: str) -> None:
+    async with open_child(echo_command(lang)) as child:
+        register = await child.register()
+        await child.write(*(line for line, _ in INVALID_LINES), b"\n", b"   \r\n")
+        msg = message("still alive")
+        response = await child.response_to(msg)
+        assert response["payload"] == "still alive"
+        assert_response_to(response, msg, register)
+        await child.write(SHUTDOWN)
+        assert await child.rest() == []
+        assert await child.wait() == 0
+    lines = child.stderr_lines()
+    # Exactly one stderr line per invalid line, naming the line number and the problem;
+    # blank lines are not frames and are ignored silently.
+    assert len(lines) == len(INVALID_LINES), lines
+    for number, (line, (_, problem)) in enumerate(zip(lines, INVALID_LINES, strict=True), 1):
+        assert line.startswith(f"nexus-bridge[echo]: skipped input line {number}: "), line
+        assert problem in line, (problem, line)
+
+
+@pytest.mark.parametrize("lang", LANGS)
+async def test_message_frame_with_missing_fields_still_gets_an_error_answer(lang: str) -> None:
+    async with open_child(echo_command(lang)) as child:
+        await child.register()
+        await child.write(
+            b'{"type":"message","payload":{"id":"m-1","from":"x","kind":"Command"}}\n'
+        )
+        assert await child.frame() == {
+            "type": "error",
+            "payload": {
+                "reply_to": "m-1",
+                "error": "invalid message frame: missing field(s) to, payload",
+                "error_type": "InvalidFrame",
+            },
+        }
+        await child.write(
+            b'{"type":"message","payload":{"id":"m-2","from":"x","to":"y",'
+            b'"kind":"Shout","payload":1}}\n'
+        )
+        frame = await child.frame()
+        assert frame["type"] == "error"
+        assert frame["payload"]["reply_to"] == "m-2"
+        assert "unknown kind" in frame["payload"]["error"]
+        await child.close_stdin()
+        assert await child.wait() == 0
+    assert len(child.stderr_lines()) == 2
+
+
+@pytest.mark.parametrize("lang", LANGS)
+async def test_stdout_carries_only_frames_when_the_handler_prints(
+    lang: str, tmp_path: Path
+) -> None:
+    async with open_child(probe_command(lang, tmp_path)) as child:
+        register = await child.register()
+        msg = message({"do": "print"})
+        response = await child.response_to(msg)
+        assert response["payload"] == "printed"
+        assert_response_to(response, msg, register)
+        await child.write(SHUTDOWN)
+        assert await child.rest() == []
+        assert await child.wait() == 0
+    # Every byte on stdout belonged to a frame; the stray output went to stderr.
+    stdout_lines = child.raw_stdout.decode().splitlines()
+    assert [json.loads(line)["type"] for line in stdout_lines] == ["register", "response"]
+    stray = [line for line in child.stderr_lines() if line.startswith("stray")]
+    if lang == "python":
+        assert sorted(stray) == sorted(
+            ["stray print", "stray sys.stdout.write", "stray os.write", "stray child process"]
+        )
+    else:
+        assert stray == ["stray console.log", "stray console.info", "stray process.stdout.write"]
+
+
+@pytest.mark.parametrize("lang", LANGS)
+async def test_ping_is_answered_with_pong(lang: str) -> None:
+    async with open_child(echo_command(lang)) as child:
+        await child.register()
+        await child.write(b'{"type":"ping","payload":{"id":"p-1"}}\n')
+        assert await child.frame() == {"type": "pong", "payload": {"id": "p-1"}}
+        await child.write(b'{"type":"ping","payload":{"id":"p-2"}}\n')
+        assert await child.frame() == {"type": "pong", "payload": {"id": "p-2"}}
+        await child.close_stdin()
+        assert await child.wait() == 0
+
+
+@pytest.mark.parametrize("lang", LANGS)
+async def test_agent_initiated_send_frame(lang: str, tmp_path: Path) -> None:
+    async with open_child(probe_command(lang, tmp_path)) as child:
+        await child.register()
+        trace = str(uuid.uuid4())
+        msg = message(
+            {
+                "do": "send",
+                "to": "calculator",
+                "kind": "Event",
+                "payload": {"operation": "add", "a": 1, "b": 2},
+                "trace_id": trace,
+            }
+        )
+        await child.write(msg)
+        assert await child.frame() == {
+            "type": "send",
+            "payload": {
+                "to": "calculator",
+                "kind": "Event",
+                "payload": {"operation": "add", "a": 1, "b": 2},
+                "trace_id": trace,
+            },
+        }
+        response = await child.frame()
+        assert response["type"] == "response"
+        assert response["payload"]["payload"] == "sent"
+        # A bad send is the handler's error, reported for that message.
+        bad = message({"do": "send", "to": "x", "kind": "Shout", "payload": 1})
+        await child.write(bad)
+        frame = await child.frame()
+        assert frame["type"] == "error"
+        assert frame["payload"]["reply_to"] == str(bad.id)
+        assert "unknown kind 'Shout'" in frame["payload"]["error"].replace('"', "'")
+        bad_trace = message({"do": "send", "to": "x", "payload": 1, "trace_id": "t-1"})
+        await child.write(bad_trace)
+        frame = await child.frame()
+        assert frame["type"] == "error"
+        assert "must be a UUID" in frame["payload"]["error"]
+        assert "t-1" in frame["payload"]["error"]
+        await child.close_stdin()
+        assert await child.wait() == 0
+
+
+@pytest.mark.parametrize("lang", LANGS)
+async def test_protocol_1_mode_speaks_the_original_shapes(lang: str, tmp_path: Path) -> None:
+    env = {"NEXUS_PROTOCOL": "1", "NEXUS_AGENT_NAME": "old-timer"}
+    async with open_child(probe_command(lang, tmp_path), env=env) as child:
+        register = await child.register()
+        assert set(register) == {"id", "name"}
+        assert register["name"] == "old-timer"
+        msg = message({"do": "echo", "value": {"x": 1}})
+        response = await child.response_to(msg)
+        assert set(response) == {"from", "to", "kind", "payload", "timestamp"}
+        assert response["payload"] == {"x": 1}
+        assert response["to"] == str(KERNEL_ID)
+        assert response["from"] == register["id"]
+        decoded = decode_message(response)  # the kernel can read it; it correlates by order
+        assert decoded.reply_to is None
+        failing = message({"do": "raise", "text": "boom"})
+        response = await child.response_to(failing)
+        expected_type = "ValueError" if lang == "python" else "RangeError"
+        assert response["payload"] == {"error": "boom", "error_type": expected_type}
+        assert "reply_to" not in response
+        # Protocol 1 has no ping: reported and skipped like any unknown frame.
+        await child.write(b'{"type":"ping","payload":{"id":"p"}}\n')
+        # ... and no agent-initiated send: the handler's call fails for that message.
+        sending = message({"do": "send", "to": "x", "payload": 1})
+        response = await child.response_to(sending)
+        assert response["payload"]["error"] == (
+            "send() needs protocol 2; this agent speaks protocol 1"
+        )
+        await child.write(SHUTDOWN)
+        assert await child.wait() == 0
+    assert any("unknown frame type" in line and "ping" in line for line in child.stderr_lines())
+
+
+@pytest.mark.parametrize("lang", LANGS)
+async def test_agent_id_and_name_come_from_the_environment(lang: str) -> None:
+    agent_id = str(uuid.uuid4())
+    env = {"NEXUS_AGENT_ID": agent_id, "NEXUS_AGENT_NAME": "named-by-kernel"}
+    async with open_child(echo_command(lang), env=env) as child:
+        assert await child.register() == {
+            "id": agent_id,
+            "name": "named-by-kernel",
+            "protocol": 2,
+        }
+        await child.close_stdin()
+        assert await child.wait() == 0
+
+
+@pytest.mark.parametrize("lang", LANGS)
+@pytest.mark.parametrize(
+    ("variable", "value"), [("NEXUS_PROTOCOL", "3"), ("NEXUS_AGENT_ID", "not-a-uuid")]
+)
+async def test_bad_environment_exits_2_naming_the_variable(
+    lang: str, variable: str, value: str
+) -> None:
+    async with open_child(echo_command(lang), env={variable: value}) as child:
+        assert await child.wait() == 2
+        assert await child.rest() == []
+    assert len(child.stderr_lines()) == 1
+    assert variable in child.stderr_lines()[0]
+    assert value in child.stderr_lines()[0]
+
+
+@pytest.mark.parametrize("lang", LANGS)
+async def test_agent_stops_cleanly_when_the_kernel_stops_reading_stdout(lang: str) -> None:
+    async with open_child(echo_command(lang)) as child:
+        await child.register()
+        assert child.process.stdout is not None
+        await child.process.stdout.aclose()
+        # The answer to this message hits a closed pipe (EPIPE): on_stop, exit 0.
+        with contextlib.suppress(trio.BrokenResourceError):  # the child may be gone already
+            for _ in range(3):
+                await child.write(message("into the void"))
+                await trio.sleep(0.05)
+        assert await child.wait() == 0
+    lines = child.stderr_lines()
+    assert len(lines) == 1, lines
+    assert "nexus-bridge[echo]: the kernel stopped reading stdout" in lines[0]
+
+
+@pytest.mark.parametrize("lang", LANGS)
+async def test_frames_split_across_writes_and_batched_in_one_write(lang: str) -> None:
+    first, second, third = (message({"part": n}) for n in range(3))
+    data = message_frame(first) + message_frame(second)
+    async with open_child(echo_command(lang)) as child:
+        await child.register()
+        # A frame arriving in pieces, the second glued to the first; then one more piece.
+        for piece in (data[:7], data[7:150], data[150:], message_frame(third)[:-1]):
+            await child.write(piece)
+            await trio.sleep(0.02)  # pacing only: gives the pieces a chance to arrive apart
+        await child.write(b"\n")
+        frames = [await child.frame() for _ in range(3)]
+        assert [f["payload"]["reply_to"] for f in frames] == [
+            str(first.id),
+            str(second.id),
+            str(third.id),
+        ]
+        await child.close_stdin()
+        assert await child.wait() == 0
+
+
+@pytest.mark.parametrize("lang", LANGS)
+async def test_a_thousand_messages_are_answered_in_order(lang: str) -> None:
+    count = 1000
+    messages = [message({"seq": n}) for n in range(count)]
+    async with open_child(echo_command(lang)) as child:
+        await child.register()
+
+        async def feed() -> None:
+            for start in range(0, count, 100):
+                await child.write(*messages[start : start + 100])
+            await child.write(SHUTDOWN)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(feed)  # pipelined: writing and reading overlap
+            frames = await child.rest()
+        assert await child.wait() == 0
+    assert [f["type"] for f in frames] == ["response"] * count
+    assert [f["payload"]["reply_to"] for f in frames] == [str(m.id) for m in messages]
+    assert [f["payload"]["payload"] for f in frames] == [{"seq": n} for n in range(count)]
+
+
+# --- stdin/stdout that are files or ttys ------------------------------------------------
+
+
+def _frames(messages: Iterable[Message]) -> bytes:
+    return b"".join(message_frame(m) for m in messages)
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_stdin_and_stdout_may_be_regular_files(lang: str, tmp_path: Path) -> None:
+    msgs = [message({"n": n}) for n in range(3)]
+    inbox, outbox = tmp_path / "in.ndjson", tmp_path / "out.ndjson"
+    inbox.write_bytes(_frames(msgs))  # no shutdown: end of file stops the agent
+    with inbox.open("rb") as stdin, outbox.open("wb") as stdout:
+        done = subprocess.run(
+            echo_command(lang),
+            stdin=stdin,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            timeout=TIMEOUT,
+            check=False,
+        )
+    assert done.returncode == 0, done.stderr
+    frames = [json.loads(line) for line in outbox.read_text().splitlines()]
+    assert [f["type"] for f in frames] == ["register", "response", "response", "response"]
+    assert [f["payload"]["reply_to"] for f in frames[1:]] == [str(m.id) for m in msgs]
+
+
+def _read_until(fd: int, needle: bytes, deadline: float) -> bytes:
+    data = b""
+    while needle not in data:
+        ready, _, _ = select.select([fd], [], [], deadline)
+        assert ready, f"timed out waiting for {needle!r}; got {data!r}"
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the other side of the pty is closed
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_stdin_and_stdout_may_be_ttys(lang: str) -> None:
+    in_master, in_slave = pty.openpty()
+    out_master, out_slave = pty.openpty()
+    process = subprocess.Popen(
+        echo_command(lang), stdin=in_slave, stdout=out_slave, stderr=subprocess.PIPE
+    )
+    os.close(in_slave)
+    os.close(out_slave)
+    try:
+        register = _read_until(out_master, b"\n", TIMEOUT)
+        assert json.loads(register)["type"] == "register"
+        msg = message("over a tty")
+        os.write(in_master, message_frame(msg))
+        response = json.loads(_read_until(out_master, b"\n", TIMEOUT))
+        assert response["payload"]["payload"] == "over a tty"
+        assert response["payload"]["reply_to"] == str(msg.id)
+        os.write(in_master, SHUTDOWN)
+        assert process.wait(timeout=TIMEOUT) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        assert process.stderr is not None
+        process.stderr.close()
+        os.close(in_master)
+        os.close(out_master)
+
+
+# --- the Python bridge: Python 3.9+, stdlib only, clean under strict runtime modes ----------
+
+
+@pytest.mark.parametrize("path", [PY_BRIDGE, PY_EXAMPLE], ids=lambda p: p.name)
+def test_python_sources_parse_as_python_3_9(path: Path) -> None:
+    source = path.read_text()
+    ast.parse(source, filename=str(path), feature_version=(3, 9))
+    # Annotations are strings (PEP 563), so `X | None` in them is fine on 3.9; make sure no
+    # module in the bridge is from outside the standard library.
+    tree = ast.parse(source)
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    } | {
+        node.module.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+    }
+    assert "__future__" in imported
+    third_party = imported - set(sys.stdlib_module_names) - {"nexus_trio"}
+    assert third_party == set()
+
+
+async def test_python_bridge_is_clean_under_dev_mode_and_warnings_as_errors() -> None:
+    # -X dev enables ResourceWarning and asyncio/debug checks; -W error makes any warning
+    # fatal; -I isolates from the environment (the bridge needs only the stdlib).
+    cmd = [sys.executable, "-X", "dev", "-W", "error", "-I", str(PY_BRIDGE)]
+    async with open_child(cmd) as child:
+        await child.register()
+        assert (await child.response_to(message(1)))["payload"] == 1
+        await child.write(SHUTDOWN)
+        assert await child.wait() == 0
+        assert await child.rest() == []
+    assert child.stderr_lines() == []
+
+
+async def test_python_bridge_command_line_options() -> None:
+    cmd = [sys.executable, str(PY_BRIDGE), "--name", "mirror", "--protocol", "1"]
+    async with open_child(cmd) as child:
+        assert set(await child.register()) == {"id", "name"}
+        await child.close_stdin()
+        assert await child.wait() == 0
+
+
+def test_python_bridge_in_process_with_explicit_streams() -> None:
+    import io
+
+    from nexus_trio.bridges.python import EchoAgent, NexusAgent
+
+    msg = message({"k": "v"})
+    stdin = io.BytesIO(message_frame(msg) + b'{"type":"ping","payload":{"id":"x"}}\n' + SHUTDOWN)
+    stdout, stderr = io.BytesIO(), io.StringIO()
+    agent = EchoAgent(stdin=stdin, stdout=stdout, stderr=stderr)
+    assert agent.run_agent() == 0
+    frames = [json.loads(line) for line in stdout.getvalue().splitlines()]
+    assert [f["type"] for f in frames] == ["register", "response", "pong"]
+    assert frames[1]["payload"]["reply_to"] == str(msg.id)
+    assert (agent.handled, agent.failed, agent.invalid_lines) == (1, 0, 0)
+    assert stderr.getvalue() == ""
+    with pytest.raises(RuntimeError, match="not running"):
+        agent.send("someone", 1)  # after run_agent returned
+
+    with pytest.raises(ValueError, match="protocol must be 1 or 2, got 5"):
+        NexusAgent(protocol=5)
+    with pytest.raises(ValueError, match="agent_id must be a UUID, got 'x'"):
+        NexusAgent(agent_id="x")
+    with pytest.raises(RuntimeError, match="not running"):
+        NexusAgent().send("someone", 1)
+
+
+def test_python_bridge_on_stop_failure_gives_exit_code_1() -> None:
+    import io
+
+    from nexus_trio.bridges.python import NexusAgent
+
+    class Broken(NexusAgent):
+        def on_stop(self) -> None:
+            raise RuntimeError("cannot stop")
+
+    stderr = io.StringIO()
+    agent = Broken(stdin=io.BytesIO(SHUTDOWN), stdout=io.BytesIO(), stderr=stderr)
+    assert agent.run_agent() == 1
+    assert "on_stop failed" in stderr.getvalue()
+    assert "RuntimeError: cannot stop" in stderr.getvalue()
+
+
+# --- through the real kernel side (nexus_trio.bridges.process) ----------------------------
+
+
+@pytest.mark.parametrize("lang", LANGS)
+async def test_bridges_under_the_kernel_answer_fail_and_send(lang: str, tmp_path: Path) -> None:
+    from nexus_trio import RequestFailed, agent, open_kernel
+    from nexus_trio.bridges.process import process_agent
+
+    received: list[Message] = []
+    got_event = trio.Event()
+
+    @agent(name="sink")
+    async def sink(ctx: Any, msg: Message) -> None:
+        received.append(msg)
+        got_event.set()
+
+    with trio.fail_after(TIMEOUT * 2):
+        async with open_kernel() as kernel:
+            kernel.spawn(sink)
+            ref = kernel.spawn(
+                process_agent(probe_command(lang, tmp_path), name="probe", shutdown_grace=5.0)
+            )
+            assert await kernel.request("probe", {"do": "echo", "value": [1, "two"]}) == [1, "two"]
+            # A handler exception fails that request only; the same child answers the next one.
+            with pytest.raises(RequestFailed) as failed:
+                await kernel.request("probe", {"do": "raise", "text": "boom"})
+            assert failed.value.reason == "handler_error"
+            assert "boom" in str(failed.value)
+            seen = await kernel.request("probe", {"do": "message"})
+            assert (seen["to"], seen["kind"]) == ("probe", "Query")
+            sent = await kernel.request(
+                "probe", {"do": "send", "to": "sink", "kind": "Event", "payload": {"n": 1}}
+            )
+            assert sent == "sent"
+            await got_event.wait()
+            stats = kernel.stats()
+            assert stats.restarts == 0
+        assert [(m.sender, m.kind, m.payload) for m in received] == [
+            (ref.id, MessageKind.EVENT, {"n": 1})
+        ]

@@ -1,0 +1,704 @@
+"""Kernel-side process agents: real child processes (python3 and node) under the kernel.
+
+These tests run in real time (child processes cannot use a mock clock): timeouts are kept
+small through the config and every test is bounded by ``trio.fail_after``. Children come
+from tests/children/toy_agent.py (hostile behaviours on demand) and from the shipped
+examples. Every test checks that no child process is left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from nexus_trio import (
+    AgentRef,
+    AgentSpec,
+    Config,
+    DeadLetterReason,
+    EventKind,
+    Kernel,
+    KernelConfig,
+    Message,
+    MessageKind,
+    RequestFailed,
+    RequestTimeout,
+    SupervisionConfig,
+    SupervisorEscalation,
+    agent,
+    open_kernel,
+)
+from nexus_trio.bridges import bridge_stats, process_agent
+from nexus_trio.bridges.process import BridgeStats, ProcessAgentError
+from nexus_trio.testing import assert_conserved, dead_letters
+
+ROOT = Path(__file__).resolve().parent.parent
+TOY = str(ROOT / "tests" / "children" / "toy_agent.py")
+PY_EXAMPLE = str(ROOT / "examples" / "python_agent_example.py")
+JS_EXAMPLE = str(ROOT / "examples" / "javascript_agent_example.js")
+NODE = shutil.which("node")
+
+#: generous bound for one test on a loaded 2-core machine
+LIMIT = 60
+
+
+def config(**kernel: Any) -> Config:
+    options: dict[str, Any] = {
+        "handle_timeout_ms": 10_000,
+        "request_timeout_ms": 20_000,
+        "send_timeout_ms": 1_000,
+        "shutdown_grace_ms": 2_000,
+        "dead_letter_buffer": 10_000,
+        **kernel,
+    }
+    return Config(
+        kernel=KernelConfig(**options),
+        supervision=SupervisionConfig(max_restarts=100, backoff_initial_ms=0, backoff_max_ms=0),
+    )
+
+
+@asynccontextmanager
+async def bridge_kernel(**kernel: Any) -> AsyncIterator[Kernel]:
+    with trio.fail_after(LIMIT):
+        async with open_kernel(config(**kernel)) as k:
+            yield k
+    assert_conserved(k)
+
+
+def toy(*flags: str, tag: str = "") -> list[str]:
+    cmd = [sys.executable, TOY, *flags]
+    if tag:
+        cmd += ["--tag", tag]
+    return cmd
+
+
+def live_processes(tag: str) -> list[int]:
+    """Processes (not zombies) whose command line contains ``tag``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+            with open(f"/proc/{entry}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if tag.encode() in cmdline and state != "Z":
+            found.append(int(entry))
+    return found
+
+
+def group_members(pgid: int) -> list[int]:
+    """Processes (not zombies) in process group ``pgid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def stats_of(kernel: Kernel, ref: AgentRef) -> BridgeStats:
+    return bridge_stats(kernel)[ref.id]
+
+
+async def wait_until(predicate: Any, what: str, timeout: float = 20.0) -> None:
+    """Poll (real time) until ``predicate()``; a KeyError counts as not yet (agent starting)."""
+    with trio.fail_after(timeout):
+        while True:
+            try:
+                if predicate():
+                    return
+            except KeyError:
+                pass
+            await trio.sleep(0.01)
+
+
+def new_tag() -> str:
+    return f"nexus-test-{uuid.uuid4()}"
+
+
+# --- register and round trip ----------------------------------------------------------------
+
+
+async def test_python_example_registers_and_answers_add() -> None:
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent([sys.executable, PY_EXAMPLE], name="calc"))
+        reply = await kernel.request(ref, {"operation": "add", "a": 40, "b": 2})
+        assert reply == {"result": 42}
+        by_name = await kernel.request("calc", {"operation": "divide", "a": 1, "b": 0})
+        assert by_name["code"] == "division_by_zero"
+        stats = stats_of(kernel, ref)
+        assert stats.protocol == 2
+        assert stats.registered["name"] == "calc"
+        assert stats.registered["id"] == str(ref.id)
+        assert (stats.starts, stats.invalid_lines, stats.oversized_lines) == (1, 0, 0)
+        pid = stats.pid
+        assert pid is not None
+    assert group_members(pid) == []
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed")
+async def test_javascript_example_registers_and_answers() -> None:
+    assert NODE is not None
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent([NODE, JS_EXAMPLE], name="data"))
+        reply = await kernel.request(
+            ref, {"operation": "transform", "data": ["a", "b"], "map": "uppercase"}
+        )
+        assert reply == {"result": ["A", "B"]}
+        stats_reply = await kernel.request(ref, {"operation": "stats", "data": [1, 2, 3, 4]})
+        assert stats_reply["result"]["median"] == 2.5
+        stats = stats_of(kernel, ref)
+        assert stats.protocol == 2
+        assert stats.registered["name"] == "data"
+        pid = stats.pid
+        assert pid is not None
+    assert group_members(pid) == []
+
+
+class Record:
+    """What a collector agent received, in order."""
+
+    def __init__(self, wanted: int) -> None:
+        self.seen: list[Message] = []
+        self.wanted = wanted
+        self.done = trio.Event()
+
+
+def collector(record: Record) -> AgentSpec:
+    @agent
+    async def collect(ctx: Any, msg: Message) -> None:
+        record.seen.append(msg)
+        if len(record.seen) >= record.wanted:
+            record.done.set()
+
+    return collect
+
+
+@pytest.mark.parametrize("protocol", ["2", "1"])
+async def test_thousand_messages_through_the_python_bridge_answer_in_order(protocol: str) -> None:
+    """Tells from an agent: each reply goes back to it, in order (protocol 1: by order only)."""
+    record = Record(1000)
+    async with bridge_kernel() as kernel:
+        sink = kernel.spawn(collector(record), name="sink")
+        calc = kernel.spawn(
+            process_agent(
+                [sys.executable, PY_EXAMPLE], env={**os.environ, "NEXUS_PROTOCOL": protocol}
+            )
+        )
+        for i in range(1000):
+            await kernel.send(calc, {"operation": "add", "a": i, "b": 1}, sender=sink.id)
+        await record.done.wait()
+        assert [m.payload for m in record.seen] == [{"result": i + 1} for i in range(1000)]
+        assert all(m.kind is MessageKind.RESPONSE and m.sender == calc.id for m in record.seen)
+        stats = stats_of(kernel, calc)
+        assert stats.protocol == int(protocol)
+        assert (stats.lines_out, stats.lines_in) == (1000, 1001)
+        assert stats.unmatched_responses == stats.late_responses == 0
+
+
+async def test_thousand_tells_are_handled_in_order() -> None:
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy()))
+        for i in range(1000):
+            await kernel.send(ref, {"op": "record", "value": i})
+        assert await kernel.request(ref, {"op": "history"}) == list(range(1000))
+        stats = kernel.stats()
+        # Tells from outside any agent get no reply routed: nothing is dead-lettered.
+        assert stats.dead_lettered == 0
+        assert stats.handled == 1001
+
+
+async def test_query_answered_with_null_resolves_the_request() -> None:
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy()))
+        assert await kernel.request(ref, {"op": "record", "value": 1}) is None
+
+
+async def test_child_gets_its_address_and_environment() -> None:
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(
+            process_agent(toy(), name="envy", env={"PATH": os.environ["PATH"], "EXTRA": "yes"})
+        )
+        reply = await kernel.request(
+            ref, {"op": "env", "keys": ["NEXUS_AGENT_ID", "NEXUS_AGENT_NAME", "EXTRA", "HOME"]}
+        )
+        assert reply == {
+            "NEXUS_AGENT_ID": str(ref.id),
+            "NEXUS_AGENT_NAME": "envy",
+            "EXTRA": "yes",
+            "HOME": None,
+        }
+
+
+# --- the original protocol --------------------------------------------------------------------
+
+
+async def test_protocol_1_agent_without_ids_is_correlated_by_order() -> None:
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy("--protocol", "1")))
+        for i in range(50):
+            assert await kernel.request(ref, {"op": "echo", "value": i}) == i
+        # Protocol 1 errors are ordinary answers: the payload carries them.
+        assert await kernel.request(ref, {"op": "error", "text": "nope"}) == {
+            "error": "nope",
+            "error_type": "ValueError",
+        }
+        stats = stats_of(kernel, ref)
+        assert stats.protocol == 1
+        assert stats.lines_in == 52
+
+
+async def test_python_bridge_in_protocol_1_mode_works_unchanged() -> None:
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(
+            process_agent([sys.executable, PY_EXAMPLE], env={**os.environ, "NEXUS_PROTOCOL": "1"})
+        )
+        assert await kernel.request(ref, {"operation": "multiply", "a": 6, "b": 7}) == {
+            "result": 42
+        }
+        stats = stats_of(kernel, ref)
+        assert stats.protocol == 1
+        assert "protocol" not in stats.registered
+
+
+# --- failures of the child --------------------------------------------------------------------
+
+
+async def test_crash_fails_the_message_and_the_restarted_child_answers_at_the_same_address() -> (
+    None
+):
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy(), name="crashy"))
+        first_pid = await kernel.request(ref, {"op": "pid"})
+        with pytest.raises(RequestFailed) as info:
+            await kernel.request(ref, {"op": "crash", "code": 7})
+        assert info.value.reason == "handler_error"
+        assert isinstance(info.value.error, ProcessAgentError)
+        assert "exited with status 7" in str(info.value.error)
+        second_pid = await kernel.request("crashy", {"op": "pid"})
+        assert second_pid != first_pid
+        assert kernel.lookup("crashy") == ref
+        stats = stats_of(kernel, ref)
+        assert (stats.starts, stats.restarts, stats.last_exit) == (2, 1, 7)
+        assert kernel.stats().restarts == 1
+        assert [d.reason for d in dead_letters(kernel)] == [DeadLetterReason.HANDLER_ERROR]
+
+
+async def test_child_killed_while_idle_is_restarted_without_losing_a_message() -> None:
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy()))
+        pid = await kernel.request(ref, {"op": "pid"})
+        os.kill(pid, signal.SIGKILL)
+        await wait_until(lambda: stats_of(kernel, ref).starts == 2, "restart")
+        assert await kernel.request(ref, {"op": "echo", "value": "back"}) == "back"
+        assert stats_of(kernel, ref).last_exit == -signal.SIGKILL
+        assert kernel.stats().dead_lettered == 0
+
+
+@pytest.mark.parametrize("protocol", ["1", "2"])
+async def test_hanging_child_times_out_is_dead_lettered_and_replaced(protocol: str) -> None:
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy("--protocol", protocol), handle_timeout=1.0))
+        first_pid = await kernel.request(ref, {"op": "pid"})
+        await kernel.send(ref, {"op": "hang"})
+        assert await kernel.request(ref, {"op": "echo", "value": "after"}) == "after"
+        letters = dead_letters(kernel)
+        assert [d.reason for d in letters] == [DeadLetterReason.HANDLER_TIMEOUT]
+        assert letters[0].message.payload == {"op": "hang"}
+        stats = stats_of(kernel, ref)
+        assert (stats.abandoned, stats.replaced, stats.starts) == (1, 1, 2)
+        assert stats.pid != first_pid
+        assert group_members(first_pid) == []
+        assert kernel.stats().timed_out == 1
+
+
+@pytest.mark.parametrize("protocol", ["1", "2"])
+async def test_late_answer_is_discarded_and_not_taken_for_the_next_message(protocol: str) -> None:
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy("--protocol", protocol), handle_timeout=0.5))
+        await kernel.send(ref, {"op": "sleep", "seconds": 1.0})
+        await wait_until(lambda: stats_of(kernel, ref).late_responses == 1, "the late answer")
+        assert await kernel.request(ref, {"op": "echo", "value": 2}) == 2
+        stats = stats_of(kernel, ref)
+        assert (stats.abandoned, stats.late_responses, stats.replaced) == (1, 1, 0)
+        assert [d.reason for d in dead_letters(kernel)] == [DeadLetterReason.HANDLER_TIMEOUT]
+
+
+async def test_request_timeout_cancels_the_wait_and_the_agent_recovers() -> None:
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy()))
+        with pytest.raises(RequestTimeout):
+            await kernel.request(ref, {"op": "hang"}, timeout=0.5)
+        assert await kernel.request(ref, {"op": "echo", "value": 6}) == 6
+        assert [d.reason for d in dead_letters(kernel)] == [DeadLetterReason.REQUEST_TIMEOUT]
+        stats = stats_of(kernel, ref)
+        assert (stats.abandoned, stats.replaced, stats.starts) == (1, 1, 2)
+
+
+async def test_register_timeout_fails_the_agent_and_kills_the_child() -> None:
+    tag = new_tag()
+    async with bridge_kernel() as kernel:
+        async with kernel.events() as events:
+            ref = kernel.spawn(
+                process_agent(
+                    toy("--no-register", tag=tag), register_timeout=0.5, restart="temporary"
+                )
+            )
+            async for event in events:
+                if event.agent_id == ref.id and event.kind is EventKind.FAILED:
+                    break
+        assert isinstance(event.error, ProcessAgentError)
+        assert "did not register within 0.5s" in str(event.error)
+        await wait_until(lambda: not kernel.is_local(ref), "the agent to retire")
+        assert live_processes(tag) == []
+
+
+async def test_noise_before_register_is_skipped() -> None:
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy("--garbage-first")))
+        assert await kernel.request(ref, {"op": "echo", "value": 1}) == 1
+        assert stats_of(kernel, ref).invalid_lines == 1
+
+
+async def test_exit_right_after_register_is_restarted_until_intensity_escalates() -> None:
+    supervision = SupervisionConfig(max_restarts=2, within_ms=60_000)
+
+    async def run() -> None:
+        async with open_kernel(Config(kernel=config().kernel, supervision=supervision)) as kernel:
+            kernel.spawn(process_agent(toy("--exit-at-start", "5"), name="flappy"))
+            await trio.sleep_forever()
+
+    with trio.fail_after(LIMIT), pytest.raises(SupervisorEscalation) as info:
+        await run()
+    assert "flappy" in str(info.value)
+    assert isinstance(info.value.last_error, ProcessAgentError)
+    assert "exited with status 5" in str(info.value.last_error)
+
+
+# --- hostile output -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("op", "counter"),
+    [
+        ("garbage", "invalid_lines"),
+        ("unknown_type", "invalid_lines"),
+        ("missing_payload", "invalid_lines"),
+        ("deep", "invalid_lines"),
+    ],
+)
+async def test_unusable_line_dead_letters_the_message_and_the_agent_goes_on(
+    op: str, counter: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="nexus_trio.bridge")
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy(), name="noisy"))
+        with pytest.raises(RequestFailed) as info:
+            await kernel.request(ref, {"op": op})
+        assert info.value.reason == "malformed"
+        assert await kernel.request(ref, {"op": "echo", "value": "ok"}) == "ok"
+        stats = stats_of(kernel, ref)
+        assert getattr(stats, counter) == 1
+        assert stats.starts == 1
+        assert [d.reason for d in dead_letters(kernel)] == [DeadLetterReason.MALFORMED]
+    warnings = [r for r in caplog.records if r.name == "nexus_trio.bridge"]
+    assert any(getattr(r, "agent_name", None) == "noisy" for r in warnings)
+
+
+async def test_oversized_line_is_discarded_whole_and_dead_letters_the_message() -> None:
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy(), line_limit=4096))
+        with pytest.raises(RequestFailed) as info:
+            await kernel.request(ref, {"op": "huge", "size": 100_000})
+        assert info.value.reason == "malformed"
+        # A line just under the limit still passes, and the stream is in sync.
+        assert await kernel.request(ref, {"op": "huge", "size": 3000}) == "x" * 3000
+        assert await kernel.request(ref, {"op": "echo", "value": 3}) == 3
+        stats = stats_of(kernel, ref)
+        assert (stats.oversized_lines, stats.invalid_lines, stats.starts) == (1, 0, 1)
+
+
+async def test_error_frame_fails_only_that_message() -> None:
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy()))
+        with pytest.raises(RequestFailed) as info:
+            await kernel.request(ref, {"op": "error", "text": "bad operand"})
+        assert info.value.reason == "handler_error"
+        assert "ValueError: bad operand" in str(info.value.error)
+        assert await kernel.request(ref, {"op": "echo", "value": 4}) == 4
+        assert stats_of(kernel, ref).starts == 1
+        assert kernel.stats().restarts == 0
+
+
+async def test_stderr_goes_to_the_log_with_the_agent_fields(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="nexus_trio.bridge.stderr")
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy(), name="talker"))
+        await kernel.request(ref, {"op": "stderr", "text": "just saying"})
+        await kernel.request(ref, {"op": "stderr", "text": "ERROR: something broke"})
+        await wait_until(lambda: stats_of(kernel, ref).stderr_lines == 2, "stderr lines")
+    records = [r for r in caplog.records if r.name == "nexus_trio.bridge.stderr"]
+    assert [(r.levelno, r.getMessage().split("] ", 1)[1]) for r in records] == [
+        (logging.INFO, "just saying"),
+        (logging.WARNING, "ERROR: something broke"),
+    ]
+    assert {getattr(r, "agent_name", None) for r in records} == {"talker"}
+    assert {getattr(r, "agent_id", None) for r in records} == {str(ref.id)}
+
+
+async def test_send_frames_are_routed_with_the_agent_as_sender() -> None:
+    record = Record(2)
+    async with bridge_kernel() as kernel:
+        sink = kernel.spawn(collector(record), name="sink")
+        ref = kernel.spawn(process_agent(toy()))
+        await kernel.request(ref, {"op": "send", "to": "sink", "payload": {"n": 1}})
+        await kernel.request(
+            ref, {"op": "send", "to": str(sink.id), "payload": {"n": 2}, "kind": "Event"}
+        )
+        await kernel.request(ref, {"op": "send", "to": "nobody", "payload": 3})
+        await record.done.wait()
+        assert [(m.payload, m.kind, m.sender) for m in record.seen] == [
+            ({"n": 1}, MessageKind.COMMAND, ref.id),
+            ({"n": 2}, MessageKind.EVENT, ref.id),
+        ]
+        stats = stats_of(kernel, ref)
+        assert (stats.sends_routed, stats.sends_failed) == (2, 1)
+
+
+async def test_child_that_stops_reading_is_bounded_by_the_send_timeout() -> None:
+    tag = new_tag()
+    async with bridge_kernel(send_timeout_ms=300) as kernel:
+        ref = kernel.spawn(process_agent(toy("--no-read", tag=tag), restart="temporary"))
+        big = "y" * 500_000
+        start = trio.current_time()
+        with pytest.raises(RequestFailed) as info:
+            await kernel.request(ref, big)
+        assert trio.current_time() - start < 10
+        assert info.value.reason == "handler_error"
+        assert "stopped reading its stdin" in str(info.value.error)
+        await wait_until(lambda: not kernel.is_local(ref), "the agent to retire")
+    assert live_processes(tag) == []
+
+
+async def test_idle_protocol_2_child_is_pinged_and_one_that_does_not_answer_is_restarted() -> None:
+    async with bridge_kernel() as kernel:
+        lively = kernel.spawn(process_agent(toy(), ping_interval=0.05, ping_timeout=5.0))
+        deaf = kernel.spawn(process_agent(toy("--no-pong"), ping_interval=0.05, ping_timeout=0.2))
+        old = kernel.spawn(process_agent(toy("--protocol", "1"), ping_interval=0.05))
+        await wait_until(lambda: stats_of(kernel, deaf).starts >= 2, "the deaf child's restart")
+        await wait_until(lambda: stats_of(kernel, lively).lines_out >= 3, "pings")
+        assert await kernel.request(lively, {"op": "echo", "value": 1}) == 1
+        assert await kernel.request(deaf, {"op": "echo", "value": 2}) == 2
+        lively_stats, deaf_stats = stats_of(kernel, lively), stats_of(kernel, deaf)
+        assert (lively_stats.starts, lively_stats.pings_missed) == (1, 0)
+        assert deaf_stats.pings_missed >= 1
+        # protocol 1 has no ping: nothing but the one message is ever written
+        assert await kernel.request(old, {"op": "echo", "value": 3}) == 3
+        assert stats_of(kernel, old).lines_out == 1
+
+
+# --- stopping -----------------------------------------------------------------------------
+
+
+async def test_child_ignoring_sigterm_is_killed(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="nexus_trio.bridge")
+    tag = new_tag()
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy("--ignore-term", tag=tag), shutdown_grace=0.3))
+        pid = await kernel.request(ref, {"op": "pid"})
+        start = trio.current_time()
+        await kernel.stop(ref)
+        elapsed = trio.current_time() - start
+        assert live_processes(tag) == []
+        # shutdown frame + grace, SIGTERM + grace, then SIGKILL
+        assert 0.6 <= elapsed < 10
+    exits = [r for r in caplog.records if f"child {pid} exited" in r.getMessage()]
+    assert [r.getMessage().split(": ", 1)[1] for r in exits] == [
+        f"child {pid} exited with status -9"
+    ]
+    assert [getattr(r, "agent_id", None) for r in exits] == [str(ref.id)]
+
+
+async def test_grandchild_holding_the_pipes_does_not_outlive_the_kernel() -> None:
+    tag = new_tag()
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy(tag=tag), shutdown_grace=0.5))
+        grandchild = await kernel.request(ref, {"op": "grandchild"})
+        pid = stats_of(kernel, ref).pid
+        assert sorted(live_processes(tag)) == sorted([pid, grandchild])
+    assert live_processes(tag) == []
+
+
+async def test_grandchild_holding_the_pipes_does_not_hide_a_crash() -> None:
+    tag = new_tag()
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy(tag=tag), shutdown_grace=0.5))
+        await kernel.request(ref, {"op": "grandchild"})
+        pid = stats_of(kernel, ref).pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        # stdout stays open (the grandchild holds it) but the exit is seen and the group reaped.
+        await wait_until(lambda: stats_of(kernel, ref).starts == 2, "restart")
+        await wait_until(lambda: group_members(pid) == [], "the old group to be killed")
+        assert await kernel.request(ref, {"op": "echo", "value": 5}) == 5
+    assert live_processes(tag) == []
+
+
+async def test_no_child_process_remains_after_the_kernel_exits() -> None:
+    tag = new_tag()
+    pids = []
+    async with bridge_kernel() as kernel:
+        refs = [
+            kernel.spawn(process_agent(toy(tag=tag))),
+            kernel.spawn(process_agent(toy("--protocol", "1", tag=tag))),
+            kernel.spawn(process_agent(toy("--ignore-term", tag=tag), shutdown_grace=0.3)),
+            kernel.spawn(process_agent([sys.executable, PY_EXAMPLE])),
+        ]
+        if NODE is not None:
+            refs.append(kernel.spawn(process_agent([NODE, JS_EXAMPLE])))
+        for ref in refs:
+            await kernel.request(ref, None)
+            pid = stats_of(kernel, ref).pid
+            assert pid is not None
+            pids.append(pid)
+        # a message still queued when the kernel stops is dead-lettered, not lost
+        await kernel.send(refs[0], {"op": "sleep", "seconds": 0.2})
+    assert live_processes(tag) == []
+    for pid in pids:
+        assert group_members(pid) == []
+    assert kernel.stats().in_flight == 0
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "text"),
+    [
+        ({"cmd": []}, ValueError, "empty command"),
+        ({"cmd": ["no-such-program-xyz-123"]}, ValueError, "'no-such-program-xyz-123' not found"),
+        ({"cmd": ["./missing.py"]}, ValueError, "'./missing.py' is not an executable"),
+        ({"cmd": 42}, TypeError, "cmd must be"),
+        ({"cwd": "/no/such/dir"}, ValueError, "cwd '/no/such/dir'"),
+        ({"line_limit": 0}, ValueError, "line_limit"),
+        ({"register_timeout": 0}, ValueError, "register_timeout"),
+        ({"shutdown_grace": -1}, ValueError, "shutdown_grace"),
+        ({"restart": "sometimes"}, ValueError, "restart"),
+        ({"handle_timeout": -2}, ValueError, "handle_timeout"),
+        ({"env": {"A": 1}}, TypeError, "env must map strings"),
+        ({"ping_interval": 0}, ValueError, "ping_interval"),
+        ({"ping_timeout": float("inf")}, ValueError, "ping_timeout"),
+    ],
+)
+def test_bad_arguments_are_refused_naming_the_problem(
+    kwargs: dict[str, Any], error: type[Exception], text: str
+) -> None:
+    arguments: dict[str, Any] = {"cmd": [sys.executable, TOY], **kwargs}
+    cmd = arguments.pop("cmd")
+    with pytest.raises(error, match=text.replace("(", r"\(").replace(".", r"\.")):
+        process_agent(cmd, **arguments)
+
+
+def test_string_command_is_split_like_a_shell() -> None:
+    spec = process_agent(f"{sys.executable} {TOY} --protocol 1", name="s")
+    assert spec.name == "s"
+    assert spec.factory().options.cmd == (sys.executable, TOY, "--protocol", "1")  # type: ignore[attr-defined]
+    assert spec.shutdown_timeout is not None and spec.shutdown_timeout > 10
+
+
+# --- nexus send -------------------------------------------------------------------------------
+
+
+def send_cli(*args: str) -> Any:
+    import typer
+    from typer.testing import CliRunner
+
+    from nexus_trio.cli._send_cmd import register
+
+    app = typer.Typer()
+
+    @app.callback()
+    def root() -> None:
+        """Test app."""
+
+    register(app)
+    # The command configures the nexus_trio logger for its run; leave it as it was.
+    logger = logging.getLogger("nexus_trio")
+    handlers, level = list(logger.handlers), logger.level
+    try:
+        return CliRunner().invoke(app, ["send", *args])
+    finally:
+        for handler in list(logger.handlers):
+            if handler not in handlers:
+                logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def test_nexus_send_prints_the_answer_as_json() -> None:
+    result = send_cli(
+        f"{sys.executable} {PY_EXAMPLE}", '{"operation": "add", "a": 40, "b": 2}', "--compact"
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[-1] == '{"result": 42}'
+
+
+def test_nexus_send_command_gets_the_answer_routed_back() -> None:
+    result = send_cli(
+        f"{sys.executable} {TOY}",
+        '{"op": "echo", "value": [1, 2]}',
+        "--kind",
+        "Command",
+        "--compact",
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[-1] == "[1, 2]"
+
+
+@pytest.mark.parametrize("kind", ["Query", "Command"])
+def test_nexus_send_reports_an_error_frame_with_status_1(kind: str) -> None:
+    result = send_cli(f"{sys.executable} {TOY}", '{"op": "error", "text": "nope"}', "-k", kind)
+    assert result.exit_code == 1
+    assert "ValueError: nope" in result.output
+
+
+def test_nexus_send_reports_an_agent_that_does_not_start() -> None:
+    result = send_cli(f"{sys.executable} {TOY} --no-register", "1", "--register-timeout", "0.3")
+    assert result.exit_code == 1
+    assert "did not register within 0.3s" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["no-such-program-xyz-123", "1"], "CMD"),
+        ([f"{sys.executable} {TOY}", "{not json"], "JSON"),
+        ([f"{sys.executable} {TOY}", "1", "--kind", "Shout"], "--kind"),
+    ],
+)
+def test_nexus_send_bad_arguments_exit_2_naming_the_argument(args: list[str], flag: str) -> None:
+    result = send_cli(*args)
+    assert result.exit_code == 2
+    assert flag in result.output
