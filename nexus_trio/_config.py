@@ -3,12 +3,15 @@
 The sections and key names are those of the TOML file (``[kernel] mailbox_capacity``,
 ``send_timeout_ms``, ...), so one name means one thing everywhere: in the file, in
 ``NEXUS_KERNEL__MAILBOX_CAPACITY`` and in Python. Values are validated when a config
-object is built; a bad value raises ``ValueError`` naming the section and key.
+object is built; a bad value raises ``ValueError`` naming the section and key. Each field
+carries a one-line ``doc`` in its metadata, from which the template and the docs are made.
+Reading files and the environment is :mod:`nexus_trio.config`'s business, not this module's.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 from typing import Any
 
 import attrs
@@ -35,29 +38,61 @@ class RestartStrategy(enum.Enum):
     REST_FOR_ONE = "rest_for_one"
 
 
-def _at_least(minimum: float) -> Any:
+#: Level names accepted in ``[logging] level`` (``trace`` and ``warn`` are the original's).
+LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error", "critical")
+#: Formats accepted in ``[logging] format``.
+LOG_FORMATS = ("compact", "json", "pretty")
+#: Built-in demo workloads of ``nexus run`` (``[app] workload``).
+WORKLOADS = ("ring", "fanout", "request")
+
+_APP_REFERENCE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def _section_of(inst: Any) -> str:
+    return str(getattr(type(inst), "_section", type(inst).__name__))
+
+
+def _doc(text: str) -> dict[str, str]:
+    return {"doc": text}
+
+
+def _at_least(minimum: float, *, integer: bool = False) -> Any:
     def check(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-        section = getattr(type(inst), "_section", type(inst).__name__)
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        section = _section_of(inst)
+        if integer:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"[{section}] {attribute.name} must be an integer, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f"[{section}] {attribute.name} must be a number, got {value!r}")
-        if value < minimum:
+        if not value >= minimum:  # also rejects NaN
             raise ValueError(f"[{section}] {attribute.name} must be >= {minimum:g}, got {value!r}")
 
     return check
 
 
 def _positive(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    section = getattr(type(inst), "_section", type(inst).__name__)
+    section = _section_of(inst)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"[{section}] {attribute.name} must be a number, got {value!r}")
-    if value <= 0:
+    if not value > 0:
         raise ValueError(f"[{section}] {attribute.name} must be > 0, got {value!r}")
 
 
 def _fraction(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    section = getattr(type(inst), "_section", type(inst).__name__)
+    section = _section_of(inst)
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
         raise ValueError(f"[{section}] {attribute.name} must be between 0 and 1, got {value!r}")
+
+
+def _one_of(choices: tuple[str, ...]) -> Any:
+    def check(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if not isinstance(value, str) or value not in choices:
+            raise ValueError(
+                f"[{_section_of(inst)}] {attribute.name} must be one of "
+                f"{', '.join(choices)}, got {value!r}"
+            )
+
+    return check
 
 
 def _to_enum(enum_type: type[enum.Enum], section: str, key: str, value: Any) -> Any:
@@ -65,7 +100,7 @@ def _to_enum(enum_type: type[enum.Enum], section: str, key: str, value: Any) -> 
         return value
     try:
         return enum_type(value)
-    except ValueError:
+    except (ValueError, TypeError):
         known = ", ".join(repr(m.value) for m in enum_type)
         raise ValueError(f"[{section}] {key} must be one of {known}, got {value!r}") from None
 
@@ -86,14 +121,46 @@ class KernelConfig:
 
     _section = "kernel"
 
-    mailbox_capacity: int = attrs.field(default=1024, validator=_at_least(1))
-    send_timeout_ms: float = attrs.field(default=500, validator=_positive)
-    handle_timeout_ms: float = attrs.field(default=30_000, validator=_positive)
-    request_timeout_ms: float = attrs.field(default=5_000, validator=_positive)
-    overflow: OverflowPolicy = attrs.field(default=OverflowPolicy.BLOCK, converter=_to_overflow)
-    shutdown_grace_ms: float = attrs.field(default=5_000, validator=_at_least(0))
-    batch_size: int = attrs.field(default=64, validator=_at_least(1))
-    dead_letter_buffer: int = attrs.field(default=1024, validator=_at_least(1))
+    mailbox_capacity: int = attrs.field(
+        default=1024,
+        validator=_at_least(1, integer=True),
+        metadata=_doc("messages an agent's mailbox holds before senders wait (per agent)"),
+    )
+    send_timeout_ms: float = attrs.field(
+        default=500,
+        validator=_positive,
+        metadata=_doc("how long a send waits for room in a full mailbox before MailboxFull"),
+    )
+    handle_timeout_ms: float = attrs.field(
+        default=30_000,
+        validator=_positive,
+        metadata=_doc("a handler running longer is cancelled and its message dead-lettered"),
+    )
+    request_timeout_ms: float = attrs.field(
+        default=5_000,
+        validator=_positive,
+        metadata=_doc("default timeout of kernel.request / ctx.request (RequestTimeout)"),
+    )
+    overflow: OverflowPolicy = attrs.field(
+        default=OverflowPolicy.BLOCK,
+        converter=_to_overflow,
+        metadata=_doc("full mailbox policy: block, drop_newest, drop_oldest or reject"),
+    )
+    shutdown_grace_ms: float = attrs.field(
+        default=5_000,
+        validator=_at_least(0),
+        metadata=_doc("at shutdown, time agents get to drain before they are cancelled"),
+    )
+    batch_size: int = attrs.field(
+        default=64,
+        validator=_at_least(1, integer=True),
+        metadata=_doc("messages an agent handles per wake-up before yielding (fairness)"),
+    )
+    dead_letter_buffer: int = attrs.field(
+        default=1024,
+        validator=_at_least(1, integer=True),
+        metadata=_doc("recent dead letters kept for kernel.recent_dead_letters()"),
+    )
 
     @property
     def send_timeout(self) -> float:
@@ -119,14 +186,42 @@ class SupervisionConfig:
     _section = "supervision"
 
     strategy: RestartStrategy = attrs.field(
-        default=RestartStrategy.ONE_FOR_ONE, converter=_to_strategy
+        default=RestartStrategy.ONE_FOR_ONE,
+        converter=_to_strategy,
+        metadata=_doc(
+            "which children restart on a failure: one_for_one, one_for_all, rest_for_one"
+        ),
     )
-    max_restarts: int = attrs.field(default=3, validator=_at_least(0))
-    within_ms: float = attrs.field(default=5_000, validator=_positive)
-    backoff_initial_ms: float = attrs.field(default=10, validator=_at_least(0))
-    backoff_max_ms: float = attrs.field(default=5_000, validator=_at_least(0))
-    backoff_jitter: float = attrs.field(default=0.2, validator=_fraction)
-    backoff_reset_after_ms: float = attrs.field(default=30_000, validator=_at_least(0))
+    max_restarts: int = attrs.field(
+        default=3,
+        validator=_at_least(0, integer=True),
+        metadata=_doc("restarts allowed within within_ms before the failure escalates"),
+    )
+    within_ms: float = attrs.field(
+        default=5_000,
+        validator=_positive,
+        metadata=_doc("window of the restart intensity (max_restarts)"),
+    )
+    backoff_initial_ms: float = attrs.field(
+        default=10,
+        validator=_at_least(0),
+        metadata=_doc("delay before the first restart; doubles with each restart in a row"),
+    )
+    backoff_max_ms: float = attrs.field(
+        default=5_000,
+        validator=_at_least(0),
+        metadata=_doc("upper bound of the restart delay"),
+    )
+    backoff_jitter: float = attrs.field(
+        default=0.2,
+        validator=_fraction,
+        metadata=_doc("each delay is stretched by a random factor up to 1 + jitter (0 to 1)"),
+    )
+    backoff_reset_after_ms: float = attrs.field(
+        default=30_000,
+        validator=_at_least(0),
+        metadata=_doc("a child running this long without failing starts from initial again"),
+    )
 
 
 @attrs.frozen
@@ -141,8 +236,16 @@ class RuntimeConfig:
 
     _section = "runtime"
 
-    worker_threads: int = attrs.field(default=0, validator=_at_least(0))
-    max_blocking_threads: int = attrs.field(default=512, validator=_at_least(1))
+    worker_threads: int = attrs.field(
+        default=0,
+        validator=_at_least(0, integer=True),
+        metadata=_doc("0 = automatic; if set, also caps the threads of ctx.run_sync"),
+    )
+    max_blocking_threads: int = attrs.field(
+        default=512,
+        validator=_at_least(1, integer=True),
+        metadata=_doc("blocking calls (ctx.run_sync) running in threads at once"),
+    )
 
     @property
     def blocking_thread_limit(self) -> int:
@@ -157,20 +260,116 @@ class LoggingConfig:
 
     _section = "logging"
 
-    level: str = attrs.field(default="info")
-    format: str = attrs.field(default="compact")
+    level: str = attrs.field(
+        default="info",
+        metadata=_doc("trace, debug, info, warn(ing), error or critical"),
+    )
+    format: str = attrs.field(
+        default="compact",
+        validator=_one_of(LOG_FORMATS),
+        metadata=_doc("compact (one line), json (one object per line) or pretty (rich)"),
+    )
 
     @level.validator
     def _check_level(self, attribute: attrs.Attribute[str], value: str) -> None:
-        levels = ("trace", "debug", "info", "warn", "warning", "error", "critical")
-        if not isinstance(value, str) or value.lower() not in levels:
-            raise ValueError(f"[logging] level must be one of {', '.join(levels)}, got {value!r}")
+        if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
+            raise ValueError(
+                f"[logging] level must be one of {', '.join(LOG_LEVELS)}, got {value!r}"
+            )
 
-    @format.validator
-    def _check_format(self, attribute: attrs.Attribute[str], value: str) -> None:
-        formats = ("compact", "json", "pretty")
-        if value not in formats:
-            raise ValueError(f"[logging] format must be one of {', '.join(formats)}, got {value!r}")
+
+def _check_port(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise ValueError(
+            f"[{_section_of(inst)}] {attribute.name} must be an integer from 0 to 65535, "
+            f"got {value!r}"
+        )
+
+
+def _check_host(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(
+            f"[{_section_of(inst)}] {attribute.name} must be a non-empty string, got {value!r}"
+        )
+
+
+@attrs.frozen
+class MetricsConfig:
+    """``[metrics]``: the optional Prometheus endpoint of ``nexus run``."""
+
+    _section = "metrics"
+
+    port: int = attrs.field(
+        default=0,
+        validator=_check_port,
+        metadata=_doc("TCP port of /metrics and /healthz; 0 = no endpoint"),
+    )
+    host: str = attrs.field(
+        default="127.0.0.1",
+        validator=_check_host,
+        metadata=_doc("address the metrics endpoint listens on"),
+    )
+
+
+def _to_commands(value: Any) -> Any:
+    # One command may be written as a plain string; anything else is checked below.
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list | tuple):
+        return list(value)
+    return value
+
+
+def _check_app(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or not _APP_REFERENCE.fullmatch(value):
+        raise ValueError(
+            f"[app] {attribute.name} must look like 'package.module:attr', got {value!r}"
+        )
+
+
+def _check_commands(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, list) or not all(
+        isinstance(command, str) and command.strip() for command in value
+    ):
+        raise ValueError(
+            f"[app] {attribute.name} must be a list of non-empty command strings, got {value!r}"
+        )
+
+
+@attrs.frozen
+class AppConfig:
+    """``[app]``: what ``nexus run`` runs when its flags are absent."""
+
+    _section = "app"
+
+    app: str | None = attrs.field(
+        default=None,
+        validator=_check_app,
+        metadata=_doc("your agents as 'package.module:attr'; unset = the built-in demo workload"),
+    )
+    spawn: list[str] = attrs.field(
+        factory=list,
+        converter=_to_commands,
+        validator=_check_commands,
+        metadata=_doc("commands of external agent processes (NDJSON bridge) to spawn"),
+    )
+    agents: int = attrs.field(
+        default=1000,
+        validator=_at_least(1, integer=True),
+        metadata=_doc("number of agents of the demo workload"),
+    )
+    duration: float = attrs.field(
+        default=0.0,
+        validator=_at_least(0),
+        metadata=_doc("seconds to run; 0 = until Ctrl-C / SIGTERM"),
+    )
+    workload: str = attrs.field(
+        default="ring",
+        validator=_one_of(WORKLOADS),
+        metadata=_doc("demo workload: ring, fanout or request"),
+    )
 
 
 @attrs.frozen
@@ -181,3 +380,16 @@ class Config:
     supervision: SupervisionConfig = attrs.field(factory=SupervisionConfig)
     runtime: RuntimeConfig = attrs.field(factory=RuntimeConfig)
     logging: LoggingConfig = attrs.field(factory=LoggingConfig)
+    metrics: MetricsConfig = attrs.field(factory=MetricsConfig)
+    app: AppConfig = attrs.field(factory=AppConfig)
+
+
+#: The TOML sections in file order, each with the class of its table.
+SECTIONS: dict[str, type[Any]] = {
+    "kernel": KernelConfig,
+    "supervision": SupervisionConfig,
+    "runtime": RuntimeConfig,
+    "logging": LoggingConfig,
+    "metrics": MetricsConfig,
+    "app": AppConfig,
+}

@@ -1,0 +1,486 @@
+"""Loading the configuration: TOML file, environment, command-line overrides.
+
+A :class:`~nexus_trio.Config` is built in layers, each overriding the one before:
+embedded defaults < the config file < ``NEXUS_SECTION__KEY`` environment variables <
+overrides from the command line. The file is ``--config FILE`` when given, else the first
+of :func:`search_paths` that exists. Every value is validated in its own layer, so an
+error names where the bad value came from: the file and line, the environment variable,
+or the override. A file that exists but is broken is an error, never skipped; an
+unknown key is a warning with a "did you mean". :class:`LoadedConfig` remembers where
+each effective value came from, which :func:`render_effective` prints.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import cattrs
+import tomlkit
+import tomlkit.exceptions
+
+from ._config import SECTIONS, Config
+from ._errors import NexusError
+
+__all__ = [
+    "ConfigError",
+    "LoadedConfig",
+    "load_config",
+    "render_effective",
+    "render_template",
+    "search_paths",
+    "write_template",
+]
+
+log = logging.getLogger("nexus_trio.config")
+
+ENV_PREFIX = "NEXUS_"
+SYSTEM_CONFIG = Path("/etc/nexus/config.toml")
+
+# Python values of a Config, enums as their TOML strings (the wire form of the file).
+_converter = cattrs.Converter()
+
+
+class ConfigError(NexusError, ValueError):
+    """A configuration value, file or override is invalid.
+
+    ``str(err)`` names where the problem is: ``path:line: message`` for a file (with the
+    column for TOML syntax errors), ``environment variable NAME: message``, or
+    ``override section.key: message``. The parts are also attributes: ``path``,
+    ``line``, ``column``, ``key`` (``"section.key"``) and ``origin``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: Path | None = None,
+        line: int | None = None,
+        column: int | None = None,
+        key: str | None = None,
+        origin: str | None = None,
+    ) -> None:
+        self.message = message
+        self.path = path
+        self.line = line
+        self.column = column
+        self.key = key
+        self.origin = origin
+        if path is not None:
+            where = str(path)
+            if line is not None:
+                where += f":{line}"
+                if column is not None:
+                    where += f":{column}"
+            text = f"{where}: {message}"
+        elif origin is not None:
+            text = f"{origin}: {message}"
+        else:
+            text = message
+        super().__init__(text)
+
+
+@attrs.frozen
+class LoadedConfig:
+    """A config together with where it came from.
+
+    ``sources`` maps every ``"section.key"`` to ``"default"``, ``"file /abs/config.toml"``,
+    ``"env NEXUS_SECTION__KEY"`` or ``"cli"``; ``warnings`` are the unknown keys found
+    (each was also logged to the ``nexus_trio.config`` logger).
+    """
+
+    config: Config
+    path: Path | None
+    sources: Mapping[str, str]
+    warnings: tuple[str, ...] = ()
+
+
+def search_paths(*, cwd: Path | None = None, env: Mapping[str, str] | None = None) -> list[Path]:
+    """Where a config file is looked for, in order, when none is given.
+
+    ``./config.toml`` (relative to ``cwd``), ``$XDG_CONFIG_HOME/nexus/config.toml``
+    (``~/.config`` when ``XDG_CONFIG_HOME`` is unset, empty or relative, as the XDG spec
+    says), ``/etc/nexus/config.toml``.
+    """
+    env = os.environ if env is None else env
+    base = Path.cwd() if cwd is None else Path(cwd)
+    xdg = env.get("XDG_CONFIG_HOME", "")
+    if xdg and Path(xdg).is_absolute():
+        config_home = Path(xdg)
+    else:
+        home = env.get("HOME")
+        config_home = (Path(home) if home else Path.home()) / ".config"
+    return [base / "config.toml", config_home / "nexus" / "config.toml", SYSTEM_CONFIG]
+
+
+# --- the schema --------------------------------------------------------------------------------
+
+
+def _fields(section: str) -> dict[str, attrs.Attribute[Any]]:
+    return {field.name: field for field in attrs.fields(SECTIONS[section])}
+
+
+def _suggest(word: str, choices: list[str]) -> list[str]:
+    return difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+
+
+def _unknown_key_text(section: str, key: str) -> str:
+    known = list(_fields(section))
+    match = _suggest(key, known)
+    hint = f"did you mean {match[0]}?" if match else f"known keys: {', '.join(known)}"
+    return f"unknown key [{section}] {key} ({hint})"
+
+
+def _unknown_section_text(section: str) -> str:
+    match = _suggest(section, list(SECTIONS))
+    hint = f"did you mean [{match[0]}]?" if match else f"known sections: {', '.join(SECTIONS)}"
+    return f"unknown section [{section}] ({hint})"
+
+
+def _unknown_top_level_text(key: str) -> str:
+    owners = [section for section in SECTIONS if key in _fields(section)]
+    if owners:
+        hint = f"did you mean [{owners[0]}] {key}?"
+    else:
+        match = _suggest(key, list(SECTIONS))
+        hint = f"did you mean [{match[0]}]?" if match else f"known sections: {', '.join(SECTIONS)}"
+    return f"unknown top-level key {key} ({hint})"
+
+
+def _check_value(section: str, key: str, value: Any) -> Any:
+    """Validate one value alone; return it converted (e.g. a string to an enum member)."""
+    table = SECTIONS[section](**{key: value})
+    return getattr(table, key)
+
+
+# --- locating keys in the file text ------------------------------------------------------------
+
+_HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+
+
+def _bare(name: str) -> str:
+    return ".".join(part.strip().strip("\"'") for part in name.split("."))
+
+
+def _key_lines(text: str, section: str | None, key: str) -> list[int]:
+    """1-based lines where ``key =`` is set inside ``[section]`` (or ``section.key =`` at top).
+
+    tomlkit does not keep line numbers, so we scan the text; good enough for files people
+    write, and when a key is not found the error just has no line.
+    """
+    key_pattern = re.compile(rf"^\s*([\"']?){re.escape(key)}\1\s*=")
+    dotted = (
+        re.compile(rf"^\s*([\"']?){re.escape(section)}\1\s*\.\s*([\"']?){re.escape(key)}\2\s*=")
+        if section
+        else None
+    )
+    inline = (
+        re.compile(rf"^\s*([\"']?){re.escape(section)}\1\s*=\s*\{{.*\b{re.escape(key)}\s*=")
+        if section
+        else None
+    )
+    current: str | None = None
+    found: list[int] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        header = _HEADER.match(line)
+        if header:
+            current = _bare(header.group(1))
+            continue
+        in_section = current == section and key_pattern.match(line)
+        at_top = current is None and (
+            (dotted is not None and dotted.match(line))
+            or (inline is not None and inline.match(line))
+        )
+        if in_section or at_top:
+            found.append(number)
+    return found
+
+
+def _section_line(text: str, section: str) -> int | None:
+    for number, line in enumerate(text.splitlines(), start=1):
+        header = _HEADER.match(line)
+        if header and _bare(header.group(1)) == section:
+            return number
+    lines = _key_lines(text, None, section)
+    return lines[0] if lines else None
+
+
+def _first(lines: list[int]) -> int | None:
+    return lines[0] if lines else None
+
+
+# --- the layers --------------------------------------------------------------------------------
+
+_Values = dict[str, dict[str, Any]]
+
+
+def _read_file(path: Path, values: _Values, sources: dict[str, str], warnings: list[str]) -> None:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not UTF-8 text: {exc.reason}", path=path) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file: {exc.strerror or exc}", path=path) from None
+    try:
+        document = tomlkit.parse(text)
+    except tomlkit.exceptions.ParseError as exc:
+        reason = re.sub(r" at line \d+ col \d+$", "", str(exc))
+        reason = reason.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+        raise ConfigError(
+            f"invalid TOML: {reason}", path=path, line=exc.line, column=exc.col
+        ) from None
+    except tomlkit.exceptions.KeyAlreadyPresent as exc:
+        duplicate = re.search(r'Key "(.+)" already exists', str(exc))
+        line = None
+        if duplicate:
+            name = duplicate.group(1)
+            lines = [n for s in [None, *SECTIONS] for n in _key_lines(text, s, name)]
+            line = sorted(lines)[1] if len(lines) > 1 else None
+        raise ConfigError(f"invalid TOML: {exc}", path=path, line=line) from None
+    except tomlkit.exceptions.TOMLKitError as exc:
+        raise ConfigError(f"invalid TOML: {exc}", path=path) from None
+    source = f"file {path}"
+    data: dict[str, Any] = document.unwrap()
+    for section, table in data.items():
+        if section not in SECTIONS:
+            if isinstance(table, dict):
+                message = _unknown_section_text(section)
+                line = _section_line(text, section)
+            else:
+                message = _unknown_top_level_text(section)
+                line = _first(_key_lines(text, None, section))
+            warnings.append(f"{path}:{line}: {message}" if line else f"{path}: {message}")
+            continue
+        if not isinstance(table, dict):
+            raise ConfigError(
+                f"[{section}] must be a table, got {table!r}",
+                path=path,
+                line=_section_line(text, section),
+                key=section,
+            )
+        known = _fields(section)
+        for key, value in table.items():
+            line = _first(_key_lines(text, section, key))
+            if key not in known:
+                message = _unknown_key_text(section, key)
+                warnings.append(f"{path}:{line}: {message}" if line else f"{path}: {message}")
+                continue
+            try:
+                values[section][key] = _check_value(section, key, value)
+            except ValueError as exc:
+                raise ConfigError(str(exc), path=path, line=line, key=f"{section}.{key}") from None
+            sources[f"{section}.{key}"] = source
+
+
+def _is_textual(field: attrs.Attribute[Any]) -> bool:
+    # Types are strings here (postponed annotations); enums are written as strings too.
+    return str(field.type) in ("str", "str | None", "OverflowPolicy", "RestartStrategy")
+
+
+def _parse_env_value(field: attrs.Attribute[Any], raw: str) -> Any:
+    """A TOML value (number, boolean, quoted string, array) or else the raw string.
+
+    For text keys the raw string is the value unless it is quoted, so that
+    ``NEXUS_LOGGING__LEVEL=info`` and ``NEXUS_METRICS__HOST=0.0.0.0`` mean what they say.
+    """
+    text = raw.strip()
+    if text == "" and field.default is None:
+        return None
+    if _is_textual(field) and not text.startswith(('"', "'")):
+        return raw
+    if str(field.type).startswith("list") and not text.startswith("["):
+        return raw
+    try:
+        item = tomlkit.value(text)
+    except (tomlkit.exceptions.TOMLKitError, ValueError):
+        return raw
+    unwrap = getattr(item, "unwrap", None)
+    return unwrap() if unwrap is not None else item
+
+
+def _read_env(
+    env: Mapping[str, str], values: _Values, sources: dict[str, str], warnings: list[str]
+) -> None:
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX) or "__" not in name[len(ENV_PREFIX) :]:
+            continue
+        section_part, _, key_part = name[len(ENV_PREFIX) :].partition("__")
+        section, key = section_part.lower(), key_part.lower()
+        origin = f"environment variable {name}"
+        if section not in SECTIONS:
+            warnings.append(f"{origin}: {_unknown_section_text(section)}")
+            continue
+        known = _fields(section)
+        if key not in known:
+            warnings.append(f"{origin}: {_unknown_key_text(section, key)}")
+            continue
+        value = _parse_env_value(known[key], env[name])
+        try:
+            values[section][key] = _check_value(section, key, value)
+        except ValueError as exc:
+            raise ConfigError(str(exc), origin=origin, key=f"{section}.{key}") from None
+        sources[f"{section}.{key}"] = f"env {name}"
+
+
+def _apply_overrides(
+    overrides: Mapping[str, Any], values: _Values, sources: dict[str, str]
+) -> None:
+    for dotted, value in overrides.items():
+        origin = f"override {dotted}"
+        section, _, key = dotted.partition(".")
+        if section not in SECTIONS:
+            raise ConfigError(_unknown_section_text(section), origin=origin, key=dotted)
+        if key not in _fields(section):
+            raise ConfigError(_unknown_key_text(section, key), origin=origin, key=dotted)
+        if value is None:
+            continue  # a flag that was not given
+        try:
+            values[section][key] = _check_value(section, key, value)
+        except ValueError as exc:
+            raise ConfigError(str(exc), origin=origin, key=dotted) from None
+        sources[dotted] = "cli"
+
+
+def load_config(
+    path: Path | str | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    cwd: Path | None = None,
+) -> LoadedConfig:
+    """Build the effective config: defaults < file < environment < ``overrides``.
+
+    ``path`` is the file to read (it must exist); without it the first existing file of
+    :func:`search_paths` is read, or none. ``env`` defaults to ``os.environ``; variables
+    ``NEXUS_SECTION__KEY`` set keys, their values read as TOML (numbers, booleans,
+    arrays) and otherwise as plain strings. ``overrides`` maps ``"section.key"`` to a
+    Python value (``None`` = not given); their source is ``"cli"``.
+
+    Raises :class:`ConfigError` naming the file and line, the variable or the override
+    of the first invalid value. Unknown keys are warnings (logged and returned).
+    """
+    env = os.environ if env is None else env
+    base = Path.cwd() if cwd is None else Path(cwd)
+    values: _Values = {section: {} for section in SECTIONS}
+    sources: dict[str, str] = {
+        f"{section}.{key}": "default" for section in SECTIONS for key in _fields(section)
+    }
+    warnings: list[str] = []
+
+    file: Path | None = None
+    if path is not None:
+        file = (base / Path(path).expanduser()).absolute()
+        if not file.exists():
+            raise ConfigError("config file not found", path=file)
+        if not file.is_file():
+            raise ConfigError("config path is not a file", path=file)
+    else:
+        for candidate in search_paths(cwd=base, env=env):
+            if candidate.is_file():
+                file = candidate.absolute()
+                break
+    if file is not None:
+        _read_file(file, values, sources, warnings)
+    _read_env(env, values, sources, warnings)
+    if overrides:
+        _apply_overrides(overrides, values, sources)
+
+    tables: dict[str, Any] = {}
+    for section, cls in SECTIONS.items():
+        try:
+            tables[section] = cls(**values[section])
+        except ValueError as exc:  # a rule across keys
+            raise ConfigError(str(exc), path=file, origin="config") from None
+    for warning in warnings:
+        log.warning("%s", warning)
+    return LoadedConfig(Config(**tables), file, sources, tuple(warnings))
+
+
+# --- rendering ---------------------------------------------------------------------------------
+
+
+def _toml(value: Any) -> str:
+    return str(tomlkit.item(value).as_string())
+
+
+def _section_title(section: str) -> str:
+    doc = (SECTIONS[section].__doc__ or "").strip().splitlines()[0].replace("``", "")
+    return doc.removeprefix(f"[{section}]:").strip()
+
+
+_PREAMBLE = """\
+# nexus_trio configuration (TOML). Every key is optional; the values below are the defaults.
+#
+# Load order: --config FILE, else the first that exists of ./config.toml,
+# $XDG_CONFIG_HOME/nexus/config.toml (~/.config/nexus/config.toml), /etc/nexus/config.toml;
+# else the defaults. Environment variables override the file, one per key:
+# NEXUS_<SECTION>__<KEY>=value, e.g. NEXUS_KERNEL__MAILBOX_CAPACITY=4096.
+# Command-line flags override both.
+"""
+
+
+def render_template() -> str:
+    """A commented TOML file with every section and key set to its default.
+
+    Parsing it gives the defaults again: ``load_config(written_template).config == Config()``.
+    """
+    defaults: dict[str, dict[str, Any]] = _converter.unstructure(Config())
+    parts = [_PREAMBLE]
+    for section in SECTIONS:
+        parts.append(f"\n# {_section_title(section)}\n[{section}]\n")
+        for key, field in _fields(section).items():
+            value = defaults[section][key]
+            doc = field.metadata.get("doc", "")
+            if value is None:
+                parts.append(
+                    f"# {doc} [default: unset]\n# {key} = {_toml('package.module:attr')}\n"
+                )
+            else:
+                parts.append(f"# {doc} [default: {_toml(value)}]\n{key} = {_toml(value)}\n")
+    return "".join(parts)
+
+
+def write_template(path: Path | str, *, force: bool = False) -> Path:
+    """Write :func:`render_template` to ``path`` (creating its directory); return the path.
+
+    Refuses to replace an existing file unless ``force``: :class:`ConfigError`.
+    """
+    target = Path(path).expanduser().absolute()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with target.open("w" if force else "x", encoding="utf-8") as file:
+            file.write(render_template())
+    except FileExistsError:
+        raise ConfigError(
+            "file exists; refusing to overwrite it (use --force / force=True)", path=target
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot write config file: {exc.strerror or exc}", path=target) from None
+    return target
+
+
+def render_effective(loaded: LoadedConfig) -> str:
+    """The effective config as TOML, each key followed by ``# from <source>``.
+
+    The output parses back to the same config.
+    """
+    effective: dict[str, dict[str, Any]] = _converter.unstructure(loaded.config)
+    origin = f"file {loaded.path}" if loaded.path is not None else "no file (defaults)"
+    parts = [f"# effective nexus_trio configuration; config file: {origin}\n"]
+    parts.extend(f"# warning: {warning}\n" for warning in loaded.warnings)
+    for section in SECTIONS:
+        parts.append(f"\n[{section}]\n")
+        for key in _fields(section):
+            value = effective[section][key]
+            source = loaded.sources.get(f"{section}.{key}", "default")
+            if value is None:
+                parts.append(f"# {key} is unset  # from {source}\n")
+            else:
+                parts.append(f"{key} = {_toml(value)}  # from {source}\n")
+    return "".join(parts)

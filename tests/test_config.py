@@ -1,0 +1,570 @@
+"""Config loading: layers and their precedence, search order, validation errors, template."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import tomlkit
+
+import nexus_trio.config as config_module
+from nexus_trio import (
+    Config,
+    KernelConfig,
+    LoggingConfig,
+    NexusError,
+    OverflowPolicy,
+    RestartStrategy,
+    RuntimeConfig,
+    open_kernel,
+)
+from nexus_trio._config import SECTIONS, AppConfig, MetricsConfig
+from nexus_trio.config import (
+    ConfigError,
+    LoadedConfig,
+    load_config,
+    render_effective,
+    render_template,
+    search_paths,
+    write_template,
+)
+
+ALL_KEYS = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in attrs.fields(cls)}
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An isolated world: cwd, HOME and /etc are all under tmp_path."""
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "home").mkdir()
+    monkeypatch.setattr(config_module, "SYSTEM_CONFIG", tmp_path / "etc" / "nexus" / "config.toml")
+    return tmp_path
+
+
+def env_for(home: Path, **extra: str) -> dict[str, str]:
+    return {"HOME": str(home / "home"), **extra}
+
+
+def load(home: Path, path: Path | str | None = None, **kw: Any) -> LoadedConfig:
+    env = kw.pop("env", env_for(home))
+    return load_config(path, env=env, cwd=home / "cwd", **kw)
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# --- defaults and layers -------------------------------------------------------------------------
+
+
+def test_no_file_no_env_gives_the_embedded_defaults(home: Path) -> None:
+    loaded = load(home)
+    assert loaded.config == Config()
+    assert loaded.path is None
+    assert loaded.warnings == ()
+    assert set(loaded.sources) == ALL_KEYS
+    assert set(loaded.sources.values()) == {"default"}
+
+
+def test_original_keys_keep_their_defaults() -> None:
+    config = Config()
+    assert config.kernel.mailbox_capacity == 1024
+    assert config.kernel.send_timeout_ms == 500
+    assert config.kernel.handle_timeout_ms == 30_000
+    assert config.logging.level == "info"
+    assert config.logging.format == "compact"
+    assert config.runtime.worker_threads == 0
+    assert config.runtime.max_blocking_threads == 512
+    assert config.metrics == MetricsConfig(port=0, host="127.0.0.1")
+    assert config.app == AppConfig(app=None, spawn=[], agents=1000, duration=0.0, workload="ring")
+
+
+def test_existing_python_construction_still_works() -> None:
+    config = Config(kernel=KernelConfig(mailbox_capacity=8, overflow="reject"))
+    assert config.kernel.overflow is OverflowPolicy.REJECT
+    assert config.app.agents == 1000
+
+
+def test_precedence_is_defaults_then_file_then_env_then_overrides(home: Path) -> None:
+    file = write(
+        home / "cwd" / "config.toml",
+        "[kernel]\nmailbox_capacity = 10\nsend_timeout_ms = 100\nhandle_timeout_ms = 200\n",
+    )
+    env = env_for(
+        home,
+        NEXUS_KERNEL__SEND_TIMEOUT_MS="250",
+        NEXUS_KERNEL__HANDLE_TIMEOUT_MS="300",
+    )
+    loaded = load(home, env=env, overrides={"kernel.handle_timeout_ms": 400})
+    kernel = loaded.config.kernel
+    assert (kernel.mailbox_capacity, kernel.send_timeout_ms, kernel.handle_timeout_ms) == (
+        10,
+        250,
+        400,
+    )
+    assert kernel.batch_size == 64
+    assert loaded.path == file
+    assert loaded.sources["kernel.mailbox_capacity"] == f"file {file}"
+    assert loaded.sources["kernel.send_timeout_ms"] == "env NEXUS_KERNEL__SEND_TIMEOUT_MS"
+    assert loaded.sources["kernel.handle_timeout_ms"] == "cli"
+    assert loaded.sources["kernel.batch_size"] == "default"
+
+
+def test_overrides_of_none_mean_not_given(home: Path) -> None:
+    loaded = load(
+        home,
+        env=env_for(home, NEXUS_LOGGING__LEVEL="debug"),
+        overrides={"logging.level": None, "logging.format": "json"},
+    )
+    assert loaded.config.logging == LoggingConfig(level="debug", format="json")
+    assert loaded.sources["logging.level"] == "env NEXUS_LOGGING__LEVEL"
+    assert loaded.sources["logging.format"] == "cli"
+
+
+def test_env_values_are_read_as_toml_values_or_plain_strings(home: Path) -> None:
+    env = env_for(
+        home,
+        NEXUS_METRICS__HOST="0.0.0.0",
+        NEXUS_METRICS__PORT="9100",
+        NEXUS_LOGGING__LEVEL="warning",
+        NEXUS_APP__DURATION="2.5",
+        NEXUS_APP__SPAWN='["python agent.py", "node agent.js"]',
+        NEXUS_APP__APP="",
+        NEXUS_KERNEL__OVERFLOW="drop_oldest",
+        NEXUS_SUPERVISION__STRATEGY='"rest_for_one"',
+        NEXUS_IGNORED="x",  # no SECTION__KEY shape: not ours
+        PATH="/usr/bin",
+    )
+    loaded = load(home, env=env)
+    config = loaded.config
+    assert config.metrics == MetricsConfig(port=9100, host="0.0.0.0")
+    assert config.logging.level == "warning"
+    assert config.app.duration == 2.5
+    assert config.app.spawn == ["python agent.py", "node agent.js"]
+    assert config.app.app is None
+    assert config.kernel.overflow is OverflowPolicy.DROP_OLDEST
+    assert config.supervision.strategy is RestartStrategy.REST_FOR_ONE
+    assert loaded.warnings == ()
+
+
+def test_a_single_spawn_command_may_be_a_plain_string(home: Path) -> None:
+    loaded = load(home, env=env_for(home, NEXUS_APP__SPAWN="python agent.py --fast"))
+    assert loaded.config.app.spawn == ["python agent.py --fast"]
+    file = write(home / "x.toml", 'spawn = 1\n[app]\nspawn = "node a.js"\n')
+    assert load(home, file).config.app.spawn == ["node a.js"]
+
+
+def test_dotted_and_inline_tables_work_too(home: Path) -> None:
+    file = write(
+        home / "c.toml",
+        'kernel.mailbox_capacity = 7\nlogging = { level = "error" }\n',
+    )
+    loaded = load(home, file)
+    assert loaded.config.kernel.mailbox_capacity == 7
+    assert loaded.config.logging.level == "error"
+
+
+def test_a_relative_path_is_relative_to_cwd_and_reported_absolute(home: Path) -> None:
+    file = write(home / "cwd" / "conf" / "mine.toml", "[app]\nagents = 5\n")
+    loaded = load(home, "conf/mine.toml")
+    assert loaded.path == file
+    assert loaded.path.is_absolute()
+    assert loaded.config.app.agents == 5
+
+
+# --- search order ------------------------------------------------------------------------------
+
+
+def test_search_paths_honour_xdg_config_home(tmp_path: Path) -> None:
+    env = {"HOME": "/home/u", "XDG_CONFIG_HOME": "/xdg"}
+    paths = search_paths(cwd=tmp_path, env=env)
+    assert paths == [
+        tmp_path / "config.toml",
+        Path("/xdg/nexus/config.toml"),
+        Path("/etc/nexus/config.toml"),
+    ]
+
+
+@pytest.mark.parametrize("xdg", [None, "", "relative/dir"])
+def test_search_paths_fall_back_to_home_dot_config(tmp_path: Path, xdg: str | None) -> None:
+    env = {"HOME": "/home/u"} if xdg is None else {"HOME": "/home/u", "XDG_CONFIG_HOME": xdg}
+    assert search_paths(cwd=tmp_path, env=env)[1] == Path("/home/u/.config/nexus/config.toml")
+
+
+def test_search_order_is_cwd_then_xdg_then_etc(home: Path) -> None:
+    xdg = home / "xdg"
+    env = env_for(home, XDG_CONFIG_HOME=str(xdg))
+    etc = write(config_module.SYSTEM_CONFIG, "[app]\nagents = 3\n")
+    assert load(home, env=env).path == etc
+    assert load(home, env=env).config.app.agents == 3
+
+    user = write(xdg / "nexus" / "config.toml", "[app]\nagents = 2\n")
+    assert load(home, env=env).path == user
+    assert load(home, env=env).config.app.agents == 2
+
+    local = write(home / "cwd" / "config.toml", "[app]\nagents = 1\n")
+    assert load(home, env=env).path == local
+    assert load(home, env=env).config.app.agents == 1
+
+    # Only the first file found is read: its missing keys are defaults, not the others'.
+    assert load(home, env=env).sources["app.duration"] == "default"
+
+    # --config wins over all of them.
+    explicit = write(home / "explicit.toml", "[app]\nagents = 9\n")
+    assert load(home, explicit, env=env).config.app.agents == 9
+
+
+def test_home_dot_config_is_used_without_xdg(home: Path) -> None:
+    user = write(home / "home" / ".config" / "nexus" / "config.toml", "[app]\nagents = 4\n")
+    loaded = load(home)
+    assert loaded.path == user
+    assert loaded.config.app.agents == 4
+
+
+def test_missing_explicit_file_is_an_error_naming_it(home: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(home, "nope.toml")
+    assert str(info.value) == f"{home / 'cwd' / 'nope.toml'}: config file not found"
+    assert info.value.path == home / "cwd" / "nope.toml"
+
+
+def test_a_directory_is_not_a_config_file(home: Path) -> None:
+    (home / "cwd" / "dir.toml").mkdir()
+    with pytest.raises(ConfigError, match=r"dir\.toml: config path is not a file$"):
+        load(home, "dir.toml")
+
+
+# --- validation errors -------------------------------------------------------------------------
+
+# (section, key, TOML value, message after "path:line: ")
+BAD_VALUES = [
+    ("kernel", "mailbox_capacity", "0", "[kernel] mailbox_capacity must be >= 1, got 0"),
+    ("kernel", "mailbox_capacity", "1.5", "[kernel] mailbox_capacity must be an integer, got 1.5"),
+    (
+        "kernel",
+        "mailbox_capacity",
+        '"big"',
+        "[kernel] mailbox_capacity must be an integer, got 'big'",
+    ),
+    ("kernel", "send_timeout_ms", "0", "[kernel] send_timeout_ms must be > 0, got 0"),
+    ("kernel", "send_timeout_ms", "nan", "[kernel] send_timeout_ms must be > 0, got nan"),
+    ("kernel", "handle_timeout_ms", "-1", "[kernel] handle_timeout_ms must be > 0, got -1"),
+    (
+        "kernel",
+        "request_timeout_ms",
+        "true",
+        "[kernel] request_timeout_ms must be a number, got True",
+    ),
+    (
+        "kernel",
+        "overflow",
+        '"spill"',
+        "[kernel] overflow must be one of 'block', 'drop_newest', 'drop_oldest', 'reject', "
+        "got 'spill'",
+    ),
+    ("kernel", "shutdown_grace_ms", "-5", "[kernel] shutdown_grace_ms must be >= 0, got -5"),
+    ("kernel", "batch_size", "0", "[kernel] batch_size must be >= 1, got 0"),
+    ("kernel", "dead_letter_buffer", "0", "[kernel] dead_letter_buffer must be >= 1, got 0"),
+    (
+        "supervision",
+        "strategy",
+        '"one_for_none"',
+        "[supervision] strategy must be one of 'one_for_one', 'one_for_all', 'rest_for_one', "
+        "got 'one_for_none'",
+    ),
+    ("supervision", "max_restarts", "-1", "[supervision] max_restarts must be >= 0, got -1"),
+    ("supervision", "within_ms", "0", "[supervision] within_ms must be > 0, got 0"),
+    (
+        "supervision",
+        "backoff_initial_ms",
+        "-1",
+        "[supervision] backoff_initial_ms must be >= 0, got -1",
+    ),
+    ("supervision", "backoff_max_ms", "-1", "[supervision] backoff_max_ms must be >= 0, got -1"),
+    (
+        "supervision",
+        "backoff_jitter",
+        "1.5",
+        "[supervision] backoff_jitter must be between 0 and 1, got 1.5",
+    ),
+    (
+        "supervision",
+        "backoff_reset_after_ms",
+        "-1",
+        "[supervision] backoff_reset_after_ms must be >= 0, got -1",
+    ),
+    ("runtime", "worker_threads", "-1", "[runtime] worker_threads must be >= 0, got -1"),
+    ("runtime", "max_blocking_threads", "0", "[runtime] max_blocking_threads must be >= 1, got 0"),
+    (
+        "logging",
+        "level",
+        '"loud"',
+        "[logging] level must be one of trace, debug, info, warn, warning, error, critical, "
+        "got 'loud'",
+    ),
+    (
+        "logging",
+        "format",
+        '"xml"',
+        "[logging] format must be one of compact, json, pretty, got 'xml'",
+    ),
+    ("metrics", "port", "70000", "[metrics] port must be an integer from 0 to 65535, got 70000"),
+    ("metrics", "port", "-1", "[metrics] port must be an integer from 0 to 65535, got -1"),
+    ("metrics", "host", '""', "[metrics] host must be a non-empty string, got ''"),
+    ("app", "app", '"nocolon"', "[app] app must look like 'package.module:attr', got 'nocolon'"),
+    ("app", "spawn", "[1]", "[app] spawn must be a list of non-empty command strings, got [1]"),
+    ("app", "agents", "0", "[app] agents must be >= 1, got 0"),
+    ("app", "duration", "-1", "[app] duration must be >= 0, got -1"),
+    (
+        "app",
+        "workload",
+        '"star"',
+        "[app] workload must be one of ring, fanout, request, got 'star'",
+    ),
+]
+
+
+@pytest.mark.parametrize(("section", "key", "value", "message"), BAD_VALUES)
+def test_invalid_file_value_names_file_line_and_key(
+    home: Path, section: str, key: str, value: str, message: str
+) -> None:
+    file = write(
+        home / "cwd" / "config.toml",
+        f"# a comment\n\n[{section}]\n# another\n{key} = {value}\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        load(home)
+    assert str(info.value) == f"{file}:5: {message}"
+    assert (info.value.path, info.value.line, info.value.key) == (file, 5, f"{section}.{key}")
+    assert isinstance(info.value, NexusError)
+    assert isinstance(info.value, ValueError)
+
+
+def test_every_key_has_a_bad_value_case() -> None:
+    assert {f"{s}.{k}" for s, k, _, _ in BAD_VALUES} == ALL_KEYS
+
+
+def test_invalid_env_value_names_the_variable(home: Path) -> None:
+    env = env_for(home, NEXUS_KERNEL__MAILBOX_CAPACITY="lots")
+    with pytest.raises(ConfigError) as info:
+        load(home, env=env)
+    assert str(info.value) == (
+        "environment variable NEXUS_KERNEL__MAILBOX_CAPACITY: "
+        "[kernel] mailbox_capacity must be an integer, got 'lots'"
+    )
+    assert info.value.key == "kernel.mailbox_capacity"
+
+
+def test_invalid_override_names_the_key(home: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(home, overrides={"logging.format": "yaml"})
+    assert str(info.value) == (
+        "override logging.format: [logging] format must be one of compact, json, pretty, got 'yaml'"
+    )
+
+
+def test_unknown_override_key_is_an_error_with_a_suggestion(home: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(home, overrides={"kernel.mailbox_capasity": 5})
+    assert str(info.value) == (
+        "override kernel.mailbox_capasity: unknown key [kernel] mailbox_capasity "
+        "(did you mean mailbox_capacity?)"
+    )
+    with pytest.raises(
+        ConfigError, match=r"unknown section \[kernal\] \(did you mean \[kernel\]\?\)"
+    ):
+        load(home, overrides={"kernal.mailbox_capacity": 5})
+
+
+def test_a_bad_file_value_is_an_error_even_when_env_overrides_it(home: Path) -> None:
+    file = write(home / "cwd" / "config.toml", "[kernel]\nbatch_size = 0\n")
+    with pytest.raises(ConfigError, match=rf"^{file}:2: \[kernel\] batch_size"):
+        load(home, env=env_for(home, NEXUS_KERNEL__BATCH_SIZE="8"))
+
+
+def test_broken_toml_reports_line_and_column(home: Path) -> None:
+    file = write(home / "cwd" / "config.toml", "[kernel]\nmailbox_capacity = 1\nbatch_size = \n")
+    with pytest.raises(ConfigError) as info:
+        load(home)
+    assert str(info.value) == f"{file}:3:13: invalid TOML: Unexpected character: '\\n'"
+    assert (info.value.line, info.value.column) == (3, 13)
+
+
+def test_unterminated_string_reports_its_line(home: Path) -> None:
+    file = write(home / "cwd" / "config.toml", '[logging]\nlevel = "info\n')
+    with pytest.raises(ConfigError, match=rf"^{file}:2:\d+: invalid TOML: "):
+        load(home)
+
+
+def test_duplicate_key_reports_the_second_line(home: Path) -> None:
+    file = write(home / "cwd" / "config.toml", "[kernel]\nbatch_size = 5\n\nbatch_size = 6\n")
+    with pytest.raises(ConfigError) as info:
+        load(home)
+    assert str(info.value) == f'{file}:4: invalid TOML: Key "batch_size" already exists.'
+
+
+def test_duplicate_section_reports_its_line(home: Path) -> None:
+    file = write(home / "cwd" / "config.toml", "[kernel]\nbatch_size = 5\n[kernel]\n")
+    with pytest.raises(ConfigError, match=rf"^{file}:3:0: invalid TOML: "):
+        load(home)
+
+
+def test_a_section_that_is_not_a_table_is_an_error(home: Path) -> None:
+    file = write(home / "cwd" / "config.toml", "# x\nkernel = 5\n")
+    with pytest.raises(ConfigError) as info:
+        load(home)
+    assert str(info.value) == f"{file}:2: [kernel] must be a table, got 5"
+    file = write(home / "cwd" / "config.toml", "# x\n\n[[kernel]]\nbatch_size = 1\n")
+    with pytest.raises(ConfigError) as info:
+        load(home)
+    assert str(info.value) == f"{file}:3: [kernel] must be a table, got [{{'batch_size': 1}}]"
+
+
+def test_a_file_that_is_not_utf8_is_an_error(home: Path) -> None:
+    file = home / "cwd" / "config.toml"
+    file.write_bytes(b"[kernel]\nbatch_size = 5 # \xff\n")
+    with pytest.raises(ConfigError, match=rf"^{file}: not UTF-8 text"):
+        load(home)
+
+
+# --- unknown keys ------------------------------------------------------------------------------
+
+
+def test_unknown_keys_are_warnings_with_did_you_mean(
+    home: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    file = write(
+        home / "cwd" / "config.toml",
+        "[kernel]\nmailbox_capasity = 3\nbatch_size = 8\n[kernal]\nx = 1\n[logging]\nzzz = 1\n",
+    )
+    env = env_for(home, NEXUS_LOGGING__LEVLE="debug", NEXUS_METRIC__PORT="1")
+    with caplog.at_level(logging.WARNING, logger="nexus_trio.config"):
+        loaded = load(home, env=env)
+    assert loaded.config.kernel.batch_size == 8
+    assert loaded.config.kernel.mailbox_capacity == 1024
+    assert loaded.warnings == (
+        f"{file}:2: unknown key [kernel] mailbox_capasity (did you mean mailbox_capacity?)",
+        f"{file}:4: unknown section [kernal] (did you mean [kernel]?)",
+        f"{file}:7: unknown key [logging] zzz (known keys: level, format)",
+        "environment variable NEXUS_LOGGING__LEVLE: unknown key [logging] levle "
+        "(did you mean level?)",
+        "environment variable NEXUS_METRIC__PORT: unknown section [metric] "
+        "(did you mean [metrics]?)",
+    )
+    logged = [r.getMessage() for r in caplog.records if r.name == "nexus_trio.config"]
+    assert logged == list(loaded.warnings)
+
+
+def test_a_top_level_key_of_a_section_suggests_the_section(home: Path) -> None:
+    file = write(home / "cwd" / "config.toml", "mailbox_capacity = 3\n")
+    loaded = load(home)
+    assert loaded.warnings == (
+        f"{file}:1: unknown top-level key mailbox_capacity (did you mean [kernel] mailbox_capacity?)",
+    )
+    assert loaded.config == Config()
+
+
+# --- template and rendering --------------------------------------------------------------------
+
+
+def test_template_round_trip_gives_the_defaults(home: Path) -> None:
+    path = write_template(home / "out" / "config.toml")
+    assert path == home / "out" / "config.toml"
+    assert path.read_text(encoding="utf-8") == render_template()
+    loaded = load(home, path)
+    assert loaded.config == Config()
+    assert loaded.warnings == ()
+    # Every key but the optional app.app is written out (that one is a commented example).
+    written = {k for k, v in loaded.sources.items() if v == f"file {path}"}
+    assert written == ALL_KEYS - {"app.app"}
+
+
+def test_template_documents_every_key() -> None:
+    text = render_template()
+    for section, cls in SECTIONS.items():
+        assert f"\n[{section}]\n" in text
+        for field in attrs.fields(cls):
+            assert field.metadata.get("doc"), f"{section}.{field.name} has no doc"
+            assert f"# {field.metadata['doc']} [default: " in text
+    assert "# app = " in text
+    assert "NEXUS_KERNEL__MAILBOX_CAPACITY" in text
+
+
+def test_write_template_refuses_to_overwrite(home: Path) -> None:
+    path = write(home / "config.toml", "[app]\nagents = 2\n")
+    with pytest.raises(ConfigError) as info:
+        write_template(path)
+    assert str(info.value) == (
+        f"{path}: file exists; refusing to overwrite it (use --force / force=True)"
+    )
+    assert path.read_text(encoding="utf-8") == "[app]\nagents = 2\n"
+    assert write_template(path, force=True) == path
+    assert path.read_text(encoding="utf-8") == render_template()
+
+
+def test_render_effective_shows_sources_and_parses_back(home: Path) -> None:
+    file = write(
+        home / "cwd" / "config.toml", '[kernel]\nmailbox_capacity = 10\n[app]\napp = "m:a"\n'
+    )
+    env = env_for(home, NEXUS_KERNEL__OVERFLOW="reject", NEXUS_APP__SPAWN="python a.py")
+    loaded = load(home, env=env, overrides={"logging.level": "debug"})
+    text = render_effective(loaded)
+    assert f"mailbox_capacity = 10  # from file {file}\n" in text
+    assert 'overflow = "reject"  # from env NEXUS_KERNEL__OVERFLOW\n' in text
+    assert 'level = "debug"  # from cli\n' in text
+    assert 'spawn = ["python a.py"]  # from env NEXUS_APP__SPAWN\n' in text
+    assert "batch_size = 64  # from default\n" in text
+    assert 'app = "m:a"  # from file' in text
+    again = write(home / "again.toml", text)
+    assert load(home, again).config == loaded.config
+    assert "# app is unset" not in text
+
+
+def test_render_effective_of_defaults_comments_out_unset_keys(home: Path) -> None:
+    loaded = load(home)
+    text = render_effective(loaded)
+    assert text.startswith(
+        "# effective nexus_trio configuration; config file: no file (defaults)\n"
+    )
+    assert "# app is unset  # from default\n" in text
+    again = write(home / "again.toml", text)
+    assert load(home, again).config == Config()
+
+
+def test_render_effective_lists_warnings(home: Path) -> None:
+    write(home / "cwd" / "config.toml", "[kernel]\nbatchsize = 1\n")
+    text = render_effective(load(home))
+    assert "# warning: " in text
+    assert "did you mean batch_size?" in text
+    assert tomlkit.parse(text)  # still valid TOML
+
+
+# --- the runtime mapping -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("worker_threads", "max_blocking_threads", "limit"),
+    [(0, 512, 512), (0, 3, 3), (4, 512, 4), (16, 8, 8)],
+)
+async def test_runtime_keys_size_the_run_sync_thread_limiter(
+    worker_threads: int, max_blocking_threads: int, limit: int
+) -> None:
+    runtime = RuntimeConfig(
+        worker_threads=worker_threads, max_blocking_threads=max_blocking_threads
+    )
+    assert runtime.blocking_thread_limit == limit
+    async with open_kernel(Config(runtime=runtime)) as kernel:
+        assert kernel._thread_limiter.total_tokens == limit
+
+
+def test_docs_describe_every_key() -> None:
+    docs = (Path(__file__).parent.parent / "docs" / "config.md").read_text(encoding="utf-8")
+    for section, cls in SECTIONS.items():
+        assert f"### `[{section}]`" in docs
+        for field in attrs.fields(cls):
+            assert f"| `{field.name}` |" in docs, f"{section}.{field.name} is not documented"
