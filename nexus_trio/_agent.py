@@ -13,7 +13,7 @@ import enum
 import inspect
 import logging
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, MutableMapping
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast, final, overload
 
 import attrs
@@ -277,6 +277,27 @@ def address_of(target: AgentRef | Address) -> Address:
 
 
 @final
+class _AgentLogAdapter(logging.LoggerAdapter[logging.Logger]):
+    """Adds the agent's and the current message's fields to every record."""
+
+    def __init__(self, logger: logging.Logger, ctx: Context) -> None:
+        super().__init__(logger, {})
+        self._ctx = ctx
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
+        ctx = self._ctx
+        fields: dict[str, Any] = {"agent_id": str(ctx.id), "agent_name": ctx.name or ""}
+        current = ctx.message
+        if current is not None:
+            fields["msg_id"] = str(current.id)
+            fields["trace_id"] = str(current.trace_id) if current.trace_id else ""
+        given = kwargs.get("extra")
+        if given:
+            fields.update(given)
+        kwargs["extra"] = fields
+        return msg, kwargs
+
+
 class Context:
     """What a handler may touch; one per agent, shared by its runs.
 
@@ -305,13 +326,12 @@ class Context:
 
     @property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:
-        """A logger whose records carry this agent's ``agent_id`` and ``agent_name``."""
+        """A logger whose records carry ``agent_id`` and ``agent_name``, and the
+        ``msg_id`` and ``trace_id`` of the message being handled; ``extra=`` passed by
+        the caller is kept too."""
         if self._log is None:
             # Built on first use: a million idle agents should not carry a million adapters.
-            self._log = logging.LoggerAdapter(
-                logging.getLogger("nexus_trio.agent"),
-                {"agent_id": str(self.id), "agent_name": self.name or ""},
-            )
+            self._log = _AgentLogAdapter(logging.getLogger("nexus_trio.agent"), self)
         return self._log
 
     @property

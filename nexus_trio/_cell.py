@@ -262,6 +262,7 @@ class AgentCell(Child):
                         "agent_id": str(self.id),
                         "agent_name": self.name or "",
                         "msg_id": str(msg.id),
+                        "trace_id": str(msg.trace_id) if msg.trace_id else "",
                     },
                 )
             self.kernel._dead_letter(msg, reason, self.id)

@@ -743,6 +743,8 @@ class Kernel:
                 reason.value,
                 f" ({detail})" if detail else "",
                 extra={
+                    "agent_id": str(cell.id) if cell is not None else str(recipient),
+                    "agent_name": (cell.name or "") if cell is not None else "",
                     "msg_id": str(msg.id),
                     "trace_id": str(msg.trace_id) if msg.trace_id else "",
                     "reason": reason.value,

@@ -53,7 +53,7 @@ def json_lines(stream: io.StringIO) -> list[dict[str, Any]]:
 async def worker(ctx: Context, msg: Message) -> None:
     if msg.payload == "fail":
         raise RuntimeError("boom")
-    ctx.log.info("handling %s", msg.payload)
+    ctx.log.info("handling %s", msg.payload, extra={"step": 1})
 
 
 async def test_json_lines_of_a_kernel_carry_agent_and_message_fields(
@@ -62,7 +62,7 @@ async def test_json_lines_of_a_kernel_carry_agent_and_message_fields(
     stream = configured("json", level="info")
     ref = nexus_kernel.spawn(worker)
     trace = uuid.uuid4()
-    await nexus_kernel.send(ref, "hello")
+    hello = await nexus_kernel.send(ref, "hello")
     failing = await nexus_kernel.send(ref, "fail", trace_id=trace)
     await nexus_kernel.send(ref, "again")
     await settle()
@@ -78,6 +78,9 @@ async def test_json_lines_of_a_kernel_carry_agent_and_message_fields(
         assert record["logger"] == "nexus_trio.agent"
         assert record["agent_id"] == str(ref.id)
         assert record["agent_name"] == "worker"
+        assert record["step"] == 1  # the caller's extra= is kept
+    assert handled[0]["msg_id"] == str(hello.id)
+    assert not handled[0].get("trace_id")  # none given: empty or left out
 
     errors = [r for r in records if r["level"] == "error"]
     assert len(errors) == 1
@@ -91,8 +94,8 @@ async def test_json_lines_of_a_kernel_carry_agent_and_message_fields(
     assert error["exc"].endswith("RuntimeError: boom")
 
     dead = [r for r in records if r["logger"] == "nexus_trio.dead_letters"]
-    assert [(d["msg_id"], d["trace_id"], d["reason"]) for d in dead] == [
-        (str(failing.id), str(trace), "handler_error")
+    assert [(d["msg_id"], d["trace_id"], d["reason"], d["agent_id"]) for d in dead] == [
+        (str(failing.id), str(trace), "handler_error", str(ref.id))
     ]
 
 
