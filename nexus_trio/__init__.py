@@ -11,9 +11,11 @@ from ._agent import AgentSpec as AgentSpec
 from ._agent import Context as Context
 from ._agent import RestartType as RestartType
 from ._agent import agent as agent
+from ._config import AppConfig as AppConfig
 from ._config import Config as Config
 from ._config import KernelConfig as KernelConfig
 from ._config import LoggingConfig as LoggingConfig
+from ._config import MetricsConfig as MetricsConfig
 from ._config import OverflowPolicy as OverflowPolicy
 from ._config import RestartStrategy as RestartStrategy
 from ._config import RuntimeConfig as RuntimeConfig
@@ -59,6 +61,7 @@ __all__ = [
     "AgentSpec",
     "AgentStats",
     "AgentStopped",
+    "AppConfig",
     "Backoff",
     "Config",
     "Context",
@@ -78,6 +81,7 @@ __all__ = [
     "MessageDecodeError",
     "MessageFailed",
     "MessageKind",
+    "MetricsConfig",
     "NameTaken",
     "NexusError",
     "OverflowPolicy",

@@ -15,9 +15,11 @@ deterministically. A test of an agent fits in five lines::
         assert await nexus_kernel.request(ref, "hi") == {"echo": "hi"}
 
 The functions below work with any kernel: :func:`settle` runs everything that can run
-(step until idle), :func:`dead_letters` and :func:`assert_dead_lettered` inspect what was
-not handled, :func:`record_events` collects lifecycle events, :func:`assert_conserved`
-checks the kernel's accounting.
+right now, :func:`step_until_idle` also lets time pass (backoffs, timeouts) until no
+message is left in flight, :func:`send_and_wait` sends and then steps until idle,
+:func:`dead_letters`, :func:`assert_dead_lettered` and :func:`assert_no_dead_letters`
+inspect what was not handled, :func:`record_events` collects lifecycle events and
+:func:`assert_events` compares them, :func:`assert_conserved` checks the kernel's accounting.
 """
 
 from __future__ import annotations
@@ -35,16 +37,22 @@ from ._config import Config, KernelConfig, SupervisionConfig
 from ._deadletter import DeadLetter, DeadLetterReason
 from ._events import EventKind, LifecycleEvent
 from ._kernel import Kernel, open_kernel
+from ._message import SYSTEM_ID, Message, MessageKind
 
 __all__ = [
     "EventRecorder",
     "assert_conserved",
     "assert_dead_lettered",
+    "assert_events",
+    "assert_no_dead_letters",
     "dead_letters",
     "nexus_kernel",
     "open_test_kernel",
     "record_events",
+    "send_and_wait",
     "settle",
+    "step_until_idle",
+    "test_config",
 ]
 
 
@@ -71,6 +79,50 @@ async def open_test_kernel(config: Config | None = None, *, seed: int = 0) -> As
 async def settle(kernel: Kernel | None = None) -> None:
     """Let every task run until all are blocked: messages sent so far are handled or waiting."""
     await trio.testing.wait_all_tasks_blocked()
+
+
+async def step_until_idle(kernel: Kernel, *, timeout: float = 60.0) -> None:
+    """Run the kernel until no accepted message is left in flight and every task is blocked.
+
+    Unlike :func:`settle` this lets time pass, so restart backoffs, handler timeouts and
+    sleeps in handlers play out — instantly on a ``MockClock`` with ``autojump_threshold=0``
+    (the ``autojump_clock`` fixture), in real time otherwise. Raises ``AssertionError``
+    saying how many messages are still in flight if the kernel is not idle after
+    ``timeout`` seconds (of the current clock), e.g. because a handler waits forever.
+    """
+    deadline = trio.current_time() + timeout
+    while True:
+        await trio.testing.wait_all_tasks_blocked()
+        in_flight = kernel.stats().in_flight
+        if in_flight == 0:
+            return
+        if trio.current_time() >= deadline:
+            raise AssertionError(
+                f"kernel not idle after {timeout:g} s: {in_flight} message(s) still in flight; "
+                f"agents: {kernel.describe()}"
+            )
+        # A short sleep lets timers fire; on an autojump clock it takes no real time.
+        await trio.sleep(min(0.01, max(deadline - trio.current_time(), 0.0)))
+
+
+async def send_and_wait(
+    kernel: Kernel,
+    to: Any,
+    payload: Any = None,
+    *,
+    kind: MessageKind = MessageKind.COMMAND,
+    sender: Any = SYSTEM_ID,
+    timeout: float = 60.0,
+) -> Message:
+    """Send one message, then :func:`step_until_idle`; return the message that was sent.
+
+    For agents that do not answer (events, commands): what the message caused — state,
+    messages to other agents, dead letters, restarts — has happened when this returns.
+    To get an answer back use ``await kernel.request(to, payload)``.
+    """
+    message = await kernel.send(to, payload, kind=kind, sender=sender)
+    await step_until_idle(kernel, timeout=timeout)
+    return message
 
 
 def dead_letters(kernel: Kernel, reason: DeadLetterReason | str | None = None) -> list[DeadLetter]:
@@ -107,6 +159,14 @@ def assert_dead_lettered(
     return matching[0]
 
 
+def assert_no_dead_letters(kernel: Kernel) -> None:
+    """Assert that nothing was dead-lettered; the message lists what was."""
+    letters = kernel.recent_dead_letters()
+    if letters:
+        seen = [(d.reason.value, d.message.payload, repr(d.error)) for d in letters]
+        raise AssertionError(f"expected no dead letters, got {len(letters)}: {seen}")
+
+
 def assert_conserved(kernel: Kernel) -> None:
     """Every accepted message is handled, replied, forwarded, dead-lettered or in flight."""
     s = kernel.stats()
@@ -129,6 +189,22 @@ class EventRecorder:
     def of(self, kind: EventKind | str) -> list[LifecycleEvent]:
         wanted = EventKind(kind)
         return [e for e in self.events if e.kind is wanted]
+
+
+def assert_events(
+    recorder: EventRecorder, name: str | None, expected: list[EventKind | str]
+) -> None:
+    """Assert the lifecycle events of agent ``name`` (all agents if ``None``) were ``expected``.
+
+    ``expected`` lists kinds in order, as :class:`EventKind` or their values (``"failed"``).
+    """
+    wanted = [EventKind(kind) for kind in expected]
+    got = recorder.kinds(name)
+    if got != wanted:
+        raise AssertionError(
+            f"events of {name or 'all agents'}: expected {[k.value for k in wanted]}, "
+            f"got {[k.value for k in got]}"
+        )
 
 
 @asynccontextmanager

@@ -1,7 +1,7 @@
-"""The ``nexus`` command line."""
+"""The ``nexus`` command line (typer + rich); the app is :data:`nexus_trio.cli._app.app`."""
 
 from __future__ import annotations
 
+from ._app import app, main
 
-def main() -> None:
-    raise SystemExit("nexus: the command line is not built yet")
+__all__ = ["app", "main"]
