@@ -266,7 +266,15 @@ _SHUTDOWN: Final = "shutdown"
 class SupervisorNode(Child):
     """The running side of a :class:`Supervisor`."""
 
-    __slots__ = ("_inbox_send", "_nursery", "_restart_times", "children", "kernel", "spec")
+    __slots__ = (
+        "_inbox_send",
+        "_last_spawn_gate",
+        "_nursery",
+        "_restart_times",
+        "children",
+        "kernel",
+        "spec",
+    )
 
     def __init__(self, kernel: Kernel, spec: Supervisor, name: str | None) -> None:
         self._init_child(new_id(), name, spec.restart, spec.shutdown_timeout)
@@ -278,6 +286,9 @@ class SupervisorNode(Child):
         self._nursery: trio.Nursery | None = None
         self._inbox_send: trio.MemorySendChannel[tuple[Any, ...]] | None = None
         self._restart_times: deque[float] = deque()
+        # The start gate of the last child added at run time that has an on_start: the
+        # next one starts after it, so spawn order is start order (as OTP's start_child).
+        self._last_spawn_gate: trio.Event | None = None
 
     # --- the child interface -----------------------------------------------------------
 
@@ -298,8 +309,10 @@ class SupervisorNode(Child):
                     nursery.start_soon(self._started_after, last)
                 else:
                     self.signal_started()
-                async for event in receive:
-                    if await self._handle(event):
+                async for first in receive:
+                    # Take what else is queued in the same round: N spawns in a row
+                    # are one scheduling round here, not N.
+                    if await self._handle(first) or await self._handle_queued(receive):
                         break
             except _Escalation as exc:
                 # Raised outside the nursery below, so that it is not wrapped in a group.
@@ -368,6 +381,11 @@ class SupervisorNode(Child):
             return None
         child.dormant = False
         child.done = trio.Event()
+        if getattr(child, "lazy", False):
+            # No on_start: its start cannot be observed, so it neither waits nor is waited for.
+            child.start_gate = None
+            self._nursery.start_soon(self._child_task, child, run, delay, child.done, None, None)
+            return None
         gate = child.start_gate = trio.Event()
         self._nursery.start_soon(self._child_task, child, run, delay, child.done, after, gate)
         return gate
@@ -424,13 +442,27 @@ class SupervisorNode(Child):
         if child.run == run and self._inbox_send is not None and not child.terminating:
             self._inbox_send.send_nowait((_EXIT, child, run, error))
 
+    async def _handle_queued(self, receive: trio.MemoryReceiveChannel[tuple[Any, ...]]) -> bool:
+        while True:
+            try:
+                event = receive.receive_nowait()
+            except trio.WouldBlock:
+                return False
+            if await self._handle(event):
+                return True
+
     async def _handle(self, event: tuple[Any, ...]) -> bool:
         """Process one event; True means this supervisor must stop."""
         kind = event[0]
         if kind == _ADD:
             child = event[1]
             if child in self.children and not child.retired:
-                self._start(child, 0.0)
+                after = self._last_spawn_gate
+                if after is not None and after.is_set():
+                    after = None
+                gate = self._start(child, 0.0, after)
+                if gate is not None:
+                    self._last_spawn_gate = gate
         elif kind == _TERMINATE:
             _, child, reason, finished = event
             if child in self.children:

@@ -533,3 +533,30 @@ def test_random_trees_and_failures(shape: Any, failures: list[int], max_restarts
         return outcome, restarts, starts
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def test_agents_spawned_at_run_time_start_in_spawn_order(autojump_clock: Any) -> None:
+    async with open_kernel(make_config()) as kernel:
+        names = [f"n{i}" for i in range(20)]
+        for name in names[:10]:
+            kernel.spawn(tracked(name))
+        await trio.lowlevel.checkpoint()
+        for name in names[10:]:
+            kernel.spawn(tracked(name))
+        await trio.testing.wait_all_tasks_blocked()
+        assert Journal.of("start") == names
+
+
+async def test_a_burst_of_spawns_is_served_in_a_few_scheduling_rounds() -> None:
+    @agent
+    async def noop(ctx: Context, msg: Message) -> None:
+        return None
+
+    async with open_kernel(make_config()) as kernel:
+        refs = [kernel.spawn(noop) for _ in range(1000)]
+        for ref in refs:
+            kernel.send_nowait(ref, 1)
+        # Not one round per spawn: the supervisor takes every queued spawn at once.
+        for _ in range(5):
+            await trio.lowlevel.checkpoint()
+        assert kernel.stats().handled == 1000
