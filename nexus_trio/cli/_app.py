@@ -1,0 +1,483 @@
+"""The typer application behind the ``nexus`` (and ``nexus-runtime``) command.
+
+Commands: ``run``, ``config init``, ``config show``, ``version``, ``health``. Other modules
+add theirs with a ``register(app)`` function (``nexus bench``, ``nexus send``, ...).
+
+Exit statuses: 0 success; 1 the run failed (the app raised, supervision escalated to the
+kernel, accounting mismatch), ``nexus health`` unhealthy, ``config init`` refused; 2 bad
+usage: an invalid flag value (the message names the flag) or an invalid config file
+(the message names file, line and key); 130 a second Ctrl-C forced the exit.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib
+import logging
+import shlex
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from .. import __version__
+from . import _bench_cmd, _send_cmd
+
+__all__ = ["app", "main"]
+
+log = logging.getLogger("nexus_trio.cli")
+
+EXAMPLES = """\
+[bold]Examples[/]
+
+  nexus run --agents 1000 --duration 10      [dim]# demo ring, live view, summary[/]
+
+  nexus run -n 10000 -w fanout --rate 50000 --metrics-port 9464
+
+  nexus run --app myproject.agents:main      [dim]# your own agents[/]
+
+  nexus run -n 100 -d 2 --json | jq .sent    [dim]# summary as JSON[/]
+
+  nexus config init config.toml              [dim]# commented template[/]
+
+  nexus config show -c config.toml           [dim]# effective values + sources[/]
+
+  nexus health --port 9464                   [dim]# exit 0 if healthy[/]
+"""
+
+app = typer.Typer(
+    name="nexus",
+    help="nexus_trio: an agent kernel for Python on Trio.",
+    epilog=EXAMPLES,
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(
+    help="Write a config template or show the effective config.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+)
+app.add_typer(config_app, name="config")
+
+
+class LogLevel(enum.StrEnum):
+    trace = "trace"
+    debug = "debug"
+    info = "info"
+    warn = "warn"
+    warning = "warning"
+    error = "error"
+    critical = "critical"
+
+
+class LogFormat(enum.StrEnum):
+    compact = "compact"
+    json = "json"
+    pretty = "pretty"
+
+
+class Workload(enum.StrEnum):
+    ring = "ring"
+    fanout = "fanout"
+    request = "request"
+
+
+def _fail(message: str, status: int = 2) -> typer.Exit:
+    Console(stderr=True, highlight=False, soft_wrap=True).print(
+        f"[bold red]nexus: error:[/] {message}", markup=True
+    )
+    return typer.Exit(status)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(_version_text())
+        raise typer.Exit()
+
+
+def _version_text() -> str:
+    import platform
+
+    import trio
+
+    return (
+        f"nexus_trio {__version__} (trio {trio.__version__}, "
+        f"Python {platform.python_version()}, {platform.system()})"
+    )
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            "-V",
+            help="Print the version and exit.",
+            callback=_version_callback,
+            is_eager=True,
+        ),
+    ] = False,
+) -> None:
+    """nexus_trio: an agent kernel for Python on Trio.
+
+    Runs thousands to millions of agents with bounded mailboxes, backpressure,
+    supervision and graceful shutdown.
+    """
+
+
+@app.command()
+def version() -> None:
+    """Print the version of nexus_trio, Trio and Python."""
+    typer.echo(_version_text())
+
+
+# --- run ------------------------------------------------------------------------------------
+
+_RUN_EPILOG = (
+    "[bold]--app[/] names [i]package.module:attr[/] (the current directory is importable): "
+    "an AgentSpec made with @agent (spawned once), a list of AgentSpecs/Supervisors, a "
+    "Supervisor, or [i]async def main(kernel)[/] (called once the kernel is up; the run ends "
+    "when it returns, at --duration or at Ctrl-C). Without --app and --spawn a demo workload "
+    "runs: [i]ring[/] (tokens forwarded agent to agent), [i]fanout[/] (a driver sends round "
+    "robin) or [i]request[/] (pairs doing request/reply).\n\n"
+    "Ctrl-C or SIGTERM: graceful shutdown, then the summary; a second one exits at once "
+    "(status 130). SIGUSR1: the agent tree (states, mailbox depths) goes to the log.\n\n"
+    "Flags override the config file (\\[app], \\[metrics], \\[logging]) and NEXUS_* "
+    "variables. Exit status: 0 ok, 1 the run failed, 2 bad flag or config, 130 forced.\n"
+)
+
+
+@app.command(epilog=_RUN_EPILOG)
+def run(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="Config file (TOML).", dir_okay=False),
+    ] = None,
+    log_level: Annotated[
+        LogLevel | None,
+        typer.Option("--log-level", "-l", help="Log level.", case_sensitive=False),
+    ] = None,
+    log_format: Annotated[
+        LogFormat | None,
+        typer.Option("--log-format", "-f", help="Log format.", case_sensitive=False),
+    ] = None,
+    agents: Annotated[
+        int | None,
+        typer.Option(
+            "--agents",
+            "-n",
+            "--num-agents",
+            min=1,
+            help="Agents of the demo workload (default 1000).",
+        ),
+    ] = None,
+    duration: Annotated[
+        float | None,
+        typer.Option(
+            "--duration", "-d", min=0, help="Seconds to run; 0 = until Ctrl-C (default 0)."
+        ),
+    ] = None,
+    generate_config: Annotated[
+        Path | None,
+        typer.Option(
+            "--generate-config",
+            metavar="FILE",
+            dir_okay=False,
+            help="Write a commented config template to FILE and exit.",
+        ),
+    ] = None,
+    app_ref: Annotated[
+        str | None,
+        typer.Option("--app", metavar="MODULE:ATTR", help="Run your agents instead of the demo."),
+    ] = None,
+    workload: Annotated[
+        Workload | None,
+        typer.Option(
+            "--workload", "-w", help="Demo workload (default ring).", case_sensitive=False
+        ),
+    ] = None,
+    rate: Annotated[
+        float,
+        typer.Option("--rate", min=0, help="Demo messages per second in total; 0 = unpaced."),
+    ] = 0.0,
+    payload_size: Annotated[
+        int,
+        typer.Option(
+            "--payload-size", min=0, max=64 * 1024 * 1024, help="Demo payload size in bytes."
+        ),
+    ] = 16,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the summary as JSON on stdout.")
+    ] = False,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            min=0,
+            max=65535,
+            help="Serve /metrics and /healthz on this port; 0 = off (default 0).",
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str | None,
+        typer.Option("--metrics-host", help="Address of the metrics endpoint (default 127.0.0.1)."),
+    ] = None,
+    dump_on_signal: Annotated[
+        bool,
+        typer.Option(
+            "--dump-on-signal",
+            help="Also write the agent tree to the log on SIGINT/SIGTERM (SIGUSR1 always does).",
+        ),
+    ] = False,
+    spawn: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--spawn", metavar="CMD", help="Spawn an external agent process (repeatable)."
+        ),
+    ] = None,
+    nats: Annotated[
+        str | None,
+        typer.Option("--nats", metavar="URL", help="Join a cluster through NATS at URL."),
+    ] = None,
+    node: Annotated[
+        str | None,
+        typer.Option("--node", metavar="NAME", help="Node name in the cluster (default host-pid)."),
+    ] = None,
+    live: Annotated[
+        bool | None,
+        typer.Option(
+            "--live/--no-live",
+            help="Force the live view on or off (default: on if stderr is a terminal).",
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Seed for backoff jitter and the demo.")
+    ] = None,
+) -> None:
+    """Run a kernel: your agents (--app) or a demo workload, with a live view and a summary."""
+    from ..config import ConfigError, load_config, write_template
+    from ..logs import configure_logging
+    from ._run import AppError, RunOptions, execute_run, load_app, stderr_proxy
+
+    if generate_config is not None:
+        try:
+            written = write_template(generate_config)
+        except ConfigError as exc:
+            raise _fail(str(exc), 1) from None
+        typer.echo(f"wrote {written}")
+        return
+
+    commands: list[tuple[str, ...]] = []
+    for command in spawn or ():
+        commands.append(_split_command(command, "--spawn"))
+    if nats is not None:
+        _check_nats(nats)
+    elif node is not None:
+        raise typer.BadParameter("needs --nats URL", param_hint="'--node'")
+
+    flag_of = {
+        "logging.level": "--log-level",
+        "logging.format": "--log-format",
+        "app.agents": "--agents",
+        "app.duration": "--duration",
+        "app.workload": "--workload",
+        "app.app": "--app",
+        "app.spawn": "--spawn",
+        "metrics.port": "--metrics-port",
+        "metrics.host": "--metrics-host",
+    }
+    overrides: dict[str, Any] = {
+        "logging.level": log_level.value if log_level else None,
+        "logging.format": log_format.value if log_format else None,
+        "app.agents": agents,
+        "app.duration": duration,
+        "app.workload": workload.value if workload else None,
+        "app.app": app_ref,
+        "app.spawn": list(spawn) if spawn else None,
+        "metrics.port": metrics_port,
+        "metrics.host": metrics_host,
+    }
+    try:
+        loaded = load_config(config, overrides=overrides)
+    except ConfigError as exc:
+        flag = flag_of.get(exc.key or "") if exc.origin and "override" in exc.origin else None
+        if flag is not None:
+            raise typer.BadParameter(exc.message, param_hint=f"'{flag}'") from None
+        raise _fail(str(exc)) from None
+    cfg = loaded.config
+    configure_logging(
+        cfg.logging, stream=None if cfg.logging.format == "pretty" else stderr_proxy()
+    )
+
+    target = None
+    if cfg.app.app:
+        try:
+            target = load_app(cfg.app.app)
+        except AppError as exc:
+            hint = "'--app'" if app_ref else "[app] app"
+            raise typer.BadParameter(str(exc), param_hint=hint) from None
+    if not commands:
+        commands = [_split_command(c, "[app] spawn") for c in cfg.app.spawn]
+    if commands:
+        from .._kernel import Kernel
+
+        if not hasattr(Kernel, "spawn_process"):
+            raise typer.BadParameter(
+                "process agents are not available in this build of nexus_trio",
+                param_hint="'--spawn'",
+            )
+    show_live = live if live is not None else sys.stderr.isatty()
+    opts = RunOptions(
+        config=cfg,
+        agents=cfg.app.agents,
+        duration=cfg.app.duration,
+        workload=cfg.app.workload,
+        rate=rate,
+        payload_size=payload_size,
+        app=cfg.app.app,
+        target=target,
+        json=json_out,
+        metrics_port=cfg.metrics.port,
+        metrics_host=cfg.metrics.host,
+        dump_on_signal=dump_on_signal,
+        spawn=tuple(commands),
+        nats=nats,
+        node=node,
+        live=show_live,
+        seed=seed,
+        demo=target is None and not commands,
+    )
+    status = execute_run(opts)
+    if status:
+        raise typer.Exit(status)
+
+
+def _split_command(command: str, flag: str) -> tuple[str, ...]:
+    try:
+        argv = tuple(shlex.split(command))
+    except ValueError as exc:
+        raise typer.BadParameter(f"{exc} in {command!r}", param_hint=f"'{flag}'") from None
+    if not argv:
+        raise typer.BadParameter("empty command", param_hint=f"'{flag}'")
+    return argv
+
+
+def _check_nats(url: str) -> None:
+    if "://" not in url:
+        raise typer.BadParameter(
+            f"expected a URL like nats://127.0.0.1:4222, got {url!r}", param_hint="'--nats'"
+        )
+    try:
+        importlib.import_module("nexus_trio._nats")
+    except ImportError as exc:
+        raise typer.BadParameter(
+            f"NATS support is not installed ({exc}); pip install 'nexus_trio[nats]'",
+            param_hint="'--nats'",
+        ) from None
+
+
+# --- config --------------------------------------------------------------------------------------
+
+
+@config_app.command("init")
+def config_init(
+    file: Annotated[Path, typer.Argument(help="Where to write the template.", dir_okay=False)],
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a commented config template (every key with its default and meaning)."""
+    from ..config import ConfigError, write_template
+
+    try:
+        written = write_template(file, force=force)
+    except ConfigError as exc:
+        raise _fail(str(exc), 1) from None
+    typer.echo(f"wrote {written}")
+
+
+@config_app.command("show")
+def config_show(
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", "-c", help="Config file (TOML); else the search path.", dir_okay=False
+        ),
+    ] = None,
+) -> None:
+    """Print the effective config, each value with where it came from (default, file, env)."""
+    from ..config import ConfigError, load_config, render_effective
+
+    try:
+        loaded = load_config(config)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(render_effective(loaded), nl=False)
+
+
+# --- health --------------------------------------------------------------------------------------
+
+
+@app.command()
+def health(
+    host: Annotated[
+        str, typer.Option("--host", help="Host of the metrics endpoint.")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int | None,
+        typer.Option(
+            "--port",
+            "-p",
+            min=1,
+            max=65535,
+            help="Metrics port (default: the config's metrics.port).",
+        ),
+    ] = None,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait.")] = 3.0,
+) -> None:
+    """Check a running kernel's /healthz: exit 0 if healthy, 1 otherwise."""
+    if port is None:
+        from ..config import ConfigError, load_config
+
+        try:
+            port = load_config().config.metrics.port
+        except ConfigError as exc:
+            raise _fail(str(exc)) from None
+        if not port:
+            raise typer.BadParameter(
+                "no port: pass --port or set [metrics] port in the config", param_hint="'--port'"
+            )
+    url = f"http://{_url_host(host)}:{port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            body = response.read().decode("utf-8", "replace").strip()
+            typer.echo(f"{url}: {response.status} {body}")
+            return
+    except urllib.error.HTTPError as exc:
+        body = exc.read().decode("utf-8", "replace").strip()
+        typer.echo(f"{url}: unhealthy: {exc.code} {body}", err=True)
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        typer.echo(f"{url}: unreachable: {reason}", err=True)
+    raise typer.Exit(1)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+# --- commands of other modules ----------------------------------------------------------------
+
+_bench_cmd.register(app)
+_send_cmd.register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``nexus`` and ``nexus-runtime`` console scripts."""
+    app(args=argv, prog_name="nexus")

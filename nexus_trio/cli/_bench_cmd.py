@@ -1,0 +1,81 @@
+"""``nexus bench``: run the benchmark suite (see :mod:`nexus_trio.bench`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+_EPILOG = """\
+[bold]Examples[/]
+
+  nexus bench --quick                           [dim]# every scenario, small, ~1 min[/]
+
+  nexus bench -s fanout -s reqrep --repeat 5    [dim]# two scenarios, median of 5[/]
+
+  nexus bench --json bench.json --plot bench.png
+
+  nexus bench --full -s scale                   [dim]# up to 1M agents (~2 min more)[/]
+
+Scenarios: fanout, reqrep, scale, load, fanin, churn, bridges.
+"""
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``bench`` command to ``app``."""
+
+    @app.command(epilog=_EPILOG)
+    def bench(
+        scenario: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--scenario",
+                "-s",
+                help="Run only this scenario (repeatable): fanout, reqrep, scale, load, "
+                "fanin, churn, bridges.",
+            ),
+        ] = None,
+        quick: Annotated[
+            bool, typer.Option("--quick", help="Small sizes, one repetition (about a minute).")
+        ] = False,
+        full: Annotated[
+            bool, typer.Option("--full", help="Default sizes plus 1,000,000 idle agents.")
+        ] = False,
+        smoke: Annotated[
+            bool, typer.Option("--smoke", help="Tiny sizes: does every scenario run (seconds).")
+        ] = False,
+        repeat: Annotated[
+            int | None,
+            typer.Option(
+                "--repeat", "-r", help="Repetitions per scenario (medians are shown).", min=1
+            ),
+        ] = None,
+        json_file: Annotated[
+            Path | None, typer.Option("--json", help="Also write the results as JSON to FILE.")
+        ] = None,
+        plot_file: Annotated[
+            Path | None,
+            typer.Option("--plot", help="Also draw a PNG bar chart to FILE (needs matplotlib)."),
+        ] = None,
+        no_progress: Annotated[
+            bool, typer.Option("--no-progress", help="No progress bar (e.g. in CI logs).")
+        ] = False,
+    ) -> None:
+        """Benchmark the kernel against raw trio and asyncio baselines, in one process run."""
+        from ..bench import run_cli
+
+        if sum((quick, full, smoke)) > 1:
+            typer.echo("--quick, --full and --smoke exclude each other: pick one", err=True)
+            raise typer.Exit(2)
+        scale = "quick" if quick else "full" if full else "smoke" if smoke else "default"
+        status = run_cli(
+            scenario or (),
+            scale=scale,
+            repeat=repeat,
+            json_path=json_file,
+            plot_path=plot_file,
+            progress=not no_progress,
+        )
+        if status:
+            raise typer.Exit(status)

@@ -1,0 +1,510 @@
+"""``nexus run``: a kernel with the user's app or a demo workload, live view, signals, summary.
+
+The flow, all inside one ``trio.run``::
+
+    outer nursery: signal watcher, metrics server, live view / progress line
+      open_kernel(config)                      leaving it = graceful shutdown
+        [join_cluster(kernel, url, node)]      with --nats
+          body nursery: process agents (--spawn), the app or the demo's agents and driver
+          wait for: --duration, SIGINT/SIGTERM, or the app's main() returning
+          stop the demo's traffic, cancel the body
+    summary from kernel.stats() after the shutdown (in_flight is then 0)
+
+A first SIGINT/SIGTERM asks for the graceful shutdown; a second one exits at once with
+status 130. SIGUSR1 writes the agent tree (``kernel.describe()``) to the log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib
+import inspect
+import io
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, Final, TextIO, cast
+
+import attrs
+import trio
+from rich.console import Console
+from rich.live import Live
+
+from .._agent import Agent, AgentSpec, as_spec
+from .._config import Config
+from .._errors import SupervisorEscalation
+from .._kernel import Kernel, open_kernel
+from .._supervisor import Supervisor
+from ._view import Sample, plain_line, render_live, render_tree, rss_bytes, summary_table
+from ._workloads import Demo
+
+__all__ = ["AppError", "RunOptions", "execute_run", "load_app", "run_async"]
+
+log = logging.getLogger("nexus_trio.cli")
+
+#: above this many agents, spawning shows a progress bar
+PROGRESS_THRESHOLD: Final = 10_000
+#: seconds between two lines of the plain progress log
+PLAIN_INTERVAL: Final = 5.0
+#: exit status of a forced exit (second Ctrl-C), as a shell reports SIGINT
+FORCED_EXIT: Final = 130
+
+
+class AppError(Exception):
+    """``--app`` does not name a usable object."""
+
+
+@attrs.frozen
+class RunOptions:
+    """Everything ``nexus run`` needs, already validated and resolved against the config."""
+
+    config: Config
+    agents: int = 1000
+    duration: float = 0.0
+    workload: str = "ring"
+    rate: float = 0.0
+    payload_size: int = 16
+    app: str | None = None
+    target: Any = None
+    json: bool = False
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
+    dump_on_signal: bool = False
+    spawn: tuple[tuple[str, ...], ...] = ()
+    nats: str | None = None
+    node: str | None = None
+    live: bool = False
+    seed: int | None = None
+    #: run the demo workload (no --app and no --spawn)
+    demo: bool = True
+
+
+# --- --app ----------------------------------------------------------------------------------
+
+
+def _app_kind(obj: Any) -> str:
+    if isinstance(obj, AgentSpec):
+        return "spec"
+    if isinstance(obj, Supervisor):
+        return "supervisor"
+    if isinstance(obj, type) and issubclass(obj, Agent):
+        return "spec"
+    if (
+        isinstance(obj, list | tuple)
+        and obj
+        and all(isinstance(x, AgentSpec | Supervisor) for x in obj)
+    ):
+        return "list"
+    if inspect.iscoroutinefunction(obj):
+        return "main"
+    raise AppError(
+        "must be an AgentSpec (@agent), a list of AgentSpecs/Supervisors, a Supervisor, "
+        f"or an 'async def main(kernel)'; got {type(obj).__name__} {obj!r:.60}"
+    )
+
+
+def load_app(reference: str) -> Any:
+    """Import ``package.module:attr`` (the current directory is importable, as with ``-m``)."""
+    module_name, sep, attr = reference.partition(":")
+    if not sep or not module_name.strip() or not attr.strip():
+        raise AppError(f"expected 'package.module:attr', got {reference!r}")
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (module_name + ".").startswith(exc.name + "."):
+            raise AppError(f"no module named {module_name!r} (in {reference!r})") from None
+        raise AppError(f"importing {module_name!r} failed: {exc}") from exc
+    except Exception as exc:
+        raise AppError(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise AppError(f"module {module_name!r} has no attribute {attr!r}") from None
+    _app_kind(obj)
+    return obj
+
+
+# --- run state, signals and the view ----------------------------------------------------------
+
+
+class _State:
+    def __init__(self, opts: RunOptions) -> None:
+        self.opts = opts
+        self.phase = "starting"
+        self.stop_event = trio.Event()
+        self.stopped_by: str | None = None
+        self.signals = 0
+        self.kernel: Kernel | None = None
+        self.demo: Demo | None = None
+        self.live: Live | None = None
+        self.t0 = trio.current_time()
+        self.t_spawned: float | None = None
+        self.t_stop: float | None = None
+        self.peak_rss = 0
+        self.agents_at_stop = 0
+        self.spawn_progress: tuple[int, int] | None = None
+
+    def request_stop(self, reason: str) -> None:
+        if self.stopped_by is None:
+            self.stopped_by = reason
+        self.stop_event.set()
+
+    def stop_live(self) -> None:
+        if self.live is not None:
+            with contextlib.suppress(Exception):
+                self.live.stop()
+            self.live = None
+
+
+def _dump(state: _State, why: str) -> None:
+    if state.kernel is None:
+        log.warning("%s: no kernel yet", why)
+        return
+    log.warning("%s: %s", why, render_tree(state.kernel.describe()))
+
+
+def _watched_signals() -> list[int]:
+    wanted: list[int] = [signal.SIGINT, signal.SIGTERM]
+    usr1 = getattr(signal, "SIGUSR1", None)
+    if usr1 is not None:
+        wanted.append(usr1)
+    return wanted
+
+
+async def _watch_signals(
+    state: _State, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    usr1 = getattr(signal, "SIGUSR1", None)
+    with trio.open_signal_receiver(*_watched_signals()) as receiver:
+        task_status.started()
+        async for signum in receiver:
+            name = signal.Signals(signum).name
+            if signum == usr1:
+                _dump(state, "SIGUSR1")
+                continue
+            state.signals += 1
+            if state.signals > 1:
+                state.stop_live()
+                log.error("%s again: forced exit, without waiting for the shutdown", name)
+                with contextlib.suppress(Exception):
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                os._exit(FORCED_EXIT)
+            log.warning("%s: shutting down gracefully (send it again to force)", name)
+            if state.opts.dump_on_signal:
+                _dump(state, name)
+            state.request_stop(name)
+
+
+def _sample(state: _State, kernel: Kernel, rate: float) -> Sample:
+    rss = rss_bytes()
+    state.peak_rss = max(state.peak_rss, rss)
+    # the clock of the run (as --duration counts), or of the spawning before it
+    since = state.t_spawned if state.t_spawned is not None else state.t0
+    return Sample(
+        elapsed=trio.current_time() - since,
+        phase=state.phase,
+        stats=kernel.stats(),
+        rate=rate,
+        rss=rss,
+    )
+
+
+async def _watch(state: _State, kernel: Kernel, title: str) -> None:
+    """Refresh the live view (at most 4 times a second) or log a plain line every few seconds."""
+    opts = state.opts
+    live_interval = 0.25 if opts.agents <= 100_000 else 1.0  # stats() is O(agents)
+    interval = live_interval if opts.live else PLAIN_INTERVAL
+    last_t = trio.current_time()
+    first = kernel.stats()
+    last_n = first.handled + first.replies_delivered + first.forwarded
+    while True:
+        await trio.sleep(interval)
+        now = trio.current_time()
+        s = kernel.stats()
+        n = s.handled + s.replies_delivered + s.forwarded
+        rate = (n - last_n) / (now - last_t) if now > last_t else 0.0
+        last_t, last_n = now, n
+        sample = _sample(state, kernel, rate)
+        if state.live is not None:
+            state.live.update(
+                render_live(title, sample, opts.duration, state.spawn_progress), refresh=True
+            )
+        elif not opts.live:
+            log.info("%s", plain_line(sample))
+
+
+class _StderrProxy(io.TextIOBase):
+    """Writes to whatever ``sys.stderr`` is at the time (so rich's Live can redirect logs)."""
+
+    def write(self, s: str) -> int:
+        return sys.stderr.write(s)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
+def stderr_proxy() -> TextIO:
+    return cast(TextIO, _StderrProxy())
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+def _title(opts: RunOptions) -> str:
+    if opts.app:
+        return f"app {opts.app}"
+    if not opts.demo:
+        return f"{len(opts.spawn)} process agent(s)"
+    return f"{opts.workload} workload · {opts.agents:,} agents"
+
+
+def _spawn_progress(state: _State, total: int) -> Callable[[int], None]:
+    """Progress of a bulk spawn: a bar in the live view above PROGRESS_THRESHOLD agents."""
+    if total > PROGRESS_THRESHOLD:
+        log.info("spawning %d agents", total)
+        if state.live is not None:
+            state.spawn_progress = (0, total)
+
+    def update(done: int) -> None:
+        if state.spawn_progress is not None:
+            state.spawn_progress = (done, total)
+
+    return update
+
+
+async def _run_app(state: _State, kernel: Kernel, nursery: trio.Nursery) -> None:
+    target = state.opts.target
+    kind = _app_kind(target)
+    if kind == "main":
+
+        async def main() -> None:
+            await target(kernel)
+            state.request_stop("app finished")
+
+        nursery.start_soon(main)
+        return
+    targets = list(target) if kind == "list" else [target]
+    for t in targets:
+        ref = kernel.spawn(t if isinstance(t, Supervisor) else as_spec(t))
+        log.info("spawned %s", ref.name or ref.id)
+
+
+async def _body(state: _State, kernel: Kernel) -> None:
+    opts = state.opts
+    async with trio.open_nursery() as body:
+        for argv in opts.spawn:
+            ref = kernel.spawn_process(list(argv))
+            log.info("spawned process agent %s: %s", ref.name or ref.id, argv)
+        if opts.target is not None:
+            state.phase = "spawning"
+            await _run_app(state, kernel, body)
+        elif opts.demo:
+            state.phase = "spawning"
+            demo = Demo(
+                kernel,
+                opts.workload,
+                opts.agents,
+                rate=opts.rate,
+                payload_size=opts.payload_size,
+                seed=opts.seed,
+            )
+            state.demo = demo
+            progress = _spawn_progress(state, opts.agents)
+            try:
+                await demo.spawn(progress=progress, should_stop=state.stop_event.is_set)
+            finally:
+                state.spawn_progress = None
+            gc.freeze()  # a million long-lived agents: keep them out of the GC's scans
+            body.start_soon(demo.drive)
+        state.t_spawned = trio.current_time()
+        state.phase = "running"
+        log.info(
+            "running %s for %s (Ctrl-C to stop)",
+            _title(opts),
+            f"{opts.duration:g} s" if opts.duration else "ever",
+        )
+        with trio.move_on_after(opts.duration if opts.duration > 0 else math.inf):
+            await state.stop_event.wait()
+        state.request_stop("duration")
+        state.t_stop = trio.current_time()
+        state.agents_at_stop = kernel.stats().agents_alive
+        state.phase = "stopping"
+        if state.demo is not None:
+            state.demo.stop()
+        body.cancel_scope.cancel()
+
+
+async def run_async(opts: RunOptions, console: Console | None = None) -> tuple[dict[str, Any], int]:
+    """Run as ``nexus run`` does; returns the summary and the exit status."""
+    console = console or Console(stderr=True)
+    state = _State(opts)
+    error: BaseException | None = None
+    kernel: Kernel | None = None
+    t_shutdown: float | None = None
+    async with trio.open_nursery() as outer:
+        await outer.start(_watch_signals, state)
+        if opts.live:
+            state.live = Live(
+                console=console,
+                auto_refresh=False,
+                redirect_stdout=True,
+                redirect_stderr=True,
+                transient=False,
+            )
+            state.live.start()
+        try:
+            async with open_kernel(opts.config, seed=opts.seed) as kernel:
+                state.kernel = kernel
+                if opts.metrics_port:
+                    from ..metrics import serve_metrics
+
+                    await outer.start(serve_metrics, kernel, opts.metrics_host, opts.metrics_port)
+                outer.start_soon(_watch, state, kernel, _title(opts))
+                async with contextlib.AsyncExitStack() as stack:
+                    if opts.nats:
+                        from .._nats import join_cluster
+
+                        node = opts.node or f"{os.uname().nodename}-{os.getpid()}"
+                        await stack.enter_async_context(join_cluster(kernel, opts.nats, node))
+                        log.info("joined the cluster at %s as %s", opts.nats, node)
+                    await _body(state, kernel)
+                    # Drain here, with the cluster (if any) still attached for in-flight
+                    # remote messages; leaving open_kernel then has nothing left to do.
+                    state.phase = "shutting down"
+                    t_shutdown = trio.current_time()
+                    await kernel.shutdown()
+        except SupervisorEscalation as exc:
+            error = exc
+            log.error("the kernel stopped: %s", exc)
+        except Exception as exc:
+            error = _unwrap(exc)
+            log.error("the run failed: %s", _describe(error), exc_info=error)
+        finally:
+            state.phase = "done"
+            if kernel is not None and state.live is not None:
+                state.live.update(
+                    render_live(_title(opts), _sample(state, kernel, 0.0), opts.duration),
+                    refresh=True,
+                )
+            state.stop_live()
+            outer.cancel_scope.cancel()
+    t_end = trio.current_time()
+    if state.t_stop is None:
+        state.t_stop = t_end
+    if t_shutdown is None:
+        t_shutdown = state.t_stop
+    summary = build_summary(state, kernel, error, t_shutdown=t_shutdown, t_end=t_end)
+    status = 0 if error is None and summary["conserved"] else 1
+    if not summary["conserved"] and kernel is not None:
+        log.error("accounting mismatch: %s", json.dumps(summary))
+    return summary, status
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The one exception inside (nested) single-exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _describe(exc: BaseException) -> str:
+    exc = _unwrap(exc)
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(e) for e in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def build_summary(
+    state: _State,
+    kernel: Kernel | None,
+    error: BaseException | None,
+    *,
+    t_shutdown: float,
+    t_end: float,
+) -> dict[str, Any]:
+    opts = state.opts
+    stats = kernel.stats() if kernel is not None else None
+    t_spawned = state.t_spawned if state.t_spawned is not None else state.t_stop or t_end
+    t_stop = state.t_stop if state.t_stop is not None else t_end
+    peak = max(state.peak_rss, rss_bytes())
+
+    def hist(name: str) -> dict[str, float]:
+        if stats is None:
+            return {"count": 0, "p50": 0.0, "p90": 0.0, "p99": 0.0, "p999": 0.0, "max": 0.0}
+        h = getattr(stats, name)
+        return {
+            "count": h.count,
+            "mean": h.mean,
+            "p50": h.p50,
+            "p90": h.p90,
+            "p99": h.p99,
+            "p999": h.p999,
+            "max": h.maximum,
+        }
+
+    handled = stats.handled if stats else 0
+    replies = stats.replies_delivered if stats else 0
+    forwarded = stats.forwarded if stats else 0
+    dead = stats.dead_lettered if stats else 0
+    accepted = stats.accepted if stats else 0
+    in_flight = stats.in_flight if stats else 0
+    busy_time = max(t_end - t_spawned, 1e-9)
+    return {
+        "app": opts.app,
+        "workload": None if opts.app else opts.workload,
+        "agents": opts.agents if opts.demo and not opts.app else state.agents_at_stop,
+        "stopped_by": state.stopped_by or ("error" if error else "unknown"),
+        "error": None if error is None else _describe(error),
+        "elapsed_s": {
+            "total": t_end - state.t0,
+            "spawn": t_spawned - state.t0,
+            "run": t_stop - t_spawned,
+            "shutdown": t_end - t_shutdown,
+        },
+        "sent": accepted,
+        "handled": handled,
+        "replies_delivered": replies,
+        "forwarded": forwarded,
+        "dead_letters": dead,
+        "dead_letters_by_reason": dict(stats.dead_letters_by_reason) if stats else {},
+        "in_flight": in_flight,
+        "rejected": dict(stats.rejected) if stats else {},
+        "failed": stats.failed if stats else 0,
+        "timed_out": stats.timed_out if stats else 0,
+        "restarts": stats.restarts if stats else 0,
+        "msgs_per_s": (handled + replies + forwarded) / busy_time,
+        "handle_latency": hist("handle_latency"),
+        "queue_wait": hist("queue_wait"),
+        "peak_rss_bytes": peak,
+        "conserved": stats is not None
+        and in_flight == 0
+        and accepted == handled + replies + forwarded + dead,
+    }
+
+
+def execute_run(opts: RunOptions, *, err_console: Console | None = None) -> int:
+    """``trio.run`` the run, print the summary (table, or JSON with ``--json``); the exit status."""
+    started = time.perf_counter()
+    summary, status = trio.run(run_async, opts, err_console)
+    log.debug("run took %.3f s of wall time", time.perf_counter() - started)
+    if opts.json:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+        sys.stdout.flush()
+    else:
+        Console().print(summary_table(summary))
+    return status

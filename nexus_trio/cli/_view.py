@@ -1,0 +1,305 @@
+"""What ``nexus run`` shows: the live view, the plain progress line, the summary, the tree dump.
+
+Everything here renders from plain values (a :class:`Sample` of ``kernel.stats()``, the
+summary dict, ``kernel.describe()``), so it is cheap to test and never touches the kernel's
+internals.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+from collections.abc import Mapping
+from typing import Any, Final
+
+import attrs
+from rich import box
+from rich.console import RenderableType
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from .._stats import HistogramSnapshot, KernelStats
+
+__all__ = [
+    "Sample",
+    "fmt_bytes",
+    "fmt_count",
+    "fmt_seconds",
+    "plain_line",
+    "render_live",
+    "render_tree",
+    "rss_bytes",
+    "summary_table",
+]
+
+#: agents listed one by one in a tree dump before only the interesting ones are
+_TREE_FULL_LIMIT: Final = 1_000
+#: lines of a tree dump at most
+_TREE_LINE_LIMIT: Final = 2_000
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (Linux), else its peak."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+def fmt_seconds(seconds: float) -> str:
+    """``1.2 µs``, ``3.4 ms``, ``5.67 s``."""
+    if seconds <= 0:
+        return "0"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} µs"
+    if seconds < 1:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.2f} s"
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
+
+
+def fmt_count(n: float) -> str:
+    return f"{n:,.0f}"
+
+
+def fmt_reasons(reasons: Mapping[str, int]) -> str:
+    if not reasons:
+        return "-"
+    return ", ".join(f"{k} {v:,}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1]))
+
+
+@attrs.frozen
+class Sample:
+    """One look at the kernel for the live view / progress line."""
+
+    elapsed: float
+    phase: str
+    stats: KernelStats
+    rate: float
+    rss: int
+
+    @property
+    def processed(self) -> int:
+        s = self.stats
+        return s.handled + s.replies_delivered + s.forwarded
+
+
+def _latency(h: HistogramSnapshot) -> str:
+    if not h.count:
+        return "-"
+    return f"p50 {fmt_seconds(h.p50)}  p99 {fmt_seconds(h.p99)}  max {fmt_seconds(h.maximum)}"
+
+
+def _bar(done: int, total: int, width: int = 30) -> str:
+    filled = min(width, width * done // max(total, 1))
+    return "━" * filled + "╺" * (filled < width) + " " * max(0, width - filled - 1)
+
+
+def render_live(
+    title: str, sample: Sample, duration: float, spawn: tuple[int, int] | None = None
+) -> RenderableType:
+    """The live view: one panel, two columns of figures; with ``spawn=(done, total)`` a
+    progress bar of the spawning on top.
+
+    Laid out as styled text rather than a rich table: a refresh costs a few milliseconds
+    instead of tens, so the view does not slow the kernel down.
+    """
+    s = sample.stats
+    clock = f"{sample.elapsed:.1f} s"
+    if duration and sample.phase == "running":
+        clock += f" / {duration:g} s"
+    rows = [
+        ("msg/s", fmt_count(sample.rate), "agents alive", fmt_count(s.agents_alive)),
+        ("handled", fmt_count(s.handled), "replies", fmt_count(s.replies_delivered)),
+        ("sent", fmt_count(s.accepted), "in flight", fmt_count(s.in_flight)),
+        (
+            "handle p50",
+            fmt_seconds(s.handle_latency.p50),
+            "handle p99",
+            fmt_seconds(s.handle_latency.p99),
+        ),
+        (
+            "queue wait p50",
+            fmt_seconds(s.queue_wait.p50),
+            "queue wait p99",
+            fmt_seconds(s.queue_wait.p99),
+        ),
+        ("max mailbox", fmt_count(s.max_mailbox_depth), "RSS", fmt_bytes(sample.rss)),
+        ("restarts", fmt_count(s.restarts), "failed", fmt_count(s.failed)),
+        (
+            "dead letters",
+            fmt_count(s.dead_lettered),
+            "rejected sends",
+            fmt_count(sum(s.rejected.values())),
+        ),
+    ]
+    # values get at least 11 columns so the panel does not jitter as counts grow
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    widths[1] = max(widths[1], 11)
+    widths[3] = max(widths[3], 11)
+    label = "bold cyan"
+    text = Text()
+    if spawn is not None:
+        done, total = spawn
+        text.append("spawning ", style=label)
+        text.append(_bar(done, total), style="magenta")
+        text.append(f" {done:,}/{total:,}\n")
+    for k, (l1, v1, l2, v2) in enumerate(rows):
+        text.append(l1.ljust(widths[0]), style=label)
+        value_style = "bold red" if k == len(rows) - 1 and s.dead_lettered else ""
+        text.append("  " + v1.rjust(widths[1]), style=value_style)
+        text.append("    ")
+        text.append(l2.ljust(widths[2]), style=label)
+        text.append("  " + v2.rjust(widths[3]))
+        if k < len(rows) - 1:
+            text.append("\n")
+    if s.dead_letters_by_reason:
+        text.append("\ndead letters by reason: " + fmt_reasons(s.dead_letters_by_reason))
+    return Panel(
+        text,
+        title=f"[bold]nexus run[/] · {title}",
+        subtitle=f"{sample.phase} · {clock}"
+        + (" · Ctrl-C to stop" if sample.phase in ("spawning", "running") else ""),
+        box=box.ROUNDED,
+        expand=False,
+    )
+
+
+def plain_line(sample: Sample) -> str:
+    """The progress line logged every few seconds when standard error is not a terminal."""
+    s = sample.stats
+    parts = [
+        f"t={sample.elapsed:.1f}s",
+        f"phase={sample.phase}",
+        f"agents={s.agents_alive}",
+        f"msg/s={sample.rate:.0f}",
+        f"sent={s.accepted}",
+        f"handled={s.handled}",
+        f"replies={s.replies_delivered}",
+        f"in_flight={s.in_flight}",
+        f"p50={fmt_seconds(s.handle_latency.p50)}",
+        f"p99={fmt_seconds(s.handle_latency.p99)}",
+        f"queue_p99={fmt_seconds(s.queue_wait.p99)}",
+        f"max_mailbox={s.max_mailbox_depth}",
+        f"dead={s.dead_lettered}",
+        f"restarts={s.restarts}",
+        f"rss={fmt_bytes(sample.rss)}",
+    ]
+    if s.dead_letters_by_reason:
+        parts.append(
+            "dead_by_reason="
+            + ",".join(f"{k}:{v}" for k, v in sorted(s.dead_letters_by_reason.items()))
+        )
+    return " ".join(parts).replace("µs", "us")
+
+
+def summary_table(summary: Mapping[str, Any]) -> Table:
+    """The end-of-run summary as a rich table (the same figures as ``--json``)."""
+    table = Table(title="nexus run summary", box=box.SIMPLE_HEAVY, show_header=False)
+    table.add_column(style="bold cyan", no_wrap=True)
+    table.add_column(overflow="fold")
+    what = summary["app"] or f"{summary['workload']} workload"
+    table.add_row("run", f"{what}, {fmt_count(summary['agents'])} agents")
+    table.add_row("stopped by", str(summary["stopped_by"]))
+    t = summary["elapsed_s"]
+    table.add_row(
+        "elapsed",
+        f"{t['total']:.2f} s (spawn {t['spawn']:.2f} s, run {t['run']:.2f} s, "
+        f"shutdown {t['shutdown']:.2f} s)",
+    )
+    table.add_row("sent (accepted)", fmt_count(summary["sent"]))
+    table.add_row("handled", fmt_count(summary["handled"]))
+    if summary["replies_delivered"]:
+        table.add_row("replies delivered", fmt_count(summary["replies_delivered"]))
+    if summary["forwarded"]:
+        table.add_row("forwarded", fmt_count(summary["forwarded"]))
+    table.add_row("dead letters", fmt_count(summary["dead_letters"]))
+    table.add_row("  by reason", fmt_reasons(summary["dead_letters_by_reason"]))
+    table.add_row("in flight", fmt_count(summary["in_flight"]))
+    table.add_row("rejected sends", fmt_reasons(summary["rejected"]))
+    table.add_row("failed", fmt_count(summary["failed"]))
+    table.add_row("timed out", fmt_count(summary["timed_out"]))
+    table.add_row("restarts", fmt_count(summary["restarts"]))
+    table.add_row("throughput", f"{fmt_count(summary['msgs_per_s'])} msg/s")
+    for key, label in (("handle_latency", "handle latency"), ("queue_wait", "queue wait")):
+        h = summary[key]
+        if h["count"]:
+            table.add_row(
+                label,
+                f"p50 {fmt_seconds(h['p50'])} · p90 {fmt_seconds(h['p90'])} · "
+                f"p99 {fmt_seconds(h['p99'])} · max {fmt_seconds(h['max'])} "
+                f"({fmt_count(h['count'])} sampled)",
+            )
+        else:
+            table.add_row(label, "-")
+    table.add_row("peak RSS", fmt_bytes(summary["peak_rss_bytes"]))
+    ok = summary["conserved"]
+    table.add_row(
+        "accounting",
+        Text(
+            "sent = handled + replies + forwarded + dead letters + in flight "
+            + ("✓" if ok else "✗ MISMATCH"),
+            style="green" if ok else "bold red",
+        ),
+    )
+    return table
+
+
+def render_tree(tree: Mapping[str, Any]) -> str:
+    """``kernel.describe()`` as indented text: one line per supervisor and agent.
+
+    Small trees are listed in full. In large ones, agents that are idle with an empty
+    mailbox are only counted, so the dump stays readable and shows what is busy or stuck.
+    """
+    agents = _count_agents(tree)
+    full = agents <= _TREE_FULL_LIMIT
+    lines: list[str] = []
+    omitted = 0
+
+    def visit(node: Mapping[str, Any], depth: int) -> None:
+        nonlocal omitted
+        pad = "  " * depth
+        label = node.get("name") or node["id"]
+        if node.get("kind") == "supervisor":
+            lines.append(
+                f"{pad}supervisor {label} [{node['state']}] strategy={node.get('strategy')} "
+                f"restarts={node['restarts']} children={len(node.get('children', ()))}"
+            )
+            for child in node.get("children", ()):
+                visit(child, depth + 1)
+            return
+        depth_now = node.get("mailbox_depth", 0)
+        busy = node.get("handling") is not None
+        if not full and not busy and not depth_now and node["state"] in ("idle", "running"):
+            omitted += 1
+            return
+        if len(lines) >= _TREE_LINE_LIMIT:
+            omitted += 1
+            return
+        handling = f" handling={node['handling']}" if busy else ""
+        lines.append(
+            f"{pad}agent {label} [{node['state']}] mailbox={depth_now}/"
+            f"{node.get('mailbox_capacity')} restarts={node['restarts']}{handling}"
+        )
+
+    visit(tree, 0)
+    if omitted:
+        lines.append(f"... {omitted:,} more agents (idle with empty mailboxes, or past the limit)")
+    return f"agent tree ({agents:,} agents):\n" + "\n".join(lines)
+
+
+def _count_agents(node: Mapping[str, Any]) -> int:
+    if node.get("kind") == "agent":
+        return 1
+    return sum(_count_agents(c) for c in node.get("children", ()))

@@ -1,0 +1,283 @@
+"""The built-in demo workloads of ``nexus run``: the real kernel under real load.
+
+* ``ring`` — agents in a ring; a token is forwarded from each agent to the next for one
+  lap (as many hops as agents, at least 100), then retires. Up to ``window`` tokens
+  circulate at once (at most one mailbox' worth, so the ring itself never overflows);
+  the driver injects a new token when one retires.
+* ``fanout`` — a driver sends to the agents round robin with ``await kernel.send``: when
+  a mailbox is full the driver waits (backpressure), and after ``send_timeout`` the send
+  is refused (``MailboxFull``, counted in ``rejected``) and the driver goes on.
+* ``request`` — agents in pairs (0-1, 2-3, ...; an odd last agent pairs with itself);
+  each agent runs a loop in ``ctx.nursery`` doing ``ctx.request`` to its partner, one at a
+  time, and answers its partner's queries.
+
+``rate`` (messages per second in total, 0 = as fast as possible) paces the driver (fanout),
+the token injection (ring: a token is one lap of messages) or each agent's loop (request:
+a round trip is two messages). Nothing buffers without bound: every message goes through
+a kernel mailbox. :meth:`Demo.stop` makes the agents stop generating traffic so that the
+kernel's graceful shutdown drains quickly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import uuid
+from collections.abc import Callable
+from typing import Any, Final
+
+import trio
+
+from .._agent import AgentRef, AgentSpec, Context, agent
+from .._errors import KernelShuttingDown, MailboxFull, NexusError
+from .._kernel import Kernel
+from .._message import Message, MessageKind
+from .._supervisor import Supervisor
+
+__all__ = ["WORKLOADS", "Demo", "Pacer", "spawn_many"]
+
+WORKLOADS: Final = ("ring", "fanout", "request")
+
+#: fewest hops of a ring token (small rings go round several times)
+_MIN_LAP: Final = 100
+#: most sends between two yields of the fanout driver
+_DRIVER_BATCH: Final = 8192
+#: agents per group supervisor (and per progress update)
+_SPAWN_GROUP: Final = 5_000
+
+
+class Pacer:
+    """Paces events at ``rate`` per second (0 or less = no pacing), catching up after stalls
+    of less than a second and forgetting longer ones."""
+
+    __slots__ = ("_interval", "_next")
+
+    def __init__(self, rate: float, *, phase: float = 0.0) -> None:
+        self._interval = 1.0 / rate if rate > 0 else 0.0
+        self._next = trio.current_time() + phase * self._interval
+
+    async def wait(self, n: int = 1) -> None:
+        if not self._interval:
+            return
+        now = trio.current_time()
+        if self._next < now - 1.0:
+            self._next = now
+        due = self._next
+        self._next += n * self._interval
+        if due > now:
+            await trio.sleep_until(due)
+
+
+async def spawn_many(
+    kernel: Kernel,
+    spec: AgentSpec,
+    count: int,
+    prefix: str,
+    *,
+    progress: Callable[[int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[AgentRef]:
+    """Spawn ``count`` agents named ``{prefix}-{i}`` in groups of ``_SPAWN_GROUP``.
+
+    Each group is one :class:`Supervisor` (``{prefix}-group-{k}``) spawned with all its
+    children: its agents start together when it starts, instead of one by one through the
+    root supervisor's inbox. Progress is reported (and the kernel gets to run) after each
+    group; stops early if ``should_stop()`` becomes true.
+    """
+    refs: list[AgentRef] = []
+    groups = 0
+    for start in range(0, count, _SPAWN_GROUP):
+        names = [f"{prefix}-{i}" for i in range(start, min(count, start + _SPAWN_GROUP))]
+        children: Any = [spec.with_options(name=name) for name in names]
+        kernel.spawn(Supervisor(children=children, name=f"{prefix}-group-{groups}"))
+        groups += 1
+        refs.extend(kernel.lookup(name) for name in names)
+        if progress is not None:
+            progress(len(refs))
+        await trio.lowlevel.checkpoint()
+        if should_stop is not None and should_stop():
+            break
+    # let the group supervisors start (a few scheduling rounds each, all at once)
+    for _ in range(groups + 4):
+        await trio.lowlevel.checkpoint()
+    return refs
+
+
+class Demo:
+    """One demo workload over ``agents`` agents of one kernel."""
+
+    def __init__(
+        self,
+        kernel: Kernel,
+        kind: str,
+        agents: int,
+        *,
+        rate: float = 0.0,
+        payload_size: int = 16,
+        seed: int | None = None,
+    ) -> None:
+        if kind not in WORKLOADS:
+            raise ValueError(f"workload must be one of {', '.join(WORKLOADS)}, got {kind!r}")
+        if agents < 1:
+            raise ValueError(f"a demo workload needs at least 1 agent, got {agents!r}")
+        if rate < 0 or not math.isfinite(rate):
+            raise ValueError(f"rate must be a finite number >= 0, got {rate!r}")
+        if payload_size < 0:
+            raise ValueError(f"payload size must be >= 0, got {payload_size!r}")
+        self.kernel = kernel
+        self.kind = kind
+        self.agents = agents
+        self.rate = rate
+        self.blob = "x" * payload_size
+        self.running = True
+        self.refs: list[AgentRef] = []
+        self._rng = random.Random(seed)
+        self._next: dict[uuid.UUID, uuid.UUID] = {}
+        capacity = kernel.config.kernel.mailbox_capacity
+        self.window = max(1, min(agents, capacity))
+        self._tokens = trio.Semaphore(self.window)
+
+    # --- the agents -----------------------------------------------------------------------
+
+    def spec(self) -> AgentSpec:
+        """The spec of this workload's agents."""
+        if self.kind == "ring":
+            return self._ring_spec()
+        if self.kind == "fanout":
+            return self._fanout_spec()
+        return self._request_spec()
+
+    def _ring_spec(self) -> AgentSpec:
+        demo = self
+        following = self._next
+
+        async def ring(ctx: Context, msg: Message) -> Any:
+            hops, data = msg.payload
+            if hops <= 1 or not demo.running:
+                demo._tokens.release()
+                return None
+            return Message(sender=ctx.id, to=following[ctx.id], payload=[hops - 1, data])
+
+        return agent(name="ring")(ring)
+
+    def _fanout_spec(self) -> AgentSpec:
+        async def sink(ctx: Context, msg: Message) -> None:
+            return None
+
+        return agent(name="sink")(sink)
+
+    def _request_spec(self) -> AgentSpec:
+        demo = self
+        partners = self._next
+        # a round trip is two messages; each agent does its share of the total rate
+        per_agent = self.rate / (2 * self.agents) if self.rate else 0.0
+
+        async def loop(ctx: Context, partner: uuid.UUID) -> None:
+            pacer = Pacer(per_agent, phase=demo._rng.random())
+            while demo.running:
+                await pacer.wait()
+                try:
+                    await ctx.request(partner, demo.blob)
+                except KernelShuttingDown:
+                    return
+                except NexusError:
+                    # timed out, failed or refused: counted by the kernel; go on, gently
+                    await trio.sleep(0.01)
+
+        async def peer(ctx: Context, msg: Message) -> Any:
+            if msg.kind is MessageKind.QUERY:
+                return msg.payload
+            if msg.payload == "start" and demo.running:
+                ctx.nursery.start_soon(loop, ctx, partners[ctx.id])
+            return None
+
+        return agent(name="peer")(peer)
+
+    # --- running ----------------------------------------------------------------------------
+
+    async def spawn(
+        self,
+        *,
+        progress: Callable[[int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[AgentRef]:
+        """Spawn the agents and wire them up (ring successors, request partners)."""
+        self.refs = await spawn_many(
+            self.kernel,
+            self.spec(),
+            self.agents,
+            self.kind,
+            progress=progress,
+            should_stop=should_stop,
+        )
+        ids = [ref.id for ref in self.refs]
+        n = len(ids)
+        if self.kind == "ring":
+            for i, agent_id in enumerate(ids):
+                self._next[agent_id] = ids[(i + 1) % n]
+        elif self.kind == "request":
+            for i, agent_id in enumerate(ids):
+                partner = i + 1 if i % 2 == 0 else i - 1
+                self._next[agent_id] = ids[partner] if partner < n else agent_id
+        return self.refs
+
+    async def drive(self) -> None:
+        """Generate traffic until cancelled or :meth:`stop`."""
+        if not self.refs:
+            return
+        try:
+            if self.kind == "ring":
+                await self._drive_ring()
+            elif self.kind == "fanout":
+                await self._drive_fanout()
+            else:
+                await self._drive_request()
+        except KernelShuttingDown:
+            return
+
+    def stop(self) -> None:
+        """Stop generating traffic: tokens retire, request loops end."""
+        self.running = False
+
+    async def _drive_ring(self) -> None:
+        refs = self.refs
+        n = len(refs)
+        lap = max(n, _MIN_LAP)  # hops per token
+        pacer = Pacer(self.rate / lap if self.rate else 0.0)
+        i = 0
+        while self.running:
+            await self._tokens.acquire()
+            await pacer.wait()
+            try:
+                await self.kernel.send(refs[i % n], [lap, self.blob])
+            except MailboxFull:
+                self._tokens.release()
+            i += 1
+
+    async def _drive_fanout(self) -> None:
+        refs = self.refs
+        n = len(refs)
+        send = self.kernel.send
+        blob = self.blob
+        # a few messages per agent between two yields: an agent's wake-up costs more than
+        # a message, so batches amortise it (and every send still respects backpressure)
+        batch = max(256, min(4 * n, _DRIVER_BATCH))
+        if self.rate:
+            batch = max(1, min(batch, int(self.rate / 50)))
+        pacer = Pacer(self.rate)
+        i = 0
+        while self.running:
+            for _ in range(batch):
+                with contextlib.suppress(MailboxFull):  # refused after send_timeout: counted
+                    await send(refs[i % n], blob)
+                i += 1
+            if self.rate:
+                await pacer.wait(batch)
+            else:
+                await trio.lowlevel.checkpoint()
+
+    async def _drive_request(self) -> None:
+        for ref in self.refs:
+            await self.kernel.send(ref, "start")
+        await trio.sleep_forever()

@@ -1,0 +1,746 @@
+"""The ``nexus`` command line: typer's runner for flags and errors, real processes for runs,
+signals and the metrics endpoint.
+
+Real-process tests use real time with generous timeouts and always kill what they start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from typer.testing import CliRunner
+
+from nexus_trio import __version__
+from nexus_trio.cli import app
+
+WIDE = {"COLUMNS": "200", "NO_COLOR": "1"}
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """`nexus run` configures the nexus_trio logger; give the next test what it had."""
+    logger = logging.getLogger("nexus_trio")
+    handlers, level = list(logger.handlers), logger.level
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+
+
+@pytest.fixture
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working directory without config files, and no NEXUS_* variables."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    for name in list(os.environ):
+        if name.startswith("NEXUS_"):
+            monkeypatch.delenv(name)
+    return tmp_path
+
+
+def invoke(args: list[str], **env: str):
+    return CliRunner().invoke(app, args, env={**WIDE, **env})
+
+
+def flat(text: str) -> str:
+    """Output with rich's box drawing and line wrapping taken out."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
+
+
+def conserved(summary: dict) -> bool:
+    return (
+        summary["sent"]
+        == (
+            summary["handled"]
+            + summary["replies_delivered"]
+            + summary["forwarded"]
+            + summary["dead_letters"]
+            + summary["in_flight"]
+        )
+        and summary["in_flight"] == 0
+    )
+
+
+# --- typer runner: version, help, flags, config ---------------------------------------------------
+
+
+def test_version_command_and_flag_print_the_version():
+    result = invoke(["version"])
+    assert result.exit_code == 0
+    assert result.stdout.startswith(f"nexus_trio {__version__} (trio ")
+    result = invoke(["--version"])
+    assert result.exit_code == 0
+    assert f"nexus_trio {__version__}" in result.stdout
+
+
+def test_help_lists_the_commands_and_examples():
+    result = invoke(["--help"])
+    assert result.exit_code == 0
+    out = flat(result.stdout)
+    for command in ("run", "config", "version", "health"):
+        assert re.search(rf"\b{command}\b", out)
+    assert "Examples" in out
+    assert "nexus run --agents 1000 --duration 10" in out
+    run_help = flat(invoke(["run", "--help"]).stdout)
+    for flag in (
+        "--config", "-c", "--log-level", "-l", "--log-format", "-f", "--agents", "-n",
+        "--num-agents", "--duration", "-d", "--generate-config", "--app", "--workload",
+        "--rate", "--payload-size", "--json", "--metrics-port", "--dump-on-signal",
+        "--spawn", "--nats", "--node",
+    ):  # fmt: skip
+        assert flag in run_help, flag
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["-n", "0"], "--agents"),
+        (["--num-agents", "abc"], "--agents"),
+        (["-d", "-1"], "--duration"),
+        (["--duration", "soon"], "--duration"),
+        (["-f", "xml"], "--log-format"),
+        (["-l", "loud"], "--log-level"),
+        (["--workload", "star"], "--workload"),
+        (["--rate", "-5"], "--rate"),
+        (["--payload-size", "-1"], "--payload-size"),
+        (["--metrics-port", "70000"], "--metrics-port"),
+        (["--app", "nocolon"], "--app"),
+        (["--app", "no_such_module_xyz:main"], "--app"),
+        (["--app", "json:no_such_attribute"], "--app"),
+        (["--app", "json:dumps"], "--app"),
+        (["--spawn", ""], "--spawn"),
+        (["--spawn", "python 'unbalanced"], "--spawn"),
+        (["--nats", "not-a-url"], "--nats"),
+        (["--node", "n1"], "--node"),
+        (["--bogus"], "--bogus"),
+    ],
+)
+def test_bad_run_flags_exit_2_naming_the_flag(isolated, args, flag):
+    result = invoke(["run", *args])
+    assert result.exit_code == 2, result.output
+    assert flag in flat(result.output)
+
+
+def test_bad_app_messages_say_what_is_wrong(isolated):
+    out = flat(invoke(["run", "--app", "no_such_module_xyz:main"]).output)
+    assert "no module named 'no_such_module_xyz'" in out
+    out = flat(invoke(["run", "--app", "json:no_such_attribute"]).output)
+    assert "module 'json' has no attribute 'no_such_attribute'" in out
+    out = flat(invoke(["run", "--app", "json:dumps"]).output)
+    assert "must be an AgentSpec" in out
+
+
+def test_nats_without_the_extra_exits_2_with_the_install_hint(isolated, monkeypatch):
+    monkeypatch.setitem(sys.modules, "nexus_trio._nats", None)  # import raises ImportError
+    result = invoke(["run", "--nats", "nats://127.0.0.1:4222", "-d", "1"])
+    assert result.exit_code == 2
+    out = flat(result.output)
+    assert "--nats" in out
+    assert "pip install 'nexus_trio[nats]'" in out
+
+
+def test_spawn_without_process_agents_exits_2(isolated, monkeypatch):
+    from nexus_trio._kernel import Kernel
+
+    monkeypatch.delattr(Kernel, "spawn_process", raising=False)
+    result = invoke(["run", "--spawn", "python agent.py", "-d", "1"])
+    assert result.exit_code == 2
+    assert "process agents are not available" in flat(result.output)
+
+
+def test_config_init_writes_a_template_and_refuses_to_overwrite(isolated):
+    target = isolated / "conf" / "config.toml"
+    result = invoke(["config", "init", str(target)])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {target}" in result.stdout
+    text = target.read_text()
+    assert "[kernel]" in text
+    assert "mailbox_capacity = 1024" in text
+    target.write_text("# mine\n")
+    result = invoke(["config", "init", str(target)])
+    assert result.exit_code == 1
+    assert "refusing to overwrite" in flat(result.output)
+    assert target.read_text() == "# mine\n"
+    result = invoke(["config", "init", str(target), "--force"])
+    assert result.exit_code == 0
+    assert "[kernel]" in target.read_text()
+
+
+def test_generate_config_flag_of_run_writes_the_template_and_exits(isolated):
+    target = isolated / "gen.toml"
+    result = invoke(["run", "--generate-config", str(target)])
+    assert result.exit_code == 0, result.output
+    assert "[logging]" in target.read_text()
+    assert invoke(["run", "--generate-config", str(target)]).exit_code == 1
+
+
+def test_config_show_lists_effective_values_and_their_sources(isolated):
+    file = isolated / "c.toml"
+    file.write_text("[kernel]\nmailbox_capacity = 64\n")
+    result = invoke(["config", "show", "-c", str(file)], NEXUS_LOGGING__LEVEL="debug")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert re.search(rf"mailbox_capacity = 64\s+# from file {re.escape(str(file))}", out)
+    assert re.search(r'level = "debug"\s+# from env NEXUS_LOGGING__LEVEL', out)
+    assert re.search(r"send_timeout_ms = 500\s+# from default", out)
+
+
+def test_a_broken_config_file_exits_2_naming_file_and_line(isolated):
+    file = isolated / "bad.toml"
+    file.write_text("[kernel]\n\nmailbox_capacity = 0\n")
+    for args in (["config", "show", "-c", str(file)], ["run", "-c", str(file), "-d", "1"]):
+        result = invoke(args)
+        assert result.exit_code == 2, result.output
+        out = flat(result.output)
+        assert f"{file}:3" in out
+        assert "mailbox_capacity" in out
+    result = invoke(["run", "-c", str(isolated / "missing.toml")])
+    assert result.exit_code == 2
+    assert "missing.toml" in flat(result.output)
+
+
+APP_MODULE = """
+    import trio
+    from nexus_trio import agent
+
+    @agent(name="echo")
+    async def echo(ctx, msg):
+        return msg.payload
+
+    @agent(name="boom", restart="transient")
+    async def boom(ctx, msg):
+        raise RuntimeError("boom")
+
+    async def main(kernel):
+        kernel.spawn(echo)
+        kernel.spawn(boom)
+        for i in range(20):
+            assert await kernel.request("echo", i) == i
+        await kernel.send("boom", "x")
+        for i in range(7):
+            await kernel.send("echo", i)  # answered to the system id: dead letters
+
+    async def fails(kernel):
+        raise ValueError("the app broke")
+
+    async def escalates(kernel):
+        kernel.spawn(boom.with_options(name="boom2", restart="permanent"))
+        while True:
+            await kernel.send("boom2", "x")
+            await trio.sleep(0.01)
+
+    specs = [echo, boom]
+    number = 42
+"""
+
+
+@pytest.fixture
+def app_module(isolated: Path) -> str:
+    (isolated / "cli_test_app.py").write_text(textwrap.dedent(APP_MODULE))
+    sys.modules.pop("cli_test_app", None)
+    yield "cli_test_app"
+    sys.modules.pop("cli_test_app", None)
+
+
+def test_run_app_main_in_process_summary_adds_up(app_module):
+    result = invoke(["run", "--app", f"{app_module}:main", "--json", "--no-live"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["app"] == f"{app_module}:main"
+    assert summary["stopped_by"] == "app finished"
+    assert summary["error"] is None
+    assert conserved(summary)
+    assert summary["conserved"] is True
+    assert summary["sent"] == 20 + 20 + 1 + 7 + 7  # queries, replies, boom, echo, their replies
+    assert summary["handled"] == 20 + 7
+    assert summary["replies_delivered"] == 20
+    assert summary["dead_letters_by_reason"] == {"handler_error": 1, "unroutable_reply": 7}
+    assert summary["failed"] == 1
+
+
+def test_run_app_spec_list_runs_for_the_duration(app_module):
+    result = invoke(["run", "--app", f"{app_module}:specs", "-d", "0.3", "--json", "--no-live"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["stopped_by"] == "duration"
+    assert summary["agents"] == 2
+    assert summary["sent"] == 0
+
+
+def test_run_app_that_raises_exits_1_with_the_error_in_the_summary(app_module):
+    result = invoke(["run", "--app", f"{app_module}:fails", "--json", "--no-live"])
+    assert result.exit_code == 1
+    summary = json.loads(result.stdout)
+    assert "the app broke" in summary["error"]
+    assert conserved(summary)
+
+
+def test_run_whose_supervision_escalates_exits_1_and_still_adds_up(app_module):
+    result = invoke(
+        ["run", "--app", f"{app_module}:escalates", "--json", "--no-live"],
+        NEXUS_SUPERVISION__MAX_RESTARTS="1",
+    )
+    assert result.exit_code == 1
+    summary = json.loads(result.stdout)
+    assert summary["stopped_by"] == "error"
+    assert summary["error"].startswith("SupervisorEscalation: restart intensity exceeded")
+    assert summary["dead_letters_by_reason"]["handler_error"] == 2
+    assert conserved(summary)
+
+
+def test_run_app_of_the_wrong_type_exits_2(app_module):
+    result = invoke(["run", "--app", f"{app_module}:number"])
+    assert result.exit_code == 2
+    assert "must be an AgentSpec" in flat(result.output)
+
+
+def test_run_summary_table_without_json(app_module):
+    result = invoke(["run", "--app", f"{app_module}:main", "--no-live"])
+    assert result.exit_code == 0, result.output
+    out = flat(result.stdout)
+    assert "nexus run summary" in out
+    assert "sent (accepted) 55" in out
+    assert "handler_error 1" in out
+    assert "✓" in out
+
+
+# --- real processes ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Nexus:
+    """A real `python -m nexus_trio.cli ...` process; stderr read line by line in a thread."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
+        full_env = (
+            {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+            | {"XDG_CONFIG_HOME": str(cwd / "xdg"), "PYTHONUNBUFFERED": "1"}
+            | (env or {})
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nexus_trio.cli", *args],
+            cwd=cwd,
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.stderr: list[str] = []
+        self.stdout: list[str] = []
+        self._readers = [
+            threading.Thread(target=self._read_stderr, daemon=True),
+            threading.Thread(target=self._read_stdout, daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.stderr.append(line)
+            self.lines.put(line)
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        self.stdout.append(self.proc.stdout.read())
+
+    def wait_for(self, pattern: str, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                if self.proc.poll() is not None and self.lines.empty():
+                    break
+                continue
+            if re.search(pattern, line):
+                return line
+        raise AssertionError(f"no line matching {pattern!r}; stderr:\n{''.join(self.stderr)}")
+
+    def finish(self, timeout: float = 60) -> tuple[int, str]:
+        """Wait for the exit; the status and everything written on stdout."""
+        self.proc.wait(timeout=timeout)
+        for reader in self._readers:
+            reader.join(timeout=30)
+        return self.proc.returncode, "".join(self.stdout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def nexus(tmp_path: Path) -> Iterator[type[Nexus]]:
+    started: list[Nexus] = []
+
+    class Tracked(Nexus):
+        def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+            super().__init__(args, tmp_path, env)
+            started.append(self)
+
+    yield Tracked  # type: ignore[misc]
+    for proc in started:
+        proc.kill()
+
+
+@pytest.mark.parametrize("workload", ["ring", "fanout", "request"])
+def test_run_100_agents_for_2_seconds_json_counts_add_up(nexus, workload):
+    run = nexus(["run", "-n", "100", "-d", "2", "--json", "-w", workload])
+    status, out = run.finish(timeout=120)
+    assert status == 0, "".join(run.stderr)
+    summary = json.loads(out)
+    assert summary["workload"] == workload
+    assert summary["agents"] == 100
+    assert summary["stopped_by"] == "duration"
+    assert summary["handled"] > 0
+    assert summary["in_flight"] == 0
+    assert conserved(summary)
+    assert summary["conserved"] is True
+    assert summary["dead_letters"] == 0  # the demo stops its traffic before the shutdown
+    if workload == "request":
+        assert summary["replies_delivered"] > 0
+    assert summary["elapsed_s"]["run"] >= 1.9
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_and_sigterm_shut_down_gracefully_with_a_summary(nexus, sig):
+    run = nexus(["run", "-n", "200", "-d", "0", "--json", "-w", "fanout"])
+    run.wait_for(r"running fanout workload")
+    time.sleep(0.5)  # let some traffic flow; nothing below depends on how much
+    run.proc.send_signal(sig)
+    status, out = run.finish(timeout=60)
+    assert status == 0, "".join(run.stderr)
+    summary = json.loads(out)
+    assert summary["stopped_by"] == sig.name
+    assert conserved(summary)
+    assert summary["elapsed_s"]["shutdown"] < 5.0  # within the default shutdown grace
+    assert f"{sig.name}: shutting down gracefully" in "".join(run.stderr)
+
+
+STUCK_APP = """
+    import trio
+    from nexus_trio import agent
+
+    @agent(name="stuck")
+    async def stuck(ctx, msg):
+        await trio.sleep(3600)
+
+    async def main(kernel):
+        kernel.spawn(stuck)
+        await kernel.send("stuck", "x")
+        await trio.sleep_forever()
+"""
+
+
+def test_a_second_sigint_forces_the_exit_with_status_130(nexus, tmp_path):
+    (tmp_path / "stuck_app.py").write_text(textwrap.dedent(STUCK_APP))
+    run = nexus(
+        ["run", "--app", "stuck_app:main", "--json"],
+        env={"NEXUS_KERNEL__SHUTDOWN_GRACE_MS": "600000"},  # a graceful stop would take 10 min
+    )
+    run.wait_for(r"running app stuck_app:main")
+    run.proc.send_signal(signal.SIGINT)
+    run.wait_for(r"SIGINT: shutting down gracefully")
+    run.proc.send_signal(signal.SIGINT)
+    status, out = run.finish(timeout=60)
+    assert status == 130
+    assert out == ""  # no summary after a forced exit
+    assert "forced exit" in "".join(run.stderr)
+
+
+def test_sigusr1_writes_the_agent_tree_to_the_log(nexus):
+    run = nexus(["run", "-n", "20", "-d", "0", "--json"])
+    run.wait_for(r"running ring workload")
+    run.proc.send_signal(signal.SIGUSR1)
+    run.wait_for(r"SIGUSR1: agent tree \(20 agents\)")
+    run.wait_for(r"supervisor ring-group-0 \[running\]")
+    run.wait_for(r"agent ring-19 \[\w+\] mailbox=\d+/1024")
+    run.proc.send_signal(signal.SIGTERM)
+    status, out = run.finish()
+    assert status == 0
+    assert conserved(json.loads(out))
+
+
+def test_metrics_endpoint_and_health_command_on_a_real_run(nexus):
+    port = free_port()
+    run = nexus(["run", "-n", "50", "-d", "0", "--metrics-port", str(port), "--json"])
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:  # poll until the endpoint is up
+        try:
+            with urllib.request.urlopen(f"{base}/healthz", timeout=5) as response:
+                assert response.status == 200
+                assert response.read() == b"ok\n"
+                break
+        except (urllib.error.URLError, ConnectionError):
+            assert run.proc.poll() is None, "".join(run.stderr)
+            assert time.monotonic() < deadline, "metrics endpoint never came up"
+            time.sleep(0.2)
+    run.wait_for(r"running ring workload")
+    with urllib.request.urlopen(f"{base}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    values = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert values[("nexus_messages_accepted_total", ())] > 0
+    assert ("nexus_messages_handled_total", ()) in values
+    assert values[("nexus_agents_alive", ())] == 50
+    assert values[("nexus_kernel_up", ())] == 1
+    names = {labels for name, labels in values if name == "nexus_agent_handled_total"}
+    assert len(names) == 50
+    assert any(("agent_name", "ring-0") in labels for labels in names)
+
+    health = invoke(["health", "--port", str(port)])
+    assert health.exit_code == 0, health.output
+    assert "200 ok" in health.stdout
+
+    run.proc.send_signal(signal.SIGTERM)
+    status, out = run.finish()
+    assert status == 0
+    assert conserved(json.loads(out))
+    health = invoke(["health", "--port", str(port), "--timeout", "2"])
+    assert health.exit_code == 1
+    assert "unreachable" in flat(health.output)
+
+
+# --- --nats (the NATS extra is a test dependency, like the NATS tests) ----------------------------
+
+
+@pytest.fixture
+def nats_url(tmp_path: Path) -> Iterator[str]:
+    """A JetStream-enabled nats-server on a loopback port, stopped by PID."""
+    from nexus_trio._nats import find_nats_server
+
+    port = free_port()
+    server = subprocess.Popen(
+        [find_nats_server(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None, "nats-server exited"
+                assert time.monotonic() < deadline, "nats-server did not start"
+                time.sleep(0.1)
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=30)
+
+
+def test_run_joins_a_nats_cluster_and_leaves_cleanly(nexus, nats_url):
+    run = nexus(["run", "--nats", nats_url, "--node", "n1", "-n", "10", "-d", "1", "--json"])
+    status, out = run.finish(timeout=120)
+    assert status == 0, "".join(run.stderr)
+    assert f"joined the cluster at {nats_url} as n1" in "".join(run.stderr)
+    summary = json.loads(out)
+    assert summary["handled"] > 0
+    assert conserved(summary)
+
+
+def test_run_with_an_unreachable_nats_fails_naming_the_url(nexus):
+    url = f"nats://127.0.0.1:{free_port()}"
+    run = nexus(["run", "--nats", url, "-n", "10", "-d", "1", "--json"])
+    status, out = run.finish(timeout=120)
+    assert status == 1
+    summary = json.loads(out)
+    assert summary["stopped_by"] == "error"
+    assert "TransportUnavailable" in summary["error"]
+    assert url in summary["error"]
+
+
+# --- the view, rendered from plain values ----------------------------------------------------
+
+
+def test_forced_live_view_renders_the_panel_and_the_final_frame(app_module):
+    result = invoke(["run", "--app", f"{app_module}:main", "--live", "--json"])
+    assert result.exit_code == 0, result.output
+    err = flat(result.stderr)
+    assert f"nexus run · app {app_module}:main" in err
+    assert "sent 55" in err
+    assert "done ·" in err
+    assert conserved(json.loads(result.stdout))
+
+
+def test_tree_dump_lists_small_trees_in_full_and_only_busy_agents_of_large_ones():
+    from nexus_trio.cli._view import render_tree
+
+    def tree(n: int, busy: set[int]) -> dict:
+        agents = [
+            {
+                "kind": "agent",
+                "id": f"id-{i}",
+                "name": f"a-{i}",
+                "state": "running",
+                "restarts": 0,
+                "mailbox_depth": 3 if i in busy else 0,
+                "mailbox_capacity": 8,
+                "handling": "m-1" if i in busy else None,
+            }
+            for i in range(n)
+        ]
+        group = {
+            "kind": "supervisor",
+            "id": "g",
+            "name": "group",
+            "state": "running",
+            "restarts": 0,
+            "strategy": "one_for_one",
+            "children": agents,
+        }
+        return {**group, "name": "root", "children": [group]}
+
+    small = render_tree(tree(3, {1})).splitlines()
+    assert small[0] == "agent tree (3 agents):"
+    assert small[1] == "supervisor root [running] strategy=one_for_one restarts=0 children=1"
+    assert small[3] == "    agent a-0 [running] mailbox=0/8 restarts=0"
+    assert small[4] == "    agent a-1 [running] mailbox=3/8 restarts=0 handling=m-1"
+    assert len(small) == 6
+    large = render_tree(tree(5000, {10, 4000})).splitlines()
+    assert large[0] == "agent tree (5,000 agents):"
+    assert [line.split()[1] for line in large if "agent a-" in line] == ["a-10", "a-4000"]
+    assert large[-1].startswith("... 4,998 more agents")
+
+
+def test_plain_progress_line_and_units():
+    from nexus_trio._stats import HistogramSnapshot, KernelStats
+    from nexus_trio.cli._view import Sample, fmt_bytes, fmt_seconds, plain_line
+
+    h = HistogramSnapshot(count=8, total=1.0, maximum=0.5, p50=2e-6, p90=1e-3, p99=0.25, p999=0.5)
+    stats = KernelStats(
+        agents_alive=10, accepted=100, handled=90, replies_delivered=0, failed=1, timed_out=0,
+        dead_lettered=4, dead_letters_by_reason={"handler_error": 1, "shutdown": 3},
+        dead_letter_stream_dropped=0, rejected={}, forwarded=0, in_flight=6, restarts=1,
+        max_mailbox_depth=5, handle_latency=h, queue_wait=h,
+    )  # fmt: skip
+    line = plain_line(Sample(elapsed=5.04, phase="running", stats=stats, rate=1234.4, rss=3 << 20))
+    assert line == (
+        "t=5.0s phase=running agents=10 msg/s=1234 sent=100 handled=90 replies=0 in_flight=6 "
+        "p50=2.0 us p99=250.00 ms queue_p99=250.00 ms max_mailbox=5 dead=4 restarts=1 "
+        "rss=3.0 MiB dead_by_reason=handler_error:1,shutdown:3"
+    )
+    units = [fmt_seconds(x) for x in (0, 5e-7, 0.0123, 2.5)]
+    assert units == ["0", "0.5 µs", "12.30 ms", "2.50 s"]
+    assert [fmt_bytes(x) for x in (512, 2048, 5 << 30)] == ["512 B", "2.0 KiB", "5.0 GiB"]
+
+
+# --- --spawn, config-driven defaults, health edge cases ----------------------------------------
+
+
+def test_spawn_calls_kernel_spawn_process_with_the_split_command(isolated, monkeypatch):
+    from nexus_trio import agent
+    from nexus_trio._kernel import Kernel
+
+    calls: list[list[str]] = []
+
+    @agent
+    async def stand_in(ctx, msg):
+        return None
+
+    def spawn_process(self, argv):
+        calls.append(argv)
+        return self.spawn(stand_in, name=f"proc-{len(calls)}")
+
+    monkeypatch.setattr(Kernel, "spawn_process", spawn_process, raising=False)
+    result = invoke(
+        [
+            "run",
+            "--spawn",
+            "python 'my agent.py' --x 1",
+            "--spawn",
+            "node a.js",
+            "-d",
+            "0.2",
+            "--json",
+            "--no-live",
+        ]
+    )
+    assert result.exit_code == 0, result.output
+    assert calls == [["python", "my agent.py", "--x", "1"], ["node", "a.js"]]
+    summary = json.loads(result.stdout)
+    assert summary["agents"] == 2  # the process agents only: no demo with --spawn
+    assert summary["sent"] == 0
+
+
+def test_run_takes_its_defaults_from_the_app_section_of_the_config(nexus, tmp_path):
+    (tmp_path / "config.toml").write_text(
+        '[app]\nagents = 7\nworkload = "request"\nduration = 0.5\n'
+    )
+    run = nexus(["run", "--json"])  # ./config.toml is found on the search path
+    status, out = run.finish(timeout=120)
+    assert status == 0, "".join(run.stderr)
+    summary = json.loads(out)
+    assert (summary["workload"], summary["agents"], summary["stopped_by"]) == (
+        "request",
+        7,
+        "duration",
+    )
+    assert summary["replies_delivered"] > 0
+    assert conserved(summary)
+
+
+def test_health_without_a_port_anywhere_exits_2(isolated):
+    result = invoke(["health"])
+    assert result.exit_code == 2
+    assert "no port: pass --port or set [metrics] port" in flat(result.output)
+
+
+def test_health_reports_an_unhealthy_endpoint_with_exit_1():
+    import http.server
+
+    class Unhealthy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"shutting down\n"
+            self.send_response(503)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Unhealthy)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        result = invoke(["health", "--port", str(server.server_address[1])])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=30)
+    assert result.exit_code == 1
+    assert "unhealthy: 503 shutting down" in flat(result.output)
