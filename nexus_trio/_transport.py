@@ -26,7 +26,12 @@ class Transport(Protocol):
     """
 
     async def deliver(self, msg: Message) -> None:
-        """Hand ``msg`` to the remote side; may wait up to the kernel's send deadline."""
+        """Hand ``msg`` to the remote side.
+
+        May wait, but the transport itself must bound the wait by the kernel's send
+        deadline (``config.kernel.send_timeout``) and then raise
+        :class:`TransportUnavailable`: the kernel does not wrap each call in a timeout.
+        """
         ...
 
     def deliver_nowait(self, msg: Message) -> None:

@@ -261,6 +261,18 @@ def run(
     seed: Annotated[
         int | None, typer.Option("--seed", help="Seed for backoff jitter and the demo.")
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            "-W",
+            min=0,
+            help=(
+                "Run N kernel processes on this host connected through NATS (0 = one per "
+                "core); without --nats a local nats-server is started and stopped."
+            ),
+        ),
+    ] = None,
 ) -> None:
     """Run a kernel: your agents (--app) or a demo workload, with a live view and a summary."""
     from ..config import ConfigError, load_config, write_template
@@ -273,6 +285,10 @@ def run(
         except ConfigError as exc:
             raise _fail(str(exc), 1) from None
         typer.echo(f"wrote {written}")
+        return
+
+    if workers is not None:
+        _run_workers(workers, nats, json_out)
         return
 
     commands: list[tuple[str, ...]] = []
@@ -326,14 +342,6 @@ def run(
             raise typer.BadParameter(str(exc), param_hint=hint) from None
     if not commands:
         commands = [_split_command(c, "[app] spawn") for c in cfg.app.spawn]
-    if commands:
-        from .._kernel import Kernel
-
-        if not hasattr(Kernel, "spawn_process"):
-            raise typer.BadParameter(
-                "process agents are not available in this build of nexus_trio",
-                param_hint="'--spawn'",
-            )
     show_live = live if live is not None else sys.stderr.isatty()
     opts = RunOptions(
         config=cfg,
@@ -356,6 +364,31 @@ def run(
         demo=target is None and not commands,
     )
     status = execute_run(opts)
+    if status:
+        raise typer.Exit(status)
+
+
+def _run_workers(workers: int, nats: str | None, json_out: bool) -> None:
+    """``nexus run --workers N ...``: N worker processes, one summary added up."""
+    import json
+
+    from ._cluster_cmd import default_workers, run_workers, worker_argv
+
+    if nats is not None:
+        _check_nats(nats)
+    else:
+        _check_nats("nats://127.0.0.1:4222")  # only checks that the extra is installed
+    count = workers or default_workers()
+    summary, status = run_workers(count, worker_argv(sys.argv[2:]), nats_url=nats)
+    if json_out:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        console = Console()
+        for key in ("workers", "sent", "handled", "dead_letters", "msgs_per_s", "conserved"):
+            if key in summary:
+                console.print(f"{key:>14}  {summary[key]}")
+        if summary.get("error"):
+            console.print(f"{'errors':>14}  {summary['error']}")
     if status:
         raise typer.Exit(status)
 

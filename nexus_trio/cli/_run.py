@@ -377,9 +377,9 @@ async def run_async(opts: RunOptions, console: Console | None = None) -> tuple[d
                 outer.start_soon(_watch, state, kernel, _title(opts))
                 async with contextlib.AsyncExitStack() as stack:
                     if opts.nats:
-                        from .._nats import join_cluster
+                        from .._nats import default_node_name, join_cluster
 
-                        node = opts.node or f"{os.uname().nodename}-{os.getpid()}"
+                        node = opts.node or default_node_name()
                         await stack.enter_async_context(join_cluster(kernel, opts.nats, node))
                         log.info("joined the cluster at %s as %s", opts.nats, node)
                     await _body(state, kernel)

@@ -1,0 +1,37 @@
+"""Kernels in several processes and on several hosts, connected through NATS.
+
+Optional: needs the ``nats`` extra (``pip install 'nexus_trio[nats]'``: nats-py and
+trio-asyncio). The core never imports this package; a kernel joins a cluster with
+:func:`join_cluster`, which attaches a :class:`Cluster` as the kernel's transport.
+``docs/distributed.md`` has the guarantees of each path and a three-process example.
+"""
+
+from ._cluster import Cluster as Cluster
+from ._cluster import ClusterOptions as ClusterOptions
+from ._cluster import ClusterStats as ClusterStats
+from ._cluster import cluster_of as cluster_of
+from ._cluster import default_node_name as default_node_name
+from ._cluster import join_cluster as join_cluster
+from ._durable import DurableOptions as DurableOptions
+from ._membership import NodeInfo as NodeInfo
+from ._server import NatsServer as NatsServer
+from ._server import NatsServerError as NatsServerError
+from ._server import find_nats_server as find_nats_server
+from ._wire import RemoteError as RemoteError
+from ._wire import type_address as type_address
+
+__all__ = [
+    "Cluster",
+    "ClusterOptions",
+    "ClusterStats",
+    "DurableOptions",
+    "NatsServer",
+    "NatsServerError",
+    "NodeInfo",
+    "RemoteError",
+    "cluster_of",
+    "default_node_name",
+    "find_nats_server",
+    "join_cluster",
+    "type_address",
+]

@@ -1,0 +1,259 @@
+"""The asyncio/Trio boundary: nats-py runs on asyncio, driven from Trio by trio-asyncio.
+
+trio-asyncio runs an asyncio event loop as a Trio task of the same thread, so plain
+(non-blocking) calls may cross freely: an asyncio callback may set a Trio event, and a
+Trio task may set an asyncio event. What costs is a *scheduled* crossing — each await of
+an asyncio coroutine from Trio (``aio_as_trio``) goes through both schedulers, which
+measured ~4k msg/s when done per message. So the data path never schedules a crossing
+per message:
+
+* asyncio -> Trio: a subscription callback delivers into the kernel with non-blocking
+  calls directly (see ``Cluster._on_node_message``); only what must wait goes to an
+  :class:`Inbox`, whose callbacks append to a deque and wake one Trio pump task only
+  when it sleeps; the pump then takes everything queued at once.
+* :class:`Outbox` (Trio -> asyncio): the transport appends without awaiting; one
+  asyncio task wakes per batch and hands the whole batch to nats-py.
+
+Control operations (connect, KV puts, stream setup) are rare and use :func:`call_aio`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager, suppress
+from typing import Any, Generic, TypeVar, final
+
+import trio
+import trio_asyncio  # type: ignore[import-untyped, import-not-found, unused-ignore]
+
+T = TypeVar("T")
+
+log = logging.getLogger("nexus_trio.nats")
+
+
+async def call_aio(fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+    """Await an asyncio coroutine function from Trio (one scheduled crossing each way).
+
+    Cancelling the Trio caller cancels the asyncio side.
+    """
+    result: T = await trio_asyncio.aio_as_trio(fn)(*args, **kwargs)
+    return result
+
+
+@asynccontextmanager
+async def asyncio_loop() -> AsyncIterator[None]:
+    """Run an asyncio event loop on top of Trio for the duration of the block."""
+    async with trio_asyncio.open_loop():
+        yield
+
+
+@final
+class Inbox(Generic[T]):
+    """Items from asyncio callbacks to one Trio consumer, crossing once per batch.
+
+    :meth:`push` never blocks (it is called from asyncio callbacks); it refuses items
+    past ``limit`` so that a Trio side which cannot keep up sheds load visibly (the
+    caller counts the refusal) instead of growing without bound — the same rule as
+    nats-py's slow-consumer limit, one hop later.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._items: deque[T] = deque()
+        self._wakeup: trio.Event | None = None
+        self._closed = False
+        #: wake-ups of the Trio side (one per batch): items / wakeups is the batch size
+        self.wakeups = 0
+
+    def push(self, item: T) -> bool:
+        """Queue ``item``; False if the inbox is full or closed (the item was not taken)."""
+        if self._closed or len(self._items) >= self.limit:
+            return False
+        self._items.append(item)
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._wakeup = None
+            self.wakeups += 1
+            wakeup.set()
+        return True
+
+    async def take_batch(self) -> deque[T]:
+        """Wait for at least one item and take every item queued so far.
+
+        Raises ``trio.EndOfChannel`` once closed and empty.
+        """
+        while not self._items:
+            if self._closed:
+                raise trio.EndOfChannel
+            self._wakeup = trio.Event()
+            await self._wakeup.wait()
+        batch, self._items = self._items, deque()
+        return batch
+
+    def close(self) -> None:
+        self._closed = True
+        if self._wakeup is not None:
+            self._wakeup.set()
+            self._wakeup = None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@final
+class Outbox(Generic[T]):
+    """Items from Trio to one asyncio task, crossing once per batch.
+
+    :meth:`put` never awaits. ``send_batch`` (an asyncio coroutine function) gets every
+    item queued since the last batch, in order. :meth:`wait_below` lets a Trio producer
+    wait while the backlog is above a mark (backpressure toward the Trio side).
+
+    With ``send_one`` (an asyncio coroutine function that normally completes without
+    suspending, like nats-py's ``publish``, which only appends to the client's buffer),
+    an item put while nothing is queued is sent at once, in the caller's task: no hop
+    to another task at all. Should that coroutine suspend after all (the client's
+    buffer is full), an asyncio task finishes it, and items put meanwhile queue behind
+    it, in order.
+    """
+
+    def __init__(
+        self,
+        send_batch: Callable[[list[T]], Awaitable[None]],
+        send_one: Callable[[T], Coroutine[Any, Any, None]] | None = None,
+    ) -> None:
+        self._send_batch = send_batch
+        self._send_one = send_one
+        self._items: list[T] = []
+        self._ready: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._unfinished: asyncio.Task[None] | None = None
+        self._drained = trio.Event()
+        self._closed = False
+        self.batches = 0
+        self.failed_batches = 0
+        self.dropped = 0
+        #: items sent at once by :meth:`put` (not through the asyncio task)
+        self.direct = 0
+        self._last_failure_log = -1.0
+
+    async def start(self) -> None:
+        """Start the asyncio task (call from Trio inside :func:`asyncio_loop`)."""
+
+        async def create() -> None:
+            self._ready = asyncio.Event()
+            self._loop = asyncio.get_running_loop()
+            self._task = self._loop.create_task(self._run())
+
+        await call_aio(create)
+
+    def put(self, item: T) -> bool:
+        """Send or queue ``item``; False (not taken, counted in ``dropped``) once closed."""
+        if self._closed:
+            self.dropped += 1
+            return False
+        if (
+            self._send_one is not None
+            and not self._items
+            and self._unfinished is None
+            and self._loop is not None
+        ):
+            self._send_now(self._send_one(item))
+            return True
+        self._items.append(item)
+        if len(self._items) == 1 and self._ready is not None:
+            self._ready.set()
+        return True
+
+    def _send_now(self, coro: Coroutine[Any, Any, None]) -> None:
+        self.direct += 1
+        try:
+            waiting_on = coro.send(None)
+        except StopIteration:
+            return
+        except Exception as exc:
+            self._failed(exc)
+            return
+        assert self._loop is not None
+        self._unfinished = self._loop.create_task(self._finish(coro, waiting_on))
+        if self._ready is not None:
+            self._ready.set()
+
+    async def _finish(self, coro: Coroutine[Any, Any, None], waiting_on: Any) -> None:
+        """Drive a coroutine that suspended in :meth:`_send_now` to its end, the way an
+        asyncio task would: resume it (with None) each time what it waits on is done."""
+        try:
+            while True:
+                if isinstance(waiting_on, asyncio.Future):
+                    await asyncio.wait([waiting_on])
+                else:
+                    await asyncio.sleep(0)  # a bare yield
+                try:
+                    waiting_on = coro.send(None)
+                except StopIteration:
+                    return
+        except asyncio.CancelledError:
+            coro.close()
+            raise
+        except Exception as exc:
+            self._failed(exc)
+        finally:
+            self._unfinished = None
+
+    def _failed(self, exc: Exception) -> None:
+        """Count a failed send; log it, at most once a second (an outage fails them all)."""
+        self.failed_batches += 1
+        now = time.monotonic()
+        if now - self._last_failure_log >= 1.0:
+            self._last_failure_log = now
+            log.warning("sending to NATS failed (%d so far): %r", self.failed_batches, exc)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def wait_below(self, mark: int) -> None:
+        """Return once fewer than ``mark`` items wait (checkpoints either way)."""
+        while len(self._items) >= mark:
+            self._drained = trio.Event()
+            await self._drained.wait()
+        await trio.lowlevel.checkpoint()
+
+    async def _run(self) -> None:
+        assert self._ready is not None
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            if self._unfinished is not None:
+                await asyncio.wait([self._unfinished])  # keep the order
+            while self._items:
+                batch, self._items = self._items, []
+                self.batches += 1
+                try:
+                    await self._send_batch(batch)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self._failed(exc)
+            self._drained.set()
+
+    async def close(self) -> None:
+        """Send what is queued, then stop the asyncio task."""
+        self._closed = True
+
+        async def finish() -> None:
+            if self._unfinished is not None:
+                await asyncio.wait([self._unfinished])
+            if self._items:
+                batch, self._items = self._items, []
+                await self._send_batch(batch)
+            if self._task is not None:
+                self._task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await self._task
+
+        await call_aio(finish)
+        self._drained.set()

@@ -1,0 +1,1271 @@
+"""A kernel joined to a NATS cluster: the transport, names, types, membership, durable sends.
+
+``async with join_cluster(kernel, "nats://127.0.0.1:4222", "a") as cluster:`` connects
+to NATS, announces the node, and attaches a :class:`Cluster` as the kernel's transport:
+from then on the kernel hands every message for a non-local address to it.
+
+Routing a non-local address:
+
+* an agent **id** -> the node whose id prefix it carries (see ``_membership``);
+* an agent **name** -> the ``<prefix>-names`` KV bucket (every node publishes its
+  named agents there and watches the bucket, so a lookup is a dict hit);
+* ``type:<type>`` -> the queue group of that agent type (any one replica takes it).
+
+Guarantees (what the caller of ``kernel.send`` / ``kernel.request`` gets):
+
+* a **tell** (``send``) to a remote agent is *at most once*: it returns when the message
+  is handed to the NATS client; a remote mailbox that stays full, an agent that is gone
+  or a server failover may lose it (counted on the receiving node:
+  ``stats().inbound_dropped``);
+* a **request** gets its reply, or the error the remote kernel ran into
+  (``AgentNotFound``, ``MailboxFull``, ``RequestFailed`` with the remote handler's
+  error as text), or ``AgentNotFound`` when NATS reports no responders (the node is
+  gone), or ``TransportUnavailable`` when the node is known unreachable, or
+  ``RequestTimeout`` at the kernel's deadline;
+* :meth:`Cluster.send_durable` is *at least once* through JetStream (see ``_durable``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import re
+import socket
+import time
+import uuid
+import weakref
+from collections import Counter, OrderedDict, deque
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Final, final
+
+import attrs
+import nats
+import nats.errors
+import nats.js.errors
+import trio
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg as NatsMsg
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig
+from nats.js.kv import KeyValue
+
+from .._errors import (
+    AgentNotFound,
+    KernelShuttingDown,
+    MailboxFull,
+    MessageDecodeError,
+    NexusError,
+    RequestFailed,
+    TransportUnavailable,
+)
+from .._events import EventKind, LifecycleEvent
+from .._kernel import Kernel
+from .._message import SYSTEM_ID, Address, Message, MessageKind
+from . import _wire as wire
+from ._aio import Inbox, Outbox, asyncio_loop, call_aio
+from ._durable import DurableChannel, DurableOptions
+from ._membership import (
+    MemberTable,
+    NodeInfo,
+    decode_record,
+    encode_record,
+    monotonic,
+    node_uuid,
+    process_id_prefix,
+)
+
+log = logging.getLogger("nexus_trio.nats")
+
+_ROUTE_MEMORY: Final = 65536
+_KV_OPS_DELETED: Final = ("DEL", "PURGE")
+
+#: one outgoing NATS message: subject, reply subject, headers, body
+_Outgoing = tuple[str, str, dict[str, str] | None, bytes]
+
+
+_positive: Final = attrs.validators.gt(0.0)
+_at_least_one: Final = attrs.validators.ge(1)
+
+
+@final
+@attrs.frozen
+class ClusterOptions:
+    """How a kernel takes part in the cluster.
+
+    ``heartbeat_interval`` x ``missed_heartbeats`` is how long a silent node stays
+    reachable. ``kv_replicas`` should be 3 on a 3-server NATS cluster so that names and
+    membership survive the loss of one server. ``outbox_high_water`` bounds the
+    messages waiting for the NATS client: ``send`` waits below it, ``send_nowait``
+    raises ``TransportUnavailable`` above ``outbox_limit``. ``inbound_limit`` bounds
+    messages received but not yet delivered to local mailboxes, ``parked_limit`` those
+    waiting for room in one full mailbox (past them they are refused and counted: core
+    NATS is at-most-once). ``docs/distributed.md`` has the table of all options.
+    """
+
+    prefix: str = attrs.field(
+        default="nexus", validator=lambda _i, _a, v: wire.check_token("prefix", v)
+    )
+    heartbeat_interval: float = attrs.field(default=1.0, validator=_positive)
+    missed_heartbeats: int = attrs.field(default=5, validator=_at_least_one)
+    kv_replicas: int = attrs.field(default=1, validator=_at_least_one)
+    connect_timeout: float = attrs.field(default=2.0, validator=_positive)
+    connect_attempts: int = attrs.field(default=2, validator=_at_least_one)
+    join_timeout: float = attrs.field(default=15.0, validator=_positive)
+    reconnect_wait: float = attrs.field(default=0.2, validator=attrs.validators.ge(0.0))
+    max_reconnect_attempts: int = -1
+    outbox_high_water: int = attrs.field(default=4096, validator=_at_least_one)
+    outbox_limit: int = attrs.field(default=65536, validator=_at_least_one)
+    inbound_limit: int = attrs.field(default=65536, validator=_at_least_one)
+    parked_limit: int = attrs.field(default=4096, validator=_at_least_one)
+    durable: DurableOptions = attrs.field(factory=DurableOptions)
+
+
+@final
+@attrs.frozen
+class ClusterStats:
+    """Counters of one node's traffic through NATS."""
+
+    node: str
+    published: int
+    received: int
+    #: received messages that could not be delivered locally, by reason
+    inbound_dropped: dict[str, int]
+    #: error frames sent back to remote requesters, by kind
+    errors_replied: dict[str, int]
+    disconnects: int
+    reconnects: int
+    nodes_lost: int
+    inbox_wakeups: int
+    outbox_batches: int
+    durable_acked: int
+    durable_redelivered: int
+    durable_dead: int
+    durable_duplicates: int
+    #: messages the NATS client refused (e.g. its buffer full while reconnecting): lost
+    publish_failures: int
+    #: received messages waiting for room in a full local mailbox right now
+    parked: int
+    members: tuple[str, ...]
+
+
+_decode: Final = wire.decode_message
+
+
+@final
+class Cluster:
+    """This kernel's membership in a NATS cluster, and its transport (see the module doc).
+
+    Get one from :func:`join_cluster`. The kernel calls :meth:`deliver` /
+    :meth:`deliver_nowait`; users call :meth:`serve_type`, :meth:`send_durable`,
+    :meth:`wait_for_name`, :meth:`members` and :meth:`stats`.
+    """
+
+    def __init__(
+        self, kernel: Kernel, servers: Sequence[str], node: str, options: ClusterOptions
+    ) -> None:
+        self.kernel = kernel
+        self.servers = list(servers)
+        self.node = wire.check_token("node name", node)
+        self.options = options
+        self.prefix = options.prefix
+        self.id_prefix = process_id_prefix()
+        self._nc: NatsClient | None = None
+        self._ctl: NatsClient | None = None
+        self._js: JetStreamContext | None = None
+        self._data_js: JetStreamContext | None = None
+        self._nodes_kv: KeyValue | None = None
+        self._names_kv: KeyValue | None = None
+        self._node_subject_prefix = f"{self.prefix}.node.{self.node}."
+        self._heartbeat_subject = f"{self.prefix}.hb.{self.node}"
+        self.members = MemberTable(node, options.heartbeat_interval * options.missed_heartbeats)
+        self._joined_at = time.time()
+        # name -> (node, agent id) for every named agent in the cluster (KV watcher)
+        self._names: dict[str, tuple[str, uuid.UUID]] = {}
+        # local names this node published: name -> (agent id, KV revision)
+        self._published_names: dict[str, tuple[uuid.UUID, int]] = {}
+        # local names as they should be in KV (what was queued for publishing)
+        self._local_names: dict[str, uuid.UUID] = {}
+        self._name_ops: trio.MemorySendChannel[tuple[str, uuid.UUID | None]]
+        self._name_ops_recv: trio.MemoryReceiveChannel[tuple[str, uuid.UUID | None]]
+        self._name_ops, self._name_ops_recv = trio.open_memory_channel(1 << 30)
+        self._names_pending = 0
+        self._names_idle = trio.Event()
+        self._names_idle.set()
+        # responder side: query id -> NATS reply subject of the remote requester
+        self._reply_routes: OrderedDict[uuid.UUID, str] = OrderedDict()
+        # queries that came in the kernel's JSON wire form: their replies go out in it too
+        self._json_requests: OrderedDict[uuid.UUID, int] = OrderedDict()
+        # requester side: query id -> (address asked, node asked)
+        self._outstanding: OrderedDict[uuid.UUID, tuple[Address, str]] = OrderedDict()
+        self._types: dict[str, list[uuid.UUID]] = {}
+        # messages from NATS waiting for room in a full local mailbox, per recipient
+        self._parked: dict[Address, deque[tuple[NatsMsg, Message, bool]]] = {}
+        self._nursery_ref: trio.Nursery | None = None
+        self._type_subs: dict[str, Any] = {}
+        self._type_turn = itertools.count()
+        self._inbox: Inbox[NatsMsg] = Inbox(options.inbound_limit)
+        self._outbox: Outbox[_Outgoing] = Outbox(self._publish_batch, self._publish_one)
+        self.durable = DurableChannel(self, options.durable)
+        self._published = 0
+        self._received = 0
+        self._dropped: Counter[str] = Counter()
+        self._errors_replied: Counter[str] = Counter()
+        self._disconnects = 0
+        self._reconnects = 0
+        self._nodes_lost = 0
+        self._closing = False
+
+    # --- connecting ------------------------------------------------------------------------
+
+    @property
+    def nc(self) -> NatsClient:
+        """The data connection: agent messages, replies, queue groups, durable messages."""
+        if self._nc is None:
+            raise TransportUnavailable(f"node {self.node!r} is not connected to NATS")
+        return self._nc
+
+    @property
+    def _control(self) -> NatsClient:
+        if self._ctl is None:
+            raise TransportUnavailable(f"node {self.node!r} is not connected to NATS")
+        return self._ctl
+
+    @property
+    def js(self) -> JetStreamContext:
+        """JetStream on the control connection (KV buckets: membership and names)."""
+        if self._js is None:
+            raise TransportUnavailable(f"node {self.node!r} is not connected to NATS")
+        return self._js
+
+    @property
+    def data_js(self) -> JetStreamContext:
+        """JetStream on the data connection (the durable stream)."""
+        if self._data_js is None:
+            raise TransportUnavailable(f"node {self.node!r} is not connected to NATS")
+        return self._data_js
+
+    async def _connect(self) -> None:
+        """Open the data and the control connection.
+
+        Two connections so that membership (heartbeats, KV watches) never waits behind a
+        backlog of agent messages on one socket: a node flooded with messages must not
+        look dead to the others, nor see them as dead.
+        """
+        self._nc = await self._open("data")
+        try:
+            self._ctl = await self._open("control")
+        except BaseException:
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await call_aio(self._nc.close)
+            raise
+        self._data_js = self._nc.jetstream()
+        self._js = self._ctl.jetstream()
+
+    async def _open(self, role: str) -> NatsClient:
+        opts = self.options
+        nc: NatsClient | None = None
+        connected = False
+        down = False  # between a disconnect and the reconnect: one warning, not one a try
+
+        async def on_disconnect() -> None:
+            nonlocal down
+            if role == "data":
+                self._disconnects += 1
+            if not self._closing and not down:
+                log.warning("node %s: %s connection to NATS lost; reconnecting", self.node, role)
+            down = True
+
+        async def on_reconnect() -> None:
+            nonlocal down
+            down = False
+            if role == "data":
+                self._reconnects += 1
+            url = nc.connected_url.netloc if nc is not None and nc.connected_url else "?"
+            log.warning("node %s: %s connection to NATS back, at %s", self.node, role, url)
+
+        async def on_error(exc: Exception) -> None:
+            if not connected or down or self._closing:
+                log.debug("node %s: NATS (%s): %r", self.node, role, exc)
+            else:
+                log.warning("node %s: NATS client error (%s): %r", self.node, role, exc)
+
+        where = ", ".join(self.servers)
+        # nats-py retries the *first* connect forever when reconnects are unbounded: bound
+        # it to ``connect_attempts`` rounds over the servers, then restore the option.
+        attempts = max(1, opts.connect_attempts)
+        limit = (opts.connect_timeout + opts.reconnect_wait) * (attempts + 1) * len(self.servers)
+        try:
+            with trio.fail_after(limit + 5):
+                nc = await call_aio(
+                    nats.connect,
+                    servers=self.servers,
+                    name=f"nexus:{self.node}:{role}",
+                    connect_timeout=max(1, round(opts.connect_timeout)),
+                    reconnect_time_wait=opts.reconnect_wait,
+                    max_reconnect_attempts=attempts,
+                    allow_reconnect=True,
+                    disconnected_cb=on_disconnect,
+                    reconnected_cb=on_reconnect,
+                    error_cb=on_error,
+                )
+        except trio.TooSlowError:
+            raise TransportUnavailable(
+                f"cannot connect to NATS at {where}: no answer within {limit + 5:g}s"
+            ) from None
+        except Exception as exc:
+            raise TransportUnavailable(f"cannot connect to NATS at {where}: {exc!r}") from exc
+        assert nc is not None
+        nc.options["max_reconnect_attempts"] = opts.max_reconnect_attempts
+        connected = True
+        return nc
+
+    async def _kv(self, bucket: str, *, ttl: float | None) -> KeyValue:
+        config = KeyValueConfig(bucket=bucket, ttl=ttl, replicas=self.options.kv_replicas)
+
+        async def open_bucket() -> KeyValue:
+            try:
+                return await self.js.create_key_value(config=config)
+            except nats.js.errors.BadRequestError:
+                # Exists with other settings (another node's options): use it as it is.
+                return await self.js.key_value(bucket)
+
+        # A JetStream cluster that is still electing its leader answers with timeouts or
+        # "unavailable" for a few seconds: retry within ``join_timeout``.
+        deadline = trio.current_time() + self.options.join_timeout
+        while True:
+            try:
+                return await call_aio(open_bucket)
+            except (nats.errors.Error, OSError) as exc:
+                if trio.current_time() < deadline and isinstance(
+                    exc,
+                    nats.errors.TimeoutError
+                    | TimeoutError
+                    | nats.js.errors.ServiceUnavailableError,
+                ):
+                    log.info("node %s: JetStream not ready yet (%r); retrying", self.node, exc)
+                    await trio.sleep(0.25)
+                    continue
+                raise TransportUnavailable(
+                    f"NATS at {', '.join(self.servers)} has no usable JetStream for the KV"
+                    f" bucket {bucket!r} (start nats-server with -js): {exc!r}"
+                ) from exc
+
+    # --- the transport interface -------------------------------------------------------------
+
+    async def deliver(self, msg: Message) -> None:
+        """Publish ``msg`` for its remote recipient (see the module doc for guarantees).
+
+        Waits only while ``outbox_high_water`` messages are already waiting for the NATS
+        client, and then at most the kernel's send deadline (:class:`TransportUnavailable`,
+        the message not taken). An unknown name is looked up in KV once before
+        :class:`AgentNotFound`.
+        """
+        try:
+            out = self._route(msg)
+        except AgentNotFound:
+            if not isinstance(msg.to, str) or msg.to.startswith(wire.TYPE_PREFIX):
+                raise
+            await self._refresh_name(msg.to)
+            out = self._route(msg)
+        if out is None:
+            return
+        high_water = self.options.outbox_high_water
+        if len(self._outbox) >= high_water:
+            deadline = self.kernel.config.kernel.send_timeout
+            with trio.move_on_after(deadline):
+                await self._outbox.wait_below(high_water)
+            if len(self._outbox) >= high_water:
+                self._forget_outstanding(msg)
+                raise TransportUnavailable(
+                    f"{len(self._outbox)} messages still wait for NATS on node {self.node!r}"
+                    f" after {deadline:g}s; message {msg.id} not sent"
+                )
+        self._outbox.put(out)
+        self._published += 1
+
+    def _forget_outstanding(self, msg: Message) -> None:
+        if msg.kind is MessageKind.QUERY:
+            self._outstanding.pop(msg.id, None)
+
+    def deliver_nowait(self, msg: Message) -> None:
+        """Like :meth:`deliver` but never waits: past ``outbox_limit`` raises TransportUnavailable."""
+        if len(self._outbox) >= self.options.outbox_limit:
+            raise TransportUnavailable(
+                f"{len(self._outbox)} messages already wait for NATS on node {self.node!r}"
+            )
+        out = self._route(msg)
+        if out is None:
+            return
+        self._outbox.put(out)
+        self._published += 1
+
+    def _check_usable(self) -> None:
+        nc = self._nc
+        if nc is None or nc.is_closed or self._closing:
+            raise TransportUnavailable(
+                f"node {self.node!r} has no NATS connection (servers {', '.join(self.servers)})"
+            )
+
+    def _route(self, msg: Message) -> _Outgoing | None:
+        """Where ``msg`` goes on NATS; None if it was consumed here (a durable ack)."""
+        self._check_usable()
+        reply_to = msg.reply_to
+        if reply_to is not None:
+            subject = self._reply_routes.pop(reply_to, None)
+            if subject is not None:
+                if self._json_requests and self._json_requests.pop(reply_to, 0):
+                    # asked in the kernel's JSON wire form (e.g. by a non-Python client)
+                    return subject, "", None, msg.to_json().encode()
+                return subject, "", None, wire.encode_message(msg)
+            if self.durable.completed(reply_to):
+                return None
+        to = msg.to
+        if isinstance(to, str) and to.startswith(wire.TYPE_PREFIX):
+            type_name = to[len(wire.TYPE_PREFIX) :]
+            subject = wire.type_subject(self.prefix, type_name)
+            node = f"type:{type_name}"
+        else:
+            node, agent_id = self.resolve(to)
+            subject = wire.agent_subject(self.prefix, node, agent_id)
+        reply = ""
+        if msg.kind is MessageKind.QUERY:
+            reply = wire.reply_subject(self.prefix, self.node, msg.id)
+            self._remember(self._outstanding, msg.id, (to, node))
+        return subject, reply, None, wire.encode_message(msg)
+
+    def resolve(self, address: Address) -> tuple[str, uuid.UUID]:
+        """The node and agent id behind a remote ``address`` (an id or a name).
+
+        :class:`AgentNotFound` if no node has it; :class:`TransportUnavailable` if its
+        node is unreachable.
+        """
+        if isinstance(address, uuid.UUID):
+            info = self.members.node_of(address)
+            if info is None or info.node == self.node:
+                raise AgentNotFound(address)
+            node, agent_id = info.node, address
+        else:
+            entry = self._names.get(address)
+            if entry is None or entry[0] == self.node:
+                raise AgentNotFound(address)
+            node, agent_id = entry
+            info = self.members.members.get(node)
+            if info is None:
+                raise AgentNotFound(address)
+        if not info.reachable:
+            raise TransportUnavailable(
+                f"node {node!r} hosting {address} is unreachable"
+                f" (no heartbeat for {monotonic() - info.last_seen:.1f}s)"
+            )
+        return node, agent_id
+
+    @staticmethod
+    def _remember(table: OrderedDict[uuid.UUID, Any], key: uuid.UUID, value: Any) -> None:
+        table[key] = value
+        if len(table) > _ROUTE_MEMORY:
+            table.popitem(last=False)
+
+    def _publish_one(self, out: _Outgoing) -> Coroutine[Any, Any, None]:
+        subject, reply, headers, data = out
+        return self.nc.publish(subject, data, reply=reply, headers=headers)
+
+    async def _publish_batch(self, batch: list[_Outgoing]) -> None:
+        """asyncio side: hand one batch to nats-py (it coalesces the writes)."""
+        nc = self.nc
+        for subject, reply, headers, data in batch:
+            await nc.publish(subject, data, reply=reply, headers=headers)
+
+    def _publish_error(self, reply: str, exc: BaseException) -> None:
+        kind, body = wire.error_frame(exc)
+        self._errors_replied[kind] += 1
+        self._outbox.put((reply, "", {wire.ERROR_HEADER: kind, wire.NODE_HEADER: self.node}, body))
+
+    # --- inbound -----------------------------------------------------------------------------
+
+    async def _on_node_message(self, m: NatsMsg) -> None:
+        """asyncio side: a NATS message for this node or for one of its agent types.
+
+        trio-asyncio runs this callback inside a Trio task of the same thread, so the
+        kernel's non-blocking calls are safe here: the common case (room in the mailbox,
+        or the reply to a request of this node) is delivered at once, with no hop to
+        another task. What has to wait goes to the Trio pump, which keeps the order.
+        """
+        self._received += 1
+        if not self._inbox and not self.kernel.shutting_down:
+            try:
+                if self._handle_now(m):
+                    return
+            except Exception:
+                log.exception("node %s: a message on %s could not be handled", self.node, m.subject)
+                return
+        if not self._inbox.push(m):
+            self._dropped["inbox_full"] += 1
+
+    _on_type_message = _on_node_message
+
+    def _handle_now(self, m: NatsMsg) -> bool:
+        """Handle ``m`` without waiting; False if it needs the pump."""
+        subject = m.subject
+        if subject.startswith(self._node_subject_prefix):
+            rest = subject[len(self._node_subject_prefix) :]
+            if rest.startswith("reply."):
+                query_id = self._reply_query_id(m, rest[6:])
+                if query_id is None:
+                    return True
+                asked = self._outstanding.pop(query_id, None)
+                if asked is None:
+                    return False  # not known as ours: the pump delivers without forwarding
+                reply = self._reply_message(m, query_id, asked)
+                if reply is not None:
+                    try:
+                        self.kernel.send_nowait(reply)
+                    except (AgentNotFound, KernelShuttingDown, MailboxFull, TransportUnavailable):
+                        self._dropped["unroutable_reply"] += 1
+                return True
+            self._accept(m, None)
+            return True
+        self._accept(m, subject[len(self.prefix) + 6 :])  # "<prefix>.type.<name>"
+        return True
+
+    async def _pump(self) -> None:
+        """Trio side: what could not be delivered at once, in arrival order."""
+        while True:
+            try:
+                batch = await self._inbox.take_batch()
+            except trio.EndOfChannel:
+                return
+            for m in batch:
+                try:
+                    await self._handle(m)
+                except Exception:
+                    log.exception(
+                        "node %s: a message on %s could not be handled", self.node, m.subject
+                    )
+
+    async def _handle(self, m: NatsMsg) -> None:
+        subject = m.subject
+        if subject.startswith(self._node_subject_prefix):
+            rest = subject[len(self._node_subject_prefix) :]
+            if rest.startswith("reply."):
+                await self._handle_reply(m, rest[6:])
+                return
+            await self._handle_message(m, None)
+            return
+        type_name = subject[len(self.prefix) + 6 :]  # "<prefix>.type.<name>"
+        await self._handle_message(m, type_name)
+
+    def _reply_query_id(self, m: NatsMsg, query_text: str) -> uuid.UUID | None:
+        try:
+            return uuid.UUID(query_text)
+        except ValueError:
+            self._dropped["malformed"] += 1
+            return None
+
+    def _reply_message(
+        self, m: NatsMsg, query_id: uuid.UUID, asked: tuple[Address, str] | None
+    ) -> Message | None:
+        """The reply in ``m``; or None once an error frame / no-responders status failed
+        the request (or the body was malformed)."""
+        headers = m.headers
+        if headers and (headers.get("Status") == "503" or wire.ERROR_HEADER in headers):
+            to, node = asked if asked is not None else ("?", "?")
+            if wire.ERROR_HEADER in headers:
+                error: NexusError = wire.error_from_frame(
+                    headers[wire.ERROR_HEADER],
+                    m.data,
+                    query_id=query_id,
+                    to=to,
+                    node=headers.get(wire.NODE_HEADER, node),
+                )
+            else:
+                error = AgentNotFound(to)
+            self._fail_request(query_id, error)
+            return None
+        try:
+            return _decode(m.data)
+        except MessageDecodeError as exc:
+            self._dropped["malformed"] += 1
+            log.warning("node %s: undecodable reply on %s: %s", self.node, m.subject, exc)
+            return None
+
+    async def _handle_reply(self, m: NatsMsg, query_text: str) -> None:
+        query_id = self._reply_query_id(m, query_text)
+        if query_id is None:
+            return
+        reply = self._reply_message(m, query_id, self._outstanding.pop(query_id, None))
+        if reply is None:
+            return
+        try:
+            await self.kernel.deliver_from_remote(reply)
+        except (AgentNotFound, KernelShuttingDown, MailboxFull):
+            self._dropped["unroutable_reply"] += 1
+
+    async def _handle_message(self, m: NatsMsg, type_name: str | None) -> None:
+        if not self.kernel.shutting_down:
+            self._accept(m, type_name)
+            return
+        # Shutting down: public sends are refused, but the kernel still takes messages
+        # from remote kernels while its agents drain (the same rule as local agents).
+        msg = self._decode_for(m, type_name)
+        if msg is None:
+            return
+        is_query = bool(m.reply) and msg.kind is MessageKind.QUERY
+        if is_query:
+            self._remember(self._reply_routes, msg.id, m.reply)
+        try:
+            await self.kernel.deliver_from_remote(msg)
+        except (AgentNotFound, MailboxFull, KernelShuttingDown) as exc:
+            self._refused(m, msg, exc, is_query)
+
+    def _decode_for(self, m: NatsMsg, type_name: str | None) -> Message | None:
+        try:
+            msg = _decode(m.data)
+        except MessageDecodeError as exc:
+            self._dropped["malformed"] += 1
+            log.warning("node %s: undecodable message on %s: %s", self.node, m.subject, exc)
+            if m.reply:
+                self._publish_error(m.reply, RequestFailed(uuid.UUID(int=0), "?", "malformed", exc))
+            return None
+        if type_name is not None:
+            replica = self._pick_replica(type_name)
+            if replica is None:
+                self._refuse(m, msg, AgentNotFound(msg.to))
+                return None
+            msg = attrs.evolve(msg, to=replica)
+        if m.data[:1] == b"{" and m.reply:
+            self._remember(self._json_requests, msg.id, 1)
+        return msg
+
+    def _accept(self, m: NatsMsg, type_name: str | None) -> None:
+        """Deliver an agent message without waiting, or park it for a full mailbox."""
+        msg = self._decode_for(m, type_name)
+        if msg is None:
+            return
+        is_query = bool(m.reply) and msg.kind is MessageKind.QUERY
+        if is_query:
+            self._remember(self._reply_routes, msg.id, m.reply)
+        parked = self._parked.get(msg.to)
+        if parked is None:
+            # The common case: room in the mailbox, enqueued without waiting. A full
+            # mailbox must not stall the messages for every other agent of this node,
+            # so the message waits in a queue of its own recipient (below).
+            if not self.kernel.is_local(msg.to):  # never forwarded again from here
+                self._refused(m, msg, AgentNotFound(msg.to), is_query)
+                return
+            try:
+                self.kernel.send_nowait(msg)
+                return
+            except MailboxFull:
+                pass
+            except (AgentNotFound, KernelShuttingDown) as exc:
+                self._refused(m, msg, exc, is_query)
+                return
+            parked = self._parked[msg.to] = deque()
+            self._nursery.start_soon(self._deliver_parked, msg.to, parked)
+        elif len(parked) >= self.options.parked_limit:
+            to = msg.to
+            try:
+                ref = self.kernel.lookup(to) if isinstance(to, str) else None
+            except AgentNotFound:
+                ref = None
+            cell_full = MailboxFull(
+                ref.id if ref is not None else to if isinstance(to, uuid.UUID) else SYSTEM_ID,
+                ref.name if ref is not None else None,
+                self.options.parked_limit,
+                msg.id,
+            )
+            self._refused(m, msg, cell_full, is_query)
+            return
+        parked.append((m, msg, is_query))
+
+    async def _deliver_parked(
+        self, address: Address, parked: deque[tuple[NatsMsg, Message, bool]]
+    ) -> None:
+        """Feed one recipient whose mailbox was full, in arrival order, waiting for room
+        up to the send deadline per message like a local ``send``. If the mailbox stays
+        full that long, everything parked for it is refused (at most once)."""
+        try:
+            while parked:
+                m, msg, is_query = parked[0]
+                try:
+                    await self.kernel.deliver_from_remote(msg)
+                except MailboxFull as exc:
+                    while parked:
+                        m, msg, is_query = parked.popleft()
+                        self._refused(m, msg, exc, is_query)
+                    return
+                except (AgentNotFound, KernelShuttingDown) as exc:
+                    self._refused(m, msg, exc, is_query)
+                parked.popleft()
+        finally:
+            del self._parked[address]
+
+    def _refused(self, m: NatsMsg, msg: Message, exc: NexusError, is_query: bool) -> None:
+        if is_query:
+            self._reply_routes.pop(msg.id, None)
+        self._refuse(m, msg, exc)
+
+    def _refuse(self, m: NatsMsg, msg: Message, exc: NexusError) -> None:
+        if m.reply and msg.kind is MessageKind.QUERY:
+            self._publish_error(m.reply, exc)
+            return
+        reason = {
+            AgentNotFound: "no_such_agent",
+            MailboxFull: "mailbox_full",
+            KernelShuttingDown: "shutting_down",
+        }.get(type(exc), "error")
+        self._dropped[reason] += 1
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "node %s: dropped message %s to %s from another node: %s",
+                self.node,
+                msg.id,
+                msg.to,
+                exc,
+            )
+
+    def _fail_request(self, query_id: uuid.UUID, error: BaseException) -> None:
+        # CORE HOOK: the kernel has no public way for a transport to fail a pending
+        # request (see the report: Kernel.fail_request). Until it has, this is the one
+        # place that touches the kernel's private request table.
+        pending = self.kernel._pending.pop(query_id, None)
+        if pending is not None:
+            pending.fail(error)
+
+    # --- names -------------------------------------------------------------------------------
+
+    def _apply_name_entry(self, key: str, value: bytes | None, op: str | None) -> None:
+        name = wire.name_from_key(key)
+        if op in _KV_OPS_DELETED or not value:
+            self._names.pop(name, None)
+            return
+        try:
+            obj = json.loads(value)
+            self._names[name] = (str(obj["node"]), uuid.UUID(obj["id"]))
+        except (ValueError, KeyError, TypeError):
+            log.warning("node %s: ignoring malformed name record %r", self.node, key)
+
+    async def _refresh_name(self, name: str) -> None:
+        kv = self._names_kv
+        if kv is None:
+            return
+
+        async def get() -> tuple[bytes | None, str | None]:
+            try:
+                entry = await kv.get(wire.name_key(name))
+            except nats.js.errors.KeyNotFoundError:
+                return None, "DEL"
+            return entry.value, entry.operation
+
+        value, op = await call_aio(get)
+        self._apply_name_entry(wire.name_key(name), value, op)
+
+    async def wait_for_name(self, name: str, timeout: float = 5.0) -> tuple[str, uuid.UUID]:
+        """Wait (bounded) until ``name`` is known in the cluster; return ``(node, agent id)``.
+
+        Useful right after another node spawned it (KV propagation takes milliseconds).
+        Raises :class:`AgentNotFound` after ``timeout`` seconds.
+        """
+        with trio.move_on_after(timeout):
+            while True:
+                if self.kernel.is_local(name):
+                    return self.node, self.kernel.lookup(name).id
+                entry = self._names.get(name)
+                if entry is not None:
+                    return entry
+                await self._refresh_name(name)
+                if name in self._names:
+                    continue
+                await trio.sleep(0.02)
+        raise AgentNotFound(name)
+
+    def _note_local_name(self, name: str, agent_id: uuid.UUID | None) -> None:
+        """Queue a put (``agent_id``) or delete (None) of a local name in KV, once."""
+        if agent_id is None:
+            if self._local_names.pop(name, None) is None:
+                return
+        elif self._local_names.get(name) == agent_id:
+            return
+        else:
+            self._local_names[name] = agent_id
+        if self._names_pending == 0:
+            self._names_idle = trio.Event()
+        self._names_pending += 1
+        self._name_ops.send_nowait((name, agent_id))
+
+    def _sync_local_names(self) -> None:
+        for ref in self.kernel.agents():
+            if ref.name is not None:
+                self._note_local_name(ref.name, ref.id)
+
+    async def _publish_names(self) -> None:
+        """Trio side: put/delete this node's names in KV, in the order they happened."""
+        kv = self._names_kv
+        assert kv is not None
+        async for name, agent_id in self._name_ops_recv:
+            try:
+                if agent_id is not None:
+                    value = json.dumps({"node": self.node, "id": str(agent_id)}).encode()
+                    revision = await call_aio(kv.put, wire.name_key(name), value)
+                    self._published_names[name] = (agent_id, revision)
+                    self._names[name] = (self.node, agent_id)
+                else:
+                    published = self._published_names.pop(name, None)
+                    if published is not None:
+                        await self._delete_name(kv, name, published[1])
+            except Exception as exc:
+                log.warning("node %s: could not publish name %r: %r", self.node, name, exc)
+            finally:
+                self._names_pending -= 1
+                if self._names_pending == 0:
+                    self._names_idle.set()
+
+    async def _delete_name(self, kv: KeyValue, name: str, revision: int) -> None:
+        try:
+            # Only if nobody re-registered the name since (optimistic concurrency).
+            await call_aio(kv.delete, wire.name_key(name), last=revision)
+        except nats.js.errors.BadRequestError as exc:
+            # "wrong last sequence": the name was re-registered (or already dropped) since.
+            log.debug("node %s: name %r changed since we published it: %r", self.node, name, exc)
+
+    async def names_published(self) -> None:
+        """Wait until every local name spawned so far is in (or out of) the KV bucket."""
+        self._sync_local_names()
+        await self._names_idle.wait()
+
+    async def _follow_kernel(self, task_status: trio.TaskStatus[None]) -> None:
+        """Track local named agents and replicas from the kernel's lifecycle events."""
+        async with self.kernel.events(buffer=65536) as events:
+            self._sync_local_names()
+            task_status.started()
+            seen_drops = 0
+            async for event in events:
+                if events.dropped != seen_drops:
+                    seen_drops = events.dropped
+                    log.warning("node %s: missed lifecycle events; resyncing names", self.node)
+                    self._sync_local_names()
+                if event.kind is EventKind.SPAWNED and event.name is not None:
+                    if self.kernel.is_local(event.agent_id):
+                        self._note_local_name(event.name, event.agent_id)
+                elif event.kind is EventKind.STOPPED:
+                    name = event.name
+                    if name is not None and self._local_names.get(name) == event.agent_id:
+                        self._note_local_name(name, None)
+                    await self._forget_replica(event.agent_id)
+
+    async def _follow_dead_letters(self, task_status: trio.TaskStatus[None]) -> None:
+        """A remote request whose Query died here gets the error; durable ones are retried."""
+        async with self.kernel.dead_letters(buffer=65536) as letters:
+            task_status.started()
+            async for letter in letters:
+                msg = letter.message
+                if msg.kind is not MessageKind.QUERY:
+                    continue
+                reply = self._reply_routes.pop(msg.id, None)
+                if reply is not None:
+                    self._publish_error(
+                        reply, RequestFailed(msg.id, msg.to, letter.reason.value, letter.error)
+                    )
+                self.durable.failed(msg.id, letter.reason.value, letter.error)
+
+    # --- agent types (queue groups) -------------------------------------------------------------
+
+    async def serve_type(self, type_name: str, agent: Any) -> None:
+        """Make local ``agent`` (an AgentRef or id) a replica of ``type_name``.
+
+        Messages sent to ``type_address(type_name)`` from any node go to exactly one
+        replica in the cluster (a NATS queue group; on a node, replicas take turns).
+        The replica is removed when the agent stops.
+        """
+        wire.check_token("agent type", type_name)
+        agent_id: uuid.UUID = getattr(agent, "id", agent)
+        if not self.kernel.is_local(agent_id):
+            raise AgentNotFound(agent_id)
+        replicas = self._types.setdefault(type_name, [])
+        if agent_id not in replicas:
+            replicas.append(agent_id)
+        if type_name not in self._type_subs:
+            subject = wire.type_subject(self.prefix, type_name)
+
+            async def subscribe() -> Any:
+                sub = await self.nc.subscribe(
+                    subject,
+                    queue=subject,
+                    cb=self._on_type_message,
+                    pending_msgs_limit=self.options.inbound_limit,
+                )
+                await self.nc.flush()
+                return sub
+
+            self._type_subs[type_name] = await call_aio(subscribe)
+
+    def _pick_replica(self, type_name: str) -> uuid.UUID | None:
+        replicas = [r for r in self._types.get(type_name, ()) if self.kernel.is_local(r)]
+        if not replicas:
+            return None
+        return replicas[next(self._type_turn) % len(replicas)]
+
+    async def _forget_replica(self, agent_id: uuid.UUID) -> None:
+        for type_name, replicas in list(self._types.items()):
+            if agent_id in replicas:
+                replicas.remove(agent_id)
+                if not replicas:
+                    del self._types[type_name]
+                    sub = self._type_subs.pop(type_name, None)
+                    if sub is not None:
+                        await call_aio(sub.unsubscribe)
+
+    # --- durable -----------------------------------------------------------------------------
+
+    async def send_durable(
+        self,
+        to: Any,
+        payload: Any = None,
+        *,
+        sender: uuid.UUID = SYSTEM_ID,
+        msg_id: uuid.UUID | None = None,
+    ) -> Message:
+        """Send at least once through JetStream; see :class:`DurableChannel.send`."""
+        return await self.durable.send(to, payload, sender=sender, msg_id=msg_id)
+
+    # --- membership --------------------------------------------------------------------------
+
+    def _stats_summary(self) -> dict[str, Any]:
+        s = self.kernel.stats()
+        return {
+            "accepted": s.accepted,
+            "handled": s.handled,
+            "dead_lettered": s.dead_lettered,
+            "forwarded": s.forwarded,
+            "in_flight": s.in_flight,
+            "agents_alive": s.agents_alive,
+            "published": self._published,
+            "received": self._received,
+        }
+
+    def _record(self) -> bytes:
+        return encode_record(self.node, self.id_prefix, self._joined_at, self._stats_summary())
+
+    async def _heartbeat_once(self) -> None:
+        """Announce this node on core NATS (what liveness is judged by) and in KV (so
+        that nodes joining later find it)."""
+        record = self._record()
+        await call_aio(self._control.publish, self._heartbeat_subject, record)
+        kv = self._nodes_kv
+        assert kv is not None
+        await call_aio(kv.put, self.node, record)
+
+    async def _heartbeats(self) -> None:
+        """Core NATS heartbeats: they fail over with the connection in milliseconds, while
+        KV (JetStream) may need seconds to elect new stream leaders after a server loss;
+        a node must not look dead for that."""
+        failing = False
+        while True:
+            await trio.sleep(self.options.heartbeat_interval)
+            try:
+                await call_aio(self._control.publish, self._heartbeat_subject, self._record())
+                if failing:
+                    log.info("node %s: heartbeats go through again", self.node)
+                failing = False
+            except Exception as exc:
+                if not failing:
+                    log.warning("node %s: heartbeat failed: %r", self.node, exc)
+                failing = True
+
+    async def _kv_heartbeats(self) -> None:
+        failing = False
+        kv = self._nodes_kv
+        assert kv is not None
+        while True:
+            await trio.sleep(self.options.heartbeat_interval)
+            try:
+                await call_aio(kv.put, self.node, self._record())
+                if failing:
+                    log.info("node %s: membership record writable again", self.node)
+                failing = False
+            except Exception as exc:
+                if not failing:
+                    log.info("node %s: membership record not written: %r", self.node, exc)
+                failing = True
+
+    async def _on_heartbeat(self, m: NatsMsg) -> None:
+        """asyncio side: another node's heartbeat (or its clean leave: an empty body)."""
+        node = m.subject[len(self._heartbeat_subject) - len(self.node) :]
+        self._apply_member_entry(node, m.data, None if m.data else "DEL")
+
+    def _apply_member_entry(self, key: str, value: bytes | None, op: str | None) -> None:
+        if op == "DEL":
+            info = self.members.left(key)
+            if info is not None and key != self.node:
+                log.info("node %s: node %r left the cluster", self.node, key)
+            return
+        if op == "PURGE" or not value:
+            return  # expired by TTL: the loss checker decides, on this node's clock
+        try:
+            info = decode_record(value, monotonic())
+        except (ValueError, KeyError, TypeError):
+            log.warning("node %s: ignoring malformed membership record %r", self.node, key)
+            return
+        if self.members.heard(info):
+            log.warning("node %s: node %r is reachable again", self.node, info.node)
+
+    async def _check_members(self) -> None:
+        while True:
+            await trio.sleep(self.options.heartbeat_interval / 2)
+            for info in self.members.newly_lost(monotonic()):
+                self._node_lost(info)
+
+    def _node_lost(self, info: NodeInfo) -> None:
+        self._nodes_lost += 1
+        silent = monotonic() - info.last_seen
+        reason = (
+            f"node {info.node!r} (pid {info.pid} on {info.host}) missed"
+            f" {self.options.missed_heartbeats} heartbeats: silent for {silent:.1f}s"
+        )
+        log.warning("node %s: %s", self.node, reason)
+        # CORE HOOK: published on kernel.events() through the kernel's private broadcast
+        # (see the report: Kernel.report_event); the event names the node, its agent_id is
+        # the first id of the node's id space.
+        self.kernel._events.publish(
+            LifecycleEvent(
+                EventKind.UNREACHABLE,
+                node_uuid(info.id_prefix),
+                f"node:{info.node}",
+                trio.current_time(),
+                reason,
+            )
+        )
+        for query_id, (to, node) in list(self._outstanding.items()):
+            if node == info.node:
+                del self._outstanding[query_id]
+                self._fail_request(
+                    query_id,
+                    TransportUnavailable(f"node {info.node!r} hosting {to} is unreachable"),
+                )
+
+    def member_list(self) -> list[NodeInfo]:
+        """The nodes as last seen (including this one), sorted by name."""
+        return sorted(self.members.members.values(), key=lambda i: i.node)
+
+    # --- watchers (asyncio side) -------------------------------------------------------------
+
+    async def _start_watch(
+        self, kv: KeyValue, apply: Any, task_status: trio.TaskStatus[None]
+    ) -> None:
+        """Apply every KV update to local state; started once the initial values are in."""
+
+        async def open_watch() -> Any:
+            watcher = await kv.watchall()
+            while True:
+                entry = await watcher.updates(timeout=30)  # type: ignore[no-untyped-call]
+                if entry is None:
+                    return watcher
+                apply(entry.key, entry.value, entry.operation)
+
+        watcher = await call_aio(open_watch)
+        task_status.started()
+
+        async def follow() -> None:
+            async for entry in watcher:
+                if entry is not None:
+                    apply(entry.key, entry.value, entry.operation)
+
+        try:
+            await call_aio(follow)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                try:
+                    await call_aio(watcher.stop)
+                except Exception as exc:
+                    log.debug("node %s: stopping a KV watcher: %r", self.node, exc)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def _nursery(self) -> trio.Nursery:
+        assert self._nursery_ref is not None
+        return self._nursery_ref
+
+    async def _start(self, nursery: trio.Nursery) -> None:
+        self._nursery_ref = nursery
+        opts = self.options
+        ttl = opts.heartbeat_interval * opts.missed_heartbeats
+        self._nodes_kv = await self._kv(f"{self.prefix}-nodes", ttl=ttl)
+        self._names_kv = await self._kv(f"{self.prefix}-names", ttl=None)
+        await self._outbox.start()
+
+        async def subscribe() -> None:
+            await self.nc.subscribe(
+                wire.node_wildcard(self.prefix, self.node),
+                cb=self._on_node_message,
+                pending_msgs_limit=opts.inbound_limit,
+                pending_bytes_limit=0,
+            )
+            await self.nc.flush()
+
+        await call_aio(subscribe)
+
+        async def subscribe_heartbeats() -> None:
+            await self._control.subscribe(f"{self.prefix}.hb.*", cb=self._on_heartbeat)
+            await self._control.flush()
+
+        await call_aio(subscribe_heartbeats)
+        await self._heartbeat_once()
+        await nursery.start(self._start_watch, self._nodes_kv, self._apply_member_entry)
+        await nursery.start(self._start_watch, self._names_kv, self._apply_name_entry)
+        nursery.start_soon(self._pump)
+        nursery.start_soon(self._heartbeats)
+        nursery.start_soon(self._kv_heartbeats)
+        nursery.start_soon(self._check_members)
+        nursery.start_soon(self._publish_names)
+        await nursery.start(self._follow_kernel)
+        await nursery.start(self._follow_dead_letters)
+        await self.durable.start(nursery)
+        await self.names_published()
+
+    async def _leave(self) -> None:
+        """Clean leave, while the connection is still up: flush acks and queued messages,
+        drop this node's names and membership record. Never raises."""
+        self._closing = True
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            try:
+                await self.durable.stop()
+            except Exception as exc:
+                log.warning("node %s: could not flush durable acks: %r", self.node, exc)
+            kv = self._names_kv
+            if kv is not None:
+                for name, (_, revision) in list(self._published_names.items()):
+                    try:
+                        await self._delete_name(kv, name, revision)
+                    except Exception as exc:
+                        log.warning("node %s: could not drop name %r: %r", self.node, name, exc)
+            try:
+                await call_aio(self._control.publish, self._heartbeat_subject, b"")
+            except Exception as exc:
+                log.warning("node %s: could not announce leaving: %r", self.node, exc)
+            if self._nodes_kv is not None:
+                try:
+                    await call_aio(self._nodes_kv.delete, self.node)
+                except Exception as exc:
+                    log.warning("node %s: could not drop membership: %r", self.node, exc)
+            try:
+                await self._outbox.close()
+                await call_aio(self.nc.flush, 2)
+            except Exception as exc:
+                log.warning("node %s: could not flush outgoing messages: %r", self.node, exc)
+            self._inbox.close()
+
+    async def _disconnect(self) -> None:
+        """Close the NATS connections (after the background tasks stopped)."""
+        # Not nc.drain(): it waits for every subscription's callback queue, and a
+        # subscription whose task is already gone (cancelled watcher) never drains.
+        # What we publish was flushed in _leave; close() also flushes what is left.
+        for nc in (self._nc, self._ctl):
+            if nc is None or nc.is_closed:
+                continue
+            with trio.CancelScope(shield=True), trio.move_on_after(3):
+                try:
+                    await call_aio(nc.close)
+                except Exception as exc:
+                    log.debug("node %s: close: %r", self.node, exc)
+
+    def stats(self) -> ClusterStats:
+        d = self.durable
+        return ClusterStats(
+            node=self.node,
+            published=self._published,
+            received=self._received,
+            inbound_dropped=dict(self._dropped),
+            errors_replied=dict(self._errors_replied),
+            disconnects=self._disconnects,
+            reconnects=self._reconnects,
+            nodes_lost=self._nodes_lost,
+            inbox_wakeups=self._inbox.wakeups,
+            outbox_batches=self._outbox.batches,
+            durable_acked=d.acked,
+            durable_redelivered=d.redelivered,
+            durable_dead=d.dead,
+            durable_duplicates=d.duplicates,
+            publish_failures=self._outbox.failed_batches,
+            parked=sum(len(q) for q in self._parked.values()),
+            members=tuple(i.node for i in self.member_list()),
+        )
+
+
+_joined: weakref.WeakKeyDictionary[Kernel, Cluster] = weakref.WeakKeyDictionary()
+
+
+def cluster_of(kernel: Kernel) -> Cluster | None:
+    """The :class:`Cluster` that ``kernel`` joined with :func:`join_cluster`, if any
+    (e.g. for an app started by ``nexus run --nats`` that wants :meth:`Cluster.serve_type`)."""
+    return _joined.get(kernel)
+
+
+def default_node_name() -> str:
+    """``<host>-<pid>`` made into one NATS subject token (dots and other characters -> ``_``)."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+    return f"{host}-{os.getpid()}"
+
+
+@asynccontextmanager
+async def join_cluster(
+    kernel: Kernel,
+    url: str | Sequence[str],
+    node: str,
+    *,
+    options: ClusterOptions | None = None,
+    prefix: str | None = None,
+) -> AsyncIterator[Cluster]:
+    """Join ``kernel`` to the NATS cluster at ``url`` as node ``node`` for the block.
+
+    ``url`` is one server URL, a comma-separated list, or a sequence (the client fails
+    over between them). On entry: connect (:class:`TransportUnavailable` naming the URL if
+    no server answers), create the KV buckets if needed, announce the node, load the
+    member and name tables, publish the kernel's named agents and attach the transport.
+    On exit: detach, remove the node's names and membership record, flush and close.
+    Leaving does not shut the kernel down; to let it drain with the cluster still
+    attached, ``await kernel.shutdown()`` inside the block.
+    """
+    servers = [u.strip() for u in url.split(",")] if isinstance(url, str) else list(url)
+    opts = options or ClusterOptions()
+    if prefix is not None:
+        opts = attrs.evolve(opts, prefix=prefix)
+    try:
+        async with asyncio_loop():
+            cluster = Cluster(kernel, servers, node, opts)
+            try:
+                await cluster._connect()
+                async with trio.open_nursery() as nursery:
+                    await cluster._start(nursery)
+                    kernel.attach_transport(cluster)
+                    _joined[kernel] = cluster
+                    try:
+                        yield cluster
+                    finally:
+                        _joined.pop(kernel, None)
+                        kernel.detach_transport()
+                        await cluster._leave()
+                        nursery.cancel_scope.cancel()
+            finally:
+                await cluster._disconnect()
+    except BaseExceptionGroup as group:
+        # The task groups here are an implementation detail: one error comes out as itself.
+        leaf = _sole_leaf(group)
+        if leaf is None:
+            raise
+        raise leaf from None
+
+
+def _sole_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [group]
+    while stack:
+        exc = stack.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            stack.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    return leaves[0] if len(leaves) == 1 else None

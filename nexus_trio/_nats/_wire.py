@@ -1,0 +1,262 @@
+"""Subjects, headers, KV keys and error frames: how kernels talk on NATS.
+
+Subjects (``P`` is the cluster prefix, ``nexus`` by default):
+
+* ``P.node.<node>.agent.<id>`` — a message for an agent on ``<node>``; every kernel
+  holds one wildcard subscription ``P.node.<node>.>``, not one per agent (a
+  subscription costs ~5 KB and a task in nats-py: a million agents must not pay that).
+* ``P.node.<node>.reply.<query id>`` — replies to this node's requests, error frames and
+  NATS "no responders" statuses, correlated by the query id in the subject.
+* ``P.type.<type>`` — a queue group: any one replica of an agent type takes the message.
+* ``P.durable.<node>.<id>`` — JetStream (at-least-once) messages for agents on ``<node>``.
+
+The body of a message is compact JSON written by :func:`encode_message`: an array
+``[1, id, timestamp_us, from, to, kind, conversation_id, reply_to, trace_id, payload]``
+with UUIDs as 128-bit integers (``to`` is an integer for an id, a string for a name).
+It carries exactly the fields of the kernel's JSON wire form but costs a fraction of it
+(no RFC 3339 formatting, no UUID text) on the path every message takes. A body that is
+a JSON *object* is read as the kernel's standard wire form (:meth:`Message.to_json`),
+so any NATS client can publish to an agent subject. An error frame has the header
+``Nexus-Error`` naming the failure and a JSON body with the details; the requesting node
+turns it into the exception a local request would raise.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import uuid
+from typing import Any, Final
+
+from .._errors import (
+    AgentNotFound,
+    KernelShuttingDown,
+    MailboxFull,
+    MessageDecodeError,
+    NexusError,
+    RequestFailed,
+)
+from .._message import Message, MessageKind
+
+NODE_HEADER: Final = "Nexus-Node"
+ERROR_HEADER: Final = "Nexus-Error"
+MSG_ID_HEADER: Final = "Nats-Msg-Id"
+TYPE_PREFIX: Final = "type:"
+
+_TOKEN: Final = re.compile(r"[A-Za-z0-9_-]+")
+_PLAIN_KEY: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+
+
+# --- the message codec --------------------------------------------------------------------
+
+_FORMAT: Final = 1
+_KINDS: Final = {kind.value: kind for kind in MessageKind}
+_new = object.__new__
+_set = object.__setattr__
+_SAFE_UNKNOWN: Final = uuid.SafeUUID.unknown
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_loads = json.JSONDecoder().decode
+
+
+def _uuid(value: int) -> uuid.UUID:
+    # uuid.UUID(int=...) validates and costs ~1 us; the range check below is what matters.
+    if value.__class__ is not int or not 0 <= value < 1 << 128:
+        raise TypeError(f"expected a 128-bit integer id, got {value!r}")
+    u: uuid.UUID = _new(uuid.UUID)
+    _set(u, "int", value)
+    _set(u, "is_safe", _SAFE_UNKNOWN)
+    return u
+
+
+def _opt_uuid(value: int | None) -> uuid.UUID | None:
+    return None if value is None else _uuid(value)
+
+
+def encode_message(msg: Message) -> bytes:
+    """The compact body of ``msg`` on NATS (see the module doc)."""
+    to = msg.to
+    return _dumps(
+        [
+            _FORMAT,
+            msg.id.int,
+            msg.timestamp,
+            msg.sender.int,
+            to if to.__class__ is str else to.int,  # type: ignore[union-attr]
+            msg.kind.value,
+            None if msg.conversation_id is None else msg.conversation_id.int,
+            None if msg.reply_to is None else msg.reply_to.int,
+            None if msg.trace_id is None else msg.trace_id.int,
+            msg.payload,
+        ]
+    ).encode()
+
+
+def decode_message(data: bytes) -> Message:
+    """Read a body written by :func:`encode_message`, or the kernel's JSON wire form.
+
+    Raises :class:`MessageDecodeError` naming what was wrong.
+    """
+    if data[:1] == b"{":
+        return Message.from_json(data)
+    try:
+        obj = _loads(data.decode())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MessageDecodeError("<document>", f"not JSON: {exc}") from None
+    if obj.__class__ is not list or len(obj) != 10 or obj[0] != _FORMAT:
+        raise MessageDecodeError(
+            "<document>", "expected a nexus message array (format 1) or a JSON object"
+        )
+    field = "id"
+    try:
+        msg_id = _uuid(obj[1])
+        field = "timestamp"
+        timestamp = obj[2]
+        if timestamp.__class__ is not int:
+            raise TypeError(f"expected integer microseconds, got {timestamp!r}")
+        field = "from"
+        sender = _uuid(obj[3])
+        field = "to"
+        to = obj[4]
+        if to.__class__ is not str:
+            to = _uuid(to)
+        elif not to:
+            raise TypeError("empty agent name")
+        field = "kind"
+        kind = _KINDS.get(obj[5])
+        if kind is None:
+            raise ValueError(f"unknown kind {obj[5]!r}")
+        field = "conversation_id"
+        conversation_id = _opt_uuid(obj[6])
+        field = "reply_to"
+        reply_to = _opt_uuid(obj[7])
+        field = "trace_id"
+        trace_id = _opt_uuid(obj[8])
+    except (TypeError, ValueError) as exc:
+        raise MessageDecodeError(field, str(exc), obj) from None
+    return Message(
+        sender=sender,
+        to=to,
+        payload=obj[9],
+        kind=kind,
+        id=msg_id,
+        timestamp=timestamp,
+        conversation_id=conversation_id,
+        reply_to=reply_to,
+        trace_id=trace_id,
+    )
+
+
+# --- subjects -------------------------------------------------------------------------------
+
+
+def check_token(what: str, value: str) -> str:
+    """``value`` as one subject token; ValueError naming ``what`` otherwise."""
+    if not isinstance(value, str) or not _TOKEN.fullmatch(value):
+        raise ValueError(
+            f"{what} {value!r} must be letters, digits, '-' or '_' (it is part of NATS subjects)"
+        )
+    return value
+
+
+def type_address(type_name: str) -> str:
+    """The address of "any replica of agent type ``type_name``" (a NATS queue group).
+
+    ``await kernel.send(type_address("worker"), job)`` reaches exactly one agent that
+    some node registered with :meth:`Cluster.serve_type`.
+    """
+    return TYPE_PREFIX + check_token("agent type", type_name)
+
+
+def node_wildcard(prefix: str, node: str) -> str:
+    return f"{prefix}.node.{node}.>"
+
+
+def agent_subject(prefix: str, node: str, agent_id: uuid.UUID) -> str:
+    return f"{prefix}.node.{node}.agent.{agent_id}"
+
+
+def reply_subject(prefix: str, node: str, query_id: uuid.UUID) -> str:
+    return f"{prefix}.node.{node}.reply.{query_id}"
+
+
+def type_subject(prefix: str, type_name: str) -> str:
+    return f"{prefix}.type.{type_name}"
+
+
+def durable_subject(prefix: str, node: str, agent_id: uuid.UUID | str) -> str:
+    return f"{prefix}.durable.{node}.{agent_id}"
+
+
+def name_key(name: str) -> str:
+    """A KV key for an agent name: the name itself when KV allows it, else ``=base64url``."""
+    if _PLAIN_KEY.fullmatch(name) and not name.endswith("."):
+        return name
+    return "=" + base64.urlsafe_b64encode(name.encode()).decode().rstrip("=")
+
+
+def name_from_key(key: str) -> str:
+    if not key.startswith("="):
+        return key
+    body = key[1:]
+    return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode()
+
+
+# --- error frames -----------------------------------------------------------------------
+
+
+def error_frame(exc: BaseException) -> tuple[str, bytes]:
+    """The ``Nexus-Error`` header value and body for an error a remote request ran into."""
+    if isinstance(exc, AgentNotFound):
+        return "no_such_agent", json.dumps({"address": str(exc.address)}).encode()
+    if isinstance(exc, MailboxFull):
+        body = {
+            "recipient": str(exc.recipient),
+            "name": exc.name,
+            "capacity": exc.capacity,
+            "message_id": str(exc.message_id),
+        }
+        return "mailbox_full", json.dumps(body).encode()
+    if isinstance(exc, KernelShuttingDown):
+        return "shutting_down", json.dumps({"what": exc.what}).encode()
+    if isinstance(exc, RequestFailed):
+        body = {"reason": exc.reason, "error": repr(exc.error) if exc.error else None}
+        return "request_failed", json.dumps(body).encode()
+    return "request_failed", json.dumps({"reason": "remote_error", "error": repr(exc)}).encode()
+
+
+class RemoteError(NexusError):
+    """The exception a remote handler raised, as text (exceptions do not cross processes)."""
+
+    def __init__(self, node: str, text: str) -> None:
+        self.node = node
+        self.text = text
+        super().__init__(f"on node {node!r}: {text}")
+
+
+def error_from_frame(
+    kind: str, body: bytes, *, query_id: uuid.UUID, to: uuid.UUID | str, node: str
+) -> NexusError:
+    """Rebuild, on the requesting node, the error a remote request ran into."""
+    try:
+        data: dict[str, Any] = json.loads(body) if body else {}
+    except ValueError:
+        data = {}
+    if kind == "no_such_agent":
+        return AgentNotFound(to)
+    if kind == "mailbox_full":
+        return MailboxFull(
+            uuid.UUID(data["recipient"]),
+            data.get("name"),
+            int(data["capacity"]),
+            uuid.UUID(data["message_id"]),
+        )
+    if kind == "shutting_down":
+        return KernelShuttingDown(f"{data.get('what', 'request')} on node {node!r}")
+    error = data.get("error")
+    return RequestFailed(
+        query_id,
+        to,
+        str(data.get("reason", kind)),
+        RemoteError(node, error) if error else None,
+    )

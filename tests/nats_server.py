@@ -1,0 +1,262 @@
+"""Real NATS for the distributed tests: servers on loopback, and kernel child processes.
+
+* :func:`nats_cluster` starts one server, or several joined by routes, each on a port
+  the server picked itself, and stops them by PID.
+* :class:`NodeProcess` runs ``python -m tests.nats_server node ...``: a kernel in a
+  child process, joined to the cluster, hosting the test agents below. It prints
+  ``READY <node>`` once its names are published; tests wait for that line (bounded)
+  instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import attrs
+import trio
+
+from nexus_trio import (
+    Agent,
+    Config,
+    Context,
+    KernelConfig,
+    Message,
+    SupervisionConfig,
+    agent,
+    open_kernel,
+)
+from nexus_trio._nats import ClusterOptions, DurableOptions, NatsServer, cluster_of, join_cluster
+from nexus_trio._nats._server import free_ports
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: fast failure detection and redelivery so the tests stay short
+FAST = ClusterOptions(
+    heartbeat_interval=0.2,
+    missed_heartbeats=3,
+    durable=DurableOptions(ack_wait=1.0, max_deliver=4, redelivery_delay=0.05),
+)
+
+
+@contextlib.contextmanager
+def nats_cluster(size: int = 1) -> Iterator[list[NatsServer]]:
+    """``size`` nats-servers with JetStream on 127.0.0.1 (a routed cluster if size > 1)."""
+    servers: list[NatsServer] = []
+    try:
+        if size == 1:
+            servers.append(NatsServer().start())
+        else:
+            ports = free_ports(size)
+            routes = [f"nats://127.0.0.1:{port}" for port in ports]
+            for i, port in enumerate(ports):
+                server = NatsServer(
+                    server_name=f"s{i}",
+                    cluster_name="nexus-test",
+                    cluster_port=port,
+                    routes=routes,
+                )
+                servers.append(server)
+                server.start()
+            for server in servers:
+                server.wait_for_log("metadata leader")
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def node_config() -> Config:
+    return Config(
+        kernel=KernelConfig(request_timeout_ms=5000, send_timeout_ms=10000),
+        supervision=SupervisionConfig(max_restarts=1000, backoff_initial_ms=0, backoff_max_ms=0),
+    )
+
+
+# --- the child kernel --------------------------------------------------------------------------
+
+
+async def _serve_node(url: str, node: str, replicas: int, kv_replicas: int) -> None:
+    options = attrs.evolve(FAST, kv_replicas=kv_replicas)
+
+    @agent(name="echo")
+    async def echo(ctx: Context, msg: Message) -> Any:
+        return {"echo": msg.payload, "node": node, "kind": msg.kind.value}
+
+    collected: list[Any] = []
+
+    @agent(name="collector")
+    async def collector(ctx: Context, msg: Message) -> Any:
+        if msg.payload == "dump":
+            return list(collected)
+        collected.append(msg.payload)
+        return None
+
+    @agent(name="relay")
+    async def relay(ctx: Context, msg: Message) -> Any:
+        return await ctx.request(msg.payload["to"], msg.payload["value"], timeout=2.0)
+
+    class Flaky(Agent):
+        """Fails the first delivery of each message; applies each message id once."""
+
+        attempts: ClassVar[Counter[str]] = Counter()
+        applied: ClassVar[dict[str, Any]] = {}
+
+        async def handle(self, ctx: Context, msg: Message) -> Any:
+            if msg.payload == "report":
+                return {"attempts": dict(Flaky.attempts), "applied": list(Flaky.applied.values())}
+            key = str(msg.id)
+            Flaky.attempts[key] += 1
+            if Flaky.attempts[key] == 1:
+                raise RuntimeError(f"first delivery of {key} fails")
+            Flaky.applied.setdefault(key, msg.payload)
+            return "done"
+
+    gate = trio.Event()
+    passed: list[Any] = []
+
+    @agent(name="gate", mailbox_capacity=1)
+    async def gate_agent(ctx: Context, msg: Message) -> Any:
+        """Holds every message until ``opener`` is asked (a stuck agent with a full mailbox)."""
+        if msg.payload == "dump":
+            return list(passed)
+        await gate.wait()
+        passed.append(msg.payload)
+        return None
+
+    @agent(name="opener")
+    async def opener(ctx: Context, msg: Message) -> Any:
+        gate.set()
+        return "open"
+
+    @agent(name="sleepy")
+    async def sleepy(ctx: Context, msg: Message) -> Any:
+        await trio.sleep(msg.payload)
+        return "awake"
+
+    @agent(name="doomed")
+    async def doomed(ctx: Context, msg: Message) -> Any:
+        raise RuntimeError("always fails")
+
+    @agent(name="stats")
+    async def stats(ctx: Context, msg: Message) -> Any:
+        """This node's cluster counters, for the tests to check the receiving side."""
+        cluster = cluster_of(ctx.kernel)
+        assert cluster is not None
+        return attrs.asdict(cluster.stats())
+
+    @agent(name="worker")
+    async def worker(ctx: Context, msg: Message) -> Any:
+        return {"node": node, "replica": ctx.name, "job": msg.payload}
+
+    async with open_kernel(node_config()) as kernel:
+        kernel.spawn(echo, name=f"echo-{node}")
+        kernel.spawn(collector, name=f"collector-{node}")
+        kernel.spawn(relay, name=f"relay-{node}")
+        kernel.spawn(agent(Flaky, name="flaky"), name=f"flaky-{node}")
+        kernel.spawn(gate_agent, name=f"gate-{node}")
+        kernel.spawn(opener, name=f"opener-{node}")
+        kernel.spawn(sleepy, name=f"sleepy-{node}")
+        kernel.spawn(doomed, name=f"doomed-{node}")
+        kernel.spawn(stats, name=f"stats-{node}")
+        async with join_cluster(kernel, url, node, options=options) as cluster:
+            for i in range(replicas):
+                ref = kernel.spawn(worker, name=f"worker-{node}-{i}")
+                await cluster.serve_type("work", ref)
+            await cluster.names_published()
+            ids = {ref.name: str(ref.id) for ref in kernel.agents()}
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                print(f"READY {node} {json.dumps(ids)}", flush=True)
+                async for _ in signals:
+                    break
+            await kernel.shutdown()
+
+
+def _node_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.nats_server node")
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--node", required=True)
+    parser.add_argument("--replicas", type=int, default=0)
+    parser.add_argument("--kv-replicas", type=int, default=1)
+    args = parser.parse_args(argv)
+    trio.run(_serve_node, args.url, args.node, args.replicas, args.kv_replicas)
+
+
+class NodeProcess:
+    """A kernel in a child process, joined to the cluster (see the module doc)."""
+
+    def __init__(self, url: str, node: str, *, replicas: int = 0, kv_replicas: int = 1) -> None:
+        self.node = node
+        self.argv = [
+            sys.executable,
+            "-m",
+            "tests.nats_server",
+            "node",
+            "--url",
+            url,
+            "--node",
+            node,
+            "--replicas",
+            str(replicas),
+            "--kv-replicas",
+            str(kv_replicas),
+        ]
+        self.process: trio.Process | None = None
+        self.ids: dict[str, str] = {}
+        self._buffer = b""
+
+    async def start(self, *, timeout: float = 15.0) -> NodeProcess:
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        self.process = await trio.lowlevel.open_process(
+            self.argv, cwd=str(REPO), env=env, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
+        )
+        with trio.fail_after(timeout):
+            line = await self._readline()
+        if not line.startswith(f"READY {self.node} "):
+            raise RuntimeError(f"node {self.node} did not start: {line!r}")
+        self.ids = json.loads(line.split(" ", 2)[2])
+        return self
+
+    async def _readline(self) -> str:
+        assert self.process is not None and self.process.stdout is not None
+        while b"\n" not in self._buffer:
+            chunk = await self.process.stdout.receive_some(4096)
+            if not chunk:
+                raise RuntimeError(f"node {self.node} exited (code {self.process.poll()})")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+
+    async def stop(self) -> None:
+        process = self.process
+        if process is None:
+            return
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGINT)
+            with trio.move_on_after(5):
+                await process.wait()
+            if process.poll() is None:
+                os.kill(process.pid, signal.SIGKILL)
+        await process.wait()
+        if process.stdout is not None:
+            await process.stdout.aclose()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["node"]:
+        _node_main(sys.argv[2:])
+    else:
+        sys.exit("usage: python -m tests.nats_server node --url URL --node NAME")

@@ -1,0 +1,285 @@
+"""Kernels in separate processes joined through a real nats-server on 127.0.0.1.
+
+Each test starts its own server(s) on ports the server picks, runs peer kernels as child
+processes (``tests/nats_server.py``) and stops everything by PID. Waits are bounded with
+``trio.fail_after`` and generous, for a loaded machine; nothing asserts on elapsed time.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+from nexus_trio import (
+    AgentNotFound,
+    Context,
+    EventKind,
+    Kernel,
+    Message,
+    MessageKind,
+    RequestFailed,
+    RequestTimeout,
+    TransportUnavailable,
+    agent,
+    open_kernel,
+)
+from nexus_trio._nats import Cluster, NatsServer, cluster_of, join_cluster, type_address
+from nexus_trio._nats._aio import call_aio
+
+from .nats_server import FAST, NodeProcess, nats_cluster, node_config
+
+
+@pytest.fixture
+def nats() -> Iterator[NatsServer]:
+    with nats_cluster(1) as servers:
+        yield servers[0]
+
+
+@asynccontextmanager
+async def nodes(url: str, *names: str, **kwargs: Any) -> AsyncIterator[list[NodeProcess]]:
+    """Child kernels joined to ``url``, started together and stopped (then killed) at exit."""
+    procs = [NodeProcess(url, name, **kwargs) for name in names]
+    try:
+        async with trio.open_nursery() as nursery:
+            for proc in procs:
+                nursery.start_soon(proc.start)
+        yield procs
+    finally:
+        with trio.CancelScope(shield=True):
+            for proc in procs:
+                await proc.stop()
+
+
+@asynccontextmanager
+async def local_node(
+    url: str | list[str], node: str = "a", **options: Any
+) -> AsyncIterator[tuple[Kernel, Cluster]]:
+    async with open_kernel(node_config()) as kernel:
+        async with join_cluster(kernel, url, node, options=attrs.evolve(FAST, **options)) as c:
+            yield kernel, c
+            await kernel.shutdown()
+
+
+@agent(name="double-a")
+async def double(ctx: Context, msg: Message) -> Any:
+    return msg.payload * 2
+
+
+async def test_unreachable_nats_at_start_names_the_url() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"nats://127.0.0.1:{port}"
+    async with open_kernel(node_config()) as kernel:
+        with trio.fail_after(30), pytest.raises(TransportUnavailable, match=re.escape(url)):
+            async with join_cluster(kernel, url, "a", options=FAST):
+                pytest.fail("joined a cluster with no server")
+        assert not kernel.is_local("anything")
+        with pytest.raises(AgentNotFound):
+            await kernel.send("echo-b", 1)  # no transport attached after the failure
+
+
+async def test_bad_node_name_is_refused_before_connecting() -> None:
+    async with open_kernel(node_config()) as kernel:
+        with pytest.raises(ValueError, match=r"node name 'a\.b'"):
+            async with join_cluster(kernel, "nats://127.0.0.1:1", "a.b"):
+                pass
+
+
+async def test_request_and_tell_between_two_processes(nats: NatsServer) -> None:
+    async with nodes(nats.url, "b") as (b,), local_node(nats.url) as (kernel, cluster):
+        with trio.fail_after(30):
+            # name lookup across kernels, and the id behind the name
+            node, echo_id = await cluster.wait_for_name("echo-b")
+            assert (node, str(echo_id)) == ("b", b.ids["echo-b"])
+            assert not kernel.is_local("echo-b")
+            assert cluster_of(kernel) is cluster
+            # request/reply by name and by id
+            assert await kernel.request("echo-b", "hi") == {
+                "echo": "hi",
+                "node": "b",
+                "kind": "Query",
+            }
+            assert (await kernel.request(echo_id, 7))["echo"] == 7
+            # tells arrive, in order
+            for i in range(20):
+                await kernel.send("collector-b", i)
+            kernel.send_nowait("collector-b", "last")
+            assert await kernel.request("collector-b", "dump") == [*range(20), "last"]
+            # the other way: b's relay asks an agent of this kernel
+            kernel.spawn(double)
+            await cluster.names_published()
+            assert await kernel.request("relay-b", {"to": "double-a", "value": 21}) == 42
+            # errors come back as the errors a local request raises
+            with pytest.raises(AgentNotFound):
+                await kernel.request("nobody-anywhere", 1)
+            missing = uuid.UUID(int=(echo_id.int >> 64 << 64) | 0xFFFF_FFFF)
+            with pytest.raises(AgentNotFound):
+                await kernel.request(missing, 1)
+            with pytest.raises(RequestFailed) as failed:
+                await kernel.request("flaky-b", "boom")  # fails its first delivery
+            assert failed.value.reason == "handler_error"
+            assert "first delivery" in str(failed.value.error)
+        stats = kernel.stats()
+        assert stats.forwarded >= 25
+        assert stats.in_flight == 0
+        cs = cluster.stats()
+        assert cs.members == ("a", "b")
+        assert cs.inbound_dropped == {}
+
+
+async def test_a_remote_request_times_out_and_its_late_reply_is_a_dead_letter(
+    nats: NatsServer,
+) -> None:
+    async with nodes(nats.url, "b"), local_node(nats.url) as (kernel, cluster):
+        with trio.fail_after(30):
+            await cluster.wait_for_name("sleepy-b")
+            async with kernel.dead_letters() as letters:
+                with pytest.raises(RequestTimeout):
+                    await kernel.request("sleepy-b", 1.0, timeout=0.2)
+                late = await anext(aiter(letters))  # the reply, when it comes
+            assert late.reason.value == "late_reply"
+            assert late.message.payload == "awake"
+            assert await kernel.request("sleepy-b", 0) == "awake"
+
+
+async def test_the_receiving_node_counts_what_it_could_not_deliver(nats: NatsServer) -> None:
+    async with nodes(nats.url, "b") as (b,), local_node(nats.url) as (kernel, cluster):
+        with trio.fail_after(30):
+            echo_id = uuid.UUID(b.ids["echo-b"])
+            await cluster.wait_for_name("stats-b")
+            # an id of node b that is no agent: b drops the tell and counts it
+            missing = uuid.UUID(int=(echo_id.int >> 64 << 64) | 0xFFFF_FFFF)
+            await kernel.send(missing, "lost")
+            # a durable message whose handler always fails: dead after max_deliver
+            await cluster.send_durable("doomed-b", "never")
+            while True:
+                remote = await kernel.request("stats-b", None)
+                if remote["inbound_dropped"] and remote["durable_dead"]:
+                    break
+                await trio.sleep(0.05)
+    assert remote["inbound_dropped"] == {"no_such_agent": 1}
+    assert remote["durable_dead"] == 1
+    assert remote["durable_acked"] == 0
+
+
+async def test_a_stuck_agent_does_not_hold_up_the_others_on_its_node(nats: NatsServer) -> None:
+    async with nodes(nats.url, "b"), local_node(nats.url) as (kernel, cluster):
+        with trio.fail_after(30):
+            await cluster.wait_for_name("gate-b")
+            # gate-b (mailbox of 1) holds its first message until opener-b is asked: the
+            # rest wait on b for room, and must not block the request to opener-b.
+            for i in range(6):
+                await kernel.send("gate-b", i)
+            assert await kernel.request("opener-b", None) == "open"
+            assert await kernel.request("gate-b", "dump") == list(range(6))
+
+
+async def test_any_nats_client_can_ask_an_agent_in_the_kernels_json_form(nats: NatsServer) -> None:
+    async with nodes(nats.url, "b") as (b,), local_node(nats.url) as (_, cluster):
+        echo_id = uuid.UUID(b.ids["echo-b"])
+        query = Message(sender=uuid.uuid4(), to=echo_id, payload="hi", kind=MessageKind.QUERY)
+        subject = f"nexus.node.b.agent.{echo_id}"
+        with trio.fail_after(30):
+            await cluster.wait_for_name("echo-b")
+            raw = await call_aio(cluster.nc.request, subject, query.to_json().encode(), timeout=10)
+        answer = Message.from_json(raw.data)
+        assert answer.reply_to == query.id
+        assert answer.kind is MessageKind.RESPONSE
+        assert answer.payload == {"echo": "hi", "node": "b", "kind": "Query"}
+
+
+async def test_queue_group_shares_work_between_nodes(nats: NatsServer) -> None:
+    async with (
+        nodes(nats.url, "b", "c", replicas=2),
+        local_node(nats.url) as (kernel, _),
+    ):
+        with trio.fail_after(30):
+            results = [await kernel.request(type_address("work"), i) for i in range(60)]
+    assert sorted(r["job"] for r in results) == list(range(60))
+    by_node = Counter(r["node"] for r in results)
+    assert set(by_node) == {"b", "c"}, by_node
+    by_replica = Counter(r["replica"] for r in results)
+    assert len(by_replica) == 4, by_replica
+
+
+async def test_queue_group_without_replicas_is_agent_not_found(nats: NatsServer) -> None:
+    async with local_node(nats.url) as (kernel, _):
+        with trio.fail_after(30), pytest.raises(AgentNotFound):
+            await kernel.request(type_address("nobody"), 1)
+
+
+async def test_durable_send_is_redelivered_after_a_failure_and_applied_once(
+    nats: NatsServer,
+) -> None:
+    async with nodes(nats.url, "b") as (_b,), local_node(nats.url) as (kernel, cluster):
+        with trio.fail_after(40):
+            await cluster.wait_for_name("flaky-b")
+            sent = [await cluster.send_durable("flaky-b", {"n": i}) for i in range(3)]
+            # the same message id again is stored once (JetStream duplicate window)
+            await cluster.send_durable("flaky-b", {"n": 0}, msg_id=sent[0].id)
+            while True:
+                report = await kernel.request("flaky-b", "report")
+                if len(report["applied"]) == 3:
+                    break
+                await trio.sleep(0.1)
+    assert sorted(p["n"] for p in report["applied"]) == [0, 1, 2]
+    assert set(report["attempts"]) == {str(m.id) for m in sent}
+    # each failed on its first delivery and was handled on a redelivery
+    assert all(n >= 2 for n in report["attempts"].values()), report
+
+
+async def test_a_killed_node_is_reported_lost(nats: NatsServer) -> None:
+    async with nodes(nats.url, "b") as (b,), local_node(nats.url) as (kernel, cluster):
+        with trio.fail_after(30):
+            await cluster.wait_for_name("echo-b")
+            assert await kernel.request("echo-b", 1) == {"echo": 1, "node": "b", "kind": "Query"}
+            async with kernel.events() as events:
+                b.kill()
+                async for event in events:
+                    if event.kind is EventKind.UNREACHABLE:
+                        break
+        assert event.name == "node:b"
+        assert "missed" in event.reason
+        with pytest.raises(TransportUnavailable, match="'b'"):
+            await kernel.request("echo-b", 2)
+        assert cluster.stats().nodes_lost == 1
+
+
+async def test_traffic_resumes_after_a_server_of_a_three_server_cluster_dies() -> None:
+    with nats_cluster(3) as servers:
+        urls = [s.url for s in servers]
+        async with (
+            nodes(",".join(urls), "b", kv_replicas=3) as _,
+            local_node(urls, kv_replicas=3) as (kernel, cluster),
+        ):
+            with trio.fail_after(60):
+                await cluster.wait_for_name("echo-b", timeout=30)
+                assert (await kernel.request("echo-b", 0))["node"] == "b"
+                connected = cluster.nc.connected_url
+                assert connected is not None
+                victim = next(s for s in servers if s.port == connected.port)
+                victim.kill()
+                answered = None
+                for attempt in range(1, 400):
+                    try:
+                        answered = await kernel.request("echo-b", attempt, timeout=1.0)
+                        break
+                    except (TransportUnavailable, AgentNotFound, TimeoutError) as exc:
+                        last = exc  # noqa: F841  (kept for a debugger)
+                        await trio.sleep(0.1)
+                assert answered is not None and answered["node"] == "b"
+                for i in range(10):
+                    assert (await kernel.request("echo-b", i))["echo"] == i
+            assert cluster.stats().reconnects >= 1
+            assert cluster.nc.connected_url is not None
+            assert cluster.nc.connected_url.port != victim.port

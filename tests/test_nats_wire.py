@@ -1,0 +1,170 @@
+"""The NATS transport's pure parts, without a server: message codec, subjects, error
+frames, membership bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nexus_trio import (
+    AgentNotFound,
+    KernelShuttingDown,
+    MailboxFull,
+    Message,
+    MessageDecodeError,
+    MessageKind,
+    RequestFailed,
+)
+from nexus_trio._nats import ClusterOptions, DurableOptions, RemoteError, type_address
+from nexus_trio._nats import _wire as wire
+from nexus_trio._nats._membership import MemberTable, NodeInfo, node_uuid
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text() | st.floats(allow_nan=False),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+ids = st.builds(uuid.UUID, int=st.integers(0, (1 << 128) - 1))
+
+
+@given(
+    sender=ids,
+    to=ids | st.text(min_size=1),
+    payload=json_values,
+    kind=st.sampled_from(MessageKind),
+    conversation_id=st.none() | ids,
+    reply_to=st.none() | ids,
+    trace_id=st.none() | ids,
+)
+def test_codec_round_trips_every_field(**fields: object) -> None:
+    msg = Message(**fields)  # type: ignore[arg-type]
+    assert wire.decode_message(wire.encode_message(msg)) == msg
+
+
+def test_the_kernels_standard_json_form_is_accepted_too() -> None:
+    msg = Message(sender=uuid.uuid4(), to="echo", payload={"a": [1, 2]}, kind=MessageKind.QUERY)
+    assert wire.decode_message(msg.to_json().encode()) == msg
+
+
+def test_a_name_that_looks_like_an_id_stays_a_name() -> None:
+    name = str(uuid.uuid4())
+    msg = Message(sender=uuid.uuid4(), to=name)
+    assert wire.decode_message(wire.encode_message(msg)).to == name
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b"not json", "<document>"),
+        (b'[2,1,1,1,1,"Command",null,null,null,null]', "<document>"),
+        (b"[1,1,1,1]", "<document>"),
+        (b'[1,"x",1,1,1,"Command",null,null,null,null]', "id"),
+        (b'[1,1,1.5,1,1,"Command",null,null,null,null]', "timestamp"),
+        (b'[1,1,1,-1,1,"Command",null,null,null,null]', "from"),
+        (b'[1,1,1,1,"","Command",null,null,null,null]', "to"),
+        (b'[1,1,1,1,1,"Shout",null,null,null,null]', "kind"),
+        (b'[1,1,1,1,1,"Command","c",null,null,null]', "conversation_id"),
+        (b'[1,1,1,1,1,"Command",null,1e3,null,null]', "reply_to"),
+        (b'[1,1,1,1,1,"Command",null,null,true,null]', "trace_id"),
+        (b'{"from":"x","to":"a","kind":"Command","payload":1}', "from"),
+    ],
+)
+def test_malformed_bodies_name_the_bad_field(body: bytes, field: str) -> None:
+    with pytest.raises(MessageDecodeError) as err:
+        wire.decode_message(body)
+    assert err.value.field == field
+
+
+def test_tokens_and_type_addresses() -> None:
+    assert type_address("resize") == "type:resize"
+    for bad in ("", "a.b", "a b", "*", ">", "ü"):
+        with pytest.raises(ValueError, match="agent type"):
+            type_address(bad)
+    with pytest.raises(ValueError, match="prefix"):
+        ClusterOptions(prefix="a.b")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"heartbeat_interval": 0},
+        {"missed_heartbeats": 0},
+        {"kv_replicas": 0},
+        {"outbox_high_water": 0},
+        {"parked_limit": -1},
+        {"reconnect_wait": -0.1},
+    ],
+)
+def test_bad_options_are_refused_naming_the_option(bad: dict[str, float]) -> None:
+    (name,) = bad
+    with pytest.raises(ValueError, match=name):
+        ClusterOptions(**bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_deliver"):
+        DurableOptions(max_deliver=0)
+    assert wire.agent_subject("p", "n", uuid.UUID(int=5)).startswith("p.node.n.agent.")
+
+
+@pytest.mark.parametrize("name", ["echo", "a.b", "with space", "ünï", "x" * 300, "-"])
+def test_name_keys_round_trip(name: str) -> None:
+    key = wire.name_key(name)
+    assert wire.name_from_key(key) == name
+    assert " " not in key
+
+
+def test_error_frames_become_the_errors_a_local_request_raises() -> None:
+    qid, rid, mid = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    cases: list[tuple[BaseException, type[BaseException]]] = [
+        (AgentNotFound("x"), AgentNotFound),
+        (MailboxFull(rid, "x", 8, mid), MailboxFull),
+        (KernelShuttingDown("send"), KernelShuttingDown),
+        (RequestFailed(qid, "x", "handler_error", ValueError("boom")), RequestFailed),
+        (RuntimeError("odd"), RequestFailed),
+    ]
+    for exc, expected in cases:
+        kind, body = wire.error_frame(exc)
+        json.loads(body)
+        back = wire.error_from_frame(kind, body, query_id=qid, to="x", node="b")
+        assert isinstance(back, expected), (exc, back)
+    kind, body = wire.error_frame(MailboxFull(rid, "x", 8, mid))
+    full = wire.error_from_frame(kind, body, query_id=qid, to="x", node="b")
+    assert isinstance(full, MailboxFull)
+    assert (full.recipient, full.capacity, full.message_id) == (rid, 8, mid)
+    kind, body = wire.error_frame(RequestFailed(qid, "x", "handler_error", ValueError("boom")))
+    failed = wire.error_from_frame(kind, body, query_id=qid, to="x", node="b")
+    assert isinstance(failed, RequestFailed)
+    assert failed.reason == "handler_error"
+    assert isinstance(failed.error, RemoteError)
+    assert "boom" in str(failed.error) and "'b'" in str(failed.error)
+
+
+def _info(node: str, prefix: int, seen: float) -> NodeInfo:
+    return NodeInfo(node, prefix, 1, "h", 0.0, {}, seen)
+
+
+def test_member_table_marks_silent_nodes_lost_once_and_finds_nodes_by_id() -> None:
+    table = MemberTable("a", lost_after=3.0)
+    table.heard(_info("a", 1, 0.0))
+    table.heard(_info("b", 2, 0.0))
+    agent_of_b = uuid.UUID(int=(2 << 64) | 77)
+    assert table.node_of(agent_of_b) is not None
+    assert table.newly_lost(2.0) == []
+    lost = table.newly_lost(3.5)
+    assert [i.node for i in lost] == ["b"]  # never this node itself
+    assert table.newly_lost(10.0) == []  # reported once
+    assert table.heard(_info("b", 2, 11.0)) is True  # back
+    assert table.members["b"].reachable
+    table.left("b")
+    assert table.node_of(agent_of_b) is None
+    assert node_uuid(2).int >> 64 == 2
+
+
+def test_a_restarted_node_replaces_its_old_id_prefix() -> None:
+    table = MemberTable("a", lost_after=3.0)
+    table.heard(_info("b", 2, 0.0))
+    table.heard(_info("b", 9, 1.0))
+    assert table.node_of(uuid.UUID(int=2 << 64)) is None
+    assert table.node_of(uuid.UUID(int=9 << 64)) is not None
