@@ -770,6 +770,26 @@ class Kernel:
         escalated); bounded like :meth:`dead_letters`."""
         return self._events.subscribe(buffer)
 
+    def report_event(self, event: LifecycleEvent) -> None:
+        """Publish an event that happened outside the supervision tree on ``events()``.
+
+        For transports and bridges: e.g. ``unreachable`` for a remote node that stopped
+        answering.
+        """
+        self._events.publish(event)
+
+    def fail_request(self, request_id: uuid.UUID, error: BaseException) -> bool:
+        """Fail a pending :meth:`request` with ``error`` (raised in the requester).
+
+        For transports that learn a remote query will never be answered (its node is
+        gone). Returns False if no such request is pending (answered or timed out).
+        """
+        pending = self._pending.pop(request_id, None)
+        if pending is None:
+            return False
+        pending.fail(error)
+        return True
+
     def _publish_event(
         self, kind: EventKind, node: Child, reason: str = "", error: BaseException | None = None
     ) -> None:

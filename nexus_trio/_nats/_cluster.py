@@ -728,12 +728,7 @@ class Cluster:
             )
 
     def _fail_request(self, query_id: uuid.UUID, error: BaseException) -> None:
-        # CORE HOOK: the kernel has no public way for a transport to fail a pending
-        # request (see the report: Kernel.fail_request). Until it has, this is the one
-        # place that touches the kernel's private request table.
-        pending = self.kernel._pending.pop(query_id, None)
-        if pending is not None:
-            pending.fail(error)
+        self.kernel.fail_request(query_id, error)
 
     # --- names -------------------------------------------------------------------------------
 
@@ -1026,10 +1021,8 @@ class Cluster:
             f" {self.options.missed_heartbeats} heartbeats: silent for {silent:.1f}s"
         )
         log.warning("node %s: %s", self.node, reason)
-        # CORE HOOK: published on kernel.events() through the kernel's private broadcast
-        # (see the report: Kernel.report_event); the event names the node, its agent_id is
-        # the first id of the node's id space.
-        self.kernel._events.publish(
+        # The event names the node; its agent_id is the first id of the node's id space.
+        self.kernel.report_event(
             LifecycleEvent(
                 EventKind.UNREACHABLE,
                 node_uuid(info.id_prefix),
