@@ -187,6 +187,17 @@ class AgentSpec:
             return True
         return getattr(self.factory, "on_start", None) is Agent.on_start
 
+    @property
+    def stops_quietly(self) -> bool:
+        """Whether stopping the agent runs no code of the user's (no ``on_stop``).
+
+        Such agents are stopped together rather than one by one: the order in which
+        they stop cannot be observed.
+        """
+        if self.handler is not None:
+            return True
+        return getattr(self.factory, "on_stop", None) is Agent.on_stop
+
     def with_options(self, **changes: Any) -> AgentSpec:
         """A copy with some fields replaced (e.g. ``spec.with_options(name="b")``)."""
         return attrs.evolve(self, **changes)

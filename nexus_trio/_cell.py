@@ -174,6 +174,9 @@ class AgentCell(Child):
         failure, self._background_failure = self._background_failure, None
         return failure
 
+    def stops_quietly(self) -> bool:
+        return self.spec.stops_quietly
+
     def start_dormant(self, activate: Callable[[], None]) -> bool:
         if not self.lazy or self.mailbox.queue:
             return False

@@ -560,3 +560,31 @@ async def test_a_burst_of_spawns_is_served_in_a_few_scheduling_rounds() -> None:
         for _ in range(5):
             await trio.lowlevel.checkpoint()
         assert kernel.stats().handled == 1000
+
+
+async def test_quiet_agents_stop_together_and_the_others_keep_their_order(
+    autojump_clock: Any,
+) -> None:
+    order: list[str] = []
+
+    class Logged(Tracked):
+        async def on_stop(self, ctx: Context) -> None:
+            order.append(ctx.name or "?")
+
+    @agent
+    async def quiet(ctx: Context, msg: Message) -> None:
+        return None
+
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(agent(Logged, name="first"))
+        quiet_refs = [kernel.spawn(quiet) for _ in range(50)]
+        kernel.spawn(agent(Logged, name="middle"))
+        quiet_refs += [kernel.spawn(quiet) for _ in range(50)]
+        kernel.spawn(agent(Logged, name="last"))
+        for ref in quiet_refs:
+            await kernel.send(ref, "wake")  # running, not dormant
+        await trio.testing.wait_all_tasks_blocked()
+        assert kernel.stats().handled == 100
+    assert order == ["last", "middle", "first"]
+    assert kernel.agents() == []
+    assert_conserved(kernel)
