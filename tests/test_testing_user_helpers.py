@@ -51,9 +51,7 @@ async def test_step_until_idle_fails_naming_what_is_still_in_flight(
         await trio.sleep_forever()
 
     await nexus_kernel.send(nexus_kernel.spawn(stuck), "x")
-    with pytest.raises(
-        AssertionError, match=r"not idle after 5 s: 1 message\(s\) still in flight"
-    ):
+    with pytest.raises(AssertionError, match=r"not idle after 5 s: 1 message\(s\) still in flight"):
         await step_until_idle(nexus_kernel, timeout=5)
     await nexus_kernel.stop(nexus_kernel.lookup("stuck"))
 
@@ -69,9 +67,7 @@ async def test_assert_events_and_assert_no_dead_letters_say_what_differed(
         await send_and_wait(nexus_kernel, nexus_kernel.spawn(boom), "x")
     # A function agent starts lazily: after the restart it waits for its next message.
     assert_events(events, "boom", ["spawned", "started", "failed", "restarted"])
-    with pytest.raises(
-        AssertionError, match=r"expected \['spawned'\], got \['spawned', 'started'"
-    ):
+    with pytest.raises(AssertionError, match=r"expected \['spawned'\], got \['spawned', 'started'"):
         assert_events(events, "boom", ["spawned"])
     with pytest.raises(
         AssertionError,
