@@ -23,7 +23,7 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    session.install("-e", ".[test]", "mypy")
+    session.install("-e", ".[test,plot]", "mypy")
     session.run("mypy", "--strict", "nexus_trio")
 
 
@@ -33,3 +33,32 @@ def docs(session: nox.Session) -> None:
     session.install("-e", ".[docs]")
     session.env["NO_MKDOCS_2_WARNING"] = "1"
     session.run("mkdocs", "build", "--strict", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The benchmark table of docs/benchmarks.md (args: nexus bench flags)."""
+    session.install("-e", ".[plot]")
+    args = session.posargs or ["--json", "bench.json", "--plot", "docs/img/benchmarks.png"]
+    session.run("python", "benchmarks/run.py", *args)
+
+
+@nox.session
+def flamegraph(session: nox.Session) -> None:
+    """A py-spy flame graph of `nexus run` under load -> docs/img/flamegraph.svg."""
+    session.install("-e", ".", "py-spy")
+    session.run(
+        "py-spy",
+        "record",
+        "--rate",
+        "200",
+        "-o",
+        "docs/img/flamegraph.svg",
+        "--",
+        "nexus",
+        "run",
+        "-n",
+        "1000",
+        "-d",
+        "10",
+    )

@@ -1,0 +1,73 @@
+"""The one entry point behind ``nexus bench`` and ``python benchmarks/run.py``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+
+from ._report import PlotUnavailable, plot, print_report, write_json
+from ._result import BenchmarkError
+from ._runner import resolve, run_suite
+from ._scales import SCALES
+
+
+def run_cli(
+    scenarios: Sequence[str] = (),
+    *,
+    scale: str = "default",
+    repeat: int | None = None,
+    json_path: Path | None = None,
+    plot_path: Path | None = None,
+    progress: bool = True,
+    console: Console | None = None,
+) -> int:
+    """Run, print the table, write the JSON and the plot; returns an exit status.
+
+    0: done (goals missed are reported, not failures); 1: a scenario's counts did not
+    add up, or the plot could not be drawn; 2: bad arguments (the message names them).
+    """
+    out = console or Console()
+    err = Console(stderr=True)
+    if scale not in SCALES:
+        err.print(f"[red]--scale: unknown scale {scale!r}; choose from {', '.join(SCALES)}[/]")
+        return 2
+    if repeat is not None and repeat < 1:
+        err.print(f"[red]--repeat must be >= 1, got {repeat}[/]")
+        return 2
+    for flag, path in (("--json", json_path), ("--plot", plot_path)):
+        if path is not None and not path.parent.is_dir():
+            err.print(f"[red]{flag}: folder {str(path.parent)!r} does not exist[/]")
+            return 2
+    if plot_path is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            err.print(
+                "[red]--plot needs matplotlib: pip install 'nexus_trio[plot]' "
+                "(or pip install matplotlib)[/]"
+            )
+            return 2
+    try:
+        names = resolve(scenarios)
+    except ValueError as exc:
+        err.print(f"[red]--scenario: {exc}[/]")
+        return 2
+    try:
+        report = run_suite(SCALES[scale], names, repeat=repeat, console=err, progress=progress)
+    except BenchmarkError as exc:
+        err.print(f"[red]benchmark counts do not add up: {exc}[/]")
+        return 1
+    print_report(report, out)
+    if json_path is not None:
+        write_json(report, json_path)
+        err.print(f"wrote {json_path}")
+    if plot_path is not None:
+        try:
+            plot(report, plot_path)
+        except (PlotUnavailable, ValueError) as exc:
+            err.print(f"[red]--plot: {exc}[/]")
+            return 1
+        err.print(f"wrote {plot_path}")
+    return 0

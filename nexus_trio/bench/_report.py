@@ -1,0 +1,200 @@
+"""Showing a :class:`Report`: a rich table, a JSON file, and an optional PNG plot.
+
+The plot needs matplotlib (``pip install 'nexus_trio[plot]'``); it is imported only
+when a plot is asked for, and its absence is reported with that install hint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from ._result import Metric
+from ._runner import Report
+
+
+class PlotUnavailable(RuntimeError):
+    """matplotlib is not installed."""
+
+
+_SUFFIX_UNITS = ("us", "ms", "s", "KB")
+
+
+def fmt(value: float | None, unit: str = "") -> str:
+    """A number for people: 1.23M, 456k, 78.9, 0.012 (with time and size units)."""
+    if value is None or math.isnan(value):
+        return "n/a"
+    a = abs(value)
+    if a >= 10_000_000:
+        text = f"{value / 1e6:.1f}M"
+    elif a >= 1_000_000:
+        text = f"{value / 1e6:.2f}M"
+    elif a >= 10_000:
+        text = f"{value / 1e3:.0f}k"
+    elif a >= 100:
+        text = f"{value:.0f}"
+    elif a >= 1:
+        text = f"{value:.1f}"
+    elif a == 0:
+        text = "0"
+    else:
+        text = f"{value:.3g}"
+    return f"{text} {unit}" if unit in _SUFFIX_UNITS else text
+
+
+def _ratio(metric: Metric) -> str:
+    ratio = metric.ratio
+    if ratio is None:
+        return ""
+    return f"{ratio:.2f}x"
+
+
+def _met(metric: Metric) -> str:
+    met = metric.met
+    if met is None:
+        return ""
+    value = metric.goal_value
+    assert metric.goal is not None and value is not None
+    margin = metric.goal.margin(value)
+    mark = "[green]yes[/]" if met else "[red]no[/]"
+    return f"{mark} {margin}" if margin else mark
+
+
+def table(report: Report) -> Table:
+    """Rows grouped by scenario; ``ratio`` is kernel / the first-named (reference) baseline."""
+    t = Table(
+        title=f"nexus_trio benchmarks ({report.scale} scale, median of {report.repeat})",
+        caption="ratio = kernel / reference baseline (marked *); units in the metric name",
+    )
+    t.add_column("metric", ratio=3, overflow="fold")
+    t.add_column("kernel", justify="right", no_wrap=True)
+    t.add_column("baselines", justify="right", no_wrap=True)
+    t.add_column("ratio", justify="right", no_wrap=True)
+    t.add_column("goal", ratio=1, overflow="fold")
+    t.add_column("met?", no_wrap=True)
+    scenario = ""
+    for m in report.metrics:
+        if m.scenario != scenario:
+            scenario = m.scenario
+            t.add_row(f"[bold]{scenario}[/]", end_section=False)
+        unit = "" if m.unit in _SUFFIX_UNITS else f" ({m.unit})"
+        baselines = "\n".join(
+            f"{'*' if name == m.reference else ''}{name} {fmt(v, m.unit)}"
+            for name, v in m.baselines.items()
+        )
+        t.add_row(
+            f"  {m.name}{unit}",
+            fmt(m.kernel, m.unit),
+            baselines,
+            _ratio(m),
+            m.goal.text if m.goal else "",
+            _met(m),
+        )
+    return t
+
+
+def print_report(report: Report, console: Console) -> None:
+    console.print(table(report))
+    for name, reason in report.skipped.items():
+        console.print(f"[yellow]{name}: skipped: {reason}[/]")
+    goals = [m for m in report.metrics if m.met is not None]
+    met = sum(1 for m in goals if m.met)
+    machine = report.machine
+    console.print(
+        f"{met}/{len(goals)} goals met in {report.seconds:.0f}s on {machine['cpus']} x "
+        f"{machine['cpu']}, Python {machine['python']}, trio {machine['trio']} "
+        f"(load average at start {machine['load_average']})"
+    )
+
+
+def write_json(report: Report, path: Path) -> None:
+    path.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+def _advantage(metric: Metric) -> float | None:
+    """How many times better the kernel is than the reference (>1: kernel ahead)."""
+    ratio = metric.ratio
+    if ratio is None or ratio <= 0:
+        return None
+    return ratio if metric.higher_is_better else 1 / ratio
+
+
+def plot(report: Report, path: Path) -> None:
+    """A horizontal bar chart of kernel vs reference baseline for every metric with a ratio."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise PlotUnavailable(
+            "a plot needs matplotlib: pip install 'nexus_trio[plot]' (or pip install matplotlib)"
+        ) from exc
+    rows: list[tuple[str, float, Metric]] = []
+    for m in report.metrics:
+        adv = _advantage(m)
+        if adv is not None:
+            rows.append((f"{m.scenario}: {m.name}\n(vs {m.reference})", adv, m))
+    if not rows:
+        raise ValueError("nothing to plot: no metric has a baseline")
+    rows.reverse()
+    fig: Any
+    fig, ax = plt.subplots(figsize=(13, 0.36 * len(rows) + 1.8))
+    colours = []
+    for _, _, m in rows:
+        # Only goals on the ratio are drawn: a goal on the kernel's own value (e.g. a
+        # spawn rate) says nothing about this bar.
+        met = m.met if m.goal is not None and m.goal.on == "ratio" else None
+        colours.append("#4c9a2a" if met else "#c0392b" if met is False else "#5b7db1")
+    ax.barh([label for label, _, _ in rows], [adv for _, adv, _ in rows], color=colours)
+    for y, (_, adv, m) in enumerate(rows):
+        ax.text(adv, y, f" {adv:.2f}x", va="center", fontsize=7)
+        goal = m.goal
+        if goal is not None and goal.on == "ratio" and goal.threshold > 0:
+            target = goal.threshold if m.higher_is_better else 1 / goal.threshold
+            ax.plot([target, target], [y - 0.4, y + 0.4], color="black", linewidth=1.5)
+    ax.axvline(1.0, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("kernel advantage over the baseline (x, log scale; > 1: kernel better)")
+    ax.tick_params(axis="y", labelsize=7)
+    machine = report.machine
+    ax.set_title(
+        f"nexus_trio vs baselines ({report.scale}; {machine['cpus']} x {machine['cpu']}, "
+        f"Python {machine['python']})\ngreen: goal on the ratio met, red: missed, "
+        "black tick: the goal",
+        fontsize=9,
+    )
+    fig.subplots_adjust(
+        left=0.42, right=0.97, top=1 - 0.9 / fig.get_figheight(), bottom=0.6 / fig.get_figheight()
+    )
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def markdown(data: dict[str, Any]) -> str:
+    """The results table as Markdown, from the JSON form (``--json``) of a report."""
+    lines = [
+        "| scenario | metric | kernel | baselines (* = ratio reference) | ratio | goal | met? |",
+        "|---|---|---:|---|---:|---|---|",
+    ]
+    for m in data["metrics"]:
+        unit = m["unit"]
+        suffix = "" if unit in _SUFFIX_UNITS else f" ({unit})"
+        baselines = "<br>".join(
+            f"{'*' if name == m['reference'] else ''}{name} {fmt(v, unit)}"
+            for name, v in m["baselines"].items()
+        )
+        ratio = f"{m['ratio']:.2f}x" if m["ratio"] is not None else ""
+        met = "" if m["met"] is None else ("**yes**" if m["met"] else "**no**")
+        if m["met"] is not None and m["margin"]:
+            met += f" ({m['margin']})"
+        lines.append(
+            f"| {m['scenario']} | {m['metric']}{suffix} | "
+            f"{fmt(m['kernel'], unit)} | {baselines} | {ratio} | {m['goal'] or ''} | {met} |"
+        )
+    return "\n".join(lines) + "\n"

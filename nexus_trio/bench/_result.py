@@ -1,0 +1,165 @@
+"""What a benchmark reports: metrics with baselines, ratios and goals.
+
+A :class:`Metric` is one row of the results table: the kernel's value, the values of
+the baselines measured in the same process run, the baseline the ratio is taken
+against, and optionally the goal from issue 6 with whether it was met and by how much.
+Repetitions are folded into one metric by taking medians (:func:`combine`).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, final
+
+import attrs
+
+
+class BenchmarkError(Exception):
+    """A scenario's counts did not add up (a message was lost or counted twice)."""
+
+
+@final
+@attrs.frozen
+class Goal:
+    """A target for a metric: ``on`` the ratio or the kernel's own value, ``op`` threshold."""
+
+    text: str
+    on: Literal["ratio", "value"]
+    op: Literal[">=", "<="]
+    threshold: float
+
+    def met(self, value: float) -> bool:
+        return value >= self.threshold if self.op == ">=" else value <= self.threshold
+
+    def margin(self, value: float) -> str:
+        """By how much the goal is met or missed, in words (``"+12% over"``)."""
+        if self.threshold == 0:
+            return ""
+        rel = (value - self.threshold) / abs(self.threshold)
+        if self.op == "<=":
+            rel = -rel
+        word = "margin" if rel >= 0 else "short"
+        return f"{abs(rel) * 100:.0f}% {word}"
+
+
+@final
+@attrs.frozen
+class Metric:
+    """One measured quantity, the kernel's value beside its baselines."""
+
+    scenario: str
+    name: str
+    unit: str
+    kernel: float
+    baselines: Mapping[str, float] = attrs.field(factory=dict)
+    #: the baseline the ratio ``kernel / baseline`` is taken against (None: no ratio)
+    reference: str | None = None
+    goal: Goal | None = None
+    higher_is_better: bool = True
+    #: the kernel's value in each repetition (filled in by :func:`combine`)
+    runs: tuple[float, ...] = ()
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        if self.reference is None:
+            return None
+        base = self.baselines.get(self.reference)
+        if not base:
+            return None
+        return self.kernel / base
+
+    @property
+    def goal_value(self) -> float | None:
+        if self.goal is None:
+            return None
+        return self.ratio if self.goal.on == "ratio" else self.kernel
+
+    @property
+    def met(self) -> bool | None:
+        value = self.goal_value
+        if self.goal is None or value is None:
+            return None
+        return self.goal.met(value)
+
+    def to_dict(self) -> dict[str, Any]:
+        value = self.goal_value
+        return {
+            "scenario": self.scenario,
+            "metric": self.name,
+            "unit": self.unit,
+            "kernel": self.kernel,
+            "baselines": dict(self.baselines),
+            "reference": self.reference,
+            "ratio": self.ratio,
+            "higher_is_better": self.higher_is_better,
+            "goal": self.goal.text if self.goal is not None else None,
+            "goal_spec": attrs.asdict(self.goal) if self.goal is not None else None,
+            "met": self.met,
+            "margin": self.goal.margin(value) if self.goal is not None and value else None,
+            "runs": list(self.runs),
+            "note": self.note,
+        }
+
+
+@final
+@attrs.frozen
+class ScenarioResult:
+    """What one repetition of a scenario measured, and the counts it checked."""
+
+    scenario: str
+    metrics: tuple[Metric, ...]
+    #: message and event counts (for the smoke test: do they add up?)
+    counts: Mapping[str, int] = attrs.field(factory=dict)
+    skipped: str | None = None
+
+
+def combine(results: Sequence[ScenarioResult]) -> list[Metric]:
+    """Fold repetitions into one metric per row, by medians of every value."""
+    rows: dict[tuple[str, str], list[Metric]] = {}
+    for result in results:
+        for metric in result.metrics:
+            rows.setdefault((metric.scenario, metric.name), []).append(metric)
+    combined: list[Metric] = []
+    for runs in rows.values():
+        first = runs[0]
+        names: dict[str, None] = {}
+        for m in runs:
+            names.update(dict.fromkeys(m.baselines))
+        baselines = {
+            name: statistics.median([m.baselines[name] for m in runs if name in m.baselines])
+            for name in names
+        }
+        combined.append(
+            attrs.evolve(
+                first,
+                kernel=statistics.median(m.kernel for m in runs),
+                baselines=baselines,
+                runs=tuple(m.kernel for m in runs),
+            )
+        )
+    return combined
+
+
+def check(condition: bool, what: str) -> None:
+    """Raise :class:`BenchmarkError` naming ``what`` if ``condition`` is false."""
+    if not condition:
+        raise BenchmarkError(what)
+
+
+def metric_from_dict(data: Mapping[str, Any]) -> Metric:
+    """The inverse of :meth:`Metric.to_dict` (to redraw or re-tabulate a saved run)."""
+    spec = data.get("goal_spec")
+    return Metric(
+        scenario=data["scenario"],
+        name=data["metric"],
+        unit=data["unit"],
+        kernel=data["kernel"],
+        baselines=dict(data["baselines"]),
+        reference=data["reference"],
+        goal=Goal(**spec) if spec else None,
+        higher_is_better=data["higher_is_better"],
+        runs=tuple(data.get("runs", ())),
+        note=data.get("note", ""),
+    )

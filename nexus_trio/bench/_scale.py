@@ -1,0 +1,269 @@
+"""Scenario 3, scale: many idle agents.
+
+For each size N, in a fresh subprocess per implementation so that RSS is clean: spawn
+N agents (time until the supervisor has taken them all in), RSS per idle agent, and
+the shutdown of those idle agents; then, in a second kernel in the same process, N
+agents again, the time to deliver one message to each and see it handled, RSS per agent
+once each has run, and that shutdown. The baseline is what a hand-written trio program
+would do: one task and one memory channel per agent, the task waiting on ``receive()``.
+
+Run one measurement by hand with ``python -m nexus_trio.bench._scale_child kernel 10000``;
+it prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from typing import Any
+
+import trio
+import trio.testing
+
+from .. import Config, Context, KernelConfig, Message, agent, open_kernel
+from ._measure import rss_bytes, wait_until
+from ._result import BenchmarkError, Goal, Metric, ScenarioResult, check
+from ._scales import Scale
+
+NAME = "scale"
+KINDS = ("kernel", "raw trio")
+
+
+@agent
+async def _idle(ctx: Context, msg: Message) -> None:
+    return None
+
+
+async def _measure_kernel(n: int) -> dict[str, Any]:
+    config = Config(kernel=KernelConfig(mailbox_capacity=1024))
+    rss0 = rss_bytes()
+    # 1. Idle agents: spawn, measure, shut down (none of them ever ran).
+    async with open_kernel(config) as kernel:
+        spawn = kernel.spawn
+        t0 = time.perf_counter()
+        refs = [spawn(_idle) for _ in range(n)]
+        await trio.testing.wait_all_tasks_blocked()
+        spawn_s = time.perf_counter() - t0
+        rss_idle = rss_bytes()
+        del refs
+        t1 = time.perf_counter()
+    idle_shutdown_s = time.perf_counter() - t1
+    # 2. The same number again, each then handling one message, then shut down.
+    async with open_kernel(config) as kernel:
+        spawn = kernel.spawn
+        refs = [spawn(_idle) for _ in range(n)]
+        await trio.testing.wait_all_tasks_blocked()
+        t2 = time.perf_counter()
+        send_nowait = kernel.send_nowait
+        for ref in refs:
+            send_nowait(ref, None)
+        await wait_until(lambda: kernel.stats().handled >= n)
+        deliver_s = time.perf_counter() - t2
+        await trio.testing.wait_all_tasks_blocked()
+        rss_active = rss_bytes()
+        del refs
+        t3 = time.perf_counter()
+    shutdown_s = time.perf_counter() - t3
+    stats = kernel.stats()
+    return {
+        "n": n,
+        "spawn_s": spawn_s,
+        "idle_shutdown_s": idle_shutdown_s,
+        "deliver_s": deliver_s,
+        "shutdown_s": shutdown_s,
+        "rss_base": rss0,
+        "rss_idle": rss_idle,
+        "rss_active": rss_active,
+        "handled": stats.handled,
+        "accepted": stats.accepted,
+        "dead_lettered": stats.dead_lettered,
+        "in_flight": stats.in_flight,
+    }
+
+
+async def _measure_raw_trio(n: int) -> dict[str, Any]:
+    rss0 = rss_bytes()
+    handled = 0
+    all_handled = trio.Event()
+
+    async def agent_task(receive: trio.MemoryReceiveChannel[Any]) -> None:
+        nonlocal handled
+        async for _ in receive:
+            handled += 1
+            if handled == n:
+                all_handled.set()
+
+    def start_all(nursery: trio.Nursery) -> list[trio.MemorySendChannel[Any]]:
+        senders = []
+        for _ in range(n):
+            send, receive = trio.open_memory_channel[Any](1024)
+            senders.append(send)
+            nursery.start_soon(agent_task, receive)
+        return senders
+
+    # 1. Idle: spawn, measure, shut down gracefully (close every channel, tasks finish).
+    async with trio.open_nursery() as nursery:
+        t0 = time.perf_counter()
+        senders = start_all(nursery)
+        await trio.testing.wait_all_tasks_blocked()
+        spawn_s = time.perf_counter() - t0
+        rss_idle = rss_bytes()
+        t1 = time.perf_counter()
+        for send in senders:
+            send.close()
+    idle_shutdown_s = time.perf_counter() - t1
+    del senders
+    # 2. Again, one message to each, then shut down the same way.
+    async with trio.open_nursery() as nursery:
+        senders = start_all(nursery)
+        await trio.testing.wait_all_tasks_blocked()
+        t2 = time.perf_counter()
+        for send in senders:
+            send.send_nowait(None)
+        await all_handled.wait()
+        deliver_s = time.perf_counter() - t2
+        await trio.testing.wait_all_tasks_blocked()
+        rss_active = rss_bytes()
+        t3 = time.perf_counter()
+        for send in senders:
+            send.close()
+    shutdown_s = time.perf_counter() - t3
+    return {
+        "n": n,
+        "spawn_s": spawn_s,
+        "idle_shutdown_s": idle_shutdown_s,
+        "deliver_s": deliver_s,
+        "shutdown_s": shutdown_s,
+        "rss_base": rss0,
+        "rss_idle": rss_idle,
+        "rss_active": rss_active,
+        "handled": handled,
+    }
+
+
+def measure(kind: str, n: int) -> dict[str, Any]:
+    """One measurement in this process."""
+    if kind == "kernel":
+        return trio.run(_measure_kernel, n)
+    if kind == "raw trio":
+        return trio.run(_measure_raw_trio, n)
+    raise ValueError(f"scale: unknown implementation {kind!r}; expected one of {KINDS}")
+
+
+def measure_in_subprocess(kind: str, n: int, timeout: float = 900.0) -> dict[str, Any]:
+    """One measurement in a fresh interpreter, so that RSS is this measurement's alone."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "nexus_trio.bench._scale_child", kind, str(n)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise BenchmarkError(
+            f"scale subprocess ({kind}, {n}) exited {proc.returncode}: {proc.stderr[-2000:]}"
+        )
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def run(scale: Scale) -> ScenarioResult:
+    metrics: list[Metric] = []
+    counts: dict[str, int] = {}
+    for n in scale.scale_sizes:
+        runs: dict[str, dict[str, Any]] = {}
+        for kind in KINDS:
+            runs[kind] = (
+                measure_in_subprocess(kind, n) if scale.scale_subprocess else measure(kind, n)
+            )
+        k, raw = runs["kernel"], runs["raw trio"]
+        check(
+            k["handled"] == n == k["accepted"] and k["dead_lettered"] == 0 and k["in_flight"] == 0,
+            f"scale {n}: kernel counts do not add up: {k}",
+        )
+        check(raw["handled"] == n, f"scale {n}: raw trio handled {raw['handled']} of {n}")
+        counts[f"{n}_kernel_handled"] = k["handled"]
+        counts[f"{n}_raw_handled"] = raw["handled"]
+
+        def per_agent(r: dict[str, Any], key: str, n: int = n) -> float:
+            return float(max(r[key] - r["rss_base"], 0)) / n / 1024
+
+        size = f"{n:,} agents"
+        metrics += [
+            Metric(
+                NAME,
+                f"{size}: spawn rate",
+                "agents/s",
+                n / k["spawn_s"],
+                {"raw trio": n / raw["spawn_s"]},
+                reference="raw trio",
+                goal=Goal(">= 50k agents/s", "value", ">=", 50_000),
+            ),
+            Metric(
+                NAME,
+                f"{size}: RSS per idle agent",
+                "KB",
+                per_agent(k, "rss_idle"),
+                {"raw trio": per_agent(raw, "rss_idle")},
+                reference="raw trio",
+                goal=Goal("<= 1.5x raw trio task+channel", "ratio", "<=", 1.5)
+                if n >= 10_000
+                else None,
+                higher_is_better=False,
+            ),
+            Metric(
+                NAME,
+                f"{size}: RSS per agent after one message",
+                "KB",
+                per_agent(k, "rss_active"),
+                {"raw trio": per_agent(raw, "rss_active")},
+                reference="raw trio",
+                higher_is_better=False,
+            ),
+            Metric(
+                NAME,
+                f"{size}: deliver one message to each",
+                "s",
+                k["deliver_s"],
+                {"raw trio": raw["deliver_s"]},
+                reference="raw trio",
+                higher_is_better=False,
+            ),
+            *(
+                [
+                    Metric(
+                        NAME,
+                        f"{size}: spawn + shutdown, idle, in one process",
+                        "s",
+                        k["spawn_s"] + k["idle_shutdown_s"],
+                        {"raw trio": raw["spawn_s"] + raw["idle_shutdown_s"]},
+                        reference="raw trio",
+                        higher_is_better=False,
+                        goal=Goal("completes (< 10 min)", "value", "<=", 600.0),
+                    )
+                ]
+                if n >= 1_000_000
+                else []
+            ),
+            Metric(
+                NAME,
+                f"{size}: shutdown, idle",
+                "s",
+                k["idle_shutdown_s"],
+                {"raw trio": raw["idle_shutdown_s"]},
+                reference="raw trio",
+                higher_is_better=False,
+            ),
+            Metric(
+                NAME,
+                f"{size}: shutdown after one message each",
+                "s",
+                k["shutdown_s"],
+                {"raw trio": raw["shutdown_s"]},
+                reference="raw trio",
+                higher_is_better=False,
+            ),
+        ]
+    return ScenarioResult(NAME, tuple(metrics), counts)

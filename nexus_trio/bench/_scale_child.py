@@ -1,0 +1,24 @@
+"""One scale measurement in a fresh interpreter: ``python -m nexus_trio.bench._scale_child
+(kernel|"raw trio") N`` prints one JSON object (see :mod:`nexus_trio.bench._scale`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from ._scale import KINDS, measure
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] not in KINDS or not argv[1].isdigit():
+        print(
+            f"usage: python -m nexus_trio.bench._scale_child ({'|'.join(KINDS)}) N",
+            file=sys.stderr,
+        )
+        return 2
+    print(json.dumps(measure(argv[0], int(argv[1]))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,263 @@
+"""The benchmark suite at a tiny scale: every scenario runs and its counts add up.
+
+No timing is asserted here: these are benchmarks, and CI machines are noisy. What is
+asserted is that each scenario delivered, handled and accounted for every message it
+sent (the scenarios also check this themselves and raise BenchmarkError).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import attrs
+import pytest
+from typer.testing import CliRunner
+
+from nexus_trio.bench import (
+    SCENARIOS,
+    SMOKE,
+    BenchmarkError,
+    Goal,
+    Metric,
+    ScenarioResult,
+    _churn,
+    _fanin,
+    _fanout,
+    _load,
+    _reqrep,
+    _scale,
+)
+from nexus_trio.bench._result import combine
+from nexus_trio.bench._runner import resolve
+
+# Smaller still than the smoke scale: the whole file must take seconds.
+TINY = attrs.evolve(
+    SMOKE,
+    fanout_messages=500,
+    reqrep_round_trips=20,
+    scale_sizes=(50,),
+    load_seconds=0.02,
+    churn_restarts=10,
+    bridge_round_trips=3,
+)
+
+
+def _by_name(result: ScenarioResult) -> dict[str, Metric]:
+    return {m.name: m for m in result.metrics}
+
+
+def test_fanout_every_message_is_handled_by_every_implementation() -> None:
+    result = _fanout.run(TINY)
+    counts = result.counts
+    sent = TINY.fanout_agents + TINY.fanout_messages  # one activation message per agent
+    assert counts["sent"] == counts["accepted"] == counts["handled"] == sent
+    assert counts["dead_lettered"] == counts["in_flight"] == 0
+    assert counts["raw_trio_processed"] >= TINY.fanout_messages
+    assert counts["asyncio_processed"] == TINY.fanout_messages
+    assert counts["asyncio_message_processed"] == TINY.fanout_messages
+    for metric in result.metrics:
+        assert set(metric.baselines) == {"raw trio", "asyncio", "asyncio + Message objects"}
+        assert metric.kernel > 0
+        assert metric.ratio is not None
+        assert metric.met is not None
+
+
+def test_request_reply_every_query_gets_its_reply() -> None:
+    result = _reqrep.run(TINY)
+    c = result.counts
+    assert c["pair_round_trips"] == TINY.reqrep_round_trips
+    assert c["pair_handled"] == c["pair_replies_delivered"] == TINY.reqrep_round_trips + 1
+    assert c["pairs_round_trips"] == TINY.reqrep_pairs * TINY.reqrep_per_pair
+    assert c["pairs_handled"] == c["pairs_replies_delivered"] == c["pairs_requests"]
+    assert c["pairs_accepted"] == 2 * c["pairs_requests"]
+    assert c["pair_dead_lettered"] == c["pairs_dead_lettered"] == 0
+    p50 = _by_name(result)["1 pair: p50 latency"]
+    assert set(p50.baselines) == {"raw trio", "asyncio"}
+    assert p50.goal is not None
+    assert not p50.higher_is_better
+
+
+def test_scale_in_process_delivers_one_message_to_each_agent() -> None:
+    result = _scale.run(TINY)
+    assert result.counts == {"50_kernel_handled": 50, "50_raw_handled": 50}
+    names = set(_by_name(result))
+    assert "50 agents: spawn rate" in names
+    assert "50 agents: RSS per idle agent" in names
+    assert "50 agents: shutdown, idle" in names
+    assert "50 agents: shutdown after one message each" in names
+
+
+def test_scale_measurement_in_a_fresh_subprocess_reports_json() -> None:
+    result = _scale.measure_in_subprocess("kernel", 20, timeout=120)
+    assert result["n"] == 20
+    assert result["handled"] == result["accepted"] == 20
+    assert result["dead_lettered"] == result["in_flight"] == 0
+    assert result["rss_idle"] >= result["rss_base"] > 0
+
+
+def test_scale_rejects_an_unknown_implementation() -> None:
+    with pytest.raises(ValueError, match="'tokio'"):
+        _scale.measure("tokio", 10)
+
+
+def test_latency_under_load_handles_everything_offered() -> None:
+    result = _load.run(TINY)
+    c = result.counts
+    assert c["small_sent"] == c["small_handled"] > 0
+    assert c["large_sent"] == c["large_handled"] == c["small_sent"]
+    p99 = next(m for m in result.metrics if m.name.startswith("p99 send-to-handle"))
+    assert p99.reference == f"{TINY.load_small:,} agents"
+    assert p99.goal is not None
+
+
+def test_fanin_throttles_producers_and_loses_nothing() -> None:
+    result = _fanin.run(TINY)
+    c = result.counts
+    total = TINY.fanin_producers * TINY.fanin_per_producer
+    assert c == {
+        "sent": total,
+        "accepted": total,
+        "handled": total,
+        "dead_lettered": 0,
+        "rejected": 0,
+    }
+    metrics = _by_name(result)
+    assert metrics["mailbox high water"].kernel <= _fanin.CAPACITY
+    assert metrics["messages lost"].kernel == 0
+    assert metrics["messages lost"].met is True
+
+
+def test_churn_restarts_once_per_failed_message() -> None:
+    result = _churn.run(TINY)
+    k = TINY.churn_restarts
+    assert result.counts == {
+        "sent": k,
+        "restarts": k,
+        "failed": k,
+        "handler_errors": k,
+        "raw_trio_restarts": k,
+    }
+
+
+def test_bridges_run_or_say_why_they_are_skipped() -> None:
+    result = SCENARIOS["bridges"](TINY)
+    if not result.metrics:
+        assert result.skipped
+        return
+    for key, value in result.counts.items():
+        if key.endswith("_round_trips"):
+            assert value == TINY.bridge_round_trips
+        else:  # handled: the warm-up request and every round trip
+            assert value == TINY.bridge_round_trips + 1
+
+
+def test_every_registered_scenario_is_covered() -> None:
+    assert set(SCENARIOS) == {"fanout", "reqrep", "scale", "load", "fanin", "churn", "bridges"}
+    assert resolve([]) == list(SCENARIOS)
+    with pytest.raises(ValueError, match="'nope'"):
+        resolve(["fanout", "nope"])
+
+
+def test_combine_takes_medians_per_row() -> None:
+    def rep(kernel: float, base: float) -> ScenarioResult:
+        m = Metric("s", "rate", "msg/s", kernel, {"raw": base}, reference="raw")
+        return ScenarioResult("s", (m,), {})
+
+    (row,) = combine([rep(1.0, 10.0), rep(3.0, 30.0), rep(2.0, 20.0)])
+    assert row.kernel == 2.0
+    assert row.baselines == {"raw": 20.0}
+    assert row.runs == (1.0, 3.0, 2.0)
+    assert row.ratio == pytest.approx(0.1)
+
+
+def test_goal_met_and_margin() -> None:
+    at_least = Goal(">= 1.0x", "ratio", ">=", 1.0)
+    assert at_least.met(1.5) and at_least.margin(1.5) == "50% margin"
+    assert not at_least.met(0.8) and at_least.margin(0.8) == "20% short"
+    at_most = Goal("<= 2x", "ratio", "<=", 2.0)
+    assert at_most.met(1.0) and at_most.margin(1.0) == "50% margin"
+    assert not at_most.met(3.0) and at_most.margin(3.0) == "50% short"
+
+
+def test_benchmark_error_names_what_did_not_add_up() -> None:
+    from nexus_trio.bench._result import check
+
+    with pytest.raises(BenchmarkError, match="lost 3"):
+        check(False, "lost 3")
+
+
+# --- the command ------------------------------------------------------------------------------
+
+
+def _app():  # type: ignore[no-untyped-def]
+    import typer
+
+    from nexus_trio.cli._bench_cmd import register
+
+    app = typer.Typer()
+    register(app)
+    return app
+
+
+def test_bench_command_prints_a_table_and_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(
+        _app(), ["--smoke", "-s", "churn", "--repeat", "2", "--no-progress", "--json", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "supervision churn" in result.output
+    data = json.loads(out.read_text())
+    assert data["scale"] == "smoke"
+    assert data["repeat"] == 2
+    (metric,) = data["metrics"]
+    assert metric["scenario"] == "supervision churn"
+    assert len(metric["runs"]) == 2
+    assert data["counts"]["churn"]["restarts"] == SMOKE.churn_restarts
+    assert data["machine"]["cpus"] >= 1
+
+
+def test_a_saved_report_reads_back_with_its_goals(tmp_path: Path) -> None:
+    from nexus_trio.bench import Report
+    from nexus_trio.bench._report import markdown
+
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(
+        _app(), ["--smoke", "-s", "fanin", "--no-progress", "--json", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    report = Report.from_dict(data)
+    lost = next(m for m in report.metrics if m.name == "messages lost")
+    assert lost.goal == Goal("0 (conservation)", "value", "<=", 0)
+    assert lost.met is True
+    assert "| fan-in backpressure | messages lost" in markdown(data)
+
+
+def test_bench_command_rejects_an_unknown_scenario_by_name() -> None:
+    result = CliRunner().invoke(_app(), ["--smoke", "-s", "warp"])
+    assert result.exit_code == 2
+    assert "'warp'" in result.output
+
+
+def test_bench_command_rejects_two_scales() -> None:
+    result = CliRunner().invoke(_app(), ["--quick", "--full"])
+    assert result.exit_code == 2
+    assert "--quick" in result.output
+
+
+def test_bench_command_rejects_a_json_file_in_a_missing_folder(tmp_path: Path) -> None:
+    target = tmp_path / "missing" / "out.json"
+    result = CliRunner().invoke(_app(), ["--smoke", "-s", "churn", "--json", str(target)])
+    assert result.exit_code == 2
+    assert "--json" in result.output
+
+
+def test_plot_is_drawn_when_matplotlib_is_installed(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="the plot extra is not installed")
+    out = tmp_path / "bench.png"
+    result = CliRunner().invoke(
+        _app(), ["--smoke", "-s", "churn", "--no-progress", "--plot", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
