@@ -14,7 +14,9 @@ counted apart. ``stats()`` shows both.
 
 from __future__ import annotations
 
+import heapq
 import logging
+import math
 import random
 import time
 import uuid
@@ -56,12 +58,13 @@ _LATE_MEMORY: Final = 4096
 class _Pending:
     """A request waiting for its reply."""
 
-    __slots__ = ("error", "event", "reply")
+    __slots__ = ("error", "event", "reply", "timed_out")
 
     def __init__(self) -> None:
         self.event = trio.Event()
         self.reply: Message | None = None
         self.error: BaseException | None = None
+        self.timed_out = False
 
     def resolve(self, reply: Message) -> None:
         self.reply = reply
@@ -70,6 +73,11 @@ class _Pending:
     def fail(self, error: BaseException) -> None:
         if not self.event.is_set():
             self.error = error
+            self.event.set()
+
+    def expire(self) -> None:
+        if not self.event.is_set():
+            self.timed_out = True
             self.event.set()
 
 
@@ -95,6 +103,11 @@ class Kernel:
         self._nodes: dict[uuid.UUID, Child] = {}
         self._names: dict[str, Child] = {}
         self._pending: dict[uuid.UUID, _Pending] = {}
+        # One timer for every pending request instead of a cancel scope per request:
+        # a heap of (deadline, sequence, pending) watched by _request_timer.
+        self._request_deadlines: list[tuple[float, int, _Pending]] = []
+        self._request_seq = 0
+        self._timer_scope: trio.CancelScope | None = None
         self._late: deque[uuid.UUID] = deque()
         self._late_set: set[uuid.UUID] = set()
         self._monitors: dict[uuid.UUID, set[uuid.UUID]] = {}
@@ -673,15 +686,28 @@ class Kernel:
         )
         pending = _Pending()
         self._pending[query.id] = pending
+        deadline = trio.current_time() + timeout
+        self._request_seq += 1
+        heapq.heappush(self._request_deadlines, (deadline, self._request_seq, pending))
+        timer = self._timer_scope
+        if timer is not None and deadline < timer.deadline:
+            timer.deadline = deadline
         enqueued = False
         try:
-            with trio.move_on_after(timeout):
-                try:
-                    await self._deliver(query, wait=True)
-                except (AgentNotFound, MailboxFull) as exc:
-                    self._count_rejection(exc)
-                    raise
-                enqueued = True
+            cell = self._routes.get(query.to)
+            try:
+                if cell is not None and cell.mailbox.has_room():
+                    await self._deliver(query, wait=True)  # enqueued without waiting
+                    enqueued = True
+                else:
+                    # It may wait for room: not past the request's own deadline.
+                    with trio.move_on_after(timeout):
+                        await self._deliver(query, wait=True)
+                        enqueued = True
+            except (AgentNotFound, MailboxFull) as exc:
+                self._count_rejection(exc)
+                raise
+            if enqueued:
                 await pending.event.wait()
         finally:
             self._pending.pop(query.id, None)
@@ -692,6 +718,19 @@ class Kernel:
         if enqueued:
             self._expire(query)
         raise RequestTimeout(query.id, to, timeout)
+
+    async def _request_timer(self) -> None:
+        """Expire pending requests at their deadlines (runs for the kernel's lifetime)."""
+        heap = self._request_deadlines
+        while True:
+            now = trio.current_time()
+            while heap and (heap[0][2].event.is_set() or heap[0][0] <= now):
+                heapq.heappop(heap)[2].expire()
+            with trio.CancelScope() as scope:
+                scope.deadline = heap[0][0] if heap else math.inf
+                self._timer_scope = scope
+                await trio.sleep_forever()
+            self._timer_scope = None
 
     def _expire(self, query: Message) -> None:
         """A request timed out: cancel the handler working on it, or unqueue it."""
@@ -974,15 +1013,25 @@ async def open_kernel(
     """
     kernel = Kernel(config if config is not None else Config(), seed=seed)
     body_error: BaseException | None = None
+    timer = trio.CancelScope()
+
+    async def request_timer() -> None:
+        with timer:
+            await kernel._request_timer()
+
     async with trio.open_nursery() as nursery:
         await nursery.start(kernel._run_root)
+        nursery.start_soon(request_timer)
         try:
             with kernel._body_scope:
                 yield kernel
         except BaseException as exc:
             body_error = exc
         finally:
-            await kernel.shutdown()
+            try:
+                await kernel.shutdown()
+            finally:
+                timer.cancel()
     if body_error is not None:
         raise body_error
     if kernel._escalation is not None:

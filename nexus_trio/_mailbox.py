@@ -91,6 +91,10 @@ class Mailbox:
             producers_waiting=self._waiting,
         )
 
+    def has_room(self) -> bool:
+        """Whether :meth:`try_put` would enqueue now."""
+        return not self._waiting and len(self.queue) + self._reserved < self.capacity
+
     def try_put(self, msg: Message) -> bool:
         """Enqueue without yielding if there is room and nobody is queued for room.
 

@@ -862,3 +862,33 @@ async def test_stopping_an_agent_before_its_task_first_runs_does_not_hang(
                 await kernel.send(ref, "wakes it")
             await kernel.stop(ref)
             assert kernel.agents() == []
+
+
+async def test_requests_with_different_timeouts_expire_each_at_its_own_deadline(
+    autojump_clock: Any,
+) -> None:
+    @agent(handle_timeout=100.0, mailbox_capacity=1)
+    async def stuck(ctx: Context, msg: Message) -> None:
+        await trio.sleep_forever()
+
+    expired: dict[str, float] = {}
+
+    async def ask(kernel: Any, label: str, timeout: float) -> None:
+        with pytest.raises(RequestTimeout):
+            await kernel.request("stuck", label, timeout=timeout)
+        expired[label] = trio.current_time()
+
+    async with open_kernel(make_config(send_timeout_ms=10_000)) as kernel:
+        kernel.spawn(stuck, name="stuck")
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask, kernel, "long", 3.0)  # being handled (stuck)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(ask, kernel, "queued", 5.0)  # fills the mailbox (capacity 1)
+            await trio.testing.wait_all_tasks_blocked()
+            # The mailbox is full: this one waits for room, but not past its own deadline.
+            nursery.start_soon(ask, kernel, "short", 1.0)
+    assert expired["short"] - start == pytest.approx(1.0)
+    assert expired["long"] - start == pytest.approx(3.0)
+    assert expired["queued"] - start == pytest.approx(5.0)
+    assert kernel.stats().rejected == {}
