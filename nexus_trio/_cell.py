@@ -357,8 +357,9 @@ class AgentCell(Child):
                 self.current = None
                 self.handled += 1
                 kernel._handled += 1
-                if not self.handled & 7:
-                    # Sampled one message in eight: recording costs more than a no-op handler.
+                if not kernel._handled & 7:
+                    # Sampled one message in eight kernel-wide (agents that handle few
+                    # messages are seen too): recording costs more than a no-op handler.
                     latency.record(now() - start)
                     kernel._queue_wait.record((time_ns() // 1000 - msg.timestamp) / 1e6)
                 if result is not None:

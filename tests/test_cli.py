@@ -11,6 +11,7 @@ import logging
 import os
 import queue
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -155,13 +156,29 @@ def test_nats_without_the_extra_exits_2_with_the_install_hint(isolated, monkeypa
     assert "pip install 'nexus_trio[nats]'" in out
 
 
-def test_spawn_without_process_agents_exits_2(isolated, monkeypatch):
-    from nexus_trio._kernel import Kernel
-
-    monkeypatch.delattr(Kernel, "spawn_process", raising=False)
-    result = invoke(["run", "--spawn", "python agent.py", "-d", "1"])
+def test_spawn_of_a_missing_program_exits_2_naming_it(isolated):
+    result = invoke(["run", "--spawn", "no-such-program-xyz --flag", "-d", "1"])
     assert result.exit_code == 2
-    assert "process agents are not available" in flat(result.output)
+    out = flat(result.output)
+    assert "--spawn" in out
+    assert "no-such-program-xyz" in out
+
+
+def test_spawn_runs_the_calculator_example_under_the_kernel():
+    example = Path(__file__).resolve().parent.parent / "examples" / "python_agent_example.py"
+    command = f"{shlex.quote(sys.executable)} {shlex.quote(str(example))}"
+    result = subprocess.run(
+        [sys.executable, "-m", "nexus_trio.cli", "run", "--spawn", command, "-d", "1", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["conserved"] is True
+    assert summary["in_flight"] == 0
+    assert "spawned process agent" in result.stderr
 
 
 def test_config_init_writes_a_template_and_refuses_to_overwrite(isolated):

@@ -15,6 +15,7 @@ import enum
 import importlib
 import logging
 import shlex
+import shutil
 import sys
 import urllib.error
 import urllib.request
@@ -400,6 +401,11 @@ def _split_command(command: str, flag: str) -> tuple[str, ...]:
         raise typer.BadParameter(f"{exc} in {command!r}", param_hint=f"'{flag}'") from None
     if not argv:
         raise typer.BadParameter("empty command", param_hint=f"'{flag}'")
+    if shutil.which(argv[0]) is None:
+        raise typer.BadParameter(
+            f"program {argv[0]!r} not found (not on PATH, or not executable)",
+            param_hint=f"'{flag}'",
+        )
     return argv
 
 
