@@ -396,21 +396,12 @@ async def test_shutdown_timeout_is_a_grace_then_cancel(autojump_clock: Any, time
 async def test_shutdown_stops_children_before_parents_in_reverse_start_order(
     autojump_clock: Any,
 ) -> None:
-    order: list[str] = []
-
-    class Logged(Tracked):
-        async def on_stop(self, ctx: Context) -> None:
-            order.append(ctx.name or "?")
-
-    def logged(name: str) -> Any:
-        return agent(Logged, name=name)
-
     async with open_kernel(make_config()) as kernel:
-        kernel.spawn(logged("a"))
-        kernel.spawn(sup(logged("b1"), sup(logged("c1"), logged("c2")), logged("b2")))
-        kernel.spawn(logged("d"))
+        kernel.spawn(tracked("a"))
+        kernel.spawn(sup(tracked("b1"), sup(tracked("c1"), tracked("c2")), tracked("b2")))
+        kernel.spawn(tracked("d"))
         await trio.testing.wait_all_tasks_blocked()
-    assert order == ["d", "b2", "c2", "c1", "b1", "a"]
+    assert Journal.of("stop") == ["d", "b2", "c2", "c1", "b1", "a"]
 
 
 # --- events and monitors -------------------------------------------------------------------------
@@ -565,26 +556,20 @@ async def test_a_burst_of_spawns_is_served_in_a_few_scheduling_rounds() -> None:
 async def test_quiet_agents_stop_together_and_the_others_keep_their_order(
     autojump_clock: Any,
 ) -> None:
-    order: list[str] = []
-
-    class Logged(Tracked):
-        async def on_stop(self, ctx: Context) -> None:
-            order.append(ctx.name or "?")
-
     @agent
     async def quiet(ctx: Context, msg: Message) -> None:
         return None
 
     async with open_kernel(make_config()) as kernel:
-        kernel.spawn(agent(Logged, name="first"))
+        kernel.spawn(tracked("first"))
         quiet_refs = [kernel.spawn(quiet) for _ in range(50)]
-        kernel.spawn(agent(Logged, name="middle"))
+        kernel.spawn(tracked("middle"))
         quiet_refs += [kernel.spawn(quiet) for _ in range(50)]
-        kernel.spawn(agent(Logged, name="last"))
+        kernel.spawn(tracked("last"))
         for ref in quiet_refs:
             await kernel.send(ref, "wake")  # running, not dormant
         await trio.testing.wait_all_tasks_blocked()
         assert kernel.stats().handled == 100
-    assert order == ["last", "middle", "first"]
+    assert Journal.of("stop") == ["last", "middle", "first"]
     assert kernel.agents() == []
     assert_conserved(kernel)
