@@ -287,6 +287,15 @@ def address_of(target: AgentRef | Address) -> Address:
     return target.id if isinstance(target, AgentRef) else target
 
 
+def log_fields(agent_id: Any, name: str | None, msg: Message | None = None) -> dict[str, str]:
+    """The fields every log record about an agent (and a message) carries."""
+    fields = {"agent_id": str(agent_id), "agent_name": name or ""}
+    if msg is not None:
+        fields["msg_id"] = str(msg.id)
+        fields["trace_id"] = str(msg.trace_id) if msg.trace_id else ""
+    return fields
+
+
 @final
 class _AgentLogAdapter(logging.LoggerAdapter[logging.Logger]):
     """Adds the agent's and the current message's fields to every record."""
@@ -297,11 +306,7 @@ class _AgentLogAdapter(logging.LoggerAdapter[logging.Logger]):
 
     def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, Any]:
         ctx = self._ctx
-        fields: dict[str, Any] = {"agent_id": str(ctx.id), "agent_name": ctx.name or ""}
-        current = ctx.message
-        if current is not None:
-            fields["msg_id"] = str(current.id)
-            fields["trace_id"] = str(current.trace_id) if current.trace_id else ""
+        fields: dict[str, Any] = log_fields(ctx.id, ctx.name, ctx.message)
         given = kwargs.get("extra")
         if given:
             fields.update(given)

@@ -30,7 +30,7 @@ from ._deadletter import DeadLetterReason
 from ._errors import MessageFailed
 from ._mailbox import Mailbox
 from ._message import Message
-from ._supervisor import Child
+from ._supervisor import Child, log_extra
 
 if TYPE_CHECKING:
     from ._kernel import Kernel
@@ -163,7 +163,7 @@ class AgentCell(Child):
             "background task of agent %s failed",
             self.label,
             exc_info=error,
-            extra={"agent_id": str(self.id), "agent_name": self.name or ""},
+            extra=log_extra(self),
         )
         # End the run; the supervisor sees the failure (see take_failure).
         self._background_failure = error
@@ -205,7 +205,7 @@ class AgentCell(Child):
                     "agent %s failed outside a handler",
                     self.label,
                     exc_info=exc,
-                    extra={"agent_id": str(self.id), "agent_name": self.name or ""},
+                    extra=log_extra(self),
                 )
             finally:
                 current = self.current
@@ -229,7 +229,7 @@ class AgentCell(Child):
                         log.exception(
                             "on_stop of agent %s raised",
                             self.label,
-                            extra={"agent_id": str(self.id), "agent_name": self.name or ""},
+                            extra=log_extra(self),
                         )
                 background = self.background
                 if background is not None:
@@ -261,12 +261,7 @@ class AgentCell(Child):
                     self.label,
                     self.handle_timeout,
                     msg.id,
-                    extra={
-                        "agent_id": str(self.id),
-                        "agent_name": self.name or "",
-                        "msg_id": str(msg.id),
-                        "trace_id": str(msg.trace_id) if msg.trace_id else "",
-                    },
+                    extra=log_extra(self, msg),
                 )
             self.kernel._dead_letter(msg, reason, self.id)
 
@@ -328,12 +323,7 @@ class AgentCell(Child):
                         self.label,
                         msg.id,
                         exc.detail,
-                        extra={
-                            "agent_id": str(self.id),
-                            "agent_name": self.name or "",
-                            "msg_id": str(msg.id),
-                            "trace_id": str(msg.trace_id) if msg.trace_id else "",
-                        },
+                        extra=log_extra(self, msg),
                     )
                     continue
                 except Exception as exc:
@@ -346,12 +336,7 @@ class AgentCell(Child):
                         self.label,
                         msg.id,
                         exc_info=exc,
-                        extra={
-                            "agent_id": str(self.id),
-                            "agent_name": self.name or "",
-                            "msg_id": str(msg.id),
-                            "trace_id": str(msg.trace_id) if msg.trace_id else "",
-                        },
+                        extra=log_extra(self, msg),
                     )
                     raise _HandlerFailed(exc) from exc
                 self.current = None

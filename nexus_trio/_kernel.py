@@ -27,7 +27,7 @@ from typing import Any, Final, final
 
 import trio
 
-from ._agent import AgentRef, AgentSpec, Handler, address_of, as_spec
+from ._agent import AgentRef, AgentSpec, Handler, address_of, as_spec, log_fields
 from ._cell import AgentCell
 from ._config import Config, OverflowPolicy
 from ._deadletter import DeadLetter, DeadLetterReason
@@ -45,7 +45,13 @@ from ._events import EventKind, LifecycleEvent
 from ._message import SYSTEM_ID, Address, Message, MessageKind, new_id
 from ._stats import AgentStats, Histogram, KernelStats
 from ._streams import Broadcast, Subscription
-from ._supervisor import Child, Supervisor, SupervisorNode, _Escalation
+from ._supervisor import (
+    Child,
+    Supervisor,
+    SupervisorNode,
+    _Escalation,
+    log_extra,
+)
 from ._transport import Transport
 
 log = logging.getLogger("nexus_trio.kernel")
@@ -58,13 +64,12 @@ _LATE_MEMORY: Final = 4096
 class _Pending:
     """A request waiting for its reply."""
 
-    __slots__ = ("error", "event", "reply", "timed_out")
+    __slots__ = ("error", "event", "reply")
 
     def __init__(self) -> None:
         self.event = trio.Event()
         self.reply: Message | None = None
         self.error: BaseException | None = None
-        self.timed_out = False
 
     def resolve(self, reply: Message) -> None:
         self.reply = reply
@@ -76,17 +81,8 @@ class _Pending:
             self.event.set()
 
     def expire(self) -> None:
-        if not self.event.is_set():
-            self.timed_out = True
-            self.event.set()
-
-
-def _log_extra(child: Child, msg: Message | None = None) -> dict[str, str]:
-    extra = {"agent_id": str(child.id), "agent_name": child.name or ""}
-    if msg is not None:
-        extra["msg_id"] = str(msg.id)
-        extra["trace_id"] = str(msg.trace_id) if msg.trace_id else ""
-    return extra
+        """The deadline passed: wake the requester with neither reply nor error."""
+        self.event.set()
 
 
 @final
@@ -779,10 +775,11 @@ class Kernel:
                 reason.value,
                 f" ({detail})" if detail else "",
                 extra={
-                    "agent_id": str(cell.id) if cell is not None else str(recipient),
-                    "agent_name": (cell.name or "") if cell is not None else "",
-                    "msg_id": str(msg.id),
-                    "trace_id": str(msg.trace_id) if msg.trace_id else "",
+                    **(
+                        log_extra(cell, msg)
+                        if cell is not None
+                        else log_fields(recipient, None, msg)
+                    ),
                     "reason": reason.value,
                 },
             )
@@ -844,7 +841,7 @@ class Kernel:
 
     def _lifecycle_failed(self, child: Child, error: BaseException) -> None:
         if not isinstance(error, _Escalation) and not isinstance(child, AgentCell):
-            log.error("%s failed", child.label, exc_info=error, extra=_log_extra(child))
+            log.error("%s failed", child.label, exc_info=error, extra=log_extra(child))
         if self._events._subscribers:
             self._publish_event(EventKind.FAILED, child, type(error).__name__, error)
         self._notify_monitors(child, "failed", repr(error))
@@ -856,7 +853,7 @@ class Kernel:
             child.label,
             delay,
             child.restarts,
-            extra=_log_extra(child),
+            extra=log_extra(child),
         )
         if self._events._subscribers:
             self._publish_event(EventKind.RESTARTED, child, f"backoff {delay:.6f}s", error)
@@ -870,7 +867,7 @@ class Kernel:
             restarts,
             sup.spec.within,
             child.label,
-            extra=_log_extra(sup),
+            extra=log_extra(sup),
         )
         if self._events._subscribers:
             self._publish_event(EventKind.ESCALATED, sup, f"child {child.label}", error)

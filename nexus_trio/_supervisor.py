@@ -37,13 +37,14 @@ from typing import TYPE_CHECKING, Any, Final, final
 import attrs
 import trio
 
-from ._agent import RestartType
+from ._agent import RestartType, log_fields
 from ._config import RestartStrategy
 from ._errors import SupervisorEscalation
 from ._message import new_id
 
 if TYPE_CHECKING:
     from ._kernel import Kernel
+    from ._message import Message
 
 log = logging.getLogger("nexus_trio.supervisor")
 
@@ -251,6 +252,11 @@ class Child:
 
 def _quiet(child: Child) -> bool:
     return child.stops_quietly()
+
+
+def log_extra(child: Child, msg: Message | None = None) -> dict[str, str]:
+    """:func:`log_fields` of ``child``."""
+    return log_fields(child.id, child.name, msg)
 
 
 class _Escalation(Exception):

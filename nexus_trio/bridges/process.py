@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Final, final
 import attrs
 import trio
 
-from .._agent import Agent, AgentSpec, Context, RestartType
+from .._agent import Agent, AgentSpec, Context, RestartType, log_fields
 from .._deadletter import DeadLetterReason
 from .._errors import MessageFailed, NexusError
 from .._message import SYSTEM_ID, Message, MessageKind, parse_address
@@ -847,7 +847,7 @@ class ProcessAgent(Agent):
     def _fields(self) -> dict[str, Any]:
         ctx = self._ctx
         if self._extra is None and ctx is not None:
-            self._extra = {"agent_id": str(ctx.id), "agent_name": ctx.name or ""}
+            self._extra = log_fields(ctx.id, ctx.name)
         return self._extra or {}
 
     def _warn(self, problem: str) -> None:
