@@ -156,6 +156,15 @@ def test_nats_without_the_extra_exits_2_with_the_install_hint(isolated, monkeypa
     assert "pip install 'nexus_trio[nats]'" in out
 
 
+def test_workers_without_the_nats_extra_exits_2_naming_workers(isolated, monkeypatch):
+    monkeypatch.setitem(sys.modules, "nexus_trio._nats", None)  # import raises ImportError
+    result = invoke(["run", "--workers", "2", "-d", "1"])
+    assert result.exit_code == 2
+    out = flat(result.output)
+    assert "--workers" in out
+    assert "pip install 'nexus_trio[nats]'" in out
+
+
 def test_spawn_of_a_missing_program_exits_2_naming_it(isolated):
     result = invoke(["run", "--spawn", "no-such-program-xyz --flag", "-d", "1"])
     assert result.exit_code == 2

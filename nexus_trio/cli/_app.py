@@ -375,10 +375,7 @@ def _run_workers(workers: int, nats: str | None, json_out: bool) -> None:
 
     from ._cluster_cmd import default_workers, run_workers, worker_argv
 
-    if nats is not None:
-        _check_nats(nats)
-    else:
-        _check_nats("nats://127.0.0.1:4222")  # only checks that the extra is installed
+    _check_nats(nats, "--nats" if nats is not None else "--workers")
     count = workers or default_workers()
     summary, status = run_workers(count, worker_argv(sys.argv[2:]), nats_url=nats)
     if json_out:
@@ -409,8 +406,9 @@ def _split_command(command: str, flag: str) -> tuple[str, ...]:
     return argv
 
 
-def _check_nats(url: str) -> None:
-    if "://" not in url:
+def _check_nats(url: str | None, flag: str = "--nats") -> None:
+    """A NATS URL (if given) that looks like one, and the nats extra installed for ``flag``."""
+    if url is not None and "://" not in url:
         raise typer.BadParameter(
             f"expected a URL like nats://127.0.0.1:4222, got {url!r}", param_hint="'--nats'"
         )
@@ -419,7 +417,7 @@ def _check_nats(url: str) -> None:
     except ImportError as exc:
         raise typer.BadParameter(
             f"NATS support is not installed ({exc}); pip install 'nexus_trio[nats]'",
-            param_hint="'--nats'",
+            param_hint=f"'{flag}'",
         ) from None
 
 
