@@ -9,6 +9,7 @@ from ._agent import Agent as Agent
 from ._agent import AgentRef as AgentRef
 from ._agent import AgentSpec as AgentSpec
 from ._agent import Context as Context
+from ._agent import Directive as Directive
 from ._agent import RestartType as RestartType
 from ._agent import agent as agent
 from ._config import AppConfig as AppConfig
@@ -23,7 +24,6 @@ from ._config import SupervisionConfig as SupervisionConfig
 from ._deadletter import DeadLetter as DeadLetter
 from ._deadletter import DeadLetterReason as DeadLetterReason
 from ._errors import AgentNotFound as AgentNotFound
-from ._errors import AgentStopped as AgentStopped
 from ._errors import KernelShuttingDown as KernelShuttingDown
 from ._errors import MailboxFull as MailboxFull
 from ._errors import MessageDecodeError as MessageDecodeError
@@ -43,6 +43,8 @@ from ._message import SYSTEM_ID as SYSTEM_ID
 from ._message import Message as Message
 from ._message import MessageKind as MessageKind
 from ._message import new_id as new_id
+from ._router import KernelPhase as KernelPhase
+from ._router import TransportHandle as TransportHandle
 from ._stats import AgentStats as AgentStats
 from ._stats import HistogramSnapshot as HistogramSnapshot
 from ._stats import KernelStats as KernelStats
@@ -60,17 +62,18 @@ __all__ = [
     "AgentRef",
     "AgentSpec",
     "AgentStats",
-    "AgentStopped",
     "AppConfig",
     "Backoff",
     "Config",
     "Context",
     "DeadLetter",
     "DeadLetterReason",
+    "Directive",
     "EventKind",
     "HistogramSnapshot",
     "Kernel",
     "KernelConfig",
+    "KernelPhase",
     "KernelShuttingDown",
     "KernelStats",
     "LifecycleEvent",
@@ -95,8 +98,25 @@ __all__ = [
     "Supervisor",
     "SupervisorEscalation",
     "Transport",
+    "TransportHandle",
     "TransportUnavailable",
     "agent",
     "new_id",
     "open_kernel",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name == "AgentStopped":
+        import warnings
+
+        from ._errors import AgentStopped
+
+        warnings.warn(
+            "nexus_trio.AgentStopped is deprecated and never raised: a request to an agent "
+            "that stops fails with RequestFailed (reason 'agent_stopped')",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return AgentStopped
+    raise AttributeError(f"module 'nexus_trio' has no attribute {name!r}")

@@ -9,34 +9,25 @@ may touch.
 
 from __future__ import annotations
 
-import enum
 import inspect
 import logging
 import uuid
-from collections.abc import Callable, Coroutine, MutableMapping
+from collections.abc import Callable, Coroutine, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast, final, overload
 
 import attrs
 import trio
 
+from ._child import Directive as Directive
+from ._child import RestartType as RestartType
 from ._config import OverflowPolicy
+from ._logfields import log_fields as log_fields
 from ._message import Address, Message, MessageKind
 
 if TYPE_CHECKING:
-    from ._background import BackgroundTasks
     from ._kernel import Kernel
+    from ._router import Router
     from ._supervisor import Supervisor
-
-
-class RestartType(enum.Enum):
-    """When a supervisor restarts a child that exited (OTP child restart types)."""
-
-    #: always restarted, whether it failed or exited normally
-    PERMANENT = "permanent"
-    #: restarted only if it failed
-    TRANSIENT = "transient"
-    #: never restarted
-    TEMPORARY = "temporary"
 
 
 Handler = Callable[["Context", Message], Coroutine[Any, Any, Any]]
@@ -155,6 +146,37 @@ def _to_restart(value: Any) -> RestartType:
         raise ValueError(f"restart must be one of {known}, got {value!r}") from None
 
 
+def _to_directive(value: Any) -> Directive:
+    if isinstance(value, Directive):
+        return value
+    try:
+        return Directive(value)
+    except ValueError:
+        known = ", ".join(repr(d.value) for d in Directive)
+        raise ValueError(f"on_error must be one of {known}, got {value!r}") from None
+
+
+#: ``on_error`` as given: one directive, or directives per exception type (first match wins)
+OnError = Directive | str | Mapping[type[BaseException], Directive | str]
+
+
+def _to_on_error(
+    value: Any,
+) -> Directive | tuple[tuple[type[BaseException], Directive], ...] | None:
+    if value is None or isinstance(value, Directive | str):
+        return None if value is None else _to_directive(value)
+    if isinstance(value, Mapping):
+        rules = []
+        for exc_type, directive in value.items():
+            if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
+                raise ValueError(f"on_error keys must be exception types, got {exc_type!r}")
+            rules.append((exc_type, _to_directive(directive)))
+        return tuple(rules)
+    raise ValueError(
+        f"on_error must be a directive or a mapping of exception types to directives, got {value!r}"
+    )
+
+
 @final
 @attrs.frozen
 class AgentSpec:
@@ -174,6 +196,22 @@ class AgentSpec:
     shutdown_timeout: float | None = attrs.field(default=None, validator=_validate_shutdown_timeout)
     #: the user's function, for function agents (so tests can call it directly)
     handler: Handler | None = None
+    #: what a handler's exception does to the agent (see :class:`Directive`); ``None``:
+    #: ``resume`` for function agents (no state to reset), ``restart`` for classes
+    on_error: Directive | tuple[tuple[type[BaseException], Directive], ...] | None = attrs.field(
+        default=None, converter=_to_on_error
+    )
+
+    def directive_for(self, error: BaseException) -> Directive:
+        """The directive for ``error``: the first matching rule, else the default."""
+        on_error = self.on_error
+        if isinstance(on_error, Directive):
+            return on_error
+        if on_error:
+            for exc_type, directive in on_error:
+                if isinstance(error, exc_type):
+                    return directive
+        return Directive.RESUME if self.handler is not None else Directive.RESTART
 
     @property
     def starts_lazily(self) -> bool:
@@ -208,7 +246,11 @@ _T = TypeVar("_T")
 
 def _spec_for(target: Any, options: dict[str, Any]) -> AgentSpec:
     if isinstance(target, AgentSpec):
-        return attrs.evolve(target, **options)
+        # Only what was given: agent(spec, name="b") keeps the spec's other options.
+        changes = {k: v for k, v in options.items() if v is not None}
+        if changes.get("restart") is RestartType.PERMANENT:
+            del changes["restart"]
+        return attrs.evolve(target, **changes)
     if inspect.isclass(target):
         if not callable(getattr(target, "handle", None)):
             raise TypeError(f"agent class {target.__qualname__} has no handle(ctx, msg) method")
@@ -223,7 +265,18 @@ def _spec_for(target: Any, options: dict[str, Any]) -> AgentSpec:
 
 
 @overload
-def agent(target: Handler | type[Any], /) -> AgentSpec: ...
+def agent(
+    target: Handler | type[Any] | AgentSpec,
+    /,
+    *,
+    name: str | None = None,
+    mailbox_capacity: int | None = None,
+    handle_timeout: float | None = None,
+    overflow: OverflowPolicy | str | None = None,
+    restart: RestartType | str = RestartType.PERMANENT,
+    shutdown_timeout: float | None = None,
+    on_error: OnError | None = None,
+) -> AgentSpec: ...
 @overload
 def agent(
     *,
@@ -233,11 +286,12 @@ def agent(
     overflow: OverflowPolicy | str | None = None,
     restart: RestartType | str = RestartType.PERMANENT,
     shutdown_timeout: float | None = None,
+    on_error: OnError | None = None,
 ) -> Callable[[Handler | type[Any]], AgentSpec]: ...
 
 
 def agent(
-    target: Handler | type[Any] | None = None,
+    target: Handler | type[Any] | AgentSpec | None = None,
     /,
     *,
     name: str | None = None,
@@ -246,10 +300,13 @@ def agent(
     overflow: OverflowPolicy | str | None = None,
     restart: RestartType | str = RestartType.PERMANENT,
     shutdown_timeout: float | None = None,
+    on_error: OnError | None = None,
 ) -> AgentSpec | Callable[[Handler | type[Any]], AgentSpec]:
     """Turn ``async def handler(ctx, msg)`` or an :class:`Agent` class into an :class:`AgentSpec`.
 
-    Usable bare (``@agent``) or with options (``@agent(name="a", handle_timeout=2.0)``).
+    Usable bare (``@agent``), with options (``@agent(name="a", handle_timeout=2.0)``) or
+    as a call (``agent(Counter, name="counter")``). ``on_error`` is a :class:`Directive`
+    (or its name) or a mapping of exception types to directives, first match wins.
     """
     options: dict[str, Any] = {
         "name": name,
@@ -258,6 +315,7 @@ def agent(
         "overflow": overflow,
         "restart": restart,
         "shutdown_timeout": shutdown_timeout,
+        "on_error": on_error,
     }
     if target is not None:
         return _spec_for(target, options)
@@ -287,15 +345,6 @@ def address_of(target: AgentRef | Address) -> Address:
     return target.id if isinstance(target, AgentRef) else target
 
 
-def log_fields(agent_id: Any, name: str | None, msg: Message | None = None) -> dict[str, str]:
-    """The fields every log record about an agent (and a message) carries."""
-    fields = {"agent_id": str(agent_id), "agent_name": name or ""}
-    if msg is not None:
-        fields["msg_id"] = str(msg.id)
-        fields["trace_id"] = str(msg.trace_id) if msg.trace_id else ""
-    return fields
-
-
 @final
 class _AgentLogAdapter(logging.LoggerAdapter[logging.Logger]):
     """Adds the agent's and the current message's fields to every record."""
@@ -317,28 +366,41 @@ class _AgentLogAdapter(logging.LoggerAdapter[logging.Logger]):
 class Context:
     """What a handler may touch; one per agent, shared by its runs.
 
-    ``nursery`` is a task group for background work of the current run: its tasks are
-    cancelled when the agent stops or restarts, and an exception there fails the agent.
+    ``nursery`` is the agent's own nursery for the current run: background tasks there
+    are cancelled when the run ends (stop, restart, shutdown), and an exception in one
+    of them fails the agent, which its supervisor then handles.
     """
 
-    __slots__ = ("_cell", "_kernel", "_log", "id", "name")
+    __slots__ = ("_cell", "_kernel", "_limiter", "_log", "_router", "_spawn_linked", "id", "name")
 
-    def __init__(self, kernel: Kernel, cell: Any, agent_id: uuid.UUID, name: str | None) -> None:
+    def __init__(
+        self,
+        kernel: Kernel,
+        cell: Any,
+        router: Router,
+        spawn_linked: Callable[[Any, str | None, Any], AgentRef],
+        limiter: trio.CapacityLimiter,
+    ) -> None:
         self._kernel = kernel
         self._cell = cell
-        self.id = agent_id
-        self.name = name
+        self._router = router
+        self._spawn_linked = spawn_linked
+        self._limiter = limiter
+        self.id: uuid.UUID = cell.id
+        self.name: str | None = cell.name
         self._log: logging.LoggerAdapter[logging.Logger] | None = None
 
     @property
-    def nursery(self) -> BackgroundTasks:
-        """Background work that dies with this run of the agent (a nursery-like task group).
+    def nursery(self) -> trio.Nursery:
+        """The agent's own nursery for this run: background work that dies with it.
 
-        ``ctx.nursery.start_soon(fn, *args)``; the tasks are cancelled when the agent
+        ``ctx.nursery.start_soon(fn, *args)``; its tasks are cancelled when the agent
         stops or restarts, and an exception in one of them fails the agent.
         """
-        tasks: BackgroundTasks = self._cell.background_tasks()
-        return tasks
+        nursery: trio.Nursery | None = self._cell.nursery
+        if nursery is None:
+            raise RuntimeError(f"agent {self.name or self.id} is not running: it has no nursery")
+        return nursery
 
     @property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:
@@ -381,12 +443,13 @@ class Context:
         *,
         kind: MessageKind = MessageKind.COMMAND,
     ) -> Message:
-        """Send (tell) from this agent; same rules as :meth:`Kernel.send`.
+        """Send (tell) from this agent; same rules as :meth:`Kernel.send`, except that
+        agents may still send to each other while the kernel drains.
 
         The trace id of the message being handled is carried over.
         """
         msg = self._outgoing(to, payload, kind)
-        await self._kernel._send_from_agent(msg)
+        await self._router.send(msg, external=False)
         return msg
 
     def send_nowait(
@@ -398,27 +461,34 @@ class Context:
     ) -> Message:
         """Like :meth:`send` but raise :class:`MailboxFull` at once instead of waiting."""
         msg = self._outgoing(to, payload, kind)
-        self._kernel._send_nowait_from_agent(msg)
+        self._router.send_nowait(msg, external=False)
         return msg
 
     async def request(
         self, to: AgentRef | Address, payload: Any = None, *, timeout: float | None = None
     ) -> Any:
         """Send a Query from this agent and return the reply's payload (see :meth:`Kernel.request`)."""
-        reply = await self._kernel._request(
-            address_of(to), payload, timeout=timeout, sender=self.id, trace_id=self._trace_id()
-        )
-        return reply.payload
-
-    def _trace_id(self) -> uuid.UUID | None:
+        if timeout is None:
+            timeout = self._kernel.config.kernel.request_timeout
+        elif not timeout > 0:
+            raise ValueError(f"request timeout must be > 0 seconds, got {timeout!r}")
         current = self._cell.current
-        return current.trace_id if current is not None else None
+        query = Message(
+            sender=self.id,
+            to=address_of(to),
+            payload=payload,
+            kind=MessageKind.QUERY,
+            trace_id=current.trace_id if current is not None else None,
+        )
+        reply = await self._router.request(query, timeout, external=False)
+        return reply.payload
 
     def spawn(
         self, target: AgentSpec | Supervisor | Handler | type[Any], *, name: str | None = None
     ) -> AgentRef:
-        """Spawn an agent linked to this one: it stops before this agent does."""
-        return self._kernel._spawn(target, name=name, parent=self._cell)
+        """Spawn an agent linked to this one: it stops before this agent does, and when
+        this run ends (a restart starts without it)."""
+        return self._spawn_linked(target, name, self._cell)
 
     def stop(self) -> None:
         """Stop this agent after the current message (a normal exit; see restart types)."""
@@ -433,7 +503,13 @@ class Context:
         Monitoring an agent that does not exist delivers the event at once with reason
         ``"noproc"`` (as Erlang does).
         """
-        self._kernel._monitor(self.id, address_of(target))
+        address = address_of(target)
+        node = self._router.find(address)
+        ledger = self._router.ledger
+        if node is None or node.retired:
+            ledger.notify_noproc(self.id, address)
+        else:
+            ledger.watch(self.id, node.id)
 
     async def run_sync(self, fn: Callable[..., _T], *args: Any) -> _T:
         """Run a blocking function in a worker thread, bounded by ``[runtime]`` limits.
@@ -441,5 +517,5 @@ class Context:
         Cancelling the handler abandons the thread (its result is discarded).
         """
         return await trio.to_thread.run_sync(
-            fn, *args, limiter=self._kernel._thread_limiter, abandon_on_cancel=True
+            fn, *args, limiter=self._limiter, abandon_on_cancel=True
         )

@@ -2,15 +2,17 @@
 
 A cell outlives the runs of its agent: a restart starts a new run (fresh behaviour,
 ``on_start`` again) on the same cell, so the id, the name, the mailbox and the counters
-are kept. The serve loop drains the mailbox in batches of ``batch_size`` messages,
-with a schedule point between batches, and calls the handler for one message at a
-time.
+are kept. Each run is one task in the supervisor's nursery that opens the agent's own
+nursery (``ctx.nursery``): background work lives and dies with the run, and a background
+task that raises fails the agent, through Trio. The serve loop drains the mailbox in
+batches of ``batch_size`` messages, with a schedule point between batches, and calls the
+handler for one message at a time.
 
-Handle timeouts cost nothing for handlers that never suspend: the serve loop runs in
-one cancel scope without a deadline, the handler's coroutine is first stepped by hand,
-and only if it suspends does the scope get the message's deadline (a Trio timer costs
-about 2-5 us here, more than the rest of the per-message work together). A timeout
-cancels that scope; the loop dead-letters the message and goes on in a new scope.
+Handle timeouts cost nothing for handlers that never suspend: the serve loop runs in one
+cancel scope without a deadline, the handler's coroutine is first stepped by hand, and
+only if it suspends does the scope get the message's deadline (a Trio timer costs more
+than the rest of the per-message work together). A timeout cancels that scope; the loop
+dead-letters the message and goes on in a new scope.
 """
 
 from __future__ import annotations
@@ -19,23 +21,23 @@ import logging
 import math
 import types
 from collections.abc import Callable, Coroutine, Generator
-from time import time_ns
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from ._agent import AgentSpec, Behaviour, Context
-from ._background import BackgroundTasks
+from ._child import Child, Directive, log_extra
 from ._deadletter import DeadLetterReason
 from ._errors import MessageFailed
-from ._mailbox import Mailbox
-from ._message import Message
-from ._supervisor import Child, log_extra
+from ._events import EventKind
+from ._mailbox import HighWater, Mailbox
+from ._message import Message, MessageKind
+from ._router import KernelPhase, Router
 
 if TYPE_CHECKING:
-    from ._kernel import Kernel
+    from ._agent import AgentSpec, Behaviour, Context
+    from ._ledger import Ledger
 
-log = logging.getLogger("nexus_trio.agent")
+log: Final = logging.getLogger("nexus_trio.agent")
 
 
 @types.coroutine
@@ -64,177 +66,238 @@ class _HandlerFailed(Exception):
         self.error = error
 
 
+def _first_failure(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The first exception of a nursery's group that is not a cancellation."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_failure(exc)
+            if found is not None:
+                return found
+        elif not isinstance(exc, trio.Cancelled):
+            return exc
+    return None
+
+
 class AgentCell(Child):
     """One agent address and everything that survives its restarts."""
 
+    is_agent = True
+
     __slots__ = (
-        "_background_failure",
-        "_drain_before_exit",
-        "_exit_requested",
-        "_handler_cancel_reason",
+        "_activate",
+        "_cancel_reason",
+        "_failure",
+        "_held",
         "_loop_scope",
+        "_release",
         "_suspended",
-        "background",
+        "batch",
         "cancel_after_grace",
         "ctx",
         "current",
         "dead_lettered",
+        "drain_before_exit",
         "drain_on_stop",
+        "exit_requested",
         "failed",
         "handle_timeout",
         "handled",
-        "kernel",
+        "interrupted",
         "lazy",
+        "ledger",
         "mailbox",
+        "nursery",
         "overflow",
+        "parked",
         "received",
+        "router",
         "spec",
         "timed_out",
     )
 
-    def __init__(self, kernel: Kernel, spec: AgentSpec, agent_id: Any, name: str | None) -> None:
-        config = kernel.config.kernel
+    def __init__(
+        self,
+        spec: AgentSpec,
+        agent_id: Any,
+        name: str | None,
+        *,
+        high_water: HighWater,
+        router: Router,
+        ledger: Ledger,
+        defaults: Any,
+        make_context: Callable[[AgentCell], Context],
+    ) -> None:
         self._init_child(
             agent_id,
             name,
             spec.restart,
-            spec.shutdown_timeout if spec.shutdown_timeout is not None else config.shutdown_grace,
+            spec.shutdown_timeout if spec.shutdown_timeout is not None else defaults.shutdown_grace,
         )
         # Without an explicit shutdown_timeout, a kernel shutdown that has already spent
         # its grace period cancels the agent at once instead of granting a second grace.
         self.cancel_after_grace = spec.shutdown_timeout is None
-        self.kernel = kernel
+        self.router = router
+        self.ledger = ledger
         self.spec = spec
         self.lazy = spec.starts_lazily
-        self.mailbox = Mailbox(spec.mailbox_capacity or config.mailbox_capacity)
-        self.overflow = spec.overflow or config.overflow
-        self.handle_timeout: float = spec.handle_timeout or config.handle_timeout
-        self.ctx = Context(kernel, self, agent_id, name)
+        self.mailbox = Mailbox(spec.mailbox_capacity or defaults.mailbox_capacity, high_water)
+        self.overflow = spec.overflow or defaults.overflow
+        self.handle_timeout: float = spec.handle_timeout or defaults.handle_timeout
+        self.batch: int = defaults.batch_size
         self.current: Message | None = None
-        self.background: BackgroundTasks | None = None
-        self._background_failure: BaseException | None = None
+        self.nursery: trio.Nursery | None = None
         self.received = 0
         self.handled = 0
         self.failed = 0
         self.timed_out = 0
         self.dead_lettered = 0
-        self._exit_requested = False
-        self._drain_before_exit = False
+        #: one flag checked per message; the reasons are below
+        self.interrupted = False
+        self.exit_requested = False
+        self.drain_before_exit = False
         #: set by ``kernel.stop(..., drain=True)``: handle what is queued before stopping
         self.drain_on_stop = False
+        self._held = False
+        self._release: trio.Event | None = None
+        #: parked in ``mailbox.receive()`` (a wake is a ``None`` sent to it)
+        self.parked = False
         self._loop_scope: trio.CancelScope | None = None
         self._suspended = False
-        self._handler_cancel_reason: DeadLetterReason | None = None
+        self._cancel_reason: DeadLetterReason | None = None
+        self._failure: BaseException | None = None
+        self._activate: Callable[[], None] | None = None
+        self.ctx = make_context(self)
 
-    # --- the child interface ----------------------------------------------------------------
+    # --- the child interface ----------------------------------------------------------
 
     def request_stop(self) -> None:
         self.request_exit(drain=self.drain_on_stop)
 
     def request_exit(self, *, drain: bool = False) -> None:
-        self._exit_requested = True
-        self._drain_before_exit = drain
-        self.mailbox.wake_consumer()
+        self.exit_requested = True
+        self.drain_before_exit = drain
+        self.interrupted = True
+        if self._release is not None:
+            self._release.set()
+        if self.parked:
+            self.parked = False
+            self.mailbox.wake_receiver()
+
+    def hold(self) -> None:
+        """The grace period is over: handle nothing more, wait to be stopped in order.
+
+        A handler still suspended is cancelled now if the agent has no shutdown timeout
+        of its own (its message is dead-lettered ``shutdown``).
+        """
+        self._held = True
+        self.interrupted = True
+        if self.parked:
+            self.parked = False
+            self.mailbox.wake_receiver()
+        if self.cancel_after_grace:
+            self.cancel_current(DeadLetterReason.SHUTDOWN)
 
     def cancel_current(self, reason: DeadLetterReason) -> bool:
         """Cancel the handler that is working on the current message, if it is suspended."""
         scope = self._loop_scope
         if scope is None or not self._suspended:
             return False
-        self._handler_cancel_reason = reason
+        self._cancel_reason = reason
         scope.cancel()
         return True
 
     def on_retired(self, reason: str) -> None:
-        self.mailbox.cancel_activation()
-        self.mailbox.close()
-
-    def background_tasks(self) -> BackgroundTasks:
-        """The task group of the current run (``ctx.nursery``), created on first use."""
-        if self.background is None:
-            supervisor = self.supervisor
-            if supervisor is None or supervisor._nursery is None or not self.running:
-                raise RuntimeError(f"agent {self.label} is not running: no background tasks")
-            self.background = BackgroundTasks(supervisor._nursery, self._background_failed)
-        return self.background
-
-    def _background_failed(self, error: BaseException) -> None:
-        log.error(
-            "background task of agent %s failed",
-            self.label,
-            exc_info=error,
-            extra=log_extra(self),
+        self._activate = None
+        self.dormant = False
+        dl_reason = (
+            DeadLetterReason.SHUTDOWN if reason == "shutdown" else DeadLetterReason.AGENT_STOPPED
         )
-        # End the run; the supervisor sees the failure (see take_failure).
-        self._background_failure = error
-        if self.scope is not None:
-            self.scope.cancel()
+        self.router.discard_queued(
+            self.mailbox.close(), dl_reason, self, f"agent stopped ({reason})"
+        )
 
     def take_failure(self) -> BaseException | None:
-        failure, self._background_failure = self._background_failure, None
+        failure, self._failure = self._failure, None
         return failure
 
     def stops_quietly(self) -> bool:
         return self.spec.stops_quietly
 
+    def starts_quietly(self) -> bool:
+        return self.lazy
+
     def start_dormant(self, activate: Callable[[], None]) -> bool:
-        if not self.lazy or self.mailbox.queue:
+        if not self.lazy or self.mailbox.depth:
             return False
-        self.mailbox.activate_on_put(activate)
+        self._activate = activate
         return True
+
+    def wake(self) -> None:
+        """The first message arrived for a dormant agent: start its run now."""
+        activate = self._activate
+        if activate is not None:
+            self._activate = None
+            activate()
+
+    # --- a run --------------------------------------------------------------------------
 
     async def run_once(self) -> None:
         """One run: fresh behaviour, ``on_start``, serve until asked to exit, ``on_stop``."""
-        self._exit_requested = self.terminating
+        self.exit_requested = self.terminating
+        self.interrupted = self.terminating or self._held
+        self.exit_directive = None
+        self._failure = None
         behaviour: Behaviour = self.spec.factory()
         ctx = self.ctx
         failure: BaseException | None = None
-        self.background = None
-        self._background_failure = None
-        if True:  # one block for the run, like the nursery it replaces
+        try:
             try:
-                await behaviour.on_start(ctx)
-                self.signal_started()
-                self.kernel._lifecycle_started(self)
-                await self._serve(behaviour)
-            except _HandlerFailed as exc:
-                failure = exc.error
-            except Exception as exc:
-                failure = exc
-                log.error(
-                    "agent %s failed outside a handler",
-                    self.label,
-                    exc_info=exc,
-                    extra=log_extra(self),
-                )
-            finally:
-                current = self.current
-                if current is not None:
-                    # Cancelled from outside (stop past its timeout, shutdown) mid-handler.
-                    self.current = None
-                    self.kernel._dead_letter(
-                        current,
-                        DeadLetterReason.SHUTDOWN
-                        if self.kernel._stopping
-                        else DeadLetterReason.AGENT_STOPPED,
-                        self.id,
-                        detail="cancelled while being handled",
+                async with trio.open_nursery() as nursery:
+                    self.nursery = nursery
+                    await behaviour.on_start(ctx)
+                    self.signal_started()
+                    self.ledger.event(EventKind.STARTED, self.id, self.name)
+                    await self._serve(behaviour)
+                    # The run is over: its background work ends with it.
+                    nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                failure = _first_failure(group)
+                if failure is None:
+                    raise
+                if not isinstance(failure, Exception):
+                    raise
+                if isinstance(failure, _HandlerFailed):
+                    failure = failure.error
+                else:
+                    log.error(
+                        "agent %s failed outside a handler",
+                        self.label,
+                        exc_info=failure,
+                        extra=log_extra(self),
                     )
-                with trio.CancelScope(shield=True) as scope:
-                    if math.isfinite(self.shutdown_timeout):
-                        scope.deadline = trio.current_time() + max(self.shutdown_timeout, 0.001)
-                    try:
-                        await behaviour.on_stop(ctx)
-                    except Exception:
-                        log.exception(
-                            "on_stop of agent %s raised",
-                            self.label,
-                            extra=log_extra(self),
-                        )
-                background = self.background
-                if background is not None:
-                    self.background = None
-                    await background.aclose(1.0)
+        finally:
+            self.nursery = None
+            current = self.current
+            if current is not None:
+                # Cancelled from outside (stop past its timeout, shutdown) or by a failing
+                # background task, mid-handler.
+                self.current = None
+                self.ledger.dead_letter(
+                    current,
+                    DeadLetterReason.SHUTDOWN
+                    if self.router.phase >= KernelPhase.STOPPING
+                    else DeadLetterReason.AGENT_STOPPED,
+                    self.id,
+                    self.name,
+                    detail="cancelled while being handled",
+                )
+            with trio.CancelScope(shield=True) as scope:
+                if math.isfinite(self.shutdown_timeout):
+                    scope.deadline = trio.current_time() + max(self.shutdown_timeout, 0.001)
+                try:
+                    await behaviour.on_stop(ctx)
+                except Exception:
+                    log.exception("on_stop of agent %s raised", self.label, extra=log_extra(self))
         if failure is not None:
             raise failure
 
@@ -244,18 +307,20 @@ class AgentCell(Child):
             with trio.CancelScope() as scope:
                 self._loop_scope = scope
                 await self._serve_in(scope, behaviour)
+                self._loop_scope = None
                 return
             # Only a handler deadline or a request timeout cancels this scope.
+            self._loop_scope = None
             msg = self.current
             self.current = None
             self._suspended = False
-            reason = self._handler_cancel_reason or DeadLetterReason.HANDLER_TIMEOUT
-            self._handler_cancel_reason = None
+            reason = self._cancel_reason or DeadLetterReason.HANDLER_TIMEOUT
+            self._cancel_reason = None
             if msg is None:
                 continue
             if reason is DeadLetterReason.HANDLER_TIMEOUT:
                 self.timed_out += 1
-                self.kernel._timed_out += 1
+                self.ledger.timed_out += 1
                 log.warning(
                     "handler of agent %s timed out after %gs on message %s",
                     self.label,
@@ -263,35 +328,54 @@ class AgentCell(Child):
                     msg.id,
                     extra=log_extra(self, msg),
                 )
-            self.kernel._dead_letter(msg, reason, self.id)
+            self.dead_lettered += 1
+            self.ledger.dead_letter(msg, reason, self.id, self.name)
+
+    async def _wait_for_release(self) -> None:
+        """Held after the grace period: nothing more is handled until the stop comes."""
+        if self.exit_requested:
+            return
+        self._release = trio.Event()
+        await self._release.wait()
 
     async def _serve_in(self, scope: trio.CancelScope, behaviour: Behaviour) -> None:
-        kernel = self.kernel
+        router = self.router
+        ledger = self.ledger
         mailbox = self.mailbox
-        queue = mailbox.queue
-        popleft = queue.popleft
+        take = mailbox.take
         handler = behaviour.handle
         ctx = self.ctx
-        now = kernel._now
-        batch = kernel._batch_size
+        now = ledger.now
+        batch = self.batch
         timeout = self.handle_timeout
-        latency = kernel._handle_latency
+        query = MessageKind.QUERY
+        # A message handed to us while we were parked: it is ours, handled first.
+        got: Message | None = None
         while True:
-            if not queue:
-                if self._exit_requested:
-                    return
-                if kernel._draining:
-                    kernel._check_drained()
-                await mailbox.wait_nonempty()
-                continue
-            if self._exit_requested and not self._drain_before_exit:
-                return
             n = batch
-            while queue and n:
+            while n:
+                if got is not None:
+                    msg = got
+                    got = None
+                    if self._held:
+                        self._dead_after_grace(msg)
+                        continue
+                else:
+                    if self.interrupted:
+                        if self._held:
+                            await self._wait_for_release()
+                            return
+                        if self.exit_requested and not (self.drain_before_exit and mailbox.depth):
+                            return
+                    try:
+                        msg = take()
+                    except trio.WouldBlock:
+                        break
                 n -= 1
-                msg = popleft()
-                if mailbox._waiting:
-                    mailbox.room_freed()
+                if msg.kind is query and router.query_expired(msg):
+                    self.dead_lettered += 1
+                    router.discard_queued([msg], DeadLetterReason.REQUEST_TIMEOUT, self, "")
+                    continue
                 self.current = msg
                 start = now()
                 try:
@@ -312,44 +396,79 @@ class AgentCell(Child):
                             scope.deadline = math.inf
                 except MessageFailed as exc:
                     # This message failed, the agent did not: go on with the next one.
-                    self.current = None
-                    self.failed += 1
-                    kernel._failed += 1
-                    kernel._dead_letter(
-                        msg, exc.reason or DeadLetterReason.HANDLER_ERROR, self.id, error=exc
-                    )
-                    log.warning(
-                        "agent %s failed message %s: %s",
-                        self.label,
-                        msg.id,
-                        exc.detail,
-                        extra=log_extra(self, msg),
-                    )
+                    self._message_failed(msg, exc)
                     continue
                 except Exception as exc:
-                    self.current = None
-                    self.failed += 1
-                    kernel._failed += 1
-                    kernel._dead_letter(msg, DeadLetterReason.HANDLER_ERROR, self.id, error=exc)
-                    log.error(
-                        "handler of agent %s failed on message %s",
-                        self.label,
-                        msg.id,
-                        exc_info=exc,
-                        extra=log_extra(self, msg),
-                    )
-                    raise _HandlerFailed(exc) from exc
+                    self._handler_raised(msg, exc)
+                    continue
                 self.current = None
                 self.handled += 1
-                kernel._handled += 1
-                if not kernel._handled & 7:
+                ledger.handled += 1
+                if not ledger.handled & 7:
                     # Sampled one message in eight kernel-wide (agents that handle few
                     # messages are seen too): recording costs more than a no-op handler.
-                    latency.record(now() - start)
-                    kernel._queue_wait.record((time_ns() // 1000 - msg.timestamp) / 1e6)
+                    ledger.record_latency(start, msg)
                 if result is not None:
-                    await kernel._route_result(self, msg, result)
-                if self._exit_requested and not self._drain_before_exit:
-                    return
-            if queue:
+                    await router.route_result(self.id, msg, result)
+            else:
+                # A full batch: let the others run before the next one.
                 await trio.lowlevel.checkpoint()
+                continue
+            # The mailbox is empty.
+            if self.interrupted:
+                if self._held:
+                    await self._wait_for_release()
+                    return
+                if self.exit_requested:
+                    return
+            if router.phase is KernelPhase.DRAINING:
+                router.check_drained()
+            self.parked = True
+            try:
+                got = await mailbox.receive()
+            finally:
+                self.parked = False
+
+    def _dead_after_grace(self, msg: Message) -> None:
+        self.dead_lettered += 1
+        self.ledger.dead_letter(
+            msg, DeadLetterReason.SHUTDOWN, self.id, self.name, detail="after the grace period"
+        )
+
+    def _message_failed(self, msg: Message, exc: MessageFailed) -> None:
+        self.current = None
+        self.failed += 1
+        self.ledger.failed += 1
+        self.dead_lettered += 1
+        reason = exc.reason if isinstance(exc.reason, DeadLetterReason) else None
+        self.ledger.dead_letter(
+            msg, reason or DeadLetterReason.HANDLER_ERROR, self.id, self.name, error=exc
+        )
+        log.warning(
+            "agent %s failed message %s: %s",
+            self.label,
+            msg.id,
+            exc.detail,
+            extra=log_extra(self, msg),
+        )
+
+    def _handler_raised(self, msg: Message, exc: Exception) -> None:
+        """Dead-letter, count and log; then resume, or end the run per the directive."""
+        self.current = None
+        self.failed += 1
+        self.ledger.failed += 1
+        self.dead_lettered += 1
+        self.ledger.dead_letter(msg, DeadLetterReason.HANDLER_ERROR, self.id, self.name, error=exc)
+        directive = self.spec.directive_for(exc)
+        log.error(
+            "handler of agent %s failed on message %s (%s)",
+            self.label,
+            msg.id,
+            directive.value,
+            exc_info=exc,
+            extra=log_extra(self, msg),
+        )
+        if directive is Directive.RESUME:
+            return
+        self.exit_directive = directive
+        raise _HandlerFailed(exc) from exc

@@ -222,6 +222,14 @@ class SupervisionConfig:
         validator=_at_least(0),
         metadata=_doc("a child running this long without failing starts from initial again"),
     )
+    escalate_to_kernel: bool = attrs.field(
+        default=False,
+        validator=attrs.validators.instance_of(bool),
+        metadata=_doc(
+            "what the root does with a child past its restart intensity: false stops that "
+            "child for good and keeps serving the others; true shuts the kernel down (OTP)"
+        ),
+    )
 
 
 @attrs.frozen

@@ -1,88 +1,50 @@
-"""The kernel: root nursery, registry, routing, send/request/spawn/stop and shutdown.
+"""The kernel: a root nursery over a supervision tree, a router and a ledger.
 
-``async with open_kernel(config) as kernel:`` runs a root supervisor in a nursery;
+``async with open_kernel(config) as kernel:`` runs the root supervisor in a nursery;
 leaving the block shuts the kernel down gracefully: new sends from outside are refused,
-agents drain their mailboxes within ``shutdown_grace``, then the supervision tree is
-stopped children-before-parents in reverse start order, and every message that was
-still undelivered is dead-lettered. Routing is one dict lookup by id or by name.
+agents drain their mailboxes within ``shutdown_grace``, then nothing more is handled
+and the supervision tree is stopped children-before-parents in reverse start order, and
+every message that was still undelivered is dead-lettered.
+
+The kernel itself is small: the :class:`~nexus_trio._router.Router` owns addresses,
+delivery and requests, the :class:`~nexus_trio._ledger.Ledger` owns counters, dead
+letters and events, and supervisors and agents get only the narrow parts they need.
+Shutdown is one :class:`~nexus_trio._router.KernelPhase`.
 
 Accounting: every message the kernel *accepts* (enqueued, evicted, or taken from a
-handler to be routed) ends as handled, as a delivered reply, or as a dead letter; a
-send refused with an exception is *rejected* (the caller still holds the message) and
-counted apart. ``stats()`` shows both.
+handler to be routed) ends as handled, as a delivered reply, as forwarded to a remote
+kernel, or as a dead letter; a send refused with an exception is *rejected* (the caller
+still holds the message) and counted apart. ``stats()`` shows both, in O(1).
 """
 
 from __future__ import annotations
 
-import heapq
 import logging
-import math
 import random
-import time
 import uuid
-from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Final, final
+from typing import Any, final
 
 import trio
 
-from ._agent import AgentRef, AgentSpec, Handler, address_of, as_spec, log_fields
+from ._agent import AgentRef, AgentSpec, Context, Handler, address_of, as_spec
 from ._cell import AgentCell
-from ._config import Config, OverflowPolicy
-from ._deadletter import DeadLetter, DeadLetterReason
-from ._errors import (
-    AgentNotFound,
-    KernelShuttingDown,
-    MailboxFull,
-    NameTaken,
-    RequestFailed,
-    RequestTimeout,
-    SupervisorEscalation,
-    TransportUnavailable,
-)
+from ._child import Child
+from ._config import Config
+from ._deadletter import DeadLetter
+from ._errors import AgentNotFound, KernelShuttingDown, SupervisorEscalation
 from ._events import EventKind, LifecycleEvent
+from ._ledger import Ledger
+from ._mailbox import MailboxStatistics
 from ._message import SYSTEM_ID, Address, Message, MessageKind, new_id
-from ._stats import AgentStats, Histogram, KernelStats
-from ._streams import Broadcast, Subscription
-from ._supervisor import (
-    Child,
-    Supervisor,
-    SupervisorNode,
-    _Escalation,
-    log_extra,
-)
+from ._router import KernelPhase, Router, TransportHandle
+from ._stats import AgentStats, KernelStats
+from ._streams import Subscription
+from ._supervisor import Backoff, SupervisionHost, Supervisor, SupervisorNode, _Escalation
 from ._transport import Transport
 
 log = logging.getLogger("nexus_trio.kernel")
-dead_letter_log = logging.getLogger("nexus_trio.dead_letters")
-
-_LATE_MEMORY: Final = 4096
-
-
-@final
-class _Pending:
-    """A request waiting for its reply."""
-
-    __slots__ = ("error", "event", "reply")
-
-    def __init__(self) -> None:
-        self.event = trio.Event()
-        self.reply: Message | None = None
-        self.error: BaseException | None = None
-
-    def resolve(self, reply: Message) -> None:
-        self.reply = reply
-        self.event.set()
-
-    def fail(self, error: BaseException) -> None:
-        if not self.event.is_set():
-            self.error = error
-            self.event.set()
-
-    def expire(self) -> None:
-        """The deadline passed: wake the requester with neither reply nor error."""
-        self.event.set()
 
 
 @final
@@ -92,53 +54,18 @@ class Kernel:
     def __init__(self, config: Config, *, seed: int | None = None) -> None:
         self.config = config
         kc = config.kernel
-        self._rng = random.Random(seed)
-        self._batch_size = kc.batch_size
-        self._send_timeout = kc.send_timeout
-        self._routes: dict[Address, AgentCell] = {}
-        self._nodes: dict[uuid.UUID, Child] = {}
-        self._names: dict[str, Child] = {}
-        self._pending: dict[uuid.UUID, _Pending] = {}
-        # One timer for every pending request instead of a cancel scope per request:
-        # a heap of (deadline, sequence, pending) watched by _request_timer.
-        self._request_deadlines: list[tuple[float, int, _Pending]] = []
-        self._request_seq = 0
-        self._timer_scope: trio.CancelScope | None = None
-        self._late: deque[uuid.UUID] = deque()
-        self._late_set: set[uuid.UUID] = set()
-        self._monitors: dict[uuid.UUID, set[uuid.UUID]] = {}
-        self._accepted = 0
-        self._handled = 0
-        self._replies = 0
-        self._forwarded = 0
-        self._transport: Transport | None = None
-        self._failed = 0
-        self._timed_out = 0
-        self._dead = 0
-        self._restarts = 0
-        self._dead_by_reason: Counter[str] = Counter()
-        self._rejected: Counter[str] = Counter()
-        self._handle_latency = Histogram()
-        self._queue_wait = Histogram()
-        self._dead_letters: Broadcast[DeadLetter] = Broadcast(kc.dead_letter_buffer)
-        self._events: Broadcast[LifecycleEvent] = Broadcast(256)
+        self._ledger = Ledger(kc.dead_letter_buffer)
+        self._router = Router(self._ledger, kc.send_timeout)
         self._thread_limiter = trio.CapacityLimiter(config.runtime.blocking_thread_limit)
-        self._now: Callable[[], float] = time.perf_counter
-        self._accepting = True
-        self._accepting_internal = True
-        self._draining = False
-        self._stopping = False
-        self._drained = trio.Event()
-        self._shutdown_started = False
-        self._shutdown_finished = trio.Event()
-        self._body_scope = trio.CancelScope()
-        self._root_done = trio.Event()
-        self._escalation: SupervisorEscalation | None = None
         sup = config.supervision
-        from ._supervisor import Backoff
-
+        self._host = SupervisionHost(
+            self._router,
+            self._ledger,
+            random.Random(seed),
+            escalate_to_kernel=sup.escalate_to_kernel,
+        )
         self._root = SupervisorNode(
-            self,
+            self._host,
             Supervisor(
                 strategy=sup.strategy,
                 max_restarts=sup.max_restarts,
@@ -151,15 +78,20 @@ class Kernel:
                 ),
             ),
             "root",
+            root=True,
         )
-        self._nodes[self._root.id] = self._root
+        self._router.nodes[self._root.id] = self._root
+        self._shutdown_finished = trio.Event()
+        self._body_scope = trio.CancelScope()
+        self._root_done = trio.Event()
+        self._escalation: SupervisorEscalation | None = None
 
     # --- lifecycle of the kernel -----------------------------------------------------------
 
     async def _run_root(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        self._now = trio.lowlevel.current_clock().current_time
+        self._ledger.now = trio.lowlevel.current_clock().current_time
         root = self._root
         root.run = 1
         root.running = True
@@ -175,61 +107,63 @@ class Kernel:
             root.running = False
             self._root_done.set()
 
+    @property
+    def phase(self) -> KernelPhase:
+        """Where the kernel is in its lifecycle (running, draining, stopping, stopped)."""
+        return self._router.phase
+
     async def shutdown(self, grace: float | None = None) -> None:
         """Shut down gracefully; idempotent, and safe to call from inside an agent's task.
 
         1. refuse new sends and spawns from outside (``KernelShuttingDown``);
         2. let agents drain their mailboxes for up to ``grace`` seconds (default
            ``shutdown_grace``); messages agents send to each other are still accepted;
-        3. stop the supervision tree: children before parents, reverse start order,
-           each within its ``shutdown_timeout``, then cancelled; ``on_stop`` runs;
+        3. then nothing more is handled: handlers still running are cancelled (unless
+           the agent has a ``shutdown_timeout`` of its own), and the supervision tree is
+           stopped children before parents, reverse start order, each within its
+           ``shutdown_timeout``; ``on_stop`` runs;
         4. dead-letter every message still undelivered (reason ``shutdown``), fail
            pending requests, end the dead-letter and event streams.
 
         The shutdown itself is shielded from outside cancellation; it is bounded by the
         grace period and the shutdown timeouts.
         """
-        if self._shutdown_started:
+        router = self._router
+        if router.phase is not KernelPhase.RUNNING:
             await self._shutdown_finished.wait()
             return
-        self._shutdown_started = True
-        self._accepting = False
+        router.phase = KernelPhase.DRAINING
         if grace is None:
             grace = self.config.kernel.shutdown_grace
         with trio.CancelScope(shield=True):
-            self._draining = True
             with trio.move_on_after(grace):
-                while not self._is_drained():
-                    self._drained = trio.Event()
-                    await self._drained.wait()
-            self._draining = False
-            self._stopping = True
-            self._accepting_internal = False
+                await router.wait_drained()
+            router.phase = KernelPhase.STOPPING
+            for node in list(router.nodes.values()):
+                if isinstance(node, AgentCell) and node.running:
+                    node.hold()
             self._root.request_stop()
             await self._root_done.wait()
             self._root.retire_all("shutdown")
-            for pending in list(self._pending.values()):
-                pending.fail(KernelShuttingDown("request"))
-            self._dead_letters.finish()
-            self._events.finish()
+            router.fail_all_pending(lambda: KernelShuttingDown("request"))
+            self._ledger.finish_streams()
+            router.phase = KernelPhase.STOPPED
         self._shutdown_finished.set()
-
-    def _is_drained(self) -> bool:
-        return self._accepted == self._handled + self._replies + self._dead + self._forwarded
-
-    def _check_drained(self) -> None:
-        if self._is_drained():
-            self._drained.set()
 
     @property
     def shutting_down(self) -> bool:
         """True from the moment :meth:`shutdown` starts (sends from outside are refused)."""
-        return self._shutdown_started
+        return self._router.phase is not KernelPhase.RUNNING
 
     @property
     def stopping(self) -> bool:
         """True once the drain is over and the supervision tree is being stopped."""
-        return self._stopping
+        return self._router.phase >= KernelPhase.STOPPING
+
+    @property
+    def stopped(self) -> bool:
+        """True once shutdown has finished: nothing is in flight any more."""
+        return self._shutdown_finished.is_set()
 
     # --- spawning -----------------------------------------------------------------------------
 
@@ -246,94 +180,91 @@ class Kernel:
         Without ``supervisor`` the child goes under the kernel's root supervisor.
         Messages sent right after spawning are queued and handled after ``on_start``.
         """
-        parent_sup: SupervisorNode | None = None
-        if supervisor is not None:
-            node = self._nodes.get(supervisor.id)
-            if not isinstance(node, SupervisorNode):
-                raise AgentNotFound(supervisor.id)
-            parent_sup = node
-        return self._spawn(target, name=name, parent=None, supervisor=parent_sup)
-
-    def _spawn(
-        self,
-        target: Any,
-        *,
-        name: str | None,
-        parent: Child | None,
-        supervisor: SupervisorNode | None = None,
-    ) -> AgentRef:
-        if not self._accepting_internal or (parent is None and not self._accepting):
+        if self._router.phase is not KernelPhase.RUNNING:
             raise KernelShuttingDown("spawn")
-        node = self._build(target, name)
-        if parent is not None:
-            node.linked_parent = parent
-            parent.linked_children.append(node)
-            supervisor = supervisor or parent.supervisor
-        (supervisor or self._root).add(node)
-        return AgentRef(node.id, node.name)
+        owner = self._root
+        if supervisor is not None:
+            node = self._router.nodes.get(supervisor.id)
+            if not isinstance(node, SupervisorNode) or node.retired:
+                raise AgentNotFound(supervisor.id)
+            owner = node
+        child = self._build(target, name)
+        owner.add(child)
+        return AgentRef(child.id, child.name)
+
+    def _spawn_linked(self, target: Any, name: str | None, parent: Child) -> AgentRef:
+        """``ctx.spawn``: a sibling of ``parent`` that stops before it, and with its run."""
+        if self._router.phase >= KernelPhase.STOPPING:
+            raise KernelShuttingDown("spawn")
+        owner = parent.supervisor
+        if parent.retired or not isinstance(owner, SupervisorNode):
+            raise KernelShuttingDown("spawn")
+        child = self._build(target, name)
+        child.linked_parent = parent
+        parent.linked_children.append(child)
+        owner.add(child)
+        return AgentRef(child.id, child.name)
 
     def _build(self, target: Any, name: str | None) -> Child:
         if isinstance(target, Supervisor):
-            sup = SupervisorNode(self, target, name or target.name)
-            self._register(sup)
+            sup = SupervisorNode(self._host, target, name or target.name)
+            self._register(sup, agent=False)
             for child_target in target.children:
                 sup.add(self._build(child_target, None))
             return sup
         spec = as_spec(target)
         if name is not None:
             spec = spec.with_options(name=name)
-        cell = AgentCell(self, spec, new_id(), spec.name)
-        self._register(cell)
+        cell = AgentCell(
+            spec,
+            new_id(),
+            spec.name,
+            high_water=self._ledger.high_water,
+            router=self._router,
+            ledger=self._ledger,
+            defaults=self.config.kernel,
+            make_context=self._context_for,
+        )
+        self._register(cell, agent=True)
         return cell
 
-    def _register(self, node: Child) -> None:
-        if node.name is not None:
-            holder = self._names.get(node.name)
-            if holder is not None:
-                raise NameTaken(node.name, holder.id)
-            self._names[node.name] = node
-        self._nodes[node.id] = node
-        if isinstance(node, AgentCell):
-            self._routes[node.id] = node
-            if node.name is not None:
-                self._routes[node.name] = node
-        if self._events._subscribers:
-            self._publish_event(EventKind.SPAWNED, node)
+    def _context_for(self, cell: AgentCell) -> Context:
+        return Context(self, cell, self._router, self._spawn_linked, self._thread_limiter)
 
-    def _unroute(self, node: Child) -> None:
-        if isinstance(node, AgentCell):
-            self._routes.pop(node.id, None)
-            if node.name is not None and self._routes.get(node.name) is node:
-                del self._routes[node.name]
+    def _register(self, node: Child, *, agent: bool) -> None:
+        self._router.register(node, agent=agent)
+        self._ledger.event(EventKind.SPAWNED, node.id, node.name)
 
     def spawn_process(
-        self,
-        cmd: Sequence[str] | str,
-        *,
-        supervisor: AgentRef | None = None,
-        **options: Any,
+        self, cmd: Any, *, supervisor: AgentRef | None = None, **options: Any
     ) -> AgentRef:
-        """Start an agent written in any language as a child process (stdio bridge).
+        """Deprecated: use ``kernel.spawn(nexus_trio.bridges.process_agent(cmd, ...))``.
 
-        ``options`` are those of :func:`nexus_trio.bridges.process_agent` (``name``,
-        ``env``, ``cwd``, ``restart``, ``register_timeout``, ``line_limit``,
-        ``shutdown_grace``, ``handle_timeout``, ``mailbox_capacity``, ...). The bridge is
-        imported here, on use, so the core does not depend on it.
+        Kept as a thin alias so that programs written against 0.1 keep working; the
+        bridge is imported on use, so the core does not depend on it.
         """
+        import warnings
+
+        warnings.warn(
+            "Kernel.spawn_process is deprecated; use "
+            "kernel.spawn(nexus_trio.bridges.process_agent(cmd, ...))",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         from .bridges.process import process_agent
 
         return self.spawn(process_agent(cmd, **options), supervisor=supervisor)
 
     def lookup(self, name: str) -> AgentRef:
         """The address of the live agent or supervisor called ``name``."""
-        node = self._names.get(name)
+        node = self._router.names.get(name)
         if node is None:
             raise AgentNotFound(name)
         return AgentRef(node.id, node.name)
 
     def agents(self) -> list[AgentRef]:
         """Addresses of the live agents, in spawn order."""
-        return [AgentRef(n.id, n.name) for n in self._nodes.values() if isinstance(n, AgentCell)]
+        return [AgentRef(n.id, n.name) for n in self._router.nodes.values() if n.is_agent]
 
     # --- stopping one agent ---------------------------------------------------------------------
 
@@ -344,36 +275,23 @@ class Kernel:
         handled is finished (within the agent's ``shutdown_timeout``, then cancelled);
         with ``drain=True`` the messages already queued are handled first, otherwise
         they are dead-lettered (``agent_stopped``). ``on_stop`` runs. Agents it spawned
-        stop before it. Returns when it has stopped.
+        stop before it. Returns when it has stopped for good — also when something else
+        (a stop of its supervisor, the kernel's shutdown) stopped it meanwhile.
         """
         address = address_of(target)
-        node = self._names.get(address) if isinstance(address, str) else self._nodes.get(address)
+        node = self._router.find(address)
         if node is None or node.retired:
             raise AgentNotFound(address)
         if node is self._root:
             raise ValueError("the root supervisor is stopped by shutdown(), not stop()")
         if isinstance(node, AgentCell):
             node.drain_on_stop = drain
-        self._unroute(node)
-        sup = node.supervisor
-        assert sup is not None
-        await sup.terminate(node, "stopped")
+        self._router.unroute(node)
+        owner = node.supervisor
+        assert owner is not None
+        await owner.terminate(node, "stopped")
 
     # --- sending ------------------------------------------------------------------------------------
-
-    @staticmethod
-    def _make(
-        to: AgentRef | Address | Message,
-        payload: Any,
-        kind: MessageKind,
-        sender: uuid.UUID,
-        trace_id: uuid.UUID | None,
-    ) -> Message:
-        if isinstance(to, Message):
-            return to
-        return Message(
-            sender=sender, to=address_of(to), payload=payload, kind=kind, trace_id=trace_id
-        )
 
     async def send(
         self,
@@ -390,19 +308,21 @@ class Kernel:
         * room in the mailbox: enqueued without yielding (a cancelled caller gets
           ``Cancelled`` before anything is enqueued);
         * full: per the recipient's overflow policy; under ``block`` wait up to
-          ``send_timeout`` for room, then :class:`MailboxFull` (not enqueued);
+          ``send_timeout`` for room (in Trio's FIFO of blocked senders), then
+          :class:`MailboxFull` (not enqueued);
         * kernel shutting down: :class:`KernelShuttingDown`.
         """
-        msg = self._make(to, payload, kind, sender, trace_id)
-        if not self._accepting:
-            self._rejected["shutting_down"] += 1
-            raise KernelShuttingDown("send")
-        await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            await self._deliver(msg, wait=True)
-        except (AgentNotFound, MailboxFull) as exc:
-            self._count_rejection(exc)
-            raise
+        if isinstance(to, Message):
+            msg = to
+        else:
+            msg = Message(
+                sender=sender,
+                to=to.id if isinstance(to, AgentRef) else to,
+                payload=payload,
+                kind=kind,
+                trace_id=trace_id,
+            )
+        await self._router.send(msg, external=True)
         return msg
 
     def send_nowait(
@@ -416,225 +336,18 @@ class Kernel:
     ) -> Message:
         """Like :meth:`send` but never waits: a full mailbox raises :class:`MailboxFull` at once
         (``drop_newest``/``drop_oldest`` policies still accept and dead-letter)."""
-        msg = to if to.__class__ is Message else self._make(to, payload, kind, sender, trace_id)
-        if not self._accepting:
-            self._rejected["shutting_down"] += 1
-            raise KernelShuttingDown("send")
-        # The common case inline: a known recipient with room, not a reply.
-        if msg.reply_to is None:
-            cell = self._routes.get(msg.to)
-            if cell is not None and cell.mailbox.try_put(msg):
-                cell.received += 1
-                self._accepted += 1
-                return msg
-        try:
-            self._deliver_nowait(msg)
-        except (AgentNotFound, MailboxFull) as exc:
-            self._count_rejection(exc)
-            raise
+        if isinstance(to, Message):
+            msg = to
+        else:
+            msg = Message(
+                sender=sender,
+                to=to.id if isinstance(to, AgentRef) else to,
+                payload=payload,
+                kind=kind,
+                trace_id=trace_id,
+            )
+        self._router.send_nowait(msg, external=True)
         return msg
-
-    def _count_rejection(self, exc: Exception) -> None:
-        self._rejected["no_such_agent" if isinstance(exc, AgentNotFound) else "mailbox_full"] += 1
-
-    async def _send_from_agent(self, msg: Message) -> None:
-        if not self._accepting_internal:
-            self._rejected["shutting_down"] += 1
-            raise KernelShuttingDown("send")
-        await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            await self._deliver(msg, wait=True)
-        except (AgentNotFound, MailboxFull) as exc:
-            self._count_rejection(exc)
-            raise
-
-    def _send_nowait_from_agent(self, msg: Message) -> None:
-        if not self._accepting_internal:
-            self._rejected["shutting_down"] += 1
-            raise KernelShuttingDown("send")
-        try:
-            self._deliver_nowait(msg)
-        except (AgentNotFound, MailboxFull) as exc:
-            self._count_rejection(exc)
-            raise
-
-    def _deliver_special(self, msg: Message) -> bool:
-        """Replies to pending requests and late replies; True if ``msg`` was consumed."""
-        reply_to = msg.reply_to
-        if reply_to is None:
-            return False
-        pending = self._pending.pop(reply_to, None)
-        if pending is not None:
-            self._accepted += 1
-            self._replies += 1
-            pending.resolve(msg)
-            return True
-        if reply_to in self._late_set:
-            self._accepted += 1
-            self._dead_letter(
-                msg, DeadLetterReason.LATE_REPLY, msg.to, detail="the request had timed out"
-            )
-            return True
-        return False
-
-    def _deliver_nowait(self, msg: Message) -> AgentCell | None:
-        """Enqueue or apply the overflow policy without waiting.
-
-        Returns None when done, or the cell whose full mailbox needs a blocking wait
-        (raises :class:`MailboxFull` for ``reject``).
-        """
-        if msg.reply_to is not None and self._deliver_special(msg):
-            return None
-        cell = self._routes.get(msg.to)
-        if cell is None:
-            if self._transport is None:
-                raise AgentNotFound(msg.to)
-            self._transport.deliver_nowait(msg)
-            self._accepted += 1
-            self._forwarded += 1
-            return None
-        if cell.mailbox.try_put(msg):
-            cell.received += 1
-            self._accepted += 1
-            return None
-        policy = cell.overflow
-        if policy is OverflowPolicy.DROP_NEWEST:
-            cell.received += 1
-            self._accepted += 1
-            self._dead_letter(
-                msg, DeadLetterReason.MAILBOX_OVERFLOW, cell.id, detail="drop_newest: mailbox full"
-            )
-            return None
-        if policy is OverflowPolicy.DROP_OLDEST:
-            oldest = cell.mailbox.evict_oldest()
-            self._dead_letter(
-                oldest,
-                DeadLetterReason.MAILBOX_OVERFLOW,
-                cell.id,
-                detail="drop_oldest: evicted for a newer message",
-            )
-            cell.mailbox.force_put(msg)
-            cell.received += 1
-            self._accepted += 1
-            return None
-        raise MailboxFull(cell.id, cell.name, cell.mailbox.capacity, msg.id)
-
-    async def _deliver(self, msg: Message, *, wait: bool) -> None:
-        if msg.reply_to is not None and self._deliver_special(msg):
-            return
-        cell = self._routes.get(msg.to)
-        if cell is None:
-            if self._transport is None:
-                raise AgentNotFound(msg.to)
-            # The transport bounds its own wait by the send deadline (see Transport):
-            # a cancel scope per message here would cost more than the publish.
-            await self._transport.deliver(msg)
-            self._accepted += 1
-            self._forwarded += 1
-            return
-        if cell.mailbox.try_put(msg):
-            cell.received += 1
-            self._accepted += 1
-            return
-        if not wait or cell.overflow is not OverflowPolicy.BLOCK:
-            self._deliver_nowait(msg)
-            return
-        with trio.move_on_after(self._send_timeout):
-            try:
-                await cell.mailbox.put_waiting(msg)
-            except trio.ClosedResourceError:
-                raise AgentNotFound(msg.to) from None
-            cell.received += 1
-            self._accepted += 1
-            return
-        raise MailboxFull(cell.id, cell.name, cell.mailbox.capacity, msg.id)
-
-    async def _route(self, msg: Message) -> None:
-        """Deliver a message the kernel took responsibility for: never raises, dead-letters."""
-        if not self._accepting_internal:
-            self._accepted += 1
-            self._dead_letter(msg, DeadLetterReason.SHUTDOWN, msg.to, detail="kernel stopping")
-            return
-        try:
-            await self._deliver(msg, wait=True)
-        except AgentNotFound:
-            self._accepted += 1
-            reason = (
-                DeadLetterReason.UNROUTABLE_REPLY
-                if msg.kind is MessageKind.RESPONSE
-                else DeadLetterReason.NO_SUCH_AGENT
-            )
-            self._dead_letter(msg, reason, msg.to)
-        except MailboxFull:
-            self._accepted += 1
-            self._dead_letter(
-                msg,
-                DeadLetterReason.MAILBOX_FULL,
-                msg.to,
-                detail=f"still full after {self._send_timeout:g}s",
-            )
-        except TransportUnavailable as exc:
-            self._accepted += 1
-            self._dead_letter(
-                msg, DeadLetterReason.TRANSPORT_UNAVAILABLE, msg.to, detail=exc.detail
-            )
-
-    def _route_nowait(self, msg: Message) -> None:
-        if not self._accepting_internal:
-            self._accepted += 1
-            self._dead_letter(msg, DeadLetterReason.SHUTDOWN, msg.to, detail="kernel stopping")
-            return
-        try:
-            self._deliver_nowait(msg)
-        except AgentNotFound:
-            self._accepted += 1
-            self._dead_letter(msg, DeadLetterReason.NO_SUCH_AGENT, msg.to)
-        except MailboxFull:
-            self._accepted += 1
-            self._dead_letter(msg, DeadLetterReason.MAILBOX_FULL, msg.to)
-        except TransportUnavailable as exc:
-            self._accepted += 1
-            self._dead_letter(
-                msg, DeadLetterReason.TRANSPORT_UNAVAILABLE, msg.to, detail=exc.detail
-            )
-
-    async def _route_result(self, cell: AgentCell, msg: Message, result: Any) -> None:
-        """A handler returned something: a Message is routed, anything else answers the sender."""
-        out = result if isinstance(result, Message) else msg.reply(cell.id, result)
-        await self._route(out)
-
-    # --- remote kernels ------------------------------------------------------------------------
-
-    def attach_transport(self, transport: Transport) -> None:
-        """Route messages for non-local addresses through ``transport`` (one per kernel)."""
-        if self._transport is not None:
-            raise RuntimeError("a transport is already attached to this kernel")
-        self._transport = transport
-
-    def detach_transport(self) -> None:
-        self._transport = None
-
-    def is_local(self, address: AgentRef | Address) -> bool:
-        """True if ``address`` names an agent of this kernel."""
-        return address_of(address) in self._routes
-
-    async def deliver_from_remote(self, msg: Message) -> None:
-        """Deliver a message that a transport received from a remote kernel.
-
-        Local delivery rules apply (``AgentNotFound``, ``MailboxFull`` after the send
-        deadline, ``KernelShuttingDown``); a reply to a pending local request resolves
-        it. Messages for addresses that are not local are *not* forwarded again.
-        """
-        if not self._accepting_internal:
-            raise KernelShuttingDown("remote delivery")
-        if msg.reply_to is not None and self._deliver_special(msg):
-            await trio.lowlevel.checkpoint()
-            return
-        if msg.to not in self._routes:
-            raise AgentNotFound(msg.to)
-        await self._deliver(msg, wait=True)
-
-    # --- request/reply -------------------------------------------------------------------------
 
     async def request(
         self,
@@ -649,141 +362,66 @@ class Kernel:
 
         Raises :class:`RequestTimeout` after ``timeout`` seconds (default
         ``request_timeout``) — and then cancels the handler still working on the query,
-        or takes the query out of the mailbox if it was not started (dead letter
+        or skips the query in the mailbox if it was not started (dead letter
         ``request_timeout``). :class:`RequestFailed` if the query was dead-lettered
         (e.g. its handler raised), :class:`AgentNotFound` / :class:`MailboxFull` /
         :class:`KernelShuttingDown` as for :meth:`send`.
         """
-        if not self._accepting:
-            self._rejected["shutting_down"] += 1
-            raise KernelShuttingDown("request")
-        reply = await self._request(
-            address_of(to), payload, timeout=timeout, sender=sender, trace_id=trace_id
+        query = Message(
+            sender=sender,
+            to=address_of(to),
+            payload=payload,
+            kind=MessageKind.QUERY,
+            trace_id=trace_id,
         )
+        reply = await self._router.request(query, self._request_timeout(timeout), external=True)
         return reply.payload
 
-    async def _request(
-        self,
-        to: Address,
-        payload: Any,
-        *,
-        timeout: float | None,
-        sender: uuid.UUID,
-        trace_id: uuid.UUID | None,
-    ) -> Message:
+    def _request_timeout(self, timeout: float | None) -> float:
         if timeout is None:
-            timeout = self.config.kernel.request_timeout
+            return self.config.kernel.request_timeout
         if not timeout > 0:
             raise ValueError(f"request timeout must be > 0 seconds, got {timeout!r}")
-        if not self._accepting_internal:
-            raise KernelShuttingDown("request")
-        query = Message(
-            sender=sender, to=to, payload=payload, kind=MessageKind.QUERY, trace_id=trace_id
-        )
-        pending = _Pending()
-        self._pending[query.id] = pending
-        deadline = trio.current_time() + timeout
-        self._request_seq += 1
-        heapq.heappush(self._request_deadlines, (deadline, self._request_seq, pending))
-        timer = self._timer_scope
-        if timer is not None and deadline < timer.deadline:
-            timer.deadline = deadline
-        enqueued = False
-        try:
-            cell = self._routes.get(query.to)
-            try:
-                if cell is not None and cell.mailbox.has_room():
-                    await self._deliver(query, wait=True)  # enqueued without waiting
-                    enqueued = True
-                else:
-                    # It may wait for room: not past the request's own deadline.
-                    with trio.move_on_after(timeout):
-                        await self._deliver(query, wait=True)
-                        enqueued = True
-            except (AgentNotFound, MailboxFull) as exc:
-                self._count_rejection(exc)
-                raise
-            if enqueued:
-                await pending.event.wait()
-        finally:
-            self._pending.pop(query.id, None)
-        if pending.reply is not None:
-            return pending.reply
-        if pending.error is not None:
-            raise pending.error
-        if enqueued:
-            self._expire(query)
-        raise RequestTimeout(query.id, to, timeout)
+        return timeout
 
-    async def _request_timer(self) -> None:
-        """Expire pending requests at their deadlines (runs for the kernel's lifetime)."""
-        heap = self._request_deadlines
-        while True:
-            now = trio.current_time()
-            while heap and (heap[0][2].event.is_set() or heap[0][0] <= now):
-                heapq.heappop(heap)[2].expire()
-            with trio.CancelScope() as scope:
-                scope.deadline = heap[0][0] if heap else math.inf
-                self._timer_scope = scope
-                await trio.sleep_forever()
-            self._timer_scope = None
+    # --- remote kernels ------------------------------------------------------------------------
 
-    def _expire(self, query: Message) -> None:
-        """A request timed out: cancel the handler working on it, or unqueue it."""
-        self._late.append(query.id)
-        self._late_set.add(query.id)
-        if len(self._late) > _LATE_MEMORY:
-            self._late_set.discard(self._late.popleft())
-        cell = self._routes.get(query.to)
-        if cell is None:
-            return
-        if cell.current is query:
-            cell.cancel_current(DeadLetterReason.REQUEST_TIMEOUT)
-        elif cell.mailbox.remove(query):
-            self._dead_letter(
-                query,
-                DeadLetterReason.REQUEST_TIMEOUT,
-                cell.id,
-                detail="the requester stopped waiting before it was handled",
-            )
+    def attach_transport(self, transport: Transport) -> TransportHandle:
+        """Route messages for non-local addresses through ``transport`` (one per kernel).
 
-    # --- dead letters ----------------------------------------------------------------------------
+        Returns the transport's handle into the kernel: ``handle.deliver(msg)`` for
+        messages from remote kernels, ``handle.fail_request(id, error)``,
+        ``handle.detach()``.
+        """
+        if self._router.transport is not None:
+            raise RuntimeError("a transport is already attached to this kernel")
+        self._router.transport = transport
+        return TransportHandle(self._router, transport)
 
-    def _dead_letter(
-        self,
-        msg: Message,
-        reason: DeadLetterReason,
-        recipient: Address,
-        *,
-        error: BaseException | None = None,
-        detail: str = "",
-    ) -> None:
-        self._dead += 1
-        self._dead_by_reason[reason.value] += 1
-        cell = self._routes.get(recipient) or self._nodes.get(recipient)  # type: ignore[arg-type]
-        if isinstance(cell, AgentCell):
-            cell.dead_lettered += 1
-        if msg.kind is MessageKind.QUERY and self._pending:
-            pending = self._pending.pop(msg.id, None)
-            if pending is not None:
-                pending.fail(RequestFailed(msg.id, msg.to, reason.value, error))
-        if dead_letter_log.isEnabledFor(logging.INFO):
-            dead_letter_log.info(
-                "dead letter %s to %s: %s%s",
-                msg.id,
-                recipient,
-                reason.value,
-                f" ({detail})" if detail else "",
-                extra={
-                    **(
-                        log_extra(cell, msg)
-                        if cell is not None
-                        else log_fields(recipient, None, msg)
-                    ),
-                    "reason": reason.value,
-                },
-            )
-        self._dead_letters.publish(DeadLetter(msg, reason, recipient, error, detail))
+    def detach_transport(self) -> None:
+        self._router.transport = None
+
+    def is_local(self, address: AgentRef | Address) -> bool:
+        """True if ``address`` names an agent of this kernel."""
+        return address_of(address) in self._router.routes
+
+    async def deliver_from_remote(self, msg: Message) -> None:
+        """Deliver a message that a transport received from a remote kernel.
+
+        Prefer the :class:`TransportHandle` returned by :meth:`attach_transport`.
+        """
+        await self._router.deliver_from_remote(msg)
+
+    def fail_request(self, request_id: uuid.UUID, error: BaseException) -> bool:
+        """Fail a pending :meth:`request` with ``error`` (prefer the transport handle)."""
+        return self._router.fail_request(request_id, error)
+
+    def report_event(self, event: LifecycleEvent) -> None:
+        """Publish an event that happened outside the supervision tree on ``events()``
+        (for transports and bridges: e.g. ``unreachable`` for a remote node)."""
+        self._ledger.publish_event(event)
+
+    # --- observability -----------------------------------------------------------------------------
 
     def dead_letters(self, buffer: int = 1024) -> Subscription[DeadLetter]:
         """Subscribe to dead letters from now on.
@@ -793,147 +431,30 @@ class Kernel:
         dropped for this subscriber and counted (``stream.dropped`` and
         ``stats().dead_letter_stream_dropped``). The stream ends at shutdown.
         """
-        return self._dead_letters.subscribe(buffer)
+        return self._ledger.dead_letters(buffer)
 
     def recent_dead_letters(self) -> list[DeadLetter]:
         """The last ``dead_letter_buffer`` dead letters, oldest first (kept without subscribers)."""
-        return list(self._dead_letters.recent)
-
-    # --- lifecycle events and monitors ----------------------------------------------------------
+        return self._ledger.recent_dead_letters()
 
     def events(self, buffer: int = 1024) -> Subscription[LifecycleEvent]:
         """Subscribe to lifecycle events (spawned, started, failed, restarted, stopped,
         escalated); bounded like :meth:`dead_letters`."""
-        return self._events.subscribe(buffer)
+        return self._ledger.events(buffer)
 
-    def report_event(self, event: LifecycleEvent) -> None:
-        """Publish an event that happened outside the supervision tree on ``events()``.
-
-        For transports and bridges: e.g. ``unreachable`` for a remote node that stopped
-        answering.
-        """
-        self._events.publish(event)
-
-    def fail_request(self, request_id: uuid.UUID, error: BaseException) -> bool:
-        """Fail a pending :meth:`request` with ``error`` (raised in the requester).
-
-        For transports that learn a remote query will never be answered (its node is
-        gone). Returns False if no such request is pending (answered or timed out).
-        """
-        pending = self._pending.pop(request_id, None)
-        if pending is None:
-            return False
-        pending.fail(error)
-        return True
-
-    def _publish_event(
-        self, kind: EventKind, node: Child, reason: str = "", error: BaseException | None = None
-    ) -> None:
-        self._events.publish(
-            LifecycleEvent(
-                kind, node.id, node.name, trio.current_time(), reason, error, node.restarts
-            )
-        )
-
-    def _lifecycle_started(self, cell: AgentCell) -> None:
-        if self._events._subscribers:
-            self._publish_event(EventKind.STARTED, cell)
-
-    def _lifecycle_failed(self, child: Child, error: BaseException) -> None:
-        if not isinstance(error, _Escalation) and not isinstance(child, AgentCell):
-            log.error("%s failed", child.label, exc_info=error, extra=log_extra(child))
-        if self._events._subscribers:
-            self._publish_event(EventKind.FAILED, child, type(error).__name__, error)
-        self._notify_monitors(child, "failed", repr(error))
-
-    def _lifecycle_restarted(self, child: Child, delay: float, error: BaseException | None) -> None:
-        self._restarts += 1
-        log.info(
-            "restarting %s in %.3fs (restart %d)",
-            child.label,
-            delay,
-            child.restarts,
-            extra=log_extra(child),
-        )
-        if self._events._subscribers:
-            self._publish_event(EventKind.RESTARTED, child, f"backoff {delay:.6f}s", error)
-
-    def _lifecycle_escalated(
-        self, sup: SupervisorNode, child: Child, error: BaseException | None, restarts: int
-    ) -> None:
-        log.error(
-            "supervisor %s: restart intensity exceeded (%d restarts within %gs) after %s failed; escalating",
-            sup.label,
-            restarts,
-            sup.spec.within,
-            child.label,
-            extra=log_extra(sup),
-        )
-        if self._events._subscribers:
-            self._publish_event(EventKind.ESCALATED, sup, f"child {child.label}", error)
-
-    def _lifecycle_retired(self, child: Child, reason: str) -> None:
-        self._unroute(child)
-        self._nodes.pop(child.id, None)
-        if child.name is not None and self._names.get(child.name) is child:
-            del self._names[child.name]
-        if isinstance(child, AgentCell):
-            dl_reason = (
-                DeadLetterReason.SHUTDOWN
-                if reason == "shutdown"
-                else DeadLetterReason.AGENT_STOPPED
-            )
-            for msg in child.mailbox.take_all():
-                self._dead_letter(msg, dl_reason, child.id, detail=f"agent stopped ({reason})")
-        child.on_retired(reason)
-        if self._events._subscribers:
-            self._publish_event(EventKind.STOPPED, child, reason)
-        self._notify_monitors(child, "stopped", reason)
-        self._monitors.pop(child.id, None)
-
-    def _monitor(self, watcher: uuid.UUID, target: Address) -> None:
-        node = self._names.get(target) if isinstance(target, str) else self._nodes.get(target)
-        if node is None or node.retired:
-            self._route_nowait(
-                Message(
-                    sender=target if isinstance(target, uuid.UUID) else SYSTEM_ID,
-                    to=watcher,
-                    kind=MessageKind.EVENT,
-                    payload={
-                        "event": "stopped",
-                        "agent": None if isinstance(target, str) else str(target),
-                        "name": target if isinstance(target, str) else None,
-                        "reason": "noproc",
-                    },
-                )
-            )
-            return
-        self._monitors.setdefault(node.id, set()).add(watcher)
-
-    def _notify_monitors(self, child: Child, event: str, reason: str) -> None:
-        watchers = self._monitors.get(child.id)
-        if not watchers:
-            return
-        for watcher in list(watchers):
-            self._route_nowait(
-                Message(
-                    sender=child.id,
-                    to=watcher,
-                    kind=MessageKind.EVENT,
-                    payload={
-                        "event": event,
-                        "agent": str(child.id),
-                        "name": child.name,
-                        "reason": reason,
-                    },
-                )
-            )
-
-    # --- introspection ------------------------------------------------------------------------------
+    def mailbox_statistics(self, target: AgentRef | Address) -> MailboxStatistics:
+        """Depth, capacity, high water and waiting producers of one agent's mailbox (O(1))."""
+        node = self._router.find(address_of(target))
+        if not isinstance(node, AgentCell):
+            raise AgentNotFound(address_of(target))
+        return node.mailbox.statistics()
 
     def stats(self, *, agents: bool = False) -> KernelStats:
-        """A frozen snapshot of the counters; ``agents=True`` adds one entry per live agent."""
-        cells = [n for n in self._nodes.values() if isinstance(n, AgentCell)]
+        """A frozen snapshot of the kernel's counters, in O(1).
+
+        ``agents=True`` adds one :class:`AgentStats` per live agent (O(agents)).
+        """
+        ledger = self._ledger
         per_agent: tuple[AgentStats, ...] = ()
         if agents:
             per_agent = tuple(
@@ -947,30 +468,32 @@ class Kernel:
                     timed_out=c.timed_out,
                     dead_lettered=c.dead_lettered,
                     restarts=c.restarts,
-                    mailbox_depth=len(c.mailbox),
+                    mailbox_depth=c.mailbox.depth,
                     mailbox_high_water=c.mailbox.high_water,
                     mailbox_capacity=c.mailbox.capacity,
                 )
-                for c in cells
+                for c in self._router.nodes.values()
+                if isinstance(c, AgentCell)
             )
         return KernelStats(
-            agents_alive=len(cells),
-            accepted=self._accepted,
-            handled=self._handled,
-            replies_delivered=self._replies,
-            failed=self._failed,
-            timed_out=self._timed_out,
-            dead_lettered=self._dead,
-            dead_letters_by_reason=dict(self._dead_by_reason),
-            dead_letter_stream_dropped=self._dead_letters.dropped,
-            rejected=dict(self._rejected),
-            forwarded=self._forwarded,
-            in_flight=self._accepted - self._handled - self._replies - self._dead - self._forwarded,
-            restarts=self._restarts,
-            max_mailbox_depth=max((len(c.mailbox) for c in cells), default=0),
-            handle_latency=self._handle_latency.snapshot(),
-            queue_wait=self._queue_wait.snapshot(),
+            agents_alive=ledger.agents_alive,
+            accepted=ledger.accepted,
+            handled=ledger.handled,
+            replies_delivered=ledger.replies,
+            failed=ledger.failed,
+            timed_out=ledger.timed_out,
+            dead_lettered=ledger.dead,
+            dead_letters_by_reason=dict(ledger.dead_by_reason),
+            dead_letter_stream_dropped=ledger.dead_letter_stream_dropped,
+            rejected=dict(ledger.rejected),
+            forwarded=ledger.forwarded,
+            in_flight=ledger.in_flight,
+            restarts=ledger.restarts,
+            max_mailbox_depth=ledger.high_water.value,
+            handle_latency=ledger.handle_latency.snapshot(),
+            queue_wait=ledger.queue_wait.snapshot(),
             agents=per_agent,
+            given_up=ledger.given_up,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -989,7 +512,7 @@ class Kernel:
                 entry["children"] = [node(c) for c in child.children]
             elif isinstance(child, AgentCell):
                 entry["kind"] = "agent"
-                entry["mailbox_depth"] = len(child.mailbox)
+                entry["mailbox_depth"] = child.mailbox.depth
                 entry["mailbox_capacity"] = child.mailbox.capacity
                 entry["handling"] = str(child.current.id) if child.current is not None else None
             return entry
@@ -1005,8 +528,9 @@ async def open_kernel(
 
     Leaving the block shuts the kernel down gracefully (see :meth:`Kernel.shutdown`),
     also when the block raises; the exception then propagates unchanged. If supervision
-    escalates to the kernel, the block is cancelled, the kernel shuts down and
-    :class:`SupervisorEscalation` is raised. ``seed`` makes backoff jitter reproducible.
+    escalates to the kernel (``[supervision] escalate_to_kernel = true``), the block is
+    cancelled, the kernel shuts down and :class:`SupervisorEscalation` is raised.
+    ``seed`` makes backoff jitter reproducible.
     """
     kernel = Kernel(config if config is not None else Config(), seed=seed)
     body_error: BaseException | None = None
@@ -1014,7 +538,7 @@ async def open_kernel(
 
     async def request_timer() -> None:
         with timer:
-            await kernel._request_timer()
+            await kernel._router.run_request_timer()
 
     async with trio.open_nursery() as nursery:
         await nursery.start(kernel._run_root)

@@ -1,232 +1,181 @@
-"""The bounded mailbox of one agent.
+"""The bounded mailbox of one agent: a ``trio.open_memory_channel(capacity)`` pair.
 
-A mailbox is a FIFO with a fixed capacity, one consumer (the agent) and any number of
-producers. Putting into a mailbox with room never yields (the fast path); a producer
-that must wait for room parks in FIFO order and is woken as the agent takes messages
-out. The consumer parks when the mailbox is empty and is rescheduled by the next put.
 The mailbox belongs to the agent's *address*, not to one run of its task: a restarted
-agent finds the messages that were queued for it.
-
-It is built on ``trio.lowlevel`` primitives (a deque, a parking lot, task
-rescheduling) rather than a memory channel because the kernel needs what a channel
-does not offer: evicting the oldest message, taking everything out at shutdown, and
-reading the depth without a statistics object per call.
+agent finds the messages that were queued for it. Trio gives the guarantees: a put
+with room never yields (``send_nowait``); a producer that must wait for room parks in
+Trio's FIFO of blocked senders, and cancelling it (the send deadline) leaves nothing
+enqueued. Because the kernel owns the receive end it can do what a plain channel user
+cannot: evict the oldest message (``receive_nowait``), take everything out at stop or
+shutdown (a ``receive_nowait`` loop, which also admits the blocked senders in their
+order) and keep the depth as a counter of its own, read in O(1).
 """
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Callable
-from typing import Final, final
+from typing import final
 
 import attrs
 import trio
 
 from ._message import Message
 
-_WOKEN: Final = object()
-
 
 @final
 @attrs.frozen
 class MailboxStatistics:
-    """A snapshot of one mailbox."""
+    """A snapshot of one mailbox (``Kernel.mailbox_statistics(ref)``)."""
 
+    #: messages queued now
     depth: int
     capacity: int
+    #: the largest depth seen
     high_water: int
+    #: producers waiting for room (``block`` policy)
     producers_waiting: int
 
 
 @final
-class _Activation:
-    """Stands in for the consumer task of an agent that has not started yet."""
+class HighWater:
+    """The largest depth any mailbox of a kernel has reached (shared by its mailboxes)."""
 
-    __slots__ = ("activate",)
+    __slots__ = ("value",)
 
-    def __init__(self, activate: Callable[[], None]) -> None:
-        self.activate = activate
+    def __init__(self) -> None:
+        self.value = 0
 
 
 @final
 class Mailbox:
-    """A bounded FIFO of messages with one consuming task."""
+    """One agent's bounded FIFO: a memory channel whose receive end the kernel owns.
 
-    __slots__ = (
-        "_blocked",
-        "_consumer",
-        "_reserved",
-        "_waiting",
-        "capacity",
-        "closed",
-        "high_water",
-        "queue",
-    )
+    ``depth`` counts messages in the channel's buffer. A producer blocked in
+    :meth:`put_waiting` is counted once Trio moves its message into the buffer, which
+    happens when the consumer takes one out (:meth:`take`): the consumer bumps the count
+    for it, so the depth never lags behind the buffer.
+    """
 
-    def __init__(self, capacity: int) -> None:
+    __slots__ = ("_kernel_high", "_receive", "_send", "capacity", "depth", "high_water", "waiting")
+
+    def __init__(self, capacity: int, kernel_high: HighWater | None = None) -> None:
         if capacity < 1:
             raise ValueError(f"mailbox capacity must be >= 1, got {capacity}")
         self.capacity = capacity
-        self.queue: deque[Message] = deque()
+        # ``None`` is the wake-up call for a parked consumer (never buffered, see wake_receiver).
+        self._send, self._receive = trio.open_memory_channel[Message | None](capacity)
+        self.depth = 0
         self.high_water = 0
-        self._consumer: trio.lowlevel.Task | _Activation | None = None
-        # Created when a producer first has to wait: most mailboxes never need one.
-        self._blocked: trio.lowlevel.ParkingLot | None = None
-        # Slots freed by the consumer and promised to a woken producer that has not run
-        # yet: counting them keeps newcomers from overtaking producers that waited.
-        self._reserved = 0
-        # Producers parked for room, as a plain int: ParkingLot.__bool__ is a Python-level
-        # call and this is checked on every put and take.
-        self._waiting = 0
-        self.closed = False
+        self._kernel_high = kernel_high if kernel_high is not None else HighWater()
+        #: producers parked in put_waiting
+        self.waiting = 0
 
     def __len__(self) -> int:
-        return len(self.queue)
+        return self.depth
 
     def statistics(self) -> MailboxStatistics:
         return MailboxStatistics(
-            depth=len(self.queue),
+            depth=self.depth,
             capacity=self.capacity,
             high_water=self.high_water,
-            producers_waiting=self._waiting,
+            producers_waiting=self.waiting,
         )
 
-    def has_room(self) -> bool:
-        """Whether :meth:`try_put` would enqueue now."""
-        return not self._waiting and len(self.queue) + self._reserved < self.capacity
-
     def try_put(self, msg: Message) -> bool:
-        """Enqueue without yielding if there is room and nobody is queued for room.
+        """Enqueue without yielding if there is room; False when full.
 
-        Returns False when full (or when earlier producers are still waiting, so that a
-        newcomer cannot overtake them).
+        Trio refuses (``WouldBlock``) while earlier producers are still waiting, so a
+        newcomer never overtakes them.
         """
-        queue = self.queue
-        if self._waiting or len(queue) + self._reserved >= self.capacity:
+        try:
+            self._send.send_nowait(msg)
+        except trio.WouldBlock:
             return False
-        queue.append(msg)
-        depth = len(queue)
+        depth = self.depth = self.depth + 1
         if depth > self.high_water:
-            self.high_water = depth
-        if self._consumer is not None:
-            self._wake_consumer()
+            self._raise_high_water(depth)
         return True
 
-    def force_put(self, msg: Message) -> None:
-        """Enqueue ignoring the capacity (used right after an eviction)."""
-        self.queue.append(msg)
-        depth = len(self.queue)
-        if depth > self.high_water:
-            self.high_water = depth
-        if self._consumer is not None:
-            self._wake_consumer()
+    def _raise_high_water(self, depth: int) -> None:
+        self.high_water = depth
+        if depth > self._kernel_high.value:
+            self._kernel_high.value = depth
 
     async def put_waiting(self, msg: Message) -> None:
-        """Wait for room (in FIFO order among waiting producers), then enqueue.
+        """Wait for room in Trio's FIFO of blocked senders, then enqueue.
 
-        Does not yield if there is room. Cancellation while waiting (e.g. the send
-        deadline) leaves the message *not* enqueued.
+        Cancellation while waiting (e.g. the send deadline) leaves the message *not*
+        enqueued. Raises ``trio.BrokenResourceError`` if the mailbox is closed (the
+        agent stopped for good) while waiting.
         """
-        queue = self.queue
-        if self._waiting or len(queue) + self._reserved >= self.capacity:
-            # Woken by take()/take_all(), which reserve a slot for us first, or by close().
-            if self._blocked is None:
-                self._blocked = trio.lowlevel.ParkingLot()
-            self._waiting += 1
-            try:
-                await self._blocked.park()
-            finally:
-                self._waiting -= 1
-            if self.closed:
-                raise trio.ClosedResourceError("the agent of this mailbox has stopped")
-            self._reserved -= 1
-        queue.append(msg)
-        depth = len(queue)
-        if depth > self.high_water:
-            self.high_water = depth
-        if self._consumer is not None:
-            self._wake_consumer()
-
-    def remove(self, msg: Message) -> bool:
-        """Take one specific queued message out (rare path: O(depth))."""
-        for index, queued in enumerate(self.queue):
-            if queued is msg:
-                del self.queue[index]
-                if self._waiting and len(self.queue) + self._reserved < self.capacity:
-                    assert self._blocked is not None
-                    self._reserved += len(self._blocked.unpark())
-                return True
-        return False
-
-    def evict_oldest(self) -> Message:
-        return self.queue.popleft()
+        self.waiting += 1
+        try:
+            await self._send.send(msg)
+        finally:
+            self.waiting -= 1
 
     def take(self) -> Message:
-        """Remove the oldest message (the caller checked the mailbox is not empty)."""
-        msg = self.queue.popleft()
-        if self._waiting:
-            self.room_freed()
-        return msg
+        """The oldest message, or ``trio.WouldBlock`` when empty."""
+        msg = self._receive.receive_nowait()
+        if self.waiting:
+            # Trio has just moved a blocked producer's message into the freed slot.
+            self._admitted()
+        else:
+            self.depth -= 1
+        return msg  # type: ignore[return-value]  # None is never buffered
 
-    def room_freed(self) -> None:
-        """A message was taken out: hand the slot to the longest-waiting producer."""
-        if len(self.queue) + self._reserved < self.capacity:
-            # _waiting still counts producers woken but not yet run: unpark may find none.
-            assert self._blocked is not None
-            self._reserved += len(self._blocked.unpark())
+    def _admitted(self) -> None:
+        # One out, and if a producer was parked one of theirs in: the depth is what the
+        # buffer holds. The waiting count is decremented by the producer when it resumes,
+        # so count the buffer from the capacity side instead.
+        self.depth = self._send.statistics().current_buffer_used
+        if self.depth > self.high_water:
+            self._raise_high_water(self.depth)
+
+    def evict_oldest(self) -> Message:
+        """Take the oldest message out to make room (``drop_oldest``)."""
+        return self.take()
 
     def take_all(self) -> list[Message]:
-        """Remove every queued message, oldest first; waiting producers get room."""
-        items = list(self.queue)
-        self.queue.clear()
-        room = self.capacity - self._reserved
-        if self._waiting and room > 0:
-            assert self._blocked is not None
-            woken = self._blocked.unpark(count=room)
-            self._reserved += len(woken)
+        """Every queued message, oldest first, then those of the producers that were
+        waiting for room (Trio admits them in their order as room frees up)."""
+        items: list[Message] = []
+        receive = self._receive
+        while True:
+            try:
+                msg = receive.receive_nowait()
+            except (trio.WouldBlock, trio.ClosedResourceError):
+                break
+            if msg is not None:
+                items.append(msg)
+        self.depth = 0
         return items
 
-    def close(self) -> None:
-        """The agent is gone for good: producers waiting for room get ``ClosedResourceError``."""
-        self.closed = True
-        self._reserved = 0
-        if self._blocked is not None:
-            self._blocked.unpark_all()
-
-    async def wait_nonempty(self) -> None:
-        """Park the consumer until a message arrives or :meth:`wake_consumer` is called.
-
-        Always a schedule point; raises ``trio.Cancelled`` if cancelled while parked.
-        """
-        if self.queue:
-            await trio.lowlevel.checkpoint()
-            return
-        self._consumer = trio.lowlevel.current_task()
-
-        def abort(_: object) -> trio.lowlevel.Abort:
-            self._consumer = None
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
-
-    def wake_consumer(self) -> None:
-        """Wake a parked consumer even if nothing arrived (e.g. to make it stop)."""
-        if self._consumer is not None:
-            self._wake_consumer()
-
-    def _wake_consumer(self) -> None:
-        consumer = self._consumer
-        self._consumer = None
-        if isinstance(consumer, _Activation):
-            consumer.activate()
+    async def receive(self) -> Message | None:
+        """Wait for the next message; ``None`` if woken by :meth:`wake_receiver`."""
+        msg = await self._receive.receive()
+        if msg is None:
+            return None
+        if self.waiting:
+            self._admitted()
         else:
-            assert consumer is not None
-            trio.lowlevel.reschedule(consumer)
+            self.depth -= 1
+        return msg
 
-    def activate_on_put(self, activate: Callable[[], None]) -> None:
-        """Call ``activate`` when the next message arrives (the agent has no task yet)."""
-        self._consumer = _Activation(activate)
+    def wake_receiver(self) -> None:
+        """Wake a consumer parked in :meth:`receive` (it gets ``None``).
 
-    def cancel_activation(self) -> None:
-        if isinstance(self._consumer, _Activation):
-            self._consumer = None
+        Trio hands a value straight to a parked receiver, so the ``None`` never sits in
+        the buffer; if no receiver is parked (a message already woke it) nothing is sent.
+        """
+        if self._send.statistics().tasks_waiting_receive:
+            self._send.send_nowait(None)
+
+    def close(self) -> list[Message]:
+        """The agent is gone for good: take what is left, then close both ends.
+
+        Producers still waiting for room get ``trio.BrokenResourceError`` (after the
+        loop has admitted what fits, so only those beyond it).
+        """
+        items = self.take_all()
+        self._receive.close()
+        self._send.close()
+        return items

@@ -129,7 +129,8 @@ class AgentStats:
 @final
 @attrs.frozen
 class KernelStats:
-    """Kernel totals and, if asked for, one :class:`AgentStats` per live agent.
+    """Kernel totals (kept counters: O(1)) and, if asked for, one :class:`AgentStats`
+    per live agent.
 
     Conservation: ``accepted == handled + replies_delivered + forwarded + dead_lettered + in_flight``
     (``forwarded``: handed to the transport for a remote kernel).
@@ -149,7 +150,10 @@ class KernelStats:
     forwarded: int
     in_flight: int
     restarts: int
+    #: the deepest any mailbox has been since the kernel started (its high water)
     max_mailbox_depth: int
     handle_latency: HistogramSnapshot
     queue_wait: HistogramSnapshot
     agents: tuple[AgentStats, ...] = ()
+    #: children the root supervisor stopped for good after too many failures
+    given_up: int = 0

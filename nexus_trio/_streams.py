@@ -82,6 +82,11 @@ class Broadcast(Generic[T]):
         self.dropped = 0
         self._finished = False
 
+    @property
+    def has_subscribers(self) -> bool:
+        """Whether anybody listens (publishers skip building items nobody reads)."""
+        return bool(self._subscribers)
+
     def subscribe(self, buffer: int) -> Subscription[T]:
         if buffer < 1:
             raise ValueError(f"subscription buffer must be >= 1, got {buffer}")

@@ -29,22 +29,22 @@ import itertools
 import logging
 import math
 import random
-import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final, final
 
 import attrs
 import trio
 
-from ._agent import RestartType, log_fields
+from ._child import Child, ChildOwner, Directive, RestartType, log_extra
 from ._config import RestartStrategy
 from ._errors import SupervisorEscalation
+from ._events import EventKind
 from ._message import new_id
 
 if TYPE_CHECKING:
-    from ._kernel import Kernel
-    from ._message import Message
+    from ._ledger import Ledger
+    from ._router import Router
 
 log = logging.getLogger("nexus_trio.supervisor")
 
@@ -127,136 +127,8 @@ class Supervisor:
     shutdown_timeout: float = attrs.field(default=math.inf, validator=_non_negative)
 
 
-class Child:
-    """What a supervisor needs of a child: run once, stop gracefully, identity.
-
-    ``run_once`` returns on a normal exit and raises on failure. ``request_stop`` asks
-    the current run to finish soon; the supervisor cancels the run if it has not
-    finished within ``shutdown_timeout``.
-    """
-
-    __slots__ = (
-        "backoff_step",
-        "done",
-        "dormant",
-        "id",
-        "linked_children",
-        "linked_parent",
-        "name",
-        "restart",
-        "restarts",
-        "retired",
-        "run",
-        "running",
-        "scope",
-        "shutdown_timeout",
-        "start_gate",
-        "started_at",
-        "supervisor",
-        "terminating",
-    )
-
-    id: uuid.UUID
-    name: str | None
-    restart: RestartType
-    shutdown_timeout: float
-    supervisor: SupervisorNode | None
-    linked_parent: Child | None
-    linked_children: list[Child]
-    #: bumped at every start; exits of older runs are ignored
-    run: int
-    restarts: int
-    backoff_step: int
-    started_at: float
-    scope: trio.CancelScope | None
-    done: trio.Event | None
-    #: set when this run has started (``on_start`` returned); the next sibling of an
-    #: ordered start waits for it
-    start_gate: trio.Event | None
-    running: bool
-    terminating: bool
-    retired: bool
-
-    def _init_child(
-        self,
-        child_id: uuid.UUID,
-        name: str | None,
-        restart: RestartType,
-        shutdown_timeout: float,
-    ) -> None:
-        self.id = child_id
-        self.name = name
-        self.restart = restart
-        self.shutdown_timeout = shutdown_timeout
-        self.supervisor = None
-        self.linked_parent = None
-        self.linked_children = []
-        self.run = 0
-        self.restarts = 0
-        self.backoff_step = 0
-        self.started_at = 0.0
-        self.scope = None
-        self.done = None
-        self.start_gate = None
-        self.running = False
-        self.dormant = False
-        self.terminating = False
-        self.retired = False
-
-    @property
-    def label(self) -> str:
-        return self.name or str(self.id)
-
-    def signal_started(self) -> None:
-        """This run has started: release the sibling waiting to start after it."""
-        gate = self.start_gate
-        if gate is not None:
-            self.start_gate = None
-            gate.set()
-
-    async def run_once(self) -> None:
-        raise NotImplementedError
-
-    def request_stop(self) -> None:
-        raise NotImplementedError
-
-    def on_retired(self, reason: str) -> None:
-        """Called once the child is stopped for good (not restarted)."""
-
-    def take_failure(self) -> BaseException | None:
-        """A failure recorded while the run was cancelled from inside (e.g. a background task)."""
-        return None
-
-    def stops_quietly(self) -> bool:
-        """True if stopping runs no user code, so the stop order cannot be observed."""
-        return False
-
-    def start_dormant(self, activate: Callable[[], None]) -> bool:
-        """Offer to start later, when ``activate`` is called (e.g. on the first message).
-
-        Returns False (the default) to be started at once.
-        """
-        return False
-
-    def state(self) -> str:
-        if self.retired:
-            return "stopped"
-        if self.terminating:
-            return "stopping"
-        if self.running:
-            return "running"
-        if self.dormant:
-            return "idle"
-        return "restarting" if self.run > 1 else "starting"
-
-
 def _quiet(child: Child) -> bool:
     return child.stops_quietly()
-
-
-def log_extra(child: Child, msg: Message | None = None) -> dict[str, str]:
-    """:func:`log_fields` of ``child``."""
-    return log_fields(child.id, child.name, msg)
 
 
 class _Escalation(Exception):
@@ -278,8 +150,68 @@ _SHUTDOWN: Final = "shutdown"
 
 
 @final
-class SupervisorNode(Child):
-    """The running side of a :class:`Supervisor`."""
+class SupervisionHost:
+    """What supervisors need of their kernel, and nothing more."""
+
+    __slots__ = ("escalate_to_kernel", "ledger", "rng", "router")
+
+    def __init__(
+        self, router: Router, ledger: Ledger, rng: random.Random, *, escalate_to_kernel: bool
+    ) -> None:
+        self.router = router
+        self.ledger = ledger
+        self.rng = rng
+        #: at the root: True shuts the kernel down on an escalation (OTP); False stops
+        #: the failing child for good and keeps serving the others
+        self.escalate_to_kernel = escalate_to_kernel
+
+    def stopping(self) -> bool:
+        from ._router import KernelPhase
+
+        return self.router.phase >= KernelPhase.STOPPING
+
+    def retired(self, child: Child, reason: str) -> None:
+        """``child`` stopped for good: forget its addresses, publish and notify."""
+        self.router.forget(child)
+        child.on_retired(reason)
+        self.ledger.event(EventKind.STOPPED, child.id, child.name, reason)
+        self.ledger.notify(child.id, child.name, "stopped", reason, final=True)
+
+    def failed(self, child: Child, error: BaseException) -> None:
+        if not isinstance(error, _Escalation) and isinstance(child, SupervisorNode):
+            log.error("%s failed", child.label, exc_info=error, extra=log_extra(child))
+        self.ledger.event(
+            EventKind.FAILED, child.id, child.name, type(error).__name__, error, child.restarts
+        )
+        self.ledger.notify(child.id, child.name, "failed", repr(error), final=False)
+
+    def restarting(self, child: Child, delay: float, error: BaseException | None) -> None:
+        self.ledger.restarts += 1
+        log.info(
+            "restarting %s in %.3fs (restart %d)",
+            child.label,
+            delay,
+            child.restarts,
+            extra=log_extra(child),
+        )
+        self.ledger.event(
+            EventKind.RESTARTED,
+            child.id,
+            child.name,
+            f"backoff {delay:.6f}s",
+            error,
+            child.restarts,
+        )
+
+
+@final
+class SupervisorNode(Child, ChildOwner):
+    """The running side of a :class:`Supervisor`: a nursery in which each child runs.
+
+    ``isolating`` (the kernel's root, unless ``escalate_to_kernel``) counts restart
+    intensity per child and, when a child exceeds it, stops that child for good instead
+    of failing: one crash-looping agent does not take the kernel down.
+    """
 
     __slots__ = (
         "_inbox_send",
@@ -287,14 +219,18 @@ class SupervisorNode(Child):
         "_nursery",
         "_restart_times",
         "children",
-        "kernel",
+        "host",
+        "isolating",
         "spec",
     )
 
-    def __init__(self, kernel: Kernel, spec: Supervisor, name: str | None) -> None:
+    def __init__(
+        self, host: SupervisionHost, spec: Supervisor, name: str | None, *, root: bool = False
+    ) -> None:
         self._init_child(new_id(), name, spec.restart, spec.shutdown_timeout)
-        self.kernel = kernel
+        self.host = host
         self.spec = spec
+        self.isolating = root and not host.escalate_to_kernel
         # Insertion-ordered: start order, O(1) membership and removal (a million agents
         # under one supervisor must not make spawn or shutdown quadratic).
         self.children: dict[Child, None] = {}
@@ -309,7 +245,7 @@ class SupervisorNode(Child):
 
     def request_stop(self) -> None:
         if self._inbox_send is not None:
-            self._inbox_send.send_nowait((_SHUTDOWN, None))
+            self._inbox_send.send_nowait((_SHUTDOWN,))
 
     async def run_once(self) -> None:
         send, receive = trio.open_memory_channel[tuple[Any, ...]](math.inf)
@@ -338,6 +274,9 @@ class SupervisorNode(Child):
                 # Whatever way we leave, children stop first, in reverse start order.
                 with trio.CancelScope(shield=True):
                     await self._stop_all()
+                    # Stops asked for while we were leaving: those children are stopped
+                    # now; make them stopped for good so that their callers return.
+                    self._finish_queued_terminations(receive)
                 self._nursery = None
         if escalation is not None:
             raise escalation
@@ -352,15 +291,19 @@ class SupervisorNode(Child):
             self._inbox_send.send_nowait((_ADD, child))
 
     async def terminate(self, child: Child, reason: str) -> None:
-        """Stop ``child`` for good (``kernel.stop``); returns once it is stopped."""
-        if self._inbox_send is None:
-            # Not running (e.g. waiting to be restarted): the child is not running either.
+        """Stop ``child`` for good (``kernel.stop``); returns once it is stopped for good,
+        whoever stopped it (this call, a concurrent stop of this supervisor, shutdown)."""
+        if child.retired:
             await trio.lowlevel.checkpoint()
-            self._retire(child, reason)
             return
-        finished = trio.Event()
-        self._inbox_send.send_nowait((_TERMINATE, child, reason, finished))
-        await finished.wait()
+        if self._inbox_send is None:
+            # Not running (starting, or waiting to be restarted): none of its children
+            # runs either. Retire at once, before any schedule point lets it start one.
+            self._retire_with_linked(child, reason)
+            await trio.lowlevel.checkpoint()
+            return
+        self._inbox_send.send_nowait((_TERMINATE, child, reason))
+        await child.wait_retired()
 
     # --- internals ----------------------------------------------------------------------------
 
@@ -376,6 +319,8 @@ class SupervisorNode(Child):
         """
         after: trio.Event | None = None
         for child in group:
+            if child.retired:
+                continue
             gate = self._start(child, delay, after)
             if gate is not None:
                 after = gate
@@ -396,7 +341,7 @@ class SupervisorNode(Child):
             return None
         child.dormant = False
         child.done = trio.Event()
-        if getattr(child, "lazy", False):
+        if child.starts_quietly():
             # No on_start: its start cannot be observed, so it neither waits nor is waited for.
             child.start_gate = None
             self._nursery.start_soon(self._child_task, child, run, delay, child.done, None, None)
@@ -439,8 +384,6 @@ class SupervisorNode(Child):
                 child.started_at = trio.current_time()
                 try:
                     await child.run_once()
-                except _Escalation as exc:
-                    error = exc
                 except Exception as exc:
                     error = exc
             if error is None:
@@ -466,6 +409,18 @@ class SupervisorNode(Child):
             if await self._handle(event):
                 return True
 
+    def _finish_queued_terminations(
+        self, receive: trio.MemoryReceiveChannel[tuple[Any, ...]]
+    ) -> None:
+        while True:
+            try:
+                event = receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return
+            if event[0] == _TERMINATE:
+                _, child, reason = event
+                self._retire_with_linked(child, reason)
+
     async def _handle(self, event: tuple[Any, ...]) -> bool:
         """Process one event; True means this supervisor must stop."""
         kind = event[0]
@@ -479,48 +434,71 @@ class SupervisorNode(Child):
                 if gate is not None:
                     self._last_spawn_gate = gate
         elif kind == _TERMINATE:
-            _, child, reason, finished = event
-            if child in self.children:
+            _, child, reason = event
+            if child in self.children and not child.retired:
                 await self._stop_child(child)
                 self._retire(child, reason)
-            finished.set()
         elif kind == _SHUTDOWN:
             return True
         elif kind == _EXIT:
             _, child, run, error = event
-            if child.run == run and child in self.children:
+            if child.run == run and child in self.children and not child.retired:
                 await self._on_exit(child, error)
         return False
 
+    async def _stop_linked(self, child: Child, reason: str) -> None:
+        """Stop, for good, the agents ``child`` spawned (they die with its run)."""
+        for linked in reversed(list(child.linked_children)):
+            if linked.retired:
+                continue
+            owner = linked.supervisor
+            if owner is self:
+                await self._stop_child(linked)
+                self._retire(linked, reason)
+            elif owner is not None:
+                await owner.terminate(linked, reason)
+
     async def _on_exit(self, child: Child, error: BaseException | None) -> None:
-        kernel = self.kernel
+        host = self.host
+        directive = child.exit_directive
+        # Whatever happens to it next, what it spawned dies with this run (OTP links):
+        # a restart must not find last run's children still there (or their names taken).
+        await self._stop_linked(child, "parent_exited")
         if error is not None:
-            kernel._lifecycle_failed(child, error)
+            host.failed(child, error)
             wanted = child.restart is not RestartType.TEMPORARY
         else:
             wanted = child.restart is RestartType.PERMANENT
+        if directive is Directive.STOP:
+            wanted = False
+        if directive is Directive.ESCALATE:
+            # Raises, unless this is an isolating root: then only the child goes.
+            self._give_up(child, error, 0, "escalated by its directive")
+            self._retire(child, "escalated")
+            return
         if not wanted:
             self._retire(child, "failed" if error is not None else "normal")
             return
         now = trio.current_time()
-        times = self._restart_times
+        if self.isolating:
+            times = child.restart_times
+            if times is None:
+                times = child.restart_times = deque()
+        else:
+            times = self._restart_times
         while times and now - times[0] > self.spec.within:
             times.popleft()
         if len(times) >= self.spec.max_restarts:
-            chain: tuple[str, ...]
-            if isinstance(error, _Escalation):
-                chain = (self.label, *error.chain)
-                last = error.last_error
-            else:
-                chain = (self.label, child.label)
-                last = error
-            kernel._lifecycle_escalated(self, child, last, len(times))
-            raise _Escalation(chain, last)
+            self._give_up(child, error, len(times), "restart intensity exceeded")
+            # An isolating supervisor gave up on the child alone.
+            await self._stop_child(child)
+            self._retire(child, "restart_intensity")
+            return
         times.append(now)
         backoff = self.spec.backoff
         if now - child.started_at >= backoff.reset_after:
             child.backoff_step = 0
-        delay = backoff.delay(child.backoff_step, kernel._rng)
+        delay = backoff.delay(child.backoff_step, host.rng)
         child.backoff_step += 1
         strategy = self.spec.strategy
         if strategy is RestartStrategy.ONE_FOR_ONE:
@@ -531,37 +509,66 @@ class SupervisorNode(Child):
             order = list(self.children)
             group = [c for c in order[order.index(child) :] if not c.retired]
         for other in reversed(group):
-            if other is not child:
+            if other is not child and not other.retired:
                 await self._stop_child(other)
+        # Stopping a member stops (for good) what it spawned, which may be in the group.
+        group = [c for c in group if not c.retired and c in self.children]
         for member in group:
             member.restarts += 1
-            kernel._lifecycle_restarted(member, delay, error)
+            host.restarting(member, delay, error)
         self._start_in_order(group, delay)
+
+    def _give_up(self, child: Child, error: BaseException | None, restarts: int, why: str) -> None:
+        """Escalate (raise), or at an isolating root, report giving up on ``child``."""
+        if isinstance(error, _Escalation):
+            chain = (self.label, *error.chain)
+            last = error.last_error
+        else:
+            chain = (self.label, child.label)
+            last = error
+        if self.isolating:
+            self.host.ledger.given_up += 1
+            log.error(
+                "%s stopped for good: %s (%d restarts within %gs); the kernel goes on",
+                child.label,
+                why,
+                restarts,
+                self.spec.within,
+                extra=log_extra(child),
+            )
+            self.host.ledger.event(EventKind.ESCALATED, child.id, child.name, why, last)
+            return
+        log.error(
+            "supervisor %s: %s (%d restarts within %gs) after %s failed; escalating",
+            self.label,
+            why,
+            restarts,
+            self.spec.within,
+            child.label,
+            extra=log_extra(self),
+        )
+        self.host.ledger.event(
+            EventKind.ESCALATED, self.id, self.name, f"child {child.label}", last
+        )
+        raise _Escalation(chain, last)
 
     async def _stop_child(self, child: Child) -> None:
         """Stop one running child: its linked children first, then it, within its timeout."""
-        for linked in reversed(child.linked_children):
-            sup = linked.supervisor
-            if sup is not None and not linked.retired:
-                if sup is self:
-                    await self._stop_child(linked)
-                    self._retire(linked, "parent_stopped")
-                else:
-                    await sup.terminate(linked, "parent_stopped")
+        await self._stop_linked(child, "parent_stopped")
         child.terminating = True
         child.dormant = False
         done = child.done
         if done is None or done.is_set():
             return
         if not child.running:
-            # Still waiting out a backoff: nothing to be graceful about.
+            # Still waiting out a backoff or its turn to start: nothing to be graceful about.
             if child.scope is not None:
                 child.scope.cancel()
             await done.wait()
             return
         child.request_stop()
         timeout = child.shutdown_timeout
-        if self.kernel._stopping and getattr(child, "cancel_after_grace", False):
+        if self.host.stopping() and getattr(child, "cancel_after_grace", False):
             timeout = 0.0
         if timeout > 0:
             with trio.move_on_after(timeout):
@@ -581,6 +588,8 @@ class SupervisorNode(Child):
         """
         children = [c for c in reversed(list(self.children)) if not c.retired]
         for i, child in enumerate(children):
+            if child.retired:
+                continue
             first_of_quiet_run = child.stops_quietly() and (
                 i == 0 or not children[i - 1].stops_quietly()
             )
@@ -590,22 +599,33 @@ class SupervisorNode(Child):
                         quiet.request_stop()
             await self._stop_child(child)
 
+    def _retire_with_linked(self, child: Child, reason: str) -> None:
+        """Retire a child that is not running, and what it spawned, at once."""
+        for linked in reversed(list(child.linked_children)):
+            owner = linked.supervisor
+            if linked.retired:
+                continue
+            if owner is self:
+                self._retire_with_linked(linked, reason)
+            elif isinstance(owner, SupervisorNode):
+                owner._retire_with_linked(linked, reason)
+        self._retire(child, reason)
+
     def _retire(self, child: Child, reason: str) -> None:
         if child.retired:
             return
         if isinstance(child, SupervisorNode):
             # A supervisor stopped for good takes its (already stopped) subtree with it.
             child.retire_all(reason)
-        child.retired = True
-        child.terminating = True
+        child.mark_retired()
         self.children.pop(child, None)
         parent = child.linked_parent
         if parent is not None and child in parent.linked_children:
             parent.linked_children.remove(child)
-        self.kernel._lifecycle_retired(child, reason)
+        self.host.retired(child, reason)
 
     def retire_all(self, reason: str) -> None:
-        """Retire every child, depth first (used once the kernel has stopped the tree)."""
+        """Retire every child, depth first (used once the tree has stopped)."""
         for child in reversed(list(self.children)):
             if isinstance(child, SupervisorNode):
                 child.retire_all(reason)

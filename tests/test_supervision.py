@@ -42,8 +42,8 @@ NO_BACKOFF = Backoff(initial=0, maximum=0, jitter=0)
 
 
 def strict_root() -> Config:
-    """A root supervisor that gives up at the first failure that reaches it."""
-    return Config(supervision=SupervisionConfig(max_restarts=0))
+    """OTP at the root: the first failure that reaches it shuts the kernel down."""
+    return Config(supervision=SupervisionConfig(max_restarts=0, escalate_to_kernel=True))
 
 
 class Journal:

@@ -59,7 +59,7 @@ async def test_step_until_idle_fails_naming_what_is_still_in_flight(
 async def test_assert_events_and_assert_no_dead_letters_say_what_differed(
     nexus_kernel: Kernel, autojump_clock: Any
 ) -> None:
-    @agent(name="boom")
+    @agent(name="boom", on_error="restart")
     async def boom(ctx: Context, msg: Message) -> None:
         raise ValueError("boom")
 

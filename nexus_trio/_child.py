@@ -1,0 +1,222 @@
+"""What a supervisor knows of a child: identity, one run at a time, a graceful stop.
+
+Agents (:class:`~nexus_trio._cell.AgentCell`) and supervisors
+(:class:`~nexus_trio._supervisor.SupervisorNode`) are both children; process agents and
+remote agents could be too. The supervisor drives the run counters, the start gates and
+the stop; the child implements :meth:`Child.run_once` and :meth:`Child.request_stop`.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar
+
+import trio
+
+from ._logfields import log_fields
+
+if TYPE_CHECKING:
+    from ._message import Message
+
+
+class RestartType(enum.Enum):
+    """When a supervisor restarts a child that exited (OTP child restart types)."""
+
+    #: always restarted, whether it failed or exited normally
+    PERMANENT = "permanent"
+    #: restarted only if it failed
+    TRANSIENT = "transient"
+    #: never restarted
+    TEMPORARY = "temporary"
+
+
+class Directive(enum.Enum):
+    """What happens to an agent whose handler raised (Akka's supervisor directives).
+
+    The message is dead-lettered (``handler_error``) with the error in every case.
+    """
+
+    #: keep the agent and its state, go on with the next message (default for function agents)
+    RESUME = "resume"
+    #: end this run; the supervisor restarts it per its strategy and restart type
+    #: (default for class agents)
+    RESTART = "restart"
+    #: stop the agent for good (its queue is dead-lettered), whatever its restart type
+    STOP = "stop"
+    #: fail the supervisor: it stops its children and its own parent decides
+    ESCALATE = "escalate"
+
+
+class Child:
+    """What a supervisor needs of a child: run once, stop gracefully, identity.
+
+    ``run_once`` returns on a normal exit and raises on failure. ``request_stop`` asks
+    the current run to finish soon; the supervisor cancels the run if it has not
+    finished within ``shutdown_timeout``.
+    """
+
+    __slots__ = (
+        "_retired_event",
+        "backoff_step",
+        "done",
+        "dormant",
+        "exit_directive",
+        "id",
+        "linked_children",
+        "linked_parent",
+        "name",
+        "restart",
+        "restart_times",
+        "restarts",
+        "retired",
+        "run",
+        "running",
+        "scope",
+        "shutdown_timeout",
+        "start_gate",
+        "started_at",
+        "supervisor",
+        "terminating",
+    )
+
+    #: agents have a mailbox and are routed to; supervisors are not
+    is_agent: ClassVar[bool] = False
+
+    id: uuid.UUID
+    name: str | None
+    restart: RestartType
+    shutdown_timeout: float
+    supervisor: ChildOwner | None
+    linked_parent: Child | None
+    linked_children: list[Child]
+    #: bumped at every start; exits of older runs are ignored
+    run: int
+    restarts: int
+    backoff_step: int
+    started_at: float
+    scope: trio.CancelScope | None
+    done: trio.Event | None
+    #: set when this run has started (``on_start`` returned); the next sibling of an
+    #: ordered start waits for it
+    start_gate: trio.Event | None
+    running: bool
+    dormant: bool
+    terminating: bool
+    retired: bool
+    #: how the last run ended, when a handler's directive decided it
+    exit_directive: Directive | None
+    #: restart times of this child alone (the root supervisor isolates its children)
+    restart_times: deque[float] | None
+    _retired_event: trio.Event | None
+
+    def _init_child(
+        self,
+        child_id: uuid.UUID,
+        name: str | None,
+        restart: RestartType,
+        shutdown_timeout: float,
+    ) -> None:
+        self.id = child_id
+        self.name = name
+        self.restart = restart
+        self.shutdown_timeout = shutdown_timeout
+        self.supervisor = None
+        self.linked_parent = None
+        self.linked_children = []
+        self.run = 0
+        self.restarts = 0
+        self.backoff_step = 0
+        self.started_at = 0.0
+        self.scope = None
+        self.done = None
+        self.start_gate = None
+        self.running = False
+        self.dormant = False
+        self.terminating = False
+        self.retired = False
+        self.exit_directive = None
+        self.restart_times = None
+        self._retired_event = None
+
+    @property
+    def label(self) -> str:
+        return self.name or str(self.id)
+
+    def signal_started(self) -> None:
+        """This run has started: release the sibling waiting to start after it."""
+        gate = self.start_gate
+        if gate is not None:
+            self.start_gate = None
+            gate.set()
+
+    def mark_retired(self) -> None:
+        """Stopped for good: wake everybody waiting in :meth:`wait_retired`."""
+        self.retired = True
+        self.terminating = True
+        if self._retired_event is not None:
+            self._retired_event.set()
+
+    async def wait_retired(self) -> None:
+        """Return once this child is stopped for good, whoever stopped it."""
+        if self.retired:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._retired_event is None:
+            self._retired_event = trio.Event()
+        await self._retired_event.wait()
+
+    async def run_once(self) -> None:
+        raise NotImplementedError
+
+    def request_stop(self) -> None:
+        raise NotImplementedError
+
+    def on_retired(self, reason: str) -> None:
+        """Called once the child is stopped for good (not restarted)."""
+
+    def take_failure(self) -> BaseException | None:
+        """A failure recorded while the run was cancelled from inside."""
+        return None
+
+    def stops_quietly(self) -> bool:
+        """True if stopping runs no user code, so the stop order cannot be observed."""
+        return False
+
+    def starts_quietly(self) -> bool:
+        """True if starting runs no user code: nobody waits for its start."""
+        return False
+
+    def start_dormant(self, activate: Callable[[], None]) -> bool:
+        """Offer to start later, when ``activate`` is called (e.g. on the first message).
+
+        Returns False (the default) to be started at once.
+        """
+        return False
+
+    def state(self) -> str:
+        if self.retired:
+            return "stopped"
+        if self.terminating:
+            return "stopping"
+        if self.running:
+            return "running"
+        if self.dormant:
+            return "idle"
+        return "restarting" if self.run > 1 else "starting"
+
+
+class ChildOwner:
+    """What a child may ask of its supervisor (implemented by ``SupervisorNode``)."""
+
+    __slots__ = ()
+
+    async def terminate(self, child: Child, reason: str) -> None:
+        raise NotImplementedError
+
+
+def log_extra(child: Child, msg: Message | None = None) -> dict[str, str]:
+    """:func:`log_fields` of ``child``."""
+    return log_fields(child.id, child.name, msg)

@@ -1,0 +1,219 @@
+"""The ledger: where the kernel counts, and where every unhandled message is recorded.
+
+The conservation law ``accepted == handled + replies + forwarded + dead_lettered +
+in_flight`` is kept here, as plain integers (one Trio thread, no locks), so that
+``Kernel.stats()`` costs the same at ten agents and at a million. The ledger also owns
+the two observable streams (dead letters and lifecycle events) and the log lines that go
+with them. It knows nothing of routing: what a dead Query means for its requester, and
+how a monitor's notice is delivered, are callbacks handed in by the kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from typing import Final, final
+
+import trio
+
+from ._deadletter import DeadLetter, DeadLetterReason
+from ._events import EventKind, LifecycleEvent
+from ._logfields import log_fields
+from ._mailbox import HighWater
+from ._message import SYSTEM_ID, Address, Message, MessageKind
+from ._stats import Histogram
+from ._streams import Broadcast, Subscription
+
+dead_letter_log: Final = logging.getLogger("nexus_trio.dead_letters")
+log: Final = logging.getLogger("nexus_trio.kernel")
+
+
+@final
+class Ledger:
+    """Counters, dead letters, lifecycle events and monitors of one kernel."""
+
+    __slots__ = (
+        "_dead_letters",
+        "_events",
+        "_monitors",
+        "accepted",
+        "agents_alive",
+        "dead",
+        "dead_by_reason",
+        "failed",
+        "forwarded",
+        "given_up",
+        "handle_latency",
+        "handled",
+        "high_water",
+        "now",
+        "on_dead_query",
+        "queue_wait",
+        "rejected",
+        "replies",
+        "restarts",
+        "send_notice",
+        "timed_out",
+    )
+
+    def __init__(self, dead_letter_buffer: int) -> None:
+        self.accepted = 0
+        self.handled = 0
+        self.replies = 0
+        self.forwarded = 0
+        self.failed = 0
+        self.timed_out = 0
+        self.dead = 0
+        self.restarts = 0
+        #: children the root stopped for good after too many failures
+        self.given_up = 0
+        self.agents_alive = 0
+        #: the deepest any mailbox has been (kept by the mailboxes, read in O(1))
+        self.high_water = HighWater()
+        self.dead_by_reason: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()
+        self.handle_latency = Histogram()
+        self.queue_wait = Histogram()
+        self._dead_letters: Broadcast[DeadLetter] = Broadcast(dead_letter_buffer)
+        self._events: Broadcast[LifecycleEvent] = Broadcast(256)
+        self._monitors: dict[uuid.UUID, set[uuid.UUID]] = {}
+        self.now: Callable[[], float] = time.perf_counter
+        #: what a dead Query means for its requester (set by the kernel's router)
+        self.on_dead_query: Callable[[Message, DeadLetterReason, BaseException | None], None] = (
+            lambda msg, reason, error: None
+        )
+        #: how a monitor notice reaches its watcher (set by the kernel's router)
+        self.send_notice: Callable[[Message], None] = lambda msg: None
+
+    # --- conservation -------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return self.accepted - self.handled - self.replies - self.dead - self.forwarded
+
+    def reject(self, exc: BaseException) -> None:
+        """A send refused with an exception to its caller (never accepted)."""
+        from ._errors import AgentNotFound, KernelShuttingDown
+
+        if isinstance(exc, AgentNotFound):
+            key = "no_such_agent"
+        elif isinstance(exc, KernelShuttingDown):
+            key = "shutting_down"
+        else:
+            key = "mailbox_full"
+        self.rejected[key] += 1
+
+    def record_latency(self, started: float, msg: Message) -> None:
+        self.handle_latency.record(self.now() - started)
+        self.queue_wait.record((time.time_ns() // 1000 - msg.timestamp) / 1e6)
+
+    # --- dead letters ---------------------------------------------------------------------
+
+    def dead_letter(
+        self,
+        msg: Message,
+        reason: DeadLetterReason,
+        recipient: Address,
+        recipient_name: str | None = None,
+        *,
+        error: BaseException | None = None,
+        detail: str = "",
+    ) -> None:
+        """Record one accepted message as not handled: count, log, publish, and fail its
+        requester if it was a Query."""
+        self.dead += 1
+        self.dead_by_reason[reason.value] += 1
+        if msg.kind is MessageKind.QUERY:
+            self.on_dead_query(msg, reason, error)
+        if dead_letter_log.isEnabledFor(logging.INFO):
+            dead_letter_log.info(
+                "dead letter %s to %s: %s%s",
+                msg.id,
+                recipient,
+                reason.value,
+                f" ({detail})" if detail else "",
+                extra={**log_fields(recipient, recipient_name, msg), "reason": reason.value},
+            )
+        self._dead_letters.publish(DeadLetter(msg, reason, recipient, error, detail))
+
+    def dead_letters(self, buffer: int) -> Subscription[DeadLetter]:
+        return self._dead_letters.subscribe(buffer)
+
+    def recent_dead_letters(self) -> list[DeadLetter]:
+        return list(self._dead_letters.recent)
+
+    @property
+    def dead_letter_stream_dropped(self) -> int:
+        return self._dead_letters.dropped
+
+    # --- lifecycle events -----------------------------------------------------------------
+
+    def events(self, buffer: int) -> Subscription[LifecycleEvent]:
+        return self._events.subscribe(buffer)
+
+    @property
+    def has_event_subscribers(self) -> bool:
+        return self._events.has_subscribers
+
+    def publish_event(self, event: LifecycleEvent) -> None:
+        self._events.publish(event)
+
+    def event(
+        self,
+        kind: EventKind,
+        agent_id: uuid.UUID,
+        name: str | None,
+        reason: str = "",
+        error: BaseException | None = None,
+        restarts: int = 0,
+    ) -> None:
+        """Publish a lifecycle event (built only if somebody listens)."""
+        if self._events.has_subscribers:
+            self._events.publish(
+                LifecycleEvent(kind, agent_id, name, trio.current_time(), reason, error, restarts)
+            )
+
+    def finish_streams(self) -> None:
+        self._dead_letters.finish()
+        self._events.finish()
+
+    # --- monitors -------------------------------------------------------------------------
+
+    def watch(self, watcher: uuid.UUID, target: uuid.UUID) -> None:
+        self._monitors.setdefault(target, set()).add(watcher)
+
+    def notify(
+        self, target: uuid.UUID, name: str | None, event: str, reason: str, *, final: bool
+    ) -> None:
+        """Tell the watchers of ``target`` that it failed or stopped (an Event message)."""
+        watchers = self._monitors.pop(target, None) if final else self._monitors.get(target)
+        if not watchers:
+            return
+        for watcher in list(watchers):
+            self.send_notice(
+                Message(
+                    sender=target,
+                    to=watcher,
+                    kind=MessageKind.EVENT,
+                    payload={"event": event, "agent": str(target), "name": name, "reason": reason},
+                )
+            )
+
+    def notify_noproc(self, watcher: uuid.UUID, target: Address) -> None:
+        """Monitoring something that does not exist: the notice comes at once (Erlang)."""
+        self.send_notice(
+            Message(
+                sender=target if isinstance(target, uuid.UUID) else SYSTEM_ID,
+                to=watcher,
+                kind=MessageKind.EVENT,
+                payload={
+                    "event": "stopped",
+                    "agent": None if isinstance(target, str) else str(target),
+                    "name": target if isinstance(target, str) else None,
+                    "reason": "noproc",
+                },
+            )
+        )

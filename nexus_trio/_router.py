@@ -1,0 +1,540 @@
+"""The router: addresses, delivery with overflow policies, and request correlation.
+
+Routing is one dict lookup by id or by name. There is one delivery path,
+:meth:`Router.deliver`, with a fast branch (a known local recipient with room: a
+``send_nowait`` on its memory channel, no yield) and a slow branch for everything else
+(replies to pending requests, remote addresses through the transport, full mailboxes
+under each overflow policy). The entry points differ only in who is asking (a caller
+outside the kernel is refused once shutdown starts, an agent only once the drain is
+over) and in what happens to a message that cannot be delivered (raised to the caller,
+or dead-lettered when the kernel already took responsibility for it).
+
+Requests keep one timer for all of them: a heap of deadlines watched by one task.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+import math
+import uuid
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Final, Protocol, final
+
+import trio
+
+from ._child import Child
+from ._config import OverflowPolicy
+from ._deadletter import DeadLetterReason
+from ._errors import (
+    AgentNotFound,
+    KernelShuttingDown,
+    MailboxFull,
+    NameTaken,
+    RequestFailed,
+    RequestTimeout,
+    TransportUnavailable,
+)
+from ._ledger import Ledger
+from ._mailbox import Mailbox
+from ._message import Address, Message, MessageKind
+from ._transport import Transport
+
+_LATE_MEMORY: Final = 4096
+
+
+class KernelPhase(enum.IntEnum):
+    """The one lifecycle of a kernel, in order."""
+
+    #: everything is accepted
+    RUNNING = 0
+    #: shutdown started: callers outside the kernel are refused, agents drain their mailboxes
+    DRAINING = 1
+    #: the grace period is over: nothing more is handled, the tree is being stopped
+    STOPPING = 2
+    #: every agent stopped and every undelivered message dead-lettered
+    STOPPED = 3
+
+
+class Recipient(Protocol):
+    """What the router needs of a local agent (an ``AgentCell``)."""
+
+    id: uuid.UUID
+    name: str | None
+    mailbox: Mailbox
+    overflow: OverflowPolicy
+    received: int
+    dormant: bool
+    current: Message | None
+
+    def wake(self) -> None: ...
+
+    def cancel_current(self, reason: DeadLetterReason) -> bool: ...
+
+
+@final
+class _Pending:
+    """A request waiting for its reply."""
+
+    __slots__ = ("error", "event", "reply")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.reply: Message | None = None
+        self.error: BaseException | None = None
+
+    def resolve(self, reply: Message) -> None:
+        self.reply = reply
+        self.event.set()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.event.is_set():
+            self.error = error
+            self.event.set()
+
+    def expire(self) -> None:
+        """The deadline passed: wake the requester with neither reply nor error."""
+        self.event.set()
+
+
+@final
+class TransportHandle:
+    """What :meth:`Kernel.attach_transport` returns: the transport's way into the kernel.
+
+    A transport feeds messages from remote kernels in with :meth:`deliver`, reports
+    queries that will never be answered with :meth:`fail_request`, and lets go with
+    :meth:`detach`. These hooks are not on the user-facing ``Kernel``.
+    """
+
+    __slots__ = ("_router", "transport")
+
+    def __init__(self, router: Router, transport: Transport) -> None:
+        self._router = router
+        self.transport = transport
+
+    async def deliver(self, msg: Message) -> None:
+        """Deliver a message that arrived from a remote kernel (local rules apply:
+        ``AgentNotFound``, ``MailboxFull`` after the send deadline, ``KernelShuttingDown``;
+        a reply to a pending local request resolves it; never forwarded again)."""
+        await self._router.deliver_from_remote(msg)
+
+    def fail_request(self, request_id: uuid.UUID, error: BaseException) -> bool:
+        """Fail a pending request with ``error``; False if none is pending."""
+        return self._router.fail_request(request_id, error)
+
+    def detach(self) -> None:
+        if self._router.transport is self.transport:
+            self._router.transport = None
+
+
+@final
+class Router:
+    """Routes, names, delivery and request correlation of one kernel."""
+
+    def __init__(self, ledger: Ledger, send_timeout: float) -> None:
+        self.ledger = ledger
+        self.send_timeout = send_timeout
+        self.phase = KernelPhase.RUNNING
+        #: address (id and name) -> local agent
+        self.routes: dict[Address, Any] = {}
+        #: every live agent and supervisor, by id, in spawn order
+        self.nodes: dict[uuid.UUID, Child] = {}
+        #: names of live agents and supervisors
+        self.names: dict[str, Child] = {}
+        self.transport: Transport | None = None
+        self._pending: dict[uuid.UUID, _Pending] = {}
+        self._deadlines: list[tuple[float, int, _Pending]] = []
+        self._request_seq = 0
+        self._timer_scope: trio.CancelScope | None = None
+        self._late: deque[uuid.UUID] = deque()
+        self._late_set: set[uuid.UUID] = set()
+        self._drained: trio.Event | None = None
+        ledger.on_dead_query = self._dead_query
+        ledger.send_notice = self.route_nowait
+
+    # --- addresses --------------------------------------------------------------------
+
+    def find(self, address: Address) -> Child | None:
+        """The live agent or supervisor at ``address`` (an id or a name)."""
+        if isinstance(address, str):
+            return self.names.get(address)
+        return self.nodes.get(address)
+
+    def register(self, node: Child, *, agent: bool) -> None:
+        """Make ``node`` reachable by id and name (``NameTaken`` if the name is in use)."""
+        if node.name is not None:
+            holder = self.names.get(node.name)
+            if holder is not None:
+                raise NameTaken(node.name, holder.id)
+            self.names[node.name] = node
+        self.nodes[node.id] = node
+        if agent:
+            self.routes[node.id] = node
+            if node.name is not None:
+                self.routes[node.name] = node
+            self.ledger.agents_alive += 1
+
+    def forget(self, node: Child) -> None:
+        """``node`` stopped for good: its id and name are free."""
+        self.unroute(node)
+        if self.nodes.pop(node.id, None) is not None and node.is_agent:
+            self.ledger.agents_alive -= 1
+        if node.name is not None and self.names.get(node.name) is node:
+            del self.names[node.name]
+
+    def unroute(self, node: Any) -> None:
+        """New messages to ``node`` fail with ``AgentNotFound`` from now on."""
+        routes = self.routes
+        agent_id, name = node.id, node.name
+        if routes.get(agent_id) is node:
+            del routes[agent_id]
+        if name is not None and routes.get(name) is node:
+            del routes[name]
+
+    # --- accounting helpers -------------------------------------------------------------
+
+    def check_drained(self) -> None:
+        """Called by idle agents while draining: wake the shutdown once nothing is in flight."""
+        drained = self._drained
+        if drained is not None and self.ledger.in_flight <= 0:
+            drained.set()
+
+    async def wait_drained(self) -> None:
+        while self.ledger.in_flight > 0:
+            self._drained = trio.Event()
+            await self._drained.wait()
+        self._drained = None
+
+    def query_expired(self, msg: Message) -> bool:
+        """True for a query whose requester stopped waiting while it was queued.
+
+        The agent skips it (dead letter ``request_timeout``) instead of handling it.
+        Checked only for queries, so other messages pay one ``is`` test.
+        """
+        return msg.id in self._late_set
+
+    def discard_queued(
+        self, messages: list[Message], reason: DeadLetterReason, recipient: Any, detail: str
+    ) -> None:
+        """Dead-letter what was left in a stopped agent's mailbox."""
+        dead_letter = self.ledger.dead_letter
+        for msg in messages:
+            if msg.kind is MessageKind.QUERY and msg.id in self._late_set:
+                dead_letter(
+                    msg,
+                    DeadLetterReason.REQUEST_TIMEOUT,
+                    recipient.id,
+                    recipient.name,
+                    detail="the requester stopped waiting before it was handled",
+                )
+            else:
+                dead_letter(msg, reason, recipient.id, recipient.name, detail=detail)
+
+    # --- entry points -------------------------------------------------------------------
+
+    def refuse(self, what: str) -> KernelShuttingDown:
+        self.ledger.rejected["shutting_down"] += 1
+        return KernelShuttingDown(what)
+
+    async def send(self, msg: Message, *, external: bool) -> None:
+        """Deliver for a caller that handles errors (``Kernel.send``, ``ctx.send``)."""
+        if self.phase >= (KernelPhase.DRAINING if external else KernelPhase.STOPPING):
+            raise self.refuse("send")
+        await trio.lowlevel.checkpoint_if_cancelled()
+        # The fast branch, inline: a local recipient with room, not a reply.
+        if msg.reply_to is None:
+            cell = self.routes.get(msg.to)
+            if cell is not None and cell.mailbox.try_put(msg):
+                cell.received += 1
+                self.ledger.accepted += 1
+                if cell.dormant:
+                    cell.wake()
+                return
+        try:
+            await self.deliver(msg, wait=True)
+        except (AgentNotFound, MailboxFull) as exc:
+            self.ledger.reject(exc)
+            raise
+
+    def send_nowait(self, msg: Message, *, external: bool) -> None:
+        """Like :meth:`send` but a full ``block`` mailbox raises ``MailboxFull`` at once."""
+        if self.phase >= (KernelPhase.DRAINING if external else KernelPhase.STOPPING):
+            raise self.refuse("send")
+        if msg.reply_to is None:
+            cell = self.routes.get(msg.to)
+            if cell is not None and cell.mailbox.try_put(msg):
+                cell.received += 1
+                self.ledger.accepted += 1
+                if cell.dormant:
+                    cell.wake()
+                return
+        try:
+            blocked = self._deliver_nowait(msg)
+            if blocked is not None:
+                raise self._full(blocked, msg)
+        except (AgentNotFound, MailboxFull) as exc:
+            self.ledger.reject(exc)
+            raise
+
+    async def route(self, msg: Message) -> None:
+        """Deliver a message the kernel took responsibility for (a handler's result):
+        never raises, dead-letters what it cannot deliver."""
+        if self.phase >= KernelPhase.STOPPING:
+            self._accept_dead(msg, DeadLetterReason.SHUTDOWN, "kernel stopping")
+            return
+        try:
+            await self.deliver(msg, wait=True)
+        except Exception as exc:
+            self._dead_undeliverable(msg, exc)
+
+    def route_nowait(self, msg: Message) -> None:
+        """Like :meth:`route` without waiting (monitor notices)."""
+        if self.phase >= KernelPhase.STOPPING:
+            self._accept_dead(msg, DeadLetterReason.SHUTDOWN, "kernel stopping")
+            return
+        try:
+            blocked = self._deliver_nowait(msg)
+            if blocked is not None:
+                raise self._full(blocked, msg)
+        except Exception as exc:
+            self._dead_undeliverable(msg, exc)
+
+    def _accept_dead(self, msg: Message, reason: DeadLetterReason, detail: str = "") -> None:
+        self.ledger.accepted += 1
+        self.ledger.dead_letter(msg, reason, msg.to, detail=detail)
+
+    def _dead_undeliverable(self, msg: Message, exc: Exception) -> None:
+        if isinstance(exc, AgentNotFound):
+            reason = (
+                DeadLetterReason.UNROUTABLE_REPLY
+                if msg.kind is MessageKind.RESPONSE
+                else DeadLetterReason.NO_SUCH_AGENT
+            )
+            self._accept_dead(msg, reason)
+        elif isinstance(exc, MailboxFull):
+            self._accept_dead(
+                msg, DeadLetterReason.MAILBOX_FULL, f"still full after {self.send_timeout:g}s"
+            )
+        elif isinstance(exc, TransportUnavailable):
+            self._accept_dead(msg, DeadLetterReason.TRANSPORT_UNAVAILABLE, exc.detail)
+        elif isinstance(exc, KernelShuttingDown):
+            self._accept_dead(msg, DeadLetterReason.SHUTDOWN, "kernel stopping")
+        else:
+            raise exc
+
+    async def deliver_from_remote(self, msg: Message) -> None:
+        if self.phase >= KernelPhase.STOPPING:
+            raise KernelShuttingDown("remote delivery")
+        if msg.reply_to is not None and self._deliver_reply(msg):
+            await trio.lowlevel.checkpoint()
+            return
+        if msg.to not in self.routes:
+            raise AgentNotFound(msg.to)
+        await self.deliver(msg, wait=True)
+
+    # --- the one delivery path ------------------------------------------------------------
+
+    def _deliver_reply(self, msg: Message) -> bool:
+        """Replies to pending requests and late replies; True if ``msg`` was consumed."""
+        reply_to = msg.reply_to
+        assert reply_to is not None
+        pending = self._pending.pop(reply_to, None)
+        if pending is not None:
+            self.ledger.accepted += 1
+            self.ledger.replies += 1
+            pending.resolve(msg)
+            return True
+        if reply_to in self._late_set:
+            self._accept_dead(msg, DeadLetterReason.LATE_REPLY, "the request had timed out")
+            return True
+        return False
+
+    def _deliver_nowait(self, msg: Message) -> Any | None:
+        """Enqueue, forward, or apply the overflow policy without waiting.
+
+        Returns None when done, or the recipient whose full ``block`` mailbox needs a
+        wait; raises ``MailboxFull`` for ``reject``.
+        """
+        if msg.reply_to is not None and self._deliver_reply(msg):
+            return None
+        cell = self.routes.get(msg.to)
+        ledger = self.ledger
+        if cell is None:
+            if self.transport is None:
+                raise AgentNotFound(msg.to)
+            self.transport.deliver_nowait(msg)
+            ledger.accepted += 1
+            ledger.forwarded += 1
+            return None
+        mailbox = cell.mailbox
+        if mailbox.try_put(msg):
+            cell.received += 1
+            ledger.accepted += 1
+            if cell.dormant:
+                cell.wake()
+            return None
+        policy = cell.overflow
+        if policy is OverflowPolicy.DROP_NEWEST:
+            cell.received += 1
+            ledger.accepted += 1
+            ledger.dead_letter(
+                msg,
+                DeadLetterReason.MAILBOX_OVERFLOW,
+                cell.id,
+                cell.name,
+                detail="drop_newest: mailbox full",
+            )
+            return None
+        if policy is OverflowPolicy.DROP_OLDEST:
+            while not mailbox.try_put(msg):
+                self.discard_queued(
+                    [mailbox.evict_oldest()],
+                    DeadLetterReason.MAILBOX_OVERFLOW,
+                    cell,
+                    "drop_oldest: evicted for a newer message",
+                )
+            cell.received += 1
+            ledger.accepted += 1
+            if cell.dormant:
+                cell.wake()
+            return None
+        if policy is OverflowPolicy.REJECT:
+            raise MailboxFull(cell.id, cell.name, mailbox.capacity, msg.id)
+        return cell
+
+    def _full(self, cell: Any, msg: Message) -> MailboxFull:
+        return MailboxFull(cell.id, cell.name, cell.mailbox.capacity, msg.id)
+
+    async def deliver(self, msg: Message, *, wait: bool) -> None:
+        """The slow branch: everything but a local recipient with room."""
+        if msg.reply_to is not None and self._deliver_reply(msg):
+            return
+        cell = self.routes.get(msg.to)
+        if cell is None and self.transport is not None:
+            # The transport bounds its own wait by the send deadline (see Transport).
+            await self.transport.deliver(msg)
+            self.ledger.accepted += 1
+            self.ledger.forwarded += 1
+            return
+        blocked = self._deliver_nowait(msg)
+        if blocked is None:
+            return
+        if not wait:
+            raise self._full(blocked, msg)
+        # Full under ``block``: Trio's FIFO of blocked senders, bounded by the deadline.
+        # Counted as accepted while waiting (the consumer may admit and even handle it
+        # before this task resumes); uncounted if it never got in.
+        ledger = self.ledger
+        ledger.accepted += 1
+        entered = False
+        try:
+            with trio.move_on_after(self.send_timeout):
+                await blocked.mailbox.put_waiting(msg)
+                entered = True
+        except trio.BrokenResourceError:
+            ledger.accepted -= 1
+            raise AgentNotFound(msg.to) from None
+        except BaseException:
+            ledger.accepted -= 1
+            raise
+        if not entered:
+            ledger.accepted -= 1
+            raise self._full(blocked, msg)
+        blocked.received += 1
+        if blocked.dormant:
+            blocked.wake()
+
+    async def route_result(self, sender: uuid.UUID, msg: Message, result: Any) -> None:
+        """A handler returned something: a Message is routed, anything else answers."""
+        out = result if isinstance(result, Message) else msg.reply(sender, result)
+        await self.route(out)
+
+    # --- request/reply ---------------------------------------------------------------------
+
+    async def request(self, query: Message, timeout: float, *, external: bool) -> Message:
+        """Send ``query`` and wait for the correlated reply (see ``Kernel.request``)."""
+        if self.phase >= (KernelPhase.DRAINING if external else KernelPhase.STOPPING):
+            raise self.refuse("request")
+        pending = _Pending()
+        self._pending[query.id] = pending
+        deadline = trio.current_time() + timeout
+        self._request_seq += 1
+        heapq.heappush(self._deadlines, (deadline, self._request_seq, pending))
+        timer = self._timer_scope
+        if timer is not None and deadline < timer.deadline:
+            timer.deadline = deadline
+        enqueued = False
+        try:
+            cell = self.routes.get(query.to)
+            try:
+                if cell is not None and cell.mailbox.try_put(query):
+                    cell.received += 1
+                    self.ledger.accepted += 1
+                    if cell.dormant:
+                        cell.wake()
+                    enqueued = True
+                else:
+                    # It may wait for room: not past the request's own deadline.
+                    with trio.move_on_after(timeout):
+                        await self.deliver(query, wait=True)
+                        enqueued = True
+            except (AgentNotFound, MailboxFull) as exc:
+                self.ledger.reject(exc)
+                raise
+            if enqueued:
+                await pending.event.wait()
+        finally:
+            self._pending.pop(query.id, None)
+        if pending.reply is not None:
+            return pending.reply
+        if pending.error is not None:
+            raise pending.error
+        if enqueued:
+            self._expire(query)
+        raise RequestTimeout(query.id, query.to, timeout)
+
+    async def run_request_timer(self) -> None:
+        """Expire pending requests at their deadlines (runs for the kernel's lifetime)."""
+        heap = self._deadlines
+        while True:
+            now = trio.current_time()
+            while heap and (heap[0][2].event.is_set() or heap[0][0] <= now):
+                heapq.heappop(heap)[2].expire()
+            with trio.CancelScope() as scope:
+                scope.deadline = heap[0][0] if heap else math.inf
+                self._timer_scope = scope
+                await trio.sleep_forever()
+            self._timer_scope = None
+
+    def _expire(self, query: Message) -> None:
+        """A request timed out: cancel the handler working on it, or skip it in the queue."""
+        self._late.append(query.id)
+        self._late_set.add(query.id)
+        if len(self._late) > _LATE_MEMORY:
+            self._late_set.discard(self._late.popleft())
+        cell = self.routes.get(query.to)
+        if cell is None:
+            return
+        if cell.current is query:
+            cell.cancel_current(DeadLetterReason.REQUEST_TIMEOUT)
+        # A query still queued is skipped when it comes out (see query_expired).
+
+    def _dead_query(
+        self, msg: Message, reason: DeadLetterReason, error: BaseException | None
+    ) -> None:
+        if self._pending:
+            pending = self._pending.pop(msg.id, None)
+            if pending is not None:
+                pending.fail(RequestFailed(msg.id, msg.to, reason.value, error))
+
+    def fail_request(self, request_id: uuid.UUID, error: BaseException) -> bool:
+        pending = self._pending.pop(request_id, None)
+        if pending is None:
+            return False
+        pending.fail(error)
+        return True
+
+    def fail_all_pending(self, make_error: Callable[[], BaseException]) -> None:
+        for pending in list(self._pending.values()):
+            pending.fail(make_error())
