@@ -449,7 +449,9 @@ class Context:
         The trace id of the message being handled is carried over.
         """
         msg = self._outgoing(to, payload, kind)
-        await self._router.send(msg, external=False)
+        router = self._router
+        if not router.fast(msg, False):
+            await router.send(msg)
         return msg
 
     def send_nowait(

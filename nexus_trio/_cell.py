@@ -11,8 +11,10 @@ handler for one message at a time.
 Handle timeouts cost nothing for handlers that never suspend: the serve loop runs in one
 cancel scope without a deadline, the handler's coroutine is first stepped by hand, and
 only if it suspends does the scope get the message's deadline (a Trio timer costs more
-than the rest of the per-message work together). A timeout cancels that scope; the loop
-dead-letters the message and goes on in a new scope.
+than the rest of the per-message work together). The scope must exist before the first
+step, since a handler may enter scopes of its own there. A timeout cancels that scope;
+the loop dead-letters the message and goes on in a new scope. A run has two cancel scopes
+in all: its nursery's and this one.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from ._child import Child, Directive, log_extra
+from ._child import Child, ChildOwner, Directive, log_extra
 from ._deadletter import DeadLetterReason
 from ._errors import MessageFailed
 from ._events import EventKind
@@ -84,11 +86,12 @@ class AgentCell(Child):
     is_agent = True
 
     __slots__ = (
-        "_activate",
         "_cancel_reason",
+        "_dormant_run",
         "_failure",
+        "_handler_scope",
         "_held",
-        "_loop_scope",
+        "_make_context",
         "_release",
         "_suspended",
         "batch",
@@ -161,12 +164,15 @@ class AgentCell(Child):
         self._release: trio.Event | None = None
         #: parked in ``mailbox.receive()`` (a wake is a ``None`` sent to it)
         self.parked = False
-        self._loop_scope: trio.CancelScope | None = None
+        #: the serve loop's cancel scope; it has a deadline while a handler is suspended
+        self._handler_scope: trio.CancelScope | None = None
         self._suspended = False
         self._cancel_reason: DeadLetterReason | None = None
         self._failure: BaseException | None = None
-        self._activate: Callable[[], None] | None = None
-        self.ctx = make_context(self)
+        self._dormant_run = 0
+        self._make_context = make_context
+        #: built on the first run: an agent that never runs needs none
+        self.ctx: Context | None = None
 
     # --- the child interface ----------------------------------------------------------
 
@@ -199,7 +205,7 @@ class AgentCell(Child):
 
     def cancel_current(self, reason: DeadLetterReason) -> bool:
         """Cancel the handler that is working on the current message, if it is suspended."""
-        scope = self._loop_scope
+        scope = self._handler_scope
         if scope is None or not self._suspended:
             return False
         self._cancel_reason = reason
@@ -207,7 +213,6 @@ class AgentCell(Child):
         return True
 
     def on_retired(self, reason: str) -> None:
-        self._activate = None
         self.dormant = False
         dl_reason = (
             DeadLetterReason.SHUTDOWN if reason == "shutdown" else DeadLetterReason.AGENT_STOPPED
@@ -226,18 +231,17 @@ class AgentCell(Child):
     def starts_quietly(self) -> bool:
         return self.lazy
 
-    def start_dormant(self, activate: Callable[[], None]) -> bool:
+    def start_dormant(self, owner: ChildOwner, run: int) -> bool:
         if not self.lazy or self.mailbox.depth:
             return False
-        self._activate = activate
+        self._dormant_run = run
         return True
 
     def wake(self) -> None:
         """The first message arrived for a dormant agent: start its run now."""
-        activate = self._activate
-        if activate is not None:
-            self._activate = None
-            activate()
+        owner = self.supervisor
+        if owner is not None and self.dormant:
+            owner.activate(self, self._dormant_run)
 
     # --- a run --------------------------------------------------------------------------
 
@@ -249,11 +253,14 @@ class AgentCell(Child):
         self._failure = None
         behaviour: Behaviour = self.spec.factory()
         ctx = self.ctx
+        if ctx is None:
+            ctx = self.ctx = self._make_context(self)
         failure: BaseException | None = None
         try:
             try:
                 async with trio.open_nursery() as nursery:
                     self.nursery = nursery
+                    self.scope = nursery.cancel_scope
                     await behaviour.on_start(ctx)
                     self.signal_started()
                     self.ledger.event(EventKind.STARTED, self.id, self.name)
@@ -301,35 +308,23 @@ class AgentCell(Child):
         if failure is not None:
             raise failure
 
-    async def _serve(self, behaviour: Behaviour) -> None:
-        """Serve until asked to exit; a handler timeout ends one scope and we go on."""
-        while True:
-            with trio.CancelScope() as scope:
-                self._loop_scope = scope
-                await self._serve_in(scope, behaviour)
-                self._loop_scope = None
-                return
-            # Only a handler deadline or a request timeout cancels this scope.
-            self._loop_scope = None
-            msg = self.current
-            self.current = None
-            self._suspended = False
-            reason = self._cancel_reason or DeadLetterReason.HANDLER_TIMEOUT
-            self._cancel_reason = None
-            if msg is None:
-                continue
-            if reason is DeadLetterReason.HANDLER_TIMEOUT:
-                self.timed_out += 1
-                self.ledger.timed_out += 1
-                log.warning(
-                    "handler of agent %s timed out after %gs on message %s",
-                    self.label,
-                    self.handle_timeout,
-                    msg.id,
-                    extra=log_extra(self, msg),
-                )
-            self.dead_lettered += 1
-            self.ledger.dead_letter(msg, reason, self.id, self.name)
+    def _handler_cancelled(self, msg: Message) -> None:
+        """A handler deadline or a request timeout cancelled the handler of ``msg``."""
+        self.current = None
+        reason = self._cancel_reason or DeadLetterReason.HANDLER_TIMEOUT
+        self._cancel_reason = None
+        if reason is DeadLetterReason.HANDLER_TIMEOUT:
+            self.timed_out += 1
+            self.ledger.timed_out += 1
+            log.warning(
+                "handler of agent %s timed out after %gs on message %s",
+                self.label,
+                self.handle_timeout,
+                msg.id,
+                extra=log_extra(self, msg),
+            )
+        self.dead_lettered += 1
+        self.ledger.dead_letter(msg, reason, self.id, self.name)
 
     async def _wait_for_release(self) -> None:
         """Held after the grace period: nothing more is handled until the stop comes."""
@@ -338,13 +333,29 @@ class AgentCell(Child):
         self._release = trio.Event()
         await self._release.wait()
 
+    async def _serve(self, behaviour: Behaviour) -> None:
+        """Serve until asked to exit; a handler timeout ends one scope and we go on."""
+        while True:
+            with trio.CancelScope() as scope:
+                self._handler_scope = scope
+                await self._serve_in(scope, behaviour)
+                self._handler_scope = None
+                return
+            # Only a handler deadline or a request timeout cancels this scope.
+            self._handler_scope = None
+            msg = self.current
+            if msg is not None:
+                self._handler_cancelled(msg)
+
     async def _serve_in(self, scope: trio.CancelScope, behaviour: Behaviour) -> None:
+        """Serve the mailbox until asked to exit (or held after the grace period)."""
         router = self.router
         ledger = self.ledger
         mailbox = self.mailbox
         take = mailbox.take
         handler = behaviour.handle
         ctx = self.ctx
+        assert ctx is not None
         now = ledger.now
         batch = self.batch
         timeout = self.handle_timeout
@@ -377,7 +388,9 @@ class AgentCell(Child):
                     router.discard_queued([msg], DeadLetterReason.REQUEST_TIMEOUT, self, "")
                     continue
                 self.current = msg
-                start = now()
+                # The clock is read only for a sampled message (one in eight) or a
+                # handler that suspends: a read costs about as much as a no-op handler.
+                start = now() if not (ledger.handled + 1) & 7 else 0.0
                 try:
                     coro = handler(ctx, msg)
                     try:
@@ -387,7 +400,7 @@ class AgentCell(Child):
                     else:
                         # The handler suspended: only now does it get a deadline (a
                         # timer costs more than a whole message when nothing awaits).
-                        scope.deadline = start + timeout
+                        scope.deadline = (start or now()) + timeout
                         self._suspended = True
                         try:
                             result = await _resume(coro, trap)
@@ -404,7 +417,7 @@ class AgentCell(Child):
                 self.current = None
                 self.handled += 1
                 ledger.handled += 1
-                if not ledger.handled & 7:
+                if start and not ledger.handled & 7:
                     # Sampled one message in eight kernel-wide (agents that handle few
                     # messages are seen too): recording costs more than a no-op handler.
                     ledger.record_latency(start, msg)

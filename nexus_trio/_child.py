@@ -11,7 +11,6 @@ from __future__ import annotations
 import enum
 import uuid
 from collections import deque
-from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
 import trio
@@ -189,10 +188,9 @@ class Child:
         """True if starting runs no user code: nobody waits for its start."""
         return False
 
-    def start_dormant(self, activate: Callable[[], None]) -> bool:
-        """Offer to start later, when ``activate`` is called (e.g. on the first message).
-
-        Returns False (the default) to be started at once.
+    def start_dormant(self, owner: ChildOwner, run: int) -> bool:
+        """Offer to start later: on its first message, the child calls
+        ``owner.activate(self, run)``. Returns False (the default) to be started at once.
         """
         return False
 
@@ -214,6 +212,9 @@ class ChildOwner:
     __slots__ = ()
 
     async def terminate(self, child: Child, reason: str) -> None:
+        raise NotImplementedError
+
+    def activate(self, child: Child, run: int) -> None:
         raise NotImplementedError
 
 

@@ -305,24 +305,27 @@ class Kernel:
         """Send a message (tell) and return it.
 
         * unknown recipient: :class:`AgentNotFound` at once;
-        * room in the mailbox: enqueued without yielding (a cancelled caller gets
-          ``Cancelled`` before anything is enqueued);
+        * room in the mailbox: enqueued without yielding; a caller whose scope is
+          cancelled gets ``Cancelled`` at the latest on its sixteenth send (checking on
+          every send would cost more than the send itself), and never after a wait;
         * full: per the recipient's overflow policy; under ``block`` wait up to
           ``send_timeout`` for room (in Trio's FIFO of blocked senders), then
           :class:`MailboxFull` (not enqueued);
         * kernel shutting down: :class:`KernelShuttingDown`.
         """
-        if isinstance(to, Message):
+        if type(to) is Message:
             msg = to
         else:
             msg = Message(
                 sender=sender,
-                to=to.id if isinstance(to, AgentRef) else to,
+                to=to.id if type(to) is AgentRef else to,  # type: ignore[arg-type]
                 payload=payload,
                 kind=kind,
                 trace_id=trace_id,
             )
-        await self._router.send(msg, external=True)
+        router = self._router
+        if not router.fast(msg, True):
+            await router.send(msg)
         return msg
 
     def send_nowait(
@@ -336,12 +339,12 @@ class Kernel:
     ) -> Message:
         """Like :meth:`send` but never waits: a full mailbox raises :class:`MailboxFull` at once
         (``drop_newest``/``drop_oldest`` policies still accept and dead-letter)."""
-        if isinstance(to, Message):
+        if type(to) is Message:
             msg = to
         else:
             msg = Message(
                 sender=sender,
-                to=to.id if isinstance(to, AgentRef) else to,
+                to=to.id if type(to) is AgentRef else to,  # type: ignore[arg-type]
                 payload=payload,
                 kind=kind,
                 trace_id=trace_id,

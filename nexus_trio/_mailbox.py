@@ -60,8 +60,10 @@ class Mailbox:
         if capacity < 1:
             raise ValueError(f"mailbox capacity must be >= 1, got {capacity}")
         self.capacity = capacity
-        # ``None`` is the wake-up call for a parked consumer (never buffered, see wake_receiver).
-        self._send, self._receive = trio.open_memory_channel[Message | None](capacity)
+        # The channel pair is opened when the address first gets mail: an address that
+        # never receives anything (most of a million idle agents) costs no channel.
+        self._send: trio.MemorySendChannel[Message | None] | None = None
+        self._receive: trio.MemoryReceiveChannel[Message | None] | None = None
         self.depth = 0
         self.high_water = 0
         self._kernel_high = kernel_high if kernel_high is not None else HighWater()
@@ -70,6 +72,18 @@ class Mailbox:
 
     def __len__(self) -> int:
         return self.depth
+
+    def _open(
+        self,
+    ) -> tuple[trio.MemorySendChannel[Message | None], trio.MemoryReceiveChannel[Message | None]]:
+        # ``None`` is the wake-up call for a parked consumer (never buffered, see
+        # wake_receiver). Not ``open_memory_channel[Message | None](...)``: subscripting
+        # at run time builds a typing alias per call, which costs more than the channel.
+        channel: tuple[
+            trio.MemorySendChannel[Message | None], trio.MemoryReceiveChannel[Message | None]
+        ] = trio.open_memory_channel(self.capacity)
+        self._send, self._receive = channel
+        return channel
 
     def statistics(self) -> MailboxStatistics:
         return MailboxStatistics(
@@ -85,8 +99,11 @@ class Mailbox:
         Trio refuses (``WouldBlock``) while earlier producers are still waiting, so a
         newcomer never overtakes them.
         """
+        send = self._send
+        if send is None:
+            send = self._open()[0]
         try:
-            self._send.send_nowait(msg)
+            send.send_nowait(msg)
         except trio.WouldBlock:
             return False
         depth = self.depth = self.depth + 1
@@ -106,15 +123,21 @@ class Mailbox:
         enqueued. Raises ``trio.BrokenResourceError`` if the mailbox is closed (the
         agent stopped for good) while waiting.
         """
+        send = self._send
+        if send is None:
+            send = self._open()[0]
         self.waiting += 1
         try:
-            await self._send.send(msg)
+            await send.send(msg)
         finally:
             self.waiting -= 1
 
     def take(self) -> Message:
         """The oldest message, or ``trio.WouldBlock`` when empty."""
-        msg = self._receive.receive_nowait()
+        receive = self._receive
+        if receive is None:
+            raise trio.WouldBlock
+        msg = receive.receive_nowait()
         if self.waiting:
             # Trio has just moved a blocked producer's message into the freed slot.
             self._admitted()
@@ -123,6 +146,7 @@ class Mailbox:
         return msg  # type: ignore[return-value]  # None is never buffered
 
     def _admitted(self) -> None:
+        assert self._send is not None
         # One out, and if a producer was parked one of theirs in: the depth is what the
         # buffer holds. The waiting count is decremented by the producer when it resumes,
         # so count the buffer from the capacity side instead.
@@ -139,6 +163,8 @@ class Mailbox:
         waiting for room (Trio admits them in their order as room frees up)."""
         items: list[Message] = []
         receive = self._receive
+        if receive is None or (not self.depth and not self.waiting):
+            return items
         while True:
             try:
                 msg = receive.receive_nowait()
@@ -151,7 +177,10 @@ class Mailbox:
 
     async def receive(self) -> Message | None:
         """Wait for the next message; ``None`` if woken by :meth:`wake_receiver`."""
-        msg = await self._receive.receive()
+        receive = self._receive
+        if receive is None:
+            receive = self._open()[1]
+        msg = await receive.receive()
         if msg is None:
             return None
         if self.waiting:
@@ -166,8 +195,9 @@ class Mailbox:
         Trio hands a value straight to a parked receiver, so the ``None`` never sits in
         the buffer; if no receiver is parked (a message already woke it) nothing is sent.
         """
-        if self._send.statistics().tasks_waiting_receive:
-            self._send.send_nowait(None)
+        send = self._send
+        if send is not None and send.statistics().tasks_waiting_receive:
+            send.send_nowait(None)
 
     def close(self) -> list[Message]:
         """The agent is gone for good: take what is left, then close both ends.
@@ -176,6 +206,8 @@ class Mailbox:
         loop has admitted what fits, so only those beyond it).
         """
         items = self.take_all()
-        self._receive.close()
-        self._send.close()
+        # A channel that was never opened stays so: the address is unrouted by now.
+        if self._receive is not None and self._send is not None:
+            self._receive.close()
+            self._send.close()
         return items

@@ -252,6 +252,7 @@ class SupervisorNode(Child, ChildOwner):
         self._restart_times.clear()
         escalation: _Escalation | None = None
         async with trio.open_nursery() as nursery:
+            self.scope = nursery.cancel_scope
             self._nursery = nursery
             self._inbox_send = send
             try:
@@ -288,7 +289,34 @@ class SupervisorNode(Child, ChildOwner):
         child.supervisor = self
         self.children[child] = None
         if self._inbox_send is not None:
+            if child.starts_quietly() and self._park(child):
+                # An agent that starts on its first message: nothing to order or to run
+                # now, so no event for the supervisor loop (a million spawns stay cheap).
+                return
             self._inbox_send.send_nowait((_ADD, child))
+
+    def _park(self, child: Child) -> bool:
+        """Start ``child`` dormant (no task until its first message) if it agrees."""
+        child.run += 1
+        child.terminating = False
+        if child.start_dormant(self, child.run):
+            child.dormant = True
+            child.done = None
+            child.start_gate = None
+            return True
+        child.run -= 1
+        return False
+
+    def activate(self, child: Child, run: int) -> None:
+        """A dormant child's first message arrived: give it its task now."""
+        if child.run != run or not child.dormant or child.retired or child.terminating:
+            return
+        if self._nursery is None:
+            # This supervisor is not running; its next start picks the child up.
+            return
+        child.dormant = False
+        child.done = trio.Event()
+        self._nursery.start_soon(self._child_task, child, run, 0.0, child.done, None, None)
 
     async def terminate(self, child: Child, reason: str) -> None:
         """Stop ``child`` for good (``kernel.stop``); returns once it is stopped for good,
@@ -330,15 +358,12 @@ class SupervisorNode(Child, ChildOwner):
         self, child: Child, delay: float, after: trio.Event | None = None
     ) -> trio.Event | None:
         assert self._nursery is not None
+        if delay <= 0 and self._park(child):
+            # No task until there is work: an idle agent costs no task, nursery or frames.
+            return None
         child.run += 1
         child.terminating = False
         run = child.run
-        if delay <= 0 and child.start_dormant(lambda: self._activate(child, run)):
-            # No task until there is work: an idle agent costs no task, nursery or frames.
-            child.dormant = True
-            child.done = None
-            child.start_gate = None
-            return None
         child.dormant = False
         child.done = trio.Event()
         if child.starts_quietly():
@@ -349,16 +374,6 @@ class SupervisorNode(Child, ChildOwner):
         gate = child.start_gate = trio.Event()
         self._nursery.start_soon(self._child_task, child, run, delay, child.done, after, gate)
         return gate
-
-    def _activate(self, child: Child, run: int) -> None:
-        if child.run != run or not child.dormant or child.retired or child.terminating:
-            return
-        if self._nursery is None:
-            # This supervisor is not running; its next start picks the child up.
-            return
-        child.dormant = False
-        child.done = trio.Event()
-        self._nursery.start_soon(self._child_task, child, run, 0.0, child.done, None, None)
 
     async def _child_task(
         self,
@@ -371,21 +386,25 @@ class SupervisorNode(Child, ChildOwner):
     ) -> None:
         error: BaseException | None = None
         try:
-            with trio.CancelScope() as scope:
-                child.scope = scope
-                if delay > 0:
-                    await trio.sleep(delay)
-                if after is not None:
-                    await after.wait()
-                if child.terminating:
-                    # Stopped before this run got to start: there is nothing to run.
-                    return
-                child.running = True
-                child.started_at = trio.current_time()
-                try:
-                    await child.run_once()
-                except Exception as exc:
-                    error = exc
+            if delay > 0 or after is not None:
+                # Waiting for a backoff or for the previous sibling: cancellable alone.
+                with trio.CancelScope() as scope:
+                    child.scope = scope
+                    if delay > 0:
+                        await trio.sleep(delay)
+                    if after is not None:
+                        await after.wait()
+                child.scope = None
+            if child.terminating or child.retired:
+                # Stopped before this run got to start: there is nothing to run.
+                return
+            # The run's own nursery is its one cancel scope (the child sets ``scope``).
+            child.running = True
+            child.started_at = trio.current_time()
+            try:
+                await child.run_once()
+            except Exception as exc:
+                error = exc
             if error is None:
                 error = child.take_failure()
         finally:

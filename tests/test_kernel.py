@@ -179,14 +179,41 @@ async def test_sends_are_refused_once_the_kernel_is_shutting_down() -> None:
         assert kernel.stats().rejected == {"shutting_down": 3}
 
 
-async def test_a_cancelled_sender_enqueues_nothing() -> None:
+async def test_a_cancelled_producer_loop_is_stopped_within_sixteen_sends() -> None:
+    # A send with room does not yield; one in sixteen checks for cancellation (a check
+    # on every send would cost more than the send), so a cancelled loop stops quickly
+    # and what it enqueued before is accounted for.
     async with open_kernel(make_config()) as kernel:
         ref = kernel.spawn(noop)
+        sent = 0
         with trio.CancelScope() as scope:
             scope.cancel()
-            await kernel.send(ref, 1)
+            for i in range(100):
+                await kernel.send(ref, i)
+                sent += 1
         assert scope.cancelled_caught
-        assert kernel.stats().accepted == 0
+        assert sent < 16
+        assert kernel.stats().accepted == sent
+
+
+async def test_a_cancelled_sender_waiting_for_room_enqueues_nothing(autojump_clock: Any) -> None:
+    release = trio.Event()
+
+    @agent(mailbox_capacity=1)
+    async def slow(ctx: Context, msg: Message) -> None:
+        await release.wait()
+
+    async with open_kernel(make_config(send_timeout_ms=60_000)) as kernel:
+        ref = kernel.spawn(slow)
+        await kernel.send(ref, "handled")
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send(ref, "queued")
+        with trio.move_on_after(1) as scope:
+            await kernel.send(ref, "never")
+        assert scope.cancelled_caught
+        assert kernel.stats().accepted == 2
+        assert kernel.mailbox_statistics(ref).depth == 1
+        release.set()
 
 
 # --- overflow policies ----------------------------------------------------------------------------

@@ -28,7 +28,7 @@ class _Boom(Exception):
     pass
 
 
-@agent(name="flaky")
+@agent(name="flaky", on_error="restart")
 async def _flaky(ctx: Context, msg: Message) -> None:
     raise _Boom(msg.payload)
 
