@@ -47,12 +47,18 @@ class HistogramSnapshot:
 
 @final
 class Histogram:
-    """A fixed-size latency histogram with O(1) recording."""
+    """A fixed-size latency histogram with O(1) recording.
 
-    __slots__ = ("_counts", "count", "maximum", "total")
+    It remembers the lowest and highest bucket used, so a snapshot scans only that
+    range once for all its quantiles (``Kernel.stats()`` stays cheap).
+    """
+
+    __slots__ = ("_counts", "_hi", "_lo", "count", "maximum", "total")
 
     def __init__(self) -> None:
         self._counts = [0] * _SLOTS
+        self._lo = _SLOTS
+        self._hi = -1
         self.count = 0
         self.total = 0.0
         self.maximum = 0.0
@@ -63,47 +69,67 @@ class Histogram:
         if seconds > self.maximum:
             self.maximum = seconds
         if seconds <= 0.0:
-            self._counts[0] += 1
-            return
-        mantissa, exponent = math.frexp(seconds)
-        index = (exponent - _EMIN) * _SUB + int((mantissa - 0.5) * 2 * _SUB)
-        if index < 0:
             index = 0
-        elif index >= _SLOTS:
-            index = _SLOTS - 1
+        else:
+            mantissa, exponent = math.frexp(seconds)
+            index = (exponent - _EMIN) * _SUB + int((mantissa - 0.5) * 2 * _SUB)
+            if index < 0:
+                index = 0
+            elif index >= _SLOTS:
+                index = _SLOTS - 1
         self._counts[index] += 1
+        if index < self._lo:
+            self._lo = index
+        if index > self._hi:
+            self._hi = index
+
+    def quantiles(self, qs: tuple[float, ...]) -> list[float]:
+        """Upper bounds of the buckets holding each quantile of ``qs`` (ascending), one scan."""
+        for q in qs:
+            if not 0.0 <= q <= 1.0:
+                raise ValueError(f"quantile must be within [0, 1], got {q}")
+        if self.count == 0:
+            return [0.0] * len(qs)
+        ranks = [max(1, math.ceil(q * self.count)) for q in qs]
+        out: list[float] = []
+        seen = 0
+        counts = self._counts
+        want = 0
+        for index in range(self._lo, self._hi + 1):
+            seen += counts[index]
+            while want < len(ranks) and seen >= ranks[want]:
+                out.append(min(_bucket_upper(index), self.maximum))
+                want += 1
+            if want == len(ranks):
+                break
+        out.extend([self.maximum] * (len(ranks) - len(out)))
+        return out
 
     def quantile(self, q: float) -> float:
         """Upper bound of the bucket holding the ``q`` quantile (0 if empty)."""
-        if not 0.0 <= q <= 1.0:
-            raise ValueError(f"quantile must be within [0, 1], got {q}")
-        if self.count == 0:
-            return 0.0
-        rank = max(1, math.ceil(q * self.count))
-        seen = 0
-        for index, n in enumerate(self._counts):
-            seen += n
-            if seen >= rank:
-                return min(_bucket_upper(index), self.maximum)
-        return self.maximum
+        return self.quantiles((q,))[0]
 
     def merge(self, other: Histogram) -> None:
-        for index, n in enumerate(other._counts):
+        for index in range(other._lo, other._hi + 1):
+            n = other._counts[index]
             if n:
                 self._counts[index] += n
+        self._lo = min(self._lo, other._lo)
+        self._hi = max(self._hi, other._hi)
         self.count += other.count
         self.total += other.total
         self.maximum = max(self.maximum, other.maximum)
 
     def snapshot(self) -> HistogramSnapshot:
+        p50, p90, p99, p999 = self.quantiles((0.5, 0.9, 0.99, 0.999))
         return HistogramSnapshot(
             count=self.count,
             total=self.total,
             maximum=self.maximum,
-            p50=self.quantile(0.5),
-            p90=self.quantile(0.9),
-            p99=self.quantile(0.99),
-            p999=self.quantile(0.999),
+            p50=p50,
+            p90=p90,
+            p99=p99,
+            p999=p999,
         )
 
 
