@@ -20,6 +20,7 @@ from typing import Final, final
 import trio
 
 from ._deadletter import DeadLetter, DeadLetterReason
+from ._errors import AgentNotFound, KernelShuttingDown
 from ._events import EventKind, LifecycleEvent
 from ._logfields import log_fields
 from ._mailbox import HighWater
@@ -96,8 +97,6 @@ class Ledger:
 
     def reject(self, exc: BaseException) -> None:
         """A send refused with an exception to its caller (never accepted)."""
-        from ._errors import AgentNotFound, KernelShuttingDown
-
         if isinstance(exc, AgentNotFound):
             key = "no_such_agent"
         elif isinstance(exc, KernelShuttingDown):

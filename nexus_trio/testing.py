@@ -173,7 +173,7 @@ def assert_conserved(kernel: Kernel) -> None:
     total = s.handled + s.replies_delivered + s.forwarded + s.dead_lettered + s.in_flight
     if s.accepted != total or s.in_flight < 0:
         raise AssertionError(f"message accounting does not add up: {s}")
-    if kernel.stopping and kernel._shutdown_finished.is_set() and s.in_flight:
+    if kernel.stopped and s.in_flight:
         raise AssertionError(f"{s.in_flight} messages still in flight after shutdown")
 
 

@@ -266,7 +266,7 @@ APP_MODULE = """
         raise ValueError("the app broke")
 
     async def escalates(kernel):
-        kernel.spawn(boom.with_options(name="boom2", restart="permanent"))
+        kernel.spawn(boom.with_options(name="boom2", restart="permanent", on_error="restart"))
         while True:
             await kernel.send("boom2", "x")
             await trio.sleep(0.01)
@@ -321,6 +321,7 @@ def test_run_whose_supervision_escalates_exits_1_and_still_adds_up(app_module):
     result = invoke(
         ["run", "--app", f"{app_module}:escalates", "--json", "--no-live"],
         NEXUS_SUPERVISION__MAX_RESTARTS="1",
+        NEXUS_SUPERVISION__ESCALATE_TO_KERNEL="true",
     )
     assert result.exit_code == 1
     summary = json.loads(result.stdout)
