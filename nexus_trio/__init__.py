@@ -52,6 +52,7 @@ from ._streams import Subscription as Subscription
 from ._supervisor import Backoff as Backoff
 from ._supervisor import Supervisor as Supervisor
 from ._transport import Transport as Transport
+from .logs import configure_logging as configure_logging
 
 __version__ = "0.1.0"
 
@@ -101,6 +102,7 @@ __all__ = [
     "TransportHandle",
     "TransportUnavailable",
     "agent",
+    "configure_logging",
     "new_id",
     "open_kernel",
 ]

@@ -294,6 +294,13 @@ def _check_port(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         )
 
 
+def _boolean(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(
+            f"[{_section_of(inst)}] {attribute.name} must be true or false, got {value!r}"
+        )
+
+
 def _check_host(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(
@@ -303,7 +310,11 @@ def _check_host(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
 
 @attrs.frozen
 class MetricsConfig:
-    """``[metrics]``: the optional Prometheus endpoint of ``nexus run``."""
+    """``[metrics]``: the optional Prometheus endpoint of ``nexus run``.
+
+    A scrape costs O(1) in the number of agents unless ``per_agent`` is set; then the
+    ``per_agent_limit`` agents with the deepest mailboxes get series of their own.
+    """
 
     _section = "metrics"
 
@@ -316,6 +327,21 @@ class MetricsConfig:
         default="127.0.0.1",
         validator=_check_host,
         metadata=_doc("address the metrics endpoint listens on"),
+    )
+    per_agent: bool = attrs.field(
+        default=False,
+        validator=_boolean,
+        metadata=_doc("also export per-agent series (costs O(agents) per scrape; off by default)"),
+    )
+    per_agent_limit: int = attrs.field(
+        default=1000,
+        validator=_at_least(1, integer=True),
+        metadata=_doc("with per_agent: export only this many agents, the deepest mailboxes first"),
+    )
+    cache_ms: float = attrs.field(
+        default=1000,
+        validator=_at_least(0),
+        metadata=_doc("scrapes within this many ms share one render; 0 = share concurrent only"),
     )
 
 

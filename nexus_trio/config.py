@@ -5,9 +5,13 @@ embedded defaults < the config file < ``NEXUS_SECTION__KEY`` environment variabl
 overrides from the command line. The file is ``--config FILE`` when given, else the first
 of :func:`search_paths` that exists. Every value is validated in its own layer, so an
 error names where the bad value came from: the file and line, the environment variable,
-or the override. A file that exists but is broken is an error, never skipped; an
-unknown key is a warning with a "did you mean". :class:`LoadedConfig` remembers where
-each effective value came from, which :func:`render_effective` prints.
+or the override. A file that exists but is broken is an error, never skipped; so is an
+unknown key or section (with a "did you mean"), unless unknown names are allowed
+(``allow_unknown=True`` or ``NEXUS_ALLOW_UNKNOWN=1``), when they are only warnings. A
+config can start programs (``[app] spawn``), so a file that others could have written
+(group- or world-writable, or owned by another user than you or root) is refused, as ssh
+refuses such files. :class:`LoadedConfig` remembers where each effective value came from,
+which :func:`render_effective` prints.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import difflib
 import logging
 import os
 import re
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,8 +34,10 @@ from ._config import SECTIONS, Config
 from ._errors import NexusError
 
 __all__ = [
+    "ALLOW_UNKNOWN_ENV",
     "ConfigError",
     "LoadedConfig",
+    "check_file_permissions",
     "load_config",
     "render_effective",
     "render_template",
@@ -41,6 +48,8 @@ __all__ = [
 log = logging.getLogger("nexus_trio.config")
 
 ENV_PREFIX = "NEXUS_"
+#: Set to 1 (or true/yes/on) to make unknown config keys warnings instead of errors.
+ALLOW_UNKNOWN_ENV = "NEXUS_ALLOW_UNKNOWN"
 SYSTEM_CONFIG = Path("/etc/nexus/config.toml")
 
 # Python values of a Config, enums as their TOML strings (the wire form of the file).
@@ -99,6 +108,15 @@ class LoadedConfig:
     path: Path | None
     sources: Mapping[str, str]
     warnings: tuple[str, ...] = ()
+    #: True when ``path`` was given (``--config``), False when it was found in the search path
+    explicit: bool = False
+
+    def describe_source(self) -> str:
+        """One line saying which config file was loaded and how it was found (for startup logs)."""
+        if self.path is None:
+            return "no config file loaded (defaults and environment only)"
+        how = "given with --config" if self.explicit else "found in the search path"
+        return f"loaded config file {self.path} ({how})"
 
 
 def search_paths(*, cwd: Path | None = None, env: Mapping[str, str] | None = None) -> list[Path]:
@@ -213,6 +231,80 @@ def _section_line(text: str, section: str) -> int | None:
 
 def _first(lines: list[int]) -> int | None:
     return lines[0] if lines else None
+
+
+# --- who may have written the file ------------------------------------------------------------
+
+
+def _owner_name(uid: int) -> str:
+    try:
+        import pwd
+
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+
+
+def check_file_permissions(path: Path) -> None:
+    """Refuse a config file that someone other than you or root could have written.
+
+    A config can start programs (``[app] spawn``) and open ports, so, as ssh does with its
+    config files, a file that is writable by its group or by others, or that is owned by
+    another user than the current one or root, raises :class:`ConfigError` naming the
+    file, its mode and its owner. Does nothing where there are no POSIX owners (Windows).
+    """
+    geteuid = getattr(os, "geteuid", None)
+    if geteuid is None:
+        return
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file: {exc.strerror or exc}", path=path) from None
+    me = geteuid()
+    mode = f"mode {stat.filemode(info.st_mode)} ({stat.S_IMODE(info.st_mode):04o})"
+    owner = _owner_name(info.st_uid)
+    if info.st_uid not in (0, me):
+        raise ConfigError(
+            f"refusing to load a config file owned by another user: owner {owner}, {mode}; "
+            f"it could start programs as you ([app] spawn). It must be owned by you, "
+            f"{_owner_name(me)}, or by root",
+            path=path,
+        )
+    writable_by = [
+        who
+        for who, bit in (("group", stat.S_IWGRP), ("others", stat.S_IWOTH))
+        if info.st_mode & bit
+    ]
+    if writable_by:
+        raise ConfigError(
+            f"refusing to load a config file writable by {' and '.join(writable_by)}: "
+            f"{mode}, owner {owner}; anyone who can write it could start programs as you "
+            f"([app] spawn). Fix it with: chmod go-w {path}",
+            path=path,
+        )
+
+
+def _allow_unknown_from_env(env: Mapping[str, str]) -> bool:
+    raw = env.get(ALLOW_UNKNOWN_ENV, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(
+        f"must be 1, true, yes or on (or 0, false, no, off), got {env[ALLOW_UNKNOWN_ENV]!r}",
+        origin=f"environment variable {ALLOW_UNKNOWN_ENV}",
+    )
+
+
+def _unknown_names_error(unknown: list[str], file: Path | None) -> ConfigError:
+    """One error for every unknown name found, the first one first (with its "did you mean")."""
+    hint = (
+        f"(a misspelt key would silently keep its default; to only warn about unknown names, "
+        f"pass --allow-unknown or set {ALLOW_UNKNOWN_ENV}=1)"
+    )
+    error = ConfigError("\n".join([*unknown, hint]))
+    error.path = file  # each entry already names its file:line or variable, so not in the text
+    return error
 
 
 # --- the layers --------------------------------------------------------------------------------
@@ -353,6 +445,7 @@ def load_config(
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
     cwd: Path | None = None,
+    allow_unknown: bool | None = None,
 ) -> LoadedConfig:
     """Build the effective config: defaults < file < environment < ``overrides``.
 
@@ -363,9 +456,15 @@ def load_config(
     Python value (``None`` = not given); their source is ``"cli"``.
 
     Raises :class:`ConfigError` naming the file and line, the variable or the override
-    of the first invalid value. Unknown keys are warnings (logged and returned).
+    of the first invalid value, and for a file that others could have written (see
+    :func:`check_file_permissions`). Unknown sections and keys, in the file or the
+    environment, raise :class:`ConfigError` listing each with a suggestion; with
+    ``allow_unknown=True`` they are warnings instead (logged and returned in
+    ``warnings``). ``allow_unknown=None`` reads ``NEXUS_ALLOW_UNKNOWN`` from ``env``.
     """
     env = os.environ if env is None else env
+    if allow_unknown is None:
+        allow_unknown = _allow_unknown_from_env(env)
     base = Path.cwd() if cwd is None else Path(cwd)
     values: _Values = {section: {} for section in SECTIONS}
     sources: dict[str, str] = {
@@ -386,8 +485,11 @@ def load_config(
                 file = candidate.absolute()
                 break
     if file is not None:
+        check_file_permissions(file)
         _read_file(file, values, sources, warnings)
     _read_env(env, values, sources, warnings)
+    if warnings and not allow_unknown:
+        raise _unknown_names_error(warnings, file)
     if overrides:
         _apply_overrides(overrides, values, sources)
 
@@ -399,7 +501,7 @@ def load_config(
             raise ConfigError(str(exc), path=file, origin="config") from None
     for warning in warnings:
         log.warning("%s", warning)
-    return LoadedConfig(Config(**tables), file, sources, tuple(warnings))
+    return LoadedConfig(Config(**tables), file, sources, tuple(warnings), explicit=path is not None)
 
 
 # --- rendering ---------------------------------------------------------------------------------
@@ -454,7 +556,14 @@ def write_template(path: Path | str, *, force: bool = False) -> Path:
     target = Path(path).expanduser().absolute()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        with target.open("w" if force else "x", encoding="utf-8") as file:
+        # 0o644 at most (the umask may take more away): load_config refuses a config
+        # file that the group or others can write.
+        with open(
+            target,
+            "w" if force else "x",
+            encoding="utf-8",
+            opener=lambda name, flags: os.open(name, flags, 0o644),
+        ) as file:
             file.write(render_template())
     except FileExistsError:
         raise ConfigError(

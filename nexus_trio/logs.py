@@ -7,20 +7,35 @@ for you), ``msg_id`` and ``trace_id`` for a message. :func:`configure_logging` i
 one handler on the ``nexus_trio`` logger that renders those attributes in one of three
 formats: ``compact`` (one line of text with ``key=value`` pairs), ``json`` (one object per
 line, for log collectors) or ``pretty`` (rich, for people at a terminal). Handlers you
-install yourself are left alone and keep receiving the records.
+install yourself are left alone and keep receiving the records. Log text carries names and
+payloads that come from outside (agent names, exception messages, a NATS peer's ``to``), so
+every text field is passed through :func:`escape_control`: a newline, a carriage return or
+a terminal escape sequence in them cannot forge a log line or drive the terminal.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
-from typing import Any, TextIO
+import traceback
+from types import TracebackType
+from typing import Any, Final, TextIO
 
 from ._config import LoggingConfig
 
-__all__ = ["CompactFormatter", "JsonFormatter", "configure_logging", "level_number"]
+__all__ = [
+    "CompactFormatter",
+    "JsonFormatter",
+    "configure_logging",
+    "escape_control",
+    "install_default_logging",
+    "level_number",
+]
+
+_ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
 
 LOGGER_NAME = "nexus_trio"
 
@@ -58,6 +73,83 @@ def level_number(level: str) -> int:
         ) from None
 
 
+# C0 controls (newline, carriage return, tab, ESC, ...), DEL and C1 controls (NEL, CSI, ...),
+# the Unicode line and paragraph separators and the bidirectional overrides that can make a
+# line read differently from what it holds ("Trojan Source").
+_CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_NAMED: Final = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_one(match: re.Match[str]) -> str:
+    char = match.group()
+    named = _NAMED.get(char)
+    if named is not None:
+        return named
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_control(text: str) -> str:
+    """``text`` with every control character written as a visible escape.
+
+    ``\\n``, ``\\r`` and ``\\t`` for newline, carriage return and tab; ``\\xNN`` for the
+    other C0 controls, DEL and the C1 controls (ESC is ``\\x1b``, NEL ``\\x85``);
+    ``\\uNNNN`` for U+2028, U+2029 and the bidirectional overrides. Everything else,
+    backslashes included, is left as it is, so ordinary text is unchanged (and returned
+    as the same object). Use it on any text from outside that is written to a log or a
+    terminal, e.g. the lines of a child process's standard error.
+    """
+    if _CONTROL.search(text) is None:
+        return text
+    return _CONTROL.sub(_escape_one, text)
+
+
+def _escape_lines(text: str) -> str:
+    """Escape each line of a multi-line text, keeping its line breaks."""
+    return "\n".join(escape_control(line) for line in text.split("\n"))
+
+
+def _escape_exception_texts(exc: traceback.TracebackException, seen: set[int]) -> None:
+    """Escape the messages (and notes) of ``exc`` and its causes, contexts and group members.
+
+    The frames of a traceback are lines on their own, but an exception's message is
+    arbitrary text written into the traceback's last line: escaped here, a newline in it
+    cannot start a line of its own. ``TracebackException`` keeps the message in ``_str``
+    (CPython 3.11 to 3.13); without it the lines are still escaped one by one.
+    """
+    if id(exc) in seen:
+        return
+    seen.add(id(exc))
+    message = getattr(exc, "_str", None)
+    if isinstance(message, str):
+        setattr(exc, "_str", escape_control(message))  # noqa: B010 - see the docstring
+    notes = getattr(exc, "__notes__", None)
+    if isinstance(notes, list):
+        exc.__notes__ = [escape_control(str(note)) for note in notes]
+    syntax_message = getattr(exc, "msg", None)  # a SyntaxError's message
+    if isinstance(syntax_message, str):
+        setattr(exc, "msg", escape_control(syntax_message))  # noqa: B010
+    for linked in (exc.__cause__, exc.__context__):
+        if linked is not None:
+            _escape_exception_texts(linked, seen)
+    for member in getattr(exc, "exceptions", None) or ():
+        _escape_exception_texts(member, seen)
+
+
+def _format_exception_escaped(exc_info: _ExcInfo) -> str:
+    """The traceback of ``exc_info`` as ``logging`` writes it, with control characters escaped.
+
+    Line breaks between the lines of the traceback stay; any other control character,
+    including a line break inside an exception's message, is escaped (:func:`escape_control`).
+    """
+    exc_type, exc_value, exc_tb = exc_info
+    if exc_type is None or exc_value is None:
+        return "NoneType: None"
+    formatted = traceback.TracebackException(exc_type, exc_value, exc_tb, compact=True)
+    _escape_exception_texts(formatted, set())
+    return _escape_lines("".join(formatted.format()).rstrip("\n"))
+
+
 def _timestamp(record: logging.LogRecord) -> str:
     # UTC, millisecond precision, formatted only when a record is actually emitted.
     seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
@@ -79,24 +171,50 @@ def _extras(record: logging.LogRecord) -> list[tuple[str, Any]]:
 def _text(value: Any) -> str:
     text = str(value)
     if not text or any(c.isspace() or c in "\"'=" for c in text):
-        return json.dumps(text, ensure_ascii=False)
-    return text
+        # json.dumps escapes C0 controls; escape_control then takes the C1 ones and U+2028.
+        return escape_control(json.dumps(text, ensure_ascii=False))
+    return escape_control(text)
 
 
-class CompactFormatter(logging.Formatter):
+class _EscapingFormatter(logging.Formatter):
+    """Tracebacks and stacks with their control characters escaped, line breaks kept."""
+
+    def formatException(self, ei: Any) -> str:
+        return _format_exception_escaped(ei)
+
+    def formatStack(self, stack_info: str) -> str:
+        return _escape_lines(stack_info)
+
+    def _exception_text(self, record: logging.LogRecord) -> str | None:
+        # Formatted here rather than read from record.exc_text, which another handler's
+        # formatter may have filled in unescaped.
+        if record.exc_info:
+            return self.formatException(record.exc_info)
+        if record.exc_text:
+            return _escape_lines(record.exc_text)
+        return None
+
+
+class CompactFormatter(_EscapingFormatter):
     """One line per record: ``time level logger message key=value ...``.
 
-    A traceback, when the record has one, follows on the next lines.
+    A traceback, when the record has one, follows on the next lines. Control characters
+    in the logger name, the message, the extras and the traceback's texts are escaped
+    (:func:`escape_control`), so a record is always exactly one line plus its traceback.
     """
 
     def format(self, record: logging.LogRecord) -> str:
-        parts = [_timestamp(record), f"{record.levelname:<8}", record.name, record.getMessage()]
-        parts.extend(f"{key}={_text(value)}" for key, value in _extras(record))
+        parts = [
+            _timestamp(record),
+            f"{record.levelname:<8}",
+            escape_control(record.name),
+            escape_control(record.getMessage()),
+        ]
+        parts.extend(f"{escape_control(key)}={_text(value)}" for key, value in _extras(record))
         line = " ".join(parts)
-        if record.exc_info and not record.exc_text:
-            record.exc_text = self.formatException(record.exc_info)
-        if record.exc_text:
-            line = f"{line}\n{record.exc_text}"
+        exc_text = self._exception_text(record)
+        if exc_text:
+            line = f"{line}\n{exc_text}"
         if record.stack_info:
             line = f"{line}\n{self.formatStack(record.stack_info)}"
         return line
@@ -112,6 +230,16 @@ def _json_value(value: Any) -> Any:
     return str(value)
 
 
+# Characters JSON allows raw inside strings but that split lines for some readers (U+2028
+# and U+2029 in JavaScript, NEL U+0085 in Python's str.splitlines) or drive a terminal (the
+# C1 controls, DEL), and the bidirectional overrides: written as \\uNNNN escapes. They can
+# only occur inside strings of json.dumps output, where such an escape means the same.
+_JSON_ESCAPES: Final = {
+    code: f"\\u{code:04x}"
+    for code in [*range(0x7F, 0xA0), 0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+}
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line.
 
@@ -120,7 +248,9 @@ class JsonFormatter(logging.Formatter):
     attribute when present and not empty, ``exc`` (the formatted traceback) when the
     record carries an exception and ``stack`` for ``stack_info``. Values that are not
     JSON types are written as strings; an extra attribute whose name is taken is written
-    as ``extra_<name>``.
+    as ``extra_<name>``. Control characters are ``\\u`` escapes: JSON's own (C0) and also
+    DEL, the C1 controls (NEL U+0085 among them), U+2028, U+2029 and the bidirectional
+    overrides, so a record is one line for every reader.
     """
 
     def format(self, record: logging.LogRecord) -> str:
@@ -138,19 +268,82 @@ class JsonFormatter(logging.Formatter):
             entry["exc"] = record.exc_text
         if record.stack_info:
             entry["stack"] = self.formatStack(record.stack_info)
-        return json.dumps(entry, ensure_ascii=False)
+        return json.dumps(entry, ensure_ascii=False).translate(_JSON_ESCAPES)
 
 
-class _PrettyFormatter(logging.Formatter):
+class _PrettyFormatter(_EscapingFormatter):
     """The message and its ``key=value`` extras; rich draws time, level and traceback."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        extras = " ".join(f"{key}={_text(value)}" for key, value in _extras(record))
-        message = record.getMessage()
+        extras = " ".join(f"{escape_control(key)}={_text(value)}" for key, value in _extras(record))
+        message = escape_control(record.getMessage())
         return f"{message}  {extras}" if extras else message
 
     def format(self, record: logging.LogRecord) -> str:
         return self.formatMessage(record)
+
+
+def _make_rich_handler(console: Any) -> logging.Handler:
+    from rich.logging import RichHandler
+    from rich.traceback import Trace, Traceback
+
+    def escape_trace(trace: Trace) -> None:
+        for stack in trace.stacks:
+            stack.exc_type = escape_control(stack.exc_type)
+            stack.exc_value = escape_control(stack.exc_value)
+            stack.notes = [escape_control(note) for note in stack.notes]
+            for frame in stack.frames:
+                frame.filename = escape_control(frame.filename)
+                frame.name = escape_control(frame.name)
+            if stack.syntax_error is not None:
+                stack.syntax_error.msg = escape_control(stack.syntax_error.msg)
+                stack.syntax_error.line = escape_control(stack.syntax_error.line)
+            for member in stack.exceptions:
+                escape_trace(member)
+
+    class EscapingRichHandler(RichHandler):
+        """RichHandler whose tracebacks show exception texts with control characters escaped.
+
+        Rich writes an exception's message to the terminal as it is (ESC included), so the
+        traceback is extracted, escaped and then drawn, as ``RichHandler.emit`` would.
+        """
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if not (record.exc_info and record.exc_info[1] is not None):
+                super().emit(record)
+                return
+            exc_type, exc_value, exc_tb = record.exc_info
+            assert exc_type is not None
+            trace = Traceback.extract(exc_type, exc_value, exc_tb)
+            escape_trace(trace)
+            rendered = Traceback(
+                trace,
+                width=self.tracebacks_width,
+                extra_lines=self.tracebacks_extra_lines,
+                theme=self.tracebacks_theme,
+                word_wrap=self.tracebacks_word_wrap,
+                suppress=self.tracebacks_suppress,
+                max_frames=self.tracebacks_max_frames,
+            )
+            message = self.formatter.formatMessage(record) if self.formatter else ""
+            try:
+                self.console.print(
+                    self.render(
+                        record=record,
+                        traceback=rendered,
+                        message_renderable=self.render_message(record, message),
+                    )
+                )
+            except Exception:
+                self.handleError(record)
+
+    return EscapingRichHandler(
+        console=console,
+        show_path=False,
+        rich_tracebacks=True,
+        markup=False,
+        log_time_format="%H:%M:%S",
+    )
 
 
 def _make_handler(cfg: LoggingConfig, stream: TextIO | None) -> logging.Handler:
@@ -159,16 +352,9 @@ def _make_handler(cfg: LoggingConfig, stream: TextIO | None) -> logging.Handler:
         handler.setFormatter(JsonFormatter())
     elif cfg.format == "pretty":
         from rich.console import Console
-        from rich.logging import RichHandler
 
         console = Console(file=stream) if stream is not None else Console(stderr=True)
-        handler = RichHandler(
-            console=console,
-            show_path=False,
-            rich_tracebacks=True,
-            markup=False,
-            log_time_format="%H:%M:%S",
-        )
+        handler = _make_rich_handler(console)
         handler.setFormatter(_PrettyFormatter())
     elif cfg.format == "compact":
         handler = logging.StreamHandler(stream or sys.stderr)
@@ -180,18 +366,34 @@ def _make_handler(cfg: LoggingConfig, stream: TextIO | None) -> logging.Handler:
     return handler
 
 
-def configure_logging(cfg: LoggingConfig, *, stream: TextIO | None = None) -> None:
-    """Send ``nexus_trio`` log records at ``cfg.level`` and above to ``stream`` in ``cfg.format``.
+def configure_logging(
+    level: str | LoggingConfig = "info",
+    format: str = "compact",
+    *,
+    stream: TextIO | None = None,
+) -> None:
+    """Send ``nexus_trio`` log records at ``level`` and above to ``stream`` in ``format``.
+
+    ``level`` is a ``[logging] level`` name (``"debug"``, ``"info"``, ``"warning"``, ...)
+    and ``format`` one of ``"compact"``, ``"json"``, ``"pretty"``; a :class:`LoggingConfig`
+    (``configure_logging(config.logging)``) gives both. Typical use, first thing in a
+    program run with plain ``python``::
+
+        nexus_trio.configure_logging()  # agents' ctx.log lines, with times, to stderr
 
     Installs one handler on the ``nexus_trio`` logger (``stream`` defaults to standard
     error) and sets that logger's level. Calling it again replaces the handler it
     installed before and nothing else: handlers added by the application, on this logger
     or on the root logger, keep working (records still propagate to the root logger, so
     an application that also configures the root logger sees them twice; give it
-    ``logging.getLogger("nexus_trio").propagate = False`` if that is not wanted).
+    ``logging.getLogger("nexus_trio").propagate = False`` if that is not wanted). A bad
+    level or format raises ``ValueError`` naming it.
     """
-    level = level_number(cfg.level)
-    handler = _make_handler(cfg, stream)
+    cfg = level if isinstance(level, LoggingConfig) else LoggingConfig(level=level, format=format)
+    _install(_make_handler(cfg, stream), level_number(cfg.level))
+
+
+def _install(handler: logging.Handler, level: int | None) -> None:
     setattr(handler, _MARK, True)
     logger = logging.getLogger(LOGGER_NAME)
     for previous in list(logger.handlers):
@@ -199,4 +401,40 @@ def configure_logging(cfg: LoggingConfig, *, stream: TextIO | None = None) -> No
             logger.removeHandler(previous)
             previous.close()
     logger.addHandler(handler)
-    logger.setLevel(level)
+    if level is not None:
+        logger.setLevel(level)
+
+
+class _UnlessRootConfigured(logging.Filter):
+    """Lets records through only while the root logger has no handlers.
+
+    The default handler stands in for an application that configured no logging; once it
+    configures the root logger (``logging.basicConfig`` after the kernel started), records
+    reach the root's handlers and would otherwise be written twice.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not logging.getLogger().handlers
+
+
+def install_default_logging(cfg: LoggingConfig | None = None) -> bool:
+    """Give ``nexus_trio`` records a handler if the application configured no logging at all.
+
+    Under plain ``python`` with no logging set up, Python writes only WARNING and above,
+    without a time, and ``ctx.log`` lines are lost. So when neither the ``nexus_trio``
+    logger nor the root logger has a handler, this installs the handler of
+    :func:`configure_logging` (``cfg`` or the defaults: ``info``, ``compact``, standard
+    error) and returns True; otherwise it changes nothing and returns False. The handler
+    goes quiet as soon as the root logger gets a handler, and :func:`configure_logging`
+    replaces it. :func:`nexus_trio.open_kernel` calls this with the kernel's
+    ``config.logging``.
+    """
+    logger = logging.getLogger(LOGGER_NAME)
+    if logger.handlers or logging.getLogger().handlers:
+        return False
+    cfg = cfg if cfg is not None else LoggingConfig()
+    handler = _make_handler(cfg, None)
+    handler.addFilter(_UnlessRootConfigured())
+    # A level the application set on the nexus_trio logger is kept.
+    _install(handler, level_number(cfg.level) if logger.level == logging.NOTSET else None)
+    return True

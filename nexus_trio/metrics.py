@@ -1,16 +1,21 @@
 """Prometheus metrics and a health check for a running kernel, served from Trio.
 
 ``await serve_metrics(kernel, host, port)`` runs a tiny HTTP/1.1 server (``trio.serve_tcp``
-style, one request per connection) in the kernel's own Trio thread, so every scrape reads
-:meth:`Kernel.stats` consistently, without locks and without the threaded server of
-``prometheus_client``:
+style, one request per connection) next to the kernel:
 
 * ``GET /metrics`` — the Prometheus text format (``prometheus_client.generate_latest`` on a
   custom collector): kernel counters, dead letters and rejected sends by reason, the
-  handle-latency and queue-wait summaries, per-agent series (up to ``per_agent_limit``
-  agents) and the ``process_*`` series of the process;
+  handle-latency and queue-wait summaries, the ``process_*`` series of the process and, only
+  when asked for (``[metrics] per_agent``), per-agent series for at most ``per_agent_limit``
+  agents, the deepest mailboxes first;
 * ``GET /healthz`` — ``200 ok`` while the kernel runs and is not shutting down, ``503``
   otherwise (what ``nexus health`` and a container ``HEALTHCHECK`` ask).
+
+A scrape must not stall the agents it observes. So the kernel thread only copies the
+counters (``kernel.stats()``, O(1) in the number of agents unless per-agent series are on);
+turning them into text, the expensive part, runs in a worker thread; and scrapes share
+renders (:class:`MetricsRenderer`): one render at a time, concurrent scrapes wait for the
+one in progress, and a render is reused for ``cache_ms``.
 
 Typical use, next to a kernel::
 
@@ -21,10 +26,12 @@ Typical use, next to a kernel::
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Final
 
+import attrs
 import trio
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -32,21 +39,90 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 if TYPE_CHECKING:
     from ._kernel import Kernel
-    from ._stats import HistogramSnapshot
+    from ._stats import AgentStats, HistogramSnapshot, KernelStats
 
-__all__ = ["KernelCollector", "build_registry", "serve_metrics"]
+__all__ = [
+    "KernelCollector",
+    "MetricsRenderer",
+    "MetricsSnapshot",
+    "build_registry",
+    "render_snapshot",
+    "serve_metrics",
+    "take_snapshot",
+]
 
 log = logging.getLogger("nexus_trio.metrics")
 
-#: above this many live agents, per-agent series are left out of a scrape
-DEFAULT_PER_AGENT_LIMIT: Final = 10_000
+#: with per-agent series on, at most this many agents get series (the deepest mailboxes)
+DEFAULT_PER_AGENT_LIMIT: Final = 1000
 
 _MAX_REQUEST_HEAD: Final = 8192
 _REQUEST_TIMEOUT: Final = 10.0
 
 
+@attrs.frozen
+class MetricsSnapshot:
+    """What one scrape reports, copied from the kernel in the kernel's thread.
+
+    ``agents`` holds the per-agent stats to export (empty unless per-agent series are on),
+    already cut to the limit; ``agents_left_out`` counts the live agents that were not.
+    """
+
+    stats: KernelStats
+    kernel_up: bool
+    per_agent: bool
+    per_agent_limit: int
+    agents: tuple[AgentStats, ...] = ()
+    agents_left_out: int = 0
+
+
+def _check_limit(per_agent_limit: int) -> None:
+    if isinstance(per_agent_limit, bool) or not isinstance(per_agent_limit, int):
+        raise TypeError(f"per_agent_limit must be an integer, got {per_agent_limit!r}")
+    if per_agent_limit < 1:
+        raise ValueError(f"per_agent_limit must be >= 1, got {per_agent_limit!r}")
+
+
+def take_snapshot(
+    kernel: Kernel, *, per_agent: bool = False, per_agent_limit: int = DEFAULT_PER_AGENT_LIMIT
+) -> MetricsSnapshot:
+    """Copy what a scrape reports; call it from the kernel's thread.
+
+    Without ``per_agent`` this is ``kernel.stats()`` and nothing per agent. With it, the
+    ``per_agent_limit`` agents with the deepest mailboxes (ties: the earliest spawned) are
+    kept, ordered by depth.
+    """
+    _check_limit(per_agent_limit)
+    up = not kernel.shutting_down
+    if not per_agent:
+        return MetricsSnapshot(kernel.stats(), up, False, per_agent_limit)
+    stats = kernel.stats(agents=True)
+    chosen = heapq.nlargest(per_agent_limit, stats.agents, key=lambda a: a.mailbox_depth)
+    left_out = len(stats.agents) - len(chosen)
+    return MetricsSnapshot(
+        attrs.evolve(stats, agents=()), up, True, per_agent_limit, tuple(chosen), left_out
+    )
+
+
+class _SnapshotCollector:
+    """Yields the metric families of one :class:`MetricsSnapshot` (any thread)."""
+
+    def __init__(self, snapshot: MetricsSnapshot) -> None:
+        self.snapshot = snapshot
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        return _families(self.snapshot)
+
+
 class KernelCollector:
-    """A ``prometheus_client`` collector reading ``kernel.stats()`` at each scrape.
+    """A ``prometheus_client`` collector that reads the kernel at each ``collect()``.
+
+    It calls the kernel, so use it only from the kernel's thread (e.g. ``generate_latest``
+    in a Trio task); :func:`serve_metrics` renders in a worker thread from a
+    :class:`MetricsSnapshot` instead.
 
     Series (``_total`` is added to counters by the exposition format):
     ``nexus_messages_accepted``, ``nexus_messages_handled``, ``nexus_replies_delivered``,
@@ -54,19 +130,26 @@ class KernelCollector:
     ``nexus_dead_letters{reason}``, ``nexus_sends_rejected{reason}``, ``nexus_restarts``,
     ``nexus_dead_letter_stream_dropped`` (counters); ``nexus_agents_alive``,
     ``nexus_messages_in_flight``, ``nexus_max_mailbox_depth``, ``nexus_kernel_up``,
-    ``nexus_agent_series_truncated`` (gauges); ``nexus_handle_latency_seconds`` and
-    ``nexus_queue_wait_seconds`` (summaries with quantiles 0.5/0.9/0.99/0.999, plus a
-    ``_max`` gauge); per agent (labels ``agent_id``, ``agent_name``):
-    ``nexus_agent_received``, ``nexus_agent_handled``, ``nexus_agent_failed``,
-    ``nexus_agent_timed_out``, ``nexus_agent_dead_lettered``, ``nexus_agent_restarts``
-    (counters) and ``nexus_agent_mailbox_depth``, ``nexus_agent_mailbox_high_water``,
+    ``nexus_agent_series_exported``, ``nexus_agent_series_truncated`` (gauges);
+    ``nexus_handle_latency_seconds`` and ``nexus_queue_wait_seconds`` (summaries with
+    quantiles 0.5/0.9/0.99/0.999, plus a ``_max`` gauge); with ``per_agent``, per agent
+    (labels ``agent_id``, ``agent_name``): ``nexus_agent_received``,
+    ``nexus_agent_handled``, ``nexus_agent_failed``, ``nexus_agent_timed_out``,
+    ``nexus_agent_dead_lettered``, ``nexus_agent_restarts`` (counters) and
+    ``nexus_agent_mailbox_depth``, ``nexus_agent_mailbox_high_water``,
     ``nexus_agent_mailbox_capacity`` (gauges).
     """
 
-    def __init__(self, kernel: Kernel, *, per_agent_limit: int = DEFAULT_PER_AGENT_LIMIT) -> None:
-        if per_agent_limit < 0:
-            raise ValueError(f"per_agent_limit must be >= 0, got {per_agent_limit!r}")
+    def __init__(
+        self,
+        kernel: Kernel,
+        *,
+        per_agent: bool = False,
+        per_agent_limit: int = DEFAULT_PER_AGENT_LIMIT,
+    ) -> None:
+        _check_limit(per_agent_limit)
         self.kernel = kernel
+        self.per_agent = per_agent
         self.per_agent_limit = per_agent_limit
 
     def describe(self) -> Iterable[Metric]:
@@ -74,109 +157,119 @@ class KernelCollector:
         return []
 
     def collect(self) -> Iterator[Metric]:
-        kernel = self.kernel
-        alive = kernel.stats().agents_alive
-        per_agent = alive <= self.per_agent_limit
-        s = kernel.stats(agents=per_agent)
+        snapshot = take_snapshot(
+            self.kernel, per_agent=self.per_agent, per_agent_limit=self.per_agent_limit
+        )
+        return _families(snapshot)
 
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            return CounterMetricFamily(name, doc, value=value)
 
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            return GaugeMetricFamily(name, doc, value=value)
+def _families(snapshot: MetricsSnapshot) -> Iterator[Metric]:
+    s = snapshot.stats
 
-        yield counter("nexus_messages_accepted", "Messages the kernel accepted.", s.accepted)
-        yield counter("nexus_messages_handled", "Messages handled by agents.", s.handled)
-        yield counter(
-            "nexus_replies_delivered",
-            "Replies delivered to a waiting request.",
-            s.replies_delivered,
-        )
-        yield counter(
-            "nexus_messages_forwarded",
-            "Messages handed to a transport for a remote kernel.",
-            s.forwarded,
-        )
-        yield counter("nexus_handler_failures", "Handler calls that raised.", s.failed)
-        yield counter("nexus_handler_timeouts", "Handler calls cancelled by timeout.", s.timed_out)
-        yield counter("nexus_restarts", "Agent and supervisor restarts.", s.restarts)
-        yield counter(
-            "nexus_dead_letter_stream_dropped",
-            "Dead letters a slow stream subscriber did not receive.",
-            s.dead_letter_stream_dropped,
-        )
-        dead = CounterMetricFamily(
-            "nexus_dead_letters", "Accepted messages not handled, by reason.", labels=["reason"]
-        )
-        for reason, n in sorted(s.dead_letters_by_reason.items()):
-            dead.add_metric([reason], n)
-        yield dead
-        rejected = CounterMetricFamily(
-            "nexus_sends_rejected",
-            "Sends refused with an exception to the caller, by reason.",
-            labels=["reason"],
-        )
-        for reason, n in sorted(s.rejected.items()):
-            rejected.add_metric([reason], n)
-        yield rejected
-        yield gauge("nexus_agents_alive", "Live agents.", s.agents_alive)
-        yield gauge("nexus_messages_in_flight", "Accepted messages not yet done.", s.in_flight)
-        yield gauge("nexus_max_mailbox_depth", "Deepest mailbox right now.", s.max_mailbox_depth)
-        yield gauge(
-            "nexus_kernel_up",
-            "1 while the kernel runs and is not shutting down.",
-            0 if kernel.shutting_down else 1,
-        )
-        yield gauge(
-            "nexus_agent_series_truncated",
-            f"1 if per-agent series were left out (more than {self.per_agent_limit} agents).",
-            0 if per_agent else 1,
-        )
-        yield from _summary(
-            "nexus_handle_latency_seconds", "Handler latency (sampled).", s.handle_latency
-        )
-        yield from _summary(
-            "nexus_queue_wait_seconds",
-            "Time in the mailbox before handling (sampled).",
-            s.queue_wait,
-        )
-        if not per_agent:
-            return
-        labels = ["agent_id", "agent_name"]
-        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
-            "received": CounterMetricFamily(
-                "nexus_agent_received", "Messages put in the agent's mailbox.", labels=labels
-            ),
-            "handled": CounterMetricFamily(
-                "nexus_agent_handled", "Messages the agent handled.", labels=labels
-            ),
-            "failed": CounterMetricFamily(
-                "nexus_agent_failed", "Handler calls that raised.", labels=labels
-            ),
-            "timed_out": CounterMetricFamily(
-                "nexus_agent_timed_out", "Handler calls cancelled by timeout.", labels=labels
-            ),
-            "dead_lettered": CounterMetricFamily(
-                "nexus_agent_dead_lettered", "Messages to the agent dead-lettered.", labels=labels
-            ),
-            "restarts": CounterMetricFamily(
-                "nexus_agent_restarts", "Restarts of the agent.", labels=labels
-            ),
-            "mailbox_depth": GaugeMetricFamily(
-                "nexus_agent_mailbox_depth", "Messages queued in the mailbox.", labels=labels
-            ),
-            "mailbox_high_water": GaugeMetricFamily(
-                "nexus_agent_mailbox_high_water", "Deepest the mailbox has been.", labels=labels
-            ),
-            "mailbox_capacity": GaugeMetricFamily(
-                "nexus_agent_mailbox_capacity", "Capacity of the mailbox.", labels=labels
-            ),
-        }
-        for a in s.agents:
-            values = [str(a.id), a.name or ""]
-            for field, family in families.items():
-                family.add_metric(values, getattr(a, field))
-        yield from families.values()
+    def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+        return CounterMetricFamily(name, doc, value=value)
+
+    def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+        return GaugeMetricFamily(name, doc, value=value)
+
+    yield counter("nexus_messages_accepted", "Messages the kernel accepted.", s.accepted)
+    yield counter("nexus_messages_handled", "Messages handled by agents.", s.handled)
+    yield counter(
+        "nexus_replies_delivered",
+        "Replies delivered to a waiting request.",
+        s.replies_delivered,
+    )
+    yield counter(
+        "nexus_messages_forwarded",
+        "Messages handed to a transport for a remote kernel.",
+        s.forwarded,
+    )
+    yield counter("nexus_handler_failures", "Handler calls that raised.", s.failed)
+    yield counter("nexus_handler_timeouts", "Handler calls cancelled by timeout.", s.timed_out)
+    yield counter("nexus_restarts", "Agent and supervisor restarts.", s.restarts)
+    yield counter(
+        "nexus_dead_letter_stream_dropped",
+        "Dead letters a slow stream subscriber did not receive.",
+        s.dead_letter_stream_dropped,
+    )
+    dead = CounterMetricFamily(
+        "nexus_dead_letters", "Accepted messages not handled, by reason.", labels=["reason"]
+    )
+    for reason, n in sorted(s.dead_letters_by_reason.items()):
+        dead.add_metric([reason], n)
+    yield dead
+    rejected = CounterMetricFamily(
+        "nexus_sends_rejected",
+        "Sends refused with an exception to the caller, by reason.",
+        labels=["reason"],
+    )
+    for reason, n in sorted(s.rejected.items()):
+        rejected.add_metric([reason], n)
+    yield rejected
+    yield gauge("nexus_agents_alive", "Live agents.", s.agents_alive)
+    yield gauge("nexus_messages_in_flight", "Accepted messages not yet done.", s.in_flight)
+    yield gauge("nexus_max_mailbox_depth", "Deepest mailbox right now.", s.max_mailbox_depth)
+    yield gauge(
+        "nexus_kernel_up",
+        "1 while the kernel runs and is not shutting down.",
+        1 if snapshot.kernel_up else 0,
+    )
+    yield gauge(
+        "nexus_agent_series_exported",
+        "Agents with per-agent series in this scrape (0 unless [metrics] per_agent).",
+        len(snapshot.agents),
+    )
+    yield gauge(
+        "nexus_agent_series_truncated",
+        f"1 if per-agent series are on and agents beyond the {snapshot.per_agent_limit} "
+        "deepest mailboxes were left out.",
+        1 if snapshot.agents_left_out else 0,
+    )
+    yield from _summary(
+        "nexus_handle_latency_seconds", "Handler latency (sampled).", s.handle_latency
+    )
+    yield from _summary(
+        "nexus_queue_wait_seconds",
+        "Time in the mailbox before handling (sampled).",
+        s.queue_wait,
+    )
+    if not snapshot.per_agent:
+        return
+    labels = ["agent_id", "agent_name"]
+    families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
+        "received": CounterMetricFamily(
+            "nexus_agent_received", "Messages put in the agent's mailbox.", labels=labels
+        ),
+        "handled": CounterMetricFamily(
+            "nexus_agent_handled", "Messages the agent handled.", labels=labels
+        ),
+        "failed": CounterMetricFamily(
+            "nexus_agent_failed", "Handler calls that raised.", labels=labels
+        ),
+        "timed_out": CounterMetricFamily(
+            "nexus_agent_timed_out", "Handler calls cancelled by timeout.", labels=labels
+        ),
+        "dead_lettered": CounterMetricFamily(
+            "nexus_agent_dead_lettered", "Messages to the agent dead-lettered.", labels=labels
+        ),
+        "restarts": CounterMetricFamily(
+            "nexus_agent_restarts", "Restarts of the agent.", labels=labels
+        ),
+        "mailbox_depth": GaugeMetricFamily(
+            "nexus_agent_mailbox_depth", "Messages queued in the mailbox.", labels=labels
+        ),
+        "mailbox_high_water": GaugeMetricFamily(
+            "nexus_agent_mailbox_high_water", "Deepest the mailbox has been.", labels=labels
+        ),
+        "mailbox_capacity": GaugeMetricFamily(
+            "nexus_agent_mailbox_capacity", "Capacity of the mailbox.", labels=labels
+        ),
+    }
+    for a in snapshot.agents:
+        values = [str(a.id), a.name or ""]
+        for field, family in families.items():
+            family.add_metric(values, getattr(a, field))
+    yield from families.values()
 
 
 def _summary(name: str, doc: str, h: HistogramSnapshot) -> Iterator[Metric]:
@@ -190,14 +283,122 @@ def _summary(name: str, doc: str, h: HistogramSnapshot) -> Iterator[Metric]:
 
 
 def build_registry(
-    kernel: Kernel, *, per_agent_limit: int = DEFAULT_PER_AGENT_LIMIT, process: bool = True
+    kernel: Kernel,
+    *,
+    per_agent: bool = False,
+    per_agent_limit: int = DEFAULT_PER_AGENT_LIMIT,
+    process: bool = True,
 ) -> CollectorRegistry:
-    """A registry with the kernel's collector (and ``process_*`` series if ``process``)."""
+    """A registry with a :class:`KernelCollector` (and ``process_*`` series if ``process``).
+
+    Its collector reads the kernel, so ``generate_latest(registry)`` belongs in the
+    kernel's thread.
+    """
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(KernelCollector(kernel, per_agent_limit=per_agent_limit))
+    registry.register(KernelCollector(kernel, per_agent=per_agent, per_agent_limit=per_agent_limit))
     if process:
         ProcessCollector(registry=registry)
     return registry
+
+
+def render_snapshot(snapshot: MetricsSnapshot, *, process: bool = True) -> bytes:
+    """The Prometheus text of ``snapshot`` (plus ``process_*`` series); safe in any thread."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_SnapshotCollector(snapshot))
+    if process:
+        ProcessCollector(registry=registry)
+    return generate_latest(registry)
+
+
+@attrs.define(eq=False)
+class _Render:
+    done: trio.Event = attrs.field(factory=trio.Event)
+    body: bytes | None = None
+    error: BaseException | None = None
+
+
+class MetricsRenderer:
+    """Renders ``/metrics`` for a kernel, sharing renders between scrapes.
+
+    :meth:`render` takes a :class:`MetricsSnapshot` in the calling (kernel) thread and
+    turns it into text in a worker thread. One render runs at a time: a scrape that
+    arrives while one is in progress waits for it and gets its result, and a finished
+    render is reused for ``cache_seconds`` (0 = reuse only by the scrapes that waited
+    for it). ``renders`` counts the renders done.
+    """
+
+    def __init__(
+        self,
+        kernel: Kernel,
+        *,
+        per_agent: bool = False,
+        per_agent_limit: int = DEFAULT_PER_AGENT_LIMIT,
+        cache_seconds: float = 1.0,
+        process: bool = True,
+    ) -> None:
+        _check_limit(per_agent_limit)
+        if not cache_seconds >= 0:
+            raise ValueError(f"cache_seconds must be >= 0, got {cache_seconds!r}")
+        self.kernel = kernel
+        self.per_agent = per_agent
+        self.per_agent_limit = per_agent_limit
+        self.cache_seconds = cache_seconds
+        self.process = process
+        self.renders = 0
+        self._in_progress: _Render | None = None
+        self._cached: bytes | None = None
+        self._cached_at = 0.0
+
+    @classmethod
+    def for_kernel(cls, kernel: Kernel) -> MetricsRenderer:
+        """A renderer set up from ``kernel.config.metrics`` (``per_agent``, ``per_agent_limit``,
+        ``cache_ms``)."""
+        cfg = kernel.config.metrics
+        return cls(
+            kernel,
+            per_agent=cfg.per_agent,
+            per_agent_limit=cfg.per_agent_limit,
+            cache_seconds=cfg.cache_ms / 1000,
+        )
+
+    async def render(self) -> bytes:
+        """The Prometheus text of the kernel, fresh or shared (see the class docstring)."""
+        now = trio.current_time()
+        if self._cached is not None and now - self._cached_at < self.cache_seconds:
+            await trio.lowlevel.checkpoint()
+            return self._cached
+        if self._in_progress is not None:
+            return await self._wait_for(self._in_progress)
+        current = self._in_progress = _Render()
+        try:
+            snapshot = take_snapshot(
+                self.kernel, per_agent=self.per_agent, per_agent_limit=self.per_agent_limit
+            )
+            # Not abandoned on cancel: the waiters share this render, and the thread
+            # finishes in bounded time anyway.
+            current.body = await trio.to_thread.run_sync(
+                self._render_sync, snapshot, abandon_on_cancel=False
+            )
+            self.renders += 1
+            self._cached, self._cached_at = current.body, now
+            return current.body
+        except BaseException as exc:
+            current.error = exc
+            raise
+        finally:
+            self._in_progress = None
+            current.done.set()
+
+    def _render_sync(self, snapshot: MetricsSnapshot) -> bytes:
+        return render_snapshot(snapshot, process=self.process)
+
+    async def _wait_for(self, render: _Render) -> bytes:
+        await render.done.wait()
+        if render.body is None:
+            raise RuntimeError("the metrics render this scrape waited for failed") from (
+                render.error
+            )
+        return render.body
 
 
 def health(kernel: Kernel) -> bool:
@@ -229,15 +430,15 @@ def _response(status: int, body: bytes, content_type: str, *, head: bool = False
     return head_bytes if head else head_bytes + body
 
 
-def _route(
-    kernel: Kernel, registry: CollectorRegistry, method: str, target: str
+async def _route(
+    kernel: Kernel, renderer: MetricsRenderer, method: str, target: str
 ) -> tuple[int, bytes, str]:
     text = "text/plain; charset=utf-8"
     if method not in ("GET", "HEAD"):
         return 405, b"method not allowed\n", text
     path = target.split("?", 1)[0]
     if path == "/metrics":
-        return 200, generate_latest(registry), CONTENT_TYPE_PLAIN_0_0_4
+        return 200, await renderer.render(), CONTENT_TYPE_PLAIN_0_0_4
     if path == "/healthz":
         if health(kernel):
             return 200, b"ok\n", text
@@ -260,7 +461,7 @@ async def _read_head(stream: trio.abc.Stream) -> bytes | None:
 
 
 async def _handle_connection(
-    stream: trio.SocketStream, kernel: Kernel, registry: CollectorRegistry
+    stream: trio.SocketStream, kernel: Kernel, renderer: MetricsRenderer
 ) -> None:
     try:
         with trio.move_on_after(_REQUEST_TIMEOUT):
@@ -279,7 +480,7 @@ async def _handle_connection(
                     )
                 return
             method, target, _version = parts
-            status, body, content_type = _route(kernel, registry, method, target)
+            status, body, content_type = await _route(kernel, renderer, method, target)
             await stream.send_all(_response(status, body, content_type, head=method == "HEAD"))
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass  # the client went away
@@ -313,24 +514,26 @@ async def serve_metrics(
     host: str = "127.0.0.1",
     port: int = 9464,
     *,
-    per_agent_limit: int = DEFAULT_PER_AGENT_LIMIT,
+    renderer: MetricsRenderer | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``/metrics`` and ``/healthz`` for ``kernel`` on ``host:port`` until cancelled.
 
     ``port=0`` picks a free port. With ``nursery.start(serve_metrics, ...)`` the bound port
-    is returned once the server listens. Per-agent series are left out while more than
-    ``per_agent_limit`` agents are alive (``nexus_agent_series_truncated`` is then 1).
+    is returned once the server listens. ``/metrics`` is rendered by ``renderer``, by
+    default :meth:`MetricsRenderer.for_kernel` (the kernel's ``[metrics]`` keys
+    ``per_agent``, ``per_agent_limit`` and ``cache_ms``).
     """
     if not 0 <= port <= 65535:
         raise ValueError(f"metrics port must be within 0..65535, got {port!r}")
-    registry = build_registry(kernel, per_agent_limit=per_agent_limit)
+    if renderer is None:
+        renderer = MetricsRenderer.for_kernel(kernel)
     listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].socket.getsockname()[1]
     log.info("metrics on http://%s:%d/metrics", host, bound)
     task_status.started(bound)
 
     async def handler(stream: trio.SocketStream) -> None:
-        await _handle_connection(stream, kernel, registry)
+        await _handle_connection(stream, kernel, renderer)
 
     await trio.serve_listeners(handler, listeners)

@@ -513,7 +513,11 @@ def test_sigusr1_writes_the_agent_tree_to_the_log(nexus):
 
 def test_metrics_endpoint_and_health_command_on_a_real_run(nexus):
     port = free_port()
-    run = nexus(["run", "-n", "50", "-d", "0", "--metrics-port", str(port), "--json"])
+    # Per-agent series are opt-in and capped ([metrics] per_agent, per_agent_limit).
+    per_agent = {"NEXUS_METRICS__PER_AGENT": "true", "NEXUS_METRICS__PER_AGENT_LIMIT": "20"}
+    run = nexus(
+        ["run", "-n", "50", "-d", "0", "--metrics-port", str(port), "--json"], env=per_agent
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:  # poll until the endpoint is up
@@ -539,8 +543,9 @@ def test_metrics_endpoint_and_health_command_on_a_real_run(nexus):
     assert values[("nexus_agents_alive", ())] == 50
     assert values[("nexus_kernel_up", ())] == 1
     names = {labels for name, labels in values if name == "nexus_agent_handled_total"}
-    assert len(names) == 50
-    assert any(("agent_name", "ring-0") in labels for labels in names)
+    assert len(names) == 20
+    assert all(dict(labels)["agent_name"].startswith("ring-") for labels in names)
+    assert values[("nexus_agent_series_truncated", ())] == 1
 
     health = invoke(["health", "--port", str(port)])
     assert health.exit_code == 0, health.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -156,7 +157,8 @@ def test_a_single_spawn_command_may_be_a_plain_string(home: Path) -> None:
     loaded = load(home, env=env_for(home, NEXUS_APP__SPAWN="python agent.py --fast"))
     assert loaded.config.app.spawn == ["python agent.py --fast"]
     file = write(home / "x.toml", 'spawn = 1\n[app]\nspawn = "node a.js"\n')
-    assert load(home, file).config.app.spawn == ["node a.js"]
+    # (the unknown top-level spawn = 1 is allowed here: this test is about the [app] one)
+    assert load(home, file, allow_unknown=True).config.app.spawn == ["node a.js"]
 
 
 def test_dotted_and_inline_tables_work_too(home: Path) -> None:
@@ -316,6 +318,9 @@ BAD_VALUES = [
     ("metrics", "port", "70000", "[metrics] port must be an integer from 0 to 65535, got 70000"),
     ("metrics", "port", "-1", "[metrics] port must be an integer from 0 to 65535, got -1"),
     ("metrics", "host", '""', "[metrics] host must be a non-empty string, got ''"),
+    ("metrics", "per_agent", "1", "[metrics] per_agent must be true or false, got 1"),
+    ("metrics", "per_agent_limit", "0", "[metrics] per_agent_limit must be >= 1, got 0"),
+    ("metrics", "cache_ms", "-5", "[metrics] cache_ms must be >= 0, got -5"),
     ("app", "app", '"nocolon"', "[app] app must look like 'package.module:attr', got 'nocolon'"),
     ("app", "spawn", "[1]", "[app] spawn must be a list of non-empty command strings, got [1]"),
     ("app", "agents", "0", "[app] agents must be >= 1, got 0"),
@@ -435,19 +440,13 @@ def test_a_file_that_is_not_utf8_is_an_error(home: Path) -> None:
 # --- unknown keys ------------------------------------------------------------------------------
 
 
-def test_unknown_keys_are_warnings_with_did_you_mean(
-    home: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    file = write(
-        home / "cwd" / "config.toml",
-        "[kernel]\nmailbox_capasity = 3\nbatch_size = 8\n[kernal]\nx = 1\n[logging]\nzzz = 1\n",
-    )
-    env = env_for(home, NEXUS_LOGGING__LEVLE="debug", NEXUS_METRIC__PORT="1")
-    with caplog.at_level(logging.WARNING, logger="nexus_trio.config"):
-        loaded = load(home, env=env)
-    assert loaded.config.kernel.batch_size == 8
-    assert loaded.config.kernel.mailbox_capacity == 1024
-    assert loaded.warnings == (
+UNKNOWN_FILE = (
+    "[kernel]\nmailbox_capasity = 3\nbatch_size = 8\n[kernal]\nx = 1\n[logging]\nzzz = 1\n"
+)
+
+
+def unknown_names(file: Path) -> tuple[str, ...]:
+    return (
         f"{file}:2: unknown key [kernel] mailbox_capasity (did you mean mailbox_capacity?)",
         f"{file}:4: unknown section [kernal] (did you mean [kernel]?)",
         f"{file}:7: unknown key [logging] zzz (known keys: level, format)",
@@ -456,17 +455,140 @@ def test_unknown_keys_are_warnings_with_did_you_mean(
         "environment variable NEXUS_METRIC__PORT: unknown section [metric] "
         "(did you mean [metrics]?)",
     )
+
+
+def test_unknown_keys_and_sections_are_errors_that_list_each_with_did_you_mean(
+    home: Path,
+) -> None:
+    file = write(home / "cwd" / "config.toml", UNKNOWN_FILE)
+    env = env_for(home, NEXUS_LOGGING__LEVLE="debug", NEXUS_METRIC__PORT="1")
+    with pytest.raises(ConfigError) as info:
+        load(home, env=env)
+    lines = str(info.value).splitlines()
+    assert tuple(lines[:-1]) == unknown_names(file)
+    assert "--allow-unknown" in lines[-1] and "NEXUS_ALLOW_UNKNOWN=1" in lines[-1]
+    assert info.value.path == file
+
+
+def test_a_typo_does_not_fall_back_to_the_default(home: Path) -> None:
+    write(home / "cwd" / "config.toml", "[kernel]\nmailbox_capasity = 3\n")
+    with pytest.raises(
+        ConfigError, match=r"config.toml:2: unknown key \[kernel\] mailbox_capasity"
+    ):
+        load(home)
+
+
+@pytest.mark.parametrize("how", ["argument", "env"])
+def test_allow_unknown_keeps_them_warnings_with_did_you_mean(
+    home: Path, caplog: pytest.LogCaptureFixture, how: str
+) -> None:
+    file = write(home / "cwd" / "config.toml", UNKNOWN_FILE)
+    env = env_for(home, NEXUS_LOGGING__LEVLE="debug", NEXUS_METRIC__PORT="1")
+    kw: dict[str, Any] = {"allow_unknown": True}
+    if how == "env":
+        env["NEXUS_ALLOW_UNKNOWN"] = "1"
+        kw = {}
+    with caplog.at_level(logging.WARNING, logger="nexus_trio.config"):
+        loaded = load(home, env=env, **kw)
+    assert loaded.config.kernel.batch_size == 8
+    assert loaded.config.kernel.mailbox_capacity == 1024
+    assert loaded.warnings == unknown_names(file)
     logged = [r.getMessage() for r in caplog.records if r.name == "nexus_trio.config"]
     assert logged == list(loaded.warnings)
 
 
+def test_allow_unknown_argument_wins_over_the_environment(home: Path) -> None:
+    write(home / "cwd" / "config.toml", "[kernel]\nbatchsize = 1\n")
+    env = env_for(home, NEXUS_ALLOW_UNKNOWN="1")
+    with pytest.raises(ConfigError, match="did you mean batch_size"):
+        load(home, env=env, allow_unknown=False)
+    assert load(home, env=env_for(home, NEXUS_ALLOW_UNKNOWN="0"), allow_unknown=True).warnings
+
+
+def test_a_bad_allow_unknown_variable_is_an_error_naming_it(home: Path) -> None:
+    with pytest.raises(
+        ConfigError, match=r"^environment variable NEXUS_ALLOW_UNKNOWN: must be 1, .* got 'maybe'"
+    ):
+        load(home, env=env_for(home, NEXUS_ALLOW_UNKNOWN="maybe"))
+
+
 def test_a_top_level_key_of_a_section_suggests_the_section(home: Path) -> None:
     file = write(home / "cwd" / "config.toml", "mailbox_capacity = 3\n")
-    loaded = load(home)
-    assert loaded.warnings == (
-        f"{file}:1: unknown top-level key mailbox_capacity (did you mean [kernel] mailbox_capacity?)",
-    )
+    expected = f"{file}:1: unknown top-level key mailbox_capacity (did you mean [kernel] mailbox_capacity?)"
+    with pytest.raises(ConfigError) as info:
+        load(home)
+    assert str(info.value).splitlines()[0] == expected
+    loaded = load(home, allow_unknown=True)
+    assert loaded.warnings == (expected,)
     assert loaded.config == Config()
+
+
+# --- who may have written the file ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mode", "who"), [(0o664, "group"), (0o646, "others"), (0o666, "group and others")]
+)
+@pytest.mark.parametrize("explicit", [False, True])
+def test_a_config_file_writable_by_group_or_others_is_refused(
+    home: Path, mode: int, who: str, explicit: bool
+) -> None:
+    file = write(home / "cwd" / "config.toml", '[app]\nspawn = ["touch pwned"]\n')
+    file.chmod(mode)
+    with pytest.raises(ConfigError) as info:
+        load(home, file if explicit else None)
+    text = str(info.value)
+    assert text.startswith(f"{file}: refusing to load a config file writable by {who}: ")
+    assert f"({mode:04o})" in text and "owner " in text and f"chmod go-w {file}" in text
+    file.chmod(0o644)
+    assert load(home, file if explicit else None).config.app.spawn == ["touch pwned"]
+
+
+def test_a_config_file_owned_by_another_user_is_refused(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    file = write(home / "cwd" / "config.toml", "[app]\nagents = 2\n")
+    file.chmod(0o600)
+    other_uid = 4242
+    if os.geteuid() == 0:
+        os.chown(file, other_uid, -1)  # root can give the file away for real
+    else:
+        # Without root a file cannot be given away: be someone else instead.
+        other_uid = os.geteuid()
+        monkeypatch.setattr(config_module.os, "geteuid", lambda: other_uid + 1)
+    with pytest.raises(ConfigError) as info:
+        load(home)
+    text = str(info.value)
+    assert text.startswith(f"{file}: refusing to load a config file owned by another user: ")
+    assert f"uid {other_uid}" in text and "mode -rw------- (0600)" in text
+    if os.geteuid() == 0:  # and a file owned by root is trusted, as by ssh
+        os.chown(file, 0, -1)
+        monkeypatch.setattr(config_module.os, "geteuid", lambda: other_uid)
+        assert load(home).config.app.agents == 2
+
+
+def test_write_template_creates_a_file_load_config_accepts_whatever_the_umask(
+    home: Path,
+) -> None:
+    previous = os.umask(0)
+    try:
+        path = write_template(home / "cwd" / "config.toml")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert load(home).config == Config()
+
+
+def test_loaded_config_says_which_file_it_loaded_and_how(home: Path) -> None:
+    assert load(home).describe_source() == ("no config file loaded (defaults and environment only)")
+    found = write(home / "cwd" / "config.toml", "")
+    assert load(home).describe_source() == (
+        f"loaded config file {found} (found in the search path)"
+    )
+    given = write(home / "given.toml", "")
+    assert load(home, given).describe_source() == (
+        f"loaded config file {given} (given with --config)"
+    )
 
 
 # --- template and rendering --------------------------------------------------------------------
@@ -538,7 +660,7 @@ def test_render_effective_of_defaults_comments_out_unset_keys(home: Path) -> Non
 
 def test_render_effective_lists_warnings(home: Path) -> None:
     write(home / "cwd" / "config.toml", "[kernel]\nbatchsize = 1\n")
-    text = render_effective(load(home))
+    text = render_effective(load(home, allow_unknown=True))
     assert "# warning: " in text
     assert "did you mean batch_size?" in text
     assert tomlkit.parse(text)  # still valid TOML

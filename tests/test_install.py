@@ -68,6 +68,13 @@ def test_user_install_then_uninstall(tmp_path: Path) -> None:
     assert config.is_file() and "[kernel]" in config.read_text()
     assert (home / ".local/share/nexus").is_dir()
     assert f"writing config {config}" in result.stdout
+    # What it installed is listed, so that it knows its own commands later.
+    manifest = home / ".local/share/nexus/install-manifest.txt"
+    assert manifest.read_text().splitlines() == [
+        f"link {bin_dir / 'nexus'}",
+        f"link {bin_dir / 'nexus-runtime'}",
+        f"config {config}",
+    ]
 
     version = subprocess.run(
         [str(bin_dir / "nexus-runtime"), "version"],
@@ -109,6 +116,93 @@ def test_user_install_then_uninstall(tmp_path: Path) -> None:
     assert not config.exists() and not (home / ".local/share/nexus").exists()
 
 
+def test_a_command_it_did_not_install_is_not_replaced_without_force(tmp_path: Path) -> None:
+    prefix = tmp_path / "prefix"
+    bin_dir = prefix / "bin"
+    bin_dir.mkdir(parents=True)
+    theirs = bin_dir / "nexus"
+    theirs.write_text("#!/bin/sh\necho another nexus\n")
+    theirs.chmod(0o755)
+    (bin_dir / "nexus-runtime").symlink_to("/usr/bin/true")
+
+    refused = install(tmp_path, "--prefix", str(prefix), "--skip-tests")
+    assert refused.returncode == 2
+    assert (
+        f"refusing to replace {theirs}: it is a file that install.sh did not install"
+        in refused.stderr
+    )
+    assert "--force" in refused.stderr
+    assert theirs.read_text() == "#!/bin/sh\necho another nexus\n"
+    assert not (prefix / "lib").exists(), "it changed things before refusing"
+
+    theirs.unlink()
+    refused = install(tmp_path, "--prefix", str(prefix), "--skip-tests", "--dry-run")
+    assert refused.returncode == 2
+    assert "it is a link to /usr/bin/true that install.sh did not install" in refused.stderr
+
+    forced = install(tmp_path, "--prefix", str(prefix), "--skip-tests", "--dry-run", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert f"replacing {bin_dir / 'nexus-runtime'} (a link to /usr/bin/true" in forced.stderr
+    assert f"ln -sfn -- {prefix}/lib/nexus/venv/bin/nexus-runtime {bin_dir}/nexus-runtime" in (
+        forced.stdout
+    )
+
+
+def test_its_own_links_are_replaced_without_force(tmp_path: Path) -> None:
+    prefix = tmp_path / "prefix"
+    (prefix / "bin").mkdir(parents=True)
+    for command in ("nexus", "nexus-runtime"):
+        (prefix / "bin" / command).symlink_to(prefix / "lib/nexus/venv/bin" / command)
+    result = install(tmp_path, "--prefix", str(prefix), "--skip-tests", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "replacing" not in result.stderr and "refusing" not in result.stderr
+    assert f"would record in {prefix}/lib/nexus/install-manifest.txt: link {prefix}/bin/nexus" in (
+        result.stdout
+    )
+
+
+def test_system_install_does_not_run_the_tests_as_root(tmp_path: Path) -> None:
+    result = install(tmp_path, "--system", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "pytest" not in result.stdout
+    assert "--system does not run the test suite (not as root)" in result.stderr
+    assert "tests skipped" in result.stdout
+
+
+def without_node(tmp_path: Path) -> str:
+    """A PATH with every command of the real one but node."""
+    shadow = tmp_path / "path-without-node"
+    shadow.mkdir()
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        if not directory or not Path(directory).is_dir():
+            continue
+        for entry in Path(directory).iterdir():
+            target = shadow / entry.name
+            if entry.name != "node" and not target.exists() and os.access(entry, os.X_OK):
+                target.symlink_to(entry)
+    return str(shadow)
+
+
+def test_a_missing_node_is_named_and_the_javascript_tests_are_skipped(tmp_path: Path) -> None:
+    prefix = tmp_path / "prefix"
+    result = install(
+        tmp_path,
+        "--prefix",
+        str(prefix),
+        "--dry-run",
+        "--python",
+        sys.executable,
+        env={"PATH": without_node(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Node.js (18 or newer) is not on PATH; JavaScript agents need it" in result.stderr
+    assert "the JavaScript bridge tests are skipped" in result.stderr
+    assert "NEXUS_ALLOW_MISSING_NODE=1" in result.stdout
+    with_node = install(tmp_path, "--prefix", str(prefix), "--dry-run")
+    assert "Node.js" not in with_node.stderr
+    assert "NEXUS_ALLOW_MISSING_NODE" not in with_node.stdout
+
+
 def test_prefix_layout_and_dry_run_change_nothing(tmp_path: Path) -> None:
     prefix = tmp_path / "prefix"
     result = install(tmp_path, "--prefix", str(prefix), "--dry-run")
@@ -118,8 +212,8 @@ def test_prefix_layout_and_dry_run_change_nothing(tmp_path: Path) -> None:
     assert f"ln -sfn -- {prefix}/lib/nexus/venv/bin/nexus-runtime {prefix}/bin/nexus-runtime" in out
     assert f"nexus config init {prefix}/etc/nexus/config.toml" in out
     assert f"mkdir -p -- {prefix}/var/lib/nexus" in out
-    # The tests run unless --skip-tests.
-    assert "python -m pytest -q" in out
+    # The tests run unless --skip-tests, without writing bytecode into the clone.
+    assert "PYTHONDONTWRITEBYTECODE=1" in out and "python -m pytest -q" in out
     assert not prefix.exists()
 
 

@@ -6,8 +6,12 @@ import io
 import json
 import logging
 import re
+import subprocess
+import sys
+import textwrap
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -217,3 +221,283 @@ def test_level_names_map_to_logging_levels(name: str, number: int) -> None:
 def test_unknown_level_name_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match=r"^\[logging\] level must be one of .*, got 'loud'$"):
         level_number("loud")
+
+
+# --- log injection: control characters are escaped in every text field ----------------------
+
+FORGED = "x\n2026-01-01T00:00:00.000Z CRITICAL nexus_trio.kernel forged\r\x1b[2J\x1b]0;t\x07"
+FORGED_ESCAPED = (
+    "x\\n2026-01-01T00:00:00.000Z CRITICAL nexus_trio.kernel forged\\r\\x1b[2J\\x1b]0;t\\x07"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "escaped"),
+    [
+        ("plain text, unicode é ü 日本, back\\slash", "plain text, unicode é ü 日本, back\\slash"),
+        ("a\nb\rc\td", "a\\nb\\rc\\td"),
+        ("\x00\x01\x1b\x1f\x7f", "\\x00\\x01\\x1b\\x1f\\x7f"),
+        ("nel\x85 csi\x9b", "nel\\x85 csi\\x9b"),
+        ("ls\u2028ps\u2029", "ls\\u2028ps\\u2029"),
+        ("bidi \u202egnp.exe\u2066", "bidi \\u202egnp.exe\\u2066"),
+        (FORGED, FORGED_ESCAPED),
+    ],
+)
+def test_escape_control_writes_control_characters_as_visible_escapes(
+    text: str, escaped: str
+) -> None:
+    from nexus_trio.logs import escape_control
+
+    assert escape_control(text) == escaped
+    assert len(escape_control(text).splitlines()) <= 1
+
+
+def test_escape_control_returns_clean_text_unchanged() -> None:
+    from nexus_trio.logs import escape_control
+
+    text = "nothing to escape here"
+    assert escape_control(text) is text
+
+
+def _raise_forged() -> None:
+    try:
+        raise KeyError("inner\nCRITICAL forged-by-cause")
+    except KeyError as cause:
+        error = ValueError(FORGED)
+        error.add_note("note\nCRITICAL forged-by-note")
+        raise error from cause
+
+
+def test_compact_escapes_name_message_extras_and_exception_texts(
+    nexus_logger: logging.Logger,
+) -> None:
+    stream = configured("compact")
+    try:
+        _raise_forged()
+    except ValueError:
+        logging.getLogger("nexus_trio.dead_letters").exception(
+            "dead letter to %s", FORGED, extra={"agent_name": FORGED, "reason": "a\x1bb"}
+        )
+    text = stream.getvalue()
+    lines = text.splitlines()
+    # Exactly one line starts with a timestamp: nothing was forged.
+    stamped = [line for line in lines if re.match(r"\d{4}-\d\d-\d\dT", line)]
+    assert len(stamped) == 1
+    quoted_name = json.dumps(FORGED)  # has spaces: quoted, and JSON escapes C0 controls
+    assert stamped[0].endswith(
+        f" ERROR    nexus_trio.dead_letters dead letter to {FORGED_ESCAPED} "
+        f"agent_name={quoted_name} reason=a\\x1bb"
+    ), stamped[0]
+    assert "\x1b" not in text and "\r" not in text and "\x07" not in text
+    assert not any(
+        "CRITICAL" in line and "forged" in line for line in lines[1:] if "\\n" not in line
+    )
+    assert f"ValueError: {FORGED_ESCAPED}" in lines
+    assert "KeyError: 'inner\\nCRITICAL forged-by-cause'" in lines
+    assert "note\\nCRITICAL forged-by-note" in lines
+    assert lines[1] == "Traceback (most recent call last):"
+
+
+def test_compact_escapes_every_member_of_an_exception_group(nexus_logger: logging.Logger) -> None:
+    stream = configured("compact")
+    try:
+        raise ExceptionGroup("group\nforged", [RuntimeError("one\nforged"), OSError("two\x1b")])
+    except ExceptionGroup:
+        logging.getLogger("nexus_trio.kernel").exception("failed")
+    text = stream.getvalue()
+    assert "\x1b" not in text
+    assert not any(line.lstrip(" |+-").startswith("forged") for line in text.splitlines())
+    assert "RuntimeError: one\\nforged" in text and "OSError: two\\x1b" in text
+    assert "group\\nforged" in text
+
+
+def test_compact_does_not_trust_a_traceback_another_formatter_cached(
+    nexus_logger: logging.Logger,
+) -> None:
+    other = logging.StreamHandler(io.StringIO())  # a plain formatter fills record.exc_text
+    nexus_logger.addHandler(other)
+    stream = configured("compact")
+    try:
+        raise ValueError("a\nforged")
+    except ValueError:
+        logging.getLogger("nexus_trio.kernel").exception("failed")
+    assert "ValueError: a\\nforged" in stream.getvalue().splitlines()
+
+
+async def test_an_agent_named_and_failing_with_newlines_logs_one_line_per_record(
+    nexus_kernel: Kernel, autojump_clock: Any, nexus_logger: logging.Logger
+) -> None:
+    stream = configured("compact", level="info")
+
+    @agent
+    async def evil(ctx: Context, msg: Message) -> None:
+        ctx.log.info("got %s", msg.payload)
+        raise RuntimeError(FORGED)
+
+    ref = nexus_kernel.spawn(evil, name="evil\nCRITICAL forged-by-name")
+    await nexus_kernel.send(ref, FORGED)
+    await settle()
+    text = stream.getvalue()
+    assert "\x1b" not in text and "\r" not in text
+    starts = [line for line in text.splitlines() if re.match(r"\d{4}-\d\d-\d\dT", line)]
+    assert not [line for line in starts if "CRITICAL" in line.split()[1]]
+    assert any(f"got {FORGED_ESCAPED}" in line for line in starts)
+    assert f"RuntimeError: {FORGED_ESCAPED}" in text.splitlines()
+    assert "evil\\nCRITICAL forged-by-name" in text
+
+
+def test_json_escapes_line_separators_and_c1_controls_and_keeps_the_text(
+    nexus_logger: logging.Logger,
+) -> None:
+    stream = configured("json")
+    nasty = "a\u2028b\u2029c\x85d\x9be\x1bf\ng\u202eh"
+    try:
+        raise ValueError(nasty)
+    except ValueError:
+        logging.getLogger("nexus_trio.x").exception(nasty, extra={"agent_name": nasty})
+    raw = stream.getvalue()
+    assert raw.count("\n") == 1 and raw.endswith("\n")
+    for char in "\u2028\u2029\x85\x9b\x1b\u202e":
+        assert char not in raw
+    assert "\\u2028" in raw and "\\u0085" in raw
+    assert len(raw.splitlines()) == 1  # str.splitlines splits at NEL and U+2028 too
+    record = json.loads(raw)
+    assert record["msg"] == nasty and record["agent_name"] == nasty
+    assert record["exc"].endswith("ValueError: " + nasty)
+
+
+def test_pretty_escapes_message_extras_and_the_rich_traceback(
+    nexus_logger: logging.Logger,
+) -> None:
+    stream = configured("pretty")
+    try:
+        _raise_forged()
+    except ValueError:
+        logging.getLogger("nexus_trio.agent").error(
+            "failed %s", FORGED, extra={"agent_name": "n\x1b[31m"}, exc_info=True
+        )
+    text = stream.getvalue()
+    assert "\x1b" not in text and "\r" not in text and "\x07" not in text
+    assert "forged\\r\\x1b[2J" in text
+    assert "agent_name=n\\x1b[31m" in text
+    assert "Traceback" in text  # still rich's traceback
+    assert not any(line.strip().startswith("2026-01-01T") for line in text.splitlines())
+
+
+# --- configure_logging(level, format) and the default handler --------------------------------
+
+
+def test_configure_logging_takes_level_and_format_names(
+    nexus_logger: logging.Logger, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import nexus_trio
+
+    nexus_trio.configure_logging("warning", "json")
+    logging.getLogger("nexus_trio.kernel").info("quiet")
+    logging.getLogger("nexus_trio.kernel").warning("loud")
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [line["msg"] for line in lines] == ["loud"]
+    with pytest.raises(ValueError, match=r"format must be one of compact, json, pretty, got 'xml'"):
+        nexus_trio.configure_logging("info", "xml")
+    with pytest.raises(ValueError, match=r"level must be one of .*, got 'loud'"):
+        nexus_trio.configure_logging("loud")
+
+
+def configure_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make this a process that configured no logging, until the test ends: pytest's capture
+    handlers on the root logger (added once the test body runs, hence called from it) and
+    the handlers earlier tests left on ``nexus_trio`` are set aside."""
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    monkeypatch.setattr(logging.getLogger("nexus_trio"), "handlers", [])
+
+
+def test_default_logging_is_installed_only_when_nothing_is_configured(
+    nexus_logger: logging.Logger,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from nexus_trio.logs import install_default_logging
+
+    configure_nothing(monkeypatch)
+    nexus_logger.setLevel(logging.NOTSET)
+    assert install_default_logging() is True
+    assert install_default_logging() is False  # already there
+    assert nexus_logger.level == logging.INFO
+    log = logging.getLogger("nexus_trio.agent")
+    log.debug("hidden")
+    log.info("shown", extra={"agent_name": "w"})
+    err = capsys.readouterr().err
+    assert re.fullmatch(
+        r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO     nexus_trio\.agent shown agent_name=w\n",
+        err,
+    ), err
+    # The application configures the root logger later: the default handler goes quiet.
+    root_records = ListHandler()
+    logging.getLogger().addHandler(root_records)
+    log.info("once")
+    assert capsys.readouterr().err == ""
+    assert [r.getMessage() for r in root_records.records] == ["once"]
+
+
+def test_default_logging_leaves_a_configured_application_alone(
+    nexus_logger: logging.Logger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nexus_trio.logs import install_default_logging
+
+    configure_nothing(monkeypatch)
+    logging.getLogger().addHandler(ListHandler())
+    before = list(nexus_logger.handlers)
+    assert install_default_logging() is False
+    assert nexus_logger.handlers == before
+
+
+def test_default_logging_keeps_a_level_the_application_set(
+    nexus_logger: logging.Logger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nexus_trio.logs import install_default_logging
+
+    configure_nothing(monkeypatch)
+    nexus_logger.setLevel(logging.ERROR)
+    assert install_default_logging(LoggingConfig(level="debug")) is True
+    assert nexus_logger.level == logging.ERROR
+
+
+def test_under_plain_python_configure_logging_shows_ctx_log_and_tracebacks_with_times(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "app.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import trio
+            import nexus_trio
+            from nexus_trio import agent, open_kernel
+
+            @agent(name="worker")
+            async def worker(ctx, msg):
+                ctx.log.info("working on %s", msg.payload)
+                raise RuntimeError("boom")
+
+            async def main():
+                async with open_kernel() as kernel:
+                    await kernel.send(kernel.spawn(worker), "job")
+                    await trio.sleep(0.5)
+
+            nexus_trio.configure_logging()
+            trio.run(main)
+            """
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z "
+    working = [line for line in lines if "working on job" in line]
+    assert len(working) == 1 and re.match(stamp + r"INFO     nexus_trio\.agent ", working[0])
+    assert "agent_name=worker" in working[0]
+    failed = [i for i, line in enumerate(lines) if re.match(stamp + "ERROR", line)]
+    assert failed, result.stderr
+    assert lines[failed[0] + 1] == "Traceback (most recent call last):"
+    assert "RuntimeError: boom" in lines

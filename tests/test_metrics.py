@@ -6,14 +6,24 @@ assert values, never timings.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
-from nexus_trio import agent
-from nexus_trio.metrics import KernelCollector, build_registry, serve_metrics
+from nexus_trio import Config, MetricsConfig, agent
+from nexus_trio.metrics import (
+    KernelCollector,
+    MetricsRenderer,
+    build_registry,
+    render_snapshot,
+    serve_metrics,
+    take_snapshot,
+)
 from nexus_trio.testing import open_test_kernel
+from nexus_trio.testing import test_config as base_config
 
 
 @agent(name="echo")
@@ -57,8 +67,20 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return out
 
 
+def with_metrics(**metrics: object) -> Config:
+    import attrs
+
+    return attrs.evolve(base_config(), metrics=MetricsConfig(**metrics))  # type: ignore[arg-type]
+
+
+@agent
+async def idle(ctx, msg):
+    return None
+
+
 async def test_metrics_endpoint_exposes_the_kernel_counters_and_per_agent_series():
-    async with open_test_kernel() as kernel, trio.open_nursery() as nursery:
+    config = with_metrics(per_agent=True)
+    async with open_test_kernel(config) as kernel, trio.open_nursery() as nursery:
         port = await nursery.start(serve_metrics, kernel, "127.0.0.1", 0)
         kernel.spawn(echo)
         kernel.spawn(boom)
@@ -84,6 +106,7 @@ async def test_metrics_endpoint_exposes_the_kernel_counters_and_per_agent_series
         assert values[("nexus_messages_in_flight", ())] == 0
         assert values[("nexus_kernel_up", ())] == 1
         assert values[("nexus_agent_series_truncated", ())] == 0
+        assert values[("nexus_agent_series_exported", ())] == 2
         assert values[("nexus_handle_latency_seconds_count", ())] == stats.handle_latency.count
         assert ("nexus_handle_latency_seconds", (("quantile", "0.99"),)) in values
         assert ("nexus_queue_wait_seconds", (("quantile", "0.5"),)) in values
@@ -135,26 +158,190 @@ async def test_unknown_paths_methods_and_garbage_get_http_errors_and_the_server_
         nursery.cancel_scope.cancel()
 
 
-async def test_per_agent_series_are_left_out_above_the_limit():
+def series(text: str) -> set[tuple[str, tuple[tuple[str, str], ...]]]:
+    return set(samples(text))
+
+
+async def test_by_default_a_scrape_has_no_per_agent_series_and_its_size_does_not_grow_with_agents():
+    bodies = {}
+    for n in (100, 10_000):
+        async with open_test_kernel() as kernel:
+            for _ in range(n):
+                kernel.spawn(idle)
+            await trio.testing.wait_all_tasks_blocked()
+            renderer = MetricsRenderer.for_kernel(kernel)
+            renderer.process = False  # process_* values (RSS, CPU) differ between the runs
+            bodies[n] = (await renderer.render()).decode()
+            values = samples(bodies[n])
+            assert values[("nexus_agents_alive", ())] == n
+            assert values[("nexus_agent_series_exported", ())] == 0
+            assert values[("nexus_agent_series_truncated", ())] == 0
+            assert not [
+                name
+                for name, _ in values
+                if name.startswith("nexus_agent_") and "series" not in name
+            ]
+    assert series(bodies[100]) == series(bodies[10_000])
+    # Only the digits of the counters differ (100 -> 10000 in agents_alive).
+    assert abs(len(bodies[10_000]) - len(bodies[100])) < 50, (len(bodies[100]), len(bodies[10_000]))
+
+
+async def test_per_agent_series_are_opt_in_and_capped_to_the_deepest_mailboxes():
+    async with open_test_kernel(with_metrics(per_agent=True, per_agent_limit=3)) as kernel:
+        refs = [kernel.spawn(idle, name=f"a{i}") for i in range(10)]
+        await trio.testing.wait_all_tasks_blocked()
+        # send_nowait enqueues without yielding, and render() snapshots before its first
+        # checkpoint: the depths are those below.
+        for depth, ref in zip((0, 5, 1, 0, 7, 2, 0, 3, 0, 0), refs, strict=True):
+            for _ in range(depth):
+                kernel.send_nowait(ref, "x")
+        renderer = MetricsRenderer.for_kernel(kernel)
+        values = samples((await renderer.render()).decode())
+        depths = {
+            dict(labels)["agent_name"]: value
+            for (name, labels), value in values.items()
+            if name == "nexus_agent_mailbox_depth"
+        }
+        assert depths == {"a4": 7, "a1": 5, "a7": 3}
+        assert values[("nexus_agent_series_exported", ())] == 3
+        assert values[("nexus_agent_series_truncated", ())] == 1
+        assert values[("nexus_agents_alive", ())] == 10
+
+
+async def test_per_agent_series_within_the_limit_are_all_there_and_not_truncated():
     async with open_test_kernel() as kernel:
         kernel.spawn(echo)
         kernel.spawn(boom)
+        snapshot = take_snapshot(kernel, per_agent=True, per_agent_limit=2)
+        assert {a.name for a in snapshot.agents} == {"echo", "boom"}
+        assert snapshot.agents_left_out == 0
+        text = render_snapshot(snapshot, process=False).decode()
+        assert samples(text)[("nexus_agent_series_truncated", ())] == 0
+        assert "nexus_agent_handled_total" in text
         from prometheus_client import generate_latest
 
-        text = generate_latest(build_registry(kernel, per_agent_limit=1, process=False)).decode()
-        values = samples(text)
-        assert values[("nexus_agent_series_truncated", ())] == 1
-        assert not any(
-            name.startswith("nexus_agent_") for name, _ in values if "truncated" not in name
+        off = generate_latest(build_registry(kernel, process=False)).decode()
+        assert "nexus_agent_handled_total" not in off
+        on = generate_latest(build_registry(kernel, per_agent=True, process=False)).decode()
+        assert "nexus_agent_handled_total" in on
+
+
+async def test_concurrent_scrapes_share_one_render_running_in_a_worker_thread():
+    async with open_test_kernel() as kernel:
+        renderer = MetricsRenderer(kernel, cache_seconds=0, process=False)
+        release = threading.Event()
+        threads: list[str] = []
+        real = renderer._render_sync
+
+        started = threading.Event()
+
+        def slow_render(snapshot):
+            threads.append(threading.current_thread().name)
+            started.set()
+            release.wait(30)
+            return real(snapshot)
+
+        renderer._render_sync = slow_render  # type: ignore[method-assign]
+        bodies: list[bytes] = []
+
+        async def scrape() -> None:
+            bodies.append(await renderer.render())
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(scrape)
+            try:
+                assert await trio.to_thread.run_sync(started.wait, 30)
+                # Every scrape is now waiting: one for the thread, 19 for that one's result.
+                await trio.testing.wait_all_tasks_blocked()
+                assert renderer.renders == 0 and len(threads) == 1
+            finally:
+                release.set()
+        assert renderer.renders == 1
+        assert threads != [threading.current_thread().name]
+        assert len(bodies) == 20 and len(set(bodies)) == 1
+        # With cache_seconds=0 the next scrape renders again.
+        await renderer.render()
+        assert renderer.renders == 2
+
+
+async def test_a_render_is_reused_within_cache_seconds(mock_clock):
+    async with open_test_kernel() as kernel:
+        renderer = MetricsRenderer(kernel, cache_seconds=1.0, process=False)
+        first = await renderer.render()
+        kernel.spawn(echo)
+        mock_clock.jump(0.5)
+        assert await renderer.render() == first
+        assert renderer.renders == 1
+        mock_clock.jump(0.6)
+        again = await renderer.render()
+        assert renderer.renders == 2
+        assert samples(again.decode())[("nexus_agents_alive", ())] == 1
+
+
+async def test_a_failed_render_fails_its_waiters_and_the_next_scrape_renders_again():
+    async with open_test_kernel() as kernel:
+        renderer = MetricsRenderer(kernel, cache_seconds=0, process=False)
+        release = threading.Event()
+        real = renderer._render_sync
+
+        def failing(snapshot):
+            release.wait(30)
+            raise OSError("disk on fire")
+
+        renderer._render_sync = failing  # type: ignore[method-assign]
+        errors: list[BaseException] = []
+
+        async def scrape() -> None:
+            try:
+                await renderer.render()
+            except Exception as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(scrape)
+            await trio.testing.wait_all_tasks_blocked()
+            release.set()
+        assert sorted(type(e).__name__ for e in errors) == [
+            "OSError",
+            "RuntimeError",
+            "RuntimeError",
+        ]
+        renderer._render_sync = real  # type: ignore[method-assign]
+        assert b"nexus_agents_alive" in await renderer.render()
+
+
+async def test_twenty_concurrent_http_scrapes_cost_one_render():
+    async with open_test_kernel() as kernel, trio.open_nursery() as nursery:
+        for _ in range(50):
+            kernel.spawn(idle)
+        renderer = MetricsRenderer(kernel, cache_seconds=3600)
+        port = await nursery.start(
+            lambda task_status: serve_metrics(
+                kernel, "127.0.0.1", 0, renderer=renderer, task_status=task_status
+            )
         )
-        assert values[("nexus_agents_alive", ())] == 2
-        text = generate_latest(build_registry(kernel, per_agent_limit=2, process=False)).decode()
-        assert "nexus_agent_handled_total" in text
+        results: list[tuple[int, bytes]] = []
+
+        async def scrape() -> None:
+            status, _, body = await get(port, "/metrics")
+            results.append((status, body))
+
+        async with trio.open_nursery() as clients:
+            for _ in range(20):
+                clients.start_soon(scrape)
+        assert [status for status, _ in results] == [200] * 20
+        assert len({body for _, body in results}) == 1
+        assert renderer.renders == 1
+        nursery.cancel_scope.cancel()
 
 
 def test_bad_arguments_are_refused_with_a_clear_error():
-    with pytest.raises(ValueError, match="per_agent_limit"):
-        KernelCollector(None, per_agent_limit=-1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="per_agent_limit must be >= 1, got 0"):
+        KernelCollector(None, per_agent_limit=0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="cache_seconds must be >= 0, got -1"):
+        MetricsRenderer(None, cache_seconds=-1)  # type: ignore[arg-type]
 
 
 async def test_serve_metrics_refuses_a_port_out_of_range():

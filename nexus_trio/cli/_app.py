@@ -333,6 +333,7 @@ def run(
     configure_logging(
         cfg.logging, stream=None if cfg.logging.format == "pretty" else stderr_proxy()
     )
+    logging.getLogger("nexus_trio.config").info("%s", loaded.describe_source())
 
     target = None
     if cfg.app.app:

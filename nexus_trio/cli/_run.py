@@ -171,7 +171,12 @@ def _dump(state: _State, why: str) -> None:
     if state.kernel is None:
         log.warning("%s: no kernel yet", why)
         return
-    log.warning("%s: %s", why, render_tree(state.kernel.describe()))
+    # One record per line: log text is escaped (a newline in a message is written \n, so
+    # that agent names cannot forge lines), and the tree must stay readable.
+    title, *lines = render_tree(state.kernel.describe()).split("\n")
+    log.warning("%s: %s", why, title)
+    for line in lines:
+        log.warning("%s", line)
 
 
 def _watched_signals() -> list[int]:
