@@ -36,6 +36,7 @@ from ._deadletter import DeadLetter
 from ._errors import AgentNotFound, KernelShuttingDown, SupervisorEscalation
 from ._events import EventKind, LifecycleEvent
 from ._ledger import Ledger
+from .logs import install_default_logging
 from ._mailbox import MailboxStatistics
 from ._message import SYSTEM_ID, Address, Message, MessageKind, new_id
 from ._router import KernelPhase, Router, TransportHandle
@@ -536,6 +537,9 @@ async def open_kernel(
     ``seed`` makes backoff jitter reproducible.
     """
     kernel = Kernel(config if config is not None else Config(), seed=seed)
+    # A program that configured no logging still sees agents' log lines and tracebacks,
+    # with times (nothing is installed if the application or its root logger has handlers).
+    install_default_logging(kernel.config.logging)
     body_error: BaseException | None = None
     timer = trio.CancelScope()
 

@@ -127,7 +127,7 @@ class KernelCollector:
     Series (``_total`` is added to counters by the exposition format):
     ``nexus_messages_accepted``, ``nexus_messages_handled``, ``nexus_replies_delivered``,
     ``nexus_messages_forwarded``, ``nexus_handler_failures``, ``nexus_handler_timeouts``,
-    ``nexus_dead_letters{reason}``, ``nexus_sends_rejected{reason}``, ``nexus_restarts``,
+    ``nexus_dead_letters{reason}``, ``nexus_sends_rejected{reason}``, ``nexus_restarts``, ``nexus_given_up``,
     ``nexus_dead_letter_stream_dropped`` (counters); ``nexus_agents_alive``,
     ``nexus_messages_in_flight``, ``nexus_max_mailbox_depth``, ``nexus_kernel_up``,
     ``nexus_agent_series_exported``, ``nexus_agent_series_truncated`` (gauges);
@@ -188,6 +188,11 @@ def _families(snapshot: MetricsSnapshot) -> Iterator[Metric]:
     yield counter("nexus_handler_timeouts", "Handler calls cancelled by timeout.", s.timed_out)
     yield counter("nexus_restarts", "Agent and supervisor restarts.", s.restarts)
     yield counter(
+        "nexus_given_up",
+        "Children the root supervisor stopped for good after too many failures.",
+        s.given_up,
+    )
+    yield counter(
         "nexus_dead_letter_stream_dropped",
         "Dead letters a slow stream subscriber did not receive.",
         s.dead_letter_stream_dropped,
@@ -208,7 +213,7 @@ def _families(snapshot: MetricsSnapshot) -> Iterator[Metric]:
     yield rejected
     yield gauge("nexus_agents_alive", "Live agents.", s.agents_alive)
     yield gauge("nexus_messages_in_flight", "Accepted messages not yet done.", s.in_flight)
-    yield gauge("nexus_max_mailbox_depth", "Deepest mailbox right now.", s.max_mailbox_depth)
+    yield gauge("nexus_max_mailbox_depth", "Deepest any mailbox has been (high water).", s.max_mailbox_depth)
     yield gauge(
         "nexus_kernel_up",
         "1 while the kernel runs and is not shutting down.",
