@@ -44,27 +44,36 @@ RFC3339_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 
 #: the reason in the summary when the JavaScript tests are skipped
 NODE_MISSING = "Node 18+ not on PATH"
+#: CI sets it: a machine without Node fails the JavaScript tests instead of skipping them
+REQUIRE_NODE = os.environ.get("NEXUS_REQUIRE_NODE") == "1"
+
+
+def _find_node() -> tuple[str | None, str]:
+    """(path of Node 18+, or None; what is wrong otherwise)."""
+    node = shutil.which("node")
+    if node is None:
+        return None, NODE_MISSING
+    version = subprocess.run([node, "--version"], capture_output=True, text=True, check=False)
+    found = version.stdout.strip()
+    match = re.match(r"v(\d+)\.", found)
+    if match and int(match.group(1)) >= 18:
+        return node, ""
+    return None, f"{NODE_MISSING} (found node {found or 'that does not run'})"
+
+
+NODE, NODE_PROBLEM = _find_node()
+#: on tests that need Node: skipped, saying why, when it is missing (unless REQUIRE_NODE).
+#: Decided at collection: a skip raised inside a trio test loses its reason in the summary.
+needs_node = pytest.mark.skipif(NODE is None and not REQUIRE_NODE, reason=NODE_PROBLEM)
 
 
 def node_or_skip() -> str:
-    """Node 18+ on PATH, else skip the test (with NEXUS_REQUIRE_NODE=1: fail it).
-
-    The JavaScript bridge is optional for a Python user: without Node its tests are
-    skipped and the summary says why; CI sets NEXUS_REQUIRE_NODE=1 so that it never
-    skips them.
-    """
-    node = shutil.which("node")
-    found = None
-    if node is not None:
-        version = subprocess.run([node, "--version"], capture_output=True, text=True, check=False)
-        found = version.stdout.strip()
-        match = re.match(r"v(\d+)\.", found)
-        if match and int(match.group(1)) >= 18:
-            return node
-    reason = NODE_MISSING if found is None else f"{NODE_MISSING} (found node {found})"
-    if os.environ.get("NEXUS_REQUIRE_NODE") == "1":
-        pytest.fail(f"{reason}, and NEXUS_REQUIRE_NODE=1: the JavaScript bridge tests need it")
-    pytest.skip(reason)
+    """Node 18+ on PATH; without it the test fails when NEXUS_REQUIRE_NODE=1, else skips."""
+    if NODE is None:
+        if REQUIRE_NODE:
+            pytest.fail(f"{NODE_PROBLEM}, and NEXUS_REQUIRE_NODE=1: the JavaScript tests need it")
+        pytest.skip(NODE_PROBLEM)
+    return NODE
 
 
 # --- probe agents: one per language, steered by the payload ------------------------------
@@ -329,7 +338,7 @@ def assert_response_to(response: dict[str, Any], msg: Message, register: dict[st
     assert decoded.kind is MessageKind.RESPONSE
 
 
-LANGS = ["python", "node"]
+LANGS = ["python", pytest.param("node", marks=needs_node)]
 
 
 # --- the harness from the issue: calculator example by hand ------------------------------
@@ -568,6 +577,7 @@ DATA_REQUESTS = [
 ]
 
 
+@needs_node
 async def test_javascript_example_harness_and_every_operation() -> None:
     async with open_child(example_command("node")) as child:
         register = await child.register()
@@ -687,6 +697,7 @@ async def test_handler_exception_becomes_error_frame_and_agent_goes_on(
     assert any("boom" in line for line in child.stderr_lines())
 
 
+@needs_node
 async def test_node_rejected_promise_becomes_error_frame(tmp_path: Path) -> None:
     async with open_child(probe_command("node", tmp_path)) as child:
         await child.register()
@@ -700,6 +711,7 @@ async def test_node_rejected_promise_becomes_error_frame(tmp_path: Path) -> None
         assert await child.wait() == 0
 
 
+@needs_node
 async def test_node_async_handlers_are_answered_one_at_a_time_in_order(tmp_path: Path) -> None:
     # The first handler sleeps; the second must not start before the first answered.
     async with open_child(probe_command("node", tmp_path)) as child:
@@ -1339,3 +1351,29 @@ def test_original_module_name_imports_the_same_bridge() -> None:
     assert message.to_dict()["from"] == "a"
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         _ = message.nope
+
+
+@pytest.mark.parametrize("require", ["", "1"])
+def test_without_node_the_javascript_tests_skip_saying_why(require: str, tmp_path: Path) -> None:
+    """The README's test command works on a machine without Node; CI makes it a failure."""
+    empty_bin = tmp_path / "bin"  # a PATH on which there is no node
+    empty_bin.mkdir()
+    env = {**os.environ, "PATH": str(empty_bin), "NEXUS_REQUIRE_NODE": require}
+    test = "tests/test_bridge_agents.py::test_echo_bridge_registers_round_trips_and_exits_0_on_shutdown"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", test],
+        cwd=ROOT,  # where pyproject.toml turns on trio mode
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if require:
+        assert result.returncode == 1, result.stdout
+        assert "1 failed, 1 passed" in result.stdout
+        assert "NEXUS_REQUIRE_NODE=1" in result.stdout
+    else:
+        assert result.returncode == 0, result.stdout
+        assert "1 passed, 1 skipped" in result.stdout
+        assert "Node 18+ not on PATH" in result.stdout

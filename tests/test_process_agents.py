@@ -44,7 +44,7 @@ from nexus_trio import (
 from nexus_trio.bridges import _lineage, bridge_stats, process_agent
 from nexus_trio.bridges.process import _UNSERIALISABLE, BridgeStats, ProcessAgentError
 from nexus_trio.testing import assert_conserved, dead_letters
-from tests.test_bridge_agents import node_or_skip
+from tests.test_bridge_agents import needs_node, node_or_skip
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = str(ROOT / "tests" / "children" / "toy_agent.py")
@@ -164,6 +164,7 @@ async def test_python_example_registers_and_answers_add() -> None:
     assert group_members(pid) == []
 
 
+@needs_node
 async def test_javascript_example_registers_and_answers() -> None:
     node = node_or_skip()
     async with bridge_kernel() as kernel:
@@ -433,6 +434,7 @@ async def test_python_agent_written_for_the_original_api_runs_unchanged() -> Non
         assert kernel.stats().dead_lettered == 0
 
 
+@needs_node
 async def test_javascript_agent_written_for_the_original_api_runs_unchanged() -> None:
     """examples/original_javascript_agent.js: new MyAgent('name'), runAgent(agent)."""
     node = node_or_skip()
