@@ -4,8 +4,9 @@
 :class:`ProcessAgent`, owns one child process per run of the agent. ``on_start`` starts
 the child in its own process group and waits for its ``register`` line; ``handle`` writes
 each message as a ``message`` frame and waits for the correlated ``response`` (by
-``reply_to`` when the child speaks protocol 2, else by order: one message in flight at a
-time); a background reader routes ``send`` frames and answers, a second one copies the
+``reply_to`` when the child speaks protocol 2; a protocol-1 child, like the original
+bridges, need answer only queries, and its answers are matched by the conversation id it
+echoes, else by order); a background reader routes ``send`` frames and answers, a second one copies the
 child's stderr to the log. The kernel's guarantees carry over: the agent has an address,
 a bounded mailbox, a handle timeout per message, dead letters and supervision — a child
 that exits, or cannot be written to within the send deadline, fails the agent and its
@@ -19,7 +20,8 @@ has its message dead-lettered (``handler_timeout``) and is replaced before the n
 message if it still has not answered. ``on_stop`` sends ``shutdown``, waits
 ``shutdown_grace``, then SIGTERMs and finally SIGKILLs the whole process group and
 always reaps the child, so nothing outlives the kernel — not a child that ignores
-SIGTERM, nor a grandchild that holds the pipes.
+SIGTERM, nor a grandchild that holds the pipes; on Linux :mod:`._lineage` also kills the
+descendants that left the group, and those of a kernel killed with SIGKILL.
 """
 
 from __future__ import annotations
@@ -648,7 +650,8 @@ class ProcessAgent(Agent):
     def _encode(self, ctx: Context, msg: Message) -> tuple[bytes, str]:
         """The ``message`` frame for ``msg`` and the conversation id written with it.
 
-        A payload JSON cannot carry (an object, a set, NaN) fails this message only. For a
+        A payload JSON cannot carry (``object()``, an application class, NaN) fails this
+        message only (:class:`MessageFailed`, dead letter ``unserialisable``). For a
         protocol-1 child a message without a conversation id starts its own conversation
         (``conversation_id`` = its id, as :meth:`Message.reply` does): the original bridges
         echo it in their answers, which tells answers to tells from answers to queries.
@@ -913,6 +916,8 @@ class ProcessAgent(Agent):
         written: list[_Tell | _Slot] = [*self._tells]
         if query is not None:
             written.append(query)
+        if not written:
+            return None
         conversation = answer.get("conversation_id")
         to = answer.get("to")
         index = 0
@@ -926,8 +931,6 @@ class ProcessAgent(Agent):
                 ),
                 0,
             )
-        if not written:
-            return None
         for _ in range(min(index + 1, len(self._tells))):
             self._tells.popleft()
         return written[index]
