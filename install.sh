@@ -271,6 +271,8 @@ TEST_ENV=(env PYTHONDONTWRITEBYTECODE=1)
 
 if [[ $SKIP_TESTS -eq 0 ]]; then
   say "installing nexus_trio with its test extra and running the test suite (--skip-tests skips this)"
+  command -v node >/dev/null 2>&1 ||
+    say "Node 18+ not on PATH: the JavaScript bridge tests will be skipped (only JavaScript agents need Node)"
   run "${PIP[@]}" install "${SOURCE}[test]"
   if [[ $DRY_RUN -eq 1 ]]; then
     echo "would run: (cd $SOURCE && ${TEST_AS[*]:+${TEST_AS[*]} }${TEST_ENV[*]} $VENV/bin/python -m pytest -q -p no:cacheprovider)"

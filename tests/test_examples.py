@@ -29,7 +29,12 @@ SCRIPTS: dict[str, list[str]] = {
 # Agents in other processes, spoken to over the NDJSON stdio protocol.
 PROCESS_AGENTS = {"python_agent_example.py"}
 # JavaScript examples run in the bridge tests, which need node (tests/test_bridge_agents.py).
-RUN_BY_BRIDGE_TESTS = {"javascript_agent_example.js": ROOT / "tests" / "test_bridge_agents.py"}
+RUN_BY_BRIDGE_TESTS = {
+    "javascript_agent_example.js": ROOT / "tests" / "test_bridge_agents.py",
+    # Agents written for the original Nexus bridge API, run under the kernel.
+    "original_python_agent.py": ROOT / "tests" / "test_process_agents.py",
+    "original_javascript_agent.js": ROOT / "tests" / "test_process_agents.py",
+}
 
 TIMEOUT = 120  # seconds; generous for a loaded machine, the examples take about one
 

@@ -12,7 +12,9 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -39,15 +41,20 @@ from nexus_trio import (
     agent,
     open_kernel,
 )
-from nexus_trio.bridges import bridge_stats, process_agent
-from nexus_trio.bridges.process import BridgeStats, ProcessAgentError
+from nexus_trio.bridges import _lineage, bridge_stats, process_agent
+from nexus_trio.bridges.process import _UNSERIALISABLE, BridgeStats, ProcessAgentError
 from nexus_trio.testing import assert_conserved, dead_letters
+from tests.test_bridge_agents import needs_node, node_or_skip
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = str(ROOT / "tests" / "children" / "toy_agent.py")
 PY_EXAMPLE = str(ROOT / "examples" / "python_agent_example.py")
 JS_EXAMPLE = str(ROOT / "examples" / "javascript_agent_example.js")
-NODE = shutil.which("node")
+#: an agent on a re-creation of the original Nexus Python bridge (no frame for None)
+ORIGINAL = str(ROOT / "tests" / "children" / "original_bridge_agent.py")
+#: agents written for the original bridge API (nexus_bridge, run_agent / runAgent)
+ORIGINAL_PY_EXAMPLE = str(ROOT / "examples" / "original_python_agent.py")
+ORIGINAL_JS_EXAMPLE = str(ROOT / "examples" / "original_javascript_agent.js")
 
 #: generous bound for one test on a loaded 2-core machine
 LIMIT = 60
@@ -157,11 +164,11 @@ async def test_python_example_registers_and_answers_add() -> None:
     assert group_members(pid) == []
 
 
-@pytest.mark.skipif(NODE is None, reason="node is not installed")
+@needs_node
 async def test_javascript_example_registers_and_answers() -> None:
-    assert NODE is not None
+    node = node_or_skip()
     async with bridge_kernel() as kernel:
-        ref = kernel.spawn(process_agent([NODE, JS_EXAMPLE], name="data"))
+        ref = kernel.spawn(process_agent([node, JS_EXAMPLE], name="data"))
         reply = await kernel.request(
             ref, {"operation": "transform", "data": ["a", "b"], "map": "uppercase"}
         )
@@ -282,6 +289,176 @@ async def test_python_bridge_in_protocol_1_mode_works_unchanged() -> None:
         assert "protocol" not in stats.registered
 
 
+async def test_original_bridge_tells_without_an_answer_are_handled_and_do_not_wait() -> None:
+    """The original bridge writes nothing for a handler that returns None: no timeout, no kill."""
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent([sys.executable, ORIGINAL], handle_timeout=2.0))
+        start = trio.current_time()
+        for n in range(1, 21):
+            await kernel.send(ref, {"op": "add", "n": n})
+        for _ in range(5):
+            await kernel.send(ref, {"op": "add", "n": 1000}, kind=MessageKind.EVENT)
+        assert await kernel.request(ref, {"op": "total"}) == {"total": 210, "events": 5}
+        # One handle timeout per unanswered tell would be 50 s; they were never waited for.
+        assert trio.current_time() - start < 2.0
+        stats = stats_of(kernel, ref)
+        assert stats.protocol == 1
+        assert (stats.starts, stats.abandoned, stats.replaced) == (1, 0, 0)
+        assert (stats.unmatched_responses, stats.late_responses) == (0, 0)
+        assert kernel.stats().dead_lettered == 0
+        assert kernel.stats().timed_out == 0
+        # The kernel wrote the original harness's fields; it needs no id back.
+        assert await kernel.request(ref, {"op": "echo", "value": "again"}) == "again"
+
+
+async def test_original_bridge_answer_to_a_tell_goes_to_the_teller_not_to_the_next_query() -> None:
+    seen: list[tuple[MessageKind, Any, uuid.UUID | None]] = []
+    results: dict[str, Any] = {}
+    answered = trio.Event()
+
+    async with bridge_kernel() as kernel:
+        original = kernel.spawn(process_agent([sys.executable, ORIGINAL], name="orig"))
+
+        @agent(name="teller")
+        async def teller(ctx: Any, msg: Message) -> None:
+            if msg.kind is MessageKind.RESPONSE:
+                seen.append((msg.kind, msg.payload, msg.reply_to))
+                answered.set()
+                return
+            # A tell that is answered, then at once a query: the child writes both
+            # answers in order, and the tell's must not be taken for the query's.
+            command = await ctx.send("orig", {"op": "echo", "value": "for the tell"})
+            results["command_id"] = command.id
+            results["total"] = await ctx.request("orig", {"op": "total"})
+
+        kernel.spawn(teller)
+        await kernel.send("teller", "go")
+        with trio.fail_after(20):
+            await answered.wait()
+        assert results["total"] == {"total": 0, "events": 0}
+        assert seen == [(MessageKind.RESPONSE, "for the tell", results["command_id"])]
+        stats = stats_of(kernel, original)
+        assert stats.tell_answers == 1
+        assert stats.unmatched_responses == 0
+        assert kernel.stats().dead_lettered == 0
+
+
+async def test_protocol_1_child_that_answers_every_tell_is_still_correlated_by_order() -> None:
+    """A protocol-1 child that echoes no conversation id and answers everything: order holds."""
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy("--protocol", "1")))
+        for i in range(30):
+            await kernel.send(ref, {"op": "record", "value": i})
+            if i % 10 == 9:
+                assert await kernel.request(ref, {"op": "history"}) == list(range(i + 1))
+        stats = stats_of(kernel, ref)
+        await wait_until(lambda: stats_of(kernel, ref).tell_answers == 30, "the tell answers")
+        assert (stats.unmatched_responses, stats.late_responses, stats.starts) == (0, 0, 1)
+        assert kernel.stats().dead_lettered == 0
+
+
+async def test_free_form_trace_id_from_a_child_is_kept_and_echoed_to_other_children() -> None:
+    """The original's trace_id is any string: it survives a hop through a Python agent."""
+    seen: list[Any] = []
+    done = trio.Event()
+    async with bridge_kernel() as kernel:
+        kernel.spawn(process_agent([sys.executable, ORIGINAL], name="orig"))
+        sender = kernel.spawn(process_agent(toy(), name="sender"))
+
+        @agent(name="relay")
+        async def relay(ctx: Any, msg: Message) -> None:
+            if msg.kind is MessageKind.RESPONSE:
+                seen.append(msg.payload)
+                done.set()
+            else:
+                await ctx.send("orig", {"op": "trace"})  # the trace id carries over
+
+        kernel.spawn(relay)
+        trace = "req-7/checkout (not a UUID)"
+        sent = await kernel.request(
+            sender, {"op": "send", "to": "relay", "payload": 1, "trace_id": trace}
+        )
+        assert sent == "sent"
+        with trio.fail_after(20):
+            await done.wait()
+        # The original bridge saw the text as it was sent, and echoed it.
+        assert seen == [{"trace_id": trace}]
+        # A UUID text is used as it is; none stays none.
+        assert await kernel.request("orig", {"op": "trace"}) == {"trace_id": None}
+        assert kernel.stats().dead_lettered == 0
+
+
+async def test_payload_that_cannot_be_encoded_fails_only_that_message() -> None:
+    """object(), a custom class or NaN in a payload: that message fails; the child stays."""
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy()))
+        pid = await kernel.request(ref, {"op": "pid"})
+        with pytest.raises(RequestFailed) as info:
+            await kernel.request(ref, {"op": "echo", "value": object()})
+        assert info.value.reason == _UNSERIALISABLE.value
+        assert "cannot be encoded as JSON" in str(info.value.error)
+        assert "object" in str(info.value.error)
+        await kernel.send(ref, {"op": "echo", "value": Record(1)})
+        await kernel.send(ref, {"op": "echo", "value": float("nan")})
+        for _ in range(4):  # the 4th used to shut the kernel down (restart intensity)
+            await kernel.send(ref, object())
+        assert await kernel.request(ref, {"op": "pid"}) == pid
+        letters = dead_letters(kernel)
+        assert [d.reason for d in letters] == [_UNSERIALISABLE] * 7
+        stats = stats_of(kernel, ref)
+        assert (stats.starts, stats.unserialisable) == (1, 7)
+        assert kernel.stats().restarts == 0
+
+
+async def test_python_agent_written_for_the_original_api_runs_unchanged() -> None:
+    """examples/original_python_agent.py: async handle_message, message.kind, run_agent."""
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent([sys.executable, ORIGINAL_PY_EXAMPLE]))
+        reply = await kernel.request(ref, None)
+        assert reply == {"words": 0, "texts": 0, "events": 0}
+        results = Record(2)
+        sink = kernel.spawn(collector(results))
+        await kernel.send(ref, {"text": "the quick brown fox"}, sender=sink.id)
+        await kernel.send(ref, {"text": "jumps"}, sender=sink.id)
+        await kernel.send(ref, {"text": "ignored"}, kind=MessageKind.EVENT)
+        with trio.fail_after(20):
+            await results.done.wait()
+        assert [m.payload for m in results.seen] == [
+            {"words": 4, "agent": "PythonWordCounter"},
+            {"words": 1, "agent": "PythonWordCounter"},
+        ]
+        assert await kernel.request(ref, None) == {"words": 5, "texts": 2, "events": 1}
+        stats = stats_of(kernel, ref)
+        assert stats.registered["name"] == "PythonWordCounter"
+        assert (stats.starts, stats.invalid_lines) == (1, 0)
+        assert kernel.stats().dead_lettered == 0
+
+
+@needs_node
+async def test_javascript_agent_written_for_the_original_api_runs_unchanged() -> None:
+    """examples/original_javascript_agent.js: new MyAgent('name'), runAgent(agent)."""
+    node = node_or_skip()
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent([node, ORIGINAL_JS_EXAMPLE]))
+        results = Record(2)
+        sink = kernel.spawn(collector(results))
+        await kernel.send(ref, {"item": "milk"}, sender=sink.id)
+        await kernel.send(ref, {"item": "bread"}, sender=sink.id)
+        await kernel.send(ref, {"item": "ignored"}, kind=MessageKind.EVENT)
+        with trio.fail_after(20):
+            await results.done.wait()
+        assert [m.payload["length"] for m in results.seen] == [1, 2]
+        assert await kernel.request(ref, None) == {
+            "items": ["milk", "bread"],
+            "events": 1,
+            "agent": "JSListKeeper",
+        }
+        stats = stats_of(kernel, ref)
+        assert stats.registered["name"] == "JSListKeeper"
+        assert (stats.starts, stats.invalid_lines) == (1, 0)
+        assert kernel.stats().dead_lettered == 0
+
+
 # --- failures of the child --------------------------------------------------------------------
 
 
@@ -321,7 +498,10 @@ async def test_hanging_child_times_out_is_dead_lettered_and_replaced(protocol: s
     async with bridge_kernel() as kernel:
         ref = kernel.spawn(process_agent(toy("--protocol", protocol), handle_timeout=1.0))
         first_pid = await kernel.request(ref, {"op": "pid"})
-        await kernel.send(ref, {"op": "hang"})
+        # A query: a protocol-1 tell is handled once written (it may get no answer).
+        with pytest.raises(RequestFailed) as info:
+            await kernel.request(ref, {"op": "hang"})
+        assert info.value.reason == "handler_timeout"
         assert await kernel.request(ref, {"op": "echo", "value": "after"}) == "after"
         letters = dead_letters(kernel)
         assert [d.reason for d in letters] == [DeadLetterReason.HANDLER_TIMEOUT]
@@ -337,7 +517,8 @@ async def test_hanging_child_times_out_is_dead_lettered_and_replaced(protocol: s
 async def test_late_answer_is_discarded_and_not_taken_for_the_next_message(protocol: str) -> None:
     async with bridge_kernel() as kernel:
         ref = kernel.spawn(process_agent(toy("--protocol", protocol), handle_timeout=0.5))
-        await kernel.send(ref, {"op": "sleep", "seconds": 1.0})
+        with pytest.raises(RequestFailed):
+            await kernel.request(ref, {"op": "sleep", "seconds": 1.0})
         await wait_until(lambda: stats_of(kernel, ref).late_responses == 1, "the late answer")
         assert await kernel.request(ref, {"op": "echo", "value": 2}) == 2
         stats = stats_of(kernel, ref)
@@ -567,6 +748,82 @@ async def test_grandchild_holding_the_pipes_does_not_hide_a_crash() -> None:
     assert live_processes(tag) == []
 
 
+async def test_grandchild_that_leaves_the_group_with_setsid_is_killed_at_stop() -> None:
+    tag = new_tag()
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy(tag=tag), shutdown_grace=0.5))
+        escaped = await kernel.request(ref, {"op": "escape"})
+        pid = stats_of(kernel, ref).pid
+        assert sorted(live_processes(tag)) == sorted([pid, escaped])
+        assert _lineage.is_subreaper() is _lineage.SUPPORTED
+    await wait_until(lambda: live_processes(tag) == [], "the escaped grandchild to die", 10)
+    assert not os.path.exists(f"/proc/{escaped}")  # killed and reaped, not a zombie
+
+
+async def test_escaped_grandchild_of_a_crashed_child_is_killed_before_the_restart() -> None:
+    tag = new_tag()
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy(tag=tag), shutdown_grace=0.5))
+        escaped = await kernel.request(ref, {"op": "escape"})
+        with pytest.raises(RequestFailed):
+            await kernel.request(ref, {"op": "crash", "code": 3})
+        await wait_until(lambda: stats_of(kernel, ref).starts == 2, "restart")
+        await wait_until(lambda: escaped not in live_processes(tag), "the escaped grandchild")
+        assert stats_of(kernel, ref).descendants_killed == 1
+        assert await kernel.request(ref, {"op": "echo", "value": 1}) == 1
+
+
+KILLED_KERNEL = """
+import sys, trio
+from nexus_trio import Config, KernelConfig, open_kernel
+from nexus_trio.bridges import process_agent
+
+async def main():
+    async with open_kernel(Config(kernel=KernelConfig(handle_timeout_ms=10_000))) as kernel:
+        toy = [sys.executable, sys.argv[1], "--ignore-term", "--tag", sys.argv[2]]
+        ref = kernel.spawn(process_agent(toy))
+        pids = [await kernel.request(ref, {"op": "pid"})]
+        pids.append(await kernel.request(ref, {"op": "grandchild"}))
+        pids.append(await kernel.request(ref, {"op": "escape"}))
+        print(*pids, flush=True)
+        await trio.sleep_forever()
+
+trio.run(main)
+"""
+
+
+@pytest.mark.skipif(not _lineage.SUPPORTED, reason="the guardian needs Linux /proc")
+def test_children_and_grandchildren_die_with_a_sigkilled_kernel(tmp_path: Path) -> None:
+    """A child that ignores end of input and SIGTERM, a grandchild, one that left with setsid."""
+    tag = new_tag()
+    script = tmp_path / "kernel.py"
+    script.write_text(KILLED_KERNEL)
+    kernel = subprocess.Popen(
+        [sys.executable, str(script), TOY, tag],
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert kernel.stdout is not None
+        line = kernel.stdout.readline()  # bounded: the kernel's handle timeout is 10 s
+        pids = [int(pid) for pid in line.split()]
+        assert len(pids) == 3, line
+        # (the kernel's own command line carries the tag too)
+        assert sorted(set(live_processes(tag)) - {kernel.pid}) == sorted(pids)
+        kernel.kill()
+        kernel.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while live_processes(tag) and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling a condition with a deadline, not a fixed wait
+        assert live_processes(tag) == []
+    finally:
+        kernel.kill()
+        kernel.wait(timeout=10)
+        for pid in live_processes(tag):
+            os.kill(pid, signal.SIGKILL)
+
+
 async def test_no_child_process_remains_after_the_kernel_exits() -> None:
     tag = new_tag()
     pids = []
@@ -577,8 +834,9 @@ async def test_no_child_process_remains_after_the_kernel_exits() -> None:
             kernel.spawn(process_agent(toy("--ignore-term", tag=tag), shutdown_grace=0.3)),
             kernel.spawn(process_agent([sys.executable, PY_EXAMPLE])),
         ]
-        if NODE is not None:
-            refs.append(kernel.spawn(process_agent([NODE, JS_EXAMPLE])))
+        node = shutil.which("node")  # optional here: the JavaScript side has its own tests
+        if node is not None:
+            refs.append(kernel.spawn(process_agent([node, JS_EXAMPLE])))
         for ref in refs:
             await kernel.request(ref, None)
             pid = stats_of(kernel, ref).pid

@@ -3,7 +3,8 @@
  * The agent side of the Nexus stdio bridge for Node.js (18+, no dependencies, CommonJS).
  *
  * Subclass NexusAgent, override handleMessage(message) (may be async) and optionally
- * onStart() / onStop(), then call runAgent(). The bridge speaks newline-delimited JSON with
+ * onStart() / onStop(), then call agent.runAgent() (or runAgent(agent), the original Nexus
+ * spelling; `new MyAgent('name')` works as in the original too). The bridge speaks newline-delimited JSON with
  * the kernel over stdin/stdout: it sends `register`, answers every `message` with exactly one
  * `response` (or `error`) frame, one message at a time, answers `ping` with `pong`, and exits
  * after a `shutdown` frame or at the end of input. Stdout carries nothing but frames: while
@@ -18,6 +19,44 @@ const KINDS = ['Command', 'Event', 'Query', 'Response'];
 const MESSAGE_FIELDS = ['from', 'to', 'kind', 'payload'];
 const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 const SNIPPET = 60;
+
+/** Message kinds, spelled as on the wire (the original bridge's MessageKind). */
+const MessageKind = Object.freeze({
+  COMMAND: 'Command',
+  EVENT: 'Event',
+  QUERY: 'Query',
+  RESPONSE: 'Response',
+});
+
+/**
+ * A message as the handler sees it: every field of the wire object (from, to, kind,
+ * payload, timestamp, id, conversation_id, reply_to, trace_id), plus reply() as in the
+ * original bridge.
+ */
+class Message {
+  constructor(fields = {}) {
+    Object.assign(this, fields);
+    if (this.timestamp === undefined) this.timestamp = new Date().toISOString();
+  }
+
+  /** The Response to this message, as the original bridge built it. */
+  reply(senderId, payload) {
+    const fields = {
+      from: senderId,
+      to: this.from,
+      kind: MessageKind.RESPONSE,
+      payload,
+      timestamp: new Date().toISOString(),
+    };
+    if (this.conversation_id) fields.conversation_id = this.conversation_id;
+    if (this.trace_id) fields.trace_id = this.trace_id;
+    return new Message(fields);
+  }
+
+  toJSON() {
+    return { ...this };
+  }
+}
 
 /** An input line that is not a frame this bridge understands (reported, then skipped). */
 class InvalidFrame extends Error {
@@ -84,7 +123,12 @@ function protocolFrom(value, source) {
  * without `id`/`reply_to`, errors as a response payload {error, error_type}, no ping/send.
  */
 class NexusAgent {
-  constructor(options = {}) {
+  constructor(options = {}, originalId = undefined) {
+    if (typeof options === 'string') {
+      // The original bridge's signature: new MyAgent(name[, id]).
+      options = { name: options, id: originalId };
+    }
+    options = options || {};
     const env = process.env;
     this.name =
       options.name || env.NEXUS_AGENT_NAME || this.constructor.defaultName || this.constructor.name;
@@ -137,13 +181,19 @@ class NexusAgent {
     const frame = { to, kind, payload };
     // Checked here: the kernel treats a send frame with a bad id as an invalid line, which
     // fails the message being handled.
-    for (const [option, field] of [['conversationId', 'conversation_id'], ['traceId', 'trace_id']]) {
-      const value = options[option];
-      if (value === undefined || value === null) continue;
-      if (!UUID_RE.test(String(value))) {
-        throw new TypeError(`send(): ${option} must be a UUID, got ${JSON.stringify(value)}`);
+    const { conversationId, traceId } = options;
+    if (conversationId !== undefined && conversationId !== null) {
+      if (!UUID_RE.test(String(conversationId))) {
+        throw new TypeError(`send(): conversationId must be a UUID, got ${JSON.stringify(conversationId)}`);
       }
-      frame[field] = String(value).toLowerCase();
+      frame.conversation_id = String(conversationId).toLowerCase();
+    }
+    if (traceId !== undefined && traceId !== null) {
+      // A trace id is free text (the original's Option<String>): kept as given.
+      if (typeof traceId !== 'string') {
+        throw new TypeError(`send(): traceId must be a string, got ${JSON.stringify(traceId)}`);
+      }
+      frame.trace_id = traceId;
     }
     let line;
     try {
@@ -276,7 +326,7 @@ class NexusAgent {
       return null;
     }
     if (frame.type === 'message') {
-      await this._onMessage(frame.payload);
+      await this._onMessage(new Message(frame.payload));
     } else if (frame.type === 'ping') {
       this._writeFrame('pong', { id: frame.payload.id });
     }
@@ -371,6 +421,11 @@ class NexusAgent {
       if (msgId !== null) response.reply_to = msgId;
       response.conversation_id = message.conversation_id || msgId;
       response.trace_id = message.trace_id === undefined ? null : message.trace_id;
+    } else {
+      // As the original bridge did: echoed when set. The kernel matches answers to
+      // messages by the conversation id it gave them.
+      if (message.conversation_id) response.conversation_id = message.conversation_id;
+      if (message.trace_id) response.trace_id = message.trace_id;
     }
     return response;
   }
@@ -420,13 +475,27 @@ function runMain(AgentClass, options = {}) {
   return agent;
 }
 
+/**
+ * Run an agent instance (the original bridge's entry point): register, serve, exit.
+ * A failure to start is reported on stderr and exits with status 1.
+ */
+function runAgent(agent) {
+  return agent.runAgent().catch((err) => {
+    process.stderr.write(`nexus-bridge[${agent.name}]: ${(err && err.stack) || err}\n`);
+    process.exit(1);
+  });
+}
+
 module.exports = {
   PROTOCOL_VERSION,
   KINDS,
   InvalidFrame,
+  Message,
+  MessageKind,
   NexusAgent,
   Agent: NexusAgent,
   EchoAgent,
+  runAgent,
   runMain,
 };
 

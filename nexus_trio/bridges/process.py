@@ -4,8 +4,9 @@
 :class:`ProcessAgent`, owns one child process per run of the agent. ``on_start`` starts
 the child in its own process group and waits for its ``register`` line; ``handle`` writes
 each message as a ``message`` frame and waits for the correlated ``response`` (by
-``reply_to`` when the child speaks protocol 2, else by order: one message in flight at a
-time); a background reader routes ``send`` frames and answers, a second one copies the
+``reply_to`` when the child speaks protocol 2; a protocol-1 child, like the original
+bridges, need answer only queries, and its answers are matched by the conversation id it
+echoes, else by order); a background reader routes ``send`` frames and answers, a second one copies the
 child's stderr to the log. The kernel's guarantees carry over: the agent has an address,
 a bounded mailbox, a handle timeout per message, dead letters and supervision — a child
 that exits, or cannot be written to within the send deadline, fails the agent and its
@@ -19,7 +20,8 @@ has its message dead-lettered (``handler_timeout``) and is replaced before the n
 message if it still has not answered. ``on_stop`` sends ``shutdown``, waits
 ``shutdown_grace``, then SIGTERMs and finally SIGKILLs the whole process group and
 always reaps the child, so nothing outlives the kernel — not a child that ignores
-SIGTERM, nor a grandchild that holds the pipes.
+SIGTERM, nor a grandchild that holds the pipes; on Linux :mod:`._lineage` also kills the
+descendants that left the group, and those of a kernel killed with SIGKILL.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from .._agent import Agent, AgentSpec, Context, RestartType, log_fields
 from .._deadletter import DeadLetterReason
 from .._errors import MessageFailed, NexusError
 from .._message import SYSTEM_ID, Message, MessageKind, parse_address
+from . import _lineage
 
 if TYPE_CHECKING:
     from .._kernel import Kernel
@@ -62,6 +65,16 @@ _STDERR_LINE_LIMIT: Final = 16 * 1024
 _READER_DRAIN: Final = 1.0
 #: after the leader has gone: how long its process group gets between SIGTERM and SIGKILL
 _GROUP_TERM_WAIT: Final = 0.5
+#: protocol-1 tells remembered for correlating answers (older ones count as answered)
+_TELL_MEMORY: Final = 10_000
+#: free-form trace ids remembered per kernel (their UUID stand-ins travel inside it)
+_TRACE_MEMORY: Final = 65_536
+#: namespace of the UUIDs that stand in for free-form trace ids inside the kernel
+_TRACE_NAMESPACE: Final = uuid.UUID("9b1a4d3e-5c77-5f0e-8a4e-6e657875732d")
+#: dead-letter reason of a message that cannot be encoded for the child
+_UNSERIALISABLE: Final[DeadLetterReason] = getattr(
+    DeadLetterReason, "UNSERIALISABLE", DeadLetterReason.HANDLER_ERROR
+)
 _STDERR_WARNING = re.compile(
     r"^\s*(Traceback|\w*(Error|Exception)\b|error\b|ERROR|WARN|WARNING|CRITICAL|FATAL|panic)"
 )
@@ -123,6 +136,12 @@ class BridgeStats:
     stderr_lines: int = 0
     #: pings (protocol 2, ``ping_interval``) not answered in time
     pings_missed: int = 0
+    #: answers of a protocol-1 child to tells (forwarded to the teller as a reply, or dropped)
+    tell_answers: int = 0
+    #: messages failed because their payload cannot be encoded as JSON
+    unserialisable: int = 0
+    #: descendants of children killed after the child exited (left its group, or outlived it)
+    descendants_killed: int = 0
     #: exit status of the last child that exited (negative: killed by that signal)
     last_exit: int | None = None
 
@@ -145,6 +164,46 @@ def bridge_stats(kernel: Kernel) -> dict[uuid.UUID, BridgeStats]:
     for gone in [agent_id for agent_id in table if not kernel.is_local(agent_id)]:
         del table[gone]
     return {agent_id: attrs.evolve(stats) for agent_id, stats in table.items()}
+
+
+_trace_texts: weakref.WeakKeyDictionary[Kernel, collections.OrderedDict[uuid.UUID, str]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _trace_id_from_wire(kernel: Kernel, value: Any) -> uuid.UUID | None:
+    """The kernel's trace id for a trace id read from a child: any string is accepted.
+
+    The original wire format has free-form trace ids. A canonical UUID string is used as
+    it is; any other string gets a stable UUID stand-in inside the kernel and is
+    remembered, so that frames written to process agents carry the original text.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _BadFrame(f"trace_id must be a string, got {type(value).__name__}")
+    try:
+        as_uuid = uuid.UUID(value)
+    except ValueError:
+        as_uuid = None
+    if as_uuid is not None and str(as_uuid) == value:
+        return as_uuid
+    stand_in = uuid.uuid5(_TRACE_NAMESPACE, value)
+    table = _trace_texts.setdefault(kernel, collections.OrderedDict())
+    table[stand_in] = value
+    table.move_to_end(stand_in)
+    if len(table) > _TRACE_MEMORY:
+        table.popitem(last=False)
+    return stand_in
+
+
+def trace_text(kernel: Kernel, trace_id: uuid.UUID | None) -> str | None:
+    """The text a trace id has on the wire of process agents (None: no trace id)."""
+    if trace_id is None:
+        return None
+    table = _trace_texts.get(kernel)
+    text = table.get(trace_id) if table else None
+    return text if text is not None else str(trace_id)
 
 
 def _stats_for(ctx: Context, cmd: tuple[str, ...]) -> BridgeStats:
@@ -230,10 +289,13 @@ class _LineReader:
 class _Slot:
     """One message written to the child and waiting for its answer."""
 
-    __slots__ = ("abandoned", "done", "error", "event", "msg_id", "value")
+    __slots__ = ("abandoned", "conversation", "done", "error", "event", "msg_id", "sender", "value")
 
-    def __init__(self, msg_id: uuid.UUID) -> None:
+    def __init__(self, msg_id: uuid.UUID, conversation: str = "", sender: str = "") -> None:
         self.msg_id = msg_id
+        #: the conversation id and sender written with it (protocol-1 answers echo them)
+        self.conversation = conversation
+        self.sender = sender
         self.event = trio.Event()
         self.value: Any = None
         self.error: Exception | None = None
@@ -254,16 +316,24 @@ class _Slot:
             self.event.set()
 
 
+@final
+class _Tell:
+    """A tell written to a protocol-1 child: it may be answered, or not at all."""
+
+    __slots__ = ("conversation", "msg", "sender")
+
+    def __init__(self, msg: Message, conversation: str) -> None:
+        self.msg = msg
+        self.conversation = conversation
+        self.sender = str(msg.sender)
+
+
 class _BadFrame(Exception):
     """A stdout line that is not a usable frame; the text says what is wrong."""
 
 
 def _frame(kind: str, payload: Any) -> bytes:
     return json.dumps({"type": kind, "payload": payload}, separators=(",", ":")).encode() + b"\n"
-
-
-def _message_frame(msg: Message) -> bytes:
-    return b'{"type":"message","payload":' + msg.to_json().encode() + b"}\n"
 
 
 def _preview(line: bytes, size: int = 120) -> str:
@@ -285,6 +355,12 @@ class ProcessAgent(Agent):
         self._stats: BridgeStats | None = None
         self._stdout: _LineReader | None = None
         self._inflight: collections.OrderedDict[uuid.UUID, _Slot] = collections.OrderedDict()
+        #: protocol 1: tells written and not known to be finished, oldest first
+        self._tells: collections.deque[_Tell] = collections.deque(maxlen=_TELL_MEMORY)
+        #: a write was cancelled halfway: the child's input may hold half a frame
+        self._torn = False
+        #: the marker token of each child not yet reaped, by pid
+        self._tokens: dict[int, str] = {}
         self._write_lock = trio.Lock()
         self._stopping = False
         self._lost = False
@@ -320,7 +396,7 @@ class ProcessAgent(Agent):
     async def on_stop(self, ctx: Context) -> None:
         self._stopping = True
         # A child still silent on a timed-out message would not read a shutdown frame.
-        stuck = any(slot.abandoned for slot in self._inflight.values())
+        stuck = self._torn or any(slot.abandoned for slot in self._inflight.values())
         await self._stop_child(graceful=not stuck)
 
     async def _start_child(self) -> None:
@@ -332,9 +408,14 @@ class ProcessAgent(Agent):
         env["NEXUS_AGENT_ID"] = str(ctx.id)
         if ctx.name:
             env["NEXUS_AGENT_NAME"] = ctx.name
+        # Descendants carry this mark: they are killed with the child, whatever they do.
+        _lineage.protect()
+        token = _lineage.mark(env)
         stats = self.stats
         self._generation += 1
         self._lost = False
+        self._torn = False
+        self._tells.clear()
         self._reader_done = trio.Event()
         self.protocol = 1
         try:
@@ -352,6 +433,7 @@ class ProcessAgent(Agent):
                 self.label, f"cannot start {shlex.join(options.cmd)}: {exc}"
             ) from exc
         self.process = process
+        self._tokens[process.pid] = token
         stats.starts += 1
         stats.pid = process.pid
         log.info(
@@ -484,6 +566,14 @@ class ProcessAgent(Agent):
                 while self._signal_group(process, 0):  # noqa: ASYNC110
                     await trio.sleep(0.02)
             self._signal_group(process, signal.SIGKILL)
+        token = self._tokens.pop(process.pid, None)
+        if token is not None:
+            # Those that left the group (setsid) or were started by a group member that
+            # already died: found by their mark, reparented to us as the subreaper.
+            killed = await _lineage.kill_descendants(token)
+            if killed:
+                self.stats.descendants_killed += killed
+                self._warn(f"killed {killed} descendant process(es) left behind by the child")
         await self._close_stdin(process)
         with trio.move_on_after(_READER_DRAIN):
             await self._reader_done.wait()
@@ -520,12 +610,18 @@ class ProcessAgent(Agent):
     async def handle(self, ctx: Context, msg: Message) -> Any:
         if self._lost:
             raise ProcessAgentError(self.label, "the child process is gone", self.stats.pid)
-        if any(slot.abandoned for slot in self._inflight.values()):
+        if self._torn or any(slot.abandoned for slot in self._inflight.values()):
             await self._replace_child()
-        slot = _Slot(msg.id)
+        frame, conversation = self._encode(ctx, msg)
+        if self.protocol == 1 and msg.kind is not MessageKind.QUERY:
+            # The original bridges answer a tell only when the handler returned something:
+            # it is handled once written; an answer that comes is routed when it comes.
+            await self._write_tell(msg, frame, conversation)
+            return None
+        slot = _Slot(msg.id, conversation, str(msg.sender))
         self._inflight[msg.id] = slot
         try:
-            await self._write(_message_frame(msg))
+            await self._write(frame)
             await slot.event.wait()
         except trio.Cancelled:
             if not slot.done:
@@ -551,6 +647,55 @@ class ProcessAgent(Agent):
             return None
         return payload
 
+    def _encode(self, ctx: Context, msg: Message) -> tuple[bytes, str]:
+        """The ``message`` frame for ``msg`` and the conversation id written with it.
+
+        A payload JSON cannot carry (``object()``, an application class, NaN) fails this
+        message only (:class:`MessageFailed`, dead letter ``unserialisable``). For a
+        protocol-1 child a message without a conversation id starts its own conversation
+        (``conversation_id`` = its id, as :meth:`Message.reply` does): the original bridges
+        echo it in their answers, which tells answers to tells from answers to queries.
+        """
+        conversation = str(msg.conversation_id or msg.id)
+        text = trace_text(ctx.kernel, msg.trace_id)
+        try:
+            body = msg.to_json()
+            stamp = self.protocol == 1 and msg.conversation_id is None
+            free_trace = msg.trace_id is not None and text != str(msg.trace_id)
+            if stamp or free_trace or "NaN" in body or "Infinity" in body:
+                wire = json.loads(body)
+                if stamp:
+                    wire["conversation_id"] = conversation
+                wire["trace_id"] = text
+                # NaN and Infinity are not JSON: other languages' parsers refuse them.
+                body = json.dumps(wire, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            self.stats.unserialisable += 1
+            raise MessageFailed(
+                f"message {msg.id} to process agent {self.label} cannot be encoded as JSON: {exc}",
+                reason=_UNSERIALISABLE,
+            ) from None
+        return b'{"type":"message","payload":' + body.encode() + b"}\n", conversation
+
+    async def _write_tell(self, msg: Message, frame: bytes, conversation: str) -> None:
+        tell = _Tell(msg, conversation)
+        # Remembered before writing: the answer may be read before the write returns.
+        self._tells.append(tell)
+        try:
+            # Bounded by the handle timeout, not the send timeout: a busy child reading
+            # tells slowly is backpressure, not a failure.
+            await self._write(frame, bounded=False)
+        except trio.Cancelled:
+            self._torn = True  # half a frame may be in the pipe: replace the child
+            self.stats.abandoned += 1
+            with contextlib.suppress(ValueError):
+                self._tells.remove(tell)
+            raise
+        except BaseException:
+            with contextlib.suppress(ValueError):
+                self._tells.remove(tell)
+            raise
+
     async def _replace_child(self) -> None:
         """The child did not answer a message that timed out: replace it before going on."""
         stats = self.stats
@@ -564,16 +709,17 @@ class ProcessAgent(Agent):
             for slot in self._inflight.values():
                 slot.abandoned = True
             self._inflight.clear()
+            self._tells.clear()
             if old is not None:
                 await self._kill_and_reap(old)
             with trio.fail_after(self.options.register_timeout + 1.0):
                 await self._start_child()
 
-    async def _write(self, data: bytes) -> None:
-        """Write one frame, bounded by the kernel's send timeout."""
+    async def _write(self, data: bytes, *, bounded: bool = True) -> None:
+        """Write one frame, bounded by the kernel's send timeout (if ``bounded``)."""
         process = self.process
         assert process is not None and process.stdin is not None
-        timeout = self._send_timeout()
+        timeout = self._send_timeout() if bounded else math.inf
         with trio.move_on_after(timeout) as scope:
             async with self._write_lock:
                 try:
@@ -719,7 +865,12 @@ class ProcessAgent(Agent):
         if frame_type == "response":
             if not isinstance(payload, dict):
                 raise _BadFrame("response payload must be an object")
-            slot = self._correlate(payload.get("reply_to"), "response")
+            if payload.get("reply_to") is None and self._tells:
+                answered = self._in_order(payload)
+                if isinstance(answered, _Tell):
+                    await self._tell_answered(answered, payload)
+                    return
+            slot = self._correlate(payload.get("reply_to"), "response", payload)
             if slot is None:
                 return
             if "payload" not in payload:
@@ -753,7 +904,59 @@ class ProcessAgent(Agent):
         else:
             raise _BadFrame(f"unknown frame type {frame_type!r}")
 
-    def _correlate(self, reply_to: Any, what: str) -> _Slot | None:
+    def _in_order(self, answer: dict[str, Any]) -> _Tell | _Slot | None:
+        """What a protocol-1 answer (no ``reply_to``) answers: a tell, the query, or nothing.
+
+        The child handles messages in order, so the answer belongs to the oldest message
+        written that has the ``conversation_id`` (and ``to``) the answer echoes; with
+        nothing echoed, to the oldest message written. Tells written before that message
+        are finished: they were handled without an answer.
+        """
+        query = next((s for s in self._inflight.values() if not s.done), None)
+        written: list[_Tell | _Slot] = [*self._tells]
+        if query is not None:
+            written.append(query)
+        if not written:
+            return None
+        conversation = answer.get("conversation_id")
+        to = answer.get("to")
+        index = 0
+        if isinstance(conversation, str):
+            index = next(
+                (
+                    i
+                    for i, entry in enumerate(written)
+                    if entry.conversation == conversation
+                    and (not isinstance(to, str) or entry.sender == to)
+                ),
+                0,
+            )
+        for _ in range(min(index + 1, len(self._tells))):
+            self._tells.popleft()
+        return written[index]
+
+    async def _tell_answered(self, tell: _Tell, answer: dict[str, Any]) -> None:
+        """A protocol-1 child answered a tell: the teller gets it as a reply, like any agent's."""
+        ctx = self._ctx
+        assert ctx is not None
+        self.stats.tell_answers += 1
+        if "payload" not in answer:
+            raise _BadFrame("response has no 'payload' field")
+        msg = tell.msg
+        value = answer["payload"]
+        if value is None or msg.kind is MessageKind.RESPONSE or msg.sender == SYSTEM_ID:
+            return  # nobody to tell, or an answer to an answer
+        try:
+            await ctx.send(msg.reply(ctx.id, value))
+        except NexusError as exc:
+            self.stats.sends_failed += 1
+            self._warn(f"answer to a tell from {msg.sender} not delivered: {exc}")
+        else:
+            self.stats.sends_routed += 1
+
+    def _correlate(
+        self, reply_to: Any, what: str, answer: dict[str, Any] | None = None
+    ) -> _Slot | None:
         """The slot a response or error belongs to; None if it is discarded."""
         stats = self.stats
         if reply_to is not None:
@@ -764,6 +967,9 @@ class ProcessAgent(Agent):
             if key is None:
                 raise _BadFrame(f"{what} has an invalid 'reply_to' {reply_to!r}")
             slot = self._inflight.get(key)
+        elif answer is not None and self.protocol == 1:
+            found = self._in_order(answer)
+            slot = found if isinstance(found, _Slot) else None
         else:
             # Original protocol: one message at a time, answers in order.
             slot = next((s for s in self._inflight.values() if not s.done), None)
@@ -789,14 +995,19 @@ class ProcessAgent(Agent):
             to = parse_address(payload["to"])
             kind = MessageKind(payload.get("kind", "Command"))
             conversation_id = payload.get("conversation_id")
-            trace_id = payload.get("trace_id")
+            if "trace_id" in payload:
+                trace_id = _trace_id_from_wire(ctx.kernel, payload["trace_id"])
+            else:
+                # Like ctx.send: the trace of the message being handled carries over.
+                current = ctx.message
+                trace_id = current.trace_id if current is not None else None
             msg = Message(
                 sender=ctx.id,
                 to=to,
                 payload=payload.get("payload"),
                 kind=kind,
                 conversation_id=uuid.UUID(conversation_id) if conversation_id else None,
-                trace_id=uuid.UUID(trace_id) if trace_id else None,
+                trace_id=trace_id,
             )
         except (TypeError, ValueError) as exc:
             raise _BadFrame(f"invalid send frame: {exc}") from None

@@ -1,20 +1,29 @@
 """The agent side of the Nexus stdio bridge for Python: write an agent, run it as a child.
 
 An agent is a subclass of :class:`NexusAgent` that overrides :meth:`~NexusAgent.handle_message`
-(and optionally :meth:`~NexusAgent.on_start` / :meth:`~NexusAgent.on_stop`); calling
-:meth:`~NexusAgent.run_agent` speaks newline-delimited JSON with the kernel over stdin/stdout:
+(and optionally :meth:`~NexusAgent.on_start` / :meth:`~NexusAgent.on_stop`), plain or
+``async def``; calling :meth:`~NexusAgent.run_agent` (or ``run_agent(agent)``, the original
+Nexus spelling) speaks newline-delimited JSON with the kernel over stdin/stdout:
 it sends ``register``, answers every ``message`` with exactly one ``response`` (or ``error``)
 frame, one message at a time, answers ``ping`` with ``pong`` and stops on ``shutdown`` or end of
 input. Stdout carries nothing but frames: while the agent runs, ``print()`` and anything written
 to file descriptor 1 (also by child processes) goes to stderr. The wire format is described in
 docs/protocol.md. This module uses only the standard library and runs on Python 3.9+, so it can
-be copied next to an agent or run as ``python3 python.py`` (an echo agent).
+be copied next to an agent or run as ``python3 python.py`` (an echo agent). Agents written
+for the original Nexus bridge run unchanged: the handler's ``message`` is a :class:`Message`,
+a dict of the wire fields that also has the original attributes (``message.payload``,
+``message.kind == MessageKind.COMMAND.value``, ``message.from_id``, ``message.reply(...)``),
+and ``from nexus_bridge import NexusAgent, Message, MessageKind, run_agent`` works with
+``nexus_bridge.py`` beside this file.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import enum
+import inspect
 import json
 import math
 import os
@@ -23,6 +32,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Awaitable
 from typing import IO, Any
 
 __all__ = [
@@ -31,8 +41,11 @@ __all__ = [
     "Agent",
     "EchoAgent",
     "InvalidFrame",
+    "Message",
+    "MessageKind",
     "NexusAgent",
     "main",
+    "run_agent",
 ]
 
 #: The newest protocol version this bridge speaks (announced in ``register``).
@@ -42,6 +55,92 @@ PROTOCOL_VERSION = 2
 KINDS = ("Command", "Event", "Query", "Response")
 
 _MESSAGE_FIELDS = ("from", "to", "kind", "payload")
+
+
+class MessageKind(str, enum.Enum):  # noqa: UP042 (StrEnum is 3.11+; this file runs on 3.9)
+    """Message kinds; the values are the wire spellings (``MessageKind.COMMAND.value``)."""
+
+    COMMAND = "Command"
+    EVENT = "Event"
+    QUERY = "Query"
+    RESPONSE = "Response"
+
+
+#: attribute of the original bridge's ``Message`` -> key on the wire
+_ATTRIBUTES = {
+    "from_id": "from",
+    "to_id": "to",
+    "kind": "kind",
+    "payload": "payload",
+    "timestamp": "timestamp",
+    "conversation_id": "conversation_id",
+    "trace_id": "trace_id",
+    "id": "id",
+    "reply_to": "reply_to",
+}
+
+
+class Message(dict[str, Any]):
+    """A message as the handler sees it: the wire object, with attribute access too.
+
+    It is a ``dict`` of the wire fields (``message["payload"]``, ``message.get("id")``),
+    and it has the attributes of the original Nexus bridge's message: ``from_id``,
+    ``to_id``, ``kind`` (the wire string, so ``message.kind == MessageKind.COMMAND.value``
+    holds), ``payload``, ``timestamp``, ``conversation_id``, ``trace_id`` (and ``id``,
+    ``reply_to``); absent fields read as ``None``. ``Message(from_id=..., to_id=...,
+    kind=..., payload=..., timestamp=...)`` builds one as the original did.
+    """
+
+    def __init__(
+        self,
+        from_id: str | None = None,
+        to_id: str | None = None,
+        kind: Any = MessageKind.COMMAND,
+        payload: Any = None,
+        timestamp: str | None = None,
+        conversation_id: str | None = None,
+        trace_id: str | None = None,
+    ) -> None:
+        super().__init__()
+        self["from"] = from_id
+        self["to"] = to_id
+        self["kind"] = kind.value if isinstance(kind, MessageKind) else kind
+        self["payload"] = payload
+        self["timestamp"] = timestamp if timestamp is not None else _timestamp()
+        if conversation_id:
+            self["conversation_id"] = conversation_id
+        if trace_id:
+            self["trace_id"] = trace_id
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Message:
+        """The message for a wire object (all its fields kept)."""
+        message = cls.__new__(cls)
+        dict.update(message, data)
+        return message
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire object (a plain dict)."""
+        return dict(self)
+
+    def reply(self, sender_id: str, payload: Any) -> Message:
+        """The Response to this message, as the original bridge built it."""
+        return Message(
+            from_id=sender_id,
+            to_id=self.get("from"),
+            kind=MessageKind.RESPONSE,
+            payload=payload,
+            conversation_id=self.get("conversation_id"),
+            trace_id=self.get("trace_id"),
+        )
+
+    def __getattr__(self, attribute: str) -> Any:
+        key = _ATTRIBUTES.get(attribute)
+        if key is None:
+            raise AttributeError(f"Message has no attribute {attribute!r}")
+        return self.get(key)
+
+
 _SNIPPET = 60
 
 
@@ -151,6 +250,8 @@ class NexusAgent:
         self._out: IO[bytes] | None = None
         self._write_lock = threading.Lock()
         self._line_number = 0
+        #: the event loop of ``async def`` hooks, created on first use, kept for the run
+        self._loop: asyncio.AbstractEventLoop | None = None
         #: Counters of what crossed the wire (useful in tests and on_stop reports).
         self.handled = 0
         self.failed = 0
@@ -158,10 +259,11 @@ class NexusAgent:
 
     # --- the agent's hooks ---------------------------------------------------------------
 
-    def handle_message(self, message: dict[str, Any]) -> Any:
-        """Handle one message (the wire object: ``from``, ``to``, ``kind``, ``payload``, ``id``...).
+    def handle_message(self, message: Message) -> Any:
+        """Handle one message (a :class:`Message`: ``from``, ``to``, ``kind``, ``payload``...).
 
-        Return the response payload (JSON-serialisable, ``None`` for ``null``).
+        Return the response payload (JSON-serialisable, ``None`` for ``null``). May be an
+        ``async def``: it is awaited before the next message is read.
         """
         return None
 
@@ -198,13 +300,18 @@ class NexusAgent:
         frame: dict[str, Any] = {"to": to, "kind": kind, "payload": payload}
         # Checked here: the kernel treats a send frame with a bad id as an invalid line,
         # which fails the message being handled.
-        for field, value in (("conversation_id", conversation_id), ("trace_id", trace_id)):
-            if value is None:
-                continue
+        if conversation_id is not None:
             try:
-                frame[field] = str(uuid.UUID(str(value)))
+                frame["conversation_id"] = str(uuid.UUID(str(conversation_id)))
             except ValueError:
-                raise ValueError(f"send(): {field} must be a UUID, got {value!r}") from None
+                raise ValueError(
+                    f"send(): conversation_id must be a UUID, got {conversation_id!r}"
+                ) from None
+        if trace_id is not None:
+            # A trace id is free text (the original's Option<String>): kept as given.
+            if not isinstance(trace_id, (str, uuid.UUID)):
+                raise ValueError(f"send(): trace_id must be a string, got {trace_id!r}")
+            frame["trace_id"] = str(trace_id)
         try:
             line = _encode({"type": "send", "payload": frame})
         except (TypeError, ValueError) as exc:
@@ -230,7 +337,7 @@ class NexusAgent:
         restore = self._claim_stdout()
         try:
             self._write_frame("register", self._register_payload())
-            self.on_start()
+            self._call(self.on_start)
             try:
                 self._serve()
             except KeyboardInterrupt:
@@ -251,11 +358,35 @@ class NexusAgent:
 
     def _stop(self) -> int:
         try:
-            self.on_stop()
+            self._call(self.on_stop)
         except Exception:
             self.log(f"nexus-bridge[{self.name}]: on_stop failed:\n{traceback.format_exc()}")
             return 1
+        finally:
+            self._close_loop()
         return 0
+
+    def _call(self, hook: Any, *args: Any) -> Any:
+        """Call a hook; an ``async def`` one runs to completion on the agent's event loop."""
+        result = hook(*args)
+        if inspect.isawaitable(result):
+            result = self._await(result)
+        return result
+
+    def _await(self, awaitable: Awaitable[Any]) -> Any:
+        # One loop for the whole run, not one per message: state an async agent keeps
+        # (clients, locks, queues made in on_start) stays bound to a live loop.
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        return self._loop.run_until_complete(awaitable)
+
+    def _close_loop(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is not None:
+            try:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                loop.close()
 
     def _claim_stdout(self) -> Any:
         """Keep the real stdout for frames and send everything else written to it to stderr."""
@@ -318,7 +449,7 @@ class NexusAgent:
             if kind == "shutdown":
                 return
             if kind == "message":
-                self._on_message(frame["payload"])
+                self._on_message(Message.from_dict(frame["payload"]))
             elif kind == "ping":
                 self._write_frame("pong", {"id": frame["payload"]["id"]})
 
@@ -366,9 +497,9 @@ class NexusAgent:
         self.invalid_lines += 1
         self.log(f"nexus-bridge[{self.name}]: skipped input line {self._line_number}: {problem}")
 
-    def _on_message(self, message: dict[str, Any]) -> None:
+    def _on_message(self, message: Message) -> None:
         try:
-            result = self.handle_message(message)
+            result = self._call(self.handle_message, message)
         except Exception as exc:
             self.failed += 1
             self.log(f"nexus-bridge[{self.name}]: handle_message failed:\n{traceback.format_exc()}")
@@ -402,6 +533,12 @@ class NexusAgent:
                 response["reply_to"] = msg_id
             response["conversation_id"] = message.get("conversation_id") or msg_id
             response["trace_id"] = message.get("trace_id")
+        elif isinstance(message, dict):
+            # As the original bridge did: echoed when set. The kernel matches answers to
+            # messages by the conversation id it gave them.
+            for field in ("conversation_id", "trace_id"):
+                if message.get(field):
+                    response[field] = message[field]
         return response
 
     def _send_error(self, message: Any, text: str, error_type: str) -> None:
@@ -431,12 +568,23 @@ class NexusAgent:
 Agent = NexusAgent
 
 
+def run_agent(agent: NexusAgent) -> int:
+    """Run ``agent`` until ``shutdown`` or end of input (the original bridge's entry point).
+
+    Same as ``agent.run_agent()``; exits the process with the status when it is not 0.
+    """
+    code = agent.run_agent()
+    if code != 0:
+        raise SystemExit(code)
+    return code
+
+
 class EchoAgent(NexusAgent):
     """Answers every message with its payload, unchanged."""
 
     default_name = "echo"
 
-    def handle_message(self, message: dict[str, Any]) -> Any:
+    def handle_message(self, message: Message) -> Any:
         return message.get("payload")
 
 

@@ -81,6 +81,8 @@ def answer(args: argparse.Namespace, msg: dict[str, Any]) -> None:
         respond(args, msg, history)
     elif op == "pid":
         respond(args, msg, os.getpid())
+    elif op == "trace":
+        respond(args, msg, msg.get("trace_id"))
     elif op == "env":
         respond(args, msg, {k: os.environ.get(k) for k in command.get("keys", [])})
     elif op == "crash":
@@ -109,8 +111,9 @@ def answer(args: argparse.Namespace, msg: dict[str, Any]) -> None:
         respond(args, msg, "logged")
     elif op == "send":
         frame = {"to": command["to"], "payload": command.get("payload")}
-        if "kind" in command:
-            frame["kind"] = command["kind"]
+        for field in ("kind", "trace_id"):
+            if field in command:
+                frame[field] = command[field]
         emit({"type": "send", "payload": frame})
         respond(args, msg, "sent")
     elif op == "grandchild":
@@ -118,6 +121,17 @@ def answer(args: argparse.Namespace, msg: dict[str, Any]) -> None:
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            while True:
+                time.sleep(3600)
+        respond(args, msg, pid)
+    elif op == "escape":
+        # A grandchild that leaves our process group and session and ignores SIGTERM and
+        # end of input: only its mark can find it.
+        pid = os.fork()
+        if pid == 0:
+            os.setsid()
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            os.close(0)
             while True:
                 time.sleep(3600)
         respond(args, msg, pid)

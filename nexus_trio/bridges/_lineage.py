@@ -1,0 +1,186 @@
+"""No orphans: every process a process agent starts, and every descendant of it, dies with it.
+
+A process agent's child runs in a process group of its own, which the agent kills at stop;
+this module covers what a process group cannot. Every child gets the environment entry
+``NEXUS_PROCESS_AGENT=<owner>.<child>`` (``owner`` names this kernel process, ``child``
+one run of one agent), which its descendants inherit. On Linux, when process agents are
+first started, the kernel process becomes a child subreaper
+(``prctl(PR_SET_CHILD_SUBREAPER)``), so that descendants whose parent died are reparented
+to it instead of to PID 1, and it starts the guardian (:mod:`._guardian`), which kills all
+marked processes when the kernel process dies, even by SIGKILL. After each child exits,
+:func:`kill_descendants` kills the processes marked with that child's token — those that
+left its process group with ``setsid()`` included — and reaps those that were reparented
+to the kernel. Other platforms get the process-group kill only (see docs/bridges.md).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Final
+
+import trio
+
+from ._guardian import MARKER, marked_processes
+
+log = logging.getLogger("nexus_trio.bridge")
+
+#: prctl option numbers from <linux/prctl.h>
+_PR_SET_CHILD_SUBREAPER: Final = 36
+_PR_GET_CHILD_SUBREAPER: Final = 37
+#: how long a killed descendant gets to be reaped (it is SIGKILLed: this is scheduling time)
+_REAP_WAIT: Final = 1.0
+
+SUPPORTED: Final = sys.platform.startswith("linux") and os.path.isdir("/proc")
+
+_lock = threading.Lock()
+_owner: str | None = None
+_guardian: subprocess.Popen[bytes] | None = None
+
+
+def owner() -> str:
+    """This kernel process's part of the marker (fresh after a fork)."""
+    global _owner
+    with _lock:
+        if _owner is None or not _owner.startswith(f"{os.getpid()}-"):
+            _owner = f"{os.getpid()}-{uuid.uuid4().hex}"
+        return _owner
+
+
+def mark(env: dict[str, str]) -> str:
+    """Add a fresh token for one new child to ``env`` (kept beside an inherited one)."""
+    token = f"{owner()}.{uuid.uuid4().hex}"
+    inherited = env.get(MARKER)
+    env[MARKER] = f"{inherited} {token}" if inherited else token
+    return token
+
+
+def is_subreaper() -> bool:
+    """Whether this process is a child subreaper (Linux; False elsewhere)."""
+    if not SUPPORTED:
+        return False
+    value = ctypes.c_int(0)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(value), 0, 0, 0) != 0:
+        return False
+    return value.value != 0
+
+
+def protect() -> None:
+    """Once per process, before the first child: become a subreaper, start the guardian.
+
+    Failures are logged, not raised: a kernel without them still kills its children's
+    process groups at stop.
+    """
+    global _guardian
+    if not SUPPORTED:
+        return
+    mark = owner()
+    with _lock:
+        if _guardian is not None and _guardian.poll() is None:
+            return
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            log.warning(
+                "cannot become a child subreaper (%s): descendants of process agents "
+                "that leave their process group may outlive the kernel",
+                os.strerror(ctypes.get_errno()),
+            )
+        script = Path(__file__).with_name("_guardian.py")
+        try:
+            _guardian = subprocess.Popen(
+                [sys.executable, "-I", "-S", str(script), mark],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as exc:
+            log.warning(
+                "cannot start the process agent guardian (%s): children of process "
+                "agents may outlive a killed kernel",
+                exc,
+            )
+            return
+        atexit.register(_release_guardian, _guardian)
+
+
+def _release_guardian(guardian: subprocess.Popen[bytes]) -> None:
+    """At a normal exit: end of input tells the guardian to sweep (nothing left) and go."""
+    if guardian.stdin is not None:
+        with contextlib.suppress(OSError):
+            guardian.stdin.close()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        guardian.wait(timeout=5)
+
+
+def _kill_marked(token: str, already: set[int]) -> list[int]:
+    killed = []
+    for pid in marked_processes(token):
+        if pid in already:
+            continue  # SIGKILLed, not yet gone
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+    return killed
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _reap(pids: list[int]) -> None:
+    """Reap those of ``pids`` that became our children; the others are reaped by theirs."""
+    me = os.getpid()
+    pending = set(pids)
+    deadline = time.monotonic() + _REAP_WAIT
+    while pending and time.monotonic() < deadline:
+        for pid in list(pending):
+            parent = _parent_of(pid)
+            if parent is None:
+                pending.discard(pid)  # gone (reaped by its own parent, or by us)
+            elif parent == me:
+                try:
+                    done, _ = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    done = pid
+                if done:
+                    pending.discard(pid)
+        if pending:
+            time.sleep(0.01)
+
+
+def _kill_and_reap_marked(token: str) -> int:
+    killed: set[int] = set()
+    # A dying descendant may fork once more while we look: look again until none is new.
+    for _ in range(10):
+        fresh = _kill_marked(token, killed)
+        if not fresh:
+            break
+        killed.update(fresh)
+    _reap(sorted(killed))
+    return len(killed)
+
+
+async def kill_descendants(token: str) -> int:
+    """SIGKILL every process carrying ``token`` and reap those reparented to us.
+
+    Run after the child itself has exited; returns how many processes were killed.
+    """
+    if not SUPPORTED:
+        return 0
+    return await trio.to_thread.run_sync(_kill_and_reap_marked, token)
