@@ -43,6 +43,8 @@ class DeadLetterReason(enum.Enum):
     MALFORMED = "malformed"
     #: the recipient is not local and the transport to remote kernels could not take it
     TRANSPORT_UNAVAILABLE = "transport_unavailable"
+    #: the payload could not be encoded for the recipient (e.g. a process agent's JSON)
+    UNSERIALISABLE = "unserialisable"
 
 
 @final

@@ -42,7 +42,7 @@ from nexus_trio import (
     open_kernel,
 )
 from nexus_trio.bridges import _lineage, bridge_stats, process_agent
-from nexus_trio.bridges.process import _UNSERIALISABLE, BridgeStats, ProcessAgentError
+from nexus_trio.bridges.process import BridgeStats, ProcessAgentError
 from nexus_trio.testing import assert_conserved, dead_letters
 from tests.test_bridge_agents import needs_node, node_or_skip
 
@@ -395,7 +395,7 @@ async def test_payload_that_cannot_be_encoded_fails_only_that_message() -> None:
         pid = await kernel.request(ref, {"op": "pid"})
         with pytest.raises(RequestFailed) as info:
             await kernel.request(ref, {"op": "echo", "value": object()})
-        assert info.value.reason == _UNSERIALISABLE.value
+        assert info.value.reason == "unserialisable"
         assert "cannot be encoded as JSON" in str(info.value.error)
         assert "object" in str(info.value.error)
         await kernel.send(ref, {"op": "echo", "value": Record(1)})
@@ -404,7 +404,7 @@ async def test_payload_that_cannot_be_encoded_fails_only_that_message() -> None:
             await kernel.send(ref, object())
         assert await kernel.request(ref, {"op": "pid"}) == pid
         letters = dead_letters(kernel)
-        assert [d.reason for d in letters] == [_UNSERIALISABLE] * 7
+        assert [d.reason for d in letters] == [DeadLetterReason.UNSERIALISABLE] * 7
         stats = stats_of(kernel, ref)
         assert (stats.starts, stats.unserialisable) == (1, 7)
         assert kernel.stats().restarts == 0

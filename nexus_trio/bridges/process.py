@@ -71,10 +71,6 @@ _TELL_MEMORY: Final = 10_000
 _TRACE_MEMORY: Final = 65_536
 #: namespace of the UUIDs that stand in for free-form trace ids inside the kernel
 _TRACE_NAMESPACE: Final = uuid.UUID("9b1a4d3e-5c77-5f0e-8a4e-6e657875732d")
-#: dead-letter reason of a message that cannot be encoded for the child
-_UNSERIALISABLE: Final[DeadLetterReason] = getattr(
-    DeadLetterReason, "UNSERIALISABLE", DeadLetterReason.HANDLER_ERROR
-)
 _STDERR_WARNING = re.compile(
     r"^\s*(Traceback|\w*(Error|Exception)\b|error\b|ERROR|WARN|WARNING|CRITICAL|FATAL|panic)"
 )
@@ -673,7 +669,7 @@ class ProcessAgent(Agent):
             self.stats.unserialisable += 1
             raise MessageFailed(
                 f"message {msg.id} to process agent {self.label} cannot be encoded as JSON: {exc}",
-                reason=_UNSERIALISABLE,
+                reason=DeadLetterReason.UNSERIALISABLE,
             ) from None
         return b'{"type":"message","payload":' + body.encode() + b"}\n", conversation
 
