@@ -158,6 +158,7 @@ _RUN_EPILOG = (
 
 @app.command(epilog=_RUN_EPILOG)
 def run(
+    ctx: typer.Context,
     config: Annotated[
         Path | None,
         typer.Option("--config", "-c", help="Config file (TOML).", dir_okay=False),
@@ -289,7 +290,7 @@ def run(
         return
 
     if workers is not None:
-        _run_workers(workers, nats, json_out)
+        _run_workers(ctx, workers, nats, json_out)
         return
 
     commands: list[tuple[str, ...]] = []
@@ -369,15 +370,16 @@ def run(
         raise typer.Exit(status)
 
 
-def _run_workers(workers: int, nats: str | None, json_out: bool) -> None:
+def _run_workers(ctx: typer.Context, workers: int, nats: str | None, json_out: bool) -> None:
     """``nexus run --workers N ...``: N worker processes, one summary added up."""
     import json
 
-    from ._cluster_cmd import default_workers, run_workers, worker_argv
+    from ._cluster_cmd import default_workers, refuse_workers_in_a_worker, run_workers, worker_argv
 
+    refuse_workers_in_a_worker()
     _check_nats(nats, "--nats" if nats is not None else "--workers")
     count = workers or default_workers()
-    summary, status = run_workers(count, worker_argv(sys.argv[2:]), nats_url=nats)
+    summary, status = run_workers(count, worker_argv(ctx), nats_url=nats)
     if json_out:
         typer.echo(json.dumps(summary, indent=2))
     else:
