@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import typer.core
 from rich.console import Console
 
 from .. import __version__
@@ -50,8 +51,44 @@ EXAMPLES = """\
   nexus health --port 9464                   [dim]# exit 0 if healthy[/]
 """
 
+#: names of this program: one leading name on the command line is skipped, so that under
+#: the image's ``ENTRYPOINT ["nexus-runtime"]``, ``docker run IMAGE nexus-runtime -n 100``
+#: (the original's form, giving ``nexus-runtime nexus-runtime -n 100``) works as written
+PROGRAM_NAMES = frozenset({"nexus", "nexus-runtime"})
+
+
+def default_to_run(args: list[str], root_options: frozenset[str]) -> list[str]:
+    """The command line with the original's shorthands spelt out.
+
+    One leading program name (:data:`PROGRAM_NAMES`) is dropped, and a command line that
+    starts with an option which is not one of the root's (``--help``, ``--version``, ...)
+    means ``run``: ``nexus-runtime -n 4 -d 10`` is ``nexus-runtime run -n 4 -d 10``.
+    """
+    args = list(args)
+    if args and args[0] in PROGRAM_NAMES:
+        del args[0]
+    if args and args[0].startswith("-") and args[0] != "--":
+        name = args[0].partition("=")[0]
+        if name not in root_options:
+            args.insert(0, "run")
+    return args
+
+
+class _RunByDefault(typer.core.TyperGroup):
+    """The root command group: options without a command mean ``run`` (see
+    :func:`default_to_run`)."""
+
+    # ``ctx`` is typer's bundled click Context, which typer does not export by name.
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        root_options = frozenset(
+            name for param in self.get_params(ctx) for name in (*param.opts, *param.secondary_opts)
+        )
+        return super().parse_args(ctx, default_to_run(args, root_options))
+
+
 app = typer.Typer(
     name="nexus",
+    cls=_RunByDefault,
     help="nexus_trio: an agent kernel for Python on Trio.",
     epilog=EXAMPLES,
     rich_markup_mode="rich",
