@@ -28,7 +28,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Final, TextIO, cast
 
 import attrs
@@ -41,6 +41,15 @@ from .._config import Config
 from .._errors import SupervisorEscalation
 from .._kernel import Kernel, open_kernel
 from .._supervisor import Supervisor
+from ._spawn import (
+    OneLineBridgeErrors,
+    SpawnedProgram,
+    SpawnFailed,
+    note_bridge_stats,
+    spawn_programs,
+    spawn_summary,
+    watch_starts,
+)
 from ._view import Sample, plain_line, render_live, render_tree, rss_bytes, summary_table
 from ._workloads import Demo
 
@@ -154,6 +163,11 @@ class _State:
         self.peak_rss = 0
         self.agents_at_stop = 0
         self.spawn_progress: tuple[int, int] | None = None
+        #: the --spawn programs, and those whose first start failed
+        self.programs: list[SpawnedProgram] = []
+        self.failed_programs: list[SpawnedProgram] = []
+        #: the outer nursery, for watchers that must outlive the body (until the summary)
+        self.outer: trio.Nursery | None = None
 
     def request_stop(self, reason: str) -> None:
         if self.stopped_by is None:
@@ -269,8 +283,33 @@ def _title(opts: RunOptions) -> str:
     if opts.app:
         return f"app {opts.app}"
     if not opts.demo:
-        return f"{len(opts.spawn)} process agent(s)"
+        return f"spawn: {_count_of(len(opts.spawn), 'process agent')}"
     return f"{opts.workload} workload · {opts.agents:,} agents"
+
+
+def _count_of(n: int, thing: str) -> str:
+    return f"{n:,} {thing}" + ("" if n == 1 else "s")
+
+
+def _spawn(state: _State, kernel: Kernel) -> None:
+    """Spawn the --spawn programs; a first start that fails stops the run (see _spawn)."""
+    opts = state.opts
+    # Subscribed before the spawns, so that no start or failure goes unseen.
+    events = kernel.events(buffer=4096)
+
+    def failed(program: SpawnedProgram) -> None:
+        state.failed_programs.append(program)
+        log.error("--spawn %r did not start: %s", program.command_text, program.problem)
+        state.request_stop("spawn failed")
+
+    state.programs = spawn_programs(kernel, opts.spawn)
+    assert state.outer is not None
+
+    async def watch() -> None:
+        async with events:
+            await watch_starts(kernel, events, state.programs, failed)
+
+    state.outer.start_soon(watch)
 
 
 def _spawn_progress(state: _State, total: int) -> Callable[[int], None]:
@@ -307,9 +346,8 @@ async def _run_app(state: _State, kernel: Kernel, nursery: trio.Nursery) -> None
 async def _body(state: _State, kernel: Kernel) -> None:
     opts = state.opts
     async with trio.open_nursery() as body:
-        for argv in opts.spawn:
-            ref = kernel.spawn_process(list(argv))
-            log.info("spawned process agent %s: %s", ref.name or ref.id, argv)
+        if opts.spawn:
+            _spawn(state, kernel)
         if opts.target is not None:
             state.phase = "spawning"
             await _run_app(state, kernel, body)
@@ -343,6 +381,7 @@ async def _body(state: _State, kernel: Kernel) -> None:
         state.request_stop("duration")
         state.t_stop = trio.current_time()
         state.agents_at_stop = kernel.stats().agents_alive
+        note_bridge_stats(state.programs, kernel)
         state.phase = "stopping"
         if state.demo is not None:
             state.demo.stop()
@@ -352,11 +391,24 @@ async def _body(state: _State, kernel: Kernel) -> None:
 async def run_async(opts: RunOptions, console: Console | None = None) -> tuple[dict[str, Any], int]:
     """Run as ``nexus run`` does; returns the summary and the exit status."""
     console = console or Console(stderr=True)
+    agent_log = logging.getLogger("nexus_trio.agent")
+    quiet = OneLineBridgeErrors()
+    agent_log.addFilter(quiet)
+    try:
+        return await _run_async(opts, console, quiet.problems)
+    finally:
+        agent_log.removeFilter(quiet)
+
+
+async def _run_async(
+    opts: RunOptions, console: Console, problems: Mapping[str, str]
+) -> tuple[dict[str, Any], int]:
     state = _State(opts)
     error: BaseException | None = None
     kernel: Kernel | None = None
     t_shutdown: float | None = None
     async with trio.open_nursery() as outer:
+        state.outer = outer
         await outer.start(_watch_signals, state)
         if opts.live:
             state.live = Live(
@@ -408,7 +460,22 @@ async def run_async(opts: RunOptions, console: Console | None = None) -> tuple[d
         state.t_stop = t_end
     if t_shutdown is None:
         t_shutdown = state.t_stop
+    spawned = spawn_summary(state.programs, problems)
+    if error is None:
+        # Failed first starts, and programs that had still not registered when the run
+        # ended (a start that failed during the shutdown, or one still waiting).
+        never = []
+        for program, row in zip(state.programs, spawned, strict=True):
+            if not row["registered"]:
+                program.problem = row["problem"]
+                never.append(program)
+        if never:
+            error = SpawnFailed(never)
+            if not state.failed_programs:
+                log.error("%s", error)
     summary = build_summary(state, kernel, error, t_shutdown=t_shutdown, t_end=t_end)
+    if opts.spawn:
+        summary["spawned"] = spawned
     status = 0 if error is None and summary["conserved"] else 1
     if not summary["conserved"] and kernel is not None:
         log.error("accounting mismatch: %s", json.dumps(summary))
@@ -466,7 +533,7 @@ def build_summary(
     busy_time = max(t_end - t_spawned, 1e-9)
     return {
         "app": opts.app,
-        "workload": None if opts.app else opts.workload,
+        "workload": opts.workload if opts.demo else None,
         "agents": opts.agents if opts.demo and not opts.app else state.agents_at_stop,
         "stopped_by": state.stopped_by or ("error" if error else "unknown"),
         "error": None if error is None else _describe(error),

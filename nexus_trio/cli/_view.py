@@ -209,8 +209,9 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
     table = Table(title="nexus run summary", box=box.SIMPLE_HEAVY, show_header=False)
     table.add_column(style="bold cyan", no_wrap=True)
     table.add_column(overflow="fold")
-    what = summary["app"] or f"{summary['workload']} workload"
-    table.add_row("run", f"{what}, {fmt_count(summary['agents'])} agents")
+    table.add_row("run", _run_kind(summary))
+    for program in summary.get("spawned") or ():
+        table.add_row("  " + str(program["name"]), _spawned_text(program))
     table.add_row("stopped by", str(summary["stopped_by"]))
     t = summary["elapsed_s"]
     table.add_row(
@@ -254,6 +255,30 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
         ),
     )
     return table
+
+
+def _run_kind(summary: Mapping[str, Any]) -> str:
+    """What ran: ``ring workload, 1,000 agents``, ``app m:main, 3 agents``,
+    ``spawn: 2 process agents`` (or an app or workload plus spawned programs)."""
+    parts: list[str] = []
+    agents = f"{fmt_count(summary['agents'])} agents"
+    if summary.get("app"):
+        parts.append(f"app {summary['app']}, {agents}")
+    elif summary.get("workload"):
+        parts.append(f"{summary['workload']} workload, {agents}")
+    spawned = summary.get("spawned") or ()
+    if spawned:
+        n = len(spawned)
+        parts.append(f"spawn: {n} process agent{'' if n == 1 else 's'}")
+    return " + ".join(parts) or agents
+
+
+def _spawned_text(program: Mapping[str, Any]) -> str:
+    starts = program.get("starts") or 0
+    started = f"{starts} start{'' if starts == 1 else 's'}"
+    if program.get("registered"):
+        return f"{program['command']}: registered as {program['registered_as']!r} ({started})"
+    return f"{program['command']}: did not start: {program.get('problem') or 'never registered'}"
 
 
 def render_tree(tree: Mapping[str, Any]) -> str:
