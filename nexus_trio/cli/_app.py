@@ -420,12 +420,9 @@ def _run_workers(ctx: typer.Context, workers: int, nats: str | None, json_out: b
     if json_out:
         typer.echo(json.dumps(summary, indent=2))
     else:
-        console = Console()
-        for key in ("workers", "sent", "handled", "dead_letters", "msgs_per_s", "conserved"):
-            if key in summary:
-                console.print(f"{key:>14}  {summary[key]}")
-        if summary.get("error"):
-            console.print(f"{'errors':>14}  {summary['error']}")
+        from ._view import summary_table
+
+        Console().print(summary_table(summary))
     if status:
         raise typer.Exit(status)
 

@@ -116,8 +116,9 @@ def refuse_workers_in_a_worker() -> None:
 
 
 def aggregate_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One summary for all workers: counts and rates added up, times the longest,
-    ``conserved`` only if every worker's accounting balanced, per-worker summaries kept."""
+    """One summary for all workers, in the format of a single run's: counts and rates
+    added up, times the longest, latencies merged (:func:`_merged_latency`), ``conserved``
+    only if every worker's accounting balanced, per-worker summaries kept."""
     total: dict[str, Any] = {"workers": len(summaries)}
     for key in _SUMMED:
         total[key] = sum(s.get(key) or 0 for s in summaries)
@@ -135,11 +136,32 @@ def aggregate_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
         key: max((e.get(key, 0.0) for e in elapsed), default=0.0)
         for key in ("total", "spawn", "run", "shutdown")
     }
+    first = summaries[0] if summaries else {}
+    total["app"] = first.get("app")
+    total["workload"] = first.get("workload")
+    stops = sorted({str(s["stopped_by"]) for s in summaries if s.get("stopped_by")})
+    total["stopped_by"] = ", ".join(stops) or "unknown"
+    for key in ("handle_latency", "queue_wait"):
+        total[key] = _merged_latency([s.get(key) or {} for s in summaries])
     errors = [s["error"] for s in summaries if s.get("error")]
     total["error"] = "; ".join(errors) if errors else None
     total["conserved"] = bool(summaries) and all(s.get("conserved") for s in summaries)
     total["per_worker"] = list(summaries)
     return total
+
+
+def _merged_latency(histograms: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The workers' latency summaries as one: counts added up, the mean weighted by
+    count, and each percentile the highest of the workers' (an upper bound: percentiles
+    of separate histograms cannot be merged exactly)."""
+    count = sum(h.get("count", 0) for h in histograms)
+    merged: dict[str, float] = {"count": count}
+    merged["mean"] = (
+        sum(h.get("mean", 0.0) * h.get("count", 0) for h in histograms) / count if count else 0.0
+    )
+    for key in ("p50", "p90", "p99", "p999", "max"):
+        merged[key] = max((h.get(key, 0.0) for h in histograms if h.get("count")), default=0.0)
+    return merged
 
 
 def run_workers(

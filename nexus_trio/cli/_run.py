@@ -40,6 +40,7 @@ from .._agent import Agent, AgentSpec, as_spec
 from .._config import Config
 from .._errors import SupervisorEscalation
 from .._kernel import Kernel, open_kernel
+from .._stats import KernelStats
 from .._supervisor import Supervisor
 from ._spawn import (
     OneLineBridgeErrors,
@@ -162,12 +163,26 @@ class _State:
         self.t_stop: float | None = None
         self.peak_rss = 0
         self.agents_at_stop = 0
+        #: messages processed (handled + replies delivered + forwarded) when the run
+        #: started and when it stopped: the run's rate is theirs, not the shutdown's
+        self.processed_at_start = 0
+        self.processed_at_stop: int | None = None
+        #: when the final frame was drawn: the summary's end, so both show the same times
+        self.t_end: float | None = None
         self.spawn_progress: tuple[int, int] | None = None
         #: the --spawn programs, and those whose first start failed
         self.programs: list[SpawnedProgram] = []
         self.failed_programs: list[SpawnedProgram] = []
         #: the outer nursery, for watchers that must outlive the body (until the summary)
         self.outer: trio.Nursery | None = None
+
+    def run_rate(self, processed_now: int, now: float) -> float:
+        """Messages per second from the start of the run (the workload running) to its
+        stop, without the spawning before it or the shutdown after it."""
+        start = self.t_spawned if self.t_spawned is not None else self.t0
+        stop = self.t_stop if self.t_stop is not None else now
+        done = self.processed_at_stop if self.processed_at_stop is not None else processed_now
+        return (done - self.processed_at_start) / (stop - start) if stop > start else 0.0
 
     def request_stop(self, reason: str) -> None:
         if self.stopped_by is None:
@@ -219,6 +234,29 @@ async def _watch_signals(
             if state.opts.dump_on_signal:
                 _dump(state, name)
             state.request_stop(name)
+
+
+def _processed(stats: KernelStats) -> int:
+    return stats.handled + stats.replies_delivered + stats.forwarded
+
+
+def _final_sample(state: _State, kernel: Kernel) -> Sample:
+    """The last frame: the run's rate and times, the same figures as the summary."""
+    stats = kernel.stats()
+    now = state.t_end if state.t_end is not None else trio.current_time()
+    start = state.t_spawned if state.t_spawned is not None else state.t0
+    stop = state.t_stop if state.t_stop is not None else now
+    rss = rss_bytes()
+    state.peak_rss = max(state.peak_rss, rss)
+    return Sample(
+        elapsed=stop - start,
+        phase="done",
+        stats=stats,
+        rate=state.run_rate(_processed(stats), now),
+        rss=rss,
+        total=now - state.t0,
+        rate_label="msg/s during run",
+    )
 
 
 def _sample(state: _State, kernel: Kernel, rate: float) -> Sample:
@@ -370,6 +408,7 @@ async def _body(state: _State, kernel: Kernel) -> None:
             gc.freeze()  # a million long-lived agents: keep them out of the GC's scans
             body.start_soon(demo.drive)
         state.t_spawned = trio.current_time()
+        state.processed_at_start = _processed(kernel.stats())
         state.phase = "running"
         log.info(
             "running %s for %s (Ctrl-C to stop)",
@@ -380,7 +419,9 @@ async def _body(state: _State, kernel: Kernel) -> None:
             await state.stop_event.wait()
         state.request_stop("duration")
         state.t_stop = trio.current_time()
-        state.agents_at_stop = kernel.stats().agents_alive
+        at_stop = kernel.stats()
+        state.agents_at_stop = at_stop.agents_alive
+        state.processed_at_stop = _processed(at_stop)
         note_bridge_stats(state.programs, kernel)
         state.phase = "stopping"
         if state.demo is not None:
@@ -448,14 +489,15 @@ async def _run_async(
             log.error("the run failed: %s", _describe(error), exc_info=error)
         finally:
             state.phase = "done"
+            state.t_end = trio.current_time()
             if kernel is not None and state.live is not None:
                 state.live.update(
-                    render_live(_title(opts), _sample(state, kernel, 0.0), opts.duration),
+                    render_live(_title(opts), _final_sample(state, kernel), opts.duration),
                     refresh=True,
                 )
             state.stop_live()
             outer.cancel_scope.cancel()
-    t_end = trio.current_time()
+    t_end = state.t_end if state.t_end is not None else trio.current_time()
     if state.t_stop is None:
         state.t_stop = t_end
     if t_shutdown is None:
@@ -530,7 +572,6 @@ def build_summary(
     dead = stats.dead_lettered if stats else 0
     accepted = stats.accepted if stats else 0
     in_flight = stats.in_flight if stats else 0
-    busy_time = max(t_end - t_spawned, 1e-9)
     return {
         "app": opts.app,
         "workload": opts.workload if opts.demo else None,
@@ -554,7 +595,8 @@ def build_summary(
         "failed": stats.failed if stats else 0,
         "timed_out": stats.timed_out if stats else 0,
         "restarts": stats.restarts if stats else 0,
-        "msgs_per_s": (handled + replies + forwarded) / busy_time,
+        # the rate while the workload ran: the shutdown is in elapsed_s, not in the rate
+        "msgs_per_s": state.run_rate(handled + replies + forwarded, t_end),
         "handle_latency": hist("handle_latency"),
         "queue_wait": hist("queue_wait"),
         "peak_rss_bytes": peak,

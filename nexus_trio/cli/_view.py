@@ -88,6 +88,9 @@ class Sample:
     stats: KernelStats
     rate: float
     rss: int
+    #: seconds since the start, for the final frame (``elapsed`` is then the run's time)
+    total: float | None = None
+    rate_label: str = "msg/s"
 
     @property
     def processed(self) -> int:
@@ -119,8 +122,10 @@ def render_live(
     clock = f"{sample.elapsed:.1f} s"
     if duration and sample.phase == "running":
         clock += f" / {duration:g} s"
+    if sample.total is not None:
+        clock = f"run {sample.elapsed:.2f} s · total {sample.total:.2f} s"
     rows = [
-        ("msg/s", fmt_count(sample.rate), "agents alive", fmt_count(s.agents_alive)),
+        (sample.rate_label, fmt_count(sample.rate), "agents alive", fmt_count(s.agents_alive)),
         ("handled", fmt_count(s.handled), "replies", fmt_count(s.replies_delivered)),
         ("sent", fmt_count(s.accepted), "in flight", fmt_count(s.in_flight)),
         (
@@ -213,6 +218,8 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
     for program in summary.get("spawned") or ():
         table.add_row("  " + str(program["name"]), _spawned_text(program))
     table.add_row("stopped by", str(summary["stopped_by"]))
+    if summary.get("error"):
+        table.add_row("error", Text(str(summary["error"]), style="bold red"))
     t = summary["elapsed_s"]
     table.add_row(
         "elapsed",
@@ -232,7 +239,7 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
     table.add_row("failed", fmt_count(summary["failed"]))
     table.add_row("timed out", fmt_count(summary["timed_out"]))
     table.add_row("restarts", fmt_count(summary["restarts"]))
-    table.add_row("throughput", f"{fmt_count(summary['msgs_per_s'])} msg/s")
+    table.add_row("throughput", f"{fmt_count(summary['msgs_per_s'])} msg/s during run")
     for key, label in (("handle_latency", "handle latency"), ("queue_wait", "queue wait")):
         h = summary[key]
         if h["count"]:
@@ -270,7 +277,9 @@ def _run_kind(summary: Mapping[str, Any]) -> str:
     if spawned:
         n = len(spawned)
         parts.append(f"spawn: {n} process agent{'' if n == 1 else 's'}")
-    return " + ".join(parts) or agents
+    what = " + ".join(parts) or agents
+    workers = summary.get("workers")
+    return f"{workers} workers: {what}" if workers else what
 
 
 def _spawned_text(program: Mapping[str, Any]) -> str:
