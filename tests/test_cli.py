@@ -144,6 +144,8 @@ def test_bad_app_messages_say_what_is_wrong(isolated):
     out = flat(invoke(["run", "--app", "json:no_such_attribute"]).output)
     assert "module 'json' has no attribute 'no_such_attribute'" in out
     out = flat(invoke(["run", "--app", "json:dumps"]).output)
+    assert "dumps is a plain function ('def')" in out
+    out = flat(invoke(["run", "--app", "json:decoder"]).output)
     assert "must be an AgentSpec" in out
 
 

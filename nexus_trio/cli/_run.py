@@ -27,7 +27,9 @@ import math
 import os
 import signal
 import sys
+import sysconfig
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from typing import Any, Final, TextIO, cast
 
@@ -112,11 +114,53 @@ def _app_kind(obj: Any) -> str:
     ):
         return "list"
     if inspect.iscoroutinefunction(obj):
+        _check_main_signature(obj)
         return "main"
+    if inspect.isfunction(obj):
+        raise AppError(
+            f"{obj.__qualname__} is a plain function ('def'); nexus run awaits it: "
+            f"expected 'async def {obj.__qualname__}(kernel)'"
+        )
     raise AppError(
         "must be an AgentSpec (@agent), a list of AgentSpecs/Supervisors, a Supervisor, "
         f"or an 'async def main(kernel)'; got {type(obj).__name__} {obj!r:.60}"
     )
+
+
+def _check_main_signature(main: Callable[..., Any]) -> None:
+    """``main`` must accept the kernel as its one positional argument: checked before the
+    kernel starts, so a ``main()`` without it is a usage error, not a traceback later."""
+    name = getattr(main, "__qualname__", repr(main))
+    try:
+        signature = inspect.signature(main)
+    except (TypeError, ValueError):  # no signature to check (a builtin): let the call tell
+        return
+    try:
+        signature.bind(object())
+    except TypeError:
+        raise AppError(
+            f"{name}{signature} cannot be called as {name}(kernel): nexus run passes the "
+            f"kernel, so it must be 'async def {name}(kernel)'"
+        ) from None
+
+
+def _where(exc: BaseException) -> str:
+    """``file:line`` where ``exc`` was raised, for an error while importing an app: the
+    innermost frame outside the standard library, site-packages and importlib (the app's
+    line that failed), else the innermost frame."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f"{exc.filename}:{exc.lineno}"
+    frames = [
+        f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<frozen")
+    ]
+    library = tuple(
+        {sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")}
+    )
+    own = [f for f in frames if not f.filename.startswith(library)]
+    chosen = own or frames
+    if not chosen:
+        return "?"
+    return f"{chosen[-1].filename}:{chosen[-1].lineno}"
 
 
 def load_app(reference: str) -> Any:
@@ -132,9 +176,11 @@ def load_app(reference: str) -> Any:
     except ModuleNotFoundError as exc:
         if exc.name is not None and (module_name + ".").startswith(exc.name + "."):
             raise AppError(f"no module named {module_name!r} (in {reference!r})") from None
-        raise AppError(f"importing {module_name!r} failed: {exc}") from exc
+        raise AppError(f"importing {module_name!r} failed at {_where(exc)}: {exc}") from exc
     except Exception as exc:
-        raise AppError(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
+        raise AppError(
+            f"importing {module_name!r} failed at {_where(exc)}: {type(exc).__name__}: {exc}"
+        ) from exc
     obj: Any = module
     for part in attr.split("."):
         try:
