@@ -112,7 +112,7 @@ def test_a_program_that_prints_garbage_is_named_with_its_first_line_within_the_g
     assert "Traceback" not in result.stderr
     summary = json.loads(result.stdout)
     assert summary["error"].endswith(
-        "did not start: did not register within 1s; first stdout line: 'hello garbage'"
+        "did not start: did not register within 1s; first bad stdout line: 'hello garbage'"
     )
     # registration waits at most the 1 s grace, then the program gets SIGTERM (no
     # shutdown frame: it never spoke the protocol); the old code held it 13 s

@@ -413,7 +413,7 @@ class ProcessAgent(Agent):
                 except _BadFrame as exc:
                     stats.invalid_lines += 1
                     self._warn(f"invalid line before register: {exc}: {_preview(line)}")
-                    first_bad = first_bad or f"; first stdout line: {_preview(line.strip())!r}"
+                    first_bad = first_bad or f"; first bad stdout line: {_preview(line.strip())!r}"
                     continue
                 self._registered(payload)
                 self._child_registered = True

@@ -38,11 +38,11 @@ import trio
 from rich.console import Console
 from rich.live import Live
 
+from .. import KernelStats
 from .._agent import Agent, AgentSpec, as_spec
 from .._config import Config
 from .._errors import SupervisorEscalation
 from .._kernel import Kernel, open_kernel
-from .._stats import KernelStats
 from .._supervisor import Supervisor
 from ._spawn import (
     OneLineBridgeErrors,
