@@ -4,7 +4,13 @@
 #   docker build -t nexus .
 #   docker run --rm -p 9464:9464 nexus                       # examples/pipeline.py's service
 #   docker run --rm -v "$PWD/myagents.py:/opt/nexus/apps/myagents.py:ro" \
-#       -e NEXUS_APP__APP=myagents:main nexus                 # your agents
+#       nexus --app myagents:main                             # your agents
+#   docker run --rm nexus -n 100 -d 30                       # the demo ring, 100 agents, 30 s
+#   docker run --rm nexus nexus-runtime -n 100 -d 30         # the same (the original's form)
+#
+# Arguments replace CMD and go to `nexus-runtime`: options without a command mean `run`, and
+# a leading `nexus-runtime` (or `nexus`) is skipped. The pipeline service is chosen in CMD,
+# not in the environment, so that such arguments run what they say.
 #
 # `docker stop` sends SIGTERM: the kernel shuts down gracefully within [kernel]
 # shutdown_grace_ms (5 s by default), inside docker's default 10 s stop timeout.
@@ -22,7 +28,6 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/nexus/venv/bin:$PATH \
     PYTHONPATH=/opt/nexus/apps \
-    NEXUS_APP__APP=pipeline:service \
     NEXUS_METRICS__HOST=0.0.0.0 \
     NEXUS_METRICS__PORT=9464 \
     NEXUS_LOGGING__FORMAT=json
@@ -44,4 +49,4 @@ STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
     CMD ["nexus", "health", "--port", "9464"]
 ENTRYPOINT ["nexus-runtime"]
-CMD ["run", "--config", "/etc/nexus/config.toml"]
+CMD ["run", "--config", "/etc/nexus/config.toml", "--app", "pipeline:service"]

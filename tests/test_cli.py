@@ -144,6 +144,8 @@ def test_bad_app_messages_say_what_is_wrong(isolated):
     out = flat(invoke(["run", "--app", "json:no_such_attribute"]).output)
     assert "module 'json' has no attribute 'no_such_attribute'" in out
     out = flat(invoke(["run", "--app", "json:dumps"]).output)
+    assert "dumps is a plain function ('def')" in out
+    out = flat(invoke(["run", "--app", "json:decoder"]).output)
     assert "must be an AgentSpec" in out
 
 
@@ -693,39 +695,7 @@ def test_plain_progress_line_and_units():
 # --- --spawn, config-driven defaults, health edge cases ----------------------------------------
 
 
-def test_spawn_calls_kernel_spawn_process_with_the_split_command(isolated, monkeypatch):
-    from nexus_trio import agent
-    from nexus_trio._kernel import Kernel
-
-    calls: list[list[str]] = []
-
-    @agent
-    async def stand_in(ctx, msg):
-        return None
-
-    def spawn_process(self, argv):
-        calls.append(argv)
-        return self.spawn(stand_in, name=f"proc-{len(calls)}")
-
-    monkeypatch.setattr(Kernel, "spawn_process", spawn_process, raising=False)
-    result = invoke(
-        [
-            "run",
-            "--spawn",
-            "python 'my agent.py' --x 1",
-            "--spawn",
-            "node a.js",
-            "-d",
-            "0.2",
-            "--json",
-            "--no-live",
-        ]
-    )
-    assert result.exit_code == 0, result.output
-    assert calls == [["python", "my agent.py", "--x", "1"], ["node", "a.js"]]
-    summary = json.loads(result.stdout)
-    assert summary["agents"] == 2  # the process agents only: no demo with --spawn
-    assert summary["sent"] == 0
+# the split command reaching a real process agent: tests/test_cli_spawn.py
 
 
 def test_run_takes_its_defaults_from_the_app_section_of_the_config(nexus, tmp_path):

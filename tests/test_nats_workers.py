@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from nexus_trio.cli._cluster_cmd import aggregate_summaries, run_workers, worker_argv
+from nexus_trio.cli._cluster_cmd import aggregate_summaries, run_workers
 
-
-def test_worker_argv_drops_what_the_parent_sets_per_worker() -> None:
-    argv = ["--agents", "10", "--workers", "2", "--nats", "nats://x:1", "--node=y"]
-    argv += ["--json", "--no-live", "-d", "1", "--app", "m:main"]
-    assert worker_argv(argv) == ["--agents", "10", "-d", "1", "--app", "m:main"]
-    assert worker_argv(["--workers=4", "--live"]) == []
+# worker_argv (the worker command line from the parsed options): tests/test_cli_workers.py
 
 
 def test_summaries_add_up() -> None:

@@ -366,6 +366,8 @@ class ProcessAgent(Agent):
         self._extra: dict[str, Any] | None = None
         self._ping_token: str | None = None
         self._pong = trio.Event()
+        #: the current child has sent its register line
+        self._child_registered = False
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -391,9 +393,10 @@ class ProcessAgent(Agent):
 
     async def on_stop(self, ctx: Context) -> None:
         self._stopping = True
-        # A child still silent on a timed-out message would not read a shutdown frame.
+        # A child still silent on a timed-out message would not read a shutdown frame,
+        # nor would one that never registered (it does not speak the protocol).
         stuck = self._torn or any(slot.abandoned for slot in self._inflight.values())
-        await self._stop_child(graceful=not stuck)
+        await self._stop_child(graceful=not stuck and self._child_registered)
 
     async def _start_child(self) -> None:
         ctx = self._ctx
@@ -412,6 +415,7 @@ class ProcessAgent(Agent):
         self._lost = False
         self._torn = False
         self._tells.clear()
+        self._child_registered = False
         self._reader_done = trio.Event()
         self.protocol = 1
         try:
@@ -458,6 +462,9 @@ class ProcessAgent(Agent):
         stdout = self._stdout
         assert stdout is not None
         stats = self.stats
+        # The first unusable line says more about a child that never registers than the
+        # timeout does (a program that is not a bridge agent prints something else).
+        first_bad = ""
         with trio.move_on_after(self.options.register_timeout):
             while True:
                 line = await stdout.next_line()
@@ -465,7 +472,7 @@ class ProcessAgent(Agent):
                     code = await self._exit_code(process)
                     raise ProcessAgentError(
                         self.label,
-                        f"exited (status {code}) before registering",
+                        f"exited (status {code}) before registering{first_bad}",
                         process.pid,
                     )
                 stats.lines_in += 1
@@ -484,12 +491,14 @@ class ProcessAgent(Agent):
                 except _BadFrame as exc:
                     stats.invalid_lines += 1
                     self._warn(f"invalid line before register: {exc}: {_preview(line)}")
+                    first_bad = first_bad or f"; first bad stdout line: {_preview(line.strip())!r}"
                     continue
                 self._registered(payload)
+                self._child_registered = True
                 return
         raise ProcessAgentError(
             self.label,
-            f"did not register within {self.options.register_timeout:g}s",
+            f"did not register within {self.options.register_timeout:g}s{first_bad}",
             process.pid,
         )
 
@@ -502,9 +511,11 @@ class ProcessAgent(Agent):
         stats = self.stats
         stats.protocol = self.protocol
         stats.registered = dict(payload)
+        ctx = self._ctx
+        assert ctx is not None
         log.info(
             "process agent %s registered as %r (protocol %d)",
-            self.label,
+            ctx.name or ctx.id,  # not self.label, which would say the registered name again
             payload.get("name"),
             self.protocol,
             extra=self._fields(),

@@ -25,10 +25,11 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from .. import __version__
+from .. import AppConfig, MetricsConfig, __version__
 from . import _bench_cmd, _send_cmd
+from ._commands import PROGRAM_NAMES, Command, Group, RunByDefaultGroup, default_to_run
 
-__all__ = ["app", "main"]
+__all__ = ["app", "default_to_run", "main"]
 
 log = logging.getLogger("nexus_trio.cli")
 
@@ -52,20 +53,28 @@ EXAMPLES = """\
 
 app = typer.Typer(
     name="nexus",
+    cls=RunByDefaultGroup,
     help="nexus_trio: an agent kernel for Python on Trio.",
     epilog=EXAMPLES,
     rich_markup_mode="rich",
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
 )
 config_app = typer.Typer(
+    cls=Group,
     help="Write a config template or show the effective config.",
     no_args_is_help=True,
     rich_markup_mode="rich",
 )
 app.add_typer(config_app, name="config")
+
+
+#: the embedded defaults of the [app] and [metrics] keys that run's flags override, shown
+#: in help; a flag overrides the config only when it is on the command line
+_APP_DEFAULTS = AppConfig()
+_METRICS_DEFAULTS = MetricsConfig()
 
 
 class LogLevel(enum.StrEnum):
@@ -88,6 +97,9 @@ class Workload(enum.StrEnum):
     ring = "ring"
     fanout = "fanout"
     request = "request"
+
+
+_DEFAULT_WORKLOAD = Workload(_APP_DEFAULTS.workload)
 
 
 def _fail(message: str, status: int = 2) -> typer.Exit:
@@ -134,7 +146,7 @@ def _root(
     """
 
 
-@app.command()
+@app.command(cls=Command)
 def version() -> None:
     """Print the version of nexus_trio, Trio and Python."""
     typer.echo(_version_text())
@@ -156,8 +168,9 @@ _RUN_EPILOG = (
 )
 
 
-@app.command(epilog=_RUN_EPILOG)
+@app.command(cls=Command, epilog=_RUN_EPILOG)
 def run(
+    ctx: typer.Context,
     config: Annotated[
         Path | None,
         typer.Option("--config", "-c", help="Config file (TOML).", dir_okay=False),
@@ -171,21 +184,24 @@ def run(
         typer.Option("--log-format", "-f", help="Log format.", case_sensitive=False),
     ] = None,
     agents: Annotated[
-        int | None,
+        int,
         typer.Option(
             "--agents",
             "-n",
             "--num-agents",
             min=1,
-            help="Agents of the demo workload (default 1000).",
+            help="Agents of the demo workload (config: \\[app] agents).",
         ),
-    ] = None,
+    ] = _APP_DEFAULTS.agents,
     duration: Annotated[
-        float | None,
+        float,
         typer.Option(
-            "--duration", "-d", min=0, help="Seconds to run; 0 = until Ctrl-C (default 0)."
+            "--duration",
+            "-d",
+            min=0,
+            help="Seconds to run; 0 = until Ctrl-C (config: \\[app] duration).",
         ),
-    ] = None,
+    ] = _APP_DEFAULTS.duration,
     generate_config: Annotated[
         Path | None,
         typer.Option(
@@ -200,11 +216,14 @@ def run(
         typer.Option("--app", metavar="MODULE:ATTR", help="Run your agents instead of the demo."),
     ] = None,
     workload: Annotated[
-        Workload | None,
+        Workload,
         typer.Option(
-            "--workload", "-w", help="Demo workload (default ring).", case_sensitive=False
+            "--workload",
+            "-w",
+            help="Demo workload (config: \\[app] workload).",
+            case_sensitive=False,
         ),
-    ] = None,
+    ] = _DEFAULT_WORKLOAD,
     rate: Annotated[
         float,
         typer.Option("--rate", min=0, help="Demo messages per second in total; 0 = unpaced."),
@@ -219,18 +238,20 @@ def run(
         bool, typer.Option("--json", help="Print the summary as JSON on stdout.")
     ] = False,
     metrics_port: Annotated[
-        int | None,
+        int,
         typer.Option(
             "--metrics-port",
             min=0,
             max=65535,
-            help="Serve /metrics and /healthz on this port; 0 = off (default 0).",
+            help="Serve /metrics and /healthz on this port; 0 = off (config: \\[metrics] port).",
         ),
-    ] = None,
+    ] = _METRICS_DEFAULTS.port,
     metrics_host: Annotated[
-        str | None,
-        typer.Option("--metrics-host", help="Address of the metrics endpoint (default 127.0.0.1)."),
-    ] = None,
+        str,
+        typer.Option(
+            "--metrics-host", help="Address of the metrics endpoint (config: \\[metrics] host)."
+        ),
+    ] = _METRICS_DEFAULTS.host,
     dump_on_signal: Annotated[
         bool,
         typer.Option(
@@ -250,13 +271,15 @@ def run(
     ] = None,
     node: Annotated[
         str | None,
-        typer.Option("--node", metavar="NAME", help="Node name in the cluster (default host-pid)."),
+        typer.Option(
+            "--node", metavar="NAME", help="Node name in the cluster; HOST-PID if not given."
+        ),
     ] = None,
     live: Annotated[
         bool | None,
         typer.Option(
             "--live/--no-live",
-            help="Force the live view on or off (default: on if stderr is a terminal).",
+            help="Force the live view on or off; on if stderr is a terminal if not given.",
         ),
     ] = None,
     seed: Annotated[
@@ -289,7 +312,7 @@ def run(
         return
 
     if workers is not None:
-        _run_workers(workers, nats, json_out)
+        _run_workers(ctx, workers, nats, json_out)
         return
 
     commands: list[tuple[str, ...]] = []
@@ -311,16 +334,22 @@ def run(
         "metrics.port": "--metrics-port",
         "metrics.host": "--metrics-host",
     }
+
+    def given(value: Any, name: str) -> Any:
+        """A flag's value if it was on the command line, else None: the config decides."""
+        source = ctx.get_parameter_source(name)
+        return value if source is not None and source.name == "COMMANDLINE" else None
+
     overrides: dict[str, Any] = {
         "logging.level": log_level.value if log_level else None,
         "logging.format": log_format.value if log_format else None,
-        "app.agents": agents,
-        "app.duration": duration,
-        "app.workload": workload.value if workload else None,
+        "app.agents": given(agents, "agents"),
+        "app.duration": given(duration, "duration"),
+        "app.workload": given(workload.value, "workload"),
         "app.app": app_ref,
         "app.spawn": list(spawn) if spawn else None,
-        "metrics.port": metrics_port,
-        "metrics.host": metrics_host,
+        "metrics.port": given(metrics_port, "metrics_port"),
+        "metrics.host": given(metrics_host, "metrics_host"),
     }
     try:
         loaded = load_config(config, overrides=overrides)
@@ -370,24 +399,22 @@ def run(
         raise typer.Exit(status)
 
 
-def _run_workers(workers: int, nats: str | None, json_out: bool) -> None:
+def _run_workers(ctx: typer.Context, workers: int, nats: str | None, json_out: bool) -> None:
     """``nexus run --workers N ...``: N worker processes, one summary added up."""
     import json
 
-    from ._cluster_cmd import default_workers, run_workers, worker_argv
+    from ._cluster_cmd import default_workers, refuse_workers_in_a_worker, run_workers, worker_argv
 
+    refuse_workers_in_a_worker()
     _check_nats(nats, "--nats" if nats is not None else "--workers")
     count = workers or default_workers()
-    summary, status = run_workers(count, worker_argv(sys.argv[2:]), nats_url=nats)
+    summary, status = run_workers(count, worker_argv(ctx), nats_url=nats)
     if json_out:
         typer.echo(json.dumps(summary, indent=2))
     else:
-        console = Console()
-        for key in ("workers", "sent", "handled", "dead_letters", "msgs_per_s", "conserved"):
-            if key in summary:
-                console.print(f"{key:>14}  {summary[key]}")
-        if summary.get("error"):
-            console.print(f"{'errors':>14}  {summary['error']}")
+        from ._view import summary_table
+
+        Console().print(summary_table(summary))
     if status:
         raise typer.Exit(status)
 
@@ -425,7 +452,7 @@ def _check_nats(url: str | None, flag: str = "--nats") -> None:
 # --- config --------------------------------------------------------------------------------------
 
 
-@config_app.command("init")
+@config_app.command("init", cls=Command)
 def config_init(
     file: Annotated[Path, typer.Argument(help="Where to write the template.", dir_okay=False)],
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
@@ -440,7 +467,7 @@ def config_init(
     typer.echo(f"wrote {written}")
 
 
-@config_app.command("show")
+@config_app.command("show", cls=Command)
 def config_show(
     config: Annotated[
         Path | None,
@@ -449,7 +476,7 @@ def config_show(
         ),
     ] = None,
 ) -> None:
-    """Print the effective config, each value with where it came from (default, file, env)."""
+    """Print the effective config, each value with where it came from: built in, a file, env."""
     from ..config import ConfigError, load_config, render_effective
 
     try:
@@ -462,7 +489,7 @@ def config_show(
 # --- health --------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(cls=Command)
 def health(
     host: Annotated[
         str, typer.Option("--host", help="Host of the metrics endpoint.")
@@ -474,7 +501,7 @@ def health(
             "-p",
             min=1,
             max=65535,
-            help="Metrics port (default: the config's metrics.port).",
+            help="Metrics port; the config's \\[metrics] port if not given.",
         ),
     ] = None,
     timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait.")] = 3.0,
@@ -517,5 +544,7 @@ _send_cmd.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``nexus`` and ``nexus-runtime`` console scripts."""
-    app(args=argv, prog_name="nexus")
+    """Entry point of the ``nexus`` and ``nexus-runtime`` console scripts (each named as
+    it was invoked, so that shell completion attaches to the name the user types)."""
+    invoked = Path(sys.argv[0]).name
+    app(args=argv, prog_name=invoked if invoked in PROGRAM_NAMES else "nexus")

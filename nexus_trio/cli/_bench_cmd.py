@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from ._commands import Command
+
 _EPILOG = """\
 [bold]Examples[/]
 
@@ -25,7 +27,7 @@ Scenarios: fanout, reqrep, scale, load, fanin, churn, bridges.
 def register(app: typer.Typer) -> None:
     """Add the ``bench`` command to ``app``."""
 
-    @app.command(epilog=_EPILOG)
+    @app.command(cls=Command, epilog=_EPILOG)
     def bench(
         scenario: Annotated[
             list[str] | None,

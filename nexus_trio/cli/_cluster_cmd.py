@@ -6,12 +6,19 @@ cores. Without a NATS URL a private ``nats-server`` (JetStream on, 127.0.0.1, a 
 picks) is started first and stopped last. SIGINT/SIGTERM are passed on to the workers
 (a second one kills them). The workers' JSON summaries are added up into one.
 
-The lead wires this into ``nexus run``: when ``--workers`` is above 1, call
-:func:`run_workers` with the command line minus ``--workers`` (:func:`worker_argv`).
+A worker's command line is rebuilt from the parent's *parsed* options
+(:func:`worker_argv`), never by editing ``sys.argv``: every spelling of ``--workers``
+(``-W 2``, ``-W2``, ``--workers=2``) is gone from it by construction. Workers run with
+``NEXUS_WORKER`` set and ``nexus run`` refuses ``--workers`` when it is, so a worker can
+never start workers of its own. Workers die with the parent: on Linux they ask the kernel
+for SIGKILL when the parent dies (``PR_SET_PDEATHSIG``), and on every exit path the parent
+kills each worker's process group (a worker leads its own group, which also keeps a
+terminal's Ctrl-C from reaching workers twice: once from the terminal, once forwarded).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,15 +26,20 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any, Final
 
+import typer
+
 log = logging.getLogger("nexus_trio.cli")
 
-#: options of ``nexus run`` that the parent sets for each worker itself
-_PARENT_OPTIONS: Final = {"--workers": True, "--nats": True, "--node": True, "--json": False}
-_PARENT_FLAGS: Final = {"--live", "--no-live"}
+#: set in each worker's environment (to its node name); ``nexus run --workers`` refuses to
+#: run where it is set, so workers never start workers
+WORKER_ENV: Final = "NEXUS_WORKER"
+#: parameters of ``nexus run`` that the parent sets for each worker itself (or that only
+#: the parent may act on), by their Python names
+_PARENT_PARAMS: Final = frozenset({"workers", "nats", "node", "json_out", "live"})
 #: summary fields that add up across workers
 _SUMMED: Final = (
     "agents",
@@ -53,28 +65,60 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
-def worker_argv(argv: Sequence[str]) -> list[str]:
-    """``nexus run`` arguments for a worker: ``argv`` without the options the parent sets
-    (``--workers``, ``--nats``, ``--node``, ``--json``, ``--live/--no-live``)."""
+def worker_argv(ctx: typer.Context) -> list[str]:
+    """``nexus run`` arguments for a worker, rebuilt from the parent's parsed options.
+
+    Only options given on the parent's command line are passed on (defaults, the config
+    file and ``NEXUS_*`` variables reach the worker by themselves: same directory, same
+    environment), each in its long ``--name=value`` form, which a value starting with
+    ``-`` cannot be mistaken in. The options the parent sets per worker (``--workers``,
+    ``--nats``, ``--node``, ``--json``, ``--live/--no-live``) are never passed on.
+    """
     out: list[str] = []
-    skip_value = False
-    for arg in argv:
-        if skip_value:
-            skip_value = False
+    for param in ctx.command.params:
+        name = param.name
+        if name is None or name in _PARENT_PARAMS or name not in ctx.params:
             continue
-        name, eq, _ = arg.partition("=")
-        if name in _PARENT_OPTIONS:
-            skip_value = _PARENT_OPTIONS[name] and not eq
+        source = ctx.get_parameter_source(name)
+        # typer bundles its own click: compare by name, not with click's enum
+        if source is None or source.name != "COMMANDLINE":
             continue
-        if arg in _PARENT_FLAGS:
-            continue
-        out.append(arg)
+        if param.param_type_name != "option":
+            raise TypeError(f"worker_argv: cannot pass on the argument {name!r}")
+        value = ctx.params[name]
+        long_name = next((o for o in param.opts if o.startswith("--")), param.opts[0])
+        if getattr(param, "is_flag", False):
+            if value:
+                out.append(long_name)
+            elif param.secondary_opts:
+                out.append(param.secondary_opts[0])
+        elif param.multiple:
+            out.extend(f"{long_name}={_option_text(item)}" for item in value)
+        elif value is not None:
+            out.append(f"{long_name}={_option_text(value)}")
     return out
 
 
+def _option_text(value: object) -> str:
+    """A parsed option value as the command line spells it (enums by their value)."""
+    return str(getattr(value, "value", value))
+
+
+def refuse_workers_in_a_worker() -> None:
+    """Raise :class:`typer.BadParameter` if this process is a ``--workers`` worker."""
+    node = os.environ.get(WORKER_ENV)
+    if node:
+        raise typer.BadParameter(
+            f"given inside a worker process ({WORKER_ENV}={node} is set): "
+            "a worker does not start workers of its own",
+            param_hint="'--workers'",
+        )
+
+
 def aggregate_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One summary for all workers: counts and rates added up, times the longest,
-    ``conserved`` only if every worker's accounting balanced, per-worker summaries kept."""
+    """One summary for all workers, in the format of a single run's: counts and rates
+    added up, times the longest, latencies merged (:func:`_merged_latency`), ``conserved``
+    only if every worker's accounting balanced, per-worker summaries kept."""
     total: dict[str, Any] = {"workers": len(summaries)}
     for key in _SUMMED:
         total[key] = sum(s.get(key) or 0 for s in summaries)
@@ -92,11 +136,32 @@ def aggregate_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
         key: max((e.get(key, 0.0) for e in elapsed), default=0.0)
         for key in ("total", "spawn", "run", "shutdown")
     }
+    first = summaries[0] if summaries else {}
+    total["app"] = first.get("app")
+    total["workload"] = first.get("workload")
+    stops = sorted({str(s["stopped_by"]) for s in summaries if s.get("stopped_by")})
+    total["stopped_by"] = ", ".join(stops) or "unknown"
+    for key in ("handle_latency", "queue_wait"):
+        total[key] = _merged_latency([s.get(key) or {} for s in summaries])
     errors = [s["error"] for s in summaries if s.get("error")]
     total["error"] = "; ".join(errors) if errors else None
     total["conserved"] = bool(summaries) and all(s.get("conserved") for s in summaries)
     total["per_worker"] = list(summaries)
     return total
+
+
+def _merged_latency(histograms: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The workers' latency summaries as one: counts added up, the mean weighted by
+    count, and each percentile the highest of the workers' (an upper bound: percentiles
+    of separate histograms cannot be merged exactly)."""
+    count = sum(h.get("count", 0) for h in histograms)
+    merged: dict[str, float] = {"count": count}
+    merged["mean"] = (
+        sum(h.get("mean", 0.0) * h.get("count", 0) for h in histograms) / count if count else 0.0
+    )
+    for key in ("p50", "p90", "p99", "p999", "max"):
+        merged[key] = max((h.get(key, 0.0) for h in histograms if h.get("count")), default=0.0)
+    return merged
 
 
 def run_workers(
@@ -132,8 +197,18 @@ def run_workers(
     try:
         for i in range(workers):
             argv = [python or sys.executable, "-m", "nexus_trio.cli", "run", *run_args]
-            argv += ["--nats", nats_url, "--node", f"worker-{i}", "--json", "--no-live"]
-            procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE))
+            node = f"worker-{i}"
+            argv += ["--nats", nats_url, "--node", node, "--json", "--no-live"]
+            procs.append(
+                subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    env={**os.environ, WORKER_ENV: node},
+                    process_group=0,
+                    preexec_fn=_die_with_parent(),
+                )
+            )
 
         def collect(i: int, proc: subprocess.Popen[bytes]) -> None:
             assert proc.stdout is not None
@@ -149,9 +224,7 @@ def run_workers(
             reader.join()
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            _kill_group(proc)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if server is not None:
@@ -167,6 +240,37 @@ def run_workers(
     if status == 0 and not summary["conserved"]:
         status = 1
     return summary, status
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the child killed when this process dies (Linux only).
+
+    ``PR_SET_PDEATHSIG`` fires when the thread that forked the child ends; workers are
+    started from the thread that waits for them, so that is the parent's lifetime here.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the process group ``proc`` leads (the worker and whatever it started that
+    stayed in its group), then reap the worker."""
+    # ProcessLookupError: the group is gone, the worker and its children have exited
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _status(code: int) -> int:

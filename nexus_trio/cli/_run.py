@@ -27,8 +27,10 @@ import math
 import os
 import signal
 import sys
+import sysconfig
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Mapping
 from typing import Any, Final, TextIO, cast
 
 import attrs
@@ -36,11 +38,21 @@ import trio
 from rich.console import Console
 from rich.live import Live
 
+from .. import KernelStats
 from .._agent import Agent, AgentSpec, as_spec
 from .._config import Config
 from .._errors import SupervisorEscalation
 from .._kernel import Kernel, open_kernel
 from .._supervisor import Supervisor
+from ._spawn import (
+    OneLineBridgeErrors,
+    SpawnedProgram,
+    SpawnFailed,
+    note_bridge_stats,
+    spawn_programs,
+    spawn_summary,
+    watch_starts,
+)
 from ._view import Sample, plain_line, render_live, render_tree, rss_bytes, summary_table
 from ._workloads import Demo
 
@@ -102,11 +114,53 @@ def _app_kind(obj: Any) -> str:
     ):
         return "list"
     if inspect.iscoroutinefunction(obj):
+        _check_main_signature(obj)
         return "main"
+    if inspect.isfunction(obj):
+        raise AppError(
+            f"{obj.__qualname__} is a plain function ('def'); nexus run awaits it: "
+            f"expected 'async def {obj.__qualname__}(kernel)'"
+        )
     raise AppError(
         "must be an AgentSpec (@agent), a list of AgentSpecs/Supervisors, a Supervisor, "
         f"or an 'async def main(kernel)'; got {type(obj).__name__} {obj!r:.60}"
     )
+
+
+def _check_main_signature(main: Callable[..., Any]) -> None:
+    """``main`` must accept the kernel as its one positional argument: checked before the
+    kernel starts, so a ``main()`` without it is a usage error, not a traceback later."""
+    name = getattr(main, "__qualname__", repr(main))
+    try:
+        signature = inspect.signature(main)
+    except (TypeError, ValueError):  # no signature to check (a builtin): let the call tell
+        return
+    try:
+        signature.bind(object())
+    except TypeError:
+        raise AppError(
+            f"{name}{signature} cannot be called as {name}(kernel): nexus run passes the "
+            f"kernel, so it must be 'async def {name}(kernel)'"
+        ) from None
+
+
+def _where(exc: BaseException) -> str:
+    """``file:line`` where ``exc`` was raised, for an error while importing an app: the
+    innermost frame outside the standard library, site-packages and importlib (the app's
+    line that failed), else the innermost frame."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f"{exc.filename}:{exc.lineno}"
+    frames = [
+        f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<frozen")
+    ]
+    library = tuple(
+        {sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")}
+    )
+    own = [f for f in frames if not f.filename.startswith(library)]
+    chosen = own or frames
+    if not chosen:
+        return "?"
+    return f"{chosen[-1].filename}:{chosen[-1].lineno}"
 
 
 def load_app(reference: str) -> Any:
@@ -122,9 +176,11 @@ def load_app(reference: str) -> Any:
     except ModuleNotFoundError as exc:
         if exc.name is not None and (module_name + ".").startswith(exc.name + "."):
             raise AppError(f"no module named {module_name!r} (in {reference!r})") from None
-        raise AppError(f"importing {module_name!r} failed: {exc}") from exc
+        raise AppError(f"importing {module_name!r} failed at {_where(exc)}: {exc}") from exc
     except Exception as exc:
-        raise AppError(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
+        raise AppError(
+            f"importing {module_name!r} failed at {_where(exc)}: {type(exc).__name__}: {exc}"
+        ) from exc
     obj: Any = module
     for part in attr.split("."):
         try:
@@ -153,7 +209,26 @@ class _State:
         self.t_stop: float | None = None
         self.peak_rss = 0
         self.agents_at_stop = 0
+        #: messages processed (handled + replies delivered + forwarded) when the run
+        #: started and when it stopped: the run's rate is theirs, not the shutdown's
+        self.processed_at_start = 0
+        self.processed_at_stop: int | None = None
+        #: when the final frame was drawn: the summary's end, so both show the same times
+        self.t_end: float | None = None
         self.spawn_progress: tuple[int, int] | None = None
+        #: the --spawn programs, and those whose first start failed
+        self.programs: list[SpawnedProgram] = []
+        self.failed_programs: list[SpawnedProgram] = []
+        #: the outer nursery, for watchers that must outlive the body (until the summary)
+        self.outer: trio.Nursery | None = None
+
+    def run_rate(self, processed_now: int, now: float) -> float:
+        """Messages per second from the start of the run (the workload running) to its
+        stop, without the spawning before it or the shutdown after it."""
+        start = self.t_spawned if self.t_spawned is not None else self.t0
+        stop = self.t_stop if self.t_stop is not None else now
+        done = self.processed_at_stop if self.processed_at_stop is not None else processed_now
+        return (done - self.processed_at_start) / (stop - start) if stop > start else 0.0
 
     def request_stop(self, reason: str) -> None:
         if self.stopped_by is None:
@@ -210,6 +285,29 @@ async def _watch_signals(
             if state.opts.dump_on_signal:
                 _dump(state, name)
             state.request_stop(name)
+
+
+def _processed(stats: KernelStats) -> int:
+    return stats.handled + stats.replies_delivered + stats.forwarded
+
+
+def _final_sample(state: _State, kernel: Kernel) -> Sample:
+    """The last frame: the run's rate and times, the same figures as the summary."""
+    stats = kernel.stats()
+    now = state.t_end if state.t_end is not None else trio.current_time()
+    start = state.t_spawned if state.t_spawned is not None else state.t0
+    stop = state.t_stop if state.t_stop is not None else now
+    rss = rss_bytes()
+    state.peak_rss = max(state.peak_rss, rss)
+    return Sample(
+        elapsed=stop - start,
+        phase="done",
+        stats=stats,
+        rate=state.run_rate(_processed(stats), now),
+        rss=rss,
+        total=now - state.t0,
+        rate_label="msg/s during run",
+    )
 
 
 def _sample(state: _State, kernel: Kernel, rate: float) -> Sample:
@@ -274,8 +372,33 @@ def _title(opts: RunOptions) -> str:
     if opts.app:
         return f"app {opts.app}"
     if not opts.demo:
-        return f"{len(opts.spawn)} process agent(s)"
+        return f"spawn: {_count_of(len(opts.spawn), 'process agent')}"
     return f"{opts.workload} workload · {opts.agents:,} agents"
+
+
+def _count_of(n: int, thing: str) -> str:
+    return f"{n:,} {thing}" + ("" if n == 1 else "s")
+
+
+def _spawn(state: _State, kernel: Kernel) -> None:
+    """Spawn the --spawn programs; a first start that fails stops the run (see _spawn)."""
+    opts = state.opts
+    # Subscribed before the spawns, so that no start or failure goes unseen.
+    events = kernel.events(buffer=4096)
+
+    def failed(program: SpawnedProgram) -> None:
+        state.failed_programs.append(program)
+        log.error("--spawn %r did not start: %s", program.command_text, program.problem)
+        state.request_stop("spawn failed")
+
+    state.programs = spawn_programs(kernel, opts.spawn)
+    assert state.outer is not None
+
+    async def watch() -> None:
+        async with events:
+            await watch_starts(kernel, events, state.programs, failed)
+
+    state.outer.start_soon(watch)
 
 
 def _spawn_progress(state: _State, total: int) -> Callable[[int], None]:
@@ -312,9 +435,8 @@ async def _run_app(state: _State, kernel: Kernel, nursery: trio.Nursery) -> None
 async def _body(state: _State, kernel: Kernel) -> None:
     opts = state.opts
     async with trio.open_nursery() as body:
-        for argv in opts.spawn:
-            ref = kernel.spawn_process(list(argv))
-            log.info("spawned process agent %s: %s", ref.name or ref.id, argv)
+        if opts.spawn:
+            _spawn(state, kernel)
         if opts.target is not None:
             state.phase = "spawning"
             await _run_app(state, kernel, body)
@@ -337,6 +459,7 @@ async def _body(state: _State, kernel: Kernel) -> None:
             gc.freeze()  # a million long-lived agents: keep them out of the GC's scans
             body.start_soon(demo.drive)
         state.t_spawned = trio.current_time()
+        state.processed_at_start = _processed(kernel.stats())
         state.phase = "running"
         log.info(
             "running %s for %s (Ctrl-C to stop)",
@@ -347,7 +470,10 @@ async def _body(state: _State, kernel: Kernel) -> None:
             await state.stop_event.wait()
         state.request_stop("duration")
         state.t_stop = trio.current_time()
-        state.agents_at_stop = kernel.stats().agents_alive
+        at_stop = kernel.stats()
+        state.agents_at_stop = at_stop.agents_alive
+        state.processed_at_stop = _processed(at_stop)
+        note_bridge_stats(state.programs, kernel)
         state.phase = "stopping"
         if state.demo is not None:
             state.demo.stop()
@@ -357,11 +483,24 @@ async def _body(state: _State, kernel: Kernel) -> None:
 async def run_async(opts: RunOptions, console: Console | None = None) -> tuple[dict[str, Any], int]:
     """Run as ``nexus run`` does; returns the summary and the exit status."""
     console = console or Console(stderr=True)
+    agent_log = logging.getLogger("nexus_trio.agent")
+    quiet = OneLineBridgeErrors()
+    agent_log.addFilter(quiet)
+    try:
+        return await _run_async(opts, console, quiet.problems)
+    finally:
+        agent_log.removeFilter(quiet)
+
+
+async def _run_async(
+    opts: RunOptions, console: Console, problems: Mapping[str, str]
+) -> tuple[dict[str, Any], int]:
     state = _State(opts)
     error: BaseException | None = None
     kernel: Kernel | None = None
     t_shutdown: float | None = None
     async with trio.open_nursery() as outer:
+        state.outer = outer
         await outer.start(_watch_signals, state)
         if opts.live:
             state.live = Live(
@@ -401,19 +540,35 @@ async def run_async(opts: RunOptions, console: Console | None = None) -> tuple[d
             log.error("the run failed: %s", _describe(error), exc_info=error)
         finally:
             state.phase = "done"
+            state.t_end = trio.current_time()
             if kernel is not None and state.live is not None:
                 state.live.update(
-                    render_live(_title(opts), _sample(state, kernel, 0.0), opts.duration),
+                    render_live(_title(opts), _final_sample(state, kernel), opts.duration),
                     refresh=True,
                 )
             state.stop_live()
             outer.cancel_scope.cancel()
-    t_end = trio.current_time()
+    t_end = state.t_end if state.t_end is not None else trio.current_time()
     if state.t_stop is None:
         state.t_stop = t_end
     if t_shutdown is None:
         t_shutdown = state.t_stop
+    spawned = spawn_summary(state.programs, problems)
+    if error is None:
+        # Failed first starts, and programs that had still not registered when the run
+        # ended (a start that failed during the shutdown, or one still waiting).
+        never = []
+        for program, row in zip(state.programs, spawned, strict=True):
+            if not row["registered"]:
+                program.problem = row["problem"]
+                never.append(program)
+        if never:
+            error = SpawnFailed(never)
+            if not state.failed_programs:
+                log.error("%s", error)
     summary = build_summary(state, kernel, error, t_shutdown=t_shutdown, t_end=t_end)
+    if opts.spawn:
+        summary["spawned"] = spawned
     status = 0 if error is None and summary["conserved"] else 1
     if not summary["conserved"] and kernel is not None:
         log.error("accounting mismatch: %s", json.dumps(summary))
@@ -468,10 +623,9 @@ def build_summary(
     dead = stats.dead_lettered if stats else 0
     accepted = stats.accepted if stats else 0
     in_flight = stats.in_flight if stats else 0
-    busy_time = max(t_end - t_spawned, 1e-9)
     return {
         "app": opts.app,
-        "workload": None if opts.app else opts.workload,
+        "workload": opts.workload if opts.demo else None,
         "agents": opts.agents if opts.demo and not opts.app else state.agents_at_stop,
         "stopped_by": state.stopped_by or ("error" if error else "unknown"),
         "error": None if error is None else _describe(error),
@@ -492,7 +646,8 @@ def build_summary(
         "failed": stats.failed if stats else 0,
         "timed_out": stats.timed_out if stats else 0,
         "restarts": stats.restarts if stats else 0,
-        "msgs_per_s": (handled + replies + forwarded) / busy_time,
+        # the rate while the workload ran: the shutdown is in elapsed_s, not in the rate
+        "msgs_per_s": state.run_rate(handled + replies + forwarded, t_end),
         "handle_latency": hist("handle_latency"),
         "queue_wait": hist("queue_wait"),
         "peak_rss_bytes": peak,

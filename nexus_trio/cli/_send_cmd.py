@@ -11,6 +11,8 @@ from typing import Annotated, Any
 
 import typer
 
+from ._commands import Command
+
 _EPILOG = """\
 [bold]Examples[/]
 
@@ -39,7 +41,7 @@ class _Failed(Exception):
 def register(app: typer.Typer) -> None:
     """Add the ``send`` command to ``app``."""
 
-    @app.command(epilog=_EPILOG)
+    @app.command(cls=Command, epilog=_EPILOG)
     def send(
         cmd: Annotated[str, typer.Argument(metavar="CMD", help="The agent's command line.")],
         payload: Annotated[

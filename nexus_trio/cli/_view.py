@@ -88,6 +88,9 @@ class Sample:
     stats: KernelStats
     rate: float
     rss: int
+    #: seconds since the start, for the final frame (``elapsed`` is then the run's time)
+    total: float | None = None
+    rate_label: str = "msg/s"
 
     @property
     def processed(self) -> int:
@@ -119,8 +122,10 @@ def render_live(
     clock = f"{sample.elapsed:.1f} s"
     if duration and sample.phase == "running":
         clock += f" / {duration:g} s"
+    if sample.total is not None:
+        clock = f"run {sample.elapsed:.2f} s · total {sample.total:.2f} s"
     rows = [
-        ("msg/s", fmt_count(sample.rate), "agents alive", fmt_count(s.agents_alive)),
+        (sample.rate_label, fmt_count(sample.rate), "agents alive", fmt_count(s.agents_alive)),
         ("handled", fmt_count(s.handled), "replies", fmt_count(s.replies_delivered)),
         ("sent", fmt_count(s.accepted), "in flight", fmt_count(s.in_flight)),
         (
@@ -209,9 +214,12 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
     table = Table(title="nexus run summary", box=box.SIMPLE_HEAVY, show_header=False)
     table.add_column(style="bold cyan", no_wrap=True)
     table.add_column(overflow="fold")
-    what = summary["app"] or f"{summary['workload']} workload"
-    table.add_row("run", f"{what}, {fmt_count(summary['agents'])} agents")
+    table.add_row("run", _run_kind(summary))
+    for program in summary.get("spawned") or ():
+        table.add_row("  " + str(program["name"]), _spawned_text(program))
     table.add_row("stopped by", str(summary["stopped_by"]))
+    if summary.get("error"):
+        table.add_row("error", Text(str(summary["error"]), style="bold red"))
     t = summary["elapsed_s"]
     table.add_row(
         "elapsed",
@@ -231,7 +239,7 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
     table.add_row("failed", fmt_count(summary["failed"]))
     table.add_row("timed out", fmt_count(summary["timed_out"]))
     table.add_row("restarts", fmt_count(summary["restarts"]))
-    table.add_row("throughput", f"{fmt_count(summary['msgs_per_s'])} msg/s")
+    table.add_row("throughput", f"{fmt_count(summary['msgs_per_s'])} msg/s during run")
     for key, label in (("handle_latency", "handle latency"), ("queue_wait", "queue wait")):
         h = summary[key]
         if h["count"]:
@@ -254,6 +262,32 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
         ),
     )
     return table
+
+
+def _run_kind(summary: Mapping[str, Any]) -> str:
+    """What ran: ``ring workload, 1,000 agents``, ``app m:main, 3 agents``,
+    ``spawn: 2 process agents`` (or an app or workload plus spawned programs)."""
+    parts: list[str] = []
+    agents = f"{fmt_count(summary['agents'])} agents"
+    if summary.get("app"):
+        parts.append(f"app {summary['app']}, {agents}")
+    elif summary.get("workload"):
+        parts.append(f"{summary['workload']} workload, {agents}")
+    spawned = summary.get("spawned") or ()
+    if spawned:
+        n = len(spawned)
+        parts.append(f"spawn: {n} process agent{'' if n == 1 else 's'}")
+    what = " + ".join(parts) or agents
+    workers = summary.get("workers")
+    return f"{workers} workers: {what}" if workers else what
+
+
+def _spawned_text(program: Mapping[str, Any]) -> str:
+    starts = program.get("starts") or 0
+    started = f"{starts} start{'' if starts == 1 else 's'}"
+    if program.get("registered"):
+        return f"{program['command']}: registered as {program['registered_as']!r} ({started})"
+    return f"{program['command']}: did not start: {program.get('problem') or 'never registered'}"
 
 
 def render_tree(tree: Mapping[str, Any]) -> str:

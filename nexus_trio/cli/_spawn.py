@@ -1,0 +1,218 @@
+"""``nexus run --spawn CMD``: process agents that say what went wrong when they never start.
+
+Each program becomes a process agent named after the program (``python3 agents/calc.py``
+is ``calc``; repeats get ``-2``, ``-3``), which waits for its ``register`` line at most
+the kernel's shutdown grace, so a program that never registers cannot hold the shutdown
+past it. A watcher follows the kernel's lifecycle events: a program whose first start
+fails (it exited, printed something that is not a register frame, did not register in
+time) stops the run, and the summary names the program and what it did. Expected bridge
+failures are logged as one line, not with a traceback of the bridge's internals.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shlex
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import attrs
+
+from .. import EventKind, LifecycleEvent, Subscription
+from ..bridges.process import process_agent
+
+if TYPE_CHECKING:
+    from .._kernel import Kernel
+
+log = logging.getLogger("nexus_trio.cli")
+
+#: how long a spawned program may take to register when the shutdown grace is longer
+REGISTER_TIMEOUT: Final = 10.0
+#: programs whose first plain argument (a script) names the agent better than they do
+_INTERPRETER: Final = re.compile(
+    r"^(python[\d.]*|pypy[\d.]*|node|nodejs|deno|bun|ruby|perl|php|bash|sh|zsh|java|uv|npx)$"
+)
+
+
+def program_name(argv: Sequence[str]) -> str:
+    """The name an agent running ``argv`` gets: its script's stem after an interpreter
+    (``python3 -u calc.py`` -> ``calc``, ``python -m pkg.calc`` -> ``calc``), else the
+    program's (``./calc --x`` -> ``calc``)."""
+    program = Path(argv[0]).name
+    if _INTERPRETER.match(program):
+        args = list(argv[1:])
+        for i, arg in enumerate(args):
+            if arg == "-m" and i + 1 < len(args):
+                return args[i + 1].rpartition(".")[2] or program
+            if arg in ("run", "exec") and program in ("uv", "deno", "bun"):
+                continue
+            if not arg.startswith("-"):
+                return Path(arg).stem or program
+    return Path(program).stem or program
+
+
+def agent_names(commands: Sequence[Sequence[str]]) -> list[str]:
+    """One distinct name per command (:func:`program_name`, then ``-2``, ``-3`` on repeats)."""
+    names: list[str] = []
+    for argv in commands:
+        base = program_name(argv)
+        name, n = base, 1
+        while name in names:
+            n += 1
+            name = f"{base}-{n}"
+        names.append(name)
+    return names
+
+
+@attrs.define(eq=False)
+class SpawnedProgram:
+    """One ``--spawn`` program and what became of it."""
+
+    command: tuple[str, ...]
+    name: str
+    agent_id: uuid.UUID | None = None
+    #: it registered at least once (its ``on_start`` finished)
+    registered: bool = False
+    #: what its first failed start did (before it ever registered), else None
+    problem: str | None = None
+    #: from the bridge's counters, last seen while the agent was alive
+    registered_as: str | None = None
+    starts: int = 0
+    last_exit: int | None = None
+
+    @property
+    def command_text(self) -> str:
+        return shlex.join(self.command)
+
+
+class SpawnFailed(Exception):
+    """A ``--spawn`` program never registered; the message names each and what it did."""
+
+    def __init__(self, programs: Sequence[SpawnedProgram]) -> None:
+        self.programs = list(programs)
+        super().__init__(
+            "; ".join(
+                f"--spawn {p.command_text!r} did not start: {p.problem or 'it never registered'}"
+                for p in self.programs
+            )
+        )
+
+
+def register_timeout(shutdown_grace: float) -> float:
+    """The registration wait: never longer than the shutdown grace, so a program that
+    never registers cannot hold the shutdown past the grace."""
+    return min(REGISTER_TIMEOUT, shutdown_grace) if shutdown_grace > 0 else REGISTER_TIMEOUT
+
+
+def spawn_programs(kernel: Kernel, commands: Sequence[Sequence[str]]) -> list[SpawnedProgram]:
+    """Spawn one process agent per command, named after its program."""
+    grace = kernel.config.kernel.shutdown_grace
+    programs: list[SpawnedProgram] = []
+    for argv, name in zip(commands, agent_names(commands), strict=True):
+        ref = kernel.spawn(
+            process_agent(list(argv), name=name, register_timeout=register_timeout(grace))
+        )
+        programs.append(SpawnedProgram(tuple(argv), name, ref.id))
+        log.info("spawned process agent %s: %s", name, shlex.join(argv))
+    return programs
+
+
+def _problem(error: BaseException | None, reason: str) -> str:
+    """What a failed start did, in the bridge's words (its ``problem``) when it has them."""
+    if error is None:
+        return reason or "failed"
+    return str(getattr(error, "problem", None) or error)
+
+
+async def watch_starts(
+    kernel: Kernel,
+    events: Subscription[LifecycleEvent],
+    programs: Sequence[SpawnedProgram],
+    on_failure: Callable[[SpawnedProgram], None],
+) -> None:
+    """Follow ``events`` (a ``kernel.events()`` subscription of ``kernel`` taken before the
+    spawns): mark programs registered, record the problem of a first start that failed and call
+    ``on_failure(program)`` for it. Returns once every program has registered or failed."""
+    by_id = {p.agent_id: p for p in programs}
+    pending = set(by_id)
+    async for event in events:
+        program = by_id.get(event.agent_id)
+        if program is None or event.agent_id not in pending:
+            continue
+        if event.kind is EventKind.STARTED:
+            program.registered = True
+            pending.discard(event.agent_id)
+            note_bridge_stats([program], kernel)
+        elif event.kind is EventKind.FAILED:
+            program.problem = _problem(event.error, event.reason)
+            pending.discard(event.agent_id)
+            on_failure(program)
+        if not pending:
+            return
+
+
+def note_bridge_stats(programs: Sequence[SpawnedProgram], kernel: Kernel) -> None:
+    """Copy the bridge's counters of the programs' agents while they are alive (the bridge
+    forgets an agent once it has stopped)."""
+    from ..bridges.process import bridge_stats
+
+    stats = bridge_stats(kernel)
+    for program in programs:
+        s = stats.get(program.agent_id) if program.agent_id is not None else None
+        if s is None:
+            continue
+        program.starts, program.last_exit = s.starts, s.last_exit
+        if s.registered:
+            program.registered_as = str(s.registered.get("name"))
+
+
+def spawn_summary(
+    programs: Sequence[SpawnedProgram], problems: Mapping[str, str]
+) -> list[dict[str, Any]]:
+    """The summary's ``spawned`` entries: command, agent name, what it registered as,
+    starts, last exit status and the problem of a start that failed (``problems``: those
+    logged, by agent id)."""
+    return [
+        {
+            "command": p.command_text,
+            "name": p.name,
+            "registered": p.registered,
+            "registered_as": p.registered_as,
+            "starts": p.starts,
+            "last_exit": p.last_exit,
+            "problem": p.problem or (None if p.registered else problems.get(str(p.agent_id))),
+        }
+        for p in programs
+    ]
+
+
+class OneLineBridgeErrors(logging.Filter):
+    """Log an expected process-agent failure (``ProcessAgentError``) as one line, and keep
+    the first one of each agent (``problems``, by agent id).
+
+    The kernel logs agent failures with a traceback, which for a program that exited or
+    printed garbage shows only the bridge's internals. A start that fails during the
+    shutdown is published as ``stopped``, without the error: the log record is where the
+    CLI learns what the program did.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.problems: dict[str, str] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from ..bridges.process import ProcessAgentError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, ProcessAgentError):
+            agent_id = getattr(record, "agent_id", None)
+            if agent_id is not None:
+                self.problems.setdefault(str(agent_id), exc.problem)
+            record.msg = f"{record.getMessage()}: {exc.problem}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True

@@ -1,0 +1,223 @@
+"""The first hour with ``nexus``: ``--app`` mistakes are usage errors that say what is
+wrong and where, help reads the same everywhere, and shell completion works."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from nexus_trio.cli import app
+
+WIDE = {"COLUMNS": "250", "NO_COLOR": "1"}
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    for name in list(os.environ):
+        if name.startswith("NEXUS_"):
+            monkeypatch.delenv(name)
+    yield tmp_path
+    for name, module in list(sys.modules.items()):  # the app modules these tests wrote
+        if str(getattr(module, "__file__", None) or "").startswith(str(tmp_path)):
+            del sys.modules[name]
+
+
+def invoke(args: list[str]):
+    return CliRunner().invoke(app, args, env=WIDE)
+
+
+def flat(text: str) -> str:
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
+
+
+def write(directory: Path, name: str, source: str) -> None:
+    (directory / name).write_text(textwrap.dedent(source))
+
+
+# --- --app checked before the kernel starts -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        (
+            "async def main():\n    pass\n",
+            "main() cannot be called as main(kernel): nexus run passes the kernel, "
+            "so it must be 'async def main(kernel)'",
+        ),
+        (
+            "async def main(kernel, options):\n    pass\n",
+            "main(kernel, options) cannot be called as main(kernel)",
+        ),
+        (
+            "def main(kernel):\n    pass\n",
+            "main is a plain function ('def'); nexus run awaits it: "
+            "expected 'async def main(kernel)'",
+        ),
+    ],
+    ids=["no-argument", "two-arguments", "not-async"],
+)
+def test_a_main_of_the_wrong_shape_is_a_usage_error_naming_the_expected_signature(
+    isolated: Path, source: str, expected: str
+) -> None:
+    write(isolated, "shape_app.py", source)
+    result = invoke(["run", "--app", "shape_app:main", "-d", "1"])
+    assert result.exit_code == 2
+    out = flat(result.output)
+    assert f"Invalid value for '--app': {expected}" in out
+    assert "Traceback" not in result.output
+
+
+def test_a_main_with_optional_extra_parameters_is_accepted(isolated: Path) -> None:
+    write(isolated, "optional_app.py", "async def main(kernel, rounds=1, *rest):\n    pass\n")
+    result = invoke(["run", "--app", "optional_app:main", "--json", "--no-live"])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    ("source", "where", "what"),
+    [
+        ('import json\nX = 1\nconfig = json.loads("{bad")\n', ":3:", "JSONDecodeError:"),
+        ("x = (\n", ":1:", "SyntaxError: '(' was never closed"),
+        ("import os\nimport not_installed_dep_xyz\n", ":2:", "No module named 'not_installed"),
+        ("def helper():\n    raise RuntimeError('no key')\n\nhelper()\n", ":2:", "RuntimeError"),
+    ],
+    ids=["library-raises", "syntax", "missing-dependency", "own-function"],
+)
+def test_an_error_while_importing_the_app_names_its_file_and_line(
+    isolated: Path, source: str, where: str, what: str
+) -> None:
+    write(isolated, "broken_app.py", source)
+    result = invoke(["run", "--app", "broken_app:main", "-d", "1"])
+    assert result.exit_code == 2
+    out = flat(result.output)
+    path = isolated / "broken_app.py"
+    assert f"importing 'broken_app' failed at {path}{where} {what}" in out
+
+
+# --- help -----------------------------------------------------------------------------------------
+
+
+def all_command_paths() -> list[list[str]]:
+    """Every command and group of the app, as the arguments that reach its help."""
+    paths: list[list[str]] = [[]]
+
+    def walk(command: object, prefix: list[str]) -> None:
+        for name, sub in getattr(command, "commands", {}).items():
+            paths.append([*prefix, name])
+            walk(sub, [*prefix, name])
+
+    walk(typer.main.get_command(app), [])
+    return paths
+
+
+def test_every_command_is_covered() -> None:
+    names = {" ".join(p) for p in all_command_paths()}
+    assert {"", "run", "version", "health", "config", "config init", "config show"} <= names
+
+
+@pytest.mark.parametrize("path", all_command_paths(), ids=lambda p: " ".join(p) or "nexus")
+def test_help_shows_no_type_on_flags_and_one_default_style(path: list[str]) -> None:
+    result = invoke([*path, "--help"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "<bool>" not in out
+    assert "-h" in out and "Show this message and exit." in out
+    text = flat(out)
+    assert "(default" not in text  # defaults are typer's "[default: X]", nothing else
+    assert "[default: (" not in text
+
+
+def test_run_help_shows_the_embedded_defaults_typers_way() -> None:
+    text = flat(invoke(["run", "--help"]).output)
+    for default in (
+        "(config: [app] agents). [default: 1000]",
+        "(config: [app] duration). [default: 0.0]",
+        "(config: [app] workload). [default: ring]",
+        "(config: [metrics] port). [default: 0]",
+        "(config: [metrics] host). [default: 127.0.0.1]",
+    ):
+        assert default in text
+
+
+def test_flags_left_out_still_let_the_config_decide(isolated: Path, monkeypatch) -> None:
+    """The flags now have real defaults: only flags given on the command line override."""
+    from nexus_trio.cli import _run
+
+    runs: list[object] = []
+    monkeypatch.setattr(_run, "execute_run", lambda opts: runs.append(opts) or 0)
+    (isolated / "config.toml").write_text(
+        '[app]\nagents = 7\nduration = 2.5\nworkload = "fanout"\n[metrics]\nport = 9999\n'
+    )
+    assert invoke(["run"]).exit_code == 0
+    assert invoke(["run", "-n", "1000", "--metrics-port", "0"]).exit_code == 0
+    first, second = runs
+    assert (first.agents, first.duration, first.workload, first.metrics_port) == (  # type: ignore[attr-defined]
+        7,
+        2.5,
+        "fanout",
+        9999,
+    )
+    assert (second.agents, second.duration, second.metrics_port) == (1000, 2.5, 0)  # type: ignore[attr-defined]
+
+
+# --- shell completion -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("program", ["nexus", "nexus-runtime"])
+def test_show_completion_prints_a_bash_script_for_the_name_typed(program: str) -> None:
+    result = subprocess.run(
+        [str(BIN / program), "--show-completion"],
+        env={**os.environ, "SHELL": "/bin/bash"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    function = "_" + program.replace("-", "_") + "_completion"
+    assert f"complete -o default -F {function} {program}" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("words", "expected"),
+    [
+        ("nexus r", ["run"]),
+        ("nexus run --wor", ["--workload", "--workers"]),
+        ("nexus -n 4 --wor", ["--workload", "--workers"]),  # options alone mean run
+        ("nexus config ", ["init", "show"]),
+    ],
+)
+def test_completion_completes_commands_and_options(words: str, expected: list[str]) -> None:
+    result = subprocess.run(
+        [str(BIN / "nexus")],
+        env={
+            **os.environ,
+            "_NEXUS_COMPLETE": "complete_bash",
+            "COMP_WORDS": words,
+            "COMP_CWORD": str(len(words.split(" ")) - 1),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == expected
+
+
+def test_install_completion_is_offered_in_the_root_help() -> None:
+    text = flat(invoke(["--help"]).output)
+    assert "--install-completion Install completion for the current shell." in text

@@ -1,0 +1,158 @@
+"""``nexus run --spawn``: programs that start say so, programs that do not say why.
+
+Real ``nexus run`` processes spawn small programs written here: one that registers,
+one that exits before registering, one that prints garbage instead of registering.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from nexus_trio.cli._spawn import agent_names, program_name, register_timeout
+
+PYTHON = shlex.quote(sys.executable)
+
+REGISTERS = textwrap.dedent(
+    """
+    import json, sys
+    # registers under a name made of its arguments, then answers nothing until shutdown
+    frame = {"type": "register", "payload": {"id": "x", "name": "+".join(sys.argv[1:])}}
+    print(json.dumps(frame), flush=True)
+    for line in sys.stdin:
+        if json.loads(line).get("type") == "shutdown":
+            break
+    """
+)
+EXITS = "import sys\nprint('cannot start: no API key', file=sys.stderr)\nsys.exit(3)\n"
+GARBAGE = "import time\nprint('hello garbage', flush=True)\ntime.sleep(60)\n"
+
+
+@pytest.mark.parametrize(
+    ("command", "name"),
+    [
+        ("python3 exits.py", "exits"),
+        ("python3 -u agents/calc.py --port 1", "calc"),
+        ("/usr/bin/python3.11 calc.py", "calc"),
+        ("python -m pkg.agents.calc", "calc"),
+        ("node dist/agent.js", "agent"),
+        ("./bin/calculator --fast", "calculator"),
+        ("uv run worker.py", "worker"),
+        ("python3", "python3"),
+    ],
+)
+def test_agents_are_named_after_their_program(command: str, name: str) -> None:
+    assert program_name(shlex.split(command)) == name
+
+
+def test_repeated_programs_get_numbered_names() -> None:
+    commands = [["python3", "a.py"], ["node", "a.js"], ["python3", "b.py"], ["./a"]]
+    assert agent_names(commands) == ["a", "a-2", "b", "a-3"]
+
+
+def test_the_registration_wait_never_exceeds_the_shutdown_grace() -> None:
+    assert register_timeout(5.0) == 5.0
+    assert register_timeout(1.5) == 1.5
+    assert register_timeout(60.0) == 10.0
+
+
+def nexus_run(tmp_path: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+    env.update(COLUMNS="200", NO_COLOR="1", XDG_CONFIG_HOME=str(tmp_path / "xdg"))
+    return subprocess.run(
+        [sys.executable, "-m", "nexus_trio.cli", "run", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_a_program_that_exits_before_registering_fails_the_run_naming_it(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "exits.py").write_text(EXITS)
+    result = nexus_run(tmp_path, "--spawn", f"{PYTHON} exits.py", "-d", "30", "--json")
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    summary = json.loads(result.stdout)
+    command = f"{sys.executable} exits.py"
+    assert summary["error"] == (
+        f"SpawnFailed: --spawn {command!r} did not start: exited (status 3) before registering"
+    )
+    assert summary["stopped_by"] == "spawn failed"
+    assert summary["elapsed_s"]["run"] < 25  # stopped at the failure, not at -d 30
+    assert summary["workload"] is None
+    (program,) = summary["spawned"]
+    assert program["name"] == "exits"
+    assert program["registered"] is False
+    assert program["last_exit"] == 3
+    # what the program said on its way out is in the log, once
+    assert result.stderr.count("cannot start: no API key") == 1
+
+
+def test_a_program_that_prints_garbage_is_named_with_its_first_line_within_the_grace(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "garbage.py").write_text(GARBAGE)
+    (tmp_path / "nexus.toml").write_text("[kernel]\nshutdown_grace_ms = 1000\n")
+    result = nexus_run(
+        tmp_path, "-c", "nexus.toml", "--spawn", f"{PYTHON} garbage.py", "-d", "0.2", "--json"
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["error"].endswith(
+        "did not start: did not register within 1s; first bad stdout line: 'hello garbage'"
+    )
+    # registration waits at most the 1 s grace, then the program gets SIGTERM (no
+    # shutdown frame: it never spoke the protocol); the old code held it 13 s
+    assert summary["elapsed_s"]["total"] < 4.0, summary["elapsed_s"]
+    assert summary["spawned"][0]["problem"].startswith("did not register within 1s")
+
+
+def test_a_registered_program_is_named_after_it_and_said_to_register_once(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "my agent.py").write_text(REGISTERS)
+    command = f"{PYTHON} 'my agent.py' --x 1"
+    result = nexus_run(tmp_path, "--spawn", command, "-d", "0.5", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["error"] is None
+    (program,) = summary["spawned"]
+    assert program == {
+        "command": f"{sys.executable} 'my agent.py' --x 1",
+        "name": "my agent",
+        "registered": True,
+        "registered_as": "--x+1",
+        "starts": 1,
+        "last_exit": None,
+        "problem": None,
+    }
+    (line,) = [ln for ln in result.stderr.splitlines() if "registered as" in ln]
+    assert line.count("registered as") == 1
+    assert "process agent my agent registered as '--x+1' (protocol 1)" in line
+
+
+def test_the_summary_table_says_what_was_spawned(tmp_path: Path) -> None:
+    (tmp_path / "ok.py").write_text(REGISTERS)
+    (tmp_path / "exits.py").write_text(EXITS)
+    result = nexus_run(
+        tmp_path, "--spawn", f"{PYTHON} ok.py", "--spawn", f"{PYTHON} exits.py", "-d", "30"
+    )
+    assert result.returncode == 1
+    out = " ".join(result.stdout.split())
+    assert "run spawn: 2 process agents" in out
+    assert f"ok {sys.executable} ok.py: registered as '' (1 start)" in out
+    assert f"exits {sys.executable} exits.py: did not start: exited (status 3)" in out
+    assert "ring workload" not in out

@@ -1,0 +1,208 @@
+"""``nexus run --workers N`` never forks more than N workers, and none outlive the parent.
+
+The worker command line is checked on its own for every spelling of the flag; then real
+``nexus run -W 2`` processes are watched through /proc: each process this test starts
+carries a unique environment tag, so the test can count exactly its own workers (the
+ones with ``NEXUS_WORKER`` set) while the run goes on and after it ended. The watch
+kills everything carrying the tag if it ever sees more workers than asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from nexus_trio.cli import app
+from nexus_trio.cli._cluster_cmd import WORKER_ENV, worker_argv
+
+RUN = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
+PARENT_SET = {"workers", "nats", "node", "json_out", "live"}
+
+
+def parse_run(args: list[str]) -> typer.Context:
+    return RUN.make_context("run", list(args))  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [["-W", "2"], ["-W2"], ["--workers", "2"], ["--workers=2"], ["-W", "0"], ["-W0"]],
+    ids=lambda s: " ".join(s),
+)
+def test_no_spelling_of_workers_reaches_the_worker_command_line(spelling: list[str]) -> None:
+    args = ["-n", "50", *spelling, "-d", "1", "--json", "--live", "--nats=nats://h:1"]
+    args += ["--node", "n", "-w", "fanout", "--spawn", "python3 a.py", "--spawn=-x"]
+    ctx = parse_run(args)
+    assert ctx.params["workers"] is not None
+    argv = worker_argv(ctx)
+    assert argv == [
+        "--agents=50",
+        "--duration=1.0",
+        "--workload=fanout",
+        "--spawn=python3 a.py",
+        "--spawn=-x",
+    ]
+    # what the worker parses is what the parent parsed, minus what the parent sets itself
+    worker = parse_run(argv)
+    assert worker.params["workers"] is None
+    for name, value in ctx.params.items():
+        if name not in PARENT_SET:
+            assert worker.params[name] == value, name
+
+
+def test_flags_and_negative_flags_are_passed_on_in_their_long_form() -> None:
+    ctx = parse_run(["-W", "3", "--dump-on-signal", "--no-live", "-l", "DEBUG", "-c", "x.toml"])
+    assert worker_argv(ctx) == ["--config=x.toml", "--log-level=debug", "--dump-on-signal"]
+
+
+def test_a_value_stuck_to_short_w_with_an_equals_sign_is_a_usage_error() -> None:
+    result = CliRunner().invoke(app, ["run", "-W=2", "-d", "1"], env={"COLUMNS": "200"})
+    assert result.exit_code == 2
+    assert "Invalid value for '--workers' / '-W'" in " ".join(result.output.split())
+
+
+def test_workers_inside_a_worker_is_refused_naming_the_marker(monkeypatch) -> None:
+    monkeypatch.setenv(WORKER_ENV, "worker-0")
+    result = CliRunner().invoke(app, ["run", "-W", "2", "-d", "1"], env={"COLUMNS": "200"})
+    assert result.exit_code == 2
+    out = " ".join(result.output.split())
+    assert "'--workers': given inside a worker process (NEXUS_WORKER=worker-0 is set)" in out
+
+
+# --- real processes ---------------------------------------------------------------------------
+
+
+def tagged_processes(tag: str) -> dict[int, dict[str, str]]:
+    """Live processes whose environment carries ``NEXUS_TEST_TAG=tag``: pid -> environment."""
+    found: dict[int, dict[str, str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "environ").read_bytes()
+            state = (entry / "stat").read_text().rpartition(")")[2].split()[0]
+        except OSError:  # gone, or not ours to read
+            continue
+        if state == "Z":
+            continue
+        env = dict(
+            item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item
+        )
+        if env.get("NEXUS_TEST_TAG") == tag:
+            found[int(entry.name)] = env
+    return found
+
+
+def workers_of(tag: str) -> set[int]:
+    return {pid for pid, env in tagged_processes(tag).items() if WORKER_ENV in env}
+
+
+def kill_tagged(tag: str) -> None:
+    for pid in tagged_processes(tag):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def tag() -> Iterator[str]:
+    value = uuid.uuid4().hex
+    yield value
+    kill_tagged(value)
+
+
+pytestmark_linux = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="counts processes through /proc (Linux)"
+)
+
+
+def start_nexus(args: list[str], tag: str, tmp_path: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "NEXUS_TEST_TAG": tag, "NO_COLOR": "1"}
+    env.pop(WORKER_ENV, None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "nexus_trio.cli", *args],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def watch_workers(proc: subprocess.Popen[str], tag: str, limit: int, timeout: float) -> int:
+    """Poll the workers of ``tag`` until ``proc`` exits; the most seen at once.
+
+    Seeing more than ``limit`` kills everything carrying the tag and fails at once.
+    """
+    deadline = time.monotonic() + timeout
+    most = 0
+    while proc.poll() is None:
+        seen = workers_of(tag)
+        most = max(most, len(seen))
+        if most > limit:
+            kill_tagged(tag)
+            pytest.fail(f"{len(seen)} workers running, asked for {limit}: {sorted(seen)}")
+        if time.monotonic() > deadline:
+            kill_tagged(tag)
+            pytest.fail(f"nexus did not exit within {timeout}s")
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.05)
+    return most
+
+
+@pytestmark_linux
+@pytest.mark.parametrize("spelling", [["-W", "2"], ["-W2"], ["--workers=2"]], ids=" ".join)
+def test_nexus_run_W_2_runs_exactly_two_workers_and_leaves_none(
+    spelling: list[str], tag: str, tmp_path: Path
+) -> None:
+    proc = start_nexus(["run", *spelling, "-n", "50", "-d", "1", "--json"], tag, tmp_path)
+    most = watch_workers(proc, tag, limit=2, timeout=120)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert most == 2
+    summary = json.loads(out)
+    assert summary["workers"] == 2
+    assert len(summary["per_worker"]) == 2
+    assert tagged_processes(tag) == {}  # no worker, no nats-server left behind
+
+
+@pytestmark_linux
+def test_workers_die_when_the_parent_is_killed(tag: str, tmp_path: Path) -> None:
+    proc = start_nexus(["run", "-W", "2", "-n", "20", "-d", "60", "--json"], tag, tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers_of(tag)) < 2:
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "the two workers did not start within 60 s"
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.05)
+        workers = workers_of(tag)
+        assert len(workers) == 2
+        exits = [os.pidfd_open(pid) for pid in workers]  # readable once the process exits
+        try:
+            proc.kill()  # no chance to clean up: only PR_SET_PDEATHSIG can end the workers
+            proc.communicate(timeout=30)
+            pending = set(exits)
+            deadline = time.monotonic() + 30
+            while pending and time.monotonic() < deadline:
+                ready, _, _ = select.select(list(pending), [], [], deadline - time.monotonic())
+                pending -= set(ready)
+            assert not pending, f"workers outlived the parent: {workers_of(tag)}"
+            assert workers_of(tag) == set()
+        finally:
+            for fd in exits:
+                os.close(fd)
+    finally:
+        proc.kill()
