@@ -315,7 +315,9 @@ class _PoolRouter(Agent):
         if payload.__class__ is dict and len(payload) == 1:
             (control,) = payload
             if control in _CONTROL:
-                return await self._control(ctx, msg, control, payload[control])
+                answer = await self._control(ctx, msg, control, payload[control])
+                # Only a request is answered: a told resize has no one waiting for it.
+                return answer if msg.kind is MessageKind.QUERY else None
         target = self._choose(msg)
         # Handed back to the kernel as the result: it is delivered under the kernel's
         # rules (backpressure, then a dead letter), never dropped by the router.

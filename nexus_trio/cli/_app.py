@@ -88,6 +88,7 @@ class Workload(enum.StrEnum):
     ring = "ring"
     fanout = "fanout"
     request = "request"
+    pool = "pool"
 
 
 def _fail(message: str, status: int = 2) -> typer.Exit:
