@@ -380,6 +380,18 @@ async def test_grown_workers_get_new_names_even_while_old_ones_drain(autojump_cl
         assert sorted(p for _, p in seen) == [0, 1, 2]
 
 
+async def test_a_told_resize_is_applied_and_not_answered(autojump_clock: Any) -> None:
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(recording_worker([]), size=2))
+        await kernel.send("workers", {"$resize": 3})
+        await kernel.send("workers", {"$resize": 1})
+        await step_until_idle(kernel)
+        assert pool_names(await pool_workers(kernel, "workers")) == ["workers/0"]
+        # no answer to the system sender, so no unroutable reply
+        assert_no_dead_letters(kernel)
+        assert {ref.name for ref in kernel.agents()} == {"workers", "workers/0"}
+
+
 async def test_bad_resize_requests_name_the_problem(autojump_clock: Any) -> None:
     async with open_test_kernel() as kernel:
         kernel.spawn(pool(recording_worker([]), size=2))
