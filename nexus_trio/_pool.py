@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any, Final, Protocol, final
 
 import attrs
+import trio
 
 from ._agent import Agent, AgentRef, AgentSpec, Behaviour, Context, Handler, as_spec
 from ._errors import AgentNotFound, MessageFailed, NexusError
@@ -130,31 +131,48 @@ class HashRing:
 
 
 @final
-class _CountingBehaviour:
-    """A worker's behaviour that tells the router when a forwarded message is done.
+class _WorkerBehaviour:
+    """A worker's behaviour, wrapped to tell the router what it needs to know.
 
-    ``outstanding[worker id]`` holds the ids of the messages the router forwarded to
-    that worker and that it has not finished (queued or in hand): its load. The id is
-    dropped however the handler ends (returns, raises, times out, is cancelled).
+    * ``started[worker id]`` is set when the worker starts (see
+      :meth:`_PoolRouter._retire` for why the router waits for it). Having an
+      ``on_start`` makes the workers start with their supervisor rather than on their
+      first message.
+    * ``outstanding[worker id]`` (least-loaded pools) holds the ids of the messages the
+      router forwarded to that worker and that it has not finished (queued or in hand):
+      its load. The id is dropped however the handler ends (returns, raises, times
+      out, is cancelled).
     """
 
-    __slots__ = ("_inner", "_outstanding")
+    __slots__ = ("_inner", "_outstanding", "_started")
 
-    def __init__(self, inner: Behaviour, outstanding: dict[uuid.UUID, set[uuid.UUID]]) -> None:
+    def __init__(
+        self,
+        inner: Behaviour,
+        started: dict[uuid.UUID, trio.Event],
+        outstanding: dict[uuid.UUID, set[uuid.UUID]] | None,
+    ) -> None:
         self._inner = inner
+        self._started = started
         self._outstanding = outstanding
 
     async def on_start(self, ctx: Context) -> None:
+        started = self._started.get(ctx.id)
+        if started is not None:
+            started.set()
         await self._inner.on_start(ctx)
 
     async def on_stop(self, ctx: Context) -> None:
         await self._inner.on_stop(ctx)
 
     async def handle(self, ctx: Context, msg: Message) -> Any:
+        outstanding = self._outstanding
+        if outstanding is None:
+            return await self._inner.handle(ctx, msg)
         try:
             return await self._inner.handle(ctx, msg)
         finally:
-            pending = self._outstanding.get(ctx.id)
+            pending = outstanding.get(ctx.id)
             if pending is not None:
                 pending.discard(msg.id)
 
@@ -173,8 +191,6 @@ class _PoolPlan:
     key: Callable[[Message], Any] | None
     virtual_nodes: int
     supervision: Supervisor
-    #: load per worker id, shared by the workers' wrappers and every router of this spec
-    outstanding: dict[uuid.UUID, set[uuid.UUID]] = attrs.field(factory=dict, eq=False)
 
 
 def pool(
@@ -242,6 +258,11 @@ class _PoolRouter(Agent):
         self.cursor = 0
         self.ring = HashRing(plan.virtual_nodes) if plan.key is not None else None
         self.name = ""
+        #: least-loaded routing: per worker id, the forwarded messages it has not finished
+        #: (the workers of this run count down into it, see _WorkerBehaviour)
+        self.outstanding: dict[uuid.UUID, set[uuid.UUID]] = {}
+        #: per worker id, set once that worker has started
+        self.started: dict[uuid.UUID, trio.Event] = {}
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -289,20 +310,25 @@ class _PoolRouter(Agent):
 
     def _worker_spec(self, worker_name: str) -> AgentSpec:
         spec = self.plan.worker
-        if self.plan.routing is PoolRouting.LEAST_LOADED:
-            inner = spec.factory
-            outstanding = self.plan.outstanding
+        inner = spec.factory
+        started = self.started
+        outstanding = self.outstanding if self.plan.routing is PoolRouting.LEAST_LOADED else None
 
-            def counting() -> Behaviour:
-                return _CountingBehaviour(inner(), outstanding)
+        def wrapped() -> Behaviour:
+            return _WorkerBehaviour(inner(), started, outstanding)
 
-            spec = spec.with_options(factory=counting, handler=None)
-        return spec.with_options(name=worker_name)
+        return spec.with_options(factory=wrapped, handler=None, name=worker_name)
 
     def _add(self, ref: AgentRef) -> None:
         self.workers.append(ref)
+        self.started[ref.id] = trio.Event()
         if self.plan.routing is PoolRouting.LEAST_LOADED:
-            self.plan.outstanding[ref.id] = set()
+            self.outstanding[ref.id] = set()
+
+    def _remove(self, gone: list[AgentRef]) -> None:
+        ids = {ref.id for ref in gone}
+        self.workers = [w for w in self.workers if w.id not in ids]
+        self._rebuild()
 
     def _rebuild(self) -> None:
         if self.ring is not None:
@@ -318,7 +344,13 @@ class _PoolRouter(Agent):
                 answer = await self._control(ctx, msg, control, payload[control])
                 # Only a request is answered: a told resize has no one waiting for it.
                 return answer if msg.kind is MessageKind.QUERY else None
+        if not self.workers:
+            raise MessageFailed(self._no_workers())
         target = self._choose(msg)
+        if not ctx.kernel.is_local(target.id):
+            # Stopped for good, not by a resize (a temporary or transient worker that
+            # ended, or a kernel.stop): out of the pool, as in Akka; choose again.
+            target = self._drop_stopped(ctx, msg)
         # Handed back to the kernel as the result: it is delivered under the kernel's
         # rules (backpressure, then a dead letter), never dropped by the router.
         return Message(
@@ -333,6 +365,28 @@ class _PoolRouter(Agent):
             trace_id=msg.trace_id,
         )
 
+    def _drop_stopped(self, ctx: Context, msg: Message) -> AgentRef:
+        is_local = ctx.kernel.is_local
+        gone = [w for w in self.workers if not is_local(w.id)]
+        self._remove(gone)
+        for ref in gone:
+            self.outstanding.pop(ref.id, None)
+            self.started.pop(ref.id, None)
+        ctx.log.warning(
+            "pool %s: workers %s stopped; %d left",
+            self.name,
+            ", ".join(str(w.name) for w in gone),
+            len(self.workers),
+        )
+        if not self.workers:
+            raise MessageFailed(self._no_workers())
+        return self._choose(msg)
+
+    def _no_workers(self) -> str:
+        return (
+            f"pool {self.name!r} has no workers left (they stopped); grow it with {{{RESIZE!r}: n}}"
+        )
+
     def _choose(self, msg: Message) -> AgentRef:
         workers = self.workers
         routing = self.plan.routing
@@ -341,7 +395,7 @@ class _PoolRouter(Agent):
             self.cursor += 1
             return target
         if routing is PoolRouting.LEAST_LOADED:
-            outstanding = self.plan.outstanding
+            outstanding = self.outstanding
             target = min(workers, key=lambda w: len(outstanding[w.id]))
             outstanding[target.id].add(msg.id)
             return target
@@ -371,8 +425,7 @@ class _PoolRouter(Agent):
             return {"size": len(self.workers)}
         if size < len(self.workers):
             removed = self.workers[size:]
-            del self.workers[size:]
-            self._rebuild()
+            self._remove(removed)
             ctx.log.info("pool %s: shrinking to %d workers", self.name, size)
             # Stopping drains the removed workers' queues, which may take a while: done
             # in the background so that routing goes on; the answer comes when they stop.
@@ -405,11 +458,24 @@ class _PoolRouter(Agent):
     ) -> None:
         kernel = ctx.kernel
         for ref in reversed(removed):  # newest first
+            # Only a worker that has started: the core stops one that has not (its
+            # supervisor not running yet, or its turn in the ordered start not come)
+            # without draining it, and may even orphan its task (reported). Right after
+            # the pool starts this waits a few scheduling rounds.
+            started = self.started.get(ref.id)
+            if started is not None:
+                await started.wait()
+            if kernel.stopping or not kernel.is_local(ctx.id):
+                # The kernel (or this pool) is stopping its tree, workers included, under
+                # the kernel's stop rules; a kernel.stop now would race the supervisor's
+                # own stop, so leave the workers to it.
+                return
             # drain=True: what was queued for it is handled before it stops; it may be
-            # gone already (stopped by someone else, or the kernel shutting down).
+            # gone already (stopped by someone else).
             with contextlib.suppress(AgentNotFound):
                 await kernel.stop(ref, drain=True)
-            self.plan.outstanding.pop(ref.id, None)
+            self.outstanding.pop(ref.id, None)
+            self.started.pop(ref.id, None)
         if request.kind is not MessageKind.QUERY:
             return
         try:

@@ -558,3 +558,82 @@ async def test_shutdown_with_queued_work_in_a_pool_conserves_every_message(
     assert stats.in_flight == 0
     assert stats.handled + stats.dead_lettered == stats.accepted
     assert stats.dead_lettered == 20
+
+
+async def test_a_worker_that_stops_for_good_leaves_the_pool(autojump_clock: Any) -> None:
+    seen: Record = []
+
+    @agent(restart="temporary")
+    async def worker(ctx: Context, msg: Message) -> Any:
+        assert ctx.name is not None
+        seen.append((ctx.name, msg.payload))
+        if msg.payload == "quit":
+            ctx.stop()  # a normal exit: a temporary worker is not restarted
+        return None
+
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(worker, size=3))
+        await kernel.send("workers", "quit")  # -> /0, which stops for good
+        await step_until_idle(kernel)
+        for i in range(4):
+            await kernel.send("workers", i)
+        await step_until_idle(kernel)
+        assert by_worker(seen) == {"workers/0": ["quit"], "workers/1": [0, 2], "workers/2": [1, 3]}
+        assert pool_names(await pool_workers(kernel, "workers")) == ["workers/1", "workers/2"]
+        assert_no_dead_letters(kernel)
+
+
+async def test_a_pool_whose_workers_all_stopped_fails_messages_until_it_grows(
+    autojump_clock: Any,
+) -> None:
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(recording_worker([]), size=2))
+        for ref in await pool_workers(kernel, "workers"):
+            await kernel.stop(ref)
+        for _ in range(2):  # the first finds them gone, the second an empty pool
+            with pytest.raises(RequestFailed) as info:
+                await kernel.request("workers", "x")
+            assert "pool 'workers' has no workers left" in str(info.value)
+        assert await resize_pool(kernel, "workers", 1) == 1
+        assert await kernel.request("workers", "x") == "workers/2"
+        assert [d.reason for d in dead_letters(kernel)] == [DeadLetterReason.HANDLER_ERROR] * 2
+
+
+async def test_shutdown_while_a_shrink_drains_ends_and_conserves(autojump_clock: Any) -> None:
+    gate = trio.Event()  # never set: the removed workers hold their messages
+    seen: Record = []
+    with trio.fail_after(600):  # on the mock clock: fails at once instead of hanging
+        async with open_test_kernel() as kernel:
+            kernel.spawn(pool(recording_worker(seen, gate), size=3))
+            for i in range(9):
+                await kernel.send("workers", i)
+            await kernel.send("workers", {"$resize": 1})
+            await trio.testing.wait_all_tasks_blocked()
+            assert pool_names(await pool_workers(kernel, "workers")) == ["workers/0"]
+            kernel_ref: Kernel = kernel
+    stats = kernel_ref.stats()
+    assert stats.in_flight == 0 and stats.agents_alive == 0
+    # 9 tells + the resize + the $workers request went through the router; the 9 stalled
+    # (3 in hand, 6 queued) were dead-lettered at shutdown
+    assert stats.dead_lettered == 9
+    assert stats.accepted == stats.handled + stats.replies_delivered + stats.dead_lettered
+
+
+async def test_a_shrink_right_after_spawning_drains_the_removed_workers(
+    autojump_clock: Any,
+) -> None:
+    seen: Record = []
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(recording_worker(seen), size=3))
+        # all queued before the workers' supervisor has even started
+        for i in range(9):
+            await kernel.send("workers", i)
+        assert await resize_pool(kernel, "workers", 1) == 1
+        await step_until_idle(kernel)
+        assert by_worker(seen) == {
+            "workers/0": [0, 3, 6],
+            "workers/1": [1, 4, 7],
+            "workers/2": [2, 5, 8],
+        }
+        assert_no_dead_letters(kernel)
+        assert {ref.name for ref in kernel.agents()} == {"workers", "workers/0"}
