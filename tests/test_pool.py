@@ -16,6 +16,7 @@ import trio
 import trio.testing
 
 from nexus_trio import (
+    Agent,
     AgentRef,
     Context,
     DeadLetterReason,
@@ -637,3 +638,28 @@ async def test_a_shrink_right_after_spawning_drains_the_removed_workers(
         }
         assert_no_dead_letters(kernel)
         assert {ref.name for ref in kernel.agents()} == {"workers", "workers/0"}
+
+
+async def test_class_workers_keep_their_lifecycle_and_state_in_a_pool(autojump_clock: Any) -> None:
+    journal: list[tuple[str, str | None]] = []
+
+    class Counter(Agent):
+        def __init__(self) -> None:
+            self.count = 0
+
+        async def on_start(self, ctx: Context) -> None:
+            journal.append(("start", ctx.name))
+
+        async def handle(self, ctx: Context, msg: Message) -> Any:
+            self.count += 1
+            return self.count
+
+        async def on_stop(self, ctx: Context) -> None:
+            journal.append(("stop", ctx.name))
+
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(Counter, size=2, routing="least_loaded"))
+        # least loaded, every worker idle after each answer: always the first one
+        assert [await kernel.request("workers", None) for _ in range(3)] == [1, 2, 3]
+        assert await resize_pool(kernel, "workers", 1) == 1
+        assert journal == [("start", "workers/0"), ("start", "workers/1"), ("stop", "workers/1")]
