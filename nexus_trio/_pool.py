@@ -191,6 +191,9 @@ class _PoolPlan:
     key: Callable[[Message], Any] | None
     virtual_nodes: int
     supervision: Supervisor
+    #: per router id, the workers' supervisor its last run spawned (one small entry per
+    #: router ever spawned from this spec): a restarted router stops only its own
+    supervisors: dict[uuid.UUID, AgentRef] = attrs.field(factory=dict, eq=False)
 
 
 def pool(
@@ -270,15 +273,17 @@ class _PoolRouter(Agent):
         self.name = ctx.name or str(ctx.id)
         kernel = ctx.kernel
         sup_name = f"{self.name}/supervisor"
-        try:
-            stale = kernel.lookup(sup_name)
-        except AgentNotFound:
-            pass
-        else:
-            # Left over from a failed run of this router: the pool restarts as a whole,
-            # as a parent's restart stops its linked children (queued work is
-            # dead-lettered ``agent_stopped``, as for any stopped agent).
-            await kernel.stop(stale)
+        previous = self.plan.supervisors.get(ctx.id)
+        if previous is not None:
+            try:
+                alive = kernel.lookup(sup_name) == previous
+            except AgentNotFound:
+                alive = False
+            if alive:
+                # Left over from a failed run of this router (the core does not stop a
+                # failed parent's linked children, reported): the pool restarts as a
+                # whole; queued work is dead-lettered ``agent_stopped``, as for any stop.
+                await kernel.stop(previous)
         names = [self._next_name() for _ in range(self.plan.size)]
         spec = self.plan.supervision
         workers: Any = [self._worker_spec(n) for n in names]
@@ -293,6 +298,7 @@ class _PoolRouter(Agent):
                 name=sup_name,
             )
         )
+        self.plan.supervisors[ctx.id] = self.supervisor
         for worker_name in names:
             self._add(kernel.lookup(worker_name))
         self._rebuild()

@@ -18,17 +18,24 @@ import trio.testing
 from nexus_trio import (
     Agent,
     AgentRef,
+    Config,
     Context,
     DeadLetterReason,
     EventKind,
     Kernel,
+    LifecycleEvent,
     Message,
     MessageFailed,
     MessageKind,
+    NameTaken,
     PoolRouting,
     RequestFailed,
+    Subscription,
+    SupervisionConfig,
     Supervisor,
+    SupervisorEscalation,
     agent,
+    open_kernel,
     pool,
     pool_workers,
     resize_pool,
@@ -663,3 +670,25 @@ async def test_class_workers_keep_their_lifecycle_and_state_in_a_pool(autojump_c
         assert [await kernel.request("workers", None) for _ in range(3)] == [1, 2, 3]
         assert await resize_pool(kernel, "workers", 1) == 1
         assert journal == [("start", "workers/0"), ("start", "workers/1"), ("stop", "workers/1")]
+
+
+async def test_a_pool_never_stops_an_agent_it_did_not_spawn(autojump_clock: Any) -> None:
+    strict = Config(supervision=SupervisionConfig(max_restarts=0))
+    streams: list[Subscription[LifecycleEvent]] = []
+
+    async def run() -> None:
+        async with open_kernel(strict) as kernel:
+            streams.append(kernel.events())
+            kernel.spawn(Supervisor(name="workers/supervisor"))
+            kernel.spawn(pool(recording_worker([]), size=1))
+            await step_until_idle(kernel)
+
+    with pytest.raises(SupervisorEscalation) as info:
+        await run()
+    events = [event async for event in streams[0]]  # buffered; the stream ended at shutdown
+    # the name is taken: the router's start fails with NameTaken and escalates; the
+    # holder is stopped by the shutdown only, never by the pool
+    assert isinstance(info.value.last_error, NameTaken)
+    stops = [(e.name, e.reason) for e in events if e.kind is EventKind.STOPPED]
+    assert ("workers/supervisor", "shutdown") in stops
+    assert all(reason == "shutdown" for _, reason in stops), stops
