@@ -43,6 +43,10 @@ from ._message import SYSTEM_ID as SYSTEM_ID
 from ._message import Message as Message
 from ._message import MessageKind as MessageKind
 from ._message import new_id as new_id
+from ._pool import PoolRouting as PoolRouting
+from ._pool import pool as pool
+from ._pool import pool_workers as pool_workers
+from ._pool import resize_pool as resize_pool
 from ._router import KernelPhase as KernelPhase
 from ._router import TransportHandle as TransportHandle
 from ._stats import AgentStats as AgentStats
@@ -89,6 +93,7 @@ __all__ = [
     "NameTaken",
     "NexusError",
     "OverflowPolicy",
+    "PoolRouting",
     "RequestFailed",
     "RequestTimeout",
     "RestartStrategy",
@@ -105,6 +110,9 @@ __all__ = [
     "configure_logging",
     "new_id",
     "open_kernel",
+    "pool",
+    "pool_workers",
+    "resize_pool",
 ]
 
 

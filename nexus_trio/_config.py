@@ -43,7 +43,7 @@ LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error", "critical")
 #: Formats accepted in ``[logging] format``.
 LOG_FORMATS = ("compact", "json", "pretty")
 #: Built-in demo workloads of ``nexus run`` (``[app] workload``).
-WORKLOADS = ("ring", "fanout", "request")
+WORKLOADS = ("ring", "fanout", "request", "pool")
 
 _APP_REFERENCE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
@@ -402,7 +402,7 @@ class AppConfig:
     workload: str = attrs.field(
         default="ring",
         validator=_one_of(WORKLOADS),
-        metadata=_doc("demo workload: ring, fanout or request"),
+        metadata=_doc("demo workload: ring, fanout, request or pool"),
     )
 
 

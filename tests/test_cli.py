@@ -435,7 +435,7 @@ def nexus(tmp_path: Path) -> Iterator[type[Nexus]]:
         proc.kill()
 
 
-@pytest.mark.parametrize("workload", ["ring", "fanout", "request"])
+@pytest.mark.parametrize("workload", ["ring", "fanout", "request", "pool"])
 def test_run_100_agents_for_2_seconds_json_counts_add_up(nexus, workload):
     run = nexus(["run", "-n", "100", "-d", "2", "--json", "-w", workload])
     status, out = run.finish(timeout=120)

@@ -329,7 +329,7 @@ BAD_VALUES = [
         "app",
         "workload",
         '"star"',
-        "[app] workload must be one of ring, fanout, request, got 'star'",
+        "[app] workload must be one of ring, fanout, request, pool, got 'star'",
     ),
 ]
 

@@ -6,6 +6,7 @@ The set of example files is pinned: adding an example without a test here fails
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -25,6 +26,7 @@ SCRIPTS: dict[str, list[str]] = {
     "ping_agent.py": [],
     "pipeline.py": ["--tasks", "12", "--fail-every", "3", "--rounds", "200", "--json"],
     "supervised.py": [],
+    "pool.py": ["--users", "20", "--hits", "3"],
 }
 # Agents in other processes, spoken to over the NDJSON stdio protocol.
 PROCESS_AGENTS = {"python_agent_example.py"}
@@ -213,3 +215,21 @@ def test_pipeline_service_runs_under_nexus_run() -> None:
     assert jobs, result.stderr
     assert jobs[0]["msg"].startswith("job 1: 20/20 tasks"), jobs[0]
     assert all(job["level"] == "info" for job in jobs), jobs
+
+
+def test_pool_example_keeps_users_on_one_worker_and_moves_few_when_growing() -> None:
+    result = run_example("pool.py", *SCRIPTS["pool.py"])
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == (
+        "sessions: 20 users x 3 hits; one worker per user: True; every count reached 3: True"
+    )
+    grew = next(line for line in lines if line.startswith("grew sessions to 4 workers"))
+    moved = int(grew.split(": ")[1].split(" of ")[0])
+    assert 1 <= moved <= 10, grew  # about a quarter of 20, never most of them
+    assert grew.endswith("users moved, to ['sessions/3']"), grew
+    crunched = next(line for line in lines if line.startswith("crunchers (least loaded)"))
+    jobs = ast.literal_eval(crunched.split("jobs per worker ")[1])
+    assert sum(jobs.values()) == 30 and len(jobs) == 3, crunched
+    assert "shrank crunchers to ['crunchers/0']" in lines
+    assert lines[-1].endswith("0 dead letters, 0 in flight"), lines[-1]

@@ -97,6 +97,7 @@ class Workload(enum.StrEnum):
     ring = "ring"
     fanout = "fanout"
     request = "request"
+    pool = "pool"
 
 
 _DEFAULT_WORKLOAD = Workload(_APP_DEFAULTS.workload)

@@ -10,6 +10,11 @@
 * ``request`` — agents in pairs (0-1, 2-3, ...; an odd last agent pairs with itself);
   each agent runs a loop in ``ctx.nursery`` doing ``ctx.request`` to its partner, one at a
   time, and answers its partner's queries.
+* ``pool`` — one pool (:func:`nexus_trio.pool`) named ``pool`` with ``agents`` workers
+  behind a round-robin router; the driver sends to the pool's name as ``fanout`` does to
+  agents, so every message goes through the router and then a worker. Pools of up to
+  10,000 workers are also resized every second, between ``agents`` and half of it, while
+  the traffic flows (shrinking lets the removed workers finish their queues).
 
 ``rate`` (messages per second in total, 0 = as fast as possible) paces the driver (fanout),
 the token injection (ring: a token is one lap of messages) or each agent's loop (request:
@@ -34,11 +39,12 @@ from .._agent import AgentRef, AgentSpec, Context, agent
 from .._errors import KernelShuttingDown, MailboxFull, NexusError
 from .._kernel import Kernel
 from .._message import Message, MessageKind
+from .._pool import pool, pool_workers
 from .._supervisor import Supervisor
 
 __all__ = ["WORKLOADS", "Demo", "Pacer", "spawn_many"]
 
-WORKLOADS: Final = ("ring", "fanout", "request")
+WORKLOADS: Final = ("ring", "fanout", "request", "pool")
 
 #: fewest hops of a ring token (small rings go round several times)
 _MIN_LAP: Final = 100
@@ -46,6 +52,11 @@ _MIN_LAP: Final = 100
 _DRIVER_BATCH: Final = 8192
 #: agents per group supervisor (and per progress update)
 _SPAWN_GROUP: Final = 5_000
+#: the pool workload's pool, how long its workers may take to start, and its resizing
+_POOL_NAME: Final = "pool"
+_POOL_START_TIMEOUT: Final = 600.0
+_POOL_RESIZE_LIMIT: Final = 10_000
+_POOL_RESIZE_EVERY: Final = 1.0
 
 
 class Pacer:
@@ -149,7 +160,7 @@ class Demo:
         """The spec of this workload's agents."""
         if self.kind == "ring":
             return self._ring_spec()
-        if self.kind == "fanout":
+        if self.kind in ("fanout", "pool"):
             return self._fanout_spec()
         return self._request_spec()
 
@@ -208,6 +219,9 @@ class Demo:
         should_stop: Callable[[], bool] | None = None,
     ) -> list[AgentRef]:
         """Spawn the agents and wire them up (ring successors, request partners)."""
+        if self.kind == "pool":
+            self.refs = await self._spawn_pool(progress)
+            return self.refs
         self.refs = await spawn_many(
             self.kernel,
             self.spec(),
@@ -236,6 +250,8 @@ class Demo:
                 await self._drive_ring()
             elif self.kind == "fanout":
                 await self._drive_fanout()
+            elif self.kind == "pool":
+                await self._drive_pool()
             else:
                 await self._drive_request()
         except KernelShuttingDown:
@@ -260,8 +276,8 @@ class Demo:
                 self._tokens.release()
             i += 1
 
-    async def _drive_fanout(self) -> None:
-        refs = self.refs
+    async def _drive_fanout(self, targets: list[AgentRef] | None = None) -> None:
+        refs = targets or self.refs
         n = len(refs)
         send = self.kernel.send
         blob = self.blob
@@ -286,3 +302,32 @@ class Demo:
         for ref in self.refs:
             await self.kernel.send(ref, "start")
         await trio.sleep_forever()
+
+    # --- the pool workload (self-contained: spawn, resize, drive) ---------------------------
+
+    async def _spawn_pool(self, progress: Callable[[int], None] | None) -> list[AgentRef]:
+        self.kernel.spawn(pool(self.spec(), size=self.agents, name=_POOL_NAME))
+        # Answered once the router's on_start has started the workers.
+        workers = await pool_workers(self.kernel, _POOL_NAME, timeout=_POOL_START_TIMEOUT)
+        if progress is not None:
+            progress(len(workers))
+        return workers
+
+    async def _drive_pool(self) -> None:
+        router = [self.kernel.lookup(_POOL_NAME)]
+        async with trio.open_nursery() as nursery:
+            if 2 <= self.agents <= _POOL_RESIZE_LIMIT:
+                nursery.start_soon(self._resize_pool_forever)
+            await self._drive_fanout(router)
+            nursery.cancel_scope.cancel()
+
+    async def _resize_pool_forever(self) -> None:
+        sizes = [max(1, self.agents // 2), self.agents]
+        i = 0
+        while self.running:
+            await trio.sleep(_POOL_RESIZE_EVERY)
+            # Told, not requested: cancelling this loop at the end of the run must not
+            # leave an answer without a requester (an unroutable reply).
+            with contextlib.suppress(MailboxFull):  # refused after send_timeout: counted
+                await self.kernel.send(_POOL_NAME, {"$resize": sizes[i % 2]})
+            i += 1

@@ -1,0 +1,547 @@
+"""Pools: N copies of one agent behind one address, with a router that picks a worker.
+
+:func:`pool` returns an :class:`AgentSpec` for a *router* agent (Akka's pool routers:
+``RoundRobinPool``, ``SmallestMailboxPool``, ``ConsistentHashingPool``). Spawned, the
+router takes the pool's name, starts its workers under a supervisor of their own
+(``<name>/supervisor``, a linked child of the router, so the pool stops as one) and
+forwards every message it gets to one worker. The forwarded copy keeps the original's
+sender, id, kind, timestamp, conversation, reply_to and trace id, so a worker's reply
+goes straight to the original sender and ``kernel.request("workers", x)`` gets the
+worker's answer. The router hands the copy back to the kernel as its handler's result,
+so delivery follows the kernel's rules (backpressure up to ``send_timeout``, then a
+``mailbox_full`` dead letter) and nothing accepted is lost silently. A few one-key
+payloads are control messages for the router itself (``{"$resize": n}``,
+``{"$workers": None}``, ``{"$broadcast": payload}``); see ``docs/pools.md``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import enum
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any, Final, Protocol, final
+
+import attrs
+import trio
+
+from ._agent import Agent, AgentRef, AgentSpec, Behaviour, Context, Handler, as_spec
+from ._errors import AgentNotFound, MessageFailed, NexusError
+from ._message import Message, MessageKind
+from ._supervisor import Supervisor
+
+__all__ = ["PoolRouting", "pool", "pool_workers", "resize_pool"]
+
+log = logging.getLogger("nexus_trio.pool")
+
+#: control payloads the router answers itself instead of forwarding
+RESIZE: Final = "$resize"
+WORKERS: Final = "$workers"
+BROADCAST: Final = "$broadcast"
+_CONTROL: Final = frozenset({RESIZE, WORKERS, BROADCAST})
+
+
+class PoolRouting(enum.Enum):
+    """How a pool's router picks the worker for a message."""
+
+    #: workers in turn, in the order they were started
+    ROUND_ROBIN = "round_robin"
+    #: the worker with the fewest messages queued or in hand (first such worker on ties)
+    LEAST_LOADED = "least_loaded"
+    #: the worker that owns ``key(msg)`` on a hash ring: equal keys, same worker
+    CONSISTENT_HASH = "consistent_hash"
+
+
+def _to_routing(value: Any) -> PoolRouting:
+    if isinstance(value, PoolRouting):
+        return value
+    try:
+        return PoolRouting(value)
+    except ValueError:
+        known = ", ".join(repr(r.value) for r in PoolRouting)
+        raise ValueError(f"pool routing must be one of {known}, got {value!r}") from None
+
+
+def _check_size(size: Any, what: str = "pool size") -> int:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"{what} must be an integer >= 1, got {size!r}")
+    return size
+
+
+# --- the hash ring ---------------------------------------------------------------------
+# Hand-written over hashlib and bisect (about twenty lines) rather than a ring library:
+# the one on PyPI (uhashring) hashes ``str(key)``, which would make dict keys depend on
+# insertion order, and adds ketama compatibility a pool has no use for.
+
+
+def _hash(data: bytes) -> int:
+    # A keyed-free, process-independent hash (Python's hash() of str is salted per run).
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+def key_bytes(key: Any) -> bytes:
+    """The bytes a consistent-hash key is hashed as: text as UTF-8, else canonical JSON."""
+    if isinstance(key, str):
+        return key.encode()
+    if isinstance(key, bytes):
+        return key
+    if isinstance(key, uuid.UUID):
+        return str(key).encode()
+    try:
+        return json.dumps(key, sort_keys=True, separators=(",", ":")).encode()
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"a consistent-hash key must be text, bytes, a UUID or JSON-compatible, "
+            f"got {type(key).__name__}: {exc}"
+        ) from None
+
+
+@final
+class HashRing:
+    """Each worker owns ``virtual_nodes`` points on a 64-bit ring; a key belongs to the
+    first point at or after its hash. Adding a worker moves only the keys its new points
+    take over (about 1/N of them), all to the new worker."""
+
+    __slots__ = ("_owners", "_points", "virtual_nodes")
+
+    def __init__(self, virtual_nodes: int) -> None:
+        self.virtual_nodes = virtual_nodes
+        self._points: list[int] = []
+        self._owners: list[AgentRef] = []
+
+    def rebuild(self, workers: list[AgentRef]) -> None:
+        placed = sorted(
+            (_hash(f"{worker.name or worker.id}#{v}".encode()), i)
+            for i, worker in enumerate(workers)
+            for v in range(self.virtual_nodes)
+        )
+        self._points = [point for point, _ in placed]
+        self._owners = [workers[i] for _, i in placed]
+
+    def owner(self, key: bytes) -> AgentRef:
+        i = bisect.bisect_left(self._points, _hash(key))
+        return self._owners[i % len(self._owners)]
+
+
+# --- what a least-loaded router counts ------------------------------------------------------
+
+
+@final
+class _WorkerBehaviour:
+    """A worker's behaviour, wrapped to tell the router what it needs to know.
+
+    * ``started[worker id]`` is set when the worker starts (see
+      :meth:`_PoolRouter._retire` for why the router waits for it). Having an
+      ``on_start`` makes the workers start with their supervisor rather than on their
+      first message.
+    * ``outstanding[worker id]`` (least-loaded pools) holds the ids of the messages the
+      router forwarded to that worker and that it has not finished (queued or in hand):
+      its load. The id is dropped however the handler ends (returns, raises, times
+      out, is cancelled).
+    """
+
+    __slots__ = ("_inner", "_outstanding", "_started")
+
+    def __init__(
+        self,
+        inner: Behaviour,
+        started: dict[uuid.UUID, trio.Event],
+        outstanding: dict[uuid.UUID, set[uuid.UUID]] | None,
+    ) -> None:
+        self._inner = inner
+        self._started = started
+        self._outstanding = outstanding
+
+    async def on_start(self, ctx: Context) -> None:
+        started = self._started.get(ctx.id)
+        if started is not None:
+            started.set()
+        await self._inner.on_start(ctx)
+
+    async def on_stop(self, ctx: Context) -> None:
+        await self._inner.on_stop(ctx)
+
+    async def handle(self, ctx: Context, msg: Message) -> Any:
+        outstanding = self._outstanding
+        if outstanding is None:
+            return await self._inner.handle(ctx, msg)
+        try:
+            return await self._inner.handle(ctx, msg)
+        finally:
+            pending = outstanding.get(ctx.id)
+            if pending is not None:
+                pending.discard(msg.id)
+
+
+# --- the pool spec ------------------------------------------------------------------------------
+
+
+@final
+@attrs.frozen
+class _PoolPlan:
+    """Everything a router needs, fixed when :func:`pool` is called."""
+
+    worker: AgentSpec
+    size: int
+    routing: PoolRouting
+    key: Callable[[Message], Any] | None
+    virtual_nodes: int
+    supervision: Supervisor
+    #: per router id, the workers' supervisor its last run spawned (one small entry per
+    #: router ever spawned from this spec): a restarted router stops only its own
+    supervisors: dict[uuid.UUID, AgentRef] = attrs.field(factory=dict, eq=False)
+
+
+def pool(
+    worker: AgentSpec | Handler | type[Any],
+    *,
+    size: int = 4,
+    routing: PoolRouting | str = PoolRouting.ROUND_ROBIN,
+    key: Callable[[Message], Any] | None = None,
+    name: str = "workers",
+    virtual_nodes: int = 100,
+    supervision: Supervisor | None = None,
+) -> AgentSpec:
+    """A spec for a pool of ``size`` copies of ``worker`` behind the address ``name``.
+
+    ``kernel.spawn(pool(...))`` (or ``ctx.spawn``) returns the router's
+    :class:`AgentRef`; send to it or to ``name`` like to any agent. Workers are named
+    ``<name>/0``, ``<name>/1``, ... (numbers are never reused) and run under
+    ``<name>/supervisor``, whose strategy, intensity and backoff are taken from
+    ``supervision`` (a :class:`Supervisor` without children; default: ``one_for_one``,
+    3 restarts within 5 s). ``routing`` is ``"round_robin"``, ``"least_loaded"`` or
+    ``"consistent_hash"``; the last needs ``key``, a function of the message whose
+    result (text, bytes, UUID or JSON-compatible) picks the worker. ``virtual_nodes`` is
+    the number of ring points per worker for consistent hashing.
+
+    The router's own limits (mailbox capacity, handle timeout) are the kernel's
+    defaults; change them with ``pool(...).with_options(...)``.
+    """
+    if isinstance(worker, Supervisor):
+        raise TypeError(
+            "a pool's worker must be an agent (spec, class or handler), not a Supervisor"
+        )
+    worker_spec = as_spec(worker)
+    size = _check_size(size)
+    mode = _to_routing(routing)
+    if mode is PoolRouting.CONSISTENT_HASH:
+        if key is None or not callable(key):
+            raise ValueError("consistent_hash routing needs key=, a function of the message")
+    elif key is not None:
+        raise ValueError(f"key= is only used by consistent_hash routing, not {mode.value!r}")
+    if isinstance(virtual_nodes, bool) or not isinstance(virtual_nodes, int) or virtual_nodes < 1:
+        raise ValueError(f"virtual_nodes must be an integer >= 1, got {virtual_nodes!r}")
+    if supervision is None:
+        supervision = Supervisor()
+    elif not isinstance(supervision, Supervisor):
+        raise TypeError(f"supervision must be a Supervisor, got {type(supervision).__name__}")
+    elif supervision.children:
+        raise ValueError("the pool starts its own workers: supervision= must have no children")
+    plan = _PoolPlan(worker_spec, size, mode, key, virtual_nodes, supervision)
+
+    def router() -> _PoolRouter:
+        return _PoolRouter(plan)
+
+    return AgentSpec(factory=router, name=name)
+
+
+@final
+class _PoolRouter(Agent):
+    """The pool's address: starts the workers, forwards messages, resizes on request."""
+
+    def __init__(self, plan: _PoolPlan) -> None:
+        self.plan = plan
+        self.workers: list[AgentRef] = []
+        self.supervisor: AgentRef | None = None
+        self.next_serial = 0
+        self.cursor = 0
+        self.ring = HashRing(plan.virtual_nodes) if plan.key is not None else None
+        self.name = ""
+        #: least-loaded routing: per worker id, the forwarded messages it has not finished
+        #: (the workers of this run count down into it, see _WorkerBehaviour)
+        self.outstanding: dict[uuid.UUID, set[uuid.UUID]] = {}
+        #: per worker id, set once that worker has started
+        self.started: dict[uuid.UUID, trio.Event] = {}
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def on_start(self, ctx: Context) -> None:
+        self.name = ctx.name or str(ctx.id)
+        kernel = ctx.kernel
+        sup_name = f"{self.name}/supervisor"
+        previous = self.plan.supervisors.get(ctx.id)
+        if previous is not None:
+            try:
+                alive = kernel.lookup(sup_name) == previous
+            except AgentNotFound:
+                alive = False
+            if alive:
+                # Left over from a failed run of this router (the core does not stop a
+                # failed parent's linked children, reported): the pool restarts as a
+                # whole; queued work is dead-lettered ``agent_stopped``, as for any stop.
+                await kernel.stop(previous)
+        names = [self._next_name() for _ in range(self.plan.size)]
+        spec = self.plan.supervision
+        workers: Any = [self._worker_spec(n) for n in names]
+        self.supervisor = ctx.spawn(
+            Supervisor(
+                strategy=spec.strategy,
+                max_restarts=spec.max_restarts,
+                within=spec.within,
+                backoff=spec.backoff,
+                restart=spec.restart,
+                children=workers,
+                name=sup_name,
+            )
+        )
+        self.plan.supervisors[ctx.id] = self.supervisor
+        for worker_name in names:
+            self._add(kernel.lookup(worker_name))
+        self._rebuild()
+        ctx.log.info(
+            "pool %s started: %d workers, %s routing",
+            self.name,
+            len(self.workers),
+            self.plan.routing.value,
+        )
+
+    def _next_name(self) -> str:
+        serial = self.next_serial
+        self.next_serial += 1
+        return f"{self.name}/{serial}"
+
+    def _worker_spec(self, worker_name: str) -> AgentSpec:
+        spec = self.plan.worker
+        inner = spec.factory
+        started = self.started
+        outstanding = self.outstanding if self.plan.routing is PoolRouting.LEAST_LOADED else None
+
+        def wrapped() -> Behaviour:
+            return _WorkerBehaviour(inner(), started, outstanding)
+
+        return spec.with_options(factory=wrapped, handler=None, name=worker_name)
+
+    def _add(self, ref: AgentRef) -> None:
+        self.workers.append(ref)
+        self.started[ref.id] = trio.Event()
+        if self.plan.routing is PoolRouting.LEAST_LOADED:
+            self.outstanding[ref.id] = set()
+
+    def _remove(self, gone: list[AgentRef]) -> None:
+        ids = {ref.id for ref in gone}
+        self.workers = [w for w in self.workers if w.id not in ids]
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        if self.ring is not None:
+            self.ring.rebuild(self.workers)
+
+    # --- routing --------------------------------------------------------------------------
+
+    async def handle(self, ctx: Context, msg: Message) -> Any:
+        payload = msg.payload
+        if payload.__class__ is dict and len(payload) == 1:
+            (control,) = payload
+            if control in _CONTROL:
+                answer = await self._control(ctx, msg, control, payload[control])
+                # Only a request is answered: a told resize has no one waiting for it.
+                return answer if msg.kind is MessageKind.QUERY else None
+        if not self.workers:
+            raise MessageFailed(self._no_workers())
+        target = self._choose(msg)
+        if not ctx.kernel.is_local(target.id):
+            # Stopped for good, not by a resize (a temporary or transient worker that
+            # ended, or a kernel.stop): out of the pool, as in Akka; choose again.
+            target = self._drop_stopped(ctx, msg)
+        # Handed back to the kernel as the result: it is delivered under the kernel's
+        # rules (backpressure, then a dead letter), never dropped by the router.
+        return Message(
+            sender=msg.sender,
+            to=target.id,
+            payload=payload,
+            kind=msg.kind,
+            id=msg.id,
+            timestamp=msg.timestamp,
+            conversation_id=msg.conversation_id,
+            reply_to=msg.reply_to,
+            trace_id=msg.trace_id,
+        )
+
+    def _drop_stopped(self, ctx: Context, msg: Message) -> AgentRef:
+        is_local = ctx.kernel.is_local
+        gone = [w for w in self.workers if not is_local(w.id)]
+        self._remove(gone)
+        for ref in gone:
+            self.outstanding.pop(ref.id, None)
+            self.started.pop(ref.id, None)
+        ctx.log.warning(
+            "pool %s: workers %s stopped; %d left",
+            self.name,
+            ", ".join(str(w.name) for w in gone),
+            len(self.workers),
+        )
+        if not self.workers:
+            raise MessageFailed(self._no_workers())
+        return self._choose(msg)
+
+    def _no_workers(self) -> str:
+        return (
+            f"pool {self.name!r} has no workers left (they stopped); grow it with {{{RESIZE!r}: n}}"
+        )
+
+    def _choose(self, msg: Message) -> AgentRef:
+        workers = self.workers
+        routing = self.plan.routing
+        if routing is PoolRouting.ROUND_ROBIN:
+            target = workers[self.cursor % len(workers)]
+            self.cursor += 1
+            return target
+        if routing is PoolRouting.LEAST_LOADED:
+            outstanding = self.outstanding
+            target = min(workers, key=lambda w: len(outstanding[w.id]))
+            outstanding[target.id].add(msg.id)
+            return target
+        assert self.ring is not None and self.plan.key is not None
+        try:
+            data = key_bytes(self.plan.key(msg))
+        except Exception as exc:
+            # The message fails, the pool does not (Akka sends unhashable messages to
+            # dead letters too): dead letter ``handler_error``, a requester gets
+            # RequestFailed naming the problem.
+            raise MessageFailed(f"pool {self.name!r}: no consistent-hash key: {exc!r}") from exc
+        return self.ring.owner(data)
+
+    # --- control messages -----------------------------------------------------------------
+
+    async def _control(self, ctx: Context, msg: Message, control: str, value: Any) -> Any:
+        if control == WORKERS:
+            return [{"id": str(w.id), "name": w.name} for w in self.workers]
+        if control == BROADCAST:
+            return await self._broadcast(ctx, msg, value)
+        try:
+            size = _check_size(value, f"pool {self.name!r}: {RESIZE}")
+        except ValueError as exc:
+            raise MessageFailed(str(exc)) from None
+        if size > len(self.workers):
+            self._grow(ctx, size)
+            return {"size": len(self.workers)}
+        if size < len(self.workers):
+            removed = self.workers[size:]
+            self._remove(removed)
+            ctx.log.info("pool %s: shrinking to %d workers", self.name, size)
+            # Stopping drains the removed workers' queues, which may take a while: done
+            # in the background so that routing goes on; the answer comes when they stop.
+            ctx.nursery.start_soon(self._retire, ctx, msg, removed, size)
+            return None
+        return {"size": size}
+
+    def _grow(self, ctx: Context, size: int) -> None:
+        assert self.supervisor is not None
+        added = 0
+        try:
+            while len(self.workers) < size:
+                ref = ctx.kernel.spawn(
+                    self._worker_spec(self._next_name()), supervisor=self.supervisor
+                )
+                self._add(ref)
+                added += 1
+        except NexusError as exc:
+            raise MessageFailed(
+                f"pool {self.name!r}: grew by {added} to {len(self.workers)} workers, "
+                f"not {size}: {exc}"
+            ) from exc
+        finally:
+            if added:
+                self._rebuild()
+                ctx.log.info("pool %s: grew to %d workers", self.name, len(self.workers))
+
+    async def _retire(
+        self, ctx: Context, request: Message, removed: list[AgentRef], size: int
+    ) -> None:
+        kernel = ctx.kernel
+        for ref in reversed(removed):  # newest first
+            # Only a worker that has started: the core stops one that has not (its
+            # supervisor not running yet, or its turn in the ordered start not come)
+            # without draining it, and may even orphan its task (reported). Right after
+            # the pool starts this waits a few scheduling rounds.
+            started = self.started.get(ref.id)
+            if started is not None:
+                await started.wait()
+            if kernel.stopping or not kernel.is_local(ctx.id):
+                # The kernel (or this pool) is stopping its tree, workers included, under
+                # the kernel's stop rules; a kernel.stop now would race the supervisor's
+                # own stop, so leave the workers to it.
+                return
+            # drain=True: what was queued for it is handled before it stops; it may be
+            # gone already (stopped by someone else).
+            with contextlib.suppress(AgentNotFound):
+                await kernel.stop(ref, drain=True)
+            self.outstanding.pop(ref.id, None)
+            self.started.pop(ref.id, None)
+        if request.kind is not MessageKind.QUERY:
+            return
+        try:
+            await ctx.send(request.reply(ctx.id, {"size": size}))
+        except NexusError as exc:
+            log.info("pool %s: resize answer not delivered: %s", self.name, exc)
+
+    async def _broadcast(self, ctx: Context, msg: Message, value: Any) -> Any:
+        kind = MessageKind.COMMAND if msg.kind is MessageKind.QUERY else msg.kind
+        sent = 0
+        for worker in list(self.workers):
+            try:
+                await ctx.send(
+                    Message(
+                        sender=msg.sender,
+                        to=worker.id,
+                        payload=value,
+                        kind=kind,
+                        conversation_id=msg.conversation_id,
+                        trace_id=msg.trace_id,
+                    )
+                )
+                sent += 1
+            except NexusError as exc:
+                # Refused (not accepted), so not a dead letter: counted in rejected.
+                ctx.log.warning("pool %s: broadcast to %s refused: %s", self.name, worker, exc)
+        return {"sent": sent}
+
+
+# --- helpers for callers -------------------------------------------------------------------
+
+
+class _Requester(Protocol):
+    async def request(
+        self, to: AgentRef | str | uuid.UUID, payload: Any = None, *, timeout: float | None = None
+    ) -> Any: ...
+
+
+async def resize_pool(
+    requester: _Requester,
+    pool: AgentRef | str,
+    size: int,
+    *,
+    timeout: float | None = None,
+) -> int:
+    """Set the number of workers of ``pool``; returns the new size.
+
+    ``requester`` is a :class:`Kernel` or a handler's :class:`Context`. Growing spawns
+    workers; shrinking stops the newest ones gracefully, after they have handled what
+    was queued for them (no new messages are routed to them meanwhile), and returns
+    once they have stopped.
+    """
+    _check_size(size)
+    reply = await requester.request(pool, {RESIZE: size}, timeout=timeout)
+    return int(reply["size"])
+
+
+async def pool_workers(
+    requester: _Requester, pool: AgentRef | str, *, timeout: float | None = None
+) -> list[AgentRef]:
+    """The current workers of ``pool``, oldest first."""
+    reply = await requester.request(pool, {WORKERS: None}, timeout=timeout)
+    return [AgentRef(uuid.UUID(w["id"]), w["name"]) for w in reply]

@@ -1,0 +1,694 @@
+"""Pools: routing outcomes (round robin order, least loaded, consistent hash), requests
+through the router, resizing at runtime without losing messages, supervision of workers.
+
+Every test runs on trio's MockClock (the ``autojump_clock`` fixture); "settled" means
+``wait_all_tasks_blocked``, never a sleep.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter, defaultdict
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from nexus_trio import (
+    Agent,
+    AgentRef,
+    Config,
+    Context,
+    DeadLetterReason,
+    EventKind,
+    Kernel,
+    LifecycleEvent,
+    Message,
+    MessageFailed,
+    MessageKind,
+    NameTaken,
+    PoolRouting,
+    RequestFailed,
+    Subscription,
+    SupervisionConfig,
+    Supervisor,
+    SupervisorEscalation,
+    agent,
+    open_kernel,
+    pool,
+    pool_workers,
+    resize_pool,
+)
+from nexus_trio._pool import HashRing, _PoolRouter, key_bytes
+from nexus_trio.testing import (
+    assert_conserved,
+    assert_no_dead_letters,
+    dead_letters,
+    open_test_kernel,
+    record_events,
+    step_until_idle,
+)
+
+Record = list[tuple[str, Any]]
+
+
+def recording_worker(seen: Record, gate: trio.Event | None = None, stall: Any = None) -> Any:
+    """A worker that notes (its name, the payload), waits on ``gate`` for payload
+    ``stall`` (or for every payload when ``stall`` is None and a gate is given), and
+    answers queries with its name."""
+
+    @agent
+    async def worker(ctx: Context, msg: Message) -> Any:
+        assert ctx.name is not None
+        seen.append((ctx.name, msg.payload))
+        if gate is not None and (stall is None or msg.payload == stall):
+            await gate.wait()
+        return ctx.name if msg.kind is MessageKind.QUERY else None
+
+    return worker
+
+
+def by_worker(seen: Record) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = defaultdict(list)
+    for name, payload in seen:
+        out[name].append(payload)
+    return dict(out)
+
+
+def pool_names(refs: list[AgentRef]) -> list[str | None]:
+    return [ref.name for ref in refs]
+
+
+# --- round robin ----------------------------------------------------------------------------
+
+
+async def test_round_robin_sends_to_each_worker_in_turn(autojump_clock: Any) -> None:
+    seen: Record = []
+    async with open_test_kernel() as kernel:
+        ref = kernel.spawn(pool(recording_worker(seen), size=3))
+        assert ref.name == "workers"
+        for i in range(8):
+            await kernel.send("workers", i)
+        await step_until_idle(kernel)
+        assert by_worker(seen) == {
+            "workers/0": [0, 3, 6],
+            "workers/1": [1, 4, 7],
+            "workers/2": [2, 5],
+        }
+        assert pool_names(await pool_workers(kernel, ref)) == [
+            "workers/0",
+            "workers/1",
+            "workers/2",
+        ]
+        assert_no_dead_letters(kernel)
+
+
+async def test_forwarded_copy_keeps_sender_id_kind_and_trace(autojump_clock: Any) -> None:
+    got: list[Message] = []
+
+    @agent
+    async def worker(ctx: Context, msg: Message) -> None:
+        got.append(msg)
+
+    sender = uuid.uuid4()
+    trace = uuid.uuid4()
+    conversation = uuid.uuid4()
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(worker, size=2, name="p"))
+        original = Message(
+            sender=sender,
+            to="p",
+            payload={"n": 1},
+            kind=MessageKind.EVENT,
+            conversation_id=conversation,
+            trace_id=trace,
+        )
+        await kernel.send(original)
+        await step_until_idle(kernel)
+        workers = await pool_workers(kernel, "p")
+    (copy,) = got
+    assert copy.to == workers[0].id
+    assert (copy.sender, copy.id, copy.kind, copy.payload) == (
+        sender,
+        original.id,
+        MessageKind.EVENT,
+        {"n": 1},
+    )
+    assert (copy.timestamp, copy.conversation_id, copy.trace_id, copy.reply_to) == (
+        original.timestamp,
+        conversation,
+        trace,
+        None,
+    )
+
+
+async def test_requests_through_the_pool_get_the_workers_replies(autojump_clock: Any) -> None:
+    seen: Record = []
+    async with open_test_kernel() as kernel:
+        ref = kernel.spawn(pool(recording_worker(seen), size=2))
+        by_name = [await kernel.request("workers", i) for i in range(3)]
+        by_ref = [await kernel.request(ref, i) for i in range(3, 5)]
+        assert by_name == ["workers/0", "workers/1", "workers/0"]
+        assert by_ref == ["workers/1", "workers/0"]
+        stats = kernel.stats()
+        # 5 queries to the router + 5 forwarded copies handled, 5 replies delivered
+        assert (stats.accepted, stats.handled, stats.replies_delivered) == (15, 10, 5)
+        assert_no_dead_letters(kernel)
+
+
+async def test_an_agent_can_request_a_pool_and_resize_it(autojump_clock: Any) -> None:
+    seen: Record = []
+
+    @agent(name="client")
+    async def client(ctx: Context, msg: Message) -> Any:
+        size = await resize_pool(ctx, "workers", 3)
+        answer = await ctx.request("workers", msg.payload)
+        return [size, answer]
+
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(recording_worker(seen), size=1))
+        kernel.spawn(client)
+        assert await kernel.request("client", "x") == [3, "workers/0"]
+        assert len(await pool_workers(kernel, "workers")) == 3
+
+
+# --- least loaded -----------------------------------------------------------------------------
+
+
+async def test_least_loaded_picks_the_worker_with_the_fewest_messages(autojump_clock: Any) -> None:
+    seen: Record = []
+    gate = trio.Event()
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(recording_worker(seen, gate, "slow"), size=3, routing="least_loaded"))
+        # all idle: the first worker; then the first of the idle ones
+        for payload in ["slow", "slow"]:
+            await kernel.send("workers", payload)
+            await trio.testing.wait_all_tasks_blocked()
+        # workers/0 and /1 hold a stalled message each: everything goes to the idle /2
+        for i in range(4):
+            await kernel.send("workers", i)
+            await trio.testing.wait_all_tasks_blocked()
+        assert by_worker(seen) == {
+            "workers/0": ["slow"],
+            "workers/1": ["slow"],
+            "workers/2": [0, 1, 2, 3],
+        }
+        # queue behind the stalls: loads (1, 1, 0) -> /2 stalls too; then ties go to the
+        # first least-loaded worker, in order
+        for payload in ["slow", "a", "b", "c", "d"]:
+            await kernel.send("workers", payload)
+            await trio.testing.wait_all_tasks_blocked()
+        gate.set()
+        await step_until_idle(kernel)
+        assert by_worker(seen) == {
+            "workers/0": ["slow", "a", "d"],
+            "workers/1": ["slow", "b"],
+            "workers/2": [0, 1, 2, 3, "slow", "c"],
+        }
+        assert_no_dead_letters(kernel)
+
+
+async def test_least_loaded_counts_a_failed_or_timed_out_message_as_done(
+    autojump_clock: Any,
+) -> None:
+    seen: Record = []
+
+    @agent(handle_timeout=1.0)
+    async def worker(ctx: Context, msg: Message) -> Any:
+        assert ctx.name is not None
+        seen.append((ctx.name, msg.payload))
+        if msg.payload == "fail":
+            raise MessageFailed("no")
+        if msg.payload == "hang":
+            await trio.sleep_forever()
+        return None
+
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(worker, size=2, routing=PoolRouting.LEAST_LOADED))
+        await kernel.send("workers", "fail")  # -> /0
+        await kernel.send("workers", "hang")  # -> /1, cancelled after 1 s
+        await step_until_idle(kernel)
+        # both loads are back to 0: the next message goes to the first worker again
+        await kernel.send("workers", "after")
+        await step_until_idle(kernel)
+        assert seen == [("workers/0", "fail"), ("workers/1", "hang"), ("workers/0", "after")]
+        reasons = sorted(d.reason.value for d in dead_letters(kernel))
+        assert reasons == ["handler_error", "handler_timeout"]
+
+
+# --- consistent hash ------------------------------------------------------------------------------
+
+
+def user_key(msg: Message) -> Any:
+    return msg.payload["user"]
+
+
+async def test_consistent_hash_sends_equal_keys_to_the_same_worker(autojump_clock: Any) -> None:
+    seen: Record = []
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(recording_worker(seen), size=4, routing="consistent_hash", key=user_key))
+        for round_ in range(5):
+            for user in range(12):
+                await kernel.send("workers", {"user": f"u{user}", "round": round_})
+        await step_until_idle(kernel)
+    owners: dict[str, set[str]] = defaultdict(set)
+    for name, payload in seen:
+        owners[payload["user"]].add(name)
+    assert len(seen) == 60
+    assert all(len(names) == 1 for names in owners.values()), owners
+    assert len({name for names in owners.values() for name in names}) >= 3  # spread out
+
+
+async def test_growing_a_consistent_hash_pool_moves_about_one_nth_of_the_keys(
+    autojump_clock: Any,
+) -> None:
+    keys = [f"user-{i}" for i in range(400)]
+    async with open_test_kernel() as kernel:
+        kernel.spawn(
+            pool(
+                recording_worker([]),
+                size=4,
+                routing="consistent_hash",
+                key=lambda m: m.payload,
+            )
+        )
+        before = {k: await kernel.request("workers", k) for k in keys}
+        assert await resize_pool(kernel, "workers", 5) == 5
+        after = {k: await kernel.request("workers", k) for k in keys}
+    moved = [k for k in keys if before[k] != after[k]]
+    # every moved key moved to the new worker, and about 1/5 of them moved
+    assert {after[k] for k in moved} == {"workers/4"}
+    assert 0.12 * len(keys) <= len(moved) <= 0.28 * len(keys), len(moved)
+    assert Counter(after.values())["workers/4"] == len(moved)
+
+
+def test_hash_ring_is_stable_and_keys_are_canonical() -> None:
+    ring = HashRing(50)
+    workers = [AgentRef(uuid.uuid4(), f"w/{i}") for i in range(3)]
+    ring.rebuild(workers)
+    again = HashRing(50)
+    again.rebuild(list(workers))
+    keys = [key_bytes(k) for k in ["a", b"a", 7, {"b": 1, "a": 2}, [1, "x"], None]]
+    assert [ring.owner(k) for k in keys] == [again.owner(k) for k in keys]
+    assert key_bytes({"b": 1, "a": 2}) == key_bytes({"a": 2, "b": 1})
+    assert key_bytes("a") == key_bytes(b"a")
+    u = uuid.uuid4()
+    assert key_bytes(u) == key_bytes(str(u))
+    with pytest.raises(TypeError, match=r"consistent-hash key must be.*object"):
+        key_bytes(object())
+
+
+async def test_a_message_without_a_key_is_dead_lettered_and_the_pool_goes_on(
+    autojump_clock: Any,
+) -> None:
+    seen: Record = []
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(recording_worker(seen), size=2, routing="consistent_hash", key=user_key))
+        async with record_events(kernel) as events:
+            with pytest.raises(RequestFailed, match="handler_error") as info:
+                await kernel.request("workers", {"name": "no user"})
+            assert isinstance(info.value.error, MessageFailed)
+            assert "no consistent-hash key: KeyError('user')" in str(info.value.error)
+            assert await kernel.request("workers", {"user": "u1"}) in {"workers/0", "workers/1"}
+        assert events.of(EventKind.RESTARTED) == []
+        (letter,) = dead_letters(kernel)
+        assert (letter.reason, letter.message.payload) == (
+            DeadLetterReason.HANDLER_ERROR,
+            {"name": "no user"},
+        )
+
+
+# --- resizing -----------------------------------------------------------------------------------
+
+
+async def test_resize_up_and_down_changes_the_worker_count_and_loses_nothing(
+    autojump_clock: Any,
+) -> None:
+    seen: Record = []
+    gate = trio.Event()
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(recording_worker(seen, gate), size=2))
+        for i in range(10):
+            await kernel.send("workers", i)
+        assert await resize_pool(kernel, "workers", 4) == 4
+        assert pool_names(await pool_workers(kernel, "workers")) == [
+            "workers/0",
+            "workers/1",
+            "workers/2",
+            "workers/3",
+        ]
+        for i in range(10, 30):
+            await kernel.send("workers", i)
+        await trio.testing.wait_all_tasks_blocked()
+        shrunk: list[int] = []
+
+        async def shrink() -> None:
+            shrunk.append(await resize_pool(kernel, "workers", 1))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(shrink)
+            await trio.testing.wait_all_tasks_blocked()
+            # removed at once from routing, but still draining their queues
+            assert pool_names(await pool_workers(kernel, "workers")) == ["workers/0"]
+            assert shrunk == []
+            await kernel.send("workers", 30)  # only /0 gets new work now
+            gate.set()
+        assert shrunk == [1]
+        await step_until_idle(kernel)
+        assert sorted(p for _, p in seen) == list(range(31))
+        assert by_worker(seen)["workers/0"][-1] == 30
+        names = {ref.name for ref in kernel.agents()}
+        assert names == {"workers", "workers/0"}
+        stats = kernel.stats()
+        assert stats.agents_alive == 2
+        assert stats.dead_lettered == 0
+        # conservation: 31 tells + 4 control requests, each through the router
+        assert stats.accepted == stats.handled + stats.replies_delivered + stats.dead_lettered
+        assert stats.in_flight == 0
+        assert_conserved(kernel)
+
+
+async def test_grown_workers_get_new_names_even_while_old_ones_drain(autojump_clock: Any) -> None:
+    seen: Record = []
+    gate = trio.Event()
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(recording_worker(seen, gate), size=3))
+        for i in range(3):
+            await kernel.send("workers", i)
+        await trio.testing.wait_all_tasks_blocked()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(resize_pool, kernel, "workers", 1)
+            await trio.testing.wait_all_tasks_blocked()
+            # /1 and /2 still hold their stalled messages; growing does not reuse names
+            assert await resize_pool(kernel, "workers", 2) == 2
+            assert pool_names(await pool_workers(kernel, "workers")) == ["workers/0", "workers/3"]
+            gate.set()
+        await step_until_idle(kernel)
+        assert sorted(p for _, p in seen) == [0, 1, 2]
+
+
+async def test_a_told_resize_is_applied_and_not_answered(autojump_clock: Any) -> None:
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(recording_worker([]), size=2))
+        await kernel.send("workers", {"$resize": 3})
+        await kernel.send("workers", {"$resize": 1})
+        await step_until_idle(kernel)
+        assert pool_names(await pool_workers(kernel, "workers")) == ["workers/0"]
+        # no answer to the system sender, so no unroutable reply
+        assert_no_dead_letters(kernel)
+        assert {ref.name for ref in kernel.agents()} == {"workers", "workers/0"}
+
+
+async def test_bad_resize_requests_name_the_problem(autojump_clock: Any) -> None:
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(recording_worker([]), size=2))
+        with pytest.raises(ValueError, match="pool size must be an integer >= 1, got 0"):
+            await resize_pool(kernel, "workers", 0)
+        with pytest.raises(RequestFailed) as info:
+            await kernel.request("workers", {"$resize": "3"})
+        assert "pool 'workers': $resize must be an integer >= 1, got '3'" in str(info.value)
+        assert len(await pool_workers(kernel, "workers")) == 2
+
+
+async def test_growing_into_a_taken_name_reports_how_far_it_got(autojump_clock: Any) -> None:
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(recording_worker([]), size=1))
+        kernel.spawn(recording_worker([]), name="workers/2")
+        with pytest.raises(RequestFailed) as info:
+            await resize_pool(kernel, "workers", 3)
+        assert "grew by 1 to 2 workers, not 3" in str(info.value)
+        assert "'workers/2' is already taken" in str(info.value)
+        assert pool_names(await pool_workers(kernel, "workers")) == ["workers/0", "workers/1"]
+
+
+# --- supervision ----------------------------------------------------------------------------------
+
+
+async def test_a_crashed_worker_is_restarted_under_the_pools_supervisor(
+    autojump_clock: Any,
+) -> None:
+    @agent
+    async def worker(ctx: Context, msg: Message) -> Any:
+        if msg.payload == "boom":
+            raise RuntimeError("boom")
+        return ctx.name
+
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(worker, size=2))
+        before = await pool_workers(kernel, "workers")
+        async with record_events(kernel) as events:
+            with pytest.raises(RequestFailed, match="handler_error"):
+                await kernel.request("workers", "boom")  # -> /0, which fails
+            await step_until_idle(kernel)
+            assert await kernel.request("workers", "x") == "workers/1"
+            assert await kernel.request("workers", "x") == "workers/0"  # back, same address
+        restarted = events.of(EventKind.RESTARTED)
+        assert [(e.name, e.agent_id) for e in restarted] == [("workers/0", before[0].id)]
+        assert await pool_workers(kernel, "workers") == before
+        tree = kernel.describe()
+        (router,) = [c for c in tree["children"] if c["name"] == "workers"]
+        (sup,) = [c for c in tree["children"] if c["name"] == "workers/supervisor"]
+        assert router["kind"] == "agent" and sup["kind"] == "supervisor"
+        assert [(c["name"], c["restarts"]) for c in sup["children"]] == [
+            ("workers/0", 1),
+            ("workers/1", 0),
+        ]
+
+
+async def test_pool_supervision_options_apply_to_the_workers(autojump_clock: Any) -> None:
+    @agent
+    async def worker(ctx: Context, msg: Message) -> Any:
+        raise RuntimeError("always")
+
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(worker, size=1, supervision=Supervisor(max_restarts=0)))
+        await step_until_idle(kernel)
+        sup = kernel.lookup("workers/supervisor")
+        async with record_events(kernel) as events:
+            await kernel.send("workers", "x")
+            await step_until_idle(kernel)
+        # max_restarts=0: the pool's supervisor gives up at once and escalates to root,
+        # which restarts it (same address, fresh workers)
+        assert [e.name for e in events.of(EventKind.ESCALATED)] == ["workers/supervisor"]
+        assert [e.name for e in events.of(EventKind.RESTARTED)] == ["workers/supervisor"]
+        assert kernel.lookup("workers/supervisor") == sup
+
+
+async def test_a_failed_router_restarts_the_pool_fresh(
+    autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: Record = []
+    calls = 0
+    choose = _PoolRouter._choose
+
+    def flaky(self: _PoolRouter, msg: Message) -> AgentRef:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("router bug")
+        return choose(self, msg)
+
+    monkeypatch.setattr(_PoolRouter, "_choose", flaky)
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(recording_worker(seen), size=2))
+        assert await kernel.request("workers", 1) == "workers/0"
+        with pytest.raises(RequestFailed, match="handler_error"):
+            await kernel.request("workers", 2)
+        await step_until_idle(kernel)
+        # a fresh pool: new workers, numbered from 0 again, under one supervisor
+        assert await kernel.request("workers", 3) == "workers/0"
+        workers = await pool_workers(kernel, "workers")
+        assert pool_names(workers) == ["workers/0", "workers/1"]
+        alive = {ref.name for ref in kernel.agents()}
+        assert alive == {"workers", "workers/0", "workers/1"}
+
+
+async def test_stopping_the_router_stops_the_whole_pool(autojump_clock: Any) -> None:
+    async with open_test_kernel() as kernel:
+        ref = kernel.spawn(pool(recording_worker([]), size=3))
+        await step_until_idle(kernel)
+        assert len(kernel.agents()) == 4
+        await kernel.stop(ref)
+        assert kernel.agents() == []
+
+
+# --- broadcast and the rest -----------------------------------------------------------------------
+
+
+async def test_broadcast_reaches_every_worker_once(autojump_clock: Any) -> None:
+    seen: Record = []
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(recording_worker(seen), size=3))
+        assert await kernel.request("workers", {"$broadcast": "reload"}) == {"sent": 3}
+        await step_until_idle(kernel)
+        assert sorted(seen) == [
+            ("workers/0", "reload"),
+            ("workers/1", "reload"),
+            ("workers/2", "reload"),
+        ]
+
+
+async def test_pool_spec_rejects_bad_arguments_by_name() -> None:
+    worker = recording_worker([])
+    with pytest.raises(ValueError, match=r"routing must be one of .*got 'fastest'"):
+        pool(worker, routing="fastest")
+    with pytest.raises(ValueError, match="consistent_hash routing needs key="):
+        pool(worker, routing="consistent_hash")
+    with pytest.raises(ValueError, match="key= is only used by consistent_hash"):
+        pool(worker, key=user_key)
+    with pytest.raises(ValueError, match="pool size must be an integer >= 1, got 0"):
+        pool(worker, size=0)
+    with pytest.raises(ValueError, match="virtual_nodes must be an integer >= 1"):
+        pool(worker, routing="consistent_hash", key=user_key, virtual_nodes=0)
+    with pytest.raises(TypeError, match="not a Supervisor"):
+        pool(Supervisor())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="must have no children"):
+        pool(worker, supervision=Supervisor(children=[worker]))
+    with pytest.raises(ValueError, match="looks like a UUID"):
+        pool(worker, name=str(uuid.uuid4()))
+
+
+async def test_shutdown_with_queued_work_in_a_pool_conserves_every_message(
+    autojump_clock: Any,
+) -> None:
+    gate = trio.Event()
+    seen: Record = []
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(recording_worker(seen, gate), size=2, routing="least_loaded"))
+        for i in range(20):
+            await kernel.send("workers", i)
+        await trio.testing.wait_all_tasks_blocked()
+        kernel_ref: Kernel = kernel
+    # open_test_kernel checked conservation after the shutdown; the stalled work was
+    # dead-lettered, not lost
+    stats = kernel_ref.stats()
+    assert stats.in_flight == 0
+    assert stats.handled + stats.dead_lettered == stats.accepted
+    assert stats.dead_lettered == 20
+
+
+async def test_a_worker_that_stops_for_good_leaves_the_pool(autojump_clock: Any) -> None:
+    seen: Record = []
+
+    @agent(restart="temporary")
+    async def worker(ctx: Context, msg: Message) -> Any:
+        assert ctx.name is not None
+        seen.append((ctx.name, msg.payload))
+        if msg.payload == "quit":
+            ctx.stop()  # a normal exit: a temporary worker is not restarted
+        return None
+
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(worker, size=3))
+        await kernel.send("workers", "quit")  # -> /0, which stops for good
+        await step_until_idle(kernel)
+        for i in range(4):
+            await kernel.send("workers", i)
+        await step_until_idle(kernel)
+        assert by_worker(seen) == {"workers/0": ["quit"], "workers/1": [0, 2], "workers/2": [1, 3]}
+        assert pool_names(await pool_workers(kernel, "workers")) == ["workers/1", "workers/2"]
+        assert_no_dead_letters(kernel)
+
+
+async def test_a_pool_whose_workers_all_stopped_fails_messages_until_it_grows(
+    autojump_clock: Any,
+) -> None:
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(recording_worker([]), size=2))
+        for ref in await pool_workers(kernel, "workers"):
+            await kernel.stop(ref)
+        for _ in range(2):  # the first finds them gone, the second an empty pool
+            with pytest.raises(RequestFailed) as info:
+                await kernel.request("workers", "x")
+            assert "pool 'workers' has no workers left" in str(info.value)
+        assert await resize_pool(kernel, "workers", 1) == 1
+        assert await kernel.request("workers", "x") == "workers/2"
+        assert [d.reason for d in dead_letters(kernel)] == [DeadLetterReason.HANDLER_ERROR] * 2
+
+
+async def test_shutdown_while_a_shrink_drains_ends_and_conserves(autojump_clock: Any) -> None:
+    gate = trio.Event()  # never set: the removed workers hold their messages
+    seen: Record = []
+    with trio.fail_after(600):  # on the mock clock: fails at once instead of hanging
+        async with open_test_kernel() as kernel:
+            kernel.spawn(pool(recording_worker(seen, gate), size=3))
+            for i in range(9):
+                await kernel.send("workers", i)
+            await kernel.send("workers", {"$resize": 1})
+            await trio.testing.wait_all_tasks_blocked()
+            assert pool_names(await pool_workers(kernel, "workers")) == ["workers/0"]
+            kernel_ref: Kernel = kernel
+    stats = kernel_ref.stats()
+    assert stats.in_flight == 0 and stats.agents_alive == 0
+    # 9 tells + the resize + the $workers request went through the router; the 9 stalled
+    # (3 in hand, 6 queued) were dead-lettered at shutdown
+    assert stats.dead_lettered == 9
+    assert stats.accepted == stats.handled + stats.replies_delivered + stats.dead_lettered
+
+
+async def test_a_shrink_right_after_spawning_drains_the_removed_workers(
+    autojump_clock: Any,
+) -> None:
+    seen: Record = []
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(recording_worker(seen), size=3))
+        # all queued before the workers' supervisor has even started
+        for i in range(9):
+            await kernel.send("workers", i)
+        assert await resize_pool(kernel, "workers", 1) == 1
+        await step_until_idle(kernel)
+        assert by_worker(seen) == {
+            "workers/0": [0, 3, 6],
+            "workers/1": [1, 4, 7],
+            "workers/2": [2, 5, 8],
+        }
+        assert_no_dead_letters(kernel)
+        assert {ref.name for ref in kernel.agents()} == {"workers", "workers/0"}
+
+
+async def test_class_workers_keep_their_lifecycle_and_state_in_a_pool(autojump_clock: Any) -> None:
+    journal: list[tuple[str, str | None]] = []
+
+    class Counter(Agent):
+        def __init__(self) -> None:
+            self.count = 0
+
+        async def on_start(self, ctx: Context) -> None:
+            journal.append(("start", ctx.name))
+
+        async def handle(self, ctx: Context, msg: Message) -> Any:
+            self.count += 1
+            return self.count
+
+        async def on_stop(self, ctx: Context) -> None:
+            journal.append(("stop", ctx.name))
+
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(Counter, size=2, routing="least_loaded"))
+        # least loaded, every worker idle after each answer: always the first one
+        assert [await kernel.request("workers", None) for _ in range(3)] == [1, 2, 3]
+        assert await resize_pool(kernel, "workers", 1) == 1
+        assert journal == [("start", "workers/0"), ("start", "workers/1"), ("stop", "workers/1")]
+
+
+async def test_a_pool_never_stops_an_agent_it_did_not_spawn(autojump_clock: Any) -> None:
+    strict = Config(supervision=SupervisionConfig(max_restarts=0))
+    streams: list[Subscription[LifecycleEvent]] = []
+
+    async def run() -> None:
+        async with open_kernel(strict) as kernel:
+            streams.append(kernel.events())
+            kernel.spawn(Supervisor(name="workers/supervisor"))
+            kernel.spawn(pool(recording_worker([]), size=1))
+            await step_until_idle(kernel)
+
+    with pytest.raises(SupervisorEscalation) as info:
+        await run()
+    events = [event async for event in streams[0]]  # buffered; the stream ended at shutdown
+    # the name is taken: the router's start fails with NameTaken and escalates; the
+    # holder is stopped by the shutdown only, never by the pool
+    assert isinstance(info.value.last_error, NameTaken)
+    stops = [(e.name, e.reason) for e in events if e.kind is EventKind.STOPPED]
+    assert ("workers/supervisor", "shutdown") in stops
+    assert all(reason == "shutdown" for _, reason in stops), stops
