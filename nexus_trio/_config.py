@@ -224,7 +224,7 @@ class SupervisionConfig:
     )
     escalate_to_kernel: bool = attrs.field(
         default=False,
-        validator=attrs.validators.instance_of(bool),
+        validator=lambda inst, attribute, value: _boolean(inst, attribute, value),
         metadata=_doc(
             "what the root does with a child past its restart intensity: false stops that "
             "child for good and keeps serving the others; true shuts the kernel down (OTP)"

@@ -300,6 +300,12 @@ BAD_VALUES = [
         "-1",
         "[supervision] backoff_reset_after_ms must be >= 0, got -1",
     ),
+    (
+        "supervision",
+        "escalate_to_kernel",
+        '"yes"',
+        "[supervision] escalate_to_kernel must be true or false, got 'yes'",
+    ),
     ("runtime", "worker_threads", "-1", "[runtime] worker_threads must be >= 0, got -1"),
     ("runtime", "max_blocking_threads", "0", "[runtime] max_blocking_threads must be >= 1, got 0"),
     (

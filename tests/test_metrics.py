@@ -31,7 +31,7 @@ async def echo(ctx, msg):
     return msg.payload
 
 
-@agent(name="boom")
+@agent(name="boom", on_error="restart")
 async def boom(ctx, msg):
     raise RuntimeError("boom")
 

@@ -673,7 +673,7 @@ async def test_class_workers_keep_their_lifecycle_and_state_in_a_pool(autojump_c
 
 
 async def test_a_pool_never_stops_an_agent_it_did_not_spawn(autojump_clock: Any) -> None:
-    strict = Config(supervision=SupervisionConfig(max_restarts=0))
+    strict = Config(supervision=SupervisionConfig(max_restarts=0, escalate_to_kernel=True))
     streams: list[Subscription[LifecycleEvent]] = []
 
     async def run() -> None:

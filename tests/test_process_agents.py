@@ -28,6 +28,7 @@ from nexus_trio import (
     AgentRef,
     AgentSpec,
     Config,
+    Context,
     DeadLetterReason,
     EventKind,
     Kernel,
@@ -562,8 +563,34 @@ async def test_noise_before_register_is_skipped() -> None:
         assert stats_of(kernel, ref).invalid_lines == 1
 
 
-async def test_exit_right_after_register_is_restarted_until_intensity_escalates() -> None:
+async def test_a_crash_looping_process_is_stopped_for_good_and_the_kernel_goes_on() -> None:
+    # The root isolates its children: the process agent past its restart intensity is
+    # stopped for good and reported; the healthy agents next to it keep serving.
     supervision = SupervisionConfig(max_restarts=2, within_ms=60_000)
+
+    @agent
+    async def healthy(ctx: Context, msg: Message) -> Any:
+        return msg.payload
+
+    async with open_kernel(Config(kernel=config().kernel, supervision=supervision)) as kernel:
+        refs = [kernel.spawn(healthy) for _ in range(100)]
+        with trio.fail_after(LIMIT):
+            async with kernel.events() as events:
+                flappy = kernel.spawn(process_agent(toy("--exit-at-start", "5"), name="flappy"))
+                async for event in events:
+                    if event.name == "flappy" and event.kind is EventKind.STOPPED:
+                        assert event.reason == "restart_intensity"
+                        break
+        assert not kernel.is_local(flappy)
+        assert kernel.stats().given_up == 1
+        assert kernel.stats().restarts == 2
+        for i, ref in enumerate(refs):
+            assert await kernel.request(ref, i) == i
+
+
+async def test_exit_right_after_register_is_restarted_until_intensity_escalates() -> None:
+    # OTP's whole-kernel escalation, one config switch away.
+    supervision = SupervisionConfig(max_restarts=2, within_ms=60_000, escalate_to_kernel=True)
 
     async def run() -> None:
         async with open_kernel(Config(kernel=config().kernel, supervision=supervision)) as kernel:
