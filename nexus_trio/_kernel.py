@@ -36,14 +36,14 @@ from ._deadletter import DeadLetter
 from ._errors import AgentNotFound, KernelShuttingDown, SupervisorEscalation
 from ._events import EventKind, LifecycleEvent
 from ._ledger import Ledger
-from .logs import install_default_logging
 from ._mailbox import MailboxStatistics
 from ._message import SYSTEM_ID, Address, Message, MessageKind, new_id
 from ._router import KernelPhase, Router, TransportHandle
 from ._stats import AgentStats, KernelStats
 from ._streams import Subscription
-from ._supervisor import Backoff, SupervisionHost, Supervisor, SupervisorNode, _Escalation
+from ._supervisor import Backoff, Escalation, SupervisionHost, Supervisor, SupervisorNode
 from ._transport import Transport
+from .logs import install_default_logging
 
 log = logging.getLogger("nexus_trio.kernel")
 
@@ -100,7 +100,7 @@ class Kernel:
         task_status.started()
         try:
             await root.run_once()
-        except _Escalation as exc:
+        except Escalation as exc:
             self._escalation = exc.to_public("kernel")
             log.error("supervision escalated to the kernel: %s; shutting down", self._escalation)
             self._body_scope.cancel()

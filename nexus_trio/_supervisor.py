@@ -131,7 +131,7 @@ def _quiet(child: Child) -> bool:
     return child.stops_quietly()
 
 
-class _Escalation(Exception):
+class Escalation(Exception):
     """A supervisor gave up; carries the chain of names from it down to the failing child."""
 
     def __init__(self, chain: tuple[str, ...], last_error: BaseException | None) -> None:
@@ -178,7 +178,7 @@ class SupervisionHost:
         self.ledger.notify(child.id, child.name, "stopped", reason, final=True)
 
     def failed(self, child: Child, error: BaseException) -> None:
-        if not isinstance(error, _Escalation) and isinstance(child, SupervisorNode):
+        if not isinstance(error, Escalation) and isinstance(child, SupervisorNode):
             log.error("%s failed", child.label, exc_info=error, extra=log_extra(child))
         self.ledger.event(
             EventKind.FAILED, child.id, child.name, type(error).__name__, error, child.restarts
@@ -250,7 +250,7 @@ class SupervisorNode(Child, ChildOwner):
     async def run_once(self) -> None:
         send, receive = trio.open_memory_channel[tuple[Any, ...]](math.inf)
         self._restart_times.clear()
-        escalation: _Escalation | None = None
+        escalation: Escalation | None = None
         async with trio.open_nursery() as nursery:
             self.scope = nursery.cancel_scope
             self._nursery = nursery
@@ -266,7 +266,7 @@ class SupervisorNode(Child, ChildOwner):
                     # are one scheduling round here, not N.
                     if await self._handle(first) or await self._handle_queued(receive):
                         break
-            except _Escalation as exc:
+            except Escalation as exc:
                 # Raised outside the nursery below, so that it is not wrapped in a group.
                 escalation = exc
             finally:
@@ -539,7 +539,7 @@ class SupervisorNode(Child, ChildOwner):
 
     def _give_up(self, child: Child, error: BaseException | None, restarts: int, why: str) -> None:
         """Escalate (raise), or at an isolating root, report giving up on ``child``."""
-        if isinstance(error, _Escalation):
+        if isinstance(error, Escalation):
             chain = (self.label, *error.chain)
             last = error.last_error
         else:
@@ -569,7 +569,7 @@ class SupervisorNode(Child, ChildOwner):
         self.host.ledger.event(
             EventKind.ESCALATED, self.id, self.name, f"child {child.label}", last
         )
-        raise _Escalation(chain, last)
+        raise Escalation(chain, last)
 
     async def _stop_child(self, child: Child) -> None:
         """Stop one running child: its linked children first, then it, within its timeout."""

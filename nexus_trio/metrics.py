@@ -213,7 +213,9 @@ def _families(snapshot: MetricsSnapshot) -> Iterator[Metric]:
     yield rejected
     yield gauge("nexus_agents_alive", "Live agents.", s.agents_alive)
     yield gauge("nexus_messages_in_flight", "Accepted messages not yet done.", s.in_flight)
-    yield gauge("nexus_max_mailbox_depth", "Deepest any mailbox has been (high water).", s.max_mailbox_depth)
+    yield gauge(
+        "nexus_max_mailbox_depth", "Deepest any mailbox has been (high water).", s.max_mailbox_depth
+    )
     yield gauge(
         "nexus_kernel_up",
         "1 while the kernel runs and is not shutting down.",
