@@ -75,9 +75,9 @@ SERVICE = Supervisor(
     within=5.0,
     backoff=Backoff(initial=0.01, maximum=0.1, jitter=0.2),
     children=[
-        agent(Store, name="store"),
-        agent(Cache, name="cache"),
-        agent(Fetcher, name="fetcher"),
+        agent(Store, name="store"),  # type: ignore[call-overload]  # pending overload
+        agent(Cache, name="cache"),  # type: ignore[call-overload]  # pending overload
+        agent(Fetcher, name="fetcher"),  # type: ignore[call-overload]  # pending overload
     ],
 )
 
