@@ -8,7 +8,8 @@ where the goal is absolute:
   the original post's asyncio script (ints on ``asyncio.Queue``) and vs raw trio memory
   channels drained in batches (see :mod:`._fanout`);
 * fan-out throughput with ``goals_agents`` agents vs with ``fanout_agents`` agents, the
-  same number of messages;
+  same number of messages, each agent started by its first message inside the clock (as
+  in ``nexus run -w fanout``);
 * ``Message`` construction vs a bare slotted class with the same fields and keywords;
 * request/reply, one pair, p50 vs raw trio (a channel plus a reply channel);
 * at ``goals_agents`` agents (fresh subprocesses): deliver one message to each vs a raw
@@ -21,6 +22,7 @@ where the goal is absolute:
 from __future__ import annotations
 
 import asyncio
+import functools
 import statistics
 import timeit
 import uuid
@@ -106,11 +108,17 @@ def _fanout_rows(scale: Scale, counts: dict[str, int]) -> list[Metric]:
         asyncio_rates.append(messages / asyncio_s)
         kernel_rates.append(messages / kernel_s)
     counts["fanout_handled"] = kcounts["handled"]
-    # The same offered work over many more agents (each gets a few messages).
+    # The same offered work over many more agents, each started by its first message
+    # inside the clock (as `nexus run -w fanout` does): activation and GC included.
     many = scale.goals_agents
-    many_s, many_counts = trio.run(_fanout.kernel_fanout, many, messages)
-    _check_fanout(many_counts, f"{many:,} agents")
-    counts["fanout_many_handled"] = many_counts["handled"]
+    cold: dict[int, float] = {}
+    for size in (agents, many):
+        cold_s, cold_counts = trio.run(
+            functools.partial(_fanout.kernel_fanout, size, messages, activate=False)
+        )
+        _check_fanout(cold_counts, f"{size:,} agents, cold")
+        counts[f"fanout_cold_{size}_handled"] = cold_counts["handled"]
+        cold[size] = messages / cold_s
     kernel_rate = _median(kernel_rates)
     rates = {"asyncio": _median(asyncio_rates), "raw trio": _median(trio_rates)}
     label = f"fan-out tell, {agents:,} agents, {messages:,} msgs, await kernel.send"
@@ -140,10 +148,11 @@ def _fanout_rows(scale: Scale, counts: dict[str, int]) -> list[Metric]:
             NAME,
             f"fan-out throughput, {many:,} agents vs {agents:,} agents, {messages:,} msgs",
             "msg/s",
-            messages / many_s,
-            {f"{agents:,} agents": kernel_rate},
+            cold[many],
+            {f"{agents:,} agents": cold[agents]},
             reference=f"{agents:,} agents",
             goal=Goal(">= 0.7x", "ratio", ">=", 0.7),
+            note="agents start on their first message, inside the clock",
         ),
     ]
 
