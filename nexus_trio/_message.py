@@ -135,6 +135,11 @@ class Message(_Slots):
     text is produced only when serialised (see :attr:`sent_at`).
     ``to`` is an agent id or a unique agent name.
 
+    Fields, in order (also the positional order of the constructor): ``sender`` (UUID),
+    ``to`` (UUID or name), ``payload`` (JSON-compatible, default ``None``), ``kind``
+    (default ``MessageKind.COMMAND``), ``id`` (default: a fresh id), ``timestamp``
+    (default: now), ``conversation_id``, ``reply_to`` and ``trace_id`` (UUIDs or ``None``).
+
     Building one costs a few hundred nanoseconds: the fields are stored as given, the
     id is a counter value that becomes a :class:`uuid.UUID` on first access of
     :attr:`id`, the clock is read once in nanoseconds. Fields cannot be assigned; use
