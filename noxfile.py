@@ -24,7 +24,8 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     session.install("-e", ".[test,plot]", "mypy")
-    session.run("mypy", "--strict", "nexus_trio")
+    # the package, the examples users copy, and tests/typing: the public API as users call it
+    session.run("mypy", "--strict", "nexus_trio", "examples", "tests/typing")
 
 
 @nox.session

@@ -11,13 +11,13 @@ import sys
 
 import trio
 
-from nexus_trio.bench._fanout import _kernel_fanout
+from nexus_trio.bench._fanout import kernel_fanout
 
 
 def main(argv: list[str]) -> None:
     messages = int(argv[0]) if argv else 1_000_000
     agents = int(argv[1]) if len(argv) > 1 else 1_000
-    elapsed, counts = trio.run(_kernel_fanout, agents, messages)
+    elapsed, counts = trio.run(kernel_fanout, agents, messages)
     print(f"{messages / elapsed:,.0f} msg/s; {counts}")
 
 

@@ -218,7 +218,7 @@ async def run_pipeline(
     job = make_tasks(tasks, rounds)
     async with open_kernel() as kernel:
         spawn_pipeline(kernel, workers=workers, fail_every=fail_every, max_attempts=max_attempts)
-        summary = await kernel.request("planner", {"tasks": job}, timeout=120.0)
+        summary: dict[str, Any] = await kernel.request("planner", {"tasks": job}, timeout=120.0)
     stats = kernel.stats()
     expected_ids = list(range(tasks))
     expected_total = sum(checksum(t["text"], t["rounds"]) for t in job)

@@ -79,7 +79,8 @@ def _power(a: int | float, b: int | float) -> int | float:
         # Estimate the size first: 10 ** 10_000_000 would be exact but take seconds to build.
         if abs(a) > 1 and b * math.log10(abs(a)) > math.log10(MAX_MAGNITUDE):
             raise CalculationError("overflow", f"power({a}, {b}) is too large")
-        return a**b
+        exact: int = a**b  # int ** non-negative int is an int (typeshed says Any)
+        return exact
     try:
         return math.pow(a, b)
     except OverflowError:

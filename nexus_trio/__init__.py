@@ -130,3 +130,33 @@ def __getattr__(name: str) -> object:
         )
         return AgentStopped
     raise AttributeError(f"module 'nexus_trio' has no attribute {name!r}")
+
+
+def _present_under_public_names() -> None:
+    """Public classes and functions report ``nexus_trio`` as their module, as trio's
+    ``fixup_module_metadata`` does: reprs, tracebacks and pickles then name
+    ``nexus_trio.MailboxFull``, the name users import, not the private module it lives in.
+
+    attrs classes have their string annotations resolved first, while ``__module__``
+    still names the module whose globals define them (``typing.get_type_hints`` and
+    cattrs look names up in ``sys.modules[cls.__module__]``).
+    """
+    import contextlib
+
+    import attrs
+
+    prefix = __name__ + "."
+    for public in __all__:
+        obj = globals()[public]
+        if not (isinstance(obj, type) or callable(obj)):
+            continue  # values such as SYSTEM_ID
+        if not getattr(obj, "__module__", "").startswith(prefix):
+            continue
+        if isinstance(obj, type) and attrs.has(obj):
+            # annotations naming TYPE_CHECKING-only types stay unresolved, as before
+            with contextlib.suppress(NameError):
+                attrs.resolve_types(obj)
+        obj.__module__ = __name__
+
+
+_present_under_public_names()

@@ -319,7 +319,7 @@ class Kernel:
         else:
             msg = Message(
                 sender=sender,
-                to=to.id if type(to) is AgentRef else to,  # type: ignore[arg-type]
+                to=to.id if type(to) is AgentRef else to,
                 payload=payload,
                 kind=kind,
                 trace_id=trace_id,
@@ -345,7 +345,7 @@ class Kernel:
         else:
             msg = Message(
                 sender=sender,
-                to=to.id if type(to) is AgentRef else to,  # type: ignore[arg-type]
+                to=to.id if type(to) is AgentRef else to,
                 payload=payload,
                 kind=kind,
                 trace_id=trace_id,

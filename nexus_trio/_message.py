@@ -4,8 +4,10 @@ A :class:`Message` has the fields of the original Nexus wire format (``id``,
 ``timestamp``, ``from``, ``to``, ``kind``, ``conversation_id``, ``reply_to``,
 ``trace_id``, ``payload``). In Python ``from`` is spelled ``sender``. The JSON form is
 produced by one cattrs converter (:data:`converter`), so the renames and the
-timestamp/UUID encodings live in exactly one place. Message ids are cheap: a random
-per-process prefix plus a counter, no system call per id.
+timestamp/UUID encodings live in exactly one place. A message is a slotted class with a
+hand-written ``__init__`` because it is built for every send: its id is a counter value
+(a random per-process prefix plus a counter, no system call) that becomes a UUID only
+when ``msg.id`` is first read, and its timestamp is one clock read in nanoseconds.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ import os
 import random
 import time
 import uuid
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final, TypeAlias
+from operator import attrgetter
+from typing import TYPE_CHECKING, Any, Final, TypeAlias, final
 
-import attrs
 import cattrs
-from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
+from cattrs.errors import AttributeValidationNote
 from cattrs.preconf.json import make_converter
 
 from ._errors import MessageDecodeError
@@ -44,9 +47,12 @@ class MessageKind(enum.Enum):
 
 
 # --- cheap ids -----------------------------------------------------------------------
-# uuid4() reads os.urandom (a syscall, ~1.2 us here); we draw 64 random bits once per
-# process (and again after fork) and count in the low 64 bits, keeping the RFC 4122
-# version-4 and variant bits so the result is a well-formed random-looking UUID.
+# uuid4() reads os.urandom (a syscall, ~1.2 us here). We draw 64 random bits once per
+# process (and again after fork) for the high half and count in the low half from a
+# random 48-bit start, keeping the RFC 4122 version-4 and variant bits, so that each id
+# is one ``next()`` on a counter of whole 128-bit values: a well-formed random-looking
+# UUID whose value a message can store as a plain int and turn into a UUID only when
+# asked (the low half would need 2**62 ids to carry into the variant bits).
 _VERSION_BITS: Final = (0x4000 << 64) | (0x8000 << 48)
 _VERSION_MASK: Final = ~((0xF000 << 64) | (0xC000 << 48)) & ((1 << 128) - 1)
 _new_uuid = object.__new__
@@ -54,62 +60,206 @@ _set = object.__setattr__
 _SAFE_UNKNOWN: Final = uuid.SafeUUID.unknown
 
 
-class _IdSource:
-    __slots__ = ("base", "counter")
-
-    def __init__(self) -> None:
-        self.reseed()
-
-    def reseed(self) -> None:
-        self.base = ((random.SystemRandom().getrandbits(64) << 64) & _VERSION_MASK) | _VERSION_BITS
-        self.counter = itertools.count(random.getrandbits(48))
+def _id_counter() -> Iterator[int]:
+    high = (random.SystemRandom().getrandbits(64) << 64) & _VERSION_MASK
+    return itertools.count(high | _VERSION_BITS | random.getrandbits(48))
 
 
-_ids = _IdSource()
+_next_ids = _id_counter()
+
+
+def _reseed_after_fork() -> None:
+    global _next_ids
+    _next_ids = _id_counter()
+
+
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_ids.reseed)
+    os.register_at_fork(after_in_child=_reseed_after_fork)
 
 
-def new_id() -> uuid.UUID:
-    """Return a fresh, process-unique UUID (version 4 layout) without a syscall."""
+def _uuid_from_int(value: int) -> uuid.UUID:
+    # uuid.UUID(int=...) validates and costs ~1 us; these values are well formed.
     u = _new_uuid(uuid.UUID)
-    # The counter only touches bits 0..62 of the low half: the variant bits stay set.
-    _set(u, "int", _ids.base | (next(_ids.counter) & 0x3FFF_FFFF_FFFF_FFFF))
+    _set(u, "int", value)
     _set(u, "is_safe", _SAFE_UNKNOWN)
     return u
 
 
-def _now_us() -> int:
-    return time.time_ns() // 1000
+def new_id() -> uuid.UUID:
+    """Return a fresh, process-unique UUID (version 4 layout) without a syscall."""
+    return _uuid_from_int(next(_next_ids))
 
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_time_ns = time.time_ns
+_COMMAND: Final = MessageKind.COMMAND
+
+#: field names in order: positional order of ``Message(...)``, repr, equality, wire order
+FIELDS: Final = (
+    "sender",
+    "to",
+    "payload",
+    "kind",
+    "id",
+    "timestamp",
+    "conversation_id",
+    "reply_to",
+    "trace_id",
+)
 
 
-@attrs.frozen(slots=True, weakref_slot=False)
-class Message:
+class _Slots:
+    # The storage of a Message, under private names: the public fields are read-only
+    # properties over these, which makes ``msg.payload = 1`` an AttributeError without a
+    # ``__setattr__`` hook (such a hook costs a Python call per field in ``__init__``,
+    # which would triple the cost of building a message).
+    __slots__ = (
+        "_conversation_id",
+        "_id",
+        "_kind",
+        "_ns",
+        "_payload",
+        "_reply_to",
+        "_sender",
+        "_to",
+        "_trace_id",
+    )
+
+
+@final
+class Message(_Slots):
     """An immutable message.
 
     ``timestamp`` is whole microseconds since the epoch (UTC), taken when the message
     was created; integers round-trip through the wire form exactly, and the RFC 3339
     text is produced only when serialised (see :attr:`sent_at`).
     ``to`` is an agent id or a unique agent name.
+
+    Fields, in order (also the positional order of the constructor): ``sender`` (UUID),
+    ``to`` (UUID or name), ``payload`` (JSON-compatible, default ``None``), ``kind``
+    (default ``MessageKind.COMMAND``), ``id`` (default: a fresh id), ``timestamp``
+    (default: now), ``conversation_id``, ``reply_to`` and ``trace_id`` (UUIDs or ``None``).
+
+    Building one costs a few hundred nanoseconds: the fields are stored as given, the
+    id is a counter value that becomes a :class:`uuid.UUID` on first access of
+    :attr:`id`, the clock is read once in nanoseconds. Fields cannot be assigned; use
+    :meth:`evolve` for a copy with some fields changed. Equality, hashing and the repr
+    cover all fields, in the order of :data:`FIELDS`.
     """
 
-    sender: uuid.UUID
-    to: Address
-    payload: Any = None
-    kind: MessageKind = MessageKind.COMMAND
-    id: uuid.UUID = attrs.field(factory=new_id)
-    timestamp: int = attrs.field(factory=_now_us)
-    conversation_id: uuid.UUID | None = None
-    reply_to: uuid.UUID | None = None
-    trace_id: uuid.UUID | None = None
+    __slots__ = ()
+    __match_args__ = FIELDS
+
+    def __init__(
+        self,
+        sender: uuid.UUID,
+        to: Address,
+        payload: Any = None,
+        kind: MessageKind = _COMMAND,
+        id: uuid.UUID | None = None,
+        timestamp: int | None = None,
+        conversation_id: uuid.UUID | None = None,
+        reply_to: uuid.UUID | None = None,
+        trace_id: uuid.UUID | None = None,
+    ) -> None:
+        self._sender = sender
+        self._to = to
+        self._payload = payload
+        self._kind = kind
+        self._id = next(_next_ids) if id is None else id
+        self._ns = _time_ns() if timestamp is None else timestamp * 1000
+        self._conversation_id = conversation_id
+        self._reply_to = reply_to
+        self._trace_id = trace_id
+
+    if TYPE_CHECKING:
+        # What mypy sees; at run time each is a property over its slot (see below).
+        @property
+        def sender(self) -> uuid.UUID: ...
+        @property
+        def to(self) -> Address: ...
+        @property
+        def payload(self) -> Any: ...
+        @property
+        def kind(self) -> MessageKind: ...
+        @property
+        def conversation_id(self) -> uuid.UUID | None: ...
+        @property
+        def reply_to(self) -> uuid.UUID | None: ...
+        @property
+        def trace_id(self) -> uuid.UUID | None: ...
+    else:
+        # attrgetter (C) as the getter: ~40 ns a read, half a Python getter's cost.
+        sender = property(attrgetter("_sender"), doc="The sending agent's id.")
+        to = property(attrgetter("_to"), doc="The recipient: an agent id or unique name.")
+        payload = property(attrgetter("_payload"), doc="The content (JSON-compatible).")
+        kind = property(attrgetter("_kind"), doc="What the message means.")
+        conversation_id = property(
+            attrgetter("_conversation_id"), doc="The conversation it belongs to, if any."
+        )
+        reply_to = property(attrgetter("_reply_to"), doc="The id of the message it answers.")
+        trace_id = property(attrgetter("_trace_id"), doc="The trace it belongs to, if any.")
+
+    @property
+    def id(self) -> uuid.UUID:
+        """This message's unique id (built from the counter on first access)."""
+        value = self._id
+        if isinstance(value, int):
+            value = self._id = _uuid_from_int(value)
+        return value
+
+    @property
+    def timestamp(self) -> int:
+        """Creation time in whole microseconds since the epoch (UTC)."""
+        return self._ns // 1000
 
     @property
     def sent_at(self) -> datetime:
         """The creation time as an aware UTC datetime."""
         return _EPOCH + timedelta(microseconds=self.timestamp)
+
+    def _values(self) -> tuple[Any, ...]:
+        return (
+            self._sender,
+            self._to,
+            self._payload,
+            self._kind,
+            self.id,
+            self._ns // 1000,
+            self._conversation_id,
+            self._reply_to,
+            self._trace_id,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not Message:
+            return NotImplemented
+        assert isinstance(other, Message)
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        # Like a frozen attrs class: a payload that is not hashable makes this raise.
+        return hash((Message, *self._values()))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={v!r}" for n, v in zip(FIELDS, self._values(), strict=True))
+        return f"Message({fields})"
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (Message, self._values())
+
+    def evolve(self, **changes: Any) -> Message:
+        """A copy with ``changes`` applied (keywords are field names), like
+        :func:`attrs.evolve` for attrs classes. The id is kept unless changed."""
+        fields = dict(zip(FIELDS, self._values(), strict=True))
+        unknown = changes.keys() - fields.keys()
+        if unknown:
+            raise TypeError(
+                f"Message.evolve: unknown field {', '.join(map(repr, sorted(unknown)))}; "
+                f"fields are {', '.join(FIELDS)}"
+            )
+        fields.update(changes)
+        return Message(**fields)
 
     def reply(self, sender: uuid.UUID, payload: Any) -> Message:
         """Build the Response to this message.
@@ -117,14 +267,15 @@ class Message:
         It goes back to this message's sender, answers this message's id, stays in its
         conversation (started by this message if it had none) and keeps its trace id.
         """
+        answered = self.id
         return Message(
             sender=sender,
-            to=self.sender,
+            to=self._sender,
             payload=payload,
             kind=MessageKind.RESPONSE,
-            conversation_id=self.conversation_id or self.id,
-            reply_to=self.id,
-            trace_id=self.trace_id,
+            conversation_id=self._conversation_id or answered,
+            reply_to=answered,
+            trace_id=self._trace_id,
         )
 
     def to_json(self) -> str:
@@ -188,37 +339,74 @@ def _parse_kind(value: Any, _: Any) -> MessageKind:
         raise ValueError(f"unknown kind {value!r} (expected one of {known})") from None
 
 
+def _optional_uuid_text(value: uuid.UUID | None) -> str | None:
+    return None if value is None else str(value)
+
+
+#: wire key -> (Message keyword, parser) in wire order; ``id`` and ``timestamp`` may be
+#: absent (the original bridges omit them), the others are checked by decode_message
+_PARSERS: Final[tuple[tuple[str, str, Callable[[Any, Any], Any]], ...]] = (
+    ("from", "sender", _parse_uuid),
+    ("to", "to", parse_address),
+    ("payload", "payload", lambda v, _: v),
+    ("kind", "kind", _parse_kind),
+    ("id", "id", _parse_uuid),
+    ("timestamp", "timestamp", _parse_timestamp),
+    ("conversation_id", "conversation_id", _parse_optional_uuid),
+    ("reply_to", "reply_to", _parse_optional_uuid),
+    ("trace_id", "trace_id", _parse_optional_uuid),
+)
+_OPTIONAL_KEYS: Final = frozenset({"id", "timestamp", "conversation_id", "reply_to", "trace_id"})
+
+
 def _make_converter() -> cattrs.Converter:
     conv = make_converter()
     conv.register_unstructure_hook(uuid.UUID, str)
-    conv.register_unstructure_hook(
-        Message,
-        make_dict_unstructure_fn(
-            Message,
-            conv,
-            sender=override(rename="from"),
-            timestamp=override(unstruct_hook=format_timestamp),
-            to=override(unstruct_hook=str),
-        ),
-    )
-    conv.register_structure_hook(
-        Message,
-        make_dict_structure_fn(
-            Message,
-            conv,
-            _cattrs_forbid_extra_keys=False,
-            _cattrs_detailed_validation=True,
-            sender=override(rename="from", struct_hook=_parse_uuid),
-            to=override(struct_hook=parse_address),
-            payload=override(struct_hook=lambda v, _: v),
-            kind=override(struct_hook=_parse_kind),
-            id=override(struct_hook=_parse_uuid),
-            timestamp=override(struct_hook=_parse_timestamp),
-            conversation_id=override(struct_hook=_parse_optional_uuid),
-            reply_to=override(struct_hook=_parse_optional_uuid),
-            trace_id=override(struct_hook=_parse_optional_uuid),
-        ),
-    )
+    unstructure = conv.unstructure
+
+    # Message is a plain slotted class, so cattrs cannot generate its hooks (make_dict_*_fn
+    # needs attrs fields): these two are the hooks it generated for the attrs version,
+    # written out, registered on this one converter.
+    def unstructure_message(msg: Message) -> dict[str, Any]:
+        to = msg.to
+        return {
+            "from": str(msg.sender),
+            "to": to if to.__class__ is str else str(to),
+            "payload": unstructure(msg.payload),
+            "kind": msg.kind.value,
+            "id": str(msg.id),
+            "timestamp": format_timestamp(msg.timestamp),
+            "conversation_id": _optional_uuid_text(msg.conversation_id),
+            "reply_to": _optional_uuid_text(msg.reply_to),
+            "trace_id": _optional_uuid_text(msg.trace_id),
+        }
+
+    def structure_message(obj: Mapping[str, Any], _: Any) -> Message:
+        # Every field is checked and every failure reported, like cattrs' detailed
+        # validation: one ClassValidationError whose exceptions carry the attribute name.
+        values: dict[str, Any] = {}
+        errors: list[Exception] = []
+        for key, name, parse in _PARSERS:
+            if key not in obj:
+                if key in _OPTIONAL_KEYS:
+                    continue
+                problem: Exception = KeyError(key)
+            else:
+                try:
+                    values[name] = parse(obj[key], None)
+                    continue
+                except Exception as exc:
+                    problem = exc
+            problem.add_note(
+                AttributeValidationNote(f"Structuring class Message @ attribute {name}", name, Any)
+            )
+            errors.append(problem)
+        if errors:
+            raise cattrs.ClassValidationError("While structuring Message", errors, Message)
+        return Message(**values)
+
+    conv.register_unstructure_hook(Message, unstructure_message)
+    conv.register_structure_hook(Message, structure_message)
     return conv
 
 

@@ -30,7 +30,7 @@ import logging
 import math
 import random
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final, final
 
 import attrs
@@ -100,6 +100,10 @@ def _to_restart(value: Any) -> RestartType:
         raise ValueError(f"restart must be one of {known}, got {value!r}") from None
 
 
+def _to_children(value: Iterable[Any]) -> tuple[Any, ...]:
+    return tuple(value)
+
+
 def _positive(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         raise ValueError(f"{attribute.name} must be a number > 0, got {value!r}")
@@ -121,7 +125,7 @@ class Supervisor:
     max_restarts: int = attrs.field(default=3, validator=_non_negative)
     within: float = attrs.field(default=5.0, validator=_positive)
     backoff: Backoff = attrs.field(factory=Backoff)
-    children: Sequence[Any] = attrs.field(default=(), converter=tuple)
+    children: Sequence[Any] = attrs.field(default=(), converter=_to_children)
     name: str | None = None
     restart: RestartType = attrs.field(default=RestartType.PERMANENT, converter=_to_restart)
     shutdown_timeout: float = attrs.field(default=math.inf, validator=_non_negative)

@@ -14,6 +14,7 @@ import attrs
 import pytest
 from typer.testing import CliRunner
 
+from nexus_trio import SYSTEM_ID, MessageKind
 from nexus_trio.bench import (
     SCENARIOS,
     SMOKE,
@@ -24,6 +25,7 @@ from nexus_trio.bench import (
     _churn,
     _fanin,
     _fanout,
+    _goals,
     _load,
     _reqrep,
     _scale,
@@ -40,6 +42,9 @@ TINY = attrs.evolve(
     load_seconds=0.02,
     churn_restarts=10,
     bridge_round_trips=3,
+    goals_agents=60,
+    goals_million=80,
+    message_constructions=500,
 )
 
 
@@ -101,6 +106,70 @@ def test_scale_rejects_an_unknown_implementation() -> None:
         _scale.measure("tokio", 10)
 
 
+def test_scale_lifecycle_spawns_delivers_and_shuts_down_without_loss() -> None:
+    result = _scale.measure_in_subprocess("lifecycle", 30, timeout=120)
+    assert result["n"] == 30
+    assert result["handled"] == result["accepted"] == 30
+    assert result["dead_lettered"] == result["in_flight"] == 0
+    assert result["spawn_s"] > 0 and result["deliver_s"] > 0 and result["shutdown_s"] > 0
+
+
+def test_goals_measures_every_row_of_the_issue_11_table() -> None:
+    result = _goals.run(TINY)
+    rows = _by_name(result)
+    expected_goals = {
+        "fan-out tell, 10 agents, 500 msgs, await kernel.send: vs asyncio (ints on asyncio.Queue)": (
+            "asyncio",
+            1.5,
+        ),
+        "fan-out tell, 10 agents, 500 msgs, await kernel.send: share of raw trio channels, "
+        "batched drain": ("raw trio", 0.35),
+        "fan-out throughput, 60 agents vs 10 agents, 500 msgs": ("10 agents", 0.7),
+        "Message construction": ("bare slotted class", 0.6),
+        "Message construction vs a bare slotted class": ("bare slotted class", 1.5),
+        "request/reply, one pair, p50 latency": ("raw trio", 1.5),
+        "deliver one message to each of 60 agents (idle)": ("raw trio task+channel", 2.0),
+        "RSS per agent after one message, 60 agents": ("raw trio task+channel", 1.2),
+        "spawn rate at 60 agents": ("raw trio task+channel", 100_000),
+        "kernel.stats() at 60 agents": (None, 50.0),
+        "80 agents, one process: spawn": (None, 30.0),
+        "80 agents, one process: one message each": (None, 30.0),
+        "80 agents, one process: shutdown": (None, 30.0),
+        "80 agents, one process: messages lost": (None, 0),
+    }
+    assert {
+        name: (m.reference, m.goal.threshold if m.goal else None) for name, m in rows.items()
+    } == expected_goals
+    for name, metric in rows.items():
+        if name.startswith("RSS"):
+            continue  # 60 agents may not grow the RSS by one page: no ratio to take
+        assert metric.met is not None, name
+        if metric.reference is not None:
+            assert metric.ratio is not None and metric.ratio > 0, name
+    assert rows["80 agents, one process: messages lost"].kernel == 0
+    assert result.counts == {
+        "fanout_handled": 510,
+        "fanout_cold_10_handled": 500,
+        "fanout_cold_60_handled": 500,
+        "reqrep_replies_delivered": TINY.reqrep_round_trips + 1,
+        "many_agents_handled": 60,
+        "million_accepted": 80,
+        "million_handled": 80,
+        "million_dead_lettered": 0,
+    }
+
+
+def test_message_construction_baseline_takes_the_same_keywords() -> None:
+    bare = _goals.BareMessage(sender=SYSTEM_ID, to="b", payload=3)
+    assert (bare.sender, bare.to, bare.payload, bare.kind) == (
+        SYSTEM_ID,
+        "b",
+        3,
+        MessageKind.COMMAND,
+    )
+    assert _goals.construction_us(_goals.BareMessage, 100, repeat=2) > 0
+
+
 def test_latency_under_load_handles_everything_offered() -> None:
     result = _load.run(TINY)
     c = result.counts
@@ -153,7 +222,16 @@ def test_bridges_run_or_say_why_they_are_skipped() -> None:
 
 
 def test_every_registered_scenario_is_covered() -> None:
-    assert set(SCENARIOS) == {"fanout", "reqrep", "scale", "load", "fanin", "churn", "bridges"}
+    assert set(SCENARIOS) == {
+        "fanout",
+        "reqrep",
+        "scale",
+        "load",
+        "fanin",
+        "churn",
+        "bridges",
+        "goals",
+    }
     assert resolve([]) == list(SCENARIOS)
     with pytest.raises(ValueError, match="'nope'"):
         resolve(["fanout", "nope"])

@@ -122,3 +122,142 @@ def test_messages_are_immutable() -> None:
     msg = Message(SYSTEM_ID, "a")
     with pytest.raises(AttributeError):
         msg.payload = 1  # type: ignore[misc]
+
+
+def test_every_field_is_read_only() -> None:
+    msg = Message(SYSTEM_ID, "a")
+    for name in (
+        "sender",
+        "to",
+        "payload",
+        "kind",
+        "id",
+        "timestamp",
+        "conversation_id",
+        "reply_to",
+        "trace_id",
+    ):
+        with pytest.raises(AttributeError):
+            setattr(msg, name, None)
+    with pytest.raises(AttributeError):
+        msg.extra = 1  # type: ignore[attr-defined]
+    assert msg.to == "a" and msg.payload is None
+
+
+def test_the_id_is_built_once_on_first_access_and_stays() -> None:
+    msg = Message(SYSTEM_ID, "a")
+    first = msg.id
+    assert first is msg.id
+    assert first.version == 4 and first.variant == uuid.RFC_4122
+    assert uuid.UUID(str(first)) == first
+    # ids of messages and new_id() come from one counter: never the same
+    ids = {Message(SYSTEM_ID, "a").id for _ in range(1000)} | {new_id() for _ in range(1000)}
+    assert len(ids) == 2000
+
+
+def test_an_explicit_id_and_timestamp_are_kept_exactly() -> None:
+    given = uuid.uuid4()
+    msg = Message(SYSTEM_ID, "a", id=given, timestamp=1_700_000_000_123_456)
+    assert msg.id is given
+    assert msg.timestamp == 1_700_000_000_123_456
+    assert isinstance(msg.timestamp, int)
+    assert msg.sent_at.isoformat() == "2023-11-14T22:13:20.123456+00:00"
+
+
+def test_the_timestamp_is_whole_microseconds_now() -> None:
+    import time
+
+    before = time.time_ns() // 1000
+    msg = Message(SYSTEM_ID, "a")
+    after = time.time_ns() // 1000
+    assert isinstance(msg.timestamp, int)
+    assert before <= msg.timestamp <= after
+
+
+def test_equality_hash_and_repr_cover_every_field() -> None:
+    msg = Message(SYSTEM_ID, "a", 1, MessageKind.EVENT, timestamp=5, trace_id=SYSTEM_ID)
+    same = Message(SYSTEM_ID, "a", 1, MessageKind.EVENT, id=msg.id, timestamp=5, trace_id=SYSTEM_ID)
+    assert msg == same
+    assert (msg != same) is False
+    assert hash(msg) == hash(same)
+    assert len({msg, same}) == 1
+    assert msg != same.evolve(payload=2)
+    assert msg != same.evolve(timestamp=6)
+    assert msg != Message(SYSTEM_ID, "a", 1, MessageKind.EVENT, timestamp=5, trace_id=SYSTEM_ID)
+    assert msg != (SYSTEM_ID, "a", 1)
+    assert repr(msg) == (
+        "Message(sender=UUID('00000000-0000-0000-0000-000000000000'), to='a', payload=1, "
+        f"kind=<MessageKind.EVENT: 'Event'>, id={msg.id!r}, timestamp=5, conversation_id=None, "
+        "reply_to=None, trace_id=UUID('00000000-0000-0000-0000-000000000000'))"
+    )
+    with pytest.raises(TypeError, match="unhashable"):
+        hash(Message(SYSTEM_ID, "a", {"a": 1}))
+
+
+def test_evolve_changes_only_the_named_fields_and_keeps_the_id() -> None:
+    msg = Message(SYSTEM_ID, "a", 1, MessageKind.QUERY, trace_id=SYSTEM_ID)
+    changed = msg.evolve(to="b", kind=MessageKind.COMMAND)
+    assert (changed.to, changed.kind) == ("b", MessageKind.COMMAND)
+    assert (changed.id, changed.timestamp, changed.payload, changed.trace_id) == (
+        msg.id,
+        msg.timestamp,
+        1,
+        SYSTEM_ID,
+    )
+    assert (msg.to, msg.kind) == ("a", MessageKind.QUERY)
+    with pytest.raises(TypeError, match="unknown field 'colour'"):
+        msg.evolve(colour="red")
+
+
+@pytest.mark.parametrize("access_id_first", [True, False])
+def test_pickling_round_trips_with_the_same_id(access_id_first: bool) -> None:
+    import copy
+    import pickle
+
+    msg = Message(SYSTEM_ID, "a", {"x": [1, 2]}, MessageKind.QUERY, reply_to=SYSTEM_ID)
+    expected_id = msg.id if access_id_first else None
+    copied = pickle.loads(pickle.dumps(msg))
+    assert copied == msg and copied.id == msg.id
+    if expected_id is not None:
+        assert copied.id == expected_id
+    assert copy.copy(msg) == msg and copy.deepcopy(msg) == msg
+
+
+def test_positional_and_pattern_matching_order_is_the_field_order() -> None:
+    msg = Message(SYSTEM_ID, "a", 3, MessageKind.EVENT)
+    match msg:
+        case Message(sender, to, payload, kind):
+            assert (sender, to, payload, kind) == (SYSTEM_ID, "a", 3, MessageKind.EVENT)
+        case _:
+            pytest.fail("Message did not match positionally")
+
+
+def test_the_converter_reports_every_bad_field_at_once() -> None:
+    from cattrs import ClassValidationError
+
+    from nexus_trio._message import converter
+
+    with pytest.raises(ClassValidationError) as info:
+        converter.structure({"from": "x", "to": 5, "kind": "Command", "payload": 1}, Message)
+    names = [note.name for exc in info.value.exceptions for note in exc.__notes__]
+    assert names == ["sender", "to"]
+
+
+def test_a_forked_child_draws_ids_from_a_new_sequence() -> None:
+    import os
+
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork on this platform")
+    read, write = os.pipe()
+    before = Message(SYSTEM_ID, "a")  # created before the fork, id not yet built
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write, f"{new_id()} {before.id}".encode())
+        os._exit(0)
+    os.close(write)
+    child_new, child_before = os.read(read, 200).decode().split()
+    os.close(read)
+    os.waitpid(pid, 0)
+    parent_new = new_id()
+    assert uuid.UUID(child_new).int >> 64 != parent_new.int >> 64
+    assert uuid.UUID(child_before) == before.id  # the same message has the same id

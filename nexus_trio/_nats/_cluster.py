@@ -634,7 +634,7 @@ class Cluster:
             if replica is None:
                 self._refuse(m, msg, AgentNotFound(msg.to))
                 return None
-            msg = attrs.evolve(msg, to=replica)
+            msg = msg.evolve(to=replica)
         if m.data[:1] == b"{" and m.reply:
             self._remember(self._json_requests, msg.id, 1)
         return msg

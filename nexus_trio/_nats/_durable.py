@@ -217,7 +217,7 @@ class DurableChannel:
         if jsmsg.metadata.num_delivered > 1:
             self.redelivered += 1
         sender = self.acker_id if kernel.is_local(msg.sender) else msg.sender
-        query = attrs.evolve(msg, kind=MessageKind.QUERY, sender=sender)
+        query = msg.evolve(kind=MessageKind.QUERY, sender=sender)
         self._in_flight[msg.id] = jsmsg
         try:
             await kernel.deliver_from_remote(query)

@@ -39,8 +39,7 @@ async def _kernel_churn(restarts: int) -> dict[str, Any]:
         max_restarts=10 * restarts + 10,
         within=3600.0,
         backoff=Backoff(initial=0.0, maximum=0.0, jitter=0.0),
-        # converter=tuple in Supervisor types this parameter as Iterable[_T_co] for mypy.
-        children=(_flaky,),  # type: ignore[arg-type]
+        children=(_flaky,),
         name="churn",
     )
     async with open_kernel() as kernel:

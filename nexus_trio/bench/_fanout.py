@@ -40,24 +40,31 @@ async def _noop(ctx: Context, msg: Message) -> None:
     return None
 
 
-async def _kernel_fanout(agents: int, messages: int) -> tuple[float, dict[str, int]]:
+async def kernel_fanout(
+    agents: int, messages: int, *, activate: bool = True
+) -> tuple[float, dict[str, int]]:
+    """Timed fan-out through the kernel. ``activate``: every agent handles one message
+    before the clock starts (as the baselines' consumer tasks are started first);
+    without it the clock includes each agent's first start, as in ``nexus run -w fanout``."""
     config = Config(kernel=KernelConfig(mailbox_capacity=1024))
+    warm = agents if activate else 0
     async with open_kernel(config) as kernel:
         refs = [kernel.spawn(_noop) for _ in range(agents)]
-        for ref in refs:
-            kernel.send_nowait(ref, None)
-        await wait_until(lambda: kernel.stats().handled >= agents)
+        if activate:
+            for ref in refs:
+                kernel.send_nowait(ref, None)
+            await wait_until(lambda: kernel.stats().handled >= agents)
         send = kernel.send
         start = time.perf_counter()
         for i in range(messages):
             await send(refs[i % agents], i)
-        target = agents + messages
+        target = warm + messages
         await wait_until(lambda: kernel.stats().handled >= target)
         elapsed = time.perf_counter() - start
         stats = kernel.stats()
     final = kernel.stats()
     counts = {
-        "sent": agents + messages,
+        "sent": warm + messages,
         "accepted": final.accepted,
         "handled": final.handled,
         "dead_lettered": final.dead_lettered,
@@ -67,7 +74,7 @@ async def _kernel_fanout(agents: int, messages: int) -> tuple[float, dict[str, i
     return elapsed, counts
 
 
-async def _trio_fanout(agents: int, messages: int) -> tuple[float, int]:
+async def trio_fanout(agents: int, messages: int) -> tuple[float, int]:
     processed = 0
     done = trio.Event()
 
@@ -107,7 +114,7 @@ async def _trio_fanout(agents: int, messages: int) -> tuple[float, int]:
     return elapsed, processed
 
 
-async def _asyncio_fanout(
+async def asyncio_fanout(
     agents: int, messages: int, with_messages: bool = False
 ) -> tuple[float, int]:
     processed = 0
@@ -145,10 +152,10 @@ async def _asyncio_fanout(
 
 def run(scale: Scale) -> ScenarioResult:
     agents, messages = scale.fanout_agents, scale.fanout_messages
-    trio_s, trio_n = trio.run(_trio_fanout, agents, messages)
-    asyncio_s, asyncio_n = asyncio.run(_asyncio_fanout(agents, messages))
-    asyncio_msg_s, asyncio_msg_n = asyncio.run(_asyncio_fanout(agents, messages, True))
-    kernel_s, counts = trio.run(_kernel_fanout, agents, messages)
+    trio_s, trio_n = trio.run(trio_fanout, agents, messages)
+    asyncio_s, asyncio_n = asyncio.run(asyncio_fanout(agents, messages))
+    asyncio_msg_s, asyncio_msg_n = asyncio.run(asyncio_fanout(agents, messages, True))
+    kernel_s, counts = trio.run(kernel_fanout, agents, messages)
     check(trio_n >= messages, f"raw trio fan-out processed {trio_n} of {messages}")
     check(asyncio_n == messages, f"asyncio fan-out processed {asyncio_n} of {messages}")
     check(asyncio_msg_n == messages, f"asyncio (Message) processed {asyncio_msg_n} of {messages}")
@@ -182,7 +189,7 @@ def run(scale: Scale) -> ScenarioResult:
             kernel_rate,
             rates,
             reference="raw trio",
-            goal=Goal(">= 25% of raw trio", "ratio", ">=", 0.25),
+            goal=Goal(">= 35% of raw trio", "ratio", ">=", 0.35),
         ),
     )
     counts = dict(

@@ -22,7 +22,7 @@ import attrs
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from . import _bridges, _churn, _fanin, _fanout, _load, _reqrep, _scale
+from . import _bridges, _churn, _fanin, _fanout, _goals, _load, _reqrep, _scale
 from ._result import Metric, ScenarioResult, combine, metric_from_dict
 from ._scales import Scale
 
@@ -35,10 +35,11 @@ SCENARIOS: dict[str, Callable[[Scale], ScenarioResult]] = {
     "fanin": _fanin.run,
     "churn": _churn.run,
     "bridges": _bridges.run,
+    "goals": _goals.run,
 }
 
 #: scenarios measured once whatever ``repeat`` says (each run is long or its own baseline)
-_ONCE = frozenset({"scale"})
+_ONCE = frozenset({"scale", "goals"})
 
 
 @final

@@ -1,18 +1,18 @@
 """One scale measurement in a fresh interpreter: ``python -m nexus_trio.bench._scale_child
-(kernel|"raw trio") N`` prints one JSON object (see :mod:`nexus_trio.bench._scale`)."""
+(kernel|"raw trio"|lifecycle) N`` prints one JSON object (see :mod:`nexus_trio.bench._scale`)."""
 
 from __future__ import annotations
 
 import json
 import sys
 
-from ._scale import KINDS, measure
+from ._scale import MEASUREMENTS, measure
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] not in KINDS or not argv[1].isdigit():
+    if len(argv) != 2 or argv[0] not in MEASUREMENTS or not argv[1].isdigit():
         print(
-            f"usage: python -m nexus_trio.bench._scale_child ({'|'.join(KINDS)}) N",
+            f"usage: python -m nexus_trio.bench._scale_child ({'|'.join(MEASUREMENTS)}) N",
             file=sys.stderr,
         )
         return 2

@@ -30,6 +30,12 @@ class Scale:
     churn_restarts: int
     bridge_round_trips: int
     repeat: int
+    #: the "100k agents" rows of the goals scenario (throughput, delivery, RSS, spawn, stats)
+    goals_agents: int = 100_000
+    #: the "1M agents" row of the goals scenario: spawn, one message each, shutdown
+    goals_million: int = 1_000_000
+    #: Message constructions per timing of the goals scenario
+    message_constructions: int = 200_000
 
 
 SMOKE = Scale(
@@ -50,6 +56,9 @@ SMOKE = Scale(
     churn_restarts=30,
     bridge_round_trips=10,
     repeat=1,
+    goals_agents=200,
+    goals_million=300,
+    message_constructions=2_000,
 )
 
 QUICK = Scale(
@@ -70,6 +79,9 @@ QUICK = Scale(
     churn_restarts=1_000,
     bridge_round_trips=200,
     repeat=1,
+    goals_agents=10_000,
+    goals_million=100_000,
+    message_constructions=100_000,
 )
 
 DEFAULT = Scale(

@@ -1,0 +1,58 @@
+"""Public objects present themselves under the name users import (``nexus_trio.X``)."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+import traceback
+import uuid
+
+import pytest
+
+import nexus_trio
+
+
+def test_an_error_class_reprs_under_the_package_name() -> None:
+    assert repr(nexus_trio.MailboxFull) == "<class 'nexus_trio.MailboxFull'>"
+    assert nexus_trio.MailboxFull.__qualname__ == "MailboxFull"
+
+
+def test_a_raised_error_traceback_names_the_public_class() -> None:
+    agent_id = uuid.uuid4()
+    with pytest.raises(nexus_trio.MailboxFull) as info:
+        raise nexus_trio.MailboxFull(agent_id, "inbox", 16, uuid.uuid4())
+    text = "".join(traceback.format_exception(info.value))
+    last = text.rstrip().splitlines()[-1]
+    assert last.startswith("nexus_trio.MailboxFull: "), last
+    assert "_errors" not in last
+
+
+def test_an_uncaught_error_in_a_fresh_interpreter_prints_the_public_name() -> None:
+    code = "import nexus_trio; raise nexus_trio.AgentNotFound('nobody')"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.rstrip().splitlines()[-1] == (
+        "nexus_trio.AgentNotFound: no agent is registered as 'nobody'"
+    )
+
+
+def test_every_public_class_and_function_reports_the_package_as_its_module() -> None:
+    private = []
+    for name in nexus_trio.__all__:
+        obj = getattr(nexus_trio, name)
+        if isinstance(obj, type) or callable(obj):
+            if obj.__module__ != "nexus_trio":
+                private.append(f"{name}: {obj.__module__}")
+            assert obj.__qualname__ == name  # only the module changes
+    assert private == []
+
+
+def test_public_values_still_pickle_and_configs_still_structure() -> None:
+    msg = nexus_trio.Message(nexus_trio.SYSTEM_ID, "a", kind=nexus_trio.MessageKind.QUERY)
+    assert pickle.loads(pickle.dumps(msg)) == msg
+    assert pickle.loads(pickle.dumps(nexus_trio.MessageKind.EVENT)) is nexus_trio.MessageKind.EVENT
+    config = nexus_trio.Config(kernel=nexus_trio.KernelConfig(mailbox_capacity=7))
+    assert pickle.loads(pickle.dumps(config)) == config
