@@ -1,0 +1,775 @@
+"""Regressions for the hard failures of issue 12 (items 1-6): shutdown hangs, linked
+children that leak, handling after the grace period, and one agent taking the kernel down.
+
+Every test runs on a ``MockClock(autojump_threshold=0)`` (pytest-trio's ``autojump_clock``)
+inside ``trio.fail_after``, so a ``stop()`` that never returns fails in mock time. The
+kernel's shutdown is shielded from cancellation, so a hang *inside* it cannot be cut by
+``fail_after``: the ``real_time_limit`` fixture turns such a hang into a failure after a
+few seconds of real time (SIGALRM) instead of a stuck test run.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections import Counter
+from collections.abc import Iterator
+from types import FrameType
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from nexus_trio import (
+    Agent,
+    AgentNotFound,
+    Backoff,
+    Config,
+    Context,
+    DeadLetterReason,
+    EventKind,
+    KernelConfig,
+    Message,
+    SupervisionConfig,
+    Supervisor,
+    SupervisorEscalation,
+    agent,
+    open_kernel,
+)
+from nexus_trio.testing import assert_conserved, dead_letters, record_events, step_until_idle
+
+#: mock seconds a scenario may take before it counts as hung
+MOCK_LIMIT = 600
+#: real seconds before a hang the mock clock cannot cut (a shielded shutdown) fails the test
+REAL_LIMIT = 30
+
+
+class Hung(Exception):
+    """The test made no progress within its real-time limit: something waits forever."""
+
+
+@pytest.fixture(autouse=True)
+def real_time_limit() -> Iterator[None]:
+    def on_alarm(signum: int, frame: FrameType | None) -> None:
+        raise Hung(f"no result after {REAL_LIMIT} s of real time: the kernel hangs")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, REAL_LIMIT)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def config(
+    *, max_restarts: int = 1000, grace_ms: float = 1000, escalate_to_kernel: bool = False
+) -> Config:
+    return Config(
+        kernel=KernelConfig(dead_letter_buffer=100_000, shutdown_grace_ms=grace_ms),
+        supervision=SupervisionConfig(
+            max_restarts=max_restarts,
+            backoff_initial_ms=0,
+            backoff_max_ms=0,
+            escalate_to_kernel=escalate_to_kernel,
+        ),
+    )
+
+
+def names(kernel: Any) -> list[str | None]:
+    return [ref.name for ref in kernel.agents()]
+
+
+def tasks_living() -> int:
+    return trio.lowlevel.current_statistics().tasks_living
+
+
+class Journal:
+    """Lifecycle calls of every agent, in order: ("start" | "stop", name)."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, str | None]] = []
+
+    def starts(self, name: str) -> int:
+        return self.entries.count(("start", name))
+
+    def stops(self, name: str) -> int:
+        return self.entries.count(("stop", name))
+
+    def assert_matched(self) -> None:
+        started = Counter(n for what, n in self.entries if what == "start")
+        stopped = Counter(n for what, n in self.entries if what == "stop")
+        assert started == stopped, f"on_start/on_stop unmatched: {self.entries}"
+
+
+def journaled(journal: Journal, **handlers: Any) -> type[Agent]:
+    """An agent class that journals on_start/on_stop; ``handlers`` override its methods."""
+
+    class Journaled(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            journal.entries.append(("start", ctx.name))
+            if "on_start" in handlers:
+                await handlers["on_start"](self, ctx)
+
+        async def handle(self, ctx: Context, msg: Message) -> Any:
+            if "handle" in handlers:
+                return await handlers["handle"](self, ctx, msg)
+            return None
+
+        async def on_stop(self, ctx: Context) -> None:
+            journal.entries.append(("stop", ctx.name))
+
+    return Journaled
+
+
+async def fail(self: Agent, ctx: Context, msg: Message) -> None:
+    raise RuntimeError(f"scripted failure of {ctx.name}")
+
+
+# --- item 1: shutdown with one_for_all / rest_for_one and linked children ------------------
+
+
+@pytest.mark.parametrize("strategy", ["one_for_all", "rest_for_one"])
+async def test_group_restart_that_stops_a_linked_child_does_not_hang_shutdown(
+    strategy: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    journal = Journal()
+    leaf = journaled(journal)
+
+    async def spawn_leaf(self: Agent, ctx: Context) -> None:
+        ctx.spawn(leaf, name=None)
+
+    failer = journaled(journal, handle=fail)
+    parent = journaled(journal, on_start=spawn_leaf)
+    baseline = tasks_living()
+    with trio.fail_after(MOCK_LIMIT):
+        async with open_kernel(config(), seed=1) as kernel:
+            kernel.spawn(
+                Supervisor(
+                    strategy=strategy,
+                    max_restarts=100,
+                    backoff=Backoff(0, 0),
+                    children=[agent(failer, name="failer"), agent(parent, name="parent")],
+                )
+            )
+            await step_until_idle(kernel)
+            assert len(kernel.agents()) == 3
+            for round_ in range(3):
+                await kernel.send("failer", round_)
+                await step_until_idle(kernel)
+                # The group (failer, parent, the parent's linked leaf) restarted: the
+                # old leaf is gone for good, the new run spawned one new leaf.
+                assert len(kernel.agents()) == 3, kernel.describe()
+            assert journal.starts("failer") == 4
+            assert journal.starts("parent") == 4
+            assert journal.starts(None) == 4
+            assert journal.stops(None) == 3
+    assert journal.starts(None) == journal.stops(None) == 4
+    journal.assert_matched()
+    assert_conserved(kernel)
+    assert kernel.stats().in_flight == 0
+    assert tasks_living() == baseline
+
+
+# --- item 2: stop(child) right after spawning its supervisor, or while it restarts ----------
+
+
+#: the races below depend on Trio's (randomised) scheduling order: try each one many times
+TRIES = 20
+
+
+@pytest.mark.parametrize("checkpoints", [0, 1, 2, 3, 4, 5])
+async def test_stop_child_right_after_spawning_its_supervisor(
+    checkpoints: int, autojump_clock: trio.testing.MockClock
+) -> None:
+    journal = Journal()
+    worker = journaled(journal)
+    baseline = tasks_living()
+    with trio.fail_after(MOCK_LIMIT):
+        async with open_kernel(config(), seed=1) as kernel:
+            for i in range(TRIES):
+                kernel.spawn(
+                    Supervisor(
+                        children=[agent(worker, name=f"w{i}"), agent(worker, name=f"keep{i}")]
+                    )
+                )
+                for _ in range(checkpoints):
+                    await trio.lowlevel.checkpoint()
+                await kernel.stop(kernel.lookup(f"w{i}"))
+                assert f"w{i}" not in names(kernel)
+                with pytest.raises(AgentNotFound):
+                    kernel.lookup(f"w{i}")
+            await step_until_idle(kernel)
+            assert names(kernel) == [f"keep{i}" for i in range(TRIES)]
+    journal.assert_matched()
+    assert [journal.starts(f"keep{i}") for i in range(TRIES)] == [1] * TRIES
+    assert_conserved(kernel)
+    assert tasks_living() == baseline
+
+
+@pytest.mark.parametrize(
+    ("into_backoff", "checkpoints"), [(0.5, 0), (1.0, 0), (1.0, 1), (1.0, 2), (1.0, 3)]
+)
+async def test_stop_child_while_its_supervisor_waits_to_restart(
+    into_backoff: float, checkpoints: int, autojump_clock: trio.testing.MockClock
+) -> None:
+    journal = Journal()
+    cfg = Config(
+        kernel=KernelConfig(dead_letter_buffer=10_000),
+        supervision=SupervisionConfig(
+            max_restarts=1000, backoff_initial_ms=1000, backoff_max_ms=1000, backoff_jitter=0
+        ),
+    )
+    baseline = tasks_living()
+    with trio.fail_after(MOCK_LIMIT):
+        async with open_kernel(cfg, seed=1) as kernel, record_events(kernel) as events:
+            for i in range(TRIES):
+                kernel.spawn(
+                    Supervisor(
+                        name=f"sup{i}",
+                        max_restarts=0,
+                        children=[
+                            agent(journaled(journal, handle=fail), name=f"crasher{i}"),
+                            agent(journaled(journal), name=f"sibling{i}"),
+                        ],
+                    )
+                )
+                await step_until_idle(kernel)
+                await kernel.send(f"crasher{i}", "boom")
+                # The supervisor gives up at once (max_restarts=0) and fails; the root
+                # restarts it after a 1 s backoff. Stop its child inside that window.
+                await trio.testing.wait_all_tasks_blocked()
+                (failure,) = events.of(EventKind.FAILED)[-1:]
+                assert failure.name == f"sup{i}"
+                assert kernel.describe()["children"][i]["state"] == "restarting"
+                # Mid-backoff, or right when the backoff ends and the supervisor starts.
+                await trio.sleep_until(failure.time + into_backoff)
+                for _ in range(checkpoints):
+                    await trio.lowlevel.checkpoint()
+                await kernel.stop(kernel.lookup(f"crasher{i}"))
+                assert f"crasher{i}" not in names(kernel)
+                await trio.sleep(1)
+                await step_until_idle(kernel)
+                # The supervisor came back with its other child only.
+                assert names(kernel) == [f"sibling{j}" for j in range(i + 1)]
+                assert journal.starts(f"sibling{i}") == 2
+                # Stopped before the supervisor's restart, or just after it started again.
+                assert journal.starts(f"crasher{i}") == journal.stops(f"crasher{i}") in (1, 2)
+                assert EventKind.RESTARTED in events.kinds(f"sup{i}")
+    journal.assert_matched()
+    assert_conserved(kernel)
+    assert tasks_living() == baseline
+
+
+# --- item 3: stop(worker) racing stop(its supervisor) ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("first", "gap"),
+    [
+        ("worker", 0.0),
+        ("sup", 0.0),
+        ("worker", 0.5),
+    ],
+)
+async def test_stop_worker_racing_stop_of_its_supervisor_both_return(
+    first: str, gap: float, autojump_clock: trio.testing.MockClock
+) -> None:
+    journal = Journal()
+
+    class SlowStop(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            journal.entries.append(("start", ctx.name))
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            pass
+
+        async def on_stop(self, ctx: Context) -> None:
+            await trio.sleep(1.0)
+            journal.entries.append(("stop", ctx.name))
+
+    baseline = tasks_living()
+    with trio.fail_after(MOCK_LIMIT):
+        async with open_kernel(config(), seed=1) as kernel:
+            for i in range(TRIES):
+                returned: list[tuple[str, float]] = []
+                sup = kernel.spawn(
+                    Supervisor(
+                        name=f"sup{i}",
+                        children=[
+                            agent(SlowStop, name=f"w1-{i}", shutdown_timeout=5),
+                            agent(SlowStop, name=f"w2-{i}", shutdown_timeout=5),
+                        ],
+                    )
+                )
+                await step_until_idle(kernel)
+                targets = {"worker": kernel.lookup(f"w1-{i}"), "sup": sup}
+                second = "sup" if first == "worker" else "worker"
+                start = trio.current_time()
+
+                async def stop(label: str, target: Any, since: float, into: list[Any]) -> None:
+                    await kernel.stop(target)
+                    into.append((label, trio.current_time() - since))
+
+                with trio.fail_after(60):
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(stop, first, targets[first], start, returned)
+                        await trio.sleep(gap)
+                        nursery.start_soon(stop, second, targets[second], start, returned)
+                assert sorted(label for label, _ in returned) == ["sup", "worker"]
+                assert kernel.agents() == []
+                assert journal.stops(f"w1-{i}") == journal.stops(f"w2-{i}") == 1
+                # Two on_stops of 1 s each, one after the other: both stops are done by 2 s.
+                assert max(took for _, took in returned) == pytest.approx(2.0)
+    journal.assert_matched()
+    assert not dead_letters(kernel), "nothing was queued, nothing may be dead-lettered"
+    assert_conserved(kernel)
+    assert tasks_living() == baseline
+
+
+# --- item 4: linked children stop with their parent's run --------------------------------------
+
+
+async def test_linked_children_do_not_leak_across_restarts(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    journal = Journal()
+    leaf = journaled(journal)
+
+    async def spawn_leaf(self: Agent, ctx: Context) -> None:
+        ctx.spawn(leaf)
+
+    parent = agent(journaled(journal, on_start=spawn_leaf, handle=fail), name="parent")
+    baseline = tasks_living()
+    with trio.fail_after(MOCK_LIMIT):
+        async with open_kernel(config(), seed=1) as kernel:
+            kernel.spawn(parent)
+            await step_until_idle(kernel)
+            assert len(kernel.agents()) == 2
+            for i in range(5):
+                await kernel.send("parent", i)
+                await step_until_idle(kernel)
+                assert len(kernel.agents()) == 2, (i, kernel.describe())
+            assert journal.starts("parent") == 6
+            assert journal.starts(None) == 6
+            assert journal.stops(None) == 5
+            assert kernel.stats().restarts == 5
+    journal.assert_matched()
+    assert_conserved(kernel)
+    assert tasks_living() == baseline
+
+
+async def test_transient_parent_exiting_normally_stops_its_linked_child(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    journal = Journal()
+    leaf = journaled(journal)
+
+    async def spawn_leaf(self: Agent, ctx: Context) -> None:
+        ctx.spawn(leaf, name="leaf")
+
+    async def exit_normally(self: Agent, ctx: Context, msg: Message) -> None:
+        ctx.stop()
+
+    parent = agent(
+        journaled(journal, on_start=spawn_leaf, handle=exit_normally),
+        name="parent",
+        restart="transient",
+    )
+    with trio.fail_after(MOCK_LIMIT):
+        async with open_kernel(config(), seed=1) as kernel:
+            kernel.spawn(parent)
+            await step_until_idle(kernel)
+            assert names(kernel) == ["parent", "leaf"]
+            await kernel.send("parent", "done")
+            await step_until_idle(kernel)
+            assert kernel.agents() == []
+            assert journal.entries[:2] == [("start", "parent"), ("start", "leaf")]
+            assert journal.stops("parent") == journal.stops("leaf") == 1
+    assert kernel.stats().restarts == 0
+    assert_conserved(kernel)
+
+
+async def test_named_linked_child_does_not_make_restarts_fail(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    journal = Journal()
+    leaf = journaled(journal)
+
+    async def spawn_named_leaf(self: Agent, ctx: Context) -> None:
+        ctx.spawn(leaf, name="leaf")
+
+    parent = agent(journaled(journal, on_start=spawn_named_leaf, handle=fail), name="parent")
+    leaf_ids = []
+    with trio.fail_after(MOCK_LIMIT):
+        async with open_kernel(config(max_restarts=3), seed=1) as kernel:
+            kernel.spawn(parent)
+            await step_until_idle(kernel)
+            leaf_ids.append(kernel.lookup("leaf").id)
+            # Three failures: within the default intensity (max_restarts=3), so each one
+            # must restart the parent, which spawns "leaf" again under the same name.
+            for i in range(3):
+                await kernel.send("parent", i)
+                await step_until_idle(kernel)
+                assert names(kernel) == ["parent", "leaf"], kernel.describe()
+                leaf_ids.append(kernel.lookup("leaf").id)
+            assert journal.starts("parent") == journal.starts("leaf") == 4
+            assert kernel.stats().given_up == 0
+            assert kernel.stats().restarts == 3
+    # Each run had its own leaf; none was left behind, nothing escalated.
+    assert len(set(leaf_ids)) == 4
+    journal.assert_matched()
+    assert_conserved(kernel)
+
+
+# --- item 5: nothing is handled after the grace period ---------------------------------------
+
+
+async def test_nothing_is_handled_after_the_grace_period(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    journal = Journal()
+    handled_at: list[tuple[float, Any]] = []
+    stop_order: list[str | None] = []
+
+    async def slow_or_fail(self: Agent, ctx: Context, msg: Message) -> None:
+        handled_at.append((trio.current_time(), msg.payload))
+        if msg.payload.startswith("fail"):
+            raise RuntimeError("queued failure")
+        await trio.sleep(0.3)
+
+    class Later(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            journal.entries.append(("start", ctx.name))
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            pass
+
+        async def on_stop(self, ctx: Context) -> None:
+            stop_order.append(ctx.name)
+            # While this agent stops, the earlier one must not go on handling.
+            await trio.sleep(1)
+            journal.entries.append(("stop", ctx.name))
+
+    class Earlier(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            journal.entries.append(("start", ctx.name))
+
+        handle = slow_or_fail
+
+        async def on_stop(self, ctx: Context) -> None:
+            stop_order.append(ctx.name)
+            journal.entries.append(("stop", ctx.name))
+
+    payloads = ["slow1", "slow2", "slow3", "fail", "slow4", "slow5"]
+    with trio.fail_after(MOCK_LIMIT):
+        async with open_kernel(config(grace_ms=500), seed=1) as kernel:
+            kernel.spawn(agent(Earlier, name="earlier"))
+            kernel.spawn(agent(Later, name="later", shutdown_timeout=5))
+            await step_until_idle(kernel)
+            for payload in payloads:
+                await kernel.send("earlier", payload)
+            shutdown_at = trio.current_time()
+    grace_end = shutdown_at + 0.5
+    assert handled_at, "the grace period should let some messages be handled"
+    late = [(t - shutdown_at, p) for t, p in handled_at if t > grace_end]
+    assert late == [], f"handled after the grace period: {late}"
+    # Spawned after "earlier", "later" stops first: the queued failure never ran.
+    assert stop_order == ["later", "earlier"]
+    assert journal.entries[-2:] == [("stop", "later"), ("stop", "earlier")]
+    assert not dead_letters(kernel, DeadLetterReason.HANDLER_ERROR)
+    shutdown_dead = {d.message.payload for d in dead_letters(kernel, DeadLetterReason.SHUTDOWN)}
+    handled = {p for _, p in handled_at}
+    # Every message is either handled in the grace period or dead-lettered "shutdown"
+    # (the one being handled when the grace ended is cancelled: it is both started and dead).
+    assert shutdown_dead | handled == set(payloads)
+    assert "fail" in shutdown_dead
+    assert kernel.stats().restarts == 0
+    assert_conserved(kernel)
+
+
+# --- item 6: directives and the isolating root -------------------------------------------------
+
+
+async def test_function_agent_resumes_by_default(autojump_clock: trio.testing.MockClock) -> None:
+    seen: list[Any] = []
+
+    @agent(name="fn")
+    async def fn(ctx: Context, msg: Message) -> Any:
+        if msg.payload == "bad":
+            raise ValueError("bad payload")
+        seen.append(msg.payload)
+        return msg.payload
+
+    with trio.fail_after(MOCK_LIMIT):
+        async with (
+            open_kernel(config(max_restarts=3), seed=1) as kernel,
+            record_events(kernel) as events,
+        ):
+            kernel.spawn(fn)
+            # Far more failures than the restart intensity allows: resume never restarts.
+            for i in range(10):
+                await kernel.send("fn", "bad")
+                await kernel.send("fn", i)
+            await step_until_idle(kernel)
+            assert await kernel.request("fn", "still here") == "still here"
+            stats = kernel.stats()
+            assert (stats.failed, stats.restarts, stats.given_up) == (10, 0, 0)
+            assert names(kernel) == ["fn"]
+    assert seen == [*range(10), "still here"]
+    assert len(dead_letters(kernel, DeadLetterReason.HANDLER_ERROR)) == 10
+    assert all(
+        isinstance(d.error, ValueError)
+        for d in dead_letters(kernel, DeadLetterReason.HANDLER_ERROR)
+    )
+    assert EventKind.RESTARTED not in events.kinds("fn")
+    assert EventKind.FAILED not in events.kinds("fn")
+    assert_conserved(kernel)
+
+
+class Counting(Agent):
+    """Counts its messages (state a restart resets); raises what the payload names."""
+
+    runs = 0
+
+    def __init__(self) -> None:
+        self.count = 0
+        type(self).runs += 1
+
+    async def handle(self, ctx: Context, msg: Message) -> Any:
+        if msg.payload == "key":
+            raise KeyError("k")
+        if msg.payload == "value":
+            raise ValueError("v")
+        self.count += 1
+        return self.count
+
+
+async def test_class_agent_restarts_by_default(autojump_clock: trio.testing.MockClock) -> None:
+    class Stateful(Counting):
+        runs = 0
+
+    with trio.fail_after(MOCK_LIMIT):
+        async with open_kernel(config(), seed=1) as kernel:
+            kernel.spawn(agent(Stateful, name="c"))
+            assert await kernel.request("c", "+") == 1
+            assert await kernel.request("c", "+") == 2
+            await kernel.send("c", "value")
+            await step_until_idle(kernel)
+            # A fresh instance: the count starts again.
+            assert await kernel.request("c", "+") == 1
+            assert kernel.stats().restarts == 1
+    assert Stateful.runs == 2
+    assert_conserved(kernel)
+
+
+async def test_on_error_per_exception_type(autojump_clock: trio.testing.MockClock) -> None:
+    class PerType(Counting):
+        runs = 0
+
+    class FirstMatchWins(Counting):
+        runs = 0
+
+    with trio.fail_after(MOCK_LIMIT):
+        async with open_kernel(config(), seed=1) as kernel:
+            kernel.spawn(
+                agent(
+                    PerType, name="per-type", on_error={KeyError: "resume", ValueError: "restart"}
+                )
+            )
+            kernel.spawn(
+                agent(
+                    FirstMatchWins,
+                    name="first",
+                    on_error={LookupError: "stop", KeyError: "resume"},
+                )
+            )
+            assert await kernel.request("per-type", "+") == 1
+            await kernel.send("per-type", "key")
+            # Resumed: same instance, the count goes on.
+            assert await kernel.request("per-type", "+") == 2
+            await kernel.send("per-type", "value")
+            await step_until_idle(kernel)
+            # Restarted: a fresh instance.
+            assert await kernel.request("per-type", "+") == 1
+            assert PerType.runs == 2
+
+            await kernel.send("first", "key")
+            await kernel.send("first", "queued behind the failure")
+            await step_until_idle(kernel)
+            # KeyError is a LookupError: the first rule (stop) applies.
+            assert names(kernel) == ["per-type"]
+            assert FirstMatchWins.runs == 1
+            assert kernel.stats().restarts == 1
+    assert_conserved(kernel)
+    stopped = dead_letters(kernel, DeadLetterReason.AGENT_STOPPED)
+    assert [d.message.payload for d in stopped] == ["queued behind the failure"]
+
+
+async def test_stop_directive_stops_a_permanent_agent_for_good(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    journal = Journal()
+    stopper = agent(journaled(journal, handle=fail), name="stopper", on_error="stop")
+    with trio.fail_after(MOCK_LIMIT):
+        async with open_kernel(config(), seed=1) as kernel, record_events(kernel) as events:
+            kernel.spawn(stopper)
+            await step_until_idle(kernel)
+            for i in range(3):
+                await kernel.send("stopper", i)
+            await step_until_idle(kernel)
+            assert kernel.agents() == []
+            with pytest.raises(AgentNotFound):
+                await kernel.send("stopper", "too late")
+            assert kernel.stats().restarts == 0
+    assert journal.entries == [("start", "stopper"), ("stop", "stopper")]
+    assert [d.message.payload for d in dead_letters(kernel, DeadLetterReason.HANDLER_ERROR)] == [0]
+    assert [d.message.payload for d in dead_letters(kernel, DeadLetterReason.AGENT_STOPPED)] == [
+        1,
+        2,
+    ]
+    assert events.kinds("stopper")[-2:] == [EventKind.FAILED, EventKind.STOPPED]
+    assert EventKind.RESTARTED not in events.kinds("stopper")
+    assert_conserved(kernel)
+
+
+async def test_escalate_directive_fails_the_nested_supervisor(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    journal = Journal()
+    with trio.fail_after(MOCK_LIMIT):
+        async with open_kernel(config(), seed=1) as kernel, record_events(kernel) as events:
+            kernel.spawn(
+                Supervisor(
+                    name="sup",
+                    max_restarts=100,
+                    backoff=Backoff(0, 0),
+                    children=[
+                        agent(journaled(journal), name="sibling"),
+                        agent(
+                            journaled(journal, handle=fail), name="escalator", on_error="escalate"
+                        ),
+                    ],
+                )
+            )
+            await step_until_idle(kernel)
+            await kernel.send("escalator", "boom")
+            await step_until_idle(kernel)
+            # The supervisor failed (despite its generous intensity) and the root
+            # restarted it with both children: the sibling ran again too.
+            assert journal.starts("sibling") == 2
+            assert journal.starts("escalator") == 2
+            assert names(kernel) == ["sibling", "escalator"]
+            assert EventKind.ESCALATED in events.kinds("sup")
+            assert EventKind.RESTARTED in events.kinds("sup")
+            assert kernel.stats().given_up == 0
+    journal.assert_matched()
+    assert_conserved(kernel)
+
+
+async def test_escalate_directive_at_the_isolating_root_stops_only_that_agent(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(MOCK_LIMIT):
+        async with open_kernel(config(), seed=1) as kernel, record_events(kernel) as events:
+            kernel.spawn(agent(Counting, name="escalator", on_error="escalate"))
+            kernel.spawn(agent(Counting, name="other"))
+            await kernel.send("escalator", "value")
+            await step_until_idle(kernel)
+            assert names(kernel) == ["other"]
+            assert await kernel.request("other", "+") == 1
+            assert kernel.stats().given_up == 1
+    assert EventKind.ESCALATED in events.kinds("escalator")
+    assert_conserved(kernel)
+
+
+async def test_isolating_root_gives_up_on_a_crash_loop_and_keeps_serving(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    class CrashLoop(Agent):
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            raise RuntimeError(f"crash {msg.payload}")
+
+    @agent
+    async def healthy(ctx: Context, msg: Message) -> Any:
+        return {"echo": msg.payload, "from": ctx.name}
+
+    cfg = Config(
+        kernel=KernelConfig(dead_letter_buffer=100_000),
+        supervision=SupervisionConfig(max_restarts=3, within_ms=5000),
+    )
+    baseline = tasks_living()
+    with trio.fail_after(MOCK_LIMIT):
+        async with open_kernel(cfg, seed=1) as kernel, record_events(kernel) as events:
+            refs = [kernel.spawn(healthy, name=f"h{i}") for i in range(100)]
+            kernel.spawn(agent(CrashLoop, name="crasher"))
+            for i in range(10):
+                await kernel.send("crasher", i)
+            await step_until_idle(kernel)
+            # Three restarts within 5 s are allowed; the fourth failure stops it for good.
+            assert "crasher" not in names(kernel)
+            assert len(kernel.agents()) == 100
+            stats = kernel.stats()
+            assert (stats.given_up, stats.restarts, stats.failed) == (1, 3, 4)
+            assert not kernel.shutting_down
+            for i, ref in enumerate(refs):
+                assert await kernel.request(ref, i) == {"echo": i, "from": f"h{i}"}
+    assert [d.message.payload for d in dead_letters(kernel, DeadLetterReason.HANDLER_ERROR)] == [
+        0,
+        1,
+        2,
+        3,
+    ]
+    assert [d.message.payload for d in dead_letters(kernel, DeadLetterReason.AGENT_STOPPED)] == [
+        4,
+        5,
+        6,
+        7,
+        8,
+        9,
+    ]
+    escalated = events.of(EventKind.ESCALATED)
+    assert [e.name for e in escalated] == ["crasher"]
+    assert isinstance(escalated[0].error, RuntimeError)
+    assert events.kinds("crasher")[-1] is EventKind.STOPPED
+    assert_conserved(kernel)
+    assert tasks_living() == baseline
+
+
+async def test_escalate_to_kernel_restores_whole_kernel_escalation(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    class CrashLoop(Agent):
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            raise RuntimeError(f"crash {msg.payload}")
+
+    cfg = Config(
+        kernel=KernelConfig(dead_letter_buffer=100_000),
+        supervision=SupervisionConfig(max_restarts=3, within_ms=5000, escalate_to_kernel=True),
+    )
+    body_cancelled = False
+    kernels: list[Any] = []
+
+    async def crash_loop_next_to_a_waiting_body() -> None:
+        nonlocal body_cancelled
+        async with open_kernel(cfg, seed=1) as kernel:
+            kernels.append(kernel)
+            kernel.spawn(agent(CrashLoop, name="crasher"))
+            for i in range(10):
+                await kernel.send("crasher", i)
+            try:
+                await trio.sleep_forever()
+            except trio.Cancelled:
+                body_cancelled = True
+                raise
+
+    with trio.fail_after(MOCK_LIMIT), pytest.raises(SupervisorEscalation) as raised:
+        await crash_loop_next_to_a_waiting_body()
+    (kernel,) = kernels
+    assert body_cancelled
+    assert raised.value.chain[-1] == "crasher"
+    assert isinstance(raised.value.last_error, RuntimeError)
+    stats = kernel.stats()
+    assert (stats.given_up, stats.failed) == (0, 4)
+    assert kernel.stopped
+    assert_conserved(kernel)

@@ -1,0 +1,397 @@
+"""Hypothesis properties of whole supervision trees: shutdown order, conservation, no leftovers.
+
+``test_nested_trees_shut_down_in_order`` (issue 11 item 6): random nested trees of
+supervisors and journaling class agents, random messages, shutdown at a random point.
+Agents start in pre-order of the tree and, at shutdown, stop in exactly the reverse order
+(children before parents, siblings in reverse start order); every ``on_start`` has one
+``on_stop``; every accepted message is handled or dead-lettered exactly once; no task is
+left behind.
+
+``test_chaos_trees_never_hang_or_leak`` (issue 12): random trees with all three
+strategies whose agents spawn linked children, fail, exit and message each other, while
+``kernel.stop`` calls land concurrently and shutdown comes at a random point. The kernel
+must not hang, leak a task or lose a message, and must pair every ``on_start`` with one
+``on_stop``. The random actions come from a ``random.Random`` seeded by a Hypothesis
+integer, so a failing example shrinks to a small tree and a small seed.
+
+Both run derandomized and without an example database, so CI sees the same examples on
+every run; each example runs on a ``MockClock(autojump_threshold=0)`` inside
+``trio.fail_after``, and a real-time SIGALRM guard catches a hang inside the shielded
+shutdown that mock time cannot cut.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import signal
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from types import FrameType
+from typing import Any
+
+import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nexus_trio import (
+    Agent,
+    AgentNotFound,
+    AgentSpec,
+    Backoff,
+    Config,
+    Context,
+    KernelConfig,
+    KernelShuttingDown,
+    MailboxFull,
+    Message,
+    SupervisionConfig,
+    Supervisor,
+    agent,
+    open_kernel,
+)
+from nexus_trio.testing import assert_conserved
+
+STRATEGIES = ("one_for_one", "one_for_all", "rest_for_one")
+#: mock seconds an example may take before it counts as hung
+MOCK_LIMIT = 3600
+#: real seconds one example may take before it counts as hung (shielded shutdown)
+REAL_LIMIT = 20
+
+#: a tree is an agent, or a supervisor with a strategy and children
+Tree = tuple[Any, ...]
+AGENT: Tree = ("agent",)
+
+
+def subtrees(depth: int) -> st.SearchStrategy[Tree]:
+    """An agent, or (while ``depth`` allows) a supervisor with up to four subtrees."""
+    if depth == 0:
+        return st.just(AGENT)
+    return st.one_of(
+        st.just(AGENT),
+        st.tuples(
+            st.just("sup"),
+            st.sampled_from(STRATEGIES),
+            st.lists(subtrees(depth - 1), max_size=4).map(tuple),
+        ),
+    )
+
+
+#: the root's children: up to four subtrees, supervisors nested three deep at most
+forests = st.lists(subtrees(3), min_size=1, max_size=4)
+
+
+class Hung(Exception):
+    """An example made no progress in real time: something waits forever."""
+
+
+@contextmanager
+def real_time_limit(seconds: float) -> Iterator[None]:
+    def on_alarm(signum: int, frame: FrameType | None) -> None:
+        raise Hung(f"no result after {seconds} s of real time: the kernel hangs")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def tasks_living() -> int:
+    return trio.lowlevel.current_statistics().tasks_living
+
+
+def build(
+    tree: Tree,
+    make_agent: Callable[[str], AgentSpec],
+    make_supervisor: Callable[[str, str, list[Any]], Supervisor],
+    counter: Iterator[int],
+    agent_names: list[str],
+    sup_names: list[str],
+) -> Any:
+    """The spec of ``tree``; names are given in pre-order (the tree's start order)."""
+    if tree == AGENT:
+        name = f"a{next(counter)}"
+        agent_names.append(name)
+        return make_agent(name)
+    _, strategy, children = tree
+    name = f"s{next(counter)}"
+    sup_names.append(name)
+    specs = [
+        build(child, make_agent, make_supervisor, counter, agent_names, sup_names)
+        for child in children
+    ]
+    return make_supervisor(name, strategy, specs)
+
+
+def run_example(scenario: Callable[[], Any]) -> None:
+    with real_time_limit(REAL_LIMIT):
+        trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+# --- (a) nested trees: shutdown order -------------------------------------------------------
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(
+    forest=forests,
+    messages=st.lists(
+        st.tuples(st.integers(0, 63), st.sampled_from([0.0, 0.0, 0.05, 0.4]), st.booleans()),
+        max_size=30,
+    ),
+    stop_after=st.sampled_from([0.0, 0.1, 0.5, 5.0]),
+)
+def test_nested_trees_shut_down_in_order(
+    forest: list[Tree], messages: list[tuple[int, float, bool]], stop_after: float
+) -> None:
+    journal: list[tuple[str, str | None]] = []
+    handled: dict[str | None, list[int]] = {}
+    handled_ids: list[uuid.UUID] = []
+
+    class Journaled(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            journal.append(("start", ctx.name))
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            seq, duration = msg.payload
+            if duration:
+                await trio.sleep(duration)
+            handled.setdefault(ctx.name, []).append(seq)
+            handled_ids.append(msg.id)
+
+        async def on_stop(self, ctx: Context) -> None:
+            journal.append(("stop", ctx.name))
+
+    agent_names: list[str] = []
+    sup_names: list[str] = []
+    counter = itertools.count()
+    specs = [
+        build(
+            tree,
+            lambda name: agent(Journaled, name=name),
+            lambda name, strategy, children: Supervisor(
+                strategy=strategy, children=children, name=name
+            ),
+            counter,
+            agent_names,
+            sup_names,
+        )
+        for tree in forest
+    ]
+    config = Config(
+        kernel=KernelConfig(dead_letter_buffer=100_000, shutdown_grace_ms=300),
+        supervision=SupervisionConfig(max_restarts=1000, backoff_initial_ms=0, backoff_max_ms=0),
+    )
+    accepted: list[uuid.UUID] = []
+
+    async def scenario() -> None:
+        baseline = tasks_living()
+        with trio.fail_after(MOCK_LIMIT):
+            async with open_kernel(config, seed=0) as kernel:
+                for spec in specs:
+                    kernel.spawn(spec)
+                if agent_names:
+                    for seq, (target, duration, pause) in enumerate(messages):
+                        name = agent_names[target % len(agent_names)]
+                        msg = await kernel.send(name, (seq, duration))
+                        accepted.append(msg.id)
+                        if pause:
+                            await trio.sleep(0.01)
+                await trio.sleep(stop_after)
+                assert len(kernel.agents()) == len(agent_names)
+        assert tasks_living() == baseline, "the kernel left tasks behind"
+        stats = kernel.stats()
+        assert stats.in_flight == 0
+        assert_conserved(kernel)
+        assert stats.restarts == 0
+        dead = [d.message.id for d in kernel.recent_dead_letters()]
+        assert len(set(dead)) == len(dead)
+        assert len(set(handled_ids)) == len(handled_ids)
+        assert not set(dead) & set(handled_ids)
+        assert set(dead) | set(handled_ids) == set(accepted)
+        assert stats.accepted == len(accepted)
+
+    run_example(scenario)
+
+    starts = [name for what, name in journal if what == "start"]
+    [name for what, name in journal if what == "stop"]
+    # Started in pre-order of the tree, each after the previous one's on_start (a
+    # shutdown at once may come before the last ones started: they never run at all).
+    assert starts == agent_names[: len(starts)]
+    if stop_after > 0:
+        assert starts == agent_names
+    # Stopped in exactly the reverse: children before parents, siblings reversed, and
+    # nothing stopped before the shutdown began.
+    assert journal == [("start", n) for n in starts] + [("stop", n) for n in reversed(starts)]
+    for seqs in handled.values():
+        assert seqs == sorted(seqs), "one sender's messages were handled out of order"
+
+
+# --- (b) chaos: linked children, failures, concurrent stops, random shutdown ------------------
+
+
+ACTIONS = ("ok", "ok", "sleep", "fail", "fail", "spawn", "spawn", "exit", "send")
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(forest=forests, seed=st.integers(0, 2**32 - 1))
+def test_chaos_trees_never_hang_or_leak(forest: list[Tree], seed: int) -> None:
+    rng = random.Random(seed)
+    started: Counter[int] = Counter()
+    stopped: Counter[int] = Counter()
+    tokens = itertools.count()
+    stop_calls_returned = 0
+    stop_calls_made = 0
+
+    class Lifecycle(Agent):
+        """Journals its run's on_start and on_stop under one token per run."""
+
+        def __init__(self) -> None:
+            self.token = next(tokens)
+
+        async def on_start(self, ctx: Context) -> None:
+            started[self.token] += 1
+
+        async def on_stop(self, ctx: Context) -> None:
+            stopped[self.token] += 1
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            pass
+
+    class Linked(Lifecycle):
+        """What chaos agents spawn with ``ctx.spawn``."""
+
+    class Chaotic(Lifecycle):
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            action, argument = msg.payload
+            if action == "sleep":
+                await trio.sleep(argument)
+            elif action == "fail":
+                raise RuntimeError("chaos")
+            elif action == "spawn":
+                with suppress(KernelShuttingDown):
+                    ctx.spawn(agent(Linked, restart=argument))
+            elif action == "exit":
+                ctx.stop()
+            elif action == "send":
+                with suppress(AgentNotFound, MailboxFull, KernelShuttingDown):
+                    await ctx.send(argument, ("ok", None))
+
+    restart_types = ("permanent", "permanent", "transient", "temporary")
+    agent_names: list[str] = []
+    sup_names: list[str] = []
+    counter = itertools.count()
+    specs = [
+        build(
+            tree,
+            lambda name: agent(
+                Chaotic,
+                name=name,
+                restart=rng.choice(restart_types),
+                shutdown_timeout=rng.choice([None, None, 0.5]),
+            ),
+            lambda name, strategy, children: Supervisor(
+                strategy=strategy,
+                children=children,
+                name=name,
+                max_restarts=rng.randint(1, 5),
+                within=5.0,
+                backoff=Backoff(0.001, 0.01),
+                restart=rng.choice(restart_types),
+            ),
+            counter,
+            agent_names,
+            sup_names,
+        )
+        for tree in forest
+    ]
+    config = Config(
+        kernel=KernelConfig(
+            dead_letter_buffer=100_000,
+            shutdown_grace_ms=rng.choice([0, 100, 1000]),
+            handle_timeout_ms=1000,
+            send_timeout_ms=100,
+            mailbox_capacity=rng.choice([2, 16, 1024]),
+        ),
+        supervision=SupervisionConfig(
+            max_restarts=rng.randint(1, 5), backoff_initial_ms=1, backoff_max_ms=10
+        ),
+    )
+    targets = agent_names + sup_names
+    steps = rng.randint(0, 40)
+    plan = []
+    for _ in range(steps):
+        kind = rng.random()
+        if kind < 0.15:
+            plan.append(("stop", rng.choice(targets)))
+        elif kind < 0.25:
+            plan.append(("pause", rng.choice([0.001, 0.05, 0.5])))
+        else:
+            action = rng.choice(ACTIONS)
+            argument: Any = None
+            if action == "sleep":
+                argument = rng.choice([0.01, 0.2, 2.0])
+            elif action == "spawn":
+                argument = rng.choice(restart_types)
+            elif action == "send" and agent_names:
+                argument = rng.choice(agent_names)
+            if agent_names:
+                plan.append(("send", rng.choice(agent_names), (action, argument)))
+    stop_after = rng.choice([0.0, 0.01, 0.3, 3.0])
+
+    async def scenario() -> None:
+        nonlocal stop_calls_made, stop_calls_returned
+        baseline = tasks_living()
+        with trio.fail_after(MOCK_LIMIT):
+            # The stop calls live outside the kernel block: those still waiting when
+            # shutdown begins must return once shutdown has stopped their target.
+            async with trio.open_nursery() as stops:
+                async with open_kernel(config, seed=seed) as kernel:
+                    for spec in specs:
+                        kernel.spawn(spec)
+
+                    async def stop(name: str) -> None:
+                        nonlocal stop_calls_returned
+                        with suppress(AgentNotFound):
+                            await kernel.stop(kernel.lookup(name))
+                        stop_calls_returned += 1
+
+                    for step in plan:
+                        if step[0] == "stop":
+                            stop_calls_made += 1
+                            stops.start_soon(stop, step[1])
+                        elif step[0] == "pause":
+                            await trio.sleep(step[1])
+                        else:
+                            with suppress(AgentNotFound, MailboxFull):
+                                await kernel.send(step[1], step[2])
+                    await trio.sleep(stop_after)
+        assert tasks_living() == baseline, "the kernel left tasks behind"
+        assert kernel.stats().in_flight == 0
+        assert_conserved(kernel)
+
+    run_example(scenario)
+
+    unmatched = {t: (started[t], stopped[t]) for t in started if stopped[t] != started[t]}
+    assert not unmatched, (
+        f"on_start without exactly one on_stop (token: starts, stops): {unmatched}"
+    )
+    assert all(count == 1 for count in started.values())
+    assert stop_calls_returned == stop_calls_made, "a kernel.stop() call never returned"
