@@ -123,9 +123,13 @@ class Mailbox:
         enqueued. Raises ``trio.BrokenResourceError`` if the mailbox is closed (the
         agent stopped for good) while waiting.
         """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self.try_put(msg):
+            return
         send = self._send
-        if send is None:
-            send = self._open()[0]
+        assert send is not None
+        # Parked in Trio's FIFO of blocked senders: the consumer that admits the message
+        # counts it (see take/receive).
         self.waiting += 1
         try:
             await send.send(msg)
