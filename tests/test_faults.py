@@ -773,3 +773,61 @@ async def test_escalate_to_kernel_restores_whole_kernel_escalation(
     assert (stats.given_up, stats.failed) == (0, 4)
     assert kernel.stopped
     assert_conserved(kernel)
+
+
+async def test_stop_worker_while_its_supervisor_is_stopping_waits_for_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """``kernel.stop(w1)`` while ``kernel.stop(sup)`` is stopping sup's children.
+
+    The supervisor is busy stopping w2 (a 1 s ``on_stop``); w1 is still running. Its stop
+    must return once w1 has stopped (its ``on_stop`` done), w1 must stop after w2 (reverse
+    start order) and must not fail.
+    """
+    journal = Journal()
+
+    class SlowStop(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            journal.entries.append(("start", ctx.name))
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            pass
+
+        async def on_stop(self, ctx: Context) -> None:
+            await trio.sleep(1.0)
+            journal.entries.append(("stop", ctx.name))
+
+    baseline = tasks_living()
+    with trio.fail_after(MOCK_LIMIT):
+        async with open_kernel(config(), seed=1) as kernel, record_events(kernel) as events:
+            sup = kernel.spawn(
+                Supervisor(
+                    name="sup",
+                    children=[
+                        agent(SlowStop, name="w1", shutdown_timeout=5),
+                        agent(SlowStop, name="w2", shutdown_timeout=5),
+                    ],
+                )
+            )
+            await step_until_idle(kernel)
+            w1 = kernel.lookup("w1")
+            stopped_when_worker_stop_returned: list[list[tuple[str, str | None]]] = []
+
+            async def stop_worker() -> None:
+                await kernel.stop(w1)
+                stopped_when_worker_stop_returned.append(list(journal.entries))
+
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(kernel.stop, sup)
+                    await trio.sleep(0.5)
+                    assert journal.entries[-1] == ("start", "w2"), "w2 is still stopping"
+                    nursery.start_soon(stop_worker)
+            assert kernel.agents() == []
+    (seen,) = stopped_when_worker_stop_returned
+    assert ("stop", "w1") in seen, f"stop(w1) returned before w1 stopped: {seen}"
+    assert [n for what, n in journal.entries if what == "stop"] == ["w2", "w1"]
+    assert EventKind.FAILED not in events.kinds("w1"), "w1 failed while being stopped"
+    journal.assert_matched()
+    assert_conserved(kernel)
+    assert tasks_living() == baseline

@@ -9,6 +9,7 @@ is checked on its own. Producers are started one at a time with
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -302,3 +303,29 @@ async def test_wake_receiver_without_a_parked_receiver_sends_nothing(
     mailbox.try_put(message("queued"))
     mailbox.wake_receiver()
     assert payloads(mailbox.take_all()) == ["queued"]
+
+
+async def test_receive_that_admits_a_blocked_sender_keeps_the_depth_right(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """``receive()`` on a full mailbox with a producer waiting: the depth must stay equal to
+    what the buffer holds. Trio's ``receive`` admits the producer and then yields; whether
+    the producer's ``waiting -= 1`` runs before the depth is counted depends on Trio's
+    (randomised) scheduling order, so the scenario is tried many times."""
+    depths: list[tuple[int, int]] = []
+    for _ in range(32):
+        mailbox = Mailbox(1)
+        mailbox.try_put(message("queued"))
+        outcome: dict[str, str] = {}
+        async with trio.open_nursery() as nursery:
+            await start_blocked_producers(nursery, mailbox, ["blocked"], outcome)
+            first = await mailbox.receive()
+            after_first = mailbox.depth
+            second = await mailbox.receive()
+            depths.append((after_first, mailbox.depth))
+        assert first is not None
+        assert second is not None
+        assert (first.payload, second.payload) == ("queued", "blocked")
+        assert outcome == {"blocked": "entered"}
+    # One message left in the buffer after the first receive, none after the second.
+    assert set(depths) == {(1, 0)}, f"depth after each receive, per try: {Counter(depths)}"

@@ -34,7 +34,7 @@ from typing import Any
 
 import trio
 import trio.testing
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from nexus_trio import (
@@ -245,13 +245,33 @@ ACTIONS = ("ok", "ok", "sleep", "fail", "fail", "spawn", "spawn", "exit", "send"
 
 
 @settings(
-    max_examples=150,
+    max_examples=200,
     deadline=None,
     derandomize=True,
     database=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 @given(forest=forests, seed=st.integers(0, 2**32 - 1))
+# Found by this property (shrunk): kernel.stop of the nested supervisor s5 lands while its
+# own supervisor s4 is stopping its children; s5 is retired without being stopped, its task
+# never ends and shutdown hangs (s3 -> s4 -> s5 at phase STOPPING).
+@example(
+    forest=[
+        AGENT,
+        ("sup", "one_for_one", (AGENT,)),
+        (
+            "sup",
+            "one_for_all",
+            (
+                ("sup", "one_for_one", (("sup", "one_for_one", (AGENT,)), AGENT)),
+                AGENT,
+                AGENT,
+                AGENT,
+            ),
+        ),
+    ],
+    seed=0,
+)
 def test_chaos_trees_never_hang_or_leak(forest: list[Tree], seed: int) -> None:
     rng = random.Random(seed)
     started: Counter[int] = Counter()
