@@ -120,8 +120,9 @@ class Mailbox:
         """Wait for room in Trio's FIFO of blocked senders, then enqueue.
 
         Cancellation while waiting (e.g. the send deadline) leaves the message *not*
-        enqueued. Raises ``trio.BrokenResourceError`` if the mailbox is closed (the
-        agent stopped for good) while waiting.
+        enqueued. A producer still waiting when the mailbox is closed is admitted by
+        :meth:`close` (which hands its message back with the rest); a put after the close
+        raises ``trio.ClosedResourceError``.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         if self.try_put(msg):
@@ -187,10 +188,9 @@ class Mailbox:
         msg = await receive.receive()
         if msg is None:
             return None
-        if self.waiting:
-            self._admitted()
-        else:
-            self.depth -= 1
+        # This wait was a schedule point: a producer Trio admitted meanwhile may already
+        # have counted itself out of ``waiting``, so recount from the buffer.
+        self._admitted()
         return msg
 
     def wake_receiver(self) -> None:
@@ -204,11 +204,8 @@ class Mailbox:
             send.send_nowait(None)
 
     def close(self) -> list[Message]:
-        """The agent is gone for good: take what is left, then close both ends.
-
-        Producers still waiting for room get ``trio.BrokenResourceError`` (after the
-        loop has admitted what fits, so only those beyond it).
-        """
+        """The agent is gone for good: take what is left (queued messages, then those of
+        the producers still waiting, in their order), then close both ends."""
         items = self.take_all()
         # A channel that was never opened stays so: the address is unrouted by now.
         if self._receive is not None and self._send is not None:

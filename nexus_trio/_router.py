@@ -449,7 +449,7 @@ class Router:
             with trio.move_on_after(self.send_timeout):
                 await blocked.mailbox.put_waiting(msg)
                 entered = True
-        except trio.BrokenResourceError:
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
             ledger.accepted -= 1
             raise AgentNotFound(msg.to) from None
         except BaseException:

@@ -220,6 +220,8 @@ class SupervisorNode(Child, ChildOwner):
     __slots__ = (
         "_inbox_send",
         "_last_spawn_gate",
+        "_late_terminations",
+        "_leaving",
         "_nursery",
         "_restart_times",
         "children",
@@ -244,6 +246,9 @@ class SupervisorNode(Child, ChildOwner):
         # The start gate of the last child added at run time that has an on_start: the
         # next one starts after it, so spawn order is start order (as OTP's start_child).
         self._last_spawn_gate: trio.Event | None = None
+        #: stopping its children on the way out of a run
+        self._leaving = False
+        self._late_terminations: list[tuple[Child, str]] = []
 
     # --- the child interface -----------------------------------------------------------
 
@@ -275,6 +280,7 @@ class SupervisorNode(Child, ChildOwner):
                 escalation = exc
             finally:
                 self._inbox_send = None
+                self._leaving = True
                 send.close()
                 # Whatever way we leave, children stop first, in reverse start order.
                 with trio.CancelScope(shield=True):
@@ -282,6 +288,10 @@ class SupervisorNode(Child, ChildOwner):
                     # Stops asked for while we were leaving: those children are stopped
                     # now; make them stopped for good so that their callers return.
                     self._finish_queued_terminations(receive)
+                    for child, reason in self._late_terminations:
+                        self._retire_with_linked(child, reason)
+                    self._late_terminations.clear()
+                    self._leaving = False
                 self._nursery = None
         if escalation is not None:
             raise escalation
@@ -327,6 +337,12 @@ class SupervisorNode(Child, ChildOwner):
         whoever stopped it (this call, a concurrent stop of this supervisor, shutdown)."""
         if child.retired:
             await trio.lowlevel.checkpoint()
+            return
+        if self._leaving:
+            # This supervisor is stopping its children right now: this one is stopped
+            # in its turn, then made stopped for good (see run_once).
+            self._late_terminations.append((child, reason))
+            await child.wait_retired()
             return
         if self._inbox_send is None:
             # Not running (starting, or waiting to be restarted): none of its children
