@@ -14,9 +14,14 @@ Routing a non-local address:
 Guarantees (what the caller of ``kernel.send`` / ``kernel.request`` gets):
 
 * a **tell** (``send``) to a remote agent is *at most once*: it returns when the message
-  is handed to the NATS client; a remote mailbox that stays full, an agent that is gone
-  or a server failover may lose it (counted on the receiving node:
-  ``stats().inbound_dropped``);
+  is queued for the NATS client; a remote mailbox that stays full or an agent that is
+  gone drops it (counted on the receiving node: ``stats().inbound_dropped``); a server
+  failover may lose it in flight, and then it is counted too: tells to a node carry a
+  per-destination sequence number, so the receiving node counts every gap
+  (``stats().lost_in_transit``), and what the NATS client refuses is counted on the
+  sending node (``stats().publish_failures``). While the connection is down tells wait
+  here (``outbox_high_water``, then ``TransportUnavailable`` at the send deadline:
+  not accepted);
 * a **request** gets its reply, or the error the remote kernel ran into
   (``AgentNotFound``, ``MailboxFull``, ``RequestFailed`` with the remote handler's
   error as text), or ``AgentNotFound`` when NATS reports no responders (the node is
@@ -66,6 +71,7 @@ from .._kernel import Kernel
 from .._message import SYSTEM_ID, Address, Message, MessageKind
 from . import _wire as wire
 from ._aio import Inbox, Outbox, asyncio_loop, call_aio
+from ._auth import NatsAuth, install_redaction, redact, split_credentials
 from ._durable import DurableChannel, DurableOptions
 from ._membership import (
     MemberTable,
@@ -78,12 +84,19 @@ from ._membership import (
 )
 
 log = logging.getLogger("nexus_trio.nats")
+# Every log record of the NATS layer goes through redact(): no credential in any line.
+install_redaction(("nexus_trio.nats", "nexus_trio.nats.durable", "nexus_trio.nats.membership"))
 
 _ROUTE_MEMORY: Final = 65536
 _KV_OPS_DELETED: Final = ("DEL", "PURGE")
 
-#: one outgoing NATS message: subject, reply subject, headers, body
-_Outgoing = tuple[str, str, dict[str, str] | None, bytes]
+#: a tell's sequence stream: destination node, its id prefix (one per process), and
+#: whether this item is the stream's mark (the last number sent) rather than a message
+_SeqKey = tuple[str, int, bool]
+#: one outgoing NATS message: subject, reply subject, headers, body, sequence stream
+_Outgoing = tuple[str, str, dict[str, str] | None, bytes, _SeqKey | None]
+#: sequence marks go out every heartbeat when the stream moved, else every this many
+_MARK_EVERY: Final = 5
 
 
 _positive: Final = attrs.validators.gt(0.0)
@@ -144,8 +157,12 @@ class ClusterStats:
     durable_redelivered: int
     durable_dead: int
     durable_duplicates: int
-    #: messages the NATS client refused (e.g. its buffer full while reconnecting): lost
+    #: messages the NATS client refused, or still queued when the node left with the
+    #: connection down: not sent, lost (queries among them failed at once)
     publish_failures: int
+    #: tells to this node that NATS lost on the way (gaps in their sequence numbers:
+    #: a server failover, a subscriber that NATS cut off as a slow consumer)
+    lost_in_transit: int
     #: received messages waiting for room in a full local mailbox right now
     parked: int
     members: tuple[str, ...]
@@ -164,10 +181,16 @@ class Cluster:
     """
 
     def __init__(
-        self, kernel: Kernel, servers: Sequence[str], node: str, options: ClusterOptions
+        self,
+        kernel: Kernel,
+        servers: Sequence[str],
+        node: str,
+        options: ClusterOptions,
+        auth: NatsAuth | None = None,
     ) -> None:
         self.kernel = kernel
-        self.servers = list(servers)
+        # Credentials in the URLs move to ``auth``: the URLs are shown in logs and errors.
+        self.servers, self.auth = split_credentials(list(servers), auth or NatsAuth())
         self.node = wire.check_token("node name", node)
         self.options = options
         self.prefix = options.prefix
@@ -207,7 +230,20 @@ class Cluster:
         self._type_subs: dict[str, Any] = {}
         self._type_turn = itertools.count()
         self._inbox: Inbox[NatsMsg] = Inbox(options.inbound_limit)
-        self._outbox: Outbox[_Outgoing] = Outbox(self._publish_batch, self._publish_one)
+        self._outbox: Outbox[_Outgoing] = Outbox(
+            self._publish_batch, self._publish_one, self._publish_refused
+        )
+        # tells' sequence numbers: last sent per destination, last mark sent, and the
+        # next expected per sending process (see ``_check_sequence``)
+        self._seq_out: dict[tuple[str, int], int] = {}
+        self._seq_marked: dict[tuple[str, int], int] = {}
+        self._seq_in: dict[str, int] = {}
+        self._marks_sent = 0
+        self._lost_in_transit = 0
+        self._publish_failures = 0
+        self._last_loss_log = -1.0
+        self._data_up = trio.Event()  # set while the data connection is up
+        self._data_up.set()
         self.durable = DurableChannel(self, options.durable)
         self._published = 0
         self._received = 0
@@ -274,6 +310,10 @@ class Cluster:
             nonlocal down
             if role == "data":
                 self._disconnects += 1
+                # Tells wait in the bounded outbox until the reconnect, not in the
+                # client's reconnect buffer, whose overflow nobody would see.
+                self._outbox.pause()
+                self._data_up = trio.Event()
             if not self._closing and not down:
                 log.warning("node %s: %s connection to NATS lost; reconnecting", self.node, role)
             down = True
@@ -283,8 +323,10 @@ class Cluster:
             down = False
             if role == "data":
                 self._reconnects += 1
+                self._outbox.resume()
+                self._data_up.set()
             url = nc.connected_url.netloc if nc is not None and nc.connected_url else "?"
-            log.warning("node %s: %s connection to NATS back, at %s", self.node, role, url)
+            log.warning("node %s: %s connection to NATS back, at %s", self.node, role, redact(url))
 
         async def on_error(exc: Exception) -> None:
             if not connected or down or self._closing:
@@ -298,6 +340,10 @@ class Cluster:
         attempts = max(1, opts.connect_attempts)
         limit = (opts.connect_timeout + opts.reconnect_wait) * (attempts + 1) * len(self.servers)
         try:
+            auth_options = self.auth.connect_options()
+        except ValueError as exc:
+            raise TransportUnavailable(f"cannot connect to NATS at {where}: {exc}") from None
+        try:
             with trio.fail_after(limit + 5):
                 nc = await call_aio(
                     nats.connect,
@@ -310,17 +356,37 @@ class Cluster:
                     disconnected_cb=on_disconnect,
                     reconnected_cb=on_reconnect,
                     error_cb=on_error,
+                    **auth_options,
                 )
         except trio.TooSlowError:
             raise TransportUnavailable(
                 f"cannot connect to NATS at {where}: no answer within {limit + 5:g}s"
             ) from None
         except Exception as exc:
-            raise TransportUnavailable(f"cannot connect to NATS at {where}: {exc!r}") from exc
+            # from None: the cause's text may quote what the server was sent
+            raise TransportUnavailable(
+                redact(f"cannot connect to NATS at {where} ({self._auth_kind()}): {exc!r}")
+            ) from None
         assert nc is not None
         nc.options["max_reconnect_attempts"] = opts.max_reconnect_attempts
         connected = True
         return nc
+
+    def _auth_kind(self) -> str:
+        """How this node authenticates, for error texts (never the secret itself)."""
+        a = self.auth
+        kind = (
+            "user/password"
+            if a.user is not None
+            else "token"
+            if a.token is not None
+            else "creds file"
+            if a.creds_file is not None
+            else "NKEY seed"
+            if a.nkey_seed is not None
+            else "no auth"
+        )
+        return f"{kind}, TLS" if a.uses_tls else kind
 
     async def _kv(self, bucket: str, *, ttl: float | None) -> KeyValue:
         config = KeyValueConfig(bucket=bucket, ttl=ttl, replicas=self.options.kv_replicas)
@@ -349,8 +415,10 @@ class Cluster:
                     await trio.sleep(0.25)
                     continue
                 raise TransportUnavailable(
-                    f"NATS at {', '.join(self.servers)} has no usable JetStream for the KV"
-                    f" bucket {bucket!r} (start nats-server with -js): {exc!r}"
+                    redact(
+                        f"NATS at {', '.join(self.servers)} has no usable JetStream for the KV"
+                        f" bucket {bucket!r} (start nats-server with -js): {exc!r}"
+                    )
                 ) from exc
 
     # --- the transport interface -------------------------------------------------------------
@@ -406,7 +474,9 @@ class Cluster:
         nc = self._nc
         if nc is None or nc.is_closed or self._closing:
             raise TransportUnavailable(
-                f"node {self.node!r} has no NATS connection (servers {', '.join(self.servers)})"
+                redact(
+                    f"node {self.node!r} has no NATS connection (servers {', '.join(self.servers)})"
+                )
             )
 
     def _route(self, msg: Message) -> _Outgoing | None:
@@ -418,11 +488,12 @@ class Cluster:
             if subject is not None:
                 if self._json_requests and self._json_requests.pop(reply_to, 0):
                     # asked in the kernel's JSON wire form (e.g. by a non-Python client)
-                    return subject, "", None, msg.to_json().encode()
-                return subject, "", None, wire.encode_message(msg)
+                    return subject, "", None, msg.to_json().encode(), None
+                return subject, "", None, wire.encode_message(msg), None
             if self.durable.completed(reply_to):
                 return None
         to = msg.to
+        seq: _SeqKey | None = None
         if isinstance(to, str) and to.startswith(wire.TYPE_PREFIX):
             type_name = to[len(wire.TYPE_PREFIX) :]
             subject = wire.type_subject(self.prefix, type_name)
@@ -430,11 +501,15 @@ class Cluster:
         else:
             node, agent_id = self.resolve(to)
             subject = wire.agent_subject(self.prefix, node, agent_id)
+            if msg.kind is not MessageKind.QUERY:
+                # A tell is numbered so that its loss in transit is counted (a lost
+                # query needs no number: its requester gets RequestTimeout).
+                seq = (node, self.members.members[node].id_prefix, False)
         reply = ""
         if msg.kind is MessageKind.QUERY:
             reply = wire.reply_subject(self.prefix, self.node, msg.id)
             self._remember(self._outstanding, msg.id, (to, node))
-        return subject, reply, None, wire.encode_message(msg)
+        return subject, reply, None, wire.encode_message(msg), seq
 
     def resolve(self, address: Address) -> tuple[str, uuid.UUID]:
         """The node and agent id behind a remote ``address`` (an id or a name).
@@ -469,19 +544,62 @@ class Cluster:
             table.popitem(last=False)
 
     def _publish_one(self, out: _Outgoing) -> Coroutine[Any, Any, None]:
-        subject, reply, headers, data = out
+        """asyncio side, synchronous up to the returned coroutine's first step: the
+        sequence number is taken here, in the order the client gets the messages."""
+        subject, reply, headers, data, seq = out
+        if seq is not None:
+            headers = self._number(seq)
         return self.nc.publish(subject, data, reply=reply, headers=headers)
 
+    def _number(self, seq: _SeqKey) -> dict[str, str]:
+        """The sequence header of a tell (the next number) or of a mark (the last one)."""
+        node, id_prefix, is_mark = seq
+        key = (node, id_prefix)
+        number = self._seq_out.get(key, 0)
+        if is_mark:
+            self._seq_marked[key] = number
+        else:
+            number += 1
+            self._seq_out[key] = number
+        return {wire.SEQ_HEADER: wire.sequence_value(self.node, self.id_prefix, id_prefix, number)}
+
     async def _publish_batch(self, batch: list[_Outgoing]) -> None:
-        """asyncio side: hand one batch to nats-py (it coalesces the writes)."""
-        nc = self.nc
-        for subject, reply, headers, data in batch:
-            await nc.publish(subject, data, reply=reply, headers=headers)
+        """Unused: the outbox sends item by item with :meth:`_publish_one`."""
+        raise AssertionError("the data outbox sends with _publish_one")
+
+    def _publish_refused(self, out: _Outgoing, exc: Exception) -> None:
+        """The NATS client refused ``out`` before taking it: count it, give its number back
+        (no gap for the receiver to count twice), fail it at once if it was a query."""
+        subject, reply, _, _, seq = out
+        if seq is not None:
+            key = (seq[0], seq[1])
+            if seq[2]:
+                return  # a mark: nothing was lost, the next one says the same
+            self._seq_out[key] -= 1
+        self._publish_failures += 1
+        if reply:
+            query_id = self._reply_query_id(reply.rsplit(".", 1)[-1])
+            if query_id is not None and self._outstanding.pop(query_id, None) is not None:
+                self._fail_request(
+                    query_id,
+                    TransportUnavailable(redact(f"NATS refused request {query_id}: {exc!r}")),
+                )
+        now = time.monotonic()
+        if now - self._last_loss_log >= 1.0:
+            self._last_loss_log = now
+            log.warning(
+                "node %s: the NATS client refused a message for %s (%d so far): %r",
+                self.node,
+                subject,
+                self._publish_failures,
+                exc,
+            )
 
     def _publish_error(self, reply: str, exc: BaseException) -> None:
         kind, body = wire.error_frame(exc)
         self._errors_replied[kind] += 1
-        self._outbox.put((reply, "", {wire.ERROR_HEADER: kind, wire.NODE_HEADER: self.node}, body))
+        headers = {wire.ERROR_HEADER: kind, wire.NODE_HEADER: self.node}
+        self._outbox.put((reply, "", headers, body, None))
 
     # --- inbound -----------------------------------------------------------------------------
 
@@ -494,6 +612,14 @@ class Cluster:
         another task. What has to wait goes to the Trio pump, which keeps the order.
         """
         self._received += 1
+        headers = m.headers
+        if headers is not None:
+            number = headers.get(wire.SEQ_HEADER)
+            if number is not None:
+                is_mark = not m.data
+                self._check_sequence(number, is_mark)
+                if is_mark:
+                    return
         if not self._inbox and not self.kernel.shutting_down:
             try:
                 if self._handle_now(m):
@@ -506,13 +632,64 @@ class Cluster:
 
     _on_type_message = _on_node_message
 
+    def _check_sequence(self, value: str, is_mark: bool) -> None:
+        """Count the tells a gap in a sender's numbers says were lost on the way.
+
+        NATS keeps the order of one connection's messages, so a number past the next
+        expected one means the ones between will never come; a mark (the last number
+        sent, on the same connection, after those tells) closes the gap at the end.
+        """
+        try:
+            stream, dest_prefix, number = wire.parse_sequence(value)
+        except ValueError:
+            self._dropped["malformed"] += 1
+            return
+        if dest_prefix != self.id_prefix:
+            return  # numbered for an earlier process that had this node name
+        expected = self._seq_in.get(stream, 1)
+        if number < expected:
+            return
+        lost = number - expected + (1 if is_mark else 0)
+        self._seq_in[stream] = number + 1
+        if lost:
+            self._lost_in_transit += lost
+            now = time.monotonic()
+            if now - self._last_loss_log >= 1.0:
+                self._last_loss_log = now
+                log.warning(
+                    "node %s: %d tells from %s were lost in transit (%d so far; a NATS"
+                    " failover or a slow-consumer cut), counted in lost_in_transit",
+                    self.node,
+                    lost,
+                    stream,
+                    self._lost_in_transit,
+                )
+
+    def _send_sequence_marks(self) -> None:
+        """Trio side, every heartbeat: tell each destination the last number sent to it,
+        so that tells lost at the end of a burst are counted too (see _check_sequence)."""
+        self._marks_sent += 1
+        periodic = self._marks_sent % _MARK_EVERY == 0
+        members = self.members.members
+        for key, number in list(self._seq_out.items()):
+            node, id_prefix = key
+            info = members.get(node)
+            if info is None or info.id_prefix != id_prefix:
+                # that process is gone: its stream ends here
+                self._seq_out.pop(key, None)
+                self._seq_marked.pop(key, None)
+                continue
+            if periodic or self._seq_marked.get(key) != number:
+                subject = wire.sequence_mark_subject(self.prefix, node)
+                self._outbox.put((subject, "", None, b"", (node, id_prefix, True)))
+
     def _handle_now(self, m: NatsMsg) -> bool:
         """Handle ``m`` without waiting; False if it needs the pump."""
         subject = m.subject
         if subject.startswith(self._node_subject_prefix):
             rest = subject[len(self._node_subject_prefix) :]
             if rest.startswith("reply."):
-                query_id = self._reply_query_id(m, rest[6:])
+                query_id = self._reply_query_id(rest[6:])
                 if query_id is None:
                     return True
                 asked = self._outstanding.pop(query_id, None)
@@ -557,7 +734,7 @@ class Cluster:
         type_name = subject[len(self.prefix) + 6 :]  # "<prefix>.type.<name>"
         await self._handle_message(m, type_name)
 
-    def _reply_query_id(self, m: NatsMsg, query_text: str) -> uuid.UUID | None:
+    def _reply_query_id(self, query_text: str) -> uuid.UUID | None:
         try:
             return uuid.UUID(query_text)
         except ValueError:
@@ -592,7 +769,7 @@ class Cluster:
             return None
 
     async def _handle_reply(self, m: NatsMsg, query_text: str) -> None:
-        query_id = self._reply_query_id(m, query_text)
+        query_id = self._reply_query_id(query_text)
         if query_id is None:
             return
         reply = self._reply_message(m, query_id, self._outstanding.pop(query_id, None))
@@ -922,9 +1099,10 @@ class Cluster:
         *,
         sender: uuid.UUID = SYSTEM_ID,
         msg_id: uuid.UUID | None = None,
+        timeout: float | None = None,
     ) -> Message:
         """Send at least once through JetStream; see :class:`DurableChannel.send`."""
-        return await self.durable.send(to, payload, sender=sender, msg_id=msg_id)
+        return await self.durable.send(to, payload, sender=sender, msg_id=msg_id, timeout=timeout)
 
     # --- membership --------------------------------------------------------------------------
 
@@ -939,6 +1117,8 @@ class Cluster:
             "agents_alive": s.agents_alive,
             "published": self._published,
             "received": self._received,
+            "publish_failures": self._publish_failures,
+            "lost_in_transit": self._lost_in_transit,
         }
 
     def _record(self) -> bytes:
@@ -960,6 +1140,7 @@ class Cluster:
         failing = False
         while True:
             await trio.sleep(self.options.heartbeat_interval)
+            self._send_sequence_marks()
             try:
                 await call_aio(self._control.publish, self._heartbeat_subject, self._record())
                 if failing:
@@ -1145,7 +1326,23 @@ class Cluster:
                 except Exception as exc:
                     log.warning("node %s: could not drop membership: %r", self.node, exc)
             try:
+                if self._outbox.paused:
+                    # Down now: give the client a bounded chance to reconnect first.
+                    with trio.move_on_after(min(2.0, self.kernel.config.kernel.send_timeout)):
+                        await self._data_up.wait()
+                else:
+                    self._send_sequence_marks()  # the receivers count a lost tail
                 await self._outbox.close()
+                unsent = self._outbox.discard()
+                if unsent:
+                    log.error(
+                        "node %s: leaving with the NATS connection down: %d queued"
+                        " messages not sent, counted in publish_failures",
+                        self.node,
+                        len(unsent),
+                    )
+                    for out in unsent:
+                        self._publish_refused(out, ConnectionError("NATS connection down"))
                 await call_aio(self.nc.flush, 2)
             except Exception as exc:
                 log.warning("node %s: could not flush outgoing messages: %r", self.node, exc)
@@ -1182,7 +1379,8 @@ class Cluster:
             durable_redelivered=d.redelivered,
             durable_dead=d.dead,
             durable_duplicates=d.duplicates,
-            publish_failures=self._outbox.failed_batches,
+            publish_failures=self._publish_failures,
+            lost_in_transit=self._lost_in_transit,
             parked=sum(len(q) for q in self._parked.values()),
             members=tuple(i.node for i in self.member_list()),
         )
@@ -1206,29 +1404,41 @@ def default_node_name() -> str:
 @asynccontextmanager
 async def join_cluster(
     kernel: Kernel,
-    url: str | Sequence[str],
+    url: str | Sequence[str] | None,
     node: str,
     *,
     options: ClusterOptions | None = None,
     prefix: str | None = None,
+    auth: NatsAuth | None = None,
 ) -> AsyncIterator[Cluster]:
     """Join ``kernel`` to the NATS cluster at ``url`` as node ``node`` for the block.
 
     ``url`` is one server URL, a comma-separated list, or a sequence (the client fails
-    over between them). On entry: connect (:class:`TransportUnavailable` naming the URL if
-    no server answers), create the KV buckets if needed, announce the node, load the
-    member and name tables, publish the kernel's named agents and attach the transport.
-    On exit: detach, remove the node's names and membership record, flush and close.
-    Leaving does not shut the kernel down; to let it drain with the cluster still
-    attached, ``await kernel.shutdown()`` inside the block.
+    over between them); None takes ``[nats] url`` of the kernel's config. ``auth`` (the
+    credentials and TLS settings) defaults to the ``[nats]`` section of the kernel's
+    config, so ``NEXUS_NATS__PASSWORD`` and friends work without code; credentials
+    written in a URL are taken out of it (and never logged). On entry: connect
+    (:class:`TransportUnavailable` naming the URL, without credentials, if no server
+    answers or the server refuses them), create the KV buckets if needed, announce the
+    node, load the member and name tables, publish the kernel's named agents and attach
+    the transport. On exit: detach, remove the node's names and membership record, flush
+    and close. Leaving does not shut the kernel down; to let it drain with the cluster
+    still attached, ``await kernel.shutdown()`` inside the block.
     """
+    section = kernel.config.nats
+    if url is None:
+        url = section.url
+        if url is None:
+            raise ValueError("no NATS URL: pass one, or set [nats] url (NEXUS_NATS__URL)")
     servers = [u.strip() for u in url.split(",")] if isinstance(url, str) else list(url)
+    if auth is None:
+        auth = NatsAuth.from_config(section)
     opts = options or ClusterOptions()
     if prefix is not None:
         opts = attrs.evolve(opts, prefix=prefix)
     try:
         async with asyncio_loop():
-            cluster = Cluster(kernel, servers, node, opts)
+            cluster = Cluster(kernel, servers, node, opts, auth)
             try:
                 await cluster._connect()
                 async with trio.open_nursery() as nursery:

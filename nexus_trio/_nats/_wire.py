@@ -7,6 +7,9 @@ Subjects (``P`` is the cluster prefix, ``nexus`` by default):
   subscription costs ~5 KB and a task in nats-py: a million agents must not pay that).
 * ``P.node.<node>.reply.<query id>`` — replies to this node's requests, error frames and
   NATS "no responders" statuses, correlated by the query id in the subject.
+* ``P.node.<node>.seq`` — a sequence mark: the last number the sender gave a tell to
+  ``<node>`` (header ``Nexus-Seq``, empty body). Tells carry the same header with
+  their own number, so the receiving node counts the ones NATS lost on the way.
 * ``P.type.<type>`` — a queue group: any one replica of an agent type takes the message.
 * ``P.durable.<node>.<id>`` — JetStream (at-least-once) messages for agents on ``<node>``.
 
@@ -42,6 +45,8 @@ from .._message import Message, MessageKind
 NODE_HEADER: Final = "Nexus-Node"
 ERROR_HEADER: Final = "Nexus-Error"
 MSG_ID_HEADER: Final = "Nats-Msg-Id"
+#: ``<sender node>.<sender id prefix>.<destination id prefix>.<number>`` on a tell
+SEQ_HEADER: Final = "Nexus-Seq"
 TYPE_PREFIX: Final = "type:"
 
 _TOKEN: Final = re.compile(r"[A-Za-z0-9_-]+")
@@ -182,6 +187,26 @@ def reply_subject(prefix: str, node: str, query_id: uuid.UUID) -> str:
 
 def type_subject(prefix: str, type_name: str) -> str:
     return f"{prefix}.type.{type_name}"
+
+
+def sequence_mark_subject(prefix: str, node: str) -> str:
+    """Where a sender tells ``node`` the last sequence number it sent it (empty body)."""
+    return f"{prefix}.node.{node}.seq"
+
+
+def sequence_value(node: str, id_prefix: int, dest_prefix: int, number: int) -> str:
+    """The ``Nexus-Seq`` header: ``number`` in the stream of tells from process
+    ``id_prefix`` (node ``node``) to process ``dest_prefix``."""
+    return f"{node}.{id_prefix:x}.{dest_prefix:x}.{number}"
+
+
+def parse_sequence(value: str) -> tuple[str, int, int]:
+    """``(stream, destination id prefix, number)`` of a ``Nexus-Seq`` header; the stream
+    names the sending process. ValueError if malformed."""
+    stream, dest, number = value.rsplit(".", 2)
+    if "." not in stream:
+        raise ValueError(f"malformed {SEQ_HEADER} header {value!r}")
+    return stream, int(dest, 16), int(number)
 
 
 def durable_subject(prefix: str, node: str, agent_id: uuid.UUID | str) -> str:
