@@ -111,12 +111,20 @@ def run_workers(
     if workers < 1:
         raise ValueError(f"--workers must be at least 1, got {workers}")
     server = None
+    # Credentials reach the workers in their environment, never in argv (``ps``).
+    env = dict(os.environ)
     if nats_url is None:
+        import secrets
+
         from .._nats import NatsServer
 
-        server = NatsServer().start()
+        token = secrets.token_urlsafe(32)  # a private server still refuses other local users
+        server = NatsServer(token=token).start()
         nats_url = server.url
+        env["NEXUS_NATS__TOKEN"] = token
         log.info("started nats-server at %s (pid %d) for %d workers", nats_url, server.pid, workers)
+    else:
+        nats_url = _move_credentials_to_env(nats_url, env)
     procs: list[subprocess.Popen[bytes]] = []
     outputs: list[bytes] = [b""] * workers
     signals_seen = 0
@@ -133,7 +141,9 @@ def run_workers(
         for i in range(workers):
             argv = [python or sys.executable, "-m", "nexus_trio.cli", "run", *run_args]
             argv += ["--nats", nats_url, "--node", f"worker-{i}", "--json", "--no-live"]
-            procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE))
+            procs.append(
+                subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=env)
+            )
 
         def collect(i: int, proc: subprocess.Popen[bytes]) -> None:
             assert proc.stdout is not None
@@ -167,6 +177,17 @@ def run_workers(
     if status == 0 and not summary["conserved"]:
         status = 1
     return summary, status
+
+
+def _move_credentials_to_env(nats_url: str, env: dict[str, str]) -> str:
+    """``nats_url`` without user info; the credentials it had go to ``env``."""
+    from .._nats._auth import NatsAuth, split_credentials
+
+    urls, auth = split_credentials([u.strip() for u in nats_url.split(",")], NatsAuth())
+    for key, value in (("USER", auth.user), ("PASSWORD", auth.password), ("TOKEN", auth.token)):
+        if value is not None:
+            env[f"NEXUS_NATS__{key}"] = value
+    return ",".join(urls)
 
 
 def _status(code: int) -> int:
