@@ -328,7 +328,11 @@ class Cluster:
             url = nc.connected_url.netloc if nc is not None and nc.connected_url else "?"
             log.warning("node %s: %s connection to NATS back, at %s", self.node, role, redact(url))
 
+        last_error: list[Exception] = []  # what the server said while connecting
+
         async def on_error(exc: Exception) -> None:
+            if not connected:
+                last_error[:] = [exc]
             if not connected or down or self._closing:
                 log.debug("node %s: NATS (%s): %r", self.node, role, exc)
             else:
@@ -364,8 +368,9 @@ class Cluster:
             ) from None
         except Exception as exc:
             # from None: the cause's text may quote what the server was sent
+            said = f"; last error: {last_error[0]!r}" if last_error else ""
             raise TransportUnavailable(
-                redact(f"cannot connect to NATS at {where} ({self._auth_kind()}): {exc!r}")
+                redact(f"cannot connect to NATS at {where} ({self._auth_kind()}): {exc!r}{said}")
             ) from None
         assert nc is not None
         nc.options["max_reconnect_attempts"] = opts.max_reconnect_attempts
