@@ -82,6 +82,7 @@ from ._membership import (
     node_uuid,
     process_id_prefix,
 )
+from ._sequence import InboundSequences
 
 log = logging.getLogger("nexus_trio.nats")
 # Every log record of the NATS layer goes through redact(): no credential in any line.
@@ -234,12 +235,11 @@ class Cluster:
             self._publish_batch, self._publish_one, self._publish_refused
         )
         # tells' sequence numbers: last sent per destination, last mark sent, and the
-        # next expected per sending process (see ``_check_sequence``)
+        # and the next expected per sending process (see ``_sequence``)
         self._seq_out: dict[tuple[str, int], int] = {}
         self._seq_marked: dict[tuple[str, int], int] = {}
-        self._seq_in: dict[str, int] = {}
+        self._seq_in = InboundSequences(self.id_prefix)
         self._marks_sent = 0
-        self._lost_in_transit = 0
         self._publish_failures = 0
         self._last_loss_log = -1.0
         self._data_up = trio.Event()  # set while the data connection is up
@@ -638,26 +638,14 @@ class Cluster:
     _on_type_message = _on_node_message
 
     def _check_sequence(self, value: str, is_mark: bool) -> None:
-        """Count the tells a gap in a sender's numbers says were lost on the way.
-
-        NATS keeps the order of one connection's messages, so a number past the next
-        expected one means the ones between will never come; a mark (the last number
-        sent, on the same connection, after those tells) closes the gap at the end.
-        """
+        """Count the tells a gap in a sender's numbers says were lost (see ``_sequence``)."""
         try:
             stream, dest_prefix, number = wire.parse_sequence(value)
         except ValueError:
             self._dropped["malformed"] += 1
             return
-        if dest_prefix != self.id_prefix:
-            return  # numbered for an earlier process that had this node name
-        expected = self._seq_in.get(stream, 1)
-        if number < expected:
-            return
-        lost = number - expected + (1 if is_mark else 0)
-        self._seq_in[stream] = number + 1
+        lost = self._seq_in.observe(stream, dest_prefix, number, is_mark=is_mark)
         if lost:
-            self._lost_in_transit += lost
             now = time.monotonic()
             if now - self._last_loss_log >= 1.0:
                 self._last_loss_log = now
@@ -667,7 +655,7 @@ class Cluster:
                     self.node,
                     lost,
                     stream,
-                    self._lost_in_transit,
+                    self._seq_in.lost,
                 )
 
     def _send_sequence_marks(self) -> None:
@@ -1123,7 +1111,7 @@ class Cluster:
             "published": self._published,
             "received": self._received,
             "publish_failures": self._publish_failures,
-            "lost_in_transit": self._lost_in_transit,
+            "lost_in_transit": self._seq_in.lost,
         }
 
     def _record(self) -> bytes:
@@ -1385,7 +1373,7 @@ class Cluster:
             durable_dead=d.dead,
             durable_duplicates=d.duplicates,
             publish_failures=self._publish_failures,
-            lost_in_transit=self._lost_in_transit,
+            lost_in_transit=self._seq_in.lost,
             parked=sum(len(q) for q in self._parked.values()),
             members=tuple(i.node for i in self.member_list()),
         )

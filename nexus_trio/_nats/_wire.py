@@ -203,10 +203,13 @@ def sequence_value(node: str, id_prefix: int, dest_prefix: int, number: int) -> 
 def parse_sequence(value: str) -> tuple[str, int, int]:
     """``(stream, destination id prefix, number)`` of a ``Nexus-Seq`` header; the stream
     names the sending process. ValueError if malformed."""
-    stream, dest, number = value.rsplit(".", 2)
-    if "." not in stream:
-        raise ValueError(f"malformed {SEQ_HEADER} header {value!r}")
-    return stream, int(dest, 16), int(number)
+    try:
+        stream, dest, number = value.rsplit(".", 2)
+        if "." not in stream:
+            raise ValueError("no sender id prefix")
+        return stream, int(dest, 16), int(number)
+    except ValueError as exc:
+        raise ValueError(f"malformed {SEQ_HEADER} header {value!r}: {exc}") from None
 
 
 def durable_subject(prefix: str, node: str, agent_id: uuid.UUID | str) -> str:
