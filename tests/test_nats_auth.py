@@ -8,6 +8,9 @@ Waits are bounded with ``trio.fail_after``.
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -236,3 +239,32 @@ async def test_password_in_the_url_never_reaches_the_logs_across_a_reconnect(
     assert reconnected, caplog.text
     assert PASSWORD not in caplog.text
     assert all(PASSWORD not in str(r.msg) and not r.args for r in reconnected)
+
+
+def _nexus_run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nexus_trio.cli", "run", "-n", "10", "-d", "0.5", "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, **env},
+        cwd=Path(__file__).parent,  # no ./config.toml of the repository
+    )
+
+
+def test_nexus_run_joins_with_url_and_token_from_the_environment(server_factory: Any) -> None:
+    server = server_factory(token=TOKEN)
+    result = _nexus_run(env={"NEXUS_NATS__URL": server.url, "NEXUS_NATS__TOKEN": TOKEN})
+    assert result.returncode == 0, result.stderr
+    assert f"joined the cluster at {server.url}" in result.stderr
+    assert TOKEN not in result.stderr + result.stdout
+
+
+def test_nexus_run_never_logs_the_token_of_a_nats_url(server_factory: Any) -> None:
+    server = server_factory(token=TOKEN)
+    url = f"nats://{TOKEN}@127.0.0.1:{server.port}"
+    result = _nexus_run("--nats", url, env={})
+    assert result.returncode == 0, result.stderr
+    assert f"joined the cluster at nats://{MASK}@127.0.0.1:{server.port}" in result.stderr
+    assert TOKEN not in result.stderr + result.stdout
