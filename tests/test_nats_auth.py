@@ -180,6 +180,14 @@ async def test_user_and_password_from_config_and_a_wrong_password_is_named_not_s
     text = str(info.value)
     assert "user/password" in text and "uthorization" in text  # "Authorization Violation"
     assert "Wrong-pw-1" not in text and info.value.__cause__ is None
+    # the same with the credentials in the URL: the error shows the URL without them
+    async with open_kernel(node_config()) as kernel:
+        url = f"nats://svc:Wrong-pw-2@127.0.0.1:{server.port}"
+        with trio.fail_after(30), pytest.raises(TransportUnavailable) as info:
+            async with join_cluster(kernel, url, "a", options=FAST):
+                pass
+    assert f"nats://127.0.0.1:{server.port}" in str(info.value)
+    assert "Wrong-pw-2" not in str(info.value)
     assert "Wrong-pw-1" not in caplog.text and PASSWORD not in caplog.text
 
 
