@@ -7,6 +7,7 @@ and starts a new one on the same port; waits are bounded with ``trio.fail_after`
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import pytest
@@ -14,7 +15,15 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nexus_trio import AgentNotFound, Context, Message, RequestTimeout, TransportUnavailable, agent
+from nexus_trio import (
+    SYSTEM_ID,
+    AgentNotFound,
+    Context,
+    Message,
+    RequestTimeout,
+    TransportUnavailable,
+    agent,
+)
 from nexus_trio._nats import NatsServer
 from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._sequence import InboundSequences
@@ -140,3 +149,18 @@ async def test_a_server_restart_under_load_loses_no_accepted_tell_uncounted() ->
         finally:
             for extra in restarted:
                 extra.stop()
+
+
+def test_a_numbered_body_carries_its_sequence_and_decodes_to_the_same_message() -> None:
+    msg = Message(sender=SYSTEM_ID, to="collector-b", payload={"n": [1, "two"]})
+    sequence = wire.sequence_value("a", 0x1F, OWN, 42)
+    body = wire.encode_message(msg, sequence)
+    assert body.startswith(wire.NUMBERED_PREFIX + sequence.encode() + b'"')
+    assert wire.decode_message(body) == wire.decode_message(wire.encode_message(msg)) == msg
+
+
+def test_the_fast_numbered_encoding_is_the_numbered_encoding() -> None:
+    msg = Message(sender=SYSTEM_ID, to=uuid.uuid4(), payload=["x", {"y": None}])
+    head = wire.numbered_head("a", 0x1F, OWN)
+    expected = wire.encode_message(msg, wire.sequence_value("a", 0x1F, OWN, 7))
+    assert wire.encode_numbered(msg, head, 7) == expected

@@ -91,11 +91,16 @@ install_redaction(("nexus_trio.nats", "nexus_trio.nats.durable", "nexus_trio.nat
 _ROUTE_MEMORY: Final = 65536
 _KV_OPS_DELETED: Final = ("DEL", "PURGE")
 
-#: a tell's sequence stream: destination node, its id prefix (one per process), and
-#: whether this item is the stream's mark (the last number sent) rather than a message
-_SeqKey = tuple[str, int, bool]
-#: one outgoing NATS message: subject, reply subject, headers, body, sequence stream
-_Outgoing = tuple[str, str, dict[str, str] | None, bytes, _SeqKey | None]
+#: a stream of numbered tells: the destination node and its id prefix (its process)
+_Stream = tuple[str, int]
+#: where a message goes: subject, reply subject, body (None for a tell to number and
+#: encode when it is queued) and the tell's stream
+_Routed = tuple[str, str, bytes | None, _Stream | None]
+#: what an outgoing item is: a plain message, a numbered tell (a loss of which the
+#: receiver counts), a sequence mark
+_PLAIN, _NUMBERED, _MARK = 0, 1, 2
+#: one outgoing NATS message: subject, reply subject, headers, body, what it is
+_Outgoing = tuple[str, str, dict[str, str] | None, bytes, int]
 #: sequence marks go out every heartbeat when the stream moved, else every this many
 _MARK_EVERY: Final = 5
 
@@ -204,6 +209,7 @@ class Cluster:
         self._names_kv: KeyValue | None = None
         self._node_subject_prefix = f"{self.prefix}.node.{self.node}."
         self._heartbeat_subject = f"{self.prefix}.hb.{self.node}"
+        self._mark_subject = wire.sequence_mark_subject(self.prefix, self.node)
         self.members = MemberTable(node, options.heartbeat_interval * options.missed_heartbeats)
         self._joined_at = time.time()
         # name -> (node, agent id) for every named agent in the cluster (KV watcher)
@@ -234,10 +240,12 @@ class Cluster:
         self._outbox: Outbox[_Outgoing] = Outbox(
             self._publish_batch, self._publish_one, self._publish_refused
         )
-        # tells' sequence numbers: last sent per destination, last mark sent, and the
+        # tells' sequence numbers: the last given per destination, the last marked,
         # and the next expected per sending process (see ``_sequence``)
-        self._seq_out: dict[tuple[str, int], int] = {}
-        self._seq_marked: dict[tuple[str, int], int] = {}
+        self._seq_out: dict[_Stream, int] = {}
+        self._seq_marked: dict[_Stream, int] = {}
+        self._seq_heads: dict[_Stream, bytes] = {}
+        self._seq_streams: dict[str, tuple[str, int]] = {}
         self._seq_in = InboundSequences(self.id_prefix)
         self._marks_sent = 0
         self._publish_failures = 0
@@ -437,13 +445,13 @@ class Cluster:
         :class:`AgentNotFound`.
         """
         try:
-            out = self._route(msg)
+            routed = self._route(msg)
         except AgentNotFound:
             if not isinstance(msg.to, str) or msg.to.startswith(wire.TYPE_PREFIX):
                 raise
             await self._refresh_name(msg.to)
-            out = self._route(msg)
-        if out is None:
+            routed = self._route(msg)
+        if routed is None:
             return
         high_water = self.options.outbox_high_water
         if len(self._outbox) >= high_water:
@@ -456,7 +464,7 @@ class Cluster:
                     f"{len(self._outbox)} messages still wait for NATS on node {self.node!r}"
                     f" after {deadline:g}s; message {msg.id} not sent"
                 )
-        self._outbox.put(out)
+        self._outbox.put(self._seal(msg, routed))
         self._published += 1
 
     def _forget_outstanding(self, msg: Message) -> None:
@@ -469,11 +477,27 @@ class Cluster:
             raise TransportUnavailable(
                 f"{len(self._outbox)} messages already wait for NATS on node {self.node!r}"
             )
-        out = self._route(msg)
-        if out is None:
+        routed = self._route(msg)
+        if routed is None:
             return
-        self._outbox.put(out)
+        self._outbox.put(self._seal(msg, routed))
         self._published += 1
+
+    def _seal(self, msg: Message, routed: _Routed) -> _Outgoing:
+        """The outgoing item; a tell to a node gets the next number of its stream here,
+        as it is queued (not before: a tell refused at the send deadline has none)."""
+        subject, reply, data, stream = routed
+        if stream is None:
+            assert data is not None
+            return subject, reply, None, data, _PLAIN
+        number = self._seq_out.get(stream, 0) + 1
+        self._seq_out[stream] = number
+        head = self._seq_heads.get(stream)
+        if head is None:  # once per stream: the per-message cost is one str() and a join
+            head = self._seq_heads[stream] = wire.numbered_head(
+                self.node, self.id_prefix, stream[1]
+            )
+        return subject, reply, None, wire.encode_numbered(msg, head, number), _NUMBERED
 
     def _check_usable(self) -> None:
         nc = self._nc
@@ -484,7 +508,7 @@ class Cluster:
                 )
             )
 
-    def _route(self, msg: Message) -> _Outgoing | None:
+    def _route(self, msg: Message) -> _Routed | None:
         """Where ``msg`` goes on NATS; None if it was consumed here (a durable ack)."""
         self._check_usable()
         reply_to = msg.reply_to
@@ -493,12 +517,12 @@ class Cluster:
             if subject is not None:
                 if self._json_requests and self._json_requests.pop(reply_to, 0):
                     # asked in the kernel's JSON wire form (e.g. by a non-Python client)
-                    return subject, "", None, msg.to_json().encode(), None
-                return subject, "", None, wire.encode_message(msg), None
+                    return subject, "", msg.to_json().encode(), None
+                return subject, "", wire.encode_message(msg), None
             if self.durable.completed(reply_to):
                 return None
         to = msg.to
-        seq: _SeqKey | None = None
+        stream: _Stream | None = None
         if isinstance(to, str) and to.startswith(wire.TYPE_PREFIX):
             type_name = to[len(wire.TYPE_PREFIX) :]
             subject = wire.type_subject(self.prefix, type_name)
@@ -509,12 +533,14 @@ class Cluster:
             if msg.kind is not MessageKind.QUERY:
                 # A tell is numbered so that its loss in transit is counted (a lost
                 # query needs no number: its requester gets RequestTimeout).
-                seq = (node, self.members.members[node].id_prefix, False)
-        reply = ""
+                stream = (node, self.members.members[node].id_prefix)
         if msg.kind is MessageKind.QUERY:
             reply = wire.reply_subject(self.prefix, self.node, msg.id)
             self._remember(self._outstanding, msg.id, (to, node))
-        return subject, reply, None, wire.encode_message(msg), seq
+            return subject, reply, wire.encode_message(msg), None
+        if stream is not None:
+            return subject, "", None, stream  # numbered and encoded by _seal
+        return subject, "", wire.encode_message(msg), None
 
     def resolve(self, address: Address) -> tuple[str, uuid.UUID]:
         """The node and agent id behind a remote ``address`` (an id or a name).
@@ -549,38 +575,23 @@ class Cluster:
             table.popitem(last=False)
 
     def _publish_one(self, out: _Outgoing) -> Coroutine[Any, Any, None]:
-        """asyncio side, synchronous up to the returned coroutine's first step: the
-        sequence number is taken here, in the order the client gets the messages."""
-        subject, reply, headers, data, seq = out
-        if seq is not None:
-            headers = self._number(seq)
+        subject, reply, headers, data, _ = out
         return self.nc.publish(subject, data, reply=reply, headers=headers)
-
-    def _number(self, seq: _SeqKey) -> dict[str, str]:
-        """The sequence header of a tell (the next number) or of a mark (the last one)."""
-        node, id_prefix, is_mark = seq
-        key = (node, id_prefix)
-        number = self._seq_out.get(key, 0)
-        if is_mark:
-            self._seq_marked[key] = number
-        else:
-            number += 1
-            self._seq_out[key] = number
-        return {wire.SEQ_HEADER: wire.sequence_value(self.node, self.id_prefix, id_prefix, number)}
 
     async def _publish_batch(self, batch: list[_Outgoing]) -> None:
         """Unused: the outbox sends item by item with :meth:`_publish_one`."""
         raise AssertionError("the data outbox sends with _publish_one")
 
-    def _publish_refused(self, out: _Outgoing, exc: Exception) -> None:
-        """The NATS client refused ``out`` before taking it: count it, give its number back
-        (no gap for the receiver to count twice), fail it at once if it was a query."""
-        subject, reply, _, _, seq = out
-        if seq is not None:
-            key = (seq[0], seq[1])
-            if seq[2]:
-                return  # a mark: nothing was lost, the next one says the same
-            self._seq_out[key] -= 1
+    def _publish_refused(self, out: _Outgoing, exc: Exception, *, leaving: bool = False) -> None:
+        """The NATS client refused ``out`` (or the node leaves with it unsent): count it
+        once, and fail it at once if it was a query.
+
+        A numbered tell is counted by its receiver (the gap shows at the next number or
+        mark), except when this node leaves with it: nothing comes after it then.
+        """
+        subject, reply, _, _, kind = out
+        if kind == _MARK or (kind == _NUMBERED and not leaving):
+            return
         self._publish_failures += 1
         if reply:
             query_id = self._reply_query_id(reply.rsplit(".", 1)[-1])
@@ -604,7 +615,7 @@ class Cluster:
         kind, body = wire.error_frame(exc)
         self._errors_replied[kind] += 1
         headers = {wire.ERROR_HEADER: kind, wire.NODE_HEADER: self.node}
-        self._outbox.put((reply, "", headers, body, None))
+        self._outbox.put((reply, "", headers, body, _PLAIN))
 
     # --- inbound -----------------------------------------------------------------------------
 
@@ -617,14 +628,13 @@ class Cluster:
         another task. What has to wait goes to the Trio pump, which keeps the order.
         """
         self._received += 1
-        headers = m.headers
-        if headers is not None:
-            number = headers.get(wire.SEQ_HEADER)
-            if number is not None:
-                is_mark = not m.data
-                self._check_sequence(number, is_mark)
-                if is_mark:
-                    return
+        data = m.data
+        if data[:4] == wire.NUMBERED_PREFIX:
+            end = data.find(b'"', 4)
+            self._check_sequence(data[4:end].decode(errors="replace"), is_mark=False)
+        elif m.subject == self._mark_subject:
+            self._check_sequence(data.decode(errors="replace"), is_mark=True)
+            return
         if not self._inbox and not self.kernel.shutting_down:
             try:
                 if self._handle_now(m):
@@ -637,10 +647,16 @@ class Cluster:
 
     _on_type_message = _on_node_message
 
-    def _check_sequence(self, value: str, is_mark: bool) -> None:
+    def _check_sequence(self, value: str, *, is_mark: bool) -> None:
         """Count the tells a gap in a sender's numbers says were lost (see ``_sequence``)."""
+        head, _, number_text = value.rpartition(".")
+        known = self._seq_streams.get(head)
         try:
-            stream, dest_prefix, number = wire.parse_sequence(value)
+            if known is None:  # once per sending process
+                stream, dest_prefix, number = wire.parse_sequence(value)
+                self._seq_streams[head] = (stream, dest_prefix)
+            else:
+                (stream, dest_prefix), number = known, int(number_text)
         except ValueError:
             self._dropped["malformed"] += 1
             return
@@ -673,8 +689,10 @@ class Cluster:
                 self._seq_marked.pop(key, None)
                 continue
             if periodic or self._seq_marked.get(key) != number:
+                self._seq_marked[key] = number
                 subject = wire.sequence_mark_subject(self.prefix, node)
-                self._outbox.put((subject, "", None, b"", (node, id_prefix, True)))
+                mark = wire.sequence_value(self.node, self.id_prefix, id_prefix, number)
+                self._outbox.put((subject, "", None, mark.encode(), _MARK))
 
     def _handle_now(self, m: NatsMsg) -> bool:
         """Handle ``m`` without waiting; False if it needs the pump."""
@@ -1335,7 +1353,9 @@ class Cluster:
                         len(unsent),
                     )
                     for out in unsent:
-                        self._publish_refused(out, ConnectionError("NATS connection down"))
+                        self._publish_refused(
+                            out, ConnectionError("NATS connection down"), leaving=True
+                        )
                 await call_aio(self.nc.flush, 2)
             except Exception as exc:
                 log.warning("node %s: could not flush outgoing messages: %r", self.node, exc)
