@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -26,6 +27,7 @@ from nexus_trio import (
 )
 from nexus_trio._nats import NatsServer
 from nexus_trio._nats import _wire as wire
+from nexus_trio._nats._aio import Outbox, asyncio_loop
 from nexus_trio._nats._sequence import InboundSequences
 
 from .nats_server import nats_cluster
@@ -164,3 +166,49 @@ def test_the_fast_numbered_encoding_is_the_numbered_encoding() -> None:
     head = wire.numbered_head("a", 0x1F, OWN)
     expected = wire.encode_message(msg, wire.sequence_value("a", 0x1F, OWN, 7))
     assert wire.encode_numbered(msg, head, 7) == expected
+
+
+async def test_outbox_holds_items_while_paused_and_reports_each_refused_item() -> None:
+    """The data outbox: nothing reaches the client while paused (the connection is
+    down), everything after resume goes in order, and every item the client refuses
+    synchronously is reported once (the sender's ``publish_failures``)."""
+    sent: list[int] = []
+    refused: list[tuple[int, str]] = []
+
+    async def send_one(item: int) -> None:
+        if item % 3 == 0:
+            raise OSError(f"refused {item}")  # before buffering, like nats-py's checks
+        sent.append(item)
+
+    async with asyncio_loop():
+        outbox: Outbox[int] = Outbox(
+            send_one=send_one, on_refused=lambda item, exc: refused.append((item, str(exc)))
+        )
+        await outbox.start()
+        outbox.put(1)  # sent at once, in this task
+        assert sent == [1]
+        outbox.pause()
+        for item in range(2, 8):
+            outbox.put(item)
+        await trio.testing.wait_all_tasks_blocked()
+        assert (sent, len(outbox)) == ([1], 6)
+        outbox.resume()
+        await outbox.close()
+    assert sent == [1, 2, 4, 5, 7]
+    assert refused == [(3, "refused 3"), (6, "refused 6")]
+    assert outbox.refused == 2
+
+
+async def test_outbox_closed_while_paused_leaves_its_items_to_discard() -> None:
+    async def send_one(item: int) -> None:
+        raise AssertionError("nothing may be sent while paused")
+
+    async with asyncio_loop():
+        outbox: Outbox[int] = Outbox(send_one=send_one)
+        await outbox.start()
+        outbox.pause()
+        outbox.put(1)
+        outbox.put(2)
+        await outbox.close()
+        assert outbox.discard() == [1, 2]
+        assert not outbox.put(3) and outbox.dropped == 1

@@ -108,8 +108,9 @@ class Inbox(Generic[T]):
 class Outbox(Generic[T]):
     """Items from Trio to one asyncio task, crossing once per batch.
 
-    :meth:`put` never awaits. ``send_batch`` (an asyncio coroutine function) gets every
-    item queued since the last batch, in order. :meth:`wait_below` lets a Trio producer
+    :meth:`put` never awaits. Give one of ``send_batch`` and ``send_one``.
+    ``send_batch`` (an asyncio coroutine function) gets every item queued since the last
+    batch, in order. :meth:`wait_below` lets a Trio producer
     wait while the backlog is above a mark (backpressure toward the Trio side).
 
     With ``send_one`` (an asyncio coroutine function that normally completes without
@@ -130,10 +131,12 @@ class Outbox(Generic[T]):
 
     def __init__(
         self,
-        send_batch: Callable[[list[T]], Awaitable[None]],
+        send_batch: Callable[[list[T]], Awaitable[None]] | None = None,
         send_one: Callable[[T], Coroutine[Any, Any, None]] | None = None,
         on_refused: Callable[[T, Exception], None] | None = None,
     ) -> None:
+        if (send_batch is None) == (send_one is None):
+            raise TypeError("Outbox needs one of send_batch and send_one")
         self._send_batch = send_batch
         self._send_one = send_one
         self._on_refused = on_refused
@@ -277,7 +280,7 @@ class Outbox(Generic[T]):
             while self._items and not self._paused:
                 batch, self._items = self._items, []
                 self.batches += 1
-                if self._send_one is not None:
+                if self._send_batch is None:
                     await self._send_items(batch)
                     continue
                 try:
@@ -308,7 +311,7 @@ class Outbox(Generic[T]):
                 await asyncio.wait([self._unfinished])
             if self._items and not self._paused:
                 batch, self._items = self._items, []
-                if self._send_one is not None:
+                if self._send_batch is None:
                     await self._send_items(batch)
                 else:
                     await self._send_batch(batch)

@@ -238,7 +238,7 @@ class Cluster:
         self._type_turn = itertools.count()
         self._inbox: Inbox[NatsMsg] = Inbox(options.inbound_limit)
         self._outbox: Outbox[_Outgoing] = Outbox(
-            self._publish_batch, self._publish_one, self._publish_refused
+            send_one=self._publish_one, on_refused=self._publish_refused
         )
         # tells' sequence numbers: the last given per destination, the last marked,
         # and the next expected per sending process (see ``_sequence``)
@@ -388,17 +388,13 @@ class Cluster:
     def _auth_kind(self) -> str:
         """How this node authenticates, for error texts (never the secret itself)."""
         a = self.auth
-        kind = (
-            "user/password"
-            if a.user is not None
-            else "token"
-            if a.token is not None
-            else "creds file"
-            if a.creds_file is not None
-            else "NKEY seed"
-            if a.nkey_seed is not None
-            else "no auth"
+        kinds = (
+            ("user/password", a.user),
+            ("token", a.token),
+            ("creds file", a.creds_file),
+            ("NKEY seed", a.nkey_seed),
         )
+        kind = next((name for name, value in kinds if value is not None), "no auth")
         return f"{kind}, TLS" if a.uses_tls else kind
 
     async def _kv(self, bucket: str, *, ttl: float | None) -> KeyValue:
@@ -577,10 +573,6 @@ class Cluster:
     def _publish_one(self, out: _Outgoing) -> Coroutine[Any, Any, None]:
         subject, reply, headers, data, _ = out
         return self.nc.publish(subject, data, reply=reply, headers=headers)
-
-    async def _publish_batch(self, batch: list[_Outgoing]) -> None:
-        """Unused: the outbox sends item by item with :meth:`_publish_one`."""
-        raise AssertionError("the data outbox sends with _publish_one")
 
     def _publish_refused(self, out: _Outgoing, exc: Exception, *, leaving: bool = False) -> None:
         """The NATS client refused ``out`` (or the node leaves with it unsent): count it
