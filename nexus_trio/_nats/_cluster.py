@@ -1337,6 +1337,16 @@ class Cluster:
                     self._send_sequence_marks()  # the receivers count a lost tail
                 await self._outbox.close()
                 unsent = self._outbox.discard()
+                buffered = self.nc.pending_data_size if self._outbox.paused else 0
+                if buffered:
+                    # Handed to the client just before the disconnect was noticed; they
+                    # are numbered, but no later mark will tell the receivers of them.
+                    log.error(
+                        "node %s: leaving with the NATS connection down: %d bytes of"
+                        " messages in the client's reconnect buffer are lost (not counted)",
+                        self.node,
+                        buffered,
+                    )
                 if unsent:
                     log.error(
                         "node %s: leaving with the NATS connection down: %d queued"
