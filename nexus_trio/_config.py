@@ -406,6 +406,51 @@ class AppConfig:
     )
 
 
+# --- [nats]: how `nexus run --nats` / join_cluster reach NATS (owned by nexus_trio._nats) ---
+
+
+def _check_optional_text(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ValueError(
+            f"[{_section_of(inst)}] {attribute.name} must be a non-empty string or unset,"
+            f" got {value!r}"
+        )
+
+
+def _nats_key(doc: str, example: str, *, secret: bool = False) -> Any:
+    # ``example``: the commented value in the template; ``secret``: `nexus config show`
+    # prints that the key is set, never its value.
+    metadata = {**_doc(doc), "example": example, "secret": secret}
+    return attrs.field(default=None, validator=_check_optional_text, metadata=metadata)
+
+
+@attrs.frozen
+class NatsConfig:
+    """``[nats]``: the NATS server and credentials (keep secrets here or in env, not argv)."""
+
+    _section = "nats"
+
+    url: str | None = _nats_key(
+        "server URL(s), comma-separated; --nats overrides it", "nats://127.0.0.1:4222"
+    )
+    user: str | None = _nats_key("user name for user/password auth", "nexus")
+    password: str | None = _nats_key("password (or NEXUS_NATS__PASSWORD)", "...", secret=True)
+    token: str | None = _nats_key("auth token (or NEXUS_NATS__TOKEN)", "...", secret=True)
+    creds_file: str | None = _nats_key(
+        "credentials file (user JWT + NKEY seed)", "/etc/nexus/nats.creds"
+    )
+    nkey_seed: str | None = _nats_key("file holding an NKEY user seed", "/etc/nexus/nats.nk")
+    tls_ca: str | None = _nats_key(
+        "CA certificate file (PEM) to verify the server", "/etc/nexus/nats-ca.pem"
+    )
+    tls_cert: str | None = _nats_key(
+        "client certificate file (PEM), with tls_key", "/etc/nexus/nats-client.pem"
+    )
+    tls_key: str | None = _nats_key(
+        "client private key file (PEM), with tls_cert", "/etc/nexus/nats-client-key.pem"
+    )
+
+
 @attrs.frozen
 class Config:
     """The whole configuration; ``Config()`` is the embedded defaults."""
@@ -416,6 +461,7 @@ class Config:
     logging: LoggingConfig = attrs.field(factory=LoggingConfig)
     metrics: MetricsConfig = attrs.field(factory=MetricsConfig)
     app: AppConfig = attrs.field(factory=AppConfig)
+    nats: NatsConfig = attrs.field(factory=NatsConfig)
 
 
 #: The TOML sections in file order, each with the class of its table.
@@ -426,4 +472,5 @@ SECTIONS: dict[str, type[Any]] = {
     "logging": LoggingConfig,
     "metrics": MetricsConfig,
     "app": AppConfig,
+    "nats": NatsConfig,
 }

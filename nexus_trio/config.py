@@ -541,7 +541,8 @@ def render_template() -> str:
             doc = field.metadata.get("doc", "")
             if value is None:
                 parts.append(
-                    f"# {doc} [default: unset]\n# {key} = {_toml('package.module:attr')}\n"
+                    f"# {doc} [default: unset]\n"
+                    f"# {key} = {_toml(field.metadata.get('example', 'package.module:attr'))}\n"
                 )
             else:
                 parts.append(f"# {doc} [default: {_toml(value)}]\n{key} = {_toml(value)}\n")
@@ -590,6 +591,8 @@ def render_effective(loaded: LoadedConfig) -> str:
             source = loaded.sources.get(f"{section}.{key}", "default")
             if value is None:
                 parts.append(f"# {key} is unset  # from {source}\n")
+            elif _fields(section)[key].metadata.get("secret"):
+                parts.append(f"# {key} is set (not shown: a secret)  # from {source}\n")
             else:
                 parts.append(f"{key} = {_toml(value)}  # from {source}\n")
     return "".join(parts)

@@ -337,6 +337,20 @@ BAD_VALUES = [
         '"star"',
         "[app] workload must be one of ring, fanout, request, pool, got 'star'",
     ),
+    *(
+        ("nats", key, '""', f"[nats] {key} must be a non-empty string or unset, got ''")
+        for key in (
+            "url",
+            "user",
+            "password",
+            "token",
+            "creds_file",
+            "nkey_seed",
+            "tls_ca",
+            "tls_cert",
+            "tls_key",
+        )
+    ),
 ]
 
 
@@ -607,9 +621,10 @@ def test_template_round_trip_gives_the_defaults(home: Path) -> None:
     loaded = load(home, path)
     assert loaded.config == Config()
     assert loaded.warnings == ()
-    # Every key but the optional app.app is written out (that one is a commented example).
+    # Every key but the optional app.app and the [nats] keys (all unset by default) is
+    # written out (those are commented examples).
     written = {k for k, v in loaded.sources.items() if v == f"file {path}"}
-    assert written == ALL_KEYS - {"app.app"}
+    assert written == ALL_KEYS - {"app.app"} - {k for k in ALL_KEYS if k.startswith("nats.")}
 
 
 def test_template_documents_every_key() -> None:

@@ -12,8 +12,8 @@ from nexus_trio import (
     AgentNotFound,
     Context,
     DeadLetterReason,
-    Kernel,
     Message,
+    TransportHandle,
     TransportUnavailable,
     agent,
     open_kernel,
@@ -26,7 +26,8 @@ class Loopback:
     """Delivers every non-local message to the peer kernel, as a network transport would."""
 
     def __init__(self) -> None:
-        self.peer: Kernel | None = None
+        #: the peer kernel's handle for this link (what its attach_transport returned)
+        self.peer: TransportHandle | None = None
         self.carried: list[Message] = []
         self.down = False
 
@@ -34,7 +35,7 @@ class Loopback:
         if self.down or self.peer is None:
             raise TransportUnavailable("peer down")
         self.carried.append(msg)
-        await self.peer.deliver_from_remote(msg)
+        await self.peer.deliver(msg)
 
     def deliver_nowait(self, msg: Message) -> None:
         raise TransportUnavailable("this loopback only delivers with send()")
@@ -48,9 +49,9 @@ async def doubler(ctx: Context, msg: Message) -> Any:
 async def test_requests_cross_kernels_and_replies_find_their_way_back() -> None:
     link_ab, link_ba = Loopback(), Loopback()
     async with open_kernel(make_config()) as a, open_kernel(make_config()) as b:
-        link_ab.peer, link_ba.peer = b, a
-        a.attach_transport(link_ab)
-        b.attach_transport(link_ba)
+        # Each link delivers into the other kernel through that kernel's handle.
+        link_ba.peer = a.attach_transport(link_ab)
+        link_ab.peer = b.attach_transport(link_ba)
         remote = b.spawn(doubler)
         assert not a.is_local(remote) and b.is_local(remote)
         assert await a.request(remote.id, 21) == 42

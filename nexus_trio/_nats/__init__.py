@@ -6,6 +6,7 @@ trio-asyncio). The core never imports this package; a kernel joins a cluster wit
 ``docs/distributed.md`` has the guarantees of each path and a three-process example.
 """
 
+from ._auth import NatsAuth as NatsAuth
 from ._cluster import Cluster as Cluster
 from ._cluster import ClusterOptions as ClusterOptions
 from ._cluster import ClusterStats as ClusterStats
@@ -25,6 +26,7 @@ __all__ = [
     "ClusterOptions",
     "ClusterStats",
     "DurableOptions",
+    "NatsAuth",
     "NatsServer",
     "NatsServerError",
     "NodeInfo",

@@ -108,8 +108,9 @@ class Inbox(Generic[T]):
 class Outbox(Generic[T]):
     """Items from Trio to one asyncio task, crossing once per batch.
 
-    :meth:`put` never awaits. ``send_batch`` (an asyncio coroutine function) gets every
-    item queued since the last batch, in order. :meth:`wait_below` lets a Trio producer
+    :meth:`put` never awaits. Give one of ``send_batch`` and ``send_one``.
+    ``send_batch`` (an asyncio coroutine function) gets every item queued since the last
+    batch, in order. :meth:`wait_below` lets a Trio producer
     wait while the backlog is above a mark (backpressure toward the Trio side).
 
     With ``send_one`` (an asyncio coroutine function that normally completes without
@@ -117,16 +118,28 @@ class Outbox(Generic[T]):
     an item put while nothing is queued is sent at once, in the caller's task: no hop
     to another task at all. Should that coroutine suspend after all (the client's
     buffer is full), an asyncio task finishes it, and items put meanwhile queue behind
-    it, in order.
+    it, in order. The asyncio task then sends item by item with ``send_one`` too. An
+    item whose coroutine raises *before its first suspension* was refused (nats-py
+    checks everything before it buffers the bytes): it goes to ``on_refused(item,
+    exc)``, one call per item, so that nothing refused is lost uncounted. A failure
+    after the first suspension comes after the bytes were buffered: it is only logged.
+
+    :meth:`pause` holds every item here (e.g. while the connection is down, so that an
+    outage fills this bounded queue, on whose high-water mark senders wait, instead of
+    the client's reconnect buffer); :meth:`resume` sends them on, in order.
     """
 
     def __init__(
         self,
-        send_batch: Callable[[list[T]], Awaitable[None]],
+        send_batch: Callable[[list[T]], Awaitable[None]] | None = None,
         send_one: Callable[[T], Coroutine[Any, Any, None]] | None = None,
+        on_refused: Callable[[T, Exception], None] | None = None,
     ) -> None:
+        if (send_batch is None) == (send_one is None):
+            raise TypeError("Outbox needs one of send_batch and send_one")
         self._send_batch = send_batch
         self._send_one = send_one
+        self._on_refused = on_refused
         self._items: list[T] = []
         self._ready: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -134,8 +147,11 @@ class Outbox(Generic[T]):
         self._unfinished: asyncio.Task[None] | None = None
         self._drained = trio.Event()
         self._closed = False
+        self._paused = False
         self.batches = 0
         self.failed_batches = 0
+        #: items refused by ``send_one`` (each also went to ``on_refused``)
+        self.refused = 0
         self.dropped = 0
         #: items sent at once by :meth:`put` (not through the asyncio task)
         self.direct = 0
@@ -161,30 +177,64 @@ class Outbox(Generic[T]):
             and not self._items
             and self._unfinished is None
             and self._loop is not None
+            and not self._paused
         ):
-            self._send_now(self._send_one(item))
+            self.direct += 1
+            started = self._start_one(item)
+            if started is not None:
+                self._unfinished = self._loop.create_task(self._finish(*started))
+                if self._ready is not None:
+                    self._ready.set()
             return True
         self._items.append(item)
         if len(self._items) == 1 and self._ready is not None:
             self._ready.set()
         return True
 
-    def _send_now(self, coro: Coroutine[Any, Any, None]) -> None:
-        self.direct += 1
+    def pause(self) -> None:
+        """Hold items here until :meth:`resume` (see the class doc)."""
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+        if self._items and self._ready is not None:
+            self._ready.set()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def discard(self) -> list[T]:
+        """Take every queued item out (they will not be sent); the caller accounts for them."""
+        items, self._items = self._items, []
+        self._drained.set()
+        return items
+
+    def _start_one(self, item: T) -> tuple[Coroutine[Any, Any, None], Any] | None:
+        """Run ``send_one(item)`` up to its first suspension: None if it finished (or was
+        refused: reported), else the coroutine and what it waits on."""
+        assert self._send_one is not None
+        coro = self._send_one(item)
         try:
             waiting_on = coro.send(None)
         except StopIteration:
-            return
+            return None
         except Exception as exc:
+            self.refused += 1
+            if self._on_refused is not None:
+                self._on_refused(item, exc)
             self._failed(exc)
-            return
-        assert self._loop is not None
-        self._unfinished = self._loop.create_task(self._finish(coro, waiting_on))
-        if self._ready is not None:
-            self._ready.set()
+            return None
+        return coro, waiting_on
 
     async def _finish(self, coro: Coroutine[Any, Any, None], waiting_on: Any) -> None:
-        """Drive a coroutine that suspended in :meth:`_send_now` to its end, the way an
+        try:
+            await self._drive(coro, waiting_on)
+        finally:
+            self._unfinished = None
+
+    async def _drive(self, coro: Coroutine[Any, Any, None], waiting_on: Any) -> None:
+        """Drive a coroutine that suspended after it was started to its end, the way an
         asyncio task would: resume it (with None) each time what it waits on is done."""
         try:
             while True:
@@ -201,8 +251,6 @@ class Outbox(Generic[T]):
             raise
         except Exception as exc:
             self._failed(exc)
-        finally:
-            self._unfinished = None
 
     def _failed(self, exc: Exception) -> None:
         """Count a failed send; log it, at most once a second (an outage fails them all)."""
@@ -229,9 +277,12 @@ class Outbox(Generic[T]):
             self._ready.clear()
             if self._unfinished is not None:
                 await asyncio.wait([self._unfinished])  # keep the order
-            while self._items:
+            while self._items and not self._paused:
                 batch, self._items = self._items, []
                 self.batches += 1
+                if self._send_batch is None:
+                    await self._send_items(batch)
+                    continue
                 try:
                     await self._send_batch(batch)
                 except asyncio.CancelledError:
@@ -240,16 +291,30 @@ class Outbox(Generic[T]):
                     self._failed(exc)
             self._drained.set()
 
+    async def _send_items(self, batch: list[T]) -> None:
+        """Send ``batch`` item by item; if paused midway, put the rest back in front."""
+        for index, item in enumerate(batch):
+            if self._paused:
+                self._items[:0] = batch[index:]
+                return
+            started = self._start_one(item)
+            if started is not None:
+                await self._drive(*started)
+
     async def close(self) -> None:
-        """Send what is queued, then stop the asyncio task."""
+        """Send what is queued (unless paused: then it stays for :meth:`discard`), then
+        stop the asyncio task."""
         self._closed = True
 
         async def finish() -> None:
             if self._unfinished is not None:
                 await asyncio.wait([self._unfinished])
-            if self._items:
+            if self._items and not self._paused:
                 batch, self._items = self._items, []
-                await self._send_batch(batch)
+                if self._send_batch is None:
+                    await self._send_items(batch)
+                else:
+                    await self._send_batch(batch)
             if self._task is not None:
                 self._task.cancel()
                 with suppress(asyncio.CancelledError):

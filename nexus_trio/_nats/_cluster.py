@@ -14,9 +14,14 @@ Routing a non-local address:
 Guarantees (what the caller of ``kernel.send`` / ``kernel.request`` gets):
 
 * a **tell** (``send``) to a remote agent is *at most once*: it returns when the message
-  is handed to the NATS client; a remote mailbox that stays full, an agent that is gone
-  or a server failover may lose it (counted on the receiving node:
-  ``stats().inbound_dropped``);
+  is queued for the NATS client; a remote mailbox that stays full or an agent that is
+  gone drops it (counted on the receiving node: ``stats().inbound_dropped``); a server
+  failover may lose it in flight, and then it is counted too: tells to a node carry a
+  per-destination sequence number, so the receiving node counts every gap
+  (``stats().lost_in_transit``), and what the NATS client refuses is counted on the
+  sending node (``stats().publish_failures``). While the connection is down tells wait
+  here (``outbox_high_water``, then ``TransportUnavailable`` at the send deadline:
+  not accepted);
 * a **request** gets its reply, or the error the remote kernel ran into
   (``AgentNotFound``, ``MailboxFull``, ``RequestFailed`` with the remote handler's
   error as text), or ``AgentNotFound`` when NATS reports no responders (the node is
@@ -64,8 +69,10 @@ from .._errors import (
 from .._events import EventKind, LifecycleEvent
 from .._kernel import Kernel
 from .._message import SYSTEM_ID, Address, Message, MessageKind
+from .._router import TransportHandle
 from . import _wire as wire
 from ._aio import Inbox, Outbox, asyncio_loop, call_aio
+from ._auth import NatsAuth, install_redaction, redact, split_credentials
 from ._durable import DurableChannel, DurableOptions
 from ._membership import (
     MemberTable,
@@ -76,14 +83,27 @@ from ._membership import (
     node_uuid,
     process_id_prefix,
 )
+from ._sequence import InboundSequences
 
 log = logging.getLogger("nexus_trio.nats")
+# Every log record of the NATS layer goes through redact(): no credential in any line.
+install_redaction(("nexus_trio.nats", "nexus_trio.nats.durable", "nexus_trio.nats.membership"))
 
 _ROUTE_MEMORY: Final = 65536
 _KV_OPS_DELETED: Final = ("DEL", "PURGE")
 
-#: one outgoing NATS message: subject, reply subject, headers, body
-_Outgoing = tuple[str, str, dict[str, str] | None, bytes]
+#: a stream of numbered tells: the destination node and its id prefix (its process)
+_Stream = tuple[str, int]
+#: where a message goes: subject, reply subject, body (None for a tell to number and
+#: encode when it is queued) and the tell's stream
+_Routed = tuple[str, str, bytes | None, _Stream | None]
+#: what an outgoing item is: a plain message, a numbered tell (a loss of which the
+#: receiver counts), a sequence mark
+_PLAIN, _NUMBERED, _MARK = 0, 1, 2
+#: one outgoing NATS message: subject, reply subject, headers, body, what it is
+_Outgoing = tuple[str, str, dict[str, str] | None, bytes, int]
+#: sequence marks go out every heartbeat when the stream moved, else every this many
+_MARK_EVERY: Final = 5
 
 
 _positive: Final = attrs.validators.gt(0.0)
@@ -144,8 +164,12 @@ class ClusterStats:
     durable_redelivered: int
     durable_dead: int
     durable_duplicates: int
-    #: messages the NATS client refused (e.g. its buffer full while reconnecting): lost
+    #: messages the NATS client refused, or still queued when the node left with the
+    #: connection down: not sent, lost (queries among them failed at once)
     publish_failures: int
+    #: tells to this node that NATS lost on the way (gaps in their sequence numbers:
+    #: a server failover, a subscriber that NATS cut off as a slow consumer)
+    lost_in_transit: int
     #: received messages waiting for room in a full local mailbox right now
     parked: int
     members: tuple[str, ...]
@@ -164,10 +188,18 @@ class Cluster:
     """
 
     def __init__(
-        self, kernel: Kernel, servers: Sequence[str], node: str, options: ClusterOptions
+        self,
+        kernel: Kernel,
+        servers: Sequence[str],
+        node: str,
+        options: ClusterOptions,
+        auth: NatsAuth | None = None,
     ) -> None:
         self.kernel = kernel
-        self.servers = list(servers)
+        #: the way into the kernel, from ``kernel.attach_transport`` (None when detached)
+        self.handle: TransportHandle | None = None
+        # Credentials in the URLs move to ``auth``: the URLs are shown in logs and errors.
+        self.servers, self.auth = split_credentials(list(servers), auth or NatsAuth())
         self.node = wire.check_token("node name", node)
         self.options = options
         self.prefix = options.prefix
@@ -180,6 +212,7 @@ class Cluster:
         self._names_kv: KeyValue | None = None
         self._node_subject_prefix = f"{self.prefix}.node.{self.node}."
         self._heartbeat_subject = f"{self.prefix}.hb.{self.node}"
+        self._mark_subject = wire.sequence_mark_subject(self.prefix, self.node)
         self.members = MemberTable(node, options.heartbeat_interval * options.missed_heartbeats)
         self._joined_at = time.time()
         # name -> (node, agent id) for every named agent in the cluster (KV watcher)
@@ -207,7 +240,21 @@ class Cluster:
         self._type_subs: dict[str, Any] = {}
         self._type_turn = itertools.count()
         self._inbox: Inbox[NatsMsg] = Inbox(options.inbound_limit)
-        self._outbox: Outbox[_Outgoing] = Outbox(self._publish_batch, self._publish_one)
+        self._outbox: Outbox[_Outgoing] = Outbox(
+            send_one=self._publish_one, on_refused=self._publish_refused
+        )
+        # tells' sequence numbers: the last given per destination, the last marked,
+        # and the next expected per sending process (see ``_sequence``)
+        self._seq_out: dict[_Stream, int] = {}
+        self._seq_marked: dict[_Stream, int] = {}
+        self._seq_heads: dict[_Stream, bytes] = {}
+        self._seq_streams: dict[str, tuple[str, int]] = {}
+        self._seq_in = InboundSequences(self.id_prefix)
+        self._marks_sent = 0
+        self._publish_failures = 0
+        self._last_loss_log = -1.0
+        self._data_up = trio.Event()  # set while the data connection is up
+        self._data_up.set()
         self.durable = DurableChannel(self, options.durable)
         self._published = 0
         self._received = 0
@@ -274,6 +321,10 @@ class Cluster:
             nonlocal down
             if role == "data":
                 self._disconnects += 1
+                # Tells wait in the bounded outbox until the reconnect, not in the
+                # client's reconnect buffer, whose overflow nobody would see.
+                self._outbox.pause()
+                self._data_up = trio.Event()
             if not self._closing and not down:
                 log.warning("node %s: %s connection to NATS lost; reconnecting", self.node, role)
             down = True
@@ -283,10 +334,16 @@ class Cluster:
             down = False
             if role == "data":
                 self._reconnects += 1
+                self._outbox.resume()
+                self._data_up.set()
             url = nc.connected_url.netloc if nc is not None and nc.connected_url else "?"
-            log.warning("node %s: %s connection to NATS back, at %s", self.node, role, url)
+            log.warning("node %s: %s connection to NATS back, at %s", self.node, role, redact(url))
+
+        last_error: list[Exception] = []  # what the server said while connecting
 
         async def on_error(exc: Exception) -> None:
+            if not connected:
+                last_error[:] = [exc]
             if not connected or down or self._closing:
                 log.debug("node %s: NATS (%s): %r", self.node, role, exc)
             else:
@@ -297,6 +354,10 @@ class Cluster:
         # it to ``connect_attempts`` rounds over the servers, then restore the option.
         attempts = max(1, opts.connect_attempts)
         limit = (opts.connect_timeout + opts.reconnect_wait) * (attempts + 1) * len(self.servers)
+        try:
+            auth_options = self.auth.connect_options()
+        except ValueError as exc:
+            raise TransportUnavailable(f"cannot connect to NATS at {where}: {exc}") from None
         try:
             with trio.fail_after(limit + 5):
                 nc = await call_aio(
@@ -310,17 +371,34 @@ class Cluster:
                     disconnected_cb=on_disconnect,
                     reconnected_cb=on_reconnect,
                     error_cb=on_error,
+                    **auth_options,
                 )
         except trio.TooSlowError:
             raise TransportUnavailable(
                 f"cannot connect to NATS at {where}: no answer within {limit + 5:g}s"
             ) from None
         except Exception as exc:
-            raise TransportUnavailable(f"cannot connect to NATS at {where}: {exc!r}") from exc
+            # from None: the cause's text may quote what the server was sent
+            said = f"; last error: {last_error[0]!r}" if last_error else ""
+            raise TransportUnavailable(
+                redact(f"cannot connect to NATS at {where} ({self._auth_kind()}): {exc!r}{said}")
+            ) from None
         assert nc is not None
         nc.options["max_reconnect_attempts"] = opts.max_reconnect_attempts
         connected = True
         return nc
+
+    def _auth_kind(self) -> str:
+        """How this node authenticates, for error texts (never the secret itself)."""
+        a = self.auth
+        kinds = (
+            ("user/password", a.user),
+            ("token", a.token),
+            ("creds file", a.creds_file),
+            ("NKEY seed", a.nkey_seed),
+        )
+        kind = next((name for name, value in kinds if value is not None), "no auth")
+        return f"{kind}, TLS" if a.uses_tls else kind
 
     async def _kv(self, bucket: str, *, ttl: float | None) -> KeyValue:
         config = KeyValueConfig(bucket=bucket, ttl=ttl, replicas=self.options.kv_replicas)
@@ -349,8 +427,10 @@ class Cluster:
                     await trio.sleep(0.25)
                     continue
                 raise TransportUnavailable(
-                    f"NATS at {', '.join(self.servers)} has no usable JetStream for the KV"
-                    f" bucket {bucket!r} (start nats-server with -js): {exc!r}"
+                    redact(
+                        f"NATS at {', '.join(self.servers)} has no usable JetStream for the KV"
+                        f" bucket {bucket!r} (start nats-server with -js): {exc!r}"
+                    )
                 ) from exc
 
     # --- the transport interface -------------------------------------------------------------
@@ -364,13 +444,13 @@ class Cluster:
         :class:`AgentNotFound`.
         """
         try:
-            out = self._route(msg)
+            routed = self._route(msg)
         except AgentNotFound:
             if not isinstance(msg.to, str) or msg.to.startswith(wire.TYPE_PREFIX):
                 raise
             await self._refresh_name(msg.to)
-            out = self._route(msg)
-        if out is None:
+            routed = self._route(msg)
+        if routed is None:
             return
         high_water = self.options.outbox_high_water
         if len(self._outbox) >= high_water:
@@ -383,7 +463,7 @@ class Cluster:
                     f"{len(self._outbox)} messages still wait for NATS on node {self.node!r}"
                     f" after {deadline:g}s; message {msg.id} not sent"
                 )
-        self._outbox.put(out)
+        self._outbox.put(self._seal(msg, routed))
         self._published += 1
 
     def _forget_outstanding(self, msg: Message) -> None:
@@ -396,20 +476,38 @@ class Cluster:
             raise TransportUnavailable(
                 f"{len(self._outbox)} messages already wait for NATS on node {self.node!r}"
             )
-        out = self._route(msg)
-        if out is None:
+        routed = self._route(msg)
+        if routed is None:
             return
-        self._outbox.put(out)
+        self._outbox.put(self._seal(msg, routed))
         self._published += 1
+
+    def _seal(self, msg: Message, routed: _Routed) -> _Outgoing:
+        """The outgoing item; a tell to a node gets the next number of its stream here,
+        as it is queued (not before: a tell refused at the send deadline has none)."""
+        subject, reply, data, stream = routed
+        if stream is None:
+            assert data is not None
+            return subject, reply, None, data, _PLAIN
+        number = self._seq_out.get(stream, 0) + 1
+        self._seq_out[stream] = number
+        head = self._seq_heads.get(stream)
+        if head is None:  # once per stream: the per-message cost is one str() and a join
+            head = self._seq_heads[stream] = wire.numbered_head(
+                self.node, self.id_prefix, stream[1]
+            )
+        return subject, reply, None, wire.encode_numbered(msg, head, number), _NUMBERED
 
     def _check_usable(self) -> None:
         nc = self._nc
         if nc is None or nc.is_closed or self._closing:
             raise TransportUnavailable(
-                f"node {self.node!r} has no NATS connection (servers {', '.join(self.servers)})"
+                redact(
+                    f"node {self.node!r} has no NATS connection (servers {', '.join(self.servers)})"
+                )
             )
 
-    def _route(self, msg: Message) -> _Outgoing | None:
+    def _route(self, msg: Message) -> _Routed | None:
         """Where ``msg`` goes on NATS; None if it was consumed here (a durable ack)."""
         self._check_usable()
         reply_to = msg.reply_to
@@ -418,11 +516,12 @@ class Cluster:
             if subject is not None:
                 if self._json_requests and self._json_requests.pop(reply_to, 0):
                     # asked in the kernel's JSON wire form (e.g. by a non-Python client)
-                    return subject, "", None, msg.to_json().encode()
-                return subject, "", None, wire.encode_message(msg)
+                    return subject, "", msg.to_json().encode(), None
+                return subject, "", wire.encode_message(msg), None
             if self.durable.completed(reply_to):
                 return None
         to = msg.to
+        stream: _Stream | None = None
         if isinstance(to, str) and to.startswith(wire.TYPE_PREFIX):
             type_name = to[len(wire.TYPE_PREFIX) :]
             subject = wire.type_subject(self.prefix, type_name)
@@ -430,11 +529,17 @@ class Cluster:
         else:
             node, agent_id = self.resolve(to)
             subject = wire.agent_subject(self.prefix, node, agent_id)
-        reply = ""
+            if msg.kind is not MessageKind.QUERY:
+                # A tell is numbered so that its loss in transit is counted (a lost
+                # query needs no number: its requester gets RequestTimeout).
+                stream = (node, self.members.members[node].id_prefix)
         if msg.kind is MessageKind.QUERY:
             reply = wire.reply_subject(self.prefix, self.node, msg.id)
             self._remember(self._outstanding, msg.id, (to, node))
-        return subject, reply, None, wire.encode_message(msg)
+            return subject, reply, wire.encode_message(msg), None
+        if stream is not None:
+            return subject, "", None, stream  # numbered and encoded by _seal
+        return subject, "", wire.encode_message(msg), None
 
     def resolve(self, address: Address) -> tuple[str, uuid.UUID]:
         """The node and agent id behind a remote ``address`` (an id or a name).
@@ -469,19 +574,43 @@ class Cluster:
             table.popitem(last=False)
 
     def _publish_one(self, out: _Outgoing) -> Coroutine[Any, Any, None]:
-        subject, reply, headers, data = out
+        subject, reply, headers, data, _ = out
         return self.nc.publish(subject, data, reply=reply, headers=headers)
 
-    async def _publish_batch(self, batch: list[_Outgoing]) -> None:
-        """asyncio side: hand one batch to nats-py (it coalesces the writes)."""
-        nc = self.nc
-        for subject, reply, headers, data in batch:
-            await nc.publish(subject, data, reply=reply, headers=headers)
+    def _publish_refused(self, out: _Outgoing, exc: Exception, *, leaving: bool = False) -> None:
+        """The NATS client refused ``out`` (or the node leaves with it unsent): count it
+        once, and fail it at once if it was a query.
+
+        A numbered tell is counted by its receiver (the gap shows at the next number or
+        mark), except when this node leaves with it: nothing comes after it then.
+        """
+        subject, reply, _, _, kind = out
+        if kind == _MARK or (kind == _NUMBERED and not leaving):
+            return
+        self._publish_failures += 1
+        if reply:
+            query_id = self._reply_query_id(reply.rsplit(".", 1)[-1])
+            if query_id is not None and self._outstanding.pop(query_id, None) is not None:
+                self._fail_request(
+                    query_id,
+                    TransportUnavailable(redact(f"NATS refused request {query_id}: {exc!r}")),
+                )
+        now = time.monotonic()
+        if now - self._last_loss_log >= 1.0:
+            self._last_loss_log = now
+            log.warning(
+                "node %s: the NATS client refused a message for %s (%d so far): %r",
+                self.node,
+                subject,
+                self._publish_failures,
+                exc,
+            )
 
     def _publish_error(self, reply: str, exc: BaseException) -> None:
         kind, body = wire.error_frame(exc)
         self._errors_replied[kind] += 1
-        self._outbox.put((reply, "", {wire.ERROR_HEADER: kind, wire.NODE_HEADER: self.node}, body))
+        headers = {wire.ERROR_HEADER: kind, wire.NODE_HEADER: self.node}
+        self._outbox.put((reply, "", headers, body, _PLAIN))
 
     # --- inbound -----------------------------------------------------------------------------
 
@@ -494,6 +623,13 @@ class Cluster:
         another task. What has to wait goes to the Trio pump, which keeps the order.
         """
         self._received += 1
+        data = m.data
+        if data[:4] == wire.NUMBERED_PREFIX:
+            end = data.find(b'"', 4)
+            self._check_sequence(data[4:end].decode(errors="replace"), is_mark=False)
+        elif m.subject == self._mark_subject:
+            self._check_sequence(data.decode(errors="replace"), is_mark=True)
+            return
         if not self._inbox and not self.kernel.shutting_down:
             try:
                 if self._handle_now(m):
@@ -506,13 +642,60 @@ class Cluster:
 
     _on_type_message = _on_node_message
 
+    def _check_sequence(self, value: str, *, is_mark: bool) -> None:
+        """Count the tells a gap in a sender's numbers says were lost (see ``_sequence``)."""
+        head, _, number_text = value.rpartition(".")
+        known = self._seq_streams.get(head)
+        try:
+            if known is None:  # once per sending process
+                stream, dest_prefix, number = wire.parse_sequence(value)
+                self._seq_streams[head] = (stream, dest_prefix)
+            else:
+                (stream, dest_prefix), number = known, int(number_text)
+        except ValueError:
+            self._dropped["malformed"] += 1
+            return
+        lost = self._seq_in.observe(stream, dest_prefix, number, is_mark=is_mark)
+        if lost:
+            now = time.monotonic()
+            if now - self._last_loss_log >= 1.0:
+                self._last_loss_log = now
+                log.warning(
+                    "node %s: %d tells from %s were lost in transit (%d so far; a NATS"
+                    " failover or a slow-consumer cut), counted in lost_in_transit",
+                    self.node,
+                    lost,
+                    stream,
+                    self._seq_in.lost,
+                )
+
+    def _send_sequence_marks(self) -> None:
+        """Trio side, every heartbeat: tell each destination the last number sent to it,
+        so that tells lost at the end of a burst are counted too (see _check_sequence)."""
+        self._marks_sent += 1
+        periodic = self._marks_sent % _MARK_EVERY == 0
+        members = self.members.members
+        for key, number in list(self._seq_out.items()):
+            node, id_prefix = key
+            info = members.get(node)
+            if info is None or info.id_prefix != id_prefix:
+                # that process is gone: its stream ends here
+                self._seq_out.pop(key, None)
+                self._seq_marked.pop(key, None)
+                continue
+            if periodic or self._seq_marked.get(key) != number:
+                self._seq_marked[key] = number
+                subject = wire.sequence_mark_subject(self.prefix, node)
+                mark = wire.sequence_value(self.node, self.id_prefix, id_prefix, number)
+                self._outbox.put((subject, "", None, mark.encode(), _MARK))
+
     def _handle_now(self, m: NatsMsg) -> bool:
         """Handle ``m`` without waiting; False if it needs the pump."""
         subject = m.subject
         if subject.startswith(self._node_subject_prefix):
             rest = subject[len(self._node_subject_prefix) :]
             if rest.startswith("reply."):
-                query_id = self._reply_query_id(m, rest[6:])
+                query_id = self._reply_query_id(rest[6:])
                 if query_id is None:
                     return True
                 asked = self._outstanding.pop(query_id, None)
@@ -557,7 +740,7 @@ class Cluster:
         type_name = subject[len(self.prefix) + 6 :]  # "<prefix>.type.<name>"
         await self._handle_message(m, type_name)
 
-    def _reply_query_id(self, m: NatsMsg, query_text: str) -> uuid.UUID | None:
+    def _reply_query_id(self, query_text: str) -> uuid.UUID | None:
         try:
             return uuid.UUID(query_text)
         except ValueError:
@@ -592,14 +775,14 @@ class Cluster:
             return None
 
     async def _handle_reply(self, m: NatsMsg, query_text: str) -> None:
-        query_id = self._reply_query_id(m, query_text)
+        query_id = self._reply_query_id(query_text)
         if query_id is None:
             return
         reply = self._reply_message(m, query_id, self._outstanding.pop(query_id, None))
         if reply is None:
             return
         try:
-            await self.kernel.deliver_from_remote(reply)
+            await self._into_kernel(reply)
         except (AgentNotFound, KernelShuttingDown, MailboxFull):
             self._dropped["unroutable_reply"] += 1
 
@@ -616,7 +799,7 @@ class Cluster:
         if is_query:
             self._remember(self._reply_routes, msg.id, m.reply)
         try:
-            await self.kernel.deliver_from_remote(msg)
+            await self._into_kernel(msg)
         except (AgentNotFound, MailboxFull, KernelShuttingDown) as exc:
             self._refused(m, msg, exc, is_query)
 
@@ -691,7 +874,7 @@ class Cluster:
             while parked:
                 m, msg, is_query = parked[0]
                 try:
-                    await self.kernel.deliver_from_remote(msg)
+                    await self._into_kernel(msg)
                 except MailboxFull as exc:
                     while parked:
                         m, msg, is_query = parked.popleft()
@@ -728,7 +911,14 @@ class Cluster:
             )
 
     def _fail_request(self, query_id: uuid.UUID, error: BaseException) -> None:
-        self.kernel.fail_request(query_id, error)
+        if self.handle is not None:
+            self.handle.fail_request(query_id, error)
+
+    async def _into_kernel(self, msg: Message) -> None:
+        """A message from another node, delivered under local rules (see TransportHandle)."""
+        if self.handle is None:
+            raise KernelShuttingDown("remote delivery")
+        await self.handle.deliver(msg)
 
     # --- names -------------------------------------------------------------------------------
 
@@ -922,9 +1112,10 @@ class Cluster:
         *,
         sender: uuid.UUID = SYSTEM_ID,
         msg_id: uuid.UUID | None = None,
+        timeout: float | None = None,
     ) -> Message:
         """Send at least once through JetStream; see :class:`DurableChannel.send`."""
-        return await self.durable.send(to, payload, sender=sender, msg_id=msg_id)
+        return await self.durable.send(to, payload, sender=sender, msg_id=msg_id, timeout=timeout)
 
     # --- membership --------------------------------------------------------------------------
 
@@ -939,6 +1130,8 @@ class Cluster:
             "agents_alive": s.agents_alive,
             "published": self._published,
             "received": self._received,
+            "publish_failures": self._publish_failures,
+            "lost_in_transit": self._seq_in.lost,
         }
 
     def _record(self) -> bytes:
@@ -960,6 +1153,7 @@ class Cluster:
         failing = False
         while True:
             await trio.sleep(self.options.heartbeat_interval)
+            self._send_sequence_marks()
             try:
                 await call_aio(self._control.publish, self._heartbeat_subject, self._record())
                 if failing:
@@ -1145,7 +1339,35 @@ class Cluster:
                 except Exception as exc:
                     log.warning("node %s: could not drop membership: %r", self.node, exc)
             try:
+                if self._outbox.paused:
+                    # Down now: give the client a bounded chance to reconnect first.
+                    with trio.move_on_after(min(2.0, self.kernel.config.kernel.send_timeout)):
+                        await self._data_up.wait()
+                else:
+                    self._send_sequence_marks()  # the receivers count a lost tail
                 await self._outbox.close()
+                unsent = self._outbox.discard()
+                buffered = self.nc.pending_data_size if self._outbox.paused else 0
+                if buffered:
+                    # Handed to the client just before the disconnect was noticed; they
+                    # are numbered, but no later mark will tell the receivers of them.
+                    log.error(
+                        "node %s: leaving with the NATS connection down: %d bytes of"
+                        " messages in the client's reconnect buffer are lost (not counted)",
+                        self.node,
+                        buffered,
+                    )
+                if unsent:
+                    log.error(
+                        "node %s: leaving with the NATS connection down: %d queued"
+                        " messages not sent, counted in publish_failures",
+                        self.node,
+                        len(unsent),
+                    )
+                    for out in unsent:
+                        self._publish_refused(
+                            out, ConnectionError("NATS connection down"), leaving=True
+                        )
                 await call_aio(self.nc.flush, 2)
             except Exception as exc:
                 log.warning("node %s: could not flush outgoing messages: %r", self.node, exc)
@@ -1182,7 +1404,8 @@ class Cluster:
             durable_redelivered=d.redelivered,
             durable_dead=d.dead,
             durable_duplicates=d.duplicates,
-            publish_failures=self._outbox.failed_batches,
+            publish_failures=self._publish_failures,
+            lost_in_transit=self._seq_in.lost,
             parked=sum(len(q) for q in self._parked.values()),
             members=tuple(i.node for i in self.member_list()),
         )
@@ -1206,34 +1429,48 @@ def default_node_name() -> str:
 @asynccontextmanager
 async def join_cluster(
     kernel: Kernel,
-    url: str | Sequence[str],
+    url: str | Sequence[str] | None,
     node: str,
     *,
     options: ClusterOptions | None = None,
     prefix: str | None = None,
+    auth: NatsAuth | None = None,
 ) -> AsyncIterator[Cluster]:
     """Join ``kernel`` to the NATS cluster at ``url`` as node ``node`` for the block.
 
     ``url`` is one server URL, a comma-separated list, or a sequence (the client fails
-    over between them). On entry: connect (:class:`TransportUnavailable` naming the URL if
-    no server answers), create the KV buckets if needed, announce the node, load the
-    member and name tables, publish the kernel's named agents and attach the transport.
-    On exit: detach, remove the node's names and membership record, flush and close.
-    Leaving does not shut the kernel down; to let it drain with the cluster still
-    attached, ``await kernel.shutdown()`` inside the block.
+    over between them); None takes ``[nats] url`` of the kernel's config. ``auth`` (the
+    credentials and TLS settings) defaults to the ``[nats]`` section of the kernel's
+    config, so ``NEXUS_NATS__PASSWORD`` and friends work without code; credentials
+    written in a URL are taken out of it (and never logged). On entry: connect
+    (:class:`TransportUnavailable` naming the URL, without credentials, if no server
+    answers or the server refuses them), create the KV buckets if needed, announce the
+    node, load the member and name tables, publish the kernel's named agents and attach
+    the transport. On exit: detach, remove the node's names and membership record, flush
+    and close. Leaving does not shut the kernel down; to let it drain with the cluster
+    still attached, ``await kernel.shutdown()`` inside the block.
     """
+    section = kernel.config.nats
+    if url is None:
+        url = section.url
+        if url is None:
+            raise ValueError("no NATS URL: pass one, or set [nats] url (NEXUS_NATS__URL)")
     servers = [u.strip() for u in url.split(",")] if isinstance(url, str) else list(url)
+    if auth is None:
+        auth = NatsAuth.from_config(section)
     opts = options or ClusterOptions()
     if prefix is not None:
         opts = attrs.evolve(opts, prefix=prefix)
     try:
         async with asyncio_loop():
-            cluster = Cluster(kernel, servers, node, opts)
+            cluster = Cluster(kernel, servers, node, opts, auth)
             try:
                 await cluster._connect()
                 async with trio.open_nursery() as nursery:
+                    # Attached first: messages from other nodes may arrive as soon as the
+                    # subscriptions start, and they come in through the handle.
+                    cluster.handle = kernel.attach_transport(cluster)
                     await cluster._start(nursery)
-                    kernel.attach_transport(cluster)
                     _joined[kernel] = cluster
                     try:
                         yield cluster

@@ -37,9 +37,10 @@ from nats.aio.msg import Msg as NatsMsg
 from nats.js.api import ConsumerConfig, StreamConfig
 
 from .._errors import AgentNotFound, KernelShuttingDown, MailboxFull, MessageDecodeError
-from .._message import SYSTEM_ID, Message, MessageKind
+from .._message import SYSTEM_ID, Message, MessageKind, new_id
 from . import _wire as wire
 from ._aio import Outbox, call_aio
+from ._auth import redact
 
 if TYPE_CHECKING:
     from ._cluster import Cluster
@@ -130,6 +131,7 @@ class DurableChannel:
         *,
         sender: uuid.UUID = SYSTEM_ID,
         msg_id: uuid.UUID | None = None,
+        timeout: float | None = None,
     ) -> Message:
         """Store a message for ``to`` in JetStream; return it once JetStream has it.
 
@@ -137,13 +139,30 @@ class DurableChannel:
         included). From then on it is delivered at least once (see the module doc).
         Passing the same ``msg_id`` again within ``duplicate_window`` stores nothing new.
         Raises :class:`AgentNotFound` for an address no node has,
-        :class:`TransportUnavailable` when JetStream does not answer.
+        :class:`TransportUnavailable` when JetStream has not confirmed storing it within
+        ``timeout`` seconds (default: the kernel's send deadline), e.g. during a server
+        failover. It may still have been stored then: pass your own ``msg_id`` and send
+        again with it to retry without a duplicate (the error text names the id too).
         """
-        from .._agent import address_of
         from .._errors import TransportUnavailable
 
         if not self.options.enabled:
             raise TransportUnavailable("durable delivery is disabled on this node")
+        deadline = self.cluster.kernel.config.kernel.send_timeout if timeout is None else timeout
+        msg_id = msg_id or new_id()
+        with trio.move_on_after(deadline) as scope:
+            return await self._send(to, payload, sender, msg_id)
+        assert scope.cancelled_caught
+        raise TransportUnavailable(
+            f"JetStream did not confirm durable message {msg_id} within {deadline:g}s"
+            " (NATS down or failing over?); it may or may not be stored: resend it with"
+            " the same msg_id to be sure without a duplicate"
+        )
+
+    async def _send(self, to: Any, payload: Any, sender: uuid.UUID, msg_id: uuid.UUID) -> Message:
+        from .._agent import address_of
+        from .._errors import TransportUnavailable
+
         cluster = self.cluster
         address = address_of(to)
         if cluster.kernel.is_local(address):
@@ -158,8 +177,7 @@ class DurableChannel:
                 if not isinstance(address, str):
                     raise
                 node, agent_id = await cluster.wait_for_name(address, timeout=0.5)
-        extra: dict[str, Any] = {} if msg_id is None else {"id": msg_id}
-        msg = Message(sender=sender, to=address, payload=payload, **extra)
+        msg = Message(sender=sender, to=address, payload=payload, id=msg_id)
         subject = wire.durable_subject(cluster.prefix, node, agent_id)
         try:
             ack = await call_aio(
@@ -170,7 +188,7 @@ class DurableChannel:
             )
         except (nats.errors.Error, OSError) as exc:
             raise TransportUnavailable(
-                f"JetStream did not store durable message {msg.id}: {exc!r}"
+                redact(f"JetStream did not store durable message {msg.id}: {exc!r}")
             ) from exc
         if ack.duplicate:
             log.debug("durable message %s was already stored (duplicate id)", msg.id)

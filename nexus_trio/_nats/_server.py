@@ -10,6 +10,7 @@ asked to pick a free one (``-p -1``).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -75,6 +76,11 @@ class NatsServer:
     the same ``cluster_name``, a ``server_name`` of its own, a ``cluster_port`` and the
     ``routes`` of all servers (its own included: a JetStream cluster needs configured
     routes on every server; see :func:`cluster_ports`).
+
+    ``token`` makes clients authenticate with it; ``config`` is more nats-server
+    configuration text (users, NKEYs, TLS, operator mode, ...). Both go into a config
+    file readable by the owner only, never on the server's command line, where ``ps``
+    would show them.
     """
 
     def __init__(
@@ -88,6 +94,8 @@ class NatsServer:
         cluster_port: int | None = None,
         routes: list[str] | None = None,
         binary: str | None = None,
+        token: str | None = None,
+        config: str = "",
     ) -> None:
         self._requested_port = port
         self.jetstream = jetstream
@@ -97,6 +105,8 @@ class NatsServer:
         self._requested_cluster_port = cluster_port
         self.routes = list(routes or [])
         self.binary = binary
+        self.token = token
+        self.config = config
         self.port: int | None = None
         self.route_port: int | None = None
         self._process: subprocess.Popen[bytes] | None = None
@@ -152,6 +162,16 @@ class NatsServer:
             argv += ["--cluster_name", self.cluster_name or "nexus"]
             if self.routes:
                 argv += ["--routes", ",".join(self.routes)]
+        config = self.config
+        if self.token is not None:
+            config += f"\nauthorization {{ token: {json.dumps(self.token)} }}\n"
+        if config:
+            path = Path(self._workdir) / "server.conf"
+            # Created owner-only before anything secret is written into it.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as file:
+                file.write(config)
+            argv += ["-c", str(path)]
         self._process = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )

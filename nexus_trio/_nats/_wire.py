@@ -7,12 +7,17 @@ Subjects (``P`` is the cluster prefix, ``nexus`` by default):
   subscription costs ~5 KB and a task in nats-py: a million agents must not pay that).
 * ``P.node.<node>.reply.<query id>`` — replies to this node's requests, error frames and
   NATS "no responders" statuses, correlated by the query id in the subject.
+* ``P.node.<node>.seq`` — a sequence mark: the last number the sender gave a tell to
+  ``<node>`` (the body is that :func:`sequence_value`). Tells carry their own number in
+  their body (format 2 below), so the receiving node counts the ones NATS lost.
 * ``P.type.<type>`` — a queue group: any one replica of an agent type takes the message.
 * ``P.durable.<node>.<id>`` — JetStream (at-least-once) messages for agents on ``<node>``.
 
 The body of a message is compact JSON written by :func:`encode_message`: an array
 ``[1, id, timestamp_us, from, to, kind, conversation_id, reply_to, trace_id, payload]``
-with UUIDs as 128-bit integers (``to`` is an integer for an id, a string for a name).
+with UUIDs as 128-bit integers (``to`` is an integer for an id, a string for a name);
+format 2, ``[2, sequence, id, ...]``, adds a tell's sequence number (a string, read
+from the raw bytes before decoding: not a header, which would halve nats-py's rate).
 It carries exactly the fields of the kernel's JSON wire form but costs a fraction of it
 (no RFC 3339 formatting, no UUID text) on the path every message takes. A body that is
 a JSON *object* is read as the kernel's standard wire form (:meth:`Message.to_json`),
@@ -51,6 +56,10 @@ _PLAIN_KEY: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 # --- the message codec --------------------------------------------------------------------
 
 _FORMAT: Final = 1
+#: format 2 is format 1 with a sequence number (a string) after the format number
+_NUMBERED_FORMAT: Final = 2
+#: how a numbered body starts: what a receiver checks before anything else
+NUMBERED_PREFIX: Final = b'[2,"'
 _KINDS: Final = {kind.value: kind for kind in MessageKind}
 _new = object.__new__
 _set = object.__setattr__
@@ -73,12 +82,14 @@ def _opt_uuid(value: int | None) -> uuid.UUID | None:
     return None if value is None else _uuid(value)
 
 
-def encode_message(msg: Message) -> bytes:
-    """The compact body of ``msg`` on NATS (see the module doc)."""
+def encode_message(msg: Message, sequence: str | None = None) -> bytes:
+    """The compact body of ``msg`` on NATS (see the module doc); with ``sequence`` (see
+    :func:`sequence_value`) in format 2, which carries it right after the format number."""
     to = msg.to
+    head: list[Any] = [_FORMAT] if sequence is None else [_NUMBERED_FORMAT, sequence]
     return _dumps(
         [
-            _FORMAT,
+            *head,
             msg.id.int,
             msg.timestamp,
             msg.sender.int,
@@ -92,6 +103,18 @@ def encode_message(msg: Message) -> bytes:
     ).encode()
 
 
+def numbered_head(node: str, id_prefix: int, dest_prefix: int) -> bytes:
+    """The start of every numbered body of one stream (see :func:`encode_numbered`)."""
+    return NUMBERED_PREFIX + f"{node}.{id_prefix:x}.{dest_prefix:x}.".encode()
+
+
+def encode_numbered(msg: Message, head: bytes, number: int) -> bytes:
+    """What ``encode_message(msg, sequence_value(..., number))`` gives, for the stream
+    whose :func:`numbered_head` is ``head``, without formatting the stream per message."""
+    body = encode_message(msg)
+    return b"".join((head, str(number).encode(), b'",', body[3:]))  # body[:3] == b"[1,"
+
+
 def decode_message(data: bytes) -> Message:
     """Read a body written by :func:`encode_message`, or the kernel's JSON wire form.
 
@@ -103,9 +126,11 @@ def decode_message(data: bytes) -> Message:
         obj = _loads(data.decode())
     except (ValueError, UnicodeDecodeError) as exc:
         raise MessageDecodeError("<document>", f"not JSON: {exc}") from None
-    if obj.__class__ is not list or len(obj) != 10 or obj[0] != _FORMAT:
+    if obj.__class__ is list and len(obj) == 11 and obj[0] == _NUMBERED_FORMAT:
+        obj = obj[1:]  # the sequence number was read from the raw bytes (NUMBERED_PREFIX)
+    elif obj.__class__ is not list or len(obj) != 10 or obj[0] != _FORMAT:
         raise MessageDecodeError(
-            "<document>", "expected a nexus message array (format 1) or a JSON object"
+            "<document>", "expected a nexus message array (format 1 or 2) or a JSON object"
         )
     field = "id"
     try:
@@ -182,6 +207,30 @@ def reply_subject(prefix: str, node: str, query_id: uuid.UUID) -> str:
 
 def type_subject(prefix: str, type_name: str) -> str:
     return f"{prefix}.type.{type_name}"
+
+
+def sequence_mark_subject(prefix: str, node: str) -> str:
+    """Where a sender tells ``node`` the last sequence number it sent it (the body is
+    that :func:`sequence_value`)."""
+    return f"{prefix}.node.{node}.seq"
+
+
+def sequence_value(node: str, id_prefix: int, dest_prefix: int, number: int) -> str:
+    """``number`` in the stream of tells from process ``id_prefix`` (node ``node``) to
+    process ``dest_prefix``: ``<node>.<id prefix>.<dest prefix>.<number>`` (hex prefixes)."""
+    return f"{node}.{id_prefix:x}.{dest_prefix:x}.{number}"
+
+
+def parse_sequence(value: str) -> tuple[str, int, int]:
+    """``(stream, destination id prefix, number)`` of a :func:`sequence_value`; the
+    stream names the sending process. ValueError if malformed."""
+    try:
+        stream, dest, number = value.rsplit(".", 2)
+        if "." not in stream:
+            raise ValueError("no sender id prefix")
+        return stream, int(dest, 16), int(number)
+    except ValueError as exc:
+        raise ValueError(f"malformed sequence number {value!r}: {exc}") from None
 
 
 def durable_subject(prefix: str, node: str, agent_id: uuid.UUID | str) -> str:

@@ -176,12 +176,20 @@ def run_workers(
     if workers < 1:
         raise ValueError(f"--workers must be at least 1, got {workers}")
     server = None
+    # Credentials reach the workers in their environment, never in argv (``ps``).
+    env = dict(os.environ)
     if nats_url is None:
+        import secrets
+
         from .._nats import NatsServer
 
-        server = NatsServer().start()
+        token = secrets.token_urlsafe(32)  # a private server still refuses other local users
+        server = NatsServer(token=token).start()
         nats_url = server.url
+        env["NEXUS_NATS__TOKEN"] = token
         log.info("started nats-server at %s (pid %d) for %d workers", nats_url, server.pid, workers)
+    else:
+        nats_url = _move_credentials_to_env(nats_url, env)
     procs: list[subprocess.Popen[bytes]] = []
     outputs: list[bytes] = [b""] * workers
     signals_seen = 0
@@ -204,7 +212,7 @@ def run_workers(
                     argv,
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
-                    env={**os.environ, WORKER_ENV: node},
+                    env={**env, WORKER_ENV: node},
                     process_group=0,
                     preexec_fn=_die_with_parent(),
                 )
@@ -271,6 +279,17 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def _move_credentials_to_env(nats_url: str, env: dict[str, str]) -> str:
+    """``nats_url`` without user info; the credentials it had go to ``env``."""
+    from .._nats._auth import NatsAuth, split_credentials
+
+    urls, auth = split_credentials([u.strip() for u in nats_url.split(",")], NatsAuth())
+    for key, value in (("USER", auth.user), ("PASSWORD", auth.password), ("TOKEN", auth.token)):
+        if value is not None:
+            env[f"NEXUS_NATS__{key}"] = value
+    return ",".join(urls)
 
 
 def _status(code: int) -> int:

@@ -520,12 +520,14 @@ async def _run_async(
                     await outer.start(serve_metrics, kernel, opts.metrics_host, opts.metrics_port)
                 outer.start_soon(_watch, state, kernel, _title(opts))
                 async with contextlib.AsyncExitStack() as stack:
-                    if opts.nats:
+                    nats_url = opts.nats or opts.config.nats.url  # --nats, else [nats] url
+                    if nats_url:
                         from .._nats import default_node_name, join_cluster
+                        from .._nats._auth import redact
 
                         node = opts.node or default_node_name()
-                        await stack.enter_async_context(join_cluster(kernel, opts.nats, node))
-                        log.info("joined the cluster at %s as %s", opts.nats, node)
+                        await stack.enter_async_context(join_cluster(kernel, nats_url, node))
+                        log.info("joined the cluster at %s as %s", redact(nats_url), node)
                     await _body(state, kernel)
                     # Drain here, with the cluster (if any) still attached for in-flight
                     # remote messages; leaving open_kernel then has nothing left to do.

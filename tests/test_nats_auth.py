@@ -1,0 +1,278 @@
+"""NATS credentials: each kind of auth against a real nats-server configured for it, and
+secrets kept out of every log line, error text and argv of the NATS layer.
+
+Servers run on 127.0.0.1 with certificates and keys made for the test (tests/nats_auth.py).
+Waits are bounded with ``trio.fail_after``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+from nexus_trio import Config, Context, Message, TransportUnavailable, agent, open_kernel
+from nexus_trio._config import NatsConfig
+from nexus_trio._nats import NatsServer, join_cluster
+from nexus_trio._nats._auth import MASK, NatsAuth, redact, register_secret, split_credentials
+from nexus_trio.cli._cluster_cmd import _move_credentials_to_env
+from nexus_trio.config import load_config, render_effective
+
+from .nats_auth import make_creds, make_nkey_user, make_tls
+from .nats_server import FAST, node_config
+
+PASSWORD = "s3cret-Pa55word"
+TOKEN = "tok-9f8e7d6c5b4a"
+
+
+# --- redaction ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("nats://alice:pw123@h:4222", f"nats://alice:{MASK}@h:4222"),
+        ("nats://tokenvalue@h:4222", f"nats://{MASK}@h:4222"),
+        (
+            "at tls://u:p%40ss@a:1, nats://b:2 and ws://t0k@c:3/x",
+            f"at tls://u:{MASK}@a:1, nats://b:2 and ws://{MASK}@c:3/x",
+        ),
+        ("cannot connect to nats://127.0.0.1:4222", "cannot connect to nats://127.0.0.1:4222"),
+        ("mail alice@example.org", "mail alice@example.org"),  # no scheme: not a URL
+    ],
+)
+def test_redact_masks_url_credentials(text: str, expected: str) -> None:
+    assert redact(text) == expected
+
+
+def test_redact_masks_registered_secret_values_anywhere() -> None:
+    register_secret("xyzzy-plugh-42")
+    register_secret("ab")  # too short to mask without destroying the text: ignored
+    assert (
+        redact("server said 'xyzzy-plugh-42' is wrong; ab") == f"server said '{MASK}' is wrong; ab"
+    )
+
+
+def test_credentials_move_out_of_the_url() -> None:
+    urls, auth = split_credentials(["nats://bob:p%2Fw@h:1", "nats://bob:p%2Fw@k:2"], NatsAuth())
+    assert urls == ["nats://h:1", "nats://k:2"]
+    assert (auth.user, auth.password, auth.token) == ("bob", "p/w", None)
+    urls, auth = split_credentials(["nats://t0ken-abc@h:1"], NatsAuth())
+    assert (urls, auth.token, auth.user) == (["nats://h:1"], "t0ken-abc", None)
+    assert "t0ken-abc" not in repr(auth) and "p/w" not in repr(NatsAuth(user="u", password="p/w"))
+    with pytest.raises(ValueError, match="different credentials") as info:
+        split_credentials(["nats://a:one1@h:1", "nats://a:two2@k:2"], NatsAuth())
+    assert "one1" not in str(info.value) and "two2" not in str(info.value)
+    with pytest.raises(ValueError, match="both in the URL and in the configuration"):
+        split_credentials(["nats://a:pw99@h:1"], NatsAuth(token="other-token"))
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"user": "u", "password": "p", "token": "t"}, "got user/password and token"),
+        ({"creds_file": "a", "nkey_seed": "b"}, "got creds_file and nkey_seed"),
+        ({"user": "u"}, "password is missing"),
+        ({"tls_cert": "c.pem"}, "tls_key is missing"),
+    ],
+)
+def test_contradictory_auth_settings_are_refused_by_name(
+    fields: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        NatsAuth(**fields)
+
+
+def test_missing_credential_files_are_named() -> None:
+    with pytest.raises(ValueError, match=r"NATS creds_file '/nonexistent/x.creds'"):
+        NatsAuth(creds_file="/nonexistent/x.creds").connect_options()
+    with pytest.raises(ValueError, match=r"NATS tls_ca '/nonexistent/ca.pem'"):
+        NatsAuth(tls_ca="/nonexistent/ca.pem").connect_options()
+
+
+def test_config_and_environment_give_credentials_and_show_hides_them(tmp_path: Path) -> None:
+    file = tmp_path / "config.toml"
+    file.write_text('[nats]\nurl = "nats://127.0.0.1:4222"\nuser = "svc"\n')
+    file.chmod(0o600)
+    env = {"NEXUS_NATS__PASSWORD": PASSWORD}
+    loaded = load_config(file, env=env)
+    assert loaded.config.nats == NatsConfig(
+        url="nats://127.0.0.1:4222", user="svc", password=PASSWORD
+    )
+    auth = NatsAuth.from_config(loaded.config.nats)
+    assert (auth.user, auth.password) == ("svc", PASSWORD)
+    shown = render_effective(loaded)
+    assert PASSWORD not in shown
+    assert "# password is set (not shown: a secret)  # from env NEXUS_NATS__PASSWORD" in shown
+
+
+def test_workers_get_url_credentials_in_their_environment_not_argv() -> None:
+    env: dict[str, str] = {}
+    url = _move_credentials_to_env(f"nats://svc:{PASSWORD}@127.0.0.1:4222", env)
+    assert url == "nats://127.0.0.1:4222"
+    assert env == {"NEXUS_NATS__USER": "svc", "NEXUS_NATS__PASSWORD": PASSWORD}
+
+
+# --- against real servers -------------------------------------------------------------------
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[Any]:
+    started: list[NatsServer] = []
+
+    def start(config: str = "", **kwargs: Any) -> NatsServer:
+        server = NatsServer(config=config, **kwargs)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@agent(name="recorder")
+async def recorder(ctx: Context, msg: Message) -> Any:
+    return msg.payload  # a reply acknowledges the durable message
+
+
+async def _join_and_exchange(url: str | None, nats: NatsConfig) -> None:
+    """Join with the credentials of ``nats`` (from the kernel's config) and pass a durable
+    message through JetStream to a local agent: KV, pub/sub and JetStream all work."""
+    config: Config = attrs.evolve(node_config(), nats=nats)
+    async with open_kernel(config) as kernel:
+        with trio.fail_after(30):
+            async with join_cluster(kernel, url, "a", options=FAST) as cluster:
+                kernel.spawn(recorder, name="recorder-a")
+                await cluster.names_published()
+                await cluster.send_durable("recorder-a", "hello")
+                while True:  # polling another process's progress (JetStream)
+                    if cluster.stats().durable_acked >= 1:
+                        break
+                    await trio.sleep(0.02)
+                await kernel.shutdown()
+
+
+async def test_user_and_password_from_config_and_a_wrong_password_is_named_not_shown(
+    server_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = server_factory(
+        f'authorization {{ users: [ {{ user: "svc", password: "{PASSWORD}" }} ] }}\n'
+    )
+    await _join_and_exchange(None, NatsConfig(url=server.url, user="svc", password=PASSWORD))
+    async with open_kernel(node_config()) as kernel:
+        with trio.fail_after(30), pytest.raises(TransportUnavailable) as info:
+            async with join_cluster(
+                kernel,
+                server.url,
+                "a",
+                options=FAST,
+                auth=NatsAuth(user="svc", password="Wrong-pw-1"),
+            ):
+                pass
+    text = str(info.value)
+    assert "user/password" in text and "uthorization" in text  # "Authorization Violation"
+    assert "Wrong-pw-1" not in text and info.value.__cause__ is None
+    # the same with the credentials in the URL: the error shows the URL without them
+    async with open_kernel(node_config()) as kernel:
+        url = f"nats://svc:Wrong-pw-2@127.0.0.1:{server.port}"
+        with trio.fail_after(30), pytest.raises(TransportUnavailable) as info:
+            async with join_cluster(kernel, url, "a", options=FAST):
+                pass
+    assert f"nats://127.0.0.1:{server.port}" in str(info.value)
+    assert "Wrong-pw-2" not in str(info.value)
+    assert "Wrong-pw-1" not in caplog.text and PASSWORD not in caplog.text
+
+
+async def test_token_auth(server_factory: Any) -> None:
+    server = server_factory(token=TOKEN)
+    await _join_and_exchange(server.url, NatsConfig(token=TOKEN))
+    async with open_kernel(node_config()) as kernel:
+        with trio.fail_after(30), pytest.raises(TransportUnavailable, match="no auth"):
+            async with join_cluster(kernel, server.url, "a", options=FAST):
+                pass
+
+
+async def test_nkey_seed_auth(server_factory: Any, tmp_path: Path) -> None:
+    seed_file, config = make_nkey_user(tmp_path)
+    server = server_factory(config)
+    await _join_and_exchange(server.url, NatsConfig(nkey_seed=seed_file))
+
+
+async def test_creds_file_auth_in_operator_mode(server_factory: Any, tmp_path: Path) -> None:
+    creds, config = make_creds(tmp_path)
+    server = server_factory(config)
+    await _join_and_exchange(server.url, NatsConfig(creds_file=creds))
+
+
+async def test_tls_with_a_client_certificate(server_factory: Any, tmp_path: Path) -> None:
+    files, config = make_tls(tmp_path)
+    server = server_factory(config)
+    await _join_and_exchange(server.url, NatsConfig(**files))
+    # without the client certificate the server (verify: true) refuses the handshake
+    async with open_kernel(node_config()) as kernel:
+        with trio.fail_after(30), pytest.raises(TransportUnavailable, match="TLS"):
+            async with join_cluster(
+                kernel, server.url, "a", options=FAST, auth=NatsAuth(tls_ca=files["tls_ca"])
+            ):
+                pass
+
+
+async def test_password_in_the_url_never_reaches_the_logs_across_a_reconnect(
+    server_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="nexus_trio")
+    auth_config = f'authorization {{ users: [ {{ user: "svc", password: "{PASSWORD}" }} ] }}\n'
+    server = server_factory(auth_config)
+    url = f"nats://svc:{PASSWORD}@127.0.0.1:{server.port}"
+    async with open_kernel(node_config()) as kernel:
+        with trio.fail_after(60):
+            async with join_cluster(kernel, url, "a", options=FAST) as cluster:
+                assert cluster.servers == [server.url]
+                server.kill()
+                server_factory(auth_config, port=server.port)
+                while True:  # polling the client's reconnect to the new server
+                    if cluster.stats().reconnects >= 1:
+                        break
+                    await trio.sleep(0.05)
+                await kernel.shutdown()
+    reconnected = [r for r in caplog.records if "connection to NATS back" in r.getMessage()]
+    assert reconnected, caplog.text
+    assert PASSWORD not in caplog.text
+    assert all(PASSWORD not in str(r.msg) and not r.args for r in reconnected)
+
+
+def _nexus_run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nexus_trio.cli", "run", "-n", "10", "-d", "0.5", "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, **env},
+        cwd=Path(__file__).parent,  # no ./config.toml of the repository
+    )
+
+
+def test_nexus_run_joins_with_url_and_token_from_the_environment(server_factory: Any) -> None:
+    server = server_factory(token=TOKEN)
+    result = _nexus_run(env={"NEXUS_NATS__URL": server.url, "NEXUS_NATS__TOKEN": TOKEN})
+    assert result.returncode == 0, result.stderr
+    assert f"joined the cluster at {server.url}" in result.stderr
+    assert TOKEN not in result.stderr + result.stdout
+
+
+def test_nexus_run_never_logs_the_token_of_a_nats_url(server_factory: Any) -> None:
+    server = server_factory(token=TOKEN)
+    url = f"nats://{TOKEN}@127.0.0.1:{server.port}"
+    result = _nexus_run("--nats", url, env={})
+    assert result.returncode == 0, result.stderr
+    assert f"joined the cluster at nats://{MASK}@127.0.0.1:{server.port}" in result.stderr
+    assert TOKEN not in result.stderr + result.stdout

@@ -1,0 +1,214 @@
+"""NATS failover: no tell that ``send`` accepted is lost without being counted, and
+``send_durable`` fails at its deadline while the server is down.
+
+The end-to-end test SIGKILLs a real nats-server on 127.0.0.1 under a stream of tells
+and starts a new one on the same port; waits are bounded with ``trio.fail_after``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nexus_trio import (
+    SYSTEM_ID,
+    AgentNotFound,
+    Context,
+    Message,
+    RequestTimeout,
+    TransportUnavailable,
+    agent,
+)
+from nexus_trio._nats import NatsServer
+from nexus_trio._nats import _wire as wire
+from nexus_trio._nats._aio import Outbox, asyncio_loop
+from nexus_trio._nats._sequence import InboundSequences
+
+from .nats_server import nats_cluster
+from .test_nats import local_node, nodes
+
+OWN = 0xABC
+
+
+@given(
+    delivered=st.lists(st.booleans(), max_size=200),
+    marks=st.sets(st.integers(min_value=0, max_value=200)),
+    marks_delivered=st.lists(st.booleans(), min_size=201, max_size=201),
+)
+def test_every_lost_tell_is_counted_once_given_a_final_mark(
+    delivered: list[bool], marks: set[int], marks_delivered: list[bool]
+) -> None:
+    """Tells 1..n of one stream, some lost (``delivered``), with marks (themselves maybe
+    lost) after any of them, then one final mark that arrives: lost == n - delivered."""
+    seqs = InboundSequences(OWN)
+    arrived = 0
+    for number, got in enumerate(delivered, start=1):
+        if got:
+            arrived += 1
+            seqs.observe("a.1", OWN, number, is_mark=False)
+        if number in marks and marks_delivered[number]:
+            seqs.observe("a.1", OWN, number, is_mark=True)
+    seqs.observe("a.1", OWN, len(delivered), is_mark=True)
+    assert seqs.lost == len(delivered) - arrived
+
+
+def test_streams_are_counted_apart_and_numbers_for_another_process_are_ignored() -> None:
+    seqs = InboundSequences(OWN)
+    assert seqs.observe("a.1", OWN, 3, is_mark=False) == 2
+    assert seqs.observe("b.2", OWN, 1, is_mark=False) == 0
+    assert seqs.observe("a.1", OWN + 1, 9, is_mark=False) == 0  # meant for an earlier run
+    assert seqs.observe("a.1", OWN, 3, is_mark=True) == 0
+    assert seqs.observe("b.2", OWN, 4, is_mark=True) == 3
+    assert seqs.lost == 5
+    assert wire.parse_sequence(wire.sequence_value("a", 1, OWN, 7)) == ("a.1", OWN, 7)
+    with pytest.raises(ValueError, match="nonsense"):
+        wire.parse_sequence("nonsense")
+
+
+@agent(name="sink")
+async def sink(ctx: Context, msg: Message) -> Any:
+    return "stored"
+
+
+async def _ask(kernel: Any, to: str, payload: Any) -> Any:
+    """A request that is retried while the cluster settles after the restart."""
+    while True:
+        try:
+            return await kernel.request(to, payload, timeout=2.0)
+        except (TransportUnavailable, AgentNotFound, RequestTimeout):
+            await trio.sleep(0.1)
+
+
+async def test_a_server_restart_under_load_loses_no_accepted_tell_uncounted() -> None:
+    with nats_cluster(1) as (server,):
+        port = server.port
+        restarted: list[NatsServer] = []
+        try:
+            async with (
+                nodes(server.url, "b"),
+                local_node(server.url) as (kernel, cluster),
+            ):
+                with trio.fail_after(90):
+                    await cluster.wait_for_name("collector-b")
+                    local = kernel.spawn(sink, name="sink-a")
+                    accepted = refused = 0
+                    target, reached = 1500, trio.Event()
+
+                    async def produce() -> None:
+                        # ~2,000 tells/s, in bursts: a load generator, not a wait
+                        nonlocal accepted, refused
+                        number = 0
+                        while True:
+                            for _ in range(20):
+                                try:
+                                    await kernel.send("collector-b", number)
+                                    accepted += 1
+                                except TransportUnavailable:
+                                    refused += 1
+                                number += 1
+                            if accepted >= target:
+                                reached.set()
+                            await trio.sleep(0.01)
+
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(produce)
+                        await reached.wait()
+                        server.kill()
+                        # durable sends fail at their deadline while NATS is down
+                        before = trio.current_time()
+                        with pytest.raises(TransportUnavailable, match="durable message"):
+                            await cluster.send_durable(local, "during outage", timeout=0.5)
+                        assert trio.current_time() - before < 2.5
+                        await trio.sleep(1.0)  # the outage
+                        restarted.append(await trio.to_thread.run_sync(NatsServer(port=port).start))
+                        target, reached = accepted + 1500, trio.Event()
+                        await reached.wait()
+                        nursery.cancel_scope.cancel()
+
+                    # The tail is accounted for once a sequence mark (every heartbeat)
+                    # reached b: poll until delivered + counted adds up, or time out.
+                    while True:
+                        received = await _ask(kernel, "collector-b", "dump")
+                        remote = await _ask(kernel, "stats-b", None)
+                        counted = (
+                            remote["lost_in_transit"]
+                            + sum(remote["inbound_dropped"].values())
+                            + cluster.stats().publish_failures
+                        )
+                        if len(received) + counted >= accepted:
+                            break
+                        await trio.sleep(0.1)
+            assert len(received) + counted == accepted, (len(received), refused, remote, accepted)
+            assert received == sorted(set(received))  # in order, no duplicates
+            assert cluster.stats().reconnects >= 1
+            assert accepted >= 3000
+        finally:
+            for extra in restarted:
+                extra.stop()
+
+
+def test_a_numbered_body_carries_its_sequence_and_decodes_to_the_same_message() -> None:
+    msg = Message(sender=SYSTEM_ID, to="collector-b", payload={"n": [1, "two"]})
+    sequence = wire.sequence_value("a", 0x1F, OWN, 42)
+    body = wire.encode_message(msg, sequence)
+    assert body.startswith(wire.NUMBERED_PREFIX + sequence.encode() + b'"')
+    assert wire.decode_message(body) == wire.decode_message(wire.encode_message(msg)) == msg
+
+
+def test_the_fast_numbered_encoding_is_the_numbered_encoding() -> None:
+    msg = Message(sender=SYSTEM_ID, to=uuid.uuid4(), payload=["x", {"y": None}])
+    head = wire.numbered_head("a", 0x1F, OWN)
+    expected = wire.encode_message(msg, wire.sequence_value("a", 0x1F, OWN, 7))
+    assert wire.encode_numbered(msg, head, 7) == expected
+
+
+async def test_outbox_holds_items_while_paused_and_reports_each_refused_item() -> None:
+    """The data outbox: nothing reaches the client while paused (the connection is
+    down), everything after resume goes in order, and every item the client refuses
+    synchronously is reported once (the sender's ``publish_failures``)."""
+    sent: list[int] = []
+    refused: list[tuple[int, str]] = []
+
+    async def send_one(item: int) -> None:
+        if item % 3 == 0:
+            raise OSError(f"refused {item}")  # before buffering, like nats-py's checks
+        sent.append(item)
+
+    async with asyncio_loop():
+        outbox: Outbox[int] = Outbox(
+            send_one=send_one, on_refused=lambda item, exc: refused.append((item, str(exc)))
+        )
+        await outbox.start()
+        outbox.put(1)  # sent at once, in this task
+        assert sent == [1]
+        outbox.pause()
+        for item in range(2, 8):
+            outbox.put(item)
+        await trio.testing.wait_all_tasks_blocked()
+        assert (sent, len(outbox)) == ([1], 6)
+        outbox.resume()
+        await outbox.close()
+    assert sent == [1, 2, 4, 5, 7]
+    assert refused == [(3, "refused 3"), (6, "refused 6")]
+    assert outbox.refused == 2
+
+
+async def test_outbox_closed_while_paused_leaves_its_items_to_discard() -> None:
+    async def send_one(item: int) -> None:
+        raise AssertionError("nothing may be sent while paused")
+
+    async with asyncio_loop():
+        outbox: Outbox[int] = Outbox(send_one=send_one)
+        await outbox.start()
+        outbox.pause()
+        outbox.put(1)
+        outbox.put(2)
+        await outbox.close()
+        assert outbox.discard() == [1, 2]
+        assert not outbox.put(3) and outbox.dropped == 1
