@@ -11,9 +11,12 @@ style, one request per connection) next to the kernel:
 * ``GET /healthz`` — ``200 ok`` while the kernel runs and is not shutting down, ``503``
   otherwise (what ``nexus health`` and a container ``HEALTHCHECK`` ask).
 
-A scrape must not stall the agents it observes. So the kernel thread only copies the
-counters (``kernel.stats()``, O(1) in the number of agents unless per-agent series are on);
-turning them into text, the expensive part, runs in a worker thread; and scrapes share
+A scrape must not stall the agents it observes. By default it reports kernel-wide series
+only: ``kernel.stats()`` is O(1) and the text is a few dozen lines, rendered on the event
+loop. With per-agent series (opt-in, capped) the kernel thread only copies the counters and
+the text is rendered in a worker thread. Caveat, measured: Python's GIL lets a busy event
+loop starve that thread (a ``to_thread`` job waited 7 s behind a ring workload saturating
+the loop), so a per-agent scrape of a saturated kernel can time out. Scrapes share
 renders (:class:`MetricsRenderer`): one render at a time, concurrent scrapes wait for the
 one in progress, and a render is reused for ``cache_ms``.
 
@@ -381,11 +384,18 @@ class MetricsRenderer:
             snapshot = take_snapshot(
                 self.kernel, per_agent=self.per_agent, per_agent_limit=self.per_agent_limit
             )
-            # Not abandoned on cancel: the waiters share this render, and the thread
-            # finishes in bounded time anyway.
-            current.body = await trio.to_thread.run_sync(
-                self._render_sync, snapshot, abandon_on_cancel=False
-            )
+            if snapshot.per_agent:
+                # Not abandoned on cancel: the waiters share this render, and the thread
+                # finishes in bounded time anyway.
+                current.body = await trio.to_thread.run_sync(
+                    self._render_sync, snapshot, abandon_on_cancel=False
+                )
+            else:
+                # Kernel-wide series only: a few dozen lines, rendered here. A worker
+                # thread would be worse: with the GIL, a busy event loop starves it
+                # (measured: a to_thread job waited 7 s behind a ring workload).
+                current.body = self._render_sync(snapshot)
+                await trio.lowlevel.checkpoint()
             self.renders += 1
             self._cached, self._cached_at = current.body, now
             return current.body

@@ -228,7 +228,8 @@ async def test_per_agent_series_within_the_limit_are_all_there_and_not_truncated
 
 async def test_concurrent_scrapes_share_one_render_running_in_a_worker_thread():
     async with open_test_kernel() as kernel:
-        renderer = MetricsRenderer(kernel, cache_seconds=0, process=False)
+        # Per-agent renders run in a worker thread (kernel-wide ones on the loop).
+        renderer = MetricsRenderer(kernel, per_agent=True, cache_seconds=0, process=False)
         release = threading.Event()
         threads: list[str] = []
         real = renderer._render_sync
