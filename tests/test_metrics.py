@@ -282,7 +282,8 @@ async def test_a_render_is_reused_within_cache_seconds(mock_clock):
 
 async def test_a_failed_render_fails_its_waiters_and_the_next_scrape_renders_again():
     async with open_test_kernel() as kernel:
-        renderer = MetricsRenderer(kernel, cache_seconds=0, process=False)
+        # A per-agent render: it runs in the worker thread that the test holds.
+        renderer = MetricsRenderer(kernel, per_agent=True, cache_seconds=0, process=False)
         release = threading.Event()
         real = renderer._render_sync
 
