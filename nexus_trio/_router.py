@@ -126,6 +126,16 @@ class TransportHandle:
         """Fail a pending request with ``error``; False if none is pending."""
         return self._router.fail_request(request_id, error)
 
+    def cancel_query(self, query_id: uuid.UUID, to: Address) -> bool:
+        """The remote requester of query ``query_id`` stopped waiting (timeout or cancel).
+
+        As for a local request: a handler working on it is cancelled (dead letter
+        ``request_timeout``), a copy still queued is skipped when it comes out, and a reply
+        produced anyway is dead-lettered ``late_reply``. True if a running handler was
+        cancelled.
+        """
+        return self._router.expire_query(query_id, to)
+
     def detach(self) -> None:
         if self._router.transport is self.transport:
             self._router.transport = None
@@ -500,7 +510,14 @@ class Router:
                 self.ledger.reject(exc)
                 raise
             if enqueued:
-                await pending.event.wait()
+                try:
+                    await pending.event.wait()
+                except trio.Cancelled:
+                    # The requester itself was cancelled: its handler stops too, as on
+                    # a timeout (a reply that comes anyway is a late reply).
+                    if pending.reply is None and pending.error is None:
+                        self.expire_query(query.id, query.to)
+                    raise
         finally:
             self._pending.pop(query.id, None)
         if pending.reply is not None:
@@ -508,7 +525,7 @@ class Router:
         if pending.error is not None:
             raise pending.error
         if enqueued:
-            self._expire(query)
+            self.expire_query(query.id, query.to)
         raise RequestTimeout(query.id, query.to, timeout)
 
     async def run_request_timer(self) -> None:
@@ -524,18 +541,25 @@ class Router:
                 await trio.sleep_forever()
             self._timer_scope = None
 
-    def _expire(self, query: Message) -> None:
-        """A request timed out: cancel the handler working on it, or skip it in the queue."""
-        self._late.append(query.id)
-        self._late_set.add(query.id)
-        if len(self._late) > _LATE_MEMORY:
-            self._late_set.discard(self._late.popleft())
-        cell = self.routes.get(query.to)
+    def expire_query(self, query_id: uuid.UUID, to: Address) -> bool:
+        """The requester of a query stopped waiting: cancel the handler working on it,
+        or skip it in the queue; a query that went to a remote kernel is cancelled there
+        through the transport. True if a local handler was cancelled."""
+        if query_id not in self._late_set:
+            self._late.append(query_id)
+            self._late_set.add(query_id)
+            if len(self._late) > _LATE_MEMORY:
+                self._late_set.discard(self._late.popleft())
+        cell = self.routes.get(to)
         if cell is None:
-            return
-        if cell.current is query:
-            cell.cancel_current(DeadLetterReason.REQUEST_TIMEOUT)
+            if self.transport is not None:
+                self.transport.cancel_query(query_id, to)
+            return False
+        current = cell.current
+        if current is not None and current.id == query_id:
+            return bool(cell.cancel_current(DeadLetterReason.REQUEST_TIMEOUT))
         # A query still queued is skipped when it comes out (see query_expired).
+        return False
 
     def _dead_query(
         self, msg: Message, reason: DeadLetterReason, error: BaseException | None

@@ -10,9 +10,10 @@ small interface; NATS, or an in-memory transport in tests, live outside the core
 
 from __future__ import annotations
 
+import uuid
 from typing import Protocol
 
-from ._message import Message
+from ._message import Address, Message
 
 
 class Transport(Protocol):
@@ -36,4 +37,12 @@ class Transport(Protocol):
 
     def deliver_nowait(self, msg: Message) -> None:
         """Hand ``msg`` to the remote side without waiting (buffer it or refuse)."""
+        ...
+
+    def cancel_query(self, query_id: uuid.UUID, to: Address) -> None:
+        """The requester of a query this transport carried to ``to`` stopped waiting
+        (its timeout passed or it was cancelled): ask the remote kernel to cancel the
+        handler (there: ``TransportHandle.cancel_query``). Must not wait or raise; a
+        transport that cannot reach the peer may drop the request (the handler then
+        runs to its own deadline and its reply is a late reply)."""
         ...

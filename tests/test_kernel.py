@@ -469,6 +469,30 @@ async def test_request_timeout_raises_and_cancels_the_handler_still_working(
         assert stats.timed_out == 0 and stats.handled == 0
 
 
+async def test_a_cancelled_requester_cancels_the_handler_as_a_timeout_does(
+    autojump_clock: Any,
+) -> None:
+    cancelled_at: list[float] = []
+
+    @agent(name="thinker", handle_timeout=100.0)
+    async def thinker(ctx: Context, msg: Message) -> str:
+        try:
+            await trio.sleep(50)
+        except trio.Cancelled:
+            cancelled_at.append(trio.current_time())
+            raise
+        return "too late"
+
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(thinker)
+        with trio.move_on_after(2.0) as scope:
+            await kernel.request(ref, "q", timeout=30.0)
+        assert scope.cancelled_caught
+        await trio.testing.wait_all_tasks_blocked()
+        assert cancelled_at == [2.0]
+        assert kernel.stats().dead_letters_by_reason == {"request_timeout": 1}
+
+
 async def test_request_timeout_unqueues_a_query_not_started_yet(autojump_clock: Any) -> None:
     release = trio.Event()
     seen: list[Any] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from nexus_trio import (
     Context,
     DeadLetterReason,
     Message,
+    RequestTimeout,
     TransportHandle,
     TransportUnavailable,
     agent,
@@ -30,6 +32,7 @@ class Loopback:
         self.peer: TransportHandle | None = None
         self.carried: list[Message] = []
         self.down = False
+        self.cancelled: list[uuid.UUID] = []
 
     async def deliver(self, msg: Message) -> None:
         if self.down or self.peer is None:
@@ -39,6 +42,11 @@ class Loopback:
 
     def deliver_nowait(self, msg: Message) -> None:
         raise TransportUnavailable("this loopback only delivers with send()")
+
+    def cancel_query(self, query_id: uuid.UUID, to: uuid.UUID | str) -> None:
+        self.cancelled.append(query_id)
+        if self.peer is not None:
+            self.peer.cancel_query(query_id, to)
 
 
 @agent(name="doubler")
@@ -99,3 +107,47 @@ async def test_a_routed_result_the_transport_cannot_take_is_dead_lettered() -> N
     [letter] = kernel.recent_dead_letters()
     assert letter.reason is DeadLetterReason.TRANSPORT_UNAVAILABLE
     assert letter.detail == "peer down"
+
+
+@agent(name="stuck")
+async def stuck(ctx: Context, msg: Message) -> Any:
+    await trio.sleep_forever()
+
+
+async def test_a_remote_request_that_times_out_cancels_the_remote_handler(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    mock_clock.autojump_threshold = 0
+    link_ab, link_ba = Loopback(), Loopback()
+    async with open_kernel(make_config()) as a, open_kernel(make_config()) as b:
+        link_ba.peer = a.attach_transport(link_ab)
+        link_ab.peer = b.attach_transport(link_ba)
+        b.spawn(stuck)
+        with pytest.raises(RequestTimeout):
+            await a.request("stuck", "x", timeout=1.0)
+        [query] = link_ab.carried
+        assert link_ab.cancelled == [query.id]
+        await trio.testing.wait_all_tasks_blocked()
+        [letter] = b.recent_dead_letters()
+        assert letter.reason is DeadLetterReason.REQUEST_TIMEOUT
+        assert letter.message.id == query.id
+        assert b.stats().in_flight == 0
+
+
+async def test_a_cancelled_requester_cancels_the_remote_handler(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    mock_clock.autojump_threshold = 0
+    link_ab, link_ba = Loopback(), Loopback()
+    async with open_kernel(make_config()) as a, open_kernel(make_config()) as b:
+        link_ba.peer = a.attach_transport(link_ab)
+        link_ab.peer = b.attach_transport(link_ba)
+        b.spawn(stuck)
+        with trio.move_on_after(0.5):
+            await a.request("stuck", "x", timeout=60.0)
+        [query] = link_ab.carried
+        assert link_ab.cancelled == [query.id]
+        await trio.testing.wait_all_tasks_blocked()
+        assert [d.reason for d in b.recent_dead_letters()] == [DeadLetterReason.REQUEST_TIMEOUT]
+        # 0.5 s, not the request's 60 s: the handler stopped when its requester did.
+        assert trio.current_time() < 1.0

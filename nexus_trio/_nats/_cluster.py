@@ -482,6 +482,11 @@ class Cluster:
         self._outbox.put(self._seal(msg, routed))
         self._published += 1
 
+    def cancel_query(self, query_id: uuid.UUID, to: Address) -> None:
+        """The requester stopped waiting. Remote cancellation over NATS is not carried yet:
+        the remote handler runs to its own deadline and its reply is dead-lettered
+        ``late_reply`` here."""
+
     def _seal(self, msg: Message, routed: _Routed) -> _Outgoing:
         """The outgoing item; a tell to a node gets the next number of its stream here,
         as it is queued (not before: a tell refused at the send deadline has none)."""
