@@ -35,6 +35,8 @@ from ._mailbox import HighWater, Mailbox
 from ._message import Message, MessageKind
 from ._router import KernelPhase, Router
 
+_DRAINING: Final = KernelPhase.DRAINING
+
 if TYPE_CHECKING:
     from ._agent import AgentSpec, Behaviour, Context
     from ._ledger import Ledger
@@ -197,9 +199,12 @@ class AgentCell(Child):
         """
         self._held = True
         self.interrupted = True
-        if self.parked:
+        if self.parked and self.mailbox.depth:
             self.parked = False
             self.mailbox.wake_receiver()
+        # A parked agent with an empty mailbox is left asleep: nothing can reach it any
+        # more (sends are refused once the kernel is stopping), and the stop that comes
+        # in its turn wakes it once (one wake per agent, not two, at a million agents).
         if self.cancel_after_grace:
             self.cancel_current(DeadLetterReason.SHUTDOWN)
 
@@ -434,7 +439,7 @@ class AgentCell(Child):
                     return
                 if self.exit_requested:
                     return
-            if router.phase is KernelPhase.DRAINING:
+            if router.phase is _DRAINING:
                 router.check_drained()
             self.parked = True
             try:

@@ -161,6 +161,13 @@ class KernelConfig:
         validator=_at_least(1, integer=True),
         metadata=_doc("recent dead letters kept for kernel.recent_dead_letters()"),
     )
+    gc_freeze: bool = attrs.field(
+        default=True,
+        validator=lambda inst, attribute, value: _boolean(inst, attribute, value),
+        metadata=_doc(
+            "move running agents' structures out of the cycle collector's scans (gc.freeze)"
+        ),
+    )
 
     @property
     def send_timeout(self) -> float:

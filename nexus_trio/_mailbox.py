@@ -54,7 +54,16 @@ class Mailbox:
     for it, so the depth never lags behind the buffer.
     """
 
-    __slots__ = ("_kernel_high", "_receive", "_send", "capacity", "depth", "high_water", "waiting")
+    __slots__ = (
+        "_kernel_high",
+        "_receive",
+        "_receiver_parked",
+        "_send",
+        "capacity",
+        "depth",
+        "high_water",
+        "waiting",
+    )
 
     def __init__(self, capacity: int, kernel_high: HighWater | None = None) -> None:
         if capacity < 1:
@@ -69,6 +78,10 @@ class Mailbox:
         self._kernel_high = kernel_high if kernel_high is not None else HighWater()
         #: producers parked in put_waiting
         self.waiting = 0
+        #: the consumer is parked in receive() and nothing was handed to it yet (Trio
+        #: hands the next value straight to it); kept here because reading the channel's
+        #: statistics() costs more than a whole message
+        self._receiver_parked = False
 
     def __len__(self) -> int:
         return self.depth
@@ -106,6 +119,7 @@ class Mailbox:
             send.send_nowait(msg)
         except trio.WouldBlock:
             return False
+        self._receiver_parked = False
         depth = self.depth = self.depth + 1
         if depth > self.high_water:
             self._raise_high_water(depth)
@@ -185,12 +199,21 @@ class Mailbox:
         receive = self._receive
         if receive is None:
             receive = self._open()[1]
-        msg = await receive.receive()
+        # Trio parks the consumer only on an empty buffer (then no producer waits).
+        self._receiver_parked = not self.depth
+        waiting = self.waiting
+        try:
+            msg = await receive.receive()
+        finally:
+            self._receiver_parked = False
         if msg is None:
             return None
-        # This wait was a schedule point: a producer Trio admitted meanwhile may already
-        # have counted itself out of ``waiting``, so recount from the buffer.
-        self._admitted()
+        if waiting or self.waiting:
+            # A blocked producer's message may have been admitted, and the producer may
+            # already have counted itself out of ``waiting``: recount from the buffer.
+            self._admitted()
+        else:
+            self.depth -= 1
         return msg
 
     def wake_receiver(self) -> None:
@@ -200,7 +223,8 @@ class Mailbox:
         the buffer; if no receiver is parked (a message already woke it) nothing is sent.
         """
         send = self._send
-        if send is not None and send.statistics().tasks_waiting_receive:
+        if send is not None and self._receiver_parked:
+            self._receiver_parked = False
             send.send_nowait(None)
 
     def close(self) -> list[Message]:

@@ -40,6 +40,7 @@ from ._child import Child, ChildOwner, Directive, RestartType, log_extra
 from ._config import RestartStrategy
 from ._errors import SupervisorEscalation
 from ._events import EventKind
+from ._gc import HeapKeeper
 from ._message import new_id
 
 if TYPE_CHECKING:
@@ -157,14 +158,22 @@ _SHUTDOWN: Final = "shutdown"
 class SupervisionHost:
     """What supervisors need of their kernel, and nothing more."""
 
-    __slots__ = ("escalate_to_kernel", "ledger", "rng", "router")
+    __slots__ = ("escalate_to_kernel", "heap", "ledger", "rng", "router")
 
     def __init__(
-        self, router: Router, ledger: Ledger, rng: random.Random, *, escalate_to_kernel: bool
+        self,
+        router: Router,
+        ledger: Ledger,
+        rng: random.Random,
+        *,
+        escalate_to_kernel: bool,
+        heap: HeapKeeper | None = None,
     ) -> None:
         self.router = router
         self.ledger = ledger
         self.rng = rng
+        #: freezes the collector's heap after bursts of agent runs (see _gc)
+        self.heap = heap if heap is not None else HeapKeeper(False)
         #: at the root: True shuts the kernel down on an escalation (OTP); False stops
         #: the failing child for good and keeps serving the others
         self.escalate_to_kernel = escalate_to_kernel
@@ -331,6 +340,7 @@ class SupervisorNode(Child, ChildOwner):
         child.dormant = False
         child.done = trio.Event()
         self._nursery.start_soon(self._child_task, child, run, 0.0, child.done, None, None)
+        self.host.heap.created()
 
     async def terminate(self, child: Child, reason: str) -> None:
         """Stop ``child`` for good (``kernel.stop``); returns once it is stopped for good,
@@ -421,10 +431,14 @@ class SupervisorNode(Child, ChildOwner):
             # The run's own nursery is its one cancel scope (the child sets ``scope``).
             child.running = True
             child.started_at = trio.current_time()
+            heap = self.host.heap
+            heap.created()
             try:
                 await child.run_once()
             except Exception as exc:
                 error = exc
+            finally:
+                heap.run_ended()
             if error is None:
                 error = child.take_failure()
         finally:

@@ -306,6 +306,12 @@ BAD_VALUES = [
         '"yes"',
         "[supervision] escalate_to_kernel must be true or false, got 'yes'",
     ),
+    (
+        "kernel",
+        "gc_freeze",
+        '"yes"',
+        "[kernel] gc_freeze must be true or false, got 'yes'",
+    ),
     ("runtime", "worker_threads", "-1", "[runtime] worker_threads must be >= 0, got -1"),
     ("runtime", "max_blocking_threads", "0", "[runtime] max_blocking_threads must be >= 1, got 0"),
     (
