@@ -14,7 +14,9 @@ only if it suspends does the scope get the message's deadline (a Trio timer cost
 than the rest of the per-message work together). The scope must exist before the first
 step, since a handler may enter scopes of its own there. A timeout cancels that scope;
 the loop dead-letters the message and goes on in a new scope. A run has two cancel scopes
-in all: its nursery's and this one.
+in all: its nursery's and this one. (A scope entered only when a handler suspends would
+save one per run, but the handler may have entered scopes of its own before it
+suspended, and Trio requires scopes to nest.)
 """
 
 from __future__ import annotations
@@ -32,10 +34,12 @@ from ._deadletter import DeadLetterReason
 from ._errors import MessageFailed
 from ._events import EventKind
 from ._mailbox import HighWater, Mailbox
-from ._message import Message, MessageKind
+from ._message import SYSTEM_ID, Message, MessageKind
 from ._router import KernelPhase, Router
 
 _DRAINING: Final = KernelPhase.DRAINING
+#: what a parked serve loop holds instead of the last message it handled
+_NOTHING: Final = Message(SYSTEM_ID, SYSTEM_ID)
 
 if TYPE_CHECKING:
     from ._agent import AgentSpec, Behaviour, Context
@@ -289,6 +293,7 @@ class AgentCell(Child):
                     )
         finally:
             self.nursery = None
+            self._handler_scope = None
             current = self.current
             if current is not None:
                 # Cancelled from outside (stop past its timeout, shutdown) or by a failing
@@ -339,21 +344,13 @@ class AgentCell(Child):
         await self._release.wait()
 
     async def _serve(self, behaviour: Behaviour) -> None:
-        """Serve until asked to exit; a handler timeout ends one scope and we go on."""
-        while True:
-            with trio.CancelScope() as scope:
-                self._handler_scope = scope
-                await self._serve_in(scope, behaviour)
-                self._handler_scope = None
-                return
-            # Only a handler deadline or a request timeout cancels this scope.
-            self._handler_scope = None
-            msg = self.current
-            if msg is not None:
-                self._handler_cancelled(msg)
+        """Serve the mailbox until asked to exit (or held after the grace period).
 
-    async def _serve_in(self, scope: trio.CancelScope, behaviour: Behaviour) -> None:
-        """Serve the mailbox until asked to exit (or held after the grace period)."""
+        One function, not a loop around a helper: every running agent keeps this frame,
+        so a frame that only passed the call on would cost memory per agent. A handler
+        deadline or a request timeout cancels ``scope``; the message is dead-lettered and
+        serving goes on in a new scope.
+        """
         router = self.router
         ledger = self.ledger
         mailbox = self.mailbox
@@ -367,85 +364,103 @@ class AgentCell(Child):
         query = MessageKind.QUERY
         # A message handed to us while we were parked: it is ours, handled first.
         got: Message | None = None
+        coro: Any = None
+        result: Any = None
         while True:
-            n = batch
-            while n:
-                if got is not None:
-                    msg = got
-                    got = None
-                    if self._held:
-                        self._dead_after_grace(msg)
+            with trio.CancelScope() as scope:
+                self._handler_scope = scope
+                while True:
+                    n = batch
+                    while n:
+                        if got is not None:
+                            msg = got
+                            got = None
+                            if self._held:
+                                self._dead_after_grace(msg)
+                                continue
+                        else:
+                            if self.interrupted:
+                                if self._held:
+                                    await self._wait_for_release()
+                                    return
+                                if self.exit_requested and not (
+                                    self.drain_before_exit and mailbox.depth
+                                ):
+                                    return
+                            try:
+                                msg = take()
+                            except trio.WouldBlock:
+                                break
+                        n -= 1
+                        if msg.kind is query and router.query_expired(msg):
+                            self.dead_lettered += 1
+                            router.discard_queued([msg], DeadLetterReason.REQUEST_TIMEOUT, self, "")
+                            continue
+                        self.current = msg
+                        # The clock is read only for a sampled message (one in eight) or a
+                        # handler that suspends: a read costs about as much as a no-op handler.
+                        start = now() if not (ledger.handled + 1) & 7 else 0.0
+                        try:
+                            coro = handler(ctx, msg)
+                            try:
+                                trap = coro.send(None)
+                            except StopIteration as stop:
+                                result = stop.value
+                            else:
+                                # The handler suspended: only now does it get a deadline (a
+                                # timer costs more than a whole message when nothing awaits).
+                                scope.deadline = (start or now()) + timeout
+                                self._suspended = True
+                                try:
+                                    result = await _resume(coro, trap)
+                                finally:
+                                    self._suspended = False
+                                    scope.deadline = math.inf
+                        except MessageFailed as exc:
+                            # This message failed, the agent did not: go on with the next one.
+                            self._message_failed(msg, exc)
+                            continue
+                        except Exception as exc:
+                            self._handler_raised(msg, exc)
+                            continue
+                        self.current = None
+                        self.handled += 1
+                        ledger.handled += 1
+                        if start and not ledger.handled & 7:
+                            # Sampled one message in eight kernel-wide (agents that handle few
+                            # messages are seen too): recording costs more than a no-op handler.
+                            ledger.record_latency(start, msg)
+                        if result is not None:
+                            await router.route_result(self.id, msg, result)
+                    else:
+                        # A full batch: let the others run before the next one.
+                        await trio.lowlevel.checkpoint()
                         continue
-                else:
+                    # The mailbox is empty.
                     if self.interrupted:
                         if self._held:
                             await self._wait_for_release()
                             return
-                        if self.exit_requested and not (self.drain_before_exit and mailbox.depth):
+                        if self.exit_requested:
                             return
+                    if router.phase is _DRAINING:
+                        router.check_drained()
+                    # Parked agents keep this frame: let go of the last message, its
+                    # result and the finished handler coroutine (at a million agents
+                    # with one message each, that is a million messages kept alive).
+                    msg = _NOTHING
+                    coro = result = None
+                    self.parked = True
                     try:
-                        msg = take()
-                    except trio.WouldBlock:
-                        break
-                n -= 1
-                if msg.kind is query and router.query_expired(msg):
-                    self.dead_lettered += 1
-                    router.discard_queued([msg], DeadLetterReason.REQUEST_TIMEOUT, self, "")
-                    continue
-                self.current = msg
-                # The clock is read only for a sampled message (one in eight) or a
-                # handler that suspends: a read costs about as much as a no-op handler.
-                start = now() if not (ledger.handled + 1) & 7 else 0.0
-                try:
-                    coro = handler(ctx, msg)
-                    try:
-                        trap = coro.send(None)
-                    except StopIteration as stop:
-                        result = stop.value
-                    else:
-                        # The handler suspended: only now does it get a deadline (a
-                        # timer costs more than a whole message when nothing awaits).
-                        scope.deadline = (start or now()) + timeout
-                        self._suspended = True
-                        try:
-                            result = await _resume(coro, trap)
-                        finally:
-                            self._suspended = False
-                            scope.deadline = math.inf
-                except MessageFailed as exc:
-                    # This message failed, the agent did not: go on with the next one.
-                    self._message_failed(msg, exc)
-                    continue
-                except Exception as exc:
-                    self._handler_raised(msg, exc)
-                    continue
-                self.current = None
-                self.handled += 1
-                ledger.handled += 1
-                if start and not ledger.handled & 7:
-                    # Sampled one message in eight kernel-wide (agents that handle few
-                    # messages are seen too): recording costs more than a no-op handler.
-                    ledger.record_latency(start, msg)
-                if result is not None:
-                    await router.route_result(self.id, msg, result)
-            else:
-                # A full batch: let the others run before the next one.
-                await trio.lowlevel.checkpoint()
-                continue
-            # The mailbox is empty.
-            if self.interrupted:
-                if self._held:
-                    await self._wait_for_release()
-                    return
-                if self.exit_requested:
-                    return
-            if router.phase is _DRAINING:
-                router.check_drained()
-            self.parked = True
-            try:
-                got = await mailbox.receive()
-            finally:
-                self.parked = False
+                        got = await mailbox.receive()
+                    finally:
+                        self.parked = False
+
+            # Only a handler deadline or a request timeout cancels this scope.
+            self._handler_scope = None
+            cancelled = self.current
+            if cancelled is not None:
+                self._handler_cancelled(cancelled)
 
     def _dead_after_grace(self, msg: Message) -> None:
         self.dead_lettered += 1
