@@ -20,6 +20,7 @@ import trio
 
 from ._child import Directive as Directive
 from ._child import RestartType as RestartType
+from ._child import enum_member, to_restart
 from ._config import OverflowPolicy
 from ._logfields import log_fields as log_fields
 from ._message import Address, Message, MessageKind
@@ -136,24 +137,8 @@ def _to_overflow(value: Any) -> OverflowPolicy | None:
         raise ValueError(f"overflow must be one of {known}, got {value!r}") from None
 
 
-def _to_restart(value: Any) -> RestartType:
-    if isinstance(value, RestartType):
-        return value
-    try:
-        return RestartType(value)
-    except ValueError:
-        known = ", ".join(repr(r.value) for r in RestartType)
-        raise ValueError(f"restart must be one of {known}, got {value!r}") from None
-
-
 def _to_directive(value: Any) -> Directive:
-    if isinstance(value, Directive):
-        return value
-    try:
-        return Directive(value)
-    except ValueError:
-        known = ", ".join(repr(d.value) for d in Directive)
-        raise ValueError(f"on_error must be one of {known}, got {value!r}") from None
+    return enum_member(Directive, value, "on_error")
 
 
 #: ``on_error`` as given: one directive, or directives per exception type (first match wins)
@@ -192,7 +177,7 @@ class AgentSpec:
         default=None, validator=_validate_optional_positive("handle_timeout")
     )
     overflow: OverflowPolicy | None = attrs.field(default=None, converter=_to_overflow)
-    restart: RestartType = attrs.field(default=RestartType.PERMANENT, converter=_to_restart)
+    restart: RestartType = attrs.field(default=RestartType.PERMANENT, converter=to_restart)
     shutdown_timeout: float | None = attrs.field(default=None, validator=_validate_shutdown_timeout)
     #: the user's function, for function agents (so tests can call it directly)
     handler: Handler | None = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import uuid
 from collections import deque
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import trio
 
@@ -47,6 +47,26 @@ class Directive(enum.Enum):
     STOP = "stop"
     #: fail the supervisor: it stops its children and its own parent decides
     ESCALATE = "escalate"
+
+
+_E = TypeVar("_E", bound=enum.Enum)
+
+
+def enum_member(kind: type[_E], value: Any, option: str) -> _E:
+    """``value`` as a member of ``kind`` (a member or its value), or a ValueError that
+    names ``option`` and the values it accepts."""
+    if isinstance(value, kind):
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        known = ", ".join(repr(member.value) for member in kind)
+        raise ValueError(f"{option} must be one of {known}, got {value!r}") from None
+
+
+def to_restart(value: Any) -> RestartType:
+    """The ``restart`` option of agents and supervisors, checked."""
+    return enum_member(RestartType, value, "restart")
 
 
 class Child:

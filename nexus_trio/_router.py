@@ -268,6 +268,7 @@ class Router:
         self._sends += 1
         if msg.reply_to is None and self._sends & 15:
             cell = self.routes.get(msg.to)
+            # _enqueue, written out: the call would cost a tenth of the whole send.
             if cell is not None and cell.mailbox.try_put(msg):
                 cell.received += 1
                 self.ledger.accepted += 1
@@ -292,11 +293,7 @@ class Router:
             raise self.refuse("send")
         if msg.reply_to is None:
             cell = self.routes.get(msg.to)
-            if cell is not None and cell.mailbox.try_put(msg):
-                cell.received += 1
-                self.ledger.accepted += 1
-                if cell.dormant:
-                    cell.wake()
+            if cell is not None and self._enqueue(cell, msg):
                 return
         try:
             blocked = self._deliver_nowait(msg)
@@ -396,13 +393,9 @@ class Router:
             ledger.accepted += 1
             ledger.forwarded += 1
             return None
-        mailbox = cell.mailbox
-        if mailbox.try_put(msg):
-            cell.received += 1
-            ledger.accepted += 1
-            if cell.dormant:
-                cell.wake()
+        if self._enqueue(cell, msg):
             return None
+        mailbox = cell.mailbox
         policy = cell.overflow
         if policy is OverflowPolicy.DROP_NEWEST:
             cell.received += 1
@@ -423,14 +416,24 @@ class Router:
                     cell,
                     "drop_oldest: evicted for a newer message",
                 )
-            cell.received += 1
-            ledger.accepted += 1
-            if cell.dormant:
-                cell.wake()
+            self._accepted_by(cell)
             return None
         if policy is OverflowPolicy.REJECT:
             raise MailboxFull(cell.id, cell.name, mailbox.capacity, msg.id)
         return cell
+
+    def _enqueue(self, cell: Any, msg: Message) -> bool:
+        """Enqueue on a local agent's mailbox if it has room (counted); False if full."""
+        if not cell.mailbox.try_put(msg):
+            return False
+        self._accepted_by(cell)
+        return True
+
+    def _accepted_by(self, cell: Any) -> None:
+        cell.received += 1
+        self.ledger.accepted += 1
+        if cell.dormant:
+            cell.wake()
 
     def _full(self, cell: Any, msg: Message) -> MailboxFull:
         return MailboxFull(cell.id, cell.name, cell.mailbox.capacity, msg.id)
@@ -497,11 +500,7 @@ class Router:
         try:
             cell = self.routes.get(query.to)
             try:
-                if cell is not None and cell.mailbox.try_put(query):
-                    cell.received += 1
-                    self.ledger.accepted += 1
-                    if cell.dormant:
-                        cell.wake()
+                if cell is not None and self._enqueue(cell, query):
                     enqueued = True
                 else:
                     # It may wait for room: not past the request's own deadline.

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Final, final
 import attrs
 import trio
 
-from ._child import Child, ChildOwner, Directive, RestartType, log_extra
+from ._child import Child, ChildOwner, Directive, RestartType, log_extra, to_restart
 from ._config import RestartStrategy
 from ._errors import SupervisorEscalation
 from ._events import EventKind
@@ -91,16 +91,6 @@ def _to_strategy(value: Any) -> RestartStrategy:
         raise ValueError(f"strategy must be one of {known}, got {value!r}") from None
 
 
-def _to_restart(value: Any) -> RestartType:
-    if isinstance(value, RestartType):
-        return value
-    try:
-        return RestartType(value)
-    except ValueError:
-        known = ", ".join(repr(r.value) for r in RestartType)
-        raise ValueError(f"restart must be one of {known}, got {value!r}") from None
-
-
 def _to_children(value: Iterable[Any]) -> tuple[Any, ...]:
     return tuple(value)
 
@@ -128,7 +118,7 @@ class Supervisor:
     backoff: Backoff = attrs.field(factory=Backoff)
     children: Sequence[Any] = attrs.field(default=(), converter=_to_children)
     name: str | None = None
-    restart: RestartType = attrs.field(default=RestartType.PERMANENT, converter=_to_restart)
+    restart: RestartType = attrs.field(default=RestartType.PERMANENT, converter=to_restart)
     shutdown_timeout: float = attrs.field(default=math.inf, validator=_non_negative)
 
 
