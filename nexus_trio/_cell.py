@@ -308,13 +308,18 @@ class AgentCell(Child):
                     self.name,
                     detail="cancelled while being handled",
                 )
-            with trio.CancelScope(shield=True) as scope:
-                if math.isfinite(self.shutdown_timeout):
-                    scope.deadline = trio.current_time() + max(self.shutdown_timeout, 0.001)
-                try:
-                    await behaviour.on_stop(ctx)
-                except Exception:
-                    log.exception("on_stop of agent %s raised", self.label, extra=log_extra(self))
+            if not self.spec.stops_quietly:
+                # Only an on_stop of the user's gets its shielded scope (a scope costs
+                # more than the rest of a quiet agent's exit).
+                with trio.CancelScope(shield=True) as scope:
+                    if math.isfinite(self.shutdown_timeout):
+                        scope.deadline = trio.current_time() + max(self.shutdown_timeout, 0.001)
+                    try:
+                        await behaviour.on_stop(ctx)
+                    except Exception:
+                        log.exception(
+                            "on_stop of agent %s raised", self.label, extra=log_extra(self)
+                        )
         if failure is not None:
             raise failure
 
