@@ -1,0 +1,267 @@
+"""Placement: rendezvous hashing, and agents placed over 3 kernels in 3 processes, one SIGKILLed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from typing import Any
+
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nexus_trio._nats._placement import (
+    PlacementRecord,
+    placement_weight,
+    rendezvous_owner,
+)
+
+from .nats_server import REPO, nats_cluster
+
+# --- rendezvous hashing (no server) ------------------------------------------------------------
+
+NAMES = [f"agent-{i}" for i in range(3000)]
+
+
+def test_weights_are_stable_across_processes() -> None:
+    # Not Python's hash(): another interpreter (another PYTHONHASHSEED) agrees.
+    code = (
+        "from nexus_trio._nats._placement import placement_weight, rendezvous_owner;"
+        "print(placement_weight('worker-0', 'agent-1'),"
+        " rendezvous_owner('agent-1', ['a', 'b', 'c']))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "12345"},
+    ).stdout.split()
+    assert int(out[0]) == placement_weight("worker-0", "agent-1")
+    assert out[1] == rendezvous_owner("agent-1", ["a", "b", "c"])
+
+
+def test_owner_does_not_depend_on_the_order_of_the_members() -> None:
+    nodes = ["a", "b", "c", "d"]
+    for name in NAMES[:200]:
+        assert rendezvous_owner(name, nodes) == rendezvous_owner(name, reversed(nodes))
+
+
+def test_names_spread_over_the_members() -> None:
+    counts = Counter(rendezvous_owner(name, ["a", "b", "c"]) for name in NAMES)
+    assert set(counts) == {"a", "b", "c"}
+    assert all(800 <= n <= 1200 for n in counts.values()), counts
+
+
+def test_a_member_leaving_moves_only_the_names_it_held() -> None:
+    before = {name: rendezvous_owner(name, ["a", "b", "c"]) for name in NAMES}
+    after = {name: rendezvous_owner(name, ["a", "b"]) for name in NAMES}
+    moved = [name for name in NAMES if before[name] != after[name]]
+    held_by_c = [name for name in NAMES if before[name] == "c"]
+    assert moved == held_by_c
+    # and they spread over both survivors, not all onto one
+    assert Counter(after[name] for name in moved).keys() == {"a", "b"}
+
+
+def test_a_member_joining_takes_only_its_share() -> None:
+    before = {name: rendezvous_owner(name, ["a", "b", "c"]) for name in NAMES}
+    after = {name: rendezvous_owner(name, ["a", "b", "c", "d"]) for name in NAMES}
+    moved = [name for name in NAMES if before[name] != after[name]]
+    assert all(after[name] == "d" for name in moved)
+    assert 600 <= len(moved) <= 900  # about a quarter
+
+
+@given(
+    nodes=st.sets(st.from_regex(r"[a-z0-9-]{1,12}", fullmatch=True), min_size=2, max_size=8),
+    name=st.text(min_size=1, max_size=30),
+)
+def test_removing_a_node_that_does_not_own_a_name_never_moves_it(
+    nodes: set[str], name: str
+) -> None:
+    owner = rendezvous_owner(name, nodes)
+    for other in nodes - {owner}:
+        assert rendezvous_owner(name, nodes - {other}) == owner
+
+
+def test_no_member_is_an_error_that_names_the_agent() -> None:
+    with pytest.raises(ValueError, match="agent-1"):
+        rendezvous_owner("agent-1", [])
+
+
+def test_records_round_trip() -> None:
+    for record in (PlacementRecord("counter"), PlacementRecord("counter", "worker-2")):
+        assert PlacementRecord.decode(record.encode()) == record
+
+
+# --- three kernels in three processes --------------------------------------------------------
+
+
+class Node:
+    """``tests.placement_node`` in a child process, one JSON command at a time."""
+
+    def __init__(self, url: str, node: str) -> None:
+        self.node = node
+        self.url = url
+        self.process: trio.Process | None = None
+        self._buffer = b""
+
+    async def start(self) -> Node:
+        argv = [
+            sys.executable,
+            "-m",
+            "tests.placement_node",
+            "--url",
+            self.url,
+            "--node",
+            self.node,
+        ]
+        self.process = await trio.lowlevel.open_process(
+            argv,
+            cwd=str(REPO),
+            env=dict(os.environ, PYTHONPATH=str(REPO)),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        with trio.fail_after(30):
+            line = await self._readline()
+        assert line == f"READY {self.node}", line
+        return self
+
+    async def _readline(self) -> str:
+        assert self.process is not None and self.process.stdout is not None
+        while b"\n" not in self._buffer:
+            chunk = await self.process.stdout.receive_some(65536)
+            if not chunk:
+                raise RuntimeError(f"node {self.node} exited ({self.process.poll()})")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode()
+
+    async def call(self, op: str, timeout: float = 30, **args: Any) -> Any:
+        assert self.process is not None and self.process.stdin is not None
+        await self.process.stdin.send_all(json.dumps({"op": op, **args}).encode() + b"\n")
+        with trio.fail_after(timeout):
+            answer = json.loads(await self._readline())
+        if "error" in answer:
+            raise RuntimeError(f"{self.node}: {op}: {answer['error']}: {answer['text']}")
+        return answer["ok"]
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+
+    async def stop(self) -> None:
+        process = self.process
+        if process is None:
+            return
+        if process.poll() is None and process.stdin is not None:
+            with trio.move_on_after(10):
+                await process.stdin.aclose()  # end of commands: a clean leave
+                await process.wait()
+        self.kill()
+        await process.wait()
+
+
+async def _start_nodes(url: str, names: list[str]) -> list[Node]:
+    nodes = [Node(url, name) for name in names]
+    for node in nodes:
+        await node.start()
+    for node in nodes:
+        assert await node.call("wait_live", count=len(names)) == sorted(names)
+    return nodes
+
+
+async def _until(check: Any, timeout: float = 15.0) -> None:
+    """Poll a child's state (it lives in another process: no Trio event to wait on)."""
+    with trio.fail_after(timeout):
+        while True:
+            if await check():
+                return
+            await trio.sleep(0.05)
+
+
+@pytest.mark.trio
+async def test_placement_routing_and_replacement_after_a_sigkill() -> None:
+    with nats_cluster() as servers:
+        nodes: list[Node] = []
+        try:
+            nodes = await _start_nodes(servers[0].url, ["a", "b", "c"])
+            a, b, c = nodes
+            names = [f"counter-{i}" for i in range(24)]
+            # placed by hash from one node: where rendezvous says, the same from every node
+            placed = {}
+            for name in names:
+                placed[name] = (await a.call("spawn", type="counter", name=name))["node"]
+                assert placed[name] == rendezvous_owner(name, ["a", "b", "c"])
+            assert set(placed.values()) == {"a", "b", "c"}
+            for node in nodes:
+                for name in names[:8]:
+                    assert await node.call("owner", name=name) == placed[name]
+            # pinned, and an unknown type (a clear error naming type and node)
+            pinned = await b.call("spawn", type="counter", name="pinned-1", node="c")
+            assert pinned["node"] == "c"
+            with pytest.raises(
+                RuntimeError, match="UnknownAgentType: node 'a' has no agent type 'nope'"
+            ):
+                await c.call("spawn", type="nope", name="x", node="a")
+            with pytest.raises(RuntimeError, match="NameTaken"):
+                await c.call("spawn", type="counter", name=names[0])
+            # names route from every node
+            for node in nodes:
+                for name in names:
+                    answer = await node.call("request", to=name)
+                    assert (answer["node"], answer["name"]) == (placed[name], name)
+
+            # tells stream from a to c's agents; c is SIGKILLed in the middle
+            on_c = [n for n in names if placed[n] == "c"] + ["pinned-1"]
+            stream = await a.call("stream", to=on_c, count=20000, batch=50, pause=0.005)
+
+            async def acked_some() -> bool:
+                return int(await a.call("acks")) >= 500
+
+            await _until(acked_some)
+            c.kill()
+            await c.process.wait()  # type: ignore[union-attr]
+
+            async def replaced() -> bool:
+                stats = [await n.call("stats") for n in (a, b)]
+                return sum(s["replaced"] for s in stats) >= len(on_c)
+
+            await _until(replaced)
+            result = await a.call("stream_result", stream=stream, timeout=60)
+            # c's agents run on the survivors now, as rendezvous over them says, fresh
+            for node in (a, b):
+                for name in on_c:
+                    answer = await node.call("request", to=name)
+                    assert answer["node"] == rendezvous_owner(name, ["a", "b"])
+            stats = {n.node: await n.call("stats") for n in (a, b)}
+            assert sum(s["replaced"] for s in stats.values()) == len(on_c)
+            assert all(s["nodes_lost"] == 1 for s in stats.values())
+
+            # every accepted tell was handled (acknowledged) or counted as lost; the
+            # acknowledgements of the last ones may still be on their way: wait for them
+            counts: dict[str, int] = {}
+
+            async def all_counted() -> bool:
+                stats = [await n.call("stats") for n in (a, b)]
+                counts["acked"] = await a.call("acks")
+                counts["lost"] = sum(s["lost_with_nodes"] + s["lost_in_transit"] for s in stats)
+                counts["dropped"] = sum(sum(s["inbound_dropped"].values()) for s in stats)
+                return counts["acked"] + counts["lost"] + counts["dropped"] >= result["accepted"]
+
+            await _until(all_counted)
+            assert result["accepted"] + result["refused"] == 20000
+            assert counts["lost"] > 0
+            # an upper bound: at most what c handled in its last heartbeat interval (0.2 s)
+            # is counted twice, acknowledged and lost
+            assert counts["acked"] + counts["lost"] - result["accepted"] < 5000, counts
+        finally:
+            with trio.CancelScope(shield=True):
+                for node in nodes:
+                    await node.stop()
