@@ -273,6 +273,9 @@ class Cluster:
         self._closing = False
         self._forwarded_in = 0
         self.placement = Placement(self)
+        #: extra fields for this node's membership record (e.g. a run's phase), seen by
+        #: every node in ``NodeInfo.stats`` at the next heartbeat or :meth:`announce`
+        self.record_extra: dict[str, Any] = {}
 
     # --- connecting ------------------------------------------------------------------------
 
@@ -1154,6 +1157,9 @@ class Cluster:
             # for the survivors' count of what is lost if this node is (Placement.node_lost)
             "recv": self._seq_in.last_numbers(),
             "held": len(self._inbox) + sum(len(q) for q in self._parked.values()),
+            "dropped": sum(self._dropped.values()),
+            "errors_replied": dict(self._errors_replied),
+            **self.record_extra,
         }
 
     def _record(self) -> bytes:
