@@ -13,8 +13,8 @@ def test_summaries_add_up() -> None:
     a = {
         "agents": 10,
         "sent": 100,
-        "handled": 90,
-        "forwarded": 10,
+        "handled": 99,
+        "dead_letters": 1,
         "msgs_per_s": 1000.0,
         "dead_letters_by_reason": {"no_such_agent": 1},
         "rejected": {},
@@ -22,7 +22,14 @@ def test_summaries_add_up() -> None:
         "error": None,
         "conserved": True,
     }
-    b = {**a, "sent": 50, "msgs_per_s": 500.0, "elapsed_s": {"total": 3.0}, "conserved": True}
+    b = {
+        **a,
+        "sent": 50,
+        "handled": 49,
+        "msgs_per_s": 500.0,
+        "elapsed_s": {"total": 3.0},
+        "conserved": True,
+    }
     total = aggregate_summaries([a, b])
     assert (total["workers"], total["sent"], total["msgs_per_s"]) == (2, 150, 1500.0)
     assert total["dead_letters_by_reason"] == {"no_such_agent": 2}
@@ -64,3 +71,70 @@ def test_nexus_run_workers_prints_one_added_up_json_summary() -> None:
     assert summary["workers"] == 2
     assert summary["conserved"] is True
     assert summary["handled"] == sum(w["handled"] for w in summary["per_worker"]) > 0
+
+
+# --- one swarm over the workers -----------------------------------------------------------------
+
+
+def test_the_swarm_layout_comes_from_the_environment() -> None:
+    from nexus_trio.cli._swarm import SwarmLayout, layout_from_env
+
+    env = {"NEXUS_SWARM_SIZE": "3"}
+    assert layout_from_env("worker-2", env) == SwarmLayout(2, 3)
+    assert layout_from_env("worker-2", {}) is None
+    layout = SwarmLayout(1, 3)
+    assert list(layout.local_indices(8)) == [1, 4, 7]
+    # consecutive agents on different workers: every ring hop crosses a process
+    assert all(layout.worker_of(k) != layout.worker_of(k + 1) for k in range(20))
+    with pytest.raises(ValueError, match="this node is 'elsewhere'"):
+        layout_from_env("elsewhere", env)
+
+
+def test_the_cluster_books_must_balance_across_workers() -> None:
+    def worker(**counts: int) -> dict[str, object]:
+        base = {"sent": 0, "accepted": 0, "handled": 0, "replies_delivered": 0}
+        base.update(forwarded_in=0, forwarded_out=0, dead_letters=0, lost_counted=0)
+        return {**base, **counts, "conserved": True}
+
+    # worker 0 sends 10, 6 of them to worker 1, which handles 5 and refused 1 (counted)
+    a = worker(sent=10, accepted=10, handled=4, forwarded_out=6)
+    b = worker(accepted=5, handled=5, forwarded_in=5, lost_counted=1)
+    total = aggregate_summaries([a, b])
+    assert total["conserved"] is True
+    assert total["cluster_balance"] == {
+        "sent": 10,
+        "handled_replied_or_dead": 9,
+        "lost_counted": 1,
+        "forwarded_out_minus_in": 1,
+    }
+    # the same message lost without anybody counting it: the books do not balance
+    uncounted = aggregate_summaries([a, {**b, "lost_counted": 0}])
+    assert uncounted["conserved"] is False
+
+
+@pytest.mark.parametrize("workload", ["ring", "fanout", "request"])
+def test_three_workers_run_one_swarm_whose_books_balance(workload: str) -> None:
+    summary, status = run_workers(3, ["--agents", "30", "--duration", "1", "--workload", workload])
+    assert status == 0, summary
+    workers = summary["per_worker"]
+    assert [w["node"] for w in workers] == ["worker-0", "worker-1", "worker-2"]
+    # the agents are spread: 10 each, and traffic crossed between the processes
+    assert [w["agents"] for w in workers] == [10, 10, 10]
+    assert summary["conserved"] is True
+    assert summary["forwarded_in"] == summary["forwarded_out"] > 0
+    balance = summary["cluster_balance"]
+    assert balance["sent"] == balance["handled_replied_or_dead"] + balance["lost_counted"]
+    assert summary["sent"] > 0 and summary["in_flight"] == 0
+    for w in workers:
+        assert w["accepted"] == (
+            w["handled"] + w["replies_delivered"] + w["forwarded_out"] + w["dead_letters"]
+        )
+        assert w["sent"] == w["accepted"] - w["forwarded_in"]
+        assert w["forwarded_in"] > 0 or (workload == "fanout" and w["node"] == "worker-0")
+    if workload == "fanout":  # worker 0 alone sends; every worker handles its share
+        assert [w["sent"] > 0 for w in workers] == [True, False, False]
+        assert all(w["handled"] > 0 for w in workers)
+    if workload == "ring":
+        # every hop crosses: a handled token goes on to another worker, except at the
+        # end of its lap (one hop in 100)
+        assert all(w["forwarded_out"] >= 0.95 * w["handled"] > 0 for w in workers)
