@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
 from collections import Counter
@@ -21,7 +19,8 @@ from nexus_trio._nats._placement import (
     rendezvous_owner,
 )
 
-from .nats_server import REPO, nats_cluster
+from .nats_server import nats_cluster
+from .placement_node import Node
 
 # --- rendezvous hashing (no server) ------------------------------------------------------------
 
@@ -100,72 +99,6 @@ def test_records_round_trip() -> None:
 
 
 # --- three kernels in three processes --------------------------------------------------------
-
-
-class Node:
-    """``tests.placement_node`` in a child process, one JSON command at a time."""
-
-    def __init__(self, url: str, node: str) -> None:
-        self.node = node
-        self.url = url
-        self.process: trio.Process | None = None
-        self._buffer = b""
-
-    async def start(self) -> Node:
-        argv = [
-            sys.executable,
-            "-m",
-            "tests.placement_node",
-            "--url",
-            self.url,
-            "--node",
-            self.node,
-        ]
-        self.process = await trio.lowlevel.open_process(
-            argv,
-            cwd=str(REPO),
-            env=dict(os.environ, PYTHONPATH=str(REPO)),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
-        with trio.fail_after(30):
-            line = await self._readline()
-        assert line == f"READY {self.node}", line
-        return self
-
-    async def _readline(self) -> str:
-        assert self.process is not None and self.process.stdout is not None
-        while b"\n" not in self._buffer:
-            chunk = await self.process.stdout.receive_some(65536)
-            if not chunk:
-                raise RuntimeError(f"node {self.node} exited ({self.process.poll()})")
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return line.decode()
-
-    async def call(self, op: str, timeout: float = 30, **args: Any) -> Any:
-        assert self.process is not None and self.process.stdin is not None
-        await self.process.stdin.send_all(json.dumps({"op": op, **args}).encode() + b"\n")
-        with trio.fail_after(timeout):
-            answer = json.loads(await self._readline())
-        if "error" in answer:
-            raise RuntimeError(f"{self.node}: {op}: {answer['error']}: {answer['text']}")
-        return answer["ok"]
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-
-    async def stop(self) -> None:
-        process = self.process
-        if process is None:
-            return
-        if process.poll() is None and process.stdin is not None:
-            with trio.move_on_after(10):
-                await process.stdin.aclose()  # end of commands: a clean leave
-                await process.wait()
-        self.kill()
-        await process.wait()
 
 
 async def _start_nodes(url: str, names: list[str]) -> list[Node]:

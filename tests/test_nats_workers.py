@@ -125,6 +125,8 @@ def test_three_workers_run_one_swarm_whose_books_balance(workload: str) -> None:
     balance = summary["cluster_balance"]
     assert balance["sent"] == balance["handled_replied_or_dead"] + balance["lost_counted"]
     assert summary["sent"] > 0 and summary["in_flight"] == 0
+    # nobody sent to an agent of another worker that was not known yet, or gone
+    assert summary["dead_letters"] == 0, summary["dead_letters_by_reason"]
     for w in workers:
         assert w["accepted"] == (
             w["handled"] + w["replies_delivered"] + w["forwarded_out"] + w["dead_letters"]

@@ -103,8 +103,13 @@ class Swarm:
         raise RuntimeError(f"workers {', '.join(missing)} did not join within {timeout:g}s")
 
     async def resolve(self, names: Sequence[str], timeout: float = START_TIMEOUT) -> list[AgentRef]:
-        """The address of every name (the other workers' agents included), once known."""
+        """The address of every name (the other workers' agents included), once known.
+
+        This worker's own names are first published: the others must find them as soon
+        as traffic starts (a ring token comes back to this worker on its second hop).
+        """
         cluster = self.cluster
+        await cluster.names_published()
         refs: list[AgentRef | None] = [None] * len(names)
         pending = list(range(len(names)))
         with trio.move_on_after(timeout):
