@@ -22,7 +22,7 @@ from typing import Any
 import attrs
 import trio
 
-from nexus_trio import Agent, Context, Message, MessageKind, agent, open_kernel
+from nexus_trio import Agent, Context, EventKind, Message, MessageKind, agent, open_kernel
 from nexus_trio._nats import Cluster, join_cluster
 from nexus_trio._nats._placement import rendezvous_owner
 
@@ -73,7 +73,9 @@ async def _command(cluster: Cluster, nursery: trio.Nursery, cmd: dict[str, Any])
         return {"node": placed.node, "id": str(placed.id)}
     if op == "where":
         holder = cluster.name_holder(cmd["name"])
-        return None if holder is None else holder[0]
+        return None if holder is None else [holder[0], str(holder[1])]
+    if op == "restarted":
+        return restarted
     if op == "request":
         return await kernel.request(cmd["to"], "report", timeout=cmd.get("timeout", 5))
     if op == "stream":
@@ -109,6 +111,16 @@ async def _command(cluster: Cluster, nursery: trio.Nursery, cmd: dict[str, Any])
 
 
 streams: list[tuple[trio.Event, dict[str, int]]] = []
+#: (name, reason) of every ``restarted`` lifecycle event of this kernel
+restarted: list[tuple[str | None, str]] = []
+
+
+async def _follow_events(kernel: Any, task_status: trio.TaskStatus[None]) -> None:
+    async with kernel.events() as events:
+        task_status.started()
+        async for event in events:
+            if event.kind is EventKind.RESTARTED:
+                restarted.append((event.name, event.reason))
 
 
 class Node:
@@ -189,6 +201,7 @@ async def _main(url: str, node: str) -> None:
             stdin = trio.lowlevel.FdStream(os.dup(0))
             buffer = b""
             async with trio.open_nursery() as nursery:
+                await nursery.start(_follow_events, kernel)
                 while True:
                     chunk = await stdin.receive_some(65536)
                     if not chunk:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from collections import Counter
 from typing import Any
 
@@ -13,7 +14,9 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from nexus_trio._nats._membership import NodeInfo
 from nexus_trio._nats._placement import (
+    Placement,
     PlacementRecord,
     placement_weight,
     rendezvous_owner,
@@ -153,6 +156,7 @@ async def test_placement_routing_and_replacement_after_a_sigkill() -> None:
 
             # tells stream from a to c's agents; c is SIGKILLed in the middle
             on_c = [n for n in names if placed[n] == "c"] + ["pinned-1"]
+            ids_before = {name: (await a.call("where", name=name))[1] for name in on_c}
             stream = await a.call("stream", to=on_c, count=20000, batch=50, pause=0.005)
 
             async def acked_some() -> bool:
@@ -175,6 +179,14 @@ async def test_placement_routing_and_replacement_after_a_sigkill() -> None:
                     assert answer["node"] == rendezvous_owner(name, ["a", "b"])
             stats = {n.node: await n.call("stats") for n in (a, b)}
             assert sum(s["replaced"] for s in stats.values()) == len(on_c)
+            # restart semantics: a new incarnation (new id), an event saying where from
+            events = [e for n in (a, b) for e in await n.call("restarted")]
+            assert sorted(name for name, _ in events) == sorted(on_c)
+            assert {reason for _, reason in events} == {"re-placed from node c"}
+            for name in on_c:
+                where = await b.call("where", name=name)
+                assert where[0] == rendezvous_owner(name, ["a", "b"])
+                assert where[1] != ids_before[name]
             assert all(s["nodes_lost"] == 1 for s in stats.values())
 
             # every accepted tell was handled (acknowledged) or counted as lost; the
@@ -198,3 +210,66 @@ async def test_placement_routing_and_replacement_after_a_sigkill() -> None:
             with trio.CancelScope(shield=True):
                 for node in nodes:
                     await node.stop()
+
+
+# --- what a survivor does when a member is lost (no server: a stand-in cluster) --------------
+
+
+class _Kernel:
+    shutting_down = False
+
+
+class _Cluster:
+    """What ``Placement`` reads of its cluster, with fixed answers."""
+
+    prefix = "nexus"
+
+    def __init__(self, node: str, sent_to_c: int, holders: dict[str, str]) -> None:
+        self.node = node
+        self.kernel = _Kernel()
+        self.stream_name = f"{node}.{ord(node):x}"
+        self._sent_to_c = sent_to_c
+        self._holders = holders
+
+    def live_nodes(self) -> list[str]:
+        return ["a", "b", "c"]
+
+    def tells_sent_to(self, node: str, id_prefix: int) -> int:
+        return self._sent_to_c if (node, id_prefix) == ("c", 0xC) else 0
+
+    def name_holder(self, name: str) -> tuple[str, uuid.UUID] | None:
+        node = self._holders.get(name)
+        return None if node is None else (node, uuid.UUID(int=1))
+
+
+def _lost_c(recv: dict[str, int], in_flight: int, held: int) -> NodeInfo:
+    stats = {"recv": recv, "in_flight": in_flight, "held": held}
+    return NodeInfo("c", 0xC, 1, "host", 0.0, stats, last_seen=0.0)
+
+
+def test_a_lost_node_s_unconfirmed_tells_and_held_messages_are_counted_once() -> None:
+    holders = {f"agent-{i}": "abc"[i % 3] for i in range(60)}
+    a = Placement(_Cluster("a", sent_to_c=100, holders=holders))  # type: ignore[arg-type]
+    b = Placement(_Cluster("b", sent_to_c=10, holders=holders))  # type: ignore[arg-type]
+    # c's last heartbeat: it had received 70 of a's tells and all 10 of b's, and held 7
+    info = _lost_c({"a.61": 70, "b.62": 10}, in_flight=5, held=2)
+    a.node_lost(info)
+    b.node_lost(info)
+    # a: 30 sent past what c confirmed; the 7 held there: on exactly one survivor
+    assert a.lost_with_nodes + b.lost_with_nodes == 30 + 7
+    assert {a.lost_with_nodes, b.lost_with_nodes} in ({30 + 7, 0}, {30, 7})
+
+
+def test_each_agent_of_a_lost_node_is_replaced_by_exactly_one_survivor() -> None:
+    holders = {f"agent-{i}": "abc"[i % 3] for i in range(60)}
+    survivors = {}
+    for node in ("a", "b"):
+        placement = Placement(_Cluster(node, 0, holders))  # type: ignore[arg-type]
+        placement.records = {name: PlacementRecord("counter") for name in holders}
+        survivors[node] = placement.to_replace("c", ["a", "b"])
+    on_c = sorted(name for name, node in holders.items() if node == "c")
+    assert sorted(survivors["a"] + survivors["b"]) == on_c
+    assert not set(survivors["a"]) & set(survivors["b"])
+    assert survivors["a"] and survivors["b"]  # spread, not all on one
+    for node, names in survivors.items():
+        assert all(rendezvous_owner(name, ["a", "b"]) == node for name in names)

@@ -31,7 +31,7 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final, final
 
 import attrs
@@ -329,13 +329,23 @@ class Placement:
             )
         if not survivors or cluster.kernel.shutting_down or self._nursery is None:
             return
-        for name, record in list(self.records.items()):
+        for name in self.to_replace(info.node, survivors):
+            self._nursery.start_soon(self._replace, name, self.records[name], info.node)
+
+    def to_replace(self, lost: str, survivors: Sequence[str]) -> list[str]:
+        """The placed agents of node ``lost`` that this node re-spawns: those whose
+        rendezvous owner over ``survivors`` it is (each survivor gets the same answer)."""
+        cluster = self._cluster
+        mine = []
+        for name in self.records:
             holder = cluster.name_holder(name)
-            if holder is None or holder[0] != info.node:
-                continue
-            owner = rendezvous_owner(name, survivors)
-            if owner == cluster.node:
-                self._nursery.start_soon(self._replace, name, record, info.node)
+            if (
+                holder is not None
+                and holder[0] == lost
+                and rendezvous_owner(name, survivors) == cluster.node
+            ):
+                mine.append(name)
+        return mine
 
     async def _replace(self, name: str, record: PlacementRecord, lost: str) -> None:
         try:
