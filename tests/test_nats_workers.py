@@ -53,12 +53,12 @@ def test_two_workers_run_the_demo_and_their_summaries_are_added_up() -> None:
     assert all(w["in_flight"] == 0 for w in summary["per_worker"])
 
 
-def test_nexus_run_workers_prints_one_added_up_json_summary() -> None:
+def test_nexus_run_workers_3_json_is_one_swarm_whose_cluster_books_balance() -> None:
     import json
     import subprocess
     import sys
 
-    argv = ["run", "--workers", "2", "-n", "20", "-d", "1", "--json"]
+    argv = ["run", "--workers", "3", "-n", "30", "-d", "1", "--json"]
     result = subprocess.run(
         [sys.executable, "-m", "nexus_trio.cli", *argv],
         capture_output=True,
@@ -68,9 +68,13 @@ def test_nexus_run_workers_prints_one_added_up_json_summary() -> None:
     )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["workers"] == 2
+    assert summary["workers"] == 3
     assert summary["conserved"] is True
     assert summary["handled"] == sum(w["handled"] for w in summary["per_worker"]) > 0
+    # one swarm: every worker took messages in from the others, and the cluster balances
+    assert all(w["forwarded_in"] > 0 for w in summary["per_worker"])
+    balance = summary["cluster_balance"]
+    assert balance["sent"] == balance["handled_replied_or_dead"] + balance["lost_counted"]
 
 
 # --- one swarm over the workers -----------------------------------------------------------------
@@ -140,3 +144,71 @@ def test_three_workers_run_one_swarm_whose_books_balance(workload: str) -> None:
         # every hop crosses: a handled token goes on to another worker, except at the
         # end of its lap (one hop in 100)
         assert all(w["forwarded_out"] >= 0.95 * w["handled"] > 0 for w in workers)
+
+
+# --- settling: the swarm is quiet only when every worker's books and the crossings balance ---
+
+
+class _SwarmCluster:
+    """Stand-in for the cluster: the workers' records as ``member_list`` gives them."""
+
+    def __init__(self, rounds: list[dict[str, dict[str, object]]]) -> None:
+        self.rounds = rounds  # one dict of records per announce(); the last one repeats
+        self.calls = 0
+        self.record_extra: dict[str, object] = {}
+
+    async def announce(self) -> None:
+        self.calls += 1
+
+    def member_list(self) -> list[object]:
+        from nexus_trio._nats import NodeInfo
+
+        records = self.rounds[min(self.calls, len(self.rounds)) - 1]
+        return [NodeInfo(node, 1, 1, "h", 0.0, dict(r), 0.0) for node, r in records.items()]
+
+
+def _record(**fields: object) -> dict[str, object]:
+    base: dict[str, object] = {"swarm_stopped": True, "in_flight": 0, "held": 0}
+    base.update(published=0, forwarded_in=0, dropped=0, lost_in_transit=0)
+    return {**base, **fields}
+
+
+QUIET = {
+    "worker-0": _record(published=10, forwarded_in=4),
+    "worker-1": _record(published=4, forwarded_in=9, dropped=1),
+}
+
+
+@pytest.mark.parametrize(
+    ("rounds", "settles"),
+    [
+        ([QUIET], True),
+        # a worker still busy, or a message still crossing: not quiet
+        (
+            [{**QUIET, "worker-1": _record(published=4, forwarded_in=9, dropped=1, in_flight=1)}],
+            False,
+        ),
+        ([{**QUIET, "worker-1": _record(published=4, forwarded_in=8)}], False),
+        # a worker that has not stopped its traffic yet
+        (
+            [{**QUIET, "worker-0": _record(published=10, forwarded_in=4, swarm_stopped=False)}],
+            False,
+        ),
+        # a worker that settled and left counts with its last record
+        ([QUIET, {"worker-0": QUIET["worker-0"]}], True),
+        # a worker never seen
+        ([{"worker-0": QUIET["worker-0"]}], False),
+    ],
+    ids=["quiet", "busy", "crossing", "running", "left", "missing"],
+)
+async def test_the_swarm_settles_only_when_quiet_and_balanced(
+    rounds: list[dict[str, dict[str, object]]], settles: bool, autojump_clock: object
+) -> None:
+    from nexus_trio.cli._swarm import Swarm, SwarmLayout
+
+    cluster = _SwarmCluster(rounds)
+    swarm = Swarm(cluster, SwarmLayout(0, 2))  # type: ignore[arg-type]
+    assert await swarm.settle(timeout=5.0) is settles
+    assert cluster.record_extra == {"swarm_stopped": True}
+    if settles:
+        assert cluster.calls >= 2  # the same quiet books twice in a row
