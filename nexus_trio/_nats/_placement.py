@@ -39,6 +39,7 @@ import nats.errors
 import nats.js.errors
 import trio
 
+from .._agent import AgentRef
 from .._errors import AgentNotFound, KernelShuttingDown, NameTaken, NexusError, TransportUnavailable
 from .._events import EventKind, LifecycleEvent
 from . import _wire as wire
@@ -212,17 +213,11 @@ class Placement:
         self, type_name: str, name: str, pinned: str | None, *, replaced_from: str | None
     ) -> PlacedAgent:
         cluster = self._cluster
-        spec = self._specs.get(type_name)
-        if spec is None:
-            raise UnknownAgentType(type_name, cluster.node)
-        ref = cluster.kernel.spawn(spec, name=name)
-        record = PlacementRecord(type_name, pinned)
-        self.records[name] = record
+        ref, record = self._spawn_local(type_name, name, pinned)
         kv = self._kv
         if kv is not None:
             revision = await call_aio(kv.put, wire.name_key(name), record.encode())
             self._held[name] = (ref.id, revision)
-        cluster.learn_name(name, cluster.node, ref.id)
         if replaced_from is not None:
             self.replaced += 1
             reason = f"re-placed from node {replaced_from}"
@@ -231,6 +226,19 @@ class Placement:
                 LifecycleEvent(EventKind.RESTARTED, ref.id, name, trio.current_time(), reason)
             )
         return PlacedAgent(name, cluster.node, ref.id)
+
+    def _spawn_local(
+        self, type_name: str, name: str, pinned: str | None
+    ) -> tuple[AgentRef, PlacementRecord]:
+        """Spawn a placed agent in this kernel (the caller writes its record to KV)."""
+        cluster = self._cluster
+        spec = self._specs.get(type_name)
+        if spec is None:
+            raise UnknownAgentType(type_name, cluster.node)
+        ref = cluster.kernel.spawn(spec, name=name)
+        record = self.records[name] = PlacementRecord(type_name, pinned)
+        cluster.learn_name(name, cluster.node, ref.id)
+        return ref, record
 
     async def _on_place_request(self, m: NatsMsg) -> None:
         """asyncio side: another node asks this one to run an agent."""
@@ -244,16 +252,11 @@ class Placement:
         try:
             # Spawned here, on the asyncio side of the same thread: kernel.spawn does not
             # wait, and the record is written with the asyncio KV client directly.
-            spec = self._specs.get(type_name)
-            if spec is None:
-                raise UnknownAgentType(type_name, self._cluster.node)
-            ref = self._cluster.kernel.spawn(spec, name=name)
-            record = PlacementRecord(type_name, None if pinned is None else str(pinned))
-            self.records[name] = record
+            pin = None if pinned is None else str(pinned)
+            ref, record = self._spawn_local(type_name, name, pin)
             if self._kv is not None:
                 revision = await self._kv.put(wire.name_key(name), record.encode())
                 self._held[name] = (ref.id, revision)
-            self._cluster.learn_name(name, self._cluster.node, ref.id)
             answer: dict[str, Any] = {"node": self._cluster.node, "id": str(ref.id)}
         except UnknownAgentType as exc:
             answer = {"error": "unknown_type", "type": exc.type_name, "node": exc.node}
