@@ -191,7 +191,8 @@ class Cluster:
 
     Get one from :func:`join_cluster`. The kernel calls :meth:`deliver` /
     :meth:`deliver_nowait`; users call :meth:`serve_type`, :meth:`send_durable`,
-    :meth:`wait_for_name`, :meth:`members` and :meth:`stats`.
+    :meth:`wait_for_name`, :meth:`members` and :meth:`stats`, and place agents in the
+    cluster with :meth:`register_type` and :meth:`spawn` (see ``_placement``).
     """
 
     def __init__(
