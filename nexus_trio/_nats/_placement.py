@@ -286,7 +286,10 @@ class Placement:
             return
         del self._held[name]
         self.records.pop(name, None)
-        await self._delete_record(name, held[1])
+        try:
+            await self._delete_record(name, held[1])
+        except Exception as exc:  # the KV down: the record stays, the node goes on
+            log.warning("node %s: could not drop record %r: %r", self._cluster.node, name, exc)
 
     async def _delete_record(self, name: str, revision: int) -> None:
         kv = self._kv
