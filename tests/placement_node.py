@@ -76,6 +76,8 @@ async def _command(cluster: Cluster, nursery: trio.Nursery, cmd: dict[str, Any])
         return None if holder is None else [holder[0], str(holder[1])]
     if op == "restarted":
         return restarted
+    if op == "rebalance":
+        return await cluster.rebalance()
     if op == "request":
         return await kernel.request(cmd["to"], "report", timeout=cmd.get("timeout", 5))
     if op == "stream":

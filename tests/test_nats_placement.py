@@ -212,6 +212,45 @@ async def test_placement_routing_and_replacement_after_a_sigkill() -> None:
                     await node.stop()
 
 
+@pytest.mark.trio
+async def test_a_member_joining_takes_its_share_on_rebalance_and_nothing_else_moves() -> None:
+    with nats_cluster() as servers:
+        nodes: list[Node] = []
+        try:
+            nodes = await _start_nodes(servers[0].url, ["a", "b"])
+            a, b = nodes
+            names = [f"counter-{i}" for i in range(24)]
+            before = {}
+            for name in names:
+                placed = await b.call("spawn", type="counter", name=name)
+                before[name] = (placed["node"], placed["id"])
+            pinned = await a.call("spawn", type="counter", name="pinned-a", node="a")
+            # c joins: nothing moves by itself
+            nodes.append(await Node(servers[0].url, "c").start())
+            c = nodes[2]
+            for node in nodes:
+                assert await node.call("wait_live", count=3) == ["a", "b", "c"]
+            assert [(await c.call("where", name=n))[0] for n in names] == [
+                before[n][0] for n in names
+            ]
+            # rebalancing moves exactly the names c now wins (the pinned one stays)
+            moved = sorted(await a.call("rebalance") + await b.call("rebalance"))
+            wins = sorted(n for n in names if rendezvous_owner(n, ["a", "b", "c"]) == "c")
+            assert moved == wins and 4 <= len(moved) <= 14
+            for node in nodes:
+                for name in names:
+                    answer = await node.call("request", to=name)
+                    assert answer["node"] == rendezvous_owner(name, ["a", "b", "c"])
+            for name in names:
+                where = await a.call("where", name=name)
+                assert (where[1] == before[name][1]) is (name not in moved)
+            assert (await c.call("where", name="pinned-a")) == ["a", pinned["id"]]
+        finally:
+            with trio.CancelScope(shield=True):
+                for node in nodes:
+                    await node.stop()
+
+
 # --- what a survivor does when a member is lost (no server: a stand-in cluster) --------------
 
 

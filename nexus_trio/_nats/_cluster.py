@@ -1290,6 +1290,11 @@ class Cluster:
         on ``node``); see ``Placement.spawn`` and docs/distributed.md."""
         return await self.placement.spawn(type_name, name=name, node=node, timeout=timeout)
 
+    async def rebalance(self) -> list[str]:
+        """Move this node's hash-placed agents to the members that now win them (after
+        members joined); the names moved. See ``Placement.rebalance``."""
+        return await self.placement.rebalance()
+
     @property
     def control(self) -> NatsClient:
         """The control connection (membership, names, placement requests)."""

@@ -21,12 +21,14 @@ state; a ``restarted`` lifecycle event and a log line say "re-placed from node X
 What the lost node held is counted, never silently dropped (see :meth:`Placement.node_lost`).
 A node that leaves *cleanly* stopped its agents on purpose (its kernel shut down, or it
 left the cluster): it deletes its records, and its agents are not re-placed. Members
-joining do not move agents that are already running: the hash decides where *new*
-placements (and re-placements) go.
+joining do not move agents that are already running (moving one costs its state):
+:meth:`Placement.rebalance` moves a node's agents that a member which joined since now
+wins, when the operator asks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -197,7 +199,14 @@ class Placement:
         owner = node if node is not None else self.owner(name)
         if owner == cluster.node:
             return await self._spawn_here(type_name, name, node, replaced_from=None)
-        body = json.dumps({"type": type_name, "name": name, "pinned": node}).encode()
+        return await self._ask(owner, type_name, name, node, timeout)
+
+    async def _ask(
+        self, owner: str, type_name: str, name: str, pinned: str | None, timeout: float
+    ) -> PlacedAgent:
+        """Have node ``owner`` spawn the agent (one request on the control connection)."""
+        cluster = self._cluster
+        body = json.dumps({"type": type_name, "name": name, "pinned": pinned}).encode()
         subject = f"{cluster.prefix}.place.{owner}"
         try:
             answer = await call_aio(cluster.control.request, subject, body, timeout=timeout)
@@ -265,6 +274,35 @@ class Placement:
         except Exception as exc:
             answer = {"error": "failed", "text": f"{type(exc).__name__}: {exc}"}
         await m.respond(json.dumps(answer).encode())
+
+    async def rebalance(self, *, timeout: float = DEFAULT_PLACE_TIMEOUT) -> list[str]:
+        """Move this node's hash-placed agents that another live member now wins (it
+        joined since) to that member; return their names.
+
+        Restart semantics, as for a lost node: the agent here is stopped (what is still
+        queued for it is dead-lettered ``agent_stopped``, as for any stop) and a fresh
+        one starts on the new owner. Pinned agents stay. Not automatic: moving agents
+        costs their state, so the operator (or the app) decides when.
+        """
+        cluster = self._cluster
+        live = cluster.live_nodes()
+        moved: list[str] = []
+        for name, (agent_id, revision) in list(self._held.items()):
+            record = self.records.get(name)
+            if record is None or record.pinned is not None:
+                continue
+            owner = rendezvous_owner(name, live)
+            if owner == cluster.node:
+                continue
+            del self._held[name]
+            self.records.pop(name, None)
+            with contextlib.suppress(AgentNotFound):
+                await cluster.kernel.stop(agent_id)
+            await self._delete_record(name, revision)
+            await self._ask(owner, record.type_name, name, None, timeout)
+            log.info("node %s: agent %r moved to node %s (rebalanced)", cluster.node, name, owner)
+            moved.append(name)
+        return moved
 
     # --- records ----------------------------------------------------------------------------
 
