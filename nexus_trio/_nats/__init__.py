@@ -15,6 +15,10 @@ from ._cluster import default_node_name as default_node_name
 from ._cluster import join_cluster as join_cluster
 from ._durable import DurableOptions as DurableOptions
 from ._membership import NodeInfo as NodeInfo
+from ._placement import PlacedAgent as PlacedAgent
+from ._placement import PlacementFailed as PlacementFailed
+from ._placement import UnknownAgentType as UnknownAgentType
+from ._placement import rendezvous_owner as rendezvous_owner
 from ._server import NatsServer as NatsServer
 from ._server import NatsServerError as NatsServerError
 from ._server import find_nats_server as find_nats_server
@@ -30,10 +34,14 @@ __all__ = [
     "NatsServer",
     "NatsServerError",
     "NodeInfo",
+    "PlacedAgent",
+    "PlacementFailed",
     "RemoteError",
     "cluster_of",
     "default_node_name",
     "find_nats_server",
     "join_cluster",
     "type_address",
+    "UnknownAgentType",
+    "rendezvous_owner",
 ]

@@ -83,6 +83,7 @@ from ._membership import (
     node_uuid,
     process_id_prefix,
 )
+from ._placement import PlacedAgent, Placement
 from ._sequence import InboundSequences
 
 log = logging.getLogger("nexus_trio.nats")
@@ -173,6 +174,12 @@ class ClusterStats:
     #: received messages waiting for room in a full local mailbox right now
     parked: int
     members: tuple[str, ...]
+    #: messages from other nodes taken into the local kernel (replies included)
+    forwarded_in: int = 0
+    #: messages counted as lost with lost nodes (see ``Placement.node_lost``)
+    lost_with_nodes: int = 0
+    #: placed agents this node re-spawned after their node was lost
+    replaced: int = 0
 
 
 _decode: Final = wire.decode_message
@@ -184,7 +191,8 @@ class Cluster:
 
     Get one from :func:`join_cluster`. The kernel calls :meth:`deliver` /
     :meth:`deliver_nowait`; users call :meth:`serve_type`, :meth:`send_durable`,
-    :meth:`wait_for_name`, :meth:`members` and :meth:`stats`.
+    :meth:`wait_for_name`, :meth:`members` and :meth:`stats`, and place agents in the
+    cluster with :meth:`register_type` and :meth:`spawn` (see ``_placement``).
     """
 
     def __init__(
@@ -264,6 +272,11 @@ class Cluster:
         self._reconnects = 0
         self._nodes_lost = 0
         self._closing = False
+        self._forwarded_in = 0
+        self.placement = Placement(self)
+        #: extra fields for this node's membership record (e.g. a run's phase), seen by
+        #: every node in ``NodeInfo.stats`` at the next heartbeat or :meth:`announce`
+        self.record_extra: dict[str, Any] = {}
 
     # --- connecting ------------------------------------------------------------------------
 
@@ -710,6 +723,7 @@ class Cluster:
                 if reply is not None:
                     try:
                         self.kernel.send_nowait(reply)
+                        self._forwarded_in += 1
                     except (AgentNotFound, KernelShuttingDown, MailboxFull, TransportUnavailable):
                         self._dropped["unroutable_reply"] += 1
                 return True
@@ -845,6 +859,7 @@ class Cluster:
                 return
             try:
                 self.kernel.send_nowait(msg)
+                self._forwarded_in += 1
                 return
             except MailboxFull:
                 pass
@@ -924,6 +939,7 @@ class Cluster:
         if self.handle is None:
             raise KernelShuttingDown("remote delivery")
         await self.handle.deliver(msg)
+        self._forwarded_in += 1
 
     # --- names -------------------------------------------------------------------------------
 
@@ -1044,6 +1060,7 @@ class Cluster:
                     name = event.name
                     if name is not None and self._local_names.get(name) == event.agent_id:
                         self._note_local_name(name, None)
+                        await self.placement.agent_stopped(name, event.agent_id)
                     await self._forget_replica(event.agent_id)
 
     async def _follow_dead_letters(self, task_status: trio.TaskStatus[None]) -> None:
@@ -1137,6 +1154,13 @@ class Cluster:
             "received": self._received,
             "publish_failures": self._publish_failures,
             "lost_in_transit": self._seq_in.lost,
+            "forwarded_in": self._forwarded_in,
+            # for the survivors' count of what is lost if this node is (Placement.node_lost)
+            "recv": self._seq_in.last_numbers(),
+            "held": len(self._inbox) + sum(len(q) for q in self._parked.values()),
+            "dropped": sum(self._dropped.values()),
+            "errors_replied": dict(self._errors_replied),
+            **self.record_extra,
         }
 
     def _record(self) -> bytes:
@@ -1237,10 +1261,69 @@ class Cluster:
                     query_id,
                     TransportUnavailable(f"node {info.node!r} hosting {to} is unreachable"),
                 )
+        self.placement.node_lost(info)
 
     def member_list(self) -> list[NodeInfo]:
         """The nodes as last seen (including this one), sorted by name."""
         return sorted(self.members.members.values(), key=lambda i: i.node)
+
+    def live_nodes(self) -> list[str]:
+        """The reachable members (this node always among them), sorted by name."""
+        live = {n for n, info in self.members.members.items() if info.reachable}
+        live.add(self.node)
+        return sorted(live)
+
+    async def announce(self) -> None:
+        """Publish this node's record (its counters) now, not at the next heartbeat."""
+        await self._heartbeat_once()
+
+    # --- placement (see _placement) ------------------------------------------------------------
+
+    def register_type(self, type_name: str, spec: Any) -> None:
+        """Let this node run placed agents of ``type_name`` (see :meth:`spawn`)."""
+        self.placement.register(type_name, spec)
+
+    async def spawn(
+        self, type_name: str, *, name: str, node: str | None = None, timeout: float = 5.0
+    ) -> PlacedAgent:
+        """Spawn an agent of a registered type on the member that owns ``name`` (or
+        on ``node``); see ``Placement.spawn`` and docs/distributed.md."""
+        return await self.placement.spawn(type_name, name=name, node=node, timeout=timeout)
+
+    async def rebalance(self) -> list[str]:
+        """Move this node's hash-placed agents to the members that now win them (after
+        members joined); the names moved. See ``Placement.rebalance``."""
+        return await self.placement.rebalance()
+
+    @property
+    def control(self) -> NatsClient:
+        """The control connection (membership, names, placement requests)."""
+        return self._control
+
+    @property
+    def stream_name(self) -> str:
+        """How receivers name this process's stream of numbered tells."""
+        return f"{self.node}.{self.id_prefix:x}"
+
+    def tells_sent_to(self, node: str, id_prefix: int) -> int:
+        """Numbered tells this process sent to process ``id_prefix`` of ``node``."""
+        return self._seq_out.get((node, id_prefix), 0)
+
+    def name_holder(self, name: str) -> tuple[str, uuid.UUID] | None:
+        """``(node, agent id)`` of ``name`` as this node knows it (no round trip)."""
+        if self.kernel.is_local(name):
+            return self.node, self.kernel.lookup(name).id
+        return self._names.get(name)
+
+    def learn_name(self, name: str, node: str, agent_id: uuid.UUID) -> None:
+        """Note where ``name`` runs (a placement answer), ahead of the names bucket."""
+        self._names[name] = (node, agent_id)
+
+    async def watch_bucket(
+        self, kv: KeyValue, apply: Any, task_status: trio.TaskStatus[None]
+    ) -> None:
+        """Apply every update of ``kv`` (started once the current values are in)."""
+        await self._start_watch(kv, apply, task_status)
 
     # --- watchers (asyncio side) -------------------------------------------------------------
 
@@ -1308,6 +1391,7 @@ class Cluster:
         await self._heartbeat_once()
         await nursery.start(self._start_watch, self._nodes_kv, self._apply_member_entry)
         await nursery.start(self._start_watch, self._names_kv, self._apply_name_entry)
+        await self.placement.start(nursery, await self._kv(f"{self.prefix}-placed", ttl=None))
         nursery.start_soon(self._pump)
         nursery.start_soon(self._heartbeats)
         nursery.start_soon(self._kv_heartbeats)
@@ -1327,6 +1411,7 @@ class Cluster:
                 await self.durable.stop()
             except Exception as exc:
                 log.warning("node %s: could not flush durable acks: %r", self.node, exc)
+            await self.placement.leave()
             kv = self._names_kv
             if kv is not None:
                 for name, (_, revision) in list(self._published_names.items()):
@@ -1413,6 +1498,9 @@ class Cluster:
             lost_in_transit=self._seq_in.lost,
             parked=sum(len(q) for q in self._parked.values()),
             members=tuple(i.node for i in self.member_list()),
+            forwarded_in=self._forwarded_in,
+            lost_with_nodes=self.placement.lost_with_nodes,
+            replaced=self.placement.replaced,
         )
 
 

@@ -42,3 +42,7 @@ class InboundSequences:
         self._expected[stream] = number + 1
         self.lost += lost
         return lost
+
+    def last_numbers(self) -> dict[str, int]:
+        """The last number taken (received or counted lost) of each sending process."""
+        return {stream: expected - 1 for stream, expected in self._expected.items()}

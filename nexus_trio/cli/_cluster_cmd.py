@@ -1,10 +1,14 @@
-"""``nexus run --workers N``: N kernel processes on this host, joined through NATS.
+"""``nexus run --workers N``: N kernel processes on this host, joined through NATS as one swarm.
 
 Each worker is ``python -m nexus_trio.cli run ... --nats URL --node worker-<i> --json
---no-live``: the same run (app or demo workload) in its own process, so N workers use N
-cores. Without a NATS URL a private ``nats-server`` (JetStream on, 127.0.0.1, a port it
-picks) is started first and stopped last. SIGINT/SIGTERM are passed on to the workers
-(a second one kills them). The workers' JSON summaries are added up into one.
+--no-live`` in its own process, so N workers use N cores. A demo workload (but ``pool``)
+is spread over the workers as one swarm (``_swarm``: agent ``k`` on worker ``k mod N``,
+so messages cross processes); an app runs in every worker. Without a NATS URL a private
+``nats-server`` (JetStream on, 127.0.0.1, a port it picks) is started first and stopped
+last. SIGINT/SIGTERM are passed on to the workers (a second one kills them). Each worker
+prints its JSON summary on stdout at the end; the parent adds them up into one and checks
+the cluster's books: every message that started on some worker was handled,
+dead-lettered, or counted as lost (see :func:`aggregate_summaries`).
 
 A worker's command line is rebuilt from the parent's *parsed* options
 (:func:`worker_argv`), never by editing ``sys.argv``: every spelling of ``--workers``
@@ -40,13 +44,19 @@ WORKER_ENV: Final = "NEXUS_WORKER"
 #: parameters of ``nexus run`` that the parent sets for each worker itself (or that only
 #: the parent may act on), by their Python names
 _PARENT_PARAMS: Final = frozenset({"workers", "nats", "node", "json_out", "live"})
+#: set in each worker's environment: the number of workers that make up the swarm
+SWARM_ENV: Final = "NEXUS_SWARM_SIZE"
 #: summary fields that add up across workers
 _SUMMED: Final = (
     "agents",
     "sent",
+    "accepted",
     "handled",
     "replies_delivered",
     "forwarded",
+    "forwarded_out",
+    "forwarded_in",
+    "lost_counted",
     "dead_letters",
     "in_flight",
     "failed",
@@ -117,8 +127,12 @@ def refuse_workers_in_a_worker() -> None:
 
 def aggregate_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One summary for all workers, in the format of a single run's: counts and rates
-    added up, times the longest, latencies merged (:func:`_merged_latency`), ``conserved``
-    only if every worker's accounting balanced, per-worker summaries kept."""
+    added up, times the longest, latencies merged (:func:`_merged_latency`), per-worker
+    summaries kept. ``conserved`` only if every worker's own books balanced (accepted =
+    handled + replies + forwarded out + dead letters) *and* the cluster's do: ``sent``
+    (messages that started on a worker) = handled + replies delivered + dead letters +
+    ``lost_counted`` (refused on arrival, lost in transit or with a lost node, refused by
+    the NATS client) over all workers; ``cluster_balance`` shows both sides."""
     total: dict[str, Any] = {"workers": len(summaries)}
     for key in _SUMMED:
         total[key] = sum(s.get(key) or 0 for s in summaries)
@@ -145,7 +159,18 @@ def aggregate_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
         total[key] = _merged_latency([s.get(key) or {} for s in summaries])
     errors = [s["error"] for s in summaries if s.get("error")]
     total["error"] = "; ".join(errors) if errors else None
-    total["conserved"] = bool(summaries) and all(s.get("conserved") for s in summaries)
+    ended = total["handled"] + total["replies_delivered"] + total["dead_letters"]
+    total["cluster_balance"] = {
+        "sent": total["sent"],
+        "handled_replied_or_dead": ended,
+        "lost_counted": total["lost_counted"],
+        "forwarded_out_minus_in": total["forwarded_out"] - total["forwarded_in"],
+    }
+    total["conserved"] = (
+        bool(summaries)
+        and all(s.get("conserved") for s in summaries)
+        and total["sent"] == ended + total["lost_counted"]
+    )
     total["per_worker"] = list(summaries)
     return total
 
@@ -212,7 +237,7 @@ def run_workers(
                     argv,
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
-                    env={**env, WORKER_ENV: node},
+                    env={**env, WORKER_ENV: node, SWARM_ENV: str(workers)},
                     process_group=0,
                     preexec_fn=_die_with_parent(),
                 )

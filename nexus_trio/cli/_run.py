@@ -53,6 +53,7 @@ from ._spawn import (
     spawn_summary,
     watch_starts,
 )
+from ._swarm import Swarm, cluster_counts, layout_from_env
 from ._view import Sample, plain_line, render_live, render_tree, rss_bytes, summary_table
 from ._workloads import Demo
 
@@ -221,6 +222,10 @@ class _State:
         self.failed_programs: list[SpawnedProgram] = []
         #: the outer nursery, for watchers that must outlive the body (until the summary)
         self.outer: trio.Nursery | None = None
+        #: this worker's part of a ``--workers`` swarm (None: a run of its own)
+        self.swarm: Swarm | None = None
+        #: traffic with other nodes (with --nats), for the summary
+        self.cluster_counts: dict[str, Any] | None = None
 
     def run_rate(self, processed_now: int, now: float) -> float:
         """Messages per second from the start of the run (the workload running) to its
@@ -442,6 +447,9 @@ async def _body(state: _State, kernel: Kernel) -> None:
             await _run_app(state, kernel, body)
         elif opts.demo:
             state.phase = "spawning"
+            swarm = state.swarm
+            if swarm is not None:
+                await swarm.wait_for_workers()
             demo = Demo(
                 kernel,
                 opts.workload,
@@ -449,6 +457,8 @@ async def _body(state: _State, kernel: Kernel) -> None:
                 rate=opts.rate,
                 payload_size=opts.payload_size,
                 seed=opts.seed,
+                swarm=None if swarm is None else swarm.layout,
+                resolve=None if swarm is None else swarm.resolve,
             )
             state.demo = demo
             progress = _spawn_progress(state, opts.agents)
@@ -521,19 +531,30 @@ async def _run_async(
                 outer.start_soon(_watch, state, kernel, _title(opts))
                 async with contextlib.AsyncExitStack() as stack:
                     nats_url = opts.nats or opts.config.nats.url  # --nats, else [nats] url
+                    cluster = None
                     if nats_url:
                         from .._nats import default_node_name, join_cluster
                         from .._nats._auth import redact
 
                         node = opts.node or default_node_name()
-                        await stack.enter_async_context(join_cluster(kernel, nats_url, node))
+                        cluster = await stack.enter_async_context(
+                            join_cluster(kernel, nats_url, node)
+                        )
                         log.info("joined the cluster at %s as %s", redact(nats_url), node)
+                        layout = layout_from_env(node) if _is_worker(node) else None
+                        if layout is not None and opts.demo and opts.workload != "pool":
+                            state.swarm = Swarm(cluster, layout)
                     await _body(state, kernel)
+                    if state.swarm is not None:
+                        state.phase = "settling"
+                        await state.swarm.settle()
                     # Drain here, with the cluster (if any) still attached for in-flight
                     # remote messages; leaving open_kernel then has nothing left to do.
                     state.phase = "shutting down"
                     t_shutdown = trio.current_time()
                     await kernel.shutdown()
+                    if cluster is not None:
+                        state.cluster_counts = cluster_counts(cluster)
         except SupervisorEscalation as exc:
             error = exc
             log.error("the kernel stopped: %s", exc)
@@ -575,6 +596,13 @@ async def _run_async(
     if not summary["conserved"] and kernel is not None:
         log.error("accounting mismatch: %s", json.dumps(summary))
     return summary, status
+
+
+def _is_worker(node: str) -> bool:
+    """True in a worker process of ``nexus run --workers`` (the parent names it)."""
+    from ._cluster_cmd import WORKER_ENV
+
+    return os.environ.get(WORKER_ENV) == node
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -625,10 +653,15 @@ def build_summary(
     dead = stats.dead_lettered if stats else 0
     accepted = stats.accepted if stats else 0
     in_flight = stats.in_flight if stats else 0
-    return {
+    remote = state.cluster_counts or {}
+    forwarded_in = int(remote.get("forwarded_in", 0))
+    agents = opts.agents if opts.demo and not opts.app else state.agents_at_stop
+    if state.swarm is not None and state.demo is not None:
+        agents = len(state.demo.local_refs)  # this worker's share
+    summary: dict[str, Any] = {
         "app": opts.app,
         "workload": opts.workload if opts.demo else None,
-        "agents": opts.agents if opts.demo and not opts.app else state.agents_at_stop,
+        "agents": agents,
         "stopped_by": state.stopped_by or ("error" if error else "unknown"),
         "error": None if error is None else _describe(error),
         "elapsed_s": {
@@ -637,10 +670,14 @@ def build_summary(
             "run": t_stop - t_spawned,
             "shutdown": t_end - t_shutdown,
         },
-        "sent": accepted,
+        # accepted here, less what other nodes sent: the messages that started here
+        "sent": accepted - forwarded_in,
+        "accepted": accepted,
         "handled": handled,
         "replies_delivered": replies,
         "forwarded": forwarded,
+        "forwarded_out": forwarded,
+        "forwarded_in": forwarded_in,
         "dead_letters": dead,
         "dead_letters_by_reason": dict(stats.dead_letters_by_reason) if stats else {},
         "in_flight": in_flight,
@@ -657,6 +694,12 @@ def build_summary(
         and in_flight == 0
         and accepted == handled + replies + forwarded + dead,
     }
+    if state.cluster_counts is not None:
+        summary["node"] = remote.get("node")
+        summary["lost_counted"] = remote.get("lost_counted", 0)
+        summary["lost_counted_by_kind"] = remote.get("lost_counted_by_kind", {})
+        summary["swarm"] = state.swarm is not None
+    return summary
 
 
 def execute_run(opts: RunOptions, *, err_console: Console | None = None) -> int:

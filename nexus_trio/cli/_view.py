@@ -226,11 +226,21 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
         f"{t['total']:.2f} s (spawn {t['spawn']:.2f} s, run {t['run']:.2f} s, "
         f"shutdown {t['shutdown']:.2f} s)",
     )
-    table.add_row("sent (accepted)", fmt_count(summary["sent"]))
+    crossed = summary.get("forwarded_in") or summary.get("workers")
+    table.add_row(
+        "sent (started here)" if crossed else "sent (accepted)", fmt_count(summary["sent"])
+    )
     table.add_row("handled", fmt_count(summary["handled"]))
     if summary["replies_delivered"]:
         table.add_row("replies delivered", fmt_count(summary["replies_delivered"]))
-    if summary["forwarded"]:
+    if crossed:
+        table.add_row(
+            "forwarded",
+            f"out {fmt_count(summary.get('forwarded_out', summary['forwarded']))}"
+            f" · in {fmt_count(summary.get('forwarded_in', 0))}",
+        )
+        table.add_row("lost (counted)", fmt_count(summary.get("lost_counted", 0)))
+    elif summary["forwarded"]:
         table.add_row("forwarded", fmt_count(summary["forwarded"]))
     table.add_row("dead letters", fmt_count(summary["dead_letters"]))
     table.add_row("  by reason", fmt_reasons(summary["dead_letters_by_reason"]))
@@ -252,16 +262,34 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
         else:
             table.add_row(label, "-")
     table.add_row("peak RSS", fmt_bytes(summary["peak_rss_bytes"]))
+    for worker in summary.get("per_worker") or ():
+        table.add_row(f"  {worker.get('node') or 'worker'}", _worker_text(worker))
     ok = summary["conserved"]
+    law = (
+        "every worker: accepted = handled + replies + forwarded out + dead letters;"
+        " cluster: sent = handled + replies + dead letters + lost (counted) "
+        if summary.get("workers")
+        else "sent = handled + replies + forwarded + dead letters + in flight "
+    )
     table.add_row(
         "accounting",
-        Text(
-            "sent = handled + replies + forwarded + dead letters + in flight "
-            + ("✓" if ok else "✗ MISMATCH"),
-            style="green" if ok else "bold red",
-        ),
+        Text(law + ("✓" if ok else "✗ MISMATCH"), style="green" if ok else "bold red"),
     )
     return table
+
+
+def _worker_text(worker: Mapping[str, Any]) -> Text:
+    """One worker's line in a ``--workers`` summary."""
+    text = (
+        f"sent {fmt_count(worker.get('sent', 0))} · handled {fmt_count(worker.get('handled', 0))}"
+        f" · fwd in {fmt_count(worker.get('forwarded_in', 0))}"
+        f" · fwd out {fmt_count(worker.get('forwarded_out', 0))}"
+        f" · dead {fmt_count(worker.get('dead_letters', 0))}"
+        f" · lost {fmt_count(worker.get('lost_counted', 0))}"
+    )
+    if worker.get("error"):
+        return Text(f"{text} · error: {worker['error']}", style="bold red")
+    return Text(text, style="" if worker.get("conserved") else "bold red")
 
 
 def _run_kind(summary: Mapping[str, Any]) -> str:

@@ -10,6 +10,11 @@
 * ``request`` — agents in pairs (0-1, 2-3, ...; an odd last agent pairs with itself);
   each agent runs a loop in ``ctx.nursery`` doing ``ctx.request`` to its partner, one at a
   time, and answers its partner's queries.
+* In a swarm (``nexus run --workers N``, see ``_swarm``) agent ``k`` runs on worker
+  ``k mod N``: ring successors and request partners are addressed by name (they may live
+  in another process); each worker injects ring tokens at its own agents (a token retires
+  wherever its lap ends and frees a slot there: the tokens in the swarm stay within the
+  window); worker 0 alone drives the fan-out, to the agents of every worker.
 * ``pool`` — one pool (:func:`nexus_trio.pool`) named ``pool`` with ``agents`` workers
   behind a round-robin router; the driver sends to the pool's name as ``fanout`` does to
   agents, so every message goes through the router and then a worker. Pools of up to
@@ -30,7 +35,7 @@ import gc
 import math
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 import trio
@@ -38,9 +43,13 @@ import trio
 from .._agent import AgentRef, AgentSpec, Context, agent
 from .._errors import KernelShuttingDown, MailboxFull, NexusError
 from .._kernel import Kernel
-from .._message import Message, MessageKind
+from .._message import Address, Message, MessageKind
 from .._pool import pool, pool_workers
 from .._supervisor import Supervisor
+from ._swarm import SwarmLayout
+
+#: how a swarm worker learns the addresses of agents by name (the whole workload's)
+Resolver = Callable[[Sequence[str]], Awaitable[list[AgentRef]]]
 
 __all__ = ["WORKLOADS", "Demo", "Pacer", "spawn_many"]
 
@@ -89,8 +98,10 @@ async def spawn_many(
     *,
     progress: Callable[[int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    indices: Sequence[int] | None = None,
 ) -> list[AgentRef]:
-    """Spawn ``count`` agents named ``{prefix}-{i}`` in groups of ``_SPAWN_GROUP``.
+    """Spawn ``count`` agents named ``{prefix}-{i}`` in groups of ``_SPAWN_GROUP``
+    (``i`` in ``range(count)``, or in ``indices``: a swarm worker's share).
 
     Each group is one :class:`Supervisor` (``{prefix}-group-{k}``) spawned with all its
     children: its agents start together when it starts, instead of one by one through the
@@ -99,8 +110,9 @@ async def spawn_many(
     """
     refs: list[AgentRef] = []
     groups = 0
-    for start in range(0, count, _SPAWN_GROUP):
-        names = [f"{prefix}-{i}" for i in range(start, min(count, start + _SPAWN_GROUP))]
+    numbers = range(count) if indices is None else indices
+    for start in range(0, len(numbers), _SPAWN_GROUP):
+        names = [f"{prefix}-{i}" for i in numbers[start : start + _SPAWN_GROUP]]
         children: Any = [spec.with_options(name=name) for name in names]
         kernel.spawn(Supervisor(children=children, name=f"{prefix}-group-{groups}"))
         groups += 1
@@ -132,6 +144,8 @@ class Demo:
         rate: float = 0.0,
         payload_size: int = 16,
         seed: int | None = None,
+        swarm: SwarmLayout | None = None,
+        resolve: Resolver | None = None,
     ) -> None:
         if kind not in WORKLOADS:
             raise ValueError(f"workload must be one of {', '.join(WORKLOADS)}, got {kind!r}")
@@ -148,10 +162,18 @@ class Demo:
         self.blob = "x" * payload_size
         self.running = True
         self.refs: list[AgentRef] = []
+        #: the agents of this process (all of them, unless in a swarm)
+        self.local_refs: list[AgentRef] = []
         self._rng = random.Random(seed)
-        self._next: dict[uuid.UUID, uuid.UUID] = {}
+        self._next: dict[uuid.UUID, Address] = {}
+        if swarm is not None and resolve is None:
+            raise ValueError("a swarm worker's demo needs a resolver for the others' agents")
+        self.swarm = swarm
+        self._resolve = resolve
         capacity = kernel.config.kernel.mailbox_capacity
         self.window = max(1, min(agents, capacity))
+        if swarm is not None:  # every worker injects its part of the tokens
+            self.window = max(1, self.window // swarm.size)
         self._tokens = trio.Semaphore(self.window)
 
     # --- the agents -----------------------------------------------------------------------
@@ -189,7 +211,7 @@ class Demo:
         # a round trip is two messages; each agent does its share of the total rate
         per_agent = self.rate / (2 * self.agents) if self.rate else 0.0
 
-        async def loop(ctx: Context, partner: uuid.UUID) -> None:
+        async def loop(ctx: Context, partner: Address) -> None:
             pacer = Pacer(per_agent, phase=demo._rng.random())
             while demo.running:
                 await pacer.wait()
@@ -220,9 +242,11 @@ class Demo:
     ) -> list[AgentRef]:
         """Spawn the agents and wire them up (ring successors, request partners)."""
         if self.kind == "pool":
-            self.refs = await self._spawn_pool(progress)
+            self.refs = self.local_refs = await self._spawn_pool(progress)
             return self.refs
-        self.refs = await spawn_many(
+        if self.swarm is not None:
+            return await self._spawn_share(self.swarm, progress, should_stop)
+        self.refs = self.local_refs = await spawn_many(
             self.kernel,
             self.spec(),
             self.agents,
@@ -241,10 +265,41 @@ class Demo:
                 self._next[agent_id] = ids[partner] if partner < n else agent_id
         return self.refs
 
+    async def _spawn_share(
+        self,
+        swarm: SwarmLayout,
+        progress: Callable[[int], None] | None,
+        should_stop: Callable[[], bool] | None,
+    ) -> list[AgentRef]:
+        """A swarm worker's agents (``k`` with ``k mod N == index``), wired by name to
+        the others' (they may not be known yet: a name is resolved when first used)."""
+        n = self.agents
+        indices = swarm.local_indices(n)
+        self.local_refs = await spawn_many(
+            self.kernel,
+            self.spec(),
+            len(indices),
+            self.kind,
+            progress=progress,
+            should_stop=should_stop,
+            indices=indices,
+        )
+        for k, ref in zip(indices, self.local_refs, strict=False):
+            if self.kind == "ring":
+                self._next[ref.id] = f"{self.kind}-{(k + 1) % n}"
+            elif self.kind == "request":
+                partner = k + 1 if k % 2 == 0 else k - 1
+                self._next[ref.id] = f"{self.kind}-{partner}" if partner < n else ref.id
+        assert self._resolve is not None
+        self.refs = await self._resolve([f"{self.kind}-{k}" for k in range(n)])
+        return self.refs
+
     async def drive(self) -> None:
         """Generate traffic until cancelled or :meth:`stop`."""
         if not self.refs:
             return
+        if self.swarm is not None and self.kind == "fanout" and self.swarm.index != 0:
+            return  # worker 0 drives the swarm's fan-out
         try:
             if self.kind == "ring":
                 await self._drive_ring()
@@ -262,10 +317,11 @@ class Demo:
         self.running = False
 
     async def _drive_ring(self) -> None:
-        refs = self.refs
+        refs = self.local_refs
         n = len(refs)
-        lap = max(n, _MIN_LAP)  # hops per token
-        pacer = Pacer(self.rate / lap if self.rate else 0.0)
+        lap = max(len(self.refs), _MIN_LAP)  # hops per token
+        rate = self.rate / self.swarm.size if self.swarm is not None else self.rate
+        pacer = Pacer(rate / lap if rate else 0.0)
         i = 0
         while self.running:
             await self._tokens.acquire()
@@ -299,7 +355,7 @@ class Demo:
                 await trio.lowlevel.checkpoint()
 
     async def _drive_request(self) -> None:
-        for ref in self.refs:
+        for ref in self.local_refs:
             await self.kernel.send(ref, "start")
         await trio.sleep_forever()
 

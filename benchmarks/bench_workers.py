@@ -1,0 +1,162 @@
+"""One swarm over ``nexus run --workers 2`` vs one process, and what a SIGKILLed worker loses.
+
+    python benchmarks/bench_workers.py [--duration 5] [--agents 1000] [--json]
+
+Measured in one run on this machine:
+
+* **ring**: the demo ring (``--agents`` agents, every hop a message) in one process vs
+  ``nexus run --workers 2``, where agent ``k`` runs on worker ``k mod 2``: *every* hop
+  crosses between the two processes through NATS. The figure is hops per second: the
+  messages handled by agents over the run (added up over the workers), not ``msgs_per_s``,
+  which counts a crossing message twice (forwarded by one worker, handled by the other).
+* **fanout**: the demo fan-out in one process vs ``--workers 2``, where worker 0 sends to
+  all agents: half of them are on worker 1, so half of the traffic crosses.
+* **sigkill**: three kernels in three processes (``tests/placement_node.py``) place 24
+  agents by rendezvous hashing; one node streams 20,000 tells to the agents of a second
+  node, which is SIGKILLed after 500 of them were acknowledged. Every tell accepted by the
+  sender must end acknowledged as handled (each handled tell is acknowledged back) or
+  counted as lost (``lost_with_nodes`` + ``lost_in_transit`` + refused on arrival):
+  ``unaccounted`` must be 0; ``counted_twice`` is how much the count over-states (what the
+  killed node handled after its last heartbeat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def _handled_per_s(summary: dict[str, Any]) -> float:
+    workers = summary.get("per_worker") or [summary]
+    run = max(w["elapsed_s"]["run"] for w in workers)
+    handled = sum(w["handled"] + w["replies_delivered"] for w in workers)
+    return float(handled / run) if run > 0 else 0.0
+
+
+def compare(workload: str, agents: int, duration: float) -> dict[str, Any]:
+    """One process vs ``--workers 2``: handled messages per second, and the ratio."""
+    from nexus_trio.cli._cluster_cmd import run_workers
+
+    demo = ["--agents", str(agents), "--duration", f"{duration:g}", "--workload", workload]
+    out = subprocess.run(
+        [sys.executable, "-m", "nexus_trio.cli", "run", *demo, "--json", "--no-live"],
+        check=True,
+        capture_output=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        timeout=duration * 10 + 120,
+    ).stdout
+    single = json.loads(out)
+    swarm, status = run_workers(2, demo)
+    if status != 0:
+        raise RuntimeError(f"--workers 2 {workload} failed: {swarm.get('error')}")
+    one, two = _handled_per_s(single), _handled_per_s(swarm)
+    return {
+        "one_process_per_s": one,
+        "two_workers_per_s": two,
+        "ratio": two / one if one else 0.0,
+        "crossed": swarm["forwarded_in"],
+        "handled": swarm["handled"],
+        "conserved": swarm["conserved"],
+    }
+
+
+async def sigkill() -> dict[str, Any]:
+    """Three nodes, one SIGKILLed mid-stream: every accepted tell handled or counted."""
+    import trio
+
+    from nexus_trio._nats import NatsServer
+    from nexus_trio._nats._placement import rendezvous_owner
+    from tests.placement_node import Node
+
+    with NatsServer() as server:
+        nodes = [Node(server.url, name) for name in ("a", "b", "c")]
+        try:
+            for node in nodes:
+                await node.start()
+            for node in nodes:
+                await node.call("wait_live", count=3)
+            a, b, c = nodes
+            names = [f"counter-{i}" for i in range(24)]
+            for name in names:
+                await a.call("spawn", type="counter", name=name)
+            on_c = [n for n in names if rendezvous_owner(n, ["a", "b", "c"]) == "c"]
+            stream = await a.call("stream", to=on_c, count=20000, batch=50, pause=0.005)
+            with trio.fail_after(60):
+                while True:  # the acknowledgements are counted in another process
+                    if await a.call("acks") >= 500:
+                        break
+                    await trio.sleep(0.05)
+            c.kill()
+            result = await a.call("stream_result", stream=stream, timeout=120)
+            counts: dict[str, int] = {}
+            with trio.move_on_after(30):
+                while True:  # the last acknowledgements may still be on their way
+                    stats = [await n.call("stats") for n in (a, b)]
+                    counts["acked"] = await a.call("acks")
+                    counts["lost"] = sum(
+                        s["lost_with_nodes"]
+                        + s["lost_in_transit"]
+                        + sum(s["inbound_dropped"].values())
+                        for s in stats
+                    )
+                    if counts["acked"] + counts["lost"] >= result["accepted"]:
+                        break
+                    await trio.sleep(0.1)
+            accepted = result["accepted"]
+            return {
+                "accepted": accepted,
+                "refused_at_send": result["refused"],
+                "acknowledged_handled": counts["acked"],
+                "counted_lost": counts["lost"],
+                "unaccounted": max(0, accepted - counts["acked"] - counts["lost"]),
+                "counted_twice": max(0, counts["acked"] + counts["lost"] - accepted),
+                "replaced": sum(s["replaced"] for s in stats),
+            }
+        finally:
+            with trio.CancelScope(shield=True):
+                for node in nodes:
+                    node.kill() if node.node == "c" else None
+                    await node.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--agents", type=int, default=1000)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+    import trio
+
+    results = {
+        "ring": compare("ring", args.agents, args.duration),
+        "fanout": compare("fanout", args.agents, args.duration),
+        "sigkill": trio.run(sigkill),
+    }
+    if args.json:
+        print(json.dumps(results))
+        return
+    for workload, goal in (("ring", 1.0), ("fanout", 1.3)):
+        r = results[workload]
+        print(
+            f"{workload:7} one process {r['one_process_per_s']:>10,.0f}/s   --workers 2"
+            f" {r['two_workers_per_s']:>10,.0f}/s   {r['ratio']:.2f}x (goal >= {goal}x);"
+            f" {r['crossed']:,} of {r['handled']:,} crossed, books balance: {r['conserved']}"
+        )
+    k = results["sigkill"]
+    print(
+        f"sigkill: {k['accepted']:,} tells accepted, {k['acknowledged_handled']:,} handled,"
+        f" {k['counted_lost']:,} counted lost, {k['unaccounted']} unaccounted (goal 0),"
+        f" {k['counted_twice']:,} counted twice; {k['replaced']} agents re-placed"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,446 @@
+"""Placement: which kernel of the cluster runs a named agent, and where it goes when that kernel is lost.
+
+``await cluster.spawn("counter", name="counter-7")`` puts the agent on one live member:
+by default the one that wins *rendezvous hashing* (highest random weight) of the name
+over the reachable members, with a stable hash (blake2b of node and name, never
+Python's salted ``hash()``), so every node computes the same owner, and a member
+joining or leaving moves only the names it wins or held; or on a node given by name
+(``node="worker-2"``). The spec must be resolvable on that node: every node registers
+the specs it can run under a *type name* (:meth:`Placement.register`), and a request
+for a type the owner does not know fails with :class:`UnknownAgentType` naming it.
+If the owner is this node the agent is spawned here; otherwise the owner is asked with
+one request on the control connection (``<prefix>.place.<node>``). Either way the owner
+writes a *placement record* (name -> type) into the ``<prefix>-placed`` KV bucket, and
+the caller learns the name's node and id from the answer: the name -> node map (the
+names bucket every node watches) has it at once, with no further round trip.
+
+When a member is *lost* (missed heartbeats: a crash, a SIGKILL, a partition), each
+survivor computes, for every record the lost node held, the owner over the surviving
+members; exactly that one re-spawns it from its registry (restart semantics: fresh
+state; a ``restarted`` lifecycle event and a log line say "re-placed from node X").
+What the lost node held is counted, never silently dropped (see :meth:`Placement.node_lost`).
+A node that leaves *cleanly* stopped its agents on purpose (its kernel shut down, or it
+left the cluster): it deletes its records, and its agents are not re-placed. Members
+joining do not move agents that are already running (moving one costs its state):
+:meth:`Placement.rebalance` moves a node's agents that a member which joined since now
+wins, when the operator asks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Final, final
+
+import attrs
+import nats.errors
+import nats.js.errors
+import trio
+
+from .._agent import AgentRef
+from .._errors import AgentNotFound, KernelShuttingDown, NameTaken, NexusError, TransportUnavailable
+from .._events import EventKind, LifecycleEvent
+from . import _wire as wire
+from ._aio import call_aio
+from ._membership import NodeInfo
+
+if TYPE_CHECKING:
+    from nats.aio.msg import Msg as NatsMsg
+    from nats.js.kv import KeyValue
+
+    from ._cluster import Cluster
+
+log = logging.getLogger("nexus_trio.nats")
+
+#: how long :meth:`Placement.spawn` waits for a remote owner's answer by default
+DEFAULT_PLACE_TIMEOUT: Final = 5.0
+
+
+def placement_weight(node: str, name: str) -> int:
+    """The rendezvous weight of ``node`` for ``name``: 64 bits of blake2b, the same in
+    every process and on every host (unlike Python's ``hash()``, salted per process)."""
+    digest = hashlib.blake2b(
+        node.encode() + b"\x00" + name.encode(), digest_size=8, person=b"nexus-place"
+    ).digest()
+    return int.from_bytes(digest, "big")
+
+
+def rendezvous_owner(name: str, nodes: Iterable[str]) -> str:
+    """The node of ``nodes`` that wins ``name`` (highest weight; ties by node name).
+
+    Removing a node moves only the names it won; adding one moves only the names it now
+    wins. ``ValueError`` if ``nodes`` is empty.
+    """
+    best: tuple[int, str] | None = None
+    for node in nodes:
+        key = (placement_weight(node, name), node)
+        if best is None or key > best:
+            best = key
+    if best is None:
+        raise ValueError(f"no live node to place {name!r} on")
+    return best[1]
+
+
+class UnknownAgentType(NexusError, LookupError):
+    """The node asked to run an agent has no spec registered under ``type_name``."""
+
+    def __init__(self, type_name: str, node: str) -> None:
+        self.type_name = type_name
+        self.node = node
+        super().__init__(
+            f"node {node!r} has no agent type {type_name!r} registered"
+            " (every node must call cluster.register_type(type_name, spec) for it)"
+        )
+
+
+class PlacementFailed(NexusError):
+    """The owner node could not spawn the agent (its error, as text)."""
+
+    def __init__(self, name: str, node: str, error: str) -> None:
+        self.name = name
+        self.node = node
+        self.error = error
+        super().__init__(f"placing {name!r} on node {node!r} failed: {error}")
+
+
+@final
+@attrs.frozen
+class PlacedAgent:
+    """Where :meth:`Placement.spawn` put an agent: its name, node and id."""
+
+    name: str
+    node: str
+    id: uuid.UUID
+
+
+@final
+@attrs.frozen
+class PlacementRecord:
+    """A placed agent as the ``<prefix>-placed`` bucket keeps it."""
+
+    type_name: str
+    #: the node it was pinned to, None if placed by hash
+    pinned: str | None = None
+
+    def encode(self) -> bytes:
+        return json.dumps({"type": self.type_name, "pinned": self.pinned}).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> PlacementRecord:
+        obj = json.loads(data)
+        pinned = obj.get("pinned")
+        return cls(str(obj["type"]), None if pinned is None else str(pinned))
+
+
+@final
+class Placement:
+    """One node's side of placement (see the module doc); ``cluster.placement``."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self._cluster = cluster
+        self._specs: dict[str, Any] = {}
+        #: every placement record in the cluster (the KV watcher keeps it)
+        self.records: dict[str, PlacementRecord] = {}
+        #: records this node wrote for agents it runs: name -> (agent id, KV revision)
+        self._held: dict[str, tuple[uuid.UUID, int]] = {}
+        self._kv: KeyValue | None = None
+        self._nursery: trio.Nursery | None = None
+        self._subject = f"{cluster.prefix}.place.{cluster.node}"
+        #: agents this node re-spawned after their node was lost
+        self.replaced = 0
+        #: messages counted as lost with lost nodes (see :meth:`node_lost`)
+        self.lost_with_nodes = 0
+
+    # --- registry ---------------------------------------------------------------------------
+
+    def register(self, type_name: str, spec: Any) -> None:
+        """Let this node run agents of ``type_name`` (anything ``kernel.spawn`` takes)."""
+        wire.check_token("agent type", type_name)
+        self._specs[type_name] = spec
+
+    # --- placing ----------------------------------------------------------------------------
+
+    def owner(self, name: str, *, pinned: str | None = None, without: str | None = None) -> str:
+        """The node that should run ``name`` now: ``pinned`` if it is a reachable member,
+        else the rendezvous winner over the reachable members (minus ``without``)."""
+        live = [n for n in self._cluster.live_nodes() if n != without]
+        if pinned is not None and pinned in live:
+            return pinned
+        return rendezvous_owner(name, live)
+
+    async def spawn(
+        self,
+        type_name: str,
+        *,
+        name: str,
+        node: str | None = None,
+        timeout: float = DEFAULT_PLACE_TIMEOUT,
+    ) -> PlacedAgent:
+        """Spawn an agent of ``type_name`` named ``name`` somewhere in the cluster.
+
+        ``node`` pins it to that member (:class:`AgentNotFound` naming the node if it is
+        not a reachable member); without it the name's rendezvous owner runs it.
+        Raises :class:`NameTaken` if the name runs on a reachable node already,
+        :class:`UnknownAgentType` if the owner has no spec for the type,
+        :class:`PlacementFailed` with the owner's error otherwise, and
+        :class:`TransportUnavailable` if the owner does not answer within ``timeout``.
+        """
+        wire.check_token("agent type", type_name)
+        cluster = self._cluster
+        if node is not None and node not in cluster.live_nodes():
+            raise AgentNotFound(f"node:{node}")
+        holder = cluster.name_holder(name)
+        if holder is not None and holder[0] in cluster.live_nodes():
+            raise NameTaken(name, holder[1])
+        owner = node if node is not None else self.owner(name)
+        if owner == cluster.node:
+            return await self._spawn_here(type_name, name, node, replaced_from=None)
+        return await self._ask(owner, type_name, name, node, timeout)
+
+    async def _ask(
+        self, owner: str, type_name: str, name: str, pinned: str | None, timeout: float
+    ) -> PlacedAgent:
+        """Have node ``owner`` spawn the agent (one request on the control connection)."""
+        cluster = self._cluster
+        body = json.dumps({"type": type_name, "name": name, "pinned": pinned}).encode()
+        subject = f"{cluster.prefix}.place.{owner}"
+        try:
+            answer = await call_aio(cluster.control.request, subject, body, timeout=timeout)
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            raise TransportUnavailable(
+                f"node {owner!r} did not answer the request to place {name!r}: {exc!r}"
+            ) from None
+        placed = _decode_answer(answer.data, name, owner)
+        cluster.learn_name(placed.name, placed.node, placed.id)
+        return placed
+
+    async def _spawn_here(
+        self, type_name: str, name: str, pinned: str | None, *, replaced_from: str | None
+    ) -> PlacedAgent:
+        cluster = self._cluster
+        ref, record = self._spawn_local(type_name, name, pinned)
+        kv = self._kv
+        if kv is not None:
+            revision = await call_aio(kv.put, wire.name_key(name), record.encode())
+            self._held[name] = (ref.id, revision)
+        if replaced_from is not None:
+            self.replaced += 1
+            reason = f"re-placed from node {replaced_from}"
+            log.warning("node %s: agent %r %s (fresh state)", cluster.node, name, reason)
+            cluster.kernel.report_event(
+                LifecycleEvent(EventKind.RESTARTED, ref.id, name, trio.current_time(), reason)
+            )
+        return PlacedAgent(name, cluster.node, ref.id)
+
+    def _spawn_local(
+        self, type_name: str, name: str, pinned: str | None
+    ) -> tuple[AgentRef, PlacementRecord]:
+        """Spawn a placed agent in this kernel (the caller writes its record to KV)."""
+        cluster = self._cluster
+        spec = self._specs.get(type_name)
+        if spec is None:
+            raise UnknownAgentType(type_name, cluster.node)
+        ref = cluster.kernel.spawn(spec, name=name)
+        record = self.records[name] = PlacementRecord(type_name, pinned)
+        cluster.learn_name(name, cluster.node, ref.id)
+        return ref, record
+
+    async def _on_place_request(self, m: NatsMsg) -> None:
+        """asyncio side: another node asks this one to run an agent."""
+        try:
+            obj = json.loads(m.data)
+            type_name, name = str(obj["type"]), str(obj["name"])
+            pinned = obj.get("pinned")
+        except (ValueError, KeyError, TypeError) as exc:
+            await m.respond(json.dumps({"error": "malformed", "text": repr(exc)}).encode())
+            return
+        try:
+            # Spawned here, on the asyncio side of the same thread: kernel.spawn does not
+            # wait, and the record is written with the asyncio KV client directly.
+            pin = None if pinned is None else str(pinned)
+            ref, record = self._spawn_local(type_name, name, pin)
+            if self._kv is not None:
+                revision = await self._kv.put(wire.name_key(name), record.encode())
+                self._held[name] = (ref.id, revision)
+            answer: dict[str, Any] = {"node": self._cluster.node, "id": str(ref.id)}
+        except UnknownAgentType as exc:
+            answer = {"error": "unknown_type", "type": exc.type_name, "node": exc.node}
+        except NameTaken as exc:
+            answer = {"error": "name_taken", "holder": str(exc.holder)}
+        except Exception as exc:
+            answer = {"error": "failed", "text": f"{type(exc).__name__}: {exc}"}
+        await m.respond(json.dumps(answer).encode())
+
+    async def rebalance(self, *, timeout: float = DEFAULT_PLACE_TIMEOUT) -> list[str]:
+        """Move this node's hash-placed agents that another live member now wins (it
+        joined since) to that member; return their names.
+
+        Restart semantics, as for a lost node: the agent here is stopped (what is still
+        queued for it is dead-lettered ``agent_stopped``, as for any stop) and a fresh
+        one starts on the new owner. Pinned agents stay. Not automatic: moving agents
+        costs their state, so the operator (or the app) decides when.
+        """
+        cluster = self._cluster
+        live = cluster.live_nodes()
+        moved: list[str] = []
+        for name, (agent_id, revision) in list(self._held.items()):
+            record = self.records.get(name)
+            if record is None or record.pinned is not None:
+                continue
+            owner = rendezvous_owner(name, live)
+            if owner == cluster.node:
+                continue
+            del self._held[name]
+            self.records.pop(name, None)
+            with contextlib.suppress(AgentNotFound):
+                await cluster.kernel.stop(agent_id)
+            await self._delete_record(name, revision)
+            await self._ask(owner, record.type_name, name, None, timeout)
+            log.info("node %s: agent %r moved to node %s (rebalanced)", cluster.node, name, owner)
+            moved.append(name)
+        return moved
+
+    # --- records ----------------------------------------------------------------------------
+
+    def _apply_record(self, key: str, value: bytes | None, op: str | None) -> None:
+        name = wire.name_from_key(key)
+        if op in ("DEL", "PURGE") or not value:
+            self.records.pop(name, None)
+            return
+        try:
+            self.records[name] = PlacementRecord.decode(value)
+        except (ValueError, KeyError, TypeError):
+            log.warning("node %s: ignoring malformed placement record %r", self._cluster.node, key)
+
+    async def agent_stopped(self, name: str, agent_id: uuid.UUID) -> None:
+        """A placed agent of this node stopped for good: drop its record (it is not
+        re-placed if this node is lost later)."""
+        held = self._held.get(name)
+        if held is None or held[0] != agent_id:
+            return
+        del self._held[name]
+        self.records.pop(name, None)
+        try:
+            await self._delete_record(name, held[1])
+        except Exception as exc:  # the KV down: the record stays, the node goes on
+            log.warning("node %s: could not drop record %r: %r", self._cluster.node, name, exc)
+
+    async def _delete_record(self, name: str, revision: int) -> None:
+        kv = self._kv
+        if kv is None:
+            return
+        try:
+            # Only if nobody re-placed the name since (optimistic concurrency).
+            await call_aio(kv.delete, wire.name_key(name), last=revision)
+        except nats.js.errors.BadRequestError as exc:
+            log.debug("node %s: record %r changed since: %r", self._cluster.node, name, exc)
+
+    # --- a member lost --------------------------------------------------------------------------
+
+    def node_lost(self, info: NodeInfo) -> None:
+        """Re-place what ``info``'s node held, and count what was lost with it.
+
+        Counted (``lost_with_nodes``, in ``ClusterStats``): the tells this node sent to
+        the lost one that it had not confirmed receiving in its last heartbeat (each
+        heartbeat carries the last sequence number received from every sender), and,
+        on exactly one survivor (the rendezvous owner of ``loss:<node>``), the messages
+        the lost node still held at that heartbeat (in its mailboxes, in handlers,
+        waiting for room). An upper bound: what the lost node finished after its last
+        heartbeat is counted too (at most one heartbeat interval's worth).
+        """
+        cluster = self._cluster
+        survivors = [n for n in cluster.live_nodes() if n != info.node]
+        received = info.stats.get("recv") or {}
+        confirmed = int(received.get(cluster.stream_name, 0))
+        unconfirmed = max(0, cluster.tells_sent_to(info.node, info.id_prefix) - confirmed)
+        held = 0
+        if survivors and rendezvous_owner(f"loss:{info.node}", survivors) == cluster.node:
+            held = int(info.stats.get("in_flight", 0)) + int(info.stats.get("held", 0))
+        if unconfirmed or held:
+            self.lost_with_nodes += unconfirmed + held
+            log.warning(
+                "node %s: counted %d messages as lost with node %r (%d sent by this node"
+                " and not confirmed received, %d held there at its last heartbeat)",
+                cluster.node,
+                unconfirmed + held,
+                info.node,
+                unconfirmed,
+                held,
+            )
+        if not survivors or cluster.kernel.shutting_down or self._nursery is None:
+            return
+        for name in self.to_replace(info.node, survivors):
+            self._nursery.start_soon(self._replace, name, self.records[name], info.node)
+
+    def to_replace(self, lost: str, survivors: Sequence[str]) -> list[str]:
+        """The placed agents of node ``lost`` that this node re-spawns: those whose
+        rendezvous owner over ``survivors`` it is (each survivor gets the same answer)."""
+        cluster = self._cluster
+        mine = []
+        for name in self.records:
+            holder = cluster.name_holder(name)
+            if (
+                holder is not None
+                and holder[0] == lost
+                and rendezvous_owner(name, survivors) == cluster.node
+            ):
+                mine.append(name)
+        return mine
+
+    async def _replace(self, name: str, record: PlacementRecord, lost: str) -> None:
+        try:
+            await self._spawn_here(record.type_name, name, record.pinned, replaced_from=lost)
+        except (KernelShuttingDown, TransportUnavailable):
+            return
+        except Exception as exc:
+            log.error(
+                "node %s: could not re-place %r (type %r) from node %s: %s",
+                self._cluster.node,
+                name,
+                record.type_name,
+                lost,
+                exc,
+            )
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self, nursery: trio.Nursery, kv: KeyValue) -> None:
+        """Load the records, watch them, and answer placement requests for this node."""
+        self._nursery = nursery
+        self._kv = kv
+        cluster = self._cluster
+        await nursery.start(cluster.watch_bucket, kv, self._apply_record)
+
+        async def subscribe() -> None:
+            await cluster.control.subscribe(self._subject, cb=self._on_place_request)
+            await cluster.control.flush()
+
+        await call_aio(subscribe)
+
+    async def leave(self) -> None:
+        """A clean leave: this node's agents are not to be re-placed; drop its records."""
+        for name, (_, revision) in list(self._held.items()):
+            try:
+                await self._delete_record(name, revision)
+            except Exception as exc:
+                log.warning("node %s: could not drop record %r: %r", self._cluster.node, name, exc)
+        self._held.clear()
+
+
+def _decode_answer(data: bytes, name: str, owner: str) -> PlacedAgent:
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        raise PlacementFailed(name, owner, f"malformed answer {data[:200]!r}") from None
+    error = obj.get("error")
+    if error == "unknown_type":
+        raise UnknownAgentType(str(obj.get("type")), str(obj.get("node", owner)))
+    if error == "name_taken":
+        raise NameTaken(name, uuid.UUID(obj["holder"]))
+    if error is not None:
+        raise PlacementFailed(name, owner, str(obj.get("text", error)))
+    return PlacedAgent(name, str(obj["node"]), uuid.UUID(obj["id"]))

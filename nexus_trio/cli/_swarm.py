@@ -1,0 +1,200 @@
+"""One swarm over the workers of ``nexus run --workers N``: layout, start, settle, accounting.
+
+The parent sets ``NEXUS_SWARM_SIZE=N`` in every worker's environment next to
+``NEXUS_WORKER=worker-<i>``; a worker that sees both runs the demo workload as a share of
+one swarm instead of a copy of its own: agent ``k`` of the workload lives on worker
+``k mod N`` (pinned placement), so consecutive ring agents are on different workers and
+every ring hop crosses a process. Each worker spawns its share, then waits until it knows
+where every agent of the workload runs (the names bucket), then drives its part.
+
+At the end the workers *settle* before any of them shuts down: each one stops its
+traffic and publishes its counters in its membership record (:meth:`Cluster.announce`)
+until every worker has stopped, holds nothing, and the cluster's books balance — every
+message handed to NATS was taken in by a kernel, or counted as dropped or lost — in two
+rounds in a row. A worker that left the cluster meanwhile counts with its last record.
+Only then do the kernels drain and leave: a message still crossing when a worker left
+would otherwise be lost without anybody counting it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+import attrs
+import trio
+
+from .._agent import AgentRef
+
+if TYPE_CHECKING:
+    from .._nats import Cluster
+
+log = logging.getLogger("nexus_trio.cli")
+
+#: how long a worker waits for the others to join and for every agent's name
+START_TIMEOUT: Final = 120.0
+#: how long the workers wait for each other to settle at the end
+SETTLE_TIMEOUT: Final = 60.0
+#: kinds of error frame sent back for a remote query that was refused (never taken in)
+_REFUSED_KINDS: Final = ("no_such_agent", "mailbox_full", "shutting_down")
+
+
+def worker_name(index: int) -> str:
+    return f"worker-{index}"
+
+
+@attrs.frozen
+class SwarmLayout:
+    """Which worker of how many this process is."""
+
+    index: int
+    size: int
+
+    @property
+    def workers(self) -> tuple[str, ...]:
+        return tuple(worker_name(i) for i in range(self.size))
+
+    def worker_of(self, k: int) -> int:
+        """The worker that runs agent ``k`` of the workload."""
+        return k % self.size
+
+    def local_indices(self, agents: int) -> range:
+        return range(self.index, agents, self.size)
+
+
+def layout_from_env(
+    node: str | None, environ: Mapping[str, str] = os.environ
+) -> SwarmLayout | None:
+    """The layout if this process is worker ``node`` of a swarm, else None."""
+    from ._cluster_cmd import SWARM_ENV
+
+    size_text = environ.get(SWARM_ENV)
+    if not size_text or node is None:
+        return None
+    size = int(size_text)
+    for index in range(size):
+        if worker_name(index) == node:
+            return SwarmLayout(index, size)
+    raise ValueError(
+        f"{SWARM_ENV}={size_text}, but this node is {node!r}, not worker-0..{size - 1}"
+    )
+
+
+class Swarm:
+    """This worker's part in the swarm (see the module doc)."""
+
+    def __init__(self, cluster: Cluster, layout: SwarmLayout) -> None:
+        self.cluster = cluster
+        self.layout = layout
+        #: each worker's counters as last published (kept after it left the cluster)
+        self.last_records: dict[str, dict[str, Any]] = {}
+
+    async def wait_for_workers(self, timeout: float = START_TIMEOUT) -> None:
+        """Until every worker of the swarm is a live member (bounded)."""
+        wanted = set(self.layout.workers)
+        with trio.move_on_after(timeout):
+            while True:  # membership arrives with other processes' heartbeats: polled
+                if wanted <= set(self.cluster.live_nodes()):
+                    return
+                await trio.sleep(0.02)
+        missing = sorted(wanted - set(self.cluster.live_nodes()))
+        raise RuntimeError(f"workers {', '.join(missing)} did not join within {timeout:g}s")
+
+    async def resolve(self, names: Sequence[str], timeout: float = START_TIMEOUT) -> list[AgentRef]:
+        """The address of every name (the other workers' agents included), once known.
+
+        This worker's own names are first published: the others must find them as soon
+        as traffic starts (a ring token comes back to this worker on its second hop).
+        """
+        cluster = self.cluster
+        await cluster.names_published()
+        refs: list[AgentRef | None] = [None] * len(names)
+        pending = list(range(len(names)))
+        with trio.move_on_after(timeout):
+            while pending:
+                waiting = []
+                for i in pending:
+                    holder = cluster.name_holder(names[i])
+                    if holder is None:
+                        waiting.append(i)
+                    else:
+                        refs[i] = AgentRef(holder[1], names[i])
+                pending = waiting
+                if pending:
+                    await trio.sleep(0.02)  # names arrive through the KV watch
+        if pending:
+            raise RuntimeError(
+                f"{len(pending)} agents of the swarm (e.g. {names[pending[0]]!r}) were not"
+                f" published within {timeout:g}s"
+            )
+        return [ref for ref in refs if ref is not None]
+
+    async def settle(self, timeout: float = SETTLE_TIMEOUT) -> bool:
+        """Stop, then wait until the whole swarm is quiet (see the module doc); False if it
+        was not within ``timeout`` (then the summary's books show what is missing)."""
+        cluster = self.cluster
+        cluster.record_extra["swarm_stopped"] = True
+        previous: tuple[Any, ...] | None = None
+        with trio.move_on_after(timeout):
+            while True:  # the other workers' state arrives with their records: polled
+                await cluster.announce()
+                snapshot = self._snapshot()
+                if snapshot is not None and snapshot == previous:
+                    return True
+                previous = snapshot
+                await trio.sleep(0.05)
+        log.warning("the swarm did not settle within %gs; leaving anyway", timeout)
+        return False
+
+    def _snapshot(self) -> tuple[Any, ...] | None:
+        """The swarm's counters if it is quiet now, else None."""
+        members = {info.node: info for info in self.cluster.member_list()}
+        for node in self.layout.workers:
+            info = members.get(node)
+            if info is not None and info.reachable:
+                self.last_records[node] = dict(info.stats)
+        if set(self.last_records) != set(self.layout.workers):
+            return None
+        records = [self.last_records[node] for node in self.layout.workers]
+        if not all(r.get("swarm_stopped") for r in records):
+            return None
+        if any(r.get("in_flight", 0) or r.get("held", 0) or r.get("parked", 0) for r in records):
+            return None
+        out = sum(int(r.get("published", 0)) for r in records)
+        taken = sum(int(r.get("forwarded_in", 0)) + _dropped(r) for r in records)
+        if out != taken:
+            return None
+        return tuple((r.get("published"), r.get("forwarded_in"), _dropped(r)) for r in records)
+
+
+def _dropped(record: Mapping[str, Any]) -> int:
+    """What a node's record says it refused or lost of what other nodes sent it."""
+    refused = record.get("errors_replied") or {}
+    return (
+        int(record.get("dropped", 0))
+        + int(record.get("lost_in_transit", 0))
+        + int(record.get("publish_failures", 0))
+        + sum(int(refused.get(kind, 0)) for kind in _REFUSED_KINDS)
+    )
+
+
+def cluster_counts(cluster: Cluster) -> dict[str, Any]:
+    """This worker's traffic with the others, for its summary."""
+    s = cluster.stats()
+    refused = sum(s.errors_replied.get(kind, 0) for kind in _REFUSED_KINDS)
+    dropped = sum(s.inbound_dropped.values()) + refused
+    lost = s.lost_in_transit + s.publish_failures + s.lost_with_nodes
+    return {
+        "node": s.node,
+        "forwarded_in": s.forwarded_in,
+        "published": s.published,
+        "lost_counted": lost + dropped,
+        "lost_counted_by_kind": {
+            "dropped_on_arrival": dropped,
+            "lost_in_transit": s.lost_in_transit,
+            "publish_failures": s.publish_failures,
+            "lost_with_nodes": s.lost_with_nodes,
+        },
+    }

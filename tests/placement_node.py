@@ -1,0 +1,228 @@
+"""A kernel in a child process for the placement tests, driven by JSON lines on stdin.
+
+``python -m tests.placement_node --url URL --node NAME`` joins the cluster, registers the
+agent type ``counter`` (and nothing else), prints ``READY <node>`` and then answers one
+JSON line on stdout for each command line on stdin (see :func:`_command`). A ``counter``
+counts the tells it handled in this incarnation and acknowledges each one to the
+``collector`` of the node whose name is in the tell, so a test can tell handled
+messages from lost ones even after the counter's node was SIGKILLed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from nexus_trio import Agent, Context, EventKind, Message, MessageKind, agent, open_kernel
+from nexus_trio._nats import Cluster, join_cluster
+from nexus_trio._nats._placement import rendezvous_owner
+
+from .nats_server import FAST, node_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Counter(Agent):
+    """Fresh state per incarnation: a restart (or a re-placement) starts from zero."""
+
+    def __init__(self) -> None:
+        self.handled = 0
+
+    async def handle(self, ctx: Context, msg: Message) -> Any:
+        if msg.kind is MessageKind.QUERY:
+            return {"node": NODE, "handled": self.handled, "name": ctx.name}
+        self.handled += 1
+        await ctx.send(f"collector-{msg.payload['ack']}", msg.payload["seq"])
+        return None
+
+
+NODE = ""
+acks: list[int] = []
+
+
+@agent(name="collector")
+async def collector(ctx: Context, msg: Message) -> None:
+    acks.append(msg.payload)
+
+
+async def _command(cluster: Cluster, nursery: trio.Nursery, cmd: dict[str, Any]) -> Any:
+    op = cmd["op"]
+    kernel = cluster.kernel
+    if op == "live":
+        return cluster.live_nodes()
+    if op == "wait_live":
+        with trio.fail_after(cmd.get("timeout", 10)):
+            while True:  # membership lives in other processes: polled, bounded
+                if len(cluster.live_nodes()) == cmd["count"]:
+                    break
+                await trio.sleep(0.02)
+        return cluster.live_nodes()
+    if op == "owner":
+        return rendezvous_owner(cmd["name"], cluster.live_nodes())
+    if op == "spawn":
+        placed = await cluster.spawn(cmd["type"], name=cmd["name"], node=cmd.get("node"))
+        return {"node": placed.node, "id": str(placed.id)}
+    if op == "where":
+        holder = cluster.name_holder(cmd["name"])
+        return None if holder is None else [holder[0], str(holder[1])]
+    if op == "restarted":
+        return restarted
+    if op == "rebalance":
+        return await cluster.rebalance()
+    if op == "request":
+        return await kernel.request(cmd["to"], "report", timeout=cmd.get("timeout", 5))
+    if op == "stream":
+        # tells to the named counters, round robin, paced; counts the ones accepted
+        done = trio.Event()
+        result = {"accepted": 0, "refused": 0}
+
+        async def stream() -> None:
+            names = cmd["to"]
+            for i in range(cmd["count"]):
+                try:
+                    await kernel.send(names[i % len(names)], {"seq": i, "ack": NODE})
+                    result["accepted"] += 1
+                except Exception:
+                    result["refused"] += 1
+                if i % cmd.get("batch", 50) == 0:
+                    await trio.sleep(cmd.get("pause", 0.005))
+            done.set()
+
+        nursery.start_soon(stream)
+        streams.append((done, result))
+        return len(streams) - 1
+    if op == "stream_result":
+        done, result = streams[cmd["stream"]]
+        with trio.fail_after(cmd.get("timeout", 30)):
+            await done.wait()
+        return result
+    if op == "acks":
+        return len(acks)
+    if op == "stats":
+        return attrs.asdict(cluster.stats())
+    raise ValueError(f"unknown op {op!r}")
+
+
+streams: list[tuple[trio.Event, dict[str, int]]] = []
+#: (name, reason) of every ``restarted`` lifecycle event of this kernel
+restarted: list[tuple[str | None, str]] = []
+
+
+async def _follow_events(kernel: Any, task_status: trio.TaskStatus[None]) -> None:
+    async with kernel.events() as events:
+        task_status.started()
+        async for event in events:
+            if event.kind is EventKind.RESTARTED:
+                restarted.append((event.name, event.reason))
+
+
+class Node:
+    """``tests.placement_node`` in a child process, one JSON command at a time."""
+
+    def __init__(self, url: str, node: str) -> None:
+        self.node = node
+        self.url = url
+        self.process: trio.Process | None = None
+        self._buffer = b""
+
+    async def start(self) -> Node:
+        argv = [
+            sys.executable,
+            "-m",
+            "tests.placement_node",
+            "--url",
+            self.url,
+            "--node",
+            self.node,
+        ]
+        self.process = await trio.lowlevel.open_process(
+            argv,
+            cwd=str(REPO),
+            env=dict(os.environ, PYTHONPATH=str(REPO)),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        with trio.fail_after(30):
+            line = await self._readline()
+        assert line == f"READY {self.node}", line
+        return self
+
+    async def _readline(self) -> str:
+        assert self.process is not None and self.process.stdout is not None
+        while b"\n" not in self._buffer:
+            chunk = await self.process.stdout.receive_some(65536)
+            if not chunk:
+                raise RuntimeError(f"node {self.node} exited ({self.process.poll()})")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode()
+
+    async def call(self, op: str, timeout: float = 30, **args: Any) -> Any:
+        assert self.process is not None and self.process.stdin is not None
+        await self.process.stdin.send_all(json.dumps({"op": op, **args}).encode() + b"\n")
+        with trio.fail_after(timeout):
+            answer = json.loads(await self._readline())
+        if "error" in answer:
+            raise RuntimeError(f"{self.node}: {op}: {answer['error']}: {answer['text']}")
+        return answer["ok"]
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+
+    async def stop(self) -> None:
+        process = self.process
+        if process is None:
+            return
+        if process.poll() is None and process.stdin is not None:
+            with trio.move_on_after(10):
+                await process.stdin.aclose()  # end of commands: a clean leave
+                await process.wait()
+        self.kill()
+        await process.wait()
+
+
+async def _main(url: str, node: str) -> None:
+    global NODE
+    NODE = node
+    async with open_kernel(node_config()) as kernel:
+        kernel.spawn(collector, name=f"collector-{node}")
+        async with join_cluster(kernel, url, node, options=FAST) as cluster:
+            cluster.register_type("counter", agent(Counter, name="counter"))
+            await cluster.names_published()
+            print(f"READY {node}", flush=True)
+            stdin = trio.lowlevel.FdStream(os.dup(0))
+            buffer = b""
+            async with trio.open_nursery() as nursery:
+                await nursery.start(_follow_events, kernel)
+                while True:
+                    chunk = await stdin.receive_some(65536)
+                    if not chunk:
+                        break
+                    buffer += chunk
+                    while b"\n" in buffer:
+                        line, buffer = buffer.split(b"\n", 1)
+                        try:
+                            answer: Any = {"ok": await _command(cluster, nursery, json.loads(line))}
+                        except Exception as exc:
+                            answer = {"error": type(exc).__name__, "text": str(exc)}
+                        print(json.dumps(answer), flush=True)
+                nursery.cancel_scope.cancel()
+            await kernel.shutdown()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m tests.placement_node")
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--node", required=True)
+    args = parser.parse_args(sys.argv[1:])
+    trio.run(_main, args.url, args.node)

@@ -1,0 +1,314 @@
+"""Placement: rendezvous hashing, and agents placed over 3 kernels in 3 processes, one SIGKILLed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections import Counter
+from typing import Any
+
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nexus_trio._nats._membership import NodeInfo
+from nexus_trio._nats._placement import (
+    Placement,
+    PlacementRecord,
+    placement_weight,
+    rendezvous_owner,
+)
+
+from .nats_server import nats_cluster
+from .placement_node import Node
+
+# --- rendezvous hashing (no server) ------------------------------------------------------------
+
+NAMES = [f"agent-{i}" for i in range(3000)]
+
+
+def test_weights_are_stable_across_processes() -> None:
+    # Not Python's hash(): another interpreter (another PYTHONHASHSEED) agrees.
+    code = (
+        "from nexus_trio._nats._placement import placement_weight, rendezvous_owner;"
+        "print(placement_weight('worker-0', 'agent-1'),"
+        " rendezvous_owner('agent-1', ['a', 'b', 'c']))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "12345"},
+    ).stdout.split()
+    assert int(out[0]) == placement_weight("worker-0", "agent-1")
+    assert out[1] == rendezvous_owner("agent-1", ["a", "b", "c"])
+
+
+def test_owner_does_not_depend_on_the_order_of_the_members() -> None:
+    nodes = ["a", "b", "c", "d"]
+    for name in NAMES[:200]:
+        assert rendezvous_owner(name, nodes) == rendezvous_owner(name, reversed(nodes))
+
+
+def test_names_spread_over_the_members() -> None:
+    counts = Counter(rendezvous_owner(name, ["a", "b", "c"]) for name in NAMES)
+    assert set(counts) == {"a", "b", "c"}
+    assert all(800 <= n <= 1200 for n in counts.values()), counts
+
+
+def test_a_member_leaving_moves_only_the_names_it_held() -> None:
+    before = {name: rendezvous_owner(name, ["a", "b", "c"]) for name in NAMES}
+    after = {name: rendezvous_owner(name, ["a", "b"]) for name in NAMES}
+    moved = [name for name in NAMES if before[name] != after[name]]
+    held_by_c = [name for name in NAMES if before[name] == "c"]
+    assert moved == held_by_c
+    # and they spread over both survivors, not all onto one
+    assert Counter(after[name] for name in moved).keys() == {"a", "b"}
+
+
+def test_a_member_joining_takes_only_its_share() -> None:
+    before = {name: rendezvous_owner(name, ["a", "b", "c"]) for name in NAMES}
+    after = {name: rendezvous_owner(name, ["a", "b", "c", "d"]) for name in NAMES}
+    moved = [name for name in NAMES if before[name] != after[name]]
+    assert all(after[name] == "d" for name in moved)
+    assert 600 <= len(moved) <= 900  # about a quarter
+
+
+@given(
+    nodes=st.sets(st.from_regex(r"[a-z0-9-]{1,12}", fullmatch=True), min_size=2, max_size=8),
+    name=st.text(min_size=1, max_size=30),
+)
+def test_removing_a_node_that_does_not_own_a_name_never_moves_it(
+    nodes: set[str], name: str
+) -> None:
+    owner = rendezvous_owner(name, nodes)
+    for other in nodes - {owner}:
+        assert rendezvous_owner(name, nodes - {other}) == owner
+
+
+def test_no_member_is_an_error_that_names_the_agent() -> None:
+    with pytest.raises(ValueError, match="agent-1"):
+        rendezvous_owner("agent-1", [])
+
+
+def test_records_round_trip() -> None:
+    for record in (PlacementRecord("counter"), PlacementRecord("counter", "worker-2")):
+        assert PlacementRecord.decode(record.encode()) == record
+
+
+# --- three kernels in three processes --------------------------------------------------------
+
+
+async def _start_nodes(url: str, names: list[str]) -> list[Node]:
+    nodes = [Node(url, name) for name in names]
+    for node in nodes:
+        await node.start()
+    for node in nodes:
+        assert await node.call("wait_live", count=len(names)) == sorted(names)
+    return nodes
+
+
+async def _until(check: Any, timeout: float = 15.0) -> None:
+    """Poll a child's state (it lives in another process: no Trio event to wait on)."""
+    with trio.fail_after(timeout):
+        while True:
+            if await check():
+                return
+            await trio.sleep(0.05)
+
+
+@pytest.mark.trio
+async def test_placement_routing_and_replacement_after_a_sigkill() -> None:
+    with nats_cluster() as servers:
+        nodes: list[Node] = []
+        try:
+            nodes = await _start_nodes(servers[0].url, ["a", "b", "c"])
+            a, b, c = nodes
+            names = [f"counter-{i}" for i in range(24)]
+            # placed by hash from one node: where rendezvous says, the same from every node
+            placed = {}
+            for name in names:
+                placed[name] = (await a.call("spawn", type="counter", name=name))["node"]
+                assert placed[name] == rendezvous_owner(name, ["a", "b", "c"])
+            assert set(placed.values()) == {"a", "b", "c"}
+            for node in nodes:
+                for name in names[:8]:
+                    assert await node.call("owner", name=name) == placed[name]
+            # pinned, and an unknown type (a clear error naming type and node)
+            pinned = await b.call("spawn", type="counter", name="pinned-1", node="c")
+            assert pinned["node"] == "c"
+            with pytest.raises(
+                RuntimeError, match="UnknownAgentType: node 'a' has no agent type 'nope'"
+            ):
+                await c.call("spawn", type="nope", name="x", node="a")
+            with pytest.raises(RuntimeError, match="NameTaken"):
+                await c.call("spawn", type="counter", name=names[0])
+            # names route from every node
+            for node in nodes:
+                for name in names:
+                    answer = await node.call("request", to=name)
+                    assert (answer["node"], answer["name"]) == (placed[name], name)
+
+            # tells stream from a to c's agents; c is SIGKILLed in the middle
+            on_c = [n for n in names if placed[n] == "c"] + ["pinned-1"]
+            ids_before = {name: (await a.call("where", name=name))[1] for name in on_c}
+            stream = await a.call("stream", to=on_c, count=20000, batch=50, pause=0.005)
+
+            async def acked_some() -> bool:
+                return int(await a.call("acks")) >= 500
+
+            await _until(acked_some)
+            c.kill()
+            await c.process.wait()  # type: ignore[union-attr]
+
+            async def replaced() -> bool:
+                stats = [await n.call("stats") for n in (a, b)]
+                return sum(s["replaced"] for s in stats) >= len(on_c)
+
+            await _until(replaced)
+            result = await a.call("stream_result", stream=stream, timeout=60)
+            # c's agents run on the survivors now, as rendezvous over them says, fresh
+            for node in (a, b):
+                for name in on_c:
+                    answer = await node.call("request", to=name)
+                    assert answer["node"] == rendezvous_owner(name, ["a", "b"])
+            stats = {n.node: await n.call("stats") for n in (a, b)}
+            assert sum(s["replaced"] for s in stats.values()) == len(on_c)
+            # restart semantics: a new incarnation (new id), an event saying where from
+            events = [e for n in (a, b) for e in await n.call("restarted")]
+            assert sorted(name for name, _ in events) == sorted(on_c)
+            assert {reason for _, reason in events} == {"re-placed from node c"}
+            for name in on_c:
+                where = await b.call("where", name=name)
+                assert where[0] == rendezvous_owner(name, ["a", "b"])
+                assert where[1] != ids_before[name]
+            assert all(s["nodes_lost"] == 1 for s in stats.values())
+
+            # every accepted tell was handled (acknowledged) or counted as lost; the
+            # acknowledgements of the last ones may still be on their way: wait for them
+            counts: dict[str, int] = {}
+
+            async def all_counted() -> bool:
+                stats = [await n.call("stats") for n in (a, b)]
+                counts["acked"] = await a.call("acks")
+                counts["lost"] = sum(s["lost_with_nodes"] + s["lost_in_transit"] for s in stats)
+                counts["dropped"] = sum(sum(s["inbound_dropped"].values()) for s in stats)
+                return counts["acked"] + counts["lost"] + counts["dropped"] >= result["accepted"]
+
+            await _until(all_counted)
+            assert result["accepted"] + result["refused"] == 20000
+            assert counts["lost"] > 0
+            # an upper bound: at most what c handled in its last heartbeat interval (0.2 s)
+            # is counted twice, acknowledged and lost
+            assert counts["acked"] + counts["lost"] - result["accepted"] < 5000, counts
+        finally:
+            with trio.CancelScope(shield=True):
+                for node in nodes:
+                    await node.stop()
+
+
+@pytest.mark.trio
+async def test_a_member_joining_takes_its_share_on_rebalance_and_nothing_else_moves() -> None:
+    with nats_cluster() as servers:
+        nodes: list[Node] = []
+        try:
+            nodes = await _start_nodes(servers[0].url, ["a", "b"])
+            a, b = nodes
+            names = [f"counter-{i}" for i in range(24)]
+            before = {}
+            for name in names:
+                placed = await b.call("spawn", type="counter", name=name)
+                before[name] = (placed["node"], placed["id"])
+            pinned = await a.call("spawn", type="counter", name="pinned-a", node="a")
+            # c joins: nothing moves by itself
+            nodes.append(await Node(servers[0].url, "c").start())
+            c = nodes[2]
+            for node in nodes:
+                assert await node.call("wait_live", count=3) == ["a", "b", "c"]
+            assert [(await c.call("where", name=n))[0] for n in names] == [
+                before[n][0] for n in names
+            ]
+            # rebalancing moves exactly the names c now wins (the pinned one stays)
+            moved = sorted(await a.call("rebalance") + await b.call("rebalance"))
+            wins = sorted(n for n in names if rendezvous_owner(n, ["a", "b", "c"]) == "c")
+            assert moved == wins and 4 <= len(moved) <= 14
+            for node in nodes:
+                for name in names:
+                    answer = await node.call("request", to=name)
+                    assert answer["node"] == rendezvous_owner(name, ["a", "b", "c"])
+            for name in names:
+                where = await a.call("where", name=name)
+                assert (where[1] == before[name][1]) is (name not in moved)
+            assert (await c.call("where", name="pinned-a")) == ["a", pinned["id"]]
+        finally:
+            with trio.CancelScope(shield=True):
+                for node in nodes:
+                    await node.stop()
+
+
+# --- what a survivor does when a member is lost (no server: a stand-in cluster) --------------
+
+
+class _Kernel:
+    shutting_down = False
+
+
+class _Cluster:
+    """What ``Placement`` reads of its cluster, with fixed answers."""
+
+    prefix = "nexus"
+
+    def __init__(self, node: str, sent_to_c: int, holders: dict[str, str]) -> None:
+        self.node = node
+        self.kernel = _Kernel()
+        self.stream_name = f"{node}.{ord(node):x}"
+        self._sent_to_c = sent_to_c
+        self._holders = holders
+
+    def live_nodes(self) -> list[str]:
+        return ["a", "b", "c"]
+
+    def tells_sent_to(self, node: str, id_prefix: int) -> int:
+        return self._sent_to_c if (node, id_prefix) == ("c", 0xC) else 0
+
+    def name_holder(self, name: str) -> tuple[str, uuid.UUID] | None:
+        node = self._holders.get(name)
+        return None if node is None else (node, uuid.UUID(int=1))
+
+
+def _lost_c(recv: dict[str, int], in_flight: int, held: int) -> NodeInfo:
+    stats = {"recv": recv, "in_flight": in_flight, "held": held}
+    return NodeInfo("c", 0xC, 1, "host", 0.0, stats, last_seen=0.0)
+
+
+def test_a_lost_node_s_unconfirmed_tells_and_held_messages_are_counted_once() -> None:
+    holders = {f"agent-{i}": "abc"[i % 3] for i in range(60)}
+    a = Placement(_Cluster("a", sent_to_c=100, holders=holders))  # type: ignore[arg-type]
+    b = Placement(_Cluster("b", sent_to_c=10, holders=holders))  # type: ignore[arg-type]
+    # c's last heartbeat: it had received 70 of a's tells and all 10 of b's, and held 7
+    info = _lost_c({"a.61": 70, "b.62": 10}, in_flight=5, held=2)
+    a.node_lost(info)
+    b.node_lost(info)
+    # a: 30 sent past what c confirmed; the 7 held there: on exactly one survivor
+    assert a.lost_with_nodes + b.lost_with_nodes == 30 + 7
+    assert {a.lost_with_nodes, b.lost_with_nodes} in ({30 + 7, 0}, {30, 7})
+
+
+def test_each_agent_of_a_lost_node_is_replaced_by_exactly_one_survivor() -> None:
+    holders = {f"agent-{i}": "abc"[i % 3] for i in range(60)}
+    survivors = {}
+    for node in ("a", "b"):
+        placement = Placement(_Cluster(node, 0, holders))  # type: ignore[arg-type]
+        placement.records = {name: PlacementRecord("counter") for name in holders}
+        survivors[node] = placement.to_replace("c", ["a", "b"])
+    on_c = sorted(name for name, node in holders.items() if node == "c")
+    assert sorted(survivors["a"] + survivors["b"]) == on_c
+    assert not set(survivors["a"]) & set(survivors["b"])
+    assert survivors["a"] and survivors["b"]  # spread, not all on one
+    for node, names in survivors.items():
+        assert all(rendezvous_owner(name, ["a", "b"]) == node for name in names)
