@@ -105,8 +105,23 @@ def tagged_processes(tag: str) -> dict[int, dict[str, str]]:
     return found
 
 
+def command_line(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        parent = (Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split() + ["?"] * 2)[1]
+    except OSError:
+        return "(gone)"
+    return f"ppid {parent}: " + raw.replace(b"\0", b" ").decode(errors="replace").strip()
+
+
 def workers_of(tag: str) -> set[int]:
-    return {pid for pid, env in tagged_processes(tag).items() if WORKER_ENV in env}
+    """Nexus worker processes: the marker in their environment and ``nexus_trio.cli`` run
+    by them (a short-lived helper a worker forks and execs inherits the marker too)."""
+    return {
+        pid
+        for pid, env in tagged_processes(tag).items()
+        if WORKER_ENV in env and "nexus_trio.cli" in command_line(pid)
+    }
 
 
 def kill_tagged(tag: str) -> None:
@@ -152,8 +167,9 @@ def watch_workers(proc: subprocess.Popen[str], tag: str, limit: int, timeout: fl
         seen = workers_of(tag)
         most = max(most, len(seen))
         if most > limit:
+            described = "; ".join(f"{pid} {command_line(pid)}" for pid in sorted(seen))
             kill_tagged(tag)
-            pytest.fail(f"{len(seen)} workers running, asked for {limit}: {sorted(seen)}")
+            pytest.fail(f"{len(seen)} workers running, asked for {limit}: {described}")
         if time.monotonic() > deadline:
             kill_tagged(tag)
             pytest.fail(f"nexus did not exit within {timeout}s")
