@@ -10,6 +10,8 @@ Subjects (``P`` is the cluster prefix, ``nexus`` by default):
 * ``P.node.<node>.seq`` — a sequence mark: the last number the sender gave a tell to
   ``<node>`` (the body is that :func:`sequence_value`). Tells carry their own number in
   their body (format 2 below), so the receiving node counts the ones NATS lost.
+* ``P.node.<node>.batch`` — a node batch from another nexus_trio kernel: many tells
+  (and cancel / credit frames) for agents of ``<node>`` in one binary message (``_batch``).
 * ``P.type.<type>`` — a queue group: any one replica of an agent type takes the message.
 * ``P.durable.<node>.<id>`` — JetStream (at-least-once) messages for agents on ``<node>``.
 
@@ -203,6 +205,11 @@ def agent_subject(prefix: str, node: str, agent_id: uuid.UUID) -> str:
 
 def reply_subject(prefix: str, node: str, query_id: uuid.UUID) -> str:
     return f"{prefix}.node.{node}.reply.{query_id}"
+
+
+def batch_subject(prefix: str, node: str) -> str:
+    """Where node batches for ``node`` go (see ``_batch``): many frames in one message."""
+    return f"{prefix}.node.{node}.batch"
 
 
 def type_subject(prefix: str, type_name: str) -> str:
