@@ -161,7 +161,7 @@ async def _nexus_responder(url: str) -> None:
 async def _nexus_client(url: str, requests: int, tells: int) -> dict[str, float]:
     import trio
 
-    from nexus_trio import open_kernel
+    from nexus_trio import MailboxFull, open_kernel
     from nexus_trio._nats import join_cluster
 
     result: dict[str, float] = {}
@@ -180,18 +180,22 @@ async def _nexus_client(url: str, requests: int, tells: int) -> dict[str, float]
             samples.append(time.perf_counter() - t0)
 
         async def tell_rate(nowait: bool) -> float:
-            # Tells are at most once and core NATS does not push back: a producer that
-            # must not lose any takes credit, here a request every 1024 messages (the
-            # sink's mailbox holds 4096).
+            # The transport's credit per destination node (``node_window`` tells not yet
+            # consumed there) is the backpressure: ``send`` waits for it; ``send_nowait``
+            # raises MailboxFull when the window is full, and the producer then yields
+            # until there is room (what a producer that must lose nothing does).
             base = await kernel.request("sink", "count")
             t0 = time.perf_counter()
-            for i in range(1, tells + 1):
+            for _ in range(tells):
                 if nowait:
-                    kernel.send_nowait("sink", PAYLOAD)
+                    while True:
+                        try:
+                            kernel.send_nowait("sink", PAYLOAD)
+                            break
+                        except MailboxFull:
+                            await trio.sleep(0)
                 else:
                     await kernel.send("sink", PAYLOAD)
-                if i % 1024 == 0:
-                    await kernel.request("sink", "count")
             deadline = time.monotonic() + 120
             while True:  # until the sink counted them all
                 counted = await kernel.request("sink", "count") - base

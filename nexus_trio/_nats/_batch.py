@@ -7,17 +7,20 @@ destination node and its id prefix), which leaves as one NATS message on
 past the server's ``max_payload``) or on the next scheduler tick. A batch is binary,
 length-prefixed, and checked before any frame of it is used::
 
-    batch  = MAGIC "NXB1" | sender id prefix u64 | destination id prefix u64
-             | first number u64 | numbered count u32 | node name length u16 | node name
-             | frame*
+    batch  = MAGIC "NXB1" | sender id prefix u64 | sender session u64
+             | destination id prefix u64 | first number u64 | numbered count u32
+             | node name length u16 | node name | frame*
     frame  = length u32 (of kind + body) | kind u8 | body
 
 Frame kinds: ``TELL`` (a message in the compact JSON form of ``_wire``, numbered),
 ``CANCEL`` (a query id, 16 bytes, then the address it was sent to: ``0`` + 16 id bytes or
-``1`` + a UTF-8 name) and ``CREDIT`` (u64: how many numbered frames of the stream the
-other way the sender of this batch consumed so far). Numbers: the tells of a batch carry
-the consecutive numbers ``first .. first + count - 1`` of their stream, given when the
-batch is sealed, so the sequence checks of ``_sequence`` count every tell NATS loses.
+``1`` + a UTF-8 name) and ``CREDIT`` (u64 session, u64 count: how many tells of the
+stream the other way, from that session, the sender of this batch consumed so far).
+The *session* is random per joined :class:`Cluster`: a kernel that leaves and joins
+again in the same process (same id prefix) starts new streams. Numbers: the tells of a
+batch carry the consecutive numbers ``first .. first + count - 1`` of their stream,
+given when the batch is sealed, so the sequence checks of ``_sequence`` count every
+tell NATS loses.
 
 Credit is the per-node backpressure: a link holds at most ``window`` tells that the
 destination has not yet consumed (taken into a mailbox, refused, or counted lost); a
@@ -35,9 +38,9 @@ import trio
 from .._message import Address
 
 MAGIC: Final = b"NXB1"
-_HEAD: Final = struct.Struct(">4sQQQIH")
+_HEAD: Final = struct.Struct(">4sQQQQIH")
 _FRAME: Final = struct.Struct(">IB")
-_U64: Final = struct.Struct(">Q")
+_CREDIT: Final = struct.Struct(">QQ")
 #: the fixed part of a batch, before the node name
 HEAD_SIZE: Final = _HEAD.size
 #: what every frame costs on top of its body
@@ -58,13 +61,20 @@ class BatchError(ValueError):
 class BatchHead:
     """What the fixed part of a batch says."""
 
-    __slots__ = ("dest_prefix", "first", "node", "numbered", "sender_prefix")
+    __slots__ = ("dest_prefix", "first", "node", "numbered", "sender_prefix", "session")
 
     def __init__(
-        self, node: str, sender_prefix: int, dest_prefix: int, first: int, numbered: int
+        self,
+        node: str,
+        sender_prefix: int,
+        session: int,
+        dest_prefix: int,
+        first: int,
+        numbered: int,
     ) -> None:
         self.node = node
         self.sender_prefix = sender_prefix
+        self.session = session
         self.dest_prefix = dest_prefix
         self.first = first
         self.numbered = numbered
@@ -74,7 +84,7 @@ def parse_head(data: bytes) -> tuple[BatchHead, int]:
     """The head of batch ``data`` and the offset of its first frame; BatchError if bad."""
     if len(data) < HEAD_SIZE:
         raise BatchError(f"batch of {len(data)} bytes is shorter than its {HEAD_SIZE}-byte head")
-    magic, sender_prefix, dest_prefix, first, numbered, name_len = _HEAD.unpack_from(data)
+    magic, sender_prefix, session, dest_prefix, first, numbered, name_len = _HEAD.unpack_from(data)
     if magic != MAGIC:
         raise BatchError(f"batch starts with {magic!r}, not {MAGIC!r}")
     end = HEAD_SIZE + name_len
@@ -86,7 +96,7 @@ def parse_head(data: bytes) -> tuple[BatchHead, int]:
         raise BatchError(f"batch node name is not UTF-8: {exc}") from None
     if first < 1:
         raise BatchError(f"batch first number {first} (numbers start at 1)")
-    return BatchHead(node, sender_prefix, dest_prefix, first, numbered), end
+    return BatchHead(node, sender_prefix, session, dest_prefix, first, numbered), end
 
 
 def split_frames(data: bytes, offset: int, numbered: int) -> list[tuple[int, bytes]]:
@@ -141,11 +151,12 @@ def parse_cancel(body: bytes) -> tuple[uuid.UUID, Address]:
     raise BatchError(f"cancel frame: bad address tag {tag} or length {len(rest)}")
 
 
-def parse_credit(body: bytes) -> int:
-    if len(body) != 8:
-        raise BatchError(f"credit frame of {len(body)} bytes (8 expected)")
-    value: int = _U64.unpack(body)[0]
-    return value
+def parse_credit(body: bytes) -> tuple[int, int]:
+    """``(session, consumed)`` of a CREDIT body; BatchError if malformed."""
+    if len(body) != _CREDIT.size:
+        raise BatchError(f"credit frame of {len(body)} bytes ({_CREDIT.size} expected)")
+    session, consumed = _CREDIT.unpack(body)
+    return session, consumed
 
 
 @final
@@ -153,12 +164,14 @@ class NodeLink:
     """The sending side of one stream (this process -> one destination process).
 
     Frames wait here until :meth:`seal`; ``sent`` counts the tells sealed so far (the
-    last number given), ``consumed`` the destination's latest credit. ``in_flight`` tells
-    (waiting here or not yet consumed there) never exceed ``window`` as long as senders
-    ask :meth:`has_room` first.
+    last number given), ``consumed`` those the destination reported consumed (credit).
+    ``in_flight`` tells (waiting here or not yet consumed there) never exceed ``window``
+    as long as senders ask :meth:`has_room` first.
     """
 
     __slots__ = (
+        "_base",
+        "_peer_session",
         "_room",
         "cancels",
         "consumed",
@@ -186,9 +199,12 @@ class NodeLink:
         self.cancels = 0
         self.sent = 0
         self.consumed = 0
-        #: credit to return the other way with the next batch (None: nothing new)
-        self.credit_due: int | None = None
+        #: credit to return the other way with the next batch: (session, consumed)
+        self.credit_due: tuple[int, int] | None = None
         self._room: trio.Event | None = None
+        # the destination's session, and what its counts start from (see credit)
+        self._peer_session: int | None = None
+        self._base = 0
 
     @property
     def in_flight(self) -> int:
@@ -212,15 +228,17 @@ class NodeLink:
     def pending(self) -> bool:
         return bool(self.frames) or self.credit_due is not None
 
-    def seal(self, node: bytes, sender_prefix: int) -> tuple[bytes, int]:
+    def seal(self, node: bytes, sender_prefix: int, session: int) -> tuple[bytes, int]:
         """The open batch as one body (numbering its tells), and how many tells it holds;
         the link starts a new batch. ``node`` is this node's name, encoded."""
         frames = self.frames
         if self.credit_due is not None:
-            frames.insert(0, _FRAME.pack(9, CREDIT) + _U64.pack(self.credit_due))
+            frames.insert(0, _FRAME.pack(_CREDIT.size + 1, CREDIT) + _CREDIT.pack(*self.credit_due))
             self.credit_due = None
         tells = self.tells
-        head = _HEAD.pack(MAGIC, sender_prefix, self.dest_prefix, self.sent + 1, tells, len(node))
+        head = _HEAD.pack(
+            MAGIC, sender_prefix, session, self.dest_prefix, self.sent + 1, tells, len(node)
+        )
         body = b"".join((head, node, *frames))
         self.sent += tells
         self.frames = []
@@ -228,8 +246,17 @@ class NodeLink:
         self.tells = 0
         return body, tells
 
-    def credit(self, consumed: int) -> None:
-        """The destination consumed ``consumed`` tells so far: wake senders waiting for room."""
+    def credit(self, peer_session: int, consumed: int) -> None:
+        """The destination (session ``peer_session``) consumed ``consumed`` tells of this
+        stream so far: wake senders waiting for room."""
+        if peer_session != self._peer_session:
+            if self._peer_session is not None:
+                # The destination left and joined again in the same process: what was
+                # in flight to the old one is gone (it counted it, or NATS lost it);
+                # the new one counts from the tells it got.
+                self._base = self.sent - consumed
+            self._peer_session = peer_session
+        consumed += self._base
         if consumed > self.consumed:
             self.consumed = min(consumed, self.sent)
             room = self._room

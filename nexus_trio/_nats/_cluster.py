@@ -107,10 +107,11 @@ _Outgoing = tuple[str, str, dict[str, str] | None, bytes, int]
 _MARK_EVERY: Final = 5
 #: a message waiting for room in a full mailbox: the NATS message it came in (None for
 #: a batched tell), the message, whether it is a query, the stream to credit
-_Parked = tuple[NatsMsg | None, Message, bool, _Stream | None]
-#: a received batch, checked: its head, frames, and the stream to credit (None when it
-#: was meant for another process of this node's name)
-_OpenBatch = tuple[batch.BatchHead, list[tuple[int, bytes]], _Stream | None]
+_Parked = tuple[NatsMsg | None, Message, bool, str | None]
+#: a received batch, checked: its head, frames, and the stream to credit, named
+#: ``<node>:<session>.<id prefix>`` of its sender (None when it was meant for another
+#: process of this node's name)
+_OpenBatch = tuple[batch.BatchHead, list[tuple[int, bytes]], str | None]
 
 
 _positive: Final = attrs.validators.gt(0.0)
@@ -149,9 +150,9 @@ class ClusterOptions:
     parked_limit: int = attrs.field(default=4096, validator=_at_least_one)
     durable: DurableOptions = attrs.field(factory=DurableOptions)
     #: tells to one destination process not yet consumed there (credit; see ``_batch``)
-    node_window: int = attrs.field(default=4096, validator=_at_least_one)
+    node_window: int = attrs.field(default=2048, validator=_at_least_one)
     #: a node batch leaves when it holds this many frames or bytes (or on the next tick)
-    batch_frames: int = attrs.field(default=1024, validator=_at_least_one)
+    batch_frames: int = attrs.field(default=256, validator=_at_least_one)
     batch_bytes: int = attrs.field(default=256 * 1024, validator=_at_least_one)
 
 
@@ -240,9 +241,12 @@ class Cluster:
         self._dirty: dict[batch.NodeLink, None] = {}
         self._flush_wanted = trio.Event()
         self._batch_bytes = batch.batch_limit(1 << 20, self.node, options.batch_bytes)
-        # tells consumed here per sending process (delivered, refused, or lost): the
-        # credit returned to it
-        self._consumed: dict[_Stream, int] = {}
+        # this join's session: streams of an earlier join of this process are apart
+        self._session = int.from_bytes(os.urandom(8), "big")
+        # tells consumed here per sending stream (delivered, refused, or lost): the
+        # credit returned to it; and each stream's (node, session, id prefix)
+        self._consumed: dict[str, int] = {}
+        self._stream_parts: dict[str, tuple[str, int, int] | None] = {}
         self._batches_published = 0
         self._batches_received = 0
         self._cancels_sent = 0
@@ -497,8 +501,12 @@ class Cluster:
             body = self._tell_body(msg)
             if not link.has_room() or len(self._outbox) >= high_water:
                 await self._wait_for_room(msg, link)
-            self._add_tell(link, body)
             self._published += 1
+            if self._add_tell(link, body):
+                # A full batch was sealed: let the asyncio side write it to the socket
+                # now (the destination starts on it while this sender goes on), without
+                # raising Cancelled: the message is taken.
+                await trio.lowlevel.cancel_shielded_checkpoint()
             return
         if len(self._outbox) >= high_water:
             deadline = self.kernel.config.kernel.send_timeout
@@ -583,16 +591,20 @@ class Cluster:
     def _max_frame(self) -> int:
         return batch.batch_limit(self._max_payload(), self.node, self._max_payload())
 
-    def _add_tell(self, link: batch.NodeLink, body: bytes) -> None:
+    def _add_tell(self, link: batch.NodeLink, body: bytes) -> bool:
         """Put a tell in its link's batch; seal the batch when it is full (a frame that
-        does not fit in the open batch goes in the next one, alone if need be)."""
+        does not fit in the open batch goes in the next one, alone if need be). True if
+        a batch was sealed."""
+        sealed = False
         if link.frames and link.size + len(body) + batch.FRAME_OVERHEAD > self._batch_bytes:
             self._seal_batch(link)
+            sealed = True
         link.add_tell(body)
         if link.tells >= self.options.batch_frames or link.size >= self._batch_bytes:
             self._seal_batch(link)
-        else:
-            self._want_flush(link)
+            return True
+        self._want_flush(link)
+        return sealed
 
     def _want_flush(self, link: batch.NodeLink) -> None:
         self._dirty[link] = None
@@ -601,7 +613,7 @@ class Cluster:
     def _seal_batch(self, link: batch.NodeLink) -> None:
         """Hand ``link``'s open batch to the outbox (numbering its tells now, so that a
         sequence mark never names a number still waiting here)."""
-        body, tells = link.seal(self._node_bytes, self.id_prefix)
+        body, tells = link.seal(self._node_bytes, self.id_prefix, self._session)
         if tells:
             self._seq_out[(link.node, link.dest_prefix)] = link.sent
         self._outbox.put((wire.batch_subject(self.prefix, link.node), "", None, body, _BATCH))
@@ -684,27 +696,24 @@ class Cluster:
             if self.durable.completed(reply_to):
                 return None
         to = msg.to
-        stream: _Stream | None = None
         if isinstance(to, str) and to.startswith(wire.TYPE_PREFIX):
             type_name = to[len(wire.TYPE_PREFIX) :]
             subject = wire.type_subject(self.prefix, type_name)
             node = f"type:{type_name}"
         else:
             node, agent_id = self.resolve(to)
-            subject = wire.agent_subject(self.prefix, node, agent_id)
             if msg.kind is not MessageKind.QUERY:
-                # A tell goes in the node's batch, numbered so that its loss in
-                # transit is counted (a lost query needs no number: its requester
-                # gets RequestTimeout).
-                stream = (node, self.members.members[node].id_prefix)
+                # A tell goes in the node's batch (no subject of its own), numbered so
+                # that its loss in transit is counted (a lost query needs no number:
+                # its requester gets RequestTimeout).
+                return "", "", None, (node, self.members.members[node].id_prefix)
+            subject = wire.agent_subject(self.prefix, node, agent_id)
         if msg.kind is MessageKind.QUERY:
             # A query goes alone, on the agent's subject: NATS answers "no responders"
             # at once when the node is gone, and a single request waits for no batch.
             reply = wire.reply_subject(self.prefix, self.node, msg.id)
             self._remember(self._outstanding, msg.id, (to, node))
             return subject, reply, wire.encode_message(msg), None
-        if stream is not None:
-            return subject, "", None, stream  # a frame of the node's batch
         return subject, "", wire.encode_message(msg), None
 
     def resolve(self, address: Address) -> tuple[str, uuid.UUID]:
@@ -843,10 +852,9 @@ class Cluster:
         except batch.BatchError as exc:
             self._malformed_batch(exc)
             return None
-        stream: _Stream | None = (head.node, head.sender_prefix)
-        if head.dest_prefix != self.id_prefix:
-            stream = None  # for an earlier process of this node name: no credit
-        sender = f"{head.node}.{head.sender_prefix:x}"
+        sender = f"{head.node}:{head.session:x}.{head.sender_prefix:x}"
+        # None: for an earlier process of this node name, no credit
+        stream = sender if head.dest_prefix == self.id_prefix else None
         lost = self._seq_in.observe_batch(sender, head.dest_prefix, head.first, head.numbered)
         if lost:
             self._log_loss(lost, sender)
@@ -926,10 +934,11 @@ class Cluster:
     def _control_frame(self, head: batch.BatchHead, kind: int, body: bytes) -> None:
         try:
             if kind == batch.CREDIT:
-                if head.dest_prefix == self.id_prefix:
+                session, consumed = batch.parse_credit(body)
+                if session == self._session and head.dest_prefix == self.id_prefix:
                     link = self._links.get((head.node, head.sender_prefix))
                     if link is not None:
-                        link.credit(batch.parse_credit(body))
+                        link.credit(head.session, consumed)
             elif kind == batch.CANCEL:
                 query_id, to = batch.parse_cancel(body)
                 self._cancels_received += 1
@@ -939,15 +948,22 @@ class Cluster:
             self._dropped["malformed"] += 1
             log.warning("node %s: bad frame in a batch from %r: %s", self.node, head.node, exc)
 
-    def _credit(self, stream: _Stream | None, consumed: int) -> None:
+    def _credit(self, stream: str | None, consumed: int) -> None:
         """``consumed`` more tells of ``stream`` left this node's hands: the total goes
         back to their sender with the next batch the other way."""
         if stream is None or not consumed:
             return
+        if stream in self._stream_parts:
+            parts = self._stream_parts[stream]
+        else:
+            parts = self._stream_parts[stream] = _parse_stream(stream)
+        if parts is None:
+            return  # not a stream of batches (a kernel of an earlier version)
+        node, session, prefix = parts
         total = self._consumed.get(stream, 0) + consumed
         self._consumed[stream] = total
-        link = self._links.get(stream) or self._new_link(stream)
-        link.credit_due = total
+        link = self._links.get((node, prefix)) or self._new_link((node, prefix))
+        link.credit_due = (session, total)
         self._want_flush(link)
 
     def _check_sequence(self, value: str, *, is_mark: bool) -> None:
@@ -965,11 +981,7 @@ class Cluster:
             return
         lost = self._seq_in.observe(stream, dest_prefix, number, is_mark=is_mark)
         if lost:
-            node, _, sender_prefix = stream.rpartition(".")
-            try:
-                self._credit((node, int(sender_prefix, 16)), lost)
-            except ValueError:
-                self._dropped["malformed"] += 1
+            self._credit(stream, lost)
             self._log_loss(lost, stream)
 
     def _log_loss(self, lost: int, stream: str) -> None:
@@ -1000,12 +1012,13 @@ class Cluster:
                 self._seq_out.pop(key, None)
                 self._seq_marked.pop(key, None)
                 self._links.pop(key, None)
-                self._consumed.pop(key, None)
                 continue
             if periodic or self._seq_marked.get(key) != number:
                 self._seq_marked[key] = number
                 subject = wire.sequence_mark_subject(self.prefix, node)
-                mark = wire.sequence_value(self.node, self.id_prefix, id_prefix, number)
+                mark = wire.sequence_value(
+                    f"{self.node}:{self._session:x}", self.id_prefix, id_prefix, number
+                )
                 self._outbox.put((subject, "", None, mark.encode(), _MARK))
 
     def _handle_now(self, m: NatsMsg) -> bool:
@@ -1156,9 +1169,7 @@ class Cluster:
             self._remember(self._reply_routes, msg.id, m.reply)
         self._admit(m, msg, is_query, None)
 
-    def _admit(
-        self, m: NatsMsg | None, msg: Message, is_query: bool, stream: _Stream | None
-    ) -> bool:
+    def _admit(self, m: NatsMsg | None, msg: Message, is_query: bool, stream: str | None) -> bool:
         """Deliver ``msg`` (from NATS message ``m``, or from a batch of ``stream`` when
         None) without waiting, or park it behind its full mailbox. True when done with
         it (delivered or refused), False when parked."""
@@ -1180,7 +1191,7 @@ class Cluster:
                 return True
             parked = self._parked[msg.to] = deque()
             self._nursery.start_soon(self._deliver_parked, msg.to, parked)
-        elif len(parked) >= self.options.parked_limit:
+        elif stream is None and len(parked) >= self.options.parked_limit:
             to = msg.to
             try:
                 ref = self.kernel.lookup(to) if isinstance(to, str) else None
@@ -1200,18 +1211,28 @@ class Cluster:
     async def _deliver_parked(self, address: Address, parked: deque[_Parked]) -> None:
         """Feed one recipient whose mailbox was full, in arrival order, waiting for room
         up to the send deadline per message like a local ``send``. If the mailbox stays
-        full that long, everything parked for it is refused (at most once)."""
+        full that long, the single messages parked for it are refused (at most once);
+        batched tells wait on (bounded by their senders' ``node_window``)."""
         try:
             while parked:
                 m, msg, is_query, stream = parked[0]
                 try:
                     await self._into_kernel(msg)
                 except MailboxFull as exc:
-                    while parked:
-                        m, msg, is_query, stream = parked.popleft()
-                        self._refused(m, msg, exc, is_query)
-                        self._credit(stream, 1)
-                    return
+                    if stream is not None:
+                        # A batched tell waits on for room: its senders' credit bounds
+                        # how many wait here, and it is the senders that wait (up to
+                        # their send deadline, see _batch), as for a full local mailbox.
+                        continue
+                    # A single message still refused after the send deadline: it and
+                    # the single messages behind it are refused (at most once).
+                    kept = [entry for entry in parked if entry[3] is not None]
+                    for m, msg, is_query, stream in parked:
+                        if stream is None:
+                            self._refused(m, msg, exc, is_query)
+                    parked.clear()
+                    parked.extend(kept)
+                    continue
                 except (AgentNotFound, KernelShuttingDown) as exc:
                     self._refused(m, msg, exc, is_query)
                 parked.popleft()
@@ -1749,6 +1770,17 @@ class Cluster:
             cancels_sent=self._cancels_sent,
             cancels_received=self._cancels_received,
         )
+
+
+def _parse_stream(stream: str) -> tuple[str, int, int] | None:
+    """``(node, session, id prefix)`` of a stream named ``<node>:<session>.<id prefix>``
+    (hex numbers), or None if it is not named so."""
+    rest, _, prefix = stream.rpartition(".")
+    node, _, session = rest.rpartition(":")
+    try:
+        return (node, int(session, 16), int(prefix, 16)) if node else None
+    except ValueError:
+        return None
 
 
 _joined: weakref.WeakKeyDictionary[Kernel, Cluster] = weakref.WeakKeyDictionary()

@@ -34,6 +34,7 @@ import base64
 import json
 import re
 import uuid
+from collections.abc import Callable
 from typing import Any, Final
 
 from .._errors import (
@@ -66,8 +67,51 @@ _KINDS: Final = {kind.value: kind for kind in MessageKind}
 _new = object.__new__
 _set = object.__setattr__
 _SAFE_UNKNOWN: Final = uuid.SafeUUID.unknown
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-_loads = json.JSONDecoder().decode
+
+_std_dumps: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_std_loads: Final = json.JSONDecoder().decode
+_dumps: Callable[[Any], bytes]
+_loads: Callable[[bytes], Any]
+_FAST_DECODE_ERROR: type[Exception]
+try:
+    # msgspec's JSON codec writes the same compact JSON as the standard library's
+    # (byte for byte for JSON values: tested) at a fraction of the cost: ~1 us instead of
+    # ~7 us to read a message, the largest cost per message on the NATS path. Where they
+    # differ (a non-finite float: msgspec writes null, the standard library Infinity or
+    # NaN, which msgspec does not read) the standard library is used: see below.
+    import msgspec
+except ImportError:  # pragma: no cover - the ``nats`` extra installs it
+
+    def _dumps(obj: Any) -> bytes:
+        return _std_dumps(obj).encode()
+
+    def _loads(data: bytes) -> Any:
+        return _std_loads(data.decode())
+
+    _FAST_DECODE_ERROR = ValueError
+else:
+    _dumps = msgspec.json.Encoder().encode
+    _loads = msgspec.json.Decoder().decode
+    _FAST_DECODE_ERROR = msgspec.DecodeError
+
+
+def _payload_json(payload: Any) -> bytes:
+    """The payload as JSON; a null in it may be a non-finite float that msgspec wrote as
+    null: then the standard library writes it (``Infinity``, as before), never a silent
+    null."""
+    data = _dumps(payload)
+    if b"null" in data:
+        return _std_dumps(payload).encode()
+    return data
+
+
+def _read_json(data: bytes) -> Any:
+    try:
+        return _loads(data)
+    except _FAST_DECODE_ERROR:
+        # Not strict JSON for msgspec: maybe Infinity/NaN (see _payload_json), which the
+        # standard library reads; anything else fails there too, with its own message.
+        return _std_loads(data.decode())
 
 
 def _uuid(value: int) -> uuid.UUID:
@@ -89,7 +133,7 @@ def encode_message(msg: Message, sequence: str | None = None) -> bytes:
     :func:`sequence_value`) in format 2, which carries it right after the format number."""
     to = msg.to
     head: list[Any] = [_FORMAT] if sequence is None else [_NUMBERED_FORMAT, sequence]
-    return _dumps(
+    envelope = _dumps(
         [
             *head,
             msg.id.int,
@@ -100,9 +144,9 @@ def encode_message(msg: Message, sequence: str | None = None) -> bytes:
             None if msg.conversation_id is None else msg.conversation_id.int,
             None if msg.reply_to is None else msg.reply_to.int,
             None if msg.trace_id is None else msg.trace_id.int,
-            msg.payload,
         ]
-    ).encode()
+    )
+    return b"".join((envelope[:-1], b",", _payload_json(msg.payload), b"]"))
 
 
 def numbered_head(node: str, id_prefix: int, dest_prefix: int) -> bytes:
@@ -125,7 +169,7 @@ def decode_message(data: bytes) -> Message:
     if data[:1] == b"{":
         return Message.from_json(data)
     try:
-        obj = _loads(data.decode())
+        obj = _read_json(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MessageDecodeError("<document>", f"not JSON: {exc}") from None
     if obj.__class__ is list and len(obj) == 11 and obj[0] == _NUMBERED_FORMAT:
