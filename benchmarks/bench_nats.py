@@ -193,7 +193,7 @@ async def _nexus_client(url: str, requests: int, tells: int) -> dict[str, float]
                             kernel.send_nowait("sink", PAYLOAD)
                             break
                         except MailboxFull:
-                            await trio.sleep(0)
+                            await trio.lowlevel.checkpoint()
                 else:
                     await kernel.send("sink", PAYLOAD)
             deadline = time.monotonic() + 120

@@ -57,6 +57,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
+from .._deadletter import DeadLetterReason
 from .._errors import (
     AgentNotFound,
     KernelShuttingDown,
@@ -1402,6 +1403,11 @@ class Cluster:
             async for letter in letters:
                 msg = letter.message
                 if msg.kind is not MessageKind.QUERY:
+                    continue
+                if letter.reason is DeadLetterReason.REQUEST_TIMEOUT:
+                    # Its requester stopped waiting (that is what cancelled it): no error
+                    # frame; the route stays (bounded) so that a reply the handler
+                    # produces anyway reaches it, as a late reply.
                     continue
                 reply = self._reply_routes.pop(msg.id, None)
                 if reply is not None:
