@@ -182,18 +182,16 @@ async def _nexus_client(url: str, requests: int, tells: int) -> dict[str, float]
         async def tell_rate(nowait: bool) -> float:
             # The transport's credit per destination node (``node_window`` tells not yet
             # consumed there) is the backpressure: ``send`` waits for it; ``send_nowait``
-            # raises MailboxFull when the window is full, and the producer then yields
-            # until there is room (what a producer that must lose nothing does).
+            # raises MailboxFull when the window is full, and the producer then waits
+            # with ``send`` (what a producer that must lose nothing does).
             base = await kernel.request("sink", "count")
             t0 = time.perf_counter()
             for _ in range(tells):
                 if nowait:
-                    while True:
-                        try:
-                            kernel.send_nowait("sink", PAYLOAD)
-                            break
-                        except MailboxFull:
-                            await trio.lowlevel.checkpoint()
+                    try:
+                        kernel.send_nowait("sink", PAYLOAD)
+                    except MailboxFull:
+                        await kernel.send("sink", PAYLOAD)
                 else:
                     await kernel.send("sink", PAYLOAD)
             deadline = time.monotonic() + 120

@@ -888,7 +888,7 @@ class Cluster:
         are parked behind it, as single messages are)."""
         head, frames, stream = opened
         consumed = 0
-        decode = _decode
+        decode = wire.decode_tell
         admit = self._admit
         for kind, body in frames:
             if kind == batch.TELL:

@@ -74,8 +74,9 @@ _dumps: Callable[[Any], bytes]
 _loads: Callable[[bytes], Any]
 _FAST_DECODE_ERROR: type[Exception]
 try:
-    # msgspec's JSON codec writes the same compact JSON as the standard library's
-    # (byte for byte for JSON values: tested) at a fraction of the cost: ~1 us instead of
+    # msgspec's JSON codec writes the same compact JSON values as the standard library's
+    # (a float may be spelled differently, 1e16 for 1e+16: tested) at a fraction of the
+    # cost: ~1 us instead of
     # ~7 us to read a message, the largest cost per message on the NATS path. Where they
     # differ (a non-finite float: msgspec writes null, the standard library Infinity or
     # NaN, which msgspec does not read) the standard library is used: see below.
@@ -216,6 +217,33 @@ def decode_message(data: bytes) -> Message:
         reply_to=reply_to,
         trace_id=trace_id,
     )
+
+
+def decode_tell(data: bytes) -> Message:
+    """:func:`decode_message` for a body in format 1 (a tell in a node batch), on the
+    path every batched message takes: the checks in one pass, and on any doubt the full
+    decoder, whose :class:`MessageDecodeError` names the bad field."""
+    try:
+        obj = _loads(data)
+        if obj.__class__ is list and len(obj) == 10 and obj[0] == _FORMAT:
+            _, msg_id, timestamp, sender, to, kind, conversation_id, reply_to, trace_id, payload = (
+                obj
+            )
+            if timestamp.__class__ is int and (to.__class__ is not str or to):
+                return Message(
+                    sender=_uuid(sender),
+                    to=to if to.__class__ is str else _uuid(to),
+                    payload=payload,
+                    kind=_KINDS[kind],
+                    id=_uuid(msg_id),
+                    timestamp=timestamp,
+                    conversation_id=None if conversation_id is None else _uuid(conversation_id),
+                    reply_to=None if reply_to is None else _uuid(reply_to),
+                    trace_id=None if trace_id is None else _uuid(trace_id),
+                )
+    except (ValueError, TypeError, KeyError, _FAST_DECODE_ERROR):
+        pass
+    return decode_message(data)
 
 
 # --- subjects -------------------------------------------------------------------------------
