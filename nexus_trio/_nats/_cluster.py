@@ -1192,7 +1192,7 @@ class Cluster:
                 return True
             parked = self._parked[msg.to] = deque()
             self._nursery.start_soon(self._deliver_parked, msg.to, parked)
-        elif stream is None and len(parked) >= self.options.parked_limit:
+        elif stream is None and _singles(parked) >= self.options.parked_limit:
             to = msg.to
             try:
                 ref = self.kernel.lookup(to) if isinstance(to, str) else None
@@ -1776,6 +1776,12 @@ class Cluster:
             cancels_sent=self._cancels_sent,
             cancels_received=self._cancels_received,
         )
+
+
+def _singles(parked: deque[_Parked]) -> int:
+    """How many of ``parked`` came as single messages (``parked_limit`` bounds those;
+    batched tells are bounded by their senders' node windows)."""
+    return sum(1 for entry in parked if entry[3] is None)
 
 
 def _parse_stream(stream: str) -> tuple[str, int, int] | None:
