@@ -105,9 +105,14 @@ def _read_json(data: bytes) -> Any:
         return _std_loads(data.decode())
 
 
+#: one past the largest id; a constant, since ``1 << 128`` in an expression is computed
+#: at each evaluation (CPython folds no constant that large)
+_ID_LIMIT: Final = 1 << 128
+
+
 def _uuid(value: int) -> uuid.UUID:
     # uuid.UUID(int=...) validates and costs ~1 us; the range check below is what matters.
-    if value.__class__ is not int or not 0 <= value < 1 << 128:
+    if value.__class__ is not int or not 0 <= value < _ID_LIMIT:
         raise TypeError(f"expected a 128-bit integer id, got {value!r}")
     u: uuid.UUID = _new(uuid.UUID)
     _set(u, "int", value)
@@ -226,16 +231,18 @@ def decode_tell(data: bytes) -> Message:
                 obj
             )
             if timestamp.__class__ is int and (to.__class__ is not str or to):
+                # positional: Message(sender, to, payload, kind, id, timestamp,
+                # conversation_id, reply_to, trace_id), cheaper than keywords
                 return Message(
-                    sender=_uuid(sender),
-                    to=to if to.__class__ is str else _uuid(to),
-                    payload=payload,
-                    kind=_KINDS[kind],
-                    id=_uuid(msg_id),
-                    timestamp=timestamp,
-                    conversation_id=None if conversation_id is None else _uuid(conversation_id),
-                    reply_to=None if reply_to is None else _uuid(reply_to),
-                    trace_id=None if trace_id is None else _uuid(trace_id),
+                    _uuid(sender),
+                    to if to.__class__ is str else _uuid(to),
+                    payload,
+                    _KINDS[kind],
+                    _uuid(msg_id),
+                    timestamp,
+                    None if conversation_id is None else _uuid(conversation_id),
+                    None if reply_to is None else _uuid(reply_to),
+                    None if trace_id is None else _uuid(trace_id),
                 )
     except (ValueError, TypeError, KeyError, _FAST_DECODE_ERROR):
         pass
