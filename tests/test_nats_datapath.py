@@ -223,6 +223,41 @@ async def test_a_full_node_window_makes_send_wait_then_raise_mailbox_full(
     assert cb.stats().inbound_dropped == {}
 
 
+async def test_tells_waiting_for_room_when_their_node_leaves_are_counted(
+    nats: NatsServer,
+) -> None:
+    """Regression: tells parked behind a full mailbox were lost uncounted when their node
+    left the cluster (the delivering tasks were cancelled)."""
+    release = trio.Event()
+
+    @agent(name="stalled", mailbox_capacity=1)
+    async def stalled(ctx: Context, msg: Message) -> Any:
+        await release.wait()
+
+    @agent(name="ping")
+    async def ping(ctx: Context, msg: Message) -> Any:
+        return "pong"
+
+    async with open_kernel(_config()) as kb:
+        kb.spawn(stalled)
+        kb.spawn(ping)
+        async with _node(nats.url, "a") as (ka, ca):
+            async with join_cluster(kb, nats.url, "b", options=FAST) as cb:
+                with trio.fail_after(30):
+                    await cb.names_published()
+                    await ca.wait_for_name("ping")
+                    for i in range(6):
+                        await ka.send("stalled", i)
+                    # a request goes after the tells' batch: b has taken them in order
+                    assert await ka.request("ping", None) == "pong"
+                    # one in the handler, one in the mailbox, four waiting for room
+                    assert cb.stats().parked == 4
+            release.set()
+        await kb.shutdown()
+    assert cb.stats().inbound_dropped == {"shutting_down": 4}
+    assert cb.stats().parked == 0
+
+
 async def test_a_kernel_that_joins_again_in_the_same_process_gets_a_fresh_window(
     nats: NatsServer,
 ) -> None:

@@ -1241,6 +1241,16 @@ class Cluster:
         finally:
             del self._parked[address]
 
+    def _drop_parked(self) -> None:
+        """Leaving: what still waits for room in a full mailbox will not get in through
+        this node any more; refuse it (counted, ``shutting_down``) rather than lose it
+        uncounted when the delivering tasks are cancelled."""
+        leaving = KernelShuttingDown("remote delivery (the node left the cluster)")
+        for parked in list(self._parked.values()):
+            while parked:
+                m, msg, is_query, _ = parked.popleft()
+                self._refused(m, msg, leaving, is_query)
+
     def _refused(self, m: NatsMsg | None, msg: Message, exc: NexusError, is_query: bool) -> None:
         if is_query:
             self._reply_routes.pop(msg.id, None)
@@ -1735,6 +1745,7 @@ class Cluster:
             except Exception as exc:
                 log.warning("node %s: could not flush outgoing messages: %r", self.node, exc)
             self._inbox.close()
+            self._drop_parked()
 
     async def _disconnect(self) -> None:
         """Close the NATS connections (after the background tasks stopped)."""
