@@ -115,6 +115,11 @@ async def test_many_senders_to_many_agents_keep_each_senders_order(nats: NatsSer
     got = cb.stats()
     assert got.received >= total + agents  # the tells, the dump requests (and marks)
     assert got.lost_in_transit == 0 and got.inbound_dropped == {}
+    # conservation across the two kernels: what a forwarded, b handled (or counted)
+    a_side, b_side = ka.stats(), kb.stats()
+    assert a_side.forwarded == total + agents
+    assert b_side.handled + b_side.dead_lettered + got.lost_in_transit == a_side.forwarded
+    assert a_side.in_flight == b_side.in_flight == 0
 
 
 async def test_batches_are_split_at_the_servers_max_payload() -> None:
