@@ -13,9 +13,9 @@ responder costs nothing while the other side runs):
 * **nexus**: two kernels joined with :func:`join_cluster`. The responder kernel hosts
   agents ``echo`` (returns the payload) and ``sink`` (counts); the client kernel times
   ``kernel.request("echo", ...)`` one at a time, then ``kernel.send("sink", ...)``
-  ``--tells`` times, with a request every 1024 as credit (tells are at most once and
-  nothing else slows the sender down to what the sink can take), and waits until the
-  sink counted them.
+  ``--tells`` times (the transport's credit per destination node, ``node_window``, is
+  what slows the sender down to what the sink can take: tells travel in node batches),
+  and waits until the sink counted them.
 
 Then a local-heavy workload (the demo ring) in one process vs ``--workers 2``.
 
