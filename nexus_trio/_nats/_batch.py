@@ -50,7 +50,6 @@ TELL: Final = 1
 CANCEL: Final = 2
 CREDIT: Final = 3
 _KINDS: Final = frozenset((TELL, CANCEL, CREDIT))
-_U32_MAX: Final = (1 << 32) - 1
 
 
 class BatchError(ValueError):
@@ -276,8 +275,3 @@ def batch_limit(max_payload: int, node: str, configured: int) -> int:
     """The largest batch body to build: ``configured`` bytes, never past the server's
     ``max_payload`` (the head and node name included)."""
     return max(1, min(configured, max_payload) - HEAD_SIZE - len(node.encode()))
-
-
-def check_frame_size(size: int) -> None:
-    if size > _U32_MAX - 1:
-        raise BatchError(f"frame of {size} bytes cannot be length-prefixed")
