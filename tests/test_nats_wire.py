@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -20,6 +21,7 @@ from nexus_trio import (
     RequestFailed,
 )
 from nexus_trio._nats import ClusterOptions, DurableOptions, RemoteError, type_address
+from nexus_trio._nats import _batch as batch
 from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._membership import MemberTable, NodeInfo, node_uuid
 
@@ -42,7 +44,24 @@ ids = st.builds(uuid.UUID, int=st.integers(0, (1 << 128) - 1))
 )
 def test_codec_round_trips_every_field(**fields: object) -> None:
     msg = Message(**fields)  # type: ignore[arg-type]
-    assert wire.decode_message(wire.encode_message(msg)) == msg
+    body = wire.encode_message(msg)
+    assert wire.decode_message(body) == msg
+    assert wire.decode_tell(body) == msg  # the batch path reads the same
+
+
+@given(payload=json_values | st.sampled_from([float("inf"), float("-inf"), [None, 1e308 * 10]]))
+def test_the_fast_json_means_what_the_standard_library_writes(payload: object) -> None:
+    msg = Message(sender=uuid.uuid4(), to="x", payload=payload)
+    body = wire.encode_message(msg)
+    standard = json.dumps(
+        [1, msg.id.int, msg.timestamp, msg.sender.int, "x", "Command", None, None, None, payload],
+        separators=(",", ":"),
+        ensure_ascii=False,
+    ).encode()
+    # the same values (a float may be spelled differently: 1e16 for 1e+16), and a
+    # non-finite float stays one (never a silent null)
+    assert json.loads(body) == json.loads(standard)
+    assert wire.decode_tell(body).payload == payload
 
 
 def test_the_kernels_standard_json_form_is_accepted_too() -> None:
@@ -73,9 +92,10 @@ def test_a_name_that_looks_like_an_id_stays_a_name() -> None:
         (b'{"from":"x","to":"a","kind":"Command","payload":1}', "from"),
     ],
 )
-def test_malformed_bodies_name_the_bad_field(body: bytes, field: str) -> None:
+@pytest.mark.parametrize("decode", [wire.decode_message, wire.decode_tell])
+def test_malformed_bodies_name_the_bad_field(decode: Any, body: bytes, field: str) -> None:
     with pytest.raises(MessageDecodeError) as err:
-        wire.decode_message(body)
+        decode(body)
     assert err.value.field == field
 
 
@@ -168,3 +188,71 @@ def test_a_restarted_node_replaces_its_old_id_prefix() -> None:
     table.heard(_info("b", 9, 1.0))
     assert table.node_of(uuid.UUID(int=2 << 64)) is None
     assert table.node_of(uuid.UUID(int=9 << 64)) is not None
+
+
+# --- node batches ---------------------------------------------------------------------------
+
+
+def test_a_sealed_batch_reads_back_frame_for_frame_with_its_tells_numbered() -> None:
+    link = batch.NodeLink("b", dest_prefix=0xB, window=100)
+    query = uuid.uuid4()
+    link.add_tell(b"one")
+    link.add_cancel(query, "slow-b")
+    link.add_tell(b"two")
+    link.credit_due = (7, 41)
+    first, tells = link.seal(b"a", 0xA, 0x5E55)
+    link.add_tell(b"three")
+    second, _ = link.seal(b"a", 0xA, 0x5E55)
+    assert tells == 2 and link.sent == 3 and not link.pending
+
+    head, offset = batch.parse_head(first)
+    assert (head.node, head.sender_prefix, head.session, head.dest_prefix) == (
+        "a",
+        0xA,
+        0x5E55,
+        0xB,
+    )
+    assert (head.first, head.numbered) == (1, 2)
+    frames = batch.split_frames(first, offset, head.numbered)
+    assert [kind for kind, _ in frames] == [batch.CREDIT, batch.TELL, batch.CANCEL, batch.TELL]
+    assert batch.parse_credit(frames[0][1]) == (7, 41)
+    assert frames[1][1] == b"one" and frames[3][1] == b"two"
+    assert batch.parse_cancel(frames[2][1]) == (query, "slow-b")
+    head2, _ = batch.parse_head(second)
+    assert (head2.first, head2.numbered) == (3, 1)  # numbers go on across batches
+
+
+def test_the_window_counts_unconsumed_tells_and_a_rejoined_peer_rebases_it() -> None:
+    link = batch.NodeLink("b", dest_prefix=1, window=3)
+    for body in (b"1", b"2", b"3"):
+        assert link.has_room()
+        link.add_tell(body)
+    assert not link.has_room()  # waiting in the open batch counts too
+    link.seal(b"a", 2, 9)
+    link.credit(peer_session=100, consumed=2)
+    assert link.has_room() and link.in_flight == 1
+    link.credit(peer_session=100, consumed=1)  # stale: never goes back
+    assert link.consumed == 2
+    link.add_tell(b"4")
+    link.add_tell(b"5")
+    link.seal(b"a", 2, 9)
+    assert not link.has_room()
+    # the peer left and joined again in its process: its count restarts from what it got
+    link.credit(peer_session=200, consumed=0)
+    assert link.in_flight == 0
+    link.credit(peer_session=200, consumed=10**9)  # never more than was sent
+    assert link.consumed == link.sent == 5
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (b"NXB1", "shorter than"),
+        (b"NXB2" + bytes(40), "not b'NXB1'"),
+        (b"NXB1" + bytes(36) + b"\x00\x05ab", "does not fit"),
+        (b"NXB1" + bytes(36) + b"\x00\x01a", "first number 0"),
+    ],
+)
+def test_malformed_batch_heads_are_refused_saying_what_is_wrong(body: bytes, problem: str) -> None:
+    with pytest.raises(batch.BatchError, match=problem):
+        batch.parse_head(body)

@@ -57,6 +57,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
+from .._deadletter import DeadLetterReason
 from .._errors import (
     AgentNotFound,
     KernelShuttingDown,
@@ -70,6 +71,7 @@ from .._events import EventKind, LifecycleEvent
 from .._kernel import Kernel
 from .._message import SYSTEM_ID, Address, Message, MessageKind
 from .._router import TransportHandle
+from . import _batch as batch
 from . import _wire as wire
 from ._aio import Inbox, Outbox, asyncio_loop, call_aio
 from ._auth import NatsAuth, install_redaction, redact, split_credentials
@@ -99,12 +101,19 @@ _Stream = tuple[str, int]
 #: encode when it is queued) and the tell's stream
 _Routed = tuple[str, str, bytes | None, _Stream | None]
 #: what an outgoing item is: a plain message, a numbered tell (a loss of which the
-#: receiver counts), a sequence mark
-_PLAIN, _NUMBERED, _MARK = 0, 1, 2
+#: receiver counts), a sequence mark, a node batch (its tells numbered)
+_PLAIN, _NUMBERED, _MARK, _BATCH = 0, 1, 2, 3
 #: one outgoing NATS message: subject, reply subject, headers, body, what it is
 _Outgoing = tuple[str, str, dict[str, str] | None, bytes, int]
 #: sequence marks go out every heartbeat when the stream moved, else every this many
 _MARK_EVERY: Final = 5
+#: a message waiting for room in a full mailbox: the NATS message it came in (None for
+#: a batched tell), the message, whether it is a query, the stream to credit
+_Parked = tuple[NatsMsg | None, Message, bool, str | None]
+#: a received batch, checked: its head, frames, and the stream to credit, named
+#: ``<node>:<session>.<id prefix>`` of its sender (None when it was meant for another
+#: process of this node's name)
+_OpenBatch = tuple[batch.BatchHead, list[tuple[int, bytes]], str | None]
 
 
 _positive: Final = attrs.validators.gt(0.0)
@@ -142,6 +151,11 @@ class ClusterOptions:
     inbound_limit: int = attrs.field(default=65536, validator=_at_least_one)
     parked_limit: int = attrs.field(default=4096, validator=_at_least_one)
     durable: DurableOptions = attrs.field(factory=DurableOptions)
+    #: tells to one destination process not yet consumed there (credit; see ``_batch``)
+    node_window: int = attrs.field(default=2048, validator=_at_least_one)
+    #: a node batch leaves when it holds this many frames or bytes (or on the next tick)
+    batch_frames: int = attrs.field(default=256, validator=_at_least_one)
+    batch_bytes: int = attrs.field(default=256 * 1024, validator=_at_least_one)
 
 
 @final
@@ -180,6 +194,13 @@ class ClusterStats:
     lost_with_nodes: int = 0
     #: placed agents this node re-spawned after their node was lost
     replaced: int = 0
+    #: node batches sent / received (each carries many tells)
+    batches_published: int = 0
+    batches_received: int = 0
+    #: remote cancellations sent (a request here timed out or its caller was cancelled)
+    #: and received (a handler here was asked to stop)
+    cancels_sent: int = 0
+    cancels_received: int = 0
 
 
 _decode: Final = wire.decode_message
@@ -221,6 +242,24 @@ class Cluster:
         self._node_subject_prefix = f"{self.prefix}.node.{self.node}."
         self._heartbeat_subject = f"{self.prefix}.hb.{self.node}"
         self._mark_subject = wire.sequence_mark_subject(self.prefix, self.node)
+        self._batch_subject = wire.batch_subject(self.prefix, self.node)
+        self._node_bytes = self.node.encode()
+        # node batches: one link per destination process, the links with frames or
+        # credit waiting, and the flusher's wake-up (see _flush_batches)
+        self._links: dict[_Stream, batch.NodeLink] = {}
+        self._dirty: dict[batch.NodeLink, None] = {}
+        self._flush_wanted = trio.Event()
+        self._batch_bytes = batch.batch_limit(1 << 20, self.node, options.batch_bytes)
+        # this join's session: streams of an earlier join of this process are apart
+        self._session = int.from_bytes(os.urandom(8), "big")
+        # tells consumed here per sending stream (delivered, refused, or lost): the
+        # credit returned to it; and each stream's (node, session, id prefix)
+        self._consumed: dict[str, int] = {}
+        self._stream_parts: dict[str, tuple[str, int, int] | None] = {}
+        self._batches_published = 0
+        self._batches_received = 0
+        self._cancels_sent = 0
+        self._cancels_received = 0
         self.members = MemberTable(node, options.heartbeat_interval * options.missed_heartbeats)
         self._joined_at = time.time()
         # name -> (node, agent id) for every named agent in the cluster (KV watcher)
@@ -243,11 +282,12 @@ class Cluster:
         self._outstanding: OrderedDict[uuid.UUID, tuple[Address, str]] = OrderedDict()
         self._types: dict[str, list[uuid.UUID]] = {}
         # messages from NATS waiting for room in a full local mailbox, per recipient
-        self._parked: dict[Address, deque[tuple[NatsMsg, Message, bool]]] = {}
+        # (with the stream of a batched tell: it is credited once it leaves)
+        self._parked: dict[Address, deque[_Parked]] = {}
         self._nursery_ref: trio.Nursery | None = None
         self._type_subs: dict[str, Any] = {}
         self._type_turn = itertools.count()
-        self._inbox: Inbox[NatsMsg] = Inbox(options.inbound_limit)
+        self._inbox: Inbox[NatsMsg | _OpenBatch] = Inbox(options.inbound_limit)
         self._outbox: Outbox[_Outgoing] = Outbox(
             send_one=self._publish_one, on_refused=self._publish_refused
         )
@@ -255,7 +295,6 @@ class Cluster:
         # and the next expected per sending process (see ``_sequence``)
         self._seq_out: dict[_Stream, int] = {}
         self._seq_marked: dict[_Stream, int] = {}
-        self._seq_heads: dict[_Stream, bytes] = {}
         self._seq_streams: dict[str, tuple[str, int]] = {}
         self._seq_in = InboundSequences(self.id_prefix)
         self._marks_sent = 0
@@ -451,10 +490,13 @@ class Cluster:
     async def deliver(self, msg: Message) -> None:
         """Publish ``msg`` for its remote recipient (see the module doc for guarantees).
 
-        Waits only while ``outbox_high_water`` messages are already waiting for the NATS
-        client, and then at most the kernel's send deadline (:class:`TransportUnavailable`,
-        the message not taken). An unknown name is looked up in KV once before
-        :class:`AgentNotFound`.
+        A tell to an agent of another kernel joins the batch of its destination process
+        (see ``_batch``); it waits only while that process has ``node_window`` tells not
+        yet consumed, or ``outbox_high_water`` messages wait for the NATS client, and
+        then at most the kernel's send deadline: :class:`MailboxFull` (the destination
+        does not keep up, as a full local mailbox) or :class:`TransportUnavailable`
+        (NATS is down), the message not taken. An unknown name is looked up in KV once
+        before :class:`AgentNotFound`.
         """
         try:
             routed = self._route(msg)
@@ -466,6 +508,20 @@ class Cluster:
         if routed is None:
             return
         high_water = self.options.outbox_high_water
+        stream = routed[3]
+        if routed[2] is None:
+            assert stream is not None
+            link = self._links.get(stream) or self._new_link(stream)
+            body = self._tell_body(msg)
+            if not link.has_room() or len(self._outbox) >= high_water:
+                await self._wait_for_room(msg, link)
+            self._published += 1
+            if self._add_tell(link, body):
+                # A full batch was sealed: let the asyncio side write it to the socket
+                # now (the destination starts on it while this sender goes on), without
+                # raising Cancelled: the message is taken.
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return
         if len(self._outbox) >= high_water:
             deadline = self.kernel.config.kernel.send_timeout
             with trio.move_on_after(deadline):
@@ -484,7 +540,9 @@ class Cluster:
             self._outstanding.pop(msg.id, None)
 
     def deliver_nowait(self, msg: Message) -> None:
-        """Like :meth:`deliver` but never waits: past ``outbox_limit`` raises TransportUnavailable."""
+        """Like :meth:`deliver` but never waits: past ``outbox_limit`` raises
+        TransportUnavailable; a destination process with ``node_window`` tells not yet
+        consumed raises :class:`MailboxFull` at once (as a full local mailbox does)."""
         if len(self._outbox) >= self.options.outbox_limit:
             raise TransportUnavailable(
                 f"{len(self._outbox)} messages already wait for NATS on node {self.node!r}"
@@ -492,29 +550,142 @@ class Cluster:
         routed = self._route(msg)
         if routed is None:
             return
-        self._outbox.put(self._seal(msg, routed))
+        if routed[2] is None:
+            stream = routed[3]
+            assert stream is not None
+            link = self._links.get(stream) or self._new_link(stream)
+            body = self._tell_body(msg)
+            if not link.has_room():
+                raise self._no_room(msg, link)
+            self._add_tell(link, body)
+        else:
+            self._outbox.put(self._seal(msg, routed))
         self._published += 1
 
     def cancel_query(self, query_id: uuid.UUID, to: Address) -> None:
-        """The requester stopped waiting. Remote cancellation over NATS is not carried yet:
-        the remote handler runs to its own deadline and its reply is dead-lettered
-        ``late_reply`` here."""
+        """The requester stopped waiting: a cancel frame goes to the node the query went
+        to, in its next batch, and cancels the handler there (``TransportHandle.cancel_query``).
+        Best effort and never raises: a query to a type (a queue group: which replica took
+        it is unknown here) or to a node now unreachable is not cancelled; the handler
+        then runs to its own deadline and a reply is dead-lettered ``late_reply`` here."""
+        asked = self._outstanding.pop(query_id, None)
+        if asked is None or self._closing:
+            return
+        node = asked[1]
+        info = self.members.members.get(node)
+        if info is None or not info.reachable:
+            return
+        stream = (node, info.id_prefix)
+        link = self._links.get(stream) or self._new_link(stream)
+        link.add_cancel(query_id, to)
+        self._cancels_sent += 1
+        self._want_flush(link)
+
+    # --- node batches (sending side; see _batch) ----------------------------------------------
+
+    def _new_link(self, stream: _Stream) -> batch.NodeLink:
+        link = self._links[stream] = batch.NodeLink(stream[0], stream[1], self.options.node_window)
+        return link
+
+    def _tell_body(self, msg: Message) -> bytes:
+        body = wire.encode_message(msg)
+        size = len(body) + batch.FRAME_OVERHEAD
+        # the second test only for a big one: a tell that fits a batch fits NATS
+        if size > self._batch_bytes and size > self._max_frame():
+            raise TransportUnavailable(
+                f"message {msg.id} to {msg.to} is {len(body)} bytes encoded: more than"
+                f" NATS accepts in one message (max_payload {self._max_payload()} bytes)"
+            )
+        return body
+
+    def _max_payload(self) -> int:
+        nc = self._nc
+        return nc.max_payload if nc is not None and nc.max_payload else 1 << 20
+
+    def _max_frame(self) -> int:
+        return batch.batch_limit(self._max_payload(), self.node, self._max_payload())
+
+    def _add_tell(self, link: batch.NodeLink, body: bytes) -> bool:
+        """Put a tell in its link's batch; seal the batch when it is full (a frame that
+        does not fit in the open batch goes in the next one, alone if need be). True if
+        a batch was sealed."""
+        sealed = False
+        if link.frames and link.size + len(body) + batch.FRAME_OVERHEAD > self._batch_bytes:
+            self._seal_batch(link)
+            sealed = True
+        link.add_tell(body)
+        if link.tells >= self.options.batch_frames or link.size >= self._batch_bytes:
+            self._seal_batch(link)
+            return True
+        self._want_flush(link)
+        return sealed
+
+    def _want_flush(self, link: batch.NodeLink) -> None:
+        self._dirty[link] = None
+        self._flush_wanted.set()
+
+    def _seal_batch(self, link: batch.NodeLink) -> None:
+        """Hand ``link``'s open batch to the outbox (numbering its tells now, so that a
+        sequence mark never names a number still waiting here)."""
+        body, tells = link.seal(self._node_bytes, self.id_prefix, self._session)
+        if tells:
+            self._seq_out[(link.node, link.dest_prefix)] = link.sent
+        self._outbox.put((wire.batch_subject(self.prefix, link.node), "", None, body, _BATCH))
+        self._batches_published += 1
+
+    def _flush_pending(self) -> None:
+        """Seal every open batch (in the order the links got their first frame)."""
+        dirty, self._dirty = self._dirty, {}
+        for link in dirty:
+            if link.pending:
+                self._seal_batch(link)
+
+    async def _flush_batches(self) -> None:
+        """Trio side: seal the open batches one scheduler tick after the first frame of a
+        burst: a lone tell waits for no timer, and the tells of a burst share a batch."""
+        while True:
+            await self._flush_wanted.wait()
+            # one yield: the tasks that are ready now add their frames first
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            self._flush_wanted = trio.Event()
+            self._flush_pending()
+
+    async def _wait_for_room(self, msg: Message, link: batch.NodeLink) -> None:
+        high_water = self.options.outbox_high_water
+        with trio.move_on_after(self.kernel.config.kernel.send_timeout):
+            while not link.has_room() or len(self._outbox) >= high_water:
+                if not link.has_room():
+                    await link.wait_for_room()
+                else:
+                    await self._outbox.wait_below(high_water)
+            return
+        raise self._no_room(msg, link)
+
+    def _no_room(self, msg: Message, link: batch.NodeLink) -> NexusError:
+        """What a tell refused for lack of room says: NATS down, or the destination
+        process not keeping up (``MailboxFull`` with the node window as capacity)."""
+        waiting = len(self._outbox)
+        if self._outbox.paused or waiting >= self.options.outbox_high_water:
+            return TransportUnavailable(
+                f"{waiting} messages wait for NATS on node {self.node!r} (connection"
+                f" {'down' if self._outbox.paused else 'slow'}); message {msg.id} not sent"
+            )
+        try:
+            _, agent_id = self.resolve(msg.to)
+        except (AgentNotFound, TransportUnavailable) as exc:
+            return exc
+        name = msg.to if isinstance(msg.to, str) else None
+        return MailboxFull(agent_id, name, link.window, msg.id)
 
     def _seal(self, msg: Message, routed: _Routed) -> _Outgoing:
-        """The outgoing item; a tell to a node gets the next number of its stream here,
-        as it is queued (not before: a tell refused at the send deadline has none)."""
-        subject, reply, data, stream = routed
-        if stream is None:
-            assert data is not None
-            return subject, reply, None, data, _PLAIN
-        number = self._seq_out.get(stream, 0) + 1
-        self._seq_out[stream] = number
-        head = self._seq_heads.get(stream)
-        if head is None:  # once per stream: the per-message cost is one str() and a join
-            head = self._seq_heads[stream] = wire.numbered_head(
-                self.node, self.id_prefix, stream[1]
-            )
-        return subject, reply, None, wire.encode_numbered(msg, head, number), _NUMBERED
+        """The outgoing item of a message that goes alone (a query, a reply, a message
+        to a type). Open batches are sealed first: a query or reply never overtakes a
+        tell sent before it."""
+        subject, reply, data, _ = routed
+        assert data is not None
+        if self._dirty:
+            self._flush_pending()
+        return subject, reply, None, data, _PLAIN
 
     def _check_usable(self) -> None:
         nc = self._nc
@@ -539,24 +710,24 @@ class Cluster:
             if self.durable.completed(reply_to):
                 return None
         to = msg.to
-        stream: _Stream | None = None
         if isinstance(to, str) and to.startswith(wire.TYPE_PREFIX):
             type_name = to[len(wire.TYPE_PREFIX) :]
             subject = wire.type_subject(self.prefix, type_name)
             node = f"type:{type_name}"
         else:
             node, agent_id = self.resolve(to)
-            subject = wire.agent_subject(self.prefix, node, agent_id)
             if msg.kind is not MessageKind.QUERY:
-                # A tell is numbered so that its loss in transit is counted (a lost
-                # query needs no number: its requester gets RequestTimeout).
-                stream = (node, self.members.members[node].id_prefix)
+                # A tell goes in the node's batch (no subject of its own), numbered so
+                # that its loss in transit is counted (a lost query needs no number:
+                # its requester gets RequestTimeout).
+                return "", "", None, (node, self.members.members[node].id_prefix)
+            subject = wire.agent_subject(self.prefix, node, agent_id)
         if msg.kind is MessageKind.QUERY:
+            # A query goes alone, on the agent's subject: NATS answers "no responders"
+            # at once when the node is gone, and a single request waits for no batch.
             reply = wire.reply_subject(self.prefix, self.node, msg.id)
             self._remember(self._outstanding, msg.id, (to, node))
             return subject, reply, wire.encode_message(msg), None
-        if stream is not None:
-            return subject, "", None, stream  # numbered and encoded by _seal
         return subject, "", wire.encode_message(msg), None
 
     def resolve(self, address: Address) -> tuple[str, uuid.UUID]:
@@ -602,7 +773,13 @@ class Cluster:
         A numbered tell is counted by its receiver (the gap shows at the next number or
         mark), except when this node leaves with it: nothing comes after it then.
         """
-        subject, reply, _, _, kind = out
+        subject, reply, _, data, kind = out
+        if kind == _BATCH:
+            # Its tells are numbered: the receiver counts the gap, unless this node
+            # leaves now (no later number or mark will show it).
+            if leaving:
+                self._publish_failures += batch.parse_head(data)[0].numbered
+            return
         if kind == _MARK or (kind == _NUMBERED and not leaving):
             return
         self._publish_failures += 1
@@ -640,6 +817,9 @@ class Cluster:
         or the reply to a request of this node) is delivered at once, with no hop to
         another task. What has to wait goes to the Trio pump, which keeps the order.
         """
+        if m.subject == self._batch_subject:
+            self._on_batch(m.data)
+            return
         self._received += 1
         data = m.data
         if data[:4] == wire.NUMBERED_PREFIX:
@@ -660,6 +840,146 @@ class Cluster:
 
     _on_type_message = _on_node_message
 
+    def _on_batch(self, data: bytes) -> None:
+        """asyncio side: a node batch. Checked whole (a malformed one is counted in
+        ``inbound_dropped["malformed_batch"]`` and dropped, never raised), its numbers
+        observed, then delivered at once frame by frame, unless earlier messages still
+        wait for the pump: then it waits behind them."""
+        opened = self._open_batch(data)
+        if opened is None:
+            return
+        if not self._inbox and not self.kernel.shutting_down:
+            try:
+                self._deliver_batch(opened)
+            except Exception:
+                log.exception("node %s: a batch from %s failed", self.node, opened[0].node)
+            return
+        if not self._inbox.push(opened):
+            head, _, stream = opened
+            self._dropped["inbox_full"] += head.numbered
+            self._credit(stream, head.numbered)
+
+    def _open_batch(self, data: bytes) -> _OpenBatch | None:
+        self._batches_received += 1
+        try:
+            head, offset = batch.parse_head(data)
+        except batch.BatchError as exc:
+            self._malformed_batch(exc)
+            return None
+        sender = f"{head.node}:{head.session:x}.{head.sender_prefix:x}"
+        # None: for an earlier process of this node name, no credit
+        stream = sender if head.dest_prefix == self.id_prefix else None
+        lost = self._seq_in.observe_batch(sender, head.dest_prefix, head.first, head.numbered)
+        if lost:
+            self._log_loss(lost, sender)
+            self._credit(stream, lost)
+        self._received += head.numbered
+        try:
+            frames = batch.split_frames(data, offset, head.numbered)
+        except batch.BatchError as exc:
+            self._malformed_batch(exc, head)
+            self._dropped["malformed"] += head.numbered
+            self._credit(stream, head.numbered)
+            return None
+        return head, frames, stream
+
+    def _malformed_batch(self, exc: batch.BatchError, head: batch.BatchHead | None = None) -> None:
+        self._dropped["malformed_batch"] += 1
+        now = time.monotonic()
+        if now - self._last_loss_log >= 1.0:
+            self._last_loss_log = now
+            log.warning(
+                "node %s: dropped a malformed batch%s (%d so far): %s",
+                self.node,
+                f" from {head.node!r}" if head is not None else "",
+                self._dropped["malformed_batch"],
+                exc,
+            )
+
+    def _deliver_batch(self, opened: _OpenBatch) -> None:
+        """Deliver a checked batch without waiting, in order (tells for a full mailbox
+        are parked behind it, as single messages are)."""
+        head, frames, stream = opened
+        consumed = 0
+        decode = wire.decode_tell
+        admit = self._admit
+        for kind, body in frames:
+            if kind == batch.TELL:
+                try:
+                    msg = decode(body)
+                except MessageDecodeError as exc:
+                    self._undecodable(head, exc)
+                    consumed += 1
+                    continue
+                if admit(None, msg, False, stream):
+                    consumed += 1
+            else:
+                self._control_frame(head, kind, body)
+        self._credit(stream, consumed)
+
+    async def _handle_batch(self, opened: _OpenBatch) -> None:
+        """Trio side (the pump): a batch that had to wait; while the kernel shuts down
+        its tells are delivered under the draining rules, as single messages are."""
+        if not self.kernel.shutting_down:
+            self._deliver_batch(opened)
+            return
+        head, frames, stream = opened
+        consumed = 0
+        for kind, body in frames:
+            if kind != batch.TELL:
+                self._control_frame(head, kind, body)
+                continue
+            consumed += 1
+            try:
+                msg = _decode(body)
+            except MessageDecodeError as exc:
+                self._undecodable(head, exc)
+                continue
+            try:
+                await self._into_kernel(msg)
+            except (AgentNotFound, MailboxFull, KernelShuttingDown) as exc:
+                self._refuse(None, msg, exc)
+        self._credit(stream, consumed)
+
+    def _undecodable(self, head: batch.BatchHead, exc: MessageDecodeError) -> None:
+        self._dropped["malformed"] += 1
+        log.warning("node %s: undecodable tell in a batch from %r: %s", self.node, head.node, exc)
+
+    def _control_frame(self, head: batch.BatchHead, kind: int, body: bytes) -> None:
+        try:
+            if kind == batch.CREDIT:
+                session, consumed = batch.parse_credit(body)
+                if session == self._session and head.dest_prefix == self.id_prefix:
+                    link = self._links.get((head.node, head.sender_prefix))
+                    if link is not None:
+                        link.credit(head.session, consumed)
+            elif kind == batch.CANCEL:
+                query_id, to = batch.parse_cancel(body)
+                self._cancels_received += 1
+                if self.handle is not None:
+                    self.handle.cancel_query(query_id, to)
+        except batch.BatchError as exc:
+            self._dropped["malformed"] += 1
+            log.warning("node %s: bad frame in a batch from %r: %s", self.node, head.node, exc)
+
+    def _credit(self, stream: str | None, consumed: int) -> None:
+        """``consumed`` more tells of ``stream`` left this node's hands: the total goes
+        back to their sender with the next batch the other way."""
+        if stream is None or not consumed:
+            return
+        if stream in self._stream_parts:
+            parts = self._stream_parts[stream]
+        else:
+            parts = self._stream_parts[stream] = _parse_stream(stream)
+        if parts is None:
+            return  # not a stream of batches (a kernel of an earlier version)
+        node, session, prefix = parts
+        total = self._consumed.get(stream, 0) + consumed
+        self._consumed[stream] = total
+        link = self._links.get((node, prefix)) or self._new_link((node, prefix))
+        link.credit_due = (session, total)
+        self._want_flush(link)
+
     def _check_sequence(self, value: str, *, is_mark: bool) -> None:
         """Count the tells a gap in a sender's numbers says were lost (see ``_sequence``)."""
         head, _, number_text = value.rpartition(".")
@@ -674,6 +994,11 @@ class Cluster:
             self._dropped["malformed"] += 1
             return
         lost = self._seq_in.observe(stream, dest_prefix, number, is_mark=is_mark)
+        if lost:
+            self._credit(stream, lost)
+            self._log_loss(lost, stream)
+
+    def _log_loss(self, lost: int, stream: str) -> None:
         if lost:
             now = time.monotonic()
             if now - self._last_loss_log >= 1.0:
@@ -700,11 +1025,14 @@ class Cluster:
                 # that process is gone: its stream ends here
                 self._seq_out.pop(key, None)
                 self._seq_marked.pop(key, None)
+                self._links.pop(key, None)
                 continue
             if periodic or self._seq_marked.get(key) != number:
                 self._seq_marked[key] = number
                 subject = wire.sequence_mark_subject(self.prefix, node)
-                mark = wire.sequence_value(self.node, self.id_prefix, id_prefix, number)
+                mark = wire.sequence_value(
+                    f"{self.node}:{self._session:x}", self.id_prefix, id_prefix, number
+                )
                 self._outbox.put((subject, "", None, mark.encode(), _MARK))
 
     def _handle_now(self, m: NatsMsg) -> bool:
@@ -736,15 +1064,20 @@ class Cluster:
         """Trio side: what could not be delivered at once, in arrival order."""
         while True:
             try:
-                batch = await self._inbox.take_batch()
+                items = await self._inbox.take_batch()
             except trio.EndOfChannel:
                 return
-            for m in batch:
+            for m in items:
                 try:
-                    await self._handle(m)
+                    if isinstance(m, tuple):
+                        await self._handle_batch(m)
+                    else:
+                        await self._handle(m)
                 except Exception:
                     log.exception(
-                        "node %s: a message on %s could not be handled", self.node, m.subject
+                        "node %s: a message on %s could not be handled",
+                        self.node,
+                        getattr(m, "subject", self._batch_subject),
                     )
 
     async def _handle(self, m: NatsMsg) -> None:
@@ -849,6 +1182,12 @@ class Cluster:
         is_query = bool(m.reply) and msg.kind is MessageKind.QUERY
         if is_query:
             self._remember(self._reply_routes, msg.id, m.reply)
+        self._admit(m, msg, is_query, None)
+
+    def _admit(self, m: NatsMsg | None, msg: Message, is_query: bool, stream: str | None) -> bool:
+        """Deliver ``msg`` (from NATS message ``m``, or from a batch of ``stream`` when
+        None) without waiting, or park it behind its full mailbox. True when done with
+        it (delivered or refused), False when parked."""
         parked = self._parked.get(msg.to)
         if parked is None:
             # The common case: room in the mailbox, enqueued without waiting. A full
@@ -856,19 +1195,19 @@ class Cluster:
             # so the message waits in a queue of its own recipient (below).
             if not self.kernel.is_local(msg.to):  # never forwarded again from here
                 self._refused(m, msg, AgentNotFound(msg.to), is_query)
-                return
+                return True
             try:
                 self.kernel.send_nowait(msg)
                 self._forwarded_in += 1
-                return
+                return True
             except MailboxFull:
                 pass
             except (AgentNotFound, KernelShuttingDown) as exc:
                 self._refused(m, msg, exc, is_query)
-                return
+                return True
             parked = self._parked[msg.to] = deque()
             self._nursery.start_soon(self._deliver_parked, msg.to, parked)
-        elif len(parked) >= self.options.parked_limit:
+        elif stream is None and _singles(parked) >= self.options.parked_limit:
             to = msg.to
             try:
                 ref = self.kernel.lookup(to) if isinstance(to, str) else None
@@ -881,38 +1220,59 @@ class Cluster:
                 msg.id,
             )
             self._refused(m, msg, cell_full, is_query)
-            return
-        parked.append((m, msg, is_query))
+            return True
+        parked.append((m, msg, is_query, stream))
+        return False
 
-    async def _deliver_parked(
-        self, address: Address, parked: deque[tuple[NatsMsg, Message, bool]]
-    ) -> None:
+    async def _deliver_parked(self, address: Address, parked: deque[_Parked]) -> None:
         """Feed one recipient whose mailbox was full, in arrival order, waiting for room
         up to the send deadline per message like a local ``send``. If the mailbox stays
-        full that long, everything parked for it is refused (at most once)."""
+        full that long, the single messages parked for it are refused (at most once);
+        batched tells wait on (bounded by their senders' ``node_window``)."""
         try:
             while parked:
-                m, msg, is_query = parked[0]
+                m, msg, is_query, stream = parked[0]
                 try:
                     await self._into_kernel(msg)
                 except MailboxFull as exc:
-                    while parked:
-                        m, msg, is_query = parked.popleft()
-                        self._refused(m, msg, exc, is_query)
-                    return
+                    if stream is not None:
+                        # A batched tell waits on for room: its senders' credit bounds
+                        # how many wait here, and it is the senders that wait (up to
+                        # their send deadline, see _batch), as for a full local mailbox.
+                        continue
+                    # A single message still refused after the send deadline: it and
+                    # the single messages behind it are refused (at most once).
+                    kept = [entry for entry in parked if entry[3] is not None]
+                    for m, msg, is_query, stream in parked:
+                        if stream is None:
+                            self._refused(m, msg, exc, is_query)
+                    parked.clear()
+                    parked.extend(kept)
+                    continue
                 except (AgentNotFound, KernelShuttingDown) as exc:
                     self._refused(m, msg, exc, is_query)
                 parked.popleft()
+                self._credit(stream, 1)
         finally:
             del self._parked[address]
 
-    def _refused(self, m: NatsMsg, msg: Message, exc: NexusError, is_query: bool) -> None:
+    def _drop_parked(self) -> None:
+        """Leaving: what still waits for room in a full mailbox will not get in through
+        this node any more; refuse it (counted, ``shutting_down``) rather than lose it
+        uncounted when the delivering tasks are cancelled."""
+        leaving = KernelShuttingDown("remote delivery (the node left the cluster)")
+        for parked in list(self._parked.values()):
+            while parked:
+                m, msg, is_query, _ = parked.popleft()
+                self._refused(m, msg, leaving, is_query)
+
+    def _refused(self, m: NatsMsg | None, msg: Message, exc: NexusError, is_query: bool) -> None:
         if is_query:
             self._reply_routes.pop(msg.id, None)
         self._refuse(m, msg, exc)
 
-    def _refuse(self, m: NatsMsg, msg: Message, exc: NexusError) -> None:
-        if m.reply and msg.kind is MessageKind.QUERY:
+    def _refuse(self, m: NatsMsg | None, msg: Message, exc: NexusError) -> None:
+        if m is not None and m.reply and msg.kind is MessageKind.QUERY:
             self._publish_error(m.reply, exc)
             return
         reason = {
@@ -1070,6 +1430,11 @@ class Cluster:
             async for letter in letters:
                 msg = letter.message
                 if msg.kind is not MessageKind.QUERY:
+                    continue
+                if letter.reason is DeadLetterReason.REQUEST_TIMEOUT:
+                    # Its requester stopped waiting (that is what cancelled it): no error
+                    # frame; the route stays (bounded) so that a reply the handler
+                    # produces anyway reaches it, as a late reply.
                     continue
                 reply = self._reply_routes.pop(msg.id, None)
                 if reply is not None:
@@ -1302,8 +1667,9 @@ class Cluster:
 
     @property
     def stream_name(self) -> str:
-        """How receivers name this process's stream of numbered tells."""
-        return f"{self.node}.{self.id_prefix:x}"
+        """How receivers name this process's stream of numbered tells (its node batches
+        carry the node, this join's session and the id prefix; see ``_open_batch``)."""
+        return f"{self.node}:{self._session:x}.{self.id_prefix:x}"
 
     def tells_sent_to(self, node: str, id_prefix: int) -> int:
         """Numbered tells this process sent to process ``id_prefix`` of ``node``."""
@@ -1371,6 +1737,7 @@ class Cluster:
         self._nodes_kv = await self._kv(f"{self.prefix}-nodes", ttl=ttl)
         self._names_kv = await self._kv(f"{self.prefix}-names", ttl=None)
         await self._outbox.start()
+        self._batch_bytes = batch.batch_limit(self._max_payload(), self.node, opts.batch_bytes)
 
         async def subscribe() -> None:
             await self.nc.subscribe(
@@ -1393,6 +1760,7 @@ class Cluster:
         await nursery.start(self._start_watch, self._names_kv, self._apply_name_entry)
         await self.placement.start(nursery, await self._kv(f"{self.prefix}-placed", ttl=None))
         nursery.start_soon(self._pump)
+        nursery.start_soon(self._flush_batches)
         nursery.start_soon(self._heartbeats)
         nursery.start_soon(self._kv_heartbeats)
         nursery.start_soon(self._check_members)
@@ -1429,6 +1797,7 @@ class Cluster:
                 except Exception as exc:
                     log.warning("node %s: could not drop membership: %r", self.node, exc)
             try:
+                self._flush_pending()  # open batches first: the marks must cover them
                 if self._outbox.paused:
                     # Down now: give the client a bounded chance to reconnect first.
                     with trio.move_on_after(min(2.0, self.kernel.config.kernel.send_timeout)):
@@ -1462,6 +1831,7 @@ class Cluster:
             except Exception as exc:
                 log.warning("node %s: could not flush outgoing messages: %r", self.node, exc)
             self._inbox.close()
+            self._drop_parked()
 
     async def _disconnect(self) -> None:
         """Close the NATS connections (after the background tasks stopped)."""
@@ -1501,7 +1871,28 @@ class Cluster:
             forwarded_in=self._forwarded_in,
             lost_with_nodes=self.placement.lost_with_nodes,
             replaced=self.placement.replaced,
+            batches_published=self._batches_published,
+            batches_received=self._batches_received,
+            cancels_sent=self._cancels_sent,
+            cancels_received=self._cancels_received,
         )
+
+
+def _singles(parked: deque[_Parked]) -> int:
+    """How many of ``parked`` came as single messages (``parked_limit`` bounds those;
+    batched tells are bounded by their senders' node windows)."""
+    return sum(1 for entry in parked if entry[3] is None)
+
+
+def _parse_stream(stream: str) -> tuple[str, int, int] | None:
+    """``(node, session, id prefix)`` of a stream named ``<node>:<session>.<id prefix>``
+    (hex numbers), or None if it is not named so."""
+    rest, _, prefix = stream.rpartition(".")
+    node, _, session = rest.rpartition(":")
+    try:
+        return (node, int(session, 16), int(prefix, 16)) if node else None
+    except ValueError:
+        return None
 
 
 _joined: weakref.WeakKeyDictionary[Kernel, Cluster] = weakref.WeakKeyDictionary()

@@ -6,7 +6,9 @@ process to another carries the next number of that pair's stream, and every hear
 the sender publishes a *mark* (the last number it gave out) on the same connection.
 NATS keeps the order of one connection's messages, so the receiver knows: a number
 past the next expected one means those between will never come, and a mark past the
-last number received means the tail of a burst was lost. Each lost tell is counted
+last number received means the tail of a burst was lost. Tells between two kernels
+travel in node batches (``_batch``): a batch carries the numbers of its tells as a
+range (first, count), so one NATS message lost is all its tells counted. Each lost tell is counted
 once, on the receiving node. What the NATS client refuses outright never gets a
 number (the sender counts it), so nothing is counted twice.
 """
@@ -46,3 +48,17 @@ class InboundSequences:
     def last_numbers(self) -> dict[str, int]:
         """The last number taken (received or counted lost) of each sending process."""
         return {stream: expected - 1 for stream, expected in self._expected.items()}
+
+    def observe_batch(self, stream: str, dest_prefix: int, first: int, count: int) -> int:
+        """Take a batch of tells numbered ``first .. first + count - 1`` of ``stream``;
+        return how many earlier tells it shows were lost (also added to ``lost``)."""
+        if dest_prefix != self.own_prefix:
+            return 0
+        expected = self._expected.get(stream, 1)
+        end = first + count
+        if end <= expected:
+            return 0  # a repeat: nothing new
+        lost = max(0, first - expected)
+        self._expected[stream] = end
+        self.lost += lost
+        return lost

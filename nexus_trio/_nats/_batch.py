@@ -1,0 +1,277 @@
+"""Node batches: many frames for one destination kernel in one NATS message, with credit.
+
+Between two nexus_trio kernels, tells do not go one NATS message each: they are frames
+in the batch of their destination *process* (one :class:`NodeLink` per stream, i.e.
+destination node and its id prefix), which leaves as one NATS message on
+``<prefix>.node.<node>.batch`` when it fills (``batch_frames`` / ``batch_bytes``, never
+past the server's ``max_payload``) or on the next scheduler tick. A batch is binary,
+length-prefixed, and checked before any frame of it is used::
+
+    batch  = MAGIC "NXB1" | sender id prefix u64 | sender session u64
+             | destination id prefix u64 | first number u64 | numbered count u32
+             | node name length u16 | node name | frame*
+    frame  = length u32 (of kind + body) | kind u8 | body
+
+Frame kinds: ``TELL`` (a message in the compact JSON form of ``_wire``, numbered),
+``CANCEL`` (a query id, 16 bytes, then the address it was sent to: ``0`` + 16 id bytes or
+``1`` + a UTF-8 name) and ``CREDIT`` (u64 session, u64 count: how many tells of the
+stream the other way, from that session, the sender of this batch consumed so far).
+The *session* is random per joined :class:`Cluster`: a kernel that leaves and joins
+again in the same process (same id prefix) starts new streams. Numbers: the tells of a
+batch carry the consecutive numbers ``first .. first + count - 1`` of their stream,
+given when the batch is sealed, so the sequence checks of ``_sequence`` count every
+tell NATS loses.
+
+Credit is the per-node backpressure: a link holds at most ``window`` tells that the
+destination has not yet consumed (taken into a mailbox, refused, or counted lost); a
+``send`` past that waits for credit within the send deadline.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+from typing import Final, final
+
+import trio
+
+from .._message import Address
+
+MAGIC: Final = b"NXB1"
+_HEAD: Final = struct.Struct(">4sQQQQIH")
+_FRAME: Final = struct.Struct(">IB")
+_CREDIT: Final = struct.Struct(">QQ")
+#: the fixed part of a batch, before the node name
+HEAD_SIZE: Final = _HEAD.size
+#: what every frame costs on top of its body
+FRAME_OVERHEAD: Final = _FRAME.size
+
+TELL: Final = 1
+CANCEL: Final = 2
+CREDIT: Final = 3
+_KINDS: Final = frozenset((TELL, CANCEL, CREDIT))
+
+
+class BatchError(ValueError):
+    """A batch that is not well formed: the text says what and where."""
+
+
+@final
+class BatchHead:
+    """What the fixed part of a batch says."""
+
+    __slots__ = ("dest_prefix", "first", "node", "numbered", "sender_prefix", "session")
+
+    def __init__(
+        self,
+        node: str,
+        sender_prefix: int,
+        session: int,
+        dest_prefix: int,
+        first: int,
+        numbered: int,
+    ) -> None:
+        self.node = node
+        self.sender_prefix = sender_prefix
+        self.session = session
+        self.dest_prefix = dest_prefix
+        self.first = first
+        self.numbered = numbered
+
+
+def parse_head(data: bytes) -> tuple[BatchHead, int]:
+    """The head of batch ``data`` and the offset of its first frame; BatchError if bad."""
+    if len(data) < HEAD_SIZE:
+        raise BatchError(f"batch of {len(data)} bytes is shorter than its {HEAD_SIZE}-byte head")
+    magic, sender_prefix, session, dest_prefix, first, numbered, name_len = _HEAD.unpack_from(data)
+    if magic != MAGIC:
+        raise BatchError(f"batch starts with {magic!r}, not {MAGIC!r}")
+    end = HEAD_SIZE + name_len
+    if name_len == 0 or end > len(data):
+        raise BatchError(f"batch node name of {name_len} bytes does not fit")
+    try:
+        node = data[HEAD_SIZE:end].decode()
+    except UnicodeDecodeError as exc:
+        raise BatchError(f"batch node name is not UTF-8: {exc}") from None
+    if first < 1:
+        raise BatchError(f"batch first number {first} (numbers start at 1)")
+    return BatchHead(node, sender_prefix, session, dest_prefix, first, numbered), end
+
+
+def split_frames(data: bytes, offset: int, numbered: int) -> list[tuple[int, bytes]]:
+    """Every ``(kind, body)`` of the batch from ``offset``, in order, checked as a whole
+    first (a hostile or truncated batch is refused before any frame is used): lengths
+    that run past the end, unknown kinds, or a number of tells other than the head's
+    raise BatchError."""
+    frames: list[tuple[int, bytes]] = []
+    size = len(data)
+    tells = 0
+    unpack = _FRAME.unpack_from
+    while offset < size:
+        if offset + FRAME_OVERHEAD > size:
+            raise BatchError(f"frame {len(frames)} at byte {offset}: truncated length")
+        length, kind = unpack(data, offset)
+        end = offset + 4 + length
+        if length < 1 or end > size:
+            raise BatchError(
+                f"frame {len(frames)} at byte {offset}: length {length} runs past the"
+                f" batch's {size} bytes"
+            )
+        if kind not in _KINDS:
+            raise BatchError(f"frame {len(frames)} at byte {offset}: unknown kind {kind}")
+        if kind == TELL:
+            tells += 1
+        frames.append((kind, data[offset + FRAME_OVERHEAD : end]))
+        offset = end
+    if tells != numbered:
+        raise BatchError(f"batch head says {numbered} tells, it holds {tells}")
+    return frames
+
+
+def cancel_body(query_id: uuid.UUID, to: Address) -> bytes:
+    if isinstance(to, uuid.UUID):
+        return query_id.bytes + b"\x00" + to.bytes
+    return query_id.bytes + b"\x01" + to.encode()
+
+
+def parse_cancel(body: bytes) -> tuple[uuid.UUID, Address]:
+    """The query id and address of a CANCEL body; BatchError if malformed."""
+    if len(body) < 18:
+        raise BatchError(f"cancel frame of {len(body)} bytes (at least 18)")
+    query_id = uuid.UUID(bytes=body[:16])
+    tag, rest = body[16], body[17:]
+    if tag == 0 and len(rest) == 16:
+        return query_id, uuid.UUID(bytes=rest)
+    if tag == 1:
+        try:
+            return query_id, rest.decode()
+        except UnicodeDecodeError:
+            raise BatchError("cancel frame: the address is not UTF-8") from None
+    raise BatchError(f"cancel frame: bad address tag {tag} or length {len(rest)}")
+
+
+def parse_credit(body: bytes) -> tuple[int, int]:
+    """``(session, consumed)`` of a CREDIT body; BatchError if malformed."""
+    if len(body) != _CREDIT.size:
+        raise BatchError(f"credit frame of {len(body)} bytes ({_CREDIT.size} expected)")
+    session, consumed = _CREDIT.unpack(body)
+    return session, consumed
+
+
+@final
+class NodeLink:
+    """The sending side of one stream (this process -> one destination process).
+
+    Frames wait here until :meth:`seal`; ``sent`` counts the tells sealed so far (the
+    last number given), ``consumed`` those the destination reported consumed (credit).
+    ``in_flight`` tells (waiting here or not yet consumed there) never exceed ``window``
+    as long as senders ask :meth:`has_room` first.
+    """
+
+    __slots__ = (
+        "_base",
+        "_peer_session",
+        "_room",
+        "cancels",
+        "consumed",
+        "credit_due",
+        "dest_prefix",
+        "frames",
+        "node",
+        "sent",
+        "size",
+        "tells",
+        "window",
+    )
+
+    def __init__(self, node: str, dest_prefix: int, window: int) -> None:
+        self.node = node
+        self.dest_prefix = dest_prefix
+        self.window = window
+        #: frames of the open batch (length-prefixed, ready to join)
+        self.frames: list[bytes] = []
+        #: bytes of ``frames``
+        self.size = 0
+        #: tells among ``frames``
+        self.tells = 0
+        #: cancel frames sent so far (statistics)
+        self.cancels = 0
+        self.sent = 0
+        self.consumed = 0
+        #: credit to return the other way with the next batch: (session, consumed)
+        self.credit_due: tuple[int, int] | None = None
+        self._room: trio.Event | None = None
+        # the destination's session, and what its counts start from (see credit)
+        self._peer_session: int | None = None
+        self._base = 0
+
+    @property
+    def in_flight(self) -> int:
+        return self.sent + self.tells - self.consumed
+
+    def has_room(self) -> bool:
+        return self.sent + self.tells - self.consumed < self.window
+
+    def add_tell(self, body: bytes) -> None:
+        self.frames.append(_FRAME.pack(len(body) + 1, TELL) + body)
+        self.size += len(body) + FRAME_OVERHEAD
+        self.tells += 1
+
+    def add_cancel(self, query_id: uuid.UUID, to: Address) -> None:
+        body = cancel_body(query_id, to)
+        self.frames.append(_FRAME.pack(len(body) + 1, CANCEL) + body)
+        self.size += len(body) + FRAME_OVERHEAD
+        self.cancels += 1
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.frames) or self.credit_due is not None
+
+    def seal(self, node: bytes, sender_prefix: int, session: int) -> tuple[bytes, int]:
+        """The open batch as one body (numbering its tells), and how many tells it holds;
+        the link starts a new batch. ``node`` is this node's name, encoded."""
+        frames = self.frames
+        if self.credit_due is not None:
+            frames.insert(0, _FRAME.pack(_CREDIT.size + 1, CREDIT) + _CREDIT.pack(*self.credit_due))
+            self.credit_due = None
+        tells = self.tells
+        head = _HEAD.pack(
+            MAGIC, sender_prefix, session, self.dest_prefix, self.sent + 1, tells, len(node)
+        )
+        body = b"".join((head, node, *frames))
+        self.sent += tells
+        self.frames = []
+        self.size = 0
+        self.tells = 0
+        return body, tells
+
+    def credit(self, peer_session: int, consumed: int) -> None:
+        """The destination (session ``peer_session``) consumed ``consumed`` tells of this
+        stream so far: wake senders waiting for room."""
+        if peer_session != self._peer_session:
+            if self._peer_session is not None:
+                # The destination left and joined again in the same process: what was
+                # in flight to the old one is gone (it counted it, or NATS lost it);
+                # the new one counts from the tells it got.
+                self._base = self.sent - consumed
+            self._peer_session = peer_session
+        consumed += self._base
+        if consumed > self.consumed:
+            self.consumed = min(consumed, self.sent)
+            room = self._room
+            if room is not None and self.has_room():
+                self._room = None
+                room.set()
+
+    async def wait_for_room(self) -> None:
+        """Return once :meth:`has_room` (the caller bounds the wait)."""
+        while not self.has_room():
+            if self._room is None:
+                self._room = trio.Event()
+            await self._room.wait()
+
+
+def batch_limit(max_payload: int, node: str, configured: int) -> int:
+    """The largest batch body to build: ``configured`` bytes, never past the server's
+    ``max_payload`` (the head and node name included)."""
+    return max(1, min(configured, max_payload) - HEAD_SIZE - len(node.encode()))

@@ -1,0 +1,426 @@
+"""The node-to-node data path over a real nats-server: node batches, their order, their
+limits, hostile batches, per-node credit (backpressure) and remote cancellation.
+
+Two kernels in this test process join one server on 127.0.0.1 (they share an id prefix,
+so agents are addressed by name). Waits are bounded with ``trio.fail_after``; nothing
+sleeps to let things settle, and elapsed time is only checked as a lower bound (a send
+that waited for its deadline).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+from nexus_trio import (
+    Config,
+    Context,
+    Kernel,
+    KernelConfig,
+    MailboxFull,
+    Message,
+    RequestTimeout,
+    TransportUnavailable,
+    agent,
+    open_kernel,
+)
+from nexus_trio._nats import Cluster, ClusterOptions, NatsServer, join_cluster
+from nexus_trio._nats import _batch as batch
+from nexus_trio._nats._aio import call_aio
+
+from .nats_server import FAST, nats_cluster
+
+
+@pytest.fixture
+def nats() -> Iterator[NatsServer]:
+    with nats_cluster(1) as servers:
+        yield servers[0]
+
+
+def _config(send_timeout_ms: int = 10000) -> Config:
+    return Config(
+        kernel=KernelConfig(
+            request_timeout_ms=5000, send_timeout_ms=send_timeout_ms, mailbox_capacity=4096
+        )
+    )
+
+
+@asynccontextmanager
+async def _node(
+    url: str, name: str, *, send_timeout_ms: int = 10000, **options: Any
+) -> AsyncIterator[tuple[Kernel, Cluster]]:
+    opts: ClusterOptions = attrs.evolve(FAST, **options)
+    async with (
+        open_kernel(_config(send_timeout_ms)) as kernel,
+        join_cluster(kernel, url, name, options=opts) as cluster,
+    ):
+        yield kernel, cluster
+        await kernel.shutdown()
+
+
+def _collector(records: list[Any]) -> Any:
+    async def collect(ctx: Context, msg: Message) -> Any:
+        if msg.payload == "dump":
+            return len(records)
+        records.append(msg.payload)
+        return None
+
+    return collect
+
+
+# --- batches -------------------------------------------------------------------------------
+
+
+async def test_many_senders_to_many_agents_keep_each_senders_order(nats: NatsServer) -> None:
+    senders, agents, per_pair = 6, 5, 40
+    received: dict[int, list[Any]] = defaultdict(list)
+    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a", batch_frames=16) as (ka, ca):
+        for n in range(agents):
+            kb.spawn(agent(_collector(received[n]), name=f"col-{n}"))
+        await cb.names_published()
+        with trio.fail_after(30):
+            for n in range(agents):
+                await ca.wait_for_name(f"col-{n}")
+
+            async def sender(s: int) -> None:
+                for i in range(per_pair):
+                    for n in range(agents):
+                        await ka.send(f"col-{n}", [s, i])
+                    if i % 7 == 0:
+                        await trio.lowlevel.checkpoint()  # interleave the senders
+
+            async with trio.open_nursery() as nursery:
+                for s in range(senders):
+                    nursery.start_soon(sender, s)
+            for n in range(agents):
+                # a request goes after the open batches: it is answered after them
+                assert await ka.request(f"col-{n}", "dump") == senders * per_pair
+    for n in range(agents):
+        by_sender: dict[int, list[int]] = defaultdict(list)
+        for s, i in received[n]:
+            by_sender[s].append(i)
+        assert by_sender == {s: list(range(per_pair)) for s in range(senders)}
+    sent = ca.stats()
+    total = senders * agents * per_pair
+    assert sent.published >= total
+    # many tells per NATS message, and batches of at most 16 tells
+    assert total // 16 <= sent.batches_published < total // 2
+    got = cb.stats()
+    assert got.received >= total + agents  # the tells, the dump requests (and marks)
+    assert got.lost_in_transit == 0 and got.inbound_dropped == {}
+    # conservation across the two kernels: what a forwarded, b handled (or counted)
+    a_side, b_side = ka.stats(), kb.stats()
+    assert a_side.forwarded == total + agents
+    assert b_side.handled + b_side.dead_lettered + got.lost_in_transit == a_side.forwarded
+    assert a_side.in_flight == b_side.in_flight == 0
+
+
+async def test_batches_are_split_at_the_servers_max_payload() -> None:
+    payload = "x" * 2000
+    records: list[Any] = []
+    server = NatsServer(config="max_payload: 16384\n").start()
+    try:
+        async with _node(server.url, "b") as (kb, cb), _node(server.url, "a") as (ka, ca):
+            kb.spawn(agent(_collector(records), name="big"))
+            await cb.names_published()
+            with trio.fail_after(30):
+                await ca.wait_for_name("big")
+                for i in range(60):  # ~120 KB: at least 8 messages of <= 16 KiB
+                    await ka.send("big", [i, payload])
+                assert await ka.request("big", "dump") == 60
+                # one tell larger than NATS takes is refused at the send, by size
+                with pytest.raises(TransportUnavailable, match="max_payload 16384"):
+                    await ka.send("big", "y" * 20000)
+    finally:
+        server.stop()
+    assert [i for i, _ in records] == list(range(60))
+    assert ca.stats().batches_published >= 8
+    assert cb.stats().inbound_dropped == {}
+
+
+async def test_malformed_batches_are_counted_and_the_node_keeps_serving(nats: NatsServer) -> None:
+    records: list[Any] = []
+    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+        kb.spawn(agent(_collector(records), name="col"))
+        await cb.names_published()
+        node = b"a"
+        head = struct.pack(">4sQQQQIH", b"NXB1", ca.id_prefix, 1, cb.id_prefix, 1, 1, len(node))
+        tell = b'[1,1,1,1,"col","Command",null,null,null,"hostile"]'
+        frame = struct.pack(">IB", len(tell) + 1, batch.TELL) + tell
+        hostile = [
+            b"",  # empty
+            b"NOPE" + bytes(40),  # not a batch
+            head[:10],  # a truncated head
+            head + node + frame[:-5],  # a frame running past the end
+            head + node + frame + frame,  # two tells where the head says one
+            head + node + struct.pack(">IB", 2, 99) + b"x",  # unknown frame kind
+        ]
+        with trio.fail_after(30):
+            await ca.wait_for_name("col")
+            for body in hostile:
+                await call_aio(ca.nc.publish, "nexus.node.b.batch", body)
+            await ka.send("col", "after")
+            assert await ka.request("col", "dump") == 1
+    assert records == ["after"]
+    dropped = cb.stats().inbound_dropped
+    assert dropped["malformed_batch"] == len(hostile)
+    # the tells the parsed heads announced are counted too, never silently gone
+    assert dropped["malformed"] == 3
+
+
+# --- backpressure per destination node -------------------------------------------------------
+
+
+async def test_a_full_node_window_makes_send_wait_then_raise_mailbox_full(
+    nats: NatsServer,
+) -> None:
+    window = 8
+    release = trio.Event()
+    handled: list[Any] = []
+
+    @agent(name="stalled", mailbox_capacity=1)
+    async def stalled(ctx: Context, msg: Message) -> Any:
+        if msg.payload == "dump":
+            return len(handled)
+        await release.wait()
+        handled.append(msg.payload)
+        return None
+
+    async with (
+        _node(nats.url, "b") as (kb, cb),
+        _node(nats.url, "a", send_timeout_ms=300, node_window=window) as (ka, ca),
+    ):
+        kb.spawn(stalled)
+        await cb.names_published()
+        with trio.fail_after(30):
+            await ca.wait_for_name("stalled")
+            accepted = 0
+            while True:
+                started = trio.current_time()
+                try:
+                    await ka.send("stalled", accepted)
+                except MailboxFull as exc:
+                    waited = trio.current_time() - started
+                    refused = exc
+                    break
+                accepted += 1
+            # one in the handler and one in its mailbox were consumed (credited); the
+            # window's worth waits on node b for room
+            assert window <= accepted <= window + 2
+            assert waited >= 0.3  # it waited for the send deadline first
+            assert refused.capacity == window and refused.name == "stalled"
+            # send_nowait refuses at once
+            with pytest.raises(MailboxFull):
+                ka.send_nowait("stalled", "nowait")
+            release.set()
+            # nothing accepted was lost: all handled, in order, and the window reopens
+            await ka.send("stalled", accepted)
+            assert await ka.request("stalled", "dump") == accepted + 1
+    assert handled == list(range(accepted + 1))
+    assert ka.stats().rejected["mailbox_full"] == 2
+    assert cb.stats().inbound_dropped == {}
+
+
+async def test_tells_waiting_for_room_when_their_node_leaves_are_counted(
+    nats: NatsServer,
+) -> None:
+    """Regression: tells parked behind a full mailbox were lost uncounted when their node
+    left the cluster (the delivering tasks were cancelled)."""
+    release = trio.Event()
+
+    @agent(name="stalled", mailbox_capacity=1)
+    async def stalled(ctx: Context, msg: Message) -> Any:
+        await release.wait()
+
+    @agent(name="ping")
+    async def ping(ctx: Context, msg: Message) -> Any:
+        return "pong"
+
+    async with open_kernel(_config()) as kb:
+        kb.spawn(stalled)
+        kb.spawn(ping)
+        async with _node(nats.url, "a") as (ka, ca):
+            async with join_cluster(kb, nats.url, "b", options=FAST) as cb:
+                with trio.fail_after(30):
+                    await cb.names_published()
+                    await ca.wait_for_name("ping")
+                    for i in range(6):
+                        await ka.send("stalled", i)
+                    # a request goes after the tells' batch: b has taken them in order
+                    assert await ka.request("ping", None) == "pong"
+                    # one in the handler, one in the mailbox, four waiting for room
+                    assert cb.stats().parked == 4
+            release.set()
+        await kb.shutdown()
+    assert cb.stats().inbound_dropped == {"shutting_down": 4}
+    assert cb.stats().parked == 0
+
+
+async def test_a_kernel_that_joins_again_in_the_same_process_gets_a_fresh_window(
+    nats: NatsServer,
+) -> None:
+    """Regression: credit was keyed by process, so the receiver's count from the first
+    join granted the second join an unbounded window."""
+    window = 4
+    release = trio.Event()
+    handled: list[Any] = []
+
+    @agent(name="stalled", mailbox_capacity=1)
+    async def stalled(ctx: Context, msg: Message) -> Any:
+        if msg.payload == "dump":
+            return len(handled)
+        if msg.payload == "stall":
+            await release.wait()
+        handled.append(msg.payload)
+        return None
+
+    async with _node(nats.url, "b") as (kb, cb):
+        kb.spawn(stalled)
+        await cb.names_published()
+        with trio.fail_after(30):
+            async with _node(nats.url, "a", node_window=window) as (ka, ca):
+                await ca.wait_for_name("stalled")
+                for i in range(30):
+                    await ka.send("stalled", i)
+                assert await ka.request("stalled", "dump") == 30
+            async with _node(nats.url, "a", send_timeout_ms=300, node_window=window) as (
+                ka,
+                ca,
+            ):
+                await ca.wait_for_name("stalled")
+                accepted = 0
+
+                async def fill() -> None:
+                    nonlocal accepted
+                    while True:
+                        await ka.send("stalled", "stall" if accepted == 0 else accepted)
+                        accepted += 1
+
+                with pytest.raises(MailboxFull):
+                    await fill()
+                assert window <= accepted <= window + 2
+                release.set()
+                assert await ka.request("stalled", "dump") == 30 + accepted
+
+
+# --- remote cancellation ---------------------------------------------------------------------
+
+
+def _cancellable(started: trio.Event, cancelled: trio.Event) -> Any:
+    async def handle(ctx: Context, msg: Message) -> Any:
+        started.set()
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            cancelled.set()
+            raise
+
+    return handle
+
+
+async def test_a_remote_request_that_times_out_cancels_the_handler(nats: NatsServer) -> None:
+    started, cancelled = trio.Event(), trio.Event()
+    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+        kb.spawn(agent(_cancellable(started, cancelled), name="slow"))
+        await cb.names_published()
+        async with kb.dead_letters() as letters:
+            with trio.fail_after(30):
+                await ca.wait_for_name("slow")
+                with pytest.raises(RequestTimeout) as timed_out:
+                    await ka.request("slow", "work", timeout=0.5)
+                await cancelled.wait()  # the handler on b saw Cancelled
+                letter = await anext(aiter(letters))
+    assert letter.reason.value == "request_timeout"
+    assert letter.message.id == timed_out.value.request_id
+    assert ca.stats().cancels_sent == 1 and cb.stats().cancels_received == 1
+
+
+async def test_a_cancelled_remote_requester_cancels_the_handler(nats: NatsServer) -> None:
+    started, cancelled = trio.Event(), trio.Event()
+    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+        kb.spawn(agent(_cancellable(started, cancelled), name="slow"))
+        await cb.names_published()
+        async with kb.dead_letters() as letters:
+            with trio.fail_after(30):
+                await ca.wait_for_name("slow")
+                with trio.CancelScope() as scope:
+
+                    async def cancel_once_started() -> None:
+                        await started.wait()
+                        scope.cancel()
+
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(cancel_once_started)
+                        await ka.request("slow", "work", timeout=20)
+                assert scope.cancelled_caught
+                await cancelled.wait()
+                letter = await anext(aiter(letters))
+    assert letter.reason.value == "request_timeout"
+    assert cb.stats().cancels_received == 1
+
+
+def _stubborn(gate: trio.Event) -> Any:
+    async def handle(ctx: Context, msg: Message) -> Any:
+        with trio.CancelScope(shield=True):  # ignores the cancellation
+            await gate.wait()
+        return "late"
+
+    return handle
+
+
+async def test_a_reply_the_cancel_came_too_late_for_is_dead_lettered_where_it_is_made(
+    nats: NatsServer,
+) -> None:
+    cancel_seen, gate = trio.Event(), trio.Event()
+
+    @agent(name="stubborn")
+    async def stubborn(ctx: Context, msg: Message) -> Any:
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            cancel_seen.set()  # a handler that ignores its cancellation and answers
+        with trio.CancelScope(shield=True):
+            await gate.wait()
+        return "late"
+
+    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+        kb.spawn(stubborn)
+        await cb.names_published()
+        async with kb.dead_letters() as letters:
+            with trio.fail_after(30):
+                await ca.wait_for_name("stubborn")
+                with pytest.raises(RequestTimeout):
+                    await ka.request("stubborn", 1, timeout=0.3)
+                await cancel_seen.wait()  # the cancel reached b
+                gate.set()
+                late = await anext(aiter(letters))
+    # b knew the requester had stopped waiting: the reply never crossed
+    assert late.reason.value == "late_reply"
+    assert late.message.payload == "late"
+
+
+async def test_a_reply_that_crosses_after_the_timeout_is_a_late_reply_on_the_callers_side(
+    nats: NatsServer,
+) -> None:
+    gate = trio.Event()
+    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+        ref = kb.spawn(agent(_stubborn(gate), name="stubborn"))
+        await cb.serve_type("stubborn", ref)
+        async with ka.dead_letters() as letters:
+            with trio.fail_after(30):
+                # a request to a type (any replica) cannot be cancelled remotely: which
+                # node took it is unknown to the requester, so the reply comes anyway
+                with pytest.raises(RequestTimeout):
+                    await ka.request("type:stubborn", 1, timeout=0.3)
+                gate.set()
+                late = await anext(aiter(letters))
+    assert late.reason.value == "late_reply"
+    assert late.message.payload == "late"
+    assert ca.stats().cancels_sent == 0
