@@ -17,7 +17,8 @@ responder costs nothing while the other side runs):
   what slows the sender down to what the sink can take: tells travel in node batches),
   and waits until the sink counted them.
 
-Then a local-heavy workload (the demo ring) in one process vs ``--workers 2``.
+``--workers 2`` against one process is measured by ``benchmarks/bench_workers.py``
+(``--workers N`` runs one swarm whose traffic crosses the workers).
 
 Payloads are the same small JSON object on both sides (the kernel adds its envelope).
 Prints p50/p99 request latency, tell throughput (``send``, and ``send_nowait``), and
@@ -248,12 +249,6 @@ def main() -> None:
     parser.add_argument("--tells", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (median)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument(
-        "--workers-duration",
-        type=float,
-        default=5.0,
-        help="seconds of the one-process vs --workers 2 comparison (0 skips it)",
-    )
     parser.add_argument("--serve", choices=["raw", "nexus"], help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -294,14 +289,8 @@ def main() -> None:
         "tell_throughput_ratio": nexus["tell_per_s"] / raw["tell_per_s"],
         "tell_nowait_throughput_ratio": nexus["tell_nowait_per_s"] / raw["tell_per_s"],
     }
-    workers: dict[str, float] = {}
-    if args.workers_duration > 0:
-        workers = _workers_bench(args.workers_duration)
-        ratios["workers_2_vs_1_process"] = (
-            workers["two_workers_msgs_per_s"] / workers["one_process_msgs_per_s"]
-        )
     if args.json:
-        print(json.dumps({"raw": raw, "nexus": nexus, "workers": workers, "ratios": ratios}))
+        print(json.dumps({"raw": raw, "nexus": nexus, "ratios": ratios}))
         return
     print(
         f"cross-process over NATS on loopback ({args.requests} requests, {args.tells} tells;"
@@ -320,32 +309,6 @@ def main() -> None:
         f" {ratios['tell_throughput_ratio']:.2f}x (goals: req p50 <= 1.3x; tells >= 1.5x,"
         " at least 0.7x)"
     )
-    if workers:
-        print(
-            f"demo ring, {args.workers_duration:g}s: one process"
-            f" {workers['one_process_msgs_per_s']:,.0f} msg/s, --workers 2"
-            f" {workers['two_workers_msgs_per_s']:,.0f} msg/s:"
-            f" {ratios['workers_2_vs_1_process']:.2f}x (goal >= 1.6x)"
-        )
-
-
-def _workers_bench(duration: float) -> dict[str, float]:
-    """A local-heavy workload (the demo ring: every message stays in its process) in one
-    plain process vs ``nexus run --workers 2`` (two processes joined through NATS)."""
-    from nexus_trio.cli._cluster_cmd import run_workers
-
-    demo = ["--agents", "1000", "--duration", f"{duration:g}"]
-    out = subprocess.run(
-        [sys.executable, "-m", "nexus_trio.cli", "run", *demo, "--json", "--no-live"],
-        check=True,
-        capture_output=True,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-    ).stdout
-    single = json.loads(out)["msgs_per_s"]
-    summary, status = run_workers(2, demo)
-    if status != 0:
-        raise RuntimeError(f"--workers 2 failed: {summary.get('error')}")
-    return {"one_process_msgs_per_s": single, "two_workers_msgs_per_s": summary["msgs_per_s"]}
 
 
 if __name__ == "__main__":

@@ -110,7 +110,9 @@ class Child:
     shutdown_timeout: float
     supervisor: ChildOwner | None
     linked_parent: Child | None
-    linked_children: list[Child]
+    #: the agents ``ctx.spawn`` started from this one (an empty tuple until the first:
+    #: most agents spawn none, and a list per agent would cost memory and GC work)
+    linked_children: list[Child] | tuple[()]
     #: bumped at every start; exits of older runs are ignored
     run: int
     restarts: int
@@ -144,7 +146,7 @@ class Child:
         self.shutdown_timeout = shutdown_timeout
         self.supervisor = None
         self.linked_parent = None
-        self.linked_children = []
+        self.linked_children = ()
         self.run = 0
         self.restarts = 0
         self.backoff_step = 0
@@ -159,6 +161,18 @@ class Child:
         self.exit_directive = None
         self.restart_times = None
         self._retired_event = None
+
+    def add_linked(self, child: Child) -> None:
+        """``child`` was spawned from this one (it dies with this one's run)."""
+        if isinstance(self.linked_children, tuple):
+            self.linked_children = [child]
+        else:
+            self.linked_children.append(child)
+
+    def remove_linked(self, child: Child) -> None:
+        if child in self.linked_children:
+            assert isinstance(self.linked_children, list)
+            self.linked_children.remove(child)
 
     @property
     def label(self) -> str:

@@ -64,6 +64,8 @@ class Kernel:
         self._router = Router(self._ledger, kc.send_timeout)
         self._thread_limiter = trio.CapacityLimiter(config.runtime.blocking_thread_limit)
         sup = config.supervision
+        # One bound method for every cell (not a new one per spawn).
+        self._make_context = self._context_for
         self._host = SupervisionHost(
             self._router,
             self._ledger,
@@ -209,7 +211,7 @@ class Kernel:
             raise KernelShuttingDown("spawn")
         child = self._build(target, name)
         child.linked_parent = parent
-        parent.linked_children.append(child)
+        parent.add_linked(child)
         owner.add(child)
         return AgentRef(child.id, child.name)
 
@@ -231,7 +233,7 @@ class Kernel:
             router=self._router,
             ledger=self._ledger,
             defaults=self.config.kernel,
-            make_context=self._context_for,
+            make_context=self._make_context,
         )
         self._register(cell, agent=True)
         return cell

@@ -663,8 +663,8 @@ class SupervisorNode(Child, ChildOwner):
         child.mark_retired()
         self.children.pop(child, None)
         parent = child.linked_parent
-        if parent is not None and child in parent.linked_children:
-            parent.linked_children.remove(child)
+        if parent is not None:
+            parent.remove_linked(child)
         self.host.retired(child, reason)
 
     def retire_all(self, reason: str) -> None:

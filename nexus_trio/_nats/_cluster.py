@@ -1661,6 +1661,11 @@ class Cluster:
         return await self.placement.rebalance()
 
     @property
+    def closing(self) -> bool:
+        """True once this node started leaving the cluster (its loops wind down)."""
+        return self._closing
+
+    @property
     def control(self) -> NatsClient:
         """The control connection (membership, names, placement requests)."""
         return self._control

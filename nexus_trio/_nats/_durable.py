@@ -209,7 +209,7 @@ class DurableChannel:
             except (nats.errors.TimeoutError, TimeoutError):
                 continue  # nothing to pull within the long poll
             except (nats.errors.Error, OSError) as exc:
-                if self.cluster._closing:
+                if self.cluster.closing:
                     return
                 log.warning("node %s: durable fetch failed: %r", self.cluster.node, exc)
                 await trio.sleep(self.cluster.options.reconnect_wait)
