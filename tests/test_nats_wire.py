@@ -99,6 +99,17 @@ def test_malformed_bodies_name_the_bad_field(decode: Any, body: bytes, field: st
     assert err.value.field == field
 
 
+@pytest.mark.parametrize("sender", [b"true", b"1.0"])
+def test_a_cached_agent_id_does_not_let_a_look_alike_through(sender: bytes) -> None:
+    """Batched tells cache agent ids as UUIDs; ``true`` and ``1.0`` equal the key 1."""
+    good = wire.decode_tell(b'[1,7,1,1,1,"Command",null,null,null,null]')
+    assert good.sender == uuid.UUID(int=1)
+    body = b"[1,8,1," + sender + b',1,"Command",null,null,null,null]'
+    with pytest.raises(MessageDecodeError) as err:
+        wire.decode_tell(body)
+    assert err.value.field == "from"
+
+
 def test_tokens_and_type_addresses() -> None:
     assert type_address("resize") == "type:resize"
     for bad in ("", "a.b", "a b", "*", ">", "ü"):

@@ -120,6 +120,24 @@ def _uuid(value: int) -> uuid.UUID:
     return u
 
 
+#: agent ids seen on the wire, as UUIDs: a batch carries the same few senders and
+#: recipients over and over, and building a UUID costs more than a dict lookup. Bounded
+#: (a peer naming ever-new ids only makes the cache start over).
+_AGENT_IDS: dict[int, uuid.UUID] = {}
+_AGENT_IDS_MAX: Final = 65_536
+
+
+def _agent_uuid(value: int) -> uuid.UUID:
+    # The class check first: True and 1.0 would find the entry of 1.
+    u = _AGENT_IDS.get(value) if value.__class__ is int else None
+    if u is None:
+        u = _uuid(value)
+        if len(_AGENT_IDS) >= _AGENT_IDS_MAX:
+            _AGENT_IDS.clear()
+        _AGENT_IDS[value] = u
+    return u
+
+
 def _opt_uuid(value: int | None) -> uuid.UUID | None:
     return None if value is None else _uuid(value)
 
@@ -234,8 +252,8 @@ def decode_tell(data: bytes) -> Message:
                 # positional: Message(sender, to, payload, kind, id, timestamp,
                 # conversation_id, reply_to, trace_id), cheaper than keywords
                 return Message(
-                    _uuid(sender),
-                    to if to.__class__ is str else _uuid(to),
+                    _agent_uuid(sender),
+                    to if to.__class__ is str else _agent_uuid(to),
                     payload,
                     _KINDS[kind],
                     _uuid(msg_id),
