@@ -128,13 +128,7 @@ def _validate_name(inst: Any, attribute: Any, value: Any) -> None:
 
 
 def _to_overflow(value: Any) -> OverflowPolicy | None:
-    if value is None or isinstance(value, OverflowPolicy):
-        return value
-    try:
-        return OverflowPolicy(value)
-    except ValueError:
-        known = ", ".join(repr(p.value) for p in OverflowPolicy)
-        raise ValueError(f"overflow must be one of {known}, got {value!r}") from None
+    return None if value is None else enum_member(OverflowPolicy, value, "overflow")
 
 
 def _to_directive(value: Any) -> Directive:

@@ -1,8 +1,14 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 import pytest
 
 from nexus_trio import Config, KernelConfig, SupervisionConfig
+
+if TYPE_CHECKING:
+    from nexus_trio._nats import NatsServer
 
 
 def make_config(**kernel: object) -> Config:
@@ -16,3 +22,12 @@ def make_config(**kernel: object) -> Config:
 @pytest.fixture
 def config() -> Config:
     return make_config()
+
+
+@pytest.fixture
+def nats() -> Iterator[NatsServer]:
+    """One real nats-server (JetStream, loopback) for the test."""
+    from .nats_server import nats_cluster
+
+    with nats_cluster(1) as servers:
+        yield servers[0]

@@ -191,6 +191,19 @@ def _node_main(argv: list[str]) -> None:
     trio.run(_serve_node, args.url, args.node, args.replicas, args.kv_replicas)
 
 
+async def read_line(process: trio.Process, buffer: bytes, who: str) -> tuple[str, bytes]:
+    """The next line ``process`` prints (and what it printed after it); RuntimeError
+    naming ``who`` if it exits first."""
+    assert process.stdout is not None
+    while b"\n" not in buffer:
+        chunk = await process.stdout.receive_some(65536)
+        if not chunk:
+            raise RuntimeError(f"{who} exited (code {process.poll()})")
+        buffer += chunk
+    line, rest = buffer.split(b"\n", 1)
+    return line.decode(), rest
+
+
 class NodeProcess:
     """A kernel in a child process, joined to the cluster (see the module doc)."""
 
@@ -227,14 +240,9 @@ class NodeProcess:
         return self
 
     async def _readline(self) -> str:
-        assert self.process is not None and self.process.stdout is not None
-        while b"\n" not in self._buffer:
-            chunk = await self.process.stdout.receive_some(4096)
-            if not chunk:
-                raise RuntimeError(f"node {self.node} exited (code {self.process.poll()})")
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return line.decode()
+        assert self.process is not None
+        line, self._buffer = await read_line(self.process, self._buffer, f"node {self.node}")
+        return line
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:

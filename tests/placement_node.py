@@ -26,7 +26,7 @@ from nexus_trio import Agent, Context, EventKind, Message, MessageKind, agent, o
 from nexus_trio._nats import Cluster, join_cluster
 from nexus_trio._nats._placement import rendezvous_owner
 
-from .nats_server import FAST, node_config
+from .nats_server import FAST, node_config, read_line
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -157,14 +157,9 @@ class Node:
         return self
 
     async def _readline(self) -> str:
-        assert self.process is not None and self.process.stdout is not None
-        while b"\n" not in self._buffer:
-            chunk = await self.process.stdout.receive_some(65536)
-            if not chunk:
-                raise RuntimeError(f"node {self.node} exited ({self.process.poll()})")
-            self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return line.decode()
+        assert self.process is not None
+        line, self._buffer = await read_line(self.process, self._buffer, f"node {self.node}")
+        return line
 
     async def call(self, op: str, timeout: float = 30, **args: Any) -> Any:
         assert self.process is not None and self.process.stdin is not None

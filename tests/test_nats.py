@@ -11,7 +11,7 @@ import re
 import socket
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -36,12 +36,6 @@ from nexus_trio._nats import Cluster, NatsServer, cluster_of, join_cluster, type
 from nexus_trio._nats._aio import call_aio
 
 from .nats_server import FAST, NodeProcess, nats_cluster, node_config
-
-
-@pytest.fixture
-def nats() -> Iterator[NatsServer]:
-    with nats_cluster(1) as servers:
-        yield servers[0]
 
 
 @asynccontextmanager

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -35,13 +35,7 @@ from nexus_trio._nats import Cluster, ClusterOptions, NatsServer, join_cluster
 from nexus_trio._nats import _batch as batch
 from nexus_trio._nats._aio import call_aio
 
-from .nats_server import FAST, nats_cluster
-
-
-@pytest.fixture
-def nats() -> Iterator[NatsServer]:
-    with nats_cluster(1) as servers:
-        yield servers[0]
+from .nats_server import FAST
 
 
 def _config(send_timeout_ms: int = 10000) -> Config:

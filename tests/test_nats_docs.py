@@ -13,14 +13,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from nexus_trio._nats import NatsServer
-
-from .nats_server import nats_cluster
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "distributed.md"
 BLOCK = re.compile(r"^```python\n(.*?)^```$", re.S | re.M)
@@ -36,12 +31,6 @@ def page_samples() -> tuple[str, str]:
     assert worker is not None and client is not None, "the page lost its samples"
     assert worker.start() < client_at
     return worker.group(1), client.group(1)
-
-
-@pytest.fixture
-def nats() -> Iterator[NatsServer]:
-    with nats_cluster(1) as servers:
-        yield servers[0]
 
 
 def test_the_three_process_example_of_the_page_works_as_printed(
