@@ -4,16 +4,14 @@ children that leak, handling after the grace period, and one agent taking the ke
 Every test runs on a ``MockClock(autojump_threshold=0)`` (pytest-trio's ``autojump_clock``)
 inside ``trio.fail_after``, so a ``stop()`` that never returns fails in mock time. The
 kernel's shutdown is shielded from cancellation, so a hang *inside* it cannot be cut by
-``fail_after``: the ``real_time_limit`` fixture turns such a hang into a failure after a
+``fail_after``: the ``guard_real_time`` fixture turns such a hang into a failure after a
 few seconds of real time (SIGALRM) instead of a stuck test run.
 """
 
 from __future__ import annotations
 
-import signal
 from collections import Counter
 from collections.abc import Iterator
-from types import FrameType
 from typing import Any
 
 import pytest
@@ -38,28 +36,18 @@ from nexus_trio import (
 )
 from nexus_trio.testing import assert_conserved, dead_letters, record_events, step_until_idle
 
+from .hang_guard import real_time_limit
+
 #: mock seconds a scenario may take before it counts as hung
 MOCK_LIMIT = 600
 #: real seconds before a hang the mock clock cannot cut (a shielded shutdown) fails the test
 REAL_LIMIT = 30
 
 
-class Hung(Exception):
-    """The test made no progress within its real-time limit: something waits forever."""
-
-
 @pytest.fixture(autouse=True)
-def real_time_limit() -> Iterator[None]:
-    def on_alarm(signum: int, frame: FrameType | None) -> None:
-        raise Hung(f"no result after {REAL_LIMIT} s of real time: the kernel hangs")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, REAL_LIMIT)
-    try:
+def guard_real_time() -> Iterator[None]:
+    with real_time_limit(REAL_LIMIT):
         yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def config(
@@ -117,9 +105,23 @@ def journaled(journal: Journal, **handlers: Any) -> type[Agent]:
             return None
 
         async def on_stop(self, ctx: Context) -> None:
+            if "on_stop" in handlers:
+                await handlers["on_stop"](self, ctx)
             journal.entries.append(("stop", ctx.name))
 
     return Journaled
+
+
+async def slow_stop(self: Agent, ctx: Context) -> None:
+    """An ``on_stop`` that takes a second (journaled when it is done)."""
+    await trio.sleep(1.0)
+
+
+class CrashLoop(Agent):
+    """Fails on every message (a crash-looping child)."""
+
+    async def handle(self, ctx: Context, msg: Message) -> None:
+        raise RuntimeError(f"crash {msg.payload}")
 
 
 async def fail(self: Agent, ctx: Context, msg: Message) -> None:
@@ -277,16 +279,7 @@ async def test_stop_worker_racing_stop_of_its_supervisor_both_return(
 ) -> None:
     journal = Journal()
 
-    class SlowStop(Agent):
-        async def on_start(self, ctx: Context) -> None:
-            journal.entries.append(("start", ctx.name))
-
-        async def handle(self, ctx: Context, msg: Message) -> None:
-            pass
-
-        async def on_stop(self, ctx: Context) -> None:
-            await trio.sleep(1.0)
-            journal.entries.append(("stop", ctx.name))
+    SlowStop = journaled(journal, on_stop=slow_stop)
 
     baseline = tasks_living()
     with trio.fail_after(MOCK_LIMIT):
@@ -686,10 +679,6 @@ async def test_escalate_directive_at_the_isolating_root_stops_only_that_agent(
 async def test_isolating_root_gives_up_on_a_crash_loop_and_keeps_serving(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    class CrashLoop(Agent):
-        async def handle(self, ctx: Context, msg: Message) -> None:
-            raise RuntimeError(f"crash {msg.payload}")
-
     @agent
     async def healthy(ctx: Context, msg: Message) -> Any:
         return {"echo": msg.payload, "from": ctx.name}
@@ -739,10 +728,6 @@ async def test_isolating_root_gives_up_on_a_crash_loop_and_keeps_serving(
 async def test_escalate_to_kernel_restores_whole_kernel_escalation(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    class CrashLoop(Agent):
-        async def handle(self, ctx: Context, msg: Message) -> None:
-            raise RuntimeError(f"crash {msg.payload}")
-
     cfg = Config(
         kernel=KernelConfig(dead_letter_buffer=100_000),
         supervision=SupervisionConfig(max_restarts=3, within_ms=5000, escalate_to_kernel=True),
@@ -786,16 +771,7 @@ async def test_stop_worker_while_its_supervisor_is_stopping_waits_for_it(
     """
     journal = Journal()
 
-    class SlowStop(Agent):
-        async def on_start(self, ctx: Context) -> None:
-            journal.entries.append(("start", ctx.name))
-
-        async def handle(self, ctx: Context, msg: Message) -> None:
-            pass
-
-        async def on_stop(self, ctx: Context) -> None:
-            await trio.sleep(1.0)
-            journal.entries.append(("stop", ctx.name))
+    SlowStop = journaled(journal, on_stop=slow_stop)
 
     baseline = tasks_living()
     with trio.fail_after(MOCK_LIMIT):

@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import itertools
 import random
-import signal
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
-from types import FrameType
+from contextlib import suppress
 from typing import Any
 
 import trio
@@ -54,6 +52,8 @@ from nexus_trio import (
     open_kernel,
 )
 from nexus_trio.testing import assert_conserved
+
+from .hang_guard import real_time_limit
 
 STRATEGIES = ("one_for_one", "one_for_all", "rest_for_one")
 #: mock seconds an example may take before it counts as hung
@@ -82,24 +82,6 @@ def subtrees(depth: int) -> st.SearchStrategy[Tree]:
 
 #: the root's children: up to four subtrees, supervisors nested three deep at most
 forests = st.lists(subtrees(3), min_size=1, max_size=4)
-
-
-class Hung(Exception):
-    """An example made no progress in real time: something waits forever."""
-
-
-@contextmanager
-def real_time_limit(seconds: float) -> Iterator[None]:
-    def on_alarm(signum: int, frame: FrameType | None) -> None:
-        raise Hung(f"no result after {seconds} s of real time: the kernel hangs")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def tasks_living() -> int:
