@@ -85,6 +85,17 @@ def _uuid_from_int(value: int) -> uuid.UUID:
     return u
 
 
+#: one past the largest id value; a constant, since ``1 << 128`` in an expression is
+#: computed at each evaluation (CPython folds no constant that large)
+_ID_LIMIT: Final = 1 << 128
+
+
+def id_value(msg: Message) -> int:
+    """``msg.id.int`` without building the UUID if ``msg.id`` was never read (for codecs)."""
+    value = msg._id
+    return value if isinstance(value, int) else value.int
+
+
 def new_id() -> uuid.UUID:
     """Return a fresh, process-unique UUID (version 4 layout) without a syscall."""
     return _uuid_from_int(next(_next_ids))
@@ -124,6 +135,8 @@ class _Slots:
         "_to",
         "_trace_id",
     )
+    #: a UUID, or its 128-bit value until .id is first read
+    _id: uuid.UUID | int
 
 
 @final
@@ -137,7 +150,8 @@ class Message(_Slots):
 
     Fields, in order (also the positional order of the constructor): ``sender`` (UUID),
     ``to`` (UUID or name), ``payload`` (JSON-compatible, default ``None``), ``kind``
-    (default ``MessageKind.COMMAND``), ``id`` (default: a fresh id), ``timestamp``
+    (default ``MessageKind.COMMAND``), ``id`` (default: a fresh id; a UUID, or its 128-bit
+    integer value as ``uuid.UUID(int=...)`` takes it), ``timestamp``
     (default: now), ``conversation_id``, ``reply_to`` and ``trace_id`` (UUIDs or ``None``).
 
     Building one costs a few hundred nanoseconds: the fields are stored as given, the
@@ -156,7 +170,7 @@ class Message(_Slots):
         to: Address,
         payload: Any = None,
         kind: MessageKind = _COMMAND,
-        id: uuid.UUID | None = None,
+        id: uuid.UUID | int | None = None,
         timestamp: int | None = None,
         conversation_id: uuid.UUID | None = None,
         reply_to: uuid.UUID | None = None,
@@ -166,7 +180,16 @@ class Message(_Slots):
         self._to = to
         self._payload = payload
         self._kind = kind
-        self._id = next(_next_ids) if id is None else id
+        if id is None:
+            self._id = next(_next_ids)
+        elif id.__class__ is int:
+            # The id's 128-bit value, as a codec reads it off the wire: the UUID is built
+            # on first access of .id, as for the kernel's own ids.
+            if not 0 <= id < _ID_LIMIT:
+                raise ValueError(f"a message id must be a 128-bit value, got {id!r}")
+            self._id = id
+        else:
+            self._id = id
         self._ns = _time_ns() if timestamp is None else timestamp * 1000
         self._conversation_id = conversation_id
         self._reply_to = reply_to

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nexus_trio import SYSTEM_ID, Message, MessageDecodeError, MessageKind, new_id
+from nexus_trio._message import id_value
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(),
@@ -162,6 +163,23 @@ def test_an_explicit_id_and_timestamp_are_kept_exactly() -> None:
     assert msg.timestamp == 1_700_000_000_123_456
     assert isinstance(msg.timestamp, int)
     assert msg.sent_at.isoformat() == "2023-11-14T22:13:20.123456+00:00"
+
+
+def test_an_id_given_as_its_128_bit_value_is_that_uuid() -> None:
+    value = uuid.uuid4().int
+    msg = Message(SYSTEM_ID, "a", id=value)
+    assert id_value(msg) == value  # no UUID needed to read it back
+    assert msg.id == uuid.UUID(int=value) and msg.id is msg.id
+    assert msg == Message(SYSTEM_ID, "a", id=uuid.UUID(int=value), timestamp=msg.timestamp)
+    assert id_value(Message(SYSTEM_ID, "a", id=msg.id)) == value
+    fresh = Message(SYSTEM_ID, "a")
+    assert id_value(fresh) == fresh.id.int
+
+
+@pytest.mark.parametrize("value", [-1, 1 << 128])
+def test_an_id_value_out_of_range_is_refused_naming_it(value: int) -> None:
+    with pytest.raises(ValueError, match="message id must be a 128-bit value"):
+        Message(SYSTEM_ID, "a", id=value)
 
 
 def test_the_timestamp_is_whole_microseconds_now() -> None:

@@ -20,6 +20,7 @@ from nexus_trio import (
     MessageKind,
     RequestFailed,
 )
+from nexus_trio._message import id_value
 from nexus_trio._nats import ClusterOptions, DurableOptions, RemoteError, type_address
 from nexus_trio._nats import _batch as batch
 from nexus_trio._nats import _wire as wire
@@ -82,6 +83,9 @@ def test_a_name_that_looks_like_an_id_stays_a_name() -> None:
         (b'[2,1,1,1,1,"Command",null,null,null,null]', "<document>"),
         (b"[1,1,1,1]", "<document>"),
         (b'[1,"x",1,1,1,"Command",null,null,null,null]', "id"),
+        (b'[1,true,1,1,1,"Command",null,null,null,null]', "id"),
+        (b'[1,-1,1,1,1,"Command",null,null,null,null]', "id"),
+        (b'[1,340282366920938463463374607431768211456,1,1,1,"Command",null,null,null,null]', "id"),
         (b'[1,1,1.5,1,1,"Command",null,null,null,null]', "timestamp"),
         (b'[1,1,1,-1,1,"Command",null,null,null,null]', "from"),
         (b'[1,1,1,1,"","Command",null,null,null,null]', "to"),
@@ -97,6 +101,13 @@ def test_malformed_bodies_name_the_bad_field(decode: Any, body: bytes, field: st
     with pytest.raises(MessageDecodeError) as err:
         decode(body)
     assert err.value.field == field
+
+
+def test_a_batched_tell_keeps_its_id_as_a_value_until_it_is_read() -> None:
+    msg = Message(uuid.uuid4(), uuid.uuid4(), {"n": 1})
+    decoded = wire.decode_tell(wire.encode_message(msg))
+    assert id_value(decoded) == msg.id.int
+    assert decoded.id == msg.id and decoded == msg
 
 
 @pytest.mark.parametrize("sender", [b"true", b"1.0"])

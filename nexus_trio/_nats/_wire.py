@@ -45,7 +45,7 @@ from .._errors import (
     NexusError,
     RequestFailed,
 )
-from .._message import Message, MessageKind
+from .._message import Message, MessageKind, id_value
 
 NODE_HEADER: Final = "Nexus-Node"
 ERROR_HEADER: Final = "Nexus-Error"
@@ -149,7 +149,7 @@ def encode_message(msg: Message, sequence: str | None = None) -> bytes:
     conversation_id, reply_to, trace_id = msg.conversation_id, msg.reply_to, msg.trace_id
     fields = [
         *((_FORMAT,) if sequence is None else (_NUMBERED_FORMAT, sequence)),
-        msg.id.int,
+        id_value(msg),
         msg.timestamp,
         msg.sender.int,
         to if to.__class__ is str else to.int,  # type: ignore[union-attr]
@@ -248,15 +248,21 @@ def decode_tell(data: bytes) -> Message:
             _, msg_id, timestamp, sender, to, kind, conversation_id, reply_to, trace_id, payload = (
                 obj
             )
-            if timestamp.__class__ is int and (to.__class__ is not str or to):
+            if (
+                timestamp.__class__ is int
+                and msg_id.__class__ is int
+                and (to.__class__ is not str or to)
+            ):
                 # positional: Message(sender, to, payload, kind, id, timestamp,
-                # conversation_id, reply_to, trace_id), cheaper than keywords
+                # conversation_id, reply_to, trace_id), cheaper than keywords. The id
+                # goes in as its 128-bit value (Message checks the range): its UUID is
+                # built only if someone reads msg.id.
                 return Message(
                     _agent_uuid(sender),
                     to if to.__class__ is str else _agent_uuid(to),
                     payload,
                     _KINDS[kind],
-                    _uuid(msg_id),
+                    msg_id,
                     timestamp,
                     None if conversation_id is None else _uuid(conversation_id),
                     None if reply_to is None else _uuid(reply_to),
