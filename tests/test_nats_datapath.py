@@ -9,6 +9,7 @@ that waited for its deadline).
 
 from __future__ import annotations
 
+import json
 import struct
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -418,3 +419,141 @@ async def test_a_reply_that_crosses_after_the_timeout_is_a_late_reply_on_the_cal
     assert late.reason.value == "late_reply"
     assert late.message.payload == "late"
     assert ca.stats().cancels_sent == 0
+
+
+# --- what a node keeps per sending stream is bounded ----------------------------------------
+
+
+def _one_tell_batch(node: str, sender_prefix: int, session: int, dest_prefix: int, n: int) -> bytes:
+    """A well-formed batch holding tell ``n`` (number 1 of its stream) for agent ``col``."""
+    name = node.encode()
+    head = struct.pack(">4sQQQQIH", b"NXB1", sender_prefix, session, dest_prefix, 1, 1, len(name))
+    tell = b'[1,1,1,1,"col","Command",null,null,null,%d]' % n
+    return head + name + struct.pack(">IB", len(tell) + 1, batch.TELL) + tell
+
+
+async def _heartbeat_recv(reader: Cluster, node: Cluster) -> dict[str, int]:
+    """The ``recv`` of ``node``'s membership record, published now and read from KV."""
+    await node.announce()
+
+    async def read() -> bytes:
+        kv = await reader.js.key_value(f"{reader.prefix}-nodes")
+        entry = await kv.get(node.node)
+        assert entry.value is not None
+        return entry.value
+
+    recv: dict[str, int] = json.loads(await call_aio(read))["stats"]["recv"]
+    return recv
+
+
+async def test_a_peer_sending_every_batch_as_a_new_stream_cannot_grow_what_a_node_keeps(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer that sends each batch under a new session and id prefix: the receiver keeps
+    at most ``inbound_streams_limit`` streams, evicting the least recently active (counted,
+    logged); a tell on an evicted stream starts it afresh (its earlier numbers counted lost)
+    and every tell is still delivered, in order."""
+    limit, hostile = 8, 50
+    records: list[Any] = []
+    # Slow heartbeats: no stream is retired for being quiet while the test runs, so the
+    # counts below are exact.
+    slow = {"heartbeat_interval": 5.0, "missed_heartbeats": 3}
+    async with (
+        _node(nats.url, "b", inbound_streams_limit=limit, **slow) as (kb, cb),
+        _node(nats.url, "a", **slow) as (ka, ca),
+    ):
+        kb.spawn(agent(_collector(records), name="col"))
+        await cb.names_published()
+        with trio.fail_after(30):
+            await ca.wait_for_name("col")
+            await ka.send("col", "before")  # a's stream, then the hostile ones push it out
+            assert await ka.request("col", "dump") == 1  # taken in before them
+            for n in range(hostile):
+                body = _one_tell_batch("evil", 0xE000 + n, n + 1, cb.id_prefix, n)
+                await call_aio(ca.nc.publish, "nexus.node.b.batch", body)
+            await ka.send("col", "after")  # a's stream, evicted: starts afresh at number 2
+            assert await ka.request("col", "dump") == hostile + 2
+    evicted = [r.getMessage() for r in caplog.records if "inbound_streams_limit" in r.getMessage()]
+    assert evicted[0].startswith(
+        f"node b: 8 inbound streams kept (inbound_streams_limit): stream {ca.stream_name},"
+    )
+    assert len(evicted) <= 3  # once per burst (at most once a second), not per eviction
+    assert records == ["before", *range(hostile), "after"]
+    stats = cb.stats()
+    assert stats.inbound_streams + stats.inbound_streams_retired == limit
+    # a's stream, 42 hostile ones, then one more hostile one for a's return
+    assert stats.streams_evicted == 1 + hostile - limit + 1
+    # number 1 of a's stream, taken before the eviction, is counted lost: an over-count
+    # by design (documented), never an uncounted loss
+    assert stats.lost_in_transit == 1
+    assert stats.inbound_dropped == {}
+
+
+async def test_the_heartbeat_record_confirms_only_streams_of_members(nats: NatsServer) -> None:
+    """Regression: the heartbeat's ``recv`` named every stream ever heard from, so a peer
+    sending under new sessions (or a long life of restarting workers) grew every heartbeat."""
+    records: list[Any] = []
+    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+        kb.spawn(agent(_collector(records), name="col"))
+        await cb.names_published()
+        with trio.fail_after(30):
+            await ca.wait_for_name("col")
+            for n in range(30):
+                body = _one_tell_batch("evil", 0xE000 + n, n + 1, cb.id_prefix, n)
+                await call_aio(ca.nc.publish, "nexus.node.b.batch", body)
+            for n in range(3):
+                await ka.send("col", n)
+            assert await ka.request("col", "dump") == 33
+            assert await _heartbeat_recv(ca, cb) == {ca.stream_name: 3}
+
+
+async def test_a_new_join_of_a_sending_process_retires_the_old_joins_stream(
+    nats: NatsServer,
+) -> None:
+    records: list[Any] = []
+    async with _node(nats.url, "b") as (kb, cb):
+        kb.spawn(agent(_collector(records), name="col"))
+        await cb.names_published()
+        with trio.fail_after(30):
+            async with _node(nats.url, "a") as (ka, ca):
+                await ca.wait_for_name("col")
+                await ka.send("col", 1)
+                assert await ka.request("col", "dump") == 1
+                assert await _heartbeat_recv(ca, cb) == {ca.stream_name: 1}
+            # the same process joins again (a new session): the old join's stream is
+            # retired at the new one's first batch, not confirmed any more
+            async with _node(nats.url, "a") as (ka, ca):
+                await ca.wait_for_name("col")
+                await ka.send("col", 2)
+                assert await ka.request("col", "dump") == 2
+                assert await _heartbeat_recv(ca, cb) == {ca.stream_name: 1}
+                stats = cb.stats()
+                assert (stats.inbound_streams, stats.inbound_streams_retired) == (1, 1)
+    assert records == [1, 2]
+    assert cb.stats().lost_in_transit == 0
+
+
+async def test_a_node_that_leaves_has_its_streams_forgotten_by_the_others(
+    nats: NatsServer,
+) -> None:
+    records: list[Any] = []
+    async with _node(nats.url, "b") as (kb, cb):
+        kb.spawn(agent(_collector(records), name="col"))
+        await cb.names_published()
+        async with _node(nats.url, "a") as (ka, ca):
+            with trio.fail_after(30):
+                await ca.wait_for_name("col")
+                for n in range(5):
+                    await ka.send("col", n)
+                assert await ka.request("col", "dump") == 5
+                assert await _heartbeat_recv(ca, cb) == {ca.stream_name: 5}
+        # b learns of the leave from a heartbeat (no event to wait on): poll its record
+        with trio.fail_after(10):
+            while True:
+                if not await _heartbeat_recv(cb, cb) and not cb.stats().inbound_streams:
+                    break
+                await trio.sleep(0.05)
+    stats = cb.stats()
+    assert (stats.inbound_streams, stats.inbound_streams_retired) == (0, 1)
+    assert records == list(range(5))
+    assert stats.lost_in_transit == 0

@@ -87,6 +87,7 @@ from ._membership import (
 )
 from ._placement import PlacedAgent, Placement
 from ._sequence import InboundSequences
+from ._streams import InboundStreams
 
 log = logging.getLogger("nexus_trio.nats")
 # Every log record of the NATS layer goes through redact(): no credential in any line.
@@ -132,7 +133,9 @@ class ClusterOptions:
     raises ``TransportUnavailable`` above ``outbox_limit``. ``inbound_limit`` bounds
     messages received but not yet delivered to local mailboxes, ``parked_limit`` those
     waiting for room in one full mailbox (past them they are refused and counted: core
-    NATS is at-most-once). ``docs/distributed.md`` has the table of all options.
+    NATS is at-most-once). ``inbound_streams_limit`` bounds the sending joins of other
+    kernels this node keeps numbers and credit for (see ``_streams``).
+    ``docs/distributed.md`` has the table of all options.
     """
 
     prefix: str = attrs.field(
@@ -156,6 +159,9 @@ class ClusterOptions:
     #: a node batch leaves when it holds this many frames or bytes (or on the next tick)
     batch_frames: int = attrs.field(default=256, validator=_at_least_one)
     batch_bytes: int = attrs.field(default=256 * 1024, validator=_at_least_one)
+    #: inbound streams (sending joins of other kernels) kept; past it the least recently
+    #: active is evicted (counted in ``ClusterStats.streams_evicted``; see ``_streams``)
+    inbound_streams_limit: int = attrs.field(default=4096, validator=_at_least_one)
 
 
 @final
@@ -201,6 +207,11 @@ class ClusterStats:
     #: and received (a handler here was asked to stop)
     cancels_sent: int = 0
     cancels_received: int = 0
+    #: inbound streams kept now: live (current senders), retired (kept for late tells)
+    inbound_streams: int = 0
+    inbound_streams_retired: int = 0
+    #: live inbound streams evicted past ``inbound_streams_limit``
+    streams_evicted: int = 0
 
 
 _decode: Final = wire.decode_message
@@ -252,10 +263,6 @@ class Cluster:
         self._batch_bytes = batch.batch_limit(1 << 20, self.node, options.batch_bytes)
         # this join's session: streams of an earlier join of this process are apart
         self._session = int.from_bytes(os.urandom(8), "big")
-        # tells consumed here per sending stream (delivered, refused, or lost): the
-        # credit returned to it; and each stream's (node, session, id prefix)
-        self._consumed: dict[str, int] = {}
-        self._stream_parts: dict[str, tuple[str, int, int] | None] = {}
         self._batches_published = 0
         self._batches_received = 0
         self._cancels_sent = 0
@@ -295,8 +302,15 @@ class Cluster:
         # and the next expected per sending process (see ``_sequence``)
         self._seq_out: dict[_Stream, int] = {}
         self._seq_marked: dict[_Stream, int] = {}
-        self._seq_streams: dict[str, tuple[str, int]] = {}
         self._seq_in = InboundSequences(self.id_prefix)
+        # per sending stream: its numbers (above) and the tells consumed here (delivered,
+        # refused, or lost: the credit returned to it), bounded (see ``_streams``)
+        self._inbound = InboundStreams(
+            self._seq_in,
+            options.inbound_streams_limit,
+            node=node,
+            on_forget=self._forget_sender,
+        )
         self._marks_sent = 0
         self._publish_failures = 0
         self._last_loss_log = -1.0
@@ -869,6 +883,8 @@ class Cluster:
         sender = f"{head.node}:{head.session:x}.{head.sender_prefix:x}"
         # None: for an earlier process of this node name, no credit
         stream = sender if head.dest_prefix == self.id_prefix else None
+        if stream is not None:
+            self._inbound.touch(stream)
         lost = self._seq_in.observe_batch(sender, head.dest_prefix, head.first, head.numbered)
         if lost:
             self._log_loss(lost, sender)
@@ -967,32 +983,30 @@ class Cluster:
         back to their sender with the next batch the other way."""
         if stream is None or not consumed:
             return
-        if stream in self._stream_parts:
-            parts = self._stream_parts[stream]
-        else:
-            parts = self._stream_parts[stream] = _parse_stream(stream)
-        if parts is None:
-            return  # not a stream of batches (a kernel of an earlier version)
-        node, session, prefix = parts
-        total = self._consumed.get(stream, 0) + consumed
-        self._consumed[stream] = total
-        link = self._links.get((node, prefix)) or self._new_link((node, prefix))
-        link.credit_due = (session, total)
+        kept = self._inbound.consumed(stream, consumed)
+        if kept is None or kept.prefix < 0:
+            return  # evicted, or not a stream of batches (a kernel of an earlier version)
+        link = self._links.get((kept.node, kept.prefix)) or self._new_link((kept.node, kept.prefix))
+        link.credit_due = (kept.session, kept.consumed)
         self._want_flush(link)
+
+    def _forget_sender(self, node: str, prefix: int) -> None:
+        """The inbound streams of process ``prefix`` of ``node`` are all gone: a link kept
+        only to return credit to it goes too (one that carried tells goes with its
+        sequence marks, see _send_sequence_marks)."""
+        link = self._links.get((node, prefix))
+        if link is not None and not link.sent and not link.frames:
+            del self._links[(node, prefix)]
 
     def _check_sequence(self, value: str, *, is_mark: bool) -> None:
         """Count the tells a gap in a sender's numbers says were lost (see ``_sequence``)."""
-        head, _, number_text = value.rpartition(".")
-        known = self._seq_streams.get(head)
         try:
-            if known is None:  # once per sending process
-                stream, dest_prefix, number = wire.parse_sequence(value)
-                self._seq_streams[head] = (stream, dest_prefix)
-            else:
-                (stream, dest_prefix), number = known, int(number_text)
+            stream, dest_prefix, number = wire.parse_sequence(value)
         except ValueError:
             self._dropped["malformed"] += 1
             return
+        if dest_prefix == self.id_prefix:
+            self._inbound.touch(stream)
         lost = self._seq_in.observe(stream, dest_prefix, number, is_mark=is_mark)
         if lost:
             self._credit(stream, lost)
@@ -1521,7 +1535,7 @@ class Cluster:
             "lost_in_transit": self._seq_in.lost,
             "forwarded_in": self._forwarded_in,
             # for the survivors' count of what is lost if this node is (Placement.node_lost)
-            "recv": self._seq_in.last_numbers(),
+            "recv": self._inbound.heartbeat_numbers(self._is_member),
             "held": len(self._inbox) + sum(len(q) for q in self._parked.values()),
             "dropped": sum(self._dropped.values()),
             "errors_replied": dict(self._errors_replied),
@@ -1600,6 +1614,16 @@ class Cluster:
             await trio.sleep(self.options.heartbeat_interval / 2)
             for info in self.members.newly_lost(monotonic()):
                 self._node_lost(info)
+            # streams of senders gone (left, lost, replaced) leave the heartbeat record
+            self._inbound.retire_gone(self._is_live_member, self.options.heartbeat_interval)
+
+    def _is_member(self, node: str, id_prefix: int) -> bool:
+        info = self.members.members.get(node)
+        return info is not None and info.id_prefix == id_prefix
+
+    def _is_live_member(self, node: str, id_prefix: int) -> bool:
+        info = self.members.members.get(node)
+        return info is not None and info.reachable and info.id_prefix == id_prefix
 
     def _node_lost(self, info: NodeInfo) -> None:
         self._nodes_lost += 1
@@ -1880,6 +1904,9 @@ class Cluster:
             batches_received=self._batches_received,
             cancels_sent=self._cancels_sent,
             cancels_received=self._cancels_received,
+            inbound_streams=self._inbound.live,
+            inbound_streams_retired=self._inbound.retired,
+            streams_evicted=self._inbound.evicted,
         )
 
 
@@ -1887,17 +1914,6 @@ def _singles(parked: deque[_Parked]) -> int:
     """How many of ``parked`` came as single messages (``parked_limit`` bounds those;
     batched tells are bounded by their senders' node windows)."""
     return sum(1 for entry in parked if entry[3] is None)
-
-
-def _parse_stream(stream: str) -> tuple[str, int, int] | None:
-    """``(node, session, id prefix)`` of a stream named ``<node>:<session>.<id prefix>``
-    (hex numbers), or None if it is not named so."""
-    rest, _, prefix = stream.rpartition(".")
-    node, _, session = rest.rpartition(":")
-    try:
-        return (node, int(session, 16), int(prefix, 16)) if node else None
-    except ValueError:
-        return None
 
 
 _joined: weakref.WeakKeyDictionary[Kernel, Cluster] = weakref.WeakKeyDictionary()

@@ -26,8 +26,9 @@ class InboundSequences:
         #: this process's id prefix: numbers meant for another process of the same node
         #: name (an earlier run) are not ours to judge
         self.own_prefix = own_prefix
-        # One entry per sending process ever heard from, kept: a tell still in flight
-        # from a process that left must not look like the start of a new stream.
+        # One entry per sending process heard from, kept until the stream table
+        # (``_streams``) lets it go: a tell still in flight from a process that left
+        # must not look like the start of a new stream.
         self._expected: dict[str, int] = {}
         #: tells counted as lost so far
         self.lost = 0
@@ -48,6 +49,14 @@ class InboundSequences:
     def last_numbers(self) -> dict[str, int]:
         """The last number taken (received or counted lost) of each sending process."""
         return {stream: expected - 1 for stream, expected in self._expected.items()}
+
+    def last_number(self, stream: str) -> int:
+        """The last number taken of ``stream`` (0 if none)."""
+        return self._expected.get(stream, 1) - 1
+
+    def forget(self, stream: str) -> None:
+        """Let ``stream`` go: a later number of it is taken as the start of a new stream."""
+        self._expected.pop(stream, None)
 
     def observe_batch(self, stream: str, dest_prefix: int, first: int, count: int) -> int:
         """Take a batch of tells numbered ``first .. first + count - 1`` of ``stream``;

@@ -1,0 +1,114 @@
+"""The inbound stream table (``_streams``) alone: its bound, retiring, eviction and the
+exact numbers of a retired stream, without a server (the behaviour over a real
+nats-server is in test_nats_datapath)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nexus_trio._nats import ClusterOptions
+from nexus_trio._nats._sequence import InboundSequences
+from nexus_trio._nats._streams import InboundStreams, parse_stream_name
+
+OWN = 0xABC
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _table(limit: int) -> tuple[InboundStreams, InboundSequences, list[tuple[str, int]]]:
+    sequences = InboundSequences(OWN)
+    forgotten: list[tuple[str, int]] = []
+    table = InboundStreams(
+        sequences, limit, node="b", on_forget=lambda n, p: forgotten.append((n, p))
+    )
+    return table, sequences, forgotten
+
+
+def _take(table: InboundStreams, sequences: InboundSequences, name: str, first: int) -> int:
+    """A one-tell batch numbered ``first`` of ``name``, as the cluster takes it."""
+    table.touch(name)
+    return sequences.observe_batch(name, OWN, first, 1)
+
+
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.integers(0, 40), st.integers(0, 9))))
+def test_the_table_and_the_numbers_never_outgrow_the_limit(
+    batches: list[tuple[str, int, int]],
+) -> None:
+    table, sequences, _ = _table(limit=5)
+    for node, session, prefix in batches:
+        _take(table, sequences, f"{node}:{session:x}.{prefix:x}", 1)
+        assert len(table) <= 5
+        assert len(sequences.last_numbers()) == len(table)
+
+
+def test_a_new_session_retires_the_old_and_a_late_tell_of_it_counts_exactly() -> None:
+    table, sequences, forgotten = _table(limit=10)
+    for n in range(1, 4):
+        assert _take(table, sequences, "a:1.7", n) == 0
+    _take(table, sequences, "a:2.7", 1)  # the process joined again
+    assert (table.live, table.retired) == (1, 1)
+    assert _take(table, sequences, "a:1.7", 4) == 0  # late: its numbers were kept
+    assert (table.live, table.retired) == (2, 0)
+    assert table.heartbeat_numbers(lambda node, prefix: True) == {"a:1.7": 4, "a:2.7": 1}
+    # the sweep retires the superseded join again once it is quiet
+    assert table.retire_gone(lambda node, prefix: True, quiet_for=0.0) == 1
+    assert table.heartbeat_numbers(lambda node, prefix: True) == {"a:2.7": 1}
+    assert forgotten == []
+    assert sequences.lost == 0
+
+
+def test_retired_streams_go_first_uncounted_then_the_least_recently_active_is_evicted() -> None:
+    table, sequences, forgotten = _table(limit=3)
+    for name in ("a:1.1", "b:1.2", "c:1.3"):
+        _take(table, sequences, name, 1)
+    assert table.retire_gone(lambda node, prefix: node != "b", quiet_for=0.0) == 1
+    _take(table, sequences, "a:1.1", 2)  # a is now the most recently active
+    _take(table, sequences, "d:1.4", 1)  # room: b (retired) goes, not counted
+    assert table.evicted == 0 and "b:1.2" not in table
+    _take(table, sequences, "e:1.5", 1)  # room: c, the least recently active live one
+    assert table.evicted == 1 and "c:1.3" not in table
+    assert forgotten == [("b", 2), ("c", 3)]
+    # a tell on an evicted stream starts it afresh: its earlier numbers counted lost
+    assert _take(table, sequences, "c:1.3", 2) == 1
+    assert table.evicted == 2
+
+
+def test_a_sender_is_forgotten_only_with_its_last_stream() -> None:
+    table, sequences, forgotten = _table(limit=2)
+    _take(table, sequences, "a:1.7", 1)
+    _take(table, sequences, "a:2.7", 1)  # same process, newer join: the old one retired
+    _take(table, sequences, "b:1.8", 1)  # room: a's old join goes, a:2.7 still kept
+    assert forgotten == []
+    _take(table, sequences, "c:1.9", 1)  # room: a's last stream goes
+    assert forgotten == [("a", 7)]
+
+
+def test_only_quiet_streams_of_senders_gone_are_retired() -> None:
+    clock = _Clock()
+    table = InboundStreams(
+        InboundSequences(OWN), 10, node="b", on_forget=lambda n, p: None, clock=clock
+    )
+    table.touch("a:1.7")
+    table.touch("x:1.8")
+    clock.now = 0.5
+    table.touch("x:1.8")  # still sending
+    assert table.retire_gone(lambda node, prefix: False, quiet_for=0.5) == 1
+    assert (table.live, table.retired) == (1, 1)
+    assert table.consumed("a:1.7", 3) is not None  # a retired stream is still credited
+    assert table.consumed("zz:1.1", 3) is None  # one not kept is not resurrected
+
+
+def test_stream_names_and_the_limit_are_checked() -> None:
+    assert parse_stream_name("node-1:ff.a0") == ("node-1", 0xFF, 0xA0)
+    assert parse_stream_name("old.a0") is None
+    assert parse_stream_name("n:zz.a0") is None
+    with pytest.raises(ValueError, match="inbound_streams_limit"):
+        ClusterOptions(inbound_streams_limit=0)
