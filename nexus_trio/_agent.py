@@ -409,13 +409,9 @@ class Context:
         if isinstance(to, Message):
             return to
         current = self._cell.current
-        return Message(
-            sender=self.id,
-            to=address_of(to),
-            payload=payload,
-            kind=kind,
-            trace_id=current.trace_id if current is not None else None,
-        )
+        # Positional (see Message): keywords would make Python build a dict per message.
+        trace_id = current.trace_id if current is not None else None
+        return Message(self.id, address_of(to), payload, kind, None, None, None, None, trace_id)
 
     async def send(
         self,
@@ -456,13 +452,9 @@ class Context:
         elif not timeout > 0:
             raise ValueError(f"request timeout must be > 0 seconds, got {timeout!r}")
         current = self._cell.current
-        query = Message(
-            sender=self.id,
-            to=address_of(to),
-            payload=payload,
-            kind=_QUERY,
-            trace_id=current.trace_id if current is not None else None,
-        )
+        trace_id = current.trace_id if current is not None else None
+        # positional: see _outgoing
+        query = Message(self.id, address_of(to), payload, _QUERY, None, None, None, None, trace_id)
         reply = await self._router.request(query, timeout, external=False)
         return reply.payload
 

@@ -392,6 +392,11 @@ class AgentCell(Child):
                                     self.drain_before_exit and mailbox.depth
                                 ):
                                     return
+                            if not mailbox.depth:
+                                # Empty (the depth is kept exact): no take() raising
+                                # WouldBlock, which costs more than a no-op handler
+                                # for an agent woken by each message.
+                                break
                             try:
                                 msg = take()
                             except trio.WouldBlock:

@@ -327,13 +327,10 @@ class Kernel:
         if type(to) is Message:
             msg = to
         else:
-            msg = Message(
-                sender=sender,
-                to=to.id if type(to) is AgentRef else to,
-                payload=payload,
-                kind=kind,
-                trace_id=trace_id,
-            )
+            # Positional (sender, to, payload, kind, id, timestamp, conversation_id,
+            # reply_to, trace_id): keywords would make Python build a dict per message.
+            to = to.id if type(to) is AgentRef else to
+            msg = Message(sender, to, payload, kind, None, None, None, None, trace_id)
         router = self._router
         if not router.fast(msg, True):
             await router.send(msg)
@@ -353,13 +350,8 @@ class Kernel:
         if type(to) is Message:
             msg = to
         else:
-            msg = Message(
-                sender=sender,
-                to=to.id if type(to) is AgentRef else to,
-                payload=payload,
-                kind=kind,
-                trace_id=trace_id,
-            )
+            to = to.id if type(to) is AgentRef else to  # positional: see send()
+            msg = Message(sender, to, payload, kind, None, None, None, None, trace_id)
         self._router.send_nowait(msg, external=True)
         return msg
 
@@ -381,13 +373,8 @@ class Kernel:
         (e.g. its handler raised), :class:`AgentNotFound` / :class:`MailboxFull` /
         :class:`KernelShuttingDown` as for :meth:`send`.
         """
-        query = Message(
-            sender=sender,
-            to=address_of(to),
-            payload=payload,
-            kind=_QUERY,
-            trace_id=trace_id,
-        )
+        # positional: see send()
+        query = Message(sender, address_of(to), payload, _QUERY, None, None, None, None, trace_id)
         reply = await self._router.request(query, self._request_timeout(timeout), external=True)
         return reply.payload
 

@@ -104,6 +104,7 @@ def new_id() -> uuid.UUID:
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _time_ns = time.time_ns
 _COMMAND: Final = MessageKind.COMMAND
+_RESPONSE: Final = MessageKind.RESPONSE
 
 #: field names in order: positional order of ``Message(...)``, repr, equality, wire order
 FIELDS: Final = (
@@ -291,14 +292,18 @@ class Message(_Slots):
         conversation (started by this message if it had none) and keeps its trace id.
         """
         answered = self.id
+        # positional (sender, to, payload, kind, id, timestamp, conversation_id, reply_to,
+        # trace_id): keywords would make Python build a dict per reply
         return Message(
-            sender=sender,
-            to=self._sender,
-            payload=payload,
-            kind=MessageKind.RESPONSE,
-            conversation_id=self._conversation_id or answered,
-            reply_to=answered,
-            trace_id=self._trace_id,
+            sender,
+            self._sender,
+            payload,
+            _RESPONSE,
+            None,
+            None,
+            self._conversation_id or answered,
+            answered,
+            self._trace_id,
         )
 
     def to_json(self) -> str:
