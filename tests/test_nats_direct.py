@@ -1,6 +1,9 @@
-"""Messages of a subscription taken inline in nats-py's reading task (``_direct``): the
-order, the fall-back behind older queued messages, a failing ``take``, and the data path
-of two kernels (a query after tells on the same link arrives after them, taken inline).
+"""The two shortcuts through nats-py (``_direct``). Messages of a subscription taken
+inline in nats-py's reading task: the order, the fall-back behind older queued messages,
+a failing ``take``. Messages written at once: behind what the client's buffer holds, and
+the usual way when they must be (malformed subject, not connected, socket backlog, too
+big). The data path of two kernels: a query after tells on the same link arrives after
+them, taken inline.
 
 The real-server tests run one nats-server on 127.0.0.1; waits are bounded with
 ``trio.fail_after`` and nothing sleeps.
@@ -21,7 +24,7 @@ import trio
 from nexus_trio import Config, Context, KernelConfig, Message, agent, open_kernel
 from nexus_trio._nats import NatsServer, join_cluster
 from nexus_trio._nats._aio import asyncio_loop, call_aio
-from nexus_trio._nats._direct import deliver_inline
+from nexus_trio._nats._direct import deliver_inline, publish_at_once
 
 from .nats_server import FAST
 
@@ -184,3 +187,68 @@ async def test_a_query_after_tells_arrives_after_them_taken_inline(nats: NatsSer
         assert {task for _, task in tasks} == {cb.nc._reading_task}
         await ka.shutdown()
         await kb.shutdown()
+
+
+# --- written at once -----------------------------------------------------------------------
+
+
+async def test_a_message_written_at_once_goes_behind_what_the_buffer_holds(
+    nats: NatsServer,
+) -> None:
+    received: list[tuple[str, str, bytes]] = []
+    done = trio.Event()
+
+    async def collect(m: Any) -> None:
+        received.append((m.subject, m.reply, m.data))
+        if m.data == b"query":
+            done.set()
+
+    async with asyncio_loop():
+        receiver = await call_aio(nats_py.connect, nats.url)
+        sender = await call_aio(nats_py.connect, nats.url)
+
+        async def subscribe() -> None:
+            await receiver.subscribe("at-once.>", cb=collect)
+            await receiver.flush()
+
+        await call_aio(subscribe)
+        out_before = sender.stats["out_msgs"]
+        # buffered by nats-py (its flusher not run yet), then one written at once
+        for n in range(3):
+            with pytest.raises(StopIteration):
+                sender.publish("at-once.tell", str(n).encode()).send(None)
+        assert len(sender._pending) == 3
+        assert publish_at_once(sender, "at-once.query", "reply.to.me", b"query")
+        assert sender._pending == [] and sender._pending_data_size == 0
+        assert sender.stats["out_msgs"] == out_before + 4
+        with trio.fail_after(20):
+            await done.wait()
+        assert received == [
+            ("at-once.tell", "", b"0"),
+            ("at-once.tell", "", b"1"),
+            ("at-once.tell", "", b"2"),
+            ("at-once.query", "reply.to.me", b"query"),
+        ]
+        await call_aio(sender.close)
+        await call_aio(receiver.close)
+
+
+async def test_what_cannot_be_written_at_once_is_left_to_publish(nats: NatsServer) -> None:
+    async with asyncio_loop():
+        nc = await call_aio(nats_py.connect, nats.url)
+        out_before = nc.stats["out_msgs"]
+        # a reply subject from another node must not inject protocol lines
+        assert not publish_at_once(nc, "a.b", "x\r\nPUB evil 1", b"x")
+        assert not publish_at_once(nc, "a b", "", b"x")
+        assert not publish_at_once(nc, "", "", b"x")
+        assert not publish_at_once(nc, "a.b", "", b"x" * (nc.max_payload + 1))
+        socket = nc._transport._io_writer.transport
+        original = socket.get_write_buffer_size
+        socket.get_write_buffer_size = lambda: 1  # a backlog: the flusher drains it
+        try:
+            assert not publish_at_once(nc, "a.b", "", b"x")
+        finally:
+            socket.get_write_buffer_size = original
+        assert nc._pending == [] and nc.stats["out_msgs"] == out_before
+        await call_aio(nc.close)
+        assert not publish_at_once(nc, "a.b", "", b"x")  # closed: publish raises

@@ -764,8 +764,12 @@ class Cluster:
             table.popitem(last=False)
 
     def _publish_one(self, out: _Outgoing) -> Coroutine[Any, Any, None]:
-        subject, reply, headers, data, _ = out
-        return self.nc.publish(subject, data, reply=reply, headers=headers)
+        subject, reply, headers, data, kind = out
+        nc = self.nc
+        # a message that goes alone (a query, a reply) waits for no flusher task
+        if kind == _PLAIN and headers is None and direct.publish_at_once(nc, subject, reply, data):
+            return _written()
+        return nc.publish(subject, data, reply=reply, headers=headers)
 
     def _publish_refused(self, out: _Outgoing, exc: Exception, *, leaving: bool = False) -> None:
         """The NATS client refused ``out`` (or the node leaves with it unsent): count it
@@ -1889,6 +1893,10 @@ class Cluster:
             cancels_sent=self._cancels_sent,
             cancels_received=self._cancels_received,
         )
+
+
+async def _written() -> None:
+    """What ``Cluster._publish_one`` gives the outbox for a message already written."""
 
 
 def _singles(parked: deque[_Parked]) -> int:
