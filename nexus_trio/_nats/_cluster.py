@@ -72,6 +72,7 @@ from .._kernel import Kernel
 from .._message import SYSTEM_ID, Address, Message, MessageKind
 from .._router import TransportHandle
 from . import _batch as batch
+from . import _direct as direct
 from . import _wire as wire
 from ._aio import Inbox, Outbox, asyncio_loop, call_aio
 from ._auth import NatsAuth, install_redaction, redact, split_credentials
@@ -777,8 +778,12 @@ class Cluster:
             table.popitem(last=False)
 
     def _publish_one(self, out: _Outgoing) -> Coroutine[Any, Any, None]:
-        subject, reply, headers, data, _ = out
-        return self.nc.publish(subject, data, reply=reply, headers=headers)
+        subject, reply, headers, data, kind = out
+        nc = self.nc
+        # a message that goes alone (a query, a reply) waits for no flusher task
+        if kind == _PLAIN and headers is None and direct.publish_at_once(nc, subject, reply, data):
+            return _written()
+        return nc.publish(subject, data, reply=reply, headers=headers)
 
     def _publish_refused(self, out: _Outgoing, exc: Exception, *, leaving: bool = False) -> None:
         """The NATS client refused ``out`` (or the node leaves with it unsent): count it
@@ -824,7 +829,14 @@ class Cluster:
     # --- inbound -----------------------------------------------------------------------------
 
     async def _on_node_message(self, m: NatsMsg) -> None:
-        """asyncio side: a NATS message for this node or for one of its agent types.
+        # what the subscription's task calls (messages that did not go inline)
+        self._take_node_message(m)
+
+    _on_type_message = _on_node_message
+
+    def _take_node_message(self, m: NatsMsg) -> None:
+        """asyncio side: a NATS message for this node or for one of its agent types,
+        taken inline in nats-py's reading task (see ``_direct``); it must never suspend.
 
         trio-asyncio runs this callback inside a Trio task of the same thread, so the
         kernel's non-blocking calls are safe here: the common case (room in the mailbox,
@@ -851,8 +863,6 @@ class Cluster:
                 return
         if not self._inbox.push(m):
             self._dropped["inbox_full"] += 1
-
-    _on_type_message = _on_node_message
 
     def _on_batch(self, data: bytes) -> None:
         """asyncio side: a node batch. Checked whole (a malformed one is counted in
@@ -1483,6 +1493,7 @@ class Cluster:
                     cb=self._on_type_message,
                     pending_msgs_limit=self.options.inbound_limit,
                 )
+                direct.deliver_inline(sub, self._take_node_message)
                 await self.nc.flush()
                 return sub
 
@@ -1769,12 +1780,13 @@ class Cluster:
         self._batch_bytes = batch.batch_limit(self._max_payload(), self.node, opts.batch_bytes)
 
         async def subscribe() -> None:
-            await self.nc.subscribe(
+            sub = await self.nc.subscribe(
                 wire.node_wildcard(self.prefix, self.node),
                 cb=self._on_node_message,
                 pending_msgs_limit=opts.inbound_limit,
                 pending_bytes_limit=0,
             )
+            direct.deliver_inline(sub, self._take_node_message)
             await self.nc.flush()
 
         await call_aio(subscribe)
@@ -1908,6 +1920,10 @@ class Cluster:
             inbound_streams_retired=self._inbound.retired,
             streams_evicted=self._inbound.evicted,
         )
+
+
+async def _written() -> None:
+    """What ``Cluster._publish_one`` gives the outbox for a message already written."""
 
 
 def _singles(parked: deque[_Parked]) -> int:

@@ -1,0 +1,254 @@
+"""The two shortcuts through nats-py (``_direct``). Messages of a subscription taken
+inline in nats-py's reading task: the order, the fall-back behind older queued messages,
+a failing ``take``. Messages written at once: behind what the client's buffer holds, and
+the usual way when they must be (malformed subject, not connected, socket backlog, too
+big). The data path of two kernels: a query after tells on the same link arrives after
+them, taken inline.
+
+The real-server tests run one nats-server on 127.0.0.1; waits are bounded with
+``trio.fail_after`` and nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from types import SimpleNamespace
+from typing import Any
+
+import attrs
+import nats as nats_py
+import pytest
+import trio
+
+from nexus_trio import Config, Context, KernelConfig, Message, agent, open_kernel
+from nexus_trio._nats import NatsServer, join_cluster
+from nexus_trio._nats._aio import asyncio_loop, call_aio
+from nexus_trio._nats._direct import deliver_inline, publish_at_once
+
+from .nats_server import FAST
+
+
+def _msg(data: bytes) -> SimpleNamespace:
+    return SimpleNamespace(data=data, subject="s")
+
+
+def test_a_message_behind_older_queued_ones_waits_its_turn() -> None:
+    """Messages queued before the shortcut was installed are taken first, by the
+    subscription's task; what comes meanwhile goes behind them; then inline again."""
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    sub = SimpleNamespace(_pending_queue=queue, _pending_size=0)
+    taken: list[bytes] = []
+    for data in (b"1", b"22"):  # as nats-py does: count the bytes, then queue
+        sub._pending_size += len(data)
+        queue.put_nowait(_msg(data))
+    assert deliver_inline(sub, lambda m: taken.append(m.data))
+
+    sub._pending_size += 3
+    queue.put_nowait(_msg(b"333"))
+    assert taken == [] and queue.qsize() == 3  # not inline: older ones wait
+
+    while not queue.empty():  # the subscription's task, whose callback calls take
+        m = queue.get_nowait()
+        sub._pending_size -= len(m.data)
+        taken.append(m.data)
+    sub._pending_size += 4
+    queue.put_nowait(_msg(b"4444"))
+    assert taken == [b"1", b"22", b"333", b"4444"]
+    assert queue.empty() and sub._pending_size == 0
+
+
+def test_a_subscription_of_another_shape_is_left_as_it_is() -> None:
+    sub = SimpleNamespace(_pending_queue=[], _pending_size=0)
+    assert not deliver_inline(sub, lambda m: None)
+    assert sub._pending_queue == []
+
+
+async def test_messages_are_taken_in_order_in_the_reading_task(nats: NatsServer) -> None:
+    count = 200
+    taken: list[int] = []
+    tasks: set[Any] = set()
+    done = trio.Event()
+
+    def take(m: Any) -> None:
+        tasks.add(asyncio.current_task())
+        taken.append(int(m.data))
+        if len(taken) == count:
+            done.set()
+
+    async def callback(m: Any) -> None:
+        take(m)
+
+    async with asyncio_loop():
+        receiver = await call_aio(nats_py.connect, nats.url)
+        sender = await call_aio(nats_py.connect, nats.url)
+
+        async def subscribe() -> Any:
+            sub = await receiver.subscribe("inline.test", cb=callback)
+            await receiver.flush()
+            return sub
+
+        sub = await call_aio(subscribe)
+        assert deliver_inline(sub, take)
+
+        async def publish() -> None:
+            for n in range(count):
+                await sender.publish("inline.test", str(n).encode())
+            await sender.flush()
+
+        with trio.fail_after(20):
+            await call_aio(publish)
+            await done.wait()
+        assert taken == list(range(count))
+        assert tasks == {receiver._reading_task}  # not the subscription's task
+        assert sub.pending_bytes == 0 and sub.pending_msgs == 0
+        await call_aio(sender.close)
+        await call_aio(receiver.close)
+
+
+async def test_a_failing_take_is_logged_and_reading_goes_on(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    taken: list[bytes] = []
+    done = trio.Event()
+
+    def take(m: Any) -> None:
+        if m.data == b"boom":
+            raise ValueError("bad message")
+        taken.append(m.data)
+        if m.data == b"last":
+            done.set()
+
+    async def callback(m: Any) -> None:
+        take(m)
+
+    async with asyncio_loop():
+        nc = await call_aio(nats_py.connect, nats.url)
+
+        async def run() -> None:
+            sub = await nc.subscribe("inline.fail", cb=callback)
+            assert deliver_inline(sub, take)
+            await nc.flush()
+            for data in (b"first", b"boom", b"last"):
+                await nc.publish("inline.fail", data)
+            await nc.flush()
+
+        with caplog.at_level(logging.ERROR, "nexus_trio.nats"), trio.fail_after(20):
+            await call_aio(run)
+            await done.wait()
+        assert taken == [b"first", b"last"]
+        assert nc.is_connected
+        assert any("could not be handled" in r.getMessage() for r in caplog.records)
+        await call_aio(nc.close)
+
+
+async def test_a_query_after_tells_arrives_after_them_taken_inline(nats: NatsServer) -> None:
+    """The query and the tells' batch both go through the inline path on the receiving
+    node, in the client's reading task; the query still comes after the tells."""
+    seen: list[Any] = []
+
+    @agent(name="log")
+    async def record(ctx: Context, msg: Message) -> Any:
+        seen.append(msg.payload)
+        return len(seen)
+
+    config = Config(kernel=KernelConfig(request_timeout_ms=5000, mailbox_capacity=4096))
+    options = attrs.evolve(FAST)
+    async with (
+        open_kernel(config) as kb,
+        open_kernel(config) as ka,
+        join_cluster(kb, nats.url, "b", options=options) as cb,
+        join_cluster(ka, nats.url, "a", options=options) as ca,
+    ):
+        kb.spawn(record)
+        tasks: list[tuple[str, Any]] = []
+        on_batch, handle_now = cb._on_batch, cb._handle_now
+
+        def spy_batch(data: bytes) -> None:
+            tasks.append(("batch", asyncio.current_task()))
+            on_batch(data)
+
+        def spy_single(m: Any) -> bool:
+            tasks.append(("single", asyncio.current_task()))
+            return handle_now(m)
+
+        cb._on_batch = spy_batch  # type: ignore[method-assign]
+        cb._handle_now = spy_single  # type: ignore[method-assign]
+        with trio.fail_after(30):
+            await cb.names_published()
+            await ca.wait_for_name("log")
+            for n in range(1, 51):
+                await ka.send("log", n)
+            assert await ka.request("log", "query") == 51
+        assert seen == [*range(1, 51), "query"]
+        # the tells' batch(es), then the query, all in the data connection's reading task
+        kinds = [kind for kind, _ in tasks]
+        assert "batch" in kinds and kinds[-1] == "single" and kinds.count("single") == 1
+        assert {task for _, task in tasks} == {cb.nc._reading_task}
+        await ka.shutdown()
+        await kb.shutdown()
+
+
+# --- written at once -----------------------------------------------------------------------
+
+
+async def test_a_message_written_at_once_goes_behind_what_the_buffer_holds(
+    nats: NatsServer,
+) -> None:
+    received: list[tuple[str, str, bytes]] = []
+    done = trio.Event()
+
+    async def collect(m: Any) -> None:
+        received.append((m.subject, m.reply, m.data))
+        if m.data == b"query":
+            done.set()
+
+    async with asyncio_loop():
+        receiver = await call_aio(nats_py.connect, nats.url)
+        sender = await call_aio(nats_py.connect, nats.url)
+
+        async def subscribe() -> None:
+            await receiver.subscribe("at-once.>", cb=collect)
+            await receiver.flush()
+
+        await call_aio(subscribe)
+        out_before = sender.stats["out_msgs"]
+        # buffered by nats-py (its flusher not run yet), then one written at once
+        for n in range(3):
+            with pytest.raises(StopIteration):
+                sender.publish("at-once.tell", str(n).encode()).send(None)
+        assert len(sender._pending) == 3
+        assert publish_at_once(sender, "at-once.query", "reply.to.me", b"query")
+        assert sender._pending == [] and sender._pending_data_size == 0
+        assert sender.stats["out_msgs"] == out_before + 4
+        with trio.fail_after(20):
+            await done.wait()
+        assert received == [
+            ("at-once.tell", "", b"0"),
+            ("at-once.tell", "", b"1"),
+            ("at-once.tell", "", b"2"),
+            ("at-once.query", "reply.to.me", b"query"),
+        ]
+        await call_aio(sender.close)
+        await call_aio(receiver.close)
+
+
+async def test_what_cannot_be_written_at_once_is_left_to_publish(nats: NatsServer) -> None:
+    async with asyncio_loop():
+        nc = await call_aio(nats_py.connect, nats.url)
+        out_before = nc.stats["out_msgs"]
+        # a reply subject from another node must not inject protocol lines
+        assert not publish_at_once(nc, "a.b", "x\r\nPUB evil 1", b"x")
+        assert not publish_at_once(nc, "a b", "", b"x")
+        assert not publish_at_once(nc, "", "", b"x")
+        assert not publish_at_once(nc, "a.b", "", b"x" * (nc.max_payload + 1))
+        socket = nc._transport._io_writer.transport
+        original = socket.get_write_buffer_size
+        socket.get_write_buffer_size = lambda: 1  # a backlog: the flusher drains it
+        try:
+            assert not publish_at_once(nc, "a.b", "", b"x")
+        finally:
+            socket.get_write_buffer_size = original
+        assert nc._pending == [] and nc.stats["out_msgs"] == out_before
+        await call_aio(nc.close)
+        assert not publish_at_once(nc, "a.b", "", b"x")  # closed: publish raises
