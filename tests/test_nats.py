@@ -233,8 +233,11 @@ async def test_durable_send_is_redelivered_after_a_failure_and_applied_once(
     assert all(n >= 2 for n in report["attempts"].values()), report
 
 
-async def test_a_killed_node_is_reported_lost(nats: NatsServer) -> None:
-    async with nodes(nats.url, "b") as (b,), local_node(nats.url) as (kernel, cluster):
+async def test_a_killed_node_is_reported_lost_then_forgotten(nats: NatsServer) -> None:
+    async with (
+        nodes(nats.url, "b") as (b,),
+        local_node(nats.url, forget_lost_after=1.0) as (kernel, cluster),
+    ):
         with trio.fail_after(30):
             await cluster.wait_for_name("echo-b")
             assert await kernel.request("echo-b", 1) == {"echo": 1, "node": "b", "kind": "Query"}
@@ -248,6 +251,17 @@ async def test_a_killed_node_is_reported_lost(nats: NatsServer) -> None:
         with pytest.raises(TransportUnavailable, match="'b'"):
             await kernel.request("echo-b", 2)
         assert cluster.stats().nodes_lost == 1
+        assert cluster.stats().nodes_forgotten == 0
+        # forget_lost_after later the member table lets it go (no event: poll, bounded)
+        with trio.fail_after(10):
+            while True:
+                if cluster.stats().nodes_forgotten:
+                    break
+                await trio.sleep(0.05)
+        assert [info.node for info in cluster.member_list()] == ["a"]
+        with pytest.raises(AgentNotFound):
+            await kernel.request("echo-b", 3)
+        assert cluster.stats().nodes_forgotten == 1
 
 
 async def test_traffic_resumes_after_a_server_of_a_three_server_cluster_dies() -> None:

@@ -139,6 +139,7 @@ def test_tokens_and_type_addresses() -> None:
         {"outbox_high_water": 0},
         {"parked_limit": -1},
         {"reconnect_wait": -0.1},
+        {"forget_lost_after": 0},
     ],
 )
 def test_bad_options_are_refused_naming_the_option(bad: dict[str, float]) -> None:
@@ -202,6 +203,24 @@ def test_member_table_marks_silent_nodes_lost_once_and_finds_nodes_by_id() -> No
     table.left("b")
     assert table.node_of(agent_of_b) is None
     assert node_uuid(2).int >> 64 == 2
+
+
+def test_a_lost_member_is_forgotten_after_the_horizon_and_only_then() -> None:
+    table = MemberTable("a", lost_after=3.0)
+    table.heard(_info("a", 1, 0.0))
+    table.heard(_info("b", 2, 0.0))
+    table.heard(_info("c", 3, 0.0))
+    assert [i.node for i in table.newly_lost(3.5)] == ["b", "c"]
+    table.heard(_info("c", 3, 4.0))  # c is back: reachable members are never forgotten
+    assert table.forget_lost(13.0, after=10.0) == []  # b lost 10 s ago, not more
+    forgotten = table.forget_lost(13.5, after=10.0)
+    assert [i.node for i in forgotten] == ["b"]
+    assert sorted(table.members) == ["a", "c"]
+    assert table.node_of(uuid.UUID(int=2 << 64)) is None  # its id prefix goes too
+    assert table.forget_lost(1000.0, after=10.0) == []  # never this node, never c (live)
+    # heard from again later: a new member, not one "reachable again"
+    assert table.heard(_info("b", 2, 2000.0)) is False
+    assert table.members["b"].reachable
 
 
 def test_a_restarted_node_replaces_its_old_id_prefix() -> None:

@@ -163,6 +163,10 @@ class ClusterOptions:
     #: inbound streams (sending joins of other kernels) kept; past it the least recently
     #: active is evicted (counted in ``ClusterStats.streams_evicted``; see ``_streams``)
     inbound_streams_limit: int = attrs.field(default=4096, validator=_at_least_one)
+    #: a lost member stays in the member table (unreachable: a send to it says so) this
+    #: many seconds past its loss, then is forgotten (a node under a new name at every
+    #: restart must not grow the table forever)
+    forget_lost_after: float = attrs.field(default=300.0, validator=_positive)
 
 
 @final
@@ -213,6 +217,8 @@ class ClusterStats:
     inbound_streams_retired: int = 0
     #: live inbound streams evicted past ``inbound_streams_limit``
     streams_evicted: int = 0
+    #: lost members forgotten ``forget_lost_after`` seconds after their loss
+    nodes_forgotten: int = 0
 
 
 _decode: Final = wire.decode_message
@@ -325,6 +331,7 @@ class Cluster:
         self._disconnects = 0
         self._reconnects = 0
         self._nodes_lost = 0
+        self._nodes_forgotten = 0
         self._closing = False
         self._forwarded_in = 0
         self.placement = Placement(self)
@@ -1623,8 +1630,18 @@ class Cluster:
     async def _check_members(self) -> None:
         while True:
             await trio.sleep(self.options.heartbeat_interval / 2)
-            for info in self.members.newly_lost(monotonic()):
+            now = monotonic()
+            for info in self.members.newly_lost(now):
                 self._node_lost(info)
+            for info in self.members.forget_lost(now, self.options.forget_lost_after):
+                self._nodes_forgotten += 1
+                log.info(
+                    "node %s: forgot node %r (lost %.0fs ago; a send to its agents is now"
+                    " AgentNotFound, not TransportUnavailable)",
+                    self.node,
+                    info.node,
+                    now - info.last_seen - self.members.lost_after,
+                )
             # streams of senders gone (left, lost, replaced) leave the heartbeat record
             self._inbound.retire_gone(self._is_live_member, self.options.heartbeat_interval)
 
@@ -1919,6 +1936,7 @@ class Cluster:
             inbound_streams=self._inbound.live,
             inbound_streams_retired=self._inbound.retired,
             streams_evicted=self._inbound.evicted,
+            nodes_forgotten=self._nodes_forgotten,
         )
 
 

@@ -138,6 +138,21 @@ class MemberTable:
                 lost.append(info)
         return lost
 
+    def forget_lost(self, now: float, after: float) -> list[NodeInfo]:
+        """Drop and return the members lost more than ``after`` seconds ago (silent for
+        ``lost_after + after``): an unreachable entry is kept only so long, or a node that
+        comes back under a new name at every restart would grow the table forever. One
+        heard from again later is a new member."""
+        horizon = self.lost_after + after
+        gone = [
+            info
+            for node, info in self.members.items()
+            if node != self.self_node and not info.reachable and now - info.last_seen > horizon
+        ]
+        for info in gone:
+            self.left(info.node)
+        return gone
+
     def node_of(self, agent_id: uuid.UUID) -> NodeInfo | None:
         node = self.by_prefix.get(agent_id.int >> 64)
         return None if node is None else self.members.get(node)
