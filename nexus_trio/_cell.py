@@ -38,6 +38,7 @@ from ._message import SYSTEM_ID, Message, MessageKind
 from ._router import KernelPhase, Router
 
 _DRAINING: Final = KernelPhase.DRAINING
+_STARTED: Final = EventKind.STARTED
 #: what a parked serve loop holds instead of the last message it handled
 _NOTHING: Final = Message(SYSTEM_ID, SYSTEM_ID)
 
@@ -272,7 +273,7 @@ class AgentCell(Child):
                     self.scope = nursery.cancel_scope
                     await behaviour.on_start(ctx)
                     self.signal_started()
-                    self.ledger.event(EventKind.STARTED, self.id, self.name)
+                    self.ledger.event(_STARTED, self.id, self.name)
                     await self._serve(behaviour)
                     # The run is over: its background work ends with it.
                     nursery.cancel_scope.cancel()

@@ -222,6 +222,9 @@ class ClusterStats:
 
 
 _decode: Final = wire.decode_message
+#: read as a module constant on the per-message paths: ``MessageKind.QUERY`` (a class
+#: attribute of an enum) costs ~175 ns a read on Python 3.11, a module constant ~12 ns
+_QUERY: Final = MessageKind.QUERY
 
 
 @final
@@ -558,7 +561,7 @@ class Cluster:
         self._published += 1
 
     def _forget_outstanding(self, msg: Message) -> None:
-        if msg.kind is MessageKind.QUERY:
+        if msg.kind is _QUERY:
             self._outstanding.pop(msg.id, None)
 
     def deliver_nowait(self, msg: Message) -> None:
@@ -738,13 +741,13 @@ class Cluster:
             node = f"type:{type_name}"
         else:
             node, agent_id = self.resolve(to)
-            if msg.kind is not MessageKind.QUERY:
+            if msg.kind is not _QUERY:
                 # A tell goes in the node's batch (no subject of its own), numbered so
                 # that its loss in transit is counted (a lost query needs no number:
                 # its requester gets RequestTimeout).
                 return "", "", None, (node, self.members.members[node].id_prefix)
             subject = wire.agent_subject(self.prefix, node, agent_id)
-        if msg.kind is MessageKind.QUERY:
+        if msg.kind is _QUERY:
             # A query goes alone, on the agent's subject: NATS answers "no responders"
             # at once when the node is gone, and a single request waits for no batch.
             reply = wire.reply_subject(self.prefix, self.node, msg.id)
@@ -1178,7 +1181,7 @@ class Cluster:
         msg = self._decode_for(m, type_name)
         if msg is None:
             return
-        is_query = bool(m.reply) and msg.kind is MessageKind.QUERY
+        is_query = bool(m.reply) and msg.kind is _QUERY
         if is_query:
             self._remember(self._reply_routes, msg.id, m.reply)
         try:
@@ -1210,7 +1213,7 @@ class Cluster:
         msg = self._decode_for(m, type_name)
         if msg is None:
             return
-        is_query = bool(m.reply) and msg.kind is MessageKind.QUERY
+        is_query = bool(m.reply) and msg.kind is _QUERY
         if is_query:
             self._remember(self._reply_routes, msg.id, m.reply)
         self._admit(m, msg, is_query, None)
@@ -1303,7 +1306,7 @@ class Cluster:
         self._refuse(m, msg, exc)
 
     def _refuse(self, m: NatsMsg | None, msg: Message, exc: NexusError) -> None:
-        if m is not None and m.reply and msg.kind is MessageKind.QUERY:
+        if m is not None and m.reply and msg.kind is _QUERY:
             self._publish_error(m.reply, exc)
             return
         reason = {
@@ -1460,7 +1463,7 @@ class Cluster:
             task_status.started()
             async for letter in letters:
                 msg = letter.message
-                if msg.kind is not MessageKind.QUERY:
+                if msg.kind is not _QUERY:
                     continue
                 if letter.reason is DeadLetterReason.REQUEST_TIMEOUT:
                     # Its requester stopped waiting (that is what cancelled it): no error
