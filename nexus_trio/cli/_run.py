@@ -332,7 +332,8 @@ def _sample(state: _State, kernel: Kernel, rate: float) -> Sample:
 async def _watch(state: _State, kernel: Kernel, title: str) -> None:
     """Refresh the live view (at most 4 times a second) or log a plain line every few seconds."""
     opts = state.opts
-    live_interval = 0.25 if opts.agents <= 100_000 else 1.0  # stats() is O(agents)
+    # stats() is O(1); a redraw of the live view is not free: big runs redraw less often
+    live_interval = 0.25 if opts.agents <= 100_000 else 1.0
     interval = live_interval if opts.live else PLAIN_INTERVAL
     last_t = trio.current_time()
     first = kernel.stats()
