@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +160,44 @@ async def _join_and_exchange(url: str | None, nats: NatsConfig) -> None:
                         break
                     await trio.sleep(0.02)
                 await kernel.shutdown()
+
+
+async def test_a_refusal_followed_by_resets_still_says_what_the_server_answered() -> None:
+    """A server that refuses the credentials and then resets the connection (the order
+    a real nats-server's close can take): the error names the refusal, not the reset."""
+    connections = 0
+
+    async def refuse(stream: trio.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        if connections == 1:
+            info = b'{"server_id":"fake","version":"2.10.0","proto":1,"max_payload":1048576,'
+            await stream.send_all(b"INFO " + info + b'"auth_required":true}\r\n')
+            await stream.receive_some()  # CONNECT and PING
+            await stream.send_all(b"-ERR 'Authorization Violation'\r\n")
+        # then (and at every later attempt) a reset, not a clean close
+        linger_zero = struct.pack("ii", 1, 0)  # l_onoff=1, l_linger=0: close sends RST
+        stream.socket.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_LINGER, linger_zero)
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        (listener,) = await nursery.start(partial(trio.serve_tcp, refuse, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        async with open_kernel(node_config()) as kernel:
+            with trio.fail_after(30), pytest.raises(TransportUnavailable) as info:
+                async with join_cluster(
+                    kernel,
+                    f"nats://127.0.0.1:{port}",
+                    "a",
+                    options=attrs.evolve(FAST, connect_attempts=2, reconnect_wait=0.0),
+                    auth=NatsAuth(user="svc", password="Wrong-pw-3"),
+                ):
+                    pass
+        nursery.cancel_scope.cancel()
+    text = str(info.value)
+    assert connections >= 2  # the refusal, then at least one attempt that was reset
+    assert "(user/password)" in text and "the server said:" in text
+    assert "Authorization Violation" in text and "Wrong-pw-3" not in text
 
 
 async def test_user_and_password_from_config_and_a_wrong_password_is_named_not_shown(

@@ -225,6 +225,14 @@ _decode: Final = wire.decode_message
 #: read as a module constant on the per-message paths: ``MessageKind.QUERY`` (a class
 #: attribute of an enum) costs ~175 ns a read on Python 3.11, a module constant ~12 ns
 _QUERY: Final = MessageKind.QUERY
+#: errors of the connection itself, not an answer of the server (which says more: an
+#: 'Authorization Violation', a TLS requirement, a protocol error)
+_CONNECTION_ERRORS: Final = (
+    OSError,
+    nats.errors.StaleConnectionError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.NoServersError,
+)
 
 
 @final
@@ -416,11 +424,17 @@ class Cluster:
             url = nc.connected_url.netloc if nc is not None and nc.connected_url else "?"
             log.warning("node %s: %s connection to NATS back, at %s", self.node, role, redact(url))
 
-        last_error: list[Exception] = []  # what the server said while connecting
+        # while connecting: the server's own answer (e.g. 'Authorization Violation'), and
+        # the last error of any kind (a server that refuses may also reset the socket,
+        # and that reset must not hide why it refused)
+        answer: list[Exception] = []
+        last_error: list[Exception] = []
 
         async def on_error(exc: Exception) -> None:
             if not connected:
                 last_error[:] = [exc]
+                if not answer and not isinstance(exc, _CONNECTION_ERRORS):
+                    answer.append(exc)
             if not connected or down or self._closing:
                 log.debug("node %s: NATS (%s): %r", self.node, role, exc)
             else:
@@ -456,7 +470,10 @@ class Cluster:
             ) from None
         except Exception as exc:
             # from None: the cause's text may quote what the server was sent
-            said = f"; last error: {last_error[0]!r}" if last_error else ""
+            if answer:
+                said = f"; the server said: {answer[0]!r}"
+            else:
+                said = f"; last error: {last_error[0]!r}" if last_error else ""
             raise TransportUnavailable(
                 redact(f"cannot connect to NATS at {where} ({self._auth_kind()}): {exc!r}{said}")
             ) from None
