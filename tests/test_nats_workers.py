@@ -51,6 +51,14 @@ def test_two_workers_run_the_demo_and_their_summaries_are_added_up() -> None:
     assert summary["conserved"] is True
     assert summary["sent"] == sum(w["sent"] for w in summary["per_worker"]) > 0
     assert all(w["in_flight"] == 0 for w in summary["per_worker"])
+    # each worker kept the other's sending stream, lost and evicted nothing
+    for worker in summary["per_worker"]:
+        assert worker["membership"] == {
+            "nodes_lost": 0,
+            "nodes_forgotten": 0,
+            "inbound_streams": 1,
+            "streams_evicted": 0,
+        }, worker
 
 
 def test_nexus_run_workers_3_json_is_one_swarm_whose_cluster_books_balance() -> None:

@@ -699,6 +699,7 @@ def build_summary(
         summary["node"] = remote.get("node")
         summary["lost_counted"] = remote.get("lost_counted", 0)
         summary["lost_counted_by_kind"] = remote.get("lost_counted_by_kind", {})
+        summary["membership"] = remote.get("membership", {})
         summary["swarm"] = state.swarm is not None
     return summary
 

@@ -197,4 +197,11 @@ def cluster_counts(cluster: Cluster) -> dict[str, Any]:
             "publish_failures": s.publish_failures,
             "lost_with_nodes": s.lost_with_nodes,
         },
+        # what this worker keeps of its peers (bounded: see docs/distributed.md)
+        "membership": {
+            "nodes_lost": s.nodes_lost,
+            "nodes_forgotten": s.nodes_forgotten,
+            "inbound_streams": s.inbound_streams,
+            "streams_evicted": s.streams_evicted,
+        },
     }
