@@ -77,8 +77,9 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reseed_after_fork)
 
 
-def _uuid_from_int(value: int) -> uuid.UUID:
-    # uuid.UUID(int=...) validates and costs ~1 us; these values are well formed.
+def uuid_from_int(value: int) -> uuid.UUID:
+    """``uuid.UUID(int=value)`` for a value known to be in ``range(ID_LIMIT)``: the
+    constructor's own checks cost ~1 us (the wire codec checks the range itself)."""
     u = _new_uuid(uuid.UUID)
     _set(u, "int", value)
     _set(u, "is_safe", _SAFE_UNKNOWN)
@@ -87,7 +88,7 @@ def _uuid_from_int(value: int) -> uuid.UUID:
 
 #: one past the largest id value; a constant, since ``1 << 128`` in an expression is
 #: computed at each evaluation (CPython folds no constant that large)
-_ID_LIMIT: Final = 1 << 128
+ID_LIMIT: Final = 1 << 128
 
 
 def id_value(msg: Message) -> int:
@@ -98,7 +99,7 @@ def id_value(msg: Message) -> int:
 
 def new_id() -> uuid.UUID:
     """Return a fresh, process-unique UUID (version 4 layout) without a syscall."""
-    return _uuid_from_int(next(_next_ids))
+    return uuid_from_int(next(_next_ids))
 
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -186,7 +187,7 @@ class Message(_Slots):
         elif id.__class__ is int:
             # The id's 128-bit value, as a codec reads it off the wire: the UUID is built
             # on first access of .id, as for the kernel's own ids.
-            if not 0 <= id < _ID_LIMIT:
+            if not 0 <= id < ID_LIMIT:
                 raise ValueError(f"a message id must be a 128-bit value, got {id!r}")
             self._id = id
         else:
@@ -229,7 +230,7 @@ class Message(_Slots):
         """This message's unique id (built from the counter on first access)."""
         value = self._id
         if isinstance(value, int):
-            value = self._id = _uuid_from_int(value)
+            value = self._id = uuid_from_int(value)
         return value
 
     @property

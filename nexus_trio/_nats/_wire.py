@@ -45,7 +45,7 @@ from .._errors import (
     NexusError,
     RequestFailed,
 )
-from .._message import Message, MessageKind, id_value
+from .._message import ID_LIMIT, Message, MessageKind, id_value, uuid_from_int
 
 NODE_HEADER: Final = "Nexus-Node"
 ERROR_HEADER: Final = "Nexus-Error"
@@ -64,9 +64,6 @@ _NUMBERED_FORMAT: Final = 2
 #: how a numbered body starts: what a receiver checks before anything else
 NUMBERED_PREFIX: Final = b'[2,"'
 _KINDS: Final = {kind.value: kind for kind in MessageKind}
-_new = object.__new__
-_set = object.__setattr__
-_SAFE_UNKNOWN: Final = uuid.SafeUUID.unknown
 
 _std_dumps: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _std_loads: Final = json.JSONDecoder().decode
@@ -105,19 +102,11 @@ def _read_json(data: bytes) -> Any:
         return _std_loads(data.decode())
 
 
-#: one past the largest id; a constant, since ``1 << 128`` in an expression is computed
-#: at each evaluation (CPython folds no constant that large)
-_ID_LIMIT: Final = 1 << 128
-
-
 def _uuid(value: int) -> uuid.UUID:
-    # uuid.UUID(int=...) validates and costs ~1 us; the range check below is what matters.
-    if value.__class__ is not int or not 0 <= value < _ID_LIMIT:
+    # The range check is what matters (uuid.UUID(int=...) checks more and costs ~1 us).
+    if value.__class__ is not int or not 0 <= value < ID_LIMIT:
         raise TypeError(f"expected a 128-bit integer id, got {value!r}")
-    u: uuid.UUID = _new(uuid.UUID)
-    _set(u, "int", value)
-    _set(u, "is_safe", _SAFE_UNKNOWN)
-    return u
+    return uuid_from_int(value)
 
 
 #: agent ids seen on the wire, as UUIDs: a batch carries the same few senders and
