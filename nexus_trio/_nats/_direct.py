@@ -33,7 +33,11 @@ import re
 from collections.abc import Callable
 from typing import Any, Final
 
+from nats.protocol import command as _nats_command
+
 log = logging.getLogger("nexus_trio.nats")
+#: nats-py's own encoder of a PUB command (what ``publish`` writes), typed for mypy
+_pub_command: Final[Callable[[str, str, bytes], bytes]] = _nats_command.pub_cmd
 
 #: what nats-py refuses in a subject when it publishes (CRLF would inject commands)
 _BAD_SUBJECT: Final = re.compile(r"[ \t\r\n]")
@@ -63,8 +67,7 @@ def publish_at_once(nc: Any, subject: str, reply: str, payload: bytes) -> bool:
         return False
     if not subject or _BAD_SUBJECT.search(subject) or _BAD_SUBJECT.search(reply):
         return False
-    # the same bytes as nats-py's pub_cmd
-    command = b"PUB %s %s %d\r\n%s\r\n" % (subject.encode(), reply.encode(), len(payload), payload)
+    command = _pub_command(subject, reply, payload)
     try:
         if pending:
             pending.append(command)
