@@ -61,7 +61,8 @@ class Kernel:
         self.config = config
         kc = config.kernel
         self._ledger = Ledger(kc.dead_letter_buffer)
-        self._router = Router(self._ledger, kc.send_timeout)
+        heap = HeapKeeper(kc.gc_freeze)
+        self._router = Router(self._ledger, kc.send_timeout, heap)
         self._thread_limiter = trio.CapacityLimiter(config.runtime.blocking_thread_limit)
         sup = config.supervision
         # One bound method for every cell (not a new one per spawn).
@@ -71,7 +72,7 @@ class Kernel:
             self._ledger,
             random.Random(seed),
             escalate_to_kernel=sup.escalate_to_kernel,
-            heap=HeapKeeper(kc.gc_freeze),
+            heap=heap,
         )
         self._root = SupervisorNode(
             self._host,

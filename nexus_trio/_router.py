@@ -36,6 +36,7 @@ from ._errors import (
     RequestTimeout,
     TransportUnavailable,
 )
+from ._gc import HeapKeeper
 from ._ledger import Ledger
 from ._mailbox import Mailbox
 from ._message import Address, Message, MessageKind
@@ -149,8 +150,10 @@ class TransportHandle:
 class Router:
     """Routes, names, delivery and request correlation of one kernel."""
 
-    def __init__(self, ledger: Ledger, send_timeout: float) -> None:
+    def __init__(self, ledger: Ledger, send_timeout: float, heap: HeapKeeper) -> None:
         self.ledger = ledger
+        #: told the backlog on the slow path of sends (see _gc: queued messages)
+        self.heap = heap
         self.send_timeout = send_timeout
         self.phase = KernelPhase.RUNNING
         #: address (id and name) -> local agent
@@ -281,6 +284,7 @@ class Router:
         """The rest of a send after :meth:`fast` said no: may wait for room (``block``),
         raises ``AgentNotFound`` / ``MailboxFull`` / ``TransportUnavailable``."""
         await trio.lowlevel.checkpoint_if_cancelled()
+        self.heap.backlog(self.ledger.in_flight)
         try:
             await self.deliver(msg, wait=True)
         except (AgentNotFound, MailboxFull) as exc:

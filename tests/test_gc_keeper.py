@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -71,3 +72,71 @@ async def test_a_kernel_freezes_under_many_agents_and_unfreezes_when_it_closes(
     assert (frozen_while_running > 0) is enabled
     assert gc.get_freeze_count() == 0
     assert kernel.stats().handled == 3000 and kernel.stats().dead_lettered == 0
+
+
+class _Node:
+    """A weak-referenceable object to put in a reference cycle."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_a_growing_backlog_freezes_and_a_drained_one_thaws_after_enough_freezes(
+    unfrozen: None,
+) -> None:
+    keeper = HeapKeeper(True, batch=4)
+    keeper.backlog(3)
+    assert keeper.freezes == 0 and gc.get_freeze_count() == 0
+    # Cyclic garbage that exists at a freeze is held back by it (only that is at stake).
+    node = _Node()
+    ref = weakref.ref(node)
+    del node
+    keeper.backlog(4)
+    assert keeper.freezes == 1 and gc.get_freeze_count() > 0
+    gc.collect()
+    assert ref() is not None
+    # Growth is measured from the last freeze: 4 + 3 is not enough, 4 + 4 is.
+    keeper.backlog(7)
+    assert keeper.freezes == 1
+    keeper.backlog(8)
+    assert keeper.freezes == 2
+    # Drained to below half before 16 backlog freezes: growth restarts from there, no thaw.
+    keeper.backlog(3)
+    assert keeper.thaws == 0 and gc.get_freeze_count() > 0
+    keeper.backlog(6)
+    assert keeper.freezes == 2  # 3 + 4 is the next mark
+    for queued in range(7, 7 + 4 * 14, 4):
+        keeper.backlog(queued)
+    assert keeper.freezes == 16 and keeper.thaws == 0
+    # Half of the last mark is not below it; one less is: the heap goes back.
+    mark = 7 + 4 * 13
+    keeper.backlog(mark // 2 + 1)
+    assert keeper.thaws == 0
+    keeper.backlog(mark // 2 - 1)
+    assert keeper.thaws == 1 and gc.get_freeze_count() == 0
+    gc.collect()
+    assert ref() is None
+
+
+def test_a_disabled_keeper_ignores_the_backlog(unfrozen: None) -> None:
+    keeper = HeapKeeper(False, batch=1)
+    for queued in range(100):
+        keeper.backlog(queued)
+    assert keeper.freezes == 0 and gc.get_freeze_count() == 0
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+async def test_a_fan_out_burst_freezes_the_queued_messages(unfrozen: None, enabled: bool) -> None:
+    # Four agents (far from a batch of spawns): only the backlog can freeze.
+    config = Config(kernel=KernelConfig(gc_freeze=enabled, mailbox_capacity=4096))
+    async with open_kernel(config) as kernel:
+        refs = [kernel.spawn(noop) for _ in range(4)]
+        for i in range(4 * 4096):
+            await kernel.send(refs[i % 4], i)  # never yields with room: all queued
+        frozen_in_burst = gc.get_freeze_count()
+        assert kernel.stats().in_flight == 4 * 4096
+        await trio.testing.wait_all_tasks_blocked()
+        stats = kernel.stats()
+        assert stats.handled == 4 * 4096 and stats.in_flight == 0 and stats.dead_lettered == 0
+    assert (frozen_in_burst > 0) is enabled
+    assert gc.get_freeze_count() == 0
