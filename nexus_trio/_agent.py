@@ -427,7 +427,7 @@ class Context:
         """
         msg = self._outgoing(to, payload, kind)
         router = self._router
-        if not router.fast(msg, False):
+        if not router.fast(msg, msg.to if msg.reply_to is None else None, False):
             await router.send(msg)
         return msg
 
