@@ -325,16 +325,17 @@ class Kernel:
           :class:`MailboxFull` (not enqueued);
         * kernel shutting down: :class:`KernelShuttingDown`.
         """
+        address: Address | None
         if type(to) is Message:
             msg = to
-            to = msg.to if msg.reply_to is None else None
+            address = msg.to if msg.reply_to is None else None
         else:
             # Positional (sender, to, payload, kind, id, timestamp, conversation_id,
             # reply_to, trace_id): keywords would make Python build a dict per message.
-            to = to.id if type(to) is AgentRef else to
-            msg = Message(sender, to, payload, kind, None, None, None, None, trace_id)
+            address = to.id if type(to) is AgentRef else to
+            msg = Message(sender, address, payload, kind, None, None, None, None, trace_id)
         router = self._router
-        if not router.fast(msg, to, True):
+        if not router.fast(msg, address, True):
             await router.send(msg)
         return msg
 
