@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import logging
+import os
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -17,6 +21,31 @@ def make_config(**kernel: object) -> Config:
         kernel=KernelConfig(**kernel),  # type: ignore[arg-type]
         supervision=SupervisionConfig(max_restarts=1000, backoff_initial_ms=0, backoff_max_ms=0),
     )
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """`nexus run` configures the nexus_trio logger; give the next test what it had."""
+    logger = logging.getLogger("nexus_trio")
+    handlers, level = list(logger.handlers), logger.level
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+
+
+@pytest.fixture
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A working directory without config files and no NEXUS_* variables; the modules a
+    test wrote there (apps loaded with ``--app``) are forgotten afterwards."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    for name in list(os.environ):
+        if name.startswith("NEXUS_"):
+            monkeypatch.delenv(name)
+    yield tmp_path
+    for name, module in list(sys.modules.items()):
+        if str(getattr(module, "__file__", None) or "").startswith(str(tmp_path)):
+            del sys.modules[name]
 
 
 @pytest.fixture

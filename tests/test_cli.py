@@ -7,7 +7,6 @@ Real-process tests use real time with generous timeouts and always kill what the
 from __future__ import annotations
 
 import json
-import logging
 import os
 import queue
 import re
@@ -31,28 +30,8 @@ from typer.testing import CliRunner
 from nexus_trio import __version__
 from nexus_trio.cli import app
 
+pytestmark = pytest.mark.usefixtures("restore_logging")
 WIDE = {"COLUMNS": "200", "NO_COLOR": "1"}
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """`nexus run` configures the nexus_trio logger; give the next test what it had."""
-    logger = logging.getLogger("nexus_trio")
-    handlers, level = list(logger.handlers), logger.level
-    yield
-    logger.handlers[:] = handlers
-    logger.setLevel(level)
-
-
-@pytest.fixture
-def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A working directory without config files, and no NEXUS_* variables."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
-    for name in list(os.environ):
-        if name.startswith("NEXUS_"):
-            monkeypatch.delenv(name)
-    return tmp_path
 
 
 def invoke(args: list[str], **env: str):

@@ -9,13 +9,11 @@ There is no Docker daemon here: the docker tests build the command line docker w
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,28 +25,8 @@ from nexus_trio.cli._app import default_to_run
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 ROOT_OPTIONS = frozenset({"--help", "-h", "--version", "-V"})
+pytestmark = pytest.mark.usefixtures("restore_logging")
 WIDE = {"COLUMNS": "200", "NO_COLOR": "1"}
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """`nexus run` configures the nexus_trio logger; give the next test what it had."""
-    logger = logging.getLogger("nexus_trio")
-    handlers, level = list(logger.handlers), logger.level
-    yield
-    logger.handlers[:] = handlers
-    logger.setLevel(level)
-
-
-@pytest.fixture
-def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A working directory without config files, and no NEXUS_* variables."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
-    for name in list(os.environ):
-        if name.startswith("NEXUS_"):
-            monkeypatch.delenv(name)
-    return tmp_path
 
 
 def invoke(args: list[str]):

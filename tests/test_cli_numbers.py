@@ -5,12 +5,9 @@ summaries have the rows of a single run's."""
 from __future__ import annotations
 
 import json
-import logging
-import os
 import re
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +18,7 @@ from nexus_trio.cli import app
 from nexus_trio.cli._cluster_cmd import aggregate_summaries
 from nexus_trio.cli._view import fmt_count, summary_table
 
+pytestmark = pytest.mark.usefixtures("restore_logging")
 WIDE = {"COLUMNS": "200", "NO_COLOR": "1"}
 
 #: 500 tells and one request handled during the run, then an on_stop that takes a while:
@@ -44,26 +42,12 @@ SLOW_STOP_APP = """
 """
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    logger = logging.getLogger("nexus_trio")
-    handlers, level = list(logger.handlers), logger.level
-    yield
-    logger.handlers[:] = handlers
-    logger.setLevel(level)
-
-
 @pytest.fixture
-def slow_stop_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
-    for name in list(os.environ):
-        if name.startswith("NEXUS_"):
-            monkeypatch.delenv(name)
-    (tmp_path / "slow_stop_app.py").write_text(textwrap.dedent(SLOW_STOP_APP))
+def slow_stop_app(isolated: Path) -> str:
+    """The app above, written in an isolated directory (forgotten after the test)."""
+    (isolated / "slow_stop_app.py").write_text(textwrap.dedent(SLOW_STOP_APP))
     sys.modules.pop("slow_stop_app", None)
-    yield "slow_stop_app:main"
-    sys.modules.pop("slow_stop_app", None)
+    return "slow_stop_app:main"
 
 
 def flat(text: str) -> str:

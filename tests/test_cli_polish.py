@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,19 +18,6 @@ from nexus_trio.cli import app
 
 WIDE = {"COLUMNS": "250", "NO_COLOR": "1"}
 BIN = Path(sys.executable).parent
-
-
-@pytest.fixture
-def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
-    for name in list(os.environ):
-        if name.startswith("NEXUS_"):
-            monkeypatch.delenv(name)
-    yield tmp_path
-    for name, module in list(sys.modules.items()):  # the app modules these tests wrote
-        if str(getattr(module, "__file__", None) or "").startswith(str(tmp_path)):
-            del sys.modules[name]
 
 
 def invoke(args: list[str]):
