@@ -46,6 +46,7 @@ class HeapKeeper:
         "_backlog_mark",
         "_ended",
         "_frozen",
+        "_holding",
         "_started",
         "batch",
         "enabled",
@@ -64,6 +65,8 @@ class HeapKeeper:
         #: the backlog at the last backlog freeze, and backlog freezes since the last thaw
         self._backlog_mark = 0
         self._backlog_freezes = 0
+        #: something this keeper froze is still frozen
+        self._holding = False
         self.freezes = 0
         self.thaws = 0
 
@@ -74,6 +77,7 @@ class HeapKeeper:
         started = self._started = self._started + 1
         if started >= self.batch:
             gc.freeze()
+            self._holding = True
             self.freezes += 1
             self._frozen += started
             self._started = 0
@@ -86,6 +90,7 @@ class HeapKeeper:
             if not self.enabled:
                 return
             gc.freeze()
+            self._holding = True
             self.freezes += 1
             self._frozen += self._started
             self._started = 0
@@ -99,6 +104,7 @@ class HeapKeeper:
 
     def _thaw(self) -> None:
         gc.unfreeze()
+        self._holding = False
         self.thaws += 1
         self._frozen = self._ended = 0
         self._backlog_freezes = 0
@@ -112,8 +118,10 @@ class HeapKeeper:
             self._thaw()
 
     def close(self) -> None:
-        """The kernel closes: give everything it froze back to the collector."""
-        if self.freezes:
+        """The kernel closes: give everything it froze back to the collector (once, however
+        often it is called)."""
+        if self._holding:
             gc.unfreeze()
+            self._holding = False
             self._frozen = self._ended = self._started = 0
             self._backlog_mark = self._backlog_freezes = 0

@@ -547,19 +547,24 @@ async def open_kernel(
         with timer:
             await kernel._router.run_request_timer()
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(kernel._run_root)
-        nursery.start_soon(request_timer)
-        try:
-            with kernel._body_scope:
-                yield kernel
-        except BaseException as exc:
-            body_error = exc
-        finally:
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(kernel._run_root)
+            nursery.start_soon(request_timer)
             try:
-                await kernel.shutdown()
+                with kernel._body_scope:
+                    yield kernel
+            except BaseException as exc:
+                body_error = exc
             finally:
-                timer.cancel()
+                try:
+                    await kernel.shutdown()
+                finally:
+                    timer.cancel()
+    finally:
+        # Also when the shutdown itself was interrupted: what the kernel froze goes back
+        # to the collector (the heap is the whole process's, not this kernel's).
+        kernel._host.heap.close()
     if body_error is not None:
         raise body_error
     if kernel._escalation is not None:

@@ -140,3 +140,29 @@ async def test_a_fan_out_burst_freezes_the_queued_messages(unfrozen: None, enabl
         assert stats.handled == 4 * 4096 and stats.in_flight == 0 and stats.dead_lettered == 0
     assert (frozen_in_burst > 0) is enabled
     assert gc.get_freeze_count() == 0
+
+
+async def test_a_shutdown_that_fails_half_way_still_gives_the_heap_back(
+    unfrozen: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nexus_trio._ledger import Ledger
+
+    def broken(self: Ledger) -> None:
+        raise RuntimeError("log disk full")
+
+    # The last step of the shutdown before the heap is given back raises.
+    monkeypatch.setattr(Ledger, "finish_streams", broken)
+    frozen_in_burst = []
+
+    async def burst() -> None:
+        async with open_kernel(Config(kernel=KernelConfig(mailbox_capacity=4096))) as kernel:
+            refs = [kernel.spawn(noop) for _ in range(4)]
+            for i in range(3 * 2048):
+                await kernel.send(refs[i % 4], i)
+            frozen_in_burst.append(gc.get_freeze_count())
+
+    with pytest.raises(ExceptionGroup) as info:
+        await burst()
+    assert info.group_contains(RuntimeError, match="log disk full")
+    assert frozen_in_burst[0] > 0
+    assert gc.get_freeze_count() == 0
