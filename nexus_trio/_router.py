@@ -43,6 +43,8 @@ from ._message import Address, Message, MessageKind
 from ._transport import Transport
 
 _LATE_MEMORY: Final = 4096
+#: the deadline heap is swept of finished requests only past this many (see _finish)
+_SWEEP_AT: Final = 64
 
 
 class KernelPhase(enum.IntEnum):
@@ -85,12 +87,15 @@ class Recipient(Protocol):
 class _Pending:
     """A request waiting for its reply."""
 
-    __slots__ = ("error", "event", "reply")
+    __slots__ = ("done", "error", "event", "reply")
 
     def __init__(self) -> None:
         self.event = trio.Event()
         self.reply: Message | None = None
         self.error: BaseException | None = None
+        #: its entry in the deadline heap is no longer needed: the request is over
+        #: (answered, failed or cancelled), or the timer took the entry out to expire it
+        self.done = False
 
     def resolve(self, reply: Message) -> None:
         self.reply = reply
@@ -167,6 +172,8 @@ class Router:
         #: UUID through a Python __hash__)
         self._pending: dict[int, _Pending] = {}
         self._deadlines: list[tuple[float, int, _Pending]] = []
+        #: entries of _deadlines that are done (swept when they are half of it)
+        self._finished_deadlines = 0
         self._request_seq = 0
         self._timer_scope: trio.CancelScope | None = None
         self._late: deque[uuid.UUID] = deque()
@@ -539,6 +546,7 @@ class Router:
                     raise
         finally:
             self._pending.pop(key, None)
+            self._finish(pending)
         if pending.reply is not None:
             return pending.reply
         if pending.error is not None:
@@ -547,13 +555,37 @@ class Router:
             self.expire_query(query_id, query.to)
         raise RequestTimeout(query_id, query.to, timeout)
 
+    def _finish(self, pending: _Pending) -> None:
+        """A request is over: its deadline entry is dead weight (it holds the reply).
+
+        Entries leave the heap when the timer reaches them, which is ``timeout`` later
+        (30 s by default): at thousands of requests a second that would keep hundreds of
+        megabytes of answered requests. So once finished entries are more than half of
+        the heap, it is rebuilt without them (amortised O(1) per request; asyncio sweeps
+        its cancelled timers the same way).
+        """
+        if pending.done:
+            return  # the timer took its entry out (it timed out)
+        pending.done = True
+        done = self._finished_deadlines = self._finished_deadlines + 1
+        heap = self._deadlines
+        if done > _SWEEP_AT and done * 2 > len(heap):
+            heap[:] = [entry for entry in heap if not entry[2].done]
+            heapq.heapify(heap)
+            self._finished_deadlines = 0
+
     async def run_request_timer(self) -> None:
         """Expire pending requests at their deadlines (runs for the kernel's lifetime)."""
         heap = self._deadlines
         while True:
             now = trio.current_time()
-            while heap and (heap[0][2].event.is_set() or heap[0][0] <= now):
-                heapq.heappop(heap)[2].expire()
+            while heap and (heap[0][2].done or heap[0][0] <= now):
+                pending = heapq.heappop(heap)[2]
+                if pending.done:
+                    self._finished_deadlines -= 1
+                else:
+                    pending.done = True
+                    pending.expire()
             with trio.CancelScope() as scope:
                 scope.deadline = heap[0][0] if heap else math.inf
                 self._timer_scope = scope

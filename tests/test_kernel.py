@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
+import weakref
 from typing import Any, ClassVar
 
 import pytest
@@ -931,3 +932,57 @@ async def test_requests_with_different_timeouts_expire_each_at_its_own_deadline(
     assert expired["long"] - start == pytest.approx(3.0)
     assert expired["queued"] - start == pytest.approx(5.0)
     assert kernel.stats().rejected == {}
+
+
+class _Token:
+    """A payload that can be watched with a weak reference."""
+
+
+async def test_answered_requests_are_not_kept_until_their_deadline() -> None:
+    # Each request's deadline entry stays in the timer's heap until the timer reaches it
+    # (30 s by default); answered ones must not keep their replies alive that long.
+    @agent
+    async def echo(ctx: Context, msg: Message) -> Any:
+        return msg.payload
+
+    alive: list[weakref.ref[_Token]] = []
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(echo)
+        for _ in range(2000):
+            token = _Token()
+            alive.append(weakref.ref(token))
+            assert await kernel.request(ref, token) is token
+        del token
+        kept = sum(1 for r in alive if r() is not None)
+        assert kept <= 200, f"{kept} of 2,000 answered requests still hold their replies"
+        assert kernel.stats().replies_delivered == 2000
+
+
+async def test_request_deadlines_fire_on_time_among_many_answered_ones(
+    autojump_clock: Any,
+) -> None:
+    @agent(handle_timeout=1000.0)
+    async def server(ctx: Context, msg: Message) -> Any:
+        if msg.payload == "slow":
+            await trio.sleep(500)
+        return msg.payload
+
+    timed_out: list[tuple[float, float]] = []
+
+    async def slow(kernel: Any, ref: Any, timeout: float) -> None:
+        with pytest.raises(RequestTimeout):
+            await kernel.request(ref, "slow", timeout=timeout)
+        timed_out.append((timeout, trio.current_time()))
+
+    async with open_kernel(make_config()) as kernel:
+        slow_refs = [kernel.spawn(server) for _ in range(3)]
+        fast_ref = kernel.spawn(server)
+        async with trio.open_nursery() as nursery:
+            for timeout, ref in zip((15.0, 5.0, 10.0), slow_refs, strict=True):
+                nursery.start_soon(slow, kernel, ref, timeout)
+            await trio.testing.wait_all_tasks_blocked()
+            # Enough answered requests for the heap to be swept several times.
+            for i in range(1000):
+                assert await kernel.request(fast_ref, i) == i
+            assert trio.current_time() == 0.0
+    assert sorted(timed_out) == [(5.0, 5.0), (10.0, 10.0), (15.0, 15.0)]
