@@ -499,10 +499,16 @@ class Router:
             await self.route(result)
             return
         out = msg.reply(sender, result)
-        # The answer to a pending local request resolves it here: what route() would do
-        # through deliver(), without their two coroutines.
-        if self.phase < _STOPPING and self._deliver_reply(out):
-            return
+        if self.phase < _STOPPING:
+            # The answer to a pending local request resolves it here: what route() would
+            # do through deliver(), without their two coroutines (and, as route(), what
+            # fails is dead-lettered, never raised into the agent).
+            try:
+                if self._deliver_reply(out):
+                    return
+            except Exception as exc:
+                self._dead_undeliverable(out, exc)
+                return
         await self.route(out)
 
     # --- request/reply ---------------------------------------------------------------------
