@@ -84,7 +84,7 @@ class HeapKeeper:
 
     def backlog(self, queued: int) -> None:
         """The kernel holds ``queued`` messages accepted and not yet handled (told on the
-        producers' slow path: one send in sixteen, and every send that may wait)."""
+        producers' slow path, once in sixteen sends)."""
         mark = self._backlog_mark
         if queued >= mark + self.batch:
             if not self.enabled:

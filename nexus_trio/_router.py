@@ -296,7 +296,10 @@ class Router:
         """The rest of a send after :meth:`fast` said no: may wait for room (``block``),
         raises ``AgentNotFound`` / ``MailboxFull`` / ``TransportUnavailable``."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        self.heap.backlog(self.ledger.in_flight)
+        if not self._sends & 15:
+            # One send in sixteen tells the heap keeper the backlog (growth shows there;
+            # sends to other kernels, replies and waits need not pay for it each time).
+            self.heap.backlog(self.ledger.in_flight)
         try:
             await self.deliver(msg, wait=True)
         except (AgentNotFound, MailboxFull) as exc:
