@@ -40,6 +40,7 @@ class Ledger:
         "_dead_letters",
         "_events",
         "_monitors",
+        "_watching",
         "accepted",
         "agents_alive",
         "dead",
@@ -80,7 +81,10 @@ class Ledger:
         self.queue_wait = Histogram()
         self._dead_letters: Broadcast[DeadLetter] = Broadcast(dead_letter_buffer)
         self._events: Broadcast[LifecycleEvent] = Broadcast(256)
+        #: target -> its watchers, and watcher -> its targets (to end a stopped watcher's
+        #: monitors: without it, a long-lived target kept every watcher it ever had)
         self._monitors: dict[uuid.UUID, set[uuid.UUID]] = {}
+        self._watching: dict[uuid.UUID, set[uuid.UUID]] = {}
         self.now: Callable[[], float] = time.perf_counter
         #: what a dead Query means for its requester (set by the kernel's router)
         self.on_dead_query: Callable[[Message, DeadLetterReason, BaseException | None], None] = (
@@ -183,12 +187,32 @@ class Ledger:
 
     def watch(self, watcher: uuid.UUID, target: uuid.UUID) -> None:
         self._monitors.setdefault(target, set()).add(watcher)
+        self._watching.setdefault(watcher, set()).add(target)
 
     def notify(
         self, target: uuid.UUID, name: str | None, event: str, reason: str, *, final: bool
     ) -> None:
-        """Tell the watchers of ``target`` that it failed or stopped (an Event message)."""
-        watchers = self._monitors.pop(target, None) if final else self._monitors.get(target)
+        """Tell the watchers of ``target`` that it failed or stopped (an Event message).
+
+        ``final``: it stopped for good. Its monitors of others end with it (as in Erlang
+        and Akka: a monitor belongs to the watcher's lifetime), and so do the ones on it.
+        """
+        if final:
+            watchers = self._monitors.pop(target, None)
+            for watched in self._watching.pop(target, ()):
+                others = self._monitors.get(watched)
+                if others is not None:
+                    others.discard(target)
+                    if not others:
+                        del self._monitors[watched]
+            for watcher in watchers or ():
+                targets = self._watching.get(watcher)
+                if targets is not None:
+                    targets.discard(target)
+                    if not targets:
+                        del self._watching[watcher]
+        else:
+            watchers = self._monitors.get(target)
         if not watchers:
             return
         for watcher in list(watchers):

@@ -459,6 +459,48 @@ async def test_monitor_receives_failed_and_stopped_events(autojump_clock: Any) -
     ]
 
 
+async def test_a_watcher_that_stops_for_good_ends_its_monitors(autojump_clock: Any) -> None:
+    # A long-lived target watched by many short-lived agents: each monitor ends with its
+    # watcher (Erlang, Akka), so the target keeps none of them and, when it stops at last,
+    # sends no notice to an address that no longer exists.
+    notices: list[Any] = []
+
+    @agent(name="target")
+    async def target(ctx: Context, msg: Message) -> None:
+        return None
+
+    @agent
+    async def short_lived(ctx: Context, msg: Message) -> str | None:
+        if msg.payload == "watch":
+            ctx.monitor("target")
+            return "watching"
+        notices.append(msg.payload)
+        return None
+
+    @agent(name="keeper")
+    async def keeper(ctx: Context, msg: Message) -> str | None:
+        if msg.payload == "watch":
+            ctx.monitor("target")
+            return "watching"
+        notices.append(("keeper", msg.payload["event"], msg.payload["reason"]))
+        return None
+
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(target)
+        kernel.spawn(keeper)
+        assert await kernel.request("keeper", "watch") == "watching"
+        for _ in range(50):
+            ref = kernel.spawn(short_lived)
+            assert await kernel.request(ref, "watch") == "watching"
+            await kernel.stop(ref)
+        await kernel.stop("target")
+        await trio.testing.wait_all_tasks_blocked()
+        stats = kernel.stats()
+    # The one watcher still alive is told; the 50 stopped ones cost nothing.
+    assert notices == [("keeper", "stopped", "stopped")]
+    assert stats.dead_letters_by_reason == {}
+
+
 # --- property: random trees and failures never hang, lose or leak ---------------------------------
 
 
