@@ -74,13 +74,9 @@ class HeapKeeper:
         """Objects that live as long as an agent (or its run) were just made."""
         if not self.enabled:
             return
-        started = self._started = self._started + 1
-        if started >= self.batch:
-            gc.freeze()
-            self._holding = True
-            self.freezes += 1
-            self._frozen += started
-            self._started = 0
+        self._started += 1
+        if self._started >= self.batch:
+            self._freeze()
 
     def backlog(self, queued: int) -> None:
         """The kernel holds ``queued`` messages accepted and not yet handled (told on the
@@ -89,11 +85,7 @@ class HeapKeeper:
         if queued >= mark + self.batch:
             if not self.enabled:
                 return
-            gc.freeze()
-            self._holding = True
-            self.freezes += 1
-            self._frozen += self._started
-            self._started = 0
+            self._freeze()
             self._backlog_mark = queued
             self._backlog_freezes += 1
         elif queued * 2 < mark:
@@ -101,6 +93,14 @@ class HeapKeeper:
             self._backlog_mark = queued
             if self._backlog_freezes >= _BACKLOG_THAWS:
                 self._thaw()
+
+    def _freeze(self) -> None:
+        # What was created since the last freeze is frozen with the rest.
+        gc.freeze()
+        self._holding = True
+        self.freezes += 1
+        self._frozen += self._started
+        self._started = 0
 
     def _thaw(self) -> None:
         gc.unfreeze()

@@ -32,6 +32,15 @@ dead_letter_log: Final = logging.getLogger("nexus_trio.dead_letters")
 log: Final = logging.getLogger("nexus_trio.kernel")
 
 
+def _unlink(index: dict[uuid.UUID, set[uuid.UUID]], key: uuid.UUID, value: uuid.UUID) -> None:
+    """Remove ``value`` from ``index[key]``, and the entry once it is empty."""
+    entries = index.get(key)
+    if entries is not None:
+        entries.discard(value)
+        if not entries:
+            del index[key]
+
+
 @final
 class Ledger:
     """Counters, dead letters, lifecycle events and monitors of one kernel."""
@@ -200,17 +209,9 @@ class Ledger:
         if final:
             watchers = self._monitors.pop(target, None)
             for watched in self._watching.pop(target, ()):
-                others = self._monitors.get(watched)
-                if others is not None:
-                    others.discard(target)
-                    if not others:
-                        del self._monitors[watched]
+                _unlink(self._monitors, watched, target)
             for watcher in watchers or ():
-                targets = self._watching.get(watcher)
-                if targets is not None:
-                    targets.discard(target)
-                    if not targets:
-                        del self._watching[watcher]
+                _unlink(self._watching, watcher, target)
         else:
             watchers = self._monitors.get(target)
         if not watchers:
