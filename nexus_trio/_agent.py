@@ -23,7 +23,7 @@ from ._child import RestartType as RestartType
 from ._child import enum_member, to_restart
 from ._config import OverflowPolicy
 from ._logfields import log_fields as log_fields
-from ._message import Address, Message, MessageKind
+from ._message import Address, Message, MessageKind, new_message
 
 if TYPE_CHECKING:
     from ._kernel import Kernel
@@ -409,9 +409,8 @@ class Context:
         if isinstance(to, Message):
             return to
         current = self._cell.current
-        # Positional (see Message): keywords would make Python build a dict per message.
         trace_id = current.trace_id if current is not None else None
-        return Message(self.id, address_of(to), payload, kind, None, None, None, None, trace_id)
+        return new_message(self.id, address_of(to), payload, kind, trace_id)
 
     async def send(
         self,
@@ -453,8 +452,7 @@ class Context:
             raise ValueError(f"request timeout must be > 0 seconds, got {timeout!r}")
         current = self._cell.current
         trace_id = current.trace_id if current is not None else None
-        # positional: see _outgoing
-        query = Message(self.id, address_of(to), payload, _QUERY, None, None, None, None, trace_id)
+        query = new_message(self.id, address_of(to), payload, _QUERY, trace_id)
         reply = await self._router.request(query, timeout, external=False)
         return reply.payload
 

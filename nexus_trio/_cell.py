@@ -360,7 +360,9 @@ class AgentCell(Child):
         router = self.router
         ledger = self.ledger
         mailbox = self.mailbox
-        take = mailbox.take
+        # Mailbox.take written out below (a call per message costs more than a no-op
+        # handler): this, then ``depth -= 1`` or ``recount()`` while producers wait.
+        take = mailbox.taker()
         handler = behaviour.handle
         ctx = self.ctx
         assert ctx is not None
@@ -377,6 +379,8 @@ class AgentCell(Child):
                 self._handler_scope = scope
                 while True:
                     n = batch
+                    # which handled messages are sampled for latency (see Ledger)
+                    mask = ledger.sample_mask
                     while n:
                         if got is not None:
                             msg = got
@@ -394,23 +398,24 @@ class AgentCell(Child):
                                 ):
                                     return
                             if not mailbox.depth:
-                                # Empty (the depth is kept exact): no take() raising
+                                # Empty (the depth is kept exact): no take raising
                                 # WouldBlock, which costs more than a no-op handler
                                 # for an agent woken by each message.
                                 break
-                            try:
-                                msg = take()
-                            except trio.WouldBlock:
-                                break
+                            msg = take()  # type: ignore[assignment]  # None is never buffered
+                            if mailbox.waiting:
+                                mailbox.recount()
+                            else:
+                                mailbox.depth -= 1
                         n -= 1
                         if msg.kind is query and router.query_expired(msg):
                             self.dead_lettered += 1
                             router.discard_queued([msg], DeadLetterReason.REQUEST_TIMEOUT, self, "")
                             continue
                         self.current = msg
-                        # The clock is read only for a sampled message (one in eight) or a
-                        # handler that suspends: a read costs about as much as a no-op handler.
-                        start = now() if not (ledger.handled + 1) & 7 else 0.0
+                        # The clock is read only for a sampled message or a handler that
+                        # suspends: a read costs about as much as a no-op handler.
+                        start = now() if not (ledger.handled + 1) & mask else 0.0
                         try:
                             coro = handler(ctx, msg)
                             try:
@@ -437,9 +442,9 @@ class AgentCell(Child):
                         self.current = None
                         self.handled += 1
                         ledger.handled += 1
-                        if start and not ledger.handled & 7:
-                            # Sampled one message in eight kernel-wide (agents that handle few
-                            # messages are seen too): recording costs more than a no-op handler.
+                        if start and not ledger.handled & mask:
+                            # Sampled by the kernel-wide count (agents that handle few messages
+                            # are seen too): recording costs more than a no-op handler.
                             ledger.record_latency(start, msg)
                         if result is not None:
                             await router.route_result(self.id, msg, result)

@@ -38,7 +38,7 @@ from ._events import EventKind, LifecycleEvent
 from ._gc import HeapKeeper
 from ._ledger import Ledger
 from ._mailbox import MailboxStatistics
-from ._message import SYSTEM_ID, Address, Message, MessageKind, new_id
+from ._message import SYSTEM_ID, Address, Message, MessageKind, new_id, new_message
 from ._router import KernelPhase, Router, TransportHandle
 from ._stats import AgentStats, KernelStats
 from ._streams import Subscription
@@ -330,10 +330,9 @@ class Kernel:
             msg = to
             address = msg.to if msg.reply_to is None else None
         else:
-            # Positional (sender, to, payload, kind, id, timestamp, conversation_id,
-            # reply_to, trace_id): keywords would make Python build a dict per message.
             address = to.id if type(to) is AgentRef else to
-            msg = Message(sender, address, payload, kind, None, None, None, None, trace_id)
+            # new_message, not Message(...): see new_message.
+            msg = new_message(sender, address, payload, kind, trace_id)
         router = self._router
         if not router.fast(msg, address, True):
             await router.send(msg)
@@ -353,8 +352,8 @@ class Kernel:
         if type(to) is Message:
             msg = to
         else:
-            to = to.id if type(to) is AgentRef else to  # positional: see send()
-            msg = Message(sender, to, payload, kind, None, None, None, None, trace_id)
+            to = to.id if type(to) is AgentRef else to
+            msg = new_message(sender, to, payload, kind, trace_id)
         self._router.send_nowait(msg, external=True)
         return msg
 
@@ -376,8 +375,7 @@ class Kernel:
         (e.g. its handler raised), :class:`AgentNotFound` / :class:`MailboxFull` /
         :class:`KernelShuttingDown` as for :meth:`send`.
         """
-        # positional: see send()
-        query = Message(sender, address_of(to), payload, _QUERY, None, None, None, None, trace_id)
+        query = new_message(sender, address_of(to), payload, _QUERY, trace_id)
         reply = await self._router.request(query, self._request_timeout(timeout), external=True)
         return reply.payload
 

@@ -12,6 +12,7 @@ order) and keep the depth as a counter of its own, read in O(1).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import final
 
 import attrs
@@ -164,12 +165,25 @@ class Mailbox:
         msg = receive.receive_nowait()
         if self.waiting:
             # Trio has just moved a blocked producer's message into the freed slot.
-            self._admitted()
+            self.recount()
         else:
             self.depth -= 1
         return msg  # type: ignore[return-value]  # None is never buffered
 
-    def _admitted(self) -> None:
+    def taker(self) -> Callable[[], Message | None]:
+        """The channel's ``receive_nowait``, for a consumer that takes messages itself.
+
+        For the serve loop, which calls it only while ``depth`` is non-zero and then does
+        the rest of :meth:`take` (``depth -= 1``, or :meth:`recount` while ``waiting``):
+        a call of :meth:`take` per message costs more than a no-op handler.
+        """
+        receive = self._receive
+        if receive is None:
+            receive = self._open()[1]
+        return receive.receive_nowait
+
+    def recount(self) -> None:
+        """Set ``depth`` from the buffer after a take while producers were waiting."""
         assert self._send is not None
         # One out, and if a producer was parked one of theirs in: the depth is what the
         # buffer holds. The waiting count is decremented by the producer when it resumes,
@@ -216,7 +230,7 @@ class Mailbox:
         if waiting or self.waiting:
             # A blocked producer's message may have been admitted, and the producer may
             # already have counted itself out of ``waiting``: recount from the buffer.
-            self._admitted()
+            self.recount()
         else:
             self.depth -= 1
         return msg

@@ -729,6 +729,28 @@ async def test_stats_snapshot_counts_per_agent_and_high_water() -> None:
     assert stats.handle_latency.count == 0 or stats.handle_latency.count <= 7
 
 
+async def test_latency_sampling_is_one_in_eight_then_thins_to_one_in_64() -> None:
+    # Sampled by the kernel-wide count of handled messages: every eighth message for the
+    # first SAMPLE_DENSE (65,536), then every 64th (a sample costs a seventh of a no-op
+    # message). The thinner rate takes effect from the serve loop's next batch.
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(noop, name="n")
+        for i in range(64):
+            await kernel.send(ref, i)
+        await trio.testing.wait_all_tasks_blocked()
+        assert kernel.stats().handle_latency.count == 8
+        assert kernel.stats().queue_wait.count == 8
+        for i in range(65_536 - 64 + 6_400):
+            await kernel.send(ref, i)
+        await trio.testing.wait_all_tasks_blocked()
+        stats = kernel.stats()
+    assert stats.handled == 65_536 + 6_400
+    dense, sparse = 65_536 // 8, 6_400 // 64
+    # at most one batch (64 messages, 8 samples) still at the old rate after the switch
+    assert dense + sparse <= stats.handle_latency.count <= dense + sparse + 8
+    assert stats.queue_wait.count == stats.handle_latency.count
+
+
 async def test_dead_letter_stream_is_bounded_and_counts_what_it_drops(autojump_clock: Any) -> None:
     @agent(mailbox_capacity=1, overflow="drop_newest")
     async def plug(ctx: Context, msg: Message) -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import pytest
@@ -8,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nexus_trio import SYSTEM_ID, Message, MessageDecodeError, MessageKind, new_id
-from nexus_trio._message import id_value
+from nexus_trio._message import id_value, new_message
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(),
@@ -190,6 +191,35 @@ def test_the_timestamp_is_whole_microseconds_now() -> None:
     after = time.time_ns() // 1000
     assert isinstance(msg.timestamp, int)
     assert before <= msg.timestamp <= after
+
+
+def test_new_message_builds_what_the_constructor_builds() -> None:
+    # The kernel's hot paths build messages with new_message (no class call): the result
+    # must be the same object the constructor makes, with its own fresh id and time.
+    to, trace, conversation, answered = (uuid.uuid4() for _ in range(4))
+    before = time.time_ns() // 1000
+    built = new_message(SYSTEM_ID, to, [1], MessageKind.RESPONSE, trace, conversation, answered)
+    after = time.time_ns() // 1000
+    assert type(built) is Message
+    assert before <= built.timestamp <= after
+    same = Message(
+        SYSTEM_ID,
+        to,
+        [1],
+        MessageKind.RESPONSE,
+        id=built.id,
+        timestamp=built.timestamp,
+        conversation_id=conversation,
+        reply_to=answered,
+        trace_id=trace,
+    )
+    assert built == same and repr(built) == repr(same)
+    assert Message.from_json(built.to_json()) == built
+    plain = new_message(SYSTEM_ID, "bob", None, MessageKind.COMMAND, None)
+    assert (plain.conversation_id, plain.reply_to, plain.trace_id) == (None, None, None)
+    assert plain.id != built.id and plain.id.version == 4
+    with pytest.raises(AttributeError):
+        plain.payload = 1  # type: ignore[misc]
 
 
 def test_equality_hash_and_repr_cover_every_field() -> None:
