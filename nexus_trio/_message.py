@@ -348,6 +348,50 @@ def new_message(
     return msg
 
 
+#: ``(sender, to, payload, kind, id, ns, conversation_id, reply_to, trace_id)`` of a message
+#: in one C call, for codecs: ``id`` as stored (a UUID, or its 128-bit value if
+#: ``msg.id`` was never read) and ``ns`` the creation time in nanoseconds (the
+#: ``timestamp`` property is a Python-level call, a tenth of a binary encode).
+stored_fields: Final[Callable[[Message], tuple[Any, ...]]] = attrgetter(
+    "_sender",
+    "_to",
+    "_payload",
+    "_kind",
+    "_id",
+    "_ns",
+    "_conversation_id",
+    "_reply_to",
+    "_trace_id",
+)
+
+
+def restore_message(
+    sender: uuid.UUID,
+    to: Address,
+    payload: Any,
+    kind: MessageKind,
+    id: int,
+    timestamp: int,
+    conversation_id: uuid.UUID | None,
+    reply_to: uuid.UUID | None,
+    trace_id: uuid.UUID | None,
+) -> Message:
+    """A message read by a codec whose fields are already checked (``id`` a value in
+    ``range(ID_LIMIT)``, ``timestamp`` whole microseconds): what ``Message(...)`` builds
+    with the same arguments, without its checks or the class call (see new_message)."""
+    msg = _new_message(Message)
+    msg._sender = sender
+    msg._to = to
+    msg._payload = payload
+    msg._kind = kind
+    msg._id = id
+    msg._ns = timestamp * 1000
+    msg._conversation_id = conversation_id
+    msg._reply_to = reply_to
+    msg._trace_id = trace_id
+    return msg
+
+
 # --- wire codec -------------------------------------------------------------------------
 
 

@@ -7,12 +7,13 @@ destination node and its id prefix), which leaves as one NATS message on
 past the server's ``max_payload``) or on the next scheduler tick. A batch is binary,
 length-prefixed, and checked before any frame of it is used::
 
-    batch  = MAGIC "NXB1" | sender id prefix u64 | sender session u64
+    batch  = MAGIC "NXB2" | sender id prefix u64 | sender session u64
              | destination id prefix u64 | first number u64 | numbered count u32
              | node name length u16 | node name | frame*
     frame  = length u32 (of kind + body) | kind u8 | body
 
-Frame kinds: ``TELL`` (a message in the compact JSON form of ``_wire``, numbered),
+Frame kinds: ``TELL`` (a message in the binary form of ``_wire.encode_tell``, numbered;
+in a batch "NXB1" of the version before, the compact JSON form),
 ``CANCEL`` (a query id, 16 bytes, then the address it was sent to: ``0`` + 16 id bytes or
 ``1`` + a UTF-8 name) and ``CREDIT`` (u64 session, u64 count: how many tells of the
 stream the other way, from that session, the sender of this batch consumed so far).
@@ -37,7 +38,11 @@ import trio
 
 from .._message import Address
 
-MAGIC: Final = b"NXB1"
+MAGIC: Final = b"NXB2"
+#: NXB1, the version before binary tells, is still read (its tells are format 1 JSON,
+#: which the decoder of a tell reads too); a node of that version refuses NXB2 batches
+#: as a whole, counted and logged, instead of failing on each tell
+_READ_MAGICS: Final = frozenset((b"NXB1", MAGIC))
 _HEAD: Final = struct.Struct(">4sQQQQIH")
 _FRAME: Final = struct.Struct(">IB")
 _CREDIT: Final = struct.Struct(">QQ")
@@ -84,7 +89,7 @@ def parse_head(data: bytes) -> tuple[BatchHead, int]:
     if len(data) < HEAD_SIZE:
         raise BatchError(f"batch of {len(data)} bytes is shorter than its {HEAD_SIZE}-byte head")
     magic, sender_prefix, session, dest_prefix, first, numbered, name_len = _HEAD.unpack_from(data)
-    if magic != MAGIC:
+    if magic not in _READ_MAGICS:
         raise BatchError(f"batch starts with {magic!r}, not {MAGIC!r}")
     end = HEAD_SIZE + name_len
     if name_len == 0 or end > len(data):

@@ -630,7 +630,7 @@ class Cluster:
         return link
 
     def _tell_body(self, msg: Message) -> bytes:
-        body = wire.encode_message(msg)
+        body = wire.encode_tell(msg)
         size = len(body) + batch.FRAME_OVERHEAD
         # the second test only for a big one: a tell that fits a batch fits NATS
         if size > self._batch_bytes and size > self._max_frame():
@@ -984,7 +984,7 @@ class Cluster:
                 continue
             consumed += 1
             try:
-                msg = _decode(body)
+                msg = wire.decode_tell(body)
             except MessageDecodeError as exc:
                 self._undecodable(head, exc)
                 continue
