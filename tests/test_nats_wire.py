@@ -192,6 +192,24 @@ def test_malformed_binary_tells_name_the_bad_field(body: bytes, field: str) -> N
     assert err.value.field == field
 
 
+def test_a_named_tell_reads_the_same_the_second_time() -> None:
+    # the second tell to a name takes the short way (the name cached by its bytes): the
+    # same message, and the same errors for a bad kind or payload after the name
+    named = _binary(tag=0x81, rest=b"\x00\x05alice[1]")
+    assert wire.decode_tell(named).to == "alice"
+    assert wire.decode_tell(named) == wire.decode_tell(named)
+    assert wire.decode_tell(named).payload == [1]
+    for body, field in [
+        (_binary(tag=0x81, rest=b"\x00\x05alice[1"), "payload"),
+        (_binary(tag=0x81, kind=9, rest=b"\x00\x05alice[1]"), "kind"),
+        (_binary(tag=0x81, rest=b"\x00\x06alice[1]"), "payload"),
+        (_binary(tag=0x81, rest=b"\x00\x09alice[1]"), "to"),
+    ]:
+        with pytest.raises(MessageDecodeError) as err:
+            wire.decode_tell(body)
+        assert err.value.field == field
+
+
 def test_a_well_formed_binary_tell_reads_as_written() -> None:
     msg = wire.decode_tell(_binary(tag=0x81, kind=2, rest=b"\x00\x03bob[true]"))
     assert (msg.to, msg.kind, msg.payload, msg.timestamp) == ("bob", MessageKind.QUERY, [True], 7)

@@ -357,6 +357,20 @@ def encode_tell(msg: Message) -> bytes:
 
 #: the head of the common tell (no flags: to an agent id, no conversation, reply or trace)
 _PLAIN_TELL: Final = struct.Struct(">BBq16s16s16s")
+#: the head of a tell to a name (no other flags), up to the name's length
+_NAMED_TELL: Final = struct.Struct(">BBq16s16sH")
+#: agent names seen in binary tells, by their UTF-8 bytes (filled by the long way, which
+#: checks them; bounded like _AGENT_IDS)
+_NAMES: dict[bytes, str] = {}
+
+
+def _tell_payload(data: bytes, offset: int) -> Any:
+    try:
+        return _read_json(data[offset:])
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MessageDecodeError("payload", str(exc)) from None
+
+
 #: agent ids seen in binary tells, by their 16 bytes (see _AGENT_IDS)
 _AGENT_BYTES: dict[bytes, uuid.UUID] = {}
 
@@ -372,18 +386,17 @@ def _agent_from_bytes(raw: bytes) -> uuid.UUID:
 
 
 def _decode_binary_tell(data: bytes) -> Message:
-    if data[0] == _BINARY and len(data) >= _PLAIN_TELL.size:
-        # the common case in one unpack; anything else (or a doubt) goes the long way
+    # The two common cases (to an id, to a name; no optional ids) in one unpack each;
+    # anything else, or any doubt, goes the long way, which names the bad field.
+    tag = data[0]
+    size = len(data)
+    if tag == _BINARY and size >= _PLAIN_TELL.size:
         _, kind_code, timestamp, msg_id, sender, to_id = _PLAIN_TELL.unpack_from(data)
         if kind_code < len(_KIND_LIST):
-            try:
-                payload = _read_json(data[_PLAIN_TELL.size :])
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise MessageDecodeError("payload", str(exc)) from None
             return restore_message(
                 _agent_from_bytes(sender),
                 _agent_from_bytes(to_id),
-                payload,
+                _tell_payload(data, _PLAIN_TELL.size),
                 _KIND_LIST[kind_code],
                 _from_bytes(msg_id),
                 timestamp,
@@ -391,6 +404,23 @@ def _decode_binary_tell(data: bytes) -> Message:
                 None,
                 None,
             )
+    elif tag == _BINARY | _TO_NAME and size >= _NAMED_TELL.size:
+        _, kind_code, timestamp, msg_id, sender, length = _NAMED_TELL.unpack_from(data)
+        end = _NAMED_TELL.size + length
+        if kind_code < len(_KIND_LIST) and length and end <= size:
+            name = _NAMES.get(data[_NAMED_TELL.size : end])
+            if name is not None:
+                return restore_message(
+                    _agent_from_bytes(sender),
+                    name,
+                    _tell_payload(data, end),
+                    _KIND_LIST[kind_code],
+                    _from_bytes(msg_id),
+                    timestamp,
+                    None,
+                    None,
+                    None,
+                )
     field = "<document>"
     try:
         size = len(data)
@@ -410,7 +440,11 @@ def _decode_binary_tell(data: bytes) -> Message:
             end = offset + 2 + length
             if not length or end > size:
                 raise ValueError(f"a name of {length} bytes does not fit")
-            to = data[offset + 2 : end].decode()
+            raw = data[offset + 2 : end]
+            to = raw.decode()
+            if len(_NAMES) >= _AGENT_IDS_MAX:
+                _NAMES.clear()
+            _NAMES[raw] = to
         else:
             end = offset + 16
             if end > size:
