@@ -300,6 +300,12 @@ class Router:
             # One send in sixteen tells the heap keeper the backlog (growth shows there;
             # sends to other kernels, replies and waits need not pay for it each time).
             self.heap.backlog(self.ledger.in_flight)
+            # ... and comes here only for the cancellation check: most find room, and
+            # the delivery coroutine below would cost more than all the other fifteen.
+            if msg.reply_to is None:
+                cell = self.routes.get(msg.to)
+                if cell is not None and self._enqueue(cell, msg):
+                    return
         try:
             await self.deliver(msg, wait=True)
         except (AgentNotFound, MailboxFull) as exc:
