@@ -367,7 +367,8 @@ class AgentCell(Child):
         ctx = self.ctx
         assert ctx is not None
         now = ledger.now
-        batch = self.batch
+        # the loop over a batch (``for ... else``: the else is a full batch)
+        batch = range(self.batch)
         timeout = self.handle_timeout
         query = MessageKind.QUERY
         # A message handed to us while we were parked: it is ours, handled first.
@@ -378,10 +379,9 @@ class AgentCell(Child):
             with trio.CancelScope() as scope:
                 self._handler_scope = scope
                 while True:
-                    n = batch
                     # which handled messages are sampled for latency (see Ledger)
                     mask = ledger.sample_mask
-                    while n:
+                    for _ in batch:
                         if got is not None:
                             msg = got
                             got = None
@@ -407,7 +407,6 @@ class AgentCell(Child):
                                 mailbox.recount()
                             else:
                                 mailbox.depth -= 1
-                        n -= 1
                         if msg.kind is query and router.query_expired(msg):
                             self.dead_lettered += 1
                             router.discard_queued([msg], DeadLetterReason.REQUEST_TIMEOUT, self, "")

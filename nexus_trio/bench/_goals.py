@@ -80,7 +80,8 @@ class BareMessage:
 
 def construction_us(cls: type[Any], number: int, repeat: int = 5) -> float:
     """Microseconds per ``cls(sender=..., to=..., payload=...)``, best of ``repeat`` timings
-    (the kernel builds every message this way: a send with a payload)."""
+    (how a user builds a message; the kernel's own sends use ``new_message``, which skips
+    the class call and is not what this row measures)."""
     timer = timeit.Timer(
         "cls(sender=sender, to=to, payload=1)",
         globals={"cls": cls, "sender": SYSTEM_ID, "to": new_id()},
