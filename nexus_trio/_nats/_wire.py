@@ -390,40 +390,29 @@ def _decode_binary_tell(data: bytes) -> Message:
     # anything else, or any doubt, goes the long way, which names the bad field.
     tag = data[0]
     size = len(data)
+    to: Address | None = None
     if tag == _BINARY and size >= _PLAIN_TELL.size:
         _, kind_code, timestamp, msg_id, sender, to_id = _PLAIN_TELL.unpack_from(data)
-        if kind_code < len(_KIND_LIST):
-            return restore_message(
-                _agent_from_bytes(sender),
-                _agent_from_bytes(to_id),
-                _tell_payload(data, _PLAIN_TELL.size),
-                _KIND_LIST[kind_code],
-                _from_bytes(msg_id),
-                timestamp,
-                None,
-                None,
-                None,
-            )
+        to, start = _agent_from_bytes(to_id), _PLAIN_TELL.size
     elif tag == _BINARY | _TO_NAME and size >= _NAMED_TELL.size:
         _, kind_code, timestamp, msg_id, sender, length = _NAMED_TELL.unpack_from(data)
-        end = _NAMED_TELL.size + length
-        if kind_code < len(_KIND_LIST) and length and end <= size:
-            name = _NAMES.get(data[_NAMED_TELL.size : end])
-            if name is not None:
-                return restore_message(
-                    _agent_from_bytes(sender),
-                    name,
-                    _tell_payload(data, end),
-                    _KIND_LIST[kind_code],
-                    _from_bytes(msg_id),
-                    timestamp,
-                    None,
-                    None,
-                    None,
-                )
+        start = _NAMED_TELL.size + length
+        if length and start <= size:
+            to = _NAMES.get(data[_NAMED_TELL.size : start])
+    if to is not None and kind_code < len(_KIND_LIST):
+        return restore_message(
+            _agent_from_bytes(sender),
+            to,
+            _tell_payload(data, start),
+            _KIND_LIST[kind_code],
+            _from_bytes(msg_id),
+            timestamp,
+            None,
+            None,
+            None,
+        )
     field = "<document>"
     try:
-        size = len(data)
         if size < _TELL_HEAD.size:
             raise ValueError(f"a binary tell of {size} bytes (at least {_TELL_HEAD.size})")
         tag, kind_code, timestamp, msg_id, sender = _TELL_HEAD.unpack_from(data)
@@ -434,22 +423,22 @@ def _decode_binary_tell(data: bytes) -> Message:
             raise ValueError(f"unknown kind code {kind_code}")
         field = "to"
         offset = _TELL_HEAD.size
-        to: Address
+        address: Address
         if tag & _TO_NAME:
             (length,) = _NAME_LEN.unpack_from(data, offset)
             end = offset + 2 + length
             if not length or end > size:
                 raise ValueError(f"a name of {length} bytes does not fit")
             raw = data[offset + 2 : end]
-            to = raw.decode()
+            address = raw.decode()
             if len(_NAMES) >= _AGENT_IDS_MAX:
                 _NAMES.clear()
-            _NAMES[raw] = to
+            _NAMES[raw] = address
         else:
             end = offset + 16
             if end > size:
                 raise ValueError("truncated id")
-            to = _agent_from_bytes(data[offset:end])
+            address = _agent_from_bytes(data[offset:end])
         offset = end
         ids: list[uuid.UUID | None] = [None, None, None]
         if tag & _OPTIONAL_IDS:
@@ -467,7 +456,7 @@ def _decode_binary_tell(data: bytes) -> Message:
         raise MessageDecodeError(field, str(exc)) from None
     return restore_message(
         _agent_from_bytes(sender),
-        to,
+        address,
         payload,
         _KIND_LIST[kind_code],
         _from_bytes(msg_id),
