@@ -394,3 +394,17 @@ def test_the_window_counts_unconsumed_tells_and_a_rejoined_peer_rebases_it() -> 
 def test_malformed_batch_heads_are_refused_saying_what_is_wrong(body: bytes, problem: str) -> None:
     with pytest.raises(batch.BatchError, match=problem):
         batch.parse_head(body)
+
+
+def test_a_batch_of_the_version_before_is_still_read() -> None:
+    # NXB1: the same head, its tells in format 1 JSON (what decode_tell reads as well)
+    link = batch.NodeLink("b", 0xB, window=16)
+    msg = Message(uuid.uuid4(), "sink", {"n": 1})
+    link.add_tell(wire.encode_message(msg))
+    body, tells = link.seal(b"a", 0xA, 0x5E55)
+    assert body.startswith(b"NXB2") and tells == 1
+    old = b"NXB1" + body[4:]
+    head, offset = batch.parse_head(old)
+    [(kind, frame)] = batch.split_frames(old, offset, head.numbered)
+    assert (head.node, kind) == ("a", batch.TELL)
+    assert wire.decode_tell(frame) == msg
