@@ -24,7 +24,7 @@ import trio
 from nexus_trio import Config, Context, KernelConfig, Message, agent, open_kernel
 from nexus_trio._nats import NatsServer, join_cluster
 from nexus_trio._nats._aio import asyncio_loop, call_aio
-from nexus_trio._nats._direct import deliver_inline, publish_at_once
+from nexus_trio._nats._direct import deliver_inline, flush_after_subscribe, publish_at_once
 
 from .nats_server import FAST
 
@@ -85,7 +85,7 @@ async def test_messages_are_taken_in_order_in_the_reading_task(nats: NatsServer)
 
         async def subscribe() -> Any:
             sub = await receiver.subscribe("inline.test", cb=callback)
-            await receiver.flush()
+            await flush_after_subscribe(receiver)
             return sub
 
         sub = await call_aio(subscribe)
@@ -209,7 +209,7 @@ async def test_a_message_written_at_once_goes_behind_what_the_buffer_holds(
 
         async def subscribe() -> None:
             await receiver.subscribe("at-once.>", cb=collect)
-            await receiver.flush()
+            await flush_after_subscribe(receiver)
 
         await call_aio(subscribe)
         out_before = sender.stats["out_msgs"]

@@ -1521,7 +1521,7 @@ class Cluster:
                     pending_msgs_limit=self.options.inbound_limit,
                 )
                 direct.deliver_inline(sub, self._take_node_message)
-                await self.nc.flush()
+                await direct.flush_after_subscribe(self.nc)
                 return sub
 
             self._type_subs[type_name] = await call_aio(subscribe)
@@ -1824,13 +1824,13 @@ class Cluster:
                 pending_bytes_limit=0,
             )
             direct.deliver_inline(sub, self._take_node_message)
-            await self.nc.flush()
+            await direct.flush_after_subscribe(self.nc)
 
         await call_aio(subscribe)
 
         async def subscribe_heartbeats() -> None:
             await self._control.subscribe(f"{self.prefix}.hb.*", cb=self._on_heartbeat)
-            await self._control.flush()
+            await direct.flush_after_subscribe(self._control)
 
         await call_aio(subscribe_heartbeats)
         await self._heartbeat_once()

@@ -46,6 +46,7 @@ from .._errors import AgentNotFound, KernelShuttingDown, NameTaken, NexusError, 
 from .._events import EventKind, LifecycleEvent
 from . import _wire as wire
 from ._aio import call_aio
+from ._direct import flush_after_subscribe
 from ._membership import NodeInfo
 
 if TYPE_CHECKING:
@@ -417,7 +418,7 @@ class Placement:
 
         async def subscribe() -> None:
             await cluster.control.subscribe(self._subject, cb=self._on_place_request)
-            await cluster.control.flush()
+            await flush_after_subscribe(cluster.control)
 
         await call_aio(subscribe)
 
