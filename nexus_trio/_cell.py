@@ -402,7 +402,10 @@ class AgentCell(Child):
                                 # WouldBlock, which costs more than a no-op handler
                                 # for an agent woken by each message.
                                 break
-                            msg = take()  # type: ignore[assignment]  # None is never buffered
+                            try:
+                                msg = take()  # type: ignore[assignment]  # None: never buffered
+                            except trio.WouldBlock:  # a guard: free unless it raises
+                                break
                             if mailbox.waiting:
                                 mailbox.recount()
                             else:
