@@ -81,10 +81,10 @@ class HeapKeeper:
     def backlog(self, queued: int) -> None:
         """The kernel holds ``queued`` messages accepted and not yet handled (told on the
         producers' slow path, once in sixteen sends)."""
+        if not self.enabled:
+            return
         mark = self._backlog_mark
         if queued >= mark + self.batch:
-            if not self.enabled:
-                return
             self._freeze()
             self._backlog_mark = queued
             self._backlog_freezes += 1

@@ -127,14 +127,21 @@ _AGENT_IDS: dict[int, uuid.UUID] = {}
 _AGENT_IDS_MAX: Final = 65_536
 
 
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
+    """Keep ``value`` under ``key`` in one of the codec's caches of what the wire names
+    over and over, which start over past ``_AGENT_IDS_MAX`` entries (a peer naming
+    ever-new ids or names cannot grow them)."""
+    if len(cache) >= _AGENT_IDS_MAX:
+        cache.clear()
+    cache[key] = value
+
+
 def _agent_uuid(value: int) -> uuid.UUID:
     # The class check first: True and 1.0 would find the entry of 1.
     u = _AGENT_IDS.get(value) if value.__class__ is int else None
     if u is None:
         u = _uuid(value)
-        if len(_AGENT_IDS) >= _AGENT_IDS_MAX:
-            _AGENT_IDS.clear()
-        _AGENT_IDS[value] = u
+        _remember(_AGENT_IDS, value, u)
     return u
 
 
@@ -379,9 +386,7 @@ def _agent_from_bytes(raw: bytes) -> uuid.UUID:
     u = _AGENT_BYTES.get(raw)
     if u is None:
         u = uuid_from_int(_from_bytes(raw))
-        if len(_AGENT_BYTES) >= _AGENT_IDS_MAX:
-            _AGENT_BYTES.clear()
-        _AGENT_BYTES[raw] = u
+        _remember(_AGENT_BYTES, raw, u)
     return u
 
 
@@ -431,9 +436,7 @@ def _decode_binary_tell(data: bytes) -> Message:
                 raise ValueError(f"a name of {length} bytes does not fit")
             raw = data[offset + 2 : end]
             address = raw.decode()
-            if len(_NAMES) >= _AGENT_IDS_MAX:
-                _NAMES.clear()
-            _NAMES[raw] = address
+            _remember(_NAMES, raw, address)
         else:
             end = offset + 16
             if end > size:
@@ -450,14 +453,12 @@ def _decode_binary_tell(data: bytes) -> Message:
                         raise ValueError("truncated id")
                     ids[index] = uuid_from_int(_from_bytes(data[offset:end]))
                     offset = end
-        field = "payload"
-        payload = _read_json(data[offset:])
     except (ValueError, struct.error, UnicodeDecodeError) as exc:
         raise MessageDecodeError(field, str(exc)) from None
     return restore_message(
         _agent_from_bytes(sender),
         address,
-        payload,
+        _tell_payload(data, offset),
         _KIND_LIST[kind_code],
         _from_bytes(msg_id),
         timestamp,
