@@ -453,6 +453,14 @@ class Kernel:
             raise AgentNotFound(address_of(target))
         return node.mailbox.statistics()
 
+    def mailbox_depth(self, target: AgentRef | Address) -> int:
+        """Messages queued for one agent now: ``mailbox_statistics(target).depth`` without
+        the snapshot (O(1); for routers that compare many mailboxes per message)."""
+        node = self._router.find(address_of(target))
+        if not isinstance(node, AgentCell):
+            raise AgentNotFound(address_of(target))
+        return node.mailbox.depth
+
     def stats(self, *, agents: bool = False) -> KernelStats:
         """A frozen snapshot of the kernel's counters, in O(1).
 

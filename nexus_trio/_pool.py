@@ -138,23 +138,22 @@ class _WorkerBehaviour:
       :meth:`_PoolRouter._retire` for why the router waits for it). Having an
       ``on_start`` makes the workers start with their supervisor rather than on their
       first message.
-    * ``outstanding[worker id]`` (least-loaded pools) holds the ids of the messages the
-      router forwarded to that worker and that it has not finished (queued or in hand):
-      its load. The id is dropped however the handler ends (returns, raises, times
-      out, is cancelled).
+    * ``in_hand[worker id]`` (least-loaded pools) is 1 while the worker's handler works
+      on a message, 0 otherwise, however the handler ends (returns, raises, times out,
+      is cancelled); with the worker's mailbox depth it is the worker's load.
     """
 
-    __slots__ = ("_inner", "_outstanding", "_started")
+    __slots__ = ("_in_hand", "_inner", "_started")
 
     def __init__(
         self,
         inner: Behaviour,
         started: dict[uuid.UUID, trio.Event],
-        outstanding: dict[uuid.UUID, set[uuid.UUID]] | None,
+        in_hand: dict[uuid.UUID, int] | None,
     ) -> None:
         self._inner = inner
         self._started = started
-        self._outstanding = outstanding
+        self._in_hand = in_hand
 
     async def on_start(self, ctx: Context) -> None:
         started = self._started.get(ctx.id)
@@ -166,15 +165,16 @@ class _WorkerBehaviour:
         await self._inner.on_stop(ctx)
 
     async def handle(self, ctx: Context, msg: Message) -> Any:
-        outstanding = self._outstanding
-        if outstanding is None:
+        in_hand = self._in_hand
+        # A worker the pool has let go of (removed, draining) is no longer counted.
+        if in_hand is None or ctx.id not in in_hand:
             return await self._inner.handle(ctx, msg)
+        in_hand[ctx.id] = 1
         try:
             return await self._inner.handle(ctx, msg)
         finally:
-            pending = outstanding.get(ctx.id)
-            if pending is not None:
-                pending.discard(msg.id)
+            if ctx.id in in_hand:
+                in_hand[ctx.id] = 0
 
 
 # --- the pool spec ------------------------------------------------------------------------------
@@ -261,9 +261,11 @@ class _PoolRouter(Agent):
         self.cursor = 0
         self.ring = HashRing(plan.virtual_nodes) if plan.key is not None else None
         self.name = ""
-        #: least-loaded routing: per worker id, the forwarded messages it has not finished
-        #: (the workers of this run count down into it, see _WorkerBehaviour)
-        self.outstanding: dict[uuid.UUID, set[uuid.UUID]] = {}
+        #: least-loaded routing: per worker id, 1 while its handler works on a message
+        #: (the workers of this run set it, see _WorkerBehaviour)
+        self.in_hand: dict[uuid.UUID, int] = {}
+        #: least-loaded routing: the kernel's mailbox_depth (set on start)
+        self.depth: Callable[[AgentRef], int] | None = None
         #: per worker id, set once that worker has started
         self.started: dict[uuid.UUID, trio.Event] = {}
 
@@ -272,6 +274,7 @@ class _PoolRouter(Agent):
     async def on_start(self, ctx: Context) -> None:
         self.name = ctx.name or str(ctx.id)
         kernel = ctx.kernel
+        self.depth = kernel.mailbox_depth
         sup_name = f"{self.name}/supervisor"
         previous = self.plan.supervisors.get(ctx.id)
         if previous is not None:
@@ -318,10 +321,10 @@ class _PoolRouter(Agent):
         spec = self.plan.worker
         inner = spec.factory
         started = self.started
-        outstanding = self.outstanding if self.plan.routing is PoolRouting.LEAST_LOADED else None
+        in_hand = self.in_hand if self.plan.routing is PoolRouting.LEAST_LOADED else None
 
         def wrapped() -> Behaviour:
-            return _WorkerBehaviour(inner(), started, outstanding)
+            return _WorkerBehaviour(inner(), started, in_hand)
 
         return spec.with_options(factory=wrapped, handler=None, name=worker_name)
 
@@ -329,7 +332,7 @@ class _PoolRouter(Agent):
         self.workers.append(ref)
         self.started[ref.id] = trio.Event()
         if self.plan.routing is PoolRouting.LEAST_LOADED:
-            self.outstanding[ref.id] = set()
+            self.in_hand[ref.id] = 0
 
     def _remove(self, gone: list[AgentRef]) -> None:
         ids = {ref.id for ref in gone}
@@ -376,7 +379,7 @@ class _PoolRouter(Agent):
         gone = [w for w in self.workers if not is_local(w.id)]
         self._remove(gone)
         for ref in gone:
-            self.outstanding.pop(ref.id, None)
+            self.in_hand.pop(ref.id, None)
             self.started.pop(ref.id, None)
         ctx.log.warning(
             "pool %s: workers %s stopped; %d left",
@@ -401,10 +404,7 @@ class _PoolRouter(Agent):
             self.cursor += 1
             return target
         if routing is PoolRouting.LEAST_LOADED:
-            outstanding = self.outstanding
-            target = min(workers, key=lambda w: len(outstanding[w.id]))
-            outstanding[target.id].add(msg.id)
-            return target
+            return self._least_loaded()
         assert self.ring is not None and self.plan.key is not None
         try:
             data = key_bytes(self.plan.key(msg))
@@ -414,6 +414,27 @@ class _PoolRouter(Agent):
             # RequestFailed naming the problem.
             raise MessageFailed(f"pool {self.name!r}: no consistent-hash key: {exc!r}") from exc
         return self.ring.owner(data)
+
+    def _least_loaded(self) -> AgentRef:
+        """The worker with the fewest messages queued or in hand, the oldest on a tie
+        (Akka's SmallestMailboxPool). Read from the mailboxes themselves, so a message
+        dropped by an overflow policy, expired in a mailbox or sent to a worker by its
+        name counts exactly as long as it is there."""
+        depth = self.depth
+        assert depth is not None
+        in_hand = self.in_hand
+        best = self.workers[0]
+        best_load = -1
+        for worker in self.workers:
+            try:
+                load = depth(worker) + in_hand.get(worker.id, 0)
+            except AgentNotFound:
+                return worker  # stopped: the caller drops it and chooses again
+            if best_load < 0 or load < best_load:
+                best, best_load = worker, load
+                if not load:
+                    break
+        return best
 
     # --- control messages -----------------------------------------------------------------
 
@@ -480,7 +501,7 @@ class _PoolRouter(Agent):
             # gone already (stopped by someone else).
             with contextlib.suppress(AgentNotFound):
                 await kernel.stop(ref, drain=True)
-            self.outstanding.pop(ref.id, None)
+            self.in_hand.pop(ref.id, None)
             self.started.pop(ref.id, None)
         if request.kind is not MessageKind.QUERY:
             return

@@ -248,7 +248,12 @@ async def test_a_cancelled_sender_waiting_for_room_enqueues_nothing(autojump_clo
         assert scope.cancelled_caught
         assert kernel.stats().accepted == 2
         assert kernel.mailbox_statistics(ref).depth == 1
+        assert kernel.mailbox_depth(ref) == kernel.mailbox_depth(ref.id) == 1
         release.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert kernel.mailbox_depth(ref) == 0
+        with pytest.raises(AgentNotFound, match="nobody"):
+            kernel.mailbox_depth("nobody")
 
 
 # --- overflow policies ----------------------------------------------------------------------------

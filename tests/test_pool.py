@@ -30,6 +30,7 @@ from nexus_trio import (
     NameTaken,
     PoolRouting,
     RequestFailed,
+    RequestTimeout,
     Subscription,
     SupervisionConfig,
     Supervisor,
@@ -235,6 +236,85 @@ async def test_least_loaded_counts_a_failed_or_timed_out_message_as_done(
         assert seen == [("workers/0", "fail"), ("workers/1", "hang"), ("workers/0", "after")]
         reasons = sorted(d.reason.value for d in dead_letters(kernel))
         assert reasons == ["handler_error", "handler_timeout"]
+
+
+async def test_least_loaded_forgets_a_message_its_worker_dropped(autojump_clock: Any) -> None:
+    # A message dropped by the worker's overflow policy never reaches its handler: it
+    # must not count against that worker once it is gone (it used to, for ever).
+    seen: Record = []
+    gate = trio.Event()
+
+    @agent(mailbox_capacity=1, overflow="drop_newest")
+    async def worker(ctx: Context, msg: Message) -> Any:
+        assert ctx.name is not None
+        seen.append((ctx.name, msg.payload))
+        if msg.payload == "slow":
+            await gate.wait()
+        return None
+
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(worker, size=2, routing="least_loaded"))
+        for payload in ["slow", "slow", "a", "b", "dropped"]:
+            await kernel.send("workers", payload)
+            await trio.testing.wait_all_tasks_blocked()
+        gate.set()
+        await step_until_idle(kernel)
+        # both idle and empty again: the next one goes to the first worker
+        await kernel.send("workers", "after")
+        await step_until_idle(kernel)
+        assert by_worker(seen) == {
+            "workers/0": ["slow", "a", "after"],
+            "workers/1": ["slow", "b"],
+        }
+        assert [(d.reason, d.message.payload) for d in dead_letters(kernel)] == [
+            (DeadLetterReason.MAILBOX_OVERFLOW, "dropped")
+        ]
+
+
+async def test_least_loaded_forgets_a_request_that_expired_in_a_mailbox(
+    autojump_clock: Any,
+) -> None:
+    seen: Record = []
+    gate = trio.Event()
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(recording_worker(seen, gate, "slow"), size=2, routing="least_loaded"))
+        await kernel.send("workers", "slow")  # -> /0, stalls
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send("workers", "slow")  # -> /1, stalls
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(RequestTimeout):
+            await kernel.request("workers", "expires", timeout=1.0)  # queued at /0
+        gate.set()
+        await step_until_idle(kernel)
+        # /0 skipped the expired request: both idle and empty, the first worker again
+        for payload in ["x", "y"]:
+            await kernel.send("workers", payload)
+            await step_until_idle(kernel)
+        assert by_worker(seen) == {
+            "workers/0": ["slow", "x", "y"],
+            "workers/1": ["slow"],
+        }
+        assert [d.reason for d in dead_letters(kernel)] == [DeadLetterReason.REQUEST_TIMEOUT]
+
+
+async def test_least_loaded_counts_messages_sent_to_a_worker_by_name(autojump_clock: Any) -> None:
+    # The load is what the worker's mailbox holds, however it got there (Akka's
+    # SmallestMailboxPool): two messages sent to /0 directly send the next one to /1.
+    seen: Record = []
+    gate = trio.Event()
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(recording_worker(seen, gate), size=2, routing="least_loaded"))
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send("workers/0", "direct 1")
+        await kernel.send("workers/0", "direct 2")
+        await kernel.send("workers", "routed")
+        await trio.testing.wait_all_tasks_blocked()
+        gate.set()
+        await step_until_idle(kernel)
+        assert by_worker(seen) == {
+            "workers/0": ["direct 1", "direct 2"],
+            "workers/1": ["routed"],
+        }
 
 
 # --- consistent hash ------------------------------------------------------------------------------
