@@ -320,8 +320,6 @@ class Kernel:
         * room in the mailbox: enqueued without yielding; a caller whose scope is
           cancelled gets ``Cancelled`` at the latest on its sixteenth send (checking on
           every send would cost more than the send itself), and never after a wait;
-          one send in 65,536 is a schedule point all the same (after the message is
-          enqueued), so a producer that always finds room does not starve the others;
         * full: per the recipient's overflow policy; under ``block`` wait up to
           ``send_timeout`` for room (in Trio's FIFO of blocked senders), then
           :class:`MailboxFull` (not enqueued);

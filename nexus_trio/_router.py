@@ -45,11 +45,6 @@ from ._transport import Transport
 _LATE_MEMORY: Final = 4096
 #: the deadline heap is swept of finished requests only past this many (see _finish)
 _SWEEP_AT: Final = 64
-#: a send whose count has these bits clear is also a schedule point (one in 65,536): a
-#: producer that always finds room still lets the other tasks run. Rarer would let a
-#: loop over big mailboxes keep the CPU for seconds; much more often (one in 256 to
-#: 4,096, measured) wakes each agent of a fan-out for about one message, 2-5x slower.
-SCHEDULE_MASK: Final = 0xFFFF
 
 
 class KernelPhase(enum.IntEnum):
@@ -281,8 +276,7 @@ class Router:
         A local recipient with room takes it with one ``send_nowait`` on its channel.
         False sends the caller to :meth:`send` (which may wait): for everything else,
         and for one send in sixteen, so that a producer loop whose scope was cancelled
-        is stopped there (a cancellation check costs more than the rest of a send), and
-        one in 65,536 is a schedule point there (``SCHEDULE_MASK``).
+        is stopped there (a cancellation check costs more than the rest of a send).
         """
         if self.phase is not _RUNNING and (external or self.phase >= _STOPPING):
             raise self.refuse("send")
@@ -302,8 +296,7 @@ class Router:
         """The rest of a send after :meth:`fast` said no: may wait for room (``block``),
         raises ``AgentNotFound`` / ``MailboxFull`` / ``TransportUnavailable``."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        sends = self._sends
-        if not sends & 15:
+        if not self._sends & 15:
             # One send in sixteen tells the heap keeper the backlog (growth shows there;
             # sends to other kernels, replies and waits need not pay for it each time).
             self.heap.backlog(self.ledger.in_flight)
@@ -312,17 +305,12 @@ class Router:
             if msg.reply_to is None:
                 cell = self.routes.get(msg.to)
                 if cell is not None and self._enqueue(cell, msg):
-                    if not sends & SCHEDULE_MASK:
-                        await trio.lowlevel.cancel_shielded_checkpoint()
                     return
         try:
             await self.deliver(msg, wait=True)
         except (AgentNotFound, MailboxFull) as exc:
             self.ledger.reject(exc)
             raise
-        if not sends & SCHEDULE_MASK:
-            # Sent (the deliver above may not have waited): let the others run.
-            await trio.lowlevel.cancel_shielded_checkpoint()
 
     def send_nowait(self, msg: Message, *, external: bool) -> None:
         """Like :meth:`send` but a full ``block`` mailbox raises ``MailboxFull`` at once."""
