@@ -8,7 +8,7 @@ from typing import Any
 
 import trio
 import trio.testing
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from nexus_trio import (
@@ -51,6 +51,12 @@ class Probe(Agent):
         self.record["started"][(msg.sender, ctx.name)].append(payload["seq"])
         behaviour = payload["behaviour"]
         if behaviour == "raise":
+            if ctx.kernel.shutting_down:
+                # Failing while the kernel drains: this run ends now, and if the drain
+                # is over by the time the failure is handled (the grace period ran out
+                # at the same instant), its on_stop runs before the ordered stop would
+                # have reached it, and it is not restarted.
+                self.record["failed_in_shutdown"].append(ctx.name)
             raise ValueError(f"scripted failure {payload['seq']}")
         if behaviour == "hang":
             await trio.sleep_forever()
@@ -65,10 +71,22 @@ class Probe(Agent):
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(setups=agent_setups, work=workloads, stop_after=st.sampled_from([0, 0.1, 0.7, 3.0]))
+# Found by Hypothesis: agent-0's failing message is handled at the very instant the grace
+# period runs out (the ordering check used to count its on_stop as out of order).
+@example(
+    setups=[(2, "block"), (1, "block")],
+    work=[[(0, "slow", 0), (0, "slow", 0), (0, "raise", 0)]],
+    stop_after=0.1,
+)
 def test_every_accepted_message_is_handled_or_dead_lettered_exactly_once(
     setups: list[tuple[int, str]], work: list[list[tuple[int, str, float]]], stop_after: float
 ) -> None:
-    record: dict[str, Any] = {"started": defaultdict(list), "handled": [], "stopped": []}
+    record: dict[str, Any] = {
+        "started": defaultdict(list),
+        "handled": [],
+        "stopped": [],
+        "failed_in_shutdown": [],
+    }
     accepted: list[uuid.UUID] = []
     config = Config(
         kernel=KernelConfig(
@@ -127,11 +145,13 @@ def test_every_accepted_message_is_handled_or_dead_lettered_exactly_once(
         for seqs in record["started"].values():
             assert seqs == sorted(seqs)
         # Agents running at shutdown stop in reverse spawn order (one waiting out a
-        # restart backoff has no run to stop).
+        # restart backoff has no run to stop; one whose handler failed during the grace
+        # period ended then, out of that order, and is not restarted).
         stopped = record["stopped"]
         assert len(set(stopped)) == len(stopped)
         assert set(stopped) <= set(names_alive)
-        assert stopped == sorted(stopped, key=names.index, reverse=True)
+        ordered = [name for name in stopped if name not in record["failed_in_shutdown"]]
+        assert ordered == sorted(ordered, key=names.index, reverse=True)
         # Nothing of the kernel is left running.
         assert trio.lowlevel.current_statistics().tasks_living == tasks_before
 
