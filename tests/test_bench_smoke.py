@@ -8,6 +8,8 @@ sent (the scenarios also check this themselves and raise BenchmarkError).
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import attrs
@@ -339,3 +341,22 @@ def test_plot_is_drawn_when_matplotlib_is_installed(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_shape_floor_script_handles_one_message_per_agent_in_each_kind() -> None:
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "shape_floor.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--agents", "40", "--json"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    results = json.loads(out)
+    assert [r["kind"] for r in results] == ["task+channel", "shape", "shape, collector off"]
+    assert all(r["n"] == r["handled"] == 40 for r in results)
+    bad = subprocess.run(
+        [sys.executable, str(script), "--agents", "0"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2
+    assert "--agents and --rounds must be at least 1" in bad.stderr
