@@ -191,6 +191,12 @@ def _node_main(argv: list[str]) -> None:
     trio.run(_serve_node, args.url, args.node, args.replicas, args.kv_replicas)
 
 
+def sigkill(process: trio.Process | None) -> None:
+    """SIGKILL a child process if it is still running (a node killed mid-test)."""
+    if process is not None and process.poll() is None:
+        os.kill(process.pid, signal.SIGKILL)
+
+
 async def read_line(process: trio.Process, buffer: bytes, who: str) -> tuple[str, bytes]:
     """The next line ``process`` prints (and what it printed after it); RuntimeError
     naming ``who`` if it exits first."""
@@ -245,8 +251,7 @@ class NodeProcess:
         return line
 
     def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
+        sigkill(self.process)
 
     async def stop(self) -> None:
         process = self.process

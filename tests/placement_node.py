@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ from nexus_trio import Agent, Context, EventKind, Message, MessageKind, agent, o
 from nexus_trio._nats import Cluster, join_cluster
 from nexus_trio._nats._placement import rendezvous_owner
 
-from .nats_server import FAST, node_config, read_line
+from .nats_server import FAST, node_config, read_line, sigkill
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -171,8 +170,7 @@ class Node:
         return answer["ok"]
 
     def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
+        sigkill(self.process)
 
     async def stop(self) -> None:
         process = self.process
