@@ -37,7 +37,7 @@ from ._errors import AgentNotFound, KernelShuttingDown, SupervisorEscalation
 from ._events import EventKind, LifecycleEvent
 from ._gc import HeapKeeper
 from ._ledger import Ledger
-from ._mailbox import MailboxStatistics
+from ._mailbox import Mailbox, MailboxStatistics
 from ._message import SYSTEM_ID, Address, Message, MessageKind, new_id, new_message
 from ._router import KernelPhase, Router, TransportHandle
 from ._stats import AgentStats, KernelStats
@@ -446,18 +446,18 @@ class Kernel:
 
     def mailbox_statistics(self, target: AgentRef | Address) -> MailboxStatistics:
         """Depth, capacity, high water and waiting producers of one agent's mailbox (O(1))."""
-        node = self._router.find(address_of(target))
-        if not isinstance(node, AgentCell):
-            raise AgentNotFound(address_of(target))
-        return node.mailbox.statistics()
+        return self._mailbox_of(target).statistics()
 
     def mailbox_depth(self, target: AgentRef | Address) -> int:
         """Messages queued for one agent now: ``mailbox_statistics(target).depth`` without
         the snapshot (O(1); for routers that compare many mailboxes per message)."""
+        return self._mailbox_of(target).depth
+
+    def _mailbox_of(self, target: AgentRef | Address) -> Mailbox:
         node = self._router.find(address_of(target))
         if not isinstance(node, AgentCell):
             raise AgentNotFound(address_of(target))
-        return node.mailbox.depth
+        return node.mailbox
 
     def stats(self, *, agents: bool = False) -> KernelStats:
         """A frozen snapshot of the kernel's counters, in O(1).
