@@ -19,10 +19,11 @@ import json
 import logging
 import re
 import sys
+import threading
 import time
 import traceback
 from types import TracebackType
-from typing import Any, Final, TextIO
+from typing import Any, Final, TextIO, cast
 
 from ._config import LoggingConfig
 
@@ -33,6 +34,7 @@ __all__ = [
     "escape_control",
     "install_default_logging",
     "level_number",
+    "records_lost",
 ]
 
 _ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
@@ -283,7 +285,7 @@ class _PrettyFormatter(_EscapingFormatter):
         return self.formatMessage(record)
 
 
-def _make_rich_handler(console: Any) -> logging.Handler:
+def _make_rich_handler(console: Any, writer: _LossyWriter) -> logging.Handler:
     from rich.logging import RichHandler
     from rich.traceback import Trace, Traceback
 
@@ -301,7 +303,7 @@ def _make_rich_handler(console: Any) -> logging.Handler:
             for member in stack.exceptions:
                 escape_trace(member)
 
-    class EscapingRichHandler(RichHandler):
+    class EscapingRichHandler(_CountsLostRecords, RichHandler):
         """RichHandler whose tracebacks show exception texts with control characters escaped.
 
         Rich writes an exception's message to the terminal as it is (ESC included), so the
@@ -337,27 +339,176 @@ def _make_rich_handler(console: Any) -> logging.Handler:
             except Exception:
                 self.handleError(record)
 
-    return EscapingRichHandler(
+    handler = EscapingRichHandler(
         console=console,
         show_path=False,
         rich_tracebacks=True,
         markup=False,
         log_time_format="%H:%M:%S",
     )
+    handler._writer = writer
+    return handler
+
+
+class _Losses:
+    """Log records the handlers of this module could not write, in this process."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.records = 0
+
+    def add(self) -> None:
+        with self.lock:
+            self.records += 1
+
+
+_LOSSES: Final = _Losses()
+
+
+def records_lost() -> int:
+    """How many log records the handlers installed by :func:`configure_logging` (or by
+    :func:`nexus_trio.open_kernel` when the application configured no logging) could not
+    write in this process: their stream raised ``OSError`` (a full disk, a closed pipe, a
+    vanished terminal).
+
+    Such a record is counted here instead of being reported with a traceback on standard
+    error (usually the very stream that failed), and the kernel goes on: no message
+    depends on a log line (dead letters are counted in :meth:`Kernel.stats
+    <nexus_trio.Kernel.stats>` whether or not their line was written). When the stream
+    writes again, the handler first writes a warning saying how many records it lost and
+    why. ``nexus run`` reports the count in its summary and ``/metrics`` as
+    ``nexus_log_records_lost_total``.
+    """
+    return _LOSSES.records
+
+
+class _CountsLostRecords(logging.Handler):
+    """Mixin for this module's handlers: what :func:`records_lost` describes.
+
+    Errors other than ``OSError`` (a record whose arguments do not fit its format, say)
+    keep the standard ``handleError`` report.
+    """
+
+    _unreported = 0
+    _last_error = ""
+    _noticing = False
+    _notice_failed = False
+    #: set for a handler that writes through a _LossyWriter (rich's console)
+    _writer: _LossyWriter | None = None
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError):
+            self._write_failed(exc)
+        else:
+            super().handleError(record)
+
+    def _write_failed(self, exc: OSError) -> None:
+        self._last_error = exc.strerror or repr(exc)
+        if self._noticing:
+            # The notice of earlier losses did not get through: it is not a record of
+            # the application's, and the count it carries stays unreported.
+            self._notice_failed = True
+            return
+        self._unreported += 1
+        _LOSSES.add()
+
+    def _emit_counted(self, record: logging.LogRecord) -> Any:
+        emitted = super().handle(record)
+        writer = self._writer
+        if writer is not None and writer.error is not None:
+            error, writer.error = writer.error, None
+            self._write_failed(error)
+        return emitted
+
+    def handle(self, record: logging.LogRecord) -> Any:
+        lock = self.lock
+        assert lock is not None  # made by logging.Handler.__init__ (an RLock)
+        with lock:
+            lost = self._unreported
+            emitted = self._emit_counted(record)
+            if lost and emitted and self._unreported == lost:
+                # This record got through: the stream writes again. Say what was lost.
+                self._unreported = 0
+                self._noticing, self._notice_failed = True, False
+                try:
+                    self._emit_counted(self._loss_notice(record, lost))
+                finally:
+                    self._noticing = False
+                if self._notice_failed:
+                    self._unreported = lost
+        return emitted
+
+    def _loss_notice(self, after: logging.LogRecord, lost: int) -> logging.LogRecord:
+        notice = logging.LogRecord(
+            "nexus_trio.logs",
+            logging.WARNING,
+            __file__,
+            0,
+            "%d log record(s) before this one could not be written (%s): "
+            "lost, and counted in records_lost()",
+            (lost, self._last_error),
+            None,
+        )
+        notice.created = after.created
+        notice.msecs = after.msecs
+        return notice
+
+
+class _StreamHandler(_CountsLostRecords, logging.StreamHandler[TextIO]):
+    """``logging.StreamHandler`` that counts the records it could not write."""
+
+
+class _LossyWriter:
+    """What the ``pretty`` handler's rich console writes to: ``stream``, or standard error
+    as it is at each write. An ``OSError`` is kept in :attr:`error` for the handler to
+    count instead of raised: rich keeps the text of a failed write and writes it again
+    before the next record, so a record counted as lost would reappear later."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self._stream = stream
+        self.error: OSError | None = None
+
+    @property
+    def target(self) -> TextIO:
+        return self._stream if self._stream is not None else sys.stderr
+
+    def write(self, text: str) -> int:
+        try:
+            return self.target.write(text)
+        except OSError as exc:
+            self.error = exc
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.target.flush()
+        except OSError as exc:
+            self.error = exc
+
+    def isatty(self) -> bool:
+        return self.target.isatty()
+
+    def fileno(self) -> int:
+        return self.target.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self.target, "encoding", None) or "utf-8"
 
 
 def _make_handler(cfg: LoggingConfig, stream: TextIO | None) -> logging.Handler:
     if cfg.format == "json":
-        handler: logging.Handler = logging.StreamHandler(stream or sys.stderr)
+        handler: logging.Handler = _StreamHandler(stream or sys.stderr)
         handler.setFormatter(JsonFormatter())
     elif cfg.format == "pretty":
         from rich.console import Console
 
-        console = Console(file=stream) if stream is not None else Console(stderr=True)
-        handler = _make_rich_handler(console)
+        writer = _LossyWriter(stream)
+        handler = _make_rich_handler(Console(file=cast(TextIO, writer)), writer)
         handler.setFormatter(_PrettyFormatter())
     elif cfg.format == "compact":
-        handler = logging.StreamHandler(stream or sys.stderr)
+        handler = _StreamHandler(stream or sys.stderr)
         handler.setFormatter(CompactFormatter())
     else:
         raise ValueError(

@@ -40,6 +40,8 @@ from prometheus_client import CollectorRegistry, ProcessCollector, generate_late
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
+from .logs import records_lost
+
 if TYPE_CHECKING:
     from ._kernel import Kernel
     from ._stats import AgentStats, HistogramSnapshot, KernelStats
@@ -77,6 +79,9 @@ class MetricsSnapshot:
     per_agent_limit: int
     agents: tuple[AgentStats, ...] = ()
     agents_left_out: int = 0
+    #: log records nexus_trio's handlers could not write, process-wide (see
+    #: :func:`nexus_trio.logs.records_lost`)
+    log_records_lost: int = 0
 
 
 def _check_limit(per_agent_limit: int) -> None:
@@ -97,13 +102,20 @@ def take_snapshot(
     """
     _check_limit(per_agent_limit)
     up = not kernel.shutting_down
+    lost = records_lost()
     if not per_agent:
-        return MetricsSnapshot(kernel.stats(), up, False, per_agent_limit)
+        return MetricsSnapshot(kernel.stats(), up, False, per_agent_limit, log_records_lost=lost)
     stats = kernel.stats(agents=True)
     chosen = heapq.nlargest(per_agent_limit, stats.agents, key=lambda a: a.mailbox_depth)
     left_out = len(stats.agents) - len(chosen)
     return MetricsSnapshot(
-        attrs.evolve(stats, agents=()), up, True, per_agent_limit, tuple(chosen), left_out
+        attrs.evolve(stats, agents=()),
+        up,
+        True,
+        per_agent_limit,
+        tuple(chosen),
+        left_out,
+        log_records_lost=lost,
     )
 
 
@@ -131,7 +143,7 @@ class KernelCollector:
     ``nexus_messages_accepted``, ``nexus_messages_handled``, ``nexus_replies_delivered``,
     ``nexus_messages_forwarded``, ``nexus_handler_failures``, ``nexus_handler_timeouts``,
     ``nexus_dead_letters{reason}``, ``nexus_sends_rejected{reason}``, ``nexus_restarts``, ``nexus_given_up``,
-    ``nexus_dead_letter_stream_dropped`` (counters); ``nexus_agents_alive``,
+    ``nexus_dead_letter_stream_dropped``, ``nexus_log_records_lost`` (counters); ``nexus_agents_alive``,
     ``nexus_messages_in_flight``, ``nexus_max_mailbox_depth``, ``nexus_kernel_up``,
     ``nexus_agent_series_exported``, ``nexus_agent_series_truncated`` (gauges);
     ``nexus_handle_latency_seconds`` and ``nexus_queue_wait_seconds`` (summaries with
@@ -199,6 +211,12 @@ def _families(snapshot: MetricsSnapshot) -> Iterator[Metric]:
         "nexus_dead_letter_stream_dropped",
         "Dead letters a slow stream subscriber did not receive.",
         s.dead_letter_stream_dropped,
+    )
+    yield counter(
+        "nexus_log_records_lost",
+        "Log records nexus_trio's log handlers could not write (a full disk, a closed pipe),"
+        " in this process.",
+        snapshot.log_records_lost,
     )
     dead = CounterMetricFamily(
         "nexus_dead_letters", "Accepted messages not handled, by reason.", labels=["reason"]

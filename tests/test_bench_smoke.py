@@ -333,6 +333,22 @@ def test_bench_command_rejects_a_json_file_in_a_missing_folder(tmp_path: Path) -
     assert "--json" in result.output
 
 
+def test_a_json_file_that_cannot_be_written_is_named_after_the_table(tmp_path: Path) -> None:
+    target = tmp_path / "taken"
+    target.mkdir()  # its folder exists, so the run starts; writing a folder fails at the end
+    result = CliRunner().invoke(
+        _app(),
+        ["--smoke", "-s", "churn", "--no-progress", "--json", str(target)],
+        env={"COLUMNS": "400"},
+    )
+    assert result.exit_code == 1
+    assert "supervision churn" in result.output  # the results are printed all the same
+    assert f"--json: cannot write {str(target)!r}: Is a directory" in " ".join(
+        result.output.split()
+    )
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
 def test_plot_is_drawn_when_matplotlib_is_installed(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib", reason="the plot extra is not installed")
     out = tmp_path / "bench.png"

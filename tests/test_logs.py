@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
@@ -17,7 +18,13 @@ from typing import Any
 import pytest
 
 from nexus_trio import Context, Kernel, LoggingConfig, Message, agent
-from nexus_trio.logs import CompactFormatter, JsonFormatter, configure_logging, level_number
+from nexus_trio.logs import (
+    CompactFormatter,
+    JsonFormatter,
+    configure_logging,
+    level_number,
+    records_lost,
+)
 from nexus_trio.testing import settle
 
 
@@ -501,3 +508,136 @@ def test_under_plain_python_configure_logging_shows_ctx_log_and_tracebacks_with_
     assert failed, result.stderr
     assert lines[failed[0] + 1] == "Traceback (most recent call last):"
     assert "RuntimeError: boom" in lines
+
+
+# --- a stream that cannot be written (a full disk, a reader gone) --------------------------------
+
+
+class FullDisk(io.StringIO):
+    """A log stream that fails like a full disk until ``full`` is cleared."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.full = True
+        self.failed_writes = 0
+
+    def write(self, text: str) -> int:
+        if self.full:
+            self.failed_writes += 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write(text)
+
+
+def configured_on(stream: io.StringIO, fmt: str, level: str = "debug") -> None:
+    configure_logging(LoggingConfig(level=level, format=fmt), stream=stream)
+
+
+@pytest.mark.parametrize("fmt", ["compact", "json", "pretty"])
+def test_records_a_full_disk_refuses_are_counted_and_reported_once_it_writes_again(
+    fmt: str, nexus_logger: logging.Logger, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stream = FullDisk()
+    configured_on(stream, fmt)
+    log = logging.getLogger("nexus_trio.test")
+    before = records_lost()
+    for i in range(5):
+        log.info("lost-%d", i)
+    assert records_lost() - before == 5
+    assert stream.failed_writes >= 5
+    assert stream.getvalue() == ""
+    # No "--- Logging error ---" traceback per record on standard error.
+    assert capsys.readouterr().err == ""
+
+    stream.full = False
+    log.info("first after")
+    log.info("second after")
+    text = stream.getvalue()
+    assert records_lost() - before == 5  # nothing more lost
+    assert "first after" in text and "second after" in text
+    # One notice, after the first record that got through, with the count and the reason.
+    assert text.count("could not be written") == 1
+    assert (
+        text.index("first after") < text.index("could not be written") < text.index("second after")
+    )
+    assert re.search(r"5 log record\(s\) before this one could not be\s+written", text)
+    assert "No space left on device" in " ".join(text.split())
+    # What was counted as lost is never written later (rich would retry its buffer).
+    assert "lost-" not in text
+
+
+def test_a_notice_that_fails_too_keeps_the_count_for_the_next_record(
+    nexus_logger: logging.Logger,
+) -> None:
+    class FailsEveryOther(io.StringIO):
+        """Refuses writes 1, 3 and 5 (the record, then the notice after a good one)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        def write(self, text: str) -> int:
+            self.calls += 1
+            if self.calls in (1, 3):
+                raise OSError(errno.EIO, "Input/output error")
+            return super().write(text)
+
+    stream = FailsEveryOther()
+    configured_on(stream, "compact")
+    log = logging.getLogger("nexus_trio.test")
+    before = records_lost()
+    log.info("one")  # write 1 fails: lost
+    log.info("two")  # write 2: written; write 3, the notice, fails
+    log.info("three")  # write 4: written; write 5, the notice again, gets through
+    assert records_lost() - before == 1  # the failed notice is not a record of the program
+    lines = stream.getvalue().splitlines()
+    assert [line.split(" nexus_trio.")[1] for line in lines] == [
+        "test two",
+        "test three",
+        "logs 1 log record(s) before this one could not be written (Input/output error): "
+        "lost, and counted in records_lost()",
+    ]
+
+
+def test_a_record_that_does_not_fit_its_format_keeps_logging_s_report(
+    nexus_logger: logging.Logger, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stream = io.StringIO()
+    configured_on(stream, "compact")
+    (ours,) = [h for h in nexus_logger.handlers if isinstance(h, logging.StreamHandler)]
+    before = records_lost()
+    # Straight to our handler: pytest's own capture handler raises on such a record.
+    record = logging.LogRecord(
+        "nexus_trio.test", logging.INFO, __file__, 1, "%d items", ("not a number",), None
+    )
+    ours.handle(record)
+    assert records_lost() == before  # not a write failure
+    assert "--- Logging error ---" in capsys.readouterr().err
+
+
+async def test_a_kernel_logging_to_a_full_disk_keeps_every_count(
+    nexus_kernel: Kernel, autojump_clock: Any, nexus_logger: logging.Logger
+) -> None:
+    """A full disk of logs loses log lines, counted, and nothing else: the failures and
+    their dead letters are all in the kernel's stats."""
+    stream = FullDisk()
+    configured_on(stream, "json", level="info")
+    seen = ListHandler()  # what the kernel logged, for the count
+    seen.setLevel(logging.INFO)
+    nexus_logger.addHandler(seen)
+    before = records_lost()
+    ref = nexus_kernel.spawn(worker)
+    for i in range(20):
+        await nexus_kernel.send(ref, "fail" if i % 2 else f"ok-{i}")
+    await settle()
+
+    stats = nexus_kernel.stats()
+    assert stats.handled == 10
+    assert stats.failed == 10
+    assert stats.dead_letters_by_reason == {"handler_error": 10}
+    assert stats.in_flight == 0
+    assert stats.accepted == stats.handled + stats.dead_lettered
+    # every record the kernel and the agent wrote (10 "handling", 10 handler errors, 10
+    # dead letters, and whatever else at info) is counted as lost, none written
+    assert len(seen.records) >= 30
+    assert records_lost() - before == len(seen.records)
+    assert stream.getvalue() == ""

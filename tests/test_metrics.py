@@ -350,3 +350,35 @@ async def test_serve_metrics_refuses_a_port_out_of_range():
     async with open_test_kernel() as kernel:
         with pytest.raises(ValueError, match=r"metrics port must be within 0\.\.65535, got 70000"):
             await serve_metrics(kernel, "127.0.0.1", 70000)
+
+
+async def test_log_records_lost_are_a_counter_of_the_scrape() -> None:
+    import errno
+    import io
+    import logging
+
+    from nexus_trio.logs import configure_logging, records_lost
+
+    class Full(io.StringIO):
+        def write(self, text: str) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    logger = logging.getLogger("nexus_trio")
+    handlers, level = list(logger.handlers), logger.level
+    configure_logging("info", stream=Full())
+    try:
+        async with open_test_kernel() as kernel:
+            before = samples(render_snapshot(take_snapshot(kernel), process=False).decode())
+            assert before[("nexus_log_records_lost_total", ())] == records_lost()
+            for i in range(3):
+                logging.getLogger("nexus_trio.test").warning("lost %d", i)
+            after = samples(render_snapshot(take_snapshot(kernel), process=False).decode())
+            lost = after[("nexus_log_records_lost_total", ())]
+            assert lost - before[("nexus_log_records_lost_total", ())] == 3
+            assert lost == records_lost()
+    finally:
+        for handler in list(logger.handlers):
+            if handler not in handlers:
+                logger.removeHandler(handler)
+                handler.close()
+        logger.setLevel(level)

@@ -26,7 +26,7 @@ def run_cli(
     """Run, print the table, write the JSON and the plot; returns an exit status.
 
     0: done (goals missed are reported, not failures); 1: a scenario's counts did not
-    add up, or the plot could not be drawn; 2: bad arguments (the message names them).
+    add up, or the JSON or the plot could not be written; 2: bad arguments (the message names them).
     """
     out = console or Console()
     err = Console(stderr=True)
@@ -60,14 +60,25 @@ def run_cli(
         err.print(f"[red]benchmark counts do not add up: {exc}[/]")
         return 1
     print_report(report, out)
+    status = 0
     if json_path is not None:
-        write_json(report, json_path)
-        err.print(f"wrote {json_path}")
+        # The table above is printed already: a file that cannot be written is named,
+        # and the plot is still tried.
+        try:
+            write_json(report, json_path)
+        except OSError as exc:
+            err.print(f"[red]--json: cannot write {str(json_path)!r}: {exc.strerror or exc}[/]")
+            status = 1
+        else:
+            err.print(f"wrote {json_path}")
     if plot_path is not None:
         try:
             plot(report, plot_path)
         except (PlotUnavailable, ValueError) as exc:
             err.print(f"[red]--plot: {exc}[/]")
             return 1
+        except OSError as exc:
+            err.print(f"[red]--plot: cannot write {str(plot_path)!r}: {exc.strerror or exc}[/]")
+            return 1
         err.print(f"wrote {plot_path}")
-    return 0
+    return status

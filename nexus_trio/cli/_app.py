@@ -11,9 +11,12 @@ usage: an invalid flag value (the message names the flag) or an invalid config f
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import errno
 import importlib
 import logging
+import os
 import shlex
 import shutil
 import sys
@@ -544,8 +547,88 @@ _bench_cmd.register(app)
 _send_cmd.register(app)
 
 
+class _WatchedStream:
+    """``sys.stdout`` or ``sys.stderr`` while the command runs: the stream itself, except
+    that a write or flush that raises ``OSError`` is remembered, so that :func:`main` can
+    tell a failure of its own output (a full disk, a reader gone) from any other. A stream
+    the command was started without (``2>&-``: Python makes it ``None``) fails its writes
+    with ``EBADF``, as the closed descriptor would."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.error: OSError | None = None
+
+    def _target(self) -> Any:
+        if self.stream is None:
+            raise OSError(errno.EBADF, "it is closed")
+        return self.stream
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._target().write(text))
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._target().flush()
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def isatty(self) -> bool:
+        return self.stream is not None and bool(self.stream.isatty())
+
+    def __getattr__(self, name: str) -> Any:
+        if self.stream is None:
+            raise AttributeError(name)
+        return getattr(self.stream, name)
+
+
+def _output_failure(exc: OSError, streams: dict[str, _WatchedStream]) -> str | None:
+    """The name of the standard stream whose write raised ``exc``, if one did."""
+    for name, stream in streams.items():
+        if stream.error is not None and (stream.error is exc or stream.error.errno == exc.errno):
+            return name
+    return None
+
+
+def _silence(stream: Any) -> None:
+    """Point a broken standard stream at /dev/null, so that the interpreter's last flush
+    of it at exit cannot fail again (what Python's documentation advises for EPIPE)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``nexus`` and ``nexus-runtime`` console scripts (each named as
-    it was invoked, so that shell completion attaches to the name the user types)."""
+    it was invoked, so that shell completion attaches to the name the user types).
+
+    When the command's own output cannot be written (``OSError`` from standard output or
+    standard error: a full disk, a reader gone), it says so on standard error, without a
+    traceback, and exits with status 1; a reader gone (``EPIPE``) ends it quietly, as
+    click does.
+    """
     invoked = Path(sys.argv[0]).name
-    app(args=argv, prog_name=invoked if invoked in PROGRAM_NAMES else "nexus")
+    out, err = _WatchedStream(sys.stdout), _WatchedStream(sys.stderr)
+    sys.stdout, sys.stderr = out, err
+    try:
+        app(args=argv, prog_name=invoked if invoked in PROGRAM_NAMES else "nexus")
+    except OSError as exc:
+        failed = _output_failure(exc, {"standard output": out, "standard error": err})
+        if failed is None:
+            raise
+        sys.stdout, sys.stderr = out.stream, err.stream
+        _silence(out.stream if failed == "standard output" else err.stream)
+        if exc.errno != errno.EPIPE and failed == "standard output":
+            with contextlib.suppress(OSError, AttributeError):  # stderr may be closed too
+                sys.stderr.write(f"nexus: error: cannot write to {failed}: {exc.strerror or exc}\n")
+                sys.stderr.flush()
+        sys.exit(1)
+    finally:
+        sys.stdout, sys.stderr = out.stream, err.stream

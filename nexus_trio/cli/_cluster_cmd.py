@@ -64,6 +64,7 @@ _SUMMED: Final = (
     "restarts",
     "msgs_per_s",
     "peak_rss_bytes",
+    "log_records_lost",
 )
 
 

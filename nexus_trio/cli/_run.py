@@ -44,6 +44,7 @@ from .._config import Config
 from .._errors import SupervisorEscalation
 from .._kernel import Kernel, open_kernel
 from .._supervisor import Supervisor
+from ..logs import records_lost
 from ._spawn import (
     OneLineBridgeErrors,
     SpawnedProgram,
@@ -691,6 +692,8 @@ def build_summary(
         "handle_latency": hist("handle_latency"),
         "queue_wait": hist("queue_wait"),
         "peak_rss_bytes": peak,
+        # log records the kernel's handlers could not write (stderr on a full disk, ...)
+        "log_records_lost": records_lost(),
         "conserved": stats is not None
         and in_flight == 0
         and accepted == handled + replies + forwarded + dead,

@@ -262,6 +262,15 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
         else:
             table.add_row(label, "-")
     table.add_row("peak RSS", fmt_bytes(summary["peak_rss_bytes"]))
+    if summary.get("log_records_lost"):
+        table.add_row(
+            "log records lost",
+            Text(
+                f"{fmt_count(summary['log_records_lost'])} (writing them failed; "
+                "counted, see docs/config.md)",
+                style="yellow",
+            ),
+        )
     for worker in summary.get("per_worker") or ():
         table.add_row(f"  {worker.get('node') or 'worker'}", _worker_text(worker))
     ok = summary["conserved"]

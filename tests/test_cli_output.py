@@ -1,0 +1,107 @@
+"""``nexus`` when its own output cannot be written: a full disk under standard output or
+standard error, a closed descriptor. Real processes: a file-size limit of 0 (``ulimit -f
+0``, with SIGXFSZ ignored) makes every write to a regular file fail with ``EFBIG`` ("File
+too large"), as a full disk fails with ``ENOSPC``, on any POSIX system."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+RECORD = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ", re.MULTILINE)
+RUN = ["run", "-n", "10", "-d", "0.2", "--json", "--no-live"]
+
+
+def nexus(args: list[str], cwd: Path, redirect: str, *, limited: bool = False) -> Any:
+    """``python -m nexus_trio.cli ARGS REDIRECT`` in bash, with writes to regular files
+    failing (``EFBIG``) when ``limited``."""
+    command = shlex.join([sys.executable, "-m", "nexus_trio.cli", *args])
+    prefix = "ulimit -f 0; trap '' XFSZ; " if limited else ""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+    env |= {"XDG_CONFIG_HOME": str(cwd / "xdg"), "COLUMNS": "200", "NO_COLOR": "1"}
+    return subprocess.run(
+        ["bash", "-c", f"{prefix}exec {command} {redirect}"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_summary_that_cannot_be_written_is_a_one_line_error_and_status_1(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "summary.json"
+    result = nexus(RUN, tmp_path, f"> {shlex.quote(str(out))}", limited=True)
+    assert result.returncode == 1
+    assert "nexus: error: cannot write to standard output: File too large" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert out.read_bytes() == b""
+    # The same with the table instead of JSON, and for help text.
+    for args in (RUN[:-2], ["--help"], ["config", "show"]):
+        result = nexus(args, tmp_path, f"> {shlex.quote(str(out))}", limited=True)
+        assert result.returncode == 1, args
+        assert result.stderr.strip().splitlines()[-1] == (
+            "nexus: error: cannot write to standard output: File too large"
+        ), args
+
+
+def test_a_closed_standard_output_is_named_too(tmp_path: Path) -> None:
+    result = nexus(RUN, tmp_path, ">&-")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "nexus: error: cannot write to standard output: it is closed"
+    )
+
+
+def test_log_records_a_full_disk_refuses_are_counted_in_the_summary(tmp_path: Path) -> None:
+    # What the run logs when standard error can be written ...
+    written = nexus(RUN, tmp_path, "")
+    assert written.returncode == 0, written.stderr
+    records = len(RECORD.findall(written.stderr))
+    assert records >= 2  # the config line and the "running" line at least
+    assert json.loads(written.stdout)["log_records_lost"] == 0
+    # ... is lost and counted when it cannot; the run itself is unaffected.
+    log = tmp_path / "nexus.log"
+    full = nexus(RUN, tmp_path, f"2> {shlex.quote(str(log))}", limited=True)
+    assert full.returncode == 0
+    assert log.read_bytes() == b""
+    summary = json.loads(full.stdout)
+    assert summary["log_records_lost"] == records
+    assert summary["conserved"] is True
+    assert summary["handled"] > 0
+    # A closed standard error loses them the same way.
+    closed = nexus(RUN, tmp_path, "2>&-")
+    assert closed.returncode == 0
+    summary = json.loads(closed.stdout)
+    assert summary["log_records_lost"] == records
+    assert summary["conserved"] is True
+
+
+@pytest.mark.parametrize("fmt", ["json", "pretty"])
+def test_every_log_format_counts_what_it_could_not_write(tmp_path: Path, fmt: str) -> None:
+    log = tmp_path / "nexus.log"
+    result = nexus(
+        [*RUN, "--log-format", fmt], tmp_path, f"2> {shlex.quote(str(log))}", limited=True
+    )
+    assert result.returncode == 0
+    assert json.loads(result.stdout)["log_records_lost"] >= 2
+    assert log.read_bytes() == b""
+
+
+def test_the_table_summary_shows_the_records_lost(tmp_path: Path) -> None:
+    log = tmp_path / "nexus.log"
+    result = nexus(RUN[:-2], tmp_path, f"2> {shlex.quote(str(log))}", limited=True)
+    assert result.returncode == 0
+    assert re.search(r"log records lost\s+[1-9]\d* \(writing them failed", result.stdout)
+    # and a run whose logs were written has no such row
+    assert "log records lost" not in nexus(RUN[:-2], tmp_path, "").stdout
