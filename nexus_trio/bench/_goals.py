@@ -237,10 +237,13 @@ def _many_agents_rows(scale: Scale, counts: dict[str, int]) -> list[Metric]:
     k = _measure(scale, "kernel", n)
     raw = _measure(scale, "raw trio", n)
     check(
-        k["handled"] == n == k["accepted"] and k["dead_lettered"] == 0 and k["in_flight"] == 0,
-        f"goals: {n:,} agents: kernel counts do not add up: {k}",
+        k["handled"] == 2 * n == k["accepted"] and k["dead_lettered"] == 0 and k["in_flight"] == 0,
+        f"goals: {n:,} agents: kernel counts do not add up (two messages per agent): {k}",
     )
-    check(raw["handled"] == n, f"goals: {n:,} agents: raw trio handled {raw['handled']} of {n}")
+    check(
+        raw["handled"] == 2 * n,
+        f"goals: {n:,} agents: raw trio handled {raw['handled']} of {2 * n}",
+    )
     counts["many_agents_handled"] = k["handled"]
 
     def per_agent_kb(r: dict[str, Any]) -> float:
@@ -257,6 +260,17 @@ def _many_agents_rows(scale: Scale, counts: dict[str, int]) -> list[Metric]:
             reference="raw trio task+channel",
             goal=Goal("<= 2x", "ratio", "<=", 2.0),
             higher_is_better=False,
+            note="each agent starts on this message (lazy start); the baseline's tasks run",
+        ),
+        Metric(
+            NAME,
+            f"deliver a second message to each of {size} (agents running)",
+            "s",
+            k["second_deliver_s"],
+            {"raw trio task+channel": raw["second_deliver_s"]},
+            reference="raw trio task+channel",
+            higher_is_better=False,
+            note="no goal of its own: the row above without the start of each agent",
         ),
         Metric(
             NAME,

@@ -3,9 +3,12 @@
 For each size N, in a fresh subprocess per implementation so that RSS is clean: spawn
 N agents (time until the supervisor has taken them all in), RSS per idle agent, and
 the shutdown of those idle agents; then, in a second kernel in the same process, N
-agents again, the time to deliver one message to each and see it handled, RSS per agent
-once each has run, and that shutdown. The baseline is what a hand-written trio program
-would do: one task and one memory channel per agent, the task waiting on ``receive()``.
+agents again, the time to deliver one message to each and see it handled (each agent
+starts on its first message), RSS per agent once each has run, the time to deliver a
+second message to each (now every agent's task is running, parked on its empty
+mailbox, as the baseline's tasks are for both rounds), and that shutdown. The baseline
+is what a hand-written trio program would do: one task and one memory channel per
+agent, the task waiting on ``receive()``.
 
 Run one measurement by hand with ``python -m nexus_trio.bench._scale_child kernel 10000``;
 it prints one JSON object.
@@ -70,6 +73,13 @@ async def _measure_kernel(n: int) -> dict[str, Any]:
         await trio.testing.wait_all_tasks_blocked()
         rss_active = rss_bytes()
         stats_s = time_stats(kernel.stats)
+        # 3. A second message to each: the agents run now (parked on an empty mailbox).
+        t4 = time.perf_counter()
+        for ref in refs:
+            send_nowait(ref, None)
+        await wait_until(lambda: kernel.stats().handled >= 2 * n)
+        second_deliver_s = time.perf_counter() - t4
+        await trio.testing.wait_all_tasks_blocked()
         del refs
         t3 = time.perf_counter()
     shutdown_s = time.perf_counter() - t3
@@ -79,11 +89,13 @@ async def _measure_kernel(n: int) -> dict[str, Any]:
         "spawn_s": spawn_s,
         "idle_shutdown_s": idle_shutdown_s,
         "deliver_s": deliver_s,
+        "second_deliver_s": second_deliver_s,
         "shutdown_s": shutdown_s,
         "rss_base": rss0,
         "rss_idle": rss_idle,
         "rss_active": rss_active,
         "stats_s": stats_s,
+        # both rounds: 2 * n
         "handled": stats.handled,
         "accepted": stats.accepted,
         "dead_lettered": stats.dead_lettered,
@@ -142,13 +154,14 @@ async def _measure_lifecycle(n: int) -> dict[str, Any]:
 async def _measure_raw_trio(n: int) -> dict[str, Any]:
     rss0 = rss_bytes()
     handled = 0
+    target = n
     all_handled = trio.Event()
 
     async def agent_task(receive: trio.MemoryReceiveChannel[Any]) -> None:
         nonlocal handled
         async for _ in receive:
             handled += 1
-            if handled == n:
+            if handled == target:
                 all_handled.set()
 
     def start_all(nursery: trio.Nursery) -> list[trio.MemorySendChannel[Any]]:
@@ -182,6 +195,14 @@ async def _measure_raw_trio(n: int) -> dict[str, Any]:
         deliver_s = time.perf_counter() - t2
         await trio.testing.wait_all_tasks_blocked()
         rss_active = rss_bytes()
+        # 3. A second message to each (the same as the first for tasks that always run).
+        target, all_handled = 2 * n, trio.Event()
+        t4 = time.perf_counter()
+        for send in senders:
+            send.send_nowait(None)
+        await all_handled.wait()
+        second_deliver_s = time.perf_counter() - t4
+        await trio.testing.wait_all_tasks_blocked()
         t3 = time.perf_counter()
         for send in senders:
             send.close()
@@ -191,10 +212,12 @@ async def _measure_raw_trio(n: int) -> dict[str, Any]:
         "spawn_s": spawn_s,
         "idle_shutdown_s": idle_shutdown_s,
         "deliver_s": deliver_s,
+        "second_deliver_s": second_deliver_s,
         "shutdown_s": shutdown_s,
         "rss_base": rss0,
         "rss_idle": rss_idle,
         "rss_active": rss_active,
+        # both rounds: 2 * n
         "handled": handled,
     }
 
@@ -241,10 +264,14 @@ def run(scale: Scale) -> ScenarioResult:
             )
         k, raw = runs["kernel"], runs["raw trio"]
         check(
-            k["handled"] == n == k["accepted"] and k["dead_lettered"] == 0 and k["in_flight"] == 0,
-            f"scale {n}: kernel counts do not add up: {k}",
+            k["handled"] == 2 * n == k["accepted"]
+            and k["dead_lettered"] == 0
+            and k["in_flight"] == 0,
+            f"scale {n}: kernel counts do not add up (two messages per agent): {k}",
         )
-        check(raw["handled"] == n, f"scale {n}: raw trio handled {raw['handled']} of {n}")
+        check(
+            raw["handled"] == 2 * n, f"scale {n}: raw trio handled {raw['handled']} of {2 * n}"
+        )
         counts[f"{n}_kernel_handled"] = k["handled"]
         counts[f"{n}_raw_handled"] = raw["handled"]
 
@@ -289,6 +316,15 @@ def run(scale: Scale) -> ScenarioResult:
                 "s",
                 k["deliver_s"],
                 {"raw trio": raw["deliver_s"]},
+                reference="raw trio",
+                higher_is_better=False,
+            ),
+            Metric(
+                NAME,
+                f"{size}: deliver a second message to each (agents running)",
+                "s",
+                k["second_deliver_s"],
+                {"raw trio": raw["second_deliver_s"]},
                 reference="raw trio",
                 higher_is_better=False,
             ),
