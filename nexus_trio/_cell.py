@@ -169,7 +169,7 @@ class AgentCell(Child):
         self.drain_on_stop = False
         self._held = False
         self._release: trio.Event | None = None
-        #: parked in ``mailbox.receive()`` (a wake is a ``None`` sent to it)
+        #: parked in ``mailbox.park()`` (a wake is a ``None`` sent to it)
         self.parked = False
         #: the serve loop's cancel scope; it has a deadline while a handler is suspended
         self._handler_scope: trio.CancelScope | None = None
@@ -469,10 +469,14 @@ class AgentCell(Child):
                     msg = _NOTHING
                     coro = result = None
                     self.parked = True
+                    # Mailbox.receive written out: a parked agent keeps no frame of it.
+                    waiting = mailbox.waiting
+                    got = None
                     try:
-                        got = await mailbox.receive()
+                        got = await mailbox.park()
                     finally:
                         self.parked = False
+                        got = mailbox.unparked(got, waiting)
 
             # Only a handler deadline or a request timeout cancels this scope.
             self._handler_scope = None

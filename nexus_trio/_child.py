@@ -21,6 +21,37 @@ if TYPE_CHECKING:
     from ._message import Message
 
 
+class RunDone:
+    """Set when a child's run has ended; waited for by whoever stops it.
+
+    ``trio.Event``'s semantics, with the Event (and its set of waiters, 270 bytes in
+    all) made only when someone waits before the run ends: every running agent holds
+    one of these, and most are never waited for until shutdown.
+    """
+
+    __slots__ = ("_event", "_set")
+
+    def __init__(self) -> None:
+        self._event: trio.Event | None = None
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+        if self._event is not None:
+            self._event.set()
+
+    def is_set(self) -> bool:
+        return self._set
+
+    async def wait(self) -> None:
+        if self._set:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._event is None:
+            self._event = trio.Event()
+        await self._event.wait()
+
+
 class RestartType(enum.Enum):
     """When a supervisor restarts a child that exited (OTP child restart types)."""
 
@@ -119,7 +150,7 @@ class Child:
     backoff_step: int
     started_at: float
     scope: trio.CancelScope | None
-    done: trio.Event | None
+    done: RunDone | None
     #: set when this run has started (``on_start`` returned); the next sibling of an
     #: ordered start waits for it
     start_gate: trio.Event | None

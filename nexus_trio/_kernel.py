@@ -65,8 +65,10 @@ class Kernel:
         self._router = Router(self._ledger, kc.send_timeout, heap)
         self._thread_limiter = trio.CapacityLimiter(config.runtime.blocking_thread_limit)
         sup = config.supervision
-        # One bound method for every cell (not a new one per spawn).
+        # One bound method for every cell and context (not a new one per spawn or run:
+        # 64 bytes each, at a million agents).
         self._make_context = self._context_for
+        self._spawn_linked_for_contexts = self._spawn_linked
         self._host = SupervisionHost(
             self._router,
             self._ledger,
@@ -240,7 +242,9 @@ class Kernel:
         return cell
 
     def _context_for(self, cell: AgentCell) -> Context:
-        return Context(self, cell, self._router, self._spawn_linked, self._thread_limiter)
+        return Context(
+            self, cell, self._router, self._spawn_linked_for_contexts, self._thread_limiter
+        )
 
     def _register(self, node: Child, *, agent: bool) -> None:
         self._router.register(node, agent=agent)

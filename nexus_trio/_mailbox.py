@@ -12,8 +12,8 @@ order) and keep the depth as a counter of its own, read in O(1).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import final
+from collections.abc import Callable, Coroutine
+from typing import Any, final
 
 import attrs
 import trio
@@ -215,16 +215,29 @@ class Mailbox:
 
     async def receive(self) -> Message | None:
         """Wait for the next message; ``None`` if woken by :meth:`wake_receiver`."""
+        waiting = self.waiting
+        msg = None
+        try:
+            msg = await self.park()
+        finally:
+            msg = self.unparked(msg, waiting)
+        return msg
+
+    def park(self) -> Coroutine[Any, Any, Message | None]:
+        """The wait of :meth:`receive`, for a consumer that awaits it itself (the serve
+        loop: a parked agent then keeps no frame of this method, 232 bytes a piece at a
+        million agents). Follow it, however it ends, with :meth:`unparked`, given what it
+        returned (``None`` if it raised) and :attr:`waiting` as it was before."""
         receive = self._receive
         if receive is None:
             receive = self._open()[1]
         # Trio parks the consumer only on an empty buffer (then no producer waits).
         self._receiver_parked = not self.depth
-        waiting = self.waiting
-        try:
-            msg = await receive.receive()
-        finally:
-            self._receiver_parked = False
+        return receive.receive()
+
+    def unparked(self, msg: Message | None, waiting: int) -> Message | None:
+        """The bookkeeping after :meth:`park`'s wait; returns ``msg``."""
+        self._receiver_parked = False
         if msg is None:
             return None
         if waiting or self.waiting:

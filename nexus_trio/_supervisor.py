@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Final, final
 import attrs
 import trio
 
-from ._child import Child, ChildOwner, Directive, RestartType, log_extra, to_restart
+from ._child import Child, ChildOwner, Directive, RestartType, RunDone, log_extra, to_restart
 from ._config import RestartStrategy
 from ._errors import SupervisorEscalation
 from ._events import EventKind
@@ -328,7 +328,7 @@ class SupervisorNode(Child, ChildOwner):
             # This supervisor is not running; its next start picks the child up.
             return
         child.dormant = False
-        child.done = trio.Event()
+        child.done = RunDone()
         self._nursery.start_soon(self._child_task, child, run, 0.0, child.done, None, None)
         self.host.heap.created()
 
@@ -385,7 +385,7 @@ class SupervisorNode(Child, ChildOwner):
         child.terminating = False
         run = child.run
         child.dormant = False
-        child.done = trio.Event()
+        child.done = RunDone()
         if child.starts_quietly():
             # No on_start: its start cannot be observed, so it neither waits nor is waited for.
             child.start_gate = None
@@ -400,7 +400,7 @@ class SupervisorNode(Child, ChildOwner):
         child: Child,
         run: int,
         delay: float,
-        done: trio.Event,
+        done: RunDone,
         after: trio.Event | None,
         gate: trio.Event | None,
     ) -> None:

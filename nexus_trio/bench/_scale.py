@@ -269,9 +269,7 @@ def run(scale: Scale) -> ScenarioResult:
             and k["in_flight"] == 0,
             f"scale {n}: kernel counts do not add up (two messages per agent): {k}",
         )
-        check(
-            raw["handled"] == 2 * n, f"scale {n}: raw trio handled {raw['handled']} of {2 * n}"
-        )
+        check(raw["handled"] == 2 * n, f"scale {n}: raw trio handled {raw['handled']} of {2 * n}")
         counts[f"{n}_kernel_handled"] = k["handled"]
         counts[f"{n}_raw_handled"] = raw["handled"]
 
