@@ -11,14 +11,79 @@ import trio
 import trio.testing
 
 from nexus_trio import Config, Context, KernelConfig, Message, agent, open_kernel
-from nexus_trio._gc import HeapKeeper
+from nexus_trio._gc import YOUNG, HeapKeeper
 
 
 @pytest.fixture
 def unfrozen() -> Iterator[None]:
     gc.unfreeze()
+    thresholds = gc.get_threshold()
     yield
+    YOUNG.unwatch()
     gc.unfreeze()
+    gc.set_threshold(*thresholds)
+
+
+def watching() -> bool:
+    return any(getattr(callback, "__self__", None) is YOUNG for callback in gc.callbacks)
+
+
+def test_a_freeze_raises_the_young_threshold_until_the_keeper_closes(unfrozen: None) -> None:
+    gc.set_threshold(100, 7, 9)
+    keeper = HeapKeeper(True, batch=4)
+    for _ in range(3):
+        keeper.created()
+    assert gc.get_threshold() == (100, 7, 9)
+    keeper.created()
+    assert keeper.freezes == 1
+    # above what a batch allocates: the next freeze comes before a young collection
+    assert gc.get_threshold() == (4 * 64, 7, 9)
+    assert watching()
+    keeper.close()
+    assert gc.get_threshold() == (100, 7, 9)
+    assert not watching()
+
+
+def test_a_collection_that_starts_anyway_puts_the_threshold_back(unfrozen: None) -> None:
+    gc.set_threshold(100, 7, 9)
+    keeper = HeapKeeper(True, batch=4)
+    for _ in range(4):
+        keeper.created()
+    assert gc.get_threshold()[0] == 256
+    gc.collect(0)  # a burst is over (or someone collects): the usual threshold again
+    assert gc.get_threshold() == (100, 7, 9)
+    for _ in range(4):
+        keeper.created()  # the next burst raises it again
+    assert gc.get_threshold()[0] == 256
+    for _ in range(8):
+        keeper.run_ended()  # a thaw gives the collector everything back, thresholds too
+    assert keeper.thaws == 1
+    assert gc.get_threshold() == (100, 7, 9)
+    keeper.close()
+    assert gc.get_threshold() == (100, 7, 9)
+
+
+@pytest.mark.parametrize("thresholds", [(0, 10, 10), (1_000_000, 10, 10)])
+def test_young_collections_the_application_turned_off_or_made_rare_are_left_so(
+    unfrozen: None, thresholds: tuple[int, int, int]
+) -> None:
+    gc.set_threshold(*thresholds)
+    keeper = HeapKeeper(True, batch=1)
+    keeper.created()
+    assert keeper.freezes == 1
+    assert gc.get_threshold() == thresholds
+    keeper.close()
+    assert gc.get_threshold() == thresholds
+
+
+def test_a_disabled_keeper_leaves_the_thresholds_alone(unfrozen: None) -> None:
+    gc.set_threshold(500, 7, 9)
+    keeper = HeapKeeper(False, batch=1)
+    keeper.created()
+    keeper.backlog(10)
+    keeper.close()
+    assert gc.get_threshold() == (500, 7, 9)
+    assert not watching()
 
 
 def test_freezes_after_each_batch_and_thaws_when_half_the_frozen_stopped(unfrozen: None) -> None:
@@ -140,6 +205,40 @@ async def test_a_fan_out_burst_freezes_the_queued_messages(unfrozen: None, enabl
         assert stats.handled == 4 * 4096 and stats.in_flight == 0 and stats.dead_lettered == 0
     assert (frozen_in_burst > 0) is enabled
     assert gc.get_freeze_count() == 0
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+async def test_starting_a_burst_of_agents_runs_no_young_collection(
+    unfrozen: None, enabled: bool
+) -> None:
+    """Between two freezes a batch of starts allocates less than the raised threshold, so
+    no young collection walks objects the next freeze takes anyway; without the keeper,
+    hundreds do."""
+    young: list[int] = []
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "start" and info["generation"] == 0:
+            young.append(1)
+
+    config = Config(kernel=KernelConfig(gc_freeze=enabled))
+    before = gc.get_threshold()
+    async with open_kernel(config) as kernel:
+        refs = [kernel.spawn(noop) for _ in range(3 * 2048)]
+        await trio.testing.wait_all_tasks_blocked()
+        gc.callbacks.append(count)
+        try:
+            for ref in refs:
+                kernel.send_nowait(ref, None)
+            await trio.testing.wait_all_tasks_blocked()
+        finally:
+            gc.callbacks.remove(count)
+        assert kernel.stats().handled == 3 * 2048
+    if enabled:
+        assert len(young) <= 2
+    else:
+        assert len(young) > 100
+    assert gc.get_threshold() == before
+    assert not watching()
 
 
 async def test_a_shutdown_that_fails_half_way_still_gives_the_heap_back(
