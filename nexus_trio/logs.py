@@ -15,6 +15,7 @@ a terminal escape sequence in them cannot forge a log line or drive the terminal
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
@@ -458,6 +459,17 @@ class _CountsLostRecords(logging.Handler):
 class _StreamHandler(_CountsLostRecords, logging.StreamHandler[TextIO]):
     """``logging.StreamHandler`` that counts the records it could not write."""
 
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stream is None:
+            # Made while standard error was closed (``2>&-``: Python's sys.stderr is
+            # None): every record is lost, as on the closed descriptor.
+            try:
+                raise OSError(errno.EBADF, "standard error is closed")
+            except OSError:
+                self.handleError(record)
+            return
+        super().emit(record)
+
 
 class _LossyWriter:
     """What the ``pretty`` handler's rich console writes to: ``stream``, or standard error
@@ -471,7 +483,11 @@ class _LossyWriter:
 
     @property
     def target(self) -> TextIO:
-        return self._stream if self._stream is not None else sys.stderr
+        target = self._stream if self._stream is not None else sys.stderr
+        if target is None:
+            # standard error closed (``2>&-``): Python's sys.stderr is None
+            raise OSError(errno.EBADF, "standard error is closed")
+        return target
 
     def write(self, text: str) -> int:
         try:
@@ -487,14 +503,20 @@ class _LossyWriter:
             self.error = exc
 
     def isatty(self) -> bool:
-        return self.target.isatty()
+        try:
+            return self.target.isatty()
+        except OSError:
+            return False
 
     def fileno(self) -> int:
         return self.target.fileno()
 
     @property
     def encoding(self) -> str:
-        return getattr(self.target, "encoding", None) or "utf-8"
+        try:
+            return getattr(self.target, "encoding", None) or "utf-8"
+        except OSError:
+            return "utf-8"
 
 
 def _make_handler(cfg: LoggingConfig, stream: TextIO | None) -> logging.Handler:

@@ -105,3 +105,28 @@ def test_the_table_summary_shows_the_records_lost(tmp_path: Path) -> None:
     assert re.search(r"log records lost\s+[1-9]\d* \(writing them failed", result.stdout)
     # and a run whose logs were written has no such row
     assert "log records lost" not in nexus(RUN[:-2], tmp_path, "").stdout
+
+
+@pytest.mark.parametrize("fmt", ["compact", "json", "pretty"])
+def test_a_program_started_with_standard_error_closed_counts_its_log_records(
+    tmp_path: Path, fmt: str
+) -> None:
+    """Under plain Python (no ``nexus`` command around it) a closed standard error is
+    ``sys.stderr = None``: the handler counts what it cannot write, nothing crashes."""
+    code = (
+        "import logging\n"
+        "from nexus_trio.logs import configure_logging, records_lost\n"
+        f"configure_logging('info', {fmt!r})\n"
+        "for i in range(3):\n"
+        "    logging.getLogger('nexus_trio.test').info('record %d', i)\n"
+        "print(records_lost())\n"
+    )
+    result = subprocess.run(
+        ["bash", "-c", f"exec {shlex.quote(sys.executable)} -c {shlex.quote(code)} 2>&-"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0
+    assert result.stdout.strip() == "3"
