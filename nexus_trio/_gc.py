@@ -68,8 +68,11 @@ class _YoungThreshold:
         if saved[0] == 0 or saved[0] >= level:
             # Young collections are off (threshold 0) or already this rare: leave them.
             return
-        self.saved = saved
+        # Raised first, remembered second: a collection in another thread in between
+        # (gc callbacks run in the thread that collects) then finds nothing to restore,
+        # instead of restoring before the raise and leaving it raised for good.
         gc.set_threshold(level, saved[1], saved[2])
+        self.saved = saved
         if not self._watching:
             gc.callbacks.append(self._on_collection)
             self._watching = True
@@ -78,6 +81,8 @@ class _YoungThreshold:
         saved = self.saved
         if saved is None:
             return
+        # Forgotten first: a raise in another thread in between finds the threshold
+        # still high and leaves it to this restore.
         self.saved = None
         current = gc.get_threshold()
         # Put back only what we changed (the application may have set the others since).
