@@ -587,9 +587,11 @@ class _WatchedStream:
 
 
 def _output_failure(exc: OSError, streams: dict[str, _WatchedStream]) -> str | None:
-    """The name of the standard stream whose write raised ``exc``, if one did."""
+    """The name of the standard stream whose write raised ``exc``, if one did (the same
+    exception object: another error with the same errno, say from the application, is not
+    taken for one and keeps its traceback)."""
     for name, stream in streams.items():
-        if stream.error is not None and (stream.error is exc or stream.error.errno == exc.errno):
+        if stream.error is exc:
             return name
     return None
 
