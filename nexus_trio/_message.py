@@ -5,9 +5,10 @@ A :class:`Message` has the fields of the original Nexus wire format (``id``,
 ``trace_id``, ``payload``). In Python ``from`` is spelled ``sender``. The JSON form is
 produced by one cattrs converter (:data:`converter`), so the renames and the
 timestamp/UUID encodings live in exactly one place. A message is a slotted class with a
-hand-written ``__init__`` because it is built for every send: its id is a counter value
-(a random per-process prefix plus a counter, no system call) that becomes a UUID only
-when ``msg.id`` is first read, and its timestamp is one clock read in nanoseconds.
+hand-written ``__init__`` because it is built for every send: its id is drawn from a
+counter (a random per-process prefix plus a counter, no system call) when ``msg.id`` is
+first read or the message is encoded, and becomes a UUID only when ``msg.id`` is read;
+its timestamp is one clock read in nanoseconds.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import itertools
 import json
 import os
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -67,15 +69,57 @@ def _id_counter() -> Iterator[int]:
 
 
 _next_ids = _id_counter()
+#: drawing a message's id on first access is check-then-set: two threads reading a new
+#: message's id at once must see the same one
+_draw_lock = threading.Lock()
+_LOW_62: Final = (1 << 62) - 1
+
+
+@final
+class _Undrawn:
+    """What a message holds instead of an id not drawn yet: the generation of ids it
+    was built in. A new generation starts at each fork, so that a message built before a
+    fork and asked for its id after it has the same id in every process that has it."""
+
+    __slots__ = ("high",)
+
+    def __init__(self) -> None:
+        #: the high half of the ids of this generation's messages drawn after a fork
+        self.high = (random.SystemRandom().getrandbits(64) << 64) & _VERSION_MASK | _VERSION_BITS
+
+
+_undrawn = _Undrawn()
+
+
+def _draw_id(msg: Message) -> uuid.UUID | int:
+    """The id of a message whose id was never needed: drawn now, once."""
+    with _draw_lock:
+        value = msg._id
+        if isinstance(value, _Undrawn):
+            # Built before a fork if not of this generation: the process that asks
+            # cannot know what another one drew, so the id is the message's own: its
+            # generation's random high half and its address, which no other object
+            # alive at the fork had and which is the same in every process forked since.
+            value = msg._id = (
+                next(_next_ids) if value is _undrawn else value.high | (id(msg) & _LOW_62)
+            )
+    assert not isinstance(value, _Undrawn)
+    return value
+
+
+def _new_generation_before_fork() -> None:
+    global _undrawn
+    _undrawn = _Undrawn()
 
 
 def _reseed_after_fork() -> None:
-    global _next_ids
+    global _next_ids, _draw_lock
     _next_ids = _id_counter()
+    _draw_lock = threading.Lock()  # a thread of the parent may have held it
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reseed_after_fork)
+    os.register_at_fork(before=_new_generation_before_fork, after_in_child=_reseed_after_fork)
 
 
 def uuid_from_int(value: int) -> uuid.UUID:
@@ -95,6 +139,8 @@ ID_LIMIT: Final = 1 << 128
 def id_value(msg: Message) -> int:
     """``msg.id.int`` without building the UUID if ``msg.id`` was never read (for codecs)."""
     value = msg._id
+    if isinstance(value, _Undrawn):
+        value = _draw_id(msg)
     return value if isinstance(value, int) else value.int
 
 
@@ -138,8 +184,9 @@ class _Slots:
         "_to",
         "_trace_id",
     )
-    #: a UUID, or its 128-bit value until .id is first read
-    _id: uuid.UUID | int
+    #: an _Undrawn until the id is first needed (drawn then), a UUID, or its 128-bit
+    #: value until .id is first read
+    _id: uuid.UUID | int | _Undrawn
 
 
 @final
@@ -158,8 +205,10 @@ class Message(_Slots):
     (default: now), ``conversation_id``, ``reply_to`` and ``trace_id`` (UUIDs or ``None``).
 
     Building one costs a few hundred nanoseconds: the fields are stored as given, the
-    id is a counter value that becomes a :class:`uuid.UUID` on first access of
-    :attr:`id`, the clock is read once in nanoseconds. Fields cannot be assigned; use
+    id is drawn from a counter when first needed (a read of :attr:`id`, an encode) and
+    becomes a :class:`uuid.UUID` on first access of :attr:`id` (most messages are
+    handled without anyone asking: they draw none), the clock is read once in
+    nanoseconds. Fields cannot be assigned; use
     :meth:`evolve` for a copy with some fields changed. Equality, hashing and the repr
     cover all fields, in the order of :data:`FIELDS`.
     """
@@ -184,7 +233,7 @@ class Message(_Slots):
         self._payload = payload
         self._kind = kind
         if id is None:
-            self._id = next(_next_ids)
+            self._id = _undrawn  # drawn when first needed
         elif id.__class__ is int:
             # The id's 128-bit value, as a codec reads it off the wire: the UUID is built
             # on first access of .id, as for the kernel's own ids.
@@ -228,9 +277,12 @@ class Message(_Slots):
 
     @property
     def id(self) -> uuid.UUID:
-        """This message's unique id (built from the counter on first access)."""
+        """This message's unique id (drawn from the counter on first access)."""
         value = self._id
+        if isinstance(value, _Undrawn):
+            value = _draw_id(self)
         if isinstance(value, int):
+            # Two threads may both build it: equal UUIDs, either one kept.
             value = self._id = uuid_from_int(value)
         return value
 
@@ -340,7 +392,7 @@ def new_message(
     msg._to = to
     msg._payload = payload
     msg._kind = kind
-    msg._id = next(_next_ids)
+    msg._id = _undrawn  # drawn when first needed (most messages never need one)
     msg._ns = _time_ns()
     msg._conversation_id = conversation_id
     msg._reply_to = reply_to
@@ -349,8 +401,8 @@ def new_message(
 
 
 #: ``(sender, to, payload, kind, id, ns, conversation_id, reply_to, trace_id)`` of a message
-#: in one C call, for codecs: ``id`` as stored (a UUID, or its 128-bit value if
-#: ``msg.id`` was never read) and ``ns`` the creation time in nanoseconds (the
+#: in one C call, for codecs: ``id`` as stored (a UUID, its 128-bit value if ``msg.id``
+#: was never read, or a placeholder if it was never drawn: see :func:`id_value`) and ``ns`` the creation time in nanoseconds (the
 #: ``timestamp`` property is a Python-level call, a tenth of a binary encode).
 stored_fields: Final[Callable[[Message], tuple[Any, ...]]] = attrgetter(
     "_sender",

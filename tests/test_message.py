@@ -157,6 +157,38 @@ def test_the_id_is_built_once_on_first_access_and_stays() -> None:
     assert len(ids) == 2000
 
 
+def test_an_id_is_drawn_when_first_needed_not_when_the_message_is_built() -> None:
+    first, second = Message(SYSTEM_ID, "a"), Message(SYSTEM_ID, "b")
+    # the later message asked first draws the earlier number of the one counter
+    second_id = second.id
+    first_id = first.id
+    assert first_id.int == second_id.int + 1
+    assert (first.id, second.id) == (first_id, second_id)  # and they stay
+    built, encoded = Message(SYSTEM_ID, "a"), Message(SYSTEM_ID, "a")
+    drawn = id_value(encoded)  # an encode draws it too, as a plain value
+    assert built.id.int == drawn + 1 and encoded.id.int == drawn
+
+
+def test_threads_reading_a_new_message_id_at_once_all_see_the_same_id() -> None:
+    import threading
+
+    messages = [Message(SYSTEM_ID, "a") for _ in range(2000)]
+    seen: list[list[uuid.UUID]] = [[] for _ in range(4)]
+    start = threading.Barrier(4)
+
+    def read(out: list[uuid.UUID]) -> None:
+        start.wait()
+        out.extend(msg.id for msg in messages)
+
+    threads = [threading.Thread(target=read, args=(out,)) for out in seen]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert seen[0] == seen[1] == seen[2] == seen[3] == [msg.id for msg in messages]
+    assert len(set(seen[0])) == 2000
+
+
 def test_an_explicit_id_and_timestamp_are_kept_exactly() -> None:
     given = uuid.uuid4()
     msg = Message(SYSTEM_ID, "a", id=given, timestamp=1_700_000_000_123_456)
@@ -297,15 +329,21 @@ def test_a_forked_child_draws_ids_from_a_new_sequence() -> None:
     if not hasattr(os, "fork"):
         pytest.skip("no fork on this platform")
     read, write = os.pipe()
-    before = Message(SYSTEM_ID, "a")  # created before the fork, id not yet built
+    before = Message(SYSTEM_ID, "a")  # created before the fork, id not yet drawn
+    also = Message(SYSTEM_ID, "b")
+    encoded = Message(SYSTEM_ID, "c")  # its id drawn by an encode in the child
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
-        os.write(write, f"{new_id()} {before.id}".encode())
+        os.write(write, f"{new_id()} {before.id} {also.id} {id_value(encoded)}".encode())
         os._exit(0)
     os.close(write)
-    child_new, child_before = os.read(read, 200).decode().split()
+    child_new, child_before, child_also, child_encoded = os.read(read, 400).decode().split()
     os.close(read)
     os.waitpid(pid, 0)
     parent_new = new_id()
     assert uuid.UUID(child_new).int >> 64 != parent_new.int >> 64
-    assert uuid.UUID(child_before) == before.id  # the same message has the same id
+    # the same message has the same id in both processes, whichever asked first
+    assert uuid.UUID(child_before) == before.id
+    assert uuid.UUID(child_also) == also.id != before.id
+    assert int(child_encoded) == encoded.id.int
+    assert before.id.version == 4 and before.id.variant == uuid.RFC_4122

@@ -352,7 +352,7 @@ def encode_tell(msg: Message) -> bytes:
             tag,
             0 if kind is _COMMAND_KIND else _KIND_LIST.index(kind),
             ns // 1000,
-            (msg_id if msg_id.__class__ is int else msg_id.int).to_bytes(16),
+            (msg_id if msg_id.__class__ is int else id_value(msg)).to_bytes(16),
             sender.int.to_bytes(16),
         )
     except struct.error:
