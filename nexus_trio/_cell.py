@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-import types
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
@@ -36,9 +35,12 @@ from ._events import EventKind
 from ._mailbox import HighWater, Mailbox
 from ._message import SYSTEM_ID, Message, MessageKind
 from ._router import KernelPhase, Router
+from ._step import DONE, FAILED, Stepper, resume
 
 _DRAINING: Final = KernelPhase.DRAINING
 _STARTED: Final = EventKind.STARTED
+_DONE: Final = DONE
+_FAILED: Final = FAILED
 #: what a parked serve loop holds instead of the last message it handled
 _NOTHING: Final = Message(SYSTEM_ID, SYSTEM_ID)
 
@@ -47,24 +49,6 @@ if TYPE_CHECKING:
     from ._ledger import Ledger
 
 log: Final = logging.getLogger("nexus_trio.agent")
-
-
-@types.coroutine
-def _resume(coro: Coroutine[Any, Any, Any], trap: Any) -> Generator[Any, Any, Any]:
-    """Drive a coroutine that was already stepped once, passing its traps to Trio."""
-    while True:
-        try:
-            value = yield trap
-        except BaseException as exc:
-            try:
-                trap = coro.throw(exc)
-            except StopIteration as stop:
-                return stop.value
-        else:
-            try:
-                trap = coro.send(value)
-            except StopIteration as stop:
-                return stop.value
 
 
 class _HandlerFailed(Exception):
@@ -376,7 +360,7 @@ class AgentCell(Child):
         query = MessageKind.QUERY
         # A message handed to us while we were parked: it is ours, handled first.
         got: Message | None = None
-        coro: Any = None
+        stepper: Any = None
         result: Any = None
         while True:
             with trio.CancelScope() as scope:
@@ -421,19 +405,23 @@ class AgentCell(Child):
                         # The clock is read only for a sampled message or a handler that
                         # suspends: a read costs about as much as a no-op handler.
                         start = now() if not (ledger.handled + 1) & mask else 0.0
+                        # Read at each message: a handler that suspends takes the
+                        # kernel's stepper with it (see _step).
+                        stepper = router.stepper
                         try:
-                            coro = handler(ctx, msg)
-                            try:
-                                trap = coro.send(None)
-                            except StopIteration as stop:
-                                result = stop.value
+                            trap = stepper.send(handler(ctx, msg))
+                            if trap is _DONE:
+                                result = stepper.box[0]
+                            elif trap is _FAILED:
+                                raise stepper.failure()
                             else:
                                 # The handler suspended: only now does it get a deadline (a
                                 # timer costs more than a whole message when nothing awaits).
+                                router.stepper = Stepper()
                                 scope.deadline = (start or now()) + timeout
                                 self._suspended = True
                                 try:
-                                    result = await _resume(coro, trap)
+                                    result = await resume(stepper, trap)
                                 finally:
                                     self._suspended = False
                                     scope.deadline = math.inf
@@ -470,7 +458,7 @@ class AgentCell(Child):
                     # result and the finished handler coroutine (at a million agents
                     # with one message each, that is a million messages kept alive).
                     msg = _NOTHING
-                    coro = result = None
+                    stepper = result = None
                     self.parked = True
                     # Mailbox.receive written out: a parked agent keeps no frame of it.
                     waiting = mailbox.waiting

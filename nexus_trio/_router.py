@@ -40,6 +40,7 @@ from ._gc import HeapKeeper
 from ._ledger import Ledger
 from ._mailbox import Mailbox
 from ._message import Address, Message, MessageKind
+from ._step import Stepper
 from ._transport import Transport
 
 _LATE_MEMORY: Final = 4096
@@ -157,6 +158,9 @@ class Router:
 
     def __init__(self, ledger: Ledger, send_timeout: float, heap: HeapKeeper) -> None:
         self.ledger = ledger
+        #: steps the handlers of this kernel's agents (see _step); a handler that
+        #: suspends keeps the one it ran in, and leaves a new one here
+        self.stepper = Stepper()
         #: told the backlog on the slow path of sends (see _gc: queued messages)
         self.heap = heap
         self.send_timeout = send_timeout

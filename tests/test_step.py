@@ -1,0 +1,125 @@
+"""How the serve loop steps handlers (nexus_trio._step): a return, a raise and a suspension,
+and agents that suspend while others share the kernel's stepper."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+import trio.lowlevel
+import trio.testing
+
+from nexus_trio import Context, Message, agent, open_kernel
+from nexus_trio._step import DONE, FAILED, Stepper, resume
+
+from .conftest import make_config
+
+
+async def returns(value: Any) -> Any:
+    return value
+
+
+async def raises(exc: BaseException) -> None:
+    raise exc
+
+
+def test_a_handler_that_returns_gives_done_and_its_result() -> None:
+    stepper = Stepper()
+    for value in (None, 7, {"a": 1}):
+        assert stepper.send(returns(value)) is DONE
+        assert stepper.box[0] == value
+
+
+def test_a_handler_that_raises_gives_failed_and_the_stepper_goes_on() -> None:
+    stepper = Stepper()
+    error = ValueError("boom")
+    assert stepper.send(raises(error)) is FAILED
+    assert stepper.failure() is error
+    assert stepper.box[1] is None  # forgotten: not kept alive until the next failure
+    assert stepper.send(returns(3)) is DONE and stepper.box[0] == 3
+    # a BaseException too (the loop re-raises it where it stepped the handler)
+    assert stepper.send(raises(KeyboardInterrupt())) is FAILED
+    assert isinstance(stepper.failure(), KeyboardInterrupt)
+    assert stepper.send(returns(4)) is DONE and stepper.box[0] == 4
+
+
+async def test_a_suspended_handler_is_driven_to_its_result_or_its_error() -> None:
+    async def sleeps_then(value: Any) -> Any:
+        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint()
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+    stepper = Stepper()
+    trap = stepper.send(sleeps_then(5))
+    assert trap is not DONE and trap is not FAILED
+    assert await resume(stepper, trap) == 5
+    # the stepper is idle again after its handler ended
+    assert stepper.send(returns(6)) is DONE and stepper.box[0] == 6
+    trap = stepper.send(sleeps_then(LookupError("late")))
+    with pytest.raises(LookupError, match="late"):
+        await resume(stepper, trap)
+    assert stepper.box[1] is None
+
+
+async def test_a_cancellation_thrown_into_a_suspended_handler_comes_out_of_resume() -> None:
+    seen: list[str] = []
+
+    async def waits_forever() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            seen.append("unwound")
+
+    stepper = Stepper()
+    with trio.CancelScope() as scope:
+        trap = stepper.send(waits_forever())
+        scope.cancel()
+        await resume(stepper, trap)
+    assert scope.cancelled_caught and seen == ["unwound"]
+    assert stepper.send(returns(1)) is DONE
+
+
+async def test_agents_that_suspend_and_agents_that_do_not_share_one_kernel_correctly() -> None:
+    """Handlers that suspend take the kernel's stepper with them; handlers that return at
+    once, in other agents meanwhile, get the new one: every result reaches its requester."""
+    release = trio.Event()
+
+    @agent(name="slow", handle_timeout=1000.0)
+    async def slow(ctx: Context, msg: Message) -> Any:
+        await release.wait()
+        return ("slow", msg.payload)
+
+    @agent(name="fast")
+    async def fast(ctx: Context, msg: Message) -> Any:
+        if msg.payload == "fail":
+            raise RuntimeError("on purpose")
+        return ("fast", msg.payload)
+
+    results: dict[tuple[str, int], Any] = {}
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(slow)
+        kernel.spawn(fast)
+
+        async def ask(name: str, i: int) -> None:
+            results[(name, i)] = await kernel.request(name, i, timeout=1000.0)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(3):
+                nursery.start_soon(ask, "slow", i)
+            await trio.testing.wait_all_tasks_blocked()
+            for i in range(50):
+                nursery.start_soon(ask, "fast", i)
+                kernel.send_nowait("fast", "fail")
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(results) == 50  # the fast ones, while the slow one waits
+            release.set()
+        stats = kernel.stats()
+    assert results == {
+        **{("slow", i): ("slow", i) for i in range(3)},
+        **{("fast", i): ("fast", i) for i in range(50)},
+    }
+    assert stats.handled == 53
+    assert stats.dead_lettered == 50  # the fifty that raised
