@@ -362,6 +362,7 @@ class AgentCell(Child):
         got: Message | None = None
         stepper: Any = None
         result: Any = None
+        out: Message | None = None
         while True:
             with trio.CancelScope() as scope:
                 self._handler_scope = scope
@@ -440,7 +441,10 @@ class AgentCell(Child):
                             # are seen too): recording costs more than a no-op handler.
                             ledger.record_latency(start, msg)
                         if result is not None:
-                            await router.route_result(self.id, msg, result)
+                            # A local request's answer is delivered without a coroutine.
+                            out = router.answer(self.id, msg, result)
+                            if out is not None:
+                                await router.route(out)
                     else:
                         # A full batch: let the others run before the next one.
                         await trio.lowlevel.checkpoint()
@@ -458,7 +462,7 @@ class AgentCell(Child):
                     # result and the finished handler coroutine (at a million agents
                     # with one message each, that is a million messages kept alive).
                     msg = _NOTHING
-                    stepper = result = None
+                    stepper = result = out = None
                     self.parked = True
                     # Mailbox.receive written out: a parked agent keeps no frame of it.
                     waiting = mailbox.waiting

@@ -86,30 +86,61 @@ class Recipient(Protocol):
 
 @final
 class _Pending:
-    """A request waiting for its reply."""
+    """A request waiting for its reply.
 
-    __slots__ = ("done", "error", "event", "reply")
+    The requester parks itself with Trio's ``wait_task_rescheduled`` and is rescheduled
+    once, by the reply, a failure or its deadline: a ``trio.Event`` per request (its
+    parking lot and its waiters' set) cost a tenth of a local request/reply.
+    """
+
+    __slots__ = ("done", "error", "reply", "task", "woken")
 
     def __init__(self) -> None:
-        self.event = trio.Event()
         self.reply: Message | None = None
         self.error: BaseException | None = None
         #: its entry in the deadline heap is no longer needed: the request is over
         #: (answered, failed or cancelled), or the timer took the entry out to expire it
         self.done = False
+        #: the reply, a failure or the deadline came (later ones change nothing)
+        self.woken = False
+        #: the requester while it waits
+        self.task: trio.lowlevel.Task | None = None
 
     def resolve(self, reply: Message) -> None:
+        # Kept even after the deadline woke the requester: if it has not resumed yet,
+        # the answer it gets is the reply (it was counted as delivered).
         self.reply = reply
-        self.event.set()
+        if not self.woken:
+            self._wake()
 
     def fail(self, error: BaseException) -> None:
-        if not self.event.is_set():
+        if not self.woken:
             self.error = error
-            self.event.set()
+            self._wake()
 
     def expire(self) -> None:
         """The deadline passed: wake the requester with neither reply nor error."""
-        self.event.set()
+        if not self.woken:
+            self._wake()
+
+    def _wake(self) -> None:
+        self.woken = True
+        task = self.task
+        if task is not None:
+            self.task = None
+            trio.lowlevel.reschedule(task)
+
+    async def wait(self) -> None:
+        """Until woken (a checkpoint, as ``trio.Event.wait``); cancellable."""
+        if self.woken:
+            await trio.lowlevel.checkpoint()
+            return
+        self.task = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort)
+
+    def _abort(self, raise_cancel: Any) -> trio.lowlevel.Abort:
+        self.task = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
 
 @final
@@ -506,23 +537,22 @@ class Router:
         if blocked.dormant:
             blocked.wake()
 
-    async def route_result(self, sender: uuid.UUID, msg: Message, result: Any) -> None:
-        """A handler returned something: a Message is routed, anything else answers."""
+    def answer(self, sender: uuid.UUID, msg: Message, result: Any) -> Message | None:
+        """A handler returned something: a Message is to be routed, anything else
+        answers ``msg``. The answer to a pending local request resolves it here, without
+        waiting (and, as :meth:`route`, what fails is dead-lettered, never raised into
+        the agent); what is left to route is returned, for :meth:`route`."""
         if isinstance(result, Message):
-            await self.route(result)
-            return
+            return result
         out = msg.reply(sender, result)
         if self.phase < _STOPPING:
-            # The answer to a pending local request resolves it here: what route() would
-            # do through deliver(), without their two coroutines (and, as route(), what
-            # fails is dead-lettered, never raised into the agent).
             try:
                 if self._deliver_reply(out):
-                    return
+                    return None
             except Exception as exc:
                 self._dead_undeliverable(out, exc)
-                return
-        await self.route(out)
+                return None
+        return out
 
     # --- request/reply ---------------------------------------------------------------------
 
@@ -556,7 +586,7 @@ class Router:
                 raise
             if enqueued:
                 try:
-                    await pending.event.wait()
+                    await pending.wait()
                 except trio.Cancelled:
                     # The requester itself was cancelled: its handler stops too, as on
                     # a timeout (a reply that comes anyway is a late reply).
