@@ -123,3 +123,53 @@ async def test_agents_that_suspend_and_agents_that_do_not_share_one_kernel_corre
     }
     assert stats.handled == 53
     assert stats.dead_lettered == 50  # the fifty that raised
+
+
+async def test_a_reply_racing_its_requests_deadline_is_returned_or_counted(
+    autojump_clock: Any,
+) -> None:
+    """Handlers that answer at the very instant their request's deadline passes: whichever
+    of the two the scheduler runs first, no reply is lost between the requester's wake-up
+    and its resumption, and every message is accounted for."""
+    from nexus_trio import DeadLetterReason, RequestTimeout
+
+    @agent(handle_timeout=1000.0)
+    async def exactly_late(ctx: Context, msg: Message) -> Any:
+        await trio.sleep(msg.payload)
+        return msg.payload
+
+    answered = timed_out = 0
+    async with open_kernel(make_config()) as kernel:
+        refs = [kernel.spawn(exactly_late) for _ in range(40)]
+
+        async def ask(ref: Any) -> None:
+            nonlocal answered, timed_out
+            try:
+                assert await kernel.request(ref, 5.0, timeout=5.0) == 5.0
+                answered += 1
+            except RequestTimeout:
+                timed_out += 1
+
+        async with trio.open_nursery() as nursery:
+            for ref in refs:
+                nursery.start_soon(ask, ref)
+        await trio.testing.wait_all_tasks_blocked()
+        stats = kernel.stats()
+        late = [d for d in kernel.recent_dead_letters() if d.reason is DeadLetterReason.LATE_REPLY]
+        expired = [
+            d for d in kernel.recent_dead_letters() if d.reason is DeadLetterReason.REQUEST_TIMEOUT
+        ]
+    assert answered + timed_out == 40
+    # The timer and the handlers wake in the same batch (both at t=5): a reply that comes
+    # after the deadline woke its requester but before it resumed is the answer it gets
+    # (it was counted as delivered). Most requests here see the timer first.
+    assert answered == 40
+    assert stats.replies_delivered == answered
+    # a timed-out request's handler was cancelled (its query dead-lettered) or its reply came
+    # late (dead-lettered): one or the other, never nothing
+    assert len(late) + len(expired) == timed_out
+    assert (
+        stats.accepted
+        == stats.handled + stats.replies_delivered + stats.dead_lettered + stats.in_flight
+    )
+    assert stats.in_flight == 0
