@@ -402,8 +402,9 @@ def new_message(
 
 #: ``(sender, to, payload, kind, id, ns, conversation_id, reply_to, trace_id)`` of a message
 #: in one C call, for codecs: ``id`` as stored (a UUID, its 128-bit value if ``msg.id``
-#: was never read, or a placeholder if it was never drawn: see :func:`id_value`) and ``ns`` the creation time in nanoseconds (the
-#: ``timestamp`` property is a Python-level call, a tenth of a binary encode).
+#: was never read, or a placeholder if it was never drawn: read it with :func:`id_value`)
+#: and ``ns`` the creation time in nanoseconds (the ``timestamp`` property is a
+#: Python-level call, a tenth of a binary encode).
 stored_fields: Final[Callable[[Message], tuple[Any, ...]]] = attrgetter(
     "_sender",
     "_to",
