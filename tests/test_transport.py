@@ -139,3 +139,79 @@ async def test_a_remote_request_abandoned_cancels_the_remote_handler(
         assert b.stats().in_flight == 0
         # 1 s, not the request's 60 s: the handler stopped when its requester did.
         assert trio.current_time() < 2.0
+
+
+class Capture(Loopback):
+    """Keeps what the kernel hands it (a remote peer that never answers by itself)."""
+
+    async def deliver(self, msg: Message) -> None:
+        self.carried.append(msg)
+
+
+async def test_deliver_nowait_takes_what_has_room_and_says_no_for_a_full_mailbox(
+    autojump_clock: Any,
+) -> None:
+    """``TransportHandle.deliver_nowait``, the path of a transport's batched tells: room
+    -> taken and counted; a full ``block`` or ``reject`` mailbox -> False (the transport
+    waits or parks it; not a refused send); ``drop_newest`` -> taken and dead-lettered;
+    not local -> AgentNotFound; a reply -> resolves its request; stopping -> refused."""
+    from nexus_trio import KernelShuttingDown, OverflowPolicy
+
+    gate = trio.Event()
+
+    @agent(name="held", mailbox_capacity=2, shutdown_timeout=1000.0)
+    async def held(ctx: Context, msg: Message) -> None:
+        await gate.wait()
+
+    @agent(name="refuser", mailbox_capacity=1, overflow=OverflowPolicy.REJECT)
+    async def refuser(ctx: Context, msg: Message) -> None:
+        await gate.wait()
+
+    @agent(name="dropper", mailbox_capacity=1, overflow=OverflowPolicy.DROP_NEWEST)
+    async def dropper(ctx: Context, msg: Message) -> None:
+        await gate.wait()
+
+    transport = Capture()
+    async with open_kernel(make_config(handle_timeout_ms=10**9)) as kernel:
+        handle = kernel.attach_transport(transport)
+        held_ref, dropper_ref = kernel.spawn(held), kernel.spawn(dropper)
+        kernel.spawn(refuser)
+        sender = uuid.uuid4()
+
+        def tell(to: Any, payload: int) -> bool:
+            return handle.deliver_nowait(Message(sender, to, payload))
+
+        assert tell(held_ref.id, 0)
+        await trio.testing.wait_all_tasks_blocked()  # 0 is being handled
+        assert [tell(held_ref.id, i) for i in (1, 2, 3)] == [True, True, False]
+        assert tell("refuser", 0) and tell("dropper", 0)
+        await trio.testing.wait_all_tasks_blocked()  # both handle their first
+        assert [tell("refuser", i) for i in (1, 2)] == [True, False]
+        assert [tell("dropper", i) for i in (1, 2, 3)] == [True, True, True]
+        with pytest.raises(AgentNotFound):
+            tell(uuid.uuid4(), 0)
+        stats = kernel.stats()
+        assert stats.rejected == {}  # a full mailbox is the transport's wait, not a refusal
+        assert stats.accepted == 3 + 2 + 4
+        dropped = [d for d in kernel.recent_dead_letters() if d.recipient == dropper_ref.id]
+        assert [(d.message.payload, d.reason) for d in dropped] == [
+            (2, DeadLetterReason.MAILBOX_OVERFLOW),
+            (3, DeadLetterReason.MAILBOX_OVERFLOW),
+        ]
+
+        async def ask() -> None:
+            assert await kernel.request("far-away", "q", timeout=100.0) == "answer"
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask)
+            await trio.testing.wait_all_tasks_blocked()
+            (query,) = transport.carried
+            assert handle.deliver_nowait(query.reply(uuid.uuid4(), "answer"))
+        assert kernel.stats().replies_delivered == 1
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kernel.shutdown)
+            await trio.testing.wait_all_tasks_blocked()  # draining: "held" still works
+            with pytest.raises(KernelShuttingDown):
+                tell(held_ref.id, 9)
+            gate.set()

@@ -1244,15 +1244,13 @@ class Cluster:
             # The common case: room in the mailbox, enqueued without waiting. A full
             # mailbox must not stall the messages for every other agent of this node,
             # so the message waits in a queue of its own recipient (below).
-            if not self.kernel.is_local(msg.to):  # never forwarded again from here
-                self._refused(m, msg, AgentNotFound(msg.to), is_query)
-                return True
+            handle = self.handle
             try:
-                self.kernel.send_nowait(msg)
-                self._forwarded_in += 1
-                return True
-            except MailboxFull:
-                pass
+                if handle is None:
+                    raise KernelShuttingDown("remote delivery")
+                if handle.deliver_nowait(msg):  # never forwarded again from here
+                    self._forwarded_in += 1
+                    return True
             except (AgentNotFound, KernelShuttingDown) as exc:
                 self._refused(m, msg, exc, is_query)
                 return True
