@@ -27,19 +27,22 @@ FAILED: Final = object()
 
 @types.coroutine
 def _drive(box: list[Any]) -> Generator[Any, Any, None]:
-    coro: Coroutine[Any, Any, Any] | None = yield DONE
+    outcome = DONE
     while True:
         try:
-            box[0] = yield from coro  # type: ignore[misc]  # a coroutine, driven by hand
+            # The wait for the next handler is inside the ``try`` too: an exception that
+            # arrives as the generator resumes (a KeyboardInterrupt from Trio's signal
+            # handler) is reported as that handler's failure, and the stepper lives on.
+            # Yielded outside the ``except`` block: a generator suspended there would
+            # keep the exception (and its traceback's frames) alive until its next step.
+            coro: Coroutine[Any, Any, Any] = yield outcome
+            box[0] = yield from coro
             outcome = DONE
         except GeneratorExit:
             raise
         except BaseException as exc:
             box[1] = exc
             outcome = FAILED
-        # Yielded outside the ``except`` block: a generator suspended there would keep
-        # the exception (and its traceback's frames) alive until its next step.
-        coro = yield outcome
 
 
 @final

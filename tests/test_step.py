@@ -44,6 +44,16 @@ def test_a_handler_that_raises_gives_failed_and_the_stepper_goes_on() -> None:
     assert stepper.send(returns(4)) is DONE and stepper.box[0] == 4
 
 
+def test_an_exception_that_arrives_while_the_stepper_waits_is_reported_and_it_lives_on() -> None:
+    """A KeyboardInterrupt raised by Trio's signal handler as the shared stepper resumes
+    (simulated with throw()) is that step's failure; the stepper must not die with it, or
+    every later handler of the kernel would fail."""
+    stepper = Stepper()
+    assert stepper.throw(KeyboardInterrupt()) is FAILED
+    assert isinstance(stepper.failure(), KeyboardInterrupt)
+    assert stepper.send(returns(2)) is DONE and stepper.box[0] == 2
+
+
 async def test_a_suspended_handler_is_driven_to_its_result_or_its_error() -> None:
     async def sleeps_then(value: Any) -> Any:
         await trio.lowlevel.checkpoint()
