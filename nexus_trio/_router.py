@@ -110,8 +110,7 @@ class _Pending:
         # Kept even after the deadline woke the requester: if it has not resumed yet,
         # the answer it gets is the reply (it was counted as delivered).
         self.reply = reply
-        if not self.woken:
-            self._wake()
+        self._wake()
 
     def fail(self, error: BaseException) -> None:
         if not self.woken:
@@ -120,10 +119,11 @@ class _Pending:
 
     def expire(self) -> None:
         """The deadline passed: wake the requester with neither reply nor error."""
-        if not self.woken:
-            self._wake()
+        self._wake()
 
     def _wake(self) -> None:
+        if self.woken:
+            return
         self.woken = True
         task = self.task
         if task is not None:
