@@ -35,12 +35,12 @@ from ._events import EventKind
 from ._mailbox import HighWater, Mailbox
 from ._message import SYSTEM_ID, Message, MessageKind
 from ._router import KernelPhase, Router
-from ._step import DONE, FAILED, Stepper, resume
+from ._step import DONE as _DONE
+from ._step import FAILED as _FAILED
+from ._step import Stepper, resume
 
 _DRAINING: Final = KernelPhase.DRAINING
 _STARTED: Final = EventKind.STARTED
-_DONE: Final = DONE
-_FAILED: Final = FAILED
 #: what a parked serve loop holds instead of the last message it handled
 _NOTHING: Final = Message(SYSTEM_ID, SYSTEM_ID)
 
