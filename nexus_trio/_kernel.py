@@ -409,7 +409,7 @@ class Kernel:
 
     def is_local(self, address: AgentRef | Address) -> bool:
         """True if ``address`` names an agent of this kernel."""
-        return address_of(address) in self._router.routes
+        return self._router.local(address_of(address)) is not None
 
     async def deliver_from_remote(self, msg: Message) -> None:
         """Deliver a message that a transport received from a remote kernel.

@@ -21,6 +21,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Final, Protocol, final
+from uuid import UUID as _UUID
 
 import trio
 
@@ -205,8 +206,9 @@ class Router:
         self.heap = heap
         self.send_timeout = send_timeout
         self.phase = KernelPhase.RUNNING
-        #: address (id and name) -> local agent
-        self.routes: dict[Address, Any] = {}
+        #: local agents by address: an id's 128-bit value (an int hashes in C, a UUID
+        #: through a Python __hash__, a twentieth of a send) or a name; see local()
+        self.routes: dict[int | str, Any] = {}
         #: every live agent and supervisor, by id, in spawn order
         self.nodes: dict[uuid.UUID, Child] = {}
         #: names of live agents and supervisors
@@ -235,6 +237,13 @@ class Router:
             return self.names.get(address)
         return self.nodes.get(address)
 
+    def local(self, address: Address) -> Any:
+        """The local agent at ``address`` (an id or a name), or None (also for what is
+        neither: the integer value of an id is not the id)."""
+        if isinstance(address, _UUID):
+            return self.routes.get(address.int)
+        return self.routes.get(address) if isinstance(address, str) else None
+
     def register(self, node: Child, *, agent: bool) -> None:
         """Make ``node`` reachable by id and name (``NameTaken`` if the name is in use)."""
         if node.name is not None:
@@ -244,7 +253,7 @@ class Router:
             self.names[node.name] = node
         self.nodes[node.id] = node
         if agent:
-            self.routes[node.id] = node
+            self.routes[node.id.int] = node
             if node.name is not None:
                 self.routes[node.name] = node
             self.ledger.agents_alive += 1
@@ -260,7 +269,7 @@ class Router:
     def unroute(self, node: Any) -> None:
         """New messages to ``node`` fail with ``AgentNotFound`` from now on."""
         routes = self.routes
-        agent_id, name = node.id, node.name
+        agent_id, name = node.id.int, node.name
         if routes.get(agent_id) is node:
             del routes[agent_id]
         if name is not None and routes.get(name) is node:
@@ -326,7 +335,15 @@ class Router:
             raise self.refuse("send")
         self._sends += 1
         if to is not None and self._sends & 15:
-            cell = self.routes.get(to)
+            routes = self.routes
+            # local() written out; a name of a str subclass takes the slow branch
+            cell = (
+                routes.get(to.int)
+                if isinstance(to, _UUID)
+                else routes.get(to)
+                if to.__class__ is str
+                else None
+            )
             # _enqueue, written out: the call would cost a tenth of the whole send.
             if cell is not None and cell.mailbox.try_put(msg):
                 cell.received += 1
@@ -351,7 +368,7 @@ class Router:
             # ... and comes here only for the cancellation check: most find room, and
             # the delivery coroutine below would cost more than all the other fifteen.
             if msg.reply_to is None:
-                cell = self.routes.get(msg.to)
+                cell = self.local(msg.to)
                 if cell is not None and self._enqueue(cell, msg):
                     return
         try:
@@ -365,7 +382,7 @@ class Router:
         if self.phase is not _RUNNING and (external or self.phase >= _STOPPING):
             raise self.refuse("send")
         if msg.reply_to is None:
-            cell = self.routes.get(msg.to)
+            cell = self.local(msg.to)
             if cell is not None and self._enqueue(cell, msg):
                 return
         try:
@@ -427,7 +444,7 @@ class Router:
             raise self.refuse("remote delivery")
         if msg.reply_to is not None and self._deliver_reply(msg):
             return True
-        cell = self.routes.get(msg.to)
+        cell = self.local(msg.to)
         if cell is None:
             raise AgentNotFound(msg.to)
         if self._enqueue(cell, msg):
@@ -444,7 +461,7 @@ class Router:
         if msg.reply_to is not None and self._deliver_reply(msg):
             await trio.lowlevel.checkpoint()
             return
-        if msg.to not in self.routes:
+        if self.local(msg.to) is None:
             raise AgentNotFound(msg.to)
         await self.deliver(msg, wait=True)
 
@@ -473,7 +490,7 @@ class Router:
         """
         if msg.reply_to is not None and self._deliver_reply(msg):
             return None
-        cell = self.routes.get(msg.to)
+        cell = self.local(msg.to)
         ledger = self.ledger
         if cell is None:
             if self.transport is None:
@@ -531,7 +548,7 @@ class Router:
         """The slow branch: everything but a local recipient with room."""
         if msg.reply_to is not None and self._deliver_reply(msg):
             return
-        cell = self.routes.get(msg.to)
+        cell = self.local(msg.to)
         if cell is None and self.transport is not None:
             # The transport bounds its own wait by the send deadline (see Transport).
             await self.transport.deliver(msg)
@@ -601,7 +618,7 @@ class Router:
             timer.deadline = deadline
         enqueued = False
         try:
-            cell = self.routes.get(query.to)
+            cell = self.local(query.to)
             try:
                 if cell is not None and self._enqueue(cell, query):
                     enqueued = True
@@ -679,7 +696,7 @@ class Router:
             self._late_set.add(query_id)
             if len(self._late) > _LATE_MEMORY:
                 self._late_set.discard(self._late.popleft())
-        cell = self.routes.get(to)
+        cell = self.local(to)
         if cell is None:
             if self.transport is not None:
                 self.transport.cancel_query(query_id, to)

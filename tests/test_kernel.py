@@ -77,6 +77,36 @@ async def test_send_to_unknown_recipient_raises_agent_not_found_at_once(
         assert stats.accepted == 0
 
 
+async def test_every_form_of_an_address_reaches_the_agent_and_nothing_else_does() -> None:
+    # Routes are kept by the id's 128-bit value: a UUID of a subclass, equal to the id,
+    # reaches the agent as the id does; the bare integer, or a name nobody has, does not.
+    class Sub(uuid.UUID):
+        __slots__ = ()
+
+    seen: list[str] = []
+
+    @agent(name="sink")
+    async def sink(ctx: Context, msg: Message) -> Any:
+        seen.append(msg.payload)
+        return "answered" if msg.kind is MessageKind.QUERY else None
+
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(sink)
+        sub = Sub(int=ref.id.int)
+        for target, label in ((ref, "ref"), (ref.id, "id"), (sub, "sub"), ("sink", "name")):
+            assert kernel.is_local(target)
+            await kernel.send(target, label)
+            kernel.send_nowait(target, label + "!")
+        assert await kernel.request(sub, "asked") == "answered"
+        for wrong in (ref.id.int, str(ref.id), "Sink", uuid.uuid4()):
+            assert not kernel.is_local(wrong)  # type: ignore[arg-type]
+            with pytest.raises(AgentNotFound):
+                await kernel.send(wrong, "lost")  # type: ignore[arg-type]
+        await trio.testing.wait_all_tasks_blocked()
+        assert seen == ["ref", "ref!", "id", "id!", "sub", "sub!", "name", "name!", "asked"]
+        assert kernel.stats().rejected == {"no_such_agent": 4}
+
+
 async def test_send_with_room_enqueues_without_yielding() -> None:
     seen: list[int] = []
 
