@@ -372,6 +372,14 @@ class Router:
                 if cell is not None and self._enqueue(cell, msg):
                     return
         try:
+            transport = self.transport
+            if transport is not None and msg.reply_to is None and self.local(msg.to) is None:
+                # deliver's branch for another kernel, without its coroutine (every tell
+                # to another kernel comes this way)
+                await transport.deliver(msg)
+                self.ledger.accepted += 1
+                self.ledger.forwarded += 1
+                return
             await self.deliver(msg, wait=True)
         except (AgentNotFound, MailboxFull) as exc:
             self.ledger.reject(exc)

@@ -154,6 +154,21 @@ def test_a_binary_tell_is_a_third_of_the_json_one() -> None:
     assert wire.decode_tell(binary) == wire.decode_tell(text) == msg
 
 
+def test_tells_to_names_decode_to_their_own_name_past_the_bound_of_the_name_cache(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The encoder keeps each name's bytes; its cache starts over past its bound.
+    monkeypatch.setattr(wire, "_AGENT_IDS_MAX", 4)
+    monkeypatch.setattr(wire, "_NAMED", {})
+    names = [f"agent-{i}" for i in range(10)] + ["é" * 3]
+    sender = uuid.uuid4()
+    for name in names * 2 + names[::-1]:
+        body = wire.encode_tell(Message(sender, name, name))
+        decoded = wire.decode_tell(body)
+        assert (decoded.to, decoded.payload) == (name, name)
+        assert len(wire._NAMED) <= 4
+
+
 def test_a_name_past_64_kib_falls_back_to_format_1() -> None:
     name = "n" * 70_000
     msg = Message(uuid.uuid4(), name, None)

@@ -663,8 +663,11 @@ class Cluster:
         return sealed
 
     def _want_flush(self, link: batch.NodeLink) -> None:
-        self._dirty[link] = None
-        self._flush_wanted.set()
+        # A link already dirty was flagged since the last flush (which empties _dirty
+        # right after it takes a new event): each tell of a burst need not set it again.
+        if link not in self._dirty:
+            self._dirty[link] = None
+            self._flush_wanted.set()
 
     def _seal_batch(self, link: batch.NodeLink) -> None:
         """Hand ``link``'s open batch to the outbox (numbering its tells now, so that a

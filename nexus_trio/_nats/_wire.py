@@ -325,16 +325,24 @@ _has_null: Final = re.compile(rb"null").search
 _COMMAND_KIND: Final = MessageKind.COMMAND
 
 
+#: what a binary tell to a name carries for it (length and UTF-8), by name: a sender
+#: names the same agents over and over (bounded like _AGENT_IDS)
+_NAMED: dict[str, bytes] = {}
+
+
 def encode_tell(msg: Message) -> bytes:
     """The binary body of a tell in a node batch (see above)."""
     sender, to, payload, kind, msg_id, ns, conversation_id, reply_to, trace_id = stored_fields(msg)
     tag = _BINARY
     if isinstance(to, str):
         tag |= _TO_NAME
-        name = to.encode()
-        if len(name) > 0xFFFF:
-            return encode_message(msg)  # a name past 64 KiB: format 1 has no limit
-        to_bytes = _NAME_LEN.pack(len(name)) + name
+        to_bytes = _NAMED.get(to)
+        if to_bytes is None:
+            name = to.encode()
+            if len(name) > 0xFFFF:
+                return encode_message(msg)  # a name past 64 KiB: format 1 has no limit
+            to_bytes = _NAME_LEN.pack(len(name)) + name
+            _remember(_NAMED, to, to_bytes)
     else:
         to_bytes = to.int.to_bytes(16)
     parts = [b"", to_bytes]
