@@ -453,8 +453,7 @@ class Context:
         current = self._cell.current
         trace_id = current.trace_id if current is not None else None
         query = new_message(self.id, address_of(to), payload, _QUERY, trace_id)
-        reply = await self._router.request(query, timeout, external=False)
-        return reply.payload
+        return await self._router.request(query, timeout, external=False)
 
     def spawn(
         self, target: AgentSpec | Supervisor | Handler | type[Any], *, name: str | None = None

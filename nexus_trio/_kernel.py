@@ -379,9 +379,9 @@ class Kernel:
         (e.g. its handler raised), :class:`AgentNotFound` / :class:`MailboxFull` /
         :class:`KernelShuttingDown` as for :meth:`send`.
         """
-        query = new_message(sender, address_of(to), payload, _QUERY, trace_id)
-        reply = await self._router.request(query, self._request_timeout(timeout), external=True)
-        return reply.payload
+        address = to.id if type(to) is AgentRef else to  # address_of, without the call
+        query = new_message(sender, address, payload, _QUERY, trace_id)
+        return await self._router.request(query, self._request_timeout(timeout), external=True)
 
     def _request_timeout(self, timeout: float | None) -> float:
         if timeout is None:

@@ -40,11 +40,12 @@ from ._errors import (
 from ._gc import HeapKeeper
 from ._ledger import Ledger
 from ._mailbox import Mailbox
-from ._message import Address, Message, MessageKind
+from ._message import Address, Message, MessageKind, id_value
 from ._step import Stepper
 from ._transport import Transport
 
 _LATE_MEMORY: Final = 4096
+_QUERY: Final = MessageKind.QUERY
 #: the deadline heap is swept of finished requests only past this many (see _finish)
 _SWEEP_AT: Final = 64
 
@@ -85,6 +86,10 @@ class Recipient(Protocol):
     def cancel_current(self, reason: DeadLetterReason) -> bool: ...
 
 
+#: what a pending request's ``reply`` is until its reply comes (a payload may be None)
+_NO_REPLY: Final = object()
+
+
 @final
 class _Pending:
     """A request waiting for its reply.
@@ -97,7 +102,8 @@ class _Pending:
     __slots__ = ("done", "error", "reply", "task", "woken")
 
     def __init__(self) -> None:
-        self.reply: Message | None = None
+        #: the reply's payload (_NO_REPLY until one came)
+        self.reply: Any = _NO_REPLY
         self.error: BaseException | None = None
         #: its entry in the deadline heap is no longer needed: the request is over
         #: (answered, failed or cancelled), or the timer took the entry out to expire it
@@ -107,10 +113,10 @@ class _Pending:
         #: the requester while it waits
         self.task: trio.lowlevel.Task | None = None
 
-    def resolve(self, reply: Message) -> None:
+    def resolve(self, payload: Any) -> None:
         # Kept even after the deadline woke the requester: if it has not resumed yet,
         # the answer it gets is the reply (it was counted as delivered).
-        self.reply = reply
+        self.reply = payload
         self._wake()
 
     def fail(self, error: BaseException) -> None:
@@ -222,8 +228,15 @@ class Router:
         self._finished_deadlines = 0
         self._request_seq = 0
         self._timer_scope: trio.CancelScope | None = None
-        self._late: deque[uuid.UUID] = deque()
-        self._late_set: set[uuid.UUID] = set()
+        #: the timer scope's deadline as last set (its property is a Python call); -inf
+        #: while there is no scope, so that no request tries to move it
+        self._timer_deadline = -math.inf
+        #: the run's clock (see run_request_timer)
+        self._now: Callable[[], float] = trio.current_time
+        #: ids (128-bit values) of queries whose requesters stopped waiting, the last
+        #: _LATE_MEMORY of them
+        self._late: deque[int] = deque()
+        self._late_set: set[int] = set()
         self._drained: trio.Event | None = None
         self._sends = 0
         ledger.on_dead_query = self._dead_query
@@ -296,7 +309,7 @@ class Router:
         Checked only for queries, so other messages pay one ``is`` test.
         """
         late = self._late_set
-        return bool(late) and msg.id in late
+        return bool(late) and id_value(msg) in late
 
     def discard_queued(
         self, messages: list[Message], reason: DeadLetterReason, recipient: Any, detail: str
@@ -304,7 +317,7 @@ class Router:
         """Dead-letter what was left in a stopped agent's mailbox."""
         dead_letter = self.ledger.dead_letter
         for msg in messages:
-            if msg.kind is MessageKind.QUERY and msg.id in self._late_set:
+            if msg.kind is MessageKind.QUERY and id_value(msg) in self._late_set:
                 dead_letter(
                     msg,
                     DeadLetterReason.REQUEST_TIMEOUT,
@@ -483,9 +496,9 @@ class Router:
         if pending is not None:
             self.ledger.accepted += 1
             self.ledger.replies += 1
-            pending.resolve(msg)
+            pending.resolve(msg.payload)
             return True
-        if reply_to in self._late_set:
+        if reply_to.int in self._late_set:
             self._accept_dead(msg, DeadLetterReason.LATE_REPLY, "the request had timed out")
             return True
         return False
@@ -598,6 +611,15 @@ class Router:
         the agent); what is left to route is returned, for :meth:`route`."""
         if isinstance(result, Message):
             return result
+        if msg.kind is _QUERY and self.phase < _STOPPING:
+            pending = self._pending.pop(id_value(msg), None)
+            if pending is not None:
+                # A local requester gets the payload: the reply message it would never
+                # see is not built (nor the query's UUID).
+                self.ledger.accepted += 1
+                self.ledger.replies += 1
+                pending.resolve(result)
+                return None
         out = msg.reply(sender, result)
         if self.phase < _STOPPING:
             try:
@@ -610,20 +632,22 @@ class Router:
 
     # --- request/reply ---------------------------------------------------------------------
 
-    async def request(self, query: Message, timeout: float, *, external: bool) -> Message:
-        """Send ``query`` and wait for the correlated reply (see ``Kernel.request``)."""
+    async def request(self, query: Message, timeout: float, *, external: bool) -> Any:
+        """Send ``query`` and return the payload of the correlated reply (see
+        ``Kernel.request``)."""
         if self.phase >= (_DRAINING if external else _STOPPING):
             raise self.refuse("request")
         pending = _Pending()
-        query_id = query.id
-        key = query_id.int
+        # its value: the UUID is built only if something asks for it (a timeout)
+        key = id_value(query)
         self._pending[key] = pending
-        deadline = trio.current_time() + timeout
+        deadline = self._now() + timeout
         self._request_seq += 1
         heapq.heappush(self._deadlines, (deadline, self._request_seq, pending))
-        timer = self._timer_scope
-        if timer is not None and deadline < timer.deadline:
-            timer.deadline = deadline
+        if deadline < self._timer_deadline:
+            timer = self._timer_scope
+            if timer is not None:
+                timer.deadline = self._timer_deadline = deadline
         enqueued = False
         try:
             cell = self.local(query.to)
@@ -644,19 +668,19 @@ class Router:
                 except trio.Cancelled:
                     # The requester itself was cancelled: its handler stops too, as on
                     # a timeout (a reply that comes anyway is a late reply).
-                    if pending.reply is None and pending.error is None:
-                        self.expire_query(query_id, query.to)
+                    if pending.reply is _NO_REPLY and pending.error is None:
+                        self.expire_query(query.id, query.to)
                     raise
         finally:
             self._pending.pop(key, None)
             self._finish(pending)
-        if pending.reply is not None:
+        if pending.reply is not _NO_REPLY:
             return pending.reply
         if pending.error is not None:
             raise pending.error
         if enqueued:
-            self.expire_query(query_id, query.to)
-        raise RequestTimeout(query_id, query.to, timeout)
+            self.expire_query(query.id, query.to)
+        raise RequestTimeout(query.id, query.to, timeout)
 
     def _finish(self, pending: _Pending) -> None:
         """A request is over: its deadline entry is dead weight (it holds the reply).
@@ -680,6 +704,8 @@ class Router:
     async def run_request_timer(self) -> None:
         """Expire pending requests at their deadlines (runs for the kernel's lifetime)."""
         heap = self._deadlines
+        # Trio's clock, read without trio.current_time()'s two frames (a request reads it)
+        self._now = trio.lowlevel.current_clock().current_time
         while True:
             now = trio.current_time()
             while heap and (heap[0][2].done or heap[0][0] <= now):
@@ -690,18 +716,20 @@ class Router:
                     pending.done = True
                     pending.expire()
             with trio.CancelScope() as scope:
-                scope.deadline = heap[0][0] if heap else math.inf
+                scope.deadline = self._timer_deadline = heap[0][0] if heap else math.inf
                 self._timer_scope = scope
                 await trio.sleep_forever()
             self._timer_scope = None
+            self._timer_deadline = -math.inf
 
     def expire_query(self, query_id: uuid.UUID, to: Address) -> bool:
         """The requester of a query stopped waiting: cancel the handler working on it,
         or skip it in the queue; a query that went to a remote kernel is cancelled there
         through the transport. True if a local handler was cancelled."""
-        if query_id not in self._late_set:
-            self._late.append(query_id)
-            self._late_set.add(query_id)
+        key = query_id.int
+        if key not in self._late_set:
+            self._late.append(key)
+            self._late_set.add(key)
             if len(self._late) > _LATE_MEMORY:
                 self._late_set.discard(self._late.popleft())
         cell = self.local(to)
@@ -719,7 +747,7 @@ class Router:
         self, msg: Message, reason: DeadLetterReason, error: BaseException | None
     ) -> None:
         if self._pending:
-            pending = self._pending.pop(msg.id.int, None)
+            pending = self._pending.pop(id_value(msg), None)
             if pending is not None:
                 pending.fail(RequestFailed(msg.id, msg.to, reason.value, error))
 

@@ -479,6 +479,37 @@ async def test_request_returns_the_correlated_reply() -> None:
         assert stats.replies_delivered == 10 and stats.handled == 10
 
 
+async def test_every_answer_reaches_its_requester_falsy_none_and_explicit_replies_too() -> None:
+    # A returned payload answers a local request without a reply message being built; a
+    # returned reply Message (here with payload None) takes the routed way. Either way
+    # the requester gets the payload, even a falsy one, and each is counted once.
+    @agent(name="answers")
+    async def answers(ctx: Context, msg: Message) -> Any:
+        kind, value = msg.payload
+        if kind == "message":
+            return msg.reply(ctx.id, value)
+        return value
+
+    asked: list[tuple[str, Any]] = [
+        ("value", 0),
+        ("value", ""),
+        ("value", False),
+        ("value", []),
+        ("value", {"x": 1}),
+        ("message", None),
+        ("message", 0),
+        ("message", "m"),
+    ]
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(answers)
+        got = [await kernel.request("answers", item) for item in asked]
+        assert got == [value for _, value in asked]
+        stats = kernel.stats()
+        assert stats.replies_delivered == len(asked) and stats.handled == len(asked)
+        assert stats.dead_lettered == 0
+        assert_conserved(kernel)
+
+
 @pytest.mark.parametrize("how", ["timeout", "requester cancelled"])
 async def test_request_timeout_raises_and_cancels_the_handler_still_working(
     autojump_clock: Any, how: str
