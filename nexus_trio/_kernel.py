@@ -92,7 +92,7 @@ class Kernel:
             "root",
             root=True,
         )
-        self._router.nodes[self._root.id] = self._root
+        self._router.nodes[self._root.id.int] = self._root
         self._shutdown_finished = trio.Event()
         self._body_scope = trio.CancelScope()
         self._root_done = trio.Event()
@@ -197,7 +197,7 @@ class Kernel:
             raise KernelShuttingDown("spawn")
         owner = self._root
         if supervisor is not None:
-            node = self._router.nodes.get(supervisor.id)
+            node = self._router.find(supervisor.id)
             if not isinstance(node, SupervisorNode) or node.retired:
                 raise AgentNotFound(supervisor.id)
             owner = node

@@ -215,8 +215,9 @@ class Router:
         #: local agents by address: an id's 128-bit value (an int hashes in C, a UUID
         #: through a Python __hash__, a twentieth of a send) or a name; see local()
         self.routes: dict[int | str, Any] = {}
-        #: every live agent and supervisor, by id, in spawn order
-        self.nodes: dict[uuid.UUID, Child] = {}
+        #: every live agent and supervisor, by its id's 128-bit value (see routes), in
+        #: spawn order
+        self.nodes: dict[int, Child] = {}
         #: names of live agents and supervisors
         self.names: dict[str, Child] = {}
         self.transport: Transport | None = None
@@ -248,7 +249,7 @@ class Router:
         """The live agent or supervisor at ``address`` (an id or a name)."""
         if isinstance(address, str):
             return self.names.get(address)
-        return self.nodes.get(address)
+        return self.nodes.get(address.int) if isinstance(address, _UUID) else None
 
     def local(self, address: Address) -> Any:
         """The local agent at ``address`` (an id or a name), or None (also for what is
@@ -264,7 +265,7 @@ class Router:
             if holder is not None:
                 raise NameTaken(node.name, holder.id)
             self.names[node.name] = node
-        self.nodes[node.id] = node
+        self.nodes[node.id.int] = node
         if agent:
             self.routes[node.id.int] = node
             if node.name is not None:
@@ -274,7 +275,7 @@ class Router:
     def forget(self, node: Child) -> None:
         """``node`` stopped for good: its id and name are free."""
         self.unroute(node)
-        if self.nodes.pop(node.id, None) is not None and node.is_agent:
+        if self.nodes.pop(node.id.int, None) is not None and node.is_agent:
             self.ledger.agents_alive -= 1
         if node.name is not None and self.names.get(node.name) is node:
             del self.names[node.name]
