@@ -137,15 +137,9 @@ class _Pending:
             self.task = None
             trio.lowlevel.reschedule(task)
 
-    async def wait(self) -> None:
-        """Until woken (a checkpoint, as ``trio.Event.wait``); cancellable."""
-        if self.woken:
-            await trio.lowlevel.checkpoint()
-            return
-        self.task = trio.lowlevel.current_task()
-        await trio.lowlevel.wait_task_rescheduled(self._abort)
-
-    def _abort(self, raise_cancel: Any) -> trio.lowlevel.Abort:
+    def abort(self, raise_cancel: Any) -> trio.lowlevel.Abort:
+        """The requester, parked until woken (a checkpoint, as ``trio.Event.wait``; see
+        ``Router.request``), was cancelled."""
         self.task = None
         return trio.lowlevel.Abort.SUCCEEDED
 
@@ -665,7 +659,12 @@ class Router:
                 raise
             if enqueued:
                 try:
-                    await pending.wait()
+                    # _Pending.wait, without its coroutine
+                    if pending.woken:
+                        await trio.lowlevel.checkpoint()
+                    else:
+                        pending.task = trio.lowlevel.current_task()
+                        await trio.lowlevel.wait_task_rescheduled(pending.abort)
                 except trio.Cancelled:
                     # The requester itself was cancelled: its handler stops too, as on
                     # a timeout (a reply that comes anyway is a late reply).
