@@ -426,8 +426,9 @@ class Context:
         """
         msg = self._outgoing(to, payload, kind)
         router = self._router
-        if not router.fast(msg, msg.to if msg.reply_to is None else None, False):
-            await router.send(msg)
+        fast = router.fast(msg, msg.to if msg.reply_to is None else None, False)
+        if not fast:
+            await router.send(msg, fast)
         return msg
 
     def send_nowait(

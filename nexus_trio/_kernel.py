@@ -338,8 +338,9 @@ class Kernel:
             # new_message, not Message(...): see new_message.
             msg = new_message(sender, address, payload, kind, trace_id)
         router = self._router
-        if not router.fast(msg, address, True):
-            await router.send(msg)
+        fast = router.fast(msg, address, True)
+        if not fast:
+            await router.send(msg, fast)
         return msg
 
     def send_nowait(

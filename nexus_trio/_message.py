@@ -91,26 +91,6 @@ class _Undrawn:
 _undrawn = _Undrawn()
 
 
-def _draw_id(msg: Message) -> uuid.UUID | int:
-    """The id of a message whose id was never needed: drawn now, once."""
-    # acquire()/release(), not ``with``: a third of the cost of a draw here.
-    lock = _draw_lock
-    lock.acquire()
-    try:
-        value = msg._id
-        if isinstance(value, _Undrawn):
-            # Built before a fork if not of this generation: the process that asks
-            # cannot know what another one drew, so the id is the message's own: its
-            # generation's random high half and its address, which no other object
-            # alive at the fork had and which is the same in every process forked since.
-            value = msg._id = (
-                next(_next_ids) if value is _undrawn else value.high | (id(msg) & _LOW_62)
-            )
-    finally:
-        lock.release()
-    return value
-
-
 def _new_generation_before_fork() -> None:
     global _undrawn
     _undrawn = _Undrawn()
@@ -144,7 +124,22 @@ def id_value(msg: Message) -> int:
     """``msg.id.int`` without building the UUID if ``msg.id`` was never read (for codecs)."""
     value = msg._id
     if isinstance(value, _Undrawn):
-        value = _draw_id(msg)
+        # Drawn now, once: check-then-set under the lock (two threads asking at once
+        # get one id); acquire()/release(), not ``with``: a third of the cost of a draw.
+        lock = _draw_lock
+        lock.acquire()
+        try:
+            value = msg._id
+            if isinstance(value, _Undrawn):
+                # Built before a fork if not of this generation: the process that asks
+                # cannot know what another one drew, so the id is the message's own: its
+                # generation's random high half and its address, which no other object
+                # alive at the fork had and which is the same in every process forked since.
+                value = msg._id = (
+                    next(_next_ids) if value is _undrawn else value.high | (id(msg) & _LOW_62)
+                )
+        finally:
+            lock.release()
     return value if isinstance(value, int) else value.int
 
 
@@ -283,11 +278,11 @@ class Message(_Slots):
     def id(self) -> uuid.UUID:
         """This message's unique id (drawn from the counter on first access)."""
         value = self._id
-        if isinstance(value, _Undrawn):
-            value = _draw_id(self)
-        if isinstance(value, int):
-            # Two threads may both build it: equal UUIDs, either one kept.
-            value = self._id = uuid_from_int(value)
+        if isinstance(value, uuid.UUID):
+            return value
+        # Drawn now if it never was; two threads may both build the UUID: equal UUIDs,
+        # either one kept.
+        value = self._id = uuid_from_int(id_value(self))
         return value
 
     @property

@@ -329,8 +329,9 @@ class Router:
         self.ledger.rejected["shutting_down"] += 1
         return KernelShuttingDown(what)
 
-    def fast(self, msg: Message, to: Address | None, external: bool) -> bool:
-        """The fast branch, without yielding: True if ``msg`` was enqueued.
+    def fast(self, msg: Message, to: Address | None, external: bool) -> bool | None:
+        """The fast branch, without yielding: True if ``msg`` was enqueued, None if no
+        local agent has ``to`` (for :meth:`send`: it goes to the transport, if any).
 
         ``to`` is ``msg.to`` as the caller knows it, or None for a reply (``reply_to``
         set), which takes the slow branch (a property read costs a tenth of a send).
@@ -343,17 +344,17 @@ class Router:
             raise self.refuse("send")
         self._sends += 1
         if to is not None and self._sends & 15:
-            routes = self.routes
             # local() written out; a name of a str subclass takes the slow branch
-            cell = (
-                routes.get(to.int)
-                if isinstance(to, _UUID)
-                else routes.get(to)
-                if to.__class__ is str
-                else None
-            )
+            if isinstance(to, _UUID):
+                cell = self.routes.get(to.int)
+            elif to.__class__ is str:
+                cell = self.routes.get(to)
+            else:
+                return False
+            if cell is None:
+                return None
             # _enqueue, written out: the call would cost a tenth of the whole send.
-            if cell is not None and cell.mailbox.try_put(msg):
+            if cell.mailbox.try_put(msg):
                 cell.received += 1
                 self.ledger.accepted += 1
                 if cell.dormant:
@@ -361,7 +362,7 @@ class Router:
                 return True
         return False
 
-    async def send(self, msg: Message) -> None:
+    async def send(self, msg: Message, fast: bool | None = False) -> None:
         """The rest of a send after :meth:`fast` said no: may wait for room (``block``),
         raises ``AgentNotFound`` / ``MailboxFull`` / ``TransportUnavailable``.
 
@@ -381,7 +382,12 @@ class Router:
                     return
         try:
             transport = self.transport
-            if transport is not None and msg.reply_to is None and self.local(msg.to) is None:
+            if (
+                transport is not None
+                and msg.reply_to is None
+                # what fast() said: None if it found no local agent (nothing ran since)
+                and (fast is None or self.local(msg.to) is None)
+            ):
                 # deliver's branch for another kernel, without its coroutine (every tell
                 # to another kernel comes this way)
                 await transport.deliver(msg)

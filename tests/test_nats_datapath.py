@@ -223,6 +223,48 @@ async def test_a_full_node_window_makes_send_wait_then_raise_mailbox_full(
     assert cb.stats().inbound_dropped == {}
 
 
+async def test_tells_follow_a_name_that_moves_to_another_node(nats: NatsServer) -> None:
+    """A node keeps the route of its tells to a name (no lookup per tell); a name that
+    moves must take the next tells with it, none sent where it was."""
+    got: dict[str, list[Any]] = {"a": [], "b": []}
+
+    def holder(node: str) -> Any:
+        async def collect(ctx: Context, msg: Message) -> Any:
+            got[node].append(msg.payload)
+
+        return agent(name="mover")(collect)
+
+    async with (
+        _node(nats.url, "s") as (ks, cs),
+        _node(nats.url, "a") as (ka, ca),
+        _node(nats.url, "b") as (kb, cb),
+    ):
+        with trio.fail_after(30):
+            ref_a = ka.spawn(holder("a"))
+            await cs.wait_for_name("mover")
+            for i in range(20):
+                await ks.send("mover", ["first", i])
+            # a request after the tells, to another agent of a: they were all taken in
+            ka.spawn(agent(name="ping")(_collector([])))
+            await cs.wait_for_name("ping")
+            assert await ks.request("ping", "dump") == 0
+            await ka.stop(ref_a)
+            ref_b = kb.spawn(holder("b"))
+            await ca.names_published()  # the name is out of the bucket...
+            await cb.names_published()  # ... and in again, for b
+            # what a placement answer does (s may still learn the bucket's changes after:
+            # a tell then finds the name by asking the bucket, where it is b's)
+            cs.learn_name("mover", "b", ref_b.id)
+            for i in range(20):
+                await ks.send("mover", ["second", i])
+            kb.spawn(agent(name="pong")(_collector([])))
+            await cs.wait_for_name("pong")
+            assert await ks.request("pong", "dump") == 0
+    assert got["a"] == [["first", i] for i in range(20)]
+    assert got["b"] == [["second", i] for i in range(20)]
+    assert ca.stats().inbound_dropped == {} and cb.stats().inbound_dropped == {}
+
+
 async def test_tells_waiting_for_room_when_their_node_leaves_are_counted(
     nats: NatsServer,
 ) -> None:

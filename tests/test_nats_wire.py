@@ -335,6 +335,36 @@ def test_a_lost_member_is_forgotten_after_the_horizon_and_only_then() -> None:
     assert table.members["b"].reachable
 
 
+def test_the_member_tables_version_moves_when_routes_may_change_not_per_heartbeat() -> None:
+    # Nodes cache the routes of their tells while the version stays the same.
+    table = MemberTable("a", lost_after=3.0)
+    seen = [table.version]
+
+    def moved() -> bool:
+        seen.append(table.version)
+        return seen[-1] != seen[-2]
+
+    table.heard(_info("a", 1, 0.0))
+    assert moved()  # joined
+    table.heard(_info("b", 2, 0.0))
+    assert moved()
+    table.heard(_info("b", 2, 1.0))
+    assert not moved()  # a heartbeat
+    table.heard(_info("b", 9, 2.0))
+    assert moved()  # restarted: a new id prefix
+    assert table.newly_lost(4.0) == [] and not moved()
+    assert [i.node for i in table.newly_lost(5.5)] == ["b"] and moved()  # lost
+    table.heard(_info("b", 9, 6.0))
+    assert moved()  # back
+    table.left("b")
+    assert moved()
+    table.left("b")
+    assert not moved()  # nothing left
+    table.heard(_info("c", 3, 7.0))
+    assert [i.node for i in table.newly_lost(10.5)] == ["c"] and moved()
+    assert [i.node for i in table.forget_lost(100.0, after=10.0)] == ["c"] and moved()
+
+
 def test_a_restarted_node_replaces_its_old_id_prefix() -> None:
     table = MemberTable("a", lost_after=3.0)
     table.heard(_info("b", 2, 0.0))

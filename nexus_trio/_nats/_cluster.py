@@ -95,6 +95,8 @@ log = logging.getLogger("nexus_trio.nats")
 install_redaction(("nexus_trio.nats", "nexus_trio.nats.durable", "nexus_trio.nats.membership"))
 
 _ROUTE_MEMORY: Final = 65536
+#: addresses whose routes a node keeps for its tells (then it starts over)
+_KNOWN_LINKS_MAX: Final = 65_536
 _KV_OPS_DELETED: Final = ("DEL", "PURGE")
 
 #: a stream of numbered tells: the destination node and its id prefix (its process)
@@ -278,6 +280,9 @@ class Cluster:
         self._links: dict[_Stream, batch.NodeLink] = {}
         self._dirty: dict[batch.NodeLink, None] = {}
         self._flush_wanted = trio.Event()
+        #: tells' routes: address -> the node batch it joined (see _link_for)
+        self._known_links: dict[Address, batch.NodeLink] = {}
+        self._links_version = -1
         self._batch_bytes = batch.batch_limit(1 << 20, self.node, options.batch_bytes)
         # this join's session: streams of an earlier join of this process are apart
         self._session = int.from_bytes(os.urandom(8), "big")
@@ -540,30 +545,35 @@ class Cluster:
         (NATS is down), the message not taken. An unknown name is looked up in KV once
         before :class:`AgentNotFound`.
         """
-        try:
-            routed = self._route(msg)
-        except AgentNotFound:
-            if not isinstance(msg.to, str) or msg.to.startswith(wire.TYPE_PREFIX):
-                raise
-            await self._refresh_name(msg.to)
-            routed = self._route(msg)
-        if routed is None:
-            return
+        link = self._known_link(msg)
+        if link is None:
+            try:
+                routed = self._route(msg)
+            except AgentNotFound:
+                if not isinstance(msg.to, str) or msg.to.startswith(wire.TYPE_PREFIX):
+                    raise
+                await self._refresh_name(msg.to)
+                routed = self._route(msg)
+            if routed is None:
+                return
+            if routed[2] is not None:
+                await self._deliver_alone(msg, routed)
+                return
+            link = self._link_for(msg, routed)
         high_water = self.options.outbox_high_water
-        stream = routed[3]
-        if routed[2] is None:
-            assert stream is not None
-            link = self._links.get(stream) or self._new_link(stream)
-            body = self._tell_body(msg)
-            if not link.has_room() or len(self._outbox) >= high_water:
-                await self._wait_for_room(msg, link)
-            self._published += 1
-            if self._add_tell(link, body):
-                # A full batch was sealed: let the asyncio side write it to the socket
-                # now (the destination starts on it while this sender goes on), without
-                # raising Cancelled: the message is taken.
-                await trio.lowlevel.cancel_shielded_checkpoint()
-            return
+        body = self._tell_body(msg)
+        if not link.has_room() or len(self._outbox) >= high_water:
+            await self._wait_for_room(msg, link)
+        self._published += 1
+        if self._add_tell(link, body):
+            # A full batch was sealed: let the asyncio side write it to the socket now
+            # (the destination starts on it while this sender goes on), without raising
+            # Cancelled: the message is taken.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def _deliver_alone(self, msg: Message, routed: _Routed) -> None:
+        """A message that goes alone (a query, a reply, a message to a type)."""
+        high_water = self.options.outbox_high_water
         if len(self._outbox) >= high_water:
             deadline = self.kernel.config.kernel.send_timeout
             with trio.move_on_after(deadline):
@@ -589,19 +599,20 @@ class Cluster:
             raise TransportUnavailable(
                 f"{len(self._outbox)} messages already wait for NATS on node {self.node!r}"
             )
-        routed = self._route(msg)
-        if routed is None:
-            return
-        if routed[2] is None:
-            stream = routed[3]
-            assert stream is not None
-            link = self._links.get(stream) or self._new_link(stream)
-            body = self._tell_body(msg)
-            if not link.has_room():
-                raise self._no_room(msg, link)
-            self._add_tell(link, body)
-        else:
-            self._outbox.put(self._seal(msg, routed))
+        link = self._known_link(msg)
+        if link is None:
+            routed = self._route(msg)
+            if routed is None:
+                return
+            if routed[2] is not None:
+                self._outbox.put(self._seal(msg, routed))
+                self._published += 1
+                return
+            link = self._link_for(msg, routed)
+        body = self._tell_body(msg)
+        if not link.has_room():
+            raise self._no_room(msg, link)
+        self._add_tell(link, body)
         self._published += 1
 
     def cancel_query(self, query_id: uuid.UUID, to: Address) -> None:
@@ -624,6 +635,40 @@ class Cluster:
         self._want_flush(link)
 
     # --- node batches (sending side; see _batch) ----------------------------------------------
+
+    def _known_link(self, msg: Message) -> batch.NodeLink | None:
+        """The node batch an earlier tell to ``msg.to`` joined, if nothing that decides
+        where it leads changed since (membership, names: see _link_for); None for
+        anything but a tell, and for an address not routed yet."""
+        if msg.kind is _QUERY or msg.reply_to is not None:
+            return None
+        version = self.members.version
+        if version != self._links_version:
+            self._known_links.clear()
+            self._links_version = version
+        link = self._known_links.get(msg.to)
+        if link is not None:
+            self._check_usable()  # what _route checks first, for every message
+        return link
+
+    def _link_for(self, msg: Message, routed: _Routed) -> batch.NodeLink:
+        """The node batch of a tell that _route routed; kept for the next tells to the
+        same address (routing a tell costs about as much as encoding it). The cache is
+        emptied when the members change (a version of the table) or a name is learnt,
+        moved or dropped (_forget_known_links), and past _KNOWN_LINKS_MAX addresses."""
+        stream = routed[3]
+        assert stream is not None
+        link = self._links.get(stream) or self._new_link(stream)
+        known = self._known_links
+        if len(known) >= _KNOWN_LINKS_MAX:
+            known.clear()
+        known[msg.to] = link
+        return link
+
+    def _forget_known_links(self) -> None:
+        """Where some address leads may have changed (a name was learnt, moved or
+        dropped), or a link was dropped: route every tell the long way again."""
+        self._known_links.clear()
 
     def _new_link(self, stream: _Stream) -> batch.NodeLink:
         link = self._links[stream] = batch.NodeLink(stream[0], stream[1], self.options.node_window)
@@ -1037,6 +1082,7 @@ class Cluster:
         link = self._links.get((node, prefix))
         if link is not None and not link.sent and not link.frames:
             del self._links[(node, prefix)]
+            self._forget_known_links()  # a tell's route may have named it
 
     def _check_sequence(self, value: str, *, is_mark: bool) -> None:
         """Count the tells a gap in a sender's numbers says were lost (see ``_sequence``)."""
@@ -1080,6 +1126,7 @@ class Cluster:
                 self._seq_out.pop(key, None)
                 self._seq_marked.pop(key, None)
                 self._links.pop(key, None)
+                self._forget_known_links()
                 continue
             if periodic or self._seq_marked.get(key) != number:
                 self._seq_marked[key] = number
@@ -1359,10 +1406,12 @@ class Cluster:
         name = wire.name_from_key(key)
         if op in _KV_OPS_DELETED or not value:
             self._names.pop(name, None)
+            self._forget_known_links()
             return
         try:
             obj = json.loads(value)
             self._names[name] = (str(obj["node"]), uuid.UUID(obj["id"]))
+            self._forget_known_links()
         except (ValueError, KeyError, TypeError):
             log.warning("node %s: ignoring malformed name record %r", self.node, key)
 
@@ -1430,6 +1479,7 @@ class Cluster:
                     revision = await call_aio(kv.put, wire.name_key(name), value)
                     self._published_names[name] = (agent_id, revision)
                     self._names[name] = (self.node, agent_id)
+                    self._forget_known_links()
                 else:
                     published = self._published_names.pop(name, None)
                     if published is not None:
@@ -1762,6 +1812,7 @@ class Cluster:
     def learn_name(self, name: str, node: str, agent_id: uuid.UUID) -> None:
         """Note where ``name`` runs (a placement answer), ahead of the names bucket."""
         self._names[name] = (node, agent_id)
+        self._forget_known_links()
 
     async def watch_bucket(
         self, kv: KeyValue, apply: Any, task_status: trio.TaskStatus[None]

@@ -104,6 +104,10 @@ class MemberTable:
         self.lost_after = lost_after
         self.members: dict[str, NodeInfo] = {}
         self.by_prefix: dict[int, str] = {}
+        #: changes whenever where an address leads may have changed (a member joined, left,
+        #: restarted or was lost, or came back); not for a plain heartbeat. Caches of
+        #: routes compare it.
+        self.version = 0
 
     def heard(self, info: NodeInfo) -> bool:
         """Record a heartbeat; True if the node was unreachable and is back."""
@@ -119,14 +123,22 @@ class MemberTable:
                 info.node,
                 info.id_prefix,
             )
+        if (
+            previous is None
+            or previous.id_prefix != info.id_prefix
+            or previous.reachable != info.reachable
+        ):
+            self.version += 1
         self.members[info.node] = info
         self.by_prefix[info.id_prefix] = info.node
         return previous is not None and not previous.reachable
 
     def left(self, node: str) -> NodeInfo | None:
         info = self.members.pop(node, None)
-        if info is not None and self.by_prefix.get(info.id_prefix) == node:
-            del self.by_prefix[info.id_prefix]
+        if info is not None:
+            self.version += 1
+            if self.by_prefix.get(info.id_prefix) == node:
+                del self.by_prefix[info.id_prefix]
         return info
 
     def newly_lost(self, now: float) -> list[NodeInfo]:
@@ -135,6 +147,7 @@ class MemberTable:
         for node, info in self.members.items():
             if node != self.self_node and info.reachable and now - info.last_seen > self.lost_after:
                 self.members[node] = attrs.evolve(info, reachable=False)
+                self.version += 1
                 lost.append(info)
         return lost
 
