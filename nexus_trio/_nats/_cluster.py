@@ -280,8 +280,9 @@ class Cluster:
         self._links: dict[_Stream, batch.NodeLink] = {}
         self._dirty: dict[batch.NodeLink, None] = {}
         self._flush_wanted = trio.Event()
-        #: tells' routes: address -> the node batch it joined (see _link_for)
-        self._known_links: dict[Address, batch.NodeLink] = {}
+        #: tells' routes: address (an id by its 128-bit value, which hashes in C) -> the
+        #: node batch its tells join (see _link_for)
+        self._known_links: dict[int | str, batch.NodeLink] = {}
         self._links_version = -1
         self._batch_bytes = batch.batch_limit(1 << 20, self.node, options.batch_bytes)
         # this join's session: streams of an earlier join of this process are apart
@@ -646,7 +647,8 @@ class Cluster:
         if version != self._links_version:
             self._known_links.clear()
             self._links_version = version
-        link = self._known_links.get(msg.to)
+        to = msg.to
+        link = self._known_links.get(to.int if isinstance(to, uuid.UUID) else to)
         if link is not None:
             self._check_usable()  # what _route checks first, for every message
         return link
@@ -662,7 +664,8 @@ class Cluster:
         known = self._known_links
         if len(known) >= _KNOWN_LINKS_MAX:
             known.clear()
-        known[msg.to] = link
+        to = msg.to
+        known[to.int if isinstance(to, uuid.UUID) else to] = link
         return link
 
     def _forget_known_links(self) -> None:
