@@ -710,23 +710,29 @@ class Router:
     async def run_request_timer(self) -> None:
         """Expire pending requests at their deadlines (runs for the kernel's lifetime)."""
         heap = self._deadlines
-        # Trio's clock, read without trio.current_time()'s two frames (a request reads it)
+        # Trio's clock, read without trio.current_time()'s two frames (a request reads it);
+        # this run's only: another run's clock has another offset
         self._now = trio.lowlevel.current_clock().current_time
-        while True:
-            now = trio.current_time()
-            while heap and (heap[0][2].done or heap[0][0] <= now):
-                pending = heapq.heappop(heap)[2]
-                if pending.done:
-                    self._finished_deadlines -= 1
-                else:
-                    pending.done = True
-                    pending.expire()
-            with trio.CancelScope() as scope:
-                scope.deadline = self._timer_deadline = heap[0][0] if heap else math.inf
-                self._timer_scope = scope
-                await trio.sleep_forever()
+        try:
+            while True:
+                now = trio.current_time()
+                while heap and (heap[0][2].done or heap[0][0] <= now):
+                    pending = heapq.heappop(heap)[2]
+                    if pending.done:
+                        self._finished_deadlines -= 1
+                    else:
+                        pending.done = True
+                        pending.expire()
+                with trio.CancelScope() as scope:
+                    scope.deadline = self._timer_deadline = heap[0][0] if heap else math.inf
+                    self._timer_scope = scope
+                    await trio.sleep_forever()
+                self._timer_scope = None
+                self._timer_deadline = -math.inf
+        finally:
             self._timer_scope = None
             self._timer_deadline = -math.inf
+            self._now = trio.current_time
 
     def expire_query(self, query_id: uuid.UUID, to: Address) -> bool:
         """The requester of a query stopped waiting: cancel the handler working on it,
