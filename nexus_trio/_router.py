@@ -554,7 +554,11 @@ class Router:
         """Enqueue on a local agent's mailbox if it has room (counted); False if full."""
         if not cell.mailbox.try_put(msg):
             return False
-        self._accepted_by(cell)
+        # _accepted_by, written out (every request and every tell from another kernel)
+        cell.received += 1
+        self.ledger.accepted += 1
+        if cell.dormant:
+            cell.wake()
         return True
 
     def _accepted_by(self, cell: Any) -> None:
