@@ -499,7 +499,7 @@ async def test_a_peer_sending_every_batch_as_a_new_stream_cannot_grow_what_a_nod
     records: list[Any] = []
     # Slow heartbeats: no stream is retired for being quiet while the test runs, so the
     # counts below are exact.
-    slow = {"heartbeat_interval": 5.0, "missed_heartbeats": 3}
+    slow: dict[str, Any] = {"heartbeat_interval": 5.0, "missed_heartbeats": 3}
     async with (
         _node(nats.url, "b", inbound_streams_limit=limit, **slow) as (kb, cb),
         _node(nats.url, "a", **slow) as (ka, ca),
