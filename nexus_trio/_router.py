@@ -363,8 +363,10 @@ class Router:
         return False
 
     async def send(self, msg: Message, fast: bool | None = False) -> None:
-        """The rest of a send after :meth:`fast` said no: may wait for room (``block``),
-        raises ``AgentNotFound`` / ``MailboxFull`` / ``TransportUnavailable``.
+        """The rest of a send after :meth:`fast` said no (``fast``: what it said; None
+        when it found no local agent, and the message goes straight to the transport): may
+        wait for room (``block``), raises ``AgentNotFound`` / ``MailboxFull`` /
+        ``TransportUnavailable``.
 
         As on the fast branch, one send in sixteen checks for cancellation (a wait for
         room checks too): a send to another kernel comes here each time, and the check
