@@ -169,6 +169,22 @@ def test_tells_to_names_decode_to_their_own_name_past_the_bound_of_the_name_cach
         assert len(wire._NAMED) <= 4
 
 
+def test_the_codecs_name_caches_keep_no_long_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A peer sending tells to ever-new 64 KiB names must not grow the decoder's cache by
+    # gigabytes: only names up to NAME_CACHE_BYTES are kept (on both sides); longer ones
+    # still encode and decode, each time.
+    monkeypatch.setattr(wire, "_NAMES", {})
+    monkeypatch.setattr(wire, "_NAMED", {})
+    sender = uuid.uuid4()
+    short, edge = "s" * 10, "e" * wire.NAME_CACHE_BYTES
+    longs = [f"{i:04d}" + "n" * 60_000 for i in range(20)]
+    for name in [short, edge, *longs, short, *longs]:
+        decoded = wire.decode_tell(wire.encode_tell(Message(sender, name, 1)))
+        assert decoded.to == name
+    assert sorted(wire._NAMED) == sorted([short, edge])
+    assert sorted(wire._NAMES) == sorted([short.encode(), edge.encode()])
+
+
 def test_a_name_past_64_kib_falls_back_to_format_1() -> None:
     name = "n" * 70_000
     msg = Message(uuid.uuid4(), name, None)

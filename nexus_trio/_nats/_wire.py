@@ -326,8 +326,12 @@ _COMMAND_KIND: Final = MessageKind.COMMAND
 
 
 #: what a binary tell to a name carries for it (length and UTF-8), by name: a sender
-#: names the same agents over and over (bounded like _AGENT_IDS)
+#: names the same agents over and over (bounded like _AGENT_IDS, and see NAME_CACHE_BYTES)
 _NAMED: dict[str, bytes] = {}
+#: the longest name (UTF-8 bytes) the codec's name caches keep: a name may be 64 KiB, and
+#: 65,536 of those would be gigabytes (a peer sending ever-new long names would grow the
+#: decoder's cache so); longer names are encoded and decoded each time
+NAME_CACHE_BYTES: Final = 256
 
 
 def encode_tell(msg: Message) -> bytes:
@@ -342,7 +346,8 @@ def encode_tell(msg: Message) -> bytes:
             if len(name) > 0xFFFF:
                 return encode_message(msg)  # a name past 64 KiB: format 1 has no limit
             to_bytes = _NAME_LEN.pack(len(name)) + name
-            _remember(_NAMED, to, to_bytes)
+            if len(name) <= NAME_CACHE_BYTES:
+                _remember(_NAMED, to, to_bytes)
     else:
         to_bytes = to.int.to_bytes(16)
     parts = [b"", to_bytes]
@@ -444,7 +449,8 @@ def _decode_binary_tell(data: bytes) -> Message:
                 raise ValueError(f"a name of {length} bytes does not fit")
             raw = data[offset + 2 : end]
             address = raw.decode()
-            _remember(_NAMES, raw, address)
+            if length <= NAME_CACHE_BYTES:
+                _remember(_NAMES, raw, address)
         else:
             end = offset + 16
             if end > size:
