@@ -661,11 +661,12 @@ class Cluster:
         stream = routed[3]
         assert stream is not None
         link = self._links.get(stream) or self._new_link(stream)
-        known = self._known_links
-        if len(known) >= _KNOWN_LINKS_MAX:
-            known.clear()
         to = msg.to
-        known[to.int if isinstance(to, uuid.UUID) else to] = link
+        if isinstance(to, uuid.UUID) or len(to) <= wire.NAME_CACHE_BYTES:  # (see there)
+            known = self._known_links
+            if len(known) >= _KNOWN_LINKS_MAX:
+                known.clear()
+            known[to.int if isinstance(to, uuid.UUID) else to] = link
         return link
 
     def _forget_known_links(self) -> None:
