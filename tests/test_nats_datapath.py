@@ -245,10 +245,11 @@ async def test_tells_follow_a_name_that_moves_to_another_node(nats: NatsServer) 
             for i in range(20):
                 await ks.send("mover", ["first", i])
             # a request after the tells, to another agent of a: they were all taken in
+            # (and are handled before the stop: drain)
             ka.spawn(agent(name="ping")(_collector([])))
             await cs.wait_for_name("ping")
             assert await ks.request("ping", "dump") == 0
-            await ka.stop(ref_a)
+            await ka.stop(ref_a, drain=True)
             ref_b = kb.spawn(holder("b"))
             await ca.names_published()  # the name is out of the bucket...
             await cb.names_published()  # ... and in again, for b
