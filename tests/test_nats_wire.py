@@ -377,6 +377,7 @@ def test_the_member_tables_version_moves_when_routes_may_change_not_per_heartbea
     table.left("b")
     assert not moved()  # nothing left
     table.heard(_info("c", 3, 7.0))
+    assert moved()
     assert [i.node for i in table.newly_lost(10.5)] == ["c"] and moved()
     assert [i.node for i in table.forget_lost(100.0, after=10.0)] == ["c"] and moved()
 
