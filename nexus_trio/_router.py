@@ -380,14 +380,16 @@ class Router:
             # the delivery coroutine below would cost more than all the other fifteen.
             if msg.reply_to is None:
                 cell = self.local(msg.to)
-                if cell is not None and self._enqueue(cell, msg):
+                if cell is None:
+                    fast = None  # looked up: no local agent
+                elif self._enqueue(cell, msg):
                     return
         try:
             transport = self.transport
             if (
                 transport is not None
                 and msg.reply_to is None
-                # what fast() said: None if it found no local agent (nothing ran since)
+                # None: no local agent was found just now (nothing ran since)
                 and (fast is None or self.local(msg.to) is None)
             ):
                 # deliver's branch for another kernel, without its coroutine (every tell
@@ -539,14 +541,13 @@ class Router:
             )
             return None
         if policy is OverflowPolicy.DROP_OLDEST:
-            while not mailbox.try_put(msg):
+            while not self._enqueue(cell, msg):
                 self.discard_queued(
                     [mailbox.evict_oldest()],
                     DeadLetterReason.MAILBOX_OVERFLOW,
                     cell,
                     "drop_oldest: evicted for a newer message",
                 )
-            self._accepted_by(cell)
             return None
         if policy is OverflowPolicy.REJECT:
             raise MailboxFull(cell.id, cell.name, mailbox.capacity, msg.id)
@@ -556,18 +557,11 @@ class Router:
         """Enqueue on a local agent's mailbox if it has room (counted); False if full."""
         if not cell.mailbox.try_put(msg):
             return False
-        # _accepted_by, written out (every request and every tell from another kernel)
         cell.received += 1
         self.ledger.accepted += 1
         if cell.dormant:
             cell.wake()
         return True
-
-    def _accepted_by(self, cell: Any) -> None:
-        cell.received += 1
-        self.ledger.accepted += 1
-        if cell.dormant:
-            cell.wake()
 
     def _full(self, cell: Any, msg: Message) -> MailboxFull:
         return MailboxFull(cell.id, cell.name, cell.mailbox.capacity, msg.id)
@@ -733,8 +727,6 @@ class Router:
                     scope.deadline = self._timer_deadline = heap[0][0] if heap else math.inf
                     self._timer_scope = scope
                     await trio.sleep_forever()
-                self._timer_scope = None
-                self._timer_deadline = -math.inf
         finally:
             self._timer_scope = None
             self._timer_deadline = -math.inf
