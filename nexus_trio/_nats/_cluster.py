@@ -656,8 +656,9 @@ class Cluster:
     def _link_for(self, msg: Message, routed: _Routed) -> batch.NodeLink:
         """The node batch of a tell that _route routed; kept for the next tells to the
         same address (routing a tell costs about as much as encoding it). The cache is
-        emptied when the members change (a version of the table) or a name is learnt,
-        moved or dropped (_forget_known_links), and past _KNOWN_LINKS_MAX addresses."""
+        emptied when the members change (a version of the table), when a name is learnt,
+        moved or dropped (_set_name) or a link dropped (_drop_link), and past
+        _KNOWN_LINKS_MAX addresses."""
         stream = routed[3]
         assert stream is not None
         link = self._links.get(stream) or self._new_link(stream)
@@ -669,9 +670,19 @@ class Cluster:
             known[to.int if isinstance(to, uuid.UUID) else to] = link
         return link
 
-    def _forget_known_links(self) -> None:
-        """Where some address leads may have changed (a name was learnt, moved or
-        dropped), or a link was dropped: route every tell the long way again."""
+    def _set_name(self, name: str, entry: tuple[str, uuid.UUID] | None) -> None:
+        """Where ``name`` runs as this node knows it (None: nowhere known). The one way
+        ``_names`` changes: a name learnt, moved or dropped sends every tell the long way
+        again (see _link_for)."""
+        if entry is None:
+            self._names.pop(name, None)
+        else:
+            self._names[name] = entry
+        self._known_links.clear()
+
+    def _drop_link(self, stream: _Stream) -> None:
+        """Forget the link of ``stream`` (and the tells' routes, which may name it)."""
+        self._links.pop(stream, None)
         self._known_links.clear()
 
     def _new_link(self, stream: _Stream) -> batch.NodeLink:
@@ -1085,8 +1096,7 @@ class Cluster:
         sequence marks, see _send_sequence_marks)."""
         link = self._links.get((node, prefix))
         if link is not None and not link.sent and not link.frames:
-            del self._links[(node, prefix)]
-            self._forget_known_links()  # a tell's route may have named it
+            self._drop_link((node, prefix))
 
     def _check_sequence(self, value: str, *, is_mark: bool) -> None:
         """Count the tells a gap in a sender's numbers says were lost (see ``_sequence``)."""
@@ -1129,8 +1139,7 @@ class Cluster:
                 # that process is gone: its stream ends here
                 self._seq_out.pop(key, None)
                 self._seq_marked.pop(key, None)
-                self._links.pop(key, None)
-                self._forget_known_links()
+                self._drop_link(key)
                 continue
             if periodic or self._seq_marked.get(key) != number:
                 self._seq_marked[key] = number
@@ -1409,13 +1418,11 @@ class Cluster:
     def _apply_name_entry(self, key: str, value: bytes | None, op: str | None) -> None:
         name = wire.name_from_key(key)
         if op in _KV_OPS_DELETED or not value:
-            self._names.pop(name, None)
-            self._forget_known_links()
+            self._set_name(name, None)
             return
         try:
             obj = json.loads(value)
-            self._names[name] = (str(obj["node"]), uuid.UUID(obj["id"]))
-            self._forget_known_links()
+            self._set_name(name, (str(obj["node"]), uuid.UUID(obj["id"])))
         except (ValueError, KeyError, TypeError):
             log.warning("node %s: ignoring malformed name record %r", self.node, key)
 
@@ -1482,8 +1489,7 @@ class Cluster:
                     value = json.dumps({"node": self.node, "id": str(agent_id)}).encode()
                     revision = await call_aio(kv.put, wire.name_key(name), value)
                     self._published_names[name] = (agent_id, revision)
-                    self._names[name] = (self.node, agent_id)
-                    self._forget_known_links()
+                    self._set_name(name, (self.node, agent_id))
                 else:
                     published = self._published_names.pop(name, None)
                     if published is not None:
@@ -1815,8 +1821,7 @@ class Cluster:
 
     def learn_name(self, name: str, node: str, agent_id: uuid.UUID) -> None:
         """Note where ``name`` runs (a placement answer), ahead of the names bucket."""
-        self._names[name] = (node, agent_id)
-        self._forget_known_links()
+        self._set_name(name, (node, agent_id))
 
     async def watch_bucket(
         self, kv: KeyValue, apply: Any, task_status: trio.TaskStatus[None]
