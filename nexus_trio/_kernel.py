@@ -330,12 +330,16 @@ class Kernel:
         * kernel shutting down: :class:`KernelShuttingDown`.
         """
         address: Address | None
-        if type(to) is Message:
+        # A ref first: the common case takes one type test, not two.
+        if type(to) is AgentRef:
+            address = to.id
+            # new_message, not Message(...): see new_message.
+            msg = new_message(sender, address, payload, kind, trace_id)
+        elif type(to) is Message:
             msg = to
             address = msg.to if msg.reply_to is None else None
         else:
-            address = to.id if type(to) is AgentRef else to
-            # new_message, not Message(...): see new_message.
+            address = to
             msg = new_message(sender, address, payload, kind, trace_id)
         router = self._router
         fast = router.fast(msg, address, True)

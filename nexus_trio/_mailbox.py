@@ -63,6 +63,7 @@ class Mailbox:
         "capacity",
         "depth",
         "high_water",
+        "put",
         "waiting",
     )
 
@@ -74,14 +75,21 @@ class Mailbox:
         # never receives anything (most of a million idle agents) costs no channel.
         self._send: trio.MemorySendChannel[Message | None] | None = None
         self._receive: trio.MemoryReceiveChannel[Message | None] | None = None
+        #: the send channel's ``send_nowait`` once the channel is open (None before), for
+        #: a producer that enqueues itself (the router's fast branch): a call of
+        #: :meth:`try_put` per message costs a tenth of a send. After it returns, the
+        #: producer does the rest of :meth:`try_put`: ``depth += 1``, and what
+        #: :meth:`raise_high_water` does when the depth passed ``high_water``.
+        self.put: Callable[[Message], None] | None = None
         self.depth = 0
         self.high_water = 0
         self._kernel_high = kernel_high if kernel_high is not None else HighWater()
         #: producers parked in put_waiting
         self.waiting = 0
-        #: the consumer is parked in receive() and nothing was handed to it yet (Trio
-        #: hands the next value straight to it); kept here because reading the channel's
-        #: statistics() costs more than a whole message
+        #: the consumer parked in receive() on an empty buffer; while ``depth`` is still 0
+        #: nothing was handed to it yet (Trio hands the next value straight to it, and a
+        #: put counts it in ``depth``). Kept here because reading the channel's
+        #: statistics() costs more than a whole message.
         self._receiver_parked = False
 
     def __len__(self) -> int:
@@ -97,6 +105,7 @@ class Mailbox:
             trio.MemorySendChannel[Message | None], trio.MemoryReceiveChannel[Message | None]
         ] = trio.open_memory_channel(self.capacity)
         self._send, self._receive = channel
+        self.put = channel[0].send_nowait
         return channel
 
     def statistics(self) -> MailboxStatistics:
@@ -120,18 +129,14 @@ class Mailbox:
             send.send_nowait(msg)
         except trio.WouldBlock:
             return False
-        self._receiver_parked = False
         depth = self.depth = self.depth + 1
         if depth > self.high_water:
-            # Written out (not _raise_high_water): while a burst fills a mailbox, every
-            # put raises its mark, and the call would cost a tenth of the send.
-            self.high_water = depth
-            kernel_high = self._kernel_high
-            if depth > kernel_high.value:
-                kernel_high.value = depth
+            self.raise_high_water(depth)
         return True
 
-    def _raise_high_water(self, depth: int) -> None:
+    def raise_high_water(self, depth: int) -> None:
+        """The depth is now ``depth``, past ``high_water``: raise this mailbox's mark and
+        the kernel's."""
         self.high_water = depth
         if depth > self._kernel_high.value:
             self._kernel_high.value = depth
@@ -190,7 +195,7 @@ class Mailbox:
         # so count the buffer from the capacity side instead.
         self.depth = self._send.statistics().current_buffer_used
         if self.depth > self.high_water:
-            self._raise_high_water(self.depth)
+            self.raise_high_water(self.depth)
 
     def evict_oldest(self) -> Message:
         """Take the oldest message out to make room (``drop_oldest``)."""
@@ -211,6 +216,9 @@ class Mailbox:
             if msg is not None:
                 items.append(msg)
         self.depth = 0
+        # A consumer that parked here was handed a message already (the depth was not
+        # 0): it waits no more, and a wake-up must not put a None in the buffer.
+        self._receiver_parked = False
         return items
 
     async def receive(self) -> Message | None:
@@ -252,10 +260,11 @@ class Mailbox:
         """Wake a consumer parked in :meth:`receive` (it gets ``None``).
 
         Trio hands a value straight to a parked receiver, so the ``None`` never sits in
-        the buffer; if no receiver is parked (a message already woke it) nothing is sent.
+        the buffer; if no receiver is parked, or a message was already handed to it
+        (the depth is not 0), nothing is sent.
         """
         send = self._send
-        if send is not None and self._receiver_parked:
+        if send is not None and self._receiver_parked and not self.depth:
             self._receiver_parked = False
             send.send_nowait(None)
 

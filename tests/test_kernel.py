@@ -785,12 +785,18 @@ async def test_names_are_unique_and_spawn_time_names_override() -> None:
 async def test_stats_snapshot_counts_per_agent_and_high_water() -> None:
     async with open_kernel(make_config()) as kernel:
         ref = kernel.spawn(noop, name="n")
+        other = kernel.spawn(noop, name="m")
+        # Sent without yielding: every put raises both marks (the mailbox's and the kernel's).
         for i in range(7):
             await kernel.send(ref, i)
+        for i in range(3):
+            await kernel.send(other, i)
         await trio.testing.wait_all_tasks_blocked()
         stats = kernel.stats(agents=True)
-    [agent_stats] = stats.agents
+    agent_stats, other_stats = stats.agents
     assert (agent_stats.received, agent_stats.handled, agent_stats.mailbox_high_water) == (7, 7, 7)
+    assert (other_stats.received, other_stats.mailbox_high_water) == (3, 3)
+    assert stats.max_mailbox_depth == 7
     assert agent_stats.mailbox_depth == 0 and agent_stats.mailbox_capacity == 1024
     assert stats.handle_latency.count == 0 or stats.handle_latency.count <= 7
 

@@ -305,6 +305,31 @@ async def test_wake_receiver_without_a_parked_receiver_sends_nothing(
     assert payloads(mailbox.take_all()) == ["queued"]
 
 
+async def test_wake_receiver_after_a_message_was_handed_to_the_receiver_sends_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A put to a parked receiver hands the message straight to it; a wake-up before the
+    receiver runs must neither replace that message nor leave a None in the buffer."""
+    mailbox = Mailbox(1)
+    got: list[Message | None] = []
+
+    async def consumer() -> None:
+        got.append(await mailbox.receive())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(consumer)
+        await trio.testing.wait_all_tasks_blocked()
+        assert mailbox.try_put(message("handed"))
+        mailbox.wake_receiver()
+    assert [m.payload if m is not None else None for m in got] == ["handed"]
+    assert mailbox.depth == 0
+    with pytest.raises(trio.WouldBlock):
+        mailbox.take()
+    # The single slot is free: no None took it.
+    assert mailbox.try_put(message("room for one"))
+    assert payloads(mailbox.take_all()) == ["room for one"]
+
+
 async def test_receive_that_admits_a_blocked_sender_keeps_the_depth_right(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
