@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -49,6 +50,21 @@ async def start_blocked_producers(
     for label in labels:
         nursery.start_soon(produce, label)
         await trio.testing.wait_all_tasks_blocked()
+
+
+async def receive_one(mailbox: Mailbox, *actions: Callable[[], object]) -> list[Message | None]:
+    """What one ``receive()`` gets when ``actions`` run, in order, while it is parked."""
+    got: list[Message | None] = []
+
+    async def consumer() -> None:
+        got.append(await mailbox.receive())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(consumer)
+        await trio.testing.wait_all_tasks_blocked()
+        for action in actions:
+            action()
+    return got
 
 
 def test_capacity_below_one_is_refused() -> None:
@@ -245,15 +261,7 @@ async def test_receive_waits_for_a_message_and_counts_it_out(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     mailbox = Mailbox(2)
-    got: list[Message | None] = []
-
-    async def consumer() -> None:
-        got.append(await mailbox.receive())
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(consumer)
-        await trio.testing.wait_all_tasks_blocked()
-        assert mailbox.try_put(message("hello"))
+    got = await receive_one(mailbox, lambda: mailbox.try_put(message("hello")))
     assert payloads([m for m in got if m is not None]) == ["hello"]
     assert got[0] is not None
     assert mailbox.depth == 0
@@ -263,16 +271,7 @@ async def test_wake_receiver_wakes_a_parked_receive_with_none(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     mailbox = Mailbox(1)
-    got: list[Message | None] = []
-
-    async def consumer() -> None:
-        got.append(await mailbox.receive())
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(consumer)
-        await trio.testing.wait_all_tasks_blocked()
-        mailbox.wake_receiver()
-    assert got == [None]
+    assert await receive_one(mailbox, mailbox.wake_receiver) == [None]
     # The wake-up was handed over, never buffered: the mailbox is empty and has room.
     assert mailbox.depth == 0
     with pytest.raises(trio.WouldBlock):
@@ -311,16 +310,9 @@ async def test_wake_receiver_after_a_message_was_handed_to_the_receiver_sends_no
     """A put to a parked receiver hands the message straight to it; a wake-up before the
     receiver runs must neither replace that message nor leave a None in the buffer."""
     mailbox = Mailbox(1)
-    got: list[Message | None] = []
-
-    async def consumer() -> None:
-        got.append(await mailbox.receive())
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(consumer)
-        await trio.testing.wait_all_tasks_blocked()
-        assert mailbox.try_put(message("handed"))
-        mailbox.wake_receiver()
+    got = await receive_one(
+        mailbox, lambda: mailbox.try_put(message("handed")), mailbox.wake_receiver
+    )
     assert [m.payload if m is not None else None for m in got] == ["handed"]
     assert mailbox.depth == 0
     with pytest.raises(trio.WouldBlock):

@@ -1302,7 +1302,8 @@ class Cluster:
         """Deliver ``msg`` (from NATS message ``m``, or from a batch of ``stream`` when
         None) without waiting, or park it behind its full mailbox. True when done with
         it (delivered or refused), False when parked."""
-        parked = self._parked.get(msg.to)
+        # (an id's hash is a Python call: none when nothing is parked, the common case)
+        parked = self._parked.get(msg.to) if self._parked else None
         if parked is None:
             # The common case: room in the mailbox, enqueued without waiting. A full
             # mailbox must not stall the messages for every other agent of this node,
