@@ -343,8 +343,9 @@ class Router:
         if self.phase is not _RUNNING and (external or self.phase >= _STOPPING):
             raise self.refuse("send")
         self._sends += 1
-        if to is not None and self._sends & 15:
-            # local() written out; a name of a str subclass takes the slow branch
+        if self._sends & 15:
+            # local() written out; a name of a str subclass takes the slow branch, and so
+            # does a reply (``to`` None)
             if isinstance(to, _UUID):
                 cell = self.routes.get(to.int)
             elif to.__class__ is str:
