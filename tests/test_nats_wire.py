@@ -4,6 +4,8 @@ frames, membership bookkeeping."""
 from __future__ import annotations
 
 import json
+import re
+import struct
 import uuid
 from typing import Any
 
@@ -413,11 +415,11 @@ def test_a_sealed_batch_reads_back_frame_for_frame_with_its_tells_numbered() -> 
         0xB,
     )
     assert (head.first, head.numbered) == (1, 2)
-    frames = batch.split_frames(first, offset, head.numbered)
-    assert [kind for kind, _ in frames] == [batch.CREDIT, batch.TELL, batch.CANCEL, batch.TELL]
-    assert batch.parse_credit(frames[0][1]) == (7, 41)
-    assert frames[1][1] == b"one" and frames[3][1] == b"two"
-    assert batch.parse_cancel(frames[2][1]) == (query, "slow-b")
+    tells, controls = batch.split_frames(first, offset, head.numbered)
+    assert tells == [b"one", b"two"]
+    assert [kind for kind, _ in controls] == [batch.CREDIT, batch.CANCEL]
+    assert batch.parse_credit(controls[0][1]) == (7, 41)
+    assert batch.parse_cancel(controls[1][1]) == (query, "slow-b")
     head2, _ = batch.parse_head(second)
     assert (head2.first, head2.numbered) == (3, 1)  # numbers go on across batches
 
@@ -444,6 +446,32 @@ def test_the_window_counts_unconsumed_tells_and_a_rejoined_peer_rebases_it() -> 
     assert link.consumed == link.sent == 5
 
 
+def _frame(kind: int, body: bytes) -> bytes:
+    return struct.pack(">IB", len(body) + 1, kind) + body
+
+
+@pytest.mark.parametrize(
+    ("frames", "numbered", "problem"),
+    [
+        (_frame(batch.TELL, b"one") + b"\x00\x00", 1, "frame 1 at byte 8: truncated length"),
+        (_frame(batch.TELL, b"one")[:-1], 1, "frame 0 at byte 0: length 4 runs past the batch's 7"),
+        (struct.pack(">IB", 0, batch.TELL), 1, "frame 0 at byte 0: length 0 runs past"),
+        (
+            _frame(batch.CREDIT, bytes(16)) + _frame(99, b"x"),
+            0,
+            "frame 1 at byte 21: unknown kind 99",
+        ),
+        (_frame(batch.TELL, b"one") + _frame(batch.TELL, b"two"), 1, "says 1 tells, it holds 2"),
+        (_frame(batch.CANCEL, bytes(18)), 1, "says 1 tells, it holds 0"),
+    ],
+)
+def test_a_batch_whose_frames_do_not_add_up_is_refused_whole(
+    frames: bytes, numbered: int, problem: str
+) -> None:
+    with pytest.raises(batch.BatchError, match=re.escape(problem)):
+        batch.split_frames(frames, 0, numbered)
+
+
 @pytest.mark.parametrize(
     ("body", "problem"),
     [
@@ -467,6 +495,6 @@ def test_a_batch_of_the_version_before_is_still_read() -> None:
     assert body.startswith(b"NXB2") and tells == 1
     old = b"NXB1" + body[4:]
     head, offset = batch.parse_head(old)
-    [(kind, frame)] = batch.split_frames(old, offset, head.numbered)
-    assert (head.node, kind) == ("a", batch.TELL)
+    [frame], controls = batch.split_frames(old, offset, head.numbered)
+    assert (head.node, controls) == ("a", [])
     assert wire.decode_tell(frame) == msg

@@ -103,34 +103,50 @@ def parse_head(data: bytes) -> tuple[BatchHead, int]:
     return BatchHead(node, sender_prefix, session, dest_prefix, first, numbered), end
 
 
-def split_frames(data: bytes, offset: int, numbered: int) -> list[tuple[int, bytes]]:
-    """Every ``(kind, body)`` of the batch from ``offset``, in order, checked as a whole
-    first (a hostile or truncated batch is refused before any frame is used): lengths
-    that run past the end, unknown kinds, or a number of tells other than the head's
-    raise BatchError."""
-    frames: list[tuple[int, bytes]] = []
+def split_frames(
+    data: bytes, offset: int, numbered: int
+) -> tuple[list[bytes], list[tuple[int, bytes]]]:
+    """The batch's frames from ``offset``: the bodies of its tells in order, and its
+    control frames (``CANCEL``, ``CREDIT``) as ``(kind, body)`` in order. Checked as a
+    whole first (a hostile or truncated batch is refused before any frame is used):
+    lengths that run past the end, unknown kinds, or a number of tells other than the
+    head's raise BatchError.
+
+    Tells and control frames come apart because nothing orders one against the other (a
+    query never travels in a batch, so a cancel concerns no tell of it, and credit is for
+    the stream the other way): a tell costs no tuple here and no kind test later.
+    """
+    tells: list[bytes] = []
+    controls: list[tuple[int, bytes]] = []
+    add_tell = tells.append
     size = len(data)
-    tells = 0
     unpack = _FRAME.unpack_from
-    while offset < size:
-        if offset + FRAME_OVERHEAD > size:
-            raise BatchError(f"frame {len(frames)} at byte {offset}: truncated length")
-        length, kind = unpack(data, offset)
-        end = offset + 4 + length
-        if length < 1 or end > size:
-            raise BatchError(
-                f"frame {len(frames)} at byte {offset}: length {length} runs past the"
-                f" batch's {size} bytes"
-            )
-        if kind not in _KINDS:
-            raise BatchError(f"frame {len(frames)} at byte {offset}: unknown kind {kind}")
-        if kind == TELL:
-            tells += 1
-        frames.append((kind, data[offset + FRAME_OVERHEAD : end]))
-        offset = end
-    if tells != numbered:
-        raise BatchError(f"batch head says {numbered} tells, it holds {tells}")
-    return frames
+    try:
+        while offset < size:
+            length, kind = unpack(data, offset)
+            end = offset + 4 + length
+            if length < 1 or end > size:
+                raise BatchError(
+                    f"frame {len(tells) + len(controls)} at byte {offset}: length {length}"
+                    f" runs past the batch's {size} bytes"
+                )
+            if kind == TELL:
+                add_tell(data[offset + FRAME_OVERHEAD : end])
+            elif kind in _KINDS:
+                controls.append((kind, data[offset + FRAME_OVERHEAD : end]))
+            else:
+                raise BatchError(
+                    f"frame {len(tells) + len(controls)} at byte {offset}: unknown kind {kind}"
+                )
+            offset = end
+    except struct.error:
+        # fewer than FRAME_OVERHEAD bytes left for a frame's length and kind
+        raise BatchError(
+            f"frame {len(tells) + len(controls)} at byte {offset}: truncated length"
+        ) from None
+    if len(tells) != numbered:
+        raise BatchError(f"batch head says {numbered} tells, it holds {len(tells)}")
+    return tells, controls
 
 
 def cancel_body(query_id: uuid.UUID, to: Address) -> bytes:

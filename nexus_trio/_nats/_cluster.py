@@ -117,7 +117,7 @@ _Parked = tuple[NatsMsg | None, Message, bool, str | None]
 #: a received batch, checked: its head, frames, and the stream to credit, named
 #: ``<node>:<session>.<id prefix>`` of its sender (None when it was meant for another
 #: process of this node's name)
-_OpenBatch = tuple[batch.BatchHead, list[tuple[int, bytes]], str | None]
+_OpenBatch = tuple[batch.BatchHead, list[bytes], list[tuple[int, bytes]], str | None]
 
 
 _positive: Final = attrs.validators.gt(0.0)
@@ -969,7 +969,7 @@ class Cluster:
                 log.exception("node %s: a batch from %s failed", self.node, opened[0].node)
             return
         if not self._inbox.push(opened):
-            head, _, stream = opened
+            head, _, _, stream = opened
             self._dropped["inbox_full"] += head.numbered
             self._credit(stream, head.numbered)
 
@@ -991,13 +991,13 @@ class Cluster:
             self._credit(stream, lost)
         self._received += head.numbered
         try:
-            frames = batch.split_frames(data, offset, head.numbered)
+            tells, controls = batch.split_frames(data, offset, head.numbered)
         except batch.BatchError as exc:
             self._malformed_batch(exc, head)
             self._dropped["malformed"] += head.numbered
             self._credit(stream, head.numbered)
             return None
-        return head, frames, stream
+        return head, tells, controls, stream
 
     def _malformed_batch(self, exc: batch.BatchError, head: batch.BatchHead | None = None) -> None:
         self._dropped["malformed_batch"] += 1
@@ -1015,22 +1015,21 @@ class Cluster:
     def _deliver_batch(self, opened: _OpenBatch) -> None:
         """Deliver a checked batch without waiting, in order (tells for a full mailbox
         are parked behind it, as single messages are)."""
-        head, frames, stream = opened
+        head, tells, controls, stream = opened
+        for kind, body in controls:
+            self._control_frame(head, kind, body)
         consumed = 0
         decode = wire.decode_tell
         admit = self._admit
-        for kind, body in frames:
-            if kind == batch.TELL:
-                try:
-                    msg = decode(body)
-                except MessageDecodeError as exc:
-                    self._undecodable(head, exc)
-                    consumed += 1
-                    continue
-                if admit(None, msg, False, stream):
-                    consumed += 1
-            else:
-                self._control_frame(head, kind, body)
+        for body in tells:
+            try:
+                msg = decode(body)
+            except MessageDecodeError as exc:
+                self._undecodable(head, exc)
+                consumed += 1
+                continue
+            if admit(None, msg, False, stream):
+                consumed += 1
         self._credit(stream, consumed)
 
     async def _handle_batch(self, opened: _OpenBatch) -> None:
@@ -1039,12 +1038,11 @@ class Cluster:
         if not self.kernel.shutting_down:
             self._deliver_batch(opened)
             return
-        head, frames, stream = opened
+        head, tells, controls, stream = opened
+        for kind, body in controls:
+            self._control_frame(head, kind, body)
         consumed = 0
-        for kind, body in frames:
-            if kind != batch.TELL:
-                self._control_frame(head, kind, body)
-                continue
+        for body in tells:
             consumed += 1
             try:
                 msg = wire.decode_tell(body)
