@@ -341,10 +341,9 @@ class Kernel:
         else:
             address = to
             msg = new_message(sender, address, payload, kind, trace_id)
-        router = self._router
-        fast = router.fast(msg, address, True)
+        fast = self._router.fast(msg, address, True)
         if not fast:
-            await router.send(msg, fast)
+            await self._router.send(msg, fast)
         return msg
 
     def send_nowait(
