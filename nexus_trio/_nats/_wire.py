@@ -379,6 +379,12 @@ def encode_tell(msg: Message) -> bytes:
 _PLAIN_TELL: Final = struct.Struct(">BBq16s16s16s")
 #: the head of a tell to a name (no other flags), up to the name's length
 _NAMED_TELL: Final = struct.Struct(">BBq16s16sH")
+_PLAIN_SIZE: Final = _PLAIN_TELL.size
+_NAMED_SIZE: Final = _NAMED_TELL.size
+_unpack_plain: Final = _PLAIN_TELL.unpack_from
+_unpack_named: Final = _NAMED_TELL.unpack_from
+_BINARY_TO_NAME: Final = _BINARY | _TO_NAME
+_KIND_COUNT: Final = len(_KIND_LIST)
 #: agent names seen in binary tells, by their UTF-8 bytes (filled by the long way, which
 #: checks them; bounded like _AGENT_IDS)
 _NAMES: dict[bytes, str] = {}
@@ -405,23 +411,30 @@ def _agent_from_bytes(raw: bytes) -> uuid.UUID:
 
 def _decode_binary_tell(data: bytes) -> Message:
     # The two common cases (to an id, to a name; no optional ids) in one unpack each;
-    # anything else, or any doubt, goes the long way, which names the bad field.
+    # anything else, or any doubt, goes the long way, which names the bad field. (The
+    # sizes and the like are module constants: an attribute read per tell adds up.)
     tag = data[0]
     size = len(data)
     to: Address | None = None
-    if tag == _BINARY and size >= _PLAIN_TELL.size:
-        _, kind_code, timestamp, msg_id, sender, to_id = _PLAIN_TELL.unpack_from(data)
-        to, start = _agent_from_bytes(to_id), _PLAIN_TELL.size
-    elif tag == _BINARY | _TO_NAME and size >= _NAMED_TELL.size:
-        _, kind_code, timestamp, msg_id, sender, length = _NAMED_TELL.unpack_from(data)
-        start = _NAMED_TELL.size + length
+    if tag == _BINARY and size >= _PLAIN_SIZE:
+        _, kind_code, timestamp, msg_id, sender, to_id = _unpack_plain(data)
+        to = _AGENT_BYTES.get(to_id) or _agent_from_bytes(to_id)
+        start = _PLAIN_SIZE
+    elif tag == _BINARY_TO_NAME and size >= _NAMED_SIZE:
+        _, kind_code, timestamp, msg_id, sender, length = _unpack_named(data)
+        start = _NAMED_SIZE + length
         if length and start <= size:
-            to = _NAMES.get(data[_NAMED_TELL.size : start])
-    if to is not None and kind_code < len(_KIND_LIST):
+            to = _NAMES.get(data[_NAMED_SIZE:start])
+    if to is not None and kind_code < _KIND_COUNT:
+        try:
+            payload = _loads(data[start:])
+        except _FAST_DECODE_ERROR:
+            # the standard library's reading (Infinity, NaN), or the error naming it
+            payload = _tell_payload(data, start)
         return restore_message(
-            _agent_from_bytes(sender),
+            _AGENT_BYTES.get(sender) or _agent_from_bytes(sender),
             to,
-            _tell_payload(data, start),
+            payload,
             _KIND_LIST[kind_code],
             _from_bytes(msg_id),
             timestamp,
