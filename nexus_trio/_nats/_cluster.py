@@ -114,7 +114,8 @@ _MARK_EVERY: Final = 5
 #: a message waiting for room in a full mailbox: the NATS message it came in (None for
 #: a batched tell), the message, whether it is a query, the stream to credit
 _Parked = tuple[NatsMsg | None, Message, bool, str | None]
-#: a received batch, checked: its head, frames, and the stream to credit, named
+#: a received batch, checked: its head, its tells' bodies, its control frames (kind,
+#: body), and the stream to credit, named
 #: ``<node>:<session>.<id prefix>`` of its sender (None when it was meant for another
 #: process of this node's name)
 _OpenBatch = tuple[batch.BatchHead, list[bytes], list[tuple[int, bytes]], str | None]
@@ -1013,8 +1014,8 @@ class Cluster:
             )
 
     def _deliver_batch(self, opened: _OpenBatch) -> None:
-        """Deliver a checked batch without waiting, in order (tells for a full mailbox
-        are parked behind it, as single messages are)."""
+        """Deliver a checked batch without waiting: its control frames, then its tells
+        in order (tells for a full mailbox are parked behind it, as single messages are)."""
         head, tells, controls, stream = opened
         for kind, body in controls:
             self._control_frame(head, kind, body)
