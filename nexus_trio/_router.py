@@ -358,7 +358,11 @@ class Router:
             # the whole send.
             mailbox = cell.mailbox
             put = mailbox.put
-            if put is not None:
+            if put is None:
+                # The address's first message: try_put opens its channel.
+                if not mailbox.try_put(msg):
+                    return False
+            else:
                 try:
                     put(msg)
                 except trio.WouldBlock:
@@ -370,11 +374,11 @@ class Router:
                     kernel_high = self.ledger.high_water
                     if depth > kernel_high.value:
                         kernel_high.value = depth
-                cell.received += 1
-                self.ledger.accepted += 1
-                if cell.dormant:
-                    cell.wake()
-                return True
+            cell.received += 1
+            self.ledger.accepted += 1
+            if cell.dormant:
+                cell.wake()
+            return True
         return False
 
     async def send(self, msg: Message, fast: bool | None = False) -> None:

@@ -31,6 +31,7 @@ from nexus_trio import (
     agent,
     open_kernel,
 )
+from nexus_trio._router import Router
 
 from .conftest import make_config
 
@@ -225,6 +226,30 @@ async def test_a_cancelled_producer_loop_is_stopped_within_sixteen_sends() -> No
         assert scope.cancelled_caught
         assert sent < 16
         assert kernel.stats().accepted == sent
+
+
+async def test_a_send_with_room_leaves_the_fast_branch_only_one_time_in_sixteen(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The first message to each agent too (its channel opens then): the slow branch is a
+    # coroutine and a second lookup, which a cold start of 100k agents would pay 100k times.
+    slow: list[Any] = []
+    original = Router.send
+
+    async def counted(self: Router, msg: Message, fast: bool | None = False) -> None:
+        slow.append(msg.payload)
+        await original(self, msg, fast)
+
+    monkeypatch.setattr(Router, "send", counted)
+    async with open_kernel(make_config()) as kernel:
+        refs = [kernel.spawn(noop) for _ in range(10)]
+        for i in range(15):
+            await kernel.send(refs[i % 10], i)
+        assert slow == []
+        await kernel.send(refs[5], 15)
+        assert slow == [15]
+        await trio.testing.wait_all_tasks_blocked()
+        assert kernel.stats().handled == 16
 
 
 async def test_a_cancelled_sender_waiting_for_room_enqueues_nothing(autojump_clock: Any) -> None:
