@@ -33,7 +33,7 @@ from ._deadletter import DeadLetterReason
 from ._errors import MessageFailed
 from ._events import EventKind
 from ._mailbox import HighWater, Mailbox
-from ._message import SYSTEM_ID, Message, MessageKind
+from ._message import SYSTEM_ID, Message, MessageKind, id_value
 from ._router import KernelPhase, Router
 from ._step import DONE as _DONE
 from ._step import FAILED as _FAILED
@@ -358,6 +358,9 @@ class AgentCell(Child):
         batch = range(self.batch)
         timeout = self.handle_timeout
         query = MessageKind.QUERY
+        # ids of queries whose requesters stopped waiting: such a query is skipped (dead
+        # letter ``request_timeout``) instead of handled; other messages pay one ``is``
+        late = router.late_queries
         # A message handed to us while we were parked: it is ours, handled first.
         got: Message | None = None
         stepper: Any = None
@@ -398,7 +401,7 @@ class AgentCell(Child):
                                 mailbox.recount()
                             else:
                                 mailbox.depth -= 1
-                        if msg.kind is query and router.query_expired(msg):
+                        if msg.kind is query and late and id_value(msg) in late:
                             self.dead_lettered += 1
                             router.discard_queued([msg], DeadLetterReason.REQUEST_TIMEOUT, self, "")
                             continue

@@ -123,6 +123,8 @@ ID_LIMIT: Final = 1 << 128
 def id_value(msg: Message) -> int:
     """``msg.id.int`` without building the UUID if ``msg.id`` was never read (for codecs)."""
     value = msg._id
+    if value.__class__ is int:
+        return value  # drawn, its UUID never asked for (a query's, one off the wire)
     if isinstance(value, _Undrawn):
         # Drawn now, once: check-then-set under the lock (two threads asking at once
         # get one id); acquire()/release(), not ``with``: a third of the cost of a draw.
@@ -151,6 +153,7 @@ def new_id() -> uuid.UUID:
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _time_ns = time.time_ns
 _COMMAND: Final = MessageKind.COMMAND
+_QUERY: Final = MessageKind.QUERY
 _RESPONSE: Final = MessageKind.RESPONSE
 
 #: field names in order: positional order of ``Message(...)``, repr, equality, wire order
@@ -395,6 +398,25 @@ def new_message(
     msg._ns = _time_ns()
     msg._conversation_id = conversation_id
     msg._reply_to = reply_to
+    msg._trace_id = trace_id
+    return msg
+
+
+def new_query(sender: uuid.UUID, to: Address, payload: Any, trace_id: uuid.UUID | None) -> Message:
+    """:func:`new_message` for a request's Query, its id drawn now: the requester keys
+    its wait by the id's value, and the reply and the serving agent look it up, so it is
+    always drawn. Drawn without :func:`id_value`'s lock: the lock makes two threads
+    asking for one message's id agree, and a message only its builder holds cannot be
+    asked for twice (``next`` on the counter is atomic, as in :func:`new_id`)."""
+    msg = _new_message(Message)
+    msg._sender = sender
+    msg._to = to
+    msg._payload = payload
+    msg._kind = _QUERY
+    msg._id = next(_next_ids)
+    msg._ns = _time_ns()
+    msg._conversation_id = None
+    msg._reply_to = None
     msg._trace_id = trace_id
     return msg
 

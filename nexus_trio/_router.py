@@ -231,7 +231,10 @@ class Router:
         #: ids (128-bit values) of queries whose requesters stopped waiting, the last
         #: _LATE_MEMORY of them
         self._late: deque[int] = deque()
-        self._late_set: set[int] = set()
+        #: the same ids as a set, for the serving agents' test of each query they take
+        #: (``id_value(msg) in late_queries``); the set is never replaced, so a serve
+        #: loop keeps it in a local. Only the router changes it.
+        self.late_queries: set[int] = set()
         self._drained: trio.Event | None = None
         self._sends = 0
         ledger.on_dead_query = self._dead_query
@@ -297,22 +300,13 @@ class Router:
             await self._drained.wait()
         self._drained = None
 
-    def query_expired(self, msg: Message) -> bool:
-        """True for a query whose requester stopped waiting while it was queued.
-
-        The agent skips it (dead letter ``request_timeout``) instead of handling it.
-        Checked only for queries, so other messages pay one ``is`` test.
-        """
-        late = self._late_set
-        return bool(late) and id_value(msg) in late
-
     def discard_queued(
         self, messages: list[Message], reason: DeadLetterReason, recipient: Any, detail: str
     ) -> None:
         """Dead-letter what was left in a stopped agent's mailbox."""
         dead_letter = self.ledger.dead_letter
         for msg in messages:
-            if msg.kind is MessageKind.QUERY and id_value(msg) in self._late_set:
+            if msg.kind is MessageKind.QUERY and id_value(msg) in self.late_queries:
                 dead_letter(
                     msg,
                     DeadLetterReason.REQUEST_TIMEOUT,
@@ -329,7 +323,9 @@ class Router:
         self.ledger.rejected["shutting_down"] += 1
         return KernelShuttingDown(what)
 
-    def fast(self, msg: Message, to: Address | None, external: bool) -> bool | None:
+    def fast(
+        self, msg: Message, to: Address | None, external: bool, parks: bool = False
+    ) -> bool | None:
         """The fast branch, without yielding: True if ``msg`` was enqueued, None if no
         local agent has ``to`` (for :meth:`send`: it goes to the transport, if any).
 
@@ -339,11 +335,13 @@ class Router:
         False sends the caller to :meth:`send` (which may wait): for everything else,
         and for one send in sixteen, so that a producer loop whose scope was cancelled
         is stopped there (a cancellation check costs more than the rest of a send).
+        ``parks``: the caller waits next whatever happens (a request, which waits for its
+        reply): no send of its is sent to the check.
         """
         if self.phase is not _RUNNING and (external or self.phase >= _STOPPING):
             raise self.refuse("send")
         self._sends += 1
-        if self._sends & 15:
+        if self._sends & 15 or parks:
             # local() written out; a name of a str subclass takes the slow branch, and so
             # does a reply (``to`` None)
             if isinstance(to, _UUID):
@@ -522,7 +520,7 @@ class Router:
             self.ledger.replies += 1
             pending.resolve(msg.payload)
             return True
-        if reply_to.int in self._late_set:
+        if reply_to.int in self.late_queries:
             self._accept_dead(msg, DeadLetterReason.LATE_REPLY, "the request had timed out")
             return True
         return False
@@ -636,8 +634,9 @@ class Router:
             if pending is not None:
                 # A local requester gets the payload: the reply message it would never
                 # see is not built (nor the query's UUID).
-                self.ledger.accepted += 1
-                self.ledger.replies += 1
+                ledger = self.ledger
+                ledger.accepted += 1
+                ledger.replies += 1
                 pending.resolve(result)
                 return None
         out = msg.reply(sender, result)
@@ -670,9 +669,8 @@ class Router:
                 timer.deadline = self._timer_deadline = deadline
         enqueued = False
         try:
-            cell = self.local(query.to)
             try:
-                if cell is not None and self._enqueue(cell, query):
+                if self.fast(query, query.to, external, True):
                     enqueued = True
                 else:
                     # It may wait for room: not past the request's own deadline.
@@ -698,7 +696,21 @@ class Router:
                     raise
         finally:
             self._pending.pop(key, None)
-            self._finish(pending)
+            # The request is over: its deadline entry is dead weight (it holds the
+            # reply). Entries leave the heap when the timer reaches them, which is
+            # ``timeout`` later (30 s by default): at thousands of requests a second that
+            # would keep hundreds of megabytes of answered requests. So once finished
+            # entries are more than half of the heap, it is rebuilt without them
+            # (amortised O(1) per request; asyncio sweeps its cancelled timers the same
+            # way). An entry the timer took out (a timeout) is done already.
+            if not pending.done:
+                pending.done = True
+                done = self._finished_deadlines = self._finished_deadlines + 1
+                heap = self._deadlines
+                if done > _SWEEP_AT and done * 2 > len(heap):
+                    heap[:] = [entry for entry in heap if not entry[2].done]
+                    heapq.heapify(heap)
+                    self._finished_deadlines = 0
         if pending.reply is not _NO_REPLY:
             return pending.reply
         if pending.error is not None:
@@ -706,25 +718,6 @@ class Router:
         if enqueued:
             self.expire_query(query.id, query.to)
         raise RequestTimeout(query.id, query.to, timeout)
-
-    def _finish(self, pending: _Pending) -> None:
-        """A request is over: its deadline entry is dead weight (it holds the reply).
-
-        Entries leave the heap when the timer reaches them, which is ``timeout`` later
-        (30 s by default): at thousands of requests a second that would keep hundreds of
-        megabytes of answered requests. So once finished entries are more than half of
-        the heap, it is rebuilt without them (amortised O(1) per request; asyncio sweeps
-        its cancelled timers the same way).
-        """
-        if pending.done:
-            return  # the timer took its entry out (it timed out)
-        pending.done = True
-        done = self._finished_deadlines = self._finished_deadlines + 1
-        heap = self._deadlines
-        if done > _SWEEP_AT and done * 2 > len(heap):
-            heap[:] = [entry for entry in heap if not entry[2].done]
-            heapq.heapify(heap)
-            self._finished_deadlines = 0
 
     async def run_request_timer(self) -> None:
         """Expire pending requests at their deadlines (runs for the kernel's lifetime)."""
@@ -756,11 +749,11 @@ class Router:
         or skip it in the queue; a query that went to a remote kernel is cancelled there
         through the transport. True if a local handler was cancelled."""
         key = query_id.int
-        if key not in self._late_set:
+        if key not in self.late_queries:
             self._late.append(key)
-            self._late_set.add(key)
+            self.late_queries.add(key)
             if len(self._late) > _LATE_MEMORY:
-                self._late_set.discard(self._late.popleft())
+                self.late_queries.discard(self._late.popleft())
         cell = self.local(to)
         if cell is None:
             if self.transport is not None:
@@ -769,7 +762,7 @@ class Router:
         current = cell.current
         if current is not None and current.id == query_id:
             return bool(cell.cancel_current(DeadLetterReason.REQUEST_TIMEOUT))
-        # A query still queued is skipped when it comes out (see query_expired).
+        # A query still queued is skipped when it comes out (see AgentCell._serve).
         return False
 
     def _dead_query(

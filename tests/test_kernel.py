@@ -252,6 +252,98 @@ async def test_a_send_with_room_leaves_the_fast_branch_only_one_time_in_sixteen(
         assert kernel.stats().handled == 16
 
 
+async def test_a_local_request_with_room_never_takes_the_slow_branch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A request waits for its reply whatever happens, so none of its sends is sent to the
+    # cancellation check: the slow branch would cost a cancel scope (the wait for room is
+    # bounded by the request's deadline). From the kernel and from an agent alike.
+    slow: list[Any] = []
+    original = Router.deliver
+
+    async def counted(self: Router, msg: Message, *, wait: bool) -> None:
+        slow.append(msg.payload)
+        await original(self, msg, wait=wait)
+
+    @agent(name="asker")
+    async def asker(ctx: Context, msg: Message) -> Any:
+        return [await ctx.request("echo", i) for i in range(msg.payload)]
+
+    monkeypatch.setattr(Router, "deliver", counted)
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(echo, name="echo")
+        kernel.spawn(asker)
+        expected = [{"echo": i} for i in range(40)]
+        assert [await kernel.request("echo", i) for i in range(40)] == expected
+        assert await kernel.request("asker", 40) == expected
+        assert slow == []
+        assert kernel.stats().handled == 40 + 1 + 40
+
+
+async def test_an_answer_after_the_requester_timed_out_is_a_late_reply(
+    autojump_clock: Any,
+) -> None:
+    # The handler shields itself from the request's timeout and answers afterwards: the
+    # requester already has RequestTimeout, so the answer is dead-lettered as late,
+    # never counted as a delivered reply (the pending request is gone, whoever woke it).
+    from nexus_trio import DeadLetterReason, RequestTimeout
+
+    @agent(name="stubborn", handle_timeout=1000.0)
+    async def stubborn(ctx: Context, msg: Message) -> Any:
+        with trio.CancelScope(shield=True):
+            await trio.sleep(10)
+        return "late"
+
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(stubborn)
+        with pytest.raises(RequestTimeout):
+            await kernel.request("stubborn", 1, timeout=1.0)
+        await trio.sleep(20)
+        stats = kernel.stats()
+        late = [d for d in kernel.recent_dead_letters() if d.reason is DeadLetterReason.LATE_REPLY]
+    assert [d.message.payload for d in late] == ["late"]
+    assert stats.replies_delivered == 0
+    assert stats.accepted == stats.handled + stats.replies_delivered + stats.dead_lettered
+    assert stats.in_flight == 0
+
+
+async def test_a_requests_query_id_is_unique_and_drawn_without_the_lock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A query's id is drawn when it is built (the requester keys its wait by it): from
+    # the counter, without the lock that makes two threads asking for a shared message's
+    # id agree, and it is the id its handler sees.
+    from nexus_trio import _message
+
+    class Counted:
+        def __init__(self) -> None:
+            self.acquired = 0
+
+        def acquire(self) -> bool:
+            self.acquired += 1
+            return True
+
+        def release(self) -> None:
+            pass
+
+    lock = Counted()
+    seen: list[uuid.UUID] = []
+
+    @agent(name="ids")
+    async def ids(ctx: Context, msg: Message) -> Any:
+        seen.append(msg.id)
+        return msg.id.int
+
+    monkeypatch.setattr(_message, "_draw_lock", lock)
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(ids)
+        answers = [await kernel.request("ids", i) for i in range(20)]
+    assert answers == [u.int for u in seen]
+    assert len(set(seen)) == 20
+    assert all(u.version == 4 for u in seen)
+    assert lock.acquired == 0
+
+
 async def test_a_cancelled_sender_waiting_for_room_enqueues_nothing(autojump_clock: Any) -> None:
     release = trio.Event()
 
