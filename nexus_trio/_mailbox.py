@@ -56,7 +56,9 @@ class Mailbox:
     """
 
     __slots__ = (
+        "_blocked_total",
         "_kernel_high",
+        "_none_blocked_at",
         "_receive",
         "_receiver_parked",
         "_send",
@@ -86,6 +88,11 @@ class Mailbox:
         self._kernel_high = kernel_high if kernel_high is not None else HighWater()
         #: producers parked in put_waiting
         self.waiting = 0
+        #: producers that ever went to wait in Trio's FIFO of blocked senders (the only
+        #: way into it), and its value when a recount last found that FIFO empty (-1:
+        #: not since the last one that found it occupied); see recount
+        self._blocked_total = 0
+        self._none_blocked_at = -1
         #: the consumer parked in receive() on an empty buffer; while ``depth`` is still 0
         #: nothing was handed to it yet (Trio hands the next value straight to it, and a
         #: put counts it in ``depth``). Kept here because reading the channel's
@@ -157,6 +164,7 @@ class Mailbox:
         # Parked in Trio's FIFO of blocked senders: the consumer that admits the message
         # counts it (see take/receive).
         self.waiting += 1
+        self._blocked_total += 1
         try:
             await send.send(msg)
         finally:
@@ -188,14 +196,25 @@ class Mailbox:
         return receive.receive_nowait
 
     def recount(self) -> None:
-        """Set ``depth`` from the buffer after a take while producers were waiting."""
+        """Set ``depth`` after a take while producers were waiting.
+
+        One out, and if a producer was parked in Trio's FIFO, one of theirs in. The
+        waiting count is decremented by a producer only when it resumes, after Trio
+        admitted its message, so the buffer is counted (``statistics()``, which costs
+        more than a whole message). Once a count found the FIFO empty, the takes after
+        it admit nothing until a producer goes to wait again (nothing else puts one in
+        the FIFO): a consumer that takes a batch right after the one producer that
+        waited was admitted counts once, not once per message.
+        """
+        if self._none_blocked_at == self._blocked_total:
+            self.depth -= 1
+            return
         assert self._send is not None
-        # One out, and if a producer was parked one of theirs in: the depth is what the
-        # buffer holds. The waiting count is decremented by the producer when it resumes,
-        # so count the buffer from the capacity side instead.
-        self.depth = self._send.statistics().current_buffer_used
-        if self.depth > self.high_water:
-            self.raise_high_water(self.depth)
+        stats = self._send.statistics()
+        depth = self.depth = stats.current_buffer_used
+        self._none_blocked_at = -1 if stats.tasks_waiting_send else self._blocked_total
+        if depth > self.high_water:
+            self.raise_high_water(depth)
 
     def evict_oldest(self) -> Message:
         """Take the oldest message out to make room (``drop_oldest``)."""

@@ -346,3 +346,46 @@ async def test_receive_that_admits_a_blocked_sender_keeps_the_depth_right(
         assert outcome == {"blocked": "entered"}
     # One message left in the buffer after the first receive, none after the second.
     assert set(depths) == {(1, 0)}, f"depth after each receive, per try: {Counter(depths)}"
+
+
+async def test_takes_after_the_one_waiting_producer_was_admitted_count_the_buffer_once(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A consumer that takes a batch while a producer waits: the first take admits it (the
+    buffer is counted, ``statistics()``), the others admit nothing and need no count until
+    a producer goes to wait again, even one that does so as the first one resumes (the
+    number waiting is the same then, the producer in Trio's FIFO is not)."""
+    counted = 0
+    original = trio.MemorySendChannel.statistics
+
+    def counting(self: trio.MemorySendChannel[Any]) -> Any:
+        nonlocal counted
+        counted += 1
+        return original(self)
+
+    monkeypatch.setattr(trio.MemorySendChannel, "statistics", counting)
+    mailbox = Mailbox(4)
+    for i in range(4):
+        assert mailbox.try_put(message(i))
+    outcome: dict[str, str] = {}
+    taken: list[Message] = []
+    async with trio.open_nursery() as nursery:
+        await start_blocked_producers(nursery, mailbox, ["a"], outcome)
+        depths = []
+        for _ in range(4):  # one batch: no yield between the takes
+            taken.append(mailbox.take())
+            depths.append(mailbox.depth)
+        assert depths == [4, 3, 2, 1]
+        assert counted == 1
+        assert mailbox.waiting == 1  # "a" was admitted but has not resumed yet
+        # "a" resumes and "b" goes to wait before the next take: one waiting, as before.
+        for i in range(3):
+            assert mailbox.try_put(message(f"refill {i}"))
+        await start_blocked_producers(nursery, mailbox, ["b"], outcome)
+        assert (mailbox.waiting, mailbox.depth) == (1, 4)
+        taken.append(mailbox.take())  # admits "b": still four in the buffer
+        assert (mailbox.depth, counted) == (4, 2)
+        taken.extend(mailbox.take_all())
+    assert payloads(taken) == [0, 1, 2, 3, "a", "refill 0", "refill 1", "refill 2", "b"]
+    assert outcome == {"a": "entered", "b": "entered"}
+    assert (mailbox.depth, mailbox.waiting) == (0, 0)

@@ -19,6 +19,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+import trio.testing
 
 from nexus_trio import (
     Config,
@@ -299,6 +300,93 @@ async def test_tells_waiting_for_room_when_their_node_leaves_are_counted(
         await kb.shutdown()
     assert cb.stats().inbound_dropped == {"shutting_down": 4}
     assert cb.stats().parked == 0
+
+
+async def test_tells_waiting_for_room_go_in_without_a_wait_each_once_room_is_made(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tells parked behind a full mailbox: one waits (in Trio's FIFO, up to the send
+    deadline) while the mailbox is full; those behind it go in without a wait of their
+    own while there is room, in order, every one handled and its credit returned."""
+    from nexus_trio._router import TransportHandle
+
+    waits = 0
+    original = TransportHandle.deliver
+
+    async def counted(self: TransportHandle, msg: Message) -> None:
+        nonlocal waits
+        if isinstance(msg.payload, int):  # the tells (not the queries, not their replies)
+            waits += 1
+        await original(self, msg)
+
+    monkeypatch.setattr(TransportHandle, "deliver", counted)
+    gate = trio.Event()
+    handled: list[Any] = []
+    target = 0
+    reached = trio.Event()
+
+    @agent(name="stalled", mailbox_capacity=8)
+    async def stalled(ctx: Context, msg: Message) -> Any:
+        nonlocal reached
+        if not gate.is_set():  # once the gate is open, a handler that never suspends
+            await gate.wait()
+        handled.append(msg.payload)
+        if len(handled) == target:
+            reached.set()
+            reached = trio.Event()
+
+    @agent(name="ping")
+    async def ping(ctx: Context, msg: Message) -> Any:
+        return "pong"
+
+    credited = trio.Event()
+
+    @agent(name="back")
+    async def back(ctx: Context, msg: Message) -> Any:
+        credited.set()
+
+    tells = 200
+    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+        kb.spawn(stalled)
+        kb.spawn(ping)
+        ka.spawn(back)
+        await cb.names_published()
+        await ca.names_published()
+        with trio.fail_after(30):
+            await ca.wait_for_name("stalled")
+            await ca.wait_for_name("ping")
+            await cb.wait_for_name("back")
+            for i in range(tells):
+                await ka.send("stalled", i)
+            # a request goes after the tells' batches: b has taken them in order
+            assert await ka.request("ping", None) == "pong"
+            assert cb.stats().parked == tells - 9  # one in the handler, eight queued
+            target = tells
+            done = reached
+            gate.set()
+            await done.wait()
+            waited = waits
+            # The delivering task on b may resume after the handler had the last tell:
+            # once it is done, b owes a the credit of all of them. A tell from b to a
+            # travels behind that credit: once it is handled, a has all of it, and a
+            # whole window's worth more is accepted at once (a tell whose credit never
+            # came back would still hold a place in it).
+            await trio.testing.wait_all_tasks_blocked(0.01)
+            assert cb.stats().parked == 0
+            await kb.send("back", None)
+            await credited.wait()
+            gate = trio.Event()
+            target = tells + ca.options.node_window
+            done = reached
+            for i in range(tells, target):
+                ka.send_nowait("stalled", i)
+            gate.set()
+            await done.wait()
+    assert handled == list(range(tells + ca.options.node_window))
+    # a wait each time the mailbox was full, not one per tell parked
+    assert 1 <= waited <= tells // 4
+    assert cb.stats().parked == 0
+    assert cb.stats().inbound_dropped == {}
 
 
 async def test_a_kernel_that_joins_again_in_the_same_process_gets_a_fresh_window(

@@ -1341,11 +1341,19 @@ class Cluster:
         up to the send deadline per message like a local ``send``. If the mailbox stays
         full that long, the single messages parked for it are refused (at most once);
         batched tells wait on (bounded by their senders' ``node_window``)."""
+        # The credit of the tells that went in, returned before each wait and at the end
+        # (with the next batch the other way, either way), not once per tell.
+        owed_stream: str | None = None
+        owed = 0
         try:
             while parked:
                 m, msg, is_query, stream = parked[0]
                 try:
-                    await self._into_kernel(msg)
+                    if not self._into_kernel_nowait(msg):
+                        if owed:
+                            self._credit(owed_stream, owed)
+                            owed = 0
+                        await self._into_kernel(msg)
                 except MailboxFull as exc:
                     if stream is not None:
                         # A batched tell waits on for room: its senders' credit bounds
@@ -1364,8 +1372,16 @@ class Cluster:
                 except (AgentNotFound, KernelShuttingDown) as exc:
                     self._refused(m, msg, exc, is_query)
                 parked.popleft()
-                self._credit(stream, 1)
+                if stream is not None:
+                    if stream != owed_stream:
+                        if owed:
+                            self._credit(owed_stream, owed)
+                        owed_stream = stream
+                        owed = 0
+                    owed += 1
         finally:
+            if owed:
+                self._credit(owed_stream, owed)
             del self._parked[address]
 
     def _drop_parked(self) -> None:
@@ -1405,6 +1421,23 @@ class Cluster:
     def _fail_request(self, query_id: uuid.UUID, error: BaseException) -> None:
         if self.handle is not None:
             self.handle.fail_request(query_id, error)
+
+    def _into_kernel_nowait(self, msg: Message) -> bool:
+        """:meth:`_into_kernel` if it needs no wait: True if taken. Once the consumer
+        has made room, what waited behind the message that had to wait for it goes in
+        without a wait of its own (no cancel scope, no delivery coroutines); False sends
+        the caller to :meth:`_into_kernel`, also while the kernel drains (which that
+        path still serves)."""
+        handle = self.handle
+        if handle is None:
+            return False
+        try:
+            taken = handle.deliver_nowait(msg)
+        except KernelShuttingDown:
+            return False
+        if taken:
+            self._forwarded_in += 1
+        return taken
 
     async def _into_kernel(self, msg: Message) -> None:
         """A message from another node, delivered under local rules (see TransportHandle)."""
