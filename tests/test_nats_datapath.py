@@ -37,6 +37,7 @@ from nexus_trio._nats import Cluster, ClusterOptions, NatsServer, join_cluster
 from nexus_trio._nats import _batch as batch
 from nexus_trio._nats._aio import call_aio
 
+from .hang_guard import real_time_limit
 from .nats_server import FAST
 
 
@@ -387,6 +388,66 @@ async def test_tells_waiting_for_room_go_in_without_a_wait_each_once_room_is_mad
     assert 1 <= waited <= tells // 4
     assert cb.stats().parked == 0
     assert cb.stats().inbound_dropped == {}
+
+
+async def test_batched_tells_to_a_full_reject_mailbox_are_refused_not_retried_forever(
+    nats: NatsServer,
+) -> None:
+    """Regression: a batched tell to a ``reject`` agent whose mailbox was full went back
+    to the head of its queue at once, again and again, without yielding: the receiving
+    node hung. It is refused (counted ``mailbox_full`` on the receiving node), as a local
+    send to that mailbox would be, and the node goes on serving."""
+    gate = trio.Event()
+    handled: list[Any] = []
+
+    @agent(name="strict", mailbox_capacity=1, overflow="reject")
+    async def strict(ctx: Context, msg: Message) -> Any:
+        if msg.payload == "dump":
+            return list(handled)
+        if not gate.is_set():
+            await gate.wait()
+        handled.append(msg.payload)
+        return None
+
+    @agent(name="ping")
+    async def ping(ctx: Context, msg: Message) -> Any:
+        return "pong"
+
+    # the hang kept the scheduler busy: no Trio deadline could fire, a real-time one can
+    with real_time_limit(60):
+        got, refused, dropped = await _tell_a_full_reject_mailbox(nats, strict, ping, gate)
+    kept = 5 - refused
+    assert got[:kept] == list(range(kept)) and set(got[kept:]) <= set(range(5, 13))
+    assert len(got) + dropped == 13
+
+
+async def _tell_a_full_reject_mailbox(
+    nats: NatsServer, strict: Any, ping: Any, gate: trio.Event
+) -> tuple[list[Any], int, int]:
+    async with (
+        _node(nats.url, "b") as (kb, cb),
+        _node(nats.url, "a", node_window=8) as (ka, ca),
+    ):
+        kb.spawn(strict)
+        kb.spawn(ping)
+        await cb.names_published()
+        with trio.fail_after(30):
+            await ca.wait_for_name("strict")
+            await ca.wait_for_name("ping")
+            for i in range(5):
+                await ka.send("strict", i)
+            # a request goes after the tells' batch: b has taken them in order
+            assert await ka.request("ping", None) == "pong"
+            refused = cb.stats().inbound_dropped["mailbox_full"]
+            assert 3 <= refused <= 4  # 0 in the handler (if it got there first), 1 queued
+            assert cb.stats().parked == 0
+            gate.set()
+            # later tells are handled, or refused while the mailbox is full: all counted
+            for i in range(5, 13):
+                await ka.send("strict", i)
+            assert await ka.request("ping", None) == "pong"
+            got: list[Any] = await ka.request("strict", "dump")
+    return got, refused, cb.stats().inbound_dropped["mailbox_full"]
 
 
 async def test_a_kernel_that_joins_again_in_the_same_process_gets_a_fresh_window(

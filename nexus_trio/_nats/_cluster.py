@@ -1340,11 +1340,14 @@ class Cluster:
         """Feed one recipient whose mailbox was full, in arrival order, waiting for room
         up to the send deadline per message like a local ``send``. If the mailbox stays
         full that long, the single messages parked for it are refused (at most once);
-        batched tells wait on (bounded by their senders' ``node_window``)."""
+        batched tells wait on (bounded by their senders' ``node_window``), except one
+        that the agent refuses without a wait (``reject``): refused here, counted."""
         # The credit of the tells that went in, returned before each wait and at the end
         # (with the next batch the other way, either way), not once per tell.
         owed_stream: str | None = None
         owed = 0
+        # when the last wait began (MailboxFull comes only out of a wait)
+        started = trio.current_time()
         try:
             while parked:
                 m, msg, is_query, stream = parked[0]
@@ -1353,12 +1356,23 @@ class Cluster:
                         if owed:
                             self._credit(owed_stream, owed)
                             owed = 0
+                        started = trio.current_time()
                         await self._into_kernel(msg)
                 except MailboxFull as exc:
-                    if stream is not None:
+                    if stream is not None and (
+                        trio.current_time() - started >= self.kernel.config.kernel.send_timeout
+                    ):
                         # A batched tell waits on for room: its senders' credit bounds
                         # how many wait here, and it is the senders that wait (up to
                         # their send deadline, see _batch), as for a full local mailbox.
+                        continue
+                    if stream is not None:
+                        # Refused before its send deadline could pass: the agent refuses
+                        # when full (``reject``), as it would a local send; waiting again
+                        # would only be refused again at once. Refused here, counted.
+                        self._refused(m, msg, exc, is_query)
+                        parked.popleft()
+                        owed_stream, owed = self._owe(owed_stream, owed, stream)
                         continue
                     # A single message still refused after the send deadline: it and
                     # the single messages behind it are refused (at most once).
@@ -1373,16 +1387,20 @@ class Cluster:
                     self._refused(m, msg, exc, is_query)
                 parked.popleft()
                 if stream is not None:
-                    if stream != owed_stream:
-                        if owed:
-                            self._credit(owed_stream, owed)
-                        owed_stream = stream
-                        owed = 0
-                    owed += 1
+                    owed_stream, owed = self._owe(owed_stream, owed, stream)
         finally:
             if owed:
                 self._credit(owed_stream, owed)
             del self._parked[address]
+
+    def _owe(self, owed_stream: str | None, owed: int, stream: str) -> tuple[str, int]:
+        """One more tell of ``stream`` left this node's hands (see _deliver_parked): what
+        is owed, after returning what was owed to another stream."""
+        if stream != owed_stream:
+            if owed:
+                self._credit(owed_stream, owed)
+            return stream, 1
+        return stream, owed + 1
 
     def _drop_parked(self) -> None:
         """Leaving: what still waits for room in a full mailbox will not get in through
