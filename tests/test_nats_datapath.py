@@ -390,6 +390,74 @@ async def test_tells_waiting_for_room_go_in_without_a_wait_each_once_room_is_mad
     assert cb.stats().inbound_dropped == {}
 
 
+async def _five_tells_then_a_ping(
+    ka: Kernel, ca: Cluster, kb: Kernel, cb: Cluster, target: Any, ping: Any
+) -> None:
+    """Spawn ``target`` and ``ping`` on b, tell ``target`` 0..4 from a, then ask ``ping``:
+    the request goes after the tells' batch, so b has taken them, in order."""
+    kb.spawn(target)
+    kb.spawn(ping)
+    await cb.names_published()
+    await ca.wait_for_name(target.name)
+    await ca.wait_for_name("ping")
+    for i in range(5):
+        await ka.send(target.name, i)
+    assert await ka.request("ping", None) == "pong"
+
+
+async def test_batched_tells_that_waited_their_send_deadline_for_room_wait_on(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batched tell behind a full ``block`` mailbox that waited its whole send deadline
+    waits on (its senders' credit bounds how many do), never refused; all handled, in
+    order, once the agent moves."""
+    deadlines = 0
+    passed = trio.Event()
+    original = Cluster._into_kernel
+
+    async def watched(self: Cluster, msg: Message) -> None:
+        nonlocal deadlines
+        try:
+            await original(self, msg)
+        except MailboxFull:
+            deadlines += 1
+            if deadlines == 2:
+                passed.set()
+            raise
+
+    monkeypatch.setattr(Cluster, "_into_kernel", watched)
+    gate = trio.Event()
+    handled: list[Any] = []
+    all_in = trio.Event()
+
+    @agent(name="stalled", mailbox_capacity=1)
+    async def stalled(ctx: Context, msg: Message) -> Any:
+        if not gate.is_set():
+            await gate.wait()
+        handled.append(msg.payload)
+        if len(handled) == 5:
+            all_in.set()
+
+    @agent(name="ping")
+    async def ping(ctx: Context, msg: Message) -> Any:
+        return "pong"
+
+    async with (
+        _node(nats.url, "b", send_timeout_ms=50) as (kb, cb),
+        _node(nats.url, "a") as (ka, ca),
+    ):
+        with trio.fail_after(30):
+            await _five_tells_then_a_ping(ka, ca, kb, cb, stalled, ping)
+            await passed.wait()  # the first parked tell's deadline passed twice
+            assert cb.stats().parked == 3
+            assert cb.stats().inbound_dropped == {}
+            gate.set()
+            await all_in.wait()
+    assert handled == list(range(5))
+    assert deadlines >= 2
+    assert cb.stats().inbound_dropped == {}
+
+
 async def test_batched_tells_to_a_full_reject_mailbox_are_refused_not_retried_forever(
     nats: NatsServer,
 ) -> None:
@@ -428,16 +496,8 @@ async def _tell_a_full_reject_mailbox(
         _node(nats.url, "b") as (kb, cb),
         _node(nats.url, "a", node_window=8) as (ka, ca),
     ):
-        kb.spawn(strict)
-        kb.spawn(ping)
-        await cb.names_published()
         with trio.fail_after(30):
-            await ca.wait_for_name("strict")
-            await ca.wait_for_name("ping")
-            for i in range(5):
-                await ka.send("strict", i)
-            # a request goes after the tells' batch: b has taken them in order
-            assert await ka.request("ping", None) == "pong"
+            await _five_tells_then_a_ping(ka, ca, kb, cb, strict, ping)
             refused = cb.stats().inbound_dropped["mailbox_full"]
             assert 3 <= refused <= 4  # 0 in the handler (if it got there first), 1 queued
             assert cb.stats().parked == 0
