@@ -405,6 +405,49 @@ async def _five_tells_then_a_ping(
     assert await ka.request("ping", None) == "pong"
 
 
+async def test_a_tell_admitted_from_the_wait_for_room_as_its_node_leaves_is_counted_once(
+    nats: NatsServer,
+) -> None:
+    """Regression: leaving refused every parked tell, also the one whose task waited for
+    room with it, although the agent might have admitted it already (Trio moves a blocked
+    sender's message into the buffer as it wakes the sender). That tell was handled and
+    counted refused, and its task, resuming, found its queue empty (IndexError). The
+    leave is the node's own ``_drop_parked``, run by the agent at the one moment it can
+    tell: as it takes the message that admits the waiting one."""
+    gate = trio.Event()
+    handled: list[Any] = []
+    three = trio.Event()
+    cluster: list[Cluster] = []
+
+    @agent(name="stalled", mailbox_capacity=1)
+    async def stalled(ctx: Context, msg: Message) -> Any:
+        if not gate.is_set():
+            await gate.wait()
+        if msg.payload == 1:
+            # 1 came out of the mailbox, 2 went in from the wait: its task has not run
+            cluster[0]._drop_parked()
+        handled.append(msg.payload)
+        if len(handled) == 3:
+            three.set()
+
+    @agent(name="ping")
+    async def ping(ctx: Context, msg: Message) -> Any:
+        return "pong"
+
+    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+        cluster.append(cb)
+        with trio.fail_after(30):
+            await _five_tells_then_a_ping(ka, ca, kb, cb, stalled, ping)
+            # 0 in the handler, 1 in the mailbox, 2 waiting for room, 3 and 4 behind it
+            assert cb.stats().parked == 3
+            gate.set()
+            await three.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            assert cb.stats().parked == 0
+    assert handled == [0, 1, 2]
+    assert cb.stats().inbound_dropped == {"shutting_down": 2}
+
+
 async def test_batched_tells_that_waited_their_send_deadline_for_room_wait_on(
     nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

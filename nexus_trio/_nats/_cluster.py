@@ -316,6 +316,9 @@ class Cluster:
         # messages from NATS waiting for room in a full local mailbox, per recipient
         # (with the stream of a batched tell: it is credited once it leaves)
         self._parked: dict[Address, deque[_Parked]] = {}
+        # recipients whose delivering task waits for room with the head of its queue
+        # (that message is the task's to settle, see _drop_parked)
+        self._in_wait: set[Address] = set()
         self._nursery_ref: trio.Nursery | None = None
         self._type_subs: dict[str, Any] = {}
         self._type_turn = itertools.count()
@@ -1357,7 +1360,17 @@ class Cluster:
                             self._credit(owed_stream, owed)
                             owed = 0
                         started = trio.current_time()
-                        await self._into_kernel(msg)
+                        self._in_wait.add(address)
+                        try:
+                            await self._into_kernel(msg)
+                        except trio.Cancelled:
+                            # A cancelled wait enqueued nothing: refused, counted (here,
+                            # not in _drop_parked, which leaves the head to this task).
+                            parked.popleft()
+                            self._refused(m, msg, _left_the_cluster(), is_query)
+                            raise
+                        finally:
+                            self._in_wait.discard(address)
                 except MailboxFull as exc:
                     # (half the deadline: a wait that ran to it, measured on a float
                     # clock, may come out a hair short of it)
@@ -1408,11 +1421,19 @@ class Cluster:
         """Leaving: what still waits for room in a full mailbox will not get in through
         this node any more; refuse it (counted, ``shutting_down``) rather than lose it
         uncounted when the delivering tasks are cancelled."""
-        leaving = KernelShuttingDown("remote delivery (the node left the cluster)")
-        for parked in list(self._parked.values()):
+        leaving = _left_the_cluster()
+        for address, parked in list(self._parked.items()):
+            # The head of a queue whose task waits for room with it is that task's to
+            # settle: the consumer may have admitted it already (Trio moves a blocked
+            # sender's message into the buffer as it wakes the sender), and refusing it
+            # here too would count a message that got in twice. If the wait is
+            # cancelled instead, the task refuses it.
+            head = parked.popleft() if address in self._in_wait and parked else None
             while parked:
                 m, msg, is_query, _ = parked.popleft()
                 self._refused(m, msg, leaving, is_query)
+            if head is not None:
+                parked.append(head)
 
     def _refused(self, m: NatsMsg | None, msg: Message, exc: NexusError, is_query: bool) -> None:
         if is_query:
@@ -2076,6 +2097,10 @@ class Cluster:
 
 async def _written() -> None:
     """What ``Cluster._publish_one`` gives the outbox for a message already written."""
+
+
+def _left_the_cluster() -> KernelShuttingDown:
+    return KernelShuttingDown("remote delivery (the node left the cluster)")
 
 
 def _singles(parked: deque[_Parked]) -> int:
