@@ -279,13 +279,9 @@ async def test_tells_waiting_for_room_when_their_node_leaves_are_counted(
     async def stalled(ctx: Context, msg: Message) -> Any:
         await release.wait()
 
-    @agent(name="ping")
-    async def ping(ctx: Context, msg: Message) -> Any:
-        return "pong"
-
     async with open_kernel(_config()) as kb:
         kb.spawn(stalled)
-        kb.spawn(ping)
+        kb.spawn(_ping)
         async with _node(nats.url, "a") as (ka, ca):
             async with join_cluster(kb, nats.url, "b", options=FAST) as cb:
                 with trio.fail_after(30):
@@ -336,10 +332,6 @@ async def test_tells_waiting_for_room_go_in_without_a_wait_each_once_room_is_mad
             reached.set()
             reached = trio.Event()
 
-    @agent(name="ping")
-    async def ping(ctx: Context, msg: Message) -> Any:
-        return "pong"
-
     credited = trio.Event()
 
     @agent(name="back")
@@ -349,7 +341,7 @@ async def test_tells_waiting_for_room_go_in_without_a_wait_each_once_room_is_mad
     tells = 200
     async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
         kb.spawn(stalled)
-        kb.spawn(ping)
+        kb.spawn(_ping)
         ka.spawn(back)
         await cb.names_published()
         await ca.names_published()
@@ -390,13 +382,18 @@ async def test_tells_waiting_for_room_go_in_without_a_wait_each_once_room_is_mad
     assert cb.stats().inbound_dropped == {}
 
 
+@agent(name="ping")
+async def _ping(ctx: Context, msg: Message) -> Any:
+    return "pong"
+
+
 async def _five_tells_then_a_ping(
-    ka: Kernel, ca: Cluster, kb: Kernel, cb: Cluster, target: Any, ping: Any
+    ka: Kernel, ca: Cluster, kb: Kernel, cb: Cluster, target: Any
 ) -> None:
     """Spawn ``target`` and ``ping`` on b, tell ``target`` 0..4 from a, then ask ``ping``:
     the request goes after the tells' batch, so b has taken them, in order."""
     kb.spawn(target)
-    kb.spawn(ping)
+    kb.spawn(_ping)
     await cb.names_published()
     await ca.wait_for_name(target.name)
     await ca.wait_for_name("ping")
@@ -430,14 +427,10 @@ async def test_a_tell_admitted_from_the_wait_for_room_as_its_node_leaves_is_coun
         if len(handled) == 3:
             three.set()
 
-    @agent(name="ping")
-    async def ping(ctx: Context, msg: Message) -> Any:
-        return "pong"
-
     async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
         cluster.append(cb)
         with trio.fail_after(30):
-            await _five_tells_then_a_ping(ka, ca, kb, cb, stalled, ping)
+            await _five_tells_then_a_ping(ka, ca, kb, cb, stalled)
             # 0 in the handler, 1 in the mailbox, 2 waiting for room, 3 and 4 behind it
             assert cb.stats().parked == 3
             gate.set()
@@ -481,16 +474,12 @@ async def test_batched_tells_that_waited_their_send_deadline_for_room_wait_on(
         if len(handled) == 5:
             all_in.set()
 
-    @agent(name="ping")
-    async def ping(ctx: Context, msg: Message) -> Any:
-        return "pong"
-
     async with (
         _node(nats.url, "b", send_timeout_ms=50) as (kb, cb),
         _node(nats.url, "a") as (ka, ca),
     ):
         with trio.fail_after(30):
-            await _five_tells_then_a_ping(ka, ca, kb, cb, stalled, ping)
+            await _five_tells_then_a_ping(ka, ca, kb, cb, stalled)
             await passed.wait()  # the first parked tell's deadline passed twice
             assert cb.stats().parked == 3
             assert cb.stats().inbound_dropped == {}
@@ -520,27 +509,23 @@ async def test_batched_tells_to_a_full_reject_mailbox_are_refused_not_retried_fo
         handled.append(msg.payload)
         return None
 
-    @agent(name="ping")
-    async def ping(ctx: Context, msg: Message) -> Any:
-        return "pong"
-
     # the hang kept the scheduler busy: no Trio deadline could fire, a real-time one can
     with real_time_limit(60):
-        got, refused, dropped = await _tell_a_full_reject_mailbox(nats, strict, ping, gate)
+        got, refused, dropped = await _tell_a_full_reject_mailbox(nats, strict, gate)
     kept = 5 - refused
     assert got[:kept] == list(range(kept)) and set(got[kept:]) <= set(range(5, 13))
     assert len(got) + dropped == 13
 
 
 async def _tell_a_full_reject_mailbox(
-    nats: NatsServer, strict: Any, ping: Any, gate: trio.Event
+    nats: NatsServer, strict: Any, gate: trio.Event
 ) -> tuple[list[Any], int, int]:
     async with (
         _node(nats.url, "b") as (kb, cb),
         _node(nats.url, "a", node_window=8) as (ka, ca),
     ):
         with trio.fail_after(30):
-            await _five_tells_then_a_ping(ka, ca, kb, cb, strict, ping)
+            await _five_tells_then_a_ping(ka, ca, kb, cb, strict)
             refused = cb.stats().inbound_dropped["mailbox_full"]
             assert 3 <= refused <= 4  # 0 in the handler (if it got there first), 1 queued
             assert cb.stats().parked == 0
