@@ -163,8 +163,14 @@ def watch_workers(proc: subprocess.Popen[str], tag: str, limit: int, timeout: fl
     """
     deadline = time.monotonic() + timeout
     most = 0
+    previous: set[int] = set()
     while proc.poll() is None:
-        seen = workers_of(tag)
+        current = workers_of(tag)
+        # Seen in two polls in a row (50 ms apart): a worker's fork that has not exec'd
+        # its helper yet carries the worker's command line for a moment, and is not a
+        # worker (a run found 3 "workers", the third a child of worker 0 with its argv).
+        seen = current & previous
+        previous = current
         most = max(most, len(seen))
         if most > limit:
             described = "; ".join(f"{pid} {command_line(pid)}" for pid in sorted(seen))
