@@ -366,6 +366,10 @@ class AgentCell(Child):
         stepper: Any = None
         result: Any = None
         out: Message | None = None
+        # A cancel of ``scope`` that came after a suspended handler was woken, too late
+        # to stop it: the scope is spent (Trio keeps it cancelled), and serving goes on in
+        # a new one once this message is done with, or the next message would get it.
+        stale = False
         while True:
             with trio.CancelScope() as scope:
                 self._handler_scope = scope
@@ -429,12 +433,18 @@ class AgentCell(Child):
                                 finally:
                                     self._suspended = False
                                     scope.deadline = math.inf
+                                    # (a Cancelled of its own leaves the scope anyway)
+                                    stale = scope.cancel_called
                         except MessageFailed as exc:
                             # This message failed, the agent did not: go on with the next one.
                             self._message_failed(msg, exc)
+                            if stale:
+                                await trio.lowlevel.checkpoint()  # leaves the spent scope
                             continue
                         except Exception as exc:
                             self._handler_raised(msg, exc)
+                            if stale:
+                                await trio.lowlevel.checkpoint()  # leaves the spent scope
                             continue
                         self.current = None
                         self.handled += 1
@@ -443,6 +453,17 @@ class AgentCell(Child):
                             # Sampled by the kernel-wide count (agents that handle few messages
                             # are seen too): recording costs more than a no-op handler.
                             ledger.record_latency(start, msg)
+                        if stale:
+                            # Done with: what it returned is answered or routed, out of
+                            # reach of the spent scope (a route waits at most the send
+                            # deadline), then the scope is left.
+                            if result is not None:
+                                out = router.answer(self.id, msg, result)
+                                if out is not None:
+                                    with trio.CancelScope(shield=True):
+                                        await router.route(out)
+                                result = None
+                            await trio.lowlevel.checkpoint()  # leaves the spent scope
                         if result is not None:
                             # A local request's answer is delivered without a coroutine.
                             out = router.answer(self.id, msg, result)
@@ -481,6 +502,10 @@ class AgentCell(Child):
             cancelled = self.current
             if cancelled is not None:
                 self._handler_cancelled(cancelled)
+            elif stale:
+                # the reason of a cancel that came too late is no message's
+                self._cancel_reason = None
+            stale = False
 
     def _dead_after_grace(self, msg: Message) -> None:
         self.dead_lettered += 1

@@ -21,7 +21,8 @@ class DeadLetterReason(enum.Enum):
 
     #: the recipient does not exist (a routed or returned message)
     NO_SUCH_AGENT = "no_such_agent"
-    #: the recipient's mailbox stayed full past the send deadline (routed message)
+    #: the recipient's mailbox stayed full past the send deadline, or until the agent
+    #: that routed the message was stopped (routed message)
     MAILBOX_FULL = "mailbox_full"
     #: evicted or refused by a ``drop_newest``/``drop_oldest`` overflow policy
     MAILBOX_OVERFLOW = "mailbox_overflow"

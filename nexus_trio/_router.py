@@ -446,6 +446,20 @@ class Router:
             await self.deliver(msg, wait=True)
         except Exception as exc:
             self._dead_undeliverable(msg, exc)
+        except BaseException:
+            # The routing agent was cancelled (stopped past its timeout, the tree stopped
+            # after the grace period, a failing background task) while the message waited
+            # for room: a cancelled wait enqueued nothing (``deliver`` uncounted it), so
+            # it is dead-lettered here, or it would vanish.
+            if self.phase >= _DRAINING:
+                self._accept_dead(msg, DeadLetterReason.SHUTDOWN, "kernel stopping")
+            else:
+                self._accept_dead(
+                    msg,
+                    DeadLetterReason.MAILBOX_FULL,
+                    "still full when its sender stopped waiting (the sender was stopped)",
+                )
+            raise
 
     def route_nowait(self, msg: Message) -> None:
         """Like :meth:`route` without waiting (monitor notices)."""

@@ -177,6 +177,9 @@ class SupervisionHost:
         """``child`` stopped for good: forget its addresses, publish and notify."""
         self.router.forget(child)
         child.on_retired(reason)
+        # Its queue was dead-lettered: that may have been the last work in flight, and an
+        # agent that stops for good never goes idle to say so (see Router.check_drained).
+        self.router.check_drained()
         self.ledger.event(EventKind.STOPPED, child.id, child.name, reason)
         self.ledger.notify(child.id, child.name, "stopped", reason, final=True)
 
