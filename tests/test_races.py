@@ -109,6 +109,25 @@ async def test_a_returned_message_waiting_for_room_at_the_end_of_the_grace_is_de
 # --- a cancel that comes after the handler was woken ---------------------------------------
 
 
+def _suspending(held: str, release: trio.Event, seen: list[Any], *, handle_timeout: float) -> Any:
+    """An agent whose handler suspends on every message: the ``held`` payload until
+    ``release``, "stuck" for ever, the rest for one checkpoint; it answers a query
+    with "answer"."""
+
+    @agent(name="w", handle_timeout=handle_timeout)
+    async def w(ctx: Context, msg: Message) -> str | None:
+        if msg.payload == held:
+            await release.wait()
+        elif msg.payload == "stuck":
+            await trio.sleep_forever()
+        else:
+            await trio.lowlevel.checkpoint()
+        seen.append(msg.payload)
+        return "answer" if msg.kind is MessageKind.QUERY else None
+
+    return w
+
+
 async def test_a_deadline_that_passes_after_the_handler_was_woken_spares_the_next_message(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -118,16 +137,7 @@ async def test_a_deadline_that_passes_after_the_handler_was_woken_spares_the_nex
     suspended got that ``Cancelled`` at once and was dead-lettered ``handler_timeout``."""
     release = trio.Event()
     seen: list[Any] = []
-
-    @agent(name="w", handle_timeout=10.0)
-    async def w(ctx: Context, msg: Message) -> None:
-        if msg.payload == "first":
-            await release.wait()
-        elif msg.payload == "stuck":
-            await trio.sleep_forever()
-        else:
-            await trio.lowlevel.checkpoint()
-        seen.append(msg.payload)
+    w = _suspending("first", release, seen, handle_timeout=10.0)
 
     async with open_kernel(make_config()) as kernel:
         ref = kernel.spawn(w)
@@ -169,17 +179,7 @@ async def test_a_query_cancel_that_comes_after_its_handler_was_woken_spares_the_
     cancelled and dead-lettered with it."""
     release = trio.Event()
     seen: list[Any] = []
-
-    @agent(name="w", handle_timeout=1000.0)
-    async def w(ctx: Context, msg: Message) -> str:
-        if msg.payload == "query":
-            await release.wait()
-        elif msg.payload == "stuck":
-            await trio.sleep_forever()
-        else:
-            await trio.lowlevel.checkpoint()
-        seen.append(msg.payload)
-        return "answer"
+    w = _suspending("query", release, seen, handle_timeout=1000.0)
 
     async with open_kernel(make_config()) as kernel:
         handle = kernel.attach_transport(_NullTransport())
