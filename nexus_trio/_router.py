@@ -762,12 +762,7 @@ class Router:
         """The requester of a query stopped waiting: cancel the handler working on it,
         or skip it in the queue; a query that went to a remote kernel is cancelled there
         through the transport. True if a local handler was cancelled."""
-        key = query_id.int
-        if key not in self.late_queries:
-            self._late.append(key)
-            self.late_queries.add(key)
-            if len(self._late) > _LATE_MEMORY:
-                self.late_queries.discard(self._late.popleft())
+        self._mark_late(query_id)
         cell = self.local(to)
         if cell is None:
             if self.transport is not None:
@@ -787,11 +782,25 @@ class Router:
             if pending is not None:
                 pending.fail(RequestFailed(msg.id, msg.to, reason.value, error))
 
+    def _mark_late(self, query_id: uuid.UUID) -> None:
+        """Nobody waits for query ``query_id`` any more: a reply that comes anyway is
+        dead-lettered ``late_reply`` (see _deliver_reply), the last _LATE_MEMORY of them."""
+        key = query_id.int
+        if key not in self.late_queries:
+            self._late.append(key)
+            self.late_queries.add(key)
+            if len(self._late) > _LATE_MEMORY:
+                self.late_queries.discard(self._late.popleft())
+
     def fail_request(self, request_id: uuid.UUID, error: BaseException) -> bool:
         pending = self._pending.pop(request_id.int, None)
         if pending is None:
             return False
         pending.fail(error)
+        # The transport failed it (e.g. its node was lost): the remote handler may
+        # still answer, and that reply is late, as after a timeout, not a message of
+        # its own for the requester.
+        self._mark_late(request_id)
         return True
 
     def fail_all_pending(self, make_error: Callable[[], BaseException]) -> None:

@@ -701,6 +701,63 @@ async def test_a_reply_that_crosses_after_the_timeout_is_a_late_reply_on_the_cal
     assert ca.stats().cancels_sent == 0
 
 
+async def test_a_reply_after_its_request_failed_with_the_node_lost_is_a_late_reply(
+    nats: NatsServer,
+) -> None:
+    """Regression: a request failed with TransportUnavailable when its node was judged
+    lost (missed heartbeats), but the reply that came anyway (the node was only slow) was
+    handed to the requesting agent as a message of its own. It is a late reply, as after
+    a timeout: dead-lettered ``late_reply``."""
+    started, gate, settled = trio.Event(), trio.Event(), trio.Event()
+    asked: list[Any] = []
+    handed: list[Any] = []
+    letters_seen: list[Any] = []
+
+    @agent(name="slow")
+    async def slow(ctx: Context, msg: Message) -> Any:
+        started.set()
+        await gate.wait()
+        return "late"
+
+    @agent(name="asker")
+    async def asker(ctx: Context, msg: Message) -> Any:
+        handed.append(msg.payload)
+        if msg.payload != "go":
+            settled.set()  # the reply came in as a message of its own
+            return
+        try:
+            asked.append(await ctx.request("slow", "work", timeout=20))
+        except TransportUnavailable as exc:
+            asked.append(exc)
+
+    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+        kb.spawn(slow)
+        ka.spawn(asker)
+        await cb.names_published()
+        async with ka.dead_letters() as letters:
+
+            async def watch() -> None:
+                async for letter in letters:
+                    letters_seen.append(letter)
+                    settled.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch)
+                with trio.fail_after(30):
+                    await ca.wait_for_name("slow")
+                    await ka.send("asker", "go")
+                    await started.wait()
+                    # what _check_members does for a node that missed its heartbeats
+                    ca._node_lost(ca.members.members["b"])
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert len(asked) == 1 and isinstance(asked[0], TransportUnavailable)
+                    gate.set()  # b was only slow: its handler answers after all
+                    await settled.wait()
+                nursery.cancel_scope.cancel()
+    assert handed == ["go"]
+    assert [(x.reason.value, x.message.payload) for x in letters_seen] == [("late_reply", "late")]
+
+
 # --- what a node keeps per sending stream is bounded ----------------------------------------
 
 
