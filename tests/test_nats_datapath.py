@@ -299,6 +299,112 @@ async def test_tells_waiting_for_room_when_their_node_leaves_are_counted(
     assert cb.stats().parked == 0
 
 
+async def test_a_tell_that_waited_for_credit_while_its_node_left_is_refused_not_lost(
+    nats: NatsServer,
+) -> None:
+    """Regression: a tell that waited for credit (a full node window) and got it while
+    its node was leaving, after the leave closed the outbox, was accepted into a batch
+    that was never sent nor counted. It is refused now (TransportUnavailable: not taken).
+    The credit comes at the one moment the race needs: right after the leave closed the
+    outbox."""
+    gate, settled, four = trio.Event(), trio.Event(), trio.Event()
+    handled: list[Any] = []
+
+    @agent(name="stalled", mailbox_capacity=1)
+    async def stalled(ctx: Context, msg: Message) -> Any:
+        if not gate.is_set():
+            await gate.wait()
+        handled.append(msg.payload)
+        if len(handled) == 4:
+            four.set()
+
+    outcome: list[BaseException | None] = []
+    async with _node(nats.url, "b") as (kb, cb), open_kernel(_config()) as ka:
+        kb.spawn(stalled)
+        kb.spawn(_ping)
+        await cb.names_published()
+        async with trio.open_nursery() as nursery:
+            opts = attrs.evolve(FAST, node_window=2)
+            async with join_cluster(ka, nats.url, "a", options=opts) as ca:
+                with trio.fail_after(30):
+                    await ca.wait_for_name("stalled")
+                    await ca.wait_for_name("ping")
+                    for i in range(4):
+                        await ka.send("stalled", i)
+                    assert await ka.request("ping", None) == "pong"
+                    # 0 in the handler, 1 in the mailbox (credited), 2 and 3 parked
+                    assert cb.stats().parked == 2
+
+                async def sender() -> None:
+                    try:
+                        await ka.send("stalled", 4)  # waits for credit
+                        outcome.append(None)
+                    except TransportUnavailable as exc:
+                        outcome.append(exc)
+                    finally:
+                        settled.set()
+
+                nursery.start_soon(sender)
+                await trio.testing.wait_all_tasks_blocked()
+                assert not settled.is_set()
+                close = ca._outbox.close
+
+                async def close_then_credit() -> None:
+                    await close()
+                    gate.set()  # b takes 2 and 3 in: credit for the waiting tell
+                    with trio.move_on_after(5):  # (a hang guard)
+                        await settled.wait()
+
+                ca._outbox.close = close_then_credit  # type: ignore[method-assign]
+        with trio.fail_after(30):
+            await four.wait()
+            await trio.testing.wait_all_tasks_blocked()
+        await ka.shutdown()
+    assert len(outcome) == 1 and isinstance(outcome[0], TransportUnavailable)
+    assert handled == [0, 1, 2, 3]
+    assert ca.stats().publish_failures == 0 and ca._outbox.dropped == 0
+    assert cb.stats().inbound_dropped == {} and cb.stats().lost_in_transit == 0
+
+
+async def test_a_request_that_waited_for_the_outbox_while_its_node_left_is_refused(
+    nats: NatsServer,
+) -> None:
+    """Regression: a message that goes alone (here a query) and waited for room in a full
+    outbox resumed after the leave had closed it: it was put into a closed outbox (never
+    sent) and its requester waited out its timeout. It is refused at once now
+    (TransportUnavailable: not taken). The outbox is held as a dropped connection holds
+    it, so the leave finds the first query unsent (counted in publish_failures)."""
+    outcomes: dict[str, BaseException | Any] = {}
+    async with _node(nats.url, "b") as (kb, cb), open_kernel(_config()) as ka:
+        kb.spawn(_ping)
+        await cb.names_published()
+        async with trio.open_nursery() as nursery:
+            opts = attrs.evolve(FAST, outbox_high_water=1)
+            async with join_cluster(ka, nats.url, "a", options=opts) as ca:
+                with trio.fail_after(30):
+                    await ca.wait_for_name("ping")
+                    ca._outbox.pause()
+
+                    async def ask(key: str) -> None:
+                        try:
+                            outcomes[key] = await ka.request("ping", key, timeout=3)
+                        except (TransportUnavailable, RequestTimeout) as exc:
+                            outcomes[key] = exc
+
+                    nursery.start_soon(ask, "queued")
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert len(ca._outbox) == 1
+                    nursery.start_soon(ask, "waiting")  # waits for the outbox
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert outcomes == {}
+            # (the nursery waits for both requesters)
+        await ka.shutdown()
+    assert isinstance(outcomes["queued"], TransportUnavailable)
+    assert isinstance(outcomes["waiting"], TransportUnavailable), outcomes["waiting"]
+    assert ca.stats().publish_failures == 1 and ca._outbox.dropped == 0
+    assert ca._outstanding == {}
+
+
 async def test_tells_waiting_for_room_go_in_without_a_wait_each_once_room_is_made(
     nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

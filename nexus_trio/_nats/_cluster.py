@@ -569,6 +569,9 @@ class Cluster:
         body = self._tell_body(msg)
         if not link.has_room() or len(self._outbox) >= high_water:
             await self._wait_for_room(msg, link)
+            # The node may have left while this tell waited (its outbox closes then, and
+            # nothing would send or count it): refused, not taken.
+            self._check_usable()
         self._published += 1
         if self._add_tell(link, body):
             # A full batch was sealed: let the asyncio side write it to the socket now
@@ -589,6 +592,12 @@ class Cluster:
                     f"{len(self._outbox)} messages still wait for NATS on node {self.node!r}"
                     f" after {deadline:g}s; message {msg.id} not sent"
                 )
+            try:
+                # left while it waited (the outbox closes then): refused, not taken
+                self._check_usable()
+            except TransportUnavailable:
+                self._forget_outstanding(msg)
+                raise
         self._outbox.put(self._seal(msg, routed))
         self._published += 1
 
@@ -739,7 +748,12 @@ class Cluster:
         body, tells = link.seal(self._node_bytes, self.id_prefix, self._session)
         if tells:
             self._seq_out[(link.node, link.dest_prefix)] = link.sent
-        self._outbox.put((wire.batch_subject(self.prefix, link.node), "", None, body, _BATCH))
+        out = (wire.batch_subject(self.prefix, link.node), "", None, body, _BATCH)
+        if not self._outbox.put(out):
+            # Sealed after the leave closed the outbox: its tells are numbered, but no
+            # later number or mark will show the receiver the gap; counted here.
+            self._publish_refused(out, ConnectionError("the node left the cluster"), leaving=True)
+            return
         self._batches_published += 1
 
     def _flush_pending(self) -> None:
