@@ -26,8 +26,10 @@ from nexus_trio import (
     Context,
     Kernel,
     KernelConfig,
+    KernelShuttingDown,
     MailboxFull,
     Message,
+    NexusError,
     RequestTimeout,
     TransportUnavailable,
     agent,
@@ -403,6 +405,51 @@ async def test_a_request_that_waited_for_the_outbox_while_its_node_left_is_refus
     assert isinstance(outcomes["waiting"], TransportUnavailable), outcomes["waiting"]
     assert ca.stats().publish_failures == 1 and ca._outbox.dropped == 0
     assert ca._outstanding == {}
+
+
+async def test_a_query_parked_when_its_node_leaves_gets_the_refusal_at_once(
+    nats: NatsServer,
+) -> None:
+    """Regression: a query parked behind a full mailbox when its node left the cluster was
+    refused there (counted in errors_replied), but its error frame went to the outbox
+    after the leave had closed it: the requester waited out its timeout. The delivering
+    tasks are ended, and what they hold refused, before the outbox closes now."""
+    gate = trio.Event()
+    handled: list[Any] = []
+
+    @agent(name="stalled", mailbox_capacity=1)
+    async def stalled(ctx: Context, msg: Message) -> Any:
+        if not gate.is_set():
+            await gate.wait()
+        handled.append(msg.payload)
+
+    outcome: list[BaseException | Any] = []
+    async with _node(nats.url, "a") as (ka, ca), open_kernel(_config()) as kb:
+        async with trio.open_nursery() as nursery:
+            async with join_cluster(kb, nats.url, "b", options=FAST) as cb:
+                with trio.fail_after(30):
+                    await _five_tells_then_a_ping(ka, ca, kb, cb, stalled)
+
+                    async def ask() -> None:
+                        try:
+                            outcome.append(await ka.request("stalled", "q", timeout=5))
+                        except NexusError as exc:
+                            outcome.append(exc)
+
+                    nursery.start_soon(ask)
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert await ka.request("ping", None) == "pong"  # (after the query)
+                    # 0 in the handler, 1 in the mailbox, 2 waiting for room, 3, 4 and
+                    # the query behind it
+                    assert cb.stats().parked == 4
+            # (the nursery waits for the requester)
+        gate.set()
+        await kb.shutdown()
+    assert len(outcome) == 1 and isinstance(outcome[0], KernelShuttingDown), outcome
+    assert "on node 'b'" in str(outcome[0])
+    assert handled == [0, 1]
+    assert cb.stats().inbound_dropped == {"shutting_down": 3}
+    assert cb.stats().errors_replied == {"shutting_down": 1}
 
 
 async def test_tells_waiting_for_room_go_in_without_a_wait_each_once_room_is_made(

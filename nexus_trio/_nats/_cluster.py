@@ -319,7 +319,9 @@ class Cluster:
         # recipients whose delivering task waits for room with the head of its queue
         # (that message is the task's to settle, see _drop_parked)
         self._in_wait: set[Address] = set()
-        self._nursery_ref: trio.Nursery | None = None
+        # the nursery of the delivering tasks (see _run_deliveries; None once it ended)
+        self._deliveries_ref: trio.Nursery | None = None
+        self._deliveries_ended = trio.Event()
         self._type_subs: dict[str, Any] = {}
         self._type_turn = itertools.count()
         self._inbox: Inbox[NatsMsg | _OpenBatch] = Inbox(options.inbound_limit)
@@ -1335,7 +1337,7 @@ class Cluster:
                 self._refused(m, msg, exc, is_query)
                 return True
             parked = self._parked[msg.to] = deque()
-            self._nursery.start_soon(self._deliver_parked, msg.to, parked)
+            self._deliveries.start_soon(self._deliver_parked, msg.to, parked)
         elif stream is None and _singles(parked) >= self.options.parked_limit:
             to = msg.to
             try:
@@ -1378,10 +1380,14 @@ class Cluster:
                         try:
                             await self._into_kernel(msg)
                         except trio.Cancelled:
-                            # A cancelled wait enqueued nothing: refused, counted (here,
-                            # not in _drop_parked, which leaves the head to this task).
-                            parked.popleft()
-                            self._refused(m, msg, _left_the_cluster(), is_query)
+                            # The leave (see _stop_deliveries). A cancelled wait enqueued
+                            # nothing: refused, counted (here, not in _drop_parked, which
+                            # leaves the head to this task), and what came in behind it
+                            # since _drop_parked too: this task's finally forgets the queue.
+                            leaving = _left_the_cluster()
+                            while parked:
+                                m, msg, is_query, _ = parked.popleft()
+                                self._refused(m, msg, leaving, is_query)
                             raise
                         finally:
                             self._in_wait.discard(address)
@@ -1952,12 +1958,36 @@ class Cluster:
     # --- lifecycle ---------------------------------------------------------------------------
 
     @property
-    def _nursery(self) -> trio.Nursery:
-        assert self._nursery_ref is not None
-        return self._nursery_ref
+    def _deliveries(self) -> trio.Nursery:
+        assert self._deliveries_ref is not None
+        return self._deliveries_ref
+
+    async def _run_deliveries(self, task_status: trio.TaskStatus[None]) -> None:
+        """The nursery of the tasks that deliver parked messages (see _deliver_parked),
+        apart from the cluster's: the leave ends them before it closes the outbox (see
+        _stop_deliveries), so that a query they refuse still gets its error frame."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._deliveries_ref = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._deliveries_ref = None
+            self._deliveries_ended.set()
+
+    async def _stop_deliveries(self) -> None:
+        """Leaving: cancel the delivering tasks and wait for them to settle what they hold
+        (each refuses the message it waits with), then refuse what is still parked; all
+        while the outbox is open, for the error frames of refused queries."""
+        nursery = self._deliveries_ref
+        if nursery is not None:
+            nursery.cancel_scope.cancel()
+            await self._deliveries_ended.wait()
+        self._drop_parked()
 
     async def _start(self, nursery: trio.Nursery) -> None:
-        self._nursery_ref = nursery
+        # first: messages may be parked as soon as the subscriptions start
+        await nursery.start(self._run_deliveries)
         opts = self.options
         ttl = opts.heartbeat_interval * opts.missed_heartbeats
         self._nodes_kv = await self._kv(f"{self.prefix}-nodes", ttl=ttl)
@@ -2024,6 +2054,7 @@ class Cluster:
                 except Exception as exc:
                     log.warning("node %s: could not drop membership: %r", self.node, exc)
             try:
+                await self._stop_deliveries()
                 self._flush_pending()  # open batches first: the marks must cover them
                 if self._outbox.paused:
                     # Down now: give the client a bounded chance to reconnect first.
@@ -2058,7 +2089,6 @@ class Cluster:
             except Exception as exc:
                 log.warning("node %s: could not flush outgoing messages: %r", self.node, exc)
             self._inbox.close()
-            self._drop_parked()
 
     async def _disconnect(self) -> None:
         """Close the NATS connections (after the background tasks stopped)."""
