@@ -452,6 +452,58 @@ async def test_a_query_parked_when_its_node_leaves_gets_the_refusal_at_once(
     assert cb.stats().errors_replied == {"shutting_down": 1}
 
 
+async def test_a_tell_for_a_full_mailbox_between_the_leave_and_the_disconnect_is_refused(
+    nats: NatsServer,
+) -> None:
+    """Regression: a batch that came after the node's tasks had ended, before its
+    connection closed, had a tell for a full mailbox parked for a delivering task that
+    could not start any more (the nursery was closed: an error logged, the tell lost
+    uncounted, an empty queue left behind). It is refused now (``shutting_down``)."""
+    gate, arrived = trio.Event(), trio.Event()
+    handled: list[Any] = []
+
+    @agent(name="col", mailbox_capacity=1)
+    async def col(ctx: Context, msg: Message) -> Any:
+        if not gate.is_set():
+            await gate.wait()
+        handled.append(msg.payload)
+
+    async with _node(nats.url, "a") as (ka, ca), open_kernel(_config()) as kb:
+        kb.spawn(col)
+        kb.spawn(_ping)
+        async with join_cluster(kb, nats.url, "b", options=FAST) as cb:
+            with trio.fail_after(30):
+                await cb.names_published()
+                await ca.wait_for_name("col")
+                await ca.wait_for_name("ping")
+                for i in range(2):
+                    await ka.send("col", i)
+                assert await ka.request("ping", None) == "pong"
+                assert cb.stats().parked == 0  # 0 in the handler, 1 queued: full
+            on_batch, disconnect = cb._on_batch, cb._disconnect
+
+            def seen(data: bytes) -> None:
+                on_batch(data)
+                arrived.set()
+
+            async def a_batch_in_flight_then_disconnect() -> None:
+                # a batch a sent before it learnt that b left (a stream of its own)
+                body = _one_tell_batch("a", ca.id_prefix, 77, cb.id_prefix, 2)
+                await call_aio(ca.nc.publish, f"{ca.prefix}.node.b.batch", body)
+                with trio.move_on_after(5):  # (a hang guard)
+                    await arrived.wait()
+                await disconnect()
+
+            cb._on_batch = seen  # type: ignore[method-assign]
+            cb._disconnect = a_batch_in_flight_then_disconnect  # type: ignore[method-assign]
+        assert arrived.is_set()
+        gate.set()
+        await kb.shutdown()
+    assert handled == [0, 1]
+    assert cb.stats().inbound_dropped == {"shutting_down": 1}
+    assert cb.stats().parked == 0
+
+
 async def test_tells_waiting_for_room_go_in_without_a_wait_each_once_room_is_made(
     nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -320,7 +320,7 @@ class Cluster:
         # (that message is the task's to settle, see _drop_parked)
         self._in_wait: set[Address] = set()
         # the nursery of the delivering tasks (see _run_deliveries; None once it ended)
-        self._deliveries_ref: trio.Nursery | None = None
+        self._deliveries: trio.Nursery | None = None
         self._deliveries_ended = trio.Event()
         self._type_subs: dict[str, Any] = {}
         self._type_turn = itertools.count()
@@ -1336,8 +1336,14 @@ class Cluster:
             except (AgentNotFound, KernelShuttingDown) as exc:
                 self._refused(m, msg, exc, is_query)
                 return True
+            deliveries = self._deliveries
+            if deliveries is None:
+                # The node left (its delivering tasks ended, see _stop_deliveries) and
+                # is not yet disconnected: this will not get in through it any more.
+                self._refused(m, msg, _left_the_cluster(), is_query)
+                return True
             parked = self._parked[msg.to] = deque()
-            self._deliveries.start_soon(self._deliver_parked, msg.to, parked)
+            deliveries.start_soon(self._deliver_parked, msg.to, parked)
         elif stream is None and _singles(parked) >= self.options.parked_limit:
             to = msg.to
             try:
@@ -1957,29 +1963,24 @@ class Cluster:
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    @property
-    def _deliveries(self) -> trio.Nursery:
-        assert self._deliveries_ref is not None
-        return self._deliveries_ref
-
     async def _run_deliveries(self, task_status: trio.TaskStatus[None]) -> None:
         """The nursery of the tasks that deliver parked messages (see _deliver_parked),
         apart from the cluster's: the leave ends them before it closes the outbox (see
         _stop_deliveries), so that a query they refuse still gets its error frame."""
         try:
             async with trio.open_nursery() as nursery:
-                self._deliveries_ref = nursery
+                self._deliveries = nursery
                 task_status.started()
                 await trio.sleep_forever()
         finally:
-            self._deliveries_ref = None
+            self._deliveries = None
             self._deliveries_ended.set()
 
     async def _stop_deliveries(self) -> None:
         """Leaving: cancel the delivering tasks and wait for them to settle what they hold
         (each refuses the message it waits with), then refuse what is still parked; all
         while the outbox is open, for the error frames of refused queries."""
-        nursery = self._deliveries_ref
+        nursery = self._deliveries
         if nursery is not None:
             nursery.cancel_scope.cancel()
             await self._deliveries_ended.wait()
