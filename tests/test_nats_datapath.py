@@ -504,6 +504,54 @@ async def test_a_tell_for_a_full_mailbox_between_the_leave_and_the_disconnect_is
     assert cb.stats().parked == 0
 
 
+async def test_tells_the_pump_holds_when_a_draining_node_leaves_are_counted(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: while a kernel drains, tells from other nodes go through the pump; a
+    leave then cancelled it with the tell it waited to deliver and the rest of its batch
+    (and anything behind in the pump or the inbox): all lost uncounted, their credit never
+    returned. The pump settles what it holds now (refused, ``shutting_down``), and the
+    leave refuses what is left in the inbox."""
+    gate, blocked = trio.Event(), trio.Event()
+    handled: list[Any] = []
+
+    @agent(name="col", mailbox_capacity=1)
+    async def col(ctx: Context, msg: Message) -> Any:
+        if not gate.is_set():
+            await gate.wait()
+        handled.append(msg.payload)
+
+    original = Cluster._into_kernel
+
+    async def watched(self: Cluster, msg: Message) -> None:
+        if msg.payload == 1:
+            blocked.set()
+        await original(self, msg)
+
+    monkeypatch.setattr(Cluster, "_into_kernel", watched)
+    async with _node(nats.url, "a") as (ka, ca), open_kernel(_config()) as kb:
+        kb.spawn(col)
+        async with trio.open_nursery() as nursery:
+            async with join_cluster(kb, nats.url, "b", options=FAST) as cb:
+                with trio.fail_after(30):
+                    await cb.names_published()
+                    await ca.wait_for_name("col")
+                    await kb.send("col", "hold")  # in the handler: b drains below
+                    nursery.start_soon(kb.shutdown, 20)
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert kb.shutting_down
+                    for i in range(4):
+                        await ka.send("col", i)
+                    # one batch: 0 goes in, the pump waits for room with 1, 2 and 3 behind
+                    await blocked.wait()
+                    # and a batch of another sender waits in the inbox behind the pump
+                    cb._on_batch(_one_tell_batch("c", ca.id_prefix, 77, cb.id_prefix, 4))
+                    await trio.testing.wait_all_tasks_blocked()
+            gate.set()  # b left: its kernel drains on
+    assert handled == ["hold", 0]
+    assert cb.stats().inbound_dropped == {"shutting_down": 4}
+
+
 async def test_tells_waiting_for_room_go_in_without_a_wait_each_once_room_is_made(
     nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -94,6 +94,11 @@ class Inbox(Generic[T]):
         batch, self._items = self._items, deque()
         return batch
 
+    def take_nowait(self) -> deque[T]:
+        """Take every item queued now, without waiting (e.g. what is left once closed)."""
+        batch, self._items = self._items, deque()
+        return batch
+
     def close(self) -> None:
         self._closed = True
         if self._wakeup is not None:

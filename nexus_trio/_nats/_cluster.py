@@ -1062,18 +1062,69 @@ class Cluster:
         for kind, body in controls:
             self._control_frame(head, kind, body)
         consumed = 0
+        try:
+            for body in tells:
+                consumed += 1
+                try:
+                    msg = wire.decode_tell(body)
+                except MessageDecodeError as exc:
+                    self._undecodable(head, exc)
+                    continue
+                try:
+                    await self._into_kernel(msg)
+                except (AgentNotFound, MailboxFull, KernelShuttingDown) as exc:
+                    self._refuse(None, msg, exc)
+                except trio.Cancelled:
+                    # The leave (see _stop_deliveries): this tell and the rest of the
+                    # batch are refused, counted (see _settle_cancelled)
+                    self._settle_cancelled(None, msg, False)
+                    self._refuse_tells(head, tells[consumed:])
+                    consumed = len(tells)
+                    raise
+        finally:
+            self._credit(stream, consumed)
+
+    def _refuse_tells(self, head: batch.BatchHead, tells: list[bytes]) -> None:
+        """Leaving: tells of a batch that will not be delivered; refused, counted (the
+        caller returns their credit)."""
+        leaving = _left_the_cluster()
         for body in tells:
-            consumed += 1
             try:
                 msg = wire.decode_tell(body)
             except MessageDecodeError as exc:
                 self._undecodable(head, exc)
                 continue
-            try:
-                await self._into_kernel(msg)
-            except (AgentNotFound, MailboxFull, KernelShuttingDown) as exc:
-                self._refuse(None, msg, exc)
-        self._credit(stream, consumed)
+            self._refuse(None, msg, leaving)
+
+    def _settle_cancelled(self, m: NatsMsg | None, msg: Message, is_query: bool) -> None:
+        """The leave cancelled the pump's wait to deliver ``msg``: a cancelled wait for
+        room enqueued nothing, so it is refused, counted. Except a reply: the router
+        consumes one before a checkpoint, so that a cancellation may come after it was
+        taken (then nothing is counted rather than a reply counted twice)."""
+        if msg.reply_to is None:
+            self._refused(m, msg, _left_the_cluster(), is_query)
+
+    def _refuse_inbound(self, item: NatsMsg | _OpenBatch) -> None:
+        """Leaving: an item of the inbox that the pump will not deliver any more;
+        refused, counted (a query gets its error frame, a reply to this node goes in
+        without a wait if it can, as on arrival)."""
+        if isinstance(item, tuple):
+            head, tells, _, stream = item
+            self._refuse_tells(head, tells)
+            self._credit(stream, len(tells))
+            return
+        subject = item.subject
+        if subject.startswith(self._node_subject_prefix):
+            if subject[len(self._node_subject_prefix) :].startswith("reply."):
+                if not self._handle_now(item):
+                    self._dropped["unroutable_reply"] += 1
+                return
+            type_name = None
+        else:
+            type_name = subject[len(self.prefix) + 6 :]  # "<prefix>.type.<name>"
+        msg = self._decode_for(item, type_name)
+        if msg is not None:
+            self._refuse(item, msg, _left_the_cluster())
 
     def _undecodable(self, head: batch.BatchHead, exc: MessageDecodeError) -> None:
         self._dropped["malformed"] += 1
@@ -1199,12 +1250,19 @@ class Cluster:
                 items = await self._inbox.take_batch()
             except trio.EndOfChannel:
                 return
-            for m in items:
+            while items:
+                m = items.popleft()
                 try:
                     if isinstance(m, tuple):
                         await self._handle_batch(m)
                     else:
                         await self._handle(m)
+                except trio.Cancelled:
+                    # The leave (see _stop_deliveries): what this task took from the
+                    # inbox and has not delivered is refused, counted.
+                    for rest in items:
+                        self._refuse_inbound(rest)
+                    raise
                 except Exception:
                     log.exception(
                         "node %s: a message on %s could not be handled",
@@ -1286,6 +1344,9 @@ class Cluster:
             await self._into_kernel(msg)
         except (AgentNotFound, MailboxFull, KernelShuttingDown) as exc:
             self._refused(m, msg, exc, is_query)
+        except trio.Cancelled:
+            self._settle_cancelled(m, msg, is_query)  # the leave (see _stop_deliveries)
+            raise
 
     def _decode_for(self, m: NatsMsg, type_name: str | None) -> Message | None:
         try:
@@ -1964,12 +2025,14 @@ class Cluster:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def _run_deliveries(self, task_status: trio.TaskStatus[None]) -> None:
-        """The nursery of the tasks that deliver parked messages (see _deliver_parked),
-        apart from the cluster's: the leave ends them before it closes the outbox (see
+        """The nursery of the tasks that deliver what could not be delivered at once (the
+        pump, and the tasks that deliver parked messages, see _deliver_parked), apart
+        from the cluster's: the leave ends them before it closes the outbox (see
         _stop_deliveries), so that a query they refuse still gets its error frame."""
         try:
             async with trio.open_nursery() as nursery:
                 self._deliveries = nursery
+                nursery.start_soon(self._pump)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
@@ -1978,12 +2041,16 @@ class Cluster:
 
     async def _stop_deliveries(self) -> None:
         """Leaving: cancel the delivering tasks and wait for them to settle what they hold
-        (each refuses the message it waits with), then refuse what is still parked; all
-        while the outbox is open, for the error frames of refused queries."""
+        (each refuses what it waits with and what it holds behind that), then refuse
+        what is still in the inbox or parked; all while the outbox is open, for the
+        error frames of refused queries."""
         nursery = self._deliveries
         if nursery is not None:
             nursery.cancel_scope.cancel()
             await self._deliveries_ended.wait()
+        self._inbox.close()
+        for item in self._inbox.take_nowait():
+            self._refuse_inbound(item)
         self._drop_parked()
 
     async def _start(self, nursery: trio.Nursery) -> None:
@@ -2017,7 +2084,6 @@ class Cluster:
         await nursery.start(self._start_watch, self._nodes_kv, self._apply_member_entry)
         await nursery.start(self._start_watch, self._names_kv, self._apply_name_entry)
         await self.placement.start(nursery, await self._kv(f"{self.prefix}-placed", ttl=None))
-        nursery.start_soon(self._pump)
         nursery.start_soon(self._flush_batches)
         nursery.start_soon(self._heartbeats)
         nursery.start_soon(self._kv_heartbeats)
@@ -2089,7 +2155,6 @@ class Cluster:
                 await call_aio(self.nc.flush, 2)
             except Exception as exc:
                 log.warning("node %s: could not flush outgoing messages: %r", self.node, exc)
-            self._inbox.close()
 
     async def _disconnect(self) -> None:
         """Close the NATS connections (after the background tasks stopped)."""
