@@ -838,6 +838,44 @@ async def test_a_kernel_that_joins_again_in_the_same_process_gets_a_fresh_window
                 assert await ka.request("stalled", "dump") == 30 + accepted
 
 
+async def test_tells_to_a_node_that_joins_again_in_its_process_start_a_new_stream(
+    nats: NatsServer,
+) -> None:
+    """Regression: a destination that left and joined again in the same process (same id
+    prefix, new session) before the sender's next heartbeat got the sender's tells on the
+    old stream: numbering went on, and the new join counted every tell of the old join
+    lost in transit (all of them handled). A sender starts the stream over as it learns
+    that the node left or joined again."""
+    records: list[Any] = []
+    slow = attrs.evolve(FAST, heartbeat_interval=30.0)  # no heartbeat tick in the test
+    async with open_kernel(_config()) as kb:
+        kb.spawn(agent(_collector(records), name="col"))
+        async with _node(nats.url, "a", heartbeat_interval=30.0) as (ka, ca):
+            with trio.fail_after(30):
+                async with join_cluster(kb, nats.url, "b", options=slow) as cb1:
+                    await cb1.names_published()
+                    await ca.wait_for_name("col")
+                    for i in range(10):
+                        await ka.send("col", i)
+                    assert await ka.request("col", "dump") == 10
+                # a name only the new join publishes: once a knows it, it has heard
+                # the leave and the new join's record (published before it)
+                kb.spawn(agent(_collector([]), name="marker"))
+                async with join_cluster(kb, nats.url, "b", options=slow) as cb2:
+                    await cb2.names_published()
+                    await ca.wait_for_name("marker")
+                    for i in range(10, 15):
+                        await ka.send("col", i)
+                    assert await ka.request("col", "dump") == 15
+                    numbered = ca.tells_sent_to("b", cb2.id_prefix)
+        await kb.shutdown()
+    assert records == list(range(15))
+    assert cb1.stats().lost_in_transit == 0
+    assert cb2.stats().lost_in_transit == 0
+    assert numbered == 5  # the new stream's numbers, from 1
+    assert ca.stats().publish_failures == 0
+
+
 # --- remote cancellation ---------------------------------------------------------------------
 
 

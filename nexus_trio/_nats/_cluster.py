@@ -574,6 +574,10 @@ class Cluster:
             # The node may have left while this tell waited (its outbox closes then, and
             # nothing would send or count it): refused, not taken.
             self._check_usable()
+            if self._links.get((link.node, link.dest_prefix)) is not link:
+                # its stream started over meanwhile (see _restart_streams): routed again
+                await self.deliver(msg)
+                return
         self._published += 1
         if self._add_tell(link, body):
             # A full batch was sealed: let the asyncio side write it to the socket now
@@ -699,6 +703,36 @@ class Cluster:
         """Forget the link of ``stream`` (and the tells' routes, which may name it)."""
         self._links.pop(stream, None)
         self._known_links.clear()
+
+    def _restart_streams(self, node: str) -> None:
+        """``node`` left, or joined again: its next join numbers the tells it gets from
+        1 (a new ``_seq_in``), so the streams to it start over, with new links, now; not
+        at the next heartbeat (see _send_sequence_marks), by which time the same process
+        may have joined again and counted every tell of the old join lost.
+
+        The tells still in an old link's open batch are not sent: numbered on the old
+        stream, they would be miscounted by a new join, and a node that left takes
+        nothing; counted here (``publish_failures``). Credit due the other way moves to
+        the new link (a new join's checks ignore an old join's credit)."""
+        for stream in [key for key in self._links if key[0] == node]:
+            link = self._links[stream]
+            self._dirty.pop(link, None)
+            self._drop_link(stream)
+            self._seq_out.pop(stream, None)
+            self._seq_marked.pop(stream, None)
+            if link.tells:
+                self._publish_failures += link.tells
+                log.warning(
+                    "node %s: %d tells for node %r not sent: it left or joined again"
+                    " (counted in publish_failures)",
+                    self.node,
+                    link.tells,
+                    node,
+                )
+            if link.credit_due is not None:
+                fresh = self._new_link(stream)
+                fresh.credit_due = link.credit_due
+                self._want_flush(fresh)
 
     def _new_link(self, stream: _Stream) -> batch.NodeLink:
         link = self._links[stream] = batch.NodeLink(stream[0], stream[1], self.options.node_window)
@@ -1858,6 +1892,7 @@ class Cluster:
             info = self.members.left(key)
             if info is not None and key != self.node:
                 log.info("node %s: node %r left the cluster", self.node, key)
+                self._restart_streams(key)
             return
         if op == "PURGE" or not value:
             return  # expired by TTL: the loss checker decides, on this node's clock
@@ -1866,6 +1901,10 @@ class Cluster:
         except (ValueError, KeyError, TypeError):
             log.warning("node %s: ignoring malformed membership record %r", self.node, key)
             return
+        previous = self.members.members.get(info.node)
+        if previous is not None and previous.joined != info.joined and info.node != self.node:
+            # joined again (its leave unheard here): the new join counts from number 1
+            self._restart_streams(info.node)
         if self.members.heard(info):
             log.warning("node %s: node %r is reachable again", self.node, info.node)
 
