@@ -407,6 +407,37 @@ async def test_a_request_that_waited_for_the_outbox_while_its_node_left_is_refus
     assert ca._outstanding == {}
 
 
+async def test_a_requester_cancelled_while_its_query_waits_for_the_outbox_leaves_no_route(
+    nats: NatsServer,
+) -> None:
+    """Regression: a query waiting for room in a full outbox whose requester was cancelled
+    kept its entry among the node's outstanding requests (never sent, never answered)."""
+    async with (
+        _node(nats.url, "b") as (kb, cb),
+        _node(nats.url, "a", outbox_high_water=1) as (ka, ca),
+    ):
+        kb.spawn(_ping)
+        await cb.names_published()
+        with trio.fail_after(30):
+            await ca.wait_for_name("ping")
+            ca._outbox.pause()  # held, as while the connection is down
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ka.request, "ping", "queued")
+                await trio.testing.wait_all_tasks_blocked()
+                with trio.CancelScope() as scope:
+                    nursery.start_soon(_cancel_when_blocked, scope)
+                    await ka.request("ping", "waiting")  # waits for the outbox
+                assert scope.cancelled_caught
+                assert len(ca._outstanding) == 1  # the queued one only
+                ca._outbox.resume()
+    assert ca.stats().publish_failures == 0
+
+
+async def _cancel_when_blocked(scope: trio.CancelScope) -> None:
+    await trio.testing.wait_all_tasks_blocked()
+    scope.cancel()
+
+
 async def test_a_query_parked_when_its_node_leaves_gets_the_refusal_at_once(
     nats: NatsServer,
 ) -> None:

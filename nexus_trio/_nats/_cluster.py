@@ -590,8 +590,13 @@ class Cluster:
         high_water = self.options.outbox_high_water
         if len(self._outbox) >= high_water:
             deadline = self.kernel.config.kernel.send_timeout
-            with trio.move_on_after(deadline):
-                await self._outbox.wait_below(high_water)
+            try:
+                with trio.move_on_after(deadline):
+                    await self._outbox.wait_below(high_water)
+            except trio.Cancelled:
+                # its requester stopped waiting: not sent, nothing will answer it
+                self._forget_outstanding(msg)
+                raise
             if len(self._outbox) >= high_water:
                 self._forget_outstanding(msg)
                 raise TransportUnavailable(
