@@ -312,13 +312,7 @@ async def test_a_tell_that_waited_for_credit_while_its_node_left_is_refused_not_
     gate, settled, four = trio.Event(), trio.Event(), trio.Event()
     handled: list[Any] = []
 
-    @agent(name="stalled", mailbox_capacity=1)
-    async def stalled(ctx: Context, msg: Message) -> Any:
-        if not gate.is_set():
-            await gate.wait()
-        handled.append(msg.payload)
-        if len(handled) == 4:
-            four.set()
+    stalled = _gated("stalled", gate, handled, (4, four))
 
     outcome: list[BaseException | None] = []
     async with _node(nats.url, "b") as (kb, cb), open_kernel(_config()) as ka:
@@ -448,11 +442,7 @@ async def test_a_query_parked_when_its_node_leaves_gets_the_refusal_at_once(
     gate = trio.Event()
     handled: list[Any] = []
 
-    @agent(name="stalled", mailbox_capacity=1)
-    async def stalled(ctx: Context, msg: Message) -> Any:
-        if not gate.is_set():
-            await gate.wait()
-        handled.append(msg.payload)
+    stalled = _gated("stalled", gate, handled)
 
     outcome: list[BaseException | Any] = []
     async with _node(nats.url, "a") as (ka, ca), open_kernel(_config()) as kb:
@@ -493,11 +483,7 @@ async def test_a_tell_for_a_full_mailbox_between_the_leave_and_the_disconnect_is
     gate, arrived = trio.Event(), trio.Event()
     handled: list[Any] = []
 
-    @agent(name="col", mailbox_capacity=1)
-    async def col(ctx: Context, msg: Message) -> Any:
-        if not gate.is_set():
-            await gate.wait()
-        handled.append(msg.payload)
+    col = _gated("col", gate, handled)
 
     async with _node(nats.url, "a") as (ka, ca), open_kernel(_config()) as kb:
         kb.spawn(col)
@@ -546,11 +532,7 @@ async def test_tells_the_pump_holds_when_a_draining_node_leaves_are_counted(
     gate, blocked = trio.Event(), trio.Event()
     handled: list[Any] = []
 
-    @agent(name="col", mailbox_capacity=1)
-    async def col(ctx: Context, msg: Message) -> Any:
-        if not gate.is_set():
-            await gate.wait()
-        handled.append(msg.payload)
+    col = _gated("col", gate, handled)
 
     original = Cluster._into_kernel
 
@@ -671,6 +653,24 @@ async def _ping(ctx: Context, msg: Message) -> Any:
     return "pong"
 
 
+def _gated(
+    name: str, gate: trio.Event, handled: list[Any], then: tuple[int, trio.Event] | None = None
+) -> Any:
+    """An agent with a mailbox of 1 that holds its first message until ``gate``, then
+    records the payloads it handles in ``handled`` (and sets ``then``'s event once it
+    has handled ``then``'s count)."""
+
+    @agent(name=name, mailbox_capacity=1)
+    async def gated(ctx: Context, msg: Message) -> Any:
+        if not gate.is_set():
+            await gate.wait()
+        handled.append(msg.payload)
+        if then is not None and len(handled) == then[0]:
+            then[1].set()
+
+    return gated
+
+
 async def _five_tells_then_a_ping(
     ka: Kernel, ca: Cluster, kb: Kernel, cb: Cluster, target: Any
 ) -> None:
@@ -750,13 +750,7 @@ async def test_batched_tells_that_waited_their_send_deadline_for_room_wait_on(
     handled: list[Any] = []
     all_in = trio.Event()
 
-    @agent(name="stalled", mailbox_capacity=1)
-    async def stalled(ctx: Context, msg: Message) -> Any:
-        if not gate.is_set():
-            await gate.wait()
-        handled.append(msg.payload)
-        if len(handled) == 5:
-            all_in.set()
+    stalled = _gated("stalled", gate, handled, (5, all_in))
 
     async with (
         _node(nats.url, "b", send_timeout_ms=50) as (kb, cb),

@@ -91,8 +91,7 @@ class Inbox(Generic[T]):
                 raise trio.EndOfChannel
             self._wakeup = trio.Event()
             await self._wakeup.wait()
-        batch, self._items = self._items, deque()
-        return batch
+        return self.take_nowait()
 
     def take_nowait(self) -> deque[T]:
         """Take every item queued now, without waiting (e.g. what is left once closed)."""
