@@ -516,7 +516,8 @@ class Router:
         if self.phase >= _STOPPING:
             raise KernelShuttingDown("remote delivery")
         if msg.reply_to is not None and self._deliver_reply(msg):
-            await trio.lowlevel.checkpoint()
+            # taken: a Cancelled now would tell the transport it was not
+            await trio.lowlevel.cancel_shielded_checkpoint()
             return
         if self.local(msg.to) is None:
             raise AgentNotFound(msg.to)

@@ -1136,12 +1136,10 @@ class Cluster:
             self._refuse(None, msg, leaving)
 
     def _settle_cancelled(self, m: NatsMsg | None, msg: Message, is_query: bool) -> None:
-        """The leave cancelled the pump's wait to deliver ``msg``: a cancelled wait for
-        room enqueued nothing, so it is refused, counted. Except a reply: the router
-        consumes one before a checkpoint, so that a cancellation may come after it was
-        taken (then nothing is counted rather than a reply counted twice)."""
-        if msg.reply_to is None:
-            self._refused(m, msg, _left_the_cluster(), is_query)
+        """The leave cancelled the pump's wait to deliver ``msg``: a cancelled delivery
+        took nothing (a cancelled wait for room enqueues nothing, and a reply the router
+        took is not followed by a Cancelled), so it is refused, counted."""
+        self._refused(m, msg, _left_the_cluster(), is_query)
 
     def _refuse_inbound(self, item: NatsMsg | _OpenBatch) -> None:
         """Leaving: an item of the inbox that the pump will not deliver any more;
