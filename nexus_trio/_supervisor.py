@@ -409,6 +409,11 @@ class SupervisorNode(Child, ChildOwner):
     ) -> None:
         error: BaseException | None = None
         try:
+            if child.terminating or child.retired:
+                # Stopped before this task got to run (a stop handled in the same round
+                # as the start found no scope to cancel): no backoff, no wait for an
+                # elder sibling's start.
+                return
             if delay > 0 or after is not None:
                 # Waiting for a backoff or for the previous sibling: cancellable alone.
                 with trio.CancelScope() as scope:
@@ -418,8 +423,10 @@ class SupervisorNode(Child, ChildOwner):
                     if after is not None:
                         await after.wait()
                 child.scope = None
-            if child.terminating or child.retired:
-                # Stopped before this run got to start: there is nothing to run.
+            if child.terminating or child.retired or self.host.stopping():
+                # Stopped before this run got to start: there is nothing to run. Nor once
+                # the grace period is over (a restart whose backoff ran past it): nothing
+                # more is handled; the tree stop retires it.
                 return
             # The run's own nursery is its one cancel scope (the child sets ``scope``).
             child.running = True
@@ -443,6 +450,10 @@ class SupervisorNode(Child, ChildOwner):
                 if child.start_gate is gate:
                     child.start_gate = None
             done.set()
+            # The run's last message may have been the last work in flight, and a run
+            # that ends (to be restarted dormant, or stopped) does not go idle to say so:
+            # a draining kernel must not wait for it.
+            self.host.router.check_drained()
         if child.run == run and self._inbox_send is not None and not child.terminating:
             self._inbox_send.send_nowait((_EXIT, child, run, error))
 
@@ -490,6 +501,11 @@ class SupervisorNode(Child, ChildOwner):
             _, child, run, error = event
             if child.run == run and child in self.children and not child.retired:
                 await self._on_exit(child, error)
+            elif error is not None and child in self.children:
+                # A run that failed while a group restart (or a stop) was already under
+                # way, which has restarted (or retired) the child since: nothing more to
+                # do, but the failure is still reported (event, log, monitors).
+                self.host.failed(child, error)
         return False
 
     async def _stop_linked(self, child: Child, reason: str) -> None:
@@ -524,6 +540,12 @@ class SupervisorNode(Child, ChildOwner):
             return
         if not wanted:
             self._retire(child, "failed" if error is not None else "normal")
+            return
+        if host.stopping():
+            # The grace period is over: nothing more is handled, so nothing is restarted
+            # (a restart would serve its mailbox while the tree stops); what it had
+            # queued is dead-lettered ``shutdown``.
+            self._retire(child, "shutdown")
             return
         now = trio.current_time()
         if self.isolating:
@@ -623,6 +645,9 @@ class SupervisorNode(Child, ChildOwner):
             if child.scope is not None:
                 child.scope.cancel()
             await done.wait()
+        # What it spawned while it stopped (finishing its message, in ``on_stop``) dies
+        # with the run too, as an OTP link takes it down with the exit.
+        await self._stop_linked(child, "parent_stopped")
 
     async def _stop_all(self) -> None:
         """Stop every child in reverse start order.

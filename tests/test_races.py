@@ -1,5 +1,6 @@
 """Regressions for races between a task that was woken, or waits with a message, and a
-cancel or clean-up that comes in the same tick (found by review in the twelfth pass).
+cancel or clean-up that comes in the same tick, and between stops, restarts and links in
+the supervision tree (found by review in the twelfth pass).
 
 Trio wakes a task by rescheduling it; the task runs later in the tick. A memory channel
 moves a blocked sender's message into the buffer as it wakes the sender, and a handler
@@ -17,10 +18,15 @@ import trio
 import trio.testing
 
 from nexus_trio import (
+    Agent,
+    Backoff,
     Context,
     DeadLetterReason,
+    Kernel,
+    KernelPhase,
     Message,
     MessageKind,
+    Supervisor,
     agent,
     open_kernel,
 )
@@ -32,6 +38,24 @@ from .conftest import make_config
 
 def _letters(kernel: Any) -> list[tuple[Any, DeadLetterReason]]:
     return [(d.message.payload, d.reason) for d in dead_letters(kernel)]
+
+
+async def _timed_shutdown(kernel: Kernel, release: trio.Event) -> float:
+    """Shut ``kernel`` down, set ``release`` once it drains, and return how long the
+    shutdown took (mock time)."""
+    took: list[float] = []
+
+    async def shut() -> None:
+        start = trio.current_time()
+        await kernel.shutdown()
+        took.append(trio.current_time() - start)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(shut)
+        await trio.testing.wait_all_tasks_blocked()
+        assert kernel.phase is KernelPhase.DRAINING
+        release.set()
+    return took[0]
 
 
 # --- a handler's returned message, waiting for room, when its agent is cancelled ---------
@@ -219,22 +243,345 @@ async def test_shutdown_ends_its_drain_when_the_last_work_is_dead_lettered_by_a_
         await gate.wait()
         ctx.stop()
 
-    took: list[float] = []
     async with open_kernel(make_config(shutdown_grace_ms=100_000)) as kernel:
         ref = kernel.spawn(once)
         await kernel.send(ref, 1)
         await kernel.send(ref, 2)
         await trio.testing.wait_all_tasks_blocked()
 
-        async def shut() -> None:
+        took = await _timed_shutdown(kernel, gate)
+    assert _letters(kernel) == [(2, DeadLetterReason.AGENT_STOPPED)]
+    assert took == 0.0
+    assert_conserved(kernel)
+
+
+# --- supervision: stops, restarts and links in the middle of one another -------------------
+
+
+async def test_drain_ends_when_a_lazy_permanent_agent_exits_on_its_last_message(
+    autojump_clock: Any,
+) -> None:
+    """Regression: A lazy (function) permanent agent calls ``ctx.stop()`` while handling the last
+    message in flight during the drain. The serve loop returns without reporting idle,
+    the supervisor restarts the agent *dormant* (no task), and nobody calls
+    ``check_drained``: the shutdown waits out the whole grace period."""
+    gate = trio.Event()
+
+    @agent(name="lazy")  # permanent, no on_start: restarted dormant
+    async def lazy(ctx: Context, msg: Message) -> None:
+        await gate.wait()
+        ctx.stop()
+
+    async with open_kernel(make_config(shutdown_grace_ms=100_000)) as kernel:
+        ref = kernel.spawn(lazy)
+        await kernel.send(ref, 1)
+        await trio.testing.wait_all_tasks_blocked()
+
+        took = await _timed_shutdown(kernel, gate)
+    assert kernel.stats().handled == 1
+    assert took == 0.0
+    assert_conserved(kernel)
+
+
+async def test_drain_ends_when_a_lazy_class_agent_fails_on_its_last_message(
+    autojump_clock: Any,
+) -> None:
+    """Regression: The same with a failure: a class agent without ``on_start`` (lazy, directive
+    ``restart``) raises on the last message in flight; it is dead-lettered, the agent is
+    restarted dormant, and the drain waits out the grace period."""
+    gate = trio.Event()
+
+    class Fails(Agent):
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            await gate.wait()
+            raise RuntimeError("boom")
+
+    async with open_kernel(make_config(shutdown_grace_ms=100_000)) as kernel:
+        ref = kernel.spawn(agent(Fails, name="fails"))
+        await kernel.send(ref, 1)
+        await trio.testing.wait_all_tasks_blocked()
+
+        took = await _timed_shutdown(kernel, gate)
+    assert _letters(kernel) == [(1, DeadLetterReason.HANDLER_ERROR)]
+    assert took == 0.0
+    assert_conserved(kernel)
+
+
+async def test_a_stop_asked_during_a_group_restart_does_not_wait_out_the_backoff(
+    autojump_clock: Any,
+) -> None:
+    """Regression: ``x`` fails under ``one_for_all`` (backoff 50 s); while the supervisor stops ``y``
+    for the group restart (y's ``on_stop`` in progress), ``kernel.stop(y)`` is queued.
+    The restart schedules y's task (a 50 s backoff) and, in the same round, handles the
+    TERMINATE: y's task has not run, ``child.scope`` is None, the cancel is skipped and
+    ``kernel.stop(y)`` waits out the whole backoff."""
+    in_stop = trio.Event()
+    finish_stop = trio.Event()
+    log: list[str] = []
+
+    class X(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            log.append("x start")
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            raise RuntimeError("x fails")
+
+    class Y(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            log.append("y start")
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            pass
+
+        async def on_stop(self, ctx: Context) -> None:
+            log.append("y stop")
+            in_stop.set()
+            await finish_stop.wait()
+
+    sup = Supervisor(
+        name="sup",
+        strategy="one_for_all",
+        max_restarts=100,
+        backoff=Backoff(initial=50.0, maximum=50.0, jitter=0.0),
+        children=[agent(Y, name="y", shutdown_timeout=1000.0), agent(X, name="x")],
+    )
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(sup)
+        await trio.testing.wait_all_tasks_blocked()
+        assert log == ["y start", "x start"]
+        await kernel.send("x", "fail")
+        await in_stop.wait()  # the group restart is stopping y
+        y = kernel.lookup("y")
+        took: list[float] = []
+
+        async def stop_y() -> None:
             start = trio.current_time()
-            await kernel.shutdown()
+            await kernel.stop(y)
             took.append(trio.current_time() - start)
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(shut)
+            nursery.start_soon(stop_y)
             await trio.testing.wait_all_tasks_blocked()
-            gate.set()
-    assert _letters(kernel) == [(2, DeadLetterReason.AGENT_STOPPED)]
+            finish_stop.set()
+    assert log.count("y start") == 1, log
     assert took == [0.0]
+    assert_conserved(kernel)
+
+
+async def test_stopping_a_just_spawned_agent_does_not_wait_for_its_elder_siblings_on_start(
+    autojump_clock: Any,
+) -> None:
+    """Regression: ``b`` is spawned right after ``a`` (whose ``on_start`` takes long) and stopped at
+    once: the supervisor handles ADD(a), ADD(b), TERMINATE(b) in one round; b's task has
+    not run yet, so ``child.scope`` is None and ``_stop_child`` has nothing to cancel: it
+    waits for b's task, which waits for a's start gate. ``kernel.stop(b)`` is held for
+    as long as a's ``on_start`` runs (for ever here)."""
+    a_may_start = trio.Event()
+    log: list[str] = []
+
+    class A(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            await a_may_start.wait()
+            log.append("a start")
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            pass
+
+    class B(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            log.append("b start")
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            pass
+
+    async with open_kernel(make_config(shutdown_grace_ms=1000)) as kernel:
+        kernel.spawn(agent(A, name="a", shutdown_timeout=1.0))
+        b = kernel.spawn(agent(B, name="b"))
+        with trio.move_on_after(100) as scope:
+            await kernel.stop(b)
+        stop_hung = scope.cancelled_caught
+        a_may_start.set()
+        assert not stop_hung, "kernel.stop(b) waited for a's on_start"
+        assert "b start" not in log
+    assert_conserved(kernel)
+
+
+async def test_a_child_spawned_in_on_stop_does_not_outlive_its_stopped_parent(
+    autojump_clock: Any,
+) -> None:
+    """Regression: ``kernel.stop(p)``: the supervisor stops p's linked children first, then p; p's
+    ``on_stop`` calls ``ctx.spawn`` (allowed: p is not retired yet and the kernel runs).
+    Nothing stops that child: it is still alive after p is stopped for good, linked to a
+    retired parent."""
+
+    @agent
+    async def worker(ctx: Context, msg: Message) -> None:
+        pass
+
+    class P(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            pass
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            pass
+
+        async def on_stop(self, ctx: Context) -> None:
+            ctx.spawn(worker, name="flusher")
+
+    async with open_kernel(make_config()) as kernel:
+        p = kernel.spawn(agent(P, name="p"))
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.stop(p)
+        await trio.testing.wait_all_tasks_blocked()
+        alive = [ref.name for ref in kernel.agents()]
+        assert alive == [], f"still alive after their parent stopped: {alive}"
+    assert_conserved(kernel)
+
+
+async def test_an_agent_restarted_after_the_grace_period_handles_nothing(
+    autojump_clock: Any,
+) -> None:
+    """Regression: ``w`` (under a nested supervisor) failed and waits out a 1 s backoff with a
+    message queued. The grace period ends (0.1 s): only *running* agents are held. The
+    root stops its children in reverse order, ``slow`` first (its ``on_stop`` takes 5 s),
+    so the nested supervisor is still running when w's backoff ends: w starts a new run,
+    not held, and handles its queue after the grace period."""
+    handled: list[tuple[Any, KernelPhase]] = []
+
+    class W(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            pass
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            if msg.payload == "boom":
+                raise RuntimeError("boom")
+            handled.append((msg.payload, ctx.kernel.phase))
+
+    class Slow(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            pass
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            pass
+
+        async def on_stop(self, ctx: Context) -> None:
+            await trio.sleep(5)
+
+    sup = Supervisor(
+        name="sup",
+        backoff=Backoff(initial=1.0, maximum=1.0, jitter=0.0),
+        children=[agent(W, name="w")],
+    )
+    async with open_kernel(make_config(shutdown_grace_ms=100)) as kernel:
+        kernel.spawn(sup)
+        kernel.spawn(agent(Slow, name="slow", shutdown_timeout=10.0))
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send("w", "boom")
+        await kernel.send("w", "late")
+        await trio.testing.wait_all_tasks_blocked()  # w failed, waits out its backoff
+    assert [p for p, phase in handled if phase >= KernelPhase.STOPPING] == [], handled
+    assert _letters(kernel)[-1] == ("late", DeadLetterReason.SHUTDOWN)
+    assert_conserved(kernel)
+
+
+async def test_a_child_spawned_by_the_message_in_hand_does_not_outlive_its_stopped_parent(
+    autojump_clock: Any,
+) -> None:
+    """Regression: ``kernel.stop(p)`` while p's handler is suspended: the supervisor stops p's
+    linked children (none yet), then asks p to stop and lets it finish the message in
+    hand; the handler then calls ``ctx.spawn``. That child is never stopped: it outlives
+    p, which is stopped for good, and the tree holds a child linked to a retired parent."""
+    gate = trio.Event()
+
+    @agent
+    async def worker(ctx: Context, msg: Message) -> None:
+        pass
+
+    @agent(name="p", shutdown_timeout=1000.0)
+    async def p(ctx: Context, msg: Message) -> None:
+        await gate.wait()
+        ctx.spawn(worker, name="job")
+
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(p)
+        await kernel.send(ref, "work")
+        await trio.testing.wait_all_tasks_blocked()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kernel.stop, ref)
+            await trio.testing.wait_all_tasks_blocked()  # p is asked to stop
+            gate.set()
+        await trio.testing.wait_all_tasks_blocked()
+        alive = [r.name for r in kernel.agents()]
+        assert alive == [], f"still alive after their parent stopped: {alive}"
+    assert_conserved(kernel)
+
+
+async def test_a_failure_during_a_group_restart_is_reported_to_monitors(
+    autojump_clock: Any,
+) -> None:
+    """Regression: Under ``one_for_all``, ``x`` fails; while the supervisor stops ``y`` (slow
+    ``on_stop``), ``z`` (started first, still running) fails too. z's EXIT is queued,
+    then ``_stop_child(z)`` finds its run over and the group restart bumps its run
+    number: the EXIT is dropped as stale. z's failure is never reported: no ``failed``
+    notice to its monitors, no ``failed`` event, no count against the intensity."""
+    in_stop = trio.Event()
+    finish_stop = trio.Event()
+    notices: list[tuple[str, str]] = []
+
+    class Z(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            pass
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            raise RuntimeError("z fails")
+
+    class Y(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            pass
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            pass
+
+        async def on_stop(self, ctx: Context) -> None:
+            in_stop.set()
+            await finish_stop.wait()
+
+    class X(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            pass
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            raise RuntimeError("x fails")
+
+    @agent(name="watcher")
+    async def watcher(ctx: Context, msg: Message) -> None:
+        if msg.payload == "watch":
+            ctx.monitor(ctx.kernel.lookup("x"))
+            ctx.monitor(ctx.kernel.lookup("z"))
+        else:
+            notices.append((msg.payload["name"], msg.payload["event"]))
+
+    sup = Supervisor(
+        name="sup",
+        strategy="one_for_all",
+        max_restarts=100,
+        backoff=Backoff(0, 0),
+        children=[
+            agent(Z, name="z"),
+            agent(Y, name="y", shutdown_timeout=1000.0),
+            agent(X, name="x"),
+        ],
+    )
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(sup)
+        kernel.spawn(watcher)
+        await kernel.send("watcher", "watch")
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send("x", "fail")
+        await in_stop.wait()  # the group restart is stopping y
+        await kernel.send("z", "fail")
+        await trio.testing.wait_all_tasks_blocked()
+        finish_stop.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(notices) == [("x", "failed"), ("z", "failed")], notices
     assert_conserved(kernel)
