@@ -696,6 +696,23 @@ async def test_send_frames_are_routed_with_the_agent_as_sender() -> None:
         assert (stats.sends_routed, stats.sends_failed) == (2, 1)
 
 
+async def test_send_frame_with_a_non_string_conversation_id_is_an_invalid_line() -> None:
+    """Regression: ``uuid.UUID(5)`` raised AttributeError, which escaped the stdout reader
+    and failed (restarted) the agent instead of counting an unusable line."""
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy(), name="badsend"))
+        bad = {"op": "send", "to": "nobody", "payload": 1, "conversation_id": 5}
+        with pytest.raises(RequestFailed) as info:
+            await kernel.request(ref, bad)
+        # The bad line fails the message in flight; the agent goes on with the same child.
+        assert info.value.reason == "malformed"
+        assert await kernel.request(ref, {"op": "echo", "value": "next"}) == "next"
+        stats = stats_of(kernel, ref)
+        assert (stats.invalid_lines, stats.starts, stats.sends_routed) == (1, 1, 0)
+        assert kernel.stats().restarts == 0
+        assert [d.reason for d in dead_letters(kernel)] == [DeadLetterReason.MALFORMED]
+
+
 async def test_child_that_stops_reading_is_bounded_by_the_send_timeout() -> None:
     tag = new_tag()
     async with bridge_kernel(send_timeout_ms=300) as kernel:

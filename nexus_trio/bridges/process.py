@@ -1002,6 +1002,10 @@ class ProcessAgent(Agent):
             to = parse_address(payload["to"])
             kind = MessageKind(payload.get("kind", "Command"))
             conversation_id = payload.get("conversation_id")
+            if conversation_id is not None and not isinstance(conversation_id, str):
+                raise TypeError(
+                    f"conversation_id must be a UUID string, got {type(conversation_id).__name__}"
+                )
             if "trace_id" in payload:
                 trace_id = _trace_id_from_wire(ctx.kernel, payload["trace_id"])
             else:

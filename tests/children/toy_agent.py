@@ -111,7 +111,7 @@ def answer(args: argparse.Namespace, msg: dict[str, Any]) -> None:
         respond(args, msg, "logged")
     elif op == "send":
         frame = {"to": command["to"], "payload": command.get("payload")}
-        for field in ("kind", "trace_id"):
+        for field in ("kind", "trace_id", "conversation_id"):
             if field in command:
                 frame[field] = command[field]
         emit({"type": "send", "payload": frame})
