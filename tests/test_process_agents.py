@@ -43,6 +43,7 @@ from nexus_trio import (
     open_kernel,
 )
 from nexus_trio.bridges import _lineage, bridge_stats, process_agent
+from nexus_trio.bridges import process as process_module
 from nexus_trio.bridges.process import BridgeStats, ProcessAgentError
 from nexus_trio.testing import assert_conserved, dead_letters
 from tests.test_bridge_agents import needs_node, node_or_skip
@@ -554,6 +555,27 @@ async def test_register_timeout_fails_the_agent_and_kills_the_child() -> None:
         assert "did not register within 0.5s" in str(event.error)
         await wait_until(lambda: not kernel.is_local(ref), "the agent to retire")
         assert live_processes(tag) == []
+
+
+async def test_stop_of_a_child_that_never_registered_does_not_wait_for_a_stdout_reader(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression: stopping a child that exited before registering waited the whole
+    reader drain for a stdout reader that is only started after the register line. The
+    drain is stretched past the bound of the test to make that wait fail it."""
+    monkeypatch.setattr(process_module, "_READER_DRAIN", 30.0)
+    cmd = [sys.executable, "-c", "import sys; sys.exit(3)"]
+    async with bridge_kernel() as kernel:
+        # Well under the stretched drain: a child that has exited is reaped at once.
+        with trio.fail_after(10):
+            async with kernel.events() as events:
+                ref = kernel.spawn(process_agent(cmd, restart="temporary", shutdown_grace=0.5))
+                async for event in events:
+                    if event.agent_id == ref.id and event.kind is EventKind.FAILED:
+                        break
+            await wait_until(lambda: not kernel.is_local(ref), "the agent to retire")
+        assert isinstance(event.error, ProcessAgentError)
+        assert "exited (status 3) before registering" in str(event.error)
 
 
 async def test_noise_before_register_is_skipped() -> None:

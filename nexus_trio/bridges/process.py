@@ -360,8 +360,9 @@ class ProcessAgent(Agent):
         self._write_lock = trio.Lock()
         self._stopping = False
         self._lost = False
-        #: set when the current child's stdout reader has finished
+        #: set when the current child's stdout reader has finished (or never started)
         self._reader_done = trio.Event()
+        self._reader_done.set()
         self._generation = 0
         self._extra: dict[str, Any] | None = None
         self._ping_token: str | None = None
@@ -416,7 +417,9 @@ class ProcessAgent(Agent):
         self._torn = False
         self._tells.clear()
         self._child_registered = False
+        # No stdout reader runs for this child before it registers: nothing to wait for.
         self._reader_done = trio.Event()
+        self._reader_done.set()
         self.protocol = 1
         try:
             process = await trio.lowlevel.open_process(
@@ -447,8 +450,13 @@ class ProcessAgent(Agent):
         ctx.nursery.start_soon(self._copy_stderr, process, name=f"stderr of {self.label}")
         self._stdout = _LineReader(process.stdout, options.line_limit)
         await self._await_register(process)
+        self._reader_done = trio.Event()
         ctx.nursery.start_soon(
-            self._read_stdout, process, self._generation, name=f"stdout of {self.label}"
+            self._read_stdout,
+            process,
+            self._generation,
+            self._reader_done,
+            name=f"stdout of {self.label}",
         )
         ctx.nursery.start_soon(
             self._watch_exit, process, self._generation, name=f"exit of {self.label}"
@@ -749,10 +757,9 @@ class ProcessAgent(Agent):
 
     # --- the child's output -----------------------------------------------------------------------
 
-    async def _read_stdout(self, process: trio.Process, generation: int) -> None:
+    async def _read_stdout(self, process: trio.Process, generation: int, done: trio.Event) -> None:
         stdout = self._stdout
         assert stdout is not None
-        done = self._reader_done
         try:
             while True:
                 try:
