@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -144,6 +145,49 @@ async def wait_until(predicate: Any, what: str, timeout: float = 20.0) -> None:
 
 def new_tag() -> str:
     return f"nexus-test-{uuid.uuid4()}"
+
+
+#: frame I/O of the scripted children (:func:`script`), stdlib only
+SCRIPT_PRELUDE = textwrap.dedent(
+    """
+    import json, os, sys, uuid
+    out = sys.stdout.buffer
+
+    def emit(obj):
+        out.write(json.dumps(obj).encode() + b"\\n")
+        out.flush()
+
+    def raw(data):
+        out.write(data)
+        out.flush()
+
+    def next_message():
+        while True:
+            line = sys.stdin.buffer.readline()
+            if not line:
+                sys.exit(0)
+            frame = json.loads(line)
+            if frame["type"] == "shutdown":
+                sys.exit(0)
+            if frame["type"] == "message":
+                return frame["payload"]
+
+    def respond_p1(msg, payload):
+        # The original bridges' answer: no id, no reply_to; conversation_id echoed.
+        emit({"type": "response", "payload": {
+            "from": msg["to"], "to": msg["from"], "kind": "Response", "payload": payload,
+            "timestamp": "2024-01-01T00:00:00Z", "conversation_id": msg.get("conversation_id"),
+        }})
+    """
+)
+
+
+def script(tmp_path: Path, body: str) -> list[str]:
+    """A child that runs ``body`` after :data:`SCRIPT_PRELUDE`: the exchange written out
+    step by step, where the toy agent's one-message ops cannot express it."""
+    path = tmp_path / "scripted_agent.py"
+    path.write_text(SCRIPT_PRELUDE + textwrap.dedent(body))
+    return [sys.executable, str(path)]
 
 
 # --- register and round trip ----------------------------------------------------------------
@@ -654,6 +698,40 @@ async def test_unusable_line_dead_letters_the_message_and_the_agent_goes_on(
         assert [d.reason for d in dead_letters(kernel)] == [DeadLetterReason.MALFORMED]
     warnings = [r for r in caplog.records if r.name == "nexus_trio.bridge"]
     assert any(getattr(r, "agent_name", None) == "noisy" for r in warnings)
+
+
+async def test_protocol_1_late_answer_to_a_message_failed_as_malformed_is_not_taken_for_the_next(
+    tmp_path: Path,
+) -> None:
+    """Regression: a protocol-1 answer echoing the conversation_id of a message that a
+    stray line had failed (``malformed``) matched no message written, and was taken for the
+    next one by order: B's requester got A's answer."""
+    cmd = script(
+        tmp_path,
+        """
+        emit({"type": "register", "payload": {"id": str(uuid.uuid4()), "name": "t"}})
+        while True:
+            a = next_message()
+            if a["payload"] != "A":
+                respond_p1(a, "answer-" + a["payload"])
+                continue
+            raw(b"debug: working on A\\n")  # a stray print: fails A as malformed
+            b = next_message()  # the kernel gave up on A and wrote B
+            respond_p1(a, "answer-A")
+            respond_p1(b, "answer-" + b["payload"])
+        """,
+    )
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(cmd, name="p1"))
+        with pytest.raises(RequestFailed) as info:
+            await kernel.request(ref, "A")
+        assert info.value.reason == "malformed"
+        assert await kernel.request(ref, "B") == "answer-B"
+        assert await kernel.request(ref, "C") == "answer-C"
+        stats = stats_of(kernel, ref)
+        assert (stats.protocol, stats.invalid_lines, stats.unmatched_responses) == (1, 1, 1)
+        assert (stats.starts, stats.replaced) == (1, 0)
+        assert [d.reason for d in dead_letters(kernel)] == [DeadLetterReason.MALFORMED]
 
 
 async def test_oversized_line_is_discarded_whole_and_dead_letters_the_message() -> None:

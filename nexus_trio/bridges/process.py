@@ -924,7 +924,9 @@ class ProcessAgent(Agent):
         The child handles messages in order, so the answer belongs to the oldest message
         written that has the ``conversation_id`` (and ``to``) the answer echoes; with
         nothing echoed, to the oldest message written. Tells written before that message
-        are finished: they were handled without an answer.
+        are finished: they were handled without an answer. An answer that echoes a
+        ``conversation_id`` no message written has answers none of them (the late answer
+        to a message already failed by an unusable line, say).
         """
         query = next((s for s in self._inflight.values() if not s.done), None)
         written: list[_Tell | _Slot] = [*self._tells]
@@ -936,6 +938,8 @@ class ProcessAgent(Agent):
         to = answer.get("to")
         index = 0
         if isinstance(conversation, str):
+            if conversation and all(entry.conversation != conversation for entry in written):
+                return None
             index = next(
                 (
                     i
