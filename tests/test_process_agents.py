@@ -583,6 +583,33 @@ async def test_request_timeout_cancels_the_wait_and_the_agent_recovers() -> None
         assert (stats.abandoned, stats.replaced, stats.starts) == (1, 1, 2)
 
 
+async def test_message_whose_deadline_passes_while_the_child_is_replaced_does_not_mark_it_stuck() -> (
+    None
+):
+    """Regression: when replacing a stuck child outlasted the handle timeout, the deadline
+    hit the next message before a byte of it was written, yet it was marked abandoned: the
+    fresh child, which never saw it, was replaced in turn before the message after, and so
+    on: after one timeout the agent never served again."""
+    async with bridge_kernel() as kernel:
+        # Each child takes 1.5 s to register, three times the handle timeout.
+        ref = kernel.spawn(process_agent(toy("--register-delay", "1.5"), handle_timeout=0.5))
+        with pytest.raises(RequestFailed) as info:
+            await kernel.request(ref, {"op": "hang"})
+        assert info.value.reason == "handler_timeout"
+        # The stuck child is replaced before this one is written: its deadline passes first.
+        with pytest.raises(RequestFailed) as info:
+            await kernel.request(ref, {"op": "echo", "value": 1})
+        assert info.value.reason == "handler_timeout"
+        # The fresh child got nothing to hang on: it serves the next message.
+        assert await kernel.request(ref, {"op": "echo", "value": 2}) == 2
+        stats = stats_of(kernel, ref)
+        assert (stats.abandoned, stats.replaced, stats.starts) == (1, 1, 2)
+        assert [d.message.payload for d in dead_letters(kernel)] == [
+            {"op": "hang"},
+            {"op": "echo", "value": 1},
+        ]
+
+
 async def test_register_timeout_fails_the_agent_and_kills_the_child() -> None:
     tag = new_tag()
     async with bridge_kernel() as kernel:

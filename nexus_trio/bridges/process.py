@@ -285,7 +285,17 @@ class _LineReader:
 class _Slot:
     """One message written to the child and waiting for its answer."""
 
-    __slots__ = ("abandoned", "conversation", "done", "error", "event", "msg_id", "sender", "value")
+    __slots__ = (
+        "abandoned",
+        "conversation",
+        "done",
+        "error",
+        "event",
+        "msg_id",
+        "sender",
+        "value",
+        "written",
+    )
 
     def __init__(self, msg_id: uuid.UUID, conversation: str = "", sender: str = "") -> None:
         self.msg_id = msg_id
@@ -298,6 +308,8 @@ class _Slot:
         self.done = False
         #: the handler stopped waiting (timeout): a later answer is discarded
         self.abandoned = False
+        #: the frame's write started: the child may have (part of) it
+        self.written = False
 
     def resolve(self, value: Any) -> None:
         if not self.done:
@@ -316,12 +328,14 @@ class _Slot:
 class _Tell:
     """A tell written to a protocol-1 child: it may be answered, or not at all."""
 
-    __slots__ = ("conversation", "msg", "sender")
+    __slots__ = ("conversation", "msg", "sender", "written")
 
     def __init__(self, msg: Message, conversation: str) -> None:
         self.msg = msg
         self.conversation = conversation
         self.sender = str(msg.sender)
+        #: the frame's write started: the child may have (part of) it
+        self.written = False
 
 
 class _BadFrame(Exception):
@@ -636,12 +650,14 @@ class ProcessAgent(Agent):
         slot = _Slot(msg.id, conversation, str(msg.sender))
         self._inflight[msg.id] = slot
         try:
-            await self._write(frame)
+            await self._write(frame, entry=slot)
             await slot.event.wait()
         except trio.Cancelled:
-            if not slot.done:
+            if not slot.done and slot.written:
                 # Handle timeout, request timeout or stop: a late answer to this message
-                # is discarded, and a child that never answers is replaced.
+                # is discarded, and a child that never answers is replaced. (Cancelled
+                # before its write started, say after a slow replacement of the child,
+                # the message never reached the child: nothing to wait for or replace.)
                 slot.abandoned = True
                 self.stats.abandoned += 1
             raise
@@ -699,10 +715,11 @@ class ProcessAgent(Agent):
         try:
             # Bounded by the handle timeout, not the send timeout: a busy child reading
             # tells slowly is backpressure, not a failure.
-            await self._write(frame, bounded=False)
+            await self._write(frame, bounded=False, entry=tell)
         except trio.Cancelled:
-            self._torn = True  # half a frame may be in the pipe: replace the child
-            self.stats.abandoned += 1
+            if tell.written:
+                self._torn = True  # half a frame may be in the pipe: replace the child
+                self.stats.abandoned += 1
             with contextlib.suppress(ValueError):
                 self._tells.remove(tell)
             raise
@@ -730,13 +747,21 @@ class ProcessAgent(Agent):
             with trio.fail_after(self.options.register_timeout + 1.0):
                 await self._start_child()
 
-    async def _write(self, data: bytes, *, bounded: bool = True) -> None:
-        """Write one frame, bounded by the kernel's send timeout (if ``bounded``)."""
+    async def _write(
+        self, data: bytes, *, bounded: bool = True, entry: _Slot | _Tell | None = None
+    ) -> None:
+        """Write one frame, bounded by the kernel's send timeout (if ``bounded``).
+
+        ``entry.written`` is set once the write starts (the lock is held): a cancellation
+        before that left nothing of the frame in the pipe.
+        """
         process = self.process
         assert process is not None and process.stdin is not None
         timeout = self._send_timeout() if bounded else math.inf
         with trio.move_on_after(timeout) as scope:
             async with self._write_lock:
+                if entry is not None:
+                    entry.written = True
                 try:
                     await process.stdin.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
