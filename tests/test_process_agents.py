@@ -45,7 +45,7 @@ from nexus_trio import (
 )
 from nexus_trio.bridges import _lineage, bridge_stats, process_agent
 from nexus_trio.bridges import process as process_module
-from nexus_trio.bridges.process import BridgeStats, ProcessAgentError
+from nexus_trio.bridges.process import BridgeStats, ProcessAgent, ProcessAgentError
 from nexus_trio.testing import assert_conserved, dead_letters
 from tests.test_bridge_agents import needs_node, node_or_skip
 
@@ -608,6 +608,38 @@ async def test_message_whose_deadline_passes_while_the_child_is_replaced_does_no
             {"op": "hang"},
             {"op": "echo", "value": 1},
         ]
+
+
+async def test_child_lost_as_its_message_times_out_is_replaced_for_the_next_message(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression: a child exit noticed in the scheduling batch in which its message's
+    handler was cancelled (handle deadline, request timeout) lost its error to the
+    Cancelled: the agent did not fail, the dead child stayed, and the next message was
+    dead-lettered ("the child process is gone") in its place. The hook only fixes that
+    interleaving: the deadline expires just before the exit is noticed."""
+    original = ProcessAgent._child_lost
+
+    def deadline_then_lost(self: ProcessAgent, error: ProcessAgentError) -> None:
+        if not self._lost:
+            assert self._ctx is not None
+            self._ctx._cell.cancel_current(DeadLetterReason.HANDLER_TIMEOUT)
+        original(self, error)
+
+    monkeypatch.setattr(ProcessAgent, "_child_lost", deadline_then_lost)
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy(), name="crashy"))
+        first_pid = await kernel.request(ref, {"op": "pid"})
+        with pytest.raises(RequestFailed) as info:
+            await kernel.request(ref, {"op": "crash", "code": 7})
+        assert info.value.reason == "handler_timeout"
+        # The lost child is replaced before the next message, which it serves.
+        assert await kernel.request(ref, {"op": "echo", "value": "next"}) == "next"
+        assert [d.reason for d in dead_letters(kernel)] == [DeadLetterReason.HANDLER_TIMEOUT]
+        stats = stats_of(kernel, ref)
+        assert (stats.starts, stats.replaced, stats.last_exit) == (2, 1, 7)
+        assert stats.pid != first_pid
+        assert kernel.stats().restarts == 0
 
 
 async def test_register_timeout_fails_the_agent_and_kills_the_child() -> None:

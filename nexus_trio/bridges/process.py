@@ -123,7 +123,8 @@ class BridgeStats:
     unmatched_responses: int = 0
     #: messages whose handling was cancelled (handle timeout, request timeout) before an answer
     abandoned: int = 0
-    #: children replaced in place because they did not answer a timed-out message
+    #: children replaced in place because they did not answer a timed-out message (or
+    #: exited just as it timed out)
     replaced: int = 0
     #: ``send`` frames routed, and those the kernel refused (unknown recipient, full mailbox, ...)
     sends_routed: int = 0
@@ -374,6 +375,9 @@ class ProcessAgent(Agent):
         self._write_lock = trio.Lock()
         self._stopping = False
         self._lost = False
+        #: the child was lost as its message's handler was cancelled: nothing failed the
+        #: agent for it (the Cancelled won), so the next message replaces the child
+        self._lost_unreported = False
         #: set when the current child's stdout reader has finished (or never started)
         self._reader_done = trio.Event()
         self._reader_done.set()
@@ -428,6 +432,7 @@ class ProcessAgent(Agent):
         stats = self.stats
         self._generation += 1
         self._lost = False
+        self._lost_unreported = False
         self._torn = False
         self._tells.clear()
         self._child_registered = False
@@ -637,9 +642,11 @@ class ProcessAgent(Agent):
     # --- messages ----------------------------------------------------------------------------------
 
     async def handle(self, ctx: Context, msg: Message) -> Any:
-        if self._lost:
+        if self._lost_unreported:
+            await self._replace_child("was lost as its message was cancelled")
+        elif self._lost:
             raise ProcessAgentError(self.label, "the child process is gone", self.stats.pid)
-        if self._torn or any(slot.abandoned for slot in self._inflight.values()):
+        elif self._torn or any(slot.abandoned for slot in self._inflight.values()):
             await self._replace_child()
         frame, conversation = self._encode(ctx, msg)
         if self.protocol == 1 and msg.kind is not MessageKind.QUERY:
@@ -660,6 +667,11 @@ class ProcessAgent(Agent):
                 # the message never reached the child: nothing to wait for or replace.)
                 slot.abandoned = True
                 self.stats.abandoned += 1
+            elif isinstance(slot.error, ProcessAgentError):
+                # The child was lost as this handler was cancelled (same scheduling
+                # batch): its error, which would fail the agent, is dropped for the
+                # Cancelled. The next message must not pay for it: it replaces the child.
+                self._lost_unreported = True
             raise
         finally:
             if not slot.abandoned:
@@ -728,11 +740,11 @@ class ProcessAgent(Agent):
                 self._tells.remove(tell)
             raise
 
-    async def _replace_child(self) -> None:
+    async def _replace_child(self, problem: str = "did not answer a timed-out message") -> None:
         """The child did not answer a message that timed out: replace it before going on."""
         stats = self.stats
         stats.replaced += 1
-        self._warn("did not answer a timed-out message; replacing the child process")
+        self._warn(f"{problem}; replacing the child process")
         # Bounded by the kill sequence and the register timeout, whatever the handle
         # deadline: a half-replaced child would be worse than a late message.
         with trio.CancelScope(shield=True):
