@@ -951,6 +951,24 @@ async def test_grandchild_holding_the_pipes_does_not_hide_a_crash() -> None:
     assert live_processes(tag) == []
 
 
+@pytest.mark.parametrize(
+    "flags", [["--ignore-term"], []], ids=["child-ignores-term", "child-exits"]
+)
+async def test_grandchild_killed_with_the_group_is_reaped_not_left_a_zombie(
+    flags: list[str],
+) -> None:
+    """Regression: a grandchild killed with its parent's process group is reparented to the
+    kernel process (the subreaper) and nothing waited for it: it stayed a zombie of the
+    kernel (a zombie has no environment, so it cannot be found by its mark)."""
+    tag = new_tag()
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy(*flags, tag=tag), shutdown_grace=0.3))
+        grandchild = await kernel.request(ref, {"op": "grandchild"})
+        await kernel.stop(ref)
+        assert live_processes(tag) == []
+        assert not os.path.exists(f"/proc/{grandchild}")  # killed and reaped, not a zombie
+
+
 async def test_grandchild_that_leaves_the_group_with_setsid_is_killed_at_stop() -> None:
     tag = new_tag()
     async with bridge_kernel() as kernel:

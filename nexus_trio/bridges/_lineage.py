@@ -164,6 +164,57 @@ def _reap(pids: list[int]) -> None:
             time.sleep(0.01)
 
 
+def _group_members(pgid: int) -> list[tuple[int, int, str]]:
+    """``(pid, parent pid, state)`` of the processes in process group ``pgid``, zombies too."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:
+                members.append((int(entry), int(fields[1]), fields[0]))
+        except (OSError, IndexError, ValueError):
+            continue
+    return members
+
+
+def reap_group(pgid: int, wait: float = 0.0) -> int:
+    """Reap the dead members of process group ``pgid`` that were reparented to us.
+
+    A child's process group is killed with it; members whose parent died with them are
+    reparented to the kernel process (the subreaper), and nothing else waits for them: a
+    zombie's environment is gone, so :func:`kill_descendants` cannot find it by its mark.
+    The group leader (the child itself, ``pid == pgid``) is not touched: its
+    ``trio.Process`` reaps it. With ``wait``, goes on (at most ``wait`` seconds) until no
+    member of the group is alive or ours to reap. Returns how many it reaped.
+    """
+    if not SUPPORTED:
+        return 0
+    me = os.getpid()
+    reaped = 0
+    deadline = time.monotonic() + wait
+    while True:
+        left = False
+        for pid, parent, state in _group_members(pgid):
+            if pid == pgid:
+                continue
+            if parent == me and state == "Z":
+                try:
+                    done, _ = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    done = 0
+                if done:
+                    reaped += 1
+                    continue
+            if state != "Z" or parent == me:
+                left = True
+        if not left or time.monotonic() >= deadline:
+            return reaped
+        time.sleep(0.01)
+
+
 def _kill_and_reap_marked(token: str) -> int:
     killed: set[int] = set()
     # A dying descendant may fork once more while we look: look again until none is new.

@@ -593,13 +593,16 @@ class ProcessAgent(Agent):
         await process.wait()
         self.stats.last_exit = process.returncode
         # The leader is gone; what is left of its group (grandchildren, maybe holding
-        # the pipes) gets SIGTERM, a moment, then SIGKILL.
+        # the pipes) gets SIGTERM, a moment, then SIGKILL. Those that die are reparented
+        # to us (the subreaper) and reaped here: nothing else waits for them.
         if self._signal_group(process, signal.SIGTERM):
             with trio.move_on_after(_GROUP_TERM_WAIT):
                 # No event tells when the last member of a group is gone: poll.
-                while self._signal_group(process, 0):  # noqa: ASYNC110
+                while self._signal_group(process, 0):
+                    await trio.to_thread.run_sync(_lineage.reap_group, process.pid)
                     await trio.sleep(0.02)
-            self._signal_group(process, signal.SIGKILL)
+            if self._signal_group(process, signal.SIGKILL):
+                await trio.to_thread.run_sync(_lineage.reap_group, process.pid, _GROUP_TERM_WAIT)
         token = self._tokens.pop(process.pid, None)
         if token is not None:
             # Those that left the group (setsid) or were started by a group member that
