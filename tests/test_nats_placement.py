@@ -7,14 +7,31 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
+import attrs
 import pytest
 import trio
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nexus_trio._nats._membership import NodeInfo
+from nexus_trio import (
+    Agent,
+    Context,
+    EventKind,
+    Kernel,
+    LifecycleEvent,
+    Message,
+    agent,
+    open_kernel,
+)
+from nexus_trio._nats import Cluster, NatsServer, join_cluster
+from nexus_trio._nats import _wire as wire
+from nexus_trio._nats._aio import call_aio
+from nexus_trio._nats._membership import NodeInfo, encode_record, monotonic
 from nexus_trio._nats._placement import (
     Placement,
     PlacementRecord,
@@ -22,7 +39,7 @@ from nexus_trio._nats._placement import (
     rendezvous_owner,
 )
 
-from .nats_server import nats_cluster
+from .nats_server import FAST, nats_cluster, node_config
 from .placement_node import Node
 
 # --- rendezvous hashing (no server) ------------------------------------------------------------
@@ -312,3 +329,153 @@ def test_each_agent_of_a_lost_node_is_replaced_by_exactly_one_survivor() -> None
     assert survivors["a"] and survivors["b"]  # spread, not all on one
     for node, names in survivors.items():
         assert all(rendezvous_owner(name, ["a", "b"]) == node for name in names)
+
+
+# --- membership driven by hand: kernels of this process on one nats-server -------------------
+#
+# What ``_check_members`` does for a node that missed its heartbeats is done by hand at a
+# precise moment (``_lose``), and what the KV watches bring is loaded at once where a step
+# needs it (``_meet``, ``_learn``): nothing waits on time.
+
+
+class _Counting(Agent):
+    def __init__(self) -> None:
+        self.handled = 0
+
+    async def handle(self, ctx: Context, msg: Message) -> Any:
+        self.handled += 1
+        return {"name": ctx.name, "handled": self.handled}
+
+
+COUNTING = agent(_Counting, name="counter")
+#: no periodic heartbeat or loss check during a test: every membership step is explicit
+QUIET = {"heartbeat_interval": 30.0, "missed_heartbeats": 3}
+# names whose rendezvous owners the tests rely on (checked in the test below)
+ON_C_THEN_A = "svc-12"  # owner over a,b,c: c; over a,b: a
+ON_C = "svc-0"  # owner over a,c: c
+
+
+def test_the_names_are_owned_as_the_tests_assume() -> None:
+    assert rendezvous_owner(ON_C_THEN_A, ["a", "b", "c"]) == "c"
+    assert rendezvous_owner(ON_C_THEN_A, ["a", "b"]) == "a"
+    assert rendezvous_owner(ON_C, ["a", "c"]) == "c"
+    assert rendezvous_owner("loss:c", ["a", "b"]) == "a"
+
+
+@asynccontextmanager
+async def _node(
+    url: str, name: str, *, register: bool = True, **options: Any
+) -> AsyncIterator[tuple[Kernel, Cluster]]:
+    async with (
+        open_kernel(node_config()) as kernel,
+        join_cluster(kernel, url, name, options=attrs.evolve(FAST, **options)) as cluster,
+    ):
+        if register:
+            cluster.register_type("counter", COUNTING)
+        yield kernel, cluster
+
+
+def _meet(*clusters: Cluster) -> None:
+    """Every node hears every other's heartbeat now (what ``_on_heartbeat`` does)."""
+    for x in clusters:
+        for y in clusters:
+            if x is not y:
+                x._apply_member_entry(y.node, y._record(), None)
+
+
+def _lose(cluster: Cluster, node: str) -> None:
+    """``node`` missed its heartbeats as ``cluster`` sees it: what ``_check_members`` does."""
+    info = cluster.members.members[node]
+    cluster.members.members[node] = attrs.evolve(info, last_seen=-1e9)
+    for lost in cluster.members.newly_lost(monotonic()):
+        cluster._node_lost(lost)
+
+
+async def _learn(cluster: Cluster, name: str) -> None:
+    """Load ``name``'s name entry and placement record now (what the KV watches bring)."""
+    await cluster._refresh_name(name)
+    kv = cluster.placement._kv
+    assert kv is not None
+    entry = await call_aio(kv.get, wire.name_key(name))
+    cluster.placement._apply_record(entry.key, entry.value, entry.operation)
+
+
+async def _placed_record(cluster: Cluster, name: str) -> bytes | None:
+    """``name``'s record in the placed bucket, None if there is none."""
+    kv = cluster.placement._kv
+    assert kv is not None
+
+    async def get() -> bytes | None:
+        try:
+            entry = await kv.get(wire.name_key(name))
+        except Exception:
+            return None
+        return entry.value
+
+    return await call_aio(get)
+
+
+async def _kv_member(cluster: Cluster, node: str) -> bytes:
+    """``node``'s membership record as the nodes bucket has it now."""
+
+    async def read() -> bytes:
+        kv = await cluster.js.key_value(f"{cluster.prefix}-nodes")
+        entry = await kv.get(node)
+        assert entry.value is not None
+        return entry.value
+
+    return await call_aio(read)
+
+
+async def _replaced(events: Any, name: str) -> LifecycleEvent:
+    """The next ``restarted`` event of ``name`` on a kernel's event stream."""
+    async for event in events:
+        if event.kind is EventKind.RESTARTED and event.name == name:
+            return event  # type: ignore[no-any-return]
+    raise AssertionError("event stream ended")
+
+
+async def test_a_node_restarted_under_its_name_before_its_loss_was_noticed(
+    nats: NatsServer,
+) -> None:
+    """Regression: c (another process) runs ON_C; it is SIGKILLed and started again under
+    the same name before a's loss check fires (a slow one here). a took the new process's
+    record (a new id prefix) for the old one's: the old one's agents were never re-placed,
+    its loss never counted, and the name pointed at a dead id for good. The old process
+    is lost all the same: its agent is re-placed (on a, the only other member), counted."""
+    async with _node(nats.url, "a", missed_heartbeats=1000) as (ka, ca):
+        c = await Node(nats.url, "c").start()
+        try:
+            with trio.fail_after(60):
+                assert await c.call("wait_live", count=2) == ["a", "c"]
+                ca._apply_member_entry("c", await _kv_member(ca, "c"), None)
+                placed = await ca.spawn("counter", name=ON_C)
+                assert placed.node == "c"
+                old_prefix = ca.members.members["c"].id_prefix
+                async with ka.events() as events:
+                    c.kill()
+                    await c.process.wait()  # type: ignore[union-attr]
+                    c = await Node(nats.url, "c").start()
+                    assert await c.call("wait_live", count=2) == ["a", "c"]
+                    # a hears the new process (its heartbeat; read from KV here, at once)
+                    ca._apply_member_entry("c", await _kv_member(ca, "c"), None)
+                    assert ca.members.members["c"].id_prefix != old_prefix
+                    with trio.fail_after(10):  # a hang guard
+                        event = await _replaced(events, ON_C)
+                assert event.reason == "re-placed from node c"
+                stats = ca.stats()
+                assert (stats.nodes_lost, stats.replaced) == (1, 1)
+                assert ca.live_nodes() == ["a", "c"]  # the new process is a member
+                assert ka.is_local(ON_C)
+                answer = await ka.request(ON_C, "hi", timeout=5)
+                assert answer == {"name": ON_C, "handled": 1}
+                # the old process's stale record, heard late, changes nothing
+                new_prefix = ca.members.members["c"].id_prefix
+                joined = ca.members.members["c"].joined
+                stale = encode_record("c", old_prefix, joined - 1.0, {})
+                ca._apply_member_entry("c", stale, None)
+                assert ca.members.members["c"].id_prefix == new_prefix
+                assert ca.stats().nodes_lost == 1
+        finally:
+            with trio.CancelScope(shield=True):
+                await c.stop()

@@ -1905,9 +1905,23 @@ class Cluster:
             log.warning("node %s: ignoring malformed membership record %r", self.node, key)
             return
         previous = self.members.members.get(info.node)
-        if previous is not None and previous.joined != info.joined and info.node != self.node:
-            # joined again (its leave unheard here): the new join counts from number 1
-            self._restart_streams(info.node)
+        if previous is not None and info.node != self.node:
+            if previous.id_prefix != info.id_prefix:
+                if info.joined < previous.joined:
+                    return  # a late record of an older process under that name: stale
+                if previous.reachable:
+                    # A new process under the name (a restart) before the old one's loss
+                    # was noticed: the old one is lost all the same (its agents re-placed,
+                    # what it held counted); first, while its streams are still known.
+                    self._node_lost(
+                        previous,
+                        f"node {previous.node!r} (pid {previous.pid} on {previous.host})"
+                        f" restarted (pid {info.pid} on {info.host}) before its loss was"
+                        " noticed",
+                    )
+            if previous.joined != info.joined:
+                # joined again (its leave unheard here): the new join counts from number 1
+                self._restart_streams(info.node)
         if self.members.heard(info):
             log.warning("node %s: node %r is reachable again", self.node, info.node)
 
@@ -1937,13 +1951,14 @@ class Cluster:
         info = self.members.members.get(node)
         return info is not None and info.reachable and info.id_prefix == id_prefix
 
-    def _node_lost(self, info: NodeInfo) -> None:
+    def _node_lost(self, info: NodeInfo, reason: str | None = None) -> None:
         self._nodes_lost += 1
-        silent = monotonic() - info.last_seen
-        reason = (
-            f"node {info.node!r} (pid {info.pid} on {info.host}) missed"
-            f" {self.options.missed_heartbeats} heartbeats: silent for {silent:.1f}s"
-        )
+        if reason is None:
+            silent = monotonic() - info.last_seen
+            reason = (
+                f"node {info.node!r} (pid {info.pid} on {info.host}) missed"
+                f" {self.options.missed_heartbeats} heartbeats: silent for {silent:.1f}s"
+            )
         log.warning("node %s: %s", self.node, reason)
         # The event names the node; its agent_id is the first id of the node's id space.
         self.kernel.report_event(
