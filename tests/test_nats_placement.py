@@ -35,6 +35,7 @@ from nexus_trio._nats._membership import NodeInfo, encode_record, monotonic
 from nexus_trio._nats._placement import (
     Placement,
     PlacementRecord,
+    UnknownAgentType,
     placement_weight,
     rendezvous_owner,
 )
@@ -479,3 +480,26 @@ async def test_a_node_restarted_under_its_name_before_its_loss_was_noticed(
         finally:
             with trio.CancelScope(shield=True):
                 await c.stop()
+
+
+async def test_a_rebalance_the_new_owner_refuses_starts_the_agent_here_again(
+    nats: NatsServer,
+) -> None:
+    """Regression: a runs ON_C (alone, it won it); c joins and wins it, but c has no spec
+    for the type. The rebalance stopped the agent here and dropped its record before
+    asking c: it ran nowhere. It runs here again (fresh, with its record), and the
+    rebalance still raises the owner's error."""
+    async with _node(nats.url, "a", **QUIET) as (ka, ca):
+        placed = await ca.spawn("counter", name=ON_C)
+        assert placed.node == "a"
+        async with _node(nats.url, "c", register=False, **QUIET) as (kc, cc):
+            _meet(ca, cc)
+            with trio.fail_after(30):  # a hang guard
+                with pytest.raises(UnknownAgentType, match="node 'c'"):
+                    await ca.rebalance()
+                assert ka.is_local(ON_C) and not kc.is_local(ON_C)
+                assert ka.lookup(ON_C).id != placed.id  # restart semantics
+                assert ca.name_holder(ON_C) == ("a", ka.lookup(ON_C).id)
+                assert await _placed_record(ca, ON_C) is not None
+                answer = await ka.request(ON_C, "hi", timeout=5)
+                assert answer == {"name": ON_C, "handled": 1}

@@ -283,7 +283,9 @@ class Placement:
         Restart semantics, as for a lost node: the agent here is stopped (what is still
         queued for it is dead-lettered ``agent_stopped``, as for any stop) and a fresh
         one starts on the new owner. Pinned agents stay. Not automatic: moving agents
-        costs their state, so the operator (or the app) decides when.
+        costs their state, so the operator (or the app) decides when. If the new owner
+        refuses the agent or does not answer, it starts here again (fresh) and the
+        owner's error is raised (the agents after it are not moved).
         """
         cluster = self._cluster
         live = cluster.live_nodes()
@@ -300,10 +302,40 @@ class Placement:
             with contextlib.suppress(AgentNotFound):
                 await cluster.kernel.stop(agent_id)
             await self._delete_record(name, revision)
-            await self._ask(owner, record.type_name, name, None, timeout)
+            try:
+                await self._ask(owner, record.type_name, name, None, timeout)
+            except Exception as exc:
+                # Refused, or no answer: the agent must not end up running nowhere.
+                await self._take_back(record.type_name, name, owner, exc)
+                raise
             log.info("node %s: agent %r moved to node %s (rebalanced)", cluster.node, name, owner)
             moved.append(name)
         return moved
+
+    async def _take_back(self, type_name: str, name: str, owner: str, exc: Exception) -> None:
+        """A rebalance's new owner did not take ``name``: start it here again (fresh
+        state; it was stopped here already). If the owner spawned it but its answer was
+        lost (no answer in time), the name runs twice, the newer here."""
+        cluster = self._cluster
+        try:
+            await self._spawn_here(type_name, name, None, replaced_from=None)
+        except Exception as again:
+            log.error(
+                "node %s: agent %r not moved to node %s (%s) and not started here again: %r",
+                cluster.node,
+                name,
+                owner,
+                exc,
+                again,
+            )
+            return
+        log.warning(
+            "node %s: agent %r not moved to node %s (%s): started here again (fresh state)",
+            cluster.node,
+            name,
+            owner,
+            exc,
+        )
 
     # --- records ----------------------------------------------------------------------------
 
