@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
+import nats.js.errors
 import pytest
 import trio
 import trio.testing
@@ -280,6 +281,7 @@ class _Cluster:
     """What ``Placement`` reads of its cluster, with fixed answers."""
 
     prefix = "nexus"
+    closing = False
 
     def __init__(self, node: str, sent_to_c: int, holders: dict[str, str]) -> None:
         self.node = node
@@ -401,17 +403,17 @@ async def _learn(cluster: Cluster, name: str) -> None:
     cluster.placement._apply_record(entry.key, entry.value, entry.operation)
 
 
-async def _placed_record(cluster: Cluster, name: str) -> bytes | None:
-    """``name``'s record in the placed bucket, None if there is none."""
+async def _placed_record(cluster: Cluster, name: str) -> int | None:
+    """The KV revision of ``name``'s record in the placed bucket, None if there is none."""
     kv = cluster.placement._kv
     assert kv is not None
 
-    async def get() -> bytes | None:
+    async def get() -> int | None:
         try:
             entry = await kv.get(wire.name_key(name))
-        except Exception:
+        except nats.js.errors.KeyNotFoundError:
             return None
-        return entry.value
+        return entry.revision
 
     return await call_aio(get)
 
@@ -503,3 +505,56 @@ async def test_a_rebalance_the_new_owner_refuses_starts_the_agent_here_again(
                 assert await _placed_record(ca, ON_C) is not None
                 answer = await ka.request(ON_C, "hi", timeout=5)
                 assert answer == {"name": ON_C, "handled": 1}
+
+
+@pytest.mark.parametrize("started", ["during the leave", "before the leave"])
+async def test_a_replacement_around_a_clean_leave_leaves_no_record_behind(
+    nats: NatsServer, started: str
+) -> None:
+    """Regression: a's loss check finds c while a leaves the cluster (its tasks run until
+    the leave is over), or found it just before and the re-placement finishes after the
+    leave dropped a's records. a's record of ON_C_THEN_A (a node that left) stayed in the
+    placed bucket for good, over c's. Now nothing is re-placed once the leave began."""
+    async with (
+        _node(nats.url, "b", **QUIET) as (_kb, cb),
+        _node(nats.url, "c", **QUIET) as (_kc, cc),
+    ):
+        async with _node(nats.url, "a", **QUIET) as (ka, ca):
+            _meet(ca, cb, cc)
+            placed = await cb.spawn("counter", name=ON_C_THEN_A)
+            assert placed.node == "c"
+            await cc.names_published()
+            await _learn(ca, ON_C_THEN_A)
+            gate, over = trio.Event(), trio.Event()
+            running: list[str] = []
+            original_leave = ca.placement.leave
+            original_replace = ca.placement._replace
+
+            async def replace(*args: Any) -> None:
+                running.append(args[0])
+                await gate.wait()
+                try:
+                    await original_replace(*args)
+                finally:
+                    over.set()
+
+            async def leave() -> None:
+                await original_leave()
+                if started == "during the leave":
+                    _lose(ca, "c")  # the loss check, running on during the leave
+                gate.set()
+                if running:
+                    await over.wait()
+
+            ca.placement._replace = replace  # type: ignore[method-assign]
+            ca.placement.leave = leave  # type: ignore[method-assign]
+            if started == "before the leave":
+                _lose(ca, "c")  # a wins it over {a, b}: its task waits for the gate
+                await trio.testing.wait_all_tasks_blocked()
+                assert running == [ON_C_THEN_A]
+        with trio.fail_after(10):  # a hang guard
+            revision = await _placed_record(cb, ON_C_THEN_A)
+        # c's record, as c wrote it: none of a's (a left: it would stay for good)
+        assert revision == cc.placement._held[ON_C_THEN_A][1]
+        assert ca.stats().replaced == 0
+        assert not ka.is_local(ON_C_THEN_A)

@@ -227,7 +227,7 @@ class Placement:
         kv = self._kv
         if kv is not None:
             revision = await call_aio(kv.put, wire.name_key(name), record.encode())
-            self._held[name] = (ref.id, revision)
+            await self._hold(name, ref.id, revision)
         if replaced_from is not None:
             self.replaced += 1
             reason = f"re-placed from node {replaced_from}"
@@ -236,6 +236,17 @@ class Placement:
                 LifecycleEvent(EventKind.RESTARTED, ref.id, name, trio.current_time(), reason)
             )
         return PlacedAgent(name, cluster.node, ref.id)
+
+    async def _hold(self, name: str, agent_id: uuid.UUID, revision: int) -> None:
+        """Note the record just written for ``name``, to drop on a clean leave; if this
+        node is leaving already (its leave may have dropped the records), drop it now."""
+        if not self._cluster.closing:
+            self._held[name] = (agent_id, revision)
+            return
+        try:
+            await self._delete_record(name, revision)
+        except Exception as exc:
+            log.warning("node %s: could not drop record %r: %r", self._cluster.node, name, exc)
 
     def _spawn_local(
         self, type_name: str, name: str, pinned: str | None
@@ -259,14 +270,23 @@ class Placement:
         except (ValueError, KeyError, TypeError) as exc:
             await m.respond(json.dumps({"error": "malformed", "text": repr(exc)}).encode())
             return
+        if self._cluster.closing:
+            text = f"node {self._cluster.node!r} is leaving the cluster"
+            await m.respond(json.dumps({"error": "failed", "text": text}).encode())
+            return
         try:
             # Spawned here, on the asyncio side of the same thread: kernel.spawn does not
             # wait, and the record is written with the asyncio KV client directly.
             pin = None if pinned is None else str(pinned)
             ref, record = self._spawn_local(type_name, name, pin)
-            if self._kv is not None:
-                revision = await self._kv.put(wire.name_key(name), record.encode())
-                self._held[name] = (ref.id, revision)
+            kv = self._kv
+            if kv is not None:
+                revision = await kv.put(wire.name_key(name), record.encode())
+                if self._cluster.closing:  # its leave dropped the records already
+                    with contextlib.suppress(nats.js.errors.BadRequestError):
+                        await kv.delete(wire.name_key(name), last=revision)
+                else:
+                    self._held[name] = (ref.id, revision)
             answer: dict[str, Any] = {"node": self._cluster.node, "id": str(ref.id)}
         except UnknownAgentType as exc:
             answer = {"error": "unknown_type", "type": exc.type_name, "node": exc.node}
@@ -404,8 +424,13 @@ class Placement:
                 unconfirmed,
                 held,
             )
-        if not survivors or cluster.kernel.shutting_down or self._nursery is None:
-            return
+        if (
+            not survivors
+            or cluster.kernel.shutting_down
+            or cluster.closing
+            or self._nursery is None
+        ):
+            return  # leaving: this node's agents are not to be re-placed, nor re-placed here
         for name in self.to_replace(info.node, survivors):
             self._nursery.start_soon(self._replace, name, self.records[name], info.node)
 
@@ -425,6 +450,8 @@ class Placement:
         return mine
 
     async def _replace(self, name: str, record: PlacementRecord, lost: str) -> None:
+        if self._cluster.closing:
+            return
         try:
             await self._spawn_here(record.type_name, name, record.pinned, replaced_from=lost)
         except (KernelShuttingDown, TransportUnavailable):
@@ -455,13 +482,16 @@ class Placement:
         await call_aio(subscribe)
 
     async def leave(self) -> None:
-        """A clean leave: this node's agents are not to be re-placed; drop its records."""
-        for name, (_, revision) in list(self._held.items()):
+        """A clean leave: this node's agents are not to be re-placed; drop its records.
+
+        Called once the cluster is closing: a record written after that is dropped by its
+        writer (see :meth:`_hold`), one written before is in ``_held`` by now."""
+        while self._held:
+            name, (_, revision) = self._held.popitem()
             try:
                 await self._delete_record(name, revision)
             except Exception as exc:
                 log.warning("node %s: could not drop record %r: %r", self._cluster.node, name, exc)
-        self._held.clear()
 
 
 def _decode_answer(data: bytes, name: str, owner: str) -> PlacedAgent:
