@@ -293,6 +293,9 @@ class _Cluster:
     def live_nodes(self) -> list[str]:
         return ["a", "b", "c"]
 
+    def member_list(self) -> list[NodeInfo]:
+        return []
+
     def tells_sent_to(self, node: str, id_prefix: int) -> int:
         return self._sent_to_c if (node, id_prefix) == ("c", 0xC) else 0
 
@@ -386,10 +389,12 @@ def _meet(*clusters: Cluster) -> None:
                 x._apply_member_entry(y.node, y._record(), None)
 
 
-def _lose(cluster: Cluster, node: str) -> None:
-    """``node`` missed its heartbeats as ``cluster`` sees it: what ``_check_members`` does."""
-    info = cluster.members.members[node]
-    cluster.members.members[node] = attrs.evolve(info, last_seen=-1e9)
+def _lose(cluster: Cluster, *nodes: str) -> None:
+    """``nodes`` missed their heartbeats as ``cluster`` sees it (found by one loss check):
+    what ``_check_members`` does."""
+    for node in nodes:
+        info = cluster.members.members[node]
+        cluster.members.members[node] = attrs.evolve(info, last_seen=-1e9)
     for lost in cluster.members.newly_lost(monotonic()):
         cluster._node_lost(lost)
 
@@ -558,3 +563,103 @@ async def test_a_replacement_around_a_clean_leave_leaves_no_record_behind(
         assert revision == cc.placement._held[ON_C_THEN_A][1]
         assert ca.stats().replaced == 0
         assert not ka.is_local(ON_C_THEN_A)
+
+
+@pytest.mark.parametrize("checks", ["c, then a", "c and a at once"])
+async def test_an_agent_whose_designated_survivor_is_lost_too_is_replaced(
+    nats: NatsServer, checks: str
+) -> None:
+    """Regression: c and a die together; b's loss check finds c first (a's last heartbeat
+    came later), then a. ON_C_THEN_A ran on c; over the survivors {a, b} a wins it, so b
+    left it to a; a was lost before it re-placed it, and b only looked for a's agents: it
+    ran nowhere. b, the only node left, runs it now (once, also when one check finds
+    both)."""
+    async with (
+        _node(nats.url, "a", **QUIET) as (_ka, ca),
+        _node(nats.url, "b", **QUIET) as (kb, cb),
+        _node(nats.url, "c", **QUIET) as (_kc, cc),
+    ):
+        _meet(ca, cb, cc)
+        with trio.fail_after(30):  # a hang guard
+            placed = await cb.spawn("counter", name=ON_C_THEN_A)
+            assert placed.node == "c"
+            await cc.names_published()
+            await _learn(cb, ON_C_THEN_A)
+            assert cb.name_holder(ON_C_THEN_A) == ("c", placed.id)
+            async with kb.events() as events:
+                if checks == "c, then a":
+                    _lose(cb, "c")
+                    assert not cb.placement._replacing  # a wins it over {a, b}
+                    _lose(cb, "a")  # a is gone before it re-placed anything
+                else:
+                    _lose(cb, "c", "a")
+                event = await _replaced(events, ON_C_THEN_A)
+            assert event.reason == "re-placed from node c"
+            assert cb.live_nodes() == ["b"]
+            assert kb.is_local(ON_C_THEN_A)
+            assert cb.name_holder(ON_C_THEN_A) == ("b", kb.lookup(ON_C_THEN_A).id)
+            stats = cb.stats()
+            assert (stats.nodes_lost, stats.replaced) == (2, 1)
+
+
+@pytest.mark.parametrize("checks", ["c, then a", "c and a at once"])
+async def test_what_a_lost_node_held_is_counted_when_its_counting_survivor_is_lost_too(
+    nats: NatsServer, checks: str
+) -> None:
+    """Regression: c held 7 messages at its last heartbeat; the survivor that counts them
+    is the rendezvous owner of ``loss:c`` over {a, b}: a. a was lost before it did, and
+    they were never counted. b, the only survivor, counts them (once)."""
+    async with (
+        _node(nats.url, "a", **QUIET) as (_ka, ca),
+        _node(nats.url, "b", **QUIET) as (_kb, cb),
+        _node(nats.url, "c", **QUIET) as (_kc, cc),
+    ):
+        _meet(ca, cb, cc)
+        info = cb.members.members["c"]
+        cb.members.members["c"] = attrs.evolve(
+            info, stats={**info.stats, "in_flight": 5, "held": 2}
+        )
+        if checks == "c, then a":
+            _lose(cb, "c")
+            assert cb.stats().lost_with_nodes == 0  # a's to count
+            _lose(cb, "a")
+        else:
+            _lose(cb, "c", "a")
+        assert cb.live_nodes() == ["b"]
+        assert cb.stats().lost_with_nodes == 7
+
+
+async def test_an_agent_whose_designated_survivor_leaves_cleanly_is_replaced(
+    nats: NatsServer,
+) -> None:
+    """Regression: c is lost; over the survivors {a, b} a wins ON_C_THEN_A, but a leaves
+    the cluster cleanly before its own loss check found c (nothing of c's was ever a's):
+    it ran nowhere. b, the only node left, re-places it; a's own agent, gone with a clean
+    leave, is not."""
+    async with (
+        _node(nats.url, "b", **QUIET) as (kb, cb),
+        _node(nats.url, "c", **QUIET) as (_kc, cc),
+    ):
+        async with kb.events() as events:
+            async with _node(nats.url, "a", **QUIET) as (_ka, ca):
+                _meet(ca, cb, cc)
+                with trio.fail_after(30):  # a hang guard
+                    placed = await cb.spawn("counter", name=ON_C_THEN_A)
+                    assert placed.node == "c"
+                    on_a = await cb.spawn("counter", name="on-a", node="a")
+                    await cc.names_published()
+                    await ca.names_published()
+                    await _learn(cb, ON_C_THEN_A)
+                    await _learn(cb, "on-a")
+                    _lose(cb, "c")
+                    assert not cb.placement._replacing  # a wins it over {a, b}
+            # a's clean leave, as b hears it (what _on_heartbeat does with the empty body)
+            cb._apply_member_entry("a", None, "DEL")
+            assert cb.placement._replacing <= {ON_C_THEN_A}  # not a's own agent
+            with trio.fail_after(10):  # a hang guard
+                event = await _replaced(events, ON_C_THEN_A)
+        assert event.reason == "re-placed from node c"
+        assert cb.live_nodes() == ["b"]
+        assert kb.is_local(ON_C_THEN_A) and not kb.is_local("on-a")
+        assert cb.stats().replaced == 1
+        assert on_a.node == "a"

@@ -1896,6 +1896,7 @@ class Cluster:
             if info is not None and key != self.node:
                 log.info("node %s: node %r left the cluster", self.node, key)
                 self._restart_streams(key)
+                self.placement.member_left(key)
             return
         if op == "PURGE" or not value:
             return  # expired by TTL: the loss checker decides, on this node's clock

@@ -155,6 +155,10 @@ class Placement:
         self.replaced = 0
         #: messages counted as lost with lost nodes (see :meth:`node_lost`)
         self.lost_with_nodes = 0
+        #: lost processes (node, id prefix) whose held messages this node counted
+        self._counted: set[tuple[str, int]] = set()
+        #: names this node is re-placing now (their task started, not done)
+        self._replacing: set[str] = set()
 
     # --- registry ---------------------------------------------------------------------------
 
@@ -404,26 +408,37 @@ class Placement:
         the lost node still held at that heartbeat (in its mailboxes, in handlers,
         waiting for room). An upper bound: what the lost node finished after its last
         heartbeat is counted too (at most one heartbeat interval's worth).
+
+        The survivor designated for a node lost earlier (to re-place an agent, or to
+        count what it held) may be this one: what it had to do falls to the owner over
+        the survivors now (see :meth:`to_replace`, :meth:`_count_held`).
         """
         cluster = self._cluster
         survivors = [n for n in cluster.live_nodes() if n != info.node]
         received = info.stats.get("recv") or {}
         confirmed = int(received.get(cluster.stream_name, 0))
         unconfirmed = max(0, cluster.tells_sent_to(info.node, info.id_prefix) - confirmed)
-        held = 0
-        if survivors and rendezvous_owner(f"loss:{info.node}", survivors) == cluster.node:
-            held = int(info.stats.get("in_flight", 0)) + int(info.stats.get("held", 0))
-        if unconfirmed or held:
-            self.lost_with_nodes += unconfirmed + held
+        if unconfirmed:
+            self.lost_with_nodes += unconfirmed
             log.warning(
-                "node %s: counted %d messages as lost with node %r (%d sent by this node"
-                " and not confirmed received, %d held there at its last heartbeat)",
+                "node %s: counted %d messages as lost with node %r (sent by this node and"
+                " not confirmed received at its last heartbeat)",
                 cluster.node,
-                unconfirmed + held,
-                info.node,
                 unconfirmed,
-                held,
+                info.node,
             )
+        earlier = self._lost_earlier(info.node)
+        if survivors:
+            if rendezvous_owner(f"loss:{info.node}", survivors) == cluster.node:
+                self._count_held(info)
+            for other in earlier:
+                # its counter was the node just lost (the owner over the survivors and it)
+                key = f"loss:{other.node}"
+                if (
+                    rendezvous_owner(key, [*survivors, info.node]) == info.node
+                    and rendezvous_owner(key, survivors) == cluster.node
+                ):
+                    self._count_held(other)
         if (
             not survivors
             or cluster.kernel.shutting_down
@@ -431,28 +446,79 @@ class Placement:
             or self._nursery is None
         ):
             return  # leaving: this node's agents are not to be re-placed, nor re-placed here
-        for name in self.to_replace(info.node, survivors):
-            self._nursery.start_soon(self._replace, name, self.records[name], info.node)
+        gone = [info.node, *(other.node for other in earlier)]
+        self._start_replacing(self.to_replace(gone, survivors), info.node)
 
-    def to_replace(self, lost: str, survivors: Sequence[str]) -> list[str]:
-        """The placed agents of node ``lost`` that this node re-spawns: those whose
-        rendezvous owner over ``survivors`` it is (each survivor gets the same answer)."""
+    def member_left(self, node: str) -> None:
+        """``node`` left the cluster cleanly: its agents are not re-placed, but it may have
+        been the survivor designated to re-place agents of nodes lost earlier and not
+        have done it; those whose owner over the members left is this node are."""
         cluster = self._cluster
+        if cluster.kernel.shutting_down or cluster.closing or self._nursery is None:
+            return
+        earlier = [other.node for other in self._lost_earlier(node)]
+        if earlier:
+            self._start_replacing(self.to_replace(earlier, cluster.live_nodes()), node)
+
+    def _lost_earlier(self, node: str) -> list[NodeInfo]:
+        """The members lost before (unreachable, not forgotten), but ``node``."""
+        own = self._cluster.node
+        return [
+            i
+            for i in self._cluster.member_list()
+            if not i.reachable and i.node != node and i.node != own
+        ]
+
+    def _count_held(self, info: NodeInfo) -> None:
+        """Count what ``info``'s node held at its last heartbeat (once per process)."""
+        key = (info.node, info.id_prefix)
+        if key in self._counted:
+            return
+        live = {(i.node, i.id_prefix) for i in self._cluster.member_list()}
+        self._counted.intersection_update(live)  # forgotten nodes: bounded
+        self._counted.add(key)
+        held = int(info.stats.get("in_flight", 0)) + int(info.stats.get("held", 0))
+        if held:
+            self.lost_with_nodes += held
+            log.warning(
+                "node %s: counted %d messages as lost with node %r (held there at its last"
+                " heartbeat)",
+                self._cluster.node,
+                held,
+                info.node,
+            )
+
+    def _start_replacing(self, names: list[str], lost: str) -> None:
+        assert self._nursery is not None
+        for name in names:
+            holder = self._cluster.name_holder(name)
+            self._replacing.add(name)
+            from_node = lost if holder is None else holder[0]
+            self._nursery.start_soon(self._replace, name, self.records[name], from_node)
+
+    def to_replace(self, lost: str | Iterable[str], survivors: Sequence[str]) -> list[str]:
+        """The placed agents of node(s) ``lost`` that this node re-spawns: those whose
+        rendezvous owner over ``survivors`` it is (each survivor gets the same answer),
+        but for those it is re-placing already."""
+        cluster = self._cluster
+        gone = {lost} if isinstance(lost, str) else set(lost)
         mine = []
         for name in self.records:
+            if name in self._replacing:
+                continue
             holder = cluster.name_holder(name)
             if (
                 holder is not None
-                and holder[0] == lost
+                and holder[0] in gone
                 and rendezvous_owner(name, survivors) == cluster.node
             ):
                 mine.append(name)
         return mine
 
     async def _replace(self, name: str, record: PlacementRecord, lost: str) -> None:
-        if self._cluster.closing:
-            return
         try:
+            if self._cluster.closing or not await self._still_placed(name):
+                return
             await self._spawn_here(record.type_name, name, record.pinned, replaced_from=lost)
         except (KernelShuttingDown, TransportUnavailable):
             return
@@ -465,6 +531,23 @@ class Placement:
                 lost,
                 exc,
             )
+        finally:
+            self._replacing.discard(name)
+
+    async def _still_placed(self, name: str) -> bool:
+        """Whether ``name``'s record is still in the placed bucket (its holder may have
+        left cleanly since, dropping it, before the watch brought that here)."""
+        kv = self._kv
+        if kv is None:
+            return True
+        try:
+            await call_aio(kv.get, wire.name_key(name))
+        except nats.js.errors.KeyNotFoundError:
+            log.info("node %s: %r not re-placed: its record is gone", self._cluster.node, name)
+            return False
+        except Exception as exc:  # the KV unavailable: the put decides
+            log.debug("node %s: could not read record %r: %r", self._cluster.node, name, exc)
+        return True
 
     # --- lifecycle ----------------------------------------------------------------------------
 
