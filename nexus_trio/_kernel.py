@@ -96,6 +96,11 @@ class Kernel:
         self._body_scope = trio.CancelScope()
         self._root_done = trio.Event()
         self._escalation: SupervisorEscalation | None = None
+        #: the task that runs the root supervisor: every task of the supervision tree
+        #: descends from it (see _in_tree)
+        self._root_task: trio.lowlevel.Task | None = None
+        #: the ``open_kernel`` nursery, where a shutdown asked from inside the tree runs
+        self._nursery: trio.Nursery | None = None
 
     # --- lifecycle of the kernel -----------------------------------------------------------
 
@@ -107,6 +112,7 @@ class Kernel:
         root.run = 1
         root.running = True
         root.started_at = trio.current_time()
+        self._root_task = trio.lowlevel.current_task()
         task_status.started()
         try:
             await root.run_once()
@@ -138,14 +144,50 @@ class Kernel:
 
         The shutdown itself is shielded from outside cancellation; it is bounded by the
         grace period and the shutdown timeouts.
+
+        Called from inside the supervision tree (a handler, ``on_start``, ``on_stop``, a
+        task an agent started), it cannot wait for the stop of the tree it runs in: as
+        OTP's ``init:stop()``, it starts the shutdown (sends from outside are refused from
+        this call on) and returns at once; the caller's message is then handled as part
+        of the drain.
         """
         router = self._router
+        in_tree = self._in_tree()
         if router.phase is not KernelPhase.RUNNING:
-            await self._shutdown_finished.wait()
+            if in_tree:
+                await trio.lowlevel.checkpoint()
+            else:
+                await self._shutdown_finished.wait()
             return
         router.phase = KernelPhase.DRAINING
         if grace is None:
             grace = self.config.kernel.shutdown_grace
+        if in_tree:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._shut_down, grace)
+            await trio.lowlevel.checkpoint()
+            return
+        await self._shut_down(grace)
+
+    def _in_tree(self) -> bool:
+        """True if the current task runs in the supervision tree (under the root's task).
+
+        A walk up the task tree, only when ``shutdown`` is called: nothing per message.
+        """
+        root_task = self._root_task
+        if root_task is None:
+            return False
+        task: trio.lowlevel.Task | None = trio.lowlevel.current_task()
+        while task is not None:
+            if task is root_task:
+                return True
+            nursery = task.parent_nursery
+            task = nursery.parent_task if nursery is not None else None
+        return False
+
+    async def _shut_down(self, grace: float) -> None:
+        """Steps 2 to 4 of :meth:`shutdown` (the phase is ``DRAINING`` already)."""
+        router = self._router
         with trio.CancelScope(shield=True):
             with trio.move_on_after(grace):
                 await router.wait_drained()
@@ -562,6 +604,7 @@ async def open_kernel(
 
     try:
         async with trio.open_nursery() as nursery:
+            kernel._nursery = nursery
             await nursery.start(kernel._run_root)
             nursery.start_soon(request_timer)
             try:

@@ -27,6 +27,8 @@ from nexus_trio import (
     DeadLetterReason,
     EventKind,
     KernelConfig,
+    KernelPhase,
+    KernelShuttingDown,
     Message,
     SupervisionConfig,
     Supervisor,
@@ -807,3 +809,46 @@ async def test_stop_worker_while_its_supervisor_is_stopping_waits_for_it(
     journal.assert_matched()
     assert_conserved(kernel)
     assert tasks_living() == baseline
+
+
+# --- shutdown asked from inside the supervision tree -----------------------------------------
+
+
+async def test_shutdown_called_from_a_handler_returns_and_the_kernel_shuts_down(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Regression: ``kernel.shutdown()`` awaited in a handler deadlocked. The drain waited
+    for that very handler (its message in flight) for the whole grace period, then the
+    caller waited, shielded, for the root to be done while the root waited for the
+    caller's run to end (a hang the mock clock cannot cut: ``guard_real_time``).
+
+    From inside the tree the call starts the shutdown and returns (OTP's ``init:stop()``):
+    sends from outside are refused from then on, the caller's message and the one queued
+    behind it (which asks again: that returns at once too) are handled in the drain, and
+    the kernel stops without waiting out the grace period.
+    """
+    returned: list[tuple[Any, Any]] = []
+
+    @agent(name="quitter")
+    async def quitter(ctx: Context, msg: Message) -> None:
+        await ctx.kernel.shutdown()
+        returned.append((msg.payload, ctx.kernel.phase))
+
+    with trio.fail_after(MOCK_LIMIT):
+        async with open_kernel(config(grace_ms=100_000), seed=1) as kernel:
+            ref = kernel.spawn(quitter)
+            start = trio.current_time()
+            async with kernel.events() as stream:  # it ends when the shutdown is done
+                await kernel.send(ref, "quit")
+                await kernel.send(ref, "again")
+                async for _ in stream:
+                    pass
+            took = trio.current_time() - start
+            assert kernel.stopped
+            with pytest.raises(KernelShuttingDown):
+                await kernel.send(ref, "late")
+    assert took == 0.0
+    assert returned == [("quit", KernelPhase.DRAINING), ("again", KernelPhase.DRAINING)]
+    stats = kernel.stats()
+    assert (stats.handled, stats.dead_lettered, stats.in_flight) == (2, 0, 0)
+    assert_conserved(kernel)
