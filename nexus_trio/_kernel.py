@@ -123,6 +123,8 @@ class Kernel:
         finally:
             root.running = False
             self._root_done.set()
+            # Nothing more can be handled: a drain under way must not wait out its grace.
+            self._router.end_drain()
 
     @property
     def phase(self) -> KernelPhase:

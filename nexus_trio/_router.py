@@ -236,6 +236,8 @@ class Router:
         #: loop keeps it in a local. Only the router changes it.
         self.late_queries: set[int] = set()
         self._drained: trio.Event | None = None
+        #: the supervision tree has stopped: nothing can be handled any more
+        self._drain_over = False
         self._sends = 0
         ledger.on_dead_query = self._dead_query
         ledger.send_notice = self.route_nowait
@@ -295,10 +297,19 @@ class Router:
             drained.set()
 
     async def wait_drained(self) -> None:
-        while self.ledger.in_flight > 0:
+        """Return once nothing is in flight, or once the tree has stopped (``end_drain``)."""
+        while self.ledger.in_flight > 0 and not self._drain_over:
             self._drained = trio.Event()
             await self._drained.wait()
         self._drained = None
+
+    def end_drain(self) -> None:
+        """The root supervisor's run ended (an escalation to the kernel): its children are
+        stopped, so nothing still in flight can be handled any more, and waiting for the
+        drain would wait out the grace period. Wake the drain, now and from now on."""
+        self._drain_over = True
+        if self._drained is not None:
+            self._drained.set()
 
     def discard_queued(
         self, messages: list[Message], reason: DeadLetterReason, recipient: Any, detail: str

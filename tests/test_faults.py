@@ -762,6 +762,110 @@ async def test_escalate_to_kernel_restores_whole_kernel_escalation(
     assert_conserved(kernel)
 
 
+async def test_an_escalation_to_the_kernel_during_the_drain_ends_the_drain(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Regression: with ``escalate_to_kernel``, an agent that failed during the drain made
+    the root give up: it stopped every child (``busy`` after the message in hand, 10 s)
+    but not for good, so their queues stayed in flight until the tree was retired, and
+    nothing woke the drain: it waited out the whole grace period (100 s). The drain ends
+    when the root's run ends; what is left is dead-lettered ``shutdown`` and
+    ``open_kernel`` raises ``SupervisorEscalation``."""
+    gate = trio.Event()
+
+    class Fails(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            pass
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            await gate.wait()
+            raise RuntimeError("boom")
+
+    class Busy(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            pass
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            await trio.sleep(10)
+
+    took: list[float] = []
+    kernels: list[Any] = []
+
+    async def fail_during_the_drain() -> None:
+        cfg = config(max_restarts=0, grace_ms=100_000, escalate_to_kernel=True)
+        async with open_kernel(cfg) as kernel:
+            kernels.append(kernel)
+            busy = kernel.spawn(agent(Busy, name="busy"))
+            fails = kernel.spawn(agent(Fails, name="fails"))
+            await kernel.send(busy, "b1")
+            await kernel.send(busy, "b2")  # queued: still in flight when busy has stopped
+            await kernel.send(fails, "f")
+            await trio.testing.wait_all_tasks_blocked()
+
+            async def shut() -> None:
+                start = trio.current_time()
+                await kernel.shutdown()
+                took.append(trio.current_time() - start)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(shut)
+                await trio.testing.wait_all_tasks_blocked()
+                gate.set()  # fails raises: the root escalates during the drain
+
+    with trio.fail_after(MOCK_LIMIT), pytest.raises(SupervisorEscalation) as raised:
+        await fail_during_the_drain()
+    (kernel,) = kernels
+    assert raised.value.chain[-1] == "fails"
+    assert took == [10.0]  # busy's message in hand, not the grace period
+    assert kernel.stopped
+    letters = sorted((d.message.payload, d.reason) for d in dead_letters(kernel))
+    assert letters == [("b2", DeadLetterReason.SHUTDOWN), ("f", DeadLetterReason.HANDLER_ERROR)]
+    assert kernel.stats().handled == 1  # b1
+    assert_conserved(kernel)
+
+
+async def test_the_shutdown_after_an_escalation_to_the_kernel_does_not_wait_out_the_grace(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Regression: the same before the shutdown: the root gave up while the kernel ran and
+    stopped ``busy`` after its message in hand (10 s), leaving one queued; the shutdown
+    that leaving the cancelled block starts then waited out the whole grace (100 s) for
+    it."""
+
+    class Busy(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            pass
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            if msg.payload == "boom":
+                raise RuntimeError("boom")
+            await trio.sleep(10)
+
+    kernels: list[Any] = []
+
+    async def fail_while_running() -> None:
+        cfg = config(max_restarts=0, grace_ms=100_000, escalate_to_kernel=True)
+        async with open_kernel(cfg) as kernel:
+            kernels.append(kernel)
+            busy = kernel.spawn(agent(Busy, name="busy"))
+            await kernel.send(busy, "b1")
+            await kernel.send(busy, "b2")
+            await trio.testing.wait_all_tasks_blocked()
+            await kernel.send(kernel.spawn(agent(Busy, name="fails")), "boom")
+            await trio.sleep_forever()
+
+    start = trio.current_time()
+    with trio.fail_after(MOCK_LIMIT), pytest.raises(SupervisorEscalation):
+        await fail_while_running()
+    (kernel,) = kernels
+    assert trio.current_time() - start == 10.0
+    assert [(d.message.payload, d.reason) for d in dead_letters(kernel)] == [
+        ("boom", DeadLetterReason.HANDLER_ERROR),
+        ("b2", DeadLetterReason.SHUTDOWN),
+    ]
+    assert_conserved(kernel)
+
+
 async def test_stop_worker_while_its_supervisor_is_stopping_waits_for_it(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
