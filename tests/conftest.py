@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+import trio
+import trio.testing
 
-from nexus_trio import Config, KernelConfig, SupervisionConfig
+from nexus_trio import Config, Kernel, KernelConfig, KernelPhase, SupervisionConfig
 
 if TYPE_CHECKING:
     from nexus_trio._nats import NatsServer
@@ -60,3 +62,21 @@ def nats() -> Iterator[NatsServer]:
 
     with nats_cluster(1) as servers:
         yield servers[0]
+
+
+async def timed_shutdown(kernel: Kernel, release: trio.Event) -> float:
+    """Shut ``kernel`` down, set ``release`` once it drains, and return how long the
+    shutdown took (mock time)."""
+    took: list[float] = []
+
+    async def shut() -> None:
+        start = trio.current_time()
+        await kernel.shutdown()
+        took.append(trio.current_time() - start)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(shut)
+        await trio.testing.wait_all_tasks_blocked()
+        assert kernel.phase is KernelPhase.DRAINING
+        release.set()
+    return took[0]

@@ -38,6 +38,7 @@ from nexus_trio import (
 )
 from nexus_trio.testing import assert_conserved, dead_letters, record_events, step_until_idle
 
+from .conftest import timed_shutdown
 from .hang_guard import real_time_limit
 
 #: mock seconds a scenario may take before it counts as hung
@@ -801,16 +802,8 @@ async def test_an_escalation_to_the_kernel_during_the_drain_ends_the_drain(
             await kernel.send(busy, "b2")  # queued: still in flight when busy has stopped
             await kernel.send(fails, "f")
             await trio.testing.wait_all_tasks_blocked()
-
-            async def shut() -> None:
-                start = trio.current_time()
-                await kernel.shutdown()
-                took.append(trio.current_time() - start)
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(shut)
-                await trio.testing.wait_all_tasks_blocked()
-                gate.set()  # fails raises: the root escalates during the drain
+            # (fails raises once the gate opens: the root escalates during the drain)
+            took.append(await timed_shutdown(kernel, gate))
 
     with trio.fail_after(MOCK_LIMIT), pytest.raises(SupervisorEscalation) as raised:
         await fail_during_the_drain()

@@ -22,7 +22,6 @@ from nexus_trio import (
     Backoff,
     Context,
     DeadLetterReason,
-    Kernel,
     KernelPhase,
     Message,
     MessageKind,
@@ -33,29 +32,11 @@ from nexus_trio import (
 from nexus_trio._message import Address
 from nexus_trio.testing import assert_conserved, dead_letters
 
-from .conftest import make_config
+from .conftest import make_config, timed_shutdown
 
 
 def _letters(kernel: Any) -> list[tuple[Any, DeadLetterReason]]:
     return [(d.message.payload, d.reason) for d in dead_letters(kernel)]
-
-
-async def _timed_shutdown(kernel: Kernel, release: trio.Event) -> float:
-    """Shut ``kernel`` down, set ``release`` once it drains, and return how long the
-    shutdown took (mock time)."""
-    took: list[float] = []
-
-    async def shut() -> None:
-        start = trio.current_time()
-        await kernel.shutdown()
-        took.append(trio.current_time() - start)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(shut)
-        await trio.testing.wait_all_tasks_blocked()
-        assert kernel.phase is KernelPhase.DRAINING
-        release.set()
-    return took[0]
 
 
 # --- a handler's returned message, waiting for room, when its agent is cancelled ---------
@@ -249,7 +230,7 @@ async def test_shutdown_ends_its_drain_when_the_last_work_is_dead_lettered_by_a_
         await kernel.send(ref, 2)
         await trio.testing.wait_all_tasks_blocked()
 
-        took = await _timed_shutdown(kernel, gate)
+        took = await timed_shutdown(kernel, gate)
     assert _letters(kernel) == [(2, DeadLetterReason.AGENT_STOPPED)]
     assert took == 0.0
     assert_conserved(kernel)
@@ -277,7 +258,7 @@ async def test_drain_ends_when_a_lazy_permanent_agent_exits_on_its_last_message(
         await kernel.send(ref, 1)
         await trio.testing.wait_all_tasks_blocked()
 
-        took = await _timed_shutdown(kernel, gate)
+        took = await timed_shutdown(kernel, gate)
     assert kernel.stats().handled == 1
     assert took == 0.0
     assert_conserved(kernel)
@@ -301,7 +282,7 @@ async def test_drain_ends_when_a_lazy_class_agent_fails_on_its_last_message(
         await kernel.send(ref, 1)
         await trio.testing.wait_all_tasks_blocked()
 
-        took = await _timed_shutdown(kernel, gate)
+        took = await timed_shutdown(kernel, gate)
     assert _letters(kernel) == [(1, DeadLetterReason.HANDLER_ERROR)]
     assert took == 0.0
     assert_conserved(kernel)
