@@ -228,3 +228,28 @@ def test_workers_die_when_the_parent_is_killed(tag: str, tmp_path: Path) -> None
                 os.close(fd)
     finally:
         proc.kill()
+
+
+@pytestmark_linux
+def test_the_private_nats_server_dies_when_the_parent_is_killed(tag: str, tmp_path: Path) -> None:
+    """Regression: a SIGKILLed parent left its private nats-server running (reparented to
+    init): only the workers asked for SIGKILL on the parent's death."""
+    proc = start_nexus(["run", "-W", "2", "-n", "20", "-d", "60", "--json"], tag, tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers_of(tag)) < 2:
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "the two workers did not start within 60 s"
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.05)
+        servers = [pid for pid in tagged_processes(tag) if "nats-server" in command_line(pid)]
+        assert len(servers) == 1
+        proc.kill()  # no chance to clean up
+        proc.communicate(timeout=30)
+        deadline = time.monotonic() + 30
+        while tagged_processes(tag) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = {pid: command_line(pid) for pid in tagged_processes(tag)}
+        assert left == {}, f"outlived the parent: {left}"
+    finally:
+        proc.kill()

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final, final
 
@@ -96,6 +97,7 @@ class NatsServer:
         binary: str | None = None,
         token: str | None = None,
         config: str = "",
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self._requested_port = port
         self.jetstream = jetstream
@@ -107,6 +109,9 @@ class NatsServer:
         self.binary = binary
         self.token = token
         self.config = config
+        #: run in the child before the server is exec'd (``nexus run --workers``: die
+        #: with the parent)
+        self.preexec_fn = preexec_fn
         self.port: int | None = None
         self.route_port: int | None = None
         self._process: subprocess.Popen[bytes] | None = None
@@ -173,7 +178,11 @@ class NatsServer:
                 file.write(config)
             argv += ["-c", str(path)]
         self._process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=self.preexec_fn,
         )
         self._wait_ready(timeout)
         return self

@@ -14,10 +14,11 @@ A worker's command line is rebuilt from the parent's *parsed* options
 (:func:`worker_argv`), never by editing ``sys.argv``: every spelling of ``--workers``
 (``-W 2``, ``-W2``, ``--workers=2``) is gone from it by construction. Workers run with
 ``NEXUS_WORKER`` set and ``nexus run`` refuses ``--workers`` when it is, so a worker can
-never start workers of its own. Workers die with the parent: on Linux they ask the kernel
-for SIGKILL when the parent dies (``PR_SET_PDEATHSIG``), and on every exit path the parent
-kills each worker's process group (a worker leads its own group, which also keeps a
-terminal's Ctrl-C from reaching workers twice: once from the terminal, once forwarded).
+never start workers of its own. Workers (and the private nats-server) die with the parent:
+on Linux they ask the kernel for SIGKILL when the parent dies (``PR_SET_PDEATHSIG``), and
+on every exit path the parent kills each worker's process group (a worker leads its own
+group, which also keeps a terminal's Ctrl-C from reaching workers twice: once from the
+terminal, once forwarded).
 """
 
 from __future__ import annotations
@@ -210,7 +211,8 @@ def run_workers(
         from .._nats import NatsServer
 
         token = secrets.token_urlsafe(32)  # a private server still refuses other local users
-        server = NatsServer(token=token).start()
+        # It dies with the parent too: a SIGKILLed parent must not leave it running.
+        server = NatsServer(token=token, preexec_fn=_die_with_parent()).start()
         nats_url = server.url
         env["NEXUS_NATS__TOKEN"] = token
         log.info("started nats-server at %s (pid %d) for %d workers", nats_url, server.pid, workers)
