@@ -253,3 +253,36 @@ def test_the_private_nats_server_dies_when_the_parent_is_killed(tag: str, tmp_pa
         assert left == {}, f"outlived the parent: {left}"
     finally:
         proc.kill()
+
+
+@pytestmark_linux
+def test_a_signal_while_workers_start_reaches_the_workers_started_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a SIGTERM that came while the workers were being started was passed on
+    only to those already started; the ones started after it ran on, and the parent
+    waited for them (forever, for a run without --duration)."""
+    from nexus_trio.cli import _cluster_cmd
+
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\nexec sleep 60\n")  # a worker that runs until signalled
+    fake.chmod(0o755)
+    real_popen = subprocess.Popen
+    started: list[int] = []
+
+    def popen(*args: object, **kwargs: object) -> subprocess.Popen[bytes]:
+        proc = real_popen(*args, **kwargs)  # type: ignore[call-overload]
+        started.append(proc.pid)
+        if len(started) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # Ctrl-C between two starts
+        return proc  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(_cluster_cmd.subprocess, "Popen", popen)
+    t0 = time.monotonic()
+    summary, status = _cluster_cmd.run_workers(
+        2, [], nats_url="nats://127.0.0.1:1", python=str(fake)
+    )
+    assert time.monotonic() - t0 < 30, "a worker started after the signal was not stopped"
+    assert len(started) <= 2
+    assert status == 128 + signal.SIGTERM
+    assert summary["conserved"] is False

@@ -221,13 +221,19 @@ def run_workers(
     procs: list[subprocess.Popen[bytes]] = []
     outputs: list[bytes] = [b""] * workers
     signals_seen = 0
+    #: per worker pid, how many of the signals seen it was passed
+    passed: dict[int, int] = {}
+
+    def pass_on() -> None:
+        for proc in procs:
+            if passed.get(proc.pid, 0) < signals_seen and proc.poll() is None:
+                passed[proc.pid] = signals_seen
+                proc.send_signal(signal.SIGTERM if signals_seen == 1 else signal.SIGKILL)
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         nonlocal signals_seen
         signals_seen += 1
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM if signals_seen == 1 else signal.SIGKILL)
+        pass_on()
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -245,6 +251,11 @@ def run_workers(
                     preexec_fn=_die_with_parent(),
                 )
             )
+            if signals_seen:
+                # A signal came while starting: it reaches this worker too (it may have
+                # come before the worker was in procs), and no more are started.
+                pass_on()
+                break
 
         def collect(i: int, proc: subprocess.Popen[bytes]) -> None:
             assert proc.stdout is not None
