@@ -286,3 +286,36 @@ def test_a_signal_while_workers_start_reaches_the_workers_started_after_it(
     assert len(started) <= 2
     assert status == 128 + signal.SIGTERM
     assert summary["conserved"] is False
+
+
+def test_a_ctrl_c_while_the_private_nats_server_starts_leaves_no_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression: a Ctrl-C (KeyboardInterrupt) while ``run_workers`` waited for its
+    private nats-server to be ready left the server running: it was not yet the run's, so
+    nothing stopped it."""
+    from nexus_trio._nats import _server
+    from nexus_trio.cli import _cluster_cmd
+
+    real_popen = subprocess.Popen
+    servers: list[subprocess.Popen[bytes]] = []
+
+    def popen(*args: object, **kwargs: object) -> subprocess.Popen[bytes]:
+        proc = real_popen(*args, **kwargs)  # type: ignore[call-overload]
+        servers.append(proc)
+        return proc  # type: ignore[no-any-return]
+
+    def interrupted(_seconds: float) -> None:
+        raise KeyboardInterrupt  # Ctrl-C while waiting for the server to be ready
+
+    monkeypatch.setattr(_server.subprocess, "Popen", popen)
+    monkeypatch.setattr(_server.time, "sleep", interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _cluster_cmd.run_workers(2, [])
+        assert len(servers) == 1
+        assert servers[0].poll() is not None, "the nats-server outlived the interrupted run"
+    finally:
+        for proc in servers:
+            proc.kill()
+            proc.wait()

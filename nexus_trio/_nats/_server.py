@@ -184,7 +184,13 @@ class NatsServer:
             stderr=subprocess.DEVNULL,
             preexec_fn=self.preexec_fn,
         )
-        self._wait_ready(timeout)
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            # Not ready (exited, too slow) or interrupted (Ctrl-C): the caller has no
+            # server to stop, so none may be left running.
+            self.kill()
+            raise
         return self
 
     def _wait_ready(self, timeout: float) -> None:
