@@ -563,7 +563,14 @@ async def serve_metrics(
         raise ValueError(f"metrics port must be within 0..65535, got {port!r}")
     if renderer is None:
         renderer = MetricsRenderer.for_kernel(kernel)
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        # Said with the address: a bare "Address already in use" names neither.
+        raise OSError(
+            exc.errno,
+            f"the metrics server cannot listen on {host}:{port}: {exc.strerror or exc}",
+        ) from exc
     bound = listeners[0].socket.getsockname()[1]
     log.info("metrics on http://%s:%d/metrics", host, bound)
     task_status.started(bound)

@@ -382,3 +382,23 @@ async def test_log_records_lost_are_a_counter_of_the_scrape() -> None:
                 logger.removeHandler(handler)
                 handler.close()
         logger.setLevel(level)
+
+
+async def test_a_metrics_port_in_use_is_an_error_naming_the_address() -> None:
+    """Regression: a metrics port in use failed with a bare ``OSError: [Errno 98] Address
+    already in use`` (``nexus run`` printed just that, and a traceback): it did not say the
+    metrics server could not listen, nor on which address."""
+    taken = trio.socket.socket()
+    await taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        async with open_test_kernel() as kernel, trio.open_nursery() as nursery:
+            with pytest.raises(OSError, match="in use") as caught:
+                await nursery.start(serve_metrics, kernel, "127.0.0.1", port)
+    finally:
+        taken.close()
+    text = str(caught.value)
+    assert f"127.0.0.1:{port}" in text
+    assert "metrics" in text
+    assert "in use" in text
