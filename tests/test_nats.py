@@ -12,12 +12,13 @@ import socket
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import attrs
 import pytest
 import trio
+import trio.testing
 
 from nexus_trio import (
     AgentNotFound,
@@ -33,6 +34,7 @@ from nexus_trio import (
     open_kernel,
 )
 from nexus_trio._nats import Cluster, NatsServer, cluster_of, join_cluster, type_address
+from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import call_aio
 
 from .nats_server import FAST, NodeProcess, nats_cluster, node_config
@@ -231,6 +233,49 @@ async def test_durable_send_is_redelivered_after_a_failure_and_applied_once(
     assert set(report["attempts"]) == {str(m.id) for m in sent}
     # each failed on its first delivery and was handled on a redelivery
     assert all(n >= 2 for n in report["attempts"].values()), report
+
+
+async def test_no_durable_message_is_pulled_once_the_leave_stopped_the_durable_path(
+    nats: NatsServer,
+) -> None:
+    """Regression: the pull loop went on fetching after a leave closed the durable acks:
+    what it fetched then was handled with the transport detaching and its ack dropped,
+    so it was handled again on its redelivery. It must stay in JetStream, unhandled."""
+    handled: list[Any] = []
+    first = trio.Event()
+
+    @agent(name="ledger-a")
+    async def ledger(ctx: Context, msg: Message) -> Any:
+        handled.append(msg.payload)
+        first.set()
+        return "ok"
+
+    async with local_node(nats.url) as (kernel, cluster):
+        kernel.spawn(ledger)
+        durable = cluster.durable
+        with trio.fail_after(30):
+            await cluster.send_durable("ledger-a", "before")
+            await first.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            assert durable.acked == 1
+            # the leave's first step
+            cluster._closing = True
+            await durable.stop()
+            sent = await cluster.send_durable("ledger-a", "after")
+            psub = await call_aio(
+                cluster.data_js.pull_subscribe,
+                wire.durable_subject(cluster.prefix, cluster.node, "*"),
+                durable=cluster.node,
+                stream=f"{cluster.prefix}-durable",
+            )
+            got: list[Any] = []
+            while not got and "after" not in handled:
+                with suppress(TimeoutError):
+                    got = await call_aio(psub.fetch, 1, timeout=1.0)
+            assert handled == ["before"]
+            assert [wire.decode_message(m.data).id for m in got] == [sent.id]
+            await call_aio(got[0].ack)
+        assert durable._ops.dropped == 0
 
 
 async def test_a_killed_node_is_reported_lost_then_forgotten(nats: NatsServer) -> None:

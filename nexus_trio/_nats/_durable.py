@@ -76,6 +76,9 @@ class DurableChannel:
         self._done: OrderedDict[uuid.UUID, None] = OrderedDict()
         self._room = trio.Event()
         self._ops: Outbox[tuple[NatsMsg, str]] = Outbox(self._send_ops)
+        # stop() ends the pull before it closes _ops: nothing is fetched after that
+        self._pulling = trio.CancelScope()
+        self._pull_ended = trio.Event()
         # Replies to durable Queries must reach the transport: a sender local to this
         # node would receive them itself, so such Queries are sent from this id instead.
         self.acker_id = uuid.uuid5(
@@ -119,7 +122,11 @@ class DurableChannel:
         nursery.start_soon(self._pull)
 
     async def stop(self) -> None:
+        """Leaving: end the pull (what it fetched and did not hand over is nakked), then
+        send the acks and naks still queued."""
         if self._psub is not None:
+            self._pulling.cancel()
+            await self._pull_ended.wait()
             await self._ops.close()
 
     # --- sending -------------------------------------------------------------------------------
@@ -197,6 +204,13 @@ class DurableChannel:
     # --- receiving -----------------------------------------------------------------------------
 
     async def _pull(self) -> None:
+        try:
+            with self._pulling:
+                await self._pull_loop()
+        finally:
+            self._pull_ended.set()
+
+    async def _pull_loop(self) -> None:
         psub = self._psub
         while True:
             room = self.options.max_in_flight - len(self._in_flight)
@@ -214,8 +228,14 @@ class DurableChannel:
                 log.warning("node %s: durable fetch failed: %r", self.cluster.node, exc)
                 await trio.sleep(self.cluster.options.reconnect_wait)
                 continue
-            for jsmsg in msgs:
-                await self._deliver(jsmsg)
+            for index, jsmsg in enumerate(msgs):
+                try:
+                    await self._deliver(jsmsg)
+                except trio.Cancelled:
+                    # leaving: what was not handed over goes back to JetStream
+                    for rest in msgs[index + 1 :]:
+                        self._ops.put((rest, "nak"))
+                    raise
 
     async def _deliver(self, jsmsg: NatsMsg) -> None:
         kernel = self.cluster.kernel
@@ -241,6 +261,11 @@ class DurableChannel:
             await kernel.deliver_from_remote(query)
         except (AgentNotFound, MailboxFull, KernelShuttingDown) as exc:
             self.failed(msg.id, type(exc).__name__, exc)
+        except trio.Cancelled:
+            # not taken (leaving while it waited for room): not a failed delivery
+            if self._in_flight.pop(msg.id, None) is not None:
+                self._ops.put((jsmsg, "nak"))
+            raise
 
     def completed(self, msg_id: uuid.UUID) -> bool:
         """The handler answered durable message ``msg_id``: ack it. False if not durable."""
