@@ -30,6 +30,7 @@ from nexus_trio import (
     MailboxFull,
     Message,
     NexusError,
+    RequestFailed,
     RequestTimeout,
     TransportUnavailable,
     agent,
@@ -37,6 +38,7 @@ from nexus_trio import (
 )
 from nexus_trio._nats import Cluster, ClusterOptions, NatsServer, join_cluster
 from nexus_trio._nats import _batch as batch
+from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import call_aio
 
 from .hang_guard import real_time_limit
@@ -172,6 +174,46 @@ async def test_malformed_batches_are_counted_and_the_node_keeps_serving(nats: Na
     assert dropped["malformed_batch"] == len(hostile)
     # the tells the parsed heads announced are counted too, never silently gone
     assert dropped["malformed"] == 3
+
+
+async def test_a_malformed_error_frame_fails_the_request_at_once_counted(
+    nats: NatsServer,
+) -> None:
+    """Regression: an error frame whose body did not hold what its kind needs (a
+    ``mailbox_full`` frame without the recipient, or a body that is no JSON object)
+    raised in the reply callback: the request was forgotten there, uncounted, and its
+    caller waited for the whole request timeout. It fails at once now, as malformed."""
+    asked: trio.MemorySendChannel[Any]
+    asked, asked_ids = trio.open_memory_channel[Any](10)
+    hold = trio.Event()
+
+    async def slow(ctx: Context, msg: Message) -> Any:
+        await asked.send(msg.id)
+        await hold.wait()
+
+    async def hostile_reply(cb: Cluster, ca: Cluster, body: bytes) -> None:
+        query_id = await asked_ids.receive()
+        await call_aio(
+            cb.nc.publish,
+            wire.reply_subject(ca.prefix, ca.node, query_id),
+            body,
+            headers={wire.ERROR_HEADER: "mailbox_full"},
+        )
+
+    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+        for n in range(2):
+            kb.spawn(agent(slow, name=f"slow-{n}"))
+        await cb.names_published()
+        with trio.fail_after(30):
+            for n, body in enumerate((b"{}", b"[1]")):
+                await ca.wait_for_name(f"slow-{n}")
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(hostile_reply, cb, ca, body)
+                    with pytest.raises(RequestFailed, match="malformed") as failed:
+                        await ka.request(f"slow-{n}", n, timeout=10)
+                assert "mailbox_full" in str(failed.value.error)
+            hold.set()
+    assert ca.stats().inbound_dropped["malformed"] == 2
 
 
 # --- backpressure per destination node -------------------------------------------------------

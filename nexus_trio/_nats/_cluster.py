@@ -1335,13 +1335,20 @@ class Cluster:
         if headers and (headers.get("Status") == "503" or wire.ERROR_HEADER in headers):
             to, node = asked if asked is not None else ("?", "?")
             if wire.ERROR_HEADER in headers:
-                error: NexusError = wire.error_from_frame(
-                    headers[wire.ERROR_HEADER],
-                    m.data,
-                    query_id=query_id,
-                    to=to,
-                    node=headers.get(wire.NODE_HEADER, node),
-                )
+                try:
+                    error: NexusError = wire.error_from_frame(
+                        headers[wire.ERROR_HEADER],
+                        m.data,
+                        query_id=query_id,
+                        to=to,
+                        node=headers.get(wire.NODE_HEADER, node),
+                    )
+                except ValueError as exc:
+                    self._dropped["malformed"] += 1
+                    log.warning(
+                        "node %s: undecodable error frame on %s: %s", self.node, m.subject, exc
+                    )
+                    error = RequestFailed(query_id, to, "malformed", exc)
             else:
                 error = AgentNotFound(to)
             self._fail_request(query_id, error)

@@ -621,20 +621,28 @@ class RemoteError(NexusError):
 def error_from_frame(
     kind: str, body: bytes, *, query_id: uuid.UUID, to: uuid.UUID | str, node: str
 ) -> NexusError:
-    """Rebuild, on the requesting node, the error a remote request ran into."""
+    """Rebuild, on the requesting node, the error a remote request ran into.
+
+    ValueError naming the kind if the body does not hold what the kind needs (a hostile
+    or broken peer)."""
     try:
         data: dict[str, Any] = json.loads(body) if body else {}
     except ValueError:
         data = {}
+    if not isinstance(data, dict):
+        data = {}
     if kind == "no_such_agent":
         return AgentNotFound(to)
     if kind == "mailbox_full":
-        return MailboxFull(
-            uuid.UUID(data["recipient"]),
-            data.get("name"),
-            int(data["capacity"]),
-            uuid.UUID(data["message_id"]),
-        )
+        try:
+            return MailboxFull(
+                uuid.UUID(data["recipient"]),
+                data.get("name"),
+                int(data["capacity"]),
+                uuid.UUID(data["message_id"]),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"malformed {kind} error frame: {exc!r}") from None
     if kind == "shutting_down":
         return KernelShuttingDown(f"{data.get('what', 'request')} on node {node!r}")
     error = data.get("error")
