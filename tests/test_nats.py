@@ -278,6 +278,40 @@ async def test_no_durable_message_is_pulled_once_the_leave_stopped_the_durable_p
         assert durable._ops.dropped == 0
 
 
+async def test_a_durable_message_left_unanswered_frees_its_slot_and_is_counted_dead(
+    nats: NatsServer,
+) -> None:
+    """Regression: a durable message whose handler returned None (no reply) stayed in
+    flight on its node for good: past max_deliver JetStream delivered it no more, yet it
+    was never counted dead, and it kept its max_in_flight slot, so that once they were
+    all taken the node pulled no durable message ever again."""
+    from nexus_trio._nats import DurableOptions
+
+    handled: list[Any] = []
+    ok = trio.Event()
+
+    @agent(name="quiet-a")
+    async def quiet(ctx: Context, msg: Message) -> Any:
+        handled.append(msg.payload)
+        if msg.payload == "ok":
+            ok.set()
+            return "done"
+        return None
+
+    durable = DurableOptions(ack_wait=0.5, max_deliver=1, max_in_flight=1)
+    async with local_node(nats.url, durable=durable) as (kernel, cluster):
+        kernel.spawn(quiet)
+        with trio.fail_after(20):
+            await cluster.send_durable("quiet-a", "none")
+            await cluster.send_durable("quiet-a", "ok")
+            await ok.wait()
+            await trio.testing.wait_all_tasks_blocked()
+        stats = cluster.stats()
+    assert handled == ["none", "ok"]
+    assert stats.durable_dead == 1
+    assert stats.durable_acked == 1
+
+
 async def test_a_killed_node_is_reported_lost_then_forgotten(nats: NatsServer) -> None:
     async with (
         nodes(nats.url, "b") as (b,),

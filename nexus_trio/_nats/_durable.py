@@ -13,8 +13,10 @@ original message id** (``ctx.message.kind is MessageKind.QUERY``):
 * the handler raises or times out (the Query is dead-lettered) -> **nak** with
   ``redelivery_delay``; JetStream delivers it again;
 * nothing comes back within ``ack_wait`` (e.g. the node died, or the handler returned
-  ``None``, which sends no reply) -> JetStream redelivers it;
-* after ``max_deliver`` deliveries it is terminated, logged and counted as dead.
+  ``None``, which sends no reply) -> JetStream redelivers it (its in-flight slot here is
+  free then; an answer that comes later still acks it);
+* after ``max_deliver`` deliveries it is terminated, logged and counted as dead (also
+  when the last one got no answer within ``ack_wait``).
 
 Redeliveries carry the same message id, so a handler makes its effect idempotent by
 keying it on ``ctx.message.id``; the consumer also skips (and re-acks) ids it acked
@@ -72,8 +74,12 @@ class DurableChannel:
         self.options = options
         self._stream = f"{cluster.prefix}-durable"
         self._psub: Any = None
-        self._in_flight: dict[uuid.UUID, NatsMsg] = {}
+        # handed to an agent, not answered yet: the JetStream message and when its
+        # ack_wait ends here (oldest first; see _expire)
+        self._in_flight: dict[uuid.UUID, tuple[NatsMsg, float]] = {}
         self._done: OrderedDict[uuid.UUID, None] = OrderedDict()
+        # past ack_wait unanswered, JetStream delivers them again: an answer still acks
+        self._late: OrderedDict[uuid.UUID, NatsMsg] = OrderedDict()
         self._room = trio.Event()
         self._ops: Outbox[tuple[NatsMsg, str]] = Outbox(self._send_ops)
         # stop() ends the pull before it closes _ops: nothing is fetched after that
@@ -213,10 +219,12 @@ class DurableChannel:
     async def _pull_loop(self) -> None:
         psub = self._psub
         while True:
+            self._expire()
             room = self.options.max_in_flight - len(self._in_flight)
             if room <= 0:
                 self._room = trio.Event()
-                await self._room.wait()
+                with trio.move_on_at(next(iter(self._in_flight.values()))[1]):
+                    await self._room.wait()
                 continue
             try:
                 msgs: list[NatsMsg] = await call_aio(psub.fetch, batch=room, timeout=1.0)
@@ -256,7 +264,8 @@ class DurableChannel:
             self.redelivered += 1
         sender = self.acker_id if kernel.is_local(msg.sender) else msg.sender
         query = msg.evolve(kind=MessageKind.QUERY, sender=sender)
-        self._in_flight[msg.id] = jsmsg
+        self._in_flight.pop(msg.id, None)  # an earlier delivery of it: this one is newer
+        self._in_flight[msg.id] = (jsmsg, trio.current_time() + self.options.ack_wait)
         try:
             await kernel.deliver_from_remote(query)
         except (AgentNotFound, MailboxFull, KernelShuttingDown) as exc:
@@ -267,10 +276,43 @@ class DurableChannel:
                 self._ops.put((jsmsg, "nak"))
             raise
 
+    def _expire(self) -> None:
+        """Give up waiting for the answers not come within ``ack_wait`` (the handler
+        returned None, or is still running): JetStream delivers such a message again, so
+        its slot is free; on its last delivery it is dead (JetStream delivers it no
+        more), counted and logged here."""
+        now = trio.current_time()
+        while self._in_flight:
+            msg_id, (jsmsg, deadline) = next(iter(self._in_flight.items()))
+            if deadline > now:
+                return
+            del self._in_flight[msg_id]
+            delivered = jsmsg.metadata.num_delivered
+            if delivered >= self.options.max_deliver:
+                self.dead += 1
+                log.error(
+                    "node %s: durable message %s dead after %d deliveries (last: no reply"
+                    " within ack_wait %gs)",
+                    self.cluster.node,
+                    msg_id,
+                    delivered,
+                    self.options.ack_wait,
+                )
+                self._ops.put((jsmsg, "term"))
+            else:
+                self._late[msg_id] = jsmsg
+                if len(self._late) > _DONE_MEMORY:
+                    self._late.popitem(last=False)
+
     def completed(self, msg_id: uuid.UUID) -> bool:
         """The handler answered durable message ``msg_id``: ack it. False if not durable."""
-        jsmsg = self._in_flight.pop(msg_id, None)
-        if jsmsg is None:
+        entry = self._in_flight.pop(msg_id, None)
+        late = self._late.pop(msg_id, None)
+        if entry is not None:
+            jsmsg = entry[0]
+        elif late is not None:
+            jsmsg = late
+        else:
             return False
         self._done[msg_id] = None
         if len(self._done) > _DONE_MEMORY:
@@ -282,9 +324,11 @@ class DurableChannel:
 
     def failed(self, msg_id: uuid.UUID, reason: str, error: BaseException | None) -> None:
         """Durable message ``msg_id`` was not handled: nak it, or give up after max_deliver."""
-        jsmsg = self._in_flight.pop(msg_id, None)
-        if jsmsg is None:
+        self._late.pop(msg_id, None)  # JetStream delivers it again anyway
+        entry = self._in_flight.pop(msg_id, None)
+        if entry is None:
             return
+        jsmsg = entry[0]
         self._room.set()
         delivered = jsmsg.metadata.num_delivered
         if delivered >= self.options.max_deliver:
