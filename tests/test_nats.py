@@ -312,6 +312,37 @@ async def test_a_durable_message_left_unanswered_frees_its_slot_and_is_counted_d
     assert stats.durable_acked == 1
 
 
+async def test_a_node_whose_kernel_stopped_pulls_no_durable_message(nats: NatsServer) -> None:
+    """Regression: once the kernel had shut down (still joined), the pull went on: each
+    durable message for the node was fetched, refused (KernelShuttingDown), nakked and
+    fetched again until max_deliver, then terminated and counted dead, though nothing
+    was wrong with it. The pull ends with the kernel's run; the message waits in
+    JetStream, delivered once so far (here, to the test)."""
+    async with local_node(nats.url) as (kernel, cluster):
+        durable = cluster.durable
+        target = kernel.spawn(double)
+        await kernel.shutdown()
+        with trio.fail_after(20):
+            await durable._pull_ended.wait()
+            msg = Message(sender=uuid.uuid4(), to=target.id, payload=1)
+            await call_aio(
+                cluster.data_js.publish,
+                wire.durable_subject(cluster.prefix, cluster.node, target.id),
+                wire.encode_message(msg),
+            )
+            psub = await call_aio(
+                cluster.data_js.pull_subscribe,
+                wire.durable_subject(cluster.prefix, cluster.node, "*"),
+                durable=cluster.node,
+                stream=f"{cluster.prefix}-durable",
+            )
+            got = await call_aio(psub.fetch, 1, timeout=5.0)
+            assert [wire.decode_message(m.data).id for m in got] == [msg.id]
+            assert got[0].metadata.num_delivered == 1
+            await call_aio(got[0].ack)
+        assert durable.dead == 0
+
+
 async def test_a_killed_node_is_reported_lost_then_forgotten(nats: NatsServer) -> None:
     async with (
         nodes(nats.url, "b") as (b,),

@@ -218,7 +218,12 @@ class DurableChannel:
 
     async def _pull_loop(self) -> None:
         psub = self._psub
+        kernel = self.cluster.kernel
         while True:
+            if kernel.stopping:
+                # The kernel's run is over: it refuses every message, and each one pulled
+                # now would use up a delivery. They wait in JetStream for the next join.
+                return
             self._expire()
             room = self.options.max_in_flight - len(self._in_flight)
             if room <= 0:
@@ -237,6 +242,10 @@ class DurableChannel:
                 await trio.sleep(self.cluster.options.reconnect_wait)
                 continue
             for index, jsmsg in enumerate(msgs):
+                if kernel.stopping:
+                    for rest in msgs[index:]:
+                        self._ops.put((rest, "nak"))
+                    return
                 try:
                     await self._deliver(jsmsg)
                 except trio.Cancelled:
