@@ -343,6 +343,35 @@ async def test_a_node_whose_kernel_stopped_pulls_no_durable_message(nats: NatsSe
         assert durable.dead == 0
 
 
+async def test_a_durable_message_nested_too_deep_is_dead_and_the_node_pulls_on(
+    nats: NatsServer,
+) -> None:
+    """Regression: a durable message whose JSON nested deeper than the decoder recurses
+    raised RecursionError out of the pull task, which ended the node's cluster. It is
+    terminated and counted dead as undecodable; the messages after it are handled."""
+    handled: list[Any] = []
+    ok = trio.Event()
+
+    @agent(name="sink-a")
+    async def sink(ctx: Context, msg: Message) -> Any:
+        handled.append(msg.payload)
+        ok.set()
+        return "done"
+
+    async with local_node(nats.url) as (kernel, cluster):
+        target = kernel.spawn(sink)
+        with trio.fail_after(20):
+            await call_aio(
+                cluster.data_js.publish,
+                wire.durable_subject(cluster.prefix, cluster.node, target.id),
+                b"[" * 100_000 + b"]" * 100_000,
+            )
+            await cluster.send_durable("sink-a", "after")
+            await ok.wait()
+        assert handled == ["after"]
+        assert cluster.durable.dead == 1
+
+
 async def test_a_killed_node_is_reported_lost_then_forgotten(nats: NatsServer) -> None:
     async with (
         nodes(nats.url, "b") as (b,),

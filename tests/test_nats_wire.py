@@ -7,7 +7,7 @@ import json
 import re
 import struct
 import uuid
-from typing import Any
+from typing import Any, Final
 
 import pytest
 from hypothesis import given
@@ -223,6 +223,32 @@ def test_malformed_binary_tells_name_the_bad_field(body: bytes, field: str) -> N
     with pytest.raises(MessageDecodeError) as err:
         wire.decode_tell(body)
     assert err.value.field == field
+
+
+_DEEP: Final = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (_DEEP, "<document>"),
+        (b'[1,1,1,1,1,"Command",null,null,null,' + _DEEP + b"]", "<document>"),
+        (b'{"a":' * 50_000 + b"1" + b"}" * 50_000, "<document>"),
+        (_binary(rest=b"\x11" * 16 + _DEEP), "payload"),
+    ],
+)
+def test_json_nested_past_the_recursion_limit_is_a_decode_error(body: bytes, field: str) -> None:
+    """Regression: a body nested deeper than the JSON readers recurse raised
+    RecursionError, which no caller catches (a durable message with it ended the node's
+    pull task, and with it the node's cluster); it is a MessageDecodeError now."""
+    decoders = (
+        [wire.decode_tell] if body[:1] >= b"\x80" else [wire.decode_message, wire.decode_tell]
+    )
+    for decode in decoders:
+        with pytest.raises(MessageDecodeError) as err:
+            decode(body)
+        assert err.value.field == field
+        assert "recursion" in str(err.value)
 
 
 def test_a_named_tell_reads_the_same_the_second_time() -> None:

@@ -193,11 +193,14 @@ def decode_message(data: bytes) -> Message:
 
     Raises :class:`MessageDecodeError` naming what was wrong.
     """
-    if data[:1] == b"{":
-        return Message.from_json(data)
     try:
+        if data[:1] == b"{":
+            return Message.from_json(data)
         obj = _read_json(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except MessageDecodeError:
+        raise
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        # RecursionError: nested deeper than the JSON readers go (a hostile body)
         raise MessageDecodeError("<document>", f"not JSON: {exc}") from None
     if obj.__class__ is list and len(obj) == 11 and obj[0] == _NUMBERED_FORMAT:
         obj = obj[1:]  # the sequence number was read from the raw bytes (NUMBERED_PREFIX)
@@ -278,7 +281,7 @@ def decode_tell(data: bytes) -> Message:
                     None if reply_to is None else _uuid(reply_to),
                     None if trace_id is None else _uuid(trace_id),
                 )
-    except (ValueError, TypeError, KeyError, _FAST_DECODE_ERROR):
+    except (ValueError, TypeError, KeyError, RecursionError, _FAST_DECODE_ERROR):
         pass
     return decode_message(data)
 
@@ -393,7 +396,7 @@ _NAMES: dict[bytes, str] = {}
 def _tell_payload(data: bytes, offset: int) -> Any:
     try:
         return _read_json(data[offset:])
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise MessageDecodeError("payload", str(exc)) from None
 
 
@@ -428,7 +431,7 @@ def _decode_binary_tell(data: bytes) -> Message:
     if to is not None and kind_code < _KIND_COUNT:
         try:
             payload = _loads(data[start:])
-        except _FAST_DECODE_ERROR:
+        except (_FAST_DECODE_ERROR, RecursionError):
             # the standard library's reading (Infinity, NaN), or the error naming it
             payload = _tell_payload(data, start)
         return restore_message(
