@@ -369,6 +369,9 @@ class Message(_Slots):
             obj = json.loads(data)
         except (ValueError, UnicodeDecodeError) as exc:
             raise MessageDecodeError("<document>", f"not JSON: {exc}") from None
+        except RecursionError:
+            # nested deeper than the JSON reader goes (a hostile document)
+            raise MessageDecodeError("<document>", "JSON nested too deeply") from None
         return decode_message(obj)
 
 

@@ -201,16 +201,21 @@ def test_nexus_run_W_2_runs_exactly_two_workers_and_leaves_none(
     assert tagged_processes(tag) == {}  # no worker, no nats-server left behind
 
 
+def wait_for_two_workers(proc: subprocess.Popen[str], tag: str) -> None:
+    """Wait (60 s at most) until both workers of ``tag`` run, ``proc`` still running."""
+    deadline = time.monotonic() + 60
+    while len(workers_of(tag)) < 2:
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "the two workers did not start within 60 s"
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.05)
+
+
 @pytestmark_linux
 def test_workers_die_when_the_parent_is_killed(tag: str, tmp_path: Path) -> None:
     proc = start_nexus(["run", "-W", "2", "-n", "20", "-d", "60", "--json"], tag, tmp_path)
     try:
-        deadline = time.monotonic() + 60
-        while len(workers_of(tag)) < 2:
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "the two workers did not start within 60 s"
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=0.05)
+        wait_for_two_workers(proc, tag)
         workers = workers_of(tag)
         assert len(workers) == 2
         exits = [os.pidfd_open(pid) for pid in workers]  # readable once the process exits
@@ -237,12 +242,7 @@ def test_the_private_nats_server_dies_when_the_parent_is_killed(tag: str, tmp_pa
     init): only the workers asked for SIGKILL on the parent's death."""
     proc = start_nexus(["run", "-W", "2", "-n", "20", "-d", "60", "--json"], tag, tmp_path)
     try:
-        deadline = time.monotonic() + 60
-        while len(workers_of(tag)) < 2:
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "the two workers did not start within 60 s"
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=0.05)
+        wait_for_two_workers(proc, tag)
         servers = [pid for pid in tagged_processes(tag) if "nats-server" in command_line(pid)]
         assert len(servers) == 1
         proc.kill()  # no chance to clean up

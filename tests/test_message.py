@@ -112,6 +112,17 @@ def test_bad_input_names_the_field(document: str, field: str, problem: str) -> N
     assert repr(field) in str(info.value)
 
 
+def test_json_nested_past_the_recursion_limit_is_a_decode_error() -> None:
+    """Regression: a document nested deeper than the JSON reader goes raised
+    RecursionError out of ``Message.from_json`` instead of the decode error it promises."""
+    nested = "[" * 100_000 + "1" + "]" * 100_000
+    document = f'{{"from":"{uuid.uuid4()}","to":"a","kind":"Command","payload":{nested}}}'
+    with pytest.raises(MessageDecodeError) as info:
+        Message.from_json(document)
+    assert info.value.field == "<document>"
+    assert "nested too deeply" in str(info.value)
+
+
 def test_ids_are_unique_well_formed_version_4() -> None:
     ids = [new_id() for _ in range(10_000)]
     assert len(set(ids)) == 10_000
