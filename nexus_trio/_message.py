@@ -367,11 +367,9 @@ class Message(_Slots):
         """Decode the wire form; raises :class:`MessageDecodeError` naming the bad field."""
         try:
             obj = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            # RecursionError: nested deeper than the JSON reader goes (a hostile document)
             raise MessageDecodeError("<document>", f"not JSON: {exc}") from None
-        except RecursionError:
-            # nested deeper than the JSON reader goes (a hostile document)
-            raise MessageDecodeError("<document>", "JSON nested too deeply") from None
         return decode_message(obj)
 
 
