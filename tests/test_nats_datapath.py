@@ -734,12 +734,13 @@ async def test_a_tell_admitted_from_the_wait_for_room_as_its_node_leaves_is_coun
     """Regression: leaving refused every parked tell, also the one whose task waited for
     room with it, although the agent might have admitted it already (Trio moves a blocked
     sender's message into the buffer as it wakes the sender). That tell was handled and
-    counted refused, and its task, resuming, found its queue empty (IndexError). The
-    leave is the node's own ``_drop_parked``, run by the agent at the one moment it can
-    tell: as it takes the message that admits the waiting one."""
+    counted refused, and its task, resuming, found its queue empty (IndexError). Now the
+    leave cancels the delivering tasks and each settles what it holds: here the agent
+    does what the leave does first, at the one moment that tells, as it takes the
+    message that admits the waiting one."""
     gate = trio.Event()
     handled: list[Any] = []
-    three = trio.Event()
+    three, settled = trio.Event(), trio.Event()
     cluster: list[Cluster] = []
 
     @agent(name="stalled", mailbox_capacity=1)
@@ -748,7 +749,10 @@ async def test_a_tell_admitted_from_the_wait_for_room_as_its_node_leaves_is_coun
             await gate.wait()
         if msg.payload == 1:
             # 1 came out of the mailbox, 2 went in from the wait: its task has not run
-            cluster[0]._drop_parked()
+            deliveries = cluster[0]._deliveries
+            assert deliveries is not None
+            deliveries.cancel_scope.cancel()  # the leave's first step (_stop_deliveries)
+            await settled.wait()  # the mailbox stays full while the task settles
         handled.append(msg.payload)
         if len(handled) == 3:
             three.set()
@@ -760,6 +764,9 @@ async def test_a_tell_admitted_from_the_wait_for_room_as_its_node_leaves_is_coun
             # 0 in the handler, 1 in the mailbox, 2 waiting for room, 3 and 4 behind it
             assert cb.stats().parked == 3
             gate.set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert cb.stats().parked == 0  # 2 went in; 3 and 4 refused as the task ended
+            settled.set()
             await three.wait()
             await trio.testing.wait_all_tasks_blocked()
             assert cb.stats().parked == 0

@@ -316,9 +316,6 @@ class Cluster:
         # messages from NATS waiting for room in a full local mailbox, per recipient
         # (with the stream of a batched tell: it is credited once it leaves)
         self._parked: dict[Address, deque[_Parked]] = {}
-        # recipients whose delivering task waits for room with the head of its queue
-        # (that message is the task's to settle, see _drop_parked)
-        self._in_wait: set[Address] = set()
         # the nursery of the delivering tasks (see _run_deliveries; None once it ended)
         self._deliveries: trio.Nursery | None = None
         self._deliveries_ended = trio.Event()
@@ -1487,21 +1484,19 @@ class Cluster:
                             self._credit(owed_stream, owed)
                             owed = 0
                         started = trio.current_time()
-                        self._in_wait.add(address)
                         try:
                             await self._into_kernel(msg)
                         except trio.Cancelled:
                             # The leave (see _stop_deliveries). A cancelled wait enqueued
-                            # nothing: refused, counted (here, not in _drop_parked, which
-                            # leaves the head to this task), and what came in behind it
-                            # since _drop_parked too: this task's finally forgets the queue.
+                            # nothing: it and what waits behind it are refused, counted,
+                            # here (this task's finally forgets the queue). Not by the
+                            # leave itself: a message the consumer admitted as it woke
+                            # this task is in, and only this task can tell.
                             leaving = _left_the_cluster()
                             while parked:
                                 m, msg, is_query, _ = parked.popleft()
                                 self._refused(m, msg, leaving, is_query)
                             raise
-                        finally:
-                            self._in_wait.discard(address)
                 except MailboxFull as exc:
                     # (half the deadline: a wait that ran to it, measured on a float
                     # clock, may come out a hair short of it)
@@ -1547,24 +1542,6 @@ class Cluster:
                 self._credit(owed_stream, owed)
             return stream, 1
         return stream, owed + 1
-
-    def _drop_parked(self) -> None:
-        """Leaving: what still waits for room in a full mailbox will not get in through
-        this node any more; refuse it (counted, ``shutting_down``) rather than lose it
-        uncounted when the delivering tasks are cancelled."""
-        leaving = _left_the_cluster()
-        for address, parked in list(self._parked.items()):
-            # The head of a queue whose task waits for room with it is that task's to
-            # settle: the consumer may have admitted it already (Trio moves a blocked
-            # sender's message into the buffer as it wakes the sender), and refusing it
-            # here too would count a message that got in twice. If the wait is
-            # cancelled instead, the task refuses it.
-            head = parked.popleft() if address in self._in_wait and parked else None
-            while parked:
-                m, msg, is_query, _ = parked.popleft()
-                self._refused(m, msg, leaving, is_query)
-            if head is not None:
-                parked.append(head)
 
     def _refused(self, m: NatsMsg | None, msg: Message, exc: NexusError, is_query: bool) -> None:
         if is_query:
@@ -2106,9 +2083,9 @@ class Cluster:
 
     async def _stop_deliveries(self) -> None:
         """Leaving: cancel the delivering tasks and wait for them to settle what they hold
-        (each refuses what it waits with and what it holds behind that), then refuse
-        what is still in the inbox or parked; all while the outbox is open, for the
-        error frames of refused queries."""
+        (each refuses what it waits with and what is parked behind that: nothing is
+        parked once they have ended), then refuse what is still in the inbox; all while
+        the outbox is open, for the error frames of refused queries."""
         nursery = self._deliveries
         if nursery is not None:
             nursery.cancel_scope.cancel()
@@ -2116,7 +2093,6 @@ class Cluster:
         self._inbox.close()
         for item in self._inbox.take_nowait():
             self._refuse_inbound(item)
-        self._drop_parked()
 
     async def _start(self, nursery: trio.Nursery) -> None:
         # first: messages may be parked as soon as the subscriptions start
