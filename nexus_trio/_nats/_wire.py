@@ -193,12 +193,10 @@ def decode_message(data: bytes) -> Message:
 
     Raises :class:`MessageDecodeError` naming what was wrong.
     """
+    if data[:1] == b"{":
+        return Message.from_json(data)  # (nested too deeply too: a MessageDecodeError)
     try:
-        if data[:1] == b"{":
-            return Message.from_json(data)
         obj = _read_json(data)
-    except MessageDecodeError:
-        raise
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         # RecursionError: nested deeper than the JSON readers go (a hostile body)
         raise MessageDecodeError("<document>", f"not JSON: {exc}") from None
