@@ -42,12 +42,15 @@ from ._errors import SupervisorEscalation
 from ._events import EventKind
 from ._gc import HeapKeeper
 from ._message import new_id
+from ._router import KernelPhase
 
 if TYPE_CHECKING:
     from ._ledger import Ledger
     from ._router import Router
 
 log = logging.getLogger("nexus_trio.supervisor")
+
+_STOPPING: Final = KernelPhase.STOPPING
 
 
 def _non_negative(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -169,9 +172,7 @@ class SupervisionHost:
         self.escalate_to_kernel = escalate_to_kernel
 
     def stopping(self) -> bool:
-        from ._router import KernelPhase
-
-        return self.router.phase >= KernelPhase.STOPPING
+        return self.router.phase >= _STOPPING
 
     def retired(self, child: Child, reason: str) -> None:
         """``child`` stopped for good: forget its addresses, publish and notify."""
@@ -398,6 +399,12 @@ class SupervisorNode(Child, ChildOwner):
         self._nursery.start_soon(self._child_task, child, run, delay, child.done, after, gate)
         return gate
 
+    def _called_off(self, child: Child) -> bool:
+        """Whether a run about to start has nothing to run: its child was stopped, or the
+        grace period is over (a restart whose backoff ran past it; nothing more is
+        handled, the tree stop retires it)."""
+        return child.terminating or child.retired or self.host.stopping()
+
     async def _child_task(
         self,
         child: Child,
@@ -409,10 +416,10 @@ class SupervisorNode(Child, ChildOwner):
     ) -> None:
         error: BaseException | None = None
         try:
-            if child.terminating or child.retired:
-                # Stopped before this task got to run (a stop handled in the same round
-                # as the start found no scope to cancel): no backoff, no wait for an
-                # elder sibling's start.
+            if self._called_off(child):
+                # (before any wait: a stop handled in the same round as the start found
+                # no scope to cancel, and must not wait out a backoff or an elder
+                # sibling's start)
                 return
             if delay > 0 or after is not None:
                 # Waiting for a backoff or for the previous sibling: cancellable alone.
@@ -423,11 +430,8 @@ class SupervisorNode(Child, ChildOwner):
                     if after is not None:
                         await after.wait()
                 child.scope = None
-            if child.terminating or child.retired or self.host.stopping():
-                # Stopped before this run got to start: there is nothing to run. Nor once
-                # the grace period is over (a restart whose backoff ran past it): nothing
-                # more is handled; the tree stop retires it.
-                return
+                if self._called_off(child):
+                    return
             # The run's own nursery is its one cancel scope (the child sets ``scope``).
             child.running = True
             child.started_at = trio.current_time()
