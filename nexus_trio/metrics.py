@@ -13,12 +13,14 @@ style, one request per connection) next to the kernel:
 
 A scrape must not stall the agents it observes. By default it reports kernel-wide series
 only: ``kernel.stats()`` is O(1) and the text is a few dozen lines, rendered on the event
-loop. With per-agent series (opt-in, capped) the kernel thread only copies the counters and
-the text is rendered in a worker thread. Caveat, measured: Python's GIL lets a busy event
-loop starve that thread (a ``to_thread`` job waited 7 s behind a ring workload saturating
-the loop), so a per-agent scrape of a saturated kernel can time out. Scrapes share
-renders (:class:`MetricsRenderer`): one render at a time, concurrent scrapes wait for the
-one in progress, and a render is reused for ``cache_ms``.
+loop. With per-agent series (opt-in, capped) the text is rendered on the loop too, in
+pieces of at most 500 samples (about 2 ms each) with a checkpoint between them, so the
+agents run between pieces. Not in a worker thread: with the GIL, a busy event loop starves
+one (measured: a ``to_thread`` job waited 7 s behind a ring workload, and a 20-agent render
+more than the 10 s a request may take). Scrapes share renders (:class:`MetricsRenderer`): one
+render at a time, concurrent scrapes wait for the one in progress, and a render is reused for
+``cache_ms``. A request that takes more than 10 s in all (reading it and rendering) gets
+``503`` with the reason, not a closed connection.
 
 Typical use, next to a kernel::
 
@@ -30,6 +32,7 @@ Typical use, next to a kernel::
 from __future__ import annotations
 
 import heapq
+import itertools
 import logging
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Final
@@ -39,6 +42,7 @@ import trio
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.registry import Collector
 
 from .logs import records_lost
 
@@ -63,6 +67,8 @@ DEFAULT_PER_AGENT_LIMIT: Final = 1000
 
 _MAX_REQUEST_HEAD: Final = 8192
 _REQUEST_TIMEOUT: Final = 10.0
+#: samples rendered between two checkpoints (about 4 us each here: a piece is ~2 ms)
+_PIECE_SAMPLES: Final = 500
 
 
 @attrs.frozen
@@ -119,25 +125,12 @@ def take_snapshot(
     )
 
 
-class _SnapshotCollector:
-    """Yields the metric families of one :class:`MetricsSnapshot` (any thread)."""
-
-    def __init__(self, snapshot: MetricsSnapshot) -> None:
-        self.snapshot = snapshot
-
-    def describe(self) -> Iterable[Metric]:
-        return []
-
-    def collect(self) -> Iterator[Metric]:
-        return _families(self.snapshot)
-
-
 class KernelCollector:
     """A ``prometheus_client`` collector that reads the kernel at each ``collect()``.
 
     It calls the kernel, so use it only from the kernel's thread (e.g. ``generate_latest``
-    in a Trio task); :func:`serve_metrics` renders in a worker thread from a
-    :class:`MetricsSnapshot` instead.
+    in a Trio task); :func:`serve_metrics` renders a :class:`MetricsSnapshot` in pieces
+    instead (see :class:`MetricsRenderer`).
 
     Series (``_total`` is added to counters by the exposition format):
     ``nexus_messages_accepted``, ``nexus_messages_handled``, ``nexus_replies_delivered``,
@@ -331,11 +324,40 @@ def build_registry(
 
 def render_snapshot(snapshot: MetricsSnapshot, *, process: bool = True) -> bytes:
     """The Prometheus text of ``snapshot`` (plus ``process_*`` series); safe in any thread."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_SnapshotCollector(snapshot))
+    return b"".join(_pieces(snapshot, process=process))
+
+
+class _Piece(Collector):
+    def __init__(self, family: Metric) -> None:
+        self.family = family
+
+    def collect(self) -> Iterator[Metric]:
+        yield self.family
+
+
+def _pieces(snapshot: MetricsSnapshot, *, process: bool) -> Iterator[bytes]:
+    """The text of ``snapshot``, in pieces of at most ``_PIECE_SAMPLES`` samples.
+
+    A family with more samples (only per-agent families have that many) is written in
+    several pieces: its ``# HELP`` and ``# TYPE`` lines come once, before the first, and
+    its samples stay together, as the text format wants.
+    """
+    families: Iterable[Metric] = _families(snapshot)
     if process:
-        ProcessCollector(registry=registry)
-    return generate_latest(registry)
+        families = itertools.chain(families, ProcessCollector(registry=None).collect())
+    for family in families:
+        samples = family.samples
+        if len(samples) <= _PIECE_SAMPLES:
+            yield generate_latest(_Piece(family))
+            continue
+        for start in range(0, len(samples), _PIECE_SAMPLES):
+            piece = Metric(family.name, family.documentation, family.type)
+            piece.samples = samples[start : start + _PIECE_SAMPLES]
+            text = generate_latest(_Piece(piece))
+            if start:
+                help_line, type_line, text = text.split(b"\n", 2)
+                assert help_line.startswith(b"# HELP ") and type_line.startswith(b"# TYPE ")
+            yield text
 
 
 @attrs.define(eq=False)
@@ -348,11 +370,12 @@ class _Render:
 class MetricsRenderer:
     """Renders ``/metrics`` for a kernel, sharing renders between scrapes.
 
-    :meth:`render` takes a :class:`MetricsSnapshot` in the calling (kernel) thread and
-    turns it into text in a worker thread. One render runs at a time: a scrape that
-    arrives while one is in progress waits for it and gets its result, and a finished
-    render is reused for ``cache_seconds`` (0 = reuse only by the scrapes that waited
-    for it). ``renders`` counts the renders done.
+    :meth:`render` takes a :class:`MetricsSnapshot` and turns it into text on the event
+    loop, in pieces with a checkpoint between them (see the module docstring). One render
+    runs at a time: a scrape that arrives while one is in progress waits for it and gets
+    its result (if the scrape rendering it is cancelled, the next waiter renders anew), and
+    a finished render is reused for ``cache_seconds`` (0 = reuse only by the scrapes that
+    waited for it). ``renders`` counts the renders done.
     """
 
     def __init__(
@@ -391,29 +414,32 @@ class MetricsRenderer:
 
     async def render(self) -> bytes:
         """The Prometheus text of the kernel, fresh or shared (see the class docstring)."""
-        now = trio.current_time()
-        if self._cached is not None and now - self._cached_at < self.cache_seconds:
-            await trio.lowlevel.checkpoint()
-            return self._cached
-        if self._in_progress is not None:
-            return await self._wait_for(self._in_progress)
+        while True:
+            now = trio.current_time()
+            if self._cached is not None and now - self._cached_at < self.cache_seconds:
+                await trio.lowlevel.checkpoint()
+                return self._cached
+            in_progress = self._in_progress
+            if in_progress is None:
+                break
+            await in_progress.done.wait()
+            if in_progress.body is not None:
+                return in_progress.body
+            if not isinstance(in_progress.error, trio.Cancelled):
+                raise RuntimeError("the metrics render this scrape waited for failed") from (
+                    in_progress.error
+                )
+            # The scrape that rendered gave up (its client went, or its time ran out).
         current = self._in_progress = _Render()
         try:
             snapshot = take_snapshot(
                 self.kernel, per_agent=self.per_agent, per_agent_limit=self.per_agent_limit
             )
-            if snapshot.per_agent:
-                # Not abandoned on cancel: the waiters share this render, and the thread
-                # finishes in bounded time anyway.
-                current.body = await trio.to_thread.run_sync(
-                    self._render_sync, snapshot, abandon_on_cancel=False
-                )
-            else:
-                # Kernel-wide series only: a few dozen lines, rendered here. A worker
-                # thread would be worse: with the GIL, a busy event loop starves it
-                # (measured: a to_thread job waited 7 s behind a ring workload).
-                current.body = self._render_sync(snapshot)
+            parts = []
+            for piece in self._pieces(snapshot):
+                parts.append(piece)
                 await trio.lowlevel.checkpoint()
+            current.body = b"".join(parts)
             self.renders += 1
             self._cached, self._cached_at = current.body, now
             return current.body
@@ -424,16 +450,8 @@ class MetricsRenderer:
             self._in_progress = None
             current.done.set()
 
-    def _render_sync(self, snapshot: MetricsSnapshot) -> bytes:
-        return render_snapshot(snapshot, process=self.process)
-
-    async def _wait_for(self, render: _Render) -> bytes:
-        await render.done.wait()
-        if render.body is None:
-            raise RuntimeError("the metrics render this scrape waited for failed") from (
-                render.error
-            )
-        return render.body
+    def _pieces(self, snapshot: MetricsSnapshot) -> Iterator[bytes]:
+        return _pieces(snapshot, process=self.process)
 
 
 def health(kernel: Kernel) -> bool:
@@ -498,25 +516,34 @@ async def _read_head(stream: trio.abc.Stream) -> bytes | None:
 async def _handle_connection(
     stream: trio.SocketStream, kernel: Kernel, renderer: MetricsRenderer
 ) -> None:
+    text = "text/plain; charset=utf-8"
+    answering = False  # a request was read and has no answer yet
     try:
         with trio.move_on_after(_REQUEST_TIMEOUT):
             head = await _read_head(stream)
             if head is None:
-                await stream.send_all(
-                    _response(431, b"request head too large\n", "text/plain; charset=utf-8")
-                )
+                await stream.send_all(_response(431, b"request head too large\n", text))
                 return
             request_line = head.split(b"\n", 1)[0].decode("latin-1").strip()
             parts = request_line.split()
             if len(parts) != 3 or not parts[2].startswith("HTTP/"):
                 if request_line:
-                    await stream.send_all(
-                        _response(400, b"bad request\n", "text/plain; charset=utf-8")
-                    )
+                    await stream.send_all(_response(400, b"bad request\n", text))
                 return
             method, target, _version = parts
+            answering = True
             status, body, content_type = await _route(kernel, renderer, method, target)
+            answering = False
             await stream.send_all(_response(status, body, content_type, head=method == "HEAD"))
+        if answering:
+            # Said, not a connection closed without a word (the client would not know why).
+            log.warning(
+                "metrics request %s %s: no answer within %s s", method, target, _REQUEST_TIMEOUT
+            )
+            body = f"no answer within {_REQUEST_TIMEOUT:g} s (the kernel is busy)\n".encode()
+            with trio.move_on_after(1) as scope:
+                scope.shield = True
+                await stream.send_all(_response(503, body, text, head=method == "HEAD"))
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass  # the client went away
     except Exception:  # a scrape must never take the kernel down

@@ -511,9 +511,8 @@ def test_a_default_scrape_answers_while_the_ring_saturates_the_loop(nexus):
 
 def test_metrics_endpoint_and_health_command_on_a_real_run(nexus):
     port = free_port()
-    # Per-agent series are opt-in and capped ([metrics] per_agent, per_agent_limit). They are
-    # rendered in a worker thread, which a loop saturated by the ring workload starves of
-    # the GIL (see nexus_trio.metrics): the request workload leaves the loop room.
+    # Per-agent series are opt-in and capped ([metrics] per_agent, per_agent_limit), and
+    # rendered on the loop in pieces (see nexus_trio.metrics).
     per_agent = {"NEXUS_METRICS__PER_AGENT": "true", "NEXUS_METRICS__PER_AGENT_LIMIT": "20"}
     run = nexus(
         ["run", "-n", "50", "-d", "0", "-w", "request", "--metrics-port", str(port), "--json"],

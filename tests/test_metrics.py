@@ -31,6 +31,11 @@ async def echo(ctx, msg):
     return msg.payload
 
 
+@agent
+async def unnamed(ctx, msg):
+    return None
+
+
 @agent(name="boom", on_error="restart")
 async def boom(ctx, msg):
     raise RuntimeError("boom")
@@ -226,23 +231,18 @@ async def test_per_agent_series_within_the_limit_are_all_there_and_not_truncated
         assert "nexus_agent_handled_total" in on
 
 
-async def test_concurrent_scrapes_share_one_render_running_in_a_worker_thread():
+async def test_concurrent_scrapes_share_one_render_made_on_the_loop_in_pieces():
     async with open_test_kernel() as kernel:
-        # Per-agent renders run in a worker thread (kernel-wide ones on the loop).
         renderer = MetricsRenderer(kernel, per_agent=True, cache_seconds=0, process=False)
-        release = threading.Event()
-        threads: list[str] = []
-        real = renderer._render_sync
+        real = renderer._pieces
+        made: list[str] = []
 
-        started = threading.Event()
+        def pieces(snapshot):
+            # Each piece is made in the scraping task, on the loop: no worker thread.
+            made.append(threading.current_thread().name)
+            yield from real(snapshot)
 
-        def slow_render(snapshot):
-            threads.append(threading.current_thread().name)
-            started.set()
-            release.wait(30)
-            return real(snapshot)
-
-        renderer._render_sync = slow_render  # type: ignore[method-assign]
+        renderer._pieces = pieces  # type: ignore[method-assign]
         bodies: list[bytes] = []
 
         async def scrape() -> None:
@@ -251,19 +251,54 @@ async def test_concurrent_scrapes_share_one_render_running_in_a_worker_thread():
         async with trio.open_nursery() as nursery:
             for _ in range(20):
                 nursery.start_soon(scrape)
-            try:
-                assert await trio.to_thread.run_sync(started.wait, 30)
-                # Every scrape is now waiting: one for the thread, 19 for that one's result.
-                await trio.testing.wait_all_tasks_blocked()
-                assert renderer.renders == 0 and len(threads) == 1
-            finally:
-                release.set()
         assert renderer.renders == 1
-        assert threads != [threading.current_thread().name]
+        assert made == [threading.current_thread().name]
         assert len(bodies) == 20 and len(set(bodies)) == 1
+        assert b"nexus_agents_alive" in bodies[0]
         # With cache_seconds=0 the next scrape renders again.
         await renderer.render()
         assert renderer.renders == 2
+
+
+async def test_a_large_per_agent_render_lets_the_agents_run_between_its_pieces():
+    async with open_test_kernel() as kernel:
+        refs = [kernel.spawn(unnamed) for _ in range(1200)]
+        renderer = MetricsRenderer(
+            kernel, per_agent=True, per_agent_limit=2000, cache_seconds=0, process=False
+        )
+        ticks = 0
+        rendering = True
+
+        async def other_work() -> None:
+            nonlocal ticks
+            while rendering:
+                ticks += 1
+                await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other_work)
+            await trio.lowlevel.checkpoint()
+            start = ticks
+            body = await renderer.render()
+            during = ticks - start
+            rendering = False
+        # 9 per-agent families of 1,200 samples: three pieces each, a checkpoint after
+        # every piece (and after each small family), so the other task ran many times.
+        assert during >= 27
+        families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+        for name in ("nexus_agent_handled", "nexus_agent_mailbox_depth"):
+            assert len(families[name].samples) == 1200
+            assert body.count(f"# HELP {name}".encode()) == 1
+            assert body.count(f"# TYPE {name}".encode()) == 1
+        ids = {s.labels["agent_id"] for s in families["nexus_agent_received"].samples}
+        assert ids == {str(ref.id) for ref in refs}
+        # The whole text in one go (any thread) is the same bytes.
+        assert (
+            render_snapshot(
+                take_snapshot(kernel, per_agent=True, per_agent_limit=2000), process=False
+            )
+            == body
+        )
 
 
 async def test_a_render_is_reused_within_cache_seconds(mock_clock):
@@ -282,16 +317,14 @@ async def test_a_render_is_reused_within_cache_seconds(mock_clock):
 
 async def test_a_failed_render_fails_its_waiters_and_the_next_scrape_renders_again():
     async with open_test_kernel() as kernel:
-        # A per-agent render: it runs in the worker thread that the test holds.
         renderer = MetricsRenderer(kernel, per_agent=True, cache_seconds=0, process=False)
-        release = threading.Event()
-        real = renderer._render_sync
+        real = renderer._pieces
 
         def failing(snapshot):
-            release.wait(30)
+            yield b"# a first piece\n"
             raise OSError("disk on fire")
 
-        renderer._render_sync = failing  # type: ignore[method-assign]
+        renderer._pieces = failing  # type: ignore[method-assign]
         errors: list[BaseException] = []
 
         async def scrape() -> None:
@@ -303,15 +336,84 @@ async def test_a_failed_render_fails_its_waiters_and_the_next_scrape_renders_aga
         async with trio.open_nursery() as nursery:
             for _ in range(3):
                 nursery.start_soon(scrape)
-            await trio.testing.wait_all_tasks_blocked()
-            release.set()
         assert sorted(type(e).__name__ for e in errors) == [
             "OSError",
             "RuntimeError",
             "RuntimeError",
         ]
-        renderer._render_sync = real  # type: ignore[method-assign]
+        renderer._pieces = real  # type: ignore[method-assign]
         assert b"nexus_agents_alive" in await renderer.render()
+
+
+async def test_when_the_rendering_scrape_is_cancelled_a_waiting_scrape_renders_anew():
+    async with open_test_kernel() as kernel:
+        renderer = MetricsRenderer(kernel, cache_seconds=0, process=False)
+        real = renderer._pieces
+        renders_started = 0
+        first_scope = trio.CancelScope()
+
+        def pieces(snapshot):
+            nonlocal renders_started
+            renders_started += 1
+            for n, piece in enumerate(real(snapshot)):
+                if renders_started == 1 and n == 5:
+                    # The first render's scrape gives up (its client went) at a checkpoint
+                    # between pieces: by now the other two scrapes wait for this render.
+                    assert waiting == 2
+                    first_scope.cancel()
+                yield piece
+
+        renderer._pieces = pieces  # type: ignore[method-assign]
+        bodies: list[bytes] = []
+        waiting = 0
+
+        async def scrape() -> None:
+            nonlocal waiting
+            waiting += 1
+            bodies.append(await renderer.render())
+
+        async def given_up_scrape() -> None:
+            with first_scope:
+                await renderer.render()
+                raise AssertionError("not cancelled")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(given_up_scrape)
+            while not renders_started:  # until its render has begun
+                await trio.lowlevel.checkpoint()
+            nursery.start_soon(scrape)
+            nursery.start_soon(scrape)
+        assert first_scope.cancelled_caught
+        assert len(bodies) == 2 and bodies[0] == bodies[1]
+        assert b"nexus_agents_alive" in bodies[0]
+        # the given-up render was not counted; one of the waiters rendered for both
+        assert renders_started == 2 and renderer.renders == 1
+
+
+async def test_a_request_whose_render_takes_too_long_gets_503_with_the_reason(mock_clock):
+    from nexus_trio import metrics
+
+    mock_clock.autojump_threshold = 0
+    async with open_test_kernel() as kernel:
+        renderer = MetricsRenderer(kernel, cache_seconds=0, process=False)
+        stuck = trio.Event()
+
+        async def never() -> bytes:
+            await stuck.wait()
+            return b""
+
+        renderer.render = never  # type: ignore[method-assign]
+        client, server = trio.testing.memory_stream_pair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(metrics._handle_connection, server, kernel, renderer)
+            await client.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            data = b""
+            while chunk := await client.receive_some(65536):
+                data += chunk
+            await client.aclose()
+        assert data.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+        assert data.endswith(b"\r\n\r\nno answer within 10 s (the kernel is busy)\n")
+        assert trio.current_time() >= 10
 
 
 async def test_twenty_concurrent_http_scrapes_cost_one_render():
