@@ -312,6 +312,55 @@ async def test_a_durable_message_left_unanswered_frees_its_slot_and_is_counted_d
     assert stats.durable_acked == 1
 
 
+async def test_a_durable_message_waiting_for_room_past_ack_wait_is_delivered_once(
+    nats: NatsServer,
+) -> None:
+    """Regression: a durable message that waited for room in a full ``block`` mailbox
+    longer than ``ack_wait`` was redelivered by JetStream while it still waited to get
+    in (a second delivery, or a skipped duplicate if the first was answered by then).
+    The node now tells JetStream it is in progress while it holds the message."""
+    from nexus_trio._nats import DurableOptions
+
+    handled: list[Any] = []
+    release = trio.Event()
+    marker = trio.Event()
+
+    @agent(name="slow-a", mailbox_capacity=1)
+    async def slow(ctx: Context, msg: Message) -> Any:
+        handled.append(msg.payload)
+        if msg.payload == "hold":
+            await release.wait()
+        if msg.payload == "marker":
+            marker.set()
+        return "ok"
+
+    ack_wait = 0.5
+    durable = DurableOptions(ack_wait=ack_wait, max_deliver=4, redelivery_delay=0.05)
+    async with local_node(nats.url, durable=durable) as (kernel, cluster):
+        target = kernel.spawn(slow)
+        with trio.fail_after(30):
+            await kernel.send(target, "hold")  # in the handler, until released
+            await trio.testing.wait_all_tasks_blocked()
+            await kernel.send(target, "filler")  # the mailbox is full now
+            await cluster.send_durable(target, "durable")
+            while True:  # the node's delivery of it waits for room
+                if kernel.mailbox_statistics(target).producers_waiting:
+                    break
+                await trio.sleep(0.02)
+            # the node holds the durable message, waiting for room, past ack_wait
+            await trio.sleep(4 * ack_wait)
+            release.set()
+            # JetStream hands out redeliveries first: once the marker is handled, any
+            # redelivery of the durable message has been pulled (and counted)
+            await cluster.send_durable(target, "marker")
+            await marker.wait()
+            await trio.testing.wait_all_tasks_blocked()
+        stats = cluster.stats()
+    assert handled == ["hold", "filler", "durable", "marker"]
+    assert (stats.durable_redelivered, stats.durable_duplicates) == (0, 0)
+    assert stats.durable_acked == 2
+
+
 async def test_a_node_whose_kernel_stopped_pulls_no_durable_message(nats: NatsServer) -> None:
     """Regression: once the kernel had shut down (still joined), the pull went on: each
     durable message for the node was fetched, refused (KernelShuttingDown), nakked and

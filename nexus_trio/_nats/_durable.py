@@ -12,11 +12,18 @@ original message id** (``ctx.message.kind is MessageKind.QUERY``):
   reply goes nowhere else;
 * the handler raises or times out (the Query is dead-lettered) -> **nak** with
   ``redelivery_delay``; JetStream delivers it again;
-* nothing comes back within ``ack_wait`` (e.g. the node died, or the handler returned
-  ``None``, which sends no reply) -> JetStream redelivers it (its in-flight slot here is
-  free then; an answer that comes later still acks it);
+* nothing comes back within ``ack_wait`` of the handover (e.g. the node died, or the
+  handler returned ``None``, which sends no reply) -> JetStream redelivers it (its
+  in-flight slot here is free then; an answer that comes later still acks it);
 * after ``max_deliver`` deliveries it is terminated, logged and counted as dead (also
   when the last one got no answer within ``ack_wait``).
+
+While the node itself holds a message (fetched, not handed over yet: waiting behind
+the others of its batch, or for room in a full ``block`` mailbox, at most the send
+deadline each) it tells JetStream every ``ack_wait / 2`` that the message is in progress
+(``+WPI``), so that the wait does not make JetStream deliver it again; one held that long
+is given a fresh ``ack_wait`` at its handover. Once handed over, the node cannot tell a
+handler still at work from one that returned ``None``, so ``ack_wait`` runs from there.
 
 Redeliveries carry the same message id, so a handler makes its effect idempotent by
 keying it on ``ctx.message.id``; the consumer also skips (and re-acks) ids it acked
@@ -27,8 +34,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Any, Final, final
 
 import attrs
@@ -80,6 +88,10 @@ class DurableChannel:
         self._done: OrderedDict[uuid.UUID, None] = OrderedDict()
         # past ack_wait unanswered, JetStream delivers them again: an answer still acks
         self._late: OrderedDict[uuid.UUID, NatsMsg] = OrderedDict()
+        # fetched and not handed over yet, in order (the first may wait for room): kept
+        # in progress in JetStream by _keep_held every ack_wait / 2 (the last time: _tick)
+        self._held: deque[NatsMsg] = deque()
+        self._tick = -math.inf
         self._room = trio.Event()
         self._ops: Outbox[tuple[NatsMsg, str]] = Outbox(self._send_ops)
         # stop() ends the pull before it closes _ops: nothing is fetched after that
@@ -212,9 +224,32 @@ class DurableChannel:
     async def _pull(self) -> None:
         try:
             with self._pulling:
-                await self._pull_loop()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._keep_held)
+                    await self._pull_loop()
+                    nursery.cancel_scope.cancel()
         finally:
             self._pull_ended.set()
+
+    async def _keep_held(self) -> None:
+        """Every ``ack_wait / 2``, tell JetStream the messages held here are in progress
+        (``+WPI`` resets their ack_wait): they wait for room, not for a dead node. At most
+        ``max_in_flight`` of them a time, each held at most the send deadline per message
+        ahead of it."""
+        interval = self.options.ack_wait / 2
+        held = self._held
+        while True:
+            await trio.sleep(interval)
+            if held:
+                self._tick = trio.current_time()
+                for jsmsg in held:
+                    self._ops.put((jsmsg, "progress"))
+
+    def _give_back_held(self) -> None:
+        """Leaving: what was fetched and not handed over goes back to JetStream."""
+        held = self._held
+        while held:
+            self._ops.put((held.popleft(), "nak"))
 
     async def _pull_loop(self) -> None:
         psub = self._psub
@@ -241,20 +276,23 @@ class DurableChannel:
                 log.warning("node %s: durable fetch failed: %r", self.cluster.node, exc)
                 await trio.sleep(self.cluster.options.reconnect_wait)
                 continue
-            for index, jsmsg in enumerate(msgs):
+            held = self._held
+            held.extend(msgs)
+            fetched = trio.current_time()
+            while held:
                 if kernel.stopping:
-                    for rest in msgs[index:]:
-                        self._ops.put((rest, "nak"))
+                    self._give_back_held()
                     return
                 try:
-                    await self._deliver(jsmsg)
+                    await self._deliver(held[0], fetched)
                 except trio.Cancelled:
-                    # leaving: what was not handed over goes back to JetStream
-                    for rest in msgs[index + 1 :]:
-                        self._ops.put((rest, "nak"))
+                    # leaving: _deliver settled the first; the rest go back to JetStream
+                    held.popleft()
+                    self._give_back_held()
                     raise
+                held.popleft()
 
-    async def _deliver(self, jsmsg: NatsMsg) -> None:
+    async def _deliver(self, jsmsg: NatsMsg, fetched: float) -> None:
         kernel = self.cluster.kernel
         try:
             msg = wire.decode_message(jsmsg.data)
@@ -279,11 +317,19 @@ class DurableChannel:
             await kernel.deliver_from_remote(query)
         except (AgentNotFound, MailboxFull, KernelShuttingDown) as exc:
             self.failed(msg.id, type(exc).__name__, exc)
+            return
         except trio.Cancelled:
             # not taken (leaving while it waited for room): not a failed delivery
             if self._in_flight.pop(msg.id, None) is not None:
                 self._ops.put((jsmsg, "nak"))
             raise
+        if fetched < self._tick:
+            # held here across a keep-alive (it waited for room): the agent gets a whole
+            # ack_wait from now, here and in JetStream (unless it answered already)
+            entry = self._in_flight.get(msg.id)
+            if entry is not None and entry[0] is jsmsg:
+                self._in_flight[msg.id] = (jsmsg, trio.current_time() + self.options.ack_wait)
+                self._ops.put((jsmsg, "progress"))
 
     def _expire(self) -> None:
         """Give up waiting for the answers not come within ``ack_wait`` (the handler
@@ -362,6 +408,9 @@ class DurableChannel:
                     await jsmsg.ack()
                 elif op == "nak":
                     await jsmsg.nak(delay=delay)
+                elif op == "progress":
+                    if not jsmsg.is_acked:  # (nats-py sends +WPI even after an ack)
+                        await jsmsg.in_progress()
                 else:
                     await jsmsg.term()
             except nats.errors.MsgAlreadyAckdError:
