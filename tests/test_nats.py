@@ -361,6 +361,55 @@ async def test_a_durable_message_waiting_for_room_past_ack_wait_is_delivered_onc
     assert stats.durable_acked == 2
 
 
+async def test_the_second_answer_to_a_redelivered_durable_message_reaches_no_agent(
+    nats: NatsServer,
+) -> None:
+    """Regression: a durable message redelivered while its first delivery was still in
+    its handler was answered twice; the first answer acked it, the second went to the
+    sender as a message (a Response its agent had not asked for). It is counted as a
+    duplicate on the recipient's node and goes nowhere."""
+    from nexus_trio._nats import DurableOptions
+
+    calls: list[Any] = []
+    second = trio.Event()
+    durable = DurableOptions(ack_wait=1.0, max_deliver=4)
+    async with nodes(nats.url, "b") as (b,), local_node(nats.url, durable=durable) as (ka, ca):
+
+        @agent(name="twice-a")
+        async def twice(ctx: Context, msg: Message) -> Any:
+            calls.append(msg.id)
+            if len(calls) == 1:
+                # past ack_wait: JetStream delivers it again meanwhile
+                while True:
+                    if ca.durable.redelivered:
+                        break
+                    await trio.sleep(0.05)
+            else:
+                second.set()
+            return f"answer {len(calls)}"
+
+        ka.spawn(twice)
+        with trio.fail_after(30):
+            await ca.wait_for_name("collector-b")
+            # sent on behalf of an agent of b, which collects what it is sent
+            sender = uuid.UUID(b.ids["collector-b"])
+            sent = await ca.send_durable("twice-a", "work", sender=sender)
+            await second.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            # after whatever the second answer sent to b, in the same node batch
+            await ka.send("collector-b", "marker")
+            while True:
+                collected = await ka.request("collector-b", "dump")
+                if "marker" in collected:
+                    break
+                await trio.sleep(0.05)
+        stats = ca.stats()
+    assert calls == [sent.id, sent.id]
+    assert collected == ["marker"]
+    assert stats.durable_acked == 1
+    assert stats.durable_duplicates == 1
+
+
 async def test_a_node_whose_kernel_stopped_pulls_no_durable_message(nats: NatsServer) -> None:
     """Regression: once the kernel had shut down (still joined), the pull went on: each
     durable message for the node was fetched, refused (KernelShuttingDown), nakked and

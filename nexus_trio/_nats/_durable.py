@@ -27,7 +27,9 @@ handler still at work from one that returned ``None``, so ``ack_wait`` runs from
 
 Redeliveries carry the same message id, so a handler makes its effect idempotent by
 keying it on ``ctx.message.id``; the consumer also skips (and re-acks) ids it acked
-recently in case an ack was lost.
+recently in case an ack was lost, and an answer to an id it acked already (a redelivery
+handed over before the first answer came) goes nowhere: both are counted in
+``duplicates``.
 """
 
 from __future__ import annotations
@@ -367,6 +369,12 @@ class DurableChannel:
             jsmsg = entry[0]
         elif late is not None:
             jsmsg = late
+        elif msg_id in self._done:
+            # a redelivery handed over before the first answer acked it: answered twice,
+            # the second answer goes nowhere (its sender asked for none)
+            self.duplicates += 1
+            log.debug("durable message %s answered again, dropped (duplicate)", msg_id)
+            return True
         else:
             return False
         self._done[msg_id] = None
