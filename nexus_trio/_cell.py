@@ -304,10 +304,14 @@ class AgentCell(Child):
                         scope.deadline = trio.current_time() + max(self.shutdown_timeout, 0.001)
                     try:
                         await behaviour.on_stop(ctx)
-                    except Exception:
+                    except Exception as exc:
                         log.exception(
                             "on_stop of agent %s raised", self.label, extra=log_extra(self)
                         )
+                        # As a ``terminate`` that crashes in OTP: the run ends with this
+                        # failure (the first one, if it had failed already).
+                        if failure is None:
+                            failure = exc
         if failure is not None:
             raise failure
 

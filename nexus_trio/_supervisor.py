@@ -290,7 +290,7 @@ class SupervisorNode(Child, ChildOwner):
                     await self._stop_all()
                     # Stops asked for while we were leaving: those children are stopped
                     # now; make them stopped for good so that their callers return.
-                    self._finish_queued_terminations(receive)
+                    self._finish_queued(receive)
                     for child, reason in self._late_terminations:
                         self._retire_with_linked(child, reason)
                     self._late_terminations.clear()
@@ -460,6 +460,10 @@ class SupervisorNode(Child, ChildOwner):
             self.host.router.check_drained()
         if child.run == run and self._inbox_send is not None and not child.terminating:
             self._inbox_send.send_nowait((_EXIT, child, run, error))
+        elif error is not None:
+            # It failed while being stopped (or while this supervisor stops): nothing is
+            # restarted, but the failure is reported as at any other time (event, monitors).
+            self.host.failed(child, error)
 
     async def _handle_queued(self, receive: trio.MemoryReceiveChannel[tuple[Any, ...]]) -> bool:
         while True:
@@ -470,9 +474,9 @@ class SupervisorNode(Child, ChildOwner):
             if await self._handle(event):
                 return True
 
-    def _finish_queued_terminations(
-        self, receive: trio.MemoryReceiveChannel[tuple[Any, ...]]
-    ) -> None:
+    def _finish_queued(self, receive: trio.MemoryReceiveChannel[tuple[Any, ...]]) -> None:
+        """What was still queued when this supervisor stopped: stops are done (the
+        children were stopped), failures are reported (nothing is restarted)."""
         while True:
             try:
                 event = receive.receive_nowait()
@@ -481,6 +485,8 @@ class SupervisorNode(Child, ChildOwner):
             if event[0] == _TERMINATE:
                 _, child, reason = event
                 self._retire_with_linked(child, reason)
+            elif event[0] == _EXIT and event[3] is not None and event[1] in self.children:
+                self.host.failed(event[1], event[3])
 
     async def _handle(self, event: tuple[Any, ...]) -> bool:
         """Process one event; True means this supervisor must stop."""

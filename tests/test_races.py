@@ -22,6 +22,7 @@ from nexus_trio import (
     Backoff,
     Context,
     DeadLetterReason,
+    EventKind,
     KernelPhase,
     Message,
     MessageKind,
@@ -30,7 +31,7 @@ from nexus_trio import (
     open_kernel,
 )
 from nexus_trio._message import Address
-from nexus_trio.testing import assert_conserved, dead_letters
+from nexus_trio.testing import assert_conserved, dead_letters, record_events
 
 from .conftest import make_config, timed_shutdown
 
@@ -565,4 +566,212 @@ async def test_a_failure_during_a_group_restart_is_reported_to_monitors(
         finish_stop.set()
         await trio.testing.wait_all_tasks_blocked()
         assert sorted(notices) == [("x", "failed"), ("z", "failed")], notices
+    assert_conserved(kernel)
+
+
+# --- failures while an agent is being stopped ---------------------------------------------
+
+
+def _watcher(target: str, notices: list[tuple[str, str, str]]) -> Any:
+    """An agent ("watcher") that monitors ``target`` on "watch" and records the notices
+    it gets as (name, event, reason)."""
+
+    @agent(name="watcher")
+    async def watcher(ctx: Context, msg: Message) -> None:
+        if msg.payload == "watch":
+            ctx.monitor(ctx.kernel.lookup(target))
+        else:
+            notices.append((msg.payload["name"], msg.payload["event"], msg.payload["reason"]))
+
+    return watcher
+
+
+async def test_a_background_task_that_fails_while_its_agent_is_stopped_is_reported(
+    autojump_clock: Any,
+) -> None:
+    """Regression: ``kernel.stop(w)`` while w's handler is suspended on the message in
+    hand; a task in w's ``ctx.nursery`` raises meanwhile. The run ends with that failure,
+    but the supervisor dropped it (the child was being stopped): a log line only, no
+    ``failed`` event and no ``failed`` notice to w's monitors. Now it is reported as a
+    failure at any other time is, and w is stopped for good, not restarted."""
+    crash = trio.Event()
+    notices: list[tuple[str, str, str]] = []
+
+    async def background() -> None:
+        await crash.wait()
+        raise RuntimeError("background fails")
+
+    class W(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            ctx.nursery.start_soon(background)
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            await trio.sleep_forever()
+
+    async with open_kernel(make_config()) as kernel:
+        async with record_events(kernel) as recorder:
+            ref = kernel.spawn(agent(W, name="w", shutdown_timeout=1000.0))
+            kernel.spawn(_watcher("w", notices))
+            await kernel.send("watcher", "watch")
+            await kernel.send(ref, "work")
+            await trio.testing.wait_all_tasks_blocked()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(kernel.stop, ref)
+                await trio.testing.wait_all_tasks_blocked()  # w is asked to stop
+                crash.set()
+            took = trio.current_time()
+            await trio.testing.wait_all_tasks_blocked()
+        assert took == 0.0  # the failure ended the run, not the stop's timeout
+        assert [(e.kind, e.reason, repr(e.error)) for e in recorder.events if e.name == "w"][
+            -2:
+        ] == [
+            (EventKind.FAILED, "RuntimeError", "RuntimeError('background fails')"),
+            (EventKind.STOPPED, "stopped", "None"),
+        ]
+        assert EventKind.RESTARTED not in recorder.kinds("w")
+        assert notices == [
+            ("w", "failed", "RuntimeError('background fails')"),
+            ("w", "stopped", "stopped"),
+        ]
+        assert kernel.stats().restarts == 0
+    assert _letters(kernel) == [("work", DeadLetterReason.AGENT_STOPPED)]
+    assert_conserved(kernel)
+
+
+async def test_an_on_stop_that_raises_while_its_agent_is_stopped_is_reported(
+    autojump_clock: Any,
+) -> None:
+    """Regression: ``kernel.stop(w)``, and w's ``on_stop`` raises: a log line only, no
+    ``failed`` event, no notice to w's monitors. As in OTP, where a ``terminate`` that
+    crashes makes the crash the exit reason, the run now ends with that failure: it is
+    reported, and w is stopped for good, not restarted."""
+    notices: list[tuple[str, str, str]] = []
+
+    class W(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            pass
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            pass
+
+        async def on_stop(self, ctx: Context) -> None:
+            raise OSError("cannot flush")
+
+    async with open_kernel(make_config()) as kernel:
+        async with record_events(kernel) as recorder:
+            ref = kernel.spawn(agent(W, name="w"))
+            kernel.spawn(_watcher("w", notices))
+            await kernel.send("watcher", "watch")
+            await trio.testing.wait_all_tasks_blocked()
+            await kernel.stop(ref)
+            await trio.testing.wait_all_tasks_blocked()
+        assert [(e.kind, repr(e.error)) for e in recorder.events if e.name == "w"][-2:] == [
+            (EventKind.FAILED, "OSError('cannot flush')"),
+            (EventKind.STOPPED, "None"),
+        ]
+        assert EventKind.RESTARTED not in recorder.kinds("w")
+        assert notices == [("w", "failed", "OSError('cannot flush')"), ("w", "stopped", "stopped")]
+        assert kernel.stats().restarts == 0
+    assert_conserved(kernel)
+
+
+async def test_a_transient_agent_whose_on_stop_raises_after_a_normal_exit_is_restarted(
+    autojump_clock: Any,
+) -> None:
+    """``on_stop`` raising is the run's failure (OTP: a crashing ``terminate`` is the exit
+    reason), so a ``transient`` agent that exits normally (``ctx.stop()``) and whose
+    ``on_stop`` raises is restarted, with a ``failed`` event."""
+    runs: list[int] = []
+
+    class W(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            runs.append(len(runs) + 1)
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            ctx.stop()
+
+        async def on_stop(self, ctx: Context) -> None:
+            if len(runs) == 1:
+                raise OSError("cannot flush")
+
+    async with open_kernel(make_config()) as kernel, record_events(kernel) as recorder:
+        ref = kernel.spawn(agent(W, name="w", restart="transient"))
+        await kernel.send(ref, "exit")
+        await trio.testing.wait_all_tasks_blocked()
+        assert runs == [1, 2]
+        await kernel.send(ref, "exit")  # on_stop does not raise: a normal exit, not restarted
+        await trio.testing.wait_all_tasks_blocked()
+        assert runs == [1, 2]
+    assert [(e.kind, repr(e.error)) for e in recorder.events if e.name == "w"] == [
+        (EventKind.SPAWNED, "None"),
+        (EventKind.STARTED, "None"),
+        (EventKind.FAILED, "OSError('cannot flush')"),
+        (EventKind.RESTARTED, "OSError('cannot flush')"),
+        (EventKind.STARTED, "None"),
+        (EventKind.STOPPED, "None"),
+    ]
+
+
+async def test_a_failure_while_the_kernel_stops_its_tree_is_reported(
+    autojump_clock: Any,
+) -> None:
+    """Regression: the kernel's shutdown stops w (its supervisor is leaving: no exit is
+    handled any more), and w's ``on_stop`` raises: a log line only. Now a ``failed``
+    event, then ``stopped`` (reason ``shutdown``)."""
+
+    class W(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            pass
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            pass
+
+        async def on_stop(self, ctx: Context) -> None:
+            raise OSError("cannot flush")
+
+    async with open_kernel(make_config()) as kernel, record_events(kernel) as recorder:
+        kernel.spawn(agent(W, name="w"))
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.shutdown()
+    assert [(e.kind, e.reason, repr(e.error)) for e in recorder.events if e.name == "w"] == [
+        (EventKind.SPAWNED, "", "None"),
+        (EventKind.STARTED, "", "None"),
+        (EventKind.FAILED, "OSError", "OSError('cannot flush')"),
+        (EventKind.STOPPED, "shutdown", "None"),
+    ]
+    assert kernel.stats().restarts == 0
+
+
+async def test_a_failure_queued_behind_an_escalation_is_reported(autojump_clock: Any) -> None:
+    """Regression: ``a`` and ``b`` fail in the same round under a supervisor that allows no
+    restart. Handling the first exit, the supervisor gives up (an escalation) and stops;
+    the second exit was still queued and was dropped with the queue: no ``failed`` event
+    for that agent, no notice. Now what is left queued is reported."""
+    gate = trio.Event()
+
+    class Fails(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            pass
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            await gate.wait()
+            raise RuntimeError(f"{ctx.name} fails")
+
+    sup = Supervisor(
+        name="sup",
+        max_restarts=0,
+        children=[agent(Fails, name="a"), agent(Fails, name="b")],
+    )
+    async with open_kernel(make_config()) as kernel:
+        async with record_events(kernel) as recorder:
+            kernel.spawn(sup)
+            await kernel.send("a", 1)
+            await kernel.send("b", 1)
+            await trio.testing.wait_all_tasks_blocked()
+            gate.set()
+            await trio.testing.wait_all_tasks_blocked()
+        failed = {e.name: repr(e.error) for e in recorder.of(EventKind.FAILED)}
+        # (the root restarts sup, whose escalation names the first failure it handled)
+        assert failed.keys() == {"a", "b", "sup"}, failed
+        assert (failed["a"], failed["b"]) == ("RuntimeError('a fails')", "RuntimeError('b fails')")
     assert_conserved(kernel)
