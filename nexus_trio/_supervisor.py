@@ -227,6 +227,7 @@ class SupervisorNode(Child, ChildOwner):
         "_leaving",
         "_nursery",
         "_restart_times",
+        "_stops_queued",
         "children",
         "host",
         "isolating",
@@ -252,6 +253,9 @@ class SupervisorNode(Child, ChildOwner):
         #: stopping its children on the way out of a run
         self._leaving = False
         self._late_terminations: list[tuple[Child, str]] = []
+        #: children whose stop (``terminate``) is queued, and its reason: an exit handled
+        #: before it does not restart them
+        self._stops_queued: dict[Child, str] = {}
 
     # --- the child interface -----------------------------------------------------------
 
@@ -291,6 +295,7 @@ class SupervisorNode(Child, ChildOwner):
                     # Stops asked for while we were leaving: those children are stopped
                     # now; make them stopped for good so that their callers return.
                     self._finish_queued(receive)
+                    self._stops_queued.clear()
                     for child, reason in self._late_terminations:
                         self._retire_with_linked(child, reason)
                     self._late_terminations.clear()
@@ -354,6 +359,7 @@ class SupervisorNode(Child, ChildOwner):
             self._retire_with_linked(child, reason)
             await trio.lowlevel.checkpoint()
             return
+        self._stops_queued[child] = reason
         self._inbox_send.send_nowait((_TERMINATE, child, reason))
         await child.wait_retired()
 
@@ -484,6 +490,7 @@ class SupervisorNode(Child, ChildOwner):
                 return
             if event[0] == _TERMINATE:
                 _, child, reason = event
+                self._stops_queued.pop(child, None)
                 self._retire_with_linked(child, reason)
             elif event[0] == _EXIT and event[3] is not None and event[1] in self.children:
                 self.host.failed(event[1], event[3])
@@ -502,6 +509,7 @@ class SupervisorNode(Child, ChildOwner):
                     self._last_spawn_gate = gate
         elif kind == _TERMINATE:
             _, child, reason = event
+            self._stops_queued.pop(child, None)
             if child in self.children and not child.retired:
                 await self._stop_child(child)
                 self._retire(child, reason)
@@ -551,6 +559,12 @@ class SupervisorNode(Child, ChildOwner):
         if not wanted:
             self._retire(child, "failed" if error is not None else "normal")
             return
+        stop = self._stops_queued.pop(child, None)
+        if stop is not None:
+            # Stopped (``kernel.stop``) after this exit, in the same round: it is stopped
+            # for good now, not restarted (its restart would never run).
+            self._retire(child, stop)
+            return
         if host.stopping():
             # The grace period is over: nothing more is handled, so nothing is restarted
             # (a restart would serve its mailbox while the tree stops); what it had
@@ -589,7 +603,12 @@ class SupervisorNode(Child, ChildOwner):
         for other in reversed(group):
             if other is not child and not other.retired:
                 await self._stop_child(other)
-        # Stopping a member stops (for good) what it spawned, which may be in the group.
+        # Stopping a member stops (for good) what it spawned, which may be in the group;
+        # a member whose stop was asked meanwhile is stopped for good, not restarted.
+        for member in group:
+            stop = self._stops_queued.pop(member, None)
+            if stop is not None and not member.retired:
+                self._retire(member, stop)
         group = [c for c in group if not c.retired and c in self.children]
         for member in group:
             member.restarts += 1

@@ -775,3 +775,125 @@ async def test_a_failure_queued_behind_an_escalation_is_reported(autojump_clock:
         assert failed.keys() == {"a", "b", "sup"}, failed
         assert (failed["a"], failed["b"]) == ("RuntimeError('a fails')", "RuntimeError('b fails')")
     assert_conserved(kernel)
+
+
+# --- a group restart that a queued stop overtakes ------------------------------------------
+
+
+async def test_a_group_member_stopped_before_it_runs_again_is_not_reported_restarted(
+    autojump_clock: Any,
+) -> None:
+    """Regression: ``x`` fails under ``one_for_all``; while the supervisor stops ``y`` for
+    the group restart, ``kernel.stop(y)`` is queued. The restart counted y and published
+    a ``restarted`` event for it, then the queued stop stopped it before it ran again:
+    the events said y was restarted, and it never was. Now y's events say it was stopped
+    (``stopped``, reason ``stopped``), and only x is counted as restarted."""
+    in_stop = trio.Event()
+    finish_stop = trio.Event()
+    log: list[str] = []
+
+    class X(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            log.append("x start")
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            raise RuntimeError("x fails")
+
+    class Y(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            log.append("y start")
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            pass
+
+        async def on_stop(self, ctx: Context) -> None:
+            in_stop.set()
+            await finish_stop.wait()
+
+    sup = Supervisor(
+        name="sup",
+        strategy="one_for_all",
+        max_restarts=100,
+        backoff=Backoff(0, 0),
+        children=[agent(Y, name="y", shutdown_timeout=1000.0), agent(X, name="x")],
+    )
+    async with open_kernel(make_config()) as kernel:
+        async with record_events(kernel) as recorder:
+            kernel.spawn(sup)
+            await trio.testing.wait_all_tasks_blocked()
+            y = kernel.lookup("y")
+            await kernel.send("x", "fail")
+            await in_stop.wait()  # the group restart is stopping y
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(kernel.stop, y)
+                await trio.testing.wait_all_tasks_blocked()
+                finish_stop.set()
+            await trio.testing.wait_all_tasks_blocked()
+        assert log == ["y start", "x start", "x start"]
+        assert recorder.kinds("y") == [EventKind.SPAWNED, EventKind.STARTED, EventKind.STOPPED]
+        assert recorder.of(EventKind.STOPPED)[0].reason == "stopped"
+        assert [e.name for e in recorder.of(EventKind.RESTARTED)] == ["x"]
+        assert kernel.stats().restarts == 1
+    assert_conserved(kernel)
+
+
+async def test_a_failed_agent_stopped_before_its_restart_is_not_reported_restarted(
+    autojump_clock: Any,
+) -> None:
+    """Regression: the same for the failed agent itself. While its supervisor is busy
+    (stopping ``y``, whose ``on_stop`` is slow), ``x`` fails and then ``kernel.stop(x)``
+    is queued behind its exit. The exit was handled first: a ``restarted`` event and a
+    restart counted, and the stop, in the same round, stopped x before its new run
+    started. Now x is stopped for good at its exit, without a restart."""
+    in_stop = trio.Event()
+    finish_stop = trio.Event()
+    log: list[str] = []
+
+    class X(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            log.append("x start")
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            raise RuntimeError("x fails")
+
+    class Y(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            pass
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            pass
+
+        async def on_stop(self, ctx: Context) -> None:
+            in_stop.set()
+            await finish_stop.wait()
+
+    sup = Supervisor(
+        name="sup",
+        max_restarts=100,
+        backoff=Backoff(0, 0),
+        children=[agent(Y, name="y", shutdown_timeout=1000.0), agent(X, name="x")],
+    )
+    async with open_kernel(make_config()) as kernel:
+        async with record_events(kernel) as recorder:
+            kernel.spawn(sup)
+            await trio.testing.wait_all_tasks_blocked()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(kernel.stop, kernel.lookup("y"))
+                await in_stop.wait()  # the supervisor is busy stopping y
+                await kernel.send("x", "fail")
+                await trio.testing.wait_all_tasks_blocked()  # x's exit is queued
+                nursery.start_soon(kernel.stop, kernel.lookup("x"))
+                await trio.testing.wait_all_tasks_blocked()  # and its stop behind it
+                finish_stop.set()
+            await trio.testing.wait_all_tasks_blocked()
+        assert log == ["x start"]
+        assert recorder.kinds("x") == [
+            EventKind.SPAWNED,
+            EventKind.STARTED,
+            EventKind.FAILED,
+            EventKind.STOPPED,
+        ]
+        assert [e.reason for e in recorder.of(EventKind.STOPPED) if e.name == "x"] == ["stopped"]
+        assert kernel.stats().restarts == 0
+        assert [ref.name for ref in kernel.agents()] == []
+    assert_conserved(kernel)
