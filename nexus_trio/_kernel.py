@@ -191,6 +191,7 @@ class Kernel:
         """Steps 2 to 4 of :meth:`shutdown` (the phase is ``DRAINING`` already)."""
         router = self._router
         with trio.CancelScope(shield=True):
+            self._host.grace_deadline = trio.current_time() + grace
             with trio.move_on_after(grace):
                 await router.wait_drained()
             router.phase = KernelPhase.STOPPING

@@ -151,7 +151,7 @@ _SHUTDOWN: Final = "shutdown"
 class SupervisionHost:
     """What supervisors need of their kernel, and nothing more."""
 
-    __slots__ = ("escalate_to_kernel", "heap", "ledger", "rng", "router")
+    __slots__ = ("escalate_to_kernel", "grace_deadline", "heap", "ledger", "rng", "router")
 
     def __init__(
         self,
@@ -170,9 +170,20 @@ class SupervisionHost:
         #: at the root: True shuts the kernel down on an escalation (OTP); False stops
         #: the failing child for good and keeps serving the others
         self.escalate_to_kernel = escalate_to_kernel
+        #: when the kernel's grace period ends (set when its shutdown starts to drain)
+        self.grace_deadline = math.inf
 
     def stopping(self) -> bool:
         return self.router.phase >= _STOPPING
+
+    def grace_left(self) -> float:
+        """Seconds until the kernel's grace period ends: 0 once it has, infinite while
+        the kernel is not shutting down."""
+        if self.stopping():
+            return 0.0
+        if self.grace_deadline == math.inf:
+            return math.inf
+        return max(0.0, self.grace_deadline - trio.current_time())
 
     def retired(self, child: Child, reason: str) -> None:
         """``child`` stopped for good: forget its addresses, publish and notify."""
@@ -665,8 +676,11 @@ class SupervisorNode(Child, ChildOwner):
             return
         child.request_stop()
         timeout = child.shutdown_timeout
-        if self.host.stopping() and getattr(child, "cancel_after_grace", False):
-            timeout = 0.0
+        if getattr(child, "cancel_after_grace", False):
+            # Without a timeout of its own, a child is cancelled once the kernel's grace
+            # period is over, also when this stop began during the drain (an escalation,
+            # a group restart, ``kernel.stop``): it does not get a second grace.
+            timeout = min(timeout, self.host.grace_left())
         if timeout > 0:
             with trio.move_on_after(timeout):
                 await done.wait()

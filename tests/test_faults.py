@@ -817,6 +817,68 @@ async def test_an_escalation_to_the_kernel_during_the_drain_ends_the_drain(
     assert_conserved(kernel)
 
 
+async def test_an_escalation_during_the_drain_does_not_stop_the_tree_past_the_grace(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Regression: the kernel drains (grace 10 s, ``busy`` holds a message); at 5 s
+    ``fails`` makes the root give up, and the root stops its children. ``starting`` (no
+    ``shutdown_timeout`` of its own, still in ``on_start``) was given its whole default
+    timeout (10 s, from 5 s on) although the kernel's grace ended at 10 s, past which an
+    agent without a timeout of its own is cancelled at once: the shutdown took 15 s. The
+    escalation's stop now ends at the kernel's deadline."""
+    log: list[str] = []
+
+    class Fails(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            pass
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            await trio.sleep(5)
+            raise RuntimeError("boom")
+
+    class Busy(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            pass
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            await trio.sleep_forever()
+
+    class Starting(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                log.append(f"starting cancelled at {trio.current_time():g}")
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            pass
+
+    took: list[float] = []
+    kernels: list[Any] = []
+
+    async def fail_during_the_drain() -> None:
+        cfg = config(max_restarts=0, grace_ms=10_000, escalate_to_kernel=True)
+        async with open_kernel(cfg) as kernel:
+            kernels.append(kernel)
+            fails = kernel.spawn(agent(Fails, name="fails", handle_timeout=1000.0))
+            busy = kernel.spawn(agent(Busy, name="busy", handle_timeout=1000.0))
+            kernel.spawn(agent(Starting, name="starting"))
+            await kernel.send(fails, "f")
+            await kernel.send(busy, "b")
+            await trio.testing.wait_all_tasks_blocked()
+            took.append(await timed_shutdown(kernel, trio.Event()))
+
+    with trio.fail_after(MOCK_LIMIT), pytest.raises(SupervisorEscalation) as raised:
+        await fail_during_the_drain()
+    (kernel,) = kernels
+    assert raised.value.chain[-1] == "fails"
+    assert log == ["starting cancelled at 10"]
+    assert took == [10.0]  # the grace, not 5 s + starting's own 10 s
+    letters = sorted((d.message.payload, d.reason) for d in dead_letters(kernel))
+    assert letters == [("b", DeadLetterReason.SHUTDOWN), ("f", DeadLetterReason.HANDLER_ERROR)]
+    assert_conserved(kernel)
+
+
 async def test_the_shutdown_after_an_escalation_to_the_kernel_does_not_wait_out_the_grace(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
