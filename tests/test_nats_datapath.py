@@ -563,6 +563,118 @@ async def test_a_tell_for_a_full_mailbox_between_the_leave_and_the_disconnect_is
     assert cb.stats().parked == 0
 
 
+async def test_a_query_refused_between_the_leave_and_the_disconnect_is_counted_unsent(
+    nats: NatsServer,
+) -> None:
+    """Regression: a query that came after the node's leave had closed its outbox, before
+    its connection closed, was refused with an error frame that went nowhere, yet counted
+    in ``errors_replied``. It is counted in ``errors_unsent`` now; its requester, which
+    no frame reaches, gets ``RequestTimeout`` at its deadline (a clean leave does not
+    fail the requests outstanding to the node, as a loss does). a's outbox holds the
+    query, as a dropped connection would, until b's disconnect begins."""
+    gate, arrived = trio.Event(), trio.Event()
+    handled: list[Any] = []
+
+    col = _gated("col", gate, handled)
+
+    outcome: list[BaseException | Any] = []
+    async with _node(nats.url, "a") as (ka, ca), open_kernel(_config()) as kb:
+        kb.spawn(col)
+        kb.spawn(_ping)
+        async with trio.open_nursery() as nursery:
+            async with join_cluster(kb, nats.url, "b", options=FAST) as cb:
+                with trio.fail_after(30):
+                    await cb.names_published()
+                    await ca.wait_for_name("col")
+                    await ca.wait_for_name("ping")
+                    for i in range(2):
+                        await ka.send("col", i)
+                    assert await ka.request("ping", None) == "pong"
+                    assert cb.stats().parked == 0  # 0 in the handler, 1 queued: full
+                    ca._outbox.pause()
+
+                    async def ask() -> None:
+                        try:
+                            outcome.append(await ka.request("col", "q", timeout=3))
+                        except NexusError as exc:
+                            outcome.append(exc)
+
+                    nursery.start_soon(ask)
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert len(ca._outbox) == 1  # the query, held
+                handle_now, disconnect = cb._handle_now, cb._disconnect
+
+                def seen(m: Any) -> bool:
+                    done = handle_now(m)
+                    arrived.set()
+                    return done
+
+                async def the_query_then_disconnect() -> None:
+                    ca._outbox.resume()
+                    with trio.move_on_after(5):  # (a hang guard)
+                        await arrived.wait()
+                    await disconnect()
+
+                cb._handle_now = seen  # type: ignore[method-assign]
+                cb._disconnect = the_query_then_disconnect  # type: ignore[method-assign]
+            # (the nursery waits for the requester)
+        assert arrived.is_set()
+        gate.set()
+        await kb.shutdown()
+    assert len(outcome) == 1 and isinstance(outcome[0], RequestTimeout), outcome
+    assert handled == [0, 1]
+    assert cb.stats().errors_replied == {}
+    assert cb.stats().errors_unsent == {"shutting_down": 1}
+    assert cb.stats().inbound_dropped == {}
+
+
+async def test_an_error_frame_the_dead_letter_follower_makes_during_the_leave_is_counted_unsent(
+    nats: NatsServer,
+) -> None:
+    """Regression: a remote query whose handler failed after the leave had closed the
+    outbox (the dead-letter follower runs until the leave ends) got an error frame that
+    went nowhere, counted in ``errors_replied``. It is counted in ``errors_unsent`` now,
+    and its requester gets ``RequestTimeout`` at its deadline."""
+    gate, working = trio.Event(), trio.Event()
+
+    @agent(name="worker")
+    async def worker(ctx: Context, msg: Message) -> Any:
+        working.set()
+        await gate.wait()
+        raise RuntimeError("failed after the leave")
+
+    outcome: list[BaseException | Any] = []
+    async with _node(nats.url, "a") as (ka, ca), open_kernel(_config()) as kb:
+        kb.spawn(worker)
+        async with trio.open_nursery() as nursery:
+            async with join_cluster(kb, nats.url, "b", options=FAST) as cb:
+                with trio.fail_after(30):
+                    await cb.names_published()
+                    await ca.wait_for_name("worker")
+
+                    async def ask() -> None:
+                        try:
+                            outcome.append(await ka.request("worker", "q", timeout=3))
+                        except NexusError as exc:
+                            outcome.append(exc)
+
+                    nursery.start_soon(ask)
+                    await working.wait()
+                close = cb._outbox.close
+
+                async def close_then_fail() -> None:
+                    await close()
+                    gate.set()  # the handler fails: its dead letter reaches the follower
+                    await trio.testing.wait_all_tasks_blocked()
+
+                cb._outbox.close = close_then_fail  # type: ignore[method-assign]
+            # (the nursery waits for the requester)
+        await kb.shutdown()
+    assert len(outcome) == 1 and isinstance(outcome[0], RequestTimeout), outcome
+    assert cb.stats().errors_replied == {}
+    assert cb.stats().errors_unsent == {"request_failed": 1}
+
+
 async def test_tells_the_pump_holds_when_a_draining_node_leaves_are_counted(
     nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

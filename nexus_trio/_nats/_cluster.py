@@ -182,7 +182,7 @@ class ClusterStats:
     received: int
     #: received messages that could not be delivered locally, by reason
     inbound_dropped: dict[str, int]
-    #: error frames sent back to remote requesters, by kind
+    #: error frames sent back to remote requesters (handed to the outbox), by kind
     errors_replied: dict[str, int]
     disconnects: int
     reconnects: int
@@ -222,6 +222,9 @@ class ClusterStats:
     streams_evicted: int = 0
     #: lost members forgotten ``forget_lost_after`` seconds after their loss
     nodes_forgotten: int = 0
+    #: error frames for remote requesters not sent, by kind: made after this node's
+    #: leave had closed its outbox (their requesters get ``RequestTimeout``)
+    errors_unsent: dict[str, int] = attrs.field(factory=dict)
 
 
 _decode: Final = wire.decode_message
@@ -348,6 +351,7 @@ class Cluster:
         self._received = 0
         self._dropped: Counter[str] = Counter()
         self._errors_replied: Counter[str] = Counter()
+        self._errors_unsent: Counter[str] = Counter()
         self._disconnects = 0
         self._reconnects = 0
         self._nodes_lost = 0
@@ -967,10 +971,25 @@ class Cluster:
             )
 
     def _publish_error(self, reply: str, exc: BaseException) -> None:
+        """Answer a remote requester with the error its query ran into. Counted in
+        ``errors_replied`` once the frame is in the outbox; made after the leave closed
+        it (a query refused before the disconnect, a dead letter the follower still
+        sees), it goes nowhere: counted in ``errors_unsent``, and its requester, which
+        nothing answers, gets ``RequestTimeout`` at its deadline."""
         kind, body = wire.error_frame(exc)
-        self._errors_replied[kind] += 1
         headers = {wire.ERROR_HEADER: kind, wire.NODE_HEADER: self.node}
-        self._outbox.put((reply, "", headers, body, _PLAIN))
+        if self._outbox.put((reply, "", headers, body, _PLAIN)):
+            self._errors_replied[kind] += 1
+            return
+        self._errors_unsent[kind] += 1
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "node %s: error frame (%s) for %s not sent: the node left the cluster"
+                " (counted in errors_unsent)",
+                self.node,
+                kind,
+                reply,
+            )
 
     # --- inbound -----------------------------------------------------------------------------
 
@@ -1820,6 +1839,7 @@ class Cluster:
             "held": len(self._inbox) + sum(len(q) for q in self._parked.values()),
             "dropped": sum(self._dropped.values()),
             "errors_replied": dict(self._errors_replied),
+            "errors_unsent": dict(self._errors_unsent),
             **self.record_extra,
         }
 
@@ -2243,6 +2263,7 @@ class Cluster:
             inbound_streams_retired=self._inbound.retired,
             streams_evicted=self._inbound.evicted,
             nodes_forgotten=self._nodes_forgotten,
+            errors_unsent=dict(self._errors_unsent),
         )
 
 

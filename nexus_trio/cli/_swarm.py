@@ -171,19 +171,23 @@ class Swarm:
 
 def _dropped(record: Mapping[str, Any]) -> int:
     """What a node's record says it refused or lost of what other nodes sent it."""
-    refused = record.get("errors_replied") or {}
+    refused = [record.get("errors_replied") or {}, record.get("errors_unsent") or {}]
     return (
         int(record.get("dropped", 0))
         + int(record.get("lost_in_transit", 0))
         + int(record.get("publish_failures", 0))
-        + sum(int(refused.get(kind, 0)) for kind in _REFUSED_KINDS)
+        + sum(int(frames.get(kind, 0)) for frames in refused for kind in _REFUSED_KINDS)
     )
 
 
 def cluster_counts(cluster: Cluster) -> dict[str, Any]:
     """This worker's traffic with the others, for its summary."""
     s = cluster.stats()
-    refused = sum(s.errors_replied.get(kind, 0) for kind in _REFUSED_KINDS)
+    refused = sum(
+        frames.get(kind, 0)
+        for frames in (s.errors_replied, s.errors_unsent)
+        for kind in _REFUSED_KINDS
+    )
     dropped = sum(s.inbound_dropped.values()) + refused
     lost = s.lost_in_transit + s.publish_failures + s.lost_with_nodes
     return {
