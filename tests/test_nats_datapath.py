@@ -22,6 +22,7 @@ import trio
 import trio.testing
 
 from nexus_trio import (
+    SYSTEM_ID,
     Config,
     Context,
     Kernel,
@@ -29,6 +30,7 @@ from nexus_trio import (
     KernelShuttingDown,
     MailboxFull,
     Message,
+    MessageKind,
     NexusError,
     RequestFailed,
     RequestTimeout,
@@ -717,6 +719,64 @@ async def test_tells_the_pump_holds_when_a_draining_node_leaves_are_counted(
             gate.set()  # b left: its kernel drains on
     assert handled == ["hold", 0]
     assert cb.stats().inbound_dropped == {"shutting_down": 4}
+
+
+async def test_what_comes_for_a_draining_node_after_its_leave_is_refused_not_inbox_full(
+    nats: NatsServer,
+) -> None:
+    """Regression: while a kernel drains, messages from other nodes go to the inbox; what
+    came after the leave had closed it, before the disconnect, was counted
+    ``inbound_dropped["inbox_full"]``, although the inbox was not full. It is refused as
+    what the inbox held at the leave is (``shutting_down``, its credit returned; a query's
+    error frame counted unsent, the outbox being closed): here a batch and a query that a
+    sent before it learnt of the leave."""
+    gate, arrived = trio.Event(), trio.Event()
+    handled: list[Any] = []
+
+    col = _gated("col", gate, handled)
+
+    async with _node(nats.url, "a") as (_ka, ca), open_kernel(_config()) as kb:
+        col_ref = kb.spawn(col)
+        async with trio.open_nursery() as nursery:
+            async with join_cluster(kb, nats.url, "b", options=FAST) as cb:
+                with trio.fail_after(30):
+                    await cb.names_published()
+                    await ca.wait_for_name("col")
+                    await kb.send("col", "hold")  # in the handler: b drains below
+                    nursery.start_soon(kb.shutdown, 20)
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert kb.shutting_down
+                disconnect, push = cb._disconnect, cb._inbox.push
+                pushed: list[Any] = []
+
+                def seen(item: Any) -> bool:
+                    pushed.append(item)
+                    if len(pushed) == 2:
+                        arrived.set()
+                    return push(item)
+
+                async def a_batch_and_a_query_in_flight_then_disconnect() -> None:
+                    body = _one_tell_batch("a", ca.id_prefix, 77, cb.id_prefix, 2)
+                    await call_aio(ca.nc.publish, f"{ca.prefix}.node.b.batch", body)
+                    query = Message(SYSTEM_ID, col_ref.id, "q", MessageKind.QUERY)
+                    await call_aio(
+                        ca.nc.publish,
+                        wire.agent_subject(ca.prefix, "b", col_ref.id),
+                        wire.encode_message(query),
+                        reply=wire.reply_subject(ca.prefix, "a", query.id),
+                    )
+                    with trio.move_on_after(5):  # (a hang guard)
+                        await arrived.wait()
+                    await disconnect()
+
+                cb._inbox.push = seen  # type: ignore[method-assign]
+                cb._disconnect = a_batch_and_a_query_in_flight_then_disconnect  # type: ignore[method-assign]
+            assert arrived.is_set()
+            gate.set()  # b left: its kernel drains on
+    assert handled == ["hold"]
+    assert cb.stats().inbound_dropped == {"shutting_down": 1}
+    assert cb.stats().errors_unsent == {"shutting_down": 1}
+    assert cb.stats().parked == 0
 
 
 async def test_tells_waiting_for_room_go_in_without_a_wait_each_once_room_is_made(

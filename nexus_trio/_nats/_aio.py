@@ -104,6 +104,11 @@ class Inbox(Generic[T]):
             self._wakeup.set()
             self._wakeup = None
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called (:meth:`push` refuses every item then)."""
+        return self._closed
+
     def __len__(self) -> int:
         return len(self._items)
 

@@ -1027,7 +1027,11 @@ class Cluster:
                 log.exception("node %s: a message on %s could not be handled", self.node, m.subject)
                 return
         if not self._inbox.push(m):
-            self._dropped["inbox_full"] += 1
+            if self._inbox.closed:
+                # the leave closed it (see _stop_deliveries): refused as what it held
+                self._refuse_inbound(m)
+            else:
+                self._dropped["inbox_full"] += 1
 
     def _on_batch(self, data: bytes) -> None:
         """asyncio side: a node batch. Checked whole (a malformed one is counted in
@@ -1044,6 +1048,9 @@ class Cluster:
                 log.exception("node %s: a batch from %s failed", self.node, opened[0].node)
             return
         if not self._inbox.push(opened):
+            if self._inbox.closed:
+                self._refuse_inbound(opened)  # the leave closed it, as above
+                return
             head, _, _, stream = opened
             self._dropped["inbox_full"] += head.numbered
             self._credit(stream, head.numbered)
