@@ -1122,6 +1122,116 @@ async def test_tells_to_a_node_that_joins_again_in_its_process_start_a_new_strea
     assert ca.stats().publish_failures == 0
 
 
+async def test_tells_in_the_open_batch_when_their_node_leaves_are_counted_not_sent(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rejoin fix's count of the tells still in an old link's open batch: three tells
+    a accepted for b just before it applies b's leave, before its flusher sealed them,
+    are not sent (numbered on the old stream, the new join would count the gap) but
+    counted in ``publish_failures``; the new join gets the later tells, numbered from 1."""
+    records: list[Any] = []
+    slow = attrs.evolve(FAST, heartbeat_interval=30.0)  # no heartbeat tick in the test
+    sender: list[tuple[Kernel, Cluster]] = []
+    late: list[int] = []
+    original = Cluster._apply_member_entry
+
+    def applying(self: Cluster, key: str, value: bytes | None, op: str | None) -> None:
+        if sender and self is sender[0][1] and key == "b" and op == "DEL" and not late:
+            ka, ca = sender[0]
+            ca.learn_name("col", "b", col.id)  # (the name's drop may have come first)
+            for i in range(10, 13):
+                ka.send_nowait("col", i)  # into the open batch: no flush before the leave
+                late.append(i)
+        original(self, key, value, op)
+
+    monkeypatch.setattr(Cluster, "_apply_member_entry", applying)
+    async with open_kernel(_config()) as kb:
+        col = kb.spawn(agent(_collector(records), name="col"))
+        async with _node(nats.url, "a", heartbeat_interval=30.0) as (ka, ca):
+            with trio.fail_after(30):
+                async with join_cluster(kb, nats.url, "b", options=slow) as cb1:
+                    await cb1.names_published()
+                    await ca.wait_for_name("col")
+                    for i in range(10):
+                        await ka.send("col", i)
+                    assert await ka.request("col", "dump") == 10
+                    sender.append((ka, ca))
+                kb.spawn(agent(_collector([]), name="marker"))
+                async with join_cluster(kb, nats.url, "b", options=slow) as cb2:
+                    await cb2.names_published()
+                    await ca.wait_for_name("marker")
+                    for i in range(13, 18):
+                        await ka.send("col", i)
+                    assert await ka.request("col", "dump") == 15
+                    numbered = ca.tells_sent_to("b", cb2.id_prefix)
+        await kb.shutdown()
+    assert late == [10, 11, 12]
+    assert records == [*range(10), *range(13, 18)]
+    assert ca.stats().publish_failures == 3
+    assert cb1.stats().lost_in_transit == 0
+    assert cb2.stats().lost_in_transit == 0
+    assert numbered == 5
+
+
+async def test_a_tell_that_waited_while_its_node_joined_again_goes_on_the_new_stream(
+    nats: NatsServer,
+) -> None:
+    """The rejoin fix's second path: a tell that waited for room (here for the outbox,
+    held as a dropped connection holds it) while its node left and joined again resumes
+    with the old link gone; it is routed again, numbered 1 on the new stream, and
+    handled, none counted lost (on the old link it would be numbered 11: ten lost)."""
+    records: list[Any] = []
+    slow = attrs.evolve(FAST, heartbeat_interval=30.0)  # no heartbeat tick in the test
+    async with open_kernel(_config()) as kb:
+        kb.spawn(agent(_collector(records), name="col"))
+        kb.spawn(_ping)
+        async with (
+            _node(nats.url, "a", heartbeat_interval=30.0, outbox_high_water=1) as (ka, ca),
+            trio.open_nursery() as nursery,
+        ):
+            with trio.fail_after(30):
+                async with join_cluster(kb, nats.url, "b", options=slow) as cb1:
+                    await cb1.names_published()
+                    await ca.wait_for_name("col")
+                    await ca.wait_for_name("ping")
+                    for i in range(10):
+                        await ka.send("col", i)
+                    assert await ka.request("col", "dump") == 10
+                    ca._outbox.pause()
+                    answers: list[Any] = []
+
+                    async def ask() -> None:
+                        answers.append(await ka.request("ping", None))
+
+                    nursery.start_soon(ask)
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert len(ca._outbox) == 1  # the query, held
+                    sent = trio.Event()
+
+                    async def tell() -> None:
+                        await ka.send("col", 10)  # waits for the outbox
+                        sent.set()
+
+                    nursery.start_soon(tell)
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert not sent.is_set()
+                kb.spawn(agent(_collector([]), name="marker"))
+                async with join_cluster(kb, nats.url, "b", options=slow) as cb2:
+                    await cb2.names_published()
+                    await ca.wait_for_name("marker")  # a heard the leave and the new join
+                    assert records == list(range(10))
+                    ca._outbox.resume()
+                    await sent.wait()
+                    assert await ka.request("col", "dump") == 11
+                    numbered = ca.tells_sent_to("b", cb2.id_prefix)
+        await kb.shutdown()
+    assert answers == ["pong"]
+    assert records == list(range(11))
+    assert numbered == 1
+    assert cb2.stats().lost_in_transit == 0
+    assert ca.stats().publish_failures == 0
+
+
 # --- remote cancellation ---------------------------------------------------------------------
 
 
