@@ -15,9 +15,13 @@ a terminal escape sequence in them cannot forge a log line or drive the terminal
 
 from __future__ import annotations
 
+import codecs
 import errno
+import inspect
+import io
 import json
 import logging
+import os
 import re
 import sys
 import threading
@@ -348,6 +352,7 @@ def _make_rich_handler(console: Any, writer: _LossyWriter) -> logging.Handler:
         log_time_format="%H:%M:%S",
     )
     handler._writer = writer
+    handler._records = writer.records
     return handler
 
 
@@ -370,7 +375,9 @@ def records_lost() -> int:
     """How many log records the handlers installed by :func:`configure_logging` (or by
     :func:`nexus_trio.open_kernel` when the application configured no logging) could not
     write in this process: their stream raised ``OSError`` (a full disk, a closed pipe, a
-    vanished terminal).
+    vanished terminal) or was closed. A record counted here is not written, now or later
+    (but for the start of one the disk took only part of before the handler was closed);
+    every other record is written whole, once.
 
     Such a record is counted here instead of being reported with a traceback on standard
     error (usually the very stream that failed), and the kernel goes on: no message
@@ -396,6 +403,8 @@ class _CountsLostRecords(logging.Handler):
     _notice_failed = False
     #: set for a handler that writes through a _LossyWriter (rich's console)
     _writer: _LossyWriter | None = None
+    #: what writes this handler's records to its stream
+    _records: _WholeRecords
 
     def handleError(self, record: logging.LogRecord) -> None:
         exc = sys.exc_info()[1]
@@ -413,6 +422,19 @@ class _CountsLostRecords(logging.Handler):
             return
         self._unreported += 1
         _LOSSES.add()
+
+    def close(self) -> None:
+        lock = self.lock
+        assert lock is not None
+        with lock:
+            # The end of a record the disk took only the start of, if the disk still has
+            # no room for it: that record is lost (and its start is the file's last line).
+            error = self._records.give_up()
+            if error is not None:
+                self._last_error = error.strerror or repr(error)
+                self._unreported += 1
+                _LOSSES.add()
+        super().close()
 
     def _emit_counted(self, record: logging.LogRecord) -> Any:
         emitted = super().handle(record)
@@ -432,10 +454,12 @@ class _CountsLostRecords(logging.Handler):
                 # This record got through: the stream writes again. Say what was lost.
                 self._unreported = 0
                 self._noticing, self._notice_failed = True, False
+                self._records.counting = False
                 try:
                     self._emit_counted(self._loss_notice(record, lost))
                 finally:
                     self._noticing = False
+                    self._records.counting = True
                 if self._notice_failed:
                     self._unreported = lost
         return emitted
@@ -457,29 +481,182 @@ class _CountsLostRecords(logging.Handler):
 
 
 class _StreamHandler(_CountsLostRecords, logging.StreamHandler[TextIO]):
-    """``logging.StreamHandler`` that counts the records it could not write."""
+    """``logging.StreamHandler`` that writes each record whole (:class:`_WholeRecords`)
+    and counts the records it could not write."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        super().__init__(stream)
+        self._records = _WholeRecords()
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self.stream is None:
-            # Made while standard error was closed (``2>&-``: Python's sys.stderr is
-            # None): every record is lost, as on the closed descriptor.
-            try:
+        # logging.StreamHandler.emit, with the write and flush done by _WholeRecords.
+        try:
+            if self.stream is None:
+                # Made while standard error was closed (``2>&-``: Python's sys.stderr is
+                # None): every record is lost, as on the closed descriptor.
                 raise OSError(errno.EBADF, "standard error is closed")
-            except OSError:
-                self.handleError(record)
+            self._records.write(self.stream, self.format(record) + self.terminator)
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+
+# Codecs that start what they encode with a byte order mark: a TextIOWrapper writes it
+# once, at the start of the file, so their records are left to the stream to encode.
+_MARKED_CODECS: Final = frozenset({"utf-16", "utf-32", "utf-8-sig"})
+
+
+def _text_file(stream: Any) -> io.TextIOWrapper | None:
+    """The ``TextIOWrapper`` that ``stream`` is, or that it writes through to, or None.
+
+    A wrapper that passes each write and flush unchanged and at once to another text
+    stream (``nexus``'s watch on standard error, its proxy of whatever ``sys.stderr`` is)
+    says so with a ``writes_through_to`` attribute, naming that stream (None for none).
+    It is looked up without the wrapper's ``__getattr__``, so that a wrapper that hands
+    unknown attributes to the stream it wraps but writes elsewhere (rich's redirect of
+    standard error under a live display) is not taken for one.
+    """
+    for _ in range(8):  # wrappers of wrappers, not without end
+        if isinstance(stream, io.TextIOWrapper):
+            return stream
+        if inspect.getattr_static(stream, "writes_through_to", None) is None:
+            return None
+        stream = stream.writes_through_to
+    return None
+
+
+def _raw_beneath(file: io.TextIOWrapper) -> Any:
+    """The raw file beneath a text file: under its BufferedWriter (``open(path, "a")``,
+    ``sys.stderr``) or its buffer itself (``sys.stderr`` under ``python -u`` or
+    ``PYTHONUNBUFFERED``); None for another buffer (``io.BytesIO``, ...) or an encoding
+    that starts with a byte order mark."""
+    buffer = file.buffer
+    if isinstance(buffer, io.BufferedWriter):
+        raw = buffer.raw
+    elif isinstance(buffer, io.RawIOBase):
+        raw = buffer
+    else:
+        return None
+    if codecs.lookup(file.encoding).name in _MARKED_CODECS:
+        return None
+    return raw
+
+
+def _write_raw(raw: Any, data: bytes) -> tuple[int, OSError | None]:
+    """Write ``data`` to the raw file ``raw``: how many bytes it took, and the error that
+    stopped it when not all of them (a full disk takes what fits, then fails)."""
+    if raw.closed:
+        return 0, OSError(errno.EBADF, "the log stream is closed")
+    done = 0
+    while done < len(data):
+        try:
+            taken = raw.write(data[done:] if done else data)
+        except OSError as exc:
+            return done, exc
+        if not taken:  # None: a non-blocking descriptor that would block
+            return done, BlockingIOError(errno.EAGAIN, "the log stream takes nothing now")
+        done += taken
+    return done, None
+
+
+class _WholeRecords:
+    """Writes each log record to a stream whole and once, or not at all.
+
+    A buffered text stream (``sys.stderr``, a file opened in text mode) keeps in its buffer
+    the bytes of a write that failed (a full disk) and writes them with a later one: a
+    record counted lost would appear after all, and up to a buffer of them would wait in
+    memory. Over an unbuffered file (``python -u``) a ``TextIOWrapper`` drops the end of a
+    short write unseen: half a record, not counted. So such a stream is flushed first
+    (what other code wrote to it stays before the record), and the encoded record is
+    written to the raw file beneath it. A record the disk takes none of is lost, and raises
+    ``OSError``; nothing of it is kept. A record the disk takes only the start of (a short
+    write, then ``ENOSPC``) is neither: its end, at most one record's worth, is kept and
+    written first when the disk has room again, before the next record, which is lost
+    while that fails. :meth:`give_up` drops it for good.
+
+    A stream that writes through to such a file is looked through (:func:`_text_file`).
+    Other streams (``io.StringIO``, rich's redirect under a live display) are written and
+    flushed as ``logging.StreamHandler`` does. A closed stream raises ``OSError``
+    (``EBADF``).
+    """
+
+    def __init__(self) -> None:
+        #: False while a record of the handler's own (the loss notice) is written
+        self.counting = True
+        self._rest = b""
+        self._rest_raw: Any = None
+        self._rest_counted = True
+        # the last text file written to, its encoding then and the raw file beneath it
+        self._file: io.TextIOWrapper | None = None
+        self._encoding = ""
+        self._raw: Any = None
+
+    def write(self, stream: Any, text: str) -> None:
+        file = _text_file(stream)
+        if file is None:
+            raw = None
+        elif file is self._file and file.encoding == self._encoding:
+            raw = self._raw
+        else:
+            raw = _raw_beneath(file)
+            self._file, self._encoding, self._raw = file, file.encoding, raw
+        if file is None or raw is None:
+            if getattr(stream, "closed", False):
+                raise OSError(errno.EBADF, "the log stream is closed")
+            if self._rest:
+                self._write_rest()
+            stream.write(text)
+            stream.flush()
             return
-        super().emit(record)
+        if raw.closed:
+            raise OSError(errno.EBADF, "the log stream is closed")
+        if self._rest:
+            self._write_rest()
+        if os.linesep != "\n":  # what the stream's default newline translation does
+            text = text.replace("\n", os.linesep)
+        data = text.encode(file.encoding, file.errors or "strict")
+        file.flush()
+        written, error = _write_raw(raw, data)
+        if error is None:
+            return
+        if not written:
+            raise error
+        self._rest, self._rest_raw, self._rest_counted = data[written:], raw, self.counting
+
+    def _write_rest(self) -> None:
+        written, error = _write_raw(self._rest_raw, self._rest)
+        self._rest = self._rest[written:]
+        if error is not None:
+            raise error
+        self._rest_raw = None
+
+    def give_up(self) -> OSError | None:
+        """Write the end of a record the disk took only the start of, if there is one
+        and the disk has room now; else drop it. The error that kept it out, when the
+        record was one to count (not the loss notice), else None."""
+        if not self._rest:
+            return None
+        try:
+            self._write_rest()
+        except OSError as exc:
+            counted = self._rest_counted
+            self._rest, self._rest_raw = b"", None
+            return exc if counted else None
+        return None
 
 
 class _LossyWriter:
     """What the ``pretty`` handler's rich console writes to: ``stream``, or standard error
-    as it is at each write. An ``OSError`` is kept in :attr:`error` for the handler to
-    count instead of raised: rich keeps the text of a failed write and writes it again
-    before the next record, so a record counted as lost would reappear later."""
+    as it is at each write, each write (a record) whole through :attr:`records`. An
+    ``OSError`` is kept in :attr:`error` for the handler to count instead of raised: rich
+    keeps the text of a failed write and writes it again before the next record, so a
+    record counted as lost would reappear later."""
 
     def __init__(self, stream: TextIO | None) -> None:
         self._stream = stream
         self.error: OSError | None = None
+        self.records = _WholeRecords()
 
     @property
     def target(self) -> TextIO:
@@ -491,16 +668,13 @@ class _LossyWriter:
 
     def write(self, text: str) -> int:
         try:
-            return self.target.write(text)
+            self.records.write(self.target, text)
         except OSError as exc:
             self.error = exc
-            return len(text)
+        return len(text)
 
     def flush(self) -> None:
-        try:
-            self.target.flush()
-        except OSError as exc:
-            self.error = exc
+        """Nothing: each write was flushed (or written beneath the buffer) already."""
 
     def isatty(self) -> bool:
         try:

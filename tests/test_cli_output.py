@@ -20,12 +20,21 @@ RECORD = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ", re.MULTILINE)
 RUN = ["run", "-n", "10", "-d", "0.2", "--json", "--no-live"]
 
 
-def nexus(args: list[str], cwd: Path, redirect: str, *, limited: bool = False) -> Any:
+def nexus(
+    args: list[str], cwd: Path, redirect: str, *, limited: bool = False, unbuffered: bool = False
+) -> Any:
     """``python -m nexus_trio.cli ARGS REDIRECT`` in bash, with writes to regular files
-    failing (``EFBIG``) when ``limited``."""
+    failing (``EFBIG``) when ``limited``. Standard error is buffered, as Python makes it
+    unless ``unbuffered`` (``PYTHONUNBUFFERED=1``, as with ``python -u``)."""
     command = shlex.join([sys.executable, "-m", "nexus_trio.cli", *args])
     prefix = "ulimit -f 0; trap '' XFSZ; " if limited else ""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("NEXUS_") and k != "PYTHONUNBUFFERED"
+    }
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
     env |= {"XDG_CONFIG_HOME": str(cwd / "xdg"), "COLUMNS": "200", "NO_COLOR": "1"}
     return subprocess.run(
         ["bash", "-c", f"{prefix}exec {command} {redirect}"],
@@ -63,16 +72,21 @@ def test_a_closed_standard_output_is_named_too(tmp_path: Path) -> None:
     )
 
 
-def test_log_records_a_full_disk_refuses_are_counted_in_the_summary(tmp_path: Path) -> None:
+@pytest.mark.parametrize("unbuffered", [False, True])
+def test_log_records_a_full_disk_refuses_are_counted_in_the_summary(
+    tmp_path: Path, unbuffered: bool
+) -> None:
     # What the run logs when standard error can be written ...
-    written = nexus(RUN, tmp_path, "")
+    written = nexus(RUN, tmp_path, "", unbuffered=unbuffered)
     assert written.returncode == 0, written.stderr
     records = len(RECORD.findall(written.stderr))
     assert records >= 2  # the config line and the "running" line at least
     assert json.loads(written.stdout)["log_records_lost"] == 0
-    # ... is lost and counted when it cannot; the run itself is unaffected.
+    # ... is lost and counted when it cannot; the run itself is unaffected, and the
+    # buffer of standard error holds nothing of them for Python's last flush to fail on
+    # (it made the status 120).
     log = tmp_path / "nexus.log"
-    full = nexus(RUN, tmp_path, f"2> {shlex.quote(str(log))}", limited=True)
+    full = nexus(RUN, tmp_path, f"2> {shlex.quote(str(log))}", limited=True, unbuffered=unbuffered)
     assert full.returncode == 0
     assert log.read_bytes() == b""
     summary = json.loads(full.stdout)

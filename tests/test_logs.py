@@ -13,7 +13,7 @@ import textwrap
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import pytest
 
@@ -528,7 +528,7 @@ class FullDisk(io.StringIO):
         return super().write(text)
 
 
-def configured_on(stream: io.StringIO, fmt: str, level: str = "debug") -> None:
+def configured_on(stream: TextIO, fmt: str, level: str = "debug") -> None:
     configure_logging(LoggingConfig(level=level, format=fmt), stream=stream)
 
 
@@ -563,6 +563,197 @@ def test_records_a_full_disk_refuses_are_counted_and_reported_once_it_writes_aga
     assert "No space left on device" in " ".join(text.split())
     # What was counted as lost is never written later (rich would retry its buffer).
     assert "lost-" not in text
+
+
+class Disk(io.RawIOBase):
+    """The file beneath a buffered log stream, on a disk with ``room`` bytes left (None:
+    plenty). A write takes what fits, a short write as a real disk makes when it fills
+    up, and fails with ENOSPC when nothing does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data = bytearray()
+        self.room: int | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        chunk = bytes(b)
+        if self.room is not None:
+            if self.room == 0:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            chunk = chunk[: self.room]
+            self.room -= len(chunk)
+        self.data += chunk
+        return len(chunk)
+
+
+class WritesThrough(io.TextIOBase):
+    """A wrapper that passes writes unchanged to ``stream``, and says so (as ``nexus``'s
+    watch on standard error does)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__()
+        self.stream = stream
+
+    @property
+    def writes_through_to(self) -> TextIO:
+        return self.stream
+
+    def write(self, text: str) -> int:
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def text_file(disk: Disk, shape: str = "buffered") -> TextIO:
+    """A log stream over ``disk``: a file opened in text mode (and ``sys.stderr``), as
+    ``open()`` makes it, ``sys.stderr`` under ``python -u`` (no buffer, write-through), or
+    a wrapper that writes through to the first."""
+    if shape == "unbuffered":
+        return io.TextIOWrapper(disk, encoding="utf-8", write_through=True)
+    file = io.TextIOWrapper(io.BufferedWriter(disk), encoding="utf-8")
+    return WritesThrough(file) if shape == "written through" else file
+
+
+NOTICE = re.compile(
+    r"(\d+) log record\(s\) before this one could not be\s+written \(No space left on device\)"
+)
+
+
+@pytest.mark.parametrize("shape", ["buffered", "unbuffered", "written through"])
+@pytest.mark.parametrize("fmt", ["compact", "json", "pretty"])
+def test_a_log_file_on_a_full_disk_writes_each_record_whole_once_or_counts_it_lost(
+    fmt: str, shape: str, nexus_logger: logging.Logger
+) -> None:
+    """A buffered stream keeps what it could not write and writes it later, an unbuffered
+    one drops the end of a short write: a record counted lost must not appear after all,
+    nor be cut in half, nor pile up in memory."""
+    disk = Disk()
+    stream = text_file(disk, shape)
+    configured_on(stream, fmt)
+    log = logging.getLogger("nexus_trio.test")
+    before = records_lost()
+    log.info("rec-000")
+    disk.room = 100  # the next record fits, the one after it only in part
+    for i in range(1, 300):  # far more than the stream's buffer (8 KiB) holds
+        log.info("rec-%03d", i)
+    during = bytes(disk.data)
+    disk.room = None
+    stream.flush()
+    # The stream kept nothing of the records it was given while the disk was full.
+    assert bytes(disk.data) == during
+    log.info("rec-300")
+    log.info("rec-301")
+    stream.flush()
+    text = disk.data.decode()
+
+    lost = records_lost() - before
+    written = re.findall(r"rec-\d{3}", text)
+    assert len(written) == len(set(written))  # none twice
+    # every record is either written or counted lost, never both
+    assert 0 < lost == 302 - len(written)
+    assert "rec-300" in written and "rec-301" in written
+    # the notice after the first record written again counts exactly what is missing
+    notices = NOTICE.findall(" ".join(text.split()))
+    assert notices == [str(lost)]
+    if fmt == "compact":
+        line = re.compile(
+            r"\S+Z (INFO    |WARNING ) nexus_trio\.(test rec-\d{3}|logs "
+            + NOTICE.pattern
+            + r": lost, and counted in records_lost\(\))"
+        )
+        assert all(line.fullmatch(each) for each in text.split("\n")[:-1]), text
+    elif fmt == "json":
+        assert all(json.loads(each)["msg"] for each in text.split("\n")[:-1]), text
+    assert text.endswith("\n")
+
+
+@pytest.mark.parametrize("room_at_close", [False, True])
+def test_a_record_the_disk_took_only_the_start_of_is_lost_if_the_handler_closes_before_room(
+    room_at_close: bool, nexus_logger: logging.Logger
+) -> None:
+    disk = Disk()
+    stream = text_file(disk)
+    configured_on(stream, "compact")
+    log = logging.getLogger("nexus_trio.test")
+    before = records_lost()
+    disk.room = 40
+    log.info("rec-000")  # the disk takes its first 40 bytes
+    log.info("rec-001")  # lost: the end of rec-000 goes first, and does not fit
+    assert records_lost() - before == 1
+    assert len(disk.data) == 40
+    if room_at_close:
+        disk.room = None
+    configure_logging(LoggingConfig(format="compact"), stream=io.StringIO())  # closes it
+    disk.room = None
+    stream.flush()  # the stream holds nothing more of them
+    text = disk.data.decode()
+    if room_at_close:  # the end of rec-000 is written on close: it is not lost
+        assert records_lost() - before == 1
+        assert text.endswith(" nexus_trio.test rec-000\n") and text.count("\n") == 1
+    else:  # its start is the file's last line, and it is counted lost
+        assert records_lost() - before == 2
+        assert len(text) == 40 and "\n" not in text
+
+
+@pytest.mark.parametrize("fmt", ["compact", "json", "pretty"])
+@pytest.mark.parametrize("shape", ["buffered", "string"])
+def test_records_to_a_closed_log_stream_are_counted_lost(
+    fmt: str, shape: str, nexus_logger: logging.Logger, capsys: pytest.CaptureFixture[str]
+) -> None:
+    disk = Disk()
+    stream: TextIO = text_file(disk) if shape == "buffered" else io.StringIO()
+    configured_on(stream, fmt)
+    log = logging.getLogger("nexus_trio.test")
+    log.info("written")
+    stream.close()  # by the application, with the handler still installed
+    before = records_lost()
+    log.info("lost-1")
+    log.info("lost-2")
+    assert records_lost() - before == 2
+    # No "--- Logging error ---" report (ValueError: I/O operation on closed file).
+    assert capsys.readouterr().err == ""
+    if shape == "buffered":
+        assert "written" in disk.data.decode() and "lost-" not in disk.data.decode()
+
+
+def test_text_other_code_wrote_to_the_log_stream_stays_in_order(
+    nexus_logger: logging.Logger,
+) -> None:
+    disk = Disk()
+    stream = text_file(disk)
+    configured_on(stream, "compact")
+    stream.write("before\n")  # in the stream's buffer, as print() to a file leaves it
+    logging.getLogger("nexus_trio.test").info("record")
+    stream.write("after\n")
+    stream.flush()
+    assert [line.split()[-1] for line in disk.data.decode().splitlines()] == [
+        "before",
+        "record",
+        "after",
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["compact", "json", "pretty"])
+def test_records_to_rich_s_redirect_of_standard_error_go_through_the_redirect(
+    fmt: str, nexus_logger: logging.Logger
+) -> None:
+    """Under a live display rich redirects standard error (``FileProxy``: it prints each
+    line above the display, and hands unknown attributes such as ``buffer`` to the
+    stream it replaced): a record must go through it, not to the file beneath."""
+    from rich.console import Console
+    from rich.file_proxy import FileProxy
+
+    disk = Disk()
+    shown = io.StringIO()
+    # over a stream that writes through to the file, as in ``nexus run``
+    configured_on(FileProxy(Console(file=shown), text_file(disk, "written through")), fmt)
+    logging.getLogger("nexus_trio.test").info("above the display")
+    assert "above the display" in shown.getvalue()
+    assert disk.data == b""
 
 
 def test_a_notice_that_fails_too_keeps_the_count_for_the_next_record(

@@ -580,6 +580,12 @@ class _WatchedStream:
     def isatty(self) -> bool:
         return self.stream is not None and bool(self.stream.isatty())
 
+    @property
+    def writes_through_to(self) -> Any:
+        """The stream each write goes to, unchanged (so that the log handler can write a
+        record to the file beneath it whole: see ``nexus_trio.logs``)."""
+        return self.stream
+
     def __getattr__(self, name: str) -> Any:
         if self.stream is None:
             raise AttributeError(name)

@@ -367,6 +367,12 @@ class _StderrProxy(io.TextIOBase):
     def isatty(self) -> bool:
         return sys.stderr.isatty()
 
+    @property
+    def writes_through_to(self) -> Any:
+        """What each write goes to, unchanged (so that the log handler can write a record
+        to the file beneath it whole: see ``nexus_trio.logs``)."""
+        return sys.stderr
+
 
 def stderr_proxy() -> TextIO:
     return cast(TextIO, _StderrProxy())
