@@ -793,6 +793,123 @@ async def test_protocol_1_late_answer_to_a_message_failed_as_malformed_is_not_ta
         assert [d.reason for d in dead_letters(kernel)] == [DeadLetterReason.MALFORMED]
 
 
+async def test_protocol_1_answer_echoing_a_conversation_but_the_wrong_to_is_malformed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: a protocol-1 answer that echoed the query's conversation_id but a ``to``
+    no message of that conversation came from fell back to the oldest message written: a
+    tell of another conversation, whose teller got the query's answer as its reply while the
+    query waited out its handle timeout. It is a malformed answer to the query now."""
+    caplog.set_level(logging.WARNING, logger="nexus_trio.bridge")
+    cmd = script(
+        tmp_path,
+        """
+        emit({"type": "register", "payload": {"id": str(uuid.uuid4()), "name": "t"}})
+        next_message()  # the tell: the original bridges write nothing for None
+        q = next_message()
+        emit({"type": "response", "payload": {
+            "from": q["to"], "to": str(uuid.uuid4()), "kind": "Response",
+            "payload": "answer-Q", "timestamp": "2024-01-01T00:00:00Z",
+            "conversation_id": q["conversation_id"],
+        }})
+        while True:
+            m = next_message()
+            if m["kind"] == "Query":
+                respond_p1(m, "answer-" + m["payload"])
+        """,
+    )
+    replies: list[tuple[Any, uuid.UUID | None]] = []
+    outcome: dict[str, Any] = {}
+    done = trio.Event()
+
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(cmd, name="p1", handle_timeout=5.0))
+
+        @agent(name="teller")
+        async def teller(ctx: Any, msg: Message) -> None:
+            if msg.kind is MessageKind.RESPONSE:
+                replies.append((msg.payload, msg.reply_to))
+                return
+            await ctx.send("p1", "T")
+            start = trio.current_time()
+            try:
+                outcome["reply"] = await ctx.request("p1", "Q")
+            except RequestFailed as exc:
+                outcome["reason"] = exc.reason
+            outcome["waited"] = trio.current_time() - start
+            done.set()
+
+        kernel.spawn(teller)
+        await kernel.send("teller", "go")
+        await done.wait()
+        assert outcome.get("reason") == "malformed"
+        assert outcome["waited"] < 4.0  # failed at once, not at the handle timeout
+        # The same child goes on, in sync: the tell is finished by the next answer.
+        assert await kernel.request(ref, "C") == "answer-C"
+        assert replies == []
+        stats = stats_of(kernel, ref)
+        assert (stats.tell_answers, stats.invalid_lines, stats.unmatched_responses) == (0, 1, 0)
+        assert (stats.starts, stats.replaced) == (1, 0)
+        letters = dead_letters(kernel)
+        assert [(d.reason, d.message.payload) for d in letters] == [
+            (DeadLetterReason.MALFORMED, "Q")
+        ]
+    assert any(
+        "'to'" in r.getMessage() and "conversation" in r.getMessage()
+        for r in caplog.records
+        if r.name == "nexus_trio.bridge"
+    )
+
+
+async def test_protocol_1_answer_to_a_tell_with_the_wrong_to_is_discarded_as_unmatched(
+    tmp_path: Path,
+) -> None:
+    """An answer echoing only a tell's conversation_id, with a ``to`` that is not its
+    teller's, answers no message: it is neither forwarded to the teller nor taken for the
+    query after it."""
+    cmd = script(
+        tmp_path,
+        """
+        emit({"type": "register", "payload": {"id": str(uuid.uuid4()), "name": "t"}})
+        t = next_message()
+        emit({"type": "response", "payload": {
+            "from": t["to"], "to": str(uuid.uuid4()), "kind": "Response",
+            "payload": "answer-T", "timestamp": "2024-01-01T00:00:00Z",
+            "conversation_id": t["conversation_id"],
+        }})
+        while True:
+            m = next_message()
+            if m["kind"] == "Query":
+                respond_p1(m, "answer-" + m["payload"])
+        """,
+    )
+    replies: list[Any] = []
+    outcome: dict[str, Any] = {}
+    done = trio.Event()
+
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(cmd, name="p1"))
+
+        @agent(name="teller")
+        async def teller(ctx: Any, msg: Message) -> None:
+            if msg.kind is MessageKind.RESPONSE:
+                replies.append(msg.payload)
+                return
+            await ctx.send("p1", "T")
+            outcome["reply"] = await ctx.request("p1", "Q")
+            done.set()
+
+        kernel.spawn(teller)
+        await kernel.send("teller", "go")
+        await done.wait()
+        assert outcome["reply"] == "answer-Q"
+        await wait_until(lambda: stats_of(kernel, ref).unmatched_responses == 1, "the discard")
+        assert replies == []
+        stats = stats_of(kernel, ref)
+        assert (stats.tell_answers, stats.invalid_lines, stats.starts) == (0, 0, 1)
+        assert dead_letters(kernel) == []
+
+
 async def test_oversized_line_is_discarded_whole_and_dead_letters_the_message() -> None:
     async with bridge_kernel() as kernel:
         ref = kernel.spawn(process_agent(toy(), line_limit=4096))

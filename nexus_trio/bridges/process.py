@@ -343,6 +343,10 @@ class _BadFrame(Exception):
     """A stdout line that is not a usable frame; the text says what is wrong."""
 
 
+class _Unmatched(Exception):
+    """An answer that answers no message written (discarded); the text says why."""
+
+
 def _frame(kind: str, payload: Any) -> bytes:
     return json.dumps({"type": kind, "payload": payload}, separators=(",", ":")).encode() + b"\n"
 
@@ -919,12 +923,20 @@ class ProcessAgent(Agent):
         if frame_type == "response":
             if not isinstance(payload, dict):
                 raise _BadFrame("response payload must be an object")
-            if payload.get("reply_to") is None and self._tells:
-                answered = self._in_order(payload)
+            reply_to = payload.get("reply_to")
+            if reply_to is None and self.protocol == 1:
+                try:
+                    answered = self._in_order(payload)
+                except _Unmatched as exc:
+                    self.stats.unmatched_responses += 1
+                    self._warn(f"{exc}; discarded")
+                    return
                 if isinstance(answered, _Tell):
                     await self._tell_answered(answered, payload)
                     return
-            slot = self._correlate(payload.get("reply_to"), "response", payload)
+                slot = self._claim(answered, "response", reply_to)
+            else:
+                slot = self._correlate(reply_to, "response")
             if slot is None:
                 return
             if "payload" not in payload:
@@ -966,7 +978,10 @@ class ProcessAgent(Agent):
         nothing echoed, to the oldest message written. Tells written before that message
         are finished: they were handled without an answer. An answer that echoes a
         ``conversation_id`` no message written has answers none of them (the late answer
-        to a message already failed by an unusable line, say).
+        to a message already failed by an unusable line, say); so does one whose ``to``
+        names no sender of that conversation's messages, which never falls back to a
+        message of another conversation: when the query is of that conversation, the
+        answer is a malformed answer to it (it fails, ``malformed``: :class:`_BadFrame`).
         """
         query = next((s for s in self._inflight.values() if not s.done), None)
         written: list[_Tell | _Slot] = [*self._tells]
@@ -977,18 +992,29 @@ class ProcessAgent(Agent):
         conversation = answer.get("conversation_id")
         to = answer.get("to")
         index = 0
-        if isinstance(conversation, str):
-            if conversation and all(entry.conversation != conversation for entry in written):
+        if isinstance(conversation, str) and conversation:
+            same = [i for i, entry in enumerate(written) if entry.conversation == conversation]
+            if not same:
                 return None
-            index = next(
-                (
-                    i
-                    for i, entry in enumerate(written)
-                    if entry.conversation == conversation
-                    and (not isinstance(to, str) or entry.sender == to)
-                ),
-                0,
-            )
+            if isinstance(to, str):
+                index = next((i for i in same if written[i].sender == to), -1)
+                if index < 0:
+                    problem = (
+                        f"response echoes conversation_id {conversation} but 'to' {to!r}, "
+                        "which sent no message of that conversation"
+                    )
+                    if query is None or query.conversation != conversation:
+                        raise _Unmatched(f"{problem}: it answers no message written")
+                    query.fail(
+                        MessageFailed(
+                            f"process agent {self.label} answered message {query.msg_id} "
+                            f"with a mismatched response: {problem}",
+                            reason=DeadLetterReason.MALFORMED,
+                        )
+                    )
+                    raise _BadFrame(problem)
+            else:
+                index = same[0]
         for _ in range(min(index + 1, len(self._tells))):
             self._tells.popleft()
         return written[index]
@@ -1012,11 +1038,8 @@ class ProcessAgent(Agent):
         else:
             self.stats.sends_routed += 1
 
-    def _correlate(
-        self, reply_to: Any, what: str, answer: dict[str, Any] | None = None
-    ) -> _Slot | None:
+    def _correlate(self, reply_to: Any, what: str) -> _Slot | None:
         """The slot a response or error belongs to; None if it is discarded."""
-        stats = self.stats
         if reply_to is not None:
             try:
                 key = uuid.UUID(reply_to) if isinstance(reply_to, str) else None
@@ -1025,12 +1048,14 @@ class ProcessAgent(Agent):
             if key is None:
                 raise _BadFrame(f"{what} has an invalid 'reply_to' {reply_to!r}")
             slot = self._inflight.get(key)
-        elif answer is not None and self.protocol == 1:
-            found = self._in_order(answer)
-            slot = found if isinstance(found, _Slot) else None
         else:
             # Original protocol: one message at a time, answers in order.
             slot = next((s for s in self._inflight.values() if not s.done), None)
+        return self._claim(slot, what, reply_to)
+
+    def _claim(self, slot: _Slot | None, what: str, reply_to: Any) -> _Slot | None:
+        """``slot`` if the answer found for it is to be used; None if it is discarded."""
+        stats = self.stats
         if slot is None:
             stats.unmatched_responses += 1
             self._warn(f"{what} matches no message in flight (reply_to={reply_to}); discarded")
