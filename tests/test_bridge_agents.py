@@ -79,7 +79,7 @@ def node_or_skip() -> str:
 # --- probe agents: one per language, steered by the payload ------------------------------
 
 PY_PROBE = """
-import os, subprocess, sys
+import asyncio, os, subprocess, sys, time
 from nexus_trio.bridges.python import NexusAgent
 
 class Probe(NexusAgent):
@@ -113,7 +113,21 @@ class Probe(NexusAgent):
             return "sent"
         if do == "message":
             return {k: message.get(k) for k in ("from", "to", "kind", "id")}
+        if do == "spin":  # long work, polling for a cancel
+            self.log("working")
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                self.check_cancelled()
+                time.sleep(0.01)
+            return "finished"
+        if do == "async_sleep":
+            return self._await_sleep()
         raise KeyError(do)
+
+    async def _await_sleep(self):
+        self.log("working")
+        await asyncio.sleep(60)
+        return "finished"
 
     def on_stop(self):
         self.log("probe stopped")
@@ -155,6 +169,18 @@ class Probe extends NexusAgent {
         return 'sent';
       case 'message':
         return { from: message.from, to: message.to, kind: message.kind, id: message.id };
+      case 'spin':
+      case 'async_sleep':
+        // Long work that gives up when the kernel cancels the message.
+        this.log('working');
+        await new Promise((resolve, reject) => {
+          const timer = setTimeout(resolve, 60000);
+          this.signal.addEventListener('abort', () => {
+            clearTimeout(timer);
+            reject(new Error('gave up'));
+          });
+        });
+        return 'finished';
       default: throw new Error(`unknown do ${p.do}`);
     }
   }
@@ -601,9 +627,10 @@ async def test_javascript_example_harness_and_every_operation() -> None:
 async def test_echo_bridge_registers_round_trips_and_exits_0_on_shutdown(lang: str) -> None:
     async with open_child(echo_command(lang)) as child:
         register = await child.register()
-        assert set(register) == {"id", "name", "protocol"}
+        assert set(register) == {"id", "name", "protocol", "features"}
         assert register["name"] == "echo"
         assert register["protocol"] == 2
+        assert register["features"] == ["cancel"]
         assert str(uuid.UUID(register["id"])) == register["id"]
         conversation, trace = uuid.uuid4(), uuid.uuid4()
         payloads = [{"nested": [1, 2.5, None, True, "é€😀"]}, "text", 0, None, [], {}]
@@ -865,6 +892,58 @@ async def test_ping_is_answered_with_pong(lang: str) -> None:
         assert await child.wait() == 0
 
 
+async def poll_until(predicate: Any) -> None:
+    """Poll (real time: a child process is involved) until ``predicate()``."""
+    with trio.fail_after(TIMEOUT):
+        while not predicate():  # noqa: ASYNC110 (the state is another process's)
+            await trio.sleep(0.01)
+
+
+def cancel_frame(msg: Message) -> bytes:
+    payload = {"message_id": str(msg.id), "conversation_id": str(msg.conversation_id or msg.id)}
+    return json.dumps({"type": "cancel", "payload": payload}).encode() + b"\n"
+
+
+@pytest.mark.parametrize("lang", LANGS)
+async def test_cancel_frame_stops_the_message_being_handled_and_it_is_answered_cancelled(
+    lang: str, tmp_path: Path
+) -> None:
+    """A ``cancel`` for the message being handled reaches the handler while it runs (polled
+    ``cancelled``, a cancelled ``async def``, an aborted ``signal``): it is answered at
+    once with an ``error`` frame ``Cancelled``, and the agent goes on. A cancel for another
+    message changes nothing; one that comes before its message means it is not handled."""
+    async with open_child(probe_command(lang, tmp_path)) as child:
+        register = await child.register()
+        assert register["features"] == ["cancel"]
+        for started, work in enumerate(("spin", "async_sleep"), start=1):
+            msg = message({"do": work}, kind=MessageKind.QUERY)
+            await child.write(msg, cancel_frame(message("other")))
+            # the handler is running
+            await poll_until(lambda n=started: child.stderr_lines().count("working") == n)
+            start = trio.current_time()
+            await child.write(cancel_frame(msg))
+            frame = await child.frame()
+            assert trio.current_time() - start < 20  # not the handler's 60 s
+            assert frame["type"] == "error", frame
+            assert frame["payload"]["reply_to"] == str(msg.id)
+            assert frame["payload"]["error_type"] == "Cancelled"
+            # The next message is handled as usual: the cancel was for that one only.
+            assert (await child.response_to(message({"do": "echo", "value": work})))[
+                "payload"
+            ] == work
+        early = message({"do": "echo", "value": "never"})
+        await child.write(cancel_frame(early), early)
+        frame = await child.frame()
+        assert (frame["type"], frame["payload"]["reply_to"]) == ("error", str(early.id))
+        assert frame["payload"]["error_type"] == "Cancelled"
+        await child.write(SHUTDOWN)
+        assert await child.rest() == []
+        assert await child.wait() == 0
+    cancelled = [line for line in child.stderr_lines() if line.endswith(" cancelled")]
+    assert len(cancelled) == 2
+    assert not [line for line in child.stderr_lines() if "skipped input line" in line]
+
+
 @pytest.mark.parametrize("lang", LANGS)
 async def test_agent_initiated_send_frame(lang: str, tmp_path: Path) -> None:
     async with open_child(probe_command(lang, tmp_path)) as child:
@@ -954,6 +1033,7 @@ async def test_agent_id_and_name_come_from_the_environment(lang: str) -> None:
             "id": agent_id,
             "name": "named-by-kernel",
             "protocol": 2,
+            "features": ["cancel"],
         }
         await child.close_stdin()
         assert await child.wait() == 0
@@ -1232,6 +1312,35 @@ async def test_bridges_under_the_kernel_answer_fail_and_send(lang: str, tmp_path
         assert [(m.sender, m.kind, m.payload) for m in received] == [
             (ref.id, MessageKind.EVENT, {"n": 1})
         ]
+
+
+@pytest.mark.parametrize("lang", LANGS)
+async def test_bridges_under_the_kernel_abandon_a_timed_out_message_and_are_not_replaced(
+    lang: str, tmp_path: Path
+) -> None:
+    """The kernel's cancel reaches the shipped bridges: the handler stops, the late
+    ``Cancelled`` answer is discarded, and the same child serves the next message."""
+    from nexus_trio import DeadLetterReason, RequestFailed, open_kernel
+    from nexus_trio.bridges.process import bridge_stats, process_agent
+    from nexus_trio.testing import dead_letters
+
+    with trio.fail_after(TIMEOUT * 2):
+        async with open_kernel() as kernel:
+            ref = kernel.spawn(
+                process_agent(probe_command(lang, tmp_path), name="probe", handle_timeout=1.0)
+            )
+            for late, work in enumerate(("spin", "async_sleep"), start=1):
+                with pytest.raises(RequestFailed) as failed:
+                    await kernel.request("probe", {"do": work})
+                assert failed.value.reason == "handler_timeout"
+                await poll_until(lambda n=late: bridge_stats(kernel)[ref.id].late_responses == n)
+                assert await kernel.request("probe", {"do": "echo", "value": work}) == work
+            stats = bridge_stats(kernel)[ref.id]
+            assert (stats.cancels_sent, stats.late_responses) == (2, 2)
+            assert (stats.starts, stats.replaced) == (1, 0)
+            assert [d.reason for d in dead_letters(kernel)] == [
+                DeadLetterReason.HANDLER_TIMEOUT
+            ] * 2
 
 
 # --- the original agent-side API --------------------------------------------------------------

@@ -572,6 +572,134 @@ async def test_late_answer_is_discarded_and_not_taken_for_the_next_message(proto
         assert [d.reason for d in dead_letters(kernel)] == [DeadLetterReason.HANDLER_TIMEOUT]
 
 
+#: a child that logs every frame other than ``message`` it reads (answered by the query
+#: "seen"); "slow" makes it wait up to 3 s for a ``cancel`` frame before answering late
+CANCEL_CHILD = """
+import select, time
+PROTOCOL, FEATURES = {protocol}, {features!r}
+payload = {{"id": str(uuid.uuid4()), "name": "c"}}
+if PROTOCOL >= 2:
+    payload["protocol"] = PROTOCOL
+if FEATURES is not None:
+    payload["features"] = FEATURES
+emit({{"type": "register", "payload": payload}})
+seen = []
+
+def read_frame(wait=None):
+    if wait is not None and not select.select([sys.stdin.buffer], [], [], wait)[0]:
+        return None
+    line = sys.stdin.buffer.readline()
+    if not line:
+        sys.exit(0)
+    frame = json.loads(line)
+    if frame["type"] == "shutdown":
+        sys.exit(0)
+    if frame["type"] != "message":
+        seen.append(frame)
+    return frame
+
+def answer(msg, value):
+    if PROTOCOL == 1:
+        respond_p1(msg, value)
+        return
+    emit({{"type": "response", "payload": {{
+        "from": msg["to"], "to": msg["from"], "kind": "Response", "payload": value,
+        "timestamp": "2024-01-01T00:00:00Z", "id": str(uuid.uuid4()), "reply_to": msg["id"],
+        "conversation_id": msg["conversation_id"] or msg["id"], "trace_id": None,
+    }}}})
+
+while True:
+    first = read_frame()
+    if first["type"] != "message":
+        continue
+    msg = first["payload"]
+    if msg["payload"] == "slow":
+        deadline = time.monotonic() + 3.0
+        while True:
+            frame = read_frame(max(deadline - time.monotonic(), 0.0))
+            if frame is None:
+                answer(msg, "late")  # nobody said to stop: done at last
+                break
+            if frame["type"] == "cancel" and frame["payload"]["message_id"] == msg["id"]:
+                emit({{"type": "error", "payload": {{
+                    "reply_to": msg["id"], "error": "cancelled", "error_type": "Cancelled",
+                }}}})
+                break
+    elif msg["payload"] == "seen":
+        answer(msg, seen)
+    else:
+        answer(msg, msg["payload"])
+"""
+
+
+async def test_child_with_the_cancel_feature_is_told_when_its_message_is_given_up(
+    tmp_path: Path,
+) -> None:
+    """A protocol-2 child that declared ``features: ["cancel"]`` gets a ``cancel`` frame
+    for the message whose handle timeout expired or whose requester stopped waiting, and
+    for nothing else; it abandons the work and answers at once, so it is not replaced,
+    and the kernel's accounting of the message is as without the frame."""
+    cmd = script(tmp_path, CANCEL_CHILD.format(protocol=2, features=["cancel"]))
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(cmd, name="c", handle_timeout=1.0))
+        assert await kernel.request(ref, "quick") == "quick"
+        start = trio.current_time()
+        with pytest.raises(RequestFailed) as info:
+            await kernel.request(ref, "slow")
+        assert info.value.reason == "handler_timeout"
+        await wait_until(lambda: stats_of(kernel, ref).late_responses == 1, "the cancelled answer")
+        # Answered on the cancel, well before the child's own 3 s.
+        assert trio.current_time() - start < 2.5
+        with pytest.raises(RequestTimeout):
+            await kernel.request(ref, "slow", timeout=0.3)
+        await wait_until(lambda: stats_of(kernel, ref).late_responses == 2, "the second answer")
+        assert await kernel.request(ref, "after") == "after"
+        seen = await kernel.request(ref, "seen")
+        letters = dead_letters(kernel)
+        assert [d.reason for d in letters] == [
+            DeadLetterReason.HANDLER_TIMEOUT,
+            DeadLetterReason.REQUEST_TIMEOUT,
+        ]
+        assert seen == [
+            {
+                "type": "cancel",
+                "payload": {
+                    "message_id": str(d.message.id),
+                    "conversation_id": str(d.message.conversation_id or d.message.id),
+                },
+            }
+            for d in letters
+        ]
+        stats = stats_of(kernel, ref)
+        assert (stats.cancels_sent, stats.abandoned, stats.late_responses) == (2, 2, 2)
+        assert (stats.starts, stats.replaced, stats.invalid_lines) == (1, 0, 0)
+        assert kernel.stats().timed_out == 1
+
+
+@pytest.mark.parametrize(
+    ("protocol", "features"),
+    [(2, None), (2, []), (2, ["ping"]), (1, ["cancel"]), (1, None)],
+    ids=["p2", "p2-no-features", "p2-other-feature", "p1-declaring-cancel", "p1"],
+)
+async def test_child_without_the_cancel_feature_never_gets_a_cancel_frame(
+    tmp_path: Path, protocol: int, features: list[str] | None
+) -> None:
+    """Old children are written exactly what they were before: the message timed out is
+    dead-lettered the same way, the child finishes it and answers late (discarded)."""
+    cmd = script(tmp_path, CANCEL_CHILD.format(protocol=protocol, features=features))
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(cmd, name="c", handle_timeout=1.0))
+        with pytest.raises(RequestFailed) as info:
+            await kernel.request(ref, "slow")
+        assert info.value.reason == "handler_timeout"
+        await wait_until(lambda: stats_of(kernel, ref).late_responses == 1, "the late answer")
+        assert await kernel.request(ref, "seen") == []
+        stats = stats_of(kernel, ref)
+        assert (stats.cancels_sent, stats.abandoned, stats.starts, stats.replaced) == (0, 1, 1, 0)
+        assert stats.lines_out == 2
+        assert [d.reason for d in dead_letters(kernel)] == [DeadLetterReason.HANDLER_TIMEOUT]
+
+
 async def test_request_timeout_cancels_the_wait_and_the_agent_recovers() -> None:
     async with bridge_kernel() as kernel:
         ref = kernel.spawn(process_agent(toy()))

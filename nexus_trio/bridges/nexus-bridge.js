@@ -7,7 +7,9 @@
  * spelling; `new MyAgent('name')` works as in the original too). The bridge speaks newline-delimited JSON with
  * the kernel over stdin/stdout: it sends `register`, answers every `message` with exactly one
  * `response` (or `error`) frame, one message at a time, answers `ping` with `pong`, and exits
- * after a `shutdown` frame or at the end of input. Stdout carries nothing but frames: while
+ * after a `shutdown` frame or at the end of input. In protocol 2 it declares the `cancel`
+ * feature: input is read while a handler runs, and a `cancel` frame for the message being
+ * handled aborts `this.signal` (and sets `this.cancelled`). Stdout carries nothing but frames: while
  * the agent runs, console.log() and process.stdout.write() go to stderr.
  * The wire format is described in docs/protocol.md. `node nexus-bridge.js` runs an echo agent.
  */
@@ -15,6 +17,10 @@
 const crypto = require('crypto');
 
 const PROTOCOL_VERSION = 2;
+/** Optional protocol-2 extensions declared in `register` (`features`). */
+const FEATURES = Object.freeze(['cancel']);
+/** Cancel frames remembered for messages not (yet) being handled. */
+const EARLY_CANCELS = 64;
 const KINDS = ['Command', 'Event', 'Query', 'Response'];
 const MESSAGE_FIELDS = ['from', 'to', 'kind', 'payload'];
 const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
@@ -154,6 +160,22 @@ class NexusAgent {
     this.failed = 0;
     this.invalidLines = 0;
     this._stopping = undefined;
+    this._currentId = null;
+    this._controller = null;
+    this._earlyCancels = [];
+  }
+
+  /**
+   * The AbortSignal of the message being handled: aborted when the kernel cancels it
+   * (protocol 2: handle timeout, request timeout). Pass it to fetch() and the like.
+   */
+  get signal() {
+    return this._controller === null ? null : this._controller.signal;
+  }
+
+  /** True once the kernel cancelled the message being handled. */
+  get cancelled() {
+    return this._controller !== null && this._controller.signal.aborted;
   }
 
   /** Handle one message (the wire object); return (or resolve to) the response payload. */
@@ -254,7 +276,10 @@ class NexusAgent {
 
   _registerPayload() {
     const payload = { id: this.id, name: this.name };
-    if (this.protocol >= 2) payload.protocol = this.protocol;
+    if (this.protocol >= 2) {
+      payload.protocol = this.protocol;
+      payload.features = [...FEATURES];
+    }
     return payload;
   }
 
@@ -279,28 +304,93 @@ class NexusAgent {
     };
   }
 
+  /** The input split into lines (Buffers without their newline). */
+  async *_rawLines() {
+    let pending = Buffer.alloc(0);
+    for await (const data of this._input) {
+      const chunk = typeof data === 'string' ? Buffer.from(data, 'utf8') : data;
+      // Only the new chunk can hold the next newline: a long line is scanned once.
+      let newline = chunk.indexOf(10);
+      pending = pending.length === 0 ? chunk : Buffer.concat([pending, chunk]);
+      if (newline !== -1) newline += pending.length - chunk.length;
+      while (newline !== -1) {
+        yield pending.subarray(0, newline);
+        pending = pending.subarray(newline + 1);
+        newline = pending.indexOf(10);
+      }
+    }
+    if (pending.length > 0) yield pending;
+  }
+
   async _serve() {
     const decoder = new TextDecoder('utf-8', { fatal: true });
-    let pending = Buffer.alloc(0);
     try {
-      // Chunks are split into lines here and each line is handled to completion before the
-      // next one: one message at a time, and the stream pauses while a handler runs.
-      for await (const data of this._input) {
-        const chunk = typeof data === 'string' ? Buffer.from(data, 'utf8') : data;
-        // Only the new chunk can hold the next newline: a long line is scanned once.
-        let newline = chunk.indexOf(10);
-        pending = pending.length === 0 ? chunk : Buffer.concat([pending, chunk]);
-        if (newline !== -1) newline += pending.length - chunk.length;
-        while (newline !== -1) {
-          const raw = pending.subarray(0, newline);
-          pending = pending.subarray(newline + 1);
+      if (this.protocol < 2) {
+        // Each line is handled to completion before the next one is read: one message
+        // at a time, and the stream pauses while a handler runs.
+        for await (const raw of this._rawLines()) {
           if ((await this._onLine(raw, decoder)) === 'shutdown') return;
-          newline = pending.indexOf(10);
         }
+        return;
       }
-      if (pending.length > 0 && (await this._onLine(pending, decoder)) === 'shutdown') return;
+      // Protocol 2 reads on while a handler runs, so that a cancel frame is seen at once;
+      // the lines are still handled one at a time, in order.
+      const lines = [];
+      let ended = false;
+      let failure = null;
+      let wake = null;
+      const notify = () => {
+        if (wake !== null) {
+          const resolve = wake;
+          wake = null;
+          resolve();
+        }
+      };
+      (async () => {
+        try {
+          for await (const raw of this._rawLines()) {
+            this._peekCancel(raw);
+            lines.push(raw);
+            notify();
+          }
+        } catch (err) {
+          failure = err;
+        } finally {
+          ended = true;
+          notify();
+        }
+      })();
+      for (;;) {
+        while (lines.length > 0) {
+          if ((await this._onLine(lines.shift(), decoder)) === 'shutdown') return;
+        }
+        if (failure !== null) throw failure;
+        if (ended) return;
+        await new Promise((resolve) => {
+          wake = resolve;
+        });
+      }
     } finally {
       if (this._input === process.stdin) process.stdin.pause();
+    }
+  }
+
+  /** A cancel frame takes effect when it is read (the main loop only skips it). */
+  _peekCancel(raw) {
+    if (!raw.includes('"cancel"')) return;
+    let target;
+    try {
+      const frame = JSON.parse(raw.toString('utf8'));
+      target = frame.type === 'cancel' ? frame.payload.message_id : undefined;
+    } catch (err) {
+      return; // not a usable cancel frame: the main loop reports the line
+    }
+    if (typeof target !== 'string') return;
+    if (this._controller !== null && target === this._currentId) {
+      this._controller.abort();
+    } else {
+      this._earlyCancels.push(target);
+      if (this._earlyCancels.length > EARLY_CANCELS) this._earlyCancels.shift();
     }
   }
 
@@ -358,6 +448,12 @@ class NexusAgent {
       }
       return frame;
     }
+    if (frame.type === 'cancel' && this.protocol >= 2) {
+      if (payload === null || typeof payload !== 'object' || typeof payload.message_id !== 'string') {
+        throw new InvalidFrame("cancel frame needs a payload with a string 'message_id'");
+      }
+      return frame;
+    }
     throw new InvalidFrame(`unknown frame type ${JSON.stringify(frame.type)}`);
   }
 
@@ -379,11 +475,40 @@ class NexusAgent {
   }
 
   async _onMessage(message) {
+    this._currentId = typeof message.id === 'string' ? message.id : null;
+    this._controller = new AbortController();
+    const early = this._currentId === null ? -1 : this._earlyCancels.indexOf(this._currentId);
+    if (early !== -1) {
+      this._earlyCancels.splice(early, 1);
+      this._controller.abort();
+    }
+    try {
+      await this._handleCurrent(message);
+    } finally {
+      this._currentId = null;
+      this._controller = null;
+    }
+  }
+
+  async _handleCurrent(message) {
+    if (this.cancelled) {
+      // Cancelled before it was started (say during a slow onStart): not handled.
+      this.failed += 1;
+      this._sendError(message, 'cancelled by the kernel', 'Cancelled');
+      return;
+    }
     let result;
     try {
       result = await this.handleMessage(message);
     } catch (err) {
       this.failed += 1;
+      if (this.cancelled) {
+        // The kernel gave up on it: one line, not a stack, and still one answer.
+        this.log(`nexus-bridge[${this.name}]: message ${message.id} cancelled`);
+        const text = err instanceof Error && err.message ? err.message : 'cancelled by the kernel';
+        this._sendError(message, text, 'Cancelled');
+        return;
+      }
       this.log(`nexus-bridge[${this.name}]: handleMessage failed: ${(err && err.stack) || err}`);
       const isError = err instanceof Error;
       const text = isError ? err.message || err.name : String(err);
@@ -488,6 +613,7 @@ function runAgent(agent) {
 
 module.exports = {
   PROTOCOL_VERSION,
+  FEATURES,
   KINDS,
   InvalidFrame,
   Message,

@@ -27,9 +27,11 @@ except ImportError:  # imported as a top-level module: load python.py from besid
         sys.modules[_spec.name] = _bridge
         _spec.loader.exec_module(_bridge)
 
+FEATURES = _bridge.FEATURES
 KINDS = _bridge.KINDS
 PROTOCOL_VERSION = _bridge.PROTOCOL_VERSION
 Agent = _bridge.Agent
+Cancelled = _bridge.Cancelled
 EchoAgent = _bridge.EchoAgent
 InvalidFrame = _bridge.InvalidFrame
 Message = _bridge.Message
@@ -39,9 +41,11 @@ main = _bridge.main
 run_agent = _bridge.run_agent
 
 __all__ = [
+    "FEATURES",
     "KINDS",
     "PROTOCOL_VERSION",
     "Agent",
+    "Cancelled",
     "EchoAgent",
     "InvalidFrame",
     "Message",

@@ -17,11 +17,13 @@ JSON, an unknown frame type or missing fields are logged with the agent's fields
 counted (:func:`bridge_stats`) and dead-letter the message they answered (reason
 ``malformed``); the agent goes on. A child that stays silent past the handle timeout
 has its message dead-lettered (``handler_timeout``) and is replaced before the next
-message if it still has not answered. ``on_stop`` sends ``shutdown``, waits
-``shutdown_grace``, then SIGTERMs and finally SIGKILLs the whole process group and
-always reaps the child, so nothing outlives the kernel — not a child that ignores
-SIGTERM, nor a grandchild that holds the pipes; on Linux :mod:`._lineage` also kills the
-descendants that left the group, and those of a kernel killed with SIGKILL.
+message if it still has not answered; a protocol-2 child that declared the ``cancel``
+feature in its ``register`` is sent a ``cancel`` frame for such a message (and for one
+whose requester stopped waiting), so that it can stop and answer at once. ``on_stop``
+sends ``shutdown``, waits ``shutdown_grace``, then SIGTERMs and finally SIGKILLs the whole
+process group and always reaps the child, so nothing outlives the kernel — not a child
+that ignores SIGTERM, nor a grandchild that holds the pipes; on Linux :mod:`._lineage`
+also kills the descendants that left the group, and those of a kernel killed with SIGKILL.
 """
 
 from __future__ import annotations
@@ -123,6 +125,8 @@ class BridgeStats:
     unmatched_responses: int = 0
     #: messages whose handling was cancelled (handle timeout, request timeout) before an answer
     abandoned: int = 0
+    #: ``cancel`` frames written (to a child that declared the ``cancel`` feature)
+    cancels_sent: int = 0
     #: children replaced in place because they did not answer a timed-out message (or
     #: exited just as it timed out)
     replaced: int = 0
@@ -366,6 +370,9 @@ class ProcessAgent(Agent):
         self.options = options
         self.process: trio.Process | None = None
         self.protocol = 1
+        #: the current child declared the ``cancel`` feature (protocol 2): it is told
+        #: when the kernel gives up on a message it was written
+        self.cancels = False
         self._ctx: Context | None = None
         self._stats: BridgeStats | None = None
         self._stdout: _LineReader | None = None
@@ -444,6 +451,7 @@ class ProcessAgent(Agent):
         self._reader_done = trio.Event()
         self._reader_done.set()
         self.protocol = 1
+        self.cancels = False
         try:
             process = await trio.lowlevel.open_process(
                 list(options.cmd),
@@ -539,6 +547,12 @@ class ProcessAgent(Agent):
             self._warn(f"register: unknown protocol {version!r}; using protocol 1")
             version = 1
         self.protocol = min(version, PROTOCOL_VERSION)
+        features = payload.get("features", [])
+        if not isinstance(features, list):
+            self._warn(f"register: 'features' must be a list of strings, got {features!r}")
+            features = []
+        # Extensions are protocol 2: a protocol-1 child gets exactly the original frames.
+        self.cancels = self.protocol >= 2 and "cancel" in features
         stats = self.stats
         stats.protocol = self.protocol
         stats.registered = dict(payload)
@@ -663,8 +677,10 @@ class ProcessAgent(Agent):
             return None
         slot = _Slot(msg.id, conversation, str(msg.sender))
         self._inflight[msg.id] = slot
+        sent = False
         try:
             await self._write(frame, entry=slot)
+            sent = True
             await slot.event.wait()
         except trio.Cancelled:
             if not slot.done and slot.written:
@@ -674,6 +690,10 @@ class ProcessAgent(Agent):
                 # the message never reached the child: nothing to wait for or replace.)
                 slot.abandoned = True
                 self.stats.abandoned += 1
+                if sent and self.cancels:
+                    # Before the Cancelled goes on, so before any later frame: a child
+                    # that abandons the work answers at once, and is not replaced.
+                    await self._send_cancel(slot)
             elif isinstance(slot.error, ProcessAgentError):
                 # The child was lost as this handler was cancelled (same scheduling
                 # batch): its error, which would fail the agent, is dropped for the
@@ -726,6 +746,23 @@ class ProcessAgent(Agent):
                 reason=DeadLetterReason.UNSERIALISABLE,
             ) from None
         return b'{"type":"message","payload":' + body.encode() + b"}\n", conversation
+
+    async def _send_cancel(self, slot: _Slot) -> None:
+        """Tell the child that the kernel gave up on ``slot``'s message (``cancel`` feature).
+
+        Shielded (the handler is being cancelled) and bounded by the send timeout; a child
+        that cannot be written to is only reported: the next message replaces it anyway.
+        """
+        frame = _frame(
+            "cancel", {"message_id": str(slot.msg_id), "conversation_id": slot.conversation}
+        )
+        with trio.CancelScope(shield=True):
+            try:
+                await self._write(frame)
+            except ProcessAgentError as exc:
+                self._warn(f"cancel of message {slot.msg_id} not written: {exc.problem}")
+                return
+        self.stats.cancels_sent += 1
 
     async def _write_tell(self, msg: Message, frame: bytes, conversation: str) -> None:
         tell = _Tell(msg, conversation)

@@ -6,7 +6,9 @@ An agent is a subclass of :class:`NexusAgent` that overrides :meth:`~NexusAgent.
 Nexus spelling) speaks newline-delimited JSON with the kernel over stdin/stdout:
 it sends ``register``, answers every ``message`` with exactly one ``response`` (or ``error``)
 frame, one message at a time, answers ``ping`` with ``pong`` and stops on ``shutdown`` or end of
-input. Stdout carries nothing but frames: while the agent runs, ``print()`` and anything written
+input. In protocol 2 it declares the ``cancel`` feature: a thread reads the input while a
+handler runs, and a ``cancel`` frame for the message being handled sets
+:attr:`~NexusAgent.cancelled` (and cancels an ``async def`` handler). Stdout carries nothing but frames: while the agent runs, ``print()`` and anything written
 to file descriptor 1 (also by child processes) goes to stderr. The wire format is described in
 docs/protocol.md. This module uses only the standard library and runs on Python 3.9+, so it can
 be copied next to an agent or run as ``python3 python.py`` (an echo agent). Agents written
@@ -21,24 +23,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import enum
 import inspect
 import json
 import math
 import os
+import queue
 import sys
 import threading
 import time
 import traceback
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from typing import IO, Any
 
 __all__ = [
+    "FEATURES",
     "KINDS",
     "PROTOCOL_VERSION",
     "Agent",
+    "Cancelled",
     "EchoAgent",
     "InvalidFrame",
     "Message",
@@ -51,8 +57,14 @@ __all__ = [
 #: The newest protocol version this bridge speaks (announced in ``register``).
 PROTOCOL_VERSION = 2
 
+#: Optional protocol-2 extensions this bridge declares in ``register`` (``features``).
+FEATURES = ("cancel",)
+
 #: Message kinds, spelled as on the wire.
 KINDS = ("Command", "Event", "Query", "Response")
+
+#: cancel frames remembered for messages not (yet) being handled
+_EARLY_CANCELS = 64
 
 _MESSAGE_FIELDS = ("from", "to", "kind", "payload")
 
@@ -156,6 +168,14 @@ class InvalidFrame(ValueError):
         self.message = message
 
 
+class Cancelled(Exception):
+    """The kernel cancelled the message being handled (:meth:`NexusAgent.check_cancelled`).
+
+    Raised out of ``handle_message`` it is answered as an ``error`` frame with
+    ``error_type`` ``Cancelled``; the kernel had already given up on the message.
+    """
+
+
 class _NotSerialisable(TypeError):
     pass
 
@@ -175,6 +195,26 @@ def _timestamp() -> str:
     whole = math.floor(now)
     micros = min(int((now - whole) * 1_000_000), 999_999)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{micros:06d}Z"
+
+
+def _fd_lines(fd: int) -> Iterator[bytes]:
+    """The lines read from file descriptor ``fd`` (with their newline; the last may lack it)."""
+    pending = bytearray()
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            if pending:
+                yield bytes(pending)
+            return
+        scan = len(pending)
+        pending += chunk
+        while True:
+            index = pending.find(b"\n", scan)
+            if index < 0:
+                break
+            yield bytes(pending[: index + 1])
+            del pending[: index + 1]
+            scan = 0
 
 
 def _describe_unserialisable(exc: Exception) -> tuple[str, str]:
@@ -252,6 +292,13 @@ class NexusAgent:
         self._line_number = 0
         #: the event loop of ``async def`` hooks, created on first use, kept for the run
         self._loop: asyncio.AbstractEventLoop | None = None
+        # The message being handled and its cancellation, shared with the input thread.
+        self._state_lock = threading.Lock()
+        self._current_id: str | None = None
+        self._cancel = threading.Event()
+        self._task: asyncio.Future[Any] | None = None
+        #: ids of cancel frames that named no message being handled (it may come next)
+        self._early_cancels: collections.deque[str] = collections.deque(maxlen=_EARLY_CANCELS)
         #: Counters of what crossed the wire (useful in tests and on_stop reports).
         self.handled = 0
         self.failed = 0
@@ -319,6 +366,23 @@ class NexusAgent:
             raise TypeError(text.replace("result of handle_message", "send() payload")) from None
         self._write_line(line)
 
+    @property
+    def cancelled(self) -> bool:
+        """True once the kernel cancelled the message being handled (protocol 2).
+
+        The kernel sends ``cancel`` when it gives up on a message (handle timeout, request
+        timeout): a handler that runs long can poll this and stop early. An ``async def``
+        handler is cancelled too (``asyncio.CancelledError`` at its next ``await``). The
+        answer written after a cancel is discarded by the kernel, which then goes on
+        with this process instead of replacing it.
+        """
+        return self._cancel.is_set()
+
+    def check_cancelled(self) -> None:
+        """Raise :class:`Cancelled` if the kernel cancelled the message being handled."""
+        if self._cancel.is_set():
+            raise Cancelled("cancelled by the kernel")
+
     def log(self, text: str) -> None:
         """Write one line to stderr (the kernel logs it with this agent's fields)."""
         stream = self._stderr or sys.stderr
@@ -354,6 +418,7 @@ class NexusAgent:
         payload: dict[str, Any] = {"id": self.id, "name": self.name}
         if self.protocol >= 2:
             payload["protocol"] = self.protocol
+            payload["features"] = list(FEATURES)
         return payload
 
     def _stop(self) -> int:
@@ -428,8 +493,20 @@ class NexusAgent:
 
     def _serve(self) -> None:
         source = self._stdin if self._stdin is not None else sys.stdin.buffer
+        read = source.readline
+        if self.protocol >= 2:
+            # Read ahead in a thread, so that a cancel frame is seen while a handler runs;
+            # the lines are still handled here, one at a time and in order.
+            lines: queue.Queue[bytes] = queue.Queue()
+            threading.Thread(
+                target=self._read_input,
+                args=(source, lines),
+                name="nexus-bridge-input",
+                daemon=True,
+            ).start()
+            read = lines.get
         while True:
-            raw = source.readline()
+            raw = read()
             if not raw:
                 return  # end of input: the kernel is gone or closed our stdin
             self._line_number += 1
@@ -452,6 +529,39 @@ class NexusAgent:
                 self._on_message(Message.from_dict(frame["payload"]))
             elif kind == "ping":
                 self._write_frame("pong", {"id": frame["payload"]["id"]})
+            # a cancel frame was acted on by the input thread when it was read
+
+    def _read_input(self, source: IO[bytes], lines: queue.Queue[bytes]) -> None:
+        """The input thread: every line goes to the main loop; cancels take effect now."""
+        # The process's stdin is read from its descriptor: a daemon thread blocked inside
+        # sys.stdin.buffer holds its lock, and the interpreter would abort at exit.
+        read = _fd_lines(0) if self._stdin is None else iter(source.readline, b"")
+        try:
+            for raw in read:
+                if b'"cancel"' in raw:
+                    self._cancel_from(raw)
+                lines.put(raw)
+        except (OSError, ValueError):
+            pass  # stdin closed under us: end of input
+        finally:
+            lines.put(b"")
+
+    def _cancel_from(self, raw: bytes) -> None:
+        try:
+            frame = json.loads(raw)
+            target = frame["payload"]["message_id"] if frame["type"] == "cancel" else None
+        except (ValueError, TypeError, KeyError):
+            return  # not a usable cancel frame: the main loop reports the line
+        if not isinstance(target, str):
+            return
+        with self._state_lock:
+            if target != self._current_id:
+                self._early_cancels.append(target)
+                return
+            self._cancel.set()
+            task, loop = self._task, self._loop
+        if task is not None and loop is not None:
+            loop.call_soon_threadsafe(task.cancel)
 
     def _parse(self, line: bytes) -> dict[str, Any]:
         try:
@@ -477,6 +587,10 @@ class NexusAgent:
             if not isinstance(payload, dict) or not isinstance(payload.get("id"), str):
                 raise InvalidFrame("ping frame needs a payload with a string 'id'")
             return frame
+        if kind == "cancel" and self.protocol >= 2:
+            if not isinstance(payload, dict) or not isinstance(payload.get("message_id"), str):
+                raise InvalidFrame("cancel frame needs a payload with a string 'message_id'")
+            return frame
         raise InvalidFrame(f"unknown frame type {kind!r}")
 
     def _check_message(self, payload: Any) -> None:
@@ -498,9 +612,51 @@ class NexusAgent:
         self.log(f"nexus-bridge[{self.name}]: skipped input line {self._line_number}: {problem}")
 
     def _on_message(self, message: Message) -> None:
+        msg_id = message.get("id")
+        current = msg_id if isinstance(msg_id, str) else None
+        with self._state_lock:
+            self._current_id = current
+            if current is not None and current in self._early_cancels:
+                self._early_cancels.remove(current)
+                self._cancel.set()
         try:
-            result = self._call(self.handle_message, message)
-        except Exception as exc:
+            self._handle_current(message)
+        finally:
+            with self._state_lock:
+                self._current_id = None
+                self._task = None
+                self._cancel.clear()
+
+    def _run_handler(self, message: Message) -> Any:
+        result = self.handle_message(message)
+        if not inspect.isawaitable(result):
+            return result
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        task = asyncio.ensure_future(result, loop=self._loop)
+        with self._state_lock:
+            self._task = task
+        if self._cancel.is_set():
+            task.cancel()
+        return self._loop.run_until_complete(task)
+
+    def _handle_current(self, message: Message) -> None:
+        if self._cancel.is_set():
+            # Cancelled before it was started (say during a slow on_start): not handled.
+            self.failed += 1
+            self._send_error(message, "cancelled by the kernel", "Cancelled")
+            return
+        try:
+            result = self._run_handler(message)
+        except (Exception, asyncio.CancelledError) as exc:
+            if self._cancel.is_set():
+                # The kernel gave up on it: one line, not a traceback, and still one answer.
+                self.failed += 1
+                self.log(f"nexus-bridge[{self.name}]: message {message.get('id')} cancelled")
+                self._send_error(message, str(exc) or "cancelled by the kernel", "Cancelled")
+                return
+            if isinstance(exc, asyncio.CancelledError):
+                raise  # not ours: as before, it ends the agent
             self.failed += 1
             self.log(f"nexus-bridge[{self.name}]: handle_message failed:\n{traceback.format_exc()}")
             self._send_error(message, str(exc) or type(exc).__name__, type(exc).__name__)
