@@ -16,6 +16,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 import uuid
@@ -326,3 +327,180 @@ def test_a_ctrl_c_while_the_private_nats_server_starts_leaves_no_server(
         for proc in servers:
             proc.kill()
             proc.wait()
+
+
+# --- a worker that dies --------------------------------------------------------------------------
+
+
+class StderrLines:
+    """The lines ``proc`` writes on stderr, read as they come (a thread keeps the pipe
+    drained, so a chatty run never blocks on it)."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr is not None
+        self.lines: list[str] = []
+        self._stream = proc.stderr
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in self._stream:
+            self.lines.append(line)
+
+    def wait_for(self, text: str, count: int, proc: subprocess.Popen[str], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while sum(text in line for line in list(self.lines)) < count:
+            assert proc.poll() is None, "".join(self.lines)
+            assert time.monotonic() < deadline, f"no {count} x {text!r}: {''.join(self.lines)}"
+            time.sleep(0.05)
+
+    def text(self) -> str:
+        self._thread.join(timeout=30)
+        return "".join(self.lines)
+
+
+@pytestmark_linux
+def test_a_worker_killed_mid_run_ends_the_run_reported_with_its_signal_and_books_balanced(
+    tag: str, tmp_path: Path
+) -> None:
+    """Regression: a worker SIGKILLed mid-run was not noticed: the others ran on to
+    --duration, waited a minute more for it to settle, and the summary said only that it
+    printed no summary, with books that could not balance (what it swallowed unknown)."""
+    duration = 120
+    proc = start_nexus(["run", "-W", "3", "-n", "30", "-d", str(duration), "--json"], tag, tmp_path)
+    try:
+        stderr = StderrLines(proc)
+        # every worker runs the ring (tokens cross processes at every hop)
+        stderr.wait_for("running ring workload", 3, proc, timeout=90)
+        by_node = {
+            env[WORKER_ENV]: pid
+            for pid, env in tagged_processes(tag).items()
+            if pid in workers_of(tag)
+        }
+        victim = by_node["worker-1"]
+        time.sleep(1.0)  # let tokens cross to it and back for a while
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        assert proc.stdout is not None
+        out = proc.stdout.read()  # the summary, at the end (stderr has a reader already)
+        proc.wait(timeout=duration)
+        took = time.monotonic() - killed_at
+        err = stderr.text()
+    finally:
+        proc.kill()
+    # the parent noticed at once and said who died and how
+    assert f"worker-1 (pid {victim}) died: killed by SIGKILL" in err, err
+    # the run ended: it did not go on to --duration (generous bound: the others notice the
+    # loss within 5 s of heartbeats, then settle and shut down)
+    assert took < 45, err
+    assert proc.returncode == 128 + signal.SIGKILL
+    summary = json.loads(out)
+    workers = {w["node"]: w for w in summary["per_worker"]}
+    assert set(workers) == {"worker-0", "worker-1", "worker-2"}
+    dead = workers["worker-1"]
+    assert dead["died"] is True
+    assert dead["pid"] == victim
+    assert dead["exit"] == "killed by SIGKILL"
+    assert dead["exit_status"] == 128 + signal.SIGKILL
+    for node in ("worker-0", "worker-2"):
+        assert workers[node]["died"] is False
+        assert workers[node]["exit_status"] == 0
+        assert workers[node]["conserved"] is True
+    assert summary["workers_died"] == ["worker-1"]
+    assert "worker-1" in summary["stopped_by"]
+    assert "worker-1" in summary["error"] and "killed by SIGKILL" in summary["error"]
+    # the books: what the others handed to the dead worker ended in it (handled there or
+    # lost with it: nobody can tell), what came out of it counts as sent (started there)
+    assert dead["books"] == "counted by the other workers"
+    assert dead["handed_to_it"] > 0
+    assert dead["sent"] > 0
+    balance = summary["cluster_balance"]
+    assert balance["handed_to_dead_workers"] == dead["handed_to_it"]
+    assert balance["sent"] == (
+        balance["handled_replied_or_dead"]
+        + balance["lost_counted"]
+        + balance["handed_to_dead_workers"]
+    )
+    assert summary["conserved"] is True
+    assert tagged_processes(tag) == {}
+
+
+def survivor(node: str, sent: int, ended: int, lost_with_nodes: int, peers: dict) -> dict:
+    """A worker's own summary as it prints it (the fields the books read)."""
+    return {
+        "node": node,
+        "sent": sent,
+        "handled": ended,
+        "replies_delivered": 0,
+        "dead_letters": 0,
+        "lost_counted": lost_with_nodes,
+        "lost_counted_by_kind": {"lost_with_nodes": lost_with_nodes},
+        "lost_peers": peers,
+        "conserved": True,
+        "died": False,
+    }
+
+
+def test_a_dead_worker_is_counted_from_what_every_survivor_saw_of_it() -> None:
+    from nexus_trio.cli._cluster_cmd import aggregate_summaries
+
+    dead = {"node": "worker-1", "died": True, "error": "worker-1 (pid 7) died: killed by SIGKILL"}
+    seen_by_0 = {"worker-1": {"pid": 7, "handed_to": 100, "taken_from": 0}}
+    seen_by_2 = {"worker-1": {"pid": 7, "handed_to": 0, "taken_from": 95}}
+    # worker-0 handed 100 to the dead worker (its estimate: 30 lost with it); worker-2
+    # took 95 that came out of it and handled them (they started there: sent)
+    total = aggregate_summaries(
+        [
+            survivor("worker-0", 100, 0, 30, seen_by_0),
+            dead,
+            survivor("worker-2", 0, 95, 0, seen_by_2),
+        ]
+    )
+    entry = total["per_worker"][1]
+    assert (entry["sent"], entry["handed_to_it"]) == (95, 100)
+    assert entry["books"] == "counted by the other workers"
+    assert total["workers_died"] == ["worker-1"]
+    assert total["lost_counted"] == 0  # the estimate of 30 is replaced by the exact counts
+    assert total["cluster_balance"]["sent"] == 195
+    assert total["handed_to_dead_workers"] == 100
+    assert total["conserved"] is True
+    assert total["error"] == "worker-1 (pid 7) died: killed by SIGKILL"
+
+    # a survivor that did not see it lost: its books are unknown, the run's are not balanced
+    total = aggregate_summaries(
+        [survivor("worker-0", 100, 0, 30, seen_by_0), dead, survivor("worker-2", 0, 95, 0, {})]
+    )
+    assert total["per_worker"][1]["books"] == "unknown: not seen lost by worker-2"
+    assert total["conserved"] is False
+
+
+@pytest.mark.parametrize(
+    ("code", "text"),
+    [(0, "exit code 0"), (3, "exit code 3"), (-9, "killed by SIGKILL"), (-11, "killed by SIGSEGV")],
+)
+def test_how_a_worker_ended_reads_as_its_exit_code_or_signal_name(code: int, text: str) -> None:
+    from nexus_trio.cli._cluster_cmd import _how_it_ended
+
+    assert _how_it_ended(code) == text
+
+
+def test_the_summary_table_says_which_worker_died_and_how() -> None:
+    from rich.console import Console
+
+    from nexus_trio.cli._cluster_cmd import aggregate_summaries
+    from nexus_trio.cli._view import summary_table
+
+    dead = {"node": "worker-1", "died": True, "pid": 7, "exit": "killed by SIGKILL"}
+    peers = {"worker-1": {"pid": 7, "handed_to": 1200, "taken_from": 1100}}
+    alive = survivor("worker-0", 1200, 1100, 0, peers)
+    alive.update(
+        dead_letters_by_reason={}, rejected={}, in_flight=0, failed=0, timed_out=0, restarts=0
+    )
+    total = aggregate_summaries([alive, dead])
+    console = Console(width=300, record=True, no_color=True)
+    console.print(summary_table(total))
+    text = " ".join(console.export_text().split())
+    assert "worker-1 died: killed by SIGKILL (pid 7) · sent 1,100 (came out of it)" in text
+    assert "handed to it 1,200 (handled there or lost with it: nobody can tell)" in text
+    assert "handed to dead workers 1,200" in text
+    assert "+ handed to dead workers ✓" in text

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+import trio
 
 from nexus_trio.cli._cluster_cmd import aggregate_summaries, run_workers
 
@@ -172,7 +175,12 @@ class _SwarmCluster:
         from nexus_trio._nats import NodeInfo
 
         records = self.rounds[min(self.calls, len(self.rounds)) - 1]
-        return [NodeInfo(node, 1, 1, "h", 0.0, dict(r), 0.0) for node, r in records.items()]
+        infos = []
+        for node, record in records.items():
+            r = dict(record)
+            reachable = bool(r.pop("_reachable", True))  # False: lost (missed heartbeats)
+            infos.append(NodeInfo(node, 1, 1, "h", 0.0, r, 0.0, reachable))
+        return infos
 
 
 def _record(**fields: object) -> dict[str, object]:
@@ -206,8 +214,26 @@ QUIET = {
         ([QUIET, {"worker-0": QUIET["worker-0"]}], True),
         # a worker never seen
         ([{"worker-0": QUIET["worker-0"]}], False),
+        # a worker that died mid-run: once seen lost, the others settle without it (what
+        # they sent it never balances; their counters must stay the same two rounds)
+        (
+            [{**QUIET, "worker-1": _record(published=4, swarm_stopped=False, _reachable=False)}],
+            True,
+        ),
+        # ... but not before they are quiet themselves
+        (
+            [
+                {
+                    "worker-0": _record(published=10, forwarded_in=4, in_flight=2),
+                    "worker-1": _record(swarm_stopped=False, _reachable=False),
+                }
+            ],
+            False,
+        ),
+        # ... nor while it is not seen lost yet
+        ([{**QUIET, "worker-1": _record(published=4, swarm_stopped=False)}], False),
     ],
-    ids=["quiet", "busy", "crossing", "running", "left", "missing"],
+    ids=["quiet", "busy", "crossing", "running", "left", "missing", "died", "died-busy", "dying"],
 )
 async def test_the_swarm_settles_only_when_quiet_and_balanced(
     rounds: list[dict[str, dict[str, object]]], settles: bool, autojump_clock: object
@@ -220,3 +246,45 @@ async def test_the_swarm_settles_only_when_quiet_and_balanced(
     assert cluster.record_extra == {"swarm_stopped": True}
     if settles:
         assert cluster.calls >= 2  # the same quiet books twice in a row
+
+
+class _Joining:
+    """Stand-in for the cluster: worker-1 never joins, no name is ever published."""
+
+    def live_nodes(self) -> list[str]:
+        return ["worker-0"]
+
+    async def names_published(self) -> None:
+        return None
+
+    def name_holder(self, name: str) -> None:
+        return None
+
+
+async def test_a_stopped_run_stops_waiting_for_workers_and_names(autojump_clock: object) -> None:
+    """Regression: a worker stopped because another died before joining (or Ctrl-C) waited
+    START_TIMEOUT (two minutes) for it to join, or for its agents' names, before failing."""
+    from nexus_trio.cli._swarm import START_TIMEOUT, Swarm, SwarmLayout
+
+    stop = trio.Event()
+    swarm = Swarm(_Joining(), SwarmLayout(0, 2), should_stop=stop.is_set)  # type: ignore[arg-type]
+
+    async def stop_soon() -> None:
+        await trio.sleep(1)
+        stop.set()
+
+    for wait, error in (
+        (swarm.wait_for_workers, "stopped while waiting for workers worker-1 to join"),
+        (
+            lambda: swarm.resolve(["ring-1"]),
+            "1 agents of the swarm (e.g. 'ring-1') were not published before the run was stopped",
+        ),
+    ):
+        stop = trio.Event()
+        swarm.should_stop = stop.is_set
+        t0 = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stop_soon)
+            with pytest.raises(RuntimeError, match=re.escape(error)):
+                await wait()
+        assert trio.current_time() - t0 < 2 < START_TIMEOUT

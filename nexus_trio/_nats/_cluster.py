@@ -2043,6 +2043,11 @@ class Cluster:
         """Numbered tells this process sent to process ``id_prefix`` of ``node``."""
         return self._seq_out.get((node, id_prefix), 0)
 
+    def tells_taken_from(self, node: str, id_prefix: int) -> int:
+        """Numbered tells of process ``id_prefix`` of ``node`` that this process took:
+        received, or counted lost on the way (kept while its streams are)."""
+        return self._inbound.taken_from(node, id_prefix)
+
     def name_holder(self, name: str) -> tuple[str, uuid.UUID] | None:
         """``(node, agent id)`` of ``name`` as this node knows it (no round trip)."""
         if self.kernel.is_local(name):

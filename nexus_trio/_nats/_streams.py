@@ -164,6 +164,12 @@ class InboundStreams:
             self._retire(name)
         return len(gone)
 
+    def taken_from(self, node: str, prefix: int) -> int:
+        """The tells of process ``prefix`` of ``node`` this process took (received or
+        counted lost), over the streams of it still kept (every join's)."""
+        last = self.sequences.last_number
+        return sum(last(name) for name in self._senders.get((node, prefix), ()))
+
     def heartbeat_numbers(self, is_member: Callable[[str, int], bool]) -> dict[str, int]:
         """The last number taken of each live stream of a member (``is_member(node,
         prefix)``): what this node's heartbeat confirms to its senders."""

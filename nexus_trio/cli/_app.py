@@ -411,6 +411,11 @@ def _run_workers(ctx: typer.Context, workers: int, nats: str | None, json_out: b
 
     refuse_workers_in_a_worker()
     _check_nats(nats, "--nats" if nats is not None else "--workers")
+    from ..logs import configure_logging
+
+    # the parent's own lines (a worker that died, the private nats-server), as --log-* say
+    level, fmt = ctx.params.get("log_level"), ctx.params.get("log_format")
+    configure_logging(level.value if level else "info", fmt.value if fmt else "compact")
     count = workers or default_workers()
     summary, status = run_workers(count, worker_argv(ctx), nats_url=nats)
     if json_out:

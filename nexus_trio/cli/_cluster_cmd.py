@@ -8,7 +8,10 @@ so messages cross processes); an app runs in every worker. Without a NATS URL a 
 last. SIGINT/SIGTERM are passed on to the workers (a second one kills them). Each worker
 prints its JSON summary on stdout at the end; the parent adds them up into one and checks
 the cluster's books: every message that started on some worker was handled,
-dead-lettered, or counted as lost (see :func:`aggregate_summaries`).
+dead-lettered, or counted as lost (see :func:`aggregate_summaries`). A worker that
+ends without its summary (a crash, a signal from outside) is logged as soon as it exits
+and the others are stopped as by a first signal; its books are counted from what the
+others saw of it.
 
 A worker's command line is rebuilt from the parent's *parsed* options
 (:func:`worker_argv`), never by editing ``sys.argv``: every spelling of ``--workers``
@@ -27,6 +30,7 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -134,7 +138,20 @@ def aggregate_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     handled + replies + forwarded out + dead letters) *and* the cluster's do: ``sent``
     (messages that started on a worker) = handled + replies delivered + dead letters +
     ``lost_counted`` (refused on arrival, lost in transit or with a lost node, refused by
-    the NATS client) over all workers; ``cluster_balance`` shows both sides."""
+    the NATS client) over all workers; ``cluster_balance`` shows both sides.
+
+    A worker that died (``"died": True``: it printed no summary) is counted from outside,
+    with what every other worker reported of it when it saw it lost (``lost_peers``):
+    the tells that came out of it count as sent (they started there, as far as the others
+    know), and the tells handed to it ended in it (``handed_to_dead_workers``: handled
+    there, or lost with it; nobody can tell which). These exact counts replace the
+    others' estimate of what was lost with it (``lost_with_nodes``, from its last
+    heartbeat: an upper bound) in the cluster's books, which then read: sent = handled +
+    replies + dead letters + lost (counted) + handed to dead workers. If a worker that
+    outlived it did not see it lost, its books are unknown and ``conserved`` is false."""
+    summaries = [_counted_from_outside(s, summaries) if s.get("died") else s for s in summaries]
+    died = [s for s in summaries if s.get("died")]
+    alive = [s for s in summaries if not s.get("died") and s.get("conserved") is not None]
     total: dict[str, Any] = {"workers": len(summaries)}
     for key in _SUMMED:
         total[key] = sum(s.get(key) or 0 for s in summaries)
@@ -162,19 +179,62 @@ def aggregate_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     errors = [s["error"] for s in summaries if s.get("error")]
     total["error"] = "; ".join(errors) if errors else None
     ended = total["handled"] + total["replies_delivered"] + total["dead_letters"]
+    total["workers_died"] = [str(s.get("node")) for s in died]
+    if died:
+        # replaced by the exact counts of the dead workers' entries
+        estimated = sum(
+            int((s.get("lost_counted_by_kind") or {}).get("lost_with_nodes", 0)) for s in alive
+        )
+        total["lost_counted"] -= estimated
     total["cluster_balance"] = {
         "sent": total["sent"],
         "handled_replied_or_dead": ended,
         "lost_counted": total["lost_counted"],
         "forwarded_out_minus_in": total["forwarded_out"] - total["forwarded_in"],
     }
+    into_dead = sum(s.get("handed_to_it") or 0 for s in died)
+    total["handed_to_dead_workers"] = into_dead
+    if died:
+        total["cluster_balance"].update(
+            {
+                "handed_to_dead_workers": into_dead,
+                "came_from_dead_workers": sum(s.get("sent") or 0 for s in died),
+                "lost_with_nodes_estimate_replaced": estimated,
+            }
+        )
     total["conserved"] = (
-        bool(summaries)
-        and all(s.get("conserved") for s in summaries)
-        and total["sent"] == ended + total["lost_counted"]
+        bool(alive)
+        and len(alive) + len(died) == len(summaries)
+        and all(s.get("conserved") for s in alive)
+        and all(s.get("books") == _SEEN_FROM_OUTSIDE for s in died)
+        and total["sent"] == ended + total["lost_counted"] + into_dead
     )
     total["per_worker"] = list(summaries)
     return total
+
+
+#: ``books`` of a dead worker's entry counted from what the others saw of it
+_SEEN_FROM_OUTSIDE: Final = "counted by the other workers"
+
+
+def _counted_from_outside(
+    dead: dict[str, Any], summaries: Sequence[dict[str, Any]]
+) -> dict[str, Any]:
+    """A dead worker's entry with what the workers that outlived it saw of it (see
+    :func:`aggregate_summaries`): ``sent`` what came out of it, ``handed_to_it`` what
+    they handed to it; ``books`` says whether every one of them saw it lost."""
+    node = dead.get("node")
+    others = [s for s in summaries if not s.get("died") and s.get("conserved") is not None]
+    seen = [(s.get("lost_peers") or {}).get(node) for s in others]
+    entry = dict(dead)
+    if others and all(seen):
+        entry["sent"] = sum(int(p["taken_from"]) for p in seen if p)
+        entry["handed_to_it"] = sum(int(p["handed_to"]) for p in seen if p)
+        entry["books"] = _SEEN_FROM_OUTSIDE
+    else:
+        missing = [str(s.get("node")) for s, p in zip(others, seen, strict=True) if not p]
+        entry["books"] = f"unknown: not seen lost by {', '.join(missing)}" if missing else "unknown"
+    return entry
 
 
 def _merged_latency(histograms: Sequence[dict[str, float]]) -> dict[str, float]:
@@ -220,15 +280,22 @@ def run_workers(
         nats_url = _move_credentials_to_env(nats_url, env)
     procs: list[subprocess.Popen[bytes]] = []
     outputs: list[bytes] = [b""] * workers
+    # per worker started: its exit status, how it ended, its summary (None: it printed none)
+    statuses = [0] * workers
+    ends = ["not started"] * workers
+    summaries: list[dict[str, Any] | None] = [None] * workers
     signals_seen = 0
-    #: per worker pid, how many of the signals seen it was passed
+    #: the worker whose death stopped the others (as a first signal would), if one did
+    stopped_for_death = ""
+    #: per worker pid, how far it was asked to stop (1: SIGTERM, 2 and more: SIGKILL)
     passed: dict[int, int] = {}
 
     def pass_on() -> None:
+        level = max(signals_seen, 1 if stopped_for_death else 0)
         for proc in procs:
-            if passed.get(proc.pid, 0) < signals_seen and proc.poll() is None:
-                passed[proc.pid] = signals_seen
-                proc.send_signal(signal.SIGTERM if signals_seen == 1 else signal.SIGKILL)
+            if passed.get(proc.pid, 0) < level and proc.poll() is None:
+                passed[proc.pid] = level
+                proc.send_signal(signal.SIGTERM if level == 1 else signal.SIGKILL)
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         nonlocal signals_seen
@@ -257,16 +324,42 @@ def run_workers(
                 pass_on()
                 break
 
+        #: (worker index, exit code) as each one ends, in the order they end
+        ended: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
+
         def collect(i: int, proc: subprocess.Popen[bytes]) -> None:
             assert proc.stdout is not None
             outputs[i] = proc.stdout.read()
+            ended.put((i, proc.wait()))
 
         readers = [
             threading.Thread(target=collect, args=(i, p), daemon=True) for i, p in enumerate(procs)
         ]
         for reader in readers:
             reader.start()
-        statuses = [_status(proc.wait()) for proc in procs]
+        for _ in procs:
+            i, code = ended.get()  # a signal's handler still runs while this waits
+            proc = procs[i]
+            statuses[i] = _status(code)
+            ends[i] = _how_it_ended(code)
+            summaries[i] = _summary_of(outputs[i])
+            if summaries[i] is not None:
+                continue
+            # It ended without its summary: it died (a crash, a signal from outside), or
+            # was killed after a second signal here. Never silently; and the others stop
+            # (their share of the workload is not re-placed: see docs/cli.md).
+            running = [p for p in procs if p.poll() is None]
+            stopping = not signals_seen and not stopped_for_death and bool(running)
+            log.error(
+                "%s (pid %d) died: %s%s",
+                f"worker-{i}",
+                proc.pid,
+                ends[i],
+                "; stopping the other workers" if stopping else "",
+            )
+            if stopping:
+                stopped_for_death = f"worker-{i}"
+                pass_on()
         for reader in readers:
             reader.join()
     finally:
@@ -276,17 +369,50 @@ def run_workers(
             signal.signal(sig, handler)
         if server is not None:
             server.stop()
-    summaries = []
-    for i, out in enumerate(outputs):
-        try:
-            summaries.append(json.loads(out))
-        except ValueError:
-            summaries.append({"error": f"worker-{i} printed no summary", "conserved": False})
-    summary = aggregate_summaries(summaries)
+    entries: list[dict[str, Any]] = []
+    for i in range(workers):
+        if i >= len(procs):  # a signal came while the workers started
+            entries.append({"node": f"worker-{i}", "error": "not started", "conserved": None})
+            continue
+        proc = procs[i]
+        entry = summaries[i]
+        if entry is None:  # counted from what the others saw (aggregate_summaries)
+            entry = {
+                "node": f"worker-{i}",
+                "died": True,
+                "error": f"worker-{i} (pid {proc.pid}) died: {ends[i]}",
+                "conserved": None,
+            }
+        else:
+            entry["died"] = False
+        entry.update(pid=proc.pid, exit_status=statuses[i], exit=ends[i])
+        entries.append(entry)
+    summary = aggregate_summaries(entries)
+    if stopped_for_death:
+        summary["stopped_by"] = f"{stopped_for_death} died (the others were stopped)"
     status = max(statuses, default=0)
     if status == 0 and not summary["conserved"]:
         status = 1
     return summary, status
+
+
+def _summary_of(output: bytes) -> dict[str, Any] | None:
+    """A worker's JSON summary, or None if it printed none (or only part of one)."""
+    try:
+        summary = json.loads(output)
+    except ValueError:
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def _how_it_ended(code: int) -> str:
+    """``exit code 3``, ``killed by SIGKILL`` (``Popen.returncode`` of a worker)."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"killed by signal {-code}"
 
 
 def _die_with_parent() -> Callable[[], None] | None:

@@ -551,7 +551,9 @@ async def _run_async(
                         log.info("joined the cluster at %s as %s", redact(nats_url), node)
                         layout = layout_from_env(node) if _is_worker(node) else None
                         if layout is not None and opts.demo and opts.workload != "pool":
-                            state.swarm = Swarm(cluster, layout)
+                            state.swarm = Swarm(
+                                cluster, layout, should_stop=state.stop_event.is_set
+                            )
                     await _body(state, kernel)
                     if state.swarm is not None:
                         state.phase = "settling"
@@ -709,6 +711,7 @@ def build_summary(
         summary["lost_counted"] = remote.get("lost_counted", 0)
         summary["lost_counted_by_kind"] = remote.get("lost_counted_by_kind", {})
         summary["membership"] = remote.get("membership", {})
+        summary["lost_peers"] = remote.get("lost_peers", {})
         summary["swarm"] = state.swarm is not None
     return summary
 

@@ -14,13 +14,21 @@ message handed to NATS was taken in by a kernel, or counted as dropped or lost â
 rounds in a row. A worker that left the cluster meanwhile counts with its last record.
 Only then do the kernels drain and leave: a message still crossing when a worker left
 would otherwise be lost without anybody counting it.
+
+A worker that died (lost: it missed its heartbeats) never stops nor balances: the
+others settle without it, once they have seen it lost, when they have stopped, hold
+nothing, and their counters were the same two rounds in a row (what went to the dead
+worker cannot be told apart in the records from what went to the others, so the books
+are not compared here). Each one then reports, per lost worker, the tells it handed to
+it and took from it (:func:`cluster_counts`): the parent's books count the dead worker
+from outside with them (see ``_cluster_cmd.aggregate_summaries``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
@@ -85,9 +93,17 @@ def layout_from_env(
 class Swarm:
     """This worker's part in the swarm (see the module doc)."""
 
-    def __init__(self, cluster: Cluster, layout: SwarmLayout) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        layout: SwarmLayout,
+        *,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.cluster = cluster
         self.layout = layout
+        #: the run was asked to stop (a worker died, Ctrl-C): the waits for the others give up
+        self.should_stop = should_stop
         #: each worker's counters as last published (kept after it left the cluster)
         self.last_records: dict[str, dict[str, Any]] = {}
 
@@ -95,12 +111,14 @@ class Swarm:
         """Until every worker of the swarm is a live member (bounded)."""
         wanted = set(self.layout.workers)
         with trio.move_on_after(timeout):
-            while True:  # membership arrives with other processes' heartbeats: polled
+            while not self.should_stop():  # membership comes with heartbeats: polled
                 if wanted <= set(self.cluster.live_nodes()):
                     return
                 await trio.sleep(0.02)
-        missing = sorted(wanted - set(self.cluster.live_nodes()))
-        raise RuntimeError(f"workers {', '.join(missing)} did not join within {timeout:g}s")
+        missing = ", ".join(sorted(wanted - set(self.cluster.live_nodes())))
+        if self.should_stop():
+            raise RuntimeError(f"stopped while waiting for workers {missing} to join")
+        raise RuntimeError(f"workers {missing} did not join within {timeout:g}s")
 
     async def resolve(self, names: Sequence[str], timeout: float = START_TIMEOUT) -> list[AgentRef]:
         """The address of every name (the other workers' agents included), once known.
@@ -113,7 +131,7 @@ class Swarm:
         refs: list[AgentRef | None] = [None] * len(names)
         pending = list(range(len(names)))
         with trio.move_on_after(timeout):
-            while pending:
+            while pending and not self.should_stop():
                 waiting = []
                 for i in pending:
                     holder = cluster.name_holder(names[i])
@@ -125,9 +143,10 @@ class Swarm:
                 if pending:
                     await trio.sleep(0.02)  # names arrive through the KV watch
         if pending:
+            within = "before the run was stopped" if self.should_stop() else f"within {timeout:g}s"
             raise RuntimeError(
                 f"{len(pending)} agents of the swarm (e.g. {names[pending[0]]!r}) were not"
-                f" published within {timeout:g}s"
+                f" published {within}"
             )
         return [ref for ref in refs if ref is not None]
 
@@ -151,22 +170,27 @@ class Swarm:
     def _snapshot(self) -> tuple[Any, ...] | None:
         """The swarm's counters if it is quiet now, else None."""
         members = {info.node: info for info in self.cluster.member_list()}
+        lost = set()
         for node in self.layout.workers:
             info = members.get(node)
             if info is not None and info.reachable:
                 self.last_records[node] = dict(info.stats)
-        if set(self.last_records) != set(self.layout.workers):
+            elif info is not None:
+                lost.add(node)  # died: its last record stays as it was
+        if set(self.last_records) | lost != set(self.layout.workers):
             return None
-        records = [self.last_records[node] for node in self.layout.workers]
+        records = [self.last_records[node] for node in self.layout.workers if node not in lost]
         if not all(r.get("swarm_stopped") for r in records):
             return None
         if any(r.get("in_flight", 0) or r.get("held", 0) or r.get("parked", 0) for r in records):
             return None
-        out = sum(int(r.get("published", 0)) for r in records)
-        taken = sum(int(r.get("forwarded_in", 0)) + _dropped(r) for r in records)
-        if out != taken:
-            return None
-        return tuple((r.get("published"), r.get("forwarded_in"), _dropped(r)) for r in records)
+        if not lost:
+            out = sum(int(r.get("published", 0)) for r in records)
+            taken = sum(int(r.get("forwarded_in", 0)) + _dropped(r) for r in records)
+            if out != taken:
+                return None
+        snapshot = tuple((r.get("published"), r.get("forwarded_in"), _dropped(r)) for r in records)
+        return (*snapshot, tuple(sorted(lost)))
 
 
 def _dropped(record: Mapping[str, Any]) -> int:
@@ -200,6 +224,16 @@ def cluster_counts(cluster: Cluster) -> dict[str, Any]:
             "lost_in_transit": s.lost_in_transit,
             "publish_failures": s.publish_failures,
             "lost_with_nodes": s.lost_with_nodes,
+        },
+        # per worker lost (died): the tells this worker handed to it and took from it
+        "lost_peers": {
+            info.node: {
+                "pid": info.pid,
+                "handed_to": cluster.tells_sent_to(info.node, info.id_prefix),
+                "taken_from": cluster.tells_taken_from(info.node, info.id_prefix),
+            }
+            for info in cluster.member_list()
+            if not info.reachable
         },
         # what this worker keeps of its peers (bounded: see docs/distributed.md)
         "membership": {

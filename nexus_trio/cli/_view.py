@@ -240,6 +240,11 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
             f" · in {fmt_count(summary.get('forwarded_in', 0))}",
         )
         table.add_row("lost (counted)", fmt_count(summary.get("lost_counted", 0)))
+        if summary.get("workers_died"):
+            table.add_row(
+                "handed to dead workers",
+                Text(fmt_count(summary.get("handed_to_dead_workers", 0)), style="bold red"),
+            )
     elif summary["forwarded"]:
         table.add_row("forwarded", fmt_count(summary["forwarded"]))
     table.add_row("dead letters", fmt_count(summary["dead_letters"]))
@@ -277,6 +282,7 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
     law = (
         "every worker: accepted = handled + replies + forwarded out + dead letters;"
         " cluster: sent = handled + replies + dead letters + lost (counted) "
+        + ("+ handed to dead workers " if summary.get("workers_died") else "")
         if summary.get("workers")
         else "sent = handled + replies + forwarded + dead letters + in flight "
     )
@@ -289,6 +295,17 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
 
 def _worker_text(worker: Mapping[str, Any]) -> Text:
     """One worker's line in a ``--workers`` summary."""
+    if worker.get("died"):
+        text = f"died: {worker.get('exit', 'no summary')} (pid {worker.get('pid', '?')})"
+        if worker.get("books") == "counted by the other workers":
+            text += (
+                f" · sent {fmt_count(worker.get('sent', 0))} (came out of it)"
+                f" · handed to it {fmt_count(worker.get('handed_to_it', 0))} (handled"
+                " there or lost with it: nobody can tell)"
+            )
+        else:
+            text += f" · books {worker.get('books', 'unknown')}"
+        return Text(text, style="bold red")
     text = (
         f"sent {fmt_count(worker.get('sent', 0))} · handled {fmt_count(worker.get('handled', 0))}"
         f" · fwd in {fmt_count(worker.get('forwarded_in', 0))}"
