@@ -16,6 +16,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -504,3 +505,84 @@ def test_the_summary_table_says_which_worker_died_and_how() -> None:
     assert "handed to it 1,200 (handled there or lost with it: nobody can tell)" in text
     assert "handed to dead workers 1,200" in text
     assert "+ handed to dead workers ✓" in text
+
+
+# --- the private nats-server's directory ---------------------------------------------------------
+
+
+@pytestmark_linux
+def test_the_next_run_removes_the_directory_a_killed_run_left_but_never_a_live_one(
+    tag: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a SIGKILLed parent left its private nats-server's directory (log,
+    config with the token, JetStream store) under the temporary directory for good:
+    nothing can clean up at that moment, and nothing did later."""
+    from nexus_trio._nats import NatsServer
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))  # the runs' temporary directory
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # and this process's
+    proc = start_nexus(["run", "-W", "2", "-n", "20", "-d", "60", "--json"], tag, tmp_path)
+    try:
+        wait_for_two_workers(proc, tag)
+        # a live run's server directory, there before the killed run's was stale
+        live = NatsServer().start()
+    finally:
+        proc.kill()  # no chance to clean up
+        proc.communicate(timeout=30)
+    try:
+        deadline = time.monotonic() + 30
+        while tagged_processes(tag) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the workers and the server die with the parent
+        assert tagged_processes(tag) == {}
+        live_dir = live.log_path.parent
+        (stale,) = set(tmp.glob("nexus-nats-*")) - {live_dir}
+        assert (stale / "server.log").exists()  # left behind
+
+        run = start_nexus(["run", "-W", "1", "-n", "10", "-d", "0.5", "--json"], tag, tmp_path)
+        _out, err = run.communicate(timeout=120)
+        assert run.returncode == 0, err
+        assert not stale.exists()
+        assert live.running()
+        assert sorted(tmp.glob("nexus-nats-*")) == [live_dir]  # the live one kept, its own gone
+    finally:
+        live.stop()
+    assert list(tmp.iterdir()) == []
+
+
+def test_only_directories_whose_owner_lock_is_free_are_removed(tmp_path: Path) -> None:
+    from nexus_trio._nats._server import remove_stale_directories
+
+    def server_dir(name: str, *, locked_by: str | None) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        if locked_by is not None:
+            (path / "owner.lock").write_text(locked_by)
+        return path
+
+    stale = server_dir("nexus-nats-1-stale", locked_by="")
+    held = server_dir("nexus-nats-2-held", locked_by="")
+    unlocked = server_dir("nexus-nats-3-nolock", locked_by=None)  # not ours, or being made
+    other = server_dir("other-dir", locked_by="")  # another prefix
+    holder = subprocess.Popen(  # another process holds the lock of `held`
+        [
+            sys.executable,
+            "-c",
+            "import fcntl,os,sys; fd=os.open(sys.argv[1], os.O_RDONLY);"
+            " fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()",
+            str(held / "owner.lock"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        assert remove_stale_directories(str(tmp_path)) == [str(stale)]
+        assert not stale.exists() and held.exists() and unlocked.exists() and other.exists()
+    finally:
+        holder.kill()  # its lock goes with it, however it ends
+        holder.communicate()
+    assert remove_stale_directories(str(tmp_path)) == [str(held)]
+    assert sorted(tmp_path.iterdir()) == [unlocked, other]

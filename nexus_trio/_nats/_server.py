@@ -6,11 +6,25 @@ The server writes its log to a file rather than a pipe, so nobody has to keep dr
 it; readiness is read from that log ("Listening for client connections on ...", then
 "Server is ready") with a bounded wait, which also yields the port when the server was
 asked to pick a free one (``-p -1``).
+
+Each server has a private directory under the temporary directory (its log, its config
+with the token, its JetStream store), ``nexus-nats-<pid>-<random>``, removed by
+:meth:`NatsServer.stop`. A process that is SIGKILLed cannot remove it, so every start
+first removes the directories that no live process owns: the owner holds an exclusive
+``flock`` on the directory's ``owner.lock`` for as long as it or its server runs (the
+server inherits the descriptor, so a server that outlives its owner keeps it too); the
+kernel releases the lock when the last of them exits, however it exits. A directory whose
+lock can be taken is stale; one without a lock file (another program's, or one a moment
+old) is left alone. The pid in the name is for people; the lock decides, so a pid
+reused by another process, or a run in another pid namespace sharing the directory,
+never makes a live run's directory look stale.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import re
 import shutil
@@ -27,6 +41,12 @@ from typing import Final, final
 _CLIENT_LISTEN: Final = re.compile(r"Listening for client connections on [^\s:]+:(\d+)")
 _ROUTE_LISTEN: Final = re.compile(r"Listening for route connections on [^\s:]+:(\d+)")
 _READY: Final = "Server is ready"
+#: every server directory's name starts so (then the owner's pid and a random part)
+_DIR_PREFIX: Final = "nexus-nats-"
+#: the file whose lock says the directory's owner (or its server) is alive
+_LOCK_NAME: Final = "owner.lock"
+
+log = logging.getLogger("nexus_trio.nats")
 
 
 class NatsServerError(RuntimeError):
@@ -116,6 +136,8 @@ class NatsServer:
         self.route_port: int | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._workdir: str | None = None
+        #: the descriptor whose lock marks the directory as in use (see the module doc)
+        self._lock_fd: int | None = None
 
     @property
     def pid(self) -> int:
@@ -155,7 +177,8 @@ class NatsServer:
         if self._process is not None:
             raise NatsServerError("this nats-server was already started")
         binary = self.binary or find_nats_server()
-        self._workdir = tempfile.mkdtemp(prefix="nexus-nats-")
+        remove_stale_directories()
+        self._workdir, self._lock_fd = _make_owned_directory()
         argv = [binary, "-a", "127.0.0.1", "-p", str(self._requested_port or -1)]
         argv += ["-l", str(self.log_path)]
         if self.server_name:
@@ -183,6 +206,7 @@ class NatsServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             preexec_fn=self.preexec_fn,
+            pass_fds=(self._lock_fd,),  # the server keeps the directory owned while it runs
         )
         try:
             self._wait_ready(timeout)
@@ -263,9 +287,72 @@ class NatsServer:
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
+        if self._lock_fd is not None:  # released after the removal: never seen stale
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def __enter__(self) -> NatsServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _make_owned_directory() -> tuple[str, int]:
+    """A new server directory and the descriptor of its lock, held (see the module doc).
+
+    The lock file is created and locked under another name and then renamed into place,
+    so a sweep never finds ``owner.lock`` unlocked in a directory being made.
+    """
+    workdir = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")
+    staging = os.path.join(workdir, f".{_LOCK_NAME}")
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.rename(staging, os.path.join(workdir, _LOCK_NAME))
+    except BaseException:
+        os.close(fd)
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    return workdir, fd
+
+
+def remove_stale_directories(parent: str | None = None) -> list[str]:
+    """Remove the server directories under ``parent`` (the temporary directory) that no
+    live process owns: their owner and its server are gone (killed, crashed) without
+    :meth:`NatsServer.stop`. Returns the paths removed. See the module doc."""
+    parent = parent or tempfile.gettempdir()
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    uid = os.getuid()
+    for entry in entries:
+        if not entry.name.startswith(_DIR_PREFIX):
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False) or entry.stat().st_uid != uid:
+                continue
+            fd = os.open(os.path.join(entry.path, _LOCK_NAME), os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:  # no lock file (not one of ours, or being made), or gone already
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # held: its owner or its server is alive
+                continue
+            if not os.path.lexists(entry.path):
+                continue  # another start removed it meanwhile
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+        finally:
+            os.close(fd)
+    if removed:
+        log.info(
+            "removed %d nats-server directories left by runs that were killed: %s",
+            len(removed),
+            ", ".join(removed),
+        )
+    return removed
