@@ -328,15 +328,18 @@ class Kernel:
 
     # --- stopping one agent ---------------------------------------------------------------------
 
-    async def stop(self, target: AgentRef | Address, *, drain: bool = False) -> None:
+    async def stop(
+        self, target: AgentRef | Address, *, drain: bool = False, reason: str = "stopped"
+    ) -> None:
         """Stop an agent (or supervisor) for good, whatever its restart type.
 
         New sends to it fail with :class:`AgentNotFound` at once. The message being
         handled is finished (within the agent's ``shutdown_timeout``, then cancelled);
         with ``drain=True`` the messages already queued are handled first, otherwise
-        they are dead-lettered (``agent_stopped``). ``on_stop`` runs. Agents it spawned
-        stop before it. Returns when it has stopped for good — also when something else
-        (a stop of its supervisor, the kernel's shutdown) stopped it meanwhile.
+        they are dead-lettered (``agent_stopped``, their detail naming ``reason``).
+        ``on_stop`` runs. Agents it spawned stop before it. ``reason`` is also the
+        ``stopped`` event's. Returns when it has stopped for good — also when something
+        else (a stop of its supervisor, the kernel's shutdown) stopped it meanwhile.
         """
         address = address_of(target)
         node = self._router.find(address)
@@ -349,7 +352,7 @@ class Kernel:
         self._router.unroute(node)
         owner = node.supervisor
         assert owner is not None
-        await owner.terminate(node, "stopped")
+        await owner.terminate(node, reason)
 
     # --- sending ------------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -423,6 +424,15 @@ async def _placed_record(cluster: Cluster, name: str) -> int | None:
     return await call_aio(get)
 
 
+async def _name_entry(cluster: Cluster, name: str) -> tuple[str, bytes | None, str | None, int]:
+    """``name``'s entry in the names bucket now: what its watch hands ``_apply_name_entry``."""
+    kv = cluster._names_kv
+    assert kv is not None
+    entry = await call_aio(kv.get, wire.name_key(name))
+    assert entry.revision is not None
+    return entry.key, entry.value, entry.operation, entry.revision
+
+
 async def _kv_member(cluster: Cluster, node: str) -> bytes:
     """``node``'s membership record as the nodes bucket has it now."""
 
@@ -663,3 +673,164 @@ async def test_an_agent_whose_designated_survivor_leaves_cleanly_is_replaced(
         assert kb.is_local(ON_C_THEN_A) and not kb.is_local("on-a")
         assert cb.stats().replaced == 1
         assert on_a.node == "a"
+
+
+# --- a partition heals: two incarnations of one name ------------------------------------------
+
+
+class _Blocking(Agent):
+    """A counter whose ``"block"`` message holds the handler until it is cancelled (so
+    what is sent after it stays queued)."""
+
+    def __init__(self) -> None:
+        self.handled = 0
+
+    async def handle(self, ctx: Context, msg: Message) -> Any:
+        if msg.payload == "block":
+            await trio.sleep_forever()
+        self.handled += 1
+        return {"name": ctx.name, "handled": self.handled}
+
+
+BLOCKING = agent(_Blocking, name="blocking", shutdown_timeout=0.05)
+DUPLICATE = "duplicate after partition"
+
+
+async def _stopped(events: Any, name: str) -> LifecycleEvent:
+    """The next ``stopped`` event of ``name`` on a kernel's event stream."""
+    async for event in events:
+        if event.kind is EventKind.STOPPED and event.name == name:
+            return event  # type: ignore[no-any-return]
+    raise AssertionError("event stream ended")
+
+
+async def test_a_partition_that_heals_leaves_one_incarnation_of_each_placed_name(
+    nats: NatsServer,
+) -> None:
+    """Regression: a and c stop hearing each other (a partition: each counts the other
+    lost) and each re-places the other's agents: ON_C (c's) now runs on a too, "on-a"
+    (a's, pinned there) on c too. When they hear each other again both copies ran on
+    for good. Now the incarnation whose entry is the later one in the names bucket wins
+    (the re-placed ones here), the other is stopped on its node with the reason
+    "duplicate after partition", what was queued for it is dead-lettered with that
+    reason, and names route to the winner from every node."""
+    async with (
+        _node(nats.url, "a", **QUIET) as (ka, ca),
+        _node(nats.url, "c", **QUIET) as (kc, cc),
+    ):
+        for cluster in (ca, cc):
+            cluster.register_type("blocking", BLOCKING)
+        _meet(ca, cc)
+        with trio.fail_after(30):  # a hang guard
+            on_c = await ca.spawn("blocking", name=ON_C)
+            on_a = await cc.spawn("blocking", name="on-a", node="a")
+            assert (on_c.node, on_a.node) == ("c", "a")
+            await cc.names_published()
+            await ca.names_published()
+            for cluster in (ca, cc):
+                await _learn(cluster, ON_C)
+                await _learn(cluster, "on-a")
+            first_on_a = await _name_entry(ca, "on-a")
+            # c's copy has one message in its handler and two queued when it is stopped
+            await kc.send(ON_C, "block")
+            await kc.send(ON_C, 1)
+            await kc.send(ON_C, 2)
+            async with ka.events() as events_a, kc.events() as events_c:
+                _lose(ca, "c")
+                _lose(cc, "a")
+                assert (await _replaced(events_a, ON_C)).reason == "re-placed from node c"
+                assert (await _replaced(events_c, "on-a")).reason == "re-placed from node a"
+                await ca.names_published()
+                await cc.names_published()
+                # the partition: each name runs on both sides
+                assert ka.is_local(ON_C) and kc.is_local(ON_C)
+                assert ka.is_local("on-a") and kc.is_local("on-a")
+                async with kc.dead_letters() as letters_c:
+                    _meet(ca, cc)  # heard again: the partition healed
+                    stopped: dict[str, LifecycleEvent] = {}
+                    with trio.move_on_after(10):
+                        stopped["c"] = await _stopped(events_c, ON_C)
+                        stopped["a"] = await _stopped(events_a, "on-a")
+                    # exactly one incarnation of each name: the later entry in the bucket
+                    assert [ka.is_local(ON_C), kc.is_local(ON_C)] == [True, False]
+                    assert [ka.is_local("on-a"), kc.is_local("on-a")] == [False, True]
+                    assert stopped["c"].agent_id == on_c.id
+                    assert stopped["a"].agent_id == on_a.id
+                    assert {e.reason for e in stopped.values()} == {DUPLICATE}
+                    letters = []
+                    with trio.move_on_after(5):
+                        async for letter in letters_c:
+                            letters.append(letter)
+                            if len(letters) == 3:
+                                break
+                assert [letter.recipient for letter in letters] == [on_c.id] * 3
+                assert {letter.reason.value for letter in letters} == {"agent_stopped"}
+                assert [letter.message.payload for letter in letters] == ["block", 1, 2]
+                assert all(DUPLICATE in letter.detail for letter in letters[1:])
+            # names route to the winner from every node (one incarnation counts on)
+            winner = {ON_C: ("a", ka.lookup(ON_C).id), "on-a": ("c", kc.lookup("on-a").id)}
+            for cluster in (ca, cc):
+                for name, entry in winner.items():
+                    assert cluster.name_holder(name) == entry
+            assert await ka.request(ON_C, "hi", timeout=5) == {"name": ON_C, "handled": 1}
+            assert await kc.request(ON_C, "hi", timeout=5) == {"name": ON_C, "handled": 2}
+            assert await ka.request("on-a", "hi", timeout=5) == {"name": "on-a", "handled": 1}
+            assert await kc.request("on-a", "hi", timeout=5) == {"name": "on-a", "handled": 2}
+            assert (ca.stats().duplicates_stopped, cc.stats().duplicates_stopped) == (1, 1)
+            # the first entry of "on-a" (a's stopped copy), heard late, changes nothing
+            ca._apply_name_entry(*first_on_a)
+            assert ca.name_holder("on-a") == winner["on-a"]
+            assert await ka.request("on-a", "hi", timeout=5) == {"name": "on-a", "handled": 3}
+            assert (ca.stats().duplicates_stopped, cc.stats().duplicates_stopped) == (1, 1)
+            # the placed records stay (the winners' agents are re-placed if lost later)
+            assert await _placed_record(ca, ON_C) is not None
+            assert await _placed_record(ca, "on-a") is not None
+
+
+async def test_a_later_incarnation_heard_while_this_node_s_own_put_was_on_its_way_wins(
+    nats: NatsServer,
+) -> None:
+    """Regression: c's put of a placed name landed, but before c took its answer a
+    registered a later incarnation (a counted c lost and re-placed it) and c's watch
+    brought that entry: c then pointed the name at its own copy again, over the later
+    entry, and kept its copy for good. Now c's copy loses, as after a partition."""
+    async with (
+        _node(nats.url, "a", **QUIET) as (ka, ca),
+        _node(nats.url, "c", **QUIET) as (kc, cc),
+    ):
+        _meet(ca, cc)
+        kv = cc._names_kv
+        assert kv is not None
+        original_put = kv.put
+        landed, release = trio.Event(), asyncio.Event()
+
+        async def put(key: str, value: bytes, **kwargs: Any) -> int:
+            revision = await original_put(key, value, **kwargs)
+            if key == wire.name_key(ON_C) and not landed.is_set():
+                landed.set()
+                await release.wait()  # c's answer, taken late
+            return revision
+
+        kv.put = put  # type: ignore[method-assign]
+        with trio.fail_after(30):  # a hang guard
+            placed = await ca.spawn("counter", name=ON_C)
+            assert placed.node == "c"
+            await landed.wait()
+            await _learn(ca, ON_C)
+            async with ka.events() as events_a, kc.events() as events_c:
+                _lose(ca, "c")  # only a counts c lost: c hears a all along
+                await _replaced(events_a, ON_C)
+                await ca.names_published()
+                later = await _name_entry(ca, ON_C)
+
+                async def heard() -> bool:  # c's watch brings a's entry
+                    return cc._name_revisions.get(ON_C) == later[3]
+
+                await _until(heard)
+                release.set()
+                with trio.move_on_after(10):
+                    await _stopped(events_c, ON_C)
+            assert not kc.is_local(ON_C) and ka.is_local(ON_C)
+            assert cc.name_holder(ON_C) == ("a", ka.lookup(ON_C).id)
+            assert await kc.request(ON_C, "hi", timeout=5) == {"name": ON_C, "handled": 1}
+            assert cc.stats().duplicates_stopped == 1

@@ -32,6 +32,7 @@ Guarantees (what the caller of ``kernel.send`` / ``kernel.request`` gets):
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -222,6 +223,9 @@ class ClusterStats:
     streams_evicted: int = 0
     #: lost members forgotten ``forget_lost_after`` seconds after their loss
     nodes_forgotten: int = 0
+    #: placed agents stopped here because the names bucket holds a later incarnation of
+    #: their name on another node (two copies after a partition healed)
+    duplicates_stopped: int = 0
     #: error frames for remote requesters not sent, by kind: made after this node's
     #: leave had closed its outbox (their requesters get ``RequestTimeout``)
     errors_unsent: dict[str, int] = attrs.field(factory=dict)
@@ -299,6 +303,9 @@ class Cluster:
         self._joined_at = time.time()
         # name -> (node, agent id) for every named agent in the cluster (KV watcher)
         self._names: dict[str, tuple[str, uuid.UUID]] = {}
+        # name -> the KV revision of its entry in ``_names``, where known (an older entry
+        # heard late, from a read that raced the watch, must not undo a newer one)
+        self._name_revisions: dict[str, int] = {}
         # local names this node published: name -> (agent id, KV revision)
         self._published_names: dict[str, tuple[uuid.UUID, int]] = {}
         # local names as they should be in KV (what was queued for publishing)
@@ -1623,31 +1630,77 @@ class Cluster:
 
     # --- names -------------------------------------------------------------------------------
 
-    def _apply_name_entry(self, key: str, value: bytes | None, op: str | None) -> None:
+    def _apply_name_entry(
+        self, key: str, value: bytes | None, op: str | None, revision: int | None = None
+    ) -> None:
         name = wire.name_from_key(key)
+        if revision is not None and revision < self._name_revisions.get(name, 0):
+            return  # older than the entry known here: heard late
         if op in _KV_OPS_DELETED or not value:
+            self._name_revisions.pop(name, None)
             self._set_name(name, None)
             return
         try:
             obj = json.loads(value)
-            self._set_name(name, (str(obj["node"]), uuid.UUID(obj["id"])))
+            entry = (str(obj["node"]), uuid.UUID(obj["id"]))
         except (ValueError, KeyError, TypeError):
             log.warning("node %s: ignoring malformed name record %r", self.node, key)
+            return
+        self._set_name(name, entry)
+        if revision is not None:
+            self._name_revisions[name] = revision
+            if entry[0] != self.node:
+                self._check_duplicate(name)
+
+    def _check_duplicate(self, name: str) -> None:
+        """Stop this node's placed agent ``name`` if the names bucket holds another
+        incarnation of it registered later, on a node this one hears.
+
+        Two incarnations of one placed name come from a partition: the survivors counted
+        this node lost and re-placed its agents while they ran on here (or this node
+        re-placed theirs). Whichever entry is the later one in the names bucket wins:
+        the bucket orders every write, so every node picks the same one, and it is where
+        names route already. Not decided while this node's own put of the name is on its
+        way (it may be the later one: checked when it lands), nor while the winner's
+        node is unreachable from here (then local senders keep the copy here; checked
+        when that node is heard again, see ``_apply_member_entry``).
+        """
+        local = self._local_names.get(name)
+        entry = self._names.get(name)
+        if local is None or entry is None or entry[0] == self.node:
+            return
+        published = self._published_names.get(name)
+        if published is None or published[0] != local:
+            return  # its put is on its way, or failed
+        revision = self._name_revisions.get(name, 0)
+        if revision <= published[1]:
+            return
+        info = self.members.members.get(entry[0])
+        if info is None or not info.reachable:
+            return
+        self.placement.superseded(name, local, entry[0])
+
+    def _check_duplicates_on(self, node: str) -> None:
+        """``node`` is heard again: the local names whose later incarnation runs there."""
+        for name in list(self._local_names):
+            entry = self._names.get(name)
+            if entry is not None and entry[0] == node:
+                self._check_duplicate(name)
 
     async def _refresh_name(self, name: str) -> None:
         kv = self._names_kv
         if kv is None:
             return
 
-        async def get() -> tuple[bytes | None, str | None]:
+        async def get() -> tuple[bytes | None, str | None, int | None]:
             try:
                 entry = await kv.get(wire.name_key(name))
             except nats.js.errors.KeyNotFoundError:
-                return None, "DEL"
-            return entry.value, entry.operation
+                return None, "DEL", None
+            return entry.value, entry.operation, entry.revision
 
-        value, op = await call_aio(get)
-        self._apply_name_entry(wire.name_key(name), value, op)
+        value, op, revision = await call_aio(get)
+        self._apply_name_entry(wire.name_key(name), value, op, revision)
 
     async def wait_for_name(self, name: str, timeout: float = 5.0) -> tuple[str, uuid.UUID]:
         """Wait (bounded) until ``name`` is known in the cluster; return ``(node, agent id)``.
@@ -1697,7 +1750,12 @@ class Cluster:
                     value = json.dumps({"node": self.node, "id": str(agent_id)}).encode()
                     revision = await call_aio(kv.put, wire.name_key(name), value)
                     self._published_names[name] = (agent_id, revision)
-                    self._set_name(name, (self.node, agent_id))
+                    if revision < self._name_revisions.get(name, 0):
+                        # another incarnation was registered after this one (heard already)
+                        self._check_duplicate(name)
+                    else:
+                        self._name_revisions[name] = revision
+                        self._set_name(name, (self.node, agent_id))
                 else:
                     published = self._published_names.pop(name, None)
                     if published is not None:
@@ -1936,6 +1994,7 @@ class Cluster:
                 self._restart_streams(info.node)
         if self.members.heard(info):
             log.warning("node %s: node %r is reachable again", self.node, info.node)
+            self._check_duplicates_on(info.node)
 
     async def _check_members(self) -> None:
         while True:
@@ -2067,9 +2126,21 @@ class Cluster:
     # --- watchers (asyncio side) -------------------------------------------------------------
 
     async def _start_watch(
-        self, kv: KeyValue, apply: Any, task_status: trio.TaskStatus[None]
+        self,
+        kv: KeyValue,
+        apply: Any,
+        task_status: trio.TaskStatus[None],
+        *,
+        revisions: bool = False,
     ) -> None:
-        """Apply every KV update to local state; started once the initial values are in."""
+        """Apply every KV update to local state; started once the initial values are in.
+        ``apply(key, value, operation)``, and the entry's revision with ``revisions``."""
+
+        def apply_entry(entry: Any) -> None:
+            if revisions:
+                apply(entry.key, entry.value, entry.operation, entry.revision)
+            else:
+                apply(entry.key, entry.value, entry.operation)
 
         async def open_watch() -> Any:
             watcher = await kv.watchall()
@@ -2077,7 +2148,7 @@ class Cluster:
                 entry = await watcher.updates(timeout=30)  # type: ignore[no-untyped-call]
                 if entry is None:
                     return watcher
-                apply(entry.key, entry.value, entry.operation)
+                apply_entry(entry)
 
         watcher = await call_aio(open_watch)
         task_status.started()
@@ -2085,7 +2156,7 @@ class Cluster:
         async def follow() -> None:
             async for entry in watcher:
                 if entry is not None:
-                    apply(entry.key, entry.value, entry.operation)
+                    apply_entry(entry)
 
         try:
             await call_aio(follow)
@@ -2155,7 +2226,11 @@ class Cluster:
         await call_aio(subscribe_heartbeats)
         await self._heartbeat_once()
         await nursery.start(self._start_watch, self._nodes_kv, self._apply_member_entry)
-        await nursery.start(self._start_watch, self._names_kv, self._apply_name_entry)
+        await nursery.start(
+            functools.partial(self._start_watch, revisions=True),
+            self._names_kv,
+            self._apply_name_entry,
+        )
         await self.placement.start(nursery, await self._kv(f"{self.prefix}-placed", ttl=None))
         nursery.start_soon(self._flush_batches)
         nursery.start_soon(self._heartbeats)
@@ -2275,6 +2350,7 @@ class Cluster:
             inbound_streams_retired=self._inbound.retired,
             streams_evicted=self._inbound.evicted,
             nodes_forgotten=self._nodes_forgotten,
+            duplicates_stopped=self.placement.duplicates_stopped,
             errors_unsent=dict(self._errors_unsent),
         )
 

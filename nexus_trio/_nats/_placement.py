@@ -20,7 +20,10 @@ members; exactly that one re-spawns it from its registry (restart semantics: fre
 state; a ``restarted`` lifecycle event and a log line say "re-placed from node X").
 What the lost node held is counted, never silently dropped (see :meth:`Placement.node_lost`).
 A node that leaves *cleanly* stopped its agents on purpose (its kernel shut down, or it
-left the cluster): it deletes its records, and its agents are not re-placed. Members
+left the cluster): it deletes its records, and its agents are not re-placed. A member
+counted lost that was only partitioned away keeps its copies; once the nodes hear each
+other again, the copy whose names-bucket entry is the older one is stopped on its node
+(:meth:`Placement.superseded`, reason :data:`DUPLICATE_REASON`). Members
 joining do not move agents that are already running (moving one costs its state):
 :meth:`Placement.rebalance` moves a node's agents that a member which joined since now
 wins, when the operator asks.
@@ -59,6 +62,9 @@ log = logging.getLogger("nexus_trio.nats")
 
 #: how long :meth:`Placement.spawn` waits for a remote owner's answer by default
 DEFAULT_PLACE_TIMEOUT: Final = 5.0
+#: the reason (``stopped`` event, dead letters' detail) of a placed agent stopped because
+#: another incarnation of its name won (see :meth:`Placement.superseded`)
+DUPLICATE_REASON: Final = "duplicate after partition"
 
 
 def placement_weight(node: str, name: str) -> int:
@@ -159,6 +165,8 @@ class Placement:
         self._counted: set[tuple[str, int]] = set()
         #: names this node is re-placing now (their task started, not done)
         self._replacing: set[str] = set()
+        #: placed agents stopped here as duplicates (see :meth:`superseded`)
+        self.duplicates_stopped = 0
 
     # --- registry ---------------------------------------------------------------------------
 
@@ -548,6 +556,39 @@ class Placement:
         except Exception as exc:  # the KV unavailable: the put decides
             log.debug("node %s: could not read record %r: %r", self._cluster.node, name, exc)
         return True
+
+    # --- two incarnations of a name ------------------------------------------------------------
+
+    def superseded(self, name: str, agent_id: uuid.UUID, winner: str) -> None:
+        """The names bucket holds a later incarnation of ``name``, on node ``winner``,
+        than ``agent_id``, this node's copy (two copies after a partition healed: see
+        ``Cluster._check_duplicate``): stop this one, with the reason
+        :data:`DUPLICATE_REASON` (its ``stopped`` event; what was queued for it is
+        dead-lettered ``agent_stopped`` with that reason in the detail). Only a placed
+        agent of this node (one with its record held here); its record is not dropped:
+        the winner's agent has the same record, re-placed if its node is lost later."""
+        cluster = self._cluster
+        held = self._held.get(name)
+        if held is None or held[0] != agent_id or self._nursery is None:
+            return
+        if cluster.closing or cluster.kernel.shutting_down:
+            return  # its leave drops the record and the name
+        del self._held[name]
+        self.duplicates_stopped += 1
+        log.warning(
+            "node %s: agent %r (%s) stopped: %s (the names bucket holds a later"
+            " incarnation of it, on node %s)",
+            cluster.node,
+            name,
+            agent_id,
+            DUPLICATE_REASON,
+            winner,
+        )
+        self._nursery.start_soon(self._stop_duplicate, agent_id)
+
+    async def _stop_duplicate(self, agent_id: uuid.UUID) -> None:
+        with contextlib.suppress(AgentNotFound, KernelShuttingDown):
+            await self._cluster.kernel.stop(agent_id, reason=DUPLICATE_REASON)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
