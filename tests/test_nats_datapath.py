@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,6 +24,7 @@ import trio.testing
 
 from nexus_trio import (
     SYSTEM_ID,
+    AgentNotFound,
     Config,
     Context,
     Kernel,
@@ -1230,6 +1232,200 @@ async def test_a_tell_that_waited_while_its_node_joined_again_goes_on_the_new_st
     assert numbered == 1
     assert cb2.stats().lost_in_transit == 0
     assert ca.stats().publish_failures == 0
+
+
+async def _a_tell_waiting_for_credit(
+    nursery: trio.Nursery, ka: Kernel, ca: Cluster, cb: Cluster
+) -> tuple[list[NexusError | None], trio.Event]:
+    """With ``stalled`` (``_gated``) and ``ping`` published by b: tell ``stalled`` 0..3
+    from a, whose node window is 2 (0 in the handler, 1 in the mailbox, both credited; 2
+    and 3 parked on b: the window is spent), then tell it 4 in a task of ``nursery``,
+    which waits for credit. Its outcome (None: taken) and an event set once it has one."""
+    assert ca.options.node_window == 2
+    await ca.wait_for_name("stalled")
+    await ca.wait_for_name("ping")
+    for i in range(4):
+        await ka.send("stalled", i)
+    assert await ka.request("ping", None) == "pong"  # b took 0..3 and credited 0 and 1
+    assert cb.stats().parked == 2
+    outcome: list[NexusError | None] = []
+    settled = trio.Event()
+
+    async def tell() -> None:
+        try:
+            await ka.send("stalled", 4)
+            outcome.append(None)
+        except NexusError as exc:
+            outcome.append(exc)
+        finally:
+            settled.set()
+
+    nursery.start_soon(tell)
+    await trio.testing.wait_all_tasks_blocked()
+    assert not settled.is_set()  # it waits for credit
+    return outcome, settled
+
+
+async def test_a_tell_waiting_for_credit_when_its_node_joins_again_goes_on_the_new_stream(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a tell waiting for credit on a link that its node's new join dropped
+    (see _restart_streams) was never woken: credit finds its link in _links, where the
+    old one no longer is. It waited out its send deadline and got MailboxFull, though
+    the new join had its whole window free. The drop wakes it now and it is routed again:
+    numbered 1 on the new stream, and handled. Here a hears neither b's leave nor the
+    credit b returns then for what it refuses (core NATS may lose both, e.g. in a
+    failover), only b's new join (a newer ``joined``), once it knows b's names again."""
+    gate, three = trio.Event(), trio.Event()
+    handled: list[Any] = []
+    slow = attrs.evolve(FAST, heartbeat_interval=30.0)  # no heartbeat tick in the test
+    deaf: list[Cluster] = []
+    held: list[bytes] = []
+    original_frame = Cluster._control_frame
+    original_apply = Cluster._apply_member_entry
+
+    def frame(self: Cluster, head: batch.BatchHead, kind: int, body: bytes) -> None:
+        if not (deaf and self is deaf[0] and head.node == "b"):
+            original_frame(self, head, kind, body)
+
+    def applying(self: Cluster, key: str, value: bytes | None, op: str | None) -> None:
+        if deaf and self is deaf[0] and key == "b":
+            if value and op != "DEL":
+                held.append(value)  # the new join's record, applied by the test below
+            return
+        original_apply(self, key, value, op)
+
+    monkeypatch.setattr(Cluster, "_control_frame", frame)
+    monkeypatch.setattr(Cluster, "_apply_member_entry", applying)
+    async with open_kernel(_config()) as kb:
+        kb.spawn(_gated("stalled", gate, handled, (3, three)))
+        kb.spawn(_ping)
+        async with (
+            _node(nats.url, "a", heartbeat_interval=30.0, node_window=2) as (ka, ca),
+            trio.open_nursery() as nursery,
+        ):
+            with trio.fail_after(30):
+                async with join_cluster(kb, nats.url, "b", options=slow) as cb1:
+                    await cb1.names_published()
+                    outcome, settled = await _a_tell_waiting_for_credit(nursery, ka, ca, cb1)
+                    deaf.append(ca)
+                kb.spawn(agent(_collector([]), name="marker"))
+                async with join_cluster(kb, nats.url, "b", options=slow) as cb2:
+                    await cb2.names_published()
+                    await ca.wait_for_name("marker")
+                    assert held and not settled.is_set()
+                    deaf.clear()
+                    original_apply(ca, "b", held[-1], None)  # b's new join, heard now
+                    await settled.wait()  # (a's send deadline is 10 s)
+                    assert outcome == [None]
+                    gate.set()
+                    await three.wait()
+                    numbered = ca.tells_sent_to("b", cb2.id_prefix)
+        await kb.shutdown()
+    assert handled == [0, 1, 4]  # 2 and 3 refused by b's leave
+    assert numbered == 1
+    assert cb1.stats().inbound_dropped == {"shutting_down": 2}
+    assert cb2.stats().lost_in_transit == 0 and cb2.stats().inbound_dropped == {}
+    assert ca.stats().publish_failures == 0
+
+
+async def test_a_tell_waiting_for_credit_when_its_node_leaves_is_refused_at_once(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a tell waiting for credit on a link that its node's leave dropped
+    (see _restart_streams) was never woken: the credit of what the leave refused came
+    for the dropped link, which credit no longer finds. It waited out its send deadline
+    (and got MailboxFull if the node had joined again by then). The drop wakes it now and
+    it is routed again: AgentNotFound at once, what a new send gets; after the new join,
+    tells go on the new stream. A leave sends its record first and the credit of what it
+    refuses after, on another connection: a hears them in that order here."""
+    gate, three = trio.Event(), trio.Event()
+    handled: list[Any] = []
+    slow = attrs.evolve(FAST, heartbeat_interval=30.0)  # no heartbeat tick in the test
+    sender: list[Cluster] = []
+    held: list[tuple[batch.BatchHead, int, bytes]] = []
+    original_frame = Cluster._control_frame
+    original_apply = Cluster._apply_member_entry
+
+    def frame(self: Cluster, head: batch.BatchHead, kind: int, body: bytes) -> None:
+        if sender and self is sender[0] and head.node == "b" and "b" in self.members.members:
+            held.append((head, kind, body))  # until a has applied b's leave
+            return
+        original_frame(self, head, kind, body)
+
+    def applying(self: Cluster, key: str, value: bytes | None, op: str | None) -> None:
+        original_apply(self, key, value, op)
+        if sender and self is sender[0] and key == "b" and op == "DEL":
+            for args in held:
+                original_frame(self, *args)
+            held.clear()
+
+    monkeypatch.setattr(Cluster, "_control_frame", frame)
+    monkeypatch.setattr(Cluster, "_apply_member_entry", applying)
+    async with open_kernel(_config()) as kb:
+        kb.spawn(_gated("stalled", gate, handled, (3, three)))
+        kb.spawn(_ping)
+        a = _node(nats.url, "a", send_timeout_ms=20000, heartbeat_interval=30.0, node_window=2)
+        async with a as (ka, ca), trio.open_nursery() as nursery:
+            with trio.fail_after(30):
+                async with join_cluster(kb, nats.url, "b", options=slow) as cb1:
+                    await cb1.names_published()
+                    outcome, settled = await _a_tell_waiting_for_credit(nursery, ka, ca, cb1)
+                    sender.append(ca)
+            with trio.fail_after(10):  # not its send deadline (20 s)
+                await settled.wait()
+            assert len(outcome) == 1 and isinstance(outcome[0], AgentNotFound)
+            sender.clear()
+            kb.spawn(agent(_collector([]), name="marker"))
+            with trio.fail_after(30):
+                async with join_cluster(kb, nats.url, "b", options=slow) as cb2:
+                    await cb2.names_published()
+                    await ca.wait_for_name("marker")
+                    await ka.send("stalled", 5)
+                    gate.set()
+                    await three.wait()
+                    numbered = ca.tells_sent_to("b", cb2.id_prefix)
+        await kb.shutdown()
+    assert handled == [0, 1, 5]  # 2 and 3 refused by b's leave, 4 by a
+    assert numbered == 1
+    assert cb1.stats().inbound_dropped == {"shutting_down": 2}
+    assert cb2.stats().lost_in_transit == 0 and cb2.stats().inbound_dropped == {}
+    assert ca.stats().publish_failures == 0
+    assert ka.stats().rejected == {"no_such_agent": 1}
+
+
+async def test_a_tell_waiting_for_credit_when_its_node_is_lost_fails_at_once(
+    nats: NatsServer,
+) -> None:
+    """Regression: a tell waiting for credit to a node judged lost (missed heartbeats)
+    waited out its send deadline for credit a lost node does not send, then got the
+    TransportUnavailable that a new send gets at once. The loss wakes it now:
+    TransportUnavailable at once, not taken. The link stays (the node may only be slow:
+    what it takes later is still credited)."""
+    gate, four = trio.Event(), trio.Event()
+    handled: list[Any] = []
+    async with (
+        _node(nats.url, "b", heartbeat_interval=30.0) as (kb, cb),
+        _node(nats.url, "a", heartbeat_interval=30.0, node_window=2) as (ka, ca),
+        trio.open_nursery() as nursery,
+    ):
+        kb.spawn(_gated("stalled", gate, handled, (4, four)))
+        kb.spawn(_ping)
+        await cb.names_published()
+        with trio.fail_after(30):
+            outcome, settled = await _a_tell_waiting_for_credit(nursery, ka, ca, cb)
+            # what _check_members does for a node that missed its heartbeats
+            for info in ca.members.newly_lost(time.monotonic() + 3600):
+                ca._node_lost(info)
+            await trio.testing.wait_all_tasks_blocked()
+            assert settled.is_set()  # not at its send deadline (10 s)
+            gate.set()  # b was only slow: it takes 2 and 3 in
+            await four.wait()
+    assert len(outcome) == 1 and isinstance(outcome[0], TransportUnavailable)
+    assert "unreachable" in str(outcome[0])
+    assert handled == [0, 1, 2, 3]
+    assert ca.stats().publish_failures == 0
+    assert cb.stats().inbound_dropped == {} and cb.stats().lost_in_transit == 0
 
 
 # --- remote cancellation ---------------------------------------------------------------------

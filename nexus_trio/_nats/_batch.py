@@ -284,9 +284,18 @@ class NodeLink:
                 self._room = None
                 room.set()
 
+    def wake_waiters(self) -> None:
+        """Wake the senders waiting for room without giving any: the link was dropped,
+        or its destination lost (each checks why it woke, see :meth:`wait_for_room`)."""
+        room = self._room
+        if room is not None:
+            self._room = None
+            room.set()
+
     async def wait_for_room(self) -> None:
-        """Return once :meth:`has_room` (the caller bounds the wait)."""
-        while not self.has_room():
+        """Return once :meth:`has_room`, or once :meth:`wake_waiters` was called, or when
+        another waiter took the room first: the caller checks which, and bounds the wait."""
+        if not self.has_room():
             if self._room is None:
                 self._room = trio.Event()
             await self._room.wait()

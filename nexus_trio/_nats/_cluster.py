@@ -582,8 +582,9 @@ class Cluster:
             # The node may have left while this tell waited (its outbox closes then, and
             # nothing would send or count it): refused, not taken.
             self._check_usable()
-            if self._links.get((link.node, link.dest_prefix)) is not link:
-                # its stream started over meanwhile (see _restart_streams): routed again
+            if self._link_ended(link):
+                # its stream started over or ended meanwhile (see _restart_streams), or its
+                # node was lost (see _node_lost): routed again, as a new send would be
                 await self.deliver(msg)
                 return
         self._published += 1
@@ -713,9 +714,13 @@ class Cluster:
         self._known_links.clear()
 
     def _drop_link(self, stream: _Stream) -> None:
-        """Forget the link of ``stream`` (and the tells' routes, which may name it)."""
-        self._links.pop(stream, None)
+        """Forget the link of ``stream`` (and the tells' routes, which may name it); a
+        sender waiting for its credit, which can no longer come, is woken to route its
+        tell again (see deliver)."""
+        link = self._links.pop(stream, None)
         self._known_links.clear()
+        if link is not None:
+            link.wake_waiters()
 
     def _restart_streams(self, node: str) -> None:
         """``node`` left, or joined again: its next join numbers the tells it gets from
@@ -726,7 +731,8 @@ class Cluster:
         The tells still in an old link's open batch are not sent: numbered on the old
         stream, they would be miscounted by a new join, and a node that left takes
         nothing; counted here (``publish_failures``). Credit due the other way moves to
-        the new link (a new join's checks ignore an old join's credit)."""
+        the new link (a new join's checks ignore an old join's credit). A sender waiting
+        for an old link's credit is woken (see _drop_link) and routes its tell again."""
         for stream in [key for key in self._links if key[0] == node]:
             link = self._links[stream]
             self._dirty.pop(link, None)
@@ -823,15 +829,29 @@ class Cluster:
             self._flush_pending()
 
     async def _wait_for_room(self, msg: Message, link: batch.NodeLink) -> None:
+        """Wait until ``link`` has room and the outbox is below its high water, at most
+        the send deadline (then raise, see _no_room). Returns early, without room, once
+        the link ended (see _link_ended: both wake its waiters): credit no longer comes
+        to it, and the caller routes the tell again."""
         high_water = self.options.outbox_high_water
         with trio.move_on_after(self.kernel.config.kernel.send_timeout):
             while not link.has_room() or len(self._outbox) >= high_water:
                 if not link.has_room():
                     await link.wait_for_room()
+                    if self._link_ended(link):
+                        return
                 else:
                     await self._outbox.wait_below(high_water)
             return
         raise self._no_room(msg, link)
+
+    def _link_ended(self, link: batch.NodeLink) -> bool:
+        """``link`` no longer leads where its tells go: dropped (its stream started over
+        or ended: credit finds the links in _links), or its node lost (no credit comes)."""
+        if self._links.get((link.node, link.dest_prefix)) is not link:
+            return True
+        info = self.members.members.get(link.node)
+        return info is None or not info.reachable
 
     def _no_room(self, msg: Message, link: batch.NodeLink) -> NexusError:
         """What a tell refused for lack of room says: NATS down, or the destination
@@ -2048,6 +2068,11 @@ class Cluster:
                     query_id,
                     TransportUnavailable(f"node {info.node!r} hosting {to} is unreachable"),
                 )
+        # Tells waiting for its credit: routed again, they fail as a new send does (the
+        # links stay: a node heard from again credits what it took meanwhile).
+        for (node, _), link in self._links.items():
+            if node == info.node:
+                link.wake_waiters()
         self.placement.node_lost(info)
 
     def member_list(self) -> list[NodeInfo]:
