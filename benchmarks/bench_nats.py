@@ -210,7 +210,7 @@ async def _nexus_client(url: str, requests: int, tells: int) -> dict[str, float]
         result["tell_nowait_per_s"] = await tell_rate(nowait=True)
         stats = cluster.stats()
         result["outbox_batches"] = stats.outbox_batches
-        result["outbox_direct"] = cluster._outbox.direct
+        result["outbox_direct"] = stats.outbox_direct
         result["inbox_wakeups"] = stats.inbox_wakeups
         await kernel.shutdown()
     return result

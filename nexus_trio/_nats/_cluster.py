@@ -190,6 +190,9 @@ class ClusterStats:
     nodes_lost: int
     inbox_wakeups: int
     outbox_batches: int
+    #: of the outbox's publishes, those sent at once from Trio (the outbox was idle), not
+    #: through its asyncio task
+    outbox_direct: int
     durable_acked: int
     durable_redelivered: int
     durable_dead: int
@@ -2356,6 +2359,7 @@ class Cluster:
             nodes_lost=self._nodes_lost,
             inbox_wakeups=self._inbox.wakeups,
             outbox_batches=self._outbox.batches,
+            outbox_direct=self._outbox.direct,
             durable_acked=d.acked,
             durable_redelivered=d.redelivered,
             durable_dead=d.dead,
