@@ -1601,6 +1601,66 @@ async def test_a_reply_after_its_request_failed_with_the_node_lost_is_a_late_rep
     assert [(x.reason.value, x.message.payload) for x in letters_seen] == [("late_reply", "late")]
 
 
+async def test_queries_and_replies_are_counted_per_peer_whatever_becomes_of_them(
+    nats: NatsServer,
+) -> None:
+    """What a lost peer's share of the books is counted from (``nexus run --workers``,
+    a worker that died): the queries and replies a node handed to NATS for a peer, and
+    those it took from it: answered, timed out (the reply dead-lettered where it is made,
+    or crossing late), to a type (counted for the process that answered, when it did).
+
+    Regression: only tells were counted per peer, so a worker that died during a
+    ``request`` workload left the cluster's books unbalanced. (The two kernels of this
+    process share an id prefix: the counts are read under it.)"""
+    cancelled, gate = trio.Event(), trio.Event()
+
+    @agent(name="slow")
+    async def slow(ctx: Context, msg: Message) -> Any:
+        if msg.payload == "by name":
+            try:
+                await trio.sleep_forever()
+            except trio.Cancelled:
+                cancelled.set()  # the requester's cancel came: it answers all the same
+        with trio.CancelScope(shield=True):
+            await gate.wait()
+        return "late"
+
+    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+        kb.spawn(_ping)
+        ref = kb.spawn(slow)
+        await cb.serve_type("slow", ref)
+        await cb.names_published()
+        peer = cb.id_prefix
+        assert ca.queries_and_replies_sent_to(peer) == 0
+        async with kb.dead_letters() as b_letters, ka.dead_letters() as a_letters:
+            with trio.fail_after(30):
+                await ca.wait_for_name("ping")
+                await ca.wait_for_name("slow")
+                for _ in range(3):
+                    assert await ka.request("ping", None) == "pong"
+                # timed out: the cancel reaches b, whose reply never crosses
+                with pytest.raises(RequestTimeout):
+                    await ka.request("slow", "by name", timeout=0.3)
+                await cancelled.wait()
+                # timed out, to a type (not cancelled there): its reply crosses late
+                with pytest.raises(RequestTimeout):
+                    await ka.request("type:slow", "by type", timeout=0.3)
+                assert ca.queries_and_replies_sent_to(peer) == 4  # the type's not yet
+                gate.set()
+                b_late = await anext(aiter(b_letters))
+                a_late = await anext(aiter(a_letters))
+    # the reply to the query by name, made after its cancel: dead-lettered where it is made
+    assert (b_late.reason.value, b_late.message.payload) == ("late_reply", "late")
+    # the reply to the query to the type crossed: dead-lettered where it was asked
+    assert (a_late.reason.value, a_late.message.payload) == ("late_reply", "late")
+    # a handed b 5 queries (the type's once its late reply said who took it); b took 5
+    assert ca.queries_and_replies_sent_to(peer) == 5
+    assert cb.queries_and_replies_taken_from(peer) == 5
+    # b handed a 4 replies (3 answers, 1 late); a took 4 (the late one dead-lettered)
+    assert cb.queries_and_replies_sent_to(peer) == 4
+    assert ca.queries_and_replies_taken_from(peer) == 4
+
+
 # --- what a node keeps per sending stream is bounded ----------------------------------------
 
 

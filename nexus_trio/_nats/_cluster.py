@@ -70,7 +70,7 @@ from .._errors import (
 )
 from .._events import EventKind, LifecycleEvent
 from .._kernel import Kernel
-from .._message import SYSTEM_ID, Address, Message, MessageKind
+from .._message import SYSTEM_ID, Address, Message, MessageKind, id_value
 from .._router import TransportHandle
 from . import _batch as batch
 from . import _direct as direct
@@ -103,13 +103,17 @@ _KV_OPS_DELETED: Final = ("DEL", "PURGE")
 #: a stream of numbered tells: the destination node and its id prefix (its process)
 _Stream = tuple[str, int]
 #: where a message goes: subject, reply subject, body (None for a tell to number and
-#: encode when it is queued) and the tell's stream
-_Routed = tuple[str, str, bytes | None, _Stream | None]
+#: encode when it is queued) and the tell's stream, or for a message that goes alone
+#: the id prefix of the process it goes to (None: a type, a client that is no kernel)
+_Routed = tuple[str, str, bytes | None, _Stream | int | None]
 #: what an outgoing item is: a plain message, a numbered tell (a loss of which the
 #: receiver counts), a sequence mark, a node batch (its tells numbered)
 _PLAIN, _NUMBERED, _MARK, _BATCH = 0, 1, 2, 3
 #: one outgoing NATS message: subject, reply subject, headers, body, what it is
 _Outgoing = tuple[str, str, dict[str, str] | None, bytes, int]
+#: keys of the per-peer counts of queries and replies kept past the members' (the id
+#: prefixes of clients that are no kernel) before they are dropped (see _check_members)
+_PEER_COUNTS_SLACK: Final = 1024
 #: sequence marks go out every heartbeat when the stream moved, else every this many
 _MARK_EVERY: Final = 5
 #: a message waiting for room in a full mailbox: the NATS message it came in (None for
@@ -325,6 +329,16 @@ class Cluster:
         self._json_requests: OrderedDict[uuid.UUID, int] = OrderedDict()
         # requester side: query id -> (address asked, node asked)
         self._outstanding: OrderedDict[uuid.UUID, tuple[Address, str]] = OrderedDict()
+        # Queries and replies go alone, not numbered: per peer process (its id prefix),
+        # those handed to NATS for it and those taken from it (delivered here, or refused
+        # and counted), so that a lost peer's share of the books is known exactly here
+        # (see queries_and_replies_sent_to). A message's id names the process that made
+        # it, as an agent's does: a query's its requester, a reply's its responder.
+        self._alone_out: dict[int, int] = {}
+        self._alone_in: dict[int, int] = {}
+        # queries to a type (a queue group: which replica takes one is unknown when it
+        # leaves), counted for the process that answers, when its answer comes (bounded)
+        self._type_queries: OrderedDict[uuid.UUID, bool] = OrderedDict()
         self._types: dict[str, list[uuid.UUID]] = {}
         # messages from NATS waiting for room in a full local mailbox, per recipient
         # (with the stream of a batched tell: it is credited once it leaves)
@@ -623,6 +637,9 @@ class Cluster:
                 raise
         self._outbox.put(self._seal(msg, routed))
         self._published += 1
+        peer = routed[3]
+        if isinstance(peer, int):
+            self._alone_out[peer] = self._alone_out.get(peer, 0) + 1
 
     def _forget_outstanding(self, msg: Message) -> None:
         if msg.kind is _QUERY:
@@ -644,6 +661,9 @@ class Cluster:
             if routed[2] is not None:
                 self._outbox.put(self._seal(msg, routed))
                 self._published += 1
+                peer = routed[3]
+                if isinstance(peer, int):
+                    self._alone_out[peer] = self._alone_out.get(peer, 0) + 1
                 return
             link = self._link_for(msg, routed)
         body = self._tell_body(msg)
@@ -696,7 +716,7 @@ class Cluster:
         moved or dropped (_set_name) or a link dropped (_drop_link), and past
         _KNOWN_LINKS_MAX addresses."""
         stream = routed[3]
-        assert stream is not None
+        assert isinstance(stream, tuple)
         link = self._links.get(stream) or self._new_link(stream)
         to = msg.to
         if isinstance(to, uuid.UUID) or len(to) <= wire.NAME_CACHE_BYTES:  # (see there)
@@ -901,14 +921,18 @@ class Cluster:
                 if self._json_requests and self._json_requests.pop(reply_to, 0):
                     # asked in the kernel's JSON wire form (e.g. by a non-Python client)
                     return subject, "", msg.to_json().encode(), None
-                return subject, "", wire.encode_message(msg), None
+                # to the process that made the query (its id says which)
+                return subject, "", wire.encode_message(msg), reply_to.int >> 64
             if self.durable.completed(reply_to):
                 return None
         to = msg.to
+        peer: int | None = None
         if isinstance(to, str) and to.startswith(wire.TYPE_PREFIX):
             type_name = to[len(wire.TYPE_PREFIX) :]
             subject = wire.type_subject(self.prefix, type_name)
             node = f"type:{type_name}"
+            if msg.kind is _QUERY:
+                self._remember(self._type_queries, msg.id, True)
         else:
             node, agent_id = self.resolve(to)
             if msg.kind is not _QUERY:
@@ -917,12 +941,13 @@ class Cluster:
                 # its requester gets RequestTimeout).
                 return "", "", None, (node, self.members.members[node].id_prefix)
             subject = wire.agent_subject(self.prefix, node, agent_id)
+            peer = agent_id.int >> 64  # the agent's process (its id says which)
         if msg.kind is _QUERY:
             # A query goes alone, on the agent's subject: NATS answers "no responders"
             # at once when the node is gone, and a single request waits for no batch.
             reply = wire.reply_subject(self.prefix, self.node, msg.id)
             self._remember(self._outstanding, msg.id, (to, node))
-            return subject, reply, wire.encode_message(msg), None
+            return subject, reply, wire.encode_message(msg), peer
         return subject, "", wire.encode_message(msg), None
 
     def resolve(self, address: Address) -> tuple[str, uuid.UUID]:
@@ -972,7 +997,7 @@ class Cluster:
         A numbered tell is counted by its receiver (the gap shows at the next number or
         mark), except when this node leaves with it: nothing comes after it then.
         """
-        subject, reply, _, data, kind = out
+        subject, reply, headers, data, kind = out
         if kind == _BATCH:
             # Its tells are numbered: the receiver counts the gap, unless this node
             # leaves now (no later number or mark will show it).
@@ -982,8 +1007,12 @@ class Cluster:
         if kind == _MARK or (kind == _NUMBERED and not leaving):
             return
         self._publish_failures += 1
+        if headers is None and data[:1] != b"{":
+            self._not_handed(subject)
         if reply:
             query_id = self._reply_query_id(reply.rsplit(".", 1)[-1])
+            if query_id is not None and self._type_queries:
+                self._type_queries.pop(query_id, None)
             if query_id is not None and self._outstanding.pop(query_id, None) is not None:
                 self._fail_request(
                     query_id,
@@ -999,6 +1028,19 @@ class Cluster:
                 self._publish_failures,
                 exc,
             )
+
+    def _not_handed(self, subject: str) -> None:
+        """A query or reply that the NATS client refused is counted lost here
+        (``publish_failures``), not handed to its peer: taken back from the per-peer
+        count. The last token of its subject is the id that named the peer: the agent's
+        (a query), the query's (a reply); a type's subject was not counted."""
+        try:
+            peer = uuid.UUID(subject.rsplit(".", 1)[-1]).int >> 64
+        except ValueError:
+            return
+        count = self._alone_out.get(peer, 0)
+        if count:
+            self._alone_out[peer] = count - 1
 
     def _publish_error(self, reply: str, exc: BaseException) -> None:
         """Answer a remote requester with the error its query ran into. Counted in
@@ -1062,6 +1104,7 @@ class Cluster:
                 self._refuse_inbound(m)
             else:
                 self._dropped["inbox_full"] += 1
+                self._dropped_unread(m)
 
     def _on_batch(self, data: bytes) -> None:
         """asyncio side: a node batch. Checked whole (a malformed one is counted in
@@ -1208,6 +1251,7 @@ class Cluster:
             if subject[len(self._node_subject_prefix) :].startswith("reply."):
                 if not self._handle_now(item):
                     self._dropped["unroutable_reply"] += 1
+                    self._dropped_unread(item)
                 return
             type_name = None
         else:
@@ -1387,6 +1431,12 @@ class Cluster:
         headers = m.headers
         if headers and (headers.get("Status") == "503" or wire.ERROR_HEADER in headers):
             to, node = asked if asked is not None else ("?", "?")
+            if self._type_queries and self._type_queries.pop(query_id, False):
+                # the replica that refused or failed it took it: handed to its process
+                # (NATS's "no responders" names none: no replica took it)
+                info = self.members.members.get(headers.get(wire.NODE_HEADER, ""))
+                if info is not None:
+                    self._alone_out[info.id_prefix] = self._alone_out.get(info.id_prefix, 0) + 1
             if wire.ERROR_HEADER in headers:
                 try:
                     error: NexusError = wire.error_from_frame(
@@ -1407,11 +1457,46 @@ class Cluster:
             self._fail_request(query_id, error)
             return None
         try:
-            return _decode(m.data)
+            reply = _decode(m.data)
         except MessageDecodeError as exc:
             self._dropped["malformed"] += 1
             log.warning("node %s: undecodable reply on %s: %s", self.node, m.subject, exc)
             return None
+        self._took_reply(reply, query_id)
+        return reply
+
+    def _took_reply(self, reply: Message, query_id: uuid.UUID) -> None:
+        """Count a reply taken from its responder's process (see ``_alone_in``), and a
+        query to a type as handed to it, now that its answer says which one took it."""
+        peer = id_value(reply) >> 64
+        taken = self._alone_in
+        taken[peer] = taken.get(peer, 0) + 1
+        if self._type_queries and self._type_queries.pop(query_id, False):
+            self._alone_out[peer] = self._alone_out.get(peer, 0) + 1
+
+    def _dropped_unread(self, m: NatsMsg) -> None:
+        """A query, reply or message to a type dropped before it was read (the inbox
+        full, a late reply as the node leaves): counted for the process that made it, as
+        one read is (a rare path: it is read here for that)."""
+        headers = m.headers
+        if headers and ("Status" in headers or wire.ERROR_HEADER in headers):
+            return  # no message: an error frame, or NATS's "no responders"
+        if m.data[:4] == wire.NUMBERED_PREFIX:
+            return  # a numbered tell: counted with its stream
+        try:
+            msg = _decode(m.data)
+        except MessageDecodeError:
+            return
+        rest = m.subject[len(self._node_subject_prefix) :]
+        if m.subject.startswith(self._node_subject_prefix) and rest.startswith("reply."):
+            try:
+                query_id = uuid.UUID(rest[6:])
+            except ValueError:
+                return  # (no query of this node: counted malformed where it was read)
+            self._took_reply(msg, query_id)
+            return
+        peer = id_value(msg) >> 64
+        self._alone_in[peer] = self._alone_in.get(peer, 0) + 1
 
     async def _handle_reply(self, m: NatsMsg, query_text: str) -> None:
         query_id = self._reply_query_id(query_text)
@@ -1454,6 +1539,9 @@ class Cluster:
             if m.reply:
                 self._publish_error(m.reply, RequestFailed(uuid.UUID(int=0), "?", "malformed", exc))
             return None
+        # taken from the process that made it (its id says which; see _alone_in)
+        peer = id_value(msg) >> 64
+        self._alone_in[peer] = self._alone_in.get(peer, 0) + 1
         if type_name is not None:
             replica = self._pick_replica(type_name)
             if replica is None:
@@ -2036,6 +2124,13 @@ class Cluster:
                 )
             # streams of senders gone (left, lost, replaced) leave the heartbeat record
             self._inbound.retire_gone(self._is_live_member, self.options.heartbeat_interval)
+            members = self.members.by_prefix
+            for counts in (self._alone_out, self._alone_in):
+                if len(counts) > len(members) + _PEER_COUNTS_SLACK:
+                    # the ids of clients that are no kernel (JSON requesters) and of
+                    # members forgotten: only a member's count is ever read
+                    for key in [key for key in counts if key not in members]:
+                        del counts[key]
 
     def _is_member(self, node: str, id_prefix: int) -> bool:
         info = self.members.members.get(node)
@@ -2134,6 +2229,18 @@ class Cluster:
         """Numbered tells of process ``id_prefix`` of ``node`` that this process took:
         received, or counted lost on the way (kept while its streams are)."""
         return self._inbound.taken_from(node, id_prefix)
+
+    def queries_and_replies_sent_to(self, id_prefix: int) -> int:
+        """Queries and replies this process handed to NATS for process ``id_prefix``,
+        whatever came of them (a query to a type counts once an answer says which
+        process took it; one the NATS client refused is not counted here: it is lost,
+        counted in ``publish_failures``)."""
+        return self._alone_out.get(id_prefix, 0)
+
+    def queries_and_replies_taken_from(self, id_prefix: int) -> int:
+        """Queries and replies (and messages to a type) made by process ``id_prefix``
+        that this process took: delivered here, late, or refused and counted."""
+        return self._alone_in.get(id_prefix, 0)
 
     def name_holder(self, name: str) -> tuple[str, uuid.UUID] | None:
         """``(node, agent id)`` of ``name`` as this node knows it (no round trip)."""

@@ -142,8 +142,9 @@ def aggregate_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
     A worker that died (``"died": True``: it printed no summary) is counted from outside,
     with what every other worker reported of it when it saw it lost (``lost_peers``):
-    the tells that came out of it count as sent (they started there, as far as the others
-    know), and the tells handed to it ended in it (``handed_to_dead_workers``: handled
+    the messages that came out of it (tells, queries, replies) count as sent (they
+    started there, as far as the others know), and those handed to it ended in it
+    (``handed_to_dead_workers``: handled
     there, or lost with it; nobody can tell which). These exact counts replace the
     others' estimate of what was lost with it (``lost_with_nodes``, from its last
     heartbeat: an upper bound) in the cluster's books, which then read: sent = handled +

@@ -19,9 +19,10 @@ A worker that died (lost: it missed its heartbeats) never stops nor balances: th
 others settle without it, once they have seen it lost, when they have stopped, hold
 nothing, and their counters were the same two rounds in a row (what went to the dead
 worker cannot be told apart in the records from what went to the others, so the books
-are not compared here). Each one then reports, per lost worker, the tells it handed to
-it and took from it (:func:`cluster_counts`): the parent's books count the dead worker
-from outside with them (see ``_cluster_cmd.aggregate_summaries``).
+are not compared here). Each one then reports, per lost worker, the messages it handed
+to it and took from it (:func:`cluster_counts`: numbered tells, queries and replies):
+the parent's books count the dead worker from outside with them (see
+``_cluster_cmd.aggregate_summaries``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import trio
 from .._agent import AgentRef
 
 if TYPE_CHECKING:
-    from .._nats import Cluster
+    from .._nats import Cluster, NodeInfo
 
 log = logging.getLogger("nexus_trio.cli")
 
@@ -225,13 +226,9 @@ def cluster_counts(cluster: Cluster) -> dict[str, Any]:
             "publish_failures": s.publish_failures,
             "lost_with_nodes": s.lost_with_nodes,
         },
-        # per worker lost (died): the tells this worker handed to it and took from it
+        # per worker lost (died): the messages this worker handed to it and took from it
         "lost_peers": {
-            info.node: {
-                "pid": info.pid,
-                "handed_to": cluster.tells_sent_to(info.node, info.id_prefix),
-                "taken_from": cluster.tells_taken_from(info.node, info.id_prefix),
-            }
+            info.node: _seen_of_lost(cluster, info)
             for info in cluster.member_list()
             if not info.reachable
         },
@@ -242,4 +239,19 @@ def cluster_counts(cluster: Cluster) -> dict[str, Any]:
             "inbound_streams": s.inbound_streams,
             "streams_evicted": s.streams_evicted,
         },
+    }
+
+
+def _seen_of_lost(cluster: Cluster, info: NodeInfo) -> dict[str, Any]:
+    """What this worker handed to a lost worker and took from it, exactly: its numbered
+    tells, and its queries and replies (counted per process, not numbered)."""
+    asked = {
+        "handed_to": cluster.queries_and_replies_sent_to(info.id_prefix),
+        "taken_from": cluster.queries_and_replies_taken_from(info.id_prefix),
+    }
+    return {
+        "pid": info.pid,
+        "handed_to": cluster.tells_sent_to(info.node, info.id_prefix) + asked["handed_to"],
+        "taken_from": cluster.tells_taken_from(info.node, info.id_prefix) + asked["taken_from"],
+        "queries_and_replies": asked,
     }
