@@ -32,9 +32,8 @@ Typical use, next to a kernel::
 from __future__ import annotations
 
 import heapq
-import itertools
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Final
 
 import attrs
@@ -254,43 +253,44 @@ def _families(snapshot: MetricsSnapshot) -> Iterator[Metric]:
         "Time in the mailbox before handling (sampled).",
         s.queue_wait,
     )
-    if not snapshot.per_agent:
-        return
-    labels = ["agent_id", "agent_name"]
-    families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
-        "received": CounterMetricFamily(
-            "nexus_agent_received", "Messages put in the agent's mailbox.", labels=labels
-        ),
-        "handled": CounterMetricFamily(
-            "nexus_agent_handled", "Messages the agent handled.", labels=labels
-        ),
-        "failed": CounterMetricFamily(
-            "nexus_agent_failed", "Handler calls that raised.", labels=labels
-        ),
-        "timed_out": CounterMetricFamily(
-            "nexus_agent_timed_out", "Handler calls cancelled by timeout.", labels=labels
-        ),
-        "dead_lettered": CounterMetricFamily(
-            "nexus_agent_dead_lettered", "Messages to the agent dead-lettered.", labels=labels
-        ),
-        "restarts": CounterMetricFamily(
-            "nexus_agent_restarts", "Restarts of the agent.", labels=labels
-        ),
-        "mailbox_depth": GaugeMetricFamily(
-            "nexus_agent_mailbox_depth", "Messages queued in the mailbox.", labels=labels
-        ),
-        "mailbox_high_water": GaugeMetricFamily(
-            "nexus_agent_mailbox_high_water", "Deepest the mailbox has been.", labels=labels
-        ),
-        "mailbox_capacity": GaugeMetricFamily(
-            "nexus_agent_mailbox_capacity", "Capacity of the mailbox.", labels=labels
-        ),
-    }
-    for a in snapshot.agents:
-        values = [str(a.id), a.name or ""]
-        for field, family in families.items():
-            family.add_metric(values, getattr(a, field))
-    yield from families.values()
+    if snapshot.per_agent:
+        for series in _AGENT_SERIES:
+            yield _agent_family(series, snapshot.agents)
+
+
+_AGENT_LABELS: Final = ["agent_id", "agent_name"]
+
+#: the per-agent series, in the order they are written: the AgentStats field, whether
+#: it is a counter (else a gauge), the name and the help text
+_AGENT_SERIES: Final = (
+    ("received", True, "nexus_agent_received", "Messages put in the agent's mailbox."),
+    ("handled", True, "nexus_agent_handled", "Messages the agent handled."),
+    ("failed", True, "nexus_agent_failed", "Handler calls that raised."),
+    ("timed_out", True, "nexus_agent_timed_out", "Handler calls cancelled by timeout."),
+    ("dead_lettered", True, "nexus_agent_dead_lettered", "Messages to the agent dead-lettered."),
+    ("restarts", True, "nexus_agent_restarts", "Restarts of the agent."),
+    ("mailbox_depth", False, "nexus_agent_mailbox_depth", "Messages queued in the mailbox."),
+    (
+        "mailbox_high_water",
+        False,
+        "nexus_agent_mailbox_high_water",
+        "Deepest the mailbox has been.",
+    ),
+    ("mailbox_capacity", False, "nexus_agent_mailbox_capacity", "Capacity of the mailbox."),
+)
+
+
+def _agent_family(series: tuple[str, bool, str, str], agents: Sequence[AgentStats]) -> Metric:
+    """The family of one per-agent series, with a sample for each of ``agents``."""
+    field, counter, name, doc = series
+    family: CounterMetricFamily | GaugeMetricFamily = (
+        CounterMetricFamily(name, doc, labels=_AGENT_LABELS)
+        if counter
+        else GaugeMetricFamily(name, doc, labels=_AGENT_LABELS)
+    )
+    for a in agents:
+        family.add_metric([str(a.id), a.name or ""], getattr(a, field))
+    return family
 
 
 def _summary(name: str, doc: str, h: HistogramSnapshot) -> Iterator[Metric]:
@@ -336,28 +336,46 @@ class _Piece(Collector):
 
 
 def _pieces(snapshot: MetricsSnapshot, *, process: bool) -> Iterator[bytes]:
-    """The text of ``snapshot``, in pieces of at most ``_PIECE_SAMPLES`` samples.
+    """The text of ``snapshot``, in pieces of at most ``_PIECE_SAMPLES`` samples, each
+    made only when it is asked for (the samples of a per-agent family too: a piece is
+    made from its slice of the agents).
 
     A family with more samples (only per-agent families have that many) is written in
     several pieces: its ``# HELP`` and ``# TYPE`` lines come once, before the first, and
     its samples stay together, as the text format wants.
     """
-    families: Iterable[Metric] = _families(snapshot)
+    for family in _families(attrs.evolve(snapshot, per_agent=False)):
+        yield from _family_pieces(family)
+    if snapshot.per_agent:
+        agents = snapshot.agents
+        for series in _AGENT_SERIES:
+            # one piece, with the HELP and TYPE lines, for a family without samples too
+            for start in range(0, max(len(agents), 1), _PIECE_SAMPLES):
+                piece = _agent_family(series, agents[start : start + _PIECE_SAMPLES])
+                text = generate_latest(_Piece(piece))
+                yield _without_head(text) if start else text
     if process:
-        families = itertools.chain(families, ProcessCollector(registry=None).collect())
-    for family in families:
-        samples = family.samples
-        if len(samples) <= _PIECE_SAMPLES:
-            yield generate_latest(_Piece(family))
-            continue
-        for start in range(0, len(samples), _PIECE_SAMPLES):
-            piece = Metric(family.name, family.documentation, family.type)
-            piece.samples = samples[start : start + _PIECE_SAMPLES]
-            text = generate_latest(_Piece(piece))
-            if start:
-                help_line, type_line, text = text.split(b"\n", 2)
-                assert help_line.startswith(b"# HELP ") and type_line.startswith(b"# TYPE ")
-            yield text
+        for family in ProcessCollector(registry=None).collect():
+            yield from _family_pieces(family)
+
+
+def _family_pieces(family: Metric) -> Iterator[bytes]:
+    samples = family.samples
+    if len(samples) <= _PIECE_SAMPLES:
+        yield generate_latest(_Piece(family))
+        return
+    for start in range(0, len(samples), _PIECE_SAMPLES):
+        piece = Metric(family.name, family.documentation, family.type)
+        piece.samples = samples[start : start + _PIECE_SAMPLES]
+        text = generate_latest(_Piece(piece))
+        yield _without_head(text) if start else text
+
+
+def _without_head(text: bytes) -> bytes:
+    """The samples of a family's text, without its ``# HELP`` and ``# TYPE`` lines."""
+    help_line, type_line, rest = text.split(b"\n", 2)
+    assert help_line.startswith(b"# HELP ") and type_line.startswith(b"# TYPE ")
+    return rest
 
 
 @attrs.define(eq=False)

@@ -301,6 +301,52 @@ async def test_a_large_per_agent_render_lets_the_agents_run_between_its_pieces()
         )
 
 
+async def test_a_per_agent_render_makes_no_more_than_a_piece_of_samples_between_checkpoints(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression: the per-agent families were built whole, all agents at once, before
+    the first of them was cut into pieces: 9 samples per agent in one go (1,000 agents,
+    the default limit: 9,000 samples, some 36 ms without a checkpoint; more with a higher
+    limit). Each piece now makes at most ``_PIECE_SAMPLES`` samples."""
+    from prometheus_client import metrics_core
+    from prometheus_client.samples import Sample
+
+    from nexus_trio import metrics
+
+    made = 0
+
+    def counted(*args: object, **kwargs: object) -> Sample:
+        nonlocal made
+        made += 1
+        return Sample(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(metrics_core, "Sample", counted)
+    async with open_test_kernel() as kernel:
+        for _ in range(1200):
+            kernel.spawn(unnamed)
+        renderer = MetricsRenderer(
+            kernel, per_agent=True, per_agent_limit=2000, cache_seconds=0, process=False
+        )
+        real = renderer._pieces
+        per_piece: list[int] = []
+
+        def pieces(snapshot):
+            # the samples made for each piece, between two checkpoints of the render
+            nonlocal made
+            for piece in real(snapshot):
+                per_piece.append(made)
+                made = 0
+                yield piece
+
+        renderer._pieces = pieces  # type: ignore[method-assign]
+        made = 0
+        body = await renderer.render()
+    assert sum(per_piece) >= 9 * 1200
+    assert max(per_piece) <= metrics._PIECE_SAMPLES
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    assert len(families["nexus_agent_mailbox_capacity"].samples) == 1200
+
+
 async def test_a_render_is_reused_within_cache_seconds(mock_clock):
     async with open_test_kernel() as kernel:
         renderer = MetricsRenderer(kernel, cache_seconds=1.0, process=False)
