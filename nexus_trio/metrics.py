@@ -483,6 +483,7 @@ _REASONS: Final = {
     404: "Not Found",
     405: "Method Not Allowed",
     431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
     503: "Service Unavailable",
 }
 
@@ -550,7 +551,14 @@ async def _handle_connection(
                 return
             method, target, _version = parts
             answering = True
-            status, body, content_type = await _route(kernel, renderer, method, target)
+            try:
+                status, body, content_type = await _route(kernel, renderer, method, target)
+            except Exception as exc:
+                # Said, and logged: not taken for the client going away (an OSError) nor
+                # left as a connection closed without an answer.
+                log.exception("metrics request %s %s failed", method, target)
+                status, content_type = 500, text
+                body = f"the metrics render failed: {type(exc).__name__}\n".encode()
             answering = False
             await stream.send_all(_response(status, body, content_type, head=method == "HEAD"))
         if answering:

@@ -462,6 +462,41 @@ async def test_a_request_whose_render_takes_too_long_gets_503_with_the_reason(mo
         assert trio.current_time() >= 10
 
 
+@pytest.mark.parametrize("error", [RuntimeError("no snapshot"), OSError("disk on fire")])
+async def test_a_request_whose_render_fails_gets_500_and_the_failure_is_logged(
+    error: Exception, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: a render that raised (or a scrape that waited for one that did) left
+    the client with a connection closed without an answer, and an ``OSError`` from the
+    render was taken for the client going away: not even logged."""
+    from nexus_trio import metrics
+
+    async with open_test_kernel() as kernel:
+        renderer = MetricsRenderer(kernel, cache_seconds=0, process=False)
+
+        async def failing() -> bytes:
+            await trio.lowlevel.checkpoint()
+            raise error
+
+        renderer.render = failing  # type: ignore[method-assign]
+        for method in ("GET", "HEAD"):
+            client, server = trio.testing.memory_stream_pair()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(metrics._handle_connection, server, kernel, renderer)
+                await client.send_all(f"{method} /metrics HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                data = b""
+                while chunk := await client.receive_some(65536):
+                    data += chunk
+                await client.aclose()
+            head, _, body = data.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
+            expected = f"the metrics render failed: {type(error).__name__}\n".encode()
+            assert f"Content-Length: {len(expected)}".encode() in head
+            assert body == (expected if method == "GET" else b"")
+    failures = [r for r in caplog.records if r.name == "nexus_trio.metrics" and r.exc_info]
+    assert [r.exc_info[1] for r in failures] == [error, error]
+
+
 async def test_twenty_concurrent_http_scrapes_cost_one_render():
     async with open_test_kernel() as kernel, trio.open_nursery() as nursery:
         for _ in range(50):
