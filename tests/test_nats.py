@@ -410,6 +410,67 @@ async def test_the_second_answer_to_a_redelivered_durable_message_reaches_no_age
     assert stats.durable_duplicates == 1
 
 
+async def test_a_second_answer_after_the_acked_id_left_the_node_s_memory_reaches_no_agent(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a second answer to a durable message (its redelivery was handed over
+    before the first answer came) was recognised only while the message's id was still
+    among the last 65,536 ids the node acked: on a node that acked that many others in
+    between (a few seconds of a busy durable path, against an ``ack_wait`` of 30 s) it
+    went to the sender as a message again. The ids that may still get a second answer
+    are now remembered on their own (here the node keeps one acked id)."""
+    from nexus_trio._nats import DurableOptions, _durable
+
+    monkeypatch.setattr(_durable, "_DONE_MEMORY", 1)
+    calls: list[Any] = []
+    second = trio.Event()
+    durable = DurableOptions(ack_wait=1.0, max_deliver=4)
+    async with nodes(nats.url, "b") as (b,), local_node(nats.url, durable=durable) as (ka, ca):
+
+        @agent(name="twice-a")
+        async def twice(ctx: Context, msg: Message) -> Any:
+            calls.append(msg.id)
+            if len(calls) == 1:
+                # past ack_wait: JetStream delivers it again meanwhile
+                while True:
+                    if ca.durable.redelivered:
+                        break
+                    await trio.sleep(0.05)
+            else:
+                # another durable message acked between the two answers
+                await ca.send_durable("filler-a", "filler")
+                while True:
+                    if ca.durable.acked >= 2:
+                        break
+                    await trio.sleep(0.05)
+                second.set()
+            return f"answer {len(calls)}"
+
+        @agent(name="filler-a")
+        async def filler(ctx: Context, msg: Message) -> Any:
+            return "ok"
+
+        ka.spawn(twice)
+        ka.spawn(filler)
+        with trio.fail_after(30):
+            await ca.wait_for_name("collector-b")
+            sender = uuid.UUID(b.ids["collector-b"])
+            sent = await ca.send_durable("twice-a", "work", sender=sender)
+            await second.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            # after whatever the second answer sent to b, in the same node batch
+            await ka.send("collector-b", "marker")
+            while True:
+                collected = await ka.request("collector-b", "dump")
+                if "marker" in collected:
+                    break
+                await trio.sleep(0.05)
+        stats = ca.stats()
+    assert calls == [sent.id, sent.id]
+    assert collected == ["marker"]
+    assert (stats.durable_acked, stats.durable_duplicates) == (2, 1)
+
+
 async def test_a_node_whose_kernel_stopped_pulls_no_durable_message(nats: NatsServer) -> None:
     """Regression: once the kernel had shut down (still joined), the pull went on: each
     durable message for the node was fetched, refused (KernelShuttingDown), nakked and

@@ -28,8 +28,9 @@ handler still at work from one that returned ``None``, so ``ack_wait`` runs from
 Redeliveries carry the same message id, so a handler makes its effect idempotent by
 keying it on ``ctx.message.id``; the consumer also skips (and re-acks) ids it acked
 recently in case an ack was lost, and an answer to an id it acked already (a redelivery
-handed over before the first answer came) goes nowhere: both are counted in
-``duplicates``.
+handed over before the first answer came: such ids are remembered apart from the acked
+ones, so many acks in between do not make it forget them) goes nowhere: both are counted
+in ``duplicates``.
 """
 
 from __future__ import annotations
@@ -90,6 +91,10 @@ class DurableChannel:
         self._done: OrderedDict[uuid.UUID, None] = OrderedDict()
         # past ack_wait unanswered, JetStream delivers them again: an answer still acks
         self._late: OrderedDict[uuid.UUID, NatsMsg] = OrderedDict()
+        # handed over again while an earlier delivery was unanswered: how many answers
+        # may come beyond the one that acks (kept apart from _done, which forgets an id
+        # after _DONE_MEMORY later acks, and only these ids get a second answer)
+        self._answers_due: OrderedDict[uuid.UUID, int] = OrderedDict()
         # fetched and not handed over yet, in order (the first may wait for room): kept
         # in progress in JetStream by _keep_held every ack_wait / 2 (the last time: _tick)
         self._held: deque[NatsMsg] = deque()
@@ -313,7 +318,12 @@ class DurableChannel:
             self.redelivered += 1
         sender = self.acker_id if kernel.is_local(msg.sender) else msg.sender
         query = msg.evolve(kind=MessageKind.QUERY, sender=sender)
-        self._in_flight.pop(msg.id, None)  # an earlier delivery of it: this one is newer
+        earlier = self._in_flight.pop(msg.id, None)  # an earlier delivery: this one is newer
+        if earlier is not None or msg.id in self._late:
+            # that one's handler may answer too: its answer is a duplicate, not a message
+            self._answers_due[msg.id] = self._answers_due.pop(msg.id, 0) + 1
+            if len(self._answers_due) > _DONE_MEMORY:
+                self._answers_due.popitem(last=False)
         self._in_flight[msg.id] = (jsmsg, trio.current_time() + self.options.ack_wait)
         try:
             await kernel.deliver_from_remote(query)
@@ -369,9 +379,12 @@ class DurableChannel:
             jsmsg = entry[0]
         elif late is not None:
             jsmsg = late
-        elif msg_id in self._done:
+        elif msg_id in self._answers_due or msg_id in self._done:
             # a redelivery handed over before the first answer acked it: answered twice,
             # the second answer goes nowhere (its sender asked for none)
+            due = self._answers_due.pop(msg_id, 0)
+            if due > 1:
+                self._answers_due[msg_id] = due - 1
             self.duplicates += 1
             log.debug("durable message %s answered again, dropped (duplicate)", msg_id)
             return True
