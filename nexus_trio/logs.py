@@ -587,6 +587,8 @@ class _WholeRecords:
         self._rest = b""
         self._rest_raw: Any = None
         self._rest_counted = True
+        # after give_up (the handler closed): nothing would write or count a kept end
+        self._given_up = False
         # the last text file written to, its encoding then and the raw file beneath it
         self._file: io.TextIOWrapper | None = None
         self._encoding = ""
@@ -620,7 +622,8 @@ class _WholeRecords:
         written, error = _write_raw(raw, data)
         if error is None:
             return
-        if not written:
+        if not written or self._given_up:
+            # (after the close, a record the disk took only the start of is lost at once)
             raise error
         self._rest, self._rest_raw, self._rest_counted = data[written:], raw, self.counting
 
@@ -634,7 +637,9 @@ class _WholeRecords:
     def give_up(self) -> OSError | None:
         """Write the end of a record the disk took only the start of, if there is one
         and the disk has room now; else drop it. The error that kept it out, when the
-        record was one to count (not the loss notice), else None."""
+        record was one to count (not the loss notice), else None. From then on, a record
+        the disk takes only the start of is lost at once (``write`` raises)."""
+        self._given_up = True
         if not self._rest:
             return None
         try:

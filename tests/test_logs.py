@@ -699,6 +699,37 @@ def test_a_record_the_disk_took_only_the_start_of_is_lost_if_the_handler_closes_
         assert len(text) == 40 and "\n" not in text
 
 
+def test_a_record_the_disk_took_only_the_start_of_after_the_handler_closed_is_counted_lost(
+    nexus_logger: logging.Logger,
+) -> None:
+    """Regression: a record that reached the handler after it was closed (a worker thread
+    that took the logger's handlers just before ``configure_logging`` replaced this one)
+    and that the disk took only the start of kept its end for a close that had been
+    already: nothing was left to write it or count it, and it was not counted lost."""
+    disk = Disk()
+    stream = text_file(disk)
+    configured_on(stream, "compact")
+    (handler,) = [h for h in nexus_logger.handlers if getattr(h, "_nexus_trio_handler", False)]
+    configure_logging(LoggingConfig(format="compact"), stream=io.StringIO())  # closes it
+    before = records_lost()
+    disk.room = 40
+    handler.handle(
+        logging.LogRecord("nexus_trio.test", logging.INFO, __file__, 0, "rec-000", None, None)
+    )
+    assert len(disk.data) == 40
+    assert records_lost() - before == 1
+    disk.room = None
+    handler.close()  # (logging.shutdown closes it again, if it is still alive)
+    handler.handle(
+        logging.LogRecord("nexus_trio.test", logging.INFO, __file__, 0, "rec-001", None, None)
+    )
+    assert records_lost() - before == 1
+    text = disk.data.decode()
+    # rec-000's start, then rec-001 whole and the notice of the one record lost
+    assert "rec-000" not in text and " nexus_trio.test rec-001\n" in text
+    assert NOTICE.findall(" ".join(text.split())) == ["1"]
+
+
 @pytest.mark.parametrize("fmt", ["compact", "json", "pretty"])
 @pytest.mark.parametrize("shape", ["buffered", "string"])
 def test_records_to_a_closed_log_stream_are_counted_lost(
