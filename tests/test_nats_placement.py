@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
+import nats.errors
 import nats.js.errors
 import pytest
 import trio
@@ -834,3 +835,132 @@ async def test_a_later_incarnation_heard_while_this_node_s_own_put_was_on_its_wa
             assert cc.name_holder(ON_C) == ("a", ka.lookup(ON_C).id)
             assert await kc.request(ON_C, "hi", timeout=5) == {"name": ON_C, "handled": 1}
             assert cc.stats().duplicates_stopped == 1
+
+
+# --- writes to the buckets that failed ---------------------------------------------------------
+
+
+@attrs.define
+class _Outage:
+    """Writes (puts) of one node to its names and/or placed bucket fail while ``on`` (the
+    first ``limit`` of them only, if given), as on the minority side of a NATS-cluster
+    partition or while JetStream is down; ``failed`` names them (``bucket:name``)."""
+
+    on: bool = True
+    limit: int | None = None
+    failed: list[str] = attrs.field(factory=list)
+
+    def refuse(self, kv: Any, bucket: str) -> None:
+        original_put = kv.put
+
+        async def put(key: str, value: bytes, **kwargs: Any) -> int:
+            if self.on and (self.limit is None or len(self.failed) < self.limit):
+                self.failed.append(f"{bucket}:{wire.name_from_key(key)}")
+                raise nats.errors.TimeoutError
+            return await original_put(key, value, **kwargs)  # type: ignore[no-any-return]
+
+        kv.put = put
+
+
+def _refuse_writes(
+    cluster: Cluster, *, names: bool = True, records: bool = True, limit: int | None = None
+) -> _Outage:
+    outage = _Outage(limit=limit)
+    if names:
+        outage.refuse(cluster._names_kv, "names")
+    if records:
+        outage.refuse(cluster.placement._kv, "placed")
+    return outage
+
+
+async def test_a_replacement_whose_record_write_failed_is_held_and_its_record_written_later(
+    nats: NatsServer,
+) -> None:
+    """Regression: a re-placed ON_C (c counted lost) but the placed bucket refused the
+    record's write: the agent ran on, but not as a placed agent of a (its record never
+    written, nor dropped when it stopped; not re-placed, not judged a duplicate). Now it
+    is held as placed and the write is retried (here on the next heartbeat tick) until
+    the record is a's; stopped, its record goes as for any placed agent."""
+    async with (
+        _node(nats.url, "a", missed_heartbeats=1000) as (ka, ca),
+        _node(nats.url, "c", missed_heartbeats=1000) as (_kc, cc),
+    ):
+        _meet(ca, cc)
+        with trio.fail_after(60):  # a hang guard
+            placed = await ca.spawn("counter", name=ON_C)
+            assert placed.node == "c"
+            await cc.names_published()
+            await _learn(ca, ON_C)
+            outage = _refuse_writes(ca, names=False, limit=1)  # JetStream briefly down
+            _lose(ca, "c")  # a re-places ON_C: its record's write fails
+
+            async def running() -> bool:
+                return ka.is_local(ON_C)
+
+            await _until(running)
+            assert outage.failed == [f"placed:{ON_C}"]
+
+            async def written() -> bool:
+                held = ca.placement._held.get(ON_C)
+                if held is None or held[1] is None:
+                    return False
+                return held[1] == await _placed_record(ca, ON_C)
+
+            await _until(written)
+            assert ca.placement._held[ON_C][0] == ka.lookup(ON_C).id
+            stats = ca.stats()
+            assert (stats.replaced, stats.records_unwritten, stats.records_written_late) == (
+                1,
+                0,
+                1,
+            )
+            await ka.stop(ON_C)  # for good: its record goes, it is not re-placed
+
+            async def dropped() -> bool:
+                return await _placed_record(ca, ON_C) is None
+
+            await _until(dropped)
+
+
+async def test_a_replacement_whose_record_write_failed_is_stopped_when_a_later_one_wins(
+    nats: NatsServer,
+) -> None:
+    """Regression: a re-placed ON_C_THEN_A (c lost) but its record's write failed; then
+    b, which no longer heard a, re-placed it too, later in the names bucket. a's copy is
+    the loser, but it was not held as placed, so a never stopped it: two ran for good.
+    Now a stops it (duplicate), and the record in the bucket is b's."""
+    async with (
+        _node(nats.url, "a", **QUIET) as (ka, ca),
+        _node(nats.url, "b", **QUIET) as (kb, cb),
+        _node(nats.url, "c", **QUIET) as (_kc, cc),
+    ):
+        _meet(ca, cb, cc)
+        with trio.fail_after(60):  # a hang guard
+            placed = await cb.spawn("counter", name=ON_C_THEN_A)
+            assert placed.node == "c"
+            await cc.names_published()
+            for cluster in (ca, cb):
+                await _learn(cluster, ON_C_THEN_A)
+            outage = _refuse_writes(ca, names=False)
+            _lose(ca, "c")  # a re-places it (its owner over {a, b}): the record's write fails
+            _lose(cb, "c")
+
+            async def running() -> bool:
+                return ka.is_local(ON_C_THEN_A)
+
+            await _until(running)
+            await ca.names_published()
+            assert outage.failed == [f"placed:{ON_C_THEN_A}"]
+            await cb._refresh_name(ON_C_THEN_A)
+            assert cb.name_holder(ON_C_THEN_A) == ("a", ka.lookup(ON_C_THEN_A).id)
+            async with ka.events() as events_a, kb.events() as events_b:
+                _lose(cb, "a")  # b alone: it re-places it too, later in the names bucket
+                assert (await _replaced(events_b, ON_C_THEN_A)).reason == "re-placed from node a"
+                await cb.names_published()
+                with trio.move_on_after(10):  # a's watch brings b's entry: b won
+                    await _stopped(events_a, ON_C_THEN_A)
+            assert [ka.is_local(ON_C_THEN_A), kb.is_local(ON_C_THEN_A)] == [False, True]
+            assert ca.stats().duplicates_stopped == 1
+            assert ca.stats().records_unwritten == 0
+            assert await _placed_record(ca, ON_C_THEN_A) == cb.placement._held[ON_C_THEN_A][1]
+            assert ca.name_holder(ON_C_THEN_A) == ("b", kb.lookup(ON_C_THEN_A).id)

@@ -233,6 +233,10 @@ class ClusterStats:
     #: placed agents stopped here because the names bucket holds a later incarnation of
     #: their name on another node (two copies after a partition healed)
     duplicates_stopped: int = 0
+    #: placed agents running here whose placement record could not be written (the
+    #: placed bucket unreachable), and such records written later, on a retry
+    records_unwritten: int = 0
+    records_written_late: int = 0
     #: error frames for remote requesters not sent, by kind: made after this node's
     #: leave had closed its outbox (their requesters get ``RequestTimeout``)
     errors_unsent: dict[str, int] = attrs.field(factory=dict)
@@ -323,6 +327,8 @@ class Cluster:
         self._names_pending = 0
         self._names_idle = trio.Event()
         self._names_idle.set()
+        # set to retry the failed writes to the buckets at once (see _retry_writes)
+        self._retry_wanted = trio.Event()
         # responder side: query id -> NATS reply subject of the remote requester
         self._reply_routes: OrderedDict[uuid.UUID, str] = OrderedDict()
         # queries that came in the kernel's JSON wire form: their replies go out in it too
@@ -2059,11 +2065,24 @@ class Cluster:
                 await call_aio(kv.put, self.node, self._record())
                 if failing:
                     log.info("node %s: membership record writable again", self.node)
+                    self._retry_wanted.set()
                 failing = False
             except Exception as exc:
                 if not failing:
                     log.info("node %s: membership record not written: %r", self.node, exc)
                 failing = True
+
+    async def _retry_writes(self) -> None:
+        """Write again what could not be written to the buckets: every heartbeat
+        interval while there is any, and at once when they may take writes again (a node
+        heard again, this node's membership record written again)."""
+        while True:
+            with trio.move_on_after(self.options.heartbeat_interval):
+                await self._retry_wanted.wait()
+            self._retry_wanted = trio.Event()
+            if self._closing:
+                return
+            await self.placement.retry_records()
 
     async def _on_heartbeat(self, m: NatsMsg) -> None:
         """asyncio side: another node's heartbeat (or its clean leave: an empty body)."""
@@ -2106,6 +2125,7 @@ class Cluster:
         if self.members.heard(info):
             log.warning("node %s: node %r is reachable again", self.node, info.node)
             self._check_duplicates_on(info.node)
+            self._retry_wanted.set()  # a partition healed: the buckets may take writes again
 
     async def _check_members(self) -> None:
         while True:
@@ -2248,6 +2268,16 @@ class Cluster:
             return self.node, self.kernel.lookup(name).id
         return self._names.get(name)
 
+    def holds_name(self, name: str, agent_id: uuid.UUID) -> bool:
+        """Whether ``name``'s entry in the names bucket is this node's ``agent_id``, as far
+        as this node knows: its put landed, and no later entry of the name was heard."""
+        published = self._published_names.get(name)
+        return (
+            published is not None
+            and published[0] == agent_id
+            and self._name_revisions.get(name, 0) <= published[1]
+        )
+
     def learn_name(self, name: str, node: str, agent_id: uuid.UUID) -> None:
         """Note where ``name`` runs (a placement answer), ahead of the names bucket."""
         self._set_name(name, (node, agent_id))
@@ -2372,6 +2402,7 @@ class Cluster:
         nursery.start_soon(self._kv_heartbeats)
         nursery.start_soon(self._check_members)
         nursery.start_soon(self._publish_names)
+        nursery.start_soon(self._retry_writes)
         await nursery.start(self._follow_kernel)
         await nursery.start(self._follow_dead_letters)
         await self.durable.start(nursery)
@@ -2487,6 +2518,8 @@ class Cluster:
             streams_evicted=self._inbound.evicted,
             nodes_forgotten=self._nodes_forgotten,
             duplicates_stopped=self.placement.duplicates_stopped,
+            records_unwritten=self.placement.records_unwritten,
+            records_written_late=self.placement.records_written_late,
             errors_unsent=dict(self._errors_unsent),
         )
 

@@ -152,8 +152,13 @@ class Placement:
         self._specs: dict[str, Any] = {}
         #: every placement record in the cluster (the KV watcher keeps it)
         self.records: dict[str, PlacementRecord] = {}
-        #: records this node wrote for agents it runs: name -> (agent id, KV revision)
-        self._held: dict[str, tuple[uuid.UUID, int]] = {}
+        #: placed agents this node runs: name -> (agent id, KV revision of the record it
+        #: wrote for it; None while that write failed and is to be retried)
+        self._held: dict[str, tuple[uuid.UUID, int | None]] = {}
+        #: the records to write again (their agents' revision in ``_held`` is None)
+        self._unwritten: dict[str, PlacementRecord] = {}
+        #: records written on a retry (see :meth:`retry_records`)
+        self.records_written_late = 0
         self._kv: KeyValue | None = None
         self._nursery: trio.Nursery | None = None
         self._subject = f"{cluster.prefix}.place.{cluster.node}"
@@ -201,6 +206,8 @@ class Placement:
         :class:`UnknownAgentType` if the owner has no spec for the type,
         :class:`PlacementFailed` with the owner's error otherwise, and
         :class:`TransportUnavailable` if the owner does not answer within ``timeout``.
+        A record the owner could not write does not fail it: the agent runs, and the
+        write is retried (see :meth:`retry_records`).
         """
         wire.check_token("agent type", type_name)
         cluster = self._cluster
@@ -238,8 +245,12 @@ class Placement:
         ref, record = self._spawn_local(type_name, name, pinned)
         kv = self._kv
         if kv is not None:
-            revision = await call_aio(kv.put, wire.name_key(name), record.encode())
-            await self._hold(name, ref.id, revision)
+            try:
+                revision = await call_aio(kv.put, wire.name_key(name), record.encode())
+            except Exception as exc:  # the bucket unreachable: the agent runs all the same
+                self._record_unwritten(name, ref.id, record, exc)
+            else:
+                await self._hold(name, ref.id, revision)
         if replaced_from is not None:
             self.replaced += 1
             reason = f"re-placed from node {replaced_from}"
@@ -254,11 +265,82 @@ class Placement:
         node is leaving already (its leave may have dropped the records), drop it now."""
         if not self._cluster.closing:
             self._held[name] = (agent_id, revision)
+            self._unwritten.pop(name, None)
             return
         try:
             await self._delete_record(name, revision)
         except Exception as exc:
             log.warning("node %s: could not drop record %r: %r", self._cluster.node, name, exc)
+
+    def _record_unwritten(
+        self, name: str, agent_id: uuid.UUID, record: PlacementRecord, exc: Exception
+    ) -> None:
+        """The record of ``agent_id``, just spawned here as ``name``, could not be written
+        (the placed bucket unreachable: a NATS-cluster partition, JetStream down). The
+        agent runs: it is held as placed all the same (stopped if another incarnation
+        wins its name, its record dropped if it stops), and :meth:`retry_records` writes
+        the record once the bucket takes writes again."""
+        cluster = self._cluster
+        if cluster.closing:
+            return  # its leave: no record to drop
+        self._held[name] = (agent_id, None)
+        self._unwritten[name] = record
+        log.warning(
+            "node %s: placement record of %r (%s) not written: %r; the agent runs, the"
+            " write is retried",
+            cluster.node,
+            name,
+            agent_id,
+            exc,
+        )
+
+    async def retry_records(self) -> bool:
+        """Write the records whose write failed (see :meth:`_record_unwritten`), of the
+        agents still held here whose name this node holds in the names bucket: a copy
+        whose name is not written yet waits for it, one that lost its name to another
+        incarnation is stopped instead (see :meth:`superseded`). False if a write failed
+        again (the bucket still unreachable: the others wait for the next try)."""
+        cluster = self._cluster
+        kv = self._kv
+        if kv is None:
+            return True
+        for name, record in list(self._unwritten.items()):
+            if cluster.closing:
+                return True
+            held = self._held.get(name)
+            if held is None or held[1] is not None:
+                del self._unwritten[name]  # stopped, moved or left since
+                continue
+            agent_id = held[0]
+            if not cluster.holds_name(name, agent_id):
+                continue
+            try:
+                revision = await call_aio(kv.put, wire.name_key(name), record.encode())
+            except Exception as exc:
+                log.debug("node %s: record %r still not written: %r", cluster.node, name, exc)
+                return False
+            if self._held.get(name) != (agent_id, None):
+                # Stopped for good or leaving while it was written: dropped again. (A
+                # copy stopped as a duplicate meanwhile leaves it: the winner's record.)
+                holder = cluster.name_holder(name)
+                if cluster.closing or holder is None or holder[0] == cluster.node:
+                    await self._delete_record(name, revision)
+                continue
+            self._held[name] = (agent_id, revision)
+            del self._unwritten[name]
+            self.records_written_late += 1
+            log.warning(
+                "node %s: placement record of %r (%s) written on a retry",
+                cluster.node,
+                name,
+                agent_id,
+            )
+        return True
+
+    @property
+    def records_unwritten(self) -> int:
+        """Placed agents running here whose record is still to be written."""
+        return len(self._unwritten)
 
     def _spawn_local(
         self, type_name: str, name: str, pinned: str | None
@@ -293,12 +375,17 @@ class Placement:
             ref, record = self._spawn_local(type_name, name, pin)
             kv = self._kv
             if kv is not None:
-                revision = await kv.put(wire.name_key(name), record.encode())
-                if self._cluster.closing:  # its leave dropped the records already
-                    with contextlib.suppress(nats.js.errors.BadRequestError):
-                        await kv.delete(wire.name_key(name), last=revision)
+                try:
+                    revision = await kv.put(wire.name_key(name), record.encode())
+                except Exception as exc:  # the bucket unreachable: the agent runs
+                    self._record_unwritten(name, ref.id, record, exc)
                 else:
-                    self._held[name] = (ref.id, revision)
+                    if self._cluster.closing:  # its leave dropped the records already
+                        with contextlib.suppress(nats.js.errors.BadRequestError):
+                            await kv.delete(wire.name_key(name), last=revision)
+                    else:
+                        self._held[name] = (ref.id, revision)
+                        self._unwritten.pop(name, None)
             answer: dict[str, Any] = {"node": self._cluster.node, "id": str(ref.id)}
         except UnknownAgentType as exc:
             answer = {"error": "unknown_type", "type": exc.type_name, "node": exc.node}
@@ -330,6 +417,7 @@ class Placement:
             if owner == cluster.node:
                 continue
             del self._held[name]
+            self._unwritten.pop(name, None)
             self.records.pop(name, None)
             with contextlib.suppress(AgentNotFound):
                 await cluster.kernel.stop(agent_id)
@@ -388,16 +476,17 @@ class Placement:
         if held is None or held[0] != agent_id:
             return
         del self._held[name]
+        self._unwritten.pop(name, None)
         self.records.pop(name, None)
         try:
             await self._delete_record(name, held[1])
         except Exception as exc:  # the KV down: the record stays, the node goes on
             log.warning("node %s: could not drop record %r: %r", self._cluster.node, name, exc)
 
-    async def _delete_record(self, name: str, revision: int) -> None:
+    async def _delete_record(self, name: str, revision: int | None) -> None:
         kv = self._kv
-        if kv is None:
-            return
+        if kv is None or revision is None:
+            return  # None: its write failed (nothing of this node's to drop)
         try:
             # Only if nobody re-placed the name since (optimistic concurrency).
             await call_aio(kv.delete, wire.name_key(name), last=revision)
@@ -574,6 +663,7 @@ class Placement:
         if cluster.closing or cluster.kernel.shutting_down:
             return  # its leave drops the record and the name
         del self._held[name]
+        self._unwritten.pop(name, None)
         self.duplicates_stopped += 1
         log.warning(
             "node %s: agent %r (%s) stopped: %s (the names bucket holds a later"
@@ -610,6 +700,7 @@ class Placement:
 
         Called once the cluster is closing: a record written after that is dropped by its
         writer (see :meth:`_hold`), one written before is in ``_held`` by now."""
+        self._unwritten.clear()
         while self._held:
             name, (_, revision) = self._held.popitem()
             try:
