@@ -697,10 +697,10 @@ BLOCKING = agent(_Blocking, name="blocking", shutdown_timeout=0.05)
 DUPLICATE = "duplicate after partition"
 
 
-async def _stopped(events: Any, name: str) -> LifecycleEvent:
-    """The next ``stopped`` event of ``name`` on a kernel's event stream."""
+async def _stopped(events: Any, name: str | None) -> LifecycleEvent:
+    """The next ``stopped`` event of ``name`` (of any name: None) on a kernel's event stream."""
     async for event in events:
-        if event.kind is EventKind.STOPPED and event.name == name:
+        if event.kind is EventKind.STOPPED and name in (None, event.name):
             return event  # type: ignore[no-any-return]
     raise AssertionError("event stream ended")
 
@@ -964,3 +964,126 @@ async def test_a_replacement_whose_record_write_failed_is_stopped_when_a_later_o
             assert ca.stats().records_unwritten == 0
             assert await _placed_record(ca, ON_C_THEN_A) == cb.placement._held[ON_C_THEN_A][1]
             assert ca.name_holder(ON_C_THEN_A) == ("b", kb.lookup(ON_C_THEN_A).id)
+
+
+async def test_a_copy_whose_name_write_failed_stops_when_its_node_hears_the_holder_again(
+    nats: NatsServer,
+) -> None:
+    """Regression: a and c stop hearing each other, and c cannot write to the buckets
+    either (the minority side of a NATS-cluster partition): a re-places ON_C, c re-places
+    "on-a", but c's name entry for it is never written. Once healed, c's ON_C lost to
+    a's later entry, but c's "on-a" was in the bucket nowhere, never judged the loser:
+    it ran on beside a's for good. Now c, the bucket writable again, finds "on-a" held
+    there by a node it hears and stops its copy as a duplicate: a's, never stopped,
+    keeps its state."""
+    async with (
+        _node(nats.url, "a", **QUIET) as (ka, ca),
+        _node(nats.url, "c", **QUIET) as (kc, cc),
+    ):
+        _meet(ca, cc)
+        with trio.fail_after(60):  # a hang guard
+            on_c = await ca.spawn("counter", name=ON_C)
+            on_a = await cc.spawn("counter", name="on-a", node="a")
+            assert (on_c.node, on_a.node) == ("c", "a")
+            await cc.names_published()
+            await ca.names_published()
+            for cluster in (ca, cc):
+                await _learn(cluster, ON_C)
+                await _learn(cluster, "on-a")
+            assert await kc.request("on-a", "hi", timeout=5) == {"name": "on-a", "handled": 1}
+            outage = _refuse_writes(cc)
+            async with ka.events() as events_a, kc.events() as events_c:
+                _lose(ca, "c")
+                _lose(cc, "a")
+                assert (await _replaced(events_a, ON_C)).reason == "re-placed from node c"
+                assert (await _replaced(events_c, "on-a")).reason == "re-placed from node a"
+                await ca.names_published()
+                await cc.names_published()
+                assert sorted(outage.failed) == ["names:on-a", "placed:on-a"]
+                assert cc.stats().names_unwritten == 1
+                outage.on = False  # the NATS cluster healed too
+                _meet(ca, cc)
+                stopped = []
+                with trio.move_on_after(10):
+                    while len(stopped) < 2:
+                        stopped.append(await _stopped(events_c, None))
+            assert [ka.is_local("on-a"), kc.is_local("on-a")] == [True, False]
+            assert [ka.is_local(ON_C), kc.is_local(ON_C)] == [True, False]
+            assert ka.lookup("on-a").id == on_a.id  # a's, never stopped
+            assert {(e.name, e.reason) for e in stopped} == {(ON_C, DUPLICATE), ("on-a", DUPLICATE)}
+            assert cc.name_holder("on-a") == ("a", on_a.id)
+            assert await kc.request("on-a", "hi", timeout=5) == {"name": "on-a", "handled": 2}
+            stats = cc.stats()
+            assert (stats.duplicates_stopped, stats.names_unwritten, stats.records_unwritten) == (
+                2,
+                0,
+                0,
+            )
+            assert (stats.names_written_late, stats.records_written_late) == (0, 0)
+            assert await _placed_record(ca, "on-a") == ca.placement._held["on-a"][1]
+
+
+async def test_a_copy_whose_name_write_failed_takes_the_name_of_a_holder_it_does_not_hear(
+    nats: NatsServer,
+) -> None:
+    """Regression: c counted a lost and re-placed "on-a", but neither its name entry nor
+    its record could be written. When the buckets took writes again, a still unheard
+    from c, c's copy stayed out of the bucket for good, beside a's (a hears c). Now c
+    writes its entry over a's (the one it replaced, as a re-placement does), and its
+    record; a, hearing c, stops its older copy as a duplicate: one holder."""
+    async with (
+        _node(nats.url, "a", **QUIET) as (ka, ca),
+        # c retries on its own heartbeat ticks; it counts nobody lost by itself
+        _node(nats.url, "c", missed_heartbeats=1000) as (kc, cc),
+    ):
+        _meet(ca, cc)
+        with trio.fail_after(60):  # a hang guard
+            on_a = await cc.spawn("counter", name="on-a", node="a")
+            await ca.names_published()
+            await _learn(cc, "on-a")
+            outage = _refuse_writes(cc)
+            async with ka.events() as events_a, kc.events() as events_c:
+                _lose(cc, "a")
+                assert (await _replaced(events_c, "on-a")).reason == "re-placed from node a"
+                await cc.names_published()
+                assert sorted(outage.failed) == ["names:on-a", "placed:on-a"]
+                outage.on = False  # JetStream writable again; a still unheard from c
+                with trio.move_on_after(10):
+                    event = await _stopped(events_a, "on-a")
+            assert [ka.is_local("on-a"), kc.is_local("on-a")] == [False, True]
+            assert event.agent_id == on_a.id and event.reason == DUPLICATE
+            copy = kc.lookup("on-a").id
+            assert ca.name_holder("on-a") == ("c", copy)
+            assert await ka.request("on-a", "hi", timeout=5) == {"name": "on-a", "handled": 1}
+
+            async def record_written() -> bool:  # after the name (same retry)
+                return cc.stats().records_written_late == 1
+
+            await _until(record_written)
+            stats = cc.stats()
+            assert (stats.names_unwritten, stats.names_written_late) == (0, 1)
+            assert stats.records_unwritten == 0
+            assert await _placed_record(cc, "on-a") == cc.placement._held["on-a"][1]
+            assert ca.stats().duplicates_stopped == 1
+
+
+async def test_a_name_whose_write_failed_is_written_when_the_bucket_takes_writes_again(
+    nats: NatsServer,
+) -> None:
+    """Regression: JetStream was briefly down when c spawned a named agent: its entry
+    was never written (only logged), so no other node could find the name, ever. Now
+    the write is retried: the name is free, c's entry is written."""
+    async with (
+        _node(nats.url, "a", **QUIET) as (ka, ca),
+        _node(nats.url, "c", missed_heartbeats=1000) as (kc, cc),
+    ):
+        _meet(ca, cc)
+        with trio.fail_after(60):  # a hang guard
+            outage = _refuse_writes(cc, records=False, limit=1)
+            ref = kc.spawn(COUNTING, name="plain")
+            await cc.names_published()
+            assert outage.failed == ["names:plain"]
+            assert await ca.wait_for_name("plain", timeout=10) == ("c", ref.id)
+            assert await ka.request("plain", "hi", timeout=5) == {"name": "plain", "handled": 1}
+            stats = cc.stats()
+            assert (stats.names_unwritten, stats.names_written_late) == (0, 1)

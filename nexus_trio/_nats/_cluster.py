@@ -233,6 +233,10 @@ class ClusterStats:
     #: placed agents stopped here because the names bucket holds a later incarnation of
     #: their name on another node (two copies after a partition healed)
     duplicates_stopped: int = 0
+    #: local named agents whose entry could not be written to the names bucket (it was
+    #: unreachable) and is not yet (retried), and such entries written on a retry
+    names_unwritten: int = 0
+    names_written_late: int = 0
     #: placed agents running here whose placement record could not be written (the
     #: placed bucket unreachable), and such records written later, on a retry
     records_unwritten: int = 0
@@ -243,6 +247,17 @@ class ClusterStats:
 
 
 _decode: Final = wire.decode_message
+
+
+def _decode_name_entry(value: bytes | None) -> tuple[str, uuid.UUID] | None:
+    """``(node, agent id)`` of an entry of the names bucket, None if malformed."""
+    try:
+        obj = json.loads(value or b"")
+        return str(obj["node"]), uuid.UUID(obj["id"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 #: read as a module constant on the per-message paths: ``MessageKind.QUERY`` (a class
 #: attribute of an enum) costs ~175 ns a read on Python 3.11, a module constant ~12 ns
 _QUERY: Final = MessageKind.QUERY
@@ -321,6 +336,12 @@ class Cluster:
         self._published_names: dict[str, tuple[uuid.UUID, int]] = {}
         # local names as they should be in KV (what was queued for publishing)
         self._local_names: dict[str, uuid.UUID] = {}
+        # local names whose put failed (the bucket unreachable): name -> agent id, to
+        # write again (see _retry_names); and how many such writes landed
+        self._unwritten_names: dict[str, uuid.UUID] = {}
+        self._names_written_late = 0
+        # one write of a name at a time: _publish_names's, or a retry's
+        self._names_lock = trio.Lock()
         self._name_ops: trio.MemorySendChannel[tuple[str, uuid.UUID | None]]
         self._name_ops_recv: trio.MemoryReceiveChannel[tuple[str, uuid.UUID | None]]
         self._name_ops, self._name_ops_recv = trio.open_memory_channel(1 << 30)
@@ -1757,10 +1778,8 @@ class Cluster:
             self._name_revisions.pop(name, None)
             self._set_name(name, None)
             return
-        try:
-            obj = json.loads(value)
-            entry = (str(obj["node"]), uuid.UUID(obj["id"]))
-        except (ValueError, KeyError, TypeError):
+        entry = _decode_name_entry(value)
+        if entry is None:
             log.warning("node %s: ignoring malformed name record %r", self.node, key)
             return
         self._set_name(name, entry)
@@ -1777,20 +1796,25 @@ class Cluster:
         this node lost and re-placed its agents while they ran on here (or this node
         re-placed theirs). Whichever entry is the later one in the names bucket wins:
         the bucket orders every write, so every node picks the same one, and it is where
-        names route already. Not decided while this node's own put of the name is on its
-        way (it may be the later one: checked when it lands), nor while the winner's
-        node is unreachable from here (then local senders keep the copy here; checked
-        when that node is heard again, see ``_apply_member_entry``).
+        names route already. A copy whose put failed (the bucket unreachable) is in the
+        bucket nowhere: any entry there was written before it, and wins. Not decided
+        while this node's own put of the name is on its way (it may be the later one:
+        checked when it lands), nor while the winner's node is unreachable from here
+        (then local senders keep the copy here; checked when that node is heard again,
+        see ``_apply_member_entry``).
         """
         local = self._local_names.get(name)
         entry = self._names.get(name)
         if local is None or entry is None or entry[0] == self.node:
             return
         published = self._published_names.get(name)
-        if published is None or published[0] != local:
-            return  # its put is on its way, or failed
-        revision = self._name_revisions.get(name, 0)
-        if revision <= published[1]:
+        if published is not None and published[0] == local:
+            written = published[1]
+        elif self._unwritten_names.get(name) == local:
+            written = 0
+        else:
+            return  # its put is on its way
+        if self._name_revisions.get(name, 0) <= written:
             return
         info = self.members.members.get(entry[0])
         if info is None or not info.reachable:
@@ -1847,6 +1871,7 @@ class Cluster:
             return
         else:
             self._local_names[name] = agent_id
+        self._unwritten_names.pop(name, None)  # the op queued now decides
         if self._names_pending == 0:
             self._names_idle = trio.Event()
         self._names_pending += 1
@@ -1863,26 +1888,131 @@ class Cluster:
         assert kv is not None
         async for name, agent_id in self._name_ops_recv:
             try:
-                if agent_id is not None:
-                    value = json.dumps({"node": self.node, "id": str(agent_id)}).encode()
-                    revision = await call_aio(kv.put, wire.name_key(name), value)
-                    self._published_names[name] = (agent_id, revision)
-                    if revision < self._name_revisions.get(name, 0):
-                        # another incarnation was registered after this one (heard already)
-                        self._check_duplicate(name)
+                async with self._names_lock:
+                    if agent_id is not None:
+                        value = self._name_value(agent_id)
+                        try:
+                            revision = await call_aio(kv.put, wire.name_key(name), value)
+                        except Exception as exc:
+                            self._name_unwritten(name, agent_id, exc)
+                        else:
+                            self._name_written(name, agent_id, revision)
                     else:
-                        self._name_revisions[name] = revision
-                        self._set_name(name, (self.node, agent_id))
-                else:
-                    published = self._published_names.pop(name, None)
-                    if published is not None:
-                        await self._delete_name(kv, name, published[1])
+                        published = self._published_names.pop(name, None)
+                        if published is not None:
+                            await self._delete_name(kv, name, published[1])
             except Exception as exc:
-                log.warning("node %s: could not publish name %r: %r", self.node, name, exc)
+                log.warning("node %s: could not drop name %r: %r", self.node, name, exc)
             finally:
                 self._names_pending -= 1
                 if self._names_pending == 0:
                     self._names_idle.set()
+
+    def _name_value(self, agent_id: uuid.UUID) -> bytes:
+        return json.dumps({"node": self.node, "id": str(agent_id)}).encode()
+
+    def _name_written(self, name: str, agent_id: uuid.UUID, revision: int) -> None:
+        """This node's entry of ``name`` (``agent_id``) is in the bucket at ``revision``."""
+        self._published_names[name] = (agent_id, revision)
+        if revision < self._name_revisions.get(name, 0):
+            # another incarnation was registered after this one (heard already)
+            self._check_duplicate(name)
+        else:
+            self._name_revisions[name] = revision
+            self._set_name(name, (self.node, agent_id))
+
+    def _name_unwritten(self, name: str, agent_id: uuid.UUID, exc: Exception) -> None:
+        """The put of local ``name`` failed (the bucket unreachable: a NATS-cluster
+        partition, JetStream down): the agent runs, in the bucket nowhere, so no other
+        node can find it, nor judge it a duplicate. Written again by ``_retry_names``."""
+        if self._local_names.get(name) != agent_id:
+            return  # stopped or replaced since: the op queued for that decides
+        self._unwritten_names[name] = agent_id
+        log.warning(
+            "node %s: name %r (%s) not written to the names bucket: %r; retried",
+            self.node,
+            name,
+            agent_id,
+            exc,
+        )
+        self._check_duplicate(name)  # a holder heard already wins
+
+    async def _retry_names(self) -> bool:
+        """Write the local names whose put failed, once the bucket takes writes again.
+
+        Decided as a put at that moment would be, but with the entry found there:
+        free (none, or deleted), this node's entry is created; this node's own (its
+        put landed, the answer was lost) is kept; the entry of a node this one *hears*
+        wins (that incarnation was registered first, and serves the others: a placed
+        copy here is stopped as a duplicate, see ``_check_duplicate``; a plain named
+        agent runs on unregistered, retried); the entry of a node this one does not
+        hear (counted lost), or an older one of this node, is overwritten (only that
+        revision: a later write wins), as re-placing that node's agent does. False if
+        the bucket is still unreachable (the others wait for the next try).
+        """
+        kv = self._names_kv
+        if kv is None:
+            return True
+        for name, agent_id in list(self._unwritten_names.items()):
+            if self._closing:
+                return True
+            async with self._names_lock:
+                if self._unwritten_names.get(name) != agent_id:
+                    continue  # stopped, or written, since
+                try:
+                    await self._write_name_again(kv, name, agent_id)
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    continue  # written by another node meanwhile: read again next time
+                except Exception as exc:
+                    log.debug("node %s: name %r still not written: %r", self.node, name, exc)
+                    return False
+        return True
+
+    async def _write_name_again(self, kv: KeyValue, name: str, agent_id: uuid.UUID) -> None:
+        """One name of ``_retry_names`` (under the names lock)."""
+        key = wire.name_key(name)
+
+        async def read() -> Any:
+            try:
+                return await kv.get(key)
+            except nats.js.errors.KeyNotFoundError:
+                return None
+
+        entry = await call_aio(read)
+        value = self._name_value(agent_id)
+        if entry is None:
+            revision = await call_aio(kv.create, key, value)
+        else:
+            holder = _decode_name_entry(entry.value)
+            if holder == (self.node, agent_id):
+                revision = entry.revision
+            elif (
+                holder is not None
+                and holder[0] != self.node
+                and (info := self.members.members.get(holder[0])) is not None
+                and info.reachable
+            ):
+                self._apply_name_entry(key, entry.value, entry.operation, entry.revision)
+                self._check_duplicate(name)
+                log.debug(
+                    "node %s: name %r held by node %s: not written", self.node, name, holder[0]
+                )
+                return
+            else:
+                revision = await call_aio(kv.update, key, value, last=entry.revision)
+        if self._closing:  # its leave dropped the names already
+            await self._delete_name(kv, name, revision)
+            return
+        if self._unwritten_names.get(name) == agent_id:
+            del self._unwritten_names[name]
+        self._names_written_late += 1
+        log.warning(
+            "node %s: name %r (%s) written to the names bucket on a retry",
+            self.node,
+            name,
+            agent_id,
+        )
+        self._name_written(name, agent_id, revision)
 
     async def _delete_name(self, kv: KeyValue, name: str, revision: int) -> None:
         try:
@@ -2082,6 +2212,8 @@ class Cluster:
             self._retry_wanted = trio.Event()
             if self._closing:
                 return
+            if self._unwritten_names and not await self._retry_names():
+                continue
             await self.placement.retry_records()
 
     async def _on_heartbeat(self, m: NatsMsg) -> None:
@@ -2518,6 +2650,8 @@ class Cluster:
             streams_evicted=self._inbound.evicted,
             nodes_forgotten=self._nodes_forgotten,
             duplicates_stopped=self.placement.duplicates_stopped,
+            names_unwritten=len(self._unwritten_names),
+            names_written_late=self._names_written_late,
             records_unwritten=self.placement.records_unwritten,
             records_written_late=self.placement.records_written_late,
             errors_unsent=dict(self._errors_unsent),
