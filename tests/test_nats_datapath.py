@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import struct
 import time
+import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -677,6 +678,89 @@ async def test_an_error_frame_the_dead_letter_follower_makes_during_the_leave_is
     assert len(outcome) == 1 and isinstance(outcome[0], RequestTimeout), outcome
     assert cb.stats().errors_replied == {}
     assert cb.stats().errors_unsent == {"request_failed": 1}
+
+
+async def _ask_a_ghost(
+    nursery: trio.Nursery, ka: Kernel, ca: Cluster, cb: Cluster
+) -> list[BaseException | Any]:
+    """In a task of ``nursery``, ask ``ghost`` from a, which a believes runs on b, where
+    no agent has that name: b refuses the query with a ``no_such_agent`` error frame.
+    Returns (the request's outcome, once it has one) when b has made the frame."""
+    made = trio.Event()
+    publish_error = cb._publish_error
+
+    def publishing(reply: str, exc: BaseException) -> None:
+        publish_error(reply, exc)
+        made.set()
+
+    cb._publish_error = publishing  # type: ignore[method-assign]
+    ca.learn_name("ghost", "b", uuid.uuid4())
+    outcome: list[BaseException | Any] = []
+
+    async def ask() -> None:
+        try:
+            outcome.append(await ka.request("ghost", "q", timeout=2))
+        except NexusError as exc:
+            outcome.append(exc)
+
+    nursery.start_soon(ask)
+    with trio.fail_after(10):
+        await made.wait()
+    return outcome
+
+
+async def test_an_error_frame_still_queued_when_its_node_leaves_down_is_counted_once(
+    nats: NatsServer,
+) -> None:
+    """Regression: an error frame in the outbox when its node left with the connection
+    down was counted in ``errors_replied`` when it went in and in ``publish_failures``
+    when the leave threw it away: one refused query counted twice (the swarm's settle
+    sum counts both). It is counted once now: moved to ``errors_unsent``, as a frame made
+    after the leave is; its requester gets ``RequestTimeout``. b's outbox is held, as a
+    dropped connection holds it, from before the query comes."""
+    async with _node(nats.url, "a") as (ka, ca), open_kernel(_config()) as kb:
+        async with trio.open_nursery() as nursery:
+            async with join_cluster(kb, nats.url, "b", options=FAST) as cb:
+                await cb.names_published()
+                cb._outbox.pause()
+                outcome = await _ask_a_ghost(nursery, ka, ca, cb)
+                assert len(cb._outbox) == 1  # the error frame, held
+            # (the nursery waits for the requester)
+        await kb.shutdown()
+    assert len(outcome) == 1 and isinstance(outcome[0], RequestTimeout), outcome
+    counted = cb.stats()
+    assert (counted.errors_replied, counted.errors_unsent, counted.publish_failures) == (
+        {},
+        {"no_such_agent": 1},
+        0,
+    )
+
+
+async def test_an_error_frame_the_nats_client_refuses_is_counted_once(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: an error frame the NATS client refused was counted in ``errors_replied``
+    (it had gone into the outbox) and in ``publish_failures``. It is counted once now, in
+    ``errors_unsent``; its requester gets ``RequestTimeout``."""
+    async with _node(nats.url, "b") as (_kb, cb), _node(nats.url, "a") as (ka, ca):
+        await cb.names_published()
+        publish = cb.nc.publish
+
+        async def refusing(*args: Any, **kw: Any) -> None:
+            if kw.get("headers"):  # (only an error frame has headers here)
+                raise ConnectionError("refused by the test")
+            await publish(*args, **kw)
+
+        monkeypatch.setattr(cb.nc, "publish", refusing)
+        async with trio.open_nursery() as nursery:
+            outcome = await _ask_a_ghost(nursery, ka, ca, cb)
+    assert len(outcome) == 1 and isinstance(outcome[0], RequestTimeout), outcome
+    counted = cb.stats()
+    assert (counted.errors_replied, counted.errors_unsent, counted.publish_failures) == (
+        {},
+        {"no_such_agent": 1},
+        0,
+    )
 
 
 async def test_tells_the_pump_holds_when_a_draining_node_leaves_are_counted(

@@ -187,7 +187,8 @@ class ClusterStats:
     received: int
     #: received messages that could not be delivered locally, by reason
     inbound_dropped: dict[str, int]
-    #: error frames sent back to remote requesters (handed to the outbox), by kind
+    #: error frames sent back to remote requesters (handed to the outbox and not
+    #: refused there), by kind
     errors_replied: dict[str, int]
     disconnects: int
     reconnects: int
@@ -202,7 +203,8 @@ class ClusterStats:
     durable_dead: int
     durable_duplicates: int
     #: messages the NATS client refused, or still queued when the node left with the
-    #: connection down: not sent, lost (queries among them failed at once)
+    #: connection down: not sent, lost (queries among them failed at once; error frames
+    #: are counted in ``errors_unsent`` instead)
     publish_failures: int
     #: tells to this node that NATS lost on the way (gaps in their sequence numbers:
     #: a server failover, a subscriber that NATS cut off as a slow consumer)
@@ -242,7 +244,8 @@ class ClusterStats:
     records_unwritten: int = 0
     records_written_late: int = 0
     #: error frames for remote requesters not sent, by kind: made after this node's
-    #: leave had closed its outbox (their requesters get ``RequestTimeout``)
+    #: leave had closed its outbox, refused by the NATS client, or still queued when the
+    #: node left with the connection down (their requesters get ``RequestTimeout``)
     errors_unsent: dict[str, int] = attrs.field(factory=dict)
 
 
@@ -1022,9 +1025,14 @@ class Cluster:
         once, and fail it at once if it was a query.
 
         A numbered tell is counted by its receiver (the gap shows at the next number or
-        mark), except when this node leaves with it: nothing comes after it then.
+        mark), except when this node leaves with it: nothing comes after it then. An error
+        frame was counted in ``errors_replied`` as it went into the outbox: not sent after
+        all, it moves to ``errors_unsent`` (its query is counted once, not here too).
         """
         subject, reply, headers, data, kind = out
+        if headers is not None and wire.ERROR_HEADER in headers:
+            self._error_not_sent(headers[wire.ERROR_HEADER], subject, repr(exc))
+            return
         if kind == _BATCH:
             # Its tells are numbered: the receiver counts the gap, unless this node
             # leaves now (no later number or mark will show it).
@@ -1074,20 +1082,32 @@ class Cluster:
         ``errors_replied`` once the frame is in the outbox; made after the leave closed
         it (a query refused before the disconnect, a dead letter the follower still
         sees), it goes nowhere: counted in ``errors_unsent``, and its requester, which
-        nothing answers, gets ``RequestTimeout`` at its deadline."""
+        nothing answers, gets ``RequestTimeout`` at its deadline. One the NATS client
+        refuses, or that the leave throws away with the connection down, moves from
+        ``errors_replied`` to ``errors_unsent`` (see _publish_refused): each frame is
+        counted once."""
         kind, body = wire.error_frame(exc)
         headers = {wire.ERROR_HEADER: kind, wire.NODE_HEADER: self.node}
-        if self._outbox.put((reply, "", headers, body, _PLAIN)):
-            self._errors_replied[kind] += 1
-            return
+        # counted first: the outbox may send it at once, and a refusal then moves it
+        self._errors_replied[kind] += 1
+        if not self._outbox.put((reply, "", headers, body, _PLAIN)):
+            self._error_not_sent(kind, reply, "the node left the cluster")
+
+    def _error_not_sent(self, kind: str, reply: str, why: str) -> None:
+        """An error frame counted in ``errors_replied`` did not go: counted in
+        ``errors_unsent`` instead."""
+        replied = self._errors_replied
+        replied[kind] -= 1
+        if replied[kind] <= 0:
+            del replied[kind]
         self._errors_unsent[kind] += 1
         if log.isEnabledFor(logging.INFO):
             log.info(
-                "node %s: error frame (%s) for %s not sent: the node left the cluster"
-                " (counted in errors_unsent)",
+                "node %s: error frame (%s) for %s not sent: %s (counted in errors_unsent)",
                 self.node,
                 kind,
                 reply,
+                why,
             )
 
     # --- inbound -----------------------------------------------------------------------------
@@ -2590,7 +2610,8 @@ class Cluster:
                 if unsent:
                     log.error(
                         "node %s: leaving with the NATS connection down: %d queued"
-                        " messages not sent, counted in publish_failures",
+                        " messages not sent, counted in publish_failures (error frames"
+                        " for remote requesters in errors_unsent)",
                         self.node,
                         len(unsent),
                     )
