@@ -1512,6 +1512,81 @@ async def test_a_tell_waiting_for_credit_when_its_node_is_lost_fails_at_once(
     assert cb.stats().inbound_dropped == {} and cb.stats().lost_in_transit == 0
 
 
+async def test_credit_of_an_old_join_does_not_open_the_new_joins_window(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: credit that b's first join sent (for two tells it took) reached a only
+    after b left, joined again and a's new link had sent it two tells (a window of 2):
+    the link took the old join for b's and opened its window for two more, then, at the
+    new join's first credit, counted everything in flight as taken and opened it for two
+    more again: four tells parked on b, twice the window, and more with every credit.
+    Credit now counts only from the join a's membership record names (its session):
+    the old join's is ignored, and b never holds more than the window."""
+    gate = trio.Event()
+    handled: list[Any] = []
+    slow = attrs.evolve(FAST, heartbeat_interval=30.0)  # no heartbeat tick in the test
+    sender: list[Cluster] = []
+    held: list[tuple[batch.BatchHead, int, bytes]] = []
+    original_frame = Cluster._control_frame
+
+    def frame(self: Cluster, head: batch.BatchHead, kind: int, body: bytes) -> None:
+        if sender and self is sender[0] and head.node == "b" and kind == batch.CREDIT:
+            held.append((head, kind, body))  # until the test lets it in
+            return
+        original_frame(self, head, kind, body)
+
+    def send_until_full(ka: Kernel, first: int) -> int:
+        """Tell ``stalled`` first, first + 1, ... from a until its window is full."""
+        for n in range(first, first + 20):
+            try:
+                ka.send_nowait("stalled", n)
+            except MailboxFull:
+                return n
+        return first + 20
+
+    monkeypatch.setattr(Cluster, "_control_frame", frame)
+    async with open_kernel(_config()) as kb:
+        kb.spawn(agent(_collector([]), name="col"))
+        kb.spawn(_ping)
+        async with _node(nats.url, "a", heartbeat_interval=30.0, node_window=2) as (ka, ca):
+            with trio.fail_after(30):
+                async with join_cluster(kb, nats.url, "b", options=slow) as cb1:
+                    await cb1.names_published()
+                    await ca.wait_for_name("col")
+                    await ca.wait_for_name("ping")
+                    sender.append(ca)
+                    for i in range(2):
+                        await ka.send("col", i)
+                    assert await ka.request("ping", None) == "pong"  # (after b's credit)
+                    old = [h.session for h, _, _ in held]
+                    assert old  # b's first join took both and credited them: held
+                kb.spawn(_gated("stalled", gate, handled))
+                async with join_cluster(kb, nats.url, "b", options=slow) as cb2:
+                    await cb2.names_published()
+                    await ca.wait_for_name("stalled")  # a heard the leave and the new join
+                    # 0 into the handler and 1 into the mailbox: both taken, credit held
+                    assert send_until_full(ka, 0) == 2
+                    assert await ka.request("ping", None) == "pong"
+                    assert len(held) > len(old)  # the new join's credit, held too
+                    for args in held[: len(old)]:  # the old join's credit comes late
+                        original_frame(ca, *args)
+                    n = send_until_full(ka, 2)
+                    assert await ka.request("ping", None) == "pong"  # (b parked them)
+                    for args in held[len(old) :]:  # then the new join's
+                        original_frame(ca, *args)
+                    n = send_until_full(ka, n)
+                    assert await ka.request("ping", None) == "pong"  # (b has them all)
+                    parked = cb2.stats().parked
+                    gate.set()
+                    with trio.fail_after(10):
+                        while len(handled) < n:
+                            await ka.request("ping", None)
+        await kb.shutdown()
+    assert handled == list(range(n))
+    assert (n, parked) == (4, 2)  # the new join's window: 2 taken, 2 parked
+    assert cb2.stats().inbound_dropped == {} and cb2.stats().lost_in_transit == 0
+
+
 # --- remote cancellation ---------------------------------------------------------------------
 
 

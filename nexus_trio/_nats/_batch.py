@@ -273,7 +273,9 @@ class NodeLink:
             if self._peer_session is not None:
                 # The destination left and joined again in the same process: what was
                 # in flight to the old one is gone (it counted it, or NATS lost it);
-                # the new one counts from the tells it got.
+                # the new one counts from the tells it got. (Only for a destination of
+                # an earlier version: the cluster passes on the credit of the join that
+                # its member table holds, and a new join gets a new link.)
                 self._base = self.sent - consumed
             self._peer_session = peer_session
         consumed += self._base

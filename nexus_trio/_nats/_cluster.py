@@ -1315,7 +1315,11 @@ class Cluster:
         try:
             if kind == batch.CREDIT:
                 session, consumed = batch.parse_credit(body)
-                if session == self._session and head.dest_prefix == self.id_prefix:
+                if (
+                    session == self._session
+                    and head.dest_prefix == self.id_prefix
+                    and self._from_current_join(head)
+                ):
                     link = self._links.get((head.node, head.sender_prefix))
                     if link is not None:
                         link.credit(head.session, consumed)
@@ -1327,6 +1331,16 @@ class Cluster:
         except batch.BatchError as exc:
             self._dropped["malformed"] += 1
             log.warning("node %s: bad frame in a batch from %r: %s", self.node, head.node, exc)
+
+    def _from_current_join(self, head: batch.BatchHead) -> bool:
+        """The batch comes from the join of its node that the member table holds (the
+        session its record names). Credit of another join counts for nothing: an earlier
+        join of that process, heard after its leave or new join (credit travels on the
+        data connection, membership on the control one), would be taken for the new
+        join's and open its window past ``node_window`` (see _restart_streams). A record
+        without a session (a kernel of an earlier version) is taken at its word."""
+        info = self.members.members.get(head.node)
+        return info is not None and (info.session is None or info.session == head.session)
 
     def _credit(self, stream: str | None, consumed: int) -> None:
         """``consumed`` more tells of ``stream`` left this node's hands: the total goes
@@ -2176,7 +2190,9 @@ class Cluster:
         }
 
     def _record(self) -> bytes:
-        return encode_record(self.node, self.id_prefix, self._joined_at, self._stats_summary())
+        return encode_record(
+            self.node, self.id_prefix, self._joined_at, self._stats_summary(), self._session
+        )
 
     async def _heartbeat_once(self) -> None:
         """Announce this node on core NATS (what liveness is judged by) and in KV (so

@@ -62,18 +62,30 @@ class NodeInfo:
     #: this kernel's monotonic clock when the last heartbeat was seen
     last_seen: float
     reachable: bool = True
+    #: the session of the node's join (random per join, see ``_batch``): whose credit
+    #: counts (None in the record of a kernel of an earlier version)
+    session: int | None = None
 
 
-def encode_record(node: str, id_prefix: int, joined: float, stats: dict[str, Any]) -> bytes:
+def encode_record(
+    node: str,
+    id_prefix: int,
+    joined: float,
+    stats: dict[str, Any],
+    session: int | None = None,
+) -> bytes:
+    record: dict[str, Any] = {
+        "node": node,
+        "id_prefix": f"{id_prefix:016x}",
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "joined": joined,
+        "stats": stats,
+    }
+    if session is not None:
+        record["session"] = f"{session:016x}"
     return json.dumps(
-        {
-            "node": node,
-            "id_prefix": f"{id_prefix:016x}",
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "joined": joined,
-            "stats": stats,
-        },
+        record,
         separators=(",", ":"),
     ).encode()
 
@@ -88,6 +100,7 @@ def decode_record(data: bytes, seen_at: float) -> NodeInfo:
         joined=float(obj["joined"]),
         stats=dict(obj.get("stats") or {}),
         last_seen=seen_at,
+        session=int(obj["session"], 16) if "session" in obj else None,
     )
 
 
