@@ -45,6 +45,7 @@ from nexus_trio._nats import Cluster, ClusterOptions, NatsServer, join_cluster
 from nexus_trio._nats import _batch as batch
 from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import call_aio
+from nexus_trio.cli._swarm import cluster_counts
 
 from .hang_guard import real_time_limit
 from .nats_server import FAST
@@ -1585,6 +1586,81 @@ async def test_credit_of_an_old_join_does_not_open_the_new_joins_window(
     assert handled == list(range(n))
     assert (n, parked) == (4, 2)  # the new join's window: 2 taken, 2 parked
     assert cb2.stats().inbound_dropped == {} and cb2.stats().lost_in_transit == 0
+
+
+async def test_tells_sent_to_a_node_that_left_before_its_sender_heard_it_are_counted(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a tell that a sent with credit after b's leave had closed b's data
+    connection, before a heard the leave, went to a subject nobody listened to: b could
+    not count it (gone), a counted it sent, and nobody counted it lost. b's leave now
+    ends with a last notice, sent once its data connection is closed, with the last
+    number b took of each sender's stream; a counts the tells it numbered for b past it
+    in ``lost_at_leave``. Here a hears nothing of b's leave (notices, membership
+    record's delete) until it has sent two tells after b disconnected."""
+    records: list[Any] = []
+    slow = attrs.evolve(FAST, heartbeat_interval=30.0)  # no heartbeat tick in the test
+    deaf: list[Cluster] = []
+    held_notices: list[Any] = []
+    held_deletes: list[tuple[str, bytes | None, str | None]] = []
+    original_heartbeat = Cluster._on_heartbeat
+    original_apply = Cluster._apply_member_entry
+
+    heard = trio.Event()  # all of b's leave: its notices and its record's delete
+
+    async def heartbeat(self: Cluster, m: Any) -> None:
+        if deaf and self is deaf[0] and m.subject.endswith(".b") and not m.data:
+            held_notices.append(m)
+            if held_deletes and len(held_notices) == 2:
+                heard.set()
+            return
+        await original_heartbeat(self, m)
+
+    def applying(self: Cluster, key: str, value: bytes | None, op: str | None) -> None:
+        if deaf and self is deaf[0] and key == "b" and op == "DEL":
+            held_deletes.append((key, value, op))
+            if len(held_notices) == 2:
+                heard.set()
+            return
+        original_apply(self, key, value, op)
+
+    monkeypatch.setattr(Cluster, "_on_heartbeat", heartbeat)  # (before a subscribes)
+    monkeypatch.setattr(Cluster, "_apply_member_entry", applying)
+    async with open_kernel(_config()) as kb:
+        col = kb.spawn(agent(_collector(records), name="col"))
+        async with _node(nats.url, "a", heartbeat_interval=30.0) as (ka, ca):
+            with trio.fail_after(30):
+                async with join_cluster(kb, nats.url, "b", options=slow) as cb:
+                    await cb.names_published()
+                    await ca.wait_for_name("col")
+                    for i in range(5):
+                        await ka.send("col", i)
+                    assert await ka.request("col", "dump") == 5
+                    deaf.append(ca)
+                # b has left and closed its connections; a has not heard it
+                with trio.move_on_after(5):  # (a kernel without a last notice sends one)
+                    await heard.wait()
+                assert held_notices and held_deletes
+                assert "b" in ca.members.members
+                ca.learn_name("col", "b", col.id)  # (b's names were dropped meanwhile)
+                for i in range(5, 7):
+                    await ka.send("col", i)  # credit: taken, and published
+                await trio.testing.wait_all_tasks_blocked()
+                await call_aio(ca.nc.flush, 5)
+                deaf.clear()
+                for m in held_notices:
+                    await ca._on_heartbeat(m)
+                for entry in held_deletes:
+                    ca._apply_member_entry(*entry)
+                assert "b" not in ca.members.members
+                counted = cluster_counts(ca)["lost_counted"]
+        await kb.shutdown()
+    assert records == list(range(5))
+    assert ca.tells_sent_to("b", cb.id_prefix) == 0  # (the stream ended with the leave)
+    assert cb.stats().received == 5 + 1  # the tells and the request
+    assert counted == 2  # the two tells sent after b left: counted lost on a
+    assert ca.stats().lost_at_leave == 2
+    assert ca.stats().publish_failures == 0
 
 
 # --- remote cancellation ---------------------------------------------------------------------

@@ -99,6 +99,8 @@ _ROUTE_MEMORY: Final = 65536
 #: addresses whose routes a node keeps for its tells (then it starts over)
 _KNOWN_LINKS_MAX: Final = 65_536
 _KV_OPS_DELETED: Final = ("DEL", "PURGE")
+#: streams to nodes that left cleanly whose last notice (see _on_last_notice) is awaited
+_LEFT_STREAMS_MAX: Final = 4096
 
 #: a stream of numbered tells: the destination node and its id prefix (its process)
 _Stream = tuple[str, int]
@@ -247,6 +249,10 @@ class ClusterStats:
     #: leave had closed its outbox, refused by the NATS client, or still queued when the
     #: node left with the connection down (their requesters get ``RequestTimeout``)
     errors_unsent: dict[str, int] = attrs.field(factory=dict)
+    #: tells this node sent to a node that left cleanly which that node's last notice
+    #: says it never took: they reached NATS after its data connection had closed,
+    #: before this node heard of the leave
+    lost_at_leave: int = 0
 
 
 _decode: Final = wire.decode_message
@@ -397,6 +403,11 @@ class Cluster:
         )
         self._marks_sent = 0
         self._publish_failures = 0
+        # streams to joins that left, ended at their leave as this node heard it (see
+        # _restart_streams): (node, id prefix, session) -> the last number sent, until
+        # the join's last notice says what it took (see _on_last_notice)
+        self._left_streams: OrderedDict[tuple[str, int, int], int] = OrderedDict()
+        self._lost_at_leave = 0
         self._last_loss_log = -1.0
         self._data_up = trio.Event()  # set while the data connection is up
         self._data_up.set()
@@ -775,7 +786,7 @@ class Cluster:
         if link is not None:
             link.wake_waiters()
 
-    def _restart_streams(self, node: str) -> None:
+    def _restart_streams(self, node: str, ended: NodeInfo | None = None) -> None:
         """``node`` left, or joined again: its next join numbers the tells it gets from
         1 (a new ``_seq_in``), so the streams to it start over, with new links, now; not
         at the next heartbeat (see _send_sequence_marks), by which time the same process
@@ -785,9 +796,22 @@ class Cluster:
         stream, they would be miscounted by a new join, and a node that left takes
         nothing; counted here (``publish_failures``). Credit due the other way moves to
         the new link (a new join's checks ignore an old join's credit). A sender waiting
-        for an old link's credit is woken (see _drop_link) and routes its tell again."""
+        for an old link's credit is woken (see _drop_link) and routes its tell again.
+
+        ``ended``: the join that ended (not counted lost already): what was numbered for
+        it is kept until its last notice says what it took (see _on_last_notice)."""
         for stream in [key for key in self._links if key[0] == node]:
             link = self._links[stream]
+            if (
+                ended is not None
+                and ended.session is not None
+                and ended.id_prefix == stream[1]
+                and link.sent
+            ):
+                left = self._left_streams
+                left[(node, ended.id_prefix, ended.session)] = link.sent
+                if len(left) > _LEFT_STREAMS_MAX:
+                    left.popitem(last=False)
             self._dirty.pop(link, None)
             self._drop_link(stream)
             self._seq_out.pop(stream, None)
@@ -2186,6 +2210,7 @@ class Cluster:
             "dropped": sum(self._dropped.values()),
             "errors_replied": dict(self._errors_replied),
             "errors_unsent": dict(self._errors_unsent),
+            "lost_at_leave": self._lost_at_leave,
             **self.record_extra,
         }
 
@@ -2253,16 +2278,51 @@ class Cluster:
             await self.placement.retry_records()
 
     async def _on_heartbeat(self, m: NatsMsg) -> None:
-        """asyncio side: another node's heartbeat (or its clean leave: an empty body)."""
+        """asyncio side: another node's heartbeat (or its clean leave: an empty body;
+        its last notice, see _on_last_notice, has a header)."""
         node = m.subject[len(self._heartbeat_subject) - len(self.node) :]
+        if not m.data and m.headers and wire.LEFT_HEADER in m.headers:
+            self._on_last_notice(node, m.headers[wire.LEFT_HEADER])
+            return
         self._apply_member_entry(node, m.data, None if m.data else "DEL")
+
+    def _on_last_notice(self, node: str, notice: str) -> None:
+        """The last notice of a join of ``node`` that left: sent once its data connection
+        was closed, it says the last number it took of each sender's stream. The tells
+        this node numbered for that join past its number reached NATS after the join
+        stopped receiving (sent before this node heard the leave): nobody else can count
+        them, so they are counted here, ``lost_at_leave``. Also a leave notice, for the
+        join the member table holds (not for a later join of that process)."""
+        try:
+            obj = json.loads(notice)
+            prefix, session = int(obj["id_prefix"], 16), int(obj["session"], 16)
+            taken = int(obj["recv"].get(self.stream_name, 0))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log.warning("node %s: ignoring a malformed last notice of %r", self.node, node)
+            return
+        info = self.members.members.get(node)
+        if info is not None and info.id_prefix == prefix and info.session in (None, session):
+            self._apply_member_entry(node, None, "DEL")
+        sent = self._left_streams.pop((node, prefix, session), 0)
+        if sent > taken:
+            self._lost_at_leave += sent - taken
+            log.warning(
+                "node %s: %d tells for node %r were lost: they reached NATS after it left"
+                " (numbered up to %d, it took up to %d), counted in lost_at_leave",
+                self.node,
+                sent - taken,
+                node,
+                sent,
+                taken,
+            )
 
     def _apply_member_entry(self, key: str, value: bytes | None, op: str | None) -> None:
         if op == "DEL":
             info = self.members.left(key)
             if info is not None and key != self.node:
                 log.info("node %s: node %r left the cluster", self.node, key)
-                self._restart_streams(key)
+                # (one lost before was counted then, see Placement.node_lost)
+                self._restart_streams(key, info if info.reachable else None)
                 self.placement.member_left(key)
             return
         if op == "PURGE" or not value:
@@ -2289,7 +2349,8 @@ class Cluster:
                     )
             if previous.joined != info.joined:
                 # joined again (its leave unheard here): the new join counts from number 1
-                self._restart_streams(info.node)
+                same = previous.id_prefix == info.id_prefix and previous.reachable
+                self._restart_streams(info.node, previous if same else None)
         if self.members.heard(info):
             log.warning("node %s: node %r is reachable again", self.node, info.node)
             self._check_duplicates_on(info.node)
@@ -2644,14 +2705,40 @@ class Cluster:
         # Not nc.drain(): it waits for every subscription's callback queue, and a
         # subscription whose task is already gone (cancelled watcher) never drains.
         # What we publish was flushed in _leave; close() also flushes what is left.
-        for nc in (self._nc, self._ctl):
+        data, control = self._nc, self._ctl
+        for nc in (data, control):
             if nc is None or nc.is_closed:
                 continue
+            if nc is control and self._closing and (data is None or data.is_closed):
+                await self._send_last_notice(nc)
             with trio.CancelScope(shield=True), trio.move_on_after(3):
                 try:
                     await call_aio(nc.close)
                 except Exception as exc:
                     log.debug("node %s: close: %r", self.node, exc)
+
+    async def _send_last_notice(self, control: NatsClient) -> None:
+        """After a clean leave, once the data connection is closed (nothing more comes
+        in): the last number this join took of each sender's stream, so that a sender
+        that numbered more before it heard the leave counts them (see _on_last_notice)."""
+        notice = json.dumps(
+            {
+                "id_prefix": f"{self.id_prefix:016x}",
+                "session": f"{self._session:016x}",
+                "recv": self._seq_in.last_numbers(),
+            },
+            separators=(",", ":"),
+        )
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            try:
+                await call_aio(
+                    control.publish,
+                    self._heartbeat_subject,
+                    b"",
+                    headers={wire.LEFT_HEADER: notice},
+                )
+            except Exception as exc:
+                log.warning("node %s: could not send its last notice: %r", self.node, exc)
 
     def stats(self) -> ClusterStats:
         d = self.durable
@@ -2692,6 +2779,7 @@ class Cluster:
             records_unwritten=self.placement.records_unwritten,
             records_written_late=self.placement.records_written_late,
             errors_unsent=dict(self._errors_unsent),
+            lost_at_leave=self._lost_at_leave,
         )
 
 

@@ -61,6 +61,9 @@ from .._message import (
 NODE_HEADER: Final = "Nexus-Node"
 ERROR_HEADER: Final = "Nexus-Error"
 MSG_ID_HEADER: Final = "Nats-Msg-Id"
+#: on a node's last leave notice (an empty heartbeat sent once its data connection is
+#: closed): its id prefix, session and the last number it took of each sender's stream
+LEFT_HEADER: Final = "Nexus-Left"
 TYPE_PREFIX: Final = "type:"
 
 _TOKEN: Final = re.compile(r"[A-Za-z0-9_-]+")

@@ -201,6 +201,7 @@ def _dropped(record: Mapping[str, Any]) -> int:
         int(record.get("dropped", 0))
         + int(record.get("lost_in_transit", 0))
         + int(record.get("publish_failures", 0))
+        + int(record.get("lost_at_leave", 0))
         + sum(int(frames.get(kind, 0)) for frames in refused for kind in _REFUSED_KINDS)
     )
 
@@ -214,7 +215,7 @@ def cluster_counts(cluster: Cluster) -> dict[str, Any]:
         for kind in _REFUSED_KINDS
     )
     dropped = sum(s.inbound_dropped.values()) + refused
-    lost = s.lost_in_transit + s.publish_failures + s.lost_with_nodes
+    lost = s.lost_in_transit + s.publish_failures + s.lost_with_nodes + s.lost_at_leave
     return {
         "node": s.node,
         "forwarded_in": s.forwarded_in,
@@ -224,6 +225,7 @@ def cluster_counts(cluster: Cluster) -> dict[str, Any]:
             "dropped_on_arrival": dropped,
             "lost_in_transit": s.lost_in_transit,
             "publish_failures": s.publish_failures,
+            "lost_at_leave": s.lost_at_leave,
             "lost_with_nodes": s.lost_with_nodes,
         },
         # per worker lost (died): the messages this worker handed to it and took from it
