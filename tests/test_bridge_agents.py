@@ -828,6 +828,27 @@ async def test_invalid_lines_are_reported_on_stderr_and_skipped(lang: str) -> No
 
 
 @pytest.mark.parametrize("lang", LANGS)
+async def test_a_line_nested_too_deeply_is_skipped_and_the_agent_goes_on(lang: str) -> None:
+    """Regression: a line nested deeper than Python's JSON parser goes (RecursionError)
+    crashed the Python bridge (exit 1); with ``"cancel"`` in it, the input thread that
+    looks for cancel frames died of it instead, and the bridge stopped as at end of input
+    (exit 0, the next message never answered). Now it is an unusable line like any other."""
+    depth = 100_000
+    async with open_child(echo_command(lang)) as child:
+        await child.register()
+        for inner in ('"cancel"', "0"):
+            await child.write(f"{'[' * depth}{inner}{']' * depth}\n".encode())
+            assert (await child.response_to(message(inner)))["payload"] == inner
+        await child.write(SHUTDOWN)
+        assert await child.rest() == []
+        assert await child.wait() == 0
+    lines = child.stderr_lines()
+    assert len(lines) == 2, lines
+    for number, line in zip((1, 3), lines, strict=True):  # each followed by a message
+        assert line.startswith(f"nexus-bridge[echo]: skipped input line {number}: "), line
+
+
+@pytest.mark.parametrize("lang", LANGS)
 async def test_message_frame_with_missing_fields_still_gets_an_error_answer(lang: str) -> None:
     async with open_child(echo_command(lang)) as child:
         await child.register()

@@ -550,8 +550,10 @@ class NexusAgent:
         try:
             frame = json.loads(raw)
             target = frame["payload"]["message_id"] if frame["type"] == "cancel" else None
-        except (ValueError, TypeError, KeyError):
-            return  # not a usable cancel frame: the main loop reports the line
+        except (ValueError, TypeError, KeyError, RecursionError):
+            # Not a usable cancel frame: the main loop reports the line. (A line nested
+            # too deeply must not end this thread: the bridge would stop as at end of input.)
+            return
         if not isinstance(target, str):
             return
         with self._state_lock:
@@ -572,6 +574,8 @@ class NexusAgent:
             frame = json.loads(text)
         except ValueError as exc:
             raise InvalidFrame(f"not JSON ({exc}): {text[:_SNIPPET]!r}") from None
+        except RecursionError:
+            raise InvalidFrame(f"JSON nested too deeply: {text[:_SNIPPET]!r}") from None
         if not isinstance(frame, dict):
             raise InvalidFrame(f"a frame must be a JSON object, got {type(frame).__name__}")
         kind = frame.get("type")
