@@ -122,6 +122,11 @@ class Probe(NexusAgent):
             return "finished"
         if do == "async_sleep":
             return self._await_sleep()
+        if do == "wait_file":  # busy until the test creates the file
+            self.log("working")
+            while not os.path.exists(p["path"]):
+                time.sleep(0.01)
+            return "done"
         raise KeyError(do)
 
     async def _await_sleep(self):
@@ -137,6 +142,7 @@ if __name__ == "__main__":
 """
 
 JS_PROBE = """
+const fs = require('fs');
 const { NexusAgent, runMain } = require(%(bridge)s);
 
 class Probe extends NexusAgent {
@@ -181,6 +187,10 @@ class Probe extends NexusAgent {
           });
         });
         return 'finished';
+      case 'wait_file': // busy until the test creates the file
+        this.log('working');
+        while (!fs.existsSync(p.path)) await new Promise((resolve) => setTimeout(resolve, 10));
+        return 'done';
       default: throw new Error(`unknown do ${p.do}`);
     }
   }
@@ -963,6 +973,53 @@ async def test_cancel_frame_stops_the_message_being_handled_and_it_is_answered_c
     cancelled = [line for line in child.stderr_lines() if line.endswith(" cancelled")]
     assert len(cancelled) == 2
     assert not [line for line in child.stderr_lines() if "skipped input line" in line]
+
+
+#: what the bridges read ahead of the line being handled, at most, plus the pipe's and
+#: the stream's own buffers
+READ_AHEAD_BOUND = 3 << 20
+
+
+@pytest.mark.parametrize("lang", LANGS)
+async def test_input_read_ahead_while_a_handler_runs_is_bounded(lang: str, tmp_path: Path) -> None:
+    """Regression: in protocol 2 the bridges read their input on while a handler runs (to
+    see ``cancel`` frames), into a buffer without bound: a flood of frames written then
+    was all taken into memory (the writer never blocked). Now the reader stops once about
+    1 MiB is waiting, so the writer waits (backpressure, as in protocol 1); nothing is
+    lost: every frame is handled, in order, once the handler is done."""
+    flag = tmp_path / "go"
+    pings = [f"{n:08d}{'x' * 1000}" for n in range(8 * 1024)]  # 8 MiB of ping frames
+    flood = b"".join(
+        json.dumps({"type": "ping", "payload": {"id": ping}}).encode() + b"\n" for ping in pings
+    )
+    async with open_child(probe_command(lang, tmp_path)) as child:
+        await child.register()
+        work = message({"do": "wait_file", "path": str(flag)}, kind=MessageKind.QUERY)
+        await child.write(work)
+        await poll_until(lambda: "working" in child.stderr_lines())
+        assert child.process.stdin is not None
+        fd = child.process.stdin.fileno()
+        sent = 0
+        stalled = trio.current_time()
+        # Write until the child stops taking more for a second (or has taken it all).
+        while sent < len(flood) and trio.current_time() - stalled < 1.0:
+            try:
+                sent += os.write(fd, flood[sent : sent + 65536])
+                stalled = trio.current_time()
+            except BlockingIOError:
+                await trio.sleep(0.01)
+        assert sent <= READ_AHEAD_BOUND, f"{sent} bytes taken while a handler ran"
+        flag.touch()
+
+        async def write_the_rest() -> None:
+            await child.write(flood[sent:], SHUTDOWN)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write_the_rest)
+            response = await child.frame()
+            assert (response["type"], response["payload"]["reply_to"]) == ("response", str(work.id))
+            assert [frame["payload"]["id"] for frame in await child.rest()] == pings
+        assert await child.wait() == 0
 
 
 @pytest.mark.parametrize("lang", LANGS)

@@ -21,6 +21,11 @@ const PROTOCOL_VERSION = 2;
 const FEATURES = Object.freeze(['cancel']);
 /** Cancel frames remembered for messages not (yet) being handled. */
 const EARLY_CANCELS = 64;
+/**
+ * Protocol 2: bytes of input read ahead of the line being handled, at most (then reading
+ * waits, and so does the kernel's next write: backpressure).
+ */
+const READ_AHEAD = 1 << 20;
 const KINDS = ['Command', 'Event', 'Query', 'Response'];
 const MESSAGE_FIELDS = ['from', 'to', 'kind', 'payload'];
 const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
@@ -336,9 +341,11 @@ class NexusAgent {
       // Protocol 2 reads on while a handler runs, so that a cancel frame is seen at once;
       // the lines are still handled one at a time, in order.
       const lines = [];
+      let buffered = 0; // bytes in lines
       let ended = false;
       let failure = null;
       let wake = null;
+      let drained = null;
       const notify = () => {
         if (wake !== null) {
           const resolve = wake;
@@ -351,7 +358,15 @@ class NexusAgent {
           for await (const raw of this._rawLines()) {
             this._peekCancel(raw);
             lines.push(raw);
+            buffered += raw.length;
             notify();
+            // Not one more chunk while READ_AHEAD bytes wait: the stream, then the pipe
+            // fill up, and the writer waits.
+            while (buffered >= READ_AHEAD) {
+              await new Promise((resolve) => {
+                drained = resolve;
+              });
+            }
           }
         } catch (err) {
           failure = err;
@@ -362,7 +377,14 @@ class NexusAgent {
       })();
       for (;;) {
         while (lines.length > 0) {
-          if ((await this._onLine(lines.shift(), decoder)) === 'shutdown') return;
+          const raw = lines.shift();
+          buffered -= raw.length;
+          if (drained !== null && buffered < READ_AHEAD) {
+            const resolve = drained;
+            drained = null;
+            resolve();
+          }
+          if ((await this._onLine(raw, decoder)) === 'shutdown') return;
         }
         if (failure !== null) throw failure;
         if (ended) return;

@@ -30,7 +30,6 @@ import inspect
 import json
 import math
 import os
-import queue
 import sys
 import threading
 import time
@@ -65,6 +64,10 @@ KINDS = ("Command", "Event", "Query", "Response")
 
 #: cancel frames remembered for messages not (yet) being handled
 _EARLY_CANCELS = 64
+
+#: protocol 2: bytes of input the thread reads ahead of the main loop, at most (then it
+#: waits, and so does the kernel's next write: backpressure)
+_READ_AHEAD = 1 << 20
 
 _MESSAGE_FIELDS = ("from", "to", "kind", "payload")
 
@@ -178,6 +181,37 @@ class Cancelled(Exception):
 
 class _NotSerialisable(TypeError):
     pass
+
+
+class _ReadAhead:
+    """Input lines handed from the input thread to the main loop, in order.
+
+    :meth:`put` waits while ``limit`` bytes or more are waiting to be handled, so a flood
+    of input is not taken into memory while a handler runs.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._lines: collections.deque[bytes] = collections.deque()
+        self._size = 0
+        self._changed = threading.Condition()
+
+    def put(self, raw: bytes) -> None:
+        with self._changed:
+            while self._size >= self._limit:
+                self._changed.wait()
+            self._lines.append(raw)
+            self._size += len(raw)
+            self._changed.notify_all()
+
+    def get(self) -> bytes:
+        with self._changed:
+            while not self._lines:
+                self._changed.wait()
+            raw = self._lines.popleft()
+            self._size -= len(raw)
+            self._changed.notify_all()
+        return raw
 
 
 def _reject(value: Any) -> Any:
@@ -497,7 +531,7 @@ class NexusAgent:
         if self.protocol >= 2:
             # Read ahead in a thread, so that a cancel frame is seen while a handler runs;
             # the lines are still handled here, one at a time and in order.
-            lines: queue.Queue[bytes] = queue.Queue()
+            lines = _ReadAhead(_READ_AHEAD)
             threading.Thread(
                 target=self._read_input,
                 args=(source, lines),
@@ -531,7 +565,7 @@ class NexusAgent:
                 self._write_frame("pong", {"id": frame["payload"]["id"]})
             # a cancel frame was acted on by the input thread when it was read
 
-    def _read_input(self, source: IO[bytes], lines: queue.Queue[bytes]) -> None:
+    def _read_input(self, source: IO[bytes], lines: _ReadAhead) -> None:
         """The input thread: every line goes to the main loop; cancels take effect now."""
         # The process's stdin is read from its descriptor: a daemon thread blocked inside
         # sys.stdin.buffer holds its lock, and the interpreter would abort at exit.
