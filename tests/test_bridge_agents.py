@@ -659,6 +659,38 @@ async def test_echo_bridge_registers_round_trips_and_exits_0_on_shutdown(lang: s
         assert await child.wait() == 0
 
 
+#: a Node agent run in-process: frames to a stream of the caller's, so runAgent resolves
+#: instead of exiting the process, which ends when nothing is left to do
+JS_EMBEDDED = """
+const { EchoAgent } = require(%(bridge)s);
+const agent = new EchoAgent({ output: process.stdout, protocol: %(protocol)d });
+agent.runAgent().then((code) => {
+  process.stderr.write(`runAgent resolved ${code}\\n`);
+  process.exitCode = code;
+});
+"""
+
+
+@needs_node
+@pytest.mark.parametrize("protocol", [1, 2])
+async def test_node_agent_run_in_process_releases_its_input_on_shutdown(
+    protocol: int, tmp_path: Path
+) -> None:
+    """Regression: in protocol 2 the Node bridge's read-ahead went on reading the input
+    after ``shutdown``: an agent run in-process (``output`` given, so no process.exit)
+    kept its process alive until the input ended. As in protocol 1, the input is let go
+    of at shutdown now, and the process ends at once (stdin still open here)."""
+    script = tmp_path / "embedded.js"
+    script.write_text(JS_EMBEDDED % {"bridge": json.dumps(str(JS_BRIDGE)), "protocol": protocol})
+    async with open_child([node_or_skip(), str(script)]) as child:
+        await child.register()
+        assert (await child.response_to(message("hi", kind=MessageKind.QUERY)))["payload"] == "hi"
+        await child.write(SHUTDOWN)
+        with trio.fail_after(10):
+            assert await child.process.wait() == 0
+    assert child.stderr_lines() == ["runAgent resolved 0"]
+
+
 @pytest.mark.parametrize("lang", LANGS)
 async def test_end_of_input_runs_on_stop_and_exits_0(lang: str, tmp_path: Path) -> None:
     async with open_child(probe_command(lang, tmp_path)) as child:

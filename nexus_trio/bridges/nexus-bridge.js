@@ -343,6 +343,7 @@ class NexusAgent {
       const lines = [];
       let buffered = 0; // bytes in lines
       let ended = false;
+      let stopped = false;
       let failure = null;
       let wake = null;
       let drained = null;
@@ -356,17 +357,19 @@ class NexusAgent {
       (async () => {
         try {
           for await (const raw of this._rawLines()) {
+            if (stopped) break;
             this._peekCancel(raw);
             lines.push(raw);
             buffered += raw.length;
             notify();
             // Not one more chunk while READ_AHEAD bytes wait: the stream, then the pipe
             // fill up, and the writer waits.
-            while (buffered >= READ_AHEAD) {
+            while (buffered >= READ_AHEAD && !stopped) {
               await new Promise((resolve) => {
                 drained = resolve;
               });
             }
+            if (stopped) break;
           }
         } catch (err) {
           failure = err;
@@ -375,22 +378,31 @@ class NexusAgent {
           notify();
         }
       })();
-      for (;;) {
-        while (lines.length > 0) {
-          const raw = lines.shift();
-          buffered -= raw.length;
-          if (drained !== null && buffered < READ_AHEAD) {
-            const resolve = drained;
-            drained = null;
-            resolve();
+      try {
+        for (;;) {
+          while (lines.length > 0) {
+            const raw = lines.shift();
+            buffered -= raw.length;
+            if (drained !== null && buffered < READ_AHEAD) {
+              const resolve = drained;
+              drained = null;
+              resolve();
+            }
+            if ((await this._onLine(raw, decoder)) === 'shutdown') return;
           }
-          if ((await this._onLine(raw, decoder)) === 'shutdown') return;
+          if (failure !== null) throw failure;
+          if (ended) return;
+          await new Promise((resolve) => {
+            wake = resolve;
+          });
         }
-        if (failure !== null) throw failure;
-        if (ended) return;
-        await new Promise((resolve) => {
-          wake = resolve;
-        });
+      } finally {
+        // Done (shutdown, end of input): stop reading, and let go of the input as the
+        // protocol-1 loop does when it returns, or an agent run in-process would be kept
+        // alive by a stream nobody reads any more.
+        stopped = true;
+        if (drained !== null) drained();
+        if (!ended && typeof this._input.destroy === 'function') this._input.destroy();
       }
     } finally {
       if (this._input === process.stdin) process.stdin.pause();
