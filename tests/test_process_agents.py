@@ -700,6 +700,37 @@ async def test_child_without_the_cancel_feature_never_gets_a_cancel_frame(
         assert [d.reason for d in dead_letters(kernel)] == [DeadLetterReason.HANDLER_TIMEOUT]
 
 
+@pytest.mark.parametrize(
+    ("features", "problem"),
+    [
+        ("cancel", "register: 'features' must be a list of strings, got 'cancel'"),
+        ({"cancel": True}, "register: 'features' must be a list of strings, got {'cancel': True}"),
+        ("x" * 200_000, "register: 'features' must be a list of strings, got 'xxxx"),
+        (
+            [1, None, {"a": 1}, "cancel"],
+            "register: 'features' entries must be strings; ignored: [1, None",
+        ),
+        (["y"] * 50_000 + ["cancel"], None),
+    ],
+    ids=["string", "object", "huge-string", "non-strings", "huge-list"],
+)
+async def test_register_with_bad_features_is_warned_about_briefly_and_the_agent_serves(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, features: Any, problem: str | None
+) -> None:
+    """A child whose ``features`` is not a list of strings is warned about once, in a line
+    of bounded size (before: a 200 kB string was logged whole, and entries that are not
+    strings were ignored without a word), and it serves."""
+    caplog.set_level(logging.WARNING, logger="nexus_trio.bridge")
+    cmd = script(tmp_path, CANCEL_CHILD.format(protocol=2, features=features))
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(cmd, name="c"))
+        assert await kernel.request(ref, "quick") == "quick"
+        assert stats_of(kernel, ref).registered["features"] == features
+    warnings = [r.getMessage() for r in caplog.records if r.name == "nexus_trio.bridge"]
+    assert [problem in text for text in warnings] == ([] if problem is None else [True])
+    assert all(len(text) < 400 for text in warnings), [len(text) for text in warnings]
+
+
 async def test_request_timeout_cancels_the_wait_and_the_agent_recovers() -> None:
     async with bridge_kernel() as kernel:
         ref = kernel.spawn(process_agent(toy()))

@@ -355,6 +355,12 @@ def _frame(kind: str, payload: Any) -> bytes:
     return json.dumps({"type": kind, "payload": payload}, separators=(",", ":")).encode() + b"\n"
 
 
+def _brief(value: Any, size: int = 120) -> str:
+    """``repr(value)``, cut to about ``size`` characters (a child's values go to the log)."""
+    text = repr(value)
+    return text if len(text) <= size else text[:size] + "..."
+
+
 def _preview(line: bytes, size: int = 120) -> str:
     text = line[:size].decode("utf-8", "replace")
     return text + ("..." if len(line) > size else "")
@@ -544,13 +550,15 @@ class ProcessAgent(Agent):
     def _registered(self, payload: dict[str, Any]) -> None:
         version = payload.get("protocol", 1)
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-            self._warn(f"register: unknown protocol {version!r}; using protocol 1")
+            self._warn(f"register: unknown protocol {_brief(version)}; using protocol 1")
             version = 1
         self.protocol = min(version, PROTOCOL_VERSION)
         features = payload.get("features", [])
         if not isinstance(features, list):
-            self._warn(f"register: 'features' must be a list of strings, got {features!r}")
+            self._warn(f"register: 'features' must be a list of strings, got {_brief(features)}")
             features = []
+        elif odd := [name for name in features if not isinstance(name, str)]:
+            self._warn(f"register: 'features' entries must be strings; ignored: {_brief(odd)}")
         # Extensions are protocol 2: a protocol-1 child gets exactly the original frames.
         self.cancels = self.protocol >= 2 and "cancel" in features
         stats = self.stats
