@@ -8,6 +8,7 @@ examples. Every test checks that no child process is left behind.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -43,6 +44,7 @@ from nexus_trio import (
     agent,
     open_kernel,
 )
+from nexus_trio._message import decode_message
 from nexus_trio.bridges import _lineage, bridge_stats, process_agent
 from nexus_trio.bridges import process as process_module
 from nexus_trio.bridges.process import BridgeStats, ProcessAgent, ProcessAgentError
@@ -573,9 +575,11 @@ async def test_late_answer_is_discarded_and_not_taken_for_the_next_message(proto
 
 
 #: a child that logs every frame other than ``message`` it reads (answered by the query
-#: "seen"); "slow" makes it wait up to 3 s for a ``cancel`` frame before answering late
+#: "seen"); "slow" makes it wait up to 3 s for a ``cancel`` frame before answering late.
+#: Every line it reads is kept, byte for byte, in ``stdin.log`` beside the script.
 CANCEL_CHILD = """
 import select, time
+record = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "stdin.log"), "ab")
 PROTOCOL, FEATURES = {protocol}, {features!r}
 payload = {{"id": str(uuid.uuid4()), "name": "c"}}
 if PROTOCOL >= 2:
@@ -589,6 +593,8 @@ def read_frame(wait=None):
     if wait is not None and not select.select([sys.stdin.buffer], [], [], wait)[0]:
         return None
     line = sys.stdin.buffer.readline()
+    record.write(line)
+    record.flush()
     if not line:
         sys.exit(0)
     frame = json.loads(line)
@@ -685,7 +691,9 @@ async def test_child_without_the_cancel_feature_never_gets_a_cancel_frame(
     tmp_path: Path, protocol: int, features: list[str] | None
 ) -> None:
     """Old children are written exactly what they were before: the message timed out is
-    dead-lettered the same way, the child finishes it and answers late (discarded)."""
+    dead-lettered the same way, the child finishes it and answers late (discarded). The
+    bytes it read are the two message frames, as the kernel's codec writes them, and the
+    shutdown frame: nothing else, no field more."""
     cmd = script(tmp_path, CANCEL_CHILD.format(protocol=protocol, features=features))
     async with bridge_kernel() as kernel:
         ref = kernel.spawn(process_agent(cmd, name="c", handle_timeout=1.0))
@@ -697,7 +705,22 @@ async def test_child_without_the_cancel_feature_never_gets_a_cancel_frame(
         stats = stats_of(kernel, ref)
         assert (stats.cancels_sent, stats.abandoned, stats.starts, stats.replaced) == (0, 1, 1, 0)
         assert stats.lines_out == 2
-        assert [d.reason for d in dead_letters(kernel)] == [DeadLetterReason.HANDLER_TIMEOUT]
+        letters = dead_letters(kernel)
+        assert [d.reason for d in letters] == [DeadLetterReason.HANDLER_TIMEOUT]
+    *messages, shutdown = (tmp_path / "stdin.log").read_bytes().splitlines(keepends=True)
+    assert shutdown == b'{"type":"shutdown","payload":{}}\n'
+    # The first is the message that timed out, as the kernel holds it; a protocol-1 child
+    # is given the message's id as its conversation id (it echoes it in its answer).
+    wire = json.loads(letters[0].message.to_json())
+    if protocol == 1:
+        wire["conversation_id"] = wire["id"]
+    frame = b'{"type":"message","payload":%s}\n' % json.dumps(wire, separators=(",", ":")).encode()
+    assert messages[0] == frame
+    # The second ("seen") is a message frame the kernel's codec writes the same way.
+    seen = decode_message(json.loads(messages[1])["payload"])
+    assert seen.payload == "seen"
+    assert (seen.conversation_id is not None) == (protocol == 1)
+    assert messages[1:] == [b'{"type":"message","payload":%s}\n' % seen.to_json().encode()]
 
 
 @pytest.mark.parametrize(
