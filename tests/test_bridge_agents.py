@@ -691,6 +691,35 @@ async def test_node_agent_run_in_process_releases_its_input_on_shutdown(
     assert child.stderr_lines() == ["runAgent resolved 0"]
 
 
+#: a Python agent given the process's own stdin explicitly (the constructor's ``stdin=``)
+PY_OWN_STDIN = """
+import sys
+from nexus_trio.bridges.python import EchoAgent
+
+sys.exit(EchoAgent(stdin=sys.stdin.buffer).run_agent())
+"""
+
+
+@pytest.mark.parametrize("protocol", ["1", "2"])
+async def test_python_agent_given_its_own_stdin_exits_0_on_shutdown(
+    protocol: str, tmp_path: Path
+) -> None:
+    """Regression: given ``stdin=sys.stdin.buffer``, a protocol-2 agent read it in its input
+    thread, which was blocked inside it (holding its lock) when the interpreter closed it
+    at exit: Python aborted (``Fatal Python error: _enter_buffered_busy``, exit 134) after a
+    clean shutdown. The process's stdin is read from its descriptor now, however given."""
+    script = tmp_path / "own_stdin.py"
+    script.write_text(PY_OWN_STDIN)
+    env = {"NEXUS_PROTOCOL": protocol}
+    async with open_child([sys.executable, str(script)], env=env) as child:
+        await child.register()
+        assert (await child.response_to(message("hi")))["payload"] == "hi"
+        await child.write(SHUTDOWN)  # stdin stays open
+        assert await child.rest() == []
+        assert await child.wait() == 0
+    assert child.stderr_lines() == []
+
+
 @pytest.mark.parametrize("lang", LANGS)
 async def test_end_of_input_runs_on_stop_and_exits_0(lang: str, tmp_path: Path) -> None:
     async with open_child(probe_command(lang, tmp_path)) as child:

@@ -231,6 +231,14 @@ def _timestamp() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{micros:06d}Z"
 
 
+def _is_fd0(stream: IO[bytes]) -> bool:
+    """True if ``stream`` reads file descriptor 0 (the process's stdin)."""
+    try:
+        return stream.fileno() == 0
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
 def _fd_lines(fd: int) -> Iterator[bytes]:
     """The lines read from file descriptor ``fd`` (with their newline; the last may lack it)."""
     pending = bytearray()
@@ -567,9 +575,11 @@ class NexusAgent:
 
     def _read_input(self, source: IO[bytes], lines: _ReadAhead) -> None:
         """The input thread: every line goes to the main loop; cancels take effect now."""
-        # The process's stdin is read from its descriptor: a daemon thread blocked inside
-        # sys.stdin.buffer holds its lock, and the interpreter would abort at exit.
-        read = _fd_lines(0) if self._stdin is None else iter(source.readline, b"")
+        # The process's stdin is read from its descriptor, also when it was given as
+        # ``stdin=``: a daemon thread blocked inside sys.stdin.buffer holds its lock, and
+        # the interpreter would abort when it closes it at exit.
+        own = self._stdin is None or _is_fd0(source)
+        read = _fd_lines(0) if own else iter(source.readline, b"")
         try:
             for raw in read:
                 if b'"cancel"' in raw:
