@@ -471,6 +471,103 @@ async def test_a_second_answer_after_the_acked_id_left_the_node_s_memory_reaches
     assert (stats.durable_acked, stats.durable_duplicates) == (2, 1)
 
 
+@pytest.mark.parametrize("how", ["raises", "times out"])
+async def test_a_failure_of_an_earlier_delivery_leaves_the_redelivery_alone(
+    nats: NatsServer, how: str
+) -> None:
+    """Regression: the node kept a durable message's deliveries under its message id, so
+    when a handler ran past ack_wait and failed (raised, or timed out) while the
+    redelivery JetStream made meanwhile waited in the agent's mailbox, the failure
+    nakked the redelivery: its answer then acked nothing (counted a duplicate) and
+    JetStream delivered the message a third time. A failure settles the delivery that
+    failed, and only that one."""
+    from nexus_trio._nats import DurableOptions
+
+    calls: list[Any] = []
+    queued: list[int] = []  # the mailbox depth when the first delivery failed
+    handled = trio.Event()
+    marker = trio.Event()
+    # the handler times out after the redelivery came (ack_wait), before that one's
+    # ack_wait is over too (a redelivery queued that long is delivered again)
+    durable = DurableOptions(ack_wait=2.0, max_deliver=5, redelivery_delay=0.05)
+    async with local_node(nats.url, durable=durable) as (kernel, cluster):
+
+        @agent(name="slow-then-fails-a", handle_timeout=3.0)
+        async def slow_then_fails(ctx: Context, msg: Message) -> Any:
+            if msg.payload == "marker":
+                marker.set()
+                return "ok"
+            calls.append(msg.id)
+            if len(calls) == 1:
+                try:
+                    if how == "times out":
+                        await trio.sleep_forever()
+                    # past ack_wait: JetStream delivers it again, queued behind this one
+                    while True:
+                        if kernel.mailbox_depth(ctx.id):
+                            break
+                        await trio.sleep(0.05)
+                    raise RuntimeError("the first delivery fails")
+                finally:
+                    queued.append(kernel.mailbox_depth(ctx.id))
+            await trio.sleep(0.2)  # the second is handled (it does some I/O first)
+            handled.set()
+            return "done"
+
+        kernel.spawn(slow_then_fails)
+        with trio.fail_after(30):
+            sent = await cluster.send_durable("slow-then-fails-a", "work")
+            await handled.wait()
+            # a third delivery (a nak: after redelivery_delay) would come by then,
+            # ahead of a message stored after it
+            await trio.sleep(1.0)
+            await cluster.send_durable("slow-then-fails-a", "marker")
+            await marker.wait()
+            await trio.testing.wait_all_tasks_blocked()
+        stats = cluster.stats()
+    assert set(calls) == {sent.id}
+    assert queued == [1]  # the redelivery waited in the mailbox
+    # handled twice: once failed, once answered (and acked), then the marker
+    assert (
+        len(calls),
+        stats.durable_redelivered,
+        stats.durable_acked,
+        stats.durable_duplicates,
+        stats.durable_dead,
+    ) == (2, 1, 2, 0, 0)
+
+
+async def test_a_failed_durable_delivery_is_nakked_not_left_to_ack_wait(
+    nats: NatsServer,
+) -> None:
+    """The node names a failed delivery by the Query it handed over (what the dead
+    letter carries): the failure of the only delivery is nakked, and JetStream delivers
+    the message again after redelivery_delay, long before ack_wait (30 s)."""
+    from nexus_trio._nats import DurableOptions
+
+    calls: list[Any] = []
+    done = trio.Event()
+
+    @agent(name="fails-once-a")
+    async def fails_once(ctx: Context, msg: Message) -> Any:
+        calls.append(msg.id)
+        if len(calls) == 1:
+            raise RuntimeError("the first delivery fails")
+        done.set()
+        return "done"
+
+    durable = DurableOptions(ack_wait=30.0, max_deliver=5, redelivery_delay=0.05)
+    async with local_node(nats.url, durable=durable) as (kernel, cluster):
+        kernel.spawn(fails_once)
+        with trio.fail_after(15):
+            sent = await cluster.send_durable("fails-once-a", "work")
+            await done.wait()
+            await trio.testing.wait_all_tasks_blocked()
+        stats = cluster.stats()
+    assert calls == [sent.id, sent.id]
+    assert (stats.durable_redelivered, stats.durable_acked, stats.durable_duplicates) == (1, 1, 0)
+
+
 async def test_a_node_whose_kernel_stopped_pulls_no_durable_message(nats: NatsServer) -> None:
     """Regression: once the kernel had shut down (still joined), the pull went on: each
     durable message for the node was fetched, refused (KernelShuttingDown), nakked and

@@ -2124,7 +2124,7 @@ class Cluster:
                     self._publish_error(
                         reply, RequestFailed(msg.id, msg.to, letter.reason.value, letter.error)
                     )
-                self.durable.failed(msg.id, letter.reason.value, letter.error)
+                self.durable.failed(msg, letter.reason.value, letter.error)
 
     # --- agent types (queue groups) -------------------------------------------------------------
 

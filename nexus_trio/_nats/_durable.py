@@ -12,7 +12,7 @@ original message id** (``ctx.message.kind is MessageKind.QUERY``):
   reply goes nowhere else;
 * the handler raises or times out (the Query is dead-lettered) -> **nak** with
   ``redelivery_delay``; JetStream delivers it again;
-* nothing comes back within ``ack_wait`` of the handover (e.g. the node died, or the
+* nothing comes back within ``ack_wait`` of the fetch (e.g. the node died, or the
   handler returned ``None``, which sends no reply) -> JetStream redelivers it (its
   in-flight slot here is free then; an answer that comes later still acks it);
 * after ``max_deliver`` deliveries it is terminated, logged and counted as dead (also
@@ -23,7 +23,16 @@ the others of its batch, or for room in a full ``block`` mailbox, at most the se
 deadline each) it tells JetStream every ``ack_wait / 2`` that the message is in progress
 (``+WPI``), so that the wait does not make JetStream deliver it again; one held that long
 is given a fresh ``ack_wait`` at its handover. Once handed over, the node cannot tell a
-handler still at work from one that returned ``None``, so ``ack_wait`` runs from there.
+handler still at work from one that returned ``None``, so ``ack_wait`` runs on.
+
+JetStream acks, naks and terminates a *message*, whichever delivery of it the reply
+subject names: a nak sent for delivery k once delivery k+1 is out makes it deliver the
+message once more. So the node keeps each delivery apart (the Query object it handed
+over names it, and a dead letter carries that object): a failure naks only the newest
+delivery of its message, while that delivery's ``ack_wait`` runs and the node holds no
+newer one fetched; the failure of an earlier delivery (its handler ran past ``ack_wait``
+and the message was delivered again meanwhile) leaves the newer one to its own handler.
+An answer acks the message through its newest delivery, whichever delivery answered.
 
 Redeliveries carry the same message id, so a handler makes its effect idempotent by
 keying it on ``ctx.message.id``; the consumer also skips (and re-acks) ids it acked
@@ -85,12 +94,14 @@ class DurableChannel:
         self.options = options
         self._stream = f"{cluster.prefix}-durable"
         self._psub: Any = None
-        # handed to an agent, not answered yet: the JetStream message and when its
-        # ack_wait ends here (oldest first; see _expire)
-        self._in_flight: dict[uuid.UUID, tuple[NatsMsg, float]] = {}
+        # handed to an agent, not answered yet, by message id: its newest delivery (the
+        # JetStream message), when that delivery's ack_wait ends (oldest first; see
+        # _expire) and the Query the agent got for it (a failure names its delivery by
+        # that object: JetStream naks a message, not a delivery, see failed)
+        self._in_flight: dict[uuid.UUID, tuple[NatsMsg, float, Message]] = {}
         self._done: OrderedDict[uuid.UUID, None] = OrderedDict()
         # past ack_wait unanswered, JetStream delivers them again: an answer still acks
-        self._late: OrderedDict[uuid.UUID, NatsMsg] = OrderedDict()
+        self._late: OrderedDict[uuid.UUID, tuple[NatsMsg, Message]] = OrderedDict()
         # handed over again while an earlier delivery was unanswered: how many answers
         # may come beyond the one that acks (kept apart from _done, which forgets an id
         # after _DONE_MEMORY later acks, and only these ids get a second answer)
@@ -324,11 +335,13 @@ class DurableChannel:
             self._answers_due[msg.id] = self._answers_due.pop(msg.id, 0) + 1
             if len(self._answers_due) > _DONE_MEMORY:
                 self._answers_due.popitem(last=False)
-        self._in_flight[msg.id] = (jsmsg, trio.current_time() + self.options.ack_wait)
+        # JetStream's ack_wait for this delivery runs from its fetch (or from the last
+        # in-progress report: see below)
+        self._in_flight[msg.id] = (jsmsg, fetched + self.options.ack_wait, query)
         try:
             await kernel.deliver_from_remote(query)
         except (AgentNotFound, MailboxFull, KernelShuttingDown) as exc:
-            self.failed(msg.id, type(exc).__name__, exc)
+            self.failed(query, type(exc).__name__, exc)
             return
         except trio.Cancelled:
             # not taken (leaving while it waited for room): not a failed delivery
@@ -340,7 +353,8 @@ class DurableChannel:
             # ack_wait from now, here and in JetStream (unless it answered already)
             entry = self._in_flight.get(msg.id)
             if entry is not None and entry[0] is jsmsg:
-                self._in_flight[msg.id] = (jsmsg, trio.current_time() + self.options.ack_wait)
+                deadline = trio.current_time() + self.options.ack_wait
+                self._in_flight[msg.id] = (jsmsg, deadline, query)
                 self._ops.put((jsmsg, "progress"))
 
     def _expire(self) -> None:
@@ -350,7 +364,7 @@ class DurableChannel:
         more), counted and logged here."""
         now = trio.current_time()
         while self._in_flight:
-            msg_id, (jsmsg, deadline) = next(iter(self._in_flight.items()))
+            msg_id, (jsmsg, deadline, query) = next(iter(self._in_flight.items()))
             if deadline > now:
                 return
             del self._in_flight[msg_id]
@@ -367,7 +381,8 @@ class DurableChannel:
                 )
                 self._ops.put((jsmsg, "term"))
             else:
-                self._late[msg_id] = jsmsg
+                self._late.pop(msg_id, None)  # an older delivery's: this one is newer
+                self._late[msg_id] = (jsmsg, query)
                 if len(self._late) > _DONE_MEMORY:
                     self._late.popitem(last=False)
 
@@ -375,10 +390,11 @@ class DurableChannel:
         """The handler answered durable message ``msg_id``: ack it. False if not durable."""
         entry = self._in_flight.pop(msg_id, None)
         late = self._late.pop(msg_id, None)
+        # JetStream acks the message, whichever delivery answered: the newest one
         if entry is not None:
             jsmsg = entry[0]
         elif late is not None:
-            jsmsg = late
+            jsmsg = late[0]
         elif msg_id in self._answers_due or msg_id in self._done:
             # a redelivery handed over before the first answer acked it: answered twice,
             # the second answer goes nowhere (its sender asked for none)
@@ -398,14 +414,33 @@ class DurableChannel:
         self._room.set()
         return True
 
-    def failed(self, msg_id: uuid.UUID, reason: str, error: BaseException | None) -> None:
-        """Durable message ``msg_id`` was not handled: nak it, or give up after max_deliver."""
-        self._late.pop(msg_id, None)  # JetStream delivers it again anyway
-        entry = self._in_flight.pop(msg_id, None)
-        if entry is None:
+    def failed(self, query: Message, reason: str, error: BaseException | None) -> None:
+        """The delivery of a durable message that its agent got as ``query`` was not
+        handled: nak it, or give up after max_deliver.
+
+        Only when it is the newest delivery, still within its ack_wait, and the node holds
+        no newer one: JetStream naks the message, not one delivery of it, so a nak sent
+        once it has been delivered again would deliver it once more. The failure of an
+        earlier delivery (its handler ran past ack_wait) leaves the newer ones alone."""
+        msg_id = query.id
+        due = self._answers_due.pop(msg_id, 0)
+        if due > 1:  # one delivery fewer that may answer
+            self._answers_due[msg_id] = due - 1
+        entry = self._in_flight.get(msg_id)
+        if entry is None or entry[2] is not query:
+            late = self._late.get(msg_id)
+            if late is not None and late[1] is query:
+                del self._late[msg_id]  # past its ack_wait: JetStream delivers it again
+            elif msg_id in self._in_flight or late is not None:
+                log.debug(
+                    "durable message %s: an earlier delivery failed (%s), a newer one is out",
+                    msg_id,
+                    reason,
+                )
             return
-        jsmsg = entry[0]
+        del self._in_flight[msg_id]
         self._room.set()
+        jsmsg = entry[0]
         delivered = jsmsg.metadata.num_delivered
         if delivered >= self.options.max_deliver:
             self.dead += 1
@@ -418,8 +453,15 @@ class DurableChannel:
                 f": {error!r}" if error is not None else "",
             )
             self._ops.put((jsmsg, "term"))
-        else:
+        elif entry[1] > trio.current_time() and not self._newer_held(jsmsg):
             self._ops.put((jsmsg, "nak"))
+        # else JetStream has delivered it again already, or its ack_wait is over: it will
+
+    def _newer_held(self, jsmsg: NatsMsg) -> bool:
+        """The node has fetched another delivery of ``jsmsg``'s message and holds it (at
+        most max_in_flight to look at, on a failure only)."""
+        seq = jsmsg.metadata.sequence.stream
+        return any(m is not jsmsg and m.metadata.sequence.stream == seq for m in self._held)
 
     async def _send_ops(self, batch: list[tuple[NatsMsg, str]]) -> None:
         delay = self.options.redelivery_delay
