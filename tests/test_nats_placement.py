@@ -46,6 +46,9 @@ from nexus_trio._nats._placement import (
 from .nats_server import FAST, nats_cluster, node_config
 from .placement_node import Node
 
+#: (the ``nats`` fixture hides the module inside the tests that take it)
+_NatsTimeout = nats.errors.TimeoutError
+
 # --- rendezvous hashing (no server) ------------------------------------------------------------
 
 NAMES = [f"agent-{i}" for i in range(3000)]
@@ -1087,3 +1090,295 @@ async def test_a_name_whose_write_failed_is_written_when_the_bucket_takes_writes
             assert await ka.request("plain", "hi", timeout=5) == {"name": "plain", "handled": 1}
             stats = cc.stats()
             assert (stats.names_unwritten, stats.names_written_late) == (0, 1)
+
+
+# --- the name map against entries heard late ---------------------------------------------------
+
+
+async def test_a_put_heard_after_the_name_s_delete_does_not_map_it_again(
+    nats: NatsServer,
+) -> None:
+    """Regression: c's named agent stopped and its entry was deleted; a's map dropped
+    the name, and the delete's revision with it. The put that entry replaced, heard
+    late (a read that raced the watch), then pointed the name at the stopped agent
+    again (its node still a member: sends went there and failed, for good). The delete's
+    revision is kept: what is older is heard late and changes nothing."""
+    async with (
+        _node(nats.url, "a", **QUIET) as (_ka, ca),
+        _node(nats.url, "c", **QUIET) as (kc, cc),
+    ):
+        _meet(ca, cc)
+        with trio.fail_after(30):  # a hang guard
+            ref = kc.spawn(COUNTING, name="plain")
+            await cc.names_published()
+            await _learn_name(ca, "plain")
+            put = await _name_entry(ca, "plain")
+            assert ca.name_holder("plain") == ("c", ref.id)
+            await kc.stop(ref)
+
+            async def dropped() -> bool:  # a's watch brings the delete
+                return ca.name_holder("plain") is None
+
+            await _until(dropped)
+            ca._apply_name_entry(*put)  # the put, heard late
+            assert ca.name_holder("plain") is None
+
+
+async def test_a_delete_read_while_a_later_put_was_heard_does_not_drop_the_name(
+    nats: NatsServer,
+) -> None:
+    """Regression: a read of a name (wait_for_name) found it deleted, and answered after
+    a's watch brought the entry of a later incarnation; the read's delete came without
+    its revision (nats-py's get raises KeyNotFoundError for a deleted key) and dropped
+    the later entry from a's map. It carries the delete's revision now: heard late, it
+    changes nothing."""
+    async with (
+        _node(nats.url, "a", **QUIET) as (_ka, ca),
+        _node(nats.url, "c", **QUIET) as (kc, cc),
+    ):
+        _meet(ca, cc)
+        with trio.fail_after(30):  # a hang guard
+            first = kc.spawn(COUNTING, name="plain")
+            await cc.names_published()
+            await _learn_name(ca, "plain")
+            await kc.stop(first)
+
+            async def dropped() -> bool:  # the delete is in the bucket (a's watch)
+                return ca.name_holder("plain") is None
+
+            await _until(dropped)
+            kv = ca._names_kv
+            assert kv is not None
+            original_get = kv.get
+            read, release = trio.Event(), asyncio.Event()
+
+            async def get(key: str, *args: Any, **kwargs: Any) -> Any:
+                try:
+                    return await original_get(key, *args, **kwargs)
+                finally:
+                    if key == wire.name_key("plain") and not read.is_set():
+                        read.set()
+                        await release.wait()  # the answer, taken late
+
+            kv.get = get  # type: ignore[method-assign]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ca._refresh_name, "plain")
+                await read.wait()  # it read the delete
+                second = kc.spawn(COUNTING, name="plain")
+                await cc.names_published()
+
+                async def heard() -> bool:  # a's watch brings the later entry
+                    return ca.name_holder("plain") == ("c", second.id)
+
+                await _until(heard)
+                release.set()
+            assert ca.name_holder("plain") == ("c", second.id)
+
+
+async def _learn_name(cluster: Cluster, name: str) -> None:
+    await cluster._refresh_name(name)
+
+
+async def test_a_record_written_late_for_a_stopped_agent_whose_drop_fails_keeps_the_node_up(
+    nats: NatsServer,
+) -> None:
+    """Regression: a placed agent's record write failed; its retry landed after the
+    agent had stopped for good, so the retry dropped the record again, and that drop
+    failed too (JetStream still flaky): the error came out of the retry task and took
+    the node's cluster down (the block raised). It is logged now, as a failed drop of a
+    stopped agent's record is, and the retries go on."""
+    async with _node(nats.url, "a", missed_heartbeats=1000) as (ka, ca):
+        kv = ca.placement._kv
+        assert kv is not None
+        original_put = kv.put
+        puts: list[str] = []
+        answered, release = trio.Event(), asyncio.Event()
+        drops: list[str] = []
+
+        async def put(key: str, value: bytes, **kwargs: Any) -> int:
+            puts.append(wire.name_from_key(key))
+            if len(puts) in (1, 3):  # the first writes of each agent's record
+                raise _NatsTimeout
+            revision = await original_put(key, value, **kwargs)
+            if len(puts) == 2:
+                await release.wait()  # the retry's answer, taken late
+                answered.set()
+            return revision  # type: ignore[no-any-return]
+
+        async def delete(key: str, **kwargs: Any) -> None:
+            drops.append(wire.name_from_key(key))
+            raise _NatsTimeout
+
+        kv.put = put  # type: ignore[method-assign]
+        kv.delete = delete  # type: ignore[method-assign]
+        with trio.fail_after(30):  # a hang guard
+            placed = await ca.spawn("counter", name="first")
+            assert ca.stats().records_unwritten == 1
+
+            async def retrying() -> bool:
+                return len(puts) == 2
+
+            await _until(retrying)
+            await ka.stop(placed.id)  # for good, while the retry's write is on its way
+
+            async def dropped() -> bool:  # its STOPPED event: nothing written to drop
+                return "first" not in ca.placement._held
+
+            await _until(dropped)
+            release.set()
+            await answered.wait()
+
+            async def tried() -> bool:
+                return drops == ["first"]
+
+            await _until(tried)
+            # the retries go on: the next agent's record is written late too
+            await ca.spawn("counter", name="second")
+
+            async def written() -> bool:
+                return ca.stats().records_written_late == 1
+
+            await _until(written)
+            assert ca.stats().records_unwritten == 0
+
+
+class _SlowStop(Agent):
+    """A counter whose ``on_stop`` waits for ``gate`` (while set: a stop that takes long)."""
+
+    gate: trio.Event | None = None
+
+    def __init__(self) -> None:
+        self.handled = 0
+
+    async def handle(self, ctx: Context, msg: Message) -> Any:
+        self.handled += 1
+        return {"name": ctx.name, "handled": self.handled}
+
+    async def on_stop(self, ctx: Context) -> None:
+        gate = _SlowStop.gate
+        if gate is not None:
+            await gate.wait()
+
+
+SLOW_STOP = agent(_SlowStop, name="slow-stop", shutdown_timeout=30.0)
+
+
+async def test_the_winner_s_node_lost_while_the_loser_stops_re_places_the_name(
+    nats: NatsServer,
+) -> None:
+    """Regression: c's copy of ON_C lost to a's (a re-placed it in a partition) and was
+    being stopped (its on_stop takes a while) when c lost a again: c, the only survivor,
+    re-placed ON_C, but the stopping copy still held the name in c's kernel: NameTaken,
+    'could not re-place', and the name ran nowhere that c could reach, for good. The
+    re-placement now waits for the loser's stop; a, hearing c's later entry, stops its
+    copy in turn (one copy stopped on each node, each counted once)."""
+    async with (
+        _node(nats.url, "a", **QUIET) as (ka, ca),
+        _node(nats.url, "c", **QUIET) as (kc, cc),
+    ):
+        for cluster in (ca, cc):
+            cluster.register_type("slow", SLOW_STOP)
+        _meet(ca, cc)
+        try:
+            with trio.fail_after(60):  # a hang guard
+                on_c = await ca.spawn("slow", name=ON_C)
+                assert on_c.node == "c"
+                await cc.names_published()
+                for cluster in (ca, cc):
+                    await _learn(cluster, ON_C)
+                assert await kc.request(ON_C, "hi", timeout=5) == {"name": ON_C, "handled": 1}
+                _SlowStop.gate = trio.Event()
+                async with ka.events() as events_a, kc.events() as events_c:
+                    _lose(ca, "c")  # a partition, as a sees it: a re-places ON_C
+                    await _replaced(events_a, ON_C)
+                    await ca.names_published()
+
+                    async def stopping() -> bool:  # c's watch brings a's later entry
+                        return cc.stats().duplicates_stopped == 1 and not kc.is_local(ON_C)
+
+                    await _until(stopping)
+                    looked, original = trio.Event(), cc.placement._still_placed
+
+                    async def still_placed(name: str) -> bool:
+                        try:
+                            return await original(name)
+                        finally:
+                            looked.set()  # the re-placement goes on from here
+
+                    cc.placement._still_placed = still_placed  # type: ignore[method-assign]
+                    _lose(cc, "a")  # and c loses a, while its copy stops: c re-places it
+                    await looked.wait()
+                    await trio.testing.wait_all_tasks_blocked()
+                    _SlowStop.gate.set()
+                    with trio.move_on_after(10):
+                        event = await _replaced(events_c, ON_C)
+                        assert event.reason == "re-placed from node a"
+                    assert kc.is_local(ON_C)
+                    copy = kc.lookup(ON_C).id
+                    assert copy != on_c.id
+                    await cc.names_published()
+                    _meet(ca, cc)  # healed again
+                    with trio.move_on_after(10):  # a hears c's later entry: its copy loses
+                        await _stopped(events_a, ON_C)
+                assert not ka.is_local(ON_C)
+                assert ca.name_holder(ON_C) == ("c", copy)
+                assert await ka.request(ON_C, "hi", timeout=5) == {"name": ON_C, "handled": 1}
+                assert (ca.stats().duplicates_stopped, cc.stats().duplicates_stopped) == (1, 1)
+                assert cc.stats().replaced == 1
+                assert await _placed_record(cc, ON_C) is not None
+        finally:
+            _SlowStop.gate = None
+
+
+async def test_a_clean_leave_while_a_name_is_written_on_a_retry_leaves_no_entry_behind(
+    nats: NatsServer,
+) -> None:
+    """Regression: c's name entry was written on a retry (its first put failed) whose
+    answer came slowly (JetStream flaky), while c left the cluster: the leave did not
+    wait for it, dropped c's names without it, and cancelled the retry with the answer
+    on its way: the entry stayed in the names bucket for good, pointing at a node that
+    left. The leave now waits (bounded) for the retry in flight, which drops the entry
+    it wrote, its node leaving."""
+    async with _node(nats.url, "a", **QUIET) as (_ka, ca), trio.open_nursery() as nursery:
+        async with _node(nats.url, "c", missed_heartbeats=1000) as (kc, cc):
+            _meet(ca, cc)
+            outage = _refuse_writes(cc, records=False, limit=1)
+            kv = cc._names_kv
+            assert kv is not None
+            original_create = kv.create
+            landed, release = trio.Event(), asyncio.Event()
+
+            async def create(key: str, value: bytes, **kwargs: Any) -> int:
+                revision = await original_create(key, value, **kwargs)
+                landed.set()
+                await release.wait()  # its answer, slow to come
+                return revision  # type: ignore[no-any-return]
+
+            async def answer_late() -> None:
+                await trio.sleep(1.0)  # well after the leave's own work (real time)
+                release.set()
+
+            kv.create = create  # type: ignore[method-assign]
+            with trio.fail_after(30):  # a hang guard
+                kc.spawn(COUNTING, name="plain")
+                await cc.names_published()
+                assert outage.failed == ["names:plain"]
+                await landed.wait()  # the retry's write is in the bucket: c leaves now
+            nursery.start_soon(answer_late)
+        with trio.fail_after(10):  # a hang guard
+            assert await _name_revision(ca, "plain") is None
+
+
+async def _name_revision(cluster: Cluster, name: str) -> int | None:
+    """The KV revision of ``name``'s entry in the names bucket, None if there is none."""
+    kv = cluster._names_kv
+    assert kv is not None
+
+    async def get() -> int | None:
+        try:
+            entry = await kv.get(wire.name_key(name))
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return entry.revision
+
+    return await call_aio(get)

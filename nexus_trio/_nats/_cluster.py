@@ -99,6 +99,10 @@ _ROUTE_MEMORY: Final = 65536
 #: addresses whose routes a node keeps for its tells (then it starts over)
 _KNOWN_LINKS_MAX: Final = 65_536
 _KV_OPS_DELETED: Final = ("DEL", "PURGE")
+#: deleted names whose delete's revision a node keeps (then the oldest are forgotten)
+_NAME_DELETES_KEPT: Final = 4096
+#: how long a clean leave waits for a retry of failed bucket writes under way (seconds)
+_RETRY_WAIT_AT_LEAVE: Final = 2.0
 #: streams to nodes that left cleanly whose last notice (see _on_last_notice) is awaited
 _LEFT_STREAMS_MAX: Final = 4096
 
@@ -341,6 +345,9 @@ class Cluster:
         # name -> the KV revision of its entry in ``_names``, where known (an older entry
         # heard late, from a read that raced the watch, must not undo a newer one)
         self._name_revisions: dict[str, int] = {}
+        # name -> the KV revision of its delete, for names deleted since (bounded): the
+        # put it deleted, heard late, must not map the name to its stopped agent again
+        self._name_deletes: OrderedDict[str, int] = OrderedDict()
         # local names this node published: name -> (agent id, KV revision)
         self._published_names: dict[str, tuple[uuid.UUID, int]] = {}
         # local names as they should be in KV (what was queued for publishing)
@@ -359,6 +366,9 @@ class Cluster:
         self._names_idle.set()
         # set to retry the failed writes to the buckets at once (see _retry_writes)
         self._retry_wanted = trio.Event()
+        # set while no retry of those writes is under way (a clean leave waits for one)
+        self._retry_over = trio.Event()
+        self._retry_over.set()
         # responder side: query id -> NATS reply subject of the remote requester
         self._reply_routes: OrderedDict[uuid.UUID, str] = OrderedDict()
         # queries that came in the kernel's JSON wire form: their replies go out in it too
@@ -1830,10 +1840,18 @@ class Cluster:
         self, key: str, value: bytes | None, op: str | None, revision: int | None = None
     ) -> None:
         name = wire.name_from_key(key)
-        if revision is not None and revision < self._name_revisions.get(name, 0):
-            return  # older than the entry known here: heard late
+        if revision is not None and revision < (
+            self._name_revisions.get(name) or self._name_deletes.get(name, 0)
+        ):
+            return  # older than the entry (or delete) known here: heard late
         if op in _KV_OPS_DELETED or not value:
             self._name_revisions.pop(name, None)
+            if revision is not None:
+                deletes = self._name_deletes
+                deletes[name] = revision
+                deletes.move_to_end(name)
+                if len(deletes) > _NAME_DELETES_KEPT:
+                    deletes.popitem(last=False)
             self._set_name(name, None)
             return
         entry = _decode_name_entry(value)
@@ -1843,6 +1861,7 @@ class Cluster:
         self._set_name(name, entry)
         if revision is not None:
             self._name_revisions[name] = revision
+            self._name_deletes.pop(name, None)
             if entry[0] != self.node:
                 self._check_duplicate(name)
 
@@ -1894,8 +1913,10 @@ class Cluster:
         async def get() -> tuple[bytes | None, str | None, int | None]:
             try:
                 entry = await kv.get(wire.name_key(name))
-            except nats.js.errors.KeyNotFoundError:
-                return None, "DEL", None
+            except nats.js.errors.KeyNotFoundError as exc:
+                # A deleted key's error carries the delete (its revision orders it).
+                deleted = getattr(exc, "entry", None)
+                return None, "DEL", None if deleted is None else deleted.revision
             return entry.value, entry.operation, entry.revision
 
         value, op, revision = await call_aio(get)
@@ -2273,9 +2294,13 @@ class Cluster:
             self._retry_wanted = trio.Event()
             if self._closing:
                 return
-            if self._unwritten_names and not await self._retry_names():
-                continue
-            await self.placement.retry_records()
+            self._retry_over = trio.Event()
+            try:
+                if self._unwritten_names and not await self._retry_names():
+                    continue
+                await self.placement.retry_records()
+            finally:
+                self._retry_over.set()
 
     async def _on_heartbeat(self, m: NatsMsg) -> None:
         """asyncio side: another node's heartbeat (or its clean leave: an empty body;
@@ -2646,6 +2671,12 @@ class Cluster:
                 await self.durable.stop()
             except Exception as exc:
                 log.warning("node %s: could not flush durable acks: %r", self.node, exc)
+            # A retry's write on its way lands after the drops below otherwise, and the
+            # retry, cancelled once the leave is over, would leave it behind. Once it
+            # has its answer it sees the leave and drops what it wrote (bounded: with
+            # JetStream that slow, the drops below fail too).
+            with trio.move_on_after(_RETRY_WAIT_AT_LEAVE):
+                await self._retry_over.wait()
             await self.placement.leave()
             kv = self._names_kv
             if kv is not None:

@@ -172,6 +172,9 @@ class Placement:
         self._replacing: set[str] = set()
         #: placed agents stopped here as duplicates (see :meth:`superseded`)
         self.duplicates_stopped = 0
+        #: names whose copy here is being stopped as a duplicate: set once it is gone
+        #: (it holds the name in the kernel until then; a re-placement here waits)
+        self._stopping: dict[str, trio.Event] = {}
 
     # --- registry ---------------------------------------------------------------------------
 
@@ -324,7 +327,12 @@ class Placement:
                 # copy stopped as a duplicate meanwhile leaves it: the winner's record.)
                 holder = cluster.name_holder(name)
                 if cluster.closing or holder is None or holder[0] == cluster.node:
-                    await self._delete_record(name, revision)
+                    try:
+                        await self._delete_record(name, revision)
+                    except Exception as exc:  # the KV down: the record stays, as ever
+                        log.warning(
+                            "node %s: could not drop record %r: %r", cluster.node, name, exc
+                        )
                 continue
             self._held[name] = (agent_id, revision)
             del self._unwritten[name]
@@ -616,6 +624,13 @@ class Placement:
         try:
             if self._cluster.closing or not await self._still_placed(name):
                 return
+            stopping = self._stopping.get(name)
+            if stopping is not None:
+                # This node's copy lost to the incarnation on the node lost now, and is
+                # still stopping: it holds the name in the kernel until it is gone.
+                await stopping.wait()
+                if self._cluster.closing:
+                    return
             await self._spawn_here(record.type_name, name, record.pinned, replaced_from=lost)
         except (KernelShuttingDown, TransportUnavailable):
             return
@@ -674,11 +689,17 @@ class Placement:
             DUPLICATE_REASON,
             winner,
         )
-        self._nursery.start_soon(self._stop_duplicate, agent_id)
+        gone = self._stopping[name] = trio.Event()
+        self._nursery.start_soon(self._stop_duplicate, name, agent_id, gone)
 
-    async def _stop_duplicate(self, agent_id: uuid.UUID) -> None:
-        with contextlib.suppress(AgentNotFound, KernelShuttingDown):
-            await self._cluster.kernel.stop(agent_id, reason=DUPLICATE_REASON)
+    async def _stop_duplicate(self, name: str, agent_id: uuid.UUID, gone: trio.Event) -> None:
+        try:
+            with contextlib.suppress(AgentNotFound, KernelShuttingDown):
+                await self._cluster.kernel.stop(agent_id, reason=DUPLICATE_REASON)
+        finally:
+            if self._stopping.get(name) is gone:
+                del self._stopping[name]
+            gone.set()
 
     # --- lifecycle ----------------------------------------------------------------------------
 
