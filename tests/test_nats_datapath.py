@@ -9,6 +9,7 @@ that waited for its deadline).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 import time
@@ -45,6 +46,7 @@ from nexus_trio._nats import Cluster, ClusterOptions, NatsServer, join_cluster
 from nexus_trio._nats import _batch as batch
 from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import call_aio
+from nexus_trio._nats._streams import parse_stream_name
 from nexus_trio.cli._swarm import cluster_counts
 
 from .hang_guard import real_time_limit
@@ -1588,8 +1590,29 @@ async def test_credit_of_an_old_join_does_not_open_the_new_joins_window(
     assert cb2.stats().inbound_dropped == {} and cb2.stats().lost_in_transit == 0
 
 
+def _forged_notices(real: dict[str, Any], stream: str, other_session: int) -> list[str]:
+    """Last notices no kernel sends: garbage, too deep, wrong types, negative, not whole
+    numbers (the last one well formed, for a join that is not b's: it names a's session)."""
+    ids = {"id_prefix": real["id_prefix"], "session": real["session"]}
+    bad_numbers: list[Any] = [-3, 4.5, True, "4", 1e999, None]
+    huge = "9" * 4400  # more digits than Python turns into an int
+    return [
+        "not json",
+        "[" * 200_000 + "]" * 200_000,
+        json.dumps([ids]),
+        json.dumps({"id_prefix": 5, "session": real["session"], "recv": {}}),
+        json.dumps({**ids, "recv": [[stream, 1]]}),
+        json.dumps({**ids}),
+        json.dumps({**ids, "id_prefix": "-" + real["id_prefix"], "recv": {}}),
+        *(json.dumps({**ids, "recv": {stream: n}}) for n in bad_numbers),
+        json.dumps({**ids, "recv": {stream: 0}}).replace(": 0}", f": {huge}}}"),
+        json.dumps({**ids, "session": f"{other_session:016x}", "recv": {stream: 0}}),
+    ]
+
+
+@pytest.mark.parametrize("forged", [False, True])
 async def test_tells_sent_to_a_node_that_left_before_its_sender_heard_it_are_counted(
-    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch, forged: bool
 ) -> None:
     """Regression: a tell that a sent with credit after b's leave had closed b's data
     connection, before a heard the leave, went to a subject nobody listened to: b could
@@ -1597,10 +1620,18 @@ async def test_tells_sent_to_a_node_that_left_before_its_sender_heard_it_are_cou
     ends with a last notice, sent once its data connection is closed, with the last
     number b took of each sender's stream; a counts the tells it numbered for b past it
     in ``lost_at_leave``. Here a hears nothing of b's leave (notices, membership
-    record's delete) until it has sent two tells after b disconnected."""
+    record's delete) until it has sent two tells after b disconnected.
+
+    With ``forged``, a first gets last notices that no kernel sends, on b's subject
+    (garbage, too deep for the parser, wrong types, negative or fractional numbers; and
+    one naming another join): each was counted as malformed and changed nothing. (A
+    negative number was taken, counting more lost than a ever sent and using up what
+    the real notice needed; a non-integer one was rounded; an infinite one or one too
+    deep for the parser raised out of the handler, uncounted.)"""
     records: list[Any] = []
     slow = attrs.evolve(FAST, heartbeat_interval=30.0)  # no heartbeat tick in the test
     deaf: list[Cluster] = []
+    fakes: list[str] = []
     held_notices: list[Any] = []
     held_deletes: list[tuple[str, bytes | None, str | None]] = []
     original_heartbeat = Cluster._on_heartbeat
@@ -1648,6 +1679,17 @@ async def test_tells_sent_to_a_node_that_left_before_its_sender_heard_it_are_cou
                 await trio.testing.wait_all_tasks_blocked()
                 await call_aio(ca.nc.flush, 5)
                 deaf.clear()
+                if forged:
+                    notice = next(m for m in held_notices if m.headers)
+                    real = json.loads(notice.headers[wire.LEFT_HEADER])
+                    own = parse_stream_name(ca.stream_name)
+                    assert own is not None
+                    fakes += _forged_notices(real, ca.stream_name, own[1])
+                    for text in fakes:
+                        fake = dataclasses.replace(notice, headers={wire.LEFT_HEADER: text})
+                        await ca._on_heartbeat(fake)
+                    assert "b" in ca.members.members and ca.stats().lost_at_leave == 0
+                    assert ca.stats().inbound_dropped == {"malformed_notice": len(fakes) - 1}
                 for m in held_notices:
                     await ca._on_heartbeat(m)
                 for entry in held_deletes:
@@ -1658,7 +1700,9 @@ async def test_tells_sent_to_a_node_that_left_before_its_sender_heard_it_are_cou
     assert records == list(range(5))
     assert ca.tells_sent_to("b", cb.id_prefix) == 0  # (the stream ended with the leave)
     assert cb.stats().received == 5 + 1  # the tells and the request
-    assert counted == 2  # the two tells sent after b left: counted lost on a
+    malformed = ca.stats().inbound_dropped.get("malformed_notice", 0)
+    assert malformed == (len(fakes) - 1 if forged else 0)
+    assert counted == 2 + malformed  # the two tells sent after b left: counted lost on a
     assert ca.stats().lost_at_leave == 2
     assert ca.stats().publish_failures == 0
 

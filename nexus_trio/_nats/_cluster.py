@@ -419,6 +419,7 @@ class Cluster:
         self._left_streams: OrderedDict[tuple[str, int, int], int] = OrderedDict()
         self._lost_at_leave = 0
         self._last_loss_log = -1.0
+        self._last_notice_log = -1.0
         self._data_up = trio.Event()  # set while the data connection is up
         self._data_up.set()
         self.durable = DurableChannel(self, options.durable)
@@ -2319,11 +2320,23 @@ class Cluster:
         them, so they are counted here, ``lost_at_leave``. Also a leave notice, for the
         join the member table holds (not for a later join of that process)."""
         try:
-            obj = json.loads(notice)
-            prefix, session = int(obj["id_prefix"], 16), int(obj["session"], 16)
-            taken = int(obj["recv"].get(self.stream_name, 0))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            log.warning("node %s: ignoring a malformed last notice of %r", self.node, node)
+            prefix, session, taken = _parse_last_notice(notice, self.stream_name)
+        except (ValueError, RecursionError) as exc:
+            # Anyone may publish on the heartbeat subjects: counted, logged at most once a
+            # second, and it changes nothing (no leave, no count)
+            self._dropped["malformed_notice"] += 1
+            now = time.monotonic()
+            if now - self._last_notice_log >= 1.0:
+                self._last_notice_log = now
+                log.warning(
+                    "node %s: ignoring a malformed last notice on the subject of %r (%s;"
+                    " %d malformed so far): %s",
+                    self.node,
+                    node,
+                    exc if isinstance(exc, ValueError) else "nested too deeply",
+                    self._dropped["malformed_notice"],
+                    _cut(notice),
+                )
             return
         info = self.members.members.get(node)
         if info is not None and info.id_prefix == prefix and info.session in (None, session):
@@ -2904,6 +2917,30 @@ async def join_cluster(
         if leaf is None:
             raise
         raise leaf from None
+
+
+def _parse_last_notice(notice: str, stream: str) -> tuple[int, int, int]:
+    """The id prefix and session of the join a last notice is for, and the last number
+    it took of ``stream`` (0 if none); ValueError if it is not a notice a kernel sends
+    (hex strings of 64-bit numbers, a whole number of at least 0)."""
+    obj = json.loads(notice)
+    if not isinstance(obj, dict):
+        raise ValueError("not a JSON object")
+    prefix, session, recv = obj.get("id_prefix"), obj.get("session"), obj.get("recv")
+    if not (isinstance(prefix, str) and isinstance(session, str) and isinstance(recv, dict)):
+        raise ValueError("id_prefix, session (hex strings) and recv (an object) expected")
+    ids = int(prefix, 16), int(session, 16)
+    if not all(0 <= n < 1 << 64 for n in ids):
+        raise ValueError("id_prefix and session are 64-bit numbers")
+    taken = recv.get(stream, 0)
+    if type(taken) is not int or taken < 0:
+        raise ValueError(f"the last number taken of this node's stream is {_cut(taken)}")
+    return ids[0], ids[1], taken
+
+
+def _cut(value: object, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _sole_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
