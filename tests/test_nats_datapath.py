@@ -2076,3 +2076,102 @@ async def test_a_node_that_leaves_has_its_streams_forgotten_by_the_others(
     assert (stats.inbound_streams, stats.inbound_streams_retired) == (0, 1)
     assert records == list(range(5))
     assert stats.lost_in_transit == 0
+
+
+@pytest.mark.parametrize("heard", ["leave", "last notice only"])
+@pytest.mark.parametrize(
+    ("leave_after", "hold"), [(1, True), (40, True), (40, False), (300, False)]
+)
+async def test_tells_sent_through_a_leave_are_each_handled_or_counted_once(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch, leave_after: int, hold: bool, heard: str
+) -> None:
+    """Property: four senders on a burst tells at ``col`` on b, which leaves once it has
+    handled ``leave_after`` of them. Summed over both nodes, every tell a's ``send``
+    accepted was handled once, in its sender's order, or counted once: ``accepted ==
+    handled + inbound_dropped + lost_in_transit + publish_failures + lost_at_leave``
+    (once a has b's last notice). ``col`` holds the tell it leaves at until b has
+    left: the tells behind it wait in its mailbox (handled after) or parked (refused).
+    With "last notice only", a hears neither b's leave announcement, nor its record's
+    delete, nor the drop of its names: only b's last notice ends b for a (a's senders
+    route to col until then)."""
+    records: list[tuple[int, int]] = []
+    enough, noticed, gate = trio.Event(), trio.Event(), trio.Event()
+    original_notice = Cluster._on_last_notice
+    original_apply = Cluster._apply_member_entry
+    original_naming = Cluster._apply_name_entry
+    in_notice: list[bool] = []
+
+    def notice(self: Cluster, node: str, text: str) -> None:
+        in_notice.append(True)
+        try:
+            original_notice(self, node, text)
+        finally:
+            in_notice.pop()
+        if node == "b":
+            noticed.set()
+
+    def applying(self: Cluster, key: str, value: bytes | None, op: str | None) -> None:
+        if heard != "leave" and key == "b" and op == "DEL" and not in_notice:
+            return  # the announcement, the record's delete: unheard
+        original_apply(self, key, value, op)
+
+    def naming(
+        self: Cluster, key: str, value: bytes | None, op: str | None, rev: int | None = None
+    ) -> None:
+        if heard != "leave" and op is not None:
+            return  # nor the drop of b's names: a routes to col until b's last notice
+        original_naming(self, key, value, op, rev)
+
+    @agent(name="col", mailbox_capacity=4)
+    async def col(ctx: Context, msg: Message) -> Any:
+        if msg.payload == "dump":
+            return len(records)
+        records.append(tuple(msg.payload))
+        if len(records) == leave_after:
+            enough.set()  # and, with hold, holds on: the next wait in the mailbox, parked
+            if hold:
+                await gate.wait()
+        return None
+
+    monkeypatch.setattr(Cluster, "_on_last_notice", notice)
+    monkeypatch.setattr(Cluster, "_apply_member_entry", applying)
+    monkeypatch.setattr(Cluster, "_apply_name_entry", naming)
+    accepted = refused = 0
+
+    async def burst(ka: Kernel, sender: int, go: trio.Event) -> None:
+        nonlocal accepted, refused
+        await go.wait()
+        for i in range(300):
+            try:
+                await ka.send("col", (sender, i))
+                accepted += 1
+            except (AgentNotFound, TransportUnavailable, MailboxFull):
+                refused += 1
+
+    async with open_kernel(_config(send_timeout_ms=2000)) as kb:
+        kb.spawn(col)
+        async with _node(nats.url, "a", node_window=16) as (ka, ca):
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    go = trio.Event()
+                    for sender in range(4):  # (started here: a's asyncio loop, not b's)
+                        nursery.start_soon(burst, ka, sender, go)
+                    async with join_cluster(kb, nats.url, "b", options=FAST) as cb:
+                        await cb.names_published()
+                        await ca.wait_for_name("col")
+                        go.set()
+                        await enough.wait()
+                    # b left in the middle of the burst; a's senders go on
+                    gate.set()
+                await noticed.wait()
+                assert await kb.request("col", "dump") == len(records)
+                a, b = ca.stats(), cb.stats()
+        await kb.shutdown()
+    for sender in range(4):
+        mine = [i for s, i in records if s == sender]
+        assert mine == sorted(set(mine))  # each sender's order, no tell twice
+    assert refused  # (the leave came in the middle of the burst)
+    counted = (
+        sum(b.inbound_dropped.values()) + b.lost_in_transit + a.publish_failures + a.lost_at_leave
+    )
+    assert accepted == len(records) + counted, (accepted, len(records), a, b)
