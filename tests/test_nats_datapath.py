@@ -1035,6 +1035,63 @@ async def test_a_tell_admitted_from_the_wait_for_room_as_its_node_leaves_is_coun
     assert cb.stats().inbound_dropped == {"shutting_down": 2}
 
 
+async def test_a_tell_for_a_full_mailbox_as_the_leave_ends_the_delivering_tasks_is_refused(
+    nats: NatsServer,
+) -> None:
+    """Regression (found by the conservation property test under load): the delivering
+    tasks' nursery stops taking tasks as its last task ends, and the leave learnt it only
+    when the nursery's own task ran next. A tell for a full mailbox that came in between
+    started a delivering task there: ``RuntimeError`` ("closed to new arrivals") broke off
+    its batch, and its tells were lost uncounted. Here the tell comes at that moment (an
+    instrument runs when the last task has ended, before the nursery's task resumes)."""
+    gate = trio.Event()
+    handled: list[Any] = []
+    release = trio.Event()
+    outcomes: list[Any] = []
+
+    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+        with trio.fail_after(30):
+            kb.spawn(_gated("full", gate, handled))
+            kb.spawn(_ping)
+            await cb.names_published()
+            await ca.wait_for_name("full")
+            await ca.wait_for_name("ping")
+            for i in range(2):  # 0 in the handler, 1 in the mailbox: the mailbox is full
+                await ka.send("full", i)  # (one at a time: neither waits for room)
+                assert await ka.request("ping", None) == "pong"
+            assert cb.stats().parked == 0
+            full = kb.lookup("full").id
+
+            async def settling() -> None:
+                # the last delivering task to end, after the leave's cancel
+                with trio.CancelScope(shield=True):
+                    await release.wait()
+
+            class TellAsTheLastTaskEnds(trio.abc.Instrument):
+                def task_exited(self, task: trio.lowlevel.Task) -> None:
+                    if task.name.endswith("settling"):
+                        tell = Message(sender=SYSTEM_ID, to=full, payload=2)
+                        try:
+                            outcomes.append(cb._admit(None, tell, False, None))
+                        except RuntimeError as exc:
+                            outcomes.append(exc)
+
+            deliveries = cb._deliveries
+            assert deliveries is not None
+            deliveries.start_soon(settling)
+            await trio.testing.wait_all_tasks_blocked()
+            trio.lowlevel.add_instrument(TellAsTheLastTaskEnds())
+            deliveries.cancel_scope.cancel()  # the leave's first step (_stop_deliveries)
+            await trio.testing.wait_all_tasks_blocked()
+            release.set()
+            await trio.testing.wait_all_tasks_blocked()
+            gate.set()
+            await trio.testing.wait_all_tasks_blocked()
+    assert outcomes == [True]  # done with: refused, not parked (nor raised)
+    assert handled == [0, 1]
+    assert cb.stats().inbound_dropped == {"shutting_down": 1}
+
+
 async def test_batched_tells_that_waited_their_send_deadline_for_room_wait_on(
     nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

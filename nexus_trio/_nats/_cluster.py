@@ -2609,11 +2609,17 @@ class Cluster:
         try:
             async with trio.open_nursery() as nursery:
                 self._deliveries = nursery
-                nursery.start_soon(self._pump)
-                task_status.started()
-                await trio.sleep_forever()
+                try:
+                    nursery.start_soon(self._pump)
+                    task_status.started()
+                    await trio.sleep_forever()
+                finally:
+                    # Before the nursery waits for its tasks: it stops taking new ones as
+                    # the last ends, and this task would learn that only when it resumes
+                    # (a tell for a full mailbox in between raised "closed to new
+                    # arrivals"). From here such a tell is refused (see _admit).
+                    self._deliveries = None
         finally:
-            self._deliveries = None
             self._deliveries_ended.set()
 
     async def _stop_deliveries(self) -> None:
