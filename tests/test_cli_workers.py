@@ -166,14 +166,16 @@ def watch_workers(proc: subprocess.Popen[str], tag: str, limit: int, timeout: fl
     """
     deadline = time.monotonic() + timeout
     most = 0
-    previous: set[int] = set()
+    since: dict[int, float] = {}
     while proc.poll() is None:
         current = workers_of(tag)
-        # Seen in two polls in a row (50 ms apart): a worker's fork that has not exec'd
-        # its helper yet carries the worker's command line for a moment, and is not a
-        # worker (a run found 3 "workers", the third a child of worker 0 with its argv).
-        seen = current & previous
-        previous = current
+        now = time.monotonic()
+        since = {pid: since.get(pid, now) for pid in current}
+        # Seen for half a second on end: a worker's fork that has not exec'd its helper
+        # yet carries the worker's command line for a moment, and is not a worker (runs
+        # found 3 "workers", the third a child of a worker with its argv, seen in two polls
+        # 50 ms apart under load); a worker, even one started by mistake, runs far longer.
+        seen = {pid for pid, first in since.items() if now - first >= 0.5}
         most = max(most, len(seen))
         if most > limit:
             described = "; ".join(f"{pid} {command_line(pid)}" for pid in sorted(seen))
