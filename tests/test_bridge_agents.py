@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from nexus_trio import Message, MessageKind
 from nexus_trio._message import decode_message
@@ -1480,6 +1481,47 @@ async def test_bridges_under_the_kernel_abandon_a_timed_out_message_and_are_not_
             assert [d.reason for d in dead_letters(kernel)] == [
                 DeadLetterReason.HANDLER_TIMEOUT
             ] * 2
+
+
+@pytest.mark.parametrize("lang", LANGS)
+async def test_bridges_under_the_kernel_keep_their_child_when_the_next_message_is_queued(
+    lang: str, tmp_path: Path
+) -> None:
+    """Regression: when the next message was already queued as one timed out, the kernel
+    replaced the child at once, before its ``Cancelled`` answer could be read (a new
+    process, ``on_start`` again). Now it waits a short grace for that answer: the same
+    child (same pid) serves the queued message."""
+    from nexus_trio import DeadLetterReason, RequestFailed, open_kernel
+    from nexus_trio.bridges.process import bridge_stats, process_agent
+    from nexus_trio.testing import dead_letters
+
+    results: dict[str, Any] = {}
+
+    async def ask(kernel: Any, payload: dict[str, Any]) -> None:
+        try:
+            results[payload["do"]] = await kernel.request("probe", payload)
+        except RequestFailed as exc:
+            results[payload["do"]] = exc.reason
+
+    with trio.fail_after(TIMEOUT * 2):
+        async with open_kernel() as kernel:
+            # The grace: 1 s by default, at most half the handle timeout.
+            ref = kernel.spawn(
+                process_agent(probe_command(lang, tmp_path), name="probe", handle_timeout=2.0)
+            )
+            assert await kernel.request("probe", {"do": "echo", "value": 0}) == 0
+            pid = bridge_stats(kernel)[ref.id].pid
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask, kernel, {"do": "spin"})
+                await poll_until(lambda: bridge_stats(kernel)[ref.id].lines_out == 2)
+                nursery.start_soon(ask, kernel, {"do": "echo", "value": "queued"})
+                await trio.testing.wait_all_tasks_blocked()
+                assert kernel.stats().in_flight == 2  # the echo waits behind the spin
+            assert results == {"spin": "handler_timeout", "echo": "queued"}
+            stats = bridge_stats(kernel)[ref.id]
+            assert (stats.starts, stats.replaced, stats.pid) == (1, 0, pid)
+            assert (stats.cancels_sent, stats.late_responses) == (1, 1)
+            assert [d.reason for d in dead_letters(kernel)] == [DeadLetterReason.HANDLER_TIMEOUT]
 
 
 # --- the original agent-side API --------------------------------------------------------------

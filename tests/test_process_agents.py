@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -25,6 +26,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from nexus_trio import (
     AgentRef,
@@ -49,6 +51,7 @@ from nexus_trio.bridges import _lineage, bridge_stats, process_agent
 from nexus_trio.bridges import process as process_module
 from nexus_trio.bridges.process import BridgeStats, ProcessAgent, ProcessAgentError
 from nexus_trio.testing import assert_conserved, dead_letters
+from tests.hang_guard import real_time_limit
 from tests.test_bridge_agents import needs_node, node_or_skip
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -575,7 +578,9 @@ async def test_late_answer_is_discarded_and_not_taken_for_the_next_message(proto
 
 
 #: a child that logs every frame other than ``message`` it reads (answered by the query
-#: "seen"); "slow" makes it wait up to 3 s for a ``cancel`` frame before answering late.
+#: "seen"); "slow" makes it wait up to 3 s for a ``cancel`` frame before answering late,
+#: "deaf" makes it read on (a cancel included) and never answer again, "dies" makes it
+#: exit (status 3) at the next frame.
 #: Every line it reads is kept, byte for byte, in ``stdin.log`` beside the script.
 CANCEL_CHILD = """
 import select, time
@@ -631,6 +636,12 @@ while True:
                     "reply_to": msg["id"], "error": "cancelled", "error_type": "Cancelled",
                 }}}})
                 break
+    elif msg["payload"] == "deaf":
+        while True:
+            read_frame()
+    elif msg["payload"] == "dies":
+        read_frame()  # the cancel
+        sys.exit(3)
     elif msg["payload"] == "seen":
         answer(msg, seen)
     else:
@@ -721,6 +732,287 @@ async def test_child_without_the_cancel_feature_never_gets_a_cancel_frame(
     assert seen.payload == "seen"
     assert (seen.conversation_id is not None) == (protocol == 1)
     assert messages[1:] == [b'{"type":"message","payload":%s}\n' % seen.to_json().encode()]
+
+
+# --- the cancel grace, on a mock clock that only the test moves ----------------------------
+#
+# pytest-trio's ``mock_clock`` stands still (rate 0) unless the test jumps it: the kernel's
+# deadlines (handle timeout, cancel grace, shutdown grace) pass exactly when the test says,
+# while the children run in real time. What a child does is awaited in real time
+# (:func:`until_real`), bounded; a hang is caught by a real-time alarm.
+
+
+@asynccontextmanager
+async def mock_time_kernel(**kernel: Any) -> AsyncIterator[Kernel]:
+    with real_time_limit(LIMIT):
+        async with open_kernel(config(**kernel)) as k:
+            yield k
+    assert_conserved(k)
+
+
+async def until_real(predicate: Any, what: str, timeout: float = 20.0) -> None:
+    """Wait in real time (the mock clock stands still) until ``predicate()``: a child's I/O."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if predicate():
+                return
+        except KeyError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {timeout:g} s of real time")
+        await trio.to_thread.run_sync(time.sleep, 0.005)
+
+
+async def ask(kernel: Kernel, ref: AgentRef, payload: Any, results: dict[str, Any]) -> None:
+    """Request ``payload``; its answer, or the reason it failed, goes into ``results``."""
+    try:
+        results[payload] = await kernel.request(ref, payload)
+    except RequestFailed as exc:
+        results[payload] = exc.reason
+
+
+async def give_up_with_the_next_queued(
+    kernel: Kernel,
+    ref: AgentRef,
+    nursery: trio.Nursery,
+    clock: trio.testing.MockClock,
+    first: str,
+    results: dict[str, Any],
+    handle_timeout: float = 1.0,
+) -> None:
+    """Request ``first`` and then "after", queued behind it; then let ``first``'s handle
+    timeout pass: the kernel gives up on it while "after" waits in the mailbox."""
+    await until_real(lambda: stats_of(kernel, ref).registered, "the register")
+    written = stats_of(kernel, ref).lines_out
+    nursery.start_soon(ask, kernel, ref, first, results)
+    await until_real(lambda: stats_of(kernel, ref).lines_out == written + 1, f"{first} written")
+    nursery.start_soon(ask, kernel, ref, "after", results)
+    await trio.testing.wait_all_tasks_blocked()
+    assert kernel.stats().in_flight == 2  # "after" waits behind the message being handled
+    clock.jump(handle_timeout)
+
+
+async def test_cancelled_child_that_answers_in_the_grace_serves_the_message_queued_behind(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """Regression: with the next message already queued when one timed out, the kernel
+    replaced a child that declared ``cancel`` at once, before its ``Cancelled`` answer
+    could be read (a new process, ``on_start`` again): under load the feature saved
+    nothing. Now the kernel waits a bounded grace for that answer: the same child, told
+    to stop, answers and serves the queued message, which is not delayed past it."""
+    cmd = script(tmp_path, CANCEL_CHILD.format(protocol=2, features=["cancel"]))
+    async with mock_time_kernel() as kernel:
+        ref = kernel.spawn(process_agent(cmd, name="c", handle_timeout=1.0))
+        assert await kernel.request(ref, "quick") == "quick"
+        pid = stats_of(kernel, ref).pid
+        start = trio.current_time()
+        results: dict[str, Any] = {}
+        async with trio.open_nursery() as nursery:
+            await give_up_with_the_next_queued(kernel, ref, nursery, mock_clock, "slow", results)
+        assert results == {"slow": "handler_timeout", "after": "after"}
+        # The answer came in real time: no mock time passed waiting for it.
+        assert trio.current_time() - start == 1.0
+        stats = stats_of(kernel, ref)
+        assert (stats.starts, stats.replaced, stats.pid) == (1, 0, pid)
+        assert (stats.cancels_sent, stats.abandoned, stats.late_responses) == (1, 1, 1)
+        assert [d.reason for d in dead_letters(kernel)] == [DeadLetterReason.HANDLER_TIMEOUT]
+
+
+async def test_cancelled_child_that_does_not_answer_is_replaced_when_the_grace_ends(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """The grace is bounded: ``cancel_grace`` (1 s by default) from the cancel frame, and
+    at most half the handle timeout of the message now due (here 0.5 s). Until it ends
+    the queued message waits and nothing is written; then the silent child is replaced
+    as before (counted), and the queued message is served by the new child, not
+    dead-lettered."""
+    cmd = script(tmp_path, CANCEL_CHILD.format(protocol=2, features=["cancel"]))
+    async with mock_time_kernel() as kernel:
+        ref = kernel.spawn(process_agent(cmd, name="c", handle_timeout=1.0))
+        assert await kernel.request(ref, "quick") == "quick"
+        pid = stats_of(kernel, ref).pid
+        assert pid is not None
+        start = trio.current_time()
+        results: dict[str, Any] = {}
+        async with trio.open_nursery() as nursery:
+            await give_up_with_the_next_queued(kernel, ref, nursery, mock_clock, "deaf", results)
+            await until_real(lambda: stats_of(kernel, ref).cancels_sent == 1, "the cancel")
+            mock_clock.jump(0.499)
+            await trio.testing.wait_all_tasks_blocked()
+            stats = stats_of(kernel, ref)
+            assert (stats.starts, stats.replaced, stats.lines_out) == (1, 0, 3)
+            assert "after" not in results
+            mock_clock.jump(0.001)
+        assert results == {"deaf": "handler_timeout", "after": "after"}
+        assert trio.current_time() - start == pytest.approx(1.5)
+        stats = stats_of(kernel, ref)
+        assert (stats.starts, stats.replaced, stats.abandoned) == (2, 1, 1)
+        assert (stats.cancels_sent, stats.late_responses) == (1, 0)
+        assert stats.pid != pid
+        assert group_members(pid) == []
+        assert [d.reason for d in dead_letters(kernel)] == [DeadLetterReason.HANDLER_TIMEOUT]
+
+
+async def test_child_lost_during_the_grace_is_replaced_for_the_message_that_waits(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """A child that exits instead of answering the cancel, while the next message waits
+    out the grace, does not fail the agent (which would dead-letter that message, never
+    written): the message ends its wait and replaces the child, which serves it."""
+    cmd = script(tmp_path, CANCEL_CHILD.format(protocol=2, features=["cancel"]))
+    async with mock_time_kernel() as kernel:
+        ref = kernel.spawn(process_agent(cmd, name="c", handle_timeout=1.0))
+        start = trio.current_time()
+        results: dict[str, Any] = {}
+        async with trio.open_nursery() as nursery:
+            await give_up_with_the_next_queued(kernel, ref, nursery, mock_clock, "dies", results)
+        assert results == {"dies": "handler_timeout", "after": "after"}
+        assert trio.current_time() - start == 1.0
+        stats = stats_of(kernel, ref)
+        assert (stats.starts, stats.replaced, stats.last_exit) == (2, 1, 3)
+        assert kernel.stats().restarts == 0
+        assert [d.reason for d in dead_letters(kernel)] == [DeadLetterReason.HANDLER_TIMEOUT]
+
+
+@pytest.mark.parametrize("attempt", range(8))
+async def test_answer_read_in_the_instant_the_grace_ends_keeps_the_child(
+    tmp_path: Path,
+    mock_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    attempt: int,
+) -> None:
+    """An answer read at the very time the grace ends counts (the hook holds the child's
+    prompt ``Cancelled`` back until then; whichever of the two the scheduler runs first,
+    the answer is taken and the child kept). ``cancel_grace`` is the agent's own here."""
+    original = ProcessAgent._dispatch
+    end = math.inf
+
+    async def at_the_grace_end(self: ProcessAgent, frame_type: str, payload: Any) -> None:
+        if frame_type == "error":
+            await trio.sleep_until(end)
+        await original(self, frame_type, payload)
+
+    monkeypatch.setattr(ProcessAgent, "_dispatch", at_the_grace_end)
+    cmd = script(tmp_path, CANCEL_CHILD.format(protocol=2, features=["cancel"]))
+    async with mock_time_kernel() as kernel:
+        ref = kernel.spawn(process_agent(cmd, name="c", handle_timeout=1.0, cancel_grace=0.25))
+        assert await kernel.request(ref, "quick") == "quick"
+        pid = stats_of(kernel, ref).pid
+        # The kernel's grace ends at the cancel (handle timeout) plus 0.25 s: so does the hold.
+        end = trio.current_time() + 1.0 + 0.25
+        results: dict[str, Any] = {}
+        async with trio.open_nursery() as nursery:
+            await give_up_with_the_next_queued(kernel, ref, nursery, mock_clock, "slow", results)
+            await until_real(lambda: stats_of(kernel, ref).lines_in == 3, "the answer read")
+            await trio.testing.wait_all_tasks_blocked()
+            assert "after" not in results
+            mock_clock.jump(0.25)
+        assert trio.current_time() == end
+        assert results == {"slow": "handler_timeout", "after": "after"}
+        stats = stats_of(kernel, ref)
+        assert (stats.starts, stats.replaced, stats.pid, stats.late_responses) == (1, 0, pid, 1)
+
+
+async def test_shutdown_during_the_grace_waits_only_its_own_deadlines(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """A shutdown that comes while a message waits out the grace (30 s here) is not
+    lengthened by it: the wait is a handler's, bounded by the shutdown's own deadlines
+    (the drain, 0.1 s, then the agent's ``shutdown_timeout``): the waiting message is
+    dead-lettered (``shutdown``, never written) and the silent child is stopped as a
+    stuck one (no shutdown frame, SIGTERM at once)."""
+    cmd = script(tmp_path, CANCEL_CHILD.format(protocol=2, features=["cancel"]))
+    async with mock_time_kernel(shutdown_grace_ms=100, request_timeout_ms=1_000_000) as kernel:
+        spec = process_agent(
+            cmd, name="c", handle_timeout=100.0, cancel_grace=30.0, shutdown_grace=0.5
+        )
+        assert spec.shutdown_timeout == 3.5
+        ref = kernel.spawn(spec)
+        results: dict[str, Any] = {}
+        async with trio.open_nursery() as nursery:
+            await give_up_with_the_next_queued(
+                kernel, ref, nursery, mock_clock, "deaf", results, handle_timeout=100.0
+            )
+            await until_real(lambda: stats_of(kernel, ref).cancels_sent == 1, "the cancel")
+            await trio.testing.wait_all_tasks_blocked()
+            start = trio.current_time()
+            nursery.start_soon(kernel.shutdown)
+            await trio.testing.wait_all_tasks_blocked()
+            mock_clock.jump(0.1)  # the drain ends; the agent's shutdown_timeout begins
+            await trio.testing.wait_all_tasks_blocked()
+            assert "after" not in results
+            mock_clock.jump(3.5)
+        assert trio.current_time() - start == pytest.approx(3.6)
+        assert results == {"deaf": "handler_timeout", "after": "shutdown"}
+        assert [d.reason for d in dead_letters(kernel)] == [
+            DeadLetterReason.HANDLER_TIMEOUT,
+            DeadLetterReason.SHUTDOWN,
+        ]
+    frames = (tmp_path / "stdin.log").read_bytes().splitlines()
+    assert [json.loads(line)["type"] for line in frames] == ["message", "cancel"]
+
+
+@pytest.mark.parametrize(
+    ("protocol", "features", "grace"),
+    [
+        (2, None, 1.0),
+        (2, [], 1.0),
+        (2, ["ping"], 1.0),
+        (1, ["cancel"], 1.0),
+        (1, None, 1.0),
+        (2, ["cancel"], 0),
+    ],
+    ids=["p2", "p2-no-features", "p2-other-feature", "p1-declaring-cancel", "p1", "grace-0"],
+)
+async def test_child_without_the_cancel_feature_is_replaced_at_once_for_the_message_queued_behind(
+    tmp_path: Path,
+    mock_clock: trio.testing.MockClock,
+    protocol: int,
+    features: list[str] | None,
+    grace: float,
+) -> None:
+    """Children that were not told (no ``cancel`` feature, protocol 1), or an agent with
+    ``cancel_grace=0``, are replaced as before: at once, when the queued message is due
+    (no mock time passes), and written exactly what they were: the message given up on
+    (and the cancel, if told), then the new child the queued message and shutdown."""
+    cmd = script(tmp_path, CANCEL_CHILD.format(protocol=protocol, features=features))
+    async with mock_time_kernel() as kernel:
+        ref = kernel.spawn(process_agent(cmd, name="c", handle_timeout=1.0, cancel_grace=grace))
+        start = trio.current_time()
+        results: dict[str, Any] = {}
+        async with trio.open_nursery() as nursery:
+            await give_up_with_the_next_queued(kernel, ref, nursery, mock_clock, "deaf", results)
+        assert results == {"deaf": "handler_timeout", "after": "after"}
+        assert trio.current_time() - start == 1.0
+        stats = stats_of(kernel, ref)
+        told = int(features == ["cancel"] and protocol == 2)
+        assert (stats.cancels_sent, stats.abandoned, stats.starts, stats.replaced) == (
+            told,
+            1,
+            2,
+            1,
+        )
+        letters = dead_letters(kernel)
+        assert [d.reason for d in letters] == [DeadLetterReason.HANDLER_TIMEOUT]
+    *messages, shutdown = (tmp_path / "stdin.log").read_bytes().splitlines(keepends=True)
+    assert shutdown == b'{"type":"shutdown","payload":{}}\n'
+    wire = json.loads(letters[0].message.to_json())
+    if protocol == 1:
+        wire["conversation_id"] = wire["id"]
+    frame = b'{"type":"message","payload":%s}\n' % json.dumps(wire, separators=(",", ":")).encode()
+    if told:
+        # Replaced at once, the child may not have read the cancel written (racy): the
+        # frame itself is checked above, here only that nothing else was written.
+        cancel = {"message_id": wire["id"], "conversation_id": wire["id"]}
+        told_frame = (
+            b'{"type":"cancel","payload":%s}\n' % json.dumps(cancel, separators=(",", ":")).encode()
+        )
+        assert messages.count(told_frame) <= 1
+        messages = [line for line in messages if line != told_frame]
+    after = decode_message(json.loads(messages[-1])["payload"])
+    assert after.payload == "after"
+    assert messages == [frame, b'{"type":"message","payload":%s}\n' % after.to_json().encode()]
 
 
 @pytest.mark.parametrize(
@@ -1389,6 +1681,11 @@ async def test_no_child_process_remains_after_the_kernel_exits() -> None:
         ({"env": {"A": 1}}, TypeError, "env must map strings"),
         ({"ping_interval": 0}, ValueError, "ping_interval"),
         ({"ping_timeout": float("inf")}, ValueError, "ping_timeout"),
+        ({"cancel_grace": -0.5}, ValueError, "cancel_grace must be finite and >= 0, got -0.5"),
+        ({"cancel_grace": float("nan")}, ValueError, "cancel_grace must be a number of seconds"),
+        ({"cancel_grace": "1s"}, ValueError, "cancel_grace must be a number of seconds, got '1s'"),
+        ({"cancel_grace": True}, ValueError, "cancel_grace must be a number of seconds"),
+        ({"cancel_grace": float("inf")}, ValueError, "cancel_grace must be finite"),
     ],
 )
 def test_bad_arguments_are_refused_naming_the_problem(

@@ -19,7 +19,9 @@ counted (:func:`bridge_stats`) and dead-letter the message they answered (reason
 has its message dead-lettered (``handler_timeout``) and is replaced before the next
 message if it still has not answered; a protocol-2 child that declared the ``cancel``
 feature in its ``register`` is sent a ``cancel`` frame for such a message (and for one
-whose requester stopped waiting), so that it can stop and answer at once. ``on_stop``
+whose requester stopped waiting), so that it can stop and answer at once, and the next
+message waits a bounded grace (``cancel_grace``) for that answer before it replaces the
+child. ``on_stop``
 sends ``shutdown``, waits ``shutdown_grace``, then SIGTERMs and finally SIGKILLs the whole
 process group and always reaps the child, so nothing outlives the kernel — not a child
 that ignores SIGTERM, nor a grandchild that holds the pipes; on Linux :mod:`._lineage`
@@ -228,6 +230,7 @@ class ProcessOptions:
     shutdown_grace: float = 5.0
     ping_interval: float | None = None
     ping_timeout: float = 5.0
+    cancel_grace: float = 1.0
 
 
 class _Oversized:
@@ -292,6 +295,7 @@ class _Slot:
 
     __slots__ = (
         "abandoned",
+        "answer_by",
         "conversation",
         "done",
         "error",
@@ -315,6 +319,9 @@ class _Slot:
         self.abandoned = False
         #: the frame's write started: the child may have (part of) it
         self.written = False
+        #: the child was told it was cancelled: its answer is awaited until then (the
+        #: grace) before it counts as stuck; None: not told, nothing to wait for
+        self.answer_by: float | None = None
 
     def resolve(self, value: Any) -> None:
         if not self.done:
@@ -404,6 +411,8 @@ class ProcessAgent(Agent):
         self._pong = trio.Event()
         #: the current child has sent its register line
         self._child_registered = False
+        #: a message waits for the child to answer a cancelled one (:meth:`_stuck`)
+        self._in_grace = False
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -676,7 +685,9 @@ class ProcessAgent(Agent):
         elif self._lost:
             raise ProcessAgentError(self.label, "the child process is gone", self.stats.pid)
         elif self._torn or any(slot.abandoned for slot in self._inflight.values()):
-            await self._replace_child()
+            problem = await self._stuck()
+            if problem is not None:
+                await self._replace_child(problem)
         frame, conversation = self._encode(ctx, msg)
         if self.protocol == 1 and msg.kind is not MessageKind.QUERY:
             # The original bridges answer a tell only when the handler returned something:
@@ -698,10 +709,13 @@ class ProcessAgent(Agent):
                 # the message never reached the child: nothing to wait for or replace.)
                 slot.abandoned = True
                 self.stats.abandoned += 1
-                if sent and self.cancels:
+                if sent and self.cancels and await self._send_cancel(slot):
                     # Before the Cancelled goes on, so before any later frame: a child
-                    # that abandons the work answers at once, and is not replaced.
-                    await self._send_cancel(slot)
+                    # that abandons the work answers at once, and is not replaced,
+                    # even by a message already queued (it waits for the answer).
+                    grace = self.options.cancel_grace
+                    if grace > 0:
+                        slot.answer_by = trio.current_time() + grace
             elif isinstance(slot.error, ProcessAgentError):
                 # The child was lost as this handler was cancelled (same scheduling
                 # batch): its error, which would fail the agent, is dropped for the
@@ -755,11 +769,12 @@ class ProcessAgent(Agent):
             ) from None
         return b'{"type":"message","payload":' + body.encode() + b"}\n", conversation
 
-    async def _send_cancel(self, slot: _Slot) -> None:
+    async def _send_cancel(self, slot: _Slot) -> bool:
         """Tell the child that the kernel gave up on ``slot``'s message (``cancel`` feature).
 
         Shielded (the handler is being cancelled) and bounded by the send timeout; a child
-        that cannot be written to is only reported: the next message replaces it anyway.
+        that cannot be written to is only reported (False): the next message replaces it
+        anyway, without a grace.
         """
         frame = _frame(
             "cancel", {"message_id": str(slot.msg_id), "conversation_id": slot.conversation}
@@ -769,8 +784,46 @@ class ProcessAgent(Agent):
                 await self._write(frame)
             except ProcessAgentError as exc:
                 self._warn(f"cancel of message {slot.msg_id} not written: {exc.problem}")
-                return
+                return False
         self.stats.cancels_sent += 1
+        return True
+
+    async def _stuck(self) -> str | None:
+        """Why the child must be replaced before the next message; None if it need not be.
+
+        A message was given up on (or its write torn). A child that was told with a
+        ``cancel`` frame gets until the grace ends (``cancel_grace`` from the frame, and at
+        most half the time the message now due has left, so that it keeps the rest) to
+        answer it, with anything: ``Cancelled`` or the real result, discarded as late. The
+        wait ends with the answer, the grace, the child's loss, or the cancellation of the
+        message now due (its request timeout, a shutdown: nothing more is waited for then;
+        the next message waits out what is left of the grace). An answer read in the
+        instant the grace ends counts. Any other child is replaced at once, as before.
+        """
+        given_up = [slot for slot in self._inflight.values() if slot.abandoned]
+        if self._torn or not all(slot.answer_by is not None for slot in given_up):
+            return "did not answer a timed-out message"
+        # The handler's deadline is set once it suspends: from here on it is known.
+        await trio.lowlevel.checkpoint()
+        now = trio.current_time()
+        cap = now + (trio.current_effective_deadline() - now) / 2
+        self._in_grace = True
+        try:
+            for slot in given_up:
+                assert slot.answer_by is not None
+                with trio.move_on_at(min(slot.answer_by, cap)):
+                    await slot.event.wait()
+            if not self._lost and any(slot.msg_id in self._inflight for slot in given_up):
+                # Read in the same instant as the grace ended, the answer may be waiting
+                # for the reader's turn: it has it first.
+                await trio.lowlevel.checkpoint()
+        finally:
+            self._in_grace = False
+        if self._lost:
+            return "was lost before it answered a cancelled message"
+        if any(slot.msg_id in self._inflight for slot in given_up):
+            return "did not answer a cancelled message within the grace"
+        return None
 
     async def _write_tell(self, msg: Message, frame: bytes, conversation: str) -> None:
         tell = _Tell(msg, conversation)
@@ -945,6 +998,13 @@ class ProcessAgent(Agent):
                 # The handler raises it: the message is dead-lettered, the agent fails.
                 slot.fail(error)
                 return
+        if self._in_grace:
+            # The message now due waits for the answer to a cancelled one: it was never
+            # written, so it replaces the child instead (or, cancelled meanwhile, the next).
+            self._lost_unreported = True
+            for slot in self._inflight.values():
+                slot.event.set()
+            return
         raise error
 
     @staticmethod
@@ -1109,6 +1169,7 @@ class ProcessAgent(Agent):
             del self._inflight[slot.msg_id]
             stats.late_responses += 1
             self._warn(f"late {what} to message {slot.msg_id} (it timed out); discarded")
+            slot.event.set()  # answered: the next message, if it waits, need not replace it
             return None
         return slot
 
@@ -1246,6 +1307,7 @@ def process_agent(
     mailbox_capacity: int | None = None,
     ping_interval: float | None = None,
     ping_timeout: float = 5.0,
+    cancel_grace: float = 1.0,
 ) -> AgentSpec:
     """An agent spec that runs ``cmd`` as a child process speaking the NDJSON bridge protocol.
 
@@ -1257,7 +1319,10 @@ def process_agent(
     discarded. Stopping sends ``shutdown`` and waits ``shutdown_grace`` seconds before
     SIGTERM, and as long again before SIGKILL. With ``ping_interval``, a child that
     announced protocol 2 is pinged whenever it has been idle that long and must answer
-    within ``ping_timeout`` seconds, else the agent fails (and is restarted).
+    within ``ping_timeout`` seconds, else the agent fails (and is restarted). A child
+    that declared the ``cancel`` feature, told that a message was given up on, has
+    ``cancel_grace`` seconds to answer it before the next message replaces it (at most
+    half that message's handle timeout; 0: at once, as a child without the feature).
     ``restart``, ``handle_timeout`` and ``mailbox_capacity`` are those of
     :func:`nexus_trio.agent`.
     """
@@ -1279,6 +1344,7 @@ def process_agent(
         )
     interval = None if ping_interval is None else _check_positive("ping_interval", ping_interval)
     pong_wait = _check_positive("ping_timeout", ping_timeout)
+    answer_grace = _check_positive("cancel_grace", cancel_grace, allow_zero=True)
     options = ProcessOptions(
         cmd=command,
         env=dict(env) if env is not None else None,
@@ -1288,6 +1354,7 @@ def process_agent(
         shutdown_grace=grace,
         ping_interval=interval,
         ping_timeout=pong_wait,
+        cancel_grace=answer_grace,
     )
     return AgentSpec(
         factory=functools.partial(ProcessAgent, options),
