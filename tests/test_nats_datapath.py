@@ -1764,6 +1764,63 @@ async def test_tells_sent_to_a_node_that_left_before_its_sender_heard_it_are_cou
     assert ca.stats().publish_failures == 0
 
 
+async def test_tells_of_an_old_join_s_stream_never_reach_its_new_join(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a batch a sealed for b's first join that was still in a's outbox (its
+    data connection down: held) when b left and joined again in the same process went,
+    once the connection was back, to b's batch subject, where b's new join took it: the
+    new join counted the old stream's earlier numbers lost in transit (a phantom gap of
+    ten) and handled the three tells, which a also counted in ``lost_at_leave`` (b's
+    first join's last notice says it never took them): each of them handled and counted
+    twice. A batch now goes to the subject of the join it was numbered for (its
+    session), and the new join takes none of an old one's: the three are counted once,
+    on a, and handled nowhere."""
+    records: list[Any] = []
+    slow = attrs.evolve(FAST, heartbeat_interval=30.0)  # no heartbeat tick in the test
+    noticed = trio.Event()
+    original_notice = Cluster._on_last_notice
+
+    def notice(self: Cluster, node: str, text: str) -> None:
+        original_notice(self, node, text)
+        if node == "b":
+            noticed.set()
+
+    monkeypatch.setattr(Cluster, "_on_last_notice", notice)
+    async with open_kernel(_config()) as kb:
+        kb.spawn(agent(_collector(records), name="col"))
+        async with _node(nats.url, "a", heartbeat_interval=30.0) as (ka, ca):
+            with trio.fail_after(30):
+                async with join_cluster(kb, nats.url, "b", options=slow) as cb1:
+                    await cb1.names_published()
+                    await ca.wait_for_name("col")
+                    for i in range(10):
+                        await ka.send("col", i)
+                    assert await ka.request("col", "dump") == 10
+                    ca._outbox.pause()  # as a's data connection going down does
+                    for i in range(10, 13):
+                        await ka.send("col", i)  # accepted: a's window and outbox have room
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert len(ca._outbox) == 1  # their batch, sealed (numbers 11..13), held
+                kb.spawn(agent(_collector([]), name="marker"))
+                async with join_cluster(kb, nats.url, "b", options=slow) as cb2:
+                    await cb2.names_published()
+                    await ca.wait_for_name("marker")  # a heard the leave and the new join
+                    await noticed.wait()  # and b's first join's last notice
+                    ca._outbox.resume()  # the old join's batch goes now
+                    for i in range(13, 18):
+                        await ka.send("col", i)
+                    assert await ka.request("col", "dump") == len(records)
+                    numbered = ca.tells_sent_to("b", cb2.id_prefix)
+        await kb.shutdown()
+    assert records == [*range(10), *range(13, 18)]
+    assert numbered == 5
+    assert cb1.stats().lost_in_transit == 0
+    assert cb2.stats().lost_in_transit == 0 and cb2.stats().inbound_dropped == {}
+    assert ca.stats().lost_at_leave == 3
+    assert ca.stats().publish_failures == 0
+
+
 # --- remote cancellation ---------------------------------------------------------------------
 
 

@@ -334,6 +334,11 @@ class Cluster:
         self._batch_bytes = batch.batch_limit(1 << 20, self.node, options.batch_bytes)
         # this join's session: streams of an earlier join of this process are apart
         self._session = int.from_bytes(os.urandom(8), "big")
+        # where batches and marks numbered for this join come (senders that know its
+        # session from its record); the plain subjects above take those of senders of
+        # an earlier version (see _take_node_message)
+        self._join_batch_subject = wire.batch_subject(self.prefix, self.node, self._session)
+        self._join_mark_subject = wire.sequence_mark_subject(self.prefix, self.node, self._session)
         self._batches_published = 0
         self._batches_received = 0
         self._cancels_sent = 0
@@ -891,7 +896,11 @@ class Cluster:
         body, tells = link.seal(self._node_bytes, self.id_prefix, self._session)
         if tells:
             self._seq_out[(link.node, link.dest_prefix)] = link.sent
-        out = (wire.batch_subject(self.prefix, link.node), "", None, body, _BATCH)
+        # to the join of its destination process that the member table holds (its
+        # session): a later join of that process never takes it (see _on_other_batch)
+        info = self.members.members.get(link.node)
+        session = info.session if info is not None and info.id_prefix == link.dest_prefix else None
+        out = (wire.batch_subject(self.prefix, link.node, session), "", None, body, _BATCH)
         if not self._outbox.put(out):
             # Sealed after the leave closed the outbox: its tells are numbered, but no
             # later number or mark will show the receiver the gap; counted here.
@@ -1162,16 +1171,24 @@ class Cluster:
         or the reply to a request of this node) is delivered at once, with no hop to
         another task. What has to wait goes to the Trio pump, which keeps the order.
         """
-        if m.subject == self._batch_subject:
+        subject = m.subject
+        if subject == self._join_batch_subject:
             self._on_batch(m.data)
+            return
+        if subject.startswith(self._batch_subject):
+            self._on_other_batch(subject, m.data)
             return
         self._received += 1
         data = m.data
         if data[:4] == wire.NUMBERED_PREFIX:
             end = data.find(b'"', 4)
             self._check_sequence(data[4:end].decode(errors="replace"), is_mark=False)
-        elif m.subject == self._mark_subject:
-            self._check_sequence(data.decode(errors="replace"), is_mark=True)
+        elif subject.startswith(self._mark_subject):
+            if subject == self._join_mark_subject or subject == self._mark_subject:
+                self._check_sequence(data.decode(errors="replace"), is_mark=True)
+            # else a mark of a stream numbered for another join of this node name: an
+            # earlier one of this process took or counted that stream (see _on_other_batch),
+            # and another process's stream is not this one's to judge
             return
         if not self._inbox and not self.kernel.shutting_down:
             try:
@@ -1209,6 +1226,34 @@ class Cluster:
             head, _, _, stream = opened
             self._dropped["inbox_full"] += head.numbered
             self._credit(stream, head.numbered)
+
+    def _on_other_batch(self, subject: str, data: bytes) -> None:
+        """asyncio side: a batch on the plain batch subject (from a sender of an earlier
+        version, which knows no sessions: taken as any batch), or on the subject of
+        another join of this node name. One numbered for an earlier join of this process
+        (a sender's outbox held it, or it was on its way, while that join left and this
+        one joined) is dropped unseen: its sender counts it, in ``lost_at_leave``, by that
+        join's last notice, which says it never took it; taken here, it would be handled
+        as well and its stream's earlier numbers counted lost in transit (a phantom gap).
+        One for another process of the name is taken as before (its tells go to the
+        agents of this process, see _open_batch)."""
+        if subject != self._batch_subject:
+            try:
+                head, _ = batch.parse_head(data)
+            except batch.BatchError:
+                head = None  # counted as malformed below
+            if head is not None and head.dest_prefix == self.id_prefix:
+                self._batches_received += 1
+                log.debug(
+                    "node %s: dropped a batch of %d tells from %r numbered for an earlier"
+                    " join of this process (%s); its sender counts them",
+                    self.node,
+                    head.numbered,
+                    head.node,
+                    subject,
+                )
+                return
+        self._on_batch(data)
 
     def _open_batch(self, data: bytes) -> _OpenBatch | None:
         self._batches_received += 1
@@ -1442,7 +1487,7 @@ class Cluster:
                 continue
             if periodic or self._seq_marked.get(key) != number:
                 self._seq_marked[key] = number
-                subject = wire.sequence_mark_subject(self.prefix, node)
+                subject = wire.sequence_mark_subject(self.prefix, node, info.session)
                 mark = wire.sequence_value(
                     f"{self.node}:{self._session:x}", self.id_prefix, id_prefix, number
                 )

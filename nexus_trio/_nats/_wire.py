@@ -539,19 +539,25 @@ def reply_subject(prefix: str, node: str, query_id: uuid.UUID) -> str:
     return f"{prefix}.node.{node}.reply.{query_id}"
 
 
-def batch_subject(prefix: str, node: str) -> str:
-    """Where node batches for ``node`` go (see ``_batch``): many frames in one message."""
-    return f"{prefix}.node.{node}.batch"
+def batch_subject(prefix: str, node: str, session: int | None = None) -> str:
+    """Where node batches for ``node`` go (see ``_batch``): many frames in one message.
+    With ``session`` (the destination join's, from its membership record) only that join
+    takes them: ``<prefix>.node.<node>.batch.<session hex>``; without, any join of the
+    node name does (a destination of an earlier version: its record has no session)."""
+    base = f"{prefix}.node.{node}.batch"
+    return base if session is None else f"{base}.{session:x}"
 
 
 def type_subject(prefix: str, type_name: str) -> str:
     return f"{prefix}.type.{type_name}"
 
 
-def sequence_mark_subject(prefix: str, node: str) -> str:
+def sequence_mark_subject(prefix: str, node: str, session: int | None = None) -> str:
     """Where a sender tells ``node`` the last sequence number it sent it (the body is
-    that :func:`sequence_value`)."""
-    return f"{prefix}.node.{node}.seq"
+    that :func:`sequence_value`); with ``session``, for that join only (as
+    :func:`batch_subject`)."""
+    base = f"{prefix}.node.{node}.seq"
+    return base if session is None else f"{base}.{session:x}"
 
 
 def sequence_value(node: str, id_prefix: int, dest_prefix: int, number: int) -> str:
