@@ -1737,7 +1737,7 @@ async def test_tells_sent_to_a_node_that_left_before_its_sender_heard_it_are_cou
                 await call_aio(ca.nc.flush, 5)
                 deaf.clear()
                 if forged:
-                    notice = next(m for m in held_notices if m.headers)
+                    notice = next(m for m in held_notices if wire.LEFT_HEADER in (m.headers or {}))
                     real = json.loads(notice.headers[wire.LEFT_HEADER])
                     own = parse_stream_name(ca.stream_name)
                     assert own is not None
@@ -1819,6 +1819,92 @@ async def test_tells_of_an_old_join_s_stream_never_reach_its_new_join(
     assert cb2.stats().lost_in_transit == 0 and cb2.stats().inbound_dropped == {}
     assert ca.stats().lost_at_leave == 3
     assert ca.stats().publish_failures == 0
+
+
+async def test_an_old_join_s_leave_heard_after_the_new_join_leaves_the_new_join_a_member(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: b's first join's leave (its announcement on the heartbeat subject, its
+    record's delete in the nodes bucket) reached a after b's new join's heartbeat (they
+    travel on other connections, and the bucket's watch lags the core subject): a took
+    it for the new join's, by name only, and dropped b from its member table until b's
+    next heartbeat: a tell to b's agent meanwhile was ``AgentNotFound``, and the new
+    join's stream was ended and started over. The announcement now names the join that
+    leaves (header ``Nexus-Session``), a bucket delete is taken for the join whose record
+    the watch saw last, and neither ends another join of the node."""
+    records: list[Any] = []
+    slow = attrs.evolve(FAST, heartbeat_interval=30.0)  # no heartbeat tick in the test
+    deaf: list[Cluster] = []
+    held_core: list[Any] = []  # b's first join's announcement and last notice
+    held_kv: list[tuple[str, bytes | None, str | None]] = []  # the bucket's entries of b
+    original_heartbeat = Cluster._on_heartbeat
+    original_watched = Cluster._apply_node_entry
+    all_held = trio.Event()
+
+    async def heartbeat(self: Cluster, m: Any) -> None:
+        if deaf and self is deaf[0] and m.subject.endswith(".b") and not m.data:
+            held_core.append(m)
+            if len(held_core) == 2 and len(held_kv) == 2:
+                all_held.set()
+            return
+        await original_heartbeat(self, m)
+
+    def watched(self: Cluster, key: str, value: bytes | None, op: str | None) -> None:
+        if deaf and self is deaf[0] and key == "b":
+            held_kv.append((key, value, op))  # the watch lags: b's delete, then its put
+            if len(held_core) == 2 and len(held_kv) == 2:
+                all_held.set()
+            return
+        original_watched(self, key, value, op)
+
+    monkeypatch.setattr(Cluster, "_on_heartbeat", heartbeat)  # (before a subscribes)
+    monkeypatch.setattr(Cluster, "_apply_node_entry", watched)  # (before a watches)
+    outcomes: list[str] = []
+    async with open_kernel(_config()) as kb:
+        kb.spawn(agent(_collector(records), name="col"))
+        async with _node(nats.url, "a", heartbeat_interval=30.0) as (ka, ca):
+
+            async def a_tell(n: int) -> None:
+                try:
+                    await ka.send("col", n)
+                    outcomes.append("taken")
+                except NexusError as exc:
+                    outcomes.append(type(exc).__name__)
+
+            with trio.fail_after(30):
+                async with join_cluster(kb, nats.url, "b", options=slow) as cb1:
+                    await cb1.names_published()
+                    await ca.wait_for_name("col")
+                    for i in range(5):
+                        await ka.send("col", i)
+                    assert await ka.request("col", "dump") == 5
+                    deaf.append(ca)
+                kb.spawn(agent(_collector([]), name="marker"))
+                async with join_cluster(kb, nats.url, "b", options=slow) as cb2:
+                    await cb2.names_published()
+                    await ca.wait_for_name("marker")  # a heard the new join's heartbeat
+                    with trio.move_on_after(5):
+                        await all_held.wait()
+                    assert len(held_core) == 2 and [op for _, _, op in held_kv] == ["DEL", None]
+                    assert ca.members.members["b"].session == cb2._session
+                    await a_tell(5)
+                    deaf.clear()
+                    for m in held_core:  # the announcement, then the last notice
+                        await ca._on_heartbeat(m)
+                        await a_tell(len(outcomes) + 5)
+                    for entry in held_kv:  # the delete, then the new join's put
+                        ca._apply_node_entry(*entry)
+                        await a_tell(len(outcomes) + 5)
+                    assert await ka.request("col", "dump") == len(records)
+                    member = ca.members.members.get("b")
+                    numbered = ca.tells_sent_to("b", cb2.id_prefix)
+        await kb.shutdown()
+    assert outcomes == ["taken"] * 5
+    assert records == list(range(10))
+    assert member is not None and member.session == cb2._session
+    assert numbered == 5  # one stream to the new join, not started over
+    assert cb2.stats().lost_in_transit == 0
+    assert ca.stats().lost_at_leave == 0 and ca.stats().publish_failures == 0
 
 
 # --- remote cancellation ---------------------------------------------------------------------

@@ -423,6 +423,9 @@ class Cluster:
         # the join's last notice says what it took (see _on_last_notice)
         self._left_streams: OrderedDict[tuple[str, int, int], int] = OrderedDict()
         self._lost_at_leave = 0
+        # node -> the session of the last record of it the nodes bucket's watch gave
+        # (None: a record without one); see _apply_node_entry
+        self._record_sessions: dict[str, int | None] = {}
         self._last_loss_log = -1.0
         self._last_notice_log = -1.0
         self._data_up = trio.Event()  # set while the data connection is up
@@ -2352,10 +2355,57 @@ class Cluster:
         """asyncio side: another node's heartbeat (or its clean leave: an empty body;
         its last notice, see _on_last_notice, has a header)."""
         node = m.subject[len(self._heartbeat_subject) - len(self.node) :]
-        if not m.data and m.headers and wire.LEFT_HEADER in m.headers:
-            self._on_last_notice(node, m.headers[wire.LEFT_HEADER])
-            return
+        if not m.data and m.headers:
+            if wire.LEFT_HEADER in m.headers:
+                self._on_last_notice(node, m.headers[wire.LEFT_HEADER])
+                return
+            if not self._ends_current_join(node, m.headers.get(wire.SESSION_HEADER)):
+                return
         self._apply_member_entry(node, m.data, None if m.data else "DEL")
+
+    def _ends_current_join(self, node: str, session: str | int | None) -> bool:
+        """Whether the leave of the join of ``node`` with ``session`` (hex text from a
+        leave announcement, or a number) is the leave of the join the member table holds.
+        Not when both sessions are known and differ: the leave of an earlier join of the
+        node heard after a later one's heartbeat (the announcement travels on another
+        connection than the new join's heartbeats, and the bucket's watch lags the core
+        subject) must not end the later one. A leave without a session (a node of an
+        earlier version), or one that is not a 64-bit hex number, ends the join held."""
+        info = self.members.members.get(node)
+        if session is None or info is None or info.session is None:
+            return True
+        if isinstance(session, str):
+            try:
+                session = int(session, 16)
+            except ValueError:
+                return True
+        if session == info.session:
+            return True
+        log.info(
+            "node %s: the leave of an earlier join of node %r (session %016x) came after"
+            " its join %016x was heard: ignored",
+            self.node,
+            node,
+            session,
+            info.session,
+        )
+        return False
+
+    def _apply_node_entry(self, key: str, value: bytes | None, op: str | None) -> None:
+        """An entry of the nodes bucket, from its watch: a record, or its delete. A delete
+        is for the join whose record the watch gave last (the bucket orders them): it
+        does not end a later join of the node already heard on the core subject."""
+        sessions = self._record_sessions
+        if op in _KV_OPS_DELETED:
+            if not self._ends_current_join(key, sessions.pop(key, None)):
+                return
+        elif value:
+            try:
+                session = json.loads(value).get("session")
+                sessions[key] = int(session, 16) if isinstance(session, str) else None
+            except (ValueError, AttributeError, RecursionError):
+                sessions.pop(key, None)  # (malformed: _apply_member_entry says so)
+        self._apply_member_entry(key, value, op)
 
     def _on_last_notice(self, node: str, notice: str) -> None:
         """The last notice of a join of ``node`` that left: sent once its data connection
@@ -2447,6 +2497,7 @@ class Cluster:
                 self._node_lost(info)
             for info in self.members.forget_lost(now, self.options.forget_lost_after):
                 self._nodes_forgotten += 1
+                self._record_sessions.pop(info.node, None)
                 log.info(
                     "node %s: forgot node %r (lost %.0fs ago; a send to its agents is now"
                     " AgentNotFound, not TransportUnavailable)",
@@ -2708,7 +2759,7 @@ class Cluster:
 
         await call_aio(subscribe_heartbeats)
         await self._heartbeat_once()
-        await nursery.start(self._start_watch, self._nodes_kv, self._apply_member_entry)
+        await nursery.start(self._start_watch, self._nodes_kv, self._apply_node_entry)
         await nursery.start(
             functools.partial(self._start_watch, revisions=True),
             self._names_kv,
@@ -2750,7 +2801,14 @@ class Cluster:
                     except Exception as exc:
                         log.warning("node %s: could not drop name %r: %r", self.node, name, exc)
             try:
-                await call_aio(self._control.publish, self._heartbeat_subject, b"")
+                # (naming this join: heard after a later join's heartbeat of this
+                # process, it must not end that one, see _on_heartbeat)
+                await call_aio(
+                    self._control.publish,
+                    self._heartbeat_subject,
+                    b"",
+                    headers={wire.SESSION_HEADER: f"{self._session:016x}"},
+                )
             except Exception as exc:
                 log.warning("node %s: could not announce leaving: %r", self.node, exc)
             if self._nodes_kv is not None:

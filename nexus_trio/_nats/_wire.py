@@ -64,6 +64,10 @@ MSG_ID_HEADER: Final = "Nats-Msg-Id"
 #: on a node's last leave notice (an empty heartbeat sent once its data connection is
 #: closed): its id prefix, session and the last number it took of each sender's stream
 LEFT_HEADER: Final = "Nexus-Left"
+#: on a node's leave announcement (an empty heartbeat, sent as the leave begins): the
+#: session of the join that leaves, 16 hex digits (a node of an earlier version sends
+#: none, and one ignores it: the announcement then ends any join of the node name)
+SESSION_HEADER: Final = "Nexus-Session"
 TYPE_PREFIX: Final = "type:"
 
 _TOKEN: Final = re.compile(r"[A-Za-z0-9_-]+")
