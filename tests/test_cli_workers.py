@@ -603,3 +603,61 @@ def test_only_directories_whose_owner_lock_is_free_are_removed(tmp_path: Path) -
         holder.communicate()
     assert remove_stale_directories(str(tmp_path)) == [str(held)]
     assert sorted(tmp_path.iterdir()) == [unlocked, other]
+
+
+# --- the parent against fake workers (no NATS: each worker is a shell script) ----------------
+
+
+def canned_summary(node: str, lost_peers: dict | None = None) -> str:
+    """A worker's JSON summary whose books balance (nothing sent), as it would print it."""
+    return json.dumps(
+        {
+            "node": node,
+            "sent": 0,
+            "accepted": 0,
+            "handled": 0,
+            "replies_delivered": 0,
+            "dead_letters": 0,
+            "in_flight": 0,
+            "lost_counted": 0,
+            "lost_counted_by_kind": {"lost_with_nodes": 0},
+            "lost_peers": lost_peers or {},
+            "stopped_by": "duration",
+            "error": None,
+            "conserved": True,
+        }
+    )
+
+
+def fake_python(tmp_path: Path, scripts: dict[str, str], default: str = "exec sleep 30") -> str:
+    """A stand-in for the workers' interpreter: worker ``node`` runs ``scripts[node]`` (sh),
+    every other one ``default``. The summary a script prints is its stdout."""
+    cases = "".join(f"  {node}) {script} ;;\n" for node, script in scripts.items())
+    path = tmp_path / "python"
+    path.write_text(f'#!/bin/sh\ncase "${WORKER_ENV}" in\n{cases}  *) {default} ;;\nesac\n')
+    path.chmod(0o755)
+    return str(path)
+
+
+def echo(text: str) -> str:
+    return "echo " + text.replace("'", "'\\''").join("''")
+
+
+NO_SERVER = "nats://127.0.0.1:1"  # the fake workers never connect
+
+
+def test_a_worker_that_exits_0_without_its_summary_makes_the_run_fail(tmp_path: Path) -> None:
+    """Regression: a worker that ended with exit code 0 but printed no summary (it died
+    quietly) was logged and counted from outside, but the run's exit status was 0 when the
+    others' books balanced with it: the worst worker's status, 0."""
+    from nexus_trio.cli._cluster_cmd import run_workers
+
+    seen = {"worker-1": {"pid": 1, "handed_to": 0, "taken_from": 0}}
+    python = fake_python(
+        tmp_path, {"worker-0": echo(canned_summary("worker-0", seen)), "worker-1": "exit 0"}
+    )
+    summary, status = run_workers(2, [], nats_url=NO_SERVER, python=python)
+    assert summary["workers_died"] == ["worker-1"]
+    assert summary["per_worker"][1]["exit"] == "exit code 0"
+    assert summary["error"].endswith("died: exit code 0")
+    assert status == 1

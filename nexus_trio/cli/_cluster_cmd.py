@@ -392,8 +392,8 @@ def run_workers(
     if stopped_for_death:
         summary["stopped_by"] = f"{stopped_for_death} died (the others were stopped)"
     status = max(statuses, default=0)
-    if status == 0 and not summary["conserved"]:
-        status = 1
+    if status == 0 and (not summary["conserved"] or summary["workers_died"]):
+        status = 1  # a worker that died with exit code 0 (no summary) fails the run too
     return summary, status
 
 
