@@ -661,3 +661,20 @@ def test_a_worker_that_exits_0_without_its_summary_makes_the_run_fail(tmp_path: 
     assert summary["per_worker"][1]["exit"] == "exit code 0"
     assert summary["error"].endswith("died: exit code 0")
     assert status == 1
+
+
+def test_a_worker_whose_child_holds_its_stdout_is_seen_dead_at_once(tmp_path: Path) -> None:
+    """Regression: the parent learnt of a worker's exit only once the worker's stdout
+    reached its end, so a worker that died leaving a child with its stdout (an app's helper
+    process started without redirection) went unnoticed until that child ended: the others
+    ran on, the death logged only then."""
+    from nexus_trio.cli._cluster_cmd import run_workers
+
+    # worker-1 dies 0.2 s in; its child keeps the stdout pipe open for 20 s
+    python = fake_python(tmp_path, {"worker-1": "sleep 20 & sleep 0.2; exit 3"})
+    t0 = time.monotonic()
+    summary, _status = run_workers(2, [], nats_url=NO_SERVER, python=python)
+    took = time.monotonic() - t0
+    assert summary["per_worker"][1]["exit"] == "exit code 3"
+    assert summary["stopped_by"] == "worker-1 died (the others were stopped)"
+    assert took < 10

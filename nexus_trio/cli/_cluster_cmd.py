@@ -51,6 +51,8 @@ WORKER_ENV: Final = "NEXUS_WORKER"
 _PARENT_PARAMS: Final = frozenset({"workers", "nats", "node", "json_out", "live"})
 #: set in each worker's environment: the number of workers that make up the swarm
 SWARM_ENV: Final = "NEXUS_SWARM_SIZE"
+#: seconds a worker's stdout may stay open after it exited (held by a process it started)
+_OUTPUT_GRACE: Final = 2.0
 #: summary fields that add up across workers
 _SUMMED: Final = (
     "agents",
@@ -327,20 +329,35 @@ def run_workers(
 
         #: (worker index, exit code) as each one ends, in the order they end
         ended: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
+        printed: list[list[bytes]] = [[] for _ in procs]
 
-        def collect(i: int, proc: subprocess.Popen[bytes]) -> None:
+        def read(i: int, proc: subprocess.Popen[bytes]) -> None:
             assert proc.stdout is not None
-            outputs[i] = proc.stdout.read()
-            ended.put((i, proc.wait()))
+            fd = proc.stdout.fileno()
+            while chunk := os.read(fd, 1 << 16):
+                printed[i].append(chunk)
 
-        readers = [
-            threading.Thread(target=collect, args=(i, p), daemon=True) for i, p in enumerate(procs)
-        ]
-        for reader in readers:
+        def watch(i: int, proc: subprocess.Popen[bytes], reader: threading.Thread) -> None:
+            # Its exit, not the end of its stdout, says it ended: a process it started
+            # may hold its stdout open (an app's helper), for good.
+            code = proc.wait()
+            reader.join(_OUTPUT_GRACE)
+            if reader.is_alive():
+                # Those die now rather than at the end (_kill_group); what the worker
+                # printed has been read by then.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                reader.join(_OUTPUT_GRACE)
+            ended.put((i, code))
+
+        for i, p in enumerate(procs):
+            reader = threading.Thread(target=read, args=(i, p), daemon=True)
             reader.start()
+            threading.Thread(target=watch, args=(i, p, reader), daemon=True).start()
         for _ in procs:
             i, code = ended.get()  # a signal's handler still runs while this waits
             proc = procs[i]
+            outputs[i] = b"".join(printed[i])
             statuses[i] = _status(code)
             ends[i] = _how_it_ended(code)
             summaries[i] = _summary_of(outputs[i])
@@ -361,8 +378,6 @@ def run_workers(
             if stopping:
                 stopped_for_death = f"worker-{i}"
                 pass_on()
-        for reader in readers:
-            reader.join()
     finally:
         for proc in procs:
             _kill_group(proc)
