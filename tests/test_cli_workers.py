@@ -678,3 +678,80 @@ def test_a_worker_whose_child_holds_its_stdout_is_seen_dead_at_once(tmp_path: Pa
     assert summary["per_worker"][1]["exit"] == "exit code 3"
     assert summary["stopped_by"] == "worker-1 died (the others were stopped)"
     assert took < 10
+
+
+def stubborn(log: Path) -> str:
+    """A worker that notes its start and each SIGTERM in ``log`` and runs on (20 s at most)."""
+    return (
+        f"trap 'echo term >> {log}' TERM; echo up >> {log}; for i in $(seq 200); do sleep 0.1; done"
+    )
+
+
+def signal_once(log: Path, line: str, count: int, signum: int = signal.SIGINT) -> threading.Thread:
+    """Send ``signum`` to this process once ``log`` has ``count`` lines ``line`` (workers
+    started, or the stop they were asked for reached them), from a thread (the handler
+    runs in the main one)."""
+
+    def run() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if log.exists() and log.read_text().splitlines().count(line) >= count:
+                os.kill(os.getpid(), signum)
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytestmark_linux
+def test_a_ctrl_c_after_a_worker_died_forces_the_others(tmp_path: Path) -> None:
+    """Regression: once a worker died, the parent stopped the others as a first Ctrl-C
+    would, but the user's Ctrl-C after that was taken for the first one too: it did not
+    force them (docs/cli.md: "a Ctrl-C after that forces them"), a second one was needed."""
+    from nexus_trio.cli._cluster_cmd import run_workers
+
+    log = tmp_path / "terms"
+    python = fake_python(tmp_path, {"worker-1": "sleep 0.3; exit 3"}, default=stubborn(log))
+    sender = signal_once(log, "term", 1)
+    t0 = time.monotonic()
+    summary, status = run_workers(2, [], nats_url=NO_SERVER, python=python)
+    took = time.monotonic() - t0
+    sender.join()
+    assert took < 10, "the Ctrl-C did not force the worker still running"
+    assert status == 130  # forced, as a single run's second Ctrl-C
+    assert summary["stopped_by"] == (
+        "worker-1 died (the others were stopped); forced by SIGINT: the workers still"
+        " running were killed"
+    )
+    worker = summary["per_worker"][0]
+    assert worker["exit"] == "killed by SIGKILL"
+    assert (
+        worker["error"] == f"worker-0 (pid {worker['pid']}) killed by SIGKILL: the stop was forced"
+    )
+
+
+@pytestmark_linux
+def test_a_second_ctrl_c_exits_130_and_says_it_forced_the_stop(tmp_path: Path, caplog) -> None:
+    """Regression: a second Ctrl-C SIGKILLed the workers, and the run exited 137 (a worker
+    killed by SIGKILL), each worker logged as died, ``stopped_by`` unknown; a single run's
+    second Ctrl-C exits 130 (docs/cli.md, exit statuses)."""
+    from nexus_trio.cli._cluster_cmd import run_workers
+
+    log = tmp_path / "terms"
+    python = fake_python(tmp_path, {}, default=stubborn(log))
+    first = signal_once(log, "up", 2)  # the workers run
+    second = signal_once(log, "term", 2)  # both were asked to stop
+    summary, status = run_workers(2, [], nats_url=NO_SERVER, python=python)
+    first.join()
+    second.join()
+    assert status == 130
+    assert (
+        summary["stopped_by"] == "SIGINT; forced by SIGINT: the workers still running were killed"
+    )
+    assert [w["error"] for w in summary["per_worker"]] == [
+        f"worker-{i} (pid {w['pid']}) killed by SIGKILL: the stop was forced"
+        for i, w in enumerate(summary["per_worker"])
+    ]
+    assert "died" not in caplog.text

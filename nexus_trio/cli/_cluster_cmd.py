@@ -5,7 +5,8 @@ Each worker is ``python -m nexus_trio.cli run ... --nats URL --node worker-<i> -
 is spread over the workers as one swarm (``_swarm``: agent ``k`` on worker ``k mod N``,
 so messages cross processes); an app runs in every worker. Without a NATS URL a private
 ``nats-server`` (JetStream on, 127.0.0.1, a port it picks) is started first and stopped
-last. SIGINT/SIGTERM are passed on to the workers (a second one kills them). Each worker
+last. SIGINT/SIGTERM are passed on to the workers (a second one, or one after a worker
+died, kills them: a forced stop, exit status 130 as a single run's). Each worker
 prints its JSON summary on stdout at the end; the parent adds them up into one and checks
 the cluster's books: every message that started on some worker was handled,
 dead-lettered, or counted as lost (see :func:`aggregate_summaries`). A worker that
@@ -285,24 +286,33 @@ def run_workers(
     outputs: list[bytes] = [b""] * workers
     # per worker started: its exit status, how it ended, its summary (None: it printed none)
     statuses = [0] * workers
+    codes = [0] * workers  # as Popen.returncode says it
     ends = ["not started"] * workers
     summaries: list[dict[str, Any] | None] = [None] * workers
-    signals_seen = 0
+    signals_seen: list[str] = []
     #: the worker whose death stopped the others (as a first signal would), if one did
     stopped_for_death = ""
     #: per worker pid, how far it was asked to stop (1: SIGTERM, 2 and more: SIGKILL)
     passed: dict[int, int] = {}
+    #: the signal that forced the stop (the workers still running were killed), if one did
+    forced_by = ""
+
+    def stops_asked() -> int:
+        # a death's stop is the first: a signal after it is the second, which forces
+        return len(signals_seen) + (1 if stopped_for_death else 0)
 
     def pass_on() -> None:
-        level = max(signals_seen, 1 if stopped_for_death else 0)
+        nonlocal forced_by
+        level = stops_asked()
         for proc in procs:
             if passed.get(proc.pid, 0) < level and proc.poll() is None:
                 passed[proc.pid] = level
+                if level > 1:
+                    forced_by = forced_by or signals_seen[-1]
                 proc.send_signal(signal.SIGTERM if level == 1 else signal.SIGKILL)
 
     def forward(signum: int, _frame: FrameType | None) -> None:
-        nonlocal signals_seen
-        signals_seen += 1
+        signals_seen.append(signal.Signals(signum).name)
         pass_on()
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -358,6 +368,7 @@ def run_workers(
             i, code = ended.get()  # a signal's handler still runs while this waits
             proc = procs[i]
             outputs[i] = b"".join(printed[i])
+            codes[i] = code
             statuses[i] = _status(code)
             ends[i] = _how_it_ended(code)
             summaries[i] = _summary_of(outputs[i])
@@ -366,8 +377,11 @@ def run_workers(
             # It ended without its summary: it died (a crash, a signal from outside), or
             # was killed after a second signal here. Never silently; and the others stop
             # (their share of the workload is not re-placed: see docs/cli.md).
+            if _killed_by_force(passed.get(proc.pid, 0), code):
+                log.warning("%s", _forced_text(i, proc.pid))
+                continue
             running = [p for p in procs if p.poll() is None]
-            stopping = not signals_seen and not stopped_for_death and bool(running)
+            stopping = not stops_asked() and bool(running)
             log.error(
                 "%s (pid %d) died: %s%s",
                 f"worker-{i}",
@@ -393,10 +407,13 @@ def run_workers(
         proc = procs[i]
         entry = summaries[i]
         if entry is None:  # counted from what the others saw (aggregate_summaries)
+            forced = _killed_by_force(passed.get(proc.pid, 0), codes[i])
             entry = {
                 "node": f"worker-{i}",
                 "died": True,
-                "error": f"worker-{i} (pid {proc.pid}) died: {ends[i]}",
+                "error": _forced_text(i, proc.pid)
+                if forced
+                else f"worker-{i} (pid {proc.pid}) died: {ends[i]}",
                 "conserved": None,
             }
         else:
@@ -406,10 +423,26 @@ def run_workers(
     summary = aggregate_summaries(entries)
     if stopped_for_death:
         summary["stopped_by"] = f"{stopped_for_death} died (the others were stopped)"
+    elif signals_seen and summary["stopped_by"] == "unknown":  # no worker said
+        summary["stopped_by"] = signals_seen[0]
     status = max(statuses, default=0)
     if status == 0 and (not summary["conserved"] or summary["workers_died"]):
         status = 1  # a worker that died with exit code 0 (no summary) fails the run too
+    if forced_by:  # as a single run's second Ctrl-C
+        from ._run import FORCED_EXIT
+
+        summary["stopped_by"] += f"; forced by {forced_by}: the workers still running were killed"
+        status = FORCED_EXIT
     return summary, status
+
+
+def _killed_by_force(level: int, code: int) -> bool:
+    """True for a worker this parent SIGKILLed itself (a forced stop) that died of it."""
+    return level > 1 and code == -signal.SIGKILL
+
+
+def _forced_text(i: int, pid: int) -> str:
+    return f"worker-{i} (pid {pid}) killed by SIGKILL: the stop was forced"
 
 
 def _summary_of(output: bytes) -> dict[str, Any] | None:
