@@ -755,3 +755,41 @@ def test_a_second_ctrl_c_exits_130_and_says_it_forced_the_stop(tmp_path: Path, c
         for i, w in enumerate(summary["per_worker"])
     ]
     assert "died" not in caplog.text
+
+
+@pytestmark_linux
+def test_the_private_nats_server_dying_mid_run_ends_the_run_reported(
+    tag: str, tmp_path: Path
+) -> None:
+    """Regression: the parent did not watch its private nats-server: one that died mid-run
+    went unnoticed, the workers ran on without it (for good, without --duration; else to
+    --duration, then a settle that failed on NATS timeouts), and the summary said only
+    'TimeoutError: nats: timeout' per worker."""
+    proc = start_nexus(["run", "-W", "2", "-n", "20", "-d", "0", "--json"], tag, tmp_path)
+    try:
+        stderr = StderrLines(proc)
+        stderr.wait_for("running ring workload", 2, proc, timeout=90)
+        (server,) = [pid for pid in tagged_processes(tag) if "nats-server" in command_line(pid)]
+        os.kill(server, signal.SIGKILL)
+        try:
+            proc.wait(timeout=60)  # the summary fits in the pipe
+        except subprocess.TimeoutExpired:
+            pytest.fail("the run went on without its nats-server")
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        err = stderr.text()
+    finally:
+        kill_tagged(tag)
+        proc.kill()
+    assert f"the private nats-server (pid {server}) died: killed by SIGKILL" in err, err
+    assert proc.returncode == 1
+    summary = json.loads(out)
+    assert summary["nats_server"] == {
+        "private": True,
+        "pid": server,
+        "died": True,
+        "exit": "killed by SIGKILL",
+    }
+    assert summary["stopped_by"] == "the nats-server died (the workers were stopped)"
+    assert summary["error"].startswith(f"the private nats-server (pid {server}) died")
+    assert tagged_processes(tag) == {}

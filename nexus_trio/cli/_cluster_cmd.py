@@ -52,6 +52,8 @@ WORKER_ENV: Final = "NEXUS_WORKER"
 _PARENT_PARAMS: Final = frozenset({"workers", "nats", "node", "json_out", "live"})
 #: set in each worker's environment: the number of workers that make up the swarm
 SWARM_ENV: Final = "NEXUS_SWARM_SIZE"
+#: what ``run_workers`` queues for the private nats-server's end (workers: their index)
+_SERVER: Final = -1
 #: seconds a worker's stdout may stay open after it exited (held by a process it started)
 _OUTPUT_GRACE: Final = 2.0
 #: summary fields that add up across workers
@@ -292,6 +294,8 @@ def run_workers(
     signals_seen: list[str] = []
     #: the worker whose death stopped the others (as a first signal would), if one did
     stopped_for_death = ""
+    #: how the private nats-server ended, if it died before the workers did
+    server_died = ""
     #: per worker pid, how far it was asked to stop (1: SIGTERM, 2 and more: SIGKILL)
     passed: dict[int, int] = {}
     #: the signal that forced the stop (the workers still running were killed), if one did
@@ -299,7 +303,7 @@ def run_workers(
 
     def stops_asked() -> int:
         # a death's stop is the first: a signal after it is the second, which forces
-        return len(signals_seen) + (1 if stopped_for_death else 0)
+        return len(signals_seen) + (1 if stopped_for_death or server_died else 0)
 
     def pass_on() -> None:
         nonlocal forced_by
@@ -364,8 +368,29 @@ def run_workers(
             reader = threading.Thread(target=read, args=(i, p), daemon=True)
             reader.start()
             threading.Thread(target=watch, args=(i, p, reader), daemon=True).start()
-        for _ in procs:
+        if server is not None:  # it ends before the workers only if it died
+            watched = server
+            threading.Thread(
+                target=lambda: ended.put((_SERVER, watched.wait())), daemon=True
+            ).start()
+        running_workers = len(procs)
+        while running_workers:
             i, code = ended.get()  # a signal's handler still runs while this waits
+            if i == _SERVER:
+                assert server is not None
+                # The workers cannot go on without it (nor settle, nor leave cleanly).
+                stopping = not stops_asked()
+                server_died = _how_it_ended(code)
+                log.error(
+                    "the private nats-server (pid %d) died: %s%s",
+                    server.pid,
+                    server_died,
+                    "; stopping the workers" if stopping else "",
+                )
+                if stopping:
+                    pass_on()
+                continue
+            running_workers -= 1
             proc = procs[i]
             outputs[i] = b"".join(printed[i])
             codes[i] = code
@@ -381,7 +406,7 @@ def run_workers(
                 log.warning("%s", _forced_text(i, proc.pid))
                 continue
             running = [p for p in procs if p.poll() is None]
-            stopping = not stops_asked() and bool(running)
+            stopping = not stops_asked() and bool(running)  # (the first death stops them)
             log.error(
                 "%s (pid %d) died: %s%s",
                 f"worker-{i}",
@@ -421,12 +446,24 @@ def run_workers(
         entry.update(pid=proc.pid, exit_status=statuses[i], exit=ends[i])
         entries.append(entry)
     summary = aggregate_summaries(entries)
+    summary["nats_server"] = {
+        "private": server is not None,
+        "pid": server.pid if server is not None else None,
+        "died": bool(server_died),
+        "exit": server_died or None,
+    }
+    if server_died:
+        assert server is not None
+        died = f"the private nats-server (pid {server.pid}) died: {server_died}"
+        summary["error"] = "; ".join(filter(None, [died, summary["error"]]))
     if stopped_for_death:
         summary["stopped_by"] = f"{stopped_for_death} died (the others were stopped)"
+    elif server_died and not signals_seen:
+        summary["stopped_by"] = "the nats-server died (the workers were stopped)"
     elif signals_seen and summary["stopped_by"] == "unknown":  # no worker said
         summary["stopped_by"] = signals_seen[0]
     status = max(statuses, default=0)
-    if status == 0 and (not summary["conserved"] or summary["workers_died"]):
+    if status == 0 and (not summary["conserved"] or summary["workers_died"] or server_died):
         status = 1  # a worker that died with exit code 0 (no summary) fails the run too
     if forced_by:  # as a single run's second Ctrl-C
         from ._run import FORCED_EXIT
