@@ -793,3 +793,69 @@ def test_the_private_nats_server_dying_mid_run_ends_the_run_reported(
     assert summary["stopped_by"] == "the nats-server died (the workers were stopped)"
     assert summary["error"].startswith(f"the private nats-server (pid {server}) died")
     assert tagged_processes(tag) == {}
+
+
+def test_a_stale_directory_that_cannot_be_removed_is_logged_and_tried_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: a stale directory whose removal failed part-way (a file that could not
+    be deleted) was reported and logged as removed, and the removal could take its
+    ``owner.lock`` first: a directory without a lock file is never removed, so the rest of
+    it stayed for good."""
+    from nexus_trio._nats import _server
+    from nexus_trio._nats._server import remove_stale_directories
+
+    stale = tmp_path / "nexus-nats-1-stale"
+    (stale / "jetstream").mkdir(parents=True)
+    (stale / "jetstream" / "blk").write_text("x")
+    (stale / "server.log").write_text("x")
+    (stale / "owner.lock").write_text("1\n")
+    real_unlink = os.unlink
+
+    def unlink(path: object, *args: object, **kwargs: object) -> None:
+        if os.fsdecode(path).endswith("blk"):  # type: ignore[arg-type]
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))  # type: ignore[arg-type]
+        real_unlink(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_server.os, "unlink", unlink)
+    with caplog.at_level("INFO", logger="nexus_trio.nats"):
+        assert remove_stale_directories(str(tmp_path)) == []
+    assert (stale / "owner.lock").exists()  # so the next start tries again
+    assert f"could not remove the stale nats-server directory {stale}" in caplog.text
+    assert "Permission denied" in caplog.text
+    assert "removed 1" not in caplog.text
+    monkeypatch.setattr(_server.os, "unlink", real_unlink)
+    assert remove_stale_directories(str(tmp_path)) == [str(stale)]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytestmark_linux
+def test_the_sweep_follows_no_symlink_and_leaves_other_users_directories(tmp_path: Path) -> None:
+    """Not a regression (it held before): a symbolic link with the prefix, planted by
+    anyone, is never followed to remove what it points at, nor removed; a directory owned
+    by another user is left alone whatever its lock says; a link inside a stale directory
+    is removed, never followed."""
+    from nexus_trio._nats._server import remove_stale_directories
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    elsewhere = tmp_path / "precious"
+    elsewhere.mkdir()
+    (elsewhere / "owner.lock").write_text("")  # free: it would look stale
+    (elsewhere / "data").write_text("keep")
+    (tmp / "nexus-nats-6-planted").symlink_to(elsewhere)
+    stale = tmp / "nexus-nats-7-stale"
+    stale.mkdir()
+    (stale / "owner.lock").write_text("")
+    (stale / "link").symlink_to(elsewhere)
+    left = ["nexus-nats-6-planted"]
+    if os.geteuid() == 0:  # only root can give a directory to another user
+        theirs = tmp / "nexus-nats-8-theirs"
+        theirs.mkdir()
+        (theirs / "owner.lock").write_text("")
+        os.chown(theirs, 12345, -1)
+        left.append(theirs.name)
+    assert remove_stale_directories(str(tmp)) == [str(stale)]
+    assert (elsewhere / "data").read_text() == "keep"
+    assert (elsewhere / "owner.lock").exists()
+    assert sorted(p.name for p in tmp.iterdir()) == left

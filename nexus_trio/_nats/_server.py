@@ -293,7 +293,9 @@ class NatsServer:
 
     def _cleanup(self) -> None:
         if self._workdir is not None:
-            shutil.rmtree(self._workdir, ignore_errors=True)
+            error = _remove_directory(self._workdir)
+            if error is not None:  # its lock file stays: the next start tries again
+                log.warning("could not remove the nats-server directory %s", error)
             self._workdir = None
         if self._lock_fd is not None:  # released after the removal: never seen stale
             os.close(self._lock_fd)
@@ -326,6 +328,31 @@ def _make_owned_directory() -> tuple[str, int]:
     return workdir, fd
 
 
+def _remove_directory(path: str) -> str | None:
+    """Remove a server directory, its ``owner.lock`` last; None, or what failed first.
+
+    A removal that fails part-way (a file it may not delete) leaves the lock file, so the
+    directory is still one the next start recognises and tries again: without it, it
+    would be left alone for good. Symbolic links inside are removed, never followed.
+    """
+    try:
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if entry.name == _LOCK_NAME:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)
+                else:
+                    os.unlink(entry.path)
+        os.unlink(os.path.join(path, _LOCK_NAME))
+        os.rmdir(path)
+    except FileNotFoundError:
+        return None if not os.path.lexists(path) else f"{path}: gone while being removed"
+    except OSError as exc:
+        return f"{path}: {exc}"
+    return None
+
+
 def remove_stale_directories(parent: str | None = None) -> list[str]:
     """Remove the server directories under ``parent`` (the temporary directory) that no
     live process owns: their owner and its server are gone (killed, crashed) without
@@ -353,8 +380,11 @@ def remove_stale_directories(parent: str | None = None) -> list[str]:
                 continue
             if not os.path.lexists(entry.path):
                 continue  # another start removed it meanwhile
-            shutil.rmtree(entry.path, ignore_errors=True)
-            removed.append(entry.path)
+            error = _remove_directory(entry.path)
+            if error is None:
+                removed.append(entry.path)
+            else:  # its lock file stays: the next start tries again
+                log.warning("could not remove the stale nats-server directory %s", error)
         finally:
             os.close(fd)
     if removed:
