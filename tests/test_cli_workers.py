@@ -859,3 +859,89 @@ def test_the_sweep_follows_no_symlink_and_leaves_other_users_directories(tmp_pat
     assert (elsewhere / "data").read_text() == "keep"
     assert (elsewhere / "owner.lock").exists()
     assert sorted(p.name for p in tmp.iterdir()) == left
+
+
+#: what the parent says of every worker, whatever became of it: (field, types)
+WORKER_FIELDS = {
+    "node": (str,),
+    "died": (bool,),
+    "pid": (int, type(None)),
+    "exit_status": (int, type(None)),
+    "exit": (str,),
+    "error": (str, type(None)),
+    "conserved": (bool, type(None)),
+}
+BALANCE_FIELDS = {
+    "sent",
+    "handled_replied_or_dead",
+    "lost_counted",
+    "forwarded_out_minus_in",
+    "handed_to_dead_workers",
+    "came_from_dead_workers",
+    "lost_with_nodes_estimate_replaced",
+}
+
+
+def check_fields(summary: dict) -> None:
+    assert set(summary["cluster_balance"]) == BALANCE_FIELDS
+    assert all(type(v) is int for v in summary["cluster_balance"].values())
+    assert isinstance(summary["workers_died"], list)
+    assert type(summary["handed_to_dead_workers"]) is int
+    assert isinstance(summary["stopped_by"], str)
+    for worker in summary["per_worker"]:
+        for field, allowed in WORKER_FIELDS.items():
+            assert isinstance(worker.get(field, ...), allowed), (field, worker)
+
+
+@pytestmark_linux
+def test_the_summary_has_the_same_fields_whatever_became_of_the_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a worker whose run failed before it joined printed a summary without
+    ``node`` (the entry had none: ``"node": null`` in the books' messages), a worker not
+    started had no ``died``, ``pid``, ``exit_status`` nor ``exit``, and ``cluster_balance``
+    had its dead-worker fields only when one died."""
+    from nexus_trio.cli import _cluster_cmd
+
+    failed = json.loads(canned_summary("x"))
+    del failed["node"], failed["lost_peers"]
+    failed.update(error="RuntimeError: workers worker-1 did not join", conserved=False)
+    scripts = {
+        "worker-0": echo(canned_summary("worker-0")),
+        "worker-1": echo(canned_summary("worker-1")),
+    }
+    summary, _ = _cluster_cmd.run_workers(
+        2, [], nats_url=NO_SERVER, python=fake_python(tmp_path, scripts)
+    )
+    check_fields(summary)  # nobody died
+
+    scripts = {"worker-0": echo(json.dumps(failed)) + "; exit 1", "worker-1": "exit 3"}
+    summary, _ = _cluster_cmd.run_workers(
+        2, [], nats_url=NO_SERVER, python=fake_python(tmp_path, scripts)
+    )
+    check_fields(summary)
+    assert [w["node"] for w in summary["per_worker"]] == ["worker-0", "worker-1"]
+    assert summary["per_worker"][1]["books"] == "unknown: not seen lost by worker-0"
+
+    real_popen = subprocess.Popen
+    started: list[int] = []
+
+    def popen(*args: object, **kwargs: object) -> subprocess.Popen[bytes]:
+        proc = real_popen(*args, **kwargs)  # type: ignore[call-overload]
+        started.append(proc.pid)
+        os.kill(os.getpid(), signal.SIGTERM)  # Ctrl-C after the first start
+        return proc  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(_cluster_cmd.subprocess, "Popen", popen)
+    python = fake_python(tmp_path, {"worker-0": echo(canned_summary("worker-0"))})
+    summary, _ = _cluster_cmd.run_workers(2, [], nats_url=NO_SERVER, python=python)
+    check_fields(summary)
+    assert summary["per_worker"][1] == {
+        "node": "worker-1",
+        "died": False,
+        "pid": None,
+        "exit_status": None,
+        "exit": "not started",
+        "error": "not started",
+        "conserved": None,
+    }

@@ -186,6 +186,7 @@ def aggregate_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     total["error"] = "; ".join(errors) if errors else None
     ended = total["handled"] + total["replies_delivered"] + total["dead_letters"]
     total["workers_died"] = [str(s.get("node")) for s in died]
+    estimated = 0
     if died:
         # replaced by the exact counts of the dead workers' entries
         estimated = sum(
@@ -200,14 +201,13 @@ def aggregate_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
     into_dead = sum(s.get("handed_to_it") or 0 for s in died)
     total["handed_to_dead_workers"] = into_dead
-    if died:
-        total["cluster_balance"].update(
-            {
-                "handed_to_dead_workers": into_dead,
-                "came_from_dead_workers": sum(s.get("sent") or 0 for s in died),
-                "lost_with_nodes_estimate_replaced": estimated,
-            }
-        )
+    total["cluster_balance"].update(  # 0 when no worker died: the same fields in every run
+        {
+            "handed_to_dead_workers": into_dead,
+            "came_from_dead_workers": sum(s.get("sent") or 0 for s in died),
+            "lost_with_nodes_estimate_replaced": estimated,
+        }
+    )
     total["conserved"] = (
         bool(alive)
         and len(alive) + len(died) == len(summaries)
@@ -427,7 +427,17 @@ def run_workers(
     entries: list[dict[str, Any]] = []
     for i in range(workers):
         if i >= len(procs):  # a signal came while the workers started
-            entries.append({"node": f"worker-{i}", "error": "not started", "conserved": None})
+            entries.append(
+                {
+                    "node": f"worker-{i}",
+                    "died": False,
+                    "pid": None,
+                    "exit_status": None,
+                    "exit": "not started",
+                    "error": "not started",
+                    "conserved": None,
+                }
+            )
             continue
         proc = procs[i]
         entry = summaries[i]
@@ -443,6 +453,10 @@ def run_workers(
             }
         else:
             entry["died"] = False
+            # a worker whose run failed before it joined names no node
+            entry["node"] = entry.get("node") or f"worker-{i}"
+            entry.setdefault("error", None)
+            entry.setdefault("conserved", False)
         entry.update(pid=proc.pid, exit_status=statuses[i], exit=ends[i])
         entries.append(entry)
     summary = aggregate_summaries(entries)
