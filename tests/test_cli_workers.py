@@ -945,3 +945,26 @@ def test_the_summary_has_the_same_fields_whatever_became_of_the_workers(
         "error": "not started",
         "conserved": None,
     }
+
+
+def test_a_nats_server_that_fails_to_start_leaves_no_directory_nor_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a server that exited during its start was killed, but its directory
+    stayed, with its lock held by the descriptor this process kept open: one descriptor
+    and one directory more per failed start, for as long as the process lived (the sweep
+    cannot remove a held directory)."""
+    from nexus_trio._nats import NatsServer, NatsServerError
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    binary = tmp_path / "nats-server"
+    binary.write_text("#!/bin/sh\necho 'no good' >&2\nexit 1\n")
+    binary.chmod(0o755)
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(NatsServerError, match="exited with code 1 during start"):
+            NatsServer(binary=str(binary)).start()
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert list(tmp.iterdir()) == []

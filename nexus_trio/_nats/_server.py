@@ -9,7 +9,7 @@ asked to pick a free one (``-p -1``).
 
 Each server has a private directory under the temporary directory (its log, its config
 with the token, its JetStream store), ``nexus-nats-<pid>-<random>``, removed by
-:meth:`NatsServer.stop`. A process that is SIGKILLed cannot remove it, so every start
+:meth:`NatsServer.stop` (or by a start that fails: its error carries the log's end). A process that is SIGKILLed cannot remove it, so every start
 first removes the directories that no live process owns: the owner holds an exclusive
 ``flock`` on the directory's ``owner.lock`` for as long as it or its server runs (the
 server inherits the descriptor, so a server that outlives its owner keeps it too); the
@@ -187,6 +187,19 @@ class NatsServer:
         binary = self.binary or find_nats_server()
         remove_stale_directories()
         self._workdir, self._lock_fd = _make_owned_directory()
+        try:
+            self._launch(binary, timeout)
+        except BaseException:
+            # Not started (cannot run, exited, too slow) or interrupted (Ctrl-C): the
+            # caller has no server to stop, so none may be left running, nor its
+            # directory and lock (the error carries the end of its log).
+            self.kill()
+            self._cleanup()
+            raise
+        return self
+
+    def _launch(self, binary: str, timeout: float) -> None:
+        assert self._workdir is not None and self._lock_fd is not None
         argv = [binary, "-a", "127.0.0.1", "-p", str(self._requested_port or -1)]
         argv += ["-l", str(self.log_path)]
         if self.server_name:
@@ -216,14 +229,7 @@ class NatsServer:
             preexec_fn=self.preexec_fn,
             pass_fds=(self._lock_fd,),  # the server keeps the directory owned while it runs
         )
-        try:
-            self._wait_ready(timeout)
-        except BaseException:
-            # Not ready (exited, too slow) or interrupted (Ctrl-C): the caller has no
-            # server to stop, so none may be left running.
-            self.kill()
-            raise
-        return self
+        self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
