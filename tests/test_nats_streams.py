@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from nexus_trio._nats import ClusterOptions
 from nexus_trio._nats._sequence import InboundSequences
 from nexus_trio._nats._streams import InboundStreams, parse_stream_name
+from nexus_trio._nats._throttle import Throttle
 
 OWN = 0xABC
 
@@ -112,3 +113,13 @@ def test_stream_names_and_the_limit_are_checked() -> None:
     assert parse_stream_name("n:zz.a0") is None
     with pytest.raises(ValueError, match="inbound_streams_limit"):
         ClusterOptions(inbound_streams_limit=0)
+
+
+def test_a_throttle_is_due_at_once_then_once_per_interval() -> None:
+    now = [1000.0]
+    throttle = Throttle(1.0, clock=lambda: now[0])
+    seen = []
+    for step in range(25):  # 0.0 .. 2.4 s in steps of 0.1 s
+        now[0] = 1000.0 + step / 10
+        seen.append(throttle.due())
+    assert [step for step, due in enumerate(seen) if due] == [0, 10, 20]

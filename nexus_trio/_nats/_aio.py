@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager, suppress
@@ -29,6 +28,8 @@ from typing import Any, Generic, TypeVar, final
 
 import trio
 import trio_asyncio  # type: ignore[import-untyped, import-not-found, unused-ignore]
+
+from ._throttle import Throttle
 
 T = TypeVar("T")
 
@@ -164,7 +165,7 @@ class Outbox(Generic[T]):
         self.dropped = 0
         #: items sent at once by :meth:`put` (not through the asyncio task)
         self.direct = 0
-        self._last_failure_log = -1.0
+        self._failure_log = Throttle()
 
     async def start(self) -> None:
         """Start the asyncio task (call from Trio inside :func:`asyncio_loop`)."""
@@ -264,9 +265,7 @@ class Outbox(Generic[T]):
     def _failed(self, exc: Exception) -> None:
         """Count a failed send; log it, at most once a second (an outage fails them all)."""
         self.failed_batches += 1
-        now = time.monotonic()
-        if now - self._last_failure_log >= 1.0:
-            self._last_failure_log = now
+        if self._failure_log.due():
             log.warning("sending to NATS failed (%d so far): %r", self.failed_batches, exc)
 
     def __len__(self) -> int:

@@ -90,6 +90,7 @@ from ._membership import (
 from ._placement import PlacedAgent, Placement
 from ._sequence import InboundSequences
 from ._streams import InboundStreams
+from ._throttle import Throttle
 
 log = logging.getLogger("nexus_trio.nats")
 # Every log record of the NATS layer goes through redact(): no credential in any line.
@@ -426,8 +427,8 @@ class Cluster:
         # node -> the session of the last record of it the nodes bucket's watch gave
         # (None: a record without one); see _apply_node_entry
         self._record_sessions: dict[str, int | None] = {}
-        self._last_loss_log = -1.0
-        self._last_notice_log = -1.0
+        self._loss_log = Throttle()
+        self._notice_log = Throttle()
         self._data_up = trio.Event()  # set while the data connection is up
         self._data_up.set()
         self.durable = DurableChannel(self, options.durable)
@@ -1100,9 +1101,7 @@ class Cluster:
                     query_id,
                     TransportUnavailable(redact(f"NATS refused request {query_id}: {exc!r}")),
                 )
-        now = time.monotonic()
-        if now - self._last_loss_log >= 1.0:
-            self._last_loss_log = now
+        if self._loss_log.due():
             log.warning(
                 "node %s: the NATS client refused a message for %s (%d so far): %r",
                 self.node,
@@ -1286,9 +1285,7 @@ class Cluster:
 
     def _malformed_batch(self, exc: batch.BatchError, head: batch.BatchHead | None = None) -> None:
         self._dropped["malformed_batch"] += 1
-        now = time.monotonic()
-        if now - self._last_loss_log >= 1.0:
-            self._last_loss_log = now
+        if self._loss_log.due():
             log.warning(
                 "node %s: dropped a malformed batch%s (%d so far): %s",
                 self.node,
@@ -1460,18 +1457,15 @@ class Cluster:
             self._log_loss(lost, stream)
 
     def _log_loss(self, lost: int, stream: str) -> None:
-        if lost:
-            now = time.monotonic()
-            if now - self._last_loss_log >= 1.0:
-                self._last_loss_log = now
-                log.warning(
-                    "node %s: %d tells from %s were lost in transit (%d so far; a NATS"
-                    " failover or a slow-consumer cut), counted in lost_in_transit",
-                    self.node,
-                    lost,
-                    stream,
-                    self._seq_in.lost,
-                )
+        if lost and self._loss_log.due():
+            log.warning(
+                "node %s: %d tells from %s were lost in transit (%d so far; a NATS"
+                " failover or a slow-consumer cut), counted in lost_in_transit",
+                self.node,
+                lost,
+                stream,
+                self._seq_in.lost,
+            )
 
     def _send_sequence_marks(self) -> None:
         """Trio side, every heartbeat: tell each destination the last number sent to it,
@@ -2420,9 +2414,7 @@ class Cluster:
             # Anyone may publish on the heartbeat subjects: counted, logged at most once a
             # second, and it changes nothing (no leave, no count)
             self._dropped["malformed_notice"] += 1
-            now = time.monotonic()
-            if now - self._last_notice_log >= 1.0:
-                self._last_notice_log = now
+            if self._notice_log.due():
                 log.warning(
                     "node %s: ignoring a malformed last notice on the subject of %r (%s;"
                     " %d malformed so far): %s",

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import final
 
 from ._sequence import InboundSequences
+from ._throttle import Throttle
 
 log = logging.getLogger("nexus_trio.nats")
 
@@ -92,7 +93,7 @@ class InboundStreams:
         self._senders: dict[Sender, dict[str, None]] = {}
         #: live streams evicted to make room (a retired stream going is not counted)
         self.evicted = 0
-        self._last_eviction_log = -1.0
+        self._eviction_log = Throttle(clock=clock)
 
     @property
     def live(self) -> int:
@@ -187,9 +188,7 @@ class InboundStreams:
         else:
             name, stream = self._live.popitem(last=False)
             self.evicted += 1
-            now = self._clock()
-            if now - self._last_eviction_log >= 1.0:
-                self._last_eviction_log = now
+            if self._eviction_log.due():
                 log.warning(
                     "node %s: %d inbound streams kept (inbound_streams_limit): stream %s,"
                     " the least recently active, evicted for %s (%d evicted so far; a tell"
