@@ -344,8 +344,10 @@ def _pieces(snapshot: MetricsSnapshot, *, process: bool) -> Iterator[bytes]:
     several pieces: its ``# HELP`` and ``# TYPE`` lines come once, before the first, and
     its samples stay together, as the text format wants.
     """
+    # The kernel-wide and process families have a few samples each (one per reason at
+    # most): one piece each.
     for family in _families(attrs.evolve(snapshot, per_agent=False)):
-        yield from _family_pieces(family)
+        yield generate_latest(_Piece(family))
     if snapshot.per_agent:
         agents = snapshot.agents
         for series in _AGENT_SERIES:
@@ -356,19 +358,7 @@ def _pieces(snapshot: MetricsSnapshot, *, process: bool) -> Iterator[bytes]:
                 yield _without_head(text) if start else text
     if process:
         for family in ProcessCollector(registry=None).collect():
-            yield from _family_pieces(family)
-
-
-def _family_pieces(family: Metric) -> Iterator[bytes]:
-    samples = family.samples
-    if len(samples) <= _PIECE_SAMPLES:
-        yield generate_latest(_Piece(family))
-        return
-    for start in range(0, len(samples), _PIECE_SAMPLES):
-        piece = Metric(family.name, family.documentation, family.type)
-        piece.samples = samples[start : start + _PIECE_SAMPLES]
-        text = generate_latest(_Piece(piece))
-        yield _without_head(text) if start else text
+            yield generate_latest(_Piece(family))
 
 
 def _without_head(text: bytes) -> bytes:
