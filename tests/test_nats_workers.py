@@ -160,6 +160,22 @@ def test_three_workers_run_one_swarm_whose_books_balance(workload: str) -> None:
         assert all(w["forwarded_out"] >= 0.95 * w["handled"] > 0 for w in workers)
 
 
+@pytest.mark.parametrize("workload", ["ring", "fanout", "request"])
+def test_more_workers_than_agents_leaves_a_worker_without_agents_idle(workload: str) -> None:
+    """``--workers 4 --agents 3``: worker-3 has none of the workload's agents. Its ring
+    driver divided by its (zero) local agents: its run failed at once with a
+    ZeroDivisionError, and the other workers waited a minute for it to settle."""
+    summary, status = run_workers(4, ["--agents", "3", "--duration", "1", "--workload", workload])
+    assert status == 0, summary
+    workers = summary["per_worker"]
+    assert [w["agents"] for w in workers] == [1, 1, 1, 0]
+    assert [w["error"] for w in workers] == [None] * 4
+    assert [w["exit"] for w in workers] == ["exit code 0"] * 4
+    assert summary["conserved"] is True
+    assert summary["handled"] > 0 and summary["in_flight"] == 0
+    assert workers[3]["sent"] == workers[3]["handled"] == 0
+
+
 # --- settling: the swarm is quiet only when every worker's books and the crossings balance ---
 
 
@@ -235,8 +251,28 @@ QUIET = {
         ),
         # ... nor while it is not seen lost yet
         ([{**QUIET, "worker-1": _record(published=4, swarm_stopped=False)}], False),
+        # a worker whose run failed left without stopping its traffic: the others settle
+        # without it, as without a dead one (they waited SETTLE_TIMEOUT for it)
+        (
+            [
+                {**QUIET, "worker-1": _record(published=4, swarm_stopped=False)},
+                {"worker-0": QUIET["worker-0"]},
+            ],
+            True,
+        ),
     ],
-    ids=["quiet", "busy", "crossing", "running", "left", "missing", "died", "died-busy", "dying"],
+    ids=[
+        "quiet",
+        "busy",
+        "crossing",
+        "running",
+        "left",
+        "missing",
+        "died",
+        "died-busy",
+        "dying",
+        "failed-left",
+    ],
 )
 async def test_the_swarm_settles_only_when_quiet_and_balanced(
     rounds: list[dict[str, dict[str, object]]], settles: bool, autojump_clock: object

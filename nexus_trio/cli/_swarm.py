@@ -11,7 +11,9 @@ At the end the workers *settle* before any of them shuts down: each one stops it
 traffic and publishes its counters in its membership record (:meth:`Cluster.announce`)
 until every worker has stopped, holds nothing, and the cluster's books balance — every
 message handed to NATS was taken in by a kernel, or counted as dropped or lost — in two
-rounds in a row. A worker that left the cluster meanwhile counts with its last record.
+rounds in a row. A worker that settled and left the cluster meanwhile counts with its
+last record; one that left without stopping its traffic (its run failed) is counted as
+one that died, below.
 Only then do the kernels drain and leave: a message still crossing when a worker left
 would otherwise be lost without anybody counting it.
 
@@ -178,6 +180,10 @@ class Swarm:
                 self.last_records[node] = dict(info.stats)
             elif info is not None:
                 lost.add(node)  # died: its last record stays as it was
+            elif node in self.last_records and not self.last_records[node].get("swarm_stopped"):
+                # left without stopping its traffic (its run failed): it sends no more, and
+                # its books are those of its last heartbeat: as if it had died
+                lost.add(node)
         if set(self.last_records) | lost != set(self.layout.workers):
             return None
         records = [self.last_records[node] for node in self.layout.workers if node not in lost]

@@ -319,6 +319,8 @@ class Demo:
     async def _drive_ring(self) -> None:
         refs = self.local_refs
         n = len(refs)
+        if not n:
+            return  # a swarm worker with none of the ring's agents (more workers than agents)
         lap = max(len(self.refs), _MIN_LAP)  # hops per token
         rate = self.rate / self.swarm.size if self.swarm is not None else self.rate
         pacer = Pacer(rate / lap if rate else 0.0)
