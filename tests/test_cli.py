@@ -222,6 +222,58 @@ def test_a_broken_config_file_exits_2_naming_file_and_line(isolated):
     assert "missing.toml" in flat(result.output)
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # the section's name was taken for rich markup and dropped: "unknown section  (known"
+        ("[nosuchsection]\nx = 1\n", "unknown section [nosuchsection]"),
+        ("kernel = 5\n", "[kernel] must be a table, got 5"),
+        ("[kernel]\nmailbox_capacity = -1\n", "[kernel] mailbox_capacity must be >= 1, got -1"),
+        # a value that reads as a closing tag crashed the error report (MarkupError)
+        ('[kernel]\nmailbox_capacity = "[/x]"\n', "must be an integer, got '[/x]'"),
+    ],
+    ids=["section", "table", "value", "closing-tag"],
+)
+def test_config_errors_are_printed_as_written_not_as_markup(isolated, text, expected):
+    file = isolated / "bad.toml"
+    file.write_text(text)
+    for args in (["config", "show", "-c", str(file)], ["run", "-c", str(file), "-d", "1"]):
+        result = invoke(args)
+        assert result.exit_code == 2, result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+        assert expected in flat(result.output)
+
+
+def test_the_summary_table_prints_program_commands_and_names_as_written(isolated):
+    """A ``--spawn`` command line, and the name a program registered with, are the user's
+    (or the program's) text: rich markup in them was dropped or crashed the summary."""
+    import json
+
+    from rich.console import Console
+
+    from nexus_trio.cli._view import summary_table
+
+    result = invoke(["run", "-n", "10", "-d", "0.1", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    summary["spawned"] = [
+        {
+            "name": "[/x]",
+            "command": "python3 agent[bold].py",
+            "registered": True,
+            "registered_as": "[red]a[/red]",
+            "starts": 1,
+        },
+        {"name": "b", "command": "./b [/]", "registered": False, "problem": "exit [1]"},
+    ]
+    console = Console(record=True, width=200)
+    console.print(summary_table(summary))
+    out = console.export_text()
+    assert "[/x]" in out
+    assert "python3 agent[bold].py: registered as '[red]a[/red]' (1 start)" in out
+    assert "./b [/]: did not start: exit [1]" in out
+
+
 APP_MODULE = """
     import trio
     from nexus_trio import agent

@@ -27,6 +27,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from .. import AppConfig, MetricsConfig, __version__
 from . import _bench_cmd, _send_cmd
@@ -107,8 +108,10 @@ _DEFAULT_WORKLOAD = Workload(_APP_DEFAULTS.workload)
 
 
 def _fail(message: str, status: int = 2) -> typer.Exit:
+    # The message names what was wrong as the user wrote it (``[kernel]``, a value): text,
+    # not markup.
     Console(stderr=True, highlight=False, soft_wrap=True).print(
-        f"[bold red]nexus: error:[/] {message}", markup=True
+        Text.assemble(("nexus: error:", "bold red"), " ", message)
     )
     return typer.Exit(status)
 

@@ -214,10 +214,11 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
     table = Table(title="nexus run summary", box=box.SIMPLE_HEAVY, show_header=False)
     table.add_column(style="bold cyan", no_wrap=True)
     table.add_column(overflow="fold")
-    table.add_row("run", _run_kind(summary))
+    # Text, not markup: command lines and registered names are the user's or a program's
+    table.add_row("run", Text(_run_kind(summary)))
     for program in summary.get("spawned") or ():
-        table.add_row("  " + str(program["name"]), _spawned_text(program))
-    table.add_row("stopped by", str(summary["stopped_by"]))
+        table.add_row(Text("  " + str(program["name"])), Text(_spawned_text(program)))
+    table.add_row("stopped by", Text(str(summary["stopped_by"])))
     if summary.get("error"):
         table.add_row("error", Text(str(summary["error"]), style="bold red"))
     t = summary["elapsed_s"]
