@@ -6,6 +6,7 @@ Real-process tests use real time with generous timeouts and always kill what the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -769,6 +770,56 @@ def test_health_without_a_port_anywhere_exits_2(isolated):
     result = invoke(["health"])
     assert result.exit_code == 2
     assert "no port: pass --port or set [metrics] port" in flat(result.output)
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        # not HTTP: a traceback (http.client.BadStatusLine) and exit status 1 from Python
+        ("garbage", "bad answer: BadStatusLine"),
+        # a body without end: read for good (the timeout bounded each read, not the whole)
+        ("endless", "bad answer: a body past 64 KiB"),
+        # a byte every 0.2 s: each read comes in time, the whole never does
+        ("drip", "no whole answer within 1s"),
+    ],
+)
+def test_health_gives_a_hostile_endpoint_at_most_its_timeout(answer, expected):
+    import socket
+    import time
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(4096)
+            if answer == "garbage":
+                conn.sendall(b"\x00\xff not http\r\n\r\n")
+                return
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+            with contextlib.suppress(OSError):
+                while not stop.is_set():
+                    if answer == "endless":
+                        conn.sendall(b"x" * 65536)
+                    else:
+                        conn.sendall(b"x")
+                        stop.wait(0.2)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        started = time.monotonic()
+        result = invoke(["health", "--port", str(listener.getsockname()[1]), "--timeout", "1"])
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(timeout=30)
+    assert result.exit_code == 1, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert expected in flat(result.output)
+    assert took < 30  # (it never ended before: the test would hang)
 
 
 def test_health_reports_an_unhealthy_endpoint_with_exit_1():

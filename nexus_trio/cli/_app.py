@@ -531,18 +531,57 @@ def health(
                 "no port: pass --port or set [metrics] port in the config", param_hint="'--port'"
             )
     url = f"http://{_url_host(host)}:{port}/healthz"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            body = response.read().decode("utf-8", "replace").strip()
-            typer.echo(f"{url}: {response.status} {body}")
-            return
-    except urllib.error.HTTPError as exc:
-        body = exc.read().decode("utf-8", "replace").strip()
-        typer.echo(f"{url}: unhealthy: {exc.code} {body}", err=True)
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        typer.echo(f"{url}: unreachable: {reason}", err=True)
+    status, body, problem = _probe_health(url, timeout)
+    if status == 200:
+        typer.echo(f"{url}: {status} {body}")
+        return
+    if status is not None:
+        typer.echo(f"{url}: unhealthy: {status} {body}", err=True)
+    else:
+        typer.echo(f"{url}: {problem}", err=True)
     raise typer.Exit(1)
+
+
+#: the most of a /healthz body read (ours is one short line)
+_HEALTH_BODY_LIMIT = 64 * 1024
+
+
+def _probe_health(url: str, timeout: float) -> tuple[int | None, str, str]:
+    """``(status, body, "")`` of a GET of ``url``, or ``(None, "", problem)``.
+
+    ``timeout`` bounds the whole check, not each read: an endpoint that answers without
+    end, or a byte at a time, gets no more (the request runs in a daemon thread that is
+    left behind when time is up; the command exits right after). A body is read up to
+    64 KiB (a longer one is a bad answer, as is one that is not HTTP: named).
+    """
+    import http.client
+    import threading
+
+    outcome: list[tuple[int | None, str, str]] = []
+
+    def get() -> None:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                body = response.read(_HEALTH_BODY_LIMIT + 1)
+                if len(body) > _HEALTH_BODY_LIMIT:
+                    limit = _HEALTH_BODY_LIMIT // 1024
+                    outcome.append((None, "", f"bad answer: a body past {limit} KiB"))
+                    return
+                outcome.append((response.status, body.decode("utf-8", "replace").strip(), ""))
+        except urllib.error.HTTPError as exc:
+            body = exc.read(_HEALTH_BODY_LIMIT).decode("utf-8", "replace").strip()
+            outcome.append((exc.code, body, ""))
+        except (urllib.error.URLError, OSError) as exc:
+            outcome.append((None, "", f"unreachable: {getattr(exc, 'reason', exc)}"))
+        except http.client.HTTPException as exc:
+            outcome.append((None, "", f"bad answer: {type(exc).__name__}: {exc}"))
+
+    thread = threading.Thread(target=get, name="nexus health", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        return None, "", f"unreachable: no whole answer within {timeout:g}s"
+    return outcome[0]
 
 
 def _url_host(host: str) -> str:
