@@ -93,7 +93,8 @@ def _validate_optional_positive(name: str) -> Callable[[Any, Any, Any], None]:
     def check(inst: Any, attribute: Any, value: Any) -> None:
         if value is None:
             return
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        # (``not value > 0``: NaN is refused too)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
             raise ValueError(f"{name} must be a positive number, got {value!r}")
 
     return check
@@ -102,7 +103,7 @@ def _validate_optional_positive(name: str) -> Callable[[Any, Any, Any], None]:
 def _validate_shutdown_timeout(inst: Any, attribute: Any, value: Any) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
         raise ValueError(f"shutdown_timeout must be >= 0 seconds, got {value!r}")
 
 
@@ -223,6 +224,37 @@ class AgentSpec:
 _T = TypeVar("_T")
 
 
+def _check_handler_signature(function: Callable[..., Any], shown: str, arguments: int) -> None:
+    """A handler the kernel could not call with ``(ctx, msg)`` is refused now, not failed
+    at every message."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # no signature to read (a builtin, a C extension)
+        return
+    try:
+        signature.bind(*[None] * arguments)
+    except TypeError:
+        params = ", ".join(
+            {"VAR_POSITIONAL": "*", "VAR_KEYWORD": "**"}.get(p.kind.name, "") + p.name
+            for p in signature.parameters.values()
+        )
+        raise TypeError(
+            f"{shown}({params}) cannot be called so: an agent handler is called with"
+            " two arguments, handler(ctx, msg)"
+        ) from None
+
+
+def checked_request_timeout(timeout: float | None, default: float) -> float:
+    """A request's ``timeout`` argument checked (``default`` if None): seconds > 0."""
+    if timeout is None:
+        return default
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(f"request timeout must be a number of seconds, got {timeout!r}")
+    if not timeout > 0:
+        raise ValueError(f"request timeout must be > 0 seconds, got {timeout!r}")
+    return timeout
+
+
 def _spec_for(target: Any, options: dict[str, Any]) -> AgentSpec:
     if isinstance(target, AgentSpec):
         # Only what was given: agent(spec, name="b") keeps the spec's other options.
@@ -233,9 +265,13 @@ def _spec_for(target: Any, options: dict[str, Any]) -> AgentSpec:
     if inspect.isclass(target):
         if not callable(getattr(target, "handle", None)):
             raise TypeError(f"agent class {target.__qualname__} has no handle(ctx, msg) method")
+        handle = inspect.getattr_static(target, "handle")
+        if inspect.isfunction(handle):  # called on an instance: self, ctx, msg
+            _check_handler_signature(handle, f"{target.__name__}.handle", 3)
         factory = cast("Callable[[], Behaviour]", target)
         return AgentSpec(factory=factory, **options)
     if inspect.iscoroutinefunction(target):
+        _check_handler_signature(target, target.__name__, 2)
         behaviour = _FunctionBehaviour(target)
         return AgentSpec(factory=lambda: behaviour, handler=target, **options)
     raise TypeError(
@@ -445,10 +481,7 @@ class Context:
         self, to: AgentRef | Address, payload: Any = None, *, timeout: float | None = None
     ) -> Any:
         """Send a Query from this agent and return the reply's payload (see :meth:`Kernel.request`)."""
-        if timeout is None:
-            timeout = self._kernel.config.kernel.request_timeout
-        elif not timeout > 0:
-            raise ValueError(f"request timeout must be > 0 seconds, got {timeout!r}")
+        timeout = checked_request_timeout(timeout, self._kernel.config.kernel.request_timeout)
         current = self._cell.current
         trace_id = current.trace_id if current is not None else None
         query = new_query(self.id, address_of(to), payload, trace_id)

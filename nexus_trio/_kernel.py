@@ -28,7 +28,15 @@ from typing import Any, Final, final
 
 import trio
 
-from ._agent import AgentRef, AgentSpec, Context, Handler, address_of, as_spec
+from ._agent import (
+    AgentRef,
+    AgentSpec,
+    Context,
+    Handler,
+    address_of,
+    as_spec,
+    checked_request_timeout,
+)
 from ._cell import AgentCell
 from ._child import Child
 from ._config import Config
@@ -435,11 +443,7 @@ class Kernel:
         return await self._router.request(query, self._request_timeout(timeout), external=True)
 
     def _request_timeout(self, timeout: float | None) -> float:
-        if timeout is None:
-            return self.config.kernel.request_timeout
-        if not timeout > 0:
-            raise ValueError(f"request timeout must be > 0 seconds, got {timeout!r}")
-        return timeout
+        return checked_request_timeout(timeout, self.config.kernel.request_timeout)
 
     # --- remote kernels ------------------------------------------------------------------------
 

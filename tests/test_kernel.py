@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import uuid
 import weakref
 from typing import Any, ClassVar
@@ -897,6 +898,66 @@ async def test_names_are_unique_and_spawn_time_names_override() -> None:
         assert kernel.spawn(spec).name == "decorated"
         with pytest.raises(ValueError, match="looks like a UUID"):
             kernel.spawn(echo, name=str(uuid.uuid4()))
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"handle_timeout": math.nan}, "handle_timeout must be a positive number, got nan"),
+        ({"shutdown_timeout": math.nan}, "shutdown_timeout must be >= 0 seconds, got nan"),
+    ],
+)
+def test_agent_options_refuse_nan(options: dict[str, Any], error: str) -> None:
+    """NaN passed the checks (``nan <= 0`` is false); a NaN handle deadline then failed
+    the agent at its first handler that awaited (Trio refuses a NaN deadline)."""
+    with pytest.raises(ValueError, match=re.escape(error)):
+        agent(noop, **options)
+
+
+def test_agent_refuses_a_handler_that_cannot_be_called_with_ctx_and_msg() -> None:
+    """Such a handler was taken, and failed every message with a TypeError."""
+
+    async def one(ctx: Any) -> None:
+        return None
+
+    async def three(ctx: Any, msg: Any, extra: Any) -> None:
+        return None
+
+    class Unbound:
+        async def handle(self, msg: Any) -> None:
+            return None
+
+    for target, shown in ((one, "one(ctx)"), (three, "three(ctx, msg, extra)")):
+        with pytest.raises(TypeError, match=re.escape(f"{shown} cannot be called so")):
+            agent(target)
+    with pytest.raises(TypeError, match=re.escape("Unbound.handle(self, msg) cannot be called")):
+        agent(Unbound)
+
+    async def defaults(ctx: Any, msg: Any, extra: Any = None) -> None:
+        return None
+
+    async def star(*args: Any) -> None:
+        return None
+
+    class Static:
+        @staticmethod
+        async def handle(ctx: Any, msg: Any) -> None:
+            return None
+
+    for fine in (defaults, star, Static):
+        agent(fine)
+
+
+async def test_a_request_timeout_that_is_not_a_number_is_named() -> None:
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(echo)
+        error = "request timeout must be a number of seconds, got '1'"
+        with pytest.raises(TypeError, match=re.escape(error)):
+            await kernel.request(ref, 1, timeout="1")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="request timeout must be > 0 seconds, got nan"):
+            await kernel.request(ref, 1, timeout=math.nan)
+        with pytest.raises(TypeError, match="a number of seconds, got True"):
+            await kernel.request(ref, 1, timeout=True)
 
 
 async def test_stats_snapshot_counts_per_agent_and_high_water() -> None:
