@@ -54,8 +54,14 @@ _STOPPING: Final = KernelPhase.STOPPING
 
 
 def _non_negative(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+    # (``not value >= 0``: NaN is refused too)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
         raise ValueError(f"{attribute.name} must be a number >= 0, got {value!r}")
+
+
+def _count(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{attribute.name} must be an integer >= 0, got {value!r}")
 
 
 @final
@@ -99,7 +105,7 @@ def _to_children(value: Iterable[Any]) -> tuple[Any, ...]:
 
 
 def _positive(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
         raise ValueError(f"{attribute.name} must be a number > 0, got {value!r}")
 
 
@@ -116,7 +122,7 @@ class Supervisor:
     strategy: RestartStrategy = attrs.field(
         default=RestartStrategy.ONE_FOR_ONE, converter=_to_strategy
     )
-    max_restarts: int = attrs.field(default=3, validator=_non_negative)
+    max_restarts: int = attrs.field(default=3, validator=_count)
     within: float = attrs.field(default=5.0, validator=_positive)
     backoff: Backoff = attrs.field(factory=Backoff)
     children: Sequence[Any] = attrs.field(default=(), converter=_to_children)

@@ -17,6 +17,7 @@ from nexus_trio import (
     SYSTEM_ID,
     Agent,
     AgentNotFound,
+    Backoff,
     Context,
     DeadLetter,
     DeadLetterReason,
@@ -29,6 +30,7 @@ from nexus_trio import (
     NameTaken,
     RequestFailed,
     RequestTimeout,
+    Supervisor,
     agent,
     open_kernel,
 )
@@ -912,6 +914,26 @@ def test_agent_options_refuse_nan(options: dict[str, Any], error: str) -> None:
     the agent at its first handler that awaited (Trio refuses a NaN deadline)."""
     with pytest.raises(ValueError, match=re.escape(error)):
         agent(noop, **options)
+
+
+@pytest.mark.parametrize(
+    ("make", "error"),
+    [
+        (lambda: Supervisor(within=math.nan), "within must be a number > 0, got nan"),
+        (lambda: Supervisor(shutdown_timeout=math.nan), "shutdown_timeout must be a number >= 0"),
+        (
+            lambda: Supervisor(max_restarts=math.nan),
+            "max_restarts must be an integer >= 0, got nan",
+        ),
+        (lambda: Supervisor(max_restarts=2.5), "max_restarts must be an integer >= 0, got 2.5"),
+        (lambda: Backoff(initial=math.nan), "initial must be a number >= 0, got nan"),
+        (lambda: Backoff(jitter=math.nan), "jitter must be a number >= 0, got nan"),
+        (lambda: Backoff(reset_after=math.nan), "reset_after must be a number >= 0, got nan"),
+    ],
+)
+def test_supervisor_and_backoff_options_refuse_nan(make: Any, error: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(error)):
+        make()
 
 
 def test_agent_refuses_a_handler_that_cannot_be_called_with_ctx_and_msg() -> None:
