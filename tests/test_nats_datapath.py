@@ -1482,7 +1482,11 @@ async def test_a_tell_waiting_for_credit_when_its_node_leaves_is_refused_at_once
     (and got MailboxFull if the node had joined again by then). The drop wakes it now and
     it is routed again: AgentNotFound at once, what a new send gets; after the new join,
     tells go on the new stream. A leave sends its record first and the credit of what it
-    refuses after, on another connection: a hears them in that order here."""
+    refuses after, on another connection: a hears them in that order here.
+
+    And b's last notice is lost: the credit that came after the leave confirms all a
+    sent b, so a counts nothing lost at leave once the notice is late (it counted the
+    two that b refused, also counted there, when it took no credit after the leave)."""
     gate, three = trio.Event(), trio.Event()
     handled: list[Any] = []
     slow = attrs.evolve(FAST, heartbeat_interval=30.0)  # no heartbeat tick in the test
@@ -1490,6 +1494,14 @@ async def test_a_tell_waiting_for_credit_when_its_node_leaves_is_refused_at_once
     held: list[tuple[batch.BatchHead, int, bytes]] = []
     original_frame = Cluster._control_frame
     original_apply = Cluster._apply_member_entry
+    original_heartbeat = Cluster._on_heartbeat
+    notice_lost = trio.Event()
+
+    async def heartbeat(self: Cluster, m: Any) -> None:
+        if sender and self is sender[0] and wire.LEFT_HEADER in (m.headers or {}):
+            notice_lost.set()  # b's last notice: lost
+            return
+        await original_heartbeat(self, m)
 
     def frame(self: Cluster, head: batch.BatchHead, kind: int, body: bytes) -> None:
         if sender and self is sender[0] and head.node == "b" and "b" in self.members.members:
@@ -1506,6 +1518,7 @@ async def test_a_tell_waiting_for_credit_when_its_node_leaves_is_refused_at_once
 
     monkeypatch.setattr(Cluster, "_control_frame", frame)
     monkeypatch.setattr(Cluster, "_apply_member_entry", applying)
+    monkeypatch.setattr(Cluster, "_on_heartbeat", heartbeat)  # (before a subscribes)
     async with open_kernel(_config()) as kb:
         kb.spawn(_gated("stalled", gate, handled, (3, three)))
         kb.spawn(_ping)
@@ -1518,8 +1531,11 @@ async def test_a_tell_waiting_for_credit_when_its_node_leaves_is_refused_at_once
                     sender.append(ca)
             with trio.fail_after(10):  # not its send deadline (20 s)
                 await settled.wait()
+                await notice_lost.wait()
             assert len(outcome) == 1 and isinstance(outcome[0], AgentNotFound)
             sender.clear()
+            ca._count_late_notices(time.monotonic() + 3600)  # what _check_members does
+            assert ca.stats().lost_at_leave == 0
             kb.spawn(agent(_collector([]), name="marker"))
             with trio.fail_after(30):
                 async with join_cluster(kb, nats.url, "b", options=slow) as cb2:
@@ -1761,6 +1777,84 @@ async def test_tells_sent_to_a_node_that_left_before_its_sender_heard_it_are_cou
     assert malformed == (len(fakes) - 1 if forged else 0)
     assert counted == 2 + malformed  # the two tells sent after b left: counted lost on a
     assert ca.stats().lost_at_leave == 2
+    assert ca.stats().publish_failures == 0
+
+
+@pytest.mark.parametrize("until", ["the bound", "the sender's own leave"])
+async def test_tells_sent_to_a_node_whose_last_notice_is_lost_are_counted(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch, until: str
+) -> None:
+    """Regression: a counted the tells it numbered for b past b's last notice in
+    ``lost_at_leave``, but a notice that never came (core NATS loses it in a failover)
+    left them counted nowhere: b had closed its data connection, and a kept them until
+    4,096 other leaves pushed them out. Here a hears b's leave announcement and its
+    record's delete, not its last notice, after sending two tells that reached NATS once
+    b had disconnected. a now counts what b did not confirm (credit, its last record) as
+    lost at leave, an upper bound, once the notice is late (or a leaves itself first);
+    the notice heard after that counts nothing more."""
+    records: list[Any] = []
+    slow = attrs.evolve(FAST, heartbeat_interval=30.0)  # no heartbeat tick in the test
+    deaf: list[Cluster] = []
+    held_notices: list[Any] = []
+    held_deletes: list[tuple[str, bytes | None, str | None]] = []
+    original_heartbeat = Cluster._on_heartbeat
+    original_apply = Cluster._apply_member_entry
+    heard = trio.Event()  # all of b's leave: its notices and its record's delete
+
+    async def heartbeat(self: Cluster, m: Any) -> None:
+        if deaf and self is deaf[0] and m.subject.endswith(".b") and not m.data:
+            held_notices.append(m)
+            if held_deletes and len(held_notices) == 2:
+                heard.set()
+            return
+        await original_heartbeat(self, m)
+
+    def applying(self: Cluster, key: str, value: bytes | None, op: str | None) -> None:
+        if deaf and self is deaf[0] and key == "b" and op == "DEL":
+            held_deletes.append((key, value, op))
+            if len(held_notices) == 2:
+                heard.set()
+            return
+        original_apply(self, key, value, op)
+
+    monkeypatch.setattr(Cluster, "_on_heartbeat", heartbeat)  # (before a subscribes)
+    monkeypatch.setattr(Cluster, "_apply_member_entry", applying)
+    async with open_kernel(_config()) as kb:
+        col = kb.spawn(agent(_collector(records), name="col"))
+        async with _node(nats.url, "a", heartbeat_interval=30.0) as (ka, ca):
+            with trio.fail_after(30):
+                async with join_cluster(kb, nats.url, "b", options=slow) as cb:
+                    await cb.names_published()
+                    await ca.wait_for_name("col")
+                    for i in range(5):
+                        await ka.send("col", i)
+                    assert await ka.request("col", "dump") == 5
+                    deaf.append(ca)
+                with trio.move_on_after(5):
+                    await heard.wait()
+                assert len(held_notices) == 2 and held_deletes
+                ca.learn_name("col", "b", col.id)  # (b's names were dropped meanwhile)
+                for i in range(5, 7):
+                    await ka.send("col", i)  # credit: taken, and published
+                await trio.testing.wait_all_tasks_blocked()
+                await call_aio(ca.nc.flush, 5)
+                deaf.clear()
+                last = next(m for m in held_notices if wire.LEFT_HEADER in (m.headers or {}))
+                for m in held_notices:
+                    if m is not last:
+                        await ca._on_heartbeat(m)  # the leave announcement: no notice
+                for entry in held_deletes:
+                    ca._apply_member_entry(*entry)
+                assert "b" not in ca.members.members
+                assert ca.stats().lost_at_leave == 0  # the notice may still come
+                if until == "the bound":
+                    ca._count_late_notices(time.monotonic() + 3600)  # what _check_members does
+                    assert ca.stats().lost_at_leave == 2
+                    await ca._on_heartbeat(last)  # the notice, heard late: nothing more
+        await kb.shutdown()
+    assert records == list(range(5))
+    assert cb.stats().received == 5 + 1  # the tells and the request
+    assert ca.stats().lost_at_leave == 2  # the two tells sent after b left
     assert ca.stats().publish_failures == 0
 
 

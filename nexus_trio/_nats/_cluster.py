@@ -36,6 +36,7 @@ import functools
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -106,6 +107,13 @@ _NAME_DELETES_KEPT: Final = 4096
 _RETRY_WAIT_AT_LEAVE: Final = 2.0
 #: streams to nodes that left cleanly whose last notice (see _on_last_notice) is awaited
 _LEFT_STREAMS_MAX: Final = 4096
+#: how long a node awaits the last notice of a join that left, from when it heard the
+#: leave, before it counts what that join did not confirm as lost at leave (seconds): a
+#: leave sends its notice some 10 s at most after it announced itself (its steps are
+#: bounded: see Cluster._leave, _disconnect)
+_LAST_NOTICE_WAIT: Final = 15.0
+#: how long a clean leave waits for the last notices it still awaits (seconds)
+_NOTICE_WAIT_AT_LEAVE: Final = 2.0
 
 #: a stream of numbered tells: the destination node and its id prefix (its process)
 _Stream = tuple[str, int]
@@ -131,6 +139,19 @@ _Parked = tuple[NatsMsg | None, Message, bool, str | None]
 #: ``<node>:<session>.<id prefix>`` of its sender (None when it was meant for another
 #: process of this node's name)
 _OpenBatch = tuple[batch.BatchHead, list[bytes], list[tuple[int, bytes]], str | None]
+
+
+@final
+@attrs.define
+class _LeftStream:
+    """What this node numbered for a join that left cleanly (see
+    Cluster._restart_streams), until its last notice says what it took: the last number
+    sent, the last one the join confirmed (credit, its last record), and when the notice
+    is late (monotonic)."""
+
+    sent: int
+    confirmed: int
+    due: float
 
 
 _positive: Final = attrs.validators.gt(0.0)
@@ -256,7 +277,8 @@ class ClusterStats:
     errors_unsent: dict[str, int] = attrs.field(factory=dict)
     #: tells this node sent to a node that left cleanly which that node's last notice
     #: says it never took: they reached NATS after its data connection had closed,
-    #: before this node heard of the leave
+    #: before this node heard of the leave; if the notice is lost (late), the tells that
+    #: node had not confirmed (an upper bound)
     lost_at_leave: int = 0
 
 
@@ -420,9 +442,12 @@ class Cluster:
         self._marks_sent = 0
         self._publish_failures = 0
         # streams to joins that left, ended at their leave as this node heard it (see
-        # _restart_streams): (node, id prefix, session) -> the last number sent, until
-        # the join's last notice says what it took (see _on_last_notice)
-        self._left_streams: OrderedDict[tuple[str, int, int], int] = OrderedDict()
+        # _restart_streams), with tells not confirmed: (node, id prefix, session) -> what
+        # was sent and confirmed, until the join's last notice says what it took (see
+        # _on_last_notice) or it is late (see _count_late_notices); oldest first
+        self._left_streams: OrderedDict[tuple[str, int, int], _LeftStream] = OrderedDict()
+        # set once no last notice is awaited, for a leave that waits for them
+        self._notices_in: trio.Event | None = None
         self._lost_at_leave = 0
         # node -> the session of the last record of it the nodes bucket's watch gave
         # (None: a record without one); see _apply_node_entry
@@ -819,7 +844,8 @@ class Cluster:
         for an old link's credit is woken (see _drop_link) and routes its tell again.
 
         ``ended``: the join that ended (not counted lost already): what was numbered for
-        it is kept until its last notice says what it took (see _on_last_notice)."""
+        it and not confirmed is kept until its last notice says what it took (see
+        _on_last_notice), or is counted once the notice is late (_count_late_notices)."""
         for stream in [key for key in self._links if key[0] == node]:
             link = self._links[stream]
             if (
@@ -828,10 +854,8 @@ class Cluster:
                 and ended.id_prefix == stream[1]
                 and link.sent
             ):
-                left = self._left_streams
-                left[(node, ended.id_prefix, ended.session)] = link.sent
-                if len(left) > _LEFT_STREAMS_MAX:
-                    left.popitem(last=False)
+                confirmed = max(link.consumed, self._confirmed_in_record(ended))
+                self._await_notice((node, ended.id_prefix, ended.session), link.sent, confirmed)
             self._dirty.pop(link, None)
             self._drop_link(stream)
             self._seq_out.pop(stream, None)
@@ -849,6 +873,73 @@ class Cluster:
                 fresh = self._new_link(stream)
                 fresh.credit_due = link.credit_due
                 self._want_flush(fresh)
+
+    def _confirmed_in_record(self, info: NodeInfo) -> int:
+        """The last number of this process's stream that ``info``'s record says its join
+        took (0 if none, or not a number)."""
+        received = info.stats.get("recv")
+        number = received.get(self.stream_name, 0) if isinstance(received, dict) else 0
+        return number if type(number) is int and number > 0 else 0
+
+    def _await_notice(self, join: tuple[str, int, int], sent: int, confirmed: int) -> None:
+        """Keep what was numbered for ``join`` (node, id prefix, session), which left, until
+        its last notice comes or is late; nothing if it confirmed all of it. Past
+        _LEFT_STREAMS_MAX joins awaited, the oldest is counted as late."""
+        if sent <= confirmed:
+            return
+        left = self._left_streams
+        left[join] = _LeftStream(sent, confirmed, monotonic() + _LAST_NOTICE_WAIT)
+        left.move_to_end(join)
+        if len(left) > _LEFT_STREAMS_MAX:
+            oldest, stream = left.popitem(last=False)
+            self._count_unconfirmed(
+                oldest, stream, f"{_LEFT_STREAMS_MAX} later leaves await their last notice"
+            )
+
+    def _count_late_notices(self, now: float) -> None:
+        """Count the joins whose last notice is late at ``now`` (monotonic; every
+        _check_members, and at this node's leave): the notice may be lost (core NATS, e.g.
+        in a failover) and nothing else will count what the join did not confirm, so it
+        is counted as lost at leave, an upper bound (what the join took after it last
+        confirmed is counted there too). A notice that comes later counts nothing."""
+        left = self._left_streams
+        while left:
+            join, stream = next(iter(left.items()))
+            if stream.due > now:
+                break
+            del left[join]
+            self._count_unconfirmed(join, stream, "its last notice did not come")
+        self._notice_settled()
+
+    def _count_unconfirmed(self, join: tuple[str, int, int], stream: _LeftStream, why: str) -> None:
+        lost = stream.sent - stream.confirmed
+        self._lost_at_leave += lost
+        log.warning(
+            "node %s: counted %d tells for node %r as lost at leave: %s (numbered up to %d,"
+            " it confirmed up to %d; an upper bound)",
+            self.node,
+            lost,
+            join[0],
+            why,
+            stream.sent,
+            stream.confirmed,
+        )
+
+    def _notice_settled(self) -> None:
+        """Wake a leave waiting for the last notices, once none is awaited."""
+        if not self._left_streams and self._notices_in is not None:
+            self._notices_in.set()
+
+    def _left_credit(self, head: batch.BatchHead, consumed: int) -> None:
+        """Credit from a join that left (it comes on the data connection, the leave on the
+        control one): what it confirms need not be counted if its last notice is lost."""
+        join = (head.node, head.sender_prefix, head.session)
+        stream = self._left_streams.get(join)
+        if stream is not None and consumed > stream.confirmed:
+            stream.confirmed = min(consumed, stream.sent)
+            if stream.confirmed == stream.sent:
+                del self._left_streams[join]
+                self._notice_settled()
 
     def _new_link(self, stream: _Stream) -> batch.NodeLink:
         link = self._links[stream] = batch.NodeLink(stream[0], stream[1], self.options.node_window)
@@ -1395,14 +1486,13 @@ class Cluster:
         try:
             if kind == batch.CREDIT:
                 session, consumed = batch.parse_credit(body)
-                if (
-                    session == self._session
-                    and head.dest_prefix == self.id_prefix
-                    and self._from_current_join(head)
-                ):
-                    link = self._links.get((head.node, head.sender_prefix))
-                    if link is not None:
-                        link.credit(head.session, consumed)
+                if session == self._session and head.dest_prefix == self.id_prefix:
+                    if self._from_current_join(head):
+                        link = self._links.get((head.node, head.sender_prefix))
+                        if link is not None:
+                            link.credit(head.session, consumed)
+                    elif self._left_streams:
+                        self._left_credit(head, consumed)
             elif kind == batch.CANCEL:
                 query_id, to = batch.parse_cancel(body)
                 self._cancels_received += 1
@@ -1773,11 +1863,14 @@ class Cluster:
                             # nothing: it and what waits behind it are refused, counted,
                             # here (this task's finally forgets the queue). Not by the
                             # leave itself: a message the consumer admitted as it woke
-                            # this task is in, and only this task can tell.
+                            # this task is in, and only this task can tell. Their credit
+                            # goes back too (below): it confirms them to their senders.
                             leaving = _left_the_cluster()
                             while parked:
-                                m, msg, is_query, _ = parked.popleft()
+                                m, msg, is_query, stream = parked.popleft()
                                 self._refused(m, msg, leaving, is_query)
+                                if stream is not None:
+                                    owed_stream, owed = self._owe(owed_stream, owed, stream)
                             raise
                 except MailboxFull as exc:
                     # (half the deadline: a wait that ran to it, measured on a float
@@ -2428,16 +2521,21 @@ class Cluster:
         info = self.members.members.get(node)
         if info is not None and info.id_prefix == prefix and info.session in (None, session):
             self._apply_member_entry(node, None, "DEL")
-        sent = self._left_streams.pop((node, prefix, session), 0)
-        if sent > taken:
-            self._lost_at_leave += sent - taken
+        # (none awaited: all confirmed, or counted already as the notice was late)
+        stream = self._left_streams.pop((node, prefix, session), None)
+        if stream is None:
+            return
+        self._notice_settled()
+        taken = max(taken, stream.confirmed)  # (what it confirmed, it counted)
+        if stream.sent > taken:
+            self._lost_at_leave += stream.sent - taken
             log.warning(
                 "node %s: %d tells for node %r were lost: they reached NATS after it left"
                 " (numbered up to %d, it took up to %d), counted in lost_at_leave",
                 self.node,
-                sent - taken,
+                stream.sent - taken,
                 node,
-                sent,
+                stream.sent,
                 taken,
             )
 
@@ -2487,6 +2585,7 @@ class Cluster:
             now = monotonic()
             for info in self.members.newly_lost(now):
                 self._node_lost(info)
+            self._count_late_notices(now)
             for info in self.members.forget_lost(now, self.options.forget_lost_after):
                 self._nodes_forgotten += 1
                 self._record_sessions.pop(info.node, None)
@@ -2856,11 +2955,18 @@ class Cluster:
                 continue
             if nc is control and self._closing and (data is None or data.is_closed):
                 await self._send_last_notice(nc)
+                if self._left_streams:
+                    # the last notices of nodes that left just before: a bounded wait
+                    # (they come on this connection), then those late are counted below
+                    self._notices_in = trio.Event()
+                    with trio.CancelScope(shield=True), trio.move_on_after(_NOTICE_WAIT_AT_LEAVE):
+                        await self._notices_in.wait()
             with trio.CancelScope(shield=True), trio.move_on_after(3):
                 try:
                     await call_aio(nc.close)
                 except Exception as exc:
                     log.debug("node %s: close: %r", self.node, exc)
+        self._count_late_notices(math.inf)  # no notice comes any more
 
     async def _send_last_notice(self, control: NatsClient) -> None:
         """After a clean leave, once the data connection is closed (nothing more comes
