@@ -1473,6 +1473,96 @@ async def test_a_tell_waiting_for_credit_when_its_node_joins_again_goes_on_the_n
     assert ca.stats().publish_failures == 0
 
 
+async def test_a_tell_routed_again_after_its_wait_keeps_its_first_send_deadline(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a tell woken from its wait for credit by a leave, a new join or a
+    loss of its node (see _restart_streams, _node_lost) was routed again with a fresh
+    send deadline: a send could wait up to two deadlines in all. Its first deadline now
+    bounds the whole send, as for a local send. Here three tells wait for credit when a
+    hears b's new join (not its leave): two take the new join's window, the third waits
+    again, up to the deadline it had."""
+    gate = trio.Event()
+    handled: list[Any] = []
+    slow = attrs.evolve(FAST, heartbeat_interval=30.0)  # no heartbeat tick in the test
+    deaf: list[Cluster] = []
+    held: list[bytes] = []
+    # per sending task: the links it waited on for credit, with its deadline each time
+    waits: defaultdict[int, list[tuple[int, float]]] = defaultdict(list)
+    original_frame = Cluster._control_frame
+    original_apply = Cluster._apply_member_entry
+    original_wait = batch.NodeLink.wait_for_room
+
+    def frame(self: Cluster, head: batch.BatchHead, kind: int, body: bytes) -> None:
+        if not (deaf and self is deaf[0] and head.node == "b"):
+            original_frame(self, head, kind, body)
+
+    def applying(self: Cluster, key: str, value: bytes | None, op: str | None) -> None:
+        if deaf and self is deaf[0] and key == "b":
+            if value and op != "DEL":
+                held.append(value)  # the new join's record, applied by the test below
+            return
+        original_apply(self, key, value, op)
+
+    async def waiting(link: batch.NodeLink) -> None:
+        task = id(trio.lowlevel.current_task())
+        waits[task].append((id(link), trio.current_effective_deadline()))
+        await original_wait(link)
+
+    monkeypatch.setattr(Cluster, "_control_frame", frame)
+    monkeypatch.setattr(Cluster, "_apply_member_entry", applying)
+    monkeypatch.setattr(batch.NodeLink, "wait_for_room", waiting)
+    outcomes: list[NexusError | None] = []
+    async with open_kernel(_config()) as kb:
+        kb.spawn(_gated("stalled", gate, handled))
+        kb.spawn(_ping)
+        a = _node(nats.url, "a", send_timeout_ms=8000, heartbeat_interval=30.0, node_window=2)
+        async with a as (ka, ca), trio.open_nursery() as nursery:
+
+            async def tell(n: int) -> None:
+                try:
+                    await ka.send("stalled", n)
+                    outcomes.append(None)
+                except NexusError as exc:
+                    outcomes.append(exc)
+
+            with trio.fail_after(30):
+                async with join_cluster(kb, nats.url, "b", options=slow) as cb1:
+                    await cb1.names_published()
+                    await ca.wait_for_name("stalled")
+                    await ca.wait_for_name("ping")
+                    for i in range(4):
+                        await ka.send("stalled", i)
+                    assert await ka.request("ping", None) == "pong"  # b took 0..3
+                    waits.clear()  # (the sends of 2 and 3 waited for credit too)
+                    for i in range(4, 7):
+                        nursery.start_soon(tell, i)
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert not outcomes and len(waits) == 3  # they wait for credit
+                    deaf.append(ca)
+                kb.spawn(agent(_collector([]), name="marker"))
+                async with join_cluster(kb, nats.url, "b", options=slow) as cb2:
+                    await cb2.names_published()
+                    await ca.wait_for_name("marker")
+                    assert held and not outcomes
+                    deaf.clear()
+                    original_apply(ca, "b", held[-1], None)  # b's new join, heard now
+                    while len(outcomes) < 3:
+                        await ka.request("ping", None)
+                    gate.set()
+                    with trio.fail_after(10):
+                        while len(handled) < 4:
+                            await ka.request("ping", None)
+        await kb.shutdown()
+    assert outcomes[:2] == [None, None] and isinstance(outcomes[2], MailboxFull)
+    # 2 and 3 refused by b's leave, two of 4..6 taken
+    assert handled[:2] == [0, 1] and len(handled) == 4 and set(handled[2:]) <= {4, 5, 6}
+    again = [w for w in waits.values() if len({link for link, _ in w}) == 2]
+    assert len(again) == 1  # the tell that waited again, on the new join's link
+    for w in waits.values():
+        assert {deadline for _, deadline in w} == {w[0][1]}  # its first wait's deadline
+
+
 async def test_a_tell_waiting_for_credit_when_its_node_leaves_is_refused_at_once(
     nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

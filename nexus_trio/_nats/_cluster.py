@@ -652,7 +652,7 @@ class Cluster:
 
     # --- the transport interface -------------------------------------------------------------
 
-    async def deliver(self, msg: Message) -> None:
+    async def deliver(self, msg: Message, *, deadline: float | None = None) -> None:
         """Publish ``msg`` for its remote recipient (see the module doc for guarantees).
 
         A tell to an agent of another kernel joins the batch of its destination process
@@ -661,7 +661,8 @@ class Cluster:
         then at most the kernel's send deadline: :class:`MailboxFull` (the destination
         does not keep up, as a full local mailbox) or :class:`TransportUnavailable`
         (NATS is down), the message not taken. An unknown name is looked up in KV once
-        before :class:`AgentNotFound`.
+        before :class:`AgentNotFound`. ``deadline`` (Trio time): that of a tell routed
+        again after a wait (see below), which bounds the whole send.
         """
         link = self._known_link(msg)
         if link is None:
@@ -681,14 +682,17 @@ class Cluster:
         high_water = self.options.outbox_high_water
         body = self._tell_body(msg)
         if not link.has_room() or len(self._outbox) >= high_water:
-            await self._wait_for_room(msg, link)
+            if deadline is None:
+                deadline = trio.current_time() + self.kernel.config.kernel.send_timeout
+            await self._wait_for_room(msg, link, deadline)
             # The node may have left while this tell waited (its outbox closes then, and
             # nothing would send or count it): refused, not taken.
             self._check_usable()
             if self._link_ended(link):
                 # its stream started over or ended meanwhile (see _restart_streams), or its
-                # node was lost (see _node_lost): routed again, as a new send would be
-                await self.deliver(msg)
+                # node was lost (see _node_lost): routed again, as a new send would be,
+                # within the same deadline
+                await self.deliver(msg, deadline=deadline)
                 return
         self._published += 1
         if self._add_tell(link, body):
@@ -1020,13 +1024,13 @@ class Cluster:
             self._flush_wanted = trio.Event()
             self._flush_pending()
 
-    async def _wait_for_room(self, msg: Message, link: batch.NodeLink) -> None:
-        """Wait until ``link`` has room and the outbox is below its high water, at most
-        the send deadline (then raise, see _no_room). Returns early, without room, once
+    async def _wait_for_room(self, msg: Message, link: batch.NodeLink, deadline: float) -> None:
+        """Wait until ``link`` has room and the outbox is below its high water, until
+        ``deadline`` at most (then raise, see _no_room). Returns early, without room, once
         the link ended (see _link_ended: both wake its waiters): credit no longer comes
         to it, and the caller routes the tell again."""
         high_water = self.options.outbox_high_water
-        with trio.move_on_after(self.kernel.config.kernel.send_timeout):
+        with trio.move_on_at(deadline):
             while not link.has_room() or len(self._outbox) >= high_water:
                 if not link.has_room():
                     await link.wait_for_room()
