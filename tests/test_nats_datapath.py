@@ -2005,6 +2005,74 @@ async def test_tells_of_an_old_join_s_stream_never_reach_its_new_join(
     assert ca.stats().publish_failures == 0
 
 
+@pytest.mark.parametrize("notice", ["before a leaves", "after a left"])
+async def test_a_batch_a_leaving_node_could_not_send_is_counted_once(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch, notice: str
+) -> None:
+    """Regression: a batch that a sealed for b while a's data connection was down (its
+    outbox held it) was counted twice once both had left: in ``publish_failures`` by a,
+    which left with its connection still down (the batch was never sent), and in
+    ``lost_at_leave`` by b's last notice (b never took it), or, that notice late, by what
+    b had not confirmed. A leave's unsent batch is now taken off what a numbered for its
+    destination (its link, or its join that left): counted once, in ``publish_failures``,
+    or not at all there when b's notice already counted it."""
+    records: list[Any] = []
+    slow = attrs.evolve(FAST, heartbeat_interval=30.0)  # no heartbeat tick in the test
+    deaf: list[Cluster] = []
+    held: list[Any] = []
+    left, noticed = trio.Event(), trio.Event()  # a heard b's leave, b's last notice
+    original_heartbeat = Cluster._on_heartbeat
+    original_notice = Cluster._on_last_notice
+
+    async def heartbeat(self: Cluster, m: Any) -> None:
+        if self.node == "a" and m.subject.endswith(".b") and not m.data:
+            if deaf and wire.LEFT_HEADER in (m.headers or {}):
+                held.append(m)  # b's last notice, for after a left
+                noticed.set()
+                return
+            await original_heartbeat(self, m)
+            left.set()
+            return
+        await original_heartbeat(self, m)
+
+    def on_notice(self: Cluster, node: str, text: str) -> None:
+        original_notice(self, node, text)
+        noticed.set()
+
+    monkeypatch.setattr(Cluster, "_on_heartbeat", heartbeat)  # (before a subscribes)
+    monkeypatch.setattr(Cluster, "_on_last_notice", on_notice)
+    async with open_kernel(_config()) as kb:
+        kb.spawn(agent(_collector(records), name="col"))
+        with trio.fail_after(30):
+            async with _node(nats.url, "a", heartbeat_interval=30.0) as (ka, ca):
+                if notice == "after a left":
+                    deaf.append(ca)
+                async with join_cluster(kb, nats.url, "b", options=slow) as cb:
+                    await cb.names_published()
+                    await ca.wait_for_name("col")
+                    for i in range(5):
+                        await ka.send("col", i)
+                    assert await ka.request("col", "dump") == 5
+                    ca._outbox.pause()  # as a's data connection going down does
+                    for i in range(5, 8):
+                        await ka.send("col", i)  # accepted: a's window and outbox have room
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert len(ca._outbox) == 1  # their batch, sealed (numbers 6..8), held
+                await left.wait()  # a heard b's leave
+                await noticed.wait()  # and its last notice (held: not taken yet)
+                assert "b" not in ca.members.members
+                assert ca.stats().lost_at_leave == (3 if notice == "before a leaves" else 0)
+            # a left with its outbox held: the batch never went
+            if notice == "after a left":
+                assert len(held) == 1
+                deaf.clear()
+                await ca._on_heartbeat(held[0])
+        await kb.shutdown()
+    assert records == list(range(5))
+    a = ca.stats()
+    assert a.publish_failures + a.lost_at_leave == 3  # each of the three once
+
+
 async def test_an_old_join_s_leave_heard_after_the_new_join_leaves_the_new_join_a_member(
     nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -524,3 +524,12 @@ def test_a_batch_of_the_version_before_is_still_read() -> None:
     [frame], controls = batch.split_frames(old, offset, head.numbered)
     assert (head.node, controls) == ("a", [])
     assert wire.decode_tell(frame) == msg
+
+
+def test_a_batch_subject_gives_back_its_node_and_session() -> None:
+    for session in (None, 0, 0x5E55, (1 << 64) - 1):
+        subject = wire.batch_subject("nexus", "node-1", session)
+        assert wire.batch_destination("nexus", subject) == ("node-1", session)
+    for subject in ("other.node.a.batch", "nexus.node.a.agent.x", "nexus.node.a.batchy"):
+        with pytest.raises(ValueError, match="not a batch subject"):
+            wire.batch_destination("nexus", subject)

@@ -448,6 +448,10 @@ class Cluster:
         self._left_streams: OrderedDict[tuple[str, int, int], _LeftStream] = OrderedDict()
         # set once no last notice is awaited, for a leave that waits for them
         self._notices_in: trio.Event | None = None
+        # the joins above whose tells were counted (their notice, or its lateness), as
+        # long as they would be kept awaited: a batch this node leaves with unsent is not
+        # counted again (see _unsent_at_leave)
+        self._left_counted: OrderedDict[tuple[str, int, int], None] = OrderedDict()
         self._lost_at_leave = 0
         # node -> the session of the last record of it the nodes bucket's watch gave
         # (None: a record without one); see _apply_node_entry
@@ -918,6 +922,7 @@ class Cluster:
     def _count_unconfirmed(self, join: tuple[str, int, int], stream: _LeftStream, why: str) -> None:
         lost = stream.sent - stream.confirmed
         self._lost_at_leave += lost
+        self._counted_at_leave(join)
         log.warning(
             "node %s: counted %d tells for node %r as lost at leave: %s (numbered up to %d,"
             " it confirmed up to %d; an upper bound)",
@@ -928,6 +933,12 @@ class Cluster:
             stream.sent,
             stream.confirmed,
         )
+
+    def _counted_at_leave(self, join: tuple[str, int, int]) -> None:
+        counted = self._left_counted
+        counted[join] = None
+        if len(counted) > _LEFT_STREAMS_MAX:
+            counted.popitem(last=False)
 
     def _notice_settled(self) -> None:
         """Wake a leave waiting for the last notices, once none is awaited."""
@@ -1180,7 +1191,7 @@ class Cluster:
             # Its tells are numbered: the receiver counts the gap, unless this node
             # leaves now (no later number or mark will show it).
             if leaving:
-                self._publish_failures += batch.parse_head(data)[0].numbered
+                self._unsent_at_leave(subject, data)
             return
         if kind == _MARK or (kind == _NUMBERED and not leaving):
             return
@@ -1204,6 +1215,37 @@ class Cluster:
                 self._publish_failures,
                 exc,
             )
+
+    def _unsent_at_leave(self, subject: str, data: bytes) -> None:
+        """This node leaves with batch ``data`` (for ``subject``) unsent: its tells are
+        counted here (``publish_failures``) and taken off what was numbered for their
+        destination's join, so that its last notice, or what it did not confirm, does not
+        count them again in ``lost_at_leave``: nothing is sent after them on that stream
+        (the leave's unsent batches are the last of each). Counted nowhere here if that
+        join's notice (or its lateness) counted them already."""
+        head = batch.parse_head(data)[0]
+        numbered, dest_prefix = head.numbered, head.dest_prefix
+        if not numbered:
+            return
+        node, session = wire.batch_destination(self.prefix, subject)
+        if session is not None:
+            join = (node, dest_prefix, session)
+            if join in self._left_counted:
+                return  # in lost_at_leave already (see _on_last_notice)
+            stream = self._left_streams.get(join)
+            if stream is not None:
+                stream.sent -= numbered
+                if stream.sent <= stream.confirmed:
+                    del self._left_streams[join]
+                    self._notice_settled()
+        key = (node, dest_prefix)
+        link = self._links.get(key)
+        info = self.members.members.get(node)
+        if link is not None and info is not None and info.session == session:
+            link.sent -= numbered  # (the next seal, refused too, numbers from there)
+            if key in self._seq_out:
+                self._seq_out[key] = link.sent
+        self._publish_failures += numbered
 
     def _not_handed(self, subject: str) -> None:
         """A query or reply that the NATS client refused is counted lost here
@@ -2533,6 +2575,7 @@ class Cluster:
         taken = max(taken, stream.confirmed)  # (what it confirmed, it counted)
         if stream.sent > taken:
             self._lost_at_leave += stream.sent - taken
+            self._counted_at_leave((node, prefix, session))
             log.warning(
                 "node %s: %d tells for node %r were lost: they reached NATS after it left"
                 " (numbered up to %d, it took up to %d), counted in lost_at_leave",

@@ -552,6 +552,16 @@ def batch_subject(prefix: str, node: str, session: int | None = None) -> str:
     return base if session is None else f"{base}.{session:x}"
 
 
+def batch_destination(prefix: str, subject: str) -> tuple[str, int | None]:
+    """The node and session (None: any join) of a :func:`batch_subject` under ``prefix``;
+    ValueError if ``subject`` is not one."""
+    head, _, rest = subject.partition(".node.")
+    node, _, tail = rest.partition(".batch")
+    if head != prefix or not node or "." in node or (tail and not tail.startswith(".")):
+        raise ValueError(f"not a batch subject under {prefix!r}: {subject!r}")
+    return node, int(tail[1:], 16) if tail else None
+
+
 def type_subject(prefix: str, type_name: str) -> str:
     return f"{prefix}.type.{type_name}"
 
