@@ -1948,6 +1948,67 @@ async def test_tells_sent_to_a_node_whose_last_notice_is_lost_are_counted(
     assert ca.stats().publish_failures == 0
 
 
+async def test_a_lost_tail_is_counted_when_the_connection_comes_back_during_the_leave(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a node leaving with its data connection down waits (bounded) for it
+    to come back, but then sent what was queued without its sequence marks (it sent them
+    only when the connection was up from the start): tells NATS lost just before (the
+    tail of a stream, no later number behind them) were counted by no one, the receiver
+    never learning of the gap. The marks go once the connection is back: the receiver
+    counts the tail in ``lost_in_transit``. Here the batch of a's last three tells to b
+    is lost in transit (dropped from a's outbox while its connection is down)."""
+    records: list[Any] = []
+    slow = attrs.evolve(FAST, heartbeat_interval=30.0)  # no heartbeat tick in the test
+    original_stop = Cluster._stop_deliveries
+    original_loss = Cluster._log_loss
+    leaving, counted = trio.Event(), trio.Event()
+
+    async def stop(self: Cluster) -> None:
+        await original_stop(self)
+        if self.node == "a":
+            leaving.set()  # a goes on to wait for its connection
+
+    def loss(self: Cluster, lost: int, stream: str) -> None:
+        original_loss(self, lost, stream)
+        if self.node == "b":
+            counted.set()
+
+    monkeypatch.setattr(Cluster, "_stop_deliveries", stop)
+    monkeypatch.setattr(Cluster, "_log_loss", loss)
+    async with open_kernel(_config()) as kb, trio.open_nursery() as nursery:
+        kb.spawn(agent(_collector(records), name="col"))
+        with trio.fail_after(30):
+            async with join_cluster(kb, nats.url, "b", options=slow) as cb:
+
+                async def reconnect(ca: Cluster) -> None:
+                    await leaving.wait()
+                    await trio.testing.wait_all_tasks_blocked()
+                    ca._outbox.resume()  # what the reconnect does
+                    ca._data_up.set()
+
+                await cb.names_published()
+                async with _node(nats.url, "a", heartbeat_interval=30.0) as (ka, ca):
+                    await ca.wait_for_name("col")
+                    for i in range(5):
+                        await ka.send("col", i)
+                    assert await ka.request("col", "dump") == 5
+                    ca._outbox.pause()  # what the disconnect does
+                    ca._data_up = trio.Event()
+                    for i in range(5, 8):
+                        await ka.send("col", i)
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert len(ca._outbox.discard()) == 1  # their batch: lost by NATS
+                    nursery.start_soon(reconnect, ca)
+                with trio.move_on_after(5):
+                    await counted.wait()
+                lost = cb.stats().lost_in_transit
+        await kb.shutdown()
+    assert records == list(range(5))
+    assert lost == 3
+    assert ca.stats().publish_failures == 0
+
+
 async def test_tells_of_an_old_join_s_stream_never_reach_its_new_join(
     nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

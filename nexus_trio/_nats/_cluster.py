@@ -2961,7 +2961,9 @@ class Cluster:
                     # Down now: give the client a bounded chance to reconnect first.
                     with trio.move_on_after(min(2.0, self.kernel.config.kernel.send_timeout)):
                         await self._data_up.wait()
-                else:
+                if not self._outbox.paused:
+                    # (also once the connection is back: tells NATS lost in the outage
+                    # with no later number behind them show only in a mark)
                     self._send_sequence_marks()  # the receivers count a lost tail
                 await self._outbox.close()
                 unsent = self._outbox.discard()
