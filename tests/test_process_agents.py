@@ -37,6 +37,7 @@ from nexus_trio import (
     EventKind,
     Kernel,
     KernelConfig,
+    KernelShuttingDown,
     Message,
     MessageKind,
     RequestFailed,
@@ -581,10 +582,14 @@ async def test_late_answer_is_discarded_and_not_taken_for_the_next_message(proto
 #: "seen"); "slow" makes it wait up to 3 s for a ``cancel`` frame before answering late,
 #: "deaf" makes it read on (a cancel included) and never answer again, "dies" makes it
 #: exit (status 3) at the next frame.
-#: Every line it reads is kept, byte for byte, in ``stdin.log`` beside the script.
+#: Every line it reads is kept, byte for byte, in ``stdin.log`` beside the script, and the
+#: pid of every run of it in ``pids.log``.
 CANCEL_CHILD = """
 import select, time
-record = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "stdin.log"), "ab")
+here = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(here, "pids.log"), "a") as pids:
+    pids.write(f"{{os.getpid()}}\\n")
+record = open(os.path.join(here, "stdin.log"), "ab")
 PROTOCOL, FEATURES = {protocol}, {features!r}
 payload = {{"id": str(uuid.uuid4()), "name": "c"}}
 if PROTOCOL >= 2:
@@ -770,6 +775,8 @@ async def ask(kernel: Kernel, ref: AgentRef, payload: Any, results: dict[str, An
         results[payload] = await kernel.request(ref, payload)
     except RequestFailed as exc:
         results[payload] = exc.reason
+    except KernelShuttingDown:
+        results[payload] = "kernel shutting down"  # e.g. its answer was refused
 
 
 async def give_up_with_the_next_queued(
@@ -949,6 +956,57 @@ async def test_shutdown_during_the_grace_waits_only_its_own_deadlines(
             DeadLetterReason.HANDLER_TIMEOUT,
             DeadLetterReason.SHUTDOWN,
         ]
+    frames = (tmp_path / "stdin.log").read_bytes().splitlines()
+    assert [json.loads(line)["type"] for line in frames] == ["message", "cancel"]
+
+
+@pytest.mark.parametrize("child", ["silent", "killed"])
+async def test_cancel_grace_that_ends_after_the_drain_starts_no_child_at_shutdown(
+    tmp_path: Path, mock_clock: trio.testing.MockClock, child: str
+) -> None:
+    """Regression: the agent's ``shutdown_timeout`` (12.5 s here) outlasts the kernel's
+    drain (0.1 s), so the message waiting out the cancel grace (1 s) was not cancelled
+    at the end of the drain; when the grace ended (or the child was lost in it), the
+    child was replaced: a new process started while the kernel was stopping, and served
+    the message. Now nothing is started once the kernel is stopping: the waiting message
+    is dead-lettered (``shutdown``, never written) and the one child is stopped and
+    reaped."""
+    cmd = script(tmp_path, CANCEL_CHILD.format(protocol=2, features=["cancel"]))
+    async with mock_time_kernel(shutdown_grace_ms=100, request_timeout_ms=1_000_000) as kernel:
+        spec = process_agent(cmd, name="c", handle_timeout=100.0, shutdown_grace=5.0)
+        assert spec.shutdown_timeout == 12.5
+        ref = kernel.spawn(spec)
+        results: dict[str, Any] = {}
+        async with trio.open_nursery() as nursery:
+            await give_up_with_the_next_queued(
+                kernel, ref, nursery, mock_clock, "deaf", results, handle_timeout=100.0
+            )
+            pid = stats_of(kernel, ref).pid
+            assert pid is not None
+            await until_real(lambda: stats_of(kernel, ref).cancels_sent == 1, "the cancel")
+            await trio.testing.wait_all_tasks_blocked()
+            start = trio.current_time()
+            nursery.start_soon(kernel.shutdown)
+            await trio.testing.wait_all_tasks_blocked()
+            mock_clock.jump(0.1)  # the drain ends: the kernel is stopping
+            await trio.testing.wait_all_tasks_blocked()
+            assert kernel.stopping
+            assert "after" not in results
+            if child == "killed":
+                os.kill(pid, signal.SIGKILL)  # lost in the grace: noticed in real time
+                await until_real(lambda: "after" in results, "the message failed")
+            else:
+                mock_clock.jump(0.9)  # the cancel grace ends
+        assert results == {"deaf": "handler_timeout", "after": "shutdown"}
+        assert trio.current_time() - start == pytest.approx(0.1 if child == "killed" else 1.0)
+        assert [d.reason for d in dead_letters(kernel)] == [
+            DeadLetterReason.HANDLER_TIMEOUT,
+            DeadLetterReason.SHUTDOWN,
+        ]
+    assert (tmp_path / "pids.log").read_text().split() == [str(pid)]
+    assert group_members(pid) == []
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # reaped already
     frames = (tmp_path / "stdin.log").read_bytes().splitlines()
     assert [json.loads(line)["type"] for line in frames] == ["message", "cancel"]
 

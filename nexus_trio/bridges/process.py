@@ -846,7 +846,14 @@ class ProcessAgent(Agent):
             raise
 
     async def _replace_child(self, problem: str = "did not answer a timed-out message") -> None:
-        """The child did not answer a message that timed out: replace it before going on."""
+        """The child did not answer a message that timed out: replace it before going on.
+
+        Not once the kernel is stopping (its drain is over, while this agent's own
+        ``shutdown_timeout`` still runs): no process is started then. The message now due
+        is dead-lettered (``shutdown``, never written) and the child is left to
+        ``on_stop``, which stops and reaps it.
+        """
+        self._refuse_if_stopping(problem)
         stats = self.stats
         stats.replaced += 1
         self._warn(f"{problem}; replacing the child process")
@@ -861,8 +868,26 @@ class ProcessAgent(Agent):
             self._tells.clear()
             if old is not None:
                 await self._kill_and_reap(old)
+            # The kill may have outlasted the drain: the old child is gone, so a later
+            # message (there is none once stopping, but) would have to replace it.
+            self._lost_unreported = True
+            self._refuse_if_stopping(problem)
             with trio.fail_after(self.options.register_timeout + 1.0):
                 await self._start_child()
+
+    def _refuse_if_stopping(self, problem: str) -> None:
+        """Fail the message now due (``shutdown``) if the kernel is stopping: no new child."""
+        ctx = self._ctx
+        assert ctx is not None
+        if not ctx.kernel.stopping:
+            return
+        message = ctx.message
+        what = f"message {message.id}" if message is not None else "the message"
+        self._warn(f"{problem}; not replaced, the kernel is stopping: {what} is not written")
+        raise MessageFailed(
+            f"process agent {self.label} {problem}; not replaced while the kernel stops",
+            reason=DeadLetterReason.SHUTDOWN,
+        )
 
     async def _write(
         self, data: bytes, *, bounded: bool = True, entry: _Slot | _Tell | None = None
