@@ -721,6 +721,107 @@ async def test_python_agent_given_its_own_stdin_exits_0_on_shutdown(
     assert child.stderr_lines() == []
 
 
+#: a program that runs an echo agent, then goes on: it reports the threads left (as a
+#: frame-shaped line), reads a line of its own stdin, runs a second agent, then reads the
+#: rest of its stdin; what it read goes to stderr
+PY_GOES_ON = """
+import json, sys, threading
+from nexus_trio.bridges.python import EchoAgent, run_agent
+
+def report(what, value):
+    sys.stdout.write(json.dumps({"type": what, "payload": value}) + "\\n")
+    sys.stdout.flush()
+
+run_agent(EchoAgent(name="first"))
+report("threads", sorted(t.name for t in threading.enumerate()))
+sys.stderr.write(f"read {sys.stdin.buffer.readline()!r}\\n")
+run_agent(EchoAgent(name="second"))
+report("threads", sorted(t.name for t in threading.enumerate()))
+sys.stderr.write(f"rest {sys.stdin.buffer.read()!r}\\n")
+"""
+
+
+@pytest.mark.parametrize("protocol", ["1", "2"])
+async def test_python_program_that_goes_on_after_run_agent_keeps_its_stdin(
+    protocol: str, tmp_path: Path
+) -> None:
+    """Regression: in protocol 2 the bridge's input thread read on after ``run_agent()``
+    returned (``shutdown``): a program that went on reading its stdin lost its input to
+    it, and a second ``run_agent()`` had two threads splitting its frames. The thread
+    stops at ``shutdown`` now (and is stopped when the run ends otherwise), and a run
+    takes over what the program's ``sys.stdin.buffer`` holds read ahead."""
+    script = tmp_path / "goes_on.py"
+    script.write_text(PY_GOES_ON)
+    async with open_child([sys.executable, str(script)], env={"NEXUS_PROTOCOL": protocol}) as child:
+        assert (await child.register())["name"] == "first"
+        assert (await child.response_to(message("one")))["payload"] == "one"
+        await child.write(SHUTDOWN)
+        assert await child.frame() == {"type": "threads", "payload": ["MainThread"]}
+        # In one write: the program's readline() takes the frame too into sys.stdin's
+        # buffer, where the second run finds it.
+        two = message("two")
+        await child.write(b"a line of the program's own\n" + message_frame(two))
+        assert (await child.register())["name"] == "second"
+        response = await child.frame()
+        assert response["type"] == "response"
+        assert response["payload"]["payload"] == "two"
+        await child.write(SHUTDOWN)
+        assert await child.frame() == {"type": "threads", "payload": ["MainThread"]}
+        await child.write(b"the rest\n")
+        await child.close_stdin()
+        assert await child.rest() == []
+        assert await child.wait() == 0
+    assert child.stderr_lines() == [
+        'read b"a line of the program\'s own\\n"',
+        "rest b'the rest\\n'",
+    ]
+
+
+def test_python_program_that_goes_on_gets_back_the_file_input_read_ahead(
+    tmp_path: Path,
+) -> None:
+    """With stdin a regular file, the input thread reads ahead past ``shutdown`` (a whole
+    chunk): what it had not handed out is given back (the file is rewound), so the
+    program reads its own line and the second run gets its frames, in order."""
+    script = tmp_path / "goes_on.py"
+    script.write_text(PY_GOES_ON)
+    first, second = message("one"), message("two")
+    inbox, outbox = tmp_path / "in.ndjson", tmp_path / "out.ndjson"
+    inbox.write_bytes(
+        message_frame(first)
+        + SHUTDOWN
+        + b"own line\n"
+        + message_frame(second)
+        + SHUTDOWN
+        + b"the rest\n"
+    )
+    with inbox.open("rb") as stdin, outbox.open("wb") as stdout:
+        done = subprocess.run(
+            [sys.executable, str(script)],
+            stdin=stdin,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            timeout=TIMEOUT,
+            check=False,
+            env={**os.environ, "NEXUS_PROTOCOL": "2"},
+        )
+    assert done.returncode == 0, done.stderr
+    frames = [json.loads(line) for line in outbox.read_text().splitlines()]
+    assert [f["type"] for f in frames] == [
+        "register",
+        "response",
+        "threads",
+        "register",
+        "response",
+        "threads",
+    ]
+    assert [f["payload"]["reply_to"] for f in frames if f["type"] == "response"] == [
+        str(first.id),
+        str(second.id),
+    ]
+    assert done.stderr.decode().splitlines() == ["read b'own line\\n'", "rest b'the rest\\n'"]
+
+
 @pytest.mark.parametrize("lang", LANGS)
 async def test_end_of_input_runs_on_stop_and_exits_0(lang: str, tmp_path: Path) -> None:
     async with open_child(probe_command(lang, tmp_path)) as child:

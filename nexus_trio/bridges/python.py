@@ -27,15 +27,17 @@ import collections
 import contextlib
 import enum
 import inspect
+import io
 import json
 import math
 import os
+import select
 import sys
 import threading
 import time
 import traceback
 import uuid
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Iterable, Iterator
 from typing import IO, Any
 
 __all__ = [
@@ -194,15 +196,35 @@ class _ReadAhead:
         self._limit = limit
         self._lines: collections.deque[bytes] = collections.deque()
         self._size = 0
+        self._closed = False
+        self._refused: list[bytes] = []
         self._changed = threading.Condition()
 
     def put(self, raw: bytes) -> None:
         with self._changed:
-            while self._size >= self._limit:
+            while self._size >= self._limit and not self._closed:
                 self._changed.wait()
+            if self._closed:
+                self._refused.append(raw)  # the run is over: kept for :meth:`leftover`
+                return
             self._lines.append(raw)
             self._size += len(raw)
             self._changed.notify_all()
+
+    def close(self) -> None:
+        """The run is over: :meth:`put` waits no more, and keeps what it is given aside."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    def leftover(self) -> bytes:
+        """The lines never taken, in order (once closed and the thread has ended)."""
+        with self._changed:
+            rest = b"".join([*self._lines, *self._refused])
+            self._lines.clear()
+            self._refused.clear()
+            self._size = 0
+        return rest
 
     def get(self) -> bytes:
         with self._changed:
@@ -239,24 +261,124 @@ def _is_fd0(stream: IO[bytes]) -> bool:
         return False
 
 
-def _fd_lines(fd: int) -> Iterator[bytes]:
-    """The lines read from file descriptor ``fd`` (with their newline; the last may lack it)."""
-    pending = bytearray()
-    while True:
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            if pending:
-                yield bytes(pending)
+#: input read from file descriptor 0 past the frame that ended a run, for the next run
+#: (a pipe cannot be given it back: see :meth:`_FdLines.give_back`)
+_fd0_unread = b""
+
+
+class _FdLines:
+    """The lines read from file descriptor ``fd`` (with their newline; the last may lack it).
+
+    Reads wait for the input or for :meth:`stop`, whichever comes first, so the input
+    thread can be ended between two reads: once a run is over, no thread reads the
+    process's stdin (the program may read it, or run an agent again). Where the input
+    cannot be waited for (no ``poll``/``select`` on it), reads block as plain reads and
+    :attr:`stoppable` is False. What was read but not yet handed out is :attr:`pending`.
+    """
+
+    def __init__(self, fd: int, unread: bytes = b"") -> None:
+        self._fd = fd
+        self.pending = bytearray(unread)
+        self._wake_r, self._wake_w = os.pipe()
+        self.stoppable = self._wait(0.0) is not None
+
+    def _wait(self, timeout: float | None) -> bool | None:
+        """Whether the input is readable (False: stop asked); None if it cannot be waited on."""
+        try:
+            if hasattr(select, "poll"):
+                poller = select.poll()
+                poller.register(self._fd, select.POLLIN)
+                poller.register(self._wake_r, select.POLLIN)
+                events = poller.poll(None if timeout is None else int(timeout * 1000))
+                ready = [fd for fd, _ in events]
+            else:
+                ready = select.select([self._fd, self._wake_r], [], [], timeout)[0]
+        except (OSError, ValueError):
+            return None  # e.g. a pipe on Windows
+        return self._wake_r not in ready
+
+    def stop(self) -> None:
+        """End the iteration before the next read (a read under way is not interrupted)."""
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def close(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def give_back(self, data: bytes) -> None:
+        """Put ``data``, read past the end of the run, back in front of the input.
+
+        A regular file is rewound; other input (a pipe, a terminal) keeps it for the next
+        run of an agent in this process, since nothing can be put back into a pipe.
+        """
+        global _fd0_unread
+        if not data:
             return
-        scan = len(pending)
-        pending += chunk
+        try:
+            os.lseek(self._fd, -len(data), os.SEEK_CUR)
+        except OSError:
+            if self._fd == 0:
+                _fd0_unread = data
+
+    def __iter__(self) -> Iterator[bytes]:
+        pending = self.pending
+        scan = 0
         while True:
             index = pending.find(b"\n", scan)
-            if index < 0:
-                break
-            yield bytes(pending[: index + 1])
-            del pending[: index + 1]
-            scan = 0
+            if index >= 0:
+                line = bytes(pending[: index + 1])
+                del pending[: index + 1]
+                scan = 0
+                yield line
+                continue
+            scan = len(pending)
+            if self.stoppable and not self._wait(None):
+                return
+            chunk = os.read(self._fd, 65536)
+            if not chunk:
+                if pending:
+                    line = bytes(pending)
+                    pending.clear()
+                    yield line
+                return
+            pending += chunk
+
+
+def _take_buffered(stream: Any) -> bytes:
+    """What ``stream`` (a buffered reader of fd 0) holds read ahead, without blocking.
+
+    The input thread reads the descriptor, not the stream: input the program read into
+    ``sys.stdin.buffer`` (a ``readline()`` takes a whole chunk) would be skipped. The
+    descriptor is non-blocking for that one call, so an empty buffer does not wait for
+    input (what a file gives past the run is given back at its end).
+    """
+    if not isinstance(stream, io.BufferedReader):
+        return b""
+    try:
+        blocking = os.get_blocking(0)
+        os.set_blocking(0, False)
+        try:
+            data = stream.read1(_READ_AHEAD)
+        except BlockingIOError:
+            data = b""
+        finally:
+            os.set_blocking(0, blocking)
+    except (OSError, ValueError):
+        return b""  # closed, or no descriptor to speak of: nothing buffered to take
+    return data or b""
+
+
+def _is_shutdown(raw: bytes) -> bool:
+    """Whether input line ``raw`` is a ``shutdown`` frame (the main loop stops at it)."""
+    if b'"shutdown"' not in raw:
+        return False
+    try:
+        frame = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(frame, dict) and frame.get("type") == "shutdown"
 
 
 def _describe_unserialisable(exc: Exception) -> tuple[str, str]:
@@ -535,18 +657,43 @@ class NexusAgent:
 
     def _serve(self) -> None:
         source = self._stdin if self._stdin is not None else sys.stdin.buffer
-        read = source.readline
-        if self.protocol >= 2:
-            # Read ahead in a thread, so that a cancel frame is seen while a handler runs;
-            # the lines are still handled here, one at a time and in order.
-            lines = _ReadAhead(_READ_AHEAD)
-            threading.Thread(
-                target=self._read_input,
-                args=(source, lines),
-                name="nexus-bridge-input",
-                daemon=True,
-            ).start()
-            read = lines.get
+        if self.protocol < 2:
+            self._serve_lines(source.readline)
+            return
+        global _fd0_unread
+        # Read ahead in a thread, so that a cancel frame is seen while a handler runs;
+        # the lines are still handled here, one at a time and in order. The process's
+        # stdin is read from its descriptor, also when it was given as ``stdin=``: a
+        # daemon thread blocked inside sys.stdin.buffer holds its lock, and the
+        # interpreter would abort when it closes it at exit.
+        lines = _ReadAhead(_READ_AHEAD)
+        fd_lines: _FdLines | None = None
+        if self._stdin is None or _is_fd0(source):
+            fd_lines = _FdLines(0, _fd0_unread + _take_buffered(source))
+            _fd0_unread = b""
+        reader = threading.Thread(
+            target=self._read_input,
+            args=(fd_lines if fd_lines is not None else iter(source.readline, b""), lines),
+            name="nexus-bridge-input",
+            daemon=True,
+        )
+        reader.start()
+        try:
+            self._serve_lines(lines.get)
+        finally:
+            # The run is over: the thread must not read on (the program may go on
+            # reading its stdin, or run an agent again). It stops at a ``shutdown``
+            # frame by itself, else it is woken and stopped here before its next read.
+            if fd_lines is not None:
+                fd_lines.stop()
+            lines.close()
+            if fd_lines is not None:
+                if fd_lines.stoppable:
+                    reader.join()
+                    fd_lines.give_back(lines.leftover() + bytes(fd_lines.pending))
+                fd_lines.close()
+
+    def _serve_lines(self, read: Any) -> None:
         while True:
             raw = read()
             if not raw:
@@ -573,18 +720,18 @@ class NexusAgent:
                 self._write_frame("pong", {"id": frame["payload"]["id"]})
             # a cancel frame was acted on by the input thread when it was read
 
-    def _read_input(self, source: IO[bytes], lines: _ReadAhead) -> None:
-        """The input thread: every line goes to the main loop; cancels take effect now."""
-        # The process's stdin is read from its descriptor, also when it was given as
-        # ``stdin=``: a daemon thread blocked inside sys.stdin.buffer holds its lock, and
-        # the interpreter would abort when it closes it at exit.
-        own = self._stdin is None or _is_fd0(source)
-        read = _fd_lines(0) if own else iter(source.readline, b"")
+    def _read_input(self, read: Iterable[bytes], lines: _ReadAhead) -> None:
+        """The input thread: every line goes to the main loop; cancels take effect now.
+
+        It reads nothing past a ``shutdown`` frame: the run ends there.
+        """
         try:
             for raw in read:
                 if b'"cancel"' in raw:
                     self._cancel_from(raw)
                 lines.put(raw)
+                if _is_shutdown(raw):
+                    return
         except (OSError, ValueError):
             pass  # stdin closed under us: end of input
         finally:
