@@ -1455,6 +1455,50 @@ async def test_oversized_line_is_discarded_whole_and_dead_letters_the_message() 
         assert (stats.oversized_lines, stats.invalid_lines, stats.starts) == (1, 0, 1)
 
 
+class Chunks(trio.abc.ReceiveStream):
+    """A child's stdout as the kernel receives it: these chunks, then end of output."""
+
+    def __init__(self, *chunks: bytes) -> None:
+        self.chunks = list(chunks)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.lowlevel.checkpoint()
+        return self.chunks.pop(0) if self.chunks else b""
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def read_all(stream: trio.abc.ReceiveStream, limit: int) -> list[Any]:
+    reader = process_module._LineReader(stream, limit)
+    lines: list[Any] = []
+    while (line := await reader.next_line()) is not None:
+        lines.append(line.size if isinstance(line, process_module._Oversized) else line)
+    return lines
+
+
+@pytest.mark.parametrize(
+    ("chunks", "expected"),
+    [
+        ((b"x" * 5000, b"x" * 1000), [6000]),
+        ((b"x" * 5000, b"x" * 1000, b"y\n{}"), [6001, b"{}"]),
+        ((b"x" * 3000, b"x" * 3000), [6000]),
+        ((b"x" * 4096,), [b"x" * 4096]),
+        ((b"x" * 4000, b"\nab"), [b"x" * 4000, b"ab"]),
+    ],
+    ids=["tail-at-end", "tail-then-newline", "grows-past", "at-limit", "last-unterminated"],
+)
+async def test_a_line_past_the_limit_is_one_discarded_line_with_or_without_a_newline(
+    chunks: tuple[bytes, ...], expected: list[Any]
+) -> None:
+    """Regression: a line past the limit that the child ended with end of output instead
+    of a newline was reported as discarded (its size), and then the tail the reader held
+    past its last discard came out as one more line: an invalid line more (``not JSON``,
+    dead-lettering the next message) for one line written. Now it is one discarded
+    line, whatever the chunks it came in."""
+    assert await read_all(Chunks(*chunks), 4096) == expected
+
+
 async def test_error_frame_fails_only_that_message() -> None:
     async with bridge_kernel() as kernel:
         ref = kernel.spawn(process_agent(toy()))

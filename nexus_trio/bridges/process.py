@@ -280,7 +280,11 @@ class _LineReader:
                 continue
             self._buf += chunk
         if discarded:
-            return _Oversized(discarded + len(self._buf))
+            # The tail of the line discarded goes with it: it is not one more line.
+            size = discarded + len(self._buf)
+            self._buf.clear()
+            self._scan = 0
+            return _Oversized(size)
         if self._buf:
             line = bytes(self._buf)
             self._buf.clear()
