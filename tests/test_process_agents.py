@@ -1499,6 +1499,50 @@ async def test_a_line_past_the_limit_is_one_discarded_line_with_or_without_a_new
     assert await read_all(Chunks(*chunks), 4096) == expected
 
 
+@pytest.mark.parametrize("second", ["response", "error"])
+async def test_second_answer_to_a_message_is_discarded_as_unmatched_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, second: str
+) -> None:
+    """Regression: a second answer (response or error) to a message, read in the same
+    batch as the first, found the message still in flight, answered: it was dropped
+    without a word and counted nowhere (read a moment later, it was counted unmatched).
+    Now it is discarded as unmatched whenever it comes, and logged naming the message."""
+    caplog.set_level(logging.WARNING, logger="nexus_trio.bridge")
+    cmd = script(
+        tmp_path,
+        f"""
+        emit({{"type": "register", "payload": {{"id": str(uuid.uuid4()), "name": "d",
+                                               "protocol": 2}}}})
+
+        def frame(kind, m, value):
+            if kind == "error":
+                body = {{"reply_to": m["id"], "error": value, "error_type": "ValueError"}}
+            else:
+                body = {{"from": m["to"], "to": m["from"], "kind": "Response",
+                         "payload": value, "timestamp": "2024-01-01T00:00:00Z",
+                         "id": str(uuid.uuid4()), "reply_to": m["id"]}}
+            return json.dumps({{"type": kind, "payload": body}}).encode() + b"\\n"
+
+        while True:
+            m = next_message()
+            # Both in one write: the kernel reads them in one batch.
+            raw(frame("response", m, "first") + frame({second!r}, m, "second"))
+        """,
+    )
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(cmd, name="d"))
+        queried = await kernel.request(ref, "q")
+        assert queried == "first"
+        assert await kernel.request(ref, "again") == "first"
+        stats = stats_of(kernel, ref)
+        assert (stats.unmatched_responses, stats.late_responses) == (2, 0)
+        assert (stats.invalid_lines, stats.starts) == (0, 1)
+        assert dead_letters(kernel) == []
+    warnings = [r.getMessage() for r in caplog.records if r.name == "nexus_trio.bridge"]
+    assert len(warnings) == 2
+    assert all("answered already" in text for text in warnings), warnings
+
+
 async def test_error_frame_fails_only_that_message() -> None:
     async with bridge_kernel() as kernel:
         ref = kernel.spawn(process_agent(toy()))

@@ -123,7 +123,8 @@ class BridgeStats:
     oversized_lines: int = 0
     #: responses or errors that came after their message had timed out (discarded)
     late_responses: int = 0
-    #: responses that matched no message in flight (discarded)
+    #: responses or errors that matched no message in flight, or one answered already
+    #: (discarded)
     unmatched_responses: int = 0
     #: messages whose handling was cancelled (handle timeout, request timeout) before an answer
     abandoned: int = 0
@@ -1199,6 +1200,12 @@ class ProcessAgent(Agent):
             stats.late_responses += 1
             self._warn(f"late {what} to message {slot.msg_id} (it timed out); discarded")
             slot.event.set()  # answered: the next message, if it waits, need not replace it
+            return None
+        if slot.done:
+            # Answered (or failed) already, and still in flight only because its handler
+            # has not run since: a second answer read in the same batch as the first.
+            stats.unmatched_responses += 1
+            self._warn(f"{what} to message {slot.msg_id}, which was answered already; discarded")
             return None
         return slot
 
