@@ -1573,6 +1573,65 @@ async def test_stderr_goes_to_the_log_with_the_agent_fields(
     assert {getattr(r, "agent_id", None) for r in records} == {str(ref.id)}
 
 
+#: a protocol-2 child that echoes, and on ``shutdown`` writes 2000 lines (some 250 kB,
+#: well past a pipe's 64 kB) on stderr or as ``send`` frames to "sink", then exits 0
+LOUD_AT_STOP = """
+emit({{"type": "register", "payload": {{"id": str(uuid.uuid4()), "name": "l", "protocol": 2}}}})
+while True:
+    line = sys.stdin.buffer.readline()
+    frame = json.loads(line) if line else {{"type": "shutdown"}}
+    if frame["type"] == "shutdown":
+        for i in range(2000):
+            if {where!r} == "stderr":
+                sys.stderr.write(f"bye {{i}} " + "." * 120 + "\\n")
+            else:
+                emit({{"type": "send", "payload": {{"to": "sink", "payload": i}}}})
+        sys.stderr.flush()
+        sys.exit(0)
+    m = frame["payload"]
+    emit({{"type": "response", "payload": {{
+        "from": m["to"], "to": m["from"], "kind": "Response", "payload": m["payload"],
+        "timestamp": "2024-01-01T00:00:00Z", "id": str(uuid.uuid4()), "reply_to": m["id"],
+    }}}})
+"""
+
+
+@pytest.mark.parametrize("where", ["stderr", "stdout"])
+async def test_child_that_writes_much_on_its_way_out_is_read_and_exits_by_itself(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, where: str
+) -> None:
+    """Regression: the readers of a child's stdout and stderr ended with the agent's run,
+    before ``on_stop`` wrote ``shutdown``: a child that wrote more than a pipe holds on
+    its way out (a log flush, its last sends) blocked on the full pipe, was SIGTERMed
+    after the whole ``shutdown_grace`` and its output was lost. Now its output is read
+    until it is reaped: its stderr is logged, its sends are routed, and it exits 0 at
+    once."""
+    caplog.set_level(logging.INFO, logger="nexus_trio.bridge")
+    cmd = script(tmp_path, LOUD_AT_STOP.format(where=where))
+    record = Record(2000)
+    async with bridge_kernel() as kernel:
+        kernel.spawn(collector(record), name="sink")
+        ref = kernel.spawn(process_agent(cmd, name="loud", shutdown_grace=10.0))
+        assert await kernel.request(ref, "hi") == "hi"
+        start = trio.current_time()
+        await kernel.stop(ref)
+        assert trio.current_time() - start < 10.0  # not at the SIGTERM
+        if where == "stdout":
+            with trio.fail_after(20):
+                await record.done.wait()
+    texts = [r.getMessage() for r in caplog.records if r.name.startswith("nexus_trio.bridge")]
+    assert not [text for text in texts if "SIGTERM" in text or "SIGKILL" in text]
+    exits = [text for text in texts if "exited with status" in text]
+    assert len(exits) == 1
+    assert exits[0].endswith("status 0")
+    if where == "stderr":
+        said = [text for text in texts if "] bye " in text]
+        assert [text.split()[-2] for text in said] == [str(i) for i in range(2000)]
+    else:
+        assert [m.payload for m in record.seen] == list(range(2000))
+        assert {m.sender for m in record.seen} == {ref.id}
+
+
 async def test_send_frames_are_routed_with_the_agent_as_sender() -> None:
     record = Record(2)
     async with bridge_kernel() as kernel:

@@ -410,6 +410,9 @@ class ProcessAgent(Agent):
         #: set when the current child's stdout reader has finished (or never started)
         self._reader_done = trio.Event()
         self._reader_done.set()
+        #: the current child's stderr, and set once all of it has been read (end of it)
+        self._stderr_lines: _LineReader | None = None
+        self._stderr_done = trio.Event()
         self._generation = 0
         self._extra: dict[str, Any] | None = None
         self._ping_token: str | None = None
@@ -498,7 +501,11 @@ class ProcessAgent(Agent):
             extra=self._fields(),
         )
         assert process.stdout is not None and process.stderr is not None
-        ctx.nursery.start_soon(self._copy_stderr, process, name=f"stderr of {self.label}")
+        self._stderr_lines = _LineReader(process.stderr, _STDERR_LINE_LIMIT)
+        self._stderr_done = trio.Event()
+        ctx.nursery.start_soon(
+            self._copy_stderr, self._stderr_lines, self._stderr_done, name=f"stderr of {self.label}"
+        )
         self._stdout = _LineReader(process.stdout, options.line_limit)
         await self._await_register(process)
         self._reader_done = trio.Event()
@@ -602,26 +609,60 @@ class ProcessAgent(Agent):
         if process is None:
             return
         grace = self.options.shutdown_grace
-        try:
-            if graceful and process.returncode is None:
-                with trio.move_on_after(grace):
-                    with contextlib.suppress(ProcessAgentError):
-                        await self._write(_frame("shutdown", {}))
-                    # End of input too: original-protocol agents may only stop at EOF.
-                    await self._close_stdin(process)
-                    await process.wait()
+        async with trio.open_nursery() as readers:
+            self._read_while_stopping(readers, process)
+            try:
+                if graceful and process.returncode is None:
+                    with trio.move_on_after(grace):
+                        with contextlib.suppress(ProcessAgentError):
+                            await self._write(_frame("shutdown", {}))
+                        # End of input too: original-protocol agents may only stop at EOF.
+                        await self._close_stdin(process)
+                        await process.wait()
+                    if process.returncode is None:
+                        self._warn(f"did not exit within {grace:g}s of shutdown; sending SIGTERM")
+                elif process.returncode is None:
+                    self._warn("is not answering; sending SIGTERM")
                 if process.returncode is None:
-                    self._warn(f"did not exit within {grace:g}s of shutdown; sending SIGTERM")
-            elif process.returncode is None:
-                self._warn("is not answering; sending SIGTERM")
-            if process.returncode is None:
-                self._signal_group(process, signal.SIGTERM)
-                with trio.move_on_after(grace):
-                    await process.wait()
+                    self._signal_group(process, signal.SIGTERM)
+                    with trio.move_on_after(grace):
+                        await process.wait()
+            finally:
+                # Past this point nothing may be skipped: not even an outer cancellation.
+                with trio.CancelScope(shield=True):
+                    await self._kill_and_reap(process)
+                readers.cancel_scope.cancel()
+
+    def _read_while_stopping(self, readers: trio.Nursery, process: trio.Process) -> None:
+        """Read the child's output until it is reaped (the run's readers ended with the run).
+
+        A child that writes more than a pipe holds on its way out (a log flush, its last
+        sends) would block on the full pipe and be killed at the end of the grace: its
+        stderr is still logged and its stdout still handled (sends routed, late answers
+        discarded) while it stops; a child that never registered has its stdout skipped.
+        """
+        stderr = self._stderr_lines
+        if stderr is not None and not self._stderr_done.is_set():
+            readers.start_soon(self._copy_stderr, stderr, self._stderr_done)
+        if self._stdout is None:
+            return
+        self._reader_done = done = trio.Event()
+        if self._child_registered:
+            readers.start_soon(self._read_stdout, process, self._generation, done)
+        else:
+            readers.start_soon(self._skip_stdout, done)
+
+    async def _skip_stdout(self, done: trio.Event) -> None:
+        """Read and drop the stdout of a child that never registered (counted)."""
+        stdout = self._stdout
+        assert stdout is not None
+        try:
+            while await stdout.next_line() is not None:
+                self.stats.lines_in += 1
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
         finally:
-            # Past this point nothing may be skipped: not even an outer cancellation.
-            with trio.CancelScope(shield=True):
-                await self._kill_and_reap(process)
+            done.set()
 
     async def _kill_and_reap(self, process: trio.Process) -> None:
         if process.returncode is None:
@@ -652,8 +693,10 @@ class ProcessAgent(Agent):
                 self.stats.descendants_killed += killed
                 self._warn(f"killed {killed} descendant process(es) left behind by the child")
         await self._close_stdin(process)
+        # What the child wrote before it died is read (its last answer, its last words).
         with trio.move_on_after(_READER_DRAIN):
             await self._reader_done.wait()
+            await self._stderr_done.wait()
         for stream in (process.stdout, process.stderr):
             if stream is not None:
                 await stream.aclose()
@@ -1261,9 +1304,8 @@ class ProcessAgent(Agent):
                 )
                 break
 
-    async def _copy_stderr(self, process: trio.Process) -> None:
-        assert process.stderr is not None
-        reader = _LineReader(process.stderr, _STDERR_LINE_LIMIT)
+    async def _copy_stderr(self, reader: _LineReader, done: trio.Event) -> None:
+        """Log the child's stderr line by line; ``done`` is set at its end (not if cancelled)."""
         logger = logging.LoggerAdapter(
             logging.getLogger("nexus_trio.bridge.stderr"), self._fields()
         )
@@ -1271,8 +1313,9 @@ class ProcessAgent(Agent):
             try:
                 line = await reader.next_line()
             except (trio.ClosedResourceError, trio.BrokenResourceError):
-                return
+                line = None
             if line is None:
+                done.set()
                 return
             self.stats.stderr_lines += 1
             if isinstance(line, _Oversized):
