@@ -1104,6 +1104,50 @@ async def test_register_with_bad_features_is_warned_about_briefly_and_the_agent_
     assert all(len(text) < 400 for text in warnings), [len(text) for text in warnings]
 
 
+@pytest.mark.parametrize(
+    ("register", "problem"),
+    [
+        ({}, "register: no 'id'; no 'name'"),
+        ({"id": 5, "name": ["a", "b"]}, "register: 'id' must be a string, got 5; 'name' must"),
+        ({"id": "x" * 200_000, "name": "N" * 200_000}, None),
+        ({"id": str(uuid.uuid4()), "name": None}, "register: 'name' must be a string, got None"),
+    ],
+    ids=["empty", "wrong-types", "huge", "null-name"],
+)
+async def test_register_with_missing_or_odd_id_and_name_is_warned_about_briefly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, register: dict[str, Any], problem: str | None
+) -> None:
+    """Regression: a ``register`` without ``id`` or ``name``, or with values that are not
+    strings, was taken without a word; a huge name went whole into the log and into
+    every later warning of an agent spawned without a name of its own (200 kB a line).
+    Now each problem is warned about once, briefly, and the agent serves (its address is
+    the kernel's: the register's id and name are informational)."""
+    caplog.set_level(logging.INFO, logger="nexus_trio.bridge")
+    payload = {**register, "protocol": 2}
+    cmd = script(
+        tmp_path,
+        f"""
+        emit({{"type": "register", "payload": {payload!r}}})
+        m = next_message()
+        raw(b"not a frame\\n")  # a warning that names the agent
+        while True:
+            m = next_message()
+            emit({{"type": "response", "payload": {{"reply_to": m["id"], "payload": "ok"}}}})
+        """,
+    )
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(cmd))  # no name: the label is the registered one
+        with pytest.raises(RequestFailed):
+            await kernel.request(ref, "first")
+        assert await kernel.request(ref, "second") == "ok"
+        assert stats_of(kernel, ref).registered == payload
+    texts = [r.getMessage() for r in caplog.records if r.name.startswith("nexus_trio")]
+    assert all(len(text) < 600 for text in texts), sorted(len(text) for text in texts)
+    warned = [text for text in texts if "register: " in text]
+    assert [problem in text for text in warned] == ([] if problem is None else [True])
+    assert any("not JSON" in text for text in texts)
+
+
 async def test_request_timeout_cancels_the_wait_and_the_agent_recovers() -> None:
     async with bridge_kernel() as kernel:
         ref = kernel.spawn(process_agent(toy()))

@@ -432,7 +432,10 @@ class ProcessAgent(Agent):
         if ctx.name:
             return f"{ctx.name} ({ctx.id})"
         registered = self._stats.registered.get("name") if self._stats is not None else None
-        return f"{ctx.id} (registered as {registered!r})" if registered else str(ctx.id)
+        if not registered or not isinstance(registered, str):
+            return str(ctx.id)
+        # The child's word, in every line about this agent: kept short.
+        return f"{ctx.id} (registered as {_brief(registered, 60)})"
 
     @property
     def stats(self) -> BridgeStats:
@@ -569,6 +572,17 @@ class ProcessAgent(Agent):
         )
 
     def _registered(self, payload: dict[str, Any]) -> None:
+        # The address is the kernel's: id and name are only what the child calls itself,
+        # but the original protocol has both, as strings.
+        problems = [
+            f"no {field!r}"
+            if field not in payload
+            else f"{field!r} must be a string, got {_brief(payload[field], 60)}"
+            for field in ("id", "name")
+            if not isinstance(payload.get(field), str)
+        ]
+        if problems:
+            self._warn(f"register: {'; '.join(problems)}")
         version = payload.get("protocol", 1)
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
             self._warn(f"register: unknown protocol {_brief(version)}; using protocol 1")
@@ -588,9 +602,9 @@ class ProcessAgent(Agent):
         ctx = self._ctx
         assert ctx is not None
         log.info(
-            "process agent %s registered as %r (protocol %d)",
+            "process agent %s registered as %s (protocol %d)",
             ctx.name or ctx.id,  # not self.label, which would say the registered name again
-            payload.get("name"),
+            _brief(payload.get("name"), 60),
             self.protocol,
             extra=self._fields(),
         )
