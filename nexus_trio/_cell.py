@@ -105,6 +105,7 @@ class AgentCell(Child):
         "parked",
         "received",
         "router",
+        "run_failures",
         "spec",
         "timed_out",
     )
@@ -145,6 +146,8 @@ class AgentCell(Child):
         self.failed = 0
         self.timed_out = 0
         self.dead_lettered = 0
+        #: runs that failed outside a handler (see run_once)
+        self.run_failures = 0
         #: one flag checked per message; the reasons are below
         self.interrupted = False
         self.exit_requested = False
@@ -313,6 +316,13 @@ class AgentCell(Child):
                         if failure is None:
                             failure = exc
         if failure is not None:
+            if self.exit_directive is None:
+                # A run that failed outside a handler (on_start, a background task, its
+                # stop, on_stop): once per run, whatever else failed in it after. A run
+                # that a handler's directive ended (its failure counted in ``failed``) is
+                # not counted again, also if a background task failed with it.
+                self.run_failures += 1
+                self.ledger.run_failures += 1
             raise failure
 
     def _handler_cancelled(self, msg: Message) -> None:

@@ -540,6 +540,7 @@ class Kernel:
                     mailbox_depth=c.mailbox.depth,
                     mailbox_high_water=c.mailbox.high_water,
                     mailbox_capacity=c.mailbox.capacity,
+                    run_failures=c.run_failures,
                 )
                 for c in self._router.nodes.values()
                 if isinstance(c, AgentCell)
@@ -563,6 +564,7 @@ class Kernel:
             queue_wait=ledger.queue_wait.snapshot(),
             agents=per_agent,
             given_up=ledger.given_up,
+            run_failures=ledger.run_failures,
         )
 
     def describe(self) -> dict[str, Any]:

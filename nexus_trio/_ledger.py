@@ -68,6 +68,7 @@ class Ledger:
         "rejected",
         "replies",
         "restarts",
+        "run_failures",
         "sample_mask",
         "send_notice",
         "timed_out",
@@ -79,6 +80,8 @@ class Ledger:
         self.replies = 0
         self.forwarded = 0
         self.failed = 0
+        #: agent runs that failed outside a handler (``failed`` counts handler calls)
+        self.run_failures = 0
         self.timed_out = 0
         self.dead = 0
         self.restarts = 0

@@ -150,6 +150,10 @@ class AgentStats:
     mailbox_depth: int
     mailbox_high_water: int
     mailbox_capacity: int
+    #: runs that failed outside a handler: ``on_start`` or ``on_stop`` raised, a
+    #: background task in ``ctx.nursery`` raised (also while the run was stopping);
+    #: once per run (``failed`` counts the handler calls that raised)
+    run_failures: int = 0
 
 
 @final
@@ -183,3 +187,7 @@ class KernelStats:
     agents: tuple[AgentStats, ...] = ()
     #: children the root supervisor stopped for good after too many failures
     given_up: int = 0
+    #: agent runs that failed outside a handler: ``on_start`` or ``on_stop`` raised, a
+    #: background task in ``ctx.nursery`` raised (also while the run was stopping);
+    #: once per run, each also a ``failed`` event (``failed`` counts handler calls)
+    run_failures: int = 0

@@ -133,17 +133,18 @@ class KernelCollector:
 
     Series (``_total`` is added to counters by the exposition format):
     ``nexus_messages_accepted``, ``nexus_messages_handled``, ``nexus_replies_delivered``,
-    ``nexus_messages_forwarded``, ``nexus_handler_failures``, ``nexus_handler_timeouts``,
-    ``nexus_dead_letters{reason}``, ``nexus_sends_rejected{reason}``, ``nexus_restarts``, ``nexus_given_up``,
-    ``nexus_dead_letter_stream_dropped``, ``nexus_log_records_lost`` (counters); ``nexus_agents_alive``,
-    ``nexus_messages_in_flight``, ``nexus_max_mailbox_depth``, ``nexus_kernel_up``,
-    ``nexus_agent_series_exported``, ``nexus_agent_series_truncated`` (gauges);
-    ``nexus_handle_latency_seconds`` and ``nexus_queue_wait_seconds`` (summaries with
-    quantiles 0.5/0.9/0.99/0.999, plus a ``_max`` gauge); with ``per_agent``, per agent
-    (labels ``agent_id``, ``agent_name``): ``nexus_agent_received``,
-    ``nexus_agent_handled``, ``nexus_agent_failed``, ``nexus_agent_timed_out``,
-    ``nexus_agent_dead_lettered``, ``nexus_agent_restarts`` (counters) and
-    ``nexus_agent_mailbox_depth``, ``nexus_agent_mailbox_high_water``,
+    ``nexus_messages_forwarded``, ``nexus_handler_failures``, ``nexus_run_failures``,
+    ``nexus_handler_timeouts``, ``nexus_dead_letters{reason}``,
+    ``nexus_sends_rejected{reason}``, ``nexus_restarts``, ``nexus_given_up``,
+    ``nexus_dead_letter_stream_dropped``, ``nexus_log_records_lost`` (counters);
+    ``nexus_agents_alive``, ``nexus_messages_in_flight``, ``nexus_max_mailbox_depth``,
+    ``nexus_kernel_up``, ``nexus_agent_series_exported``, ``nexus_agent_series_truncated``
+    (gauges); ``nexus_handle_latency_seconds`` and ``nexus_queue_wait_seconds`` (summaries
+    with quantiles 0.5/0.9/0.99/0.999, plus a ``_max`` gauge); with ``per_agent``, per
+    agent (labels ``agent_id``, ``agent_name``): ``nexus_agent_received``,
+    ``nexus_agent_handled``, ``nexus_agent_failed``, ``nexus_agent_run_failures``,
+    ``nexus_agent_timed_out``, ``nexus_agent_dead_lettered``, ``nexus_agent_restarts``
+    (counters) and ``nexus_agent_mailbox_depth``, ``nexus_agent_mailbox_high_water``,
     ``nexus_agent_mailbox_capacity`` (gauges).
     """
 
@@ -192,6 +193,11 @@ def _families(snapshot: MetricsSnapshot) -> Iterator[Metric]:
         s.forwarded,
     )
     yield counter("nexus_handler_failures", "Handler calls that raised.", s.failed)
+    yield counter(
+        "nexus_run_failures",
+        "Agent runs that failed outside a handler (on_start, on_stop, a background task).",
+        s.run_failures,
+    )
     yield counter("nexus_handler_timeouts", "Handler calls cancelled by timeout.", s.timed_out)
     yield counter("nexus_restarts", "Agent and supervisor restarts.", s.restarts)
     yield counter(
@@ -266,6 +272,12 @@ _AGENT_SERIES: Final = (
     ("received", True, "nexus_agent_received", "Messages put in the agent's mailbox."),
     ("handled", True, "nexus_agent_handled", "Messages the agent handled."),
     ("failed", True, "nexus_agent_failed", "Handler calls that raised."),
+    (
+        "run_failures",
+        True,
+        "nexus_agent_run_failures",
+        "Runs that failed outside a handler (on_start, on_stop, a background task).",
+    ),
     ("timed_out", True, "nexus_agent_timed_out", "Handler calls cancelled by timeout."),
     ("dead_lettered", True, "nexus_agent_dead_lettered", "Messages to the agent dead-lettered."),
     ("restarts", True, "nexus_agent_restarts", "Restarts of the agent."),

@@ -13,7 +13,7 @@ import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
-from nexus_trio import Config, MetricsConfig, agent
+from nexus_trio import Agent, Config, Context, MetricsConfig, agent
 from nexus_trio.metrics import (
     KernelCollector,
     MetricsRenderer,
@@ -533,6 +533,36 @@ async def test_serve_metrics_refuses_a_port_out_of_range():
     async with open_test_kernel() as kernel:
         with pytest.raises(ValueError, match=r"metrics port must be within 0\.\.65535, got 70000"):
             await serve_metrics(kernel, "127.0.0.1", 70000)
+
+
+async def test_run_failures_outside_a_handler_are_a_counter_kernel_wide_and_per_agent() -> None:
+    starts = 0
+
+    class StartsBadly(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            nonlocal starts
+            starts += 1
+            if starts == 1:
+                raise RuntimeError("on_start fails once")
+
+    async with open_test_kernel() as kernel:
+        ref = kernel.spawn(agent(StartsBadly, name="starts-badly"))
+        boom_ref = kernel.spawn(boom)
+        await kernel.send(boom_ref, "x")  # a handler failure: not a run failure
+        await trio.testing.wait_all_tasks_blocked()
+        assert starts == 2
+        stats = kernel.stats()
+        assert (stats.failed, stats.run_failures) == (1, 1)
+        values = samples(
+            render_snapshot(take_snapshot(kernel, per_agent=True), process=False).decode()
+        )
+    assert values[("nexus_run_failures_total", ())] == 1
+    assert values[("nexus_handler_failures_total", ())] == 1
+    labels = (("agent_id", str(ref.id)), ("agent_name", "starts-badly"))
+    assert values[("nexus_agent_run_failures_total", labels)] == 1
+    assert values[("nexus_agent_failed_total", labels)] == 0
+    boom_labels = (("agent_id", str(boom_ref.id)), ("agent_name", "boom"))
+    assert values[("nexus_agent_run_failures_total", boom_labels)] == 0
 
 
 async def test_log_records_lost_are_a_counter_of_the_scrape() -> None:

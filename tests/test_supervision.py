@@ -10,6 +10,7 @@ import contextlib
 import logging
 import random
 import re
+from collections import Counter
 from typing import Any, ClassVar
 
 import pytest
@@ -457,6 +458,94 @@ async def test_monitor_receives_failed_and_stopped_events(autojump_clock: Any) -
         ("Event", "stopped", "w", "stopped"),
         ("Event", "stopped", "ghost", "noproc"),
     ]
+
+
+async def test_run_failures_outside_a_handler_are_counted_once_per_run(
+    autojump_clock: Any,
+) -> None:
+    """``stats().run_failures`` (kernel-wide and per agent) counts the runs that failed
+    outside a handler, once each: ``on_start`` raising, a ``ctx.nursery`` task raising, a
+    task raising while its agent is stopped, ``on_stop`` raising (also after another such
+    failure in the same run). Handler failures are counted in ``failed`` only, also when
+    ``on_stop`` raises after one, or a background task fails with one."""
+    runs: Counter[str] = Counter()
+
+    async def hang_then_raise() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            raise OSError("cannot close while stopping")
+
+    async def raise_soon() -> None:
+        await trio.lowlevel.checkpoint()
+        raise OSError("background task fails")
+
+    class Failing(Agent):
+        """How its run fails depends on its name (``-once``: its first run only)."""
+
+        async def on_start(self, ctx: Context) -> None:
+            name = ctx.name or "?"
+            runs[name] += 1
+            if name.endswith("-once") and runs[name] > 1:
+                return
+            if name.startswith("on_start"):
+                raise RuntimeError("on_start fails")
+            if name.startswith("background") or name == "two":
+                ctx.nursery.start_soon(raise_soon)
+            if name == "stopping":
+                ctx.nursery.start_soon(hang_then_raise)
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            if ctx.name == "handler-and-background":
+                # the task fails first, while the handler cannot be cancelled
+                ctx.nursery.start_soon(raise_soon)
+                with trio.CancelScope(shield=True):
+                    await trio.sleep(1)
+            raise RuntimeError("handler fails")
+
+        async def on_stop(self, ctx: Context) -> None:
+            if ctx.name in ("on_stop", "two", "handler-then-on_stop"):
+                raise OSError("on_stop fails")
+
+    def failing(name: str) -> Any:
+        return agent(Failing, name=name, restart="permanent" if "once" in name else "temporary")
+
+    async def one_more(kernel: Any, failed: int, run_failures: int) -> None:
+        await trio.testing.wait_all_tasks_blocked()
+        stats = kernel.stats()
+        assert (stats.failed, stats.run_failures) == (failed, run_failures)
+
+    async with open_kernel(make_config()) as kernel, record_events(kernel) as rec:
+        kernel.spawn(failing("on_start-once"))
+        await one_more(kernel, 0, 1)
+        kernel.spawn(failing("background-once"))
+        await one_more(kernel, 0, 2)
+        for name, count in (("stopping", 3), ("on_stop", 4)):
+            ref = kernel.spawn(failing(name))
+            await one_more(kernel, 0, count - 1)  # started, not failed yet
+            await kernel.stop(ref)
+            await one_more(kernel, 0, count)
+        kernel.spawn(failing("two"))  # a background task, then on_stop: one failed run
+        await one_more(kernel, 0, 5)
+        await kernel.send(kernel.spawn(failing("handler")), "x")
+        await one_more(kernel, 1, 5)
+        await kernel.send(kernel.spawn(failing("handler-then-on_stop")), "x")
+        await one_more(kernel, 2, 5)
+        # a background task failing in the run its handler ended: that run counts once
+        await kernel.send(kernel.spawn(failing("handler-and-background")), "x")
+        await trio.sleep(2)
+        await one_more(kernel, 3, 5)
+
+        per_agent = {a.name: (a.failed, a.run_failures) for a in kernel.stats(agents=True).agents}
+        assert per_agent == {"on_start-once": (0, 1), "background-once": (0, 1)}
+        assert runs["on_start-once"] == runs["background-once"] == 2
+    failed = Counter(e.name for e in rec.of("failed"))
+    every_agent = ("on_start-once", "background-once", "stopping", "on_stop", "two")
+    by_handlers = ("handler", "handler-then-on_stop", "handler-and-background")
+    assert failed == dict.fromkeys((*every_agent, *by_handlers), 1)
+    stats = kernel.stats()
+    assert (stats.failed, stats.run_failures) == (3, 5)
+    assert sum(failed.values()) == stats.failed + stats.run_failures
 
 
 async def test_a_watcher_that_stops_for_good_ends_its_monitors(autojump_clock: Any) -> None:
