@@ -238,6 +238,7 @@ class SupervisorNode(Child, ChildOwner):
     """
 
     __slots__ = (
+        "_failures_queued",
         "_inbox_send",
         "_last_spawn_gate",
         "_late_terminations",
@@ -273,6 +274,10 @@ class SupervisorNode(Child, ChildOwner):
         #: children whose stop (``terminate``) is queued, and its reason: an exit handled
         #: before it does not restart them
         self._stops_queued: dict[Child, str] = {}
+        #: failed exits queued and not handled yet, by child and run: a child stopped for
+        #: good before its exit is handled (its own stop, its parent's exit, queued
+        #: first) is reported failed then (see _retire), not never
+        self._failures_queued: dict[tuple[Child, int], BaseException] = {}
 
     # --- the child interface -----------------------------------------------------------
 
@@ -313,6 +318,7 @@ class SupervisorNode(Child, ChildOwner):
                     # now; make them stopped for good so that their callers return.
                     self._finish_queued(receive)
                     self._stops_queued.clear()
+                    self._failures_queued.clear()
                     for child, reason in self._late_terminations:
                         self._retire_with_linked(child, reason)
                     self._late_terminations.clear()
@@ -482,6 +488,8 @@ class SupervisorNode(Child, ChildOwner):
             # a draining kernel must not wait for it.
             self.host.router.check_drained()
         if child.run == run and self._inbox_send is not None and not child.terminating:
+            if error is not None:
+                self._failures_queued[(child, run)] = error
             self._inbox_send.send_nowait((_EXIT, child, run, error))
         elif error is not None:
             # It failed while being stopped (or while this supervisor stops): nothing is
@@ -509,7 +517,7 @@ class SupervisorNode(Child, ChildOwner):
                 _, child, reason = event
                 self._stops_queued.pop(child, None)
                 self._retire_with_linked(child, reason)
-            elif event[0] == _EXIT and event[3] is not None and event[1] in self.children:
+            elif event[0] == _EXIT and self._unreported(event):
                 self.host.failed(event[1], event[3])
 
     async def _handle(self, event: tuple[Any, ...]) -> bool:
@@ -534,14 +542,22 @@ class SupervisorNode(Child, ChildOwner):
             return True
         elif kind == _EXIT:
             _, child, run, error = event
+            if error is not None and not self._unreported(event):
+                # Reported already: the child was stopped for good before this exit.
+                return False
             if child.run == run and child in self.children and not child.retired:
                 await self._on_exit(child, error)
-            elif error is not None and child in self.children:
-                # A run that failed while a group restart (or a stop) was already under
-                # way, which has restarted (or retired) the child since: nothing more to
-                # do, but the failure is still reported (event, log, monitors).
+            elif error is not None:
+                # A run that failed while a group restart was already under way, which
+                # has restarted the child since: nothing more to do, but the failure is
+                # still reported (event, log, monitors).
                 self.host.failed(child, error)
         return False
+
+    def _unreported(self, exit_event: tuple[Any, ...]) -> bool:
+        """Whether the failure of this exit is still to be reported (and now taken)."""
+        _, child, run, error = exit_event
+        return error is not None and self._failures_queued.pop((child, run), None) is not None
 
     async def _stop_linked(self, child: Child, reason: str) -> None:
         """Stop, for good, the agents ``child`` spawned (they die with its run)."""
@@ -734,6 +750,11 @@ class SupervisorNode(Child, ChildOwner):
     def _retire(self, child: Child, reason: str) -> None:
         if child.retired:
             return
+        if self._failures_queued:
+            # Its failed exit is still queued (behind its stop, or its parent's exit that
+            # stops it now): report the failure before the stop, as it happened.
+            for key in [key for key in self._failures_queued if key[0] is child]:
+                self.host.failed(child, self._failures_queued.pop(key))
         if isinstance(child, SupervisorNode):
             # A supervisor stopped for good takes its (already stopped) subtree with it.
             child.retire_all(reason)

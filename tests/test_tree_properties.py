@@ -42,6 +42,7 @@ from nexus_trio import (
     Backoff,
     Config,
     Context,
+    EventKind,
     KernelConfig,
     KernelShuttingDown,
     MailboxFull,
@@ -51,7 +52,7 @@ from nexus_trio import (
     agent,
     open_kernel,
 )
-from nexus_trio.testing import assert_conserved
+from nexus_trio.testing import assert_conserved, record_events
 
 from .hang_guard import real_time_limit
 
@@ -397,3 +398,119 @@ def test_chaos_trees_never_hang_or_leak(forest: list[Tree], seed: int) -> None:
     )
     assert all(count == 1 for count in started.values())
     assert stop_calls_returned == stop_calls_made, "a kernel.stop() call never returned"
+
+
+# --- regressions found by fault injection (test_fault_injection_...), made deterministic ---
+
+
+async def test_a_failure_whose_exit_is_queued_behind_its_own_stop_is_reported(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Regression: ``kernel.stop(w)`` is queued at w's supervisor (busy stopping x, whose
+    ``on_stop`` takes a second) and w's handler fails right after, so w's exit is queued
+    behind the stop. The stop retired w, then the exit found it gone and was dropped: w's
+    failure had no ``failed`` event and no notice to its monitors (``stats().failed``
+    counted it). Now a child retired before its failed exit is handled is reported
+    first: ``failed``, then ``stopped``."""
+    gate = trio.Event()
+    notices: list[tuple[str, str]] = []
+
+    class SlowStop(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            pass
+
+        async def on_stop(self, ctx: Context) -> None:
+            await trio.sleep(1)
+
+    class Fails(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            pass
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            await gate.wait()
+            raise RuntimeError("w fails")
+
+    @agent(name="watcher")
+    async def watcher(ctx: Context, msg: Message) -> None:
+        if msg.payload == "watch":
+            ctx.monitor(ctx.kernel.lookup("w"))
+        else:
+            notices.append((msg.payload["event"], msg.payload["reason"]))
+
+    async with open_kernel(Config()) as kernel, record_events(kernel) as recorder:
+        w = kernel.spawn(agent(Fails, name="w"))
+        x = kernel.spawn(agent(SlowStop, name="x"))
+        kernel.spawn(watcher)
+        await kernel.send("watcher", "watch")
+        await kernel.send(w, "go")
+        await trio.testing.wait_all_tasks_blocked()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kernel.stop, x)
+            await trio.testing.wait_all_tasks_blocked()  # the root waits for x's on_stop
+            nursery.start_soon(kernel.stop, w)
+            await trio.testing.wait_all_tasks_blocked()  # queued behind x's stop
+            gate.set()  # w fails: its exit is queued behind its stop
+        await trio.testing.wait_all_tasks_blocked()
+        assert kernel.stats().failed == 1
+    assert [(e.kind, repr(e.error)) for e in recorder.events if e.name == "w"] == [
+        (EventKind.SPAWNED, "None"),
+        (EventKind.STARTED, "None"),
+        (EventKind.FAILED, "RuntimeError('w fails')"),
+        (EventKind.STOPPED, "None"),
+    ]
+    assert notices == [("failed", "RuntimeError('w fails')"), ("stopped", "stopped")]
+
+
+async def test_a_linked_child_whose_exit_is_queued_behind_its_parents_is_reported(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Regression: a parent fails, then the child it spawned, while their supervisor is
+    busy (stopping x, whose ``on_stop`` takes a second). Handling the parent's exit stops
+    its linked children for good (``parent_exited``), so the child's exit, queued behind,
+    found it gone and was dropped: no ``failed`` event for the child. Now its failure is
+    reported before it is stopped."""
+    parent_fails = trio.Event()
+    child_fails = trio.Event()
+
+    async def fail_at(gate: trio.Event) -> None:
+        await gate.wait()
+        raise RuntimeError("fails")
+
+    class SlowStop(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            pass
+
+        async def on_stop(self, ctx: Context) -> None:
+            await trio.sleep(1)
+
+    class Child(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            ctx.nursery.start_soon(fail_at, child_fails)
+
+    class Parent(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            ctx.spawn(agent(Child, name="child", restart="temporary"))
+            ctx.nursery.start_soon(fail_at, parent_fails)
+
+    async with open_kernel(Config()) as kernel, record_events(kernel) as recorder:
+        kernel.spawn(agent(Parent, name="parent", restart="temporary"))
+        x = kernel.spawn(agent(SlowStop, name="x"))
+        await trio.testing.wait_all_tasks_blocked()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kernel.stop, x)
+            await trio.testing.wait_all_tasks_blocked()  # the root waits for x's on_stop
+            parent_fails.set()
+            await trio.testing.wait_all_tasks_blocked()  # the parent's exit is queued
+            child_fails.set()
+            await trio.testing.wait_all_tasks_blocked()  # then the child's
+        assert kernel.stats().run_failures == 2
+    assert [(e.kind, e.reason) for e in recorder.events if e.name == "child"] == [
+        (EventKind.SPAWNED, ""),
+        (EventKind.STARTED, ""),
+        (EventKind.FAILED, "RuntimeError"),
+        (EventKind.STOPPED, "parent_exited"),
+    ]
+    assert [(e.kind, e.reason) for e in recorder.events if e.name == "parent"][2:] == [
+        (EventKind.FAILED, "RuntimeError"),
+        (EventKind.STOPPED, "failed"),
+    ]
