@@ -688,31 +688,33 @@ class SupervisorNode(Child, ChildOwner):
         child.terminating = True
         child.dormant = False
         done = child.done
-        if done is None or done.is_set():
-            return
-        if not child.running:
-            # Still waiting out a backoff or its turn to start: nothing to be graceful about.
-            if child.scope is not None:
-                child.scope.cancel()
-            await done.wait()
-            return
-        child.request_stop()
-        timeout = child.shutdown_timeout
-        if getattr(child, "cancel_after_grace", False):
-            # Without a timeout of its own, a child is cancelled once the kernel's grace
-            # period is over, also when this stop began during the drain (an escalation,
-            # a group restart, ``kernel.stop``): it does not get a second grace.
-            timeout = min(timeout, self.host.grace_left())
-        if timeout > 0:
-            with trio.move_on_after(timeout):
+        if done is not None and not done.is_set():
+            if not child.running:
+                # Still waiting out a backoff or its turn to start: nothing to be
+                # graceful about.
+                if child.scope is not None:
+                    child.scope.cancel()
                 await done.wait()
-        if not done.is_set():
-            if child.scope is not None:
-                child.scope.cancel()
-            await done.wait()
-        # What it spawned while it stopped (finishing its message, in ``on_stop``) dies
-        # with the run too, as an OTP link takes it down with the exit.
-        await self._stop_linked(child, "parent_stopped")
+            else:
+                child.request_stop()
+                timeout = child.shutdown_timeout
+                if getattr(child, "cancel_after_grace", False):
+                    # Without a timeout of its own, a child is cancelled once the kernel's
+                    # grace period is over, also when this stop began during the drain (an
+                    # escalation, a group restart, ``kernel.stop``): no second grace.
+                    timeout = min(timeout, self.host.grace_left())
+                if timeout > 0:
+                    with trio.move_on_after(timeout):
+                        await done.wait()
+                if not done.is_set():
+                    if child.scope is not None:
+                        child.scope.cancel()
+                    await done.wait()
+        if child.linked_children:
+            # What it spawned while it stopped (finishing its message, in ``on_stop``), or
+            # while the stop above waited for its linked children (its run may have ended
+            # meanwhile), dies with the run too, as an OTP link takes it down with the exit.
+            await self._stop_linked(child, "parent_stopped")
 
     async def _stop_all(self) -> None:
         """Stop every child in reverse start order.

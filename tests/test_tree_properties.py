@@ -514,3 +514,54 @@ async def test_a_linked_child_whose_exit_is_queued_behind_its_parents_is_reporte
         (EventKind.FAILED, "RuntimeError"),
         (EventKind.STOPPED, "failed"),
     ]
+
+
+async def test_a_child_spawned_while_its_parent_is_stopped_does_not_outlive_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Regression: a's failure stops p, the agent a spawned, and p's linked children
+    first: "slow" takes a second to stop. Meanwhile p spawns "late" and exits. The stop
+    of p found p's run over and returned without stopping what p spawned meanwhile: p was
+    stopped for good and "late" started afterwards, linked to a parent that was gone.
+    Now what p spawned is stopped with it, and "late" never runs."""
+    journal: list[str] = []
+
+    class Slow(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            pass
+
+        async def on_stop(self, ctx: Context) -> None:
+            await trio.sleep(1)
+
+    class Late(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            journal.append("late started")
+
+    class P(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            ctx.spawn(agent(Slow, name="slow"))
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            ctx.spawn(agent(Late, name="late"))
+            ctx.stop()
+
+    class A(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            ctx.spawn(agent(P, name="p", restart="temporary"))
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            raise RuntimeError("a fails")
+
+    async with open_kernel(Config()) as kernel, record_events(kernel) as recorder:
+        kernel.spawn(agent(A, name="a", restart="temporary"))
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send("a", "fail")
+        await trio.testing.wait_all_tasks_blocked()  # stopping p: slow's on_stop first
+        await kernel.send("p", "spawn late, then exit")
+        await trio.sleep(5)
+        assert [ref.name for ref in kernel.agents()] == []
+    assert journal == []
+    assert [(e.kind, e.reason) for e in recorder.events if e.name == "late"] == [
+        (EventKind.SPAWNED, ""),
+        (EventKind.STOPPED, "parent_stopped"),
+    ]
