@@ -525,7 +525,9 @@ class SupervisorNode(Child, ChildOwner):
         kind = event[0]
         if kind == _ADD:
             child = event[1]
-            if child in self.children and not child.retired:
+            # (run 0: not started since it was added; a group restart handled before
+            # this event may have taken it along already, and a second run would race it)
+            if child.run == 0 and child in self.children and not child.retired:
                 after = self._last_spawn_gate
                 if after is not None and after.is_set():
                     after = None

@@ -565,3 +565,59 @@ async def test_a_child_spawned_while_its_parent_is_stopped_does_not_outlive_it(
         (EventKind.SPAWNED, ""),
         (EventKind.STOPPED, "parent_stopped"),
     ]
+
+
+async def test_a_child_taken_along_by_a_group_restart_before_its_start_starts_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Regression: under a ``rest_for_one`` supervisor busy stopping y (whose ``on_stop``
+    takes a second), x fails, then p spawns "late" (after x in start order). Handling x's
+    exit restarted x and "late", which had not started yet; then the queued start of
+    "late" started it again: two runs of one agent at once (two ``on_start``, each its own
+    ``on_stop``; in a larger tree the run whose bookkeeping the other overwrote was left
+    running and the next stop of its supervisor hung). Now a child is started once,
+    whichever comes first."""
+    x_fails = trio.Event()
+    p_spawns = trio.Event()
+    starts: list[str | None] = []
+    stops: list[str | None] = []
+
+    class Journaled(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            starts.append(ctx.name)
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            if ctx.name == "x":
+                await x_fails.wait()
+                raise RuntimeError("x fails")
+            if ctx.name == "p":
+                await p_spawns.wait()
+                ctx.spawn(agent(Journaled, name="late"))
+
+        async def on_stop(self, ctx: Context) -> None:
+            stops.append(ctx.name)
+            if ctx.name == "y":
+                await trio.sleep(1)
+
+    sup = Supervisor(
+        strategy="rest_for_one",
+        backoff=Backoff(0, 0),
+        name="s",
+        children=[agent(Journaled, name=name) for name in ("p", "x", "y")],
+    )
+    with trio.fail_after(60):
+        async with open_kernel(Config()) as kernel:
+            kernel.spawn(sup)
+            await kernel.send("x", "fail")
+            await kernel.send("p", "spawn")
+            await trio.testing.wait_all_tasks_blocked()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(kernel.stop, kernel.lookup("y"))
+                await trio.testing.wait_all_tasks_blocked()  # s waits for y's on_stop
+                x_fails.set()
+                await trio.testing.wait_all_tasks_blocked()  # x's exit is queued
+                p_spawns.set()
+                await trio.testing.wait_all_tasks_blocked()  # then the start of "late"
+            await trio.sleep(1)
+            assert starts == ["p", "x", "y", "x", "late"]
+    assert starts.count("late") == stops.count("late") == 1
