@@ -14,15 +14,27 @@ must not hang, leak a task or lose a message, and must pair every ``on_start`` w
 ``on_stop``. The random actions come from a ``random.Random`` seeded by a Hypothesis
 integer, so a failing example shrinks to a small tree and a small seed.
 
-Both run derandomized and without an example database, so CI sees the same examples on
-every run; each example runs on a ``MockClock(autojump_threshold=0)`` inside
-``trio.fail_after``, and a real-time SIGALRM guard catches a hang inside the shielded
-shutdown that mock time cannot cut.
+``test_fault_injection_trees_stop_cleanly_and_count_every_failure`` (issue 12, continued):
+failures outside handlers (``on_start``, ``on_stop``, ``ctx.nursery`` tasks failing at
+random points and when cancelled), linked children of every kind spawned from handlers,
+``on_start`` and ``on_stop``, bursts of failures that restart or escalate a supervisor in
+the same tick as a ``kernel.stop`` under it, supervisor timeouts, ``escalate_to_kernel``,
+and shutdown at random points, from outside and from a handler. Besides no hang and no
+leak: every ``on_start`` that returned has one ``on_stop``, linked children stop before
+their parent, nothing starts once the tree stops, and every failed agent run is one
+``failed`` event counted once (``failed`` or ``run_failures``). The regressions it found
+follow it, made deterministic.
+
+All three run derandomized and without an example database, so CI sees the same examples
+on every run (Trio's scheduler still breaks some ties at random); each example runs on a
+``MockClock(autojump_threshold=0)`` inside ``trio.fail_after``, and a real-time SIGALRM
+guard catches a hang inside the shielded shutdown that mock time cannot cut.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import uuid
 from collections import Counter
@@ -44,11 +56,13 @@ from nexus_trio import (
     Context,
     EventKind,
     KernelConfig,
+    KernelPhase,
     KernelShuttingDown,
     MailboxFull,
     Message,
     SupervisionConfig,
     Supervisor,
+    SupervisorEscalation,
     agent,
     open_kernel,
 )
@@ -57,6 +71,7 @@ from nexus_trio.testing import assert_conserved, record_events
 from .hang_guard import real_time_limit
 
 STRATEGIES = ("one_for_one", "one_for_all", "rest_for_one")
+RESTART_TYPES = ("permanent", "permanent", "transient", "temporary")
 #: mock seconds an example may take before it counts as hung
 MOCK_LIMIT = 3600
 #: real seconds one example may take before it counts as hung (shielded shutdown)
@@ -110,6 +125,29 @@ def build(
         for child in children
     ]
     return make_supervisor(name, strategy, specs)
+
+
+def subtree_members(forest: list[Tree]) -> dict[str, list[str]]:
+    """The names under each supervisor of ``forest`` (agents and supervisors, at any
+    depth), named as :func:`build` names them."""
+    counter = itertools.count()
+    members: dict[str, list[str]] = {}
+
+    def walk(tree: Tree, above: list[str]) -> None:
+        if tree == AGENT:
+            name = f"a{next(counter)}"
+        else:
+            name = f"s{next(counter)}"
+            members[name] = []
+        for sup in above:
+            members[sup].append(name)
+        if tree != AGENT:
+            for child in tree[2]:
+                walk(child, [*above, name])
+
+    for tree in forest:
+        walk(tree, [])
+    return members
 
 
 def run_example(scenario: Callable[[], Any]) -> None:
@@ -398,6 +436,342 @@ def test_chaos_trees_never_hang_or_leak(forest: list[Tree], seed: int) -> None:
     )
     assert all(count == 1 for count in started.values())
     assert stop_calls_returned == stop_calls_made, "a kernel.stop() call never returned"
+
+
+# --- (c) fault injection: failures outside handlers, stops racing restarts, shutdown -------
+
+
+@settings(
+    max_examples=500,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(forest=forests, seed=st.integers(0, 2**32 - 1))
+def test_fault_injection_trees_stop_cleanly_and_count_every_failure(
+    forest: list[Tree], seed: int
+) -> None:
+    """Agents spawn linked children (agents with and without ``on_start``/``on_stop``,
+    supervisors) from handlers, ``on_start`` and ``on_stop``; tasks in ``ctx.nursery``
+    fail at random points (also when cancelled); ``on_start`` and ``on_stop`` raise;
+    bursts of failures restart a supervisor (or make it escalate, up to the kernel with
+    ``escalate_to_kernel``) in the same tick as a ``kernel.stop`` of something under it;
+    shutdown comes at a random point, from outside or from a handler, also while
+    restarts and escalations are under way. Then: shutdown finishes and every
+    ``kernel.stop`` returns (in bounded mock time), no task is left, every ``on_start``
+    that returned has exactly one ``on_stop``, linked children stop before their parent
+    (unless the parent's run ended by itself, or a supervisor timed out), nothing starts
+    once the tree stops, messages are conserved, and every failed agent run is one
+    ``failed`` event, counted once (``failed`` or ``run_failures``)."""
+    rng = random.Random(seed)
+    tokens = itertools.count()
+    entered: Counter[int] = Counter()
+    returned: Counter[int] = Counter()
+    stopped: Counter[int] = Counter()
+    #: the order of on_stop calls, by token
+    stop_order: dict[int, int] = {}
+    #: runs that ended by themselves (a failure or an exit): their linked children are
+    #: stopped after them, as the exit is handled
+    self_ended: set[int] = set()
+    #: linked children spawned by each run, by id
+    spawned_by: dict[int, list[uuid.UUID]] = {}
+    #: runs of each agent, by id
+    runs_of: dict[uuid.UUID, list[int]] = {}
+    linked_ids: list[uuid.UUID] = []
+    #: every agent that ran user code (its failures are counted below)
+    agent_ids: set[uuid.UUID] = set()
+    late_starts: list[int] = []
+    kernels: list[Any] = []
+
+    def phase() -> KernelPhase:
+        return kernels[0].phase if kernels else KernelPhase.RUNNING
+
+    def make_faulty(depth: int, kind: str = "full") -> type[Agent]:
+        """An agent class: "full" has on_start and on_stop, "lazy" (started by its
+        first message) only on_stop, "quiet" neither (stopped together with others)."""
+
+        class Faulty(Agent):
+            def __init__(self) -> None:
+                self.token = next(tokens)
+                self.rng = random.Random(rng.random())
+
+            async def fail_later(self, delay: float, how: str) -> None:
+                if how == "when_cancelled":
+                    try:
+                        await trio.sleep_forever()
+                    finally:
+                        self_ended.add(self.token)
+                        raise RuntimeError("background fails when cancelled")
+                await trio.sleep(delay)
+                if how == "fail":
+                    self_ended.add(self.token)
+                    raise RuntimeError("background fails")
+
+            def background(self, ctx: Context) -> None:
+                ctx.nursery.start_soon(
+                    self.fail_later,
+                    self.rng.choice([0.0, 0.001, 0.05, 0.5, 5.0]),
+                    self.rng.choice(["fail", "fail", "return", "when_cancelled"]),
+                )
+
+            def spawn(self, ctx: Context) -> None:
+                if depth >= 2:
+                    return
+                restart = self.rng.choice(RESTART_TYPES)
+                r = self.rng.random()
+                target: Any
+                if r < 0.6:
+                    target = agent(make_faulty(depth + 1), restart=restart)
+                elif r < 0.75:
+                    target = agent(make_faulty(depth + 1, "lazy"), restart=restart)
+                elif r < 0.85:
+                    target = agent(make_faulty(depth + 1, "quiet"), restart=restart)
+                else:
+                    target = Supervisor(
+                        strategy=self.rng.choice(STRATEGIES),
+                        max_restarts=self.rng.randint(0, 3),
+                        backoff=Backoff(0.001, 0.01),
+                        restart=restart,
+                        children=[
+                            agent(make_faulty(depth + 1, self.rng.choice(["full", "lazy"])))
+                            for _ in range(self.rng.randint(1, 2))
+                        ],
+                    )
+                with suppress(KernelShuttingDown):
+                    ref = ctx.spawn(target)
+                    linked_ids.append(ref.id)
+                    if phase() < KernelPhase.STOPPING:
+                        spawned_by.setdefault(self.token, []).append(ref.id)
+
+            async def on_start(self, ctx: Context) -> None:
+                agent_ids.add(ctx.id)
+                entered[self.token] += 1
+                runs_of.setdefault(ctx.id, []).append(self.token)
+                if phase() >= KernelPhase.STOPPING:
+                    late_starts.append(self.token)
+                r = self.rng.random()
+                if r < 0.1:
+                    await trio.sleep(self.rng.choice([0.001, 0.05]))
+                for _ in range(self.rng.choice([0, 0, 1, 2])):
+                    self.spawn(ctx)
+                if self.rng.random() < 0.3:
+                    self.background(ctx)
+                if self.rng.random() < 0.1:
+                    self_ended.add(self.token)
+                    raise RuntimeError("on_start fails")
+                returned[self.token] += 1
+
+            async def handle(self, ctx: Context, msg: Message) -> None:
+                agent_ids.add(ctx.id)
+                action, argument = msg.payload
+                if action == "sleep":
+                    await trio.sleep(argument)
+                elif action == "fail":
+                    self_ended.add(self.token)
+                    raise RuntimeError("handler fails")
+                elif action == "spawn":
+                    self.spawn(ctx)
+                elif action == "background":
+                    self.background(ctx)
+                elif action == "exit":
+                    self_ended.add(self.token)
+                    ctx.stop()
+                elif action == "send":
+                    with suppress(AgentNotFound, MailboxFull, KernelShuttingDown):
+                        await ctx.send(argument, ("ok", None))
+                elif action == "shutdown":
+                    await ctx.kernel.shutdown()
+
+            async def on_stop(self, ctx: Context) -> None:
+                agent_ids.add(ctx.id)
+                stopped[self.token] += 1
+                stop_order[self.token] = len(stop_order)
+                r = self.rng.random()
+                if r < 0.05:
+                    self.spawn(ctx)
+                elif r < 0.15:
+                    await trio.sleep(0.05)
+                elif r < 0.25:
+                    self_ended.add(self.token)
+                    raise OSError("on_stop fails")
+
+        if kind != "full":
+            del Faulty.on_start
+            if kind == "quiet":
+                del Faulty.on_stop
+        return Faulty
+
+    agent_names: list[str] = []
+    sup_names: list[str] = []
+    counter = itertools.count()
+    # A supervisor past its shutdown_timeout is cancelled with its whole subtree at once
+    # (as OTP's brutal_kill): the stop order below it is not kept then.
+    sup_timeouts = rng.random() < 0.3
+    specs = [
+        build(
+            tree,
+            lambda name: agent(
+                make_faulty(0),
+                name=name,
+                restart=rng.choice(RESTART_TYPES),
+                shutdown_timeout=rng.choice([None, None, 0.5]),
+            ),
+            lambda name, strategy, children: Supervisor(
+                strategy=strategy,
+                children=children,
+                name=name,
+                max_restarts=rng.randint(1, 5),
+                within=5.0,
+                backoff=Backoff(0.001, 0.01),
+                restart=rng.choice(RESTART_TYPES),
+                shutdown_timeout=rng.choice([math.inf, 0.5]) if sup_timeouts else math.inf,
+            ),
+            counter,
+            agent_names,
+            sup_names,
+        )
+        for tree in forest
+    ]
+    members = subtree_members(forest)
+    assert set(members) == set(sup_names)
+    assert set(itertools.chain(*members.values())) <= set(agent_names + sup_names)
+    config = Config(
+        kernel=KernelConfig(
+            dead_letter_buffer=100_000,
+            shutdown_grace_ms=rng.choice([0, 100, 1000]),
+            handle_timeout_ms=1000,
+            send_timeout_ms=100,
+            mailbox_capacity=rng.choice([2, 16, 1024]),
+        ),
+        supervision=SupervisionConfig(
+            max_restarts=rng.randint(1, 5),
+            backoff_initial_ms=1,
+            backoff_max_ms=10,
+            escalate_to_kernel=rng.random() < 0.2,
+        ),
+    )
+    actions = ("ok", "sleep", "fail", "spawn", "spawn", "background", "exit", "send")
+    plan: list[tuple[Any, ...]] = []
+    for _ in range(rng.randint(0, 30)):
+        kind = rng.random()
+        if kind < 0.1:
+            plan.append(("stop",))
+        elif kind < 0.25:
+            plan.append(("fail_and_stop",))
+        elif kind < 0.35:
+            plan.append(("pause", rng.choice([0.001, 0.01, 0.05, 0.5])))
+        elif kind < 0.37:
+            plan.append(("shutdown",))
+        elif kind < 0.5 and sup_names:
+            # Failures enough to restart a supervisor (or make it escalate), a stop of
+            # something under it and maybe the shutdown, all in the same tick.
+            sup = rng.choice(sup_names)
+            plan.append(("burst", sup, rng.randint(1, 6), rng.random() < 0.7, rng.random() < 0.2))
+        elif agent_names:
+            action = rng.choice(actions)
+            argument: Any = None
+            if action == "sleep":
+                argument = rng.choice([0.01, 0.2, 2.0])
+            elif action == "send":
+                argument = rng.choice(agent_names)
+            if rng.random() < 0.03:
+                action = "shutdown"
+            plan.append(("send", rng.choice(agent_names), (action, argument)))
+    stop_after = rng.choice([0.0, 0.001, 0.01, 0.3, 3.0])
+    failed_agent_events: list[Any] = []
+    stats: Any = None
+
+    async def scenario() -> None:
+        nonlocal stats
+        baseline = tasks_living()
+        with trio.fail_after(MOCK_LIMIT):
+            async with trio.open_nursery() as outside:
+                # (with escalate_to_kernel, the kernel shuts itself down and says so)
+                with suppress(SupervisorEscalation):
+                    async with open_kernel(config, seed=seed) as kernel:
+                        kernels.append(kernel)
+                        events = kernel.events(100_000)
+
+                        async def collect() -> None:
+                            async for event in events:
+                                if event.kind is EventKind.FAILED:
+                                    failed_agent_events.append(event)
+
+                        outside.start_soon(collect)
+                        for spec in specs:
+                            kernel.spawn(spec)
+
+                        async def stop(target: Any) -> None:
+                            with suppress(AgentNotFound):
+                                await kernel.stop(target)
+
+                        def stop_target() -> Any:
+                            pool = agent_names + sup_names + [str(i) for i in linked_ids]
+                            if not pool:
+                                return None
+                            target = rng.choice(pool)
+                            return uuid.UUID(target) if "-" in target else target
+
+                        for step in plan:
+                            with suppress(AgentNotFound, MailboxFull, KernelShuttingDown):
+                                if step[0] == "stop":
+                                    target = stop_target()
+                                    if target is not None:
+                                        outside.start_soon(stop, target)
+                                elif step[0] == "fail_and_stop":
+                                    # A failure that restarts a group (or escalates), and a
+                                    # stop, in the same tick.
+                                    target = stop_target()
+                                    if agent_names:
+                                        kernel.send_nowait(rng.choice(agent_names), ("fail", None))
+                                    if target is not None:
+                                        outside.start_soon(stop, target)
+                                elif step[0] == "burst":
+                                    _, sup, failures, stop_one, shut_down = step
+                                    under = members[sup]
+                                    under_agents = [n for n in under if n.startswith("a")]
+                                    for _ in range(failures if under_agents else 0):
+                                        with suppress(AgentNotFound, MailboxFull):
+                                            kernel.send_nowait(
+                                                rng.choice(under_agents), ("fail", None)
+                                            )
+                                    if stop_one and under:
+                                        outside.start_soon(stop, rng.choice(under))
+                                    if shut_down:
+                                        outside.start_soon(kernel.shutdown)
+                                elif step[0] == "pause":
+                                    await trio.sleep(step[1])
+                                elif step[0] == "shutdown":
+                                    outside.start_soon(kernel.shutdown)
+                                else:
+                                    await kernel.send(step[1], step[2])
+                        await trio.sleep(stop_after)
+        assert tasks_living() == baseline, "the kernel left tasks behind"
+        stats = kernels[0].stats()
+        assert stats.in_flight == 0
+        assert_conserved(kernels[0])
+
+    run_example(scenario)
+
+    assert not late_starts, f"runs started after the tree began to stop: {late_starts}"
+    assert all(stopped[t] == 1 for t in returned), "an on_start that returned has no one on_stop"
+    assert all(n <= 1 for n in stopped.values()), "a run stopped twice"
+    assert all(n == 1 for n in entered.values())
+    for parent, children in spawned_by.items() if not sup_timeouts else ():
+        if parent in self_ended or parent not in stop_order:
+            continue
+        for child in children:
+            for run in runs_of.get(child, []):
+                if returned[run] and run not in self_ended:
+                    assert stop_order.get(run, -1) < stop_order[parent], (
+                        "a linked child stopped after its parent"
+                    )
+    failed_runs = [e for e in failed_agent_events if e.agent_id in agent_ids]
+    assert len(failed_runs) == stats.failed + stats.run_failures, (
+        f"{len(failed_runs)} failed events for {stats.failed} handler failures and "
+        f"{stats.run_failures} run failures"
+    )
 
 
 # --- regressions found by fault injection (test_fault_injection_...), made deterministic ---
