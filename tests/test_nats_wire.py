@@ -255,9 +255,12 @@ def test_a_named_tell_reads_the_same_the_second_time() -> None:
     # the second tell to a name takes the short way (the name cached by its bytes): the
     # same message, and the same errors for a bad kind or payload after the name
     named = _binary(tag=0x81, rest=b"\x00\x05alice[1]")
-    assert wire.decode_tell(named).to == "alice"
-    assert wire.decode_tell(named) == wire.decode_tell(named)
-    assert wire.decode_tell(named).payload == [1]
+    written = ("alice", MessageKind.COMMAND, 7, uuid.UUID(bytes=b"\x01" * 16), [1])
+    first, second = wire.decode_tell(named), wire.decode_tell(named)
+    for msg in (first, second):
+        assert (msg.to, msg.kind, msg.timestamp, msg.id, msg.payload) == written
+        assert msg.sender == uuid.UUID(bytes=b"\x02" * 16)
+    assert second == first
     for body, field in [
         (_binary(tag=0x81, rest=b"\x00\x05alice[1"), "payload"),
         (_binary(tag=0x81, kind=9, rest=b"\x00\x05alice[1]"), "kind"),
