@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import pytest
 import trio
 import trio.testing
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from nexus_trio import (
@@ -608,8 +608,14 @@ tree_shapes = st.recursive(
     shape=tree_shapes,
     failures=st.lists(st.integers(min_value=0, max_value=7), max_size=12),
     max_restarts=st.integers(min_value=0, max_value=4),
+    escalate=st.booleans(),
 )
-def test_random_trees_and_failures(shape: Any, failures: list[int], max_restarts: int) -> None:
+# The root escalates to the kernel: at once, and through a nested supervisor.
+@example(shape="agent", failures=[0], max_restarts=0, escalate=True)
+@example(shape=("one_for_all", ["agent", "agent"]), failures=[1, 1], max_restarts=0, escalate=True)
+def test_random_trees_and_failures(
+    shape: Any, failures: list[int], max_restarts: int, escalate: bool
+) -> None:
     names: list[str] = []
 
     def build(node: Any) -> Any:
@@ -626,12 +632,26 @@ def test_random_trees_and_failures(shape: Any, failures: list[int], max_restarts
             backoff=Backoff(initial=0.01, maximum=0.1, jitter=0.5),
         )
 
-    async def main() -> tuple[str, int, int]:
+    # A root that restarts (almost) forever, or one that takes the kernel down once its
+    # own intensity (max_restarts) is spent.
+    config = make_config()
+    if escalate:
+        config = Config(
+            supervision=SupervisionConfig(
+                max_restarts=max_restarts,
+                backoff_initial_ms=0,
+                backoff_max_ms=0,
+                escalate_to_kernel=True,
+            )
+        )
+
+    async def main() -> str:
         Journal.reset()
+        tasks_before = trio.lowlevel.current_statistics().tasks_living
         outcome = "clean"
         restarts = restarted_events = 0
         try:
-            async with open_kernel(make_config(), seed=7) as kernel, record_events(kernel) as rec:
+            async with open_kernel(config, seed=7) as kernel, record_events(kernel) as rec:
                 kernel.spawn(build(shape))
                 for i in failures:
                     name = names[i % len(names)]
@@ -643,8 +663,11 @@ def test_random_trees_and_failures(shape: Any, failures: list[int], max_restarts
                 restarted_events = len(rec.of("restarted"))
         except SupervisorEscalation as exc:
             outcome = "escalated"
-            chain = exc.chain
+            assert escalate, "only a root told to escalate takes the kernel down"
+            chain, last_error = exc.chain, exc.last_error
             assert chain[:2] == ("kernel", "root")
+            assert chain[-1] in names
+            assert repr(last_error) == repr(RuntimeError(f"{chain[-1]} exploded"))
         assert kernel.agents() == []
         assert_conserved(kernel)
         starts = len(Journal.of("start"))
@@ -652,9 +675,12 @@ def test_random_trees_and_failures(shape: Any, failures: list[int], max_restarts
         assert starts == stops, "every started agent ran on_stop exactly once per run"
         if outcome == "clean":
             assert restarts == restarted_events
-        return outcome, restarts, starts
+        # Nothing of the kernel is left running.
+        assert trio.lowlevel.current_statistics().tasks_living == tasks_before
+        return outcome
 
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    outcome = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    event(outcome)
 
 
 async def test_agents_spawned_at_run_time_start_in_spawn_order(autojump_clock: Any) -> None:
