@@ -79,7 +79,6 @@ class AgentCell(Child):
     __slots__ = (
         "_cancel_reason",
         "_dormant_run",
-        "_failure",
         "_handler_scope",
         "_held",
         "_make_context",
@@ -162,7 +161,6 @@ class AgentCell(Child):
         self._handler_scope: trio.CancelScope | None = None
         self._suspended = False
         self._cancel_reason: DeadLetterReason | None = None
-        self._failure: BaseException | None = None
         self._dormant_run = 0
         self._make_context = make_context
         #: built on the first run: an agent that never runs needs none
@@ -218,10 +216,6 @@ class AgentCell(Child):
             self.mailbox.close(), dl_reason, self, f"agent stopped ({reason})"
         )
 
-    def take_failure(self) -> BaseException | None:
-        failure, self._failure = self._failure, None
-        return failure
-
     def stops_quietly(self) -> bool:
         return self.spec.stops_quietly
 
@@ -247,7 +241,6 @@ class AgentCell(Child):
         self.exit_requested = self.terminating
         self.interrupted = self.terminating or self._held
         self.exit_directive = None
-        self._failure = None
         behaviour: Behaviour = self.spec.factory()
         ctx = self.ctx
         if ctx is None:

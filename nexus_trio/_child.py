@@ -241,10 +241,6 @@ class Child:
     def on_retired(self, reason: str) -> None:
         """Called once the child is stopped for good (not restarted)."""
 
-    def take_failure(self) -> BaseException | None:
-        """A failure recorded while the run was cancelled from inside."""
-        return None
-
     def stops_quietly(self) -> bool:
         """True if stopping runs no user code, so the stop order cannot be observed."""
         return False

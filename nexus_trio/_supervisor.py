@@ -472,8 +472,6 @@ class SupervisorNode(Child, ChildOwner):
                 error = exc
             finally:
                 heap.run_ended()
-            if error is None:
-                error = child.take_failure()
         finally:
             child.running = False
             if gate is not None:
