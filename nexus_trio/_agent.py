@@ -265,6 +265,13 @@ def _spec_for(target: Any, options: dict[str, Any]) -> AgentSpec:
     if inspect.isclass(target):
         if not callable(getattr(target, "handle", None)):
             raise TypeError(f"agent class {target.__qualname__} has no handle(ctx, msg) method")
+        for hook in ("on_start", "on_stop"):
+            if not callable(getattr(target, hook, None)):
+                # (every run calls both: the first start, or every stop, would fail)
+                raise TypeError(
+                    f"agent class {target.__qualname__} has no {hook}(ctx) method: subclass"
+                    " nexus_trio.Agent, which has both hooks, or define it"
+                )
         handle = inspect.getattr_static(target, "handle")
         if inspect.isfunction(handle):  # called on an instance: self, ctx, msg
             _check_handler_signature(handle, f"{target.__name__}.handle", 3)

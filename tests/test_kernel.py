@@ -956,8 +956,8 @@ def test_agent_refuses_a_handler_that_cannot_be_called_with_ctx_and_msg() -> Non
     async def three(ctx: Any, msg: Any, extra: Any) -> None:
         return None
 
-    class Unbound:
-        async def handle(self, msg: Any) -> None:
+    class Unbound(Agent):
+        async def handle(self, msg: Any) -> None:  # type: ignore[override]
             return None
 
     for target, shown in ((one, "one(ctx)"), (three, "three(ctx, msg, extra)")):
@@ -972,13 +972,42 @@ def test_agent_refuses_a_handler_that_cannot_be_called_with_ctx_and_msg() -> Non
     async def star(*args: Any) -> None:
         return None
 
-    class Static:
+    class Static(Agent):
         @staticmethod
         async def handle(ctx: Any, msg: Any) -> None:
             return None
 
     for fine in (defaults, star, Static):
         agent(fine)
+
+
+def test_agent_refuses_a_class_without_the_lifecycle_hooks() -> None:
+    """A class with ``handle`` but not ``on_start`` / ``on_stop`` (not an ``Agent``
+    subclass) was taken, and every run failed at its start, or at every stop."""
+
+    class NoStop:
+        async def on_start(self, ctx: Any) -> None:
+            return None
+
+        async def handle(self, ctx: Any, msg: Any) -> None:
+            return None
+
+    class NoStart:
+        async def on_stop(self, ctx: Any) -> None:
+            return None
+
+        async def handle(self, ctx: Any, msg: Any) -> None:
+            return None
+
+    for cls, hook in ((NoStop, "on_stop"), (NoStart, "on_start")):
+        with pytest.raises(TypeError, match=rf"has no {hook}\(ctx\) method: subclass"):
+            agent(cls)
+
+    class Both(NoStop):
+        async def on_stop(self, ctx: Any) -> None:
+            return None
+
+    agent(Both)
 
 
 async def test_a_request_timeout_that_is_not_a_number_is_named() -> None:
