@@ -334,6 +334,49 @@ def test_run_app_main_in_process_summary_adds_up(app_module):
     assert summary["failed"] == 1
 
 
+RUN_FAILURE_APP = """
+    import trio
+    from nexus_trio import Agent, agent
+
+    class Flaky(Agent):
+        starts = 0
+
+        async def on_start(self, ctx):
+            Flaky.starts += 1
+            if Flaky.starts <= 2:
+                raise RuntimeError("not yet")
+
+        async def handle(self, ctx, msg):
+            return None
+
+    async def main(kernel):
+        kernel.spawn(agent(Flaky, name="flaky", restart="permanent"))
+        while Flaky.starts < 3:
+            await trio.sleep(0.01)
+"""
+
+
+def test_the_summary_counts_runs_that_failed_outside_a_handler(isolated):
+    from rich.console import Console
+
+    from nexus_trio.cli._cluster_cmd import aggregate_summaries
+    from nexus_trio.cli._view import summary_table
+
+    (isolated / "run_failure_app.py").write_text(textwrap.dedent(RUN_FAILURE_APP))
+    sys.modules.pop("run_failure_app", None)
+    try:
+        result = invoke(["run", "--app", "run_failure_app:main", "--json", "--no-live"])
+    finally:
+        sys.modules.pop("run_failure_app", None)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["run_failures"], summary["failed"], summary["restarts"]) == (2, 0, 2)
+    assert aggregate_summaries([summary, summary])["run_failures"] == 4
+    console = Console(record=True, width=200)
+    console.print(summary_table(summary))
+    assert re.search(r"run failures\s+2\b", console.export_text())
+
+
 def test_run_app_spec_list_runs_for_the_duration(app_module):
     result = invoke(["run", "--app", f"{app_module}:specs", "-d", "0.3", "--json", "--no-live"])
     assert result.exit_code == 0, result.output

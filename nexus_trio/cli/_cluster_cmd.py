@@ -70,6 +70,7 @@ _SUMMED: Final = (
     "dead_letters",
     "in_flight",
     "failed",
+    "run_failures",
     "timed_out",
     "restarts",
     "msgs_per_s",

@@ -693,6 +693,7 @@ def build_summary(
         "in_flight": in_flight,
         "rejected": dict(stats.rejected) if stats else {},
         "failed": stats.failed if stats else 0,
+        "run_failures": stats.run_failures if stats else 0,
         "timed_out": stats.timed_out if stats else 0,
         "restarts": stats.restarts if stats else 0,
         # the rate while the workload ran: the shutdown is in elapsed_s, not in the rate

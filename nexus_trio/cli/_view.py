@@ -253,6 +253,7 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
     table.add_row("in flight", fmt_count(summary["in_flight"]))
     table.add_row("rejected sends", fmt_reasons(summary["rejected"]))
     table.add_row("failed", fmt_count(summary["failed"]))
+    table.add_row("run failures", fmt_count(summary.get("run_failures", 0)))
     table.add_row("timed out", fmt_count(summary["timed_out"]))
     table.add_row("restarts", fmt_count(summary["restarts"]))
     table.add_row("throughput", f"{fmt_count(summary['msgs_per_s'])} msg/s during run")
