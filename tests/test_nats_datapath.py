@@ -1423,24 +1423,7 @@ async def test_a_tell_waiting_for_credit_when_its_node_joins_again_goes_on_the_n
     gate, three = trio.Event(), trio.Event()
     handled: list[Any] = []
     slow = attrs.evolve(FAST, heartbeat_interval=30.0)  # no heartbeat tick in the test
-    deaf: list[Cluster] = []
-    held: list[bytes] = []
-    original_frame = Cluster._control_frame
-    original_apply = Cluster._apply_member_entry
-
-    def frame(self: Cluster, head: batch.BatchHead, kind: int, body: bytes) -> None:
-        if not (deaf and self is deaf[0] and head.node == "b"):
-            original_frame(self, head, kind, body)
-
-    def applying(self: Cluster, key: str, value: bytes | None, op: str | None) -> None:
-        if deaf and self is deaf[0] and key == "b":
-            if value and op != "DEL":
-                held.append(value)  # the new join's record, applied by the test below
-            return
-        original_apply(self, key, value, op)
-
-    monkeypatch.setattr(Cluster, "_control_frame", frame)
-    monkeypatch.setattr(Cluster, "_apply_member_entry", applying)
+    deaf, held = _deaf_to_b(monkeypatch)
     async with open_kernel(_config()) as kb:
         kb.spawn(_gated("stalled", gate, handled, (3, three)))
         kb.spawn(_ping)
@@ -1459,7 +1442,7 @@ async def test_a_tell_waiting_for_credit_when_its_node_joins_again_goes_on_the_n
                     await ca.wait_for_name("marker")
                     assert held and not settled.is_set()
                     deaf.clear()
-                    original_apply(ca, "b", held[-1], None)  # b's new join, heard now
+                    Cluster._apply_member_entry(ca, "b", held[-1], None)  # b's new join, heard now
                     await settled.wait()  # (a's send deadline is 10 s)
                     assert outcome == [None]
                     gate.set()
@@ -1485,32 +1468,16 @@ async def test_a_tell_routed_again_after_its_wait_keeps_its_first_send_deadline(
     gate = trio.Event()
     handled: list[Any] = []
     slow = attrs.evolve(FAST, heartbeat_interval=30.0)  # no heartbeat tick in the test
-    deaf: list[Cluster] = []
-    held: list[bytes] = []
+    deaf, held = _deaf_to_b(monkeypatch)
     # per sending task: the links it waited on for credit, with its deadline each time
     waits: defaultdict[int, list[tuple[int, float]]] = defaultdict(list)
-    original_frame = Cluster._control_frame
-    original_apply = Cluster._apply_member_entry
     original_wait = batch.NodeLink.wait_for_room
-
-    def frame(self: Cluster, head: batch.BatchHead, kind: int, body: bytes) -> None:
-        if not (deaf and self is deaf[0] and head.node == "b"):
-            original_frame(self, head, kind, body)
-
-    def applying(self: Cluster, key: str, value: bytes | None, op: str | None) -> None:
-        if deaf and self is deaf[0] and key == "b":
-            if value and op != "DEL":
-                held.append(value)  # the new join's record, applied by the test below
-            return
-        original_apply(self, key, value, op)
 
     async def waiting(link: batch.NodeLink) -> None:
         task = id(trio.lowlevel.current_task())
         waits[task].append((id(link), trio.current_effective_deadline()))
         await original_wait(link)
 
-    monkeypatch.setattr(Cluster, "_control_frame", frame)
-    monkeypatch.setattr(Cluster, "_apply_member_entry", applying)
     monkeypatch.setattr(batch.NodeLink, "wait_for_room", waiting)
     outcomes: list[NexusError | None] = []
     async with open_kernel(_config()) as kb:
@@ -1546,7 +1513,7 @@ async def test_a_tell_routed_again_after_its_wait_keeps_its_first_send_deadline(
                     await ca.wait_for_name("marker")
                     assert held and not outcomes
                     deaf.clear()
-                    original_apply(ca, "b", held[-1], None)  # b's new join, heard now
+                    Cluster._apply_member_entry(ca, "b", held[-1], None)  # b's new join, heard now
                     while len(outcomes) < 3:
                         await ka.request("ping", None)
                     gate.set()
@@ -1793,33 +1760,8 @@ async def test_tells_sent_to_a_node_that_left_before_its_sender_heard_it_are_cou
     deep for the parser raised out of the handler, uncounted.)"""
     records: list[Any] = []
     slow = attrs.evolve(FAST, heartbeat_interval=30.0)  # no heartbeat tick in the test
-    deaf: list[Cluster] = []
     fakes: list[str] = []
-    held_notices: list[Any] = []
-    held_deletes: list[tuple[str, bytes | None, str | None]] = []
-    original_heartbeat = Cluster._on_heartbeat
-    original_apply = Cluster._apply_member_entry
-
-    heard = trio.Event()  # all of b's leave: its notices and its record's delete
-
-    async def heartbeat(self: Cluster, m: Any) -> None:
-        if deaf and self is deaf[0] and m.subject.endswith(".b") and not m.data:
-            held_notices.append(m)
-            if held_deletes and len(held_notices) == 2:
-                heard.set()
-            return
-        await original_heartbeat(self, m)
-
-    def applying(self: Cluster, key: str, value: bytes | None, op: str | None) -> None:
-        if deaf and self is deaf[0] and key == "b" and op == "DEL":
-            held_deletes.append((key, value, op))
-            if len(held_notices) == 2:
-                heard.set()
-            return
-        original_apply(self, key, value, op)
-
-    monkeypatch.setattr(Cluster, "_on_heartbeat", heartbeat)  # (before a subscribes)
-    monkeypatch.setattr(Cluster, "_apply_member_entry", applying)
+    deaf, held_notices, held_deletes, heard = _deaf_to_bs_leave(monkeypatch)
     async with open_kernel(_config()) as kb:
         col = kb.spawn(agent(_collector(records), name="col"))
         async with _node(nats.url, "a", heartbeat_interval=30.0) as (ka, ca):
@@ -1884,31 +1826,7 @@ async def test_tells_sent_to_a_node_whose_last_notice_is_lost_are_counted(
     the notice heard after that counts nothing more."""
     records: list[Any] = []
     slow = attrs.evolve(FAST, heartbeat_interval=30.0)  # no heartbeat tick in the test
-    deaf: list[Cluster] = []
-    held_notices: list[Any] = []
-    held_deletes: list[tuple[str, bytes | None, str | None]] = []
-    original_heartbeat = Cluster._on_heartbeat
-    original_apply = Cluster._apply_member_entry
-    heard = trio.Event()  # all of b's leave: its notices and its record's delete
-
-    async def heartbeat(self: Cluster, m: Any) -> None:
-        if deaf and self is deaf[0] and m.subject.endswith(".b") and not m.data:
-            held_notices.append(m)
-            if held_deletes and len(held_notices) == 2:
-                heard.set()
-            return
-        await original_heartbeat(self, m)
-
-    def applying(self: Cluster, key: str, value: bytes | None, op: str | None) -> None:
-        if deaf and self is deaf[0] and key == "b" and op == "DEL":
-            held_deletes.append((key, value, op))
-            if len(held_notices) == 2:
-                heard.set()
-            return
-        original_apply(self, key, value, op)
-
-    monkeypatch.setattr(Cluster, "_on_heartbeat", heartbeat)  # (before a subscribes)
-    monkeypatch.setattr(Cluster, "_apply_member_entry", applying)
+    deaf, held_notices, held_deletes, heard = _deaf_to_bs_leave(monkeypatch)
     async with open_kernel(_config()) as kb:
         col = kb.spawn(agent(_collector(records), name="col"))
         async with _node(nats.url, "a", heartbeat_interval=30.0) as (ka, ca):
@@ -2688,3 +2606,63 @@ async def test_tells_sent_through_a_leave_are_each_handled_or_counted_once(
         sum(b.inbound_dropped.values()) + b.lost_in_transit + a.publish_failures + a.lost_at_leave
     )
     assert accepted == len(records) + counted, (accepted, len(records), a, b)
+
+
+def _deaf_to_b(monkeypatch: pytest.MonkeyPatch) -> tuple[list[Cluster], list[bytes]]:
+    """The node put into ``deaf`` (once the test appends it) hears nothing of node b:
+    neither its control frames (credit, notices) nor its membership records, whose new
+    values are kept in ``held`` for the test to apply when it chooses."""
+    deaf: list[Cluster] = []
+    held: list[bytes] = []
+    original_frame = Cluster._control_frame
+    original_apply = Cluster._apply_member_entry
+
+    def frame(self: Cluster, head: batch.BatchHead, kind: int, body: bytes) -> None:
+        if not (deaf and self is deaf[0] and head.node == "b"):
+            original_frame(self, head, kind, body)
+
+    def applying(self: Cluster, key: str, value: bytes | None, op: str | None) -> None:
+        if deaf and self is deaf[0] and key == "b":
+            if value and op != "DEL":
+                held.append(value)  # the new join's record, applied by the test
+            return
+        original_apply(self, key, value, op)
+
+    monkeypatch.setattr(Cluster, "_control_frame", frame)
+    monkeypatch.setattr(Cluster, "_apply_member_entry", applying)
+    return deaf, held
+
+
+def _deaf_to_bs_leave(
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[list[Cluster], list[Any], list[tuple[str, bytes | None, str | None]], trio.Event]:
+    """The node put into ``deaf`` does not hear node b leave: b's leave announcement and
+    last notice (empty heartbeats on its subject) go to ``held_notices``, the delete of
+    its record to ``held_deletes``; ``heard`` is set once all three were held. Patched
+    before the node subscribes."""
+    deaf: list[Cluster] = []
+    held_notices: list[Any] = []
+    held_deletes: list[tuple[str, bytes | None, str | None]] = []
+    original_heartbeat = Cluster._on_heartbeat
+    original_apply = Cluster._apply_member_entry
+    heard = trio.Event()  # all of b's leave: its notices and its record's delete
+
+    async def heartbeat(self: Cluster, m: Any) -> None:
+        if deaf and self is deaf[0] and m.subject.endswith(".b") and not m.data:
+            held_notices.append(m)
+            if held_deletes and len(held_notices) == 2:
+                heard.set()
+            return
+        await original_heartbeat(self, m)
+
+    def applying(self: Cluster, key: str, value: bytes | None, op: str | None) -> None:
+        if deaf and self is deaf[0] and key == "b" and op == "DEL":
+            held_deletes.append((key, value, op))
+            if len(held_notices) == 2:
+                heard.set()
+            return
+        original_apply(self, key, value, op)
+
+    monkeypatch.setattr(Cluster, "_on_heartbeat", heartbeat)
+    monkeypatch.setattr(Cluster, "_apply_member_entry", applying)
+    return deaf, held_notices, held_deletes, heard
