@@ -40,6 +40,8 @@ log = logging.getLogger("nexus_trio.pool")
 
 #: control payloads the router answers itself instead of forwarding
 RESIZE: Final = "$resize"
+#: the most workers a pool grows to by default (see :func:`pool`'s ``max_size``)
+DEFAULT_MAX_SIZE: Final = 1024
 WORKERS: Final = "$workers"
 BROADCAST: Final = "$broadcast"
 _CONTROL: Final = frozenset({RESIZE, WORKERS, BROADCAST})
@@ -191,6 +193,8 @@ class _PoolPlan:
     key: Callable[[Message], Any] | None
     virtual_nodes: int
     supervision: Supervisor
+    #: the most workers a ``$resize`` may grow the pool to
+    max_size: int
     #: per router id, the workers' supervisor its last run spawned (one small entry per
     #: router ever spawned from this spec): a restarted router stops only its own
     supervisors: dict[uuid.UUID, AgentRef] = attrs.field(factory=dict, eq=False)
@@ -205,6 +209,7 @@ def pool(
     name: str = "workers",
     virtual_nodes: int = 100,
     supervision: Supervisor | None = None,
+    max_size: int | None = None,
 ) -> AgentSpec:
     """A spec for a pool of ``size`` copies of ``worker`` behind the address ``name``.
 
@@ -216,7 +221,9 @@ def pool(
     3 restarts within 5 s). ``routing`` is ``"round_robin"``, ``"least_loaded"`` or
     ``"consistent_hash"``; the last needs ``key``, a function of the message whose
     result (text, bytes, UUID or JSON-compatible) picks the worker. ``virtual_nodes`` is
-    the number of ring points per worker for consistent hashing.
+    the number of ring points per worker for consistent hashing. ``max_size`` bounds
+    what a ``$resize`` may grow the pool to (default: the larger of 1,024 and ``size``):
+    a resize can come from any sender, and each worker costs memory.
 
     The router's own limits (mailbox capacity, handle timeout) are the kernel's
     defaults; change them with ``pool(...).with_options(...)``.
@@ -241,7 +248,11 @@ def pool(
         raise TypeError(f"supervision must be a Supervisor, got {type(supervision).__name__}")
     elif supervision.children:
         raise ValueError("the pool starts its own workers: supervision= must have no children")
-    plan = _PoolPlan(worker_spec, size, mode, key, virtual_nodes, supervision)
+    if max_size is None:
+        max_size = max(size, DEFAULT_MAX_SIZE)
+    elif isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < size:
+        raise ValueError(f"max_size must be an integer >= size, {size}, got {max_size!r}")
+    plan = _PoolPlan(worker_spec, size, mode, key, virtual_nodes, supervision, max_size)
 
     def router() -> _PoolRouter:
         return _PoolRouter(plan)
@@ -447,6 +458,10 @@ class _PoolRouter(Agent):
             size = _check_size(value, f"pool {self.name!r}: {RESIZE}")
         except ValueError as exc:
             raise MessageFailed(str(exc)) from None
+        if size > self.plan.max_size:
+            raise MessageFailed(
+                f"pool {self.name!r}: {RESIZE} to {size} is past its max_size, {self.plan.max_size}"
+            )
         if size > len(self.workers):
             self._grow(ctx, size)
             return {"size": len(self.workers)}

@@ -491,6 +491,28 @@ async def test_bad_resize_requests_name_the_problem(autojump_clock: Any) -> None
         assert len(await pool_workers(kernel, "workers")) == 2
 
 
+async def test_a_pool_grows_no_further_than_its_max_size(autojump_clock: Any) -> None:
+    """A ``$resize`` may come from any sender (another node, a process agent): one asking
+    for ten million workers spawned them all in one go, without a yield, until memory
+    ran out. A pool grows to ``max_size`` at most (by default the larger of 1,024 and
+    its first size); past it, the request is refused, naming the bound."""
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(recording_worker([]), size=2))
+        kernel.spawn(pool(recording_worker([]), size=2, max_size=3, name="small"))
+        with pytest.raises(RequestFailed) as info:
+            await kernel.request("workers", {"$resize": 10**7})
+        assert "pool 'workers': $resize to 10000000 is past its max_size, 1024" in str(info.value)
+        with pytest.raises(RequestFailed, match="past its max_size, 3"):
+            await resize_pool(kernel, "small", 4)
+        assert await resize_pool(kernel, "small", 3) == 3
+        assert len(await pool_workers(kernel, "workers")) == 2
+        assert len(kernel.agents()) == 2 + 2 + 3  # the routers and their workers
+    big = pool(recording_worker([]), size=2000)  # a larger first size is its bound
+    with pytest.raises(ValueError, match="max_size must be an integer >= size, 5, got 4"):
+        pool(recording_worker([]), size=5, max_size=4)
+    assert big is not None
+
+
 async def test_growing_into_a_taken_name_reports_how_far_it_got(autojump_clock: Any) -> None:
     async with open_test_kernel() as kernel:
         kernel.spawn(pool(recording_worker([]), size=1))
