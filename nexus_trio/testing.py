@@ -168,13 +168,34 @@ def assert_no_dead_letters(kernel: Kernel) -> None:
 
 
 def assert_conserved(kernel: Kernel) -> None:
-    """Every accepted message is handled, replied, forwarded, dead-lettered or in flight."""
+    """Every accepted message is handled, replied, forwarded, dead-lettered or in flight,
+    and what the counters say is in flight is really there.
+
+    The kernel's ``in_flight`` is what the other counters leave of ``accepted``, so the
+    sum alone cannot catch a miscount: the messages in flight are also counted one by
+    one, from the tree (:meth:`Kernel.describe`): those queued in mailboxes, and those an
+    agent is handling. After the shutdown nothing may be in flight.
+    """
     s = kernel.stats()
     total = s.handled + s.replies_delivered + s.forwarded + s.dead_lettered + s.in_flight
     if s.accepted != total or s.in_flight < 0:
         raise AssertionError(f"message accounting does not add up: {s}")
-    if kernel.stopped and s.in_flight:
-        raise AssertionError(f"{s.in_flight} messages still in flight after shutdown")
+    if kernel.stopped:
+        if s.in_flight:
+            raise AssertionError(f"{s.in_flight} messages still in flight after shutdown")
+        return
+    queued = handling = 0
+    nodes = [kernel.describe()]
+    while nodes:
+        node = nodes.pop()
+        nodes.extend(node.get("children", ()))
+        queued += node.get("mailbox_depth", 0)
+        handling += node.get("handling") is not None
+    if s.in_flight != queued + handling:
+        raise AssertionError(
+            f"{s.in_flight} messages in flight by the counters, but {queued} queued in"
+            f" mailboxes and {handling} being handled: {s}"
+        )
 
 
 @attrs.define

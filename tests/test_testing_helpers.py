@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import pytest
 import trio
+import trio.testing
 
 from nexus_trio import Agent, Context, EventKind, Kernel, Message, agent
 from nexus_trio.testing import (
@@ -63,4 +65,37 @@ async def test_dead_letter_and_event_assertions(nexus_kernel: Kernel, autojump_c
     ]
     with pytest.raises(AssertionError, match="no dead letter with payload='good'"):
         assert_dead_lettered(nexus_kernel, payload="good")
+    assert_conserved(nexus_kernel)
+
+
+async def test_assert_conserved_counts_what_is_in_flight_one_by_one(
+    nexus_kernel: Kernel, autojump_clock: Any
+) -> None:
+    """The kernel's ``in_flight`` is what its other counters leave of ``accepted``: the
+    sum the helper checked held whatever was miscounted (a message dropped without its
+    dead letter counted, say). It now counts the messages in flight from the tree."""
+    gate = trio.Event()
+
+    @agent
+    async def slow(ctx: Context, msg: Message) -> None:
+        await gate.wait()
+
+    ref = nexus_kernel.spawn(slow)
+    for i in range(3):
+        await nexus_kernel.send(ref, i)
+    await trio.testing.wait_all_tasks_blocked()
+    assert_conserved(nexus_kernel)  # 3 in flight: 1 being handled, 2 queued
+    real = type(nexus_kernel).stats
+
+    def miscounted(kernel: Kernel, *, agents: bool = False) -> Any:
+        # one message more accepted than is anywhere: lost, and counted nowhere
+        s = real(kernel, agents=agents)
+        return attrs.evolve(s, accepted=s.accepted + 1, in_flight=s.in_flight + 1)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(nexus_kernel), "stats", miscounted)
+        with pytest.raises(AssertionError, match="4 messages in flight by the counters, but 2"):
+            assert_conserved(nexus_kernel)
+    gate.set()
+    await settle()
     assert_conserved(nexus_kernel)
