@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from nexus_trio._nats import ClusterOptions
 from nexus_trio._nats._sequence import InboundSequences
 from nexus_trio._nats._streams import InboundStreams, parse_stream_name
-from nexus_trio._nats._throttle import Throttle
+from nexus_trio._throttle import Throttle
 
 OWN = 0xABC
 

@@ -1545,12 +1545,16 @@ async def test_a_line_past_the_limit_is_one_discarded_line_with_or_without_a_new
 
 @pytest.mark.parametrize("second", ["response", "error"])
 async def test_second_answer_to_a_message_is_discarded_as_unmatched_and_logged(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, second: str
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    mock_clock: trio.testing.MockClock,
+    second: str,
 ) -> None:
     """Regression: a second answer (response or error) to a message, read in the same
     batch as the first, found the message still in flight, answered: it was dropped
     without a word and counted nowhere (read a moment later, it was counted unmatched).
-    Now it is discarded as unmatched whenever it comes, and logged naming the message."""
+    Now it is discarded as unmatched whenever it comes, and logged naming the message
+    (a second apart: such warnings are logged at most once a second)."""
     caplog.set_level(logging.WARNING, logger="nexus_trio.bridge")
     cmd = script(
         tmp_path,
@@ -1573,10 +1577,11 @@ async def test_second_answer_to_a_message_is_discarded_as_unmatched_and_logged(
             raw(frame("response", m, "first") + frame({second!r}, m, "second"))
         """,
     )
-    async with bridge_kernel() as kernel:
+    async with mock_time_kernel() as kernel:
         ref = kernel.spawn(process_agent(cmd, name="d"))
         queried = await kernel.request(ref, "q")
         assert queried == "first"
+        mock_clock.jump(1.0)
         assert await kernel.request(ref, "again") == "first"
         stats = stats_of(kernel, ref)
         assert (stats.unmatched_responses, stats.late_responses) == (2, 0)
@@ -1742,6 +1747,97 @@ async def test_idle_protocol_2_child_is_pinged_and_one_that_does_not_answer_is_r
         # protocol 1 has no ping: nothing but the one message is ever written
         assert await kernel.request(old, {"op": "echo", "value": 3}) == 3
         assert stats_of(kernel, old).lines_out == 1
+
+
+#: a protocol-2 child that writes ``n`` copies of one bad line (before or after its
+#: register), answers each message with its payload and then writes the bad line once more
+FLOOD = """
+bad = {bad!r}
+if {before!r}:
+    raw(bad * {n})
+emit({{"type": "register", "payload": {{"id": str(uuid.uuid4()), "name": "f", "protocol": 2}}}})
+if not {before!r}:
+    raw(bad * {n})
+while True:
+    m = next_message()
+    emit({{"type": "response", "payload": {{"reply_to": m["id"], "payload": m["payload"]}}}})
+    raw(bad)
+"""
+
+
+@pytest.mark.parametrize(
+    ("bad", "before", "counter", "warned"),
+    [
+        (b"garbage\n", False, "invalid_lines", "not JSON"),
+        (b'{"type": "nonsense", "payload": 1}\n', False, "invalid_lines", "unknown frame"),
+        (b"x" * 300 + b"\n", False, "oversized_lines", "byte"),
+        (
+            b'{"type": "response", "payload": {"reply_to": "%s", "payload": 1}}\n'
+            % str(uuid.uuid4()).encode(),
+            False,
+            "unmatched_responses",
+            "matches no message in flight",
+        ),
+        (
+            b'{"type": "send", "payload": {"to": "nobody", "payload": 1}}\n',
+            False,
+            "sends_failed",
+            "refused",
+        ),
+        (b"garbage\n", True, "invalid_lines", "not JSON"),
+        (b"x" * 300 + b"\n", True, "oversized_lines", "byte"),
+    ],
+    ids=[
+        "not-json",
+        "unknown-type",
+        "oversized",
+        "unmatched",
+        "refused-send",
+        "before-register",
+        "oversized-before-register",
+    ],
+)
+async def test_a_flood_of_bad_lines_is_counted_whole_and_warned_about_once_a_second(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    mock_clock: trio.testing.MockClock,
+    bad: bytes,
+    before: bool,
+    counter: str,
+    warned: str,
+) -> None:
+    """Regression: every bad line of a child made one warning record: a child writing a
+    million invalid lines made a million log lines (a full disk, a drowned log). Now each
+    kind of per-line warning is logged at most once a second per agent, the next one says
+    how many were held back meanwhile, and the counters still count every line."""
+    caplog.set_level(logging.WARNING, logger="nexus_trio.bridge")
+    n = 1000
+    cmd = script(tmp_path, FLOOD.format(bad=bad, before=before, n=n))
+
+    def warnings() -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == "nexus_trio.bridge" and warned in r.getMessage()
+        ]
+
+    async with mock_time_kernel() as kernel:
+        ref = kernel.spawn(process_agent(cmd, name="flood", line_limit=200))
+        await until_real(lambda: getattr(stats_of(kernel, ref), counter) == n, f"{n} bad lines")
+        assert len(warnings()) == 1
+        # A second later (of the kernel's clock) the next one is logged, with the count
+        # of those held back.
+        mock_clock.jump(1.0)
+        assert await kernel.request(ref, "hi") == "hi"
+        await until_real(lambda: getattr(stats_of(kernel, ref), counter) == n + 1, "one more")
+        assert await kernel.request(ref, "ho") == "ho"
+        await until_real(lambda: getattr(stats_of(kernel, ref), counter) == n + 2, "and another")
+        stats = stats_of(kernel, ref)
+        assert (stats.starts, stats.lines_in) == (1, n + 5)
+    later = warnings()
+    assert len(later) == 2, later
+    assert later[1].endswith(f"(and {n - 1:,} more since the last one logged)"), later[1]
+    assert all(len(text) < 600 for text in later)
 
 
 # --- stopping -----------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from typing import Any, Generic, TypeVar, final
 import trio
 import trio_asyncio  # type: ignore[import-untyped, import-not-found, unused-ignore]
 
-from ._throttle import Throttle
+from .._throttle import Throttle
 
 T = TypeVar("T")
 

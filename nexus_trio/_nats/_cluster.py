@@ -73,6 +73,7 @@ from .._events import EventKind, LifecycleEvent
 from .._kernel import Kernel
 from .._message import SYSTEM_ID, Address, Message, MessageKind, id_value
 from .._router import TransportHandle
+from .._throttle import Throttle
 from . import _batch as batch
 from . import _direct as direct
 from . import _wire as wire
@@ -91,7 +92,6 @@ from ._membership import (
 from ._placement import PlacedAgent, Placement
 from ._sequence import InboundSequences
 from ._streams import InboundStreams
-from ._throttle import Throttle
 
 log = logging.getLogger("nexus_trio.nats")
 # Every log record of the NATS layer goes through redact(): no credential in any line.

@@ -25,8 +25,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import final
 
+from .._throttle import Throttle
 from ._sequence import InboundSequences
-from ._throttle import Throttle
 
 log = logging.getLogger("nexus_trio.nats")
 

@@ -13,8 +13,9 @@ that exits, or cannot be written to within the send deadline, fails the agent an
 supervisor restarts it (a fresh child registers under the same address).
 
 Hostile children cannot hurt the kernel: a stdout line longer than ``line_limit``, invalid
-JSON, an unknown frame type or missing fields are logged with the agent's fields,
-counted (:func:`bridge_stats`) and dead-letter the message they answered (reason
+JSON, an unknown frame type or missing fields are logged with the agent's fields (at
+most once a second for each kind of problem: a flood of bad lines is not a flood of log
+lines), counted (:func:`bridge_stats`: every line) and dead-letter the message they answered (reason
 ``malformed``); the agent goes on. A child that stays silent past the handle timeout
 has its message dead-lettered (``handler_timeout``) and is replaced before the next
 message if it still has not answered; a protocol-2 child that declared the ``cancel``
@@ -54,6 +55,7 @@ from .._agent import Agent, AgentSpec, Context, RestartType, log_fields
 from .._deadletter import DeadLetterReason
 from .._errors import MessageFailed, NexusError
 from .._message import SYSTEM_ID, Message, MessageKind, parse_address
+from .._throttle import Throttle
 from . import _lineage
 
 if TYPE_CHECKING:
@@ -75,6 +77,12 @@ _TELL_MEMORY: Final = 10_000
 _TRACE_MEMORY: Final = 65_536
 #: namespace of the UUIDs that stand in for free-form trace ids inside the kernel
 _TRACE_NAMESPACE: Final = uuid.UUID("9b1a4d3e-5c77-5f0e-8a4e-6e657875732d")
+#: kinds of per-line warning a flood of the child's output would repeat (each logged at
+#: most once a second per agent; the counters count every line)
+_INVALID: Final = "invalid stdout lines"
+_OVERSIZED: Final = "oversized stdout lines"
+_UNMATCHED: Final = "discarded answers"
+_REFUSED: Final = "refused sends"
 _STDERR_WARNING = re.compile(
     r"^\s*(Traceback|\w*(Error|Exception)\b|error\b|ERROR|WARN|WARNING|CRITICAL|FATAL|panic)"
 )
@@ -355,6 +363,18 @@ class _Tell:
         self.written = False
 
 
+@final
+class _Flood:
+    """One kind of per-line warning: when it may be logged next, and how many were held back."""
+
+    __slots__ = ("held", "throttle")
+
+    def __init__(self) -> None:
+        # The kernel's clock (trio's): a test moves it with a MockClock.
+        self.throttle = Throttle(1.0, clock=trio.current_time)
+        self.held = 0
+
+
 class _BadFrame(Exception):
     """A stdout line that is not a usable frame; the text says what is wrong."""
 
@@ -421,6 +441,8 @@ class ProcessAgent(Agent):
         self._child_registered = False
         #: a message waits for the child to answer a cancelled one (:meth:`_stuck`)
         self._in_grace = False
+        #: per-line warnings by kind (:meth:`_warn_line`)
+        self._floods: dict[str, _Flood] = {}
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -547,7 +569,9 @@ class ProcessAgent(Agent):
                 stats.lines_in += 1
                 if isinstance(line, _Oversized):
                     stats.oversized_lines += 1
-                    self._warn(f"discarded a {line.size}-byte stdout line before register")
+                    self._warn_line(
+                        _OVERSIZED, f"discarded a {line.size}-byte stdout line before register"
+                    )
                     continue
                 if not line.strip():
                     continue
@@ -559,7 +583,9 @@ class ProcessAgent(Agent):
                         raise _BadFrame("register payload must be an object")
                 except _BadFrame as exc:
                     stats.invalid_lines += 1
-                    self._warn(f"invalid line before register: {exc}: {_preview(line)}")
+                    self._warn_line(
+                        _INVALID, f"invalid line before register: {exc}: {_preview(line)}"
+                    )
                     first_bad = first_bad or f"; first bad stdout line: {_preview(line.strip())!r}"
                     continue
                 self._registered(payload)
@@ -1001,8 +1027,9 @@ class ProcessAgent(Agent):
                 if isinstance(line, _Oversized):
                     self.stats.oversized_lines += 1
                     self._bad_line(
+                        _OVERSIZED,
                         f"stdout line of {line.size} bytes exceeds the limit of "
-                        f"{self.options.line_limit} bytes; discarded"
+                        f"{self.options.line_limit} bytes; discarded",
                     )
                     continue
                 if not line.strip():
@@ -1012,7 +1039,7 @@ class ProcessAgent(Agent):
                     await self._dispatch(frame_type, payload)
                 except _BadFrame as exc:
                     self.stats.invalid_lines += 1
-                    self._bad_line(f"{exc}: {_preview(line)}")
+                    self._bad_line(_INVALID, f"{exc}: {_preview(line)}")
         finally:
             done.set()
         if self._stopping or generation != self._generation:
@@ -1121,7 +1148,7 @@ class ProcessAgent(Agent):
                     answered = self._in_order(payload)
                 except _Unmatched as exc:
                     self.stats.unmatched_responses += 1
-                    self._warn(f"{exc}; discarded")
+                    self._warn_line(_UNMATCHED, f"{exc}; discarded")
                     return
                 if isinstance(answered, _Tell):
                     await self._tell_answered(answered, payload)
@@ -1226,7 +1253,7 @@ class ProcessAgent(Agent):
             await ctx.send(msg.reply(ctx.id, value))
         except NexusError as exc:
             self.stats.sends_failed += 1
-            self._warn(f"answer to a tell from {msg.sender} not delivered: {exc}")
+            self._warn_line(_REFUSED, f"answer to a tell from {msg.sender} not delivered: {exc}")
         else:
             self.stats.sends_routed += 1
 
@@ -1250,19 +1277,26 @@ class ProcessAgent(Agent):
         stats = self.stats
         if slot is None:
             stats.unmatched_responses += 1
-            self._warn(f"{what} matches no message in flight (reply_to={reply_to}); discarded")
+            self._warn_line(
+                _UNMATCHED, f"{what} matches no message in flight (reply_to={reply_to}); discarded"
+            )
             return None
         if slot.abandoned:
             del self._inflight[slot.msg_id]
             stats.late_responses += 1
-            self._warn(f"late {what} to message {slot.msg_id} (it timed out); discarded")
+            self._warn_line(
+                _UNMATCHED, f"late {what} to message {slot.msg_id} (it timed out); discarded"
+            )
             slot.event.set()  # answered: the next message, if it waits, need not replace it
             return None
         if slot.done:
             # Answered (or failed) already, and still in flight only because its handler
             # has not run since: a second answer read in the same batch as the first.
             stats.unmatched_responses += 1
-            self._warn(f"{what} to message {slot.msg_id}, which was answered already; discarded")
+            self._warn_line(
+                _UNMATCHED,
+                f"{what} to message {slot.msg_id}, which was answered already; discarded",
+            )
             return None
         return slot
 
@@ -1301,13 +1335,13 @@ class ProcessAgent(Agent):
             await ctx.send(msg)
         except NexusError as exc:
             self.stats.sends_failed += 1
-            self._warn(f"send to {payload['to']!r} refused: {exc}")
+            self._warn_line(_REFUSED, f"send to {payload['to']!r} refused: {exc}")
         else:
             self.stats.sends_routed += 1
 
-    def _bad_line(self, problem: str) -> None:
+    def _bad_line(self, kind: str, problem: str) -> None:
         """Report an unusable stdout line; it fails the message in flight, if there is one."""
-        self._warn(problem)
+        self._warn_line(kind, problem)
         for slot in self._inflight.values():
             if not slot.abandoned and not slot.done:
                 slot.fail(
@@ -1349,6 +1383,25 @@ class ProcessAgent(Agent):
 
     def _warn(self, problem: str) -> None:
         log.warning("process agent %s: %s", self.label, problem, extra=self._fields())
+
+    def _warn_line(self, kind: str, problem: str) -> None:
+        """Warn about one of the child's lines: at most once a second for each ``kind``.
+
+        A child can write a million bad lines a second, and one log record each would fill
+        a disk or drown the log. The first is logged at once; those within the next second
+        are held back (the counters still count each one) and the next one logged after
+        it says how many were.
+        """
+        flood = self._floods.get(kind)
+        if flood is None:
+            flood = self._floods[kind] = _Flood()
+        if not flood.throttle.due():
+            flood.held += 1
+            return
+        if flood.held:
+            problem = f"{problem} (and {flood.held:,} more since the last one logged)"
+            flood.held = 0
+        self._warn(problem)
 
 
 def _check_positive(name: str, value: Any, *, allow_zero: bool = False) -> float:
