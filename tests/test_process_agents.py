@@ -1743,10 +1743,42 @@ async def test_idle_protocol_2_child_is_pinged_and_one_that_does_not_answer_is_r
         assert await kernel.request(deaf, {"op": "echo", "value": 2}) == 2
         lively_stats, deaf_stats = stats_of(kernel, lively), stats_of(kernel, deaf)
         assert (lively_stats.starts, lively_stats.pings_missed) == (1, 0)
+        assert lively_stats.unmatched_responses == 0  # each pong answered its ping
         assert deaf_stats.pings_missed >= 1
         # protocol 1 has no ping: nothing but the one message is ever written
         assert await kernel.request(old, {"op": "echo", "value": 3}) == 3
         assert stats_of(kernel, old).lines_out == 1
+
+
+async def test_a_pong_no_ping_asked_for_is_counted_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: a ``pong`` that answered no ping (none was written: no
+    ``ping_interval``) was ignored without being counted anywhere. It is discarded as
+    unmatched now, like an answer to no message: counted and logged."""
+    caplog.set_level(logging.WARNING, logger="nexus_trio.bridge")
+    cmd = script(
+        tmp_path,
+        """
+        emit({"type": "register", "payload": {"id": str(uuid.uuid4()), "name": "p",
+                                               "protocol": 2}})
+        emit({"type": "pong", "payload": {"id": "nobody-asked"}})
+        emit({"type": "pong", "payload": {}})
+        emit({"type": "pong", "payload": "not an object"})
+        while True:
+            m = next_message()
+            emit({"type": "response", "payload": {"reply_to": m["id"], "payload": m["payload"]}})
+        """,
+    )
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(cmd, name="p"))
+        await wait_until(lambda: stats_of(kernel, ref).lines_in == 4, "the pongs")
+        assert await kernel.request(ref, "hi") == "hi"
+        stats = stats_of(kernel, ref)
+        assert (stats.unmatched_responses, stats.invalid_lines, stats.starts) == (3, 0, 1)
+        assert dead_letters(kernel) == []
+    warnings = [r.getMessage() for r in caplog.records if r.name == "nexus_trio.bridge"]
+    assert any("pong" in text and "'nobody-asked'" in text for text in warnings), warnings
 
 
 #: a protocol-2 child that writes ``n`` copies of one bad line (before or after its

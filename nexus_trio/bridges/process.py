@@ -131,8 +131,8 @@ class BridgeStats:
     oversized_lines: int = 0
     #: responses or errors that came after their message had timed out (discarded)
     late_responses: int = 0
-    #: responses or errors that matched no message in flight, or one answered already
-    #: (discarded)
+    #: responses or errors that matched no message in flight, or one answered already,
+    #: and pongs that answered no ping in wait (discarded)
     unmatched_responses: int = 0
     #: messages whose handling was cancelled (handle timeout, request timeout) before an answer
     abandoned: int = 0
@@ -1183,7 +1183,15 @@ class ProcessAgent(Agent):
         elif frame_type == "pong":
             token = payload.get("id") if isinstance(payload, dict) else None
             if token is not None and token == self._ping_token:
+                self._ping_token = None  # answered: a second pong answers nothing
                 self._pong.set()
+            else:
+                # None written, another's id, a second answer: discarded as unmatched.
+                self.stats.unmatched_responses += 1
+                self._warn_line(
+                    _UNMATCHED,
+                    f"pong with id {_brief(token, 60)} answers no ping in wait; discarded",
+                )
         elif frame_type == "register":
             raise _BadFrame("already registered")
         else:
