@@ -1604,6 +1604,33 @@ async def test_error_frame_fails_only_that_message() -> None:
         assert kernel.stats().restarts == 0
 
 
+async def test_a_huge_error_text_is_cut_short_in_the_failure_and_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression: the text of an ``error`` frame went whole (up to the 1 MiB line
+    limit) into the message's failure detail, so into the warning logged for it, the
+    dead letter and the requester's ``RequestFailed``. It is cut to 4 KiB now, with a
+    marker saying how much was cut; the dead letter keeps its reason."""
+    caplog.set_level(logging.WARNING, logger="nexus_trio")
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy(), name="wordy"))
+        with pytest.raises(RequestFailed) as info:
+            await kernel.request(ref, {"op": "error", "text": "E" * 500_000})
+        assert info.value.reason == "handler_error"
+        error = str(info.value.error)
+        assert error.startswith("process agent wordy (")
+        assert "failed the message: ValueError: EEEE" in error
+        assert error.endswith(f"... ({500_000 + len('ValueError: ') - 4096:,} characters cut)")
+        assert len(error) < 4400, len(error)
+        assert await kernel.request(ref, {"op": "echo", "value": 4}) == 4
+        (letter,) = dead_letters(kernel)
+        assert letter.reason is DeadLetterReason.HANDLER_ERROR
+        assert str(letter.error) == error
+    texts = [r.getMessage() for r in caplog.records if r.name.startswith("nexus_trio")]
+    assert any("characters cut" in text for text in texts)
+    assert all(len(text) < 4600 for text in texts), sorted(len(text) for text in texts)
+
+
 async def test_stderr_goes_to_the_log_with_the_agent_fields(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

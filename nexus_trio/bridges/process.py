@@ -73,6 +73,9 @@ _READER_DRAIN: Final = 1.0
 _GROUP_TERM_WAIT: Final = 0.5
 #: protocol-1 tells remembered for correlating answers (older ones count as answered)
 _TELL_MEMORY: Final = 10_000
+#: characters of a child's error text kept in the failure of its message (and so in the
+#: log line and the dead letter): the rest is cut, and the cut said
+_ERROR_TEXT_LIMIT: Final = 4096
 #: free-form trace ids remembered per kernel (their UUID stand-ins travel inside it)
 _TRACE_MEMORY: Final = 65_536
 #: namespace of the UUIDs that stand in for free-form trace ids inside the kernel
@@ -391,6 +394,13 @@ def _brief(value: Any, size: int = 120) -> str:
     """``repr(value)``, cut to about ``size`` characters (a child's values go to the log)."""
     text = repr(value)
     return text if len(text) <= size else text[:size] + "..."
+
+
+def _clip(text: str, size: int) -> str:
+    """``text``, cut to ``size`` characters with a note of how many were cut."""
+    if len(text) <= size:
+        return text
+    return f"{text[:size]}... ({len(text) - size:,} characters cut)"
 
 
 def _preview(line: bytes, size: int = 120) -> str:
@@ -1177,6 +1187,8 @@ class ProcessAgent(Agent):
             error_type = payload.get("error_type")
             text = error if isinstance(error, str) else json.dumps(error)
             detail = f"{error_type}: {text}" if isinstance(error_type, str) else text
+            # Up to the line limit (1 MiB) long: the log and the requester get its start.
+            detail = _clip(detail, _ERROR_TEXT_LIMIT)
             slot.fail(MessageFailed(f"process agent {self.label} failed the message: {detail}"))
         elif frame_type == "send":
             await self._route_send(payload)
