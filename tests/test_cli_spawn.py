@@ -156,3 +156,19 @@ def test_the_summary_table_says_what_was_spawned(tmp_path: Path) -> None:
     assert f"ok {sys.executable} ok.py: registered as '' (1 start)" in out
     assert f"exits {sys.executable} exits.py: did not start: exited (status 3)" in out
     assert "ring workload" not in out
+
+
+def test_the_summary_table_cuts_a_huge_registered_name_as_the_log_does(tmp_path: Path) -> None:
+    """Regression: the summary table printed the name a program registered with whole: a
+    program registering a 200 kB name made a 200 kB summary line. The table now shows it
+    as the kernel's log line does (cut to 60 characters); JSON keeps it whole."""
+    (tmp_path / "huge.py").write_text(REGISTERS.replace('"+".join(sys.argv[1:])', '"N" * 200_000'))
+    result = nexus_run(tmp_path, "--spawn", f"{PYTHON} huge.py", "-d", "0.5")
+    assert result.returncode == 0, result.stderr
+    out = " ".join(result.stdout.split())
+    assert f"huge {sys.executable} huge.py: registered as '{'N' * 59}... (1 start)" in out
+    assert len(result.stdout) < 10_000, len(result.stdout)
+    (logged,) = [ln for ln in result.stderr.splitlines() if "registered as" in ln]
+    assert f"registered as '{'N' * 59}... (protocol 1)" in logged
+    as_json = nexus_run(tmp_path, "--spawn", f"{PYTHON} huge.py", "-d", "0.5", "--json")
+    assert json.loads(as_json.stdout)["spawned"][0]["registered_as"] == "N" * 200_000

@@ -52,6 +52,7 @@ import attrs
 import trio
 
 from .._agent import Agent, AgentSpec, Context, RestartType, log_fields
+from .._brief import brief
 from .._deadletter import DeadLetterReason
 from .._errors import MessageFailed, NexusError
 from .._message import SYSTEM_ID, Message, MessageKind, parse_address
@@ -390,12 +391,6 @@ def _frame(kind: str, payload: Any) -> bytes:
     return json.dumps({"type": kind, "payload": payload}, separators=(",", ":")).encode() + b"\n"
 
 
-def _brief(value: Any, size: int = 120) -> str:
-    """``repr(value)``, cut to about ``size`` characters (a child's values go to the log)."""
-    text = repr(value)
-    return text if len(text) <= size else text[:size] + "..."
-
-
 def _clip(text: str, size: int) -> str:
     """``text``, cut to ``size`` characters with a note of how many were cut."""
     if len(text) <= size:
@@ -467,7 +462,7 @@ class ProcessAgent(Agent):
         if not registered or not isinstance(registered, str):
             return str(ctx.id)
         # The child's word, in every line about this agent: kept short.
-        return f"{ctx.id} (registered as {_brief(registered, 60)})"
+        return f"{ctx.id} (registered as {brief(registered, 60)})"
 
     @property
     def stats(self) -> BridgeStats:
@@ -613,7 +608,7 @@ class ProcessAgent(Agent):
         problems = [
             f"no {field!r}"
             if field not in payload
-            else f"{field!r} must be a string, got {_brief(payload[field], 60)}"
+            else f"{field!r} must be a string, got {brief(payload[field], 60)}"
             for field in ("id", "name")
             if not isinstance(payload.get(field), str)
         ]
@@ -621,15 +616,15 @@ class ProcessAgent(Agent):
             self._warn(f"register: {'; '.join(problems)}")
         version = payload.get("protocol", 1)
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-            self._warn(f"register: unknown protocol {_brief(version)}; using protocol 1")
+            self._warn(f"register: unknown protocol {brief(version)}; using protocol 1")
             version = 1
         self.protocol = min(version, PROTOCOL_VERSION)
         features = payload.get("features", [])
         if not isinstance(features, list):
-            self._warn(f"register: 'features' must be a list of strings, got {_brief(features)}")
+            self._warn(f"register: 'features' must be a list of strings, got {brief(features)}")
             features = []
         elif odd := [name for name in features if not isinstance(name, str)]:
-            self._warn(f"register: 'features' entries must be strings; ignored: {_brief(odd)}")
+            self._warn(f"register: 'features' entries must be strings; ignored: {brief(odd)}")
         # Extensions are protocol 2: a protocol-1 child gets exactly the original frames.
         self.cancels = self.protocol >= 2 and "cancel" in features
         stats = self.stats
@@ -640,7 +635,7 @@ class ProcessAgent(Agent):
         log.info(
             "process agent %s registered as %s (protocol %d)",
             ctx.name or ctx.id,  # not self.label, which would say the registered name again
-            _brief(payload.get("name"), 60),
+            brief(payload.get("name"), 60),
             self.protocol,
             extra=self._fields(),
         )
@@ -1202,7 +1197,7 @@ class ProcessAgent(Agent):
                 self.stats.unmatched_responses += 1
                 self._warn_line(
                     _UNMATCHED,
-                    f"pong with id {_brief(token, 60)} answers no ping in wait; discarded",
+                    f"pong with id {brief(token, 60)} answers no ping in wait; discarded",
                 )
         elif frame_type == "register":
             raise _BadFrame("already registered")

@@ -20,6 +20,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from .._brief import brief
 from .._stats import HistogramSnapshot, KernelStats
 
 __all__ = [
@@ -342,7 +343,9 @@ def _spawned_text(program: Mapping[str, Any]) -> str:
     starts = program.get("starts") or 0
     started = f"{starts} start{'' if starts == 1 else 's'}"
     if program.get("registered"):
-        return f"{program['command']}: registered as {program['registered_as']!r} ({started})"
+        # The program's word: as long as a line may be (1 MiB). Cut as the log cuts it.
+        registered_as = brief(program["registered_as"], 60)
+        return f"{program['command']}: registered as {registered_as} ({started})"
     return f"{program['command']}: did not start: {program.get('problem') or 'never registered'}"
 
 
