@@ -488,7 +488,10 @@ class Context:
         self, to: AgentRef | Address, payload: Any = None, *, timeout: float | None = None
     ) -> Any:
         """Send a Query from this agent and return the reply's payload (see :meth:`Kernel.request`)."""
-        timeout = checked_request_timeout(timeout, self._kernel.config.kernel.request_timeout)
+        if timeout is None:  # (the common case, on the request path: no call)
+            timeout = self._kernel.config.kernel.request_timeout
+        else:
+            timeout = checked_request_timeout(timeout, self._kernel.config.kernel.request_timeout)
         current = self._cell.current
         trace_id = current.trace_id if current is not None else None
         query = new_query(self.id, address_of(to), payload, trace_id)

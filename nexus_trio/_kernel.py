@@ -443,6 +443,8 @@ class Kernel:
         return await self._router.request(query, self._request_timeout(timeout), external=True)
 
     def _request_timeout(self, timeout: float | None) -> float:
+        if timeout is None:  # (the common case, on the request path: no call)
+            return self.config.kernel.request_timeout
         return checked_request_timeout(timeout, self.config.kernel.request_timeout)
 
     # --- remote kernels ------------------------------------------------------------------------
