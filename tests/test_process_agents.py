@@ -2181,3 +2181,24 @@ def test_nexus_send_bad_arguments_exit_2_naming_the_argument(args: list[str], fl
     result = send_cli(*args)
     assert result.exit_code == 2
     assert flag in result.output
+
+
+async def test_a_refused_send_to_a_huge_name_is_warned_about_in_a_short_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, mock_clock: trio.testing.MockClock
+) -> None:
+    """Regression: a refused ``send`` was warned about with its ``to`` whole, twice (in
+    the warning and in the ``AgentNotFound`` text it quotes): a child sending to a 300 kB
+    name made a 600 kB log line."""
+    caplog.set_level(logging.WARNING, logger="nexus_trio.bridge")
+    bad = b'{"type": "send", "payload": {"to": "%s", "payload": 1}}\n' % (b"N" * 300_000)
+    cmd = script(tmp_path, FLOOD.format(bad=bad, before=False, n=1))
+    async with mock_time_kernel() as kernel:
+        ref = kernel.spawn(process_agent(cmd, name="far"))
+        await until_real(lambda: stats_of(kernel, ref).sends_failed == 1, "the refused send")
+    (warning,) = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "nexus_trio.bridge" and "refused" in r.getMessage()
+    ]
+    assert len(warning) < 1000, len(warning)
+    assert f"send to '{'N' * 59}... refused: AgentNotFound" in warning

@@ -1350,7 +1350,12 @@ class ProcessAgent(Agent):
             await ctx.send(msg)
         except NexusError as exc:
             self.stats.sends_failed += 1
-            self._warn_line(_REFUSED, f"send to {payload['to']!r} refused: {exc}")
+            # (the error's text quotes ``to`` again: a name of the child's, of any size)
+            self._warn_line(
+                _REFUSED,
+                f"send to {brief(payload['to'], 60)} refused: {type(exc).__name__}:"
+                f" {brief(str(exc), 200)}",
+            )
         else:
             self.stats.sends_routed += 1
 
