@@ -532,7 +532,7 @@ def health(
             )
     url = f"http://{_url_host(host)}:{port}/healthz"
     status, body, problem = _probe_health(url, timeout)
-    if status == 200:
+    if status is not None and 200 <= status < 300:  # (urllib raises for the others)
         typer.echo(f"{url}: {status} {body}")
         return
     if status is not None:
