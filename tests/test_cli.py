@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import typer
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
@@ -74,18 +75,23 @@ def test_help_lists_the_commands_and_examples():
     result = invoke(["--help"])
     assert result.exit_code == 0
     out = flat(result.stdout)
-    for command in ("run", "config", "version", "health"):
-        assert re.search(rf"\b{command}\b", out)
+    group = typer.main.get_command(app)
+    commands = set(group.commands)
+    assert {"run", "config", "version", "health", "bench", "send"} <= commands
+    for command in commands:
+        assert re.search(rf"\b{command}\b", out), command
     assert "Examples" in out
     assert "nexus run --agents 1000 --duration 10" in out
     run_help = flat(invoke(["run", "--help"]).stdout)
-    for flag in (
-        "--config", "-c", "--log-level", "-l", "--log-format", "-f", "--agents", "-n",
-        "--num-agents", "--duration", "-d", "--generate-config", "--app", "--workload",
-        "--rate", "--payload-size", "--json", "--metrics-port", "--dump-on-signal",
-        "--spawn", "--nats", "--node",
-    ):  # fmt: skip
-        assert flag in run_help, flag
+    # every flag of `run`, as click knows them (a new flag is covered without a new line here)
+    flags = {
+        flag
+        for param in group.commands["run"].params
+        for flag in (*param.opts, *param.secondary_opts)
+    }
+    assert {"--agents", "--num-agents", "-n", "--workers", "-W", "--live", "--no-live"} <= flags
+    for flag in sorted(flags):
+        assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", run_help), flag
 
 
 @pytest.mark.parametrize(

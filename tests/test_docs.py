@@ -225,3 +225,49 @@ def test_the_quickstart_app_runs_under_nexus_run(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert '"sent 1, total is 1"' in result.stderr, result.stderr
     assert '"sent 2, total is 3"' in result.stderr, result.stderr
+
+
+# --- what the pages name -----------------------------------------------------------------------
+
+
+def prose(page: Path) -> str:
+    """A page without its fenced blocks (code the page shows, not names it claims)."""
+    lines, inside, kept = page.read_text(encoding="utf-8").splitlines(), None, []
+    for line in lines:
+        match = FENCE.match(line)
+        if inside is None and match:
+            inside = match["fence"]
+        elif inside is not None and line.strip().startswith(inside):
+            inside = None
+        elif inside is None:
+            kept.append(line)
+    return "\n".join(kept)
+
+
+def defined_tests() -> set[str]:
+    return {
+        node.name
+        for path in (ROOT / "tests").rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.name.startswith("test_")
+    }
+
+
+def test_every_test_and_test_file_the_docs_name_exists() -> None:
+    """A semantics table names the tests that prove each row: a renamed or removed test
+    must take its row with it."""
+    tests = defined_tests()
+    missing = [
+        f"{page.relative_to(ROOT)}: {name}"
+        for page in PAGES
+        for name in re.findall(r"`(test_\w+)`", prose(page))
+        if name not in tests
+    ]
+    missing += [
+        f"{page.relative_to(ROOT)}: {path}"
+        for page in PAGES
+        for path in re.findall(r"`(tests/[\w/.]+)`", prose(page))
+        if not (ROOT / path).exists()
+    ]
+    assert missing == [], "the docs name tests that do not exist:\n" + "\n".join(missing)

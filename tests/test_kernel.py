@@ -24,6 +24,7 @@ from nexus_trio import (
     Kernel,
     KernelShuttingDown,
     MailboxFull,
+    MailboxStatistics,
     Message,
     MessageFailed,
     MessageKind,
@@ -773,15 +774,25 @@ async def test_stop_runs_on_stop_and_drains_or_dead_letters_the_rest(
     autojump_clock: Any, drain: bool
 ) -> None:
     Recorder.log = []
-    async with open_kernel(make_config()) as kernel:
+    async with open_kernel(make_config()) as kernel, kernel.events() as events:
         ref = kernel.spawn(Recorder, name="r")
         for i in range(3):
             await kernel.send(ref, i)
         await trio.testing.wait_all_tasks_blocked()
-        await kernel.stop(ref, drain=drain)
+        await kernel.stop(ref, drain=drain, reason="retired")
         with pytest.raises(AgentNotFound):
             await kernel.send(ref, 99)
         assert kernel.stats().agents_alive == 0
+        stopped = []
+        while True:
+            try:
+                event = events.receive_nowait()
+            except trio.WouldBlock:
+                break
+            if event.kind.value == "stopped":
+                stopped.append((event.name, event.reason))
+        # The reason given to stop() is the stopped event's.
+        assert stopped == [("r", "retired")]
     if drain:
         assert Recorder.log == ["start r", "r handles 0", "r handles 1", "r handles 2", "stop r"]
         assert reasons(kernel) == []
@@ -791,6 +802,8 @@ async def test_stop_runs_on_stop_and_drains_or_dead_letters_the_rest(
             (1, DeadLetterReason.AGENT_STOPPED),
             (2, DeadLetterReason.AGENT_STOPPED),
         ]
+        # The queued messages' detail names the reason.
+        assert [d.detail for d in kernel.recent_dead_letters()] == ["agent stopped (retired)"] * 2
     assert_conserved(kernel)
     assert kernel.stats().in_flight == 0
 
@@ -1033,6 +1046,13 @@ async def test_stats_snapshot_counts_per_agent_and_high_water() -> None:
             await kernel.send(other, i)
         await trio.testing.wait_all_tasks_blocked()
         stats = kernel.stats(agents=True)
+        # Without agents=True the snapshot has no per-agent entries (it stays O(1)).
+        assert kernel.stats().agents == ()
+        # One mailbox in O(1), the same figures as its agent's entry.
+        assert kernel.mailbox_statistics("n") == MailboxStatistics(
+            depth=0, capacity=1024, high_water=7, producers_waiting=0
+        )
+        assert kernel.mailbox_depth("n") == 0
     agent_stats, other_stats = stats.agents
     assert (agent_stats.received, agent_stats.handled, agent_stats.mailbox_high_water) == (7, 7, 7)
     assert (other_stats.received, other_stats.mailbox_high_water) == (3, 3)
