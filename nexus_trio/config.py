@@ -300,7 +300,7 @@ def _unknown_names_error(unknown: list[str], file: Path | None) -> ConfigError:
     """One error for every unknown name found, the first one first (with its "did you mean")."""
     hint = (
         f"(a misspelt key would silently keep its default; to only warn about unknown names, "
-        f"pass --allow-unknown or set {ALLOW_UNKNOWN_ENV}=1)"
+        f"set {ALLOW_UNKNOWN_ENV}=1)"
     )
     error = ConfigError("\n".join([*unknown, hint]))
     error.path = file  # each entry already names its file:line or variable, so not in the text

@@ -196,6 +196,23 @@ def test_config_init_writes_a_template_and_refuses_to_overwrite(isolated):
     assert "[kernel]" in target.read_text()
 
 
+def test_the_advice_of_the_unknown_key_error_can_be_followed(isolated):
+    """The error for a misspelt key says how to make unknown names warnings: each way
+    it names must work (a flag it suggests must exist)."""
+    file = isolated / "c.toml"
+    file.write_text("[kernel]\nmailbox_capasity = 64\n")
+    for command in (["config", "show", "-c", str(file)], ["run", "-c", str(file), "-d", "0.1"]):
+        result = invoke(command)
+        assert result.exit_code == 2, result.output
+        advice = flat(result.output).split("to only warn about unknown names,", 1)[1]
+        assert "NEXUS_ALLOW_UNKNOWN=1" in advice
+        for flag in re.findall(r"--[a-z][a-z-]+", advice):
+            followed = invoke([*command, flag])
+            assert followed.exit_code == 0, f"{flag}: {followed.output}"
+        followed = invoke(command, NEXUS_ALLOW_UNKNOWN="1")
+        assert followed.exit_code == 0, followed.output
+
+
 def test_generate_config_flag_of_run_writes_the_template_and_exits(isolated):
     target = isolated / "gen.toml"
     result = invoke(["run", "--generate-config", str(target)])
