@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
+import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -717,3 +720,27 @@ def test_docs_describe_every_key() -> None:
         assert f"### `[{section}]`" in docs
         for field in attrs.fields(cls):
             assert f"| `{field.name}` |" in docs, f"{section}.{field.name} is not documented"
+
+
+def test_docs_state_the_defaults_of_the_code() -> None:
+    """Each key's row in docs/config.md, under its own section, gives the code's default."""
+    docs = (Path(__file__).parent.parent / "docs" / "config.md").read_text(encoding="utf-8")
+    words = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven"}
+    assert f"one `Config` value: {words[len(SECTIONS)]} sections" in docs
+    tables = re.split(r"^### ", docs, flags=re.M)
+    for section, cls in SECTIONS.items():
+        [table] = [t for t in tables if t.startswith(f"`[{section}]`")]
+        rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+) \|", table, flags=re.M))
+        assert set(rows) == {f.name for f in attrs.fields(cls)}, section
+        for field in attrs.fields(cls):
+            written = rows[field.name].strip()
+            documented = (
+                None if written == "unset" else tomllib.loads(f"v = {written.strip('`')}")["v"]
+            )
+            default = field.default
+            if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+                default = default.factory()
+            default = default.value if isinstance(default, enum.Enum) else default
+            assert documented == default, (
+                f"[{section}] {field.name}: docs {written}, code {default!r}"
+            )
