@@ -271,3 +271,17 @@ def test_every_test_and_test_file_the_docs_name_exists() -> None:
         if not (ROOT / path).exists()
     ]
     assert missing == [], "the docs name tests that do not exist:\n" + "\n".join(missing)
+
+
+def test_every_flag_of_nexus_run_is_in_the_flag_table_of_the_cli_page() -> None:
+    import typer
+
+    from nexus_trio.cli import app
+
+    page = (DOCS / "cli.md").read_text(encoding="utf-8")
+    table = page.split("## `nexus run`", 1)[1].split("\n\n", 2)[1]
+    run = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
+    flags = [flag for param in run.params for flag in (*param.opts, *param.secondary_opts)]
+    assert "--workers" in flags
+    missing = [flag for flag in flags if not re.search(rf"`{re.escape(flag)}[ `]", table)]
+    assert missing == [], f"flags of nexus run missing from docs/cli.md's table: {missing}"
