@@ -273,6 +273,46 @@ def test_every_test_and_test_file_the_docs_name_exists() -> None:
     assert missing == [], "the docs name tests that do not exist:\n" + "\n".join(missing)
 
 
+METRIC = re.compile(r"`(nexus_(?!trio\b|kernel\b|bridge)[a-z_]+)(?:\{[a-z_, ]+\})?`")
+
+
+def test_the_metric_names_in_the_docs_are_those_a_scrape_has() -> None:
+    """Every ``nexus_*`` series a scrape can have is in docs/cli.md, and every metric name a
+    page gives is one a scrape has."""
+    from nexus_trio import Config, MetricsConfig, agent
+    from nexus_trio.metrics import MetricsRenderer
+    from nexus_trio.testing import open_test_kernel
+
+    @agent(name="echo")
+    async def echo(ctx: object, msg: object) -> int:
+        return 1
+
+    async def scrape() -> str:
+        config = Config(metrics=MetricsConfig(per_agent=True))
+        async with open_test_kernel(config) as kernel:
+            kernel.spawn(echo)
+            await kernel.request("echo", None)
+            return (await MetricsRenderer.for_kernel(kernel).render()).decode()
+
+    import trio
+
+    text = trio.run(scrape)
+    scraped = set(re.findall(r"^# TYPE (nexus_\w+) ", text, flags=re.M))
+    assert len(scraped) > 20, scraped
+    documented = {
+        page.relative_to(ROOT).as_posix(): set(METRIC.findall(prose(page))) for page in PAGES
+    }
+    named_anywhere = set().union(*documented.values())
+    assert named_anywhere - scraped == set(), "metrics the docs name that no scrape has"
+    in_cli = documented["docs/cli.md"]
+    undocumented = {
+        name
+        for name in scraped - in_cli
+        if not (name.endswith("_max") and name.removesuffix("_max") in in_cli)
+    }
+    assert undocumented == set(), "metrics a scrape has that docs/cli.md does not list"
+
+
 def test_every_flag_of_nexus_run_is_in_the_flag_table_of_the_cli_page() -> None:
     import typer
 
