@@ -325,3 +325,14 @@ def test_every_flag_of_nexus_run_is_in_the_flag_table_of_the_cli_page() -> None:
     assert "--workers" in flags
     missing = [flag for flag in flags if not re.search(rf"`{re.escape(flag)}[ `]", table)]
     assert missing == [], f"flags of nexus run missing from docs/cli.md's table: {missing}"
+
+
+@pytest.mark.parametrize("name", ["kernel.md", "concepts.md"])
+def test_the_pages_that_list_the_dead_letter_reasons_list_every_one(name: str) -> None:
+    from nexus_trio import DeadLetterReason
+
+    page = (DOCS / name).read_text(encoding="utf-8")
+    section = page.split("\n## Dead letters\n", 1)[1].split("```", 1)[0]
+    listed = set(re.findall(r"`([a-z_]+)`", section))
+    missing = {reason.value for reason in DeadLetterReason} - listed
+    assert missing == set(), f"dead-letter reasons missing from docs/{name}: {missing}"
