@@ -209,9 +209,10 @@ class AgentCell(Child):
 
     def on_retired(self, reason: str) -> None:
         self.dormant = False
-        dl_reason = (
-            DeadLetterReason.SHUTDOWN if reason == "shutdown" else DeadLetterReason.AGENT_STOPPED
-        )
+        # The kernel's own "shutdown" retirements come once it is stopping; a user's stop
+        # may give any reason, "shutdown" included, and is a stop.
+        shutting_down = reason == "shutdown" and self.router.phase >= KernelPhase.STOPPING
+        dl_reason = DeadLetterReason.SHUTDOWN if shutting_down else DeadLetterReason.AGENT_STOPPED
         self.router.discard_queued(
             self.mailbox.close(), dl_reason, self, f"agent stopped ({reason})"
         )

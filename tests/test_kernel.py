@@ -808,6 +808,24 @@ async def test_stop_runs_on_stop_and_drains_or_dead_letters_the_rest(
     assert kernel.stats().in_flight == 0
 
 
+async def test_a_stop_whose_reason_reads_shutdown_is_still_a_stop(autojump_clock: Any) -> None:
+    """Regression: the dead letters of a stopped agent's queue were told apart by the
+    reason's text, so ``kernel.stop(ref, reason="shutdown")`` dead-lettered them
+    ``shutdown``, as if the kernel were shutting down."""
+    Recorder.log = []
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(Recorder, name="r")
+        for i in range(3):
+            await kernel.send(ref, i)
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.stop(ref, reason="shutdown")
+        assert reasons(kernel) == [
+            (1, DeadLetterReason.AGENT_STOPPED),
+            (2, DeadLetterReason.AGENT_STOPPED),
+        ]
+        assert [d.detail for d in kernel.recent_dead_letters()] == ["agent stopped (shutdown)"] * 2
+
+
 async def test_shutdown_drains_within_grace_then_stops_in_reverse_spawn_order(
     autojump_clock: Any,
 ) -> None:
