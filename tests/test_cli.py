@@ -832,6 +832,22 @@ def test_run_takes_its_defaults_from_the_app_section_of_the_config(nexus, tmp_pa
     assert conserved(summary)
 
 
+def test_node_takes_the_nats_url_of_the_config(isolated):
+    """Regression: ``--node`` was refused with "needs --nats URL" when the URL came from
+    ``[nats] url`` in the config, which ``nexus run`` otherwise joins with."""
+    file = isolated / "nats.toml"
+    file.write_text('[nats]\nurl = "nats://127.0.0.1:1"\n')
+    result = invoke(["run", "-c", str(file), "--node", "n1", "-n", "2", "-d", "0.1", "--json"])
+    out = flat(result.output)
+    assert "needs --nats" not in out
+    assert result.exit_code == 1, out  # joined with the config's URL: nobody listens there
+    assert json.loads(result.stdout)["error"].startswith("TransportUnavailable: ")
+    assert "cannot connect to NATS at nats://127.0.0.1:1" in out
+    result = invoke(["run", "--node", "n1", "-d", "0.1"])
+    assert result.exit_code == 2
+    assert "needs --nats URL (or [nats] url in the config)" in flat(result.output)
+
+
 def test_health_without_a_port_anywhere_exits_2(isolated):
     result = invoke(["health"])
     assert result.exit_code == 2

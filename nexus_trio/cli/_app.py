@@ -327,8 +327,6 @@ def run(
         commands.append(_split_command(command, "--spawn"))
     if nats is not None:
         _check_nats(nats)
-    elif node is not None:
-        raise typer.BadParameter("needs --nats URL", param_hint="'--node'")
 
     flag_of = {
         "logging.level": "--log-level",
@@ -366,6 +364,12 @@ def run(
             raise typer.BadParameter(exc.message, param_hint=f"'{flag}'") from None
         raise _fail(str(exc)) from None
     cfg = loaded.config
+    if nats is None and cfg.nats.url:
+        _check_nats(cfg.nats.url, "[nats] url")  # (the nats extra, for the config's URL too)
+    if node is not None and not (nats or cfg.nats.url):
+        raise typer.BadParameter(
+            "needs --nats URL (or [nats] url in the config)", param_hint="'--node'"
+        )
     configure_logging(
         cfg.logging, stream=None if cfg.logging.format == "pretty" else stderr_proxy()
     )
