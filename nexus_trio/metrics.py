@@ -20,7 +20,9 @@ one (measured: a ``to_thread`` job waited 7 s behind a ring workload, and a 20-a
 more than the 10 s a request may take). Scrapes share renders (:class:`MetricsRenderer`): one
 render at a time, concurrent scrapes wait for the one in progress, and a render is reused for
 ``cache_ms``. A request that takes more than 10 s in all (reading it and rendering) gets
-``503`` with the reason, not a closed connection.
+``503`` with the reason, not a closed connection. The endpoint counts its connections and
+the ``accept`` calls that failed for lack of descriptors (:class:`EndpointStats`, exported
+as ``nexus_metrics_*`` series).
 
 Typical use, next to a kernel::
 
@@ -31,6 +33,7 @@ Typical use, next to a kernel::
 
 from __future__ import annotations
 
+import errno
 import heapq
 import logging
 from collections.abc import Iterable, Iterator, Sequence
@@ -43,6 +46,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
+from ._throttle import Throttle
 from .logs import records_lost
 
 if TYPE_CHECKING:
@@ -50,6 +54,7 @@ if TYPE_CHECKING:
     from ._stats import AgentStats, HistogramSnapshot, KernelStats
 
 __all__ = [
+    "EndpointStats",
     "KernelCollector",
     "MetricsRenderer",
     "MetricsSnapshot",
@@ -68,6 +73,28 @@ _MAX_REQUEST_HEAD: Final = 8192
 _REQUEST_TIMEOUT: Final = 10.0
 #: samples rendered between two checkpoints (about 4 us each here: a piece is ~2 ms)
 _PIECE_SAMPLES: Final = 500
+#: ``accept`` errors that say the process or the system is out of something (descriptors,
+#: memory): retried after ``_ACCEPT_RETRY`` seconds, as ``trio.serve_listeners`` does
+_ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+)
+_ACCEPT_RETRY: Final = 0.1
+
+
+@attrs.define
+class EndpointStats:
+    """Counters of the HTTP endpoint (:func:`serve_metrics`) of a :class:`MetricsRenderer`.
+
+    Exported with the kernel's series (``nexus_metrics_*``) by the renderer's scrapes.
+    """
+
+    #: connections accepted
+    accepted: int = 0
+    #: connections open now (a scrape counts its own)
+    open: int = 0
+    #: ``accept`` calls that failed for lack of descriptors or memory (EMFILE, ENFILE,
+    #: ENOMEM, ENOBUFS); each is retried 0.1 s later
+    accept_failures: int = 0
 
 
 @attrs.frozen
@@ -87,6 +114,8 @@ class MetricsSnapshot:
     #: log records nexus_trio's handlers could not write, process-wide (see
     #: :func:`nexus_trio.logs.records_lost`)
     log_records_lost: int = 0
+    #: the counters of the endpoint the scrape came through (a copy), if any
+    endpoint: EndpointStats | None = None
 
 
 def _check_limit(per_agent_limit: int) -> None:
@@ -259,9 +288,28 @@ def _families(snapshot: MetricsSnapshot) -> Iterator[Metric]:
         "Time in the mailbox before handling (sampled).",
         s.queue_wait,
     )
+    if snapshot.endpoint is not None:
+        yield from _endpoint_families(snapshot.endpoint)
     if snapshot.per_agent:
         for series in _AGENT_SERIES:
             yield _agent_family(series, snapshot.agents)
+
+
+def _endpoint_families(e: EndpointStats) -> Iterator[Metric]:
+    yield CounterMetricFamily(
+        "nexus_metrics_connections", "Connections the metrics endpoint accepted.", value=e.accepted
+    )
+    yield GaugeMetricFamily(
+        "nexus_metrics_connections_open",
+        "Connections to the metrics endpoint open now (this scrape's too).",
+        value=e.open,
+    )
+    yield CounterMetricFamily(
+        "nexus_metrics_accept_failures",
+        "Connections the metrics endpoint could not accept for lack of file descriptors or"
+        " memory (retried every 0.1 s).",
+        value=e.accept_failures,
+    )
 
 
 _AGENT_LABELS: Final = ["agent_id", "agent_name"]
@@ -395,7 +443,9 @@ class MetricsRenderer:
     runs at a time: a scrape that arrives while one is in progress waits for it and gets
     its result (if the scrape rendering it is cancelled, the next waiter renders anew), and
     a finished render is reused for ``cache_seconds`` (0 = reuse only by the scrapes that
-    waited for it). ``renders`` counts the renders done.
+    waited for it). ``renders`` counts the renders done. ``endpoint`` holds the counters
+    of the endpoint serving this renderer, set by :func:`serve_metrics` (``None`` until
+    then; two endpoints with one renderer share them), exported with the kernel's series.
     """
 
     def __init__(
@@ -416,6 +466,7 @@ class MetricsRenderer:
         self.cache_seconds = cache_seconds
         self.process = process
         self.renders = 0
+        self.endpoint: EndpointStats | None = None
         self._in_progress: _Render | None = None
         self._cached: bytes | None = None
         self._cached_at = 0.0
@@ -452,8 +503,11 @@ class MetricsRenderer:
             # The scrape that rendered gave up (its client went, or its time ran out).
         current = self._in_progress = _Render()
         try:
-            snapshot = take_snapshot(
-                self.kernel, per_agent=self.per_agent, per_agent_limit=self.per_agent_limit
+            snapshot = attrs.evolve(
+                take_snapshot(
+                    self.kernel, per_agent=self.per_agent, per_agent_limit=self.per_agent_limit
+                ),
+                endpoint=None if self.endpoint is None else attrs.evolve(self.endpoint),
             )
             parts = []
             for piece in self._pieces(snapshot):
@@ -628,9 +682,44 @@ async def serve_metrics(
         ) from exc
     bound = listeners[0].socket.getsockname()[1]
     log.info("metrics on http://%s:%d/metrics", host, bound)
-    task_status.started(bound)
+    if renderer.endpoint is None:
+        renderer.endpoint = EndpointStats()
+    endpoint = renderer.endpoint
+    # Not trio.serve_listeners: it logs a failed accept with its traceback at each retry,
+    # ten times a second while the process is out of descriptors, and counts nothing.
+    failure_log = Throttle(1.0, clock=trio.current_time)
 
-    async def handler(stream: trio.SocketStream) -> None:
-        await _handle_connection(stream, kernel, renderer)
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            await _handle_connection(stream, kernel, renderer)
+        finally:
+            endpoint.open -= 1
+            await trio.aclose_forcefully(stream)
 
-    await trio.serve_listeners(handler, listeners)
+    async def accept_loop(listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    endpoint.accept_failures += 1
+                    if failure_log.due():
+                        log.error(
+                            "the metrics endpoint cannot accept a connection: %s (failures so"
+                            " far: %d); retrying every %g s",
+                            exc,
+                            endpoint.accept_failures,
+                            _ACCEPT_RETRY,
+                        )
+                    await trio.sleep(_ACCEPT_RETRY)
+                    continue
+                endpoint.accepted += 1
+                endpoint.open += 1
+                nursery.start_soon(handle, stream)
+
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            nursery.start_soon(accept_loop, listener, nursery)
+        task_status.started(bound)

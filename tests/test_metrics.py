@@ -6,6 +6,9 @@ assert values, never timings.
 
 from __future__ import annotations
 
+import itertools
+import logging
+import re
 import threading
 
 import pytest
@@ -615,3 +618,52 @@ async def test_a_metrics_port_in_use_is_an_error_naming_the_address() -> None:
     assert f"127.0.0.1:{port}" in text
     assert "metrics" in text
     assert "in use" in text
+
+
+async def test_accept_failing_for_lack_of_descriptors_is_counted_retried_and_logged_once_a_second(
+    mock_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression: with the process out of file descriptors, ``accept`` failing with
+    EMFILE was logged by ``trio.serve_listeners`` with its traceback at each retry, ten
+    times a second, and counted nowhere. It is now retried every 0.1 s as before, counted
+    (``EndpointStats.accept_failures``, ``nexus_metrics_accept_failures_total``) and
+    logged at most once a second with the count."""
+    import errno
+    import os
+
+    mock_clock.autojump_threshold = 0
+    attempts = 0
+
+    async def out_of_descriptors(self: trio.SocketListener) -> trio.SocketStream:
+        nonlocal attempts
+        attempts += 1
+        await trio.lowlevel.checkpoint()
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    monkeypatch.setattr(trio.SocketListener, "accept", out_of_descriptors)
+    async with open_test_kernel() as kernel:
+        renderer = MetricsRenderer(kernel, cache_seconds=0, process=False)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: serve_metrics(
+                    kernel, "127.0.0.1", 0, renderer=renderer, task_status=task_status
+                )
+            )
+            await trio.sleep(4.95)  # mock time: retries at 0.0, 0.1, ..., 4.9
+            nursery.cancel_scope.cancel()
+        values = samples((await renderer.render()).decode())
+    assert attempts == 50  # every 0.1 s, not in a spin
+    logged = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.name for r in logged] == ["nexus_trio.metrics"] * 5  # at 0, 1, 2, 3 and 4 s
+    assert [r.exc_info for r in logged] == [None] * 5  # no traceback
+    assert "cannot accept a connection: [Errno 24] Too many open files" in logged[0].getMessage()
+    counts = [int(re.findall(r"failures so far: (\d+)", r.getMessage())[0]) for r in logged]
+    assert counts[0] == 1
+    # a second between two lines: 10 retries (11 where the float sum of the 0.1 s sleeps
+    # falls a hair short of the second)
+    assert all(b - a in (10, 11) for a, b in itertools.pairwise(counts))
+    assert renderer.endpoint is not None
+    assert renderer.endpoint.accept_failures == attempts
+    assert values[("nexus_metrics_accept_failures_total", ())] == attempts
