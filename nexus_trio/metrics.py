@@ -68,6 +68,8 @@ log = logging.getLogger("nexus_trio.metrics")
 
 #: with per-agent series on, at most this many agents get series (the deepest mailboxes)
 DEFAULT_PER_AGENT_LIMIT: Final = 1000
+#: connections the endpoint keeps open at once; the next ones wait in the listen backlog
+DEFAULT_MAX_CONNECTIONS: Final = 32
 
 _MAX_REQUEST_HEAD: Final = 8192
 _REQUEST_TIMEOUT: Final = 10.0
@@ -95,6 +97,9 @@ class EndpointStats:
     #: ``accept`` calls that failed for lack of descriptors or memory (EMFILE, ENFILE,
     #: ENOMEM, ENOBUFS); each is retried 0.1 s later
     accept_failures: int = 0
+    #: times the endpoint had ``max_connections`` open and stopped accepting until one
+    #: closed (the next connections waited in the listen backlog)
+    limited: int = 0
 
 
 @attrs.frozen
@@ -309,6 +314,12 @@ def _endpoint_families(e: EndpointStats) -> Iterator[Metric]:
         "Connections the metrics endpoint could not accept for lack of file descriptors or"
         " memory (retried every 0.1 s).",
         value=e.accept_failures,
+    )
+    yield CounterMetricFamily(
+        "nexus_metrics_connections_limited",
+        "Times the metrics endpoint had its maximum of connections open and new ones waited"
+        " in the listen backlog.",
+        value=e.limited,
     )
 
 
@@ -659,6 +670,7 @@ async def serve_metrics(
     port: int = 9464,
     *,
     renderer: MetricsRenderer | None = None,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``/metrics`` and ``/healthz`` for ``kernel`` on ``host:port`` until cancelled.
@@ -667,9 +679,19 @@ async def serve_metrics(
     is returned once the server listens. ``/metrics`` is rendered by ``renderer``, by
     default :meth:`MetricsRenderer.for_kernel` (the kernel's ``[metrics]`` keys
     ``per_agent``, ``per_agent_limit`` and ``cache_ms``).
+
+    At most ``max_connections`` connections are open at once (each holds a descriptor and
+    a task for up to the 10 s a request may take); past it the endpoint stops accepting
+    until one closes, and the next connections wait in the listen backlog, which costs
+    the process nothing (counted in ``renderer.endpoint.limited``, logged at most once a
+    second). Its counters are ``renderer.endpoint`` (:class:`EndpointStats`).
     """
     if not 0 <= port <= 65535:
         raise ValueError(f"metrics port must be within 0..65535, got {port!r}")
+    if isinstance(max_connections, bool) or not isinstance(max_connections, int):
+        raise TypeError(f"max_connections must be an integer, got {max_connections!r}")
+    if max_connections < 1:
+        raise ValueError(f"max_connections must be >= 1, got {max_connections!r}")
     if renderer is None:
         renderer = MetricsRenderer.for_kernel(kernel)
     try:
@@ -688,20 +710,39 @@ async def serve_metrics(
     # Not trio.serve_listeners: it logs a failed accept with its traceback at each retry,
     # ten times a second while the process is out of descriptors, and counts nothing.
     failure_log = Throttle(1.0, clock=trio.current_time)
+    limit_log = Throttle(1.0, clock=trio.current_time)
+    # Past the limit, connections wait in accept (the listen backlog), not answered 503:
+    # one waiting holds no descriptor nor task here, and costs the loop nothing (a flood
+    # answered 503 would cost an accept, a write and a close each). Prometheus and health
+    # probes come one at a time: only a flood or a leak of connections meets the limit.
+    slots = trio.Semaphore(max_connections)
 
     async def handle(stream: trio.SocketStream) -> None:
         try:
             await _handle_connection(stream, kernel, renderer)
         finally:
             endpoint.open -= 1
+            slots.release()
             await trio.aclose_forcefully(stream)
 
     async def accept_loop(listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         async with listener:
             while True:
+                if slots.value == 0:
+                    endpoint.limited += 1
+                    if limit_log.due():
+                        log.warning(
+                            "the metrics endpoint has %d connections open, its limit: new"
+                            " connections wait in the listen backlog until one closes (times"
+                            " at the limit so far: %d)",
+                            max_connections,
+                            endpoint.limited,
+                        )
+                await slots.acquire()
                 try:
                     stream = await listener.accept()
                 except OSError as exc:
+                    slots.release()
                     if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                         raise
                     endpoint.accept_failures += 1
@@ -715,6 +756,9 @@ async def serve_metrics(
                         )
                     await trio.sleep(_ACCEPT_RETRY)
                     continue
+                except BaseException:
+                    slots.release()
+                    raise
                 endpoint.accepted += 1
                 endpoint.open += 1
                 nursery.start_soon(handle, stream)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import re
+import select
 import threading
 
 import pytest
@@ -536,6 +537,8 @@ async def test_serve_metrics_refuses_a_port_out_of_range():
     async with open_test_kernel() as kernel:
         with pytest.raises(ValueError, match=r"metrics port must be within 0\.\.65535, got 70000"):
             await serve_metrics(kernel, "127.0.0.1", 70000)
+        with pytest.raises(ValueError, match="max_connections must be >= 1, got 0"):
+            await serve_metrics(kernel, "127.0.0.1", 0, max_connections=0)
 
 
 async def test_run_failures_outside_a_handler_are_a_counter_kernel_wide_and_per_agent() -> None:
@@ -667,3 +670,81 @@ async def test_accept_failing_for_lack_of_descriptors_is_counted_retried_and_log
     assert renderer.endpoint is not None
     assert renderer.endpoint.accept_failures == attempts
     assert values[("nexus_metrics_accept_failures_total", ())] == attempts
+
+
+async def settle() -> None:
+    """Until the server has taken what the loopback delivered (a few idle rounds)."""
+    for _ in range(10):
+        await trio.testing.wait_all_tasks_blocked()
+
+
+def open_descriptors() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_connections_past_the_limit_wait_in_the_backlog_without_a_descriptor_each(
+    mock_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: the endpoint accepted every connection: each one that sent nothing (or a
+    byte at a time) held a task and a file descriptor of the kernel's process for the 10 s
+    a request may take, so a client opening connections in a loop could take every
+    descriptor (no process agent spawned, no NATS reconnection). At most 32 are now open;
+    the next ones wait in the listen backlog (the OS's, no descriptor of ours) until one
+    closes, which is counted and logged at most once a second."""
+    # The request timeouts never fire: the clock moves only when the test says so (it
+    # jumps by itself only if the test hangs, to fail it).
+    mock_clock.autojump_threshold = 5.0
+    async with open_test_kernel() as kernel:
+        renderer = MetricsRenderer(kernel, cache_seconds=3600, process=False)
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(
+                lambda task_status: serve_metrics(
+                    kernel, "127.0.0.1", 0, renderer=renderer, task_status=task_status
+                )
+            )
+            before = open_descriptors()
+            idle: list[trio.socket.SocketType] = []
+            for _ in range(40):
+                sock = trio.socket.socket()
+                await sock.connect(("127.0.0.1", port))
+                idle.append(sock)
+            await settle()
+            # 40 client sockets, and the server's side of 32 of them
+            assert open_descriptors() - before == 40 + 32
+            endpoint = renderer.endpoint
+            assert endpoint is not None
+            assert (endpoint.accepted, endpoint.open, endpoint.limited) == (32, 32, 1)
+            # A scrape behind them waits, unanswered.
+            scrape = await trio.open_tcp_stream("127.0.0.1", port)
+            await scrape.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            await settle()
+            assert select.select([scrape.socket], [], [], 0) == ([], [], [])
+            # One closes: the first waiting is accepted, and the limit is reached again
+            # (counted; not logged again within the second).
+            idle.pop(0).close()
+            await settle()
+            assert (endpoint.accepted, endpoint.open, endpoint.limited) == (33, 32, 2)
+            mock_clock.jump(1.0)
+            idle.pop(0).close()
+            await settle()
+            assert (endpoint.accepted, endpoint.open, endpoint.limited) == (34, 32, 3)
+            # All the idle ones go: the scrape is answered.
+            for sock in idle:
+                sock.close()
+            async with scrape:
+                data = b""
+                while chunk := await scrape.receive_some(65536):
+                    data += chunk
+            assert data.startswith(b"HTTP/1.1 200 OK\r\n") and data.endswith(b"\r\n\r\nok\n")
+            assert endpoint.accepted == 41
+            values = samples((await renderer.render()).decode())
+            assert values[("nexus_metrics_connections_limited_total", ())] == 3
+            nursery.cancel_scope.cancel()
+    assert endpoint.open == 0
+    logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(logged) == 2, logged
+    assert "32 connections open, its limit" in logged[0]
+    assert "(times at the limit so far: 1)" in logged[0]
+    assert "(times at the limit so far: 3)" in logged[1]
