@@ -73,6 +73,8 @@ DEFAULT_MAX_CONNECTIONS: Final = 32
 
 _MAX_REQUEST_HEAD: Final = 8192
 _REQUEST_TIMEOUT: Final = 10.0
+#: a body shorter than this is sent joined to its head, a longer one after it
+_JOIN_BELOW: Final = 65536
 #: samples rendered between two checkpoints (about 4 us each here: a piece is ~2 ms)
 _PIECE_SAMPLES: Final = 500
 #: ``accept`` errors that say the process or the system is out of something (descriptors,
@@ -627,7 +629,16 @@ async def _handle_connection(
                 status, content_type = 500, text
                 body = f"the metrics render failed: {type(exc).__name__}\n".encode()
             answering = False
-            await stream.send_all(_response(status, body, content_type, head=method == "HEAD"))
+            head_bytes = _response(status, body, content_type, head=True)
+            if method == "HEAD":
+                await stream.send_all(head_bytes)
+            elif len(body) < _JOIN_BELOW:
+                await stream.send_all(head_bytes + body)  # one segment
+            else:
+                # Not joined: a client that does not read would hold a copy of the text
+                # (the renderer shares one between its scrapes) until the request timeout.
+                await stream.send_all(head_bytes)
+                await stream.send_all(body)
         if answering:
             # Said, not a connection closed without a word (the client would not know why).
             log.warning(

@@ -748,3 +748,51 @@ async def test_connections_past_the_limit_wait_in_the_backlog_without_a_descript
     assert "32 connections open, its limit" in logged[0]
     assert "(times at the limit so far: 1)" in logged[0]
     assert "(times at the limit so far: 3)" in logged[1]
+
+
+async def test_clients_that_do_not_read_share_one_copy_of_the_metrics_text(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Regression: each response was its head and the whole rendered text joined in a new
+    bytes object, held until the client had read it: 20 clients that asked for /metrics
+    and did not read made 20 copies of the text (a per-agent text is a MB per 1,000
+    agents). They now share the rendered text: the head is sent on its own."""
+    import tracemalloc
+
+    mock_clock.autojump_threshold = 5.0  # as above: the request timeouts do not fire
+    text = b"# a large per-agent text\n" * 160_000  # 4 MB
+    async with open_test_kernel() as kernel:
+        renderer = MetricsRenderer(kernel, cache_seconds=3600, process=False)
+
+        async def cached() -> bytes:
+            await trio.lowlevel.checkpoint()
+            return text
+
+        renderer.render = cached  # type: ignore[method-assign]
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(
+                lambda task_status: serve_metrics(
+                    kernel, "127.0.0.1", 0, renderer=renderer, task_status=task_status
+                )
+            )
+            tracemalloc.start()
+            try:
+                before = tracemalloc.get_traced_memory()[0]
+                clients = []
+                for _ in range(20):
+                    sock = trio.socket.socket()
+                    sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+                    await sock.connect(("127.0.0.1", port))
+                    await sock.send(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                    clients.append(sock)
+                await settle()
+                held = tracemalloc.get_traced_memory()[0] - before
+            finally:
+                tracemalloc.stop()
+            endpoint = renderer.endpoint
+            assert endpoint is not None and endpoint.open == 20
+            # the 20 responses are being written (the clients read nothing)
+            assert held < 2 * len(text), f"{held:,} bytes held for 20 clients"
+            for sock in clients:
+                sock.close()
+            nursery.cancel_scope.cancel()
