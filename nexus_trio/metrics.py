@@ -36,6 +36,7 @@ from __future__ import annotations
 import errno
 import heapq
 import logging
+import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Final
 
@@ -571,13 +572,22 @@ def _response(status: int, body: bytes, content_type: str, *, head: bool = False
     return head_bytes if head else head_bytes + body
 
 
+def _path_of(target: str) -> str:
+    """The path of a request target: of the origin form (``/metrics?x=1``), or of the
+    absolute form (``http://host:9464/metrics``, sent through a proxy; RFC 9112 3.2.2: a
+    server must accept it), where an empty path is ``/``."""
+    if target[:8].lower().startswith(("http://", "https://")):
+        return urllib.parse.urlsplit(target).path or "/"
+    return target.split("?", 1)[0]
+
+
 async def _route(
     kernel: Kernel, renderer: MetricsRenderer, method: str, target: str
 ) -> tuple[int, bytes, str]:
     text = "text/plain; charset=utf-8"
     if method not in ("GET", "HEAD"):
         return 405, b"method not allowed\n", text
-    path = target.split("?", 1)[0]
+    path = _path_of(target)
     if path == "/metrics":
         return 200, await renderer.render(), CONTENT_TYPE_PLAIN_0_0_4
     if path == "/healthz":

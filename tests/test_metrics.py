@@ -796,3 +796,29 @@ async def test_clients_that_do_not_read_share_one_copy_of_the_metrics_text(
             for sock in clients:
                 sock.close()
             nursery.cancel_scope.cancel()
+
+
+async def test_a_target_in_absolute_form_is_served_as_its_path():
+    """Regression: ``GET http://host:port/metrics HTTP/1.1`` (the absolute form, what a
+    client sends through a proxy; RFC 9112 3.2.2: a server must accept it) was answered
+    404: the whole URL was taken for the path."""
+    async with open_test_kernel() as kernel, trio.open_nursery() as nursery:
+        port = await nursery.start(serve_metrics, kernel, "127.0.0.1", 0)
+
+        async def status_and_body(target: str) -> tuple[int, bytes]:
+            request = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n"
+            status, _, body = await http(port, request.encode())
+            return status, body
+
+        assert await status_and_body(f"http://127.0.0.1:{port}/healthz") == (200, b"ok\n")
+        assert await status_and_body("HTTP://Example.com/healthz?x=1") == (200, b"ok\n")
+        assert await status_and_body("https://example.com:443/nope") == (404, b"not found\n")
+        status, body = await status_and_body(f"http://127.0.0.1:{port}")  # empty path: "/"
+        assert status == 200 and body.startswith(b"nexus_trio: GET /metrics")
+        status, body = await status_and_body("http://example.com?x=1")
+        assert status == 200 and body.startswith(b"nexus_trio: GET /metrics")
+        status, body = await status_and_body(f"http://127.0.0.1:{port}/metrics")
+        assert status == 200 and b"nexus_agents_alive" in body
+        # the origin form, as before; a path starting with // is a path, not an authority
+        assert await status_and_body("//healthz") == (404, b"not found\n")
+        nursery.cancel_scope.cancel()
