@@ -36,6 +36,7 @@ from __future__ import annotations
 import errno
 import heapq
 import logging
+import re
 import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Final
@@ -73,6 +74,8 @@ DEFAULT_PER_AGENT_LIMIT: Final = 1000
 DEFAULT_MAX_CONNECTIONS: Final = 32
 
 _MAX_REQUEST_HEAD: Final = 8192
+#: the empty line that ends a request head: CRLF CRLF, or bare LF line ends
+_HEAD_END: Final = re.compile(rb"\n\r?\n")
 _REQUEST_TIMEOUT: Final = 10.0
 #: a body shorter than this is sent joined to its head, a longer one after it
 _JOIN_BELOW: Final = 65536
@@ -600,15 +603,22 @@ async def _route(
 
 
 async def _read_head(stream: trio.abc.Stream) -> bytes | None:
-    data = b""
-    while b"\r\n\r\n" not in data and b"\n\n" not in data:
+    """The request head, up to the empty line that ends it (``CRLF`` or bare ``LF`` line
+    ends) or all the client sent before it ended its side; ``None`` if it is longer than
+    ``_MAX_REQUEST_HEAD`` bytes, however it was cut into reads."""
+    data = bytearray()
+    searched = 0  # no end of the head before this (each byte is searched once)
+    while True:
+        end = _HEAD_END.search(data, searched)
+        if end is not None:
+            return bytes(data[: end.end()]) if end.end() <= _MAX_REQUEST_HEAD else None
         if len(data) > _MAX_REQUEST_HEAD:
             return None
+        searched = max(len(data) - 2, 0)  # an end ("\n\r\n") may start in the last 2 bytes
         chunk = await stream.receive_some(4096)
         if not chunk:
-            break
+            return bytes(data)
         data += chunk
-    return data
 
 
 async def _handle_connection(

@@ -822,3 +822,43 @@ async def test_a_target_in_absolute_form_is_served_as_its_path():
         # the origin form, as before; a path starting with // is a path, not an authority
         assert await status_and_body("//healthz") == (404, b"not found\n")
         nursery.cancel_scope.cancel()
+
+
+async def test_a_request_head_past_8_kib_gets_431_whatever_its_reads():
+    """Regression: the 8 KiB limit was checked before each read of 4 KiB, so a head of up
+    to 12 KiB was served or refused depending on how it was cut into reads."""
+
+    def head(size: int) -> bytes:
+        line = b"GET /healthz HTTP/1.1\r\n"
+        return line + b"X: " + b"a" * (size - len(line) - 3 - 4) + b"\r\n\r\n"
+
+    assert len(head(8192)) == 8192
+    async with open_test_kernel() as kernel, trio.open_nursery() as nursery:
+        port = await nursery.start(serve_metrics, kernel, "127.0.0.1", 0)
+        assert (await http(port, head(8192)))[:1] == (200,)
+        assert (await http(port, head(8193)))[:1] == (431,)
+        assert (await http(port, head(12_000)))[:1] == (431,)
+        assert (await http(port, head(8192)[:-4] + b"a\r\n\r\n"))[:1] == (431,)
+        nursery.cancel_scope.cancel()
+    # A byte at a time: the end of the head is found across reads, and so is the limit.
+    from nexus_trio import metrics
+
+    for request, expected in (
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", b"HTTP/1.1 200 OK\r\n"),
+        (b"GET /healthz HTTP/1.1\nHost: x\n\n", b"HTTP/1.1 200 OK\r\n"),
+        (head(8193), b"HTTP/1.1 431 "),
+    ):
+        async with open_test_kernel() as kernel:
+            renderer = MetricsRenderer(kernel, process=False)
+            client, server = trio.testing.memory_stream_pair()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(metrics._handle_connection, server, kernel, renderer)
+                for i in range(len(request)):
+                    await client.send_all(request[i : i + 1])
+                    await trio.testing.wait_all_tasks_blocked()
+                await client.send_eof()
+                data = b""
+                while chunk := await client.receive_some(65536):
+                    data += chunk
+                await client.aclose()
+            assert data.startswith(expected), (request[:40], data[:40])
