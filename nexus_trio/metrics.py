@@ -604,20 +604,29 @@ async def _route(
 
 async def _read_head(stream: trio.abc.Stream) -> bytes | None:
     """The request head, up to the empty line that ends it (``CRLF`` or bare ``LF`` line
-    ends) or all the client sent before it ended its side; ``None`` if it is longer than
-    ``_MAX_REQUEST_HEAD`` bytes, however it was cut into reads."""
+    ends) or all the client sent before it ended its side, without the empty lines before
+    its request line (RFC 9112 2.2: skipped); ``None`` if it is longer than
+    ``_MAX_REQUEST_HEAD`` bytes (those empty lines included), however it was cut into
+    reads."""
     data = bytearray()
+    skipped = 0  # the empty lines before the request line
+    line_started = False
     searched = 0  # no end of the head before this (each byte is searched once)
     while True:
+        if not line_started:  # data[:skipped] is empty lines, the rest the last read
+            rest = data[skipped:]
+            skipped += len(rest) - len(rest.lstrip(b"\r\n"))
+            line_started = skipped < len(data)
+            searched = max(searched, skipped)
         end = _HEAD_END.search(data, searched)
         if end is not None:
-            return bytes(data[: end.end()]) if end.end() <= _MAX_REQUEST_HEAD else None
+            return bytes(data[skipped : end.end()]) if end.end() <= _MAX_REQUEST_HEAD else None
         if len(data) > _MAX_REQUEST_HEAD:
             return None
         searched = max(len(data) - 2, 0)  # an end ("\n\r\n") may start in the last 2 bytes
         chunk = await stream.receive_some(4096)
         if not chunk:
-            return bytes(data)
+            return bytes(data[skipped:])
         data += chunk
 
 

@@ -862,3 +862,41 @@ async def test_a_request_head_past_8_kib_gets_431_whatever_its_reads():
                     data += chunk
                 await client.aclose()
             assert data.startswith(expected), (request[:40], data[:40])
+
+
+async def test_empty_lines_before_the_request_line_are_skipped():
+    """Regression: a request after an empty line (a client ending its previous request
+    with one CRLF too many; RFC 9112 2.2: a server should skip it) got no answer: the
+    empty line was taken for the end of an empty head, and the connection closed."""
+    from nexus_trio import metrics
+
+    requests = (
+        b"\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"\r\n\r\n\nGET /healthz HTTP/1.1\r\n\r\n",
+        b"\nGET /healthz HTTP/1.1\n\n",
+    )
+    async with open_test_kernel() as kernel, trio.open_nursery() as nursery:
+        port = await nursery.start(serve_metrics, kernel, "127.0.0.1", 0)
+        for request in requests:
+            status, _, body = await http(port, request)
+            assert (status, body) == (200, b"ok\n"), request
+        nursery.cancel_scope.cancel()
+    # A byte at a time, and only empty lines (then no answer: nothing was asked).
+    for request, expected in (
+        (requests[1], b"HTTP/1.1 200 OK\r\n"),
+        (b"\r\n\r\n\r\n", b""),
+    ):
+        async with open_test_kernel() as kernel:
+            renderer = MetricsRenderer(kernel, process=False)
+            client, server = trio.testing.memory_stream_pair()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(metrics._handle_connection, server, kernel, renderer)
+                for i in range(len(request)):
+                    await client.send_all(request[i : i + 1])
+                    await trio.testing.wait_all_tasks_blocked()
+                await client.send_eof()
+                data = b""
+                while chunk := await client.receive_some(65536):
+                    data += chunk
+                await client.aclose()
+            assert data.startswith(expected) and bool(data) == bool(expected), data[:40]
