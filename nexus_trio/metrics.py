@@ -20,7 +20,8 @@ one (measured: a ``to_thread`` job waited 7 s behind a ring workload, and a 20-a
 more than the 10 s a request may take). Scrapes share renders (:class:`MetricsRenderer`): one
 render at a time, concurrent scrapes wait for the one in progress, and a render is reused for
 ``cache_ms``. A request that takes more than 10 s in all (reading it and rendering) gets
-``503`` with the reason, not a closed connection. The endpoint counts its connections and
+``503`` with the reason, not a closed connection; a connection whose request head is not
+all in within the 10 s is closed without an answer (it asked for nothing). The endpoint counts its connections and
 the ``accept`` calls that failed for lack of descriptors (:class:`EndpointStats`, exported
 as ``nexus_metrics_*`` series).
 
