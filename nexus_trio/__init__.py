@@ -36,6 +36,7 @@ from ._errors import SupervisorEscalation as SupervisorEscalation
 from ._errors import TransportUnavailable as TransportUnavailable
 from ._events import EventKind as EventKind
 from ._events import LifecycleEvent as LifecycleEvent
+from ._kernel import AgentScan as AgentScan
 from ._kernel import Kernel as Kernel
 from ._kernel import open_kernel as open_kernel
 from ._mailbox import MailboxStatistics as MailboxStatistics
@@ -65,6 +66,7 @@ __all__ = [
     "Agent",
     "AgentNotFound",
     "AgentRef",
+    "AgentScan",
     "AgentSpec",
     "AgentStats",
     "AppConfig",

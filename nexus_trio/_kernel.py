@@ -24,6 +24,7 @@ import random
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from heapq import heappush, heapreplace
 from typing import Any, Final, final
 
 import trio
@@ -523,29 +524,15 @@ class Kernel:
     def stats(self, *, agents: bool = False) -> KernelStats:
         """A frozen snapshot of the kernel's counters, in O(1).
 
-        ``agents=True`` adds one :class:`AgentStats` per live agent (O(agents)).
+        ``agents=True`` adds one :class:`AgentStats` per live agent (O(agents), in one go:
+        about 2 us per agent, 0.2 s at 100,000 agents during which no agent runs; see
+        :meth:`scan_agents` for a walk a slice at a time).
         """
         ledger = self._ledger
         per_agent: tuple[AgentStats, ...] = ()
         if agents:
             per_agent = tuple(
-                AgentStats(
-                    id=c.id,
-                    name=c.name,
-                    state=c.state(),
-                    received=c.received,
-                    handled=c.handled,
-                    failed=c.failed,
-                    timed_out=c.timed_out,
-                    dead_lettered=c.dead_lettered,
-                    restarts=c.restarts,
-                    mailbox_depth=c.mailbox.depth,
-                    mailbox_high_water=c.mailbox.high_water,
-                    mailbox_capacity=c.mailbox.capacity,
-                    run_failures=c.run_failures,
-                )
-                for c in self._router.nodes.values()
-                if isinstance(c, AgentCell)
+                _agent_stats(c) for c in self._router.nodes.values() if isinstance(c, AgentCell)
             )
         return KernelStats(
             agents_alive=ledger.agents_alive,
@@ -567,6 +554,46 @@ class Kernel:
             agents=per_agent,
             given_up=ledger.given_up,
             run_failures=ledger.run_failures,
+        )
+
+    def scan_agents(
+        self, limit: int, *, visits_per_step: int = 4096, copies_per_step: int = 512
+    ) -> AgentScan:
+        """Start a walk over the live agents that keeps the ``limit`` with the deepest
+        mailboxes (ties: the earliest spawned), to be done a bounded step at a time.
+
+        What ``nexus_trio.metrics`` does for a scrape with per-agent series: unlike
+        ``stats(agents=True)``, which copies every agent's counters in one go (about 2 us
+        per agent), each :meth:`AgentScan.step` reads the mailbox depth of at most
+        ``visits_per_step`` agents (about 0.3 us each) or copies into
+        :class:`AgentStats` the counters of at most ``copies_per_step`` of the chosen
+        ones, so a Trio task that checkpoints between steps lets the agents run
+        meanwhile::
+
+            scan = kernel.scan_agents(100)
+            while scan.step():
+                await trio.lowlevel.checkpoint()
+            deepest = scan.chosen  # AgentStats, the deepest mailbox first
+
+        This call copies the list of the live agents and supervisors (a C-level copy,
+        about 20 ns each: 2 ms at 100,000), the one part done in one go. Nothing is added
+        to the message paths. See :class:`AgentScan` for what a walk across checkpoints
+        sees. All three arguments are integers >= 1.
+        """
+        for name, value in (
+            ("limit", limit),
+            ("visits_per_step", visits_per_step),
+            ("copies_per_step", copies_per_step),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an integer, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value!r}")
+        return AgentScan(
+            list(self._router.nodes.values()),
+            limit,
+            visits_per_step=visits_per_step,
+            copies_per_step=copies_per_step,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -591,6 +618,149 @@ class Kernel:
             return entry
 
         return node(self._root)
+
+
+def _agent_stats(c: AgentCell) -> AgentStats:
+    """The counters of one agent, copied now."""
+    mailbox = c.mailbox
+    return AgentStats(
+        id=c.id,
+        name=c.name,
+        state=c.state(),
+        received=c.received,
+        handled=c.handled,
+        failed=c.failed,
+        timed_out=c.timed_out,
+        dead_lettered=c.dead_lettered,
+        restarts=c.restarts,
+        mailbox_depth=mailbox.depth,
+        mailbox_high_water=mailbox.high_water,
+        mailbox_capacity=mailbox.capacity,
+        run_failures=c.run_failures,
+    )
+
+
+@final
+class AgentScan:
+    """A walk over a kernel's live agents that keeps the ``limit`` with the deepest
+    mailboxes, a bounded step at a time; from :meth:`Kernel.scan_agents`.
+
+    Each :meth:`step` first visits the next ``visits_per_step`` agents and supervisors in
+    spawn order (a mailbox depth read for each agent, the deepest kept in a heap of at
+    most ``limit``); once all are visited, it copies the counters of the next
+    ``copies_per_step`` chosen agents into :class:`AgentStats`, deepest first (the step
+    that ends the visits starts the copies). It returns ``True`` while work remains. A
+    kernel with at most ``visits_per_step`` agents and supervisors (the root one
+    included) and ``copies_per_step`` chosen is thus scanned in one step, at one moment.
+    ``visited`` counts the agents visited so far, ``left_out`` (once all are visited)
+    those visited and not chosen.
+
+    Taken across steps between which the agents run, the result is not the state of one
+    moment (as with the collectors of the Prometheus client libraries, whose values are
+    read one after the other):
+
+    * the agents walked are those live when the scan started: one spawned later is not
+      in it; one that stops before its visit is skipped (not counted in ``visited``); one
+      chosen that stops before its copy is left out of :attr:`chosen` (which then holds
+      fewer than ``limit`` agents);
+    * an agent is chosen for its mailbox depth when it was visited, and its
+      :class:`AgentStats` are its counters when they were copied (the depth too).
+
+    When no agent spawns, stops or changes depth while the scan runs, :attr:`chosen` is
+    ``heapq.nlargest(limit, stats(agents=True).agents, key=depth)``, in its order.
+    """
+
+    __slots__ = (
+        "_chosen",
+        "_copies",
+        "_heap",
+        "_limit",
+        "_next",
+        "_nodes",
+        "_order",
+        "_visits",
+        "left_out",
+        "visited",
+    )
+
+    def __init__(
+        self, nodes: list[Child], limit: int, *, visits_per_step: int, copies_per_step: int
+    ) -> None:
+        #: the live agents and supervisors when the scan started, in spawn order
+        self._nodes: list[Child] | None = nodes
+        self._limit = limit
+        self._visits = visits_per_step
+        self._copies = copies_per_step
+        #: index in _nodes of the next node to visit
+        self._next = 0
+        #: (depth, -index, cell) of the deepest mailboxes visited: a min-heap, the least
+        #: deep (of those, the latest spawned) on top
+        self._heap: list[tuple[int, int, AgentCell]] = []
+        #: the chosen agents left to copy, the next last; None while visiting
+        self._order: list[AgentCell] | None = None
+        self._chosen: list[AgentStats] = []
+        #: live agents visited so far
+        self.visited = 0
+        #: agents visited and not chosen, for the limit (set once all are visited)
+        self.left_out = 0
+
+    @property
+    def done(self) -> bool:
+        """True once every agent was visited and every chosen one copied."""
+        return self._order is not None and not self._order
+
+    @property
+    def chosen(self) -> tuple[AgentStats, ...]:
+        """The counters of the chosen agents, deepest mailbox first (ties: the earliest
+        spawned), once the scan is done."""
+        if not self.done:
+            raise RuntimeError("the agent scan is not done: call step() until it returns False")
+        return tuple(self._chosen)
+
+    def step(self) -> bool:
+        """Do the next bounded piece of the scan; ``False`` once it is done."""
+        nodes = self._nodes
+        if nodes is not None:
+            heap = self._heap
+            limit = self._limit
+            start = self._next
+            end = min(start + self._visits, len(nodes))
+            # Below the top of a full heap, a mailbox cannot be chosen (at the same depth
+            # it was spawned later): one comparison per agent.
+            floor = heap[0][0] if len(heap) == limit else -1
+            visited = 0
+            for index in range(start, end):
+                node = nodes[index]
+                if not isinstance(node, AgentCell) or node.retired:
+                    continue
+                visited += 1
+                depth = node.mailbox.depth
+                if depth > floor:
+                    if len(heap) < limit:
+                        heappush(heap, (depth, -index, node))
+                        if len(heap) == limit:
+                            floor = heap[0][0]
+                    else:
+                        heapreplace(heap, (depth, -index, node))
+                        floor = heap[0][0]
+            self._next = end
+            self.visited += visited
+            if end < len(nodes):
+                return True
+            # All visited: the chosen ones, the deepest last (popped first).
+            self._nodes = None
+            self.left_out = self.visited - len(heap)
+            heap.sort()
+            self._order = [cell for _, _, cell in heap]
+            self._heap = []
+        order = self._order
+        assert order is not None
+        chosen = self._chosen
+        for _ in range(min(self._copies, len(order))):
+            cell = order.pop()
+            if not cell.retired:
+                chosen.append(_agent_stats(cell))
+        return bool(order)
 
 
 @asynccontextmanager

@@ -1,13 +1,21 @@
-"""The latency histogram: one scan gives every quantile (what keeps stats() cheap)."""
+"""The latency histogram: one scan gives every quantile (what keeps stats() cheap); the
+walk over the agents a step at a time (``kernel.scan_agents``)."""
 
 from __future__ import annotations
 
+import heapq
 import math
+import random
 
+import pytest
+import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nexus_trio import Context, Message, Supervisor, agent
 from nexus_trio._stats import Histogram
+from nexus_trio.testing import open_test_kernel
 
 
 @settings(max_examples=200, deadline=None)
@@ -42,3 +50,58 @@ def test_an_empty_histogram_reports_zeros_and_merging_keeps_counts() -> None:
     assert a.count == 3 and a.maximum == 1.0
     assert a.quantile(1.0) == 1.0
     assert a.quantile(0.1) < 0.0025
+
+
+async def test_an_agent_scan_chooses_the_deepest_mailboxes_whatever_its_steps() -> None:
+    """``kernel.scan_agents(limit)`` keeps what ``heapq.nlargest`` over
+    ``stats(agents=True)`` keeps (the deepest, ties to the earliest spawned), in steps of
+    at most ``visits_per_step`` visits and ``copies_per_step`` copies."""
+    release = trio.Event()
+
+    @agent
+    async def held(ctx: Context, msg: Message) -> None:
+        await release.wait()
+
+    rng = random.Random(11)
+    async with open_test_kernel() as kernel:
+        kernel.spawn(Supervisor(), name="a-supervisor")  # not an agent: not in a scan
+        refs = [kernel.spawn(held) for _ in range(120)]
+        for ref in refs:
+            for _ in range(rng.choice((1, 1, 2, 3, 4, 7))):  # the handler takes the first
+                kernel.send_nowait(ref, "x")
+        await trio.testing.wait_all_tasks_blocked()
+        everyone = kernel.stats(agents=True).agents
+        for limit, visits, copies, steps in (
+            (1, 1, 1, 122),  # 122 nodes: the root, a supervisor, the agents
+            (10, 7, 3, 18 + 3),  # the last visiting step copies 3 of the 10
+            (15, 4096, 512, 1),
+            (500, 50, 1000, 3),  # all chosen
+        ):
+            scan = kernel.scan_agents(limit, visits_per_step=visits, copies_per_step=copies)
+            with pytest.raises(RuntimeError, match="the agent scan is not done"):
+                _ = scan.chosen
+            taken = 1
+            while scan.step():
+                taken += 1
+            assert scan.done and not scan.step()
+            expected = heapq.nlargest(limit, everyone, key=lambda a: a.mailbox_depth)
+            assert scan.chosen == tuple(expected), limit
+            assert (taken, scan.visited, scan.left_out) == (
+                steps,
+                120,
+                max(120 - limit, 0),
+            ), limit
+        release.set()
+
+
+async def test_a_scan_of_no_agents_is_done_in_one_step_and_bad_arguments_are_named() -> None:
+    async with open_test_kernel() as kernel:
+        scan = kernel.scan_agents(3)
+        assert not scan.step()
+        assert (scan.chosen, scan.visited, scan.left_out) == ((), 0, 0)
+        with pytest.raises(ValueError, match="limit must be >= 1, got 0"):
+            kernel.scan_agents(0)
+        with pytest.raises(TypeError, match=r"visits_per_step must be an integer, got 2\.5"):
+            kernel.scan_agents(1, visits_per_step=2.5)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="copies_per_step must be >= 1, got -1"):
+            kernel.scan_agents(1, copies_per_step=-1)
