@@ -59,6 +59,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
+from .._brief import brief
 from .._deadletter import DeadLetterReason
 from .._errors import (
     AgentNotFound,
@@ -2561,7 +2562,7 @@ class Cluster:
                     node,
                     exc if isinstance(exc, ValueError) else "nested too deeply",
                     self._dropped["malformed_notice"],
-                    _cut(notice),
+                    brief(notice),
                 )
             return
         info = self.members.members.get(node)
@@ -3190,13 +3191,8 @@ def _parse_last_notice(notice: str, stream: str) -> tuple[int, int, int]:
         raise ValueError("id_prefix and session are 64-bit numbers")
     taken = recv.get(stream, 0)
     if type(taken) is not int or taken < 0:
-        raise ValueError(f"the last number taken of this node's stream is {_cut(taken)}")
+        raise ValueError(f"the last number taken of this node's stream is {brief(taken)}")
     return ids[0], ids[1], taken
-
-
-def _cut(value: object, limit: int = 120) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _sole_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
