@@ -82,8 +82,11 @@ def level_number(level: str) -> int:
 
 # C0 controls (newline, carriage return, tab, ESC, ...), DEL and C1 controls (NEL, CSI, ...),
 # the Unicode line and paragraph separators and the bidirectional overrides that can make a
-# line read differently from what it holds ("Trojan Source").
-_CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# line read differently from what it holds ("Trojan Source"), and lone surrogates (JSON's
+# "\\ud800" decodes to one), which no UTF-8 stream can write.
+_CONTROL: Final = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
 _NAMED: Final = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
@@ -101,7 +104,8 @@ def escape_control(text: str) -> str:
 
     ``\\n``, ``\\r`` and ``\\t`` for newline, carriage return and tab; ``\\xNN`` for the
     other C0 controls, DEL and the C1 controls (ESC is ``\\x1b``, NEL ``\\x85``);
-    ``\\uNNNN`` for U+2028, U+2029 and the bidirectional overrides. Everything else,
+    ``\\uNNNN`` for U+2028, U+2029, the bidirectional overrides and lone surrogates
+    (which no UTF-8 stream could write). Everything else,
     backslashes included, is left as it is, so ordinary text is unchanged (and returned
     as the same object). Use it on any text from outside that is written to a log or a
     terminal, e.g. the lines of a child process's standard error.
@@ -239,11 +243,19 @@ def _json_value(value: Any) -> Any:
 
 # Characters JSON allows raw inside strings but that split lines for some readers (U+2028
 # and U+2029 in JavaScript, NEL U+0085 in Python's str.splitlines) or drive a terminal (the
-# C1 controls, DEL), and the bidirectional overrides: written as \\uNNNN escapes. They can
-# only occur inside strings of json.dumps output, where such an escape means the same.
+# C1 controls, DEL), the bidirectional overrides, and lone surrogates (which no UTF-8 stream
+# can write): written as \\uNNNN escapes. They can only occur inside strings of json.dumps
+# output, where such an escape means the same (json.loads gives the surrogate back).
 _JSON_ESCAPES: Final = {
     code: f"\\u{code:04x}"
-    for code in [*range(0x7F, 0xA0), 0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+    for code in [
+        *range(0x7F, 0xA0),
+        0x2028,
+        0x2029,
+        *range(0x202A, 0x202F),
+        *range(0x2066, 0x206A),
+        *range(0xD800, 0xE000),
+    ]
 }
 
 
@@ -256,8 +268,9 @@ class JsonFormatter(logging.Formatter):
     record carries an exception and ``stack`` for ``stack_info``. Values that are not
     JSON types are written as strings; an extra attribute whose name is taken is written
     as ``extra_<name>``. Control characters are ``\\u`` escapes: JSON's own (C0) and also
-    DEL, the C1 controls (NEL U+0085 among them), U+2028, U+2029 and the bidirectional
-    overrides, so a record is one line for every reader.
+    DEL, the C1 controls (NEL U+0085 among them), U+2028, U+2029, the bidirectional
+    overrides and lone surrogates, so a record is one line for every reader and any UTF-8
+    stream can write it.
     """
 
     def format(self, record: logging.LogRecord) -> str:

@@ -247,6 +247,7 @@ FORGED_ESCAPED = (
         ("nel\x85 csi\x9b", "nel\\x85 csi\\x9b"),
         ("ls\u2028ps\u2029", "ls\\u2028ps\\u2029"),
         ("bidi \u202egnp.exe\u2066", "bidi \\u202egnp.exe\\u2066"),
+        ("lone \ud800 surrogates \udfff", "lone \\ud800 surrogates \\udfff"),
         (FORGED, FORGED_ESCAPED),
     ],
 )
@@ -389,6 +390,34 @@ def test_pretty_escapes_message_extras_and_the_rich_traceback(
     assert "agent_name=n\\x1b[31m" in text
     assert "Traceback" in text  # still rich's traceback
     assert not any(line.strip().startswith("2026-01-01T") for line in text.splitlines())
+
+
+@pytest.mark.parametrize("fmt", ["compact", "json", "pretty"])
+def test_a_lone_surrogate_is_escaped_and_the_record_reaches_a_utf8_log_file(
+    fmt: str, nexus_logger: logging.Logger, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A peer's or a child's JSON can hold "\\ud800": json.loads makes it a lone surrogate,
+    # which no UTF-8 file takes. The record is written, with the surrogate escaped.
+    nasty = json.loads('"agent \\ud800x\\udfff"')
+    path = tmp_path / "nexus.log"
+    with open(path, "a", encoding="utf-8") as file:
+        configure_logging(LoggingConfig(level="info", format=fmt), stream=file)
+        try:
+            raise ValueError(nasty)
+        except ValueError:
+            logging.getLogger("nexus_trio.dead_letters").exception(
+                "dead letter to %s", nasty, extra={"agent_name": nasty}
+            )
+        configure_logging(LoggingConfig(level="info", format=fmt), stream=io.StringIO())
+    assert "Logging error" not in capsys.readouterr().err
+    text = path.read_text(encoding="utf-8")
+    assert "dead letter to agent \\ud800x\\udfff" in text
+    assert "ValueError: agent \\ud800x\\udfff" in text
+    if fmt == "json":
+        record = json.loads(text)
+        assert record["msg"] == f"dead letter to {nasty}" and record["agent_name"] == nasty
+    elif fmt == "compact":
+        assert 'agent_name="agent \\ud800x\\udfff"' in text
 
 
 # --- configure_logging(level, format) and the default handler --------------------------------
