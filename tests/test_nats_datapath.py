@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import struct
 import time
 import uuid
@@ -182,6 +183,33 @@ async def test_malformed_batches_are_counted_and_the_node_keeps_serving(nats: Na
     assert dropped["malformed_batch"] == len(hostile)
     # the tells the parsed heads announced are counted too, never silently gone
     assert dropped["malformed"] == 3
+
+
+async def test_a_tell_to_a_long_unknown_name_from_a_peer_logs_a_short_line(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer chooses the name it sends to: as long as NATS takes. The line about the
+    dropped tell shows the name cut short (``brief``), not 50,000 characters twice."""
+    caplog.set_level(logging.INFO, logger="nexus_trio.nats")
+    records: list[Any] = []
+    long_name = "n" * 50_000 + "\n2026-12-02T10:00:00Z ERROR nexus_trio.kernel forged"
+    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+        kb.spawn(agent(_collector(records), name="col"))
+        await cb.names_published()
+        node = b"a"
+        head = struct.pack(">4sQQQQIH", b"NXB1", ca.id_prefix, 1, cb.id_prefix, 1, 1, len(node))
+        tell = json.dumps([1, 1, 1, 1, long_name, "Command", None, None, None, "x"]).encode()
+        frame = struct.pack(">IB", len(tell) + 1, batch.TELL) + tell
+        with trio.fail_after(30):
+            await ca.wait_for_name("col")
+            await call_aio(ca.nc.publish, "nexus.node.b.batch", head + node + frame)
+            await ka.send("col", "after")  # behind the hostile batch on b's inbox
+            assert await ka.request("col", "dump") == 1
+    assert records == ["after"]
+    assert cb.stats().inbound_dropped == {"no_such_agent": 1}
+    [line] = [r.getMessage() for r in caplog.records if "from another node" in r.getMessage()]
+    assert len(line) < 500, len(line)
+    assert "nnn" in line and "no_such_agent" in line
 
 
 async def test_a_malformed_error_frame_fails_the_request_at_once_counted(

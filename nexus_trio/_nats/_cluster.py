@@ -1981,12 +1981,16 @@ class Cluster:
         }.get(type(exc), "error")
         self._dropped[reason] += 1
         if log.isEnabledFor(logging.INFO):
+            # The peer chose the name, as long as NATS takes (AgentNotFound's text repeats
+            # it): cut short, as every line about a value from outside.
+            to = msg.to if isinstance(msg.to, uuid.UUID) else brief(msg.to, 60)
             log.info(
-                "node %s: dropped message %s to %s from another node: %s",
+                "node %s: dropped message %s to %s from another node: %s (%s)",
                 self.node,
                 msg.id,
-                msg.to,
-                exc,
+                to,
+                reason,
+                type(exc).__name__ if isinstance(exc, AgentNotFound) else brief(str(exc), 200),
             )
 
     def _fail_request(self, query_id: uuid.UUID, error: BaseException) -> None:
