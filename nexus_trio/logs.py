@@ -630,7 +630,13 @@ class _WholeRecords:
             self._write_rest()
         if os.linesep != "\n":  # what the stream's default newline translation does
             text = text.replace("\n", os.linesep)
-        data = text.encode(file.encoding, file.errors or "strict")
+        try:
+            data = text.encode(file.encoding, file.errors or "strict")
+        except UnicodeEncodeError:
+            # A narrow file (ASCII, Latin-1) and a value from outside (a peer's or a
+            # child's name): the record is written with what it cannot take escaped, not
+            # lost uncounted.
+            data = text.encode(file.encoding, "backslashreplace")
         file.flush()
         written, error = _write_raw(raw, data)
         if error is None:

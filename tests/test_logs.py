@@ -420,6 +420,26 @@ def test_a_lone_surrogate_is_escaped_and_the_record_reaches_a_utf8_log_file(
         assert 'agent_name="agent \\ud800x\\udfff"' in text
 
 
+@pytest.mark.parametrize("fmt", ["compact", "json", "pretty"])
+def test_a_record_a_narrow_log_file_cannot_encode_is_written_escaped(
+    fmt: str, nexus_logger: logging.Logger, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A log file opened as ASCII (strict): a peer's agent name in Japanese made the record
+    # fail to encode; it was lost, uncounted, with logging's own traceback on stderr.
+    path = tmp_path / "nexus.log"
+    with open(path, "a", encoding="ascii") as file:
+        configure_logging(LoggingConfig(level="info", format=fmt), stream=file)
+        logging.getLogger("nexus_trio.kernel").info("agent %s started", "日本")
+        lost = records_lost()
+        configure_logging(LoggingConfig(level="info", format=fmt), stream=io.StringIO())
+    assert "Logging error" not in capsys.readouterr().err
+    text = path.read_text(encoding="ascii")
+    assert "agent \\u65e5\\u672c started" in text
+    if fmt == "json":  # (the same escape in JSON: the record reads back whole)
+        assert json.loads(text)["msg"] == "agent 日本 started"
+    assert lost == 0
+
+
 # --- configure_logging(level, format) and the default handler --------------------------------
 
 
