@@ -9,6 +9,7 @@ for inspection after the fact.
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from typing import Generic, TypeVar, final
@@ -23,8 +24,10 @@ class Subscription(Generic[T]):
     """One subscriber's view of a :class:`Broadcast`: an async iterator of items.
 
     Use it as ``async with kernel.dead_letters() as stream: async for item in stream``;
-    leaving the block unsubscribes. ``dropped`` counts items this subscriber missed
-    because its buffer was full.
+    leaving the block unsubscribes. A subscription nobody refers to any more (an
+    ``async for`` over ``kernel.events()`` left without ``async with``) is unsubscribed
+    too: the broadcast holds its subscribers weakly. ``dropped`` counts items this
+    subscriber missed because its buffer was full.
     """
 
     def __init__(self, owner: Broadcast[T], buffer: int) -> None:
@@ -76,7 +79,10 @@ class Broadcast(Generic[T]):
     """Publish items to any number of bounded subscriptions without blocking."""
 
     def __init__(self, recent: int) -> None:
-        self._subscribers: set[Subscription[T]] = set()
+        #: weak: a subscription dropped without close() (``async for`` over a stream left
+        #: by break or cancellation, no ``async with``) must not stay subscribed, with its
+        #: buffer, for the kernel's lifetime
+        self._subscribers: weakref.WeakSet[Subscription[T]] = weakref.WeakSet()
         self.recent: deque[T] = deque(maxlen=recent)
         self.published = 0
         self.dropped = 0
@@ -100,8 +106,9 @@ class Broadcast(Generic[T]):
     def publish(self, item: T) -> None:
         self.published += 1
         self.recent.append(item)
-        for sub in self._subscribers:
-            sub._offer(item)
+        if self._subscribers:
+            for sub in self._subscribers:
+                sub._offer(item)
 
     def finish(self) -> None:
         """End every subscription: iterators stop after the items already buffered."""
