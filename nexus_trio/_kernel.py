@@ -503,7 +503,8 @@ class Kernel:
 
     def events(self, buffer: int = 1024) -> Subscription[LifecycleEvent]:
         """Subscribe to lifecycle events (spawned, started, failed, restarted, stopped,
-        escalated); bounded like :meth:`dead_letters`."""
+        escalated); bounded like :meth:`dead_letters`, what a subscriber misses counted in
+        ``stream.dropped`` and ``stats().event_stream_dropped``."""
         return self._ledger.events(buffer)
 
     def mailbox_statistics(self, target: AgentRef | Address) -> MailboxStatistics:
@@ -554,6 +555,7 @@ class Kernel:
             agents=per_agent,
             given_up=ledger.given_up,
             run_failures=ledger.run_failures,
+            event_stream_dropped=ledger.event_stream_dropped,
         )
 
     def scan_agents(

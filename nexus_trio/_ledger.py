@@ -190,6 +190,10 @@ class Ledger:
     def has_event_subscribers(self) -> bool:
         return self._events.has_subscribers
 
+    @property
+    def event_stream_dropped(self) -> int:
+        return self._events.dropped
+
     def publish_event(self, event: LifecycleEvent) -> None:
         self._events.publish(event)
 

@@ -191,3 +191,6 @@ class KernelStats:
     #: background task in ``ctx.nursery`` raised (also while the run was stopping);
     #: once per run, each also a ``failed`` event (``failed`` counts handler calls)
     run_failures: int = 0
+    #: lifecycle events that ``kernel.events()`` subscribers missed because their buffer
+    #: was full (summed over subscribers, like ``dead_letter_stream_dropped``)
+    event_stream_dropped: int = 0

@@ -27,6 +27,7 @@ from nexus_trio import (
     Context,
     DeadLetterReason,
     EventKind,
+    LifecycleEvent,
     Message,
     RequestFailed,
     SupervisionConfig,
@@ -730,3 +731,38 @@ async def test_quiet_agents_stop_together_and_the_others_keep_their_order(
     assert Journal.of("stop") == ["last", "middle", "first"]
     assert kernel.agents() == []
     assert_conserved(kernel)
+
+
+async def test_a_subscriber_that_never_reads_loses_events_counted_in_stats(
+    autojump_clock: Any,
+) -> None:
+    # 100,000 events while one subscriber never reads: it keeps its buffer's worth, the
+    # rest is counted exactly, per stream and in the kernel's stats, like dead letters.
+    async with open_kernel(make_config()) as kernel:
+        async with kernel.events(buffer=5) as slow, kernel.events(buffer=200_000) as full:
+            ref = kernel.spawn(tracked("w"))
+            await trio.testing.wait_all_tasks_blocked()
+            for i in range(100_000):
+                kernel.report_event(
+                    LifecycleEvent(EventKind.UNREACHABLE, ref.id, "w", float(i), reason=str(i))
+                )
+            await kernel.stop(ref)
+            total = 0
+            while True:
+                try:
+                    full.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                total += 1
+            kept = []
+            while True:
+                try:
+                    kept.append(slow.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            assert total == 100_003  # spawned, started, the 100,000, stopped
+            assert [e.kind for e in kept] == [EventKind.SPAWNED, EventKind.STARTED] + [
+                EventKind.UNREACHABLE
+            ] * 3
+            assert slow.dropped == total - 5 and full.dropped == 0
+            assert kernel.stats().event_stream_dropped == total - 5
