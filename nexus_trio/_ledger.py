@@ -98,8 +98,8 @@ class Ledger:
         #: ``handled & sample_mask == 0``: one in eight for the first SAMPLE_DENSE handled
         #: messages, then one in 64 (see record_latency)
         self.sample_mask = 7
-        self._dead_letters: Broadcast[DeadLetter] = Broadcast(dead_letter_buffer)
-        self._events: Broadcast[LifecycleEvent] = Broadcast(256)
+        self._dead_letters: Broadcast[DeadLetter] = Broadcast(dead_letter_buffer, "dead_letters()")
+        self._events: Broadcast[LifecycleEvent] = Broadcast(256, "events()")
         #: target -> its watchers, and watcher -> its targets (to end a stopped watcher's
         #: monitors: without it, a long-lived target kept every watcher it ever had)
         self._monitors: dict[uuid.UUID, set[uuid.UUID]] = {}

@@ -78,7 +78,9 @@ class Subscription(Generic[T]):
 class Broadcast(Generic[T]):
     """Publish items to any number of bounded subscriptions without blocking."""
 
-    def __init__(self, recent: int) -> None:
+    def __init__(self, recent: int, name: str) -> None:
+        #: what a bad ``buffer`` is reported as (``events()``, ``dead_letters()``)
+        self.name = name
         #: weak: a subscription dropped without close() (``async for`` over a stream left
         #: by break or cancellation, no ``async with``) must not stay subscribed, with its
         #: buffer, for the kernel's lifetime
@@ -94,8 +96,9 @@ class Broadcast(Generic[T]):
         return bool(self._subscribers)
 
     def subscribe(self, buffer: int) -> Subscription[T]:
-        if buffer < 1:
-            raise ValueError(f"subscription buffer must be >= 1, got {buffer}")
+        # an int, not just a number: math.inf would make the stream unbounded
+        if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
+            raise ValueError(f"{self.name} buffer must be an integer >= 1, got {buffer!r}")
         sub = Subscription(self, buffer)
         if self._finished:
             sub._finish()

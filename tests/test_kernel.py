@@ -1382,3 +1382,19 @@ async def test_a_stream_iterated_without_async_with_is_unsubscribed_once_dropped
             await kernel.stop(kernel.spawn(noop))
         gc.collect()
         assert [s for s in streams if s() is not None] == []
+
+
+@pytest.mark.parametrize("stream", ["events", "dead_letters"])
+@pytest.mark.parametrize("buffer", [0, -1, math.inf, 1.5, "10", None, True])
+async def test_a_stream_buffer_that_is_not_a_positive_integer_is_refused_by_name(
+    stream: str, buffer: Any
+) -> None:
+    # math.inf made an unbounded stream (the memory bound the streams promise gone); a
+    # string or None failed with "'<' not supported" naming nothing.
+    async with open_kernel(make_config()) as kernel:
+        with pytest.raises(
+            ValueError, match=rf"^{stream}\(\) buffer must be an integer >= 1, got "
+        ):
+            getattr(kernel, stream)(buffer)
+        async with getattr(kernel, stream)(10**12) as sub:  # huge is fine: nothing is preallocated
+            assert sub.dropped == 0
