@@ -200,9 +200,14 @@ def assert_conserved(kernel: Kernel) -> None:
 
 @attrs.define
 class EventRecorder:
-    """Lifecycle events collected by :func:`record_events`."""
+    """Lifecycle events collected by :func:`record_events`.
+
+    ``dropped``: events the recorder missed because its buffer was full (known when the
+    ``record_events`` block ends); :func:`assert_events` fails while it is not 0.
+    """
 
     events: list[LifecycleEvent] = attrs.Factory(list)
+    dropped: int = 0
 
     def kinds(self, name: str | None = None) -> list[EventKind]:
         return [e.kind for e in self.events if name is None or e.name == name]
@@ -220,6 +225,11 @@ def assert_events(
     ``expected`` lists kinds in order, as :class:`EventKind` or their values (``"failed"``).
     """
     wanted = [EventKind(kind) for kind in expected]
+    if recorder.dropped:
+        raise AssertionError(
+            f"events of {name or 'all agents'}: the recorder missed {recorder.dropped} events"
+            " (buffer full); give record_events a larger buffer"
+        )
     got = recorder.kinds(name)
     if got != wanted:
         raise AssertionError(
@@ -230,7 +240,8 @@ def assert_events(
 
 @asynccontextmanager
 async def record_events(kernel: Kernel, buffer: int = 100_000) -> AsyncIterator[EventRecorder]:
-    """Collect lifecycle events while the block runs (events are taken as they happen)."""
+    """Collect lifecycle events while the block runs (events are taken as they happen;
+    what a full ``buffer`` loses is counted in ``recorder.dropped``)."""
     recorder = EventRecorder()
     async with trio.open_nursery() as nursery, kernel.events(buffer) as stream:
 
@@ -248,6 +259,7 @@ async def record_events(kernel: Kernel, buffer: int = 100_000) -> AsyncIterator[
                     recorder.events.append(stream.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                     break
+            recorder.dropped = stream.dropped
             nursery.cancel_scope.cancel()
 
 

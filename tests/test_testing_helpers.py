@@ -13,6 +13,7 @@ from nexus_trio import Agent, Context, EventKind, Kernel, Message, agent
 from nexus_trio.testing import (
     assert_conserved,
     assert_dead_lettered,
+    assert_events,
     dead_letters,
     record_events,
     settle,
@@ -99,3 +100,18 @@ async def test_assert_conserved_counts_what_is_in_flight_one_by_one(
     gate.set()
     await settle()
     assert_conserved(nexus_kernel)
+
+
+async def test_an_event_recorder_that_missed_events_says_so(
+    nexus_kernel: Kernel, autojump_clock: Any
+) -> None:
+    # 12 spawns before the recorder's task can read: its buffer of 4 keeps 4 events. The
+    # record was incomplete without a word, and assert_events compared against it.
+    async with record_events(nexus_kernel) as full, record_events(nexus_kernel, buffer=4) as events:
+        for i in range(12):
+            nexus_kernel.spawn(echo, name=f"echo{i}")
+    assert len(events.events) == 4 and full.dropped == 0
+    assert events.dropped == len(full.events) - 4 > 0
+    assert_events(full, "echo0", ["spawned"])
+    with pytest.raises(AssertionError, match=r"the recorder missed \d+ events \(buffer full\)"):
+        assert_events(events, "echo0", ["spawned"])
