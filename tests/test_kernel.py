@@ -1398,3 +1398,41 @@ async def test_a_stream_buffer_that_is_not_a_positive_integer_is_refused_by_name
             getattr(kernel, stream)(buffer)
         async with getattr(kernel, stream)(10**12) as sub:  # huge is fine: nothing is preallocated
             assert sub.dropped == 0
+
+
+async def test_streams_subscribed_during_or_after_shutdown_end_and_two_readers_share_one(
+    autojump_clock: Any,
+) -> None:
+    @agent
+    async def raiser(ctx: Context, msg: Message) -> None:
+        raise KeyError(msg.payload)
+
+    during: list[Any] = []
+    firsts: list[int] = []
+    seconds: list[int] = []
+    async with trio.open_nursery() as nursery:
+        async with open_kernel(make_config()) as kernel:
+            shared = kernel.dead_letters()
+
+            async def read(into: list[int]) -> None:
+                async for letter in shared:
+                    into.append(letter.message.payload)
+
+            async def subscribe_while_stopping() -> None:
+                assert kernel.shutting_down and not kernel.stopped
+                async with kernel.events() as stream:
+                    during.extend([(e.name, e.kind) async for e in stream])
+
+            nursery.start_soon(read, firsts)
+            nursery.start_soon(read, seconds)
+            await trio.testing.wait_all_tasks_blocked()
+            ref = kernel.spawn(raiser, name="n")
+            for i in range(10):  # each raises: dead-lettered (handler_error)
+                await kernel.send(ref, i)
+            await trio.testing.wait_all_tasks_blocked()
+            # first runs once the shutdown (leaving this block) has started
+            nursery.start_soon(subscribe_while_stopping)
+    assert sorted(firsts + seconds) == list(range(10)) and firsts and seconds
+    assert ("n", "stopped") in [(n, k.value) for n, k in during]
+    after_events, after_letters = kernel.events(), kernel.dead_letters()
+    assert [e async for e in after_events] == [] and [d async for d in after_letters] == []
