@@ -235,7 +235,8 @@ class KernelCollector:
     ``nexus_messages_forwarded``, ``nexus_handler_failures``, ``nexus_run_failures``,
     ``nexus_handler_timeouts``, ``nexus_dead_letters{reason}``,
     ``nexus_sends_rejected{reason}``, ``nexus_restarts``, ``nexus_given_up``,
-    ``nexus_dead_letter_stream_dropped``, ``nexus_log_records_lost`` (counters);
+    ``nexus_dead_letter_stream_dropped``, ``nexus_event_stream_dropped``,
+    ``nexus_log_records_lost`` (counters);
     ``nexus_agents_alive``, ``nexus_messages_in_flight``, ``nexus_max_mailbox_depth``,
     ``nexus_kernel_up``, ``nexus_agent_series_exported``, ``nexus_agent_series_truncated``
     (gauges); ``nexus_handle_latency_seconds`` and ``nexus_queue_wait_seconds`` (summaries
@@ -308,6 +309,11 @@ def _families(snapshot: MetricsSnapshot) -> Iterator[Metric]:
         "nexus_dead_letter_stream_dropped",
         "Dead letters a slow stream subscriber did not receive.",
         s.dead_letter_stream_dropped,
+    )
+    yield counter(
+        "nexus_event_stream_dropped",
+        "Lifecycle events a slow stream subscriber did not receive.",
+        s.event_stream_dropped,
     )
     yield counter(
         "nexus_log_records_lost",

@@ -766,3 +766,15 @@ async def test_a_subscriber_that_never_reads_loses_events_counted_in_stats(
             ] * 3
             assert slow.dropped == total - 5 and full.dropped == 0
             assert kernel.stats().event_stream_dropped == total - 5
+            from prometheus_client.parser import text_string_to_metric_families
+
+            from nexus_trio.metrics import MetricsRenderer
+
+            scraped = {
+                sample.name: sample.value
+                for family in text_string_to_metric_families(
+                    (await MetricsRenderer.for_kernel(kernel).render()).decode()
+                )
+                for sample in family.samples
+            }
+            assert scraped["nexus_event_stream_dropped_total"] == total - 5
