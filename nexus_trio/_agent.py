@@ -244,10 +244,9 @@ def _check_handler_signature(function: Callable[..., Any], shown: str, arguments
         ) from None
 
 
-def checked_request_timeout(timeout: float | None, default: float) -> float:
-    """A request's ``timeout`` argument checked (``default`` if None): seconds > 0."""
-    if timeout is None:
-        return default
+def checked_request_timeout(timeout: Any) -> float:
+    """A request's ``timeout`` argument given (not None) checked: seconds > 0. (The
+    callers take the config's for None themselves: no call on the request path.)"""
     if isinstance(timeout, bool) or not isinstance(timeout, int | float):
         raise TypeError(f"request timeout must be a number of seconds, got {timeout!r}")
     if not timeout > 0:
@@ -491,7 +490,7 @@ class Context:
         if timeout is None:  # (the common case, on the request path: no call)
             timeout = self._kernel.config.kernel.request_timeout
         else:
-            timeout = checked_request_timeout(timeout, self._kernel.config.kernel.request_timeout)
+            timeout = checked_request_timeout(timeout)
         current = self._cell.current
         trace_id = current.trace_id if current is not None else None
         query = new_query(self.id, address_of(to), payload, trace_id)

@@ -446,7 +446,7 @@ class Kernel:
     def _request_timeout(self, timeout: float | None) -> float:
         if timeout is None:  # (the common case, on the request path: no call)
             return self.config.kernel.request_timeout
-        return checked_request_timeout(timeout, self.config.kernel.request_timeout)
+        return checked_request_timeout(timeout)
 
     # --- remote kernels ------------------------------------------------------------------------
 
