@@ -852,34 +852,20 @@ async def test_a_request_head_past_8_kib_gets_431_whatever_its_reads():
         assert (await http(port, head(8192)[:-4] + b"a\r\n\r\n"))[:1] == (431,)
         nursery.cancel_scope.cancel()
     # A byte at a time: the end of the head is found across reads, and so is the limit.
-    from nexus_trio import metrics
 
     for request, expected in (
         (b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", b"HTTP/1.1 200 OK\r\n"),
         (b"GET /healthz HTTP/1.1\nHost: x\n\n", b"HTTP/1.1 200 OK\r\n"),
         (head(8193), b"HTTP/1.1 431 "),
     ):
-        async with open_test_kernel() as kernel:
-            renderer = MetricsRenderer(kernel, process=False)
-            client, server = trio.testing.memory_stream_pair()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(metrics._handle_connection, server, kernel, renderer)
-                for i in range(len(request)):
-                    await client.send_all(request[i : i + 1])
-                    await trio.testing.wait_all_tasks_blocked()
-                await client.send_eof()
-                data = b""
-                while chunk := await client.receive_some(65536):
-                    data += chunk
-                await client.aclose()
-            assert data.startswith(expected), (request[:40], data[:40])
+        data = await _answer_to_a_byte_at_a_time(request)
+        assert data.startswith(expected), (request[:40], data[:40])
 
 
 async def test_empty_lines_before_the_request_line_are_skipped():
     """Regression: a request after an empty line (a client ending its previous request
     with one CRLF too many; RFC 9112 2.2: a server should skip it) got no answer: the
     empty line was taken for the end of an empty head, and the connection closed."""
-    from nexus_trio import metrics
 
     requests = (
         b"\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
@@ -897,20 +883,8 @@ async def test_empty_lines_before_the_request_line_are_skipped():
         (requests[1], b"HTTP/1.1 200 OK\r\n"),
         (b"\r\n\r\n\r\n", b""),
     ):
-        async with open_test_kernel() as kernel:
-            renderer = MetricsRenderer(kernel, process=False)
-            client, server = trio.testing.memory_stream_pair()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(metrics._handle_connection, server, kernel, renderer)
-                for i in range(len(request)):
-                    await client.send_all(request[i : i + 1])
-                    await trio.testing.wait_all_tasks_blocked()
-                await client.send_eof()
-                data = b""
-                while chunk := await client.receive_some(65536):
-                    data += chunk
-                await client.aclose()
-            assert data.startswith(expected) and bool(data) == bool(expected), data[:40]
+        data = await _answer_to_a_byte_at_a_time(request)
+        assert data.startswith(expected) and bool(data) == bool(expected), data[:40]
 
 
 class _ScrapeSteps(trio.abc.Instrument):
@@ -1145,3 +1119,24 @@ async def test_agents_that_stop_or_spawn_during_a_scrape_in_steps_do_not_break_i
     assert values[("nexus_agents_alive", ())] == 100
     assert scan.visited == 99  # all but the one stopped before its visit
     assert scan.left_out == 99 - 10
+
+
+async def _answer_to_a_byte_at_a_time(request: bytes) -> bytes:
+    """What one connection of the endpoint answers to ``request`` sent a byte at a time
+    (each byte read before the next is sent), then the end of the client's side."""
+    from nexus_trio import metrics
+
+    async with open_test_kernel() as kernel:
+        renderer = MetricsRenderer(kernel, process=False)
+        client, server = trio.testing.memory_stream_pair()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(metrics._handle_connection, server, kernel, renderer)
+            for i in range(len(request)):
+                await client.send_all(request[i : i + 1])
+                await trio.testing.wait_all_tasks_blocked()
+            await client.send_eof()
+            data = b""
+            while chunk := await client.receive_some(65536):
+                data += chunk
+            await client.aclose()
+    return data
