@@ -668,6 +668,14 @@ async def _route(
     return 404, b"not found\n", text
 
 
+def _has_host(head: bytes) -> bool:
+    """Whether the header lines of a request head (its request line skipped) include a
+    ``Host`` field; field names are case-insensitive, and its value may be empty."""
+    return any(
+        line.split(b":", 1)[0].lower() == b"host" and b":" in line for line in head.split(b"\n")[1:]
+    )
+
+
 async def _read_head(stream: trio.abc.Stream) -> bytes | None:
     """The request head, up to the empty line that ends it (``CRLF`` or bare ``LF`` line
     ends) or all the client sent before it ended its side, without the empty lines before
@@ -713,7 +721,12 @@ async def _handle_connection(
                 if request_line:
                     await stream.send_all(_response(400, b"bad request\n", text))
                 return
-            method, target, _version = parts
+            method, target, version = parts
+            if version != "HTTP/1.0" and not _has_host(head):
+                # RFC 9112 3.2: an HTTP/1.1 request must name its host (HTTP/1.0 may not).
+                body = b"bad request: an HTTP/1.1 request needs a Host header\n"
+                await stream.send_all(_response(400, body, text, head=method == "HEAD"))
+                return
             answering = True
             try:
                 status, body, content_type = await _route(kernel, renderer, method, target)

@@ -169,7 +169,7 @@ async def test_unknown_paths_methods_and_garbage_get_http_errors_and_the_server_
         assert status == 405
         assert headers["allow"] == "GET, HEAD"
         assert (await http(port, b"hello\r\n\r\n"))[0] == 400
-        status, headers, body = await http(port, b"HEAD /healthz HTTP/1.1\r\n\r\n")
+        status, headers, body = await http(port, b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert (status, body) == (200, b"")
         assert headers["content-length"] == "3"
         assert (await get(port, "/metrics?x=1"))[0] == 200
@@ -840,7 +840,7 @@ async def test_a_request_head_past_8_kib_gets_431_whatever_its_reads():
     to 12 KiB was served or refused depending on how it was cut into reads."""
 
     def head(size: int) -> bytes:
-        line = b"GET /healthz HTTP/1.1\r\n"
+        line = b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
         return line + b"X: " + b"a" * (size - len(line) - 3 - 4) + b"\r\n\r\n"
 
     assert len(head(8192)) == 8192
@@ -869,8 +869,8 @@ async def test_empty_lines_before_the_request_line_are_skipped():
 
     requests = (
         b"\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
-        b"\r\n\r\n\nGET /healthz HTTP/1.1\r\n\r\n",
-        b"\nGET /healthz HTTP/1.1\n\n",
+        b"\r\n\r\n\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"\nGET /healthz HTTP/1.1\nHost: x\n\n",
     )
     async with open_test_kernel() as kernel, trio.open_nursery() as nursery:
         port = await nursery.start(serve_metrics, kernel, "127.0.0.1", 0)
@@ -885,6 +885,45 @@ async def test_empty_lines_before_the_request_line_are_skipped():
     ):
         data = await _answer_to_a_byte_at_a_time(request)
         assert data.startswith(expected) and bool(data) == bool(expected), data[:40]
+
+
+async def test_an_http_1_1_request_without_host_gets_400_and_http_1_0_is_served():
+    """Regression: an HTTP/1.1 request without a ``Host`` header was served; RFC 9112 3.2:
+    a server must answer it ``400`` (HTTP/1.0 may omit it)."""
+    renderer_requests = (
+        b"GET /metrics HTTP/1.1\r\n\r\n",
+        b"GET /metrics HTTP/1.1\nX-Host: x\nHosts: x\n\n",
+        b"HEAD /metrics HTTP/1.1\r\nUser-Agent: Host: x\r\n\r\n",
+    )
+    served = (
+        (b"GET /healthz HTTP/1.0\r\n\r\n", b"ok\n"),
+        (b"GET /healthz HTTP/1.1\r\nhOsT: x\r\n\r\n", b"ok\n"),
+        (b"GET /healthz HTTP/1.1\nAccept: */*\nHost:x\n\n", b"ok\n"),
+        (b"GET /healthz HTTP/1.1\r\nHost:\r\n\r\n", b"ok\n"),  # empty: allowed
+    )
+    async with open_test_kernel() as kernel, trio.open_nursery() as nursery:
+        renderer = MetricsRenderer(kernel)
+        port = await nursery.start(
+            lambda task_status: serve_metrics(
+                kernel, "127.0.0.1", 0, renderer=renderer, task_status=task_status
+            )
+        )
+        for request in renderer_requests:
+            status, headers, body = await http(port, request)
+            assert status == 400, request
+            expected = b"bad request: an HTTP/1.1 request needs a Host header\n"
+            assert body == (b"" if request.startswith(b"HEAD") else expected), request
+            assert headers["content-length"] == str(len(expected))
+        assert renderer.renders == 0  # nothing was rendered for them
+        for request, expected_body in served:
+            assert (await http(port, request))[::2] == (200, expected_body), request
+        assert (await get(port, "/metrics"))[0] == 200
+        assert renderer.renders == 1
+        assert renderer.endpoint is not None and renderer.endpoint.accepted == 8
+        nursery.cancel_scope.cancel()
+    # A byte at a time: the head is read whole before it is judged.
+    data = await _answer_to_a_byte_at_a_time(b"GET /healthz HTTP/1.1\r\n\r\n")
+    assert data.startswith(b"HTTP/1.1 400 Bad Request\r\n"), data[:40]
 
 
 class _ScrapeSteps(trio.abc.Instrument):
