@@ -350,6 +350,11 @@ class MetricsConfig:
         validator=_at_least(0),
         metadata=_doc("scrapes within this many ms share one render; 0 = share concurrent only"),
     )
+    max_connections: int = attrs.field(
+        default=32,
+        validator=_at_least(1, integer=True),
+        metadata=_doc("connections the endpoint keeps open at once; the next wait in the backlog"),
+    )
 
 
 def _to_commands(value: Any) -> Any:

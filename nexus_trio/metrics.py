@@ -77,8 +77,6 @@ log = logging.getLogger("nexus_trio.metrics")
 
 #: with per-agent series on, at most this many agents get series (the deepest mailboxes)
 DEFAULT_PER_AGENT_LIMIT: Final = 1000
-#: connections the endpoint keeps open at once; the next ones wait in the listen backlog
-DEFAULT_MAX_CONNECTIONS: Final = 32
 
 _MAX_REQUEST_HEAD: Final = 8192
 #: the empty line that ends a request head: CRLF CRLF, or bare LF line ends
@@ -789,7 +787,7 @@ async def serve_metrics(
     port: int = 9464,
     *,
     renderer: MetricsRenderer | None = None,
-    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    max_connections: int | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``/metrics`` and ``/healthz`` for ``kernel`` on ``host:port`` until cancelled.
@@ -799,7 +797,8 @@ async def serve_metrics(
     default :meth:`MetricsRenderer.for_kernel` (the kernel's ``[metrics]`` keys
     ``per_agent``, ``per_agent_limit`` and ``cache_ms``).
 
-    At most ``max_connections`` connections are open at once (each holds a descriptor and
+    At most ``max_connections`` connections (by default the kernel's ``[metrics]
+    max_connections``, 32) are open at once (each holds a descriptor and
     a task for up to the 10 s a request may take); past it the endpoint stops accepting
     until one closes, and the next connections wait in the listen backlog, which costs
     the process nothing (counted in ``renderer.endpoint.limited``, logged at most once a
@@ -807,6 +806,8 @@ async def serve_metrics(
     """
     if not 0 <= port <= 65535:
         raise ValueError(f"metrics port must be within 0..65535, got {port!r}")
+    if max_connections is None:
+        max_connections = kernel.config.metrics.max_connections
     if isinstance(max_connections, bool) or not isinstance(max_connections, int):
         raise TypeError(f"max_connections must be an integer, got {max_connections!r}")
     if max_connections < 1:

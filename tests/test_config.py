@@ -336,6 +336,7 @@ BAD_VALUES = [
     ("metrics", "per_agent", "1", "[metrics] per_agent must be true or false, got 1"),
     ("metrics", "per_agent_limit", "0", "[metrics] per_agent_limit must be >= 1, got 0"),
     ("metrics", "cache_ms", "-5", "[metrics] cache_ms must be >= 0, got -5"),
+    ("metrics", "max_connections", "0", "[metrics] max_connections must be >= 1, got 0"),
     ("app", "app", '"nocolon"', "[app] app must look like 'package.module:attr', got 'nocolon'"),
     ("app", "spawn", "[1]", "[app] spawn must be a list of non-empty command strings, got [1]"),
     ("app", "agents", "0", "[app] agents must be >= 1, got 0"),

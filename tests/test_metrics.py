@@ -6,9 +6,11 @@ assert values, never timings.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import logging
+import pathlib
 import random
 import re
 import select
@@ -759,6 +761,43 @@ async def test_connections_past_the_limit_wait_in_the_backlog_without_a_descript
     assert "32 connections open, its limit" in logged[0]
     assert "(times at the limit so far: 1)" in logged[0]
     assert "(times at the limit so far: 3)" in logged[1]
+
+
+async def test_max_connections_is_the_config_key_unless_serve_metrics_is_given_one(
+    mock_clock: trio.testing.MockClock, tmp_path: pathlib.Path
+) -> None:
+    """Regression: the limit of open connections was an argument of ``serve_metrics`` only,
+    so ``nexus run --metrics-port`` always kept 32. By default it is now ``[metrics]
+    max_connections`` of the kernel's config (what ``nexus run`` serves with); an argument
+    still wins."""
+    from nexus_trio.config import load_config
+
+    mock_clock.autojump_threshold = 5.0  # as above: the request timeouts do not fire
+    file = tmp_path / "config.toml"
+    file.write_text("[metrics]\nmax_connections = 4\n", encoding="utf-8")
+    env = {"NEXUS_METRICS__MAX_CONNECTIONS": "3"}
+    config = load_config(file, env=env).config  # (as nexus run loads it: env wins)
+    assert config.metrics.max_connections == 3
+    for given, limit in ((None, 3), (5, 5)):
+        async with open_test_kernel(config) as kernel, trio.open_nursery() as nursery:
+            renderer = MetricsRenderer(kernel, process=False)
+            limit_given = {} if given is None else {"max_connections": given}
+            serve = functools.partial(
+                serve_metrics, kernel, "127.0.0.1", 0, renderer=renderer, **limit_given
+            )
+            port = await nursery.start(serve)
+            idle = []
+            for _ in range(8):
+                sock = trio.socket.socket()
+                await sock.connect(("127.0.0.1", port))
+                idle.append(sock)
+            await settle()
+            endpoint = renderer.endpoint
+            assert endpoint is not None
+            assert (endpoint.accepted, endpoint.open, endpoint.limited) == (limit, limit, 1)
+            for sock in idle:
+                sock.close()
+            nursery.cancel_scope.cancel()
 
 
 async def test_clients_that_do_not_read_share_one_copy_of_the_metrics_text(
