@@ -126,6 +126,8 @@ class Child:
         "running",
         "scope",
         "shutdown_timeout",
+        "spawn_next",
+        "spawn_prev",
         "start_gate",
         "started_at",
         "supervisor",
@@ -163,6 +165,10 @@ class Child:
     #: restart times of this child alone (the root supervisor isolates its children)
     restart_times: deque[float] | None
     _retired_event: trio.Event | None
+    #: the live agents spawned just before and after this one (the router's list of
+    #: them, in spawn order: see ``Router.walk_agents``); None for supervisors
+    spawn_prev: Child | None
+    spawn_next: Child | None
 
     def _init_child(
         self,
@@ -192,6 +198,8 @@ class Child:
         self.exit_directive = None
         self.restart_times = None
         self._retired_event = None
+        self.spawn_prev = None
+        self.spawn_next = None
 
     def add_linked(self, child: Child) -> None:
         """``child`` was spawned from this one (it dies with this one's run)."""

@@ -48,7 +48,7 @@ from ._gc import HeapKeeper
 from ._ledger import Ledger
 from ._mailbox import Mailbox, MailboxStatistics
 from ._message import SYSTEM_ID, Address, Message, MessageKind, new_id, new_message, new_query
-from ._router import KernelPhase, Router, TransportHandle
+from ._router import AgentWalk, KernelPhase, Router, TransportHandle
 from ._stats import AgentStats, KernelStats
 from ._streams import Subscription
 from ._supervisor import Backoff, Escalation, SupervisionHost, Supervisor, SupervisorNode
@@ -577,10 +577,11 @@ class Kernel:
                 await trio.lowlevel.checkpoint()
             deepest = scan.chosen  # AgentStats, the deepest mailbox first
 
-        This call copies the list of the live agents and supervisors (a C-level copy,
-        about 20 ns each: 2 ms at 100,000), the one part done in one go. Nothing is added
-        to the message paths. See :class:`AgentScan` for what a walk across checkpoints
-        sees. All three arguments are integers >= 1.
+        This call copies nothing (it is O(1) whatever the number of agents): the steps
+        follow the kernel's own list of the live agents, in spawn order, from where the
+        last one stopped. Nothing is added to the message paths (a spawn and a stop link
+        and unlink their agent). See :class:`AgentScan` for what a walk across
+        checkpoints sees. All three arguments are integers >= 1.
         """
         for name, value in (
             ("limit", limit),
@@ -592,7 +593,7 @@ class Kernel:
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value!r}")
         return AgentScan(
-            list(self._router.nodes.values()),
+            self._router.walk_agents(),
             limit,
             visits_per_step=visits_per_step,
             copies_per_step=copies_per_step,
@@ -647,13 +648,13 @@ class AgentScan:
     """A walk over a kernel's live agents that keeps the ``limit`` with the deepest
     mailboxes, a bounded step at a time; from :meth:`Kernel.scan_agents`.
 
-    Each :meth:`step` first visits the next ``visits_per_step`` agents and supervisors in
-    spawn order (a mailbox depth read for each agent, the deepest kept in a heap of at
-    most ``limit``); once all are visited, it copies the counters of the next
-    ``copies_per_step`` chosen agents into :class:`AgentStats`, deepest first (the step
-    that ends the visits starts the copies). It returns ``True`` while work remains. A
-    kernel with at most ``visits_per_step`` agents and supervisors (the root one
-    included) and ``copies_per_step`` chosen is thus scanned in one step, at one moment.
+    Each :meth:`step` first visits the next ``visits_per_step`` agents in spawn order (a
+    mailbox depth read for each, the deepest kept in a heap of at most ``limit``); once
+    all are visited, it copies the counters of the next ``copies_per_step`` chosen agents
+    into :class:`AgentStats`, deepest first (the step that ends the visits starts the
+    copies). It returns ``True`` while work remains. A kernel with at most
+    ``visits_per_step`` agents and ``copies_per_step`` chosen is thus scanned in one
+    step, at one moment.
     ``visited`` counts the agents visited so far, ``left_out`` (once all are visited)
     those visited and not chosen.
 
@@ -661,8 +662,9 @@ class AgentScan:
     moment (as with the collectors of the Prometheus client libraries, whose values are
     read one after the other):
 
-    * the agents walked are those live when the scan started: one spawned later is not
-      in it; one that stops before its visit is skipped (not counted in ``visited``); one
+    * the agents walked are those live when the scan started (no list of them is made:
+      the steps follow the kernel's list of live agents): one spawned later is not in
+      it; one that stops before its visit is skipped (not counted in ``visited``); one
       chosen that stops before its copy is left out of :attr:`chosen` (which then holds
       fewer than ``limit`` agents);
     * an agent is chosen for its mailbox depth when it was visited, and its
@@ -677,26 +679,24 @@ class AgentScan:
         "_copies",
         "_heap",
         "_limit",
-        "_next",
-        "_nodes",
         "_order",
         "_visits",
+        "_walk",
         "left_out",
         "visited",
     )
 
     def __init__(
-        self, nodes: list[Child], limit: int, *, visits_per_step: int, copies_per_step: int
+        self, walk: AgentWalk, limit: int, *, visits_per_step: int, copies_per_step: int
     ) -> None:
-        #: the live agents and supervisors when the scan started, in spawn order
-        self._nodes: list[Child] | None = nodes
+        #: the live agents when the scan started, in spawn order; None once all visited
+        self._walk: AgentWalk | None = walk
         self._limit = limit
         self._visits = visits_per_step
         self._copies = copies_per_step
-        #: index in _nodes of the next node to visit
-        self._next = 0
-        #: (depth, -index, cell) of the deepest mailboxes visited: a min-heap, the least
-        #: deep (of those, the latest spawned) on top
+        #: (depth, -index, cell) of the deepest mailboxes visited, index the visit's
+        #: rank (spawn order): a min-heap, the least deep (of those, the latest spawned)
+        #: on top
         self._heap: list[tuple[int, int, AgentCell]] = []
         #: the chosen agents left to copy, the next last; None while visiting
         self._order: list[AgentCell] | None = None
@@ -721,21 +721,18 @@ class AgentScan:
 
     def step(self) -> bool:
         """Do the next bounded piece of the scan; ``False`` once it is done."""
-        nodes = self._nodes
-        if nodes is not None:
+        walk = self._walk
+        if walk is not None:
             heap = self._heap
             limit = self._limit
-            start = self._next
-            end = min(start + self._visits, len(nodes))
             # Below the top of a full heap, a mailbox cannot be chosen (at the same depth
             # it was spawned later): one comparison per agent.
             floor = heap[0][0] if len(heap) == limit else -1
-            visited = 0
-            for index in range(start, end):
-                node = nodes[index]
+            index = self.visited  # the visit's rank: ties go to the earliest spawned
+            for node in walk.take(self._visits):
                 if not isinstance(node, AgentCell) or node.retired:
                     continue
-                visited += 1
+                index += 1
                 depth = node.mailbox.depth
                 if depth > floor:
                     if len(heap) < limit:
@@ -745,12 +742,11 @@ class AgentScan:
                     else:
                         heapreplace(heap, (depth, -index, node))
                         floor = heap[0][0]
-            self._next = end
-            self.visited += visited
-            if end < len(nodes):
+            self.visited = index
+            if not walk.done:
                 return True
             # All visited: the chosen ones, the deepest last (popped first).
-            self._nodes = None
+            self._walk = None
             self.left_out = self.visited - len(heap)
             heap.sort()
             self._order = [cell for _, _, cell in heap]

@@ -18,6 +18,7 @@ import enum
 import heapq
 import math
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Final, Protocol, final
@@ -194,6 +195,60 @@ class TransportHandle:
 
 
 @final
+class AgentWalk:
+    """The agents live when the walk started, in spawn order, a slice at a time
+    (:meth:`Router.walk_agents`), with no copy of them: :meth:`take` follows the router's
+    list of live agents from where the last one stopped.
+
+    Between two slices the agents may spawn and stop: one spawned after the walk started
+    is not in it (it comes after the last agent of the start), one that stops before the
+    walk reaches it is not in it either (the router steps the walk past it), and no
+    agent is taken twice.
+    """
+
+    __slots__ = ("__weakref__", "_last", "_next")
+
+    def __init__(self, first: Child | None, last: Child | None) -> None:
+        #: the next agent to take; None once done
+        self._next = first
+        #: the last agent to take: the latest spawned of those live when the walk began
+        #: that has not stopped since
+        self._last = last
+
+    @property
+    def done(self) -> bool:
+        """True once every agent of the walk was taken."""
+        return self._next is None
+
+    def take(self, most: int) -> list[Child]:
+        """The next ``most`` agents of the walk (fewer at its end), in spawn order."""
+        taken: list[Child] = []
+        node, last = self._next, self._last
+        for _ in range(most):
+            if node is None:
+                break
+            taken.append(node)
+            node = None if node is last else node.spawn_next
+        self._next = node
+        return taken
+
+    def _leave(self, node: Child) -> None:
+        """``node`` (linked still) stops: step past it (the router's call)."""
+        if node is self._last:
+            if self._next is node:  # the last one left
+                self._next = None
+                return
+            self._last = node.spawn_prev  # (at or after _next: the walk is not past it)
+        if self._next is node:
+            self._next = node.spawn_next
+
+
+def _walking(ref: weakref.ref[AgentWalk]) -> bool:
+    walk = ref()
+    return walk is not None and not walk.done
+
+
+@final
 class Router:
     """Routes, names, delivery and request correlation of one kernel."""
 
@@ -214,6 +269,12 @@ class Router:
         self.nodes: dict[int, Child] = {}
         #: names of live agents and supervisors
         self.names: dict[str, Child] = {}
+        #: the first and the last of the live agents, linked in spawn order through their
+        #: spawn_prev / spawn_next: what walk_agents follows, a slice at a time
+        self._first_agent: Child | None = None
+        self._last_agent: Child | None = None
+        #: the walks that may not be done (weak: a walk left half-way costs nothing)
+        self._walks: list[weakref.ref[AgentWalk]] = []
         self.transport: Transport | None = None
         #: pending requests by their query id's 128-bit value (an int hashes in C, a
         #: UUID through a Python __hash__)
@@ -270,14 +331,54 @@ class Router:
             if node.name is not None:
                 self.routes[node.name] = node
             self.ledger.agents_alive += 1
+            last = self._last_agent
+            node.spawn_prev = last
+            if last is None:
+                self._first_agent = node
+            else:
+                last.spawn_next = node
+            self._last_agent = node
 
     def forget(self, node: Child) -> None:
         """``node`` stopped for good: its id and name are free."""
         self.unroute(node)
         if self.nodes.pop(node.id.int, None) is not None and node.is_agent:
             self.ledger.agents_alive -= 1
+            if self._walks:
+                self._step_walks_past(node)
+            prev, after = node.spawn_prev, node.spawn_next
+            if prev is None:
+                self._first_agent = after
+            else:
+                prev.spawn_next = after
+            if after is None:
+                self._last_agent = prev
+            else:
+                after.spawn_prev = prev
+            # A stopped agent holds no neighbour (nor they it, through it).
+            node.spawn_prev = node.spawn_next = None
         if node.name is not None and self.names.get(node.name) is node:
             del self.names[node.name]
+
+    def walk_agents(self) -> AgentWalk:
+        """A walk over the agents live now, in spawn order, a slice at a time (O(1) now,
+        whatever their number): see :class:`AgentWalk`."""
+        walk = AgentWalk(self._first_agent, self._last_agent)
+        if not walk.done:
+            self._walks = [ref for ref in self._walks if _walking(ref)]
+            self._walks.append(weakref.ref(walk))
+        return walk
+
+    def _step_walks_past(self, node: Child) -> None:
+        """``node``, still linked, is about to be forgotten: no walk may stay on it."""
+        walking = []
+        for ref in self._walks:
+            walk = ref()
+            if walk is not None:
+                walk._leave(node)
+                if not walk.done:
+                    walking.append(ref)
+        self._walks = walking
 
     def unroute(self, node: Any) -> None:
         """New messages to ``node`` fail with ``AgentNotFound`` from now on."""

@@ -181,9 +181,9 @@ async def take_snapshot_in_steps(
     is in the next scrape; one that stopped before its visit is not counted, one chosen
     that stopped before its copy is left out (``agents`` then has fewer than the limit;
     ``agents_left_out`` counts the agents visited and not chosen). An agent that keeps
-    its depth is chosen as :func:`take_snapshot` chooses it. With at most 4,096 agents and
-    supervisors (the root one included) and 512 chosen there is no checkpoint: the
-    snapshot is of one moment.
+    its depth is chosen as :func:`take_snapshot` chooses it. Nothing is done in one go for
+    all the agents (no list of them is copied). With at most 4,096 agents and 512 chosen
+    there is no checkpoint: the snapshot is of one moment.
     """
     _check_limit(per_agent_limit)
     stats, up, lost, scan = _begin_snapshot(kernel, per_agent, per_agent_limit)

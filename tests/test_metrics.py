@@ -1044,6 +1044,66 @@ async def test_a_per_agent_scrape_reads_a_bounded_number_of_agents_between_check
     assert took[4_000] > took[1_000], took
 
 
+class _StepPeaks(trio.abc.Instrument):
+    """The most memory (traced by ``tracemalloc``) one task held, above what it held
+    before the step, in each of its steps (what it runs between two checkpoints)."""
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        import tracemalloc
+
+        self.task = task
+        self.traced = tracemalloc.get_traced_memory
+        self.reset_peak = tracemalloc.reset_peak
+        self.before = 0
+        self.per_step: list[int] = []
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.reset_peak()
+            self.before = self.traced()[0]
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.per_step.append(self.traced()[1] - self.before)
+
+
+async def test_a_per_agent_snapshot_holds_no_list_of_all_the_agents_between_checkpoints(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression: a per-agent snapshot walked the agents a slice at a time, but first
+    copied the list of all of them in one go (a reference each: 2 ms at 100,000 agents,
+    20 ms at 1,000,000, before its first checkpoint). It now follows the kernel's own
+    list of live agents a slice at a time: what one step holds does not grow with the
+    agents (here a list of 4,000 agents would be 32 kB)."""
+    import tracemalloc
+
+    from nexus_trio import metrics
+
+    monkeypatch.setattr(metrics, "_SCAN_VISITS", 200)
+    monkeypatch.setattr(metrics, "_SCAN_COPIES", 50)
+    most: dict[int, int] = {}
+    for n in (1_000, 4_000):
+        async with open_test_kernel() as kernel:
+            refs = [kernel.spawn(unnamed) for _ in range(n)]
+            await trio.testing.wait_all_tasks_blocked()
+            steps = _StepPeaks(trio.lowlevel.current_task())
+            tracemalloc.start()
+            trio.lowlevel.add_instrument(steps)
+            try:
+                await trio.lowlevel.checkpoint()  # the steps measured start here
+                snapshot = await metrics.take_snapshot_in_steps(
+                    kernel, per_agent=True, per_agent_limit=10
+                )
+            finally:
+                trio.lowlevel.remove_instrument(steps)
+                tracemalloc.stop()
+            assert [a.id for a in snapshot.agents] == [ref.id for ref in refs[:10]]
+            assert snapshot.agents_left_out == n - 10
+            assert len(steps.per_step) >= n // 200  # a step per 200 agents, at least
+            most[n] = max(steps.per_step[1:])  # (the first: up to the first checkpoint)
+    assert most[4_000] < 8 * 1_000 and most[4_000] - most[1_000] < 1_024, most
+
+
 def _fill(kernel: Kernel, ref: AgentRef, depth: int) -> None:
     """Send ``ref`` (an agent whose handler waits) ``depth`` messages, and one more for
     its handler to take and wait on."""
@@ -1143,8 +1203,8 @@ async def test_agents_that_stop_or_spawn_during_a_scrape_in_steps_do_not_break_i
             _fill(kernel, ref, {10: 10, 95: 11}.get(i, rng.randrange(10)))
         await trio.testing.wait_all_tasks_blocked()
         depth = {ref.id: kernel.mailbox_depth(ref) for ref in refs}
-        # The nodes walked: the root supervisor, then the agents. Step 1 visits refs[:29],
-        # step 4 the last ones (refs[89:]) and copies the 3 deepest chosen.
+        # The agents walked, in spawn order: step 1 visits refs[:30], step 4 the last ones
+        # (refs[90:]) and copies the 3 deepest chosen.
         visited_early, not_visited = refs[10], refs[95]
         chosen = sorted(
             (ref for ref in refs if ref is not not_visited), key=lambda ref: -depth[ref.id]

@@ -72,7 +72,7 @@ async def test_an_agent_scan_chooses_the_deepest_mailboxes_whatever_its_steps() 
         await trio.testing.wait_all_tasks_blocked()
         everyone = kernel.stats(agents=True).agents
         for limit, visits, copies, steps in (
-            (1, 1, 1, 122),  # 122 nodes: the root, a supervisor, the agents
+            (1, 1, 1, 120),  # a step per agent (supervisors are not walked)
             (10, 7, 3, 18 + 3),  # the last visiting step copies 3 of the 10
             (15, 4096, 512, 1),
             (500, 50, 1000, 3),  # all chosen
@@ -105,3 +105,54 @@ async def test_a_scan_of_no_agents_is_done_in_one_step_and_bad_arguments_are_nam
             kernel.scan_agents(1, visits_per_step=2.5)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="copies_per_step must be >= 1, got -1"):
             kernel.scan_agents(1, copies_per_step=-1)
+
+
+async def test_an_agent_scan_walks_the_agents_live_at_its_start_whatever_stops_or_spawns() -> None:
+    """The steps of a scan follow the kernel's list of live agents (no copy of it): between
+    two steps agents stop (the next one to visit, the last one of the start, any other)
+    and spawn, and the scan visits exactly the agents live at its start that had not
+    stopped when it reached them, in spawn order, none twice, never one spawned after it
+    started, at most ``visits_per_step`` a step."""
+
+    @agent
+    async def idle(ctx: Context, msg: Message) -> None:
+        return None
+
+    for seed in range(40):
+        rng = random.Random(seed)
+        async with open_test_kernel() as kernel:
+            live = [kernel.spawn(idle) for _ in range(rng.randrange(0, 30))]
+            await trio.testing.wait_all_tasks_blocked()
+            visits = rng.choice((1, 3, 4, 7))
+            kernel.scan_agents(1, visits_per_step=1).step()  # one left half-way: harmless
+            scan = kernel.scan_agents(1000, visits_per_step=visits, copies_per_step=1000)
+            remaining = list(live)  # the model: live at the start, not visited yet
+            started = {ref.id for ref in live}
+            visited = 0
+            while True:
+                took = min(visits, len(remaining))
+                del remaining[:took]
+                visited += took
+                more = scan.step()
+                assert (more, scan.visited) == (bool(remaining), visited), seed
+                if not more:
+                    break
+                for _ in range(rng.randrange(0, 3)):
+                    choice = rng.randrange(4)
+                    if choice < 3 and remaining:
+                        # the next to visit, the last of the start, or any other agent
+                        ref = (remaining[0], remaining[-1], rng.choice(live))[choice]
+                    elif choice < 3:
+                        continue
+                    else:
+                        live.append(kernel.spawn(idle))
+                        continue
+                    await kernel.stop(ref)
+                    live.remove(ref)
+                    if ref in remaining:
+                        remaining.remove(ref)
+            # Every one visited is chosen (the mailboxes are empty: in spawn order) and
+            # copied in the last step: those of the start still live, and only those.
+            assert [a.id for a in scan.chosen] == [ref.id for ref in live if ref.id in started], (
+                seed
+            )
