@@ -84,6 +84,77 @@ def test_workers_inside_a_worker_is_refused_naming_the_marker(monkeypatch) -> No
     assert "'--workers': given inside a worker process (NEXUS_WORKER=worker-0 is set)" in out
 
 
+def cap_run(monkeypatch: pytest.MonkeyPatch, cores: int) -> list[int]:
+    """This host has ``cores`` cores; ``run_workers`` records the count it was asked for
+    (and starts nothing)."""
+    from nexus_trio.cli import _cluster_cmd
+
+    asked: list[int] = []
+
+    def run_workers(workers: int, *_args: object, **_kwargs: object) -> tuple[dict, int]:
+        asked.append(workers)
+        return {"workers": workers}, 0
+
+    monkeypatch.setattr(_cluster_cmd, "default_workers", lambda: cores)
+    monkeypatch.setattr(_cluster_cmd, "run_workers", run_workers)
+    monkeypatch.delenv(WORKER_ENV, raising=False)
+    monkeypatch.delenv("NEXUS_MAX_WORKERS", raising=False)
+    return asked
+
+
+def invoke_run(args: list[str], **env: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, ["run", *args], env={"COLUMNS": "200", **env})
+    return result.exit_code, " ".join(result.output.split())
+
+
+def test_more_workers_than_4_per_core_are_refused_naming_workers_the_bound_and_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression: ``--workers 999`` started 999 Python processes (about 60 MB each) on a
+    2-core host."""
+    asked = cap_run(monkeypatch, cores=4)
+    code, out = invoke_run(["-W", "17", "-d", "1", "--json"])
+    assert code == 2
+    assert (
+        "Invalid value for '--workers': 17 is more than 16, the most this host runs"
+        " (4 per CPU core, 4 cores; at least 8): set NEXUS_MAX_WORKERS=17 to run them anyway"
+    ) in out
+    assert asked == []
+    assert invoke_run(["-W", "16", "-d", "1", "--json"])[0] == 0
+    assert asked == [16]
+
+
+@pytest.mark.parametrize(("cores", "bound"), [(1, 8), (2, 8), (3, 12)])
+def test_the_worker_bound_is_4_per_core_and_at_least_8(
+    cores: int, bound: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked = cap_run(monkeypatch, cores=cores)
+    assert invoke_run(["-W", str(bound), "-d", "1", "--json"])[0] == 0
+    code, out = invoke_run(["-W", str(bound + 1), "-d", "1", "--json"])
+    assert code == 2
+    assert f"{bound + 1} is more than {bound}, the most this host runs" in out
+    assert asked == [bound]
+
+
+def test_nexus_max_workers_overrides_the_bound_and_a_bad_value_is_named(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asked = cap_run(monkeypatch, cores=2)
+    assert invoke_run(["-W", "40", "-d", "1", "--json"], NEXUS_MAX_WORKERS="40")[0] == 0
+    assert asked == [40]
+    code, out = invoke_run(["-W", "41", "-d", "1", "--json"], NEXUS_MAX_WORKERS="40")
+    assert code == 2
+    assert "41 is more than 40, the most NEXUS_MAX_WORKERS=40 allows" in out
+    for bad in ("many", "0", "-3"):
+        code, out = invoke_run(["-W", "2", "-d", "1", "--json"], NEXUS_MAX_WORKERS=bad)
+        assert code == 2
+        assert (
+            f"Invalid value for '--workers': NEXUS_MAX_WORKERS={bad} is not a whole number"
+            " of at least 1" in out
+        )
+    assert asked == [40]
+
+
 # --- real processes ---------------------------------------------------------------------------
 
 

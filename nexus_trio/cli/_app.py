@@ -414,16 +414,23 @@ def _run_workers(ctx: typer.Context, workers: int, nats: str | None, json_out: b
     """``nexus run --workers N ...``: N worker processes, one summary added up."""
     import json
 
-    from ._cluster_cmd import default_workers, refuse_workers_in_a_worker, run_workers, worker_argv
+    from ._cluster_cmd import (
+        check_worker_count,
+        default_workers,
+        refuse_workers_in_a_worker,
+        run_workers,
+        worker_argv,
+    )
 
     refuse_workers_in_a_worker()
+    count = workers or default_workers()
+    check_worker_count(count)
     _check_nats(nats, "--nats" if nats is not None else "--workers")
     from ..logs import configure_logging
 
     # the parent's own lines (a worker that died, the private nats-server), as --log-* say
     level, fmt = ctx.params.get("log_level"), ctx.params.get("log_format")
     configure_logging(level.value if level else "info", fmt.value if fmt else "compact")
-    count = workers or default_workers()
     summary, status = run_workers(count, worker_argv(ctx), nats_url=nats)
     if json_out:
         typer.echo(json.dumps(summary, indent=2))

@@ -36,7 +36,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 from typing import Any, Final
 
@@ -52,6 +52,11 @@ WORKER_ENV: Final = "NEXUS_WORKER"
 _PARENT_PARAMS: Final = frozenset({"workers", "nats", "node", "json_out", "live"})
 #: set in each worker's environment: the number of workers that make up the swarm
 SWARM_ENV: Final = "NEXUS_SWARM_SIZE"
+#: the most workers ``nexus run --workers`` starts, if set (else :func:`max_workers`)
+MAX_WORKERS_ENV: Final = "NEXUS_MAX_WORKERS"
+#: workers per core this process may use that ``--workers`` allows, and its floor
+_WORKERS_PER_CORE: Final = 4
+_MIN_WORKERS_BOUND: Final = 8
 #: what ``run_workers`` queues for the private nats-server's end (workers: their index)
 _SERVER: Final = -1
 #: seconds a worker's stdout may stay open after it exited (held by a process it started)
@@ -85,6 +90,34 @@ def default_workers() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def check_worker_count(count: int, environ: Mapping[str, str] = os.environ) -> None:
+    """Raise :class:`typer.BadParameter` if ``count`` workers are more than this host
+    should run: 4 per core this process may use, at least 8 (each worker is a Python
+    process of about 60 MB, busy on a core of its own), or ``NEXUS_MAX_WORKERS`` if set."""
+    hint = "'--workers'"
+    raw = environ.get(MAX_WORKERS_ENV)
+    if raw is not None:
+        try:
+            bound = int(raw)
+        except ValueError:
+            bound = 0
+        if bound < 1:
+            raise typer.BadParameter(
+                f"{MAX_WORKERS_ENV}={raw} is not a whole number of at least 1", param_hint=hint
+            )
+        why = f"the most {MAX_WORKERS_ENV}={raw} allows"
+    else:
+        cores = default_workers()
+        bound = max(_WORKERS_PER_CORE * cores, _MIN_WORKERS_BOUND)
+        why = (
+            f"the most this host runs ({_WORKERS_PER_CORE} per CPU core, {cores} "
+            f"{'core' if cores == 1 else 'cores'}; at least {_MIN_WORKERS_BOUND}): set "
+            f"{MAX_WORKERS_ENV}={count} to run them anyway"
+        )
+    if count > bound:
+        raise typer.BadParameter(f"{count} is more than {bound}, {why}", param_hint=hint)
 
 
 def worker_argv(ctx: typer.Context) -> list[str]:
