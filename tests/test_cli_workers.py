@@ -216,8 +216,10 @@ pytestmark_linux = pytest.mark.skipif(
 )
 
 
-def start_nexus(args: list[str], tag: str, tmp_path: Path) -> subprocess.Popen[str]:
-    env = {**os.environ, "NEXUS_TEST_TAG": tag, "NO_COLOR": "1"}
+def start_nexus(
+    args: list[str], tag: str, tmp_path: Path, **extra_env: str
+) -> subprocess.Popen[str]:
+    env = {**os.environ, "NEXUS_TEST_TAG": tag, "NO_COLOR": "1", **extra_env}
     env.pop(WORKER_ENV, None)
     return subprocess.Popen(
         [sys.executable, "-m", "nexus_trio.cli", *args],
@@ -514,6 +516,86 @@ def test_a_worker_killed_mid_run_ends_the_run_reported_with_its_signal_and_books
     assert tagged_processes(tag) == {}
 
 
+#: a ``sitecustomize`` for the workers of a test (on their PYTHONPATH): worker-1 says when
+#: its settle returned, then waits there for good, before its shutdown and its summary (the
+#: module it shadows, if the interpreter has one, still runs)
+PAUSE_AFTER_SETTLE = """
+import importlib.machinery, importlib.util, os, sys
+
+if os.environ.get("NEXUS_WORKER") == "worker-1":
+    import trio
+    from nexus_trio.cli import _swarm
+
+    settle = _swarm.Swarm.settle
+
+    async def settle_then_wait(self, *args, **kwargs):
+        settled = await settle(self, *args, **kwargs)
+        print(f"TEST worker-1 settled: {settled}", file=sys.stderr, flush=True)
+        await trio.sleep_forever()
+
+    _swarm.Swarm.settle = settle_then_wait
+
+_here = os.path.dirname(os.path.abspath(__file__))
+_spec = importlib.machinery.PathFinder.find_spec(
+    "sitecustomize", [p for p in sys.path if os.path.abspath(p or ".") != _here]
+)
+if _spec is not None and _spec.loader is not None:
+    _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
+"""
+
+
+@pytestmark_linux
+def test_a_worker_killed_after_it_settled_is_counted_with_its_last_record(
+    tag: str, tmp_path: Path
+) -> None:
+    """Regression: a worker SIGKILLed after the swarm settled (its record final: stopped,
+    nothing held, the books balanced) but before it printed its summary made the run's
+    books ``unknown: not seen lost by worker-0`` and ``conserved: false``: the survivors
+    had shut down before they could see it lost, and nothing else counted it."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(PAUSE_AFTER_SETTLE)
+    path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
+    args = ["run", "-W", "2", "-n", "20", "-d", "1", "--json"]
+    proc = start_nexus(args, tag, tmp_path, PYTHONPATH=path)
+    try:
+        stderr = StderrLines(proc)
+        stderr.wait_for("TEST worker-1 settled: True", 1, proc, timeout=90)
+        (victim,) = [
+            p for p, env in tagged_processes(tag).items() if env.get(WORKER_ENV) == "worker-1"
+        ]
+        deadline = time.monotonic() + 60
+        while workers_of(tag) != {victim}:  # worker-0 printed its summary and left
+            assert time.monotonic() < deadline, stderr.lines
+            time.sleep(0.05)
+        os.kill(victim, signal.SIGKILL)
+        assert proc.stdout is not None
+        out = proc.stdout.read()  # the summary (stderr has a reader already)
+        proc.wait(timeout=60)
+        err = stderr.text()
+    finally:
+        proc.kill()
+    assert f"worker-1 (pid {victim}) died: killed by SIGKILL" in err, err
+    assert proc.returncode == 128 + signal.SIGKILL  # a worker died: the run failed
+    summary = json.loads(out)
+    check_fields(summary)
+    survivor_, dead = summary["per_worker"]
+    assert summary["workers_died"] == ["worker-1"]
+    assert dead["died"] is True
+    assert dead["books"] == "its last record: it settled, then died"
+    assert dead["lost_with_it"] == 0  # it held nothing when the swarm settled
+    assert dead["handed_to_it"] == 0
+    assert dead["sent"] > 0 and dead["handled"] > 0
+    assert dead["handled"] == survivor_["settled_books"]["worker-1"]["handled"]
+    balance = summary["cluster_balance"]
+    assert summary["conserved"] is True, balance
+    assert balance["sent"] == survivor_["sent"] + dead["sent"]
+    assert balance["sent"] == balance["handled_replied_or_dead"] + balance["lost_counted"]
+    assert summary["handled"] == survivor_["handled"] + dead["handled"]
+    assert "worker-1" in summary["error"] and "killed by SIGKILL" in summary["error"]
+    assert tagged_processes(tag) == {}
+
+
 def survivor(node: str, sent: int, ended: int, lost_with_nodes: int, peers: dict) -> dict:
     """A worker's own summary as it prints it (the fields the books read)."""
     return {
@@ -560,6 +642,64 @@ def test_a_dead_worker_is_counted_from_what_every_survivor_saw_of_it() -> None:
         [survivor("worker-0", 100, 0, 30, seen_by_0), dead, survivor("worker-2", 0, 95, 0, {})]
     )
     assert total["per_worker"][1]["books"] == "unknown: not seen lost by worker-2"
+    assert total["conserved"] is False
+
+
+def settled_record(**counts: int) -> dict:
+    """A worker's books in its last record, as a survivor reports them after the settle."""
+    books = dict.fromkeys(
+        ("sent", "accepted", "handled", "replies_delivered", "forwarded_out", "forwarded_in"), 0
+    )
+    books.update(dead_letters=0, in_flight=0, lost_counted=0, held=0)
+    books.update(counts)
+    return books
+
+
+def test_a_worker_that_died_after_the_settle_is_counted_with_its_last_record() -> None:
+    """What the parent makes of a worker that died after the swarm settled (the survivors
+    did not see it lost): its last record's books, what it held counted as lost with it,
+    and unknown books when the survivors' records of it differ or do not balance."""
+    from nexus_trio.cli._cluster_cmd import aggregate_summaries
+
+    dead = {"node": "worker-1", "died": True, "error": "worker-1 (pid 7) died: killed by SIGKILL"}
+    # worker-0 sent 50 to worker-1, which handled them; worker-1 sent 60 to worker-0
+    record = settled_record(sent=60, accepted=110, handled=50, forwarded_out=60, forwarded_in=50)
+    alive = survivor("worker-0", 50, 60, 0, {})
+    alive["settled_books"] = {"worker-1": record}
+    total = aggregate_summaries([alive, dead])
+    entry = total["per_worker"][1]
+    assert entry["books"] == "its last record: it settled, then died"
+    assert (entry["sent"], entry["handled"], entry["lost_with_it"]) == (60, 50, 0)
+    assert entry["handed_to_it"] == 0
+    assert (total["sent"], total["handled"], total["lost_counted"]) == (110, 110, 0)
+    assert total["workers_died"] == ["worker-1"]
+    assert total["conserved"] is True
+    assert total["error"] == "worker-1 (pid 7) died: killed by SIGKILL"
+
+    # 3 in flight there and 2 held by its cluster: lost with it, and counted so
+    alive["settled_books"] = {
+        "worker-1": settled_record(
+            sent=63, accepted=113, handled=50, forwarded_out=60, forwarded_in=50, in_flight=3
+        )
+        | {"held": 2}
+    }
+    alive["sent"] = 52  # the 2 held there came from worker-0
+    total = aggregate_summaries([alive, dead])
+    assert total["per_worker"][1]["lost_with_it"] == 5
+    assert total["lost_counted"] == 5
+    assert total["conserved"] is True
+
+    # two survivors whose last records of it differ: nobody can tell which is right
+    other = survivor("worker-2", 0, 0, 0, {})
+    other["settled_books"] = {"worker-1": settled_record(sent=61)}
+    total = aggregate_summaries([alive, dead, other])
+    assert total["per_worker"][1]["books"] == "unknown: the survivors' last records of it differ"
+    assert total["conserved"] is False
+
+    # a record whose own books do not balance
+    alive["settled_books"] = {"worker-1": settled_record(sent=60, accepted=61)}
+    total = aggregate_summaries([alive, dead])
+    assert total["per_worker"][1]["books"] == "unknown: its last record does not balance"
     assert total["conserved"] is False
 
 

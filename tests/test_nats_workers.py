@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import types
 
 import pytest
 import trio
@@ -186,6 +187,22 @@ class _SwarmCluster:
         self.rounds = rounds  # one dict of records per announce(); the last one repeats
         self.calls = 0
         self.record_extra: dict[str, object] = {}
+        # this worker's own counters (its books in its record)
+        kernel = types.SimpleNamespace(
+            accepted=7, handled=5, replies_delivered=1, forwarded=1, dead_lettered=0, in_flight=0
+        )
+        self.kernel = types.SimpleNamespace(stats=lambda: kernel)
+        cluster = types.SimpleNamespace(
+            forwarded_in=3,
+            errors_replied={"mailbox_full": 1},
+            errors_unsent={},
+            inbound_dropped={"x": 1},
+            lost_in_transit=0,
+            publish_failures=0,
+            lost_with_nodes=0,
+            lost_at_leave=0,
+        )
+        self.stats = lambda: cluster
 
     async def announce(self) -> None:
         self.calls += 1
@@ -282,9 +299,39 @@ async def test_the_swarm_settles_only_when_quiet_and_balanced(
     cluster = _SwarmCluster(rounds)
     swarm = Swarm(cluster, SwarmLayout(0, 2))  # type: ignore[arg-type]
     assert await swarm.settle(timeout=5.0) is settles
-    assert cluster.record_extra == {"swarm_stopped": True}
+    assert cluster.record_extra["swarm_stopped"] is True
     if settles:
         assert cluster.calls >= 2  # the same quiet books twice in a row
+
+
+async def test_a_settled_worker_keeps_the_books_every_worker_settled_with(
+    autojump_clock: object,
+) -> None:
+    """Each worker publishes its books while it settles; once the swarm settled, it keeps
+    those of every worker it settled with (the parent counts a worker that dies after the
+    settle with them: see docs/cli.md)."""
+    from nexus_trio.cli._swarm import Swarm, SwarmLayout
+
+    books = {"worker-1": {"sent": 4, "handled": 9}}
+    cluster = _SwarmCluster(
+        [{**QUIET, "worker-1": {**QUIET["worker-1"], "swarm_books": books["worker-1"]}}]
+    )
+    swarm = Swarm(cluster, SwarmLayout(0, 2))  # type: ignore[arg-type]
+    assert swarm.settled_books == {}
+    assert await swarm.settle(timeout=5.0) is True
+    assert cluster.record_extra["swarm_books"] == {
+        "sent": 4,  # accepted less forwarded in
+        "accepted": 7,
+        "handled": 5,
+        "replies_delivered": 1,
+        "forwarded_out": 1,
+        "forwarded_in": 3,
+        "dead_letters": 0,
+        "in_flight": 0,
+        "lost_counted": 2,  # dropped on arrival and refused with an error frame
+    }
+    # worker-0's record (this stand-in's) carries no books: only worker-1's are kept
+    assert swarm.settled_books == {"worker-1": {"sent": 4, "handled": 9, "held": 0}}
 
 
 class _Joining:

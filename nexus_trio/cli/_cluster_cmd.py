@@ -12,7 +12,7 @@ the cluster's books: every message that started on some worker was handled,
 dead-lettered, or counted as lost (see :func:`aggregate_summaries`). A worker that
 ends without its summary (a crash, a signal from outside) is logged as soon as it exits
 and the others are stopped as by a first signal; its books are counted from what the
-others saw of it.
+others saw of it, or, if it died after the swarm settled, from its last record.
 
 A worker's command line is rebuilt from the parent's *parsed* options
 (:func:`worker_argv`), never by editing ``sys.argv``: every spelling of ``--workers``
@@ -188,7 +188,12 @@ def aggregate_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     others' estimate of what was lost with it (``lost_with_nodes``, from its last
     heartbeat: an upper bound) in the cluster's books, which then read: sent = handled +
     replies + dead letters + lost (counted) + handed to dead workers. If a worker that
-    outlived it did not see it lost, its books are unknown and ``conserved`` is false."""
+    outlived it did not see it lost, its books are unknown and ``conserved`` is false.
+
+    A worker that died after the swarm settled (every survivor reports its books as its
+    last record said then, in ``settled_books``: final, the swarm had stopped and held
+    nothing) is counted with that record instead (:func:`_counted_from_its_record`): its
+    own counts, and what it still held (``lost_with_it``) as lost with it."""
     summaries = [_counted_from_outside(s, summaries) if s.get("died") else s for s in summaries]
     died = [s for s in summaries if s.get("died")]
     alive = [s for s in summaries if not s.get("died") and s.get("conserved") is not None]
@@ -246,7 +251,7 @@ def aggregate_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
         bool(alive)
         and len(alive) + len(died) == len(summaries)
         and all(s.get("conserved") for s in alive)
-        and all(s.get("books") == _SEEN_FROM_OUTSIDE for s in died)
+        and all(s.get("books") in (_SEEN_FROM_OUTSIDE, _FROM_ITS_RECORD) for s in died)
         and total["sent"] == ended + total["lost_counted"] + into_dead
     )
     total["per_worker"] = list(summaries)
@@ -255,6 +260,18 @@ def aggregate_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 #: ``books`` of a dead worker's entry counted from what the others saw of it
 _SEEN_FROM_OUTSIDE: Final = "counted by the other workers"
+#: ``books`` of a worker that died after the swarm settled, counted with its last record
+_FROM_ITS_RECORD: Final = "its last record: it settled, then died"
+#: the books of a worker's last record that its entry takes as they are
+_RECORDED_BOOKS: Final = (
+    "sent",
+    "accepted",
+    "handled",
+    "replies_delivered",
+    "forwarded_out",
+    "forwarded_in",
+    "dead_letters",
+)
 
 
 def _counted_from_outside(
@@ -267,6 +284,10 @@ def _counted_from_outside(
     others = [s for s in summaries if not s.get("died") and s.get("conserved") is not None]
     seen = [(s.get("lost_peers") or {}).get(node) for s in others]
     entry = dict(dead)
+    records = [(s.get("settled_books") or {}).get(node) for s in others]
+    if others and all(records):
+        # it died after the swarm settled: its counters were final (see _swarm)
+        return _counted_from_its_record(entry, records)
     if others and all(seen):
         entry["sent"] = sum(int(p["taken_from"]) for p in seen if p)
         entry["handed_to_it"] = sum(int(p["handed_to"]) for p in seen if p)
@@ -274,6 +295,28 @@ def _counted_from_outside(
     else:
         missing = [str(s.get("node")) for s, p in zip(others, seen, strict=True) if not p]
         entry["books"] = f"unknown: not seen lost by {', '.join(missing)}" if missing else "unknown"
+    return entry
+
+
+def _counted_from_its_record(
+    entry: dict[str, Any], records: Sequence[dict[str, int] | None]
+) -> dict[str, Any]:
+    """A worker that died after the swarm settled, counted with its last record as every
+    survivor saw it then: what it held (nothing, normally) counted as lost with it."""
+    record = records[0] or {}
+    if any(r != record for r in records):
+        entry["books"] = "unknown: the survivors' last records of it differ"
+        return entry
+    for key in _RECORDED_BOOKS:
+        entry[key] = int(record.get(key, 0))
+    entry["forwarded"] = entry["forwarded_out"]
+    in_flight = int(record.get("in_flight", 0))
+    entry["lost_with_it"] = in_flight + int(record.get("held", 0))
+    entry["lost_counted"] = int(record.get("lost_counted", 0)) + entry["lost_with_it"]
+    entry["handed_to_it"] = 0
+    ended = sum(entry[k] for k in ("handled", "replies_delivered", "forwarded_out", "dead_letters"))
+    balanced = entry["accepted"] == ended + in_flight
+    entry["books"] = _FROM_ITS_RECORD if balanced else "unknown: its last record does not balance"
     return entry
 
 

@@ -714,6 +714,8 @@ def build_summary(
         summary["membership"] = remote.get("membership", {})
         summary["lost_peers"] = remote.get("lost_peers", {})
         summary["swarm"] = state.swarm is not None
+        if state.swarm is not None:
+            summary["settled_books"] = state.swarm.settled_books
     return summary
 
 

@@ -15,7 +15,10 @@ rounds in a row. A worker that settled and left the cluster meanwhile counts wit
 last record; one that left without stopping its traffic (its run failed) is counted as
 one that died, below.
 Only then do the kernels drain and leave: a message still crossing when a worker left
-would otherwise be lost without anybody counting it.
+would otherwise be lost without anybody counting it. Each worker's record carries its
+books while it settles (:func:`worker_books`), and each worker's summary the books of
+every worker it settled with (``settled_books``): final counts, by which the parent
+counts a worker that dies after the settle, before it printed its summary.
 
 A worker that died (lost: it missed its heartbeats) never stops nor balances: the
 others settle without it, once they have seen it lost, when they have stopped, hold
@@ -40,7 +43,7 @@ import trio
 from .._agent import AgentRef
 
 if TYPE_CHECKING:
-    from .._nats import Cluster, NodeInfo
+    from .._nats import Cluster, ClusterStats, NodeInfo
 
 log = logging.getLogger("nexus_trio.cli")
 
@@ -109,6 +112,10 @@ class Swarm:
         self.should_stop = should_stop
         #: each worker's counters as last published (kept after it left the cluster)
         self.last_records: dict[str, dict[str, Any]] = {}
+        #: once the swarm settled: the books of every worker settled with (not lost), as
+        #: its last record said (see :func:`worker_books`; the parent counts a worker that
+        #: dies after the settle, without its summary, with them)
+        self.settled_books: dict[str, dict[str, int]] = {}
 
     async def wait_for_workers(self, timeout: float = START_TIMEOUT) -> None:
         """Until every worker of the swarm is a live member (bounded)."""
@@ -161,9 +168,19 @@ class Swarm:
         previous: tuple[Any, ...] | None = None
         with trio.move_on_after(timeout):
             while True:  # the other workers' state arrives with their records: polled
+                cluster.record_extra["swarm_books"] = worker_books(cluster)
                 await cluster.announce()
                 snapshot = self._snapshot()
                 if snapshot is not None and snapshot == previous:
+                    lost = set(snapshot[-1])
+                    self.settled_books = {
+                        node: {
+                            **record.get("swarm_books", {}),
+                            "held": int(record.get("held", 0)),
+                        }
+                        for node, record in self.last_records.items()
+                        if node not in lost and "swarm_books" in record
+                    }
                     return True
                 previous = snapshot
                 await trio.sleep(0.05)
@@ -212,16 +229,40 @@ def _dropped(record: Mapping[str, Any]) -> int:
     )
 
 
-def cluster_counts(cluster: Cluster) -> dict[str, Any]:
-    """This worker's traffic with the others, for its summary."""
+def worker_books(cluster: Cluster) -> dict[str, int]:
+    """This worker's books now, as its summary counts them (``sent`` is what started
+    here): published in its record while it settles."""
+    k = cluster.kernel.stats()
     s = cluster.stats()
+    dropped, lost = _dropped_and_lost(s)
+    return {
+        "sent": k.accepted - s.forwarded_in,
+        "accepted": k.accepted,
+        "handled": k.handled,
+        "replies_delivered": k.replies_delivered,
+        "forwarded_out": k.forwarded,
+        "forwarded_in": s.forwarded_in,
+        "dead_letters": k.dead_lettered,
+        "in_flight": k.in_flight,
+        "lost_counted": dropped + lost,
+    }
+
+
+def _dropped_and_lost(s: ClusterStats) -> tuple[int, int]:
+    """What a node refused on arrival, and what it counted lost otherwise."""
     refused = sum(
         frames.get(kind, 0)
         for frames in (s.errors_replied, s.errors_unsent)
         for kind in _REFUSED_KINDS
     )
     dropped = sum(s.inbound_dropped.values()) + refused
-    lost = s.lost_in_transit + s.publish_failures + s.lost_with_nodes + s.lost_at_leave
+    return dropped, s.lost_in_transit + s.publish_failures + s.lost_with_nodes + s.lost_at_leave
+
+
+def cluster_counts(cluster: Cluster) -> dict[str, Any]:
+    """This worker's traffic with the others, for its summary."""
+    s = cluster.stats()
+    dropped, lost = _dropped_and_lost(s)
     return {
         "node": s.node,
         "forwarded_in": s.forwarded_in,
