@@ -59,6 +59,12 @@ def _non_negative(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> Non
         raise ValueError(f"{attribute.name} must be a number >= 0, got {value!r}")
 
 
+def _fraction(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    # The range ``[supervision] backoff_jitter`` takes: one API, one config, one meaning.
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ValueError(f"{attribute.name} must be a number between 0 and 1, got {value!r}")
+
+
 def _count(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{attribute.name} must be an integer >= 0, got {value!r}")
@@ -71,12 +77,13 @@ class Backoff:
     factor in ``[1, 1 + jitter]`` and capped at ``maximum`` again, where ``n`` counts the
     restarts since the child last ran healthily for ``reset_after`` seconds.
 
-    ``Backoff(0, 0)`` restarts at once, as OTP does. Times are in seconds.
+    ``Backoff(0, 0)`` restarts at once, as OTP does. Times are in seconds; ``jitter`` is
+    between 0 and 1, as ``[supervision] backoff_jitter`` is.
     """
 
     initial: float = attrs.field(default=0.01, validator=_non_negative)
     maximum: float = attrs.field(default=5.0, validator=_non_negative)
-    jitter: float = attrs.field(default=0.2, validator=_non_negative)
+    jitter: float = attrs.field(default=0.2, validator=_fraction)
     reset_after: float = attrs.field(default=30.0, validator=_non_negative)
 
     def __attrs_post_init__(self) -> None:

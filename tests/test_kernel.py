@@ -970,7 +970,7 @@ def test_agent_options_refuse_nan(options: dict[str, Any], error: str) -> None:
         ),
         (lambda: Supervisor(max_restarts=2.5), "max_restarts must be an integer >= 0, got 2.5"),
         (lambda: Backoff(initial=math.nan), "initial must be a number >= 0, got nan"),
-        (lambda: Backoff(jitter=math.nan), "jitter must be a number >= 0, got nan"),
+        (lambda: Backoff(jitter=math.nan), "jitter must be a number between 0 and 1, got nan"),
         (lambda: Backoff(reset_after=math.nan), "reset_after must be a number >= 0, got nan"),
     ],
 )

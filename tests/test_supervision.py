@@ -277,6 +277,19 @@ def test_backoff_doubles_is_capped_and_jitter_stays_in_bounds() -> None:
         Backoff(jitter=-1)
 
 
+@pytest.mark.parametrize("jitter", [1.5, 2, -0.1, float("nan"), float("inf"), True, "0.2"])
+def test_backoff_refuses_the_jitter_the_config_refuses(jitter: Any) -> None:
+    with pytest.raises(ValueError, match=r"^jitter must be a number between 0 and 1, got "):
+        Backoff(jitter=jitter)
+    with pytest.raises(ValueError, match=r"backoff_jitter must be between 0 and 1"):
+        SupervisionConfig(backoff_jitter=jitter)
+
+
+@pytest.mark.parametrize("jitter", [0, 0.5, 1, 1.0])
+def test_backoff_takes_every_jitter_from_0_to_1(jitter: float) -> None:
+    assert Backoff(jitter=jitter).jitter == jitter
+
+
 async def test_backoff_delays_restarts_and_resets_after_a_healthy_run(autojump_clock: Any) -> None:
     starts: list[float] = []
 
