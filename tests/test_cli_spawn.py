@@ -172,3 +172,24 @@ def test_the_summary_table_cuts_a_huge_registered_name_as_the_log_does(tmp_path:
     assert f"registered as '{'N' * 59}... (protocol 1)" in logged
     as_json = nexus_run(tmp_path, "--spawn", f"{PYTHON} huge.py", "-d", "0.5", "--json")
     assert json.loads(as_json.stdout)["spawned"][0]["registered_as"] == "N" * 200_000
+
+
+@pytest.mark.parametrize(
+    "payload", ['{"id": "x"}', '{"id": "x", "name": None}', '{"id": "x", "name": 42}']
+)
+def test_a_program_registered_without_a_name_shows_no_name(tmp_path: Path, payload: str) -> None:
+    """Regression: a program whose ``register`` has no name (or a null one) was shown as
+    registered as ``'None'`` in the table and ``"None"`` in ``--json``, as if it had
+    chosen that name. JSON now says null and the table no name."""
+    (tmp_path / "anon.py").write_text(
+        REGISTERS.replace('{"id": "x", "name": "+".join(sys.argv[1:])}', payload)
+    )
+    as_json = nexus_run(tmp_path, "--spawn", f"{PYTHON} anon.py", "-d", "0.5", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    (program,) = json.loads(as_json.stdout)["spawned"]
+    assert (program["registered"], program["registered_as"]) == (True, None)
+    table = nexus_run(tmp_path, "--spawn", f"{PYTHON} anon.py", "-d", "0.5")
+    assert table.returncode == 0, table.stderr
+    out = " ".join(table.stdout.split())
+    assert f"anon {sys.executable} anon.py: registered (1 start)" in out
+    assert "None" not in out

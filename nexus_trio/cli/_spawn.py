@@ -78,7 +78,8 @@ class SpawnedProgram:
     registered: bool = False
     #: what its first failed start did (before it ever registered), else None
     problem: str | None = None
-    #: from the bridge's counters, last seen while the agent was alive
+    #: from the bridge's counters, last seen while the agent was alive (``registered_as``:
+    #: the name its ``register`` gave, None if it gave none)
     registered_as: str | None = None
     starts: int = 0
     last_exit: int | None = None
@@ -166,7 +167,10 @@ def note_bridge_stats(programs: Sequence[SpawnedProgram], kernel: Kernel) -> Non
             continue
         program.starts, program.last_exit = s.starts, s.last_exit
         if s.registered:
-            program.registered_as = str(s.registered.get("name"))
+            # A name is a string; a register without one (or with null, or a number the
+            # bridge warned about) names nothing: None, not the text "None".
+            name = s.registered.get("name")
+            program.registered_as = name if isinstance(name, str) else None
 
 
 def spawn_summary(

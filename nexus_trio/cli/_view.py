@@ -343,6 +343,8 @@ def _spawned_text(program: Mapping[str, Any]) -> str:
     starts = program.get("starts") or 0
     started = f"{starts} start{'' if starts == 1 else 's'}"
     if program.get("registered"):
+        if program.get("registered_as") is None:
+            return f"{program['command']}: registered ({started})"
         # The program's word: as long as a line may be (1 MiB). Cut as the log cuts it.
         registered_as = brief(program["registered_as"], 60)
         return f"{program['command']}: registered as {registered_as} ({started})"
