@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -2154,6 +2155,69 @@ def test_nexus_send_command_gets_the_answer_routed_back() -> None:
     )
     assert result.exit_code == 0, result.output
     assert result.stdout.strip().splitlines()[-1] == "[1, 2]"
+
+
+#: a child that answers every message with ``{ANSWER}`` as Python's json writes it
+#: (NaN and Infinity included: what a careless agent sends)
+ANSWERS = """
+emit({{"type": "register", "payload": {{"id": "x", "name": "answers"}}}})
+while True:
+    respond_p1(next_message(), {answer})
+"""
+
+
+def test_nexus_send_prints_strict_json_and_says_where_a_non_finite_number_is(
+    tmp_path: Path,
+) -> None:
+    """Regression: an answer holding NaN or Infinity was printed as ``NaN`` / ``Infinity``
+    (json.dumps' default), which is not JSON: ``jq`` and strict parsers refuse it. Nothing
+    is printed on stdout now, stderr names each such value by its path in the answer and
+    shows the answer as the agent sent it, and the exit status is 3."""
+    answer = '{"result": [1, float("nan"), {"low": -float("inf")}], "more": {"a b": float("inf")}}'
+    cmd = script(tmp_path, ANSWERS.format(answer=answer))
+    for compact in ([], ["--compact"]):
+        result = send_cli(shlex.join(cmd), '"hi"', *compact)
+        assert result.exit_code == 3, result.output
+        assert result.stdout == ""
+        assert (
+            "nexus send: the answer is not strict JSON (JSON has no NaN or Infinity): "
+            'NaN at .result[1], -Infinity at .result[2].low, Infinity at .more["a b"]'
+        ) in result.stderr
+        shown = result.stderr.split("the answer as the agent sent it:\n", 1)[1]
+        assert json.loads(shown)["result"][2] == {"low": -math.inf}  # Python's reader takes it
+
+
+@pytest.mark.parametrize(
+    ("answer", "places"),
+    [
+        ('float("nan")', "NaN at ."),
+        ('[0, float("inf")]', "Infinity at .[1]"),
+        ('{"a b": [float("nan")]}', 'NaN at .["a b"][0]'),
+        ('{"é": float("nan")}', 'NaN at .["é"]'),
+        (
+            '[float("nan")] * 8',
+            "NaN at .[0], NaN at .[1], NaN at .[2], NaN at .[3], NaN at .[4] and 3 more",
+        ),
+    ],
+)
+def test_nexus_send_names_non_finite_numbers_by_their_jq_path(
+    tmp_path: Path, answer: str, places: str
+) -> None:
+    cmd = script(tmp_path, ANSWERS.format(answer=answer))
+    result = send_cli(shlex.join(cmd), '"hi"')
+    assert result.exit_code == 3, result.output
+    assert f"(JSON has no NaN or Infinity): {places}; the answer as" in result.stderr
+
+
+def test_nexus_send_output_is_strict_json_when_the_answer_has_only_finite_numbers(
+    tmp_path: Path,
+) -> None:
+    cmd = script(tmp_path, ANSWERS.format(answer='{"x": [1.5, -0.0, 1e308, None, "NaN"]}'))
+    result = send_cli(shlex.join(cmd), '"hi"', "--compact")
+    assert result.exit_code == 0, result.output
+    strict = json.loads(result.stdout, parse_constant=lambda name: pytest.fail(name))
+    assert strict == {"x": [1.5, -0.0, 1e308, None, "NaN"]}
+    assert result.stderr == ""
 
 
 @pytest.mark.parametrize("kind", ["Query", "Command"])

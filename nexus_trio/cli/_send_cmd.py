@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 import typer
 
@@ -24,8 +25,14 @@ _EPILOG = """\
 The agent is started under a kernel, gets one message, and is shut down (shutdown frame,
 grace, SIGTERM, SIGKILL). The answer's payload is printed as JSON on stdout; logs and the
 agent's stderr go to stderr. Exit status: 0 answered, 1 the agent failed (did not start,
-crashed, sent an error frame, timed out), 2 bad arguments.
+crashed, sent an error frame, timed out), 2 bad arguments, 3 the answer holds NaN or
+Infinity, which JSON has not: nothing is printed on stdout, stderr says where they are
+and shows the answer.
 """
+
+
+#: the exit status of an answer strict JSON cannot hold (NaN, Infinity)
+NOT_STRICT_JSON: Final = 3
 
 
 class SendKind(enum.StrEnum):
@@ -114,9 +121,54 @@ def register(app: typer.Typer) -> None:
         except _Failed as exc:
             typer.echo(f"nexus send: {exc}", err=True)
             raise typer.Exit(1) from None
-        text = json.dumps(answer, ensure_ascii=False, indent=None if compact else 2)
+        indent = None if compact else 2
+        try:
+            text = json.dumps(answer, ensure_ascii=False, indent=indent, allow_nan=False)
+        except ValueError:
+            # NaN and Infinity are not JSON: printed, they would break the script reading
+            # stdout. No stand-in (null) either: that would be an answer the agent never
+            # gave. Say where they are, and show the answer to the person instead.
+            shown = json.dumps(answer, ensure_ascii=False, indent=indent)
+            typer.echo(
+                "nexus send: the answer is not strict JSON (JSON has no NaN or Infinity): "
+                f"{_non_finite_places(answer)}; the answer as the agent sent it:\n{shown}",
+                err=True,
+            )
+            raise typer.Exit(NOT_STRICT_JSON) from None
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
+
+
+def _non_finite_places(answer: Any, limit: int = 5) -> str:
+    """Where ``answer`` holds NaN or an infinity, as jq paths (``NaN at .result[1]``):
+    the first ``limit`` of them in document order, then how many more there are."""
+    places: list[str] = []
+    more = 0
+    # A stack, not recursion: an answer may nest as deep as the bridge's reader allows.
+    stack: list[tuple[str, Any]] = [("", answer)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            if len(places) < limit:
+                shown = "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+                places.append(f"{shown} at {path or '.'}")
+            else:
+                more += 1
+        elif isinstance(value, dict):
+            stack.extend((_key_path(path, key), item) for key, item in reversed(value.items()))
+        elif isinstance(value, list | tuple):
+            stack.extend(
+                (f"{path or '.'}[{i}]", item) for i, item in reversed(list(enumerate(value)))
+            )
+    return ", ".join(places) + (f" and {more:,} more" if more else "")
+
+
+def _key_path(path: str, key: Any) -> str:
+    """``path.name`` for a key jq can write bare, else ``path["a b"]`` (``.["a b"]`` at the top)."""
+    text = str(key)
+    if text.isidentifier() and text.isascii():
+        return f"{path}.{text}"
+    return f"{path or '.'}[{json.dumps(text, ensure_ascii=False)}]"
 
 
 async def _exchange(config: Any, spec: Any, value: Any, kind: SendKind, timeout: float) -> Any:
