@@ -1544,6 +1544,24 @@ async def test_a_line_past_the_limit_is_one_discarded_line_with_or_without_a_new
     assert await read_all(Chunks(*chunks), 4096) == expected
 
 
+async def test_a_read_cancelled_in_a_line_past_the_limit_goes_on_with_that_line(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The stderr copy waits for a line at most until its next note is due: a read cut
+    short there must not forget what it discarded of a line past the limit, or the tail
+    would come out as one more line of the child's."""
+    send, receive = trio.testing.memory_stream_one_way_pair()
+    reader = process_module._LineReader(receive, 4096)
+    await send.send_all(b"x" * 5000)
+    with trio.move_on_after(1.0) as wait:
+        await reader.next_line()
+    assert wait.cancelled_caught
+    await send.send_all(b"x" * 1000 + b"\nnext\n")
+    line = await reader.next_line()
+    assert isinstance(line, process_module._Oversized) and line.size == 6000
+    assert await reader.next_line() == b"next"
+
+
 @pytest.mark.parametrize("second", ["response", "error"])
 async def test_second_answer_to_a_message_is_discarded_as_unmatched_and_logged(
     tmp_path: Path,
@@ -1650,6 +1668,70 @@ async def test_stderr_goes_to_the_log_with_the_agent_fields(
     assert {getattr(r, "agent_id", None) for r in records} == {str(ref.id)}
 
 
+#: a protocol-2 child that writes ``flood 0`` .. ``flood 999`` on stderr as it starts, and
+#: for a message ``[word, n]`` writes ``word 0`` .. ``word n-1`` on stderr, then answers n
+STDERR_FLOOD = """
+emit({"type": "register", "payload": {"id": str(uuid.uuid4()), "name": "f", "protocol": 2}})
+sys.stderr.write("".join(f"flood {i}\\n" for i in range(1000)))
+sys.stderr.flush()
+while True:
+    m = next_message()
+    word, n = m["payload"]
+    sys.stderr.write("".join(f"{word} {i}\\n" for i in range(n)))
+    sys.stderr.flush()
+    emit({"type": "response", "payload": {"reply_to": m["id"], "payload": n}})
+"""
+
+
+async def test_a_stderr_flood_is_logged_100_lines_at_once_then_10_a_second_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, mock_clock: trio.testing.MockClock
+) -> None:
+    """Regression: every stderr line of a child was copied as a log record: a child
+    flooding its stderr flooded the kernel's log. Now the first 100 lines of a burst are
+    logged (a traceback is what a user needs), then 10 a second; the others are counted
+    (``stderr_lines_not_logged``) and one record a second says how many were not logged,
+    the last one when the child's stderr ends."""
+    caplog.set_level(logging.INFO, logger="nexus_trio.bridge.stderr")
+
+    def logged() -> list[str]:
+        return [
+            r.getMessage().split("] ", 1)[1]
+            for r in caplog.records
+            if r.name == "nexus_trio.bridge.stderr"
+        ]
+
+    def notes() -> list[str]:
+        return [text for text in logged() if "not logged" in text]
+
+    async with mock_time_kernel() as kernel:
+        ref = kernel.spawn(process_agent(script(tmp_path, STDERR_FLOOD), name="flood"))
+        await until_real(lambda: stats_of(kernel, ref).stderr_lines == 1000, "the flood")
+        stats = stats_of(kernel, ref)
+        assert (stats.stderr_lines, stats.stderr_lines_not_logged) == (1000, 900)
+        assert logged() == [f"flood {i}" for i in range(100)]
+        # A second later (of the kernel's clock), without another line: the count.
+        mock_clock.jump(1.0)
+        await until_real(lambda: len(notes()) == 1, "the note of the lines not logged")
+        assert notes() == ["900 stderr lines not logged (more than 100 at once, then 10 a second)"]
+        # Quiet for 10 s: a burst (a traceback) is logged whole again.
+        mock_clock.jump(10.0)
+        assert await kernel.request(ref, ["crash", 100]) == 100
+        await until_real(lambda: stats_of(kernel, ref).stderr_lines == 1100, "the burst")
+        # Straight after it (the clock stands still) nothing is logged, only counted...
+        assert await kernel.request(ref, ["late", 30]) == 30
+        await until_real(lambda: stats_of(kernel, ref).stderr_lines == 1130, "the late lines")
+        assert stats_of(kernel, ref).stderr_lines_not_logged == 930
+        assert logged()[100:] == [notes()[0]] + [f"crash {i}" for i in range(100)]
+    # ... and the end of the child's stderr says how many were not.
+    assert logged()[201:] == [
+        "30 stderr lines not logged (more than 100 at once, then 10 a second)"
+    ]
+    records = [r for r in caplog.records if "not logged" in r.getMessage()]
+    assert {(r.levelno, getattr(r, "agent_name", None)) for r in records} == {
+        (logging.WARNING, "flood")
+    }
+
+
 #: a protocol-2 child that echoes, and on ``shutdown`` writes 2000 lines (some 250 kB,
 #: well past a pipe's 64 kB) on stderr or as ``send`` frames to "sink", then exits 0
 LOUD_AT_STOP = """
@@ -1702,8 +1784,16 @@ async def test_child_that_writes_much_on_its_way_out_is_read_and_exits_by_itself
     assert len(exits) == 1
     assert exits[0].endswith("status 0")
     if where == "stderr":
-        said = [text for text in texts if "] bye " in text]
-        assert [text.split()[-2] for text in said] == [str(i) for i in range(2000)]
+        # All read: the first 100 logged, and each of the others logged or counted in a note.
+        said = [int(text.split()[-2]) for text in texts if "] bye " in text]
+        assert said[:100] == list(range(100))
+        assert said == sorted(said)
+        not_logged = [
+            int(text.split("] ", 1)[1].split()[0].replace(",", ""))
+            for text in texts
+            if "stderr lines not logged" in text
+        ]
+        assert len(said) + sum(not_logged) == 2000, (said, not_logged)
     else:
         assert [m.payload for m in record.seen] == list(range(2000))
         assert {m.sender for m in record.seen} == {ref.id}

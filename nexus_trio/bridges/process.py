@@ -16,8 +16,10 @@ Hostile children cannot hurt the kernel: a stdout line longer than ``line_limit`
 JSON, an unknown frame type or missing fields are logged with the agent's fields (at
 most once a second for each kind of problem: a flood of bad lines is not a flood of log
 lines), counted (:func:`bridge_stats`: every line) and dead-letter the message they answered (reason
-``malformed``); the agent goes on. A child that stays silent past the handle timeout
-has its message dead-lettered (``handler_timeout``) and is replaced before the next
+``malformed``); the agent goes on. Its stderr is logged up to 100 lines at once, then 10 a
+second; the lines past that are counted, and said in one record a second. A child that
+stays silent past the handle timeout has its message dead-lettered (``handler_timeout``)
+and is replaced before the next
 message if it still has not answered; a protocol-2 child that declared the ``cancel``
 feature in its ``register`` is sent a ``cancel`` frame for such a message (and for one
 whose requester stopped waiting), so that it can stop and answer at once, and the next
@@ -68,6 +70,11 @@ log = logging.getLogger("nexus_trio.bridge")
 PROTOCOL_VERSION: Final = 2
 _CHUNK: Final = 65536
 _STDERR_LINE_LIMIT: Final = 16 * 1024
+#: a child's stderr lines logged at once after a quiet spell, and then a second: a
+#: traceback is logged whole, a flood is not copied into the kernel's log (the lines past
+#: the rate are counted, and one record a second says how many were not logged)
+_STDERR_BURST: Final = 100
+_STDERR_RATE: Final = 10.0
 #: how long to wait for the stdout reader to see end-of-file once the group is dead
 _READER_DRAIN: Final = 1.0
 #: after the leader has gone: how long its process group gets between SIGTERM and SIGKILL
@@ -148,8 +155,10 @@ class BridgeStats:
     #: ``send`` frames routed, and those the kernel refused (unknown recipient, full mailbox, ...)
     sends_routed: int = 0
     sends_failed: int = 0
-    #: lines the child wrote on stderr
+    #: lines the child wrote on stderr, and those of them not logged (past the first 100
+    #: at once, then 10 a second)
     stderr_lines: int = 0
+    stderr_lines_not_logged: int = 0
     #: pings (protocol 2, ``ping_interval``) not answered in time
     pings_missed: int = 0
     #: answers of a protocol-1 child to tells (forwarded to the teller as a reply, or dropped)
@@ -259,7 +268,7 @@ class _Oversized:
 class _LineReader:
     """Lines from a byte stream, at most ``limit`` bytes each; longer ones are skipped whole."""
 
-    __slots__ = ("_buf", "_eof", "_limit", "_scan", "_stream")
+    __slots__ = ("_buf", "_discarded", "_eof", "_limit", "_scan", "_stream")
 
     def __init__(self, stream: trio.abc.ReceiveStream, limit: int) -> None:
         self._stream = stream
@@ -267,22 +276,28 @@ class _LineReader:
         self._buf = bytearray()
         self._scan = 0
         self._eof = False
+        #: bytes of the current line dropped already (it is too long)
+        self._discarded = 0
 
     async def next_line(self) -> bytes | _Oversized | None:
-        """The next line without its newline, an :class:`_Oversized` marker, or None at EOF."""
-        discarded = 0
+        """The next line without its newline, an :class:`_Oversized` marker, or None at EOF.
+
+        Cancel-safe: all of its state is kept here, so a call cancelled while it waits for
+        more input loses nothing, and the next call goes on with the same line.
+        """
         while True:
             index = self._buf.find(b"\n", self._scan)
             if index >= 0:
                 line = bytes(self._buf[:index])
                 del self._buf[: index + 1]
                 self._scan = 0
+                discarded, self._discarded = self._discarded, 0
                 if discarded or len(line) > self._limit:
                     return _Oversized(discarded + len(line))
                 return line
             if len(self._buf) > self._limit:
                 # Too long already: drop what we have and skip to the next newline.
-                discarded += len(self._buf)
+                self._discarded += len(self._buf)
                 self._buf.clear()
             self._scan = len(self._buf)
             if self._eof:
@@ -292,11 +307,12 @@ class _LineReader:
                 self._eof = True
                 continue
             self._buf += chunk
-        if discarded:
+        if self._discarded:
             # The tail of the line discarded goes with it: it is not one more line.
-            size = discarded + len(self._buf)
+            size = self._discarded + len(self._buf)
             self._buf.clear()
             self._scan = 0
+            self._discarded = 0
             return _Oversized(size)
         if self._buf:
             line = bytes(self._buf)
@@ -379,6 +395,40 @@ class _Flood:
         self.held = 0
 
 
+@final
+class _StderrBudget:
+    """Which of a child's stderr lines are logged: a token bucket of ``_STDERR_BURST``
+    lines refilled at ``_STDERR_RATE`` a second, on the kernel's clock. The lines held
+    back are counted until :meth:`noted`, due a second after the first of them."""
+
+    __slots__ = ("_at", "_tokens", "held", "note_at")
+
+    def __init__(self) -> None:
+        self._tokens = float(_STDERR_BURST)
+        self._at = -math.inf
+        #: lines not logged since the last note, and when that note is due
+        self.held = 0
+        self.note_at = math.inf
+
+    def take(self) -> bool:
+        """True if the next line may be logged; else it is held back (counted)."""
+        now = trio.current_time()
+        self._tokens = min(float(_STDERR_BURST), self._tokens + (now - self._at) * _STDERR_RATE)
+        self._at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        if not self.held:
+            self.note_at = now + 1.0
+        self.held += 1
+        return False
+
+    def noted(self) -> int:
+        """The count of lines held back since the last note, and a fresh count."""
+        held, self.held, self.note_at = self.held, 0, math.inf
+        return held
+
+
 class _BadFrame(Exception):
     """A stdout line that is not a usable frame; the text says what is wrong."""
 
@@ -448,6 +498,8 @@ class ProcessAgent(Agent):
         self._in_grace = False
         #: per-line warnings by kind (:meth:`_warn_line`)
         self._floods: dict[str, _Flood] = {}
+        #: which stderr lines of the children of this run are logged (:meth:`_copy_stderr`)
+        self._stderr_budget = _StderrBudget()
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -1373,25 +1425,67 @@ class ProcessAgent(Agent):
                 break
 
     async def _copy_stderr(self, reader: _LineReader, done: trio.Event) -> None:
-        """Log the child's stderr line by line; ``done`` is set at its end (not if cancelled)."""
+        """Log the child's stderr line by line; ``done`` is set at its end (not if cancelled).
+
+        A child can write a million lines a second on its stderr, and a record each would
+        drown the kernel's log: the first ``_STDERR_BURST`` lines at once are logged, then
+        ``_STDERR_RATE`` a second (:class:`_StderrBudget`). The others are counted, and a
+        record a second after the first of them says how many were not logged, as does the
+        end of the child's stderr (or of this copy).
+        """
         logger = logging.LoggerAdapter(
             logging.getLogger("nexus_trio.bridge.stderr"), self._fields()
         )
-        while True:
-            try:
-                line = await reader.next_line()
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                line = None
-            if line is None:
-                done.set()
-                return
-            self.stats.stderr_lines += 1
-            if isinstance(line, _Oversized):
-                logger.warning("[%s] <stderr line of %d bytes not shown>", self.label, line.size)
-                continue
-            text = line.decode("utf-8", "replace").rstrip("\r")
-            level = logging.WARNING if _STDERR_WARNING.match(text) else logging.INFO
-            logger.log(level, "[%s] %s", self.label, text)
+        budget = self._stderr_budget
+        try:
+            while True:
+                # Wait for a line, but not past the note of those held back. (The reader is
+                # cancel-safe: a line cut short by the deadline is read whole next time.)
+                with trio.move_on_at(budget.note_at) as wait:
+                    try:
+                        line = await reader.next_line()
+                    except (trio.ClosedResourceError, trio.BrokenResourceError):
+                        line = None
+                if budget.held and trio.current_time() >= budget.note_at:
+                    self._note_stderr_not_logged(logger)
+                if wait.cancelled_caught:
+                    continue
+                if line is None:
+                    if budget.held:
+                        self._note_stderr_not_logged(logger)
+                    done.set()
+                    return
+                self._log_stderr_line(logger, line)
+        finally:
+            if budget.held:
+                # Cancelled (the child is stopping): say it now, the copy may not resume.
+                self._note_stderr_not_logged(logger)
+
+    def _log_stderr_line(
+        self, logger: logging.LoggerAdapter[Any], line: bytes | _Oversized
+    ) -> None:
+        stats = self.stats
+        stats.stderr_lines += 1
+        if not self._stderr_budget.take():
+            stats.stderr_lines_not_logged += 1
+            return
+        if isinstance(line, _Oversized):
+            logger.warning("[%s] <stderr line of %d bytes not shown>", self.label, line.size)
+            return
+        text = line.decode("utf-8", "replace").rstrip("\r")
+        level = logging.WARNING if _STDERR_WARNING.match(text) else logging.INFO
+        logger.log(level, "[%s] %s", self.label, text)
+
+    def _note_stderr_not_logged(self, logger: logging.LoggerAdapter[Any]) -> None:
+        held = self._stderr_budget.noted()
+        logger.warning(
+            "[%s] %s stderr line%s not logged (more than %d at once, then %g a second)",
+            self.label,
+            f"{held:,}",
+            "" if held == 1 else "s",
+            _STDERR_BURST,
+            _STDERR_RATE,
+        )
 
     # --- logging -----------------------------------------------------------------------------------
 
