@@ -2080,6 +2080,61 @@ async def test_a_batch_a_leaving_node_could_not_send_is_counted_once(
     assert a.publish_failures + a.lost_at_leave == 3  # each of the three once
 
 
+async def _three_tells_held_then_a_leaves_down(
+    nats: NatsServer, *, hold: Any, lose_b: bool = False
+) -> tuple[Cluster, Cluster, list[Any]]:
+    """b runs ``col``; a tells it 0..4 (b takes and confirms them), then 5..7 while
+    ``hold(ca)`` (called before) decides where their batch stays; with ``lose_b``, a
+    judges b lost (missed heartbeats) while that batch is unsent. Then a leaves with its
+    data connection down. Returns a's and b's clusters, and what b handled."""
+    records: list[Any] = []
+    slow = attrs.evolve(FAST, heartbeat_interval=30.0)  # no heartbeat tick in the test
+    async with open_kernel(_config()) as kb:
+        kb.spawn(agent(_collector(records), name="col"))
+        with trio.fail_after(30):
+            async with join_cluster(kb, nats.url, "b", options=slow) as cb:
+                await cb.names_published()
+                a = _node(nats.url, "a", send_timeout_ms=500, heartbeat_interval=30.0)
+                async with a as (ka, ca):
+                    await ca.wait_for_name("col")
+                    for i in range(5):
+                        await ka.send("col", i)
+                    assert await ka.request("col", "dump") == 5
+                    ca._apply_member_entry("b", cb._record(), None)  # b's heartbeat: 5 taken
+                    hold(ca)
+                    for i in range(5, 8):
+                        await ka.send("col", i)  # accepted: a's window and outbox have room
+                    await trio.testing.wait_all_tasks_blocked()
+                    ca._outbox.pause()  # what the disconnect does
+                    ca._data_up = trio.Event()
+                    if lose_b:
+                        # what _check_members does for a node that missed its heartbeats
+                        for info in ca.members.newly_lost(time.monotonic() + 3600):
+                            ca._node_lost(info)
+                        assert ca.stats().lost_with_nodes == 3  # numbered 6..8, unconfirmed
+                # a left with its connection down: nothing of 5..7 went
+                assert await kb.request("col", "dump") == len(records)
+        await kb.shutdown()
+    return ca, cb, records
+
+
+async def test_a_batch_for_a_lost_node_a_leaving_node_could_not_send_is_counted_once(
+    nats: NatsServer,
+) -> None:
+    """Regression: a batch that a sealed for b while its data connection was down (its
+    outbox held it) was counted twice when b was judged lost before a left with its
+    connection still down: in ``lost_with_nodes`` at b's loss (numbered, not confirmed),
+    and in ``publish_failures`` at a's leave (never sent). Counted once now, in
+    ``lost_with_nodes`` (the count made first)."""
+    ca, cb, records = await _three_tells_held_then_a_leaves_down(
+        nats, hold=lambda ca: ca._outbox.pause(), lose_b=True
+    )
+    assert records == list(range(5))
+    a = ca.stats()
+    assert (a.lost_with_nodes, a.publish_failures) == (3, 0)
+    assert cb.stats().lost_in_transit == 0
+
+
 async def test_an_old_join_s_leave_heard_after_the_new_join_leaves_the_new_join_a_member(
     nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -454,6 +454,11 @@ class Cluster:
         # counted again (see _unsent_at_leave)
         self._left_counted: OrderedDict[tuple[str, int, int], None] = OrderedDict()
         self._lost_at_leave = 0
+        # joins judged lost: (node, id prefix, session) -> the last number numbered for it
+        # when it was, which Placement.node_lost counted in lost_with_nodes as far as the
+        # join had not confirmed it: a batch this node leaves with unsent is not counted
+        # again (see _unsent_at_leave); the last _LEFT_STREAMS_MAX losses
+        self._lost_numbered: OrderedDict[tuple[str, int, int | None], int] = OrderedDict()
         # node -> the session of the last record of it the nodes bucket's watch gave
         # (None: a record without one); see _apply_node_entry
         self._record_sessions: dict[str, int | None] = {}
@@ -1223,12 +1228,16 @@ class Cluster:
         destination's join, so that its last notice, or what it did not confirm, does not
         count them again in ``lost_at_leave``: nothing is sent after them on that stream
         (the leave's unsent batches are the last of each). Counted nowhere here if that
-        join's notice (or its lateness) counted them already."""
+        join's notice (or its lateness) counted them already, nor those numbered before
+        that join was judged lost (``lost_with_nodes`` counted them, see _node_lost)."""
         head = batch.parse_head(data)[0]
         numbered, dest_prefix = head.numbered, head.dest_prefix
         if not numbered:
             return
         node, session = wire.batch_destination(self.prefix, subject)
+        # numbered before its destination was judged lost: in lost_with_nodes already
+        at_loss = self._lost_numbered.get((node, dest_prefix, session), 0)
+        uncounted = numbered - max(0, min(at_loss - head.first + 1, numbered))
         if session is not None:
             join = (node, dest_prefix, session)
             if join in self._left_counted:
@@ -1246,7 +1255,7 @@ class Cluster:
             link.sent -= numbered  # (the next seal, refused too, numbers from there)
             if key in self._seq_out:
                 self._seq_out[key] = link.sent
-        self._publish_failures += numbered
+        self._publish_failures += uncounted
 
     def _not_handed(self, subject: str) -> None:
         """A query or reply that the NATS client refused is counted lost here
@@ -2697,6 +2706,15 @@ class Cluster:
         for (node, _), link in self._links.items():
             if node == info.node:
                 link.wake_waiters()
+        numbered = self._seq_out.get((info.node, info.id_prefix), 0)
+        if numbered:
+            # what the count below covers: not counted again if this node leaves with
+            # some of it unsent (see _unsent_at_leave)
+            lost = self._lost_numbered
+            join = (info.node, info.id_prefix, info.session)
+            lost[join] = max(numbered, lost.pop(join, 0))
+            if len(lost) > _LEFT_STREAMS_MAX:
+                lost.popitem(last=False)
         self.placement.node_lost(info)
 
     def member_list(self) -> list[NodeInfo]:
