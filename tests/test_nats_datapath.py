@@ -2135,6 +2135,82 @@ async def test_a_batch_for_a_lost_node_a_leaving_node_could_not_send_is_counted_
     assert cb.stats().lost_in_transit == 0
 
 
+def _refuse_batches(monkeypatch: pytest.MonkeyPatch, how: str) -> Any:
+    """From when the returned ``hold(ca)`` is called, ``ca``'s NATS client takes no node
+    batch: with ``how == "refuse"`` it refuses each (``publish`` raises, as nats-py does
+    while it reconnects and its buffer is full); with ``"buffer"`` it keeps each in its
+    reconnect buffer, as nats-py does while it reconnects (nothing written)."""
+    from nats.errors import OutboundBufferLimitError
+    from nats.protocol.command import pub_cmd
+
+    holding: list[Cluster] = []
+    original = Cluster._publish_one
+
+    def publish_one(self: Cluster, out: Any) -> Any:
+        subject, reply, _, data, _ = out
+        if not (holding and self is holding[0] and ".batch" in subject):
+            return original(self, out)
+
+        async def refused() -> None:
+            raise OutboundBufferLimitError
+
+        async def buffered() -> None:
+            command = pub_cmd(subject, reply, data)
+            self.nc._pending.append(command)
+            self.nc._pending_data_size += len(command)
+
+        return refused() if how == "refuse" else buffered()
+
+    monkeypatch.setattr(Cluster, "_publish_one", publish_one)
+    return holding.append
+
+
+async def test_a_batch_the_nats_client_refused_before_a_leave_with_the_connection_down_is_counted(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a batch the NATS client refused (``publish`` raised: it was
+    reconnecting, its buffer full) was left for its receiver to count, at the gap the
+    next number or mark shows; but its sender left with the connection still down, so
+    nothing came after it and nobody counted its tells. Counted now, once, in
+    ``publish_failures`` by the sender that leaves with its connection down."""
+    hold = _refuse_batches(monkeypatch, "refuse")
+    ca, cb, records = await _three_tells_held_then_a_leaves_down(nats, hold=hold)
+    assert ca._outbox.refused == 1  # the batch of 5..7
+    assert records == list(range(5))
+    assert ca.stats().publish_failures == 3
+    assert cb.stats().lost_in_transit == 0 and ca.stats().lost_at_leave == 0
+
+
+async def test_a_refused_batch_is_left_to_its_receiver_once_the_connection_is_back(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other side of the test above: once the connection is back, the marks of the
+    next heartbeat show the receiver the refused batch's gap, and it counts the three
+    tells (``lost_in_transit``); the sender, leaving with its connection up, does not
+    count them again."""
+    hold = _refuse_batches(monkeypatch, "refuse")
+    records: list[Any] = []
+    async with _node(nats.url, "b", heartbeat_interval=30.0) as (kb, cb):
+        kb.spawn(agent(_collector(records), name="col"))
+        async with _node(nats.url, "a", heartbeat_interval=30.0) as (ka, ca):
+            with trio.fail_after(30):
+                await ca.wait_for_name("col")
+                for i in range(5):
+                    await ka.send("col", i)
+                assert await ka.request("col", "dump") == 5
+                hold(ca)
+                for i in range(5, 8):
+                    await ka.send("col", i)
+                await trio.testing.wait_all_tasks_blocked()
+                assert ca._outbox.refused == 1
+                ca._send_sequence_marks()  # a heartbeat, the connection up
+                assert await ka.request("col", "dump") == 5  # (behind the mark)
+                lost = cb.stats().lost_in_transit
+    assert records == list(range(5))
+    assert lost == 3
+    assert ca.stats().publish_failures == 0
+
+
 async def test_an_old_join_s_leave_heard_after_the_new_join_leaves_the_new_join_a_member(
     nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

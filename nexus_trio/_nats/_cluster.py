@@ -307,6 +307,11 @@ _CONNECTION_ERRORS: Final = (
     nats.errors.NoServersError,
 )
 
+#: what the NATS client says when it refuses a message for want of a connection (it
+#: reconnects and its buffer is full, or it is closed): nothing it is given after that
+#: is written until it is connected again
+_NOT_CONNECTED: Final = (nats.errors.OutboundBufferLimitError, nats.errors.ConnectionClosedError)
+
 
 @final
 class Cluster:
@@ -459,6 +464,11 @@ class Cluster:
         # join had not confirmed it: a batch this node leaves with unsent is not counted
         # again (see _unsent_at_leave); the last _LEFT_STREAMS_MAX losses
         self._lost_numbered: OrderedDict[tuple[str, int, int | None], int] = OrderedDict()
+        # batches the NATS client refused for want of a connection (subject, the batch's
+        # head): counted by their receivers once a later number or mark of their stream
+        # reaches them, i.e. once marks go out with the connection up again (see
+        # _send_sequence_marks); by this node if it leaves with the connection still down
+        self._refused_batches: list[tuple[str, bytes]] = []
         # node -> the session of the last record of it the nodes bucket's watch gave
         # (None: a record without one); see _apply_node_entry
         self._record_sessions: dict[str, int | None] = {}
@@ -1195,9 +1205,12 @@ class Cluster:
             return
         if kind == _BATCH:
             # Its tells are numbered: the receiver counts the gap, unless this node
-            # leaves now (no later number or mark will show it).
+            # leaves now (no later number or mark will show it), or leaves before its
+            # connection is back (see _refused_batches).
             if leaving:
                 self._unsent_at_leave(subject, data)
+            elif isinstance(exc, _NOT_CONNECTED):
+                self._refused_batches.append((subject, data[: batch.parse_head(data)[1]]))
             return
         if kind == _MARK or (kind == _NUMBERED and not leaving):
             return
@@ -1619,6 +1632,7 @@ class Cluster:
         self._marks_sent += 1
         periodic = self._marks_sent % _MARK_EVERY == 0
         members = self.members.members
+        refused = self._refusals_shown()
         for key, number in list(self._seq_out.items()):
             node, id_prefix = key
             info = members.get(node)
@@ -1628,13 +1642,26 @@ class Cluster:
                 self._seq_marked.pop(key, None)
                 self._drop_link(key)
                 continue
-            if periodic or self._seq_marked.get(key) != number:
+            if periodic or key in refused or self._seq_marked.get(key) != number:
                 self._seq_marked[key] = number
                 subject = wire.sequence_mark_subject(self.prefix, node, info.session)
                 mark = wire.sequence_value(
                     f"{self.node}:{self._session:x}", self.id_prefix, id_prefix, number
                 )
                 self._outbox.put((subject, "", None, mark.encode(), _MARK))
+
+    def _refusals_shown(self) -> set[_Stream]:
+        """The streams of the batches the NATS client refused for want of a connection,
+        once it is back (else none): the marks about to go show the receivers the gap,
+        and they count it; this node no longer does (see _refused_batches)."""
+        refused = self._refused_batches
+        if not refused or self._outbox.paused or not self.nc.is_connected:
+            return set()
+        self._refused_batches = []
+        return {
+            (wire.batch_destination(self.prefix, subject)[0], batch.parse_head(head)[0].dest_prefix)
+            for subject, head in refused
+        }
 
     def _handle_now(self, m: NatsMsg) -> bool:
         """Handle ``m`` without waiting; False if it needs the pump."""
@@ -3012,6 +3039,11 @@ class Cluster:
                         self._publish_refused(
                             out, ConnectionError("NATS connection down"), leaving=True
                         )
+                if self._outbox.paused:
+                    # refused by the client while it reconnected: nothing came after them
+                    refused, self._refused_batches = self._refused_batches, []
+                    for subject, head in refused:
+                        self._unsent_at_leave(subject, head)
                 await call_aio(self.nc.flush, 2)
             except Exception as exc:
                 log.warning("node %s: could not flush outgoing messages: %r", self.node, exc)
