@@ -2181,6 +2181,22 @@ async def test_a_batch_the_nats_client_refused_before_a_leave_with_the_connectio
     assert cb.stats().lost_in_transit == 0 and ca.stats().lost_at_leave == 0
 
 
+async def test_tells_in_the_nats_client_s_buffer_when_a_node_leaves_down_are_counted_once(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a batch handed to the NATS client just before the disconnect was
+    noticed waits in the client's reconnect buffer; a node leaving with its connection
+    down only logged those bytes as lost ("not counted"). The leave now takes what the
+    buffer holds out of it (it is never sent) and counts each message as if it were
+    still queued: its tells in ``publish_failures``."""
+    hold = _refuse_batches(monkeypatch, "buffer")
+    ca, cb, records = await _three_tells_held_then_a_leaves_down(nats, hold=hold)
+    assert ca.stats().publish_failures == 3
+    assert records == list(range(5))
+    assert ca.nc.pending_data_size == 0
+    assert cb.stats().lost_in_transit == 0 and ca.stats().lost_at_leave == 0
+
+
 async def test_a_refused_batch_is_left_to_its_receiver_once_the_connection_is_back(
     nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,6 +1,7 @@
 """The two shortcuts through nats-py (``_direct``). Messages of a subscription taken
 inline in nats-py's reading task: the order, the fall-back behind older queued messages,
-a failing ``take``. Messages written at once: behind what the client's buffer holds, and
+a failing ``take``. The messages of the client's buffer, read and taken out of it.
+Messages written at once: behind what the client's buffer holds, and
 the usual way when they must be (malformed subject, not connected, socket backlog, too
 big). The data path of two kernels: a query after tells on the same link arrives after
 them, taken inline.
@@ -24,7 +25,13 @@ import trio
 from nexus_trio import Config, Context, KernelConfig, Message, agent, open_kernel
 from nexus_trio._nats import NatsServer, join_cluster
 from nexus_trio._nats._aio import asyncio_loop, call_aio
-from nexus_trio._nats._direct import deliver_inline, flush_after_subscribe, publish_at_once
+from nexus_trio._nats._direct import (
+    deliver_inline,
+    flush_after_subscribe,
+    parse_commands,
+    publish_at_once,
+    take_unsent,
+)
 
 from .nats_server import FAST
 
@@ -252,3 +259,39 @@ async def test_what_cannot_be_written_at_once_is_left_to_publish(nats: NatsServe
         assert nc._pending == [] and nc.stats["out_msgs"] == out_before
         await call_aio(nc.close)
         assert not publish_at_once(nc, "a.b", "", b"x")  # closed: publish raises
+
+
+def test_the_messages_of_the_client_s_buffer_are_read_as_nats_py_wrote_them() -> None:
+    """What a leave with the connection down finds in the buffer: each message with its
+    subject, reply, headers and payload, in order; other commands skipped."""
+    from nats.protocol.command import hpub_cmd, pub_cmd, sub_cmd
+
+    header = b"NATS/1.0\r\nNexus-Error: mailbox_full\r\nNexus-Node: b\r\n\r\n"
+    data = b"".join(
+        (
+            pub_cmd("p.node.b.batch.1f", "", b"tells\r\nmore"),
+            sub_cmd("p.node.a.>", "", 7),
+            pub_cmd("p.node.b.agent.x", "p.node.a.reply.y", b""),
+            hpub_cmd("p.node.b.reply.z", "", header, b"{}"),
+        )
+    )
+    assert parse_commands(data) == [
+        ("p.node.b.batch.1f", "", None, b"tells\r\nmore"),
+        ("p.node.b.agent.x", "p.node.a.reply.y", None, b""),
+        ("p.node.b.reply.z", "", {"Nexus-Error": "mailbox_full", "Nexus-Node": "b"}, b"{}"),
+    ]
+    for cut in (data[:-1], data + b"PUB s 5\r\nabc\r\n", b"PUB s x\r\n", b"PUB s 1"):
+        with pytest.raises(ValueError, match=r"byte|invalid literal"):
+            parse_commands(cut)
+
+
+def test_taking_the_buffer_empties_it_or_takes_nothing_when_it_cannot_be_read() -> None:
+    from nats.protocol.command import pub_cmd
+
+    command = pub_cmd("s", "", b"x")
+    nc = SimpleNamespace(_pending=[command], _pending_data_size=len(command))
+    assert take_unsent(nc) == [("s", "", None, b"x")]
+    assert (nc._pending, nc._pending_data_size) == ([], 0)
+    broken = SimpleNamespace(_pending=[b"PUB s 9\r\nx\r\n"], _pending_data_size=12)
+    assert take_unsent(broken) is None and broken._pending_data_size == 12
+    assert take_unsent(SimpleNamespace()) is None

@@ -231,9 +231,10 @@ class ClusterStats:
     durable_redelivered: int
     durable_dead: int
     durable_duplicates: int
-    #: messages the NATS client refused, or still queued when the node left with the
-    #: connection down: not sent, lost (queries among them failed at once; error frames
-    #: are counted in ``errors_unsent`` instead)
+    #: messages the NATS client refused, or still queued (or in the client's reconnect
+    #: buffer) when the node left with the connection down: not sent, lost (queries among
+    #: them failed at once; error frames are counted in ``errors_unsent`` instead; tells
+    #: numbered for a node before it was judged lost in ``lost_with_nodes``)
     publish_failures: int
     #: tells to this node that NATS lost on the way (gaps in their sequence numbers:
     #: a server failover, a subscriber that NATS cut off as a slow consumer)
@@ -1269,6 +1270,45 @@ class Cluster:
             if key in self._seq_out:
                 self._seq_out[key] = link.sent
         self._publish_failures += uncounted
+
+    def _take_client_buffer(self) -> list[_Outgoing]:
+        """Leaving with the connection down: the messages the NATS client still holds
+        unwritten, taken out of it (see ``direct.take_unsent``) as the outbox items they
+        were, to be counted as what the outbox still holds is. Not what the durable
+        channel published (JetStream's own subjects, ``<prefix>.durable.``): its senders
+        learn of that. If the buffer cannot be read, its size is logged (not counted)."""
+        nc = self.nc
+        size = nc.pending_data_size
+        taken = direct.take_unsent(nc)
+        if taken is None:
+            if size:
+                log.error(
+                    "node %s: leaving with the NATS connection down: %d bytes of messages"
+                    " in the client's reconnect buffer are lost (not counted: the buffer"
+                    " cannot be read)",
+                    self.node,
+                    size,
+                )
+            return []
+        prefix, durable = f"{self.prefix}.node.", f"{self.prefix}.durable."
+        items: list[_Outgoing] = []
+        for subject, reply, headers, data in taken:
+            if subject.startswith(("$JS.", durable)):
+                continue
+            kind = _PLAIN
+            if subject.startswith(prefix):
+                what = subject[len(prefix) :].split(".")[1:2]
+                kind = _BATCH if what == ["batch"] else _MARK if what == ["seq"] else _PLAIN
+            items.append((subject, reply, headers, data, kind))
+        if items:
+            log.error(
+                "node %s: leaving with the NATS connection down: %d messages (%d bytes) in"
+                " the client's reconnect buffer not sent, counted as those queued",
+                self.node,
+                len(items),
+                size,
+            )
+        return items
 
     def _not_handed(self, subject: str) -> None:
         """A query or reply that the NATS client refused is counted lost here
@@ -3017,16 +3057,10 @@ class Cluster:
                     self._send_sequence_marks()  # the receivers count a lost tail
                 await self._outbox.close()
                 unsent = self._outbox.discard()
-                buffered = self.nc.pending_data_size if self._outbox.paused else 0
-                if buffered:
-                    # Handed to the client just before the disconnect was noticed; they
-                    # are numbered, but no later mark will tell the receivers of them.
-                    log.error(
-                        "node %s: leaving with the NATS connection down: %d bytes of"
-                        " messages in the client's reconnect buffer are lost (not counted)",
-                        self.node,
-                        buffered,
-                    )
+                if self._outbox.paused:
+                    # handed to the client just before the disconnect was noticed: never
+                    # written, and no later mark will tell the receivers of them
+                    unsent[:0] = self._take_client_buffer()
                 if unsent:
                     log.error(
                         "node %s: leaving with the NATS connection down: %d queued"
