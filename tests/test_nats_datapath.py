@@ -1894,6 +1894,31 @@ async def test_tells_sent_to_a_node_whose_last_notice_is_lost_are_counted(
     assert ca.stats().publish_failures == 0
 
 
+async def test_how_long_a_node_awaits_a_last_notice_is_an_option() -> None:
+    """``last_notice_wait``: a join that left and whose last notice has not come that
+    many seconds after its leave was heard has what it did not confirm counted."""
+    async with open_kernel(_config()) as kernel:
+        for wait, counted in ((1.0, 3), (ClusterOptions().last_notice_wait, 0)):
+            options = ClusterOptions(last_notice_wait=wait)
+            cluster = Cluster(kernel, ["nats://127.0.0.1:1"], "a", options)
+            cluster._await_notice(("b", 1, 2), 5, 2)  # b left: 5 numbered, 2 confirmed
+            cluster._count_late_notices(time.monotonic() + 0.5)
+            assert cluster.stats().lost_at_leave == 0
+            cluster._count_late_notices(time.monotonic() + 1.5)
+            assert cluster.stats().lost_at_leave == counted
+
+
+async def test_how_long_a_leave_awaits_the_last_notices_is_an_option(nats: NatsServer) -> None:
+    """``notice_wait_at_leave``: a node that leaves while it still awaits a last notice
+    waits that long for it (here longer than the default), then counts it late."""
+    assert ClusterOptions().notice_wait_at_leave < 2.5
+    async with _node(nats.url, "a", heartbeat_interval=30.0, notice_wait_at_leave=2.5) as (_, ca):
+        ca._await_notice(("b", 1, 2), 5, 2)  # b left: its notice never comes
+        started = time.monotonic()
+    assert time.monotonic() - started >= 2.5
+    assert ca.stats().lost_at_leave == 3
+
+
 async def test_a_lost_tail_is_counted_when_the_connection_comes_back_during_the_leave(
     nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

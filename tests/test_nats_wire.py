@@ -4,6 +4,7 @@ frames, membership bookkeeping."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 import uuid
@@ -299,9 +300,17 @@ def test_tokens_and_type_addresses() -> None:
         {"parked_limit": -1},
         {"reconnect_wait": -0.1},
         {"forget_lost_after": 0},
+        {"last_notice_wait": -1.0},
+        {"last_notice_wait": math.nan},
+        {"last_notice_wait": math.inf},
+        {"last_notice_wait": "15"},
+        {"notice_wait_at_leave": -0.5},
+        {"notice_wait_at_leave": math.nan},
+        {"notice_wait_at_leave": True},
+        {"notice_wait_at_leave": None},
     ],
 )
-def test_bad_options_are_refused_naming_the_option(bad: dict[str, float]) -> None:
+def test_bad_options_are_refused_naming_the_option(bad: dict[str, Any]) -> None:
     (name,) = bad
     with pytest.raises(ValueError, match=name):
         ClusterOptions(**bad)  # type: ignore[arg-type]

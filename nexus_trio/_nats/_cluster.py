@@ -108,13 +108,6 @@ _NAME_DELETES_KEPT: Final = 4096
 _RETRY_WAIT_AT_LEAVE: Final = 2.0
 #: streams to nodes that left cleanly whose last notice (see _on_last_notice) is awaited
 _LEFT_STREAMS_MAX: Final = 4096
-#: how long a node awaits the last notice of a join that left, from when it heard the
-#: leave, before it counts what that join did not confirm as lost at leave (seconds): a
-#: leave sends its notice some 10 s at most after it announced itself (its steps are
-#: bounded: see Cluster._leave, _disconnect)
-_LAST_NOTICE_WAIT: Final = 15.0
-#: how long a clean leave waits for the last notices it still awaits (seconds)
-_NOTICE_WAIT_AT_LEAVE: Final = 2.0
 
 #: a stream of numbered tells: the destination node and its id prefix (its process)
 _Stream = tuple[str, int]
@@ -156,6 +149,19 @@ class _LeftStream:
 
 
 _positive: Final = attrs.validators.gt(0.0)
+
+
+def _seconds(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    # (``not value >= 0``: NaN is refused too; an infinite wait would never count)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not value >= 0
+        or not math.isfinite(value)
+    ):
+        raise ValueError(f"{attribute.name} must be a finite number of seconds >= 0, got {value!r}")
+
+
 _at_least_one: Final = attrs.validators.ge(1)
 
 
@@ -204,6 +210,15 @@ class ClusterOptions:
     #: many seconds past its loss, then is forgotten (a node under a new name at every
     #: restart must not grow the table forever)
     forget_lost_after: float = attrs.field(default=300.0, validator=_positive)
+    #: seconds a node awaits the last notice of a join that left cleanly, from when it
+    #: heard the leave, before it counts what that join did not confirm in
+    #: ``lost_at_leave`` (an upper bound). Keep it above how long a leave takes to send
+    #: its notice after it announced itself: some 10 s at most (its steps are bounded,
+    #: see Cluster._leave and _disconnect), plus ``notice_wait_at_leave``
+    last_notice_wait: float = attrs.field(default=15.0, validator=_seconds)
+    #: seconds a clean leave waits for the last notices this node still awaits (those
+    #: that have not come then are counted as late)
+    notice_wait_at_leave: float = attrs.field(default=2.0, validator=_seconds)
 
 
 @final
@@ -913,7 +928,7 @@ class Cluster:
         if sent <= confirmed:
             return
         left = self._left_streams
-        left[join] = _LeftStream(sent, confirmed, monotonic() + _LAST_NOTICE_WAIT)
+        left[join] = _LeftStream(sent, confirmed, monotonic() + self.options.last_notice_wait)
         left.move_to_end(join)
         if len(left) > _LEFT_STREAMS_MAX:
             oldest, stream = left.popitem(last=False)
@@ -3097,7 +3112,8 @@ class Cluster:
                     # the last notices of nodes that left just before: a bounded wait
                     # (they come on this connection), then those late are counted below
                     self._notices_in = trio.Event()
-                    with trio.CancelScope(shield=True), trio.move_on_after(_NOTICE_WAIT_AT_LEAVE):
+                    wait = self.options.notice_wait_at_leave
+                    with trio.CancelScope(shield=True), trio.move_on_after(wait):
                         await self._notices_in.wait()
             with trio.CancelScope(shield=True), trio.move_on_after(3):
                 try:
