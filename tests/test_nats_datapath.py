@@ -1558,6 +1558,43 @@ async def test_a_tell_routed_again_after_its_wait_keeps_its_first_send_deadline(
         assert {deadline for _, deadline in w} == {w[0][1]}  # its first wait's deadline
 
 
+async def test_a_tell_routed_again_after_its_wait_looks_its_name_up_within_its_deadline(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a tell woken from its wait for credit by its node's leave is routed
+    again; its name no longer known, it was looked up in the names bucket once more,
+    outside its send deadline: a bucket that does not answer held the send past it
+    (here, forever). The lookup is under the send's first deadline now, and the send
+    fails there as its wait would have: ``AgentNotFound`` (the name is known nowhere)."""
+    gate = trio.Event()
+    lookups: list[str] = []
+
+    async def unanswered(self: Cluster, name: str) -> None:
+        lookups.append(name)
+        await trio.sleep_forever()
+
+    async with open_kernel(_config()) as kb:
+        kb.spawn(_gated("stalled", gate, []))
+        kb.spawn(_ping)
+        a = _node(nats.url, "a", send_timeout_ms=2000, heartbeat_interval=30.0, node_window=2)
+        async with a as (ka, ca), trio.open_nursery() as nursery:
+            with trio.fail_after(30):
+                slow = attrs.evolve(FAST, heartbeat_interval=30.0)
+                async with join_cluster(kb, nats.url, "b", options=slow) as cb:
+                    await cb.names_published()
+                    started = trio.current_time()
+                    outcome, settled = await _a_tell_waiting_for_credit(nursery, ka, ca, cb)
+                    monkeypatch.setattr(Cluster, "_refresh_name", unanswered)
+            with trio.fail_after(10):
+                await settled.wait()
+            elapsed = trio.current_time() - started
+            gate.set()
+        await kb.shutdown()
+    assert lookups == ["stalled"]
+    assert len(outcome) == 1 and isinstance(outcome[0], AgentNotFound)
+    assert elapsed >= 2.0  # its deadline, set when it began to wait
+
+
 async def test_a_tell_waiting_for_credit_when_its_node_leaves_is_refused_at_once(
     nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

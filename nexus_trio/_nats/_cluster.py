@@ -698,7 +698,8 @@ class Cluster:
         does not keep up, as a full local mailbox) or :class:`TransportUnavailable`
         (NATS is down), the message not taken. An unknown name is looked up in KV once
         before :class:`AgentNotFound`. ``deadline`` (Trio time): that of a tell routed
-        again after a wait (see below), which bounds the whole send.
+        again after a wait (see below), which bounds the whole send, that lookup
+        included.
         """
         link = self._known_link(msg)
         if link is None:
@@ -727,8 +728,13 @@ class Cluster:
             if self._link_ended(link):
                 # its stream started over or ended meanwhile (see _restart_streams), or its
                 # node was lost (see _node_lost): routed again, as a new send would be,
-                # within the same deadline
-                await self.deliver(msg, deadline=deadline)
+                # within the same deadline, its name's lookup in KV included; past it,
+                # refused as its wait would have been (nothing was taken: the tell is
+                # taken with no checkpoint that raises Cancelled)
+                with trio.move_on_at(deadline) as routing:
+                    await self.deliver(msg, deadline=deadline)
+                if routing.cancelled_caught:
+                    raise self._no_room(msg, link)
                 return
         self._published += 1
         if self._add_tell(link, body):
