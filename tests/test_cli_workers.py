@@ -107,6 +107,7 @@ def invoke_run(args: list[str], **env: str) -> tuple[int, str]:
     return result.exit_code, " ".join(result.output.split())
 
 
+@pytest.mark.usefixtures("restore_logging", "isolated")
 def test_more_workers_than_4_per_core_are_refused_naming_workers_the_bound_and_why(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -124,6 +125,7 @@ def test_more_workers_than_4_per_core_are_refused_naming_workers_the_bound_and_w
     assert asked == [16]
 
 
+@pytest.mark.usefixtures("restore_logging", "isolated")
 @pytest.mark.parametrize(("cores", "bound"), [(1, 8), (2, 8), (3, 12)])
 def test_the_worker_bound_is_4_per_core_and_at_least_8(
     cores: int, bound: int, monkeypatch: pytest.MonkeyPatch
@@ -136,6 +138,7 @@ def test_the_worker_bound_is_4_per_core_and_at_least_8(
     assert asked == [bound]
 
 
+@pytest.mark.usefixtures("restore_logging", "isolated")
 def test_nexus_max_workers_overrides_the_bound_and_a_bad_value_is_named(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

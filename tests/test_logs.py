@@ -427,10 +427,11 @@ def test_a_record_a_narrow_log_file_cannot_encode_is_written_escaped(
     # A log file opened as ASCII (strict): a peer's agent name in Japanese made the record
     # fail to encode; it was lost, uncounted, with logging's own traceback on stderr.
     path = tmp_path / "nexus.log"
+    before = records_lost()  # (process-wide: what earlier tests' handlers lost is not ours)
     with open(path, "a", encoding="ascii") as file:
         configure_logging(LoggingConfig(level="info", format=fmt), stream=file)
         logging.getLogger("nexus_trio.kernel").info("agent %s started", "日本")
-        lost = records_lost()
+        lost = records_lost() - before
         configure_logging(LoggingConfig(level="info", format=fmt), stream=io.StringIO())
     assert "Logging error" not in capsys.readouterr().err
     text = path.read_text(encoding="ascii")
