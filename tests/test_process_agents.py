@@ -2337,6 +2337,31 @@ def test_nexus_send_bad_arguments_exit_2_naming_the_argument(args: list[str], fl
     assert flag in result.output
 
 
+@pytest.mark.parametrize(
+    ("payload", "named"),
+    [
+        ("NaN", "NaN at ."),
+        ('{"a": [1, Infinity]}', "Infinity at .a[1]"),
+        ('{"low": -Infinity}', "-Infinity at .low"),
+        ('{"x": 1e999}', "1e999 (read as Infinity) at .x"),
+        ("[-1E400]", "-1E400 (read as -Infinity) at .[0]"),
+    ],
+)
+def test_nexus_send_refuses_a_payload_with_nan_or_infinity_naming_it(
+    payload: str, named: str
+) -> None:
+    """Regression: the payload was read with plain ``json.loads``, which takes ``NaN``,
+    ``Infinity`` and a number too large for a float (``1e999``, read as infinity): the
+    agent was started, the bridge refused the message as not JSON, and the exit status
+    was 1 (the agent failed). Such a payload is a bad argument now: exit 2 before any
+    agent starts, the error naming the argument and where the value is."""
+    result = send_cli(f"{sys.executable} {TOY}", payload)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.replace("│", " ").split())
+    assert "Invalid value for 'JSON'" in text
+    assert f"JSON has no NaN or Infinity: {named}" in text
+
+
 async def test_a_refused_send_to_a_huge_name_is_warned_about_in_a_short_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, mock_clock: trio.testing.MockClock
 ) -> None:

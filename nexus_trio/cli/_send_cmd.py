@@ -7,6 +7,7 @@ import json
 import math
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Final
 
@@ -93,9 +94,9 @@ def register(app: typer.Typer) -> None:
         from ..logs import configure_logging
 
         try:
-            value = json.loads(payload)
+            value = _read_payload(payload)
         except ValueError as exc:
-            raise typer.BadParameter(f"not JSON: {exc}", param_hint="'JSON'") from None
+            raise typer.BadParameter(str(exc), param_hint="'JSON'") from None
         try:
             argv = shlex.split(cmd)
         except ValueError as exc:
@@ -131,7 +132,7 @@ def register(app: typer.Typer) -> None:
             shown = json.dumps(answer, ensure_ascii=False, indent=indent)
             typer.echo(
                 "nexus send: the answer is not strict JSON (JSON has no NaN or Infinity): "
-                f"{_non_finite_places(answer)}; the answer as the agent sent it:\n{shown}",
+                f"{_places(answer, _non_finite)}; the answer as the agent sent it:\n{shown}",
                 err=True,
             )
             raise typer.Exit(NOT_STRICT_JSON) from None
@@ -139,19 +140,59 @@ def register(app: typer.Typer) -> None:
         sys.stdout.flush()
 
 
-def _non_finite_places(answer: Any, limit: int = 5) -> str:
-    """Where ``answer`` holds NaN or an infinity, as jq paths (``NaN at .result[1]``):
-    the first ``limit`` of them in document order, then how many more there are."""
+class _Unwritable:
+    """A number of the payload that JSON has not, as the user wrote it: ``NaN``,
+    ``Infinity`` or ``-Infinity``, or one too large for a float (``1e999``)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def _read_payload(payload: str) -> Any:
+    """The payload argument, read as strict JSON: Python's reader also takes NaN and
+    Infinity, and reads ``1e999`` as infinity, none of which the message can carry to
+    the agent (the bridge writes strict JSON); ValueError says where they are."""
+
+    def number(text: str) -> float | _Unwritable:
+        value = float(text)
+        return value if math.isfinite(value) else _Unwritable(f"{text} (read as {_name(value)})")
+
+    try:
+        value = json.loads(payload, parse_constant=_Unwritable, parse_float=number)
+    except ValueError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    places = _places(value, lambda item: item.text if isinstance(item, _Unwritable) else None)
+    if places:
+        raise ValueError(f"JSON has no NaN or Infinity: {places}")
+    return value
+
+
+def _non_finite(value: Any) -> str | None:
+    """``value``'s name if it is a float JSON has no word for (NaN, an infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return _name(value)
+    return None
+
+
+def _name(value: float) -> str:
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+
+
+def _places(document: Any, shown: Callable[[Any], str | None], limit: int = 5) -> str:
+    """Where ``document`` holds the values ``shown`` names, as jq paths (``NaN at
+    .result[1]``): the first ``limit`` of them in document order, then how many more
+    there are."""
     places: list[str] = []
     more = 0
     # A stack, not recursion: an answer may nest as deep as the bridge's reader allows.
-    stack: list[tuple[str, Any]] = [("", answer)]
+    stack: list[tuple[str, Any]] = [("", document)]
     while stack:
         path, value = stack.pop()
-        if isinstance(value, float) and not math.isfinite(value):
+        if (name := shown(value)) is not None:
             if len(places) < limit:
-                shown = "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-                places.append(f"{shown} at {path or '.'}")
+                places.append(f"{name} at {path or '.'}")
             else:
                 more += 1
         elif isinstance(value, dict):
