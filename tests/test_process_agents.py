@@ -1149,6 +1149,38 @@ async def test_register_with_missing_or_odd_id_and_name_is_warned_about_briefly(
     assert any("not JSON" in text for text in texts)
 
 
+@pytest.mark.parametrize(
+    ("register", "logged"),
+    [
+        ({"id": "x"}, "registered without a name (protocol 1)"),
+        ({"id": "x", "name": None}, "registered without a name (protocol 1)"),
+        ({"id": "x", "name": 42}, "registered without a name (protocol 1)"),
+        ({"id": "x", "name": "None"}, "registered as 'None' (protocol 1)"),
+    ],
+    ids=["no-name", "null-name", "number", "the-name-None"],
+)
+async def test_a_register_without_a_name_is_logged_without_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, register: dict[str, Any], logged: str
+) -> None:
+    """Regression: a ``register`` without a name (or with null, or a number the bridge
+    warns about) was logged as ``registered as None``, as if the child had chosen that
+    name; it is logged as registered without a name now."""
+    caplog.set_level(logging.INFO, logger="nexus_trio.bridge")
+    cmd = script(
+        tmp_path,
+        f"""
+        emit({{"type": "register", "payload": {register!r}}})
+        while True:
+            respond_p1(next_message(), "ok")
+        """,
+    )
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(cmd, name="anon"))
+        assert await kernel.request(ref, "hi") == "ok"
+    (line,) = [r.getMessage() for r in caplog.records if "registered" in r.getMessage()]
+    assert line == f"process agent anon {logged}"
+
+
 async def test_request_timeout_cancels_the_wait_and_the_agent_recovers() -> None:
     async with bridge_kernel() as kernel:
         ref = kernel.spawn(process_agent(toy()))

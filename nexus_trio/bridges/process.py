@@ -684,10 +684,15 @@ class ProcessAgent(Agent):
         stats.registered = dict(payload)
         ctx = self._ctx
         assert ctx is not None
+        # A name is a string: a register without one (null, or a number warned about
+        # above) names nothing, not the text "None" (as in self.label).
+        name = payload.get("name")
         log.info(
-            "process agent %s registered as %s (protocol %d)",
+            "process agent %s %s (protocol %d)",
             ctx.name or ctx.id,  # not self.label, which would say the registered name again
-            brief(payload.get("name"), 60),
+            f"registered as {brief(name, 60)}"
+            if isinstance(name, str)
+            else "registered without a name",
             self.protocol,
             extra=self._fields(),
         )
