@@ -738,6 +738,36 @@ def test_the_summary_table_says_which_worker_died_and_how() -> None:
     assert "+ handed to dead workers ✓" in text
 
 
+def test_the_summary_table_shows_the_counts_of_a_worker_counted_with_its_last_record() -> None:
+    """Regression: a worker that died after the swarm settled, counted with its last
+    record, showed only ``books its last record: it settled, then died`` in the table,
+    none of the counts it was counted with. Its line now has them, as any worker's,
+    said to be from its last record."""
+    from rich.console import Console
+
+    from nexus_trio.cli._cluster_cmd import aggregate_summaries
+    from nexus_trio.cli._view import summary_table
+
+    dead = {"node": "worker-1", "died": True, "pid": 7, "exit": "killed by SIGKILL"}
+    record = settled_record(
+        sent=1100, accepted=2300, handled=1200, forwarded_out=1100, forwarded_in=1200
+    )
+    alive = survivor("worker-0", 1200, 1100, 0, {})
+    alive.update(
+        dead_letters_by_reason={}, rejected={}, in_flight=0, failed=0, timed_out=0, restarts=0
+    )
+    alive["settled_books"] = {"worker-1": record}
+    total = aggregate_summaries([alive, dead])
+    assert total["per_worker"][1]["books"] == "its last record: it settled, then died"
+    console = Console(width=300, record=True, no_color=True)
+    console.print(summary_table(total))
+    text = " ".join(console.export_text().split())
+    assert (
+        "worker-1 died: killed by SIGKILL (pid 7) · its last record: it settled, then died ·"
+        " sent 1,100 · handled 1,200 · fwd in 1,200 · fwd out 1,100 · dead 0 · lost 0"
+    ) in text
+
+
 # --- the private nats-server's directory ---------------------------------------------------------
 
 

@@ -251,7 +251,7 @@ def aggregate_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
         bool(alive)
         and len(alive) + len(died) == len(summaries)
         and all(s.get("conserved") for s in alive)
-        and all(s.get("books") in (_SEEN_FROM_OUTSIDE, _FROM_ITS_RECORD) for s in died)
+        and all(s.get("books") in (SEEN_FROM_OUTSIDE, FROM_ITS_RECORD) for s in died)
         and total["sent"] == ended + total["lost_counted"] + into_dead
     )
     total["per_worker"] = list(summaries)
@@ -259,9 +259,9 @@ def aggregate_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 #: ``books`` of a dead worker's entry counted from what the others saw of it
-_SEEN_FROM_OUTSIDE: Final = "counted by the other workers"
+SEEN_FROM_OUTSIDE: Final = "counted by the other workers"
 #: ``books`` of a worker that died after the swarm settled, counted with its last record
-_FROM_ITS_RECORD: Final = "its last record: it settled, then died"
+FROM_ITS_RECORD: Final = "its last record: it settled, then died"
 #: the books of a worker's last record that its entry takes as they are
 _RECORDED_BOOKS: Final = (
     "sent",
@@ -291,7 +291,7 @@ def _counted_from_outside(
     if others and all(seen):
         entry["sent"] = sum(int(p["taken_from"]) for p in seen if p)
         entry["handed_to_it"] = sum(int(p["handed_to"]) for p in seen if p)
-        entry["books"] = _SEEN_FROM_OUTSIDE
+        entry["books"] = SEEN_FROM_OUTSIDE
     else:
         missing = [str(s.get("node")) for s, p in zip(others, seen, strict=True) if not p]
         entry["books"] = f"unknown: not seen lost by {', '.join(missing)}" if missing else "unknown"
@@ -316,7 +316,7 @@ def _counted_from_its_record(
     entry["handed_to_it"] = 0
     ended = sum(entry[k] for k in ("handled", "replies_delivered", "forwarded_out", "dead_letters"))
     balanced = entry["accepted"] == ended + in_flight
-    entry["books"] = _FROM_ITS_RECORD if balanced else "unknown: its last record does not balance"
+    entry["books"] = FROM_ITS_RECORD if balanced else "unknown: its last record does not balance"
     return entry
 
 

@@ -22,6 +22,7 @@ from rich.text import Text
 
 from .._brief import brief
 from .._stats import HistogramSnapshot, KernelStats
+from ._cluster_cmd import FROM_ITS_RECORD, SEEN_FROM_OUTSIDE
 
 __all__ = [
     "Sample",
@@ -300,25 +301,32 @@ def _worker_text(worker: Mapping[str, Any]) -> Text:
     """One worker's line in a ``--workers`` summary."""
     if worker.get("died"):
         text = f"died: {worker.get('exit', 'no summary')} (pid {worker.get('pid', '?')})"
-        if worker.get("books") == "counted by the other workers":
+        books = worker.get("books")
+        if books == SEEN_FROM_OUTSIDE:
             text += (
                 f" · sent {fmt_count(worker.get('sent', 0))} (came out of it)"
                 f" · handed to it {fmt_count(worker.get('handed_to_it', 0))} (handled"
                 " there or lost with it: nobody can tell)"
             )
+        elif books == FROM_ITS_RECORD:
+            text += f" · {FROM_ITS_RECORD} · {_worker_counts(worker)}"
         else:
-            text += f" · books {worker.get('books', 'unknown')}"
+            text += f" · books {books or 'unknown'}"
         return Text(text, style="bold red")
-    text = (
+    text = _worker_counts(worker)
+    if worker.get("error"):
+        return Text(f"{text} · error: {worker['error']}", style="bold red")
+    return Text(text, style="" if worker.get("conserved") else "bold red")
+
+
+def _worker_counts(worker: Mapping[str, Any]) -> str:
+    return (
         f"sent {fmt_count(worker.get('sent', 0))} · handled {fmt_count(worker.get('handled', 0))}"
         f" · fwd in {fmt_count(worker.get('forwarded_in', 0))}"
         f" · fwd out {fmt_count(worker.get('forwarded_out', 0))}"
         f" · dead {fmt_count(worker.get('dead_letters', 0))}"
         f" · lost {fmt_count(worker.get('lost_counted', 0))}"
     )
-    if worker.get("error"):
-        return Text(f"{text} · error: {worker['error']}", style="bold red")
-    return Text(text, style="" if worker.get("conserved") else "bold red")
 
 
 def _run_kind(summary: Mapping[str, Any]) -> str:
