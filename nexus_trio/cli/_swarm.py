@@ -206,7 +206,7 @@ class Swarm:
         records = [self.last_records[node] for node in self.layout.workers if node not in lost]
         if not all(r.get("swarm_stopped") for r in records):
             return None
-        if any(r.get("in_flight", 0) or r.get("held", 0) or r.get("parked", 0) for r in records):
+        if any(r.get("in_flight", 0) or r.get("held", 0) for r in records):  # held: parked too
             return None
         if not lost:
             out = sum(int(r.get("published", 0)) for r in records)
