@@ -75,9 +75,6 @@ __all__ = [
 
 log = logging.getLogger("nexus_trio.metrics")
 
-#: with per-agent series on, at most this many agents get series (the deepest mailboxes)
-DEFAULT_PER_AGENT_LIMIT: Final = 1000
-
 _MAX_REQUEST_HEAD: Final = 8192
 #: the empty line that ends a request head: CRLF CRLF, or bare LF line ends
 _HEAD_END: Final = re.compile(rb"\n\r?\n")
@@ -140,15 +137,19 @@ class MetricsSnapshot:
     endpoint: EndpointStats | None = None
 
 
-def _check_limit(per_agent_limit: int) -> None:
+def _per_agent_limit(kernel: Kernel, per_agent_limit: int | None) -> int:
+    """``per_agent_limit``, checked, or the kernel's ``[metrics] per_agent_limit`` for None."""
+    if per_agent_limit is None:
+        return kernel.config.metrics.per_agent_limit
     if isinstance(per_agent_limit, bool) or not isinstance(per_agent_limit, int):
         raise TypeError(f"per_agent_limit must be an integer, got {per_agent_limit!r}")
     if per_agent_limit < 1:
         raise ValueError(f"per_agent_limit must be >= 1, got {per_agent_limit!r}")
+    return per_agent_limit
 
 
 def take_snapshot(
-    kernel: Kernel, *, per_agent: bool = False, per_agent_limit: int = DEFAULT_PER_AGENT_LIMIT
+    kernel: Kernel, *, per_agent: bool = False, per_agent_limit: int | None = None
 ) -> MetricsSnapshot:
     """Copy what a scrape reports, in one go; call it from the kernel's thread.
 
@@ -156,8 +157,10 @@ def take_snapshot(
     ``per_agent_limit`` agents with the deepest mailboxes (ties: the earliest spawned) are
     kept, ordered by depth: O(agents) without a checkpoint (a mailbox depth read per
     agent, about 0.3 us; :func:`take_snapshot_in_steps` lets the agents run meanwhile).
+    ``per_agent_limit`` is by default the kernel's ``[metrics] per_agent_limit``, here
+    and in :class:`KernelCollector`, :func:`build_registry` and :class:`MetricsRenderer`.
     """
-    _check_limit(per_agent_limit)
+    per_agent_limit = _per_agent_limit(kernel, per_agent_limit)
     stats, up, lost, scan = _begin_snapshot(kernel, per_agent, per_agent_limit)
     if scan is not None:
         while scan.step():
@@ -166,7 +169,7 @@ def take_snapshot(
 
 
 async def take_snapshot_in_steps(
-    kernel: Kernel, *, per_agent: bool = False, per_agent_limit: int = DEFAULT_PER_AGENT_LIMIT
+    kernel: Kernel, *, per_agent: bool = False, per_agent_limit: int | None = None
 ) -> MetricsSnapshot:
     """What :func:`take_snapshot` copies, with a checkpoint between the steps of its walk
     over the agents (:meth:`Kernel.scan_agents`): what :class:`MetricsRenderer` does.
@@ -185,7 +188,7 @@ async def take_snapshot_in_steps(
     all the agents (no list of them is copied). With at most 4,096 agents and 512 chosen
     there is no checkpoint: the snapshot is of one moment.
     """
-    _check_limit(per_agent_limit)
+    per_agent_limit = _per_agent_limit(kernel, per_agent_limit)
     stats, up, lost, scan = _begin_snapshot(kernel, per_agent, per_agent_limit)
     if scan is not None:
         while scan.step():
@@ -251,9 +254,9 @@ class KernelCollector:
         kernel: Kernel,
         *,
         per_agent: bool = False,
-        per_agent_limit: int = DEFAULT_PER_AGENT_LIMIT,
+        per_agent_limit: int | None = None,
     ) -> None:
-        _check_limit(per_agent_limit)
+        per_agent_limit = _per_agent_limit(kernel, per_agent_limit)
         self.kernel = kernel
         self.per_agent = per_agent
         self.per_agent_limit = per_agent_limit
@@ -447,7 +450,7 @@ def build_registry(
     kernel: Kernel,
     *,
     per_agent: bool = False,
-    per_agent_limit: int = DEFAULT_PER_AGENT_LIMIT,
+    per_agent_limit: int | None = None,
     process: bool = True,
 ) -> CollectorRegistry:
     """A registry with a :class:`KernelCollector` (and ``process_*`` series if ``process``).
@@ -534,16 +537,15 @@ class MetricsRenderer:
         kernel: Kernel,
         *,
         per_agent: bool = False,
-        per_agent_limit: int = DEFAULT_PER_AGENT_LIMIT,
+        per_agent_limit: int | None = None,
         cache_seconds: float = 1.0,
         process: bool = True,
     ) -> None:
-        _check_limit(per_agent_limit)
         if not cache_seconds >= 0:
             raise ValueError(f"cache_seconds must be >= 0, got {cache_seconds!r}")
         self.kernel = kernel
         self.per_agent = per_agent
-        self.per_agent_limit = per_agent_limit
+        self.per_agent_limit = _per_agent_limit(kernel, per_agent_limit)
         self.cache_seconds = cache_seconds
         self.process = process
         self.renders = 0

@@ -248,6 +248,37 @@ async def test_per_agent_series_within_the_limit_are_all_there_and_not_truncated
         assert "nexus_agent_handled_total" in on
 
 
+async def test_the_per_agent_limit_is_the_config_key_unless_one_is_given():
+    """Regression: ``take_snapshot``, ``take_snapshot_in_steps``, ``KernelCollector``,
+    ``build_registry`` and ``MetricsRenderer`` kept 1,000 agents by default, a copy of
+    the config's default: a kernel configured with another ``[metrics] per_agent_limit``
+    was exported with 1,000 unless each was given the limit. By default they take the
+    kernel's now; a limit given still wins."""
+    from prometheus_client import generate_latest
+
+    from nexus_trio.metrics import take_snapshot_in_steps
+
+    async with open_test_kernel(with_metrics(per_agent_limit=2)) as kernel:
+        for i in range(5):
+            kernel.spawn(idle, name=f"a{i}")
+        await trio.testing.wait_all_tasks_blocked()
+
+        def exported(text: bytes) -> float:
+            return samples(text.decode())[("nexus_agent_series_exported", ())]
+
+        for given, limit in (({}, 2), ({"per_agent_limit": 3}, 3)):
+            assert take_snapshot(kernel, per_agent=True, **given).per_agent_limit == limit
+            assert len(take_snapshot(kernel, per_agent=True, **given).agents) == limit
+            in_steps = await take_snapshot_in_steps(kernel, per_agent=True, **given)
+            assert (in_steps.per_agent_limit, len(in_steps.agents)) == (limit, limit)
+            assert KernelCollector(kernel, per_agent=True, **given).per_agent_limit == limit
+            registry = build_registry(kernel, per_agent=True, process=False, **given)
+            assert exported(generate_latest(registry)) == limit
+            renderer = MetricsRenderer(kernel, per_agent=True, process=False, **given)
+            assert renderer.per_agent_limit == limit
+            assert exported(await renderer.render()) == limit
+
+
 async def test_concurrent_scrapes_share_one_render_made_on_the_loop_in_pieces():
     async with open_test_kernel() as kernel:
         renderer = MetricsRenderer(kernel, per_agent=True, cache_seconds=0, process=False)
