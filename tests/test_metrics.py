@@ -996,6 +996,55 @@ async def test_an_http_1_1_request_without_host_gets_400_and_http_1_0_is_served(
     assert data.startswith(b"HTTP/1.1 400 Bad Request\r\n"), data[:40]
 
 
+async def test_a_request_with_two_hosts_or_a_host_that_is_not_one_gets_400():
+    """Regression: a request with two ``Host`` header lines, or a ``Host`` value with
+    spaces or control characters, was served as a normal one; RFC 9112 3.2: a server
+    must answer it ``400`` (HTTP/1.0 too). The value is ``host[:port]`` (RFC 3986: a
+    name, an IPv4 address or a bracketed IPv6 one), around it spaces and tabs are
+    allowed."""
+    two = b"bad request: more than one Host header\n"
+    not_a_host = b"bad request: the Host header is not a host[:port]\n"
+    refused = (
+        (b"GET /metrics HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n", two),
+        (b"GET /metrics HTTP/1.0\r\nHost: a\r\nhost: b\r\n\r\n", two),
+        (b"HEAD /metrics HTTP/1.1\nHost:\nHOST: b\n\n", two),
+        (b"GET /metrics HTTP/1.1\r\nHost: a b\r\n\r\n", not_a_host),
+        (b"GET /metrics HTTP/1.1\r\nHost: a\tb\r\n\r\n", not_a_host),
+        (b"GET /metrics HTTP/1.1\r\nHost: a\x01b\r\n\r\n", not_a_host),
+        (b"GET /metrics HTTP/1.1\r\nHost: a\rb\r\n\r\n", not_a_host),
+        (b"GET /metrics HTTP/1.1\r\nHost: a\x7f\r\n\r\n", not_a_host),
+        (b"GET /metrics HTTP/1.0\r\nHost: h\xc3\xa9\r\n\r\n", not_a_host),
+        (b"GET /metrics HTTP/1.1\r\nHost: a:port\r\n\r\n", not_a_host),
+        (b"GET /metrics HTTP/1.1\r\nHost: a/b\r\n\r\n", not_a_host),
+        (b"GET /metrics HTTP/1.1\r\nHost: [::1\r\n\r\n", not_a_host),
+        (b"GET /metrics HTTP/1.1\r\nHost: a%zz\r\n\r\n", not_a_host),
+    )
+    served = (
+        b"GET /healthz HTTP/1.1\r\nHost: localhost:9464\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: \t 127.0.0.1 \t\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: [::1]:9464\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: my-host.example_1.%41~\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: a:\r\n\r\n",
+        b"GET /healthz HTTP/1.0\r\nHost: a\r\nX-Host: b\r\n\r\n",
+    )
+    async with open_test_kernel() as kernel, trio.open_nursery() as nursery:
+        renderer = MetricsRenderer(kernel)
+        port = await nursery.start(
+            lambda task_status: serve_metrics(
+                kernel, "127.0.0.1", 0, renderer=renderer, task_status=task_status
+            )
+        )
+        for request, expected in refused:
+            status, headers, body = await http(port, request)
+            assert status == 400, request
+            assert body == (b"" if request.startswith(b"HEAD") else expected), request
+            assert headers["content-length"] == str(len(expected)), request
+        assert renderer.renders == 0  # nothing was rendered for them
+        for request in served:
+            assert (await http(port, request))[::2] == (200, b"ok\n"), request
+        nursery.cancel_scope.cancel()
+
+
 class _ScrapeSteps(trio.abc.Instrument):
     """Counts, for each step of one task (``task``), the agents whose mailbox it read: a
     step is what the task runs between two checkpoints, while no agent runs."""
