@@ -284,6 +284,7 @@ class AgentCell(Child):
                 # Cancelled from outside (stop past its timeout, shutdown) or by a failing
                 # background task, mid-handler.
                 self.current = None
+                self.dead_lettered += 1
                 self.ledger.dead_letter(
                     current,
                     DeadLetterReason.SHUTDOWN

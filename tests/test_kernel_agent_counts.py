@@ -80,6 +80,62 @@ async def test_a_handler_cancelled_at_the_end_of_the_grace_period_is_counted_for
     assert_conserved(kernel)
 
 
+async def test_a_handler_stopped_past_its_shutdown_timeout_is_counted_for_its_agent(
+    autojump_clock: Any,
+) -> None:
+    # An agent with a shutdown_timeout of its own keeps its handler past the grace period;
+    # past that timeout too, the run is cancelled and the message dead-lettered: its
+    # agent's count says so when on_stop runs.
+    seen: list[AgentStats] = []
+
+    class Stubborn(Agent):
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            await trio.sleep_forever()
+
+        async def on_stop(self, ctx: Context) -> None:
+            seen.append(agent_stats(ctx.kernel, "stubborn"))
+
+    spec = agent(Stubborn, handle_timeout=100.0, shutdown_timeout=2.0)
+    async with open_kernel(make_config(shutdown_grace_ms=1000)) as kernel:
+        kernel.spawn(spec, name="stubborn")
+        await kernel.send("stubborn", "being handled")
+        await kernel.send("stubborn", "queued")
+        await trio.testing.wait_all_tasks_blocked()
+    (stats,) = seen
+    assert counts(stats) == (2, 0, 1, 1, 0)
+    assert kernel.stats().dead_letters_by_reason == {"shutdown": 2}
+    assert_conserved(kernel)
+
+
+async def test_a_handler_cut_short_by_a_failing_background_task_is_counted_for_its_agent(
+    autojump_clock: Any,
+) -> None:
+    # A ctx.nursery task that raises fails the run while a handler is suspended: the
+    # message is dead-lettered (``agent_stopped``) and the agent restarts, same counters.
+    class Doomed(Agent):
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            if msg.payload == "fail later":
+
+                async def fail() -> None:
+                    await trio.sleep(1)
+                    raise RuntimeError("background task failed")
+
+                ctx.nursery.start_soon(fail)
+                await trio.sleep_forever()
+
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(agent(Doomed, handle_timeout=100.0), name="doomed")
+        await kernel.send("doomed", "fail later")
+        await trio.sleep(2)
+        await kernel.send("doomed", "after the restart")
+        await trio.testing.wait_all_tasks_blocked()
+        stats = agent_stats(kernel, "doomed")
+        assert stats.restarts == 1
+        assert counts(stats) == (2, 1, 1, 0, 0)
+        assert kernel.stats().dead_letters_by_reason == {"agent_stopped": 1}
+        assert_conserved(kernel)
+
+
 async def test_queries_skipped_because_their_requester_stopped_waiting_are_counted_for_their_agent(
     autojump_clock: Any,
 ) -> None:
