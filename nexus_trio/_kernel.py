@@ -154,7 +154,9 @@ class Kernel:
            pending requests, end the dead-letter and event streams.
 
         The shutdown itself is shielded from outside cancellation; it is bounded by the
-        grace period and the shutdown timeouts.
+        grace period and the shutdown timeouts. ``grace`` is a number of seconds >= 0
+        (``math.inf``: as long as the drain takes); anything else raises ``TypeError`` or
+        ``ValueError`` naming it, and the kernel goes on running.
 
         Called from inside the supervision tree (a handler, ``on_start``, ``on_stop``, a
         task an agent started), it cannot wait for the stop of the tree it runs in: as
@@ -162,6 +164,10 @@ class Kernel:
         this call on) and returns at once; the caller's message is then handled as part
         of the drain.
         """
+        if grace is not None:
+            # Checked before anything starts: a shutdown that failed halfway would leave
+            # the kernel draining with nobody to finish it.
+            grace = _checked_grace(grace)
         router = self._router
         in_tree = self._in_tree()
         if router.phase is not KernelPhase.RUNNING:
@@ -621,6 +627,16 @@ class Kernel:
             return entry
 
         return node(self._root)
+
+
+def _checked_grace(grace: Any) -> float:
+    """``shutdown(grace=)`` given (not None) checked: seconds >= 0 (``math.inf`` waits
+    for the drain however long it takes)."""
+    if isinstance(grace, bool) or not isinstance(grace, int | float):
+        raise TypeError(f"shutdown grace must be a number of seconds, got {grace!r}")
+    if not grace >= 0:  # also NaN
+        raise ValueError(f"shutdown grace must be >= 0 seconds, got {grace!r}")
+    return grace
 
 
 def _agent_stats(c: AgentCell) -> AgentStats:
