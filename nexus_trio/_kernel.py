@@ -816,8 +816,11 @@ async def open_kernel(
                 finally:
                     timer.cancel()
     finally:
-        # Also when the shutdown itself was interrupted: what the kernel froze goes back
-        # to the collector (the heap is the whole process's, not this kernel's).
+        # Also when the shutdown itself was interrupted (a second Ctrl-C raises
+        # KeyboardInterrupt in it): the streams end, or a reader outside the kernel would
+        # wait forever for items that can no longer come; and what the kernel froze goes
+        # back to the collector (the heap is the whole process's, not this kernel's).
+        kernel._ledger.finish_streams()
         kernel._host.heap.close()
     if body_error is not None:
         raise body_error

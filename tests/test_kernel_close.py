@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 import re
+import signal
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
-from nexus_trio import Context, KernelPhase, Message, agent, open_kernel
+from nexus_trio import Agent, Context, KernelPhase, Message, agent, open_kernel
 
 from .conftest import make_config
 
@@ -63,3 +64,51 @@ async def test_a_bad_shutdown_grace_from_inside_the_tree_fails_the_handler_only(
             assert kernel.phase is KernelPhase.RUNNING
     (letter,) = kernel.recent_dead_letters()
     assert letter.reason.value == "handler_error" and isinstance(letter.error, ValueError)
+
+
+def test_event_and_dead_letter_streams_end_when_a_second_ctrl_c_interrupts_the_shutdown() -> None:
+    # A second Ctrl-C while the kernel shuts down raises KeyboardInterrupt in the main
+    # task, inside kernel.shutdown(): the kernel is closed without the rest of its
+    # shutdown. The program catches it around the kernel; its stream readers (outside
+    # the kernel, untouched by the interrupt) must still come to the end of their streams.
+    ended: list[str] = []
+    interrupted: list[BaseException] = []
+
+    class CtrlC(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            return None  # runs from the start (an agent without on_start waits for mail)
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            return None
+
+        async def on_stop(self, ctx: Context) -> None:
+            # Raised from Trio's own context: delivered to the main task, which is in
+            # kernel.shutdown() waiting for the tree to stop.
+            trio.lowlevel.current_trio_token().run_sync_soon(signal.raise_signal, signal.SIGINT)
+            await trio.sleep(1)
+
+    async def read(stream: Any, label: str) -> None:
+        async for _ in stream:
+            pass
+        ended.append(label)
+
+    async def main() -> None:
+        with trio.move_on_after(600) as hang:
+            async with trio.open_nursery() as readers:
+                try:
+                    async with open_kernel(make_config()) as kernel:
+                        readers.start_soon(read, kernel.events(), "events")
+                        readers.start_soon(read, kernel.dead_letters(), "dead letters")
+                        kernel.spawn(CtrlC)
+                        await trio.testing.wait_all_tasks_blocked()
+                except BaseException as exc:  # the interrupt, in a group
+                    interrupted.append(exc)
+        assert not hang.cancelled_caught, f"the streams never ended: {ended}"
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    (exc,) = interrupted
+    assert isinstance(exc, KeyboardInterrupt) or (
+        isinstance(exc, BaseExceptionGroup) and exc.subgroup(KeyboardInterrupt) is not None
+    )
+    assert sorted(ended) == ["dead letters", "events"]
