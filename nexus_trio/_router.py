@@ -100,7 +100,7 @@ class _Pending:
     parking lot and its waiters' set) cost a tenth of a local request/reply.
     """
 
-    __slots__ = ("done", "error", "reply", "task", "woken")
+    __slots__ = ("abandoned", "done", "error", "reply", "task", "woken")
 
     def __init__(self) -> None:
         #: the reply's payload (_NO_REPLY until one came)
@@ -113,6 +113,9 @@ class _Pending:
         self.woken = False
         #: the requester while it waits
         self.task: trio.lowlevel.Task | None = None
+        #: the requester was cancelled while it waited: an answer that comes before it
+        #: resumes is a late reply, not one for it (it gets its Cancelled)
+        self.abandoned = False
 
     def resolve(self, payload: Any) -> None:
         # Kept even after the deadline woke the requester: if it has not resumed yet,
@@ -142,6 +145,7 @@ class _Pending:
         """The requester, parked until woken (a checkpoint, as ``trio.Event.wait``; see
         ``Router.request``), was cancelled."""
         self.task = None
+        self.abandoned = True
         return trio.lowlevel.Abort.SUCCEEDED
 
 
@@ -642,7 +646,10 @@ class Router:
         reply_to = msg.reply_to
         assert reply_to is not None
         pending = self._pending.pop(reply_to.int, None)
-        if pending is not None:
+        if pending is not None and pending.abandoned:
+            # its requester was cancelled, and has not resumed to say so yet
+            self._mark_late(reply_to)
+        elif pending is not None:
             self.ledger.accepted += 1
             self.ledger.replies += 1
             pending.resolve(msg.payload)
@@ -758,7 +765,11 @@ class Router:
             return result
         if msg.kind is _QUERY and self.phase < _STOPPING:
             pending = self._pending.pop(id_value(msg), None)
-            if pending is not None:
+            if pending is not None and pending.abandoned:
+                # Its requester was cancelled, and has not resumed to say so yet: the
+                # answer is late (below), as once it has.
+                self._mark_late(msg.id)
+            elif pending is not None:
                 # A local requester gets the payload: the reply message it would never
                 # see is not built (nor the query's UUID).
                 ledger = self.ledger
