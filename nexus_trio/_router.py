@@ -822,7 +822,10 @@ class Router:
                 try:
                     # _Pending.wait, without its coroutine
                     if pending.woken:
-                        await trio.lowlevel.checkpoint()
+                        # Answered (or failed, or expired) while the query waited for
+                        # room: that is its outcome (an answer was counted delivered), not
+                        # a cancel that came after it.
+                        await trio.lowlevel.cancel_shielded_checkpoint()
                     else:
                         pending.task = trio.lowlevel.current_task()
                         await trio.lowlevel.wait_task_rescheduled(pending.abort)

@@ -10,7 +10,7 @@ get its answer or one of the documented errors.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from contextlib import ExitStack, suppress
+from contextlib import suppress
 from typing import Any
 
 import trio
@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from nexus_trio import (
     Agent,
+    AgentNotFound,
     AgentSpec,
     Config,
     Context,
@@ -27,6 +28,7 @@ from nexus_trio import (
     KernelShuttingDown,
     MailboxFull,
     Message,
+    MessageFailed,
     MessageKind,
     RequestFailed,
     RequestTimeout,
@@ -41,11 +43,26 @@ from .hang_guard import real_time_limit
 
 #: the request timeout is 1 s and the handle timeout 2 s: "slow" sleeps land before,
 #: between and after them
-BEHAVIOURS = ["reply", "reply", "raise", "nothing", "slow", "slow"]
+BEHAVIOURS = [
+    "reply",
+    "reply",
+    "raise",
+    "fail",
+    "nothing",
+    "slow",
+    "slow",
+    "cancel requester",
+    "stop",
+    "shut down",
+]
 SLEEPS = [0.0, 0.4, 1.0, 1.5, 2.5]
 
 servers = st.lists(
-    st.tuples(st.integers(1, 3), st.sampled_from(["block", "reject"]), st.booleans()),
+    st.tuples(
+        st.integers(1, 3),
+        st.sampled_from(["block", "block", "reject", "drop_newest", "drop_oldest"]),
+        st.booleans(),
+    ),
     min_size=1,
     max_size=3,
 )
@@ -66,7 +83,14 @@ requests = st.lists(
 )
 
 #: what a query that was not answered may be dead-lettered for
-QUERY_REASONS = {"request_timeout", "handler_error", "handler_timeout", "shutdown"}
+QUERY_REASONS = {
+    "request_timeout",
+    "handler_error",
+    "handler_timeout",
+    "shutdown",
+    "agent_stopped",
+    "mailbox_overflow",
+}
 #: ... and the reply of one answered too late
 REPLY_REASONS = {"late_reply", "shutdown"}
 
@@ -84,7 +108,16 @@ class Server(Agent):
         behaviour = payload["behaviour"]
         if behaviour == "raise":
             raise ValueError(f"scripted failure {seq}")
-        if behaviour == "slow":
+        if behaviour == "fail":
+            raise MessageFailed(f"scripted message failure {seq}")
+        if behaviour == "cancel requester":
+            # the requester is cancelled in the same tick as its answer comes
+            self.record["scopes"][seq].cancel()
+        elif behaviour == "stop":
+            ctx.stop()
+        elif behaviour == "shut down":
+            await ctx.kernel.shutdown()
+        if behaviour == "slow" or (behaviour != "reply" and payload["sleep"]):
             await trio.sleep(payload["sleep"])
         self.record["returned"][seq] += 1
         return None if behaviour == "nothing" else {"answer": seq}
@@ -93,8 +126,10 @@ class Server(Agent):
 async def ask(record: dict[str, Any], seq: int, call: Any, cancel: float | None) -> None:
     """Make one request and record what came of it, exactly once."""
     outcome: tuple[Any, ...] | None = None
-    with ExitStack() as stack:
-        scope = stack.enter_context(trio.move_on_after(cancel)) if cancel is not None else None
+    with trio.CancelScope() as scope:
+        if cancel is not None:
+            scope.deadline = trio.current_time() + cancel
+        record["scopes"][seq] = scope
         try:
             outcome = ("answer", await call())
         except RequestTimeout:
@@ -105,10 +140,12 @@ async def ask(record: dict[str, Any], seq: int, call: Any, cancel: float | None)
             outcome = ("shutting_down",)
         except MailboxFull:
             outcome = ("full",)
+        except AgentNotFound:
+            outcome = ("not_found",)
         except trio.Cancelled:
             record["outcomes"][seq].append(("cancelled",))
             raise
-    if scope is not None and scope.cancelled_caught:
+    if scope.cancelled_caught:
         assert outcome is None
         return
     assert outcome is not None
@@ -187,9 +224,14 @@ def check_outcomes(kernel: Any, record: dict[str, Any], asked: set[int]) -> None
     work=requests,
     stop_after=st.sampled_from([0.0, 0.2, 0.7, 1.3, 4.0]),
     grace=st.sampled_from([300, 1500]),
+    stops=st.lists(st.tuples(st.sampled_from([0.0, 0.5, 1.2]), st.integers(0, 2)), max_size=2),
 )
 def test_every_request_gets_its_answer_or_a_documented_error_and_every_query_ends_once(
-    setups: list[tuple[int, str, bool]], work: list[dict[str, Any]], stop_after: float, grace: int
+    setups: list[tuple[int, str, bool]],
+    work: list[dict[str, Any]],
+    stop_after: float,
+    grace: int,
+    stops: list[tuple[float, int]],
 ) -> None:
     record: dict[str, Any] = {
         "started": Counter(),
@@ -197,6 +239,7 @@ def test_every_request_gets_its_answer_or_a_documented_error_and_every_query_end
         "outcomes": defaultdict(list),
         "asked": set(),
         "behaviours": {},
+        "scopes": {},
     }
     config = Config(
         kernel=KernelConfig(
@@ -253,6 +296,15 @@ def test_every_request_gets_its_answer_or_a_documented_error_and_every_query_end
                         requesters.start_soon(
                             outside_request if not r["inside"] else inside_request
                         )
+
+                    async def stop(at: float, index: int) -> None:
+                        # a server stopped for good while queries wait for it
+                        await trio.sleep(at)
+                        with suppress(AgentNotFound, KernelShuttingDown):
+                            await kernel.stop(names[index % len(names)])
+
+                    for at, index in stops:
+                        requesters.start_soon(stop, at, index)
                     await trio.sleep(stop_after)
             # requesters outside the kernel all came to an end, and so did the kernel
         assert_conserved(kernel)
@@ -307,4 +359,49 @@ async def test_the_answer_to_a_requester_cancelled_while_its_handler_ran_is_a_la
             {"answer": "from outside"},
             {"answer": "from an agent"},
         ]
+        assert_conserved(kernel)
+
+
+async def test_an_answer_that_came_while_its_requester_waited_for_room_reaches_it_even_if_cancelled(
+    autojump_clock: Any,
+) -> None:
+    # The query waits for room in a full mailbox; once admitted, the server handles it
+    # and answers before the requester resumes, and the requester is cancelled in that
+    # same tick (here by the handler itself). Before: the requester's last checkpoint
+    # raised Cancelled although the answer, counted as delivered, was there: nobody got
+    # it. Now the requester gets the answer it was counted as having (an operation that
+    # completed is not undone by a cancel that came after it).
+    release = trio.Event()
+    scopes: dict[str, trio.CancelScope] = {}
+
+    @agent(name="narrow", mailbox_capacity=1, handle_timeout=100.0)
+    async def narrow(ctx: Context, msg: Message) -> Any:
+        if msg.payload == "hold":
+            await release.wait()
+        if msg.kind is not MessageKind.QUERY:
+            return None
+        scopes["requester"].cancel()
+        return {"answer": msg.payload}
+
+    async with open_kernel(make_config(send_timeout_ms=10_000)) as kernel:
+        kernel.spawn(narrow)
+        await kernel.send("narrow", "hold")
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send("narrow", "queued")
+        got: list[Any] = []
+
+        async def requester() -> None:
+            with trio.CancelScope() as scope:
+                scopes["requester"] = scope
+                got.append(await kernel.request("narrow", "asked", timeout=10.0))
+            got.append(("cancelled", scope.cancelled_caught))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(requester)
+            await trio.testing.wait_all_tasks_blocked()
+            assert kernel.mailbox_statistics("narrow").producers_waiting == 1
+            release.set()
+        assert got == [{"answer": "asked"}, ("cancelled", False)]
+        stats = kernel.stats()
+        assert stats.replies_delivered == 1 and stats.dead_lettered == 0
         assert_conserved(kernel)
