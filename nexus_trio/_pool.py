@@ -386,8 +386,17 @@ class _PoolRouter(Agent):
         )
 
     def _drop_stopped(self, ctx: Context, msg: Message) -> AgentRef:
+        self._forget_stopped(ctx)
+        if not self.workers:
+            raise MessageFailed(self._no_workers())
+        return self._choose(msg)
+
+    def _forget_stopped(self, ctx: Context) -> None:
+        """Take the workers that stopped for good out of the pool."""
         is_local = ctx.kernel.is_local
         gone = [w for w in self.workers if not is_local(w.id)]
+        if not gone:
+            return
         self._remove(gone)
         for ref in gone:
             self.in_hand.pop(ref.id, None)
@@ -398,9 +407,6 @@ class _PoolRouter(Agent):
             ", ".join(str(w.name) for w in gone),
             len(self.workers),
         )
-        if not self.workers:
-            raise MessageFailed(self._no_workers())
-        return self._choose(msg)
 
     def _no_workers(self) -> str:
         return (
@@ -450,6 +456,10 @@ class _PoolRouter(Agent):
     # --- control messages -----------------------------------------------------------------
 
     async def _control(self, ctx: Context, msg: Message, control: str, value: Any) -> Any:
+        # Stopped workers leave the pool when a message is routed to them; a control
+        # message counts and lists the workers, so it drops them first: a resize to n
+        # leaves n running workers, and the list names only running ones.
+        self._forget_stopped(ctx)
         if control == WORKERS:
             return [{"id": str(w.id), "name": w.name} for w in self.workers]
         if control == BROADCAST:

@@ -1,0 +1,51 @@
+"""Pools under faults: stopped workers, shrinks racing stops, a pool stopping mid-resize.
+
+Regressions found by fault injection on pools, made deterministic; each runs on trio's
+MockClock (the ``autojump_clock`` fixture).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+import trio.testing
+
+from nexus_trio import (
+    Context,
+    Message,
+    agent,
+    pool,
+    pool_workers,
+    resize_pool,
+)
+from nexus_trio.testing import open_test_kernel, step_until_idle
+
+
+@agent
+async def worker_named(ctx: Context, msg: Message) -> Any:
+    return ctx.name
+
+
+# --- regressions found by fault injection, made deterministic -------------------------------
+
+
+async def test_a_pool_lists_and_resizes_only_the_workers_still_running(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Regression: a worker that stopped for good (here by ``kernel.stop``; also a
+    transient or temporary one that exited) stayed in the router's list until a message
+    was routed to it: ``pool_workers`` listed it, and a ``$resize`` counted it, so a
+    resize to the pool's old size answered ``{"size": 2}`` with one worker running. The
+    control messages now drop the stopped workers first."""
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(worker_named, size=2))
+        await step_until_idle(kernel)
+        _, second = await pool_workers(kernel, "workers")
+        await kernel.stop(second)
+        assert [ref.name for ref in await pool_workers(kernel, "workers")] == ["workers/0"]
+        assert await resize_pool(kernel, "workers", 2) == 2
+        workers = await pool_workers(kernel, "workers")
+        assert [ref.name for ref in workers] == ["workers/0", "workers/2"]
+        assert all(kernel.is_local(ref) for ref in workers)
+        assert await kernel.request("workers", {"$broadcast": "x"}) == {"sent": 2}
