@@ -45,6 +45,8 @@ DEFAULT_MAX_SIZE: Final = 1024
 WORKERS: Final = "$workers"
 BROADCAST: Final = "$broadcast"
 _CONTROL: Final = frozenset({RESIZE, WORKERS, BROADCAST})
+#: how often a shrink looks whether a removed worker that has not started was stopped
+_START_POLL: Final = 0.01
 
 
 class PoolRouting(enum.Enum):
@@ -516,7 +518,7 @@ class _PoolRouter(Agent):
             # the pool starts this waits a few scheduling rounds.
             started = self.started.get(ref.id)
             if started is not None:
-                await started.wait()
+                await _started_or_gone(kernel.is_local, ref, started)
             if kernel.stopping or not kernel.is_local(ctx.id):
                 # The kernel (or this pool) is stopping its tree, workers included, under
                 # the kernel's stop rules; a kernel.stop now would race the supervisor's
@@ -555,6 +557,20 @@ class _PoolRouter(Agent):
                 # Refused (not accepted), so not a dead letter: counted in rejected.
                 ctx.log.warning("pool %s: broadcast to %s refused: %s", self.name, worker, exc)
         return {"sent": sent}
+
+
+async def _started_or_gone(
+    is_local: Callable[[uuid.UUID], bool], ref: AgentRef, started: trio.Event
+) -> None:
+    """Wait until ``ref`` has started, or stopped without starting (a ``kernel.stop``
+    from outside before its turn came): such a worker never starts, and the workers
+    removed after it must not wait for it. Nothing signals that stop to the pool,
+    so it is looked for every ``_START_POLL`` seconds, only while a worker has not
+    started."""
+    while is_local(ref.id):
+        with trio.move_on_after(_START_POLL):
+            await started.wait()
+            return
 
 
 # --- helpers for callers -------------------------------------------------------------------

@@ -12,6 +12,7 @@ import trio
 import trio.testing
 
 from nexus_trio import (
+    Agent,
     Context,
     Message,
     agent,
@@ -49,3 +50,39 @@ async def test_a_pool_lists_and_resizes_only_the_workers_still_running(
         assert [ref.name for ref in workers] == ["workers/0", "workers/2"]
         assert all(kernel.is_local(ref) for ref in workers)
         assert await kernel.request("workers", {"$broadcast": "x"}) == {"sent": 2}
+
+
+async def test_a_shrink_skips_a_removed_worker_stopped_before_it_started(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Regression: a shrink stops each removed worker once it has started. A removed
+    worker stopped from outside before it started never starts, and the shrink waited
+    for it forever: the workers removed after it were never stopped (they ran on,
+    outside the pool) and the ``$resize`` request was never answered. Such a worker is
+    skipped now."""
+    gate = trio.Event()
+
+    class Worker(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            if ctx.name == "workers/0":
+                await gate.wait()  # the ordered start: /1 and /2 wait behind /0
+
+        async def handle(self, ctx: Context, msg: Message) -> Any:
+            return ctx.name
+
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(Worker, size=3))
+        await trio.testing.wait_all_tasks_blocked()
+        answers: list[int] = []
+        async with trio.open_nursery() as nursery:
+
+            async def shrink() -> None:
+                answers.append(await resize_pool(kernel, "workers", 1, timeout=60))
+
+            nursery.start_soon(shrink)
+            await trio.testing.wait_all_tasks_blocked()
+            await kernel.stop(kernel.lookup("workers/2"))  # not started yet
+            gate.set()
+        assert answers == [1]
+        assert {ref.name for ref in kernel.agents()} == {"workers", "workers/0"}
+        assert [ref.name for ref in await pool_workers(kernel, "workers")] == ["workers/0"]
