@@ -30,7 +30,8 @@ import attrs
 import trio
 
 from ._agent import Agent, AgentRef, AgentSpec, Behaviour, Context, Handler, as_spec
-from ._errors import AgentNotFound, MessageFailed, NexusError
+from ._deadletter import DeadLetterReason
+from ._errors import AgentNotFound, AgentStopped, MessageFailed, NexusError, RequestFailed
 from ._message import Message, MessageKind
 from ._supervisor import Supervisor
 
@@ -510,6 +511,32 @@ class _PoolRouter(Agent):
     async def _retire(
         self, ctx: Context, request: Message, removed: list[AgentRef], size: int
     ) -> None:
+        stopped = False
+        try:
+            stopped = await self._stop_removed(ctx, removed)
+        finally:
+            if not stopped and request.kind is MessageKind.QUERY:
+                # The pool stops (or its supervisor restarts it) before the removed
+                # workers are gone: no answer will come, so the requester hears it now,
+                # not at the end of its timeout (a requester on another node does).
+                kernel = ctx.kernel
+                reason = (
+                    DeadLetterReason.SHUTDOWN if kernel.stopping else DeadLetterReason.AGENT_STOPPED
+                )
+                error = AgentStopped(ctx.id, ctx.name)
+                kernel.fail_request(
+                    request.id, RequestFailed(request.id, request.to, reason.value, error)
+                )
+        if not stopped or request.kind is not MessageKind.QUERY:
+            return
+        try:
+            await ctx.send(request.reply(ctx.id, {"size": size}))
+        except NexusError as exc:
+            log.info("pool %s: resize answer not delivered: %s", self.name, exc)
+
+    async def _stop_removed(self, ctx: Context, removed: list[AgentRef]) -> bool:
+        """Stop the removed workers, newest first, after their queues; False if the pool
+        stops first."""
         kernel = ctx.kernel
         for ref in reversed(removed):  # newest first
             # Only a worker that has started: the core stops one that has not (its
@@ -523,19 +550,14 @@ class _PoolRouter(Agent):
                 # The kernel (or this pool) is stopping its tree, workers included, under
                 # the kernel's stop rules; a kernel.stop now would race the supervisor's
                 # own stop, so leave the workers to it.
-                return
+                return False
             # drain=True: what was queued for it is handled before it stops; it may be
             # gone already (stopped by someone else).
             with contextlib.suppress(AgentNotFound):
                 await kernel.stop(ref, drain=True)
             self.in_hand.pop(ref.id, None)
             self.started.pop(ref.id, None)
-        if request.kind is not MessageKind.QUERY:
-            return
-        try:
-            await ctx.send(request.reply(ctx.id, {"size": size}))
-        except NexusError as exc:
-            log.info("pool %s: resize answer not delivered: %s", self.name, exc)
+        return True
 
     async def _broadcast(self, ctx: Context, msg: Message, value: Any) -> Any:
         kind = MessageKind.COMMAND if msg.kind is MessageKind.QUERY else msg.kind

@@ -15,6 +15,8 @@ from nexus_trio import (
     Agent,
     Context,
     Message,
+    RequestFailed,
+    RequestTimeout,
     agent,
     pool,
     pool_workers,
@@ -86,3 +88,41 @@ async def test_a_shrink_skips_a_removed_worker_stopped_before_it_started(
         assert answers == [1]
         assert {ref.name for ref in kernel.agents()} == {"workers", "workers/0"}
         assert [ref.name for ref in await pool_workers(kernel, "workers")] == ["workers/0"]
+
+
+async def test_a_shrink_s_requester_hears_at_once_when_the_pool_stops_before_it_answers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Regression: a ``$resize`` request that shrinks the pool is answered once the
+    removed workers have stopped. When the pool stopped (or its supervisor restarted
+    it) before that, the answer was never sent and the requester waited out its whole
+    timeout for a pool that was gone. The request fails at once now (``RequestFailed``,
+    ``agent_stopped``)."""
+
+    @agent
+    async def slow(ctx: Context, msg: Message) -> Any:
+        await trio.sleep(1)
+        return ctx.name
+
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(slow, size=3))
+        await step_until_idle(kernel)
+        for i in range(6):
+            await kernel.send("workers", i)  # two each: the shrink drains /2, then /1
+        errors: list[Exception] = []
+        async with trio.open_nursery() as nursery:
+
+            async def shrink() -> None:
+                try:
+                    await resize_pool(kernel, "workers", 1, timeout=100)
+                except (RequestFailed, RequestTimeout) as exc:
+                    errors.append(exc)
+
+            nursery.start_soon(shrink)
+            await trio.sleep(0.5)  # while /2 drains
+            started = trio.current_time()
+            await kernel.stop("workers")
+        (error,) = errors
+        assert isinstance(error, RequestFailed), error
+        assert error.reason == "agent_stopped"
+        assert trio.current_time() - started < 2
