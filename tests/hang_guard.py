@@ -8,9 +8,12 @@ failure instead of a stuck test run.
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
+
+import trio
+import trio.testing
 
 
 class Hung(Exception):
@@ -31,3 +34,16 @@ def real_time_limit(seconds: float) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def tasks_living() -> int:
+    """The tasks alive in the current Trio run: equal counts before and after a block
+    mean it left no task behind."""
+    return trio.lowlevel.current_statistics().tasks_living
+
+
+def run_on_mock_clock(scenario: Callable[[], Awaitable[object]], real_seconds: float) -> None:
+    """``trio.run(scenario)`` on a ``MockClock(autojump_threshold=0)``, failing with
+    :class:`Hung` after ``real_seconds`` of real time."""
+    with real_time_limit(real_seconds):
+        trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
