@@ -817,9 +817,11 @@ async def open_kernel(
                     timer.cancel()
     finally:
         # Also when the shutdown itself was interrupted (a second Ctrl-C raises
-        # KeyboardInterrupt in it): the streams end, or a reader outside the kernel would
-        # wait forever for items that can no longer come; and what the kernel froze goes
-        # back to the collector (the heap is the whole process's, not this kernel's).
+        # KeyboardInterrupt in it): the streams end and pending requests fail (their
+        # timer is gone), or a reader or requester outside the kernel would wait forever
+        # for what can no longer come; and what the kernel froze goes back to the
+        # collector (the heap is the whole process's, not this kernel's).
+        kernel._router.fail_all_pending(lambda: KernelShuttingDown("request"))
         kernel._ledger.finish_streams()
         kernel._host.heap.close()
     if body_error is not None:

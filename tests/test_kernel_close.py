@@ -12,7 +12,7 @@ import pytest
 import trio
 import trio.testing
 
-from nexus_trio import Agent, Context, KernelPhase, Message, agent, open_kernel
+from nexus_trio import Agent, Context, KernelPhase, KernelShuttingDown, Message, agent, open_kernel
 
 from .conftest import make_config
 
@@ -66,7 +66,11 @@ async def test_a_bad_shutdown_grace_from_inside_the_tree_fails_the_handler_only(
     assert letter.reason.value == "handler_error" and isinstance(letter.error, ValueError)
 
 
-def test_event_and_dead_letter_streams_end_when_a_second_ctrl_c_interrupts_the_shutdown() -> None:
+async def _stuck(ctx: Context, msg: Message) -> None:
+    await trio.sleep_forever()
+
+
+def test_streams_end_and_requests_fail_when_a_second_ctrl_c_interrupts_the_shutdown() -> None:
     # A second Ctrl-C while the kernel shuts down raises KeyboardInterrupt in the main
     # task, inside kernel.shutdown(): the kernel is closed without the rest of its
     # shutdown. The program catches it around the kernel; its stream readers (outside
@@ -92,6 +96,14 @@ def test_event_and_dead_letter_streams_end_when_a_second_ctrl_c_interrupts_the_s
             pass
         ended.append(label)
 
+    async def ask(kernel: Any, ref: Any) -> None:
+        # Its query waits in a mailbox behind a handler that never returns: the
+        # request is pending when the shutdown is cut short.
+        try:
+            await kernel.request(ref, "late", timeout=1000)
+        except KernelShuttingDown:
+            ended.append("request")
+
     async def main() -> None:
         with trio.move_on_after(600) as hang:
             async with trio.open_nursery() as readers:
@@ -99,6 +111,10 @@ def test_event_and_dead_letter_streams_end_when_a_second_ctrl_c_interrupts_the_s
                     async with open_kernel(make_config()) as kernel:
                         readers.start_soon(read, kernel.events(), "events")
                         readers.start_soon(read, kernel.dead_letters(), "dead letters")
+                        stuck = kernel.spawn(agent(handle_timeout=1000)(_stuck))
+                        kernel.send_nowait(stuck, "first")
+                        await trio.testing.wait_all_tasks_blocked()
+                        readers.start_soon(ask, kernel, stuck)
                         kernel.spawn(CtrlC)
                         await trio.testing.wait_all_tasks_blocked()
                 except BaseException as exc:  # the interrupt, in a group
@@ -111,4 +127,4 @@ def test_event_and_dead_letter_streams_end_when_a_second_ctrl_c_interrupts_the_s
     assert isinstance(exc, KeyboardInterrupt) or (
         isinstance(exc, BaseExceptionGroup) and exc.subgroup(KeyboardInterrupt) is not None
     )
-    assert sorted(ended) == ["dead letters", "events"]
+    assert sorted(ended) == ["dead letters", "events", "request"]
