@@ -682,6 +682,7 @@ class Router:
         policy = cell.overflow
         if policy is OverflowPolicy.DROP_NEWEST:
             cell.received += 1
+            cell.dead_lettered += 1
             ledger.accepted += 1
             ledger.dead_letter(
                 msg,
@@ -693,6 +694,7 @@ class Router:
             return None
         if policy is OverflowPolicy.DROP_OLDEST:
             while not self._enqueue(cell, msg):
+                cell.dead_lettered += 1
                 self.discard_queued(
                     [mailbox.evict_oldest()],
                     DeadLetterReason.MAILBOX_OVERFLOW,

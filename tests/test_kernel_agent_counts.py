@@ -231,3 +231,28 @@ async def test_sends_that_waited_for_room_are_counted_received_once(autojump_clo
         assert counts(agent_stats(kernel, "narrow")) == (5, 5, 0, 0, 0)
         assert kernel.stats().rejected == {"mailbox_full": 1}
         assert_conserved(kernel)
+
+
+@pytest.mark.parametrize("policy", ["drop_newest", "drop_oldest"])
+async def test_what_a_drop_policy_drops_is_counted_for_its_agent(policy: str) -> None:
+    # Five messages to a mailbox of two whose agent is busy with the first: two are
+    # dropped (the newest or the oldest queued), each dead-lettered and counted for the
+    # agent, so that its received = handled + dead-lettered + queued while it runs.
+    release = trio.Event()
+
+    @agent(name="busy", mailbox_capacity=2, overflow=policy)
+    async def busy(ctx: Context, msg: Message) -> None:
+        await release.wait()
+
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(busy)
+        await kernel.send(ref, "m0")
+        await trio.testing.wait_all_tasks_blocked()
+        for i in range(1, 5):
+            await kernel.send(ref, f"m{i}")
+        # m0 being handled (not yet counted anywhere), m1-m4 sent to two places
+        assert counts(agent_stats(kernel, "busy"))[:4] == (5, 0, 2, 2)
+        release.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert counts(agent_stats(kernel, "busy"))[:4] == (5, 3, 2, 0)
+    assert_conserved(kernel)
