@@ -212,6 +212,36 @@ async def test_a_tell_to_a_long_unknown_name_from_a_peer_logs_a_short_line(
     assert "nnn" in line and "no_such_agent" in line
 
 
+async def test_a_flood_of_tells_to_unknown_names_from_a_peer_logs_a_few_lines_and_counts_all(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer that sends tells to names nobody has, by the hundred: each was logged on a
+    line of its own (a hostile peer fills the disk with them); they are all counted, and
+    the log says so at most once a second, with the count so far."""
+    caplog.set_level(logging.INFO, logger="nexus_trio.nats")
+    records: list[Any] = []
+    flood = 300
+    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+        kb.spawn(agent(_collector(records), name="col"))
+        await cb.names_published()
+        node = b"a"
+        head = struct.pack(">4sQQQQIH", b"NXB1", ca.id_prefix, 1, cb.id_prefix, 1, flood, len(node))
+        frames = []
+        for i in range(flood):
+            tell = json.dumps([1, 1, 1, 1, f"nobody-{i}", "Command", None, None, None, i])
+            frames.append(struct.pack(">IB", len(tell) + 1, batch.TELL) + tell.encode())
+        with trio.fail_after(30):
+            await ca.wait_for_name("col")
+            await call_aio(ca.nc.publish, "nexus.node.b.batch", head + node + b"".join(frames))
+            await ka.send("col", "after")  # behind the hostile batch on b's inbox
+            assert await ka.request("col", "dump") == 1
+    assert records == ["after"]
+    assert cb.stats().inbound_dropped == {"no_such_agent": flood}
+    lines = [r.getMessage() for r in caplog.records if "from another node" in r.getMessage()]
+    assert 1 <= len(lines) <= 5, len(lines)
+    assert "nobody-0" in lines[0] and "1 so far" in lines[0]
+
+
 async def test_a_malformed_error_frame_fails_the_request_at_once_counted(
     nats: NatsServer,
 ) -> None:

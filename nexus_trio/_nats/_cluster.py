@@ -490,6 +490,7 @@ class Cluster:
         self._record_sessions: dict[str, int | None] = {}
         self._loss_log = Throttle()
         self._notice_log = Throttle()
+        self._drop_log = Throttle()
         self._data_up = trio.Event()  # set while the data connection is up
         self._data_up.set()
         self.durable = DurableChannel(self, options.durable)
@@ -2077,17 +2078,21 @@ class Cluster:
             KernelShuttingDown: "shutting_down",
         }.get(type(exc), "error")
         self._dropped[reason] += 1
-        if log.isEnabledFor(logging.INFO):
+        # A peer may send such messages by the thousand (or a shutdown refuse them): a
+        # line at once, then at most one a second, each with the count so far (all are
+        # counted in stats().inbound_dropped).
+        if log.isEnabledFor(logging.INFO) and self._drop_log.due():
             # The peer chose the name, as long as NATS takes (AgentNotFound's text repeats
             # it): cut short, as every line about a value from outside.
             to = msg.to if isinstance(msg.to, uuid.UUID) else brief(msg.to, 60)
             log.info(
-                "node %s: dropped message %s to %s from another node: %s (%s)",
+                "node %s: dropped message %s to %s from another node: %s (%s; %d so far)",
                 self.node,
                 msg.id,
                 to,
                 reason,
                 type(exc).__name__ if isinstance(exc, AgentNotFound) else brief(str(exc), 200),
+                self._dropped[reason],
             )
 
     def _fail_request(self, query_id: uuid.UUID, error: BaseException) -> None:
