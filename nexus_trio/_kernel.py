@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -821,9 +822,22 @@ async def open_kernel(
         # timer is gone), or a reader or requester outside the kernel would wait forever
         # for what can no longer come; and what the kernel froze goes back to the
         # collector (the heap is the whole process's, not this kernel's).
-        kernel._router.fail_all_pending(lambda: KernelShuttingDown("request"))
-        kernel._ledger.finish_streams()
-        kernel._host.heap.close()
+        failing = sys.exc_info()[1]
+        try:
+            # Each step even if one before it raised.
+            try:
+                kernel._router.fail_all_pending(lambda: KernelShuttingDown("request"))
+            finally:
+                try:
+                    kernel._ledger.finish_streams()
+                finally:
+                    kernel._host.heap.close()
+        except Exception as exc:
+            if failing is None:
+                raise
+            # The block or the shutdown is failing already (maybe with this same step):
+            # that error is the one raised, and it says this one too.
+            failing.add_note(f"closing the kernel then raised {type(exc).__name__}: {exc}")
     if body_error is not None:
         raise body_error
     if kernel._escalation is not None:
