@@ -121,8 +121,13 @@ def test_streams_end_and_requests_fail_when_a_second_ctrl_c_interrupts_the_shutd
                     interrupted.append(exc)
         assert not hang.cancelled_caught, f"the streams never ended: {ended}"
 
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    # Trio turns SIGINT into KeyboardInterrupt only where its handler is the default one
+    # (a shell starting CI in the background ignores SIGINT): set it for this test.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     (exc,) = interrupted
     assert isinstance(exc, KeyboardInterrupt) or (
         isinstance(exc, BaseExceptionGroup) and exc.subgroup(KeyboardInterrupt) is not None
