@@ -285,7 +285,11 @@ class Mailbox:
         send = self._send
         if send is not None and self._receiver_parked and not self.depth:
             self._receiver_parked = False
-            send.send_nowait(None)
+            # Parked, unless its wait was just aborted (its run cancelled in this tick,
+            # the task not resumed yet): a None sent then would be buffered, taken later
+            # as a message, and leave the depth one short of what the channel holds.
+            if send.statistics().tasks_waiting_receive:
+                send.send_nowait(None)
 
     def close(self) -> list[Message]:
         """The agent is gone for good: take what is left (queued messages, then those of

@@ -389,3 +389,33 @@ async def test_takes_after_the_one_waiting_producer_was_admitted_count_the_buffe
     assert payloads(taken) == [0, 1, 2, 3, "a", "refill 0", "refill 1", "refill 2", "b"]
     assert outcome == {"a": "entered", "b": "entered"}
     assert (mailbox.depth, mailbox.waiting) == (0, 0)
+
+
+async def test_a_wake_after_the_parked_receiver_was_cancelled_leaves_no_none_behind(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Regression: the receiver's run is cancelled (its wait aborted, the task not yet
+    resumed) and, in the same tick, the agent is asked to exit (a group restart, a stop):
+    the wake-up found no receiver and was buffered. The next run took that ``None`` as a
+    message (the depth one short of the buffer), and the agent's last message was left
+    in a channel its close believed empty: lost, uncounted (found by
+    test_fault_injection_trees_stop_cleanly_and_count_every_failure)."""
+    mailbox = Mailbox(4)
+    scope = trio.CancelScope()
+
+    async def consumer() -> None:
+        with scope:
+            await mailbox.receive()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(consumer)
+        await trio.testing.wait_all_tasks_blocked()
+        scope.cancel()  # its wait is aborted now; it runs later
+        mailbox.wake_receiver()
+        assert mailbox.try_put(message("last"))
+    # The next run finds exactly the message, and the close hands it back.
+    assert mailbox.depth == 1
+    assert payloads([mailbox.take()]) == ["last"]
+    assert mailbox.depth == 0
+    mailbox.try_put(message("at close"))
+    assert payloads(mailbox.close()) == ["at close"]
