@@ -27,9 +27,10 @@ behind a ring workload, and a 20-agent render more than the 10 s a request may t
 Scrapes share renders (:class:`MetricsRenderer`): one render at a time, concurrent scrapes wait for the one in progress, and a render is reused for
 ``cache_ms``. A request that takes more than 10 s in all (reading it and rendering) gets
 ``503`` with the reason, not a closed connection; a connection whose request head is not
-all in within the 10 s is closed without an answer (it asked for nothing). The endpoint counts its connections and
-the ``accept`` calls that failed for lack of descriptors (:class:`EndpointStats`, exported
-as ``nexus_metrics_*`` series).
+all in within the 10 s is closed without an answer (it asked for nothing). The endpoint
+counts its connections, the ``accept`` calls that failed for lack of descriptors and the
+requests it refused (400, 404, 405, 431) by status (:class:`EndpointStats`, exported as
+``nexus_metrics_*`` series).
 
 Typical use, next to a kernel::
 
@@ -100,6 +101,8 @@ _ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 )
 _ACCEPT_RETRY: Final = 0.1
+#: the statuses of the answers that refuse a request (counted in EndpointStats.refused)
+_REFUSALS: Final = (400, 404, 405, 431)
 
 
 @attrs.define
@@ -119,6 +122,17 @@ class EndpointStats:
     #: times the endpoint had ``max_connections`` open and stopped accepting until one
     #: closed (the next connections waited in the listen backlog)
     limited: int = 0
+    #: requests refused, by the status of the answer: 400 (not an HTTP request, a bad
+    #: ``Host`` or header line), 404 (an unknown path), 405 (a method other than GET and
+    #: HEAD), 431 (a head past 8 KiB); every one of them there from the start
+    refused: dict[int, int] = attrs.field(factory=lambda: dict.fromkeys(_REFUSALS, 0))
+
+    def copy(self) -> EndpointStats:
+        """A copy, of this moment (``refused`` too)."""
+        return attrs.evolve(self, refused=dict(self.refused))
+
+    def count_refused(self, status: int) -> None:
+        self.refused[status] = self.refused.get(status, 0) + 1
 
 
 @attrs.frozen
@@ -399,6 +413,14 @@ def _endpoint_families(e: EndpointStats) -> Iterator[Metric]:
         " in the listen backlog.",
         value=e.limited,
     )
+    refused = CounterMetricFamily(
+        "nexus_metrics_requests_refused",
+        "Requests the metrics endpoint refused, by the status of its answer (400, 404, 405, 431).",
+        labels=["status"],
+    )
+    for status, n in sorted(e.refused.items()):
+        refused.add_metric([str(status)], n)
+    yield refused
 
 
 _AGENT_LABELS: Final = ["agent_id", "agent_name"]
@@ -596,7 +618,7 @@ class MetricsRenderer:
                 await take_snapshot_in_steps(
                     self.kernel, per_agent=self.per_agent, per_agent_limit=self.per_agent_limit
                 ),
-                endpoint=None if self.endpoint is None else attrs.evolve(self.endpoint),
+                endpoint=None if self.endpoint is None else self.endpoint.copy(),
             )
             parts = []
             for piece in self._pieces(snapshot):
@@ -725,24 +747,31 @@ async def _handle_connection(
     stream: trio.SocketStream, kernel: Kernel, renderer: MetricsRenderer
 ) -> None:
     text = "text/plain; charset=utf-8"
+    endpoint = renderer.endpoint
     answering = False  # a request was read and has no answer yet
+
+    async def refuse(status: int, body: bytes, *, head: bool = False) -> None:
+        if endpoint is not None:
+            endpoint.count_refused(status)
+        await stream.send_all(_response(status, body, text, head=head))
+
     try:
         with trio.move_on_after(_REQUEST_TIMEOUT):
             head = await _read_head(stream)
             if head is None:
-                await stream.send_all(_response(431, b"request head too large\n", text))
+                await refuse(431, b"request head too large\n")
                 return
             request_line = head.split(b"\n", 1)[0].decode("latin-1").strip()
             parts = request_line.split()
             if len(parts) != 3 or not parts[2].startswith("HTTP/"):
                 if request_line:
-                    await stream.send_all(_response(400, b"bad request\n", text))
+                    await refuse(400, b"bad request\n")
                 return
             method, target, version = parts
             host_problem = _host_problem(head, version)
             if host_problem is not None:
                 body = b"bad request: " + host_problem + b"\n"
-                await stream.send_all(_response(400, body, text, head=method == "HEAD"))
+                await refuse(400, body, head=method == "HEAD")
                 return
             answering = True
             try:
@@ -754,6 +783,8 @@ async def _handle_connection(
                 status, content_type = 500, text
                 body = f"the metrics render failed: {type(exc).__name__}\n".encode()
             answering = False
+            if endpoint is not None and status in _REFUSALS:
+                endpoint.count_refused(status)
             head_bytes = _response(status, body, content_type, head=True)
             if method == "HEAD":
                 await stream.send_all(head_bytes)

@@ -1045,6 +1045,62 @@ async def test_a_request_with_two_hosts_or_a_host_that_is_not_one_gets_400():
         nursery.cancel_scope.cancel()
 
 
+async def test_refused_requests_are_counted_by_status():
+    """Regression: the endpoint's 400, 404, 405 and 431 answers were counted nowhere (a
+    client sending garbage or scanning paths was invisible). Each is now counted by its
+    status (``EndpointStats.refused``, ``nexus_metrics_requests_refused_total{status}``),
+    every status there from the start; the answers that serve are not counted."""
+    async with open_test_kernel() as kernel, trio.open_nursery() as nursery:
+        renderer = MetricsRenderer(kernel, cache_seconds=0, process=False)
+        port = await nursery.start(
+            lambda task_status: serve_metrics(
+                kernel, "127.0.0.1", 0, renderer=renderer, task_status=task_status
+            )
+        )
+        before = samples((await renderer.render()).decode())
+        assert {
+            labels: value
+            for (name, labels), value in before.items()
+            if name == "nexus_metrics_requests_refused_total"
+        } == {(("status", s),): 0 for s in ("400", "404", "405", "431")}
+        requests = (
+            (b"hello\r\n\r\n", 400),
+            (b"GET /metrics HTTP/1.1\r\n\r\n", 400),  # no Host
+            (b"GET /metrics HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+            (b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+            (b"HEAD /nope HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+            (b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405),
+            (b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\n\r\n", 431),
+            (b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 200),
+            (b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", 200),
+        )
+        for request, expected in requests:
+            assert (await http(port, request))[0] == expected, request[:40]
+        # a connection closed before a request line asked for nothing: no answer, not counted
+        assert await http_raw(port, b"\r\n") == b""
+        endpoint = renderer.endpoint
+        assert endpoint is not None
+        assert endpoint.refused == {400: 3, 404: 2, 405: 1, 431: 1}
+        after = samples((await renderer.render()).decode())
+        nursery.cancel_scope.cancel()
+    for status, count in ((400, 3), (404, 2), (405, 1), (431, 1)):
+        key = ("nexus_metrics_requests_refused_total", (("status", str(status)),))
+        assert after[key] == count, status
+
+
+async def http_raw(port: int, request: bytes) -> bytes:
+    """All a connection answers to ``request`` (nothing, if it answers nothing)."""
+    with trio.fail_after(30):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(request)
+            await stream.send_eof()
+            data = b""
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+    return data
+
+
 class _ScrapeSteps(trio.abc.Instrument):
     """Counts, for each step of one task (``task``), the agents whose mailbox it read: a
     step is what the task runs between two checkpoints, while no agent runs."""
