@@ -696,15 +696,21 @@ async def _route(
     return 404, b"not found\n", text
 
 
-def _host_problem(head: bytes, version: str) -> bytes | None:
-    """Why the ``Host`` header of a request head makes it a bad request (RFC 9112 3.2),
-    or None: an HTTP/1.1 request without one, any with more than one, or a value that
-    is not ``host[:port]`` (an empty one will do). Field names are case-insensitive;
-    spaces and tabs around the value are not part of it."""
+def _header_problem(head: bytes, version: str) -> bytes | None:
+    """Why the header lines of a request head make it a bad request, or None: a field
+    name followed by whitespace before its colon (RFC 9112 5.1: must be refused, as
+    ``Host : x`` is neither a ``Host`` nor nothing), or a ``Host`` header that RFC 9112 3.2
+    refuses: an HTTP/1.1 request without one, any with more than one, or a value that is
+    not ``host[:port]`` (an empty one will do). Field names are case-insensitive; spaces
+    and tabs around the value are not part of it."""
     hosts = []
     for line in head.split(b"\n")[1:]:  # the request line skipped
         name, colon, value = line.partition(b":")
-        if colon and name.lower() == b"host":
+        if not colon:
+            continue
+        if name[-1:] in (b" ", b"\t"):
+            return b"whitespace between a header name and its colon"
+        if name.lower() == b"host":
             hosts.append(value.removesuffix(b"\r").strip(b" \t"))
     if not hosts:
         return None if version == "HTTP/1.0" else b"an HTTP/1.1 request needs a Host header"
@@ -768,9 +774,9 @@ async def _handle_connection(
                     await refuse(400, b"bad request\n")
                 return
             method, target, version = parts
-            host_problem = _host_problem(head, version)
-            if host_problem is not None:
-                body = b"bad request: " + host_problem + b"\n"
+            problem = _header_problem(head, version)
+            if problem is not None:
+                body = b"bad request: " + problem + b"\n"
                 await refuse(400, body, head=method == "HEAD")
                 return
             answering = True

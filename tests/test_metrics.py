@@ -1101,6 +1101,49 @@ async def http_raw(port: int, request: bytes) -> bytes:
     return data
 
 
+async def test_whitespace_between_a_header_name_and_its_colon_gets_400():
+    """Regression: ``Host : x`` (whitespace between a field name and its colon) was taken
+    for no ``Host`` (an HTTP/1.1 request got "needs a Host header", an HTTP/1.0 one was
+    served), and any other header line with it was served; RFC 9112 5.1: a server must
+    answer such a request ``400``."""
+    expected = b"bad request: whitespace between a header name and its colon\n"
+    refused = (
+        b"GET /healthz HTTP/1.1\r\nHost : x\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost\t: x\r\n\r\n",
+        b"GET /healthz HTTP/1.0\r\nX-Thing : y\r\n\r\n",
+        b"HEAD /healthz HTTP/1.1\nHost: x\nAccept : */*\n\n",
+    )
+    served = (
+        b"GET /healthz HTTP/1.1\r\nHost:\tx \r\nX-Thing:  a : b \r\n\r\n",
+        b"GET /healthz HTTP/1.0\r\nX-Thing: a\tb\r\n\r\n",
+    )
+    await _assert_refused_with_400(refused, expected, served)
+
+
+async def _assert_refused_with_400(
+    refused: tuple[bytes, ...], expected: bytes, served: tuple[bytes, ...]
+) -> None:
+    """Each of ``refused`` gets 400 with ``expected`` (no body to a HEAD), counted, and
+    nothing rendered; each of ``served`` gets ``/healthz``'s 200."""
+    async with open_test_kernel() as kernel, trio.open_nursery() as nursery:
+        renderer = MetricsRenderer(kernel)
+        port = await nursery.start(
+            lambda task_status: serve_metrics(
+                kernel, "127.0.0.1", 0, renderer=renderer, task_status=task_status
+            )
+        )
+        for request in refused:
+            status, headers, body = await http(port, request)
+            assert status == 400, request
+            assert body == (b"" if request.startswith(b"HEAD") else expected), request
+            assert headers["content-length"] == str(len(expected)), request
+        for request in served:
+            assert (await http(port, request))[::2] == (200, b"ok\n"), request
+        assert renderer.endpoint is not None
+        assert renderer.endpoint.refused[400] == len(refused)
+        nursery.cancel_scope.cancel()
+
+
 class _ScrapeSteps(trio.abc.Instrument):
     """Counts, for each step of one task (``task``), the agents whose mailbox it read: a
     step is what the task runs between two checkpoints, while no agent runs."""
