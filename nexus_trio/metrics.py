@@ -697,7 +697,9 @@ async def _route(
 
 
 def _header_problem(head: bytes, version: str) -> bytes | None:
-    """Why the header lines of a request head make it a bad request, or None: a field
+    """Why the header lines of a request head make it a bad request, or None: a line
+    starting with a space or a tab (obsolete line folding, RFC 9112 5.2, refused rather
+    than joined to the line before; or whitespace before the first field, 2.2), a field
     name followed by whitespace before its colon (RFC 9112 5.1: must be refused, as
     ``Host : x`` is neither a ``Host`` nor nothing), or a ``Host`` header that RFC 9112 3.2
     refuses: an HTTP/1.1 request without one, any with more than one, or a value that is
@@ -705,6 +707,8 @@ def _header_problem(head: bytes, version: str) -> bytes | None:
     and tabs around the value are not part of it."""
     hosts = []
     for line in head.split(b"\n")[1:]:  # the request line skipped
+        if line[:1] in (b" ", b"\t"):
+            return b"a header line starts with whitespace (obsolete line folding)"
         name, colon, value = line.partition(b":")
         if not colon:
             continue
