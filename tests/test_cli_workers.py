@@ -158,6 +158,42 @@ def test_nexus_max_workers_overrides_the_bound_and_a_bad_value_is_named(
     assert asked == [40]
 
 
+def test_run_workers_itself_refuses_more_workers_than_the_bound_before_starting_anything(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression: only ``nexus run --workers`` checked the bound; ``run_workers`` (what
+    ``benchmarks/bench_workers.py`` calls) started as many processes as it was asked for.
+    It refuses with the same reason now, before it starts a nats-server or a worker."""
+    from nexus_trio._nats import _server
+    from nexus_trio.cli import _cluster_cmd
+
+    started: list[object] = []
+
+    def popen(*args: object, **_kwargs: object) -> None:
+        started.append(args)
+        raise AssertionError("a process was started")
+
+    monkeypatch.setattr(_cluster_cmd.subprocess, "Popen", popen)
+    monkeypatch.setattr(_server.subprocess, "Popen", popen)
+    monkeypatch.setattr(_cluster_cmd, "default_workers", lambda: 2)
+    monkeypatch.delenv("NEXUS_MAX_WORKERS", raising=False)
+    with pytest.raises(ValueError, match=r"^--workers: 9 is more than 8, the most this host runs"):
+        _cluster_cmd.run_workers(9, [])
+    with pytest.raises(ValueError, match=r"^--workers: 9 is more than 8, the most this host runs"):
+        _cluster_cmd.run_workers(9, [], nats_url="nats://127.0.0.1:1")
+    monkeypatch.setenv("NEXUS_MAX_WORKERS", "3")
+    with pytest.raises(
+        ValueError, match=r"^--workers: 4 is more than 3, the most NEXUS_MAX_WORKERS=3 allows$"
+    ):
+        _cluster_cmd.run_workers(4, [])
+    monkeypatch.setenv("NEXUS_MAX_WORKERS", "many")
+    with pytest.raises(
+        ValueError, match=r"^--workers: NEXUS_MAX_WORKERS=many is not a whole number of at least 1$"
+    ):
+        _cluster_cmd.run_workers(1, [])
+    assert started == []
+
+
 # --- real processes ---------------------------------------------------------------------------
 
 

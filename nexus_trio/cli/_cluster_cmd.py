@@ -94,9 +94,17 @@ def default_workers() -> int:
 
 def check_worker_count(count: int, environ: Mapping[str, str] = os.environ) -> None:
     """Raise :class:`typer.BadParameter` if ``count`` workers are more than this host
-    should run: 4 per core this process may use, at least 8 (each worker is a Python
-    process of about 60 MB, busy on a core of its own), or ``NEXUS_MAX_WORKERS`` if set."""
-    hint = "'--workers'"
+    should run (see :func:`worker_count_problem`)."""
+    problem = worker_count_problem(count, environ)
+    if problem is not None:
+        raise typer.BadParameter(problem, param_hint="'--workers'")
+
+
+def worker_count_problem(count: int, environ: Mapping[str, str] = os.environ) -> str | None:
+    """Why ``count`` workers are more than this host should run, or None: more than 4
+    per core this process may use, at least 8 (each worker is a Python process of about
+    60 MB, busy on a core of its own), or than ``NEXUS_MAX_WORKERS`` if set (a value that
+    is not a whole number of at least 1 is the problem then)."""
     raw = environ.get(MAX_WORKERS_ENV)
     if raw is not None:
         try:
@@ -104,9 +112,7 @@ def check_worker_count(count: int, environ: Mapping[str, str] = os.environ) -> N
         except ValueError:
             bound = 0
         if bound < 1:
-            raise typer.BadParameter(
-                f"{MAX_WORKERS_ENV}={raw} is not a whole number of at least 1", param_hint=hint
-            )
+            return f"{MAX_WORKERS_ENV}={raw} is not a whole number of at least 1"
         why = f"the most {MAX_WORKERS_ENV}={raw} allows"
     else:
         cores = default_workers()
@@ -117,7 +123,8 @@ def check_worker_count(count: int, environ: Mapping[str, str] = os.environ) -> N
             f"{MAX_WORKERS_ENV}={count} to run them anyway"
         )
     if count > bound:
-        raise typer.BadParameter(f"{count} is more than {bound}, {why}", param_hint=hint)
+        return f"{count} is more than {bound}, {why}"
+    return None
 
 
 def worker_argv(ctx: typer.Context) -> list[str]:
@@ -342,9 +349,15 @@ def run_workers(
     python: str | None = None,
 ) -> tuple[dict[str, Any], int]:
     """Run ``workers`` worker processes to the end; return the added-up summary and the
-    worst exit status. ``run_args`` are ``nexus run`` arguments (see :func:`worker_argv`)."""
+    worst exit status. ``run_args`` are ``nexus run`` arguments (see :func:`worker_argv`).
+
+    ValueError, before anything starts, if ``workers`` is below 1 or more than this host
+    should run (the bound ``nexus run --workers`` checks: :func:`worker_count_problem`)."""
     if workers < 1:
         raise ValueError(f"--workers must be at least 1, got {workers}")
+    problem = worker_count_problem(workers)
+    if problem is not None:
+        raise ValueError(f"--workers: {problem}")
     server = None
     # Credentials reach the workers in their environment, never in argv (``ps``).
     env = dict(os.environ)
