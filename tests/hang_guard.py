@@ -1,4 +1,5 @@
-"""A real-time guard for tests that run on Trio's mock clock.
+"""A real-time guard for tests that run on Trio's mock clock, and the settings of the
+fault-injection properties that run that way.
 
 A task that waits forever inside a *shielded* scope (a hung shutdown) is not stopped by
 ``trio.fail_after`` on a mock clock; SIGALRM in real time turns such a hang into a test
@@ -14,6 +15,7 @@ from types import FrameType
 
 import trio
 import trio.testing
+from hypothesis import HealthCheck, settings
 
 
 class Hung(Exception):
@@ -40,6 +42,21 @@ def tasks_living() -> int:
     """The tasks alive in the current Trio run: equal counts before and after a block
     mean it left no task behind."""
     return trio.lowlevel.current_statistics().tasks_living
+
+
+def fault_settings(max_examples: int) -> settings:
+    """The Hypothesis settings of a fault-injection property: ``max_examples`` examples,
+    the same ones at every run (derandomized, no example database: CI sees what a
+    developer sees), no deadline and no ``too_slow`` check (an example runs a kernel).
+    The examples are drawn from a seed Hypothesis derives from the property's body
+    (decorators and comments left out): a change to the body draws other examples."""
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
 
 
 def run_on_mock_clock(scenario: Callable[[], Awaitable[object]], real_seconds: float) -> None:

@@ -39,7 +39,7 @@ from nexus_trio import (
 from nexus_trio.testing import assert_conserved, dead_letters, record_events, step_until_idle
 
 from .conftest import timed_shutdown
-from .hang_guard import real_time_limit
+from .hang_guard import real_time_limit, tasks_living
 
 #: mock seconds a scenario may take before it counts as hung
 MOCK_LIMIT = 600
@@ -69,10 +69,6 @@ def config(
 
 def names(kernel: Any) -> list[str | None]:
     return [ref.name for ref in kernel.agents()]
-
-
-def tasks_living() -> int:
-    return trio.lowlevel.current_statistics().tasks_living
 
 
 class Journal:

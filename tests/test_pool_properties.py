@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 import trio.testing
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from nexus_trio import (
@@ -53,7 +53,7 @@ from nexus_trio import (
 )
 from nexus_trio.testing import assert_conserved, open_test_kernel, step_until_idle
 
-from .hang_guard import run_on_mock_clock, tasks_living
+from .hang_guard import fault_settings, run_on_mock_clock, tasks_living
 
 #: mock seconds an example may take before it counts as hung
 MOCK_LIMIT = 3600
@@ -74,13 +74,7 @@ async def worker_named(ctx: Context, msg: Message) -> Any:
     return ctx.name
 
 
-@settings(
-    max_examples=300,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+@fault_settings(300)
 @given(
     size=st.integers(1, 4),
     headroom=st.integers(0, 3),

@@ -15,7 +15,7 @@ from typing import Any
 
 import trio
 import trio.testing
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from nexus_trio import (
@@ -39,7 +39,7 @@ from nexus_trio import (
 from nexus_trio.testing import assert_conserved
 
 from .conftest import make_config
-from .hang_guard import real_time_limit
+from .hang_guard import fault_settings, real_time_limit
 
 #: the request timeout is 1 s and the handle timeout 2 s: "slow" sleeps land before,
 #: between and after them
@@ -212,13 +212,7 @@ def check_outcomes(kernel: Any, record: dict[str, Any], asked: set[int]) -> None
     assert stats.replies_delivered == answers, (stats.replies_delivered, answers, outcomes)
 
 
-@settings(
-    max_examples=150,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+@fault_settings(150)
 @given(
     setups=servers,
     work=requests,

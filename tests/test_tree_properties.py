@@ -33,6 +33,7 @@ guard catches a hang inside the shielded shutdown that mock time cannot cut.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import random
@@ -44,7 +45,7 @@ from typing import Any
 
 import trio
 import trio.testing
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from nexus_trio import (
@@ -68,7 +69,7 @@ from nexus_trio import (
 )
 from nexus_trio.testing import assert_conserved, record_events
 
-from .hang_guard import real_time_limit
+from .hang_guard import fault_settings, run_on_mock_clock, tasks_living
 
 STRATEGIES = ("one_for_one", "one_for_all", "rest_for_one")
 RESTART_TYPES = ("permanent", "permanent", "transient", "temporary")
@@ -98,10 +99,6 @@ def subtrees(depth: int) -> st.SearchStrategy[Tree]:
 
 #: the root's children: up to four subtrees, supervisors nested three deep at most
 forests = st.lists(subtrees(3), min_size=1, max_size=4)
-
-
-def tasks_living() -> int:
-    return trio.lowlevel.current_statistics().tasks_living
 
 
 def build(
@@ -150,21 +147,16 @@ def subtree_members(forest: list[Tree]) -> dict[str, list[str]]:
     return members
 
 
-def run_example(scenario: Callable[[], Any]) -> None:
-    with real_time_limit(REAL_LIMIT):
-        trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+#: one example, on a mock clock, failing after REAL_LIMIT s of real time. (The
+#: properties' bodies call it by this name: Hypothesis derives a derandomized property's
+#: examples from its body's source, so another call there would change them all.)
+run_example = functools.partial(run_on_mock_clock, real_seconds=REAL_LIMIT)
 
 
 # --- (a) nested trees: shutdown order -------------------------------------------------------
 
 
-@settings(
-    max_examples=200,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+@fault_settings(200)
 @given(
     forest=forests,
     messages=st.lists(
@@ -265,13 +257,7 @@ def test_nested_trees_shut_down_in_order(
 ACTIONS = ("ok", "ok", "sleep", "fail", "fail", "spawn", "spawn", "exit", "send")
 
 
-@settings(
-    max_examples=200,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+@fault_settings(200)
 @given(forest=forests, seed=st.integers(0, 2**32 - 1))
 # Found by this property (shrunk): kernel.stop of the nested supervisor s5 lands while its
 # own supervisor s4 is stopping its children; s5 is retired without being stopped, its task
@@ -441,13 +427,7 @@ def test_chaos_trees_never_hang_or_leak(forest: list[Tree], seed: int) -> None:
 # --- (c) fault injection: failures outside handlers, stops racing restarts, shutdown -------
 
 
-@settings(
-    max_examples=500,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+@fault_settings(500)
 @given(forest=forests, seed=st.integers(0, 2**32 - 1))
 def test_fault_injection_trees_stop_cleanly_and_count_every_failure(
     forest: list[Tree], seed: int
