@@ -43,7 +43,7 @@ from ._cell import AgentCell
 from ._child import Child
 from ._config import Config
 from ._deadletter import DeadLetter
-from ._errors import AgentNotFound, KernelShuttingDown, SupervisorEscalation
+from ._errors import AgentNotFound, KernelShuttingDown, RequestFailed, SupervisorEscalation
 from ._events import EventKind, LifecycleEvent
 from ._gc import HeapKeeper
 from ._ledger import Ledger
@@ -486,6 +486,17 @@ class Kernel:
     def fail_request(self, request_id: uuid.UUID, error: BaseException) -> bool:
         """Fail a pending :meth:`request` with ``error`` (prefer the transport handle)."""
         return self._router.fail_request(request_id, error)
+
+    def fail_query(self, query_id: uuid.UUID, error: RequestFailed) -> None:
+        """Fail the requester of query ``query_id`` with ``error``, wherever it waits: for
+        an agent that took a Query over (its handler returned, the answer to come later
+        in a message of its own, as a pool's ``$resize`` does) and finds it cannot answer.
+
+        A requester on this kernel gets ``error`` raised by its request; one on another
+        kernel gets it through the transport (:meth:`Transport.query_failed`), as when a
+        query is dead-lettered. Nothing is counted (the query was handled) and nothing
+        happens if no one waits any more; an answer that comes anyway is a late reply."""
+        self._router.fail_query(query_id, error)
 
     def report_event(self, event: LifecycleEvent) -> None:
         """Publish an event that happened outside the supervision tree on ``events()``

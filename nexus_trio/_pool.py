@@ -518,13 +518,13 @@ class _PoolRouter(Agent):
             if not stopped and request.kind is MessageKind.QUERY:
                 # The pool stops (or its supervisor restarts it) before the removed
                 # workers are gone: no answer will come, so the requester hears it now,
-                # not at the end of its timeout (a requester on another node does).
+                # not at the end of its timeout, on this node or another.
                 kernel = ctx.kernel
                 reason = (
                     DeadLetterReason.SHUTDOWN if kernel.stopping else DeadLetterReason.AGENT_STOPPED
                 )
                 error = AgentStopped(ctx.id, ctx.name)
-                kernel.fail_request(
+                kernel.fail_query(
                     request.id, RequestFailed(request.id, request.to, reason.value, error)
                 )
         if not stopped or request.kind is not MessageKind.QUERY:

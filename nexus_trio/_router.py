@@ -932,6 +932,12 @@ class Router:
         self._mark_late(request_id)
         return True
 
+    def fail_query(self, query_id: uuid.UUID, error: BaseException) -> None:
+        """Fail the requester of a handled query that will get no answer: a pending
+        request here, else (a requester on another kernel) through the transport."""
+        if not self.fail_request(query_id, error) and self.transport is not None:
+            self.transport.query_failed(query_id, error)
+
     def fail_all_pending(self, make_error: Callable[[], BaseException]) -> None:
         for pending in list(self._pending.values()):
             pending.fail(make_error())

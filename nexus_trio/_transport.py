@@ -46,3 +46,11 @@ class Transport(Protocol):
         transport that cannot reach the peer may drop the request (the handler then
         runs to its own deadline and its reply is a late reply)."""
         ...
+
+    def query_failed(self, query_id: uuid.UUID, error: BaseException) -> None:
+        """Query ``query_id``, which this transport brought from a remote requester, will
+        get no answer: the agent that took it over (its handler returned, the answer to
+        come later) cannot give one (see :meth:`Kernel.fail_query`). Send the requester
+        ``error``, as for a query dead-lettered here. Must not wait or raise; a query the
+        transport does not know (or no longer) is left alone."""
+        ...

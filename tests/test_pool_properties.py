@@ -456,3 +456,62 @@ async def test_a_shrink_s_requester_hears_at_once_when_the_pool_stops_before_it_
         assert isinstance(error, RequestFailed), error
         assert error.reason == "agent_stopped"
         assert trio.current_time() - started < 2
+
+
+async def test_a_shrink_s_remote_requester_hears_at_once_when_the_pool_stops_before_it_answers(
+    nats: Any,
+) -> None:
+    """Regression: when a pool stopped before the workers a ``$resize`` request removed had
+    stopped, only a requester on the pool's own node heard it at once (``RequestFailed``,
+    ``agent_stopped``); one on another node waited out its whole timeout. It gets the same
+    ``RequestFailed`` now, through the cluster's error frame."""
+    from nexus_trio._nats import join_cluster
+
+    from .nats_server import FAST
+
+    release = trio.Event()
+
+    @agent
+    async def stuck(ctx: Context, msg: Message) -> Any:
+        await release.wait()
+        return ctx.name
+
+    async with open_kernel() as kb, open_kernel() as ka:
+        kb.spawn(pool(stuck, size=3))
+        await step_until_idle(kb)
+        for i in range(6):
+            await kb.send("workers", i)  # two each: the shrink waits for /2 to drain
+        async with (
+            join_cluster(kb, nats.url, "b", options=FAST) as cb,
+            join_cluster(ka, nats.url, "a", options=FAST) as ca,
+            trio.open_nursery() as nursery,
+        ):
+            with trio.fail_after(30):
+                await cb.names_published()
+                await ca.wait_for_name("workers")
+            errors: list[Exception] = []
+            ended = trio.Event()
+
+            async def shrink() -> None:
+                try:
+                    await resize_pool(ka, "workers", 1, timeout=60)
+                except (RequestFailed, RequestTimeout) as exc:
+                    errors.append(exc)
+                ended.set()
+
+            nursery.start_soon(shrink)
+            with trio.fail_after(30):
+                # (the shrink begins on b when the request has crossed NATS: nothing
+                # here tells when, so the pool's list is watched)
+                while len(await pool_workers(kb, "workers")) != 1:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            nursery.start_soon(kb.stop, "workers")
+            with trio.fail_after(15):  # not the request's 60 s
+                await ended.wait()
+            release.set()
+        (error,) = errors
+        assert isinstance(error, RequestFailed), error
+        assert error.reason == "agent_stopped"
+        assert "stopped" in str(error.error), error.error
+        await ka.shutdown()
+        await kb.shutdown()

@@ -175,6 +175,9 @@ class _NullTransport:
     def cancel_query(self, query_id: uuid.UUID, to: Address) -> None:
         pass
 
+    def query_failed(self, query_id: uuid.UUID, error: BaseException) -> None:
+        pass
+
 
 async def test_a_query_cancel_that_comes_after_its_handler_was_woken_spares_the_next_message(
     autojump_clock: Any,

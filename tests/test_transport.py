@@ -48,6 +48,10 @@ class Loopback:
         if self.peer is not None:
             self.peer.cancel_query(query_id, to)
 
+    def query_failed(self, query_id: uuid.UUID, error: BaseException) -> None:
+        if self.peer is not None:
+            self.peer.fail_request(query_id, error)
+
 
 @agent(name="doubler")
 async def doubler(ctx: Context, msg: Message) -> Any:

@@ -824,6 +824,15 @@ class Cluster:
         self._cancels_sent += 1
         self._want_flush(link)
 
+    def query_failed(self, query_id: uuid.UUID, error: BaseException) -> None:
+        """Query ``query_id`` from a remote requester will get no answer (dead-lettered
+        here, or given up by the agent that took it over: ``Kernel.fail_query``): its
+        requester gets ``error`` in an error frame, if the query came with a reply
+        subject this node still remembers (counted in ``errors_replied``)."""
+        reply = self._reply_routes.pop(query_id, None)
+        if reply is not None:
+            self._publish_error(reply, error)
+
     # --- node batches (sending side; see _batch) ----------------------------------------------
 
     def _known_link(self, msg: Message) -> batch.NodeLink | None:
@@ -2429,11 +2438,9 @@ class Cluster:
                     # frame; the route stays (bounded) so that a reply the handler
                     # produces anyway reaches it, as a late reply.
                     continue
-                reply = self._reply_routes.pop(msg.id, None)
-                if reply is not None:
-                    self._publish_error(
-                        reply, RequestFailed(msg.id, msg.to, letter.reason.value, letter.error)
-                    )
+                self.query_failed(
+                    msg.id, RequestFailed(msg.id, msg.to, letter.reason.value, letter.error)
+                )
                 self.durable.failed(msg, letter.reason.value, letter.error)
 
     # --- agent types (queue groups) -------------------------------------------------------------
