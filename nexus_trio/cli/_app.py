@@ -16,6 +16,7 @@ import enum
 import errno
 import importlib
 import logging
+import math
 import os
 import shlex
 import shutil
@@ -318,6 +319,10 @@ def run(
         typer.echo(f"wrote {written}")
         return
 
+    if not math.isfinite(rate):  # (typer's min=0 lets inf through; the demo cannot pace it)
+        raise typer.BadParameter(
+            f"must be a finite number >= 0 (0 = unpaced), got {rate!r}", param_hint="'--rate'"
+        )
     if workers is not None:
         _run_workers(ctx, workers, nats, json_out)
         return

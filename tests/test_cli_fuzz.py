@@ -1,0 +1,41 @@
+"""Hostile ``nexus run`` arguments: a bad value exits 2 with a message naming its flag,
+never a traceback, and nothing starts."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from nexus_trio.cli import app
+
+pytestmark = pytest.mark.usefixtures("restore_logging", "isolated")
+WIDE = {"COLUMNS": "300", "NO_COLOR": "1"}
+
+
+def flat(text: str) -> str:
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
+
+
+def assert_usage_error(args: list[str], flag: str) -> str:
+    result = CliRunner().invoke(app, ["run", *args], env=WIDE)
+    output = flat(result.output)
+    assert "Traceback" not in output, output
+    assert result.exit_code == 2, output
+    assert f"Invalid value for '{flag}'" in output, output
+    return output
+
+
+@pytest.mark.parametrize("value", ["inf", "Infinity", "1e400", "+inf"])
+def test_an_infinite_rate_is_a_usage_error_naming_the_flag(value: str) -> None:
+    output = assert_usage_error(["--rate", value, "-d", "0.1", "-n", "2"], "--rate")
+    assert "finite" in output
+
+
+def test_a_large_finite_rate_still_runs(isolated: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["run", "--rate", "1e300", "-d", "0.1", "-n", "2", "--json"], env=WIDE
+    )
+    assert result.exit_code == 0, result.output
