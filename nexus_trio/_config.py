@@ -56,6 +56,24 @@ def _doc(text: str) -> dict[str, str]:
     return {"doc": text}
 
 
+#: The largest integer a number key takes: TOML's integers are 64-bit, and a larger one
+#: (a mailbox, a buffer, a time in ms) does not fit what the kernel sizes with it.
+INT64_MAX = 2**63 - 1
+
+
+def _shown(value: int) -> str:
+    # repr() of an int of more than 4300 digits raises ValueError (sys.int_info)
+    return repr(value) if value.bit_length() <= 128 else f"an integer of {value.bit_length()} bits"
+
+
+def _at_most_int64(section: str, name: str, value: int | float) -> None:
+    if isinstance(value, int) and value > INT64_MAX:
+        raise ValueError(
+            f"[{section}] {name} must be at most {INT64_MAX} (a 64-bit integer), "
+            f"got {_shown(value)}"
+        )
+
+
 def _at_least(minimum: float, *, integer: bool = False) -> Any:
     def check(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         section = _section_of(inst)
@@ -65,7 +83,9 @@ def _at_least(minimum: float, *, integer: bool = False) -> Any:
         elif isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f"[{section}] {attribute.name} must be a number, got {value!r}")
         if not value >= minimum:  # also rejects NaN
-            raise ValueError(f"[{section}] {attribute.name} must be >= {minimum:g}, got {value!r}")
+            shown = _shown(value) if isinstance(value, int) else repr(value)
+            raise ValueError(f"[{section}] {attribute.name} must be >= {minimum:g}, got {shown}")
+        _at_most_int64(section, attribute.name, value)
 
     return check
 
@@ -75,7 +95,9 @@ def _positive(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"[{section}] {attribute.name} must be a number, got {value!r}")
     if not value > 0:
-        raise ValueError(f"[{section}] {attribute.name} must be > 0, got {value!r}")
+        shown = _shown(value) if isinstance(value, int) else repr(value)
+        raise ValueError(f"[{section}] {attribute.name} must be > 0, got {shown}")
+    _at_most_int64(section, attribute.name, value)
 
 
 def _fraction(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:

@@ -339,6 +339,7 @@ def _read_file(path: Path, values: _Values, sources: dict[str, str], warnings: l
         raise ConfigError(f"invalid TOML: {exc}", path=path) from None
     source = f"file {path}"
     data: dict[str, Any] = document.unwrap()
+    _refuse_huge_integers(data, text, path)
     for section, table in data.items():
         if section not in SECTIONS:
             if isinstance(table, dict):
@@ -368,6 +369,37 @@ def _read_file(path: Path, values: _Values, sources: dict[str, str], warnings: l
             except ValueError as exc:
                 raise ConfigError(str(exc), path=path, line=line, key=f"{section}.{key}") from None
             sources[f"{section}.{key}"] = source
+
+
+_HUGE = "holds an integer beyond 64 bits (TOML integers are -2^63 to 2^63-1)"
+
+
+def _holds_huge_integer(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(_holds_huge_integer(item) for item in value.values())
+    if isinstance(value, list):
+        return any(_holds_huge_integer(item) for item in value)
+    return isinstance(value, int) and not -(2**63) <= value < 2**63
+
+
+def _refuse_huge_integers(data: dict[str, Any], text: str, path: Path) -> None:
+    """TOML's integers are 64-bit; tomlkit reads larger ones (even of more digits than
+    Python prints), which nothing in a config can use: an error naming where, not a crash."""
+    for name, item in data.items():
+        keys = list(item.items()) if isinstance(item, dict) else [(None, item)]
+        for key, value in keys:
+            if not _holds_huge_integer(value):
+                continue
+            if key is None:
+                raise ConfigError(
+                    f"invalid TOML: {name} {_HUGE}", path=path, line=_section_line(text, name)
+                )
+            raise ConfigError(
+                f"invalid TOML: [{name}] {key} {_HUGE}",
+                path=path,
+                line=_first(_key_lines(text, name, key)),
+                key=f"{name}.{key}" if name in SECTIONS else None,
+            )
 
 
 def _is_textual(field: attrs.Attribute[Any]) -> bool:
@@ -413,6 +445,8 @@ def _read_env(
             warnings.append(f"{origin}: {_unknown_key_text(section, key)}")
             continue
         value = _parse_env_value(known[key], env[name])
+        if _holds_huge_integer(value):
+            raise ConfigError(f"[{section}] {key} {_HUGE}", origin=origin, key=f"{section}.{key}")
         try:
             values[section][key] = _check_value(section, key, value)
         except ValueError as exc:
