@@ -402,9 +402,16 @@ def _refuse_huge_integers(data: dict[str, Any], text: str, path: Path) -> None:
             )
 
 
+def _type_name(field: attrs.Attribute[Any]) -> str:
+    # A string (postponed annotations) until nexus_trio's import resolves the public
+    # classes' types (MetricsConfig.host is then the class str): the same name either way.
+    kind = field.type
+    return kind if isinstance(kind, str) else getattr(kind, "__name__", None) or str(kind)
+
+
 def _is_textual(field: attrs.Attribute[Any]) -> bool:
-    # Types are strings here (postponed annotations); enums are written as strings too.
-    return str(field.type) in ("str", "str | None", "OverflowPolicy", "RestartStrategy")
+    # enums are written as strings too
+    return _type_name(field) in ("str", "str | None", "OverflowPolicy", "RestartStrategy")
 
 
 def _parse_env_value(field: attrs.Attribute[Any], raw: str) -> Any:
@@ -418,7 +425,7 @@ def _parse_env_value(field: attrs.Attribute[Any], raw: str) -> Any:
         return None
     if _is_textual(field) and not text.startswith(('"', "'")):
         return raw
-    if str(field.type).startswith("list") and not text.startswith("["):
+    if _type_name(field).startswith("list") and not text.startswith("["):
         return raw
     try:
         item = tomlkit.value(text)

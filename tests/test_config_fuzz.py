@@ -123,3 +123,28 @@ async def test_the_largest_accepted_integers_run_a_kernel(home: Path) -> None:
             await kernel.send("echo", i)
         assert await kernel.request("echo", "last") == "last"
         assert kernel.stats().handled == 4
+
+
+# --- text keys in the environment ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "dotted", "expected"),
+    [
+        ("NEXUS_NATS__PASSWORD", "12345678", "nats.password", "12345678"),
+        ("NEXUS_NATS__TOKEN", "true", "nats.token", "true"),
+        ("NEXUS_NATS__TOKEN", "0x1F", "nats.token", "0x1F"),
+        ("NEXUS_NATS__USER", "1979-05-27", "nats.user", "1979-05-27"),
+        ("NEXUS_NATS__CREDS_FILE", "inf", "nats.creds_file", "inf"),
+        ("NEXUS_METRICS__HOST", "1e5", "metrics.host", "1e5"),
+        ("NEXUS_METRICS__HOST", "127.1", "metrics.host", "127.1"),
+        ("NEXUS_NATS__PASSWORD", '"quoted # kept"', "nats.password", "quoted # kept"),
+    ],
+)
+def test_a_text_key_in_the_environment_is_the_string_as_written(
+    home: Path, name: str, raw: str, dotted: str, expected: str
+) -> None:
+    loaded = load(home, env={name: raw})
+    section, key = dotted.split(".")
+    assert getattr(getattr(loaded.config, section), key) == expected
+    assert loaded.sources[dotted] == f"env {name}"
