@@ -21,7 +21,7 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -480,6 +480,15 @@ def _apply_overrides(
         sources[dotted] = "cli"
 
 
+def _looked_up(path: Path, test: Callable[[Path], bool]) -> bool:
+    """``path.exists()`` / ``path.is_file()``, or ConfigError naming the path when the system
+    cannot tell (a name too long, a directory it may not search): never an OSError."""
+    try:
+        return test(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file: {exc.strerror or exc}", path=path) from None
+
+
 def load_config(
     path: Path | str | None = None,
     *,
@@ -516,13 +525,13 @@ def load_config(
     file: Path | None = None
     if path is not None:
         file = (base / Path(path).expanduser()).absolute()
-        if not file.exists():
+        if not _looked_up(file, Path.exists):
             raise ConfigError("config file not found", path=file)
-        if not file.is_file():
+        if not _looked_up(file, Path.is_file):
             raise ConfigError("config path is not a file", path=file)
     else:
         for candidate in search_paths(cwd=base, env=env):
-            if candidate.is_file():
+            if _looked_up(candidate, Path.is_file):
                 file = candidate.absolute()
                 break
     if file is not None:

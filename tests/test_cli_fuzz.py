@@ -39,3 +39,9 @@ def test_a_large_finite_rate_still_runs(isolated: Path) -> None:
         app, ["run", "--rate", "1e300", "-d", "0.1", "-n", "2", "--json"], env=WIDE
     )
     assert result.exit_code == 0, result.output
+
+
+def test_a_config_path_too_long_to_look_up_exits_2_naming_it(isolated: Path) -> None:
+    result = CliRunner().invoke(app, ["run", "-c", "a" * 5000, "-d", "0.1"], env=WIDE)
+    assert result.exit_code == 2, (result.exception, flat(result.output)[:300])
+    assert "File name too long" in flat(result.output)

@@ -148,3 +148,23 @@ def test_a_text_key_in_the_environment_is_the_string_as_written(
     section, key = dotted.split(".")
     assert getattr(getattr(loaded.config, section), key) == expected
     assert loaded.sources[dotted] == f"env {name}"
+
+
+# --- paths the system cannot look up -------------------------------------------------------------
+
+
+def test_a_config_path_too_long_to_look_up_is_an_error_naming_it(home: Path) -> None:
+    long = home / ("a" * 5000)
+    with pytest.raises(ConfigError) as info:
+        load(home, long)
+    assert info.value.path == long
+    assert str(info.value).startswith(str(long))
+    assert "cannot read config file: File name too long" in str(info.value)
+
+
+def test_a_search_path_too_long_to_look_up_is_an_error_naming_it(home: Path) -> None:
+    xdg = "/" + "x" * 5000
+    with pytest.raises(ConfigError) as info:
+        load(home, env={"XDG_CONFIG_HOME": xdg})
+    assert info.value.path == Path(xdg) / "nexus" / "config.toml"
+    assert "File name too long" in str(info.value)
