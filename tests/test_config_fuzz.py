@@ -4,15 +4,21 @@ raises ConfigError naming the file, variable or key: never another exception."""
 
 from __future__ import annotations
 
+import enum
+import math
+import re
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
+import tomlkit
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 import nexus_trio.config as config_module
-from nexus_trio import Context, KernelConfig, Message, agent, open_kernel
-from nexus_trio._config import SECTIONS
+from nexus_trio import Config, Context, KernelConfig, Message, agent, open_kernel
+from nexus_trio._config import LOG_FORMATS, LOG_LEVELS, SECTIONS, WORKLOADS
 from nexus_trio.config import ConfigError, LoadedConfig, load_config
 
 INT64_MAX = 2**63 - 1
@@ -168,3 +174,403 @@ def test_a_search_path_too_long_to_look_up_is_an_error_naming_it(home: Path) -> 
         load(home, env={"XDG_CONFIG_HOME": xdg})
     assert info.value.path == Path(xdg) / "nexus" / "config.toml"
     assert "File name too long" in str(info.value)
+
+
+# --- the property: any file, environment and overrides ------------------------------------------
+
+
+def _documented_rules() -> dict[str, str]:
+    """``"section.key"`` -> the "valid" column of docs/config.md's key tables."""
+    rules: dict[str, str] = {}
+    section = None
+    for line in (DOCS / "config.md").read_text(encoding="utf-8").splitlines():
+        heading = re.match(r"^### `\[(\w+)\]`", line)
+        if heading:
+            section = heading.group(1)
+            continue
+        row = re.match(r"^\| `(\w+)` \| [^|]+ \| ([^|]+) \|", line)
+        if row and section in SECTIONS:
+            rules[f"{section}.{row.group(1)}"] = row.group(2).strip()
+    return rules
+
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+RULES = _documented_rules()
+KNOWN = {section: [field.name for field in attrs.fields(cls)] for section, cls in SECTIONS.items()}
+APP_REFERENCE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def documented_valid(dotted: str, value: Any) -> bool:
+    """Whether docs/config.md's "valid" column accepts ``value`` for ``dotted`` (written
+    from the docs, not from the code's validators)."""
+    rule = RULES[dotted]
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if isinstance(value, int) and not isinstance(value, bool) and value > INT64_MAX:
+        return False  # TOML's integers are 64-bit (docs: "Integers are TOML's")
+    if value is None:
+        return RULES[dotted] in ("non-empty string", '`"package.module:attr"`')  # unset keys
+    if rule.startswith("integer >= "):
+        return isinstance(value, int) and _is_number(value) and value >= int(rule.split()[-1])
+    if rule == "integer 0..65535":
+        return isinstance(value, int) and _is_number(value) and 0 <= value <= 65535
+    if rule.startswith((">= ", "> ")):
+        op, bound = rule.split()
+        if not _is_number(value):
+            return False
+        return bool(value >= float(bound) if op == ">=" else value > float(bound))
+    if rule == "0 to 1":
+        return _is_number(value) and 0 <= value <= 1
+    if rule in ("true or false", "`true`, `false`"):
+        return isinstance(value, bool)
+    if rule == "non-empty string":
+        return isinstance(value, str) and bool(value.strip())
+    if rule == '`"package.module:attr"`':
+        return isinstance(value, str) and APP_REFERENCE.fullmatch(value) is not None
+    if rule.startswith("list of non-empty strings"):
+        return isinstance(value, list) and all(isinstance(c, str) and c.strip() for c in value)
+    choices = re.findall(r"`(\w+)`", rule)
+    assert choices, f"a rule this test does not know: {dotted}: {rule}"
+    if not isinstance(value, str):
+        return False
+    return (value.lower() if "any case" in rule else value) in choices
+
+
+def test_the_oracle_knows_every_key_and_agrees_with_the_defaults() -> None:
+    assert set(RULES) == {f"{s}.{k}" for s, keys in KNOWN.items() for k in keys}
+    defaults = attrs.asdict(Config(), recurse=True)
+    for dotted in RULES:
+        section, key = dotted.split(".")
+        assert documented_valid(dotted, defaults[section][key]), dotted
+
+
+SPECIAL_INTS = st.sampled_from([0, 1, -1, 2, 65535, 65536, INT64_MAX, INT64_MAX + 1, -(2**63)])
+SPECIAL_FLOATS = st.sampled_from([0.0, -0.0, 0.5, 1.0, 1.5, -1.5, 1e308, math.inf, -math.inf])
+NAMES = st.sampled_from(
+    [
+        *LOG_LEVELS,
+        *LOG_FORMATS,
+        *WORKLOADS,
+        "block",
+        "reject",
+        "drop_oldest",
+        "one_for_all",
+        "INFO",
+        "Warn",
+        "pkg.mod:attr",
+        "nocolon",
+        "python a.py",
+        "nats://h:4222",
+        " ",
+        "",
+    ]
+)
+SCALARS = st.one_of(
+    st.integers(min_value=-(2**70), max_value=2**70),
+    SPECIAL_INTS,
+    st.floats(allow_nan=True, allow_infinity=True),
+    SPECIAL_FLOATS,
+    st.booleans(),
+    st.text(max_size=8),
+    NAMES,
+    st.just(16**3000),  # more digits than Python prints
+    st.dates(),
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(st.sampled_from(["a", "x", "mailbox_capacity"]), inner, max_size=2),
+    ),
+    max_leaves=6,
+)
+KEY_NAMES = st.one_of(
+    st.sampled_from(sorted({k for keys in KNOWN.values() for k in keys})),
+    st.sampled_from(["mailbox_capacty", "Port", "unknown", "a.b", "", "x y", "ü"]),
+)
+SECTION_NAMES = st.one_of(*[st.sampled_from(list(SECTIONS))] * 6, st.sampled_from(["kernal", ""]))
+
+
+def valid_for(dotted: str) -> st.SearchStrategy[Any]:
+    """Values docs/config.md calls valid for ``dotted`` (most drawn values are: so that a
+    load gets past the file to the environment and the overrides)."""
+    rule = RULES[dotted]
+    if rule.startswith("integer >= "):
+        return st.integers(int(rule.split()[-1]), INT64_MAX)
+    if rule == "integer 0..65535":
+        return st.integers(0, 65535)
+    if rule.startswith((">= ", "> ")):
+        low = float(rule.split()[1])
+        floats = st.floats(min_value=low, exclude_min=rule.startswith("> "), allow_nan=False)
+        return st.one_of(floats, st.integers(int(low) + 1, INT64_MAX))
+    if rule == "0 to 1":
+        return st.floats(0, 1)
+    if rule in ("true or false", "`true`, `false`"):
+        return st.booleans()
+    if rule == "non-empty string":
+        return st.text(min_size=1, max_size=8).filter(str.strip)
+    if rule == '`"package.module:attr"`':
+        return st.sampled_from(["pkg.mod:attr", "a:b.c"])
+    if rule.startswith("list of non-empty strings"):
+        return st.lists(st.sampled_from(["python a.py", "x"]), max_size=2)
+    return st.sampled_from(re.findall(r"`(\w+)`", rule))
+
+
+def mostly_valid(dotted: str | None) -> st.SearchStrategy[Any]:
+    if dotted not in RULES:
+        return VALUES
+    return st.one_of(*[valid_for(dotted)] * 12, VALUES)  # one in 13 is anything at all
+
+
+@st.composite
+def documents(draw: st.DrawFn) -> dict[str, Any]:
+    document: dict[str, Any] = {}
+    for section in draw(st.lists(SECTION_NAMES, max_size=4, unique=True)):
+        shape = draw(st.sampled_from(["table"] * 12 + ["value", "array_of_tables"]))
+        if shape == "value":  # wrong nesting: `kernel = 5`
+            document[section] = draw(VALUES)
+            continue
+        keys = KNOWN.get(section) or ["x"]
+        names = st.one_of(*[st.sampled_from(keys)] * 8, KEY_NAMES)
+        table = {
+            key: draw(mostly_valid(f"{section}.{key}"))
+            for key in draw(st.lists(names, max_size=4, unique=True))
+        }
+        document[section] = table if shape == "table" else [table]
+    if draw(st.integers(0, 9)) == 0:  # a key at the top, outside any table
+        document.setdefault(draw(KEY_NAMES), draw(SCALARS))
+    return document
+
+
+def env_text(value: Any) -> str:
+    try:
+        return str(tomlkit.item(value).as_string())
+    except (ValueError, TypeError):  # (what tomlkit cannot write, e.g. 16**3000)
+        return repr(value)
+
+
+def env_names_and_values(draw: st.DrawFn) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for _ in range(draw(st.integers(0, 3))):
+        if draw(st.integers(0, 9)) == 0:
+            name = draw(st.sampled_from(["NEXUS_KERNEL__NOPE", "NEXUS_NOPE__X", "NEXUS_KERNEL__"]))
+            env[name] = draw(st.text(max_size=4))
+            continue
+        dotted = draw(st.sampled_from(sorted(RULES)))
+        name = "NEXUS_{}__{}".format(*dotted.upper().split("."))
+        env[name] = draw(
+            st.one_of(
+                *[mostly_valid(dotted).map(env_text)] * 4,
+                st.text(max_size=10),
+                NAMES,
+                st.just("NEXUS_IGNORED_X"),
+            )
+        )
+    return env
+
+
+ENVS = st.composite(env_names_and_values)()
+OVERRIDES = st.dictionaries(
+    st.one_of(*[st.sampled_from(sorted(RULES))] * 10, st.sampled_from(["kernel.nope", "x"])),
+    st.one_of(st.none(), st.sampled_from(sorted(RULES)).flatmap(mostly_valid), VALUES),
+    max_size=2,
+)
+
+
+def file_problems(document: dict[str, Any], allow_unknown: bool) -> set[str | None]:
+    """What in ``document`` the docs call wrong: the keys (or sections) with an invalid value;
+    None stands for unknown names, wrong only without allow_unknown."""
+    problems: set[str | None] = set()
+    for section, table in document.items():
+        if section not in SECTIONS:
+            if not allow_unknown:
+                problems.add(None)
+            if _holds_huge(table):
+                problems.add(section)
+        elif not isinstance(table, dict):
+            problems.add(section)
+        else:
+            for key, value in table.items():
+                dotted = f"{section}.{key}"
+                if key not in KNOWN[section]:
+                    if not allow_unknown:
+                        problems.add(None)
+                    if _holds_huge(value):
+                        problems.add(dotted)
+                elif not documented_valid(dotted, value):
+                    problems.add(dotted)
+    return problems
+
+
+def _holds_huge(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(_holds_huge(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_holds_huge(v) for v in value)
+    return isinstance(value, int) and not -(2**63) <= value <= INT64_MAX
+
+
+def check_error(
+    error: ConfigError,
+    file: Path,
+    document: dict[str, Any],
+    env: dict[str, str],
+    overrides: dict[str, Any],
+    allow_unknown: bool,
+) -> None:
+    """A ConfigError names what was wrong, and that was wrong by the docs."""
+    message, origin = str(error), error.origin or ""
+    problems = file_problems(document, allow_unknown)
+    if origin.startswith("override "):
+        assert origin == f"override {error.key}", message
+        assert error.key in overrides, message
+        value = overrides[error.key]
+        assert error.key not in RULES or not documented_valid(error.key, value), message
+        assert problems <= {None}, message  # a bad file value would have been reported first
+    elif origin.startswith("environment variable "):
+        name = origin.removeprefix("environment variable ")
+        assert name in env, message
+        section, key = name.removeprefix("NEXUS_").lower().split("__", 1)
+        assert error.key == f"{section}.{key}", message
+        assert message.startswith(f"{origin}: [{section}] {key} "), message
+        assert problems <= {None}, message
+    elif error.key is None:
+        assert error.path == file and not origin, message
+        if "invalid TOML" in message:  # an integer beyond 64 bits outside the known keys
+            assert message.startswith(f"{file}"), message
+        else:  # unknown names, from the file or the environment, one per line
+            *names, hint = message.split("\n")
+            assert not allow_unknown and "NEXUS_ALLOW_UNKNOWN=1" in hint, message
+            assert names and all("unknown" in line for line in names), message
+            assert all(
+                line.startswith((str(file), "environment variable NEXUS_")) for line in names
+            )
+    else:  # from the file: its path, line if found, and a key or table the docs call wrong
+        assert error.path == file and not origin, message
+        assert message.startswith(f"{file}:"), message
+        assert error.key in problems, (message, problems)
+        section, _, key = error.key.partition(".")
+        assert f"[{section}]" in message and key in message, message
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    document=documents(),
+    env=ENVS,
+    overrides=OVERRIDES,
+    allow_unknown=st.booleans(),
+)
+def test_any_config_loads_valid_values_or_raises_a_config_error_naming_the_key(
+    home: Path,
+    document: dict[str, Any],
+    env: dict[str, str],
+    overrides: dict[str, Any],
+    allow_unknown: bool,
+) -> None:
+    try:
+        text = tomlkit.dumps(document)
+    except (ValueError, TypeError):  # (16**3000 at the top level: tomlkit cannot write it)
+        document = {k: 16**3000 for k in document if re.fullmatch(r"\w+", k)}
+        text = "".join(f"{k} = 0x{'f' * 3000}\n" for k in document)
+    file = write(home / "cwd" / "config.toml", text)
+    try:
+        loaded = load(home, file, env=env, overrides=overrides, allow_unknown=allow_unknown)
+    except ConfigError as error:
+        check_error(error, file, document, env, overrides, allow_unknown)
+        event(f"refused: {(error.origin or 'file').split(' ')[0]}, key {error.key is not None}")
+        return
+    event("loaded")
+    # loaded: every effective value is one the docs call valid, from the layer that set it
+    assert file_problems(document, allow_unknown) == set()
+    values = attrs.asdict(loaded.config, recurse=True)
+    for dotted in RULES:
+        section, key = dotted.split(".")
+        value = values[section][key]
+        assert documented_valid(dotted, value), (dotted, value)
+        variable = f"NEXUS_{section.upper()}__{key.upper()}"
+        table = document.get(section)
+        if overrides.get(dotted) is not None:
+            assert loaded.sources[dotted] == "cli"
+        elif variable in env:
+            assert loaded.sources[dotted] == f"env {variable}"
+        elif isinstance(table, dict) and key in table:
+            assert loaded.sources[dotted] == f"file {file}"
+            written = [table[key]] if key == "spawn" and isinstance(table[key], str) else table[key]
+            shown = value.value if isinstance(value, enum.Enum) else value
+            assert shown == written, dotted
+        else:
+            assert loaded.sources[dotted] == "default"
+
+
+TOML_ISH = st.one_of(
+    st.binary(max_size=40),
+    st.text(max_size=40),
+    st.text(alphabet="[]{}=\"'.,#\n\t =-+_:0123456789eafinxkernlpsu\\\r\x00\xe9", max_size=80),
+    st.lists(
+        st.sampled_from(
+            [
+                *["[kernel]", "[[app]]", "mailbox_capacity = 1", "x = ", '"a" = 1', "kernel.x = {"],
+                *["]", "key = 'unterminated", "a = [1, 'b']", "batch_size = 1", "batch_size = 2"],
+                "\ufeff",
+            ]
+        ),
+        max_size=5,
+    ).map("\n".join),
+)
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(content=TOML_ISH)
+def test_any_file_content_loads_or_raises_a_config_error_naming_the_file(
+    home: Path, content: str | bytes
+) -> None:
+    file = write(home / "cwd" / "config.toml", content)
+    refused: ConfigError | None = None
+    try:
+        load(home, file, allow_unknown=True)
+    except ConfigError as error:
+        refused = error
+    event("loaded" if refused is None else "refused")
+    if refused is not None:
+        assert refused.path == file
+        assert str(refused).startswith(f"{file}:"), str(refused)
+
+
+def test_files_that_cannot_be_config_files_are_errors_naming_them(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory = home / "cwd" / "a-directory.toml"
+    directory.mkdir()
+    not_utf8 = write(home / "cwd" / "latin1.toml", "[app]\nspawn = 'caf\xe9'\n".encode("latin-1"))
+    not_toml = write(home / "cwd" / "yaml.toml", "kernel:\n  mailbox_capacity: 4\n")
+    unreadable = write(home / "cwd" / "secret.toml", "[kernel]\n")
+    expected = {
+        directory: "config path is not a file",
+        not_utf8: "not UTF-8 text",
+        not_toml: "invalid TOML",
+        unreadable: "cannot read config file: Permission denied",
+        home / "cwd" / "missing.toml": "config file not found",
+    }
+    real_read_text = Path.read_text
+
+    def read_text(self: Path, *args: Any, **kwargs: Any) -> str:
+        if self == unreadable:  # (chmod 000 does not stop root, who may run the tests)
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    for path, reason in expected.items():
+        with pytest.raises(ConfigError) as info:
+            load(home, path)
+        assert info.value.path == path
+        assert str(info.value).startswith(f"{path}") and reason in str(info.value), str(info.value)
