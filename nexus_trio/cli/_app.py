@@ -323,10 +323,6 @@ def run(
         raise typer.BadParameter(
             f"must be a finite number >= 0 (0 = unpaced), got {rate!r}", param_hint="'--rate'"
         )
-    if workers is not None:
-        _run_workers(ctx, workers, nats, json_out)
-        return
-
     commands: list[tuple[str, ...]] = []
     for command in spawn or ():
         commands.append(_split_command(command, "--spawn"))
@@ -368,6 +364,9 @@ def run(
         if flag is not None:
             raise typer.BadParameter(exc.message, param_hint=f"'{flag}'") from None
         raise _fail(str(exc)) from None
+    if workers is not None:  # (each worker checks all again; the above must not start them)
+        _run_workers(ctx, workers, nats, json_out)
+        return
     cfg = loaded.config
     if nats is None and cfg.nats.url:
         _check_nats(cfg.nats.url, "[nats] url")  # (the nats extra, for the config's URL too)
