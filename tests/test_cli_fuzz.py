@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from nexus_trio.cli import _cluster_cmd, app
+from nexus_trio.cli import _cluster_cmd, _run, app
 
 pytestmark = pytest.mark.usefixtures("restore_logging", "isolated")
 WIDE = {"COLUMNS": "300", "NO_COLOR": "1"}
@@ -35,11 +37,27 @@ def test_an_infinite_rate_is_a_usage_error_naming_the_flag(value: str) -> None:
     assert "finite" in output
 
 
-def test_a_large_finite_rate_still_runs(isolated: Path) -> None:
-    result = CliRunner().invoke(
-        app, ["run", "--rate", "1e300", "-d", "0.1", "-n", "2", "--json"], env=WIDE
-    )
-    assert result.exit_code == 0, result.output
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--rate", "1e300", "-n", "2"],
+        [
+            "--rate",
+            "0",
+            "-n",
+            "1",
+            "-w",
+            "REQUEST",
+            "--seed",
+            str(-(10**30)),
+            "--payload-size",
+            "0",
+        ],
+    ],
+)
+def test_valid_edge_values_still_run(isolated: Path, args: list[str]) -> None:
+    result = CliRunner().invoke(app, ["run", *args, "-d", "0.1", "--json"], env=WIDE)
+    assert result.exit_code == 0, flat(result.output)[-500:]
 
 
 def test_a_config_path_too_long_to_look_up_exits_2_naming_it(isolated: Path) -> None:
@@ -86,3 +104,72 @@ def test_workers_are_not_started_when_the_config_file_is_invalid(
     assert result.exit_code == 2, flat(result.output)
     assert f"{bad}:2: [kernel] mailbox_capacity must be >= 1, got 0" in flat(result.output)
     assert started == []
+
+
+# --- the property: any mix of bad flag values ----------------------------------------------------
+
+#: flag (as the error message names it) -> its spellings and values docs/cli.md calls invalid
+BAD: dict[str, tuple[list[str], list[str]]] = {
+    "--agents": (
+        ["--agents", "-n", "--num-agents"],
+        ["0", "-1", "nan", "inf", "1.5", "abc", "", str(10**30), str(2**63)],
+    ),
+    "--duration": (["--duration", "-d"], ["-1", "nan", "-inf", "abc", "", "-0.001"]),
+    "--workload": (["--workload", "-w"], ["star", "", "ring2"]),
+    "--workers": (["--workers", "-W"], ["-1", "abc", "1.5", "nan", str(10**6), str(10**30)]),
+    "--rate": (["--rate"], ["-1", "nan", "inf", "-inf", "abc", "1e400"]),
+    "--metrics-port": (["--metrics-port"], ["-1", "65536", "nan", "abc", "1.5", str(10**20)]),
+    "--metrics-host": (["--metrics-host"], ["", " "]),
+    "--payload-size": (["--payload-size"], ["-1", str(64 * 1024 * 1024 + 1), "abc", "nan"]),
+    "--seed": (["--seed"], ["abc", "1.5", "nan", ""]),
+    "--log-level": (["--log-level", "-l"], ["loud", "", "info2"]),
+    "--log-format": (["--log-format", "-f"], ["xml", ""]),
+    "--app": (["--app"], ["nocolon", ":", "a:", "1a:b", "", "a:b:c"]),
+    "--spawn": (["--spawn"], ["python 'oops", "", "  ", "no-such-program-here-xyz"]),
+    "--nats": (["--nats"], ["not-a-url", ""]),
+    "--config": (["--config", "-c"], ["."]),  # a directory
+}
+#: flags that are fine and start nothing while another flag is bad, by the flag they are (a
+#: flag given twice takes its last value, click's rule: not a case of a bad value here)
+FINE = {
+    "--json": ["--json"],
+    "--live": ["--no-live"],
+    "--duration": ["-d", "0.1"],
+    "--agents": ["-n", "2"],
+    "--seed": ["--seed", "7"],
+    "--workload": ["-w", "POOL"],
+}
+
+
+@st.composite
+def bad_command_lines(draw: st.DrawFn) -> tuple[list[str], set[str]]:
+    flags = draw(st.lists(st.sampled_from(sorted(BAD)), min_size=1, max_size=3, unique=True))
+    groups = []
+    for flag in flags:
+        spellings, values = BAD[flag]
+        groups.append([draw(st.sampled_from(spellings)), draw(st.sampled_from(values))])
+    fine = sorted(set(FINE) - set(flags))
+    groups += [FINE[flag] for flag in draw(st.lists(st.sampled_from(fine), max_size=2))]
+    order = draw(st.permutations(range(len(groups))))
+    return [arg for i in order for arg in groups[i]], set(flags)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(case=bad_command_lines())
+def test_bad_flag_values_exit_2_naming_a_bad_flag_and_start_nothing(
+    monkeypatch: pytest.MonkeyPatch, case: tuple[list[str], set[str]]
+) -> None:
+    args, bad_flags = case
+    started: list[str] = []
+    monkeypatch.setattr(_cluster_cmd, "run_workers", lambda *a, **k: started.append("workers"))
+    monkeypatch.setattr(_run, "execute_run", lambda *a, **k: started.append("run"))
+    result = CliRunner().invoke(app, ["run", *args], env=WIDE)
+    output = flat(result.output)
+    assert "Traceback" not in output, output
+    assert result.exit_code == 2, (args, result.exception, output)
+    named = {flag for flag in bad_flags if f"Invalid value for '{flag}'" in output}
+    assert named, (args, output)
+    assert started == [], args
+    event(f"named {sorted(named)[0]}")

@@ -16,10 +16,14 @@ import tomlkit
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-import nexus_trio.config as config_module
 from nexus_trio import Config, Context, KernelConfig, Message, agent, open_kernel
 from nexus_trio._config import LOG_FORMATS, LOG_LEVELS, SECTIONS, WORKLOADS
 from nexus_trio.config import ConfigError, LoadedConfig, load_config
+
+from . import test_config
+
+#: the fixture of test_config: cwd, HOME and /etc under tmp_path, no config file but the test's
+home = test_config.home
 
 INT64_MAX = 2**63 - 1
 
@@ -30,15 +34,6 @@ NUMBER_KEYS = sorted(
     for field in attrs.fields(cls)
     if field.type in (int, float, "int", "float")
 )
-
-
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """cwd, HOME and /etc under tmp_path: no config file but the test's own."""
-    (tmp_path / "cwd").mkdir()
-    (tmp_path / "home").mkdir()
-    monkeypatch.setattr(config_module, "SYSTEM_CONFIG", tmp_path / "etc" / "nexus" / "config.toml")
-    return tmp_path
 
 
 def write(path: Path, text: str | bytes) -> Path:
@@ -384,23 +379,22 @@ OVERRIDES = st.dictionaries(
 def file_problems(document: dict[str, Any], allow_unknown: bool) -> set[str | None]:
     """What in ``document`` the docs call wrong: the keys (or sections) with an invalid value;
     None stands for unknown names, wrong only without allow_unknown."""
+
+    def unknown(name: str, value: Any) -> set[str | None]:
+        wrong: set[str | None] = set() if allow_unknown else {None}
+        return wrong | ({name} if _holds_huge(value) else set())
+
     problems: set[str | None] = set()
     for section, table in document.items():
         if section not in SECTIONS:
-            if not allow_unknown:
-                problems.add(None)
-            if _holds_huge(table):
-                problems.add(section)
+            problems |= unknown(section, table)
         elif not isinstance(table, dict):
             problems.add(section)
         else:
             for key, value in table.items():
                 dotted = f"{section}.{key}"
                 if key not in KNOWN[section]:
-                    if not allow_unknown:
-                        problems.add(None)
-                    if _holds_huge(value):
-                        problems.add(dotted)
+                    problems |= unknown(dotted, value)
                 elif not documented_valid(dotted, value):
                     problems.add(dotted)
     return problems
