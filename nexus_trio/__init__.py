@@ -56,6 +56,7 @@ from ._stats import KernelStats as KernelStats
 from ._streams import Subscription as Subscription
 from ._supervisor import Backoff as Backoff
 from ._supervisor import Supervisor as Supervisor
+from ._transport import QueryFailing as QueryFailing
 from ._transport import Transport as Transport
 from .logs import configure_logging as configure_logging
 
@@ -105,6 +106,7 @@ __all__ = [
     "SupervisionConfig",
     "Supervisor",
     "SupervisorEscalation",
+    "QueryFailing",
     "Transport",
     "TransportHandle",
     "TransportUnavailable",

@@ -936,7 +936,11 @@ class Router:
         """Fail the requester of a handled query that will get no answer: a pending
         request here, else (a requester on another kernel) through the transport."""
         if not self.fail_request(query_id, error) and self.transport is not None:
-            self.transport.query_failed(query_id, error)
+            # optional for a transport (QueryFailing): one without it leaves the remote
+            # requester to its deadline, as before the method existed
+            query_failed = getattr(self.transport, "query_failed", None)
+            if query_failed is not None:
+                query_failed(query_id, error)
 
     def fail_all_pending(self, make_error: Callable[[], BaseException]) -> None:
         for pending in list(self._pending.values()):

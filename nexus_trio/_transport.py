@@ -47,6 +47,12 @@ class Transport(Protocol):
         runs to its own deadline and its reply is a late reply)."""
         ...
 
+
+class QueryFailing(Protocol):
+    """What a transport may add to :class:`Transport` (the kernel looks for it, and a
+    transport without it keeps working: its remote requesters then wait for their
+    deadline instead of failing at once)."""
+
     def query_failed(self, query_id: uuid.UUID, error: BaseException) -> None:
         """Query ``query_id``, which this transport brought from a remote requester, will
         get no answer: the agent that took it over (its handler returned, the answer to
