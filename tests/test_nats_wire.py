@@ -545,3 +545,41 @@ def test_a_batch_subject_gives_back_its_node_and_session() -> None:
     for subject in ("other.node.a.batch", "nexus.node.a.agent.x", "nexus.node.a.batchy"):
         with pytest.raises(ValueError, match="not a batch subject"):
             wire.batch_destination("nexus", subject)
+
+
+@pytest.mark.parametrize(
+    ("kind", "body"),
+    [
+        ("request_failed", b"[" * 100_000 + b"]" * 100_000),
+        ("request_failed", b'{"reason": ' + b"[" * 900 + b"]" * 900 + b', "error": 1}'),
+        ("request_failed", b'{"error": {"trace": [1, 2]}}'),
+        ("shutting_down", b'{"what": ["send"]}'),
+        ("mailbox_full", b'{"recipient": "%s", "capacity": Infinity, "message_id": "%s"}'),
+        ("mailbox_full", b'{"recipient": "%s", "capacity": 2.5, "message_id": "%s"}'),
+        ("mailbox_full", b'{"recipient": "%s", "capacity": 2, "name": 7, "message_id": "%s"}'),
+    ],
+)
+def test_a_hostile_error_frame_is_an_error_with_text_or_a_value_error(
+    kind: str, body: bytes
+) -> None:
+    """Regression: an error frame nested past the recursion limit raised RecursionError,
+    and a mailbox_full one with a capacity of Infinity OverflowError, where the caller
+    catches ValueError (the reply handler of the node would end); a capacity of 2.5 was
+    taken as 2, a name or error text that is not a string was kept as it was."""
+    uid = str(uuid.uuid4()).encode()
+    body = body.replace(b"%s", uid)
+    qid = uuid.uuid4()
+    if kind == "mailbox_full":
+        with pytest.raises(ValueError, match="malformed mailbox_full error frame"):
+            wire.error_from_frame(kind, body, query_id=qid, to="x", node="b")
+        return
+    error = wire.error_from_frame(kind, body, query_id=qid, to="x", node="b")
+    assert str(error)
+    if isinstance(error, RequestFailed):
+        assert isinstance(error.reason, str)
+        if error.error is not None:
+            assert isinstance(error.error, RemoteError)
+            assert error.error.text in ("1", '{"trace": [1, 2]}')
+    else:
+        assert isinstance(error, KernelShuttingDown)
+        assert '["send"] on node' in str(error)

@@ -648,10 +648,11 @@ def error_from_frame(
     """Rebuild, on the requesting node, the error a remote request ran into.
 
     ValueError naming the kind if the body does not hold what the kind needs (a hostile
-    or broken peer)."""
+    or broken peer); a body that is not a JSON object (or nested too deeply to read) is
+    read as an empty one, and an ``error`` text that is not a string as its JSON."""
     try:
         data: dict[str, Any] = json.loads(body) if body else {}
-    except ValueError:
+    except (ValueError, RecursionError):
         data = {}
     if not isinstance(data, dict):
         data = {}
@@ -659,20 +660,35 @@ def error_from_frame(
         return AgentNotFound(to)
     if kind == "mailbox_full":
         try:
+            name, capacity = data.get("name"), data["capacity"]
+            if capacity.__class__ is not int or not (name is None or isinstance(name, str)):
+                raise TypeError(
+                    "capacity must be an integer and name a string or null, got"
+                    f" {type(capacity).__name__} and {type(name).__name__}"
+                )
             return MailboxFull(
-                uuid.UUID(data["recipient"]),
-                data.get("name"),
-                int(data["capacity"]),
-                uuid.UUID(data["message_id"]),
+                uuid.UUID(data["recipient"]), name, capacity, uuid.UUID(data["message_id"])
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"malformed {kind} error frame: {exc!r}") from None
     if kind == "shutting_down":
-        return KernelShuttingDown(f"{data.get('what', 'request')} on node {node!r}")
+        return KernelShuttingDown(f"{_frame_text(data.get('what', 'request'))} on node {node!r}")
     error = data.get("error")
     return RequestFailed(
         query_id,
         to,
-        str(data.get("reason", kind)),
-        RemoteError(node, error) if error else None,
+        _frame_text(data.get("reason", kind)),
+        RemoteError(node, _frame_text(error)) if error else None,
     )
+
+
+def _frame_text(value: Any) -> str:
+    """A text field of an error frame as text: a string as it is, anything else a peer
+    wrote there as its JSON (``str()`` of a value nested deeply enough would recurse past
+    the interpreter's limit)."""
+    if isinstance(value, str):
+        return value
+    try:
+        return json.dumps(value)
+    except (ValueError, RecursionError):
+        return "<a value nested too deeply to show>"
