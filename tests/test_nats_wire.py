@@ -583,3 +583,30 @@ def test_a_hostile_error_frame_is_an_error_with_text_or_a_value_error(
     else:
         assert isinstance(error, KernelShuttingDown)
         assert '["send"] on node' in str(error)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"[true,",
+        b"[1.0,",
+        b'["1",',
+        b"[2.0,",
+        b"[2,5,",
+        b"[2,null,",
+        b"[true,true,",
+        b'[true,"n.1.2.3",',
+    ],
+)
+def test_a_message_array_whose_format_is_not_the_integer_1_or_2_is_refused(head: bytes) -> None:
+    """Regression: ``true`` and ``1.0`` were read as format 1 (they equal 1 in Python),
+    and format 2 took any sequence value, not only a string."""
+    fields = b'1,1700000000000000,2,3,"Command",null,null,null,{"x":1}]'
+    body = head + fields
+    if head.count(b",") == 1 and head.startswith(b"[2"):
+        body = head + b'"n.1.2.3",' + fields
+    for decode in (wire.decode_message, wire.decode_tell):
+        with pytest.raises(MessageDecodeError, match="format 1"):
+            decode(body)
+    assert wire.decode_tell(b"[1," + fields).payload == {"x": 1}
+    assert wire.decode_message(b'[2,"n.1.2.3",' + fields).payload == {"x": 1}

@@ -207,11 +207,25 @@ def decode_message(data: bytes) -> Message:
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         # RecursionError: nested deeper than the JSON readers go (a hostile body)
         raise MessageDecodeError("<document>", f"not JSON: {exc}") from None
-    if obj.__class__ is list and len(obj) == 11 and obj[0] == _NUMBERED_FORMAT:
+    # (the format number an integer: true and 1.0 equal 1 in Python, not on the wire)
+    if (
+        obj.__class__ is list
+        and len(obj) == 11
+        and obj[0].__class__ is int
+        and obj[0] == _NUMBERED_FORMAT
+        and obj[1].__class__ is str
+    ):
         obj = obj[1:]  # the sequence number was read from the raw bytes (NUMBERED_PREFIX)
-    elif obj.__class__ is not list or len(obj) != 10 or obj[0] != _FORMAT:
+    elif (
+        obj.__class__ is not list
+        or len(obj) != 10
+        or obj[0].__class__ is not int
+        or obj[0] != _FORMAT
+    ):
         raise MessageDecodeError(
-            "<document>", "expected a nexus message array (format 1 or 2) or a JSON object"
+            "<document>",
+            "expected a nexus message array (format 1, or 2 with a sequence string)"
+            " or a JSON object",
         )
     field = "id"
     try:
@@ -262,7 +276,12 @@ def decode_tell(data: bytes) -> Message:
         return _decode_binary_tell(data)
     try:
         obj = _loads(data)
-        if obj.__class__ is list and len(obj) == 10 and obj[0] == _FORMAT:
+        if (
+            obj.__class__ is list
+            and len(obj) == 10
+            and obj[0] == _FORMAT
+            and obj[0].__class__ is int
+        ):
             _, msg_id, timestamp, sender, to, kind, conversation_id, reply_to, trace_id, payload = (
                 obj
             )
