@@ -471,8 +471,12 @@ def restore_message(
 
 
 def format_timestamp(ts: int) -> str:
-    """RFC 3339 in UTC with a ``Z`` suffix and microseconds."""
-    return (_EPOCH + timedelta(microseconds=ts)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """RFC 3339 in UTC with a ``Z`` suffix and microseconds (the year in four digits:
+    ``strftime("%Y")`` writes the years before 1000 in fewer, which no reader takes)."""
+    return (_NAIVE_EPOCH + timedelta(microseconds=ts)).isoformat(timespec="microseconds") + "Z"
+
+
+_NAIVE_EPOCH: Final = datetime(1970, 1, 1)
 
 
 def _parse_timestamp(value: Any, _: Any) -> int:

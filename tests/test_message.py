@@ -358,3 +358,23 @@ def test_a_forked_child_draws_ids_from_a_new_sequence() -> None:
     assert uuid.UUID(child_also) == also.id != before.id
     assert int(child_encoded) == encoded.id.int
     assert before.id.version == 4 and before.id.variant == uuid.RFC_4122
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "text"),
+    [
+        (-62_135_596_800_000_000, "0001-01-01T00:00:00.000000Z"),
+        (-30_610_224_000_000_001, "0999-12-31T23:59:59.999999Z"),
+        (0, "1970-01-01T00:00:00.000000Z"),
+        (1_767_323_045_000_006, "2026-01-02T03:04:05.000006Z"),
+    ],
+)
+def test_the_json_form_writes_four_digit_years_and_reads_them_back(
+    timestamp: int, text: str
+) -> None:
+    """Regression: a timestamp before the year 1000 was written with a year of three
+    digits (``999-12-31T...``), which ``from_json`` refused: the message could not be read
+    back."""
+    msg = Message(SYSTEM_ID, "bob", None, timestamp=timestamp)
+    assert json.loads(msg.to_json())["timestamp"] == text
+    assert Message.from_json(msg.to_json()) == msg
