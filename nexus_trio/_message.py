@@ -151,6 +151,10 @@ def new_id() -> uuid.UUID:
 
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+#: the first and last timestamps (microseconds since the epoch) that the JSON form can
+#: carry: the years 1 to 9999 UTC of RFC 3339 (the NATS codecs carry any integer)
+_TIMESTAMP_MIN: Final = -62_135_596_800_000_000
+_TIMESTAMP_MAX: Final = 253_402_300_799_999_999
 _time_ns = time.time_ns
 _COMMAND: Final = MessageKind.COMMAND
 _QUERY: Final = MessageKind.QUERY
@@ -359,7 +363,10 @@ class Message(_Slots):
         )
 
     def to_json(self) -> str:
-        """The wire form, one line of JSON."""
+        """The wire form, one line of JSON.
+
+        ValueError for what it cannot carry: a payload JSON has no form for, or a
+        timestamp outside the years 1 to 9999 UTC (RFC 3339's)."""
         return json.dumps(converter.unstructure(self), separators=(",", ":"))
 
     @classmethod
@@ -472,7 +479,15 @@ def restore_message(
 
 def format_timestamp(ts: int) -> str:
     """RFC 3339 in UTC with a ``Z`` suffix and microseconds (the year in four digits:
-    ``strftime("%Y")`` writes the years before 1000 in fewer, which no reader takes)."""
+    ``strftime("%Y")`` writes the years before 1000 in fewer, which no reader takes).
+
+    ValueError for a time outside the years 1 to 9999 UTC, which RFC 3339 cannot write
+    (a message from another node may carry any integer)."""
+    if not _TIMESTAMP_MIN <= ts <= _TIMESTAMP_MAX:
+        raise ValueError(
+            f"timestamp {ts} (microseconds since the epoch) is outside the years 1 to 9999"
+            " UTC that the JSON form can carry"
+        )
     return (_NAIVE_EPOCH + timedelta(microseconds=ts)).isoformat(timespec="microseconds") + "Z"
 
 
@@ -485,7 +500,11 @@ def _parse_timestamp(value: Any, _: Any) -> int:
     parsed = datetime.fromisoformat(value)
     if parsed.tzinfo is None:
         raise ValueError(f"timestamp {value!r} has no UTC offset")
-    return (parsed - _EPOCH) // timedelta(microseconds=1)
+    timestamp = (parsed - _EPOCH) // timedelta(microseconds=1)
+    if not _TIMESTAMP_MIN <= timestamp <= _TIMESTAMP_MAX:
+        # "9999-12-31T23:59:59-05:00" is in the year 10000 UTC
+        raise ValueError(f"timestamp {value!r} is outside the years 1 to 9999 UTC")
+    return timestamp
 
 
 def _parse_uuid(value: Any, _: Any) -> uuid.UUID:

@@ -378,3 +378,28 @@ def test_the_json_form_writes_four_digit_years_and_reads_them_back(
     msg = Message(SYSTEM_ID, "bob", None, timestamp=timestamp)
     assert json.loads(msg.to_json())["timestamp"] == text
     assert Message.from_json(msg.to_json()) == msg
+
+
+@pytest.mark.parametrize("text", ["9999-12-31T23:59:59-05:00", "0001-01-01T00:00:00+00:01"])
+def test_a_json_form_timestamp_outside_the_years_1_to_9999_utc_is_refused(text: str) -> None:
+    """Regression: an RFC 3339 time whose offset puts it past the year 9999 (or before
+    the year 1) in UTC was read, and the message's to_json raised OverflowError."""
+    obj = {"from": str(SYSTEM_ID), "to": "bob", "kind": "Command", "payload": 1}
+    with pytest.raises(MessageDecodeError) as err:
+        Message.from_json(json.dumps({**obj, "timestamp": text}))
+    assert err.value.field == "timestamp"
+    assert "outside the years 1 to 9999 UTC" in str(err.value)
+
+
+@pytest.mark.parametrize("timestamp", [253_402_300_800_000_000, -62_135_596_800_000_001, 2**70])
+def test_to_json_of_a_timestamp_rfc_3339_cannot_write_is_a_value_error(timestamp: int) -> None:
+    """Regression: a message dated past the year 9999 or before the year 1 (the NATS
+    codecs carry any integer: another node may send one) raised OverflowError from
+    to_json, which a process agent's bridge does not catch (it dead-letters a message
+    whose to_json raises ValueError, reason unserialisable)."""
+    msg = Message(SYSTEM_ID, "bob", None, timestamp=timestamp)
+    with pytest.raises(ValueError, match="outside the years 1 to 9999 UTC"):
+        msg.to_json()
+    for edge in (-62_135_596_800_000_000, 253_402_300_799_999_999):
+        ok = msg.evolve(timestamp=edge)
+        assert Message.from_json(ok.to_json()) == ok
