@@ -365,9 +365,15 @@ class Message(_Slots):
     def to_json(self) -> str:
         """The wire form, one line of JSON.
 
-        ValueError for what it cannot carry: a payload JSON has no form for, or a
-        timestamp outside the years 1 to 9999 UTC (RFC 3339's)."""
-        return json.dumps(converter.unstructure(self), separators=(",", ":"))
+        ValueError for what it cannot carry: a payload JSON has no form for, a
+        timestamp outside the years 1 to 9999 UTC (RFC 3339's), or a payload nested
+        deeper than the converter recurses (one from another node or a NATS client)."""
+        try:
+            return json.dumps(converter.unstructure(self), separators=(",", ":"))
+        except RecursionError:
+            raise ValueError(
+                f"message {self.id}: its payload is nested too deeply to write as JSON"
+            ) from None
 
     @classmethod
     def from_json(cls, data: str | bytes) -> Message:

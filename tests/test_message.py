@@ -403,3 +403,18 @@ def test_to_json_of_a_timestamp_rfc_3339_cannot_write_is_a_value_error(timestamp
     for edge in (-62_135_596_800_000_000, 253_402_300_799_999_999):
         ok = msg.evolve(timestamp=edge)
         assert Message.from_json(ok.to_json()) == ok
+
+
+def test_to_json_of_a_payload_nested_past_the_recursion_limit_is_a_value_error() -> None:
+    """Regression: a payload nested a few hundred levels deep (the NATS codecs and
+    from_json read a thousand) raised RecursionError from to_json, which a process
+    agent's bridge does not catch: it escaped the agent's handler instead of the
+    message being dead-lettered as unserialisable."""
+    depth = 900
+    text = json.dumps({"from": str(SYSTEM_ID), "to": "bob", "kind": "Command", "payload": 1})
+    text = text.replace('"payload": 1', '"payload": ' + "[" * depth + "]" * depth)
+    msg = Message.from_json(text)
+    with pytest.raises(ValueError, match="nested too deeply to write as JSON"):
+        msg.to_json()
+    shallow = msg.evolve(payload=[[[[]]]])
+    assert Message.from_json(shallow.to_json()) == shallow
