@@ -1382,3 +1382,42 @@ async def _name_revision(cluster: Cluster, name: str) -> int | None:
         return entry.revision
 
     return await call_aio(get)
+
+
+async def test_bucket_entries_under_keys_no_node_writes_are_ignored_and_the_watch_goes_on(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: a key in the names or placement bucket that no node writes (not
+    base64, not UTF-8 once decoded; anything with access to the buckets may write one)
+    raised from the node's watch of the bucket, which ended its cluster. Such an entry is
+    ignored with a warning, and the names written after it are still followed; a key
+    that spells a name another way than its own key ("=YQ" for "a") is ignored too."""
+
+    async def echo(ctx: Any, msg: Any) -> Any:
+        return msg.payload
+
+    bad_keys = ["=_w", "=a", "=YQ"]
+    async with _node(nats.url, "a", **QUIET) as (ka, ca), _node(nats.url, "b", **QUIET) as (kb, cb):
+
+        async def write_bad_keys() -> None:
+            names = await ca.js.key_value(f"{ca.prefix}-names")
+            placed = await ca.js.key_value(f"{ca.prefix}-placed")
+            for key in bad_keys:
+                await names.put(key, b'{"node": "a", "id": "%s"}' % str(uuid.uuid4()).encode())
+                await placed.put(key, b"{}")
+
+        await call_aio(write_bad_keys)
+        ka.spawn(agent(echo, name="late"))
+        await ca.names_published()
+        with trio.fail_after(30):
+            await cb.wait_for_name("late")
+            assert await kb.request("late", "hi", timeout=5) == "hi"
+        assert cb.name_holder("a") is None
+    ignored = [r.getMessage() for r in caplog.records if "is not a name's key" in r.getMessage()]
+    for node in ("a", "b"):
+        for bucket in ("names bucket entry", "placement record"):
+            for key in bad_keys:
+                assert any(
+                    m.startswith(f"node {node}: ignoring a {bucket}: KV key {key!r}")
+                    for m in ignored
+                ), (node, bucket, key, ignored)

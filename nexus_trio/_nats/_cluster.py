@@ -2137,7 +2137,12 @@ class Cluster:
     def _apply_name_entry(
         self, key: str, value: bytes | None, op: str | None, revision: int | None = None
     ) -> None:
-        name = wire.name_from_key(key)
+        try:
+            name = wire.name_from_key(key)
+        except ValueError as exc:
+            # not a key this code writes (the watch of the bucket would end with it)
+            log.warning("node %s: ignoring a names bucket entry: %s", self.node, exc)
+            return
         if revision is not None and revision < (
             self._name_revisions.get(name) or self._name_deletes.get(name, 0)
         ):

@@ -468,7 +468,12 @@ class Placement:
     # --- records ----------------------------------------------------------------------------
 
     def _apply_record(self, key: str, value: bytes | None, op: str | None) -> None:
-        name = wire.name_from_key(key)
+        try:
+            name = wire.name_from_key(key)
+        except ValueError as exc:
+            # not a key this code writes (the watch of the bucket would end with it)
+            log.warning("node %s: ignoring a placement record: %s", self._cluster.node, exc)
+            return
         if op in ("DEL", "PURGE") or not value:
             self.records.pop(name, None)
             return

@@ -623,10 +623,20 @@ def name_key(name: str) -> str:
 
 
 def name_from_key(key: str) -> str:
+    """The agent name of a KV key :func:`name_key` wrote; ValueError for any other key
+    (one that anything with access to the bucket may have written there)."""
     if not key.startswith("="):
-        return key
-    body = key[1:]
-    return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode()
+        name = key
+    else:
+        body = key[1:]
+        try:
+            name = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode()
+        except ValueError as exc:  # binascii.Error, UnicodeDecodeError
+            raise ValueError(f"KV key {key[:80]!r} is not a name's key: {exc}") from None
+    # (the base64 reader skips what is not base64: such a key would alias a name's)
+    if not name or name_key(name) != key:
+        raise ValueError(f"KV key {key[:80]!r} is not a name's key")
+    return name
 
 
 # --- error frames -----------------------------------------------------------------------
