@@ -610,3 +610,37 @@ def test_a_message_array_whose_format_is_not_the_integer_1_or_2_is_refused(head:
             decode(body)
     assert wire.decode_tell(b"[1," + fields).payload == {"x": 1}
     assert wire.decode_message(b'[2,"n.1.2.3",' + fields).payload == {"x": 1}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "n.1.2. 5",
+        "n.1.2.+5",
+        "n.1.2.1_0",
+        "n.1.2.-5",
+        "n.1.0x2.5",
+        "n.0x1.2.5",
+        "n.1.-2.5",
+        "n.01.2.5",
+        "n.1.2.05",
+        "n.1.2.٣",
+        "n.A.2.5",
+        ".1.2.5",
+        "n. 1.2.5",
+        "n.1.2.5\n",
+    ],
+)
+def test_a_sequence_number_not_written_as_sequence_value_writes_it_is_refused(
+    value: str,
+) -> None:
+    """Regression: int() read " 5", "+5", "1_0", "-5", "٣" (an Arabic-Indic 3) and
+    "0x2" (base 16), so such values passed for sequence numbers; only what
+    sequence_value writes is read now."""
+    with pytest.raises(ValueError, match="malformed sequence number"):
+        wire.parse_sequence(value)
+    assert wire.parse_sequence(wire.sequence_value("n-1", 0xAB, 0, 12)) == ("n-1.ab", 0, 12)
+    # the stream as nodes name it: the node with its join's session
+    assert wire.parse_sequence("n:5f.ab.0.12") == ("n:5f.ab", 0, 12)
+    with pytest.raises(ValueError, match="malformed sequence number"):
+        wire.parse_sequence("n:5F.ab.0.12")

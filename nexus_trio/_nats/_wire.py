@@ -601,14 +601,24 @@ def sequence_value(node: str, id_prefix: int, dest_prefix: int, number: int) -> 
 
 def parse_sequence(value: str) -> tuple[str, int, int]:
     """``(stream, destination id prefix, number)`` of a :func:`sequence_value`; the
-    stream names the sending process. ValueError if malformed."""
+    stream names the sending process. ValueError if it is not what :func:`sequence_value`
+    writes (``int()`` alone would take " 5", "+5", "1_0", "-5" or "0x1f" too)."""
+    match = _SEQUENCE.fullmatch(value)
+    if match is None:
+        raise ValueError(
+            f"malformed sequence number {value[:80]!r}: expected <node>[:<hex session>]"
+            ".<hex id prefix>.<hex id prefix>.<decimal number>"
+        )
+    stream, dest, number = match.groups()
     try:
-        stream, dest, number = value.rsplit(".", 2)
-        if "." not in stream:
-            raise ValueError("no sender id prefix")
         return stream, int(dest, 16), int(number)
-    except ValueError as exc:
-        raise ValueError(f"malformed sequence number {value!r}: {exc}") from None
+    except ValueError as exc:  # past the interpreter's limit of digits
+        raise ValueError(f"malformed sequence number {value[:80]!r}: {exc}") from None
+
+
+_HEX: Final = "(?:0|[1-9a-f][0-9a-f]*)"
+#: the stream is ``<node>.<id prefix>``, the node with its join's session (``n:5f.1``)
+_SEQUENCE: Final = re.compile(rf"([A-Za-z0-9_-]+(?::{_HEX})?\.{_HEX})\.({_HEX})\.(0|[1-9][0-9]*)")
 
 
 def durable_subject(prefix: str, node: str, agent_id: uuid.UUID | str) -> str:
