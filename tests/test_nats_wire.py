@@ -644,3 +644,34 @@ def test_a_sequence_number_not_written_as_sequence_value_writes_it_is_refused(
     assert wire.parse_sequence("n:5f.ab.0.12") == ("n:5f.ab", 0, 12)
     with pytest.raises(ValueError, match="malformed sequence number"):
         wire.parse_sequence("n:5F.ab.0.12")
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'[1,1,1,1,"\\ud800","Command",null,null,null,1]', "<document>"),
+        (b'[1,1,1,1,"bob","Command",null,null,null,["\\udfff", Infinity]]', "<document>"),
+        (_binary(rest=b"\x11" * 16 + b'{"a": "\\ud800"}'), "payload"),
+        (b'{"from": "%s", "to": "\\ud800", "kind": "Command", "payload": 1}', "<document>"),
+        (b'{"from": "%s", "to": "a", "kind": "Command", "payload": "\xed\xa0\x80"}', "<document>"),
+    ],
+)
+def test_a_lone_surrogate_is_a_decode_error_not_a_message_no_encoder_writes(
+    body: bytes, field: str
+) -> None:
+    """Regression: msgspec refuses a lone surrogate ("\\ud800"), and the standard library
+    it falls back to read it: the message was accepted, and encode_tell / encode_message
+    raised UnicodeEncodeError on it (when forwarded, answered with it, ...)."""
+    body = body.replace(b"%s", str(uuid.UUID(int=1)).encode())
+    decoders = (
+        [wire.decode_tell] if body[:1] >= b"\x80" else [wire.decode_message, wire.decode_tell]
+    )
+    for decode in decoders:
+        with pytest.raises(MessageDecodeError, match="lone surrogate") as err:
+            decode(body)
+        assert err.value.field == field
+    # a pair of surrogates is one character, and Infinity still reads
+    pair = b'[1,1,1,1,"bob","Command",null,null,null,["\\ud83d\\ude00", Infinity]]'
+    msg = wire.decode_tell(pair)
+    assert msg.payload == ["\U0001f600", math.inf]
+    assert wire.decode_tell(wire.encode_tell(msg)) == msg

@@ -116,8 +116,27 @@ def _read_json(data: bytes) -> Any:
         return _loads(data)
     except _FAST_DECODE_ERROR:
         # Not strict JSON for msgspec: maybe Infinity/NaN (see encode_message), which the
-        # standard library reads; anything else fails there too, with its own message.
-        return _std_loads(data.decode())
+        # standard library reads; anything else fails there too, with its own message,
+        # but for a lone surrogate ("\ud800"), which it reads into a string that is not
+        # Unicode text: no encoder here could write it again (UnicodeEncodeError).
+        obj = _std_loads(data.decode())
+        if not _unicode_text(obj):
+            raise ValueError(_LONE_SURROGATE) from None
+        return obj
+
+
+_LONE_SURROGATE: Final = "a string holds a lone surrogate: not Unicode text"
+
+
+def _unicode_text(value: Any) -> bool:
+    """Whether the strings in ``value`` are Unicode text (no lone surrogate)."""
+    try:
+        _std_dumps(value).encode()
+    except UnicodeEncodeError:
+        return False
+    except (ValueError, TypeError, RecursionError):
+        pass  # (not the question asked: read as it is)
+    return True
 
 
 def _uuid(value: int) -> uuid.UUID:
@@ -201,7 +220,11 @@ def decode_message(data: bytes) -> Message:
     Raises :class:`MessageDecodeError` naming what was wrong.
     """
     if data[:1] == b"{":
-        return Message.from_json(data)  # (nested too deeply too: a MessageDecodeError)
+        msg = Message.from_json(data)  # (nested too deeply too: a MessageDecodeError)
+        # a lone surrogate, escaped or not, as _read_json refuses it (checked only then)
+        if (b"\\u" in data or b"\xed" in data) and not _unicode_text((msg.to, msg.payload)):
+            raise MessageDecodeError("<document>", _LONE_SURROGATE)
+        return msg
     try:
         obj = _read_json(data)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
