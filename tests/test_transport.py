@@ -14,6 +14,7 @@ from nexus_trio import (
     Context,
     DeadLetterReason,
     Message,
+    RequestFailed,
     RequestTimeout,
     TransportHandle,
     TransportUnavailable,
@@ -219,3 +220,35 @@ async def test_deliver_nowait_takes_what_has_room_and_says_no_for_a_full_mailbox
             with pytest.raises(KernelShuttingDown):
                 tell(held_ref.id, 9)
             gate.set()
+
+
+async def test_a_transport_without_query_failed_still_works_when_a_query_is_failed() -> None:
+    """``query_failed`` is optional (``QueryFailing``): a transport written before it
+    existed keeps working when an agent fails a query it took over; one with it gets the
+    call for a query this kernel does not wait for."""
+
+    class Minimal:
+        async def deliver(self, msg: Message) -> None:
+            raise TransportUnavailable("nowhere")
+
+        def deliver_nowait(self, msg: Message) -> None:
+            raise TransportUnavailable("nowhere")
+
+        def cancel_query(self, query_id: uuid.UUID, to: uuid.UUID | str) -> None:
+            return None
+
+    failed: list[uuid.UUID] = []
+
+    class Failing(Minimal):
+        def query_failed(self, query_id: uuid.UUID, error: BaseException) -> None:
+            failed.append(query_id)
+
+    query_id = uuid.uuid4()
+    error = RequestFailed(query_id, "pool", "agent_stopped", None)
+    async with open_kernel(make_config()) as kernel:
+        kernel.attach_transport(Minimal())
+        kernel.fail_query(query_id, error)  # no one to tell, nothing raised
+        kernel.detach_transport()
+        kernel.attach_transport(Failing())
+        kernel.fail_query(query_id, error)
+    assert failed == [query_id]
