@@ -494,8 +494,9 @@ class Kernel:
 
         A requester on this kernel gets ``error`` raised by its request; one on another
         kernel gets it through the transport's ``query_failed`` (:class:`QueryFailing`,
-        optional for a transport), as when a query is dead-lettered. Nothing is counted (the query was handled) and nothing
-        happens if no one waits any more; an answer that comes anyway is a late reply."""
+        optional for a transport), as when a query is dead-lettered. Nothing is counted
+        (the query was handled) and nothing happens if no one waits any more; an answer
+        that comes anyway is a late reply."""
         self._router.fail_query(query_id, error)
 
     def report_event(self, event: LifecycleEvent) -> None:
