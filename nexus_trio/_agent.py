@@ -244,14 +244,15 @@ def _check_handler_signature(function: Callable[..., Any], shown: str, arguments
         ) from None
 
 
-def checked_request_timeout(timeout: Any) -> float:
-    """A request's ``timeout`` argument given (not None) checked: seconds > 0. (The
-    callers take the config's for None themselves: no call on the request path.)"""
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise TypeError(f"request timeout must be a number of seconds, got {timeout!r}")
-    if not timeout > 0:
-        raise ValueError(f"request timeout must be > 0 seconds, got {timeout!r}")
-    return timeout
+def checked_seconds(value: Any, what: str, *, zero: bool = False) -> float:
+    """An argument in seconds given (not None) checked: a number > 0 (>= 0 with
+    ``zero``; NaN is neither), else TypeError / ValueError naming ``what``. (Callers
+    take the config's value for None themselves: no call on the request path.)"""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{what} must be a number of seconds, got {value!r}")
+    if not (value >= 0 if zero else value > 0):
+        raise ValueError(f"{what} must be {'>=' if zero else '>'} 0 seconds, got {value!r}")
+    return value
 
 
 def _spec_for(target: Any, options: dict[str, Any]) -> AgentSpec:
@@ -490,7 +491,7 @@ class Context:
         if timeout is None:  # (the common case, on the request path: no call)
             timeout = self._kernel.config.kernel.request_timeout
         else:
-            timeout = checked_request_timeout(timeout)
+            timeout = checked_seconds(timeout, "request timeout")
         current = self._cell.current
         trace_id = current.trace_id if current is not None else None
         query = new_query(self.id, address_of(to), payload, trace_id)

@@ -37,7 +37,7 @@ from ._agent import (
     Handler,
     address_of,
     as_spec,
-    checked_request_timeout,
+    checked_seconds,
 )
 from ._cell import AgentCell
 from ._child import Child
@@ -168,7 +168,7 @@ class Kernel:
         if grace is not None:
             # Checked before anything starts: a shutdown that failed halfway would leave
             # the kernel draining with nobody to finish it.
-            grace = _checked_grace(grace)
+            grace = checked_seconds(grace, "shutdown grace", zero=True)
         router = self._router
         in_tree = self._in_tree()
         if router.phase is not KernelPhase.RUNNING:
@@ -453,7 +453,7 @@ class Kernel:
     def _request_timeout(self, timeout: float | None) -> float:
         if timeout is None:  # (the common case, on the request path: no call)
             return self.config.kernel.request_timeout
-        return checked_request_timeout(timeout)
+        return checked_seconds(timeout, "request timeout")
 
     # --- remote kernels ------------------------------------------------------------------------
 
@@ -640,16 +640,6 @@ class Kernel:
             return entry
 
         return node(self._root)
-
-
-def _checked_grace(grace: Any) -> float:
-    """``shutdown(grace=)`` given (not None) checked: seconds >= 0 (``math.inf`` waits
-    for the drain however long it takes)."""
-    if isinstance(grace, bool) or not isinstance(grace, int | float):
-        raise TypeError(f"shutdown grace must be a number of seconds, got {grace!r}")
-    if not grace >= 0:  # also NaN
-        raise ValueError(f"shutdown grace must be >= 0 seconds, got {grace!r}")
-    return grace
 
 
 def _agent_stats(c: AgentCell) -> AgentStats:
