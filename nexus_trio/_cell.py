@@ -32,6 +32,7 @@ from ._child import Child, ChildOwner, Directive, log_extra
 from ._deadletter import DeadLetterReason
 from ._errors import MessageFailed
 from ._events import EventKind
+from ._logcall import log_guarded
 from ._mailbox import HighWater, Mailbox
 from ._message import SYSTEM_ID, Message, MessageKind, id_value
 from ._router import KernelPhase, Router
@@ -270,7 +271,9 @@ class AgentCell(Child):
                 if isinstance(failure, _HandlerFailed):
                     failure = failure.error
                 else:
-                    log.error(
+                    log_guarded(
+                        log,
+                        logging.ERROR,
                         "agent %s failed outside a handler",
                         self.label,
                         exc_info=failure,
@@ -303,8 +306,13 @@ class AgentCell(Child):
                     try:
                         await behaviour.on_stop(ctx)
                     except Exception as exc:
-                        log.exception(
-                            "on_stop of agent %s raised", self.label, extra=log_extra(self)
+                        log_guarded(
+                            log,
+                            logging.ERROR,
+                            "on_stop of agent %s raised",
+                            self.label,
+                            exc_info=exc,
+                            extra=log_extra(self),
                         )
                         # As a ``terminate`` that crashes in OTP: the run ends with this
                         # failure (the first one, if it had failed already).
@@ -328,7 +336,9 @@ class AgentCell(Child):
         if reason is DeadLetterReason.HANDLER_TIMEOUT:
             self.timed_out += 1
             self.ledger.timed_out += 1
-            log.warning(
+            log_guarded(
+                log,
+                logging.WARNING,
                 "handler of agent %s timed out after %gs on message %s",
                 self.label,
                 self.handle_timeout,
@@ -531,7 +541,9 @@ class AgentCell(Child):
         self.ledger.dead_letter(
             msg, reason or DeadLetterReason.HANDLER_ERROR, self.id, self.name, error=exc
         )
-        log.warning(
+        log_guarded(
+            log,
+            logging.WARNING,
             "agent %s failed message %s: %s",
             self.label,
             msg.id,
@@ -547,7 +559,9 @@ class AgentCell(Child):
         self.dead_lettered += 1
         self.ledger.dead_letter(msg, DeadLetterReason.HANDLER_ERROR, self.id, self.name, error=exc)
         directive = self.spec.directive_for(exc)
-        log.error(
+        log_guarded(
+            log,
+            logging.ERROR,
             "handler of agent %s failed on message %s (%s)",
             self.label,
             msg.id,

@@ -47,6 +47,7 @@ from ._errors import AgentNotFound, KernelShuttingDown, RequestFailed, Superviso
 from ._events import EventKind, LifecycleEvent
 from ._gc import HeapKeeper
 from ._ledger import Ledger
+from ._logcall import log_guarded
 from ._mailbox import Mailbox, MailboxStatistics
 from ._message import SYSTEM_ID, Address, Message, MessageKind, new_id, new_message, new_query
 from ._router import AgentWalk, KernelPhase, Router, TransportHandle
@@ -128,7 +129,12 @@ class Kernel:
             await root.run_once()
         except Escalation as exc:
             self._escalation = exc.to_public("kernel")
-            log.error("supervision escalated to the kernel: %s; shutting down", self._escalation)
+            log_guarded(
+                log,
+                logging.ERROR,
+                "supervision escalated to the kernel: %s; shutting down",
+                self._escalation,
+            )
             self._body_scope.cancel()
         finally:
             root.running = False

@@ -22,6 +22,7 @@ import trio
 from ._deadletter import DeadLetter, DeadLetterReason
 from ._errors import AgentNotFound, KernelShuttingDown
 from ._events import EventKind, LifecycleEvent
+from ._logcall import log_guarded
 from ._logfields import log_fields
 from ._mailbox import HighWater
 from ._message import SYSTEM_ID, Address, Message, MessageKind
@@ -161,7 +162,9 @@ class Ledger:
         if msg.kind is MessageKind.QUERY:
             self.on_dead_query(msg, reason, error)
         if dead_letter_log.isEnabledFor(logging.INFO):
-            dead_letter_log.info(
+            log_guarded(
+                dead_letter_log,
+                logging.INFO,
                 "dead letter %s to %s: %s%s",
                 msg.id,
                 recipient,

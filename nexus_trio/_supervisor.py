@@ -41,6 +41,7 @@ from ._config import RestartStrategy
 from ._errors import SupervisorEscalation
 from ._events import EventKind
 from ._gc import HeapKeeper
+from ._logcall import log_guarded
 from ._message import new_id
 from ._router import KernelPhase
 
@@ -210,7 +211,9 @@ class SupervisionHost:
 
     def failed(self, child: Child, error: BaseException) -> None:
         if not isinstance(error, Escalation) and isinstance(child, SupervisorNode):
-            log.error("%s failed", child.label, exc_info=error, extra=log_extra(child))
+            log_guarded(
+                log, logging.ERROR, "%s failed", child.label, exc_info=error, extra=log_extra(child)
+            )
         self.ledger.event(
             EventKind.FAILED, child.id, child.name, type(error).__name__, error, child.restarts
         )
@@ -218,7 +221,9 @@ class SupervisionHost:
 
     def restarting(self, child: Child, delay: float, error: BaseException | None) -> None:
         self.ledger.restarts += 1
-        log.info(
+        log_guarded(
+            log,
+            logging.INFO,
             "restarting %s in %.3fs (restart %d)",
             child.label,
             delay,
@@ -665,7 +670,9 @@ class SupervisorNode(Child, ChildOwner):
             last = error
         if self.isolating:
             self.host.ledger.given_up += 1
-            log.error(
+            log_guarded(
+                log,
+                logging.ERROR,
                 "%s stopped for good: %s (%d restarts within %gs); the kernel goes on",
                 child.label,
                 why,
@@ -675,7 +682,9 @@ class SupervisorNode(Child, ChildOwner):
             )
             self.host.ledger.event(EventKind.ESCALATED, child.id, child.name, why, last)
             return
-        log.error(
+        log_guarded(
+            log,
+            logging.ERROR,
             "supervisor %s: %s (%d restarts within %gs) after %s failed; escalating",
             self.label,
             why,

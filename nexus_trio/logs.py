@@ -31,6 +31,7 @@ from types import TracebackType
 from typing import Any, Final, TextIO, cast
 
 from ._config import LoggingConfig
+from ._logcall import log_calls_failed as log_calls_failed
 
 __all__ = [
     "CompactFormatter",
@@ -39,6 +40,7 @@ __all__ = [
     "escape_control",
     "install_default_logging",
     "level_number",
+    "log_calls_failed",
     "records_lost",
 ]
 

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import pytest
+import trio
 
-from nexus_trio import Context, Kernel, LoggingConfig, Message, agent
+from nexus_trio import Context, Kernel, LoggingConfig, Message, agent, open_kernel
 from nexus_trio.logs import (
     CompactFormatter,
     JsonFormatter,
@@ -25,7 +26,7 @@ from nexus_trio.logs import (
     level_number,
     records_lost,
 )
-from nexus_trio.testing import settle
+from nexus_trio.testing import settle, test_config
 
 
 class ListHandler(logging.Handler):
@@ -913,3 +914,167 @@ async def test_a_kernel_logging_to_a_full_disk_keeps_every_count(
     assert len(seen.records) >= 30
     assert records_lost() - before == len(seen.records)
     assert stream.getvalue() == ""
+
+
+# --- a broken log configuration of the application -------------------------------------------
+
+
+class RaisingFilter(logging.Filter):
+    """An application's filter with a bug: it raises on every record."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.calls += 1
+        raise KeyError("the filter's bug")
+
+
+class RaisingHandler(logging.Handler):
+    """A handler whose write fails and whose ``handleError`` re-raises (as some
+    applications' handlers do, to fail loudly in development)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.calls += 1
+        raise ValueError("the handler's bug")
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        raise
+
+
+@pytest.fixture(params=["filter", "handler"])
+def broken_log(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """A filter on, or a handler of, ``nexus_trio.dead_letters`` and the kernel's other
+    loggers, raising on every record; removed afterwards."""
+    names = [
+        "nexus_trio.dead_letters",
+        "nexus_trio.agent",
+        "nexus_trio.supervisor",
+        "nexus_trio.kernel",
+        "nexus_trio.bridge.stderr",
+    ]
+    broken: Any = RaisingFilter() if request.param == "filter" else RaisingHandler()
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.DEBUG)
+        if isinstance(broken, logging.Filter):
+            logger.addFilter(broken)
+        else:
+            logger.addHandler(broken)
+    yield broken
+    for logger, level in zip(loggers, levels, strict=True):
+        logger.removeFilter(broken)
+        logger.removeHandler(broken)
+        logger.setLevel(level)
+
+
+@agent(name="slow")
+async def slow_worker(ctx: Context, msg: Message) -> None:
+    if msg.payload == "fail":
+        raise RuntimeError("boom")
+    if msg.payload == "stall":
+        await trio.sleep_forever()
+
+
+async def test_a_raising_log_filter_or_handler_loses_no_count_and_shutdown_completes(
+    broken_log: Any, autojump_clock: Any
+) -> None:
+    """A log call of the kernel that raises (the application's filter or handler) loses
+    no count and does not stop the shutdown: handler errors, a handler timeout and the
+    messages still queued at the shutdown are all dead-lettered, counted and published."""
+    config = test_config(handle_timeout_ms=1000, shutdown_grace_ms=0)
+    async with open_kernel(config) as kernel:
+        ref = kernel.spawn(slow_worker)
+        for payload in ["fail", "ok", "fail", "stall", "ok", "ok"]:
+            await kernel.send(ref, payload)
+        await settle()
+        assert kernel.stats().failed == 2
+        await trio.sleep(2)  # past the handle timeout of "stall"
+        await settle()
+        assert kernel.stats().handled == 3
+        for _ in range(3):
+            await kernel.send(ref, "stall")
+        await settle()
+    stats = kernel.stats()
+    assert stats.failed == 2
+    assert stats.timed_out == 1
+    assert stats.dead_letters_by_reason == {
+        "handler_error": 2,
+        "handler_timeout": 1,
+        "shutdown": 3,
+    }
+    assert stats.accepted == stats.handled + stats.dead_lettered == 9
+    assert stats.in_flight == 0
+    # every dead letter was published too (the stream is after the log line)
+    assert len(kernel.recent_dead_letters()) == 6
+    assert broken_log.calls >= 6
+
+
+@agent(name="crashing", on_error="restart")
+async def crashing(ctx: Context, msg: Message) -> None:
+    if msg.payload == "fail":
+        raise RuntimeError("boom")
+
+
+async def test_a_raising_log_filter_or_handler_does_not_stop_restarts(
+    broken_log: Any, autojump_clock: Any
+) -> None:
+    """The supervisor logs each failure and restart: with those log calls raising, the
+    agent is still restarted each time and handles what comes after."""
+    async with open_kernel(test_config()) as kernel:
+        ref = kernel.spawn(crashing)
+        for payload in ["fail", "ok", "fail", "fail", "ok"]:
+            await kernel.send(ref, payload)
+            await trio.sleep(0.1)
+        stats = kernel.stats()
+        assert stats.restarts == 3
+        assert stats.failed == 3
+        assert stats.handled == 2
+    assert kernel.stats().accepted == 5
+
+
+def test_a_raising_log_call_is_shown_once_and_counted(tmp_path: Path) -> None:
+    """A broken filter on the dead-letter logger: the first failure is shown on standard
+    error with its traceback, the others only counted (not a traceback per dead letter)."""
+    code = textwrap.dedent(
+        """
+        import logging
+        import trio
+        from nexus_trio import agent, open_kernel
+        from nexus_trio.logs import log_calls_failed
+
+        class Broken(logging.Filter):
+            def filter(self, record):
+                raise KeyError("the filter's bug")
+
+        logging.getLogger("nexus_trio.dead_letters").addFilter(Broken())
+
+        @agent(name="failing")
+        async def failing(ctx, msg):
+            raise RuntimeError("boom")
+
+        async def main():
+            async with open_kernel() as kernel:
+                ref = kernel.spawn(failing)
+                for _ in range(5):
+                    await kernel.send(ref, "x")
+                await trio.testing.wait_all_tasks_blocked()
+                print(kernel.stats().dead_letters_by_reason, log_calls_failed())
+
+        import trio.testing
+        trio.run(main)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "{'handler_error': 5} 5"
+    assert result.stderr.count("--- nexus_trio: a log call to nexus_trio.dead_letters raised") == 1
+    assert result.stderr.count('KeyError: "the filter\'s bug"') == 1

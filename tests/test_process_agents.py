@@ -52,6 +52,7 @@ from nexus_trio._message import decode_message
 from nexus_trio.bridges import _lineage, bridge_stats, process_agent
 from nexus_trio.bridges import process as process_module
 from nexus_trio.bridges.process import BridgeStats, ProcessAgent, ProcessAgentError
+from nexus_trio.logs import log_calls_failed
 from nexus_trio.testing import assert_conserved, dead_letters
 from tests.hang_guard import real_time_limit
 from tests.test_bridge_agents import needs_node, node_or_skip
@@ -1698,6 +1699,43 @@ async def test_stderr_goes_to_the_log_with_the_agent_fields(
     ]
     assert {getattr(r, "agent_name", None) for r in records} == {"talker"}
     assert {getattr(r, "agent_id", None) for r in records} == {str(ref.id)}
+
+
+class _RaisingFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        raise KeyError("the filter's bug")
+
+
+async def test_a_raising_log_filter_on_the_bridge_loggers_does_not_fail_the_agent() -> None:
+    """The application's filter on ``nexus_trio.bridge.stderr`` and ``nexus_trio.bridge``
+    raising on every record: the child's stderr is still relayed (counted), and the agent
+    answers on, unrestarted; the failures are counted in log_calls_failed()."""
+    broken = _RaisingFilter()
+    loggers = [
+        logging.getLogger("nexus_trio.bridge.stderr"),
+        logging.getLogger("nexus_trio.bridge"),
+    ]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addFilter(broken)
+        logger.setLevel(logging.INFO)
+    before = log_calls_failed()
+    try:
+        async with bridge_kernel() as kernel:
+            ref = kernel.spawn(process_agent(toy(), name="talker"))
+            for i in range(3):
+                await kernel.request(ref, {"op": "stderr", "text": f"line {i}"})
+            await wait_until(lambda: stats_of(kernel, ref).stderr_lines == 3, "stderr lines")
+            assert await kernel.request(ref, {"op": "echo", "value": 1}) is not None
+            stats = kernel.stats()
+            assert (stats.handled, stats.failed, stats.restarts) == (4, 0, 0)
+            assert stats_of(kernel, ref).starts == 1
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.removeFilter(broken)
+            logger.setLevel(level)
+    # the three stderr lines, and the started line at least
+    assert log_calls_failed() - before >= 4
 
 
 #: a protocol-2 child that writes ``flood 0`` .. ``flood 999`` on stderr as it starts, and

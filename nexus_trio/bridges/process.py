@@ -57,6 +57,7 @@ from .._agent import Agent, AgentSpec, Context, RestartType, log_fields
 from .._brief import brief
 from .._deadletter import DeadLetterReason
 from .._errors import MessageFailed, NexusError
+from .._logcall import log_guarded
 from .._message import SYSTEM_ID, Message, MessageKind, parse_address
 from .._throttle import Throttle
 from . import _lineage
@@ -575,7 +576,9 @@ class ProcessAgent(Agent):
         self._tokens[process.pid] = token
         stats.starts += 1
         stats.pid = process.pid
-        log.info(
+        log_guarded(
+            log,
+            logging.INFO,
             "process agent %s started %s (pid %d)",
             self.label,
             shlex.join(options.cmd),
@@ -687,7 +690,9 @@ class ProcessAgent(Agent):
         # A name is a string: a register without one (null, or a number warned about
         # above) names nothing, not the text "None" (as in self.label).
         name = payload.get("name")
-        log.info(
+        log_guarded(
+            log,
+            logging.INFO,
             "process agent %s %s (protocol %d)",
             ctx.name or ctx.id,  # not self.label, which would say the registered name again
             f"registered as {brief(name, 60)}"
@@ -802,7 +807,9 @@ class ProcessAgent(Agent):
         for stream in (process.stdout, process.stderr):
             if stream is not None:
                 await stream.aclose()
-        log.info(
+        log_guarded(
+            log,
+            logging.INFO,
             "process agent %s: child %d exited with status %s",
             self.label,
             process.pid,
@@ -1168,7 +1175,14 @@ class ProcessAgent(Agent):
         if self._lost:
             return
         self._lost = True
-        log.error("process agent %s: %s", self.label, error.problem, extra=self._fields())
+        log_guarded(
+            log,
+            logging.ERROR,
+            "process agent %s: %s",
+            self.label,
+            error.problem,
+            extra=self._fields(),
+        )
         for slot in list(self._inflight.values()):
             if not slot.abandoned and not slot.done:
                 # The handler raises it: the message is dead-lettered, the agent fails.
@@ -1475,15 +1489,23 @@ class ProcessAgent(Agent):
             stats.stderr_lines_not_logged += 1
             return
         if isinstance(line, _Oversized):
-            logger.warning("[%s] <stderr line of %d bytes not shown>", self.label, line.size)
+            log_guarded(
+                logger,
+                logging.WARNING,
+                "[%s] <stderr line of %d bytes not shown>",
+                self.label,
+                line.size,
+            )
             return
         text = line.decode("utf-8", "replace").rstrip("\r")
         level = logging.WARNING if _STDERR_WARNING.match(text) else logging.INFO
-        logger.log(level, "[%s] %s", self.label, text)
+        log_guarded(logger, level, "[%s] %s", self.label, text)
 
     def _note_stderr_not_logged(self, logger: logging.LoggerAdapter[Any]) -> None:
         held = self._stderr_budget.noted()
-        logger.warning(
+        log_guarded(
+            logger,
+            logging.WARNING,
             "[%s] %s stderr line%s not logged (more than %d at once, then %g a second)",
             self.label,
             f"{held:,}",
@@ -1501,7 +1523,9 @@ class ProcessAgent(Agent):
         return self._extra or {}
 
     def _warn(self, problem: str) -> None:
-        log.warning("process agent %s: %s", self.label, problem, extra=self._fields())
+        log_guarded(
+            log, logging.WARNING, "process agent %s: %s", self.label, problem, extra=self._fields()
+        )
 
     def _warn_line(self, kind: str, problem: str) -> None:
         """Warn about one of the child's lines: at most once a second for each ``kind``.
