@@ -5,6 +5,8 @@ too large"), as a full disk fails with ``ENOSPC``, on any POSIX system."""
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import re
@@ -12,9 +14,12 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import pytest
+
+from nexus_trio.cli import main
+from nexus_trio.logs import records_lost
 
 RECORD = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ", re.MULTILINE)
 RUN = ["run", "-n", "10", "-d", "0.2", "--json", "--no-live"]
@@ -144,3 +149,73 @@ def test_a_program_started_with_standard_error_closed_counts_its_log_records(
     )
     assert result.returncode == 0
     assert result.stdout.strip() == "3"
+
+
+class _Refusing(io.RawIOBase):
+    """Standard error's file, refusing every write: a full disk (``ENOSPC``) or a reader
+    gone (``EPIPE``)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__()
+        self.code = code
+        self.writes = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        self.writes += 1
+        raise OSError(self.code, os.strerror(self.code))
+
+
+def _run_in_process(args: list[str], stderr: TextIO | None) -> tuple[Any, dict[str, Any]]:
+    """``nexus ARGS`` in this process (``nexus_trio.cli.main``), standard error ``stderr``:
+    its exit status and its ``--json`` summary."""
+    out = io.StringIO()
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = out, stderr  # type: ignore[assignment]
+    try:
+        with pytest.raises(SystemExit) as exited:
+            main(args)
+    finally:
+        sys.stdout, sys.stderr = saved
+    return exited.value.code, json.loads(out.getvalue())
+
+
+@pytest.mark.usefixtures("restore_logging", "isolated")
+@pytest.mark.parametrize("fmt", ["compact", "json", "pretty"])
+@pytest.mark.parametrize(
+    "stderr",
+    ["full disk", "full disk, unbuffered", "broken pipe", "closed"],
+)
+def test_nexus_run_in_process_with_standard_error_failing_finishes_and_counts_its_own_losses(
+    fmt: str, stderr: str
+) -> None:
+    """Every log record of the run is lost (counted), the run itself is not: it finishes,
+    exits 0 with its books balanced, and its summary counts the records *it* lost, also
+    when an earlier run in the same process lost some (``records_lost()`` is
+    process-wide)."""
+    code = errno.EPIPE if stderr == "broken pipe" else errno.ENOSPC
+    statuses, reported, lost = [], [], []
+    for _ in range(2):
+        raw = _Refusing(code)
+        if stderr == "closed":
+            stream: TextIO | None = None
+        elif stderr == "full disk, unbuffered":
+            stream = io.TextIOWrapper(raw, encoding="utf-8", write_through=True)
+        else:
+            stream = io.TextIOWrapper(io.BufferedWriter(raw), encoding="utf-8")
+        before = records_lost()
+        status, summary = _run_in_process(
+            ["run", "-n", "10", "-d", "0.1", "--json", "--no-live", "-f", fmt],
+            stream,
+        )
+        statuses.append(status)
+        lost.append(records_lost() - before)
+        reported.append(summary["log_records_lost"])
+        assert summary["conserved"] is True
+        assert summary["handled"] > 0
+        assert stderr == "closed" or raw.writes >= lost[-1]
+    assert statuses == [0, 0]
+    assert lost[0] >= 2  # the config line and the "running" line at least
+    assert reported == lost

@@ -308,7 +308,7 @@ def run(
 ) -> None:
     """Run a kernel: your agents (--app) or a demo workload, with a live view and a summary."""
     from ..config import ConfigError, load_config, write_template
-    from ..logs import configure_logging
+    from ..logs import configure_logging, records_lost
     from ._run import AppError, RunOptions, execute_run, load_app, stderr_proxy
 
     if generate_config is not None:
@@ -374,6 +374,7 @@ def run(
         raise typer.BadParameter(
             "needs --nats URL (or [nats] url in the config)", param_hint="'--node'"
         )
+    records_lost_before = records_lost()
     configure_logging(
         cfg.logging, stream=None if cfg.logging.format == "pretty" else stderr_proxy()
     )
@@ -408,6 +409,7 @@ def run(
         live=show_live,
         seed=seed,
         demo=target is None and not commands,
+        records_lost_before=records_lost_before,
     )
     status = execute_run(opts)
     if status:

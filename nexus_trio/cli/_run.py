@@ -97,6 +97,9 @@ class RunOptions:
     seed: int | None = None
     #: run the demo workload (no --app and no --spawn)
     demo: bool = True
+    #: ``records_lost()`` before the run set its logging up (the summary counts the run's
+    #: own losses: the count is process-wide); None: when the run starts
+    records_lost_before: int | None = None
 
 
 # --- --app ----------------------------------------------------------------------------------
@@ -207,6 +210,9 @@ class _State:
         self.demo: Demo | None = None
         self.live: Live | None = None
         self.t0 = trio.current_time()
+        self.records_lost_before = (
+            records_lost() if opts.records_lost_before is None else opts.records_lost_before
+        )
         self.t_spawned: float | None = None
         self.t_stop: float | None = None
         self.peak_rss = 0
@@ -702,7 +708,7 @@ def build_summary(
         "queue_wait": hist("queue_wait"),
         "peak_rss_bytes": peak,
         # log records the kernel's handlers could not write (stderr on a full disk, ...)
-        "log_records_lost": records_lost(),
+        "log_records_lost": records_lost() - state.records_lost_before,
         "conserved": stats is not None
         and in_flight == 0
         and accepted == handled + replies + forwarded + dead,
