@@ -699,7 +699,8 @@ async def _route(
 def _header_problem(head: bytes, version: str) -> bytes | None:
     """Why the header lines of a request head make it a bad request, or None: a line
     starting with a space or a tab (obsolete line folding, RFC 9112 5.2, refused rather
-    than joined to the line before; or whitespace before the first field, 2.2), a field
+    than joined to the line before; or whitespace before the first field, 2.2), a line
+    without a colon (not a field line: RFC 9112 5 makes the message invalid), a field
     name followed by whitespace before its colon (RFC 9112 5.1: must be refused, as
     ``Host : x`` is neither a ``Host`` nor nothing), or a ``Host`` header that RFC 9112 3.2
     refuses: an HTTP/1.1 request without one, any with more than one, or a value that is
@@ -711,7 +712,9 @@ def _header_problem(head: bytes, version: str) -> bytes | None:
             return b"a header line starts with whitespace (obsolete line folding)"
         name, colon, value = line.partition(b":")
         if not colon:
-            continue
+            if line in (b"", b"\r"):  # the empty line that ends the head
+                continue
+            return b"a header line without a colon"
         if name[-1:] in (b" ", b"\t"):
             return b"whitespace between a header name and its colon"
         if name.lower() == b"host":

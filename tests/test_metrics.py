@@ -1031,6 +1031,25 @@ async def test_a_request_with_two_hosts_or_a_host_that_is_not_one_gets_400():
     await _assert_refused_with_400(refused, served)
 
 
+async def test_a_header_line_without_a_colon_gets_400():
+    """Regression: a header line without a colon was skipped and the request served; RFC
+    9112 5 makes such a message invalid, and it is answered 400 naming it, as the other
+    malformed header lines are. The empty line that ends the head is no header line."""
+    expected = b"bad request: a header line without a colon\n"
+    refused = (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Thing\r\n\r\n",
+        b"GET /healthz HTTP/1.0\r\nnot a header line\r\n\r\n",
+        b"HEAD /healthz HTTP/1.1\nHost: x\nAccept */*\n\n",
+        b"GET /metrics HTTP/1.1\r\nHost x\r\n\r\n",
+    )
+    served = (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Empty:\r\n\r\n",
+        b"GET /healthz HTTP/1.0\n\n",
+        b"GET /healthz HTTP/1.1\nHost: x\n\n",
+    )
+    await _assert_refused_with_400([(r, expected) for r in refused], served)
+
+
 async def _assert_refused_with_400(
     refused: Sequence[tuple[bytes, bytes]], served: Sequence[bytes]
 ) -> None:
