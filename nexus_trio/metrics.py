@@ -558,21 +558,27 @@ class MetricsRenderer:
     waited for it). ``renders`` counts the renders done. ``endpoint`` holds the counters
     of the endpoint serving this renderer, set by :func:`serve_metrics` (``None`` until
     then; two endpoints with one renderer share them), exported with the kernel's series.
+
+    ``per_agent``, ``per_agent_limit`` and ``cache_seconds`` not given are the kernel's
+    ``[metrics] per_agent``, ``per_agent_limit`` and ``cache_ms`` (the config is their one
+    default).
     """
 
     def __init__(
         self,
         kernel: Kernel,
         *,
-        per_agent: bool = False,
+        per_agent: bool | None = None,
         per_agent_limit: int | None = None,
-        cache_seconds: float = 1.0,
+        cache_seconds: float | None = None,
         process: bool = True,
     ) -> None:
+        if cache_seconds is None:
+            cache_seconds = kernel.config.metrics.cache_ms / 1000
         if not cache_seconds >= 0:
             raise ValueError(f"cache_seconds must be >= 0, got {cache_seconds!r}")
         self.kernel = kernel
-        self.per_agent = per_agent
+        self.per_agent = kernel.config.metrics.per_agent if per_agent is None else per_agent
         self.per_agent_limit = _per_agent_limit(kernel, per_agent_limit)
         self.cache_seconds = cache_seconds
         self.process = process
@@ -585,14 +591,8 @@ class MetricsRenderer:
     @classmethod
     def for_kernel(cls, kernel: Kernel) -> MetricsRenderer:
         """A renderer set up from ``kernel.config.metrics`` (``per_agent``, ``per_agent_limit``,
-        ``cache_ms``)."""
-        cfg = kernel.config.metrics
-        return cls(
-            kernel,
-            per_agent=cfg.per_agent,
-            per_agent_limit=cfg.per_agent_limit,
-            cache_seconds=cfg.cache_ms / 1000,
-        )
+        ``cache_ms``): the same as ``MetricsRenderer(kernel)``."""
+        return cls(kernel)
 
     async def render(self) -> bytes:
         """The Prometheus text of the kernel, fresh or shared (see the class docstring)."""

@@ -280,6 +280,31 @@ async def test_the_per_agent_limit_is_the_config_key_unless_one_is_given():
             assert exported(await renderer.render()) == limit
 
 
+async def test_a_plain_renderer_takes_per_agent_and_cache_ms_from_the_config():
+    """Regression: ``MetricsRenderer(kernel)`` had defaults of its own for ``per_agent``
+    (False) and ``cache_seconds`` (1.0), copies of the config's: a kernel configured with
+    ``[metrics] per_agent = true`` or another ``cache_ms`` got neither unless each was
+    given again (only ``for_kernel`` read them). The config is the one source now; a value
+    given still wins."""
+    config = with_metrics(per_agent=True, per_agent_limit=2, cache_ms=250)
+    async with open_test_kernel(config) as kernel:
+        for i in range(3):
+            kernel.spawn(idle, name=f"a{i}")
+        await trio.testing.wait_all_tasks_blocked()
+        plain = MetricsRenderer(kernel, process=False)
+        assert (plain.per_agent, plain.per_agent_limit, plain.cache_seconds) == (True, 2, 0.25)
+        exported = samples((await plain.render()).decode())
+        assert exported[("nexus_agent_series_exported", ())] == 2
+        from_config = MetricsRenderer.for_kernel(kernel)
+        assert (from_config.per_agent, from_config.cache_seconds) == (True, 0.25)
+        given = MetricsRenderer(kernel, per_agent=False, cache_seconds=0, process=False)
+        assert (given.per_agent, given.cache_seconds) == (False, 0)
+        assert samples((await given.render()).decode())[("nexus_agent_series_exported", ())] == 0
+    async with open_test_kernel() as kernel:  # the config's defaults
+        plain = MetricsRenderer(kernel)
+        assert (plain.per_agent, plain.per_agent_limit, plain.cache_seconds) == (False, 1000, 1.0)
+
+
 async def test_concurrent_scrapes_share_one_render_made_on_the_loop_in_pieces():
     async with open_test_kernel() as kernel:
         renderer = MetricsRenderer(kernel, per_agent=True, cache_seconds=0, process=False)
