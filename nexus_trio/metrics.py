@@ -55,6 +55,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
+from ._logcall import log_guarded
 from ._throttle import Throttle
 from .logs import records_lost
 
@@ -792,7 +793,9 @@ async def _handle_connection(
             except Exception as exc:
                 # Said, and logged: not taken for the client going away (an OSError) nor
                 # left as a connection closed without an answer.
-                log.exception("metrics request %s %s failed", method, target)
+                log_guarded(
+                    log, logging.ERROR, "metrics request %s %s failed", method, target, exc_info=exc
+                )
                 status, content_type = 500, text
                 body = f"the metrics render failed: {type(exc).__name__}\n".encode()
             answering = False
@@ -810,8 +813,13 @@ async def _handle_connection(
                 await stream.send_all(body)
         if answering:
             # Said, not a connection closed without a word (the client would not know why).
-            log.warning(
-                "metrics request %s %s: no answer within %s s", method, target, _REQUEST_TIMEOUT
+            log_guarded(
+                log,
+                logging.WARNING,
+                "metrics request %s %s: no answer within %s s",
+                method,
+                target,
+                _REQUEST_TIMEOUT,
             )
             body = f"no answer within {_REQUEST_TIMEOUT:g} s (the kernel is busy)\n".encode()
             with trio.move_on_after(1) as scope:
@@ -819,8 +827,8 @@ async def _handle_connection(
                 await stream.send_all(_response(503, body, text, head=method == "HEAD"))
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass  # the client went away
-    except Exception:  # a scrape must never take the kernel down
-        log.exception("metrics request failed")
+    except Exception as exc:  # a scrape must never take the kernel down
+        log_guarded(log, logging.ERROR, "metrics request failed", exc_info=exc)
     finally:
         with trio.move_on_after(1) as scope:
             scope.shield = True
@@ -886,7 +894,7 @@ async def serve_metrics(
             f"the metrics server cannot listen on {host}:{port}: {exc.strerror or exc}",
         ) from exc
     bound = listeners[0].socket.getsockname()[1]
-    log.info("metrics on http://%s:%d/metrics", host, bound)
+    log_guarded(log, logging.INFO, "metrics on http://%s:%d/metrics", host, bound)
     if renderer.endpoint is None:
         renderer.endpoint = EndpointStats()
     endpoint = renderer.endpoint
@@ -914,7 +922,9 @@ async def serve_metrics(
                 if slots.value == 0:
                     endpoint.limited += 1
                     if limit_log.due():
-                        log.warning(
+                        log_guarded(
+                            log,
+                            logging.WARNING,
                             "the metrics endpoint has %d connections open, its limit: new"
                             " connections wait in the listen backlog until one closes (times"
                             " at the limit so far: %d)",
@@ -930,7 +940,9 @@ async def serve_metrics(
                         raise
                     endpoint.accept_failures += 1
                     if failure_log.due():
-                        log.error(
+                        log_guarded(
+                            log,
+                            logging.ERROR,
                             "the metrics endpoint cannot accept a connection: %s (failures so"
                             " far: %d); retrying every %g s",
                             exc,

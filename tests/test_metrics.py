@@ -571,6 +571,47 @@ async def test_a_request_whose_render_fails_gets_500_and_the_failure_is_logged(
     assert [r.exc_info[1] for r in failures] == [error, error]
 
 
+async def test_a_raising_log_filter_does_not_take_the_metrics_endpoint_down() -> None:
+    """A filter of the application on ``nexus_trio.metrics`` that raises: a request whose
+    render fails still gets its 500, and the endpoint goes on serving (its log calls
+    raised out of the connection's task and ended the endpoint, and ``nexus run`` with
+    it)."""
+
+    class Broken(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            raise KeyError("the filter's bug")
+
+    logger = logging.getLogger("nexus_trio.metrics")
+    broken = Broken()
+    logger.addFilter(broken)
+    try:
+        async with open_test_kernel() as kernel, trio.open_nursery() as nursery:
+            renderer = MetricsRenderer(kernel, cache_seconds=0, process=False)
+
+            async def failing() -> bytes:
+                await trio.lowlevel.checkpoint()
+                raise RuntimeError("render failed")
+
+            renderer.render = failing  # type: ignore[method-assign]
+            port = await nursery.start(
+                lambda task_status: serve_metrics(
+                    kernel, "127.0.0.1", 0, renderer=renderer, task_status=task_status
+                )
+            )
+            for _ in range(2):
+                status, _headers, body = await http(
+                    port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+                )
+                assert (status, body) == (500, b"the metrics render failed: RuntimeError\n")
+            assert (await http(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"))[::2] == (
+                200,
+                b"ok\n",
+            )
+            nursery.cancel_scope.cancel()
+    finally:
+        logger.removeFilter(broken)
+
+
 async def test_twenty_concurrent_http_scrapes_cost_one_render():
     async with open_test_kernel() as kernel, trio.open_nursery() as nursery:
         for _ in range(50):
