@@ -625,7 +625,8 @@ def test_a_worker_killed_after_it_settled_is_counted_with_its_last_record(
     assert dead["lost_with_it"] == 0  # it held nothing when the swarm settled
     assert dead["handed_to_it"] == 0
     assert dead["sent"] > 0 and dead["handled"] > 0
-    assert dead["handled"] == survivor_["settled_books"]["worker-1"]["handled"]
+    assert dead["handled"] == summary["settled_books"]["worker-1"]["handled"]
+    assert survivor_["settled_with"] == 2 and summary["settled_books_differ"] == {}
     balance = summary["cluster_balance"]
     assert summary["conserved"] is True, balance
     assert balance["sent"] == survivor_["sent"] + dead["sent"]
@@ -740,6 +741,66 @@ def test_a_worker_that_died_after_the_settle_is_counted_with_its_last_record() -
     total = aggregate_summaries([alive, dead])
     assert total["per_worker"][1]["books"] == "unknown: its last record does not balance"
     assert total["conserved"] is False
+
+
+def swarm_summaries(n: int) -> list[dict]:
+    """``n`` workers' own summaries after a settle: each reports every worker's record."""
+    books = {
+        f"worker-{i}": settled_record(sent=10 + i, accepted=10 + i, handled=10 + i)
+        for i in range(n)
+    }
+    out = []
+    for i in range(n):
+        summary = survivor(f"worker-{i}", 10 + i, 10 + i, 0, {})
+        summary["settled_books"] = dict(books)
+        out.append(summary)
+    return out
+
+
+def test_the_workers_summary_keeps_each_worker_s_settled_books_once() -> None:
+    """Regression: every worker's summary lists the books of every worker it settled
+    with, and the parent kept them all in ``per_worker``: N records in each of N entries,
+    a summary that grew with N squared (200 KB of JSON at 32 workers, 4 times that at
+    64). The parent keeps
+    each worker's record once, at the top (``settled_books``), and each entry says how
+    many it reported (``settled_with``); records that differ are kept per reporter."""
+    from nexus_trio.cli._cluster_cmd import aggregate_summaries
+
+    sizes = {}
+    for n in (8, 16, 32):
+        total = aggregate_summaries(swarm_summaries(n))
+        assert total["conserved"] is True
+        assert sorted(total["settled_books"]) == sorted(f"worker-{i}" for i in range(n))
+        assert total["settled_books"]["worker-3"] == settled_record(
+            sent=13, accepted=13, handled=13
+        )
+        assert total["settled_books_differ"] == {}
+        assert all("settled_books" not in w for w in total["per_worker"])
+        assert [w["settled_with"] for w in total["per_worker"]] == [n] * n
+        sizes[n] = len(json.dumps(total))
+    # linear: twice the workers, at most a little over twice the bytes
+    assert sizes[16] <= 2.1 * sizes[8] and sizes[32] <= 2.1 * sizes[16], sizes
+
+    # one survivor's record of worker-1 differs: kept, per reporter, and only that one
+    summaries = swarm_summaries(3)
+    summaries[2]["settled_books"] = {
+        **summaries[2]["settled_books"],
+        "worker-1": settled_record(sent=99),
+    }
+    total = aggregate_summaries(summaries)
+    assert sorted(total["settled_books"]) == ["worker-0", "worker-2"]
+    assert total["settled_books_differ"] == {
+        "worker-1": {
+            "worker-0": settled_record(sent=11, accepted=11, handled=11),
+            "worker-1": settled_record(sent=11, accepted=11, handled=11),
+            "worker-2": settled_record(sent=99),
+        }
+    }
+    # a worker that did not settle reported none (a single run's summary has no such field)
+    summaries = swarm_summaries(2)
+    summaries[1]["settled_books"] = {}
+    total = aggregate_summaries([*summaries, survivor("x", 0, 0, 0, {})])
+    assert [w.get("settled_with") for w in total["per_worker"]] == [2, 0, None]
 
 
 @pytest.mark.parametrize(
@@ -1166,6 +1227,8 @@ def check_fields(summary: dict) -> None:
     assert set(summary["cluster_balance"]) == BALANCE_FIELDS
     assert all(type(v) is int for v in summary["cluster_balance"].values())
     assert isinstance(summary["workers_died"], list)
+    assert isinstance(summary["settled_books"], dict)
+    assert isinstance(summary["settled_books_differ"], dict)
     assert type(summary["handed_to_dead_workers"]) is int
     assert isinstance(summary["stopped_by"], str)
     for worker in summary["per_worker"]:

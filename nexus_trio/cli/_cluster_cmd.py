@@ -200,7 +200,10 @@ def aggregate_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     A worker that died after the swarm settled (every survivor reports its books as its
     last record said then, in ``settled_books``: final, the swarm had stopped and held
     nothing) is counted with that record instead (:func:`_counted_from_its_record`): its
-    own counts, and what it still held (``lost_with_it``) as lost with it."""
+    own counts, and what it still held (``lost_with_it``) as lost with it.
+
+    The records of ``settled_books`` are kept once in the total, not in every worker's
+    entry (N of them in each of N entries): see :func:`_settled_books_once`."""
     summaries = [_counted_from_outside(s, summaries) if s.get("died") else s for s in summaries]
     died = [s for s in summaries if s.get("died")]
     alive = [s for s in summaries if not s.get("died") and s.get("conserved") is not None]
@@ -261,8 +264,40 @@ def aggregate_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
         and all(s.get("books") in (SEEN_FROM_OUTSIDE, FROM_ITS_RECORD) for s in died)
         and total["sent"] == ended + total["lost_counted"] + into_dead
     )
-    total["per_worker"] = list(summaries)
+    total["settled_books"], total["settled_books_differ"] = _settled_books_once(summaries)
+    total["per_worker"] = [_without_settled_books(s) for s in summaries]
     return total
+
+
+def _settled_books_once(
+    summaries: Sequence[dict[str, Any]],
+) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, dict[str, int]]]]:
+    """The workers' ``settled_books``, each worker's record once: the record every
+    worker that reported it agrees on, and, for a worker whose records differ, each
+    reporter's (normally none: the swarm settled on the same records)."""
+    seen: dict[str, dict[str, dict[str, int]]] = {}  # node -> reporter -> its record
+    for s in summaries:
+        for node, record in (s.get("settled_books") or {}).items():
+            seen.setdefault(node, {})[str(s.get("node"))] = record
+    agreed: dict[str, dict[str, int]] = {}
+    differ: dict[str, dict[str, dict[str, int]]] = {}
+    for node, by_reporter in seen.items():
+        first, *rest = by_reporter.values()
+        if all(record == first for record in rest):
+            agreed[node] = first
+        else:
+            differ[node] = by_reporter
+    return agreed, differ
+
+
+def _without_settled_books(summary: dict[str, Any]) -> dict[str, Any]:
+    """A worker's entry with its ``settled_books`` (kept once for all, see
+    :func:`_settled_books_once`) replaced by how many workers it reported."""
+    if "settled_books" not in summary:
+        return summary
+    entry = {key: value for key, value in summary.items() if key != "settled_books"}
+    entry["settled_with"] = len(summary["settled_books"] or {})
+    return entry
 
 
 #: ``books`` of a dead worker's entry counted from what the others saw of it
