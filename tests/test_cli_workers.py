@@ -158,6 +158,44 @@ def test_nexus_max_workers_overrides_the_bound_and_a_bad_value_is_named(
     assert asked == [40]
 
 
+@pytest.mark.usefixtures("restore_logging", "isolated")
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--app", "missing.module:x"], "no module named 'missing.module' (in 'missing.module:x')"),
+        (["--app", "json:no_such_attribute"], "module 'json' has no attribute 'no_such_attribute'"),
+        (["--app", "json:dumps"], "dumps is a plain function ('def')"),
+    ],
+)
+def test_an_app_the_workers_cannot_load_is_refused_by_the_parent_before_any_starts(
+    args: list[str], expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: the parent left importing ``--app`` to the workers, so a missing module
+    (or attribute) started the nats-server and N workers, and the user read N worker
+    failures. The parent loads it as a worker does, first, and exits 2 naming it."""
+    asked = cap_run(monkeypatch, cores=2)
+    code, out = invoke_run(["-W", "2", "-d", "1", "--json", *args])
+    assert code == 2, out
+    assert f"Invalid value for '--app': {expected}" in out
+    assert asked == []
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_an_app_in_the_config_the_workers_cannot_load_is_refused_naming_the_key(
+    monkeypatch: pytest.MonkeyPatch, isolated: Path
+) -> None:
+    asked = cap_run(monkeypatch, cores=2)
+    (isolated / "config.toml").write_text('[app]\napp = "missing.module:x"\n')
+    code, out = invoke_run(["-W", "2", "-d", "1", "--json"])
+    assert code == 2, out
+    assert "Invalid value for [app] app: no module named 'missing.module'" in out
+    assert asked == []
+    # an app that loads is passed on to the workers as it was given
+    (isolated / "good_app.py").write_text("async def main(kernel):\n    pass\n")
+    assert invoke_run(["-W", "2", "-d", "1", "--json", "--app", "good_app:main"])[0] == 0
+    assert asked == [2]
+
+
 def test_run_workers_itself_refuses_more_workers_than_the_bound_before_starting_anything(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -309,7 +309,7 @@ def run(
     """Run a kernel: your agents (--app) or a demo workload, with a live view and a summary."""
     from ..config import ConfigError, load_config, write_template
     from ..logs import configure_logging, records_lost
-    from ._run import AppError, RunOptions, execute_run, load_app, stderr_proxy
+    from ._run import RunOptions, execute_run, stderr_proxy
 
     if generate_config is not None:
         try:
@@ -365,7 +365,7 @@ def run(
             raise typer.BadParameter(exc.message, param_hint=f"'{flag}'") from None
         raise _fail(str(exc)) from None
     if workers is not None:  # (each worker checks all again; the above must not start them)
-        _run_workers(ctx, workers, nats, json_out)
+        _run_workers(ctx, workers, nats, json_out, loaded.config.app.app, app_ref is not None)
         return
     cfg = loaded.config
     if nats is None and cfg.nats.url:
@@ -380,13 +380,7 @@ def run(
     )
     logging.getLogger("nexus_trio.config").info("%s", loaded.describe_source())
 
-    target = None
-    if cfg.app.app:
-        try:
-            target = load_app(cfg.app.app)
-        except AppError as exc:
-            hint = "'--app'" if app_ref else "[app] app"
-            raise typer.BadParameter(str(exc), param_hint=hint) from None
+    target = _loaded_app(cfg.app.app, app_ref is not None)
     if not commands:
         commands = [_split_command(c, "[app] spawn") for c in cfg.app.spawn]
     show_live = live if live is not None else sys.stderr.isatty()
@@ -416,8 +410,32 @@ def run(
         raise typer.Exit(status)
 
 
-def _run_workers(ctx: typer.Context, workers: int, nats: str | None, json_out: bool) -> None:
-    """``nexus run --workers N ...``: N worker processes, one summary added up."""
+def _loaded_app(reference: str | None, from_flag: bool) -> Any:
+    """The object ``--app`` (or the config's ``[app] app``) names, None without one; a
+    usage error naming where it came from if it cannot be loaded."""
+    from ._run import AppError, load_app
+
+    if not reference:
+        return None
+    try:
+        return load_app(reference)
+    except AppError as exc:
+        hint = "'--app'" if from_flag else "[app] app"
+        raise typer.BadParameter(str(exc), param_hint=hint) from None
+
+
+def _run_workers(
+    ctx: typer.Context,
+    workers: int,
+    nats: str | None,
+    json_out: bool,
+    app_reference: str | None,
+    app_from_flag: bool,
+) -> None:
+    """``nexus run --workers N ...``: N worker processes, one summary added up.
+
+    The app is loaded here first, as each worker loads it: one that cannot be is one
+    usage error, before the nats-server and the workers start, not N worker failures."""
     import json
 
     from ._cluster_cmd import (
@@ -432,6 +450,7 @@ def _run_workers(ctx: typer.Context, workers: int, nats: str | None, json_out: b
     count = workers or default_workers()
     check_worker_count(count)
     _check_nats(nats, "--nats" if nats is not None else "--workers")
+    _loaded_app(app_reference, app_from_flag)
     from ..logs import configure_logging
 
     # the parent's own lines (a worker that died, the private nats-server), as --log-* say
