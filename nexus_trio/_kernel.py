@@ -376,6 +376,19 @@ class Kernel:
         assert owner is not None
         await owner.terminate(node, reason)
 
+    async def wait_stopped(self, target: AgentRef | Address) -> None:
+        """Return once ``target`` (an agent or supervisor) is stopped for good, whoever
+        stops it (``stop``, its supervisor, a restart type that ends it, shutdown), also
+        one that never started; at once if there is none (never was, or stopped for good
+        already). A restart is not a stop. Waiting stops nothing: cancel the wait to give
+        up on it. An id names one agent for good; a name, the agent that holds it now.
+        """
+        node = self._router.find(address_of(target))
+        if node is None:
+            await trio.lowlevel.checkpoint()
+            return
+        await node.wait_retired()
+
     # --- sending ------------------------------------------------------------------------------------
 
     async def send(

@@ -23,8 +23,9 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Callable
-from typing import Any, Final, Protocol, final
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any, Final, Protocol, final
 
 import attrs
 import trio
@@ -34,6 +35,9 @@ from ._deadletter import DeadLetterReason
 from ._errors import AgentNotFound, AgentStopped, MessageFailed, NexusError, RequestFailed
 from ._message import Message, MessageKind
 from ._supervisor import Supervisor
+
+if TYPE_CHECKING:
+    from ._kernel import Kernel
 
 __all__ = ["PoolRouting", "pool", "pool_workers", "resize_pool"]
 
@@ -46,8 +50,6 @@ DEFAULT_MAX_SIZE: Final = 1024
 WORKERS: Final = "$workers"
 BROADCAST: Final = "$broadcast"
 _CONTROL: Final = frozenset({RESIZE, WORKERS, BROADCAST})
-#: how often a shrink looks whether a removed worker that has not started was stopped
-_START_POLL: Final = 0.01
 
 
 class PoolRouting(enum.Enum):
@@ -544,8 +546,8 @@ class _PoolRouter(Agent):
             # without draining it, and may even orphan its task (reported). Right after
             # the pool starts this waits a few scheduling rounds.
             started = self.started.get(ref.id)
-            if started is not None:
-                await _started_or_gone(kernel.is_local, ref, started)
+            if started is not None and not started.is_set():
+                await _started_or_stopped(kernel, ref, started)
             if kernel.stopping or not kernel.is_local(ctx.id):
                 # The kernel (or this pool) is stopping its tree, workers included, under
                 # the kernel's stop rules; a kernel.stop now would race the supervisor's
@@ -581,18 +583,18 @@ class _PoolRouter(Agent):
         return {"sent": sent}
 
 
-async def _started_or_gone(
-    is_local: Callable[[uuid.UUID], bool], ref: AgentRef, started: trio.Event
-) -> None:
-    """Wait until ``ref`` has started, or stopped without starting (a ``kernel.stop``
-    from outside before its turn came): such a worker never starts, and the workers
-    removed after it must not wait for it. Nothing signals that stop to the pool,
-    so it is looked for every ``_START_POLL`` seconds, only while a worker has not
-    started."""
-    while is_local(ref.id):
-        with trio.move_on_after(_START_POLL):
-            await started.wait()
-            return
+async def _started_or_stopped(kernel: Kernel, ref: AgentRef, started: trio.Event) -> None:
+    """Wait until ``ref`` has started, or stopped for good without starting (a
+    ``kernel.stop`` from outside before its turn came): such a worker never starts, and
+    the workers removed after it must not wait for it."""
+    async with trio.open_nursery() as nursery:
+
+        async def first(wait: Callable[[], Awaitable[None]]) -> None:
+            await wait()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(first, started.wait)
+        nursery.start_soon(first, partial(kernel.wait_stopped, ref))
 
 
 # --- helpers for callers -------------------------------------------------------------------

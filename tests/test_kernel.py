@@ -770,6 +770,39 @@ class Recorder(Agent):
         Recorder.log.append(f"stop {ctx.name}")
 
 
+async def test_wait_stopped_returns_when_the_agent_stops_for_good_not_at_a_restart(
+    autojump_clock: Any,
+) -> None:
+    """``kernel.wait_stopped`` wakes when the agent is stopped for good by whoever stops
+    it (not at a restart), at once for an address with no agent, and moves no clock."""
+
+    @agent(name="flaky", on_error="restart")
+    async def flaky(ctx: Context, msg: Message) -> None:
+        raise RuntimeError("restart me")
+
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(flaky)
+        woke: list[str] = []
+        async with trio.open_nursery() as nursery:
+
+            async def wait(target: Any) -> None:
+                await kernel.wait_stopped(target)
+                woke.append(str(target))
+
+            nursery.start_soon(wait, ref)
+            nursery.start_soon(wait, "flaky")
+            await trio.testing.wait_all_tasks_blocked()
+            await kernel.send(ref, "x")  # fails: a restart, not a stop
+            await trio.testing.wait_all_tasks_blocked()
+            assert woke == [] and kernel.stats().restarts == 1
+            before = trio.current_time()
+            await kernel.stop(ref)
+        assert sorted(woke) == sorted([str(ref), "flaky"])
+        await kernel.wait_stopped(ref)  # gone already
+        await kernel.wait_stopped("nobody")
+        assert trio.current_time() == before
+
+
 @pytest.mark.parametrize("drain", [False, True])
 async def test_stop_runs_on_stop_and_drains_or_dead_letters_the_rest(
     autojump_clock: Any, drain: bool

@@ -391,7 +391,12 @@ async def test_a_shrink_skips_a_removed_worker_stopped_before_it_started(
     worker stopped from outside before it started never starts, and the shrink waited
     for it forever: the workers removed after it were never stopped (they ran on,
     outside the pool) and the ``$resize`` request was never answered. Such a worker is
-    skipped now."""
+    skipped now.
+
+    Regression too: the shrink then looked every 10 ms whether such a worker was stopped
+    meanwhile (nothing told the pool), so on mock time it moved the clock in 10 ms steps.
+    It waits for the worker's start or its stop for good (``Kernel.wait_stopped``) now,
+    and no time passes."""
     gate = trio.Event()
 
     class Worker(Agent):
@@ -413,9 +418,14 @@ async def test_a_shrink_skips_a_removed_worker_stopped_before_it_started(
 
             nursery.start_soon(shrink)
             await trio.testing.wait_all_tasks_blocked()
+            before = trio.current_time()
             await kernel.stop(kernel.lookup("workers/2"))  # not started yet
+            for _ in range(3):  # the shrink waits for /1 to start: nothing moves the clock
+                await trio.testing.wait_all_tasks_blocked()
+            assert trio.current_time() == before
             gate.set()
         assert answers == [1]
+        assert trio.current_time() == before
         assert {ref.name for ref in kernel.agents()} == {"workers", "workers/0"}
         assert [ref.name for ref in await pool_workers(kernel, "workers")] == ["workers/0"]
 
