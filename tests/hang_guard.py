@@ -24,13 +24,16 @@ class Hung(Exception):
 
 @contextmanager
 def real_time_limit(seconds: float) -> Iterator[None]:
-    """Raise :class:`Hung` in the main thread if the block runs ``seconds`` of real time."""
+    """Raise :class:`Hung` in the main thread if the block runs ``seconds`` of real time,
+    and again every second after while it still runs: an exception raised by a signal
+    handler while a garbage-collection callback or a ``__del__`` runs is only reported
+    as unraisable, and a single alarm landing there would leave the hang running."""
 
     def on_alarm(signum: int, frame: FrameType | None) -> None:
         raise Hung(f"no result after {seconds} s of real time: the kernel hangs")
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
     try:
         yield
     finally:
