@@ -11,6 +11,7 @@ Reading files and the environment is :mod:`nexus_trio.config`'s business, not th
 from __future__ import annotations
 
 import enum
+import math
 import re
 from typing import Any
 
@@ -66,12 +67,19 @@ def _shown(value: int) -> str:
     return repr(value) if value.bit_length() <= 128 else f"an integer of {value.bit_length()} bits"
 
 
-def _at_most_int64(section: str, name: str, value: int | float) -> None:
-    if isinstance(value, int) and value > INT64_MAX:
-        raise ValueError(
-            f"[{section}] {name} must be at most {INT64_MAX} (a 64-bit integer), "
-            f"got {_shown(value)}"
-        )
+def _bounded_above(section: str, name: str, value: int | float) -> None:
+    # (below: each validator's own minimum, which NaN fails)
+    if isinstance(value, int):
+        if value > INT64_MAX:
+            raise ValueError(
+                f"[{section}] {name} must be at most {INT64_MAX} (a 64-bit integer), "
+                f"got {_shown(value)}"
+            )
+    elif value == math.inf:
+        # No number key means "forever" by inf (TOML's inf, or 1e999, read as inf): it
+        # would be a timer that never fires, a backoff that never restarts, a render
+        # cached for good, or 0's documented meaning spelt another way.
+        raise ValueError(f"[{section}] {name} must be a finite number, got {value!r}")
 
 
 def _at_least(minimum: float, *, integer: bool = False) -> Any:
@@ -85,7 +93,7 @@ def _at_least(minimum: float, *, integer: bool = False) -> Any:
         if not value >= minimum:  # also rejects NaN
             shown = _shown(value) if isinstance(value, int) else repr(value)
             raise ValueError(f"[{section}] {attribute.name} must be >= {minimum:g}, got {shown}")
-        _at_most_int64(section, attribute.name, value)
+        _bounded_above(section, attribute.name, value)
 
     return check
 
@@ -97,7 +105,7 @@ def _positive(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if not value > 0:
         shown = _shown(value) if isinstance(value, int) else repr(value)
         raise ValueError(f"[{section}] {attribute.name} must be > 0, got {shown}")
-    _at_most_int64(section, attribute.name, value)
+    _bounded_above(section, attribute.name, value)
 
 
 def _fraction(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:

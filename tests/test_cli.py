@@ -101,6 +101,8 @@ def test_help_lists_the_commands_and_examples():
         (["--num-agents", "abc"], "--agents"),
         (["-d", "-1"], "--duration"),
         (["--duration", "soon"], "--duration"),
+        (["-d", "inf"], "--duration"),
+        (["--duration", "1e999"], "--duration"),
         (["-f", "xml"], "--log-format"),
         (["-l", "loud"], "--log-level"),
         (["--workload", "star"], "--workload"),

@@ -114,7 +114,7 @@ BAD: dict[str, tuple[list[str], list[str]]] = {
         ["--agents", "-n", "--num-agents"],
         ["0", "-1", "nan", "inf", "1.5", "abc", "", str(10**30), str(2**63)],
     ),
-    "--duration": (["--duration", "-d"], ["-1", "nan", "-inf", "abc", "", "-0.001"]),
+    "--duration": (["--duration", "-d"], ["-1", "nan", "-inf", "inf", "1e400", "abc", "", "-0.001"]),
     "--workload": (["--workload", "-w"], ["star", "", "ring2"]),
     "--workers": (["--workers", "-W"], ["-1", "abc", "1.5", "nan", str(10**6), str(10**30)]),
     "--rate": (["--rate"], ["-1", "nan", "inf", "-inf", "abc", "1e400"]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import os
 import re
 import tomllib
@@ -745,3 +746,48 @@ def test_docs_state_the_defaults_of_the_code() -> None:
             assert documented == default, (
                 f"[{section}] {field.name}: docs {written}, code {default!r}"
             )
+
+
+#: the keys that take a number that need not be an integer (times, the run's duration)
+FLOAT_KEYS = sorted(
+    (section, field.name)
+    for section, cls in SECTIONS.items()
+    for field in attrs.fields(cls)
+    if field.type in (float, "float") and field.name != "backoff_jitter"
+)
+
+
+@pytest.mark.parametrize(("section", "key"), FLOAT_KEYS)
+@pytest.mark.parametrize("value", ["inf", "+inf", "1e999"])
+def test_an_infinite_time_in_the_file_is_refused_naming_file_line_key_and_value(
+    home: Path, section: str, key: str, value: str
+) -> None:
+    # No key documents a "forever" meaning: inf would be a timer that never fires, a
+    # backoff that never restarts, a render cached for good, or 0's meaning spelt twice.
+    file = write(home / "cwd" / "config.toml", f"[{section}]\n{key} = {value}\n")
+    with pytest.raises(ConfigError) as info:
+        load(home)
+    assert str(info.value) == f"{file}:2: [{section}] {key} must be a finite number, got inf"
+    assert info.value.key == f"{section}.{key}"
+
+
+@pytest.mark.parametrize(("section", "key"), FLOAT_KEYS)
+def test_an_infinite_time_from_env_or_override_is_refused_naming_where(
+    home: Path, section: str, key: str
+) -> None:
+    variable = f"NEXUS_{section.upper()}__{key.upper()}"
+    for raw in ("inf", "1e999"):
+        with pytest.raises(ConfigError) as info:
+            load(home, env=env_for(home, **{variable: raw}))
+        assert str(info.value) == (
+            f"environment variable {variable}: [{section}] {key} must be a finite number, got inf"
+        )
+    with pytest.raises(ConfigError) as info:
+        load(home, overrides={f"{section}.{key}": float("inf")})
+    assert str(info.value) == (
+        f"override {section}.{key}: [{section}] {key} must be a finite number, got inf"
+    )
+    with pytest.raises(ValueError, match=rf"^\[{section}\] {key} must be a finite number"):
+        SECTIONS[section](**{key: math.inf})
+    # the largest finite value is still taken
+    assert getattr(SECTIONS[section](**{key: 1e308}), key) == 1e308

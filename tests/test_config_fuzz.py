@@ -217,6 +217,8 @@ def documented_valid(dotted: str, value: Any) -> bool:
         op, bound = rule.split()
         if not _is_number(value):
             return False
+        if not math.isfinite(value):
+            return False  # docs: "Numbers are finite" (NaN fails the bound too)
         return bool(value >= float(bound) if op == ">=" else value > float(bound))
     if rule == "0 to 1":
         return _is_number(value) and 0 <= value <= 1
@@ -300,7 +302,9 @@ def valid_for(dotted: str) -> st.SearchStrategy[Any]:
         return st.integers(0, 65535)
     if rule.startswith((">= ", "> ")):
         low = float(rule.split()[1])
-        floats = st.floats(min_value=low, exclude_min=rule.startswith("> "), allow_nan=False)
+        floats = st.floats(
+            min_value=low, exclude_min=rule.startswith("> "), allow_nan=False, allow_infinity=False
+        )
         return st.one_of(floats, st.integers(int(low) + 1, INT64_MAX))
     if rule == "0 to 1":
         return st.floats(0, 1)
