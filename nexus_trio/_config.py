@@ -67,13 +67,22 @@ def _shown(value: int) -> str:
     return repr(value) if value.bit_length() <= 128 else f"an integer of {value.bit_length()} bits"
 
 
-def _bounded_above(section: str, name: str, value: int | float) -> None:
-    # (below: each validator's own minimum, which NaN fails)
+#: The most agents ``nexus run``'s demo workload takes (``[app] agents``, ``-n``): ten times
+#: the largest run measured (a million, see docs/benchmarks.md), about 100 GB of idle
+#: agents at the ~1 KB each measured; a mistyped count such as 10**12 is refused, not spawned.
+MAX_AGENTS = 100_000_000
+
+
+def _bounded_above(
+    section: str, name: str, value: int | float, maximum: tuple[int, str] | None = None
+) -> None:
+    # (below: each validator's own minimum, which NaN fails); ``maximum``: a key's own
+    # bound and its name, else a 64-bit integer's
     if isinstance(value, int):
-        if value > INT64_MAX:
+        bound, why = maximum or (INT64_MAX, "a 64-bit integer")
+        if value > bound:
             raise ValueError(
-                f"[{section}] {name} must be at most {INT64_MAX} (a 64-bit integer), "
-                f"got {_shown(value)}"
+                f"[{section}] {name} must be at most {bound} ({why}), got {_shown(value)}"
             )
     elif value == math.inf:
         # No number key means "forever" by inf (TOML's inf, or 1e999, read as inf): it
@@ -82,7 +91,9 @@ def _bounded_above(section: str, name: str, value: int | float) -> None:
         raise ValueError(f"[{section}] {name} must be a finite number, got {value!r}")
 
 
-def _at_least(minimum: float, *, integer: bool = False) -> Any:
+def _at_least(
+    minimum: float, *, integer: bool = False, maximum: tuple[int, str] | None = None
+) -> Any:
     def check(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         section = _section_of(inst)
         if integer:
@@ -93,7 +104,7 @@ def _at_least(minimum: float, *, integer: bool = False) -> Any:
         if not value >= minimum:  # also rejects NaN
             shown = _shown(value) if isinstance(value, int) else repr(value)
             raise ValueError(f"[{section}] {attribute.name} must be >= {minimum:g}, got {shown}")
-        _bounded_above(section, attribute.name, value)
+        _bounded_above(section, attribute.name, value, maximum)
 
     return check
 
@@ -433,8 +444,8 @@ class AppConfig:
     )
     agents: int = attrs.field(
         default=1000,
-        validator=_at_least(1, integer=True),
-        metadata=_doc("number of agents of the demo workload"),
+        validator=_at_least(1, integer=True, maximum=(MAX_AGENTS, "the most one run takes")),
+        metadata=_doc(f"number of agents of the demo workload (1 to {MAX_AGENTS})"),
     )
     duration: float = attrs.field(
         default=0.0,

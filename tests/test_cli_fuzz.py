@@ -114,7 +114,10 @@ BAD: dict[str, tuple[list[str], list[str]]] = {
         ["--agents", "-n", "--num-agents"],
         ["0", "-1", "nan", "inf", "1.5", "abc", "", str(10**30), str(2**63)],
     ),
-    "--duration": (["--duration", "-d"], ["-1", "nan", "-inf", "inf", "1e400", "abc", "", "-0.001"]),
+    "--duration": (
+        ["--duration", "-d"],
+        ["-1", "nan", "-inf", "inf", "1e400", "abc", "", "-0.001"],
+    ),
     "--workload": (["--workload", "-w"], ["star", "", "ring2"]),
     "--workers": (["--workers", "-W"], ["-1", "abc", "1.5", "nan", str(10**6), str(10**30)]),
     "--rate": (["--rate"], ["-1", "nan", "inf", "-inf", "abc", "1e400"]),
@@ -173,3 +176,20 @@ def test_bad_flag_values_exit_2_naming_a_bad_flag_and_start_nothing(
     assert named, (args, output)
     assert started == [], args
     event(f"named {sorted(named)[0]}")
+
+
+@pytest.mark.parametrize("agents", [str(10**8 + 1), str(10**12), str(2**63 - 1)])
+def test_more_agents_than_the_bound_is_a_usage_error_naming_it_and_starts_nothing(
+    monkeypatch: pytest.MonkeyPatch, agents: str
+) -> None:
+    started: list[str] = []
+    monkeypatch.setattr(_run, "execute_run", lambda *a, **k: started.append("run"))
+    output = assert_usage_error(["-n", agents, "-d", "0.1"], "--agents")
+    assert (
+        f"[app] agents must be at most 100000000 (the most one run takes), got {agents}" in output
+    )
+    assert started == []
+    # the bound itself is taken
+    result = CliRunner().invoke(app, ["run", "-n", str(10**8), "-d", "0.1"], env=WIDE)
+    assert result.exit_code == 0, flat(result.output)
+    assert started == ["run"]

@@ -791,3 +791,20 @@ def test_an_infinite_time_from_env_or_override_is_refused_naming_where(
         SECTIONS[section](**{key: math.inf})
     # the largest finite value is still taken
     assert getattr(SECTIONS[section](**{key: 1e308}), key) == 1e308
+
+
+def test_agents_are_bounded_naming_the_file_variable_or_flag_and_the_bound(home: Path) -> None:
+    # A demo of 10**12 agents would try to spawn them (about 1 KB each, idle).
+    message = "[app] agents must be at most 100000000 (the most one run takes), got 100000001"
+    file = write(home / "cwd" / "config.toml", "[app]\nagents = 100000001\n")
+    with pytest.raises(ConfigError) as info:
+        load(home)
+    assert str(info.value) == f"{file}:2: {message}"
+    file.unlink()
+    with pytest.raises(ConfigError) as info:
+        load(home, env=env_for(home, NEXUS_APP__AGENTS="100000001"))
+    assert str(info.value) == f"environment variable NEXUS_APP__AGENTS: {message}"
+    with pytest.raises(ConfigError) as info:
+        load(home, overrides={"app.agents": 10**8 + 1})
+    assert str(info.value) == f"override app.agents: {message}"
+    assert load(home, overrides={"app.agents": 10**8}).config.app.agents == 10**8

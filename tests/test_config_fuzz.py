@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from nexus_trio import Config, Context, KernelConfig, Message, agent, open_kernel
-from nexus_trio._config import LOG_FORMATS, LOG_LEVELS, SECTIONS, WORKLOADS
+from nexus_trio._config import LOG_FORMATS, LOG_LEVELS, MAX_AGENTS, SECTIONS, WORKLOADS
 from nexus_trio.config import ConfigError, LoadedConfig, load_config
 
 from . import test_config
@@ -112,7 +112,9 @@ def test_an_integer_beyond_64_bits_in_python_or_an_override_is_a_value_error() -
 
 async def test_the_largest_accepted_integers_run_a_kernel(home: Path) -> None:
     env = {
-        f"NEXUS_{dotted.replace('.', '__').upper()}": str(INT64_MAX)
+        f"NEXUS_{dotted.replace('.', '__').upper()}": str(
+            MAX_AGENTS if dotted == "app.agents" else INT64_MAX
+        )
         for dotted in NUMBER_KEYS
         if dotted not in ("metrics.port", "supervision.backoff_jitter")
     }
@@ -211,8 +213,10 @@ def documented_valid(dotted: str, value: Any) -> bool:
         return RULES[dotted] in ("non-empty string", '`"package.module:attr"`')  # unset keys
     if rule.startswith("integer >= "):
         return isinstance(value, int) and _is_number(value) and value >= int(rule.split()[-1])
-    if rule == "integer 0..65535":
-        return isinstance(value, int) and _is_number(value) and 0 <= value <= 65535
+    span = re.fullmatch(r"integer (\d+)\.\.(\d+)", rule)
+    if span:
+        low, high = int(span.group(1)), int(span.group(2))
+        return isinstance(value, int) and _is_number(value) and low <= value <= high
     if rule.startswith((">= ", "> ")):
         op, bound = rule.split()
         if not _is_number(value):
@@ -298,8 +302,9 @@ def valid_for(dotted: str) -> st.SearchStrategy[Any]:
     rule = RULES[dotted]
     if rule.startswith("integer >= "):
         return st.integers(int(rule.split()[-1]), INT64_MAX)
-    if rule == "integer 0..65535":
-        return st.integers(0, 65535)
+    span = re.fullmatch(r"integer (\d+)\.\.(\d+)", rule)
+    if span:
+        return st.integers(int(span.group(1)), int(span.group(2)))
     if rule.startswith((">= ", "> ")):
         low = float(rule.split()[1])
         floats = st.floats(
