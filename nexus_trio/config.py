@@ -414,22 +414,30 @@ def _is_textual(field: attrs.Attribute[Any]) -> bool:
     return _type_name(field) in ("str", "str | None", "OverflowPolicy", "RestartStrategy")
 
 
-def _parse_env_value(field: attrs.Attribute[Any], raw: str) -> Any:
+def _parse_env_value(section: str, field: attrs.Attribute[Any], raw: str) -> Any:
     """A TOML value (number, boolean, quoted string, array) or else the raw string.
 
     For text keys the raw string is the value unless it is quoted, so that
     ``NEXUS_LOGGING__LEVEL=info`` and ``NEXUS_METRICS__HOST=0.0.0.0`` mean what they say.
+    For a list key a value starting with ``[`` is an array: ValueError if it is not one
+    (``[1``), rather than a one-item list of that text.
     """
     text = raw.strip()
     if text == "" and field.default is None:
         return None
     if _is_textual(field) and not text.startswith(('"', "'")):
         return raw
-    if _type_name(field).startswith("list") and not text.startswith("["):
+    is_list = _type_name(field).startswith("list")
+    if is_list and not text.startswith("["):
         return raw
     try:
         item = tomlkit.value(text)
     except (tomlkit.exceptions.TOMLKitError, ValueError):
+        if is_list:
+            raise ValueError(
+                f"[{section}] {field.name} starts with [ but is not a TOML array (write"
+                f' ["one command", "another"], or one command without the [), got {raw!r}'
+            ) from None
         return raw
     unwrap = getattr(item, "unwrap", None)
     return unwrap() if unwrap is not None else item
@@ -451,10 +459,10 @@ def _read_env(
         if key not in known:
             warnings.append(f"{origin}: {_unknown_key_text(section, key)}")
             continue
-        value = _parse_env_value(known[key], env[name])
-        if _holds_huge_integer(value):
-            raise ConfigError(f"[{section}] {key} {_HUGE}", origin=origin, key=f"{section}.{key}")
         try:
+            value = _parse_env_value(section, known[key], env[name])
+            if _holds_huge_integer(value):
+                raise ValueError(f"[{section}] {key} {_HUGE}")
             values[section][key] = _check_value(section, key, value)
         except ValueError as exc:
             raise ConfigError(str(exc), origin=origin, key=f"{section}.{key}") from None

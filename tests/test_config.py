@@ -157,6 +157,24 @@ def test_env_values_are_read_as_toml_values_or_plain_strings(home: Path) -> None
     assert loaded.warnings == ()
 
 
+@pytest.mark.parametrize("raw", ["[1", '["python a.py",', '["python a.py"] x', " [] ]"])
+def test_a_spawn_variable_that_starts_a_toml_array_and_is_not_one_is_refused_naming_it(
+    home: Path, raw: str
+) -> None:
+    # A value starting with [ is a TOML array (the rule of list keys): a broken one is a
+    # mistake, not the command "[1".
+    with pytest.raises(ConfigError) as info:
+        load(home, env=env_for(home, NEXUS_APP__SPAWN=raw))
+    assert str(info.value) == (
+        "environment variable NEXUS_APP__SPAWN: [app] spawn starts with [ but is not a TOML"
+        f" array ({TOML_ARRAY_HINT}), got {raw!r}"
+    )
+    assert info.value.key == "app.spawn"
+
+
+TOML_ARRAY_HINT = 'write ["one command", "another"], or one command without the ['
+
+
 def test_a_single_spawn_command_may_be_a_plain_string(home: Path) -> None:
     loaded = load(home, env=env_for(home, NEXUS_APP__SPAWN="python agent.py --fast"))
     assert loaded.config.app.spawn == ["python agent.py --fast"]
