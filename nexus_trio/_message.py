@@ -377,13 +377,26 @@ class Message(_Slots):
 
     @classmethod
     def from_json(cls, data: str | bytes) -> Message:
-        """Decode the wire form; raises :class:`MessageDecodeError` naming the bad field."""
+        """Decode the wire form; raises :class:`MessageDecodeError` naming the bad field.
+
+        A string holding a lone surrogate (``"\\ud800"``: half of a pair, not Unicode
+        text, which no UTF-8 encoder writes again) is refused, as the NATS codecs do."""
         try:
             obj = json.loads(data)
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             # RecursionError: nested deeper than the JSON reader goes (a hostile document)
             raise MessageDecodeError("<document>", f"not JSON: {exc}") from None
-        return decode_message(obj)
+        msg = decode_message(obj)
+        # Only text that can hold one is checked: an escape, the UTF-8 lead byte of the
+        # surrogates (json reads bytes with surrogatepass), or a str's own characters.
+        maybe = (
+            "\\u" in data or not data.isascii()
+            if isinstance(data, str)
+            else b"\\u" in data or b"\xed" in data
+        )
+        if maybe and not unicode_text((msg.to, msg.payload)):
+            raise MessageDecodeError("<document>", LONE_SURROGATE)
+        return msg
 
 
 def new_message(
@@ -481,6 +494,23 @@ def restore_message(
 
 
 # --- wire codec -------------------------------------------------------------------------
+
+#: why a decoded string is refused (see :func:`unicode_text`)
+LONE_SURROGATE: Final = "a string holds a lone surrogate: not Unicode text"
+_json_text: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def unicode_text(value: Any) -> bool:
+    """Whether the strings in ``value`` (a decoded JSON value) are Unicode text: no lone
+    surrogate, which JSON's ``\\u`` escapes and Python's readers let through and no
+    UTF-8 encoder writes. What every decoder of messages checks."""
+    try:
+        _json_text(value).encode()
+    except UnicodeEncodeError:
+        return False
+    except (ValueError, TypeError, RecursionError):
+        pass  # (not the question asked: read as it is)
+    return True
 
 
 def format_timestamp(ts: int) -> str:

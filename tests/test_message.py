@@ -418,3 +418,35 @@ def test_to_json_of_a_payload_nested_past_the_recursion_limit_is_a_value_error()
         msg.to_json()
     shallow = msg.evolve(payload=[[[[]]]])
     assert Message.from_json(shallow.to_json()) == shallow
+
+
+_SENDER = str(uuid.UUID(int=1))
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        '{"from": "%s", "to": "\\ud800", "kind": "Command", "payload": 1}',
+        '{"from": "%s", "to": "a", "kind": "Command", "payload": ["x\\udfff"]}',
+        '{"from": "%s", "to": "a", "kind": "Command", "payload": {"\\ud83d": 1}}',
+        '{"from": "%s", "to": "a", "kind": "Command", "payload": "\ud800"}',  # the character
+        b'{"from": "%s", "to": "a", "kind": "Command", "payload": "\xed\xa0\x80"}',
+    ],
+)
+def test_from_json_refuses_a_lone_surrogate_as_the_nats_receive_path_does(
+    document: str | bytes,
+) -> None:
+    """Regression: Message.from_json read a string holding half of a surrogate pair, which
+    no UTF-8 encoder writes (answering or forwarding the message raised
+    UnicodeEncodeError); the NATS codecs refused it already."""
+    data = (
+        document.replace(b"%s", _SENDER.encode())
+        if isinstance(document, bytes)
+        else document.replace("%s", _SENDER)
+    )
+    with pytest.raises(MessageDecodeError, match="lone surrogate") as err:
+        Message.from_json(data)
+    assert err.value.field == "<document>"
+    # a whole pair is its one character, as before
+    pair = '{"from": "%s", "to": "a", "kind": "Command", "payload": "\\ud83d\\ude00"}'
+    assert Message.from_json(pair.replace("%s", _SENDER)).payload == "\U0001f600"

@@ -49,12 +49,14 @@ from .._errors import (
 )
 from .._message import (
     ID_LIMIT,
+    LONE_SURROGATE,
     Address,
     Message,
     MessageKind,
     id_value,
     restore_message,
     stored_fields,
+    unicode_text,
     uuid_from_int,
 )
 
@@ -120,23 +122,9 @@ def _read_json(data: bytes) -> Any:
         # but for a lone surrogate ("\ud800"), which it reads into a string that is not
         # Unicode text: no encoder here could write it again (UnicodeEncodeError).
         obj = _std_loads(data.decode())
-        if not _unicode_text(obj):
-            raise ValueError(_LONE_SURROGATE) from None
+        if not unicode_text(obj):
+            raise ValueError(LONE_SURROGATE) from None
         return obj
-
-
-_LONE_SURROGATE: Final = "a string holds a lone surrogate: not Unicode text"
-
-
-def _unicode_text(value: Any) -> bool:
-    """Whether the strings in ``value`` are Unicode text (no lone surrogate)."""
-    try:
-        _std_dumps(value).encode()
-    except UnicodeEncodeError:
-        return False
-    except (ValueError, TypeError, RecursionError):
-        pass  # (not the question asked: read as it is)
-    return True
 
 
 def _uuid(value: int) -> uuid.UUID:
@@ -220,11 +208,9 @@ def decode_message(data: bytes) -> Message:
     Raises :class:`MessageDecodeError` naming what was wrong.
     """
     if data[:1] == b"{":
-        msg = Message.from_json(data)  # (nested too deeply too: a MessageDecodeError)
-        # a lone surrogate, escaped or not, as _read_json refuses it (checked only then)
-        if (b"\\u" in data or b"\xed" in data) and not _unicode_text((msg.to, msg.payload)):
-            raise MessageDecodeError("<document>", _LONE_SURROGATE)
-        return msg
+        # (nested too deeply, or a lone surrogate as _read_json refuses it: a
+        # MessageDecodeError too)
+        return Message.from_json(data)
     try:
         obj = _read_json(data)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
