@@ -299,8 +299,14 @@ class Message(_Slots):
 
     @property
     def sent_at(self) -> datetime:
-        """The creation time as an aware UTC datetime."""
-        return _EPOCH + timedelta(microseconds=self.timestamp)
+        """The creation time as an aware UTC datetime.
+
+        ValueError naming the timestamp for one outside the years 1 to 9999 UTC, which
+        a datetime cannot hold (as :meth:`to_json` refuses it; a message from another
+        node may carry any integer)."""
+        ts = self.timestamp
+        _check_timestamp(ts)
+        return _EPOCH + timedelta(microseconds=ts)
 
     def _values(self) -> tuple[Any, ...]:
         return (
@@ -513,17 +519,21 @@ def unicode_text(value: Any) -> bool:
     return True
 
 
+def _check_timestamp(ts: int) -> None:
+    if not _TIMESTAMP_MIN <= ts <= _TIMESTAMP_MAX:
+        raise ValueError(
+            f"timestamp {ts} (microseconds since the epoch) is outside the years 1 to 9999"
+            " UTC that a datetime and the JSON form can carry"
+        )
+
+
 def format_timestamp(ts: int) -> str:
     """RFC 3339 in UTC with a ``Z`` suffix and microseconds (the year in four digits:
     ``strftime("%Y")`` writes the years before 1000 in fewer, which no reader takes).
 
     ValueError for a time outside the years 1 to 9999 UTC, which RFC 3339 cannot write
     (a message from another node may carry any integer)."""
-    if not _TIMESTAMP_MIN <= ts <= _TIMESTAMP_MAX:
-        raise ValueError(
-            f"timestamp {ts} (microseconds since the epoch) is outside the years 1 to 9999"
-            " UTC that the JSON form can carry"
-        )
+    _check_timestamp(ts)
     return (_NAIVE_EPOCH + timedelta(microseconds=ts)).isoformat(timespec="microseconds") + "Z"
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from datetime import datetime
 
 import pytest
 from hypothesis import given
@@ -450,3 +451,17 @@ def test_from_json_refuses_a_lone_surrogate_as_the_nats_receive_path_does(
     # a whole pair is its one character, as before
     pair = '{"from": "%s", "to": "a", "kind": "Command", "payload": "\\ud83d\\ude00"}'
     assert Message.from_json(pair.replace("%s", _SENDER)).payload == "\U0001f600"
+
+
+@pytest.mark.parametrize("timestamp", [253_402_300_800_000_000, -62_135_596_800_000_001, 2**70])
+def test_sent_at_of_a_timestamp_outside_the_years_1_to_9999_is_a_value_error_naming_it(
+    timestamp: int,
+) -> None:
+    """Regression: sent_at raised a bare OverflowError (from datetime) for a time the
+    NATS codecs carry but datetime cannot hold; it refuses it as to_json does."""
+    msg = Message(SYSTEM_ID, "bob", None, timestamp=timestamp)
+    with pytest.raises(ValueError, match=f"^timestamp {timestamp} .*outside the years 1 to 9999"):
+        _ = msg.sent_at
+    for edge in (-62_135_596_800_000_000, 253_402_300_799_999_999):
+        ok = msg.evolve(timestamp=edge)
+        assert ok.sent_at == datetime.fromisoformat(json.loads(ok.to_json())["timestamp"])
