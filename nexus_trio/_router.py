@@ -33,6 +33,7 @@ from ._errors import (
     AgentNotFound,
     KernelShuttingDown,
     MailboxFull,
+    MessageFailed,
     NameTaken,
     RequestFailed,
     RequestTimeout,
@@ -609,6 +610,9 @@ class Router:
             self._accept_dead(msg, DeadLetterReason.TRANSPORT_UNAVAILABLE, exc.detail)
         elif isinstance(exc, KernelShuttingDown):
             self._accept_dead(msg, DeadLetterReason.SHUTDOWN, "kernel stopping")
+        elif isinstance(exc, MessageFailed) and isinstance(exc.reason, DeadLetterReason):
+            # the transport could not take this one message (e.g. unserialisable)
+            self._accept_dead(msg, exc.reason, exc.detail)
         else:
             raise exc
 

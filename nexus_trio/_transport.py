@@ -20,10 +20,12 @@ class Transport(Protocol):
     """What the kernel needs from a transport.
 
     Both methods raise :class:`AgentNotFound` when no remote agent has the address,
-    :class:`MailboxFull` when the remote side refuses for lack of room, and
-    :class:`TransportUnavailable` when the remote side cannot be reached. Returning
-    means the transport took the message (its delivery guarantee is the transport's:
-    e.g. at-most-once for core NATS).
+    :class:`MailboxFull` when the remote side refuses for lack of room,
+    :class:`TransportUnavailable` when the remote side cannot be reached, and
+    :class:`MessageFailed` with a :class:`DeadLetterReason` (``unserialisable``) for a
+    message that cannot go at all (the kernel dead-letters a message it routes with
+    that reason). Returning means the transport took the message (its delivery
+    guarantee is the transport's: e.g. at-most-once for core NATS).
     """
 
     async def deliver(self, msg: Message) -> None:

@@ -7,6 +7,7 @@ processes (``tests/nats_server.py``) and stops everything by PID. Waits are boun
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import uuid
@@ -23,6 +24,7 @@ import trio.testing
 from nexus_trio import (
     AgentNotFound,
     Context,
+    DeadLetterReason,
     EventKind,
     Kernel,
     Message,
@@ -193,6 +195,63 @@ async def test_any_nats_client_can_ask_an_agent_in_the_kernels_json_form(nats: N
         assert answer.reply_to == query.id
         assert answer.kind is MessageKind.RESPONSE
         assert answer.payload == {"echo": "hi", "node": "b", "kind": "Query"}
+
+
+async def test_a_json_form_request_whose_answer_json_cannot_carry_gets_an_error_frame(
+    nats: NatsServer,
+) -> None:
+    """Regression: the answer to a request in the kernel's JSON form is written with
+    to_json, which raises for what JSON cannot carry (a payload nested too deeply or not
+    JSON at all, a time outside the years 1 to 9999); that escaped the answering agent,
+    which failed and restarted, and the requester waited for its timeout. The answer is
+    dead-lettered (unserialisable) and counted now, the requester gets an error frame,
+    and the agent goes on."""
+    deep: Any = []
+    for _ in range(900):
+        deep = [deep]
+
+    @agent(name="answers-a")
+    async def answers(ctx: Context, msg: Message) -> Any:
+        if msg.payload == "deep":
+            return deep
+        if msg.payload == "object":
+            return object()
+        if msg.payload == "year 10000":
+            return msg.reply(ctx.id, "late").evolve(timestamp=253_402_300_800_000_000)
+        return msg.payload
+
+    async with local_node(nats.url) as (kernel, cluster), local_node(nats.url, "c") as (kc, _):
+        ref = kernel.spawn(answers)
+        subject = f"nexus.node.a.agent.{ref.id}"
+
+        async def ask(payload: str) -> Any:
+            query = Message(uuid.uuid4(), ref.id, payload, kind=MessageKind.QUERY)
+            return await call_aio(cluster.nc.request, subject, query.to_json().encode(), timeout=10)
+
+        with trio.fail_after(40):
+            await cluster.wait_for_name("answers-a")
+            for payload in ("deep", "object", "year 10000"):
+                raw = await ask(payload)
+                assert (raw.headers or {}).get(wire.ERROR_HEADER) == "request_failed", payload
+                error = json.loads(raw.data)
+                assert error["reason"] == "unserialisable", error
+                assert "JSON" in error["error"] or "9999" in error["error"], error
+            answer = Message.from_json((await ask("fine")).data)
+            # a node's own (compact) form cannot carry what is not JSON either
+            with pytest.raises(RequestFailed) as failed:
+                await kc.request("answers-a", "object")
+            assert failed.value.reason == "unserialisable"
+            assert await kc.request("answers-a", "fine") == "fine"
+        assert answer.payload == "fine"
+        stats = kernel.stats()
+        assert stats.dead_letters_by_reason.get("unserialisable") == 4
+        assert stats.restarts == 0
+        assert stats.failed == 0
+        letters = [
+            d for d in kernel.recent_dead_letters() if d.reason is DeadLetterReason.UNSERIALISABLE
+        ]
+        assert [d.message.kind for d in letters] == [MessageKind.RESPONSE] * 4
+        assert cluster.stats().errors_replied.get("request_failed") == 4
 
 
 async def test_queue_group_shares_work_between_nodes(nats: NatsServer) -> None:

@@ -66,6 +66,7 @@ from .._errors import (
     KernelShuttingDown,
     MailboxFull,
     MessageDecodeError,
+    MessageFailed,
     NexusError,
     RequestFailed,
     TransportUnavailable,
@@ -1150,11 +1151,15 @@ class Cluster:
         if reply_to is not None:
             subject = self._reply_routes.pop(reply_to, None)
             if subject is not None:
-                if self._json_requests and self._json_requests.pop(reply_to, 0):
-                    # asked in the kernel's JSON wire form (e.g. by a non-Python client)
-                    return subject, "", msg.to_json().encode(), None
-                # to the process that made the query (its id says which)
-                return subject, "", wire.encode_message(msg), reply_to.int >> 64
+                json_form = bool(self._json_requests and self._json_requests.pop(reply_to, 0))
+                try:
+                    if json_form:
+                        # asked in the kernel's JSON wire form (e.g. by a non-Python client)
+                        return subject, "", msg.to_json().encode(), None
+                    # to the process that made the query (its id says which)
+                    return subject, "", wire.encode_message(msg), reply_to.int >> 64
+                except (TypeError, ValueError) as exc:
+                    raise self._unencodable_reply(msg, reply_to, subject, exc) from None
             if self.durable.completed(reply_to):
                 return None
         to = msg.to
@@ -1181,6 +1186,19 @@ class Cluster:
             self._remember(self._outstanding, msg.id, (to, node))
             return subject, reply, wire.encode_message(msg), peer
         return subject, "", wire.encode_message(msg), None
+
+    def _unencodable_reply(
+        self, msg: Message, query_id: uuid.UUID, reply: str, exc: Exception
+    ) -> MessageFailed:
+        """A reply its wire form cannot carry (not JSON, nested too deeply, a time
+        outside the years 1 to 9999 for the JSON form): its requester gets the error
+        instead, and the reply is failed as a process agent fails a message it cannot
+        write (the kernel dead-letters it, ``unserialisable``)."""
+        self._publish_error(reply, RequestFailed(query_id, msg.sender, "unserialisable", exc))
+        return MessageFailed(
+            f"reply {msg.id} to request {query_id} cannot be encoded for NATS: {exc}",
+            reason=DeadLetterReason.UNSERIALISABLE,
+        )
 
     def resolve(self, address: Address) -> tuple[str, uuid.UUID]:
         """The node and agent id behind a remote ``address`` (an id or a name).
