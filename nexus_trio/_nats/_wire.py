@@ -9,7 +9,11 @@ Subjects (``P`` is the cluster prefix, ``nexus`` by default):
   NATS "no responders" statuses, correlated by the query id in the subject.
 * ``P.node.<node>.seq`` — a sequence mark: the last number the sender gave a tell to
   ``<node>`` (the body is that :func:`sequence_value`). Tells carry their own number in
-  their body (format 2 below), so the receiving node counts the ones NATS lost.
+  their body (format 2 below), so the receiving node counts the ones NATS lost. The
+  numbers count per *stream*, one sending process (one join of a node) to one
+  destination process: ``<node>:<session>.<id prefix>``, the sender's node name with its
+  join's session and the id prefix of its process (hex numbers), so that a node that
+  joins again, or another process under the same name, starts a stream of its own.
 * ``P.node.<node>.batch`` — a node batch from another nexus_trio kernel: many tells
   (and cancel / credit frames) for agents of ``<node>`` in one binary message (``_batch``);
   a tell there is binary too (:func:`encode_tell`: the ids as 16 bytes, not JSON digits).
@@ -19,8 +23,9 @@ Subjects (``P`` is the cluster prefix, ``nexus`` by default):
 The body of a message is compact JSON written by :func:`encode_message`: an array
 ``[1, id, timestamp_us, from, to, kind, conversation_id, reply_to, trace_id, payload]``
 with UUIDs as 128-bit integers (``to`` is an integer for an id, a string for a name);
-format 2, ``[2, sequence, id, ...]``, adds a tell's sequence number (a string, read
-from the raw bytes before decoding: not a header, which would halve nats-py's rate).
+format 2, ``[2, sequence, id, ...]``, adds a tell's sequence number (a string,
+``<node>:<session>.<id prefix>.<destination id prefix>.<number>``, read from the raw
+bytes before decoding: not a header, which would halve nats-py's rate).
 It carries exactly the fields of the kernel's JSON wire form but costs a fraction of it
 (no RFC 3339 formatting, no UUID text) on the path every message takes. A body that is
 a JSON *object* is read as the kernel's standard wire form (:meth:`Message.to_json`),
@@ -191,7 +196,8 @@ def encode_message(msg: Message, sequence: str | None = None) -> bytes:
 
 
 def numbered_head(node: str, id_prefix: int, dest_prefix: int) -> bytes:
-    """The start of every numbered body of one stream (see :func:`encode_numbered`)."""
+    """The start of every numbered body of one stream (see :func:`encode_numbered`);
+    ``node`` is the sending join, ``<node>:<hex session>``, as for :func:`sequence_value`."""
     return NUMBERED_PREFIX + f"{node}.{id_prefix:x}.{dest_prefix:x}.".encode()
 
 
@@ -603,8 +609,9 @@ def sequence_mark_subject(prefix: str, node: str, session: int | None = None) ->
 
 
 def sequence_value(node: str, id_prefix: int, dest_prefix: int, number: int) -> str:
-    """``number`` in the stream of tells from process ``id_prefix`` (node ``node``) to
-    process ``dest_prefix``: ``<node>.<id prefix>.<dest prefix>.<number>`` (hex prefixes)."""
+    """``number`` in the stream of tells from process ``id_prefix`` (of the join ``node``,
+    which nodes write as ``<node>:<hex session>``) to process ``dest_prefix``:
+    ``<node>:<session>.<id prefix>.<dest prefix>.<number>`` (hex session and prefixes)."""
     return f"{node}.{id_prefix:x}.{dest_prefix:x}.{number}"
 
 
