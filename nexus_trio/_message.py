@@ -372,14 +372,20 @@ class Message(_Slots):
         """The wire form, one line of JSON.
 
         ValueError for what it cannot carry: a payload JSON has no form for, a
-        timestamp outside the years 1 to 9999 UTC (RFC 3339's), or a payload nested
-        deeper than the converter recurses (one from another node or a NATS client)."""
+        timestamp outside the years 1 to 9999 UTC (RFC 3339's), a payload nested
+        deeper than the converter recurses (one from another node or a NATS client), or
+        a string holding a lone surrogate, which :meth:`from_json` refuses."""
         try:
-            return json.dumps(converter.unstructure(self), separators=(",", ":"))
+            text = json.dumps(converter.unstructure(self), separators=(",", ":"))
         except RecursionError:
             raise ValueError(
                 f"message {self.id}: its payload is nested too deeply to write as JSON"
             ) from None
+        # Every surrogate is written as a \ud800-\udfff escape (the text is ASCII): only
+        # then can a string hold a lone one.
+        if "\\ud" in text and not unicode_text((self._to, self._payload)):
+            raise ValueError(f"message {self.id}: {LONE_SURROGATE}, which JSON readers refuse")
+        return text
 
     @classmethod
     def from_json(cls, data: str | bytes) -> Message:
@@ -503,7 +509,10 @@ def restore_message(
 
 #: why a decoded string is refused (see :func:`unicode_text`)
 LONE_SURROGATE: Final = "a string holds a lone surrogate: not Unicode text"
-_json_text: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+#: (what JSON has no form for, a message's UUID ``to`` among them, is no string: null)
+_json_text: Final = json.JSONEncoder(
+    separators=(",", ":"), ensure_ascii=False, skipkeys=True, default=lambda _: None
+).encode
 
 
 def unicode_text(value: Any) -> bool:

@@ -432,6 +432,8 @@ _SENDER = str(uuid.UUID(int=1))
         '{"from": "%s", "to": "a", "kind": "Command", "payload": {"\\ud83d": 1}}',
         '{"from": "%s", "to": "a", "kind": "Command", "payload": "\ud800"}',  # the character
         b'{"from": "%s", "to": "a", "kind": "Command", "payload": "\xed\xa0\x80"}',
+        # an id as the recipient: the payload is checked all the same
+        '{"from": "%s", "to": "%s", "kind": "Command", "payload": "\\ud800"}',
     ],
 )
 def test_from_json_refuses_a_lone_surrogate_as_the_nats_receive_path_does(
@@ -465,3 +467,26 @@ def test_sent_at_of_a_timestamp_outside_the_years_1_to_9999_is_a_value_error_nam
     for edge in (-62_135_596_800_000_000, 253_402_300_799_999_999):
         ok = msg.evolve(timestamp=edge)
         assert ok.sent_at == datetime.fromisoformat(json.loads(ok.to_json())["timestamp"])
+
+
+@pytest.mark.parametrize(
+    ("to", "payload"),
+    [
+        ("a", "\ud800"),
+        ("\udfff", 1),
+        ("a", {"k\udc00": [1]}),
+        ("a", ["\ud83d\ude00"]),
+        (SYSTEM_ID, ["\ud800"]),
+    ],
+)
+def test_to_json_refuses_a_lone_surrogate_that_from_json_would_refuse(
+    to: str | uuid.UUID, payload: object
+) -> None:
+    """What to_json writes, from_json reads: a string no UTF-8 encoder writes is a
+    ValueError (a process agent's bridge dead-letters it, unserialisable), not JSON that
+    every reader refuses. (In a str two surrogates are no pair either.)"""
+    msg = Message(SYSTEM_ID, to, payload)
+    with pytest.raises(ValueError, match="lone surrogate"):
+        msg.to_json()
+    fine = msg.evolve(to="a", payload=["\U0001f600", "\\ud800 is text here"])
+    assert Message.from_json(fine.to_json()) == fine

@@ -654,6 +654,8 @@ def test_a_sequence_number_not_written_as_sequence_value_writes_it_is_refused(
         (_binary(rest=b"\x11" * 16 + b'{"a": "\\ud800"}'), "payload"),
         (b'{"from": "%s", "to": "\\ud800", "kind": "Command", "payload": 1}', "<document>"),
         (b'{"from": "%s", "to": "a", "kind": "Command", "payload": "\xed\xa0\x80"}', "<document>"),
+        # an id as the recipient (the check of the JSON form missed the payload then)
+        (b'{"from": "%s", "to": "%s", "kind": "Command", "payload": "\\ud800"}', "<document>"),
     ],
 )
 def test_a_lone_surrogate_is_a_decode_error_not_a_message_no_encoder_writes(
