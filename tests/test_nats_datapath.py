@@ -16,7 +16,7 @@ import struct
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -49,9 +49,11 @@ from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import call_aio
 from nexus_trio._nats._streams import parse_stream_name
 from nexus_trio.cli._swarm import cluster_counts
+from nexus_trio.logs import log_calls_failed
 
 from .hang_guard import real_time_limit
 from .nats_server import FAST
+from .test_logs import RaisingFilter
 
 
 def _config(send_timeout_ms: int = 10000) -> Config:
@@ -183,6 +185,106 @@ async def test_malformed_batches_are_counted_and_the_node_keeps_serving(nats: Na
     assert dropped["malformed_batch"] == len(hostile)
     # the tells the parsed heads announced are counted too, never silently gone
     assert dropped["malformed"] == 3
+
+
+# --- a raising log filter of the application -------------------------------------------------
+
+
+@pytest.fixture
+def broken_nats_log() -> Iterator[RaisingFilter]:
+    """A raising filter on the NATS layer's loggers, every level on; removed afterwards."""
+    broken = RaisingFilter()
+    loggers = [
+        logging.getLogger(name)
+        for name in ("nexus_trio.nats", "nexus_trio.nats.durable", "nexus_trio.nats.membership")
+    ]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.DEBUG)
+        logger.addFilter(broken)
+    yield broken
+    for logger, level in zip(loggers, levels, strict=True):
+        logger.removeFilter(broken)
+        logger.setLevel(level)
+
+
+async def test_a_raising_log_filter_does_not_stop_a_node_taking_a_hostile_batch(
+    nats: NatsServer, broken_nats_log: RaisingFilter
+) -> None:
+    """A batch with an undecodable tell and a bad credit frame, the NATS layer's log
+    calls raising (the application's filter): each bad frame is counted, the good tell
+    after them handled, and the node keeps serving. The failure escaped the batch and,
+    through the inline delivery's own log call, nats-py's reading task: the rest of the
+    batch was lost and the node stopped reading its subscription."""
+    records: list[Any] = []
+    failed_before = log_calls_failed()
+    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+        kb.spawn(agent(_collector(records), name="col"))
+        await cb.names_published()
+        node = b"a"
+        head = struct.pack(">4sQQQQIH", b"NXB1", ca.id_prefix, 1, cb.id_prefix, 1, 2, len(node))
+        bad = b'[1,1,1,1,"col","Command",null,null,null'
+        good = b'[1,1,1,1,"col","Command",null,null,null,"in the batch"]'
+        frames = b"".join(
+            struct.pack(">IB", len(body) + 1, kind) + body
+            for kind, body in [(batch.CREDIT, b"x"), (batch.TELL, bad), (batch.TELL, good)]
+        )
+        with trio.fail_after(20):
+            await ca.wait_for_name("col")
+            await call_aio(ca.nc.publish, "nexus.node.b.batch", head + node + frames)
+            await ka.send("col", "after")
+            assert await ka.request("col", "dump") == 2
+    assert records == ["in the batch", "after"]
+    assert cb.stats().inbound_dropped == {"malformed": 2}
+    assert broken_nats_log.calls >= 2
+    assert log_calls_failed() - failed_before == broken_nats_log.calls
+
+
+async def test_a_raising_log_filter_does_not_stop_a_leave_or_its_books(
+    nats: NatsServer, broken_nats_log: RaisingFilter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """b leaves and joins again in its process, the NATS layer's log calls raising: a
+    takes the leave whole (its stream to b ends at once, so the new join's tells are
+    not counted lost), b's leave completes, and every tell is handled, none counted
+    lost. The leave's log line raised halfway through a's taking of the leave."""
+    records: list[Any] = []
+    failed_before = log_calls_failed()
+    heard = trio.Event()
+    streams_to_b: list[int] = []  # a's number of tells for b, as a took b's first leave
+    original_apply = Cluster._apply_member_entry
+
+    def applying(self: Cluster, key: str, value: bytes | None, op: str | None) -> None:
+        try:
+            original_apply(self, key, value, op)
+        finally:
+            if self.node == "a" and key == "b" and op == "DEL" and not heard.is_set():
+                streams_to_b.append(self.tells_sent_to("b", self.id_prefix))
+                heard.set()
+
+    monkeypatch.setattr(Cluster, "_apply_member_entry", applying)
+    async with open_kernel(_config()) as kb, _node(nats.url, "a") as (ka, ca):
+        kb.spawn(agent(_collector(records), name="col"))
+        with trio.fail_after(30):
+            for round_ in range(2):
+                async with join_cluster(kb, nats.url, "b", options=FAST) as cb:
+                    await cb.names_published()
+                    await ca.wait_for_name("col")
+                    for i in range(5):
+                        await ka.send("col", (round_, i))
+                    assert await ka.request("col", "dump") == 5 * (round_ + 1)
+                    b = cb.stats()
+                if round_ == 0:
+                    await heard.wait()  # a took the leave before b joins again
+                    assert ca.live_nodes() == ["a"]
+                    assert streams_to_b == [0]  # its stream to b ended with the leave
+        await kb.shutdown()
+    assert records == [[r, i] for r in range(2) for i in range(5)]
+    a = ca.stats()
+    assert b.lost_in_transit == 0 and b.inbound_dropped == {}
+    assert a.publish_failures == a.lost_at_leave == a.lost_with_nodes == 0
+    assert ka.stats().forwarded == 12  # the tells and the two requests
+    assert broken_nats_log.calls >= 2  # (a logged each of the two leaves)
+    assert log_calls_failed() - failed_before == broken_nats_log.calls
 
 
 async def test_a_tell_to_a_long_unknown_name_from_a_peer_logs_a_short_line(

@@ -29,6 +29,7 @@ from typing import Any, Generic, TypeVar, final
 import trio
 import trio_asyncio  # type: ignore[import-untyped, import-not-found, unused-ignore]
 
+from .._logcall import log_guarded
 from .._throttle import Throttle
 
 T = TypeVar("T")
@@ -266,7 +267,13 @@ class Outbox(Generic[T]):
         """Count a failed send; log it, at most once a second (an outage fails them all)."""
         self.failed_batches += 1
         if self._failure_log.due():
-            log.warning("sending to NATS failed (%d so far): %r", self.failed_batches, exc)
+            log_guarded(
+                log,
+                logging.WARNING,
+                "sending to NATS failed (%d so far): %r",
+                self.failed_batches,
+                exc,
+            )
 
     def __len__(self) -> int:
         return len(self._items)

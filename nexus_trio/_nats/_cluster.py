@@ -73,6 +73,7 @@ from .._errors import (
 )
 from .._events import EventKind, LifecycleEvent
 from .._kernel import Kernel
+from .._logcall import log_guarded
 from .._message import SYSTEM_ID, Address, Message, MessageKind, id_value
 from .._router import TransportHandle
 from .._throttle import Throttle
@@ -572,7 +573,13 @@ class Cluster:
                 self._outbox.pause()
                 self._data_up = trio.Event()
             if not self._closing and not down:
-                log.warning("node %s: %s connection to NATS lost; reconnecting", self.node, role)
+                log_guarded(
+                    log,
+                    logging.WARNING,
+                    "node %s: %s connection to NATS lost; reconnecting",
+                    self.node,
+                    role,
+                )
             down = True
 
         async def on_reconnect() -> None:
@@ -583,7 +590,14 @@ class Cluster:
                 self._outbox.resume()
                 self._data_up.set()
             url = nc.connected_url.netloc if nc is not None and nc.connected_url else "?"
-            log.warning("node %s: %s connection to NATS back, at %s", self.node, role, redact(url))
+            log_guarded(
+                log,
+                logging.WARNING,
+                "node %s: %s connection to NATS back, at %s",
+                self.node,
+                role,
+                redact(url),
+            )
 
         # while connecting: the server's own answer (e.g. 'Authorization Violation'), and
         # the last error of any kind (a server that refuses may also reset the socket,
@@ -597,9 +611,16 @@ class Cluster:
                 if not answer and not isinstance(exc, _CONNECTION_ERRORS):
                     answer.append(exc)
             if not connected or down or self._closing:
-                log.debug("node %s: NATS (%s): %r", self.node, role, exc)
+                log_guarded(log, logging.DEBUG, "node %s: NATS (%s): %r", self.node, role, exc)
             else:
-                log.warning("node %s: NATS client error (%s): %r", self.node, role, exc)
+                log_guarded(
+                    log,
+                    logging.WARNING,
+                    "node %s: NATS client error (%s): %r",
+                    self.node,
+                    role,
+                    exc,
+                )
 
         where = ", ".join(self.servers)
         # nats-py retries the *first* connect forever when reconnects are unbounded: bound
@@ -678,7 +699,13 @@ class Cluster:
                     | TimeoutError
                     | nats.js.errors.ServiceUnavailableError,
                 ):
-                    log.info("node %s: JetStream not ready yet (%r); retrying", self.node, exc)
+                    log_guarded(
+                        log,
+                        logging.INFO,
+                        "node %s: JetStream not ready yet (%r); retrying",
+                        self.node,
+                        exc,
+                    )
                     await trio.sleep(0.25)
                     continue
                 raise TransportUnavailable(
@@ -919,7 +946,9 @@ class Cluster:
             self._seq_marked.pop(stream, None)
             if link.tells:
                 self._publish_failures += link.tells
-                log.warning(
+                log_guarded(
+                    log,
+                    logging.WARNING,
                     "node %s: %d tells for node %r not sent: it left or joined again"
                     " (counted in publish_failures)",
                     self.node,
@@ -972,7 +1001,9 @@ class Cluster:
         lost = stream.sent - stream.confirmed
         self._lost_at_leave += lost
         self._counted_at_leave(join)
-        log.warning(
+        log_guarded(
+            log,
+            logging.WARNING,
             "node %s: counted %d tells for node %r as lost at leave: %s (numbered up to %d,"
             " it confirmed up to %d; an upper bound)",
             self.node,
@@ -1277,7 +1308,9 @@ class Cluster:
                     TransportUnavailable(redact(f"NATS refused request {query_id}: {exc!r}")),
                 )
         if self._loss_log.due():
-            log.warning(
+            log_guarded(
+                log,
+                logging.WARNING,
                 "node %s: the NATS client refused a message for %s (%d so far): %r",
                 self.node,
                 subject,
@@ -1331,7 +1364,9 @@ class Cluster:
         taken = direct.take_unsent(nc)
         if taken is None:
             if size:
-                log.error(
+                log_guarded(
+                    log,
+                    logging.ERROR,
                     "node %s: leaving with the NATS connection down: %d bytes of messages"
                     " in the client's reconnect buffer are lost (not counted: the buffer"
                     " cannot be read)",
@@ -1350,7 +1385,9 @@ class Cluster:
                 kind = _BATCH if what == ["batch"] else _MARK if what == ["seq"] else _PLAIN
             items.append((subject, reply, headers, data, kind))
         if items:
-            log.error(
+            log_guarded(
+                log,
+                logging.ERROR,
                 "node %s: leaving with the NATS connection down: %d messages (%d bytes) in"
                 " the client's reconnect buffer not sent, counted as those queued",
                 self.node,
@@ -1397,7 +1434,9 @@ class Cluster:
             del replied[kind]
         self._errors_unsent[kind] += 1
         if log.isEnabledFor(logging.INFO):
-            log.info(
+            log_guarded(
+                log,
+                logging.INFO,
                 "node %s: error frame (%s) for %s not sent: %s (counted in errors_unsent)",
                 self.node,
                 kind,
@@ -1445,8 +1484,15 @@ class Cluster:
             try:
                 if self._handle_now(m):
                     return
-            except Exception:
-                log.exception("node %s: a message on %s could not be handled", self.node, m.subject)
+            except Exception as exc:
+                log_guarded(
+                    log,
+                    logging.ERROR,
+                    "node %s: a message on %s could not be handled",
+                    self.node,
+                    m.subject,
+                    exc_info=exc,
+                )
                 return
         if not self._inbox.push(m):
             if self._inbox.closed:
@@ -1467,8 +1513,15 @@ class Cluster:
         if not self._inbox and not self.kernel.shutting_down:
             try:
                 self._deliver_batch(opened)
-            except Exception:
-                log.exception("node %s: a batch from %s failed", self.node, opened[0].node)
+            except Exception as exc:
+                log_guarded(
+                    log,
+                    logging.ERROR,
+                    "node %s: a batch from %s failed",
+                    self.node,
+                    opened[0].node,
+                    exc_info=exc,
+                )
             return
         if not self._inbox.push(opened):
             if self._inbox.closed:
@@ -1495,7 +1548,9 @@ class Cluster:
                 head = None  # counted as malformed below
             if head is not None and head.dest_prefix == self.id_prefix:
                 self._batches_received += 1
-                log.debug(
+                log_guarded(
+                    log,
+                    logging.DEBUG,
                     "node %s: dropped a batch of %d tells from %r numbered for an earlier"
                     " join of this process (%s); its sender counts them",
                     self.node,
@@ -1535,7 +1590,9 @@ class Cluster:
     def _malformed_batch(self, exc: batch.BatchError, head: batch.BatchHead | None = None) -> None:
         self._dropped["malformed_batch"] += 1
         if self._loss_log.due():
-            log.warning(
+            log_guarded(
+                log,
+                logging.WARNING,
                 "node %s: dropped a malformed batch%s (%d so far): %s",
                 self.node,
                 f" from {head.node!r}" if head is not None else "",
@@ -1638,7 +1695,14 @@ class Cluster:
 
     def _undecodable(self, head: batch.BatchHead, exc: MessageDecodeError) -> None:
         self._dropped["malformed"] += 1
-        log.warning("node %s: undecodable tell in a batch from %r: %s", self.node, head.node, exc)
+        log_guarded(
+            log,
+            logging.WARNING,
+            "node %s: undecodable tell in a batch from %r: %s",
+            self.node,
+            head.node,
+            exc,
+        )
 
     def _control_frame(self, head: batch.BatchHead, kind: int, body: bytes) -> None:
         try:
@@ -1658,7 +1722,14 @@ class Cluster:
                     self.handle.cancel_query(query_id, to)
         except batch.BatchError as exc:
             self._dropped["malformed"] += 1
-            log.warning("node %s: bad frame in a batch from %r: %s", self.node, head.node, exc)
+            log_guarded(
+                log,
+                logging.WARNING,
+                "node %s: bad frame in a batch from %r: %s",
+                self.node,
+                head.node,
+                exc,
+            )
 
     def _from_current_join(self, head: batch.BatchHead) -> bool:
         """The batch comes from the join of its node that the member table holds (the
@@ -1706,7 +1777,9 @@ class Cluster:
 
     def _log_loss(self, lost: int, stream: str) -> None:
         if lost and self._loss_log.due():
-            log.warning(
+            log_guarded(
+                log,
+                logging.WARNING,
                 "node %s: %d tells from %s were lost in transit (%d so far; a NATS"
                 " failover or a slow-consumer cut), counted in lost_in_transit",
                 self.node,
@@ -1797,11 +1870,14 @@ class Cluster:
                     for rest in items:
                         self._refuse_inbound(rest)
                     raise
-                except Exception:
-                    log.exception(
+                except Exception as exc:
+                    log_guarded(
+                        log,
+                        logging.ERROR,
                         "node %s: a message on %s could not be handled",
                         self.node,
                         getattr(m, "subject", self._batch_subject),
+                        exc_info=exc,
                     )
 
     async def _handle(self, m: NatsMsg) -> None:
@@ -1848,8 +1924,13 @@ class Cluster:
                     )
                 except ValueError as exc:
                     self._dropped["malformed"] += 1
-                    log.warning(
-                        "node %s: undecodable error frame on %s: %s", self.node, m.subject, exc
+                    log_guarded(
+                        log,
+                        logging.WARNING,
+                        "node %s: undecodable error frame on %s: %s",
+                        self.node,
+                        m.subject,
+                        exc,
                     )
                     error = RequestFailed(query_id, to, "malformed", exc)
             else:
@@ -1860,7 +1941,14 @@ class Cluster:
             reply = _decode(m.data)
         except MessageDecodeError as exc:
             self._dropped["malformed"] += 1
-            log.warning("node %s: undecodable reply on %s: %s", self.node, m.subject, exc)
+            log_guarded(
+                log,
+                logging.WARNING,
+                "node %s: undecodable reply on %s: %s",
+                self.node,
+                m.subject,
+                exc,
+            )
             return None
         self._took_reply(reply, query_id)
         return reply
@@ -1935,7 +2023,14 @@ class Cluster:
             msg = _decode(m.data)
         except MessageDecodeError as exc:
             self._dropped["malformed"] += 1
-            log.warning("node %s: undecodable message on %s: %s", self.node, m.subject, exc)
+            log_guarded(
+                log,
+                logging.WARNING,
+                "node %s: undecodable message on %s: %s",
+                self.node,
+                m.subject,
+                exc,
+            )
             if m.reply:
                 self._publish_error(m.reply, RequestFailed(uuid.UUID(int=0), "?", "malformed", exc))
             return None
@@ -2112,7 +2207,9 @@ class Cluster:
             # The peer chose the name, as long as NATS takes (AgentNotFound's text repeats
             # it): cut short, as every line about a value from outside.
             to = msg.to if isinstance(msg.to, uuid.UUID) else brief(msg.to, 60)
-            log.info(
+            log_guarded(
+                log,
+                logging.INFO,
                 "node %s: dropped message %s to %s from another node: %s (%s; %d so far)",
                 self.node,
                 msg.id,
@@ -2159,7 +2256,9 @@ class Cluster:
             name = wire.name_from_key(key)
         except ValueError as exc:
             # not a key this code writes (the watch of the bucket would end with it)
-            log.warning("node %s: ignoring a names bucket entry: %s", self.node, exc)
+            log_guarded(
+                log, logging.WARNING, "node %s: ignoring a names bucket entry: %s", self.node, exc
+            )
             return
         if revision is not None and revision < (
             self._name_revisions.get(name) or self._name_deletes.get(name, 0)
@@ -2177,7 +2276,9 @@ class Cluster:
             return
         entry = _decode_name_entry(value)
         if entry is None:
-            log.warning("node %s: ignoring malformed name record %r", self.node, key)
+            log_guarded(
+                log, logging.WARNING, "node %s: ignoring malformed name record %r", self.node, key
+            )
             return
         self._set_name(name, entry)
         if revision is not None:
@@ -2302,7 +2403,14 @@ class Cluster:
                         if published is not None:
                             await self._delete_name(kv, name, published[1])
             except Exception as exc:
-                log.warning("node %s: could not drop name %r: %r", self.node, name, exc)
+                log_guarded(
+                    log,
+                    logging.WARNING,
+                    "node %s: could not drop name %r: %r",
+                    self.node,
+                    name,
+                    exc,
+                )
             finally:
                 self._names_pending -= 1
                 if self._names_pending == 0:
@@ -2328,7 +2436,9 @@ class Cluster:
         if self._local_names.get(name) != agent_id:
             return  # stopped or replaced since: the op queued for that decides
         self._unwritten_names[name] = agent_id
-        log.warning(
+        log_guarded(
+            log,
+            logging.WARNING,
             "node %s: name %r (%s) not written to the names bucket: %r; retried",
             self.node,
             name,
@@ -2364,7 +2474,14 @@ class Cluster:
                 except nats.js.errors.KeyWrongLastSequenceError:
                     continue  # written by another node meanwhile: read again next time
                 except Exception as exc:
-                    log.debug("node %s: name %r still not written: %r", self.node, name, exc)
+                    log_guarded(
+                        log,
+                        logging.DEBUG,
+                        "node %s: name %r still not written: %r",
+                        self.node,
+                        name,
+                        exc,
+                    )
                     return False
         return True
 
@@ -2394,8 +2511,13 @@ class Cluster:
             ):
                 self._apply_name_entry(key, entry.value, entry.operation, entry.revision)
                 self._check_duplicate(name)
-                log.debug(
-                    "node %s: name %r held by node %s: not written", self.node, name, holder[0]
+                log_guarded(
+                    log,
+                    logging.DEBUG,
+                    "node %s: name %r held by node %s: not written",
+                    self.node,
+                    name,
+                    holder[0],
                 )
                 return
             else:
@@ -2406,7 +2528,9 @@ class Cluster:
         if self._unwritten_names.get(name) == agent_id:
             del self._unwritten_names[name]
         self._names_written_late += 1
-        log.warning(
+        log_guarded(
+            log,
+            logging.WARNING,
             "node %s: name %r (%s) written to the names bucket on a retry",
             self.node,
             name,
@@ -2420,7 +2544,14 @@ class Cluster:
             await call_aio(kv.delete, wire.name_key(name), last=revision)
         except nats.js.errors.BadRequestError as exc:
             # "wrong last sequence": the name was re-registered (or already dropped) since.
-            log.debug("node %s: name %r changed since we published it: %r", self.node, name, exc)
+            log_guarded(
+                log,
+                logging.DEBUG,
+                "node %s: name %r changed since we published it: %r",
+                self.node,
+                name,
+                exc,
+            )
 
     async def names_published(self) -> None:
         """Wait until every local name spawned so far is in (or out of) the KV bucket."""
@@ -2436,7 +2567,12 @@ class Cluster:
             async for event in events:
                 if events.dropped != seen_drops:
                     seen_drops = events.dropped
-                    log.warning("node %s: missed lifecycle events; resyncing names", self.node)
+                    log_guarded(
+                        log,
+                        logging.WARNING,
+                        "node %s: missed lifecycle events; resyncing names",
+                        self.node,
+                    )
                     self._sync_local_names()
                 if event.kind is EventKind.SPAWNED and event.name is not None:
                     if self.kernel.is_local(event.agent_id):
@@ -2579,11 +2715,15 @@ class Cluster:
             try:
                 await call_aio(self._control.publish, self._heartbeat_subject, self._record())
                 if failing:
-                    log.info("node %s: heartbeats go through again", self.node)
+                    log_guarded(
+                        log, logging.INFO, "node %s: heartbeats go through again", self.node
+                    )
                 failing = False
             except Exception as exc:
                 if not failing:
-                    log.warning("node %s: heartbeat failed: %r", self.node, exc)
+                    log_guarded(
+                        log, logging.WARNING, "node %s: heartbeat failed: %r", self.node, exc
+                    )
                 failing = True
 
     async def _kv_heartbeats(self) -> None:
@@ -2595,12 +2735,20 @@ class Cluster:
             try:
                 await call_aio(kv.put, self.node, self._record())
                 if failing:
-                    log.info("node %s: membership record writable again", self.node)
+                    log_guarded(
+                        log, logging.INFO, "node %s: membership record writable again", self.node
+                    )
                     self._retry_wanted.set()
                 failing = False
             except Exception as exc:
                 if not failing:
-                    log.info("node %s: membership record not written: %r", self.node, exc)
+                    log_guarded(
+                        log,
+                        logging.INFO,
+                        "node %s: membership record not written: %r",
+                        self.node,
+                        exc,
+                    )
                 failing = True
 
     async def _retry_writes(self) -> None:
@@ -2651,7 +2799,9 @@ class Cluster:
                 return True
         if session == info.session:
             return True
-        log.info(
+        log_guarded(
+            log,
+            logging.INFO,
             "node %s: the leave of an earlier join of node %r (session %016x) came after"
             " its join %016x was heard: ignored",
             self.node,
@@ -2691,7 +2841,9 @@ class Cluster:
             # second, and it changes nothing (no leave, no count)
             self._dropped["malformed_notice"] += 1
             if self._notice_log.due():
-                log.warning(
+                log_guarded(
+                    log,
+                    logging.WARNING,
                     "node %s: ignoring a malformed last notice on the subject of %r (%s;"
                     " %d malformed so far): %s",
                     self.node,
@@ -2713,7 +2865,9 @@ class Cluster:
         if stream.sent > taken:
             self._lost_at_leave += stream.sent - taken
             self._counted_at_leave((node, prefix, session))
-            log.warning(
+            log_guarded(
+                log,
+                logging.WARNING,
                 "node %s: %d tells for node %r were lost: they reached NATS after it left"
                 " (numbered up to %d, it took up to %d), counted in lost_at_leave",
                 self.node,
@@ -2727,7 +2881,7 @@ class Cluster:
         if op == "DEL":
             info = self.members.left(key)
             if info is not None and key != self.node:
-                log.info("node %s: node %r left the cluster", self.node, key)
+                log_guarded(log, logging.INFO, "node %s: node %r left the cluster", self.node, key)
                 # (one lost before was counted then, see Placement.node_lost)
                 self._restart_streams(key, info if info.reachable else None)
                 self.placement.member_left(key)
@@ -2737,7 +2891,13 @@ class Cluster:
         try:
             info = decode_record(value, monotonic())
         except (ValueError, KeyError, TypeError):
-            log.warning("node %s: ignoring malformed membership record %r", self.node, key)
+            log_guarded(
+                log,
+                logging.WARNING,
+                "node %s: ignoring malformed membership record %r",
+                self.node,
+                key,
+            )
             return
         previous = self.members.members.get(info.node)
         if previous is not None and info.node != self.node:
@@ -2759,7 +2919,9 @@ class Cluster:
                 same = previous.id_prefix == info.id_prefix and previous.reachable
                 self._restart_streams(info.node, previous if same else None)
         if self.members.heard(info):
-            log.warning("node %s: node %r is reachable again", self.node, info.node)
+            log_guarded(
+                log, logging.WARNING, "node %s: node %r is reachable again", self.node, info.node
+            )
             self._check_duplicates_on(info.node)
             self._retry_wanted.set()  # a partition healed: the buckets may take writes again
 
@@ -2773,7 +2935,9 @@ class Cluster:
             for info in self.members.forget_lost(now, self.options.forget_lost_after):
                 self._nodes_forgotten += 1
                 self._record_sessions.pop(info.node, None)
-                log.info(
+                log_guarded(
+                    log,
+                    logging.INFO,
                     "node %s: forgot node %r (lost %.0fs ago; a send to its agents is now"
                     " AgentNotFound, not TransportUnavailable)",
                     self.node,
@@ -2806,7 +2970,7 @@ class Cluster:
                 f"node {info.node!r} (pid {info.pid} on {info.host}) missed"
                 f" {self.options.missed_heartbeats} heartbeats: silent for {silent:.1f}s"
             )
-        log.warning("node %s: %s", self.node, reason)
+        log_guarded(log, logging.WARNING, "node %s: %s", self.node, reason)
         # The event names the node; its agent_id is the first id of the node's id space.
         self.kernel.report_event(
             LifecycleEvent(
@@ -2977,7 +3141,9 @@ class Cluster:
                 try:
                     await call_aio(watcher.stop)
                 except Exception as exc:
-                    log.debug("node %s: stopping a KV watcher: %r", self.node, exc)
+                    log_guarded(
+                        log, logging.DEBUG, "node %s: stopping a KV watcher: %r", self.node, exc
+                    )
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -3069,7 +3235,13 @@ class Cluster:
             try:
                 await self.durable.stop()
             except Exception as exc:
-                log.warning("node %s: could not flush durable acks: %r", self.node, exc)
+                log_guarded(
+                    log,
+                    logging.WARNING,
+                    "node %s: could not flush durable acks: %r",
+                    self.node,
+                    exc,
+                )
             # A retry's write on its way lands after the drops below otherwise, and the
             # retry, cancelled once the leave is over, would leave it behind. Once it
             # has its answer it sees the leave and drops what it wrote (bounded: with
@@ -3083,7 +3255,14 @@ class Cluster:
                     try:
                         await self._delete_name(kv, name, revision)
                     except Exception as exc:
-                        log.warning("node %s: could not drop name %r: %r", self.node, name, exc)
+                        log_guarded(
+                            log,
+                            logging.WARNING,
+                            "node %s: could not drop name %r: %r",
+                            self.node,
+                            name,
+                            exc,
+                        )
             try:
                 # (naming this join: heard after a later join's heartbeat of this
                 # process, it must not end that one, see _on_heartbeat)
@@ -3094,12 +3273,20 @@ class Cluster:
                     headers={wire.SESSION_HEADER: f"{self._session:016x}"},
                 )
             except Exception as exc:
-                log.warning("node %s: could not announce leaving: %r", self.node, exc)
+                log_guarded(
+                    log, logging.WARNING, "node %s: could not announce leaving: %r", self.node, exc
+                )
             if self._nodes_kv is not None:
                 try:
                     await call_aio(self._nodes_kv.delete, self.node)
                 except Exception as exc:
-                    log.warning("node %s: could not drop membership: %r", self.node, exc)
+                    log_guarded(
+                        log,
+                        logging.WARNING,
+                        "node %s: could not drop membership: %r",
+                        self.node,
+                        exc,
+                    )
             try:
                 await self._stop_deliveries()
                 self._flush_pending()  # open batches first: the marks must cover them
@@ -3118,7 +3305,9 @@ class Cluster:
                     # written, and no later mark will tell the receivers of them
                     unsent[:0] = self._take_client_buffer()
                 if unsent:
-                    log.error(
+                    log_guarded(
+                        log,
+                        logging.ERROR,
                         "node %s: leaving with the NATS connection down: %d queued"
                         " messages not sent, counted in publish_failures (error frames"
                         " for remote requesters in errors_unsent)",
@@ -3136,7 +3325,13 @@ class Cluster:
                         self._unsent_at_leave(subject, head)
                 await call_aio(self.nc.flush, 2)
             except Exception as exc:
-                log.warning("node %s: could not flush outgoing messages: %r", self.node, exc)
+                log_guarded(
+                    log,
+                    logging.WARNING,
+                    "node %s: could not flush outgoing messages: %r",
+                    self.node,
+                    exc,
+                )
 
     async def _disconnect(self) -> None:
         """Close the NATS connections (after the background tasks stopped)."""
@@ -3160,7 +3355,7 @@ class Cluster:
                 try:
                     await call_aio(nc.close)
                 except Exception as exc:
-                    log.debug("node %s: close: %r", self.node, exc)
+                    log_guarded(log, logging.DEBUG, "node %s: close: %r", self.node, exc)
         self._count_late_notices(math.inf)  # no notice comes any more
 
     async def _send_last_notice(self, control: NatsClient) -> None:
@@ -3184,7 +3379,13 @@ class Cluster:
                     headers={wire.LEFT_HEADER: notice},
                 )
             except Exception as exc:
-                log.warning("node %s: could not send its last notice: %r", self.node, exc)
+                log_guarded(
+                    log,
+                    logging.WARNING,
+                    "node %s: could not send its last notice: %r",
+                    self.node,
+                    exc,
+                )
 
     def stats(self) -> ClusterStats:
         d = self.durable

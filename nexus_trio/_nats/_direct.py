@@ -42,6 +42,8 @@ from typing import Any, Final
 
 from nats.protocol import command as _nats_command
 
+from .._logcall import log_guarded
+
 log = logging.getLogger("nexus_trio.nats")
 #: nats-py's own encoder of a PUB command (what ``publish`` writes), typed for mypy
 _pub_command: Final[Callable[[str, str, bytes], bytes]] = _nats_command.pub_cmd
@@ -117,8 +119,14 @@ def deliver_inline(sub: Any, take: Callable[[Any], None]) -> bool:
         sub._pending_size -= len(msg.data)
         try:
             take(msg)
-        except Exception:
-            log.exception("a NATS message on %s could not be handled", msg.subject)
+        except Exception as exc:
+            log_guarded(
+                log,
+                logging.ERROR,
+                "a NATS message on %s could not be handled",
+                msg.subject,
+                exc_info=exc,
+            )
 
     # an instance attribute: this one queue, which nats-py fills through put_nowait
     setattr(queue, "put_nowait", put_nowait)  # noqa: B010

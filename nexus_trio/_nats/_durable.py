@@ -59,6 +59,7 @@ from nats.aio.msg import Msg as NatsMsg
 from nats.js.api import ConsumerConfig, StreamConfig
 
 from .._errors import AgentNotFound, KernelShuttingDown, MailboxFull, MessageDecodeError
+from .._logcall import log_guarded
 from .._message import SYSTEM_ID, Message, MessageKind, new_id
 from . import _wire as wire
 from ._aio import Outbox, call_aio
@@ -234,7 +235,9 @@ class DurableChannel:
                 redact(f"JetStream did not store durable message {msg.id}: {exc!r}")
             ) from exc
         if ack.duplicate:
-            log.debug("durable message %s was already stored (duplicate id)", msg.id)
+            log_guarded(
+                log, logging.DEBUG, "durable message %s was already stored (duplicate id)", msg.id
+            )
         return msg
 
     # --- receiving -----------------------------------------------------------------------------
@@ -291,7 +294,13 @@ class DurableChannel:
             except (nats.errors.Error, OSError) as exc:
                 if self.cluster.closing:
                     return
-                log.warning("node %s: durable fetch failed: %r", self.cluster.node, exc)
+                log_guarded(
+                    log,
+                    logging.WARNING,
+                    "node %s: durable fetch failed: %r",
+                    self.cluster.node,
+                    exc,
+                )
                 await trio.sleep(self.cluster.options.reconnect_wait)
                 continue
             held = self._held
@@ -315,8 +324,12 @@ class DurableChannel:
         try:
             msg = wire.decode_message(jsmsg.data)
         except MessageDecodeError as exc:
-            log.error(
-                "node %s: undecodable durable message, terminated: %s", self.cluster.node, exc
+            log_guarded(
+                log,
+                logging.ERROR,
+                "node %s: undecodable durable message, terminated: %s",
+                self.cluster.node,
+                exc,
             )
             self.dead += 1
             self._ops.put((jsmsg, "term"))
@@ -371,7 +384,9 @@ class DurableChannel:
             delivered = jsmsg.metadata.num_delivered
             if delivered >= self.options.max_deliver:
                 self.dead += 1
-                log.error(
+                log_guarded(
+                    log,
+                    logging.ERROR,
                     "node %s: durable message %s dead after %d deliveries (last: no reply"
                     " within ack_wait %gs)",
                     self.cluster.node,
@@ -402,7 +417,9 @@ class DurableChannel:
             if due > 1:
                 self._answers_due[msg_id] = due - 1
             self.duplicates += 1
-            log.debug("durable message %s answered again, dropped (duplicate)", msg_id)
+            log_guarded(
+                log, logging.DEBUG, "durable message %s answered again, dropped (duplicate)", msg_id
+            )
             return True
         else:
             return False
@@ -432,7 +449,9 @@ class DurableChannel:
             if late is not None and late[1] is query:
                 del self._late[msg_id]  # past its ack_wait: JetStream delivers it again
             elif msg_id in self._in_flight or late is not None:
-                log.debug(
+                log_guarded(
+                    log,
+                    logging.DEBUG,
                     "durable message %s: an earlier delivery failed (%s), a newer one is out",
                     msg_id,
                     reason,
@@ -444,7 +463,9 @@ class DurableChannel:
         delivered = jsmsg.metadata.num_delivered
         if delivered >= self.options.max_deliver:
             self.dead += 1
-            log.error(
+            log_guarded(
+                log,
+                logging.ERROR,
                 "node %s: durable message %s dead after %d deliveries (last: %s%s)",
                 self.cluster.node,
                 msg_id,

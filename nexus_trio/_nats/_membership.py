@@ -31,6 +31,8 @@ from typing import Any, final
 
 import attrs
 
+from .._logcall import log_guarded
+
 log = logging.getLogger("nexus_trio.nats.membership")
 
 
@@ -129,7 +131,9 @@ class MemberTable:
             self.by_prefix.pop(previous.id_prefix, None)
         holder = self.by_prefix.get(info.id_prefix)
         if holder is not None and holder != info.node:
-            log.error(
+            log_guarded(
+                log,
+                logging.ERROR,
                 "nodes %r and %r share the id prefix %016x (two kernels in one process?):"
                 " agent ids cannot tell them apart; address their agents by name",
                 holder,

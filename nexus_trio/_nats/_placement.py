@@ -47,6 +47,7 @@ import trio
 from .._agent import AgentRef
 from .._errors import AgentNotFound, KernelShuttingDown, NameTaken, NexusError, TransportUnavailable
 from .._events import EventKind, LifecycleEvent
+from .._logcall import log_guarded
 from . import _wire as wire
 from ._aio import call_aio
 from ._direct import flush_after_subscribe
@@ -257,7 +258,14 @@ class Placement:
         if replaced_from is not None:
             self.replaced += 1
             reason = f"re-placed from node {replaced_from}"
-            log.warning("node %s: agent %r %s (fresh state)", cluster.node, name, reason)
+            log_guarded(
+                log,
+                logging.WARNING,
+                "node %s: agent %r %s (fresh state)",
+                cluster.node,
+                name,
+                reason,
+            )
             cluster.kernel.report_event(
                 LifecycleEvent(EventKind.RESTARTED, ref.id, name, trio.current_time(), reason)
             )
@@ -270,10 +278,7 @@ class Placement:
             self._held[name] = (agent_id, revision)
             self._unwritten.pop(name, None)
             return
-        try:
-            await self._delete_record(name, revision)
-        except Exception as exc:
-            log.warning("node %s: could not drop record %r: %r", self._cluster.node, name, exc)
+        await self._drop_record(name, revision)
 
     def _record_unwritten(
         self, name: str, agent_id: uuid.UUID, record: PlacementRecord, exc: Exception
@@ -288,7 +293,9 @@ class Placement:
             return  # its leave: no record to drop
         self._held[name] = (agent_id, None)
         self._unwritten[name] = record
-        log.warning(
+        log_guarded(
+            log,
+            logging.WARNING,
             "node %s: placement record of %r (%s) not written: %r; the agent runs, the"
             " write is retried",
             cluster.node,
@@ -320,24 +327,28 @@ class Placement:
             try:
                 revision = await call_aio(kv.put, wire.name_key(name), record.encode())
             except Exception as exc:
-                log.debug("node %s: record %r still not written: %r", cluster.node, name, exc)
+                log_guarded(
+                    log,
+                    logging.DEBUG,
+                    "node %s: record %r still not written: %r",
+                    cluster.node,
+                    name,
+                    exc,
+                )
                 return False
             if self._held.get(name) != (agent_id, None):
                 # Stopped for good or leaving while it was written: dropped again. (A
                 # copy stopped as a duplicate meanwhile leaves it: the winner's record.)
                 holder = cluster.name_holder(name)
                 if cluster.closing or holder is None or holder[0] == cluster.node:
-                    try:
-                        await self._delete_record(name, revision)
-                    except Exception as exc:  # the KV down: the record stays, as ever
-                        log.warning(
-                            "node %s: could not drop record %r: %r", cluster.node, name, exc
-                        )
+                    await self._drop_record(name, revision)
                 continue
             self._held[name] = (agent_id, revision)
             del self._unwritten[name]
             self.records_written_late += 1
-            log.warning(
+            log_guarded(
+                log,
+                logging.WARNING,
                 "node %s: placement record of %r (%s) written on a retry",
                 cluster.node,
                 name,
@@ -436,7 +447,14 @@ class Placement:
                 # Refused, or no answer: the agent must not end up running nowhere.
                 await self._take_back(record.type_name, name, owner, exc)
                 raise
-            log.info("node %s: agent %r moved to node %s (rebalanced)", cluster.node, name, owner)
+            log_guarded(
+                log,
+                logging.INFO,
+                "node %s: agent %r moved to node %s (rebalanced)",
+                cluster.node,
+                name,
+                owner,
+            )
             moved.append(name)
         return moved
 
@@ -448,7 +466,9 @@ class Placement:
         try:
             await self._spawn_here(type_name, name, None, replaced_from=None)
         except Exception as again:
-            log.error(
+            log_guarded(
+                log,
+                logging.ERROR,
                 "node %s: agent %r not moved to node %s (%s) and not started here again: %r",
                 cluster.node,
                 name,
@@ -457,7 +477,9 @@ class Placement:
                 again,
             )
             return
-        log.warning(
+        log_guarded(
+            log,
+            logging.WARNING,
             "node %s: agent %r not moved to node %s (%s): started here again (fresh state)",
             cluster.node,
             name,
@@ -472,7 +494,13 @@ class Placement:
             name = wire.name_from_key(key)
         except ValueError as exc:
             # not a key this code writes (the watch of the bucket would end with it)
-            log.warning("node %s: ignoring a placement record: %s", self._cluster.node, exc)
+            log_guarded(
+                log,
+                logging.WARNING,
+                "node %s: ignoring a placement record: %s",
+                self._cluster.node,
+                exc,
+            )
             return
         if op in ("DEL", "PURGE") or not value:
             self.records.pop(name, None)
@@ -480,7 +508,13 @@ class Placement:
         try:
             self.records[name] = PlacementRecord.decode(value)
         except (ValueError, KeyError, TypeError):
-            log.warning("node %s: ignoring malformed placement record %r", self._cluster.node, key)
+            log_guarded(
+                log,
+                logging.WARNING,
+                "node %s: ignoring malformed placement record %r",
+                self._cluster.node,
+                key,
+            )
 
     async def agent_stopped(self, name: str, agent_id: uuid.UUID) -> None:
         """A placed agent of this node stopped for good: drop its record (it is not
@@ -491,10 +525,22 @@ class Placement:
         del self._held[name]
         self._unwritten.pop(name, None)
         self.records.pop(name, None)
+        await self._drop_record(name, held[1])
+
+    async def _drop_record(self, name: str, revision: int | None) -> None:
+        """Drop ``name``'s record (see _delete_record); one the bucket refuses (the KV
+        down) stays, logged: the node goes on."""
         try:
-            await self._delete_record(name, held[1])
-        except Exception as exc:  # the KV down: the record stays, the node goes on
-            log.warning("node %s: could not drop record %r: %r", self._cluster.node, name, exc)
+            await self._delete_record(name, revision)
+        except Exception as exc:
+            log_guarded(
+                log,
+                logging.WARNING,
+                "node %s: could not drop record %r: %r",
+                self._cluster.node,
+                name,
+                exc,
+            )
 
     async def _delete_record(self, name: str, revision: int | None) -> None:
         kv = self._kv
@@ -504,7 +550,14 @@ class Placement:
             # Only if nobody re-placed the name since (optimistic concurrency).
             await call_aio(kv.delete, wire.name_key(name), last=revision)
         except nats.js.errors.BadRequestError as exc:
-            log.debug("node %s: record %r changed since: %r", self._cluster.node, name, exc)
+            log_guarded(
+                log,
+                logging.DEBUG,
+                "node %s: record %r changed since: %r",
+                self._cluster.node,
+                name,
+                exc,
+            )
 
     # --- a member lost --------------------------------------------------------------------------
 
@@ -530,7 +583,9 @@ class Placement:
         unconfirmed = max(0, cluster.tells_sent_to(info.node, info.id_prefix) - confirmed)
         if unconfirmed:
             self.lost_with_nodes += unconfirmed
-            log.warning(
+            log_guarded(
+                log,
+                logging.WARNING,
                 "node %s: counted %d messages as lost with node %r (sent by this node and"
                 " not confirmed received at its last heartbeat)",
                 cluster.node,
@@ -590,7 +645,9 @@ class Placement:
         held = int(info.stats.get("in_flight", 0)) + int(info.stats.get("held", 0))
         if held:
             self.lost_with_nodes += held
-            log.warning(
+            log_guarded(
+                log,
+                logging.WARNING,
                 "node %s: counted %d messages as lost with node %r (held there at its last"
                 " heartbeat)",
                 self._cluster.node,
@@ -640,7 +697,9 @@ class Placement:
         except (KernelShuttingDown, TransportUnavailable):
             return
         except Exception as exc:
-            log.error(
+            log_guarded(
+                log,
+                logging.ERROR,
                 "node %s: could not re-place %r (type %r) from node %s: %s",
                 self._cluster.node,
                 name,
@@ -660,10 +719,23 @@ class Placement:
         try:
             await call_aio(kv.get, wire.name_key(name))
         except nats.js.errors.KeyNotFoundError:
-            log.info("node %s: %r not re-placed: its record is gone", self._cluster.node, name)
+            log_guarded(
+                log,
+                logging.INFO,
+                "node %s: %r not re-placed: its record is gone",
+                self._cluster.node,
+                name,
+            )
             return False
         except Exception as exc:  # the KV unavailable: the put decides
-            log.debug("node %s: could not read record %r: %r", self._cluster.node, name, exc)
+            log_guarded(
+                log,
+                logging.DEBUG,
+                "node %s: could not read record %r: %r",
+                self._cluster.node,
+                name,
+                exc,
+            )
         return True
 
     # --- two incarnations of a name ------------------------------------------------------------
@@ -685,7 +757,9 @@ class Placement:
         del self._held[name]
         self._unwritten.pop(name, None)
         self.duplicates_stopped += 1
-        log.warning(
+        log_guarded(
+            log,
+            logging.WARNING,
             "node %s: agent %r (%s) stopped: %s (the names bucket holds a later"
             " incarnation of it, on node %s)",
             cluster.node,
@@ -729,10 +803,7 @@ class Placement:
         self._unwritten.clear()
         while self._held:
             name, (_, revision) = self._held.popitem()
-            try:
-                await self._delete_record(name, revision)
-            except Exception as exc:
-                log.warning("node %s: could not drop record %r: %r", self._cluster.node, name, exc)
+            await self._drop_record(name, revision)
 
 
 def _decode_answer(data: bytes, name: str, owner: str) -> PlacedAgent:

@@ -38,6 +38,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final, final
 
+from .._logcall import log_guarded
+
 _CLIENT_LISTEN: Final = re.compile(r"Listening for client connections on [^\s:]+:(\d+)")
 _ROUTE_LISTEN: Final = re.compile(r"Listening for route connections on [^\s:]+:(\d+)")
 _READY: Final = "Server is ready"
@@ -301,7 +303,9 @@ class NatsServer:
         if self._workdir is not None:
             error = _remove_directory(self._workdir)
             if error is not None:  # its lock file stays: the next start tries again
-                log.warning("could not remove the nats-server directory %s", error)
+                log_guarded(
+                    log, logging.WARNING, "could not remove the nats-server directory %s", error
+                )
             self._workdir = None
         if self._lock_fd is not None:  # released after the removal: never seen stale
             os.close(self._lock_fd)
@@ -390,11 +394,18 @@ def remove_stale_directories(parent: str | None = None) -> list[str]:
             if error is None:
                 removed.append(entry.path)
             else:  # its lock file stays: the next start tries again
-                log.warning("could not remove the stale nats-server directory %s", error)
+                log_guarded(
+                    log,
+                    logging.WARNING,
+                    "could not remove the stale nats-server directory %s",
+                    error,
+                )
         finally:
             os.close(fd)
     if removed:
-        log.info(
+        log_guarded(
+            log,
+            logging.INFO,
             "removed %d nats-server directories left by runs that were killed: %s",
             len(removed),
             ", ".join(removed),

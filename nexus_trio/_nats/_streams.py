@@ -25,6 +25,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import final
 
+from .._logcall import log_guarded
 from .._throttle import Throttle
 from ._sequence import InboundSequences
 
@@ -189,7 +190,9 @@ class InboundStreams:
             name, stream = self._live.popitem(last=False)
             self.evicted += 1
             if self._eviction_log.due():
-                log.warning(
+                log_guarded(
+                    log,
+                    logging.WARNING,
                     "node %s: %d inbound streams kept (inbound_streams_limit): stream %s,"
                     " the least recently active, evicted for %s (%d evicted so far; a tell"
                     " on it later starts it afresh, its earlier numbers counted lost)",
