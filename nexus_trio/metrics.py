@@ -57,7 +57,7 @@ from prometheus_client.registry import Collector
 
 from ._logcall import log_guarded
 from ._throttle import Throttle
-from .logs import records_lost
+from .logs import log_calls_failed, records_lost
 
 if TYPE_CHECKING:
     from ._kernel import AgentScan, Kernel
@@ -154,6 +154,9 @@ class MetricsSnapshot:
     #: log records nexus_trio's handlers could not write, process-wide (see
     #: :func:`nexus_trio.logs.records_lost`)
     log_records_lost: int = 0
+    #: log calls of the kernel that raised (a filter or handler of the application),
+    #: process-wide (see :func:`nexus_trio.logs.log_calls_failed`)
+    log_calls_failed: int = 0
     #: the counters of the endpoint the scrape came through (a copy), if any
     endpoint: EndpointStats | None = None
 
@@ -182,11 +185,11 @@ def take_snapshot(
     and in :class:`KernelCollector`, :func:`build_registry` and :class:`MetricsRenderer`.
     """
     per_agent_limit = _per_agent_limit(kernel, per_agent_limit)
-    stats, up, lost, scan = _begin_snapshot(kernel, per_agent, per_agent_limit)
+    stats, up, logs, scan = _begin_snapshot(kernel, per_agent, per_agent_limit)
     if scan is not None:
         while scan.step():
             pass
-    return _end_snapshot(stats, up, lost, per_agent_limit, scan)
+    return _end_snapshot(stats, up, logs, per_agent_limit, scan)
 
 
 async def take_snapshot_in_steps(
@@ -195,7 +198,8 @@ async def take_snapshot_in_steps(
     """What :func:`take_snapshot` copies, with a checkpoint between the steps of its walk
     over the agents (:meth:`Kernel.scan_agents`): what :class:`MetricsRenderer` does.
 
-    The kernel-wide values (``stats``, ``kernel_up``, ``log_records_lost``) are read
+    The kernel-wide values (``stats``, ``kernel_up``, ``log_records_lost``,
+    ``log_calls_failed``) are read
     together, when it starts: they are exact, of that moment. With ``per_agent``, the
     agents live at that moment are then visited 4,096 at a time (a mailbox depth read
     each, about 1 ms) and the chosen ones' counters copied 512 at a time, the agents
@@ -210,30 +214,39 @@ async def take_snapshot_in_steps(
     there is no checkpoint: the snapshot is of one moment.
     """
     per_agent_limit = _per_agent_limit(kernel, per_agent_limit)
-    stats, up, lost, scan = _begin_snapshot(kernel, per_agent, per_agent_limit)
+    stats, up, logs, scan = _begin_snapshot(kernel, per_agent, per_agent_limit)
     if scan is not None:
         while scan.step():
             await trio.lowlevel.checkpoint()
-    return _end_snapshot(stats, up, lost, per_agent_limit, scan)
+    return _end_snapshot(stats, up, logs, per_agent_limit, scan)
 
 
 def _begin_snapshot(
     kernel: Kernel, per_agent: bool, per_agent_limit: int
-) -> tuple[KernelStats, bool, int, AgentScan | None]:
-    """The kernel-wide values, read now, and the walk over the agents if ``per_agent``."""
+) -> tuple[KernelStats, bool, tuple[int, int], AgentScan | None]:
+    """The kernel-wide values, read now (the logging counts: records lost, calls that
+    raised), and the walk over the agents if ``per_agent``."""
     scan = None
     if per_agent:
         scan = kernel.scan_agents(
             per_agent_limit, visits_per_step=_SCAN_VISITS, copies_per_step=_SCAN_COPIES
         )
-    return kernel.stats(), not kernel.shutting_down, records_lost(), scan
+    logs = records_lost(), log_calls_failed()
+    return kernel.stats(), not kernel.shutting_down, logs, scan
 
 
 def _end_snapshot(
-    stats: KernelStats, up: bool, lost: int, per_agent_limit: int, scan: AgentScan | None
+    stats: KernelStats,
+    up: bool,
+    logs: tuple[int, int],
+    per_agent_limit: int,
+    scan: AgentScan | None,
 ) -> MetricsSnapshot:
+    lost, failed = logs
     if scan is None:
-        return MetricsSnapshot(stats, up, False, per_agent_limit, log_records_lost=lost)
+        return MetricsSnapshot(
+            stats, up, False, per_agent_limit, log_records_lost=lost, log_calls_failed=failed
+        )
     return MetricsSnapshot(
         stats,
         up,
@@ -242,6 +255,7 @@ def _end_snapshot(
         scan.chosen,
         scan.left_out,
         log_records_lost=lost,
+        log_calls_failed=failed,
     )
 
 
@@ -258,7 +272,7 @@ class KernelCollector:
     ``nexus_handler_timeouts``, ``nexus_dead_letters{reason}``,
     ``nexus_sends_rejected{reason}``, ``nexus_restarts``, ``nexus_given_up``,
     ``nexus_dead_letter_stream_dropped``, ``nexus_event_stream_dropped``,
-    ``nexus_log_records_lost`` (counters);
+    ``nexus_log_records_lost``, ``nexus_log_calls_failed`` (counters);
     ``nexus_agents_alive``, ``nexus_messages_in_flight``, ``nexus_max_mailbox_depth``,
     ``nexus_kernel_up``, ``nexus_agent_series_exported``, ``nexus_agent_series_truncated``
     (gauges); ``nexus_handle_latency_seconds`` and ``nexus_queue_wait_seconds`` (summaries
@@ -342,6 +356,12 @@ def _families(snapshot: MetricsSnapshot) -> Iterator[Metric]:
         "Log records nexus_trio's log handlers could not write (a full disk, a closed pipe),"
         " in this process.",
         snapshot.log_records_lost,
+    )
+    yield counter(
+        "nexus_log_calls_failed",
+        "Log calls of the kernel that raised (a logging filter or handler of the application);"
+        " the kernel went on. In this process.",
+        snapshot.log_calls_failed,
     )
     dead = CounterMetricFamily(
         "nexus_dead_letters", "Accepted messages not handled, by reason.", labels=["reason"]

@@ -8,18 +8,24 @@ from __future__ import annotations
 import errno
 import io
 import json
+import logging
 import os
 import re
 import shlex
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
 import pytest
+from rich.console import Console
 
 from nexus_trio.cli import main
-from nexus_trio.logs import records_lost
+from nexus_trio.cli._view import summary_table
+from nexus_trio.logs import log_calls_failed, records_lost
+
+from .test_logs import RaisingFilter
 
 RECORD = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ", re.MULTILINE)
 RUN = ["run", "-n", "10", "-d", "0.2", "--json", "--no-live"]
@@ -219,3 +225,55 @@ def test_nexus_run_in_process_with_standard_error_failing_finishes_and_counts_it
     assert statuses == [0, 0]
     assert lost[0] >= 2  # the config line and the "running" line at least
     assert reported == lost
+
+
+FAILING_APP = """
+import trio.testing
+from nexus_trio import agent
+
+@agent(name="failing")
+async def failing(ctx, msg):
+    raise RuntimeError("boom")
+
+async def main(kernel):
+    ref = kernel.spawn(failing)
+    for i in range(4):
+        await kernel.send(ref, i)
+    await trio.testing.wait_all_tasks_blocked()
+"""
+
+
+@pytest.fixture
+def broken_dead_letter_log() -> Iterator[None]:
+    logger = logging.getLogger("nexus_trio.dead_letters")
+    broken, level = RaisingFilter(), logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addFilter(broken)
+    yield
+    logger.removeFilter(broken)
+    logger.setLevel(level)
+
+
+@pytest.mark.usefixtures("restore_logging", "broken_dead_letter_log")
+def test_nexus_run_counts_the_log_calls_of_the_run_that_raised(isolated: Path) -> None:
+    """A raising filter of the application on the dead-letter logger: each of the run's
+    dead letters is still counted, and the summary says how many log calls raised (in
+    this run: a second run in the process counts its own), in JSON and in the table."""
+    (isolated / "failing_app.py").write_text(FAILING_APP)
+    reported, failed = [], []
+    for _ in range(2):
+        before = log_calls_failed()
+        status, summary = _run_in_process(
+            ["run", "--app", "failing_app:main", "--json", "--no-live"], io.StringIO()
+        )
+        assert status == 0
+        assert summary["dead_letters_by_reason"] == {"handler_error": 4}
+        assert summary["conserved"] is True
+        failed.append(log_calls_failed() - before)
+        reported.append(summary["log_calls_failed"])
+    assert reported == failed == [4, 4]
+    console = Console(record=True, width=200)
+    console.print(summary_table(summary))
+    assert re.search(
+        r"log calls failed\s+4 \(a logging filter or handler raised", console.export_text()
+    )

@@ -714,6 +714,40 @@ async def test_log_records_lost_are_a_counter_of_the_scrape() -> None:
         logger.setLevel(level)
 
 
+async def test_log_calls_that_raised_are_a_counter_of_the_scrape() -> None:
+    """A raising filter of the application on the dead-letter logger: each dead letter's
+    log call raised, and ``nexus_log_calls_failed_total`` counts them (process-wide, as
+    :func:`nexus_trio.logs.log_calls_failed`)."""
+    import logging
+
+    from nexus_trio.logs import log_calls_failed
+
+    class Broken(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            raise KeyError("the filter's bug")
+
+    logger = logging.getLogger("nexus_trio.dead_letters")
+    broken, level = Broken(), logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addFilter(broken)
+    try:
+        async with open_test_kernel() as kernel:
+            before = samples(render_snapshot(take_snapshot(kernel), process=False).decode())
+            assert before[("nexus_log_calls_failed_total", ())] == log_calls_failed()
+            ref = kernel.spawn(boom)
+            for i in range(3):
+                await kernel.send(ref, i)
+            await trio.testing.wait_all_tasks_blocked()
+            assert kernel.stats().dead_letters_by_reason == {"handler_error": 3}
+            after = samples(render_snapshot(take_snapshot(kernel), process=False).decode())
+            failed = after[("nexus_log_calls_failed_total", ())]
+            assert failed - before[("nexus_log_calls_failed_total", ())] == 3
+            assert failed == log_calls_failed()
+    finally:
+        logger.removeFilter(broken)
+        logger.setLevel(level)
+
+
 async def test_a_metrics_port_in_use_is_an_error_naming_the_address() -> None:
     """Regression: a metrics port in use failed with a bare ``OSError: [Errno 98] Address
     already in use`` (``nexus run`` printed just that, and a traceback): it did not say the

@@ -308,7 +308,7 @@ def run(
 ) -> None:
     """Run a kernel: your agents (--app) or a demo workload, with a live view and a summary."""
     from ..config import ConfigError, load_config, write_template
-    from ..logs import configure_logging, records_lost
+    from ..logs import configure_logging, log_calls_failed, records_lost
     from ._run import RunOptions, execute_run, stderr_proxy
 
     if generate_config is not None:
@@ -374,7 +374,7 @@ def run(
         raise typer.BadParameter(
             "needs --nats URL (or [nats] url in the config)", param_hint="'--node'"
         )
-    records_lost_before = records_lost()
+    records_lost_before, log_calls_failed_before = records_lost(), log_calls_failed()
     configure_logging(
         cfg.logging, stream=None if cfg.logging.format == "pretty" else stderr_proxy()
     )
@@ -404,6 +404,7 @@ def run(
         seed=seed,
         demo=target is None and not commands,
         records_lost_before=records_lost_before,
+        log_calls_failed_before=log_calls_failed_before,
     )
     status = execute_run(opts)
     if status:

@@ -81,6 +81,7 @@ _SUMMED: Final = (
     "msgs_per_s",
     "peak_rss_bytes",
     "log_records_lost",
+    "log_calls_failed",
 )
 
 

@@ -44,7 +44,7 @@ from .._config import Config
 from .._errors import SupervisorEscalation
 from .._kernel import Kernel, open_kernel
 from .._supervisor import Supervisor
-from ..logs import records_lost
+from ..logs import log_calls_failed, records_lost
 from ._spawn import (
     OneLineBridgeErrors,
     SpawnedProgram,
@@ -100,6 +100,9 @@ class RunOptions:
     #: ``records_lost()`` before the run set its logging up (the summary counts the run's
     #: own losses: the count is process-wide); None: when the run starts
     records_lost_before: int | None = None
+    #: ``log_calls_failed()`` before the run set its logging up (process-wide too); None:
+    #: when the run starts
+    log_calls_failed_before: int | None = None
 
 
 # --- --app ----------------------------------------------------------------------------------
@@ -212,6 +215,11 @@ class _State:
         self.t0 = trio.current_time()
         self.records_lost_before = (
             records_lost() if opts.records_lost_before is None else opts.records_lost_before
+        )
+        self.log_calls_failed_before = (
+            log_calls_failed()
+            if opts.log_calls_failed_before is None
+            else opts.log_calls_failed_before
         )
         self.t_spawned: float | None = None
         self.t_stop: float | None = None
@@ -709,6 +717,8 @@ def build_summary(
         "peak_rss_bytes": peak,
         # log records the kernel's handlers could not write (stderr on a full disk, ...)
         "log_records_lost": records_lost() - state.records_lost_before,
+        # log calls that raised (a filter or handler of the application); the run went on
+        "log_calls_failed": log_calls_failed() - state.log_calls_failed_before,
         "conserved": stats is not None
         and in_flight == 0
         and accepted == handled + replies + forwarded + dead,

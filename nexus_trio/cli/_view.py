@@ -280,6 +280,15 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
                 style="yellow",
             ),
         )
+    if summary.get("log_calls_failed"):
+        table.add_row(
+            "log calls failed",
+            Text(
+                f"{fmt_count(summary['log_calls_failed'])} (a logging filter or handler "
+                "raised; the run went on, see docs/config.md)",
+                style="yellow",
+            ),
+        )
     for worker in summary.get("per_worker") or ():
         table.add_row(f"  {worker.get('node') or 'worker'}", _worker_text(worker))
     ok = summary["conserved"]
