@@ -277,3 +277,60 @@ def test_nexus_run_counts_the_log_calls_of_the_run_that_raised(isolated: Path) -
     assert re.search(
         r"log calls failed\s+4 \(a logging filter or handler raised", console.export_text()
     )
+
+
+@pytest.fixture
+def broken_cli_log() -> Iterator[list[str]]:
+    """A filter of the application on ``nexus`` 's own loggers that raises on every record
+    (all levels on); yields the messages it was called for. Removed afterwards."""
+    calls: list[str] = []
+
+    class Broken(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            calls.append(str(record.msg))
+            raise KeyError("the filter's bug")
+
+    loggers = [logging.getLogger(name) for name in ("nexus_trio.cli", "nexus_trio.config")]
+    broken, levels = Broken(), [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.DEBUG)
+        logger.addFilter(broken)
+    yield calls
+    for logger, level in zip(loggers, levels, strict=True):
+        logger.removeFilter(broken)
+        logger.setLevel(level)
+
+
+@pytest.mark.usefixtures("restore_logging", "isolated")
+@pytest.mark.parametrize("args", [["--json"], []], ids=["json", "table"])
+def test_nexus_run_with_its_own_log_calls_raising_finishes_and_prints_its_summary(
+    broken_cli_log: list[str], args: list[str]
+) -> None:
+    """A raising filter of the application on ``nexus_trio.cli`` and
+    ``nexus_trio.config``: the run's own log lines (the config's source, "spawning",
+    "running", the shutdown, "run took") raised out of the run, which then failed with a
+    traceback and printed no summary. The run finishes now, balanced, status 0, and its
+    summary counts them."""
+    before = log_calls_failed()
+    out = io.StringIO()
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = out, io.StringIO()
+    try:
+        with pytest.raises(SystemExit) as exited:
+            main(["run", "-n", "10", "-d", "0.1", "--no-live", *args])
+    finally:
+        sys.stdout, sys.stderr = saved
+    assert exited.value.code == 0
+    assert len(broken_cli_log) >= 3
+    assert log_calls_failed() - before == len(broken_cli_log)
+    if args:
+        summary = json.loads(out.getvalue())
+        assert summary["conserved"] is True
+        assert summary["handled"] > 0
+        # all but the last line, "run took", which comes after the summary is made
+        assert broken_cli_log[-1].startswith("run took")
+        assert summary["log_calls_failed"] == len(broken_cli_log) - 1
+    else:
+        text = out.getvalue()
+        assert re.search(r"log calls failed\s+\d+ \(a logging filter or handler raised", text)
+        assert re.search(r"accounting .* ✓", text, re.DOTALL)

@@ -1349,3 +1349,46 @@ def test_a_nats_server_that_fails_to_start_leaves_no_directory_nor_lock(
             NatsServer(binary=str(binary)).start()
     assert len(os.listdir("/proc/self/fd")) == fds
     assert list(tmp.iterdir()) == []
+
+
+@pytest.fixture
+def broken_cli_log() -> Iterator[list[int]]:
+    """A filter of the application on ``nexus_trio.cli`` that raises on every record (all
+    levels on); yields the count of records it was called for. Removed afterwards."""
+    import logging
+
+    calls: list[int] = []
+
+    class Broken(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            calls.append(record.levelno)
+            raise KeyError("the filter's bug")
+
+    logger = logging.getLogger("nexus_trio.cli")
+    broken, level = Broken(), logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addFilter(broken)
+    yield calls
+    logger.removeFilter(broken)
+    logger.setLevel(level)
+
+
+def test_a_raising_log_filter_does_not_stop_the_parent_accounting_for_a_dead_worker(
+    tmp_path: Path, broken_cli_log: list[int]
+) -> None:
+    """The parent logs a worker's death, then stops the others: with that log call raising
+    (the application's filter on ``nexus_trio.cli``), run_workers raised it, the others
+    killed, and no summary. It stops them as asked now and accounts for the dead one."""
+    from nexus_trio.cli._cluster_cmd import run_workers
+    from nexus_trio.logs import log_calls_failed
+
+    before = log_calls_failed()
+    python = fake_python(tmp_path, {"worker-1": "sleep 0.2; exit 3"})
+    summary, status = run_workers(2, [], nats_url=NO_SERVER, python=python)
+    # worker-1 died; worker-0 (a stand-in) was stopped and printed no summary either
+    assert summary["stopped_by"] == "worker-1 died (the others were stopped)"
+    assert [w["exit"] for w in summary["per_worker"]] == ["killed by SIGTERM", "exit code 3"]
+    assert summary["conserved"] is False
+    assert status == 128 + signal.SIGTERM  # the worst of the workers' statuses
+    assert len(broken_cli_log) >= 1
+    assert log_calls_failed() - before == len(broken_cli_log)

@@ -307,6 +307,7 @@ def run(
     ] = None,
 ) -> None:
     """Run a kernel: your agents (--app) or a demo workload, with a live view and a summary."""
+    from .._logcall import log_guarded
     from ..config import ConfigError, load_config, write_template
     from ..logs import configure_logging, log_calls_failed, records_lost
     from ._run import RunOptions, execute_run, stderr_proxy
@@ -378,7 +379,9 @@ def run(
     configure_logging(
         cfg.logging, stream=None if cfg.logging.format == "pretty" else stderr_proxy()
     )
-    logging.getLogger("nexus_trio.config").info("%s", loaded.describe_source())
+    log_guarded(
+        logging.getLogger("nexus_trio.config"), logging.INFO, "%s", loaded.describe_source()
+    )
 
     target = _loaded_app(cfg.app.app, app_ref is not None)
     if not commands:

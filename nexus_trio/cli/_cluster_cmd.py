@@ -42,6 +42,8 @@ from typing import Any, Final
 
 import typer
 
+from .._logcall import log_guarded
+
 log = logging.getLogger("nexus_trio.cli")
 
 #: set in each worker's environment (to its node name); ``nexus run --workers`` refuses to
@@ -407,7 +409,14 @@ def run_workers(
         server = NatsServer(token=token, preexec_fn=_die_with_parent()).start()
         nats_url = server.url
         env["NEXUS_NATS__TOKEN"] = token
-        log.info("started nats-server at %s (pid %d) for %d workers", nats_url, server.pid, workers)
+        log_guarded(
+            log,
+            logging.INFO,
+            "started nats-server at %s (pid %d) for %d workers",
+            nats_url,
+            server.pid,
+            workers,
+        )
     else:
         nats_url = _move_credentials_to_env(nats_url, env)
     procs: list[subprocess.Popen[bytes]] = []
@@ -507,7 +516,9 @@ def run_workers(
                 # The workers cannot go on without it (nor settle, nor leave cleanly).
                 stopping = not stops_asked()
                 server_died = _how_it_ended(code)
-                log.error(
+                log_guarded(
+                    log,
+                    logging.ERROR,
                     "the private nats-server (pid %d) died: %s%s",
                     server.pid,
                     server_died,
@@ -529,11 +540,13 @@ def run_workers(
             # was killed after a second signal here. Never silently; and the others stop
             # (their share of the workload is not re-placed: see docs/cli.md).
             if _killed_by_force(passed.get(proc.pid, 0), code):
-                log.warning("%s", _forced_text(i, proc.pid))
+                log_guarded(log, logging.WARNING, "%s", _forced_text(i, proc.pid))
                 continue
             running = [p for p in procs if p.poll() is None]
             stopping = not stops_asked() and bool(running)  # (the first death stops them)
-            log.error(
+            log_guarded(
+                log,
+                logging.ERROR,
                 "%s (pid %d) died: %s%s",
                 f"worker-{i}",
                 proc.pid,

@@ -43,6 +43,7 @@ from .._agent import Agent, AgentSpec, as_spec
 from .._config import Config
 from .._errors import SupervisorEscalation
 from .._kernel import Kernel, open_kernel
+from .._logcall import log_guarded
 from .._supervisor import Supervisor
 from ..logs import log_calls_failed, records_lost
 from ._spawn import (
@@ -264,14 +265,14 @@ class _State:
 
 def _dump(state: _State, why: str) -> None:
     if state.kernel is None:
-        log.warning("%s: no kernel yet", why)
+        log_guarded(log, logging.WARNING, "%s: no kernel yet", why)
         return
     # One record per line: log text is escaped (a newline in a message is written \n, so
     # that agent names cannot forge lines), and the tree must stay readable.
     title, *lines = render_tree(state.kernel.describe()).split("\n")
-    log.warning("%s: %s", why, title)
+    log_guarded(log, logging.WARNING, "%s: %s", why, title)
     for line in lines:
-        log.warning("%s", line)
+        log_guarded(log, logging.WARNING, "%s", line)
 
 
 def _watched_signals() -> list[int]:
@@ -296,12 +297,19 @@ async def _watch_signals(
             state.signals += 1
             if state.signals > 1:
                 state.stop_live()
-                log.error("%s again: forced exit, without waiting for the shutdown", name)
+                log_guarded(
+                    log,
+                    logging.ERROR,
+                    "%s again: forced exit, without waiting for the shutdown",
+                    name,
+                )
                 with contextlib.suppress(Exception):
                     sys.stdout.flush()
                     sys.stderr.flush()
                 os._exit(FORCED_EXIT)
-            log.warning("%s: shutting down gracefully (send it again to force)", name)
+            log_guarded(
+                log, logging.WARNING, "%s: shutting down gracefully (send it again to force)", name
+            )
             if state.opts.dump_on_signal:
                 _dump(state, name)
             state.request_stop(name)
@@ -366,7 +374,7 @@ async def _watch(state: _State, kernel: Kernel, title: str) -> None:
                 render_live(title, sample, opts.duration, state.spawn_progress), refresh=True
             )
         elif not opts.live:
-            log.info("%s", plain_line(sample))
+            log_guarded(log, logging.INFO, "%s", plain_line(sample))
 
 
 class _StderrProxy(io.TextIOBase):
@@ -415,7 +423,13 @@ def _spawn(state: _State, kernel: Kernel) -> None:
 
     def failed(program: SpawnedProgram) -> None:
         state.failed_programs.append(program)
-        log.error("--spawn %r did not start: %s", program.command_text, program.problem)
+        log_guarded(
+            log,
+            logging.ERROR,
+            "--spawn %r did not start: %s",
+            program.command_text,
+            program.problem,
+        )
         state.request_stop("spawn failed")
 
     state.programs = spawn_programs(kernel, opts.spawn)
@@ -431,7 +445,7 @@ def _spawn(state: _State, kernel: Kernel) -> None:
 def _spawn_progress(state: _State, total: int) -> Callable[[int], None]:
     """Progress of a bulk spawn: a bar in the live view above PROGRESS_THRESHOLD agents."""
     if total > PROGRESS_THRESHOLD:
-        log.info("spawning %d agents", total)
+        log_guarded(log, logging.INFO, "spawning %d agents", total)
         if state.live is not None:
             state.spawn_progress = (0, total)
 
@@ -456,7 +470,7 @@ async def _run_app(state: _State, kernel: Kernel, nursery: trio.Nursery) -> None
     targets = list(target) if kind == "list" else [target]
     for t in targets:
         ref = kernel.spawn(t if isinstance(t, Supervisor) else as_spec(t))
-        log.info("spawned %s", ref.name or ref.id)
+        log_guarded(log, logging.INFO, "spawned %s", ref.name or ref.id)
 
 
 async def _body(state: _State, kernel: Kernel) -> None:
@@ -493,7 +507,9 @@ async def _body(state: _State, kernel: Kernel) -> None:
         state.t_spawned = trio.current_time()
         state.processed_at_start = _processed(kernel.stats())
         state.phase = "running"
-        log.info(
+        log_guarded(
+            log,
+            logging.INFO,
             "running %s for %s (Ctrl-C to stop)",
             _title(opts),
             f"{opts.duration:g} s" if opts.duration else "ever",
@@ -562,7 +578,13 @@ async def _run_async(
                         cluster = await stack.enter_async_context(
                             join_cluster(kernel, nats_url, node)
                         )
-                        log.info("joined the cluster at %s as %s", redact(nats_url), node)
+                        log_guarded(
+                            log,
+                            logging.INFO,
+                            "joined the cluster at %s as %s",
+                            redact(nats_url),
+                            node,
+                        )
                         layout = layout_from_env(node) if _is_worker(node) else None
                         if layout is not None and opts.demo and opts.workload != "pool":
                             state.swarm = Swarm(
@@ -581,10 +603,10 @@ async def _run_async(
                         state.cluster_counts = cluster_counts(cluster)
         except SupervisorEscalation as exc:
             error = exc
-            log.error("the kernel stopped: %s", exc)
+            log_guarded(log, logging.ERROR, "the kernel stopped: %s", exc)
         except Exception as exc:
             error = _unwrap(exc)
-            log.error("the run failed: %s", _describe(error), exc_info=error)
+            log_guarded(log, logging.ERROR, "the run failed: %s", _describe(error), exc_info=error)
         finally:
             state.phase = "done"
             state.t_end = trio.current_time()
@@ -612,13 +634,13 @@ async def _run_async(
         if never:
             error = SpawnFailed(never)
             if not state.failed_programs:
-                log.error("%s", error)
+                log_guarded(log, logging.ERROR, "%s", error)
     summary = build_summary(state, kernel, error, t_shutdown=t_shutdown, t_end=t_end)
     if opts.spawn:
         summary["spawned"] = spawned
     status = 0 if error is None and summary["conserved"] else 1
     if not summary["conserved"] and kernel is not None:
-        log.error("accounting mismatch: %s", json.dumps(summary))
+        log_guarded(log, logging.ERROR, "accounting mismatch: %s", json.dumps(summary))
     return summary, status
 
 
@@ -739,7 +761,7 @@ def execute_run(opts: RunOptions, *, err_console: Console | None = None) -> int:
     """``trio.run`` the run, print the summary (table, or JSON with ``--json``); the exit status."""
     started = time.perf_counter()
     summary, status = trio.run(run_async, opts, err_console)
-    log.debug("run took %.3f s of wall time", time.perf_counter() - started)
+    log_guarded(log, logging.DEBUG, "run took %.3f s of wall time", time.perf_counter() - started)
     if opts.json:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
         sys.stdout.flush()

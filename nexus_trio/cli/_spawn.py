@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 
 from .. import EventKind, LifecycleEvent, Subscription
+from .._logcall import log_guarded
 from ..bridges.process import process_agent
 
 if TYPE_CHECKING:
@@ -117,7 +118,7 @@ def spawn_programs(kernel: Kernel, commands: Sequence[Sequence[str]]) -> list[Sp
             process_agent(list(argv), name=name, register_timeout=register_timeout(grace))
         )
         programs.append(SpawnedProgram(tuple(argv), name, ref.id))
-        log.info("spawned process agent %s: %s", name, shlex.join(argv))
+        log_guarded(log, logging.INFO, "spawned process agent %s: %s", name, shlex.join(argv))
     return programs
 
 

@@ -41,6 +41,7 @@ import attrs
 import trio
 
 from .._agent import AgentRef
+from .._logcall import log_guarded
 
 if TYPE_CHECKING:
     from .._nats import Cluster, ClusterStats, NodeInfo
@@ -184,7 +185,9 @@ class Swarm:
                     return True
                 previous = snapshot
                 await trio.sleep(0.05)
-        log.warning("the swarm did not settle within %gs; leaving anyway", timeout)
+        log_guarded(
+            log, logging.WARNING, "the swarm did not settle within %gs; leaving anyway", timeout
+        )
         return False
 
     def _snapshot(self) -> tuple[Any, ...] | None:
