@@ -590,9 +590,15 @@ class Router:
         except Exception as exc:
             self._dead_undeliverable(msg, exc)
 
-    def _accept_dead(self, msg: Message, reason: DeadLetterReason, detail: str = "") -> None:
+    def _accept_dead(
+        self,
+        msg: Message,
+        reason: DeadLetterReason,
+        detail: str = "",
+        error: BaseException | None = None,
+    ) -> None:
         self.ledger.accepted += 1
-        self.ledger.dead_letter(msg, reason, msg.to, detail=detail)
+        self.ledger.dead_letter(msg, reason, msg.to, error=error, detail=detail)
 
     def _dead_undeliverable(self, msg: Message, exc: Exception) -> None:
         if isinstance(exc, AgentNotFound):
@@ -611,8 +617,9 @@ class Router:
         elif isinstance(exc, KernelShuttingDown):
             self._accept_dead(msg, DeadLetterReason.SHUTDOWN, "kernel stopping")
         elif isinstance(exc, MessageFailed) and isinstance(exc.reason, DeadLetterReason):
-            # the transport could not take this one message (e.g. unserialisable)
-            self._accept_dead(msg, exc.reason, exc.detail)
+            # the transport could not take this one message (e.g. unserialisable): a
+            # requester here gets why (RequestFailed.error)
+            self._accept_dead(msg, exc.reason, exc.detail, exc)
         else:
             raise exc
 

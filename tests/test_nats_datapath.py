@@ -3035,3 +3035,82 @@ def _deaf_to_bs_leave(
     monkeypatch.setattr(Cluster, "_on_heartbeat", heartbeat)
     monkeypatch.setattr(Cluster, "_apply_member_entry", applying)
     return deaf, held_notices, held_deletes, heard
+
+
+# --- what the wire cannot carry ------------------------------------------------------------
+
+
+def _nested(levels: int) -> Any:
+    deep: Any = []
+    for _ in range(levels):
+        deep = [deep]
+    return deep
+
+
+#: payloads the node-to-node forms cannot carry, by the name a test asks for them with
+_UNCARRIED: dict[str, Any] = {
+    "object": object(),
+    "tuple keys": {(1, 2): 3},
+    "lone surrogate": "\ud800",
+    "nested too deeply": _nested(100_000),
+}
+
+
+async def test_a_handler_s_message_to_another_node_that_the_wire_cannot_carry_is_dead_lettered(
+    nats: NatsServer,
+) -> None:
+    """Regression: a handler that returned a tell or a query for an agent of another
+    node with a payload the wire cannot carry (not JSON, nested too deeply) had the
+    encoder's TypeError / ValueError / RecursionError escape routing into the agent, which
+    failed outside a handler and restarted; the message was neither delivered nor
+    dead-lettered, and the requester of a query waited for its timeout. The message is
+    dead-lettered ``unserialisable`` now (counted), the agent goes on, and the requester of
+    a query, on this node or another, gets RequestFailed at once."""
+    sunk: list[Any] = []
+
+    @agent(name="sink")
+    async def sink(ctx: Context, msg: Message) -> Any:
+        if msg.kind is MessageKind.QUERY:
+            return len(sunk)
+        sunk.append(msg.payload)
+        return None
+
+    @agent(name="forwards")
+    async def forwards(ctx: Context, msg: Message) -> Any:
+        payload = _UNCARRIED.get(msg.payload, msg.payload)
+        if msg.kind is MessageKind.QUERY:
+            return msg.evolve(to="sink", payload=payload)  # the query goes on
+        return Message(ctx.id, "sink", payload)
+
+    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+        kb.spawn(sink)
+        ka.spawn(forwards)
+        await cb.names_published()
+        await ca.names_published()
+        with trio.fail_after(30):
+            await ca.wait_for_name("sink")
+            await cb.wait_for_name("forwards")
+            for key in _UNCARRIED:
+                await ka.send("forwards", key)
+            await ka.send("forwards", "fine")
+            failures = []
+            for key in _UNCARRIED:
+                with pytest.raises(RequestFailed) as failed:
+                    await ka.request("forwards", key, timeout=20)
+                failures.append(failed.value)
+            # a requester on another node gets it at once too (an error frame)
+            with pytest.raises(RequestFailed) as remote:
+                await kb.request("forwards", "object", timeout=20)
+            failures.append(remote.value)
+            # the tells before the query went first: all the sink got is the one it can
+            assert await ka.request("forwards", "count") == 1
+    assert sunk == ["fine"]
+    assert [f.reason for f in failures] == ["unserialisable"] * 5
+    assert "cannot be encoded" in str(failures[0].error)
+    stats = ka.stats()
+    assert stats.dead_letters_by_reason == {"unserialisable": 9}
+    assert stats.restarts == 0
+    assert stats.failed == 0
+    assert stats.in_flight == 0
+    assert ca.stats().errors_replied.get("request_failed") == 1
+    assert cb.stats().inbound_dropped == {}
