@@ -253,6 +253,14 @@ def _walking(ref: weakref.ref[AgentWalk]) -> bool:
     return walk is not None and not walk.done
 
 
+def _unsendable(exc: MessageFailed) -> Exception:
+    """What a caller's send gets for a message its transport cannot carry at all (the
+    transport's MessageFailed, e.g. a payload NATS cannot encode): the error of an API
+    misuse, of its cause's class (TypeError, else ValueError), naming the problem; nothing
+    was taken. A handler's message is dead-lettered instead (see _dead_undeliverable)."""
+    return (TypeError if isinstance(exc.__cause__, TypeError) else ValueError)(exc.detail)
+
+
 @final
 class Router:
     """Routes, names, delivery and request correlation of one kernel."""
@@ -536,6 +544,8 @@ class Router:
         except (AgentNotFound, MailboxFull) as exc:
             self.ledger.reject(exc)
             raise
+        except MessageFailed as exc:
+            raise _unsendable(exc) from exc.__cause__
 
     def send_nowait(self, msg: Message, *, external: bool) -> None:
         """Like :meth:`send` but a full ``block`` mailbox raises ``MailboxFull`` at once."""
@@ -552,6 +562,8 @@ class Router:
         except (AgentNotFound, MailboxFull) as exc:
             self.ledger.reject(exc)
             raise
+        except MessageFailed as exc:
+            raise _unsendable(exc) from exc.__cause__
 
     async def route(self, msg: Message) -> None:
         """Deliver a message the kernel took responsibility for (a handler's result):
@@ -831,6 +843,8 @@ class Router:
             except (AgentNotFound, MailboxFull) as exc:
                 self.ledger.reject(exc)
                 raise
+            except MessageFailed as exc:
+                raise _unsendable(exc) from exc.__cause__
             if enqueued:
                 try:
                     # _Pending.wait, without its coroutine

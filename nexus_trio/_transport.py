@@ -24,7 +24,8 @@ class Transport(Protocol):
     :class:`TransportUnavailable` when the remote side cannot be reached, and
     :class:`MessageFailed` with a :class:`DeadLetterReason` (``unserialisable``) for a
     message that cannot go at all (the kernel dead-letters a message it routes with
-    that reason). Returning means the transport took the message (its delivery
+    that reason, and raises a caller's send as ``TypeError`` if the exception's cause is
+    one, else ``ValueError``). Returning means the transport took the message (its delivery
     guarantee is the transport's: e.g. at-most-once for core NATS).
     """
 

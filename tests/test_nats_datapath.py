@@ -3114,3 +3114,44 @@ async def test_a_handler_s_message_to_another_node_that_the_wire_cannot_carry_is
     assert stats.in_flight == 0
     assert ca.stats().errors_replied.get("request_failed") == 1
     assert cb.stats().inbound_dropped == {}
+
+
+async def test_a_send_to_another_node_that_the_wire_cannot_carry_raises_at_the_call(
+    nats: NatsServer,
+) -> None:
+    """Regression: a send, send_nowait or request to an agent of another node with a
+    payload the wire cannot carry raised the encoder's own error (msgspec's TypeError,
+    which named no message; a UnicodeEncodeError; a RecursionError for one nested too
+    deeply). A local send takes any payload, so this is the caller's error, raised at the
+    call as for any misuse: TypeError for a payload that is not JSON, ValueError for the
+    rest, naming the message, its recipient and the problem. Nothing is counted, nothing
+    is sent, and the tells in the same node batch, before and after it, arrive."""
+    records: list[Any] = []
+    raised: dict[str, type[Exception]] = {
+        "object": TypeError,
+        "tuple keys": TypeError,
+        "lone surrogate": ValueError,
+        "nested too deeply": ValueError,
+    }
+    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+        kb.spawn(agent(_collector(records), name="sink"))
+        await cb.names_published()
+        with trio.fail_after(30):
+            await ca.wait_for_name("sink")
+            for key, payload in _UNCARRIED.items():
+                ka.send_nowait("sink", f"before {key}")
+                with pytest.raises(raised[key], match="to sink cannot be encoded for NATS"):
+                    await ka.send("sink", payload)
+                with pytest.raises(raised[key], match="cannot be encoded for NATS"):
+                    ka.send_nowait("sink", payload)
+                with pytest.raises(raised[key], match="cannot be encoded for NATS"):
+                    await ka.request("sink", payload)
+                ka.send_nowait("sink", f"after {key}")
+            assert await ka.request("sink", "dump") == 2 * len(_UNCARRIED)
+    assert records == [f"{when} {key}" for key in _UNCARRIED for when in ("before", "after")]
+    stats = ka.stats()
+    assert stats.forwarded == 2 * len(_UNCARRIED) + 1
+    assert stats.dead_letters_by_reason == {}
+    assert stats.in_flight == 0
+    assert not ca._outstanding  # no refused query is left waiting for an answer
+    assert cb.stats().inbound_dropped == {}
