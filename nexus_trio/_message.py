@@ -399,14 +399,7 @@ class Message(_Slots):
             # RecursionError: nested deeper than the JSON reader goes (a hostile document)
             raise MessageDecodeError("<document>", f"not JSON: {exc}") from None
         msg = decode_message(obj)
-        # Only text that can hold one is checked: an escape, the UTF-8 lead byte of the
-        # surrogates (json reads bytes with surrogatepass), or a str's own characters.
-        maybe = (
-            "\\u" in data or not data.isascii()
-            if isinstance(data, str)
-            else b"\\u" in data or b"\xed" in data
-        )
-        if maybe and not unicode_text((msg.to, msg.payload)):
+        if not unicode_text_read(data, (msg.to, msg.payload)):
             raise MessageDecodeError("<document>", LONE_SURROGATE)
         return msg
 
@@ -526,6 +519,18 @@ def unicode_text(value: Any) -> bool:
     except (ValueError, TypeError, RecursionError):
         pass  # (not the question asked: read as it is)
     return True
+
+
+def unicode_text_read(data: str | bytes, value: Any) -> bool:
+    """:func:`unicode_text` of ``value``, read from the JSON ``data`` by ``json.loads``;
+    checked only if ``data`` can hold a lone surrogate: an escape, the UTF-8 lead byte of
+    the surrogates (json reads bytes with surrogatepass), or a str's own characters."""
+    maybe = (
+        "\\u" in data or not data.isascii()
+        if isinstance(data, str)
+        else b"\\u" in data or b"\xed" in data
+    )
+    return not maybe or unicode_text(value)
 
 
 def _check_timestamp(ts: int) -> None:

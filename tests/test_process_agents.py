@@ -1349,6 +1349,10 @@ async def test_exit_right_after_register_is_restarted_until_intensity_escalates(
         ("unknown_type", "invalid_lines"),
         ("missing_payload", "invalid_lines"),
         ("deep", "invalid_lines"),
+        # a lone surrogate, escaped or in raw bytes: no UTF-8 encoder writes it again
+        # (for NATS, a log file), so a bad frame as Message.from_json refuses it
+        ("lone_surrogate", "invalid_lines"),
+        ("raw_surrogate", "invalid_lines"),
     ],
 )
 async def test_unusable_line_dead_letters_the_message_and_the_agent_goes_on(
@@ -1886,6 +1890,35 @@ async def test_send_frames_are_routed_with_the_agent_as_sender() -> None:
         ]
         stats = stats_of(kernel, ref)
         assert (stats.sends_routed, stats.sends_failed) == (2, 1)
+
+
+async def test_send_frame_with_a_lone_surrogate_is_an_invalid_line_not_a_message(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression: the stdout parser took a frame holding a lone surrogate ("\\ud800"),
+    which Message.from_json and the NATS codecs refuse: a send frame so became a message
+    that could be forwarded to no other node nor written to a log file. It is a bad
+    frame now, counted, logged with its start, and routes nothing."""
+    caplog.set_level(logging.WARNING, logger="nexus_trio.bridge")
+    got: list[Any] = []
+
+    @agent(name="sink")
+    async def sink(ctx: Context, msg: Message) -> Any:
+        got.append(msg.payload)
+
+    async with bridge_kernel() as kernel:
+        kernel.spawn(sink)
+        ref = kernel.spawn(process_agent(toy(), name="surrogates"))
+        with pytest.raises(RequestFailed) as info:
+            await kernel.request(ref, {"op": "send_lone_surrogate", "to": "sink"})
+        assert info.value.reason == "malformed"
+        assert "lone surrogate" in str(info.value.error)
+        await kernel.send("sink", "after")
+        await wait_until(lambda: got == ["after"], "the sink to take the next message")
+        stats = stats_of(kernel, ref)
+        assert (stats.invalid_lines, stats.sends_routed, stats.starts) == (1, 0, 1)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "nexus_trio.bridge"]
+    assert any("lone surrogate" in w and '"type": "send"' in w for w in warnings), warnings
 
 
 async def test_send_frame_with_a_non_string_conversation_id_is_an_invalid_line() -> None:

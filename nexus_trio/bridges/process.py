@@ -58,7 +58,14 @@ from .._brief import brief
 from .._deadletter import DeadLetterReason
 from .._errors import MessageFailed, NexusError
 from .._logcall import log_guarded
-from .._message import SYSTEM_ID, Message, MessageKind, parse_address
+from .._message import (
+    LONE_SURROGATE,
+    SYSTEM_ID,
+    Message,
+    MessageKind,
+    parse_address,
+    unicode_text_read,
+)
 from .._throttle import Throttle
 from . import _lineage
 
@@ -1207,6 +1214,9 @@ class ProcessAgent(Agent):
             raise _BadFrame("JSON nested too deeply") from None
         if not isinstance(frame, dict):
             raise _BadFrame(f"a frame must be a JSON object, got {type(frame).__name__}")
+        if not unicode_text_read(line, frame):
+            # what Message.from_json refuses: it could reach no other node nor a log file
+            raise _BadFrame(LONE_SURROGATE)
         frame_type = frame.get("type")
         if not isinstance(frame_type, str):
             raise _BadFrame("frame has no 'type' string")

@@ -31,8 +31,12 @@ out = sys.stdout.buffer
 history: list[Any] = []
 
 
-def emit(obj: Any) -> None:
-    out.write(json.dumps(obj).encode() + b"\n")
+def emit(obj: Any, *, surrogatepass: bool = False) -> None:
+    if surrogatepass:
+        # a lone surrogate as its UTF-8 bytes, not the \u escape (JSON readers take both)
+        out.write(json.dumps(obj, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n")
+    else:
+        out.write(json.dumps(obj).encode() + b"\n")
     out.flush()
 
 
@@ -41,7 +45,9 @@ def emit_raw(data: bytes) -> None:
     out.flush()
 
 
-def respond(args: argparse.Namespace, msg: dict[str, Any], payload: Any) -> None:
+def respond(
+    args: argparse.Namespace, msg: dict[str, Any], payload: Any, *, surrogatepass: bool = False
+) -> None:
     body: dict[str, Any] = {
         "from": msg["to"],
         "to": msg["from"],
@@ -52,7 +58,7 @@ def respond(args: argparse.Namespace, msg: dict[str, Any], payload: Any) -> None
     if args.protocol >= 2:
         body["id"] = str(uuid.uuid4())
         body["reply_to"] = msg["id"]
-    emit({"type": "response", "payload": body})
+    emit({"type": "response", "payload": body}, surrogatepass=surrogatepass)
 
 
 def fail(args: argparse.Namespace, msg: dict[str, Any], text: str) -> None:
@@ -103,6 +109,13 @@ def answer(args: argparse.Namespace, msg: dict[str, Any]) -> None:
         emit({"type": "response"})
     elif op == "deep":
         emit_raw(b"[" * 100_000 + b"]" * 100_000 + b"\n")
+    elif op == "lone_surrogate":
+        respond(args, msg, "\ud800")  # written as the escape \ud800
+    elif op == "raw_surrogate":
+        respond(args, msg, "\udfff", surrogatepass=True)
+    elif op == "send_lone_surrogate":
+        emit({"type": "send", "payload": {"to": command["to"], "payload": ["\ud800"]}})
+        respond(args, msg, "sent")
     elif op == "huge":
         respond(args, msg, "x" * command["size"])
     elif op == "stderr":
