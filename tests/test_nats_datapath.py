@@ -3155,3 +3155,33 @@ async def test_a_send_to_another_node_that_the_wire_cannot_carry_raises_at_the_c
     assert stats.in_flight == 0
     assert not ca._outstanding  # no refused query is left waiting for an answer
     assert cb.stats().inbound_dropped == {}
+
+
+async def test_an_answer_to_another_node_that_the_wire_cannot_carry_fails_the_request_at_once(
+    nats: NatsServer,
+) -> None:
+    """Regression: an answer to a request from another node that the compact form could
+    not carry because it was nested too deeply had the encoder's RecursionError escape
+    into the answering agent (TypeError and ValueError were caught): it failed outside a
+    handler and restarted, and the requester waited for its timeout. Every such answer
+    is dead-lettered ``unserialisable`` where it is made, and the requester gets
+    RequestFailed at once."""
+
+    @agent(name="answers")
+    async def answers(ctx: Context, msg: Message) -> Any:
+        return _UNCARRIED.get(msg.payload, msg.payload)
+
+    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+        kb.spawn(answers)
+        await cb.names_published()
+        with trio.fail_after(30):
+            await ca.wait_for_name("answers")
+            for key in _UNCARRIED:
+                with pytest.raises(RequestFailed) as failed:
+                    await ka.request("answers", key, timeout=20)
+                assert failed.value.reason == "unserialisable", key
+            assert await ka.request("answers", "fine") == "fine"
+    stats = kb.stats()
+    assert stats.dead_letters_by_reason == {"unserialisable": len(_UNCARRIED)}
+    assert (stats.restarts, stats.failed, stats.in_flight) == (0, 0, 0)
+    assert cb.stats().errors_replied.get("request_failed") == len(_UNCARRIED)
