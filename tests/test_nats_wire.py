@@ -4,6 +4,7 @@ frames, membership bookkeeping."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import struct
@@ -677,3 +678,29 @@ def test_a_lone_surrogate_is_a_decode_error_not_a_message_no_encoder_writes(
     msg = wire.decode_tell(pair)
     assert msg.payload == ["\U0001f600", math.inf]
     assert wire.decode_tell(wire.encode_tell(msg)) == msg
+
+
+def test_two_nodes_sharing_an_id_prefix_are_reported_once_not_per_heartbeat(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Two kernels in one process share the prefix; each heartbeat of either logged it again.
+    table = MemberTable("a", lost_after=3.0)
+    with caplog.at_level(logging.ERROR, logger="nexus_trio.nats.membership"):
+        for beat in range(10):
+            table.heard(_info("a", 5, float(beat)))
+            table.heard(_info("b", 5, float(beat)))
+        table.heard(_info("c", 5, 10.0))  # another pair: reported too
+        table.heard(_info("b", 6, 11.0))  # b restarted: its prefix is its own now
+        table.heard(_info("d", 6, 12.0))  # and a new clash
+    # c, which took prefix 5 over, keeps it when b's restart drops b's old one
+    found = table.node_of(uuid.UUID(int=(5 << 64) | 1))
+    assert found is not None and found.node == "c"
+    clashes = [r.getMessage() for r in caplog.records if "share the id prefix" in r.getMessage()]
+    assert clashes == [
+        "nodes 'a' and 'b' share the id prefix 0000000000000005 (two kernels in one process?):"
+        " agent ids cannot tell them apart; address their agents by name",
+        "nodes 'b' and 'c' share the id prefix 0000000000000005 (two kernels in one process?):"
+        " agent ids cannot tell them apart; address their agents by name",
+        "nodes 'b' and 'd' share the id prefix 0000000000000006 (two kernels in one process?):"
+        " agent ids cannot tell them apart; address their agents by name",
+    ]

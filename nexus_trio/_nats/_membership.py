@@ -119,6 +119,8 @@ class MemberTable:
         self.lost_after = lost_after
         self.members: dict[str, NodeInfo] = {}
         self.by_prefix: dict[int, str] = {}
+        #: (id prefix, the two nodes) of each clash reported: once each, not per heartbeat
+        self._clashes: set[tuple[int, frozenset[str]]] = set()
         #: changes whenever where an address leads may have changed (a member joined, left,
         #: restarted or was lost, or came back); not for a plain heartbeat. Caches of
         #: routes compare it.
@@ -127,10 +129,15 @@ class MemberTable:
     def heard(self, info: NodeInfo) -> bool:
         """Record a heartbeat; True if the node was unreachable and is back."""
         previous = self.members.get(info.node)
-        if previous is not None and previous.id_prefix != info.id_prefix:
-            self.by_prefix.pop(previous.id_prefix, None)
+        if (
+            previous is not None
+            and previous.id_prefix != info.id_prefix
+            and self.by_prefix.get(previous.id_prefix) == info.node
+        ):
+            # (a node that shared the old prefix keeps it)
+            del self.by_prefix[previous.id_prefix]
         holder = self.by_prefix.get(info.id_prefix)
-        if holder is not None and holder != info.node:
+        if holder is not None and holder != info.node and self._new_clash(info, holder):
             log_guarded(
                 log,
                 logging.ERROR,
@@ -149,6 +156,15 @@ class MemberTable:
         self.members[info.node] = info
         self.by_prefix[info.id_prefix] = info.node
         return previous is not None and not previous.reachable
+
+    def _new_clash(self, info: NodeInfo, holder: str) -> bool:
+        """True the first time ``info.node`` and ``holder`` are seen sharing an id prefix
+        (each heartbeat of either would otherwise log it again)."""
+        clash = (info.id_prefix, frozenset((holder, info.node)))
+        if clash in self._clashes:
+            return False
+        self._clashes.add(clash)
+        return True
 
     def left(self, node: str) -> NodeInfo | None:
         info = self.members.pop(node, None)
