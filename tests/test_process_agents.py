@@ -40,6 +40,7 @@ from nexus_trio import (
     KernelConfig,
     KernelShuttingDown,
     Message,
+    MessageFailed,
     MessageKind,
     RequestFailed,
     RequestTimeout,
@@ -2484,3 +2485,40 @@ async def test_a_refused_send_to_a_huge_name_is_warned_about_in_a_short_line(
     ]
     assert len(warning) < 1000, len(warning)
     assert f"send to '{'N' * 59}... refused: AgentNotFound" in warning
+
+
+class _Unsendable:
+    """A transport that can carry nothing: every message is one its wire form refuses
+    (as NATS refuses a number of 5,000 digits), as the cluster reports it."""
+
+    def __init__(self) -> None:
+        self.tried: list[Message] = []
+
+    def _refuse(self, msg: Message) -> None:
+        self.tried.append(msg)
+        raise MessageFailed(
+            "the wire cannot carry it", reason=DeadLetterReason.UNSERIALISABLE
+        ) from ValueError("Exceeds the limit (4300 digits) for integer string conversion")
+
+    async def deliver(self, msg: Message) -> None:
+        self._refuse(msg)
+
+    def deliver_nowait(self, msg: Message) -> None:
+        self._refuse(msg)
+
+
+async def test_a_send_frame_the_transport_cannot_carry_is_a_refused_send_not_a_failure() -> None:
+    """Regression: a ``send`` frame to an agent on another node with a payload its wire
+    form cannot carry made ``ctx.send`` raise ``ValueError`` (an API misuse for Python
+    callers), which the bridge did not expect: the agent failed. It is a refused send
+    (counted, warned about), and the agent goes on."""
+    async with bridge_kernel() as kernel:
+        transport = _Unsendable()
+        kernel.attach_transport(transport)
+        ref = kernel.spawn(process_agent(toy()))
+        await kernel.request(ref, {"op": "send", "to": "far-away", "payload": 1})
+        assert await kernel.request(ref, {"op": "echo", "value": 2}) == 2
+        stats = stats_of(kernel, ref)
+        assert (stats.sends_routed, stats.sends_failed) == (0, 1)
+        assert [m.to for m in transport.tried] == ["far-away"]
+        assert kernel.stats().restarts == 0

@@ -437,6 +437,12 @@ class _StderrBudget:
         return held
 
 
+#: what ``ctx.send`` raises for a message the kernel refused (nothing of it was taken): the
+#: kernel's errors, and TypeError / ValueError for one the transport to another node
+#: cannot carry (a number of 5,000 digits)
+_REFUSALS: Final = (NexusError, TypeError, ValueError)
+
+
 class _BadFrame(Exception):
     """A stdout line that is not a usable frame; the text says what is wrong."""
 
@@ -1347,7 +1353,7 @@ class ProcessAgent(Agent):
             return  # nobody to tell, or an answer to an answer
         try:
             await ctx.send(msg.reply(ctx.id, value))
-        except NexusError as exc:
+        except _REFUSALS as exc:
             self.stats.sends_failed += 1
             self._warn_line(_REFUSED, f"answer to a tell from {msg.sender} not delivered: {exc}")
         else:
@@ -1429,7 +1435,7 @@ class ProcessAgent(Agent):
             raise _BadFrame(f"invalid send frame: {exc}") from None
         try:
             await ctx.send(msg)
-        except NexusError as exc:
+        except _REFUSALS as exc:
             self.stats.sends_failed += 1
             # (the error's text quotes ``to`` again: a name of the child's, of any size)
             self._warn_line(
