@@ -25,6 +25,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -2522,3 +2523,41 @@ async def test_a_send_frame_the_transport_cannot_carry_is_a_refused_send_not_a_f
         assert (stats.sends_routed, stats.sends_failed) == (0, 1)
         assert [m.to for m in transport.tried] == ["far-away"]
         assert kernel.stats().restarts == 0
+
+
+async def test_a_send_frame_waiting_for_room_when_the_agent_stops_is_counted_failed() -> None:
+    """Regression: a ``send`` frame whose ``ctx.send`` waited for room in a full mailbox
+    when the process agent was stopped was counted neither routed nor failed: a line of
+    the child's that went nowhere, in no count."""
+    release = trio.Event()
+
+    @agent(name="busy", mailbox_capacity=1, handle_timeout=60)
+    async def busy(ctx: Context, msg: Message) -> None:
+        await release.wait()
+
+    async with bridge_kernel(send_timeout_ms=60_000) as kernel, trio.open_nursery() as nursery:
+        sink = kernel.spawn(busy)
+        await kernel.send(sink, "being handled")
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send(sink, "queued")  # the mailbox is full now
+        # its stop cancels what it is doing after half a second
+        spec = process_agent(toy(), shutdown_grace=0.5)
+        made: list[Any] = []
+        ref = kernel.spawn(
+            attrs.evolve(spec, factory=lambda: made.append(spec.factory()) or made[-1])
+        )
+        assert await kernel.request(ref, {"op": "echo", "value": 1}) == 1
+        stats = made[0].stats  # (bridge_stats has no entry for a stopped agent)
+        lines = stats.lines_in
+
+        async def send_frame() -> None:
+            with pytest.raises(RequestFailed):  # the agent stops before it answers
+                await kernel.request(ref, {"op": "send", "to": "busy", "payload": 2})
+
+        nursery.start_soon(send_frame)
+        # the frame is read (a line in) and its send waits for room
+        await wait_until(lambda: stats.lines_in > lines, "the send frame")
+        assert (stats.sends_routed, stats.sends_failed) == (0, 0)
+        await kernel.stop(ref)
+        assert (stats.sends_routed, stats.sends_failed) == (0, 1)
+        release.set()

@@ -1356,6 +1356,9 @@ class ProcessAgent(Agent):
         except _REFUSALS as exc:
             self.stats.sends_failed += 1
             self._warn_line(_REFUSED, f"answer to a tell from {msg.sender} not delivered: {exc}")
+        except BaseException:
+            self.stats.sends_failed += 1  # cancelled waiting for room (the agent stops)
+            raise
         else:
             self.stats.sends_routed += 1
 
@@ -1443,6 +1446,11 @@ class ProcessAgent(Agent):
                 f"send to {brief(payload['to'], 60)} refused: {type(exc).__name__}:"
                 f" {brief(str(exc), 200)}",
             )
+        except BaseException:
+            # cancelled waiting for room (the agent stops): not sent (Trio takes nothing
+            # from a cancelled send), and no line of the child's goes uncounted
+            self.stats.sends_failed += 1
+            raise
         else:
             self.stats.sends_routed += 1
 
