@@ -312,7 +312,7 @@ class RuntimeConfig:
 
 @attrs.frozen
 class LoggingConfig:
-    """``[logging]``: level and format (``compact``, ``json`` or ``pretty``)."""
+    """``[logging]``: level, format (``compact``, ``json`` or ``pretty``) and queue."""
 
     _section = "logging"
 
@@ -324,6 +324,14 @@ class LoggingConfig:
         default="compact",
         validator=_one_of(LOG_FORMATS),
         metadata=_doc("compact (one line), json (one object per line) or pretty (rich)"),
+    )
+    queue: int = attrs.field(
+        default=10000,
+        validator=_at_least(0, integer=True),
+        metadata=_doc(
+            "records waiting for the writer thread of a file, pipe or terminal; "
+            "0 = write each one at once"
+        ),
     )
 
     @level.validator

@@ -10,12 +10,15 @@ line, for log collectors) or ``pretty`` (rich, for people at a terminal). Handle
 install yourself are left alone and keep receiving the records. Log text carries names and
 payloads that come from outside (agent names, exception messages, a NATS peer's ``to``), so
 every text field is passed through :func:`escape_control`: a newline, a carriage return or
-a terminal escape sequence in them cannot forge a log line or drive the terminal.
+a terminal escape sequence in them cannot forge a log line or drive the terminal. A
+handler writing to a file, pipe or terminal hands its records to a writer thread through
+a bounded queue, so that a reader that stops reading cannot stop the kernel.
 """
 
 from __future__ import annotations
 
 import codecs
+import copy
 import errno
 import inspect
 import io
@@ -23,10 +26,14 @@ import json
 import logging
 import os
 import re
+import select
 import sys
 import threading
 import time
 import traceback
+import weakref
+from collections import deque
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Final, TextIO, cast
 
@@ -34,10 +41,12 @@ from ._config import LoggingConfig
 from ._logcall import log_calls_failed as log_calls_failed
 
 __all__ = [
+    "FLUSH_TIMEOUT",
     "CompactFormatter",
     "JsonFormatter",
     "configure_logging",
     "escape_control",
+    "flush_logs",
     "install_default_logging",
     "level_number",
     "log_calls_failed",
@@ -378,9 +387,9 @@ class _Losses:
         self.lock = threading.Lock()
         self.records = 0
 
-    def add(self) -> None:
+    def add(self, records: int = 1) -> None:
         with self.lock:
-            self.records += 1
+            self.records += records
 
 
 _LOSSES: Final = _Losses()
@@ -409,7 +418,8 @@ class _CountsLostRecords(logging.Handler):
     """Mixin for this module's handlers: what :func:`records_lost` describes.
 
     Errors other than ``OSError`` (a record whose arguments do not fit its format, say)
-    keep the standard ``handleError`` report.
+    keep the standard ``handleError`` report. A handler given a queue
+    (:meth:`write_through_queue`) writes from its writer thread, see :class:`_RecordQueue`.
     """
 
     _unreported = 0
@@ -420,6 +430,17 @@ class _CountsLostRecords(logging.Handler):
     _writer: _LossyWriter | None = None
     #: what writes this handler's records to its stream
     _records: _WholeRecords
+    #: set for a handler whose records a writer thread writes
+    _queue: _RecordQueue | None = None
+
+    def write_through_queue(self, capacity: int) -> None:
+        """From now on, queue each record (at most ``capacity``) for a writer thread."""
+        self._queue = _RecordQueue(self, capacity)
+        self._records.wait_writable = self._queue.wait_writable
+
+    def flush_queue(self, timeout: float) -> bool:
+        """What :func:`flush_logs` does for this handler."""
+        return self._queue is None or self._queue.flush(timeout)
 
     def handleError(self, record: logging.LogRecord) -> None:
         exc = sys.exc_info()[1]
@@ -439,6 +460,13 @@ class _CountsLostRecords(logging.Handler):
         _LOSSES.add()
 
     def close(self) -> None:
+        queue = self._queue
+        if queue is not None and not queue.close(FLUSH_TIMEOUT):
+            # The writer thread is still inside a write its stream does not take (a
+            # record larger than a pipe's free room): the record is written or counted
+            # when that write returns, and nothing else is left to it.
+            super().close()
+            return
         lock = self.lock
         assert lock is not None
         with lock:
@@ -451,33 +479,85 @@ class _CountsLostRecords(logging.Handler):
                 _LOSSES.add()
         super().close()
 
-    def _emit_counted(self, record: logging.LogRecord) -> Any:
-        emitted = super().handle(record)
+    def _count_writer_error(self) -> None:
         writer = self._writer
         if writer is not None and writer.error is not None:
             error, writer.error = writer.error, None
             self._write_failed(error)
-        return emitted
 
     def handle(self, record: logging.LogRecord) -> Any:
+        queue = self._queue
+        if queue is not None:
+            return self._enqueue(queue, record)
         lock = self.lock
         assert lock is not None  # made by logging.Handler.__init__ (an RLock)
         with lock:
             lost = self._unreported
-            emitted = self._emit_counted(record)
+            emitted = super().handle(record)
+            self._count_writer_error()
             if lost and emitted and self._unreported == lost:
                 # This record got through: the stream writes again. Say what was lost.
-                self._unreported = 0
-                self._noticing, self._notice_failed = True, False
-                self._records.counting = False
-                try:
-                    self._emit_counted(self._loss_notice(record, lost))
-                finally:
-                    self._noticing = False
-                    self._records.counting = True
-                if self._notice_failed:
-                    self._unreported = lost
+                self._report_losses(record, lost)
         return emitted
+
+    def _enqueue(self, queue: _RecordQueue, record: logging.LogRecord) -> Any:
+        # logging.Handler.handle, with the record prepared and queued instead of emitted.
+        # Not under the handler's lock: logging.shutdown takes it, and the writer never.
+        passed = self.filter(record)
+        if isinstance(passed, logging.LogRecord):  # (a filter may return one, 3.12+)
+            record = passed  # type: ignore[unreachable, unused-ignore]
+        if passed:
+            try:
+                prepared, text = self._prepare(record)
+            except RecursionError:
+                raise
+            except Exception:
+                logging.Handler.handleError(self, record)  # (no write failed: not counted)
+            else:
+                queue.put(prepared, text)
+        return passed
+
+    def _prepare(self, record: logging.LogRecord) -> tuple[logging.LogRecord, str | None]:
+        """What the writer thread gets for ``record``: its message is formatted here, in
+        the thread that logged it, while its arguments still hold what they held then (as
+        ``logging.handlers.QueueHandler.prepare`` does); the rest (rich's rendering) is
+        left to the writer. A handler that formats the whole record here returns its text."""
+        prepared = copy.copy(record)
+        prepared.msg, prepared.args = record.getMessage(), None
+        return prepared, None
+
+    def _emit_prepared(self, record: logging.LogRecord, text: str | None) -> None:
+        """Write what :meth:`_prepare` made (in the writer thread)."""
+        self.emit(record)
+        self._count_writer_error()
+
+    def write_queued(self, record: logging.LogRecord, text: str | None, dropped: int) -> None:
+        """Write a queued record, after the ``dropped`` records the queue could not keep
+        before it (the writer thread, the only one that writes this handler's records)."""
+        if dropped:
+            self._unreported += dropped
+            self._last_error = _DID_NOT_KEEP_UP
+        lost = self._unreported
+        self._emit_prepared(record, text)
+        if lost and self._unreported == lost:
+            self._report_losses(record, lost)
+
+    def _report_losses(self, after: logging.LogRecord, lost: int) -> None:
+        self._unreported = 0
+        self._noticing, self._notice_failed = True, False
+        self._records.counting = False
+        try:
+            notice = self._loss_notice(after, lost)
+            if self._queue is None:
+                super().handle(notice)
+                self._count_writer_error()
+            elif self.filter(notice):
+                self._emit_prepared(notice, None)
+        finally:
+            self._noticing = False
+            self._records.counting = True
+        if self._notice_failed:
+            self._unreported = lost
 
     def _loss_notice(self, after: logging.LogRecord, lost: int) -> logging.LogRecord:
         notice = logging.LogRecord(
@@ -495,6 +575,168 @@ class _CountsLostRecords(logging.Handler):
         return notice
 
 
+#: The reason a record the queue did not keep is lost for, in the loss notice.
+_DID_NOT_KEEP_UP: Final = "the log stream did not keep up"
+
+#: Seconds closing a handler (or :func:`flush_logs` by default) waits for the records
+#: it has queued to be written; those not written by then are counted lost.
+FLUSH_TIMEOUT: Final = 2.0
+
+# Seconds between two looks of the writer thread, while its stream takes nothing, at
+# whether a flush or close gave up on the record it holds.
+_LOOK_AGAIN: Final = 0.05
+
+
+class _Queued:
+    """A record in the queue, with the records dropped just before it."""
+
+    __slots__ = ("dropped", "record", "seq", "text")
+
+    def __init__(self, seq: int, record: logging.LogRecord, text: str | None, dropped: int):
+        self.seq, self.record, self.text, self.dropped = seq, record, text, dropped
+
+
+class _RecordQueue:
+    """The bounded queue between the threads that log and the one thread that writes.
+
+    A stream whose reader stops reading (a stuck log shipper, a full pipe) blocks the
+    write that does not fit; written from the logging thread, that stops the kernel. So
+    the handler of a file, pipe or terminal queues each record and a writer thread
+    writes them, as Erlang/OTP's logger does beyond its ``sync_mode_qlen`` and Docker's
+    ``mode=non-blocking`` log driver does. A record that finds the queue full is dropped
+    and counted lost at once (its loss is noticed after the next record written); logging
+    never waits. Before a write the writer waits until the stream takes bytes, looking
+    every ``_LOOK_AGAIN`` seconds whether :meth:`flush` gave up on its record: then the
+    record is counted lost, not written, and nothing of it is.
+    """
+
+    def __init__(self, handler: _CountsLostRecords, capacity: int) -> None:
+        self._handler = handler
+        self._capacity = capacity
+        self._changed = threading.Condition()
+        self._items: deque[_Queued] = deque()
+        self._dropped = 0  # dropped since the last record queued
+        self._queued = 0  # the number of the last record queued
+        self._writing = 0  # the number of the record being written, 0 for none
+        self._given_up_to = 0  # records up to this number are not waited for any more
+        self._closed = False
+        self._thread = self._start_writer()
+        _QUEUES.add(self)
+
+    def _start_writer(self) -> threading.Thread:
+        thread = threading.Thread(target=self._write_all, name="nexus_trio log writer", daemon=True)
+        thread.start()
+        return thread
+
+    def restart_in_child(self) -> None:
+        """In a child process just forked: a writer thread of its own (the parent's did
+        not come along), and none of the parent's records (the parent writes those)."""
+        self._changed = threading.Condition()  # (another thread may have held it)
+        self._items.clear()
+        self._dropped = self._writing = 0
+        if not self._closed:
+            self._thread = self._start_writer()
+
+    def put(self, record: logging.LogRecord, text: str | None) -> None:
+        """Queue ``record``, or count it lost when the queue is full (or closed)."""
+        with self._changed:
+            if self._closed or len(self._items) >= self._capacity:
+                self._dropped += 1
+                _LOSSES.add()
+                return
+            self._queued += 1
+            self._items.append(_Queued(self._queued, record, text, self._dropped))
+            self._dropped = 0
+            self._changed.notify_all()
+
+    def _write_all(self) -> None:
+        while True:
+            with self._changed:
+                while not self._items and not self._closed:
+                    self._changed.wait()
+                if not self._items:
+                    return
+                item = self._items.popleft()
+                self._writing = item.seq
+            try:
+                self._handler.write_queued(item.record, item.text, item.dropped)
+            except Exception:
+                self._handler.handleError(item.record)
+            finally:
+                with self._changed:
+                    self._writing = 0
+                    self._changed.notify_all()
+
+    def wait_writable(self, raw: Any) -> None:
+        """Return when the file ``raw`` takes bytes; raise ``OSError`` if, before, a
+        flush gave up on the record being written (which is then counted lost)."""
+        try:
+            poller = select.poll()
+            poller.register(raw.fileno(), select.POLLOUT)
+        except (AttributeError, OSError, ValueError):  # no poll (Windows), no descriptor
+            return
+        while not poller.poll(_LOOK_AGAIN * 1000):
+            if 0 < self._writing <= self._given_up_to:
+                raise OSError(errno.ETIMEDOUT, _DID_NOT_KEEP_UP)
+
+    def _settled(self, last: int) -> bool:
+        """Whether the records up to number ``last`` are all written or counted lost."""
+        waiting = bool(self._items) and self._items[0].seq <= last
+        return not waiting and not 0 < self._writing <= last
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until the records queued so far are written (or counted lost), at most
+        ``timeout`` seconds: True if they were. Else those still queued are dropped and
+        counted lost, and so is the one being written, at its writer's next look."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            last = self._queued
+            while not self._settled(last):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._changed.wait(left)
+            else:
+                return True
+            self._given_up_to = last
+            dropped = 0
+            while self._items and self._items[0].seq <= last:
+                self._items.popleft()
+                dropped += 1
+            _LOSSES.add(dropped)
+            if self._items:  # (their loss is noticed after the next record written)
+                self._items[0].dropped += dropped
+            else:
+                self._dropped += dropped
+            # The record being written: counted lost by its writer, at its next look.
+            self._changed.wait_for(lambda: self._settled(last), 4 * _LOOK_AGAIN)
+        return False
+
+    def close(self, timeout: float) -> bool:
+        """Take no more records, write those queued (:meth:`flush`) and end the writer
+        thread: True if it ended (it did not if it is inside a write that blocks)."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        if threading.current_thread() is self._thread:
+            return False
+        self.flush(timeout)
+        self._thread.join(4 * _LOOK_AGAIN)
+        return not self._thread.is_alive()
+
+
+_QUEUES: Final[weakref.WeakSet[_RecordQueue]] = weakref.WeakSet()
+
+
+def _restart_writers_in_child() -> None:
+    for queue in list(_QUEUES):
+        queue.restart_in_child()
+
+
+if hasattr(os, "register_at_fork"):  # (not on Windows, which does not fork)
+    os.register_at_fork(after_in_child=_restart_writers_in_child)
+
+
 class _StreamHandler(_CountsLostRecords, logging.StreamHandler[TextIO]):
     """``logging.StreamHandler`` that writes each record whole (:class:`_WholeRecords`)
     and counts the records it could not write."""
@@ -506,15 +748,34 @@ class _StreamHandler(_CountsLostRecords, logging.StreamHandler[TextIO]):
     def emit(self, record: logging.LogRecord) -> None:
         # logging.StreamHandler.emit, with the write and flush done by _WholeRecords.
         try:
-            if self.stream is None:
-                # Made while standard error was closed (``2>&-``: Python's sys.stderr is
-                # None): every record is lost, as on the closed descriptor.
-                raise OSError(errno.EBADF, "standard error is closed")
-            self._records.write(self.stream, self.format(record) + self.terminator)
+            text = self.format(record)
         except RecursionError:
             raise
         except Exception:
             self.handleError(record)
+            return
+        self._write_text(record, text)
+
+    def _write_text(self, record: logging.LogRecord, text: str) -> None:
+        try:
+            if self.stream is None:
+                # Made while standard error was closed (``2>&-``: Python's sys.stderr is
+                # None): every record is lost, as on the closed descriptor.
+                raise OSError(errno.EBADF, "standard error is closed")
+            self._records.write(self.stream, text + self.terminator)
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+
+    def _prepare(self, record: logging.LogRecord) -> tuple[logging.LogRecord, str | None]:
+        return record, self.format(record)
+
+    def _emit_prepared(self, record: logging.LogRecord, text: str | None) -> None:
+        if text is None:  # the loss notice
+            self.emit(record)
+        else:
+            self._write_text(record, text)
 
 
 # Codecs that start what they encode with a byte order mark: a TextIOWrapper writes it
@@ -599,6 +860,9 @@ class _WholeRecords:
     def __init__(self) -> None:
         #: False while a record of the handler's own (the loss notice) is written
         self.counting = True
+        #: called with the raw file before a record is written to it (by a writer thread,
+        #: to wait until the file takes bytes); may raise ``OSError``
+        self.wait_writable: Callable[[Any], None] | None = None
         self._rest = b""
         self._rest_raw: Any = None
         self._rest_counted = True
@@ -628,6 +892,8 @@ class _WholeRecords:
             return
         if raw.closed:
             raise OSError(errno.EBADF, "the log stream is closed")
+        if self.wait_writable is not None:
+            self.wait_writable(raw)
         if self._rest:
             self._write_rest()
         if os.linesep != "\n":  # what the stream's default newline translation does
@@ -736,7 +1002,22 @@ def _make_handler(cfg: LoggingConfig, stream: TextIO | None) -> logging.Handler:
         raise ValueError(
             f"[logging] format must be one of compact, json, pretty, got {cfg.format!r}"
         )
+    if cfg.queue and _is_os_file(stream if stream is not None else sys.stderr):
+        cast(_CountsLostRecords, handler).write_through_queue(cfg.queue)
     return handler
+
+
+def _is_os_file(stream: Any) -> bool:
+    """Whether ``stream`` (or the file it writes through to) is a file, pipe or terminal
+    of the system: one whose reader can stop reading. ``io.StringIO``, pytest's capture
+    and rich's redirect under a live display are not."""
+    file = _text_file(stream)
+    target = stream if file is None else file
+    try:
+        target.fileno()
+    except (AttributeError, OSError, ValueError):  # (io.UnsupportedOperation is both)
+        return False
+    return True
 
 
 def configure_logging(
@@ -761,9 +1042,36 @@ def configure_logging(
     an application that also configures the root logger sees them twice; give it
     ``logging.getLogger("nexus_trio").propagate = False`` if that is not wanted). A bad
     level or format raises ``ValueError`` naming it.
+
+    When the stream is a file, pipe or terminal (it has a ``fileno()``), a writer thread
+    writes the records, through a queue of ``queue`` records (a :class:`LoggingConfig`'s;
+    10,000 by default): a reader that stops reading cannot stop the kernel. A record that
+    finds the queue full is lost, counted in :func:`records_lost`. Replacing the handler
+    waits at most :data:`FLUSH_TIMEOUT` seconds for what it queued; what is not written
+    by then is counted lost. ``queue=0``, and any other stream (``io.StringIO``), write
+    each record in the thread that logs it.
     """
     cfg = level if isinstance(level, LoggingConfig) else LoggingConfig(level=level, format=format)
     _install(_make_handler(cfg, stream), level_number(cfg.level))
+
+
+def flush_logs(timeout: float = FLUSH_TIMEOUT) -> bool:
+    """Wait until the records the handler of :func:`configure_logging` (or of
+    :func:`install_default_logging`) has queued are written, at most ``timeout`` seconds.
+
+    True when they are all written, or counted lost by a write that failed. False when
+    the stream did not take them in time (its reader stopped reading): those still
+    queued, and the one being written, are then counted lost in :func:`records_lost`
+    instead, and the handler goes on with the records logged after. Without a queue (the
+    stream is no file, pipe or terminal, or ``[logging] queue = 0``) each record was
+    written when it was logged, and this returns True at once. ``nexus run`` calls it
+    before its summary, so that ``log_records_lost`` counts them.
+    """
+    settled = True
+    for handler in logging.getLogger(LOGGER_NAME).handlers:
+        if getattr(handler, _MARK, False) and isinstance(handler, _CountsLostRecords):
+            settled = handler.flush_queue(timeout) and settled
+    return settled
 
 
 def _install(handler: logging.Handler, level: int | None) -> None:

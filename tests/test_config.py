@@ -349,6 +349,8 @@ BAD_VALUES = [
         '"xml"',
         "[logging] format must be one of compact, json, pretty, got 'xml'",
     ),
+    ("logging", "queue", "-1", "[logging] queue must be >= 0, got -1"),
+    ("logging", "queue", '"lots"', "[logging] queue must be an integer, got 'lots'"),
     ("metrics", "port", "70000", "[metrics] port must be an integer from 0 to 65535, got 70000"),
     ("metrics", "port", "-1", "[metrics] port must be an integer from 0 to 65535, got -1"),
     ("metrics", "host", '""', "[metrics] host must be a non-empty string, got ''"),
@@ -498,7 +500,7 @@ def unknown_names(file: Path) -> tuple[str, ...]:
     return (
         f"{file}:2: unknown key [kernel] mailbox_capasity (did you mean mailbox_capacity?)",
         f"{file}:4: unknown section [kernal] (did you mean [kernel]?)",
-        f"{file}:7: unknown key [logging] zzz (known keys: level, format)",
+        f"{file}:7: unknown key [logging] zzz (known keys: level, format, queue)",
         "environment variable NEXUS_LOGGING__LEVLE: unknown key [logging] levle "
         "(did you mean level?)",
         "environment variable NEXUS_METRIC__PORT: unknown section [metric] "

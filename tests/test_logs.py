@@ -6,10 +6,12 @@ import errno
 import io
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
 import textwrap
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,9 +22,11 @@ import trio
 
 from nexus_trio import Context, Kernel, LoggingConfig, Message, agent, open_kernel
 from nexus_trio.logs import (
+    FLUSH_TIMEOUT,
     CompactFormatter,
     JsonFormatter,
     configure_logging,
+    flush_logs,
     level_number,
     records_lost,
 )
@@ -1078,3 +1082,263 @@ def test_a_raising_log_call_is_shown_once_and_counted(tmp_path: Path) -> None:
     assert result.stdout.strip() == "{'handler_error': 5} 5"
     assert result.stderr.count("--- nexus_trio: a log call to nexus_trio.dead_letters raised") == 1
     assert result.stderr.count('KeyError: "the filter\'s bug"') == 1
+
+
+# --- a log reader that stops reading (a stuck log shipper, a full pipe) -----------------------
+
+COMPACT_RECORD = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (INFO    |WARNING ) \S+ .*")
+
+
+def read_what_is_there(fd: int) -> bytes:
+    """Everything the pipe holds now, without waiting for more."""
+    os.set_blocking(fd, False)
+    data = bytearray()
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return bytes(data)
+        if not chunk:
+            return bytes(data)
+        data += chunk
+
+
+def logging_to_a_pipe_nobody_reads(script: str, cwd: Path) -> tuple[dict[str, Any], str]:
+    """Run ``script`` (``python -c``) with the write end of a pipe that nobody reads as
+    ``sys.argv[1]``: what it printed (JSON), and then what the pipe holds."""
+    read_end, write_end = os.pipe()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", script, str(write_end)],
+            pass_fds=(write_end,),
+            capture_output=True,
+            text=True,
+            timeout=60,  # today's code hangs here, in the first write that does not fit
+            cwd=cwd,
+        )
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout), read_what_is_there(read_end).decode("utf-8")
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+STUCK_KERNEL = """
+import io, json, logging, os, sys, time
+import trio
+from nexus_trio import agent, open_kernel
+from nexus_trio.logs import configure_logging, records_lost
+from nexus_trio.testing import test_config
+
+N = 15_000  # more records than the pipe (64 KiB) and the queue (10,000) hold together
+
+
+class Counted(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records = 0
+
+    def emit(self, record):
+        self.records += 1
+
+
+@agent(name="chatty")
+async def chatty(ctx, msg):
+    ctx.log.info("message %s", msg.payload)
+
+
+configure_logging("info", "compact", stream=open(int(sys.argv[1]), "w", encoding="utf-8"))
+seen = Counted()
+logging.getLogger("nexus_trio").addHandler(seen)
+
+
+async def main():
+    async with open_kernel(test_config()) as kernel:
+        ref = kernel.spawn(chatty)
+        for i in range(N):
+            await kernel.send(ref, i)
+        await kernel.shutdown()
+        return kernel.stats()
+
+
+stats = trio.run(main)
+logged = seen.records
+started = time.monotonic()
+configure_logging("info", "compact", stream=io.StringIO())  # closes the stuck handler
+closing = time.monotonic() - started
+print(json.dumps({
+    "handled": stats.handled, "accepted": stats.accepted, "dead": stats.dead_lettered,
+    "in_flight": stats.in_flight, "logged": logged, "lost": records_lost(),
+    "closing_s": closing,
+}))
+"""
+
+
+def test_a_log_pipe_nobody_reads_loses_records_counted_and_the_kernel_runs_on(
+    tmp_path: Path,
+) -> None:
+    """A log stream whose reader stopped reading (a stuck log shipper) blocked the first
+    write that did not fit, and with it the whole process: no agent ran, no shutdown came.
+    The records go through a bounded queue to a writer thread now: the kernel handles
+    every message, what the pipe did not take is counted lost, closing returns in time,
+    and every record the pipe took is whole."""
+    outcome, text = logging_to_a_pipe_nobody_reads(STUCK_KERNEL, tmp_path)
+    assert outcome["handled"] == 15_000
+    assert outcome["accepted"] == outcome["handled"] + outcome["dead"]
+    assert outcome["in_flight"] == 0
+    assert outcome["closing_s"] < FLUSH_TIMEOUT + 1.5
+    # every record that got through is whole: lines of one record each, none torn
+    assert text.endswith("\n")
+    lines = text.split("\n")[:-1]
+    assert all(COMPACT_RECORD.fullmatch(line) for line in lines), [
+        line for line in lines if not COMPACT_RECORD.fullmatch(line)
+    ][:3]
+    written = [line for line in lines if " nexus_trio.logs " not in line]  # not a loss notice
+    assert 0 < len(written) < outcome["logged"]
+    # what the pipe did not take is counted lost, and nothing else
+    assert outcome["lost"] == outcome["logged"] - len(written)
+
+
+STUCK_REPLACED = """
+import io, json, logging, sys, time
+from nexus_trio.logs import configure_logging, records_lost
+
+configure_logging("info", "compact", stream=open(int(sys.argv[1]), "w", encoding="utf-8"))
+log = logging.getLogger("nexus_trio.test")
+for i in range(2000):  # 300 KB: more than a pipe holds
+    log.info("record %04d %s", i, "x" * 120)
+started = time.monotonic()
+configure_logging("info", "compact", stream=io.StringIO())
+print(json.dumps({"took": time.monotonic() - started, "lost": records_lost()}))
+"""
+
+
+def test_replacing_the_handler_of_a_stuck_log_pipe_returns_within_the_bound(
+    tmp_path: Path,
+) -> None:
+    outcome, text = logging_to_a_pipe_nobody_reads(STUCK_REPLACED, tmp_path)
+    assert outcome["took"] < FLUSH_TIMEOUT + 1.5
+    lines = text.split("\n")
+    assert lines.pop() == ""  # the last record is whole too
+    assert all(COMPACT_RECORD.fullmatch(line) for line in lines)
+    written = re.findall(r"record (\d{4})", text)
+    assert written == [f"{i:04d}" for i in range(len(written))]  # in order, none twice
+    assert 0 < len(written) < 2000
+    assert outcome["lost"] == 2000 - len(written)
+
+
+@pytest.mark.parametrize("fmt", ["compact", "json", "pretty"])
+def test_records_to_a_log_file_are_written_by_the_writer_thread_and_flush_logs_waits_for_them(
+    fmt: str, nexus_logger: logging.Logger, tmp_path: Path
+) -> None:
+    path = tmp_path / "nexus.log"
+    with open(path, "a", encoding="utf-8") as file:
+        configure_logging(LoggingConfig(format=fmt), stream=file)
+        log = logging.getLogger("nexus_trio.test")
+        items = ["before"]
+        log.info("items %s", items)
+        items.append("after")  # formatted when logged, not when the writer writes it
+        assert flush_logs() is True
+        text = path.read_text(encoding="utf-8")
+        configure_logging(LoggingConfig(format=fmt), stream=io.StringIO())
+    assert "items ['before']" in text and "after" not in text
+
+
+def test_queue_0_writes_each_record_to_a_log_file_when_it_is_logged(
+    nexus_logger: logging.Logger, tmp_path: Path
+) -> None:
+    def writers() -> int:
+        return sum(thread.name == "nexus_trio log writer" for thread in threading.enumerate())
+
+    path = tmp_path / "nexus.log"
+    with open(path, "a", encoding="utf-8") as file:
+        before = writers()
+        configure_logging(LoggingConfig(queue=0), stream=file)
+        assert writers() == before  # no writer thread of its own
+        logging.getLogger("nexus_trio.test").info("at once")
+        assert path.read_text(encoding="utf-8").endswith(" nexus_trio.test at once\n")
+        configure_logging(LoggingConfig(queue=0), stream=io.StringIO())
+
+
+FORKED = """
+import logging, os, sys
+from nexus_trio.logs import configure_logging, records_lost
+
+configure_logging("info", "compact", stream=open(sys.argv[1], "a", encoding="utf-8"))
+log = logging.getLogger("nexus_trio.test")
+log.info("parent before the fork")
+pid = os.fork()
+if pid == 0:
+    log.info("child")
+    sys.exit(records_lost())  # (logging.shutdown closes the handler: it writes what is queued)
+_, status = os.waitpid(pid, 0)
+log.info("parent after the child exited %d", os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_forked_child_has_a_log_writer_of_its_own(tmp_path: Path) -> None:
+    """A child forked from a process with a log writer thread has none of the parent's
+    threads: its records waited in the queue for a writer that never came, and were
+    counted lost at its exit."""
+    path = tmp_path / "nexus.log"
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore::DeprecationWarning", "-c", FORKED, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    messages = [line.split(" nexus_trio.test ")[1] for line in path.read_text().splitlines()]
+    assert messages == ["parent before the fork", "child", "parent after the child exited 0"]
+
+
+OVERFLOWING = """
+import json, logging, os, threading
+from nexus_trio import LoggingConfig
+from nexus_trio.logs import configure_logging, flush_logs, records_lost
+import io
+
+read_end, write_end = os.pipe()
+stream = open(write_end, "w", encoding="utf-8")
+configure_logging(LoggingConfig(queue=5), stream=stream)
+log = logging.getLogger("nexus_trio.test")
+for i in range(100):  # 100 KB: the pipe takes about 60, the queue 5 more
+    log.info("big %03d %s", i, "x" * 1000)
+lost = records_lost()
+received = []
+reader = threading.Thread(target=lambda: received.extend(iter(lambda: os.read(read_end, 65536), b"")))
+reader.start()  # the log shipper reads again
+flushed = [flush_logs(30)]  # (the queue has room again)
+log.info("after")
+flushed.append(flush_logs(30))
+configure_logging(LoggingConfig(), stream=io.StringIO())
+stream.close()
+reader.join()
+print(json.dumps({"lost": lost, "flushed": flushed, "total": records_lost(), "text": b"".join(received).decode()}))
+"""
+
+
+def test_records_a_full_queue_drops_are_counted_and_noticed_when_the_reader_reads_again(
+    tmp_path: Path,
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", OVERFLOWING], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout)
+    assert outcome["flushed"] == [True, True]
+    assert outcome["total"] == outcome["lost"]  # nothing lost once the reader read again
+    lines = outcome["text"].split("\n")
+    assert lines.pop() == ""
+    assert all(COMPACT_RECORD.fullmatch(line) for line in lines)
+    messages = [line.split(" nexus_trio.")[1] for line in lines]
+    big = [m for m in messages if m.startswith("test big ")]
+    # the oldest records got through, in order; the newest the queue had no room for
+    # were dropped, counted, and the notice after the next record written says so
+    assert big == [f"test big {i:03d} {'x' * 1000}" for i in range(len(big))]
+    assert outcome["lost"] == 100 - len(big) > 0
+    assert messages[len(big) :] == [
+        "test after",
+        f"logs {outcome['lost']} log record(s) before this one could not be written "
+        "(the log stream did not keep up): lost, and counted in records_lost()",
+    ]

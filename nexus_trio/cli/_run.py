@@ -45,7 +45,7 @@ from .._errors import SupervisorEscalation
 from .._kernel import Kernel, open_kernel
 from .._logcall import log_guarded
 from .._supervisor import Supervisor
-from ..logs import log_calls_failed, records_lost
+from ..logs import flush_logs, log_calls_failed, records_lost
 from ._spawn import (
     OneLineBridgeErrors,
     SpawnedProgram,
@@ -303,6 +303,7 @@ async def _watch_signals(
                     "%s again: forced exit, without waiting for the shutdown",
                     name,
                 )
+                flush_logs()  # (os._exit closes no handler; this waits FLUSH_TIMEOUT at most)
                 with contextlib.suppress(Exception):
                     sys.stdout.flush()
                     sys.stderr.flush()
@@ -762,6 +763,11 @@ def execute_run(opts: RunOptions, *, err_console: Console | None = None) -> int:
     started = time.perf_counter()
     summary, status = trio.run(run_async, opts, err_console)
     log_guarded(log, logging.DEBUG, "run took %.3f s of wall time", time.perf_counter() - started)
+    # Records still queued for standard error are written now, or (its reader stopped
+    # reading) counted lost within FLUSH_TIMEOUT: the summary counts them too.
+    counted = records_lost()
+    flush_logs()
+    summary["log_records_lost"] += records_lost() - counted
     if opts.json:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
         sys.stdout.flush()
