@@ -620,7 +620,8 @@ class _RecordQueue:
         self._writing = 0  # the number of the record being written, 0 for none
         self._given_up_to = 0  # records up to this number are not waited for any more
         self._closed = False
-        self._thread = self._start_writer()
+        #: the writer; None in a forked child until it logs (see restart_in_child)
+        self._thread: threading.Thread | None = self._start_writer()
         _QUEUES.add(self)
 
     def _start_writer(self) -> threading.Thread:
@@ -629,13 +630,14 @@ class _RecordQueue:
         return thread
 
     def restart_in_child(self) -> None:
-        """In a child process just forked: a writer thread of its own (the parent's did
-        not come along), and none of the parent's records (the parent writes those)."""
+        """In a child process just forked: none of the parent's records (the parent
+        writes those), and a writer thread of its own (the parent's did not come along)
+        once it logs. Not at once: ``subprocess`` with a ``preexec_fn`` runs this between
+        its fork and its ``exec``, where a thread would only be started to be lost."""
         self._changed = threading.Condition()  # (another thread may have held it)
         self._items.clear()
         self._dropped = self._writing = 0
-        if not self._closed:
-            self._thread = self._start_writer()
+        self._thread = None
 
     def put(self, record: logging.LogRecord, text: str | None) -> None:
         """Queue ``record``, or count it lost when the queue is full (or closed)."""
@@ -644,6 +646,8 @@ class _RecordQueue:
                 self._dropped += 1
                 _LOSSES.add()
                 return
+            if self._thread is None:  # the first record of a forked child
+                self._thread = self._start_writer()
             self._queued += 1
             self._items.append(_Queued(self._queued, record, text, self._dropped))
             self._dropped = 0
@@ -718,11 +722,14 @@ class _RecordQueue:
         with self._changed:
             self._closed = True
             self._changed.notify_all()
-        if threading.current_thread() is self._thread:
+        thread = self._thread
+        if thread is None:  # a forked child that never logged: nothing was queued
+            return True
+        if threading.current_thread() is thread:
             return False
         self.flush(timeout)
-        self._thread.join(4 * _LOOK_AGAIN)
-        return not self._thread.is_alive()
+        thread.join(4 * _LOOK_AGAIN)
+        return not thread.is_alive()
 
 
 _QUEUES: Final[weakref.WeakSet[_RecordQueue]] = weakref.WeakSet()

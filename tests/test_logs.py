@@ -1269,7 +1269,12 @@ log = logging.getLogger("nexus_trio.test")
 log.info("parent before the fork")
 pid = os.fork()
 if pid == 0:
+    import threading
+    writers = lambda: sum(t.name == "nexus_trio log writer" for t in threading.enumerate())
+    # none until the child logs (a fork before an exec starts no thread to lose)
+    assert writers() == 0, writers()
     log.info("child")
+    assert writers() == 1, writers()
     sys.exit(records_lost())  # (logging.shutdown closes the handler: it writes what is queued)
 _, status = os.waitpid(pid, 0)
 log.info("parent after the child exited %d", os.waitstatus_to_exitcode(status))
@@ -1279,7 +1284,8 @@ log.info("parent after the child exited %d", os.waitstatus_to_exitcode(status))
 def test_a_forked_child_has_a_log_writer_of_its_own(tmp_path: Path) -> None:
     """A child forked from a process with a log writer thread has none of the parent's
     threads: its records waited in the queue for a writer that never came, and were
-    counted lost at its exit."""
+    counted lost at its exit. It starts one when it first logs, not at the fork (a
+    ``preexec_fn`` runs between the fork and the exec of a subprocess)."""
     path = tmp_path / "nexus.log"
     result = subprocess.run(
         [sys.executable, "-W", "ignore::DeprecationWarning", "-c", FORKED, str(path)],
