@@ -931,10 +931,18 @@ class Router:
     def _dead_query(
         self, msg: Message, reason: DeadLetterReason, error: BaseException | None
     ) -> None:
+        """Query ``msg`` was dead-lettered here: its requester gets RequestFailed, pending
+        in this kernel or, through the transport, on another (e.g. a query a handler here
+        forwarded to an agent that does not exist, is full or stopped). Not one that
+        stopped waiting (``request_timeout``): nobody waits, and a reply its handler
+        produces anyway stays a late reply."""
         if self._pending:
             pending = self._pending.pop(id_value(msg), None)
             if pending is not None:
                 pending.fail(RequestFailed(msg.id, msg.to, reason.value, error))
+                return
+        if self.transport is not None and reason is not DeadLetterReason.REQUEST_TIMEOUT:
+            self._fail_remote_requester(msg.id, RequestFailed(msg.id, msg.to, reason.value, error))
 
     def _mark_late(self, query_id: uuid.UUID) -> None:
         """Nobody waits for query ``query_id`` any more: a reply that comes anyway is
@@ -960,10 +968,17 @@ class Router:
     def fail_query(self, query_id: uuid.UUID, error: BaseException) -> None:
         """Fail the requester of a handled query that will get no answer: a pending
         request here, else (a requester on another kernel) through the transport."""
-        if not self.fail_request(query_id, error) and self.transport is not None:
+        if not self.fail_request(query_id, error):
+            self._fail_remote_requester(query_id, error)
+
+    def _fail_remote_requester(self, query_id: uuid.UUID, error: BaseException) -> None:
+        """Tell the transport that query ``query_id``, if it brought it from a requester on
+        another kernel, will get no answer but ``error`` (see QueryFailing)."""
+        transport = self.transport
+        if transport is not None:
             # optional for a transport (QueryFailing): one without it leaves the remote
             # requester to its deadline, as before the method existed
-            query_failed = getattr(self.transport, "query_failed", None)
+            query_failed = getattr(transport, "query_failed", None)
             if query_failed is not None:
                 query_failed(query_id, error)
 

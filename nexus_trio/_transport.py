@@ -58,8 +58,12 @@ class QueryFailing(Protocol):
 
     def query_failed(self, query_id: uuid.UUID, error: BaseException) -> None:
         """Query ``query_id``, which this transport brought from a remote requester, will
-        get no answer: the agent that took it over (its handler returned, the answer to
-        come later) cannot give one (see :meth:`Kernel.fail_query`). Send the requester
-        ``error``, as for a query dead-lettered here. Must not wait or raise; a query the
-        transport does not know (or no longer) is left alone."""
+        get no answer: it was dead-lettered here (for any reason but ``request_timeout``:
+        e.g. a handler forwarded it to an agent that does not exist, is full or stopped;
+        ``error`` is the :class:`RequestFailed` naming the reason), or the agent that took
+        it over (its handler returned, the answer to come later) cannot give one (see
+        :meth:`Kernel.fail_query`). Send the requester ``error``. Called as it happens,
+        possibly more than once for one query (the transport may have answered it on its
+        own already): must not wait or raise, and a query the transport does not know (or
+        no longer) is left alone."""
         ...

@@ -796,13 +796,15 @@ async def test_a_query_refused_between_the_leave_and_the_disconnect_is_counted_u
     assert cb.stats().inbound_dropped == {}
 
 
-async def test_an_error_frame_the_dead_letter_follower_makes_during_the_leave_is_counted_unsent(
+async def test_a_remote_query_dead_lettered_during_the_leave_makes_no_error_frame(
     nats: NatsServer,
 ) -> None:
-    """Regression: a remote query whose handler failed after the leave had closed the
-    outbox (the dead-letter follower runs until the leave ends) got an error frame that
-    went nowhere, counted in ``errors_replied``. It is counted in ``errors_unsent`` now,
-    and its requester gets ``RequestTimeout`` at its deadline."""
+    """A remote query whose handler fails during the leave (after the outbox closed)
+    is dead-lettered there; the kernel, detached from the cluster as the leave began,
+    tells no transport, as it routes no answer then: no error frame is made (none
+    counted in ``errors_replied``, nor ``errors_unsent``), and its requester gets
+    ``RequestTimeout`` at its deadline. (Before the kernel told the transport as it
+    dead-lettered a query, a dead-letter follower made a frame that went nowhere.)"""
     gate, working = trio.Event(), trio.Event()
 
     @agent(name="worker")
@@ -832,7 +834,7 @@ async def test_an_error_frame_the_dead_letter_follower_makes_during_the_leave_is
 
                 async def close_then_fail() -> None:
                     await close()
-                    gate.set()  # the handler fails: its dead letter reaches the follower
+                    gate.set()  # the handler fails
                     await trio.testing.wait_all_tasks_blocked()
 
                 cb._outbox.close = close_then_fail  # type: ignore[method-assign]
@@ -840,7 +842,8 @@ async def test_an_error_frame_the_dead_letter_follower_makes_during_the_leave_is
         await kb.shutdown()
     assert len(outcome) == 1 and isinstance(outcome[0], RequestTimeout), outcome
     assert cb.stats().errors_replied == {}
-    assert cb.stats().errors_unsent == {"request_failed": 1}
+    assert cb.stats().errors_unsent == {}
+    assert kb.stats().dead_letters_by_reason == {"handler_error": 1}
 
 
 async def _ask_a_ghost(
@@ -2738,6 +2741,192 @@ async def test_queries_and_replies_are_counted_per_peer_whatever_becomes_of_them
     # b handed a 4 replies (3 answers, 1 late); a took 4 (the late one dead-lettered)
     assert cb.queries_and_replies_sent_to(peer) == 4
     assert ca.queries_and_replies_taken_from(peer) == 4
+
+
+# --- a query dead-lettered on the node that took it -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "reason"),
+    [
+        ("nobody", "no_such_agent"),
+        ("full-reject", "mailbox_full"),
+        ("full-drop", "mailbox_overflow"),
+        ("stopping", "agent_stopped"),
+    ],
+)
+async def test_a_remote_requester_whose_forwarded_query_dies_on_the_other_node_hears_at_once(
+    nats: NatsServer, target: str, reason: str
+) -> None:
+    """Regression: a query from a requester on node a that b's agent forwarded (returned
+    it to another agent, as a router agent does), and that was dead-lettered on b (no such
+    agent, a full mailbox under ``reject`` or ``drop_newest``, its agent stopped with it
+    queued), left a's requester waiting for its whole timeout. It fails at once with
+    RequestFailed naming the reason (one error frame), and a reply that crosses anyway
+    is dead-lettered ``late_reply`` on a."""
+    held, release, queued = trio.Event(), trio.Event(), trio.Event()
+    asked: list[Message] = []
+
+    async def holds(ctx: Context, msg: Message) -> Any:
+        if msg.payload == "hold":
+            held.set()
+            await release.wait()
+        return None
+
+    @agent(name="forwards")
+    async def forwards(ctx: Context, msg: Message) -> Any:
+        if msg.kind is MessageKind.QUERY:
+            asked.append(msg)
+            return msg.evolve(to=target)  # the query goes on
+        queued.set()  # the next message: the query before it was routed
+        return None
+
+    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+        kb.spawn(forwards)
+        kb.spawn(agent(holds, name="full-reject", mailbox_capacity=1, overflow="reject"))
+        kb.spawn(agent(holds, name="full-drop", mailbox_capacity=1, overflow="drop_newest"))
+        kb.spawn(agent(holds, name="stopping", shutdown_timeout=0.05, restart="temporary"))
+        await cb.names_published()
+        async with ka.dead_letters() as a_letters:
+            with trio.fail_after(20):
+                await ca.wait_for_name("forwards")
+                if target != "nobody":
+                    await kb.send(target, "hold")
+                    await held.wait()
+                if target.startswith("full"):
+                    await kb.send(target, "filler")  # the mailbox is full now
+                async with trio.open_nursery() as nursery:
+                    if target == "stopping":
+
+                        async def stop_once_queued() -> None:
+                            while not asked:
+                                await held.wait()  # (set: a checkpoint)
+                                await trio.lowlevel.checkpoint()
+                            await kb.send("forwards", "next")
+                            await queued.wait()
+                            await kb.stop(target)
+
+                        nursery.start_soon(stop_once_queued)
+                    with trio.fail_after(5), pytest.raises(RequestFailed) as failed:
+                        await ka.request("forwards", "work", timeout=30)
+                release.set()
+                # a reply that crosses anyway (the route on b is gone: sent by hand)
+                query = asked[0]
+                await call_aio(
+                    cb.nc.publish,
+                    wire.reply_subject(ca.prefix, ca.node, query.id),
+                    wire.encode_message(query.reply(query.id, "late")),
+                )
+                late = await anext(aiter(a_letters))
+    assert failed.value.reason == reason
+    assert failed.value.request_id == query.id
+    assert (late.reason.value, late.message.payload) == ("late_reply", "late")
+    assert cb.stats().errors_replied == {"request_failed": 1}
+    # (and the message the stopped agent held, cancelled)
+    assert kb.stats().dead_letters_by_reason[reason] == (2 if target == "stopping" else 1)
+    assert ka.stats().in_flight == 0
+
+
+async def test_a_query_refused_or_dropped_at_the_door_gets_one_error_frame(
+    nats: NatsServer,
+) -> None:
+    """A query from another node that the node refuses at its door (a full ``reject``
+    mailbox: the cluster answers it, nothing is dead-lettered) or takes and drops
+    (``drop_newest``: dead-lettered, the kernel tells the requester) gets one error
+    frame, not two: the cluster forgets its reply subject as it answers."""
+    held = trio.Event()
+    release = trio.Event()
+
+    async def holds(ctx: Context, msg: Message) -> Any:
+        if msg.payload == "hold":
+            held.set()
+            await release.wait()
+        return msg.payload if msg.kind is MessageKind.QUERY else None
+
+    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+        kb.spawn(agent(holds, name="full-reject", mailbox_capacity=1, overflow="reject"))
+        kb.spawn(agent(holds, name="full-drop", mailbox_capacity=1, overflow="drop_newest"))
+        await cb.names_published()
+        with trio.fail_after(20):
+            for name in ("full-reject", "full-drop"):
+                await ca.wait_for_name(name)
+                held = trio.Event()
+                await kb.send(name, "hold")
+                await held.wait()
+                await kb.send(name, "filler")  # the mailbox is full now
+            with trio.fail_after(5), pytest.raises(MailboxFull):
+                await ka.request("full-reject", "work", timeout=30)
+            with trio.fail_after(5), pytest.raises(RequestFailed) as dropped:
+                await ka.request("full-drop", "work", timeout=30)
+            release.set()
+            # answered as ever, and nothing else came to a
+            assert await ka.request("full-drop", "last", timeout=30) == "last"
+    assert dropped.value.reason == "mailbox_overflow"
+    assert cb.stats().errors_replied == {"mailbox_full": 1, "request_failed": 1}
+    assert kb.stats().dead_letters_by_reason == {"mailbox_overflow": 1}
+    assert ca.stats().inbound_dropped == {}
+    assert ka.stats().dead_letters_by_reason == {}
+
+
+async def test_a_remote_requester_hears_of_its_query_dead_in_a_burst_of_dead_letters(
+    nats: NatsServer,
+) -> None:
+    """Regression: the node told a remote requester of its query dead-lettered here from
+    a dead-letter stream subscription, which drops what comes past its 65,536 buffer in
+    one go: a query queued behind that many messages in a mailbox discarded at once (its
+    agent stopped, the node shutting down) left its requester waiting for its whole
+    timeout. The kernel tells the transport as it dead-letters the query."""
+    held, queued = trio.Event(), trio.Event()
+    asked: list[Message] = []
+    # past the cluster's subscription buffer, and the one a waiting receiver takes
+    ahead = 65_536 + 2
+
+    async def holds(ctx: Context, msg: Message) -> None:
+        if msg.payload == "hold":
+            held.set()
+            await trio.sleep_forever()
+
+    @agent(name="forwards")
+    async def forwards(ctx: Context, msg: Message) -> Any:
+        if msg.kind is MessageKind.QUERY:
+            asked.append(msg)
+            return msg.evolve(to="deep")  # the query goes on, behind the tells
+        queued.set()  # the next message: the query before it was routed
+        return None
+
+    # (the burst keeps the loop busy for a while: not a node lost for missed heartbeats)
+    patient = {"missed_heartbeats": 100}
+    async with (
+        _node(nats.url, "b", **patient) as (kb, cb),
+        _node(nats.url, "a", **patient) as (ka, ca),
+    ):
+        kb.spawn(forwards)
+        kb.spawn(agent(holds, name="deep", mailbox_capacity=2 * ahead, shutdown_timeout=0.01))
+        await cb.names_published()
+        with trio.fail_after(20):
+            await ca.wait_for_name("forwards")
+            await kb.send("deep", "hold")
+            await held.wait()
+            for n in range(ahead):
+                kb.send_nowait("deep", n)
+                if n % 4096 == 0:
+                    await trio.lowlevel.checkpoint()
+
+            async def stop_once_queued() -> None:
+                while not asked:
+                    await trio.lowlevel.checkpoint()
+                await kb.send("forwards", "next")
+                await queued.wait()
+                await kb.stop("deep")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stop_once_queued)
+                with trio.fail_after(5), pytest.raises(RequestFailed) as failed:
+                    await ka.request("forwards", "work", timeout=30)
+    assert failed.value.reason == "agent_stopped"
+    assert failed.value.request_id == asked[0].id
+    assert cb.stats().errors_replied == {"request_failed": 1}
+    assert kb.stats().dead_letters_by_reason == {"agent_stopped": ahead + 2}
 
 
 # --- what a node keeps per sending stream is bounded ----------------------------------------

@@ -252,3 +252,95 @@ async def test_a_transport_without_query_failed_still_works_when_a_query_is_fail
         kernel.attach_transport(Failing())
         kernel.fail_query(query_id, error)
     assert failed == [query_id]
+
+
+class Telling(Loopback):
+    """A Loopback that records the queries it is told failed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.told: list[tuple[uuid.UUID, str]] = []
+
+    def query_failed(self, query_id: uuid.UUID, error: BaseException) -> None:
+        self.told.append((query_id, getattr(error, "reason", "?")))
+        super().query_failed(query_id, error)
+
+
+@pytest.mark.parametrize(
+    ("target", "reason"),
+    [
+        ("nobody", "no_such_agent"),
+        ("refuser", "mailbox_full"),
+        ("dropper", "mailbox_overflow"),
+        ("stopping", "agent_stopped"),
+        ("raiser", "handler_error"),
+    ],
+)
+async def test_a_query_dead_lettered_on_the_kernel_that_took_it_fails_its_remote_requester(
+    mock_clock: trio.testing.MockClock, target: str, reason: str
+) -> None:
+    """Regression: a query from a requester on kernel a, forwarded by b's agent (returned
+    to another agent, as a router agent does) and dead-lettered on b (no such agent, a
+    full ``reject`` or ``drop_newest`` mailbox, its agent stopped with it queued, its
+    handler raised), left a's requester waiting for its whole timeout: the kernel failed
+    only a requester pending in itself, and told the transport nothing. It tells the
+    transport (``query_failed``, once), and a's request fails at once with the reason."""
+    from nexus_trio import OverflowPolicy
+
+    mock_clock.autojump_threshold = 0
+    held, release = trio.Event(), trio.Event()
+
+    async def holds(ctx: Context, msg: Message) -> None:
+        if msg.payload == "hold":
+            held.set()
+            await release.wait()
+        elif msg.payload == "raise":
+            raise RuntimeError("no")
+
+    @agent(name="forwards")
+    async def forwards(ctx: Context, msg: Message) -> Any:
+        return msg.evolve(to=target, payload="raise")  # the query goes on
+
+    link_ab, link_ba = Telling(), Telling()
+    async with open_kernel(make_config()) as a, open_kernel(make_config()) as b:
+        link_ba.peer = a.attach_transport(link_ab)
+        link_ab.peer = b.attach_transport(link_ba)
+        b.spawn(forwards)
+        b.spawn(agent(holds, name="raiser"))
+        b.spawn(agent(holds, name="refuser", mailbox_capacity=1, overflow=OverflowPolicy.REJECT))
+        b.spawn(
+            agent(holds, name="dropper", mailbox_capacity=1, overflow=OverflowPolicy.DROP_NEWEST)
+        )
+        b.spawn(agent(holds, name="stopping", shutdown_timeout=1.0))
+        if target in ("refuser", "dropper", "stopping"):
+            await b.send(target, "hold")
+            await held.wait()
+        if target in ("refuser", "dropper"):
+            await b.send(target, "filler")  # the mailbox is full now
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            if target == "stopping":
+
+                async def stop_once_queued() -> None:
+                    await trio.testing.wait_all_tasks_blocked()  # the query is queued
+                    assert b.mailbox_depth(target) == 1
+                    await b.stop(target)
+
+                nursery.start_soon(stop_once_queued)
+            with pytest.raises(RequestFailed) as failed:
+                await a.request("forwards", "work", timeout=30)
+        release.set()
+        # at once: not after the request's 30 s (nor the stop's 1 s, for a queued one)
+        assert trio.current_time() - started <= (1.0 if target == "stopping" else 0.0)
+        [query] = link_ab.carried
+        assert failed.value.reason == reason
+        assert failed.value.request_id == query.id
+        assert link_ba.told == [(query.id, reason)]
+        # an answered query tells nothing
+        b.spawn(doubler)
+        assert await a.request("doubler", 2) == 4
+        assert link_ba.told == [(query.id, reason)]
+        assert link_ab.told == []
+    assert a.stats().in_flight == 0
+    # (and the message the stopped agent held, cancelled)
+    assert b.stats().dead_letters_by_reason[reason] == (2 if target == "stopping" else 1)

@@ -127,7 +127,8 @@ class Outbox(Generic[T]):
     With ``send_one`` (an asyncio coroutine function that normally completes without
     suspending, like nats-py's ``publish``, which only appends to the client's buffer),
     an item put while nothing is queued is sent at once, in the caller's task: no hop
-    to another task at all. Should that coroutine suspend after all (the client's
+    to another task at all (when the caller runs inside the loop's block; one started
+    before it, without the loop, queues its item for the asyncio task). Should that coroutine suspend after all (the client's
     buffer is full), an asyncio task finishes it, and items put meanwhile queue behind
     it, in order. The asyncio task then sends item by item with ``send_one`` too. An
     item whose coroutine raises *before its first suspension* was refused (nats-py
@@ -189,6 +190,10 @@ class Outbox(Generic[T]):
             and self._unfinished is None
             and self._loop is not None
             and not self._paused
+            # a Trio task started outside the loop's block (e.g. the kernel's root
+            # supervisor, dead-lettering a remote query as it stops an agent) has no
+            # asyncio loop to run the coroutine in: its item goes through the task
+            and trio_asyncio.current_loop.get() is self._loop
         ):
             self.direct += 1
             started = self._start_one(item)

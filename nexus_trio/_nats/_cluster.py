@@ -2619,7 +2619,9 @@ class Cluster:
                     await self._forget_replica(event.agent_id)
 
     async def _follow_dead_letters(self, task_status: trio.TaskStatus[None]) -> None:
-        """A remote request whose Query died here gets the error; durable ones are retried."""
+        """Durable messages whose delivery died here are retried. (A remote request whose
+        Query died here gets the error from the kernel, as the query is dead-lettered:
+        :meth:`query_failed`; not from this stream, which drops what overflows it.)"""
         async with self.kernel.dead_letters(buffer=65536) as letters:
             task_status.started()
             async for letter in letters:
@@ -2627,13 +2629,8 @@ class Cluster:
                 if msg.kind is not _QUERY:
                     continue
                 if letter.reason is DeadLetterReason.REQUEST_TIMEOUT:
-                    # Its requester stopped waiting (that is what cancelled it): no error
-                    # frame; the route stays (bounded) so that a reply the handler
-                    # produces anyway reaches it, as a late reply.
+                    # Its requester stopped waiting (that is what cancelled it).
                     continue
-                self.query_failed(
-                    msg.id, RequestFailed(msg.id, msg.to, letter.reason.value, letter.error)
-                )
                 self.durable.failed(msg, letter.reason.value, letter.error)
 
     # --- agent types (queue groups) -------------------------------------------------------------
