@@ -94,6 +94,14 @@ class MessageFailed(NexusError):
         super().__init__(detail)
 
 
+def unsendable(exc: MessageFailed) -> Exception:
+    """What a caller's send gets for a message its transport cannot carry at all (the
+    transport's MessageFailed, e.g. a payload NATS cannot encode): the error of an API
+    misuse, of its cause's class (TypeError, else ValueError), naming the problem; nothing
+    was taken. A handler's message is dead-lettered instead (see the router)."""
+    return (TypeError if isinstance(exc.__cause__, TypeError) else ValueError)(exc.detail)
+
+
 class MessageDecodeError(NexusError, ValueError):
     """Input could not be decoded into a message; ``field`` names what was wrong."""
 

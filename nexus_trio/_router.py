@@ -38,6 +38,7 @@ from ._errors import (
     RequestFailed,
     RequestTimeout,
     TransportUnavailable,
+    unsendable,
 )
 from ._gc import HeapKeeper
 from ._ledger import Ledger
@@ -251,14 +252,6 @@ class AgentWalk:
 def _walking(ref: weakref.ref[AgentWalk]) -> bool:
     walk = ref()
     return walk is not None and not walk.done
-
-
-def _unsendable(exc: MessageFailed) -> Exception:
-    """What a caller's send gets for a message its transport cannot carry at all (the
-    transport's MessageFailed, e.g. a payload NATS cannot encode): the error of an API
-    misuse, of its cause's class (TypeError, else ValueError), naming the problem; nothing
-    was taken. A handler's message is dead-lettered instead (see _dead_undeliverable)."""
-    return (TypeError if isinstance(exc.__cause__, TypeError) else ValueError)(exc.detail)
 
 
 @final
@@ -545,7 +538,7 @@ class Router:
             self.ledger.reject(exc)
             raise
         except MessageFailed as exc:
-            raise _unsendable(exc) from exc.__cause__
+            raise unsendable(exc) from exc.__cause__
 
     def send_nowait(self, msg: Message, *, external: bool) -> None:
         """Like :meth:`send` but a full ``block`` mailbox raises ``MailboxFull`` at once."""
@@ -563,7 +556,7 @@ class Router:
             self.ledger.reject(exc)
             raise
         except MessageFailed as exc:
-            raise _unsendable(exc) from exc.__cause__
+            raise unsendable(exc) from exc.__cause__
 
     async def route(self, msg: Message) -> None:
         """Deliver a message the kernel took responsibility for (a handler's result):
@@ -844,7 +837,7 @@ class Router:
                 self.ledger.reject(exc)
                 raise
             except MessageFailed as exc:
-                raise _unsendable(exc) from exc.__cause__
+                raise unsendable(exc) from exc.__cause__
             if enqueued:
                 try:
                     # _Pending.wait, without its coroutine

@@ -274,6 +274,51 @@ async def test_queue_group_without_replicas_is_agent_not_found(nats: NatsServer)
             await kernel.request(type_address("nobody"), 1)
 
 
+def _nested(levels: int) -> Any:
+    deep: Any = []
+    for _ in range(levels):
+        deep = [deep]
+    return deep
+
+
+@pytest.mark.parametrize(
+    ("payload", "raised"),
+    [
+        (object(), TypeError),
+        ({(1, 2): 3}, TypeError),
+        ("\ud800", ValueError),
+        (_nested(100_000), ValueError),
+    ],
+    ids=["object", "tuple keys", "lone surrogate", "nested too deeply"],
+)
+async def test_a_durable_send_that_the_wire_cannot_carry_raises_a_clear_error(
+    nats: NatsServer, payload: Any, raised: type[Exception]
+) -> None:
+    """Regression: ``send_durable`` with a payload the wire cannot carry raised the
+    encoder's own error (msgspec's TypeError naming no message, UnicodeEncodeError,
+    RecursionError). It raises what ``send`` to an agent of another node raises:
+    TypeError (not JSON) or ValueError naming the message, its recipient and the
+    problem; nothing is stored, and the next durable message arrives alone."""
+    handled: list[Any] = []
+    arrived = trio.Event()
+
+    @agent(name="keeper-a")
+    async def keeper(ctx: Context, msg: Message) -> Any:
+        handled.append(msg.payload)
+        arrived.set()
+        return "ok"
+
+    async with local_node(nats.url) as (kernel, cluster):
+        kernel.spawn(keeper)
+        with trio.fail_after(30):
+            with pytest.raises(raised, match=r"to keeper-a cannot be encoded for NATS: ") as exc:
+                await cluster.send_durable("keeper-a", payload)
+            assert exc.type is raised  # not a subclass (UnicodeEncodeError, RecursionError)
+            await cluster.send_durable("keeper-a", "fine")
+            await arrived.wait()
+    assert handled == ["fine"]
+
+
 async def test_durable_send_is_redelivered_after_a_failure_and_applied_once(
     nats: NatsServer,
 ) -> None:

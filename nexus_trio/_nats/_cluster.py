@@ -325,23 +325,6 @@ _CONNECTION_ERRORS: Final = (
     nats.errors.NoServersError,
 )
 
-#: what the message codecs raise for what their form cannot carry: a payload that is not
-#: JSON (TypeError), a lone surrogate or, for the JSON form, a time outside the years 1 to
-#: 9999 (ValueError), a payload nested deeper than the encoder recurses (RecursionError)
-_UNENCODABLE: Final = (TypeError, ValueError, RecursionError)
-
-
-def _unencodable_failure(what: str, exc: Exception) -> MessageFailed:
-    """What the transport raises for ``what`` (a message) that ``exc`` says its wire form
-    cannot carry: the kernel dead-letters it (``unserialisable``), or raises the caller's
-    error (see ``Router.send``); ``exc`` is its cause."""
-    failure = MessageFailed(
-        f"{what} cannot be encoded for NATS: {exc}", reason=DeadLetterReason.UNSERIALISABLE
-    )
-    failure.__cause__ = exc
-    return failure
-
-
 #: what the NATS client says when it refuses a message for want of a connection (it
 #: reconnects and its buffer is full, or it is closed): nothing it is given after that
 #: is written until it is connected again
@@ -1060,7 +1043,7 @@ class Cluster:
     def _tell_body(self, msg: Message) -> bytes:
         try:
             body = wire.encode_tell(msg)
-        except _UNENCODABLE as exc:
+        except wire.UNENCODABLE as exc:
             # refused before it joins a batch: the others there go on
             raise self._unencodable(msg, exc) from exc
         size = len(body) + batch.FRAME_OVERHEAD
@@ -1210,7 +1193,7 @@ class Cluster:
                         return subject, "", msg.to_json().encode(), None
                     # to the process that made the query (its id says which)
                     return subject, "", wire.encode_message(msg), reply_to.int >> 64
-                except _UNENCODABLE as exc:
+                except wire.UNENCODABLE as exc:
                     raise self._unencodable_reply(msg, reply_to, subject, exc) from exc
             if self.durable.completed(reply_to):
                 return None
@@ -1233,7 +1216,7 @@ class Cluster:
             peer = agent_id.int >> 64  # the agent's process (its id says which)
         try:
             data = wire.encode_message(msg)
-        except _UNENCODABLE as exc:
+        except wire.UNENCODABLE as exc:
             raise self._unencodable(msg, exc) from exc
         if msg.kind is _QUERY:
             # A query goes alone, on the agent's subject: NATS answers "no responders"
@@ -1251,7 +1234,7 @@ class Cluster:
         instead, and the reply is failed as a process agent fails a message it cannot
         write (the kernel dead-letters it, ``unserialisable``)."""
         self._publish_error(reply, RequestFailed(query_id, msg.sender, "unserialisable", exc))
-        return _unencodable_failure(f"reply {msg.id} to request {query_id}", exc)
+        return wire.unencodable_failure(f"reply {msg.id} to request {query_id}", exc)
 
     def _unencodable(self, msg: Message, exc: Exception) -> MessageFailed:
         """A message for another node that its wire form cannot carry (a payload that
@@ -1263,7 +1246,7 @@ class Cluster:
             if self._type_queries:
                 self._type_queries.pop(msg.id, None)
             self.query_failed(msg.id, RequestFailed(msg.id, msg.to, "unserialisable", exc))
-        return _unencodable_failure(f"message {msg.id} to {msg.to}", exc)
+        return wire.unencodable_failure(f"message {msg.id} to {msg.to}", exc)
 
     def resolve(self, address: Address) -> tuple[str, uuid.UUID]:
         """The node and agent id behind a remote ``address`` (an id or a name).

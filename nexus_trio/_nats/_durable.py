@@ -58,7 +58,13 @@ import trio
 from nats.aio.msg import Msg as NatsMsg
 from nats.js.api import ConsumerConfig, StreamConfig
 
-from .._errors import AgentNotFound, KernelShuttingDown, MailboxFull, MessageDecodeError
+from .._errors import (
+    AgentNotFound,
+    KernelShuttingDown,
+    MailboxFull,
+    MessageDecodeError,
+    unsendable,
+)
 from .._logcall import log_guarded
 from .._message import SYSTEM_ID, Message, MessageKind, new_id
 from . import _wire as wire
@@ -187,6 +193,9 @@ class DurableChannel:
         ``timeout`` seconds (default: the kernel's send deadline), e.g. during a server
         failover. It may still have been stored then: pass your own ``msg_id`` and send
         again with it to retry without a duplicate (the error text names the id too).
+        A payload the wire cannot carry raises ``TypeError`` (not JSON) or ``ValueError``
+        (a lone surrogate, nested too deeply) naming the message, its recipient and the
+        problem, as a send to another node does; nothing is stored.
         """
         from .._errors import TransportUnavailable
 
@@ -224,10 +233,16 @@ class DurableChannel:
         msg = Message(sender=sender, to=address, payload=payload, id=msg_id)
         subject = wire.durable_subject(cluster.prefix, node, agent_id)
         try:
+            data = wire.encode_message(msg)
+        except wire.UNENCODABLE as exc:
+            # the caller's error, as for a send to another node (see Router.send)
+            failure = wire.unencodable_failure(f"message {msg.id} to {msg.to}", exc)
+            raise unsendable(failure) from exc
+        try:
             ack = await call_aio(
                 cluster.data_js.publish,
                 subject,
-                wire.encode_message(msg),
+                data,
                 headers={wire.MSG_ID_HEADER: str(msg.id)},
             )
         except (nats.errors.Error, OSError) as exc:

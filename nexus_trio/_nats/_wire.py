@@ -44,11 +44,13 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Final
 
+from .._deadletter import DeadLetterReason
 from .._errors import (
     AgentNotFound,
     KernelShuttingDown,
     MailboxFull,
     MessageDecodeError,
+    MessageFailed,
     NexusError,
     RequestFailed,
 )
@@ -64,6 +66,11 @@ from .._message import (
     unicode_text,
     uuid_from_int,
 )
+
+#: what the message codecs raise for what their form cannot carry: a payload that is not
+#: JSON (TypeError), a lone surrogate or, for the JSON form, a time outside the years 1 to
+#: 9999 (ValueError), a payload nested deeper than the encoder recurses (RecursionError)
+UNENCODABLE: Final = (TypeError, ValueError, RecursionError)
 
 NODE_HEADER: Final = "Nexus-Node"
 ERROR_HEADER: Final = "Nexus-Error"
@@ -166,6 +173,18 @@ def _agent_uuid(value: int) -> uuid.UUID:
 
 def _opt_uuid(value: int | None) -> uuid.UUID | None:
     return None if value is None else _uuid(value)
+
+
+def unencodable_failure(what: str, exc: Exception) -> MessageFailed:
+    """What the transport raises for ``what`` (a message) that ``exc`` (one of
+    :data:`UNENCODABLE`) says its wire form cannot carry: the kernel dead-letters it
+    (``unserialisable``), or raises the caller's error (``_errors.unsendable``); ``exc`` is
+    its cause."""
+    failure = MessageFailed(
+        f"{what} cannot be encoded for NATS: {exc}", reason=DeadLetterReason.UNSERIALISABLE
+    )
+    failure.__cause__ = exc
+    return failure
 
 
 def encode_message(msg: Message, sequence: str | None = None) -> bytes:
