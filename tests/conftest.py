@@ -31,6 +31,9 @@ def restore_logging() -> Iterator[None]:
     logger = logging.getLogger("nexus_trio")
     handlers, level = list(logger.handlers), logger.level
     yield
+    for added in logger.handlers:
+        if added not in handlers:
+            added.close()  # (a log writer thread of its ends with it)
     logger.handlers[:] = handlers
     logger.setLevel(level)
 
