@@ -309,8 +309,9 @@ ODD_VALUES = [
     ("NaN", False),
     ("1e999", False),
     ("-1e999", False),
-    ('"\\ud800"', False),
-    ('"\\udfff tail"', False),
+    # a lone surrogate is not Unicode text: the bridge refuses the line (as from_json does)
+    ('"\\ud800"', True),
+    ('"\\udfff tail"', True),
     ("123456789012345678901234567890123456789", False),
     ("1" * 5000, True),  # past Python's int digits limit: not JSON to the kernel
 ]
