@@ -50,6 +50,7 @@ from nexus_trio._nats._aio import call_aio
 from nexus_trio._nats._streams import parse_stream_name
 from nexus_trio.cli._swarm import cluster_counts
 from nexus_trio.logs import log_calls_failed
+from nexus_trio.testing import assert_conserved
 
 from .hang_guard import real_time_limit
 from .nats_server import FAST
@@ -902,6 +903,18 @@ async def test_an_error_frame_still_queued_when_its_node_leaves_down_is_counted_
     )
 
 
+def _refuse_error_frames(monkeypatch: pytest.MonkeyPatch, cluster: Cluster) -> None:
+    """Make ``cluster``'s NATS client refuse every error frame it is given."""
+    publish = cluster.nc.publish
+
+    async def refusing(*args: Any, **kw: Any) -> None:
+        if kw.get("headers"):  # (only an error frame has headers here)
+            raise ConnectionError("refused by the test")
+        await publish(*args, **kw)
+
+    monkeypatch.setattr(cluster.nc, "publish", refusing)
+
+
 async def test_an_error_frame_the_nats_client_refuses_is_counted_once(
     nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -910,14 +923,7 @@ async def test_an_error_frame_the_nats_client_refuses_is_counted_once(
     ``errors_unsent``; its requester gets ``RequestTimeout``."""
     async with _node(nats.url, "b") as (_kb, cb), _node(nats.url, "a") as (ka, ca):
         await cb.names_published()
-        publish = cb.nc.publish
-
-        async def refusing(*args: Any, **kw: Any) -> None:
-            if kw.get("headers"):  # (only an error frame has headers here)
-                raise ConnectionError("refused by the test")
-            await publish(*args, **kw)
-
-        monkeypatch.setattr(cb.nc, "publish", refusing)
+        _refuse_error_frames(monkeypatch, cb)
         async with trio.open_nursery() as nursery:
             outcome = await _ask_a_ghost(nursery, ka, ca, cb)
     assert len(outcome) == 1 and isinstance(outcome[0], RequestTimeout), outcome
@@ -2746,6 +2752,16 @@ async def test_queries_and_replies_are_counted_per_peer_whatever_becomes_of_them
 # --- a query dead-lettered on the node that took it -------------------------------------------
 
 
+async def _answer_by_hand(by: Cluster, to: Cluster, query: Message, payload: Any) -> None:
+    """Publish from ``by`` an answer to ``query`` on ``to``'s reply subject for it: an
+    answer that crosses anyway, whatever ``by`` remembers of the query."""
+    await call_aio(
+        by.nc.publish,
+        wire.reply_subject(to.prefix, to.node, query.id),
+        wire.encode_message(query.reply(query.id, payload)),
+    )
+
+
 @pytest.mark.parametrize(
     ("target", "reason"),
     [
@@ -2812,11 +2828,7 @@ async def test_a_remote_requester_whose_forwarded_query_dies_on_the_other_node_h
                 release.set()
                 # a reply that crosses anyway (the route on b is gone: sent by hand)
                 query = asked[0]
-                await call_aio(
-                    cb.nc.publish,
-                    wire.reply_subject(ca.prefix, ca.node, query.id),
-                    wire.encode_message(query.reply(query.id, "late")),
-                )
+                await _answer_by_hand(cb, ca, query, "late")
                 late = await anext(aiter(a_letters))
     assert failed.value.reason == reason
     assert failed.value.request_id == query.id
@@ -3376,3 +3388,189 @@ async def test_an_answer_to_another_node_that_the_wire_cannot_carry_fails_the_re
     assert stats.dead_letters_by_reason == {"unserialisable": len(_UNCARRIED)}
     assert (stats.restarts, stats.failed, stats.in_flight) == (0, 0, 0)
     assert cb.stats().errors_replied.get("request_failed") == len(_UNCARRIED)
+
+
+# --- a query forwarded across two nodes ---------------------------------------------------------
+
+
+@agent(name="router")
+async def _router(ctx: Context, msg: Message) -> Any:
+    """A router agent: sends each query on, as it is, to the worker on another node."""
+    return msg.evolve(to="worker")
+
+
+@asynccontextmanager
+async def _three_nodes(
+    url: str, worker: Any
+) -> AsyncIterator[tuple[tuple[Kernel, Cluster], tuple[Kernel, Cluster], tuple[Kernel, Cluster]]]:
+    """Nodes a (the requester), b (``router``) and c (``worker``), each knowing the names."""
+    async with (
+        _node(url, "c") as (kc, cc),
+        _node(url, "b") as (kb, cb),
+        _node(url, "a") as (ka, ca),
+    ):
+        kc.spawn(agent(worker, name="worker"))
+        kb.spawn(_router)
+        await cc.names_published()
+        await cb.names_published()
+        with trio.fail_after(20):
+            await cb.wait_for_name("worker")
+            await ca.wait_for_name("router")
+        yield (ka, ca), (kb, cb), (kc, cc)
+
+
+def _books_balance(*kernels: Kernel) -> None:
+    for kernel in kernels:
+        assert_conserved(kernel)
+        assert kernel.stats().in_flight == 0
+
+
+async def test_a_query_a_router_forwards_to_another_node_gets_its_answer(
+    nats: NatsServer,
+) -> None:
+    """Regression: a query from a requester on node a that b's router agent forwarded to
+    an agent on node c was answered by c to b, where no request was pending for it: the
+    answer was dropped there and a's requester waited for its whole timeout. b relays
+    the answer to a, which resolves the request."""
+
+    async def worker(ctx: Context, msg: Message) -> Any:
+        return ["from c", msg.payload]
+
+    async with _three_nodes(nats.url, worker) as ((ka, _ca), (kb, cb), (kc, _cc)):
+        with trio.fail_after(5):
+            assert await ka.request("router", "work", timeout=30) == ["from c", "work"]
+            assert await ka.request("router", "more", timeout=30) == ["from c", "more"]
+        _books_balance(ka, kb, kc)
+    assert cb.stats().replies_relayed == 2
+    for kernel in (ka, kb, kc):
+        assert kernel.stats().dead_letters_by_reason == {}
+    assert cb.stats().inbound_dropped == {}
+    assert not cb._reply_routes and not cb._outstanding
+
+
+async def test_a_forwarded_query_whose_handler_fails_on_the_third_node_fails_at_once(
+    nats: NatsServer,
+) -> None:
+    """The error frame c sends b for a forwarded query whose handler raised is relayed to
+    its requester on a: RequestFailed (handler_error) at once, not its whole timeout."""
+
+    async def worker(ctx: Context, msg: Message) -> Any:
+        raise RuntimeError("c cannot")
+
+    async with _three_nodes(nats.url, worker) as ((ka, _ca), (kb, cb), (kc, _cc)):
+        with trio.fail_after(5), pytest.raises(RequestFailed) as failed:
+            await ka.request("router", "work", timeout=30)
+        _books_balance(ka, kb, kc)
+    assert failed.value.reason == "handler_error"
+    assert "c cannot" in str(failed.value)
+    assert cb.stats().replies_relayed == 1
+    assert cb.stats().inbound_dropped == {}
+    assert ka.stats().dead_letters_by_reason == {}
+
+
+async def test_a_forwarded_query_whose_requester_gives_up_is_cancelled_on_the_third_node(
+    nats: NatsServer,
+) -> None:
+    """Regression: a's request timing out sent a cancel to b, whose router had already
+    forwarded the query to c: nothing told c, whose handler ran on. b passes the cancel
+    on to c, whose handler is cancelled; the answer it makes anyway is dead-lettered
+    ``late_reply`` on c (c knew first), and one that crossed the
+    cancel reaches b, which no longer relays it: dead-lettered ``late_reply`` on b."""
+    cancelled: list[Message] = []
+    seen = trio.Event()
+
+    async def worker(ctx: Context, msg: Message) -> Any:
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            cancelled.append(msg)
+            seen.set()
+        return "late from c"  # answers all the same
+
+    async with _three_nodes(nats.url, worker) as ((ka, ca), (kb, cb), (kc, cc)):
+        async with kb.dead_letters() as b_letters, kc.dead_letters() as c_letters:
+            with trio.fail_after(10):
+                with pytest.raises(RequestTimeout):
+                    await ka.request("router", "work", timeout=0.5)
+                await seen.wait()
+                c_late = await anext(aiter(c_letters))
+                # an answer that crossed the cancel (sent by hand: c's route is gone)
+                query = cancelled[0]
+                await _answer_by_hand(cc, cb, query, "crossed")
+                b_late = await anext(aiter(b_letters))
+                await trio.testing.wait_all_tasks_blocked()
+            _books_balance(ka, kb, kc)
+    assert len(cancelled) == 1
+    assert (c_late.reason.value, c_late.message.payload) == ("late_reply", "late from c")
+    assert kc.stats().dead_letters_by_reason == {"late_reply": 1}
+    assert (b_late.reason.value, b_late.message.payload) == ("late_reply", "crossed")
+    assert (ca.stats().cancels_sent, cb.stats().cancels_received) == (1, 1)
+    assert (cb.stats().cancels_sent, cc.stats().cancels_received) == (1, 1)
+    assert cb.stats().replies_relayed == 0
+    assert ka.stats().dead_letters_by_reason == {}
+    assert kb.stats().dead_letters_by_reason == {"late_reply": 1}
+    assert not cb._reply_routes and not cb._outstanding
+
+
+async def test_a_forwarded_query_with_no_responders_on_the_third_node_fails_at_once(
+    nats: NatsServer,
+) -> None:
+    """NATS's "no responders" for the query b's router sent on to c (c gone, b not aware
+    yet) fails a's request at once with RequestFailed (``no_such_agent``), as a query a
+    handler forwards to an agent that does not exist does; an answer that comes to b
+    after that finds no route: counted ``unroutable_reply`` on b."""
+    asked: list[Message] = []
+    started, gate = trio.Event(), trio.Event()
+
+    async def worker(ctx: Context, msg: Message) -> Any:
+        asked.append(msg)
+        started.set()
+        await gate.wait()
+        return "after all"
+
+    async with _three_nodes(nats.url, worker) as ((ka, _ca), (kb, cb), (kc, cc)):
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+
+                async def no_responders() -> None:
+                    await started.wait()
+                    # what NATS answers a request to a subject nobody serves
+                    await call_aio(
+                        cc.nc.publish,
+                        wire.reply_subject(cb.prefix, cb.node, asked[0].id),
+                        b"",
+                        headers={"Status": "503"},
+                    )
+
+                nursery.start_soon(no_responders)
+                with pytest.raises(RequestFailed) as failed:
+                    await ka.request("router", "work", timeout=30)
+            gate.set()
+            while not cb.stats().inbound_dropped:  # noqa: ASYNC110 (a count: no event)
+                await trio.sleep(0.01)
+        _books_balance(ka, kb, kc)
+    assert failed.value.reason == "no_such_agent"
+    assert failed.value.request_id == asked[0].id
+    assert cb.stats().replies_relayed == 1
+    assert cb.stats().errors_replied == {}
+    assert cb.stats().inbound_dropped == {"unroutable_reply": 1}
+
+
+async def test_a_relayed_error_frame_the_nats_client_refuses_is_counted_once(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error frame b would pass on for a forwarded query that b's NATS client refuses
+    is counted once, in ``errors_unsent`` as ``relayed`` (not in ``replies_relayed``, nor
+    in ``errors_replied``: b refused nothing); its requester gets ``RequestTimeout``."""
+
+    async def worker(ctx: Context, msg: Message) -> Any:
+        raise RuntimeError("c cannot")
+
+    async with _three_nodes(nats.url, worker) as ((ka, _ca), (_kb, cb), (_kc, cc)):
+        _refuse_error_frames(monkeypatch, cb)
+        with trio.fail_after(10), pytest.raises(RequestTimeout):
+            await ka.request("router", "work", timeout=1)
+    counted = cb.stats()
+    assert (counted.replies_relayed, counted.errors_unsent) == (0, {"relayed": 1})
+    assert (counted.errors_replied, counted.publish_failures) == ({}, 0)
+    assert cc.stats().errors_replied == {"request_failed": 1}

@@ -26,7 +26,9 @@ Guarantees (what the caller of ``kernel.send`` / ``kernel.request`` gets):
   (``AgentNotFound``, ``MailboxFull``, ``RequestFailed`` with the remote handler's
   error as text), or ``AgentNotFound`` when NATS reports no responders (the node is
   gone), or ``TransportUnavailable`` when the node is known unreachable, or
-  ``RequestTimeout`` at the kernel's deadline;
+  ``RequestTimeout`` at the kernel's deadline; a query the remote handler forwards to
+  an agent on a third node gets that agent's answer or error, passed on by the node in
+  between, and a cancel passed on the same way (``replies_relayed``, ``cancels_sent``);
 * :meth:`Cluster.send_durable` is *at least once* through JetStream (see ``_durable``).
 """
 
@@ -272,6 +274,10 @@ class ClusterStats:
     #: and received (a handler here was asked to stop)
     cancels_sent: int = 0
     cancels_received: int = 0
+    #: answers and error frames passed on to the requester on another node of a query
+    #: that a handler here sent on to a third node (a router agent), once in the outbox
+    #: (an error frame as it came, not in ``errors_replied``: this node refused nothing)
+    replies_relayed: int = 0
     #: inbound streams kept now: live (current senders), retired (kept for late tells)
     inbound_streams: int = 0
     inbound_streams_retired: int = 0
@@ -290,9 +296,10 @@ class ClusterStats:
     #: placed bucket unreachable), and such records written later, on a retry
     records_unwritten: int = 0
     records_written_late: int = 0
-    #: error frames for remote requesters not sent, by kind: made after this node's
-    #: leave had closed its outbox, refused by the NATS client, or still queued when the
-    #: node left with the connection down (their requesters get ``RequestTimeout``)
+    #: error frames for remote requesters not sent, by kind (``relayed``: one this node
+    #: was passing on, see ``replies_relayed``): made after this node's leave had closed
+    #: its outbox, refused by the NATS client, or still queued when the node left with the
+    #: connection down (their requesters get ``RequestTimeout``)
     errors_unsent: dict[str, int] = attrs.field(factory=dict)
     #: tells this node sent to a node that left cleanly which that node's last notice
     #: says it never took: they reached NATS after its data connection had closed,
@@ -390,6 +397,7 @@ class Cluster:
         self._batches_received = 0
         self._cancels_sent = 0
         self._cancels_received = 0
+        self._replies_relayed = 0
         self.members = MemberTable(node, options.heartbeat_interval * options.missed_heartbeats)
         self._joined_at = time.time()
         # name -> (node, agent id) for every named agent in the cluster (KV watcher)
@@ -1299,7 +1307,10 @@ class Cluster:
         """
         subject, reply, headers, data, kind = out
         if headers is not None and wire.ERROR_HEADER in headers:
-            self._error_not_sent(headers[wire.ERROR_HEADER], subject, repr(exc))
+            if wire.RELAYED_HEADER in headers:
+                self._relay_not_sent(subject, repr(exc))
+            else:
+                self._error_not_sent(headers[wire.ERROR_HEADER], subject, repr(exc))
             return
         if kind == _BATCH:
             # Its tells are numbered: the receiver counts the gap, unless this node
@@ -1442,13 +1453,14 @@ class Cluster:
         if not self._outbox.put((reply, "", headers, body, _PLAIN)):
             self._error_not_sent(kind, reply, "the node left the cluster")
 
-    def _error_not_sent(self, kind: str, reply: str, why: str) -> None:
-        """An error frame counted in ``errors_replied`` did not go: counted in
-        ``errors_unsent`` instead."""
-        replied = self._errors_replied
-        replied[kind] -= 1
-        if replied[kind] <= 0:
-            del replied[kind]
+    def _error_not_sent(self, kind: str, reply: str, why: str, *, replied: bool = True) -> None:
+        """An error frame counted in ``errors_replied`` (``replied``) did not go: counted
+        in ``errors_unsent`` instead."""
+        if replied:
+            counted = self._errors_replied
+            counted[kind] -= 1
+            if counted[kind] <= 0:
+                del counted[kind]
         self._errors_unsent[kind] += 1
         if log.isEnabledFor(logging.INFO):
             log_guarded(
@@ -1735,8 +1747,7 @@ class Cluster:
             elif kind == batch.CANCEL:
                 query_id, to = batch.parse_cancel(body)
                 self._cancels_received += 1
-                if self.handle is not None:
-                    self.handle.cancel_query(query_id, to)
+                self._requester_gone(query_id, to)
         except batch.BatchError as exc:
             self._dropped["malformed"] += 1
             log_guarded(
@@ -1747,6 +1758,23 @@ class Cluster:
                 head.node,
                 exc,
             )
+
+    def _requester_gone(self, query_id: uuid.UUID, to: Address) -> None:
+        """The requester on another node of query ``query_id`` stopped waiting (its
+        cancel frame came): the handler here is cancelled (``TransportHandle.cancel_query``)
+        and, if a handler here sent the query on to another node (a router agent), the
+        cancel goes on there (see :meth:`cancel_query`). Nothing goes back to that
+        requester any more: an answer that comes anyway is a late reply here."""
+        self._reply_routes.pop(query_id, None)
+        if self._json_requests:
+            self._json_requests.pop(query_id, None)
+        # first: for an address not here, the kernel asks this transport to cancel the
+        # query where it went, with that address, not the one it was sent on to
+        sent_on = self._outstanding.get(query_id)
+        if sent_on is not None:
+            self.cancel_query(query_id, sent_on[0])
+        if self.handle is not None:
+            self.handle.cancel_query(query_id, to)
 
     def _from_current_join(self, head: batch.BatchHead) -> bool:
         """The batch comes from the join of its node that the member table holds (the
@@ -1856,11 +1884,17 @@ class Cluster:
                     return False  # not known as ours: the pump delivers without forwarding
                 reply = self._reply_message(m, query_id, asked)
                 if reply is not None:
+                    # A query taken from a requester on another node that a handler here
+                    # sent on (a router agent): the kernel passes the answer on, through
+                    # the route kept for it (see _route)
+                    relaying = bool(self._reply_routes) and query_id in self._reply_routes
                     try:
                         self.kernel.send_nowait(reply)
                         self._forwarded_in += 1
                     except (AgentNotFound, KernelShuttingDown, MailboxFull, TransportUnavailable):
                         self._dropped["unroutable_reply"] += 1
+                    if relaying and query_id not in self._reply_routes:
+                        self._replies_relayed += 1
                 return True
             self._accept(m, None)
             return True
@@ -1930,6 +1964,9 @@ class Cluster:
                 info = self.members.members.get(headers.get(wire.NODE_HEADER, ""))
                 if info is not None:
                     self._alone_out[info.id_prefix] = self._alone_out.get(info.id_prefix, 0) + 1
+            if self._reply_routes and query_id in self._reply_routes:
+                self._relay_error(m, query_id, to)
+                return None
             if wire.ERROR_HEADER in headers:
                 try:
                     error: NexusError = wire.error_from_frame(
@@ -1969,6 +2006,37 @@ class Cluster:
             return None
         self._took_reply(reply, query_id)
         return reply
+
+    def _relay_error(self, m: NatsMsg, query_id: uuid.UUID, to: Address) -> None:
+        """The error frame (or NATS's "no responders") for a query this node took from a
+        requester on another node and a handler here sent on to a third (a router
+        agent): no request waits for it here; the frame goes on to that requester, as it
+        is (counted in ``replies_relayed``, not ``errors_replied``: this node refused
+        nothing). No responders (the agent it went on to is gone with its node) goes on
+        as ``RequestFailed`` (``no_such_agent``), as a query a handler here forwards to an
+        agent that does not exist fails."""
+        subject = self._reply_routes.pop(query_id)
+        if self._json_requests:
+            self._json_requests.pop(query_id, None)
+        headers = m.headers or {}
+        if wire.ERROR_HEADER in headers:
+            kind, body = headers[wire.ERROR_HEADER], m.data
+            node = headers.get(wire.NODE_HEADER, "?")
+        else:
+            reason = DeadLetterReason.NO_SUCH_AGENT.value
+            kind, body = wire.error_frame(RequestFailed(query_id, to, reason, AgentNotFound(to)))
+            node = self.node
+        relayed = {wire.ERROR_HEADER: kind, wire.NODE_HEADER: node, wire.RELAYED_HEADER: self.node}
+        # counted first: the outbox may send it at once, and a refusal then takes it back
+        self._replies_relayed += 1
+        if not self._outbox.put((subject, "", relayed, body, _PLAIN)):
+            self._relay_not_sent(subject, "the node left the cluster")
+
+    def _relay_not_sent(self, subject: str, why: str) -> None:
+        """An error frame counted in ``replies_relayed`` did not go: counted in
+        ``errors_unsent`` (kind ``relayed``) instead."""
+        self._replies_relayed -= 1
+        self._error_not_sent("relayed", subject, why, replied=False)
 
     def _took_reply(self, reply: Message, query_id: uuid.UUID) -> None:
         """Count a reply taken from its responder's process (see ``_alone_in``), and a
@@ -3430,6 +3498,7 @@ class Cluster:
             batches_received=self._batches_received,
             cancels_sent=self._cancels_sent,
             cancels_received=self._cancels_received,
+            replies_relayed=self._replies_relayed,
             inbound_streams=self._inbound.live,
             inbound_streams_retired=self._inbound.retired,
             streams_evicted=self._inbound.evicted,

@@ -74,6 +74,10 @@ UNENCODABLE: Final = (TypeError, ValueError, RecursionError)
 
 NODE_HEADER: Final = "Nexus-Node"
 ERROR_HEADER: Final = "Nexus-Error"
+#: on an error frame a node passes on to the requester of a query that one of its
+#: handlers sent on to another node (a router agent): the relaying node (the node that
+#: made the frame stays in ``NODE_HEADER``)
+RELAYED_HEADER: Final = "Nexus-Relayed"
 MSG_ID_HEADER: Final = "Nats-Msg-Id"
 #: on a node's last leave notice (an empty heartbeat sent once its data connection is
 #: closed): its id prefix, session and the last number it took of each sender's stream
