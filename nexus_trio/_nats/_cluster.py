@@ -500,6 +500,10 @@ class Cluster:
         self._record_sessions: dict[str, int | None] = {}
         self._loss_log = Throttle()
         self._notice_log = Throttle()
+        #: malformed membership records (anyone on the account can write one, by the
+        #: thousand): logged at most once a second
+        self._record_log = Throttle()
+        self._records_malformed = 0
         self._drop_log = Throttle()
         self._data_up = trio.Event()  # set while the data connection is up
         self._data_up.set()
@@ -2972,14 +2976,18 @@ class Cluster:
             return  # expired by TTL: the loss checker decides, on this node's clock
         try:
             info = decode_record(value, monotonic())
-        except (ValueError, KeyError, TypeError):
-            log_guarded(
-                log,
-                logging.WARNING,
-                "node %s: ignoring malformed membership record %r",
-                self.node,
-                key,
-            )
+        except ValueError as exc:
+            self._records_malformed += 1
+            if self._record_log.due():
+                log_guarded(
+                    log,
+                    logging.WARNING,
+                    "node %s: ignoring malformed membership record %r (%d so far): %s",
+                    self.node,
+                    key,
+                    self._records_malformed,
+                    exc,
+                )
             return
         previous = self.members.members.get(info.node)
         if previous is not None and info.node != self.node:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -31,6 +32,7 @@ from typing import Any, final
 
 import attrs
 
+from .._brief import brief
 from .._logcall import log_guarded
 
 log = logging.getLogger("nexus_trio.nats.membership")
@@ -93,16 +95,44 @@ def encode_record(
 
 
 def decode_record(data: bytes, seen_at: float) -> NodeInfo:
-    obj = json.loads(data)
+    """The :class:`NodeInfo` of a record; ValueError naming what is wrong with one that no
+    kernel writes. Anyone who may write the nodes bucket or publish on the heartbeat
+    subjects can send one, so nothing in it may raise anything else (a record nested too
+    deeply, a pid of ``Infinity``) or carry a number a kernel cannot use."""
+    try:
+        obj = json.loads(data)
+    except RecursionError:
+        raise ValueError("membership record: nested too deeply") from None
+    except ValueError as exc:
+        raise ValueError(f"membership record: not JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"membership record: a JSON {type(obj).__name__}, not an object")
+
+    def field(name: str, convert: Any) -> Any:
+        try:
+            return convert(obj[name])
+        except KeyError:
+            raise ValueError(f"membership record: no {name!r}") from None
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise ValueError(
+                f"membership record: bad {name!r}: {brief(obj[name], 60)} ({exc})"
+            ) from None
+
+    joined = field("joined", float)
+    if not math.isfinite(joined):
+        raise ValueError(f"membership record: bad 'joined': {joined} (not a finite time)")
+    stats = obj.get("stats") or {}
+    if not isinstance(stats, dict):
+        raise ValueError(f"membership record: bad 'stats': a JSON {type(stats).__name__}")
     return NodeInfo(
-        node=str(obj["node"]),
-        id_prefix=int(obj["id_prefix"], 16),
-        pid=int(obj["pid"]),
-        host=str(obj["host"]),
-        joined=float(obj["joined"]),
-        stats=dict(obj.get("stats") or {}),
+        node=field("node", str),
+        id_prefix=field("id_prefix", lambda value: int(value, 16)),
+        pid=field("pid", int),
+        host=field("host", str),
+        joined=joined,
+        stats=stats,
         last_seen=seen_at,
-        session=int(obj["session"], 16) if "session" in obj else None,
+        session=field("session", lambda value: int(value, 16)) if "session" in obj else None,
     )
 
 

@@ -1,0 +1,141 @@
+"""A live node against a hostile peer on its NATS account.
+
+The codecs are fuzzed alone in ``test_wire_fuzz.py``; here real nodes (kernels joined to
+a real nats-server) take what a raw nats-py client publishes on their subjects and
+writes into their buckets: mutated node batches, sequence marks, replies and error
+frames for nobody, JSON-form messages with wrong fields, membership records of fake
+nodes (absurd fields, a live node's name or id prefix, a fake that goes silent), and
+placement records naming nodes that do not exist. The nodes must keep serving, hang
+never, count what they refuse and lose nothing of their own traffic (see
+docs/distributed.md, "Security", for what such a peer can still do).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import nats as nats_py
+import pytest
+import trio
+
+from nexus_trio import Context, EventKind, Kernel, Message, agent, open_kernel
+from nexus_trio._nats import Cluster, NatsServer, join_cluster
+from nexus_trio._nats._aio import call_aio
+
+from .nats_server import FAST, node_config
+
+_prefixes = itertools.count()
+
+
+@asynccontextmanager
+async def _node(
+    url: str, name: str, prefix: str = "nexus"
+) -> AsyncIterator[tuple[Kernel, Cluster]]:
+    async with (
+        open_kernel(node_config()) as kernel,
+        join_cluster(kernel, url, name, options=FAST, prefix=prefix) as cluster,
+    ):
+        yield kernel, cluster
+        await kernel.shutdown()
+
+
+@attrs.define
+class Hostile:
+    """A raw nats-py client: publishes anything, writes anything into the buckets."""
+
+    nc: Any
+    prefix: str
+
+    async def publish(self, subject: str, data: bytes) -> None:
+        await call_aio(self.nc.publish, subject, data)
+
+    async def put(self, bucket: str, key: str, value: bytes) -> None:
+        async def put() -> None:
+            kv = await self.nc.jetstream().key_value(f"{self.prefix}-{bucket}")
+            await kv.put(key, value)
+
+        await call_aio(put)
+
+    async def flush(self) -> None:
+        await call_aio(self.nc.flush)
+
+
+@asynccontextmanager
+async def _hostile(url: str, prefix: str = "nexus") -> AsyncIterator[Hostile]:
+    nc = await call_aio(nats_py.connect, url)
+    try:
+        yield Hostile(nc, prefix)
+    finally:
+        with trio.CancelScope(shield=True):
+            await call_aio(nc.close)
+
+
+def _record(node: str, **fields: Any) -> bytes:
+    """A membership record as a kernel writes it, with ``fields`` replaced (raw JSON text
+    for a value that is a ``bytes``)."""
+    record: dict[str, Any] = {
+        "node": node,
+        "id_prefix": "00000000000000ab",
+        "pid": 1,
+        "host": "h",
+        "joined": 1.0,
+        "stats": {},
+        "session": "00000000000000cd",
+    }
+    record.update(fields)
+    parts = [
+        f'"{key}":' + (value.decode() if isinstance(value, bytes) else json.dumps(value))
+        for key, value in record.items()
+    ]
+    return ("{" + ",".join(parts) + "}").encode()
+
+
+@agent(name="echo")
+async def echo(ctx: Context, msg: Message) -> Any:
+    return msg.payload
+
+
+async def _members_heard(cluster: Cluster, *names: str) -> None:
+    """Wait (bounded) until ``cluster`` heard all of ``names`` (the bucket's watch applies
+    entries in order: a marker written after a hostile entry is heard after it)."""
+    with trio.fail_after(10):
+        while not set(names) <= {info.node for info in cluster.member_list()}:
+            await trio.sleep(0.02)
+
+
+# --- membership records that cannot be read ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        _record("fake", stats=b"[" * 5000 + b"]" * 5000),  # nested past the recursion limit
+        _record("fake", pid=b"Infinity"),  # no integer
+        _record("fake", joined=b"NaN"),
+        b"[" * 5000 + b"]" * 5000,
+    ],
+    ids=["deep-stats", "infinite-pid", "nan-joined", "deep-record"],
+)
+async def test_a_membership_record_that_cannot_be_read_is_ignored_and_the_node_serves(
+    nats: NatsServer, record: bytes
+) -> None:
+    """A record nested too deeply or with a pid that is no integer, written into the
+    nodes bucket, raised out of the bucket's watch (RecursionError, OverflowError): the
+    node's cluster failed. It is ignored, as any malformed record is."""
+    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+        kb.spawn(echo, name="echo-b")
+        await cb.names_published()
+        async with _hostile(nats.url) as hostile:
+            with trio.fail_after(20):
+                await hostile.put("nodes", "fake", record)
+                await hostile.put("nodes", "marker", _record("marker"))
+                await _members_heard(ca, "marker")
+                await _members_heard(cb, "marker")
+                await ca.wait_for_name("echo-b")
+                assert await ka.request("echo-b", 1) == 1
+        assert "fake" not in {info.node for info in ca.member_list()}
