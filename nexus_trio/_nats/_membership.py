@@ -126,14 +126,23 @@ def decode_record(data: bytes, seen_at: float) -> NodeInfo:
         raise ValueError(f"membership record: bad 'stats': a JSON {type(stats).__name__}")
     return NodeInfo(
         node=field("node", str),
-        id_prefix=field("id_prefix", lambda value: int(value, 16)),
+        id_prefix=field("id_prefix", _hex64),
         pid=field("pid", int),
         host=field("host", str),
         joined=joined,
         stats=stats,
         last_seen=seen_at,
-        session=field("session", lambda value: int(value, 16)) if "session" in obj else None,
+        session=field("session", _hex64) if "session" in obj else None,
     )
+
+
+def _hex64(value: str) -> int:
+    """A 64-bit number written in hex (an id prefix, a session); ValueError if it is not
+    one (an id prefix past 64 bits has no id space, see :func:`node_uuid`)."""
+    number = int(value, 16)
+    if not 0 <= number < 1 << 64:
+        raise ValueError("not a 64-bit number")
+    return number
 
 
 @final
