@@ -167,3 +167,40 @@ async def test_a_record_whose_ids_are_no_64_bit_numbers_makes_no_member(
             assert await ka.request("echo-a", 2) == 2
         assert "fake" not in {info.node for info in ca.member_list()}
         assert ca.stats().nodes_lost == 1
+
+
+@pytest.mark.parametrize(
+    "stats",
+    [
+        {"recv": "everything"},
+        {"recv": {"STREAM": "all of it"}},
+        {"recv": {"STREAM": -3}},
+        {"in_flight": "many"},
+        {"in_flight": 1.5},
+        {"held": -5},
+        {"held": True},
+    ],
+)
+async def test_a_lost_members_counts_that_are_no_counts_are_read_as_none(
+    nats: NatsServer, stats: dict[str, Any]
+) -> None:
+    """The counts a lost member's last record holds (the last number it took of each
+    stream, what it held) are added to ``lost_with_nodes`` on its loss. A fake member whose
+    counts were no numbers stopped the survivor's loss check (``AttributeError``,
+    ``ValueError``: the node's cluster failed), and a negative one took from the count. A
+    count that is no whole number of at least zero counts nothing now."""
+    async with _node(nats.url, "a") as (ka, ca), _hostile(nats.url) as hostile:
+        ka.spawn(echo, name="echo-a")
+        recv = stats.get("recv")
+        if isinstance(recv, dict):
+            stats = {**stats, "recv": {ca.stream_name: recv["STREAM"]}}
+        with trio.fail_after(20):
+            async with ka.events() as events:
+                await hostile.put("nodes", "fake", _record("fake", stats=stats))
+                async for event in events:
+                    if event.kind is EventKind.UNREACHABLE:
+                        break
+            assert event.name == "node:fake"
+            assert await ka.request("echo-a", 3) == 3
+        assert ca.stats().nodes_lost == 1
+        assert ca.stats().lost_with_nodes == 0

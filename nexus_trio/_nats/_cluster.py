@@ -950,7 +950,7 @@ class Cluster:
                 and ended.id_prefix == stream[1]
                 and link.sent
             ):
-                confirmed = max(link.consumed, self._confirmed_in_record(ended))
+                confirmed = max(link.consumed, ended.confirmed(self.stream_name))
                 self._await_notice((node, ended.id_prefix, ended.session), link.sent, confirmed)
             self._dirty.pop(link, None)
             self._drop_link(stream)
@@ -971,13 +971,6 @@ class Cluster:
                 fresh = self._new_link(stream)
                 fresh.credit_due = link.credit_due
                 self._want_flush(fresh)
-
-    def _confirmed_in_record(self, info: NodeInfo) -> int:
-        """The last number of this process's stream that ``info``'s record says its join
-        took (0 if none, or not a number)."""
-        received = info.stats.get("recv")
-        number = received.get(self.stream_name, 0) if isinstance(received, dict) else 0
-        return number if type(number) is int and number > 0 else 0
 
     def _await_notice(self, join: tuple[str, int, int], sent: int, confirmed: int) -> None:
         """Keep what was numbered for ``join`` (node, id prefix, session), which left, until

@@ -70,6 +70,19 @@ class NodeInfo:
     #: counts (None in the record of a kernel of an earlier version)
     session: int | None = None
 
+    def count(self, key: str) -> int:
+        """The count its record's ``stats`` hold under ``key`` (``in_flight``, ``held``):
+        0 if it is no whole number of at least zero. A record is the sender's word, and
+        anyone on the account can write one: a survivor adds these counts on the node's
+        loss, so a text, a fraction or a negative number must count nothing."""
+        return _count(self.stats.get(key))
+
+    def confirmed(self, stream: str) -> int:
+        """The last number of ``stream`` that its record says the node took (its
+        ``recv``): 0 if none, or no whole number of at least zero (see :meth:`count`)."""
+        received = self.stats.get("recv")
+        return _count(received.get(stream)) if isinstance(received, dict) else 0
+
 
 def encode_record(
     node: str,
@@ -134,6 +147,10 @@ def decode_record(data: bytes, seen_at: float) -> NodeInfo:
         last_seen=seen_at,
         session=field("session", _hex64) if "session" in obj else None,
     )
+
+
+def _count(value: Any) -> int:
+    return value if type(value) is int and value > 0 else 0
 
 
 def _hex64(value: str) -> int:

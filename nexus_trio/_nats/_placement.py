@@ -578,8 +578,7 @@ class Placement:
         """
         cluster = self._cluster
         survivors = [n for n in cluster.live_nodes() if n != info.node]
-        received = info.stats.get("recv") or {}
-        confirmed = int(received.get(cluster.stream_name, 0))
+        confirmed = info.confirmed(cluster.stream_name)
         unconfirmed = max(0, cluster.tells_sent_to(info.node, info.id_prefix) - confirmed)
         if unconfirmed:
             self.lost_with_nodes += unconfirmed
@@ -642,7 +641,7 @@ class Placement:
         live = {(i.node, i.id_prefix) for i in self._cluster.member_list()}
         self._counted.intersection_update(live)  # forgotten nodes: bounded
         self._counted.add(key)
-        held = int(info.stats.get("in_flight", 0)) + int(info.stats.get("held", 0))
+        held = info.count("in_flight") + info.count("held")
         if held:
             self.lost_with_nodes += held
             log_guarded(
