@@ -204,3 +204,34 @@ async def test_a_lost_members_counts_that_are_no_counts_are_read_as_none(
             assert await ka.request("echo-a", 3) == 3
         assert ca.stats().nodes_lost == 1
         assert ca.stats().lost_with_nodes == 0
+
+
+@pytest.mark.parametrize("via", ["heartbeat", "bucket"])
+async def test_a_record_naming_another_node_than_its_subject_or_key_is_ignored(
+    nats: NatsServer, via: str
+) -> None:
+    """A record on the heartbeat subject (or under the bucket key) of node ``fake`` that
+    names the live node ``b``, with a new id prefix, was taken as ``b`` restarted: ``a``
+    counted ``b`` lost (its agents re-placed, requests to it failed). A subject or a key
+    is what NATS permissions can restrict to one node; the name inside the record is
+    anyone's to write. Such a record is malformed now and changes nothing."""
+    async with (
+        _node(nats.url, "b") as (kb, cb),
+        _node(nats.url, "a") as (ka, ca),
+        _hostile(nats.url) as hostile,
+    ):
+        kb.spawn(echo, name="echo-b")
+        await cb.names_published()
+        spoof = _record("b", id_prefix="00000000000000ef", joined=1e12)
+        with trio.fail_after(20):
+            await _members_heard(ca, "b")
+            if via == "heartbeat":
+                await hostile.publish("nexus.hb.fake", spoof)
+            else:
+                await hostile.put("nodes", "fake", spoof)
+            await hostile.put("nodes", "marker", _record("marker"))
+            await _members_heard(ca, "marker")
+            await ca.wait_for_name("echo-b")
+            assert await ka.request("echo-b", 4) == 4
+        assert ca.stats().nodes_lost == 0
+        assert {info.node: info.id_prefix for info in ca.member_list()}["b"] == cb.id_prefix

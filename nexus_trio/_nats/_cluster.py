@@ -2968,7 +2968,7 @@ class Cluster:
         if op == "PURGE" or not value:
             return  # expired by TTL: the loss checker decides, on this node's clock
         try:
-            info = decode_record(value, monotonic())
+            info = decode_record(value, monotonic(), key)
         except ValueError as exc:
             self._records_malformed += 1
             if self._record_log.due():

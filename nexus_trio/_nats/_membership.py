@@ -107,11 +107,13 @@ def encode_record(
     ).encode()
 
 
-def decode_record(data: bytes, seen_at: float) -> NodeInfo:
+def decode_record(data: bytes, seen_at: float, node: str | None = None) -> NodeInfo:
     """The :class:`NodeInfo` of a record; ValueError naming what is wrong with one that no
     kernel writes. Anyone who may write the nodes bucket or publish on the heartbeat
     subjects can send one, so nothing in it may raise anything else (a record nested too
-    deeply, a pid of ``Infinity``) or carry a number a kernel cannot use."""
+    deeply, a pid of ``Infinity``) or carry a number a kernel cannot use. ``node``: the
+    node its heartbeat subject or bucket key names, which the record must name too (NATS
+    permissions can restrict a subject or a key to one node, not what a record says)."""
     try:
         obj = json.loads(data)
     except RecursionError:
@@ -137,8 +139,11 @@ def decode_record(data: bytes, seen_at: float) -> NodeInfo:
     stats = obj.get("stats") or {}
     if not isinstance(stats, dict):
         raise ValueError(f"membership record: bad 'stats': a JSON {type(stats).__name__}")
+    name = field("node", str)
+    if node is not None and name != node:
+        raise ValueError(f"membership record: names node {brief(name, 60)}, sent as {node!r}")
     return NodeInfo(
-        node=field("node", str),
+        node=name,
         id_prefix=field("id_prefix", _hex64),
         pid=field("pid", int),
         host=field("host", str),
