@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import struct
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -23,8 +25,18 @@ import nats as nats_py
 import pytest
 import trio
 
-from nexus_trio import Context, EventKind, Kernel, Message, agent, open_kernel
+from nexus_trio import (
+    Context,
+    EventKind,
+    Kernel,
+    Message,
+    MessageKind,
+    agent,
+    open_kernel,
+)
 from nexus_trio._nats import Cluster, NatsServer, join_cluster
+from nexus_trio._nats import _batch as batch
+from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import call_aio
 
 from .nats_server import FAST, node_config
@@ -51,8 +63,10 @@ class Hostile:
     nc: Any
     prefix: str
 
-    async def publish(self, subject: str, data: bytes) -> None:
-        await call_aio(self.nc.publish, subject, data)
+    async def publish(
+        self, subject: str, data: bytes, headers: dict[str, str] | None = None
+    ) -> None:
+        await call_aio(self.nc.publish, subject, data, headers=headers)
 
     async def put(self, bucket: str, key: str, value: bytes) -> None:
         async def put() -> None:
@@ -75,7 +89,7 @@ async def _hostile(url: str, prefix: str = "nexus") -> AsyncIterator[Hostile]:
             await call_aio(nc.close)
 
 
-def _record(node: str, **fields: Any) -> bytes:
+def _record(node: str, /, **fields: Any) -> bytes:
     """A membership record as a kernel writes it, with ``fields`` replaced (raw JSON text
     for a value that is a ``bytes``)."""
     record: dict[str, Any] = {
@@ -93,6 +107,14 @@ def _record(node: str, **fields: Any) -> bytes:
         for key, value in record.items()
     ]
     return ("{" + ",".join(parts) + "}").encode()
+
+
+def _frame(kind: int, body: bytes) -> bytes:
+    return struct.pack(">IB", len(body) + 1, kind) + body
+
+
+def _tell(to: str, payload: Any, kind: MessageKind = MessageKind.COMMAND) -> bytes:
+    return wire.encode_tell(Message(uuid.uuid4(), to, payload, kind))
 
 
 @agent(name="echo")
@@ -235,3 +257,35 @@ async def test_a_record_naming_another_node_than_its_subject_or_key_is_ignored(
             assert await ka.request("echo-b", 4) == 4
         assert ca.stats().nodes_lost == 0
         assert {info.node: info.id_prefix for info in ca.member_list()}["b"] == cb.id_prefix
+
+
+@pytest.mark.parametrize("sender", ["n" * 5000, "x.*", "with space"])
+async def test_a_sender_name_that_is_no_node_name_is_malformed_and_the_node_stays_connected(
+    nats: NatsServer, sender: str
+) -> None:
+    """A batch head or a sequence mark names its sender's node; the receiver returns
+    credit to it on ``<prefix>.node.<that name>.batch``. A name of 5,000 characters (past
+    the server's control line) or with a dot or a wildcard made the receiver publish on a
+    subject the server refuses: it closed the receiver's data connection (what was in
+    flight to it lost), at the will of any peer. Such a batch or mark is malformed now."""
+    async with _node(nats.url, "a") as (ka, ca), _hostile(nats.url) as hostile:
+        echo_ref = ka.spawn(echo, name="echo-a")
+        name = sender.encode()
+        head = struct.pack(">4sQQQQIH", batch.MAGIC, 1, 2, ca.id_prefix, 5, 1, len(name)) + name
+        tell = _frame(batch.TELL, _tell("echo-a", "hostile"))
+        mark = f"{sender}:2.1.{ca.id_prefix:x}.9".encode()
+        with trio.fail_after(20):
+            await hostile.publish("nexus.node.a.batch", head + tell)
+            await hostile.publish("nexus.node.a.seq", mark)
+            query = Message(uuid.uuid4(), echo_ref.id, "after", MessageKind.QUERY)
+            raw = await call_aio(
+                hostile.nc.request,
+                f"nexus.node.a.agent.{echo_ref.id}",
+                query.to_json().encode(),
+                timeout=10,
+            )
+        assert Message.from_json(raw.data).payload == "after"
+        stats = ca.stats()
+        assert stats.disconnects == 0
+        assert stats.inbound_dropped == {"malformed_batch": 1, "malformed": 1}
+        assert stats.lost_in_transit == 0

@@ -343,7 +343,9 @@ def sealed_batches(draw: st.DrawFn) -> tuple[bytes, list[Message]]:
         link.add_tell(wire.encode_tell(msg))
     if draw(st.booleans()):
         link.credit_due = (draw(st.integers(0, 2**64 - 1)), draw(st.integers(0, 2**64 - 1)))
-    body, _ = link.seal(draw(names).encode(), 1, 7)
+    # the sender's node name: a node name (a batch naming another sender is malformed)
+    node = draw(st.text("abcXYZ019_-", min_size=1, max_size=wire.NODE_NAME_MAX))
+    body, _ = link.seal(node.encode(), 1, 7)
     return body, tells
 
 

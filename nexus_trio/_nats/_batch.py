@@ -37,6 +37,7 @@ from typing import Final, final
 import trio
 
 from .._message import Address
+from ._wire import NODE_NAME_MAX, is_node_name
 
 MAGIC: Final = b"NXB2"
 #: NXB1, the version before binary tells, is still read (its tells are format 1 JSON,
@@ -98,6 +99,12 @@ def parse_head(data: bytes) -> tuple[BatchHead, int]:
         node = data[HEAD_SIZE:end].decode()
     except UnicodeDecodeError as exc:
         raise BatchError(f"batch node name is not UTF-8: {exc}") from None
+    if not is_node_name(node):
+        # the receiver returns credit on a subject holding the name (see _cluster)
+        raise BatchError(
+            f"batch node name {node[:40]!r} ({len(node)} characters) is no node name:"
+            f" letters, digits, '-' or '_', at most {NODE_NAME_MAX}"
+        )
     if first < 1:
         raise BatchError(f"batch first number {first} (numbers start at 1)")
     return BatchHead(node, sender_prefix, session, dest_prefix, first, numbered), end

@@ -361,7 +361,7 @@ class Cluster:
         self.handle: TransportHandle | None = None
         # Credentials in the URLs move to ``auth``: the URLs are shown in logs and errors.
         self.servers, self.auth = split_credentials(list(servers), auth or NatsAuth())
-        self.node = wire.check_token("node name", node)
+        self.node = wire.check_node_name(node)
         self.options = options
         self.prefix = options.prefix
         self.id_prefix = process_id_prefix()

@@ -89,6 +89,11 @@ SESSION_HEADER: Final = "Nexus-Session"
 TYPE_PREFIX: Final = "type:"
 
 _TOKEN: Final = re.compile(r"[A-Za-z0-9_-]+")
+#: the longest node name: a receiver publishes on subjects that hold a sender's name (its
+#: credit, see ``_batch``), and NATS refuses a subject past its control line (4 KiB by
+#: default) by closing the publisher's connection
+NODE_NAME_MAX: Final = 255
+_NODE_NAME: Final = re.compile(rf"[A-Za-z0-9_-]{{1,{NODE_NAME_MAX}}}")
 _PLAIN_KEY: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 
 
@@ -579,6 +584,22 @@ def check_token(what: str, value: str) -> str:
     return value
 
 
+def check_node_name(value: str) -> str:
+    """``value`` as a node name (one subject token of at most :data:`NODE_NAME_MAX`
+    characters); ValueError naming it otherwise."""
+    check_token("node name", value)
+    if len(value) > NODE_NAME_MAX:
+        raise ValueError(
+            f"node name {value[:40]!r}... is {len(value)} characters long (at most {NODE_NAME_MAX})"
+        )
+    return value
+
+
+def is_node_name(value: str) -> bool:
+    """Whether ``value`` (a name a peer sent: a batch head's) is a node name."""
+    return _NODE_NAME.fullmatch(value) is not None
+
+
 def type_address(type_name: str) -> str:
     """The address of "any replica of agent type ``type_name``" (a NATS queue group).
 
@@ -657,7 +678,9 @@ def parse_sequence(value: str) -> tuple[str, int, int]:
 
 _HEX: Final = "(?:0|[1-9a-f][0-9a-f]*)"
 #: the stream is ``<node>.<id prefix>``, the node with its join's session (``n:5f.1``)
-_SEQUENCE: Final = re.compile(rf"([A-Za-z0-9_-]+(?::{_HEX})?\.{_HEX})\.({_HEX})\.(0|[1-9][0-9]*)")
+_SEQUENCE: Final = re.compile(
+    rf"([A-Za-z0-9_-]{{1,{NODE_NAME_MAX}}}(?::{_HEX})?\.{_HEX})\.({_HEX})\.(0|[1-9][0-9]*)"
+)
 
 
 def durable_subject(prefix: str, node: str, agent_id: uuid.UUID | str) -> str:
