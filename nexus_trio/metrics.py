@@ -87,6 +87,9 @@ _HOST: Final = re.compile(
     rb"(?:\[[A-Za-z0-9._~!$&'()*+,;=:-]+\]|(?:[A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})*)"
     rb"(?::[0-9]*)?"
 )
+#: the start of a request line whose method is HEAD (RFC 9112 3: the method, then
+#: whitespace: SP, or HTAB, VT, FF or a bare CR, which a server may take for SP)
+_HEAD_METHOD: Final = re.compile(rb"HEAD[ \t\x0b\x0c\r]")
 #: a body shorter than this is sent joined to its head, a longer one after it
 _JOIN_BELOW: Final = 65536
 #: samples rendered between two checkpoints (about 4 us each here: a piece is ~2 ms)
@@ -749,12 +752,12 @@ def _header_problem(head: bytes, version: str) -> bytes | None:
     return None
 
 
-async def _read_head(stream: trio.abc.Stream) -> bytes | None:
+async def _read_head(stream: trio.abc.Stream) -> tuple[bytes, bool]:
     """The request head, up to the empty line that ends it (``CRLF`` or bare ``LF`` line
     ends) or all the client sent before it ended its side, without the empty lines before
-    its request line (RFC 9112 2.2: skipped); ``None`` if it is longer than
+    its request line (RFC 9112 2.2: skipped), and True; or, if it is longer than
     ``_MAX_REQUEST_HEAD`` bytes (those empty lines included), however it was cut into
-    reads."""
+    reads, what was read of it (without those empty lines) and False."""
     data = bytearray()
     skipped = 0  # the empty lines before the request line
     line_started = False
@@ -767,13 +770,15 @@ async def _read_head(stream: trio.abc.Stream) -> bytes | None:
             searched = max(searched, skipped)
         end = _HEAD_END.search(data, searched)
         if end is not None:
-            return bytes(data[skipped : end.end()]) if end.end() <= _MAX_REQUEST_HEAD else None
+            if end.end() <= _MAX_REQUEST_HEAD:
+                return bytes(data[skipped : end.end()]), True
+            return bytes(data[skipped:]), False
         if len(data) > _MAX_REQUEST_HEAD:
-            return None
+            return bytes(data[skipped:]), False
         searched = max(len(data) - 2, 0)  # an end ("\n\r\n") may start in the last 2 bytes
         chunk = await stream.receive_some(4096)
         if not chunk:
-            return bytes(data[skipped:])
+            return bytes(data[skipped:]), True
         data += chunk
 
 
@@ -791,9 +796,11 @@ async def _handle_connection(
 
     try:
         with trio.move_on_after(_REQUEST_TIMEOUT):
-            head = await _read_head(stream)
-            if head is None:
-                await refuse(431, b"request head too large\n")
+            head, fits = await _read_head(stream)
+            if not fits:
+                # an answer to HEAD has no body (RFC 9110 9.3.2), whatever it refuses
+                asks_head = _HEAD_METHOD.match(head) is not None
+                await refuse(431, b"request head too large\n", head=asks_head)
                 return
             request_line = head.split(b"\n", 1)[0].decode("latin-1").strip()
             parts = request_line.split()

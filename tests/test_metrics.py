@@ -1579,3 +1579,25 @@ async def _answer_to_a_byte_at_a_time(request: bytes) -> bytes:
                 data += chunk
             await client.aclose()
     return data
+
+
+async def test_a_head_request_past_8_kib_gets_431_without_a_body():
+    """Regression: a ``HEAD`` request whose head was past 8 KiB got its ``431`` with a body
+    (``request head too large``), which an answer to ``HEAD`` never has (RFC 9110 9.3.2):
+    a client reading it took the body for the start of the next answer. It gets the head
+    of the answer only, its ``Content-Length`` saying what a ``GET`` would get; a ``GET``
+    still gets the body, and so does a request whose method is not ``HEAD``."""
+    huge = b"X: " + b"a" * 9000 + b"\r\n\r\n"
+    expected = b"request head too large\n"
+    async with open_test_kernel() as kernel, trio.open_nursery() as nursery:
+        port = await nursery.start(serve_metrics, kernel, "127.0.0.1", 0)
+        for request, body in (
+            (b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n" + huge, b""),
+            (b"\r\nHEAD /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", b""),  # in its request line
+            (b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + huge, expected),
+            (b"HEADER /metrics HTTP/1.1\r\nHost: x\r\n" + huge, expected),
+        ):
+            status, headers, got = await http(port, request)
+            assert (status, got) == (431, body), request[:20]
+            assert headers["content-length"] == str(len(expected))
+        nursery.cancel_scope.cancel()
