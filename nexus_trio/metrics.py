@@ -805,7 +805,7 @@ async def _handle_connection(
             request_line = head.split(b"\n", 1)[0].decode("latin-1").strip()
             parts = request_line.split()
             if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-                if request_line:
+                if head:  # (else the client ended its side before a request line)
                     await refuse(400, b"bad request\n")
                 return
             method, target, version = parts

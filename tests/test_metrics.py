@@ -1601,3 +1601,25 @@ async def test_a_head_request_past_8_kib_gets_431_without_a_body():
             assert (status, got) == (431, body), request[:20]
             assert headers["content-length"] == str(len(expected))
         nursery.cancel_scope.cancel()
+
+
+async def test_a_request_line_of_whitespace_only_gets_400_not_a_silent_close():
+    """Regression: a request line of spaces, tabs or other whitespace only (``" \\r\\n\\r\\n"``)
+    was taken for no request line at all: the connection was closed without an answer and
+    the request counted nowhere. It is a request line that is not ``METHOD TARGET HTTP/x``:
+    ``400``, counted; only empty lines before the client's end still get no answer."""
+    async with open_test_kernel() as kernel, trio.open_nursery() as nursery:
+        renderer = MetricsRenderer(kernel, process=False)
+        port = await nursery.start(
+            lambda task_status: serve_metrics(
+                kernel, "127.0.0.1", 0, renderer=renderer, task_status=task_status
+            )
+        )
+        for request in (b" \r\n\r\n", b"\t\r\nHost: x\r\n\r\n", b"\r\n \x0b", b"\x0c"):
+            answer = await http_raw(port, request)
+            assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), request
+            assert answer.endswith(b"\r\n\r\nbad request\n"), request
+        assert await http_raw(port, b"\r\n\r\n\n") == b""
+        assert renderer.endpoint is not None
+        assert renderer.endpoint.refused[400] == 4
+        nursery.cancel_scope.cancel()
