@@ -87,8 +87,12 @@ _HOST: Final = re.compile(
     rb"(?:\[[A-Za-z0-9._~!$&'()*+,;=:-]+\]|(?:[A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})*)"
     rb"(?::[0-9]*)?"
 )
-#: the start of a request line whose method is HEAD (RFC 9112 3: the method, then
-#: whitespace: SP, or HTAB, VT, FF or a bare CR, which a server may take for SP)
+#: what separates the parts of a request line (RFC 9112 3: SP, or HTAB, VT, FF or a bare
+#: CR, which a server may take for SP); not what str.split() takes for whitespace in
+#: Latin-1 (0x1C-0x1F, 0x85, 0xA0 too): a proxy in front would not see the same parts
+_REQUEST_LINE_SPACES: Final = b" \t\x0b\x0c\r"
+_REQUEST_LINE_SPACE: Final = re.compile(rb"[ \t\x0b\x0c\r]+")
+#: the start of a request line whose method is HEAD
 _HEAD_METHOD: Final = re.compile(rb"HEAD[ \t\x0b\x0c\r]")
 #: a body shorter than this is sent joined to its head, a longer one after it
 _JOIN_BELOW: Final = 65536
@@ -802,8 +806,8 @@ async def _handle_connection(
                 asks_head = _HEAD_METHOD.match(head) is not None
                 await refuse(431, b"request head too large\n", head=asks_head)
                 return
-            request_line = head.split(b"\n", 1)[0].decode("latin-1").strip()
-            parts = request_line.split()
+            request_line = head.split(b"\n", 1)[0].strip(_REQUEST_LINE_SPACES)
+            parts = [part.decode("latin-1") for part in _REQUEST_LINE_SPACE.split(request_line)]
             if len(parts) != 3 or not parts[2].startswith("HTTP/"):
                 if head:  # (else the client ended its side before a request line)
                     await refuse(400, b"bad request\n")

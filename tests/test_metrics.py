@@ -1623,3 +1623,22 @@ async def test_a_request_line_of_whitespace_only_gets_400_not_a_silent_close():
         assert renderer.endpoint is not None
         assert renderer.endpoint.refused[400] == 4
         nursery.cancel_scope.cancel()
+
+
+async def test_a_request_line_is_split_on_http_whitespace_only():
+    """Regression: the request line was split on what Python takes for whitespace in
+    Latin-1, so ``GET\\xa0/healthz\\xa0HTTP/1.1`` (no-break spaces, or the bytes 0x1C-0x1F,
+    0x85: no separators in HTTP) was served as ``GET /healthz``, where a proxy in front
+    sees one word: the two disagree on what was asked. The parts are separated by SP, HTAB,
+    VT, FF or a bare CR only (RFC 9112 3); another byte is part of a word."""
+    async with open_test_kernel() as kernel, trio.open_nursery() as nursery:
+        port = await nursery.start(serve_metrics, kernel, "127.0.0.1", 0)
+        for sep in (b"\xa0", b"\x85", b"\x1c", b"\x1f"):
+            request = b"GET" + sep + b"/healthz" + sep + b"HTTP/1.1\r\nHost: x\r\n\r\n"
+            assert (await http(port, request))[0] == 400, sep
+            request = b"GET /healthz" + sep + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+            assert (await http(port, request))[0] == 404, sep  # a path of its own
+        for sep in (b" ", b"\t", b"\x0b", b"\x0c", b"\r", b" \t "):
+            request = b"GET" + sep + b"/healthz" + sep + b"HTTP/1.1\r\nHost: x\r\n\r\n"
+            assert (await http(port, request))[::2] == (200, b"ok\n"), sep
+        nursery.cancel_scope.cancel()
