@@ -131,7 +131,7 @@ class EndpointStats:
     #: closed (the next connections waited in the listen backlog)
     limited: int = 0
     #: requests refused, by the status of the answer: 400 (not an HTTP request, a bad
-    #: ``Host`` or header line), 404 (an unknown path), 405 (a method other than GET and
+    #: ``Host`` or header line, a target in absolute form that is no URL), 404 (an unknown path), 405 (a method other than GET and
     #: HEAD), 431 (a head past 8 KiB); every one of them there from the start
     refused: dict[int, int] = attrs.field(factory=lambda: dict.fromkeys(_REFUSALS, 0))
 
@@ -697,12 +697,16 @@ def _response(status: int, body: bytes, content_type: str, *, head: bool = False
     return head_bytes if head else head_bytes + body
 
 
-def _path_of(target: str) -> str:
+def _path_of(target: str) -> str | None:
     """The path of a request target: of the origin form (``/metrics?x=1``), or of the
     absolute form (``http://host:9464/metrics``, sent through a proxy; RFC 9112 3.2.2: a
-    server must accept it), where an empty path is ``/``."""
+    server must accept it), where an empty path is ``/``; None for an absolute form that
+    is no URL (``http://[::1/``: the parser raises ValueError)."""
     if target[:8].lower().startswith(("http://", "https://")):
-        return urllib.parse.urlsplit(target).path or "/"
+        try:
+            return urllib.parse.urlsplit(target).path or "/"
+        except ValueError:
+            return None
     return target.split("?", 1)[0]
 
 
@@ -713,6 +717,8 @@ async def _route(
     if method not in ("GET", "HEAD"):
         return 405, b"method not allowed\n", text
     path = _path_of(target)
+    if path is None:
+        return 400, b"bad request: the target is not a URL\n", text
     if path == "/metrics":
         return 200, await renderer.render(), CONTENT_TYPE_PLAIN_0_0_4
     if path == "/healthz":

@@ -1642,3 +1642,34 @@ async def test_a_request_line_is_split_on_http_whitespace_only():
             request = b"GET" + sep + b"/healthz" + sep + b"HTTP/1.1\r\nHost: x\r\n\r\n"
             assert (await http(port, request))[::2] == (200, b"ok\n"), sep
         nursery.cancel_scope.cancel()
+
+
+async def test_a_target_in_absolute_form_that_is_no_url_gets_400_not_500(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression: a target in absolute form that is no URL (``http://[::1/metrics``: an
+    IPv6 literal without its ``]``, or ``http://[abc]/``: not an IP address) made the URL
+    parser raise ``ValueError``, taken for a failed render: ``500 the metrics render
+    failed``, an ERROR with a traceback logged for each such request (a client could fill
+    the log), and not counted as refused. It is a bad request: ``400``, counted, not
+    logged."""
+    async with open_test_kernel() as kernel, trio.open_nursery() as nursery:
+        renderer = MetricsRenderer(kernel, process=False)
+        port = await nursery.start(
+            lambda task_status: serve_metrics(
+                kernel, "127.0.0.1", 0, renderer=renderer, task_status=task_status
+            )
+        )
+        targets = ("http://[::1/metrics", "http://[abc]/metrics", "HTTPS://[", "http://]/")
+        for target in targets:
+            for method in ("GET", "HEAD"):
+                request = f"{method} {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+                status, headers, body = await http(port, request)
+                expected = b"bad request: the target is not a URL\n"
+                assert (status, body) == (400, b"" if method == "HEAD" else expected), target
+                assert headers["content-length"] == str(len(expected))
+        assert renderer.endpoint is not None
+        assert renderer.endpoint.refused[400] == 2 * len(targets)
+        assert renderer.renders == 0
+        nursery.cancel_scope.cancel()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
