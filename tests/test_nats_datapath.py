@@ -16,7 +16,7 @@ import struct
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -3512,13 +3512,13 @@ async def test_a_forwarded_query_whose_requester_gives_up_is_cancelled_on_the_th
     assert not cb._reply_routes and not cb._outstanding
 
 
-async def test_a_forwarded_query_with_no_responders_on_the_third_node_fails_at_once(
-    nats: NatsServer,
-) -> None:
-    """NATS's "no responders" for the query b's router sent on to c (c gone, b not aware
-    yet) fails a's request at once with RequestFailed (``no_such_agent``), as a query a
-    handler forwards to an agent that does not exist does; an answer that comes to b
-    after that finds no route: counted ``unroutable_reply`` on b."""
+async def _held_forward_fails(
+    url: str, meanwhile: Callable[[Cluster, Cluster, Message], Awaitable[None]]
+) -> tuple[RequestFailed, Message, Cluster]:
+    """a asks b's router, which sends the query on to c, whose worker holds it; then
+    ``meanwhile(cb, cc, query)`` runs, and a's request must fail (RequestFailed). The
+    worker answers after all, and that answer must reach b, counted in its
+    ``inbound_dropped``. The failure, the query c took and b's cluster."""
     asked: list[Message] = []
     started, gate = trio.Event(), trio.Event()
 
@@ -3528,29 +3528,44 @@ async def test_a_forwarded_query_with_no_responders_on_the_third_node_fails_at_o
         await gate.wait()
         return "after all"
 
-    async with _three_nodes(nats.url, worker) as ((ka, _ca), (kb, cb), (kc, cc)):
+    async with _three_nodes(url, worker) as ((ka, _ca), (kb, cb), (kc, cc)):
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
 
-                async def no_responders() -> None:
+                async def when_held() -> None:
                     await started.wait()
-                    # what NATS answers a request to a subject nobody serves
-                    await call_aio(
-                        cc.nc.publish,
-                        wire.reply_subject(cb.prefix, cb.node, asked[0].id),
-                        b"",
-                        headers={"Status": "503"},
-                    )
+                    await meanwhile(cb, cc, asked[0])
 
-                nursery.start_soon(no_responders)
+                nursery.start_soon(when_held)
                 with pytest.raises(RequestFailed) as failed:
                     await ka.request("router", "work", timeout=30)
             gate.set()
             while not cb.stats().inbound_dropped:  # noqa: ASYNC110 (a count: no event)
                 await trio.sleep(0.01)
         _books_balance(ka, kb, kc)
-    assert failed.value.reason == "no_such_agent"
-    assert failed.value.request_id == asked[0].id
+    return failed.value, asked[0], cb
+
+
+async def test_a_forwarded_query_with_no_responders_on_the_third_node_fails_at_once(
+    nats: NatsServer,
+) -> None:
+    """NATS's "no responders" for the query b's router sent on to c (c gone, b not aware
+    yet) fails a's request at once with RequestFailed (``no_such_agent``), as a query a
+    handler forwards to an agent that does not exist does; an answer that comes to b
+    after that finds no route: counted ``unroutable_reply`` on b."""
+
+    async def no_responders(cb: Cluster, cc: Cluster, query: Message) -> None:
+        # what NATS answers a request to a subject nobody serves
+        await call_aio(
+            cc.nc.publish,
+            wire.reply_subject(cb.prefix, cb.node, query.id),
+            b"",
+            headers={"Status": "503"},
+        )
+
+    failed, query, cb = await _held_forward_fails(nats.url, no_responders)
+    assert failed.reason == "no_such_agent"
+    assert failed.request_id == query.id
     assert cb.stats().replies_relayed == 1
     assert cb.stats().errors_replied == {}
     assert cb.stats().inbound_dropped == {"unroutable_reply": 1}
@@ -3574,3 +3589,74 @@ async def test_a_relayed_error_frame_the_nats_client_refuses_is_counted_once(
     assert (counted.replies_relayed, counted.errors_unsent) == (0, {"relayed": 1})
     assert (counted.errors_replied, counted.publish_failures) == ({}, 0)
     assert cc.stats().errors_replied == {"request_failed": 1}
+
+
+def _refuse_queries(monkeypatch: pytest.MonkeyPatch) -> list[Cluster]:
+    """From when a cluster is put in the returned list (patched before the nodes start:
+    each outbox keeps the publish it was made with), its NATS client refuses every query
+    it is given (``publish`` raises, as nats-py does while it reconnects and its buffer
+    is full)."""
+    from nats.errors import OutboundBufferLimitError
+
+    refusing: list[Cluster] = []
+    original = Cluster._publish_one
+
+    def publish_one(self: Cluster, out: Any) -> Any:
+        if self not in refusing or not out[1]:  # (only a query has a reply subject)
+            return original(self, out)
+
+        async def refused() -> None:
+            raise OutboundBufferLimitError
+
+        return refused()
+
+    monkeypatch.setattr(Cluster, "_publish_one", publish_one)
+    return refusing
+
+
+async def test_a_forwarded_query_the_nats_client_refuses_fails_its_requester_at_once(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: the query b's router sent on to c was refused by b's NATS client; b
+    failed the request it found pending for it, but none was (its requester is on a),
+    and a waited for its whole timeout. b answers a's requester with the error frame
+    (``errors_replied``: b made it), and a's request fails at once."""
+    handled: list[Message] = []
+
+    async def worker(ctx: Context, msg: Message) -> Any:
+        handled.append(msg)
+        return "from c"
+
+    refusing = _refuse_queries(monkeypatch)
+    async with _three_nodes(nats.url, worker) as ((ka, _ca), (kb, cb), (kc, _cc)):
+        refusing.append(cb)
+        with trio.fail_after(5), pytest.raises(RequestFailed) as failed:
+            await ka.request("router", "work", timeout=30)
+        _books_balance(ka, kb, kc)
+    assert "TransportUnavailable" in str(failed.value) and "NATS refused" in str(failed.value)
+    assert handled == []
+    counted = cb.stats()
+    assert (counted.errors_replied, counted.replies_relayed) == ({"request_failed": 1}, 0)
+    assert counted.publish_failures == 1
+    assert not cb._reply_routes and not cb._outstanding
+
+
+async def test_a_forwarded_query_whose_third_node_is_lost_fails_its_requester_at_once(
+    nats: NatsServer,
+) -> None:
+    """Regression: c, which b's router had sent a query on to, was judged lost on b; b
+    failed the request it found pending for it, but none was (its requester is on a),
+    and a waited for its whole timeout. b answers a's requester with the error frame
+    (``errors_replied``), a's request fails at once, and c's answer that comes after all
+    finds no route on b (``unroutable_reply``)."""
+
+    async def lose_c(cb: Cluster, cc: Cluster, query: Message) -> None:
+        # what _check_members does for a node that missed its heartbeats
+        cb._node_lost(cb.members.members["c"])
+
+    failed, _, cb = await _held_forward_fails(nats.url, lose_c)
+    assert "TransportUnavailable" in str(failed) and "unreachable" in str(failed)
+    counted = cb.stats()
+    assert (counted.errors_replied, counted.replies_relayed) == ({"request_failed": 1}, 0)
+    assert counted.inbound_dropped == {"unroutable_reply": 1}
+    assert not cb._reply_routes and not cb._outstanding

@@ -28,7 +28,9 @@ Guarantees (what the caller of ``kernel.send`` / ``kernel.request`` gets):
   gone), or ``TransportUnavailable`` when the node is known unreachable, or
   ``RequestTimeout`` at the kernel's deadline; a query the remote handler forwards to
   an agent on a third node gets that agent's answer or error, passed on by the node in
-  between, and a cancel passed on the same way (``replies_relayed``, ``cancels_sent``);
+  between, and a cancel passed on the same way (``replies_relayed``, ``cancels_sent``),
+  or, when the query cannot reach that node (refused, the node lost), an error frame
+  the node in between makes (``errors_replied``);
 * :meth:`Cluster.send_durable` is *at least once* through JetStream (see ``_durable``).
 """
 
@@ -2302,8 +2304,14 @@ class Cluster:
             )
 
     def _fail_request(self, query_id: uuid.UUID, error: BaseException) -> None:
-        if self.handle is not None:
-            self.handle.fail_request(query_id, error)
+        """Query ``query_id`` that this node sent will get no answer: its requester gets
+        ``error``. One that waits here has it raised by its request; for a query a
+        handler here sent on for a requester on another node (a router agent), no request
+        waits here and that requester gets ``error`` in an error frame (made here, so
+        counted in ``errors_replied``, see :meth:`query_failed`)."""
+        handle = self.handle
+        if handle is None or not handle.fail_request(query_id, error):
+            self.query_failed(query_id, error)
 
     def _into_kernel_nowait(self, msg: Message) -> bool:
         """:meth:`_into_kernel` if it needs no wait: True if taken. Once the consumer
