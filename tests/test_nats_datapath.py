@@ -3660,3 +3660,40 @@ async def test_a_forwarded_query_whose_third_node_is_lost_fails_its_requester_at
     assert (counted.errors_replied, counted.replies_relayed) == ({"request_failed": 1}, 0)
     assert counted.inbound_dropped == {"unroutable_reply": 1}
     assert not cb._reply_routes and not cb._outstanding
+
+
+async def test_a_relayed_answer_the_requesters_wire_form_cannot_carry_is_counted(
+    nats: NatsServer,
+) -> None:
+    """Regression: c's answer to a query b's router sent on for a requester asking in
+    the kernel's JSON form (a plain NATS client) was nested too deeply for that form
+    (not for the nodes' compact one): b's relay raised ValueError out of its NATS
+    callback, logged as an error, the answer counted nowhere. The requester gets the
+    error frame (``unserialisable``) and b counts the answer in ``inbound_dropped``
+    (``unrelayable_reply``)."""
+    deep: Any = []
+    for _ in range(500):
+        deep = [deep]
+
+    async def worker(ctx: Context, msg: Message) -> Any:
+        return deep if msg.payload == "deep" else msg.payload
+
+    async with _three_nodes(nats.url, worker) as ((_ka, ca), (kb, cb), (kc, _cc)):
+        router = kb.lookup("router").id
+        subject = wire.agent_subject(cb.prefix, cb.node, router)
+
+        async def ask(payload: str) -> Any:
+            query = Message(uuid.uuid4(), router, payload, kind=MessageKind.QUERY)
+            return await call_aio(ca.nc.request, subject, query.to_json().encode(), timeout=10)
+
+        with trio.fail_after(20):
+            raw = await ask("deep")
+            fine = Message.from_json((await ask("fine")).data)
+        _books_balance(kb, kc)
+    assert (raw.headers or {}).get(wire.ERROR_HEADER) == "request_failed"
+    assert json.loads(raw.data)["reason"] == "unserialisable"
+    assert fine.payload == "fine"
+    counted = cb.stats()
+    assert counted.inbound_dropped == {"unrelayable_reply": 1}
+    assert (counted.errors_replied, counted.replies_relayed) == ({"request_failed": 1}, 1)
+    assert not cb._reply_routes and not cb._outstanding

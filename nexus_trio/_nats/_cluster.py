@@ -1889,11 +1889,17 @@ class Cluster:
                     relaying = bool(self._reply_routes) and query_id in self._reply_routes
                     try:
                         self.kernel.send_nowait(reply)
-                        self._forwarded_in += 1
                     except (AgentNotFound, KernelShuttingDown, MailboxFull, TransportUnavailable):
                         self._dropped["unroutable_reply"] += 1
-                    if relaying and query_id not in self._reply_routes:
-                        self._replies_relayed += 1
+                    except (TypeError, ValueError):
+                        # An answer to pass on that the requester's wire form cannot
+                        # carry (its JSON form: nested too deeply, say): _route sent that
+                        # requester an error frame instead (see _unencodable_reply)
+                        self._dropped["unrelayable_reply"] += 1
+                    else:
+                        self._forwarded_in += 1
+                        if relaying and query_id not in self._reply_routes:
+                            self._replies_relayed += 1
                 return True
             self._accept(m, None)
             return True
