@@ -3697,3 +3697,26 @@ async def test_a_relayed_answer_the_requesters_wire_form_cannot_carry_is_counted
     assert counted.inbound_dropped == {"unrelayable_reply": 1}
     assert (counted.errors_replied, counted.replies_relayed) == ({"request_failed": 1}, 1)
     assert not cb._reply_routes and not cb._outstanding
+
+
+async def test_a_forwarded_querys_answer_that_waits_in_the_inbox_is_passed_on(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: c's answer to a query b's router sent on was passed on to its
+    requester on a only when b took it at once; one that waited in b's inbox (messages
+    ahead of it: the pump busy, or nodes sending faster than it delivers) went into b's
+    kernel as for a request waiting on b, which none was: dropped ``unroutable_reply``,
+    and a waited for its whole timeout. The pump passes it on as well."""
+
+    async def worker(ctx: Context, msg: Message) -> Any:
+        return ["from c", msg.payload]
+
+    async with _three_nodes(nats.url, worker) as ((ka, _ca), (kb, cb), (kc, _cc)):
+        # what b's NATS callback does while its inbox holds messages: each goes behind
+        monkeypatch.setattr(cb, "_handle_now", lambda m: False)
+        with trio.fail_after(5):
+            assert await ka.request("router", "work", timeout=30) == ["from c", "work"]
+        _books_balance(ka, kb, kc)
+    counted = cb.stats()
+    assert (counted.replies_relayed, counted.inbound_dropped) == (1, {})
+    assert not cb._reply_routes and not cb._outstanding

@@ -1883,23 +1883,7 @@ class Cluster:
                     return False  # not known as ours: the pump delivers without forwarding
                 reply = self._reply_message(m, query_id, asked)
                 if reply is not None:
-                    # A query taken from a requester on another node that a handler here
-                    # sent on (a router agent): the kernel passes the answer on, through
-                    # the route kept for it (see _route)
-                    relaying = bool(self._reply_routes) and query_id in self._reply_routes
-                    try:
-                        self.kernel.send_nowait(reply)
-                    except (AgentNotFound, KernelShuttingDown, MailboxFull, TransportUnavailable):
-                        self._dropped["unroutable_reply"] += 1
-                    except (TypeError, ValueError):
-                        # An answer to pass on that the requester's wire form cannot
-                        # carry (its JSON form: nested too deeply, say): _route sent that
-                        # requester an error frame instead (see _unencodable_reply)
-                        self._dropped["unrelayable_reply"] += 1
-                    else:
-                        self._forwarded_in += 1
-                        if relaying and query_id not in self._reply_routes:
-                            self._replies_relayed += 1
+                    self._reply_in_now(reply, query_id)
                 return True
             self._accept(m, None)
             return True
@@ -2076,12 +2060,37 @@ class Cluster:
         peer = id_value(msg) >> 64
         self._alone_in[peer] = self._alone_in.get(peer, 0) + 1
 
+    def _reply_in_now(self, reply: Message, query_id: uuid.UUID) -> None:
+        """The answer to query ``query_id`` of this node, into the kernel without a wait.
+        For a query taken from a requester on another node that a handler here sent on
+        (a router agent), the kernel passes the answer on, through the route kept for it
+        (see _route), counted in ``replies_relayed``."""
+        relaying = bool(self._reply_routes) and query_id in self._reply_routes
+        try:
+            self.kernel.send_nowait(reply)
+        except (AgentNotFound, KernelShuttingDown, MailboxFull, TransportUnavailable):
+            self._dropped["unroutable_reply"] += 1
+        except (TypeError, ValueError):
+            # An answer to pass on that the requester's wire form cannot carry (its
+            # JSON form: nested too deeply, say): _route sent that requester an error
+            # frame instead (see _unencodable_reply)
+            self._dropped["unrelayable_reply"] += 1
+        else:
+            self._forwarded_in += 1
+            if relaying and query_id not in self._reply_routes:
+                self._replies_relayed += 1
+
     async def _handle_reply(self, m: NatsMsg, query_text: str) -> None:
         query_id = self._reply_query_id(query_text)
         if query_id is None:
             return
         reply = self._reply_message(m, query_id, self._outstanding.pop(query_id, None))
         if reply is None:
+            return
+        if self._reply_routes and query_id in self._reply_routes:
+            # to pass on (see _reply_in_now): no request waits for it in this kernel,
+            # which would take it as a reply to nobody
+            self._reply_in_now(reply, query_id)
             return
         try:
             await self._into_kernel(reply)
