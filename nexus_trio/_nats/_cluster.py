@@ -2508,14 +2508,7 @@ class Cluster:
                         if published is not None:
                             await self._delete_name(kv, name, published[1])
             except Exception as exc:
-                log_guarded(
-                    log,
-                    logging.WARNING,
-                    "node %s: could not drop name %r: %r",
-                    self.node,
-                    name,
-                    exc,
-                )
+                self._name_not_dropped(name, exc)
             finally:
                 self._names_pending -= 1
                 if self._names_pending == 0:
@@ -2642,6 +2635,11 @@ class Cluster:
             agent_id,
         )
         self._name_written(name, agent_id, revision)
+
+    def _name_not_dropped(self, name: str, exc: Exception) -> None:
+        log_guarded(
+            log, logging.WARNING, "node %s: could not drop name %r: %r", self.node, name, exc
+        )
 
     async def _delete_name(self, kv: KeyValue, name: str, revision: int) -> None:
         try:
@@ -3361,14 +3359,7 @@ class Cluster:
                     try:
                         await self._delete_name(kv, name, revision)
                     except Exception as exc:
-                        log_guarded(
-                            log,
-                            logging.WARNING,
-                            "node %s: could not drop name %r: %r",
-                            self.node,
-                            name,
-                            exc,
-                        )
+                        self._name_not_dropped(name, exc)
             try:
                 # (naming this join: heard after a later join's heartbeat of this
                 # process, it must not end that one, see _on_heartbeat)
