@@ -1513,14 +1513,7 @@ class Cluster:
                 if self._handle_now(m):
                     return
             except Exception as exc:
-                log_guarded(
-                    log,
-                    logging.ERROR,
-                    "node %s: a message on %s could not be handled",
-                    self.node,
-                    m.subject,
-                    exc_info=exc,
-                )
+                self._not_handled(m.subject, exc)
                 return
         if not self._inbox.push(m):
             if self._inbox.closed:
@@ -1911,14 +1904,17 @@ class Cluster:
                         self._refuse_inbound(rest)
                     raise
                 except Exception as exc:
-                    log_guarded(
-                        log,
-                        logging.ERROR,
-                        "node %s: a message on %s could not be handled",
-                        self.node,
-                        getattr(m, "subject", self._batch_subject),
-                        exc_info=exc,
-                    )
+                    self._not_handled(getattr(m, "subject", self._batch_subject), exc)
+
+    def _not_handled(self, subject: str, exc: Exception) -> None:
+        log_guarded(
+            log,
+            logging.ERROR,
+            "node %s: a message on %s could not be handled",
+            self.node,
+            subject,
+            exc_info=exc,
+        )
 
     async def _handle(self, m: NatsMsg) -> None:
         subject = m.subject
