@@ -92,6 +92,7 @@ from ._membership import (
     NodeInfo,
     decode_record,
     encode_record,
+    hex64,
     monotonic,
     node_uuid,
     process_id_prefix,
@@ -3626,9 +3627,10 @@ def _parse_last_notice(notice: str, stream: str) -> tuple[int, int, int]:
     prefix, session, recv = obj.get("id_prefix"), obj.get("session"), obj.get("recv")
     if not (isinstance(prefix, str) and isinstance(session, str) and isinstance(recv, dict)):
         raise ValueError("id_prefix, session (hex strings) and recv (an object) expected")
-    ids = int(prefix, 16), int(session, 16)
-    if not all(0 <= n < 1 << 64 for n in ids):
-        raise ValueError("id_prefix and session are 64-bit numbers")
+    try:
+        ids = hex64(prefix), hex64(session)  # (what a membership record holds, read alike)
+    except ValueError:
+        raise ValueError("id_prefix and session are 64-bit numbers") from None
     taken = recv.get(stream, 0)
     if type(taken) is not int or taken < 0:
         raise ValueError(f"the last number taken of this node's stream is {brief(taken)}")

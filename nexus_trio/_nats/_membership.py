@@ -144,13 +144,13 @@ def decode_record(data: bytes, seen_at: float, node: str | None = None) -> NodeI
         raise ValueError(f"membership record: names node {brief(name, 60)}, sent as {node!r}")
     return NodeInfo(
         node=name,
-        id_prefix=field("id_prefix", _hex64),
+        id_prefix=field("id_prefix", hex64),
         pid=field("pid", int),
         host=field("host", str),
         joined=joined,
         stats=stats,
         last_seen=seen_at,
-        session=field("session", _hex64) if "session" in obj else None,
+        session=field("session", hex64) if "session" in obj else None,
     )
 
 
@@ -158,7 +158,7 @@ def _count(value: Any) -> int:
     return value if type(value) is int and value > 0 else 0
 
 
-def _hex64(value: str) -> int:
+def hex64(value: str) -> int:
     """A 64-bit number written in hex (an id prefix, a session); ValueError if it is not
     one (an id prefix past 64 bits has no id space, see :func:`node_uuid`)."""
     number = int(value, 16)
