@@ -872,9 +872,15 @@ class Cluster:
         here, or given up by the agent that took it over: ``Kernel.fail_query``): its
         requester gets ``error`` in an error frame, if the query came with a reply
         subject this node still remembers (counted in ``errors_replied``)."""
-        reply = self._reply_routes.pop(query_id, None)
+        reply, _ = self._take_route(query_id)
         if reply is not None:
             self._publish_error(reply, error)
+
+    def _take_route(self, query_id: uuid.UUID) -> tuple[str | None, bool]:
+        """Forget the requester on another node of query ``query_id``: the reply subject
+        it gave (None if none is kept), and whether it asked in the kernel's JSON form."""
+        subject = self._reply_routes.pop(query_id, None)
+        return subject, bool(self._json_requests and self._json_requests.pop(query_id, 0))
 
     # --- node batches (sending side; see _batch) ----------------------------------------------
 
@@ -1192,9 +1198,8 @@ class Cluster:
         self._check_usable()
         reply_to = msg.reply_to
         if reply_to is not None:
-            subject = self._reply_routes.pop(reply_to, None)
+            subject, json_form = self._take_route(reply_to)
             if subject is not None:
-                json_form = bool(self._json_requests and self._json_requests.pop(reply_to, 0))
                 try:
                     if json_form:
                         # asked in the kernel's JSON wire form (e.g. by a non-Python client)
@@ -1758,9 +1763,7 @@ class Cluster:
         and, if a handler here sent the query on to another node (a router agent), the
         cancel goes on there (see :meth:`cancel_query`). Nothing goes back to that
         requester any more: an answer that comes anyway is a late reply here."""
-        self._reply_routes.pop(query_id, None)
-        if self._json_requests:
-            self._json_requests.pop(query_id, None)
+        self._take_route(query_id)
         # first: for an address not here, the kernel asks this transport to cancel the
         # query where it went, with that address, not the one it was sent on to
         sent_on = self._outstanding.get(query_id)
@@ -2001,9 +2004,8 @@ class Cluster:
         nothing). No responders (the agent it went on to is gone with its node) goes on
         as ``RequestFailed`` (``no_such_agent``), as a query a handler here forwards to an
         agent that does not exist fails."""
-        subject = self._reply_routes.pop(query_id)
-        if self._json_requests:
-            self._json_requests.pop(query_id, None)
+        subject, _ = self._take_route(query_id)
+        assert subject is not None  # (the caller found the route)
         headers = m.headers or {}
         if wire.ERROR_HEADER in headers:
             kind, body = headers[wire.ERROR_HEADER], m.data
@@ -2283,7 +2285,7 @@ class Cluster:
 
     def _refused(self, m: NatsMsg | None, msg: Message, exc: NexusError, is_query: bool) -> None:
         if is_query:
-            self._reply_routes.pop(msg.id, None)
+            self._take_route(msg.id)
         self._refuse(m, msg, exc)
 
     def _refuse(self, m: NatsMsg | None, msg: Message, exc: NexusError) -> None:
