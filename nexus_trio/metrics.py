@@ -91,9 +91,9 @@ _HOST: Final = re.compile(
 #: CR, which a server may take for SP); not what str.split() takes for whitespace in
 #: Latin-1 (0x1C-0x1F, 0x85, 0xA0 too): a proxy in front would not see the same parts
 _REQUEST_LINE_SPACES: Final = b" \t\x0b\x0c\r"
-_REQUEST_LINE_SPACE: Final = re.compile(rb"[ \t\x0b\x0c\r]+")
+_REQUEST_LINE_SPACE: Final = re.compile(b"[" + re.escape(_REQUEST_LINE_SPACES) + b"]+")
 #: the start of a request line whose method is HEAD
-_HEAD_METHOD: Final = re.compile(rb"HEAD[ \t\x0b\x0c\r]")
+_HEAD_METHOD: Final = re.compile(b"HEAD[" + re.escape(_REQUEST_LINE_SPACES) + b"]")
 #: a body shorter than this is sent joined to its head, a longer one after it
 _JOIN_BELOW: Final = 65536
 #: samples rendered between two checkpoints (about 4 us each here: a piece is ~2 ms)
