@@ -66,6 +66,8 @@ _POOL_NAME: Final = "pool"
 _POOL_START_TIMEOUT: Final = 600.0
 _POOL_RESIZE_LIMIT: Final = 10_000
 _POOL_RESIZE_EVERY: Final = 1.0
+#: how long the stop of a run waits for a resize under way
+_POOL_RESIZE_TIMEOUT: Final = 10.0
 
 
 class Pacer:
@@ -384,8 +386,15 @@ class Demo:
         i = 0
         while self.running:
             await trio.sleep(_POOL_RESIZE_EVERY)
-            # Told, not requested: cancelling this loop at the end of the run must not
-            # leave an answer without a requester (an unroutable reply).
-            with contextlib.suppress(MailboxFull):  # refused after send_timeout: counted
-                await self.kernel.send(_POOL_NAME, {"$resize": sizes[i % 2]})
+            # Asked, and seen through even when the run stops meanwhile (shielded, bounded):
+            # a resize still in the router's mailbox at the stop would be handled in the
+            # shutdown, where a grow is refused (a handler_error dead letter), and a request
+            # given up at the stop would leave its answer without a requester (an
+            # unroutable reply). A shrink is answered once the removed workers have handled
+            # what was queued for them.
+            with trio.CancelScope(shield=True), contextlib.suppress(NexusError):
+                # refused (counted) or failed (logged by the pool): the demo goes on
+                await self.kernel.request(
+                    _POOL_NAME, {"$resize": sizes[i % 2]}, timeout=_POOL_RESIZE_TIMEOUT
+                )
             i += 1
