@@ -168,19 +168,27 @@ class MetricsSnapshot:
     endpoint: EndpointStats | None = None
 
 
-def _per_agent_limit(kernel: Kernel, per_agent_limit: int | None) -> int:
-    """``per_agent_limit``, checked, or the kernel's ``[metrics] per_agent_limit`` for None."""
-    if per_agent_limit is None:
-        return kernel.config.metrics.per_agent_limit
-    if isinstance(per_agent_limit, bool) or not isinstance(per_agent_limit, int):
-        raise TypeError(f"per_agent_limit must be an integer, got {per_agent_limit!r}")
-    if per_agent_limit < 1:
-        raise ValueError(f"per_agent_limit must be >= 1, got {per_agent_limit!r}")
-    return per_agent_limit
+def _agent_series(
+    kernel: Kernel, per_agent: bool | None, per_agent_limit: int | None
+) -> tuple[bool, int]:
+    """``per_agent`` and ``per_agent_limit``, checked, each the kernel's ``[metrics]`` key
+    when None: the one place every entry point of this module takes their defaults from."""
+    if per_agent is not None and not isinstance(per_agent, bool):
+        raise TypeError(f"per_agent must be True or False, got {per_agent!r}")
+    if per_agent_limit is not None:
+        if isinstance(per_agent_limit, bool) or not isinstance(per_agent_limit, int):
+            raise TypeError(f"per_agent_limit must be an integer, got {per_agent_limit!r}")
+        if per_agent_limit < 1:
+            raise ValueError(f"per_agent_limit must be >= 1, got {per_agent_limit!r}")
+    config = kernel.config.metrics
+    return (
+        config.per_agent if per_agent is None else per_agent,
+        config.per_agent_limit if per_agent_limit is None else per_agent_limit,
+    )
 
 
 def take_snapshot(
-    kernel: Kernel, *, per_agent: bool = False, per_agent_limit: int | None = None
+    kernel: Kernel, *, per_agent: bool | None = None, per_agent_limit: int | None = None
 ) -> MetricsSnapshot:
     """Copy what a scrape reports, in one go; call it from the kernel's thread.
 
@@ -188,10 +196,12 @@ def take_snapshot(
     ``per_agent_limit`` agents with the deepest mailboxes (ties: the earliest spawned) are
     kept, ordered by depth: O(agents) without a checkpoint (a mailbox depth read per
     agent, about 0.3 us; :func:`take_snapshot_in_steps` lets the agents run meanwhile).
-    ``per_agent_limit`` is by default the kernel's ``[metrics] per_agent_limit``, here
-    and in :class:`KernelCollector`, :func:`build_registry` and :class:`MetricsRenderer`.
+    ``per_agent`` and ``per_agent_limit`` are by default the kernel's ``[metrics]
+    per_agent`` and ``per_agent_limit``, here and in :func:`take_snapshot_in_steps`,
+    :class:`KernelCollector`, :func:`build_registry` and :class:`MetricsRenderer`; a
+    value given wins.
     """
-    per_agent_limit = _per_agent_limit(kernel, per_agent_limit)
+    per_agent, per_agent_limit = _agent_series(kernel, per_agent, per_agent_limit)
     stats, up, logs, scan = _begin_snapshot(kernel, per_agent, per_agent_limit)
     if scan is not None:
         while scan.step():
@@ -200,7 +210,7 @@ def take_snapshot(
 
 
 async def take_snapshot_in_steps(
-    kernel: Kernel, *, per_agent: bool = False, per_agent_limit: int | None = None
+    kernel: Kernel, *, per_agent: bool | None = None, per_agent_limit: int | None = None
 ) -> MetricsSnapshot:
     """What :func:`take_snapshot` copies, with a checkpoint between the steps of its walk
     over the agents (:meth:`Kernel.scan_agents`): what :class:`MetricsRenderer` does.
@@ -220,7 +230,7 @@ async def take_snapshot_in_steps(
     all the agents (no list of them is copied). With at most 4,096 agents and 512 chosen
     there is no checkpoint: the snapshot is of one moment.
     """
-    per_agent_limit = _per_agent_limit(kernel, per_agent_limit)
+    per_agent, per_agent_limit = _agent_series(kernel, per_agent, per_agent_limit)
     stats, up, logs, scan = _begin_snapshot(kernel, per_agent, per_agent_limit)
     if scan is not None:
         while scan.step():
@@ -288,17 +298,18 @@ class KernelCollector:
     ``nexus_agent_handled``, ``nexus_agent_failed``, ``nexus_agent_run_failures``,
     ``nexus_agent_timed_out``, ``nexus_agent_dead_lettered``, ``nexus_agent_restarts``
     (counters) and ``nexus_agent_mailbox_depth``, ``nexus_agent_mailbox_high_water``,
-    ``nexus_agent_mailbox_capacity`` (gauges).
+    ``nexus_agent_mailbox_capacity`` (gauges). ``per_agent`` and ``per_agent_limit`` not
+    given are the kernel's ``[metrics] per_agent`` and ``per_agent_limit``.
     """
 
     def __init__(
         self,
         kernel: Kernel,
         *,
-        per_agent: bool = False,
+        per_agent: bool | None = None,
         per_agent_limit: int | None = None,
     ) -> None:
-        per_agent_limit = _per_agent_limit(kernel, per_agent_limit)
+        per_agent, per_agent_limit = _agent_series(kernel, per_agent, per_agent_limit)
         self.kernel = kernel
         self.per_agent = per_agent
         self.per_agent_limit = per_agent_limit
@@ -505,11 +516,12 @@ def _summary(name: str, doc: str, h: HistogramSnapshot) -> Iterator[Metric]:
 def build_registry(
     kernel: Kernel,
     *,
-    per_agent: bool = False,
+    per_agent: bool | None = None,
     per_agent_limit: int | None = None,
     process: bool = True,
 ) -> CollectorRegistry:
-    """A registry with a :class:`KernelCollector` (and ``process_*`` series if ``process``).
+    """A registry with a :class:`KernelCollector` (and ``process_*`` series if ``process``);
+    ``per_agent`` and ``per_agent_limit`` not given are the kernel's ``[metrics]`` keys.
 
     Its collector reads the kernel, so ``generate_latest(registry)`` belongs in the
     kernel's thread.
@@ -606,8 +618,7 @@ class MetricsRenderer:
         if not cache_seconds >= 0:
             raise ValueError(f"cache_seconds must be >= 0, got {cache_seconds!r}")
         self.kernel = kernel
-        self.per_agent = kernel.config.metrics.per_agent if per_agent is None else per_agent
-        self.per_agent_limit = _per_agent_limit(kernel, per_agent_limit)
+        self.per_agent, self.per_agent_limit = _agent_series(kernel, per_agent, per_agent_limit)
         self.cache_seconds = cache_seconds
         self.process = process
         self.renders = 0

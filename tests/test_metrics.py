@@ -305,6 +305,49 @@ async def test_a_plain_renderer_takes_per_agent_and_cache_ms_from_the_config():
         assert (plain.per_agent, plain.per_agent_limit, plain.cache_seconds) == (False, 1000, 1.0)
 
 
+async def test_every_metrics_entry_point_takes_per_agent_from_the_config_unless_given():
+    """Regression: ``take_snapshot``, ``take_snapshot_in_steps``, ``KernelCollector`` and
+    ``build_registry`` had ``per_agent=False`` of their own while ``MetricsRenderer`` read
+    ``[metrics] per_agent``: a kernel configured with ``per_agent = true`` exported no
+    per-agent series through them unless each was told again. The config is the one
+    default now; a value given still wins, and a value that is not a bool is refused."""
+    from prometheus_client import generate_latest
+
+    from nexus_trio.metrics import take_snapshot_in_steps
+
+    async with open_test_kernel(with_metrics(per_agent=True, per_agent_limit=2)) as kernel:
+        for i in range(3):
+            kernel.spawn(idle, name=f"a{i}")
+        await trio.testing.wait_all_tasks_blocked()
+
+        def exported(text: bytes) -> float:
+            return samples(text.decode())[("nexus_agent_series_exported", ())]
+
+        for given, on, count in (({}, True, 2), ({"per_agent": False}, False, 0)):
+            snapshot = take_snapshot(kernel, **given)
+            assert (snapshot.per_agent, len(snapshot.agents)) == (on, count)
+            in_steps = await take_snapshot_in_steps(kernel, **given)
+            assert (in_steps.per_agent, len(in_steps.agents)) == (on, count)
+            assert KernelCollector(kernel, **given).per_agent is on
+            assert (
+                exported(generate_latest(build_registry(kernel, process=False, **given))) == count
+            )
+            renderer = MetricsRenderer(kernel, process=False, **given)
+            assert renderer.per_agent is on
+            assert exported(await renderer.render()) == count
+        for make in (
+            lambda: take_snapshot(kernel, per_agent="yes"),  # type: ignore[arg-type]
+            lambda: KernelCollector(kernel, per_agent=1),  # type: ignore[arg-type]
+            lambda: build_registry(kernel, per_agent="no"),  # type: ignore[arg-type]
+            lambda: MetricsRenderer(kernel, per_agent="no"),  # type: ignore[arg-type]
+        ):
+            with pytest.raises(TypeError, match="per_agent must be True or False"):
+                make()
+    async with open_test_kernel() as kernel:  # the config's default: off
+        assert take_snapshot(kernel).per_agent is False
+        assert KernelCollector(kernel).per_agent is False
+
+
 async def test_concurrent_scrapes_share_one_render_made_on_the_loop_in_pieces():
     async with open_test_kernel() as kernel:
         renderer = MetricsRenderer(kernel, per_agent=True, cache_seconds=0, process=False)
