@@ -130,15 +130,17 @@ def test_a_registered_program_is_named_after_it_and_said_to_register_once(
     summary = json.loads(result.stdout)
     assert summary["error"] is None
     (program,) = summary["spawned"]
+    counts = program.pop("counts")
     assert program == {
         "command": f"{sys.executable} 'my agent.py' --x 1",
         "name": "my agent",
         "registered": True,
         "registered_as": "--x+1",
         "starts": 1,
-        "last_exit": None,
+        "last_exit": 0,  # it exited at the shutdown frame
         "problem": None,
     }
+    assert (counts["starts"], counts["lines_in"], counts["lines_out"]) == (1, 1, 1)
     (line,) = [ln for ln in result.stderr.splitlines() if "registered as" in ln]
     assert line.count("registered as") == 1
     assert "process agent my agent registered as '--x+1' (protocol 1)" in line
@@ -193,3 +195,27 @@ def test_a_program_registered_without_a_name_shows_no_name(tmp_path: Path, paylo
     out = " ".join(table.stdout.split())
     assert f"anon {sys.executable} anon.py: registered (1 start)" in out
     assert "None" not in out
+
+
+def test_the_summary_has_each_programs_final_bridge_counts(tmp_path: Path) -> None:
+    """Regression: the summary copied a program's bridge counters while its agent was
+    alive (at its start and at the run's stop) and had none but ``starts`` and
+    ``last_exit``: what the program did afterwards (its way out, its exit status) and its
+    line counts were lost. The bridge keeps a stopped agent's final counters now, and the
+    summary reads them once the kernel has stopped."""
+    (tmp_path / "noisy.py").write_text(
+        REGISTERS.replace(
+            "for line in sys.stdin:",
+            "print('not a frame', flush=True)\n"
+            "print('a warning', file=sys.stderr, flush=True)\n"
+            "for line in sys.stdin:",
+        ).replace("break", "print('bye', file=sys.stderr, flush=True); sys.exit(4)")
+    )
+    result = nexus_run(tmp_path, "--spawn", f"{PYTHON} noisy.py", "-d", "0.5", "--json")
+    assert result.returncode == 0, result.stderr
+    (program,) = json.loads(result.stdout)["spawned"]
+    assert (program["registered"], program["starts"], program["last_exit"]) == (True, 1, 4)
+    counts = program["counts"]
+    assert (counts["starts"], counts["lines_in"], counts["invalid_lines"]) == (1, 2, 1)
+    # the shutdown frame out; both stderr lines, the last one written on its way out
+    assert (counts["lines_out"], counts["stderr_lines"], counts["sends_failed"]) == (1, 2, 0)

@@ -53,7 +53,13 @@ from nexus_trio import (
 from nexus_trio._message import decode_message
 from nexus_trio.bridges import _lineage, bridge_stats, process_agent
 from nexus_trio.bridges import process as process_module
-from nexus_trio.bridges.process import BridgeStats, ProcessAgent, ProcessAgentError
+from nexus_trio.bridges.process import (
+    BridgeStats,
+    ProcessAgent,
+    ProcessAgentError,
+    StoppedBridgeStats,
+    stopped_bridge_stats,
+)
 from nexus_trio.logs import log_calls_failed
 from nexus_trio.testing import assert_conserved, dead_letters
 from tests.hang_guard import real_time_limit
@@ -513,6 +519,73 @@ async def test_javascript_agent_written_for_the_original_api_runs_unchanged() ->
         assert stats.registered["name"] == "JSListKeeper"
         assert (stats.starts, stats.invalid_lines) == (1, 0)
         assert kernel.stats().dead_lettered == 0
+
+
+# --- counters of stopped agents -----------------------------------------------------------------
+
+
+async def test_a_stopped_process_agents_final_counters_stay_readable() -> None:
+    """Regression: ``bridge_stats(kernel)`` forgot a process agent once it stopped, and
+    there was no other public way to read its counters: what its child did in its last
+    run (lines read and written, sends refused, its exit status) was lost to a summary or
+    a user's own accounting. ``stopped_bridge_stats(kernel)`` keeps the final counters."""
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy(), name="gone", shutdown_grace=1.0))
+        other = kernel.spawn(process_agent(toy(), name="stays", shutdown_grace=1.0))
+        assert await kernel.request(ref, {"op": "echo", "value": 1}) == 1
+        assert await kernel.request(ref, {"op": "send", "to": "nobody"}) == "sent"
+        assert stopped_bridge_stats(kernel) == StoppedBridgeStats({}, 0)
+        await kernel.stop(ref)
+        assert set(bridge_stats(kernel)) == {other.id}
+        stopped = stopped_bridge_stats(kernel)
+        assert (list(stopped.agents), stopped.forgotten) == ([ref.id], 0)
+        final = stopped.agents[ref.id]
+        # register, two answers and a send frame in; two messages and the shutdown out
+        assert (final.name, final.starts, final.lines_in, final.lines_out) == ("gone", 1, 4, 3)
+        assert (final.sends_routed, final.sends_failed, final.last_exit) == (0, 1, 0)
+        final.lines_in = 99  # a copy: the record is not changed through it
+        assert stopped_bridge_stats(kernel).agents[ref.id].lines_in == 4
+    # once the kernel is closed every agent has stopped, in the order they stopped
+    assert list(stopped_bridge_stats(kernel).agents) == [ref.id, other.id]
+    assert bridge_stats(kernel) == {}
+
+
+async def test_stopped_agents_counters_are_bounded_and_those_dropped_are_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A churn of process agents does not grow the record of stopped ones past
+    ``STOPPED_BRIDGES_KEPT``: the earliest stopped fall off and are counted in
+    ``forgotten``. An agent waiting for its restart has not stopped: it is not dropped."""
+    monkeypatch.setattr(process_module, "STOPPED_BRIDGES_KEPT", 2)
+    slow_restart = attrs.evolve(
+        config(),
+        supervision=SupervisionConfig(
+            max_restarts=100, backoff_initial_ms=60_000, backoff_max_ms=60_000
+        ),
+    )
+    with trio.fail_after(LIMIT):
+        async with open_kernel(slow_restart) as kernel:
+            events = kernel.events()
+            waiting = kernel.spawn(process_agent(toy(), name="waiting", shutdown_grace=1.0))
+            with pytest.raises(RequestFailed):
+                await kernel.request(waiting, {"op": "crash", "code": 5})
+            async for event in events:  # its run is over: it waits 60 s for its restart
+                if event.agent_id == waiting.id and event.kind is EventKind.FAILED:
+                    break
+            ids = []
+            for _ in range(4):
+                ref = kernel.spawn(process_agent(toy(), shutdown_grace=1.0))
+                assert await kernel.request(ref, "up") == "up"
+                await kernel.stop(ref)
+                ids.append(ref.id)
+            stopped = stopped_bridge_stats(kernel)
+            assert (list(stopped.agents), stopped.forgotten) == (ids[2:], 2)
+            # the agent waiting for its restart is still there, counters and all
+            assert (stats_of(kernel, waiting).starts, stats_of(kernel, waiting).last_exit) == (1, 5)
+            await kernel.stop(waiting)
+            stopped = stopped_bridge_stats(kernel)
+            assert (list(stopped.agents), stopped.forgotten) == ([ids[3], waiting.id], 3)
+            assert stopped.agents[waiting.id].last_exit == 5
 
 
 # --- failures of the child --------------------------------------------------------------------

@@ -13,10 +13,19 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .process import BridgeStats as BridgeStats
     from .process import ProcessAgent as ProcessAgent
+    from .process import StoppedBridgeStats as StoppedBridgeStats
     from .process import bridge_stats as bridge_stats
     from .process import process_agent as process_agent
+    from .process import stopped_bridge_stats as stopped_bridge_stats
 
-__all__ = ["BridgeStats", "ProcessAgent", "bridge_stats", "process_agent"]
+__all__ = [
+    "BridgeStats",
+    "ProcessAgent",
+    "StoppedBridgeStats",
+    "bridge_stats",
+    "process_agent",
+    "stopped_bridge_stats",
+]
 
 
 def __getattr__(name: str) -> Any:

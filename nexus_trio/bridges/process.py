@@ -36,6 +36,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import math
@@ -122,11 +123,16 @@ class ProcessAgentError(NexusError):
         super().__init__(f"process agent {agent}{where}: {problem}")
 
 
+#: the metadata that marks a counter of :class:`BridgeStats`
+_COUNT: Final = {"count": True}
+
+
 @attrs.define
 class BridgeStats:
     """Counters of one process agent (one address), kept across restarts of its child.
 
-    :func:`bridge_stats` returns copies; the live object belongs to the agent.
+    :func:`bridge_stats` (live agents) and :func:`stopped_bridge_stats` (final counters of
+    stopped ones) return copies; the live object belongs to the agent.
     """
 
     agent_id: uuid.UUID
@@ -139,42 +145,42 @@ class BridgeStats:
     #: the current child's ``register`` payload
     registered: Mapping[str, Any] = attrs.field(factory=dict)
     #: children started for this address (the first start and every restart)
-    starts: int = 0
+    starts: int = attrs.field(default=0, metadata=_COUNT)
     #: frames read from the child's stdout (valid or not, oversized ones included)
-    lines_in: int = 0
+    lines_in: int = attrs.field(default=0, metadata=_COUNT)
     #: frames written to the child's stdin
-    lines_out: int = 0
+    lines_out: int = attrs.field(default=0, metadata=_COUNT)
     #: stdout lines that were not usable frames (invalid JSON, unknown type, missing fields)
-    invalid_lines: int = 0
+    invalid_lines: int = attrs.field(default=0, metadata=_COUNT)
     #: stdout lines longer than the line limit (discarded whole)
-    oversized_lines: int = 0
+    oversized_lines: int = attrs.field(default=0, metadata=_COUNT)
     #: responses or errors that came after their message had timed out (discarded)
-    late_responses: int = 0
+    late_responses: int = attrs.field(default=0, metadata=_COUNT)
     #: responses or errors that matched no message in flight, or one answered already,
     #: and pongs that answered no ping in wait (discarded)
-    unmatched_responses: int = 0
+    unmatched_responses: int = attrs.field(default=0, metadata=_COUNT)
     #: messages whose handling was cancelled (handle timeout, request timeout) before an answer
-    abandoned: int = 0
+    abandoned: int = attrs.field(default=0, metadata=_COUNT)
     #: ``cancel`` frames written (to a child that declared the ``cancel`` feature)
-    cancels_sent: int = 0
+    cancels_sent: int = attrs.field(default=0, metadata=_COUNT)
     #: children replaced in place because they did not answer a timed-out message (or
     #: exited just as it timed out)
-    replaced: int = 0
+    replaced: int = attrs.field(default=0, metadata=_COUNT)
     #: ``send`` frames routed, and those the kernel refused (unknown recipient, full mailbox, ...)
-    sends_routed: int = 0
-    sends_failed: int = 0
+    sends_routed: int = attrs.field(default=0, metadata=_COUNT)
+    sends_failed: int = attrs.field(default=0, metadata=_COUNT)
     #: lines the child wrote on stderr, and those of them not logged (past the first 100
     #: at once, then 10 a second)
-    stderr_lines: int = 0
-    stderr_lines_not_logged: int = 0
+    stderr_lines: int = attrs.field(default=0, metadata=_COUNT)
+    stderr_lines_not_logged: int = attrs.field(default=0, metadata=_COUNT)
     #: pings (protocol 2, ``ping_interval``) not answered in time
-    pings_missed: int = 0
+    pings_missed: int = attrs.field(default=0, metadata=_COUNT)
     #: answers of a protocol-1 child to tells (forwarded to the teller as a reply, or dropped)
-    tell_answers: int = 0
+    tell_answers: int = attrs.field(default=0, metadata=_COUNT)
     #: messages failed because their payload cannot be encoded as JSON
-    unserialisable: int = 0
+    unserialisable: int = attrs.field(default=0, metadata=_COUNT)
     #: descendants of children killed after the child exited (left its group, or outlived it)
-    descendants_killed: int = 0
+    descendants_killed: int = attrs.field(default=0, metadata=_COUNT)
     #: exit status of the last child that exited (negative: killed by that signal)
     last_exit: int | None = None
 
@@ -183,20 +189,115 @@ class BridgeStats:
         """Children started after the first one (supervisor restarts and in-place replacements)."""
         return max(self.starts - 1, 0)
 
+    def counts(self) -> dict[str, int]:
+        """Every counter (``starts``, ``lines_in``, ... ``descendants_killed``) by name: what
+        the ``nexus run`` summary reports for a spawned program."""
+        return {name: getattr(self, name) for name in _COUNTS}
 
-_registry: weakref.WeakKeyDictionary[Kernel, dict[uuid.UUID, BridgeStats]] = (
-    weakref.WeakKeyDictionary()
-)
+
+_COUNTS: Final = tuple(f.name for f in attrs.fields(BridgeStats) if f.metadata.get("count"))
+
+#: stopped process agents whose final counters are kept per kernel (the latest stopped):
+#: past it the earliest stopped are dropped, and counted (:attr:`StoppedBridgeStats.forgotten`)
+STOPPED_BRIDGES_KEPT: Final = 1024
+
+
+@final
+@attrs.frozen
+class StoppedBridgeStats:
+    """The final counters of the process agents of a kernel that have stopped for good.
+
+    :func:`stopped_bridge_stats` returns one (copies of the counters).
+    """
+
+    #: by agent id, in the order the agents stopped (the latest last): at most
+    #: :data:`STOPPED_BRIDGES_KEPT` of them
+    agents: Mapping[uuid.UUID, BridgeStats]
+    #: stopped agents whose counters were dropped to keep that bound (the earliest stopped)
+    forgotten: int
+
+
+@attrs.define(eq=False)
+class _Book:
+    """The counters of one kernel's process agents: those with a run going on, and those
+    whose last run has ended, the latest last and at most :data:`STOPPED_BRIDGES_KEPT`
+    (an agent between two runs, waiting for its restart, is among them while its
+    address lives: it is counted as live, and never dropped)."""
+
+    running: dict[uuid.UUID, BridgeStats] = attrs.field(factory=dict)
+    ended: collections.OrderedDict[uuid.UUID, BridgeStats] = attrs.field(
+        factory=collections.OrderedDict
+    )
+    forgotten: int = 0
+
+    def run_started(self, ctx: Context, cmd: tuple[str, ...]) -> BridgeStats:
+        """The counters of ``ctx``'s agent, kept across its runs (new on its first)."""
+        stats = self.running.get(ctx.id) or self.ended.pop(ctx.id, None)
+        if stats is None:
+            stats = BridgeStats(ctx.id, ctx.name, cmd)
+        self.running[ctx.id] = stats
+        return stats
+
+    def run_ended(self, kernel: Kernel, agent_id: uuid.UUID) -> None:
+        stats = self.running.pop(agent_id, None)
+        if stats is not None:
+            self.ended[agent_id] = stats
+            self._trim(kernel)
+
+    def sweep(self, kernel: Kernel) -> None:
+        """Agents that stopped for good without a run ending (between two runs): ended."""
+        gone = [agent_id for agent_id in self.running if not kernel.is_local(agent_id)]
+        for agent_id in gone:
+            self.ended[agent_id] = self.running.pop(agent_id)
+        if gone:
+            self._trim(kernel)
+
+    def _trim(self, kernel: Kernel) -> None:
+        while len(self.ended) > STOPPED_BRIDGES_KEPT:
+            agent_id, stats = self.ended.popitem(last=False)
+            if kernel.is_local(agent_id):
+                self.running[agent_id] = stats  # waiting for its restart: alive
+            else:
+                self.forgotten += 1
+
+
+_books: weakref.WeakKeyDictionary[Kernel, _Book] = weakref.WeakKeyDictionary()
 
 
 def bridge_stats(kernel: Kernel) -> dict[uuid.UUID, BridgeStats]:
-    """Counters of the live process agents of ``kernel``, by agent id (copies)."""
-    table = _registry.get(kernel)
-    if not table:
+    """Counters of the live process agents of ``kernel``, by agent id (copies).
+
+    An agent waiting for its restart is live. Those of agents that have stopped for good
+    are in :func:`stopped_bridge_stats`.
+    """
+    book = _books.get(kernel)
+    if book is None:
         return {}
-    for gone in [agent_id for agent_id in table if not kernel.is_local(agent_id)]:
-        del table[gone]
-    return {agent_id: attrs.evolve(stats) for agent_id, stats in table.items()}
+    book.sweep(kernel)
+    live = itertools.chain(
+        book.running.items(),
+        ((agent_id, s) for agent_id, s in book.ended.items() if kernel.is_local(agent_id)),
+    )
+    return {agent_id: attrs.evolve(stats) for agent_id, stats in live}
+
+
+def stopped_bridge_stats(kernel: Kernel) -> StoppedBridgeStats:
+    """The final counters of the process agents of ``kernel`` that have stopped for good
+    (stopped, given up on, or stopped with the kernel), the latest
+    :data:`STOPPED_BRIDGES_KEPT` of them, and how many earlier ones were dropped (copies).
+    """
+    book = _books.get(kernel)
+    if book is None:
+        return StoppedBridgeStats({}, 0)
+    book.sweep(kernel)
+    return StoppedBridgeStats(
+        {
+            agent_id: attrs.evolve(stats)
+            for agent_id, stats in book.ended.items()
+            if not kernel.is_local(agent_id)
+        },
+        book.forgotten,
+    )
 
 
 _trace_texts: weakref.WeakKeyDictionary[Kernel, collections.OrderedDict[uuid.UUID, str]] = (
@@ -237,14 +338,6 @@ def trace_text(kernel: Kernel, trace_id: uuid.UUID | None) -> str | None:
     table = _trace_texts.get(kernel)
     text = table.get(trace_id) if table else None
     return text if text is not None else str(trace_id)
-
-
-def _stats_for(ctx: Context, cmd: tuple[str, ...]) -> BridgeStats:
-    table = _registry.setdefault(ctx.kernel, {})
-    stats = table.get(ctx.id)
-    if stats is None:
-        stats = table[ctx.id] = BridgeStats(ctx.id, ctx.name, cmd)
-    return stats
 
 
 @final
@@ -537,7 +630,7 @@ class ProcessAgent(Agent):
 
     async def on_start(self, ctx: Context) -> None:
         self._ctx = ctx
-        self._stats = _stats_for(ctx, self.options.cmd)
+        self._stats = _books.setdefault(ctx.kernel, _Book()).run_started(ctx, self.options.cmd)
         await self._start_child()
 
     async def on_stop(self, ctx: Context) -> None:
@@ -545,7 +638,13 @@ class ProcessAgent(Agent):
         # A child still silent on a timed-out message would not read a shutdown frame,
         # nor would one that never registered (it does not speak the protocol).
         stuck = self._torn or any(slot.abandoned for slot in self._inflight.values())
-        await self._stop_child(graceful=not stuck and self._child_registered)
+        try:
+            await self._stop_child(graceful=not stuck and self._child_registered)
+        finally:
+            # Its counters are final now, unless the agent is restarted.
+            book = _books.get(ctx.kernel)
+            if book is not None:
+                book.run_ended(ctx.kernel, ctx.id)
 
     async def _start_child(self) -> None:
         ctx = self._ctx

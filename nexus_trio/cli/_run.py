@@ -623,6 +623,8 @@ async def _run_async(
         state.t_stop = t_end
     if t_shutdown is None:
         t_shutdown = state.t_stop
+    if kernel is not None:
+        note_bridge_stats(state.programs, kernel)  # final: every agent has stopped
     spawned = spawn_summary(state.programs, problems)
     if error is None:
         # Failed first starts, and programs that had still not registered when the run

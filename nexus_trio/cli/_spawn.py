@@ -79,11 +79,13 @@ class SpawnedProgram:
     registered: bool = False
     #: what its first failed start did (before it ever registered), else None
     problem: str | None = None
-    #: from the bridge's counters, last seen while the agent was alive (``registered_as``:
-    #: the name its ``register`` gave, None if it gave none)
+    #: from the bridge's counters, the latest read (final once the kernel has stopped:
+    #: the bridge keeps a stopped agent's); ``registered_as``: the name its ``register``
+    #: gave, None if it gave none; ``counts``: :meth:`BridgeStats.counts`
     registered_as: str | None = None
     starts: int = 0
     last_exit: int | None = None
+    counts: dict[str, int] = attrs.field(factory=dict)
 
     @property
     def command_text(self) -> str:
@@ -157,16 +159,17 @@ async def watch_starts(
 
 
 def note_bridge_stats(programs: Sequence[SpawnedProgram], kernel: Kernel) -> None:
-    """Copy the bridge's counters of the programs' agents while they are alive (the bridge
-    forgets an agent once it has stopped)."""
-    from ..bridges.process import bridge_stats
+    """Copy the bridge's counters of the programs' agents, live or stopped (the final
+    counters of a stopped agent, which the bridge keeps)."""
+    from ..bridges.process import bridge_stats, stopped_bridge_stats
 
-    stats = bridge_stats(kernel)
+    stats = {**stopped_bridge_stats(kernel).agents, **bridge_stats(kernel)}
     for program in programs:
         s = stats.get(program.agent_id) if program.agent_id is not None else None
         if s is None:
             continue
         program.starts, program.last_exit = s.starts, s.last_exit
+        program.counts = s.counts()
         if s.registered:
             # A name is a string; a register without one (or with null, or a number the
             # bridge warned about) names nothing: None, not the text "None".
@@ -178,8 +181,8 @@ def spawn_summary(
     programs: Sequence[SpawnedProgram], problems: Mapping[str, str]
 ) -> list[dict[str, Any]]:
     """The summary's ``spawned`` entries: command, agent name, what it registered as,
-    starts, last exit status and the problem of a start that failed (``problems``: those
-    logged, by agent id)."""
+    starts, last exit status, the bridge's counts and the problem of a start that failed
+    (``problems``: those logged, by agent id)."""
     return [
         {
             "command": p.command_text,
@@ -188,6 +191,7 @@ def spawn_summary(
             "registered_as": p.registered_as,
             "starts": p.starts,
             "last_exit": p.last_exit,
+            "counts": p.counts,
             "problem": p.problem or (None if p.registered else problems.get(str(p.agent_id))),
         }
         for p in programs
