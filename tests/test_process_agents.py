@@ -938,6 +938,71 @@ async def test_cancelled_child_that_does_not_answer_is_replaced_when_the_grace_e
         assert [d.reason for d in dead_letters(kernel)] == [DeadLetterReason.HANDLER_TIMEOUT]
 
 
+#: a child that, in its first life, closes its stdout on its first message and stays
+#: alive, reading its stdin (it exits at the shutdown frame); later lives echo
+CLOSES_STDOUT_CHILD = """
+here = os.path.dirname(os.path.abspath(__file__))
+with open(os.path.join(here, "lives"), "a") as f:
+    f.write("x")
+first_life = os.path.getsize(os.path.join(here, "lives")) == 1
+emit({"type": "register", "payload": {"id": os.environ["NEXUS_AGENT_ID"], "name": "c"}})
+while True:
+    msg = next_message()
+    if first_life:
+        os.close(1)
+        open(os.path.join(here, "closed"), "w").close()
+        while True:
+            next_message()  # (exits at the shutdown frame)
+    respond_p1(msg, msg["payload"])
+"""
+
+
+async def test_a_child_that_closes_its_stdout_and_stays_alive_is_lost_a_second_after(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """End of a child's stdout is end of its answers: the child is lost. A child that
+    exits closes its stdout a moment before its exit status can be read (the pipe is
+    closed first, then the exit is reported: measured, a third of the exits on Linux),
+    so after the end of stdout the bridge waits at most 1 s for the status, to say
+    ``exited with status N`` for a crash: only a child that stays alive costs that
+    second. Then its message fails (``handler_error``), the child is stopped by the
+    documented rules (``shutdown``, grace, SIGTERM, SIGKILL: this one exits at the
+    ``shutdown``) and a fresh child serves the next message."""
+    cmd = script(tmp_path, CLOSES_STDOUT_CHILD)
+    async with mock_time_kernel() as kernel:
+        ref = kernel.spawn(process_agent(cmd, name="c"))
+        await until_real(lambda: stats_of(kernel, ref).registered, "the register")
+        failures: list[RequestFailed] = []
+
+        async def ask_the_first() -> None:
+            with pytest.raises(RequestFailed) as info:
+                await kernel.request(ref, "first")
+            failures.append(info.value)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask_the_first)
+            await until_real(lambda: (tmp_path / "closed").exists(), "the close")
+            start = trio.current_time()
+            # the end of its stdout is read: the wait for its exit status begins
+            await until_real(
+                lambda: trio.lowlevel.current_statistics().seconds_to_next_deadline == 1.0,
+                "the end of stdout",
+            )
+            mock_clock.jump(0.999)
+            await trio.testing.wait_all_tasks_blocked()
+            assert failures == []
+            mock_clock.jump(0.001)
+        assert trio.current_time() - start == 1.0
+        (failure,) = failures
+        assert failure.reason == "handler_error"
+        assert isinstance(failure.error, ProcessAgentError)
+        assert failure.error.problem == "closed its stdout (still running; it will be killed)"
+        assert await kernel.request(ref, "second") == "second"
+        stats = stats_of(kernel, ref)
+        assert (stats.starts, stats.last_exit, stats.lines_in) == (2, 0, 3)
+        assert [d.reason for d in dead_letters(kernel)] == [DeadLetterReason.HANDLER_ERROR]
+
+
 async def test_child_lost_during_the_grace_is_replaced_for_the_message_that_waits(
     tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:
