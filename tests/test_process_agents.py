@@ -1431,6 +1431,38 @@ async def test_stop_of_a_child_that_never_registered_does_not_wait_for_a_stdout_
         assert "exited (status 3) before registering" in str(event.error)
 
 
+async def test_a_child_that_closes_its_stdout_before_registering_is_not_said_to_have_exited(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """Regression: a child that closed its stdout before its register line and lived on
+    failed its start with ``exited (status None) before registering``: it had not exited.
+    It now fails with what it did, a second after the end of its stdout (the wait for an
+    exit status), and is stopped (SIGTERM: it never spoke the protocol)."""
+    marker = tmp_path / "closed"
+    code = f"import os, time; os.close(1); open({str(marker)!r}, 'w').close(); time.sleep(600)"
+    async with mock_time_kernel() as kernel:
+        async with kernel.events() as events:
+            ref = kernel.spawn(
+                process_agent([sys.executable, "-c", code], restart="temporary", shutdown_grace=0.5)
+            )
+            await until_real(marker.exists, "the close")
+            await until_real(
+                lambda: trio.lowlevel.current_statistics().seconds_to_next_deadline == 1.0,
+                "the end of stdout",
+            )
+            mock_clock.jump(1.0)
+            async for event in events:
+                if event.agent_id == ref.id and event.kind is EventKind.FAILED:
+                    break
+        assert isinstance(event.error, ProcessAgentError)
+        assert event.error.problem == (
+            "closed its stdout before registering (still running; it will be killed)"
+        )
+        await until_real(lambda: not kernel.is_local(ref), "the agent to retire")
+        (final,) = stopped_bridge_stats(kernel).agents.values()
+        assert final.last_exit == -signal.SIGTERM
+
+
 async def test_noise_before_register_is_skipped() -> None:
     async with bridge_kernel() as kernel:
         ref = kernel.spawn(process_agent(toy("--garbage-first")))

@@ -741,7 +741,10 @@ class ProcessAgent(Agent):
                     code = await self._exit_code(process)
                     raise ProcessAgentError(
                         self.label,
-                        f"exited (status {code}) before registering{first_bad}",
+                        f"exited (status {code}) before registering{first_bad}"
+                        if code is not None
+                        else "closed its stdout before registering (still running; it will be "
+                        f"killed){first_bad}",
                         process.pid,
                     )
                 stats.lines_in += 1
