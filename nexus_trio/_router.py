@@ -185,6 +185,12 @@ class TransportHandle:
         """Fail a pending request with ``error``; False if none is pending."""
         return self._router.fail_request(request_id, error)
 
+    def gave_up(self, request_id: uuid.UUID) -> bool:
+        """True if a request of this kernel with id ``request_id`` stopped waiting (timed
+        out, cancelled, failed) not long ago (the last few thousand): what answers it now
+        is late, as a reply dead-lettered ``late_reply`` is."""
+        return request_id.int in self._router.late_queries
+
     def cancel_query(self, query_id: uuid.UUID, to: Address) -> bool:
         """The remote requester of query ``query_id`` stopped waiting (timeout or cancel).
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import struct
 import uuid
 from collections import Counter
@@ -32,6 +33,7 @@ from nexus_trio import (
     Context,
     EventKind,
     Kernel,
+    MailboxFull,
     Message,
     MessageDecodeError,
     MessageKind,
@@ -438,7 +440,14 @@ singles = st.one_of(
     ),
     st.builds(
         lambda b: Single("error-unknown", b),
-        st.sampled_from([b"{}", b"not json", b'{"address": "x"}']),
+        st.sampled_from(
+            [
+                b"{}",
+                b"not json",
+                b'{"address": "x"}',
+                wire.error_frame(MailboxFull(uuid.uuid4(), "x", 4, uuid.uuid4()))[1],
+            ]
+        ),
     ),
 )
 
@@ -593,6 +602,8 @@ class Expected:
                 )
             except ValueError:
                 self.dropped["malformed"] += 1
+            else:
+                self.dropped["unroutable_error"] += 1  # a query nobody asked
         else:
             try:
                 msg = wire.decode_message(single.body)
@@ -811,3 +822,52 @@ async def test_a_sender_name_that_is_no_node_name_is_malformed_and_the_node_stay
         assert stats.disconnects == 0
         assert stats.inbound_dropped == {"malformed_batch": 1, "malformed": 1}
         assert stats.lost_in_transit == 0
+
+
+async def test_error_frames_for_queries_nobody_waits_for_are_counted_as_answers_are(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: a well-formed error frame on a node's reply subject for a query it
+    never asked, or for one whose requester there gave up (cancelled, timed out), was
+    counted nowhere (an answer in the same place is: ``unroutable_reply``, or
+    dead-lettered ``late_reply``). Such frames are counted in ``inbound_dropped``:
+    ``unroutable_error`` and ``late_error``, and logged (rate-limited)."""
+    caplog.set_level(logging.INFO, logger="nexus_trio.nats")
+    seen: trio.MemorySendChannel[uuid.UUID]
+    seen, seen_recv = trio.open_memory_channel[uuid.UUID](1)
+
+    @agent(name="slow")
+    async def slow(ctx: Context, msg: Message) -> Any:
+        await seen.send(msg.id)
+        await trio.sleep_forever()
+
+    kind, body = wire.error_frame(MailboxFull(uuid.uuid4(), "x", 4, uuid.uuid4()))
+    async with (
+        _node(nats.url, "a") as (ka, ca),
+        _node(nats.url, "b") as (kb, cb),
+        _hostile(nats.url) as hostile,
+    ):
+        ka.spawn(slow, name="slow-a")
+        echo_ref = kb.spawn(echo, name="echo-b")
+        await ca.names_published()
+        with trio.fail_after(20):
+            await cb.wait_for_name("slow-a")
+            async with trio.open_nursery() as nursery:
+                asked = trio.CancelScope()
+
+                async def ask() -> None:
+                    with asked:
+                        await kb.request("slow-a", "wait", timeout=30)
+
+                nursery.start_soon(ask)
+                query_id = await seen_recv.receive()
+                asked.cancel()  # b's requester gives up
+            for reply_to in (uuid.uuid4(), query_id, uuid.uuid4()):
+                subject = f"nexus.node.b.reply.{reply_to}"
+                await hostile.publish(subject, body, {wire.ERROR_HEADER: kind})
+            # what came before on the hostile connection is in
+            answer = await hostile.ask(f"nexus.node.b.agent.{echo_ref.id}", echo_ref.id, "after")
+        assert answer == "after"
+        assert cb.stats().inbound_dropped == {"unroutable_error": 2, "late_error": 1}
+    logged = [r.getMessage() for r in caplog.records if "error frame" in r.getMessage()]
+    assert logged and all("for query" in line for line in logged), logged

@@ -1956,6 +1956,7 @@ class Cluster:
             if self._reply_routes and query_id in self._reply_routes:
                 self._relay_error(m, query_id, to)
                 return None
+            counted = False  # (as malformed)
             if wire.ERROR_HEADER in headers:
                 try:
                     error: NexusError = wire.error_from_frame(
@@ -1976,9 +1977,12 @@ class Cluster:
                         exc,
                     )
                     error = RequestFailed(query_id, to, "malformed", exc)
+                    counted = True
             else:
                 error = AgentNotFound(to)
-            self._fail_request(query_id, error)
+            handle = self.handle
+            if (handle is None or not handle.fail_request(query_id, error)) and not counted:
+                self._unawaited_error(m, query_id)
             return None
         try:
             reply = _decode(m.data)
@@ -1995,6 +1999,29 @@ class Cluster:
             return None
         self._took_reply(reply, query_id)
         return reply
+
+    def _unawaited_error(self, m: NatsMsg, query_id: uuid.UUID) -> None:
+        """A well-formed error frame (or NATS's "no responders") for query ``query_id``
+        that no request here waits for: counted in ``inbound_dropped`` as an answer there
+        is, ``late_error`` if its requester here gave up (an answer then is dead-lettered
+        ``late_reply``), else ``unroutable_error`` (as ``unroutable_reply``)."""
+        handle = self.handle
+        late = handle is not None and handle.gave_up(query_id)
+        reason = "late_error" if late else "unroutable_error"
+        self._dropped[reason] += 1
+        # a peer may send such frames by the thousand: logged as _refuse logs its drops
+        if log.isEnabledFor(logging.INFO) and self._drop_log.due():
+            log_guarded(
+                log,
+                logging.INFO,
+                "node %s: dropped an error frame (%s) for query %s on %s: %s (%d so far)",
+                self.node,
+                brief((m.headers or {}).get(wire.ERROR_HEADER, "no responders"), 60),
+                query_id,
+                brief(m.subject, 200),
+                reason,
+                self._dropped[reason],
+            )
 
     def _relay_error(self, m: NatsMsg, query_id: uuid.UUID, to: Address) -> None:
         """The error frame (or NATS's "no responders") for a query this node took from a
