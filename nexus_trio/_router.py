@@ -185,6 +185,16 @@ class TransportHandle:
         """Fail a pending request with ``error``; False if none is pending."""
         return self._router.fail_request(request_id, error)
 
+    def relay_nowait(self, msg: Message) -> None:
+        """Pass on, through the transport, an answer that came from a remote kernel for a
+        requester on another one (a query a handler here sent on, as a router agent
+        does): counted in ``accepted`` and ``forwarded``, as a handler's message sent on
+        is, in every phase (also while the kernel drains or after it stopped: the
+        answer is no work for this kernel, and its requester waits for it). Raises what
+        the transport raises (``TypeError`` / ``ValueError`` for an answer its wire form
+        cannot carry); ``KernelShuttingDown`` once the transport is detached."""
+        self._router.relay_nowait(msg)
+
     def gave_up(self, request_id: uuid.UUID) -> bool:
         """True if a request of this kernel with id ``request_id`` stopped waiting (timed
         out, cancelled, failed) not long ago (the last few thousand): what answers it now
@@ -633,6 +643,21 @@ class Router:
             self._accept_dead(msg, exc.reason, exc.detail, exc)
         else:
             raise exc
+
+    def relay_nowait(self, msg: Message) -> None:
+        """See :meth:`TransportHandle.relay_nowait`."""
+        transport = self.transport
+        if transport is None:
+            raise KernelShuttingDown("relay")
+        try:
+            transport.deliver_nowait(msg)
+        except (AgentNotFound, MailboxFull) as exc:
+            self.ledger.reject(exc)
+            raise
+        except MessageFailed as exc:
+            raise unsendable(exc) from exc.__cause__
+        self.ledger.accepted += 1
+        self.ledger.forwarded += 1
 
     def deliver_from_remote_nowait(self, msg: Message) -> bool:
         if self.phase is not _RUNNING:

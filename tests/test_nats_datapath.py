@@ -10,6 +10,7 @@ that waited for its deadline).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import struct
@@ -3720,3 +3721,93 @@ async def test_a_forwarded_querys_answer_that_waits_in_the_inbox_is_passed_on(
     counted = cb.stats()
     assert (counted.replies_relayed, counted.inbound_dropped) == (1, {})
     assert not cb._reply_routes and not cb._outstanding
+
+
+@pytest.mark.parametrize("phase", ["draining", "stopped"])
+async def test_a_forwarded_querys_answer_reaching_a_node_that_shuts_down_is_passed_on(
+    nats: NatsServer, phase: str
+) -> None:
+    """Regression: c's answer to a query b's router sent on reached b while b's kernel
+    shut down (draining: an agent still busy; or stopped already, b still joined): b's
+    kernel refused to pass it on (``KernelShuttingDown``), it was dropped
+    ``unroutable_reply`` and a waited for its whole timeout. The route is known and the
+    transport is up: b passes the answer on, through its kernel's books, as before."""
+    working, release, hold, answered = trio.Event(), trio.Event(), trio.Event(), trio.Event()
+    answers: list[Any] = []
+
+    async def worker(ctx: Context, msg: Message) -> Any:
+        working.set()
+        await release.wait()
+        return ["from c", msg.payload]
+
+    @agent(name="busy")
+    async def busy(ctx: Context, msg: Message) -> None:
+        await hold.wait()  # keeps b's kernel draining
+
+    async with _three_nodes(nats.url, worker) as ((ka, _ca), (kb, cb), (kc, _cc)):
+        busy_ref = kb.spawn(busy)
+        async with trio.open_nursery() as nursery:
+
+            async def ask() -> None:
+                answers.append(await ka.request("router", "work", timeout=30))
+                answered.set()
+
+            nursery.start_soon(ask)
+            with trio.fail_after(10):
+                await working.wait()  # the query is on c, its answer not made yet
+                if phase == "draining":
+                    await kb.send(busy_ref, "hold")
+                    nursery.start_soon(functools.partial(kb.shutdown, grace=60))
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert kb.shutting_down and not kb.stopping
+                else:
+                    hold.set()
+                    await kb.shutdown()
+                    assert kb.stopped
+                release.set()
+            with trio.fail_after(5):
+                await answered.wait()
+            hold.set()
+        _books_balance(ka, kb, kc)
+    assert answers == [["from c", "work"]]
+    counted = cb.stats()
+    assert (counted.replies_relayed, counted.inbound_dropped) == (1, {})
+    assert not cb._reply_routes and not cb._outstanding
+
+
+async def test_a_forwarded_querys_answer_the_leaving_node_cannot_pass_on_fails_it_at_once(
+    nats: NatsServer,
+) -> None:
+    """c's answer to a query b's router sent on reaches b once b's leave has begun (its
+    transport refuses to send anything new): the answer is dropped ``unroutable_reply``
+    and a's requester, which would wait for its whole timeout, gets an error frame at
+    once (b's outbox still sends the error frames of what it refuses while it leaves)."""
+    working, release, answered = trio.Event(), trio.Event(), trio.Event()
+
+    async def worker(ctx: Context, msg: Message) -> Any:
+        working.set()
+        await release.wait()
+        return ["from c", msg.payload]
+
+    async with _three_nodes(nats.url, worker) as ((ka, _ca), (_kb, cb), (_kc, _cc)):
+        async with trio.open_nursery() as nursery:
+            failed: list[RequestFailed] = []
+
+            async def ask() -> None:
+                with pytest.raises(RequestFailed) as caught:
+                    await ka.request("router", "work", timeout=30)
+                failed.append(caught.value)
+                answered.set()
+
+            nursery.start_soon(ask)
+            with trio.fail_after(10):
+                await working.wait()
+            cb._closing = True  # what b's leave does first (see Cluster._leave)
+            release.set()
+            with trio.fail_after(5):
+                await answered.wait()
+        cb._closing = False
+    assert "TransportUnavailable" in str(failed[0])
+    counted = cb.stats()
+    assert counted.inbound_dropped == {"unroutable_reply": 1}
+    assert (counted.errors_replied, counted.replies_relayed) == ({"request_failed": 1}, 0)

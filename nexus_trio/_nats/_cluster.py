@@ -2093,9 +2093,20 @@ class Cluster:
         (see _route), counted in ``replies_relayed``."""
         relaying = bool(self._reply_routes) and query_id in self._reply_routes
         try:
-            self.kernel.send_nowait(reply)
-        except (AgentNotFound, KernelShuttingDown, MailboxFull, TransportUnavailable):
+            if not relaying:
+                self.kernel.send_nowait(reply)
+            elif self.handle is None:
+                raise KernelShuttingDown("relay")
+            else:
+                # also while the kernel drains or after it stopped: the route is known
+                # and the transport up, and the requester waits
+                self.handle.relay_nowait(reply)
+        except (AgentNotFound, KernelShuttingDown, MailboxFull, TransportUnavailable) as exc:
             self._dropped["unroutable_reply"] += 1
+            if relaying:
+                # not passed on (the transport detached, or leaving): the requester
+                # gets the error at once, if the route is still kept (query_failed)
+                self.query_failed(query_id, exc)
         except (TypeError, ValueError):
             # An answer to pass on that the requester's wire form cannot carry (its
             # JSON form: nested too deeply, say): _route sent that requester an error
