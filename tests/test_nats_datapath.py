@@ -22,6 +22,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
+import nats as nats_py
 import pytest
 import trio
 import trio.testing
@@ -48,6 +49,7 @@ from nexus_trio._nats import Cluster, ClusterOptions, NatsServer, join_cluster
 from nexus_trio._nats import _batch as batch
 from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import call_aio
+from nexus_trio._nats._membership import encode_record
 from nexus_trio._nats._streams import parse_stream_name
 from nexus_trio.cli._swarm import cluster_counts
 from nexus_trio.logs import log_calls_failed
@@ -3811,3 +3813,146 @@ async def test_a_forwarded_querys_answer_the_leaving_node_cannot_pass_on_fails_i
     counted = cb.stats()
     assert counted.inbound_dropped == {"unroutable_reply": 1}
     assert (counted.errors_replied, counted.replies_relayed) == ({"request_failed": 1}, 0)
+
+
+#: the id prefix of a fake node (a raw NATS client): the kernels of this process share one
+_FAKE_PREFIX = 0x00000000000FA4E0
+
+
+@asynccontextmanager
+async def _fake_node(url: str, node: str) -> AsyncIterator[Any]:
+    """A raw nats-py client that is a member named ``node`` of id prefix _FAKE_PREFIX (it
+    beats on its heartbeat subject): what a kernel in another process looks like on the
+    wire, for per-peer counts the kernels of one process cannot tell apart."""
+    nc = await call_aio(nats_py.connect, url)
+    record = encode_record(node, _FAKE_PREFIX, time.time(), {})
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def beat() -> None:
+                while True:
+                    await call_aio(nc.publish, f"nexus.hb.{node}", record)
+                    await trio.sleep(FAST.heartbeat_interval / 2)
+
+            nursery.start_soon(beat)
+            yield nc
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await call_aio(nc.close)
+
+
+def _fake_id(n: int) -> uuid.UUID:
+    return uuid.UUID(int=(_FAKE_PREFIX << 64) | n)
+
+
+async def _heard(cluster: Cluster, node: str) -> None:
+    with trio.fail_after(10):
+        while True:
+            if node in cluster.members.members:
+                return
+            await trio.sleep(0.02)
+
+
+async def _subscribe(nc: Any, subject: str) -> Any:
+    return await nc.subscribe(subject)
+
+
+def _per_peer(cluster: Cluster, prefix: int) -> tuple[int, int]:
+    return cluster.queries_and_replies_sent_to(prefix), cluster.queries_and_replies_taken_from(
+        prefix
+    )
+
+
+async def test_a_forwarded_query_is_counted_per_peer_against_the_node_it_came_from(
+    nats: NatsServer,
+) -> None:
+    """Regression: per-peer counts of queries and replies (a dead worker's share of the
+    books) took a query's id to name the process at the other end. A query b's router
+    sends on to c keeps the id its requester made (on node f): c counted it as taken from
+    f, and its answer (to b) as handed to f, though c never exchanged a frame with f. Now
+    each is counted against the node it came from / went to: b for c, f for b."""
+
+    async def worker(ctx: Context, msg: Message) -> Any:
+        return ["from c", msg.payload]
+
+    async with (
+        _three_nodes(nats.url, worker) as ((_ka, _ca), (kb, cb), (_kc, cc)),
+        _fake_node(nats.url, "f") as fake,
+    ):
+        await _heard(cb, "f")
+        await _heard(cc, "f")
+        own = cb.id_prefix  # b's and c's (one process)
+        before = {cluster.node: _per_peer(cluster, own) for cluster in (cb, cc)}
+        router = kb.lookup("router").id
+        query = Message(_fake_id(2), router, "work", MessageKind.QUERY, id=_fake_id(1))
+        reply_subject = wire.reply_subject("nexus", "f", query.id)
+        sub = await call_aio(_subscribe, fake, reply_subject)
+        with trio.fail_after(10):
+            await call_aio(
+                fake.publish,
+                wire.agent_subject("nexus", "b", router),
+                wire.encode_message(query),
+                reply=reply_subject,
+            )
+            answer = await call_aio(sub.next_msg, timeout=10)
+        assert wire.decode_message(answer.data).payload == ["from c", "work"]
+    # c exchanged the query and its answer with b, never with f
+    assert _per_peer(cc, _FAKE_PREFIX) == (0, 0)
+    assert _per_peer(cc, own) == (before["c"][0] + 1, before["c"][1] + 1)
+    # b took the query from f and handed it the answer; handed c the query, took its answer
+    assert _per_peer(cb, _FAKE_PREFIX) == (1, 1)
+    assert _per_peer(cb, own) == (before["b"][0] + 1, before["b"][1] + 1)
+
+
+async def test_a_relayed_answer_is_counted_per_peer_against_the_node_that_relayed_it(
+    nats: NatsServer,
+) -> None:
+    """Regression (see above): a's request to b's router, sent on to an agent of node f,
+    got f's answer through b; a counted it as taken from f (the answer's id names the
+    process that made it), though it came from b. It is counted against b now."""
+
+    @agent(name="router")
+    async def router(ctx: Context, msg: Message) -> Any:
+        return msg.evolve(to="f-worker")
+
+    async with (
+        _node(nats.url, "b") as (kb, cb),
+        _node(nats.url, "a") as (ka, ca),
+        _fake_node(nats.url, "f") as fake,
+    ):
+        kb.spawn(router)
+        await cb.names_published()
+        f_worker = _fake_id(3)
+
+        async def put_name() -> None:
+            kv = await fake.jetstream().key_value("nexus-names")
+            value = json.dumps({"node": "f", "id": str(f_worker)}).encode()
+            await kv.put(wire.name_key("f-worker"), value)
+
+        await call_aio(put_name)
+        sub = await call_aio(_subscribe, fake, f"nexus.node.f.agent.{f_worker}")
+        with trio.fail_after(10):
+            await _heard(cb, "f")
+            await cb.wait_for_name("f-worker")
+            await ca.wait_for_name("router")
+            own = ca.id_prefix
+            before = _per_peer(ca, own)
+            async with trio.open_nursery() as nursery:
+                answers: list[Any] = []
+
+                async def ask() -> None:
+                    answers.append(await ka.request("router", "work", timeout=30))
+
+                nursery.start_soon(ask)
+                asked = await call_aio(sub.next_msg, timeout=10)
+                query = wire.decode_message(asked.data)
+                answer = query.reply(f_worker, ["from f", query.payload]).evolve(id=_fake_id(4))
+                await call_aio(fake.publish, asked.reply, wire.encode_message(answer))
+        assert answers == [["from f", "work"]]
+        assert cb.stats().replies_relayed == 1
+    # a exchanged the query and its answer with b, never with f
+    assert _per_peer(ca, _FAKE_PREFIX) == (0, 0)
+    assert _per_peer(ca, own) == (before[0] + 1, before[1] + 1)
+    # b handed f the query and took its answer
+    assert _per_peer(cb, _FAKE_PREFIX) == (1, 1)

@@ -375,6 +375,7 @@ class Cluster:
         self._nodes_kv: KeyValue | None = None
         self._names_kv: KeyValue | None = None
         self._node_subject_prefix = f"{self.prefix}.node.{self.node}."
+        self._nodes_subject_prefix = f"{self.prefix}.node."
         self._heartbeat_subject = f"{self.prefix}.hb.{self.node}"
         self._mark_subject = wire.sequence_mark_subject(self.prefix, self.node)
         self._batch_subject = wire.batch_subject(self.prefix, self.node)
@@ -441,8 +442,10 @@ class Cluster:
         # Queries and replies go alone, not numbered: per peer process (its id prefix),
         # those handed to NATS for it and those taken from it (delivered here, or refused
         # and counted), so that a lost peer's share of the books is known exactly here
-        # (see queries_and_replies_sent_to). A message's id names the process that made
-        # it, as an agent's does: a query's its requester, a reply's its responder.
+        # (see queries_and_replies_sent_to). The peer is the node at the other end of the
+        # frame (see _peer_of), not the process a message's id names: a query a router
+        # agent sends on keeps its requester's id, and the answer it passes back its
+        # responder's.
         self._alone_out: dict[int, int] = {}
         self._alone_in: dict[int, int] = {}
         # queries to a type (a queue group: which replica takes one is unknown when it
@@ -1204,8 +1207,9 @@ class Cluster:
                     if json_form:
                         # asked in the kernel's JSON wire form (e.g. by a non-Python client)
                         return subject, "", msg.to_json().encode(), None
-                    # to the process that made the query (its id says which)
-                    return subject, "", wire.encode_message(msg), reply_to.int >> 64
+                    # to the node whose reply subject it is (the query came from it)
+                    data = wire.encode_message(msg)
+                    return subject, "", data, self._peer_of(subject, reply_to.int >> 64)
                 except wire.UNENCODABLE as exc:
                     raise self._unencodable_reply(msg, reply_to, subject, exc) from exc
             if self.durable.completed(reply_to):
@@ -1226,7 +1230,7 @@ class Cluster:
                 # its requester gets RequestTimeout).
                 return "", "", None, (node, self.members.members[node].id_prefix)
             subject = wire.agent_subject(self.prefix, node, agent_id)
-            peer = agent_id.int >> 64  # the agent's process (its id says which)
+            peer = self.members.members[node].id_prefix  # (resolve found the member)
         try:
             data = wire.encode_message(msg)
         except wire.UNENCODABLE as exc:
@@ -1432,15 +1436,30 @@ class Cluster:
     def _not_handed(self, subject: str) -> None:
         """A query or reply that the NATS client refused is counted lost here
         (``publish_failures``), not handed to its peer: taken back from the per-peer
-        count. The last token of its subject is the id that named the peer: the agent's
-        (a query), the query's (a reply); a type's subject was not counted."""
+        count. Its subject names the peer as it did when it was counted (see _peer_of;
+        the last token is the agent's id, a query, or the query's, a reply); a type's
+        subject was not counted."""
         try:
-            peer = uuid.UUID(subject.rsplit(".", 1)[-1]).int >> 64
+            made_by = uuid.UUID(subject.rsplit(".", 1)[-1]).int >> 64
         except ValueError:
             return
+        peer = self._peer_of(subject, made_by)
         count = self._alone_out.get(peer, 0)
         if count:
             self._alone_out[peer] = count - 1
+
+    def _peer_of(self, subject: str, made_by: int) -> int:
+        """The peer process at the other end of a query or reply on ``subject`` (see
+        ``_alone_out``): the id prefix of the member whose subject it is
+        (``<prefix>.node.<node>.``: its agents', its replies'); ``made_by``, the process
+        a message's id names, for another subject (a plain NATS client's inbox) or a
+        node that is no member."""
+        nodes = self._nodes_subject_prefix
+        if subject.startswith(nodes):
+            info = self.members.members.get(subject[len(nodes) :].partition(".")[0])
+            if info is not None:
+                return info.id_prefix
+        return made_by
 
     def _publish_error(self, reply: str, exc: BaseException) -> None:
         """Answer a remote requester with the error its query ran into. Counted in
@@ -1948,9 +1967,11 @@ class Cluster:
         if headers and (headers.get("Status") == "503" or wire.ERROR_HEADER in headers):
             to, node = asked if asked is not None else ("?", "?")
             if self._type_queries and self._type_queries.pop(query_id, False):
-                # the replica that refused or failed it took it: handed to its process
-                # (NATS's "no responders" names none: no replica took it)
-                info = self.members.members.get(headers.get(wire.NODE_HEADER, ""))
+                # the replica that refused or failed it took it: handed to its process,
+                # or to the one that passed the frame on (NATS's "no responders" names
+                # none: no replica took it)
+                taker = headers.get(wire.RELAYED_HEADER) or headers.get(wire.NODE_HEADER, "")
+                info = self.members.members.get(taker)
                 if info is not None:
                     self._alone_out[info.id_prefix] = self._alone_out.get(info.id_prefix, 0) + 1
             if self._reply_routes and query_id in self._reply_routes:
@@ -1997,7 +2018,7 @@ class Cluster:
                 exc,
             )
             return None
-        self._took_reply(reply, query_id)
+        self._took_reply(reply, query_id, None if asked is None else asked[1])
         return reply
 
     def _unawaited_error(self, m: NatsMsg, query_id: uuid.UUID) -> None:
@@ -2053,10 +2074,14 @@ class Cluster:
         self._replies_relayed -= 1
         self._error_not_sent("relayed", subject, why, replied=False)
 
-    def _took_reply(self, reply: Message, query_id: uuid.UUID) -> None:
-        """Count a reply taken from its responder's process (see ``_alone_in``), and a
-        query to a type as handed to it, now that its answer says which one took it."""
-        peer = id_value(reply) >> 64
+    def _took_reply(self, reply: Message, query_id: uuid.UUID, asked: str | None) -> None:
+        """Count a reply taken from the process it came from (see ``_alone_in``), and a
+        query to a type as handed to it, now that its answer says which one took it.
+        That is the node ``asked`` (the query went there: the answer comes from there,
+        also one a router agent there had from a third node); for a query to a type, or
+        one no longer outstanding here (late), the process that made the reply."""
+        info = self.members.members.get(asked) if asked is not None else None
+        peer = id_value(reply) >> 64 if info is None else info.id_prefix
         taken = self._alone_in
         taken[peer] = taken.get(peer, 0) + 1
         if self._type_queries and self._type_queries.pop(query_id, False):
@@ -2081,9 +2106,10 @@ class Cluster:
                 query_id = uuid.UUID(rest[6:])
             except ValueError:
                 return  # (no query of this node: counted malformed where it was read)
-            self._took_reply(msg, query_id)
+            self._took_reply(msg, query_id, None)
             return
-        peer = id_value(msg) >> 64
+        made_by = id_value(msg) >> 64
+        peer = self._peer_of(m.reply, made_by) if m.reply else made_by
         self._alone_in[peer] = self._alone_in.get(peer, 0) + 1
 
     def _reply_in_now(self, reply: Message, query_id: uuid.UUID) -> None:
@@ -2170,8 +2196,11 @@ class Cluster:
             if m.reply:
                 self._publish_error(m.reply, RequestFailed(uuid.UUID(int=0), "?", "malformed", exc))
             return None
-        # taken from the process that made it (its id says which; see _alone_in)
-        peer = id_value(msg) >> 64
+        # taken from the process it came from: a query's requester node (its reply
+        # subject says which; a plain client's, or a message to a type without one: the
+        # process its id names; see _alone_in)
+        made_by = id_value(msg) >> 64
+        peer = self._peer_of(m.reply, made_by) if m.reply else made_by
         self._alone_in[peer] = self._alone_in.get(peer, 0) + 1
         if type_name is not None:
             replica = self._pick_replica(type_name)
@@ -3203,15 +3232,19 @@ class Cluster:
         return self._inbound.taken_from(node, id_prefix)
 
     def queries_and_replies_sent_to(self, id_prefix: int) -> int:
-        """Queries and replies this process handed to NATS for process ``id_prefix``,
-        whatever came of them (a query to a type counts once an answer says which
-        process took it; one the NATS client refused is not counted here: it is lost,
-        counted in ``publish_failures``)."""
+        """Queries and replies this process handed to NATS for process ``id_prefix`` (the
+        node at the other end, whoever made them: a query a handler here sends on to it
+        counts for it, not for its requester), whatever came of them (a query to a type
+        counts once an answer says which process took it; one the NATS client refused
+        is not counted here: it is lost, counted in ``publish_failures``)."""
         return self._alone_out.get(id_prefix, 0)
 
     def queries_and_replies_taken_from(self, id_prefix: int) -> int:
-        """Queries and replies (and messages to a type) made by process ``id_prefix``
-        that this process took: delivered here, late, or refused and counted."""
+        """Queries and replies (and messages to a type) that came to this process from
+        process ``id_prefix`` (the node at the other end: a query's requester node, as
+        its reply subject says, an answer's node asked; else the process a message's id
+        names: a reply that comes late, a message to a type without a reply subject),
+        whoever made them: delivered here, late, or refused and counted."""
         return self._alone_in.get(id_prefix, 0)
 
     def name_holder(self, name: str) -> tuple[str, uuid.UUID] | None:
