@@ -48,16 +48,15 @@ from nexus_trio._nats._aio import call_aio
 from nexus_trio._nats._membership import NodeInfo, decode_record
 
 from .hang_guard import fault_settings, real_time_limit, tasks_living
-from .nats_server import FAST, nats_cluster, node_config
+from .nats_server import FAST, PATIENT, nats_cluster, node_config
 
 _prefixes = itertools.count()
 
 
-#: the property's live nodes judge a member lost after 2 s of silence, not FAST's 0.6 s:
-#: in a loaded 2-core CI run, three NATS clients and two kernels in one process made a
-#: live node silent for 0.7 s now and then (the GIL), and the property is about what a
-#: hostile peer does, not about a detector tuned for speed; fakes still go lost in 2 s
-PATIENT = attrs.evolve(FAST, missed_heartbeats=10)
+#: (the property's live nodes are PATIENT: in a loaded 2-core CI run, three NATS clients
+#: and two kernels in one process made a live node silent for 0.7 s now and then (the
+#: GIL), and the property is about what a hostile peer does, not about a detector tuned
+#: for speed; fakes still go lost in 2 s)
 
 
 @asynccontextmanager

@@ -477,7 +477,7 @@ async def test_a_shrink_s_remote_requester_hears_at_once_when_the_pool_stops_bef
     ``RequestFailed`` now, through the cluster's error frame."""
     from nexus_trio._nats import join_cluster
 
-    from .nats_server import FAST
+    from .nats_server import PATIENT
 
     release = trio.Event()
 
@@ -492,8 +492,10 @@ async def test_a_shrink_s_remote_requester_hears_at_once_when_the_pool_stops_bef
         for i in range(6):
             await kb.send("workers", i)  # two each: the shrink waits for /2 to drain
         async with (
-            join_cluster(kb, nats.url, "b", options=FAST) as cb,
-            join_cluster(ka, nats.url, "a", options=FAST) as ca,
+            # (patient: a stall of the loaded machine while the request is out must not
+            # make b lost, the request failing with TransportUnavailable)
+            join_cluster(kb, nats.url, "b", options=PATIENT) as cb,
+            join_cluster(ka, nats.url, "a", options=PATIENT) as ca,
             trio.open_nursery() as nursery,
         ):
             with trio.fail_after(30):
