@@ -355,6 +355,8 @@ async def test_original_bridge_tells_without_an_answer_are_handled_and_do_not_wa
     """The original bridge writes nothing for a handler that returns None: no timeout, no kill."""
     async with bridge_kernel() as kernel:
         ref = kernel.spawn(process_agent([sys.executable, ORIGINAL], handle_timeout=2.0))
+        # the child is up (its start, seconds on a loaded machine, is not what is timed)
+        assert await kernel.request(ref, {"op": "total"}) == {"total": 0, "events": 0}
         start = trio.current_time()
         for n in range(1, 21):
             await kernel.send(ref, {"op": "add", "n": n})
