@@ -173,7 +173,12 @@ async def test_a_membership_record_that_cannot_be_read_is_ignored_and_the_node_s
     """A record nested too deeply or with a pid that is no integer, written into the
     nodes bucket, raised out of the bucket's watch (RecursionError, OverflowError): the
     node's cluster failed. It is ignored, as any malformed record is."""
-    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+    async with (
+        # (patient: a stall of a loaded machine while the request to b is out must not
+        # make b lost, the request failing with TransportUnavailable)
+        _node(nats.url, "b", options=PATIENT) as (kb, cb),
+        _node(nats.url, "a", options=PATIENT) as (ka, ca),
+    ):
         kb.spawn(echo, name="echo-b")
         await cb.names_published()
         async with _hostile(nats.url) as hostile:
