@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -730,6 +731,26 @@ async def test_a_durable_message_nested_too_deep_is_dead_and_the_node_pulls_on(
             await ok.wait()
         assert handled == ["after"]
         assert cluster.durable.dead == 1
+
+
+async def test_a_node_whose_own_process_stalled_does_not_judge_its_live_peers_lost(
+    nats: NatsServer,
+) -> None:
+    """Regression: a node whose own process stalled (a GC pause, a starved CPU) for longer
+    than ``heartbeat_interval`` x ``missed_heartbeats`` judged its live peers lost when it
+    woke: its loss check ran before the heartbeats waiting in its socket were read (one
+    thread: trio-asyncio), so requests to them failed with ``TransportUnavailable`` and
+    their agents were re-placed. The check waits after such a stall until what came
+    meanwhile is read; a peer silent all along is still lost (the tests above)."""
+    async with nodes(nats.url, "b") as _, local_node(nats.url) as (kernel, cluster):
+        with trio.fail_after(30):
+            await cluster.wait_for_name("echo-b")
+            assert await kernel.request("echo-b", 1) == {"echo": 1, "node": "b", "kind": "Query"}
+            lost_after = FAST.heartbeat_interval * FAST.missed_heartbeats
+            time.sleep(lost_after + 0.4)  # the whole process stalls (b runs on)
+            await trio.sleep(3 * FAST.heartbeat_interval)  # the loss check runs again
+            assert cluster.stats().nodes_lost == 0
+            assert await kernel.request("echo-b", 2) == {"echo": 2, "node": "b", "kind": "Query"}
 
 
 async def test_a_killed_node_is_reported_lost_then_forgotten(nats: NatsServer) -> None:

@@ -3096,9 +3096,20 @@ class Cluster:
             self._retry_wanted.set()  # a partition healed: the buckets may take writes again
 
     async def _check_members(self) -> None:
+        interval = self.options.heartbeat_interval
+        checked = held_until = monotonic()
         while True:
-            await trio.sleep(self.options.heartbeat_interval / 2)
+            await trio.sleep(interval / 2)
             now = monotonic()
+            if now - checked > interval:
+                # This process stalled (a GC pause, a starved CPU): the heartbeats that
+                # came meanwhile still wait in the socket, read by this thread too
+                # (trio-asyncio). Silence is judged again once they had an interval to
+                # be read, and each live peer to send a fresh one.
+                held_until = now + interval
+            checked = now
+            if now < held_until:
+                continue
             for info in self.members.newly_lost(now):
                 self._node_lost(info)
             self._count_late_notices(now)
