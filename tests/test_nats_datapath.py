@@ -2724,22 +2724,25 @@ async def test_queries_and_replies_are_counted_per_peer_whatever_becomes_of_them
         peer = cb.id_prefix
         assert ca.queries_and_replies_sent_to(peer) == 0
         async with kb.dead_letters() as b_letters, ka.dead_letters() as a_letters:
-            with trio.fail_after(30):
-                await ca.wait_for_name("ping")
-                await ca.wait_for_name("slow")
-                for _ in range(3):
-                    assert await ka.request("ping", None) == "pong"
-                # timed out: the cancel reaches b, whose reply never crosses
-                with pytest.raises(RequestTimeout):
-                    await ka.request("slow", "by name", timeout=0.3)
-                await cancelled.wait()
-                # timed out, to a type (not cancelled there): its reply crosses late
-                with pytest.raises(RequestTimeout):
-                    await ka.request("type:slow", "by type", timeout=0.3)
-                assert ca.queries_and_replies_sent_to(peer) == 4  # the type's not yet
-                gate.set()
-                b_late = await anext(aiter(b_letters))
-                a_late = await anext(aiter(a_letters))
+            try:
+                with trio.fail_after(30):
+                    await ca.wait_for_name("ping")
+                    await ca.wait_for_name("slow")
+                    for _ in range(3):
+                        assert await ka.request("ping", None) == "pong"
+                    # timed out: the cancel reaches b, whose reply never crosses
+                    with pytest.raises(RequestTimeout):
+                        await ka.request("slow", "by name", timeout=0.3)
+                    await cancelled.wait()
+                    # timed out, to a type (not cancelled there): its reply crosses late
+                    with pytest.raises(RequestTimeout):
+                        await ka.request("type:slow", "by type", timeout=0.3)
+                    assert ca.queries_and_replies_sent_to(peer) == 4  # the type's not yet
+                    gate.set()
+                    b_late = await anext(aiter(b_letters))
+                    a_late = await anext(aiter(a_letters))
+            finally:
+                gate.set()  # (a failure above must end the shielded handlers: no hang)
     # the reply to the query by name, made after its cancel: dead-lettered where it is made
     assert (b_late.reason.value, b_late.message.payload) == ("late_reply", "late")
     # the reply to the query to the type crossed: dead-lettered where it was asked
