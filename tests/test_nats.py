@@ -753,6 +753,28 @@ async def test_a_node_whose_own_process_stalled_does_not_judge_its_live_peers_lo
             assert await kernel.request("echo-b", 2) == {"echo": 2, "node": "b", "kind": "Query"}
 
 
+async def test_a_node_starved_without_pause_still_judges_a_silent_peer_lost(
+    nats: NatsServer,
+) -> None:
+    """The hold after a stall of the node's own process (above) lasts one interval: a
+    process starved for good (every loss check late) judged nobody lost at all, so a
+    peer that died then was a live member for ever, its requests waiting their whole
+    timeouts. Now a check after a hold judges, late or not."""
+    async with nodes(nats.url, "b") as (b,), local_node(nats.url) as (kernel, cluster):
+        with trio.fail_after(30):
+            await cluster.wait_for_name("echo-b")
+            assert await kernel.request("echo-b", 1) == {"echo": 1, "node": "b", "kind": "Query"}
+            b.kill()
+            lost_after = FAST.heartbeat_interval * FAST.missed_heartbeats
+            starved_until = trio.current_time() + 6 * lost_after
+            while trio.current_time() < starved_until and not cluster.stats().nodes_lost:
+                # each turn of the loop stalls the whole process longer than an interval
+                time.sleep(1.5 * FAST.heartbeat_interval)
+                await trio.lowlevel.checkpoint()
+            assert cluster.stats().nodes_lost == 1
+            assert not {info.node: info for info in cluster.member_list()}["b"].reachable
+
+
 async def test_a_killed_node_is_reported_lost_then_forgotten(nats: NatsServer) -> None:
     async with (
         nodes(nats.url, "b") as (b,),

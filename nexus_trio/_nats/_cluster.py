@@ -3098,17 +3098,21 @@ class Cluster:
     async def _check_members(self) -> None:
         interval = self.options.heartbeat_interval
         checked = held_until = monotonic()
+        held = False
         while True:
             await trio.sleep(interval / 2)
             now = monotonic()
-            if now - checked > interval:
+            if now - checked > interval and not held:
                 # This process stalled (a GC pause, a starved CPU): the heartbeats that
                 # came meanwhile still wait in the socket, read by this thread too
                 # (trio-asyncio). Silence is judged again once they had an interval to
-                # be read, and each live peer to send a fresh one.
+                # be read, and each live peer to send a fresh one. Once: the check
+                # after a hold judges even if late, or a process starved for good
+                # (every check late) would judge nobody lost, ever.
                 held_until = now + interval
             checked = now
-            if now < held_until:
+            held = now < held_until
+            if held:
                 continue
             for info in self.members.newly_lost(now):
                 self._node_lost(info)
