@@ -56,7 +56,7 @@ from nexus_trio.logs import log_calls_failed
 from nexus_trio.testing import assert_conserved
 
 from .hang_guard import real_time_limit
-from .nats_server import FAST
+from .nats_server import FAST, PATIENT
 from .test_logs import RaisingFilter
 
 
@@ -818,7 +818,13 @@ async def test_a_remote_query_dead_lettered_during_the_leave_makes_no_error_fram
         raise RuntimeError("failed after the leave")
 
     outcome: list[BaseException | Any] = []
-    async with _node(nats.url, "a") as (ka, ca), open_kernel(_config()) as kb:
+    # a is patient: b's leave lasts a while without heartbeats, and a loaded machine
+    # stretched it past FAST's 0.6 s (a judged b lost: TransportUnavailable, not the
+    # RequestTimeout asserted below)
+    async with (
+        _node(nats.url, "a", missed_heartbeats=PATIENT.missed_heartbeats) as (ka, ca),
+        open_kernel(_config()) as kb,
+    ):
         kb.spawn(worker)
         async with trio.open_nursery() as nursery:
             async with join_cluster(kb, nats.url, "b", options=FAST) as cb:
