@@ -91,6 +91,19 @@ def node_config() -> Config:
 # --- the child kernel --------------------------------------------------------------------------
 
 
+def collector(records: list[Any]) -> Any:
+    """An agent that keeps each payload in ``records`` and answers ``"dump"`` with a copy."""
+
+    @agent(name="collector")
+    async def collect(ctx: Context, msg: Message) -> Any:
+        if msg.payload == "dump":
+            return list(records)
+        records.append(msg.payload)
+        return None
+
+    return collect
+
+
 async def _serve_node(url: str, node: str, replicas: int, kv_replicas: int) -> None:
     options = attrs.evolve(FAST, kv_replicas=kv_replicas)
 
@@ -99,13 +112,7 @@ async def _serve_node(url: str, node: str, replicas: int, kv_replicas: int) -> N
         return {"echo": msg.payload, "node": node, "kind": msg.kind.value}
 
     collected: list[Any] = []
-
-    @agent(name="collector")
-    async def collector(ctx: Context, msg: Message) -> Any:
-        if msg.payload == "dump":
-            return list(collected)
-        collected.append(msg.payload)
-        return None
+    keeper = collector(collected)
 
     @agent(name="relay")
     async def relay(ctx: Context, msg: Message) -> Any:
@@ -166,7 +173,7 @@ async def _serve_node(url: str, node: str, replicas: int, kv_replicas: int) -> N
 
     async with open_kernel(node_config()) as kernel:
         kernel.spawn(echo, name=f"echo-{node}")
-        kernel.spawn(collector, name=f"collector-{node}")
+        kernel.spawn(keeper, name=f"collector-{node}")
         kernel.spawn(relay, name=f"relay-{node}")
         kernel.spawn(agent(Flaky, name="flaky"), name=f"flaky-{node}")
         kernel.spawn(gate_agent, name=f"gate-{node}")

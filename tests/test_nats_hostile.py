@@ -48,7 +48,7 @@ from nexus_trio._nats._aio import call_aio
 from nexus_trio._nats._membership import NodeInfo, decode_record
 
 from .hang_guard import fault_settings, real_time_limit, tasks_living
-from .nats_server import FAST, PATIENT, nats_cluster, node_config
+from .nats_server import FAST, PATIENT, collector, nats_cluster, node_config
 
 _prefixes = itertools.count()
 
@@ -640,17 +640,6 @@ class Expected:
                 self.tell(msg)
 
 
-def _collector(records: list[Any]) -> Any:
-    @agent(name="collector")
-    async def collect(ctx: Context, msg: Message) -> Any:
-        if msg.payload == "dump":
-            return list(records)
-        records.append(msg.payload)
-        return None
-
-    return collect
-
-
 @agent(name="thing")
 async def thing(ctx: Context, msg: Message) -> Any:
     return "thing"
@@ -681,7 +670,7 @@ async def _run_script(url: str, script: list[Any]) -> None:
         _hostile(url, prefix) as hostile,
         trio.open_nursery() as watchers,
     ):
-        col = kb.spawn(_collector(collected), name="col-b")
+        col = kb.spawn(collector(collected), name="col-b")
         kb.spawn(echo, name="echo-b")
         ka.spawn(echo, name="echo-a")
         for cluster in (ca, cb):
