@@ -273,6 +273,13 @@ def _spec_for(target: Any, options: dict[str, Any]) -> AgentSpec:
                     " nexus_trio.Agent, which has both hooks, or define it"
                 )
         handle = inspect.getattr_static(target, "handle")
+        if handle is inspect.getattr_static(Agent, "handle"):
+            raise TypeError(
+                f"agent class {target.__qualname__} does not define handle(ctx, msg): write"
+                " 'async def handle(self, ctx, msg)' in it"
+            )
+        for hook, params in (("handle", "ctx, msg"), ("on_start", "ctx"), ("on_stop", "ctx")):
+            _check_awaitable_hook(target, hook, params)
         if inspect.isfunction(handle):  # called on an instance: self, ctx, msg
             _check_handler_signature(handle, f"{target.__name__}.handle", 3)
         factory = cast("Callable[[], Behaviour]", target)
@@ -281,9 +288,29 @@ def _spec_for(target: Any, options: dict[str, Any]) -> AgentSpec:
         _check_handler_signature(target, target.__name__, 2)
         behaviour = _FunctionBehaviour(target)
         return AgentSpec(factory=lambda: behaviour, handler=target, **options)
+    if callable(getattr(target, "handle", None)):
+        # (``kernel.spawn(Counter())``: each run builds its own instance from the class)
+        name = type(target).__name__
+        raise TypeError(
+            f"got an instance of the agent class {name}: pass the class {name}, not an"
+            " instance (every run, and every restart, builds a fresh one)"
+        )
     raise TypeError(
         f"@agent needs an 'async def handler(ctx, msg)' or a class with handle(); got {target!r}"
     )
+
+
+def _check_awaitable_hook(target: type[Any], hook: str, params: str) -> None:
+    """A lifecycle method written with ``def`` is refused now: the kernel awaits it, so
+    every message (or every start, every stop) would fail with a TypeError that names
+    neither the class nor the method."""
+    found = inspect.getattr_static(target, hook)
+    function = getattr(found, "__func__", found)  # staticmethod / classmethod
+    if inspect.isfunction(function) and not inspect.iscoroutinefunction(function):
+        raise TypeError(
+            f"{target.__qualname__}.{hook} is a plain function ('def'); the kernel awaits"
+            f" it: write 'async def {hook}(self, {params})'"
+        )
 
 
 @overload

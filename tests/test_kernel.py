@@ -1075,6 +1075,54 @@ def test_agent_refuses_a_class_without_the_lifecycle_hooks() -> None:
     agent(Both)
 
 
+def test_agent_refuses_a_class_whose_hooks_are_plain_functions_or_that_has_no_handle() -> None:
+    """A ``def handle`` failed every message with ``TypeError: 'int' object is not
+    iterable``, a ``def on_start`` crash-looped the agent with ``object NoneType can't be
+    used in 'await' expression``, and an ``Agent`` subclass without ``handle`` failed
+    every message: each is refused when the spec is made, naming the method."""
+
+    class SyncHandle(Agent):
+        def handle(self, ctx: Any, msg: Any) -> int:  # type: ignore[override]
+            return 1
+
+    class SyncStart(Agent):
+        def on_start(self, ctx: Any) -> None:  # type: ignore[override]
+            return None
+
+        async def handle(self, ctx: Any, msg: Any) -> None:
+            return None
+
+    class SyncStop(Agent):
+        async def handle(self, ctx: Any, msg: Any) -> None:
+            return None
+
+        @staticmethod
+        def on_stop(ctx: Any) -> None:  # type: ignore[override]
+            return None
+
+    class NoHandle(Agent):
+        pass
+
+    for cls, error in (
+        (SyncHandle, "SyncHandle.handle is a plain function ('def'); the kernel awaits"),
+        (SyncStart, "write 'async def on_start(self, ctx)'"),
+        (SyncStop, "SyncStop.on_stop is a plain function"),
+        (NoHandle, "NoHandle does not define handle(ctx, msg)"),
+    ):
+        with pytest.raises(TypeError, match=re.escape(error)):
+            agent(cls)
+
+
+async def test_spawning_an_instance_of_an_agent_class_says_to_pass_the_class() -> None:
+    class Counter(Agent):
+        async def handle(self, ctx: Any, msg: Any) -> None:
+            return None
+
+    async with open_kernel(make_config()) as kernel:
+        with pytest.raises(TypeError, match=re.escape("pass the class Counter, not an instance")):
+            kernel.spawn(Counter())  # type: ignore[arg-type]
+
+
 async def test_a_request_timeout_that_is_not_a_number_is_named() -> None:
     async with open_kernel(make_config()) as kernel:
         ref = kernel.spawn(echo)
