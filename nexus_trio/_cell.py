@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -42,6 +43,7 @@ from ._step import Stepper, resume
 
 _DRAINING: Final = KernelPhase.DRAINING
 _STARTED: Final = EventKind.STARTED
+_Coroutine: Final = types.CoroutineType
 #: what a parked serve loop holds instead of the last message it handled
 _NOTHING: Final = Message(SYSTEM_ID, SYSTEM_ID)
 
@@ -377,6 +379,8 @@ class AgentCell(Child):
         batch = range(self.batch)
         timeout = self.handle_timeout
         query = MessageKind.QUERY
+        # what a handler that forgot an ``await`` returns (see _unawaited)
+        coroutine = _Coroutine
         # ids of queries whose requesters stopped waiting: such a query is skipped (dead
         # letter ``request_timeout``) instead of handled; other messages pay one ``is``
         late = router.late_queries
@@ -465,6 +469,12 @@ class AgentCell(Child):
                             if stale:
                                 await trio.lowlevel.checkpoint()  # leaves the spent scope
                             continue
+                        if result is not None and type(result) is coroutine:
+                            self._handler_raised(msg, self._unawaited(result))
+                            result = None
+                            if stale:
+                                await trio.lowlevel.checkpoint()  # leaves the spent scope
+                            continue
                         self.current = None
                         self.handled += 1
                         ledger.handled += 1
@@ -549,6 +559,15 @@ class AgentCell(Child):
             msg.id,
             exc.detail,
             extra=log_extra(self, msg),
+        )
+
+    def _unawaited(self, result: types.CoroutineType[Any, Any, Any]) -> TypeError:
+        """The error of a handler that returned a coroutine (``return ctx.request(...)``
+        without ``await``): closed here, so that Python does not warn about it later."""
+        result.close()
+        return TypeError(
+            f"the handler of agent {self.label} returned the coroutine {result.__qualname__}"
+            " instead of its result: a missing 'await'? (write 'return await ...')"
         )
 
     def _handler_raised(self, msg: Message, exc: Exception) -> None:

@@ -7,6 +7,7 @@ import logging
 import math
 import re
 import uuid
+import warnings
 import weakref
 from typing import Any, ClassVar
 
@@ -1517,3 +1518,48 @@ async def test_streams_subscribed_during_or_after_shutdown_end_and_two_readers_s
     assert ("n", "stopped") in [(n, k.value) for n, k in during]
     after_events, after_letters = kernel.events(), kernel.dead_letters()
     assert [e async for e in after_events] == [] and [d async for d in after_letters] == []
+
+
+async def test_a_handler_that_returns_a_coroutine_it_forgot_to_await_fails_naming_it(
+    autojump_clock: Any,
+) -> None:
+    """``return ctx.request(...)`` without ``await`` answered the requester with a
+    coroutine object (and Python warned at exit that it was never awaited); a handler
+    that suspended first did the same. Such a handler fails now, with a TypeError naming
+    the agent and the coroutine, and the coroutine is closed (no warning)."""
+
+    @agent(name="b")
+    async def b(ctx: Context, msg: Message) -> Any:
+        return 2
+
+    @agent(name="forgetful")
+    async def forgetful(ctx: Context, msg: Message) -> Any:
+        if msg.payload == "after a sleep":
+            await trio.sleep(1)
+        return ctx.request("b", 1)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        await _run_forgetful(b, forgetful)
+        gc.collect()
+    assert not [w for w in caught if "never awaited" in str(w.message)]
+
+
+async def _run_forgetful(b: Any, forgetful: Any) -> None:
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(b)
+        kernel.spawn(forgetful)
+        for payload in ("at once", "after a sleep"):
+            with pytest.raises(RequestFailed) as failed:
+                await kernel.request("forgetful", payload)
+            error = failed.value.error
+            assert isinstance(error, TypeError)
+            assert str(error) == (
+                "the handler of agent forgetful returned the coroutine Context.request"
+                " instead of its result: a missing 'await'? (write 'return await ...')"
+            )
+        assert kernel.stats().failed == 2
+        letters = kernel.recent_dead_letters()
+        assert [letter.reason for letter in letters] == [DeadLetterReason.HANDLER_ERROR] * 2
+        # the agent resumed (function agents' default)
+        assert kernel.stats().agents_alive == 2
