@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import random
+import reprlib
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -811,6 +812,18 @@ async def open_kernel(
     cancelled, the kernel shuts down and :class:`SupervisorEscalation` is raised.
     ``seed`` makes backoff jitter reproducible.
     """
+    if config is not None and not isinstance(config, Config):
+        raise TypeError(
+            f"open_kernel(config) takes a nexus_trio.Config, got {type(config).__name__}"
+            f" {reprlib.repr(config)}: for a file use nexus_trio.config.load_config(path).config"
+        )
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        raise RuntimeError(
+            "open_kernel() must run inside trio.run(): nexus_trio runs on Trio, and no Trio"
+            " run is active here (call trio.run(main), not asyncio.run(main))"
+        ) from None
     kernel = Kernel(config if config is not None else Config(), seed=seed)
     # A program that configured no logging still sees agents' log lines and tracebacks,
     # with times (nothing is installed if the application or its root logger has handlers).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import math
@@ -1563,3 +1564,35 @@ async def _run_forgetful(b: Any, forgetful: Any) -> None:
         assert [letter.reason for letter in letters] == [DeadLetterReason.HANDLER_ERROR] * 2
         # the agent resumed (function agents' default)
         assert kernel.stats().agents_alive == 2
+
+
+def test_open_kernel_outside_trio_says_it_needs_trio_run() -> None:
+    """Under asyncio, ``async with open_kernel()`` failed inside Trio with
+    ``AttributeError: 'RunContext' object has no attribute 'runner'``."""
+
+    async def main() -> None:
+        async with open_kernel(make_config()):
+            pass
+
+    with pytest.raises(RuntimeError) as raised:
+        asyncio.run(main())
+    assert str(raised.value) == (
+        "open_kernel() must run inside trio.run(): nexus_trio runs on Trio, and no Trio"
+        " run is active here (call trio.run(main), not asyncio.run(main))"
+    )
+
+
+@pytest.mark.parametrize(
+    ("config", "shown"),
+    [("config.toml", "str 'config.toml'"), ({"kernel": {}}, "dict {'kernel': {}}")],
+)
+async def test_open_kernel_refuses_a_config_that_is_not_a_config(config: Any, shown: str) -> None:
+    """A path or a dict was taken, and failed with ``AttributeError: 'str' object has no
+    attribute 'kernel'``."""
+    with pytest.raises(TypeError) as raised:
+        async with open_kernel(config):
+            pass
+    assert str(raised.value) == (
+        f"open_kernel(config) takes a nexus_trio.Config, got {shown}: for a file use"
+        " nexus_trio.config.load_config(path).config"
+    )
