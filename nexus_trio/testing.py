@@ -281,3 +281,17 @@ async def nexus_kernel() -> AsyncIterator[Kernel]:
         )
     async with open_test_kernel() as kernel:
         yield kernel
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test that takes ``nexus_kernel`` but that pytest-trio does not run (no
+    ``trio_mode = true``, no ``@pytest.mark.trio``) fails saying so, before pytest's
+    own, vaguer error about an async fixture nothing handled."""
+    if "nexus_kernel" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("trio"):
+        pytest.fail(
+            f"{item.name} uses the nexus_kernel fixture but pytest-trio does not run it: set"
+            " trio_mode = true under [tool.pytest.ini_options] in pyproject.toml (or mark the"
+            " test @pytest.mark.trio)",
+            pytrace=False,
+        )

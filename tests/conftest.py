@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,20 @@ def make_config(**kernel: object) -> Config:
     return Config(
         kernel=KernelConfig(**kernel),  # type: ignore[arg-type]
         supervision=SupervisionConfig(max_restarts=1000, backoff_initial_ms=0, backoff_max_ms=0),
+    )
+
+
+def run_pytest(directory: Path, *, timeout: float) -> subprocess.CompletedProcess[str]:
+    """pytest run on ``directory`` in a process of its own (from there, so that its
+    ``pytest.ini`` applies), as a user of nexus_trio runs it: what it printed, and how it
+    exited."""
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=directory,
+        check=False,
     )
 
 

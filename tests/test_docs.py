@@ -22,6 +22,8 @@ from pathlib import Path
 import attrs
 import pytest
 
+from .conftest import run_pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 PAGES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
@@ -166,14 +168,7 @@ def test_pytest_samples_pass(tmp_path: Path) -> None:
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
             and node.name.startswith("test_")
         )
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-        check=False,
-    )
+    result = run_pytest(tmp_path, timeout=300)
     report = result.stdout + result.stderr
     assert result.returncode == 0, report
     assert re.search(rf"\b{expected} passed\b", report), report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -18,6 +19,8 @@ from nexus_trio.testing import (
     record_events,
     settle,
 )
+
+from .conftest import run_pytest
 
 
 @agent(name="echo")
@@ -115,3 +118,29 @@ async def test_an_event_recorder_that_missed_events_says_so(
     assert_events(full, "echo0", ["spawned"])
     with pytest.raises(AssertionError, match=r"the recorder missed \d+ events \(buffer full\)"):
         assert_events(events, "echo0", ["spawned"])
+
+
+def test_nexus_kernel_in_a_test_pytest_trio_does_not_run_names_trio_mode(tmp_path: Path) -> None:
+    """Without ``trio_mode = true`` the quickstart's tests failed with pytest's "requested
+    an async fixture 'nexus_kernel', with no plugin or hook that handled it", and the
+    next test with an ``AssertionError`` from inside pytest; each fails now saying what
+    to switch on."""
+    (tmp_path / "pytest.ini").write_text("[pytest]\n", encoding="utf-8")
+    (tmp_path / "test_mine.py").write_text(
+        "async def test_one(nexus_kernel, autojump_clock):\n"
+        "    pass\n\n\n"
+        "async def test_two(nexus_kernel, autojump_clock):\n"
+        "    pass\n",
+        encoding="utf-8",
+    )
+    result = run_pytest(tmp_path, timeout=120)
+    report = result.stdout + result.stderr
+    assert result.returncode == 1, report
+    assert "2 errors" in report, report
+    for name in ("test_one", "test_two"):
+        assert (
+            f"{name} uses the nexus_kernel fixture but pytest-trio does not run it: set"
+            " trio_mode = true under [tool.pytest.ini_options] in pyproject.toml (or mark the"
+            " test @pytest.mark.trio)"
+        ) in report, report
+    assert "AssertionError" not in report, report
