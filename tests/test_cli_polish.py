@@ -52,8 +52,14 @@ def write(directory: Path, name: str, source: str) -> None:
             "main is a plain function ('def'); nexus run awaits it: "
             "expected 'async def main(kernel)'",
         ),
+        (
+            # an agent handler without @agent: was told to become 'async def main(kernel)'
+            "async def main(ctx, msg):\n    return msg.payload\n",
+            "main(ctx, msg) is an agent handler without @agent: decorate it with @agent"
+            " (nexus run spawns it), or give an 'async def main(kernel)'",
+        ),
     ],
-    ids=["no-argument", "two-arguments", "not-async"],
+    ids=["no-argument", "two-arguments", "not-async", "handler-without-agent"],
 )
 def test_a_main_of_the_wrong_shape_is_a_usage_error_naming_the_expected_signature(
     isolated: Path, source: str, expected: str

@@ -147,6 +147,12 @@ def _check_main_signature(main: Callable[..., Any]) -> None:
     try:
         signature.bind(object())
     except TypeError:
+        if list(signature.parameters)[:1] in (["ctx"], ["context"]):
+            # handler(ctx, msg): @agent was forgotten
+            raise AppError(
+                f"{name}{signature} is an agent handler without @agent: decorate it with"
+                f" @agent (nexus run spawns it), or give an 'async def {name}(kernel)'"
+            ) from None
         raise AppError(
             f"{name}{signature} cannot be called as {name}(kernel): nexus run passes the "
             f"kernel, so it must be 'async def {name}(kernel)'"
