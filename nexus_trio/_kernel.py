@@ -262,6 +262,11 @@ class Kernel:
         """
         if self._router.phase is not _RUNNING:
             raise KernelShuttingDown("spawn")
+        if self._nursery is None:
+            # built directly: nothing would run its agents, nor time its requests out
+            raise RuntimeError(
+                "this Kernel is not running: get one from 'async with open_kernel() as kernel:'"
+            )
         owner = self._root
         if supervisor is not None:
             node = self._router.find(supervisor.id)

@@ -21,6 +21,7 @@ from nexus_trio import (
     Agent,
     AgentNotFound,
     Backoff,
+    Config,
     Context,
     DeadLetter,
     DeadLetterReason,
@@ -1596,3 +1597,16 @@ async def test_open_kernel_refuses_a_config_that_is_not_a_config(config: Any, sh
         f"open_kernel(config) takes a nexus_trio.Config, got {shown}: for a file use"
         " nexus_trio.config.load_config(path).config"
     )
+
+
+async def test_a_kernel_built_directly_refuses_to_spawn_naming_open_kernel() -> None:
+    """``Kernel(Config())`` outside ``open_kernel`` spawned, took sends, and a request
+    then waited forever, past its own timeout (nothing ran the kernel)."""
+    kernel = Kernel(Config())
+    with pytest.raises(RuntimeError) as raised:
+        kernel.spawn(echo, name="echo")
+    assert str(raised.value) == (
+        "this Kernel is not running: get one from 'async with open_kernel() as kernel:'"
+    )
+    with pytest.raises(AgentNotFound):
+        await kernel.request("echo", 1, timeout=0.5)
