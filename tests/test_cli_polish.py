@@ -144,6 +144,17 @@ def test_run_help_shows_the_embedded_defaults_typers_way() -> None:
         assert default in text
 
 
+def test_run_help_names_every_demo_workload_where_it_describes_them() -> None:
+    """The text below the options listed ring, fanout and request, not pool."""
+    from nexus_trio.cli._workloads import WORKLOADS
+
+    text = flat(invoke(["run", "--help"]).output)
+    described = text.split("Without --app and --spawn a demo workload runs:", 1)[1]
+    described = described.split("Ctrl-C", 1)[0]
+    for workload in WORKLOADS:
+        assert f"{workload} (" in described, (workload, described)
+
+
 def test_flags_left_out_still_let_the_config_decide(isolated: Path, monkeypatch) -> None:
     """The flags now have real defaults: only flags given on the command line override."""
     from nexus_trio.cli import _run
