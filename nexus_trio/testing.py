@@ -33,6 +33,7 @@ import pytest
 import trio
 import trio.testing
 
+from ._child import enum_member
 from ._config import Config, KernelConfig, SupervisionConfig
 from ._deadletter import DeadLetter, DeadLetterReason
 from ._events import EventKind, LifecycleEvent
@@ -130,7 +131,7 @@ def dead_letters(kernel: Kernel, reason: DeadLetterReason | str | None = None) -
     letters = kernel.recent_dead_letters()
     if reason is None:
         return letters
-    wanted = DeadLetterReason(reason)
+    wanted = enum_member(DeadLetterReason, reason, "reason")
     return [letter for letter in letters if letter.reason is wanted]
 
 
@@ -213,7 +214,7 @@ class EventRecorder:
         return [e.kind for e in self.events if name is None or e.name == name]
 
     def of(self, kind: EventKind | str) -> list[LifecycleEvent]:
-        wanted = EventKind(kind)
+        wanted = enum_member(EventKind, kind, "event kind")
         return [e for e in self.events if e.kind is wanted]
 
 
@@ -224,7 +225,7 @@ def assert_events(
 
     ``expected`` lists kinds in order, as :class:`EventKind` or their values (``"failed"``).
     """
-    wanted = [EventKind(kind) for kind in expected]
+    wanted = [enum_member(EventKind, kind, "event kind") for kind in expected]
     if recorder.dropped:
         raise AssertionError(
             f"events of {name or 'all agents'}: the recorder missed {recorder.dropped} events"

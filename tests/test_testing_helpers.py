@@ -12,6 +12,7 @@ import trio.testing
 
 from nexus_trio import Agent, Context, EventKind, Kernel, Message, agent
 from nexus_trio.testing import (
+    EventRecorder,
     assert_conserved,
     assert_dead_lettered,
     assert_events,
@@ -144,3 +145,25 @@ def test_nexus_kernel_in_a_test_pytest_trio_does_not_run_names_trio_mode(tmp_pat
             " test @pytest.mark.trio)"
         ) in report, report
     assert "AssertionError" not in report, report
+
+
+def test_a_misspelt_reason_or_event_kind_lists_the_known_ones() -> None:
+    """``dead_letters(kernel, "handler_eror")`` raised Python's bare "'handler_eror' is
+    not a valid DeadLetterReason", which does not say what the valid ones are."""
+    recorder = EventRecorder()
+    with pytest.raises(ValueError, match=r"^event kind must be one of") as raised:
+        recorder.of("strated")
+    assert str(raised.value).startswith("event kind must be one of 'spawned', 'started', ")
+    assert str(raised.value).endswith(", got 'strated'")
+    with pytest.raises(ValueError, match=r"event kind must be one of .*, got 'strated'"):
+        assert_events(recorder, None, ["spawned", "strated"])
+
+    class NoLetters:
+        def recent_dead_letters(self) -> list[Any]:
+            return []
+
+    with pytest.raises(ValueError, match=r"^reason must be one of") as raised:
+        dead_letters(NoLetters(), "handler_eror")  # type: ignore[arg-type]
+    assert str(raised.value).startswith("reason must be one of 'no_such_agent', ")
+    assert "'handler_error'" in str(raised.value)
+    assert str(raised.value).endswith(", got 'handler_eror'")
