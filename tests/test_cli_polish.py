@@ -85,8 +85,16 @@ def test_a_main_with_optional_extra_parameters_is_accepted(isolated: Path) -> No
         ("x = (\n", ":1:", "SyntaxError: '(' was never closed"),
         ("import os\nimport not_installed_dep_xyz\n", ":2:", "No module named 'not_installed"),
         ("def helper():\n    raise RuntimeError('no key')\n\nhelper()\n", ":2:", "RuntimeError"),
+        (
+            # raised inside nexus_trio (not in site-packages when installed with -e / from
+            # a checkout): was named as the place, not the app's line that called it
+            "from nexus_trio import agent\n\n\n@agent(name='e')\ndef main(ctx, msg):\n"
+            "    return 1\n",
+            ":4:",
+            "TypeError: @agent needs an 'async def handler(ctx, msg)'",
+        ),
     ],
-    ids=["library-raises", "syntax", "missing-dependency", "own-function"],
+    ids=["library-raises", "syntax", "missing-dependency", "own-function", "nexus-trio-raises"],
 )
 def test_an_error_while_importing_the_app_names_its_file_and_line(
     isolated: Path, source: str, where: str, what: str

@@ -159,10 +159,14 @@ def _check_main_signature(main: Callable[..., Any]) -> None:
         ) from None
 
 
+#: the nexus_trio package's directory, with a trailing separator
+_NEXUS_TRIO_DIR: Final = os.path.join(os.path.dirname(os.path.dirname(__file__)), "")
+
+
 def _where(exc: BaseException) -> str:
     """``file:line`` where ``exc`` was raised, for an error while importing an app: the
-    innermost frame outside the standard library, site-packages and importlib (the app's
-    line that failed), else the innermost frame."""
+    innermost frame outside the standard library, site-packages, importlib and nexus_trio
+    (the app's line that failed), else the innermost frame."""
     if isinstance(exc, SyntaxError) and exc.filename:
         return f"{exc.filename}:{exc.lineno}"
     frames = [
@@ -170,6 +174,9 @@ def _where(exc: BaseException) -> str:
     ]
     library = tuple(
         {sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")}
+        # nexus_trio itself, also from a checkout (pip install -e): the app's line that
+        # called it is the place (an @agent that refused a handler)
+        | {_NEXUS_TRIO_DIR}
     )
     own = [f for f in frames if not f.filename.startswith(library)]
     chosen = own or frames
