@@ -63,11 +63,16 @@ class KernelShuttingDown(NexusError):
 class RequestTimeout(NexusError, TimeoutError):
     """No reply to request ``request_id`` arrived within ``timeout`` seconds."""
 
-    def __init__(self, request_id: uuid.UUID, to: uuid.UUID | str, timeout: float) -> None:
+    def __init__(
+        self, request_id: uuid.UUID, to: uuid.UUID | str, timeout: float, detail: str = ""
+    ) -> None:
         self.request_id = request_id
         self.to = to
         self.timeout = timeout
-        super().__init__(f"request {request_id} to {to!r} got no reply within {timeout:g}s")
+        #: what the kernel knows of why (e.g. the handler returned None), or ""
+        self.detail = detail
+        text = f"request {request_id} to {to!r} got no reply within {timeout:g}s"
+        super().__init__(f"{text} ({detail})" if detail else text)
 
 
 class AgentStopped(NexusError):

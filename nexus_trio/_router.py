@@ -102,7 +102,7 @@ class _Pending:
     parking lot and its waiters' set) cost a tenth of a local request/reply.
     """
 
-    __slots__ = ("abandoned", "done", "error", "reply", "task", "woken")
+    __slots__ = ("abandoned", "done", "error", "reply", "returned_none", "task", "woken")
 
     def __init__(self) -> None:
         #: the reply's payload (_NO_REPLY until one came)
@@ -118,6 +118,9 @@ class _Pending:
         #: the requester was cancelled while it waited: an answer that comes before it
         #: resumes is a late reply, not one for it (it gets its Cancelled)
         self.abandoned = False
+        #: the agent whose handler took the query and returned None (a forgotten
+        #: ``return``?), named if the request then times out
+        self.returned_none: str | None = None
 
     def resolve(self, payload: Any) -> None:
         # Kept even after the deadline woke the requester: if it has not resumed yet,
@@ -909,7 +912,23 @@ class Router:
             raise pending.error
         if enqueued:
             self.expire_query(query.id, query.to)
-        raise RequestTimeout(query.id, query.to, timeout)
+        unanswered = pending.returned_none
+        raise RequestTimeout(
+            query.id,
+            query.to,
+            timeout,
+            ""
+            if unanswered is None
+            else f"agent {unanswered} handled it and returned None, which answers nothing",
+        )
+
+    def returned_none(self, query: Message, agent: str) -> None:
+        """The handler of ``agent`` took ``query`` and returned None: a local requester
+        that then times out is told so (the answer may still come in a message of its
+        own, so nothing else changes)."""
+        pending = self._pending.get(id_value(query))
+        if pending is not None:
+            pending.returned_none = agent
 
     async def run_request_timer(self) -> None:
         """Expire pending requests at their deadlines (runs for the kernel's lifetime)."""

@@ -1610,3 +1610,33 @@ async def test_a_kernel_built_directly_refuses_to_spawn_naming_open_kernel() -> 
     )
     with pytest.raises(AgentNotFound):
         await kernel.request("echo", 1, timeout=0.5)
+
+
+async def test_a_request_whose_handler_returned_none_times_out_saying_so(
+    autojump_clock: Any,
+) -> None:
+    """A handler that forgot its ``return`` left the requester with only "got no reply
+    within 5s", the same as a handler still working; the timeout says now that the agent
+    handled the query and returned None. A handler that was still working is told as before."""
+
+    @agent(name="quiet")
+    async def quiet(ctx: Context, msg: Message) -> None:
+        msg.payload.upper()  # the answer, computed and not returned
+
+    @agent(name="slow", handle_timeout=100.0)
+    async def slow(ctx: Context, msg: Message) -> str:
+        await trio.sleep(50)
+        return "late"
+
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(quiet)
+        kernel.spawn(slow)
+        with pytest.raises(RequestTimeout) as raised:
+            await kernel.request("quiet", "hi", timeout=2)
+        assert str(raised.value).endswith(
+            "to 'quiet' got no reply within 2s (agent quiet handled it and returned None,"
+            " which answers nothing)"
+        )
+        with pytest.raises(RequestTimeout) as raised:
+            await kernel.request("slow", "hi", timeout=2)
+        assert str(raised.value).endswith("to 'slow' got no reply within 2s")
