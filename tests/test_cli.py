@@ -946,6 +946,35 @@ def test_health_gives_a_hostile_endpoint_at_most_its_timeout(answer, expected):
     assert took < 30  # (it never ended before: the test would hang)
 
 
+@pytest.mark.parametrize(
+    ("bound", "probed"),
+    [
+        ("127.0.0.1", "127.0.0.1"),
+        ("0.0.0.0", "127.0.0.1"),
+        ("::", "[::1]"),
+        ("localhost", "localhost"),
+    ],
+)
+def test_health_takes_host_and_port_from_the_config_file_it_is_given(isolated, bound, probed):
+    """Without --host/--port, `health` probes where `[metrics]` of the config (given with
+    -c, or found on the search path) serves: its host (a wildcard address is reached on
+    loopback) and its port. It probed 127.0.0.1 whatever the config said, and had no -c."""
+    file = isolated / "metrics.toml"
+    file.write_text(f'[metrics]\nhost = "{bound}"\nport = 1\n')
+    result = invoke(["health", "-c", str(file), "--timeout", "1"])
+    assert result.exit_code == 1, result.output
+    assert f"http://{probed}:1/healthz: unreachable" in flat(result.output)
+    # a flag still wins over the file
+    result = invoke(["health", "-c", str(file), "--host", "127.0.0.2", "-p", "2", "--timeout", "1"])
+    assert "http://127.0.0.2:2/healthz: unreachable" in flat(result.output)
+
+
+def test_health_names_a_config_file_that_does_not_exist(isolated):
+    result = invoke(["health", "-c", str(isolated / "missing.toml")])
+    assert result.exit_code == 2
+    assert "missing.toml" in flat(result.output)
+
+
 def test_health_reports_an_unhealthy_endpoint_with_exit_1():
     import http.server
 

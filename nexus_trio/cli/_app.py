@@ -545,8 +545,13 @@ def config_show(
 @app.command(cls=Command)
 def health(
     host: Annotated[
-        str, typer.Option("--host", help="Host of the metrics endpoint.")
-    ] = "127.0.0.1",
+        str | None,
+        typer.Option(
+            "--host",
+            help="Host of the metrics endpoint; the config's \\[metrics] host if not given"
+            " (a wildcard address: this machine's loopback).",
+        ),
+    ] = None,
     port: Annotated[
         int | None,
         typer.Option(
@@ -558,19 +563,30 @@ def health(
         ),
     ] = None,
     timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait.")] = 3.0,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", "-c", help="Config file (TOML); else the search path.", dir_okay=False
+        ),
+    ] = None,
 ) -> None:
     """Check a running kernel's /healthz: exit 0 if healthy, 1 otherwise."""
-    if port is None:
+    if port is None or host is None:
         from ..config import ConfigError, load_config
 
         try:
-            port = load_config().config.metrics.port
+            metrics = load_config(config).config.metrics
         except ConfigError as exc:
             raise _fail(str(exc)) from None
-        if not port:
-            raise typer.BadParameter(
-                "no port: pass --port or set [metrics] port in the config", param_hint="'--port'"
-            )
+        if port is None:
+            port = metrics.port
+            if not port:
+                raise typer.BadParameter(
+                    "no port: pass --port or set [metrics] port in the config",
+                    param_hint="'--port'",
+                )
+        if host is None:
+            host = _probe_host(metrics.host)
     url = f"http://{_url_host(host)}:{port}/healthz"
     status, body, problem = _probe_health(url, timeout)
     if status is not None and 200 <= status < 300:  # (urllib raises for the others)
@@ -623,6 +639,16 @@ def _probe_health(url: str, timeout: float) -> tuple[int | None, str, str]:
     if not outcome:
         return None, "", f"unreachable: no whole answer within {timeout:g}s"
     return outcome[0]
+
+
+def _probe_host(bound: str) -> str:
+    """Where to reach an endpoint bound to ``bound``: a wildcard address (all interfaces)
+    is reached on this machine's loopback of the same family."""
+    if bound in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if bound == "::":
+        return "::1"
+    return bound
 
 
 def _url_host(host: str) -> str:
