@@ -272,12 +272,9 @@ def _spec_for(target: Any, options: dict[str, Any]) -> AgentSpec:
                     f"agent class {target.__qualname__} has no {hook}(ctx) method: subclass"
                     " nexus_trio.Agent, which has both hooks, or define it"
                 )
+        # (an Agent subclass without a handle of its own is an agent that only runs
+        # its hooks and their background tasks: a message to it fails, naming the class)
         handle = inspect.getattr_static(target, "handle")
-        if handle is inspect.getattr_static(Agent, "handle"):
-            raise TypeError(
-                f"agent class {target.__qualname__} does not define handle(ctx, msg): write"
-                " 'async def handle(self, ctx, msg)' in it"
-            )
         for hook, params in (("handle", "ctx, msg"), ("on_start", "ctx"), ("on_stop", "ctx")):
             _check_awaitable_hook(target, hook, params)
         if inspect.isfunction(handle):  # called on an instance: self, ctx, msg

@@ -26,6 +26,7 @@ from uuid import UUID as _UUID
 
 import trio
 
+from ._brief import brief
 from ._child import Child
 from ._config import OverflowPolicy
 from ._deadletter import DeadLetterReason
@@ -343,6 +344,17 @@ class Router:
             return self.routes.get(address.int)
         return self.routes.get(address) if isinstance(address, str) else None
 
+    @staticmethod
+    def check_address(address: object) -> None:
+        """What a send finds no local agent at: a ``TypeError`` if it is no address at
+        all (checked only on that branch, so that a send by ref, id or name pays nothing
+        for it), not an ``AgentNotFound`` for ``None`` or ``5``."""
+        if not isinstance(address, (_UUID, str)):
+            raise TypeError(
+                "an agent address is an AgentRef, an agent id (uuid.UUID) or a name (str),"
+                f" got {type(address).__name__} {brief(address, 60)}"
+            )
+
     def register(self, node: Child, *, agent: bool) -> None:
         """Make ``node`` reachable by id and name (``NameTaken`` if the name is in use)."""
         if node.name is not None:
@@ -548,6 +560,7 @@ class Router:
             ):
                 # deliver's branch for another kernel, without its coroutine (every tell
                 # to another kernel comes this way)
+                self.check_address(msg.to)
                 await transport.deliver(msg)
                 self.ledger.accepted += 1
                 self.ledger.forwarded += 1
@@ -720,6 +733,7 @@ class Router:
         cell = self.local(msg.to)
         ledger = self.ledger
         if cell is None:
+            self.check_address(msg.to)
             if self.transport is None:
                 raise AgentNotFound(msg.to)
             self.transport.deliver_nowait(msg)
@@ -775,6 +789,7 @@ class Router:
             return
         cell = self.local(msg.to)
         if cell is None and self.transport is not None:
+            self.check_address(msg.to)
             # The transport bounds its own wait by the send deadline (see Transport).
             await self.transport.deliver(msg)
             self.ledger.accepted += 1

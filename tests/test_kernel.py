@@ -111,11 +111,12 @@ async def test_every_form_of_an_address_reaches_the_agent_and_nothing_else_does(
         assert await kernel.request(sub, "asked") == "answered"
         for wrong in (ref.id.int, str(ref.id), "Sink", uuid.uuid4()):
             assert not kernel.is_local(wrong)  # type: ignore[arg-type]
-            with pytest.raises(AgentNotFound):
+            # (the integer is no address at all: a TypeError, not counted)
+            with pytest.raises(TypeError if isinstance(wrong, int) else AgentNotFound):
                 await kernel.send(wrong, "lost")  # type: ignore[arg-type]
         await trio.testing.wait_all_tasks_blocked()
         assert seen == ["ref", "ref!", "id", "id!", "sub", "sub!", "name", "name!", "asked"]
-        assert kernel.stats().rejected == {"no_such_agent": 4}
+        assert kernel.stats().rejected == {"no_such_agent": 3}
 
 
 async def test_send_with_room_enqueues_without_yielding() -> None:
@@ -1078,11 +1079,12 @@ def test_agent_refuses_a_class_without_the_lifecycle_hooks() -> None:
     agent(Both)
 
 
-def test_agent_refuses_a_class_whose_hooks_are_plain_functions_or_that_has_no_handle() -> None:
+async def test_agent_refuses_a_class_whose_hooks_are_plain_functions() -> None:
     """A ``def handle`` failed every message with ``TypeError: 'int' object is not
     iterable``, a ``def on_start`` crash-looped the agent with ``object NoneType can't be
-    used in 'await' expression``, and an ``Agent`` subclass without ``handle`` failed
-    every message: each is refused when the spec is made, naming the method."""
+    used in 'await' expression``: each is refused when the spec is made, naming the
+    method. An ``Agent`` subclass without ``handle`` is an agent of hooks only (its
+    background tasks do the work): taken, and a message to it fails naming the class."""
 
     class SyncHandle(Agent):
         def handle(self, ctx: Any, msg: Any) -> int:  # type: ignore[override]
@@ -1103,17 +1105,24 @@ def test_agent_refuses_a_class_whose_hooks_are_plain_functions_or_that_has_no_ha
         def on_stop(ctx: Any) -> None:  # type: ignore[override]
             return None
 
-    class NoHandle(Agent):
-        pass
+    class HooksOnly(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            started.append(ctx.name)
 
+    started: list[str | None] = []
     for cls, error in (
         (SyncHandle, "SyncHandle.handle is a plain function ('def'); the kernel awaits"),
         (SyncStart, "write 'async def on_start(self, ctx)'"),
         (SyncStop, "SyncStop.on_stop is a plain function"),
-        (NoHandle, "NoHandle does not define handle(ctx, msg)"),
     ):
         with pytest.raises(TypeError, match=re.escape(error)):
             agent(cls)
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(agent(HooksOnly, name="hooks"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert started == ["hooks"]
+        with pytest.raises(RequestFailed, match="HooksOnly must implement handle"):
+            await kernel.request(ref, "hi")
 
 
 async def test_spawning_an_instance_of_an_agent_class_says_to_pass_the_class() -> None:
@@ -1640,3 +1649,31 @@ async def test_a_request_whose_handler_returned_none_times_out_saying_so(
         with pytest.raises(RequestTimeout) as raised:
             await kernel.request("slow", "hi", timeout=2)
         assert str(raised.value).endswith("to 'slow' got no reply within 2s")
+
+
+@pytest.mark.parametrize("address", [None, 5, b"name", ("a",)])
+async def test_a_send_to_what_is_no_address_is_a_type_error_naming_it(address):
+    """`send(None, ...)` said "no agent is registered as None" (AgentNotFound), as if
+    None were a name nobody has; what is no address at all is a TypeError naming it,
+    from every way of sending, and nothing is accepted or counted rejected."""
+
+    @agent
+    async def echo(ctx: Context, msg: Message) -> Any:
+        await ctx.send(msg.payload, "hi")
+
+    async with open_kernel() as kernel:
+        for send in (
+            lambda: kernel.send(address, 1),
+            lambda: kernel.request(address, 1, timeout=1),
+        ):
+            with pytest.raises(TypeError, match=f"got {type(address).__name__} "):
+                await send()
+        with pytest.raises(TypeError, match=re.escape("an agent id (uuid.UUID) or a name (str)")):
+            kernel.send_nowait(address, 1)
+        ref = kernel.spawn(echo)
+        await kernel.send(ref, address)
+        await trio.testing.wait_all_tasks_blocked()
+        stats = kernel.stats()
+        assert stats.accepted == 1  # only the message to echo
+        assert stats.failed == 1  # echo's ctx.send raised the TypeError
+        assert sum(stats.rejected.values()) == 0
