@@ -812,7 +812,9 @@ async def open_kernel(
     """Run a kernel for the duration of the ``async with`` block.
 
     Leaving the block shuts the kernel down gracefully (see :meth:`Kernel.shutdown`),
-    also when the block raises; the exception then propagates unchanged. If supervision
+    also when the block raises; the exception then propagates unchanged. A block
+    cancelled from outside leaves the same way: the agents run shielded from that
+    cancellation, so the drain and the ordered stop happen as in any shutdown. If supervision
     escalates to the kernel (``[supervision] escalate_to_kernel = true``), the block is
     cancelled, the kernel shuts down and :class:`SupervisorEscalation` is raised.
     ``seed`` makes backoff jitter reproducible.
@@ -834,7 +836,16 @@ async def open_kernel(
     # with times (nothing is installed if the application or its root logger has handlers).
     install_default_logging(kernel.config.logging)
     body_error: BaseException | None = None
-    timer = trio.CancelScope()
+    # The tree and the request timer are shielded from a cancellation of the block from
+    # outside: that is the block leaving, and the shutdown it starts drains and stops the
+    # tree in order (the timer still ends requests meanwhile). The kernel cancels them
+    # itself once the shutdown is over, or cut short (a second Ctrl-C).
+    tree = trio.CancelScope(shield=True)
+    timer = trio.CancelScope(shield=True)
+
+    async def run_tree(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with tree:
+            await kernel._run_root(task_status=task_status)
 
     async def request_timer() -> None:
         with timer:
@@ -843,7 +854,7 @@ async def open_kernel(
     try:
         async with trio.open_nursery() as nursery:
             kernel._nursery = nursery
-            await nursery.start(kernel._run_root)
+            await nursery.start(run_tree)
             nursery.start_soon(request_timer)
             try:
                 with kernel._body_scope:
@@ -852,9 +863,12 @@ async def open_kernel(
                 body_error = exc
             finally:
                 try:
-                    await kernel.shutdown()
+                    # (shielded: a shutdown asked from inside the tree may be under way)
+                    with trio.CancelScope(shield=True):
+                        await kernel.shutdown()
                 finally:
                     timer.cancel()
+                    tree.cancel()
     finally:
         # Also when the shutdown itself was interrupted (a second Ctrl-C raises
         # KeyboardInterrupt in it): the streams end and pending requests fail (their

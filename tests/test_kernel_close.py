@@ -12,7 +12,16 @@ import pytest
 import trio
 import trio.testing
 
-from nexus_trio import Agent, Context, KernelPhase, KernelShuttingDown, Message, agent, open_kernel
+from nexus_trio import (
+    Agent,
+    Context,
+    KernelPhase,
+    KernelShuttingDown,
+    Message,
+    RequestTimeout,
+    agent,
+    open_kernel,
+)
 
 from .conftest import make_config
 
@@ -133,3 +142,44 @@ def test_streams_end_and_requests_fail_when_a_second_ctrl_c_interrupts_the_shutd
         isinstance(exc, BaseExceptionGroup) and exc.subgroup(KeyboardInterrupt) is not None
     )
     assert sorted(ended) == ["dead letters", "events", "request"]
+
+
+async def test_a_kernel_cancelled_from_outside_still_drains_and_stops_its_tree_in_order(
+    autojump_clock: Any,
+) -> None:
+    # Before: the agents ran in the kernel's nursery, under the cancelled scope: all were
+    # cancelled at once, in no order (a parent's on_stop before its linked child's), the
+    # message in hand was cut off without its grace, and the request timer stopped (a
+    # request made during the drain never timed out).
+    journal: list[str] = []
+
+    class Journaled(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            if ctx.name == "parent":
+                ctx.spawn(agent(Journaled, name="child"))
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            with pytest.raises(RequestTimeout):
+                await ctx.request("sleeper", timeout=0.1)
+            await trio.sleep(0.5)
+            journal.append(f"{ctx.name} handled {msg.payload}")
+
+        async def on_stop(self, ctx: Context) -> None:
+            await trio.sleep(0.01)
+            journal.append(f"stop {ctx.name}")
+
+    with trio.fail_after(60), trio.CancelScope() as outside:
+        async with open_kernel(make_config(shutdown_grace_ms=1000)) as kernel:
+            kernel.spawn(agent(Journaled, name="parent"))
+            kernel.spawn(agent(Journaled, name="worker"))
+            kernel.spawn(agent(_stuck, name="sleeper", handle_timeout=1000, shutdown_timeout=0))
+            await kernel.send("worker", "job")
+            await trio.testing.wait_all_tasks_blocked()
+            outside.cancel()
+            await trio.sleep_forever()
+    assert outside.cancelled_caught
+    # As a shutdown from leaving the block: the drain, then reverse start order (the
+    # child, spawned by the parent's on_start, started last).
+    assert journal == ["worker handled job", "stop child", "stop worker", "stop parent"]
+    assert kernel.stats().handled == 1
+    assert trio.current_time() == pytest.approx(0.1 + 0.5 + 0.03)
