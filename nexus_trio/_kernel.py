@@ -660,6 +660,7 @@ class Kernel:
             elif isinstance(child, AgentCell):
                 entry["kind"] = "agent"
                 entry["mailbox_depth"] = child.mailbox.depth
+                entry["senders_waiting"] = child.mailbox.senders_waiting()
                 entry["mailbox_capacity"] = child.mailbox.capacity
                 entry["handling"] = str(child.current.id) if child.current is not None else None
             return entry

@@ -120,8 +120,15 @@ class Mailbox:
             depth=self.depth,
             capacity=self.capacity,
             high_water=self.high_water,
-            producers_waiting=self.waiting,
+            producers_waiting=self.senders_waiting(),
         )
+
+    def senders_waiting(self) -> int:
+        """Producers whose message is not in the mailbox yet (still in Trio's FIFO of
+        blocked senders). Exact, unlike ``waiting``, which counts a producer until it
+        resumes, also once a take has moved its message into the buffer."""
+        send = self._send
+        return 0 if send is None else send.statistics().tasks_waiting_send
 
     def try_put(self, msg: Message) -> bool:
         """Enqueue without yielding if there is room; False when full.

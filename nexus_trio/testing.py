@@ -174,8 +174,12 @@ def assert_conserved(kernel: Kernel) -> None:
 
     The kernel's ``in_flight`` is what the other counters leave of ``accepted``, so the
     sum alone cannot catch a miscount: the messages in flight are also counted one by
-    one, from the tree (:meth:`Kernel.describe`): those queued in mailboxes, and those an
-    agent is handling. After the shutdown nothing may be in flight.
+    one, from the tree (:meth:`Kernel.describe`): those queued in mailboxes, those whose
+    senders wait for room in a full one (the kernel counts them as accepted while they
+    wait), and those an agent is handling. After the shutdown nothing may be in flight.
+    Call it when every task is blocked (after :func:`settle`, say, or after the kernel
+    closed): a task that was just woken (a waiting sender whose wait was cancelled, a
+    handler whose message was just taken) has not yet done its part of the accounting.
     """
     s = kernel.stats()
     total = s.handled + s.replies_delivered + s.forwarded + s.dead_lettered + s.in_flight
@@ -190,12 +194,12 @@ def assert_conserved(kernel: Kernel) -> None:
     while nodes:
         node = nodes.pop()
         nodes.extend(node.get("children", ()))
-        queued += node.get("mailbox_depth", 0)
+        queued += node.get("mailbox_depth", 0) + node.get("senders_waiting", 0)
         handling += node.get("handling") is not None
     if s.in_flight != queued + handling:
         raise AssertionError(
             f"{s.in_flight} messages in flight by the counters, but {queued} queued in"
-            f" mailboxes and {handling} being handled: {s}"
+            f" mailboxes (or waiting for room) and {handling} being handled: {s}"
         )
 
 

@@ -106,6 +106,36 @@ async def test_assert_conserved_counts_what_is_in_flight_one_by_one(
     assert_conserved(nexus_kernel)
 
 
+async def test_assert_conserved_counts_a_message_whose_sender_waits_for_room(
+    nexus_kernel: Kernel, autojump_clock: Any
+) -> None:
+    """A sender that waits for room in a full mailbox (``block``) has its message counted
+    as accepted while it waits (the consumer may admit it before the sender resumes).
+    The helper counted only the queued and handled ones, so it failed a kernel whose
+    accounting was right ("2 messages in flight by the counters, but 1 queued"); it
+    counts the waiting senders' messages too now."""
+    gate = trio.Event()
+
+    @agent(mailbox_capacity=1)
+    async def slow(ctx: Context, msg: Message) -> None:
+        await gate.wait()
+
+    ref = nexus_kernel.spawn(slow)
+    await nexus_kernel.send(ref, "handled")
+    await trio.testing.wait_all_tasks_blocked()
+    await nexus_kernel.send(ref, "queued")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(nexus_kernel.send, ref, "waits for room")
+        await trio.testing.wait_all_tasks_blocked()
+        assert nexus_kernel.mailbox_statistics(ref).producers_waiting == 1
+        assert nexus_kernel.stats().in_flight == 3
+        assert_conserved(nexus_kernel)
+        gate.set()
+    await settle()
+    assert_conserved(nexus_kernel)
+    assert nexus_kernel.stats().handled == 3
+
+
 async def test_an_event_recorder_that_missed_events_says_so(
     nexus_kernel: Kernel, autojump_clock: Any
 ) -> None:
