@@ -20,6 +20,7 @@ still holds the message) and counted apart. ``stats()`` shows both, in O(1).
 from __future__ import annotations
 
 import logging
+import math
 import random
 import reprlib
 import sys
@@ -814,8 +815,10 @@ async def open_kernel(
 
     Leaving the block shuts the kernel down gracefully (see :meth:`Kernel.shutdown`),
     also when the block raises; the exception then propagates unchanged. A block
-    cancelled from outside leaves the same way: the agents run shielded from that
-    cancellation, so the drain and the ordered stop happen as in any shutdown. If supervision
+    cancelled from outside leaves promptly, as ``shutdown(grace=0)`` does: no drain (what
+    is in hand or queued is dead-lettered ``shutdown``), but the tree still stops in
+    order, each ``on_stop`` within its shutdown timeout (the agents run shielded from
+    that cancellation), and ``Cancelled`` goes on out of the block. If supervision
     escalates to the kernel (``[supervision] escalate_to_kernel = true``), the block is
     cancelled, the kernel shuts down and :class:`SupervisorEscalation` is raised.
     ``seed`` makes backoff jitter reproducible.
@@ -838,9 +841,9 @@ async def open_kernel(
     install_default_logging(kernel.config.logging)
     body_error: BaseException | None = None
     # The tree and the request timer are shielded from a cancellation of the block from
-    # outside: that is the block leaving, and the shutdown it starts drains and stops the
-    # tree in order (the timer still ends requests meanwhile). The kernel cancels them
-    # itself once the shutdown is over, or cut short (a second Ctrl-C).
+    # outside: that is the block leaving, and the shutdown it starts stops the tree in
+    # order (the timer still ends requests meanwhile). The kernel cancels them itself
+    # once the shutdown is over, or cut short (a second Ctrl-C).
     tree = trio.CancelScope(shield=True)
     timer = trio.CancelScope(shield=True)
 
@@ -863,10 +866,15 @@ async def open_kernel(
             except BaseException as exc:
                 body_error = exc
             finally:
+                # Cancelled from outside (a cancel scope around the block): Trio's rule
+                # is a prompt exit, so there is no drain (as ``shutdown(grace=0)``: what
+                # is in hand or queued is dead-lettered ``shutdown``), but the tree still
+                # stops in order, each ``on_stop`` within its shutdown timeout.
+                grace = 0.0 if trio.current_effective_deadline() == -math.inf else None
                 try:
                     # (shielded: a shutdown asked from inside the tree may be under way)
                     with trio.CancelScope(shield=True):
-                        await kernel.shutdown()
+                        await kernel.shutdown(grace)
                 finally:
                     timer.cancel()
                     tree.cancel()

@@ -144,13 +144,14 @@ def test_streams_end_and_requests_fail_when_a_second_ctrl_c_interrupts_the_shutd
     assert sorted(ended) == ["dead letters", "events", "request"]
 
 
-async def test_a_kernel_cancelled_from_outside_still_drains_and_stops_its_tree_in_order(
+async def test_a_kernel_cancelled_from_outside_stops_at_once_and_in_order(
     autojump_clock: Any,
 ) -> None:
     # Before: the agents ran in the kernel's nursery, under the cancelled scope: all were
-    # cancelled at once, in no order (a parent's on_stop before its linked child's), the
-    # message in hand was cut off without its grace, and the request timer stopped (a
-    # request made during the drain never timed out).
+    # cancelled at once, in no order (a parent's on_stop before its linked child's), and
+    # the message in hand was cut off without a dead letter of the kernel's own. Now, as
+    # Trio asks of a cancelled close (prompt, but complete): no drain, the message in
+    # hand dead-lettered ``shutdown``, the tree stopped in order, on_stop awaited.
     journal: list[str] = []
 
     class Journaled(Agent):
@@ -159,8 +160,6 @@ async def test_a_kernel_cancelled_from_outside_still_drains_and_stops_its_tree_i
                 ctx.spawn(agent(Journaled, name="child"))
 
         async def handle(self, ctx: Context, msg: Message) -> None:
-            with pytest.raises(RequestTimeout):
-                await ctx.request("sleeper", timeout=0.1)
             await trio.sleep(0.5)
             journal.append(f"{ctx.name} handled {msg.payload}")
 
@@ -172,14 +171,44 @@ async def test_a_kernel_cancelled_from_outside_still_drains_and_stops_its_tree_i
         async with open_kernel(make_config(shutdown_grace_ms=1000)) as kernel:
             kernel.spawn(agent(Journaled, name="parent"))
             kernel.spawn(agent(Journaled, name="worker"))
-            kernel.spawn(agent(_stuck, name="sleeper", handle_timeout=1000, shutdown_timeout=0))
             await kernel.send("worker", "job")
+            await kernel.send("worker", "queued")
             await trio.testing.wait_all_tasks_blocked()
             outside.cancel()
             await trio.sleep_forever()
     assert outside.cancelled_caught
-    # As a shutdown from leaving the block: the drain, then reverse start order (the
-    # child, spawned by the parent's on_start, started last).
-    assert journal == ["worker handled job", "stop child", "stop worker", "stop parent"]
+    # reverse start order (the child, spawned by the parent's on_start, started last)
+    assert journal == ["stop child", "stop worker", "stop parent"]
+    stats = kernel.stats()
+    assert (stats.handled, stats.dead_lettered, stats.in_flight) == (0, 2, 0)
+    assert stats.dead_letters_by_reason == {"shutdown": 2}
+    # no grace waited: the three on_stop only
+    assert trio.current_time() == pytest.approx(0.03)
+
+
+async def test_a_request_made_while_a_cancelled_kernel_stops_still_times_out(
+    autojump_clock: Any,
+) -> None:
+    # The request timer runs shielded as well: a handler of an agent with a shutdown
+    # timeout of its own (so it finishes its message in the stop) that waits on a
+    # request to an agent that never answers gets its RequestTimeout in time.
+    outcomes: list[str] = []
+
+    @agent(name="asks", shutdown_timeout=5)
+    async def asks(ctx: Context, msg: Message) -> None:
+        try:
+            await ctx.request("sleeper", timeout=0.1)
+        except RequestTimeout:
+            outcomes.append("timed out")
+
+    with trio.fail_after(60), trio.CancelScope() as outside:
+        async with open_kernel(make_config(shutdown_grace_ms=1000)) as kernel:
+            kernel.spawn(agent(_stuck, name="sleeper", handle_timeout=1000, shutdown_timeout=0))
+            kernel.spawn(asks)
+            await kernel.send("asks", "go")
+            await trio.testing.wait_all_tasks_blocked()
+            outside.cancel()
+            await trio.sleep_forever()
+    assert outcomes == ["timed out"]
     assert kernel.stats().handled == 1
-    assert trio.current_time() == pytest.approx(0.1 + 0.5 + 0.03)
+    assert trio.current_time() == pytest.approx(0.1)
