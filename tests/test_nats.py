@@ -435,14 +435,25 @@ async def test_a_durable_message_waiting_for_room_past_ack_wait_is_delivered_onc
         handled.append(msg.payload)
         if msg.payload == "hold":
             await release.wait()
-        if msg.payload == "marker":
-            marker.set()
+        if msg.payload == "durable":
+            # not answered (acked) before the marker is pulled: a redelivery JetStream
+            # holds for the node is pulled first, whatever the timing
+            await marker.wait()
         return "ok"
 
-    ack_wait = 0.5
+    @agent(name="marker-a")
+    async def marks(ctx: Context, msg: Message) -> Any:
+        marker.set()
+        return "ok"
+
+    # The node tells JetStream every ack_wait / 2, so a stall of this process longer
+    # than that (a loaded machine: 0.7 s) lets JetStream redeliver whatever the node
+    # does; 2 s leaves a stall of up to 1 s unseen
+    ack_wait = 2.0
     durable = DurableOptions(ack_wait=ack_wait, max_deliver=4, redelivery_delay=0.05)
     async with local_node(nats.url, durable=durable) as (kernel, cluster):
         target = kernel.spawn(slow)
+        kernel.spawn(marks)
         with trio.fail_after(30):
             await kernel.send(target, "hold")  # in the handler, until released
             await trio.testing.wait_all_tasks_blocked()
@@ -453,15 +464,19 @@ async def test_a_durable_message_waiting_for_room_past_ack_wait_is_delivered_onc
                     break
                 await trio.sleep(0.02)
             # the node holds the durable message, waiting for room, past ack_wait
-            await trio.sleep(4 * ack_wait)
+            await trio.sleep(1.5 * ack_wait)
             release.set()
             # JetStream hands out redeliveries first: once the marker is handled, any
             # redelivery of the durable message has been pulled (and counted)
-            await cluster.send_durable(target, "marker")
+            await cluster.send_durable("marker-a", "marker")
             await marker.wait()
+            while True:  # the durable message's answer, given once the marker came
+                if cluster.stats().durable_acked >= 2:
+                    break
+                await trio.sleep(0.02)
             await trio.testing.wait_all_tasks_blocked()
         stats = cluster.stats()
-    assert handled == ["hold", "filler", "durable", "marker"]
+    assert handled == ["hold", "filler", "durable"]
     assert (stats.durable_redelivered, stats.durable_duplicates) == (0, 0)
     assert stats.durable_acked == 2
 
