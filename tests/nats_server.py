@@ -105,7 +105,11 @@ def collector(records: list[Any]) -> Any:
 
 
 async def _serve_node(url: str, node: str, replicas: int, kv_replicas: int) -> None:
-    options = attrs.evolve(FAST, kv_replicas=kv_replicas)
+    # Patient: no test asks a child node to judge a member lost (the test's own node
+    # judges a killed child), while a stall of the test's process (a loaded machine) for
+    # longer than FAST's 0.6 s made the child judge the test's live node lost, and a
+    # request the child then made to it failed with TransportUnavailable
+    options = attrs.evolve(PATIENT, kv_replicas=kv_replicas)
 
     @agent(name="echo")
     async def echo(ctx: Context, msg: Message) -> Any:
