@@ -1069,6 +1069,47 @@ async def test_answer_read_in_the_instant_the_grace_ends_keeps_the_child(
         assert (stats.starts, stats.replaced, stats.pid, stats.late_responses) == (1, 0, pid, 1)
 
 
+@pytest.mark.parametrize("protocol", ["1", "2"])
+@pytest.mark.parametrize("attempt", range(6))
+async def test_an_answer_read_in_the_instant_its_message_times_out_is_counted_late(
+    mock_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    protocol: str,
+    attempt: int,
+) -> None:
+    """Regression: an answer read in the same instant as its message's handle timeout
+    (the reader and the cancelled handler woken together, as after a stall of the
+    process) was counted only if the scheduler ran the handler first (abandoned, then a
+    late answer); read first, the answer was dropped, counted nowhere. Both orders count
+    it now (the hook holds the answer back until the deadline)."""
+    original = ProcessAgent._dispatch
+    end = -math.inf
+
+    async def at_the_deadline(self: ProcessAgent, frame_type: str, payload: Any) -> None:
+        if frame_type == "response":
+            await trio.sleep_until(end)
+        await original(self, frame_type, payload)
+
+    monkeypatch.setattr(ProcessAgent, "_dispatch", at_the_deadline)
+    async with mock_time_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy("--protocol", protocol), handle_timeout=1.0))
+        assert await kernel.request(ref, "quick") == "quick"
+        read = stats_of(kernel, ref).lines_in
+        end = trio.current_time() + 1.0  # the handle timeout of the next message
+        results: dict[str, Any] = {}
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask, kernel, ref, "timed out", results)
+            await until_real(lambda: stats_of(kernel, ref).lines_in == read + 1, "the answer")
+            await trio.testing.wait_all_tasks_blocked()
+            mock_clock.jump(1.0)
+        assert results == {"timed out": "handler_timeout"}
+        stats = stats_of(kernel, ref)
+        assert (stats.abandoned, stats.late_responses, stats.unmatched_responses) == (1, 1, 0)
+        assert await kernel.request(ref, "after") == "after"
+        assert stats_of(kernel, ref).replaced == 0
+        assert [d.reason for d in dead_letters(kernel)] == [DeadLetterReason.HANDLER_TIMEOUT]
+
+
 async def test_shutdown_during_the_grace_waits_only_its_own_deadlines(
     tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:

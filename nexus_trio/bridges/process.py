@@ -436,6 +436,7 @@ class _Slot:
     __slots__ = (
         "abandoned",
         "answer_by",
+        "answered",
         "conversation",
         "done",
         "error",
@@ -462,17 +463,21 @@ class _Slot:
         #: the child was told it was cancelled: its answer is awaited until then (the
         #: grace) before it counts as stuck; None: not told, nothing to wait for
         self.answer_by: float | None = None
+        #: what settled it, if the child answered it: "response" or "error"
+        self.answered: str | None = None
 
     def resolve(self, value: Any) -> None:
         if not self.done:
             self.done = True
             self.value = value
+            self.answered = "response"
             self.event.set()
 
-    def fail(self, error: Exception) -> None:
+    def fail(self, error: Exception, *, answered: str | None = None) -> None:
         if not self.done:
             self.done = True
             self.error = error
+            self.answered = answered
             self.event.set()
 
 
@@ -995,6 +1000,12 @@ class ProcessAgent(Agent):
                     grace = self.options.cancel_grace
                     if grace > 0:
                         slot.answer_by = trio.current_time() + grace
+            elif slot.answered is not None:
+                # Answered in the very instant it was given up on (the answer read
+                # before the cancelled handler ran, both woken together): discarded as a
+                # late answer is, and counted so, whichever of the two ran first.
+                self.stats.abandoned += 1
+                self._discard_late(slot, slot.answered)
             elif isinstance(slot.error, ProcessAgentError):
                 # The child was lost as this handler was cancelled (same scheduling
                 # batch): its error, which would fail the agent, is dropped for the
@@ -1380,7 +1391,10 @@ class ProcessAgent(Agent):
             detail = f"{error_type}: {text}" if isinstance(error_type, str) else text
             # Up to the line limit (1 MiB) long: the log and the requester get its start.
             detail = _clip(detail, _ERROR_TEXT_LIMIT)
-            slot.fail(MessageFailed(f"process agent {self.label} failed the message: {detail}"))
+            slot.fail(
+                MessageFailed(f"process agent {self.label} failed the message: {detail}"),
+                answered="error",
+            )
         elif frame_type == "send":
             await self._route_send(payload)
         elif frame_type == "pong":
@@ -1497,10 +1511,7 @@ class ProcessAgent(Agent):
             return None
         if slot.abandoned:
             del self._inflight[slot.msg_id]
-            stats.late_responses += 1
-            self._warn_line(
-                _UNMATCHED, f"late {what} to message {slot.msg_id} (it timed out); discarded"
-            )
+            self._discard_late(slot, what)
             slot.event.set()  # answered: the next message, if it waits, need not replace it
             return None
         if slot.done:
@@ -1513,6 +1524,13 @@ class ProcessAgent(Agent):
             )
             return None
         return slot
+
+    def _discard_late(self, slot: _Slot, what: str) -> None:
+        """An answer to ``slot``'s message, which timed out, is discarded: counted, logged."""
+        self.stats.late_responses += 1
+        self._warn_line(
+            _UNMATCHED, f"late {what} to message {slot.msg_id} (it timed out); discarded"
+        )
 
     async def _route_send(self, payload: Any) -> None:
         ctx = self._ctx
