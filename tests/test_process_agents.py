@@ -863,6 +863,7 @@ async def ask(kernel: Kernel, ref: AgentRef, payload: Any, results: dict[str, An
 
 
 async def give_up_with_the_next_queued(
+    here: Path,
     kernel: Kernel,
     ref: AgentRef,
     nursery: trio.Nursery,
@@ -872,11 +873,15 @@ async def give_up_with_the_next_queued(
     handle_timeout: float = 1.0,
 ) -> None:
     """Request ``first`` and then "after", queued behind it; then let ``first``'s handle
-    timeout pass: the kernel gives up on it while "after" waits in the mailbox."""
+    timeout pass: the kernel gives up on it while "after" waits in the mailbox. The
+    :data:`CANCEL_CHILD` in ``here`` has read ``first`` by then (a child starved on a
+    loaded machine could be replaced before reading what was written to it)."""
     await until_real(lambda: stats_of(kernel, ref).registered, "the register")
     written = stats_of(kernel, ref).lines_out
     nursery.start_soon(ask, kernel, ref, first, results)
     await until_real(lambda: stats_of(kernel, ref).lines_out == written + 1, f"{first} written")
+    read = b'"payload":%s,' % json.dumps(first).encode()
+    await until_real(lambda: read in (here / "stdin.log").read_bytes(), f"{first} read")
     nursery.start_soon(ask, kernel, ref, "after", results)
     await trio.testing.wait_all_tasks_blocked()
     assert kernel.stats().in_flight == 2  # "after" waits behind the message being handled
@@ -899,7 +904,9 @@ async def test_cancelled_child_that_answers_in_the_grace_serves_the_message_queu
         start = trio.current_time()
         results: dict[str, Any] = {}
         async with trio.open_nursery() as nursery:
-            await give_up_with_the_next_queued(kernel, ref, nursery, mock_clock, "slow", results)
+            await give_up_with_the_next_queued(
+                tmp_path, kernel, ref, nursery, mock_clock, "slow", results
+            )
         assert results == {"slow": "handler_timeout", "after": "after"}
         # The answer came in real time: no mock time passed waiting for it.
         assert trio.current_time() - start == 1.0
@@ -926,7 +933,9 @@ async def test_cancelled_child_that_does_not_answer_is_replaced_when_the_grace_e
         start = trio.current_time()
         results: dict[str, Any] = {}
         async with trio.open_nursery() as nursery:
-            await give_up_with_the_next_queued(kernel, ref, nursery, mock_clock, "deaf", results)
+            await give_up_with_the_next_queued(
+                tmp_path, kernel, ref, nursery, mock_clock, "deaf", results
+            )
             await until_real(lambda: stats_of(kernel, ref).cancels_sent == 1, "the cancel")
             mock_clock.jump(0.499)
             await trio.testing.wait_all_tasks_blocked()
@@ -1021,7 +1030,9 @@ async def test_child_lost_during_the_grace_is_replaced_for_the_message_that_wait
         start = trio.current_time()
         results: dict[str, Any] = {}
         async with trio.open_nursery() as nursery:
-            await give_up_with_the_next_queued(kernel, ref, nursery, mock_clock, "dies", results)
+            await give_up_with_the_next_queued(
+                tmp_path, kernel, ref, nursery, mock_clock, "dies", results
+            )
         assert results == {"dies": "handler_timeout", "after": "after"}
         assert trio.current_time() - start == 1.0
         stats = stats_of(kernel, ref)
@@ -1058,7 +1069,9 @@ async def test_answer_read_in_the_instant_the_grace_ends_keeps_the_child(
         end = trio.current_time() + 1.0 + 0.25
         results: dict[str, Any] = {}
         async with trio.open_nursery() as nursery:
-            await give_up_with_the_next_queued(kernel, ref, nursery, mock_clock, "slow", results)
+            await give_up_with_the_next_queued(
+                tmp_path, kernel, ref, nursery, mock_clock, "slow", results
+            )
             await until_real(lambda: stats_of(kernel, ref).lines_in == 3, "the answer read")
             await trio.testing.wait_all_tasks_blocked()
             assert "after" not in results
@@ -1128,7 +1141,7 @@ async def test_shutdown_during_the_grace_waits_only_its_own_deadlines(
         results: dict[str, Any] = {}
         async with trio.open_nursery() as nursery:
             await give_up_with_the_next_queued(
-                kernel, ref, nursery, mock_clock, "deaf", results, handle_timeout=100.0
+                tmp_path, kernel, ref, nursery, mock_clock, "deaf", results, handle_timeout=100.0
             )
             await until_real(lambda: stats_of(kernel, ref).cancels_sent == 1, "the cancel")
             await trio.testing.wait_all_tasks_blocked()
@@ -1168,7 +1181,7 @@ async def test_cancel_grace_that_ends_after_the_drain_starts_no_child_at_shutdow
         results: dict[str, Any] = {}
         async with trio.open_nursery() as nursery:
             await give_up_with_the_next_queued(
-                kernel, ref, nursery, mock_clock, "deaf", results, handle_timeout=100.0
+                tmp_path, kernel, ref, nursery, mock_clock, "deaf", results, handle_timeout=100.0
             )
             pid = stats_of(kernel, ref).pid
             assert pid is not None
@@ -1229,7 +1242,9 @@ async def test_child_without_the_cancel_feature_is_replaced_at_once_for_the_mess
         start = trio.current_time()
         results: dict[str, Any] = {}
         async with trio.open_nursery() as nursery:
-            await give_up_with_the_next_queued(kernel, ref, nursery, mock_clock, "deaf", results)
+            await give_up_with_the_next_queued(
+                tmp_path, kernel, ref, nursery, mock_clock, "deaf", results
+            )
         assert results == {"deaf": "handler_timeout", "after": "after"}
         assert trio.current_time() - start == 1.0
         stats = stats_of(kernel, ref)
