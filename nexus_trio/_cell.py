@@ -482,8 +482,6 @@ class AgentCell(Child):
                             # Sampled by the kernel-wide count (agents that handle few messages
                             # are seen too): recording costs more than a no-op handler.
                             ledger.record_latency(start, msg)
-                        if result is None and msg.kind is query:
-                            router.returned_none(msg, self.label)
                         if stale:
                             # Done with: what it returned is answered or routed, out of
                             # reach of the spent scope (a route waits at most the send

@@ -103,7 +103,7 @@ class _Pending:
     parking lot and its waiters' set) cost a tenth of a local request/reply.
     """
 
-    __slots__ = ("abandoned", "done", "error", "reply", "returned_none", "task", "woken")
+    __slots__ = ("abandoned", "done", "error", "reply", "task", "woken")
 
     def __init__(self) -> None:
         #: the reply's payload (_NO_REPLY until one came)
@@ -119,9 +119,6 @@ class _Pending:
         #: the requester was cancelled while it waited: an answer that comes before it
         #: resumes is a late reply, not one for it (it gets its Cancelled)
         self.abandoned = False
-        #: the agent whose handler took the query and returned None (a forgotten
-        #: ``return``?), named if the request then times out
-        self.returned_none: str | None = None
 
     def resolve(self, payload: Any) -> None:
         # Kept even after the deadline woke the requester: if it has not resumed yet,
@@ -925,25 +922,24 @@ class Router:
             return pending.reply
         if pending.error is not None:
             raise pending.error
+        detail = ""
         if enqueued:
             self.expire_query(query.id, query.to)
-        unanswered = pending.returned_none
-        raise RequestTimeout(
-            query.id,
-            query.to,
-            timeout,
-            ""
-            if unanswered is None
-            else f"agent {unanswered} handled it and returned None, which answers nothing",
-        )
+            detail = self._unanswered(query.to)
+        raise RequestTimeout(query.id, query.to, timeout, detail)
 
-    def returned_none(self, query: Message, agent: str) -> None:
-        """The handler of ``agent`` took ``query`` and returned None: a local requester
-        that then times out is told so (the answer may still come in a message of its
-        own, so nothing else changes)."""
-        pending = self._pending.get(id_value(query))
-        if pending is not None:
-            pending.returned_none = agent
+    def _unanswered(self, address: Address) -> str:
+        """Why a local query timed out, when the recipient says it: parked, with nothing
+        queued, it has taken the query and is done with it (a handler that forgot its
+        ``return`` looks like this). Read at the timeout, not at every message: the
+        serve loop pays nothing for it."""
+        cell = self.local(address)
+        if cell is None or not cell.parked or cell.mailbox.depth:
+            return ""
+        return (
+            f"agent {cell.label} is idle with nothing queued: it handled the query and no"
+            " answer came (a handler answers a request by returning a value)"
+        )
 
     async def run_request_timer(self) -> None:
         """Expire pending requests at their deadlines (runs for the kernel's lifetime)."""

@@ -1626,7 +1626,8 @@ async def test_a_request_whose_handler_returned_none_times_out_saying_so(
 ) -> None:
     """A handler that forgot its ``return`` left the requester with only "got no reply
     within 5s", the same as a handler still working; the timeout says now that the agent
-    handled the query and returned None. A handler that was still working is told as before."""
+    is idle with nothing queued (it handled the query: read at the timeout, so that the
+    serve loop pays nothing). A handler that was still working is told as before."""
 
     @agent(name="quiet")
     async def quiet(ctx: Context, msg: Message) -> None:
@@ -1643,8 +1644,9 @@ async def test_a_request_whose_handler_returned_none_times_out_saying_so(
         with pytest.raises(RequestTimeout) as raised:
             await kernel.request("quiet", "hi", timeout=2)
         assert str(raised.value).endswith(
-            "to 'quiet' got no reply within 2s (agent quiet handled it and returned None,"
-            " which answers nothing)"
+            "to 'quiet' got no reply within 2s (agent quiet is idle with nothing queued: it"
+            " handled the query and no answer came (a handler answers a request by returning"
+            " a value))"
         )
         with pytest.raises(RequestTimeout) as raised:
             await kernel.request("slow", "hi", timeout=2)
