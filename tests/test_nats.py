@@ -768,6 +768,33 @@ async def test_a_node_whose_own_process_stalled_does_not_judge_its_live_peers_lo
             assert await kernel.request("echo-b", 2) == {"echo": 2, "node": "b", "kind": "Query"}
 
 
+async def test_a_node_whose_process_stalls_twice_in_a_row_does_not_judge_its_live_peers_lost(
+    nats: NatsServer,
+) -> None:
+    """Pauses come in bursts (a GC pause, then another; a starved CPU). The hold after a
+    stall of the node's own process lasted one interval from the first late check, and
+    a second stall during it made the check after it judge while the heartbeats that
+    came in both stalls still waited in the socket: the live peer was judged lost. A
+    stall during the hold extends it (within the loss window of its start)."""
+    async with nodes(nats.url, "b") as _, local_node(nats.url) as (kernel, cluster):
+        with trio.fail_after(30):
+            await cluster.wait_for_name("echo-b")
+            assert await kernel.request("echo-b", 1) == {"echo": 1, "node": "b", "kind": "Query"}
+            interval = FAST.heartbeat_interval
+            lost_after = interval * FAST.missed_heartbeats
+            time.sleep(lost_after + 0.4)  # the whole process stalls (b runs on)
+            # the loss check runs late and holds; then the process stalls again, twice,
+            # for more than the rest of the hold (but within the loss window of its
+            # start), before it has read its socket
+            await trio.lowlevel.checkpoint()
+            time.sleep(1.2 * interval)
+            await trio.lowlevel.checkpoint()
+            time.sleep(1.2 * interval)
+            await trio.sleep(3 * interval)  # the loss check runs again, on time
+            assert cluster.stats().nodes_lost == 0
+            assert await kernel.request("echo-b", 2) == {"echo": 2, "node": "b", "kind": "Query"}
+
+
 async def test_a_node_starved_without_pause_still_judges_a_silent_peer_lost(
     nats: NatsServer,
 ) -> None:

@@ -3097,19 +3097,25 @@ class Cluster:
 
     async def _check_members(self) -> None:
         interval = self.options.heartbeat_interval
-        checked = held_until = monotonic()
+        # the longest a hold lasts (see below): the loss window itself
+        longest = interval * self.options.missed_heartbeats
+        checked = held_until = hold_started = monotonic()
         held = False
         while True:
             await trio.sleep(interval / 2)
             now = monotonic()
-            if now - checked > interval and not held:
+            if now - checked > interval:
                 # This process stalled (a GC pause, a starved CPU): the heartbeats that
                 # came meanwhile still wait in the socket, read by this thread too
                 # (trio-asyncio). Silence is judged again once they had an interval to
-                # be read, and each live peer to send a fresh one. Once: the check
-                # after a hold judges even if late, or a process starved for good
-                # (every check late) would judge nobody lost, ever.
-                held_until = now + interval
+                # be read, and each live peer to send a fresh one. A stall during the
+                # hold (pauses come in bursts) extends it, but a hold ends within the
+                # loss window of its start, late or not: a process starved for good
+                # (every check late) still judges a dead peer lost.
+                if not held:
+                    hold_started = now
+                if now - hold_started < longest:
+                    held_until = now + interval
             checked = now
             held = now < held_until
             if held:
