@@ -1584,8 +1584,13 @@ def test_open_kernel_outside_trio_says_it_needs_trio_run() -> None:
         async with open_kernel(make_config()):
             pass
 
-    with pytest.raises(RuntimeError) as raised:
-        asyncio.run(main())
+    # A plain asyncio loop, whatever the process's event loop policy: once trio-asyncio
+    # is imported (the NATS tests do), asyncio.run would run trio-asyncio's own loop.
+    with (
+        pytest.raises(RuntimeError) as raised,
+        asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner,
+    ):
+        runner.run(main())
     assert str(raised.value) == (
         "open_kernel() must run inside trio.run(): nexus_trio runs on Trio, and no Trio"
         " run is active here (call trio.run(main), not asyncio.run(main))"
