@@ -13,7 +13,7 @@ import inspect
 import logging
 import uuid
 from collections.abc import Callable, Coroutine, Mapping, MutableMapping
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast, final, overload
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, cast, final, overload
 
 import attrs
 import trio
@@ -242,6 +242,18 @@ def _check_handler_signature(function: Callable[..., Any], shown: str, arguments
             f"{shown}({params}) cannot be called so: an agent handler is called with"
             " two arguments, handler(ctx, msg)"
         ) from None
+    names = [p.name for p in signature.parameters.values()][arguments - 2 : arguments]
+    if len(names) == 2 and names[0] in _MESSAGE_NAMES and names[1] in _CONTEXT_NAMES:
+        # (msg, ctx): each would be the other at every call
+        raise TypeError(
+            f"{shown}({', '.join(p for p in signature.parameters)}) takes its arguments the"
+            " other way round: an agent handler is called as handler(ctx, msg)"
+        )
+
+
+#: parameter names that say which argument a handler expects where
+_MESSAGE_NAMES: Final = frozenset({"msg", "message"})
+_CONTEXT_NAMES: Final = frozenset({"ctx", "context"})
 
 
 def checked_seconds(value: Any, what: str, *, zero: bool = False) -> float:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Final, final
 import attrs
 import trio
 
+from ._agent import as_spec
 from ._child import Child, ChildOwner, Directive, RestartType, RunDone, log_extra, to_restart
 from ._config import RestartStrategy
 from ._errors import SupervisorEscalation
@@ -109,7 +110,21 @@ def _to_strategy(value: Any) -> RestartStrategy:
 
 
 def _to_children(value: Iterable[Any]) -> tuple[Any, ...]:
-    return tuple(value)
+    """The children, each checked as ``spawn`` would check it: a mistake is named when
+    the spec is built, not when the supervisor starts."""
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise TypeError(
+            "Supervisor children must be a sequence of agents (handlers, agent classes,"
+            f" specs) and supervisors, got {type(value).__name__} {value!r:.60}"
+        )
+    children = tuple(value)
+    for index, child in enumerate(children):
+        if not isinstance(child, Supervisor):
+            try:
+                as_spec(child)
+            except TypeError as exc:
+                raise TypeError(f"Supervisor children[{index}]: {exc}") from None
+    return children
 
 
 def _positive(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:

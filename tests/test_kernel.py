@@ -1684,3 +1684,28 @@ async def test_a_send_to_what_is_no_address_is_a_type_error_naming_it(address):
         assert stats.accepted == 1  # only the message to echo
         assert stats.failed == 1  # echo's ctx.send raised the TypeError
         assert sum(stats.rejected.values()) == 0
+
+
+def test_a_handler_whose_parameters_are_named_the_other_way_round_is_refused() -> None:
+    """``async def h(msg, ctx)`` was taken, and every message then failed inside the
+    handler (``msg.payload`` on the context); the names say the order is swapped."""
+
+    async def swapped(msg: Any, ctx: Any) -> None:
+        return None
+
+    class Swapped(Agent):
+        async def handle(self, message: Any, context: Any) -> None:  # type: ignore[override]
+            return None
+
+    async def unnamed(a: Any, b: Any) -> None:
+        return None
+
+    for target, shown in (
+        (swapped, "swapped(msg, ctx)"),
+        (Swapped, "Swapped.handle(self, message, context)"),
+    ):
+        with pytest.raises(
+            TypeError, match=re.escape(f"{shown} takes its arguments the other way round")
+        ):
+            agent(target)
+    agent(unnamed)  # names that say nothing are not guessed at

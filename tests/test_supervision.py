@@ -791,3 +791,20 @@ async def test_a_subscriber_that_never_reads_loses_events_counted_in_stats(
                 for sample in family.samples
             }
             assert scraped["nexus_event_stream_dropped_total"] == total - 5
+
+
+@pytest.mark.parametrize(
+    ("children", "message"),
+    [
+        ([42], "Supervisor children[0]: @agent needs an 'async def handler(ctx, msg)'"),
+        (42, "Supervisor children must be a sequence of agents"),
+        ("ab", "Supervisor children must be a sequence of agents"),
+    ],
+)
+def test_a_supervisor_with_a_child_that_is_no_agent_is_refused_when_built(
+    children: Any, message: str
+) -> None:
+    """`Supervisor(children=[42])` was built, and failed only when spawned, with an
+    error that named no supervisor and no index."""
+    with pytest.raises(TypeError, match=re.escape(message)):
+        Supervisor(children=children)
