@@ -22,7 +22,9 @@ class Pinger(Agent):
         if not (isinstance(msg.payload, dict) and msg.payload.get("ping")):
             return None
         self.count += 1
-        origin = "system" if msg.sender == SYSTEM_ID else str(msg.sender)
+        # a message carries its sender's id; the kernel's refs carry the names
+        names = {ref.id: ref.name for ref in ctx.kernel.agents()}
+        origin = "system" if msg.sender == SYSTEM_ID else names.get(msg.sender, str(msg.sender))
         print(f"{ctx.name} got ping #{self.count} from {origin}")
         if ctx.name == "A":
             answer = await ctx.request("B", {"ping": True})

@@ -232,3 +232,17 @@ def test_completion_completes_commands_and_options(words: str, expected: list[st
 def test_install_completion_is_offered_in_the_root_help() -> None:
     text = flat(invoke(["--help"]).output)
     assert "--install-completion Install completion for the current shell." in text
+
+
+def test_help_names_the_value_of_every_file_option_and_what_app_takes() -> None:
+    """`nexus bench --help` showed `<path>` for --json and --plot while their help said
+    FILE; `run --help` did not say that --app takes an Agent subclass or a Supervisor."""
+    bench = invoke(["bench", "--help"])
+    assert bench.exit_code == 0
+    assert "<path>" not in bench.stdout
+    assert re.search(r"--json\s+FILE", bench.stdout) and re.search(r"--plot\s+FILE", bench.stdout)
+    run = " ".join(invoke(["run", "--help"]).stdout.replace("│", " ").split())
+    assert (
+        "an @agent spec, an Agent subclass, a Supervisor, a list of these, or async def main(kernel)"
+        in run
+    )

@@ -75,6 +75,10 @@ def test_ping_agent_pings_and_shuts_down_cleanly() -> None:
     lines = result.stdout.splitlines()
     assert sum(line.startswith("system got pong from A") for line in lines) == 2
     assert sum(line.startswith("A got pong from B") for line in lines) == 2
+    assert [line for line in lines if line.startswith("B got ping")] == [
+        "B got ping #1 from A",
+        "B got ping #2 from A",
+    ]
     assert lines[-1].endswith("0 dead letters, 0 in flight"), lines[-1]
 
 

@@ -222,7 +222,12 @@ def run(
     ] = None,
     app_ref: Annotated[
         str | None,
-        typer.Option("--app", metavar="MODULE:ATTR", help="Run your agents instead of the demo."),
+        typer.Option(
+            "--app",
+            metavar="MODULE:ATTR",
+            help="Run your agents instead of the demo: an @agent spec, an Agent subclass, a"
+            " Supervisor, a list of these, or async def main(kernel).",
+        ),
     ] = None,
     workload: Annotated[
         Workload,

@@ -54,11 +54,16 @@ def register(app: typer.Typer) -> None:
             ),
         ] = None,
         json_file: Annotated[
-            Path | None, typer.Option("--json", help="Also write the results as JSON to FILE.")
+            Path | None,
+            typer.Option("--json", metavar="FILE", help="Also write the results as JSON to FILE."),
         ] = None,
         plot_file: Annotated[
             Path | None,
-            typer.Option("--plot", help="Also draw a PNG bar chart to FILE (needs matplotlib)."),
+            typer.Option(
+                "--plot",
+                metavar="FILE",
+                help="Also draw a PNG bar chart to FILE (needs matplotlib).",
+            ),
         ] = None,
         no_progress: Annotated[
             bool, typer.Option("--no-progress", help="No progress bar (e.g. in CI logs).")
