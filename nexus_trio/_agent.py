@@ -243,7 +243,7 @@ def _check_handler_signature(function: Callable[..., Any], shown: str, arguments
             " two arguments, handler(ctx, msg)"
         ) from None
     names = [p.name for p in signature.parameters.values()][arguments - 2 : arguments]
-    if len(names) == 2 and names[0] in _MESSAGE_NAMES and names[1] in _CONTEXT_NAMES:
+    if len(names) == 2 and names[0] in MESSAGE_NAMES and names[1] in CONTEXT_NAMES:
         # (msg, ctx): each would be the other at every call
         raise TypeError(
             f"{shown}({', '.join(p for p in signature.parameters)}) takes its arguments the"
@@ -251,9 +251,10 @@ def _check_handler_signature(function: Callable[..., Any], shown: str, arguments
         )
 
 
-#: parameter names that say which argument a handler expects where
-_MESSAGE_NAMES: Final = frozenset({"msg", "message"})
-_CONTEXT_NAMES: Final = frozenset({"ctx", "context"})
+#: parameter names that say which argument a handler expects where (also read by
+#: ``nexus run --app``, to tell a handler without ``@agent`` from a main)
+MESSAGE_NAMES: Final = frozenset({"msg", "message"})
+CONTEXT_NAMES: Final = frozenset({"ctx", "context"})
 
 
 def checked_seconds(value: Any, what: str, *, zero: bool = False) -> float:

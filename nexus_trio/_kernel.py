@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import reprlib
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -41,6 +40,7 @@ from ._agent import (
     as_spec,
     checked_seconds,
 )
+from ._brief import brief
 from ._cell import AgentCell
 from ._child import Child
 from ._config import Config
@@ -826,7 +826,7 @@ async def open_kernel(
     if config is not None and not isinstance(config, Config):
         raise TypeError(
             f"open_kernel(config) takes a nexus_trio.Config, got {type(config).__name__}"
-            f" {reprlib.repr(config)}: for a file use nexus_trio.config.load_config(path).config"
+            f" {brief(config, 60)}: for a file use nexus_trio.config.load_config(path).config"
         )
     try:
         trio.lowlevel.current_task()

@@ -37,6 +37,7 @@ import attrs
 import trio
 
 from ._agent import as_spec
+from ._brief import brief
 from ._child import Child, ChildOwner, Directive, RestartType, RunDone, log_extra, to_restart
 from ._config import RestartStrategy
 from ._errors import SupervisorEscalation
@@ -115,7 +116,7 @@ def _to_children(value: Iterable[Any]) -> tuple[Any, ...]:
     if isinstance(value, str) or not isinstance(value, Iterable):
         raise TypeError(
             "Supervisor children must be a sequence of agents (handlers, agent classes,"
-            f" specs) and supervisors, got {type(value).__name__} {value!r:.60}"
+            f" specs) and supervisors, got {type(value).__name__} {brief(value, 60)}"
         )
     children = tuple(value)
     for index, child in enumerate(children):

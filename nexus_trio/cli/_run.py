@@ -39,7 +39,7 @@ from rich.console import Console
 from rich.live import Live
 
 from .. import KernelStats
-from .._agent import Agent, AgentSpec, as_spec
+from .._agent import CONTEXT_NAMES, Agent, AgentSpec, as_spec
 from .._config import Config
 from .._errors import SupervisorEscalation
 from .._kernel import Kernel, open_kernel
@@ -147,7 +147,7 @@ def _check_main_signature(main: Callable[..., Any]) -> None:
     try:
         signature.bind(object())
     except TypeError:
-        if list(signature.parameters)[:1] in (["ctx"], ["context"]):
+        if next(iter(signature.parameters), None) in CONTEXT_NAMES:
             # handler(ctx, msg): @agent was forgotten
             raise AppError(
                 f"{name}{signature} is an agent handler without @agent: decorate it with"
