@@ -105,6 +105,7 @@ class AgentCell(Child):
         "nursery",
         "overflow",
         "parked",
+        "quiet_stop",
         "received",
         "router",
         "run_failures",
@@ -137,6 +138,8 @@ class AgentCell(Child):
         self.ledger = ledger
         self.spec = spec
         self.lazy = spec.starts_lazily
+        #: no ``on_stop`` of the user's (read at every stop: kept, not recomputed)
+        self.quiet_stop = spec.stops_quietly
         self.mailbox = Mailbox(spec.mailbox_capacity or defaults.mailbox_capacity, high_water)
         self.overflow = spec.overflow or defaults.overflow
         self.handle_timeout: float = spec.handle_timeout or defaults.handle_timeout
@@ -198,7 +201,7 @@ class AgentCell(Child):
         # A parked agent with an empty mailbox is left asleep: nothing can reach it any
         # more (sends are refused once the kernel is stopping), and the stop that comes
         # in its turn wakes it once (one wake per agent, not two, at a million agents).
-        if self.cancel_after_grace:
+        if self.cancel_after_grace and self._suspended:
             self.cancel_current(DeadLetterReason.SHUTDOWN)
 
     def cancel_current(self, reason: DeadLetterReason) -> bool:
@@ -221,7 +224,7 @@ class AgentCell(Child):
         )
 
     def stops_quietly(self) -> bool:
-        return self.spec.stops_quietly
+        return self.quiet_stop
 
     def starts_quietly(self) -> bool:
         return self.lazy
@@ -299,7 +302,7 @@ class AgentCell(Child):
                     self.name,
                     detail="cancelled while being handled",
                 )
-            if not self.spec.stops_quietly:
+            if not self.quiet_stop:
                 # Only an on_stop of the user's gets its shielded scope (a scope costs
                 # more than the rest of a quiet agent's exit).
                 with trio.CancelScope(shield=True) as scope:

@@ -233,6 +233,8 @@ class Ledger:
         ``final``: it stopped for good. Its monitors of others end with it (as in Erlang
         and Akka: a monitor belongs to the watcher's lifetime), and so do the ones on it.
         """
+        if not self._monitors and not self._watching:
+            return  # no monitor in the whole kernel (most stops)
         if final:
             watchers = self._monitors.pop(target, None)
             for watched in self._watching.pop(target, ()):

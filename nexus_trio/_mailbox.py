@@ -161,7 +161,7 @@ class Mailbox:
         Cancellation while waiting (e.g. the send deadline) leaves the message *not*
         enqueued. A producer still waiting when the mailbox is closed is admitted by
         :meth:`close` (which hands its message back with the rest); a put after the close
-        raises ``trio.ClosedResourceError``.
+        raises ``trio.BrokenResourceError``.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         if self.try_put(msg):
@@ -292,18 +292,26 @@ class Mailbox:
         send = self._send
         if send is not None and self._receiver_parked and not self.depth:
             self._receiver_parked = False
-            # Parked, unless its wait was just aborted (its run cancelled in this tick,
-            # the task not resumed yet): a None sent then would be buffered, taken later
-            # as a message, and leave the depth one short of what the channel holds.
-            if send.statistics().tasks_waiting_receive:
-                send.send_nowait(None)
+            send.send_nowait(None)
+            # Handed to the consumer, unless its wait was just aborted (its run cancelled
+            # in this tick, the task not resumed yet): then the None went into the empty
+            # buffer, and is taken back out at once, or it would be taken later as a
+            # message and leave the depth one short of what the channel holds. (Cheaper
+            # than asking first: the channel's statistics() builds an object.)
+            assert self._receive is not None
+            try:
+                self._receive.receive_nowait()
+            except trio.WouldBlock:  # handed over: the common case
+                return
 
     def close(self) -> list[Message]:
         """The agent is gone for good: take what is left (queued messages, then those of
-        the producers still waiting, in their order), then close both ends."""
+        the producers still waiting, in their order), then close the receive end."""
         items = self.take_all()
         # A channel that was never opened stays so: the address is unrouted by now.
-        if self._receive is not None and self._send is not None:
+        # Closing the receive end is enough: a put after it raises
+        # ``trio.BrokenResourceError`` (the send end's close would cost as much again,
+        # at every agent's stop, and change nothing).
+        if self._receive is not None:
             self._receive.close()
-            self._send.close()
         return items

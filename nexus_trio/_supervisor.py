@@ -25,7 +25,6 @@ processes, remote agents) are supervised by the same code.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import random
@@ -153,10 +152,6 @@ class Supervisor:
     name: str | None = None
     restart: RestartType = attrs.field(default=RestartType.PERMANENT, converter=to_restart)
     shutdown_timeout: float = attrs.field(default=math.inf, validator=_non_negative)
-
-
-def _quiet(child: Child) -> bool:
-    return child.stops_quietly()
 
 
 class Escalation(Exception):
@@ -716,7 +711,8 @@ class SupervisorNode(Child, ChildOwner):
 
     async def _stop_child(self, child: Child) -> None:
         """Stop one running child: its linked children first, then it, within its timeout."""
-        await self._stop_linked(child, "parent_stopped")
+        if child.linked_children:
+            await self._stop_linked(child, "parent_stopped")
         child.terminating = True
         child.dormant = False
         done = child.done
@@ -757,16 +753,18 @@ class SupervisorNode(Child, ChildOwner):
         each.
         """
         children = [c for c in reversed(list(self.children)) if not c.retired]
+        quiet = [c.stops_quietly() for c in children]
         for i, child in enumerate(children):
             if child.retired:
                 continue
-            first_of_quiet_run = child.stops_quietly() and (
-                i == 0 or not children[i - 1].stops_quietly()
-            )
-            if first_of_quiet_run:
-                for quiet in itertools.takewhile(_quiet, children[i:]):
-                    if quiet.running and not quiet.linked_children:
-                        quiet.request_stop()
+            if quiet[i] and (i == 0 or not quiet[i - 1]):
+                # the first of a run of quiet children: ask the whole run at once
+                for j in range(i, len(children)):
+                    if not quiet[j]:
+                        break
+                    other = children[j]
+                    if other.running and not other.linked_children:
+                        other.request_stop()
             await self._stop_child(child)
 
     def _retire_with_linked(self, child: Child, reason: str) -> None:

@@ -249,9 +249,9 @@ async def test_close_hands_back_everything_and_refuses_later_puts(
     assert outcome == {"w1": "entered", "w2": "entered"}
     assert (mailbox.depth, mailbox.waiting) == (0, 0)
     # A closed mailbox refuses further puts: with room or waiting for it.
-    with pytest.raises(trio.ClosedResourceError):
+    with pytest.raises(trio.BrokenResourceError):
         mailbox.try_put(message("after close"))
-    with pytest.raises(trio.ClosedResourceError):
+    with pytest.raises(trio.BrokenResourceError):
         await mailbox.put_waiting(message("after close"))
     assert mailbox.waiting == 0
     assert mailbox.take_all() == []
