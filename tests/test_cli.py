@@ -302,6 +302,57 @@ def test_the_summary_table_prints_program_commands_and_names_as_written(isolated
     assert "./b [/]: did not start: exit [1]" in out
 
 
+def test_the_summary_table_gives_each_spawned_programs_traffic_and_troubles(isolated):
+    """The bridge's counters of a spawned program were only in ``--json``: the table now
+    says frames each way, the problem counters that are not 0 and the last exit."""
+    import json
+
+    from rich.console import Console
+
+    from nexus_trio.cli._view import summary_table
+
+    result = invoke(["run", "-n", "10", "-d", "0.1", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    zero = {"lines_in": 0, "lines_out": 0, "invalid_lines": 0, "late_responses": 0}
+    summary["spawned"] = [
+        {
+            "name": "calc",
+            "command": "python3 calc.py",
+            "registered": True,
+            "registered_as": "calc",
+            "starts": 2,
+            "last_exit": -15,
+            "counts": {
+                **zero,
+                "lines_out": 1234,
+                "lines_in": 1230,
+                "invalid_lines": 3,
+                "late_responses": 1,
+                "starts": 2,
+            },
+        },
+        {
+            "name": "never",
+            "command": "./never",
+            "registered": False,
+            "problem": "not found",
+            "starts": 0,
+            "counts": zero,
+        },
+    ]
+    console = Console(record=True, width=200)
+    console.print(summary_table(summary))
+    lines = console.export_text().splitlines()
+    (row,) = [i for i, line in enumerate(lines) if "python3 calc.py: registered as" in line]
+    expected = (
+        "frames: 1,234 out, 1,230 in · invalid lines 3 · late answers 1 · last exit status -15"
+    )
+    assert " ".join(lines[row + 1].split()) == expected
+    (never,) = [i for i, line in enumerate(lines) if "./never: did not start" in line]
+    assert "frames" not in lines[never + 1]
+
+
 APP_MODULE = """
     import trio
     from nexus_trio import agent

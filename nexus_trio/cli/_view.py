@@ -220,6 +220,9 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
     table.add_row("run", Text(_run_kind(summary)))
     for program in summary.get("spawned") or ():
         table.add_row(Text("  " + str(program["name"])), Text(_spawned_text(program)))
+        traffic = _bridge_counts_text(program)
+        if traffic:
+            table.add_row("", Text(traffic))
     table.add_row("stopped by", Text(str(summary["stopped_by"])))
     if summary.get("error"):
         table.add_row("error", Text(str(summary["error"]), style="bold red"))
@@ -354,6 +357,37 @@ def _run_kind(summary: Mapping[str, Any]) -> str:
     what = " + ".join(parts) or agents
     workers = summary.get("workers")
     return f"{workers} workers: {what}" if workers else what
+
+
+#: a process agent's counters that say something went wrong, as the summary names them
+_BRIDGE_PROBLEMS: Final = (
+    ("invalid_lines", "invalid lines"),
+    ("oversized_lines", "oversized lines"),
+    ("late_responses", "late answers"),
+    ("unmatched_responses", "unmatched answers"),
+    ("abandoned", "abandoned"),
+    ("replaced", "replaced"),
+    ("sends_failed", "sends refused"),
+    ("pings_missed", "pings missed"),
+    ("unserialisable", "unserialisable"),
+    ("stderr_lines_not_logged", "stderr lines not logged"),
+    ("descendants_killed", "descendants killed"),
+)
+
+
+def _bridge_counts_text(program: Mapping[str, Any]) -> str:
+    """A spawned program's traffic and troubles from its bridge's counters (``counts``
+    in ``--json``): frames each way, the problem counters that are not 0, the last exit
+    status. Empty when the program never started."""
+    counts = program.get("counts") or {}
+    if not counts or not program.get("starts"):
+        return ""
+    parts = [f"frames: {counts.get('lines_out', 0):,} out, {counts.get('lines_in', 0):,} in"]
+    parts += [f"{label} {n:,}" for key, label in _BRIDGE_PROBLEMS if (n := counts.get(key))]
+    last_exit = program.get("last_exit")
+    if last_exit is not None:
+        parts.append(f"last exit status {last_exit}")
+    return " · ".join(parts)
 
 
 def _spawned_text(program: Mapping[str, Any]) -> str:
