@@ -2622,23 +2622,38 @@ async def test_a_reply_the_cancel_came_too_late_for_is_dead_lettered_where_it_is
 
 
 async def test_a_reply_that_crosses_after_the_timeout_is_a_late_reply_on_the_callers_side(
-    nats: NatsServer,
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gate = trio.Event()
+    held: list[tuple[Any, Any]] = []
+    arrived = trio.Event()
+    original = Cluster._requester_gone
+    crossing: list[Cluster] = []
+
+    def cancel_crosses_the_reply(self: Cluster, query_id: Any, to: Any) -> None:
+        if self in crossing:
+            held.append((query_id, to))  # read by b only after its reply left
+            arrived.set()
+            return
+        original(self, query_id, to)
+
+    monkeypatch.setattr(Cluster, "_requester_gone", cancel_crosses_the_reply)
     async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+        crossing.append(cb)
         ref = kb.spawn(agent(_stubborn(gate), name="stubborn"))
         await cb.serve_type("stubborn", ref)
         async with ka.dead_letters() as letters:
             with trio.fail_after(30):
-                # a request to a type (any replica) cannot be cancelled remotely: which
-                # node took it is unknown to the requester, so the reply comes anyway
                 with pytest.raises(RequestTimeout):
                     await ka.request("type:stubborn", 1, timeout=0.3)
+                await arrived.wait()  # a's cancel reached b, which has not read it yet
                 gate.set()
                 late = await anext(aiter(letters))
+                crossing.clear()
+                original(cb, *held[0])  # read at last: nothing to cancel any more
     assert late.reason.value == "late_reply"
     assert late.message.payload == "late"
-    assert ca.stats().cancels_sent == 0
+    assert (ca.stats().cancels_sent, cb.stats().cancels_received) == (1, 1)
 
 
 async def test_a_reply_after_its_request_failed_with_the_node_lost_is_a_late_reply(

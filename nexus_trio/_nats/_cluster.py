@@ -273,8 +273,9 @@ class ClusterStats:
     #: node batches sent / received (each carries many tells)
     batches_published: int = 0
     batches_received: int = 0
-    #: remote cancellations sent (a request here timed out or its caller was cancelled)
-    #: and received (a handler here was asked to stop)
+    #: remote cancel frames sent (a request here timed out or its caller was cancelled;
+    #: one per reachable node for a request to a type) and received (a handler here
+    #: was asked to stop; for a type, also by a node none of whose replicas took it)
     cancels_sent: int = 0
     cancels_received: int = 0
     #: answers and error frames passed on to the requester on another node of a query
@@ -451,6 +452,9 @@ class Cluster:
         # queries to a type (a queue group: which replica takes one is unknown when it
         # leaves), counted for the process that answers, when its answer comes (bounded)
         self._type_queries: OrderedDict[uuid.UUID, bool] = OrderedDict()
+        # responder side: queries to a type taken here -> the local replica they went to,
+        # so that their requester's cancel (sent to every node) finds the handler
+        self._type_taken: OrderedDict[uuid.UUID, uuid.UUID] = OrderedDict()
         self._types: dict[str, list[uuid.UUID]] = {}
         # messages from NATS waiting for room in a full local mailbox, per recipient
         # (with the stream of a batched tell: it is credited once it leaves)
@@ -854,21 +858,48 @@ class Cluster:
     def cancel_query(self, query_id: uuid.UUID, to: Address) -> None:
         """The requester stopped waiting: a cancel frame goes to the node the query went
         to, in its next batch, and cancels the handler there (``TransportHandle.cancel_query``).
-        Best effort and never raises: a query to a type (a queue group: which replica took
-        it is unknown here) or to a node now unreachable is not cancelled; the handler
-        then runs to its own deadline and a reply is dead-lettered ``late_reply`` here."""
+        A query to a type (a queue group: which replica took it is unknown here) is
+        cancelled on every reachable node, and here if a replica here took it; a node
+        where no replica took it ignores the frame. Best effort and never raises: a
+        query to a node now unreachable is not cancelled; the handler then runs to its
+        own deadline and a reply is dead-lettered ``late_reply`` here."""
         asked = self._outstanding.pop(query_id, None)
         if asked is None or self._closing:
             return
         node = asked[1]
+        if node.startswith(wire.TYPE_PREFIX):
+            self._cancel_type_query(query_id, to)
+            return
         info = self.members.members.get(node)
         if info is None or not info.reachable:
             return
-        stream = (node, info.id_prefix)
+        self._send_cancel(node, info.id_prefix, query_id, to)
+
+    def _send_cancel(self, node: str, id_prefix: int, query_id: uuid.UUID, to: Address) -> None:
+        stream = (node, id_prefix)
         link = self._links.get(stream) or self._new_link(stream)
         link.add_cancel(query_id, to)
         self._cancels_sent += 1
         self._want_flush(link)
+
+    def _cancel_type_query(self, query_id: uuid.UUID, to: Address) -> None:
+        """Cancel query ``query_id`` to type address ``to`` wherever a replica took it: a
+        frame to every other reachable node (those without it ignore it), and the
+        handler here if a replica here took it (NATS handed the query back to this
+        node's own queue subscription)."""
+        for node, info in list(self.members.members.items()):
+            if node != self.node and info.reachable:
+                self._send_cancel(node, info.id_prefix, query_id, to)
+        self._cancel_taken_type_query(query_id)
+
+    def _cancel_taken_type_query(self, query_id: uuid.UUID) -> None:
+        """If a replica here took query ``query_id`` to a type, cancel its handler."""
+        replica = self._type_taken.pop(query_id, None) if self._type_taken else None
+        if replica is None:
+            return
+        self._take_route(query_id)  # nobody waits for its answer any more
+        if self.handle is not None:
+            self.handle.cancel_query(query_id, replica)
 
     def query_failed(self, query_id: uuid.UUID, error: BaseException) -> None:
         """Query ``query_id`` from a remote requester will get no answer (dead-lettered
@@ -883,6 +914,8 @@ class Cluster:
         """Forget the requester on another node of query ``query_id``: the reply subject
         it gave (None if none is kept), and whether it asked in the kernel's JSON form."""
         subject = self._reply_routes.pop(query_id, None)
+        if self._type_taken:
+            self._type_taken.pop(query_id, None)
         return subject, bool(self._json_requests and self._json_requests.pop(query_id, 0))
 
     # --- node batches (sending side; see _batch) ----------------------------------------------
@@ -1782,12 +1815,20 @@ class Cluster:
         and, if a handler here sent the query on to another node (a router agent), the
         cancel goes on there (see :meth:`cancel_query`). Nothing goes back to that
         requester any more: an answer that comes anyway is a late reply here."""
+        to_type = isinstance(to, str) and to.startswith(wire.TYPE_PREFIX)
+        # Sent to every node (see _cancel_type_query): only the node whose replica took
+        # the query has a handler to cancel (read before _take_route forgets it).
+        replica = self._type_taken.pop(query_id, None) if to_type and self._type_taken else None
         self._take_route(query_id)
         # first: for an address not here, the kernel asks this transport to cancel the
         # query where it went, with that address, not the one it was sent on to
         sent_on = self._outstanding.get(query_id)
         if sent_on is not None:
             self.cancel_query(query_id, sent_on[0])
+        if to_type:
+            if replica is not None and self.handle is not None:
+                self.handle.cancel_query(query_id, replica)
+            return
         if self.handle is not None:
             self.handle.cancel_query(query_id, to)
 
@@ -2208,6 +2249,8 @@ class Cluster:
                 self._refuse(m, msg, AgentNotFound(msg.to))
                 return None
             msg = msg.evolve(to=replica)
+            if m.reply and msg.kind is _QUERY:
+                self._remember(self._type_taken, msg.id, replica)
         if m.data[:1] == b"{" and m.reply:
             self._remember(self._json_requests, msg.id, 1)
         return msg

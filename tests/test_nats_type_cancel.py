@@ -1,0 +1,123 @@
+"""Remote cancellation of a request to an agent *type* (a NATS queue group).
+
+Which replica takes such a query is not known to its requester, so a requester that
+stops waiting sends its cancel to every reachable node; the node whose replica took the
+query cancels that handler (dead letter ``request_timeout``), the others ignore it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+from nexus_trio import (
+    Config,
+    Context,
+    Kernel,
+    KernelConfig,
+    Message,
+    RequestTimeout,
+    agent,
+    open_kernel,
+)
+from nexus_trio._nats import Cluster, NatsServer, join_cluster, type_address
+
+from .nats_server import PATIENT
+
+
+@asynccontextmanager
+async def _node(url: str, name: str) -> AsyncIterator[tuple[Kernel, Cluster]]:
+    config = Config(kernel=KernelConfig(request_timeout_ms=5000, handle_timeout_ms=60000))
+    async with (
+        open_kernel(config) as kernel,
+        join_cluster(kernel, url, name, options=PATIENT) as cluster,
+    ):
+        yield kernel, cluster
+        await kernel.shutdown()
+
+
+def _cancellable(started: trio.Event, cancelled: list[Any]) -> Any:
+    async def handle(ctx: Context, msg: Message) -> Any:
+        started.set()
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            cancelled.append(msg.id)
+            raise
+
+    return handle
+
+
+async def _until(check: Any) -> None:
+    """Poll ``check()`` (state of the nodes that no event announces); the callers bound it."""
+    while True:
+        if check():
+            return
+        await trio.sleep(0.02)
+
+
+async def _wait_members(cluster: Cluster, *nodes: str) -> None:
+    await _until(lambda: set(nodes) <= {m.node for m in cluster.member_list()})
+
+
+@pytest.mark.parametrize("replica_on", ["b", "a"])
+async def test_a_request_to_a_type_that_times_out_cancels_the_replica_that_took_it(
+    nats: NatsServer, replica_on: str
+) -> None:
+    """The replica is on another node (``b``) or on the requester's own node (``a``:
+    NATS hands the query back to a's own queue subscription). Before, neither handler
+    was cancelled: it ran on to its own handle timeout (here a minute)."""
+    started = trio.Event()
+    cancelled: list[Any] = []
+    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+        kernel, cluster = (kb, cb) if replica_on == "b" else (ka, ca)
+        other = kb if replica_on == "a" else ka
+        ref = kernel.spawn(agent(_cancellable(started, cancelled), name="slow-1"))
+        await cluster.serve_type("slow", ref)
+        async with kernel.dead_letters() as letters:
+            with trio.fail_after(30):
+                await _wait_members(ca, "b")
+                await _wait_members(cb, "a")
+                with pytest.raises(RequestTimeout) as timed_out:
+                    await ka.request(type_address("slow"), "work", timeout=1.0)
+                assert started.is_set()
+                await _until(lambda: bool(cancelled))
+                letter = await anext(aiter(letters))
+        other_dead = other.stats().dead_lettered
+    query_id = timed_out.value.request_id
+    assert cancelled == [query_id]
+    assert (letter.reason.value, letter.message.id) == ("request_timeout", query_id)
+    # one frame to the one other node, whichever holds the replica
+    assert ca.stats().cancels_sent == 1
+    assert cb.stats().cancels_received == 1
+    # the node without the replica ignored the frame: nothing dead-lettered there
+    assert other_dead == 0
+
+
+async def test_a_type_cancel_reaches_the_replica_among_three_nodes_and_no_other(
+    nats: NatsServer,
+) -> None:
+    """a asks type ``slow``, served only on c: b gets the cancel frame too and ignores it."""
+    started = trio.Event()
+    cancelled: list[Any] = []
+    async with (
+        _node(nats.url, "c") as (kc, cc),
+        _node(nats.url, "b") as (kb, cb),
+        _node(nats.url, "a") as (ka, ca),
+    ):
+        ref = kc.spawn(agent(_cancellable(started, cancelled), name="slow-c"))
+        await cc.serve_type("slow", ref)
+        with trio.fail_after(30):
+            await _wait_members(ca, "b", "c")
+            with pytest.raises(RequestTimeout) as timed_out:
+                await ka.request(type_address("slow"), "work", timeout=1.0)
+            await _until(lambda: bool(cancelled) and cb.stats().cancels_received >= 1)
+        b_dead, c_dead = kb.stats().dead_lettered, kc.stats().dead_lettered
+    assert cancelled == [timed_out.value.request_id]
+    assert ca.stats().cancels_sent == 2  # one frame to each other node
+    assert (cb.stats().cancels_received, cc.stats().cancels_received) == (1, 1)
+    assert (b_dead, c_dead) == (0, 1)  # c: the cancelled query (request_timeout)
