@@ -607,12 +607,13 @@ async def test_a_failure_of_an_earlier_delivery_leaves_the_redelivery_alone(
     queued: list[int] = []  # the mailbox depth when the first delivery failed
     handled = trio.Event()
     marker = trio.Event()
-    # the handler times out after the redelivery came (ack_wait), before that one's
-    # ack_wait is over too (a redelivery queued that long is delivered again)
-    durable = DurableOptions(ack_wait=2.0, max_deliver=5, redelivery_delay=0.05)
+    # the handler times out after the redelivery came (ack_wait), well before that one's
+    # ack_wait is over too (a redelivery queued that long is delivered again): 1.8 s to
+    # spare, so that a stall of the process does not make a third delivery
+    durable = DurableOptions(ack_wait=3.0, max_deliver=5, redelivery_delay=0.05)
     async with local_node(nats.url, durable=durable) as (kernel, cluster):
 
-        @agent(name="slow-then-fails-a", handle_timeout=3.0)
+        @agent(name="slow-then-fails-a", handle_timeout=4.0)
         async def slow_then_fails(ctx: Context, msg: Message) -> Any:
             if msg.payload == "marker":
                 marker.set()
