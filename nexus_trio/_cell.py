@@ -105,7 +105,6 @@ class AgentCell(Child):
         "nursery",
         "overflow",
         "parked",
-        "quiet_stop",
         "received",
         "router",
         "run_failures",
@@ -138,8 +137,6 @@ class AgentCell(Child):
         self.ledger = ledger
         self.spec = spec
         self.lazy = spec.starts_lazily
-        #: no ``on_stop`` of the user's (read at every stop: kept, not recomputed)
-        self.quiet_stop = spec.stops_quietly
         self.mailbox = Mailbox(spec.mailbox_capacity or defaults.mailbox_capacity, high_water)
         self.overflow = spec.overflow or defaults.overflow
         self.handle_timeout: float = spec.handle_timeout or defaults.handle_timeout
@@ -224,7 +221,7 @@ class AgentCell(Child):
         )
 
     def stops_quietly(self) -> bool:
-        return self.quiet_stop
+        return self.spec.stops_quietly
 
     def starts_quietly(self) -> bool:
         return self.lazy
@@ -302,7 +299,7 @@ class AgentCell(Child):
                     self.name,
                     detail="cancelled while being handled",
                 )
-            if not self.quiet_stop:
+            if not self.spec.stops_quietly:
                 # Only an on_stop of the user's gets its shielded scope (a scope costs
                 # more than the rest of a quiet agent's exit).
                 with trio.CancelScope(shield=True) as scope:
