@@ -40,7 +40,7 @@ from nexus_trio._nats import Cluster, NatsServer, cluster_of, join_cluster, type
 from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import call_aio
 
-from .nats_server import FAST, NodeProcess, nats_cluster, node_config
+from .nats_server import FAST, PATIENT, NodeProcess, nats_cluster, node_config
 
 
 @asynccontextmanager
@@ -816,6 +816,55 @@ async def test_a_node_starved_without_pause_still_judges_a_silent_peer_lost(
                 await trio.lowlevel.checkpoint()
             assert cluster.stats().nodes_lost == 1
             assert not {info.node: info for info in cluster.member_list()}["b"].reachable
+
+
+@agent(name="far")
+async def _far(ctx: Context, msg: Message) -> Any:
+    return ["far", msg.payload]
+
+
+async def test_a_task_started_before_the_join_can_use_the_cluster(nats: NatsServer) -> None:
+    """Regression: a Trio task started outside the ``join_cluster`` block (a producer
+    started before the join) has no asyncio loop in its context; a send to a name not
+    known yet (looked up in KV), ``wait_for_name`` and placing an agent raised
+    AttributeError ('NoneType' object has no attribute 'run_aio_coroutine') there, and a
+    placement record was not written. They run on the node's loop, as from inside."""
+    outcomes: list[Any] = []
+
+    async def outside(kernel: Kernel, joined: trio.Event, done: trio.Event) -> None:
+        await joined.wait()
+        cluster = cluster_of(kernel)
+        assert cluster is not None
+        try:
+            with pytest.raises(AgentNotFound, match="nobody-anywhere"):
+                await kernel.send("nobody-anywhere", 1)
+            outcomes.append(await cluster.wait_for_name("far-b"))
+            outcomes.append(await kernel.request("far-b", 2, timeout=10))
+            placed = await cluster.spawn("far", name="placed-far", node="a")
+            outcomes.append(placed.node)
+            outcomes.append(await kernel.request("placed-far", 3, timeout=10))
+        finally:
+            done.set()
+
+    async with open_kernel(node_config()) as ka, trio.open_nursery() as nursery:
+        joined, done = trio.Event(), trio.Event()
+        nursery.start_soon(outside, ka, joined, done)  # before any join: no asyncio loop
+        async with (
+            open_kernel(node_config()) as kb,
+            join_cluster(kb, nats.url, "b", options=PATIENT) as cb,
+            join_cluster(ka, nats.url, "a", options=PATIENT) as ca,
+        ):
+            ca.register_type("far", _far)
+            kb.spawn(_far, name="far-b")
+            await cb.names_published()
+            joined.set()
+            with trio.fail_after(20):
+                await done.wait()
+            assert ca.stats().records_unwritten == 0
+            await ka.shutdown()
+            await kb.shutdown()
+    assert outcomes[0][0] == "b"
+    assert outcomes[1:] == [["far", 2], "a", ["far", 3]]
 
 
 async def test_a_killed_node_is_reported_lost_then_forgotten(nats: NatsServer) -> None:

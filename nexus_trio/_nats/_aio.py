@@ -22,8 +22,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any, Generic, TypeVar, final
 
 import trio
@@ -44,6 +44,31 @@ async def call_aio(fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -
     """
     result: T = await trio_asyncio.aio_as_trio(fn)(*args, **kwargs)
     return result
+
+
+def current_aio_loop() -> Any:
+    """The asyncio loop of the calling Trio task (None outside :func:`asyncio_loop`)."""
+    return trio_asyncio.current_loop.get()
+
+
+@contextmanager
+def on_loop(loop: Any) -> Iterator[None]:
+    """Make ``loop`` the calling Trio task's asyncio loop for the block.
+
+    A task started outside the block of :func:`asyncio_loop` (a producer started before
+    the kernel joined the cluster) has no loop in its context, or another node's: there
+    :func:`call_aio` raised AttributeError, or ran the node's coroutine on the other
+    loop. The node's public entry points that await asyncio (a KV lookup of a name, a
+    placement) run under this, on their own node's loop, whichever task calls them.
+    """
+    if trio_asyncio.current_loop.get() is loop:
+        yield
+        return
+    token = trio_asyncio.current_loop.set(loop)
+    try:
+        yield
+    finally:
+        trio_asyncio.current_loop.reset(token)
 
 
 @asynccontextmanager

@@ -84,7 +84,7 @@ from .._throttle import Throttle
 from . import _batch as batch
 from . import _direct as direct
 from . import _wire as wire
-from ._aio import Inbox, Outbox, asyncio_loop, call_aio
+from ._aio import Inbox, Outbox, asyncio_loop, call_aio, current_aio_loop, on_loop
 from ._auth import NatsAuth, install_redaction, redact, split_credentials
 from ._durable import DurableChannel, DurableOptions
 from ._membership import (
@@ -369,6 +369,9 @@ class Cluster:
         self.options = options
         self.prefix = options.prefix
         self.id_prefix = process_id_prefix()
+        #: the asyncio loop this node's NATS clients run on (built inside asyncio_loop());
+        #: the entry points a task outside the join block may call run on it (on_loop)
+        self._aio_loop = current_aio_loop()
         self._nc: NatsClient | None = None
         self._ctl: NatsClient | None = None
         self._js: JetStreamContext | None = None
@@ -2555,7 +2558,8 @@ class Cluster:
                 return None, "DEL", None if deleted is None else deleted.revision
             return entry.value, entry.operation, entry.revision
 
-        value, op, revision = await call_aio(get)
+        with on_loop(self._aio_loop):  # (the caller may be a task outside the join block)
+            value, op, revision = await call_aio(get)
         self._apply_name_entry(wire.name_key(name), value, op, revision)
 
     async def wait_for_name(self, name: str, timeout: float = 5.0) -> tuple[str, uuid.UUID]:
@@ -2820,6 +2824,10 @@ class Cluster:
         replica in the cluster (a NATS queue group; on a node, replicas take turns).
         The replica is removed when the agent stops.
         """
+        with on_loop(self._aio_loop):
+            await self._serve_type(type_name, agent)
+
+    async def _serve_type(self, type_name: str, agent: Any) -> None:
         wire.check_token("agent type", type_name)
         agent_id: uuid.UUID = getattr(agent, "id", agent)
         if not self.kernel.is_local(agent_id):
@@ -2871,7 +2879,10 @@ class Cluster:
         timeout: float | None = None,
     ) -> Message:
         """Send at least once through JetStream; see :class:`DurableChannel.send`."""
-        return await self.durable.send(to, payload, sender=sender, msg_id=msg_id, timeout=timeout)
+        with on_loop(self._aio_loop):
+            return await self.durable.send(
+                to, payload, sender=sender, msg_id=msg_id, timeout=timeout
+            )
 
     # --- membership --------------------------------------------------------------------------
 
@@ -3250,7 +3261,8 @@ class Cluster:
 
     async def announce(self) -> None:
         """Publish this node's record (its counters) now, not at the next heartbeat."""
-        await self._heartbeat_once()
+        with on_loop(self._aio_loop):
+            await self._heartbeat_once()
 
     # --- placement (see _placement) ------------------------------------------------------------
 
@@ -3263,12 +3275,14 @@ class Cluster:
     ) -> PlacedAgent:
         """Spawn an agent of a registered type on the member that owns ``name`` (or
         on ``node``); see ``Placement.spawn`` and docs/distributed.md."""
-        return await self.placement.spawn(type_name, name=name, node=node, timeout=timeout)
+        with on_loop(self._aio_loop):
+            return await self.placement.spawn(type_name, name=name, node=node, timeout=timeout)
 
     async def rebalance(self) -> list[str]:
         """Move this node's hash-placed agents to the members that now win them (after
         members joined); the names moved. See ``Placement.rebalance``."""
-        return await self.placement.rebalance()
+        with on_loop(self._aio_loop):
+            return await self.placement.rebalance()
 
     @property
     def closing(self) -> bool:
