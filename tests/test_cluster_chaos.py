@@ -574,7 +574,7 @@ def shared_nats() -> Iterator[NatsServer]:
         yield servers[0]
 
 
-@fault_settings(6 * SCALE)
+@fault_settings(30 * SCALE)
 @given(program=programs)
 def test_cluster_chaos_programs_keep_their_books(
     shared_nats: NatsServer, program: tuple[Any, ...]
