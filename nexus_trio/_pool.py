@@ -32,7 +32,7 @@ import trio
 
 from ._agent import Agent, AgentRef, AgentSpec, Behaviour, Context, Handler, as_spec
 from ._deadletter import DeadLetterReason
-from ._errors import AgentNotFound, AgentStopped, MessageFailed, NexusError, RequestFailed
+from ._errors import AgentNotFound, MessageFailed, NexusError, RequestFailed
 from ._message import Message, MessageKind
 from ._supervisor import Supervisor
 
@@ -520,14 +520,15 @@ class _PoolRouter(Agent):
             if not stopped and request.kind is MessageKind.QUERY:
                 # The pool stops (or its supervisor restarts it) before the removed
                 # workers are gone: no answer will come, so the requester hears it now,
-                # not at the end of its timeout, on this node or another.
+                # not at the end of its timeout, on this node or another. As for a query
+                # still queued at an agent that stops: the reason, and no error (a
+                # RequestFailed's error is a handler's exception; none was raised).
                 kernel = ctx.kernel
                 reason = (
                     DeadLetterReason.SHUTDOWN if kernel.stopping else DeadLetterReason.AGENT_STOPPED
                 )
-                error = AgentStopped(ctx.id, ctx.name)
                 kernel.fail_query(
-                    request.id, RequestFailed(request.id, request.to, reason.value, error)
+                    request.id, RequestFailed(request.id, request.to, reason.value, None)
                 )
         if not stopped or request.kind is not MessageKind.QUERY:
             return
