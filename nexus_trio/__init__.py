@@ -24,6 +24,7 @@ from ._config import SupervisionConfig as SupervisionConfig
 from ._deadletter import DeadLetter as DeadLetter
 from ._deadletter import DeadLetterReason as DeadLetterReason
 from ._errors import AgentNotFound as AgentNotFound
+from ._errors import AgentNotRunning as AgentNotRunning
 from ._errors import KernelShuttingDown as KernelShuttingDown
 from ._errors import MailboxFull as MailboxFull
 from ._errors import MessageDecodeError as MessageDecodeError
@@ -66,6 +67,7 @@ __all__ = [
     "SYSTEM_ID",
     "Agent",
     "AgentNotFound",
+    "AgentNotRunning",
     "AgentRef",
     "AgentScan",
     "AgentSpec",

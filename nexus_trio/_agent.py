@@ -22,6 +22,7 @@ from ._child import Directive as Directive
 from ._child import RestartType as RestartType
 from ._child import enum_member, to_restart
 from ._config import OverflowPolicy
+from ._errors import AgentNotRunning
 from ._logfields import log_fields as log_fields
 from ._message import Address, Message, MessageKind, new_message, new_query
 
@@ -455,10 +456,11 @@ class Context:
 
         ``ctx.nursery.start_soon(fn, *args)``; its tasks are cancelled when the agent
         stops or restarts, and an exception in one of them fails the agent.
+        :class:`AgentNotRunning` outside a run (e.g. once the agent has stopped).
         """
         nursery: trio.Nursery | None = self._cell.nursery
         if nursery is None:
-            raise RuntimeError(f"agent {self.name or self.id} is not running: it has no nursery")
+            raise AgentNotRunning(self.id, self.name, "is not running: it has no nursery")
         return nursery
 
     @property
@@ -538,7 +540,11 @@ class Context:
         self, target: AgentSpec | Supervisor | Handler | type[Any], *, name: str | None = None
     ) -> AgentRef:
         """Spawn an agent linked to this one: it stops before this agent does, and when
-        this run ends (a restart starts without it)."""
+        this run ends (a restart starts without it).
+
+        :class:`AgentNotRunning` once this agent has stopped for good (a context kept
+        past its agent's stop); :class:`KernelShuttingDown` once the kernel stops its
+        tree."""
         return self._spawn_linked(target, name, self._cell)
 
     def stop(self) -> None:

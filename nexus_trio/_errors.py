@@ -60,6 +60,21 @@ class KernelShuttingDown(NexusError):
         super().__init__(f"kernel is shutting down: {what} refused")
 
 
+class AgentNotRunning(NexusError, RuntimeError):
+    """The agent a :class:`Context` belongs to is not running, and what was asked of the
+    context needs it to: ``ctx.spawn`` once the agent has stopped for good (a linked child
+    needs a running parent), ``ctx.nursery`` outside a run. A RuntimeError, as Trio's for
+    a nursery closed to new arrivals: the context outlived its agent (kept in a closure,
+    another agent or a task outside the agent's nursery)."""
+
+    def __init__(self, agent_id: uuid.UUID, name: str | None, problem: str) -> None:
+        self.agent_id = agent_id
+        self.name = name
+        self.problem = problem
+        who = f"{name!r} ({agent_id})" if name else str(agent_id)
+        super().__init__(f"agent {who} {problem}")
+
+
 class RequestTimeout(NexusError, TimeoutError):
     """No reply to request ``request_id`` arrived within ``timeout`` seconds."""
 

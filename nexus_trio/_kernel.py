@@ -45,7 +45,13 @@ from ._cell import AgentCell
 from ._child import Child
 from ._config import Config
 from ._deadletter import DeadLetter
-from ._errors import AgentNotFound, KernelShuttingDown, RequestFailed, SupervisorEscalation
+from ._errors import (
+    AgentNotFound,
+    AgentNotRunning,
+    KernelShuttingDown,
+    RequestFailed,
+    SupervisorEscalation,
+)
 from ._events import EventKind, LifecycleEvent
 from ._gc import HeapKeeper
 from ._ledger import Ledger
@@ -284,7 +290,12 @@ class Kernel:
             raise KernelShuttingDown("spawn")
         owner = parent.supervisor
         if parent.retired or not isinstance(owner, SupervisorNode):
-            raise KernelShuttingDown("spawn")
+            # a context kept past its agent's stop (the kernel runs on): say so
+            raise AgentNotRunning(
+                parent.id,
+                parent.name,
+                "has stopped: ctx.spawn refused (a linked child needs a running parent)",
+            )
         child = self._build(target, name)
         child.linked_parent = parent
         parent.add_linked(child)

@@ -20,12 +20,14 @@ from nexus_trio import (
     SYSTEM_ID,
     Agent,
     AgentNotFound,
+    AgentNotRunning,
     Backoff,
     Config,
     Context,
     DeadLetter,
     DeadLetterReason,
     Kernel,
+    KernelPhase,
     KernelShuttingDown,
     MailboxFull,
     MailboxStatistics,
@@ -959,6 +961,78 @@ async def test_agents_spawned_by_agents_stop_before_their_parent(autojump_clock:
         await kernel.stop(parent)
         assert [e for e in Recorder.log if e.startswith("stop")] == ["stop child", "stop parent"]
         assert [a.name for a in kernel.agents()] == ["bystander"]
+
+
+async def test_a_context_kept_past_its_agent_s_stop_says_so(autojump_clock: Any) -> None:
+    """Regression: ``ctx.spawn`` on the context of an agent that had stopped for good (kept
+    in a closure, a task outside its nursery, another agent) raised ``KernelShuttingDown``
+    ("kernel is shutting down: spawn refused") while the kernel ran on. It raises
+    ``AgentNotRunning`` naming the agent now, and nothing is spawned. ``ctx.nursery`` says
+    the same; ``ctx.send`` and ``ctx.request`` work as documented (from the agent's id)."""
+    kept: list[Context] = []
+
+    @agent
+    async def keeper(ctx: Context, msg: Message) -> Any:
+        kept.append(ctx)
+        return None
+
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(keeper, name="keeper")
+        kernel.spawn(echo, name="echo")
+        await kernel.send(ref, "keep your context")
+        await trio.testing.wait_all_tasks_blocked()
+        (ctx,) = kept
+        await kernel.stop(ref)
+        assert kernel.phase is KernelPhase.RUNNING
+        with pytest.raises(AgentNotRunning) as info:
+            ctx.spawn(noop, name="orphan")
+        error = info.value
+        assert (error.agent_id, error.name) == (ref.id, "keeper")
+        assert str(error) == (
+            f"agent 'keeper' ({ref.id}) has stopped: ctx.spawn refused"
+            " (a linked child needs a running parent)"
+        )
+        assert isinstance(error, RuntimeError) and not isinstance(error, KernelShuttingDown)
+        assert [a.name for a in kernel.agents()] == ["echo"]  # no orphan registered
+        with pytest.raises(AgentNotRunning, match=f"agent 'keeper' \\({ref.id}\\) is not running"):
+            ctx.nursery.start_soon(trio.sleep, 0)
+        # a send and a request still go, from the stopped agent's id (the kernel's rules)
+        assert await ctx.request("echo", 1) == {"echo": 1}
+        sent = await ctx.send("echo", 2)
+        assert sent.sender == ref.id
+        await trio.testing.wait_all_tasks_blocked()
+        # echo's answer to the tell has nobody to go to: counted, not lost
+        assert reasons(kernel)[-1] == ({"echo": 2}, DeadLetterReason.UNROUTABLE_REPLY)
+
+
+async def test_a_context_kept_from_an_agent_s_first_run_spawns_into_its_current_run(
+    autojump_clock: Any,
+) -> None:
+    """A context is the agent's, shared by its runs: the one its first run kept spawns,
+    after a restart, a child linked to the run that is going on (it stops with it)."""
+    kept: list[Context] = []
+
+    class Restarting(Agent):
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            kept.append(ctx)
+            if msg.payload == "fail":
+                raise RuntimeError("restart me")
+
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(Restarting, name="restarting")
+        await kernel.send(ref, "fail")
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send(ref, "after the restart")
+        await trio.testing.wait_all_tasks_blocked()
+        first, second = kept
+        assert first is second
+        child = first.spawn(noop, name="child")
+        await trio.testing.wait_all_tasks_blocked()
+        assert kernel.is_local(child)
+        await kernel.stop(ref)
+        assert not kernel.is_local(child)  # linked to the run that just ended
+        with pytest.raises(AgentNotRunning, match="has stopped"):
+            first.spawn(noop, name="child")
 
 
 # --- registry, names, stats ------------------------------------------------------------------------------
