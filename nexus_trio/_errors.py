@@ -8,19 +8,70 @@ which agent or message was concerned.
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from collections.abc import Collection
+from typing import Any, Final
 
 
 class NexusError(Exception):
     """Base class of every error raised by nexus_trio."""
 
 
-class AgentNotFound(NexusError, LookupError):
-    """No agent is registered under ``address`` (an id or a name)."""
+#: the most entries (ids and names) of a kernel's table an AgentNotFound looks through
+#: for a name near the one not found: difflib compares each, about 20 ms for 1,000
+#: similar names, a good part of a second for 10,000
+HINT_LIMIT: Final = 2_000
 
-    def __init__(self, address: uuid.UUID | str) -> None:
+_NO_HINT: Final = ""
+
+
+class AgentNotFound(NexusError, LookupError):
+    """No agent is registered under ``address`` (an id or a name).
+
+    Shown (``str``), a name not found is followed by the nearest registered name, if one
+    is near (``did you mean 'greeter'?``): looked for then, once, in ``known``, the
+    kernel's own table (kept, not copied: a failing send pays nothing for the hint), and
+    only in a table of at most 2,000 entries (``HINT_LIMIT``). ``args`` hold the message
+    without it; never for an id.
+    """
+
+    # (slots, not the instance dict: the table is neither pickled nor copied with it)
+    __slots__ = ("_hint", "_known")
+
+    def __init__(self, address: uuid.UUID | str, known: Collection[object] | None = None) -> None:
         self.address = address
+        #: the addresses the kernel knew (its live table, or None), for the hint
+        self._known = known
+        self._hint: str | None = None
         super().__init__(f"no agent is registered as {address!r}")
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        hint = getattr(self, "_hint", None)
+        if hint is None:
+            hint = self._hint = self._near_name()
+        return f"{text}; did you mean {hint!r}?" if hint else text
+
+    def _near_name(self) -> str:
+        # an error that was pickled or copied has its slots unset
+        known = getattr(self, "_known", None)
+        self._known = None  # looked at once: the table is not kept past it
+        address = self.address
+        if known is None or not isinstance(address, str) or len(known) > HINT_LIMIT:
+            return _NO_HINT
+        try:
+            uuid.UUID(address)
+        except ValueError:
+            pass
+        else:
+            return _NO_HINT  # an id as text: ids are not misspelt
+        import difflib
+
+        try:
+            names = [name for name in known if isinstance(name, str) and name != address]
+        except RuntimeError:  # changed while read (shown from another thread)
+            return _NO_HINT
+        near = difflib.get_close_matches(address, names, n=1)
+        return near[0] if near else _NO_HINT
 
 
 class NameTaken(NexusError, ValueError):

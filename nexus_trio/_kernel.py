@@ -357,9 +357,10 @@ class Kernel:
 
     def lookup(self, name: str) -> AgentRef:
         """The address of the live agent or supervisor called ``name``."""
-        node = self._router.names.get(name)
+        names = self._router.names
+        node = names.get(name)
         if node is None:
-            raise AgentNotFound(name)
+            raise AgentNotFound(name, names)
         return AgentRef(node.id, node.name)
 
     def agents(self) -> list[AgentRef]:
@@ -384,7 +385,7 @@ class Kernel:
         address = address_of(target)
         node = self._router.find(address)
         if node is None or node.retired:
-            raise AgentNotFound(address)
+            raise AgentNotFound(address, self._router.names)
         if node is self._root:
             raise ValueError("the root supervisor is stopped by shutdown(), not stop()")
         if isinstance(node, AgentCell):
@@ -575,7 +576,7 @@ class Kernel:
     def _mailbox_of(self, target: AgentRef | Address) -> Mailbox:
         node = self._router.find(address_of(target))
         if not isinstance(node, AgentCell):
-            raise AgentNotFound(address_of(target))
+            raise AgentNotFound(address_of(target), self._router.routes)
         return node.mailbox
 
     def stats(self, *, agents: bool = False) -> KernelStats:

@@ -732,7 +732,8 @@ class Router:
         if cell is None:
             self.check_address(msg.to)
             if self.transport is None:
-                raise AgentNotFound(msg.to)
+                # the table, for a hint looked for only if the error is shown
+                raise AgentNotFound(msg.to, self.routes)
             self.transport.deliver_nowait(msg)
             ledger.accepted += 1
             ledger.forwarded += 1

@@ -90,6 +90,72 @@ async def test_send_to_unknown_recipient_raises_agent_not_found_at_once(
         assert stats.accepted == 0
 
 
+async def test_agent_not_found_suggests_a_near_name_when_it_is_shown(autojump_clock: Any) -> None:
+    """``kernel.send("gretter", ...)`` with ``"greeter"`` alive said only that nobody is
+    registered as 'gretter'. The message shown (``str``) adds ``did you mean 'greeter'?``
+    now; ``.address`` and ``.args`` are what they were."""
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(echo, name="greeter")
+        kernel.spawn(echo, name="printer")
+        with pytest.raises(AgentNotFound) as info:
+            await kernel.send("gretter", 1)
+        error = info.value
+        assert error.address == "gretter"
+        assert error.args == ("no agent is registered as 'gretter'",)
+        assert str(error) == "no agent is registered as 'gretter'; did you mean 'greeter'?"
+        # lookup and stop name what they could not find the same way
+        with pytest.raises(AgentNotFound, match=r"did you mean 'printer'\?$"):
+            kernel.lookup("pritner")
+        with pytest.raises(AgentNotFound, match=r"did you mean 'greeter'\?$"):
+            await kernel.stop("greter")
+        # nothing near: no hint; an id: no hint (ids are not misspelt)
+        for address in ("zzz", uuid.uuid4(), str(uuid.uuid4())):
+            with pytest.raises(AgentNotFound) as info:
+                await kernel.send(address, 1)
+            assert str(info.value) == f"no agent is registered as {address!r}"
+        assert kernel.stats().rejected == {"no_such_agent": 4}
+
+
+async def test_agent_not_found_looks_for_a_hint_only_when_shown_and_in_a_bounded_table(
+    autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hint costs a failing send nothing: the error keeps the kernel's table (no
+    copy) and compares names only when it is shown, once; past HINT_LIMIT entries it
+    gives none (difflib over thousands of names takes a good part of a second)."""
+    import difflib
+
+    from nexus_trio._errors import HINT_LIMIT
+
+    compared: list[str] = []
+    real = difflib.get_close_matches
+
+    def counting(word: str, possibilities: Any, *args: Any, **kwargs: Any) -> list[str]:
+        compared.append(word)
+        return real(word, possibilities, *args, **kwargs)
+
+    monkeypatch.setattr(difflib, "get_close_matches", counting)
+    async with open_kernel(make_config()) as kernel:
+        errors: list[AgentNotFound] = []
+        for _ in range(1000):  # a flood of failing sends
+            try:
+                await kernel.send("gretter", 1)
+            except AgentNotFound as exc:
+                errors.append(exc)
+        assert len(errors) == 1000
+        assert compared == []
+        kernel.spawn(echo, name="greeter")  # after the sends: seen when shown
+        assert str(errors[0]).endswith("; did you mean 'greeter'?")
+        assert str(errors[0]).endswith("; did you mean 'greeter'?")
+        assert compared == ["gretter"]  # once, however often it is shown
+        # a table past the bound: no names compared, no hint
+        while len(kernel.agents()) * 2 <= HINT_LIMIT:  # a named agent: its id and its name
+            kernel.spawn(noop, name=f"agent-{len(kernel.agents())}")
+        with pytest.raises(AgentNotFound) as info:
+            await kernel.send("gretter", 1)
+        assert str(info.value) == "no agent is registered as 'gretter'"
+        assert compared == ["gretter"]
+
+
 async def test_every_form_of_an_address_reaches_the_agent_and_nothing_else_does() -> None:
     # Routes are kept by the id's 128-bit value: a UUID of a subclass, equal to the id,
     # reaches the agent as the id does; the bare integer, or a name nobody has, does not.
