@@ -83,7 +83,7 @@ async def test_a_request_to_a_type_that_times_out_cancels_the_replica_that_took_
                 await _wait_members(ca, "b")
                 await _wait_members(cb, "a")
                 with pytest.raises(RequestTimeout) as timed_out:
-                    await ka.request(type_address("slow"), "work", timeout=1.0)
+                    await ka.request(type_address("slow"), "work", timeout=2.0)
                 assert started.is_set()
                 await _until(lambda: bool(cancelled))
                 letter = await anext(aiter(letters))
@@ -114,7 +114,7 @@ async def test_a_type_cancel_reaches_the_replica_among_three_nodes_and_no_other(
         with trio.fail_after(30):
             await _wait_members(ca, "b", "c")
             with pytest.raises(RequestTimeout) as timed_out:
-                await ka.request(type_address("slow"), "work", timeout=1.0)
+                await ka.request(type_address("slow"), "work", timeout=2.0)
             await _until(lambda: bool(cancelled) and cb.stats().cancels_received >= 1)
         b_dead, c_dead = kb.stats().dead_lettered, kc.stats().dead_lettered
     assert cancelled == [timed_out.value.request_id]
