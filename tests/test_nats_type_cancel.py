@@ -121,3 +121,45 @@ async def test_a_type_cancel_reaches_the_replica_among_three_nodes_and_no_other(
     assert ca.stats().cancels_sent == 2  # one frame to each other node
     assert (cb.stats().cancels_received, cc.stats().cancels_received) == (1, 1)
     assert (b_dead, c_dead) == (0, 1)  # c: the cancelled query (request_timeout)
+
+
+async def test_a_type_query_that_comes_after_its_cancel_is_skipped(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The query travels alone, its cancel in a node batch: the cancel may come first.
+    The replica's node then has no replica to cancel, but marks the query late, so that
+    when it comes it is skipped (dead letter ``request_timeout``), never handled."""
+    started = trio.Event()
+    cancelled: list[Any] = []
+    held: list[Any] = []
+    query_held = trio.Event()
+    original = Cluster._accept
+    holding: list[Cluster] = []
+
+    def accept(self: Cluster, m: Any, type_name: str | None) -> None:
+        if self in holding and type_name == "slow" and not held:
+            held.append((m, type_name))  # comes after the cancel (below)
+            query_held.set()
+            return
+        original(self, m, type_name)
+
+    monkeypatch.setattr(Cluster, "_accept", accept)
+    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+        holding.append(cb)
+        ref = kb.spawn(agent(_cancellable(started, cancelled), name="slow-1"))
+        await cb.serve_type("slow", ref)
+        async with kb.dead_letters() as letters:
+            with trio.fail_after(30):
+                await _wait_members(ca, "b")
+                await _wait_members(cb, "a")
+                with pytest.raises(RequestTimeout) as timed_out:
+                    await ka.request(type_address("slow"), "work", timeout=1.0)
+                await query_held.wait()
+                await _until(lambda: cb.stats().cancels_received >= 1)
+                original(cb, *held[0])  # the query, after its cancel
+                letter = await anext(aiter(letters))
+    assert (letter.reason.value, letter.message.id) == (
+        "request_timeout",
+        timed_out.value.request_id,
+    )
+    assert not started.is_set() and cancelled == []

@@ -275,7 +275,7 @@ class ClusterStats:
     batches_received: int = 0
     #: remote cancel frames sent (a request here timed out or its caller was cancelled;
     #: one per reachable node for a request to a type) and received (a handler here
-    #: was asked to stop; for a type, also by a node none of whose replicas took it)
+    #: was asked to stop; for a type, also on a node none of whose replicas took it)
     cancels_sent: int = 0
     cancels_received: int = 0
     #: answers and error frames passed on to the requester on another node of a query
@@ -863,7 +863,7 @@ class Cluster:
         to, in its next batch, and cancels the handler there (``TransportHandle.cancel_query``).
         A query to a type (a queue group: which replica took it is unknown here) is
         cancelled on every reachable node, and here if a replica here took it; a node
-        where no replica took it ignores the frame. Best effort and never raises: a
+        where no replica took it (yet) only marks it late. Best effort and never raises: a
         query to a node now unreachable is not cancelled; the handler then runs to its
         own deadline and a reply is dead-lettered ``late_reply`` here."""
         asked = self._outstanding.pop(query_id, None)
@@ -1829,8 +1829,10 @@ class Cluster:
         if sent_on is not None:
             self.cancel_query(query_id, sent_on[0])
         if to_type:
-            if replica is not None and self.handle is not None:
-                self.handle.cancel_query(query_id, replica)
+            if self.handle is not None:
+                # No replica here took it (yet): the kernel marks it late all the same,
+                # so that a query that comes after its cancel is skipped, as any is.
+                self.handle.cancel_query(query_id, replica if replica is not None else to)
             return
         if self.handle is not None:
             self.handle.cancel_query(query_id, to)
