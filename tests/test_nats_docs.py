@@ -8,6 +8,7 @@ terminal); here the test plays terminal 1 (a real nats-server), runs the page's
 from __future__ import annotations
 
 import ast
+import json
 import re
 import signal
 import subprocess
@@ -86,3 +87,73 @@ def test_the_three_process_example_of_the_page_works_as_printed(
             worker.wait()
             raise
     assert status == 0
+
+
+CLI_LINE = re.compile(r"`nexus run --nats (\S+) --node (\S+) --app\s+(\S+)`")
+GREETER_CLIENT = """
+import trio
+
+from nexus_trio import open_kernel
+from nexus_trio.nats import join_cluster
+
+
+async def main():
+    async with open_kernel() as kernel:
+        async with join_cluster(kernel, {url!r}, "client") as cluster:
+            node, _ = await cluster.wait_for_name("greeter", timeout=60)
+            print(node)
+            print(await kernel.request("greeter", "Ada", timeout=30))
+
+
+trio.run(main)
+"""
+
+
+def test_the_page_s_command_line_serves_the_worker_s_greeter(
+    nats: NatsServer, tmp_path: Path
+) -> None:
+    """`nexus run --nats URL --node worker --app worker:greeter`, with the page's worker.py
+    in the current directory: the import must not run the page's own main (which blocked
+    the import until a Ctrl-C, then left the CLI running on), and the CLI's kernel serves
+    the greeter."""
+    text = PAGE.read_text(encoding="utf-8")
+    found = CLI_LINE.search(text)
+    assert found is not None, "the page lost its command line"
+    url_on_page, node, app = found.groups()
+    assert (url_on_page, node, app) == (DOCS_URL, "worker", "worker:greeter")
+    worker_src, _ = page_samples()
+    url = nats.url
+    (tmp_path / "worker.py").write_text(worker_src.replace(DOCS_URL, url), encoding="utf-8")
+    (tmp_path / "client.py").write_text(GREETER_CLIENT.format(url=url), encoding="utf-8")
+    argv = [sys.executable, "-m", "nexus_trio.cli", "run", "--nats", url, "--node", node]
+    run = subprocess.Popen(
+        [*argv, "--app", app, "-d", "120", "--json", "--no-live"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        client = subprocess.run(
+            [sys.executable, "client.py"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert client.returncode == 0, client.stderr
+        assert client.stdout.splitlines() == ["worker", "hello Ada, from node worker"]
+    finally:
+        if run.poll() is None:
+            run.send_signal(signal.SIGINT)
+        try:
+            out, err = run.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            run.kill()
+            run.communicate()
+            raise
+    assert run.returncode == 0, err
+    summary = json.loads(out)  # nothing but the summary: the page's main did not run
+    assert summary["app"] == "worker:greeter"
+    assert summary["stopped_by"] == "SIGINT"
