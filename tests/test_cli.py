@@ -827,6 +827,23 @@ def test_run_with_an_unreachable_nats_fails_naming_the_url(nexus):
     assert url in summary["error"]
 
 
+def test_a_failed_join_is_one_error_line_without_a_traceback(nexus):
+    """No server at the URL is an expected failure with a complete message: the run said
+    it in one error line and then printed a 20-line traceback of the CLI's and the NATS
+    layer's internals after it."""
+    url = f"nats://127.0.0.1:{free_port()}"
+    run = nexus(["run", "--nats", url, "-n", "10", "-d", "1", "--json"])
+    status, out = run.finish(timeout=120)
+    assert status == 1
+    assert url in json.loads(out)["error"]
+    err = "".join(run.stderr)
+    assert "Traceback" not in err
+    failed = [line for line in err.splitlines() if "the run failed" in line]
+    assert len(failed) == 1
+    assert "TransportUnavailable" in failed[0]
+    assert f"cannot connect to NATS at {url}" in failed[0]
+
+
 # --- the view, rendered from plain values ----------------------------------------------------
 
 

@@ -41,7 +41,7 @@ from rich.live import Live
 from .. import KernelStats
 from .._agent import CONTEXT_NAMES, Agent, AgentSpec, as_spec
 from .._config import Config
-from .._errors import SupervisorEscalation
+from .._errors import SupervisorEscalation, TransportUnavailable
 from .._kernel import Kernel, open_kernel
 from .._logcall import log_guarded
 from .._supervisor import Supervisor
@@ -559,6 +559,9 @@ async def _run_async(
 ) -> tuple[dict[str, Any], int]:
     state = _State(opts)
     error: BaseException | None = None
+    #: a join of the cluster that failed: its error says all (the URL, the auth tried,
+    #: what the server said), so it is logged without the traceback of the CLI's internals
+    join_error: BaseException | None = None
     kernel: Kernel | None = None
     t_shutdown: float | None = None
     async with trio.open_nursery() as outer:
@@ -589,9 +592,13 @@ async def _run_async(
                         from .._nats._auth import redact
 
                         node = opts.node or default_node_name()
-                        cluster = await stack.enter_async_context(
-                            join_cluster(kernel, nats_url, node)
-                        )
+                        try:
+                            cluster = await stack.enter_async_context(
+                                join_cluster(kernel, nats_url, node)
+                            )
+                        except (TransportUnavailable, ValueError) as exc:
+                            join_error = exc
+                            raise
                         log_guarded(
                             log,
                             logging.INFO,
@@ -620,7 +627,13 @@ async def _run_async(
             log_guarded(log, logging.ERROR, "the kernel stopped: %s", exc)
         except Exception as exc:
             error = _unwrap(exc)
-            log_guarded(log, logging.ERROR, "the run failed: %s", _describe(error), exc_info=error)
+            log_guarded(
+                log,
+                logging.ERROR,
+                "the run failed: %s",
+                _describe(error),
+                exc_info=None if error is join_error else error,
+            )
         finally:
             state.phase = "done"
             state.t_end = trio.current_time()
