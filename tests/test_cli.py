@@ -118,6 +118,9 @@ def test_help_lists_the_commands_and_examples():
         (["--spawn", ""], "--spawn"),
         (["--spawn", "python 'unbalanced"], "--spawn"),
         (["--nats", "not-a-url"], "--nats"),
+        (["--nats", "http://127.0.0.1:4222"], "--nats"),
+        (["--nats", "nats://127.0.0.1:notaport"], "--nats"),
+        (["--nats", "nats://127.0.0.1:4222,nats://:4223"], "--nats"),
         (["--node", "n1"], "--node"),
         (["--bogus"], "--bogus"),
     ],
@@ -126,6 +129,21 @@ def test_bad_run_flags_exit_2_naming_the_flag(isolated, args, flag):
     result = invoke(["run", *args])
     assert result.exit_code == 2, result.output
     assert flag in flat(result.output)
+
+
+def test_a_nats_url_that_is_no_server_address_says_what_is_wrong(isolated):
+    """Passed as they were, 'http://127.0.0.1:4222' was tried as the host 'http' (a DNS
+    error), 'nats://127.0.0.1:notaport' failed the join with nats-py's 'invalid connect url
+    option': exit 1 after the kernel started, and nothing said which part was wrong."""
+    out = flat(invoke(["run", "--nats", "http://127.0.0.1:4222", "-d", "1"]).output)
+    assert "'http://127.0.0.1:4222': scheme 'http' is not one of nats, tls, ws, wss" in out
+    out = flat(invoke(["run", "--nats", "nats://127.0.0.1:notaport", "-d", "1"]).output)
+    assert "'nats://127.0.0.1:notaport': port 'notaport' is not a number" in out
+    out = flat(invoke(["run", "--nats", "nats://127.0.0.1:99999", "-d", "1"]).output)
+    assert "'nats://127.0.0.1:99999': port 99999 is not from 1 to 65535" in out
+    out = flat(invoke(["run", "--nats", "nats://al:secret-pw@:4222", "-d", "1"]).output)
+    assert "'nats://al:***@:4222': no host" in out
+    assert "secret-pw" not in out
 
 
 def test_bad_app_messages_say_what_is_wrong(isolated):

@@ -129,7 +129,7 @@ BAD: dict[str, tuple[list[str], list[str]]] = {
     "--log-format": (["--log-format", "-f"], ["xml", ""]),
     "--app": (["--app"], ["nocolon", ":", "a:", "1a:b", "", "a:b:c"]),
     "--spawn": (["--spawn"], ["python 'oops", "", "  ", "no-such-program-here-xyz"]),
-    "--nats": (["--nats"], ["not-a-url", ""]),
+    "--nats": (["--nats"], ["not-a-url", "", "http://127.0.0.1:4222", "nats://h:x", "nats://:1"]),
     "--config": (["--config", "-c"], ["."]),  # a directory
 }
 #: flags that are fine and start nothing while another flag is bad, by the flag they are (a

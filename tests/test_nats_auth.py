@@ -316,3 +316,31 @@ def test_nexus_run_never_logs_the_token_of_a_nats_url(server_factory: Any) -> No
     assert result.returncode == 0, result.stderr
     assert f"joined the cluster at nats://{MASK}@127.0.0.1:{server.port}" in result.stderr
     assert TOKEN not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://127.0.0.1:4222", "scheme 'http' is not one of nats, tls, ws, wss"),
+        ("nats://127.0.0.1:x", "port 'x' is not a number"),
+        ("nats://127.0.0.1:0", "port 0 is not from 1 to 65535"),
+        ("nats://u:pw-secret@/", "no host"),
+    ],
+)
+def test_join_cluster_refuses_a_url_that_is_no_server_address_naming_it(
+    url: str, problem: str
+) -> None:
+    """Before, the join handed it to nats-py, which tried 'http' as a host name or said
+    'nats: invalid connect url option' (TransportUnavailable after its connect attempts)."""
+
+    async def main() -> None:
+        async with open_kernel() as kernel:
+            with pytest.raises(ValueError, match=r"^NATS URL ") as caught:
+                async with join_cluster(kernel, f"nats://127.0.0.1:4222,{url}", "n1"):
+                    pass  # pragma: no cover
+            text = str(caught.value)
+            assert problem in text
+            assert redact(url) in text
+            assert "pw-secret" not in text
+
+    trio.run(main)

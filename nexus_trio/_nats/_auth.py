@@ -206,17 +206,49 @@ class NatsAuth:
         return options
 
 
+#: the URL schemes nats-py connects with (a URL without one is taken as nats://)
+SERVER_SCHEMES: Final = ("nats", "tls", "ws", "wss")
+
+
+def check_server_url(url: str) -> None:
+    """ValueError naming ``url`` (credentials masked) and what is wrong with it, if it is
+    no NATS server address: a scheme other than :data:`SERVER_SCHEMES`, no host, a port
+    that is no number from 1 to 65535. nats-py would take ``http://h:4222`` for the host
+    ``http``, and fail a bad port only at the connect, as "invalid connect url option"."""
+    parts = urllib.parse.urlsplit(url if "://" in url else f"nats://{url}")
+    problem = None
+    if parts.scheme.lower() not in SERVER_SCHEMES:
+        problem = f"scheme {parts.scheme!r} is not one of {', '.join(SERVER_SCHEMES)}"
+    else:
+        hostport = parts.netloc.rpartition("@")[2]
+        port = ""
+        if hostport.startswith("["):  # [IPv6]:port
+            port = hostport.partition("]")[2].removeprefix(":")
+        elif ":" in hostport:
+            port = hostport.rpartition(":")[2]
+        if not parts.hostname:
+            problem = "no host"
+        elif port and not (port.isascii() and port.isdigit()):
+            problem = f"port {port!r} is not a number"
+        elif port and not 1 <= int(port) <= 65535:
+            problem = f"port {int(port)} is not from 1 to 65535"
+    if problem is not None:
+        raise ValueError(f"NATS URL {redact(url)!r}: {problem}")
+
+
 def split_credentials(urls: Sequence[str], auth: NatsAuth) -> tuple[list[str], NatsAuth]:
     """Server URLs without user info, and ``auth`` with the credentials they carried.
 
     ``nats://user:pass@h`` gives user/password, ``nats://token@h`` a token. The
     credentials are registered with :func:`redact` at once. Credentials in a URL and in
     ``auth`` at the same time, or different ones in two URLs, are a ValueError (which
-    would win is a guess the caller should not have to make).
+    would win is a guess the caller should not have to make), and so is a URL that is no
+    server address (:func:`check_server_url`).
     """
     clean: list[str] = []
     found: tuple[str | None, str | None, str | None] | None = None
     for url in urls:
+        check_server_url(url)
         parts = urllib.parse.urlsplit(url if "://" in url else f"nats://{url}")
         if "@" not in parts.netloc:
             clean.append(url)

@@ -3720,7 +3720,9 @@ async def join_cluster(
     """Join ``kernel`` to the NATS cluster at ``url`` as node ``node`` for the block.
 
     ``url`` is one server URL, a comma-separated list, or a sequence (the client fails
-    over between them); None takes ``[nats] url`` of the kernel's config. ``auth`` (the
+    over between them); None takes ``[nats] url`` of the kernel's config (ValueError naming
+    a URL that is no server address: another scheme than nats, tls, ws, wss, no host, a
+    port that is no number from 1 to 65535). ``auth`` (the
     credentials and TLS settings) defaults to the ``[nats]`` section of the kernel's
     config, so ``NEXUS_NATS__PASSWORD`` and friends work without code; credentials
     written in a URL are taken out of it (and never logged). On entry: connect

@@ -505,6 +505,14 @@ def _check_nats(url: str | None, flag: str = "--nats") -> None:
             f"NATS support is not installed ({exc}); pip install 'nexus_trio[nats]'",
             param_hint=f"'{flag}'",
         ) from None
+    if url is not None:
+        from .._nats._auth import check_server_url
+
+        try:
+            for one in url.split(","):
+                check_server_url(one.strip())
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint=f"'{flag}'") from None
 
 
 # --- config --------------------------------------------------------------------------------------
