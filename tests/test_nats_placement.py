@@ -1421,3 +1421,47 @@ async def test_bucket_entries_under_keys_no_node_writes_are_ignored_and_the_watc
                     m.startswith(f"node {node}: ignoring a {bucket}: KV key {key!r}")
                     for m in ignored
                 ), (node, bucket, key, ignored)
+
+
+async def test_a_placement_on_a_member_heard_before_it_listens_waits_for_it(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A joining node announces itself (heartbeat, membership record) before it subscribes
+    its placement subject, so a node that hears it at once and places an agent on it got
+    NATS's "no responders" and ``TransportUnavailable`` at once (seen with two
+    ``nexus run --workers 2 --app`` workers that both place at start). The request is
+    asked again within its timeout while the owner is a reachable member."""
+    listen = trio.Event()
+    start = Placement.start
+
+    async def start_late(self: Placement, nursery: trio.Nursery, kv: Any) -> None:
+        self.register("counter", COUNTING)
+        await listen.wait()
+        await start(self, nursery, kv)
+
+    async with _node(nats.url, "a") as (_, a), trio.open_nursery() as nursery:
+        monkeypatch.setattr(Placement, "start", start_late)
+        b_left = trio.Event()
+
+        async def run_b() -> None:
+            async with _node(nats.url, "b", register=False):
+                await b_left.wait()
+
+        nursery.start_soon(run_b)
+        with trio.fail_after(30):  # b announced itself; it does not listen yet
+            while True:
+                if "b" in a.live_nodes():
+                    break
+                await trio.sleep(0.01)
+
+        async def listen_soon() -> None:
+            await trio.sleep(0.3)  # a's first request finds nobody on the subject
+            listen.set()
+
+        nursery.start_soon(listen_soon)
+        placed = await a.spawn("counter", name="late-1", node="b", timeout=30)
+        assert placed.node == "b"
+        assert listen.is_set()
+        answer = await a.kernel.request("late-1", "hi", timeout=10)
+        assert answer == {"name": "late-1", "handled": 1}
+        b_left.set()

@@ -63,6 +63,11 @@ log = logging.getLogger("nexus_trio.nats")
 
 #: how long :meth:`Placement.spawn` waits for a remote owner's answer by default
 DEFAULT_PLACE_TIMEOUT: Final = 5.0
+#: a placement request that found nobody on a member's subject is asked again after
+#: this long (the member announced itself and does not listen yet: it is joining)
+_ASK_AGAIN_AFTER: Final = 0.05
+#: the least wait given to a request (nats-py takes no timeout of 0)
+_MIN_WAIT: Final = 0.001
 #: the reason (``stopped`` event, dead letters' detail) of a placed agent stopped because
 #: another incarnation of its name won (see :meth:`Placement.superseded`)
 DUPLICATE_REASON: Final = "duplicate after partition"
@@ -232,11 +237,26 @@ class Placement:
         cluster = self._cluster
         body = json.dumps({"type": type_name, "name": name, "pinned": pinned}).encode()
         subject = f"{cluster.prefix}.place.{owner}"
-        try:
-            answer = await call_aio(cluster.control.request, subject, body, timeout=timeout)
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+        deadline = trio.current_time() + timeout
+        while True:
+            left = deadline - trio.current_time()
+            try:
+                answer = await call_aio(
+                    cluster.control.request, subject, body, timeout=max(left, _MIN_WAIT)
+                )
+                break
+            except nats.errors.NoRespondersError as exc:
+                # A joining node announces itself before it listens on its placement
+                # subject: a member heard that soon is asked again, within the timeout,
+                # while it is a reachable member.
+                if left > _ASK_AGAIN_AFTER and owner in cluster.live_nodes():
+                    await trio.sleep(_ASK_AGAIN_AFTER)
+                    continue
+                error: Exception = exc
+            except nats.errors.TimeoutError as exc:
+                error = exc
             raise TransportUnavailable(
-                f"node {owner!r} did not answer the request to place {name!r}: {exc!r}"
+                f"node {owner!r} did not answer the request to place {name!r}: {error!r}"
             ) from None
         placed = _decode_answer(answer.data, name, owner)
         cluster.learn_name(placed.name, placed.node, placed.id)
