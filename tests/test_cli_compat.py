@@ -67,7 +67,7 @@ def captured_runs(monkeypatch: pytest.MonkeyPatch) -> list[object]:
 
     runs: list[object] = []
 
-    def execute_run(opts: object) -> int:
+    def execute_run(opts: object, **_: object) -> int:
         runs.append(opts)
         return 0
 

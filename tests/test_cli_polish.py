@@ -168,7 +168,7 @@ def test_flags_left_out_still_let_the_config_decide(isolated: Path, monkeypatch)
     from nexus_trio.cli import _run
 
     runs: list[object] = []
-    monkeypatch.setattr(_run, "execute_run", lambda opts: runs.append(opts) or 0)
+    monkeypatch.setattr(_run, "execute_run", lambda opts, **_: runs.append(opts) or 0)
     (isolated / "config.toml").write_text(
         '[app]\nagents = 7\nduration = 2.5\nworkload = "fanout"\n[metrics]\nport = 9999\n'
     )

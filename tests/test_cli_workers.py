@@ -355,6 +355,53 @@ def test_nexus_run_W_2_runs_exactly_two_workers_and_leaves_none(
     assert tagged_processes(tag) == {}  # no worker, no nats-server left behind
 
 
+PRINTING_APP = """
+import trio
+
+from nexus_trio import agent
+
+print("imported in a worker")
+
+
+@agent(name="echo")
+async def echo(ctx, msg):
+    return msg.payload
+
+
+async def main(kernel):
+    kernel.spawn(echo)
+    print(await kernel.request("echo", "hi from the app"))
+    await trio.sleep(0.5)
+"""
+
+
+@pytestmark_linux
+def test_an_app_that_prints_runs_in_the_workers_and_its_lines_go_to_stderr(
+    tag: str, tmp_path: Path
+) -> None:
+    """The --app example of docs/cli.md prints. A worker's stdout carries its JSON summary
+    to the parent, and the app's lines in it made the parent judge each worker dead:
+    'worker-0 (pid ...) died: exit code 0; stopping the other workers', every count 0,
+    exit status 1 or 143. A worker's stdout is its summary alone; what the app prints
+    goes to standard error, at once."""
+    (tmp_path / "printing_app.py").write_text(PRINTING_APP, encoding="utf-8")
+    proc = start_nexus(["run", "-W", "2", "--app", "printing_app:main", "--json"], tag, tmp_path)
+    watch_workers(proc, tag, limit=2, timeout=120)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    summary = json.loads(out)
+    assert summary["workers"] == 2
+    assert summary["workers_died"] == []
+    assert summary["stopped_by"] == "app finished"
+    assert summary["handled"] == 2  # one request per worker
+    assert summary["replies_delivered"] == 2
+    assert summary["conserved"] is True
+    lines = err.splitlines()
+    # each worker's lines, and the parent's check of the app (it imports it too)
+    assert lines.count("imported in a worker") == 3
+    assert lines.count("hi from the app") == 2
+
+
 def wait_for_two_workers(proc: subprocess.Popen[str], tag: str) -> None:
     """Wait (60 s at most) until both workers of ``tag`` run, ``proc`` still running."""
     deadline = time.monotonic() + 60

@@ -375,6 +375,13 @@ def run(
         _run_workers(ctx, workers, nats, json_out, loaded.config.app.app, app_ref is not None)
         return
     cfg = loaded.config
+    from ._cluster_cmd import WORKER_ENV
+
+    summary_out = None
+    if json_out and os.environ.get(WORKER_ENV):
+        # A worker's stdout carries its JSON summary to the parent, and nothing else: what
+        # the app prints (at import too) goes to stderr, which the parent passes through.
+        summary_out, sys.stdout = sys.stdout, sys.stderr
     if nats is None and cfg.nats.url:
         _check_nats(cfg.nats.url, "[nats] url")  # (the nats extra, for the config's URL too)
     if node is not None and not (nats or cfg.nats.url):
@@ -415,7 +422,7 @@ def run(
         records_lost_before=records_lost_before,
         log_calls_failed_before=log_calls_failed_before,
     )
-    status = execute_run(opts)
+    status = execute_run(opts, summary_out=summary_out)
     if status:
         raise typer.Exit(status)
 
@@ -460,7 +467,8 @@ def _run_workers(
     count = workers or default_workers()
     check_worker_count(count)
     _check_nats(nats, "--nats" if nats is not None else "--workers")
-    _loaded_app(app_reference, app_from_flag)
+    with contextlib.redirect_stdout(sys.stderr):  # (stdout is for the summary)
+        _loaded_app(app_reference, app_from_flag)
     from ..logs import configure_logging
 
     # the parent's own lines (a worker that died, the private nats-server), as --log-* say

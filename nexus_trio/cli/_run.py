@@ -786,8 +786,11 @@ def build_summary(
     return summary
 
 
-def execute_run(opts: RunOptions, *, err_console: Console | None = None) -> int:
-    """``trio.run`` the run, print the summary (table, or JSON with ``--json``); the exit status."""
+def execute_run(
+    opts: RunOptions, *, err_console: Console | None = None, summary_out: TextIO | None = None
+) -> int:
+    """``trio.run`` the run, print the summary (table, or JSON with ``--json``, to
+    ``summary_out`` if given, else stdout); the exit status."""
     started = time.perf_counter()
     summary, status = trio.run(run_async, opts, err_console)
     log_guarded(log, logging.DEBUG, "run took %.3f s of wall time", time.perf_counter() - started)
@@ -797,8 +800,9 @@ def execute_run(opts: RunOptions, *, err_console: Console | None = None) -> int:
     flush_logs()
     summary["log_records_lost"] += records_lost() - counted
     if opts.json:
-        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
-        sys.stdout.flush()
+        out = summary_out if summary_out is not None else sys.stdout
+        out.write(json.dumps(summary, indent=2) + "\n")
+        out.flush()
     else:
         Console().print(summary_table(summary))
     return status
