@@ -1465,3 +1465,24 @@ async def test_a_placement_on_a_member_heard_before_it_listens_waits_for_it(
         answer = await a.kernel.request("late-1", "hi", timeout=10)
         assert answer == {"name": "late-1", "handled": 1}
         b_left.set()
+
+
+async def test_a_name_or_type_that_cannot_be_placed_is_refused_here_naming_it(
+    nats: NatsServer,
+) -> None:
+    """An empty name went to its owner by hash (here 'b') and came back as
+    PlacementFailed("placing '' on node 'b' failed: ValueError: ..."); a spec given where
+    the type's name belongs was refused with the spec's whole repr as 'agent type'."""
+    async with _node(nats.url, "a") as (_, a), _node(nats.url, "b") as (_, b):
+        _meet(a, b)
+        assert rendezvous_owner("", ["a", "b"]) == "b"
+        with pytest.raises(ValueError, match=r"^agent name must be a non-empty string, got ''$"):
+            await a.spawn("counter", name="")
+        with pytest.raises(TypeError) as caught:
+            await a.spawn(COUNTING, name="c-1")  # type: ignore[arg-type]
+        assert str(caught.value) == (
+            "cluster.spawn takes the name of an agent type registered with"
+            " cluster.register_type(type_name, spec) (a str), got a value of type AgentSpec"
+        )
+        assert not a.kernel.is_local("c-1")
+        assert not b.kernel.is_local("c-1")

@@ -216,9 +216,18 @@ class Placement:
         :class:`PlacementFailed` with the owner's error otherwise, and
         :class:`TransportUnavailable` if the owner does not answer within ``timeout``.
         A record the owner could not write does not fail it: the agent runs, and the
-        write is retried (see :meth:`retry_records`).
+        write is retried (see :meth:`retry_records`). A ``type_name`` that is no str is
+        a TypeError, an empty ``name`` a ValueError, here, before any node is asked.
         """
+        if not isinstance(type_name, str):
+            raise TypeError(
+                "cluster.spawn takes the name of an agent type registered with"
+                " cluster.register_type(type_name, spec) (a str), got a value of type"
+                f" {type(type_name).__name__}"
+            )
         wire.check_token("agent type", type_name)
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"agent name must be a non-empty string, got {name!r}")
         cluster = self._cluster
         if node is not None and node not in cluster.live_nodes():
             raise AgentNotFound(f"node:{node}")
