@@ -834,6 +834,23 @@ def test_run_joins_a_nats_cluster_and_leaves_cleanly(nexus, nats_url):
     assert conserved(summary)
 
 
+def test_two_demo_runs_on_one_cluster_are_independent_as_the_page_says(nexus, nats_url):
+    """docs/cli.md: a demo under --nats runs whole in its process; nothing crosses."""
+    runs = [
+        nexus(["run", "--nats", nats_url, "--node", node, "-n", "10", "-d", "2", "--json"])
+        for node in ("t1", "t2")
+    ]
+    for run in runs:
+        status, out = run.finish(timeout=120)
+        assert status == 0, "".join(run.stderr)
+        summary = json.loads(out)
+        assert summary["handled"] > 0
+        assert (summary["forwarded_out"], summary["forwarded_in"]) == (0, 0)
+        assert conserved(summary)
+    page = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    assert "two independent rings" in " ".join(page.split())
+
+
 def test_run_with_an_unreachable_nats_fails_naming_the_url(nexus):
     url = f"nats://127.0.0.1:{free_port()}"
     run = nexus(["run", "--nats", url, "-n", "10", "-d", "1", "--json"])
