@@ -2661,6 +2661,33 @@ def test_nexus_send_reports_an_agent_that_does_not_start() -> None:
 
 
 @pytest.mark.parametrize(
+    ("flags", "args", "problem"),
+    [
+        (["--no-register"], ["1", "--register-timeout", "0.3"], "did not register within 0.3s"),
+        (["--exit-at-start", "4"], ["1"], "exited with status 4"),
+        ([], ['{"op": "crash", "code": 5}'], "exited with status 5"),
+    ],
+)
+def test_nexus_send_says_a_child_s_failure_in_one_line_without_the_bridge_s_traceback(
+    flags: list[str], args: list[str], problem: str
+) -> None:
+    """Regression: a child that did not start, or exited while handling the message, was
+    logged by ``nexus send`` with a traceback of the kernel's and the bridge's internals
+    (``_cell.py``, ``process.py``: nothing of the user's program); the log line says it
+    in one line now, as ``nexus run --spawn`` does."""
+    result = send_cli(shlex.join([sys.executable, TOY, *flags]), *args)
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.stderr
+    assert "_cell.py" not in result.stderr
+    agent_lines = [line for line in result.stderr.splitlines() if "nexus_trio.agent" in line]
+    assert len(agent_lines) == 1, result.stderr
+    assert problem in agent_lines[0]
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("nexus send: ")
+    assert problem in last
+
+
+@pytest.mark.parametrize(
     ("args", "flag"),
     [
         (["no-such-program-xyz-123", "1"], "CMD"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 import math
 import shlex
 import sys
@@ -117,11 +118,20 @@ def register(app: typer.Typer) -> None:
 
         import trio
 
+        from ._spawn import OneLineBridgeErrors
+
+        # A child that did not start or exited is said in one line, as by nexus run
+        # --spawn: the traceback would show only the kernel's and the bridge's internals.
+        agent_log = logging.getLogger("nexus_trio.agent")
+        one_line = OneLineBridgeErrors()
+        agent_log.addFilter(one_line)
         try:
             answer = trio.run(_exchange, loaded.config, spec, value, kind, timeout)
         except _Failed as exc:
             typer.echo(f"nexus send: {exc}", err=True)
             raise typer.Exit(1) from None
+        finally:
+            agent_log.removeFilter(one_line)
         indent = None if compact else 2
         try:
             text = json.dumps(answer, ensure_ascii=False, indent=indent, allow_nan=False)
