@@ -474,6 +474,33 @@ async def test_payload_that_cannot_be_encoded_fails_only_that_message() -> None:
         assert kernel.stats().restarts == 0
 
 
+async def test_a_message_whose_kind_is_a_string_fails_only_that_message() -> None:
+    """Regression: ``kernel.send(ref, x, kind="Command")`` (the string, as the bridges'
+    own ``send(..., kind="Command")`` takes it) reached a process agent whose encoding
+    raised AttributeError ('str' object has no attribute 'value'): the agent failed and
+    was restarted, with a traceback, for every such message, and stopped for good at the
+    4th. That message fails now (dead letter ``malformed``, naming the kind and what to
+    write), the child is kept and answers the next message."""
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy()))
+        pid = await kernel.request(ref, {"op": "pid"})
+        for kind in ("Command", "Event", "Query", "Shout"):
+            await kernel.send(ref, {"op": "echo", "value": 1}, kind=kind)  # type: ignore[arg-type]
+        assert await kernel.request(ref, {"op": "pid"}) == pid
+        letters = dead_letters(kernel)
+        assert [d.reason for d in letters] == [DeadLetterReason.MALFORMED] * 4
+        first = str(letters[0].error)
+        assert first.startswith(f"message {letters[0].message.id} to process agent {ref.id}")
+        assert first.endswith(
+            "has kind 'Command' (a str), not a MessageKind: send it with kind=MessageKind.COMMAND"
+        )
+        assert "kind 'Shout' (a str), not a MessageKind: send it with kind=MessageKind" in (
+            str(letters[3].error)
+        )
+        assert stats_of(kernel, ref).starts == 1
+        assert kernel.stats().restarts == 0
+
+
 async def test_python_agent_written_for_the_original_api_runs_unchanged() -> None:
     """examples/original_python_agent.py: async handle_message, message.kind, run_agent."""
     async with bridge_kernel() as kernel:
