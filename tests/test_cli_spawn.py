@@ -219,3 +219,47 @@ def test_the_summary_has_each_programs_final_bridge_counts(tmp_path: Path) -> No
     assert (counts["starts"], counts["lines_in"], counts["invalid_lines"]) == (1, 2, 1)
     # the shutdown frame out; both stderr lines, the last one written on its way out
     assert (counts["lines_out"], counts["stderr_lines"], counts["sends_failed"]) == (1, 2, 0)
+
+
+#: registers, then exits with status 4 a moment later: a program that keeps crashing
+CRASHES = textwrap.dedent(
+    """
+    import json, sys, time
+    print(json.dumps({"type": "register", "payload": {"id": "x", "name": "c"}}), flush=True)
+    time.sleep(0.2)
+    print("lost the database", file=sys.stderr, flush=True)
+    sys.exit(4)
+    """
+)
+
+
+def test_a_program_its_supervisor_gives_up_on_fails_and_stops_the_run(tmp_path: Path) -> None:
+    """Regression: a program that registered and then kept crashing was restarted until
+    its supervisor gave up on it (restart intensity exceeded, 'stopped for good; the
+    kernel goes on'), and the run went on with nothing left to run until --duration (or
+    forever, until Ctrl-C), then exited 0 with no error and ``problem`` null. It stops
+    the run now, as a program whose first start fails: exit status 1, ``stopped_by``
+    ``spawn failed``, the error and ``problem`` name the program, that it was given up
+    on and its last failure; said once in the log, and in the table."""
+    (tmp_path / "crashes.py").write_text(CRASHES)
+    (tmp_path / "ok.py").write_text(REGISTERS)
+    result = nexus_run(
+        tmp_path, "--spawn", f"{PYTHON} ok.py", "--spawn", f"{PYTHON} crashes.py", "-d", "30",
+        "--json",
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    summary = json.loads(result.stdout)
+    command = f"{sys.executable} crashes.py"
+    problem = "stopped for good: restart intensity exceeded; last failure: exited with status 4"
+    assert summary["error"] == f"SpawnFailed: --spawn {command!r} {problem}"
+    assert summary["stopped_by"] == "spawn failed"
+    assert summary["elapsed_s"]["run"] < 25  # stopped when given up on, not at -d 30
+    ok, crashes = summary["spawned"]
+    assert (ok["registered"], ok["problem"], ok["last_exit"]) == (True, None, 0)
+    assert (crashes["registered"], crashes["problem"]) == (True, problem)
+    assert (crashes["starts"], crashes["last_exit"]) == (4, 4)
+    assert result.stderr.count(f"--spawn {command!r} {problem}") == 1
+    table = nexus_run(tmp_path, "--spawn", f"{PYTHON} crashes.py", "-d", "30")
+    assert table.returncode == 1, table.stderr
+    out = " ".join(table.stdout.split())
+    assert f"crashes {command}: registered as 'c' (4 starts), then {problem}" in out

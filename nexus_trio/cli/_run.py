@@ -50,6 +50,7 @@ from ._spawn import (
     OneLineBridgeErrors,
     SpawnedProgram,
     SpawnFailed,
+    failure_text,
     note_bridge_stats,
     spawn_programs,
     spawn_summary,
@@ -437,13 +438,7 @@ def _spawn(state: _State, kernel: Kernel) -> None:
 
     def failed(program: SpawnedProgram) -> None:
         state.failed_programs.append(program)
-        log_guarded(
-            log,
-            logging.ERROR,
-            "--spawn %r did not start: %s",
-            program.command_text,
-            program.problem,
-        )
+        log_guarded(log, logging.ERROR, "%s", failure_text(program))
         state.request_stop("spawn failed")
 
     state.programs = spawn_programs(kernel, opts.spawn)
@@ -451,7 +446,7 @@ def _spawn(state: _State, kernel: Kernel) -> None:
 
     async def watch() -> None:
         async with events:
-            await watch_starts(kernel, events, state.programs, failed)
+            await watch_starts(kernel, events, state.programs, failed, give_ups=True)
 
     state.outer.start_soon(watch)
 
@@ -655,13 +650,15 @@ async def _run_async(
     if error is None:
         # Failed first starts, and programs that had still not registered when the run
         # ended (a start that failed during the shutdown, or one still waiting).
-        never = []
+        failing = []
         for program, row in zip(state.programs, spawned, strict=True):
             if not row["registered"]:
                 program.problem = row["problem"]
-                never.append(program)
-        if never:
-            error = SpawnFailed(never)
+                failing.append(program)
+            elif program.given_up:  # its supervisor gave up on it (it kept failing)
+                failing.append(program)
+        if failing:
+            error = SpawnFailed(failing)
             if not state.failed_programs:
                 log_guarded(log, logging.ERROR, "%s", error)
     summary = build_summary(state, kernel, error, t_shutdown=t_shutdown, t_end=t_end)

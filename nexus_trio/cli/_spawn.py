@@ -77,8 +77,11 @@ class SpawnedProgram:
     agent_id: uuid.UUID | None = None
     #: it registered at least once (its ``on_start`` finished)
     registered: bool = False
-    #: what its first failed start did (before it ever registered), else None
+    #: what its first failed start did (before it ever registered), or that its
+    #: supervisor gave up on it (``given_up``), else None
     problem: str | None = None
+    #: its supervisor gave up on it after it had registered (restart intensity exceeded)
+    given_up: bool = False
     #: from the bridge's counters, the latest read (final once the kernel has stopped:
     #: the bridge keeps a stopped agent's); ``registered_as``: the name its ``register``
     #: gave, None if it gave none; ``counts``: :meth:`BridgeStats.counts`
@@ -93,16 +96,22 @@ class SpawnedProgram:
 
 
 class SpawnFailed(Exception):
-    """A ``--spawn`` program never registered; the message names each and what it did."""
+    """A ``--spawn`` program never registered, or its supervisor gave up on it; the
+    message names each and what it did."""
 
     def __init__(self, programs: Sequence[SpawnedProgram]) -> None:
         self.programs = list(programs)
-        super().__init__(
-            "; ".join(
-                f"--spawn {p.command_text!r} did not start: {p.problem or 'it never registered'}"
-                for p in self.programs
-            )
-        )
+        super().__init__("; ".join(failure_text(p) for p in self.programs))
+
+
+def failure_text(program: SpawnedProgram) -> str:
+    """``--spawn 'CMD' did not start: ...``, or ``--spawn 'CMD' stopped for good: ...``."""
+    if program.given_up:
+        return f"--spawn {program.command_text!r} {program.problem}"
+    return (
+        f"--spawn {program.command_text!r} did not start: "
+        f"{program.problem or 'it never registered'}"
+    )
 
 
 def register_timeout(shutdown_grace: float) -> float:
@@ -136,15 +145,31 @@ async def watch_starts(
     events: Subscription[LifecycleEvent],
     programs: Sequence[SpawnedProgram],
     on_failure: Callable[[SpawnedProgram], None],
+    *,
+    give_ups: bool = False,
 ) -> None:
     """Follow ``events`` (a ``kernel.events()`` subscription of ``kernel`` taken before the
     spawns): mark programs registered, record the problem of a first start that failed and call
-    ``on_failure(program)`` for it. Returns once every program has registered or failed."""
+    ``on_failure(program)`` for it. Returns once every program has registered or failed;
+    with ``give_ups``, goes on to the end of ``events``, and a registered program whose
+    supervisor gives up on it (it kept failing) gets ``given_up`` and its problem, and
+    ``on_failure(program)`` is called for it."""
     by_id = {p.agent_id: p for p in programs}
     pending = set(by_id)
     async for event in events:
         program = by_id.get(event.agent_id)
-        if program is None or event.agent_id not in pending:
+        if program is None:
+            continue
+        if event.kind is EventKind.ESCALATED and program.registered and not program.given_up:
+            # An isolating root gave up on it: "stopped for good; the kernel goes on".
+            program.given_up = True
+            last = _problem(event.error, "") if event.error is not None else ""
+            program.problem = f"stopped for good: {event.reason or 'given up on'}" + (
+                f"; last failure: {last}" if last else ""
+            )
+            on_failure(program)
+            continue
+        if event.agent_id not in pending:
             continue
         if event.kind is EventKind.STARTED:
             program.registered = True
@@ -154,7 +179,7 @@ async def watch_starts(
             program.problem = _problem(event.error, event.reason)
             pending.discard(event.agent_id)
             on_failure(program)
-        if not pending:
+        if not pending and not give_ups:
             return
 
 

@@ -394,11 +394,13 @@ def _spawned_text(program: Mapping[str, Any]) -> str:
     starts = program.get("starts") or 0
     started = f"{starts} start{'' if starts == 1 else 's'}"
     if program.get("registered"):
+        # A registered program's problem: its supervisor gave up on it.
+        then = f", then {problem}" if (problem := program.get("problem")) else ""
         if program.get("registered_as") is None:
-            return f"{program['command']}: registered ({started})"
+            return f"{program['command']}: registered ({started}){then}"
         # The program's word: as long as a line may be (1 MiB). Cut as the log cuts it.
         registered_as = brief(program["registered_as"], 60)
-        return f"{program['command']}: registered as {registered_as} ({started})"
+        return f"{program['command']}: registered as {registered_as} ({started}){then}"
     return f"{program['command']}: did not start: {program.get('problem') or 'never registered'}"
 
 
