@@ -1966,6 +1966,69 @@ async def test_stderr_goes_to_the_log_with_the_agent_fields(
     assert {getattr(r, "agent_id", None) for r in records} == {str(ref.id)}
 
 
+#: an agent on each shipped bridge whose handler raises (a nested call: a stack of frames)
+RAISING_AGENTS = {
+    "python": (
+        "import sys\n"
+        f"sys.path.insert(0, {str(ROOT / 'nexus_trio' / 'bridges')!r})\n"
+        "from nexus_bridge import NexusAgent\n"
+        "def parse(text):\n"
+        "    raise ValueError('bad input: ' + text)\n"
+        "class A(NexusAgent):\n"
+        "    def handle_message(self, message):\n"
+        "        print('handling', message['payload'], file=sys.stderr)\n"
+        "        return parse(message['payload'])\n"
+        "sys.exit(A('raiser').run_agent())\n"
+    ),
+    "node": (
+        f"const {{ NexusAgent, runMain }} = require({str(ROOT / 'nexus_trio' / 'bridges' / 'nexus-bridge.js')!r});\n"
+        "function parse(text) { throw new RangeError('bad input: ' + text); }\n"
+        "class A extends NexusAgent {\n"
+        "  handleMessage(message) { this.log('handling ' + message.payload); return parse(message.payload); }\n"
+        "}\n"
+        "A.defaultName = 'raiser';\n"
+        "runMain(A);\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("lang", ["python", "node"])
+async def test_a_handler_s_traceback_on_stderr_is_logged_whole_at_warning(
+    lang: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: of the traceback a bridge writes on stderr when a handler raises, only
+    the lines that look like errors were warnings (Python: ``Traceback ...`` and
+    ``ValueError: ...``; Node: none, its ``RangeError`` line follows the bridge's
+    ``handleMessage failed:``), the bridge's header and every frame (``  File ...``,
+    ``    at ...``) were info: at a warning level (``nexus send``'s default) a traceback
+    showed without its frames, a Node stack not at all. The bridge's header of a failure
+    is a warning now, and so is each indented line that follows a warning line (the
+    frames), up to the first line that is not indented; other lines stay info."""
+    caplog.set_level(logging.INFO, logger="nexus_trio.bridge.stderr")
+    if lang == "node":
+        cmd = [node_or_skip(), str(tmp_path / "raiser.js")]
+        (tmp_path / "raiser.js").write_text(RAISING_AGENTS["node"])
+    else:
+        cmd = [sys.executable, str(tmp_path / "raiser.py")]
+        (tmp_path / "raiser.py").write_text(RAISING_AGENTS["python"])
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(cmd, name="raiser"))
+        with pytest.raises(RequestFailed):
+            await kernel.request(ref, "x")
+        await kernel.stop(ref)
+    records = [r for r in caplog.records if r.name == "nexus_trio.bridge.stderr"]
+    lines = [(r.levelno, r.getMessage().split("] ", 1)[1]) for r in records]
+    # what the handler said before it raised is info; the failure, whole, is a warning
+    assert lines[0] == (logging.INFO, "handling x"), lines
+    failure = [text for level, text in lines[1:] if text.strip() and "stopping" not in text]
+    assert failure[0].startswith("nexus-bridge[raiser]: handle")
+    assert any("parse" in text for text in failure), failure  # a frame of the user's code
+    assert any("bad input: x" in text for text in failure), failure
+    assert len(failure) >= 4, failure
+    warned = [text for level, text in lines[1:] if level == logging.WARNING]
+    assert warned[: len(failure)] == failure, lines
+
+
 class _RaisingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         raise KeyError("the filter's bug")

@@ -111,7 +111,17 @@ _UNMATCHED: Final = "discarded answers"
 _REFUSED: Final = "refused sends"
 _STDERR_WARNING = re.compile(
     r"^\s*(Traceback|\w*(Error|Exception)\b|error\b|ERROR|WARN|WARNING|CRITICAL|FATAL|panic)"
+    # the shipped bridges' report of a handler (or on_stop) that raised, or of a result
+    # JSON cannot carry
+    r"|^nexus-bridge\[.*\]: (.*\bfailed\b|result of \w+ is not JSON serialisable)"
 )
+#: after a warning line, a line that goes on with it (a frame of a traceback or a stack:
+#: indented; blank; Python's chaining of exceptions) is a warning too
+_STDERR_GOES_ON = re.compile(
+    r"^(\s|$|During handling of the above exception|The above exception was the direct cause)"
+)
+#: the last line of a Python traceback: the exception (``pkg.MyProblem: text``)
+_STDERR_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*:\s")
 
 
 def _kind_member(kind: object) -> str:
@@ -627,6 +637,8 @@ class ProcessAgent(Agent):
         self._floods: dict[str, _Flood] = {}
         #: which stderr lines of the children of this run are logged (:meth:`_copy_stderr`)
         self._stderr_budget = _StderrBudget()
+        #: the last stderr line logged was a warning, or went on with one (a traceback)
+        self._stderr_warning = False
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -1668,7 +1680,19 @@ class ProcessAgent(Agent):
             )
             return
         text = line.decode("utf-8", "replace").rstrip("\r")
-        level = logging.WARNING if _STDERR_WARNING.match(text) else logging.INFO
+        if _STDERR_WARNING.match(text):
+            level = logging.WARNING
+            self._stderr_warning = True
+        elif self._stderr_warning and _STDERR_GOES_ON.match(text):
+            # A traceback's frames (Python's "  File ...", Node's "    at ..."): at the
+            # level of its header, so that a warning level shows a traceback whole.
+            level = logging.WARNING
+        elif self._stderr_warning and _STDERR_EXCEPTION.match(text):
+            level = logging.WARNING  # the traceback's last line: its exception
+            self._stderr_warning = False
+        else:
+            level = logging.INFO
+            self._stderr_warning = False
         log_guarded(logger, level, "[%s] %s", self.label, text)
 
     def _note_stderr_not_logged(self, logger: logging.LoggerAdapter[Any]) -> None:
