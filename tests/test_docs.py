@@ -14,6 +14,7 @@ runs) and must exit 0 within two minutes. Apart from named files, blocks run ind
 from __future__ import annotations
 
 import ast
+import json
 import re
 import subprocess
 import sys
@@ -333,3 +334,53 @@ def test_the_pages_that_list_the_dead_letter_reasons_list_every_one(name: str) -
     listed = set(re.findall(r"`([a-z_]+)`", section))
     missing = {reason.value for reason in DeadLetterReason} - listed
     assert missing == set(), f"dead-letter reasons missing from docs/{name}: {missing}"
+
+
+#: what docs/bridges.md tells a user without nexus_trio to do with the Python bridge file
+COPY_THE_BRIDGE = re.compile(
+    r"copy\s+(?:the\s+file|`(?P<source>[\w/.-]+)`)\s+next\s+to\s+your\s+agent\s+as\s+"
+    r"`(?P<name>\w+\.py)`.*?`(?P<line>from \w+ import NexusAgent)`",
+    re.DOTALL,
+)
+
+
+def test_the_python_bridge_copied_as_the_docs_say_runs_the_greeter_without_nexus_trio(
+    tmp_path: Path,
+) -> None:
+    """Regression: docs/bridges.md said an agent needs neither nexus_trio nor Trio, "you may
+    copy the file next to your agent", but not under which name nor how to import it, and
+    its greeter imports ``nexus_trio.bridges.python`` (which imports the kernel: Trio,
+    attrs, cattrs). The page now says what to name the copy and which import to write;
+    done so, the greeter runs under a Python that sees neither (``-E -s -S``: no
+    site-packages, no PYTHONPATH)."""
+    text = " ".join((DOCS / "bridges.md").read_text(encoding="utf-8").split())
+    told = COPY_THE_BRIDGE.search(text)
+    assert told is not None, "bridges.md does not say how to use a copy of the bridge file"
+    source = ROOT / (told["source"] or "nexus_trio/bridges/python.py")
+    (tmp_path / told["name"]).write_bytes(source.read_bytes())
+    greeter = NAMED["greeter.py"].source
+    assert "from nexus_trio.bridges.python import NexusAgent" in greeter
+    greeter = greeter.replace("from nexus_trio.bridges.python import NexusAgent", told["line"])
+    (tmp_path / "greeter.py").write_text(greeter)
+    frames = (
+        '{"type":"message","payload":{"from":"00000000-0000-0000-0000-000000000000",'
+        '"to":"greeter","kind":"Query","payload":{"name":"Ada"},'
+        '"id":"7d9f4c2e-0000-4000-8000-000000000001","timestamp":"2026-01-01T00:00:00Z"}}\n'
+        '{"type":"shutdown","payload":{}}\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-E", "-s", "-S", "greeter.py"],
+        cwd=tmp_path,
+        input=frames,
+        capture_output=True,
+        text=True,
+        timeout=SCRIPT_TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    register, response = (json.loads(line) for line in done.stdout.splitlines())
+    assert register["type"] == "register"
+    assert register["payload"]["name"] == "greeter"
+    assert response["type"] == "response"
+    assert response["payload"]["payload"] == {"greeting": "hello, Ada"}
+    assert "greeting Ada" in done.stderr
