@@ -2029,6 +2029,42 @@ async def test_a_handler_s_traceback_on_stderr_is_logged_whole_at_warning(
     assert warned[: len(failure)] == failure, lines
 
 
+#: registers, closes its stdin, then lives on (``live``) or exits with status 7 a moment later
+CLOSES_STDIN = """
+import time
+emit({"type": "register", "payload": {"id": "x", "name": "closer", "protocol": 2}})
+os.close(0)
+time.sleep(%s)
+sys.exit(7)
+"""
+
+
+@pytest.mark.parametrize(
+    ("lives", "problem"),
+    [
+        (True, "closed its stdin (still running; it will be killed)"),
+        (False, "exited with status 7"),
+    ],
+)
+async def test_a_child_whose_stdin_is_broken_is_said_to_have_exited_or_closed_it(
+    tmp_path: Path, lives: bool, problem: str
+) -> None:
+    """Regression: a message written to a child whose stdin had been closed (the child
+    closed it, or exited in the instant before the write: a Node agent whose ``onStart``
+    throws after registering) failed with ``its stdin is closed (the child exited?)``: a
+    guess, wrong for a child that lives on, and no exit status for one that exited. The
+    kernel waits for the exit status as it does at the end of stdout (at most 1 s) and
+    says which it was."""
+    cmd = script(tmp_path, CLOSES_STDIN % ("60" if lives else "0.3"))
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(cmd, name="closer", restart="temporary"))
+        await wait_until(lambda: stats_of(kernel, ref).protocol == 2, "registered")
+        with pytest.raises(RequestFailed) as info:
+            await kernel.request(ref, "x", timeout=15)
+        assert info.value.reason == "handler_error"
+        assert str(info.value.error).endswith(f": {problem}"), info.value.error
+
+
 class _RaisingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         raise KeyError("the filter's bug")

@@ -1221,16 +1221,28 @@ class ProcessAgent(Agent):
         process = self.process
         assert process is not None and process.stdin is not None
         timeout = self._send_timeout() if bounded else math.inf
+        broken: trio.BrokenResourceError | None = None
         with trio.move_on_after(timeout) as scope:
             async with self._write_lock:
                 if entry is not None:
                     entry.written = True
                 try:
                     await process.stdin.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    raise ProcessAgentError(
-                        self.label, "its stdin is closed (the child exited?)", process.pid
-                    ) from exc
+                except trio.BrokenResourceError as exc:
+                    broken = exc  # the child's end is closed: said below, the lock let go
+                except trio.ClosedResourceError as exc:
+                    # (closed on this side: the child is being stopped)
+                    raise ProcessAgentError(self.label, "its stdin is closed", process.pid) from exc
+        if broken is not None:
+            # The child exited, or closed its stdin and lives on: which, as at the end of
+            # its stdout (its exit status comes a moment after its pipes close).
+            code = await self._exit_code(process)
+            problem = (
+                f"exited with status {code}"
+                if code is not None
+                else "closed its stdin (still running; it will be killed)"
+            )
+            raise ProcessAgentError(self.label, problem, process.pid) from broken
         if scope.cancelled_caught:
             raise ProcessAgentError(
                 self.label,
