@@ -2029,6 +2029,34 @@ async def test_a_handler_s_traceback_on_stderr_is_logged_whole_at_warning(
     assert warned[: len(failure)] == failure, lines
 
 
+@pytest.mark.parametrize("lang", ["python", "node"])
+def test_nexus_send_shows_why_an_agent_s_on_start_failed(lang: str, tmp_path: Path) -> None:
+    """Regression: a Node agent whose ``onStart`` threw exited with status 1, and ``nexus
+    send`` (log level warning) said only ``exited with status 1``: the bridge's report
+    (``nexus-bridge[name]: Error: no config`` and its stack) was logged at info. A line of
+    the bridges that names an error class is a warning now, with its stack."""
+    if lang == "node":
+        source = RAISING_AGENTS["node"].replace(
+            "  handleMessage(message)",
+            "  onStart() { throw new Error('no config'); }\n  handleMessage(message)",
+        )
+        (tmp_path / "starter.js").write_text(source)
+        cmd = [node_or_skip(), str(tmp_path / "starter.js")]
+    else:
+        source = RAISING_AGENTS["python"].replace(
+            "    def handle_message",
+            "    def on_start(self):\n        raise RuntimeError('no config')\n    def handle_message",
+        )
+        (tmp_path / "starter.py").write_text(source)
+        cmd = [sys.executable, str(tmp_path / "starter.py")]
+    result = send_cli(shlex.join(cmd), '"x"')
+    assert result.exit_code == 1, result.output
+    shown = [line for line in result.stderr.splitlines() if "nexus_trio.bridge.stderr" in line]
+    assert any("Error: no config" in line for line in shown), result.stderr
+    assert any("onStart" in line or "on_start" in line for line in shown), result.stderr
+    assert "exited with status 1" in result.stderr.splitlines()[-1]
+
+
 #: registers, closes its stdin, then lives on (``live``) or exits with status 7 a moment later
 CLOSES_STDIN = """
 import time

@@ -111,9 +111,10 @@ _UNMATCHED: Final = "discarded answers"
 _REFUSED: Final = "refused sends"
 _STDERR_WARNING = re.compile(
     r"^\s*(Traceback|\w*(Error|Exception)\b|error\b|ERROR|WARN|WARNING|CRITICAL|FATAL|panic)"
-    # the shipped bridges' report of a handler (or on_stop) that raised, or of a result
-    # JSON cannot carry
-    r"|^nexus-bridge\[.*\]: (.*\bfailed\b|result of \w+ is not JSON serialisable)"
+    # the shipped bridges' report of a handler (or on_stop) that raised, of a result JSON
+    # cannot carry, or of a run that failed (Node: "nexus-bridge[name]: Error: ...")
+    r"|^nexus-bridge\[.*\]: (.*\bfailed\b|result of \w+ is not JSON serialisable"
+    r"|[\w.]*(Error|Exception)\b)"
 )
 #: after a warning line, a line that goes on with it (a frame of a traceback or a stack:
 #: indented; blank; Python's chaining of exceptions) is a warning too
