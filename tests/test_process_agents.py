@@ -2057,11 +2057,12 @@ def test_nexus_send_shows_why_an_agent_s_on_start_failed(lang: str, tmp_path: Pa
     assert "exited with status 1" in result.stderr.splitlines()[-1]
 
 
-#: registers, closes its stdin, then lives on (``live``) or exits with status 7 a moment later
+#: closes its stdin, registers (so that no message is written before the close), then
+#: lives on or exits with status 7 a moment later
 CLOSES_STDIN = """
 import time
-emit({"type": "register", "payload": {"id": "x", "name": "closer", "protocol": 2}})
 os.close(0)
+emit({"type": "register", "payload": {"id": "x", "name": "closer", "protocol": 2}})
 time.sleep(%s)
 sys.exit(7)
 """
@@ -2085,7 +2086,9 @@ async def test_a_child_whose_stdin_is_broken_is_said_to_have_exited_or_closed_it
     says which it was."""
     cmd = script(tmp_path, CLOSES_STDIN % ("60" if lives else "0.3"))
     async with bridge_kernel() as kernel:
-        ref = kernel.spawn(process_agent(cmd, name="closer", restart="temporary"))
+        ref = kernel.spawn(
+            process_agent(cmd, name="closer", restart="temporary", shutdown_grace=0.5)
+        )
         await wait_until(lambda: stats_of(kernel, ref).protocol == 2, "registered")
         with pytest.raises(RequestFailed) as info:
             await kernel.request(ref, "x", timeout=15)
