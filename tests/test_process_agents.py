@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -2668,6 +2669,20 @@ async def test_no_child_process_remains_after_the_kernel_exits() -> None:
         ({"restart": "sometimes"}, ValueError, "restart"),
         ({"handle_timeout": -2}, ValueError, "handle_timeout"),
         ({"env": {"A": 1}}, TypeError, "env must map strings"),
+        # regression: os.fspath's "expected str, bytes or os.PathLike object, not int",
+        # and AttributeError "'str' object has no attribute 'items'", named nothing
+        (
+            {"cmd": [sys.executable, "-c", 3]},
+            TypeError,
+            "process_agent: command items must be strings, got 3 (item 2)",
+        ),
+        ({"cmd": [sys.executable, None]}, TypeError, "got None (item 1)"),
+        (
+            {"env": "PATH=/bin"},
+            TypeError,
+            "process_agent: env must be a mapping of strings to strings, got 'PATH=/bin'",
+        ),
+        ({"env": [("A", "1")]}, TypeError, "env must be a mapping"),
         ({"ping_interval": 0}, ValueError, "ping_interval"),
         ({"ping_timeout": float("inf")}, ValueError, "ping_timeout"),
         ({"cancel_grace": -0.5}, ValueError, "cancel_grace must be finite and >= 0, got -0.5"),
@@ -2682,7 +2697,7 @@ def test_bad_arguments_are_refused_naming_the_problem(
 ) -> None:
     arguments: dict[str, Any] = {"cmd": [sys.executable, TOY], **kwargs}
     cmd = arguments.pop("cmd")
-    with pytest.raises(error, match=text.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(error, match=re.escape(text)):
         process_agent(cmd, **arguments)
 
 

@@ -1769,14 +1769,16 @@ def _command(
     if isinstance(cmd, str):
         parts = shlex.split(cmd)
     elif isinstance(cmd, Sequence):
-        parts = [os.fspath(part) for part in cmd]
+        parts = [os.fspath(part) if isinstance(part, os.PathLike) else part for part in cmd]
     else:
         raise TypeError(f"process_agent: cmd must be a list of strings or a string, got {cmd!r}")
+    for i, part in enumerate(parts):
+        if not isinstance(part, str):
+            raise TypeError(
+                f"process_agent: command items must be strings, got {part!r} (item {i})"
+            )
     if not parts or not parts[0]:
         raise ValueError(f"process_agent: empty command {cmd!r}")
-    for part in parts:
-        if not isinstance(part, str):
-            raise TypeError(f"process_agent: command items must be strings, got {part!r}")
     program = parts[0]
     if os.sep in program:
         path = program if os.path.isabs(program) else os.path.join(cwd or os.getcwd(), program)
@@ -1826,6 +1828,10 @@ def process_agent(
     if cwd_text is not None and not os.path.isdir(cwd_text):
         raise ValueError(f"process_agent: cwd {cwd_text!r} is not a directory")
     if env is not None:
+        if not isinstance(env, Mapping):
+            raise TypeError(
+                f"process_agent: env must be a mapping of strings to strings, got {env!r}"
+            )
         for key, value in env.items():
             if not isinstance(key, str) or not isinstance(value, str):
                 raise TypeError(
