@@ -246,3 +246,24 @@ def test_help_names_the_value_of_every_file_option_and_what_app_takes() -> None:
         "an @agent spec, an Agent subclass, a Supervisor, a list of these, or async def main(kernel)"
         in run
     )
+
+
+@pytest.mark.parametrize("command", ["run", "send", "bench"])
+def test_the_help_text_after_the_options_is_reflowed_not_ragged(command: str) -> None:
+    """Regression: ``nexus send --help`` printed its closing paragraph with the line
+    breaks of its source, which the terminal's width broke again: at 80 columns a line
+    of 73 characters was followed by one of 16 (``(shutdown frame,``), and so on. The
+    paragraph is one text now, reflowed to the width as ``run``'s is."""
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "80", "NO_COLOR": "1"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    after = lines[max(i for i, line in enumerate(lines) if line.startswith("╰")) + 1 :]
+    paragraph: list[str] = []
+    for line in [*after, ""]:
+        text = line.strip()
+        if text and not text.startswith(("nexus ", "--", "'")):
+            paragraph.append(text)
+            continue
+        # every line of a paragraph but its last fills the width, give or take a word
+        assert all(len(ln) >= 60 for ln in paragraph[:-1]), paragraph
+        paragraph = []

@@ -24,11 +24,11 @@ _EPILOG = """\
   nexus send "node examples/javascript_agent_example.js" \\
       '{"operation": "stats", "data": [1, 2, 3, 4]}' --kind Command
 
-The agent is started under a kernel, gets one message, and is shut down (shutdown frame,
-grace, SIGTERM, SIGKILL). The answer's payload is printed as JSON on stdout; logs and the
-agent's stderr go to stderr. Exit status: 0 answered, 1 the agent failed (did not start,
-crashed, sent an error frame, timed out), 2 bad arguments, 3 the answer holds NaN or
-Infinity, which JSON has not: nothing is printed on stdout, stderr says where they are
+The agent is started under a kernel, gets one message, and is shut down (shutdown frame, \
+grace, SIGTERM, SIGKILL). The answer's payload is printed as JSON on stdout; logs and the \
+agent's stderr go to stderr. Exit status: 0 answered, 1 the agent failed (did not start, \
+crashed, sent an error frame, timed out), 2 bad arguments, 3 the answer holds NaN or \
+Infinity, which JSON has not: nothing is printed on stdout, stderr says where they are \
 and shows the answer.
 """
 
