@@ -263,3 +263,35 @@ def test_a_program_its_supervisor_gives_up_on_fails_and_stops_the_run(tmp_path: 
     assert table.returncode == 1, table.stderr
     out = " ".join(table.stdout.split())
     assert f"crashes {command}: registered as 'c' (4 starts), then {problem}" in out
+
+
+#: registers, then ignores the shutdown frame and SIGTERM: only SIGKILL stops it
+STUBBORN = textwrap.dedent(
+    """
+    import json, signal, sys, time
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print(json.dumps({"type": "register", "payload": {"id": "x", "name": "s"}}), flush=True)
+    while True:
+        time.sleep(1)
+    """
+)
+
+
+def test_a_program_that_ignores_its_stop_is_held_no_longer_than_the_kernel_s_grace(
+    tmp_path: Path,
+) -> None:
+    """Regression: with ``[kernel] shutdown_grace_ms = 500`` a registered program that
+    ignored the shutdown frame and SIGTERM held the stop 10 s (the bridge's own 5 s grace,
+    twice), where one that never registered is bounded by the kernel's grace. A --spawn
+    program now gets the kernel's grace (at most the bridge's 5 s): 0.5 s after the
+    shutdown frame, 0.5 s after SIGTERM, then SIGKILL."""
+    (tmp_path / "stubborn.py").write_text(STUBBORN)
+    (tmp_path / "nexus.toml").write_text("[kernel]\nshutdown_grace_ms = 500\n")
+    result = nexus_run(
+        tmp_path, "-c", "nexus.toml", "--spawn", f"{PYTHON} stubborn.py", "-d", "0.3", "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["spawned"][0]["last_exit"] == -9
+    assert summary["elapsed_s"]["shutdown"] < 5.0, summary["elapsed_s"]
+    assert "did not exit within 0.5s of shutdown; sending SIGTERM" in result.stderr

@@ -32,6 +32,8 @@ log = logging.getLogger("nexus_trio.cli")
 
 #: how long a spawned program may take to register when the shutdown grace is longer
 REGISTER_TIMEOUT: Final = 10.0
+#: the bridge's own wait after the shutdown frame (process_agent's shutdown_grace)
+STOP_GRACE: Final = 5.0
 #: programs whose first plain argument (a script) names the agent better than they do
 _INTERPRETER: Final = re.compile(
     r"^(python[\d.]*|pypy[\d.]*|node|nodejs|deno|bun|ruby|perl|php|bash|sh|zsh|java|uv|npx)$"
@@ -120,13 +122,25 @@ def register_timeout(shutdown_grace: float) -> float:
     return min(REGISTER_TIMEOUT, shutdown_grace) if shutdown_grace > 0 else REGISTER_TIMEOUT
 
 
+def stop_grace(shutdown_grace: float) -> float:
+    """The wait after the ``shutdown`` frame, and again after SIGTERM: the kernel's
+    shutdown grace, at most the bridge's own (5 s), so that a program that ignores its
+    stop holds it no longer than the kernel's grace (twice)."""
+    return min(STOP_GRACE, shutdown_grace) if shutdown_grace > 0 else STOP_GRACE
+
+
 def spawn_programs(kernel: Kernel, commands: Sequence[Sequence[str]]) -> list[SpawnedProgram]:
     """Spawn one process agent per command, named after its program."""
     grace = kernel.config.kernel.shutdown_grace
     programs: list[SpawnedProgram] = []
     for argv, name in zip(commands, agent_names(commands), strict=True):
         ref = kernel.spawn(
-            process_agent(list(argv), name=name, register_timeout=register_timeout(grace))
+            process_agent(
+                list(argv),
+                name=name,
+                register_timeout=register_timeout(grace),
+                shutdown_grace=stop_grace(grace),
+            )
         )
         programs.append(SpawnedProgram(tuple(argv), name, ref.id))
         log_guarded(log, logging.INFO, "spawned process agent %s: %s", name, shlex.join(argv))
