@@ -24,7 +24,7 @@ from ._child import enum_member, to_restart
 from ._config import OverflowPolicy
 from ._errors import AgentNotRunning
 from ._logfields import log_fields as log_fields
-from ._message import Address, Message, MessageKind, new_message, new_query
+from ._message import Address, Message, MessageKind, kind_error, new_message, new_query
 
 if TYPE_CHECKING:
     from ._kernel import Kernel
@@ -255,6 +255,7 @@ def _check_handler_signature(function: Callable[..., Any], shown: str, arguments
 #: parameter names that say which argument a handler expects where (also read by
 #: ``nexus run --app``, to tell a handler without ``@agent`` from a main)
 MESSAGE_NAMES: Final = frozenset({"msg", "message"})
+_COMMAND: Final = MessageKind.COMMAND
 CONTEXT_NAMES: Final = frozenset({"ctx", "context"})
 
 
@@ -488,6 +489,8 @@ class Context:
     ) -> Message:
         if isinstance(to, Message):
             return to
+        if kind is not _COMMAND and kind.__class__ is not MessageKind:
+            raise kind_error(kind)
         current = self._cell.current
         trace_id = current.trace_id if current is not None else None
         return new_message(self.id, address_of(to), payload, kind, trace_id)

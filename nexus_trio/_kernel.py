@@ -57,7 +57,16 @@ from ._gc import HeapKeeper
 from ._ledger import Ledger
 from ._logcall import log_guarded
 from ._mailbox import Mailbox, MailboxStatistics
-from ._message import SYSTEM_ID, Address, Message, MessageKind, new_id, new_message, new_query
+from ._message import (
+    SYSTEM_ID,
+    Address,
+    Message,
+    MessageKind,
+    kind_error,
+    new_id,
+    new_message,
+    new_query,
+)
 from ._router import AgentWalk, KernelPhase, Router, TransportHandle
 from ._stats import AgentStats, KernelStats
 from ._streams import Subscription
@@ -69,6 +78,7 @@ log = logging.getLogger("nexus_trio.kernel")
 
 # Enum members as module constants: a class-attribute read costs ~170 ns on Python 3.11.
 _RUNNING: Final = KernelPhase.RUNNING
+_COMMAND: Final = MessageKind.COMMAND
 
 
 @final
@@ -431,6 +441,8 @@ class Kernel:
         * kernel shutting down: :class:`KernelShuttingDown`.
         """
         address: Address | None
+        if kind is not _COMMAND and kind.__class__ is not MessageKind:
+            raise kind_error(kind)
         # A ref first: the common case takes one type test, not two.
         if type(to) is AgentRef:
             address = to.id
@@ -458,6 +470,8 @@ class Kernel:
     ) -> Message:
         """Like :meth:`send` but never waits: a full mailbox raises :class:`MailboxFull` at once
         (``drop_newest``/``drop_oldest`` policies still accept and dead-letter)."""
+        if kind is not _COMMAND and kind.__class__ is not MessageKind:
+            raise kind_error(kind)
         if type(to) is Message:
             msg = to
         else:

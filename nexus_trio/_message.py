@@ -234,10 +234,12 @@ class Message(_Slots):
         reply_to: uuid.UUID | None = None,
         trace_id: uuid.UUID | None = None,
     ) -> None:
+        if kind is not _COMMAND and kind.__class__ is not MessageKind:
+            raise kind_error(kind)
         self._sender = sender
         self._to = to
         self._payload = payload
-        self._kind = kind
+        self._kind: MessageKind = kind
         if id is None:
             self._id = _undrawn  # drawn when first needed
         elif id.__class__ is int:
@@ -402,6 +404,18 @@ class Message(_Slots):
         if not unicode_text_read(data, (msg.to, msg.payload)):
             raise MessageDecodeError("<document>", LONE_SURROGATE)
         return msg
+
+
+def kind_error(kind: object) -> TypeError:
+    """The error for a ``kind`` that is no :class:`MessageKind` (e.g. the text
+    ``"Command"``): taken, it would match no kind test (``msg.kind is
+    MessageKind.QUERY``) and fail only where the message is encoded."""
+    members = ", ".join(f"MessageKind.{k.name}" for k in MessageKind)
+    spelt = next((k for k in MessageKind if kind in (k.value, k.name)), None)
+    hint = f": write kind=MessageKind.{spelt.name}" if spelt is not None else f" ({members})"
+    return TypeError(
+        f"a message's kind must be a MessageKind, not {type(kind).__name__} {kind!r}{hint}"
+    )
 
 
 def new_message(

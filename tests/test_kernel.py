@@ -74,6 +74,54 @@ def reasons(kernel: Kernel) -> list[tuple[Any, DeadLetterReason]]:
 # --- send --------------------------------------------------------------------------------------
 
 
+async def test_a_kind_that_is_no_message_kind_is_refused_naming_it(autojump_clock: Any) -> None:
+    """``kind="Command"`` (the wire spelling, as text) was taken: the message then matched
+    no kind test (a "Query" was handled as a tell) and failed only where it was encoded
+    (a process agent's bridge, another node). Every way in refuses it, naming it."""
+    seen: list[Any] = []
+
+    @agent(name="relay")
+    async def relay(ctx: Context, msg: Message) -> None:
+        for send in (ctx.send, ctx.send_nowait):
+            try:
+                result = send("sink", msg.payload, kind="Event")  # type: ignore[arg-type]
+                if not isinstance(result, Message):
+                    await result
+                seen.append("taken")
+            except TypeError as exc:
+                seen.append(str(exc))
+
+    async with open_kernel(make_config()) as kernel:
+        sink = kernel.spawn(noop, name="sink")
+        kernel.spawn(relay)
+        with pytest.raises(TypeError) as by_send:
+            await kernel.send(sink, 1, kind="Query")  # type: ignore[arg-type]
+        with pytest.raises(TypeError) as by_send_nowait:
+            kernel.send_nowait(sink, 1, kind=5)  # type: ignore[arg-type]
+        with pytest.raises(TypeError) as by_message:
+            Message(SYSTEM_ID, sink.id, 1, "Response")  # type: ignore[arg-type]
+        assert kernel.stats().accepted == 0  # nothing was taken
+        await kernel.send("relay", "x")
+        await kernel.send(sink, "an event", kind=MessageKind.EVENT)
+        await trio.testing.wait_all_tasks_blocked()
+        stats = kernel.stats()
+    assert str(by_send.value) == (
+        "a message's kind must be a MessageKind, not str 'Query': write kind=MessageKind.QUERY"
+    )
+    assert str(by_send_nowait.value) == (
+        "a message's kind must be a MessageKind, not int 5 (MessageKind.COMMAND, "
+        "MessageKind.EVENT, MessageKind.QUERY, MessageKind.RESPONSE)"
+    )
+    assert "not str 'Response': write kind=MessageKind.RESPONSE" in str(by_message.value)
+    assert (
+        seen
+        == ["a message's kind must be a MessageKind, not str 'Event': write kind=MessageKind.EVENT"]
+        * 2
+    )
+    # the relay's message and the event were handled; nothing else was accepted
+    assert (stats.accepted, stats.handled, stats.dead_lettered) == (2, 2, 0)
+
+
 async def test_send_to_unknown_recipient_raises_agent_not_found_at_once(
     autojump_clock: Any,
 ) -> None:

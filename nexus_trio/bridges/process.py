@@ -125,15 +125,6 @@ _STDERR_GOES_ON = re.compile(
 _STDERR_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*:\s")
 
 
-def _kind_member(kind: object) -> str:
-    """The ``MessageKind`` member meant by ``kind`` (``"Command"`` -> ``COMMAND``), else a
-    list of them."""
-    for member in MessageKind:
-        if isinstance(kind, str) and kind.lower() in (member.value.lower(), member.name.lower()):
-            return member.name
-    return "COMMAND (or " + ", ".join(m.name for m in list(MessageKind)[1:]) + ")"
-
-
 class ProcessAgentError(NexusError):
     """The child process of a process agent failed (could not start, exited, stopped reading).
 
@@ -1060,16 +1051,6 @@ class ProcessAgent(Agent):
         (``conversation_id`` = its id, as :meth:`Message.reply` does): the original bridges
         echo it in their answers, which tells answers to tells from answers to queries.
         """
-        kind = msg.kind
-        if type(kind) is not MessageKind:
-            # kernel.send(..., kind="Command"), as the bridges' own send takes it: this
-            # message is refused, the child (which did nothing wrong) is kept.
-            raise MessageFailed(
-                f"message {msg.id} to process agent {self.label} has kind {kind!r}"
-                f" (a {type(kind).__name__}), not a MessageKind: send it with"
-                f" kind=MessageKind.{_kind_member(kind)}",
-                reason=DeadLetterReason.MALFORMED,
-            )
         conversation = str(msg.conversation_id or msg.id)
         text = trace_text(ctx.kernel, msg.trace_id)
         try:
