@@ -37,12 +37,15 @@ class AgentNotFound(NexusError, LookupError):
     # (slots, not the instance dict: the table is neither pickled nor copied with it)
     __slots__ = ("_hint", "_known")
 
-    def __init__(self, address: uuid.UUID | str, known: Collection[object] | None = None) -> None:
+    def __init__(
+        self, address: uuid.UUID | str, known: Collection[object] | None = None, *, detail: str = ""
+    ) -> None:
         self.address = address
         #: the addresses the kernel knew (its live table, or None), for the hint
         self._known = known
         self._hint: str | None = None
-        super().__init__(f"no agent is registered as {address!r}")
+        text = f"no agent is registered as {address!r}"
+        super().__init__(f"{text} ({detail})" if detail else text)
 
     def __str__(self) -> str:
         text = super().__str__()

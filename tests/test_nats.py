@@ -73,6 +73,19 @@ async def double(ctx: Context, msg: Message) -> Any:
     return msg.payload * 2
 
 
+async def test_wait_for_name_says_how_long_it_waited_for_a_name_nobody_has(
+    nats: NatsServer,
+) -> None:
+    """Regression: its AgentNotFound read as a failed send's does, saying nothing of the wait."""
+    async with local_node(nats.url) as (_kernel, cluster):
+        with pytest.raises(AgentNotFound) as nobody:
+            await cluster.wait_for_name("nobody-anywhere", timeout=0.3)
+    assert nobody.value.address == "nobody-anywhere"
+    assert str(nobody.value) == (
+        "no agent is registered as 'nobody-anywhere' (not in the cluster after waiting 0.3s for it)"
+    )
+
+
 async def test_unreachable_nats_at_start_names_the_url() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -2568,7 +2568,8 @@ class Cluster:
         """Wait (bounded) until ``name`` is known in the cluster; return ``(node, agent id)``.
 
         Useful right after another node spawned it (KV propagation takes milliseconds).
-        Raises :class:`AgentNotFound` after ``timeout`` seconds.
+        Raises :class:`AgentNotFound` after ``timeout`` seconds (its text says how long
+        it waited).
         """
         with trio.move_on_after(timeout):
             while True:
@@ -2581,7 +2582,7 @@ class Cluster:
                 if name in self._names:
                     continue
                 await trio.sleep(0.02)
-        raise AgentNotFound(name)
+        raise AgentNotFound(name, detail=f"not in the cluster after waiting {timeout:g}s for it")
 
     def _note_local_name(self, name: str, agent_id: uuid.UUID | None) -> None:
         """Queue a put (``agent_id``) or delete (None) of a local name in KV, once."""
