@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from nexus_trio import (
     Agent,
+    AgentNotFound,
     Context,
     EventKind,
     Kernel,
@@ -1486,3 +1487,11 @@ async def test_a_name_or_type_that_cannot_be_placed_is_refused_here_naming_it(
         )
         assert not a.kernel.is_local("c-1")
         assert not b.kernel.is_local("c-1")
+        # pinned to a node that is no live member: said so, the address as documented
+        with pytest.raises(AgentNotFound) as nowhere:
+            await a.spawn("counter", name="c-2", node="n9")
+        assert nowhere.value.address == "node:n9"
+        assert str(nowhere.value) == (
+            "no agent is registered as 'node:n9' (no live member 'n9' to pin 'c-2' on;"
+            " live members: 'a', 'b')"
+        )

@@ -230,7 +230,11 @@ class Placement:
             raise ValueError(f"agent name must be a non-empty string, got {name!r}")
         cluster = self._cluster
         if node is not None and node not in cluster.live_nodes():
-            raise AgentNotFound(f"node:{node}")
+            live = ", ".join(repr(n) for n in cluster.live_nodes())
+            raise AgentNotFound(
+                f"node:{node}",
+                detail=f"no live member {node!r} to pin {name!r} on; live members: {live}",
+            )
         holder = cluster.name_holder(name)
         if holder is not None and holder[0] in cluster.live_nodes():
             raise NameTaken(name, holder[1])
