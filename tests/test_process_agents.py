@@ -2750,6 +2750,52 @@ def test_nexus_send_command_gets_the_answer_routed_back() -> None:
     assert result.stdout.strip().splitlines()[-1] == "[1, 2]"
 
 
+def test_nexus_send_holds_an_agent_that_ignores_its_stop_no_longer_than_the_kernel_s_grace(
+    tmp_path: Path,
+) -> None:
+    """Regression: with ``[kernel] shutdown_grace_ms = 500``, an agent that answered and
+    then ignored the shutdown frame and SIGTERM held ``nexus send`` 10 s after its answer
+    (the bridge's own 5 s, twice), as ``nexus run --spawn`` did until this pass: the
+    agent's stop now waits the kernel's grace, 0.5 s after each."""
+    cmd = script(
+        tmp_path,
+        """
+        import signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        emit({"type": "register", "payload": {"id": "x", "name": "stubborn"}})
+        respond_p1(next_message(), "done")
+        for line in sys.stdin:  # the shutdown frame, ignored
+            pass
+        while True:
+            time.sleep(1)
+        """,
+    )
+    (tmp_path / "nexus.toml").write_text("[kernel]\nshutdown_grace_ms = 500\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nexus_trio.cli",
+            "send",
+            "-c",
+            "nexus.toml",
+            shlex.join(cmd),
+            '"hi"',
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == '"done"'
+    assert "did not exit within 0.5s of shutdown; sending SIGTERM" in result.stderr
+    assert "within 5s of shutdown" not in result.stderr
+
+
 #: a child that answers every message with ``{ANSWER}`` as Python's json writes it
 #: (NaN and Infinity included: what a careless agent sends)
 ANSWERS = """

@@ -118,7 +118,17 @@ def register(app: typer.Typer) -> None:
 
         import trio
 
-        from ._spawn import OneLineBridgeErrors
+        from ._spawn import OneLineBridgeErrors, stop_grace
+
+        # The agent's stop waits as long as the kernel's grace (at most the bridge's own),
+        # as under nexus run --spawn: built again now that the config is read.
+        spec = process_agent(
+            argv,
+            name=name,
+            restart="temporary",
+            register_timeout=register_timeout,
+            shutdown_grace=stop_grace(loaded.config.kernel.shutdown_grace),
+        )
 
         # A child that did not start or exited is said in one line, as by nexus run
         # --spawn: the traceback would show only the kernel's and the bridge's internals.
