@@ -1495,3 +1495,44 @@ async def test_a_name_or_type_that_cannot_be_placed_is_refused_here_naming_it(
             "no agent is registered as 'node:n9' (no live member 'n9' to pin 'c-2' on;"
             " live members: 'a', 'b')"
         )
+
+
+@pytest.mark.parametrize("registered", ["on join", "in the block"])
+async def test_types_given_to_join_cluster_are_known_before_the_node_takes_placements(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch, registered: str
+) -> None:
+    """A member that places an agent on a node as soon as it hears it: with
+    ``register_type`` inside the join block, the placement could come before the type
+    was registered (``UnknownAgentType``, seen with two ``--workers`` apps placing at
+    start); ``join_cluster(..., types=...)`` registers the types before the node listens.
+    Here the placement comes at the earliest moment: right after the node's start, before
+    the block's first line."""
+    outcome: list[Any] = []
+    original = Cluster._start
+
+    async def start(self: Cluster, nursery: trio.Nursery) -> None:
+        await original(self, nursery)
+        if self.node == "a":
+            _meet(b, self)
+            try:
+                outcome.append(await b.spawn("counter", name="early-1", node="a"))
+            except UnknownAgentType as exc:
+                outcome.append(exc)
+
+    async with _node(nats.url, "b", **QUIET) as (_, b):
+        monkeypatch.setattr(Cluster, "_start", start)
+        types = {"counter": COUNTING} if registered == "on join" else None
+        async with (
+            open_kernel(node_config()) as ka,
+            join_cluster(ka, nats.url, "a", options=attrs.evolve(FAST, **QUIET), types=types) as a,
+        ):
+            if types is None:
+                a.register_type("counter", COUNTING)  # too late for the placement above
+            monkeypatch.setattr(Cluster, "_start", original)
+            (result,) = outcome
+            if registered == "on join":
+                assert result.node == "a" and ka.is_local("early-1")
+            else:
+                assert isinstance(result, UnknownAgentType), result
+                assert not ka.is_local("early-1")
+            await ka.shutdown()

@@ -48,7 +48,7 @@ import time
 import uuid
 import weakref
 from collections import Counter, OrderedDict, deque
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final, final
 
@@ -3717,8 +3717,14 @@ async def join_cluster(
     options: ClusterOptions | None = None,
     prefix: str | None = None,
     auth: NatsAuth | None = None,
+    types: Mapping[str, Any] | None = None,
 ) -> AsyncIterator[Cluster]:
     """Join ``kernel`` to the NATS cluster at ``url`` as node ``node`` for the block.
+
+    ``types`` maps agent type names to what ``kernel.spawn`` takes: each is registered
+    (:meth:`Cluster.register_type`) before the node listens for placements, so a member
+    that places an agent here as soon as it hears this node never finds the type
+    unknown (``register_type`` inside the block leaves that window open).
 
     ``url`` is one server URL, a comma-separated list, or a sequence (the client fails
     over between them); None takes ``[nats] url`` of the kernel's config (ValueError naming
@@ -3748,6 +3754,8 @@ async def join_cluster(
     try:
         async with asyncio_loop():
             cluster = Cluster(kernel, servers, node, opts, auth)
+            for type_name, spec in (types or {}).items():
+                cluster.register_type(type_name, spec)
             try:
                 await cluster._connect()
                 async with trio.open_nursery() as nursery:
