@@ -103,32 +103,28 @@ def register(app: typer.Typer) -> None:
         except ValueError as exc:
             raise typer.BadParameter(f"{exc} in {cmd!r}", param_hint="'CMD'") from None
         try:
-            spec = process_agent(
-                argv, name=name, restart="temporary", register_timeout=register_timeout
-            )
-        except (TypeError, ValueError) as exc:
-            hint = "'--name'" if "name" in str(exc) else "'CMD'"
-            raise typer.BadParameter(str(exc), param_hint=hint) from None
-        try:
             loaded = load_config(config, overrides={"logging.level": log_level})
         except ConfigError as exc:
             flag = "'--log-level'" if exc.key == "logging.level" else "'--config'"
             raise typer.BadParameter(str(exc), param_hint=flag) from None
+        from ._spawn import OneLineBridgeErrors, stop_grace
+
+        try:
+            # The agent's stop waits as long as the kernel's grace (at most the bridge's
+            # own), as under nexus run --spawn.
+            spec = process_agent(
+                argv,
+                name=name,
+                restart="temporary",
+                register_timeout=register_timeout,
+                shutdown_grace=stop_grace(loaded.config.kernel.shutdown_grace),
+            )
+        except (TypeError, ValueError) as exc:
+            hint = "'--name'" if "name" in str(exc) else "'CMD'"
+            raise typer.BadParameter(str(exc), param_hint=hint) from None
         configure_logging(loaded.config.logging)
 
         import trio
-
-        from ._spawn import OneLineBridgeErrors, stop_grace
-
-        # The agent's stop waits as long as the kernel's grace (at most the bridge's own),
-        # as under nexus run --spawn: built again now that the config is read.
-        spec = process_agent(
-            argv,
-            name=name,
-            restart="temporary",
-            register_timeout=register_timeout,
-            shutdown_grace=stop_grace(loaded.config.kernel.shutdown_grace),
-        )
 
         # A child that did not start or exited is said in one line, as by nexus run
         # --spawn: the traceback would show only the kernel's and the bridge's internals.
