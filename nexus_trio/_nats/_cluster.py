@@ -887,8 +887,8 @@ class Cluster:
 
     def _cancel_type_query(self, query_id: uuid.UUID, to: Address) -> None:
         """Cancel query ``query_id`` to type address ``to`` wherever a replica took it: a
-        frame to every other reachable node (those without it ignore it), and the
-        handler here if a replica here took it (NATS handed the query back to this
+        frame to every other reachable node (those without it only mark it late), and
+        the handler here if a replica here took it (NATS handed the query back to this
         node's own queue subscription)."""
         for node, info in list(self.members.members.items()):
             if node != self.node and info.reachable:
