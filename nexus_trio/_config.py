@@ -444,6 +444,17 @@ class AppConfig:
         validator=_check_app,
         metadata=_doc("your agents as 'package.module:attr'; unset = the built-in demo workload"),
     )
+    types: str | None = attrs.field(
+        default=None,
+        validator=_check_app,
+        metadata={
+            **_doc(
+                "agent types as 'package.module:attr' (a dict: type name -> @agent spec or"
+                " Agent subclass), registered before the node joins; needs a cluster"
+            ),
+            "example": "myproject.agents:TYPES",
+        },
+    )
     spawn: list[str] = attrs.field(
         factory=list,
         converter=_to_commands,

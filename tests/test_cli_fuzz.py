@@ -128,6 +128,7 @@ BAD: dict[str, tuple[list[str], list[str]]] = {
     "--log-level": (["--log-level", "-l"], ["loud", "", "info2"]),
     "--log-format": (["--log-format", "-f"], ["xml", ""]),
     "--app": (["--app"], ["nocolon", ":", "a:", "1a:b", "", "a:b:c"]),
+    "--types": (["--types"], ["nocolon", ":", "a:", "1a:b", "", "a:b:c", "json:dumps"]),
     "--spawn": (["--spawn"], ["python 'oops", "", "  ", "no-such-program-here-xyz"]),
     "--nats": (["--nats"], ["not-a-url", "", "http://127.0.0.1:4222", "nats://h:x", "nats://:1"]),
     "--config": (["--config", "-c"], ["."]),  # a directory

@@ -359,6 +359,7 @@ BAD_VALUES = [
     ("metrics", "cache_ms", "-5", "[metrics] cache_ms must be >= 0, got -5"),
     ("metrics", "max_connections", "0", "[metrics] max_connections must be >= 1, got 0"),
     ("app", "app", '"nocolon"', "[app] app must look like 'package.module:attr', got 'nocolon'"),
+    ("app", "types", '"a:"', "[app] types must look like 'package.module:attr', got 'a:'"),
     ("app", "spawn", "[1]", "[app] spawn must be a list of non-empty command strings, got [1]"),
     ("app", "agents", "0", "[app] agents must be >= 1, got 0"),
     ("app", "duration", "-1", "[app] duration must be >= 0, got -1"),
@@ -652,10 +653,11 @@ def test_template_round_trip_gives_the_defaults(home: Path) -> None:
     loaded = load(home, path)
     assert loaded.config == Config()
     assert loaded.warnings == ()
-    # Every key but the optional app.app and the [nats] keys (all unset by default) is
-    # written out (those are commented examples).
+    # Every key but the optional app.app, app.types and the [nats] keys (all unset by
+    # default) is written out (those are commented examples).
     written = {k for k, v in loaded.sources.items() if v == f"file {path}"}
-    assert written == ALL_KEYS - {"app.app"} - {k for k in ALL_KEYS if k.startswith("nats.")}
+    unset = {"app.app", "app.types"} | {k for k in ALL_KEYS if k.startswith("nats.")}
+    assert written == ALL_KEYS - unset
 
 
 def test_template_documents_every_key() -> None:
@@ -666,6 +668,7 @@ def test_template_documents_every_key() -> None:
             assert field.metadata.get("doc"), f"{section}.{field.name} has no doc"
             assert f"# {field.metadata['doc']} [default: " in text
     assert "# app = " in text
+    assert '# types = "myproject.agents:TYPES"' in text
     assert "NEXUS_KERNEL__MAILBOX_CAPACITY" in text
 
 

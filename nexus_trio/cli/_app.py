@@ -166,10 +166,15 @@ _RUN_EPILOG = (
     "[bold]--app[/] names [i]package.module:attr[/] (the current directory is importable): "
     "an AgentSpec made with @agent (spawned once), a list of AgentSpecs/Supervisors, a "
     "Supervisor, or [i]async def main(kernel)[/] (called once the kernel is up; the run ends "
-    "when it returns, at --duration or at Ctrl-C). Without --app and --spawn a demo workload "
-    "runs: [i]ring[/] (tokens forwarded agent to agent), [i]fanout[/] (a driver sends round "
-    "robin), [i]request[/] (pairs doing request/reply) or [i]pool[/] (a driver sends to a "
-    "pool of workers, resized while it runs).\n\n"
+    "when it returns, at --duration or at Ctrl-C). Without --app, --spawn and --types a demo "
+    "workload runs: [i]ring[/] (tokens forwarded agent to agent), [i]fanout[/] (a driver "
+    "sends round robin), [i]request[/] (pairs doing request/reply) or [i]pool[/] (a driver "
+    "sends to a pool of workers, resized while it runs).\n\n"
+    "[bold]--types[/] names [i]package.module:attr[/]: a dict of agent type names to @agent "
+    "specs or Agent subclasses (e.g. [i]TYPES = {'counter': Counter}[/]), registered before "
+    "the node joins the cluster (with --nats or --workers), so another member that places "
+    "an agent of a type here (cluster.spawn) at once finds it; cluster_of(kernel)"
+    ".register_type in main comes after the join, too late for such a placement.\n\n"
     "Ctrl-C or SIGTERM: graceful shutdown, then the summary; a second one exits at once "
     "(status 130). SIGUSR1: the agent tree (states, mailbox depths) goes to the log.\n\n"
     "Flags override the config file (\\[app], \\[metrics], \\[logging]) and NEXUS_* "
@@ -227,6 +232,16 @@ def run(
             metavar="MODULE:ATTR",
             help="Run your agents instead of the demo: an @agent spec, an Agent subclass, a"
             " Supervisor, a list of these, or async def main(kernel).",
+        ),
+    ] = None,
+    types_ref: Annotated[
+        str | None,
+        typer.Option(
+            "--types",
+            metavar="MODULE:ATTR",
+            help="Agent types for placements: a dict type name -> @agent spec or Agent"
+            " subclass, registered before the node joins; needs --nats or --workers"
+            " (config: \\[app] types).",
         ),
     ] = None,
     workload: Annotated[
@@ -343,6 +358,7 @@ def run(
         "app.duration": "--duration",
         "app.workload": "--workload",
         "app.app": "--app",
+        "app.types": "--types",
         "app.spawn": "--spawn",
         "metrics.port": "--metrics-port",
         "metrics.host": "--metrics-host",
@@ -360,6 +376,7 @@ def run(
         "app.duration": given(duration, "duration"),
         "app.workload": given(workload.value, "workload"),
         "app.app": app_ref,
+        "app.types": types_ref,
         "app.spawn": list(spawn) if spawn else None,
         "metrics.port": given(metrics_port, "metrics_port"),
         "metrics.host": given(metrics_host, "metrics_host"),
@@ -371,8 +388,23 @@ def run(
         if flag is not None:
             raise typer.BadParameter(exc.message, param_hint=f"'{flag}'") from None
         raise _fail(str(exc)) from None
+    types_hint = "'--types'" if types_ref is not None else "[app] types"
+    if loaded.config.app.types and workers is None and not (nats or loaded.config.nats.url):
+        # (checked before anything is imported: a single kernel has no placements to serve)
+        raise typer.BadParameter(
+            "needs --nats URL or --workers N (or [nats] url in the config): agent types are"
+            " for placements from other members of a cluster",
+            param_hint=types_hint,
+        )
     if workers is not None:  # (each worker checks all again; the above must not start them)
-        _run_workers(ctx, workers, nats, json_out, loaded.config.app.app, app_ref is not None)
+        _run_workers(
+            ctx,
+            workers,
+            nats,
+            json_out,
+            (loaded.config.app.app, app_ref is not None),
+            (loaded.config.app.types, types_hint),
+        )
         return
     cfg = loaded.config
     from ._cluster_cmd import WORKER_ENV
@@ -397,6 +429,7 @@ def run(
     )
 
     target = _loaded_app(cfg.app.app, app_ref is not None)
+    types = _loaded_types(cfg.app.types, types_hint)
     if not commands:
         commands = [_split_command(c, "[app] spawn") for c in cfg.app.spawn]
     show_live = live if live is not None else sys.stderr.isatty()
@@ -409,6 +442,7 @@ def run(
         payload_size=payload_size,
         app=cfg.app.app,
         target=target,
+        types=types,
         json=json_out,
         metrics_port=cfg.metrics.port,
         metrics_host=cfg.metrics.host,
@@ -418,7 +452,7 @@ def run(
         node=node,
         live=show_live,
         seed=seed,
-        demo=target is None and not commands,
+        demo=target is None and not commands and types is None,
         records_lost_before=records_lost_before,
         log_calls_failed_before=log_calls_failed_before,
     )
@@ -441,18 +475,33 @@ def _loaded_app(reference: str | None, from_flag: bool) -> Any:
         raise typer.BadParameter(str(exc), param_hint=hint) from None
 
 
+def _loaded_types(reference: str | None, hint: str) -> dict[str, Any] | None:
+    """The agent types ``--types`` (or ``[app] types``; ``hint`` names which) names, None
+    without; a usage error naming it if they cannot be loaded or are not types."""
+    from ._run import AppError, load_types
+
+    if not reference:
+        return None
+    try:
+        return load_types(reference)
+    except AppError as exc:
+        raise typer.BadParameter(str(exc), param_hint=hint) from None
+
+
 def _run_workers(
     ctx: typer.Context,
     workers: int,
     nats: str | None,
     json_out: bool,
-    app_reference: str | None,
-    app_from_flag: bool,
+    app: tuple[str | None, bool],
+    types: tuple[str | None, str],
 ) -> None:
     """``nexus run --workers N ...``: N worker processes, one summary added up.
 
-    The app is loaded here first, as each worker loads it: one that cannot be is one
-    usage error, before the nats-server and the workers start, not N worker failures."""
+    The app (its reference, and whether ``--app`` gave it) and the agent types (their
+    reference, and the flag or key that gave it) are loaded here first, as each worker
+    loads them: one that cannot be is one usage error, before the nats-server and the
+    workers start, not N worker failures."""
     import json
 
     from ._cluster_cmd import (
@@ -468,7 +517,8 @@ def _run_workers(
     check_worker_count(count)
     _check_nats(nats, "--nats" if nats is not None else "--workers")
     with contextlib.redirect_stdout(sys.stderr):  # (stdout is for the summary)
-        _loaded_app(app_reference, app_from_flag)
+        _loaded_app(*app)
+        _loaded_types(*types)
     from ..logs import configure_logging
 
     # the parent's own lines (a worker that died, the private nats-server), as --log-* say

@@ -4,7 +4,8 @@ The flow, all inside one ``trio.run``::
 
     outer nursery: signal watcher, metrics server, live view / progress line
       open_kernel(config)                      leaving it = graceful shutdown
-        [join_cluster(kernel, url, node)]      with --nats
+        [join_cluster(kernel, url, node,       with --nats (--types: registered
+                      types=...)]              before the node takes placements)
           body nursery: process agents (--spawn), the app or the demo's agents and driver
           wait for: --duration, SIGINT/SIGTERM, or the app's main() returning
           stop the demo's traffic, cancel the body
@@ -60,7 +61,7 @@ from ._swarm import Swarm, cluster_counts, layout_from_env
 from ._view import Sample, plain_line, render_live, render_tree, rss_bytes, summary_table
 from ._workloads import Demo
 
-__all__ = ["AppError", "RunOptions", "execute_run", "load_app", "run_async"]
+__all__ = ["AppError", "RunOptions", "execute_run", "load_app", "load_types", "run_async"]
 
 log = logging.getLogger("nexus_trio.cli")
 
@@ -73,7 +74,7 @@ FORCED_EXIT: Final = 130
 
 
 class AppError(Exception):
-    """``--app`` does not name a usable object."""
+    """``--app`` (or ``--types``) does not name a usable object."""
 
 
 @attrs.frozen
@@ -88,6 +89,8 @@ class RunOptions:
     payload_size: int = 16
     app: str | None = None
     target: Any = None
+    #: agent types (``--types``): type name -> spec, registered as the cluster is joined
+    types: Mapping[str, Any] | None = None
     json: bool = False
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
@@ -97,7 +100,7 @@ class RunOptions:
     node: str | None = None
     live: bool = False
     seed: int | None = None
-    #: run the demo workload (no --app and no --spawn)
+    #: run the demo workload (no --app, no --spawn and no --types)
     demo: bool = True
     #: ``records_lost()`` before the run set its logging up (the summary counts the run's
     #: own losses: the count is process-wide); None: when the run starts
@@ -188,6 +191,72 @@ def _where(exc: BaseException) -> str:
 
 def load_app(reference: str) -> Any:
     """Import ``package.module:attr`` (the current directory is importable, as with ``-m``)."""
+    obj = _import_reference(reference)
+    _app_kind(obj)
+    return obj
+
+
+def load_types(reference: str) -> dict[str, Any]:
+    """The agent types ``package.module:attr`` names (``--types``), checked before anything
+    starts: a mapping of type names (what ``cluster.spawn`` takes: letters, digits, ``-``
+    and ``_``) to AgentSpecs (``@agent``) or Agent subclasses; AppError naming what is wrong
+    otherwise."""
+    from .._nats._wire import check_token
+
+    obj = _import_reference(reference)
+    if not isinstance(obj, Mapping):
+        raise AppError(
+            f"{reference} must be a mapping of agent type names to AgentSpecs (@agent) or"
+            f" Agent subclasses, e.g. {{'counter': Counter}}; got {type(obj).__name__}"
+            f" {obj!r:.60}"
+        )
+    if not obj:
+        raise AppError(f"{reference} is an empty mapping: no agent type to register")
+    types: dict[str, Any] = {}
+    for type_name, spec in obj.items():
+        if not isinstance(type_name, str):
+            raise AppError(
+                f"{reference}: agent type {type_name!r} is of type {type(type_name).__name__},"
+                " not a str"
+            )
+        try:
+            check_token("agent type", type_name)
+        except ValueError as exc:
+            raise AppError(f"{reference}: {exc}") from None
+        _check_type_spec(reference, type_name, spec)
+        types[type_name] = spec
+    return types
+
+
+def _check_type_spec(reference: str, type_name: str, spec: Any) -> None:
+    """``spec`` is what a placement of ``type_name`` spawns: one agent, by its spec."""
+    if isinstance(spec, AgentSpec) or (isinstance(spec, type) and issubclass(spec, Agent)):
+        return
+    where = f"{reference}: agent type {type_name!r} is"
+    if isinstance(spec, Supervisor):
+        raise AppError(
+            f"{where} a Supervisor: a placed agent is one agent, given by its AgentSpec"
+            " (@agent) or Agent subclass"
+        )
+    if inspect.iscoroutinefunction(spec) or inspect.isfunction(spec):
+        name = getattr(spec, "__qualname__", repr(spec))
+        try:
+            first = next(iter(inspect.signature(spec).parameters), None)
+        except (TypeError, ValueError):  # no signature to read
+            first = None
+        if first in CONTEXT_NAMES:  # handler(ctx, msg): @agent was forgotten
+            raise AppError(f"{where} {name}, an agent handler without @agent: decorate it")
+        raise AppError(
+            f"{where} the function {name}; expected an AgentSpec (@agent) or an Agent subclass"
+        )
+    raise AppError(
+        f"{where} {type(spec).__name__} {spec!r:.60}; expected an AgentSpec (@agent) or an"
+        " Agent subclass"
+    )
+
+
+def _import_reference(reference: str) -> Any:
+    """The object ``package.module:attr`` names (the current directory is importable)."""
     module_name, sep, attr = reference.partition(":")
     if not sep or not module_name.strip() or not attr.strip():
         raise AppError(f"expected 'package.module:attr', got {reference!r}")
@@ -210,7 +279,6 @@ def load_app(reference: str) -> Any:
             obj = getattr(obj, part)
         except AttributeError:
             raise AppError(f"module {module_name!r} has no attribute {attr!r}") from None
-    _app_kind(obj)
     return obj
 
 
@@ -421,8 +489,10 @@ def stderr_proxy() -> TextIO:
 def _title(opts: RunOptions) -> str:
     if opts.app:
         return f"app {opts.app}"
-    if not opts.demo:
+    if not opts.demo and opts.spawn:
         return f"spawn: {_count_of(len(opts.spawn), 'process agent')}"
+    if not opts.demo:
+        return f"agent types {', '.join(opts.types or ())}"
     return f"{opts.workload} workload · {opts.agents:,} agents"
 
 
@@ -589,7 +659,7 @@ async def _run_async(
                         node = opts.node or default_node_name()
                         try:
                             cluster = await stack.enter_async_context(
-                                join_cluster(kernel, nats_url, node)
+                                join_cluster(kernel, nats_url, node, types=opts.types)
                             )
                         except (TransportUnavailable, ValueError) as exc:
                             join_error = exc
@@ -597,9 +667,10 @@ async def _run_async(
                         log_guarded(
                             log,
                             logging.INFO,
-                            "joined the cluster at %s as %s",
+                            "joined the cluster at %s as %s%s",
                             redact(nats_url),
                             node,
+                            f" (agent types: {', '.join(opts.types)})" if opts.types else "",
                         )
                         layout = layout_from_env(node) if _is_worker(node) else None
                         if layout is not None and opts.demo and opts.workload != "pool":
