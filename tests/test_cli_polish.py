@@ -157,7 +157,7 @@ def test_run_help_names_every_demo_workload_where_it_describes_them() -> None:
     from nexus_trio.cli._workloads import WORKLOADS
 
     text = flat(invoke(["run", "--help"]).output)
-    described = text.split("Without --app and --spawn a demo workload runs:", 1)[1]
+    described = text.split("Without --app, --spawn and --types a demo workload runs:", 1)[1]
     described = described.split("Ctrl-C", 1)[0]
     for workload in WORKLOADS:
         assert f"{workload} (" in described, (workload, described)
