@@ -7,13 +7,27 @@ which agent or message was concerned.
 
 from __future__ import annotations
 
+import copyreg
 import uuid
 from collections.abc import Collection
 from typing import Any, Final
 
 
 class NexusError(Exception):
-    """Base class of every error raised by nexus_trio."""
+    """Base class of every error raised by nexus_trio.
+
+    An error pickles (and copies) as what it is: its ``args`` (the message) and its
+    attributes, restored without calling ``__init__`` again (whose parameters are not
+    its ``args``: Exception's own pickling passed the message to it as the first
+    argument, wrapping it twice or failing for want of the others).
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # copyreg.__newobj__(cls) is cls.__new__(cls) (pickle's NEWOBJ; typeshed omits
+        # it); ``args`` is set with the attributes, as OSError's __new__ (under
+        # TimeoutError) ignores those given to it
+        new = copyreg.__newobj__  # type: ignore[attr-defined]
+        return new, (type(self),), {"args": self.args, **self.__dict__}
 
 
 #: the most entries (ids and names) of a kernel's table an AgentNotFound looks through
@@ -31,7 +45,8 @@ class AgentNotFound(NexusError, LookupError):
     is near (``did you mean 'greeter'?``): looked for then, once, in ``known``, the
     kernel's own table (kept, not copied: a failing send pays nothing for the hint), and
     only in a table of at most 2,000 entries (``HINT_LIMIT``). ``args`` hold the message
-    without it; never for an id.
+    without it; never for an id. Pickled or copied, it takes the hint along (looked for
+    then if it was not yet), not the table.
     """
 
     # (slots, not the instance dict: the table is neither pickled nor copied with it)
@@ -49,13 +64,22 @@ class AgentNotFound(NexusError, LookupError):
 
     def __str__(self) -> str:
         text = super().__str__()
+        hint = self._shown_hint()
+        return f"{text}; did you mean {hint!r}?" if hint else text
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # the hint goes with it (worked out now if it was not yet), the table does not
+        rebuild, args, state = super().__reduce__()
+        return rebuild, args, {**state, "_hint": self._shown_hint()}
+
+    def _shown_hint(self) -> str:
         hint = getattr(self, "_hint", None)
         if hint is None:
             hint = self._hint = self._near_name()
-        return f"{text}; did you mean {hint!r}?" if hint else text
+        return hint
 
     def _near_name(self) -> str:
-        # an error that was pickled or copied has its slots unset
+        # an error that was pickled or copied has no table (its slot unset)
         known = getattr(self, "_known", None)
         self._known = None  # looked at once: the table is not kept past it
         address = self.address

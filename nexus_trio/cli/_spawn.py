@@ -105,6 +105,10 @@ class SpawnFailed(Exception):
         self.programs = list(programs)
         super().__init__("; ".join(failure_text(p) for p in self.programs))
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # rebuilt from its programs (Exception's own pickling passes the text, its args)
+        return type(self), (self.programs,), self.__dict__
+
 
 def failure_text(program: SpawnedProgram) -> str:
     """``--spawn 'CMD' did not start: ...``, or ``--spawn 'CMD' stopped for good: ...``."""
