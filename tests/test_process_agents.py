@@ -2388,6 +2388,78 @@ async def test_a_pong_no_ping_asked_for_is_counted_and_logged(
     assert any("pong" in text and "'nobody-asked'" in text for text in warnings), warnings
 
 
+UNMATCHED_ID = "7d9f4c2e-0000-4000-8000-000000000001"
+
+
+@pytest.mark.parametrize(
+    ("protocol", "stray", "said"),
+    [
+        (
+            1,
+            {"type": "response", "payload": {"kind": "Response", "payload": "stray"}},
+            "response matches no message in flight (it carries neither reply_to nor"
+            " conversation_id); discarded",
+        ),
+        (
+            1,
+            {"type": "response", "payload": {"payload": "stray", "conversation_id": "c-9"}},
+            "response matches no message in flight (conversation_id 'c-9'); discarded",
+        ),
+        (
+            2,
+            {"type": "error", "payload": {"reply_to": None, "error": "boom"}},
+            "error matches no message in flight (it carries no reply_to); discarded",
+        ),
+        (
+            2,
+            {"type": "response", "payload": {"payload": "stray"}},
+            "response matches no message in flight (it carries no reply_to); discarded",
+        ),
+        (
+            2,
+            {"type": "response", "payload": {"reply_to": UNMATCHED_ID, "payload": "stray"}},
+            f"response matches no message in flight (reply_to={UNMATCHED_ID}); discarded",
+        ),
+    ],
+    ids=["p1-nothing-echoed", "p1-conversation", "p2-error-no-reply-to", "p2-no-reply-to", "p2"],
+)
+async def test_an_answer_that_matches_no_message_is_logged_with_what_it_carried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, protocol: int, stray: Any, said: str
+) -> None:
+    """Regression: an answer with no ``reply_to`` (every protocol-1 answer) that matched
+    no message was logged as ``matches no message in flight (reply_to=None)``, which says
+    nothing of what was tried. The warning names what the answer was matched by: its
+    conversation_id (protocol 1), or that it carried none."""
+    caplog.set_level(logging.WARNING, logger="nexus_trio.bridge")
+    cmd = script(
+        tmp_path,
+        f"""
+        emit({{"type": "register", "payload": {{"id": str(uuid.uuid4()), "name": "u",
+                                               "protocol": {protocol}}}}})
+        emit({stray!r})
+        while True:
+            m = next_message()
+            if {protocol} == 1:
+                respond_p1(m, m["payload"])
+            else:
+                emit({{"type": "response", "payload": {{"reply_to": m["id"],
+                                                       "payload": m["payload"]}}}})
+        """,
+    )
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(cmd, name="u"))
+        await wait_until(lambda: stats_of(kernel, ref).unmatched_responses == 1, "the discard")
+        assert await kernel.request(ref, "hi") == "hi"
+        stats = stats_of(kernel, ref)
+        assert (stats.protocol, stats.unmatched_responses, stats.invalid_lines) == (protocol, 1, 0)
+        assert dead_letters(kernel) == []
+    warnings = [r.getMessage() for r in caplog.records if r.name == "nexus_trio.bridge"]
+    unmatched = [text for text in warnings if "matches no message" in text]
+    assert len(unmatched) == 1, warnings
+    assert unmatched[0].endswith(said), unmatched[0]
+    assert "None" not in unmatched[0]
+
+
 #: a protocol-2 child that writes ``n`` copies of one bad line (before or after its
 #: register), answers each message with its payload and then writes the bad line once more
 FLOOD = """

@@ -566,6 +566,16 @@ class _Unmatched(Exception):
     """An answer that answers no message written (discarded); the text says why."""
 
 
+def _echoed(answer: dict[str, Any]) -> str:
+    """What a protocol-1 answer (no ``reply_to``) echoes to be matched by, in words."""
+    conversation = answer.get("conversation_id")
+    if conversation is None:
+        return "it carries neither reply_to nor conversation_id"
+    if isinstance(conversation, str) and conversation:
+        return f"conversation_id {brief(conversation, 60)}"
+    return f"it carries no reply_to, and conversation_id {brief(conversation, 60)} is no id"
+
+
 def _frame(kind: str, payload: Any) -> bytes:
     return json.dumps({"type": kind, "payload": payload}, separators=(",", ":")).encode() + b"\n"
 
@@ -1390,7 +1400,7 @@ class ProcessAgent(Agent):
                 if isinstance(answered, _Tell):
                     await self._tell_answered(answered, payload)
                     return
-                slot = self._claim(answered, "response", reply_to)
+                slot = self._claim(answered, "response", _echoed(payload))
             else:
                 slot = self._correlate(reply_to, "response")
             if slot is None:
@@ -1520,18 +1530,22 @@ class ProcessAgent(Agent):
             if key is None:
                 raise _BadFrame(f"{what} has an invalid 'reply_to' {reply_to!r}")
             slot = self._inflight.get(key)
+            matched_by = f"reply_to={key}"
         else:
             # Original protocol: one message at a time, answers in order.
             slot = next((s for s in self._inflight.values() if not s.done), None)
-        return self._claim(slot, what, reply_to)
+            matched_by = "it carries no reply_to"
+        return self._claim(slot, what, matched_by)
 
-    def _claim(self, slot: _Slot | None, what: str, reply_to: Any) -> _Slot | None:
-        """``slot`` if the answer found for it is to be used; None if it is discarded."""
+    def _claim(self, slot: _Slot | None, what: str, matched_by: str) -> _Slot | None:
+        """``slot`` if the answer found for it is to be used; None if it is discarded.
+
+        ``matched_by`` says what the answer carried to be matched (for the warning)."""
         stats = self.stats
         if slot is None:
             stats.unmatched_responses += 1
             self._warn_line(
-                _UNMATCHED, f"{what} matches no message in flight (reply_to={reply_to}); discarded"
+                _UNMATCHED, f"{what} matches no message in flight ({matched_by}); discarded"
             )
             return None
         if slot.abandoned:
