@@ -1471,6 +1471,88 @@ async def test_python_bridge_command_line_options() -> None:
         assert await child.wait() == 0
 
 
+def bridge_program(lang: str) -> list[str]:
+    """The bridge file run as a program; Node is installed wherever the suite runs."""
+    if lang == "python":
+        return [sys.executable, str(PY_BRIDGE)]
+    assert NODE is not None, NODE_PROBLEM
+    return [NODE, str(JS_BRIDGE)]
+
+
+def run_bridge_program(lang: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*bridge_program(lang), *args],
+        input="",  # at the end of input the echo agent, if it ran, would stop
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("lang", ["python", "node"])
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_bridge_program_prints_its_usage_for_help_and_runs_no_agent(lang: str, flag: str) -> None:
+    """Regression: ``node nexus-bridge.js --help`` ran the echo agent (a ``register`` frame on
+    stdout, exit 0 at the end of input). Both bridges print the same usage: the options of
+    the echo agent, how to run it under a kernel and how to use the file as a library."""
+    done = run_bridge_program(lang, flag)
+    assert (done.returncode, done.stderr) == (0, "")
+    text = done.stdout
+    assert '"register"' not in text
+    name = "python.py" if lang == "python" else "nexus-bridge.js"
+    assert text.startswith(f"usage: {name} [-h] [--name NAME] [--protocol {{1,2}}]\n"), text
+    assert "echo agent" in text
+    assert "--name NAME       agent name (default: NEXUS_AGENT_NAME or 'echo')" in text
+    assert "--protocol {1,2}  wire protocol version (default: NEXUS_PROTOCOL or 2)" in text
+    if lang == "python":
+        assert "nexus send 'python3 -m nexus_trio.bridges.python' '{\"hello\": 1}'" in text
+        assert "handle_message(message)" in text and "run_agent()" in text
+    else:
+        assert "nexus send 'node path/to/nexus-bridge.js' '{\"hello\": 1}'" in text
+        assert "require('./nexus-bridge.js')" in text and "handleMessage(message)" in text
+
+
+@pytest.mark.parametrize("lang", ["python", "node"])
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--name", "x", "extra"], "unrecognized arguments: extra"),
+        (["--name"], "argument --name: expected one argument"),
+        (["--protocol", "3"], "argument --protocol: invalid choice: '3' (choose from '1', '2')"),
+    ],
+    ids=["unknown-option", "argument", "no-value", "bad-protocol"],
+)
+def test_bridge_program_refuses_what_it_does_not_know_with_status_2(
+    lang: str, args: list[str], said: str
+) -> None:
+    """Regression: ``node nexus-bridge.js --bogus`` ignored the option and ran the echo
+    agent; both bridges exit 2 with the usage and the error naming what was wrong."""
+    done = run_bridge_program(lang, *args)
+    assert (done.returncode, done.stdout) == (2, "")
+    name = "python.py" if lang == "python" else "nexus-bridge.js"
+    assert done.stderr.splitlines() == [
+        f"usage: {name} [-h] [--name NAME] [--protocol {{1,2}}]",
+        f"{name}: error: {said}",
+    ]
+
+
+@pytest.mark.parametrize("lang", ["python", "node"])
+@pytest.mark.parametrize(
+    "args", [["--name", "mirror", "--protocol", "1"], ["--name=mirror", "--protocol=1"]]
+)
+def test_bridge_program_options_name_the_echo_agent_and_choose_its_protocol(
+    lang: str, args: list[str]
+) -> None:
+    done = run_bridge_program(lang, *args)
+    assert (done.returncode, done.stderr) == (0, "")
+    frames = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [frame["type"] for frame in frames] == ["register"]
+    assert frames[0]["payload"]["name"] == "mirror"
+    assert set(frames[0]["payload"]) == {"id", "name"}  # protocol 1: no protocol field
+
+
 def test_python_bridge_in_process_with_explicit_streams() -> None:
     import io
 

@@ -11,7 +11,8 @@
  * feature: input is read while a handler runs, and a `cancel` frame for the message being
  * handled aborts `this.signal` (and sets `this.cancelled`). Stdout carries nothing but frames: while
  * the agent runs, console.log() and process.stdout.write() go to stderr.
- * The wire format is described in docs/protocol.md. `node nexus-bridge.js` runs an echo agent.
+ * The wire format is described in docs/protocol.md. `node nexus-bridge.js` runs an echo agent
+ * (`--help` for its options, the same as the Python bridge's).
  */
 
 const crypto = require('crypto');
@@ -659,6 +660,76 @@ module.exports = {
   runMain,
 };
 
+/** The echo agent's command line: the options of the Python bridge's, read the same way. */
+function echoUsage(prog) {
+  return `usage: ${prog} [-h] [--name NAME] [--protocol {1,2}]`;
+}
+
+function echoHelp(prog) {
+  return `${echoUsage(prog)}
+
+The Nexus stdio bridge for Node.js agents (Node 18+, no dependencies). Run as a
+program, it is an echo agent: it registers with the kernel and answers every
+message with its payload, in newline-delimited JSON on stdin and stdout
+(docs/protocol.md). Under a kernel:
+  nexus send 'node path/to/nexus-bridge.js' '{"hello": 1}'
+
+options:
+  -h, --help        show this help message and exit
+  --name NAME       agent name (default: NEXUS_AGENT_NAME or 'echo')
+  --protocol {1,2}  wire protocol version (default: NEXUS_PROTOCOL or 2)
+
+As a library: const { NexusAgent, runMain } = require('./nexus-bridge.js');
+subclass NexusAgent, override handleMessage(message) (may be async) and call
+runMain(MyAgent). See docs/bridges.md.
+`;
+}
+
+/**
+ * The echo agent's options from its arguments: {options}, {help: true}, or {error} (the
+ * text argparse gives the Python bridge for the same mistake).
+ */
+function parseEchoArguments(args) {
+  const options = {};
+  const unknown = [];
+  for (let i = 0; i < args.length; i += 1) {
+    const arg = args[i];
+    if (arg === '-h' || arg === '--help') return { help: true };
+    if (arg === '--') {
+      unknown.push(...args.slice(i));
+      break;
+    }
+    const option = /^--(name|protocol)(?:=([\s\S]*))?$/.exec(arg);
+    if (option === null) {
+      unknown.push(arg);
+      continue;
+    }
+    let value = option[2];
+    if (value === undefined) {
+      value = args[i + 1];
+      if (value === undefined || (value.startsWith('-') && value !== '-')) {
+        return { error: `argument --${option[1]}: expected one argument` };
+      }
+      i += 1;
+    }
+    if (option[1] === 'protocol' && value !== '1' && value !== '2') {
+      return { error: `argument --protocol: invalid choice: '${value}' (choose from '1', '2')` };
+    }
+    options[option[1]] = value;
+  }
+  if (unknown.length > 0) return { error: `unrecognized arguments: ${unknown.join(' ')}` };
+  return { options };
+}
+
 if (require.main === module) {
-  runMain(EchoAgent);
+  const prog = require('path').basename(process.argv[1]);
+  const parsed = parseEchoArguments(process.argv.slice(2));
+  if (parsed.help) {
+    process.stdout.write(echoHelp(prog));
+  } else if (parsed.error !== undefined) {
+    process.stderr.write(`${echoUsage(prog)}\n${prog}: error: ${parsed.error}\n`);
+    process.exitCode = 2;
+  } else {
+    runMain(EchoAgent, parsed.options);
+  }
 }

@@ -939,11 +939,34 @@ class EchoAgent(NexusAgent):
         return message.get("payload")
 
 
+_ECHO_DESCRIPTION = """\
+The Nexus stdio bridge for Python agents (Python 3.9+, standard library only). Run
+as a program, it is an echo agent: it registers with the kernel and answers every
+message with its payload, in newline-delimited JSON on stdin and stdout
+(docs/protocol.md). Under a kernel:
+  nexus send 'python3 -m nexus_trio.bridges.python' '{"hello": 1}'"""
+
+_LIBRARY_USE = """\
+As a library: from nexus_trio.bridges.python import NexusAgent (or, with this file
+beside your agent as nexus_bridge.py, from nexus_bridge import NexusAgent);
+subclass NexusAgent, override handle_message(message) (may be async def) and call
+run_agent(). See docs/bridges.md."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run an :class:`EchoAgent` (``python3 python.py [--name N] [--protocol 1|2]``)."""
-    parser = argparse.ArgumentParser(description="Nexus stdio bridge: an echo agent.")
+    """Run an :class:`EchoAgent` (``python3 python.py [--name N] [--protocol 1|2]``);
+    ``--help`` says so, and how to use the file as a library (as nexus-bridge.js does)."""
+    parser = argparse.ArgumentParser(
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=_ECHO_DESCRIPTION,
+        epilog=_LIBRARY_USE,
+    )
     parser.add_argument("--name", help="agent name (default: NEXUS_AGENT_NAME or 'echo')")
-    parser.add_argument("--protocol", choices=("1", "2"), help="wire protocol version")
+    parser.add_argument(
+        "--protocol",
+        choices=("1", "2"),
+        help="wire protocol version (default: NEXUS_PROTOCOL or 2)",
+    )
     args = parser.parse_args(argv)
     try:
         agent = EchoAgent(name=args.name, protocol=int(args.protocol) if args.protocol else None)
