@@ -64,7 +64,7 @@ from nexus_trio.bridges.process import (
 from nexus_trio.logs import log_calls_failed
 from nexus_trio.testing import assert_conserved, dead_letters
 from tests.hang_guard import real_time_limit
-from tests.test_bridge_agents import needs_node, node_or_skip
+from tests.test_bridge_agents import NODE, NODE_PROBLEM, needs_node, node_or_skip
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = str(ROOT / "tests" / "children" / "toy_agent.py")
@@ -2022,6 +2022,64 @@ async def test_a_handler_s_traceback_on_stderr_is_logged_whole_at_warning(
     assert len(failure) >= 4, failure
     warned = [text for level, text in lines[1:] if level == logging.WARNING]
     assert warned[: len(failure)] == failure, lines
+
+
+#: a Node agent that writes in its handler where the payload says
+STRAY_WRITER_JS = f"""
+const fs = require('fs');
+const {{ execSync }} = require('child_process');
+const {{ NexusAgent, runMain }} = require({str(ROOT / "nexus_trio" / "bridges" / "nexus-bridge.js")!r});
+class Writer extends NexusAgent {{
+  handleMessage(message) {{
+    switch (message.payload) {{
+      case 'console': console.log('hello'); process.stdout.write('hello again\\n'); break;
+      case 'fd 1': fs.writeSync(1, 'stray on fd 1\\n'); break;
+      case 'child': execSync('echo hello from a child', {{ stdio: ['inherit', 2, 'inherit'] }}); break;
+      default: throw new Error('unknown payload');
+    }}
+    return message.payload;
+  }}
+}}
+runMain(Writer);
+"""
+
+
+async def test_a_node_agent_s_console_log_reaches_the_log_and_a_write_to_fd_1_fails_one_message(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What docs/bridges.md promises of a Node agent's stdout: ``console.log`` and
+    ``process.stdout.write`` in a handler go to stderr (the kernel's log), and the answer
+    is correct. Unlike the Python bridge's, file descriptor 1 itself is not redirected
+    (Node cannot re-point it): a line written there (``fs.writeSync(1, ...)``, a child
+    process with inherited stdout) fails the message in flight (``malformed``, counted as
+    an invalid line; its answer after the line is discarded) and the agent goes on; a
+    child given fd 2 for its stdout is fine."""
+    caplog.set_level(logging.INFO, logger="nexus_trio.bridge.stderr")
+    assert NODE is not None, NODE_PROBLEM
+    (tmp_path / "writer.js").write_text(STRAY_WRITER_JS)
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent([NODE, str(tmp_path / "writer.js")], name="writer"))
+        assert await kernel.request(ref, "console") == "console"
+        with pytest.raises(RequestFailed) as info:
+            await kernel.request(ref, "fd 1")
+        assert info.value.reason == "malformed"
+        assert "stray on fd 1" in str(info.value)
+        assert await kernel.request(ref, "child") == "child"
+        assert await kernel.request(ref, "console") == "console"
+        stats = stats_of(kernel, ref)
+        # the stray line and then the failed message's answer, discarded (read before
+        # the next answers: the stream is in order)
+        assert (stats.invalid_lines, stats.unmatched_responses, stats.starts) == (1, 1, 1)
+        assert [(d.reason, d.message.payload) for d in dead_letters(kernel)] == [
+            (DeadLetterReason.MALFORMED, "fd 1")
+        ]
+        await kernel.stop(ref)
+    logged = [
+        r.getMessage().split("] ", 1)[1]
+        for r in caplog.records
+        if r.name == "nexus_trio.bridge.stderr"
+    ]
+    assert logged == ["hello", "hello again", "hello from a child", "hello", "hello again"]
 
 
 @pytest.mark.parametrize("lang", ["python", "node"])
