@@ -2525,6 +2525,56 @@ async def test_an_old_join_s_leave_heard_after_the_new_join_leaves_the_new_join_
     assert ca.stats().lost_at_leave == 0 and ca.stats().publish_failures == 0
 
 
+async def test_a_leaving_node_is_heard_leaving_once_and_its_record_stays_dropped(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: ``nexus run --workers 3`` logged ``node 'worker-2' left the cluster``
+    twice on the other workers now and then (1 run in 10): a node's heartbeat tasks ran
+    until its leave was over, so a heartbeat that ticked after the leave was announced
+    and its membership record dropped announced the node again. The others took it back
+    as a member (the last notice then made it leave a second time), and a heartbeat put
+    in the nodes bucket after the delete wrote the record back, so that a node joining
+    meanwhile found the node that had left among the members. A leaving node sends no
+    heartbeat now. Here a's leave is held after the announcement for ten of its
+    heartbeat intervals."""
+    caplog.set_level(logging.INFO, logger="nexus_trio.nats")
+    original_stop = Cluster._stop_deliveries
+    original_notice = Cluster._on_last_notice
+    original_entry = Cluster._apply_member_entry
+    heard, noticed = trio.Event(), trio.Event()
+
+    def entry(self: Cluster, key: str, value: bytes | None, op: str | None) -> None:
+        original_entry(self, key, value, op)
+        if self.node == "b" and key == "a" and "a" in self.live_nodes():
+            heard.set()
+
+    async def stop(self: Cluster) -> None:
+        if self.node == "a":
+            await trio.sleep(10 * self.options.heartbeat_interval)  # a slow leave
+        await original_stop(self)
+
+    def notice(self: Cluster, node: str, text: str) -> None:
+        original_notice(self, node, text)
+        if self.node == "b" and node == "a":
+            noticed.set()
+
+    monkeypatch.setattr(Cluster, "_stop_deliveries", stop)
+    monkeypatch.setattr(Cluster, "_on_last_notice", notice)
+    monkeypatch.setattr(Cluster, "_apply_member_entry", entry)
+    with trio.fail_after(30):
+        async with _node(nats.url, "b", missed_heartbeats=50) as (_, cb):
+            async with _node(nats.url, "a", heartbeat_interval=0.05):
+                await heard.wait()
+            await noticed.wait()
+            async with _node(nats.url, "c", missed_heartbeats=50) as (_, cc):
+                members_of_c = [info.node for info in cc.member_list()]
+            members_of_b = [info.node for info in cb.member_list()]
+    left = [r.getMessage() for r in caplog.records if r.getMessage().endswith("left the cluster")]
+    assert left.count("node b: node 'a' left the cluster") == 1, left
+    assert members_of_c == ["b", "c"]
+    assert "a" not in members_of_b
+
+
 # --- remote cancellation ---------------------------------------------------------------------
 
 

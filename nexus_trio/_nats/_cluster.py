@@ -531,6 +531,9 @@ class Cluster:
         self._nodes_lost = 0
         self._nodes_forgotten = 0
         self._closing = False
+        #: set as the leave is announced: from then on no record of this node goes out
+        #: (the others would take the node back as a member, the bucket hold it again)
+        self._leave_announced = False
         self._forwarded_in = 0
         self.placement = Placement(self)
         #: extra fields for this node's membership record (e.g. a run's phase), seen by
@@ -2935,6 +2938,8 @@ class Cluster:
         while True:
             await trio.sleep(self.options.heartbeat_interval)
             self._send_sequence_marks()
+            if self._leave_announced:
+                continue
             try:
                 await call_aio(self._control.publish, self._heartbeat_subject, self._record())
                 if failing:
@@ -2955,6 +2960,8 @@ class Cluster:
         assert kv is not None
         while True:
             await trio.sleep(self.options.heartbeat_interval)
+            if self._leave_announced:
+                return
             try:
                 await call_aio(kv.put, self.node, self._record())
                 if failing:
@@ -3263,7 +3270,10 @@ class Cluster:
         return sorted(live)
 
     async def announce(self) -> None:
-        """Publish this node's record (its counters) now, not at the next heartbeat."""
+        """Publish this node's record (its counters) now, not at the next heartbeat
+        (nothing once its leave is announced)."""
+        if self._leave_announced:
+            return
         with on_loop(self._aio_loop):
             await self._heartbeat_once()
 
@@ -3511,6 +3521,11 @@ class Cluster:
                         await self._delete_name(kv, name, revision)
                     except Exception as exc:
                         self._name_not_dropped(name, exc)
+            # Heartbeats go on until here: a node silent through a slow leave would be
+            # judged lost. None after: one that ticked after the announcement (or a put
+            # after the record's delete) announced the node again, and the others took
+            # it back as a member until its last notice, and logged its leave twice.
+            self._leave_announced = True
             try:
                 # (naming this join: heard after a later join's heartbeat of this
                 # process, it must not end that one, see _on_heartbeat)
