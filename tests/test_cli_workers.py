@@ -294,7 +294,12 @@ pytestmark_linux = pytest.mark.skipif(
 
 
 def start_nexus(
-    args: list[str], tag: str, tmp_path: Path, **extra_env: str
+    args: list[str],
+    tag: str,
+    tmp_path: Path,
+    *,
+    start_new_session: bool = False,
+    **extra_env: str,
 ) -> subprocess.Popen[str]:
     env = {**os.environ, "NEXUS_TEST_TAG": tag, "NO_COLOR": "1", **extra_env}
     env.pop(WORKER_ENV, None)
@@ -306,6 +311,7 @@ def start_nexus(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=start_new_session,
     )
 
 
@@ -1218,6 +1224,48 @@ def test_the_private_nats_server_dying_mid_run_ends_the_run_reported(
     }
     assert summary["stopped_by"] == "the nats-server died (the workers were stopped)"
     assert summary["error"].startswith(f"the private nats-server (pid {server}) died")
+    assert tagged_processes(tag) == {}
+
+
+@pytestmark_linux
+def test_a_ctrl_c_at_the_terminal_stops_the_workers_gracefully_and_the_nats_server_last(
+    tag: str, tmp_path: Path
+) -> None:
+    """Regression: a terminal's Ctrl-C (SIGINT to the whole foreground process group)
+    reached the private nats-server too, which was in the parent's group: it exited at
+    once, the parent logged 'the private nats-server (pid N) died: exit code 0' and the
+    run failed, exit 1 with that error, instead of the graceful stop of a single run's
+    Ctrl-C. The server now leads its own group, as the workers do: only the parent gets
+    the terminal's signal, passes SIGTERM on to the workers and stops the server last."""
+    proc = start_nexus(
+        ["run", "-W", "2", "-n", "20", "-d", "0", "--json"],
+        tag,
+        tmp_path,
+        start_new_session=True,  # it leads its group, as a shell's foreground job does
+    )
+    try:
+        stderr = StderrLines(proc)
+        stderr.wait_for("running ring workload", 2, proc, timeout=90)
+        (server,) = [pid for pid in tagged_processes(tag) if "nats-server" in command_line(pid)]
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        try:
+            proc.wait(timeout=60)  # the summary fits in the pipe
+        except subprocess.TimeoutExpired:
+            pytest.fail("the run did not stop at the Ctrl-C")
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        err = stderr.text()
+    finally:
+        kill_tagged(tag)
+        proc.kill()
+    assert "nats-server" not in err.partition("running ring workload")[2], err
+    assert proc.returncode == 0, err
+    summary = json.loads(out)
+    assert summary["error"] is None
+    assert summary["nats_server"] == {"private": True, "pid": server, "died": False, "exit": None}
+    assert summary["workers_died"] == []
+    assert [w["exit"] for w in summary["per_worker"]] == ["exit code 0", "exit code 0"]
+    assert summary["conserved"] is True
     assert tagged_processes(tag) == {}
 
 

@@ -120,6 +120,7 @@ class NatsServer:
         token: str | None = None,
         config: str = "",
         preexec_fn: Callable[[], None] | None = None,
+        process_group: int | None = None,
     ) -> None:
         self._requested_port = port
         self.jetstream = jetstream
@@ -134,6 +135,9 @@ class NatsServer:
         #: run in the child before the server is exec'd (``nexus run --workers``: die
         #: with the parent)
         self.preexec_fn = preexec_fn
+        #: ``subprocess.Popen``'s ``process_group`` (``0``: the server leads a group of its
+        #: own, so a terminal's Ctrl-C, sent to the foreground group, does not reach it)
+        self.process_group = process_group
         self.port: int | None = None
         self.route_port: int | None = None
         self._process: subprocess.Popen[bytes] | None = None
@@ -229,6 +233,7 @@ class NatsServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             preexec_fn=self.preexec_fn,
+            process_group=self.process_group,
             pass_fds=(self._lock_fd,),  # the server keeps the directory owned while it runs
         )
         self._wait_ready(timeout)

@@ -22,7 +22,8 @@ never start workers of its own. Workers (and the private nats-server) die with t
 on Linux they ask the kernel for SIGKILL when the parent dies (``PR_SET_PDEATHSIG``), and
 on every exit path the parent kills each worker's process group (a worker leads its own
 group, which also keeps a terminal's Ctrl-C from reaching workers twice: once from the
-terminal, once forwarded).
+terminal, once forwarded; the private nats-server leads its own too, so that the Ctrl-C
+does not stop it under the workers).
 """
 
 from __future__ import annotations
@@ -405,8 +406,11 @@ def run_workers(
         from .._nats import NatsServer
 
         token = secrets.token_urlsafe(32)  # a private server still refuses other local users
-        # It dies with the parent too: a SIGKILLed parent must not leave it running.
-        server = NatsServer(token=token, preexec_fn=_die_with_parent()).start()
+        # It dies with the parent too: a SIGKILLed parent must not leave it running. It
+        # leads its own process group, as the workers do: a terminal's Ctrl-C reaches only
+        # the parent, which stops the workers and then the server (reached by it, the
+        # server exited at once, under the workers still settling through it).
+        server = NatsServer(token=token, preexec_fn=_die_with_parent(), process_group=0).start()
         nats_url = server.url
         env["NEXUS_NATS__TOKEN"] = token
         log_guarded(
