@@ -1269,6 +1269,44 @@ def test_a_ctrl_c_at_the_terminal_stops_the_workers_gracefully_and_the_nats_serv
     assert tagged_processes(tag) == {}
 
 
+@pytestmark_linux
+@pytest.mark.parametrize(
+    ("config", "check"),
+    [
+        ('[logging]\nformat = "json"\n', "every line is a JSON object"),
+        ('[logging]\nlevel = "warning"\n', "no info line"),
+    ],
+    ids=["format json", "level warning"],
+)
+def test_the_parent_of_the_workers_logs_as_the_config_says(
+    config: str, check: str, tag: str, tmp_path: Path
+) -> None:
+    """Regression: the ``--workers`` parent set its own logging from ``--log-level`` and
+    ``--log-format`` only, so with ``[logging] format = "json"`` (or
+    ``NEXUS_LOGGING__FORMAT=json``, as the systemd unit and the image set) its own lines
+    (``started nats-server ...``, a worker that died) were compact text among the
+    workers' JSON lines, and ``journalctl -o cat | jq .`` broke on them; a level from the
+    config was ignored by it as well. It takes ``[logging]`` as a single run does."""
+    (tmp_path / "config.toml").write_text(config, encoding="utf-8")
+    (tmp_path / "config.toml").chmod(0o644)
+    proc = start_nexus(["run", "-W", "1", "-n", "4", "-d", "0.5", "--json"], tag, tmp_path)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        kill_tagged(tag)
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert json.loads(out)["conserved"] is True
+    lines = err.splitlines()
+    if check == "every line is a JSON object":
+        records = [json.loads(line) for line in lines]  # (raises on a line that is not)
+        assert all(isinstance(record, dict) for record in records)
+        started = [r for r in records if r["msg"].startswith("started nats-server at ")]
+        assert [(r["level"], r["logger"]) for r in started] == [("info", "nexus_trio.cli")]
+    else:
+        assert lines == []  # the parent's and the worker's info lines alike
+
+
 def test_a_stale_directory_that_cannot_be_removed_is_logged_and_tried_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

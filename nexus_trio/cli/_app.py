@@ -30,7 +30,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from .. import AppConfig, MetricsConfig, __version__
+from .. import AppConfig, Config, MetricsConfig, __version__
 from . import _bench_cmd, _send_cmd
 from ._commands import PROGRAM_NAMES, Command, Group, RunByDefaultGroup, default_to_run
 
@@ -405,6 +405,7 @@ def run(
             (loaded.config.app.app, app_ref is not None),
             (loaded.config.app.types, types_hint),
         )
+        _run_workers(ctx, workers, nats, json_out, loaded.config, app_ref is not None)
         return
     cfg = loaded.config
     from ._cluster_cmd import WORKER_ENV
@@ -502,6 +503,14 @@ def _run_workers(
     reference, and the flag or key that gave it) are loaded here first, as each worker
     loads them: one that cannot be is one usage error, before the nats-server and the
     workers start, not N worker failures."""
+    cfg: Config,
+    app_from_flag: bool,
+) -> None:
+    """``nexus run --workers N ...``: N worker processes, one summary added up.
+
+    The app is loaded here first, as each worker loads it: one that cannot be is one
+    usage error, before the nats-server and the workers start, not N worker failures.
+    The parent logs as ``cfg.logging`` says (the flags are in it), as the workers do."""
     import json
 
     from ._cluster_cmd import (
@@ -519,11 +528,15 @@ def _run_workers(
     with contextlib.redirect_stdout(sys.stderr):  # (stdout is for the summary)
         _loaded_app(*app)
         _loaded_types(*types)
+        _loaded_app(cfg.app.app, app_from_flag)
     from ..logs import configure_logging
+    from ._run import stderr_proxy
 
-    # the parent's own lines (a worker that died, the private nats-server), as --log-* say
-    level, fmt = ctx.params.get("log_level"), ctx.params.get("log_format")
-    configure_logging(level.value if level else "info", fmt.value if fmt else "compact")
+    # the parent's own lines (a worker that died, the private nats-server), in the level
+    # and format of the workers' lines: [logging] of the config, the flags included
+    configure_logging(
+        cfg.logging, stream=None if cfg.logging.format == "pretty" else stderr_proxy()
+    )
     summary, status = run_workers(count, worker_argv(ctx), nats_url=nats)
     if json_out:
         typer.echo(json.dumps(summary, indent=2))
