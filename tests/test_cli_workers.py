@@ -10,16 +10,20 @@ kills everything carrying the tag if it ever sees more workers than asked for.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import types
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +36,7 @@ from nexus_trio.cli import app
 from nexus_trio.cli._cluster_cmd import WORKER_ENV, worker_argv
 
 RUN = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
-PARENT_SET = {"workers", "nats", "node", "json_out", "live"}
+PARENT_SET = {"workers", "nats", "node", "json_out", "live", "metrics_port"}
 
 
 def parse_run(args: list[str]) -> typer.Context:
@@ -1305,6 +1309,103 @@ def test_the_parent_of_the_workers_logs_as_the_config_says(
         assert [(r["level"], r["logger"]) for r in started] == [("info", "nexus_trio.cli")]
     else:
         assert lines == []  # the parent's and the worker's info lines alike
+
+
+def free_ports_in_a_row(count: int) -> int:
+    """The first of ``count`` consecutive ports free on 127.0.0.1 (free now)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            first = int(probe.getsockname()[1])
+        if first + count - 1 > 65535:
+            continue
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in range(first, first + count):
+                    held = stack.enter_context(socket.socket())
+                    held.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return first
+    raise AssertionError(f"no {count} free ports in a row")
+
+
+def get_health(port: int) -> int | None:
+    """The status of GET /healthz on ``port``, None if nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except (urllib.error.URLError, ConnectionError, http.client.HTTPException):
+        # (HTTPException: with nothing listening, a connection to a port of the ephemeral
+        # range can meet itself, TCP's simultaneous open, and read its own request back)
+        return None
+
+
+@pytestmark_linux
+@pytest.mark.parametrize("where", ["flag", "env"])
+def test_with_a_metrics_port_each_worker_serves_its_own_the_next_ports(
+    where: str, tag: str, tmp_path: Path
+) -> None:
+    """Regression: ``--workers 2`` with ``--metrics-port P`` (or
+    ``NEXUS_METRICS__PORT=P``, which the image sets) gave every worker the same port: the
+    second one failed, 'the metrics server cannot listen on 127.0.0.1:P: Address already in
+    use' with a traceback, and the other waited for its agents (120 s) before the run
+    failed. Worker i serves on P + i, each /healthz answering 200."""
+    port = free_ports_in_a_row(2)
+    args = ["run", "-W", "2", "-n", "10", "-d", "0", "--json"]
+    if where == "flag":
+        proc = start_nexus([*args, "--metrics-port", str(port)], tag, tmp_path)
+    else:
+        proc = start_nexus(args, tag, tmp_path, NEXUS_METRICS__PORT=str(port))
+    try:
+        stderr = StderrLines(proc)
+        deadline = time.monotonic() + 90
+        while [get_health(port), get_health(port + 1)] != [200, 200]:
+            assert proc.poll() is None, stderr.text()
+            assert time.monotonic() < deadline, "the workers' endpoints did not both answer"
+            time.sleep(0.2)
+        stderr.wait_for("running ring workload", 2, proc, timeout=90)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)  # the summary fits in the pipe
+        except subprocess.TimeoutExpired:
+            pytest.fail("the run did not stop at SIGTERM")
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        err = stderr.text()
+    finally:
+        kill_tagged(tag)
+        proc.kill()
+    assert proc.returncode == 0, err
+    summary = json.loads(out)
+    assert summary["error"] is None
+    assert [w["exit"] for w in summary["per_worker"]] == ["exit code 0", "exit code 0"]
+    assert f"metrics on http://127.0.0.1:{port}/metrics" in err
+    assert f"metrics on http://127.0.0.1:{port + 1}/metrics" in err
+
+
+def test_a_metrics_port_whose_workers_ports_run_past_65535_is_refused_naming_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Worker i serves on P + i: ports that would run past 65535 are a usage error before
+    anything starts, naming the flag (or the config key) and the ports."""
+    from nexus_trio.cli import _cluster_cmd
+
+    monkeypatch.setattr(_cluster_cmd, "run_workers", _no_workers)
+    runner = CliRunner()
+    result = runner.invoke(app, ["run", "-W", "2", "--metrics-port", "65535"])
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--metrics-port'" in result.output
+    assert "worker-1 would serve on 65536" in " ".join(result.output.split())
+    result = runner.invoke(app, ["run", "-W", "2"], env={"NEXUS_METRICS__PORT": "65535"})
+    assert result.exit_code == 2, result.output
+    assert "[metrics] port" in result.output
+
+
+def _no_workers(*args: object, **kwargs: object) -> tuple[dict[str, object], int]:
+    raise AssertionError("workers were started")
 
 
 def test_a_stale_directory_that_cannot_be_removed_is_logged_and_tried_again(

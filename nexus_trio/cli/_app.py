@@ -516,6 +516,7 @@ def _run_workers(
     from ._cluster_cmd import (
         check_worker_count,
         default_workers,
+        metrics_ports_problem,
         refuse_workers_in_a_worker,
         run_workers,
         worker_argv,
@@ -524,6 +525,13 @@ def _run_workers(
     refuse_workers_in_a_worker()
     count = workers or default_workers()
     check_worker_count(count)
+    problem = metrics_ports_problem(cfg.metrics.port, count)
+    if problem is not None:
+        source = ctx.get_parameter_source("metrics_port")
+        from_flag = source is not None and source.name == "COMMANDLINE"
+        raise typer.BadParameter(
+            problem, param_hint="'--metrics-port'" if from_flag else "[metrics] port"
+        )
     _check_nats(nats, "--nats" if nats is not None else "--workers")
     with contextlib.redirect_stdout(sys.stderr):  # (stdout is for the summary)
         _loaded_app(*app)
@@ -537,7 +545,9 @@ def _run_workers(
     configure_logging(
         cfg.logging, stream=None if cfg.logging.format == "pretty" else stderr_proxy()
     )
-    summary, status = run_workers(count, worker_argv(ctx), nats_url=nats)
+    summary, status = run_workers(
+        count, worker_argv(ctx), nats_url=nats, metrics_port=cfg.metrics.port
+    )
     if json_out:
         typer.echo(json.dumps(summary, indent=2))
     else:

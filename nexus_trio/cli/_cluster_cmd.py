@@ -52,7 +52,7 @@ log = logging.getLogger("nexus_trio.cli")
 WORKER_ENV: Final = "NEXUS_WORKER"
 #: parameters of ``nexus run`` that the parent sets for each worker itself (or that only
 #: the parent may act on), by their Python names
-_PARENT_PARAMS: Final = frozenset({"workers", "nats", "node", "json_out", "live"})
+_PARENT_PARAMS: Final = frozenset({"workers", "nats", "node", "json_out", "live", "metrics_port"})
 #: set in each worker's environment: the number of workers that make up the swarm
 SWARM_ENV: Final = "NEXUS_SWARM_SIZE"
 #: the most workers ``nexus run --workers`` starts, if set (else :func:`max_workers`)
@@ -131,6 +131,17 @@ def worker_count_problem(count: int, environ: Mapping[str, str] = os.environ) ->
     return None
 
 
+def metrics_ports_problem(port: int, count: int) -> str | None:
+    """Why ``count`` workers cannot serve their metrics on ``port`` + i, or None."""
+    last = port + count - 1
+    if port and last > 65535:
+        return (
+            f"worker i of --workers serves its metrics on {port} + i: worker-{count - 1} "
+            f"would serve on {last}, past 65535"
+        )
+    return None
+
+
 def worker_argv(ctx: typer.Context) -> list[str]:
     """``nexus run`` arguments for a worker, rebuilt from the parent's parsed options.
 
@@ -138,7 +149,8 @@ def worker_argv(ctx: typer.Context) -> list[str]:
     file and ``NEXUS_*`` variables reach the worker by themselves: same directory, same
     environment), each in its long ``--name=value`` form, which a value starting with
     ``-`` cannot be mistaken in. The options the parent sets per worker (``--workers``,
-    ``--nats``, ``--node``, ``--json``, ``--live/--no-live``) are never passed on.
+    ``--nats``, ``--node``, ``--json``, ``--live/--no-live``, ``--metrics-port``) are
+    never passed on.
     """
     out: list[str] = []
     for param in ctx.command.params:
@@ -386,9 +398,12 @@ def run_workers(
     *,
     nats_url: str | None = None,
     python: str | None = None,
+    metrics_port: int = 0,
 ) -> tuple[dict[str, Any], int]:
     """Run ``workers`` worker processes to the end; return the added-up summary and the
     worst exit status. ``run_args`` are ``nexus run`` arguments (see :func:`worker_argv`).
+    With a ``metrics_port`` P, worker i serves its ``/metrics`` and ``/healthz`` on P + i
+    (``--metrics-port``; one port for all, the second worker could not listen).
 
     ValueError, before anything starts, if ``workers`` is below 1 or more than this host
     should run (the bound ``nexus run --workers`` checks: :func:`worker_count_problem`)."""
@@ -397,6 +412,9 @@ def run_workers(
     problem = worker_count_problem(workers)
     if problem is not None:
         raise ValueError(f"--workers: {problem}")
+    problem = metrics_ports_problem(metrics_port, workers)
+    if problem is not None:
+        raise ValueError(f"--metrics-port: {problem}")
     server = None
     # Credentials reach the workers in their environment, never in argv (``ps``).
     env = dict(os.environ)
@@ -464,6 +482,8 @@ def run_workers(
             argv = [python or sys.executable, "-m", "nexus_trio.cli", "run", *run_args]
             node = f"worker-{i}"
             argv += ["--nats", nats_url, "--node", node, "--json", "--no-live"]
+            if metrics_port:
+                argv.append(f"--metrics-port={metrics_port + i}")
             procs.append(
                 subprocess.Popen(
                     argv,
