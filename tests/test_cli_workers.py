@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import logging
 import os
 import random
 import select
@@ -1115,6 +1116,46 @@ def test_a_worker_whose_child_holds_its_stdout_is_seen_dead_at_once(tmp_path: Pa
     assert summary["per_worker"][1]["exit"] == "exit code 3"
     assert summary["stopped_by"] == "worker-1 died (the others were stopped)"
     assert took < 10
+
+
+def failed_summary(node: str) -> str:
+    """The summary of a worker whose run failed (its app raised), as it would print it."""
+    summary = json.loads(canned_summary(node))
+    summary.update(stopped_by="error", error="RuntimeError: the app failed", conserved=True)
+    return json.dumps(summary)
+
+
+def test_a_worker_whose_run_failed_stops_the_others(tmp_path: Path, caplog) -> None:
+    """Regression: a worker whose run failed (its app raised: exit 1 with its summary) was
+    taken for one that ended normally: the others ran on, for good without --duration (a
+    service never exited, so Restart=on-failure never restarted it), a demo's share of that
+    worker gone. It stops the others as a dead worker does, and says so."""
+    from nexus_trio.cli._cluster_cmd import run_workers
+
+    log = tmp_path / "terms"
+    summary_of_1 = tmp_path / "summary-1.json"
+    summary_of_1.write_text(canned_summary("worker-1").replace('"duration"', '"SIGTERM"'))
+    runs_until_stopped = (  # (60 s at most)
+        f"trap 'cat {summary_of_1}; echo term >> {log}; exit 0' TERM; "
+        "for i in $(seq 600); do sleep 0.1; done"
+    )
+    python = fake_python(
+        tmp_path,
+        {"worker-0": f"sleep 0.3; {echo(failed_summary('worker-0'))}; exit 1"},
+        default=runs_until_stopped,
+    )
+    t0 = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="nexus_trio.cli"):
+        summary, status = run_workers(2, [], nats_url=NO_SERVER, python=python)
+    assert time.monotonic() - t0 < 30, "the other worker was not stopped"
+    assert log.read_text().splitlines() == ["term"]
+    assert status == 1
+    pid = summary["per_worker"][0]["pid"]
+    assert f"worker-0 (pid {pid}) failed: exit code 1; stopping the other workers" in caplog.text
+    assert summary["stopped_by"] == "worker-0 failed (the others were stopped)"
+    assert summary["error"] == "RuntimeError: the app failed"
+    assert summary["workers_died"] == []
+    assert [w["exit"] for w in summary["per_worker"]] == ["exit code 1", "exit code 0"]
 
 
 def stubborn(log: Path) -> str:

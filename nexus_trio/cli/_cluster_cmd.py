@@ -451,6 +451,9 @@ def run_workers(
     signals_seen: list[str] = []
     #: the worker whose death stopped the others (as a first signal would), if one did
     stopped_for_death = ""
+    #: the worker whose failed run (its summary printed, a non-zero exit) stopped the
+    #: others, if one did
+    stopped_for_failure = ""
     #: how the private nats-server ended, if it died before the workers did
     server_died = ""
     #: per worker pid, how far it was asked to stop (1: SIGTERM, 2 and more: SIGKILL)
@@ -460,7 +463,8 @@ def run_workers(
 
     def stops_asked() -> int:
         # a death's stop is the first: a signal after it is the second, which forces
-        return len(signals_seen) + (1 if stopped_for_death or server_died else 0)
+        stopped_by_the_run = stopped_for_death or stopped_for_failure or server_died
+        return len(signals_seen) + (1 if stopped_by_the_run else 0)
 
     def pass_on() -> None:
         nonlocal forced_by
@@ -559,6 +563,20 @@ def run_workers(
             ends[i] = _how_it_ended(code)
             summaries[i] = _summary_of(outputs[i])
             if summaries[i] is not None:
+                if code != 0 and not stops_asked() and any(p.poll() is None for p in procs):
+                    # Its run failed (an app that raised, a spawn that failed): its share
+                    # of the workload (or its copy of the app) is gone, as a dead one's,
+                    # and a run without --duration would never end by itself.
+                    log_guarded(
+                        log,
+                        logging.ERROR,
+                        "worker-%d (pid %d) failed: %s; stopping the other workers",
+                        i,
+                        proc.pid,
+                        ends[i],
+                    )
+                    stopped_for_failure = f"worker-{i}"
+                    pass_on()
                 continue
             # It ended without its summary: it died (a crash, a signal from outside), or
             # was killed after a second signal here. Never silently; and the others stop
@@ -635,6 +653,8 @@ def run_workers(
         summary["error"] = "; ".join(filter(None, [died, summary["error"]]))
     if stopped_for_death:
         summary["stopped_by"] = f"{stopped_for_death} died (the others were stopped)"
+    elif stopped_for_failure:
+        summary["stopped_by"] = f"{stopped_for_failure} failed (the others were stopped)"
     elif server_died and not signals_seen:
         summary["stopped_by"] = "the nats-server died (the workers were stopped)"
     elif signals_seen and summary["stopped_by"] == "unknown":  # no worker said
