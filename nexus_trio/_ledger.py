@@ -32,6 +32,9 @@ from ._streams import Broadcast, Subscription
 dead_letter_log: Final = logging.getLogger("nexus_trio.dead_letters")
 #: handled messages sampled one in eight before the sampling thins to one in 64
 SAMPLE_DENSE: Final = 65_536
+#: what a send refused with an exception to its caller is counted under
+#: (``stats().rejected``; see :meth:`Ledger.reject`)
+REJECTION_REASONS: Final = ("mailbox_full", "no_such_agent", "shutting_down")
 log: Final = logging.getLogger("nexus_trio.kernel")
 
 
@@ -120,7 +123,8 @@ class Ledger:
         return self.accepted - self.handled - self.replies - self.dead - self.forwarded
 
     def reject(self, exc: BaseException) -> None:
-        """A send refused with an exception to its caller (never accepted)."""
+        """A send refused with an exception to its caller (never accepted); counted under
+        one of :data:`REJECTION_REASONS`."""
         if isinstance(exc, AgentNotFound):
             key = "no_such_agent"
         elif isinstance(exc, KernelShuttingDown):

@@ -55,6 +55,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
+from ._deadletter import DeadLetterReason
+from ._ledger import REJECTION_REASONS
 from ._logcall import log_guarded
 from ._throttle import Throttle
 from .logs import log_calls_failed, records_lost
@@ -111,6 +113,10 @@ _ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
 _ACCEPT_RETRY: Final = 0.1
 #: the statuses of the answers that refuse a request (counted in EndpointStats.refused)
 _REFUSALS: Final = (400, 404, 405, 431)
+#: the labels of ``nexus_dead_letters_total`` and ``nexus_sends_rejected_total``, each
+#: exported from the first scrape (at 0)
+_DEAD_LETTER_REASONS: Final = frozenset(reason.value for reason in DeadLetterReason)
+_REJECTION_REASONS: Final = frozenset(REJECTION_REASONS)
 
 
 @attrs.define
@@ -381,19 +387,21 @@ def _families(snapshot: MetricsSnapshot) -> Iterator[Metric]:
         " the kernel went on. In this process.",
         snapshot.log_calls_failed,
     )
+    # Every reason there from the first scrape, at 0 (as Prometheus asks of series known
+    # in advance): a series that appears at its first count hides that count from rate().
     dead = CounterMetricFamily(
         "nexus_dead_letters", "Accepted messages not handled, by reason.", labels=["reason"]
     )
-    for reason, n in sorted(s.dead_letters_by_reason.items()):
-        dead.add_metric([reason], n)
+    for reason in sorted(_DEAD_LETTER_REASONS.union(s.dead_letters_by_reason)):
+        dead.add_metric([reason], s.dead_letters_by_reason.get(reason, 0))
     yield dead
     rejected = CounterMetricFamily(
         "nexus_sends_rejected",
         "Sends refused with an exception to the caller, by reason.",
         labels=["reason"],
     )
-    for reason, n in sorted(s.rejected.items()):
-        rejected.add_metric([reason], n)
+    for reason in sorted(_REJECTION_REASONS.union(s.rejected)):
+        rejected.add_metric([reason], s.rejected.get(reason, 0))
     yield rejected
     yield gauge("nexus_agents_alive", "Live agents.", s.agents_alive)
     yield gauge("nexus_messages_in_flight", "Accepted messages not yet done.", s.in_flight)

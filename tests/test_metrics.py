@@ -149,6 +149,45 @@ async def test_metrics_endpoint_exposes_the_kernel_counters_and_per_agent_series
         nursery.cancel_scope.cancel()
 
 
+async def test_every_dead_letter_and_rejection_reason_is_exported_from_the_start_at_0():
+    """Regression: ``nexus_dead_letters_total{reason}`` and
+    ``nexus_sends_rejected_total{reason}`` had a series only once a reason had happened,
+    so the first dead letters of a reason were in no ``rate()`` or ``increase()`` (its
+    series started at 1, 5, ...: Prometheus sees no increase from nothing) and an alert on
+    them missed the first burst; Prometheus's guidance: export 0 for series known in
+    advance. Every reason (``DeadLetterReason``, and the three a send is refused for) is
+    there from the first scrape, at 0."""
+    from nexus_trio import AgentNotFound, DeadLetterReason
+
+    async with open_test_kernel() as kernel:
+        first = samples(render_snapshot(take_snapshot(kernel), process=False).decode())
+        dead = {
+            dict(k[1])["reason"]: v for k, v in first.items() if k[0] == "nexus_dead_letters_total"
+        }
+        rejected = {
+            dict(k[1])["reason"]: v
+            for k, v in first.items()
+            if k[0] == "nexus_sends_rejected_total"
+        }
+        assert dead == {reason.value: 0 for reason in DeadLetterReason}
+        assert rejected == {"mailbox_full": 0, "no_such_agent": 0, "shutting_down": 0}
+
+        kernel.spawn(boom)
+        await kernel.send("boom", "x")
+        with pytest.raises(AgentNotFound):
+            await kernel.send("nobody", "x")
+        await trio.testing.wait_all_tasks_blocked()
+        then = samples(render_snapshot(take_snapshot(kernel), process=False).decode())
+        assert then[("nexus_dead_letters_total", (("reason", "handler_error"),))] == 1
+        assert then[("nexus_sends_rejected_total", (("reason", "no_such_agent"),))] == 1
+        changed = {key for key in first if key[0].endswith("_total") and then[key] != first[key]}
+        assert changed >= {
+            ("nexus_dead_letters_total", (("reason", "handler_error"),)),
+            ("nexus_sends_rejected_total", (("reason", "no_such_agent"),)),
+        }
+        assert set(then) == set(first)  # no series came or went
+
+
 async def test_healthz_is_200_while_running_and_503_once_shutting_down():
     async with open_test_kernel() as kernel, trio.open_nursery() as nursery:
         port = await nursery.start(serve_metrics, kernel, "127.0.0.1", 0)
