@@ -13,7 +13,9 @@
 # not in the environment, so that such arguments run what they say.
 #
 # `docker stop` sends SIGTERM: the kernel shuts down gracefully within [kernel]
-# shutdown_grace_ms (5 s by default), inside docker's default 10 s stop timeout.
+# shutdown_grace_ms (5 s by default), inside docker's default 10 s stop timeout; with
+# process agents (--spawn) that ignore their shutdown frame and SIGTERM, 10 s more
+# (docker run --stop-timeout 20; see docs/deploy.md).
 
 # --- build: a wheel of this clone ------------------------------------------------------------
 FROM python:3.11-slim-bookworm AS build
