@@ -324,8 +324,10 @@ def _read_file(path: Path, values: _Values, sources: dict[str, str], warnings: l
     except tomlkit.exceptions.ParseError as exc:
         reason = re.sub(r" at line \d+ col \d+$", "", str(exc))
         reason = reason.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+        # tomlkit counts columns from 0; FILE:LINE:COL counts them from 1 (editors, gcc,
+        # Python, tomllib), so that a jump to it lands on the bad character
         raise ConfigError(
-            f"invalid TOML: {reason}", path=path, line=exc.line, column=exc.col
+            f"invalid TOML: {reason}", path=path, line=exc.line, column=exc.col + 1
         ) from None
     except tomlkit.exceptions.KeyAlreadyPresent as exc:
         duplicate = re.search(r'Key "(.+)" already exists', str(exc))

@@ -448,8 +448,29 @@ def test_broken_toml_reports_line_and_column(home: Path) -> None:
     file = write(home / "cwd" / "config.toml", "[kernel]\nmailbox_capacity = 1\nbatch_size = \n")
     with pytest.raises(ConfigError) as info:
         load(home)
-    assert str(info.value) == f"{file}:3:13: invalid TOML: Unexpected character: '\\n'"
-    assert (info.value.line, info.value.column) == (3, 13)
+    assert str(info.value) == f"{file}:3:14: invalid TOML: Unexpected character: '\\n'"
+    assert (info.value.line, info.value.column) == (3, 14)
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ('{"kernel": 1}\n', (1, 1)),
+        ("kernel:\n", (1, 7)),
+        ("[kernel]\nbatch_size = 1 2\n", (2, 16)),
+        ('[logging]\nlevel = "info\n', (2, 14)),
+    ],
+    ids=["json", "yaml", "two values", "an unterminated string"],
+)
+def test_a_toml_error_s_column_counts_from_1(home: Path, text: str, where: tuple[int, int]) -> None:
+    """Regression: the column came from tomlkit as it counts, from 0, so a file that is
+    JSON said `config.toml:1:0:` and an editor or terminal that jumps to FILE:LINE:COL (as
+    gcc, Python and tomllib count: from 1) landed one character before the bad one."""
+    file = write(home / "cwd" / "config.toml", text)
+    with pytest.raises(ConfigError) as info:
+        load(home)
+    assert (info.value.line, info.value.column) == where
+    assert str(info.value).startswith(f"{file}:{where[0]}:{where[1]}: invalid TOML: ")
 
 
 def test_unterminated_string_reports_its_line(home: Path) -> None:
@@ -467,7 +488,7 @@ def test_duplicate_key_reports_the_second_line(home: Path) -> None:
 
 def test_duplicate_section_reports_its_line(home: Path) -> None:
     file = write(home / "cwd" / "config.toml", "[kernel]\nbatch_size = 5\n[kernel]\n")
-    with pytest.raises(ConfigError, match=rf"^{file}:3:0: invalid TOML: "):
+    with pytest.raises(ConfigError, match=rf"^{file}:3:1: invalid TOML: "):
         load(home)
 
 
