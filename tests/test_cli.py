@@ -1078,6 +1078,48 @@ def test_health_names_a_config_file_that_does_not_exist(isolated):
     assert "missing.toml" in flat(result.output)
 
 
+def _answer(status: bytes, body: bytes) -> bytes:
+    return b"HTTP/1.1 %s\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body)
+
+
+@pytest.mark.parametrize(
+    ("answer", "status", "expected"),
+    [
+        (_answer(b"200 OK", b"ok\x1b[2J\r\nforged: 200 ok"), 0, r"200 ok\x1b[2J\r\nforged: 200 ok"),
+        (_answer(b"503 No", b"down\nfake: ok\x07"), 1, r"unhealthy: 503 down\nfake: ok\x07"),
+        (b"\x1b]0;owned\x07 not http\r\n\r\n", 1, r"BadStatusLine: \x1b]0;owned\x07 not http\r\n"),
+    ],
+    ids=["healthy", "unhealthy", "not http"],
+)
+def test_health_escapes_what_the_endpoint_sent(answer, status, expected):
+    """Regression: `nexus health` printed the endpoint's body (and a bad status line) as
+    it came: an endpoint (or whatever listens on the port) could write escape sequences to
+    the terminal or the container's health log, and a line break followed by a line that
+    looks like a healthy answer. What came from outside is escaped as log text is
+    (`escape_control`): the answer is one line."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(4096)
+            conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        result = invoke(["health", "--port", str(listener.getsockname()[1]), "--timeout", "10"])
+    finally:
+        listener.close()
+        thread.join(timeout=30)
+    assert result.exit_code == status, result.output
+    assert result.output.count("\n") == 1 and result.output.endswith("\n"), repr(result.output)
+    assert "\x1b" not in result.output and "\r" not in result.output and "\x07" not in result.output
+    assert expected in result.output, repr(result.output)
+
+
 def test_health_reports_an_unhealthy_endpoint_with_exit_1():
     import http.server
 

@@ -683,6 +683,11 @@ def health(
             host = _probe_host(metrics.host)
     url = f"http://{_url_host(host)}:{port}/healthz"
     status, body, problem = _probe_health(url, timeout)
+    from ..logs import escape_control
+
+    # what the endpoint sent is outside text: escaped, so that it can neither drive the
+    # terminal nor add a line (the answer is one line)
+    body, problem = escape_control(body), escape_control(problem)
     if status is not None and 200 <= status < 300:  # (urllib raises for the others)
         typer.echo(f"{url}: {status} {body}")
         return
