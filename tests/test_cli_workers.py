@@ -1431,6 +1431,29 @@ def test_with_a_metrics_port_each_worker_serves_its_own_the_next_ports(
     assert f"metrics on http://127.0.0.1:{port + 1}/metrics" in err
 
 
+@pytest.mark.parametrize(("port", "expected"), [(9000, ["9000", "9001"]), (0, ["0", "0"])])
+def test_each_worker_is_given_its_metrics_port_or_none(
+    port: int, expected: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Worker i gets ``--metrics-port=P+i``, and ``--metrics-port=0`` when the parent's
+    port is 0: a ``--metrics-port 0`` given over ``NEXUS_METRICS__PORT=P`` (which each
+    worker reads too) left every worker on P."""
+    from nexus_trio.cli._cluster_cmd import run_workers
+
+    monkeypatch.setenv("NEXUS_METRICS__PORT", "9464")
+    seen = tmp_path / "argv"
+    script = f'echo "$NEXUS_WORKER $*" >> {seen}; {echo(canned_summary("w"))}'
+    python = fake_python(tmp_path, {}, default=script)
+    summary, status = run_workers(2, [], nats_url=NO_SERVER, python=python, metrics_port=port)
+    assert status == 0, summary
+    given = {}
+    for line in seen.read_text().splitlines():
+        node, *args = line.split()
+        (flag,) = [a for a in args if a.startswith("--metrics-port")]
+        given[node] = flag.partition("=")[2]
+    assert [given["worker-0"], given["worker-1"]] == expected
+
+
 def test_a_metrics_port_whose_workers_ports_run_past_65535_is_refused_naming_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -403,7 +403,8 @@ def run_workers(
     """Run ``workers`` worker processes to the end; return the added-up summary and the
     worst exit status. ``run_args`` are ``nexus run`` arguments (see :func:`worker_argv`).
     With a ``metrics_port`` P, worker i serves its ``/metrics`` and ``/healthz`` on P + i
-    (``--metrics-port``; one port for all, the second worker could not listen).
+    (``--metrics-port``; one port for all, the second worker could not listen); with 0,
+    none serves them (whatever ``NEXUS_METRICS__PORT`` or the config file says).
 
     ValueError, before anything starts, if ``workers`` is below 1 or more than this host
     should run (the bound ``nexus run --workers`` checks: :func:`worker_count_problem`)."""
@@ -486,8 +487,8 @@ def run_workers(
             argv = [python or sys.executable, "-m", "nexus_trio.cli", "run", *run_args]
             node = f"worker-{i}"
             argv += ["--nats", nats_url, "--node", node, "--json", "--no-live"]
-            if metrics_port:
-                argv.append(f"--metrics-port={metrics_port + i}")
+            # (0 too: a port of the environment or the config would be every worker's)
+            argv.append(f"--metrics-port={metrics_port + i if metrics_port else 0}")
             procs.append(
                 subprocess.Popen(
                     argv,
