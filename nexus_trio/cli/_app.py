@@ -402,10 +402,10 @@ def run(
             workers,
             nats,
             json_out,
-            (loaded.config.app.app, app_ref is not None),
-            (loaded.config.app.types, types_hint),
+            loaded.config,
+            app_ref is not None,
+            types_hint,
         )
-        _run_workers(ctx, workers, nats, json_out, loaded.config, app_ref is not None)
         return
     cfg = loaded.config
     from ._cluster_cmd import WORKER_ENV
@@ -494,23 +494,17 @@ def _run_workers(
     workers: int,
     nats: str | None,
     json_out: bool,
-    app: tuple[str | None, bool],
-    types: tuple[str | None, str],
-) -> None:
-    """``nexus run --workers N ...``: N worker processes, one summary added up.
-
-    The app (its reference, and whether ``--app`` gave it) and the agent types (their
-    reference, and the flag or key that gave it) are loaded here first, as each worker
-    loads them: one that cannot be is one usage error, before the nats-server and the
-    workers start, not N worker failures."""
     cfg: Config,
     app_from_flag: bool,
+    types_hint: str,
 ) -> None:
     """``nexus run --workers N ...``: N worker processes, one summary added up.
 
-    The app is loaded here first, as each worker loads it: one that cannot be is one
-    usage error, before the nats-server and the workers start, not N worker failures.
-    The parent logs as ``cfg.logging`` says (the flags are in it), as the workers do."""
+    The app (and whether ``--app`` gave it) and the agent types (``types_hint`` names the
+    flag or key that gave them) are loaded here first, as each worker loads them: one
+    that cannot be is one usage error, before the nats-server and the workers start, not
+    N worker failures. The parent logs as ``cfg.logging`` says (the flags are in it), as
+    the workers do."""
     import json
 
     from ._cluster_cmd import (
@@ -534,9 +528,8 @@ def _run_workers(
         )
     _check_nats(nats, "--nats" if nats is not None else "--workers")
     with contextlib.redirect_stdout(sys.stderr):  # (stdout is for the summary)
-        _loaded_app(*app)
-        _loaded_types(*types)
         _loaded_app(cfg.app.app, app_from_flag)
+        _loaded_types(cfg.app.types, types_hint)
     from ..logs import configure_logging
     from ._run import stderr_proxy
 
