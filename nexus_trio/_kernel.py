@@ -273,8 +273,9 @@ class Kernel:
     ) -> AgentRef:
         """Start an agent (or a supervisor) and return its address.
 
-        ``name`` overrides the spec's name; names are unique (:class:`NameTaken`).
-        Without ``supervisor`` the child goes under the kernel's root supervisor.
+        ``name`` overrides the spec's name; names are unique (:class:`NameTaken`; a
+        supervisor's tree is spawned whole or not at all). Without ``supervisor`` the
+        child goes under the kernel's root supervisor.
         Messages sent right after spawning are queued and handled after ``on_start``.
         """
         if self._router.phase is not _RUNNING:
@@ -314,15 +315,45 @@ class Kernel:
 
     def _build(self, target: Any, name: str | None) -> Child:
         if isinstance(target, Supervisor):
-            sup = SupervisorNode(self._host, target, name or target.name)
-            self._register(sup, agent=False)
-            for child_target in target.children:
-                sup.add(self._build(child_target, None))
+            # A supervisor's tree is registered whole or not at all: a name taken further
+            # down (NameTaken) must not leave the nodes before it registered outside the
+            # tree, holding their names and taking messages that nothing would handle.
+            built: list[Child] = []
+            try:
+                sup = self._build_tree(target, name, built)
+            except BaseException:
+                for node in reversed(built):
+                    self._router.forget(node)
+                raise
+            for node in built:
+                self._ledger.event(EventKind.SPAWNED, node.id, node.name)
+                self._host.heap.created()
             return sup
+        cell = self._new_cell(target, name)
+        self._register(cell, agent=True)
+        return cell
+
+    def _build_tree(self, target: Supervisor, name: str | None, built: list[Child]) -> Child:
+        """A supervisor and its children, registered (no event yet) and listed in ``built``."""
+        sup = SupervisorNode(self._host, target, name or target.name)
+        self._router.register(sup, agent=False)
+        built.append(sup)
+        for child_target in target.children:
+            if isinstance(child_target, Supervisor):
+                child = self._build_tree(child_target, None, built)
+            else:
+                child = self._new_cell(child_target, None)
+                self._router.register(child, agent=True)
+                built.append(child)
+            sup.add(child)
+        return sup
+
+    def _new_cell(self, target: Any, name: str | None) -> AgentCell:
+        """An agent's cell, not registered yet."""
         spec = as_spec(target)
         if name is not None:
             spec = spec.with_options(name=name)
-        cell = AgentCell(
+        return AgentCell(
             spec,
             new_id(),
             spec.name,
@@ -332,8 +363,6 @@ class Kernel:
             defaults=self.config.kernel,
             make_context=self._make_context,
         )
-        self._register(cell, agent=True)
-        return cell
 
     def _context_for(self, cell: AgentCell) -> Context:
         return Context(

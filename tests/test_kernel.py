@@ -1170,6 +1170,72 @@ async def test_names_are_unique_and_spawn_time_names_override() -> None:
             kernel.spawn(echo, name=str(uuid.uuid4()))
 
 
+@pytest.mark.parametrize("spawned_by", ["kernel", "ctx"])
+async def test_a_supervisor_spawn_refused_for_a_taken_name_leaves_nothing_behind(
+    spawned_by: str, autojump_clock: Any
+) -> None:
+    # Before: the supervisor and the children before the one whose name was taken stayed
+    # registered, outside the tree: their names stayed taken, a message sent to them was
+    # accepted and never handled (in flight after the shutdown), and `spawned` events
+    # were published for agents that never ran.
+    group = Supervisor(
+        name="grp", children=[echo.with_options(name="a1"), echo.with_options(name="taken")]
+    )
+    twins = Supervisor(name="twins", children=[echo.with_options(name="twin")] * 2)
+    refused: list[NameTaken] = []
+
+    @agent(name="spawner")
+    async def spawner(ctx: Context, msg: Message) -> None:
+        for target in (group, twins):
+            try:
+                ctx.spawn(target)
+            except NameTaken as exc:
+                refused.append(exc)
+
+    async with open_kernel(make_config()) as kernel, kernel.events(100) as events:
+        holder = kernel.spawn(echo, name="taken")
+        if spawned_by == "kernel":
+            for target in (group, twins):
+                try:
+                    kernel.spawn(target)
+                except NameTaken as exc:
+                    refused.append(exc)
+        else:
+            kernel.spawn(spawner)
+            await kernel.send("spawner", "go")
+        await trio.testing.wait_all_tasks_blocked()
+        assert [(e.name, e.holder) for e in refused] == [
+            ("taken", holder.id),
+            ("twin", refused[1].holder),
+        ]
+        for name in ("grp", "a1", "twins", "twin"):
+            with pytest.raises(AgentNotFound):
+                kernel.lookup(name)
+            with pytest.raises(AgentNotFound):
+                await kernel.send(name, "lost?")
+        alive = 2 if spawned_by == "ctx" else 1
+        assert kernel.stats().agents_alive == alive
+        assert len(kernel.agents()) == alive
+        spawned = [e.name for e in _drain_events(events) if e.kind.value == "spawned"]
+        assert set(spawned) <= {"taken", "spawner"}
+        # the names are free: the same specs spawn once the clash is gone
+        await kernel.stop(holder)
+        kernel.spawn(group)
+        assert await kernel.request("a1", 1) == {"echo": 1}
+    stats = kernel.stats()
+    assert stats.in_flight == 0
+    assert stats.accepted == stats.handled + stats.replies_delivered + stats.dead_lettered
+
+
+def _drain_events(stream: Any) -> list[Any]:
+    got = []
+    while True:
+        try:
+            got.append(stream.receive_nowait())
+        except trio.WouldBlock:
+            return got
+
+
 @pytest.mark.parametrize(
     ("options", "error"),
     [
