@@ -269,13 +269,14 @@ class Kernel:
         target: AgentSpec | Supervisor | Handler | type[Any],
         *,
         name: str | None = None,
-        supervisor: AgentRef | None = None,
+        supervisor: AgentRef | Address | None = None,
     ) -> AgentRef:
         """Start an agent (or a supervisor) and return its address.
 
         ``name`` overrides the spec's name; names are unique (:class:`NameTaken`; a
-        supervisor's tree is spawned whole or not at all). Without ``supervisor`` the
-        child goes under the kernel's root supervisor.
+        supervisor's tree is spawned whole or not at all). Without ``supervisor`` (the
+        address of a spawned supervisor: its ref, id or name) the child goes under the
+        kernel's root supervisor.
         Messages sent right after spawning are queued and handled after ``on_start``.
         """
         if self._router.phase is not _RUNNING:
@@ -287,13 +288,26 @@ class Kernel:
             )
         owner = self._root
         if supervisor is not None:
-            node = self._router.find(supervisor.id)
-            if not isinstance(node, SupervisorNode) or node.retired:
-                raise AgentNotFound(supervisor.id)
-            owner = node
+            owner = self._supervisor_at(supervisor)
         child = self._build(target, name)
         owner.add(child)
         return AgentRef(child.id, child.name)
+
+    def _supervisor_at(self, supervisor: AgentRef | Address) -> SupervisorNode:
+        """The live supervisor that ``spawn(..., supervisor=)`` names, or an error that
+        says what the address is instead."""
+        address = address_of(supervisor)
+        node = self._router.find(address)
+        if node is None or node.retired:
+            self._router.check_address(address)
+            raise AgentNotFound(address, self._router.names)
+        if not isinstance(node, SupervisorNode):
+            shown = repr(supervisor) if isinstance(supervisor, str) else str(supervisor)
+            raise ValueError(
+                f"supervisor={shown} is an agent, not a supervisor: spawn(..., supervisor=)"
+                " takes the address of a spawned Supervisor"
+            )
+        return node
 
     def _spawn_linked(self, target: Any, name: str | None, parent: Child) -> AgentRef:
         """``ctx.spawn``: a sibling of ``parent`` that stops before it, and with its run."""
@@ -375,7 +389,7 @@ class Kernel:
         self._host.heap.created()
 
     def spawn_process(
-        self, cmd: Any, *, supervisor: AgentRef | None = None, **options: Any
+        self, cmd: Any, *, supervisor: AgentRef | Address | None = None, **options: Any
     ) -> AgentRef:
         """Deprecated: use ``kernel.spawn(nexus_trio.bridges.process_agent(cmd, ...))``.
 

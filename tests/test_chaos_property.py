@@ -42,6 +42,7 @@ from collections import Counter
 from contextlib import nullcontext, suppress
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 from hypothesis import example, given
@@ -77,6 +78,12 @@ from nexus_trio import (
 from nexus_trio.testing import assert_conserved
 
 from .hang_guard import fault_settings, run_on_mock_clock, tasks_living
+
+
+def _is_agent(kernel: Any, ref: AgentRef) -> bool:
+    """Whether ``ref`` is a live agent of ``kernel`` (not a supervisor)."""
+    return ref in kernel.agents()
+
 
 #: what a request may end with, besides its answer
 DOCUMENTED = (RequestTimeout, RequestFailed, AgentNotFound, MailboxFull, KernelShuttingDown)
@@ -465,7 +472,12 @@ def test_chaos_programs_end_cleanly(program: tuple[Any, ...]) -> None:
                             "plain": plain_spec,
                             "sup": Supervisor(children=[probe()]),
                         }[step[2]]
-                        known.append((None, kernel.spawn(target, supervisor=sup)))
+                        if _is_agent(kernel, sup):
+                            # an agent's address: refused, saying so
+                            with pytest.raises(ValueError, match="is an agent, not a supervisor"):
+                                kernel.spawn(target, supervisor=sup)
+                        else:
+                            known.append((None, kernel.spawn(target, supervisor=sup)))
                 elif what == "inspect" and not kernel.stopped:
                     await trio.testing.wait_all_tasks_blocked()
                     assert_conserved(kernel)

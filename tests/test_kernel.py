@@ -1236,6 +1236,35 @@ def _drain_events(stream: Any) -> list[Any]:
             return got
 
 
+async def test_spawn_under_a_supervisor_takes_any_address_and_says_what_is_wrong() -> None:
+    # Before: a name or an id raised AttributeError ('str' object has no attribute 'id'),
+    # and an agent's ref AgentNotFound for an agent that was there.
+    async with open_kernel(make_config()) as kernel:
+        grp = kernel.spawn(Supervisor(name="grp"))
+        for address in (grp, "grp", grp.id):
+            child = kernel.spawn(echo, supervisor=address)
+            assert await kernel.request(child, 1) == {"echo": 1}
+        node = kernel.describe()["children"][0]
+        assert node["name"] == "grp" and len(node["children"]) == 3
+        worker = kernel.spawn(echo, name="worker")
+        with pytest.raises(
+            ValueError, match=re.escape("supervisor='worker' is an agent, not a supervisor")
+        ):
+            kernel.spawn(echo, supervisor="worker")
+        with pytest.raises(ValueError, match="is an agent, not a supervisor"):
+            kernel.spawn(echo, supervisor=worker)
+        with pytest.raises(
+            AgentNotFound, match=r"no agent is registered as 'gpr'.*did you mean 'grp'"
+        ):
+            kernel.spawn(echo, supervisor="gpr")
+        with pytest.raises(TypeError, match="an agent address is"):
+            kernel.spawn(echo, supervisor=5)  # type: ignore[arg-type]
+        await kernel.stop(grp)
+        with pytest.raises(AgentNotFound):
+            kernel.spawn(echo, supervisor=grp)
+        assert len(kernel.agents()) == 1
+
+
 @pytest.mark.parametrize(
     ("options", "error"),
     [
