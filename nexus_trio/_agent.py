@@ -495,6 +495,7 @@ class Context:
         trace_id = current.trace_id if current is not None else None
         return new_message(self.id, address_of(to), payload, kind, trace_id)
 
+    @trio.lowlevel.enable_ki_protection
     async def send(
         self,
         to: AgentRef | Address | Message,
@@ -514,6 +515,7 @@ class Context:
             await router.send(msg, fast)
         return msg
 
+    @trio.lowlevel.enable_ki_protection
     def send_nowait(
         self,
         to: AgentRef | Address | Message,
@@ -526,6 +528,7 @@ class Context:
         self._router.send_nowait(msg, external=False)
         return msg
 
+    @trio.lowlevel.enable_ki_protection
     async def request(
         self, to: AgentRef | Address, payload: Any = None, *, timeout: float | None = None
     ) -> Any:
@@ -539,6 +542,7 @@ class Context:
         query = new_query(self.id, address_of(to), payload, trace_id)
         return await self._router.request(query, timeout, external=False)
 
+    @trio.lowlevel.enable_ki_protection
     def spawn(
         self, target: AgentSpec | Supervisor | Handler | type[Any], *, name: str | None = None
     ) -> AgentRef:
@@ -550,10 +554,12 @@ class Context:
         tree."""
         return self._spawn_linked(target, name, self._cell)
 
+    @trio.lowlevel.enable_ki_protection
     def stop(self) -> None:
         """Stop this agent after the current message (a normal exit; see restart types)."""
         self._cell.request_exit()
 
+    @trio.lowlevel.enable_ki_protection
     def monitor(self, target: AgentRef | Address) -> None:
         """Receive an ``Event`` message when ``target`` stops or fails.
 

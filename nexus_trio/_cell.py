@@ -39,7 +39,7 @@ from ._message import SYSTEM_ID, Message, MessageKind, id_value
 from ._router import KernelPhase, Router
 from ._step import DONE as _DONE
 from ._step import FAILED as _FAILED
-from ._step import Stepper, resume
+from ._step import Stepper, resume, unprotect
 
 _DRAINING: Final = KernelPhase.DRAINING
 _STARTED: Final = EventKind.STARTED
@@ -240,6 +240,10 @@ class AgentCell(Child):
 
     # --- a run --------------------------------------------------------------------------
 
+    # Not protected from KeyboardInterrupt (its caller, the supervisor's task, is): it
+    # runs the agent's own code (its class's __init__, on_start, on_stop), which a Ctrl-C
+    # must be able to interrupt. The serve loop below is protected again.
+    @trio.lowlevel.disable_ki_protection
     async def run_once(self) -> None:
         """One run: fresh behaviour, ``on_start``, serve until asked to exit, ``on_stop``."""
         self.exit_requested = self.terminating
@@ -268,9 +272,13 @@ class AgentCell(Child):
                 failure = _first_failure(group)
                 if failure is None:
                     raise
-                if not isinstance(failure, Exception):
+                if isinstance(failure, KeyboardInterrupt) and self.router.interrupt(failure):
+                    # A Ctrl-C in on_start or a background task: the kernel shuts down
+                    # for it; this run ends as a normal exit.
+                    failure = None
+                elif not isinstance(failure, Exception):
                     raise
-                if isinstance(failure, _HandlerFailed):
+                elif isinstance(failure, _HandlerFailed):
                     failure = failure.error
                 else:
                     log_guarded(
@@ -320,6 +328,9 @@ class AgentCell(Child):
                         # failure (the first one, if it had failed already).
                         if failure is None:
                             failure = exc
+                    except KeyboardInterrupt as exc:
+                        if not self.router.interrupt(exc):
+                            raise
         if failure is not None:
             if self.exit_directive is None:
                 # A run that failed outside a handler (on_start, a background task, its
@@ -357,6 +368,7 @@ class AgentCell(Child):
         self._release = trio.Event()
         await self._release.wait()
 
+    @trio.lowlevel.enable_ki_protection
     async def _serve(self, behaviour: Behaviour) -> None:
         """Serve the mailbox until asked to exit (or held after the grace period).
 
@@ -372,6 +384,7 @@ class AgentCell(Child):
         # handler): this, then ``depth -= 1`` or ``recount()`` while producers wait.
         take = mailbox.taker()
         handler = behaviour.handle
+        unprotect(handler)
         ctx = self.ctx
         assert ctx is not None
         now = ledger.now
@@ -469,6 +482,16 @@ class AgentCell(Child):
                             if stale:
                                 await trio.lowlevel.checkpoint()  # leaves the spent scope
                             continue
+                        except KeyboardInterrupt as exc:
+                            # Ctrl-C, raised by Trio in the handler's code: the kernel
+                            # shuts down gracefully and this agent drains with the others
+                            # (once the kernel is shutting down, it goes on up: forced).
+                            if not router.interrupt(exc):
+                                raise
+                            self._interrupted(msg)
+                            if stale:
+                                await trio.lowlevel.checkpoint()  # leaves the spent scope
+                            continue
                         if result is not None and type(result) is coroutine:
                             self._handler_raised(msg, self._unawaited(result))
                             result = None
@@ -540,6 +563,18 @@ class AgentCell(Child):
         self.dead_lettered += 1
         self.ledger.dead_letter(
             msg, DeadLetterReason.SHUTDOWN, self.id, self.name, detail="after the grace period"
+        )
+
+    def _interrupted(self, msg: Message) -> None:
+        """The handler of ``msg`` was interrupted by a Ctrl-C the kernel shuts down for."""
+        self.current = None
+        self.dead_lettered += 1
+        self.ledger.dead_letter(
+            msg,
+            DeadLetterReason.SHUTDOWN,
+            self.id,
+            self.name,
+            detail="interrupted by KeyboardInterrupt while being handled",
         )
 
     def _message_failed(self, msg: Message, exc: MessageFailed) -> None:

@@ -125,6 +125,10 @@ class Kernel:
         self._body_scope = trio.CancelScope()
         self._root_done = trio.Event()
         self._escalation: SupervisorEscalation | None = None
+        #: a Ctrl-C raised in an agent's code while the kernel ran (see _take_interrupt):
+        #: raised by open_kernel once the shutdown it started is over
+        self._interrupt: KeyboardInterrupt | None = None
+        self._router.interrupt = self._take_interrupt
         #: the task that runs the root supervisor: every task of the supervision tree
         #: descends from it (see _in_tree)
         self._root_task: trio.lowlevel.Task | None = None
@@ -133,6 +137,14 @@ class Kernel:
 
     # --- lifecycle of the kernel -----------------------------------------------------------
 
+    # Trio raises a Ctrl-C's KeyboardInterrupt in the code that runs when it comes, unless
+    # that code is protected: then the run's main task gets it at its next checkpoint.
+    # The kernel's own code is protected (the tasks of the tree, the request timer, and
+    # the calls agents and the block make), so that a Ctrl-C never lands halfway through
+    # its bookkeeping; the agents' code (handlers, on_start, on_stop, their background
+    # tasks) is not, so that a handler stuck in a loop can still be interrupted, and
+    # there the kernel takes it as a Ctrl-C of its own (see _take_interrupt).
+    @trio.lowlevel.enable_ki_protection
     async def _run_root(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -160,11 +172,33 @@ class Kernel:
             # Nothing more can be handled: a drain under way must not wait out its grace.
             self._router.end_drain()
 
+    def _take_interrupt(self, exc: KeyboardInterrupt) -> bool:
+        """A KeyboardInterrupt raised in an agent's code: while the kernel runs, a Ctrl-C
+        for the kernel, as one raised in the ``open_kernel`` block would be (the block is
+        cancelled, the kernel shuts down gracefully and ``open_kernel`` raises it). False
+        once the kernel is shutting down: it goes on up, as a second Ctrl-C does."""
+        if self._router.phase is not KernelPhase.RUNNING:
+            return False
+        if self._interrupt is None:
+            self._interrupt = exc
+            self._log_interrupt()
+            self._body_scope.cancel()
+        return True
+
+    def _log_interrupt(self) -> None:
+        log_guarded(
+            log,
+            logging.WARNING,
+            "KeyboardInterrupt: shutting down gracefully (within %gs; interrupt again to force it)",
+            self.config.kernel.shutdown_grace,
+        )
+
     @property
     def phase(self) -> KernelPhase:
         """Where the kernel is in its lifecycle (running, draining, stopping, stopped)."""
         return self._router.phase
 
+    @trio.lowlevel.enable_ki_protection
     async def shutdown(self, grace: float | None = None) -> None:
         """Shut down gracefully; idempotent, and safe to call from inside an agent's task.
 
@@ -227,6 +261,7 @@ class Kernel:
             task = nursery.parent_task if nursery is not None else None
         return False
 
+    @trio.lowlevel.enable_ki_protection
     async def _shut_down(self, grace: float) -> None:
         """Steps 2 to 4 of :meth:`shutdown` (the phase is ``DRAINING`` already)."""
         router = self._router
@@ -264,6 +299,7 @@ class Kernel:
 
     # --- spawning -----------------------------------------------------------------------------
 
+    @trio.lowlevel.enable_ki_protection
     def spawn(
         self,
         target: AgentSpec | Supervisor | Handler | type[Any],
@@ -422,6 +458,7 @@ class Kernel:
 
     # --- stopping one agent ---------------------------------------------------------------------
 
+    @trio.lowlevel.enable_ki_protection
     async def stop(
         self, target: AgentRef | Address, *, drain: bool = False, reason: str = "stopped"
     ) -> None:
@@ -463,6 +500,7 @@ class Kernel:
 
     # --- sending ------------------------------------------------------------------------------------
 
+    @trio.lowlevel.enable_ki_protection
     async def send(
         self,
         to: AgentRef | Address | Message,
@@ -502,6 +540,7 @@ class Kernel:
             await self._router.send(msg, fast)
         return msg
 
+    @trio.lowlevel.enable_ki_protection
     def send_nowait(
         self,
         to: AgentRef | Address | Message,
@@ -523,6 +562,7 @@ class Kernel:
         self._router.send_nowait(msg, external=True)
         return msg
 
+    @trio.lowlevel.enable_ki_protection
     async def request(
         self,
         to: AgentRef | Address,
@@ -876,6 +916,13 @@ class AgentScan:
         return bool(order)
 
 
+def _is_interrupt(error: BaseException | None) -> bool:
+    """A Ctrl-C, also one that reached the block through a nursery of its own (a group)."""
+    if isinstance(error, BaseExceptionGroup):
+        return error.subgroup(KeyboardInterrupt) is not None
+    return isinstance(error, KeyboardInterrupt)
+
+
 @asynccontextmanager
 async def open_kernel(
     config: Config | None = None, *, seed: int | None = None
@@ -940,6 +987,8 @@ async def open_kernel(
                 # is in hand or queued is dead-lettered ``shutdown``), but the tree still
                 # stops in order, each ``on_stop`` within its shutdown timeout.
                 grace = 0.0 if trio.current_effective_deadline() == -math.inf else None
+                if grace is None and _is_interrupt(body_error):
+                    kernel._log_interrupt()  # (a Ctrl-C in an agent's code logs it there)
                 try:
                     # (shielded: a shutdown asked from inside the tree may be under way)
                     with trio.CancelScope(shield=True):
@@ -971,5 +1020,7 @@ async def open_kernel(
             failing.add_note(f"closing the kernel then raised {type(exc).__name__}: {exc}")
     if body_error is not None:
         raise body_error
+    if kernel._interrupt is not None:
+        raise kernel._interrupt
     if kernel._escalation is not None:
         raise kernel._escalation

@@ -266,6 +266,10 @@ class AgentWalk:
             self._next = node.spawn_next
 
 
+def _not_taken(exc: KeyboardInterrupt) -> bool:
+    return False
+
+
 def _walking(ref: weakref.ref[AgentWalk]) -> bool:
     walk = ref()
     return walk is not None and not walk.done
@@ -325,6 +329,11 @@ class Router:
         self._sends = 0
         ledger.on_dead_query = self._dead_query
         ledger.send_notice = self.route_nowait
+        #: a KeyboardInterrupt raised in an agent's code (Trio's Ctrl-C handler raises it
+        #: in the code that runs): True if the kernel takes it as a Ctrl-C of its own (a
+        #: graceful shutdown, the interrupt raised by ``open_kernel`` after it), False if
+        #: it must go on up (the kernel is shutting down already: a second Ctrl-C forces)
+        self.interrupt: Callable[[KeyboardInterrupt], bool] = _not_taken
 
     # --- addresses --------------------------------------------------------------------
 
@@ -942,6 +951,7 @@ class Router:
             " answer came (a handler answers a request by returning a value)"
         )
 
+    @trio.lowlevel.enable_ki_protection
     async def run_request_timer(self) -> None:
         """Expire pending requests at their deadlines (runs for the kernel's lifetime)."""
         heap = self._deadlines

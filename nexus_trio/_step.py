@@ -10,14 +10,18 @@ return is not an exception: :meth:`Stepper.send` gives :data:`DONE` (the result 
 when it suspended. A suspended stepper belongs to the caller until the handler ends
 (:func:`resume`); the kernel's idle one is shared by all its agents (see
 ``Router.stepper``), which is safe because a handler that does not suspend runs to its end
-before any other task runs.
+before any other task runs. :func:`unprotect` keeps the handlers a protected serve loop
+steps interruptible by Ctrl-C.
 """
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any, Final, final
+
+import trio
 
 #: what :meth:`Stepper.send` gives for a handler that returned (the result is in ``box[0]``)
 DONE: Final = object()
@@ -43,6 +47,35 @@ def _drive(box: list[Any]) -> Generator[Any, Any, None]:
         except BaseException as exc:
             box[1] = exc
             outcome = FAILED
+
+
+#: the handlers' code objects marked as the agents' own code (see unprotect)
+_UNPROTECTED: Final[set[types.CodeType]] = set()
+
+
+def unprotect(handler: Callable[..., Any]) -> None:
+    """Mark ``handler``'s code as not protected from KeyboardInterrupt, once per code.
+
+    The serve loop that steps handlers is protected (a Ctrl-C there goes to the run's
+    main task at its next checkpoint, as in Trio's own code), and so would be whatever
+    it calls; Trio decides by the nearest frame whose code is marked, so a handler's
+    code marked unprotected is interrupted where it runs, and so are the functions it
+    calls (a handler stuck in a loop must stay interruptible). A handler with no code
+    of its own to mark (a builtin) stays protected.
+    """
+    function: Any = handler
+    while True:
+        if isinstance(function, functools.partial):
+            function = function.func
+        elif isinstance(function, types.MethodType):
+            function = function.__func__
+        else:
+            break
+    code = getattr(function, "__code__", None)
+    if not isinstance(code, types.CodeType) or code in _UNPROTECTED:
+        return
+    trio.lowlevel.disable_ki_protection(function)
+    _UNPROTECTED.add(code)
 
 
 @final

@@ -411,6 +411,7 @@ class SupervisorNode(Child, ChildOwner):
 
     # --- internals ----------------------------------------------------------------------------
 
+    @trio.lowlevel.enable_ki_protection
     async def _started_after(self, last: trio.Event) -> None:
         await last.wait()
         self.signal_started()
@@ -457,6 +458,7 @@ class SupervisorNode(Child, ChildOwner):
         handled, the tree stop retires it)."""
         return child.terminating or child.retired or self.host.stopping()
 
+    @trio.lowlevel.enable_ki_protection
     async def _child_task(
         self,
         child: Child,

@@ -3,6 +3,7 @@ hangs, and the event and dead-letter streams end whatever way the kernel closes.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import signal
@@ -212,3 +213,214 @@ async def test_a_request_made_while_a_cancelled_kernel_stops_still_times_out(
     assert outcomes == ["timed out"]
     assert kernel.stats().handled == 1
     assert trio.current_time() == pytest.approx(0.1)
+
+
+# --- Ctrl-C under plain trio.run ---------------------------------------------------------------
+
+
+def _run_with_ctrl_c(main: Any, clock: Any = "mock") -> None:
+    """``trio.run(main)`` (on a mock clock unless ``clock`` says otherwise), with Trio's
+    own Ctrl-C handling: Trio turns SIGINT into KeyboardInterrupt only where the handler
+    is the default one (a shell starting CI in the background ignores SIGINT)."""
+    if clock == "mock":
+        clock = trio.testing.MockClock(autojump_threshold=0)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        trio.run(main, clock=clock)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _ctrl_c() -> None:
+    """A Ctrl-C now: Trio's handler raises KeyboardInterrupt in the code that calls this,
+    unless that code is protected (then the run's main task gets it)."""
+    signal.raise_signal(signal.SIGINT)
+
+
+@pytest.mark.parametrize("where", ["handler", "suspended handler", "on_start", "background"])
+def test_a_ctrl_c_in_an_agent_s_code_shuts_the_kernel_down_gracefully_then_raises(
+    where: str,
+) -> None:
+    # Before: the KeyboardInterrupt went up through the agent's, its supervisor's and the
+    # kernel's nurseries: open_kernel raised a BaseExceptionGroup three deep (so `except
+    # KeyboardInterrupt` around trio.run missed it), with no drain: the messages queued
+    # behind it were dead-lettered `shutdown`. Now it is the kernel's Ctrl-C, as one
+    # raised in the block: the block is cancelled, the kernel drains and stops in
+    # order, and open_kernel raises the KeyboardInterrupt itself.
+    handled: list[Any] = []
+    stopped: list[str] = []
+    outcome: list[BaseException] = []
+    pressed: list[str] = []
+
+    def ctrl_c_once() -> None:
+        # (a restarted run does it again: that one would be a second Ctrl-C)
+        if not pressed:
+            pressed.append(where)
+            _ctrl_c()
+
+    class Worker(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            if where == "on_start" and ctx.name == "interrupted":
+                ctrl_c_once()
+            if where == "background" and ctx.name == "interrupted":
+                ctx.nursery.start_soon(self.background)
+
+        async def background(self) -> None:
+            await trio.sleep(1)
+            ctrl_c_once()
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            if msg.payload == "ctrl-c":
+                if where == "suspended handler":
+                    await trio.sleep(0.5)
+                ctrl_c_once()
+            await trio.sleep(0.1)
+            handled.append((ctx.name, msg.payload))
+
+        async def on_stop(self, ctx: Context) -> None:
+            stopped.append(str(ctx.name))
+
+    async def main() -> None:
+        try:
+            with trio.fail_after(60):
+                async with open_kernel(make_config(shutdown_grace_ms=5000)) as kernel:
+                    kernel.spawn(agent(Worker, name="other"))
+                    kernel.spawn(agent(Worker, name="interrupted"))
+                    for n in (1, 2, 3):
+                        await kernel.send("other", n)
+                    if where.endswith("handler"):
+                        await kernel.send("interrupted", "ctrl-c")
+                        await kernel.send("interrupted", "after")
+                    await trio.sleep_forever()
+        except BaseException as exc:
+            outcome.append(exc)
+        stats = kernel.stats()
+        total = stats.handled + stats.replies_delivered + stats.dead_lettered
+        assert stats.in_flight == 0 and stats.accepted == total
+        if where.endswith("handler"):
+            (letter,) = kernel.recent_dead_letters()
+            assert letter.message.payload == "ctrl-c"
+            assert letter.reason.value == "shutdown"
+            assert letter.detail == "interrupted by KeyboardInterrupt while being handled"
+        else:
+            assert kernel.recent_dead_letters() == []
+
+    _run_with_ctrl_c(main)
+    assert pressed == [where]
+    (exc,) = outcome
+    assert type(exc) is KeyboardInterrupt, repr(exc)
+    # drained: what was queued is handled, also behind the interrupted message
+    expected = [("other", 1), ("other", 2), ("other", 3)]
+    if where.endswith("handler"):
+        expected.append(("interrupted", "after"))
+    assert sorted(handled) == sorted(expected)
+    # each run stopped (an interrupted run may have been restarted for the drain), the
+    # tree in reverse start order
+    assert set(stopped) == {"interrupted", "other"} and stopped[-1] == "other"
+
+
+def test_a_ctrl_c_that_lands_in_the_kernel_s_own_code_is_given_to_the_block(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The kernel's own code is protected from KeyboardInterrupt, as Trio's is: a Ctrl-C
+    # that comes while it runs (here: in a log handler the serve loop calls for a dead
+    # letter) goes to the run's main task, in the block. Before: it was raised there, in
+    # the middle of the dead letter's bookkeeping (counted, never published), and the
+    # kernel ended with a BaseExceptionGroup. Agents' code is not protected.
+    protected: dict[str, bool] = {}
+    outcome: list[BaseException] = []
+    handled: list[Any] = []
+
+    class CtrlCOnce(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "kernel" not in protected:
+                protected["kernel"] = trio.lowlevel.currently_ki_protected()
+                _ctrl_c()
+
+    class Probe(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            protected["on_start"] = trio.lowlevel.currently_ki_protected()
+            ctx.nursery.start_soon(self.background)
+
+        async def background(self) -> None:
+            protected["background"] = trio.lowlevel.currently_ki_protected()
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            protected["handler"] = trio.lowlevel.currently_ki_protected()
+            if msg.payload == "bad":
+                raise ValueError("bad")
+            handled.append(msg.payload)
+
+        async def on_stop(self, ctx: Context) -> None:
+            protected["on_stop"] = trio.lowlevel.currently_ki_protected()
+
+    async def main() -> None:
+        try:
+            with trio.fail_after(60):
+                async with open_kernel(make_config()) as kernel:
+                    kernel.spawn(agent(Probe, name="probe", on_error="resume"))
+                    await kernel.send("probe", "bad")
+                    await kernel.send("probe", "after")
+                    await trio.sleep_forever()
+        except BaseException as exc:
+            outcome.append(exc)
+        stats = kernel.stats()
+        assert (stats.handled, stats.dead_lettered, stats.in_flight) == (1, 1, 0)
+        (letter,) = kernel.recent_dead_letters()
+        assert letter.reason.value == "handler_error"
+
+    logger = logging.getLogger("nexus_trio.dead_letters")
+    handler = CtrlCOnce()
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)  # (dead letters are logged at INFO)
+    try:
+        # On Trio's real clock: the main task gets the interrupt through Trio's queue of
+        # callbacks, which a mock clock's jump to the next deadline could pass.
+        _run_with_ctrl_c(main, clock=None)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    (exc,) = outcome
+    assert type(exc) is KeyboardInterrupt, repr(exc)
+    assert handled == ["after"]
+    assert [r.getMessage() for r in caplog.records if r.name == "nexus_trio.kernel"] == [
+        "KeyboardInterrupt: shutting down gracefully (within 5s; interrupt again to force it)"
+    ]
+    assert protected == {
+        "kernel": True,
+        "on_start": False,
+        "background": False,
+        "handler": False,
+        "on_stop": False,
+    }
+
+
+def test_a_second_ctrl_c_in_an_agent_s_code_while_the_kernel_drains_forces_the_exit() -> None:
+    # The first Ctrl-C starts the graceful shutdown; one in an agent's code during the
+    # drain goes on up, as Trio's would: the kernel closes at once, its streams end.
+    outcome: list[BaseException] = []
+
+    @agent(name="looper", handle_timeout=1000)
+    async def looper(ctx: Context, msg: Message) -> None:
+        await trio.sleep(1)
+        if msg.payload == 2:
+            _ctrl_c()  # the second: the kernel is draining by now
+        await ctx.send("looper", msg.payload + 1)
+
+    async def main() -> None:
+        try:
+            with trio.fail_after(60):
+                async with open_kernel(make_config(shutdown_grace_ms=600_000)) as kernel:
+                    kernel.spawn(looper)
+                    await kernel.send("looper", 0)
+                    await trio.sleep(0.5)
+                    _ctrl_c()  # the first, in the block: graceful
+        except BaseException as exc:
+            outcome.append(exc)
+        assert kernel.stopped
+        assert trio.current_time() < 10  # not the 600 s grace
+
+    _run_with_ctrl_c(main)
+    (exc,) = outcome
+    assert isinstance(exc, BaseExceptionGroup) and exc.subgroup(KeyboardInterrupt) is not None

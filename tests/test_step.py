@@ -3,6 +3,7 @@ and agents that suspend while others share the kernel's stepper."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import pytest
@@ -11,7 +12,7 @@ import trio.lowlevel
 import trio.testing
 
 from nexus_trio import Context, Message, agent, open_kernel
-from nexus_trio._step import DONE, FAILED, Stepper, resume
+from nexus_trio._step import DONE, FAILED, Stepper, resume, unprotect
 
 from .conftest import make_config
 
@@ -183,3 +184,33 @@ async def test_a_reply_racing_its_requests_deadline_is_returned_or_counted(
         == stats.handled + stats.replies_delivered + stats.dead_lettered + stats.in_flight
     )
     assert stats.in_flight == 0
+
+
+async def test_unprotect_marks_the_code_a_handler_runs_whatever_wraps_it() -> None:
+    """The serve loop is protected from KeyboardInterrupt; a handler it calls (a function,
+    a method, either behind functools.partial) must not be, nor what the handler calls."""
+
+    @trio.lowlevel.enable_ki_protection
+    def kernel_side(call: Any) -> bool:
+        result: bool = call()
+        return result
+
+    def helper() -> bool:
+        return trio.lowlevel.currently_ki_protected()
+
+    def function() -> bool:
+        return helper()
+
+    class Behaviour:
+        def method(self) -> bool:
+            return trio.lowlevel.currently_ki_protected()
+
+    def partial_target(flag: bool) -> bool:
+        return trio.lowlevel.currently_ki_protected()
+
+    handlers = [function, Behaviour().method, functools.partial(partial_target, True)]
+    assert [kernel_side(h) for h in handlers] == [True, True, True]
+    for handler in handlers:
+        unprotect(handler)
+    assert [kernel_side(h) for h in handlers] == [False, False, False]
+    unprotect(len)  # no code of its own to mark: nothing happens
