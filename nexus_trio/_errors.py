@@ -211,10 +211,13 @@ class MessageDecodeError(NexusError, ValueError):
 
 
 class SupervisorEscalation(NexusError):
-    """A supervisor exceeded its restart intensity and the failure reached the kernel.
+    """A supervisor exceeded its restart intensity and gave up.
 
-    ``chain`` names the supervisors and agent the failure went through, innermost last;
-    ``last_error`` is the exception that tripped the limit.
+    Raised by ``open_kernel`` when the failure reached the kernel (``[supervision]
+    escalate_to_kernel``); also the ``error`` of the ``failed`` and ``restarted`` events
+    (and the reason of the monitors' ``failed`` notice) of a nested supervisor that gave
+    up. ``chain`` names the supervisors and agent the failure went through, innermost
+    last; ``last_error`` is the exception that tripped the limit.
     """
 
     def __init__(self, chain: tuple[str, ...], last_error: BaseException | None) -> None:

@@ -166,6 +166,15 @@ class Escalation(Exception):
         return SupervisorEscalation((root, *self.chain), self.last_error)
 
 
+def _reported(error: BaseException | None) -> BaseException | None:
+    """What events and monitors are told of a failure: for a supervisor that gave up, the
+    public :class:`SupervisorEscalation` (its chain from that supervisor down), not the
+    private exception that carried it here."""
+    if isinstance(error, Escalation):
+        return SupervisorEscalation(error.chain, error.last_error)
+    return error
+
+
 _EXIT: Final = "exit"
 _ADD: Final = "add"
 _TERMINATE: Final = "terminate"
@@ -225,10 +234,16 @@ class SupervisionHost:
             log_guarded(
                 log, logging.ERROR, "%s failed", child.label, exc_info=error, extra=log_extra(child)
             )
+        reported = _reported(error)
         self.ledger.event(
-            EventKind.FAILED, child.id, child.name, type(error).__name__, error, child.restarts
+            EventKind.FAILED,
+            child.id,
+            child.name,
+            type(reported).__name__,
+            reported,
+            child.restarts,
         )
-        self.ledger.notify(child.id, child.name, "failed", repr(error), final=False)
+        self.ledger.notify(child.id, child.name, "failed", repr(reported), final=False)
 
     def restarting(self, child: Child, delay: float, error: BaseException | None) -> None:
         self.ledger.restarts += 1
@@ -246,7 +261,7 @@ class SupervisionHost:
             child.id,
             child.name,
             f"backoff {delay:.6f}s",
-            error,
+            _reported(error),
             child.restarts,
         )
 

@@ -356,6 +356,44 @@ async def test_nested_escalation_is_handled_by_the_parent_strategy(autojump_cloc
     assert [e.name for e in rec.of("restarted")] == ["x", "inner"]
 
 
+async def test_a_supervisor_that_gave_up_is_reported_with_the_public_escalation(
+    autojump_clock: Any,
+) -> None:
+    # Before: its `failed` and `restarted` events carried the kernel's private
+    # `Escalation` (reason 'Escalation', not importable: `isinstance(event.error,
+    # SupervisorEscalation)` was False), and a monitor's notice read
+    # "Escalation(('inner', 'x'), RuntimeError('boom'))".
+    notices: list[Any] = []
+
+    @agent(name="watcher")
+    async def watcher(ctx: Context, msg: Message) -> None:
+        if msg.payload == "watch":
+            ctx.monitor("inner")
+        else:
+            notices.append(msg.payload)
+
+    async with open_kernel(make_config()) as kernel, record_events(kernel) as rec:
+        inner = sup(tracked("w"), tracked("x"), name="inner", max_restarts=0)
+        kernel.spawn(sup(inner, name="outer", max_restarts=5))
+        kernel.spawn(watcher)
+        await kernel.send("watcher", "watch")
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send("x", "boom")  # inner gives up at once, outer restarts it
+        await trio.testing.wait_all_tasks_blocked()
+    [failed] = [e for e in rec.of("failed") if e.name == "inner"]
+    [restarted] = [e for e in rec.of("restarted") if e.name == "inner"]
+    for reported in (failed, restarted):
+        assert isinstance(reported.error, SupervisorEscalation)
+        assert reported.error.chain == ("inner", "x")
+        assert isinstance(reported.error.last_error, RuntimeError)
+    assert failed.reason == "SupervisorEscalation"
+    assert str(failed.error).startswith("restart intensity exceeded along inner -> x;")
+    [notice] = notices
+    assert notice["event"] == "failed" and notice["name"] == "inner"
+    assert "restart intensity exceeded along inner -> x" in notice["reason"]
+    assert "Escalation((" not in notice["reason"]
+
+
 async def test_escalation_to_the_root_shuts_down_gracefully(autojump_clock: Any) -> None:
     body_reached_end = False
     with pytest.raises(SupervisorEscalation) as info:  # noqa: PT012 - the body is the scenario
