@@ -361,6 +361,13 @@ class Router:
                 f" got {type(address).__name__} {brief(address, 60)}"
             )
 
+    def _why_no_agent(self, address: Address) -> str:
+        """What a send that found no agent at ``address`` can add (the failing path only)."""
+        node = self.find(address)
+        if node is not None and not node.is_agent:
+            return "it is a supervisor, which takes no messages: send to one of its agents"
+        return ""
+
     def register(self, node: Child, *, agent: bool) -> None:
         """Make ``node`` reachable by id and name (``NameTaken`` if the name is in use)."""
         if node.name is not None:
@@ -742,7 +749,7 @@ class Router:
             self.check_address(msg.to)
             if self.transport is None:
                 # the table, for a hint looked for only if the error is shown
-                raise AgentNotFound(msg.to, self.routes)
+                raise AgentNotFound(msg.to, self.routes, detail=self._why_no_agent(msg.to))
             self.transport.deliver_nowait(msg)
             ledger.accepted += 1
             ledger.forwarded += 1

@@ -1227,6 +1227,44 @@ async def test_a_supervisor_spawn_refused_for_a_taken_name_leaves_nothing_behind
     assert stats.accepted == stats.handled + stats.replies_delivered + stats.dead_lettered
 
 
+async def test_a_message_to_a_supervisor_is_refused_saying_it_is_one(autojump_clock: Any) -> None:
+    # Before: `no agent is registered as 'service'` while kernel.lookup("service") found
+    # it: a supervisor takes no messages, and the error did not say so.
+    said: list[str] = []
+
+    @agent(name="asker")
+    async def asker(ctx: Context, msg: Message) -> None:
+        try:
+            await ctx.send("service", "hi")
+        except AgentNotFound as exc:
+            said.append(str(exc))
+
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(Supervisor(name="service", children=[echo.with_options(name="store")]))
+        assert kernel.lookup("service") == ref
+        kernel.spawn(asker)
+        await kernel.send("asker", "go")
+        await trio.testing.wait_all_tasks_blocked()
+        for attempt in (
+            lambda: kernel.send("service", 1),
+            lambda: kernel.request(ref, 1),
+            lambda: kernel.request(ref.id, 1),
+        ):
+            with pytest.raises(AgentNotFound) as info:
+                await attempt()
+            said.append(str(info.value))
+        with pytest.raises(AgentNotFound) as info:
+            kernel.send_nowait("service", 1)
+        said.append(str(info.value))
+        assert len(said) == 5
+        for text in said:
+            assert "is a supervisor, which takes no messages: send to one of its agents" in text
+        assert kernel.stats().rejected == {"no_such_agent": 5}
+        with pytest.raises(AgentNotFound) as info:
+            await kernel.send("nobody", 1)
+        assert "supervisor" not in str(info.value)
+
+
 def _drain_events(stream: Any) -> list[Any]:
     got = []
     while True:
