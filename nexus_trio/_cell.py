@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from ._child import Child, ChildOwner, Directive, log_extra
+from ._child import Child, ChildOwner, Directive, StoppedForShutdown, log_extra
 from ._deadletter import DeadLetterReason
 from ._errors import MessageFailed
 from ._events import EventKind
@@ -210,11 +210,14 @@ class AgentCell(Child):
         scope.cancel()
         return True
 
-    def on_retired(self, reason: str) -> None:
+    def on_retired(self, reason: str, *, for_shutdown: bool = False) -> None:
         self.dormant = False
-        # The kernel's own "shutdown" retirements come once it is stopping; a user's stop
-        # may give any reason, "shutdown" included, and is a stop.
-        shutting_down = reason == "shutdown" and self.router.phase >= KernelPhase.STOPPING
+        # The kernel's own "shutdown" retirements come once it is stopping, or earlier for
+        # a run its shutdown ended (``for_shutdown``); a user's stop may give any reason,
+        # "shutdown" included, and is a stop.
+        shutting_down = for_shutdown or (
+            reason == "shutdown" and self.router.phase >= KernelPhase.STOPPING
+        )
         dl_reason = DeadLetterReason.SHUTDOWN if shutting_down else DeadLetterReason.AGENT_STOPPED
         self.router.discard_queued(
             self.mailbox.close(), dl_reason, self, f"agent stopped ({reason})"
@@ -242,7 +245,10 @@ class AgentCell(Child):
 
     # Not protected from KeyboardInterrupt (its caller, the supervisor's task, is): it
     # runs the agent's own code (its class's __init__, on_start, on_stop), which a Ctrl-C
-    # must be able to interrupt. The serve loop below is protected again.
+    # must be able to interrupt. The serve loop below is protected again. A Ctrl-C the
+    # kernel shuts down for ends the run as a stop for the shutdown, not as an exit to
+    # restart: it raises StoppedForShutdown (with what the run failed with before, if
+    # anything).
     @trio.lowlevel.disable_ki_protection
     async def run_once(self) -> None:
         """One run: fresh behaviour, ``on_start``, serve until asked to exit, ``on_stop``."""
@@ -274,8 +280,8 @@ class AgentCell(Child):
                     raise
                 if isinstance(failure, KeyboardInterrupt) and self.router.interrupt(failure):
                     # A Ctrl-C in on_start or a background task: the kernel shuts down
-                    # for it; this run ends as a normal exit.
-                    failure = None
+                    # for it; this run ends as a stop for the shutdown, after on_stop.
+                    failure = StoppedForShutdown(None)
                 elif not isinstance(failure, Exception):
                     raise
                 elif isinstance(failure, _HandlerFailed):
@@ -302,6 +308,7 @@ class AgentCell(Child):
                     current,
                     DeadLetterReason.SHUTDOWN
                     if self.router.phase >= KernelPhase.STOPPING
+                    or isinstance(failure, StoppedForShutdown)
                     else DeadLetterReason.AGENT_STOPPED,
                     self.id,
                     self.name,
@@ -328,15 +335,21 @@ class AgentCell(Child):
                         # failure (the first one, if it had failed already).
                         if failure is None:
                             failure = exc
+                        elif isinstance(failure, StoppedForShutdown) and failure.failure is None:
+                            failure = StoppedForShutdown(exc)
                     except KeyboardInterrupt as exc:
                         if not self.router.interrupt(exc):
                             raise
+                        if not isinstance(failure, StoppedForShutdown):
+                            failure = StoppedForShutdown(failure)
         if failure is not None:
-            if self.exit_directive is None:
+            failed = failure.failure if isinstance(failure, StoppedForShutdown) else failure
+            if failed is not None and self.exit_directive is None:
                 # A run that failed outside a handler (on_start, a background task, its
                 # stop, on_stop): once per run, whatever else failed in it after. A run
                 # that a handler's directive ended (its failure counted in ``failed``) is
-                # not counted again, also if a background task failed with it.
+                # not counted again, also if a background task failed with it. A stop for
+                # the shutdown is no failure (what failed before it is one).
                 self.run_failures += 1
                 self.ledger.run_failures += 1
             raise failure

@@ -52,6 +52,22 @@ class RunDone:
         await self._event.wait()
 
 
+class StoppedForShutdown(Exception):
+    """How a child's run ends when the kernel's own shutdown ended it: a Ctrl-C in the
+    agent's code (``on_start``, ``on_stop``, a background task) that the kernel took as
+    the signal to shut down.
+
+    Not a failure and not an exit to restart: the supervisor stops the child for good
+    (``shutdown``), as an OTP supervisor that is terminating restarts nothing.
+    ``failure`` is what the run had failed with before the interrupt (``on_stop`` raising
+    after a failed run), if anything: that one is reported as any failure is.
+    """
+
+    def __init__(self, failure: BaseException | None) -> None:
+        super().__init__(failure)
+        self.failure = failure
+
+
 class RestartType(enum.Enum):
     """When a supervisor restarts a child that exited (OTP child restart types)."""
 
@@ -103,7 +119,8 @@ def to_restart(value: Any) -> RestartType:
 class Child:
     """What a supervisor needs of a child: run once, stop gracefully, identity.
 
-    ``run_once`` returns on a normal exit and raises on failure. ``request_stop`` asks
+    ``run_once`` returns on a normal exit, raises :class:`StoppedForShutdown` when the
+    kernel's shutdown ended the run, and raises on failure. ``request_stop`` asks
     the current run to finish soon; the supervisor cancels the run if it has not
     finished within ``shutdown_timeout``.
     """
@@ -246,8 +263,9 @@ class Child:
     def request_stop(self) -> None:
         raise NotImplementedError
 
-    def on_retired(self, reason: str) -> None:
-        """Called once the child is stopped for good (not restarted)."""
+    def on_retired(self, reason: str, *, for_shutdown: bool = False) -> None:
+        """Called once the child is stopped for good (not restarted); ``for_shutdown``:
+        by the kernel's shutdown before the tree stop (see :class:`StoppedForShutdown`)."""
 
     def stops_quietly(self) -> bool:
         """True if stopping runs no user code, so the stop order cannot be observed."""

@@ -37,7 +37,16 @@ import trio
 
 from ._agent import as_spec
 from ._brief import brief
-from ._child import Child, ChildOwner, Directive, RestartType, RunDone, log_extra, to_restart
+from ._child import (
+    Child,
+    ChildOwner,
+    Directive,
+    RestartType,
+    RunDone,
+    StoppedForShutdown,
+    log_extra,
+    to_restart,
+)
 from ._config import RestartStrategy
 from ._errors import SupervisorEscalation
 from ._events import EventKind
@@ -219,10 +228,10 @@ class SupervisionHost:
             return math.inf
         return max(0.0, self.grace_deadline - trio.current_time())
 
-    def retired(self, child: Child, reason: str) -> None:
+    def retired(self, child: Child, reason: str, *, for_shutdown: bool = False) -> None:
         """``child`` stopped for good: forget its addresses, publish and notify."""
         self.router.forget(child)
-        child.on_retired(reason)
+        child.on_retired(reason, for_shutdown=for_shutdown)
         # Its queue was dead-lettered: that may have been the last work in flight, and an
         # agent that stops for good never goes idle to say so (see Router.check_drained).
         self.router.check_drained()
@@ -230,6 +239,11 @@ class SupervisionHost:
         self.ledger.notify(child.id, child.name, "stopped", reason, final=True)
 
     def failed(self, child: Child, error: BaseException) -> None:
+        if isinstance(error, StoppedForShutdown):
+            # A run the kernel's shutdown ended: no failure, unless it had failed before.
+            if error.failure is None:
+                return
+            error = error.failure
         if not isinstance(error, Escalation) and isinstance(child, SupervisorNode):
             log_guarded(
                 log, logging.ERROR, "%s failed", child.label, exc_info=error, extra=log_extra(child)
@@ -619,6 +633,13 @@ class SupervisorNode(Child, ChildOwner):
         await self._stop_linked(child, "parent_exited")
         if error is not None:
             host.failed(child, error)
+            if isinstance(error, StoppedForShutdown):
+                # Its run was ended by the kernel's shutdown (a Ctrl-C in its code): as
+                # OTP's supervisor that is terminating, restart nothing; stopped for the
+                # shutdown now, what it had queued dead-lettered ``shutdown`` at once (the
+                # drain must not wait for a queue nobody will serve).
+                self._retire(child, "shutdown", for_shutdown=True)
+                return
             wanted = child.restart is not RestartType.TEMPORARY
         else:
             wanted = child.restart is RestartType.PERMANENT
@@ -796,7 +817,7 @@ class SupervisorNode(Child, ChildOwner):
                 owner._retire_with_linked(linked, reason)
         self._retire(child, reason)
 
-    def _retire(self, child: Child, reason: str) -> None:
+    def _retire(self, child: Child, reason: str, *, for_shutdown: bool = False) -> None:
         if child.retired:
             return
         if self._failures_queued:
@@ -812,7 +833,7 @@ class SupervisorNode(Child, ChildOwner):
         parent = child.linked_parent
         if parent is not None:
             parent.remove_linked(child)
-        self.host.retired(child, reason)
+        self.host.retired(child, reason, for_shutdown=for_shutdown)
 
     def retire_all(self, reason: str) -> None:
         """Retire every child, depth first (used once the tree has stopped)."""

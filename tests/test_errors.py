@@ -27,6 +27,7 @@ from nexus_trio import (
     SupervisorEscalation,
     TransportUnavailable,
 )
+from nexus_trio._child import StoppedForShutdown
 from nexus_trio._errors import AgentStopped
 from nexus_trio._nats._placement import PlacementFailed, UnknownAgentType
 from nexus_trio._nats._wire import RemoteError
@@ -65,6 +66,8 @@ ERRORS: list[BaseException] = [
     ProcessAgentError("calc", "did not start"),
     InvalidFrame("no type", {"type": "message", "payload": 1}),
     Escalation(("sup", "worker"), ValueError("boom")),
+    StoppedForShutdown(ValueError("boom")),
+    StoppedForShutdown(None),
     SpawnFailed([SpawnedProgram(("python3", "calc.py"), "calc", problem="exited (status 3)")]),
 ]
 
