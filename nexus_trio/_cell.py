@@ -255,7 +255,14 @@ class AgentCell(Child):
         self.exit_requested = self.terminating
         self.interrupted = self.terminating or self._held
         self.exit_directive = None
-        behaviour: Behaviour = self.spec.factory()
+        try:
+            behaviour: Behaviour = self.spec.factory()
+        except KeyboardInterrupt as exc:
+            # A Ctrl-C in the agent class's __init__: nothing started, nothing to stop
+            # (no behaviour, no on_stop).
+            if not self.router.interrupt(exc):
+                raise
+            raise StoppedForShutdown(None) from None
         ctx = self.ctx
         if ctx is None:
             ctx = self.ctx = self._make_context(self)

@@ -54,8 +54,8 @@ class RunDone:
 
 class StoppedForShutdown(Exception):
     """How a child's run ends when the kernel's own shutdown ended it: a Ctrl-C in the
-    agent's code (``on_start``, ``on_stop``, a background task) that the kernel took as
-    the signal to shut down.
+    agent's code (its class's ``__init__``, ``on_start``, ``on_stop``, a background task)
+    that the kernel took as the signal to shut down.
 
     Not a failure and not an exit to restart: the supervisor stops the child for good
     (``shutdown``), as an OTP supervisor that is terminating restarts nothing.

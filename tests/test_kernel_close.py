@@ -565,6 +565,17 @@ def _assert_stopped_for_the_shutdown(found: dict[str, Any], where: str) -> None:
     assert found["took"] < 10  # not the 600 s grace
 
 
+def test_a_ctrl_c_in_an_agent_class_s_init_shuts_the_kernel_down_gracefully_then_raises() -> None:
+    # The behaviour is built at the start of each run (the class's __init__), before the
+    # run's nursery. Before: a Ctrl-C there went up through the supervisor's and the
+    # kernel's nurseries: open_kernel raised a BaseExceptionGroup two deep, with no
+    # drain (nothing handled: other's message in hand dead-lettered `agent_stopped`, the
+    # rest `shutdown`, and so was watcher's notice). Now it is the
+    # kernel's Ctrl-C, as one in on_start: the agent, never started, is stopped for
+    # the shutdown.
+    _assert_stopped_for_the_shutdown(_a_run_ended_by_a_ctrl_c("__init__"), "__init__")
+
+
 @pytest.mark.parametrize("where", ["on_start", "background", "on_stop"])
 def test_a_run_a_ctrl_c_ended_is_stopped_for_the_shutdown_not_restarted(where: str) -> None:
     # Before: the run a Ctrl-C ended (in on_start, a background task, on_stop) counted
