@@ -297,6 +297,7 @@ class SupervisorNode(Child, ChildOwner):
         "_leaving",
         "_nursery",
         "_restart_times",
+        "_stopped_for_shutdown",
         "_stops_queued",
         "children",
         "host",
@@ -326,6 +327,10 @@ class SupervisorNode(Child, ChildOwner):
         #: children whose stop (``terminate``) is queued, and its reason: an exit handled
         #: before it does not restart them
         self._stops_queued: dict[Child, str] = {}
+        #: children this supervisor stopped (a group restart's stop) whose run the
+        #: kernel's shutdown ended meanwhile (a Ctrl-C in their on_stop): the restart
+        #: stops them for the shutdown instead (see StoppedForShutdown)
+        self._stopped_for_shutdown: set[Child] = set()
         #: failed exits queued and not handled yet, by child and run: a child stopped for
         #: good before its exit is handled (its own stop, its parent's exit, queued
         #: first) is reported failed then (see _retire), not never
@@ -370,6 +375,7 @@ class SupervisorNode(Child, ChildOwner):
                     # now; make them stopped for good so that their callers return.
                     self._finish_queued(receive)
                     self._stops_queued.clear()
+                    self._stopped_for_shutdown.clear()
                     self._failures_queued.clear()
                     for child, reason in self._late_terminations:
                         self._retire_with_linked(child, reason)
@@ -547,6 +553,9 @@ class SupervisorNode(Child, ChildOwner):
             # It failed while being stopped (or while this supervisor stops): nothing is
             # restarted, but the failure is reported as at any other time (event, monitors).
             self.host.failed(child, error)
+            if isinstance(error, StoppedForShutdown) and self._inbox_send is not None:
+                # (a group restart that stopped it must not bring it back)
+                self._stopped_for_shutdown.add(child)
 
     async def _handle_queued(self, receive: trio.MemoryReceiveChannel[tuple[Any, ...]]) -> bool:
         while True:
@@ -698,11 +707,15 @@ class SupervisorNode(Child, ChildOwner):
             if other is not child and not other.retired:
                 await self._stop_child(other)
         # Stopping a member stops (for good) what it spawned, which may be in the group;
-        # a member whose stop was asked meanwhile is stopped for good, not restarted.
+        # a member whose stop was asked meanwhile is stopped for good, not restarted, and
+        # so is one whose stop the kernel's Ctrl-C ended (for the shutdown).
         for member in group:
             stop = self._stops_queued.pop(member, None)
             if stop is not None and not member.retired:
                 self._retire(member, stop)
+            elif self._stopped_for_shutdown and member in self._stopped_for_shutdown:
+                self._stopped_for_shutdown.discard(member)
+                self._retire(member, "shutdown", for_shutdown=True)
         group = [c for c in group if not c.retired and c in self.children]
         for member in group:
             member.restarts += 1

@@ -15,11 +15,13 @@ import trio.testing
 
 from nexus_trio import (
     Agent,
+    Backoff,
     Context,
     KernelPhase,
     KernelShuttingDown,
     Message,
     RequestTimeout,
+    Supervisor,
     agent,
     open_kernel,
 )
@@ -605,3 +607,102 @@ def test_a_run_a_ctrl_c_ended_whose_on_stop_raises_fails_and_is_not_restarted() 
     ]
     assert found["dead"] == [("shutdown", "queued", "agent stopped (shutdown)")]
     assert found["stopped"] == ["interrupted", "other", "watcher"]
+
+
+def test_a_ctrl_c_in_on_stop_during_a_group_restart_does_not_restart_that_agent() -> None:
+    # A one_for_all supervisor stops its other children to restart them with the one
+    # that failed. Before: a Ctrl-C in the on_stop of that stop ended the run as any
+    # stop, so the group restart brought the agent back while the kernel drained (a
+    # `restarted` event, `restarts` 2; it handled its queue, and its monitor heard
+    # nothing until too late). Now that run is stopped for the shutdown, as one
+    # the Ctrl-C ended at any other time; the agent that failed is restarted as before.
+    pressed: list[str] = []
+    handled: list[str] = []
+    notices: list[tuple[str, str, str]] = []
+    outcome: list[BaseException] = []
+    found: dict[str, Any] = {}
+
+    class Failing(Agent):
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            raise RuntimeError("boom")
+
+    class Interrupted(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            pass  # (it starts with the group, not on its first message)
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            await trio.sleep(2)  # the group restart's stop lets it finish
+            handled.append(msg.payload)
+
+        async def on_stop(self, ctx: Context) -> None:
+            if not pressed:
+                pressed.append(str(ctx.kernel.phase.name))
+                _ctrl_c()
+
+    class Watcher(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            ctx.monitor("interrupted")
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            notices.append((msg.payload["event"], msg.payload["name"], msg.payload["reason"]))
+
+    async def main() -> None:
+        try:
+            with trio.fail_after(60):
+                async with open_kernel(make_config(shutdown_grace_ms=600_000)) as kernel:
+                    events = kernel.events(100)
+                    kernel.spawn(
+                        Supervisor(
+                            strategy="one_for_all",
+                            backoff=Backoff(0, 0),
+                            name="group",
+                            children=[
+                                agent(Failing, name="failing"),
+                                agent(Interrupted, name="interrupted"),
+                            ],
+                        )
+                    )
+                    kernel.spawn(agent(Watcher, name="watcher"))
+                    await kernel.send("interrupted", "in hand")
+                    await kernel.send("interrupted", "queued")
+                    await trio.sleep(1)
+                    await kernel.send("failing", "boom")
+                    await trio.sleep_forever()
+        except BaseException as exc:
+            outcome.append(exc)
+        found["took"] = trio.current_time()
+        found["events"] = [(e.kind.value, e.name, e.reason) async for e in events]
+        found["stats"] = kernel.stats()
+        found["dead"] = [
+            (d.reason.value, d.message.payload, d.detail) for d in kernel.recent_dead_letters()
+        ]
+
+    _run_with_ctrl_c(main)
+    assert pressed == ["RUNNING"]  # (the group restart's stop, not the shutdown's)
+    (exc,) = outcome
+    assert type(exc) is KeyboardInterrupt, repr(exc)
+    stats = found["stats"]
+    assert (stats.restarts, stats.failed, stats.run_failures) == (1, 1, 0)
+    assert handled == ["in hand"]
+    assert found["dead"] == [
+        ("handler_error", "boom", ""),
+        ("shutdown", "queued", "agent stopped (shutdown)"),
+    ]
+    assert stats.dead_letters_by_reason == {"handler_error": 1, "shutdown": 1}
+    assert (stats.handled, stats.in_flight) == (2, 0)  # "in hand" and watcher's notice
+    by_agent = {
+        name: [(kind, reason) for kind, of, reason in found["events"] if of == name]
+        for name in ("failing", "interrupted")
+    }
+    assert by_agent == {
+        "failing": [
+            ("spawned", ""),
+            ("started", ""),
+            ("failed", "RuntimeError"),
+            ("restarted", "backoff 0.000000s"),  # (dormant again: no on_start)
+            ("stopped", "shutdown"),
+        ],
+        "interrupted": [("spawned", ""), ("started", ""), ("stopped", "shutdown")],
+    }
+    assert notices == [("stopped", "interrupted", "shutdown")]
+    assert found["took"] < 10  # not the 600 s grace
