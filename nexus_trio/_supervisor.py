@@ -327,9 +327,10 @@ class SupervisorNode(Child, ChildOwner):
         #: children whose stop (``terminate``) is queued, and its reason: an exit handled
         #: before it does not restart them
         self._stops_queued: dict[Child, str] = {}
-        #: children this supervisor stopped (a group restart's stop) whose run the
-        #: kernel's shutdown ended meanwhile (a Ctrl-C in their on_stop): the restart
-        #: stops them for the shutdown instead (see StoppedForShutdown)
+        #: children whose run the kernel's shutdown ended (a Ctrl-C in their code; see
+        #: StoppedForShutdown) while this supervisor stopped them for a group restart, or
+        #: with their exit still queued behind one: that restart stops them for the
+        #: shutdown instead of bringing them back
         self._stopped_for_shutdown: set[Child] = set()
         #: failed exits queued and not handled yet, by child and run: a child stopped for
         #: good before its exit is handled (its own stop, its parent's exit, queued
@@ -548,6 +549,9 @@ class SupervisorNode(Child, ChildOwner):
         if child.run == run and self._inbox_send is not None and not child.terminating:
             if error is not None:
                 self._failures_queued[(child, run)] = error
+                if isinstance(error, StoppedForShutdown):
+                    # (a group restart handled before this exit must not bring it back)
+                    self._stopped_for_shutdown.add(child)
             self._inbox_send.send_nowait((_EXIT, child, run, error))
         elif error is not None:
             # It failed while being stopped (or while this supervisor stops): nothing is
@@ -643,6 +647,7 @@ class SupervisorNode(Child, ChildOwner):
         if error is not None:
             host.failed(child, error)
             if isinstance(error, StoppedForShutdown):
+                self._stopped_for_shutdown.discard(child)
                 # Its run was ended by the kernel's shutdown (a Ctrl-C in its code): as
                 # OTP's supervisor that is terminating, restart nothing; stopped for the
                 # shutdown now, what it had queued dead-lettered ``shutdown`` at once (the
@@ -708,7 +713,7 @@ class SupervisorNode(Child, ChildOwner):
                 await self._stop_child(other)
         # Stopping a member stops (for good) what it spawned, which may be in the group;
         # a member whose stop was asked meanwhile is stopped for good, not restarted, and
-        # so is one whose stop the kernel's Ctrl-C ended (for the shutdown).
+        # so is one whose run the kernel's Ctrl-C ended (for the shutdown).
         for member in group:
             stop = self._stops_queued.pop(member, None)
             if stop is not None and not member.retired:

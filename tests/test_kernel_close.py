@@ -706,3 +706,121 @@ def test_a_ctrl_c_in_on_stop_during_a_group_restart_does_not_restart_that_agent(
     }
     assert notices == [("stopped", "interrupted", "shutdown")]
     assert found["took"] < 10  # not the 600 s grace
+
+
+def test_a_ctrl_c_that_ended_a_run_whose_exit_waits_behind_a_group_restart_stops_it() -> None:
+    # The supervisor handles its children's exits one at a time. Here it is busy stopping
+    # `slow` (kernel.stop, a long on_stop) while `failing` fails and then a Ctrl-C ends
+    # `interrupted`'s run (in its background task): both exits wait, failing's first.
+    # Before: failing's one_for_all restart found interrupted's run over and restarted
+    # it, and its own exit, handled next, was an old run's (`restarts` 2, a `restarted`
+    # event, its queue handled). Now it is stopped for the shutdown.
+    pressed: list[str] = []
+    failed: list[str] = []
+    handled: list[str] = []
+    outcome: list[BaseException] = []
+    found: dict[str, Any] = {}
+
+    class Slow(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            pass  # (it starts with the group, not on its first message)
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            pass
+
+        async def on_stop(self, ctx: Context) -> None:
+            await trio.sleep(3)
+
+    class Failing(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            ctx.nursery.start_soon(self.fail)
+
+        async def fail(self) -> None:
+            await trio.sleep(1)
+            if not failed:  # (once: its restart runs this again)
+                failed.append("failing")
+                raise RuntimeError("boom")
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            pass
+
+    class Interrupted(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            ctx.nursery.start_soon(self.background)
+
+        async def background(self) -> None:
+            await trio.sleep(2)
+            if not pressed:
+                pressed.append("background")
+                _ctrl_c()
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            await trio.sleep(10)  # the Ctrl-C's end of the run cancels it
+            handled.append(msg.payload)
+
+    async def stop_slow(kernel: Any) -> None:
+        await kernel.stop("slow")
+
+    async def main() -> None:
+        try:
+            with trio.fail_after(60):
+                async with open_kernel(make_config(shutdown_grace_ms=600_000)) as kernel:
+                    events = kernel.events(100)
+                    kernel.spawn(
+                        Supervisor(
+                            strategy="one_for_all",
+                            backoff=Backoff(0, 0),
+                            name="group",
+                            children=[
+                                agent(Slow, name="slow", shutdown_timeout=10),
+                                agent(Failing, name="failing"),
+                                agent(Interrupted, name="interrupted"),
+                            ],
+                        )
+                    )
+                    await kernel.send("interrupted", "in hand")
+                    await kernel.send("interrupted", "queued")
+                    await trio.sleep(0.5)
+                    await kernel.stop("slow")  # busy until t=3.5, past the Ctrl-C
+        except BaseException as exc:
+            outcome.append(exc)
+        found["took"] = trio.current_time()
+        found["events"] = [(e.kind.value, e.name, e.reason) async for e in events]
+        found["stats"] = kernel.stats()
+        found["dead"] = [
+            (d.reason.value, d.message.payload, d.detail) for d in kernel.recent_dead_letters()
+        ]
+
+    _run_with_ctrl_c(main)
+    assert pressed == ["background"]
+    (exc,) = outcome
+    assert type(exc) is KeyboardInterrupt, repr(exc)
+    stats = found["stats"]
+    assert (stats.restarts, stats.failed, stats.run_failures) == (1, 0, 1)
+    assert handled == []
+    assert found["dead"] == [
+        ("shutdown", "in hand", "cancelled while being handled"),
+        ("shutdown", "queued", "agent stopped (shutdown)"),
+    ]
+    # (failing's restart may start before the drain ends, or be called off)
+    by_agent = {
+        name: [
+            (kind, reason)
+            for kind, of, reason in found["events"]
+            if of == name and (kind, reason) != ("started", "")
+        ]
+        for name in ("slow", "failing", "interrupted")
+    }
+    assert by_agent == {
+        "slow": [("spawned", ""), ("stopped", "stopped")],
+        "failing": [
+            ("spawned", ""),
+            ("failed", "RuntimeError"),
+            ("restarted", "backoff 0.000000s"),
+            ("stopped", "shutdown"),
+        ],
+        "interrupted": [("spawned", ""), ("stopped", "shutdown")],
+    }
+    started = [of for kind, of, _ in found["events"] if kind == "started"]
+    assert started.count("interrupted") == 1
+    assert found["took"] < 10  # not the 600 s grace
