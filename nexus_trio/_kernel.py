@@ -176,13 +176,13 @@ class Kernel:
         """A KeyboardInterrupt raised in an agent's code: while the kernel runs, a Ctrl-C
         for the kernel, as one raised in the ``open_kernel`` block would be (the block is
         cancelled, the kernel shuts down gracefully and ``open_kernel`` raises it). False
-        once the kernel is shutting down: it goes on up, as a second Ctrl-C does."""
-        if self._router.phase is not KernelPhase.RUNNING:
+        once the kernel is shutting down, or for a second one before it began: it goes on
+        up, forcing the exit."""
+        if self._router.phase is not KernelPhase.RUNNING or self._interrupt is not None:
             return False
-        if self._interrupt is None:
-            self._interrupt = exc
-            self._log_interrupt()
-            self._body_scope.cancel()
+        self._interrupt = exc
+        self._log_interrupt()
+        self._body_scope.cancel()
         return True
 
     def _log_interrupt(self) -> None:

@@ -824,3 +824,42 @@ def test_a_ctrl_c_that_ended_a_run_whose_exit_waits_behind_a_group_restart_stops
     started = [of for kind, of, _ in found["events"] if kind == "started"]
     assert started.count("interrupted") == 1
     assert found["took"] < 10  # not the 600 s grace
+
+
+def test_a_second_ctrl_c_before_the_shutdown_started_forces_the_exit() -> None:
+    # Regression: a Ctrl-C in an agent's code while the kernel still ran (the first one's
+    # cancel of the block had not reached the shutdown yet) was taken as graceful again:
+    # a user pressing twice could not force the exit until the drain began. The second
+    # goes on up, as once the kernel drains.
+    outcome: list[BaseException] = []
+    pressed: list[str] = []
+
+    @agent(name="first")
+    async def first(ctx: Context, msg: Message) -> None:
+        pressed.append("first")
+        _ctrl_c()
+
+    @agent(name="second")
+    async def second(ctx: Context, msg: Message) -> None:
+        pressed.append("second")
+        _ctrl_c()
+
+    async def main() -> None:
+        try:
+            with trio.fail_after(60):
+                async with open_kernel(make_config(shutdown_grace_ms=600_000)) as kernel:
+                    kernel.spawn(first)
+                    kernel.spawn(second)
+                    # both handlers run in the round after this, before the block resumes
+                    kernel.send_nowait("first", 0)
+                    kernel.send_nowait("second", 0)
+                    await trio.sleep(10)
+        except BaseException as exc:
+            outcome.append(exc)
+        assert kernel.stopped
+        assert trio.current_time() < 10  # neither the block's sleep nor the grace
+
+    _run_with_ctrl_c(main)
+    assert sorted(pressed) == ["first", "second"]
+    (exc,) = outcome
+    assert isinstance(exc, BaseExceptionGroup) and exc.subgroup(KeyboardInterrupt) is not None
