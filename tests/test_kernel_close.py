@@ -17,6 +17,7 @@ from nexus_trio import (
     Agent,
     Backoff,
     Context,
+    Kernel,
     KernelPhase,
     KernelShuttingDown,
     Message,
@@ -428,6 +429,19 @@ def test_a_second_ctrl_c_in_an_agent_s_code_while_the_kernel_drains_forces_the_e
     assert isinstance(exc, BaseExceptionGroup) and exc.subgroup(KeyboardInterrupt) is not None
 
 
+async def _what_the_kernel_said(kernel: Kernel, events: Any) -> dict[str, Any]:
+    """After a Ctrl-C's shutdown: when it ended (mock time), its events (kind, name,
+    reason), its statistics and its dead letters (reason, payload, detail)."""
+    return {
+        "took": trio.current_time(),
+        "events": [(e.kind.value, e.name, e.reason) async for e in events],
+        "stats": kernel.stats(),
+        "dead": [
+            (d.reason.value, d.message.payload, d.detail) for d in kernel.recent_dead_letters()
+        ],
+    }
+
+
 def _a_run_ended_by_a_ctrl_c(where: str) -> dict[str, Any]:
     """A kernel whose agent ``interrupted`` (permanent) gets a Ctrl-C in its ``where``
     (``__init__``, ``on_start``, a ``background`` task, ``on_stop``; or ``on_start``
@@ -511,12 +525,7 @@ def _a_run_ended_by_a_ctrl_c(where: str) -> dict[str, Any]:
                     await trio.sleep_forever()
         except BaseException as exc:
             outcome.append(exc)
-        found["took"] = trio.current_time()
-        found["events"] = [(e.kind.value, e.name, e.reason) async for e in events]
-        found["stats"] = kernel.stats()
-        found["dead"] = [
-            (d.reason.value, d.message.payload, d.detail) for d in kernel.recent_dead_letters()
-        ]
+        found.update(await _what_the_kernel_said(kernel, events))
 
     _run_with_ctrl_c(main)
     assert pressed == [where]
@@ -670,12 +679,7 @@ def test_a_ctrl_c_in_on_stop_during_a_group_restart_does_not_restart_that_agent(
                     await trio.sleep_forever()
         except BaseException as exc:
             outcome.append(exc)
-        found["took"] = trio.current_time()
-        found["events"] = [(e.kind.value, e.name, e.reason) async for e in events]
-        found["stats"] = kernel.stats()
-        found["dead"] = [
-            (d.reason.value, d.message.payload, d.detail) for d in kernel.recent_dead_letters()
-        ]
+        found.update(await _what_the_kernel_said(kernel, events))
 
     _run_with_ctrl_c(main)
     assert pressed == ["RUNNING"]  # (the group restart's stop, not the shutdown's)
@@ -784,12 +788,7 @@ def test_a_ctrl_c_that_ended_a_run_whose_exit_waits_behind_a_group_restart_stops
                     await kernel.stop("slow")  # busy until t=3.5, past the Ctrl-C
         except BaseException as exc:
             outcome.append(exc)
-        found["took"] = trio.current_time()
-        found["events"] = [(e.kind.value, e.name, e.reason) async for e in events]
-        found["stats"] = kernel.stats()
-        found["dead"] = [
-            (d.reason.value, d.message.payload, d.detail) for d in kernel.recent_dead_letters()
-        ]
+        found.update(await _what_the_kernel_said(kernel, events))
 
     _run_with_ctrl_c(main)
     assert pressed == ["background"]
