@@ -1236,6 +1236,41 @@ def test_a_second_ctrl_c_exits_130_and_says_it_forced_the_stop(tmp_path: Path, c
 
 
 @pytestmark_linux
+def test_a_worker_takes_a_stop_that_came_before_its_run_took_signals(tmp_path: Path) -> None:
+    """Regression: a worker the parent's SIGTERM reached while it started (importing,
+    loading its config: a second or more) was ended by it, SIGTERM's default action: no
+    summary, and the parent took it for a death (exit status 143). The parent starts it
+    with SIGINT and SIGTERM blocked; it lets them through once it can take them, and a
+    stop that came before is its run's first signal: it does not even join the cluster
+    (here none answers), prints its summary, exit 0."""
+    from nexus_trio.cli._cluster_cmd import SWARM_ENV
+
+    def stopped_before_it_runs() -> None:  # (what the parent's SIGTERM does then)
+        signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGINT, signal.SIGTERM))
+        os.kill(os.getpid(), signal.SIGTERM)  # pending, as it would be
+
+    env = {**os.environ, WORKER_ENV: "worker-0", "NO_COLOR": "1"}
+    env.pop(SWARM_ENV, None)
+    argv = ["run", "-n", "10", "--json", "--no-live", "--nats", NO_SERVER, "--node", "worker-0"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "nexus_trio.cli", *argv],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        preexec_fn=stopped_before_it_runs,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "stopped before joining the cluster" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    summary = json.loads(proc.stdout)
+    assert (summary["stopped_by"], summary["error"]) == ("SIGTERM", None)
+    assert (summary["agents"], summary["sent"], summary["conserved"]) == (0, 0, True)
+
+
+@pytestmark_linux
 def test_the_private_nats_server_dying_mid_run_ends_the_run_reported(
     tag: str, tmp_path: Path
 ) -> None:

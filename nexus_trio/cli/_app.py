@@ -331,7 +331,7 @@ def run(
     from .._logcall import log_guarded
     from ..config import ConfigError, load_config, write_template
     from ..logs import configure_logging, log_calls_failed, records_lost
-    from ._run import RunOptions, execute_run, stderr_proxy
+    from ._run import RunOptions, catch_stop_signals_early, execute_run, stderr_proxy
 
     if generate_config is not None:
         try:
@@ -410,6 +410,8 @@ def run(
     cfg = loaded.config
     from ._cluster_cmd import WORKER_ENV
 
+    if os.environ.get(WORKER_ENV):
+        catch_stop_signals_early()  # (the parent's stop may come while it starts)
     summary_out = None
     if json_out and os.environ.get(WORKER_ENV):
         # A worker's stdout carries its JSON summary to the parent, and nothing else: what

@@ -357,6 +357,31 @@ def _dump(state: _State, why: str) -> None:
         log_guarded(log, logging.WARNING, "%s", line)
 
 
+#: the stop signals :func:`catch_stop_signals_early` handles
+_STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
+#: SIGINT/SIGTERM that came before the run's signal receiver was open (in a worker)
+_early_signals: list[int] = []
+
+
+def catch_stop_signals_early() -> None:
+    """In a ``--workers`` worker, from as early as it can: SIGINT and SIGTERM are noted,
+    and the run takes them as received as soon as its receiver is open.
+
+    The parent starts each worker with both blocked (``_cluster_cmd``): a stop it passes
+    on while the worker still starts (imports, loads its config) is held pending, not
+    the end of the worker by SIGTERM's default action (no summary, taken for a death);
+    they are let through here, once noted instead. One that comes after the run (its
+    summary being printed) is noted and ignored: the run is over."""
+
+    def note(signum: int, _frame: object) -> None:
+        _early_signals.append(signum)
+
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, note)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
 def _watched_signals() -> list[int]:
     wanted: list[int] = [signal.SIGINT, signal.SIGTERM]
     usr1 = getattr(signal, "SIGUSR1", None)
@@ -370,32 +395,39 @@ async def _watch_signals(
 ) -> None:
     usr1 = getattr(signal, "SIGUSR1", None)
     with trio.open_signal_receiver(*_watched_signals()) as receiver:
+        # (those noted before, now that the receiver takes the next ones)
+        early, _early_signals[:] = list(_early_signals), []
+        for signum in early:
+            _on_stop_signal(state, signum)
         task_status.started()
         async for signum in receiver:
-            name = signal.Signals(signum).name
             if signum == usr1:
                 _dump(state, "SIGUSR1")
-                continue
-            state.signals += 1
-            if state.signals > 1:
-                state.stop_live()
-                log_guarded(
-                    log,
-                    logging.ERROR,
-                    "%s again: forced exit, without waiting for the shutdown",
-                    name,
-                )
-                flush_logs()  # (os._exit closes no handler; this waits FLUSH_TIMEOUT at most)
-                with contextlib.suppress(Exception):
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                os._exit(FORCED_EXIT)
-            log_guarded(
-                log, logging.WARNING, "%s: shutting down gracefully (send it again to force)", name
-            )
-            if state.opts.dump_on_signal:
-                _dump(state, name)
-            state.request_stop(name)
+            else:
+                _on_stop_signal(state, signum)
+
+
+def _on_stop_signal(state: _State, signum: int) -> None:
+    """A SIGINT/SIGTERM: the first asks for the graceful stop, the next one forces it."""
+    name = signal.Signals(signum).name
+    state.signals += 1
+    if state.signals > 1:
+        state.stop_live()
+        log_guarded(
+            log,
+            logging.ERROR,
+            "%s again: forced exit, without waiting for the shutdown",
+            name,
+        )
+        flush_logs()  # (os._exit closes no handler; this waits FLUSH_TIMEOUT at most)
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(FORCED_EXIT)
+    log_guarded(log, logging.WARNING, "%s: shutting down gracefully (send it again to force)", name)
+    if state.opts.dump_on_signal:
+        _dump(state, name)
+    state.request_stop(name)
 
 
 def _processed(stats: KernelStats) -> int:
@@ -552,6 +584,32 @@ async def _run_app(state: _State, kernel: Kernel, nursery: trio.Nursery) -> None
         log_guarded(log, logging.INFO, "spawned %s", ref.name or ref.id)
 
 
+async def _spawn_demo(state: _State, kernel: Kernel, body: trio.Nursery) -> None:
+    """Spawn the demo's agents (a swarm worker: its share, once it knows where every
+    agent runs), then drive them, unless the run was stopped meanwhile."""
+    opts = state.opts
+    swarm = state.swarm
+    demo = Demo(
+        kernel,
+        opts.workload,
+        opts.agents,
+        rate=opts.rate,
+        payload_size=opts.payload_size,
+        seed=opts.seed,
+        swarm=None if swarm is None else swarm.layout,
+        resolve=None if swarm is None else swarm.resolve,
+    )
+    state.demo = demo
+    progress = _spawn_progress(state, opts.agents)
+    try:
+        await demo.spawn(progress=progress, should_stop=state.stop_event.is_set)
+    finally:
+        state.spawn_progress = None
+    gc.freeze()  # a million long-lived agents: keep them out of the GC's scans
+    if not state.stop_event.is_set():  # (stopped while spawning: no traffic is started)
+        body.start_soon(demo.drive)
+
+
 async def _body(state: _State, kernel: Kernel) -> None:
     opts = state.opts
     async with trio.open_nursery() as body:
@@ -563,36 +621,28 @@ async def _body(state: _State, kernel: Kernel) -> None:
         elif opts.demo:
             state.phase = "spawning"
             swarm = state.swarm
-            if swarm is not None:
-                await swarm.wait_for_workers()
-            demo = Demo(
-                kernel,
-                opts.workload,
-                opts.agents,
-                rate=opts.rate,
-                payload_size=opts.payload_size,
-                seed=opts.seed,
-                swarm=None if swarm is None else swarm.layout,
-                resolve=None if swarm is None else swarm.resolve,
-            )
-            state.demo = demo
-            progress = _spawn_progress(state, opts.agents)
-            try:
-                await demo.spawn(progress=progress, should_stop=state.stop_event.is_set)
-            finally:
-                state.spawn_progress = None
-            gc.freeze()  # a million long-lived agents: keep them out of the GC's scans
-            body.start_soon(demo.drive)
+            # (a stop that came before, even as this worker joined: False at once)
+            if swarm is not None and not await swarm.wait_for_workers():
+                missing = ", ".join(swarm.not_joined)
+                log_guarded(
+                    log,
+                    logging.INFO,
+                    "stopped while the workers joined%s: the swarm's workload was not started",
+                    f" ({missing} had not)" if missing else "",
+                )
+            elif not state.stop_event.is_set():  # (a stop before: not started)
+                await _spawn_demo(state, kernel, body)
         state.t_spawned = trio.current_time()
         state.processed_at_start = _processed(kernel.stats())
         state.phase = "running"
-        log_guarded(
-            log,
-            logging.INFO,
-            "running %s for %s (Ctrl-C to stop)",
-            _title(opts),
-            f"{opts.duration:g} s" if opts.duration else "ever",
-        )
+        if not state.stop_event.is_set():
+            log_guarded(
+                log,
+                logging.INFO,
+                "running %s for %s (Ctrl-C to stop)",
+                _title(opts),
+                f"{opts.duration:g} s" if opts.duration else "ever",
+            )
         with trio.move_on_after(opts.duration if opts.duration > 0 else math.inf):
             await state.stop_event.wait()
         state.request_stop("duration")
@@ -652,7 +702,10 @@ async def _run_async(
                 async with contextlib.AsyncExitStack() as stack:
                     nats_url = opts.nats or opts.config.nats.url  # --nats, else [nats] url
                     cluster = None
-                    if nats_url:
+                    if nats_url and state.stop_event.is_set():
+                        # stopped as it started (a worker the parent stopped): no join
+                        log_guarded(log, logging.INFO, "stopped before joining the cluster")
+                    elif nats_url:
                         from .._nats import default_node_name, join_cluster
                         from .._nats._auth import redact
 
@@ -799,7 +852,9 @@ def build_summary(
     remote = state.cluster_counts or {}
     forwarded_in = int(remote.get("forwarded_in", 0))
     agents = opts.agents if opts.demo and not opts.app else state.agents_at_stop
-    if state.swarm is not None and state.demo is not None:
+    if opts.demo and state.demo is None:
+        agents = 0  # stopped before the workload was spawned
+    elif state.swarm is not None and state.demo is not None:
         agents = len(state.demo.local_refs)  # this worker's share
     summary: dict[str, Any] = {
         "app": opts.app,

@@ -20,6 +20,15 @@ books while it settles (:func:`worker_books`), and each worker's summary the boo
 every worker it settled with (``settled_books``): final counts, by which the parent
 counts a worker that dies after the settle, before it printed its summary.
 
+A stop that comes while the workers start (the parent passed on a SIGTERM) is a graceful
+stop too. A worker stopped before it saw every worker join spawns nothing: nothing is ever
+sent to it, and it sends nothing. It settles all the same, with the workers it sees only
+(a worker it never saw may never join: stopped, not started, dead), so that those which
+saw it join, and wait for every worker, count it with its stopped (empty) record. One
+stopped while it spawned or resolved the names starts no traffic, and settles with every
+worker as after a run. (A worker sends only once it knows where every agent of the
+workload runs: if some worker never joined, there was no traffic at all.)
+
 A worker that died (lost: it missed its heartbeats) never stops nor balances: the
 others settle without it, once they have seen it lost, when they have stopped, hold
 nothing, and their counters were the same two rounds in a row (what went to the dead
@@ -117,22 +126,33 @@ class Swarm:
         #: its last record said (see :func:`worker_books`; the parent counts a worker that
         #: dies after the settle, without its summary, with them)
         self.settled_books: dict[str, dict[str, int]] = {}
+        #: the run was stopped before this worker saw every worker join: it spawned
+        #: nothing, and settles with the workers it sees only (see the module doc)
+        self.stopped_while_joining = False
+        #: then: the workers it had not seen join
+        self.not_joined: tuple[str, ...] = ()
 
-    async def wait_for_workers(self, timeout: float = START_TIMEOUT) -> None:
-        """Until every worker of the swarm is a live member (bounded)."""
+    async def wait_for_workers(self, timeout: float = START_TIMEOUT) -> bool:
+        """Until every worker of the swarm is a live member (bounded): True, or False if
+        the run was stopped first (see :attr:`stopped_while_joining`)."""
         wanted = set(self.layout.workers)
         with trio.move_on_after(timeout):
             while not self.should_stop():  # membership comes with heartbeats: polled
                 if wanted <= set(self.cluster.live_nodes()):
-                    return
+                    # (remembered: one that leaves before the settle is not waited for)
+                    self._observe()
+                    return True
                 await trio.sleep(0.02)
-        missing = ", ".join(sorted(wanted - set(self.cluster.live_nodes())))
+        missing = sorted(wanted - set(self.cluster.live_nodes()))
         if self.should_stop():
-            raise RuntimeError(f"stopped while waiting for workers {missing} to join")
-        raise RuntimeError(f"workers {missing} did not join within {timeout:g}s")
+            self.stopped_while_joining = True
+            self.not_joined = tuple(missing)
+            return False
+        raise RuntimeError(f"workers {', '.join(missing)} did not join within {timeout:g}s")
 
     async def resolve(self, names: Sequence[str], timeout: float = START_TIMEOUT) -> list[AgentRef]:
-        """The address of every name (the other workers' agents included), once known.
+        """The address of every name (the other workers' agents included), once known;
+        those known so far if the run is stopped first (it then sends nothing).
 
         This worker's own names are first published: the others must find them as soon
         as traffic starts (a ring token comes back to this worker on its second hop).
@@ -153,11 +173,10 @@ class Swarm:
                 pending = waiting
                 if pending:
                     await trio.sleep(0.02)  # names arrive through the KV watch
-        if pending:
-            within = "before the run was stopped" if self.should_stop() else f"within {timeout:g}s"
+        if pending and not self.should_stop():
             raise RuntimeError(
                 f"{len(pending)} agents of the swarm (e.g. {names[pending[0]]!r}) were not"
-                f" published {within}"
+                f" published within {timeout:g}s"
             )
         return [ref for ref in refs if ref is not None]
 
@@ -190,8 +209,8 @@ class Swarm:
         )
         return False
 
-    def _snapshot(self) -> tuple[Any, ...] | None:
-        """The swarm's counters if it is quiet now, else None."""
+    def _observe(self) -> set[str]:
+        """Keep the records of the workers seen now; the workers lost (see the module doc)."""
         members = {info.node: info for info in self.cluster.member_list()}
         lost = set()
         for node in self.layout.workers:
@@ -204,9 +223,21 @@ class Swarm:
                 # left without stopping its traffic (its run failed): it sends no more, and
                 # its books are those of its last heartbeat: as if it had died
                 lost.add(node)
-        if set(self.last_records) | lost != set(self.layout.workers):
+        return lost
+
+    def _snapshot(self) -> tuple[Any, ...] | None:
+        """The swarm's counters if it is quiet now, else None."""
+        lost = self._observe()
+        # Every worker, once every one joined; else (stopped before: no traffic anywhere)
+        # those seen: one never seen may never join.
+        everyone = set(self.layout.workers)
+        if not self.stopped_while_joining and set(self.last_records) | lost != everyone:
             return None
-        records = [self.last_records[node] for node in self.layout.workers if node not in lost]
+        records = [
+            self.last_records[node]
+            for node in self.layout.workers
+            if node in self.last_records and node not in lost
+        ]
         if not all(r.get("swarm_stopped") for r in records):
             return None
         if any(r.get("in_flight", 0) or r.get("held", 0) for r in records):  # held: parked too
