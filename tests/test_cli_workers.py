@@ -475,12 +475,25 @@ def test_a_signal_while_workers_start_reaches_the_workers_started_after_it(
 ) -> None:
     """Regression: a SIGTERM that came while the workers were being started was passed on
     only to those already started; the ones started after it ran on, and the parent
-    waited for them (forever, for a run without --duration)."""
+    waited for them (forever, for a run without --duration).
+
+    Regression: the stop was then a failed run (the worker not started counted as one
+    whose books are unknown: exit status 1, ``error: not started``); no worker is started
+    after it, and the stop is graceful: exit 0, the books balance (it has none)."""
     from nexus_trio.cli import _cluster_cmd
 
-    fake = tmp_path / "python"
-    fake.write_text("#!/bin/sh\nexec sleep 60\n")  # a worker that runs until signalled
-    fake.chmod(0o755)
+    stopped = tmp_path / "summary.json"
+    stopped.write_text(canned_summary("worker-0").replace('"duration"', '"SIGTERM"'))
+    log = tmp_path / "up"
+    # a worker that runs until stopped (20 s at most), then prints its summary
+    python = fake_python(
+        tmp_path,
+        {},
+        default=(
+            f"trap 'cat {stopped}; exit 0' TERM; echo up >> {log}; "
+            "for i in $(seq 200); do sleep 0.1; done"
+        ),
+    )
     real_popen = subprocess.Popen
     started: list[int] = []
 
@@ -488,18 +501,56 @@ def test_a_signal_while_workers_start_reaches_the_workers_started_after_it(
         proc = real_popen(*args, **kwargs)  # type: ignore[call-overload]
         started.append(proc.pid)
         if len(started) == 1:
+            deadline = time.monotonic() + 30
+            while not log.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)  # (until it takes signals: its trap is set)
             os.kill(os.getpid(), signal.SIGTERM)  # Ctrl-C between two starts
         return proc  # type: ignore[no-any-return]
 
     monkeypatch.setattr(_cluster_cmd.subprocess, "Popen", popen)
     t0 = time.monotonic()
-    summary, status = _cluster_cmd.run_workers(
-        2, [], nats_url="nats://127.0.0.1:1", python=str(fake)
-    )
-    assert time.monotonic() - t0 < 30, "a worker started after the signal was not stopped"
-    assert len(started) <= 2
-    assert status == 128 + signal.SIGTERM
-    assert summary["conserved"] is False
+    summary, status = _cluster_cmd.run_workers(2, [], nats_url=NO_SERVER, python=python)
+    assert time.monotonic() - t0 < 15, "the worker started was not stopped"
+    assert len(started) == 1  # none after the signal
+    assert [w["exit"] for w in summary["per_worker"]] == ["exit code 0", "not started"]
+    assert [w["error"] for w in summary["per_worker"]] == [None, None]
+    assert (summary["stopped_by"], summary["error"]) == ("SIGTERM", None)
+    assert summary["conserved"] is True
+    assert status == 0
+
+
+def test_workers_not_started_because_the_run_was_stopped_first_have_nothing_to_count() -> None:
+    """Regression: a worker not started (the stop came first) made the run's books
+    unknown (``conserved: false``, ``error: not started``, exit status 1), also when no
+    worker was started at all (a signal while the private nats-server started); it had
+    nothing, and the summary says so in one line."""
+    from rich.console import Console
+
+    from nexus_trio.cli._cluster_cmd import aggregate_summaries
+    from nexus_trio.cli._view import summary_table
+
+    not_started = {
+        "node": "worker-1",
+        "died": False,
+        "pid": None,
+        "exit_status": None,
+        "exit": "not started",
+        "error": None,
+        "conserved": None,
+    }
+    ran = {**json.loads(canned_summary("worker-0")), "died": False, "exit": "exit code 0"}
+    for entries in ([ran, not_started], [{**not_started, "node": "worker-0"}, not_started]):
+        summary = aggregate_summaries(entries)
+        assert (summary["conserved"], summary["error"]) == (True, None)
+        assert summary["cluster_balance"]["sent"] == 0
+    ran_with_a_death = {**ran, "conserved": True}
+    dead = {"node": "worker-1", "died": True, "error": "died", "conserved": None}
+    assert aggregate_summaries([ran_with_a_death, dead, not_started])["conserved"] is False
+    console = Console(width=200, record=True)
+    console.print(summary_table(aggregate_summaries([ran, not_started])))
+    lines = [line for line in console.export_text().splitlines() if "worker-1" in line]
+    assert len(lines) == 1
+    assert "not started: the run was stopped first (nothing to count)" in lines[0]
 
 
 def test_a_ctrl_c_while_the_private_nats_server_starts_leaves_no_server(
@@ -539,6 +590,61 @@ def test_a_ctrl_c_while_the_private_nats_server_starts_leaves_no_server(
         for proc in servers:
             proc.kill()
             proc.wait()
+
+
+@pytestmark_linux
+@pytest.mark.parametrize(
+    ("signals", "status"),
+    [(["SIGTERM"], 0), (["SIGINT"], 0), (["SIGINT", "SIGINT"], 130)],
+    ids=["SIGTERM", "SIGINT", "twice"],
+)
+def test_a_signal_while_the_private_nats_server_starts_is_a_graceful_stop(
+    signals: list[str], status: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: the parent's signal handlers were installed once the private
+    nats-server had started: a SIGTERM while it started ended the parent at once (SIGTERM's
+    default action: status 143, no summary), a SIGINT with a KeyboardInterrupt traceback.
+    Now no worker is started, the server is stopped, and the summary says who stopped the
+    run: exit 0 (a second signal forces: 130)."""
+    from nexus_trio._nats import _server
+    from nexus_trio.cli import _cluster_cmd
+
+    real_popen = subprocess.Popen
+    started: list[subprocess.Popen[bytes]] = []
+
+    def popen(*args: object, **kwargs: object) -> subprocess.Popen[bytes]:
+        proc = real_popen(*args, **kwargs)  # type: ignore[call-overload]
+        started.append(proc)
+        return proc  # type: ignore[no-any-return]
+
+    pending = list(signals)
+
+    def sleep(seconds: float) -> None:  # the server is being waited for: the signals come
+        while pending:
+            os.kill(os.getpid(), signal.Signals[pending.pop(0)])
+        time.sleep(seconds)
+
+    monkeypatch.setattr(_server.subprocess, "Popen", popen)
+    monkeypatch.setattr(_cluster_cmd.subprocess, "Popen", popen)
+    monkeypatch.setattr(
+        _server, "time", types.SimpleNamespace(monotonic=time.monotonic, sleep=sleep)
+    )
+    try:
+        summary, got = _cluster_cmd.run_workers(2, [])
+        assert len(started) == 1  # the server, no worker
+        assert started[0].poll() is not None, "the nats-server outlived the run"
+    finally:
+        for proc in started:
+            proc.kill()
+            proc.wait()
+    assert got == status
+    assert [w["exit"] for w in summary["per_worker"]] == ["not started", "not started"]
+    assert summary["error"] is None
+    assert summary["conserved"] is True
+    stopped_by = signals[0]
+    if len(signals) > 1:
+        stopped_by += f"; forced by {signals[1]}: the workers still running were killed"
+    assert summary["stopped_by"] == stopped_by
 
 
 # --- a worker that dies --------------------------------------------------------------------------
@@ -1069,10 +1175,19 @@ def canned_summary(node: str, lost_peers: dict | None = None) -> str:
 
 def fake_python(tmp_path: Path, scripts: dict[str, str], default: str = "exec sleep 30") -> str:
     """A stand-in for the workers' interpreter: worker ``node`` runs ``scripts[node]`` (sh),
-    every other one ``default``. The summary a script prints is its stdout."""
+    every other one ``default``. The summary a script prints is its stdout. As a real
+    worker does as it starts, it first lets SIGINT and SIGTERM through (the parent starts
+    the workers with both blocked: see ``catch_stop_signals_early``)."""
     cases = "".join(f"  {node}) {script} ;;\n" for node, script in scripts.items())
+    shell = tmp_path / "worker.sh"
+    shell.write_text(f'case "${WORKER_ENV}" in\n{cases}  *) {default} ;;\nesac\n')
     path = tmp_path / "python"
-    path.write_text(f'#!/bin/sh\ncase "${WORKER_ENV}" in\n{cases}  *) {default} ;;\nesac\n')
+    path.write_text(
+        f"#!{sys.executable} -S\n"
+        "import os, signal, sys\n"
+        "signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM))\n"
+        f"os.execv('/bin/sh', ['sh', {str(shell)!r}, *sys.argv[1:]])\n"
+    )
     path.chmod(0o755)
     return str(path)
 
@@ -1236,6 +1351,33 @@ def test_a_second_ctrl_c_exits_130_and_says_it_forced_the_stop(tmp_path: Path, c
 
 
 @pytestmark_linux
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_stopped_by_names_the_signal_the_parent_got(signum: signal.Signals, tmp_path: Path) -> None:
+    """Regression: the parent passes SIGTERM on to the workers, and ``stopped_by`` said
+    what they got: SIGTERM, also when the parent got SIGINT (a Ctrl-C). It names the
+    signal the parent got, as a single run's does."""
+    from nexus_trio.cli._cluster_cmd import run_workers
+
+    log = tmp_path / "terms"
+    stopped = tmp_path / "summary.json"
+    stopped.write_text(canned_summary("worker-x").replace('"duration"', '"SIGTERM"'))
+    python = fake_python(
+        tmp_path,
+        {},
+        default=(
+            f"trap 'cat {stopped}; exit 0' TERM; echo up >> {log}; "
+            "for i in $(seq 200); do sleep 0.1; done"
+        ),
+    )
+    sender = signal_once(log, "up", 2, signum)  # the workers run
+    summary, status = run_workers(2, [], nats_url=NO_SERVER, python=python)
+    sender.join()
+    assert status == 0
+    assert summary["stopped_by"] == signum.name
+    assert [w["stopped_by"] for w in summary["per_worker"]] == ["SIGTERM", "SIGTERM"]
+
+
+@pytestmark_linux
 def test_a_worker_takes_a_stop_that_came_before_its_run_took_signals(tmp_path: Path) -> None:
     """Regression: a worker the parent's SIGTERM reached while it started (importing,
     loading its config: a second or more) was ended by it, SIGTERM's default action: no
@@ -1348,6 +1490,80 @@ def test_a_ctrl_c_at_the_terminal_stops_the_workers_gracefully_and_the_nats_serv
     assert [w["exit"] for w in summary["per_worker"]] == ["exit code 0", "exit code 0"]
     assert summary["conserved"] is True
     assert tagged_processes(tag) == {}
+
+
+def wait_for_workers_started(proc: subprocess.Popen[str], tag: str) -> None:
+    """Until both workers of ``tag`` run their interpreter (not yet their run, mostly: they
+    import for a second or so), ``proc`` still running (60 s at most)."""
+    deadline = time.monotonic() + 60
+    while len(workers_of(tag)) < 2:
+        assert proc.poll() is None, "the run ended before its workers started"
+        assert time.monotonic() < deadline, "the two workers did not start within 60 s"
+        time.sleep(0.01)
+
+
+@pytestmark_linux
+@pytest.mark.parametrize(
+    ("moment", "signum"),
+    [
+        ("the nats-server started", signal.SIGTERM),
+        ("the workers started", signal.SIGTERM),
+        ("a worker joined", signal.SIGTERM),
+        ("both joined", signal.SIGTERM),
+        ("both joined", signal.SIGINT),
+    ],
+    ids=["server started", "workers started", "one joined", "both joined", "both joined SIGINT"],
+)
+def test_a_stop_while_the_workers_start_is_a_graceful_stop(
+    moment: str, signum: signal.Signals, tag: str, tmp_path: Path
+) -> None:
+    """Regression: a SIGTERM (or Ctrl-C) to ``nexus run --workers 2`` while the workers
+    started made the run fail: a worker the SIGTERM passed on reached before its run took
+    signals was killed by it (taken for a death: exit status 143), one waiting for the
+    others to join raised 'stopped while waiting for workers worker-1 to join', one
+    waiting for the names '... were not published before the run was stopped' (exit 1,
+    with a traceback), and ``stopped_by`` said SIGTERM for the parent's SIGINT. A stop at
+    any point of the start is now the graceful stop a later one is: every worker that
+    started stops, leaves and prints its summary, the books balance, the run exits 0 and
+    leaves no worker nor nats-server behind."""
+    proc = start_nexus(["run", "-W", "2", "-n", "40", "--json"], tag, tmp_path)
+    try:
+        stderr = StderrLines(proc)
+        if moment == "the nats-server started":  # (at most the first worker started)
+            stderr.wait_for("started nats-server", 1, proc, timeout=60)
+        elif moment == "the workers started":
+            wait_for_workers_started(proc, tag)
+        else:
+            stderr.wait_for("joined the cluster", 1 if moment == "a worker joined" else 2, proc, 90)
+        proc.send_signal(signum)
+        try:
+            proc.wait(timeout=90)  # the summary fits in the pipe
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the run did not stop at the {signum.name}")
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        err = stderr.text()
+    finally:
+        kill_tagged(tag)
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err, err
+    summary = json.loads(out)  # one summary, and nothing else
+    assert (summary["stopped_by"], summary["error"]) == (signum.name, None), err
+    assert summary["workers_died"] == []
+    assert summary["conserved"] is True
+    balance = summary["cluster_balance"]
+    assert balance["sent"] == balance["handled_replied_or_dead"] + balance["lost_counted"]
+    assert summary["in_flight"] == 0
+    ran = [w for w in summary["per_worker"] if w["exit"] != "not started"]
+    assert [w["exit"] for w in ran] == ["exit code 0"] * len(ran)
+    assert [(w["stopped_by"], w["error"], w["conserved"]) for w in ran] == [
+        ("SIGTERM", None, True)
+    ] * len(ran)
+    if moment != "the nats-server started":
+        assert len(ran) == 2
+    assert err.count("SIGTERM: shutting down gracefully") == len(ran)
+    assert tagged_processes(tag) == {}  # no worker, no nats-server left behind
 
 
 @pytestmark_linux
@@ -1660,7 +1876,7 @@ def test_the_summary_has_the_same_fields_whatever_became_of_the_workers(
         "pid": None,
         "exit_status": None,
         "exit": "not started",
-        "error": "not started",
+        "error": None,  # (the stop came first: nothing went wrong with it)
         "conserved": None,
     }
 

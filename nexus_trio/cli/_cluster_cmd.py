@@ -6,7 +6,11 @@ is spread over the workers as one swarm (``_swarm``: agent ``k`` on worker ``k m
 so messages cross processes); an app runs in every worker. Without a NATS URL a private
 ``nats-server`` (JetStream on, 127.0.0.1, a port it picks) is started first and stopped
 last. SIGINT/SIGTERM are passed on to the workers (a second one, or one after a worker
-died, kills them: a forced stop, exit status 130 as a single run's). Each worker
+died, kills them: a forced stop, exit status 130 as a single run's), from before the
+private nats-server starts: a stop while the workers start is as graceful as a later one
+(no worker is started after it; the workers start with both signals blocked, so that one
+that comes while a worker still imports is held until its run takes it: see
+``_run.catch_stop_signals_early``). Each worker
 prints its JSON summary on stdout at the end; the parent adds them up into one and checks
 the cluster's books: every message that started on some worker was handled,
 dead-lettered, or counted as lost (see :func:`aggregate_summaries`). A worker that
@@ -39,11 +43,14 @@ import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import typer
 
 from .._logcall import log_guarded
+
+if TYPE_CHECKING:
+    from .._nats import NatsServer
 
 log = logging.getLogger("nexus_trio.cli")
 
@@ -223,6 +230,8 @@ def aggregate_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     summaries = [_counted_from_outside(s, summaries) if s.get("died") else s for s in summaries]
     died = [s for s in summaries if s.get("died")]
     alive = [s for s in summaries if not s.get("died") and s.get("conserved") is not None]
+    # (the run was stopped before they started: no books, nothing to count)
+    not_started = [s for s in summaries if s.get("exit") == NOT_STARTED]
     total: dict[str, Any] = {"workers": len(summaries)}
     for key in _SUMMED:
         total[key] = sum(s.get(key) or 0 for s in summaries)
@@ -274,8 +283,8 @@ def aggregate_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
         }
     )
     total["conserved"] = (
-        bool(alive)
-        and len(alive) + len(died) == len(summaries)
+        bool(alive or (not_started and not died))
+        and len(alive) + len(died) + len(not_started) == len(summaries)
         and all(s.get("conserved") for s in alive)
         and all(s.get("books") in (SEEN_FROM_OUTSIDE, FROM_ITS_RECORD) for s in died)
         and total["sent"] == ended + total["lost_counted"] + into_dead
@@ -316,6 +325,8 @@ def _without_settled_books(summary: dict[str, Any]) -> dict[str, Any]:
     return entry
 
 
+#: ``exit`` of a worker that was not started: the run was stopped first (it has no books)
+NOT_STARTED: Final = "not started"
 #: ``books`` of a dead worker's entry counted from what the others saw of it
 SEEN_FROM_OUTSIDE: Final = "counted by the other workers"
 #: ``books`` of a worker that died after the swarm settled, counted with its last record
@@ -416,10 +427,15 @@ def run_workers(
     problem = metrics_ports_problem(metrics_port, workers)
     if problem is not None:
         raise ValueError(f"--metrics-port: {problem}")
-    server = None
+    server: NatsServer | None = None
     # Credentials reach the workers in their environment, never in argv (``ps``).
     env = dict(os.environ)
-    if nats_url is None:
+
+    def start_server() -> str:
+        """The private nats-server's URL, once it runs (None given: started here)."""
+        nonlocal server
+        if nats_url is not None:
+            return _move_credentials_to_env(nats_url, env)
         import secrets
 
         from .._nats import NatsServer
@@ -430,18 +446,17 @@ def run_workers(
         # the parent, which stops the workers and then the server (reached by it, the
         # server exited at once, under the workers still settling through it).
         server = NatsServer(token=token, preexec_fn=_die_with_parent(), process_group=0).start()
-        nats_url = server.url
         env["NEXUS_NATS__TOKEN"] = token
         log_guarded(
             log,
             logging.INFO,
             "started nats-server at %s (pid %d) for %d workers",
-            nats_url,
+            server.url,
             server.pid,
             workers,
         )
-    else:
-        nats_url = _move_credentials_to_env(nats_url, env)
+        return server.url
+
     procs: list[subprocess.Popen[bytes]] = []
     outputs: list[bytes] = [b""] * workers
     # per worker started: its exit status, how it ended, its summary (None: it printed none)
@@ -470,6 +485,8 @@ def run_workers(
     def pass_on() -> None:
         nonlocal forced_by
         level = stops_asked()
+        if level > 1 and not procs:  # (a second signal before any worker started)
+            forced_by = forced_by or signals_seen[-1]
         for proc in procs:
             if passed.get(proc.pid, 0) < level and proc.poll() is None:
                 passed[proc.pid] = level
@@ -481,12 +498,18 @@ def run_workers(
         signals_seen.append(signal.Signals(signum).name)
         pass_on()
 
+    # From before the private nats-server starts: a signal at any point of the start is
+    # a graceful stop (no worker is started after it), not the parent's end by SIGTERM's
+    # default action or a KeyboardInterrupt.
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        url = start_server()
         for i in range(workers):
+            if signals_seen:
+                break  # stopped before this one started: it is not started
             argv = [python or sys.executable, "-m", "nexus_trio.cli", "run", *run_args]
             node = f"worker-{i}"
-            argv += ["--nats", nats_url, "--node", node, "--json", "--no-live"]
+            argv += ["--nats", url, "--node", node, "--json", "--no-live"]
             # (0 too: a port of the environment or the config would be every worker's)
             argv.append(f"--metrics-port={metrics_port + i if metrics_port else 0}")
             procs.append(
@@ -496,14 +519,13 @@ def run_workers(
                     stdout=subprocess.PIPE,
                     env={**env, WORKER_ENV: node, SWARM_ENV: str(workers)},
                     process_group=0,
-                    preexec_fn=_die_with_parent(),
+                    preexec_fn=_worker_preexec(),
                 )
             )
             if signals_seen:
                 # A signal came while starting: it reaches this worker too (it may have
                 # come before the worker was in procs), and no more are started.
                 pass_on()
-                break
 
         #: (worker index, exit code) as each one ends, in the order they end
         ended: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
@@ -602,21 +624,23 @@ def run_workers(
     finally:
         for proc in procs:
             _kill_group(proc)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if server is not None:
-            server.stop()
+        try:
+            if server is not None:
+                server.stop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     entries: list[dict[str, Any]] = []
     for i in range(workers):
-        if i >= len(procs):  # a signal came while the workers started
+        if i >= len(procs):  # a stop came while the workers started: nothing to count
             entries.append(
                 {
                     "node": f"worker-{i}",
                     "died": False,
                     "pid": None,
                     "exit_status": None,
-                    "exit": "not started",
-                    "error": "not started",
+                    "exit": NOT_STARTED,
+                    "error": None,
                     "conserved": None,
                 }
             )
@@ -658,8 +682,13 @@ def run_workers(
         summary["stopped_by"] = f"{stopped_for_failure} failed (the others were stopped)"
     elif server_died and not signals_seen:
         summary["stopped_by"] = "the nats-server died (the workers were stopped)"
-    elif signals_seen and summary["stopped_by"] == "unknown":  # no worker said
-        summary["stopped_by"] = signals_seen[0]
+    elif signals_seen:
+        # The workers were stopped by the SIGTERM passed on: by the parent's signal, named
+        # as it was (as a single run's); a worker that stopped before says its own.
+        summary["stopped_by"] = _stopped_by_signal(
+            signals_seen[0],
+            [(str(e["stopped_by"]), e["pid"] in passed) for e in entries if e.get("stopped_by")],
+        )
     status = max(statuses, default=0)
     if status == 0 and (not summary["conserved"] or summary["workers_died"] or server_died):
         status = 1  # a worker that died with exit code 0 (no summary) fails the run too
@@ -669,6 +698,14 @@ def run_workers(
         summary["stopped_by"] += f"; forced by {forced_by}: the workers still running were killed"
         status = FORCED_EXIT
     return summary, status
+
+
+def _stopped_by_signal(parent_signal: str, stops: Sequence[tuple[str, bool]]) -> str:
+    """``stopped_by`` of a run the parent's signal stopped, from each worker's (and
+    whether the parent passed the stop on to it): the SIGTERM passed on is named as the
+    signal the parent got; the parent's signal if no worker said (none started)."""
+    named = {parent_signal if passed and stop == "SIGTERM" else stop for stop, passed in stops}
+    return ", ".join(sorted(named)) or parent_signal
 
 
 def _killed_by_force(level: int, code: int) -> bool:
@@ -717,6 +754,21 @@ def _die_with_parent() -> Callable[[], None] | None:
         libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:  # the parent died before prctl took effect
             os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
+def _worker_preexec() -> Callable[[], None]:
+    """A worker's ``preexec_fn``: it dies with the parent (:func:`_die_with_parent`) and
+    starts with SIGINT and SIGTERM blocked, so that a stop passed on while it starts is
+    held pending until it lets them through (``catch_stop_signals_early``): the
+    default action of SIGTERM would end it without its summary, as a death."""
+    die_with_parent = _die_with_parent()
+
+    def preexec() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGINT, signal.SIGTERM))
+        if die_with_parent is not None:
+            die_with_parent()
 
     return preexec
 

@@ -22,7 +22,7 @@ from rich.text import Text
 
 from .._brief import brief
 from .._stats import HistogramSnapshot, KernelStats
-from ._cluster_cmd import FROM_ITS_RECORD, SEEN_FROM_OUTSIDE
+from ._cluster_cmd import FROM_ITS_RECORD, NOT_STARTED, SEEN_FROM_OUTSIDE
 
 __all__ = [
     "Sample",
@@ -325,6 +325,8 @@ def _worker_text(worker: Mapping[str, Any]) -> Text:
         else:
             text += f" · books {books or 'unknown'}"
         return Text(text, style="bold red")
+    if worker.get("exit") == NOT_STARTED:
+        return Text("not started: the run was stopped first (nothing to count)")
     text = _worker_counts(worker)
     if worker.get("error"):
         return Text(f"{text} · error: {worker['error']}", style="bold red")
