@@ -276,8 +276,9 @@ async def main(kernel):
     answers = [await kernel.request(f"{me}-{i}", "hi", timeout=30) for i in range(placed)]
     hosted = sum(kernel.is_local(f"{other}-{i}") for i in range(PLACED))
     await until(lambda: kernel.stats().handled >= hosted)
-    print(f"{me}: placed {placed}, refused {refused}, answers {answers}, hosted {hosted}",
-          file=sys.stderr)
+    # one write: two workers share standard error, and print() writes the line and its
+    # end separately (another worker's line could come between them)
+    sys.stderr.write(f"{me}: placed {placed}, refused {refused}, answers {answers}, hosted {hosted}\\n")
 """
 
 
@@ -296,7 +297,8 @@ def run_placing_workers(tmp_path: Path, args: list[str], **env: str) -> tuple[di
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    lines = sorted(line for line in result.stderr.splitlines() if ": placed " in line)
+    # (each worker's line found wherever it is: the workers share standard error)
+    lines = sorted(re.findall(r"worker-\d+: placed .*?hosted \d+", result.stderr))
     return json.loads(result.stdout), lines
 
 
