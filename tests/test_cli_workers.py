@@ -27,7 +27,7 @@ import types
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -1412,6 +1412,41 @@ def test_a_worker_takes_a_stop_that_came_before_its_run_took_signals(tmp_path: P
     assert (summary["agents"], summary["sent"], summary["conserved"]) == (0, 0, True)
 
 
+def _ring_run_signalled(
+    tag: str,
+    tmp_path: Path,
+    act: Callable[[subprocess.Popen[str], int], None],
+    went_on: str,
+    *,
+    start_new_session: bool = False,
+) -> tuple[int, int | None, str, str]:
+    """A ``-W 2`` ring run with a private nats-server and a JSON summary: once both
+    workers run, ``act(proc, server_pid)``; then the run must end within 60 s (else the
+    test fails with ``went_on``). Its server's pid, exit status, stdout and stderr."""
+    proc = start_nexus(
+        ["run", "-W", "2", "-n", "20", "-d", "0", "--json"],
+        tag,
+        tmp_path,
+        start_new_session=start_new_session,
+    )
+    try:
+        stderr = StderrLines(proc)
+        stderr.wait_for("running ring workload", 2, proc, timeout=90)
+        (server,) = [pid for pid in tagged_processes(tag) if "nats-server" in command_line(pid)]
+        act(proc, server)
+        try:
+            proc.wait(timeout=60)  # the summary fits in the pipe
+        except subprocess.TimeoutExpired:
+            pytest.fail(went_on)
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        err = stderr.text()
+    finally:
+        kill_tagged(tag)
+        proc.kill()
+    return server, proc.returncode, out, err
+
+
 @pytestmark_linux
 def test_the_private_nats_server_dying_mid_run_ends_the_run_reported(
     tag: str, tmp_path: Path
@@ -1420,24 +1455,14 @@ def test_the_private_nats_server_dying_mid_run_ends_the_run_reported(
     went unnoticed, the workers ran on without it (for good, without --duration; else to
     --duration, then a settle that failed on NATS timeouts), and the summary said only
     'TimeoutError: nats: timeout' per worker."""
-    proc = start_nexus(["run", "-W", "2", "-n", "20", "-d", "0", "--json"], tag, tmp_path)
-    try:
-        stderr = StderrLines(proc)
-        stderr.wait_for("running ring workload", 2, proc, timeout=90)
-        (server,) = [pid for pid in tagged_processes(tag) if "nats-server" in command_line(pid)]
-        os.kill(server, signal.SIGKILL)
-        try:
-            proc.wait(timeout=60)  # the summary fits in the pipe
-        except subprocess.TimeoutExpired:
-            pytest.fail("the run went on without its nats-server")
-        assert proc.stdout is not None
-        out = proc.stdout.read()
-        err = stderr.text()
-    finally:
-        kill_tagged(tag)
-        proc.kill()
+    server, status, out, err = _ring_run_signalled(
+        tag,
+        tmp_path,
+        lambda proc, server: os.kill(server, signal.SIGKILL),
+        "the run went on without its nats-server",
+    )
     assert f"the private nats-server (pid {server}) died: killed by SIGKILL" in err, err
-    assert proc.returncode == 1
+    assert status == 1
     summary = json.loads(out)
     assert summary["nats_server"] == {
         "private": True,
@@ -1460,29 +1485,16 @@ def test_a_ctrl_c_at_the_terminal_stops_the_workers_gracefully_and_the_nats_serv
     run failed, exit 1 with that error, instead of the graceful stop of a single run's
     Ctrl-C. The server now leads its own group, as the workers do: only the parent gets
     the terminal's signal, passes SIGTERM on to the workers and stops the server last."""
-    proc = start_nexus(
-        ["run", "-W", "2", "-n", "20", "-d", "0", "--json"],
+    server, status, out, err = _ring_run_signalled(
         tag,
         tmp_path,
+        # what the terminal does on Ctrl-C
+        lambda proc, server: os.killpg(proc.pid, signal.SIGINT),
+        "the run did not stop at the Ctrl-C",
         start_new_session=True,  # it leads its group, as a shell's foreground job does
     )
-    try:
-        stderr = StderrLines(proc)
-        stderr.wait_for("running ring workload", 2, proc, timeout=90)
-        (server,) = [pid for pid in tagged_processes(tag) if "nats-server" in command_line(pid)]
-        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
-        try:
-            proc.wait(timeout=60)  # the summary fits in the pipe
-        except subprocess.TimeoutExpired:
-            pytest.fail("the run did not stop at the Ctrl-C")
-        assert proc.stdout is not None
-        out = proc.stdout.read()
-        err = stderr.text()
-    finally:
-        kill_tagged(tag)
-        proc.kill()
     assert "nats-server" not in err.partition("running ring workload")[2], err
-    assert proc.returncode == 0, err
+    assert status == 0, err
     summary = json.loads(out)
     assert summary["error"] is None
     assert summary["nats_server"] == {"private": True, "pid": server, "died": False, "exit": None}
