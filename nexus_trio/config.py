@@ -336,7 +336,14 @@ def _read_file(path: Path, values: _Values, sources: dict[str, str], warnings: l
             name = duplicate.group(1)
             lines = [n for s in [None, *SECTIONS] for n in _key_lines(text, s, name)]
             line = sorted(lines)[1] if len(lines) > 1 else None
-        raise ConfigError(f"invalid TOML: {exc}", path=path, line=line) from None
+        # tomlkit before 0.15.3 raises this without a place; from 0.15.3 a duplicate is a
+        # ParseError with its line and column (above). The same file gets the same
+        # FILE:LINE:COL from both: the column where the repeated key starts
+        column = None
+        if line is not None:
+            source_line = text.splitlines()[line - 1]
+            column = len(source_line) - len(source_line.lstrip()) + 1
+        raise ConfigError(f"invalid TOML: {exc}", path=path, line=line, column=column) from None
     except tomlkit.exceptions.TOMLKitError as exc:
         raise ConfigError(f"invalid TOML: {exc}", path=path) from None
     source = f"file {path}"
