@@ -488,6 +488,23 @@ def test_duplicate_key_reports_the_second_line(home: Path) -> None:
     assert str(info.value) == f'{file}:4:1: invalid TOML: Key "batch_size" already exists.'
 
 
+def test_duplicate_key_reported_by_an_older_tomlkit_gets_the_same_place(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tomlkit before 0.15.3 raises ``KeyAlreadyPresent`` with no place: we find the line of
+    the second key and the column where it starts (here indented), as 0.15.3 gives both."""
+    file = write(home / "cwd" / "config.toml", "[kernel]\nbatch_size = 5\n\n  batch_size = 6\n")
+
+    def older_parse(text: str) -> Any:
+        raise tomlkit.exceptions.KeyAlreadyPresent("batch_size")
+
+    monkeypatch.setattr(tomlkit, "parse", older_parse)
+    with pytest.raises(ConfigError) as info:
+        load(home)
+    assert (info.value.line, info.value.column) == (4, 3)
+    assert str(info.value) == f'{file}:4:3: invalid TOML: Key "batch_size" already exists.'
+
+
 def test_duplicate_section_reports_its_line(home: Path) -> None:
     file = write(home / "cwd" / "config.toml", "[kernel]\nbatch_size = 5\n[kernel]\n")
     with pytest.raises(ConfigError, match=rf"^{file}:3:1: invalid TOML: "):
