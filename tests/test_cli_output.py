@@ -15,6 +15,7 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
@@ -24,7 +25,7 @@ from rich.console import Console
 
 from nexus_trio.cli import main
 from nexus_trio.cli._view import summary_table
-from nexus_trio.logs import log_calls_failed, records_lost
+from nexus_trio.logs import flush_logs, log_calls_failed, records_lost
 
 from .test_logs import RaisingFilter
 
@@ -281,6 +282,65 @@ def test_nexus_run_in_process_with_standard_error_failing_finishes_and_counts_it
     assert statuses == [0, 0]
     assert lost[0] >= 2  # the config line and the "running" line at least
     assert reported == lost
+
+
+class _RefusingLater(_Refusing):
+    """A full disk (``ENOSPC``) under a descriptor (``/dev/null``'s, which ``poll`` finds
+    writable), so that ``nexus run`` queues its log records for a writer thread; the
+    writes of that thread wait for :attr:`released` before they fail."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(errno.ENOSPC)
+        self.fd = fd
+        self.released = threading.Event()
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def write(self, b: Any) -> int:
+        if threading.current_thread() is not threading.main_thread():
+            assert self.released.wait(30), "the test never released the log writer"
+        return super().write(b)
+
+
+@pytest.mark.usefixtures("restore_logging", "isolated")
+@pytest.mark.parametrize("fmt", ["compact", "json", "pretty"])
+def test_nexus_run_counts_the_records_its_log_writer_lost_after_the_summary_was_built(
+    monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    """``test_every_log_format_counts_what_it_could_not_write`` failed once under load:
+    1 record lost where 2 were. The summary read ``records_lost()`` when it was built,
+    and again only before the last flush of the queue; a record the writer thread counted
+    lost between the two (it was still being written when the summary was built) was in
+    neither. Here the writer fails its records exactly then: all of them are counted."""
+    from nexus_trio.cli import _run
+
+    built = _run.build_summary
+
+    def build_then_let_the_writer_fail(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        summary = built(*args, **kwargs)
+        assert summary["log_records_lost"] == 0  # (nothing failed yet: the writer waits)
+        raw.released.set()
+        assert flush_logs(30)  # its records: all counted lost now
+        return summary
+
+    monkeypatch.setattr(_run, "build_summary", build_then_let_the_writer_fail)
+    fd = os.open(os.devnull, os.O_WRONLY)
+    raw = _RefusingLater(fd)
+    try:
+        before = records_lost()
+        status, summary = _run_in_process(
+            ["run", "-n", "10", "-d", "0.1", "--json", "--no-live", "-f", fmt],
+            io.TextIOWrapper(io.BufferedWriter(raw), encoding="utf-8"),
+        )
+        lost = records_lost() - before
+    finally:
+        raw.released.set()
+        os.close(fd)
+    assert status == 0
+    assert raw.writes == lost >= 2  # the config line and the "running" line at least
+    assert summary["log_records_lost"] == lost
+    assert summary["conserved"] is True
 
 
 FAILING_APP = """

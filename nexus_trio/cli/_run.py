@@ -914,14 +914,17 @@ def execute_run(
 ) -> int:
     """``trio.run`` the run, print the summary (table, or JSON with ``--json``, to
     ``summary_out`` if given, else stdout); the exit status."""
+    lost_before = records_lost() if opts.records_lost_before is None else opts.records_lost_before
+    opts = attrs.evolve(opts, records_lost_before=lost_before)
     started = time.perf_counter()
     summary, status = trio.run(run_async, opts, err_console)
     log_guarded(log, logging.DEBUG, "run took %.3f s of wall time", time.perf_counter() - started)
     # Records still queued for standard error are written now, or (its reader stopped
-    # reading) counted lost within FLUSH_TIMEOUT: the summary counts them too.
-    counted = records_lost()
+    # reading) counted lost within FLUSH_TIMEOUT: the summary counts them too. The count
+    # is read again whole, not added to the summary's: a record the writer thread counted
+    # lost after the summary was built (it was being written then) is in it too.
     flush_logs()
-    summary["log_records_lost"] += records_lost() - counted
+    summary["log_records_lost"] = records_lost() - lost_before
     if opts.json:
         out = summary_out if summary_out is not None else sys.stdout
         out.write(json.dumps(summary, indent=2) + "\n")
