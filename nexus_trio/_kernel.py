@@ -336,7 +336,9 @@ class Kernel:
         node = self._router.find(address)
         if node is None or node.retired:
             self._router.check_address(address)
-            raise AgentNotFound(address, self._router.names)
+            raise AgentNotFound(
+                address, self._router.names, detail=self._router.why_no_agent(address)
+            )
         if not isinstance(node, SupervisorNode):
             shown = repr(supervisor) if isinstance(supervisor, str) else str(supervisor)
             raise ValueError(
@@ -449,7 +451,7 @@ class Kernel:
         names = self._router.names
         node = names.get(name)
         if node is None:
-            raise AgentNotFound(name, names)
+            raise AgentNotFound(name, names, detail=self._router.why_no_agent(name))
         return AgentRef(node.id, node.name)
 
     def agents(self) -> list[AgentRef]:
@@ -475,7 +477,9 @@ class Kernel:
         address = address_of(target)
         node = self._router.find(address)
         if node is None or node.retired:
-            raise AgentNotFound(address, self._router.names)
+            raise AgentNotFound(
+                address, self._router.names, detail=self._router.why_no_agent(address)
+            )
         if node is self._root:
             raise ValueError("the root supervisor is stopped by shutdown(), not stop()")
         if isinstance(node, AgentCell):
@@ -671,9 +675,11 @@ class Kernel:
         return self._mailbox_of(target).depth
 
     def _mailbox_of(self, target: AgentRef | Address) -> Mailbox:
-        node = self._router.find(address_of(target))
+        address = address_of(target)
+        node = self._router.find(address)
         if not isinstance(node, AgentCell):
-            raise AgentNotFound(address_of(target), self._router.routes)
+            router = self._router
+            raise AgentNotFound(address, router.routes, detail=router.why_no_agent(address))
         return node.mailbox
 
     def stats(self, *, agents: bool = False) -> KernelStats:

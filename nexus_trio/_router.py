@@ -19,7 +19,7 @@ import heapq
 import math
 import uuid
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any, Final, Protocol, final
 from uuid import UUID as _UUID
@@ -49,6 +49,18 @@ from ._step import Stepper
 from ._transport import Transport
 
 _LATE_MEMORY: Final = 4096
+#: how many agents (and supervisors) stopped after a failure an AgentNotFound for their
+#: id or name can tell of, the last ones: the record holds twice as many entries (an id
+#: and a name each), each a key and a shared text (some 200 bytes an agent)
+_ENDED_MEMORY: Final = 1000
+#: what an AgentNotFound adds for an address that stopped for good after a failure, by its
+#: ``stopped`` event's reason (the subtree of a supervisor given up on has its reason)
+_ENDED_AFTER_FAILURE: Final = {
+    "restart_intensity": "it was given up on: stopped for good when the restart intensity"
+    " was exceeded",
+    "escalated": "it was given up on: stopped for good when its failure escalated",
+    "failed": "it stopped for good after a failure and was not restarted",
+}
 _QUERY: Final = MessageKind.QUERY
 #: the deadline heap is swept of finished requests only past this many (see _finish)
 _SWEEP_AT: Final = 64
@@ -323,6 +335,10 @@ class Router:
         #: (``id_value(msg) in late_queries``); the set is never replaced, so a serve
         #: loop keeps it in a local. Only the router changes it.
         self.late_queries: set[int] = set()
+        #: why the last _ENDED_MEMORY nodes that stopped after a failure stopped, by their
+        #: id's 128-bit value and by name (a name's entry goes when the name is forgotten
+        #: again): read only by a send that found no agent (see why_no_agent)
+        self._ended: OrderedDict[int | str, str] = OrderedDict()
         self._drained: trio.Event | None = None
         #: the supervision tree has stopped: nothing can be handled any more
         self._drain_over = False
@@ -361,11 +377,16 @@ class Router:
                 f" got {type(address).__name__} {brief(address, 60)}"
             )
 
-    def _why_no_agent(self, address: Address) -> str:
-        """What a send that found no agent at ``address`` can add (the failing path only)."""
+    def why_no_agent(self, address: Address) -> str:
+        """What an ``AgentNotFound`` for ``address`` can add (the failing path only): that
+        it is a supervisor, or that it stopped after a failure (if it is one of the last
+        _ENDED_MEMORY that did)."""
         node = self.find(address)
         if node is not None and not node.is_agent:
             return "it is a supervisor, which takes no messages: send to one of its agents"
+        if node is None and self._ended:
+            key = address.int if isinstance(address, _UUID) else address
+            return self._ended.get(key, "") if isinstance(key, (int, str)) else ""
         return ""
 
     def register(self, node: Child, *, agent: bool) -> None:
@@ -389,8 +410,10 @@ class Router:
                 last.spawn_next = node
             self._last_agent = node
 
-    def forget(self, node: Child) -> None:
-        """``node`` stopped for good: its id and name are free."""
+    def forget(self, node: Child, failure: str = "") -> None:
+        """``node`` stopped for good: its id and name are free. ``failure``: the reason
+        of its ``stopped`` event if it stopped for good after a failure (see
+        _ENDED_AFTER_FAILURE), kept for an ``AgentNotFound`` to tell (why_no_agent)."""
         self.unroute(node)
         if self.nodes.pop(node.id.int, None) is not None and node.is_agent:
             self.ledger.agents_alive -= 1
@@ -407,8 +430,21 @@ class Router:
                 after.spawn_prev = prev
             # A stopped agent holds no neighbour (nor they it, through it).
             node.spawn_prev = node.spawn_next = None
-        if node.name is not None and self.names.get(node.name) is node:
-            del self.names[node.name]
+        name = node.name
+        ended = self._ended
+        if name is not None and self.names.get(name) is node:
+            del self.names[name]
+            if ended:
+                ended.pop(name, None)  # what it said of an earlier holder of the name
+        else:
+            name = None  # never registered (a tree that could not be), or taken since
+        why = _ENDED_AFTER_FAILURE.get(failure)
+        if why is not None:
+            ended[node.id.int] = why
+            if name is not None:
+                ended[name] = why
+            while len(ended) > 2 * _ENDED_MEMORY:
+                ended.popitem(last=False)
 
     def walk_agents(self) -> AgentWalk:
         """A walk over the agents live now, in spawn order, a slice at a time (O(1) now,
@@ -749,7 +785,7 @@ class Router:
             self.check_address(msg.to)
             if self.transport is None:
                 # the table, for a hint looked for only if the error is shown
-                raise AgentNotFound(msg.to, self.routes, detail=self._why_no_agent(msg.to))
+                raise AgentNotFound(msg.to, self.routes, detail=self.why_no_agent(msg.to))
             self.transport.deliver_nowait(msg)
             ledger.accepted += 1
             ledger.forwarded += 1

@@ -228,9 +228,12 @@ class SupervisionHost:
             return math.inf
         return max(0.0, self.grace_deadline - trio.current_time())
 
-    def retired(self, child: Child, reason: str, *, for_shutdown: bool = False) -> None:
-        """``child`` stopped for good: forget its addresses, publish and notify."""
-        self.router.forget(child)
+    def retired(
+        self, child: Child, reason: str, *, for_shutdown: bool = False, failure: bool = False
+    ) -> None:
+        """``child`` stopped for good (``failure``: after a failure, not restarted): forget
+        its addresses, publish and notify."""
+        self.router.forget(child, reason if failure else "")
         child.on_retired(reason, for_shutdown=for_shutdown)
         # Its queue was dead-lettered: that may have been the last work in flight, and an
         # agent that stops for good never goes idle to say so (see Router.check_drained).
@@ -662,10 +665,12 @@ class SupervisorNode(Child, ChildOwner):
         if directive is Directive.ESCALATE:
             # Raises, unless this is an isolating root: then only the child goes.
             self._give_up(child, error, 0, "escalated by its directive")
-            self._retire(child, "escalated")
+            self._retire(child, "escalated", failure=True)
             return
         if not wanted:
-            self._retire(child, "failed" if error is not None else "normal")
+            self._retire(
+                child, "failed" if error is not None else "normal", failure=error is not None
+            )
             return
         stop = self._stops_queued.pop(child, None)
         if stop is not None:
@@ -692,7 +697,7 @@ class SupervisorNode(Child, ChildOwner):
             self._give_up(child, error, len(times), "restart intensity exceeded")
             # An isolating supervisor gave up on the child alone.
             await self._stop_child(child)
-            self._retire(child, "restart_intensity")
+            self._retire(child, "restart_intensity", failure=True)
             return
         times.append(now)
         backoff = self.spec.backoff
@@ -835,7 +840,9 @@ class SupervisorNode(Child, ChildOwner):
                 owner._retire_with_linked(linked, reason)
         self._retire(child, reason)
 
-    def _retire(self, child: Child, reason: str, *, for_shutdown: bool = False) -> None:
+    def _retire(
+        self, child: Child, reason: str, *, for_shutdown: bool = False, failure: bool = False
+    ) -> None:
         if child.retired:
             return
         if self._failures_queued:
@@ -845,17 +852,18 @@ class SupervisorNode(Child, ChildOwner):
                 self.host.failed(child, self._failures_queued.pop(key))
         if isinstance(child, SupervisorNode):
             # A supervisor stopped for good takes its (already stopped) subtree with it.
-            child.retire_all(reason)
+            child.retire_all(reason, failure=failure)
         child.mark_retired()
         self.children.pop(child, None)
         parent = child.linked_parent
         if parent is not None:
             parent.remove_linked(child)
-        self.host.retired(child, reason, for_shutdown=for_shutdown)
+        self.host.retired(child, reason, for_shutdown=for_shutdown, failure=failure)
 
-    def retire_all(self, reason: str) -> None:
-        """Retire every child, depth first (used once the tree has stopped)."""
+    def retire_all(self, reason: str, *, failure: bool = False) -> None:
+        """Retire every child, depth first (used once the tree has stopped; ``failure``:
+        it stopped after a failure)."""
         for child in reversed(list(self.children)):
             if isinstance(child, SupervisorNode):
-                child.retire_all(reason)
-            self._retire(child, reason)
+                child.retire_all(reason, failure=failure)
+            self._retire(child, reason, failure=failure)

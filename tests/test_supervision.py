@@ -846,3 +846,101 @@ def test_a_supervisor_with_a_child_that_is_no_agent_is_refused_when_built(
     error that named no supervisor and no index."""
     with pytest.raises(TypeError, match=re.escape(message)):
         Supervisor(children=children)
+
+
+async def test_a_send_to_an_agent_given_up_on_says_so(autojump_clock: Any) -> None:
+    # Before: `no agent is registered as 'crashy'` for an agent its supervisor had just
+    # stopped for good, as for a name never spawned: nothing said it had been given up on.
+    given_up = "(it was given up on: stopped for good when the restart intensity was exceeded)"
+    escalated = "(it was given up on: stopped for good when its failure escalated)"
+    failed = "(it stopped for good after a failure and was not restarted)"
+    said: list[str] = []
+
+    @agent(name="asker")
+    async def asker(ctx: Context, msg: Message) -> None:
+        try:
+            await ctx.send(msg.payload, "hi")
+        except AgentNotFound as exc:
+            said.append(str(exc))
+
+    config = Config(supervision=SupervisionConfig(max_restarts=0))
+    async with open_kernel(config) as kernel:
+        crashy = kernel.spawn(tracked("crashy"))
+        once = kernel.spawn(tracked("once", restart="temporary"))
+        kernel.spawn(tracked("up", on_error="escalate"))
+        kernel.spawn(sup(tracked("inside"), tracked("beside"), name="team", max_restarts=0))
+        kernel.spawn(tracked("quits", restart="transient"))
+        kernel.spawn(tracked("stopped"))
+        kernel.spawn(asker)
+        for name in ("crashy", "once", "up", "inside", "quits"):
+            await kernel.send(name, "exit" if name == "quits" else "boom")
+        await kernel.stop("stopped")
+        await trio.testing.wait_all_tasks_blocked()
+        assert kernel.stats().given_up == 3  # crashy, up and team
+        expected = {
+            "crashy": given_up,
+            "once": failed,
+            "up": escalated,
+            "team": given_up,
+            "inside": given_up,
+            "beside": given_up,
+        }
+        for name, detail in expected.items():
+            text = f"no agent is registered as {name!r} {detail}"
+            for attempt in (kernel.send(name, 1), kernel.request(name, 1), kernel.stop(name)):
+                with pytest.raises(AgentNotFound) as info:
+                    await attempt
+                assert str(info.value) == text
+            with pytest.raises(AgentNotFound) as info:
+                kernel.send_nowait(name, 1)
+            assert str(info.value) == text
+            with pytest.raises(AgentNotFound) as info:
+                kernel.lookup(name)
+            assert str(info.value) == text
+            await kernel.send("asker", name)
+            await trio.testing.wait_all_tasks_blocked()
+            assert said.pop() == text
+        # by ref and by id too
+        for ref, detail in ((crashy, given_up), (once, failed)):
+            for address in (ref, ref.id):
+                with pytest.raises(AgentNotFound) as info:
+                    await kernel.send(address, 1)
+                assert str(info.value) == f"no agent is registered as {ref.id!r} {detail}"
+        # stopped without a failure, or never spawned: nothing more to say
+        for name in ("quits", "stopped", "nobody"):
+            with pytest.raises(AgentNotFound) as info:
+                await kernel.send(name, 1)
+            assert str(info.value) == f"no agent is registered as {name!r}"
+        # a name taken again is that agent's: its own stop says nothing of the one before
+        again = kernel.spawn(tracked("once", restart="temporary"))
+        assert await kernel.request("once", 1) == 1
+        await kernel.stop(again)
+        with pytest.raises(AgentNotFound) as info:
+            await kernel.send("once", 1)
+        assert str(info.value) == "no agent is registered as 'once'"
+        with pytest.raises(AgentNotFound) as info:
+            await kernel.send(once, 1)  # the first one's id still says why it stopped
+        assert str(info.value) == f"no agent is registered as {once.id!r} {failed}"
+        assert kernel.stats().rejected == {"no_such_agent": 6 * 4 + 4 + 3 + 2}
+
+
+async def test_what_is_kept_of_agents_given_up_on_is_bounded(
+    autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The kernel keeps why the last few agents stopped after a failure (_ENDED_MEMORY of
+    # them, by id and by name), not every one: the oldest are plain "not registered".
+    import nexus_trio._router
+
+    monkeypatch.setattr(nexus_trio._router, "_ENDED_MEMORY", 2)
+    async with open_kernel(make_config()) as kernel:
+        refs = [kernel.spawn(tracked(f"t{i}", restart="temporary")) for i in range(4)]
+        for ref in refs:
+            await kernel.send(ref, "boom")
+            await trio.testing.wait_all_tasks_blocked()
+        said = []
+        for ref in refs:
+            for address in (ref.name, ref.id):
+                with pytest.raises(AgentNotFound) as info:
+                    await kernel.send(address, 1)
+                said.append(str(info.value).endswith("after a failure and was not restarted)"))
+        assert said == [False, False, False, False, True, True, True, True]
