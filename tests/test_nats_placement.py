@@ -29,12 +29,13 @@ from nexus_trio import (
     Kernel,
     LifecycleEvent,
     Message,
+    Supervisor,
     agent,
     open_kernel,
 )
-from nexus_trio._nats import Cluster, NatsServer, join_cluster
+from nexus_trio._nats import Cluster, ClusterOptions, NatsServer, join_cluster
 from nexus_trio._nats import _wire as wire
-from nexus_trio._nats._aio import call_aio
+from nexus_trio._nats._aio import asyncio_loop, call_aio
 from nexus_trio._nats._membership import NodeInfo, encode_record, monotonic
 from nexus_trio._nats._placement import (
     Placement,
@@ -360,6 +361,75 @@ class _Counting(Agent):
 
 
 COUNTING = agent(_Counting, name="counter")
+
+
+async def _plain_handler(ctx: Context, msg: Message) -> None:
+    return None
+
+
+#: what cluster.register_type refuses (as `nexus run --types` does), and its words
+NO_TYPES = [
+    (1, COUNTING, TypeError, "agent type 1 is of type int, not a str"),
+    (
+        "a.b",
+        COUNTING,
+        ValueError,
+        "agent type 'a.b' must be letters, digits, '-' or '_' (it is part of NATS subjects)",
+    ),
+    (
+        "counter",
+        3,
+        TypeError,
+        "agent type 'counter' is int 3; expected an AgentSpec (@agent) or an Agent subclass",
+    ),
+    (
+        "counter",
+        _plain_handler,
+        TypeError,
+        "agent type 'counter' is _plain_handler, an agent handler without @agent: decorate it",
+    ),
+    (
+        "counter",
+        Supervisor(children=[COUNTING]),
+        TypeError,
+        "agent type 'counter' is a Supervisor: a placed agent is one agent, given by its"
+        " AgentSpec (@agent) or Agent subclass",
+    ),
+    (
+        "counter",
+        _Counting(),
+        TypeError,
+        "agent type 'counter' is _Counting <",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("type_name", "spec", "error", "text"),
+    NO_TYPES,
+    ids=["name-int", "name-dotted", "int", "handler", "supervisor", "instance"],
+)
+async def test_a_type_that_is_no_agent_spec_is_refused_at_registration_naming_it(
+    type_name: Any, spec: Any, error: type[Exception], text: str
+) -> None:
+    # Before: cluster.register_type took anything (a plain handler, a Supervisor, 3) and
+    # a placement of the type failed later, on the node that ran it; join_cluster's
+    # types= too. Refused at once now, before any I/O (no server here), as `nexus run
+    # --types` refuses them.
+    async with open_kernel() as kernel:
+        async with asyncio_loop():
+            cluster = Cluster(kernel, ["nats://127.0.0.1:1"], "a", ClusterOptions())
+            with pytest.raises(error) as caught:
+                cluster.register_type(type_name, spec)
+            assert str(caught.value).startswith(text)
+            cluster.register_type("counter", COUNTING)  # a spec and an Agent subclass are taken
+            cluster.register_type("counting", _Counting)
+        with pytest.raises(error) as caught:
+            async with join_cluster(kernel, "nats://127.0.0.1:1", "a", types={type_name: spec}):
+                pytest.fail("joined")
+        assert str(caught.value).startswith(text)
+
+
 #: no periodic heartbeat or loss check during a test: every membership step is explicit
 QUIET = {"heartbeat_interval": 30.0, "missed_heartbeats": 3}
 # names whose rendezvous owners the tests rely on (checked in the test below)

@@ -3280,7 +3280,10 @@ class Cluster:
     # --- placement (see _placement) ------------------------------------------------------------
 
     def register_type(self, type_name: str, spec: Any) -> None:
-        """Let this node run placed agents of ``type_name`` (see :meth:`spawn`)."""
+        """Let this node run placed agents of ``type_name`` (see :meth:`spawn`): ``spec``
+        is an AgentSpec (``@agent``) or an Agent subclass. Anything else (a Supervisor, a
+        handler without ``@agent``) is a TypeError naming the type, a name that is no
+        NATS token a ValueError, here (see ``_placement.check_agent_type``)."""
         self.placement.register(type_name, spec)
 
     async def spawn(
@@ -3736,10 +3739,11 @@ async def join_cluster(
 ) -> AsyncIterator[Cluster]:
     """Join ``kernel`` to the NATS cluster at ``url`` as node ``node`` for the block.
 
-    ``types`` maps agent type names to what ``kernel.spawn`` takes: each is registered
-    (:meth:`Cluster.register_type`) before the node listens for placements, so a member
-    that places an agent here as soon as it hears this node never finds the type
-    unknown (``register_type`` inside the block leaves that window open).
+    ``types`` maps agent type names to AgentSpecs or Agent subclasses: each is checked
+    and registered (:meth:`Cluster.register_type`) before anything connects, so before
+    the node listens for placements: a member that places an agent here as soon as it
+    hears this node never finds the type unknown (``register_type`` inside the block
+    leaves that window open).
 
     ``url`` is one server URL, a comma-separated list, or a sequence (the client fails
     over between them); None takes ``[nats] url`` of the kernel's config (ValueError naming

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import uuid
@@ -44,10 +45,11 @@ import nats.errors
 import nats.js.errors
 import trio
 
-from .._agent import AgentRef
+from .._agent import CONTEXT_NAMES, Agent, AgentRef, AgentSpec
 from .._errors import AgentNotFound, KernelShuttingDown, NameTaken, NexusError, TransportUnavailable
 from .._events import EventKind, LifecycleEvent
 from .._logcall import log_guarded
+from .._supervisor import Supervisor
 from . import _wire as wire
 from ._aio import call_aio
 from ._direct import flush_after_subscribe
@@ -60,6 +62,43 @@ if TYPE_CHECKING:
     from ._cluster import Cluster
 
 log = logging.getLogger("nexus_trio.nats")
+
+
+def check_agent_type(type_name: object, spec: object) -> None:
+    """What ``cluster.register_type`` (and ``nexus run --types``) refuses, before a
+    placement finds it: a ``type_name`` that is no str (TypeError) or no NATS token
+    (ValueError: letters, digits, ``-``, ``_``), a ``spec`` that is no AgentSpec
+    (``@agent``) nor Agent subclass (TypeError): a Supervisor (a placed agent is one
+    agent), a handler without ``@agent``, any other value. The error names the type."""
+    if not isinstance(type_name, str):
+        raise TypeError(
+            f"agent type {type_name!r} is of type {type(type_name).__name__}, not a str"
+        )
+    wire.check_token("agent type", type_name)
+    if isinstance(spec, AgentSpec) or (isinstance(spec, type) and issubclass(spec, Agent)):
+        return
+    where = f"agent type {type_name!r} is"
+    if isinstance(spec, Supervisor):
+        raise TypeError(
+            f"{where} a Supervisor: a placed agent is one agent, given by its AgentSpec"
+            " (@agent) or Agent subclass"
+        )
+    if inspect.iscoroutinefunction(spec) or inspect.isfunction(spec):
+        name = getattr(spec, "__qualname__", repr(spec))
+        try:
+            first = next(iter(inspect.signature(spec).parameters), None)
+        except (TypeError, ValueError):  # no signature to read
+            first = None
+        if first in CONTEXT_NAMES:  # handler(ctx, msg): @agent was forgotten
+            raise TypeError(f"{where} {name}, an agent handler without @agent: decorate it")
+        raise TypeError(
+            f"{where} the function {name}; expected an AgentSpec (@agent) or an Agent subclass"
+        )
+    raise TypeError(
+        f"{where} {type(spec).__name__} {spec!r:.60}; expected an AgentSpec (@agent) or an"
+        " Agent subclass"
+    )
+
 
 #: how long :meth:`Placement.spawn` waits for a remote owner's answer by default
 DEFAULT_PLACE_TIMEOUT: Final = 5.0
@@ -185,8 +224,9 @@ class Placement:
     # --- registry ---------------------------------------------------------------------------
 
     def register(self, type_name: str, spec: Any) -> None:
-        """Let this node run agents of ``type_name`` (anything ``kernel.spawn`` takes)."""
-        wire.check_token("agent type", type_name)
+        """Let this node run agents of ``type_name``: an AgentSpec (``@agent``) or an
+        Agent subclass (see :func:`check_agent_type` for what is refused)."""
+        check_agent_type(type_name, spec)
         self._specs[type_name] = spec
 
     # --- placing ----------------------------------------------------------------------------

@@ -201,7 +201,7 @@ def load_types(reference: str) -> dict[str, Any]:
     starts: a mapping of type names (what ``cluster.spawn`` takes: letters, digits, ``-``
     and ``_``) to AgentSpecs (``@agent``) or Agent subclasses; AppError naming what is wrong
     otherwise."""
-    from .._nats._wire import check_token
+    from .._nats._placement import check_agent_type
 
     obj = _import_reference(reference)
     if not isinstance(obj, Mapping):
@@ -214,45 +214,12 @@ def load_types(reference: str) -> dict[str, Any]:
         raise AppError(f"{reference} is an empty mapping: no agent type to register")
     types: dict[str, Any] = {}
     for type_name, spec in obj.items():
-        if not isinstance(type_name, str):
-            raise AppError(
-                f"{reference}: agent type {type_name!r} is of type {type(type_name).__name__},"
-                " not a str"
-            )
         try:
-            check_token("agent type", type_name)
-        except ValueError as exc:
+            check_agent_type(type_name, spec)  # what cluster.register_type refuses
+        except (TypeError, ValueError) as exc:
             raise AppError(f"{reference}: {exc}") from None
-        _check_type_spec(reference, type_name, spec)
         types[type_name] = spec
     return types
-
-
-def _check_type_spec(reference: str, type_name: str, spec: Any) -> None:
-    """``spec`` is what a placement of ``type_name`` spawns: one agent, by its spec."""
-    if isinstance(spec, AgentSpec) or (isinstance(spec, type) and issubclass(spec, Agent)):
-        return
-    where = f"{reference}: agent type {type_name!r} is"
-    if isinstance(spec, Supervisor):
-        raise AppError(
-            f"{where} a Supervisor: a placed agent is one agent, given by its AgentSpec"
-            " (@agent) or Agent subclass"
-        )
-    if inspect.iscoroutinefunction(spec) or inspect.isfunction(spec):
-        name = getattr(spec, "__qualname__", repr(spec))
-        try:
-            first = next(iter(inspect.signature(spec).parameters), None)
-        except (TypeError, ValueError):  # no signature to read
-            first = None
-        if first in CONTEXT_NAMES:  # handler(ctx, msg): @agent was forgotten
-            raise AppError(f"{where} {name}, an agent handler without @agent: decorate it")
-        raise AppError(
-            f"{where} the function {name}; expected an AgentSpec (@agent) or an Agent subclass"
-        )
-    raise AppError(
-        f"{where} {type(spec).__name__} {spec!r:.60}; expected an AgentSpec (@agent) or an"
-        " Agent subclass"
-    )
 
 
 def _import_reference(reference: str) -> Any:
