@@ -50,14 +50,18 @@ async def handler(ctx, msg):
     return 3
 
 
-TYPES = {"counter": Counter, "plain": Plain}
+def sync_handler(ctx, msg):
+    return 4
+
+
+TYPES = {"counter": Counter, "plain": Plain, "fn": handler}
 OTHER = {"other": Counter}
 LIST = [Counter]
 EMPTY = {}
 DOTTED = {"a.b": Counter}
 NUMBERED = {1: Counter}
 NUMBER = {"counter": 3}
-HANDLER = {"counter": handler}
+HANDLER = {"counter": sync_handler}
 SUPERVISOR = {"counter": Supervisor(children=[Counter])}
 """
 
@@ -121,8 +125,8 @@ CLUSTERS = {"workers": ["-W", "2"], "nats": ["--nats", "nats://127.0.0.1:1"]}
             ),
             (
                 "HANDLER",
-                "types_app:HANDLER: agent type 'counter' is handler, an agent handler without"
-                " @agent: decorate it",
+                "types_app:HANDLER: agent type 'counter' is sync_handler, a handler that is no"
+                " coroutine: use async def",
             ),
             (
                 "SUPERVISOR",
@@ -157,10 +161,11 @@ def test_types_from_the_flag_or_the_config_reach_the_run_the_flag_first(
     if cluster == "workers":  # (the workers take the flag, or read the same config)
         assert started == [2, 2, 2]
         return
+    # a plain async handler is a type as kernel.spawn takes it ("fn")
     assert [sorted(opts.types) for opts in started] == [
-        ["counter", "plain"],
+        ["counter", "fn", "plain"],
         ["other"],
-        ["counter", "plain"],
+        ["counter", "fn", "plain"],
     ]
     # a node given types hosts placed agents: no demo workload next to them
     assert [opts.demo for opts in started] == [False, False, False]
@@ -201,7 +206,7 @@ def test_types_without_a_cluster_are_a_usage_error_naming_the_flag_or_the_key(
     )
     code, out = invoke(["-d", "1"])
     assert code == 0, out
-    assert [sorted(opts.types) for opts in started] == [["counter", "plain"]]
+    assert [sorted(opts.types) for opts in started] == [["counter", "fn", "plain"]]
 
 
 def test_the_workers_get_the_types_flag_on_their_command_line() -> None:

@@ -367,6 +367,10 @@ async def _plain_handler(ctx: Context, msg: Message) -> None:
     return None
 
 
+def _sync_handler(ctx: Context, msg: Message) -> None:
+    return None
+
+
 #: what cluster.register_type refuses (as `nexus run --types` does), and its words
 NO_TYPES = [
     (1, COUNTING, TypeError, "agent type 1 is of type int, not a str"),
@@ -384,9 +388,9 @@ NO_TYPES = [
     ),
     (
         "counter",
-        _plain_handler,
+        _sync_handler,
         TypeError,
-        "agent type 'counter' is _plain_handler, an agent handler without @agent: decorate it",
+        "agent type 'counter' is _sync_handler, a handler that is no coroutine: use async def",
     ),
     (
         "counter",
@@ -407,12 +411,12 @@ NO_TYPES = [
 @pytest.mark.parametrize(
     ("type_name", "spec", "error", "text"),
     NO_TYPES,
-    ids=["name-int", "name-dotted", "int", "handler", "supervisor", "instance"],
+    ids=["name-int", "name-dotted", "int", "sync-handler", "supervisor", "instance"],
 )
 async def test_a_type_that_is_no_agent_spec_is_refused_at_registration_naming_it(
     type_name: Any, spec: Any, error: type[Exception], text: str
 ) -> None:
-    # Before: cluster.register_type took anything (a plain handler, a Supervisor, 3) and
+    # Before: cluster.register_type took anything (a sync function, a Supervisor, 3) and
     # a placement of the type failed later, on the node that ran it; join_cluster's
     # types= too. Refused at once now, before any I/O (no server here), as `nexus run
     # --types` refuses them.
@@ -424,6 +428,7 @@ async def test_a_type_that_is_no_agent_spec_is_refused_at_registration_naming_it
             assert str(caught.value).startswith(text)
             cluster.register_type("counter", COUNTING)  # a spec and an Agent subclass are taken
             cluster.register_type("counting", _Counting)
+            cluster.register_type("fn", _plain_handler)  # as kernel.spawn takes it
         with pytest.raises(error) as caught:
             async with join_cluster(kernel, "nats://127.0.0.1:1", "a", types={type_name: spec}):
                 pytest.fail("joined")

@@ -67,9 +67,11 @@ log = logging.getLogger("nexus_trio.nats")
 def check_agent_type(type_name: object, spec: object) -> None:
     """What ``cluster.register_type`` (and ``nexus run --types``) refuses, before a
     placement finds it: a ``type_name`` that is no str (TypeError) or no NATS token
-    (ValueError: letters, digits, ``-``, ``_``), a ``spec`` that is no AgentSpec
-    (``@agent``) nor Agent subclass (TypeError): a Supervisor (a placed agent is one
-    agent), a handler without ``@agent``, any other value. The error names the type."""
+    (ValueError: letters, digits, ``-``, ``_``), a ``spec`` that is not one agent as
+    ``kernel.spawn`` takes it (TypeError): an AgentSpec (``@agent``), an Agent subclass or
+    a plain ``async def handler(ctx, msg)`` pass; a Supervisor (a placed agent is one
+    agent), a handler that is no ``async def``, any other value are refused. The error
+    names the type."""
     if not isinstance(type_name, str):
         raise TypeError(
             f"agent type {type_name!r} is of type {type(type_name).__name__}, not a str"
@@ -77,20 +79,22 @@ def check_agent_type(type_name: object, spec: object) -> None:
     wire.check_token("agent type", type_name)
     if isinstance(spec, AgentSpec) or (isinstance(spec, type) and issubclass(spec, Agent)):
         return
+    if inspect.iscoroutinefunction(spec):
+        return  # a plain handler: kernel.spawn takes it as agent(handler) does
     where = f"agent type {type_name!r} is"
     if isinstance(spec, Supervisor):
         raise TypeError(
             f"{where} a Supervisor: a placed agent is one agent, given by its AgentSpec"
             " (@agent) or Agent subclass"
         )
-    if inspect.iscoroutinefunction(spec) or inspect.isfunction(spec):
+    if inspect.isfunction(spec):
         name = getattr(spec, "__qualname__", repr(spec))
         try:
             first = next(iter(inspect.signature(spec).parameters), None)
         except (TypeError, ValueError):  # no signature to read
             first = None
-        if first in CONTEXT_NAMES:  # handler(ctx, msg): @agent was forgotten
-            raise TypeError(f"{where} {name}, an agent handler without @agent: decorate it")
+        if first in CONTEXT_NAMES:  # handler(ctx, msg) without async
+            raise TypeError(f"{where} {name}, a handler that is no coroutine: use async def")
         raise TypeError(
             f"{where} the function {name}; expected an AgentSpec (@agent) or an Agent subclass"
         )
