@@ -709,6 +709,175 @@ def test_a_second_sigint_forces_the_exit_with_status_130(nexus, tmp_path):
     assert "forced exit" in "".join(run.stderr)
 
 
+def test_sighup_is_a_graceful_stop_and_a_second_one_does_not_force(nexus, tmp_path):
+    """Regression: SIGHUP (the terminal hung up: an ssh session or a terminal window
+    closed) ended ``nexus run`` at once by its default action: no drain, no summary, the
+    messages the kernel had accepted lost without being counted (killed by SIGHUP). It is
+    now the graceful stop SIGTERM's is: drained, the summary, ``stopped_by`` SIGHUP, exit
+    0. A second SIGHUP (the shell passes its hangup on, and the kernel sends the job one
+    more when the shell exits) does not force the exit as a second SIGTERM would."""
+    (tmp_path / "stuck_app.py").write_text(textwrap.dedent(STUCK_APP))
+    run = nexus(
+        ["run", "--app", "stuck_app:main", "--json"],
+        # the stuck handler holds the shutdown this long: the second SIGHUP comes in it
+        env={"NEXUS_KERNEL__SHUTDOWN_GRACE_MS": "5000"},
+    )
+    run.wait_for(r"running app stuck_app:main")
+    run.proc.send_signal(signal.SIGHUP)
+    run.wait_for(r"SIGHUP: shutting down gracefully \(the terminal hung up\)")
+    run.proc.send_signal(signal.SIGHUP)
+    run.wait_for(r"SIGHUP: the stop is already under way")
+    status, out = run.finish(timeout=60)
+    err = "".join(run.stderr)
+    assert status == 0, err
+    assert "forced exit" not in err
+    assert "Traceback" not in err
+    summary = json.loads(out)
+    assert (summary["stopped_by"], summary["error"]) == ("SIGHUP", None)
+    # the message the stuck agent was handling: accepted, then dead-lettered, counted
+    assert (summary["accepted"], summary["dead_letters"]) == (1, 1)
+    assert conserved(summary)
+    assert summary["conserved"] is True
+
+
+def _become_a_terminal_session() -> None:
+    """In the child: lead a new session whose controlling terminal is its stdin (a pty),
+    as a shell's job on a terminal or an ssh session is (closing the pty's master side
+    then sends it SIGHUP, and its writes there fail with EIO)."""
+    import fcntl
+    import termios
+
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def _run_env(tmp_path: Path) -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")} | {
+        "XDG_CONFIG_HOME": str(tmp_path / "xdg"),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def _wait_in_file(path: Path, text: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while text not in path.read_text():
+        assert proc.poll() is None, path.read_text()
+        assert time.monotonic() < deadline, f"no {text!r} within 60 s: {path.read_text()}"
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a pty's hangup (Linux)")
+@pytest.mark.parametrize("json_out", [True, False], ids=["json", "table"])
+def test_a_terminal_that_hangs_up_stops_the_run_gracefully_without_its_summary(tmp_path, json_out):
+    """Regression: ``nexus run`` on a terminal that hung up (its window closed, its ssh
+    session gone) died of the SIGHUP (no summary, nothing counted). Now it stops
+    gracefully; the summary cannot be written to the terminal that is gone (EIO), which is
+    logged (here standard error is a file) and is no error: exit 0, no traceback."""
+    import pty
+
+    master, slave = pty.openpty()
+    err_path = tmp_path / "stderr.txt"
+    with err_path.open("w") as err_file:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "nexus_trio.cli",
+                "run",
+                "-n",
+                "50",
+                "-d",
+                "0",
+                "-w",
+                "fanout",
+                *(["--json"] if json_out else []),
+            ],
+            cwd=tmp_path,
+            env=_run_env(tmp_path),
+            stdin=slave,
+            stdout=slave,
+            stderr=err_file,
+            preexec_fn=_become_a_terminal_session,
+        )
+    os.close(slave)
+    try:
+        _wait_in_file(err_path, "running fanout workload", proc)
+        os.close(master)  # the terminal hangs up: SIGHUP to its session's leader
+        master = -1
+        status = proc.wait(timeout=60)
+    finally:
+        if master >= 0:
+            os.close(master)
+        proc.kill()
+    err = err_path.read_text()
+    assert status == 0, err
+    assert "SIGHUP: shutting down gracefully (the terminal hung up)" in err
+    assert "the summary could not be written (the terminal hung up): Input/output error" in err
+    assert "Traceback" not in err
+
+
+def test_after_a_hangup_a_summary_whose_reader_is_gone_is_no_error(tmp_path):
+    """Regression: after a SIGHUP, writing the summary to a reader that went away with
+    the terminal (a pipe closed: EPIPE) must not turn into a traceback nor an exit status
+    of 1: it is logged, and the run's status (0) stands."""
+    err_path = tmp_path / "stderr.txt"
+    with err_path.open("w") as err_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nexus_trio.cli", "run", "-n", "50", "-d", "0", "--json"],
+            cwd=tmp_path,
+            env=_run_env(tmp_path),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=err_file,
+        )
+    try:
+        assert proc.stdout is not None
+        proc.stdout.close()  # the reader is gone
+        _wait_in_file(err_path, "running ring workload", proc)
+        proc.send_signal(signal.SIGHUP)
+        status = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    err = err_path.read_text()
+    assert status == 0, err
+    assert "the summary could not be written (the terminal hung up): Broken pipe" in err
+    assert "Traceback" not in err
+
+
+def test_a_sighup_ignored_by_the_parent_stays_ignored(tmp_path):
+    """``nohup nexus run`` (SIGHUP ignored when it starts): the run keeps it ignored, as
+    before SIGHUP stopped a run; it runs on until the SIGTERM."""
+    err_path = tmp_path / "stderr.txt"
+
+    def nohup() -> None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    with err_path.open("w") as err_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nexus_trio.cli", "run", "-n", "20", "-d", "0", "--json"],
+            cwd=tmp_path,
+            env=_run_env(tmp_path),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=err_file,
+            preexec_fn=nohup,
+        )
+    try:
+        _wait_in_file(err_path, "running ring workload", proc)
+        proc.send_signal(signal.SIGHUP)  # (ignored: discarded as it is sent)
+        proc.send_signal(signal.SIGUSR1)
+        _wait_in_file(err_path, "SIGUSR1: agent tree", proc)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    err = err_path.read_text()
+    assert proc.returncode == 0, err
+    assert json.loads(out)["stopped_by"] == "SIGTERM"
+    assert "SIGHUP" not in err
+
+
 def test_sigusr1_writes_the_agent_tree_to_the_log(nexus):
     run = nexus(["run", "-n", "20", "-d", "0", "--json"])
     run.wait_for(r"running ring workload")

@@ -1176,8 +1176,8 @@ def canned_summary(node: str, lost_peers: dict | None = None) -> str:
 def fake_python(tmp_path: Path, scripts: dict[str, str], default: str = "exec sleep 30") -> str:
     """A stand-in for the workers' interpreter: worker ``node`` runs ``scripts[node]`` (sh),
     every other one ``default``. The summary a script prints is its stdout. As a real
-    worker does as it starts, it first lets SIGINT and SIGTERM through (the parent starts
-    the workers with both blocked: see ``catch_stop_signals_early``)."""
+    worker does as it starts, it first lets SIGINT, SIGTERM and SIGHUP through (the
+    parent starts the workers with them blocked: see ``catch_stop_signals_early``)."""
     cases = "".join(f"  {node}) {script} ;;\n" for node, script in scripts.items())
     shell = tmp_path / "worker.sh"
     shell.write_text(f'case "${WORKER_ENV}" in\n{cases}  *) {default} ;;\nesac\n')
@@ -1185,7 +1185,9 @@ def fake_python(tmp_path: Path, scripts: dict[str, str], default: str = "exec sl
     path.write_text(
         f"#!{sys.executable} -S\n"
         "import os, signal, sys\n"
-        "signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM))\n"
+        "signal.pthread_sigmask(\n"
+        "    signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)\n"
+        ")\n"
         f"os.execv('/bin/sh', ['sh', {str(shell)!r}, *sys.argv[1:]])\n"
     )
     path.chmod(0o755)
@@ -1351,12 +1353,21 @@ def test_a_second_ctrl_c_exits_130_and_says_it_forced_the_stop(tmp_path: Path, c
 
 
 @pytestmark_linux
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
-def test_stopped_by_names_the_signal_the_parent_got(signum: signal.Signals, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name
+)
+def test_stopped_by_names_the_signal_the_parent_got(
+    signum: signal.Signals, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Regression: the parent passes SIGTERM on to the workers, and ``stopped_by`` said
     what they got: SIGTERM, also when the parent got SIGINT (a Ctrl-C). It names the
-    signal the parent got, as a single run's does."""
+    signal the parent got, as a single run's does. A SIGHUP (the terminal hung up) is
+    passed on as a SIGTERM too: it ended the parent by its default action, leaving the
+    workers to die with it (no summary)."""
+    from nexus_trio.cli import _run
     from nexus_trio.cli._cluster_cmd import run_workers
+
+    monkeypatch.setattr(_run, "_hangups", [])  # (this process's hangup ends with the test)
 
     log = tmp_path / "terms"
     stopped = tmp_path / "summary.json"
@@ -1378,18 +1389,22 @@ def test_stopped_by_names_the_signal_the_parent_got(signum: signal.Signals, tmp_
 
 
 @pytestmark_linux
-def test_a_worker_takes_a_stop_that_came_before_its_run_took_signals(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_a_worker_takes_a_stop_that_came_before_its_run_took_signals(
+    signum: signal.Signals, tmp_path: Path
+) -> None:
     """Regression: a worker the parent's SIGTERM reached while it started (importing,
     loading its config: a second or more) was ended by it, SIGTERM's default action: no
     summary, and the parent took it for a death (exit status 143). The parent starts it
-    with SIGINT and SIGTERM blocked; it lets them through once it can take them, and a
-    stop that came before is its run's first signal: it does not even join the cluster
-    (here none answers), prints its summary, exit 0."""
+    with SIGINT, SIGTERM and SIGHUP blocked; it lets them through once it can take them,
+    and a stop that came before is its run's first signal: it does not even join the
+    cluster (here none answers), prints its summary, exit 0. (A SIGHUP stayed blocked:
+    the worker ran on, for good.)"""
     from nexus_trio.cli._cluster_cmd import SWARM_ENV
 
-    def stopped_before_it_runs() -> None:  # (what the parent's SIGTERM does then)
-        signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGINT, signal.SIGTERM))
-        os.kill(os.getpid(), signal.SIGTERM)  # pending, as it would be
+    def stopped_before_it_runs() -> None:  # (what the parent's stop does then)
+        signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
+        os.kill(os.getpid(), signum)  # pending, as it would be
 
     env = {**os.environ, WORKER_ENV: "worker-0", "NO_COLOR": "1"}
     env.pop(SWARM_ENV, None)
@@ -1408,7 +1423,7 @@ def test_a_worker_takes_a_stop_that_came_before_its_run_took_signals(tmp_path: P
     assert "stopped before joining the cluster" in proc.stderr
     assert "Traceback" not in proc.stderr
     summary = json.loads(proc.stdout)
-    assert (summary["stopped_by"], summary["error"]) == ("SIGTERM", None)
+    assert (summary["stopped_by"], summary["error"]) == (signum.name, None)
     assert (summary["agents"], summary["sent"], summary["conserved"]) == (0, 0, True)
 
 
@@ -1500,6 +1515,36 @@ def test_a_ctrl_c_at_the_terminal_stops_the_workers_gracefully_and_the_nats_serv
     assert summary["nats_server"] == {"private": True, "pid": server, "died": False, "exit": None}
     assert summary["workers_died"] == []
     assert [w["exit"] for w in summary["per_worker"]] == ["exit code 0", "exit code 0"]
+    assert summary["conserved"] is True
+    assert tagged_processes(tag) == {}
+
+
+@pytestmark_linux
+def test_a_hangup_stops_the_workers_gracefully_and_a_second_one_does_not_force(
+    tag: str, tmp_path: Path
+) -> None:
+    """Regression: a SIGHUP (the terminal of ``nexus run -W 2`` hung up) ended the parent
+    at once by its default action: no summary, the workers and the private nats-server
+    killed with it (they die with the parent), nothing counted. The parent takes it as a
+    first Ctrl-C: SIGTERM to the workers, the server stopped last, one summary,
+    ``stopped_by`` SIGHUP, exit 0; a second SIGHUP (a hangup may come twice) does not
+    force the stop."""
+
+    def hang_up_twice(proc: subprocess.Popen[str], server: int) -> None:
+        proc.send_signal(signal.SIGHUP)
+        proc.send_signal(signal.SIGHUP)
+
+    server, status, out, err = _ring_run_signalled(
+        tag, tmp_path, hang_up_twice, "the run did not stop at the SIGHUP"
+    )
+    assert status == 0, err
+    assert "Traceback" not in err
+    summary = json.loads(out)
+    assert (summary["stopped_by"], summary["error"]) == ("SIGHUP", None)
+    assert summary["nats_server"] == {"private": True, "pid": server, "died": False, "exit": None}
+    assert [(w["exit"], w["stopped_by"]) for w in summary["per_worker"]] == [
+        ("exit code 0", "SIGTERM")
+    ] * 2
     assert summary["conserved"] is True
     assert tagged_processes(tag) == {}
 

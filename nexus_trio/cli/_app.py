@@ -175,8 +175,9 @@ _RUN_EPILOG = (
     "the node joins the cluster (with --nats or --workers), so another member that places "
     "an agent of a type here (cluster.spawn) at once finds it; cluster_of(kernel)"
     ".register_type in main comes after the join, too late for such a placement.\n\n"
-    "Ctrl-C or SIGTERM: graceful shutdown, then the summary; a second one exits at once "
-    "(status 130). SIGUSR1: the agent tree (states, mailbox depths) goes to the log.\n\n"
+    "Ctrl-C, SIGTERM or SIGHUP (the terminal hung up): graceful shutdown, then the summary; "
+    "a second Ctrl-C or SIGTERM exits at once (status 130). SIGUSR1: the agent tree "
+    "(states, mailbox depths) goes to the log.\n\n"
     "Flags override the config file (\\[app], \\[metrics], \\[logging]) and NEXUS_* "
     "variables. Exit status: 0 ok, 1 the run failed, 2 bad flag or config, 130 forced.\n"
 )
@@ -331,8 +332,11 @@ def run(
     from .._logcall import log_guarded
     from ..config import ConfigError, load_config, write_template
     from ..logs import configure_logging, log_calls_failed, records_lost
+    from ._cluster_cmd import WORKER_ENV
     from ._run import RunOptions, catch_stop_signals_early, execute_run, stderr_proxy
 
+    # (a worker takes SIGINT/SIGTERM too: the parent's stop may come while it starts)
+    catch_stop_signals_early(worker=bool(os.environ.get(WORKER_ENV)))
     if generate_config is not None:
         try:
             written = write_template(generate_config)
@@ -408,10 +412,6 @@ def run(
         )
         return
     cfg = loaded.config
-    from ._cluster_cmd import WORKER_ENV
-
-    if os.environ.get(WORKER_ENV):
-        catch_stop_signals_early()  # (the parent's stop may come while it starts)
     summary_out = None
     if json_out and os.environ.get(WORKER_ENV):
         # A worker's stdout carries its JSON summary to the parent, and nothing else: what
@@ -507,8 +507,6 @@ def _run_workers(
     that cannot be is one usage error, before the nats-server and the workers start, not
     N worker failures. The parent logs as ``cfg.logging`` says (the flags are in it), as
     the workers do."""
-    import json
-
     from ._cluster_cmd import (
         check_worker_count,
         default_workers,
@@ -533,7 +531,7 @@ def _run_workers(
         _loaded_app(cfg.app.app, app_from_flag)
         _loaded_types(cfg.app.types, types_hint)
     from ..logs import configure_logging
-    from ._run import stderr_proxy
+    from ._run import print_summary, stderr_proxy
 
     # the parent's own lines (a worker that died, the private nats-server), in the level
     # and format of the workers' lines: [logging] of the config, the flags included
@@ -543,12 +541,7 @@ def _run_workers(
     summary, status = run_workers(
         count, worker_argv(ctx), nats_url=nats, metrics_port=cfg.metrics.port
     )
-    if json_out:
-        typer.echo(json.dumps(summary, indent=2))
-    else:
-        from ._view import summary_table
-
-        Console().print(summary_table(summary))
+    print_summary(summary, json_out=json_out)  # (after a hangup: see print_summary)
     if status:
         raise typer.Exit(status)
 

@@ -5,8 +5,9 @@ Each worker is ``python -m nexus_trio.cli run ... --nats URL --node worker-<i> -
 is spread over the workers as one swarm (``_swarm``: agent ``k`` on worker ``k mod N``,
 so messages cross processes); an app runs in every worker. Without a NATS URL a private
 ``nats-server`` (JetStream on, 127.0.0.1, a port it picks) is started first and stopped
-last. SIGINT/SIGTERM are passed on to the workers (a second one, or one after a worker
-died, kills them: a forced stop, exit status 130 as a single run's), from before the
+last. SIGINT/SIGTERM/SIGHUP are passed on to the workers as SIGTERM (a second SIGINT or
+SIGTERM, or one after a worker died, kills them: a forced stop, exit status 130 as a
+single run's; a SIGHUP never forces), from before the
 private nats-server starts: a stop while the workers start is as graceful as a later one
 (no worker is started after it; the workers start with both signals blocked, so that one
 that comes while a worker still imports is held until its run takes it: see
@@ -427,6 +428,8 @@ def run_workers(
     problem = metrics_ports_problem(metrics_port, workers)
     if problem is not None:
         raise ValueError(f"--metrics-port: {problem}")
+    from ._run import is_hangup, note_hangup, stop_signals, take_early_signals
+
     server: NatsServer | None = None
     # Credentials reach the workers in their environment, never in argv (``ps``).
     env = dict(os.environ)
@@ -495,13 +498,19 @@ def run_workers(
                 proc.send_signal(signal.SIGTERM if level == 1 else signal.SIGKILL)
 
     def forward(signum: int, _frame: FrameType | None) -> None:
+        if is_hangup(signum):
+            note_hangup()
+            if stops_asked():  # (a hangup never forces: see _run._on_stop_signal)
+                return
         signals_seen.append(signal.Signals(signum).name)
         pass_on()
 
     # From before the private nats-server starts: a signal at any point of the start is
     # a graceful stop (no worker is started after it), not the parent's end by SIGTERM's
-    # default action or a KeyboardInterrupt.
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # (or SIGHUP's) default action or a KeyboardInterrupt.
+    previous = {sig: signal.signal(sig, forward) for sig in stop_signals()}
+    for signum in take_early_signals():  # (as the command started: a SIGHUP)
+        forward(signum, None)
     try:
         url = start_server()
         for i in range(workers):
@@ -760,13 +769,18 @@ def _die_with_parent() -> Callable[[], None] | None:
 
 def _worker_preexec() -> Callable[[], None]:
     """A worker's ``preexec_fn``: it dies with the parent (:func:`_die_with_parent`) and
-    starts with SIGINT and SIGTERM blocked, so that a stop passed on while it starts is
-    held pending until it lets them through (``catch_stop_signals_early``): the
-    default action of SIGTERM would end it without its summary, as a death."""
+    starts with SIGINT, SIGTERM and SIGHUP (unless ignored: ``stop_signals``) blocked, so
+    that a stop passed on while it starts is held pending until it lets them through
+    (``catch_stop_signals_early``): the default action of SIGTERM (or a SIGHUP's) would
+    end it without its summary, as a death."""
     die_with_parent = _die_with_parent()
 
+    from ._run import stop_signals
+
+    blocked = stop_signals()
+
     def preexec() -> None:
-        signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGINT, signal.SIGTERM))
+        signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
         if die_with_parent is not None:
             die_with_parent()
 

@@ -7,12 +7,13 @@ The flow, all inside one ``trio.run``::
         [join_cluster(kernel, url, node,       with --nats (--types: registered
                       types=...)]              before the node takes placements)
           body nursery: process agents (--spawn), the app or the demo's agents and driver
-          wait for: --duration, SIGINT/SIGTERM, or the app's main() returning
+          wait for: --duration, SIGINT/SIGTERM/SIGHUP, or the app's main() returning
           stop the demo's traffic, cancel the body
     summary from kernel.stats() after the shutdown (in_flight is then 0)
 
-A first SIGINT/SIGTERM asks for the graceful shutdown; a second one exits at once with
-status 130. SIGUSR1 writes the agent tree (``kernel.describe()``) to the log.
+A first SIGINT/SIGTERM/SIGHUP asks for the graceful shutdown; a second SIGINT or SIGTERM
+exits at once with status 130 (a SIGHUP never forces: see ``_on_stop_signal``). SIGUSR1
+writes the agent tree (``kernel.describe()``) to the log.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import os
 import signal
 import sys
 import sysconfig
+import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -324,33 +326,80 @@ def _dump(state: _State, why: str) -> None:
         log_guarded(log, logging.WARNING, "%s", line)
 
 
-#: the stop signals :func:`catch_stop_signals_early` handles
-_STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
-#: SIGINT/SIGTERM that came before the run's signal receiver was open (in a worker)
+#: a hangup: the terminal (or ssh session) the run was started from is gone
+_SIGHUP: Final = getattr(signal, "SIGHUP", None)
+#: SIGINT/SIGTERM/SIGHUP that came before the run's signal receiver was open (in a worker)
 _early_signals: list[int] = []
+#: set once this process took a SIGHUP as a stop: its terminal is gone, and writing the
+#: summary there may fail (see :func:`print_summary`)
+_hangups: list[int] = []
 
 
-def catch_stop_signals_early() -> None:
-    """In a ``--workers`` worker, from as early as it can: SIGINT and SIGTERM are noted,
-    and the run takes them as received as soon as its receiver is open.
+def stop_signals() -> tuple[int, ...]:
+    """The signals that stop a run gracefully: SIGINT, SIGTERM and, on POSIX, SIGHUP,
+    unless SIGHUP is ignored (``nohup``, or a parent that ignores it: it stays ignored)."""
+    wanted = [signal.SIGINT, signal.SIGTERM]
+    if _SIGHUP is not None and signal.getsignal(_SIGHUP) is not signal.SIG_IGN:
+        wanted.append(_SIGHUP)
+    return tuple(wanted)
 
-    The parent starts each worker with both blocked (``_cluster_cmd``): a stop it passes
-    on while the worker still starts (imports, loads its config) is held pending, not
-    the end of the worker by SIGTERM's default action (no summary, taken for a death);
-    they are let through here, once noted instead. One that comes after the run (its
-    summary being printed) is noted and ignored: the run is over."""
 
-    def note(signum: int, _frame: object) -> None:
-        _early_signals.append(signum)
+def is_hangup(signum: int) -> bool:
+    """True for SIGHUP."""
+    return signum == _SIGHUP
 
-    for signum in _STOP_SIGNALS:
-        signal.signal(signum, note)
+
+def note_hangup() -> None:
+    """This process took a SIGHUP as its stop (its terminal is gone): a summary that
+    cannot be written then is not an error (:func:`print_summary`)."""
+    _hangups.append(1)
+
+
+def hung_up() -> bool:
+    """True once this process took a SIGHUP as a stop (:func:`note_hangup`)."""
+    return bool(_hangups)
+
+
+def _note_early(signum: int, _frame: object) -> None:
+    if is_hangup(signum):
+        note_hangup()
+    _early_signals.append(signum)
+
+
+def catch_stop_signals_early(*, worker: bool = True) -> None:
+    """From as early as ``nexus run`` can: the stop signals (:func:`stop_signals`) are
+    noted, and the run takes them as received as soon as its receiver is open; one
+    that comes after the run (its summary being printed) is noted and ignored: the run
+    is over. A SIGHUP that is ignored (``nohup``) stays ignored.
+
+    In a ``--workers`` worker (``worker``): SIGINT, SIGTERM and SIGHUP. The parent starts
+    each worker with them blocked (``_cluster_cmd``): a stop it passes on while the
+    worker still starts (imports, loads its config) is held pending, not the end of the
+    worker by SIGTERM's default action (no summary, taken for a death); they are let
+    through here, once noted instead.
+
+    Elsewhere (a run of its own, the ``--workers`` parent) only SIGHUP: a hangup may come
+    twice (see :func:`_on_stop_signal`), and one more after the run would otherwise end
+    the process by its default action while it writes the summary. (Outside the main
+    thread, where Python takes no signal handler, nothing is done.)"""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    handled = tuple(s for s in stop_signals() if worker or is_hangup(s))
+    for signum in handled:
+        signal.signal(signum, _note_early)
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
+
+
+def take_early_signals() -> list[int]:
+    """The stop signals :func:`catch_stop_signals_early` noted so far, in order; they are
+    the caller's now (the next call returns only those noted after)."""
+    early, _early_signals[:] = list(_early_signals), []
+    return early
 
 
 def _watched_signals() -> list[int]:
-    wanted: list[int] = [signal.SIGINT, signal.SIGTERM]
+    wanted = list(stop_signals())
     usr1 = getattr(signal, "SIGUSR1", None)
     if usr1 is not None:
         wanted.append(usr1)
@@ -363,8 +412,7 @@ async def _watch_signals(
     usr1 = getattr(signal, "SIGUSR1", None)
     with trio.open_signal_receiver(*_watched_signals()) as receiver:
         # (those noted before, now that the receiver takes the next ones)
-        early, _early_signals[:] = list(_early_signals), []
-        for signum in early:
+        for signum in take_early_signals():
             _on_stop_signal(state, signum)
         task_status.started()
         async for signum in receiver:
@@ -375,8 +423,16 @@ async def _watch_signals(
 
 
 def _on_stop_signal(state: _State, signum: int) -> None:
-    """A SIGINT/SIGTERM: the first asks for the graceful stop, the next one forces it."""
+    """A SIGINT/SIGTERM/SIGHUP: the first asks for the graceful stop, a next SIGINT or
+    SIGTERM forces it. A SIGHUP never forces: a hangup may come twice (the shell passes
+    its own on, and the kernel sends one more to the foreground job when the shell
+    exits), and the terminal it came from is gone: nobody asked for a forced exit."""
     name = signal.Signals(signum).name
+    if is_hangup(signum):
+        note_hangup()
+        if state.signals:
+            log_guarded(log, logging.WARNING, "%s: the stop is already under way", name)
+            return
     state.signals += 1
     if state.signals > 1:
         state.stop_live()
@@ -391,7 +447,13 @@ def _on_stop_signal(state: _State, signum: int) -> None:
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(FORCED_EXIT)
-    log_guarded(log, logging.WARNING, "%s: shutting down gracefully (send it again to force)", name)
+    log_guarded(
+        log,
+        logging.WARNING,
+        "%s: shutting down gracefully (%s)",
+        name,
+        "the terminal hung up" if is_hangup(signum) else "send it again to force",
+    )
     if state.opts.dump_on_signal:
         _dump(state, name)
     state.request_stop(name)
@@ -892,10 +954,53 @@ def execute_run(
     # lost after the summary was built (it was being written then) is in it too.
     flush_logs()
     summary["log_records_lost"] = records_lost() - lost_before
-    if opts.json:
-        out = summary_out if summary_out is not None else sys.stdout
-        out.write(json.dumps(summary, indent=2) + "\n")
-        out.flush()
-    else:
-        Console().print(summary_table(summary))
+    print_summary(summary, json_out=opts.json, out=summary_out)
     return status
+
+
+class _SummaryConsole(Console):
+    """rich's Console, but a reader gone (``BrokenPipeError``) is raised as any other
+    failed write, not made ``SystemExit(1)`` by rich: :func:`print_summary` decides."""
+
+    def on_broken_pipe(self) -> None:
+        raise  # (called in rich's ``except BrokenPipeError``: that error)
+
+
+def print_summary(summary: dict[str, Any], *, json_out: bool, out: TextIO | None = None) -> None:
+    """Print the summary: JSON (``--json``) to ``out`` (else stdout), or the table on
+    stdout.
+
+    After a hangup (this process took a SIGHUP as its stop, :func:`hung_up`) the terminal
+    is gone, and a write there fails (``EIO``, ``EPIPE``): that is logged (the log may
+    go to a file) and the stream is pointed at /dev/null, so that neither this nor the
+    interpreter's last flush of it makes a traceback or another exit status. Otherwise
+    the ``OSError`` goes on (``nexus``'s entry point reports it, status 1)."""
+    stream = out if out is not None else sys.stdout
+    try:
+        if json_out:
+            stream.write(json.dumps(summary, indent=2) + "\n")
+            stream.flush()
+        else:
+            _SummaryConsole(file=stream).print(summary_table(summary))
+    except OSError as exc:
+        if not hung_up():
+            raise
+        log_guarded(
+            log,
+            logging.WARNING,
+            "the summary could not be written (the terminal hung up): %s",
+            exc.strerror or exc,
+        )
+        _point_at_devnull(stream)
+
+
+def _point_at_devnull(stream: TextIO) -> None:
+    """Point ``stream``'s descriptor at /dev/null: what it still buffers goes there."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, stream.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        pass
