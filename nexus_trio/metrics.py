@@ -29,7 +29,7 @@ Scrapes share renders (:class:`MetricsRenderer`): one render at a time, concurre
 ``503`` with the reason, not a closed connection; a connection whose request head is not
 all in within the 10 s is closed without an answer (it asked for nothing). The endpoint
 counts its connections, the ``accept`` calls that failed for lack of descriptors and the
-requests it refused (400, 404, 405, 431) by status (:class:`EndpointStats`, exported as
+requests it refused (400, 404, 405, 431, 505) by status (:class:`EndpointStats`, exported as
 ``nexus_metrics_*`` series).
 
 Typical use, next to a kernel::
@@ -96,6 +96,8 @@ _REQUEST_LINE_SPACES: Final = b" \t\x0b\x0c\r"
 _REQUEST_LINE_SPACE: Final = re.compile(b"[" + re.escape(_REQUEST_LINE_SPACES) + b"]+")
 #: the start of a request line whose method is HEAD
 _HEAD_METHOD: Final = re.compile(b"HEAD[" + re.escape(_REQUEST_LINE_SPACES) + b"]")
+#: an HTTP version (RFC 9112 2.3: ``HTTP/DIGIT.DIGIT``, case-sensitive): major, minor
+_HTTP_VERSION: Final = re.compile(r"HTTP/([0-9])\.([0-9])")
 #: a body shorter than this is sent joined to its head, a longer one after it
 _JOIN_BELOW: Final = 65536
 #: samples rendered between two checkpoints (about 4 us each here: a piece is ~2 ms)
@@ -112,7 +114,7 @@ _ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
 )
 _ACCEPT_RETRY: Final = 0.1
 #: the statuses of the answers that refuse a request (counted in EndpointStats.refused)
-_REFUSALS: Final = (400, 404, 405, 431)
+_REFUSALS: Final = (400, 404, 405, 431, 505)
 #: the labels of ``nexus_dead_letters_total`` and ``nexus_sends_rejected_total``, each
 #: exported from the first scrape (at 0)
 _DEAD_LETTER_REASONS: Final = frozenset(reason.value for reason in DeadLetterReason)
@@ -136,9 +138,11 @@ class EndpointStats:
     #: times the endpoint had ``max_connections`` open and stopped accepting until one
     #: closed (the next connections waited in the listen backlog)
     limited: int = 0
-    #: requests refused, by the status of the answer: 400 (not an HTTP request, a bad
-    #: ``Host`` or header line, a target in absolute form that is no URL), 404 (an unknown path), 405 (a method other than GET and
-    #: HEAD), 431 (a head past 8 KiB); every one of them there from the start
+    #: requests refused, by the status of the answer: 400 (not an HTTP request, a
+    #: version that is not ``HTTP/DIGIT.DIGIT``, a bad ``Host`` or header line, a target
+    #: in absolute form that is no URL), 404 (an unknown path), 405 (a method other than
+    #: GET and HEAD), 431 (a head past 8 KiB), 505 (an HTTP major version other than 1);
+    #: every one of them there from the start
     refused: dict[int, int] = attrs.field(factory=lambda: dict.fromkeys(_REFUSALS, 0))
 
     def copy(self) -> EndpointStats:
@@ -462,7 +466,8 @@ def _endpoint_families(e: EndpointStats) -> Iterator[Metric]:
     )
     refused = CounterMetricFamily(
         "nexus_metrics_requests_refused",
-        "Requests the metrics endpoint refused, by the status of its answer (400, 404, 405, 431).",
+        "Requests the metrics endpoint refused, by the status of its answer"
+        " (400, 404, 405, 431, 505).",
         labels=["status"],
     )
     for status, n in sorted(e.refused.items()):
@@ -699,6 +704,7 @@ _REASONS: Final = {
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
     503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
 }
 
 
@@ -838,6 +844,15 @@ async def _handle_connection(
                     await refuse(400, b"bad request\n")
                 return
             method, target, version = parts
+            speaks = _HTTP_VERSION.fullmatch(version)
+            if speaks is None:
+                body = b"bad request: the HTTP version is not HTTP/DIGIT.DIGIT\n"
+                await refuse(400, body, head=method == "HEAD")
+                return
+            if speaks[1] != "1":  # (a higher minor of 1 is answered as 1.1: RFC 9110 6.2)
+                body = b"HTTP version not supported: this endpoint speaks HTTP/1.1\n"
+                await refuse(505, body, head=method == "HEAD")
+                return
             problem = _header_problem(head, version)
             if problem is not None:
                 body = b"bad request: " + problem + b"\n"

@@ -1257,6 +1257,49 @@ async def _assert_refused_with_400(
         nursery.cancel_scope.cancel()
 
 
+async def test_http_versions_it_does_not_speak_get_505_and_malformed_ones_400():
+    """Regression: any ``HTTP/x.y`` was served: ``GET /metrics HTTP/9.9`` got ``200``.
+    RFC 9110 15.6.6 / 9112 2.3: a major version other than 1 gets ``505 HTTP Version Not
+    Supported`` (no body to a HEAD), counted as a refusal; a higher 1.x minor is served
+    as HTTP/1.1 (so it needs a Host); a version that is not ``HTTP/DIGIT.DIGIT`` is a bad
+    request: ``400``."""
+    async with open_test_kernel() as kernel, trio.open_nursery() as nursery:
+        renderer = MetricsRenderer(kernel, cache_seconds=0, process=False)
+        port = await nursery.start(
+            lambda task_status: serve_metrics(
+                kernel, "127.0.0.1", 0, renderer=renderer, task_status=task_status
+            )
+        )
+        answers = []
+        for version in (b"HTTP/9.9", b"HTTP/2.0", b"HTTP/0.9", b"HTTP/3.1"):
+            answers.append(await http(port, b"GET /metrics " + version + b"\r\nHost: x\r\n\r\n"))
+        assert [a[0] for a in answers] == [505] * 4
+        assert answers[0][2] == b"HTTP version not supported: this endpoint speaks HTTP/1.1\n"
+        assert answers[0][1]["content-length"] == str(len(answers[0][2]))
+        # an answer to HEAD has no body, whatever it refuses
+        status, headers, body = await http(port, b"HEAD /healthz HTTP/2.0\r\nHost: x\r\n\r\n")
+        assert (status, body) == (505, b"")
+        assert headers["content-length"] == str(len(answers[0][2]))
+        # a higher minor of 1: served as 1.1 (and, as 1.1, it needs a Host)
+        assert (await http(port, b"GET /healthz HTTP/1.9\r\nHost: x\r\n\r\n"))[::2] == (
+            200,
+            b"ok\n",
+        )
+        no_host = await http(port, b"GET /healthz HTTP/1.2\r\n\r\n")
+        assert no_host[::2] == (400, b"bad request: an HTTP/1.1 request needs a Host header\n")
+        malformed = (b"HTTP/1", b"HTTP/a.b", b"HTTP/1.10", b"HTTP/01.1", b"HTTP/1.", b"HTTP/")
+        for version in malformed:
+            status, _, body = await http(port, b"GET /healthz " + version + b"\r\nHost: x\r\n\r\n")
+            assert (status, body) == (
+                400,
+                b"bad request: the HTTP version is not HTTP/DIGIT.DIGIT\n",
+            ), version
+        endpoint = renderer.endpoint
+        assert endpoint is not None
+        assert endpoint.refused == {400: 1 + len(malformed), 404: 0, 405: 0, 431: 0, 505: 5}
+        nursery.cancel_scope.cancel()
+
+
 async def test_refused_requests_are_counted_by_status():
     """Regression: the endpoint's 400, 404, 405 and 431 answers were counted nowhere (a
     client sending garbage or scanning paths was invisible). Each is now counted by its
@@ -1274,7 +1317,7 @@ async def test_refused_requests_are_counted_by_status():
             labels: value
             for (name, labels), value in before.items()
             if name == "nexus_metrics_requests_refused_total"
-        } == {(("status", s),): 0 for s in ("400", "404", "405", "431")}
+        } == {(("status", s),): 0 for s in ("400", "404", "405", "431", "505")}
         requests = (
             (b"hello\r\n\r\n", 400),
             (b"GET /metrics HTTP/1.1\r\n\r\n", 400),  # no Host
@@ -1292,7 +1335,7 @@ async def test_refused_requests_are_counted_by_status():
         assert await http_raw(port, b"\r\n") == b""
         endpoint = renderer.endpoint
         assert endpoint is not None
-        assert endpoint.refused == {400: 3, 404: 2, 405: 1, 431: 1}
+        assert endpoint.refused == {400: 3, 404: 2, 405: 1, 431: 1, 505: 0}
         after = samples((await renderer.render()).decode())
         nursery.cancel_scope.cancel()
     for status, count in ((400, 3), (404, 2), (405, 1), (431, 1)):

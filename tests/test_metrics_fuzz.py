@@ -4,11 +4,12 @@
 small ``max_connections`` (1 to 4) and several clients connecting at once over loopback,
 each with a drawn script: a request (a valid ``GET`` or ``HEAD`` of ``/metrics``,
 ``/healthz``, ``/`` or an unknown path, in origin or absolute form, with a query string
-or percent-escapes, HTTP/1.0 or 1.1, bare ``LF`` line ends, empty lines before it,
+or percent-escapes, HTTP/1.0, 1.1 or a higher 1.x (answered as 1.1), bare ``LF`` line ends, empty lines before it,
 keep-alive or not, benign extra headers: duplicates, NUL and control bytes, non-ASCII,
 a body with or without ``Content-Length``; another method; the same with one fault that
 decides the answer: obsolete line folding, a line without a colon, whitespace before a
-colon, no ``Host``, two, or one that is not ``host[:port]``, a bad request line, a huge
+colon, no ``Host``, two, or one that is not ``host[:port]``, a bad request line, a
+version that is not ``HTTP/DIGIT.DIGIT`` (400) or of a major other than 1 (505), a huge
 header or very many headers; an odd request line: odd methods, targets (absolute forms
 that are no URL), versions, separators, bytes such as 0xA0 that separate nothing in
 HTTP; or random bytes), perhaps a second request pipelined behind
@@ -56,7 +57,7 @@ from .hang_guard import fault_settings, run_on_mock_clock, tasks_living
 #: real seconds one example may take before it counts as hung
 REAL_LIMIT = 60
 #: the statuses the endpoint counts as refusals
-REFUSALS = (400, 404, 405, 431)
+REFUSALS = (400, 404, 405, 431, 505)
 #: a head longer than this gets 431 (docs/cli.md: 8 KiB, the empty lines before it included)
 MAX_HEAD = 8192
 HEAD_END = re.compile(rb"\n\r?\n")
@@ -142,7 +143,8 @@ def valid_requests(draw: st.DrawFn) -> RequestParts:
     target = form + path + query
     if form and path == b"/" and draw(st.booleans()):
         target = form + query  # an empty path: "/"
-    version = draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.0"]))
+    # (a higher minor of 1 is served as 1.1: RFC 9110 6.2)
+    version = draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/1.1", b"HTTP/1.9"]))
     eol = draw(st.sampled_from([b"\r\n", b"\r\n", b"\n"]))
     headers = [
         name + b": " + value
@@ -157,7 +159,7 @@ def valid_requests(draw: st.DrawFn) -> RequestParts:
         )
         if name.lower() != b"host"
     ]
-    if version == b"HTTP/1.1" or draw(st.booleans()):
+    if version != b"HTTP/1.0" or draw(st.booleans()):
         host = draw(st.sampled_from(GOOD_HOSTS))
         headers.insert(draw(st.integers(0, len(headers))), b"Host: " + host)
     body = b""
@@ -178,6 +180,8 @@ FAULTS = (
     "bad_host",
     "no_host",
     "bad_request_line",
+    "bad_version",
+    "unsupported_version",
     "huge_header",
     "many_headers",
 )
@@ -185,8 +189,8 @@ FAULTS = (
 
 @st.composite
 def faulty_requests(draw: st.DrawFn) -> Request:
-    """A valid request with one fault that decides its answer (400, or 431 for a head
-    past 8 KiB, which is checked first)."""
+    """A valid request with one fault that decides its answer (400, 505 for a version it
+    does not speak, or 431 for a head past 8 KiB, which is checked first)."""
     parts = draw(valid_requests())
     request_line = parts.request_line
     fault = draw(st.sampled_from(FAULTS))
@@ -218,6 +222,14 @@ def faulty_requests(draw: st.DrawFn) -> Request:
                 ]
             )
         )
+        headers = [*host, *headers]
+    elif fault in ("bad_version", "unsupported_version"):
+        if fault == "bad_version":
+            versions = [b"HTTP/1", b"HTTP/a.b", b"HTTP/1.10", b"HTTP/01.1", b"HTTP/", b"HTTP/1."]
+        else:
+            versions = [b"HTTP/2.0", b"HTTP/9.9", b"HTTP/0.9", b"HTTP/3.0"]
+            status = 505
+        request_line = request_line.rsplit(b" ", 1)[0] + b" " + draw(st.sampled_from(versions))
         headers = [*host, *headers]
     elif fault == "huge_header":
         headers = [*host, *headers, b"X-Huge: " + b"v" * draw(st.integers(8200, 12000))]
@@ -275,13 +287,19 @@ ODD_TARGETS = st.one_of(
     ),
 )
 ODD_METHODS = st.sampled_from([b"GET", b"HEAD", b"POST", b"", b"G\x00T", b"\xffGET"])
-ODD_VERSIONS = st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/", b"HTTP/2", b"http/1.1"])
+ODD_VERSIONS = st.sampled_from(
+    [b"HTTP/1.1", b"HTTP/1.0", b"HTTP/", b"HTTP/2", b"http/1.1", b"HTTP/2.0", b"HTTP/1.2"]
+)
+#: a version the endpoint speaks (RFC 9112 2.3; HTTP/1.x), or that is one at all
+SPOKEN_VERSION = re.compile(rb"HTTP/1\.[0-9]")
+VERSION = re.compile(rb"HTTP/[0-9]\.[0-9]")
 
 
 @st.composite
 def odd_request_lines(draw: st.DrawFn) -> Request:
     """A request line of odd parts and separators, with a valid Host: 400 if it is not
-    ``METHOD TARGET HTTP/x`` (docs/cli.md), else whatever its method and target ask."""
+    ``METHOD TARGET HTTP/x`` (docs/cli.md) or its version is not ``HTTP/DIGIT.DIGIT``, 505
+    for a version of a major other than 1, else whatever its method and target ask."""
     if draw(st.booleans()):
         parts = [draw(ODD_METHODS), draw(ODD_TARGETS), draw(ODD_VERSIONS)]
     else:
@@ -292,6 +310,10 @@ def odd_request_lines(draw: st.DrawFn) -> Request:
     words = re.split(rb"[ \t\x0b\x0c\r]+", joined.strip(b" \t\x0b\x0c\r"))
     well_formed = len(words) == 3 and words[2].startswith(b"HTTP/")
     status = None if well_formed else 400
+    if well_formed and VERSION.fullmatch(words[2]) is None:
+        status = 400
+    elif well_formed and SPOKEN_VERSION.fullmatch(words[2]) is None:
+        status = 505
     data = joined + b"\r\nHost: x\r\n\r\n"
     return Request(data, status, head=well_formed and words[0] == b"HEAD")
 
