@@ -1241,6 +1241,49 @@ def test_health_takes_host_and_port_from_the_config_file_it_is_given(isolated, b
     assert "http://127.0.0.2:2/healthz: unreachable" in flat(result.output)
 
 
+def test_health_says_nothing_is_listening_when_the_connection_is_refused(isolated):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = invoke(["health", "--port", str(port), "--timeout", "2"])
+    assert result.exit_code == 1
+    assert flat(result.output) == (
+        f"http://127.0.0.1:{port}/healthz: unreachable: nothing is listening on"
+        f" 127.0.0.1:{port} (connection refused)"
+    )
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="TCP self-connect (Linux)")
+def test_health_against_a_port_nothing_listens_on_that_meets_itself_says_so(isolated, monkeypatch):
+    """Regression: with nothing listening on an ephemeral port P, a connection from
+    127.0.0.1 to 127.0.0.1:P can be given P as its own port and meet itself (TCP's
+    simultaneous open): ``nexus health`` then read its own request back and said ``bad
+    answer: BadStatusLine: GET /healthz HTTP/1.1``. A connection whose local address is
+    its peer's is taken for what it is, nothing listening, as a refused one. (Made
+    certain here: the connection is bound to P itself, so that the kernel connects it to
+    itself.)"""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    real = socket.create_connection
+    met: list[tuple[str, int]] = []
+
+    def meets_itself(address, timeout=None, source_address=None, **kwargs):
+        sock = real(address, timeout, source_address=address, **kwargs)
+        met.append(sock.getpeername())
+        assert sock.getsockname() == sock.getpeername()  # (it met itself)
+        return sock
+
+    monkeypatch.setattr(socket, "create_connection", meets_itself)
+    result = invoke(["health", "--port", str(port), "--timeout", "2"])
+    assert met == [("127.0.0.1", port)]
+    assert result.exit_code == 1
+    assert flat(result.output) == (
+        f"http://127.0.0.1:{port}/healthz: unreachable: nothing is listening on"
+        f" 127.0.0.1:{port} (connection refused)"
+    )
+
+
 def test_health_names_a_config_file_that_does_not_exist(isolated):
     result = invoke(["health", "-c", str(isolated / "missing.toml")])
     assert result.exit_code == 2

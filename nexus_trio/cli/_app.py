@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import http.client
 import importlib
 import logging
 import math
@@ -698,14 +699,17 @@ def _probe_health(url: str, timeout: float) -> tuple[int | None, str, str]:
     left behind when time is up; the command exits right after). A body is read up to
     64 KiB (a longer one is a bad answer, as is one that is not HTTP: named).
     """
-    import http.client
     import threading
+    import urllib.parse
 
     outcome: list[tuple[int | None, str, str]] = []
+    where = urllib.parse.urlsplit(url).netloc
+    nothing_there = f"unreachable: nothing is listening on {where} (connection refused)"
+    opener = urllib.request.build_opener(_NoSelfConnectionHandler())
 
     def get() -> None:
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
+            with opener.open(url, timeout=timeout) as response:
                 body = response.read(_HEALTH_BODY_LIMIT + 1)
                 if len(body) > _HEALTH_BODY_LIMIT:
                     limit = _HEALTH_BODY_LIMIT // 1024
@@ -716,7 +720,11 @@ def _probe_health(url: str, timeout: float) -> tuple[int | None, str, str]:
             body = exc.read(_HEALTH_BODY_LIMIT).decode("utf-8", "replace").strip()
             outcome.append((exc.code, body, ""))
         except (urllib.error.URLError, OSError) as exc:
-            outcome.append((None, "", f"unreachable: {getattr(exc, 'reason', exc)}"))
+            reason = getattr(exc, "reason", exc)
+            if isinstance(reason, ConnectionRefusedError):
+                outcome.append((None, "", nothing_there))
+            else:
+                outcome.append((None, "", f"unreachable: {reason}"))
         except http.client.HTTPException as exc:
             outcome.append((None, "", f"bad answer: {type(exc).__name__}: {exc}"))
 
@@ -726,6 +734,34 @@ def _probe_health(url: str, timeout: float) -> tuple[int | None, str, str]:
     if not outcome:
         return None, "", f"unreachable: no whole answer within {timeout:g}s"
     return outcome[0]
+
+
+class _NoSelfConnection(http.client.HTTPConnection):
+    """An HTTP connection that refuses to be connected to itself.
+
+    With nothing listening on a port P of the ephemeral range, a connection from the same
+    address to P can be given P as its own port and meet itself (TCP's simultaneous
+    open): it is then connected, to itself, and reads its own request back as the answer.
+    That is taken for what it is: nothing listens there, as when the connection is
+    refused."""
+
+    def connect(self) -> None:
+        super().connect()
+        try:
+            itself = self.sock.getsockname() == self.sock.getpeername()
+        except OSError:  # (not connected after all: the request says how)
+            return
+        if itself:
+            self.sock.close()
+            self.sock = None
+            raise ConnectionRefusedError(
+                errno.ECONNREFUSED, "the connection met itself: nothing is listening"
+            )
+
+
+class _NoSelfConnectionHandler(urllib.request.HTTPHandler):
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_NoSelfConnection, req)
 
 
 def _probe_host(bound: str) -> str:
