@@ -605,7 +605,8 @@ def test_a_signal_while_the_private_nats_server_starts_is_a_graceful_stop(
     nats-server had started: a SIGTERM while it started ended the parent at once (SIGTERM's
     default action: status 143, no summary), a SIGINT with a KeyboardInterrupt traceback.
     Now no worker is started, the server is stopped, and the summary says who stopped the
-    run: exit 0 (a second signal forces: 130)."""
+    run: exit 0 (a second signal forces: 130; it said "the workers still running were
+    killed" when none had started: it says so now)."""
     from nexus_trio._nats import _server
     from nexus_trio.cli import _cluster_cmd
 
@@ -643,7 +644,7 @@ def test_a_signal_while_the_private_nats_server_starts_is_a_graceful_stop(
     assert summary["conserved"] is True
     stopped_by = signals[0]
     if len(signals) > 1:
-        stopped_by += f"; forced by {signals[1]}: the workers still running were killed"
+        stopped_by += f"; forced by {signals[1]} before any worker started"
     assert summary["stopped_by"] == stopped_by
 
 

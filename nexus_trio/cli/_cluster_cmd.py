@@ -704,7 +704,12 @@ def run_workers(
     if forced_by:  # as a single run's second Ctrl-C
         from ._run import FORCED_EXIT
 
-        summary["stopped_by"] += f"; forced by {forced_by}: the workers still running were killed"
+        if procs:
+            summary["stopped_by"] += (
+                f"; forced by {forced_by}: the workers still running were killed"
+            )
+        else:  # (forced before the first worker was started: none was, none is killed)
+            summary["stopped_by"] += f"; forced by {forced_by} before any worker started"
         status = FORCED_EXIT
     return summary, status
 
