@@ -663,6 +663,53 @@ def test_the_pool_demos_last_resize_is_done_before_the_shutdown(
     assert conserved(summary)
 
 
+@pytest.mark.parametrize("workload", ["ring", "request"])
+def test_a_run_stopped_while_it_spawns_reports_the_agents_it_spawned(
+    isolated, restore_logging, monkeypatch, workload
+):
+    """Regression: a run stopped while the demo's agents were spawned (a SIGTERM right
+    after the start) spawned no more, but its summary said ``agents`` as asked (1,000)
+    where 20 or so ran. ``agents`` is now the number spawned, and ``agents_asked`` what
+    ``--agents`` asked for."""
+    import io
+
+    from rich.console import Console
+
+    from nexus_trio._config import Config
+    from nexus_trio.cli import _workloads
+    from nexus_trio.cli._run import RunOptions, run_async
+    from nexus_trio.cli._view import summary_table
+
+    monkeypatch.setattr(_workloads, "_SPAWN_GROUP", 10)  # (spawned 10 at a time)
+    real_spawn_many = _workloads.spawn_many
+    reported: list[int] = []
+
+    async def spawn_many(*args, progress=None, **kwargs):
+        def watched(done: int) -> None:
+            reported.append(done)
+            if done == 20:  # two groups in: the stop comes
+                os.kill(os.getpid(), signal.SIGTERM)
+            if progress is not None:
+                progress(done)
+
+        return await real_spawn_many(*args, progress=watched, **kwargs)
+
+    monkeypatch.setattr(_workloads, "spawn_many", spawn_many)
+    options = RunOptions(config=Config(), agents=1000, workload=workload, json=True)
+    summary, status = trio.run(run_async, options, Console(file=io.StringIO()))
+    spawned = reported[-1]  # (spawn_many reports after each group it spawned)
+    assert 20 <= spawned < 1000
+    assert status == 0
+    assert (summary["stopped_by"], summary["error"]) == ("SIGTERM", None)
+    assert summary["agents"] == spawned
+    assert summary["agents_asked"] == 1000
+    assert summary["sent"] == 0  # stopped while spawning: no traffic was started
+    assert conserved(summary)
+    console = Console(width=200, record=True, no_color=True)
+    console.print(summary_table(summary))
+    assert f"{workload} workload, {spawned} of 1,000 agents" in console.export_text()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_sigint_and_sigterm_shut_down_gracefully_with_a_summary(nexus, sig):
     run = nexus(["run", "-n", "200", "-d", "0", "--json", "-w", "fanout"])

@@ -253,6 +253,10 @@ def aggregate_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     first = summaries[0] if summaries else {}
     total["app"] = first.get("app")
     total["workload"] = first.get("workload")
+    # (every worker's: the swarm's --agents; None if no worker said: none started)
+    total["agents_asked"] = next(
+        (s["agents_asked"] for s in summaries if s.get("agents_asked") is not None), None
+    )
     stops = sorted({str(s["stopped_by"]) for s in summaries if s.get("stopped_by")})
     total["stopped_by"] = ", ".join(stops) or "unknown"
     for key in ("handle_latency", "queue_wait"):

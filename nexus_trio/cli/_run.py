@@ -880,15 +880,20 @@ def build_summary(
     in_flight = stats.in_flight if stats else 0
     remote = state.cluster_counts or {}
     forwarded_in = int(remote.get("forwarded_in", 0))
-    agents = opts.agents if opts.demo and not opts.app else state.agents_at_stop
-    if opts.demo and state.demo is None:
+    if not opts.demo:
+        agents = state.agents_at_stop  # (an app's: those alive when the run stopped)
+    elif state.demo is None:
         agents = 0  # stopped before the workload was spawned
-    elif state.swarm is not None and state.demo is not None:
-        agents = len(state.demo.local_refs)  # this worker's share
+    else:
+        # those spawned: fewer than asked if the run was stopped while they were (a swarm
+        # worker: its share)
+        agents = len(state.demo.local_refs)
     summary: dict[str, Any] = {
         "app": opts.app,
         "workload": opts.workload if opts.demo else None,
         "agents": agents,
+        # the demo's --agents (a swarm's: all workers'); None for an app
+        "agents_asked": opts.agents if opts.demo else None,
         "stopped_by": state.stopped_by or ("error" if error else "unknown"),
         "error": None if error is None else _describe(error),
         "elapsed_s": {

@@ -348,6 +348,9 @@ def _run_kind(summary: Mapping[str, Any]) -> str:
     ``spawn: 2 process agents`` (or an app or workload plus spawned programs)."""
     parts: list[str] = []
     agents = f"{fmt_count(summary['agents'])} agents"
+    asked = summary.get("agents_asked")
+    if summary.get("workload") and asked is not None and summary["agents"] < asked:
+        agents = f"{fmt_count(summary['agents'])} of {fmt_count(asked)} agents"  # (stopped)
     if summary.get("app"):
         parts.append(f"app {summary['app']}, {agents}")
     elif summary.get("workload"):
