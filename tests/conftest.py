@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -38,6 +39,19 @@ def run_pytest(directory: Path, *, timeout: float) -> subprocess.CompletedProces
         cwd=directory,
         check=False,
     )
+
+
+@pytest.fixture
+def sighup_default() -> Iterator[None]:
+    """SIGHUP at its default action in this process for the test, so that the processes
+    it starts take a SIGHUP (pytest run under ``nohup`` would start them with it ignored,
+    and an ignored SIGHUP stays ignored: docs/cli.md)."""
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGHUP, previous)
 
 
 @pytest.fixture

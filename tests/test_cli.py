@@ -756,7 +756,7 @@ def test_a_second_sigint_forces_the_exit_with_status_130(nexus, tmp_path):
     assert "forced exit" in "".join(run.stderr)
 
 
-def test_sighup_is_a_graceful_stop_and_a_second_one_does_not_force(nexus, tmp_path):
+def test_sighup_is_a_graceful_stop_and_a_second_one_does_not_force(nexus, tmp_path, sighup_default):
     """Regression: SIGHUP (the terminal hung up: an ssh session or a terminal window
     closed) ended ``nexus run`` at once by its default action: no drain, no summary, the
     messages the kernel had accepted lost without being counted (killed by SIGHUP). It is
@@ -815,7 +815,9 @@ def _wait_in_file(path: Path, text: str, proc: subprocess.Popen[bytes]) -> None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a pty's hangup (Linux)")
 @pytest.mark.parametrize("json_out", [True, False], ids=["json", "table"])
-def test_a_terminal_that_hangs_up_stops_the_run_gracefully_without_its_summary(tmp_path, json_out):
+def test_a_terminal_that_hangs_up_stops_the_run_gracefully_without_its_summary(
+    tmp_path, json_out, sighup_default
+):
     """Regression: ``nexus run`` on a terminal that hung up (its window closed, its ssh
     session gone) died of the SIGHUP (no summary, nothing counted). Now it stops
     gracefully; the summary cannot be written to the terminal that is gone (EIO), which is
@@ -863,7 +865,7 @@ def test_a_terminal_that_hangs_up_stops_the_run_gracefully_without_its_summary(t
     assert "Traceback" not in err
 
 
-def test_after_a_hangup_a_summary_whose_reader_is_gone_is_no_error(tmp_path):
+def test_after_a_hangup_a_summary_whose_reader_is_gone_is_no_error(tmp_path, sighup_default):
     """Regression: after a SIGHUP, writing the summary to a reader that went away with
     the terminal (a pipe closed: EPIPE) must not turn into a traceback nor an exit status
     of 1: it is logged, and the run's status (0) stands."""

@@ -1358,7 +1358,7 @@ def test_a_second_ctrl_c_exits_130_and_says_it_forced_the_stop(tmp_path: Path, c
     "signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name
 )
 def test_stopped_by_names_the_signal_the_parent_got(
-    signum: signal.Signals, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    signum: signal.Signals, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sighup_default: None
 ) -> None:
     """Regression: the parent passes SIGTERM on to the workers, and ``stopped_by`` said
     what they got: SIGTERM, also when the parent got SIGINT (a Ctrl-C). It names the
@@ -1392,7 +1392,7 @@ def test_stopped_by_names_the_signal_the_parent_got(
 @pytestmark_linux
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
 def test_a_worker_takes_a_stop_that_came_before_its_run_took_signals(
-    signum: signal.Signals, tmp_path: Path
+    signum: signal.Signals, tmp_path: Path, sighup_default: None
 ) -> None:
     """Regression: a worker the parent's SIGTERM reached while it started (importing,
     loading its config: a second or more) was ended by it, SIGTERM's default action: no
@@ -1522,7 +1522,7 @@ def test_a_ctrl_c_at_the_terminal_stops_the_workers_gracefully_and_the_nats_serv
 
 @pytestmark_linux
 def test_a_hangup_stops_the_workers_gracefully_and_a_second_one_does_not_force(
-    tag: str, tmp_path: Path
+    tag: str, tmp_path: Path, sighup_default: None
 ) -> None:
     """Regression: a SIGHUP (the terminal of ``nexus run -W 2`` hung up) ended the parent
     at once by its default action: no summary, the workers and the private nats-server
