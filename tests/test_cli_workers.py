@@ -1202,6 +1202,16 @@ def echo(text: str) -> str:
 NO_SERVER = "nats://127.0.0.1:1"  # the fake workers never connect
 
 
+def summary_then(tmp_path: Path, summary: str, code: int, then: str) -> tuple[str, str]:
+    """Scripts for two fake workers: the first prints ``summary`` (a command) deaf to the
+    parent's stop, then exits ``code``; only then does the second run ``then`` (a death).
+    Without the order the parent, told of the death, could stop the first before it
+    printed (a second death: the test flaked 1 run in 5)."""
+    printed = tmp_path / "printed"
+    first = f"trap '' TERM; {summary}; touch {printed}; exit {code}"
+    return first, f"while [ ! -e {printed} ]; do sleep 0.02; done; {then}"
+
+
 def test_a_worker_that_exits_0_without_its_summary_makes_the_run_fail(tmp_path: Path) -> None:
     """Regression: a worker that ended with exit code 0 but printed no summary (it died
     quietly) was logged and counted from outside, but the run's exit status was 0 when the
@@ -1209,9 +1219,8 @@ def test_a_worker_that_exits_0_without_its_summary_makes_the_run_fail(tmp_path: 
     from nexus_trio.cli._cluster_cmd import run_workers
 
     seen = {"worker-1": {"pid": 1, "handed_to": 0, "taken_from": 0}}
-    python = fake_python(
-        tmp_path, {"worker-0": echo(canned_summary("worker-0", seen)), "worker-1": "exit 0"}
-    )
+    first, second = summary_then(tmp_path, echo(canned_summary("worker-0", seen)), 0, "exit 0")
+    python = fake_python(tmp_path, {"worker-0": first, "worker-1": second})
     summary, status = run_workers(2, [], nats_url=NO_SERVER, python=python)
     assert summary["workers_died"] == ["worker-1"]
     assert summary["per_worker"][1]["exit"] == "exit code 0"
@@ -1907,7 +1916,8 @@ def test_the_summary_has_the_same_fields_whatever_became_of_the_workers(
     )
     check_fields(summary)  # nobody died
 
-    scripts = {"worker-0": echo(json.dumps(failed)) + "; exit 1", "worker-1": "exit 3"}
+    first, second = summary_then(tmp_path, echo(json.dumps(failed)), 1, "exit 3")
+    scripts = {"worker-0": first, "worker-1": second}
     summary, _ = _cluster_cmd.run_workers(
         2, [], nats_url=NO_SERVER, python=fake_python(tmp_path, scripts)
     )
