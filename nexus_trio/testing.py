@@ -83,27 +83,63 @@ async def settle(kernel: Kernel | None = None) -> None:
 
 
 async def step_until_idle(kernel: Kernel, *, timeout: float = 60.0) -> None:
-    """Run the kernel until no accepted message is left in flight and every task is blocked.
+    """Run the kernel until no accepted message is left in flight, no agent waits for
+    its restart, and every task is blocked.
 
     Unlike :func:`settle` this lets time pass, so restart backoffs, handler timeouts and
     sleeps in handlers play out — instantly on a ``MockClock`` with ``autojump_threshold=0``
     (the ``autojump_clock`` fixture), in real time otherwise. Raises ``AssertionError``
-    saying how many messages are still in flight if the kernel is not idle after
-    ``timeout`` seconds (of the current clock), e.g. because a handler waits forever.
+    saying how many messages are still in flight (and which agents are restarting) if
+    the kernel is not idle after ``timeout`` seconds (of the current clock), e.g.
+    because a handler waits forever; ``RuntimeError`` if time has to pass but the clock
+    is a ``MockClock`` that does not jump (pytest-trio's ``mock_clock``), where it would
+    wait forever.
     """
     deadline = trio.current_time() + timeout
     while True:
         await trio.testing.wait_all_tasks_blocked()
         in_flight = kernel.stats().in_flight
-        if in_flight == 0:
+        # A failure dead-letters its message at once: during the restart's backoff nothing
+        # is in flight, but the restart has yet to happen.
+        restarting = _restarting(kernel) if in_flight == 0 else []
+        if in_flight == 0 and not restarting:
             return
         if trio.current_time() >= deadline:
+            waiting = f", agents restarting: {restarting}" if restarting else ""
             raise AssertionError(
-                f"kernel not idle after {timeout:g} s: {in_flight} message(s) still in flight; "
-                f"agents: {kernel.describe()}"
+                f"kernel not idle after {timeout:g} s: {in_flight} message(s) still in flight"
+                f"{waiting}; agents: {kernel.describe()}"
             )
+        _check_time_can_pass()
         # A short sleep lets timers fire; on an autojump clock it takes no real time.
         await trio.sleep(min(0.01, max(deadline - trio.current_time(), 0.0)))
+
+
+def _restarting(kernel: Kernel) -> list[str]:
+    """The names (else ids) of the agents and supervisors waiting for their restart."""
+    found: list[str] = []
+    nodes = [kernel.describe()]
+    while nodes:
+        node = nodes.pop()
+        nodes.extend(node.get("children", ()))
+        if node.get("state") == "restarting":
+            found.append(node.get("name") or node["id"])
+    return sorted(found)
+
+
+def _check_time_can_pass() -> None:
+    clock = trio.lowlevel.current_clock()
+    if (
+        isinstance(clock, trio.testing.MockClock)
+        and clock.rate == 0
+        and clock.autojump_threshold == float("inf")
+    ):
+        raise RuntimeError(
+            "step_until_idle needs time to pass, but the clock is a MockClock that does not"
+            " jump (autojump_threshold=inf, rate=0): it would wait forever. Use pytest-trio's"
+            " autojump_clock fixture (MockClock(autojump_threshold=0)), or jump the clock"
+            " yourself before calling it"
+        )
 
 
 async def send_and_wait(
@@ -277,12 +313,19 @@ async def nexus_kernel() -> AsyncIterator[Kernel]:
 
     Requires pytest-trio, and the test must also take pytest-trio's ``autojump_clock``
     fixture as an argument (pytest-trio picks the clock from the test's own arguments):
-    ``async def test_x(nexus_kernel, autojump_clock)``. Without it the fixture fails with
-    an error saying so, rather than letting timeouts take real time.
+    ``async def test_x(nexus_kernel, autojump_clock)``. Without it (also with
+    ``mock_clock``, which never moves by itself) the fixture fails with an error saying
+    so, rather than letting timeouts take real time or never fire.
     """
-    if not isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock):
+    clock = trio.lowlevel.current_clock()
+    if not isinstance(clock, trio.testing.MockClock):
         raise pytest.UsageError(
             "nexus_kernel needs a mock clock: add 'autojump_clock' to the test's arguments"
+        )
+    if clock.autojump_threshold == float("inf") and clock.rate == 0:
+        raise pytest.UsageError(
+            "nexus_kernel needs a mock clock that jumps: add 'autojump_clock' to the test's"
+            " arguments (mock_clock does not move by itself: timeouts would never fire)"
         )
     async with open_test_kernel() as kernel:
         yield kernel

@@ -197,3 +197,25 @@ def test_a_misspelt_reason_or_event_kind_lists_the_known_ones() -> None:
     assert str(raised.value).startswith("reason must be one of 'no_such_agent', ")
     assert "'handler_error'" in str(raised.value)
     assert str(raised.value).endswith(", got 'handler_eror'")
+
+
+def test_nexus_kernel_with_a_mock_clock_that_does_not_jump_names_autojump_clock(
+    tmp_path: Path,
+) -> None:
+    """With pytest-trio's ``mock_clock`` (which never moves by itself) the fixture let the
+    test run: a request timeout never fired and ``step_until_idle`` waited forever, so
+    the test hung instead of failing, though the page says the fixture stops a test
+    without ``autojump_clock``."""
+    (tmp_path / "pytest.ini").write_text("[pytest]\ntrio_mode = true\n", encoding="utf-8")
+    (tmp_path / "test_mine.py").write_text(
+        "async def test_one(nexus_kernel, mock_clock):\n    pass\n",
+        encoding="utf-8",
+    )
+    result = run_pytest(tmp_path, timeout=120)
+    report = result.stdout + result.stderr
+    assert result.returncode == 1, report
+    assert "1 failed" in report, report  # pytest-trio sets its fixtures up in the test
+    assert (
+        "nexus_kernel needs a mock clock that jumps: add 'autojump_clock' to the test's"
+        " arguments (mock_clock does not move by itself: timeouts would never fire)"
+    ) in report, report

@@ -6,11 +6,13 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from nexus_trio import Agent, Backoff, Context, Kernel, Message, Supervisor, agent
 from nexus_trio.testing import (
     assert_events,
     assert_no_dead_letters,
+    open_test_kernel,
     record_events,
     send_and_wait,
     step_until_idle,
@@ -74,3 +76,94 @@ async def test_assert_events_and_assert_no_dead_letters_say_what_differed(
         match=r"expected no dead letters, got 1: \[\('handler_error', 'x'",
     ):
         assert_no_dead_letters(nexus_kernel)
+
+
+async def test_send_and_wait_returns_once_the_restart_its_message_caused_has_happened(
+    nexus_kernel: Kernel, autojump_clock: Any
+) -> None:
+    """The failure dead-letters the message at once, so nothing was in flight during the
+    restart's backoff and ``send_and_wait`` returned with the agent not started again,
+    though it says the restarts have happened (and ``step_until_idle`` that it plays
+    backoffs out): ``assert_events`` then saw no second ``started``."""
+    starts: list[float] = []
+
+    class Crashy(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            starts.append(trio.current_time())
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            raise RuntimeError("crash")
+
+    async with record_events(nexus_kernel) as events:
+        nexus_kernel.spawn(
+            Supervisor(
+                backoff=Backoff(initial=30.0, maximum=30.0, jitter=0.0),
+                children=[agent(name="c")(Crashy)],
+            )
+        )
+        await send_and_wait(nexus_kernel, "c", "crash")
+        assert starts == [0.0, 30.0]
+    assert_events(events, "c", ["spawned", "started", "failed", "restarted", "started"])
+
+
+async def test_step_until_idle_fails_naming_an_agent_whose_restart_has_not_come(
+    nexus_kernel: Kernel, autojump_clock: Any
+) -> None:
+    class Crashy(Agent):
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            raise RuntimeError("crash")
+
+    nexus_kernel.spawn(
+        Supervisor(
+            backoff=Backoff(initial=100.0, maximum=100.0, jitter=0.0),
+            children=[agent(name="c")(Crashy)],
+        )
+    )
+    await nexus_kernel.send("c", "crash")
+    with pytest.raises(
+        AssertionError,
+        match=r"^kernel not idle after 5 s: 0 message\(s\) still in flight, agents restarting: \['c'\]; ",
+    ):
+        await step_until_idle(nexus_kernel, timeout=5)
+    await step_until_idle(nexus_kernel, timeout=200)
+    assert 100.0 <= trio.current_time() < 100.1
+
+
+async def test_step_until_idle_on_a_mock_clock_that_does_not_jump_fails_instead_of_hanging(
+    mock_clock: Any,
+) -> None:
+    """pytest-trio's ``mock_clock`` never moves by itself: the short sleep that lets
+    timers fire waited forever, and the test hung."""
+
+    @agent(name="sleepy", handle_timeout=3600)
+    async def sleepy(ctx: Context, msg: Message) -> None:
+        await trio.sleep(10)
+
+    hung = False
+    async with open_test_kernel() as kernel:
+        await kernel.send(kernel.spawn(sleepy), "x")
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def watch() -> None:
+                    nonlocal hung
+                    # Woken with step_until_idle (the same cushion); it is still there
+                    # once all are blocked again only if it waits forever.
+                    await trio.testing.wait_all_tasks_blocked()
+                    await trio.testing.wait_all_tasks_blocked()
+                    hung = True  # every task blocked, step_until_idle among them
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(watch)
+                with pytest.raises(
+                    RuntimeError,
+                    match=r"^step_until_idle needs time to pass, but the clock is a MockClock"
+                    r" that does not jump \(autojump_threshold=inf, rate=0\)",
+                ):
+                    await step_until_idle(kernel)
+                nursery.cancel_scope.cancel()
+        finally:
+            mock_clock.jump(10)  # the handler's sleep ends, and the kernel can close
+        assert not hung
+        await step_until_idle(kernel)
+        assert kernel.stats().handled == 1
