@@ -274,6 +274,7 @@ class _PoolRouter(Agent):
         self.workers: list[AgentRef] = []
         self.supervisor: AgentRef | None = None
         self.next_serial = 0
+        #: round robin: the index in ``workers`` of the next worker's turn
         self.cursor = 0
         self.ring = HashRing(plan.virtual_nodes) if plan.key is not None else None
         self.name = ""
@@ -352,6 +353,10 @@ class _PoolRouter(Agent):
 
     def _remove(self, gone: list[AgentRef]) -> None:
         ids = {ref.id for ref in gone}
+        # Round robin's turn stays on the worker it was on: one fewer for each worker
+        # removed before it (a turn past the end wraps to the first when next used).
+        before = sum(1 for w in self.workers[: self.cursor] if w.id in ids)
+        self.cursor -= before
         self.workers = [w for w in self.workers if w.id not in ids]
         self._rebuild()
 
@@ -422,9 +427,13 @@ class _PoolRouter(Agent):
         workers = self.workers
         routing = self.plan.routing
         if routing is PoolRouting.ROUND_ROBIN:
-            target = workers[self.cursor % len(workers)]
-            self.cursor += 1
-            return target
+            # The index of the next worker, not a count of messages: a resize keeps the
+            # turn where it is (a count taken modulo the new size would jump).
+            turn = self.cursor
+            if turn >= len(workers):
+                turn = 0
+            self.cursor = turn + 1
+            return workers[turn]
         if routing is PoolRouting.LEAST_LOADED:
             return self._least_loaded()
         assert self.ring is not None and self.plan.key is not None

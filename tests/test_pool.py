@@ -105,6 +105,48 @@ async def test_round_robin_sends_to_each_worker_in_turn(autojump_clock: Any) -> 
         assert_no_dead_letters(kernel)
 
 
+async def test_round_robin_keeps_its_position_across_a_resize(autojump_clock: Any) -> None:
+    """The page says round robin keeps its position across a resize; the router kept a
+    counter and took it modulo the new size, so after 7 messages to 3 workers (next:
+    workers/1) a grow to 4 went on at workers/3, workers/0 (7 % 4): workers/0 had its
+    4th message before workers/1 and workers/2 had their 3rd. A worker that stopped for
+    good shifted the turn the same way."""
+    seen: Record = []
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(recording_worker(seen), size=3))
+        for i in range(7):
+            await kernel.send("workers", i)
+        await step_until_idle(kernel)
+        assert await resize_pool(kernel, "workers", 4) == 4
+        seen.clear()
+        for i in range(5):
+            await kernel.send("workers", i)
+        await step_until_idle(kernel)
+        assert by_worker(seen) == {
+            "workers/1": [0, 4],
+            "workers/2": [1],
+            "workers/3": [2],
+            "workers/0": [3],
+        }
+        # next: workers/2; shrinking to 2 removes it and workers/3, so the turn wraps
+        assert await resize_pool(kernel, "workers", 2) == 2
+        seen.clear()
+        for i in range(3):
+            await kernel.send("workers", i)
+        await step_until_idle(kernel)
+        assert by_worker(seen) == {"workers/0": [0, 2], "workers/1": [1]}
+        # next: workers/1. A worker before the turn stops for good: the turn stays on
+        # workers/1, then goes on to the one grown after it.
+        assert await resize_pool(kernel, "workers", 3) == 3
+        await kernel.stop("workers/0")
+        seen.clear()
+        for i in range(3):
+            await kernel.send("workers", i)
+        await step_until_idle(kernel)
+        assert by_worker(seen) == {"workers/1": [0, 2], "workers/4": [1]}
+        assert_no_dead_letters(kernel)
+
+
 async def test_forwarded_copy_keeps_sender_id_kind_and_trace(autojump_clock: Any) -> None:
     got: list[Message] = []
 
