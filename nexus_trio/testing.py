@@ -190,9 +190,17 @@ def assert_dead_lettered(
         seen = [
             (d.reason.value, d.message.payload, repr(d.error)) for d in kernel.recent_dead_letters()
         ]
-        raise AssertionError(
-            f"no dead letter with payload={payload!r} reason={reason!r} error={error!r}; dead letters: {seen}"
-        )
+        given = [
+            f"{what}={value!r}"
+            for what, value, unset in (
+                ("payload", payload, attrs.NOTHING),
+                ("reason", reason, None),
+                ("error", error, None),
+            )
+            if value is not unset
+        ]
+        wanted = f" with {' '.join(given)}" if given else " at all"
+        raise AssertionError(f"no dead letter{wanted}; dead letters: {seen}")
     return matching[0]
 
 

@@ -219,3 +219,30 @@ def test_nexus_kernel_with_a_mock_clock_that_does_not_jump_names_autojump_clock(
         "nexus_kernel needs a mock clock that jumps: add 'autojump_clock' to the test's"
         " arguments (mock_clock does not move by itself: timeouts would never fire)"
     ) in report, report
+
+
+async def test_assert_dead_lettered_names_only_what_it_looked_for(
+    nexus_kernel: Kernel, autojump_clock: Any
+) -> None:
+    """A failed ``assert_dead_lettered(kernel, reason="late_reply")`` said "no dead letter
+    with payload=NOTHING reason='late_reply' error=None": attrs' ``NOTHING`` (its "not
+    given") read as a payload looked for, and criteria not given were listed as ``None``."""
+
+    @agent(name="failing")
+    async def failing(ctx: Context, msg: Message) -> None:
+        raise ValueError("no")
+
+    await nexus_kernel.send(nexus_kernel.spawn(failing), 4)
+    await settle()
+    with pytest.raises(AssertionError) as raised:
+        assert_dead_lettered(nexus_kernel, reason="late_reply")
+    assert str(raised.value) == (
+        "no dead letter with reason='late_reply'; dead letters:"
+        " [('handler_error', 4, \"ValueError('no')\")]"
+    )
+    with pytest.raises(AssertionError) as raised:
+        assert_dead_lettered(nexus_kernel, payload=None, error=KeyError)
+    assert str(raised.value).startswith(
+        "no dead letter with payload=None error=<class 'KeyError'>; dead letters: ["
+    )
+    assert assert_dead_lettered(nexus_kernel).message.payload == 4
