@@ -1629,6 +1629,49 @@ async def test_unusable_line_dead_letters_the_message_and_the_agent_goes_on(
     assert any(getattr(r, "agent_name", None) == "noisy" for r in warnings)
 
 
+@pytest.mark.parametrize(
+    ("after_register", "counter"),
+    [
+        # a child that registers twice (the second is no frame it may send any more)
+        (
+            b'{"type":"register","payload":{"id":"x","name":"twice","protocol":1}}\n',
+            "invalid_lines",
+        ),
+        (b"a banner on stdout\n", "invalid_lines"),
+        (b"x" * 300 + b"\n", "oversized_lines"),
+    ],
+    ids=["register-twice", "garbage", "oversized"],
+)
+async def test_an_unusable_line_written_before_a_message_does_not_fail_that_message(
+    tmp_path: Path, after_register: bytes, counter: str
+) -> None:
+    """Regression: an unusable line the child wrote before it was written a message (here
+    in the same write as its register) failed that message as ``malformed``, and the
+    child's right answer to it was then discarded as unmatched. A line that was read in
+    full before the message was written cannot be about it: counted and logged only."""
+    cmd = script(
+        tmp_path,
+        f"""
+        raw(b'{{"type":"register","payload":{{"id":"x","name":"twice","protocol":2}}}}\\n'
+            + {after_register!r})
+        while True:
+            msg = next_message()
+            emit({{"type": "response", "payload": {{"reply_to": msg["id"],
+                                                  "payload": msg["payload"]}}}})
+        """,
+    )
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(cmd, name="twice", line_limit=200))
+        # queued before the child registers: written as soon as it has
+        first = kernel.request(ref, "first")
+        assert await first == "first"
+        assert await kernel.request(ref, "second") == "second"
+        stats = stats_of(kernel, ref)
+        assert getattr(stats, counter) == 1
+        assert (stats.unmatched_responses, stats.late_responses, stats.starts) == (0, 0, 1)
+        assert dead_letters(kernel) == []
+
+
 async def test_protocol_1_late_answer_to_a_message_failed_as_malformed_is_not_taken_for_the_next(
     tmp_path: Path,
 ) -> None:

@@ -386,7 +386,7 @@ class _Oversized:
 class _LineReader:
     """Lines from a byte stream, at most ``limit`` bytes each; longer ones are skipped whole."""
 
-    __slots__ = ("_buf", "_discarded", "_eof", "_limit", "_scan", "_stream")
+    __slots__ = ("_buf", "_discarded", "_eof", "_limit", "_scan", "_stream", "received")
 
     def __init__(self, stream: trio.abc.ReceiveStream, limit: int) -> None:
         self._stream = stream
@@ -396,6 +396,14 @@ class _LineReader:
         self._eof = False
         #: bytes of the current line dropped already (it is too long)
         self._discarded = 0
+        #: bytes received from the stream so far
+        self.received = 0
+
+    @property
+    def taken(self) -> int:
+        """Where in the stream the line :meth:`next_line` returned last ends (its newline
+        included): what was received, less what is buffered past it."""
+        return self.received - len(self._buf)
 
     async def next_line(self) -> bytes | _Oversized | None:
         """The next line without its newline, an :class:`_Oversized` marker, or None at EOF.
@@ -424,6 +432,7 @@ class _LineReader:
             if not chunk:
                 self._eof = True
                 continue
+            self.received += len(chunk)
             self._buf += chunk
         if self._discarded:
             # The tail of the line discarded goes with it: it is not one more line.
@@ -453,6 +462,7 @@ class _Slot:
         "error",
         "event",
         "msg_id",
+        "seen",
         "sender",
         "value",
         "written",
@@ -471,6 +481,9 @@ class _Slot:
         self.abandoned = False
         #: the frame's write started: the child may have (part of) it
         self.written = False
+        #: bytes of the child's stdout received when the write started: a line that ends
+        #: there was written before the child could read the message, and is not about it
+        self.seen = 0
         #: the child was told it was cancelled: its answer is awaited until then (the
         #: grace) before it counts as stuck; None: not told, nothing to wait for
         self.answer_by: float | None = None
@@ -496,7 +509,7 @@ class _Slot:
 class _Tell:
     """A tell written to a protocol-1 child: it may be answered, or not at all."""
 
-    __slots__ = ("conversation", "msg", "sender", "written")
+    __slots__ = ("conversation", "msg", "seen", "sender", "written")
 
     def __init__(self, msg: Message, conversation: str) -> None:
         self.msg = msg
@@ -504,6 +517,8 @@ class _Tell:
         self.sender = str(msg.sender)
         #: the frame's write started: the child may have (part of) it
         self.written = False
+        #: bytes of the child's stdout received when the write started (as a slot's)
+        self.seen = 0
 
 
 @final
@@ -1218,6 +1233,9 @@ class ProcessAgent(Agent):
             async with self._write_lock:
                 if entry is not None:
                     entry.written = True
+                    stdout = self._stdout
+                    if stdout is not None:
+                        entry.seen = stdout.received
                 try:
                     await process.stdin.send_all(data)
                 except trio.BrokenResourceError as exc:
@@ -1261,12 +1279,14 @@ class ProcessAgent(Agent):
                 if line is None:
                     break
                 self.stats.lines_in += 1
+                end = stdout.taken
                 if isinstance(line, _Oversized):
                     self.stats.oversized_lines += 1
                     self._bad_line(
                         _OVERSIZED,
                         f"stdout line of {line.size} bytes exceeds the limit of "
                         f"{self.options.line_limit} bytes; discarded",
+                        end,
                     )
                     continue
                 if not line.strip():
@@ -1276,7 +1296,7 @@ class ProcessAgent(Agent):
                     await self._dispatch(frame_type, payload)
                 except _BadFrame as exc:
                     self.stats.invalid_lines += 1
-                    self._bad_line(_INVALID, f"{exc}: {_preview(line)}")
+                    self._bad_line(_INVALID, f"{exc}: {_preview(line)}", end)
         finally:
             done.set()
         if self._stopping or generation != self._generation:
@@ -1620,11 +1640,19 @@ class ProcessAgent(Agent):
         else:
             self.stats.sends_routed += 1
 
-    def _bad_line(self, kind: str, problem: str) -> None:
-        """Report an unusable stdout line; it fails the message in flight, if there is one."""
+    def _bad_line(self, kind: str, problem: str, end: int) -> None:
+        """Report an unusable stdout line; it fails the message in flight, if there is one.
+
+        Not a message the line was read whole before it was written (``end``, where the
+        line ends in the child's stdout, is within what had been received when its write
+        started), nor one whose write has not started: the child wrote that line before
+        it could read the message (a second register, a banner), so it is no answer to it.
+        """
         self._warn_line(kind, problem)
         for slot in self._inflight.values():
             if not slot.abandoned and not slot.done:
+                if not slot.written or end <= slot.seen:
+                    break  # written before the child had the message: not about it
                 slot.fail(
                     MessageFailed(
                         f"process agent {self.label} wrote an unusable line: {problem}",
