@@ -431,15 +431,20 @@ class Router:
             # A stopped agent holds no neighbour (nor they it, through it).
             node.spawn_prev = node.spawn_next = None
         name = node.name
-        ended = self._ended
         if name is not None and self.names.get(name) is node:
             del self.names[name]
-            if ended:
-                ended.pop(name, None)  # what it said of an earlier holder of the name
+            if self._ended:
+                self._ended.pop(name, None)  # what it said of an earlier holder of the name
         else:
             name = None  # never registered (a tree that could not be), or taken since
+        if failure:
+            self._remember_failure(node, name, failure)
+
+    def _remember_failure(self, node: Child, name: str | None, failure: str) -> None:
+        """Keep why ``node`` (registered as ``name``) stopped for good, for why_no_agent."""
         why = _ENDED_AFTER_FAILURE.get(failure)
         if why is not None:
+            ended = self._ended
             ended[node.id.int] = why
             if name is not None:
                 ended[name] = why

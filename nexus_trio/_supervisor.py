@@ -233,7 +233,10 @@ class SupervisionHost:
     ) -> None:
         """``child`` stopped for good (``failure``: after a failure, not restarted): forget
         its addresses, publish and notify."""
-        self.router.forget(child, reason if failure else "")
+        if failure:
+            self.router.forget(child, reason)
+        else:
+            self.router.forget(child)
         child.on_retired(reason, for_shutdown=for_shutdown)
         # Its queue was dead-lettered: that may have been the last work in flight, and an
         # agent that stops for good never goes idle to say so (see Router.check_drained).
