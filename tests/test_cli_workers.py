@@ -553,6 +553,21 @@ def test_workers_not_started_because_the_run_was_stopped_first_have_nothing_to_c
     assert "not started: the run was stopped first (nothing to count)" in lines[0]
 
 
+def recorded_popens(monkeypatch: pytest.MonkeyPatch) -> list[subprocess.Popen[bytes]]:
+    """Every process started through ``subprocess.Popen`` from now on (the private
+    nats-server, the workers), in order; the caller kills what is left."""
+    real_popen = subprocess.Popen
+    started: list[subprocess.Popen[bytes]] = []
+
+    def popen(*args: object, **kwargs: object) -> subprocess.Popen[bytes]:
+        proc = real_popen(*args, **kwargs)  # type: ignore[call-overload]
+        started.append(proc)
+        return proc  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    return started
+
+
 def test_a_ctrl_c_while_the_private_nats_server_starts_leaves_no_server(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -562,18 +577,11 @@ def test_a_ctrl_c_while_the_private_nats_server_starts_leaves_no_server(
     from nexus_trio._nats import _server
     from nexus_trio.cli import _cluster_cmd
 
-    real_popen = subprocess.Popen
-    servers: list[subprocess.Popen[bytes]] = []
-
-    def popen(*args: object, **kwargs: object) -> subprocess.Popen[bytes]:
-        proc = real_popen(*args, **kwargs)  # type: ignore[call-overload]
-        servers.append(proc)
-        return proc  # type: ignore[no-any-return]
+    servers = recorded_popens(monkeypatch)
 
     def interrupted(_seconds: float) -> None:
         raise KeyboardInterrupt  # Ctrl-C while waiting for the server to be ready
 
-    monkeypatch.setattr(_server.subprocess, "Popen", popen)
     # Only the wait for the server is interrupted (Popen.wait(timeout) sleeps too).
     monkeypatch.setattr(
         _server, "time", types.SimpleNamespace(monotonic=time.monotonic, sleep=interrupted)
@@ -610,14 +618,7 @@ def test_a_signal_while_the_private_nats_server_starts_is_a_graceful_stop(
     from nexus_trio._nats import _server
     from nexus_trio.cli import _cluster_cmd
 
-    real_popen = subprocess.Popen
-    started: list[subprocess.Popen[bytes]] = []
-
-    def popen(*args: object, **kwargs: object) -> subprocess.Popen[bytes]:
-        proc = real_popen(*args, **kwargs)  # type: ignore[call-overload]
-        started.append(proc)
-        return proc  # type: ignore[no-any-return]
-
+    started = recorded_popens(monkeypatch)
     pending = list(signals)
 
     def sleep(seconds: float) -> None:  # the server is being waited for: the signals come
@@ -625,8 +626,6 @@ def test_a_signal_while_the_private_nats_server_starts_is_a_graceful_stop(
             os.kill(os.getpid(), signal.Signals[pending.pop(0)])
         time.sleep(seconds)
 
-    monkeypatch.setattr(_server.subprocess, "Popen", popen)
-    monkeypatch.setattr(_cluster_cmd.subprocess, "Popen", popen)
     monkeypatch.setattr(
         _server, "time", types.SimpleNamespace(monotonic=time.monotonic, sleep=sleep)
     )
