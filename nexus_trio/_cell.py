@@ -267,12 +267,18 @@ class AgentCell(Child):
         if ctx is None:
             ctx = self.ctx = self._make_context(self)
         failure: BaseException | None = None
+        # Set once on_start has returned: a run whose on_start its stop cancelled (the
+        # nursery's scope, past the grace or the shutdown timeout) has not started, and
+        # its on_stop is not called (as OTP calls no ``terminate`` when ``init`` did not
+        # return); the run ends as a stop, not a failure.
+        started = False
         try:
             try:
                 async with trio.open_nursery() as nursery:
                     self.nursery = nursery
                     self.scope = nursery.cancel_scope
                     await behaviour.on_start(ctx)
+                    started = True
                     self.signal_started()
                     self.ledger.event(_STARTED, self.id, self.name)
                     await self._serve(behaviour)
@@ -321,9 +327,11 @@ class AgentCell(Child):
                     self.name,
                     detail="cancelled while being handled",
                 )
-            if not self.spec.stops_quietly:
+            if not self.spec.stops_quietly and (started or failure is not None):
                 # Only an on_stop of the user's gets its shielded scope (a scope costs
-                # more than the rest of a quiet agent's exit).
+                # more than the rest of a quiet agent's exit). None for a run whose
+                # on_start was cancelled by its stop (see ``started``); one that raised
+                # or was interrupted (Ctrl-C) still gets it.
                 with trio.CancelScope(shield=True) as scope:
                     if math.isfinite(self.shutdown_timeout):
                         scope.deadline = trio.current_time() + max(self.shutdown_timeout, 0.001)

@@ -862,3 +862,154 @@ def test_a_second_ctrl_c_before_the_shutdown_started_forces_the_exit() -> None:
     assert sorted(pressed) == ["first", "second"]
     (exc,) = outcome
     assert isinstance(exc, BaseExceptionGroup) and exc.subgroup(KeyboardInterrupt) is not None
+
+
+# --- an on_start still running when its agent is stopped ------------------------------
+
+
+class _HangingStart(Agent):
+    """An agent whose on_start never returns (a connection that never comes)."""
+
+    journal: list[str]
+
+    async def on_start(self, ctx: Context) -> None:
+        self.journal.append("start")
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.journal.append(f"start cancelled at {trio.current_time():g}")
+
+    async def handle(self, ctx: Context, msg: Message) -> None:
+        self.journal.append(f"handled {msg.payload}")
+
+    async def on_stop(self, ctx: Context) -> None:
+        self.journal.append("stop")
+
+
+def _hanging(journal: list[str], **options: Any) -> Any:
+    cls = type("Hanging", (_HangingStart,), {"journal": journal})
+    return agent(cls, name="hanging", **options)
+
+
+async def _events_of(stream: Any) -> list[tuple[str, str]]:
+    """The (kind, reason) of each event of "hanging" the finished stream holds."""
+    return [(e.kind.value, e.reason) async for e in stream if e.name == "hanging"]
+
+
+@pytest.mark.parametrize(
+    ("shutdown_timeout", "cancelled_at"),
+    [(None, 3.0), (5, 8.0)],
+    ids=["grace-deadline", "own-shutdown-timeout"],
+)
+async def test_a_hanging_on_start_is_cancelled_at_the_grace_deadline_and_stopped_not_failed(
+    autojump_clock: Any, shutdown_timeout: float | None, cancelled_at: float
+) -> None:
+    # Before: the cancelled on_start ended the run as if it had started: on_stop was
+    # called for a run whose on_start never returned. Now it is treated as a handler
+    # still running at the end of the grace: cancelled at the grace's deadline (1 s +
+    # 2 s of grace; the agent's own shutdown_timeout after it), the run stopped for the
+    # shutdown (no failure, no restart, no on_stop), its queue dead-lettered and counted.
+    journal: list[str] = []
+    options = {} if shutdown_timeout is None else {"shutdown_timeout": shutdown_timeout}
+    with trio.fail_after(60):
+        async with open_kernel(make_config(shutdown_grace_ms=2000)) as kernel:
+            async with kernel.events() as stream:
+                kernel.spawn(_hanging(journal, **options))
+                await kernel.send("hanging", "one")
+                await kernel.send("hanging", "two")
+                await trio.sleep(1)
+            stream = kernel.events()
+    assert journal == ["start", f"start cancelled at {cancelled_at:g}"]
+    assert trio.current_time() == pytest.approx(cancelled_at)
+    stats = kernel.stats()
+    assert (stats.failed, stats.run_failures, stats.restarts) == (0, 0, 0)
+    assert (stats.handled, stats.dead_lettered, stats.in_flight) == (0, 2, 0)
+    assert stats.dead_letters_by_reason == {"shutdown": 2}
+    assert await _events_of(stream) == [("stopped", "shutdown")]
+
+
+@pytest.mark.parametrize("how", ["cancelled-block", "grace-0"])
+async def test_a_hanging_on_start_is_cancelled_at_once_when_there_is_no_grace(
+    autojump_clock: Any, how: str
+) -> None:
+    # Before: on_stop ran for the run whose on_start was cancelled. No grace (a block
+    # cancelled from outside, shutdown(grace=0)): cancelled at once, stopped, no on_stop.
+    journal: list[str] = []
+    with trio.fail_after(60), trio.CancelScope() as outside:
+        async with open_kernel(make_config(shutdown_grace_ms=2000)) as kernel:
+            stream = kernel.events()
+            kernel.spawn(_hanging(journal))
+            await kernel.send("hanging", "one")
+            await trio.sleep(1)
+            if how == "grace-0":
+                await kernel.shutdown(grace=0)
+            else:
+                outside.cancel()
+                await trio.sleep_forever()
+    assert outside.cancelled_caught is (how == "cancelled-block")
+    assert journal == ["start", "start cancelled at 1"]
+    assert trio.current_time() == pytest.approx(1.0)
+    stats = kernel.stats()
+    assert (stats.failed, stats.run_failures, stats.restarts) == (0, 0, 0)
+    assert stats.dead_letters_by_reason == {"shutdown": 1}
+    assert await _events_of(stream) == [("spawned", ""), ("stopped", "shutdown")]
+
+
+async def test_stopping_an_agent_whose_on_start_hangs_cancels_it_after_its_shutdown_timeout(
+    autojump_clock: Any,
+) -> None:
+    # As a running handler: kernel.stop waits the agent's shutdown timeout (3 s here),
+    # then cancels. Before: on_stop ran after the cancelled on_start. Now the run is
+    # stopped (reason "stopped"), not restarted (permanent), without on_stop; what it had
+    # queued is dead-lettered agent_stopped.
+    journal: list[str] = []
+    with trio.fail_after(60):
+        async with open_kernel(make_config(shutdown_grace_ms=2000)) as kernel:
+            stream = kernel.events()
+            ref = kernel.spawn(_hanging(journal, shutdown_timeout=3))
+            await kernel.send("hanging", "one")
+            await kernel.send("hanging", "two")
+            await trio.sleep(1)
+            await kernel.stop(ref)
+            assert trio.current_time() == pytest.approx(4.0)
+            assert journal == ["start", "start cancelled at 4"]
+            stats = kernel.stats()
+            assert (stats.failed, stats.run_failures, stats.restarts) == (0, 0, 0)
+            assert stats.dead_letters_by_reason == {"agent_stopped": 2}
+    assert journal == ["start", "start cancelled at 4"]
+    assert await _events_of(stream) == [("spawned", ""), ("stopped", "stopped")]
+
+
+async def test_an_on_start_that_raises_during_the_shutdown_still_fails(
+    autojump_clock: Any,
+) -> None:
+    # Only a cancellation by the stop is a stop: an on_start that fails on its own while
+    # the kernel drains is a failure, as before (counted, a failed event, on_stop called).
+    journal: list[str] = []
+
+    class FailsLate(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            await trio.sleep(1.5)
+            raise RuntimeError("no connection")
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            journal.append("handled")
+
+        async def on_stop(self, ctx: Context) -> None:
+            journal.append("stop")
+
+    with trio.fail_after(60):
+        async with open_kernel(make_config(shutdown_grace_ms=2000)) as kernel:
+            stream = kernel.events()
+            kernel.spawn(agent(FailsLate, name="hanging", restart="temporary"))
+            await kernel.send("hanging", "one")
+            await trio.sleep(1)
+    stats = kernel.stats()
+    assert (stats.failed, stats.run_failures, stats.restarts) == (0, 1, 0)
+    assert stats.dead_letters_by_reason == {"agent_stopped": 1}  # stopped for good, failed
+    assert journal == ["stop"]
+    assert await _events_of(stream) == [
+        ("spawned", ""),
+        ("failed", "RuntimeError"),
+        ("stopped", "failed"),
+    ]
