@@ -559,6 +559,16 @@ class Context:
         """Stop this agent after the current message (a normal exit; see restart types)."""
         self._cell.request_exit()
 
+    async def wait_stop_requested(self) -> None:
+        """Return once this agent's run is asked to stop (``kernel.stop``, its supervisor,
+        the kernel's shutdown once its grace is over, ``ctx.stop()``).
+
+        For an ``on_start`` that waits on something outside and would rather give up at
+        the stop than be cancelled after its ``shutdown_timeout``: cancelling
+        ``ctx.nursery.cancel_scope`` then ends the run as a stop, without ``on_stop``.
+        """
+        await self._cell.wait_stop_requested()
+
     @trio.lowlevel.enable_ki_protection
     def monitor(self, target: AgentRef | Address) -> None:
         """Receive an ``Event`` message when ``target`` stops or fails.

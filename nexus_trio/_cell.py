@@ -184,6 +184,16 @@ class AgentCell(Child):
             self.parked = False
             self.mailbox.wake_receiver()
 
+    async def wait_stop_requested(self) -> None:
+        """Return once this run is asked to stop (see :meth:`Context.wait_stop_requested`)."""
+        if self.exit_requested:
+            await trio.lowlevel.checkpoint()
+            return
+        release = self._release
+        if release is None or release.is_set():
+            release = self._release = trio.Event()
+        await release.wait()
+
     def hold(self) -> None:
         """The grace period is over: handle nothing more, wait to be stopped in order.
 

@@ -1406,3 +1406,37 @@ def test_health_reports_an_unhealthy_endpoint_with_exit_1():
         thread.join(timeout=30)
     assert result.exit_code == 1
     assert "unhealthy: 503 shutting down" in flat(result.output)
+
+
+def test_a_sigint_during_a_spawned_program_s_handshake_is_a_graceful_stop(nexus, tmp_path):
+    """Regression: a SIGINT while a ``--spawn`` program had not registered yet waited
+    for the register timeout (the bridge's handshake ran on under the agent's long stop
+    budget), then exited 1 with ``SpawnFailed ... did not register within``. The
+    handshake is now given up at the stop: the child is stopped and reaped, the run is a
+    graceful stop (status 0, the summary, ``stopped_by`` SIGINT), well within the
+    register timeout (10 s with a 20 s grace)."""
+    child = "import os, time; open('child.pid', 'w').write(str(os.getpid())); time.sleep(60)"
+    run = nexus(
+        ["run", "--spawn", f"{sys.executable} -c {shlex.quote(child)}", "--json"],
+        env={"NEXUS_KERNEL__SHUTDOWN_GRACE_MS": "20000"},
+    )
+    pid_file = tmp_path / "child.pid"
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pid = int(pid_file.read_text())
+    started = time.monotonic()
+    run.proc.send_signal(signal.SIGINT)
+    status, out = run.finish(timeout=60)
+    took = time.monotonic() - started
+    err = "".join(run.stderr)
+    assert status == 0, err
+    assert took < 6.0, f"the stop took {took:.1f}s (register timeout: 10 s)"
+    summary = json.loads(out)
+    assert (summary["stopped_by"], summary["error"]) == ("SIGINT", None)
+    (spawned,) = summary["spawned"]
+    assert (spawned["registered"], spawned["problem"]) == (False, "stopped before it registered")
+    assert spawned["last_exit"] is not None  # reaped by the bridge
+    assert "did not register" not in err and "Traceback" not in err
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

@@ -106,7 +106,16 @@ def test_a_program_that_prints_garbage_is_named_with_its_first_line_within_the_g
     (tmp_path / "garbage.py").write_text(GARBAGE)
     (tmp_path / "nexus.toml").write_text("[kernel]\nshutdown_grace_ms = 1000\n")
     result = nexus_run(
-        tmp_path, "-c", "nexus.toml", "--spawn", f"{PYTHON} garbage.py", "-d", "0.2", "--json"
+        # (-d 30: the register timeout, not a stop during the handshake, ends its start;
+        # a stop before it would give the handshake up: a graceful stop, no failure)
+        tmp_path,
+        "-c",
+        "nexus.toml",
+        "--spawn",
+        f"{PYTHON} garbage.py",
+        "-d",
+        "30",
+        "--json",
     )
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr

@@ -680,7 +680,34 @@ class ProcessAgent(Agent):
     async def on_start(self, ctx: Context) -> None:
         self._ctx = ctx
         self._stats = _books.setdefault(ctx.kernel, _Book()).run_started(ctx, self.options.cmd)
-        await self._start_child()
+        # A stop during the handshake gives it up at once (nothing graceful to wait for:
+        # the child does not speak the protocol yet) instead of after the agent's long
+        # shutdown_timeout, which is the stop sequence's; the run then ends as a stop.
+        watch = trio.CancelScope()
+        ctx.nursery.start_soon(self._give_up_start_on_stop, ctx, watch)
+        try:
+            await self._start_child()
+        except trio.Cancelled:
+            # The run is stopped before it started: no on_stop comes (the kernel calls
+            # none for an on_start that did not return), so the child is stopped and
+            # reaped here, and the run's counters are final.
+            with trio.CancelScope(shield=True):
+                self._stopping = True
+                try:
+                    await self._stop_child(graceful=False)
+                finally:
+                    book = _books.get(ctx.kernel)
+                    if book is not None:
+                        book.run_ended(ctx.kernel, ctx.id)
+            raise
+        finally:
+            watch.cancel()
+
+    @staticmethod
+    async def _give_up_start_on_stop(ctx: Context, watch: trio.CancelScope) -> None:
+        with watch:
+            await ctx.wait_stop_requested()
+            ctx.nursery.cancel_scope.cancel()
 
     async def on_stop(self, ctx: Context) -> None:
         self._stopping = True

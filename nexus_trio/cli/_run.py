@@ -805,7 +805,11 @@ async def _run_async(
         # ended (a start that failed during the shutdown, or one still waiting).
         failing = []
         for program, row in zip(state.programs, spawned, strict=True):
-            if not row["registered"]:
+            if not row["registered"] and row["problem"] is None and state.stopped_by:
+                # Its start was still under way when the run was stopped (a signal,
+                # --duration): given up for the stop, which is no failure of it.
+                row["problem"] = program.problem = "stopped before it registered"
+            elif not row["registered"]:
                 program.problem = row["problem"]
                 failing.append(program)
             elif program.given_up:  # its supervisor gave up on it (it kept failing)
