@@ -50,6 +50,8 @@ DEFAULT_MAX_SIZE: Final = 1024
 WORKERS: Final = "$workers"
 BROADCAST: Final = "$broadcast"
 _CONTROL: Final = frozenset({RESIZE, WORKERS, BROADCAST})
+#: the ``stopped`` event's reason for a grown worker whose first ``on_start`` failed
+START_FAILED: Final = "start_failed"
 
 
 class PoolRouting(enum.Enum):
@@ -138,6 +140,18 @@ class HashRing:
 
 
 @final
+class _FirstStart:
+    """How the first start of a worker added by a grow went: ``done`` is set once its
+    ``on_start`` returned or raised (``error``)."""
+
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: Exception | None = None
+
+
+@final
 class _WorkerBehaviour:
     """A worker's behaviour, wrapped to tell the router what it needs to know.
 
@@ -148,25 +162,43 @@ class _WorkerBehaviour:
     * ``in_hand[worker id]`` (least-loaded pools) is 1 while the worker's handler works
       on a message, 0 otherwise, however the handler ends (returns, raises, times out,
       is cancelled); with the worker's mailbox depth it is the worker's load.
+    * ``first_starts[worker id]`` (workers added by a grow, until their first start)
+      tells the grow how that start went. One that fails is stopped for good
+      (``start_failed``) instead of being restarted, as OTP's ``start_child`` does not
+      restart a child whose ``init`` failed: it never ran, and its restarts would spend
+      the intensity that protects the running workers.
     """
 
-    __slots__ = ("_in_hand", "_inner", "_started")
+    __slots__ = ("_first_starts", "_in_hand", "_inner", "_started")
 
     def __init__(
         self,
         inner: Behaviour,
         started: dict[uuid.UUID, trio.Event],
         in_hand: dict[uuid.UUID, int] | None,
+        first_starts: dict[uuid.UUID, _FirstStart],
     ) -> None:
         self._inner = inner
         self._started = started
         self._in_hand = in_hand
+        self._first_starts = first_starts
 
     async def on_start(self, ctx: Context) -> None:
         started = self._started.get(ctx.id)
         if started is not None:
             started.set()
-        await self._inner.on_start(ctx)
+        first = self._first_starts.pop(ctx.id, None)
+        if first is None:
+            await self._inner.on_start(ctx)
+            return
+        try:
+            await self._inner.on_start(ctx)
+        except Exception as exc:
+            first.error = exc
+            first.done.set()
+            await _stop_for_good(ctx)
+            raise  # the run fails with it: a ``failed`` event, then ``stopped``
+        first.done.set()
 
     async def on_stop(self, ctx: Context) -> None:
         await self._inner.on_stop(ctx)
@@ -285,6 +317,8 @@ class _PoolRouter(Agent):
         self.depth: Callable[[AgentRef], int] | None = None
         #: per worker id, set once that worker has started
         self.started: dict[uuid.UUID, trio.Event] = {}
+        #: per worker added by a grow, until its first start: how it went
+        self.first_starts: dict[uuid.UUID, _FirstStart] = {}
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -339,15 +373,17 @@ class _PoolRouter(Agent):
         inner = spec.factory
         started = self.started
         in_hand = self.in_hand if self.plan.routing is PoolRouting.LEAST_LOADED else None
+        first_starts = self.first_starts
 
         def wrapped() -> Behaviour:
-            return _WorkerBehaviour(inner(), started, in_hand)
+            return _WorkerBehaviour(inner(), started, in_hand, first_starts)
 
         return spec.with_options(factory=wrapped, handler=None, name=worker_name)
 
     def _add(self, ref: AgentRef) -> None:
         self.workers.append(ref)
-        self.started[ref.id] = trio.Event()
+        # (a grown worker's is made at its spawn, and may be set already)
+        self.started.setdefault(ref.id, trio.Event())
         if self.plan.routing is PoolRouting.LEAST_LOADED:
             self.in_hand[ref.id] = 0
 
@@ -487,8 +523,8 @@ class _PoolRouter(Agent):
                 f"pool {self.name!r}: {RESIZE} to {size} is past its max_size, {self.plan.max_size}"
             )
         if size > len(self.workers):
-            self._grow(ctx, size)
-            return {"size": len(self.workers)}
+            self._grow(ctx, msg, size)
+            return None  # answered once the new workers have started (or failed to)
         if size < len(self.workers):
             removed = self.workers[size:]
             self._remove(removed)
@@ -499,25 +535,100 @@ class _PoolRouter(Agent):
             return None
         return {"size": size}
 
-    def _grow(self, ctx: Context, size: int) -> None:
+    def _grow(self, ctx: Context, request: Message, size: int) -> None:
+        """Spawn workers up to ``size``; they get messages at once. The answer waits
+        for their first start (as OTP's ``start_child`` waits for ``init``), in the
+        background so that routing goes on: one whose first ``on_start`` fails is
+        stopped for good (see :class:`_WorkerBehaviour`), leaves the pool, and the grow
+        fails naming it; the workers that started stay."""
         assert self.supervisor is not None
-        added = 0
+        spawned: list[tuple[AgentRef, _FirstStart]] = []
+        refused = ""  # why the spawning stopped short, if it did
         try:
             while len(self.workers) < size:
                 ref = ctx.kernel.spawn(
                     self._worker_spec(self._next_name()), supervisor=self.supervisor
                 )
+                spawned.append((ref, self.first_starts.setdefault(ref.id, _FirstStart())))
                 self._add(ref)
-                added += 1
         except NexusError as exc:
-            raise MessageFailed(
-                f"pool {self.name!r}: grew by {added} to {len(self.workers)} workers, "
-                f"not {size}: {exc}"
-            ) from exc
+            refused = str(exc)
+        if spawned:
+            self._rebuild()
+            ctx.log.info("pool %s: grew to %d workers", self.name, len(self.workers))
+            ctx.nursery.start_soon(self._answer_grow, ctx, request, spawned, size, refused)
+        elif refused:
+            raise MessageFailed(self._grew(0, size, [refused]))
+
+    def _grew(self, added: int, size: int, problems: list[str]) -> str:
+        return (
+            f"pool {self.name!r}: grew by {added} to {len(self.workers)} workers, "
+            f"not {size}: {'; '.join(problems)}"
+        )
+
+    async def _answer_grow(
+        self,
+        ctx: Context,
+        request: Message,
+        spawned: list[tuple[AgentRef, _FirstStart]],
+        size: int,
+        refused: str,
+    ) -> None:
+        kernel = ctx.kernel
+        problems: list[str] = []
+        answered = False
+        try:
+            # In spawn order: they start in that order (each after the one before).
+            for ref, first in spawned:
+                await _started_or_stopped(kernel, ref, first.done)
+                self.first_starts.pop(ref.id, None)
+                if first.error is not None:
+                    problems.append(f"{ref.name} failed to start: {first.error!r}")
+                elif not first.done.is_set():
+                    problems.append(f"{ref.name} stopped before it started")
+            answered = True
         finally:
-            if added:
-                self._rebuild()
-                ctx.log.info("pool %s: grew to %d workers", self.name, len(self.workers))
+            if not answered:
+                for ref, _ in spawned:
+                    self.first_starts.pop(ref.id, None)
+                self._fail_unanswered(ctx, request)
+        self._forget_stopped(ctx)  # those that failed to start
+        if refused:
+            problems.append(refused)
+        if problems:
+            added = len(spawned) - sum(1 for _, first in spawned if not _ran(first))
+            text = self._grew(added, size, problems)
+            ctx.log.warning("%s", text)
+            if request.kind is MessageKind.QUERY:
+                kernel.fail_query(
+                    request.id,
+                    RequestFailed(
+                        request.id,
+                        request.to,
+                        DeadLetterReason.HANDLER_ERROR.value,
+                        MessageFailed(text),
+                    ),
+                )
+            return
+        if request.kind is MessageKind.QUERY:
+            try:
+                # (as a shrink's: the size it made, whatever happened to the workers
+                # since they started)
+                await ctx.send(request.reply(ctx.id, {"size": size}))
+            except NexusError as exc:
+                log.info("pool %s: resize answer not delivered: %s", self.name, exc)
+
+    def _fail_unanswered(self, ctx: Context, request: Message) -> None:
+        """The pool stops (or its supervisor restarts it) before a resize is done: no
+        answer will come, so the requester hears it now, not at the end of its timeout,
+        on this node or another. As for a query still queued at an agent that stops:
+        the reason, and no error (a RequestFailed's error is a handler's exception; none
+        was raised)."""
+        if request.kind is not MessageKind.QUERY:
+            return
+        kernel = ctx.kernel
+        reason = DeadLetterReason.SHUTDOWN if kernel.stopping else DeadLetterReason.AGENT_STOPPED
+        kernel.fail_query(request.id, RequestFailed(request.id, request.to, reason.value, None))
 
     async def _retire(
         self, ctx: Context, request: Message, removed: list[AgentRef], size: int
@@ -526,19 +637,8 @@ class _PoolRouter(Agent):
         try:
             stopped = await self._stop_removed(ctx, removed)
         finally:
-            if not stopped and request.kind is MessageKind.QUERY:
-                # The pool stops (or its supervisor restarts it) before the removed
-                # workers are gone: no answer will come, so the requester hears it now,
-                # not at the end of its timeout, on this node or another. As for a query
-                # still queued at an agent that stops: the reason, and no error (a
-                # RequestFailed's error is a handler's exception; none was raised).
-                kernel = ctx.kernel
-                reason = (
-                    DeadLetterReason.SHUTDOWN if kernel.stopping else DeadLetterReason.AGENT_STOPPED
-                )
-                kernel.fail_query(
-                    request.id, RequestFailed(request.id, request.to, reason.value, None)
-                )
+            if not stopped:
+                self._fail_unanswered(ctx, request)
         if not stopped or request.kind is not MessageKind.QUERY:
             return
         try:
@@ -591,6 +691,33 @@ class _PoolRouter(Agent):
                 # Refused (not accepted), so not a dead letter: counted in rejected.
                 ctx.log.warning("pool %s: broadcast to %s refused: %s", self.name, worker, exc)
         return {"sent": sent}
+
+
+def _ran(first: _FirstStart) -> bool:
+    """Whether a grown worker's first start went through."""
+    return first.done.is_set() and first.error is None
+
+
+async def _stop_for_good(ctx: Context) -> None:
+    """Ask the kernel to stop this (starting) worker for good, and return once the stop
+    is on its way: its supervisor then takes the failing run as a stop, not as an exit
+    to restart (and counts no restart). ``kernel.stop`` takes the worker out of the
+    routing table before its first wait, so ``is_local`` turns False then."""
+    kernel = ctx.kernel
+    asked = False
+
+    async def stop() -> None:
+        nonlocal asked
+        try:
+            await kernel.stop(ctx.id, reason=START_FAILED)
+        except (NexusError, ValueError):
+            pass  # stopped already (by someone else, or with the kernel)
+        finally:
+            asked = True
+
+    ctx.nursery.start_soon(stop)  # cancelled with this run once the stop is queued
+    while not asked and kernel.is_local(ctx.id):
+        await trio.lowlevel.checkpoint()
 
 
 async def _started_or_stopped(kernel: Kernel, ref: AgentRef, started: trio.Event) -> None:

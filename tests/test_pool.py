@@ -499,13 +499,23 @@ async def test_grown_workers_get_new_names_even_while_old_ones_drain(autojump_cl
         for i in range(3):
             await kernel.send("workers", i)
         await trio.testing.wait_all_tasks_blocked()
+        grown: list[int] = []
+
+        async def grow() -> None:
+            grown.append(await resize_pool(kernel, "workers", 2))
+
         async with trio.open_nursery() as nursery:
             nursery.start_soon(resize_pool, kernel, "workers", 1)
             await trio.testing.wait_all_tasks_blocked()
             # /1 and /2 still hold their stalled messages; growing does not reuse names
-            assert await resize_pool(kernel, "workers", 2) == 2
+            nursery.start_soon(grow)
+            await trio.testing.wait_all_tasks_blocked()
             assert pool_names(await pool_workers(kernel, "workers")) == ["workers/0", "workers/3"]
+            # the answer waits for workers/3's start, which the pool's supervisor makes
+            # once it has stopped /2 and /1 (one at a time, as it does everything)
+            assert grown == []
             gate.set()
+        assert grown == [2]
         await step_until_idle(kernel)
         assert sorted(p for _, p in seen) == [0, 1, 2]
 
@@ -564,6 +574,107 @@ async def test_growing_into_a_taken_name_reports_how_far_it_got(autojump_clock: 
         assert "grew by 1 to 2 workers, not 3" in str(info.value)
         assert "'workers/2' is already taken" in str(info.value)
         assert pool_names(await pool_workers(kernel, "workers")) == ["workers/0", "workers/1"]
+
+
+class StartsUpTo(Agent):
+    """A worker whose ``on_start`` fails for every worker numbered ``limit`` or more
+    (``workers/<n>``), at every start; it answers with its name."""
+
+    limit = 2
+
+    async def on_start(self, ctx: Context) -> None:
+        assert ctx.name is not None
+        if int(ctx.name.rsplit("/", 1)[1]) >= self.limit:
+            raise RuntimeError(f"cannot start {ctx.name}")
+
+    async def handle(self, ctx: Context, msg: Message) -> Any:
+        return ctx.name if msg.kind is MessageKind.QUERY else None
+
+
+async def test_a_grow_whose_workers_cannot_start_fails_and_keeps_the_pool(
+    autojump_clock: Any,
+) -> None:
+    """Two healthy workers, then a grow to 4 whose new workers fail in ``on_start`` at
+    every start: the $resize was answered {"size": 4} at once, the new workers were
+    restarted until ``workers/supervisor`` exceeded its intensity, and it stopped every
+    worker, the healthy ones too (``pool_workers`` [], each message then failed "has no
+    workers left"). Now, as OTP's ``start_child`` (and Akka, which stops an actor whose
+    initialisation failed), a worker that fails its first start is stopped for good
+    (``start_failed``), not restarted; the grow fails naming it, and the pool keeps
+    routing to its healthy workers."""
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(StartsUpTo, size=2))
+        await step_until_idle(kernel)
+        async with record_events(kernel) as events:
+            with pytest.raises(RequestFailed) as info:
+                await resize_pool(kernel, "workers", 4)
+            await step_until_idle(kernel)
+        assert info.value.reason == "handler_error"
+        assert str(info.value.error) == (
+            "pool 'workers': grew by 0 to 2 workers, not 4: "
+            "workers/2 failed to start: RuntimeError('cannot start workers/2'); "
+            "workers/3 failed to start: RuntimeError('cannot start workers/3')"
+        )
+        assert [(e.name, str(e.error)) for e in events.of(EventKind.FAILED)] == [
+            ("workers/2", "cannot start workers/2"),
+            ("workers/3", "cannot start workers/3"),
+        ]
+        assert [(e.name, e.reason) for e in events.of(EventKind.STOPPED)] == [
+            ("workers/2", "start_failed"),
+            ("workers/3", "start_failed"),
+        ]
+        assert events.of(EventKind.RESTARTED) == []
+        assert events.of(EventKind.ESCALATED) == []
+        assert pool_names(await pool_workers(kernel, "workers")) == ["workers/0", "workers/1"]
+        answers = [await kernel.request("workers", i) for i in range(4)]
+        assert answers == ["workers/0", "workers/1", "workers/0", "workers/1"]
+        assert {ref.name for ref in kernel.agents()} == {"workers", "workers/0", "workers/1"}
+        assert kernel.stats().run_failures == 2  # counted, once per failed start
+        assert_no_dead_letters(kernel)  # nothing was queued for them
+        # a grow whose workers can start still works, numbers never reused
+        StartsUpTo.limit = 5
+        try:
+            assert await resize_pool(kernel, "workers", 3) == 3
+        finally:
+            StartsUpTo.limit = 2
+        assert pool_names(await pool_workers(kernel, "workers")) == [
+            "workers/0",
+            "workers/1",
+            "workers/4",
+        ]
+        assert_conserved(kernel)
+
+
+async def test_a_grow_that_partly_starts_keeps_the_started_workers(autojump_clock: Any) -> None:
+    """Of a grow by 3 (to workers/1..3) only workers/1 can start: it stays in the pool
+    and gets messages; the error says how far the grow got. What was routed to a worker
+    before its start failed is dead-lettered ``agent_stopped`` (counted, not lost)."""
+    StartsUpTo.limit = 2
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(StartsUpTo, size=1))
+        with pytest.raises(RequestFailed) as info:
+            await resize_pool(kernel, "workers", 4)
+        assert str(info.value.error).startswith(
+            "pool 'workers': grew by 1 to 2 workers, not 4: workers/2 failed to start: "
+        )
+        assert pool_names(await pool_workers(kernel, "workers")) == ["workers/0", "workers/1"]
+        # told: no answer; workers/4 fails to start after "a" was routed to it
+        await kernel.send("workers", {"$resize": 3})
+        for payload in "abc":
+            await kernel.send("workers", payload)
+        await step_until_idle(kernel)
+        assert pool_names(await pool_workers(kernel, "workers")) == ["workers/0", "workers/1"]
+        assert [await kernel.request("workers", i) for i in range(3)] == [
+            "workers/0",
+            "workers/1",
+            "workers/0",
+        ]
+        letters = dead_letters(kernel)
+        assert [(d.reason, d.message.payload, d.detail) for d in letters] == [
+            (DeadLetterReason.AGENT_STOPPED, "c", "agent stopped (start_failed)")
+        ]
+        assert kernel.stats().run_failures == 3
+        assert_conserved(kernel)
 
 
 # --- supervision ----------------------------------------------------------------------------------
