@@ -756,6 +756,42 @@ def test_a_second_sigint_forces_the_exit_with_status_130(nexus, tmp_path):
     assert "forced exit" in "".join(run.stderr)
 
 
+SLOW_IMPORT = """
+import sys, time
+print("slow_import: importing", file=sys.stderr, flush=True)
+time.sleep(120)
+
+async def main(kernel):
+    pass
+
+TYPES = {}
+"""
+
+
+@pytest.mark.parametrize("flag", ["--app", "--types"])
+def test_a_ctrl_c_while_the_app_is_imported_says_the_run_was_not_started(nexus, tmp_path, flag):
+    """Regression: a Ctrl-C while ``nexus run`` imported the user's module (one slow to
+    import) ended it with status 130 and not a word (typer's KeyboardInterrupt handling):
+    nothing said that the run had been interrupted before it started. It now says so
+    in one line, without a traceback, exit status 130 (as a forced stop; no summary: no
+    kernel ran)."""
+    (tmp_path / "slow_import.py").write_text(textwrap.dedent(SLOW_IMPORT))
+    ref = "slow_import:main" if flag == "--app" else "slow_import:TYPES"
+    extra = ["--nats", "nats://127.0.0.1:1"] if flag == "--types" else []
+    run = nexus(["run", flag, ref, "--json", *extra])
+    run.wait_for(r"slow_import: importing")
+    run.proc.send_signal(signal.SIGINT)
+    status, out = run.finish(timeout=60)
+    err = "".join(run.stderr)
+    assert status == 130, err
+    assert out == ""
+    assert "Traceback" not in err
+    assert (
+        f"nexus: interrupted: SIGINT while importing '{ref}' ({flag}): the run was not started"
+        in flat(err)
+    )
+
+
 def test_sighup_is_a_graceful_stop_and_a_second_one_does_not_force(nexus, tmp_path, sighup_default):
     """Regression: SIGHUP (the terminal hung up: an ssh session or a terminal window
     closed) ended ``nexus run`` at once by its default action: no drain, no summary, the

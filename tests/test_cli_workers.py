@@ -1558,6 +1558,59 @@ def test_a_hangup_stops_the_workers_gracefully_and_a_second_one_does_not_force(
     assert tagged_processes(tag) == {}
 
 
+PARENT_SLOW_IMPORT = """
+import sys, time
+print("slow_import: importing", file=sys.stderr, flush=True)
+time.sleep(120)
+
+async def main(kernel):
+    pass
+"""
+
+
+@pytestmark_linux
+def test_a_ctrl_c_while_the_parent_imports_the_app_is_a_summary_of_workers_not_started(
+    tag: str, tmp_path: Path
+) -> None:
+    """Regression: a Ctrl-C while the ``--workers`` parent imported the app (before the
+    nats-server and the workers: it checks the app first) ended it with status 130 and
+    nothing else: no summary, though every ``--workers`` run prints one, and not a word.
+    It now prints the summary of a run stopped before any worker started (every worker
+    ``not started``, nothing to count) and one line saying so, no traceback, status 130;
+    nothing was started."""
+    (tmp_path / "slow_import.py").write_text(PARENT_SLOW_IMPORT)
+    proc = start_nexus(["run", "-W", "2", "--app", "slow_import:main", "--json"], tag, tmp_path)
+    try:
+        stderr = StderrLines(proc)
+        stderr.wait_for("slow_import: importing", 1, proc, timeout=60)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        err = stderr.text()
+    finally:
+        kill_tagged(tag)
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err, err
+    assert (
+        "nexus: interrupted: SIGINT while importing 'slow_import:main' (--app): the run was"
+        " not started" in " ".join(err.split())
+    )
+    summary = json.loads(out)
+    check_fields(summary)
+    assert summary["stopped_by"] == (
+        "SIGINT; interrupted while importing 'slow_import:main' (--app), before any worker started"
+    )
+    assert [(w["node"], w["exit"], w["pid"]) for w in summary["per_worker"]] == [
+        ("worker-0", "not started", None),
+        ("worker-1", "not started", None),
+    ]
+    assert (summary["sent"], summary["error"], summary["workers_died"]) == (0, None, [])
+    assert summary["nats_server"] == {"private": True, "pid": None, "died": False, "exit": None}
+    assert tagged_processes(tag) == {}  # nothing was started
+
+
 def wait_for_workers_started(proc: subprocess.Popen[str], tag: str) -> None:
     """Until both workers of ``tag`` run their interpreter (not yet their run, mostly: they
     import for a second or so), ``proc`` still running (60 s at most)."""

@@ -432,8 +432,11 @@ def run(
         logging.getLogger("nexus_trio.config"), logging.INFO, "%s", loaded.describe_source()
     )
 
-    target = _loaded_app(cfg.app.app, app_ref is not None)
-    types = _loaded_types(cfg.app.types, types_hint)
+    try:
+        target = _loaded_app(cfg.app.app, app_ref is not None)
+        types = _loaded_types(cfg.app.types, types_hint)
+    except _ImportInterrupted as exc:
+        raise _interrupted(exc) from None
     if not commands:
         commands = [_split_command(c, "[app] spawn") for c in cfg.app.spawn]
     show_live = live if live is not None else sys.stderr.isatty()
@@ -465,18 +468,45 @@ def run(
         raise typer.Exit(status)
 
 
+class _ImportInterrupted(Exception):
+    """A Ctrl-C (KeyboardInterrupt) while the app or the agent types were imported: the
+    run was not started."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        #: what was being imported and which flag (or key) named it
+        self.what = what
+
+
+def _interrupted(exc: _ImportInterrupted) -> typer.Exit:
+    """Say that the run was interrupted before it started (no traceback); status 130, as
+    a forced stop's."""
+    from ._run import FORCED_EXIT
+
+    Console(stderr=True, highlight=False, soft_wrap=True).print(
+        Text.assemble(
+            ("nexus: interrupted:", "bold red"),
+            f" SIGINT while importing {exc.what}: the run was not started",
+        )
+    )
+    return typer.Exit(FORCED_EXIT)
+
+
 def _loaded_app(reference: str | None, from_flag: bool) -> Any:
     """The object ``--app`` (or the config's ``[app] app``) names, None without one; a
-    usage error naming where it came from if it cannot be loaded."""
+    usage error naming where it came from if it cannot be loaded; _ImportInterrupted for
+    a Ctrl-C while it is imported."""
     from ._run import AppError, load_app
 
     if not reference:
         return None
+    hint = "'--app'" if from_flag else "[app] app"
     try:
         return load_app(reference)
     except AppError as exc:
-        hint = "'--app'" if from_flag else "[app] app"
         raise typer.BadParameter(str(exc), param_hint=hint) from None
+    except KeyboardInterrupt:
+        raise _ImportInterrupted(f"{reference!r} ({hint.strip(chr(39))})") from None
 
 
 def _loaded_types(reference: str | None, hint: str) -> dict[str, Any] | None:
@@ -490,6 +520,8 @@ def _loaded_types(reference: str | None, hint: str) -> dict[str, Any] | None:
         return load_types(reference)
     except AppError as exc:
         raise typer.BadParameter(str(exc), param_hint=hint) from None
+    except KeyboardInterrupt:
+        raise _ImportInterrupted(f"{reference!r} ({hint.strip(chr(39))})") from None
 
 
 def _run_workers(
@@ -512,6 +544,7 @@ def _run_workers(
         check_worker_count,
         default_workers,
         metrics_ports_problem,
+        not_started_summary,
         refuse_workers_in_a_worker,
         run_workers,
         worker_argv,
@@ -528,11 +561,23 @@ def _run_workers(
             problem, param_hint="'--metrics-port'" if from_flag else "[metrics] port"
         )
     _check_nats(nats, "--nats" if nats is not None else "--workers")
-    with contextlib.redirect_stdout(sys.stderr):  # (stdout is for the summary)
-        _loaded_app(cfg.app.app, app_from_flag)
-        _loaded_types(cfg.app.types, types_hint)
-    from ..logs import configure_logging
     from ._run import print_summary, stderr_proxy
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # (stdout is for the summary)
+            _loaded_app(cfg.app.app, app_from_flag)
+            _loaded_types(cfg.app.types, types_hint)
+    except _ImportInterrupted as exc:
+        # Before the nats-server and any worker: a summary as for any stop before the
+        # first worker started (every --workers run prints one), and status 130.
+        summary = not_started_summary(
+            count,
+            private_server=nats is None,
+            stopped_by=f"SIGINT; interrupted while importing {exc.what}, before any worker started",
+        )
+        print_summary(summary, json_out=json_out)
+        raise _interrupted(exc) from None
+    from ..logs import configure_logging
 
     # the parent's own lines (a worker that died, the private nats-server), in the level
     # and format of the workers' lines: [logging] of the config, the flags included

@@ -646,17 +646,7 @@ def run_workers(
     entries: list[dict[str, Any]] = []
     for i in range(workers):
         if i >= len(procs):  # a stop came while the workers started: nothing to count
-            entries.append(
-                {
-                    "node": f"worker-{i}",
-                    "died": False,
-                    "pid": None,
-                    "exit_status": None,
-                    "exit": NOT_STARTED,
-                    "error": None,
-                    "conserved": None,
-                }
-            )
+            entries.append(_not_started_entry(i))
             continue
         proc = procs[i]
         entry = summaries[i]
@@ -716,6 +706,29 @@ def run_workers(
             summary["stopped_by"] += f"; forced by {forced_by} before any worker started"
         status = FORCED_EXIT
     return summary, status
+
+
+def _not_started_entry(i: int) -> dict[str, Any]:
+    """The ``per_worker`` entry of a worker that was not started (a stop came first)."""
+    return {
+        "node": f"worker-{i}",
+        "died": False,
+        "pid": None,
+        "exit_status": None,
+        "exit": NOT_STARTED,
+        "error": None,
+        "conserved": None,
+    }
+
+
+def not_started_summary(workers: int, *, private_server: bool, stopped_by: str) -> dict[str, Any]:
+    """The summary of a ``--workers`` run stopped before it started anything (no
+    nats-server, no worker): the fields of every ``--workers`` summary, each worker
+    ``not started`` with nothing to count."""
+    summary = aggregate_summaries([_not_started_entry(i) for i in range(workers)])
+    summary["nats_server"] = {"private": private_server, "pid": None, "died": False, "exit": None}
+    summary["stopped_by"] = stopped_by
+    return summary
 
 
 def _stopped_by_signal(parent_signal: str, stops: Sequence[tuple[str, bool]]) -> str:
