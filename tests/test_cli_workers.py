@@ -888,6 +888,83 @@ def test_a_dead_worker_is_counted_from_what_every_survivor_saw_of_it() -> None:
     assert total["conserved"] is False
 
 
+def test_a_worker_no_survivor_ever_heard_from_is_counted_as_never_joined() -> None:
+    """Regression: a worker that died before it joined the cluster (at its import, say)
+    left its books ``unknown: not seen lost by worker-0`` and the run's ``conserved``
+    false, though nothing could have reached it. Each worker now reports the nodes it
+    heard from (``peers_heard``); one that none of them heard from is counted with
+    nothing, and the books of the rest are checked as ever. A survivor that cannot tell
+    (``peers_heard`` null: too many nodes to keep) keeps it unknown."""
+    from nexus_trio.cli._cluster_cmd import NEVER_JOINED, aggregate_summaries
+
+    dead = {"node": "worker-1", "died": True, "error": "worker-1 (pid 7) died: exit code 3"}
+    balanced = survivor("worker-0", 10, 10, 0, {}) | {"peers_heard": ["worker-0", "worker-2"]}
+    other = survivor("worker-2", 5, 5, 0, {}) | {"peers_heard": ["worker-0", "worker-2"]}
+    total = aggregate_summaries([balanced, dead, other])
+    entry = total["per_worker"][1]
+    assert (entry["books"], entry["sent"], entry["handed_to_it"]) == (NEVER_JOINED, 0, 0)
+    assert total["conserved"] is True
+    assert total["cluster_balance"]["sent"] == 15
+    assert total["workers_died"] == ["worker-1"]
+
+    # the rest's books are still checked: 10 sent, 9 ended
+    short = survivor("worker-0", 10, 9, 0, {}) | {"peers_heard": ["worker-0"]}
+    assert aggregate_summaries([short, dead])["conserved"] is False
+
+    # one survivor heard from it (it joined): not seen lost, its books are unknown
+    heard = survivor("worker-2", 5, 5, 0, {}) | {"peers_heard": ["worker-1", "worker-2"]}
+    total = aggregate_summaries([balanced, dead, heard])
+    assert total["per_worker"][1]["books"] == "unknown: not seen lost by worker-0, worker-2"
+    assert total["conserved"] is False
+
+    # a survivor that cannot tell
+    total = aggregate_summaries([balanced, dead, other | {"peers_heard": None}])
+    assert total["per_worker"][1]["books"].startswith("unknown")
+    assert total["conserved"] is False
+
+
+DIES_AT_IMPORT_IN_WORKER_1 = """
+import os
+if os.environ.get("NEXUS_WORKER") == "worker-1":
+    os._exit(3)
+
+async def main(kernel):
+    import trio
+    await trio.sleep_forever()
+"""
+
+
+@pytestmark_linux
+def test_a_worker_that_dies_before_it_joins_is_reported_and_the_rest_is_counted(
+    tag: str, tmp_path: Path
+) -> None:
+    """Regression: a worker that died before it joined (its app's import exits) left its
+    books ``unknown`` and the run's ``conserved`` false. It is now reported as never
+    joined, counted with nothing, the books of the worker that ran balance, and the run
+    fails with the dead worker's exit status (3)."""
+    (tmp_path / "dies_early.py").write_text(DIES_AT_IMPORT_IN_WORKER_1)
+    proc = start_nexus(["run", "-W", "2", "--app", "dies_early:main", "--json"], tag, tmp_path)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        kill_tagged(tag)
+        proc.kill()
+    assert proc.returncode == 3, err
+    summary = json.loads(out)
+    check_fields(summary)
+    worker0, worker1 = summary["per_worker"]
+    assert (worker0["exit"], worker0["conserved"]) == ("exit code 0", True)
+    assert (worker1["died"], worker1["exit"]) == (True, "exit code 3")
+    assert worker1["books"] == (
+        "never joined the cluster: no other worker heard from it (nothing to count)"
+    )
+    assert (worker1["sent"], worker1["handed_to_it"]) == (0, 0)
+    assert summary["workers_died"] == ["worker-1"]
+    assert summary["stopped_by"] == "worker-1 died (the others were stopped)"
+    assert summary["conserved"] is True
+    assert summary["error"].startswith("worker-1 (pid ")
+
+
 def settled_record(**counts: int) -> dict:
     """A worker's books in its last record, as a survivor reports them after the settle."""
     books = dict.fromkeys(

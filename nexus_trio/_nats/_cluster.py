@@ -3263,6 +3263,13 @@ class Cluster:
         """The nodes as last seen (including this one), sorted by name."""
         return sorted(self.members.members.values(), key=lambda i: i.node)
 
+    def ever_heard(self) -> frozenset[str] | None:
+        """The nodes this node has heard from since it joined (itself included), also
+        those that left or were lost and forgotten since; None when there were too many
+        to keep (see ``Membership.ever_heard``)."""
+        heard = self.members.ever_heard
+        return None if heard is None else frozenset(heard)
+
     def live_nodes(self) -> list[str]:
         """The reachable members (this node always among them), sorted by name."""
         live = {n for n, info in self.members.members.items() if info.reachable}

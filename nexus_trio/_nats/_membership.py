@@ -28,7 +28,7 @@ import os
 import socket
 import time
 import uuid
-from typing import Any, final
+from typing import Any, Final, final
 
 import attrs
 
@@ -36,6 +36,10 @@ from .._brief import brief
 from .._logcall import log_guarded
 
 log = logging.getLogger("nexus_trio.nats.membership")
+
+
+#: the most node names :attr:`Membership.ever_heard` keeps (then it says it cannot tell)
+_EVER_HEARD_MAX: Final = 4096
 
 
 def process_id_prefix() -> int:
@@ -182,6 +186,10 @@ class MemberTable:
         self.by_prefix: dict[int, str] = {}
         #: (id prefix, the two nodes) of each clash reported: once each, not per heartbeat
         self._clashes: set[tuple[int, frozenset[str]]] = set()
+        #: every node heard from since this node joined (itself too), also those that left
+        #: or were forgotten since, up to _EVER_HEARD_MAX names; None past that (a node
+        #: that comes back under a new name at every restart must not grow it for ever)
+        self.ever_heard: set[str] | None = {self_node}
         #: changes whenever where an address leads may have changed (a member joined, left,
         #: restarted or was lost, or came back); not for a plain heartbeat. Caches of
         #: routes compare it.
@@ -214,6 +222,10 @@ class MemberTable:
             or previous.reachable != info.reachable
         ):
             self.version += 1
+            if previous is None and self.ever_heard is not None:
+                self.ever_heard.add(info.node)
+                if len(self.ever_heard) > _EVER_HEARD_MAX:
+                    self.ever_heard = None
         self.members[info.node] = info
         self.by_prefix[info.id_prefix] = info.node
         return previous is not None and not previous.reachable

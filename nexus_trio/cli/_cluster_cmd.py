@@ -291,7 +291,7 @@ def aggregate_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
         bool(alive or (not_started and not died))
         and len(alive) + len(died) + len(not_started) == len(summaries)
         and all(s.get("conserved") for s in alive)
-        and all(s.get("books") in (SEEN_FROM_OUTSIDE, FROM_ITS_RECORD) for s in died)
+        and all(s.get("books") in (SEEN_FROM_OUTSIDE, FROM_ITS_RECORD, NEVER_JOINED) for s in died)
         and total["sent"] == ended + total["lost_counted"] + into_dead
     )
     total["settled_books"], total["settled_books_differ"] = _settled_books_once(summaries)
@@ -334,6 +334,8 @@ def _without_settled_books(summary: dict[str, Any]) -> dict[str, Any]:
 NOT_STARTED: Final = "not started"
 #: ``books`` of a dead worker's entry counted from what the others saw of it
 SEEN_FROM_OUTSIDE: Final = "counted by the other workers"
+#: ``books`` of a dead worker that no other worker ever heard from: it never joined
+NEVER_JOINED: Final = "never joined the cluster: no other worker heard from it (nothing to count)"
 #: ``books`` of a worker that died after the swarm settled, counted with its last record
 FROM_ITS_RECORD: Final = "its last record: it settled, then died"
 #: the books of a worker's last record that its entry takes as they are
@@ -366,10 +368,24 @@ def _counted_from_outside(
         entry["sent"] = sum(int(p["taken_from"]) for p in seen if p)
         entry["handed_to_it"] = sum(int(p["handed_to"]) for p in seen if p)
         entry["books"] = SEEN_FROM_OUTSIDE
+    elif others and all(_never_heard_of(node, s) for s in others):
+        # No worker ever heard from it (it died before it joined, at its import say): it
+        # took nothing and nothing came from it that any of them counted. (Had it sent
+        # anything, the cluster's books would show it: taken in, sent nowhere.)
+        entry["sent"] = 0
+        entry["handed_to_it"] = 0
+        entry["books"] = NEVER_JOINED
     else:
         missing = [str(s.get("node")) for s, p in zip(others, seen, strict=True) if not p]
         entry["books"] = f"unknown: not seen lost by {', '.join(missing)}" if missing else "unknown"
     return entry
+
+
+def _never_heard_of(node: Any, summary: Mapping[str, Any]) -> bool:
+    """True if the worker of ``summary`` says it never heard from ``node`` (a list of
+    the nodes it heard from without it; not when it could not tell: null, or absent)."""
+    heard = summary.get("peers_heard")
+    return isinstance(heard, list) and node not in heard
 
 
 def _counted_from_its_record(

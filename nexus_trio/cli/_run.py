@@ -941,6 +941,7 @@ def build_summary(
         summary["lost_counted_by_kind"] = remote.get("lost_counted_by_kind", {})
         summary["membership"] = remote.get("membership", {})
         summary["lost_peers"] = remote.get("lost_peers", {})
+        summary["peers_heard"] = remote.get("peers_heard")
         summary["swarm"] = state.swarm is not None
         if state.swarm is not None:
             summary["settled_books"] = state.swarm.settled_books

@@ -297,6 +297,7 @@ def cluster_counts(cluster: Cluster) -> dict[str, Any]:
     """This worker's traffic with the others, for its summary."""
     s = cluster.stats()
     dropped, lost = _dropped_and_lost(s)
+    heard = cluster.ever_heard()
     return {
         "node": s.node,
         "forwarded_in": s.forwarded_in,
@@ -309,6 +310,9 @@ def cluster_counts(cluster: Cluster) -> dict[str, Any]:
             "lost_at_leave": s.lost_at_leave,
             "lost_with_nodes": s.lost_with_nodes,
         },
+        # every node it heard from (null: too many to keep): one missing from every
+        # worker's never joined as far as they know (see _cluster_cmd._counted_from_outside)
+        "peers_heard": None if heard is None else sorted(heard),
         # per worker lost (died): the messages this worker handed to it and took from it
         "lost_peers": {
             info.node: _seen_of_lost(cluster, info)
