@@ -189,10 +189,14 @@ class AgentCell(Child):
         if self.exit_requested:
             await trio.lowlevel.checkpoint()
             return
+        await self._release_event().wait()
+
+    def _release_event(self) -> trio.Event:
+        """The event the stop sets (one made before is kept: every waiter returns)."""
         release = self._release
         if release is None or release.is_set():
             release = self._release = trio.Event()
-        await release.wait()
+        return release
 
     def hold(self) -> None:
         """The grace period is over: handle nothing more, wait to be stopped in order.
@@ -403,8 +407,7 @@ class AgentCell(Child):
         """Held after the grace period: nothing more is handled until the stop comes."""
         if self.exit_requested:
             return
-        self._release = trio.Event()
-        await self._release.wait()
+        await self._release_event().wait()
 
     @trio.lowlevel.enable_ki_protection
     async def _serve(self, behaviour: Behaviour) -> None:

@@ -1013,3 +1013,47 @@ async def test_an_on_start_that_raises_during_the_shutdown_still_fails(
         ("failed", "RuntimeError"),
         ("stopped", "failed"),
     ]
+
+
+async def test_wait_stop_requested_returns_at_the_stop_of_an_agent_held_after_the_grace(
+    autojump_clock: Any,
+) -> None:
+    # ctx.wait_stop_requested() in a background task of an agent that the grace left
+    # holding (its handler outlived the drain, its stop comes later in the ordered stop):
+    # the wait returns when the stop comes (t = 6, after the later sibling's on_stop), not
+    # cancelled with the run. Before: the hold replaced the event the task waited on.
+    journal: list[str] = []
+
+    class Watched(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            ctx.nursery.start_soon(self.watch, ctx)
+
+        async def watch(self, ctx: Context) -> None:
+            try:
+                await ctx.wait_stop_requested()
+                journal.append(f"stop requested at {trio.current_time():g}")
+            except trio.Cancelled:
+                journal.append(f"watch cancelled at {trio.current_time():g}")
+                raise
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            await trio.sleep(3)
+            journal.append(f"handled {msg.payload} at {trio.current_time():g}")
+
+    class SlowStop(Agent):
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            pass
+
+        async def on_stop(self, ctx: Context) -> None:
+            await trio.sleep(5)
+
+    with trio.fail_after(60):
+        async with open_kernel(make_config(shutdown_grace_ms=1000)) as kernel:
+            kernel.spawn(agent(Watched, name="watched", shutdown_timeout=10))
+            kernel.spawn(agent(SlowStop, name="slow", shutdown_timeout=10))
+            await kernel.send("watched", "one")
+            await kernel.send("watched", "two")
+            await kernel.send("slow", "go")
+            await trio.testing.wait_all_tasks_blocked()
+    assert journal == ["handled one at 3", "stop requested at 6"]
+    assert kernel.stats().dead_letters_by_reason == {"shutdown": 1}
