@@ -942,11 +942,11 @@ def build_summary(
         summary["membership"] = remote.get("membership", {})
         summary["lost_peers"] = remote.get("lost_peers", {})
         summary["peers_heard"] = remote.get("peers_heard")
-    elif state.opts.nats is not None:
-        summary["peers_heard"] = []  # it did not join (stopped first): it heard from none
         summary["swarm"] = state.swarm is not None
         if state.swarm is not None:
             summary["settled_books"] = state.swarm.settled_books
+    elif state.opts.nats is not None:
+        summary["peers_heard"] = []  # it did not join (stopped first): it heard from none
     return summary
 
 
