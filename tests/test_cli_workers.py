@@ -677,6 +677,20 @@ class StderrLines:
         return "".join(self.lines)
 
 
+def signal_and_collect(
+    proc: subprocess.Popen[str], stderr: StderrLines, signum: signal.Signals, timeout: float
+) -> tuple[str, str]:
+    """Send ``signum`` to the run, wait for its exit (the summary fits in the pipe) and
+    return its stdout and stderr."""
+    proc.send_signal(signum)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the run did not stop at the {signum.name}")
+    assert proc.stdout is not None
+    return proc.stdout.read(), stderr.text()
+
+
 @pytestmark_linux
 @pytest.mark.parametrize("workload", ["ring", "request"])
 def test_a_worker_killed_mid_run_ends_the_run_reported_with_its_signal_and_books_balanced(
@@ -1660,11 +1674,7 @@ def test_a_ctrl_c_while_the_parent_imports_the_app_is_a_summary_of_workers_not_s
     try:
         stderr = StderrLines(proc)
         stderr.wait_for("slow_import: importing", 1, proc, timeout=60)
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=60)
-        assert proc.stdout is not None
-        out = proc.stdout.read()
-        err = stderr.text()
+        out, err = signal_and_collect(proc, stderr, signal.SIGINT, 60)
     finally:
         kill_tagged(tag)
         proc.kill()
@@ -1731,14 +1741,7 @@ def test_a_stop_while_the_workers_start_is_a_graceful_stop(
             wait_for_workers_started(proc, tag)
         else:
             stderr.wait_for("joined the cluster", 1 if moment == "a worker joined" else 2, proc, 90)
-        proc.send_signal(signum)
-        try:
-            proc.wait(timeout=90)  # the summary fits in the pipe
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"the run did not stop at the {signum.name}")
-        assert proc.stdout is not None
-        out = proc.stdout.read()
-        err = stderr.text()
+        out, err = signal_and_collect(proc, stderr, signum, 90)
     finally:
         kill_tagged(tag)
         proc.kill()
@@ -1859,14 +1862,7 @@ def test_with_a_metrics_port_each_worker_serves_its_own_the_next_ports(
             assert time.monotonic() < deadline, "the workers' endpoints did not both answer"
             time.sleep(0.2)
         stderr.wait_for("running ring workload", 2, proc, timeout=90)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)  # the summary fits in the pipe
-        except subprocess.TimeoutExpired:
-            pytest.fail("the run did not stop at SIGTERM")
-        assert proc.stdout is not None
-        out = proc.stdout.read()
-        err = stderr.text()
+        out, err = signal_and_collect(proc, stderr, signal.SIGTERM, 60)
     finally:
         kill_tagged(tag)
         proc.kill()
