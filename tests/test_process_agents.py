@@ -1515,6 +1515,55 @@ async def test_stop_of_a_child_that_never_registered_does_not_wait_for_a_stdout_
         assert "exited (status 3) before registering" in str(event.error)
 
 
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("how", ["kernel-stop", "leave-block"])
+async def test_a_stop_during_the_handshake_gives_it_up_and_leaves_nothing_behind(how: str) -> None:
+    """A child that never registers, its agent stopped (``kernel.stop`` or the end of the
+    kernel block) while the agent waits for its register line: the handshake is given up
+    at the stop, far sooner than the register timeout (60 s) or the agent's shutdown
+    timeout (12.5 s); the child is killed and reaped, its pipes closed (as many open fds
+    as before the spawn), and the run is a stop: a ``stopped`` event, no failure, no
+    restart, the message queued behind the handshake dead-lettered as a stop does."""
+    tag = new_tag()
+    _lineage.protect()  # the guardian's pipe, opened once per process with the first child
+    async with bridge_kernel() as kernel:
+        stream = kernel.events()
+        fds = open_fds()
+        ref = kernel.spawn(process_agent(toy("--no-register", tag=tag), register_timeout=60))
+        await kernel.send(ref, {"op": "echo", "value": 1})
+        await wait_until(lambda: stats_of(kernel, ref).pid is not None, "the child to start")
+        pid = stats_of(kernel, ref).pid
+        assert pid is not None
+        assert live_processes(tag) == [pid]
+        started = time.monotonic()
+        if how == "kernel-stop":
+            await kernel.stop(ref)
+            took = time.monotonic() - started
+            assert open_fds() == fds
+    if how == "leave-block":
+        took = time.monotonic() - started
+        assert open_fds() == fds
+    assert took < 10, f"the stop took {took:.1f}s"
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # killed and reaped: not even a zombie is left
+    assert live_processes(tag) == []
+    assert group_members(pid) == []
+    stats = kernel.stats()
+    assert (stats.failed, stats.run_failures, stats.restarts) == (0, 0, 0)
+    reason = "stopped" if how == "kernel-stop" else "shutdown"
+    dead = "agent_stopped" if how == "kernel-stop" else "shutdown"
+    assert stats.dead_letters_by_reason == {dead: 1}
+    assert [(e.kind, e.reason) async for e in stream if e.agent_id == ref.id] == [
+        (EventKind.SPAWNED, ""),
+        (EventKind.STOPPED, reason),
+    ]
+    (final,) = stopped_bridge_stats(kernel).agents.values()
+    assert (final.starts, final.pid, final.last_exit) == (1, pid, -signal.SIGTERM)
+
+
 async def test_a_child_that_closes_its_stdout_before_registering_is_not_said_to_have_exited(
     tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:
