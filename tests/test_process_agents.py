@@ -1678,6 +1678,112 @@ async def test_unusable_line_dead_letters_the_message_and_the_agent_goes_on(
     assert any(getattr(r, "agent_name", None) == "noisy" for r in warnings)
 
 
+#: a child that registers (protocol 2) and answers every message, except in its first
+#: life: there it writes the start of an answer, no newline, and ends as {ending} says
+HALF_FRAME_CHILD = """
+import signal
+lives = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lives")
+with open(lives, "ab") as f:
+    f.write(b"x")
+first_life = os.path.getsize(lives) == 1
+emit({{"type": "register", "payload": {{"id": "x", "name": "half", "protocol": 2}}}})
+while True:
+    msg = next_message()
+    if first_life:
+        raw(b'{{"type": "response", "payl')
+        {ending}
+    emit({{"type": "response", "payload": {{"reply_to": msg["id"], "payload": msg["payload"]}}}})
+"""
+
+
+@pytest.mark.parametrize(
+    ("ending", "status"),
+    [("os._exit(3)", 3), ("os.kill(os.getpid(), signal.SIGKILL)", -signal.SIGKILL)],
+    ids=["exit-3", "sigkill"],
+)
+async def test_a_partial_frame_then_an_exit_is_the_crash_not_a_malformed_line(
+    tmp_path: Path, ending: str, status: int
+) -> None:
+    """Regression: a child that wrote the start of a frame (no newline) and died failed
+    its message ``malformed`` (``wrote an unusable line: not JSON (Unterminated string
+    ...)``), counted as an invalid line: at end of output the reader returned the
+    unfinished bytes as a whole line. Its death is what happened: the message is
+    dead-lettered as an exit's (``handler_error``, the exit status or signal, the
+    unfinished line's size), and the agent is restarted as after any exit."""
+    cmd = script(tmp_path, HALF_FRAME_CHILD.format(ending=ending))
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(cmd, name="half"))
+        with pytest.raises(RequestFailed) as info:
+            await kernel.request(ref, "first")
+        assert info.value.reason == "handler_error"
+        assert isinstance(info.value.error, ProcessAgentError)
+        assert info.value.error.problem == (
+            f"exited with status {status}, leaving an unfinished stdout line of 26 bytes"
+        )
+        assert await kernel.request(ref, "second") == "second"
+        stats = stats_of(kernel, ref)
+        assert (stats.starts, stats.restarts, stats.last_exit) == (2, 1, status)
+        # read: two registers, the unfinished line (no invalid line), the answer
+        assert (stats.invalid_lines, stats.oversized_lines, stats.lines_in) == (0, 0, 4)
+        assert kernel.stats().restarts == 1
+        assert [d.reason for d in dead_letters(kernel)] == [DeadLetterReason.HANDLER_ERROR]
+
+
+async def test_a_partial_frame_written_on_the_way_out_is_said_with_the_exit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same at a stop: a child that writes the start of a frame as it leaves (here on
+    its ``shutdown`` frame) left an unfinished line, not an invalid one (before: counted in
+    ``invalid_lines`` and warned about as ``not JSON``); the exit's log line says it."""
+    caplog.set_level(logging.INFO, logger="nexus_trio.bridge")
+    cmd = script(
+        tmp_path,
+        """
+        emit({"type": "register", "payload": {"id": "x", "name": "leaving", "protocol": 2}})
+        while True:
+            frame = json.loads(sys.stdin.buffer.readline())
+            if frame["type"] == "shutdown":
+                raw(b'{"type": "send", "pay')
+                os._exit(0)
+        """,
+    )
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(cmd, name="leaving"))
+        await wait_until(lambda: stats_of(kernel, ref).registered, "the register")
+        pid = stats_of(kernel, ref).pid
+        await kernel.stop(ref)
+    (final,) = stopped_bridge_stats(kernel).agents.values()
+    assert (final.invalid_lines, final.lines_in, final.last_exit) == (0, 2, 0)
+    said = [r.getMessage() for r in caplog.records if r.name == "nexus_trio.bridge"]
+    assert (
+        f"process agent leaving ({ref.id}): child {pid} exited with status 0, leaving an "
+        "unfinished stdout line of 21 bytes"
+    ) in said
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_a_last_frame_without_a_newline_is_still_taken(tmp_path: Path) -> None:
+    """A child that writes its last answer whole but without the newline, then exits
+    cleanly: the answer is taken (as it always was), and only the exit is reported."""
+    cmd = script(
+        tmp_path,
+        """
+        emit({"type": "register", "payload": {"id": "x", "name": "last", "protocol": 2}})
+        msg = next_message()
+        raw(json.dumps({"type": "response",
+                        "payload": {"reply_to": msg["id"], "payload": "bye"}}).encode())
+        sys.exit(0)
+        """,
+    )
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(cmd, restart="temporary"))
+        assert await kernel.request(ref, "last") == "bye"
+        await wait_until(lambda: not kernel.is_local(ref), "the agent to retire")
+        (final,) = stopped_bridge_stats(kernel).agents.values()
+        assert (final.invalid_lines, final.starts, final.last_exit) == (0, 1, 0)
+        assert dead_letters(kernel) == []
+
+
 @pytest.mark.parametrize(
     ("after_register", "counter"),
     [
@@ -1927,6 +2033,16 @@ async def test_a_line_past_the_limit_is_one_discarded_line_with_or_without_a_new
     dead-lettering the next message) for one line written. Now it is one discarded
     line, whatever the chunks it came in."""
     assert await read_all(Chunks(*chunks), 4096) == expected
+
+
+async def test_the_reader_says_which_line_the_end_of_output_cut_short() -> None:
+    """Only a last line without its newline is ``unterminated`` (an unfinished frame, when
+    it is no frame: the child's end, not an unusable line)."""
+    reader = process_module._LineReader(Chunks(b'{"a": 1}\n{"b', b'": 2'), 4096)
+    seen = []
+    while (line := await reader.next_line()) is not None:
+        seen.append((line, reader.unterminated))
+    assert seen == [(b'{"a": 1}', False), (b'{"b": 2', True)]
 
 
 async def test_a_read_cancelled_in_a_line_past_the_limit_goes_on_with_that_line(

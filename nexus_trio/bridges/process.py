@@ -386,7 +386,16 @@ class _Oversized:
 class _LineReader:
     """Lines from a byte stream, at most ``limit`` bytes each; longer ones are skipped whole."""
 
-    __slots__ = ("_buf", "_discarded", "_eof", "_limit", "_scan", "_stream", "received")
+    __slots__ = (
+        "_buf",
+        "_discarded",
+        "_eof",
+        "_limit",
+        "_scan",
+        "_stream",
+        "received",
+        "unterminated",
+    )
 
     def __init__(self, stream: trio.abc.ReceiveStream, limit: int) -> None:
         self._stream = stream
@@ -398,6 +407,8 @@ class _LineReader:
         self._discarded = 0
         #: bytes received from the stream so far
         self.received = 0
+        #: the line :meth:`next_line` returned last had no newline: the stream ended in it
+        self.unterminated = False
 
     @property
     def taken(self) -> int:
@@ -445,6 +456,7 @@ class _LineReader:
             line = bytes(self._buf)
             self._buf.clear()
             self._scan = 0
+            self.unterminated = True
             return line
         return None
 
@@ -648,6 +660,9 @@ class ProcessAgent(Agent):
         self._pong = trio.Event()
         #: the current child has sent its register line
         self._child_registered = False
+        #: bytes of the unusable line the current child's stdout ended in (no newline: it
+        #: died or closed its stdout halfway through writing it), 0 if none
+        self._unfinished = 0
         #: a message waits for the child to answer a cancelled one (:meth:`_stuck`)
         self._in_grace = False
         #: per-line warnings by kind (:meth:`_warn_line`)
@@ -741,6 +756,7 @@ class ProcessAgent(Agent):
         self._torn = False
         self._tells.clear()
         self._child_registered = False
+        self._unfinished = 0
         # No stdout reader runs for this child before it registers: nothing to wait for.
         self._reader_done = trio.Event()
         self._reader_done.set()
@@ -1002,10 +1018,10 @@ class ProcessAgent(Agent):
         log_guarded(
             log,
             logging.INFO,
-            "process agent %s: child %d exited with status %s",
+            "process agent %s: child %d %s",
             self.label,
             process.pid,
-            process.returncode,
+            self._said_unfinished(f"exited with status {process.returncode}"),
             extra=self._fields(),
         )
 
@@ -1322,6 +1338,14 @@ class ProcessAgent(Agent):
                     frame_type, payload = self._parse(line)
                     await self._dispatch(frame_type, payload)
                 except _BadFrame as exc:
+                    if stdout.unterminated:
+                        # The output ended halfway through a frame (a whole frame without
+                        # its newline is taken above): the child died or closed its stdout
+                        # as it wrote it. That is what is reported (by the exit), not a
+                        # malformed answer.
+                        if generation == self._generation:
+                            self._unfinished = len(line)
+                        continue
                     self.stats.invalid_lines += 1
                     self._bad_line(_INVALID, f"{exc}: {_preview(line)}", end)
         finally:
@@ -1336,7 +1360,7 @@ class ProcessAgent(Agent):
             if code is not None
             else "closed its stdout (still running; it will be killed)"
         )
-        self._child_lost(ProcessAgentError(self.label, problem, process.pid))
+        self._child_lost(ProcessAgentError(self.label, self._said_unfinished(problem), process.pid))
 
     async def _watch_exit(self, process: trio.Process, generation: int) -> None:
         """Notice the child's exit even when a grandchild keeps its stdout open."""
@@ -1348,8 +1372,18 @@ class ProcessAgent(Agent):
             return
         self.stats.last_exit = process.returncode
         self._child_lost(
-            ProcessAgentError(self.label, f"exited with status {process.returncode}", process.pid)
+            ProcessAgentError(
+                self.label,
+                self._said_unfinished(f"exited with status {process.returncode}"),
+                process.pid,
+            )
         )
+
+    def _said_unfinished(self, problem: str) -> str:
+        """``problem`` (the child's end), and the unfinished line it left, if it left one."""
+        if not self._unfinished:
+            return problem
+        return f"{problem}, leaving an unfinished stdout line of {self._unfinished:,} bytes"
 
     async def _ping_loop(self, process: trio.Process, generation: int) -> None:
         """Protocol 2 liveness: an idle child must answer ``ping`` within ``ping_timeout``."""
