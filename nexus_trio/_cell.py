@@ -259,27 +259,23 @@ class AgentCell(Child):
 
     # Not protected from KeyboardInterrupt (its caller, the supervisor's task, is): it
     # runs the agent's own code (its class's __init__, on_start, on_stop), which a Ctrl-C
-    # must be able to interrupt. The serve loop below is protected again. A Ctrl-C the
-    # kernel shuts down for ends the run as a stop for the shutdown, not as an exit to
-    # restart: it raises StoppedForShutdown (with what the run failed with before, if
-    # anything).
+    # must be able to interrupt. Its own bookkeeping is done in the small protected
+    # methods below it, one call for each group of lines that belong together, so that a
+    # Ctrl-C lands before or after a group, never inside one (a dead letter counted and
+    # not published, a failure counted for the agent and not for the kernel). The serve
+    # loop below is protected again. A Ctrl-C the kernel shuts down for ends the run as a
+    # stop for the shutdown, not as an exit to restart: it raises StoppedForShutdown
+    # (with what the run failed with before, if anything).
     @trio.lowlevel.disable_ki_protection
     async def run_once(self) -> None:
         """One run: fresh behaviour, ``on_start``, serve until asked to exit, ``on_stop``."""
-        self.exit_requested = self.terminating
-        self.interrupted = self.terminating or self._held
-        self.exit_directive = None
+        ctx = self._begin_run()
         try:
             behaviour: Behaviour = self.spec.factory()
         except KeyboardInterrupt as exc:
             # A Ctrl-C in the agent class's __init__: nothing started, nothing to stop
             # (no behaviour, no on_stop).
-            if not self.router.interrupt(exc):
-                raise
-            raise StoppedForShutdown(None) from None
-        ctx = self.ctx
-        if ctx is None:
-            ctx = self.ctx = self._make_context(self)
+            raise self._stopped_by(exc, None) from None
         failure: BaseException | None = None
         # Set once on_start has returned: a run whose on_start its stop cancelled (the
         # nursery's scope, past the grace or the shutdown timeout) has not started, and
@@ -289,12 +285,9 @@ class AgentCell(Child):
         try:
             try:
                 async with trio.open_nursery() as nursery:
-                    self.nursery = nursery
-                    self.scope = nursery.cancel_scope
+                    self._enter_run(nursery)
                     await behaviour.on_start(ctx)
-                    started = True
-                    self.signal_started()
-                    self.ledger.event(_STARTED, self.id, self.name)
+                    started = self._run_started()
                     await self._serve(behaviour)
                     # The run is over: its background work ends with it. (Most runs have
                     # none, and Trio's cancel() formats the task's repr for its reason:
@@ -302,86 +295,146 @@ class AgentCell(Child):
                     if nursery.child_tasks:
                         nursery.cancel_scope.cancel()
             except BaseExceptionGroup as group:
-                failure = _first_failure(group)
-                if failure is None:
-                    raise
-                if isinstance(failure, KeyboardInterrupt) and self.router.interrupt(failure):
-                    # A Ctrl-C in on_start or a background task: the kernel shuts down
-                    # for it; this run ends as a stop for the shutdown, after on_stop.
-                    failure = StoppedForShutdown(None)
-                elif not isinstance(failure, Exception):
-                    raise
-                elif isinstance(failure, _HandlerFailed):
-                    failure = failure.error
-                else:
-                    log_guarded(
-                        log,
-                        logging.ERROR,
-                        "agent %s failed outside a handler",
-                        self.label,
-                        exc_info=failure,
-                        extra=log_extra(self),
-                    )
+                failure = self._run_failure(group)
         finally:
-            self.nursery = None
-            self._handler_scope = None
-            current = self.current
-            if current is not None:
-                # Cancelled from outside (stop past its timeout, shutdown) or by a failing
-                # background task, mid-handler.
-                self.current = None
-                self.dead_lettered += 1
-                self.ledger.dead_letter(
-                    current,
-                    DeadLetterReason.SHUTDOWN
-                    if self.router.phase >= KernelPhase.STOPPING
-                    or isinstance(failure, StoppedForShutdown)
-                    else DeadLetterReason.AGENT_STOPPED,
-                    self.id,
-                    self.name,
-                    detail="cancelled while being handled",
-                )
+            self._end_run(failure)
             if not self.spec.stops_quietly and (started or failure is not None):
                 # Only an on_stop of the user's gets its shielded scope (a scope costs
                 # more than the rest of a quiet agent's exit). None for a run whose
                 # on_start was cancelled by its stop (see ``started``); one that raised
                 # or was interrupted (Ctrl-C) still gets it.
-                with trio.CancelScope(shield=True) as scope:
-                    if math.isfinite(self.shutdown_timeout):
-                        scope.deadline = trio.current_time() + max(self.shutdown_timeout, 0.001)
+                with self._stop_scope():
                     try:
                         await behaviour.on_stop(ctx)
                     except Exception as exc:
-                        log_guarded(
-                            log,
-                            logging.ERROR,
-                            "on_stop of agent %s raised",
-                            self.label,
-                            exc_info=exc,
-                            extra=log_extra(self),
-                        )
-                        # As a ``terminate`` that crashes in OTP: the run ends with this
-                        # failure (the first one, if it had failed already).
-                        if failure is None:
-                            failure = exc
-                        elif isinstance(failure, StoppedForShutdown) and failure.failure is None:
-                            failure = StoppedForShutdown(exc)
+                        failure = self._on_stop_raised(exc, failure)
                     except KeyboardInterrupt as exc:
-                        if not self.router.interrupt(exc):
-                            raise
-                        if not isinstance(failure, StoppedForShutdown):
-                            failure = StoppedForShutdown(failure)
+                        failure = self._stopped_by(exc, failure)
         if failure is not None:
-            failed = failure.failure if isinstance(failure, StoppedForShutdown) else failure
-            if failed is not None and self.exit_directive is None:
-                # A run that failed outside a handler (on_start, a background task, its
-                # stop, on_stop): once per run, whatever else failed in it after. A run
-                # that a handler's directive ended (its failure counted in ``failed``) is
-                # not counted again, also if a background task failed with it. A stop for
-                # the shutdown is no failure (what failed before it is one).
-                self.run_failures += 1
-                self.ledger.run_failures += 1
+            self._count_run_failure(failure)
             raise failure
+
+    # --- a run's bookkeeping: each group protected from KeyboardInterrupt as a whole ----
+
+    @trio.lowlevel.enable_ki_protection
+    def _begin_run(self) -> Context:
+        """A run starts: its flags, and the context (built on the first run)."""
+        self.exit_requested = self.terminating
+        self.interrupted = self.terminating or self._held
+        self.exit_directive = None
+        ctx = self.ctx
+        if ctx is None:
+            ctx = self.ctx = self._make_context(self)
+        return ctx
+
+    @trio.lowlevel.enable_ki_protection
+    def _enter_run(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self.scope = nursery.cancel_scope
+
+    @trio.lowlevel.enable_ki_protection
+    def _run_started(self) -> bool:
+        """on_start returned: release the next sibling, publish ``started``."""
+        self.signal_started()
+        self.ledger.event(_STARTED, self.id, self.name)
+        return True
+
+    @trio.lowlevel.enable_ki_protection
+    def _stopped_by(
+        self, interrupt: KeyboardInterrupt, failure: BaseException | None
+    ) -> StoppedForShutdown:
+        """A Ctrl-C in the agent's code: the kernel's (the run ends as a stop for the
+        shutdown, with ``failure`` if it had failed before), or raised on (forced)."""
+        if not self.router.interrupt(interrupt):
+            raise interrupt
+        if isinstance(failure, StoppedForShutdown):
+            return failure
+        return StoppedForShutdown(failure)
+
+    @trio.lowlevel.enable_ki_protection
+    def _run_failure(self, group: BaseExceptionGroup[BaseException]) -> BaseException:
+        """What the run's nursery raised ends the run with: a failure (logged here unless
+        a handler's, logged already), a stop for a Ctrl-C, or raised on."""
+        failure = _first_failure(group)
+        if failure is None:
+            raise group
+        if isinstance(failure, KeyboardInterrupt) and self.router.interrupt(failure):
+            # A Ctrl-C in on_start or a background task: the kernel shuts down for it;
+            # this run ends as a stop for the shutdown, after on_stop.
+            return StoppedForShutdown(None)
+        if not isinstance(failure, Exception):
+            raise group
+        if isinstance(failure, _HandlerFailed):
+            return failure.error
+        log_guarded(
+            log,
+            logging.ERROR,
+            "agent %s failed outside a handler",
+            self.label,
+            exc_info=failure,
+            extra=log_extra(self),
+        )
+        return failure
+
+    @trio.lowlevel.enable_ki_protection
+    def _end_run(self, failure: BaseException | None) -> None:
+        """The run's nursery is gone; a message still in hand is dead-lettered."""
+        self.nursery = None
+        self._handler_scope = None
+        current = self.current
+        if current is not None:
+            # Cancelled from outside (stop past its timeout, shutdown) or by a failing
+            # background task, mid-handler.
+            self.current = None
+            self.dead_lettered += 1
+            self.ledger.dead_letter(
+                current,
+                DeadLetterReason.SHUTDOWN
+                if self.router.phase >= KernelPhase.STOPPING
+                or isinstance(failure, StoppedForShutdown)
+                else DeadLetterReason.AGENT_STOPPED,
+                self.id,
+                self.name,
+                detail="cancelled while being handled",
+            )
+
+    @trio.lowlevel.enable_ki_protection
+    def _stop_scope(self) -> trio.CancelScope:
+        """The shielded scope of ``on_stop``, with the agent's shutdown timeout."""
+        scope = trio.CancelScope(shield=True)
+        if math.isfinite(self.shutdown_timeout):
+            scope.deadline = trio.current_time() + max(self.shutdown_timeout, 0.001)
+        return scope
+
+    @trio.lowlevel.enable_ki_protection
+    def _on_stop_raised(self, exc: Exception, failure: BaseException | None) -> BaseException:
+        log_guarded(
+            log,
+            logging.ERROR,
+            "on_stop of agent %s raised",
+            self.label,
+            exc_info=exc,
+            extra=log_extra(self),
+        )
+        # As a ``terminate`` that crashes in OTP: the run ends with this failure (the
+        # first one, if it had failed already).
+        if failure is None:
+            return exc
+        if isinstance(failure, StoppedForShutdown) and failure.failure is None:
+            return StoppedForShutdown(exc)
+        return failure
+
+    @trio.lowlevel.enable_ki_protection
+    def _count_run_failure(self, failure: BaseException) -> None:
+        failed = failure.failure if isinstance(failure, StoppedForShutdown) else failure
+        if failed is not None and self.exit_directive is None:
+            # A run that failed outside a handler (on_start, a background task, its
+            # stop, on_stop): once per run, whatever else failed in it after. A run
+            # that a handler's directive ended (its failure counted in ``failed``) is
+            # not counted again, also if a background task failed with it. A stop for
+            # the shutdown is no failure (what failed before it is one).
+            self.run_failures += 1
+            self.ledger.run_failures += 1
 
     def _handler_cancelled(self, msg: Message) -> None:
         """A handler deadline or a request timeout cancelled the handler of ``msg``."""

@@ -7,6 +7,8 @@ import logging
 import math
 import re
 import signal
+import sys
+import types
 from typing import Any
 
 import pytest
@@ -26,6 +28,7 @@ from nexus_trio import (
     agent,
     open_kernel,
 )
+from nexus_trio import _cell as cell_module
 
 from .conftest import make_config
 
@@ -1057,3 +1060,146 @@ async def test_wait_stop_requested_returns_at_the_stop_of_an_agent_held_after_th
             await trio.testing.wait_all_tasks_blocked()
     assert journal == ["handled one at 3", "stop requested at 6"]
     assert kernel.stats().dead_letters_by_reason == {"shutdown": 1}
+
+
+# --- Ctrl-C in the bookkeeping of a run's start and end ------------------------------------
+
+
+def _ctrl_c_at(text: str, fired: list[str]) -> Any:
+    """A ``sys.settrace`` function that gives a Ctrl-C to the line of ``nexus_trio/_cell.py``
+    that starts with ``text``, the first time it runs in ``run_once`` or in a function that
+    ``run_once`` calls, as the signal machinery would: Trio's SIGINT handler is called with
+    the frame that runs it, raises KeyboardInterrupt there if that frame is not protected,
+    and gives it to the run's main task otherwise (``fired`` gets the function's name)."""
+    path = cell_module.__file__
+    with open(path, encoding="utf-8") as source:
+        lines = {n for n, line in enumerate(source, 1) if line.strip().startswith(text)}
+    assert lines, text
+
+    def at_line(frame: types.FrameType, event: str, arg: Any) -> Any:
+        if fired or event != "line" or frame.f_lineno not in lines:
+            return at_line
+        caller = frame.f_back
+        if frame.f_code.co_name != "run_once" and (
+            caller is None or caller.f_code.co_name != "run_once"
+        ):
+            return at_line
+        fired.append(frame.f_code.co_name)
+        sys.settrace(None)
+        frame.f_trace = None
+        handler = signal.getsignal(signal.SIGINT)
+        assert callable(handler) and handler is not signal.default_int_handler
+        handler(signal.SIGINT, frame)
+        return None
+
+    def on_call(frame: types.FrameType, event: str, arg: Any) -> Any:
+        return at_line if frame.f_code.co_filename == path else None
+
+    return on_call
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        # between a run's ``exit_requested`` and ``interrupted``
+        "self.interrupted = self.terminating",
+        # between a run's start signalled and its `started` event
+        "self.ledger.event(_STARTED",
+        # between the message in hand taken off and its dead letter counted and published
+        "self.dead_lettered += 1",
+        # between the run's failure counted for the agent and for the kernel
+        "self.ledger.run_failures += 1",
+    ],
+)
+def test_a_ctrl_c_in_the_bookkeeping_of_a_run_s_start_or_end_goes_to_the_block(
+    line: str,
+) -> None:
+    # A run's own lines (run_once) are not protected from KeyboardInterrupt, since they
+    # run the agent's code (__init__, on_start, on_stop). Before: a Ctrl-C that came
+    # between two of their bookkeeping lines was raised there: a dead letter lost (the
+    # books off by one, the kernel ending with a group), the agent's and the kernel's
+    # run_failures apart, a run whose on_start returned without its `started` event. Now
+    # each group of bookkeeping lines is protected: the Ctrl-C goes to the block, the
+    # kernel shuts down gracefully, and the books add up.
+    fired: list[str] = []
+    outcome: list[BaseException] = []
+    found: dict[str, Any] = {}
+    journal: list[str] = []
+    counts: list[tuple[int, int]] = []  # (the agent's run_failures, the kernel's) at each start
+    box: list[Kernel] = []
+    held = trio.Event()
+
+    class Worker(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            journal.append("on_start")
+            (worker,) = box[0].stats(agents=True).agents
+            counts.append((worker.run_failures, box[0].stats().run_failures))
+            if len(counts) == 1:
+                ctx.nursery.start_soon(self.fail_when_held)
+
+        async def fail_when_held(self) -> None:
+            await held.wait()
+            raise OSError("background")
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            if msg.payload == "hold":
+                held.set()
+                await trio.sleep_forever()
+            journal.append(f"handled {msg.payload}")
+
+        async def on_stop(self, ctx: Context) -> None:
+            journal.append("on_stop")
+
+    async def main() -> None:
+        previous = sys.gettrace()
+        sys.settrace(_ctrl_c_at(line, fired))
+        try:
+            with trio.fail_after(60):
+                async with open_kernel(make_config(shutdown_grace_ms=600_000)) as kernel:
+                    box.append(kernel)
+                    events = kernel.events(100)
+                    kernel.spawn(agent(Worker, name="worker"))
+                    if line.startswith(("self.dead_lettered", "self.ledger.run_failures")):
+                        # a handler held when a background task fails the run; a
+                        # message behind it for the restarted run (the drain waits
+                        # for it: that run starts whenever the Ctrl-C comes)
+                        kernel.send_nowait("worker", "hold")
+                        kernel.send_nowait("worker", "after")
+                    await trio.sleep_forever()
+        except BaseException as exc:
+            outcome.append(exc)
+        finally:
+            sys.settrace(previous)
+        found.update(await _what_the_kernel_said(kernel, events))
+
+    # On Trio's real clock: a protected Ctrl-C reaches the main task through Trio's queue
+    # of callbacks, which a mock clock's jump to the next deadline could pass.
+    _run_with_ctrl_c(main, clock=None)
+    assert len(fired) == 1, fired
+    stats = found["stats"]
+    assert stats.in_flight == 0
+    assert stats.accepted == stats.handled + stats.replies_delivered + stats.dead_lettered
+    worker = [(kind, reason) for kind, name, reason in found["events"] if name == "worker"]
+    if line.startswith(("self.dead_lettered", "self.ledger.run_failures")):
+        # the failed run: its message in hand dead-lettered, counted once by both
+        assert (stats.handled, stats.run_failures, stats.restarts) == (1, 1, 1)
+        assert found["dead"] == [("agent_stopped", "hold", "cancelled while being handled")]
+        assert stats.dead_letters_by_reason == {"agent_stopped": 1}
+        assert counts == [(0, 0), (1, 1)]
+        assert journal == ["on_start", "on_stop", "on_start", "handled after", "on_stop"]
+        assert [kind for kind, _ in worker] == [
+            "spawned",
+            "started",
+            "failed",
+            "restarted",
+            "started",
+            "stopped",
+        ]
+        assert (worker[2][1], worker[-1][1]) == ("OSError", "shutdown")
+    else:
+        assert found["dead"] == []
+        assert (stats.run_failures, stats.restarts) == (0, 0)
+        assert journal == ["on_start", "on_stop"]
+        assert worker == [("spawned", ""), ("started", ""), ("stopped", "shutdown")]
+    (exc,) = outcome
+    assert type(exc) is KeyboardInterrupt, repr(exc)
