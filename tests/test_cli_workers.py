@@ -23,7 +23,6 @@ import sys
 import tempfile
 import threading
 import time
-import types
 import urllib.error
 import urllib.request
 import uuid
@@ -579,13 +578,12 @@ def test_a_ctrl_c_while_the_private_nats_server_starts_leaves_no_server(
 
     servers = recorded_popens(monkeypatch)
 
-    def interrupted(_seconds: float) -> None:
+    def interrupted(self: _server.NatsServer, timeout: float) -> None:
         raise KeyboardInterrupt  # Ctrl-C while waiting for the server to be ready
 
-    # Only the wait for the server is interrupted (Popen.wait(timeout) sleeps too).
-    monkeypatch.setattr(
-        _server, "time", types.SimpleNamespace(monotonic=time.monotonic, sleep=interrupted)
-    )
+    # The wait itself is replaced: a server ready at its first look (a loaded machine
+    # that ran it before the parent looked) must not let the run go on without the Ctrl-C.
+    monkeypatch.setattr(_server.NatsServer, "_wait_ready", interrupted)
     try:
         with pytest.raises(KeyboardInterrupt):
             _cluster_cmd.run_workers(2, [])
@@ -621,14 +619,17 @@ def test_a_signal_while_the_private_nats_server_starts_is_a_graceful_stop(
     started = recorded_popens(monkeypatch)
     pending = list(signals)
 
-    def sleep(seconds: float) -> None:  # the server is being waited for: the signals come
+    wait_ready = _server.NatsServer._wait_ready
+
+    def signalled(self: _server.NatsServer, timeout: float) -> None:
+        # The server is being waited for: the signals come, at the wait's start (not at
+        # its first sleep: a server ready at the first look would take none, and the run
+        # would go on without end).
         while pending:
             os.kill(os.getpid(), signal.Signals[pending.pop(0)])
-        time.sleep(seconds)
+        wait_ready(self, timeout)
 
-    monkeypatch.setattr(
-        _server, "time", types.SimpleNamespace(monotonic=time.monotonic, sleep=sleep)
-    )
+    monkeypatch.setattr(_server.NatsServer, "_wait_ready", signalled)
     try:
         summary, got = _cluster_cmd.run_workers(2, [])
         assert len(started) == 1  # the server, no worker
