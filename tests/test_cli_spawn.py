@@ -12,6 +12,7 @@ import shlex
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -204,6 +205,23 @@ def test_a_program_registered_without_a_name_shows_no_name(tmp_path: Path, paylo
     out = " ".join(table.stdout.split())
     assert f"anon {sys.executable} anon.py: registered (1 start)" in out
     assert "None" not in out
+
+
+def test_duration_counts_from_when_the_spawned_programs_registered(tmp_path: Path) -> None:
+    """Regression: ``--duration`` counted from before the programs' handshakes, so a
+    program slower to register than the duration (1.5 s here, against ``-d 0.3``) was
+    stopped before it registered and never ran. The duration now counts from when every
+    program has registered (or failed), as it counts from the end of the demo's spawning."""
+    (tmp_path / "slow.py").write_text("import time\ntime.sleep(1.5)\n" + REGISTERS)
+    started = time.monotonic()
+    result = nexus_run(tmp_path, "--spawn", f"{PYTHON} slow.py", "-d", "0.3", "--json")
+    took = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    (program,) = summary["spawned"]
+    assert (program["registered"], program["problem"]) == (True, None)
+    assert summary["stopped_by"] == "duration"
+    assert took >= 1.8  # the handshake's 1.5 s, then the 0.3 s of the run
 
 
 def test_the_summary_has_each_programs_final_bridge_counts(tmp_path: Path) -> None:

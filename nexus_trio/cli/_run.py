@@ -286,6 +286,9 @@ class _State:
         self.spawn_progress: tuple[int, int] | None = None
         #: the --spawn programs, and those whose first start failed
         self.programs: list[SpawnedProgram] = []
+        #: set once every --spawn program has registered or failed (--duration counts
+        #: from then, as it counts from the end of the demo's spawning)
+        self.programs_started = trio.Event()
         self.failed_programs: list[SpawnedProgram] = []
         #: the outer nursery, for watchers that must outlive the body (until the summary)
         self.outer: trio.Nursery | None = None
@@ -577,7 +580,14 @@ def _spawn(state: _State, kernel: Kernel) -> None:
 
     async def watch() -> None:
         async with events:
-            await watch_starts(kernel, events, state.programs, failed, give_ups=True)
+            await watch_starts(
+                kernel,
+                events,
+                state.programs,
+                failed,
+                give_ups=True,
+                all_started=state.programs_started,
+            )
 
     state.outer.start_soon(watch)
 
@@ -639,6 +649,18 @@ async def _spawn_demo(state: _State, kernel: Kernel, body: trio.Nursery) -> None
         body.start_soon(demo.drive)
 
 
+async def _first_of(*events: trio.Event) -> None:
+    """Return once any of ``events`` is set."""
+    async with trio.open_nursery() as nursery:
+
+        async def wait(event: trio.Event) -> None:
+            await event.wait()
+            nursery.cancel_scope.cancel()
+
+        for event in events:
+            nursery.start_soon(wait, event)
+
+
 async def _body(state: _State, kernel: Kernel) -> None:
     opts = state.opts
     async with trio.open_nursery() as body:
@@ -661,6 +683,10 @@ async def _body(state: _State, kernel: Kernel) -> None:
                 )
             elif not state.stop_event.is_set():  # (a stop before: not started)
                 await _spawn_demo(state, kernel, body)
+        if opts.spawn:
+            # The programs' handshakes are the run's start too: --duration counts from
+            # when each has registered (or failed); a stop meanwhile gives them up.
+            await _first_of(state.programs_started, state.stop_event)
         state.t_spawned = trio.current_time()
         state.processed_at_start = _processed(kernel.stats())
         state.phase = "running"

@@ -26,6 +26,8 @@ from .._logcall import log_guarded
 from ..bridges.process import process_agent
 
 if TYPE_CHECKING:
+    import trio
+
     from .._kernel import Kernel
 
 log = logging.getLogger("nexus_trio.cli")
@@ -165,15 +167,19 @@ async def watch_starts(
     on_failure: Callable[[SpawnedProgram], None],
     *,
     give_ups: bool = False,
+    all_started: trio.Event | None = None,
 ) -> None:
     """Follow ``events`` (a ``kernel.events()`` subscription of ``kernel`` taken before the
     spawns): mark programs registered, record the problem of a first start that failed and call
-    ``on_failure(program)`` for it. Returns once every program has registered or failed;
+    ``on_failure(program)`` for it. Returns once every program has registered or failed
+    (and sets ``all_started``, if given);
     with ``give_ups``, goes on to the end of ``events``, and a registered program whose
     supervisor gives up on it (it kept failing) gets ``given_up`` and its problem, and
     ``on_failure(program)`` is called for it."""
     by_id = {p.agent_id: p for p in programs}
     pending = set(by_id)
+    if not pending and all_started is not None:
+        all_started.set()
     async for event in events:
         program = by_id.get(event.agent_id)
         if program is None:
@@ -197,8 +203,11 @@ async def watch_starts(
             program.problem = _problem(event.error, event.reason)
             pending.discard(event.agent_id)
             on_failure(program)
-        if not pending and not give_ups:
-            return
+        if not pending:
+            if all_started is not None:
+                all_started.set()
+            if not give_ups:
+                return
 
 
 def note_bridge_stats(programs: Sequence[SpawnedProgram], kernel: Kernel) -> None:
