@@ -1346,9 +1346,14 @@ def test_records_a_full_queue_drops_are_counted_and_noticed_when_the_reader_read
     assert all(COMPACT_RECORD.fullmatch(line) for line in lines)
     messages = [line.split(" nexus_trio.")[1] for line in lines]
     big = [m for m in messages if m.startswith("test big ")]
-    # the oldest records got through, in order; the newest the queue had no room for
-    # were dropped, counted, and the notice after the next record written says so
-    assert big == [f"test big {i:03d} {'x' * 1000}" for i in range(len(big))]
+    # Those the queue had room for got through, whole and in order (the first always:
+    # the queue is empty then); those it had no room for were dropped, counted, and the
+    # notice after the next record written says so. Which ones had room depends on how
+    # far the writer thread got before the pipe filled (on a loaded machine it may fall
+    # behind at once), so the test does not ask for the first N in a row.
+    numbers = [int(m.split()[2]) for m in big]
+    assert numbers == sorted(set(numbers)) and numbers[0] == 0, numbers
+    assert big == [f"test big {i:03d} {'x' * 1000}" for i in numbers]
     assert outcome["lost"] == 100 - len(big) > 0
     assert messages[len(big) :] == [
         "test after",
