@@ -5,7 +5,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +17,34 @@ from nexus_trio import Config, Kernel, KernelConfig, KernelPhase, SupervisionCon
 
 if TYPE_CHECKING:
     from nexus_trio._nats import NatsServer
+
+
+def utf8_safe(text: str) -> str:
+    """``text`` with its lone surrogates escaped (``\\ud800``), other text as it was."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A report's captured output and failure text with lone surrogates escaped.
+
+    Tests here log and print what hostile peers and children send, lone surrogates
+    included ("\\ud800" in JSON). pytest-xdist sends each report from its worker as UTF-8:
+    a lone surrogate there was an INTERNALERROR that ended the whole run
+    (pytest-dev/pytest-xdist#843)."""
+    report = yield
+    report.sections = [(title, utf8_safe(text)) for title, text in report.sections]
+    if report.failed and report.longrepr is not None:
+        text = str(report.longrepr)
+        if utf8_safe(text) != text:
+            report.longrepr = utf8_safe(text)
+    return report
 
 
 def make_config(**kernel: object) -> Config:
