@@ -733,6 +733,64 @@ async def test_a_node_whose_kernel_stopped_pulls_no_durable_message(nats: NatsSe
         assert durable.dead == 0
 
 
+async def test_a_pull_request_the_server_still_holds_when_the_kernel_stops_takes_no_message(
+    nats: NatsServer,
+) -> None:
+    """Regression (seen under load, test_a_node_whose_kernel_stopped_pulls_no_durable_message
+    failed with num_delivered == 2): a fetch's pull request can reach the server after the
+    fetch timed out in the client (its timer starts first; a loaded machine delays the
+    request), and the server holds it for the fetch's whole wait. Its pull ended with the
+    kernel's run, the node left such a request behind: the next durable message went to
+    it, a delivery nobody handled, waiting out ack_wait and using one of max_deliver. The
+    node now drops the subscription its pull requests answer to when its pull ends."""
+    async with local_node(nats.url) as (kernel, cluster):
+        durable = cluster.durable
+        target = kernel.spawn(double)
+        psub = durable._psub
+        fetch = psub.fetch
+        stream, node = f"{cluster.prefix}-durable", cluster.node
+        late: list[int] = []
+        fetching = trio.Event()
+
+        async def arrives_late(batch: int = 1, timeout: float | None = 5, **kw: Any) -> Any:
+            fetching.set()
+            try:
+                return await fetch(batch, timeout, **kw)
+            except TimeoutError:  # (nats' is one)
+                if kernel.stopping and not late:
+                    # this fetch's request reached the server late: it is still held there
+                    request = json.dumps({"batch": batch, "expires": 30_000_000_000}).encode()
+                    nc = cluster.data_js._nc
+                    subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{node}"
+                    await nc.publish(subject, request, psub._deliver)
+                    await nc.flush()
+                    late.append(batch)
+                raise
+
+        psub.fetch = arrives_late
+        with trio.fail_after(20):
+            await fetching.wait()  # the pull's fetch is ours now
+            await kernel.shutdown()
+            await durable._pull_ended.wait()
+            msg = Message(sender=uuid.uuid4(), to=target.id, payload=1)
+            await call_aio(
+                cluster.data_js.publish,
+                wire.durable_subject(cluster.prefix, cluster.node, target.id),
+                wire.encode_message(msg),
+            )
+            test_sub = await call_aio(
+                cluster.data_js.pull_subscribe,
+                wire.durable_subject(cluster.prefix, cluster.node, "*"),
+                durable=cluster.node,
+                stream=stream,
+            )
+            got = await call_aio(test_sub.fetch, 1, timeout=5.0)
+            assert [wire.decode_message(m.data).id for m in got] == [msg.id]
+            assert got[0].metadata.num_delivered == 1  # the left request took nothing
+            await call_aio(got[0].ack)
+        assert len(late) == 1 and durable.dead == 0
+
+
 async def test_a_durable_message_nested_too_deep_is_dead_and_the_node_pulls_on(
     nats: NatsServer,
 ) -> None:

@@ -294,6 +294,7 @@ class DurableChannel:
             if kernel.stopping:
                 # The kernel's run is over: it refuses every message, and each one pulled
                 # now would use up a delivery. They wait in JetStream for the next join.
+                await self._drop_pull_requests()
                 return
             self._expire()
             room = self.options.max_in_flight - len(self._in_flight)
@@ -324,6 +325,7 @@ class DurableChannel:
             while held:
                 if kernel.stopping:
                     self._give_back_held()
+                    await self._drop_pull_requests()
                     return
                 try:
                     await self._deliver(held[0], fetched)
@@ -333,6 +335,17 @@ class DurableChannel:
                     self._give_back_held()
                     raise
                 held.popleft()
+
+    async def _drop_pull_requests(self) -> None:
+        """The kernel's run is over: unsubscribe the inbox the pull's requests answer to.
+
+        A fetch's request can reach the server after the fetch timed out here (its timer
+        starts first; a loaded machine delays the request), and the server then holds it
+        for the fetch's whole wait: the next durable message went to it, a delivery
+        nobody handled, that waited out ack_wait and used up one of max_deliver. The
+        server drops a request whose inbox has no subscriber instead."""
+        with contextlib.suppress(nats.errors.Error, OSError, ValueError):
+            await call_aio(self._psub.unsubscribe)
 
     async def _deliver(self, jsmsg: NatsMsg, fetched: float) -> None:
         kernel = self.cluster.kernel
