@@ -23,6 +23,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -768,20 +769,37 @@ TYPES = {}
 """
 
 
+@contextlib.contextmanager
+def sigint_inherited(disposition: Any) -> Iterator[None]:
+    """Processes started inside the block inherit SIGINT ``disposition`` (ignored, or
+    Python's handler: the default at exec), whatever this test process has."""
+    previous = signal.signal(signal.SIGINT, disposition)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize("inherited", ["default", "ignored"])
 @pytest.mark.parametrize("flag", ["--app", "--types"])
-def test_a_ctrl_c_while_the_app_is_imported_says_the_run_was_not_started(nexus, tmp_path, flag):
+def test_a_ctrl_c_while_the_app_is_imported_says_the_run_was_not_started(
+    nexus, tmp_path, flag, inherited
+):
     """Regression: a Ctrl-C while ``nexus run`` imported the user's module (one slow to
     import) ended it with status 130 and not a word (typer's KeyboardInterrupt handling):
     nothing said that the run had been interrupted before it started. It now says so
     in one line, without a traceback, exit status 130 (as a forced stop; no summary: no
-    kernel ran)."""
+    kernel ran). Also when ``nexus run`` inherited SIGINT ignored (a background job of a
+    shell without job control, a CI runner started so): it ignored the Ctrl-C until the
+    import ended, as the run itself takes SIGINT whatever it inherited."""
     (tmp_path / "slow_import.py").write_text(textwrap.dedent(SLOW_IMPORT))
     ref = "slow_import:main" if flag == "--app" else "slow_import:TYPES"
     extra = ["--nats", "nats://127.0.0.1:1"] if flag == "--types" else []
-    run = nexus(["run", flag, ref, "--json", *extra])
+    with sigint_inherited(signal.SIG_IGN if inherited == "ignored" else signal.default_int_handler):
+        run = nexus(["run", flag, ref, "--json", *extra])
     run.wait_for(r"slow_import: importing")
     run.proc.send_signal(signal.SIGINT)
-    status, out = run.finish(timeout=60)
+    status, out = run.finish(timeout=30)
     err = "".join(run.stderr)
     assert status == 130, err
     assert out == ""

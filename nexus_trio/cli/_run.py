@@ -383,10 +383,17 @@ def catch_stop_signals_early(*, worker: bool = True) -> None:
 
     Elsewhere (a run of its own, the ``--workers`` parent) only SIGHUP: a hangup may come
     twice (see :func:`_on_stop_signal`), and one more after the run would otherwise end
-    the process by its default action while it writes the summary. (Outside the main
-    thread, where Python takes no signal handler, nothing is done.)"""
+    the process by its default action while it writes the summary. There, a SIGINT the
+    process inherited ignored (a background job of a shell without job control, such as
+    ``nexus run ... &`` in a script, or some CI runners) gets Python's own handler back:
+    the run takes Ctrl-C as its stop whatever it inherited (its receiver does, once it
+    runs), and so does the import of the app before it (a KeyboardInterrupt: the run
+    was not started). (Outside the main thread, where Python takes no signal handler,
+    nothing is done.)"""
     if threading.current_thread() is not threading.main_thread():
         return
+    if not worker and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     handled = tuple(s for s in stop_signals() if worker or is_hangup(s))
     for signum in handled:
         signal.signal(signum, _note_early)
