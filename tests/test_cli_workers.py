@@ -678,6 +678,20 @@ class StderrLines:
         return "".join(self.lines)
 
 
+def run_to_its_end(
+    args: list[str], tag: str, tmp_path: Path, timeout: float = 120
+) -> tuple[subprocess.Popen[str], str, str]:
+    """Run ``nexus`` with ``args`` until it exits by itself; the process (its
+    ``returncode`` set), its stdout and its stderr. Whatever it left is killed."""
+    proc = start_nexus(args, tag, tmp_path)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        kill_tagged(tag)
+        proc.kill()
+    return proc, out, err
+
+
 def signal_and_collect(
     proc: subprocess.Popen[str], stderr: StderrLines, signum: signal.Signals, timeout: float
 ) -> tuple[str, str]:
@@ -958,12 +972,9 @@ def test_a_worker_that_dies_before_it_joins_is_reported_and_the_rest_is_counted(
     joined, counted with nothing, the books of the worker that ran balance, and the run
     fails with the dead worker's exit status (3)."""
     (tmp_path / "dies_early.py").write_text(DIES_AT_IMPORT_IN_WORKER_1)
-    proc = start_nexus(["run", "-W", "2", "--app", "dies_early:main", "--json"], tag, tmp_path)
-    try:
-        out, err = proc.communicate(timeout=120)
-    finally:
-        kill_tagged(tag)
-        proc.kill()
+    proc, out, err = run_to_its_end(
+        ["run", "-W", "2", "--app", "dies_early:main", "--json"], tag, tmp_path
+    )
     assert proc.returncode == 3, err
     summary = json.loads(out)
     check_fields(summary)
@@ -1786,12 +1797,9 @@ def test_the_parent_of_the_workers_logs_as_the_config_says(
     config was ignored by it as well. It takes ``[logging]`` as a single run does."""
     (tmp_path / "config.toml").write_text(config, encoding="utf-8")
     (tmp_path / "config.toml").chmod(0o644)
-    proc = start_nexus(["run", "-W", "1", "-n", "4", "-d", "0.5", "--json"], tag, tmp_path)
-    try:
-        out, err = proc.communicate(timeout=120)
-    finally:
-        kill_tagged(tag)
-        proc.kill()
+    proc, out, err = run_to_its_end(
+        ["run", "-W", "1", "-n", "4", "-d", "0.5", "--json"], tag, tmp_path
+    )
     assert proc.returncode == 0, err
     assert json.loads(out)["conserved"] is True
     lines = err.splitlines()

@@ -24,6 +24,7 @@ import trio.testing
 
 from nexus_trio import (
     AgentNotFound,
+    AgentRef,
     Context,
     DeadLetterReason,
     EventKind,
@@ -702,6 +703,28 @@ async def test_a_failed_durable_delivery_is_nakked_not_left_to_ack_wait(
     assert (stats.durable_redelivered, stats.durable_acked, stats.durable_duplicates) == (1, 1, 0)
 
 
+async def _published_then_fetched_once_here(cluster: Cluster, target: AgentRef) -> None:
+    """Publish a durable message to ``target`` on ``cluster``'s node, fetch it through the
+    node's durable consumer from this test, and check it is delivered for the first time
+    (the node, whose pull ended, took none) and acked."""
+    msg = Message(sender=uuid.uuid4(), to=target.id, payload=1)
+    await call_aio(
+        cluster.data_js.publish,
+        wire.durable_subject(cluster.prefix, cluster.node, target.id),
+        wire.encode_message(msg),
+    )
+    psub = await call_aio(
+        cluster.data_js.pull_subscribe,
+        wire.durable_subject(cluster.prefix, cluster.node, "*"),
+        durable=cluster.node,
+        stream=f"{cluster.prefix}-durable",
+    )
+    got = await call_aio(psub.fetch, 1, timeout=5.0)
+    assert [wire.decode_message(m.data).id for m in got] == [msg.id]
+    assert got[0].metadata.num_delivered == 1
+    await call_aio(got[0].ack)
+
+
 async def test_a_node_whose_kernel_stopped_pulls_no_durable_message(nats: NatsServer) -> None:
     """Regression: once the kernel had shut down (still joined), the pull went on: each
     durable message for the node was fetched, refused (KernelShuttingDown), nakked and
@@ -714,22 +737,7 @@ async def test_a_node_whose_kernel_stopped_pulls_no_durable_message(nats: NatsSe
         await kernel.shutdown()
         with trio.fail_after(20):
             await durable._pull_ended.wait()
-            msg = Message(sender=uuid.uuid4(), to=target.id, payload=1)
-            await call_aio(
-                cluster.data_js.publish,
-                wire.durable_subject(cluster.prefix, cluster.node, target.id),
-                wire.encode_message(msg),
-            )
-            psub = await call_aio(
-                cluster.data_js.pull_subscribe,
-                wire.durable_subject(cluster.prefix, cluster.node, "*"),
-                durable=cluster.node,
-                stream=f"{cluster.prefix}-durable",
-            )
-            got = await call_aio(psub.fetch, 1, timeout=5.0)
-            assert [wire.decode_message(m.data).id for m in got] == [msg.id]
-            assert got[0].metadata.num_delivered == 1
-            await call_aio(got[0].ack)
+            await _published_then_fetched_once_here(cluster, target)
         assert durable.dead == 0
 
 
@@ -772,22 +780,8 @@ async def test_a_pull_request_the_server_still_holds_when_the_kernel_stops_takes
             await fetching.wait()  # the pull's fetch is ours now
             await kernel.shutdown()
             await durable._pull_ended.wait()
-            msg = Message(sender=uuid.uuid4(), to=target.id, payload=1)
-            await call_aio(
-                cluster.data_js.publish,
-                wire.durable_subject(cluster.prefix, cluster.node, target.id),
-                wire.encode_message(msg),
-            )
-            test_sub = await call_aio(
-                cluster.data_js.pull_subscribe,
-                wire.durable_subject(cluster.prefix, cluster.node, "*"),
-                durable=cluster.node,
-                stream=stream,
-            )
-            got = await call_aio(test_sub.fetch, 1, timeout=5.0)
-            assert [wire.decode_message(m.data).id for m in got] == [msg.id]
-            assert got[0].metadata.num_delivered == 1  # the left request took nothing
-            await call_aio(got[0].ack)
+            # (once: the request left at the server took nothing)
+            await _published_then_fetched_once_here(cluster, target)
         assert len(late) == 1 and durable.dead == 0
 
 
