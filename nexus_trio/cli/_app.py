@@ -24,8 +24,9 @@ import shutil
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -38,6 +39,8 @@ from ._commands import PROGRAM_NAMES, Command, Group, RunByDefaultGroup, default
 __all__ = ["app", "default_to_run", "main"]
 
 log = logging.getLogger("nexus_trio.cli")
+
+_T = TypeVar("_T")
 
 EXAMPLES = """\
 [bold]Examples[/]
@@ -492,36 +495,35 @@ def _interrupted(exc: _ImportInterrupted) -> typer.Exit:
     return typer.Exit(FORCED_EXIT)
 
 
-def _loaded_app(reference: str | None, from_flag: bool) -> Any:
-    """The object ``--app`` (or the config's ``[app] app``) names, None without one; a
-    usage error naming where it came from if it cannot be loaded; _ImportInterrupted for
-    a Ctrl-C while it is imported."""
-    from ._run import AppError, load_app
+def _loaded(load: Callable[[str], _T], reference: str | None, hint: str) -> _T | None:
+    """``load(reference)``, None without a reference; a usage error naming ``hint`` (the
+    flag or config key the reference came from) if it cannot be loaded; _ImportInterrupted
+    for a Ctrl-C while it is imported."""
+    from ._run import AppError
 
     if not reference:
         return None
-    hint = "'--app'" if from_flag else "[app] app"
     try:
-        return load_app(reference)
+        return load(reference)
     except AppError as exc:
         raise typer.BadParameter(str(exc), param_hint=hint) from None
     except KeyboardInterrupt:
         raise _ImportInterrupted(f"{reference!r} ({hint.strip(chr(39))})") from None
+
+
+def _loaded_app(reference: str | None, from_flag: bool) -> Any:
+    """The object ``--app`` (or the config's ``[app] app``) names, as :func:`_loaded`."""
+    from ._run import load_app
+
+    return _loaded(load_app, reference, "'--app'" if from_flag else "[app] app")
 
 
 def _loaded_types(reference: str | None, hint: str) -> dict[str, Any] | None:
-    """The agent types ``--types`` (or ``[app] types``; ``hint`` names which) names, None
-    without; a usage error naming it if they cannot be loaded or are not types."""
-    from ._run import AppError, load_types
+    """The agent types ``--types`` (or ``[app] types``; ``hint`` names which) names, as
+    :func:`_loaded` (a reference that names no types is an error of the load)."""
+    from ._run import load_types
 
-    if not reference:
-        return None
-    try:
-        return load_types(reference)
-    except AppError as exc:
-        raise typer.BadParameter(str(exc), param_hint=hint) from None
-    except KeyboardInterrupt:
-        raise _ImportInterrupted(f"{reference!r} ({hint.strip(chr(39))})") from None
+    return _loaded(load_types, reference, hint)
 
 
 def _run_workers(
