@@ -9,6 +9,7 @@ that waited for its deadline).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import json
@@ -26,6 +27,8 @@ import nats as nats_py
 import pytest
 import trio
 import trio.testing
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError
 
 from nexus_trio import (
     SYSTEM_ID,
@@ -2573,6 +2576,138 @@ async def test_a_leaving_node_is_heard_leaving_once_and_its_record_stays_dropped
     assert left.count("node b: node 'a' left the cluster") == 1, left
     assert members_of_c == ["b", "c"]
     assert "a" not in members_of_b
+
+
+async def test_a_record_write_in_flight_as_a_node_leaves_does_not_land_after_its_delete(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a write of a node's membership record already on its way when the node
+    announced its leave could reach the nodes bucket after the leave's delete: the record
+    was back in the bucket (until its TTL) and a node joining then took the node that had
+    left for a member. Here a's heartbeat write of its record is held in flight until its
+    leave's delete is in the bucket, then let go: it is refused (every write of the record
+    expects the revision the node last knew, and the delete changed it)."""
+    original = JetStreamContext.publish
+    record_subject = "$KV.nexus-nodes.a"
+    hold = False
+    held = trio.Event()
+    release, written = asyncio.Event(), asyncio.Event()
+    writes: list[str] = []
+
+    async def publish(self: JetStreamContext, subject: str, *args: Any, **kwargs: Any) -> Any:
+        headers = kwargs.get("headers") or {}
+        if subject != record_subject or not hold:
+            return await original(self, subject, *args, **kwargs)
+        if headers.get("KV-Operation") == "DEL":
+            ack = await original(self, subject, *args, **kwargs)
+            writes.append(f"delete {ack.seq}")
+            release.set()  # the held write goes now, and lands after the delete
+            await written.wait()
+            return ack
+        held.set()
+        await release.wait()
+        try:
+            ack = await original(self, subject, *args, **kwargs)
+            writes.append(f"record {ack.seq}")
+            return ack
+        except Exception as exc:
+            writes.append(f"refused {getattr(exc, 'err_code', exc)}")
+            raise
+        finally:
+            written.set()
+
+    async def read_record() -> bytes | None:
+        kv = await cb.js.key_value("nexus-nodes")
+        try:
+            entry = await kv.get("a")
+        except KeyNotFoundError:
+            return None
+        return entry.value
+
+    monkeypatch.setattr(JetStreamContext, "publish", publish)
+    with trio.fail_after(30):
+        async with _node(nats.url, "b", missed_heartbeats=50) as (_, cb):
+            async with _node(nats.url, "a"):
+                hold = True
+                await held.wait()  # a heartbeat's write of a's record is on its way
+            assert len(writes) == 2 and writes[0].startswith("delete"), writes
+            # (10071: the stream's last revision of the key is not the one expected)
+            assert writes[1] == "refused 10071", writes
+            assert await call_aio(read_record) is None
+            async with _node(nats.url, "c", missed_heartbeats=50) as (_, cc):
+                members_of_c = [info.node for info in cc.member_list()]
+    assert members_of_c == ["b", "c"]
+
+
+async def test_a_node_whose_record_write_lost_its_answer_keeps_its_record_current(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write of a node's membership record that landed but whose answer was lost (a
+    timeout) leaves the node expecting an older revision of its record: its next write is
+    refused by the bucket, and the node writes it again expecting the revision the bucket
+    holds, so that its record stays current (not refused at every heartbeat after)."""
+    original = JetStreamContext.publish
+    lose = False
+    writes: list[str] = []
+    two_after = trio.Event()
+
+    async def publish(self: JetStreamContext, subject: str, *args: Any, **kwargs: Any) -> Any:
+        nonlocal lose
+        if subject != "$KV.nexus-nodes.a":
+            return await original(self, subject, *args, **kwargs)
+        try:
+            ack = await original(self, subject, *args, **kwargs)
+        except Exception as exc:
+            writes.append(f"refused {getattr(exc, 'err_code', exc)}")
+            raise
+        if lose:
+            lose = False
+            writes.append(f"lost {ack.seq}")
+            raise nats_py.errors.TimeoutError
+        writes.append(f"record {ack.seq}")
+        if len(writes) >= 4 and writes[-4].startswith("lost"):
+            two_after.set()
+        return ack
+
+    monkeypatch.setattr(JetStreamContext, "publish", publish)
+    with trio.fail_after(30):
+        async with _node(nats.url, "a") as (_, ca):
+            lose = True
+            await two_after.wait()
+
+            async def read_revision() -> int | None:
+                kv = await ca.js.key_value("nexus-nodes")
+                return (await kv.get("a")).revision
+
+            in_bucket = await call_aio(read_revision)
+    start = next(i for i, w in enumerate(writes) if w.startswith("lost"))
+    tail = writes[start : start + 4]
+    assert [w.split()[0] for w in tail] == ["lost", "refused", "record", "record"], writes
+    assert tail[1] == "refused 10071"
+    revisions = [int(w.split()[1]) for w in (tail[0], tail[2], tail[3])]
+    assert revisions == sorted(revisions) and len(set(revisions)) == 3, writes
+    assert in_bucket is not None and in_bucket >= revisions[2]
+
+
+async def test_announcements_at_once_each_write_the_record_in_turn(nats: NatsServer) -> None:
+    """Each write of a node's record expects the revision the write before it made (see
+    test_a_record_write_in_flight_as_a_node_leaves_does_not_land_after_its_delete): the
+    node's own writes go one at a time, so that ``announce()`` called from many tasks at
+    once (and the heartbeats meanwhile) never has a write of its own refused."""
+    async with _node(nats.url, "a") as (_, ca):
+
+        async def revision() -> int:
+            kv = await ca.js.key_value("nexus-nodes")
+            return (await kv.get("a")).revision or 0
+
+        with trio.fail_after(30):
+            before = await call_aio(revision)
+            async with trio.open_nursery() as nursery:
+                for _ in range(8):
+                    nursery.start_soon(ca.announce)
+            after = await call_aio(revision)
+    # (the only key of the bucket: each write of it is one revision; heartbeats add some)
+    assert after - before >= 8
 
 
 # --- remote cancellation ---------------------------------------------------------------------

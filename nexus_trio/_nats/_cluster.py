@@ -534,6 +534,12 @@ class Cluster:
         #: set as the leave is announced: from then on no record of this node goes out
         #: (the others would take the node back as a member, the bucket hold it again)
         self._leave_announced = False
+        #: the revision of this node's record in the nodes bucket as this node last wrote
+        #: or read it: each write of the record expects it (see _write_record)
+        self._record_revision = 0
+        #: one write of the record at a time (a heartbeat's, announce()'s): each expects
+        #: the revision the one before wrote, not the same one
+        self._record_lock = trio.Lock()
         self._forwarded_in = 0
         self.placement = Placement(self)
         #: extra fields for this node's membership record (e.g. a run's phase), seen by
@@ -2928,7 +2934,40 @@ class Cluster:
         await call_aio(self._control.publish, self._heartbeat_subject, record)
         kv = self._nodes_kv
         assert kv is not None
-        await call_aio(kv.put, self.node, record)
+        await self._write_record(kv, record)
+
+    async def _write_record(self, kv: KeyValue, record: bytes) -> None:
+        """Write this node's membership record to the nodes bucket, never over its leave's
+        delete. Each write expects the revision this node last wrote or read (a KV update,
+        not a put), so one still on its way when the leave deletes the record (sent before
+        the leave was announced, held up on the way, its answer lost) is refused by the
+        bucket, whichever comes first there: the delete is this node's last write of its
+        record. A write refused while the node is not leaving (a write whose answer was
+        lost had landed, another process wrote under this node's name, the record was
+        deleted or expired) is made again, expecting the revision the bucket holds now;
+        not once the leave is announced (that revision may be the leave's delete)."""
+        async with self._record_lock:
+            await self._write_record_now(kv, record)
+
+    async def _write_record_now(self, kv: KeyValue, record: bytes) -> None:
+        if self._leave_announced:
+            return  # (waited for the write before it past the announcement)
+        try:
+            self._record_revision = await call_aio(
+                kv.update, self.node, record, self._record_revision
+            )
+            return
+        except nats.js.errors.KeyWrongLastSequenceError:
+            if self._leave_announced:
+                return
+        try:
+            last = (await call_aio(kv.get, self.node)).revision or 0
+        except nats.js.errors.KeyNotFoundError as exc:
+            # deleted (the delete marker's revision) or expired, or never written (0)
+            last = (exc.entry.revision or 0) if exc.entry is not None else 0
+        if self._leave_announced:
+            return  # (checked after the read: the revision read may be the leave's delete)
+        self._record_revision = await call_aio(kv.update, self.node, record, last)
 
     async def _heartbeats(self) -> None:
         """Core NATS heartbeats: they fail over with the connection in milliseconds, while
@@ -2963,7 +3002,7 @@ class Cluster:
             if self._leave_announced:
                 return
             try:
-                await call_aio(kv.put, self.node, self._record())
+                await self._write_record(kv, self._record())
                 if failing:
                     log_guarded(
                         log, logging.INFO, "node %s: membership record writable again", self.node
@@ -3534,7 +3573,9 @@ class Cluster:
             # Heartbeats go on until here: a node silent through a slow leave would be
             # judged lost. None after: one that ticked after the announcement (or a put
             # after the record's delete) announced the node again, and the others took
-            # it back as a member until its last notice, and logged its leave twice.
+            # it back as a member until its last notice, and logged its leave twice. A
+            # write of the record already on its way is refused by the bucket if it
+            # comes after the delete (see _write_record).
             self._leave_announced = True
             try:
                 # (naming this join: heard after a later join's heartbeat of this
