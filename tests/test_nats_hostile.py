@@ -305,6 +305,64 @@ async def test_a_record_naming_another_node_than_its_subject_or_key_is_ignored(
         watchers.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("via", ["bucket", "heartbeat", "delete", "leave"])
+async def test_a_record_under_a_node_s_own_name_leaves_its_own_entry_alone(
+    nats: NatsServer, via: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: a membership record under a node's own name from another process (an
+    earlier process of that name, a peer on the account) replaced the node's own entry in
+    its member table (another pid, host and id prefix: its own agents' id prefix no longer
+    led to it), and a delete of its key or a leave announced on its subject removed the
+    entry, until the node's next heartbeat. A node keeps its own entry (its heartbeats
+    are slow here: none comes between the spoof and the check)."""
+    slow = attrs.evolve(PATIENT, heartbeat_interval=30.0)
+    async with _node(nats.url, "a", options=slow) as (_, ca), _hostile(nats.url) as hostile:
+        with trio.fail_after(20):
+            await _members_heard(ca, "a")
+            own = {info.node: info for info in ca.member_list()}["a"]
+            spoof = _record("a", id_prefix="00000000000000ef", pid=4242, host="elsewhere")
+            if via == "bucket":
+                await hostile.put("nodes", "a", spoof)
+            elif via == "heartbeat":
+                await hostile.publish("nexus.hb.a", spoof)
+            elif via == "delete":
+
+                async def delete() -> None:
+                    kv = await hostile.nc.jetstream().key_value("nexus-nodes")
+                    await kv.delete("a")
+
+                await call_aio(delete)
+            else:
+                await hostile.publish("nexus.hb.a", b"", {wire.SESSION_HEADER: "00000000000000cd"})
+                await hostile.publish("nexus.hb.a", b"")  # (a leave without a session)
+            await hostile.flush()
+            await hostile.put("nodes", "marker", _record("marker"))
+            await _members_heard(ca, "marker")
+        members = {info.node: info for info in ca.member_list()}
+        assert "a" in members, sorted(members)
+        mine = members["a"]
+        assert (mine.id_prefix, mine.pid, mine.host, mine.session) == (
+            ca.id_prefix,
+            own.pid,
+            own.host,
+            own.session,
+        )
+        assert mine.reachable and ca.stats().members == ("a", "marker")
+    ignored = [
+        r.getMessage()
+        for r in caplog.records
+        if "membership record under its own name" in r.getMessage()
+    ]
+    if via in ("bucket", "heartbeat"):
+        assert ignored == [
+            "node a: ignoring a membership record under its own name from another process"
+            " (pid 4242 on elsewhere, id prefix 00000000000000ef; an earlier process of this"
+            " name, or two nodes named 'a'?)"
+        ]
+    else:
+        assert ignored == []
+
+
 # --- the property: a drawn script of hostile frames against two live nodes ----------------------
 
 #: node names of the hostile peer's fake members and of its streams (never a live node's;

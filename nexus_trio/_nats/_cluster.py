@@ -517,6 +517,8 @@ class Cluster:
         #: thousand): logged at most once a second
         self._record_log = Throttle()
         self._records_malformed = 0
+        #: records under this node's name from another process (see _apply_member_entry)
+        self._own_name_log = Throttle()
         self._drop_log = Throttle()
         self._data_up = trio.Event()  # set while the data connection is up
         self._data_up.set()
@@ -3147,9 +3149,17 @@ class Cluster:
             )
 
     def _apply_member_entry(self, key: str, value: bytes | None, op: str | None) -> None:
+        """A record or a leave (a delete) of node ``key``, from the nodes bucket's watch or
+        the heartbeat subjects. This node's own entry is its own join's records only: a
+        delete of its key or a leave on its subject (an earlier process of its name, its
+        own leave's delete, anyone on the account) never removes it, and a record under
+        its name from another process (another id prefix or session) never replaces it;
+        it is a member of its own table until it leaves."""
         if op == "DEL":
+            if key == self.node:
+                return
             info = self.members.left(key)
-            if info is not None and key != self.node:
+            if info is not None:
                 log_guarded(log, logging.INFO, "node %s: node %r left the cluster", self.node, key)
                 # (one lost before was counted then, see Placement.node_lost)
                 self._restart_streams(key, info if info.reachable else None)
@@ -3170,6 +3180,24 @@ class Cluster:
                     key,
                     self._records_malformed,
                     exc,
+                )
+            return
+        if info.node == self.node and (info.id_prefix, info.session) != (
+            self.id_prefix,
+            self._session,
+        ):
+            if self._own_name_log.due():
+                log_guarded(
+                    log,
+                    logging.WARNING,
+                    "node %s: ignoring a membership record under its own name from another"
+                    " process (pid %d on %s, id prefix %016x; an earlier process of this"
+                    " name, or two nodes named %r?)",
+                    self.node,
+                    info.pid,
+                    info.host,
+                    info.id_prefix,
+                    self.node,
                 )
             return
         previous = self.members.members.get(info.node)
