@@ -1710,6 +1710,180 @@ def test_a_ctrl_c_while_the_parent_imports_the_app_is_a_summary_of_workers_not_s
     assert tagged_processes(tag) == {}  # nothing was started
 
 
+WORKERS_SLOW_IMPORT = """
+import os, sys, time
+from nexus_trio import Agent
+
+if os.environ.get("NEXUS_WORKER"):  # (the parent's check of the app is quick)
+    print("slow_import: importing", file=sys.stderr, flush=True)
+    try:
+        time.sleep(300)
+    except BaseException:
+        if os.environ.get("SWALLOW") == "error":  # an import that makes an error of it
+            raise RuntimeError("cleaning up failed")
+        if os.environ.get("SWALLOW") == "pass":  # one that swallows it and goes on
+            print("slow_import: swallowed", file=sys.stderr, flush=True)
+        else:
+            raise
+
+async def main(kernel):
+    pass
+
+class Counter(Agent):
+    async def handle(self, ctx, msg):
+        return 1
+
+TYPES = {"counter": Counter}
+"""
+
+
+@pytestmark_linux
+@pytest.mark.parametrize(
+    ("signum", "flag", "swallow"),
+    [
+        (signal.SIGINT, "--app", ""),
+        (signal.SIGTERM, "--types", "error"),
+        (signal.SIGTERM, "--app", "pass"),
+    ],
+    ids=["sigint-app", "sigterm-types-made-an-error", "sigterm-app-swallowed"],
+)
+def test_a_stop_while_the_workers_import_the_app_ends_the_run_at_once(
+    tag: str, tmp_path: Path, signum: signal.Signals, flag: str, swallow: str
+) -> None:
+    """Regression: a stop (Ctrl-C, SIGTERM) to the ``--workers`` parent while its workers
+    imported a slow app waited for the import to end (the workers held the stop until
+    their run took it): minutes here, the run then stopped before it joined. A worker
+    now takes the stop as an interrupt of the import (also one the import swallowed or
+    made an error of), says it was stopped while importing, and prints the summary of a
+    worker stopped before it started: exit 0, nothing to count, the run's books
+    balanced, the parent out within seconds."""
+    (tmp_path / "slow_import.py").write_text(WORKERS_SLOW_IMPORT)
+    ref = "slow_import:main" if flag == "--app" else "slow_import:TYPES"
+    args = ["run", "-W", "2", flag, ref, "--json"]
+    proc = start_nexus(args, tag, tmp_path, SWALLOW=swallow)
+    try:
+        stderr = StderrLines(proc)
+        stderr.wait_for("slow_import: importing", 2, proc, timeout=90)
+        signalled = time.monotonic()
+        out, err = signal_and_collect(proc, stderr, signum, 60)
+        took = time.monotonic() - signalled
+    finally:
+        kill_tagged(tag)
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert took < 20, f"the run took {took:.1f} s to stop"  # (about 0.2 s: a loaded machine)
+    assert "Traceback" not in err, err
+    said = f"stopped while importing {ref!r} ({flag}): the run was not started"
+    assert err.count(f"SIGTERM: {said}") == 2, err
+    assert err.count("slow_import: swallowed") == (2 if swallow == "pass" else 0), err
+    summary = json.loads(out)
+    check_fields(summary)
+    assert (summary["stopped_by"], summary["error"]) == (signum.name, None)
+    assert [
+        (w["node"], w["exit"], w["stopped_by"], w["not_started"], w["agents"], w["conserved"])
+        for w in summary["per_worker"]
+    ] == [(f"worker-{i}", "exit code 0", "SIGTERM", said, 0, True) for i in range(2)]
+    assert (summary["sent"], summary["workers_died"], summary["conserved"]) == (0, [], True)
+    assert tagged_processes(tag) == {}
+
+
+@pytestmark_linux
+def test_a_workers_stop_interrupts_the_import_once_and_wins_over_what_the_import_did() -> None:
+    """``stops_interrupt`` in a worker: a stop raises StoppedWhileImporting where the
+    import is, once (a second stop is noted only: the handler disarms itself, so the
+    exception cannot land before the block disarms it and leave it armed); whatever the
+    import then does (here: swallows it and returns) the block ends with it, naming the
+    first stop; one noted before the block raises it before the body runs. Outside a
+    worker it does nothing."""
+    from nexus_trio.cli._run import (
+        StoppedWhileImporting,
+        catch_stop_signals_early,
+        stops_interrupt,
+        take_early_signals,
+    )
+
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.getsignal(signum) for signum in handled}
+    caught: list[str] = []
+    ran: list[str] = []
+
+    def an_import_that_swallows_the_stop() -> None:
+        with stops_interrupt():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                ran.append("past the stop")
+            except StoppedWhileImporting as exc:
+                caught.append(exc.signame)
+                os.kill(os.getpid(), signal.SIGINT)  # noted only
+                ran.append("went on")
+
+    try:
+        catch_stop_signals_early(worker=True)
+        with pytest.raises(StoppedWhileImporting) as first:
+            an_import_that_swallows_the_stop()
+        assert (caught, ran, first.value.signame) == (["SIGTERM"], ["went on"], "SIGTERM")
+        assert take_early_signals() == [signal.SIGTERM, signal.SIGINT]
+
+        # (not SIGHUP: this process would count itself hung up from then on)
+        os.kill(os.getpid(), signal.SIGTERM)  # before the block
+        with pytest.raises(StoppedWhileImporting) as before:
+            with stops_interrupt():
+                ran.append("imported")
+        assert (before.value.signame, ran) == ("SIGTERM", ["went on"])
+        assert take_early_signals() == [signal.SIGTERM]
+
+        catch_stop_signals_early(worker=False)  # (a run of its own: nothing to do)
+        with stops_interrupt():
+            ran.append("imported")
+        assert ran == ["went on", "imported"]
+    finally:
+        take_early_signals()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@pytestmark_linux
+def test_a_worker_stopped_before_it_imports_the_app_does_not_import_it(tmp_path: Path) -> None:
+    """Regression: a worker whose stop came before it imported the app (held while the
+    interpreter started) imported it all the same, however long that took (minutes
+    here), then stopped before it joined. It now does not import it: it says it was
+    stopped while importing, prints the summary of a worker stopped before it started
+    (``not_started``, nothing to count), exit 0."""
+    from nexus_trio.cli._cluster_cmd import SWARM_ENV
+
+    (tmp_path / "slow_import.py").write_text(WORKERS_SLOW_IMPORT)
+
+    def stopped_before_it_runs() -> None:  # (what the parent's SIGTERM does then)
+        signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGINT, signal.SIGTERM))
+        os.kill(os.getpid(), signal.SIGTERM)  # pending, as it would be
+
+    env = {**os.environ, WORKER_ENV: "worker-0", "NO_COLOR": "1"}
+    env.pop(SWARM_ENV, None)
+    argv = ["run", "--app", "slow_import:main", "--json", "--no-live", "--nats", NO_SERVER]
+    proc = subprocess.run(
+        [sys.executable, "-m", "nexus_trio.cli", *argv, "--node", "worker-0"],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        preexec_fn=stopped_before_it_runs,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "slow_import: importing" not in proc.stderr
+    said = "stopped while importing 'slow_import:main' (--app): the run was not started"
+    assert f"SIGTERM: {said}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    summary = json.loads(proc.stdout)
+    assert (summary["stopped_by"], summary["error"], summary["not_started"]) == (
+        "SIGTERM",
+        None,
+        said,
+    )
+    assert (summary["agents"], summary["sent"], summary["conserved"]) == (0, 0, True)
+
+
 def wait_for_workers_started(proc: subprocess.Popen[str], tag: str) -> None:
     """Until both workers of ``tag`` run their interpreter (not yet their run, mostly: they
     import for a second or so), ``proc`` still running (60 s at most)."""

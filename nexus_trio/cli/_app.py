@@ -435,12 +435,20 @@ def run(
         logging.getLogger("nexus_trio.config"), logging.INFO, "%s", loaded.describe_source()
     )
 
+    not_started = None
     try:
         target = _loaded_app(cfg.app.app, app_ref is not None)
         types = _loaded_types(cfg.app.types, types_hint)
     except _ImportInterrupted as exc:
-        raise _interrupted(exc) from None
-    if not commands:
+        if exc.signame is None or not os.environ.get(WORKER_ENV):
+            raise _interrupted(exc) from None
+        # A worker the parent stopped while it imported: it runs nothing, and prints the
+        # summary of a worker stopped before it joined the cluster, saying so (exit 0).
+        target = types = None
+        not_started = f"stopped while importing {exc.what}: the run was not started"
+        log_guarded(log, logging.WARNING, "%s: %s", exc.signame, not_started)
+        commands = []
+    if not commands and not_started is None:
         commands = [_split_command(c, "[app] spawn") for c in cfg.app.spawn]
     show_live = live if live is not None else sys.stderr.isatty()
     opts = RunOptions(
@@ -462,9 +470,10 @@ def run(
         node=node,
         live=show_live,
         seed=seed,
-        demo=target is None and not commands and types is None,
+        demo=target is None and not commands and types is None and not_started is None,
         records_lost_before=records_lost_before,
         log_calls_failed_before=log_calls_failed_before,
+        not_started=not_started,
     )
     status = execute_run(opts, summary_out=summary_out)
     if status:
@@ -472,13 +481,16 @@ def run(
 
 
 class _ImportInterrupted(Exception):
-    """A Ctrl-C (KeyboardInterrupt) while the app or the agent types were imported: the
-    run was not started."""
+    """A Ctrl-C (KeyboardInterrupt; in a ``--workers`` worker a stop signal) while the
+    app or the agent types were imported: the run was not started."""
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, signame: str | None = None) -> None:
         super().__init__(what)
         #: what was being imported and which flag (or key) named it
         self.what = what
+        #: the stop signal that interrupted it in a ``--workers`` worker
+        #: (``_run.stops_interrupt``); None: a KeyboardInterrupt (Ctrl-C elsewhere)
+        self.signame = signame
 
 
 def _interrupted(exc: _ImportInterrupted) -> typer.Exit:
@@ -498,17 +510,20 @@ def _interrupted(exc: _ImportInterrupted) -> typer.Exit:
 def _loaded(load: Callable[[str], _T], reference: str | None, hint: str) -> _T | None:
     """``load(reference)``, None without a reference; a usage error naming ``hint`` (the
     flag or config key the reference came from) if it cannot be loaded; _ImportInterrupted
-    for a Ctrl-C while it is imported."""
-    from ._run import AppError
+    for a Ctrl-C while it is imported (in a ``--workers`` worker: a stop signal, also one
+    that came before or that the import swallowed, see ``_run.stops_interrupt``)."""
+    from ._run import AppError, StoppedWhileImporting, stops_interrupt
 
     if not reference:
         return None
     try:
-        return load(reference)
+        with stops_interrupt():  # (a worker: the parent's stop interrupts the import)
+            return load(reference)
     except AppError as exc:
         raise typer.BadParameter(str(exc), param_hint=hint) from None
-    except KeyboardInterrupt:
-        raise _ImportInterrupted(f"{reference!r} ({hint.strip(chr(39))})") from None
+    except KeyboardInterrupt as exc:
+        signame = exc.signame if isinstance(exc, StoppedWhileImporting) else None
+        raise _ImportInterrupted(f"{reference!r} ({hint.strip(chr(39))})", signame) from None
 
 
 def _loaded_app(reference: str | None, from_flag: bool) -> Any:

@@ -10,8 +10,8 @@ SIGTERM, or one after a worker died, kills them: a forced stop, exit status 130 
 single run's; a SIGHUP never forces), from before the
 private nats-server starts: a stop while the workers start is as graceful as a later one
 (no worker is started after it; the workers start with both signals blocked, so that one
-that comes while a worker still imports is held until its run takes it: see
-``_run.catch_stop_signals_early``). Each worker
+that comes while a worker still starts is held until it can take it: it interrupts the
+import of the app, or its run takes it; see ``_run.catch_stop_signals_early``). Each worker
 prints its JSON summary on stdout at the end; the parent adds them up into one and checks
 the cluster's books: every message that started on some worker was handled,
 dead-lettered, or counted as lost (see :func:`aggregate_summaries`). A worker that

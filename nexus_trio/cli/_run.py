@@ -33,7 +33,7 @@ import sysconfig
 import threading
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final, TextIO, cast
 
 import attrs
@@ -110,6 +110,10 @@ class RunOptions:
     #: ``log_calls_failed()`` before the run set its logging up (process-wide too); None:
     #: when the run starts
     log_calls_failed_before: int | None = None
+    #: a ``--workers`` worker stopped while it imported the app (or the agent types):
+    #: what it says (the summary's ``not_started``); it runs nothing, as stopped before it
+    #: joined the cluster
+    not_started: str | None = None
 
 
 # --- --app ----------------------------------------------------------------------------------
@@ -336,6 +340,9 @@ _early_signals: list[int] = []
 #: set once this process took a SIGHUP as a stop: its terminal is gone, and writing the
 #: summary there may fail (see :func:`print_summary`)
 _hangups: list[int] = []
+#: [a worker: its stop signals interrupt the import of the app (:func:`stops_interrupt`),
+#: and (while one is under way) whether they raise where the main thread is]
+_interrupts: dict[str, bool] = {"enabled": False, "armed": False}
 
 
 def stop_signals() -> tuple[int, ...]:
@@ -363,10 +370,51 @@ def hung_up() -> bool:
     return bool(_hangups)
 
 
+class StoppedWhileImporting(KeyboardInterrupt):
+    """A stop signal that came while a ``--workers`` worker imported the app or the agent
+    types (:func:`stops_interrupt`): the run was not started."""
+
+    def __init__(self, signame: str) -> None:
+        super().__init__(signame)
+        #: the first stop signal noted (``SIGTERM``: the parent's stop)
+        self.signame = signame
+
+
 def _note_early(signum: int, _frame: object) -> None:
     if is_hangup(signum):
         note_hangup()
     _early_signals.append(signum)
+    if _interrupts["armed"]:
+        # Once: disarmed here, not by the code it interrupts (the exception may land in
+        # the line that would), and a second stop is noted only (the run forces it).
+        _interrupts["armed"] = False
+        raise StoppedWhileImporting(signal.Signals(_early_signals[0]).name)
+
+
+@contextlib.contextmanager
+def stops_interrupt() -> Iterator[None]:
+    """Around the import of the user's module in a ``--workers`` worker: a stop signal
+    (the parent's SIGTERM) raises :class:`StoppedWhileImporting` (a KeyboardInterrupt)
+    where the import is, as Ctrl-C does in a run of its own, rather than waiting for
+    the import to end (seconds with a slow one). One noted before the block raises it
+    at once, without the import; one the block did not end by (it came as the import
+    returned, or the import caught ``BaseException`` and went on, or made another
+    error of it) raises it as the block ends, in place of what it returned or raised:
+    a stop noted until then always means not started. The signals stay noted (the run
+    would take them). Elsewhere (outside a worker, see :func:`catch_stop_signals_early`)
+    it does nothing: Python's SIGINT handler interrupts the import there."""
+    if not _interrupts["enabled"]:
+        yield
+        return
+    _interrupts["armed"] = True  # (before the look at those noted: none slips between)
+    try:
+        if _early_signals:  # a stop before: no import
+            raise StoppedWhileImporting(signal.Signals(_early_signals[0]).name)
+        yield
+    finally:
+        _interrupts["armed"] = False
+        if _early_signals:  # (whatever the block ended with: not started)
+            raise StoppedWhileImporting(signal.Signals(_early_signals[0]).name)
 
 
 def catch_stop_signals_early(*, worker: bool = True) -> None:
@@ -379,7 +427,8 @@ def catch_stop_signals_early(*, worker: bool = True) -> None:
     each worker with them blocked (``_cluster_cmd``): a stop it passes on while the
     worker still starts (imports, loads its config) is held pending, not the end of the
     worker by SIGTERM's default action (no summary, taken for a death); they are let
-    through here, once noted instead.
+    through here, once noted instead, and they interrupt the import of the app that
+    follows (:func:`stops_interrupt`).
 
     Elsewhere (a run of its own, the ``--workers`` parent) only SIGHUP: a hangup may come
     twice (see :func:`_on_stop_signal`), and one more after the run would otherwise end
@@ -392,6 +441,7 @@ def catch_stop_signals_early(*, worker: bool = True) -> None:
     nothing is done.)"""
     if threading.current_thread() is not threading.main_thread():
         return
+    _interrupts["enabled"] = worker
     if not worker and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     handled = tuple(s for s in stop_signals() if worker or is_hangup(s))
@@ -980,6 +1030,8 @@ def build_summary(
             summary["settled_books"] = state.swarm.settled_books
     elif state.opts.nats is not None:
         summary["peers_heard"] = []  # it did not join (stopped first): it heard from none
+    if opts.not_started is not None:
+        summary["not_started"] = opts.not_started
     return summary
 
 
