@@ -34,6 +34,7 @@ from nexus_trio._nats._wire import RemoteError
 from nexus_trio._supervisor import Escalation
 from nexus_trio.bridges.process import ProcessAgentError
 from nexus_trio.bridges.python import InvalidFrame
+from nexus_trio.cli._run import StoppedWhileImporting
 from nexus_trio.cli._spawn import SpawnedProgram, SpawnFailed
 from nexus_trio.config import ConfigError
 
@@ -69,6 +70,7 @@ ERRORS: list[BaseException] = [
     StoppedForShutdown(ValueError("boom")),
     StoppedForShutdown(None),
     SpawnFailed([SpawnedProgram(("python3", "calc.py"), "calc", problem="exited (status 3)")]),
+    StoppedWhileImporting("SIGTERM"),
 ]
 
 
