@@ -426,7 +426,8 @@ class SupervisorNode(Child, ChildOwner):
             return
         child.dormant = False
         child.done = RunDone()
-        self._nursery.start_soon(self._child_task, child, run, 0.0, child.done, None, None)
+        # (its run's end undoes both creations: the task's, counted here, and the run's)
+        self._nursery.start_soon(self._child_task, child, run, 0.0, child.done, None, None, 2)
         self.host.heap.created()
 
     async def terminate(self, child: Child, reason: str) -> None:
@@ -488,10 +489,10 @@ class SupervisorNode(Child, ChildOwner):
         if child.starts_quietly():
             # No on_start: its start cannot be observed, so it neither waits nor is waited for.
             child.start_gate = None
-            self._nursery.start_soon(self._child_task, child, run, delay, child.done, None, None)
+            self._nursery.start_soon(self._child_task, child, run, delay, child.done, None, None, 1)
             return None
         gate = child.start_gate = trio.Event()
-        self._nursery.start_soon(self._child_task, child, run, delay, child.done, after, gate)
+        self._nursery.start_soon(self._child_task, child, run, delay, child.done, after, gate, 1)
         return gate
 
     def _called_off(self, child: Child) -> bool:
@@ -509,7 +510,10 @@ class SupervisorNode(Child, ChildOwner):
         done: RunDone,
         after: trio.Event | None,
         gate: trio.Event | None,
+        made: int,
     ) -> None:
+        """One run of ``child``; ``made``: the heap keeper's creations it counts (its start,
+        and its task's for a dormant child woken), undone when it ends."""
         error: BaseException | None = None
         try:
             if self._called_off(child):
@@ -538,7 +542,7 @@ class SupervisorNode(Child, ChildOwner):
             except Exception as exc:
                 error = exc
             finally:
-                heap.run_ended()
+                heap.run_ended(made)
         finally:
             child.running = False
             if gate is not None:

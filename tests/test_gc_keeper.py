@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import weakref
 from collections.abc import Iterator
 
@@ -10,7 +11,16 @@ import pytest
 import trio
 import trio.testing
 
-from nexus_trio import Config, Context, KernelConfig, Message, agent, open_kernel
+from nexus_trio import (
+    Agent,
+    Config,
+    Context,
+    KernelConfig,
+    Message,
+    SupervisionConfig,
+    agent,
+    open_kernel,
+)
 from nexus_trio._gc import YOUNG, HeapKeeper
 
 
@@ -105,6 +115,38 @@ def test_freezes_after_each_batch_and_thaws_when_half_the_frozen_stopped(unfroze
     keeper.run_ended()
     assert keeper.thaws == 1 and gc.get_freeze_count() == 0
     assert any(o is marker for o in gc.get_objects())
+
+
+def test_a_run_that_ends_undoes_its_creations_so_restarts_never_freeze(unfrozen: None) -> None:
+    """Regression: every restart counted as growth (a freeze each ``batch`` restarts)."""
+    keeper = HeapKeeper(True, batch=4)
+    keeper.created()  # the spawn
+    for _ in range(100):
+        keeper.created()  # a run starts ...
+        keeper.run_ended()  # ... and ends: restarted
+    assert keeper.freezes == 0 and gc.get_freeze_count() == 0
+    for _ in range(100):
+        keeper.created()  # a dormant agent woken: its task ...
+        keeper.created()  # ... and its run
+        keeper.run_ended(2)
+    assert keeper.freezes == 0 and gc.get_freeze_count() == 0
+    # Growth still freezes: 1 + 3 spawns.
+    for _ in range(3):
+        keeper.created()
+    assert keeper.freezes == 1
+    # A crash loop after the freeze is no growth either, and its ended runs count
+    # towards the thaw (4 ended, batch 4, 4 * 2 >= 4 frozen), as stops do.
+    for _ in range(3):
+        keeper.run_ended()
+        keeper.created()
+    assert keeper.freezes == 1 and keeper.thaws == 0
+    keeper.run_ended()
+    keeper.created()
+    assert keeper.thaws == 1 and gc.get_freeze_count() == 0
+    for _ in range(100):
+        keeper.run_ended()
+        keeper.created()
+    assert keeper.freezes == 1 and keeper.thaws == 1 and gc.get_freeze_count() == 0
 
 
 def test_disabled_keeper_never_freezes(unfrozen: None) -> None:
@@ -265,3 +307,55 @@ async def test_a_shutdown_that_fails_half_way_still_gives_the_heap_back(
     assert info.group_contains(RuntimeError, match="log disk full")
     assert frozen_in_burst[0] > 0
     assert gc.get_freeze_count() == 0
+
+
+class _FailsOnStart(Agent):
+    """Fails on every message, with an ``on_start`` (so each restart starts a run at once)."""
+
+    async def on_start(self, ctx: Context) -> None:
+        return None
+
+    async def handle(self, ctx: Context, msg: Message) -> None:
+        raise RuntimeError("boom")
+
+
+@agent(on_error="restart")
+async def fails(ctx: Context, msg: Message) -> None:
+    """Fails on every message, without ``on_start`` (restarted dormant, woken by the next)."""
+    raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize("behaviour", ["on_start", "dormant"])
+async def test_restarts_do_not_freeze_the_heap(
+    unfrozen: None,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+    behaviour: str,
+) -> None:
+    """Regression: each restart of a crashing agent counted as a long-lived creation, so
+    2,048 restarts froze the heap and raised the young threshold to 131,072, and the
+    dead runs' cycles (a process agent's run: its Process, pipes, events, tasks) piled up
+    until that many objects were allocated: a process agent's kernel grew from 33 to 52
+    MB of RSS over 4,000 restarts, and kept the high water. A run that ends undoes the
+    creations it made: restarts are no growth, and freeze nothing."""
+    caplog.set_level(logging.CRITICAL, logger="nexus_trio")  # a failure logged per restart
+    restarts = 3 * 2048
+    config = Config(
+        supervision=SupervisionConfig(
+            max_restarts=restarts + 1, backoff_initial_ms=0, backoff_max_ms=0
+        )
+    )
+    before = gc.get_threshold()
+    target = (
+        agent(_FailsOnStart, name="f", on_error="restart") if behaviour == "on_start" else fails
+    )
+    async with open_kernel(config) as kernel:
+        ref = kernel.spawn(target)
+        for i in range(restarts):
+            await kernel.send(ref, i)
+            await trio.testing.wait_all_tasks_blocked()
+        stats = kernel.stats()
+        assert stats.restarts == restarts and stats.failed == restarts
+        assert gc.get_freeze_count() == 0
+        assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() == before
