@@ -15,7 +15,7 @@ structures of spawned and running agents stop being walked. A run that ends take
 creations it was counted for off those counted since the last freeze: the keeper counts
 growth, and a restart (a run ends, its agent's next one starts) is none, so a crash loop
 does not freeze (each freeze raises the young threshold, below, under which the dead
-runs' cycles would pile up). Reference counting still frees frozen objects; only
+runs' cycles would pile up); an agent stopped for good takes its spawn off the same way. Reference counting still frees frozen objects; only
 *cyclic* garbage among them waits: when as many runs ended as are frozen/2 (stopped
 agents leave their cycles behind), the keeper unfreezes (constant time too) so the
 next full collection reclaims them, and freezes again at the next burst. A kernel that
@@ -151,6 +151,16 @@ class HeapKeeper:
         self._started += 1
         if self._started >= self.batch:
             self._freeze()
+
+    def removed(self) -> None:
+        """An agent (or supervisor) stopped for good: the creation its spawn was counted for
+        is garbage now, taken off those counted since the last freeze (not below 0), as a
+        run's end takes off its own (see :meth:`run_ended`). Agents spawned and stopped
+        over and over (short-lived workers, one per job) are no growth, and freeze
+        nothing."""
+        started = self._started
+        if started:
+            self._started = started - 1
 
     def backlog(self, queued: int) -> None:
         """The kernel holds ``queued`` messages accepted and not yet handled (told on the

@@ -359,3 +359,37 @@ async def test_restarts_do_not_freeze_the_heap(
         assert gc.get_freeze_count() == 0
         assert gc.get_threshold() == before
     assert gc.get_freeze_count() == 0 and gc.get_threshold() == before
+
+
+@agent
+async def once(ctx: Context, msg: Message) -> None:
+    return None
+
+
+@pytest.mark.parametrize("woken", [True, False], ids=["handled-one", "idle"])
+async def test_agents_spawned_and_stopped_over_and_over_do_not_freeze_the_heap(
+    unfrozen: None, autojump_clock: trio.testing.MockClock, woken: bool
+) -> None:
+    """Regression: the spawn of an agent stopped for good stayed counted as growth, so a
+    kernel that spawns and stops short-lived agents (one per job) froze the heap each
+    2,048 of them and kept the young threshold raised, with the stopped agents' cycles
+    piling up as a crash loop's did. An agent stopped for good undoes its spawn's count:
+    a kernel that spawns as many as it stops freezes nothing; growth still freezes."""
+    before = gc.get_threshold()
+    async with open_kernel() as kernel:
+        for i in range(3 * 2048):
+            ref = kernel.spawn(once)
+            if woken:
+                await kernel.send(ref, i)
+                await trio.testing.wait_all_tasks_blocked()
+            await kernel.stop(ref)
+        stats = kernel.stats()
+        assert stats.agents_alive == 0
+        assert stats.handled == (3 * 2048 if woken else 0)
+        assert gc.get_freeze_count() == 0
+        assert gc.get_threshold() == before
+        # Growth still freezes: agents that stay.
+        refs = [kernel.spawn(once) for _ in range(2048)]
+        assert gc.get_freeze_count() > 0
+        assert len(refs) == 2048
+    assert gc.get_freeze_count() == 0 and gc.get_threshold() == before
