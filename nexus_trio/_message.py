@@ -30,6 +30,7 @@ import cattrs
 from cattrs.errors import AttributeValidationNote
 from cattrs.preconf.json import make_converter
 
+from ._brief import brief
 from ._errors import MessageDecodeError
 
 #: An agent address: its UUID, or its unique name.
@@ -545,6 +546,81 @@ def unicode_text_read(data: str | bytes, value: Any) -> bool:
         else b"\\u" in data or b"\xed" in data
     )
     return not maybe or unicode_text(value)
+
+
+#: the classes of a JSON value that hold no other value: what the wire encoders take with
+#: no walk (the class, not isinstance: a subclass goes the long way)
+JSON_SCALARS: Final = frozenset((str, int, float, bool, type(None)))
+#: what JSON writes for a dict key, as the standard library's ``json`` takes it
+_JSON_KEYS: Final = (str, int, float, type(None))
+#: what the standard library's ``json`` writes as a number or a string, subclasses too
+_JSON_LEAVES: Final = (str, int, float)
+
+
+class _NotJSON(Exception):
+    """Raised by :func:`_walk_json` at what JSON has no form for (``problem``, from its
+    verb on); each container on the way out adds where it sat (only a payload that fails
+    pays for the path)."""
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+        self.path: list[str] = []
+
+
+def check_json(value: Any, what: str = "payload") -> None:
+    """Raise TypeError, naming the type and where it sits in ``value`` (``what``), if
+    the standard library's ``json`` would refuse ``value``: anything but a dict (keys
+    str, int, float, bool or None), list, tuple, str, int, float, bool or None, also
+    nested. A faster JSON encoder (msgspec's) writes more than that, a datetime, bytes,
+    a set, a UUID, a Decimal, an Enum or a dataclass, as a string, a list or an object,
+    so that the value would arrive as something else: every wire encoder of payloads
+    calls this first. (A value nested too deeply raises RecursionError, as the encoders
+    do; depth is not checked.) A caller on a hot path checks ``value.__class__`` against
+    :data:`JSON_SCALARS` first: such a value needs no walk."""
+    try:
+        _walk_json(value)
+    except _NotJSON as exc:
+        where = "".join(reversed(exc.path))
+        raise TypeError(f"{what}{where} {exc.problem}") from None
+
+
+def _type_name(value: Any) -> str:
+    cls = type(value)
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+
+
+def _walk_json(value: Any) -> None:
+    # Exact classes first (the common case), isinstance only for the rest: the standard
+    # library takes subclasses of dict, list, tuple, str, int and float too.
+    cls = value.__class__
+    if cls is dict or (cls is not list and cls is not tuple and isinstance(value, dict)):
+        for key, item in value.items():
+            if key.__class__ is not str and not isinstance(key, _JSON_KEYS):
+                raise _NotJSON(
+                    f"has a key of type {_type_name(key)}, {brief(key, 60)} (JSON keys are"
+                    " strings: json.dumps takes str, int, float, bool or None keys only)"
+                )
+            if item.__class__ not in JSON_SCALARS:
+                try:
+                    _walk_json(item)
+                except _NotJSON as exc:
+                    exc.path.append(f"[{brief(key, 60)}]")
+                    raise
+    elif cls is list or cls is tuple or isinstance(value, (list, tuple)):
+        for item in value:
+            if item.__class__ not in JSON_SCALARS:
+                try:
+                    _walk_json(item)
+                except _NotJSON as exc:
+                    index = next(i for i, each in enumerate(value) if each is item)
+                    exc.path.append(f"[{index}]")
+                    raise
+    elif cls not in JSON_SCALARS and not isinstance(value, _JSON_LEAVES):
+        raise _NotJSON(
+            f"is of type {_type_name(value)}, which JSON has no type for (json.dumps refuses"
+            " it too: send a str, int, float, bool, None, list, tuple or dict)"
+        )
 
 
 def _check_timestamp(ts: int) -> None:

@@ -1,16 +1,21 @@
 from __future__ import annotations
 
+import collections
+import dataclasses
+import enum
 import json
 import time
 import uuid
-from datetime import datetime
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from typing import Any, Final
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from nexus_trio import SYSTEM_ID, Message, MessageDecodeError, MessageKind, new_id
-from nexus_trio._message import id_value, new_message
+from nexus_trio._message import check_json, id_value, new_message
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(),
@@ -490,3 +495,82 @@ def test_to_json_refuses_a_lone_surrogate_that_from_json_would_refuse(
         msg.to_json()
     fine = msg.evolve(to="a", payload=["\U0001f600", "\\ud800 is text here"])
     assert Message.from_json(fine.to_json()) == fine
+
+
+# --- payloads that JSON has no type for -------------------------------------------------------
+
+
+class _Colour(enum.Enum):
+    RED = "red"
+
+
+class _Level(enum.IntEnum):
+    HIGH = 2
+
+
+@dataclasses.dataclass
+class _Point:
+    x: int
+
+
+#: payloads that a faster JSON encoder (msgspec's, the NATS codecs') or the JSON form's
+#: converter wrote as something else (a datetime as a str, bytes as base64 or base85 text,
+#: a set as a list, an Enum as its value, a dataclass as an object) and the standard
+#: library's json refuses: by name, the payload and the start of the TypeError naming
+#: its type and where it sits
+NOT_JSON: Final[dict[str, tuple[Any, str]]] = {
+    "datetime": (datetime(2026, 12, 3, 16, 3, 14), "payload is of type datetime.datetime,"),
+    "date": (date(2026, 12, 3), "payload is of type datetime.date,"),
+    "timedelta": (timedelta(days=1), "payload is of type datetime.timedelta,"),
+    "bytes": (b"ab", "payload is of type bytes,"),
+    "bytearray": (bytearray(b"ab"), "payload is of type bytearray,"),
+    "set": ({1, 2}, "payload is of type set,"),
+    "frozenset": (frozenset({3}), "payload is of type frozenset,"),
+    "UUID": (uuid.UUID(int=7), "payload is of type uuid.UUID,"),
+    "Decimal": (Decimal("1.5"), "payload is of type decimal.Decimal,"),
+    "Enum": (_Colour.RED, f"payload is of type {__name__}._Colour,"),
+    "dataclass": (_Point(1), f"payload is of type {__name__}._Point,"),
+    "in a dict": (
+        {"job": {"due": datetime(2026, 12, 3)}},
+        "payload['job']['due'] is of type datetime.datetime",
+    ),
+    "in a list": ([1, (2, {3})], "payload[1][1] is of type set,"),
+    "UUID key": ({"a": {uuid.UUID(int=7): 1}}, "payload['a'] has a key of type uuid.UUID,"),
+}
+
+
+_Pair = collections.namedtuple("_Pair", "a b")
+
+
+class _Text(str):
+    pass
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        *(payload for payload, _ in NOT_JSON.values()),
+        object(),
+        {(1, 2): 3},
+        {"a": [1, {"b": {1j}}]},
+        [None, True, 1, 1.5, "s", [], {}, ()],
+        {1: 2, 1.5: 3, False: 4, None: 5, "k": [(1, 2)]},
+        _Level.HIGH,
+        {_Level.HIGH: [_Pair(1, 2)]},
+        collections.OrderedDict(a=[1]),
+        collections.defaultdict(list, a=[2]),
+        _Text("x"),
+        {_Text("k"): _Text("v")},
+        float("nan"),
+        2**80,
+    ],
+)
+def test_check_json_refuses_exactly_what_the_standard_library_json_refuses(value: Any) -> None:
+    def refuses(write: Any) -> bool:
+        try:
+            write(value)
+        except TypeError:
+            return True
+        return False
+
+    assert refuses(check_json) == refuses(json.dumps), value

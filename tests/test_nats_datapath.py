@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import json
 import logging
+import re
 import struct
 import time
 import uuid
@@ -61,6 +62,7 @@ from nexus_trio.testing import assert_conserved
 from .hang_guard import real_time_limit
 from .nats_server import FAST, PATIENT
 from .test_logs import RaisingFilter
+from .test_message import NOT_JSON
 
 
 def _config(send_timeout_ms: int = 10000) -> Config:
@@ -3600,6 +3602,101 @@ async def test_an_answer_to_another_node_that_the_wire_cannot_carry_fails_the_re
     assert stats.dead_letters_by_reason == {"unserialisable": len(_UNCARRIED)}
     assert (stats.restarts, stats.failed, stats.in_flight) == (0, 0, 0)
     assert cb.stats().errors_replied.get("request_failed") == len(_UNCARRIED)
+
+
+async def test_a_payload_json_has_no_type_for_is_refused_at_the_send_not_delivered_changed(
+    nats: NatsServer,
+) -> None:
+    """Regression: a send, send_nowait, request or durable send to an agent of another
+    node with a payload the standard library's json refuses but msgspec writes (a
+    datetime, bytes, a set, a UUID, a Decimal, an Enum, a dataclass, also nested) was
+    accepted, and the recipient got another value: a str for a datetime, base64 text for
+    bytes, a list for a set. Such a payload is the caller's error now, raised at the
+    call as for any payload that is not JSON: TypeError naming the message, its
+    recipient, the type and where it sits; nothing is sent or stored, and the tells
+    around it in its node batch arrive. A tuple and number keys cross as the standard
+    library writes them (a list, string keys)."""
+    records: list[Any] = []
+    durable_arrived = trio.Event()
+
+    @agent(name="sink")
+    async def sink(ctx: Context, msg: Message) -> Any:
+        if msg.payload == "dump":
+            return len(records)
+        records.append(msg.payload)
+        if msg.payload == "durable after":
+            durable_arrived.set()
+        return None
+
+    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+        kb.spawn(sink)
+        await cb.names_published()
+        with trio.fail_after(60):
+            await ca.wait_for_name("sink")
+            for key, (payload, error) in NOT_JSON.items():
+                refused = re.escape(f"to sink cannot be encoded for NATS: {error}")
+                ka.send_nowait("sink", f"before {key}")
+                with pytest.raises(TypeError, match=refused):
+                    await ka.send("sink", payload)
+                with pytest.raises(TypeError, match=refused):
+                    ka.send_nowait("sink", payload)
+                with pytest.raises(TypeError, match=refused):
+                    await ka.request("sink", payload)
+                with pytest.raises(TypeError, match=refused):
+                    await ca.send_durable("sink", payload)
+                ka.send_nowait("sink", f"after {key}")
+            await ka.send("sink", (1, [2, (3,)]))
+            await ka.send("sink", {1: "a", 2.5: None})
+            # (a query goes after the tells before it; a durable message has no order
+            # with them: it is sent once they are in)
+            assert await ka.request("sink", "dump") == 2 * len(NOT_JSON) + 2
+            await ca.send_durable("sink", "durable after")
+            await durable_arrived.wait()
+    assert records == [
+        *(f"{when} {key}" for key in NOT_JSON for when in ("before", "after")),
+        [1, [2, [3]]],
+        {"1": "a", "2.5": None},
+        "durable after",
+    ]
+    stats = ka.stats()
+    assert stats.forwarded == 2 * len(NOT_JSON) + 3
+    assert stats.dead_letters_by_reason == {}
+    assert stats.in_flight == 0
+    assert not ca._outstanding  # no refused query is left waiting for an answer
+    assert kb.stats().dead_letters_by_reason == {}
+    assert cb.stats().inbound_dropped == {}
+
+
+async def test_an_answer_json_has_no_type_for_fails_the_request_instead_of_arriving_changed(
+    nats: NatsServer,
+) -> None:
+    """Regression: an answer to a request from another node whose payload the standard
+    library's json refuses but msgspec writes (a datetime, bytes, a set, ...) reached
+    the requester as another value (a str, a list). Such an answer is dead-lettered
+    ``unserialisable`` where it is made, as any answer its wire form cannot carry, and
+    the requester gets RequestFailed at once, naming the type and where it sits."""
+
+    @agent(name="answers")
+    async def answers(ctx: Context, msg: Message) -> Any:
+        if isinstance(msg.payload, str) and msg.payload in NOT_JSON:
+            return NOT_JSON[msg.payload][0]
+        return msg.payload
+
+    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+        kb.spawn(answers)
+        await cb.names_published()
+        with trio.fail_after(60):
+            await ca.wait_for_name("answers")
+            for key, (_, error) in NOT_JSON.items():
+                with pytest.raises(RequestFailed) as failed:
+                    await ka.request("answers", key, timeout=20)
+                assert failed.value.reason == "unserialisable", key
+                assert error in str(failed.value.error), (key, failed.value.error)
+            assert await ka.request("answers", [1, (2,)]) == [1, [2]]
+    stats = kb.stats()
+    assert stats.dead_letters_by_reason == {"unserialisable": len(NOT_JSON)}
+    assert (stats.restarts, stats.failed, stats.in_flight) == (0, 0, 0)
+    assert cb.stats().errors_replied.get("request_failed") == len(NOT_JSON)
 
 
 # --- a query forwarded across two nodes ---------------------------------------------------------

@@ -30,6 +30,8 @@ from nexus_trio._nats import _batch as batch
 from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._membership import MemberTable, NodeInfo, node_uuid
 
+from .test_message import NOT_JSON
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text() | st.floats(allow_nan=False),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
@@ -67,6 +69,38 @@ def test_the_fast_json_means_what_the_standard_library_writes(payload: object) -
     # non-finite float stays one (never a silent null)
     assert json.loads(body) == json.loads(standard)
     assert wire.decode_tell(body).payload == payload
+
+
+@pytest.mark.parametrize(("payload", "error"), NOT_JSON.values(), ids=NOT_JSON)
+@pytest.mark.parametrize("to", [uuid.UUID(int=5), "sink"], ids=["to an id", "to a name"])
+def test_the_codecs_refuse_a_payload_json_has_no_type_for_instead_of_changing_it(
+    payload: Any, error: str, to: uuid.UUID | str
+) -> None:
+    """Regression: msgspec writes what the standard library's json refuses (a datetime,
+    bytes, a set, a UUID, a Decimal, an Enum, a dataclass) as a string, a list or an
+    object: every codec of a message for another node (the binary tell of a node batch,
+    format 1 for a query, a reply, a durable message, format 2) wrote it, and the
+    recipient got another value than was sent. They raise TypeError naming the type
+    and where it sits, as for any payload that is not JSON."""
+    msg = Message(sender=uuid.uuid4(), to=to, payload=payload)
+    head = wire.numbered_head("a:5", 1, 2)
+    for encode in (
+        wire.encode_tell,
+        wire.encode_message,
+        lambda m: wire.encode_numbered(m, head, 3),
+    ):
+        with pytest.raises(TypeError, match=re.escape(error)):
+            encode(msg)
+
+
+@pytest.mark.parametrize("payload", [(1, [2, (3,)]), {1: "a", 2.5: [None]}, 1.5, float("inf")])
+def test_a_tuple_and_a_number_key_cross_as_the_standard_library_writes_them(payload: Any) -> None:
+    """What JSON has no type for but the standard library writes (a tuple as a list, a
+    number key as a string) crosses as that, in every codec."""
+    msg = Message(sender=uuid.uuid4(), to="x", payload=payload)
+    expected = json.loads(json.dumps(payload))
+    assert wire.decode_tell(wire.encode_tell(msg)).payload == expected
+    assert wire.decode_message(wire.encode_message(msg)).payload == expected
 
 
 def test_the_kernels_standard_json_form_is_accepted_too() -> None:

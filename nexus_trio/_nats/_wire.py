@@ -56,10 +56,12 @@ from .._errors import (
 )
 from .._message import (
     ID_LIMIT,
+    JSON_SCALARS,
     LONE_SURROGATE,
     Address,
     Message,
     MessageKind,
+    check_json,
     id_value,
     restore_message,
     stored_fields,
@@ -199,7 +201,11 @@ def unencodable_failure(what: str, exc: Exception) -> MessageFailed:
 def encode_message(msg: Message, sequence: str | None = None) -> bytes:
     """The compact body of ``msg`` on NATS (see the module doc); with ``sequence`` (see
     :func:`sequence_value`) in format 2, which carries it right after the format number."""
-    to = msg.to
+    to, payload = msg.to, msg.payload
+    if payload.__class__ not in JSON_SCALARS:
+        # what msgspec writes but the standard library refuses (a datetime, bytes, a set:
+        # as a string or a list) would arrive as something else
+        check_json(payload)
     conversation_id, reply_to, trace_id = msg.conversation_id, msg.reply_to, msg.trace_id
     fields = [
         *((_FORMAT,) if sequence is None else (_NUMBERED_FORMAT, sequence)),
@@ -211,7 +217,7 @@ def encode_message(msg: Message, sequence: str | None = None) -> bytes:
         None if conversation_id is None else conversation_id.int,
         None if reply_to is None else reply_to.int,
         None if trace_id is None else trace_id.int,
-        msg.payload,
+        payload,
     ]
     body = _dumps(fields)
     # A null beyond the envelope's own may be a non-finite float that msgspec wrote as
@@ -381,11 +387,17 @@ _from_bytes = int.from_bytes
 
 
 def _payload_json(payload: Any) -> bytes:
+    cls = payload.__class__
+    if cls in _NO_FLOAT:
+        return _dumps(payload)
+    if cls is not float:
+        # what msgspec writes but the standard library refuses (see encode_message)
+        check_json(payload)
     body = _dumps(payload)
     # msgspec writes a non-finite float as null: a payload that may hold a float and
     # holds a null goes through the standard library, which writes Infinity/NaN (and the
     # same JSON otherwise). Checked by class first: a search costs more than the encode.
-    if payload.__class__ not in _NO_FLOAT and _has_null(body):
+    if _has_null(body):
         return _std_dumps(payload).encode()
     return body
 
