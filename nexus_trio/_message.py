@@ -377,7 +377,13 @@ class Message(_Slots):
         ValueError for what it cannot carry: a payload JSON has no form for, a
         timestamp outside the years 1 to 9999 UTC (RFC 3339's), a payload nested
         deeper than the converter recurses (one from another node or a NATS client), or
-        a string holding a lone surrogate, which :meth:`from_json` refuses."""
+        a string holding a lone surrogate, which :meth:`from_json` refuses. TypeError for
+        a payload the standard library's ``json`` refuses (see :func:`check_json`): the
+        converter would write a datetime, bytes, a set, a UUID or an Enum as a string or
+        a list, and its reader would get something else."""
+        payload = self._payload
+        if payload.__class__ not in JSON_SCALARS:
+            check_json(payload)
         try:
             text = json.dumps(converter.unstructure(self), separators=(",", ":"))
         except RecursionError:

@@ -4,6 +4,7 @@ import collections
 import dataclasses
 import enum
 import json
+import re
 import time
 import uuid
 from datetime import date, datetime, timedelta
@@ -537,6 +538,26 @@ NOT_JSON: Final[dict[str, tuple[Any, str]]] = {
     "in a list": ([1, (2, {3})], "payload[1][1] is of type set,"),
     "UUID key": ({"a": {uuid.UUID(int=7): 1}}, "payload['a'] has a key of type uuid.UUID,"),
 }
+
+
+@pytest.mark.parametrize(("payload", "error"), NOT_JSON.values(), ids=NOT_JSON)
+def test_to_json_refuses_a_payload_json_has_no_type_for_instead_of_changing_it(
+    payload: Any, error: str
+) -> None:
+    """Regression: the JSON form (a process agent's frame, the answer to a NATS client)
+    wrote a datetime, a date, bytes (as base85 text), a set, a UUID, an Enum or a
+    dataclass as a string, a list or an object, so that its reader got another value
+    than was sent (a Decimal, a timedelta raised a TypeError naming neither the message
+    nor where it sat). It raises TypeError naming the type and where it sits now, as the
+    standard library's json does."""
+    msg = Message(SYSTEM_ID, "bob", payload)
+    with pytest.raises(TypeError, match=re.escape(error)):
+        msg.to_json()
+    # what JSON has a type for is written as before
+    for fine in ([1, (2, 3)], {1: "a", None: 1.5}, _Level.HIGH):
+        assert Message.from_json(msg.evolve(payload=fine).to_json()).payload == json.loads(
+            json.dumps(fine)
+        )
 
 
 _Pair = collections.namedtuple("_Pair", "a b")

@@ -3672,9 +3672,11 @@ async def test_an_answer_json_has_no_type_for_fails_the_request_instead_of_arriv
 ) -> None:
     """Regression: an answer to a request from another node whose payload the standard
     library's json refuses but msgspec writes (a datetime, bytes, a set, ...) reached
-    the requester as another value (a str, a list). Such an answer is dead-lettered
-    ``unserialisable`` where it is made, as any answer its wire form cannot carry, and
-    the requester gets RequestFailed at once, naming the type and where it sits."""
+    the requester as another value (a str, a list); in the kernel's JSON form, asked by
+    any NATS client, it did too (bytes as base85 text there). Such an answer is
+    dead-lettered ``unserialisable`` where it is made, as any answer its wire form
+    cannot carry, and the requester gets RequestFailed at once (a JSON-form requester an
+    error frame), naming the type and where it sits."""
 
     @agent(name="answers")
     async def answers(ctx: Context, msg: Message) -> Any:
@@ -3683,8 +3685,9 @@ async def test_an_answer_json_has_no_type_for_fails_the_request_instead_of_arriv
         return msg.payload
 
     async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
-        kb.spawn(answers)
+        ref = kb.spawn(answers)
         await cb.names_published()
+        subject = f"nexus.node.b.agent.{ref.id}"
         with trio.fail_after(60):
             await ca.wait_for_name("answers")
             for key, (_, error) in NOT_JSON.items():
@@ -3692,11 +3695,17 @@ async def test_an_answer_json_has_no_type_for_fails_the_request_instead_of_arriv
                     await ka.request("answers", key, timeout=20)
                 assert failed.value.reason == "unserialisable", key
                 assert error in str(failed.value.error), (key, failed.value.error)
+                query = Message(uuid.uuid4(), ref.id, key, kind=MessageKind.QUERY)
+                raw = await call_aio(ca.nc.request, subject, query.to_json().encode(), timeout=20)
+                assert (raw.headers or {}).get(wire.ERROR_HEADER) == "request_failed", key
+                frame = json.loads(raw.data)
+                assert frame["reason"] == "unserialisable", frame
+                assert error in frame["error"], (key, frame)
             assert await ka.request("answers", [1, (2,)]) == [1, [2]]
     stats = kb.stats()
-    assert stats.dead_letters_by_reason == {"unserialisable": len(NOT_JSON)}
+    assert stats.dead_letters_by_reason == {"unserialisable": 2 * len(NOT_JSON)}
     assert (stats.restarts, stats.failed, stats.in_flight) == (0, 0, 0)
-    assert cb.stats().errors_replied.get("request_failed") == len(NOT_JSON)
+    assert cb.stats().errors_replied.get("request_failed") == 2 * len(NOT_JSON)
 
 
 # --- a query forwarded across two nodes ---------------------------------------------------------

@@ -65,6 +65,7 @@ from nexus_trio.logs import log_calls_failed
 from nexus_trio.testing import assert_conserved, dead_letters
 from tests.hang_guard import real_time_limit
 from tests.test_bridge_agents import NODE, NODE_PROBLEM, needs_node, node_or_skip
+from tests.test_message import NOT_JSON
 
 ROOT = Path(__file__).resolve().parent.parent
 TOY = str(ROOT / "tests" / "children" / "toy_agent.py")
@@ -472,6 +473,36 @@ async def test_payload_that_cannot_be_encoded_fails_only_that_message() -> None:
         assert [d.reason for d in letters] == [DeadLetterReason.UNSERIALISABLE] * 7
         stats = stats_of(kernel, ref)
         assert (stats.starts, stats.unserialisable) == (1, 7)
+        assert kernel.stats().restarts == 0
+
+
+async def test_a_payload_json_has_no_type_for_fails_that_message_instead_of_arriving_changed() -> (
+    None
+):
+    """Regression: a payload the standard library's json refuses but the JSON form's
+    converter wrote as something else (a datetime or a UUID as a str, bytes as base85
+    text, a set as a list, an Enum as its value, a dataclass as an object) reached the
+    child as that other value (a Decimal was refused, with an error naming no place).
+    Each fails that message only now, dead-lettered ``unserialisable`` as any payload
+    that is not JSON, the error naming the type and where it sits; the child stays."""
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy()))
+        pid = await kernel.request(ref, {"op": "pid"})
+        for payload, error in NOT_JSON.values():
+            where = error.replace("payload", "payload['value']", 1)
+            with pytest.raises(RequestFailed) as info:
+                await kernel.request(ref, {"op": "echo", "value": payload})
+            assert info.value.reason == "unserialisable"
+            assert f"cannot be encoded as JSON: {where}" in str(info.value.error)
+            await kernel.send(ref, payload)  # a tell: dead-lettered too
+        assert await kernel.request(ref, {"op": "echo", "value": (1, {2: 3})}) == [1, {"2": 3}]
+        assert await kernel.request(ref, {"op": "pid"}) == pid
+        letters = dead_letters(kernel)
+        assert [d.reason for d in letters] == [DeadLetterReason.UNSERIALISABLE] * (
+            2 * len(NOT_JSON)
+        )
+        stats = stats_of(kernel, ref)
+        assert (stats.starts, stats.unserialisable) == (1, 2 * len(NOT_JSON))
         assert kernel.stats().restarts == 0
 
 
