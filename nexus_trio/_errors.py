@@ -47,19 +47,32 @@ class AgentNotFound(NexusError, LookupError):
     only in a table of at most 2,000 entries (``HINT_LIMIT``). ``args`` hold the message
     without it; never for an id. Pickled or copied, it takes the hint along (looked for
     then if it was not yet), not the table.
+
+    ``node`` names the node that reported it, for a request another node answered so
+    (``no agent is registered as 'ghost' on node 'c'``; ``address`` is then the agent
+    that node did not find, also one a router agent there sent the query on to); None
+    for one raised here.
     """
 
     # (slots, not the instance dict: the table is neither pickled nor copied with it)
     __slots__ = ("_hint", "_known")
 
     def __init__(
-        self, address: uuid.UUID | str, known: Collection[object] | None = None, *, detail: str = ""
+        self,
+        address: uuid.UUID | str,
+        known: Collection[object] | None = None,
+        *,
+        detail: str = "",
+        node: str | None = None,
     ) -> None:
         self.address = address
+        self.node = node
         #: the addresses the kernel knew (its live table, or None), for the hint
         self._known = known
         self._hint: str | None = None
         text = f"no agent is registered as {address!r}"
+        if node is not None:
+            text = f"{text} on node {node!r}"
         super().__init__(f"{text} ({detail})" if detail else text)
 
     def __str__(self) -> str:

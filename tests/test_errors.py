@@ -44,6 +44,7 @@ ID = uuid.UUID("12345678-1234-5678-1234-567812345678")
 ERRORS: list[BaseException] = [
     AgentNotFound("greter", ["greeter", "printer"], detail="not in the cluster"),
     AgentNotFound(ID),
+    AgentNotFound("ghost", node="node-c"),
     NameTaken("greeter", ID),
     MailboxFull(ID, "inbox", 16, ID),
     MailboxFull(ID, None, 16, ID),

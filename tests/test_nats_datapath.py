@@ -3889,6 +3889,49 @@ async def test_a_forwarded_query_with_no_responders_on_the_third_node_fails_at_o
     assert cb.stats().inbound_dropped == {"unroutable_reply": 1}
 
 
+async def test_an_agent_not_found_on_the_third_node_names_that_agent_and_node(
+    nats: NatsServer,
+) -> None:
+    """Regression: the ``no_such_agent`` error frame carried the address, but the
+    requester rebuilt its AgentNotFound for the address it had asked: a query b's router
+    sent on to ``ghost`` (which the names bucket says runs on c, but c has no such agent)
+    failed a's request with ``no agent is registered as 'router'``, naming an agent that
+    exists. It names ``ghost`` now, and the node that said so, as a direct request does."""
+
+    async def worker(ctx: Context, msg: Message) -> Any:
+        return "c"
+
+    @agent(name="to-ghost")
+    async def to_ghost(ctx: Context, msg: Message) -> Any:
+        return msg.evolve(to="ghost")
+
+    async with _three_nodes(nats.url, worker) as ((ka, ca), (kb, cb), (kc, cc)):
+        kb.spawn(to_ghost)
+        await cb.names_published()
+
+        async def put_ghost() -> None:
+            kv = await cc.nc.jetstream().key_value("nexus-names")
+            value = json.dumps({"node": "c", "id": str(uuid.uuid4())}).encode()
+            await kv.put(wire.name_key("ghost"), value)
+
+        await call_aio(put_ghost)
+        with trio.fail_after(20):
+            await ca.wait_for_name("to-ghost")
+            await ca.wait_for_name("ghost")
+            await cb.wait_for_name("ghost")
+            with pytest.raises(AgentNotFound) as direct:
+                await ka.request("ghost", "work", timeout=30)
+            with pytest.raises(AgentNotFound) as forwarded:
+                await ka.request("to-ghost", "work", timeout=30)
+        _books_balance(ka, kb, kc)
+    assert forwarded.value.address == "ghost"
+    for error in (direct.value, forwarded.value):
+        assert (error.address, error.node) == ("ghost", "c")
+        assert str(error) == "no agent is registered as 'ghost' on node 'c'"
+    assert cb.stats().replies_relayed == 1
+    assert cc.stats().errors_replied == {"no_such_agent": 2}
+
+
 async def test_a_relayed_error_frame_the_nats_client_refuses_is_counted_once(
     nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

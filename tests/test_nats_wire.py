@@ -387,6 +387,46 @@ def test_error_frames_become_the_errors_a_local_request_raises() -> None:
     assert "boom" in str(failed.error) and "'b'" in str(failed.error)
 
 
+@pytest.mark.parametrize(
+    "address", ["ghost", uuid.UUID("12345678-1234-5678-1234-567812345678"), "12345678-1234"]
+)
+def test_an_agent_not_found_frame_names_the_agent_not_found_and_its_node(
+    address: uuid.UUID | str,
+) -> None:
+    """Regression: the requester rebuilt an AgentNotFound from the frame as one for the
+    address it had asked, whatever the frame said: for a query a router agent had sent on
+    to an agent that did not exist, it named the router (which exists), and an id came
+    back as its text only when asked for. It names the agent not found now, as an id or a
+    name as it was, and the node that said so (``node``, in its text)."""
+    kind, body = wire.error_frame(AgentNotFound(address))
+    back = wire.error_from_frame(kind, body, query_id=uuid.uuid4(), to="router", node="c")
+    assert type(back) is AgentNotFound
+    assert back.address == address and type(back.address) is type(address)
+    assert back.node == "c"
+    assert back.args == (f"no agent is registered as {address!r} on node 'c'",)
+    assert str(back) == back.args[0]
+    local = AgentNotFound(address)
+    assert local.node is None and str(local) == f"no agent is registered as {address!r}"
+
+
+def test_an_agent_not_found_frame_of_an_earlier_version_is_read_as_before() -> None:
+    """A frame of a peer of the version before (``{"address": text}`` only) keeps the
+    address asked, an id as an id, if the frame names it; else the address in the frame."""
+    asked = uuid.uuid4()
+    body = json.dumps({"address": str(asked)}).encode()
+    back = wire.error_from_frame("no_such_agent", body, query_id=asked, to=asked, node="c")
+    assert isinstance(back, AgentNotFound) and back.address == asked and back.node == "c"
+    body = json.dumps({"address": "ghost"}).encode()
+    back = wire.error_from_frame("no_such_agent", body, query_id=asked, to="router", node="c")
+    assert isinstance(back, AgentNotFound) and back.address == "ghost"
+    back = wire.error_from_frame("no_such_agent", b"", query_id=asked, to="router", node="c")
+    assert isinstance(back, AgentNotFound) and back.address == "router"
+    with pytest.raises(ValueError, match="malformed no_such_agent error frame"):
+        wire.error_from_frame(
+            "no_such_agent", b'{"address": "x", "id": true}', query_id=asked, to="x", node="c"
+        )
+
+
 def _info(node: str, prefix: int, seen: float) -> NodeInfo:
     return NodeInfo(node, prefix, 1, "h", 0.0, {}, seen)
 

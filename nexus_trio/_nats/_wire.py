@@ -729,7 +729,11 @@ def name_from_key(key: str) -> str:
 def error_frame(exc: BaseException) -> tuple[str, bytes]:
     """The ``Nexus-Error`` header value and body for an error a remote request ran into."""
     if isinstance(exc, AgentNotFound):
-        return "no_such_agent", json.dumps({"address": str(exc.address)}).encode()
+        # "id": whether the address is an id (a name may look like one); a peer of an
+        # earlier version reads no more than "address", and this one reads a frame of it
+        address = exc.address
+        body = {"address": str(address), "id": isinstance(address, uuid.UUID)}
+        return "no_such_agent", json.dumps(body).encode()
     if isinstance(exc, MailboxFull):
         body = {
             "recipient": str(exc.recipient),
@@ -770,7 +774,7 @@ def error_from_frame(
     if not isinstance(data, dict):
         data = {}
     if kind == "no_such_agent":
-        return AgentNotFound(to)
+        return AgentNotFound(_not_found(data, to), node=node)
     if kind == "mailbox_full":
         try:
             name, capacity = data.get("name"), data["capacity"]
@@ -793,6 +797,28 @@ def error_from_frame(
         _frame_text(data.get("reason", kind)),
         RemoteError(node, _frame_text(error)) if error else None,
     )
+
+
+def _not_found(data: dict[str, Any], to: Address) -> Address:
+    """The address a ``no_such_agent`` frame names: the agent the node did not find (not
+    always ``to``, the one asked: a router agent there may have sent the query on), an
+    id or a name as it was. A frame of an earlier version (no ``id``) names its address
+    as text: ``to`` if that is its text, else the text; a frame without one, ``to``.
+    ValueError for an ``id`` that is not one."""
+    address = data.get("address")
+    if not isinstance(address, str):
+        return to
+    is_id = data.get("id")
+    if is_id is True:
+        try:
+            return uuid.UUID(address)
+        except ValueError:
+            raise ValueError(
+                f"malformed no_such_agent error frame: address {address[:80]!r} is not an id"
+            ) from None
+    if is_id is None and address == str(to):
+        return to
+    return address
 
 
 def _frame_text(value: Any) -> str:
