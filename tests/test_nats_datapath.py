@@ -922,7 +922,7 @@ def _refuse_error_frames(monkeypatch: pytest.MonkeyPatch, cluster: Cluster) -> N
     publish = cluster.nc.publish
 
     async def refusing(*args: Any, **kw: Any) -> None:
-        if kw.get("headers"):  # (only an error frame has headers here)
+        if wire.ERROR_HEADER in (kw.get("headers") or {}):
             raise ConnectionError("refused by the test")
         await publish(*args, **kw)
 
@@ -3991,6 +3991,7 @@ async def test_a_forwarded_query_the_nats_client_refuses_fails_its_requester_at_
     refusing = _refuse_queries(monkeypatch)
     async with _three_nodes(nats.url, worker) as ((ka, _ca), (kb, cb), (kc, _cc)):
         refusing.append(cb)
+        before = _per_peer(cb, cb.id_prefix)
         with trio.fail_after(5), pytest.raises(RequestFailed) as failed:
             await ka.request("router", "work", timeout=30)
         _books_balance(ka, kb, kc)
@@ -3999,6 +4000,9 @@ async def test_a_forwarded_query_the_nats_client_refuses_fails_its_requester_at_
     counted = cb.stats()
     assert (counted.errors_replied, counted.replies_relayed) == ({"request_failed": 1}, 0)
     assert counted.publish_failures == 1
+    # Regression: refused at once (as the outbox handed it over), before it was counted
+    # as handed to c, it stayed counted so. b took the query from a, handed c nothing.
+    assert _per_peer(cb, cb.id_prefix) == (before[0], before[1] + 1)
     assert not cb._reply_routes and not cb._outstanding
 
 
@@ -4263,21 +4267,45 @@ async def test_a_forwarded_query_is_counted_per_peer_against_the_node_it_came_fr
     assert _per_peer(cb, own) == (before["b"][0] + 1, before["b"][1] + 1)
 
 
-async def test_a_relayed_answer_is_counted_per_peer_against_the_node_that_relayed_it(
-    nats: NatsServer,
-) -> None:
-    """Regression (see above): a's request to b's router, sent on to an agent of node f,
-    got f's answer through b; a counted it as taken from f (the answer's id names the
-    process that made it), though it came from b. It is counted against b now."""
+@attrs.define
+class _ViaB:
+    """a asks b's ``router``, which sends each query on to ``f-worker`` on the fake node
+    f (another process on the wire): see :func:`_routed_via_b_to_f`."""
+
+    ka: Kernel
+    ca: Cluster
+    kb: Kernel
+    cb: Cluster
+    fake: Any  # f's raw NATS client
+    queries: Any  # the subscription on which f-worker's queries come
+    f_worker: uuid.UUID
+
+    async def next_query(self) -> tuple[Message, str]:
+        """The next query f-worker got, and the subject to answer it on."""
+        asked = await call_aio(self.queries.next_msg, timeout=10)
+        return wire.decode_message(asked.data), asked.reply
+
+    async def answer(self, query: Message, reply: str, n: int) -> None:
+        """f-worker answers ``query`` (the answer's id, ``_fake_id(n)``, names f)."""
+        answer = query.reply(self.f_worker, ["from f", query.payload]).evolve(id=_fake_id(n))
+        await call_aio(self.fake.publish, reply, wire.encode_message(answer))
+
+
+@asynccontextmanager
+async def _routed_via_b_to_f(
+    url: str, router_to: str = "f-worker", **a_options: Any
+) -> AsyncIterator[_ViaB]:
+    """Kernels a and b (one process: one id prefix), b's ``router`` sending each query on
+    to ``router_to``, and the fake node f whose agent ``f-worker`` the names bucket knows."""
 
     @agent(name="router")
     async def router(ctx: Context, msg: Message) -> Any:
-        return msg.evolve(to="f-worker")
+        return msg.evolve(to=router_to)
 
     async with (
-        _node(nats.url, "b") as (kb, cb),
-        _node(nats.url, "a") as (ka, ca),
-        _fake_node(nats.url, "f") as fake,
+        _node(url, "b") as (kb, cb),
+        _node(url, "a", **a_options) as (ka, ca),
+        _fake_node(url, "f") as fake,
     ):
         kb.spawn(router)
         await cb.names_published()
@@ -4289,13 +4317,26 @@ async def test_a_relayed_answer_is_counted_per_peer_against_the_node_that_relaye
             await kv.put(wire.name_key("f-worker"), value)
 
         await call_aio(put_name)
-        sub = await call_aio(_subscribe, fake, f"nexus.node.f.agent.{f_worker}")
+        queries = await call_aio(_subscribe, fake, f"nexus.node.f.agent.{f_worker}")
         with trio.fail_after(10):
             await _heard(cb, "f")
+            await _heard(ca, "f")
             await cb.wait_for_name("f-worker")
             await ca.wait_for_name("router")
-            own = ca.id_prefix
-            before = _per_peer(ca, own)
+        yield _ViaB(ka, ca, kb, cb, fake, queries, f_worker)
+
+
+async def test_a_relayed_answer_is_counted_per_peer_against_the_node_that_relayed_it(
+    nats: NatsServer,
+) -> None:
+    """Regression (see above): a's request to b's router, sent on to an agent of node f,
+    got f's answer through b; a counted it as taken from f (the answer's id names the
+    process that made it), though it came from b. It is counted against b now."""
+    async with _routed_via_b_to_f(nats.url) as via:
+        ka, ca, cb = via.ka, via.ca, via.cb
+        own = ca.id_prefix
+        before = _per_peer(ca, own)
+        with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
                 answers: list[Any] = []
 
@@ -4303,10 +4344,7 @@ async def test_a_relayed_answer_is_counted_per_peer_against_the_node_that_relaye
                     answers.append(await ka.request("router", "work", timeout=30))
 
                 nursery.start_soon(ask)
-                asked = await call_aio(sub.next_msg, timeout=10)
-                query = wire.decode_message(asked.data)
-                answer = query.reply(f_worker, ["from f", query.payload]).evolve(id=_fake_id(4))
-                await call_aio(fake.publish, asked.reply, wire.encode_message(answer))
+                await via.answer(*await via.next_query(), 4)
         assert answers == [["from f", "work"]]
         assert cb.stats().replies_relayed == 1
     # a exchanged the query and its answer with b, never with f
@@ -4314,3 +4352,159 @@ async def test_a_relayed_answer_is_counted_per_peer_against_the_node_that_relaye
     assert _per_peer(ca, own) == (before[0] + 1, before[1] + 1)
     # b handed f the query and took its answer
     assert _per_peer(cb, _FAKE_PREFIX) == (1, 1)
+
+
+async def test_a_relayed_answer_that_comes_late_is_counted_against_the_node_that_relayed_it(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: an answer b passed on after a's request had timed out (it crossed a's
+    cancel) is no longer outstanding on a, which counted it as taken from the process
+    that made it (f), though it came from b. b names itself on the answers it passes on
+    (``Nexus-Relayed``): a counts it against b, and dead-letters it ``late_reply``."""
+    original = Cluster._requester_gone
+    held: list[tuple[Cluster, Any, Any]] = []
+    holding: list[Cluster] = []
+
+    def cancel_crosses_the_answer(self: Cluster, query_id: Any, to: Any) -> None:
+        if self in holding:
+            held.append((self, query_id, to))  # read by b only after it passed the answer on
+            return
+        original(self, query_id, to)
+
+    monkeypatch.setattr(Cluster, "_requester_gone", cancel_crosses_the_answer)
+    async with _routed_via_b_to_f(nats.url) as via:
+        ka, ca, cb = via.ka, via.ca, via.cb
+        holding.append(cb)
+        own = ca.id_prefix
+        before = _per_peer(ca, own)
+        async with ka.dead_letters() as letters:
+            with trio.fail_after(20):
+                with pytest.raises(RequestTimeout):
+                    await ka.request("router", "work", timeout=0.5)
+                query, reply = await via.next_query()
+                while not held:  # noqa: ASYNC110 (b's cancel handler: no event)
+                    await trio.sleep(0.01)
+                await via.answer(query, reply, 4)
+                late = await anext(aiter(letters))
+            for cluster, query_id, to in held:
+                original(cluster, query_id, to)
+        assert (late.reason.value, late.message.payload) == ("late_reply", ["from f", "work"])
+        assert cb.stats().replies_relayed == 1
+        assert _per_peer(ca, _FAKE_PREFIX) == (0, 0)
+        assert _per_peer(ca, own) == (before[0] + 1, before[1] + 1)
+
+
+async def test_a_relayed_answer_dropped_unread_is_counted_against_the_node_that_relayed_it(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: an answer b passed on that a dropped unread (its inbox full) was
+    counted as taken from the process that made it (f), though it came from b; it is
+    counted against b now. a's pump is held on a first message from f (a reply to no
+    query of a's), a second one fills its inbox of one, then the answer comes."""
+    gate = trio.Event()
+    async with _routed_via_b_to_f(nats.url, inbound_limit=1) as via:
+        ka, ca, cb = via.ka, via.ca, via.cb
+        handle = ca._handle
+
+        async def held_handle(m: Any) -> None:
+            await gate.wait()
+            await handle(m)
+
+        ca._handle = held_handle  # type: ignore[method-assign]
+        own = ca.id_prefix
+        before = _per_peer(ca, own)
+        dropped_before = sum(ca.stats().inbound_dropped.values())
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+
+                async def ask() -> None:
+                    with pytest.raises(RequestTimeout):
+                        await ka.request("router", "work", timeout=5)
+
+                nursery.start_soon(ask)
+                query, reply = await via.next_query()
+                for n in (5, 6):  # replies to queries a never made: for a's pump
+                    stray = query.reply(via.f_worker, "stray").evolve(
+                        id=_fake_id(n), reply_to=_fake_id(100 + n)
+                    )
+                    subject = wire.reply_subject("nexus", "a", _fake_id(100 + n))
+                    await call_aio(via.fake.publish, subject, wire.encode_message(stray))
+                await call_aio(via.fake.flush)
+                await via.answer(query, reply, 4)
+                while not ca.stats().inbound_dropped.get("inbox_full"):  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+                assert cb.stats().replies_relayed == 1
+                gate.set()
+                while sum(ca.stats().inbound_dropped.values()) < dropped_before + 3:  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+        # the answer and one stray or both dropped, the rest unroutable (no such query)
+        dropped = ca.stats().inbound_dropped
+        assert dropped.get("inbox_full", 0) + dropped.get("unroutable_reply", 0) == 3
+        assert _per_peer(ca, _FAKE_PREFIX) == (0, 2)  # the strays came from f
+        assert _per_peer(ca, own) == (before[0] + 1, before[1] + 1)
+
+
+async def test_a_relayed_answer_to_a_query_to_a_type_is_counted_against_the_relaying_node(
+    nats: NatsServer,
+) -> None:
+    """Regression: a query to a type counts for the process whose answer comes (which
+    replica took it is unknown when it leaves): a replica on b that sent it on to f (a
+    router agent) got f's answer passed back by b, and a counted the query as handed to
+    f and the answer as taken from f, never having exchanged a frame with f. Both count
+    against b now, which names itself on the answers it passes on."""
+    async with _routed_via_b_to_f(nats.url) as via:
+        ka, ca, kb, cb = via.ka, via.ca, via.kb, via.cb
+        await cb.serve_type("routing", kb.lookup("router"))
+        own = ca.id_prefix
+        before = _per_peer(ca, own)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                answers: list[Any] = []
+
+                async def ask() -> None:
+                    answers.append(await ka.request("type:routing", "work", timeout=30))
+
+                nursery.start_soon(ask)
+                await via.answer(*await via.next_query(), 4)
+        assert answers == [["from f", "work"]]
+        assert cb.stats().replies_relayed == 1
+        assert _per_peer(ca, _FAKE_PREFIX) == (0, 0)
+        assert _per_peer(ca, own) == (before[0] + 1, before[1] + 1)
+        assert _per_peer(cb, _FAKE_PREFIX) == (1, 1)
+
+
+async def test_a_relayed_answer_the_nats_client_refuses_is_not_counted_as_handed_over(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An answer b passes on goes out with a header now (``Nexus-Relayed``); one b's NATS
+    client refuses is still counted once, in ``publish_failures``, and taken back from
+    b's per-peer count of what it handed to the requester's process (it never went)."""
+    async with _routed_via_b_to_f(nats.url) as via:
+        ka, ca, cb = via.ka, via.ca, via.cb
+        publish = cb.nc.publish
+
+        async def refusing(*args: Any, **kw: Any) -> None:
+            if wire.RELAYED_HEADER in (kw.get("headers") or {}):
+                raise ConnectionError("refused by the test")
+            await publish(*args, **kw)
+
+        monkeypatch.setattr(cb.nc, "publish", refusing)
+        own = ca.id_prefix
+        before = _per_peer(cb, own)
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+
+                async def ask() -> None:
+                    with pytest.raises(RequestTimeout):
+                        await ka.request("router", "work", timeout=2)
+
+                nursery.start_soon(ask)
+                await via.answer(*await via.next_query(), 4)
+                while not cb.stats().publish_failures:  # noqa: ASYNC110 (a count: no event)
+                    await trio.sleep(0.01)
+        counted = cb.stats()
+        assert (counted.replies_relayed, counted.publish_failures) == (1, 1)
+        assert counted.errors_unsent == {}
+        # b took the query from a (in), handed its answer to nobody (out unchanged)
+        assert _per_peer(cb, own) == (before[0], before[1] + 1)
+        assert _per_peer(cb, _FAKE_PREFIX) == (1, 1)

@@ -449,9 +449,13 @@ class Cluster:
         # (see queries_and_replies_sent_to). The peer is the node at the other end of the
         # frame (see _peer_of), not the process a message's id names: a query a router
         # agent sends on keeps its requester's id, and the answer it passes back its
-        # responder's.
+        # responder's: the answer says so (Nexus-Relayed, see _relaying), for a requester
+        # that no longer knows where it asked (late) or never knew (a query to a type).
         self._alone_out: dict[int, int] = {}
         self._alone_in: dict[int, int] = {}
+        # the headers of an answer this node passes on (_reply_in_now): set while the
+        # kernel hands it to this transport, for _seal
+        self._relaying: dict[str, str] | None = None
         # queries to a type (a queue group: which replica takes one is unknown when it
         # leaves), counted for the process that answers, when its answer comes (bounded)
         self._type_queries: OrderedDict[uuid.UUID, bool] = OrderedDict()
@@ -832,11 +836,13 @@ class Cluster:
             except TransportUnavailable:
                 self._forget_outstanding(msg)
                 raise
-        self._outbox.put(self._seal(msg, routed))
-        self._published += 1
         peer = routed[3]
         if isinstance(peer, int):
+            # counted first: the outbox may send it at once, and a refusal then takes
+            # it back (see _not_handed)
             self._alone_out[peer] = self._alone_out.get(peer, 0) + 1
+        self._outbox.put(self._seal(msg, routed))
+        self._published += 1
 
     def _forget_outstanding(self, msg: Message) -> None:
         if msg.kind is _QUERY:
@@ -856,11 +862,12 @@ class Cluster:
             if routed is None:
                 return
             if routed[2] is not None:
-                self._outbox.put(self._seal(msg, routed))
-                self._published += 1
                 peer = routed[3]
                 if isinstance(peer, int):
+                    # counted first, as in _deliver_alone
                     self._alone_out[peer] = self._alone_out.get(peer, 0) + 1
+                self._outbox.put(self._seal(msg, routed))
+                self._published += 1
                 return
             link = self._link_for(msg, routed)
         body = self._tell_body(msg)
@@ -1232,7 +1239,7 @@ class Cluster:
         assert data is not None
         if self._dirty:
             self._flush_pending()
-        return subject, reply, None, data, _PLAIN
+        return subject, reply, self._relaying, data, _PLAIN
 
     def _check_usable(self) -> None:
         nc = self._nc
@@ -1380,8 +1387,8 @@ class Cluster:
         if kind == _MARK or (kind == _NUMBERED and not leaving):
             return
         self._publish_failures += 1
-        if headers is None and data[:1] != b"{":
-            self._not_handed(subject)
+        if (headers is None or wire.RELAYED_HEADER in headers) and data[:1] != b"{":
+            self._not_handed(subject)  # (an answer passed on too: error frames returned)
         if reply:
             query_id = self._reply_query_id(reply.rsplit(".", 1)[-1])
             if query_id is not None and self._type_queries:
@@ -2075,7 +2082,7 @@ class Cluster:
                 exc,
             )
             return None
-        self._took_reply(reply, query_id, None if asked is None else asked[1])
+        self._took_reply(reply, query_id, None if asked is None else asked[1], m)
         return reply
 
     def _unawaited_error(self, m: NatsMsg, query_id: uuid.UUID) -> None:
@@ -2131,13 +2138,22 @@ class Cluster:
         self._replies_relayed -= 1
         self._error_not_sent("relayed", subject, why, replied=False)
 
-    def _took_reply(self, reply: Message, query_id: uuid.UUID, asked: str | None) -> None:
+    def _took_reply(
+        self, reply: Message, query_id: uuid.UUID, asked: str | None, m: NatsMsg
+    ) -> None:
         """Count a reply taken from the process it came from (see ``_alone_in``), and a
         query to a type as handed to it, now that its answer says which one took it.
-        That is the node ``asked`` (the query went there: the answer comes from there,
-        also one a router agent there had from a third node); for a query to a type, or
-        one no longer outstanding here (late), the process that made the reply."""
-        info = self.members.members.get(asked) if asked is not None else None
+        That is the node that passed it on, for an answer a router agent there had from
+        a third node (its ``Nexus-Relayed`` header: also for a query to a type, or one
+        no longer outstanding here); else the node ``asked`` (the query went there); for
+        a query to a type, or one no longer outstanding here (late), the process that
+        made the reply."""
+        members = self.members.members
+        headers = m.headers
+        relayed = headers.get(wire.RELAYED_HEADER) if headers else None
+        info = members.get(relayed) if relayed is not None else None
+        if info is None and asked is not None:
+            info = members.get(asked)
         peer = id_value(reply) >> 64 if info is None else info.id_prefix
         taken = self._alone_in
         taken[peer] = taken.get(peer, 0) + 1
@@ -2163,7 +2179,7 @@ class Cluster:
                 query_id = uuid.UUID(rest[6:])
             except ValueError:
                 return  # (no query of this node: counted malformed where it was read)
-            self._took_reply(msg, query_id, None)
+            self._took_reply(msg, query_id, None, m)
             return
         made_by = id_value(msg) >> 64
         peer = self._peer_of(m.reply, made_by) if m.reply else made_by
@@ -2182,8 +2198,13 @@ class Cluster:
                 raise KernelShuttingDown("relay")
             else:
                 # also while the kernel drains or after it stopped: the route is known
-                # and the transport up, and the requester waits
-                self.handle.relay_nowait(reply)
+                # and the transport up, and the requester waits. It goes out naming this
+                # node (see _took_reply): the answer's id names the node that made it
+                self._relaying = {wire.RELAYED_HEADER: self.node}
+                try:
+                    self.handle.relay_nowait(reply)
+                finally:
+                    self._relaying = None
         except (AgentNotFound, KernelShuttingDown, MailboxFull, TransportUnavailable) as exc:
             self._dropped["unroutable_reply"] += 1
             if relaying:
@@ -3410,9 +3431,11 @@ class Cluster:
     def queries_and_replies_taken_from(self, id_prefix: int) -> int:
         """Queries and replies (and messages to a type) that came to this process from
         process ``id_prefix`` (the node at the other end: a query's requester node, as
-        its reply subject says, an answer's node asked; else the process a message's id
-        names: a reply that comes late, a message to a type without a reply subject),
-        whoever made them: delivered here, late, or refused and counted."""
+        its reply subject says; an answer's node asked, or the node that passed it on,
+        as its ``Nexus-Relayed`` header says; else the process a message's id names: a
+        reply no longer known here that no node passed on, a message to a type without
+        a reply subject), whoever made them: delivered here, late, or refused, or
+        dropped unread, and counted."""
         return self._alone_in.get(id_prefix, 0)
 
     def name_holder(self, name: str) -> tuple[str, uuid.UUID] | None:
