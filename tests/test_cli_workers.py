@@ -1500,6 +1500,32 @@ def test_stopped_by_names_the_signal_the_parent_got(
     assert [w["stopped_by"] for w in summary["per_worker"]] == ["SIGTERM", "SIGTERM"]
 
 
+def worker_stopped_before_it_runs(
+    cwd: Path, argv: list[str], signum: signal.Signals
+) -> subprocess.CompletedProcess[str]:
+    """``nexus <argv> --node worker-0`` run as a ``--workers`` worker (its parent's
+    environment, no swarm) whose stop ``signum`` came before it started: pending, with
+    the stop signals blocked, as the parent starts its workers."""
+    from nexus_trio.cli._cluster_cmd import SWARM_ENV
+
+    def stopped_before_it_runs() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
+        os.kill(os.getpid(), signum)  # pending, as it would be
+
+    env = {**os.environ, WORKER_ENV: "worker-0", "NO_COLOR": "1"}
+    env.pop(SWARM_ENV, None)
+    return subprocess.run(
+        [sys.executable, "-m", "nexus_trio.cli", *argv, "--node", "worker-0"],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        preexec_fn=stopped_before_it_runs,
+        timeout=120,
+    )
+
+
 @pytestmark_linux
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
 def test_a_worker_takes_a_stop_that_came_before_its_run_took_signals(
@@ -1512,25 +1538,8 @@ def test_a_worker_takes_a_stop_that_came_before_its_run_took_signals(
     and a stop that came before is its run's first signal: it does not even join the
     cluster (here none answers), prints its summary, exit 0. (A SIGHUP stayed blocked:
     the worker ran on, for good.)"""
-    from nexus_trio.cli._cluster_cmd import SWARM_ENV
-
-    def stopped_before_it_runs() -> None:  # (what the parent's stop does then)
-        signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
-        os.kill(os.getpid(), signum)  # pending, as it would be
-
-    env = {**os.environ, WORKER_ENV: "worker-0", "NO_COLOR": "1"}
-    env.pop(SWARM_ENV, None)
-    argv = ["run", "-n", "10", "--json", "--no-live", "--nats", NO_SERVER, "--node", "worker-0"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "nexus_trio.cli", *argv],
-        cwd=tmp_path,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        preexec_fn=stopped_before_it_runs,
-        timeout=120,
-    )
+    argv = ["run", "-n", "10", "--json", "--no-live", "--nats", NO_SERVER]
+    proc = worker_stopped_before_it_runs(tmp_path, argv, signum)
     assert proc.returncode == 0, proc.stderr
     assert "stopped before joining the cluster" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -1849,27 +1858,9 @@ def test_a_worker_stopped_before_it_imports_the_app_does_not_import_it(tmp_path:
     here), then stopped before it joined. It now does not import it: it says it was
     stopped while importing, prints the summary of a worker stopped before it started
     (``not_started``, nothing to count), exit 0."""
-    from nexus_trio.cli._cluster_cmd import SWARM_ENV
-
     (tmp_path / "slow_import.py").write_text(WORKERS_SLOW_IMPORT)
-
-    def stopped_before_it_runs() -> None:  # (what the parent's SIGTERM does then)
-        signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGINT, signal.SIGTERM))
-        os.kill(os.getpid(), signal.SIGTERM)  # pending, as it would be
-
-    env = {**os.environ, WORKER_ENV: "worker-0", "NO_COLOR": "1"}
-    env.pop(SWARM_ENV, None)
     argv = ["run", "--app", "slow_import:main", "--json", "--no-live", "--nats", NO_SERVER]
-    proc = subprocess.run(
-        [sys.executable, "-m", "nexus_trio.cli", *argv, "--node", "worker-0"],
-        cwd=tmp_path,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        preexec_fn=stopped_before_it_runs,
-        timeout=120,
-    )
+    proc = worker_stopped_before_it_runs(tmp_path, argv, signal.SIGTERM)
     assert proc.returncode == 0, proc.stderr
     assert "slow_import: importing" not in proc.stderr
     said = "stopped while importing 'slow_import:main' (--app): the run was not started"

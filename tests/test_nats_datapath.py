@@ -4290,6 +4290,21 @@ class _ViaB:
         answer = query.reply(self.f_worker, ["from f", query.payload]).evolve(id=_fake_id(n))
         await call_aio(self.fake.publish, reply, wire.encode_message(answer))
 
+    async def asked(self, to: str) -> Any:
+        """a's request "work" to ``to`` (b's router, or a type it serves), sent on by b to
+        f-worker, which answers it: the answer a got."""
+        answers: list[Any] = []
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+
+                async def ask() -> None:
+                    answers.append(await self.ka.request(to, "work", timeout=30))
+
+                nursery.start_soon(ask)
+                await self.answer(*await self.next_query(), 4)
+        assert len(answers) == 1
+        return answers[0]
+
 
 @asynccontextmanager
 async def _routed_via_b_to_f(
@@ -4333,19 +4348,10 @@ async def test_a_relayed_answer_is_counted_per_peer_against_the_node_that_relaye
     got f's answer through b; a counted it as taken from f (the answer's id names the
     process that made it), though it came from b. It is counted against b now."""
     async with _routed_via_b_to_f(nats.url) as via:
-        ka, ca, cb = via.ka, via.ca, via.cb
+        ca, cb = via.ca, via.cb
         own = ca.id_prefix
         before = _per_peer(ca, own)
-        with trio.fail_after(10):
-            async with trio.open_nursery() as nursery:
-                answers: list[Any] = []
-
-                async def ask() -> None:
-                    answers.append(await ka.request("router", "work", timeout=30))
-
-                nursery.start_soon(ask)
-                await via.answer(*await via.next_query(), 4)
-        assert answers == [["from f", "work"]]
+        assert await via.asked("router") == ["from f", "work"]
         assert cb.stats().replies_relayed == 1
     # a exchanged the query and its answer with b, never with f
     assert _per_peer(ca, _FAKE_PREFIX) == (0, 0)
@@ -4454,20 +4460,11 @@ async def test_a_relayed_answer_to_a_query_to_a_type_is_counted_against_the_rela
     f and the answer as taken from f, never having exchanged a frame with f. Both count
     against b now, which names itself on the answers it passes on."""
     async with _routed_via_b_to_f(nats.url) as via:
-        ka, ca, kb, cb = via.ka, via.ca, via.kb, via.cb
+        ca, kb, cb = via.ca, via.kb, via.cb
         await cb.serve_type("routing", kb.lookup("router"))
         own = ca.id_prefix
         before = _per_peer(ca, own)
-        with trio.fail_after(10):
-            async with trio.open_nursery() as nursery:
-                answers: list[Any] = []
-
-                async def ask() -> None:
-                    answers.append(await ka.request("type:routing", "work", timeout=30))
-
-                nursery.start_soon(ask)
-                await via.answer(*await via.next_query(), 4)
-        assert answers == [["from f", "work"]]
+        assert await via.asked("type:routing") == ["from f", "work"]
         assert cb.stats().replies_relayed == 1
         assert _per_peer(ca, _FAKE_PREFIX) == (0, 0)
         assert _per_peer(ca, own) == (before[0] + 1, before[1] + 1)
