@@ -544,6 +544,14 @@ class SupervisorNode(Child, ChildOwner):
                 await child.run_once()
             except Exception as exc:
                 error = exc
+            except KeyboardInterrupt as exc:
+                # A Ctrl-C that landed in run_once's own first lines (its entry, the
+                # opening of the run's nursery: not protected, as they run the agent's
+                # code), before any of its groups could take it: the kernel's, as there
+                # (the run ends as a stop for the shutdown), or raised on (forced).
+                if not self.host.router.interrupt(exc):
+                    raise
+                error = StoppedForShutdown(None)
             finally:
                 heap.run_ended(made)
         finally:

@@ -1098,9 +1098,20 @@ def _ctrl_c_at(text: str, fired: list[str]) -> Any:
     return on_call
 
 
+#: lines of run_once before on_start is called: a Ctrl-C there lands in run_once itself,
+#: outside its protected groups (below)
+_BEFORE_THE_RUN_STARTS = (
+    # at a run's very start, before its bookkeeping
+    "ctx = self._begin_run()",
+    # as a run opens its nursery
+    "async with trio.open_nursery() as nursery:",
+)
+
+
 @pytest.mark.parametrize(
     ("line", "failing"),
     [
+        *((line, False) for line in _BEFORE_THE_RUN_STARTS),
         # between a run's ``exit_requested`` and ``interrupted``
         ("self.interrupted = self.terminating", False),
         # between a run's nursery and its cancel scope set
@@ -1203,6 +1214,12 @@ def test_a_ctrl_c_in_the_bookkeeping_of_a_run_s_start_or_end_goes_to_the_block(
             "stopped",
         ]
         assert (worker[2][1], worker[-1][1]) == ("OSError", "shutdown")
+    elif line in _BEFORE_THE_RUN_STARTS:
+        # no on_start yet: the run ends as a stop before it started (no on_stop)
+        assert found["dead"] == []
+        assert (stats.run_failures, stats.restarts) == (0, 0)
+        assert journal == []
+        assert worker == [("spawned", ""), ("stopped", "shutdown")]
     else:
         assert found["dead"] == []
         assert (stats.run_failures, stats.restarts) == (0, 0)
