@@ -1546,6 +1546,37 @@ async def test_stop_of_a_child_that_never_registered_does_not_wait_for_a_stdout_
         assert "exited (status 3) before registering" in str(event.error)
 
 
+@pytest.mark.parametrize("first", [False, True], ids=["cut-register", "bad-line-then-cut"])
+async def test_a_register_cut_off_by_an_exit_is_said_with_the_exit_not_counted_invalid(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, first: bool
+) -> None:
+    """Regression: a child that died as it wrote its register frame (its start written, no
+    newline) had the unfinished bytes counted as an invalid line before register (a
+    warning ``not JSON``) and named as the first bad line of ``exited (status 3) before
+    registering``. As after the register (``test_a_partial_frame_then_an_exit_...``), the
+    exit is what happened: its error says the unfinished line's size, no invalid line is
+    counted or warned about; a whole bad line before it is still the first bad line."""
+    bad = 'print("not a frame", flush=True)\n' if first else ""
+    cmd = script(tmp_path, bad + 'raw(b\'{"type": "register", "payl\')\nos._exit(3)\n')
+    async with bridge_kernel() as kernel:
+        with trio.fail_after(30):
+            async with kernel.events() as events:
+                ref = kernel.spawn(process_agent(cmd, name="cut", restart="temporary"))
+                async for event in events:
+                    if event.agent_id == ref.id and event.kind is EventKind.FAILED:
+                        break
+            await wait_until(lambda: not kernel.is_local(ref), "the agent to retire")
+    assert isinstance(event.error, ProcessAgentError)
+    said = "exited (status 3) before registering, leaving an unfinished stdout line of 26 bytes"
+    if first:
+        said += "; first bad stdout line: 'not a frame'"
+    assert event.error.problem == said
+    (final,) = stopped_bridge_stats(kernel).agents.values()
+    assert (final.invalid_lines, final.lines_in) == (int(first), 1 + int(first))
+    invalid = [r for r in caplog.records if "invalid line before register" in r.getMessage()]
+    assert len(invalid) == int(first)
+
+
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 

@@ -827,10 +827,14 @@ class ProcessAgent(Agent):
                     code = await self._exit_code(process)
                     raise ProcessAgentError(
                         self.label,
-                        f"exited (status {code}) before registering{first_bad}"
+                        self._said_unfinished(f"exited (status {code}) before registering")
+                        + first_bad
                         if code is not None
-                        else "closed its stdout before registering (still running; it will be "
-                        f"killed){first_bad}",
+                        else self._said_unfinished(
+                            "closed its stdout before registering (still running; it will be"
+                            " killed)"
+                        )
+                        + first_bad,
                         process.pid,
                     )
                 stats.lines_in += 1
@@ -849,6 +853,12 @@ class ProcessAgent(Agent):
                     if not isinstance(payload, dict):
                         raise _BadFrame("register payload must be an object")
                 except _BadFrame as exc:
+                    if stdout.unterminated:
+                        # The output ended halfway through a frame (its register, most
+                        # likely): the child died or closed its stdout as it wrote it,
+                        # which is what is reported (above), not an invalid line.
+                        self._unfinished = len(line)
+                        continue
                     stats.invalid_lines += 1
                     self._warn_line(
                         _INVALID, f"invalid line before register: {exc}: {_preview(line)}"
