@@ -238,8 +238,9 @@ class SupervisionHost:
         else:
             self.router.forget(child)
         child.on_retired(reason, for_shutdown=for_shutdown)
-        if not for_shutdown:
-            # (its spawn's count for the heap keeper: a shutdown thaws all at the close)
+        if reason != "shutdown":
+            # (its spawn's count for the heap keeper; not in a kernel's shutdown, whose
+            # close thaws all: a call per agent there would be a hundredth of its stop)
             self.heap.removed()
         # Its queue was dead-lettered: that may have been the last work in flight, and an
         # agent that stops for good never goes idle to say so (see Router.check_drained).
