@@ -84,6 +84,7 @@ class AgentCell(Child):
         "_dormant_run",
         "_handler_scope",
         "_held",
+        "_idle",
         "_make_context",
         "_release",
         "_suspended",
@@ -93,7 +94,6 @@ class AgentCell(Child):
         "current",
         "dead_lettered",
         "drain_before_exit",
-        "drain_on_stop",
         "exit_requested",
         "failed",
         "handle_timeout",
@@ -154,9 +154,9 @@ class AgentCell(Child):
         self.interrupted = False
         self.exit_requested = False
         self.drain_before_exit = False
-        #: set by ``kernel.stop(..., drain=True)``: handle what is queued before stopping
-        self.drain_on_stop = False
         self._held = False
+        #: set once nothing is queued or in hand (see wait_idle)
+        self._idle: trio.Event | None = None
         self._release: trio.Event | None = None
         #: parked in ``mailbox.park()`` (a wake is a ``None`` sent to it)
         self.parked = False
@@ -190,6 +190,29 @@ class AgentCell(Child):
             await trio.lowlevel.checkpoint()
             return
         await self._release_event().wait()
+
+    async def wait_idle(self) -> None:
+        """Return once nothing is queued or in hand, or the run has ended: a draining
+        stop of an agent that spawned others (a pool's router) waits for it before they
+        drain in their turn. Costs the serve loop nothing unless someone waits: the
+        ``interrupted`` flag takes it to :meth:`_went_idle` once the mailbox is empty."""
+        await trio.lowlevel.checkpoint()
+        if not (self.running and (self.mailbox.depth or self.current is not None)):
+            return
+        idle = self._idle
+        if idle is None:
+            idle = self._idle = trio.Event()
+        self.interrupted = True
+        await idle.wait()
+
+    def _went_idle(self) -> None:
+        """The mailbox is empty and nothing is in hand: wake :meth:`wait_idle`."""
+        idle = self._idle
+        if idle is not None:
+            self._idle = None
+            idle.set()
+        # (the caller checked that the run is neither held nor asked to exit)
+        self.interrupted = False
 
     def _release_event(self) -> trio.Event:
         """The event the stop sets (one made before is kept: every waiter returns)."""
@@ -381,6 +404,8 @@ class AgentCell(Child):
         """The run's nursery is gone; a message still in hand is dead-lettered."""
         self.nursery = None
         self._handler_scope = None
+        if self._idle is not None:
+            self._went_idle()  # nothing more is handled in this run
         current = self.current
         if current is not None:
             # Cancelled from outside (stop past its timeout, shutdown) or by a failing
@@ -626,6 +651,7 @@ class AgentCell(Child):
                             return
                         if self.exit_requested:
                             return
+                        self._went_idle()
                     if router.phase is _DRAINING:
                         router.check_drained()
                     # Parked agents keep this frame: let go of the last message, its

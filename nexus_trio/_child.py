@@ -9,6 +9,7 @@ the stop; the child implements :meth:`Child.run_once` and :meth:`Child.request_s
 from __future__ import annotations
 
 import enum
+import math
 import uuid
 from collections import deque
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -130,6 +131,7 @@ class Child:
         "backoff_step",
         "done",
         "dormant",
+        "drain_on_stop",
         "exit_directive",
         "id",
         "linked_children",
@@ -147,6 +149,7 @@ class Child:
         "spawn_prev",
         "start_gate",
         "started_at",
+        "stop_deadline",
         "supervisor",
         "terminating",
     )
@@ -177,6 +180,12 @@ class Child:
     dormant: bool
     terminating: bool
     retired: bool
+    #: a draining stop (``kernel.stop(..., drain=True)``, or the draining stop of the
+    #: agent that spawned it): what is queued is handled before it stops
+    drain_on_stop: bool
+    #: when a draining stop of the agent that spawned it must be over (that agent's
+    #: bound, for its whole subtree); ``inf`` otherwise
+    stop_deadline: float
     #: how the last run ended, when a handler's directive decided it
     exit_directive: Directive | None
     #: restart times of this child alone (the root supervisor isolates its children)
@@ -212,6 +221,8 @@ class Child:
         self.dormant = False
         self.terminating = False
         self.retired = False
+        self.drain_on_stop = False
+        self.stop_deadline = math.inf
         self.exit_directive = None
         self.restart_times = None
         self._retired_event = None
@@ -259,6 +270,11 @@ class Child:
 
     async def run_once(self) -> None:
         raise NotImplementedError
+
+    async def wait_idle(self) -> None:
+        """Return once nothing is queued for this child or in hand (a supervisor has no
+        queue: at once)."""
+        await trio.lowlevel.checkpoint()
 
     def request_stop(self) -> None:
         raise NotImplementedError

@@ -789,9 +789,36 @@ class SupervisorNode(Child, ChildOwner):
         )
         raise Escalation(chain, last)
 
+    def _stop_timeout(self, child: Child) -> float:
+        """How long ``child`` may take to stop once asked (then it is cancelled)."""
+        timeout = child.shutdown_timeout
+        if getattr(child, "cancel_after_grace", False):
+            # Without a timeout of its own, a child is cancelled once the kernel's
+            # grace period is over, also when this stop began during the drain (an
+            # escalation, a group restart, ``kernel.stop``): no second grace.
+            timeout = min(timeout, self.host.grace_left())
+        # (a draining stop of the agent that spawned it bounds its whole subtree)
+        return min(timeout, child.stop_deadline - trio.current_time())
+
+    async def _drain_before_linked(self, child: Child) -> None:
+        """A draining stop of an agent that spawned others (a pool's router): its own
+        queue is handled first, while they still run (what it hands on reaches them);
+        then they drain theirs, all at once (see :meth:`_stop_all`), and stop. The
+        whole of it within the agent's stop timeout: past it, they are cancelled and
+        what is left is dead-lettered ``agent_stopped``."""
+        deadline = trio.current_time() + self._stop_timeout(child)
+        with trio.move_on_at(deadline):
+            await child.wait_idle()
+        for linked in child.linked_children:
+            # (a second stop without drain may have cut the drain short meanwhile)
+            linked.drain_on_stop = child.drain_on_stop
+            linked.stop_deadline = min(linked.stop_deadline, deadline)
+
     async def _stop_child(self, child: Child) -> None:
         """Stop one running child: its linked children first, then it, within its timeout."""
         if child.linked_children:
+            if child.drain_on_stop and child.running:
+                await self._drain_before_linked(child)
             await self._stop_linked(child, "parent_stopped")
         child.terminating = True
         child.dormant = False
@@ -805,12 +832,7 @@ class SupervisorNode(Child, ChildOwner):
                 await done.wait()
             else:
                 child.request_stop()
-                timeout = child.shutdown_timeout
-                if getattr(child, "cancel_after_grace", False):
-                    # Without a timeout of its own, a child is cancelled once the kernel's
-                    # grace period is over, also when this stop began during the drain (an
-                    # escalation, a group restart, ``kernel.stop``): no second grace.
-                    timeout = min(timeout, self.host.grace_left())
+                timeout = self._stop_timeout(child)
                 if timeout > 0:
                     with trio.move_on_after(timeout):
                         await done.wait()
@@ -833,6 +855,15 @@ class SupervisorNode(Child, ChildOwner):
         each.
         """
         children = [c for c in reversed(list(self.children)) if not c.retired]
+        if self.drain_on_stop:
+            # A draining stop (of the agent that spawned this supervisor: a pool's
+            # router): every child handles its queue at once, not one after another,
+            # within the same deadline; then they are awaited in reverse start order.
+            for child in children:
+                child.drain_on_stop = True
+                child.stop_deadline = min(child.stop_deadline, self.stop_deadline)
+                if child.running and child.is_agent and not child.linked_children:
+                    child.request_stop()
         quiet = [c.stops_quietly() for c in children]
         for i, child in enumerate(children):
             if child.retired:
