@@ -859,9 +859,13 @@ class SupervisorNode(Child, ChildOwner):
             # A draining stop (of the agent that spawned this supervisor: a pool's
             # router): every child handles its queue at once, not one after another,
             # within the same deadline; then they are awaited in reverse start order.
+            # Each one's own stop timeout counts from now, when its drain begins.
+            now = trio.current_time()
             for child in children:
                 child.drain_on_stop = True
-                child.stop_deadline = min(child.stop_deadline, self.stop_deadline)
+                child.stop_deadline = min(
+                    child.stop_deadline, self.stop_deadline, now + self._stop_timeout(child)
+                )
                 if child.running and child.is_agent and not child.linked_children:
                     child.request_stop()
         quiet = [c.stops_quietly() for c in children]

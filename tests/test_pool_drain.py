@@ -256,3 +256,73 @@ async def test_a_resize_during_a_pools_drain_is_refused_and_the_drain_goes_on(
     assert sorted(p for _, p, _ in done) == [0, 1, 2, 3]
     assert stats.dead_lettered == 0
     assert stats.handled == 8
+
+
+async def test_each_worker_s_own_shutdown_timeout_counts_from_the_start_of_the_drain(
+    autojump_clock: Any,
+) -> None:
+    done: Done = []
+    async with open_test_kernel() as kernel:
+        worker = slow_worker(done).with_options(shutdown_timeout=2.5)
+        ref = kernel.spawn(pool(worker, size=2).with_options(shutdown_timeout=30))
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        for i in range(8):
+            await kernel.send(ref, i)
+        await kernel.stop(ref, drain=True)
+        took = trio.current_time() - start
+        stats = kernel.stats()
+        stopped = dead_letters(kernel, DeadLetterReason.AGENT_STOPPED)
+    # both workers drain at once, so both get their 2.5 s from the same moment (not the
+    # second one after the first one's stop): 2 handled each, the rest dead-lettered
+    assert took == pytest.approx(2.5)
+    assert sorted(name for name, _, _ in done) == ["workers/0"] * 2 + ["workers/1"] * 2
+    assert sorted(letter.message.payload for letter in stopped) == [4, 5, 6, 7]
+    assert stats.dead_lettered == 4
+
+
+async def test_a_kernel_shutdown_during_a_pools_drain_lets_it_finish_within_the_grace(
+    autojump_clock: Any,
+) -> None:
+    done: Done = []
+    async with open_test_kernel(test_config(shutdown_grace_ms=10_000)) as kernel:
+        ref = kernel.spawn(pool(slow_worker(done), size=2))
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        for i in range(6):
+            await kernel.send(ref, i)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(kernel.stop, ref, drain=True))
+            await trio.sleep(0.5)
+            nursery.start_soon(kernel.shutdown)
+    assert trio.current_time() - start == pytest.approx(3.0)
+    stats = kernel.stats()
+    assert sorted(p for _, p, _ in done) == [0, 1, 2, 3, 4, 5]
+    assert stats.dead_lettered == 0
+    assert stats.handled == 12
+
+
+async def test_a_kernel_shutdown_during_a_pools_drain_keeps_the_drain_s_bound(
+    autojump_clock: Any,
+) -> None:
+    done: Done = []
+    async with open_test_kernel(test_config(shutdown_grace_ms=1_000)) as kernel:
+        # the workers' shutdown_timeout is the kernel's shutdown_grace, 1 s, from the
+        # start of the drain (0 s); the shutdown comes at 0.5 s, its grace ends at 1.5 s
+        ref = kernel.spawn(pool(slow_worker(done, 0.8), size=2).with_options(shutdown_timeout=30))
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        for i in range(6):
+            await kernel.send(ref, i)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(kernel.stop, ref, drain=True))
+            await trio.sleep(0.5)
+            nursery.start_soon(kernel.shutdown)
+        took = trio.current_time() - start
+    # one message handled per worker, the one in hand cancelled at 1 s and the rest
+    # dead-lettered (open_test_kernel checked that every message is accounted for)
+    assert took == pytest.approx(1.0)
+    stats = kernel.stats()
+    assert sorted(p for _, p, _ in done) == [0, 1]
+    assert dict(stats.dead_letters_by_reason) == {"agent_stopped": 4}
+    assert stats.handled == 6 + 2
