@@ -174,6 +174,17 @@ class AgentCell(Child):
     def request_stop(self) -> None:
         self.request_exit(drain=self.drain_on_stop)
 
+    def cut_drain(self) -> None:
+        super().cut_drain()
+        if self.exit_requested and self.drain_before_exit:
+            # asked to stop with a drain: stop after the message in hand instead
+            self.request_exit(drain=False)
+        idle = self._idle
+        if idle is not None:
+            # a draining stop waiting for this queue goes on (see wait_idle)
+            self._idle = None
+            idle.set()
+
     def request_exit(self, *, drain: bool = False) -> None:
         self.exit_requested = True
         self.drain_before_exit = drain

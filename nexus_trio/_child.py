@@ -279,6 +279,13 @@ class Child:
     def request_stop(self) -> None:
         raise NotImplementedError
 
+    def cut_drain(self) -> None:
+        """A stop without drain came while a draining stop of this child (or of the agent
+        that spawned it) is under way: what is still queued is not handled."""
+        self.drain_on_stop = False
+        for linked in self.linked_children:
+            linked.cut_drain()
+
     def on_retired(self, reason: str, *, for_shutdown: bool = False) -> None:
         """Called once the child is stopped for good (not restarted); ``for_shutdown``:
         by the kernel's shutdown before the tree stop (see :class:`StoppedForShutdown`)."""

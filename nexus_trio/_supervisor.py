@@ -353,6 +353,11 @@ class SupervisorNode(Child, ChildOwner):
         if self._inbox_send is not None:
             self._inbox_send.send_nowait((_SHUTDOWN,))
 
+    def cut_drain(self) -> None:
+        super().cut_drain()
+        for child in self.children:
+            child.cut_drain()
+
     async def run_once(self) -> None:
         send, receive = trio.open_memory_channel[tuple[Any, ...]](math.inf)
         self._restart_times.clear()
