@@ -883,6 +883,35 @@ async def test_a_node_starved_without_pause_still_judges_a_silent_peer_lost(
             assert not {info.node: info for info in cluster.member_list()}["b"].reachable
 
 
+async def test_a_node_whose_stalls_outlast_the_hold_reads_its_socket_before_it_judges(
+    nats: NatsServer,
+) -> None:
+    """Regression (test_a_node_whose_process_stalls_twice_in_a_row_does_not_judge_its_live_
+    peers_lost failed under load, ~20 on 2 cores): stalls after the first one that add up
+    to more than the hold (the loss window from its start; the load stretched the test's
+    two 0.24s stalls past it) ended the hold at once, and the check that woke from the
+    last stall judged right then, before this thread had read the heartbeats waiting in
+    its socket: the live peer was judged lost (silent for ~1.8s by the last one read).
+    The check reads what waits in the socket before it judges."""
+    async with nodes(nats.url, "b") as _, local_node(nats.url) as (kernel, cluster):
+        with trio.fail_after(30):
+            await cluster.wait_for_name("echo-b")
+            assert await kernel.request("echo-b", 1) == {"echo": 1, "node": "b", "kind": "Query"}
+            interval = FAST.heartbeat_interval
+            lost_after = interval * FAST.missed_heartbeats
+            time.sleep(lost_after + 0.1)  # the whole process stalls (b runs on)
+            # the loss check runs late and holds; then the process stalls again and again,
+            # longer than the hold in all (also counted from the second stall), with one
+            # checkpoint between (too few for this thread to read its socket)
+            for _ in range(4):
+                await trio.lowlevel.checkpoint()
+                time.sleep(1.1 * interval)
+            await trio.sleep(3 * interval)  # the loss check runs again, on time
+            assert cluster.stats().nodes_lost == 0
+            assert {info.node: info for info in cluster.member_list()}["b"].reachable
+            assert await kernel.request("echo-b", 2) == {"echo": 2, "node": "b", "kind": "Query"}
+
+
 @agent(name="far")
 async def _far(ctx: Context, msg: Message) -> Any:
     return ["far", msg.payload]

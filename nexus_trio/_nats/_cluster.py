@@ -36,6 +36,7 @@ Guarantees (what the caller of ``kernel.send`` / ``kernel.request`` gets):
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import itertools
 import json
@@ -59,6 +60,7 @@ import nats.js.errors
 import trio
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg as NatsMsg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
@@ -551,6 +553,12 @@ class Cluster:
         #: extra fields for this node's membership record (e.g. a run's phase), seen by
         #: every node in ``NodeInfo.stats`` at the next heartbeat or :meth:`announce`
         self.record_extra: dict[str, Any] = {}
+        #: the heartbeat subjects' subscription (on the control connection)
+        self._heartbeat_sub: Subscription | None = None
+        #: set once the heartbeats pending when a loss check began are read (see
+        #: _read_pending_heartbeats); None when no such read is under way
+        self._heartbeats_read: trio.Event | None = None
+        self._drain_task: asyncio.Task[None] | None = None
 
     # --- connecting ------------------------------------------------------------------------
 
@@ -3272,6 +3280,13 @@ class Cluster:
             held = now < held_until
             if held:
                 continue
+            if self.members.silent(now):
+                # Before a member is judged lost, what waits in this node's socket is read:
+                # the hold ends by the clock, and a check that woke from a stall past it
+                # (stalls in a row, a loaded machine) judged at once, before this thread
+                # had read the heartbeats that came meanwhile: a live peer was lost.
+                await self._read_pending_heartbeats()
+                checked = now = monotonic()
             for info in self.members.newly_lost(now):
                 self._node_lost(info)
             self._count_late_notices(now)
@@ -3296,6 +3311,49 @@ class Cluster:
                     # members forgotten: only a member's count is ever read
                     for key in [key for key in counts if key not in members]:
                         del counts[key]
+
+    async def _read_pending_heartbeats(self) -> None:
+        """Read and apply the heartbeats that reached this node so far: a PING on the
+        control connection, whose PONG comes after every heartbeat the server sent it
+        before, then until the subscription's queue is handled (``_on_heartbeat`` never
+        waits). Waits the loss window at most: a connection down, or an asyncio side that
+        cannot run (a task blocking this thread), reads nothing more, and the check
+        judges on what was read (the read goes on, and its heartbeats count when read)."""
+        sub, control = self._heartbeat_sub, self._ctl
+        window = self.members.lost_after
+        if sub is None or control is None:
+            return
+        read = self._heartbeats_read
+        if read is None:
+            read = self._heartbeats_read = trio.Event()
+
+            async def drain() -> None:
+                try:
+                    await control.flush(max(1, math.ceil(window)))
+                    # (what is queued now is handled in order, all of it at the task's
+                    # next turn: bounded, as more keep coming)
+                    for _ in range(sub.pending_msgs):
+                        await asyncio.sleep(0)
+                        if not sub.pending_msgs:
+                            break
+                except (nats.errors.Error, TimeoutError) as exc:
+                    log_guarded(
+                        log,
+                        logging.INFO,
+                        "node %s: could not read the pending heartbeats before judging: %r",
+                        self.node,
+                        exc,
+                    )
+                finally:
+                    read.set()
+                    self._heartbeats_read = None
+
+            # (not awaited through call_aio: a Trio timeout would wait there until the
+            # asyncio side ran to take the cancellation, and a PING whose wait is
+            # cancelled leaves the client a cancelled future for its PONG)
+            self._drain_task = current_aio_loop().create_task(drain())
+        with trio.move_on_after(window):
+            await read.wait()
 
     def _is_member(self, node: str, id_prefix: int) -> bool:
         info = self.members.members.get(node)
@@ -3569,7 +3627,9 @@ class Cluster:
         await call_aio(subscribe)
 
         async def subscribe_heartbeats() -> None:
-            await self._control.subscribe(f"{self.prefix}.hb.*", cb=self._on_heartbeat)
+            self._heartbeat_sub = await self._control.subscribe(
+                f"{self.prefix}.hb.*", cb=self._on_heartbeat
+            )
             await direct.flush_after_subscribe(self._control)
 
         await call_aio(subscribe_heartbeats)

@@ -247,6 +247,14 @@ class MemberTable:
                 del self.by_prefix[info.id_prefix]
         return info
 
+    def silent(self, now: float) -> bool:
+        """True if a reachable member was not heard from for ``lost_after`` seconds (what
+        :meth:`newly_lost` would mark, unmarked)."""
+        return any(
+            node != self.self_node and info.reachable and now - info.last_seen > self.lost_after
+            for node, info in self.members.items()
+        )
+
     def newly_lost(self, now: float) -> list[NodeInfo]:
         """Mark and return the reachable members not heard from for ``lost_after`` seconds."""
         lost = []
