@@ -438,9 +438,12 @@ def test_member_table_marks_silent_nodes_lost_once_and_finds_nodes_by_id() -> No
     agent_of_b = uuid.UUID(int=(2 << 64) | 77)
     assert table.node_of(agent_of_b) is not None
     assert table.newly_lost(2.0) == []
+    assert (table.silent(2.0), table.silent(3.5)) == (False, True)  # never this node itself
+    assert table.members["b"].reachable  # (silent marks nothing)
     lost = table.newly_lost(3.5)
     assert [i.node for i in lost] == ["b"]  # never this node itself
     assert table.newly_lost(10.0) == []  # reported once
+    assert not table.silent(10.0)  # (lost already)
     assert table.heard(_info("b", 2, 11.0)) is True  # back
     assert table.members["b"].reachable
     table.left("b")
