@@ -3287,8 +3287,8 @@ class Cluster:
                 # had read the heartbeats that came meanwhile: a live peer was lost.
                 await self._read_pending_heartbeats()
                 checked = now = monotonic()
-            for info in self.members.newly_lost(now):
-                self._node_lost(info)
+                for info in self.members.newly_lost(now):
+                    self._node_lost(info)
             self._count_late_notices(now)
             for info in self.members.forget_lost(now, self.options.forget_lost_after):
                 self._nodes_forgotten += 1
