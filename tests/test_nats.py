@@ -834,6 +834,26 @@ async def test_a_node_whose_own_process_stalled_does_not_judge_its_live_peers_lo
             assert await kernel.request("echo-b", 2) == {"echo": 2, "node": "b", "kind": "Query"}
 
 
+async def _stalled_with_b_alive(url: str, first: float, then: list[float]) -> None:
+    """This process (node a) stalls for the loss window + ``first`` seconds while node b
+    runs on in its own, then again for each of ``then`` heartbeat intervals, one
+    checkpoint before each; after the next loss check on time, b is a live member that
+    answers, judged lost never."""
+    async with nodes(url, "b") as _, local_node(url) as (kernel, cluster):
+        with trio.fail_after(30):
+            await cluster.wait_for_name("echo-b")
+            assert await kernel.request("echo-b", 1) == {"echo": 1, "node": "b", "kind": "Query"}
+            interval = FAST.heartbeat_interval
+            time.sleep(interval * FAST.missed_heartbeats + first)  # the whole process stalls
+            for intervals in then:
+                await trio.lowlevel.checkpoint()
+                time.sleep(intervals * interval)
+            await trio.sleep(3 * interval)  # the loss check runs again, on time
+            assert cluster.stats().nodes_lost == 0
+            assert {info.node: info for info in cluster.member_list()}["b"].reachable
+            assert await kernel.request("echo-b", 2) == {"echo": 2, "node": "b", "kind": "Query"}
+
+
 async def test_a_node_whose_process_stalls_twice_in_a_row_does_not_judge_its_live_peers_lost(
     nats: NatsServer,
 ) -> None:
@@ -842,23 +862,10 @@ async def test_a_node_whose_process_stalls_twice_in_a_row_does_not_judge_its_liv
     a second stall during it made the check after it judge while the heartbeats that
     came in both stalls still waited in the socket: the live peer was judged lost. A
     stall during the hold extends it (within the loss window of its start)."""
-    async with nodes(nats.url, "b") as _, local_node(nats.url) as (kernel, cluster):
-        with trio.fail_after(30):
-            await cluster.wait_for_name("echo-b")
-            assert await kernel.request("echo-b", 1) == {"echo": 1, "node": "b", "kind": "Query"}
-            interval = FAST.heartbeat_interval
-            lost_after = interval * FAST.missed_heartbeats
-            time.sleep(lost_after + 0.4)  # the whole process stalls (b runs on)
-            # the loss check runs late and holds; then the process stalls again, twice,
-            # for more than the rest of the hold (but within the loss window of its
-            # start), before it has read its socket
-            await trio.lowlevel.checkpoint()
-            time.sleep(1.2 * interval)
-            await trio.lowlevel.checkpoint()
-            time.sleep(1.2 * interval)
-            await trio.sleep(3 * interval)  # the loss check runs again, on time
-            assert cluster.stats().nodes_lost == 0
-            assert await kernel.request("echo-b", 2) == {"echo": 2, "node": "b", "kind": "Query"}
+    # the loss check runs late and holds; then the process stalls again, twice, for more
+    # than the rest of the hold (but within the loss window of its start), before it has
+    # read its socket
+    await _stalled_with_b_alive(nats.url, 0.4, [1.2, 1.2])
 
 
 async def test_a_node_starved_without_pause_still_judges_a_silent_peer_lost(
@@ -893,23 +900,10 @@ async def test_a_node_whose_stalls_outlast_the_hold_reads_its_socket_before_it_j
     last stall judged right then, before this thread had read the heartbeats waiting in
     its socket: the live peer was judged lost (silent for ~1.8s by the last one read).
     The check reads what waits in the socket before it judges."""
-    async with nodes(nats.url, "b") as _, local_node(nats.url) as (kernel, cluster):
-        with trio.fail_after(30):
-            await cluster.wait_for_name("echo-b")
-            assert await kernel.request("echo-b", 1) == {"echo": 1, "node": "b", "kind": "Query"}
-            interval = FAST.heartbeat_interval
-            lost_after = interval * FAST.missed_heartbeats
-            time.sleep(lost_after + 0.1)  # the whole process stalls (b runs on)
-            # the loss check runs late and holds; then the process stalls again and again,
-            # longer than the hold in all (also counted from the second stall), with one
-            # checkpoint between (too few for this thread to read its socket)
-            for _ in range(4):
-                await trio.lowlevel.checkpoint()
-                time.sleep(1.1 * interval)
-            await trio.sleep(3 * interval)  # the loss check runs again, on time
-            assert cluster.stats().nodes_lost == 0
-            assert {info.node: info for info in cluster.member_list()}["b"].reachable
-            assert await kernel.request("echo-b", 2) == {"echo": 2, "node": "b", "kind": "Query"}
+    # the loss check runs late and holds; then the process stalls again and again, longer
+    # than the hold in all (also counted from the second stall), with one checkpoint
+    # between (too few for this thread to read its socket)
+    await _stalled_with_b_alive(nats.url, 0.1, [1.1] * 4)
 
 
 @agent(name="far")

@@ -78,21 +78,27 @@ async def test_a_draining_stop_of_a_pool_handles_what_is_queued_at_its_workers(
     assert stats.accepted == stats.handled
 
 
+async def stopped_draining(spec: Any, count: int) -> tuple[float, Any, list[Any]]:
+    """In a kernel of its own: ``spec`` spawned, sent ``count`` messages (0, 1, ...) and
+    stopped with a drain: how long the stop took, the kernel's stats after it, and the
+    dead letters ``agent_stopped``."""
+    async with open_test_kernel() as kernel:
+        ref = kernel.spawn(spec)
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        for i in range(count):
+            await kernel.send(ref, i)
+        await kernel.stop(ref, drain=True)
+        took = trio.current_time() - start
+        return took, kernel.stats(), dead_letters(kernel, DeadLetterReason.AGENT_STOPPED)
+
+
 async def test_a_draining_stop_of_a_pool_is_bounded_by_the_routers_shutdown_timeout(
     autojump_clock: Any,
 ) -> None:
     done: Done = []
-    async with open_test_kernel() as kernel:
-        spec = pool(slow_worker(done), size=2).with_options(shutdown_timeout=2.5)
-        ref = kernel.spawn(spec)
-        await trio.testing.wait_all_tasks_blocked()
-        start = trio.current_time()
-        for i in range(6):
-            await kernel.send(ref, i)
-        await kernel.stop(ref, drain=True)
-        took = trio.current_time() - start
-        stats = kernel.stats()
-        stopped = dead_letters(kernel, DeadLetterReason.AGENT_STOPPED)
+    spec = pool(slow_worker(done), size=2).with_options(shutdown_timeout=2.5)
+    took, stats, stopped = await stopped_draining(spec, 6)
     # the bound is the pool's as a whole: 2 messages each in 2.5 s, the third one
     # cancelled in hand and dead-lettered, counted
     assert took == pytest.approx(2.5)
@@ -275,17 +281,10 @@ async def test_each_worker_s_own_shutdown_timeout_counts_from_the_start_of_the_d
     autojump_clock: Any,
 ) -> None:
     done: Done = []
-    async with open_test_kernel() as kernel:
-        worker = slow_worker(done).with_options(shutdown_timeout=2.5)
-        ref = kernel.spawn(pool(worker, size=2).with_options(shutdown_timeout=30))
-        await trio.testing.wait_all_tasks_blocked()
-        start = trio.current_time()
-        for i in range(8):
-            await kernel.send(ref, i)
-        await kernel.stop(ref, drain=True)
-        took = trio.current_time() - start
-        stats = kernel.stats()
-        stopped = dead_letters(kernel, DeadLetterReason.AGENT_STOPPED)
+    worker = slow_worker(done).with_options(shutdown_timeout=2.5)
+    took, stats, stopped = await stopped_draining(
+        pool(worker, size=2).with_options(shutdown_timeout=30), 8
+    )
     # both workers drain at once, so both get their 2.5 s from the same moment (not the
     # second one after the first one's stop): 2 handled each, the rest dead-lettered
     assert took == pytest.approx(2.5)
