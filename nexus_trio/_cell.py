@@ -274,6 +274,9 @@ class AgentCell(Child):
     def stops_quietly(self) -> bool:
         return self.spec.stops_quietly
 
+    def has_queued(self) -> bool:
+        return self.mailbox.depth > 0
+
     def starts_quietly(self) -> bool:
         return self.lazy
 

@@ -294,6 +294,10 @@ class Child:
         """True if stopping runs no user code, so the stop order cannot be observed."""
         return False
 
+    def has_queued(self) -> bool:
+        """True if messages wait in this child's mailbox (a supervisor has none)."""
+        return False
+
     def starts_quietly(self) -> bool:
         """True if starting runs no user code: nobody waits for its start."""
         return False

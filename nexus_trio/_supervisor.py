@@ -507,8 +507,18 @@ class SupervisorNode(Child, ChildOwner):
     def _called_off(self, child: Child) -> bool:
         """Whether a run about to start has nothing to run: its child was stopped, or the
         grace period is over (a restart whose backoff ran past it; nothing more is
-        handled, the tree stop retires it)."""
-        return child.terminating or child.retired or self.host.stopping()
+        handled, the tree stop retires it). A draining stop of a child with messages
+        queued does not call its run off: it starts to handle them (see _stop_child)."""
+        if child.retired or self.host.stopping():
+            return True
+        return child.terminating and not self._drains_first(child)
+
+    @staticmethod
+    def _drains_first(child: Child) -> bool:
+        """A child asked to stop with a drain whose run has not started (a lazy agent
+        woken by messages sent right before the stop): its run starts, handles what is
+        queued, and exits, as a running child's draining stop does."""
+        return child.drain_on_stop and child.has_queued()
 
     @trio.lowlevel.enable_ki_protection
     async def _child_task(
@@ -829,13 +839,18 @@ class SupervisorNode(Child, ChildOwner):
         child.dormant = False
         done = child.done
         if done is not None and not done.is_set():
-            if not child.running:
+            if not child.running and not self._drains_first(child):
                 # Still waiting out a backoff or its turn to start: nothing to be
                 # graceful about.
                 if child.scope is not None:
                     child.scope.cancel()
                 await done.wait()
             else:
+                # (a draining stop of a child whose run has not started: the run starts
+                # now, asked to exit once its queue is handled, within the same timeout;
+                # a backoff it waits out is cut short)
+                if not child.running and child.scope is not None:
+                    child.scope.cancel()
                 child.request_stop()
                 timeout = self._stop_timeout(child)
                 if timeout > 0:

@@ -37,6 +37,7 @@ from nexus_trio import (
     NameTaken,
     RequestFailed,
     RequestTimeout,
+    SupervisionConfig,
     Supervisor,
     agent,
     open_kernel,
@@ -960,6 +961,105 @@ async def test_stop_runs_on_stop_and_drains_or_dead_letters_the_rest(
         assert [d.detail for d in kernel.recent_dead_letters()] == ["agent stopped (retired)"] * 2
     assert_conserved(kernel)
     assert kernel.stats().in_flight == 0
+
+
+@pytest.mark.parametrize("drain", [False, True])
+async def test_a_draining_stop_right_after_the_sends_that_woke_a_lazy_agent_handles_them(
+    autojump_clock: Any, drain: bool
+) -> None:
+    """Regression: a lazy agent (no on_start) woken by messages sent right before its
+    draining stop (no checkpoint between: its run scheduled, not started) had its run
+    called off by the stop, if the stop reached its supervisor before the run started
+    (Trio's scheduler orders them at random), and its whole queue dead-lettered
+    ``agent_stopped``. A draining stop starts that run, which handles the queue and
+    exits, within the agent's stop timeout. Ten agents, one after another: each order
+    is met. Without drain the message in hand, if the run started, is finished and the
+    rest dead-lettered, as before."""
+    handled: list[Any] = []
+
+    @agent
+    async def lazy(ctx: Context, msg: Message) -> None:
+        await trio.sleep(1)
+        handled.append(msg.payload)
+
+    async with open_kernel(make_config()) as kernel:
+        for n in range(10):
+            ref = kernel.spawn(lazy)
+            await trio.testing.wait_all_tasks_blocked()
+            for i in range(3):
+                await kernel.send(ref, (n, i))
+            await kernel.stop(ref, drain=drain)
+        assert kernel.stats().agents_alive == 0
+    if drain:
+        assert handled == [(n, i) for n in range(10) for i in range(3)]
+        assert reasons(kernel) == []
+    else:
+        assert len(handled) + len(reasons(kernel)) == 30
+        assert {r for _, r in reasons(kernel)} == {DeadLetterReason.AGENT_STOPPED}
+        assert all(i == 0 for _, i in handled)
+    assert_conserved(kernel)
+    assert kernel.stats().in_flight == 0
+
+
+async def test_a_draining_stop_of_a_lazy_agent_not_started_yet_keeps_its_stop_timeout(
+    autojump_clock: Any,
+) -> None:
+    """The run a draining stop starts (above) is bounded as any draining stop: past the
+    agent's shutdown_timeout the message in hand is cancelled and the rest of the queue
+    dead-lettered, counted."""
+    handled: list[Any] = []
+
+    @agent(name="lazy", shutdown_timeout=2.5)
+    async def lazy(ctx: Context, msg: Message) -> None:
+        await trio.sleep(1)
+        handled.append(msg.payload)
+
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(lazy)
+        for i in range(5):
+            await kernel.send(ref, i)
+        start = trio.current_time()
+        await kernel.stop(ref, drain=True)
+        took = trio.current_time() - start
+    assert (handled, took) == ([0, 1], 2.5)
+    assert [(p, r) for p, r in reasons(kernel)] == [
+        (2, DeadLetterReason.AGENT_STOPPED),
+        (3, DeadLetterReason.AGENT_STOPPED),
+        (4, DeadLetterReason.AGENT_STOPPED),
+    ]
+    assert_conserved(kernel)
+
+
+async def test_a_draining_stop_of_an_agent_waiting_out_a_restart_backoff_handles_its_queue(
+    autojump_clock: Any,
+) -> None:
+    """An agent waiting out its restart backoff (10 s) with messages queued behind the
+    one that failed it: a draining stop cuts the backoff short, and the new run handles
+    the queue and exits (before: the queue was dead-lettered, the stop did not drain)."""
+    handled: list[Any] = []
+
+    @agent(name="flaky", on_error="restart")
+    async def flaky(ctx: Context, msg: Message) -> None:
+        if msg.payload == "boom":
+            raise RuntimeError("boom")
+        handled.append(msg.payload)
+
+    supervision = SupervisionConfig(
+        max_restarts=10, backoff_initial_ms=10_000, backoff_max_ms=10_000, backoff_jitter=0
+    )
+    async with open_kernel(Config(supervision=supervision)) as kernel:
+        ref = kernel.spawn(flaky)
+        for payload in ["boom", 1, 2]:
+            await kernel.send(ref, payload)
+        await trio.sleep(1)  # failed at once; 9 s of its backoff to go
+        assert handled == []
+        start = trio.current_time()
+        await kernel.stop(ref, drain=True)
+        took = trio.current_time() - start
+        assert kernel.stats().restarts == 1
+    assert (handled, took) == ([1, 2], 0.0)
+    assert [r for _, r in reasons(kernel)] == [DeadLetterReason.HANDLER_ERROR]
+    assert_conserved(kernel)
 
 
 async def test_a_stop_whose_reason_reads_shutdown_is_still_a_stop(autojump_clock: Any) -> None:
