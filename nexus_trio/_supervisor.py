@@ -61,6 +61,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nexus_trio.supervisor")
 
+_RUNNING: Final = KernelPhase.RUNNING
 _STOPPING: Final = KernelPhase.STOPPING
 
 
@@ -238,7 +239,7 @@ class SupervisionHost:
         else:
             self.router.forget(child)
         child.on_retired(reason, for_shutdown=for_shutdown)
-        if reason != "shutdown":
+        if self.router.phase is _RUNNING:
             # (its spawn's count for the heap keeper; not in a kernel's shutdown, whose
             # close thaws all: a call per agent there would be a hundredth of its stop)
             self.heap.removed()
@@ -831,6 +832,9 @@ class SupervisorNode(Child, ChildOwner):
 
     async def _stop_child(self, child: Child) -> None:
         """Stop one running child: its linked children first, then it, within its timeout."""
+        if child.drain_on_stop and not child.running and self._stop_timeout(child) <= 0:
+            # (no time to drain: a run not started yet is not started for it)
+            child.drain_on_stop = False
         if child.linked_children:
             if child.drain_on_stop and child.running:
                 await self._drain_before_linked(child)

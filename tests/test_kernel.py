@@ -1030,6 +1030,33 @@ async def test_a_draining_stop_of_a_lazy_agent_not_started_yet_keeps_its_stop_ti
     assert_conserved(kernel)
 
 
+async def test_a_draining_stop_with_no_time_to_drain_does_not_start_a_run_for_it(
+    autojump_clock: Any,
+) -> None:
+    """The run a draining stop starts (above) is not started when the agent's stop
+    timeout is 0: its queue is dead-lettered at once, as a running agent's would be
+    (its message in hand cancelled), not handled without a bound."""
+    handled: list[Any] = []
+
+    @agent(shutdown_timeout=0)
+    async def lazy(ctx: Context, msg: Message) -> None:
+        await trio.sleep(1)
+        handled.append(msg.payload)
+
+    async with open_kernel(make_config()) as kernel:
+        start = trio.current_time()
+        for n in range(10):
+            ref = kernel.spawn(lazy)
+            for i in range(3):
+                await kernel.send(ref, (n, i))
+            await kernel.stop(ref, drain=True)
+        assert trio.current_time() == start
+    assert handled == []
+    assert len(reasons(kernel)) == 30
+    assert {r for _, r in reasons(kernel)} == {DeadLetterReason.AGENT_STOPPED}
+    assert_conserved(kernel)
+
+
 async def test_a_draining_stop_of_an_agent_waiting_out_a_restart_backoff_handles_its_queue(
     autojump_clock: Any,
 ) -> None:
