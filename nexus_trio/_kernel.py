@@ -482,12 +482,12 @@ class Kernel:
             )
         if node is self._root:
             raise ValueError("the root supervisor is stopped by shutdown(), not stop()")
-        if isinstance(node, AgentCell):
-            if not drain and node.drain_on_stop:
-                # A stop without drain cuts a draining stop under way short, the drain of
-                # the agents it spawned (a pool's workers) too.
-                node.cut_drain()
-            node.drain_on_stop = drain
+        if not drain and node.drain_on_stop:
+            # A stop without drain cuts a draining stop under way short, the drain of the
+            # agents it spawned (a pool's workers), or of a supervisor's children, too.
+            node.cut_drain()
+        # (a supervisor's draining stop drains its children, all at once: see _stop_all)
+        node.drain_on_stop = drain
         self._router.unroute(node)
         owner = node.supervisor
         assert owner is not None

@@ -20,6 +20,7 @@ from nexus_trio import (
     Context,
     DeadLetterReason,
     Message,
+    Supervisor,
     agent,
     pool,
     resize_pool,
@@ -338,3 +339,40 @@ async def test_a_kernel_shutdown_during_a_pools_drain_keeps_the_drain_s_bound(
     assert sorted(p for _, p, _ in done) == [0, 1]
     assert dict(stats.dead_letters_by_reason) == {"agent_stopped": 4}
     assert stats.handled == 6 + 2
+
+
+@pytest.mark.parametrize("drain", [False, True])
+async def test_a_draining_stop_of_a_supervisor_drains_its_children_at_once(
+    autojump_clock: Any, drain: bool
+) -> None:
+    """Regression: ``kernel.stop(supervisor, drain=True)`` ignored ``drain``: its children
+    were stopped one by one, newest first, each finishing its message in hand, and what
+    was queued at them was dead-lettered ``agent_stopped``. A supervisor's draining stop
+    drains its children as a pool's does: all at once, each within its own stop
+    timeout; without drain, as before."""
+    done: Done = []
+    children = [slow_worker(done).with_options(name=name) for name in ("a", "b")]
+    async with open_test_kernel() as kernel:
+        ref = kernel.spawn(Supervisor(children=children, name="sup"))
+        await trio.testing.wait_all_tasks_blocked()
+        for i in range(3):
+            for name in ("a", "b"):
+                await kernel.send(name, i)
+        await trio.testing.wait_all_tasks_blocked()
+        start = trio.current_time()
+        await kernel.stop(ref, drain=drain)
+        took = trio.current_time() - start
+        stats = kernel.stats()
+        stopped = dead_letters(kernel, DeadLetterReason.AGENT_STOPPED)
+    assert kernel.agents() == []
+    if drain:
+        assert sorted((name, p) for name, p, _ in done) == [
+            (name, i) for name in ("a", "b") for i in range(3)
+        ]
+        assert took == pytest.approx(3.0)  # at once: one child's queue, not both
+        assert stopped == [] and stats.dead_lettered == 0
+    else:
+        # each finishes the message in hand; newest first, one after another
+        assert sorted((name, p) for name, p, _ in done) == [("a", 0), ("b", 0)]
+        assert took == pytest.approx(1.0)
+        assert sorted(letter.message.payload for letter in stopped) == [1, 1, 2, 2]
