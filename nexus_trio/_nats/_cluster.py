@@ -558,6 +558,7 @@ class Cluster:
         #: set once the heartbeats pending when a loss check began are read (see
         #: _read_pending_heartbeats); None when no such read is under way
         self._heartbeats_read: trio.Event | None = None
+        #: that read's asyncio task (held here: the loop keeps only a weak reference)
         self._drain_task: asyncio.Task[None] | None = None
 
     # --- connecting ------------------------------------------------------------------------
@@ -844,10 +845,13 @@ class Cluster:
             except TransportUnavailable:
                 self._forget_outstanding(msg)
                 raise
+        self._put_alone(msg, routed)
+
+    def _put_alone(self, msg: Message, routed: _Routed) -> None:
+        """Hand a message that goes alone to the outbox, counted for its peer first: the
+        outbox may send it at once, and a refusal then takes it back (see _not_handed)."""
         peer = routed[3]
         if isinstance(peer, int):
-            # counted first: the outbox may send it at once, and a refusal then takes
-            # it back (see _not_handed)
             self._alone_out[peer] = self._alone_out.get(peer, 0) + 1
         self._outbox.put(self._seal(msg, routed))
         self._published += 1
@@ -870,12 +874,7 @@ class Cluster:
             if routed is None:
                 return
             if routed[2] is not None:
-                peer = routed[3]
-                if isinstance(peer, int):
-                    # counted first, as in _deliver_alone
-                    self._alone_out[peer] = self._alone_out.get(peer, 0) + 1
-                self._outbox.put(self._seal(msg, routed))
-                self._published += 1
+                self._put_alone(msg, routed)
                 return
             link = self._link_for(msg, routed)
         body = self._tell_body(msg)
