@@ -179,11 +179,7 @@ class AgentCell(Child):
         if self.exit_requested and self.drain_before_exit:
             # asked to stop with a drain: stop after the message in hand instead
             self.request_exit(drain=False)
-        idle = self._idle
-        if idle is not None:
-            # a draining stop waiting for this queue goes on (see wait_idle)
-            self._idle = None
-            idle.set()
+        self._wake_idle()  # a draining stop waiting for this queue goes on
 
     def request_exit(self, *, drain: bool = False) -> None:
         self.exit_requested = True
@@ -218,12 +214,16 @@ class AgentCell(Child):
 
     def _went_idle(self) -> None:
         """The mailbox is empty and nothing is in hand: wake :meth:`wait_idle`."""
+        self._wake_idle()
+        # (the caller checked that the run is neither held nor asked to exit)
+        self.interrupted = False
+
+    def _wake_idle(self) -> None:
+        """Let :meth:`wait_idle` return, if something waits in it."""
         idle = self._idle
         if idle is not None:
             self._idle = None
             idle.set()
-        # (the caller checked that the run is neither held nor asked to exit)
-        self.interrupted = False
 
     def _release_event(self) -> trio.Event:
         """The event the stop sets (one made before is kept: every waiter returns)."""
@@ -419,7 +419,7 @@ class AgentCell(Child):
         self.nursery = None
         self._handler_scope = None
         if self._idle is not None:
-            self._went_idle()  # nothing more is handled in this run
+            self._wake_idle()  # nothing more is handled in this run
         current = self.current
         if current is not None:
             # Cancelled from outside (stop past its timeout, shutdown) or by a failing

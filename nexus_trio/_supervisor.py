@@ -843,18 +843,16 @@ class SupervisorNode(Child, ChildOwner):
         child.dormant = False
         done = child.done
         if done is not None and not done.is_set():
+            if not child.running and child.scope is not None:
+                # Still waiting out a backoff or its turn to start: cut short.
+                child.scope.cancel()
             if not child.running and not self._drains_first(child):
-                # Still waiting out a backoff or its turn to start: nothing to be
-                # graceful about.
-                if child.scope is not None:
-                    child.scope.cancel()
+                # Nothing to be graceful about: its run is called off.
                 await done.wait()
             else:
-                # (a draining stop of a child whose run has not started: the run starts
-                # now, asked to exit once its queue is handled, within the same timeout;
-                # a backoff it waits out is cut short)
-                if not child.running and child.scope is not None:
-                    child.scope.cancel()
+                # (also a draining stop of a child whose run has not started: the run
+                # starts now, asked to exit once its queue is handled, within the same
+                # timeout)
                 child.request_stop()
                 timeout = self._stop_timeout(child)
                 if timeout > 0:
