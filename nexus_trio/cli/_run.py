@@ -380,6 +380,11 @@ class StoppedWhileImporting(KeyboardInterrupt):
         self.signame = signame
 
 
+def _stopped_while_importing() -> StoppedWhileImporting:
+    """The interrupt of an import for the first stop signal noted."""
+    return StoppedWhileImporting(signal.Signals(_early_signals[0]).name)
+
+
 def _note_early(signum: int, _frame: object) -> None:
     if is_hangup(signum):
         note_hangup()
@@ -388,7 +393,7 @@ def _note_early(signum: int, _frame: object) -> None:
         # Once: disarmed here, not by the code it interrupts (the exception may land in
         # the line that would), and a second stop is noted only (the run forces it).
         _interrupts["armed"] = False
-        raise StoppedWhileImporting(signal.Signals(_early_signals[0]).name)
+        raise _stopped_while_importing()
 
 
 @contextlib.contextmanager
@@ -409,12 +414,12 @@ def stops_interrupt() -> Iterator[None]:
     _interrupts["armed"] = True  # (before the look at those noted: none slips between)
     try:
         if _early_signals:  # a stop before: no import
-            raise StoppedWhileImporting(signal.Signals(_early_signals[0]).name)
+            raise _stopped_while_importing()
         yield
     finally:
         _interrupts["armed"] = False
         if _early_signals:  # (whatever the block ended with: not started)
-            raise StoppedWhileImporting(signal.Signals(_early_signals[0]).name)
+            raise _stopped_while_importing()
 
 
 def catch_stop_signals_early(*, worker: bool = True) -> None:
