@@ -79,16 +79,32 @@ async def test_a_draining_stop_of_a_pool_handles_what_is_queued_at_its_workers(
     assert stats.accepted == stats.handled
 
 
+async def started_and_told(kernel: Any, spec: Any, count: int) -> Any:
+    """``spec`` spawned in ``kernel`` and started, then sent ``count`` messages (0, 1, ...,
+    none of them waits: sends take no time): its ref."""
+    ref = kernel.spawn(spec)
+    await trio.testing.wait_all_tasks_blocked()
+    for i in range(count):
+        await kernel.send(ref, i)
+    return ref
+
+
+async def stopped_draining_then_shut_down(kernel: Any, ref: Any) -> None:
+    """``kernel.stop(ref, drain=True)``, and half a second into it the kernel's
+    shutdown; returns when both are over."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(kernel.stop, ref, drain=True))
+        await trio.sleep(0.5)
+        nursery.start_soon(kernel.shutdown)
+
+
 async def stopped_draining(spec: Any, count: int) -> tuple[float, Any, list[Any]]:
     """In a kernel of its own: ``spec`` spawned, sent ``count`` messages (0, 1, ...) and
     stopped with a drain: how long the stop took, the kernel's stats after it, and the
     dead letters ``agent_stopped``."""
     async with open_test_kernel() as kernel:
-        ref = kernel.spawn(spec)
-        await trio.testing.wait_all_tasks_blocked()
-        start = trio.current_time()
-        for i in range(count):
-            await kernel.send(ref, i)
+        ref = await started_and_told(kernel, spec, count)
+        start = trio.current_time()  # (the sends took no time)
         await kernel.stop(ref, drain=True)
         took = trio.current_time() - start
         return took, kernel.stats(), dead_letters(kernel, DeadLetterReason.AGENT_STOPPED)
@@ -122,10 +138,8 @@ async def test_a_worker_that_fails_during_the_drain_is_not_restarted(autojump_cl
         done.append((ctx.name, msg.payload, trio.current_time()))
 
     async with open_test_kernel() as kernel:
-        ref = kernel.spawn(pool(worker, size=2))
-        await trio.testing.wait_all_tasks_blocked()
-        for i in range(8):  # 0, 2, 4, 6 to workers/0; 1, 3, 5, 7 to workers/1
-            await kernel.send(ref, i)
+        # 0, 2, 4, 6 to workers/0; 1, 3, 5, 7 to workers/1
+        ref = await started_and_told(kernel, pool(worker, size=2), 8)
         await kernel.stop(ref, drain=True)
         stats = kernel.stats()
         failed = dead_letters(kernel, DeadLetterReason.HANDLER_ERROR)
@@ -214,10 +228,7 @@ async def test_kernel_shutdown_with_a_grace_handles_the_work_queued_at_a_pools_w
 ) -> None:
     done: Done = []
     async with open_test_kernel(test_config(shutdown_grace_ms=10_000)) as kernel:
-        ref = kernel.spawn(pool(slow_worker(done), size=2))
-        await trio.testing.wait_all_tasks_blocked()
-        for i in range(6):
-            await kernel.send(ref, i)
+        await started_and_told(kernel, pool(slow_worker(done), size=2), 6)
         await trio.testing.wait_all_tasks_blocked()
         start = trio.current_time()
     assert trio.current_time() - start == pytest.approx(3.0)
@@ -263,10 +274,7 @@ async def test_a_resize_during_a_pools_drain_is_refused_and_the_drain_goes_on(
 ) -> None:
     done: Done = []
     async with open_test_kernel() as kernel:
-        ref = kernel.spawn(pool(slow_worker(done), size=2))
-        await trio.testing.wait_all_tasks_blocked()
-        for i in range(4):
-            await kernel.send(ref, i)
+        ref = await started_and_told(kernel, pool(slow_worker(done), size=2), 4)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(partial(kernel.stop, ref, drain=True))
             await trio.sleep(0.5)
@@ -299,15 +307,9 @@ async def test_a_kernel_shutdown_during_a_pools_drain_lets_it_finish_within_the_
 ) -> None:
     done: Done = []
     async with open_test_kernel(test_config(shutdown_grace_ms=10_000)) as kernel:
-        ref = kernel.spawn(pool(slow_worker(done), size=2))
-        await trio.testing.wait_all_tasks_blocked()
-        start = trio.current_time()
-        for i in range(6):
-            await kernel.send(ref, i)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(partial(kernel.stop, ref, drain=True))
-            await trio.sleep(0.5)
-            nursery.start_soon(kernel.shutdown)
+        ref = await started_and_told(kernel, pool(slow_worker(done), size=2), 6)
+        start = trio.current_time()  # (the sends took no time)
+        await stopped_draining_then_shut_down(kernel, ref)
     assert trio.current_time() - start == pytest.approx(3.0)
     stats = kernel.stats()
     assert sorted(p for _, p, _ in done) == [0, 1, 2, 3, 4, 5]
@@ -322,15 +324,10 @@ async def test_a_kernel_shutdown_during_a_pools_drain_keeps_the_drain_s_bound(
     async with open_test_kernel(test_config(shutdown_grace_ms=1_000)) as kernel:
         # the workers' shutdown_timeout is the kernel's shutdown_grace, 1 s, from the
         # start of the drain (0 s); the shutdown comes at 0.5 s, its grace ends at 1.5 s
-        ref = kernel.spawn(pool(slow_worker(done, 0.8), size=2).with_options(shutdown_timeout=30))
-        await trio.testing.wait_all_tasks_blocked()
-        start = trio.current_time()
-        for i in range(6):
-            await kernel.send(ref, i)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(partial(kernel.stop, ref, drain=True))
-            await trio.sleep(0.5)
-            nursery.start_soon(kernel.shutdown)
+        spec = pool(slow_worker(done, 0.8), size=2).with_options(shutdown_timeout=30)
+        ref = await started_and_told(kernel, spec, 6)
+        start = trio.current_time()  # (the sends took no time)
+        await stopped_draining_then_shut_down(kernel, ref)
         took = trio.current_time() - start
     # one message handled per worker, the one in hand cancelled at 1 s and the rest
     # dead-lettered (open_test_kernel checked that every message is accounted for)
