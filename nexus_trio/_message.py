@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 import random
+import sys
 import threading
 import time
 import uuid
@@ -580,14 +581,66 @@ def check_json(value: Any, what: str = "payload") -> None:
     nested. A faster JSON encoder (msgspec's) writes more than that, a datetime, bytes,
     a set, a UUID, a Decimal, an Enum or a dataclass, as a string, a list or an object,
     so that the value would arrive as something else: every wire encoder of payloads
-    calls this first. (A value nested too deeply raises RecursionError, as the encoders
-    do; depth is not checked.) A caller on a hot path checks ``value.__class__`` against
-    :data:`JSON_SCALARS` first: such a value needs no walk."""
+    calls this first. ValueError, naming where, for a value that contains itself (as
+    ``json.dumps`` raises) and for one nested deeper than the interpreter recurses (the
+    encoders would raise RecursionError, which says neither what nor where). A caller on
+    a hot path checks ``value.__class__`` against :data:`JSON_SCALARS` first: such a
+    value needs no walk."""
     try:
         _walk_json(value)
     except _NotJSON as exc:
         where = "".join(reversed(exc.path))
         raise TypeError(f"{what}{where} {exc.problem}") from None
+    except RecursionError:
+        # Only now is the value walked again, without recursion, to say which: the walk
+        # above keeps no record of what it has seen (it runs on every payload sent).
+        raise ValueError(_too_deep(value, what)) from None
+
+
+def _too_deep(value: Any, what: str) -> str:
+    """Why the walk of ``value`` recursed too deeply: where it contains itself (a
+    circular reference) or, if nowhere, how deep it goes. Depth first without recursion,
+    each container entered once (a value shared by two branches is not walked twice)."""
+    containers = (dict, list, tuple)
+    # the containers on the path from ``value`` down, each with what is left of its
+    # items, and the step into it (``[key]`` or ``[index]``)
+    path: list[Iterator[tuple[str, Any]]] = [_steps(value)]
+    steps: list[str] = [what]
+    ids = [id(value)]
+    on_path = set(ids)
+    done: set[int] = set()
+    deepest = 1
+    while path:
+        for step, item in path[-1]:
+            if not isinstance(item, containers) or id(item) in done:
+                continue
+            if id(item) in on_path:
+                return (
+                    f"{''.join(steps)}{step} is a {_type_name(item)} that holds it (a"
+                    " circular reference: json.dumps refuses it too)"
+                )
+            on_path.add(id(item))
+            ids.append(id(item))
+            path.append(_steps(item))
+            steps.append(step)
+            deepest = max(deepest, len(path))
+            break
+        else:
+            path.pop()
+            steps.pop()
+            left = ids.pop()
+            on_path.discard(left)
+            done.add(left)
+    return (
+        f"{what} is nested {deepest} levels deep, deeper than this interpreter's recursion"
+        f" limit ({sys.getrecursionlimit()}) lets a JSON encoder go"
+    )
+
+
+def _steps(container: Any) -> Iterator[tuple[str, Any]]:
+    if isinstance(container, dict):
+        return ((f"[{brief(key, 60)}]", item) for key, item in container.items())
+    return ((f"[{index}]", item) for index, item in enumerate(container))
 
 
 def _type_name(value: Any) -> str:

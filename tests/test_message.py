@@ -560,6 +560,39 @@ def test_to_json_refuses_a_payload_json_has_no_type_for_instead_of_changing_it(
         )
 
 
+def test_a_payload_that_contains_itself_or_nests_too_deeply_is_a_value_error_saying_where() -> None:
+    """Regression: ``check_json`` (and so every wire encoder and ``to_json``) raised
+    RecursionError for a payload that contains itself, naming neither the message nor
+    where; ``json.dumps`` says "Circular reference detected". A ValueError names the
+    place now; one nested past the recursion limit says how deep. A value shared by
+    two branches is no loop, and a wide shared one is not walked once per path."""
+    loop: dict[str, Any] = {"a": [1, 2]}
+    loop["a"].append({"up": loop})
+    with pytest.raises(
+        ValueError, match=re.escape("payload['a'][2]['up'] is a dict that holds it")
+    ):
+        check_json(loop)
+    selfish: list[Any] = []
+    selfish.append(selfish)
+    with pytest.raises(ValueError, match=re.escape("x[0] is a list that holds it")):
+        check_json(selfish, "x")
+    deep: Any = "leaf"
+    for _ in range(3_000):
+        deep = {"d": deep}
+    with pytest.raises(ValueError, match=r"payload is nested 3000 levels deep, deeper than"):
+        check_json(deep)
+    # every level twice: 2**1200 paths, one container each
+    shared: Any = 0
+    for _ in range(1_200):
+        shared = [shared, shared]
+    with pytest.raises(ValueError, match=r"nested 1200 levels deep"):
+        check_json(shared)
+    with pytest.raises(ValueError, match=re.escape("is a list that holds it")):
+        Message(SYSTEM_ID, "bob", {"v": selfish}).to_json()
+    same = [1]
+    check_json({"a": same, "b": [same, same]})  # shared, not circular: fine
+
+
 _Pair = collections.namedtuple("_Pair", "a b")
 
 

@@ -93,6 +93,23 @@ def test_the_codecs_refuse_a_payload_json_has_no_type_for_instead_of_changing_it
             encode(msg)
 
 
+def test_the_codecs_refuse_a_payload_that_contains_itself_saying_where() -> None:
+    """Regression: a payload that contains itself raised RecursionError from each
+    codec, and the sender's error (``cannot be encoded for NATS: maximum recursion
+    depth exceeded``) named no place. A ValueError names it now."""
+    loop: list[Any] = [0]
+    loop.append([loop])
+    msg = Message(sender=uuid.uuid4(), to="x", payload={"job": loop})
+    head = wire.numbered_head("a:5", 1, 2)
+    for encode in (
+        wire.encode_tell,
+        wire.encode_message,
+        lambda m: wire.encode_numbered(m, head, 3),
+    ):
+        with pytest.raises(ValueError, match=re.escape("payload['job'][1][0] is a list that")):
+            encode(msg)
+
+
 @pytest.mark.parametrize("payload", [(1, [2, (3,)]), {1: "a", 2.5: [None]}, 1.5, float("inf")])
 def test_a_tuple_and_a_number_key_cross_as_the_standard_library_writes_them(payload: Any) -> None:
     """What JSON has no type for but the standard library writes (a tuple as a list, a

@@ -506,6 +506,38 @@ async def test_a_payload_json_has_no_type_for_fails_that_message_instead_of_arri
         assert kernel.stats().restarts == 0
 
 
+async def test_a_payload_that_contains_itself_fails_that_message_not_the_agent() -> None:
+    """Regression: a payload that contains itself (or is nested deeper than the
+    recursion limit) raised RecursionError from the JSON check, which the bridge does
+    not take for "cannot be encoded": the handler failed (``handler_error``) and the
+    agent was restarted, a new child. Each is that message's failure now, dead-lettered
+    ``unserialisable`` saying where it loops or how deep it goes; the child stays."""
+    loop: list[Any] = [1]
+    loop.append({"back": loop})
+    deep: Any = 0
+    for _ in range(5_000):
+        deep = [deep]
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy()))
+        pid = await kernel.request(ref, {"op": "pid"})
+        with pytest.raises(RequestFailed) as info:
+            await kernel.request(ref, {"op": "echo", "value": loop})
+        assert info.value.reason == "unserialisable"
+        assert "payload['value'][1]['back'] is a list that holds it (a circular reference" in (
+            str(info.value.error)
+        )
+        with pytest.raises(RequestFailed) as info:
+            await kernel.request(ref, {"op": "echo", "value": deep})
+        assert info.value.reason == "unserialisable"
+        assert "payload is nested 5001 levels deep" in str(info.value.error)
+        for _ in range(4):
+            await kernel.send(ref, loop)  # tells: dead-lettered too
+        assert await kernel.request(ref, {"op": "pid"}) == pid
+        letters = dead_letters(kernel)
+        assert [d.reason for d in letters] == [DeadLetterReason.UNSERIALISABLE] * 6
+        assert (stats_of(kernel, ref).starts, kernel.stats().restarts) == (1, 0)
+
+
 async def test_a_message_whose_kind_is_a_string_never_reaches_a_process_agent() -> None:
     """Regression: ``kernel.send(ref, x, kind="Command")`` (the string, as the bridges'
     own ``send(..., kind="Command")`` takes it) reached a process agent whose encoding
