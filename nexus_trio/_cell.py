@@ -574,7 +574,7 @@ class AgentCell(Child):
                                 mailbox.recount()
                             else:
                                 mailbox.depth -= 1
-                        if msg.kind is query and late and id_value(msg) in late:
+                        if late and msg.kind is query and id_value(msg) in late:
                             self.dead_lettered += 1
                             router.discard_queued([msg], DeadLetterReason.REQUEST_TIMEOUT, self, "")
                             continue
