@@ -574,7 +574,7 @@ class _NotJSON(Exception):
         self.path: list[str] = []
 
 
-def check_json(value: Any, what: str = "payload") -> None:
+def check_json(value: Any, what: str = "payload") -> bool:
     """Raise TypeError, naming the type and where it sits in ``value`` (``what``), if
     the standard library's ``json`` would refuse ``value``: anything but a dict (keys
     str, int, float, bool or None), list, tuple, str, int, float, bool or None, also
@@ -585,9 +585,16 @@ def check_json(value: Any, what: str = "payload") -> None:
     ``json.dumps`` raises) and for one nested deeper than the interpreter recurses (the
     encoders would raise RecursionError, which says neither what nor where). A caller on
     a hot path checks ``value.__class__`` against :data:`JSON_SCALARS` first: such a
-    value needs no walk."""
+    value needs no walk.
+
+    True if ``value`` has a dict key other than a str or an int (a float, a bool, None,
+    a subclass): the standard library writes such a key its own way (``1e+16``,
+    ``true``, ``null``, ``NaN``), which a faster encoder does not (``1e16``, ``nan``) or
+    refuses (a bool or None key), so an encoder that must write what ``json.dumps``
+    writes gives such a value to the standard library's."""
+    odd: list[Any] = []
     try:
-        _walk_json(value)
+        _walk_json(value, odd)
     except _NotJSON as exc:
         where = "".join(reversed(exc.path))
         raise TypeError(f"{what}{where} {exc.problem}") from None
@@ -595,6 +602,7 @@ def check_json(value: Any, what: str = "payload") -> None:
         # Only now is the value walked again, without recursion, to say which: the walk
         # above keeps no record of what it has seen (it runs on every payload sent).
         raise ValueError(_too_deep(value, what)) from None
+    return bool(odd)
 
 
 def _too_deep(value: Any, what: str) -> str:
@@ -649,20 +657,24 @@ def _type_name(value: Any) -> str:
     return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
 
 
-def _walk_json(value: Any) -> None:
+def _walk_json(value: Any, odd: list[Any]) -> None:
     # Exact classes first (the common case), isinstance only for the rest: the standard
-    # library takes subclasses of dict, list, tuple, str, int and float too.
+    # library takes subclasses of dict, list, tuple, str, int and float too. ``odd``
+    # gets the keys that are neither a str nor an int (see check_json).
     cls = value.__class__
     if cls is dict or (cls is not list and cls is not tuple and isinstance(value, dict)):
         for key, item in value.items():
-            if key.__class__ is not str and not isinstance(key, _JSON_KEYS):
-                raise _NotJSON(
-                    f"has a key of type {_type_name(key)}, {brief(key, 60)} (JSON keys are"
-                    " strings: json.dumps takes str, int, float, bool or None keys only)"
-                )
+            if key.__class__ is not str and key.__class__ is not int:
+                if not isinstance(key, _JSON_KEYS):
+                    raise _NotJSON(
+                        f"has a key of type {_type_name(key)}, {brief(key, 60)} (JSON keys"
+                        " are strings: json.dumps takes str, int, float, bool or None keys"
+                        " only)"
+                    )
+                odd.append(key)
             if item.__class__ not in JSON_SCALARS:
                 try:
-                    _walk_json(item)
+                    _walk_json(item, odd)
                 except _NotJSON as exc:
                     exc.path.append(f"[{brief(key, 60)}]")
                     raise
@@ -670,7 +682,7 @@ def _walk_json(value: Any) -> None:
         for item in value:
             if item.__class__ not in JSON_SCALARS:
                 try:
-                    _walk_json(item)
+                    _walk_json(item, odd)
                 except _NotJSON as exc:
                     index = next(i for i, each in enumerate(value) if each is item)
                     exc.path.append(f"[{index}]")

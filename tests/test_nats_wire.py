@@ -93,6 +93,18 @@ def test_the_codecs_refuse_a_payload_json_has_no_type_for_instead_of_changing_it
             encode(msg)
 
 
+class _Text(str):
+    pass
+
+
+class _Int(int):
+    pass
+
+
+class _Float(float):
+    pass
+
+
 def test_the_codecs_refuse_a_payload_that_contains_itself_saying_where() -> None:
     """Regression: a payload that contains itself raised RecursionError from each
     codec, and the sender's error (``cannot be encoded for NATS: maximum recursion
@@ -110,14 +122,45 @@ def test_the_codecs_refuse_a_payload_that_contains_itself_saying_where() -> None
             encode(msg)
 
 
-@pytest.mark.parametrize("payload", [(1, [2, (3,)]), {1: "a", 2.5: [None]}, 1.5, float("inf")])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        (1, [2, (3,)]),
+        {1: "a", 2.5: [None]},
+        1.5,
+        float("inf"),
+        {"a": [{1e16: 1, 1e-7: 2, float("nan"): 3, float("-inf"): 4}]},
+        {True: 1, False: [{None: 2}]},
+        [_Text("s"), {_Text("k"): _Int(3)}, _Float(0.5)],
+        _Text("alone"),
+    ],
+    ids=[
+        "tuple",
+        "number keys",
+        "float",
+        "inf",
+        "float keys",
+        "bool and None keys",
+        "subclasses",
+        "a str subclass",
+    ],
+)
 def test_a_tuple_and_a_number_key_cross_as_the_standard_library_writes_them(payload: Any) -> None:
     """What JSON has no type for but the standard library writes (a tuple as a list, a
-    number key as a string) crosses as that, in every codec."""
+    number, bool or None key as a string) crosses as that, in every codec.
+
+    Regression for the last two: msgspec wrote a float key its own way (``1e16``,
+    ``1e-7``, ``nan``, ``-inf`` where ``json.dumps`` writes ``1e+16``, ``1e-07``,
+    ``NaN``, ``-Infinity``), so the key arrived changed, and refused a bool or None key
+    (TypeError) that ``json.dumps`` writes (``true``, ``null``), and a subclass of str,
+    int or float."""
     msg = Message(sender=uuid.uuid4(), to="x", payload=payload)
     expected = json.loads(json.dumps(payload))
+    head = wire.numbered_head("a:5", 1, 2)
     assert wire.decode_tell(wire.encode_tell(msg)).payload == expected
     assert wire.decode_message(wire.encode_message(msg)).payload == expected
+    assert wire.decode_message(wire.encode_numbered(msg, head, 3)).payload == expected
+    assert Message.from_json(msg.to_json()).payload == expected
 
 
 def test_the_kernels_standard_json_form_is_accepted_too() -> None:

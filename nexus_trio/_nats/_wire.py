@@ -202,10 +202,12 @@ def encode_message(msg: Message, sequence: str | None = None) -> bytes:
     """The compact body of ``msg`` on NATS (see the module doc); with ``sequence`` (see
     :func:`sequence_value`) in format 2, which carries it right after the format number."""
     to, payload = msg.to, msg.payload
+    odd_keys = False
     if payload.__class__ not in JSON_SCALARS:
         # what msgspec writes but the standard library refuses (a datetime, bytes, a set:
-        # as a string or a list) would arrive as something else
-        check_json(payload)
+        # as a string or a list) would arrive as something else; a float, bool or None
+        # key it writes its own way, or refuses (see check_json)
+        odd_keys = check_json(payload)
     conversation_id, reply_to, trace_id = msg.conversation_id, msg.reply_to, msg.trace_id
     fields = [
         *((_FORMAT,) if sequence is None else (_NUMBERED_FORMAT, sequence)),
@@ -219,7 +221,14 @@ def encode_message(msg: Message, sequence: str | None = None) -> bytes:
         None if trace_id is None else trace_id.int,
         payload,
     ]
-    body = _dumps(fields)
+    if odd_keys:
+        return _std_dumps(fields).encode()
+    try:
+        body = _dumps(fields)
+    except TypeError:
+        # msgspec refuses a subclass of str, int or float that is no Enum, which the
+        # standard library writes as its base value (check_json passed it)
+        return _std_dumps(fields).encode()
     # A null beyond the envelope's own may be a non-finite float that msgspec wrote as
     # null: then the standard library writes the body (``Infinity``, as it always did),
     # never a silent null. A payload with a real null pays for that check.
@@ -390,10 +399,14 @@ def _payload_json(payload: Any) -> bytes:
     cls = payload.__class__
     if cls in _NO_FLOAT:
         return _dumps(payload)
-    if cls is not float:
-        # what msgspec writes but the standard library refuses (see encode_message)
-        check_json(payload)
-    body = _dumps(payload)
+    # what msgspec writes but the standard library refuses, and keys it writes its own
+    # way (see encode_message)
+    if cls is not float and check_json(payload):
+        return _std_dumps(payload).encode()
+    try:
+        body = _dumps(payload)
+    except TypeError:
+        return _std_dumps(payload).encode()  # a subclass of str, int or float (see above)
     # msgspec writes a non-finite float as null: a payload that may hold a float and
     # holds a null goes through the standard library, which writes Infinity/NaN (and the
     # same JSON otherwise). Checked by class first: a search costs more than the encode.
