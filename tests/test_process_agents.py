@@ -1557,6 +1557,32 @@ async def test_register_timeout_fails_the_agent_and_kills_the_child() -> None:
         assert live_processes(tag) == []
 
 
+async def test_a_register_without_its_newline_is_named_when_the_register_times_out(
+    tmp_path: Path,
+) -> None:
+    """Regression: a child that wrote its register frame without the newline (a
+    ``sys.stdout.write`` of the JSON alone) and waited for input failed with only ``did not
+    register within 0.5s``: the frame it wrote was not mentioned. The timeout now says what
+    is waiting for its newline, so the mistake is named."""
+    register = b'{"type": "register", "payload": {"id": "x", "name": "nl"}}'
+    cmd = script(tmp_path, f"raw({register!r})\nsys.stdin.buffer.read()\n")
+    async with bridge_kernel() as kernel:
+        with trio.fail_after(30):
+            async with kernel.events() as events:
+                ref = kernel.spawn(
+                    process_agent(cmd, name="nl", register_timeout=0.5, restart="temporary")
+                )
+                async for event in events:
+                    if event.agent_id == ref.id and event.kind is EventKind.FAILED:
+                        break
+            await wait_until(lambda: not kernel.is_local(ref), "the agent to retire")
+    assert isinstance(event.error, ProcessAgentError)
+    assert event.error.problem == (
+        f"did not register within 0.5s; it wrote {len(register)} bytes with no newline after"
+        f" them (a frame ends with \\n): {register.decode()!r}"
+    )
+
+
 async def test_stop_of_a_child_that_never_registered_does_not_wait_for_a_stdout_reader(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -382,6 +382,10 @@ class _Oversized:
         self.size = size
 
 
+#: how much of a line still waiting for its newline :meth:`_LineReader.pending` gives
+_PENDING_HEAD: Final = 200
+
+
 @final
 class _LineReader:
     """Lines from a byte stream, at most ``limit`` bytes each; longer ones are skipped whole."""
@@ -415,6 +419,11 @@ class _LineReader:
         """Where in the stream the line :meth:`next_line` returned last ends (its newline
         included): what was received, less what is buffered past it."""
         return self.received - len(self._buf)
+
+    def pending(self) -> tuple[int, bytes]:
+        """The line received so far and not ended by a newline: its size (what was
+        discarded of it included) and the start of it still held (``b""`` if discarded)."""
+        return self._discarded + len(self._buf), bytes(self._buf[:_PENDING_HEAD])
 
     async def next_line(self) -> bytes | _Oversized | None:
         """The next line without its newline, an :class:`_Oversized` marker, or None at EOF.
@@ -868,9 +877,18 @@ class ProcessAgent(Agent):
                 self._registered(payload)
                 self._child_registered = True
                 return
+        # A frame written without its newline (sys.stdout.write of the JSON alone) waits
+        # for it for ever: say so, or the timeout hides the mistake.
+        size, head = stdout.pending()
+        unended = (
+            f"; it wrote {size:,} bytes with no newline after them (a frame ends with \\n):"
+            f" {_preview(head.strip())!r}"
+            if size
+            else ""
+        )
         raise ProcessAgentError(
             self.label,
-            f"did not register within {self.options.register_timeout:g}s{first_bad}",
+            f"did not register within {self.options.register_timeout:g}s{first_bad}{unended}",
             process.pid,
         )
 
