@@ -152,6 +152,19 @@ def test_run_help_shows_the_embedded_defaults_typers_way() -> None:
         assert default in text
 
 
+def test_run_help_names_every_signal_dump_on_signal_acts_on() -> None:
+    """`--dump-on-signal` said SIGINT/SIGTERM; it dumps on SIGHUP too (docs/cli.md)."""
+    assert "on SIGINT/SIGTERM/SIGHUP (SIGUSR1 always does)" in flat(
+        invoke(["run", "--help"]).output
+    )
+
+
+def test_send_help_lists_the_log_levels_as_run_help_does() -> None:
+    """`nexus send --help` showed `-l <str>` where `nexus run --help` lists the levels."""
+    text = "".join(re.sub(r"[│╭╮╰╯─]", " ", invoke(["send", "--help"]).output).split())
+    assert "-l[trace|debug|info|warn|warning|error|critical]" in text
+
+
 def test_run_help_names_every_demo_workload_where_it_describes_them() -> None:
     """The text below the options listed ring, fanout and request, not pool."""
     from nexus_trio.cli._workloads import WORKLOADS

@@ -290,7 +290,7 @@ def run(
         bool,
         typer.Option(
             "--dump-on-signal",
-            help="Also write the agent tree to the log on SIGINT/SIGTERM (SIGUSR1 always does).",
+            help="Also write the agent tree to the log on SIGINT/SIGTERM/SIGHUP (SIGUSR1 always does).",
         ),
     ] = False,
     spawn: Annotated[

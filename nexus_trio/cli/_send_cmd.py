@@ -14,6 +14,7 @@ from typing import Annotated, Any, Final
 
 import typer
 
+from .._config import LOG_LEVELS
 from ._commands import Command
 
 _EPILOG = """\
@@ -83,7 +84,13 @@ def register(app: typer.Typer) -> None:
             typer.Option("--config", "-c", help="Config file (TOML).", dir_okay=False),
         ] = None,
         log_level: Annotated[
-            str, typer.Option("--log-level", "-l", help="Log level on stderr.")
+            str,
+            typer.Option(
+                "--log-level",
+                "-l",
+                metavar=f"[{'|'.join(LOG_LEVELS)}]",
+                help="Log level on stderr.",
+            ),
         ] = "warning",
         compact: Annotated[
             bool, typer.Option("--compact", help="Print the answer on one line.")
