@@ -379,11 +379,14 @@ class Router:
 
     def why_no_agent(self, address: Address) -> str:
         """What an ``AgentNotFound`` for ``address`` can add (the failing path only): that
-        it is a supervisor, or that it stopped after a failure (if it is one of the last
+        it is a supervisor, that it is being stopped (unrouted by ``stop()``, not yet
+        forgotten), or that it stopped after a failure (if it is one of the last
         _ENDED_MEMORY that did)."""
         node = self.find(address)
-        if node is not None and not node.is_agent:
-            return "it is a supervisor, which takes no messages: send to one of its agents"
+        if node is not None:
+            if not node.is_agent:
+                return "it is a supervisor, which takes no messages: send to one of its agents"
+            return "it is being stopped: it takes no new messages"
         if node is None and self._ended:
             key = address.int if isinstance(address, _UUID) else address
             return self._ended.get(key, "") if isinstance(key, (int, str)) else ""

@@ -1392,6 +1392,58 @@ async def test_a_message_to_a_supervisor_is_refused_saying_it_is_one(autojump_cl
         assert "supervisor" not in str(info.value)
 
 
+async def test_a_message_to_an_agent_being_stopped_is_refused_saying_it_stops(
+    autojump_clock: Any,
+) -> None:
+    # Before: `no agent is registered as 'slow'` while its draining stop went on (and
+    # kernel.lookup("slow") still found it): the error did not say that the agent was
+    # there but stopping.
+    said: list[str] = []
+
+    @agent(name="slow", shutdown_timeout=5)
+    async def slow(ctx: Context, msg: Message) -> Any:
+        await trio.sleep(1)
+        return msg.payload
+
+    @agent(name="asker")
+    async def asker(ctx: Context, msg: Message) -> None:
+        try:
+            await ctx.send("slow", "hi")
+        except AgentNotFound as exc:
+            said.append(str(exc))
+
+    async with open_kernel(make_config()) as kernel, trio.open_nursery() as nursery:
+        ref = kernel.spawn(slow)
+        kernel.spawn(asker)
+        await kernel.send("slow", 0)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(lambda: kernel.stop("slow", drain=True))
+        await trio.testing.wait_all_tasks_blocked()
+        assert kernel.lookup("slow") == ref
+        await kernel.send("asker", "go")
+        await trio.testing.wait_all_tasks_blocked()
+        for attempt in (
+            lambda: kernel.send("slow", 1),
+            lambda: kernel.request("slow", 1),
+            lambda: kernel.request(ref, 1),
+        ):
+            with pytest.raises(AgentNotFound) as info:
+                await attempt()
+            said.append(str(info.value))
+        with pytest.raises(AgentNotFound) as info:
+            kernel.send_nowait(ref.id, 1)
+        said.append(str(info.value))
+        assert len(said) == 5
+        for text in said:
+            assert text.endswith("(it is being stopped: it takes no new messages)"), text
+        assert kernel.stats().rejected == {"no_such_agent": 5}
+        await kernel.wait_stopped(ref)
+        assert kernel.stats().handled == 2  # the message in hand, and asker's
+        with pytest.raises(AgentNotFound) as info:
+            await kernel.send("slow", 1)
+        assert str(info.value) == "no agent is registered as 'slow'"
+
+
 def _drain_events(stream: Any) -> list[Any]:
     got = []
     while True:
