@@ -143,12 +143,27 @@ class MailboxFull(NexusError):
         )
 
 
-class KernelShuttingDown(NexusError):
-    """The kernel is stopping and accepts no new messages or agents."""
+#: what a KernelShuttingDown says of the phase the kernel was in when it refused
+_PHASE_SAID: Final = {
+    "draining": "kernel is shutting down (draining: requests from outside its agents are refused)",
+    "stopping": "kernel is shutting down (stopping: the grace period is over, nothing"
+    " more is handled)",
+    "stopped": "kernel has shut down (stopped)",
+}
 
-    def __init__(self, what: str = "send") -> None:
+
+class KernelShuttingDown(NexusError):
+    """The kernel is stopping and accepts no new messages or agents.
+
+    ``phase`` is the kernel's phase when it refused (``"draining"``, ``"stopping"`` or
+    ``"stopped"``: ``KernelPhase``'s names in lower case), named in the message; ``""``
+    when not known (e.g. an error another node sent)."""
+
+    def __init__(self, what: str = "send", phase: str = "") -> None:
         self.what = what
-        super().__init__(f"kernel is shutting down: {what} refused")
+        self.phase = phase
+        said = _PHASE_SAID.get(phase, "kernel is shutting down")
+        super().__init__(f"{said}: {what} refused")
 
 
 class AgentNotRunning(NexusError, RuntimeError):

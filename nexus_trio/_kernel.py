@@ -316,7 +316,7 @@ class Kernel:
         Messages sent right after spawning are queued and handled after ``on_start``.
         """
         if self._router.phase is not _RUNNING:
-            raise KernelShuttingDown("spawn")
+            raise KernelShuttingDown("spawn", self._router.phase.name.lower())
         if self._nursery is None:
             # built directly: nothing would run its agents, nor time its requests out
             raise RuntimeError(
@@ -350,7 +350,7 @@ class Kernel:
     def _spawn_linked(self, target: Any, name: str | None, parent: Child) -> AgentRef:
         """``ctx.spawn``: a sibling of ``parent`` that stops before it, and with its run."""
         if self._router.phase >= KernelPhase.STOPPING:
-            raise KernelShuttingDown("spawn")
+            raise KernelShuttingDown("spawn", self._router.phase.name.lower())
         owner = parent.supervisor
         if parent.retired or not isinstance(owner, SupervisorNode):
             # a context kept past its agent's stop (the kernel runs on): say so

@@ -527,7 +527,7 @@ class Router:
 
     def refuse(self, what: str) -> KernelShuttingDown:
         self.ledger.rejected["shutting_down"] += 1
-        return KernelShuttingDown(what)
+        return KernelShuttingDown(what, self.phase.name.lower())
 
     def fast(
         self, msg: Message, to: Address | None, external: bool, parks: bool = False

@@ -339,6 +339,60 @@ async def test_sends_are_refused_once_the_kernel_is_shutting_down() -> None:
         assert kernel.stats().rejected == {"shutting_down": 3}
 
 
+async def test_a_request_refused_for_the_shutdown_names_the_kernel_s_phase(
+    autojump_clock: Any,
+) -> None:
+    # Before: `kernel is shutting down: request refused` alike while the kernel drained,
+    # once it stopped its agents and after it had stopped: the error did not say which.
+    said: dict[str, tuple[str, str]] = {}
+
+    @agent(name="slow", shutdown_timeout=20)
+    async def slow(ctx: Context, msg: Message) -> Any:
+        if msg.payload == "ask":
+            # an agent may still send while the kernel drains: not refused
+            assert await ctx.request("slow2", 1) == 1
+            await trio.sleep(10)  # past the grace
+            try:
+                await ctx.request("slow2", 2)
+            except KernelShuttingDown as exc:
+                said["stopping"] = (exc.phase, str(exc))
+        return msg.payload
+
+    async def ask(when: str) -> None:
+        with pytest.raises(KernelShuttingDown) as info:
+            await kernel.request("slow", 1)
+        said[when] = (info.value.phase, str(info.value))
+
+    async with trio.open_nursery() as nursery:
+        async with open_kernel(make_config()) as kernel:
+            kernel.spawn(slow)
+            kernel.spawn(slow.with_options(name="slow2"))
+            await kernel.send("slow", "ask")
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(kernel.shutdown, 5)
+            await trio.testing.wait_all_tasks_blocked()
+            assert kernel.phase is KernelPhase.DRAINING
+            await ask("draining")
+        assert kernel.phase is KernelPhase.STOPPED
+        await ask("stopped")
+        with pytest.raises(KernelShuttingDown, match=r"^kernel has shut down \(stopped\): spawn"):
+            kernel.spawn(slow)
+    assert said == {
+        "draining": (
+            "draining",
+            "kernel is shutting down (draining: requests from outside its agents are"
+            " refused): request refused",
+        ),
+        "stopping": (
+            "stopping",
+            "kernel is shutting down (stopping: the grace period is over, nothing more"
+            " is handled): request refused",
+        ),
+        "stopped": ("stopped", "kernel has shut down (stopped): request refused"),
+    }
+    assert kernel.stats().rejected == {"shutting_down": 3}
+
+
 async def test_a_cancelled_producer_loop_is_stopped_within_sixteen_sends() -> None:
     # A send with room does not yield; one in sixteen checks for cancellation (a check
     # on every send would cost more than the send), so a cancelled loop stops quickly
