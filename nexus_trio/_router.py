@@ -986,16 +986,33 @@ class Router:
         detail = ""
         if enqueued:
             self.expire_query(query.id, query.to)
-            detail = self._unanswered(query.to)
+            detail = self._unanswered(query)
         raise RequestTimeout(query.id, query.to, timeout, detail)
 
-    def _unanswered(self, address: Address) -> str:
+    def _unanswered(self, query: Message) -> str:
         """Why a local query timed out, when the recipient says it: parked, with nothing
         queued, it has taken the query and is done with it (a handler that forgot its
-        ``return`` looks like this). Read at the timeout, not at every message: the
-        serve loop pays nothing for it."""
-        cell = self.local(address)
-        if cell is None or not cell.parked or cell.mailbox.depth:
+        ``return`` looks like this); busy with another message while the query, its own,
+        waits in its mailbox, it requested itself (from its handler, which waits for
+        itself). Read at the timeout, not at every message: the serve and request paths
+        pay nothing for it."""
+        cell = self.local(query.to)
+        if cell is None:
+            return ""
+        current = cell.current
+        if (
+            current is not None
+            and not cell.parked  # (a parked one holds a placeholder)
+            and current is not query
+            and query.sender == cell.id
+            and cell.mailbox.depth
+        ):
+            return (
+                f"agent {cell.label} requested itself while it handled another message:"
+                " the query waits in its mailbox behind that message, whose handler waits"
+                " for the answer"
+            )
+        if not cell.parked or cell.mailbox.depth:
             return ""
         return (
             f"agent {cell.label} is idle with nothing queued: it handled the query and no"

@@ -2212,6 +2212,45 @@ async def test_a_request_whose_handler_returned_none_times_out_saying_so(
         assert str(raised.value).endswith("to 'slow' got no reply within 2s")
 
 
+async def test_a_handler_that_requests_its_own_agent_times_out_saying_so(
+    autojump_clock: Any,
+) -> None:
+    """A handler that requests its own agent waits for itself: the query is queued behind
+    the message in hand, whose handler waits for the answer. The timeout said only "got
+    no reply within 1s", as for an agent merely slow; it says now what happened (read at
+    the timeout: the request path pays nothing), and the query is skipped, dead-lettered
+    ``request_timeout``, once the handler is done."""
+    said: list[str] = []
+
+    @agent(name="selfish")
+    async def selfish(ctx: Context, msg: Message) -> Any:
+        if msg.payload == "go":
+            try:
+                await ctx.request("selfish", "inner", timeout=1)
+            except RequestTimeout as exc:
+                said.append(str(exc))
+            return "outer"
+        return "inner"
+
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(selfish)
+        assert await kernel.request("selfish", "go", timeout=5) == "outer"
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(said) == 1
+        assert said[0].endswith(
+            "to 'selfish' got no reply within 1s (agent selfish requested itself while it"
+            " handled another message: the query waits in its mailbox behind that message,"
+            " whose handler waits for the answer)"
+        ), said[0]
+        letters = kernel.recent_dead_letters()
+        assert [(d.reason.value, d.message.payload) for d in letters] == [
+            ("request_timeout", "inner")
+        ]
+        stats = kernel.stats()
+        assert (stats.handled, stats.replies_delivered, stats.dead_lettered) == (1, 1, 1)
+        assert stats.accepted == 3 and stats.in_flight == 0
+
+
 @pytest.mark.parametrize("address", [None, 5, b"name", ("a",)])
 async def test_a_send_to_what_is_no_address_is_a_type_error_naming_it(address):
     """`send(None, ...)` said "no agent is registered as None" (AgentNotFound), as if
