@@ -814,6 +814,46 @@ async def test_a_durable_message_nested_too_deep_is_dead_and_the_node_pulls_on(
         assert cluster.durable.dead == 1
 
 
+async def test_a_durable_message_acked_or_dead_leaves_the_stream(nats: NatsServer) -> None:
+    """Regression: the durable stream kept every message ever sent (JetStream's default
+    retention, by limits, and none set): acked or terminated, each stayed on the
+    server's disk for good, so the stream of a cluster that runs grew without bound.
+    The stream is a work queue now: a message goes once its node acked or terminated
+    it, one not taken yet stays."""
+    from nexus_trio._nats import DurableOptions
+
+    handled: list[Any] = []
+
+    @agent(name="settles-a")
+    async def settles(ctx: Context, msg: Message) -> Any:
+        handled.append(msg.payload)
+        if msg.payload == "poison":
+            raise RuntimeError("never handled")
+        return "ok"
+
+    durable = DurableOptions(ack_wait=30.0, max_deliver=2, redelivery_delay=0.05)
+    async with local_node(nats.url, durable=durable) as (kernel, cluster):
+        kernel.spawn(settles)
+        with trio.fail_after(30):
+            for i in range(3):
+                await cluster.send_durable("settles-a", i)
+            await cluster.send_durable("settles-a", "poison")
+            while True:
+                stats = cluster.stats()
+                if (stats.durable_acked, stats.durable_dead) == (3, 1):
+                    break
+                await trio.sleep(0.05)
+            await cluster.durable.stop()  # its acks and terms sent and flushed
+            await call_aio(cluster.nc.flush)
+            info = await call_aio(cluster.data_js.stream_info, f"{cluster.prefix}-durable")
+            assert info.state.messages == 0
+            # one for a node that has not taken it stays
+            await cluster.send_durable("settles-a", "later")
+            info = await call_aio(cluster.data_js.stream_info, f"{cluster.prefix}-durable")
+            assert info.state.messages == 1
+    assert handled == [0, 1, 2, "poison", "poison"]
+
+
 async def test_a_node_whose_own_process_stalled_does_not_judge_its_live_peers_lost(
     nats: NatsServer,
 ) -> None:

@@ -3,7 +3,8 @@
 A durable message is stored in the stream ``<prefix>-durable`` on the subject
 ``<prefix>.durable.<node>.<agent id>`` with the header ``Nats-Msg-Id`` = the message id,
 so a sender that retries after a lost PubAck does not store it twice (JetStream's
-duplicate window). Each node pulls its own subject with a durable consumer named after
+duplicate window). The stream is a work queue: a message goes once it is acked or
+terminated. Each node pulls its own subject with a durable consumer named after
 the node, never more than ``max_in_flight`` messages at a time (the pull is sized to
 what it has room for), and hands each one to the recipient agent **as a Query with the
 original message id** (``ctx.message.kind is MessageKind.QUERY``):
@@ -56,7 +57,7 @@ import nats.errors
 import nats.js.errors
 import trio
 from nats.aio.msg import Msg as NatsMsg
-from nats.js.api import ConsumerConfig, StreamConfig
+from nats.js.api import ConsumerConfig, RetentionPolicy, StreamConfig
 
 from .._errors import (
     AgentNotFound,
@@ -143,6 +144,10 @@ class DurableChannel:
             subjects=[f"{cluster.prefix}.durable.>"],
             num_replicas=cluster.options.kv_replicas,
             duplicate_window=opts.duplicate_window,
+            # a message goes once its node acked or terminated it (by limits, the
+            # default, every message ever sent stayed for good); each node's consumer
+            # takes its own subjects, so no two consumers overlap
+            retention=RetentionPolicy.WORK_QUEUE,
         )
 
         async def setup() -> Any:
