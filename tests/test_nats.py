@@ -854,6 +854,60 @@ async def test_a_durable_message_acked_or_dead_leaves_the_stream(nats: NatsServe
     assert handled == [0, 1, 2, "poison", "poison"]
 
 
+async def test_a_durable_send_with_no_stream_names_the_stream(nats: NatsServer) -> None:
+    """Regression: with the durable stream gone (deleted, or lost with JetStream's store)
+    ``send_durable`` raised ``TransportUnavailable`` saying only
+    ``NoStreamResponseError()``. It names the stream and the subject nothing stored."""
+    async with local_node(nats.url) as (kernel, cluster):
+        kernel.spawn(double)
+        stream = f"{cluster.prefix}-durable"
+        with trio.fail_after(20):
+            await cluster.durable.stop()  # the pull, which makes the stream anew, is over
+            await call_aio(cluster.data_js.delete_stream, stream)
+            with pytest.raises(TransportUnavailable) as exc:
+                await cluster.send_durable("double-a", 1, timeout=10)
+    assert f"no JetStream stream stored it (stream {stream!r} missing" in str(exc.value)
+    assert f"subject {cluster.prefix}.durable.a." in str(exc.value)
+
+
+async def test_a_node_whose_durable_stream_was_deleted_makes_it_anew_and_pulls_on(
+    nats: NatsServer,
+) -> None:
+    """Regression: once the durable stream (and with it the node's consumer) was deleted
+    under a running node, its pull failed every ``reconnect_wait`` for good, a warning
+    each time, and every ``send_durable`` failed: no durable message was delivered
+    again until the node joined anew. Its pull now makes the stream and its consumer
+    anew; a send retried with its ``msg_id`` is stored once and handled."""
+    handled: list[Any] = []
+    arrived = trio.Event()
+
+    @agent(name="keeps-a")
+    async def keeps(ctx: Context, msg: Message) -> Any:
+        handled.append(msg.payload)
+        arrived.set()
+        return "ok"
+
+    async with local_node(nats.url) as (kernel, cluster):
+        kernel.spawn(keeps)
+        with trio.fail_after(30):
+            await cluster.send_durable("keeps-a", "before")
+            await arrived.wait()
+            arrived = trio.Event()
+            await call_aio(cluster.data_js.delete_stream, f"{cluster.prefix}-durable")
+            msg_id = uuid.uuid4()
+            while True:
+                try:
+                    await cluster.send_durable("keeps-a", "after", msg_id=msg_id, timeout=2)
+                    break
+                except TransportUnavailable:
+                    await trio.sleep(0.1)
+            await arrived.wait()
+            await trio.testing.wait_all_tasks_blocked()
+        stats = cluster.stats()
+    assert handled == ["before", "after"]
+    assert (stats.durable_acked, stats.durable_dead) == (2, 0)
+
+
 async def test_a_node_whose_own_process_stalled_does_not_judge_its_live_peers_lost(
     nats: NatsServer,
 ) -> None:

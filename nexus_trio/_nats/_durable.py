@@ -68,6 +68,7 @@ from .._errors import (
 )
 from .._logcall import log_guarded
 from .._message import SYSTEM_ID, Message, MessageKind, new_id
+from .._throttle import Throttle
 from . import _wire as wire
 from ._aio import Outbox, call_aio
 from ._auth import redact
@@ -123,6 +124,9 @@ class DurableChannel:
         # stop() ends the pull before it closes _ops: nothing is fetched after that
         self._pulling = trio.CancelScope()
         self._pull_ended = trio.Event()
+        # failed fetches: logged at once, then at most once a second (an outage)
+        self._fetch_log = Throttle()
+        self._fetch_failures = 0
         # Replies to durable Queries must reach the transport: a sender local to this
         # node would receive them itself, so such Queries are sent from this id instead.
         self.acker_id = uuid.uuid5(
@@ -136,6 +140,13 @@ class DurableChannel:
     async def start(self, nursery: trio.Nursery) -> None:
         if not self.options.enabled:
             return
+        self._psub = await call_aio(self._setup)
+        await self._ops.start()
+        nursery.start_soon(self._pull)
+
+    async def _setup(self) -> Any:
+        """Make the stream (unless it is there) and this node's consumer (or bind it);
+        the pull subscription. Run on the asyncio loop (``call_aio``)."""
         cluster = self.cluster
         js = cluster.data_js
         opts = self.options
@@ -150,24 +161,41 @@ class DurableChannel:
             retention=RetentionPolicy.WORK_QUEUE,
         )
 
-        async def setup() -> Any:
-            # It may exist with other settings (another node's options): use it as it is.
-            with contextlib.suppress(nats.js.errors.BadRequestError):
-                await js.add_stream(config=config)
-            return await js.pull_subscribe(
-                wire.durable_subject(cluster.prefix, cluster.node, "*"),
-                durable=cluster.node,
-                stream=self._stream,
-                config=ConsumerConfig(
-                    ack_wait=opts.ack_wait,
-                    max_deliver=opts.max_deliver,
-                    max_ack_pending=max(opts.max_in_flight, 1) * 4,
-                ),
-            )
+        # It may exist with other settings (another node's options): use it as it is.
+        with contextlib.suppress(nats.js.errors.BadRequestError):
+            await js.add_stream(config=config)
+        return await js.pull_subscribe(
+            wire.durable_subject(cluster.prefix, cluster.node, "*"),
+            durable=cluster.node,
+            stream=self._stream,
+            config=ConsumerConfig(
+                ack_wait=opts.ack_wait,
+                max_deliver=opts.max_deliver,
+                max_ack_pending=max(opts.max_in_flight, 1) * 4,
+            ),
+        )
 
-        self._psub = await call_aio(setup)
-        await self._ops.start()
-        nursery.start_soon(self._pull)
+    async def _set_up_again(self) -> None:
+        """JetStream refused a fetch (the stream or this node's consumer deleted, or lost
+        with JetStream's store; or JetStream busy electing a leader): make them anew, or
+        bind them again, and pull through the new subscription. What fails is retried at
+        the next failed fetch."""
+        try:
+            psub = await call_aio(self._setup)
+        except (nats.errors.Error, OSError) as exc:
+            if self._fetch_log.due():
+                log_guarded(
+                    log,
+                    logging.WARNING,
+                    "node %s: could not make the durable stream %s or its consumer anew: %r",
+                    self.cluster.node,
+                    self._stream,
+                    exc,
+                )
+            return
+        old, self._psub = self._psub, psub
+        with contextlib.suppress(nats.errors.Error, OSError, ValueError):
+            await call_aio(old.unsubscribe)
 
     async def stop(self) -> None:
         """Leaving: end the pull (what it fetched and did not hand over is nakked), then
@@ -250,6 +278,14 @@ class DurableChannel:
                 data,
                 headers={wire.MSG_ID_HEADER: str(msg.id)},
             )
+        except nats.js.errors.NoStreamResponseError as exc:
+            # nothing took the subject: the stream was deleted, or lost with JetStream's
+            # store (a node's pull makes it anew)
+            raise TransportUnavailable(
+                f"JetStream did not store durable message {msg.id}: no JetStream stream"
+                f" stored it (stream {self._stream!r} missing, deleted?) on subject"
+                f" {subject}; nothing was stored"
+            ) from exc
         except (nats.errors.Error, OSError) as exc:
             raise TransportUnavailable(
                 redact(f"JetStream did not store durable message {msg.id}: {exc!r}")
@@ -293,7 +329,6 @@ class DurableChannel:
             self._ops.put((held.popleft(), "nak"))
 
     async def _pull_loop(self) -> None:
-        psub = self._psub
         kernel = self.cluster.kernel
         while True:
             if kernel.stopping:
@@ -309,20 +344,25 @@ class DurableChannel:
                     await self._room.wait()
                 continue
             try:
-                msgs: list[NatsMsg] = await call_aio(psub.fetch, batch=room, timeout=1.0)
+                msgs: list[NatsMsg] = await call_aio(self._psub.fetch, batch=room, timeout=1.0)
             except (nats.errors.TimeoutError, TimeoutError):
                 continue  # nothing to pull within the long poll
             except (nats.errors.Error, OSError) as exc:
                 if self.cluster.closing:
                     return
-                log_guarded(
-                    log,
-                    logging.WARNING,
-                    "node %s: durable fetch failed: %r",
-                    self.cluster.node,
-                    exc,
-                )
+                self._fetch_failures += 1
+                if self._fetch_log.due():
+                    log_guarded(
+                        log,
+                        logging.WARNING,
+                        "node %s: durable fetch failed: %r (%d failed so far)",
+                        self.cluster.node,
+                        exc,
+                        self._fetch_failures,
+                    )
                 await trio.sleep(self.cluster.options.reconnect_wait)
+                if isinstance(exc, nats.js.errors.Error):
+                    await self._set_up_again()
                 continue
             held = self._held
             held.extend(msgs)
