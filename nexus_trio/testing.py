@@ -111,8 +111,24 @@ async def step_until_idle(kernel: Kernel, *, timeout: float = 60.0) -> None:
                 f"{waiting}; agents: {kernel.describe()}"
             )
         _check_time_can_pass()
-        # A short sleep lets timers fire; on an autojump clock it takes no real time.
-        await trio.sleep(min(0.01, max(deadline - trio.current_time(), 0.0)))
+        await trio.sleep(min(_until_next_wakeup(), max(deadline - trio.current_time(), 0.0)))
+
+
+def _until_next_wakeup() -> float:
+    """How long to sleep before looking at the kernel again, every task being blocked.
+
+    On a ``MockClock`` that jumps (``autojump_threshold=0``, the ``autojump_clock``
+    fixture) it jumps to the run's next timer (a sleep, a timeout, a backoff), so
+    nothing can happen before that timer fires: sleeping until then wakes this loop a
+    few times for an hour's sleep in a handler, where steps of 0.01 s took 360,000
+    turns, and real time. On any other clock a thread or a process may end the wait
+    before a timer does: it looks again every 0.01 s.
+    """
+    step = 0.01
+    clock = trio.lowlevel.current_clock()
+    if isinstance(clock, trio.testing.MockClock) and clock.autojump_threshold != float("inf"):
+        step = float("inf")
+    return max(min(step, trio.lowlevel.current_statistics().seconds_to_next_deadline), 0.0)
 
 
 def _restarting(kernel: Kernel) -> list[str]:

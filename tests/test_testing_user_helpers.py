@@ -167,3 +167,37 @@ async def test_step_until_idle_on_a_mock_clock_that_does_not_jump_fails_instead_
         assert not hung
         await step_until_idle(kernel)
         assert kernel.stats().handled == 1
+
+
+async def test_step_until_idle_jumps_to_the_next_timer_instead_of_in_steps_of_ten_ms(
+    nexus_kernel: Kernel, autojump_clock: Any
+) -> None:
+    """On the autojump clock ``step_until_idle`` slept 0.01 s at a time while a handler
+    slept: a 600 s sleep took 60,000 turns of its loop (8 s of real time; an hour's, 47 s),
+    though time on the mock clock is said to take none. It now sleeps until the next
+    timer of the run, so it is woken a few times, whatever the length of the sleep."""
+
+    @agent(name="sleepy", handle_timeout=3600)
+    async def sleepy(ctx: Context, msg: Message) -> None:
+        await trio.sleep(600)
+
+    me = trio.lowlevel.current_task()
+
+    class Turns(trio.abc.Instrument):
+        count = 0
+
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            if task is me:
+                self.count += 1
+
+    turns = Turns()
+    ref = nexus_kernel.spawn(sleepy)
+    await nexus_kernel.send(ref, "x")
+    trio.lowlevel.add_instrument(turns)
+    try:
+        await step_until_idle(nexus_kernel, timeout=1000)
+    finally:
+        trio.lowlevel.remove_instrument(turns)
+    assert trio.current_time() == 600.0
+    assert nexus_kernel.stats().handled == 1
+    assert turns.count < 20, turns.count
