@@ -359,8 +359,20 @@ async def nexus_kernel() -> AsyncIterator[Kernel]:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """A test that takes ``nexus_kernel`` but that pytest-trio does not run (no
     ``trio_mode = true``, no ``@pytest.mark.trio``) fails saying so, before pytest's
-    own, vaguer error about an async fixture nothing handled."""
-    if "nexus_kernel" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("trio"):
+    own, vaguer error about an async fixture nothing handled. One that is a Hypothesis
+    test fails too: pytest-trio runs each example in a Trio run of its own but sets the
+    fixture up once, so the examples after the first would get a kernel shut down."""
+    if "nexus_kernel" not in getattr(item, "fixturenames", ()):
+        return
+    if getattr(getattr(item, "obj", None), "is_hypothesis_test", False):
+        pytest.fail(
+            f"{item.name} uses the nexus_kernel fixture in a Hypothesis test: the fixture is"
+            " set up once for the test, not for each example (the second example would get"
+            " the first one's kernel, shut down): open a kernel in each example with"
+            " 'async with open_test_kernel() as kernel:' (see docs/testing.md)",
+            pytrace=False,
+        )
+    if not item.get_closest_marker("trio"):
         pytest.fail(
             f"{item.name} uses the nexus_kernel fixture but pytest-trio does not run it: set"
             " trio_mode = true under [tool.pytest.ini_options] in pyproject.toml (or mark the"

@@ -246,3 +246,33 @@ async def test_assert_dead_lettered_names_only_what_it_looked_for(
         "no dead letter with payload=None error=<class 'KeyError'>; dead letters: ["
     )
     assert assert_dead_lettered(nexus_kernel).message.payload == 4
+
+
+def test_nexus_kernel_in_a_hypothesis_test_says_to_open_a_kernel_per_example(
+    tmp_path: Path,
+) -> None:
+    """pytest-trio runs each Hypothesis example in a Trio run of its own but sets the
+    fixture up once: from the second example on the test got the first one's kernel,
+    shut down ("kernel is shutting down: spawn refused", and "<fixture 'nexus_kernel'>
+    cancelled the test but didn't raise an error"), or passed on it without a word if it
+    only read it. It now fails at setup saying what to write instead."""
+    (tmp_path / "pytest.ini").write_text("[pytest]\ntrio_mode = true\n", encoding="utf-8")
+    (tmp_path / "test_mine.py").write_text(
+        "from hypothesis import HealthCheck, given, settings, strategies as st\n\n\n"
+        "@settings(max_examples=5, database=None,"
+        " suppress_health_check=[HealthCheck.function_scoped_fixture])\n"
+        "@given(st.integers())\n"
+        "async def test_one(nexus_kernel, autojump_clock, x):\n"
+        "    assert not nexus_kernel.stopped\n",
+        encoding="utf-8",
+    )
+    result = run_pytest(tmp_path, timeout=120)
+    report = result.stdout + result.stderr
+    assert result.returncode == 1, report
+    assert "1 error" in report, report
+    assert (
+        "test_one uses the nexus_kernel fixture in a Hypothesis test: the fixture is set up"
+        " once for the test, not for each example (the second example would get the first"
+        " one's kernel, shut down): open a kernel in each example with"
+        " 'async with open_test_kernel() as kernel:' (see docs/testing.md)"
+    ) in report, report
