@@ -24,6 +24,8 @@ inspect what was not handled, :func:`record_events` collects lifecycle events an
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -77,9 +79,41 @@ async def open_test_kernel(config: Config | None = None, *, seed: int = 0) -> As
     assert_conserved(kernel)
 
 
-async def settle(kernel: Kernel | None = None) -> None:
-    """Let every task run until all are blocked: messages sent so far are handled or waiting."""
-    await trio.testing.wait_all_tasks_blocked()
+_BUSY = "(did an agent keep itself busy, sending to itself on every message?)"
+
+
+async def settle(kernel: Kernel | None = None, *, timeout: float = 60.0) -> None:
+    """Let every task run until all are blocked: messages sent so far are handled or waiting.
+
+    Time does not move. ``AssertionError`` if tasks are still running after ``timeout``
+    seconds of real time (an agent that sends to itself on every message never lets
+    them all block), where the wait would go on forever.
+    """
+    if not await _all_blocked(timeout):
+        raise AssertionError(f"tasks not all blocked after {timeout:g} s of real time {_BUSY}")
+
+
+async def _all_blocked(seconds: float) -> bool:
+    """``wait_all_tasks_blocked``, given up after ``seconds`` of real time: False then.
+
+    A mock clock does not move while tasks run, so its deadlines cannot bound this
+    wait: a timer thread does, calling into the run only if the time runs out.
+    """
+    token = trio.lowlevel.current_trio_token()
+    with trio.CancelScope() as scope:
+
+        def expire() -> None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(scope.cancel)
+
+        timer = threading.Timer(max(seconds, 0.0), expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            await trio.testing.wait_all_tasks_blocked()
+        finally:
+            timer.cancel()
+    return not scope.cancelled_caught
 
 
 async def step_until_idle(kernel: Kernel, *, timeout: float = 60.0) -> None:
@@ -91,13 +125,22 @@ async def step_until_idle(kernel: Kernel, *, timeout: float = 60.0) -> None:
     (the ``autojump_clock`` fixture), in real time otherwise. Raises ``AssertionError``
     saying how many messages are still in flight (and which agents are restarting) if
     the kernel is not idle after ``timeout`` seconds (of the current clock), e.g.
-    because a handler waits forever; ``RuntimeError`` if time has to pass but the clock
+    because a handler waits forever, or if its tasks do not all block within
+    ``timeout`` seconds of real time (an agent that sends to itself on every message:
+    a mock clock does not move meanwhile); ``RuntimeError`` if time has to pass but the clock
     is a ``MockClock`` that does not jump (pytest-trio's ``mock_clock``), where it would
     wait forever.
     """
     deadline = trio.current_time() + timeout
     while True:
-        await trio.testing.wait_all_tasks_blocked()
+        handled = kernel.stats().handled
+        if not await _all_blocked(timeout):
+            s = kernel.stats()
+            raise AssertionError(
+                f"kernel not idle after {timeout:g} s: its tasks never all blocked {_BUSY};"
+                f" {s.handled - handled} message(s) handled meanwhile, {s.in_flight}"
+                f" message(s) in flight; agents: {kernel.describe()}"
+            )
         in_flight = kernel.stats().in_flight
         # A failure dead-letters its message at once: during the restart's backoff nothing
         # is in flight, but the restart has yet to happen.
@@ -318,7 +361,8 @@ async def record_events(kernel: Kernel, buffer: int = 100_000) -> AsyncIterator[
         try:
             yield recorder
         finally:
-            await trio.testing.wait_all_tasks_blocked()
+            # Bounded: with an agent that keeps itself busy, take what came within it.
+            await _all_blocked(60.0)
             while True:
                 try:
                     recorder.events.append(stream.receive_nowait())

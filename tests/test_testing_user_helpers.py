@@ -15,8 +15,11 @@ from nexus_trio.testing import (
     open_test_kernel,
     record_events,
     send_and_wait,
+    settle,
     step_until_idle,
 )
+
+from .hang_guard import real_time_limit
 
 
 async def test_send_and_wait_returns_once_effects_and_restart_backoffs_have_played_out(
@@ -201,3 +204,36 @@ async def test_step_until_idle_jumps_to_the_next_timer_instead_of_in_steps_of_te
     assert trio.current_time() == 600.0
     assert nexus_kernel.stats().handled == 1
     assert turns.count < 20, turns.count
+
+
+async def test_step_until_idle_and_settle_fail_when_tasks_never_all_block(
+    nexus_kernel: Kernel, autojump_clock: Any
+) -> None:
+    """An agent that sends to itself on every message never lets every task block: the
+    mock clock never moved, so the ``timeout`` never came, and ``step_until_idle`` (and
+    ``settle``) waited forever for a moment where all are blocked; the test hung, also
+    inside ``trio.fail_after``. ``timeout`` now bounds that wait in real time too."""
+
+    @agent(name="looper")
+    async def looper(ctx: Context, msg: Message) -> None:
+        await ctx.send("looper", msg.payload + 1)
+
+    ref = nexus_kernel.spawn(looper)
+    await nexus_kernel.send(ref, 0)
+    with real_time_limit(30):
+        with pytest.raises(
+            AssertionError,
+            match=r"^kernel not idle after 0\.5 s: its tasks never all blocked \(did an agent"
+            r" keep itself busy, sending to itself on every message\?\); [1-9]\d* message\(s\)"
+            r" handled meanwhile, [12] message\(s\) in flight; agents: ",
+        ):
+            await step_until_idle(nexus_kernel, timeout=0.5)
+        with pytest.raises(
+            AssertionError,
+            match=r"^tasks not all blocked after 0\.5 s of real time \(did an agent keep"
+            r" itself busy, sending to itself on every message\?\)$",
+        ):
+            await settle(timeout=0.5)
+    await nexus_kernel.stop(ref)
+    assert trio.current_time() == 0.0
+    assert nexus_kernel.stats().in_flight == 0
