@@ -512,8 +512,22 @@ def _agent_family(series: tuple[str, bool, str, str], agents: Sequence[AgentStat
         else GaugeMetricFamily(name, doc, labels=_AGENT_LABELS)
     )
     for a in agents:
-        family.add_metric([str(a.id), a.name or ""], getattr(a, field))
+        family.add_metric([str(a.id), _label_value(a.name or "")], getattr(a, field))
     return family
+
+
+def _label_value(text: str) -> str:
+    """``text`` as a label value: a lone surrogate (``"\\udc80"``, what a non-UTF-8 byte of
+    a file name decodes to), which no UTF-8 text can hold, as its escape ``\\udc80``, as
+    in the log lines; anything else as it is (the text format escapes quotes,
+    backslashes and newlines)."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 def _summary(name: str, doc: str, h: HistogramSnapshot) -> Iterator[Metric]:
