@@ -242,13 +242,20 @@ class CompactFormatter(_EscapingFormatter):
         return line
 
 
-def _json_value(value: Any) -> Any:
+def _json_value(value: Any, within: frozenset[int] = frozenset()) -> Any:
+    """``value`` as JSON types; ``within``: the ids of the containers it is inside of.
+
+    A container inside itself (``loop.append(loop)``) is written there as ``repr`` writes
+    it, ``[...]`` or ``{...}``, not walked into until the recursion limit."""
     if value is None or isinstance(value, bool | int | float | str):
         return value
-    if isinstance(value, list | tuple):
-        return [_json_value(item) for item in value]
-    if isinstance(value, dict):
-        return {str(key): _json_value(item) for key, item in value.items()}
+    if isinstance(value, list | tuple | dict):
+        if id(value) in within:
+            return "{...}" if isinstance(value, dict) else "[...]"
+        inside = within | {id(value)}
+        if isinstance(value, dict):
+            return {str(key): _json_value(item, inside) for key, item in value.items()}
+        return [_json_value(item, inside) for item in value]
     return str(value)
 
 

@@ -199,6 +199,30 @@ def test_json_keeps_other_extras_and_stringifies_odd_values(nexus_logger: loggin
     assert "exc" not in record
 
 
+def test_json_writes_an_extra_that_contains_itself_as_repr_does(
+    nexus_logger: logging.Logger,
+) -> None:
+    """Regression: an extra holding itself (a list in itself, a dict as its own value)
+    raised RecursionError out of the log call with the json format (``ctx.log.info`` in a
+    handler failed the handler), where compact writes ``[[...]]``. The way back into a
+    container being written is now the text ``[...]`` or ``{...}``, as ``repr`` writes
+    it; a container that only occurs twice is written twice."""
+    stream = configured("json")
+    loop: list[Any] = [1]
+    loop.append(loop)
+    own: dict[str, Any] = {"n": 2}
+    own["self"] = own
+    shared = [3]
+    logging.getLogger("nexus_trio.x").info(
+        "cycles", extra={"loop": loop, "own": own, "twice": {"a": shared, "b": shared}}
+    )
+    (record,) = json_lines(stream)
+    assert record["msg"] == "cycles"
+    assert record["loop"] == [1, "[...]"]
+    assert record["own"] == {"n": 2, "self": "{...}"}
+    assert record["twice"] == {"a": [3], "b": [3]}
+
+
 def test_pretty_renders_message_and_extras_with_rich(nexus_logger: logging.Logger) -> None:
     stream = configured("pretty")
     logging.getLogger("nexus_trio.agent").warning("short", extra={"agent_id": "a1"})
