@@ -190,8 +190,18 @@ def _extras(record: logging.LogRecord) -> list[tuple[str, Any]]:
     return [(key, value) for key, value in pairs if value is not None and value != ""]
 
 
+def _shown(value: Any) -> str:
+    """``str(value)``, or, when that raises (a ``__str__`` with a bug, one that recurses),
+    ``<str() failed: ExceptionType>``: the record is written, saying what it could not
+    show, rather than lost with logging's report."""
+    try:
+        return str(value)
+    except Exception as exc:  # (RecursionError too: the stack is unwound by now)
+        return f"<str() failed: {type(exc).__name__}>"
+
+
 def _text(value: Any) -> str:
-    text = str(value)
+    text = _shown(value)
     if not text or any(c.isspace() or c in "\"'=" for c in text):
         # json.dumps escapes C0 controls; escape_control then takes the C1 ones and U+2028.
         return escape_control(json.dumps(text, ensure_ascii=False))
@@ -254,9 +264,9 @@ def _json_value(value: Any, within: frozenset[int] = frozenset()) -> Any:
             return "{...}" if isinstance(value, dict) else "[...]"
         inside = within | {id(value)}
         if isinstance(value, dict):
-            return {str(key): _json_value(item, inside) for key, item in value.items()}
+            return {_shown(key): _json_value(item, inside) for key, item in value.items()}
         return [_json_value(item, inside) for item in value]
-    return str(value)
+    return _shown(value)
 
 
 # Characters JSON allows raw inside strings but that split lines for some readers (U+2028

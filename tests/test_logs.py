@@ -223,6 +223,33 @@ def test_json_writes_an_extra_that_contains_itself_as_repr_does(
     assert record["twice"] == {"a": [3], "b": [3]}
 
 
+class _Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("str boom")
+
+
+@pytest.mark.parametrize("fmt", ["compact", "json", "pretty"])
+def test_an_extra_whose_str_raises_is_named_and_the_record_written(
+    nexus_logger: logging.Logger, capsys: pytest.CaptureFixture[str], fmt: str
+) -> None:
+    """Regression: an ``extra=`` value whose ``str()`` raised lost its whole record, with
+    logging's "--- Logging error ---" traceback on standard error instead. The record is
+    now written, the value shown as ``<str() failed: RuntimeError>``, the other fields as
+    they are."""
+    stream = configured(fmt)
+    logging.getLogger("nexus_trio.x").info("hostile", extra={"payload": _Unprintable(), "count": 3})
+    text = stream.getvalue()
+    if fmt == "json":
+        (record,) = json_lines(stream)
+        assert (record["msg"], record["count"]) == ("hostile", 3)
+        assert record["payload"] == "<str() failed: RuntimeError>"
+    else:
+        assert len(text.splitlines()) == 1
+        assert 'payload="<str() failed: RuntimeError>"' in text
+        assert "count=3" in text
+    assert "Logging error" not in capsys.readouterr().err
+
+
 def test_pretty_renders_message_and_extras_with_rich(nexus_logger: logging.Logger) -> None:
     stream = configured("pretty")
     logging.getLogger("nexus_trio.agent").warning("short", extra={"agent_id": "a1"})
