@@ -357,6 +357,16 @@ def _make_rich_handler(console: Any, writer: _LossyWriter) -> logging.Handler:
         """
 
         def emit(self, record: logging.LogRecord) -> None:
+            # RichHandler.emit formats the record outside its try: a record whose
+            # arguments do not fit its message would raise out of the log call.
+            try:
+                self._emit(record)
+            except RecursionError:
+                raise
+            except Exception:
+                self.handleError(record)
+
+        def _emit(self, record: logging.LogRecord) -> None:
             if not (record.exc_info and record.exc_info[1] is not None):
                 super().emit(record)
                 return

@@ -926,12 +926,15 @@ def test_a_notice_that_fails_too_keeps_the_count_for_the_next_record(
     ]
 
 
+@pytest.mark.parametrize("fmt", ["compact", "json", "pretty"])
 def test_a_record_that_does_not_fit_its_format_keeps_logging_s_report(
-    nexus_logger: logging.Logger, capsys: pytest.CaptureFixture[str]
+    fmt: str, nexus_logger: logging.Logger, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """In every format (regression for ``pretty``, whose handler let the ``TypeError``
+    out of the log call: a handler logging such a record failed)."""
     stream = io.StringIO()
-    configured_on(stream, "compact")
-    (ours,) = [h for h in nexus_logger.handlers if isinstance(h, logging.StreamHandler)]
+    configured_on(stream, fmt)
+    (ours,) = [h for h in nexus_logger.handlers if getattr(h, "_nexus_trio_handler", False)]
     before = records_lost()
     # Straight to our handler: pytest's own capture handler raises on such a record.
     record = logging.LogRecord(
