@@ -984,7 +984,12 @@ async def open_kernel(
     try:
         async with trio.open_nursery() as nursery:
             kernel._nursery = nursery
-            await nursery.start(run_tree)
+            with trio.CancelScope(shield=True):
+                # Shielded: in a block already cancelled (a deadline that has passed),
+                # Trio's start would leave the tree, shielded itself, under the start
+                # and wait for it forever. It starts without a checkpoint; the body's
+                # first one then takes the cancellation, and the tree stops as above.
+                await nursery.start(run_tree)
             nursery.start_soon(request_timer)
             try:
                 with kernel._body_scope:

@@ -31,6 +31,7 @@ from nexus_trio import (
 from nexus_trio import _cell as cell_module
 
 from .conftest import make_config
+from .hang_guard import run_on_mock_clock, tasks_living
 
 
 @pytest.mark.parametrize(
@@ -191,6 +192,61 @@ async def test_a_kernel_cancelled_from_outside_stops_at_once_and_in_order(
     assert stats.dead_letters_by_reason == {"shutdown": 2}
     # no grace waited: the three on_stop only
     assert trio.current_time() == pytest.approx(0.03)
+
+
+@pytest.mark.parametrize("how", ["cancelled", "deadline passed"])
+def test_a_kernel_opened_in_a_cancelled_scope_closes_at_once(how: str) -> None:
+    """Regression: ``async with open_kernel()`` in a scope cancelled already (or whose
+    deadline had passed) never returned: Trio's ``nursery.start`` left the tree's task,
+    shielded, under the cancelled start and waited for it forever (found by cancelling
+    a kernel at every scheduling step). Now the block is entered, its first checkpoint
+    takes the cancellation, and the kernel closes as for any cancelled block: its agent
+    stopped, what was sent handled or dead-lettered ``shutdown``, no task left."""
+    journal: list[str] = []
+
+    class Journaled(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            journal.append("start")
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            journal.append("handle")
+
+        async def on_stop(self, ctx: Context) -> None:
+            journal.append("stop")
+
+    async def scenario() -> None:
+        before = tasks_living()
+        reached: list[str] = []
+        with trio.CancelScope() as outside:
+            if how == "cancelled":
+                outside.cancel()
+            else:
+                outside.deadline = trio.current_time() - 1
+            async with open_kernel(make_config()) as kernel:
+                kernel.spawn(agent(Journaled, name="late"))
+                reached.append("body")
+                await kernel.send("late", "job")
+                reached.append("sent")
+                await trio.sleep_forever()
+        assert outside.cancelled_caught
+        assert reached == ["body", "sent"]  # (a send with room takes no checkpoint)
+        assert kernel.stopped
+        assert kernel.agents() == []
+        stats = kernel.stats()
+        assert (stats.agents_alive, stats.accepted, stats.in_flight) == (0, 1, 0)
+        # The block's cancellation lands at its sleep, in a scheduling round of Trio's
+        # in which the agent may have started and handled the message first (Trio's
+        # order in a round varies): handled then, else dead-lettered ``shutdown`` with
+        # its start called off (no drain, as ``shutdown(grace=0)``).
+        if stats.handled:
+            assert (stats.handled, stats.dead_lettered) == (1, 0)
+            assert journal == ["start", "handle", "stop"]
+        else:
+            assert stats.dead_letters_by_reason == {"shutdown": 1}
+            assert journal == []
+        assert tasks_living() == before
+
+    run_on_mock_clock(scenario, real_seconds=30)
 
 
 async def test_a_request_made_while_a_cancelled_kernel_stops_still_times_out(
