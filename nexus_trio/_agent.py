@@ -578,7 +578,15 @@ class Context:
         once when it stops for good (the monitor is then removed).
         Monitoring an agent that does not exist delivers the event at once with reason
         ``"noproc"`` (as Erlang does).
+        :class:`AgentNotRunning` once this agent has stopped for good (a context kept
+        past its agent's stop): a monitor lives as long as its watcher.
         """
+        if self._cell.retired:
+            raise AgentNotRunning(
+                self.id,
+                self.name,
+                "has stopped: ctx.monitor refused (a monitor lives as long as its watcher)",
+            )
         address = address_of(target)
         node = self._router.find(address)
         ledger = self._router.ledger

@@ -168,8 +168,9 @@ class KernelShuttingDown(NexusError):
 
 class AgentNotRunning(NexusError, RuntimeError):
     """The agent a :class:`Context` belongs to is not running, and what was asked of the
-    context needs it to: ``ctx.spawn`` once the agent has stopped for good (a linked child
-    needs a running parent), ``ctx.nursery`` outside a run. A RuntimeError, as Trio's for
+    context needs it to: ``ctx.spawn`` and ``ctx.monitor`` once the agent has stopped for
+    good (a linked child needs a running parent, a monitor a living watcher), ``ctx.nursery``
+    outside a run. A RuntimeError, as Trio's for
     a nursery closed to new arrivals: the context outlived its agent (kept in a closure,
     another agent or a task outside the agent's nursery)."""
 

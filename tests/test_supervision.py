@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from nexus_trio import (
     Agent,
     AgentNotFound,
+    AgentNotRunning,
     Backoff,
     Config,
     Context,
@@ -639,6 +640,50 @@ async def test_a_watcher_that_stops_for_good_ends_its_monitors(autojump_clock: A
         stats = kernel.stats()
     # The one watcher still alive is told; the 50 stopped ones cost nothing.
     assert notices == [("keeper", "stopped", "stopped")]
+    assert stats.dead_letters_by_reason == {}
+
+
+async def test_a_context_kept_past_its_watcher_s_stop_monitors_nothing(
+    autojump_clock: Any,
+) -> None:
+    """Regression: ``ctx.monitor`` on the context of an agent that had stopped for good
+    (kept in a closure) made a monitor that nothing ended: the target kept one entry per
+    dead watcher, and its stop sent each a notice, dead-lettered ``no_such_agent`` (100
+    kept contexts: 100 entries, 100 dead letters). It raises ``AgentNotRunning`` naming
+    the watcher now, as ``ctx.spawn`` does, and the target's stop costs nothing."""
+    kept: list[Context] = []
+
+    @agent(name="target")
+    async def target(ctx: Context, msg: Message) -> None:
+        return None
+
+    @agent
+    async def watcher(ctx: Context, msg: Message) -> None:
+        kept.append(ctx)
+
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(target)
+        refs = []
+        for _ in range(100):
+            ref = kernel.spawn(watcher)
+            await kernel.send(ref, "keep your context")
+            await trio.testing.wait_all_tasks_blocked()
+            await kernel.stop(ref)
+            refs.append(ref)
+        refused = 0
+        for ref, ctx in zip(refs, kept, strict=True):
+            with pytest.raises(AgentNotRunning) as info:
+                ctx.monitor("target")
+            assert info.value.agent_id == ref.id
+            assert str(info.value) == (
+                f"agent {ref.id} has stopped: ctx.monitor refused"
+                " (a monitor lives as long as its watcher)"
+            )
+            refused += 1
+        await kernel.stop("target")
+        await trio.testing.wait_all_tasks_blocked()
+        stats = kernel.stats()
+    assert refused == 100
     assert stats.dead_letters_by_reason == {}
 
 
