@@ -44,7 +44,7 @@ from ._errors import (
 from ._gc import HeapKeeper
 from ._ledger import Ledger
 from ._mailbox import Mailbox
-from ._message import Address, Message, MessageKind, id_value
+from ._message import SYSTEM_ID, Address, Message, MessageKind, id_value
 from ._step import Stepper
 from ._transport import Transport
 
@@ -380,8 +380,15 @@ class Router:
     def why_no_agent(self, address: Address) -> str:
         """What an ``AgentNotFound`` for ``address`` can add (the failing path only): that
         it is a supervisor, that it is being stopped (unrouted by ``stop()``, not yet
-        forgotten), or that it stopped after a failure (if it is one of the last
-        _ENDED_MEMORY that did)."""
+        forgotten), that it stopped after a failure (if it is one of the last
+        _ENDED_MEMORY that did), or that it is the kernel's own sender id."""
+        if address == SYSTEM_ID:
+            return (
+                "it is SYSTEM_ID, the sender of what is sent from outside any agent"
+                " (kernel.send, kernel.request): no agent has it, so an answer to such a"
+                " message has no one to go to (return a value from the handler to reply to"
+                " a request)"
+            )
         node = self.find(address)
         if node is not None:
             if not node.is_agent:

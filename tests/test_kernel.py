@@ -1446,6 +1446,35 @@ async def test_a_message_to_a_supervisor_is_refused_saying_it_is_one(autojump_cl
         assert "supervisor" not in str(info.value)
 
 
+async def test_an_answer_sent_to_a_tell_from_outside_any_agent_says_it_has_no_one_to_go_to(
+    autojump_clock: Any,
+) -> None:
+    # Before: `ctx.send(msg.reply(ctx.id, ...))` to a tell from `kernel.send` raised `no agent is
+    # registered as UUID('00000000-0000-0000-0000-000000000000')`, not saying that this
+    # is the kernel's own sender id, which no agent has.
+    said: list[str] = []
+
+    @agent(name="answers")
+    async def answers(ctx: Context, msg: Message) -> None:
+        try:
+            await ctx.send(msg.reply(ctx.id, "done"))
+        except AgentNotFound as exc:
+            said.append(str(exc))
+
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(answers)
+        await kernel.send("answers", "job")
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(AgentNotFound) as info:
+            await kernel.send(SYSTEM_ID, 1)
+        said.append(str(info.value))
+    assert len(said) == 2
+    for text in said:
+        assert text.startswith(f"no agent is registered as {SYSTEM_ID!r} (it is SYSTEM_ID,"), text
+        assert "an answer to such a message has no one to go to" in text
+    assert kernel.stats().rejected == {"no_such_agent": 2}
+
+
 async def test_a_message_to_an_agent_being_stopped_is_refused_saying_it_stops(
     autojump_clock: Any,
 ) -> None:
