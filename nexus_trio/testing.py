@@ -25,6 +25,7 @@ inspect what was not handled, :func:`record_events` collects lifecycle events an
 from __future__ import annotations
 
 import contextlib
+import difflib
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -61,6 +62,14 @@ __all__ = [
 
 def test_config(**kernel_options: Any) -> Config:
     """Defaults for tests: a large dead-letter ring, immediate restarts, config otherwise default."""
+    known = [field.name for field in attrs.fields(KernelConfig)]
+    for key in kernel_options:
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise TypeError(
+                f"test_config: {key!r} is no [kernel] option{hint} (they are: {', '.join(known)})"
+            )
     options: dict[str, Any] = {"dead_letter_buffer": 100_000, **kernel_options}
     return Config(
         kernel=KernelConfig(**options),

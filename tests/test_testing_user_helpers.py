@@ -17,6 +17,7 @@ from nexus_trio.testing import (
     send_and_wait,
     settle,
     step_until_idle,
+    test_config,
 )
 
 from .hang_guard import real_time_limit
@@ -237,3 +238,20 @@ async def test_step_until_idle_and_settle_fail_when_tasks_never_all_block(
     await nexus_kernel.stop(ref)
     assert trio.current_time() == 0.0
     assert nexus_kernel.stats().in_flight == 0
+
+
+def test_test_config_names_an_option_it_does_not_know_and_the_nearest() -> None:
+    """Before: ``test_config(send_timeout=7)`` raised Python's ``KernelConfig.__init__()
+    got an unexpected keyword argument``, naming no option it takes."""
+    with pytest.raises(TypeError) as info:
+        test_config(send_timeout=7)
+    text = str(info.value)
+    assert text.startswith(
+        "test_config: 'send_timeout' is no [kernel] option; did you mean 'send_timeout_ms'?"
+    ), text
+    assert "mailbox_capacity" in text
+    with pytest.raises(
+        TypeError, match=r"^test_config: 'zzz' is no \[kernel\] option \(they are: "
+    ):
+        test_config(zzz=1)
+    assert test_config(send_timeout_ms=7).kernel.send_timeout_ms == 7
