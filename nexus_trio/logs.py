@@ -609,6 +609,14 @@ _DID_NOT_KEEP_UP: Final = "the log stream did not keep up"
 #: it has queued to be written; those not written by then are counted lost.
 FLUSH_TIMEOUT: Final = 2.0
 
+#: At most this many characters of records wait in a handler's queue (their messages,
+#: and their text where it is formatted before it is queued), besides ``[logging]
+#: queue`` records: records of megabytes each (a payload logged whole) would otherwise
+#: hold gigabytes while the stream's reader does not read. A record that would pass it
+#: is lost and counted as one that finds the queue full; one alone in the queue always
+#: has room (a bound in records and characters, as Erlang/OTP's logger's in messages).
+QUEUE_CHARS: int = 64 * 1024 * 1024
+
 # Seconds between two looks of the writer thread, while its stream takes nothing, at
 # whether a flush or close gave up on the record it holds.
 _LOOK_AGAIN: Final = 0.05
@@ -617,10 +625,14 @@ _LOOK_AGAIN: Final = 0.05
 class _Queued:
     """A record in the queue, with the records dropped just before it."""
 
-    __slots__ = ("dropped", "record", "seq", "text")
+    __slots__ = ("dropped", "record", "seq", "size", "text")
 
-    def __init__(self, seq: int, record: logging.LogRecord, text: str | None, dropped: int):
+    def __init__(
+        self, seq: int, record: logging.LogRecord, text: str | None, dropped: int, size: int
+    ):
         self.seq, self.record, self.text, self.dropped = seq, record, text, dropped
+        #: what it counts against QUEUE_CHARS
+        self.size = size
 
 
 class _RecordQueue:
@@ -642,6 +654,7 @@ class _RecordQueue:
         self._capacity = capacity
         self._changed = threading.Condition()
         self._items: deque[_Queued] = deque()
+        self._chars = 0  # the sizes of the records in _items (see QUEUE_CHARS)
         self._dropped = 0  # dropped since the last record queued
         self._queued = 0  # the number of the last record queued
         self._writing = 0  # the number of the record being written, 0 for none
@@ -663,20 +676,27 @@ class _RecordQueue:
         its fork and its ``exec``, where a thread would only be started to be lost."""
         self._changed = threading.Condition()  # (another thread may have held it)
         self._items.clear()
-        self._dropped = self._writing = 0
+        self._dropped = self._writing = self._chars = 0
         self._thread = None
 
     def put(self, record: logging.LogRecord, text: str | None) -> None:
         """Queue ``record``, or count it lost when the queue is full (or closed)."""
+        message = record.msg
+        size = (len(message) if isinstance(message, str) else 0) + (len(text) if text else 0)
         with self._changed:
-            if self._closed or len(self._items) >= self._capacity:
+            if (
+                self._closed
+                or len(self._items) >= self._capacity
+                or (self._items and self._chars + size > QUEUE_CHARS)
+            ):
                 self._dropped += 1
                 _LOSSES.add()
                 return
             if self._thread is None:  # the first record of a forked child
                 self._thread = self._start_writer()
             self._queued += 1
-            self._items.append(_Queued(self._queued, record, text, self._dropped))
+            self._chars += size
+            self._items.append(_Queued(self._queued, record, text, self._dropped, size))
             self._dropped = 0
             self._changed.notify_all()
 
@@ -688,6 +708,7 @@ class _RecordQueue:
                 if not self._items:
                     return
                 item = self._items.popleft()
+                self._chars -= item.size
                 self._writing = item.seq
             try:
                 self._handler.write_queued(item.record, item.text, item.dropped)
@@ -732,7 +753,7 @@ class _RecordQueue:
             self._given_up_to = last
             dropped = 0
             while self._items and self._items[0].seq <= last:
-                self._items.popleft()
+                self._chars -= self._items.popleft().size
                 dropped += 1
             _LOSSES.add(dropped)
             if self._items:  # (their loss is noticed after the next record written)

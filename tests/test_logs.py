@@ -1385,6 +1385,54 @@ print(json.dumps({"lost": lost, "flushed": flushed, "total": records_lost(), "te
 """
 
 
+BIG_RECORDS = """
+import json, logging, os, threading, io
+import nexus_trio.logs
+from nexus_trio import LoggingConfig
+from nexus_trio.logs import configure_logging, flush_logs, records_lost
+
+nexus_trio.logs.QUEUE_CHARS = 4_000_000
+read_end, write_end = os.pipe()
+stream = open(write_end, "w", encoding="utf-8")
+configure_logging(LoggingConfig(), stream=stream)  # a queue of 10,000 records
+log = logging.getLogger("nexus_trio.test")
+for i in range(40):  # 40 MB: the pipe takes 64 KiB of them
+    log.info("big %03d %s", i, "x" * 1_000_000)
+lost = records_lost()
+received = []
+reader = threading.Thread(target=lambda: received.extend(iter(lambda: os.read(read_end, 1 << 20), b"")))
+reader.start()
+flushed = flush_logs(30)
+configure_logging(LoggingConfig(), stream=io.StringIO())
+stream.close()
+reader.join()
+lines = b"".join(received).decode().splitlines()
+print(json.dumps({"lost": lost, "flushed": flushed, "big": [l[l.index(" big ") + 5 :][:3] for l in lines if " big " in l]}))
+"""
+
+
+def test_the_queue_keeps_at_most_queue_chars_of_records_not_only_a_number_of_them(
+    tmp_path: Path,
+) -> None:
+    """Regression: the queue was bounded in records only (10,000 by default), so records
+    of megabytes each (a payload logged whole) held gigabytes while the stream's reader
+    did not read: 40 records of 1 MB were all kept. At most ``QUEUE_CHARS`` characters
+    wait now (4 MB here): the others are lost and counted, as records that find the
+    queue full."""
+    result = subprocess.run(
+        [sys.executable, "-c", BIG_RECORDS], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout)
+    assert outcome["flushed"] is True
+    written = outcome["big"]
+    # the one being written when the pipe filled, at most 4 queued, and maybe one more
+    # taken while the writer held one out of the queue
+    assert 1 <= len(written) <= 6, written
+    assert outcome["lost"] == 40 - len(written)
+    assert written == sorted(written) and written[0] == "000"
+
+
 def test_records_a_full_queue_drops_are_counted_and_noticed_when_the_reader_reads_again(
     tmp_path: Path,
 ) -> None:
