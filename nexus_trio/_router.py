@@ -335,6 +335,13 @@ class Router:
         #: (``id_value(msg) in late_queries``); the set is never replaced, so a serve
         #: loop keeps it in a local. Only the router changes it.
         self.late_queries: set[int] = set()
+        #: ids (128-bit values) of requests answered here, the last _LATE_MEMORY to 2 *
+        #: _LATE_MEMORY of them in two generations: a second answer to one (a handler
+        #: that sent ``msg.reply(...)`` and returned a value too) is a late reply, as in
+        #: OTP (the call's alias is gone) and Akka (the ask's actor is), not a Response
+        #: in the requester's mailbox (see _answered_now)
+        self._answered: set[int] = set()
+        self._answered_before: set[int] = set()
         #: why the last _ENDED_MEMORY nodes that stopped after a failure stopped, by their
         #: id's 128-bit value and by name (a name's entry goes when the name is forgotten
         #: again): read only by a send that found no agent (see why_no_agent)
@@ -780,11 +787,26 @@ class Router:
             self.ledger.accepted += 1
             self.ledger.replies += 1
             pending.resolve(msg.payload)
+            self._answered_now(reply_to.int)
             return True
-        if reply_to.int in self.late_queries:
+        key = reply_to.int
+        if key in self.late_queries:
             self._accept_dead(msg, DeadLetterReason.LATE_REPLY, "the request had timed out")
             return True
+        if key in self._answered or key in self._answered_before:
+            self._accept_dead(
+                msg, DeadLetterReason.LATE_REPLY, "the request had been answered already"
+            )
+            return True
         return False
+
+    def _answered_now(self, key: int) -> None:
+        """Request ``key`` (its id's 128-bit value) got its answer (see ``_answered``)."""
+        answered = self._answered
+        answered.add(key)
+        if len(answered) > _LATE_MEMORY:
+            self._answered_before = answered
+            self._answered = set()
 
     def _deliver_nowait(self, msg: Message) -> Any | None:
         """Enqueue, forward, or apply the overflow policy without waiting.
@@ -896,7 +918,8 @@ class Router:
         if isinstance(result, Message):
             return result
         if msg.kind is _QUERY and self.phase < _STOPPING:
-            pending = self._pending.pop(id_value(msg), None)
+            key = id_value(msg)
+            pending = self._pending.pop(key, None)
             if pending is not None and pending.abandoned:
                 # Its requester was cancelled, and has not resumed to say so yet: the
                 # answer is late (below), as once it has.
@@ -908,6 +931,7 @@ class Router:
                 ledger.accepted += 1
                 ledger.replies += 1
                 pending.resolve(result)
+                self._answered_now(key)
                 return None
         out = msg.reply(sender, result)
         if self.phase < _STOPPING:

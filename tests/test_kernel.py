@@ -1475,6 +1475,47 @@ async def test_an_answer_sent_to_a_tell_from_outside_any_agent_says_it_has_no_on
     assert kernel.stats().rejected == {"no_such_agent": 2}
 
 
+async def test_a_second_answer_to_a_request_is_a_late_reply_not_a_message_to_the_requester(
+    autojump_clock: Any,
+) -> None:
+    # Before: a handler that answered a request with ctx.send(msg.reply(...)) and
+    # returned a value too had its second answer delivered into the requesting agent's
+    # mailbox as a Response, handled as a message of its own (OTP drops it, the call's
+    # alias gone; Akka dead-letters it, the ask's actor gone). It is dead-lettered
+    # `late_reply` now, counted, whoever asked (an agent or the kernel from outside).
+    seen: list[tuple[str, Any]] = []
+
+    @agent(name="twice")
+    async def twice(ctx: Context, msg: Message) -> Any:
+        await ctx.send(msg.reply(ctx.id, f"first {msg.payload}"))
+        return f"second {msg.payload}"
+
+    @agent(name="asker")
+    async def asker(ctx: Context, msg: Message) -> None:
+        if msg.kind is MessageKind.RESPONSE:
+            seen.append(("response in the mailbox", msg.payload))
+            return
+        seen.append(("answer", await ctx.request("twice", msg.payload)))
+
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(twice)
+        kernel.spawn(asker)
+        for i in range(3):
+            await kernel.send("asker", i)
+        assert await kernel.request("twice", "x") == "first x"
+        await trio.testing.wait_all_tasks_blocked()
+        assert seen == [("answer", "first 0"), ("answer", "first 1"), ("answer", "first 2")]
+        late = [d for d in kernel.recent_dead_letters() if d.reason is DeadLetterReason.LATE_REPLY]
+        assert sorted(d.message.payload for d in late) == [
+            "second 0",
+            "second 1",
+            "second 2",
+            "second x",
+        ]
+        assert {d.detail for d in late} == {"the request had been answered already"}
+        assert_conserved(kernel)
+
+
 async def test_a_message_to_an_agent_being_stopped_is_refused_saying_it_stops(
     autojump_clock: Any,
 ) -> None:
