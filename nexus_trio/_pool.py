@@ -34,6 +34,7 @@ from ._agent import Agent, AgentRef, AgentSpec, Behaviour, Context, Handler, as_
 from ._deadletter import DeadLetterReason
 from ._errors import AgentNotFound, MessageFailed, NexusError, RequestFailed
 from ._message import Message, MessageKind
+from ._router import KernelPhase
 from ._supervisor import Supervisor
 
 if TYPE_CHECKING:
@@ -356,11 +357,28 @@ class _PoolRouter(Agent):
         for worker_name in names:
             self._add(kernel.lookup(worker_name))
         self._rebuild()
+        ctx.nursery.start_soon(self._watch_supervisor, ctx, self.supervisor)
         ctx.log.info(
             "pool %s started: %d workers, %s routing",
             self.name,
             len(self.workers),
             self.plan.routing.value,
+        )
+
+    async def _watch_supervisor(self, ctx: Context, supervisor: AgentRef) -> None:
+        """Fail the router when its workers' supervisor stops for good while the router
+        runs on: its supervisor (the root, say) gave up on it after its escalations, or
+        someone stopped it. A pool without it can neither route nor grow, so it fails as
+        a whole and its own supervisor decides (a restart makes it fresh), as OTP's
+        linked pool and Akka's escalating router do. Not when the router (or the kernel)
+        is stopping: that stops the supervisor first, as a linked child."""
+        kernel = ctx.kernel
+        await kernel.wait_stopped(supervisor)
+        if kernel.phase is not KernelPhase.RUNNING or not kernel.is_local(ctx.id):
+            return
+        raise NexusError(
+            f"pool {self.name!r}: its workers' supervisor {supervisor.name!r} stopped for good"
+            " (given up on after its escalations, or stopped): the pool fails as a whole"
         )
 
     def _next_name(self) -> str:

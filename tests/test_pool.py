@@ -759,6 +759,53 @@ async def test_a_failed_router_restarts_the_pool_fresh(
         assert alive == {"workers", "workers/0", "workers/1"}
 
 
+async def test_a_pool_whose_workers_supervisor_was_given_up_on_fails_and_restarts_fresh(
+    autojump_clock: Any,
+) -> None:
+    """A worker failing on every message exhausts the pool's supervisor, which escalates
+    to the root; once the root gave up on it (its own intensity for that child), the
+    router ran on alone: every message failed 'has no workers left ... grow it with
+    $resize', and the $resize failed too (the supervisor was gone), for good. The router
+    fails now, as the page says a pool escalates: the root restarts it, and the pool is
+    fresh."""
+
+    @agent
+    async def worker(ctx: Context, msg: Message) -> Any:
+        if msg.payload == "bad":
+            raise RuntimeError("bad")
+        return ctx.name
+
+    async with open_test_kernel() as kernel:
+        router = kernel.spawn(pool(worker, size=2, supervision=Supervisor(max_restarts=0)))
+        async with record_events(kernel) as events:
+            # each failure escalates at once; the root restarts the workers' supervisor
+            # 3 times (its intensity for one child) and gives up on it at the 4th
+            for _ in range(4):
+                with pytest.raises(RequestFailed, match="handler_error"):
+                    await kernel.request("workers", "bad")
+                await step_until_idle(kernel)
+            assert await kernel.request("workers", "ok") == "workers/0"
+            assert await resize_pool(kernel, "workers", 3) == 3
+            assert await kernel.request("workers", "ok") == "workers/1"
+        escalated = [(e.name, e.reason) for e in events.of(EventKind.ESCALATED)]
+        assert escalated == [
+            ("workers/supervisor", "child workers/0"),
+            ("workers/supervisor", "child workers/1"),
+        ] * 2 + [("workers/supervisor", "restart intensity exceeded")]
+        (failed,) = [e for e in events.of(EventKind.FAILED) if e.name == "workers"]
+        assert "workers/supervisor" in str(failed.error)
+        assert [e.name for e in events.of(EventKind.RESTARTED) if e.name == "workers"] == [
+            "workers"
+        ]
+        assert kernel.lookup("workers") == router
+        assert pool_names(await pool_workers(kernel, "workers")) == [
+            "workers/0",
+            "workers/1",
+            "workers/2",
+        ]
+        assert kernel.stats().given_up == 1
+
+
 async def test_stopping_the_router_stops_the_whole_pool(autojump_clock: Any) -> None:
     async with open_test_kernel() as kernel:
         ref = kernel.spawn(pool(recording_worker([]), size=3))
