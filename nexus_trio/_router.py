@@ -115,7 +115,7 @@ class _Pending:
     parking lot and its waiters' set) cost a tenth of a local request/reply.
     """
 
-    __slots__ = ("abandoned", "done", "error", "reply", "task", "woken")
+    __slots__ = ("abandoned", "at", "done", "error", "reply", "task", "woken")
 
     def __init__(self) -> None:
         #: the reply's payload (_NO_REPLY until one came)
@@ -131,6 +131,9 @@ class _Pending:
         #: the requester was cancelled while it waited: an answer that comes before it
         #: resumes is a late reply, not one for it (it gets its Cancelled)
         self.abandoned = False
+        #: where a handler passed the query on to (a pool's router returning it for a
+        #: worker, same id), if it did: a timeout or cancel stops the handler there
+        self.at: Address | None = None
 
     def resolve(self, payload: Any) -> None:
         # Kept even after the deadline woke the requester: if it has not resumed yet,
@@ -916,6 +919,12 @@ class Router:
         waiting (and, as :meth:`route`, what fails is dead-lettered, never raised into
         the agent); what is left to route is returned, for :meth:`route`."""
         if isinstance(result, Message):
+            if msg.kind is _QUERY and self._pending and result.id == msg.id:
+                # The query passed on (a pool's router): a timeout or cancel of its
+                # local requester stops the handler where it is now.
+                pending = self._pending.get(id_value(msg))
+                if pending is not None:
+                    pending.at = result.to
             return result
         if msg.kind is _QUERY and self.phase < _STOPPING:
             key = id_value(msg)
@@ -991,7 +1000,7 @@ class Router:
                     # The requester itself was cancelled: its handler stops too, as on
                     # a timeout (a reply that comes anyway is a late reply).
                     if pending.reply is _NO_REPLY and pending.error is None:
-                        self.expire_query(query.id, query.to)
+                        self.expire_query(query.id, pending.at or query.to)
                     raise
         finally:
             self._pending.pop(key, None)
@@ -1016,18 +1025,19 @@ class Router:
             raise pending.error
         detail = ""
         if enqueued:
-            self.expire_query(query.id, query.to)
-            detail = self._unanswered(query)
+            at = pending.at or query.to
+            self.expire_query(query.id, at)
+            detail = self._unanswered(query, at)
         raise RequestTimeout(query.id, query.to, timeout, detail)
 
-    def _unanswered(self, query: Message) -> str:
+    def _unanswered(self, query: Message, at: Address) -> str:
         """Why a local query timed out, when the recipient says it: parked, with nothing
         queued, it has taken the query and is done with it (a handler that forgot its
         ``return`` looks like this); busy with another message while the query, its own,
         waits in its mailbox, it requested itself (from its handler, which waits for
         itself). Read at the timeout, not at every message: the serve and request paths
         pay nothing for it."""
-        cell = self.local(query.to)
+        cell = self.local(at)
         if cell is None:
             return ""
         current = cell.current

@@ -200,6 +200,49 @@ async def test_requests_through_the_pool_get_the_workers_replies(autojump_clock:
         assert_no_dead_letters(kernel)
 
 
+async def test_a_request_through_a_pool_that_times_out_cancels_the_worker_s_handler(
+    autojump_clock: Any,
+) -> None:
+    """kernel.md: on a request's timeout "the handler still working on the query is
+    cancelled". Through a pool it was not: the kernel looked for the query at the router,
+    which had passed it on, so the worker's handler ran to its end (10 s), its answer was
+    a late reply, and the timeout said 'agent workers is idle with nothing queued: it
+    handled the query and no answer came', as for a forgotten return. A requester that is
+    cancelled stops the worker's handler the same way."""
+    log: list[tuple[str, Any, float]] = []
+
+    @agent
+    async def worker(ctx: Context, msg: Message) -> Any:
+        log.append(("start", msg.payload, trio.current_time()))
+        try:
+            await trio.sleep(10)
+        except trio.Cancelled:
+            log.append(("cancelled", msg.payload, trio.current_time()))
+            raise
+        log.append(("done", msg.payload, trio.current_time()))
+        return msg.payload
+
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(worker, size=1))
+        start = trio.current_time()
+        with pytest.raises(RequestTimeout) as info:
+            await kernel.request("workers", "a", timeout=1)
+        assert "idle with nothing queued" not in str(info.value)
+        with trio.move_on_after(2):
+            await kernel.request("workers", "b", timeout=5)
+        await step_until_idle(kernel)
+        assert [(what, p, t - start) for what, p, t in log] == [
+            ("start", "a", 0),
+            ("cancelled", "a", 1),
+            ("start", "b", 1),
+            ("cancelled", "b", 3),
+        ]
+        assert [(d.reason, d.message.payload) for d in dead_letters(kernel)] == [
+            (DeadLetterReason.REQUEST_TIMEOUT, "a"),
+            (DeadLetterReason.REQUEST_TIMEOUT, "b"),
+        ]
+
+
 async def test_an_agent_can_request_a_pool_and_resize_it(autojump_clock: Any) -> None:
     seen: Record = []
 
