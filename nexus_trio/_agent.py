@@ -559,6 +559,12 @@ class Context:
         """Stop this agent after the current message (a normal exit; see restart types)."""
         self._cell.request_exit()
 
+    @property
+    def stop_requested(self) -> bool:
+        """True once this agent's run is asked to stop (as :meth:`wait_stop_requested`
+        returns then): e.g. by its supervisor, which stops what it spawned first."""
+        return bool(self._cell.exit_requested)
+
     async def wait_stop_requested(self) -> None:
         """Return once this agent's run is asked to stop (``kernel.stop``, its supervisor,
         the kernel's shutdown once its grace is over, ``ctx.stop()``).

@@ -371,10 +371,16 @@ class _PoolRouter(Agent):
         someone stopped it. A pool without it can neither route nor grow, so it fails as
         a whole and its own supervisor decides (a restart makes it fresh), as OTP's
         linked pool and Akka's escalating router do. Not when the router (or the kernel)
-        is stopping: that stops the supervisor first, as a linked child."""
+        is stopping or restarted: that stops the supervisor first, as a linked child."""
         kernel = ctx.kernel
         await kernel.wait_stopped(supervisor)
-        if kernel.phase is not KernelPhase.RUNNING or not kernel.is_local(ctx.id):
+        if (
+            kernel.phase is not KernelPhase.RUNNING
+            or not kernel.is_local(ctx.id)
+            or ctx.stop_requested
+        ):
+            # (its own stop or restart: a supervisor stops what an agent spawned first,
+            # then asks the agent to stop, before this task runs again)
             return
         raise NexusError(
             f"pool {self.name!r}: its workers' supervisor {supervisor.name!r} stopped for good"

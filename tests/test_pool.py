@@ -849,6 +849,42 @@ async def test_a_pool_whose_workers_supervisor_was_given_up_on_fails_and_restart
         assert kernel.stats().given_up == 1
 
 
+async def test_a_pool_fails_when_its_supervisor_is_stopped_but_not_when_its_group_restarts(
+    autojump_clock: Any,
+) -> None:
+    """The router fails when its workers' supervisor stops for good under it (here:
+    stopped by hand), and not when its own supervisor stops it, which stops the
+    workers' supervisor first: a one_for_all restart of its group is a restart of the
+    router, not a failure of it."""
+
+    @agent
+    async def worker(ctx: Context, msg: Message) -> Any:
+        return ctx.name
+
+    @agent(name="sibling", on_error="restart")
+    async def sibling(ctx: Context, msg: Message) -> Any:
+        raise RuntimeError("sibling")
+
+    async with open_test_kernel() as kernel:
+        kernel.spawn(Supervisor(strategy="one_for_all", children=[pool(worker, size=2), sibling]))
+        await step_until_idle(kernel)
+        async with record_events(kernel) as events:
+            await kernel.send("sibling", "x")  # the group restarts: the pool with it
+            await step_until_idle(kernel)
+            assert await kernel.request("workers", "x") == "workers/0"
+            group = [(e.kind, e.name) for e in events.events if e.name == "workers"]
+            assert group == [(EventKind.RESTARTED, "workers"), (EventKind.STARTED, "workers")]
+            await kernel.stop("workers/supervisor")
+            await step_until_idle(kernel)
+            assert await kernel.request("workers", "x") == "workers/0"
+        failed = [e for e in events.of(EventKind.FAILED) if e.name == "workers"]
+        assert [str(e.error) for e in failed] == [
+            "pool 'workers': its workers' supervisor 'workers/supervisor' stopped for good"
+            " (given up on after its escalations, or stopped): the pool fails as a whole"
+        ]
+        assert pool_names(await pool_workers(kernel, "workers")) == ["workers/0", "workers/1"]
+
+
 async def test_stopping_the_router_stops_the_whole_pool(autojump_clock: Any) -> None:
     async with open_test_kernel() as kernel:
         ref = kernel.spawn(pool(recording_worker([]), size=3))
