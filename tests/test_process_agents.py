@@ -3142,6 +3142,30 @@ async def test_no_child_process_remains_after_the_kernel_exits() -> None:
         ({"cancel_grace": "1s"}, ValueError, "cancel_grace must be a number of seconds, got '1s'"),
         ({"cancel_grace": True}, ValueError, "cancel_grace must be a number of seconds"),
         ({"cancel_grace": float("inf")}, ValueError, "cancel_grace must be finite"),
+        # regression: shlex's bare "No closing quotation", and the child's start failing
+        # with "embedded null byte" or "illegal environment variable name" (a traceback of
+        # the kernel's internals, naming no variable) for what the spec had accepted
+        (
+            {"cmd": "python3 'unbalanced"},
+            ValueError,
+            'process_agent: command "python3 \'unbalanced" cannot be split as a shell'
+            " would: No closing quotation",
+        ),
+        (
+            {"env": {"A": "x\0y"}},
+            ValueError,
+            "process_agent: env variable 'A' holds a NUL character",
+        ),
+        (
+            {"env": {"A\0B": "x"}},
+            ValueError,
+            "process_agent: env variable name 'A\\x00B' holds a NUL character",
+        ),
+        (
+            {"env": {"A=B": "x"}},
+            ValueError,
+            "process_agent: env variable name 'A=B' holds '=' (an environment entry is NAME=VALUE)",
+        ),
     ],
 )
 def test_bad_arguments_are_refused_naming_the_problem(
@@ -3151,6 +3175,73 @@ def test_bad_arguments_are_refused_naming_the_problem(
     cmd = arguments.pop("cmd")
     with pytest.raises(error, match=re.escape(text)):
         process_agent(cmd, **arguments)
+
+
+def _start_fails(tmp_path: Path, case: str) -> tuple[dict[str, Any], str]:
+    """The arguments of a process agent whose child cannot be started, and the problem
+    that the failure must say."""
+    if case == "bad interpreter":
+        program = tmp_path / "agent.py"
+        program.write_text("#!/no/such/python3 -u\nprint(1)\n")
+        program.chmod(0o755)
+        return {"cmd": [str(program)]}, (
+            f"cannot start {program}: [Errno 2] No such file or directory: '{program}'"
+            f" (it exists: its interpreter '/no/such/python3', named by its #! line, was"
+            f" not found)"
+        )
+    if case == "CRLF #! line":
+        program = tmp_path / "agent.sh"
+        program.write_bytes(b"#!/bin/sh\r\necho hi\r\n")
+        program.chmod(0o755)
+        return {"cmd": [str(program)]}, (
+            "(it exists: its interpreter '/bin/sh\\r', named by its #! line, was not found)"
+        )
+    if case == "no #! line":
+        program = tmp_path / "agent"
+        program.write_text("echo hi\n")
+        program.chmod(0o755)
+        return {"cmd": [str(program)]}, (
+            f"cannot start {program}: [Errno 8] Exec format error: '{program}' (a script"
+            f" needs a #! line naming its interpreter; a binary must be built for this system)"
+        )
+    if case == "cwd removed":
+        cwd = tmp_path / "gone"
+        cwd.mkdir()
+        return {"cmd": [sys.executable, TOY], "cwd": str(cwd)}, (
+            f"cannot start {shlex.join([sys.executable, TOY])} in {str(cwd)!r}: its cwd is"
+            f" no directory (any more): [Errno 2] No such file or directory"
+        )
+    assert case == "huge environment"
+    return {"cmd": [sys.executable, TOY], "env": {"BIG": "x" * 200_000}}, (
+        f"[Errno 7] Argument list too long: '{sys.executable}' (its arguments and environment are"
+    )
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["bad interpreter", "CRLF #! line", "no #! line", "cwd removed", "huge environment"],
+)
+async def test_a_child_that_cannot_be_started_is_said_why(tmp_path: Path, case: str) -> None:
+    """Regression: a script whose #! line names a missing interpreter (or ends in a CR)
+    failed with ``No such file or directory: './agent.py'``, about a file that is there; a
+    cwd removed after the spec was built said only the path; an environment too large
+    said ``Argument list too long`` about the program. The failure says what is wrong."""
+    arguments, problem = _start_fails(tmp_path, case)
+    cmd = arguments.pop("cmd")
+    spec = process_agent(cmd, restart="temporary", **arguments)
+    if case == "cwd removed":
+        os.rmdir(arguments["cwd"])
+    async with bridge_kernel() as kernel:
+        async with kernel.events() as events:
+            ref = kernel.spawn(spec)
+            async for event in events:
+                if event.agent_id == ref.id and event.kind is EventKind.FAILED:
+                    break
+        await wait_until(lambda: not kernel.is_local(ref), "the agent to retire")
+    assert isinstance(event.error, ProcessAgentError)
+    assert problem in event.error.problem
+    if case == "huge environment":
+        assert re.search(r"its largest string is 200,00\d bytes", event.error.problem)
 
 
 def test_string_command_is_split_like_a_shell() -> None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import functools
 import itertools
 import json
@@ -782,9 +783,7 @@ class ProcessAgent(Agent):
                 cwd=options.cwd,
             )
         except OSError as exc:
-            raise ProcessAgentError(
-                self.label, f"cannot start {shlex.join(options.cmd)}: {exc}"
-            ) from exc
+            raise ProcessAgentError(self.label, _start_problem(options, env, exc)) from exc
         self.process = process
         self._tokens[process.pid] = token
         stats.starts += 1
@@ -1866,6 +1865,72 @@ class ProcessAgent(Agent):
         self._warn(problem)
 
 
+#: bytes of a program read for its ``#!`` line (Linux reads at most 256)
+_SHEBANG_READ: Final = 256
+
+
+def _interpreter(path: str) -> str | None:
+    """The interpreter the ``#!`` line of the file at ``path`` names (None: no such line)."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(_SHEBANG_READ)
+    except OSError:
+        return None
+    if not head.startswith(b"#!"):
+        return None
+    # As the system reads it: up to the first blank, a CR (a file saved on Windows) kept.
+    line = head[2:].split(b"\n", 1)[0].lstrip(b" \t")
+    name = re.split(rb"[ \t]", line, maxsplit=1)[0]
+    return name.decode("utf-8", "backslashreplace") or None
+
+
+def _start_problem(options: ProcessOptions, env: Mapping[str, str], exc: OSError) -> str:
+    """Why the child could not be started, in words that name what is wrong.
+
+    The system's words mislead in three common cases: a script whose ``#!`` line names a
+    missing interpreter (or ends in a CR) is ``No such file or directory`` about the script
+    itself; a cwd removed after the spec was built is the same error about the directory;
+    an environment too large is ``Argument list too long`` about the program. (On the
+    failing path only: a read of at most 256 bytes of the program.)
+    """
+    command = shlex.join(options.cmd)
+    cwd = options.cwd
+    if cwd is not None and exc.filename == cwd:
+        return (
+            f"cannot start {command} in {cwd!r}: its cwd is no directory (any more):"
+            f" [Errno {exc.errno}] {exc.strerror}"
+        )
+    said = f"cannot start {command}: {exc}"
+    if exc.errno == errno.ENOENT:
+        program = options.cmd[0]
+        if os.sep in program:
+            path: str | None = os.path.join(cwd or "", program)
+        else:
+            path = shutil.which(program, path=env.get("PATH", os.defpath))
+        interpreter = _interpreter(path) if path is not None else None
+        if interpreter is not None:
+            return (
+                f"{said} (it exists: its interpreter {interpreter!r}, named by its #! line,"
+                " was not found)"
+            )
+    elif exc.errno == errno.ENOEXEC:
+        return (
+            f"{said} (a script needs a #! line naming its interpreter; a binary must be"
+            " built for this system)"
+        )
+    elif exc.errno == errno.E2BIG:
+        strings = [
+            *(len(os.fsencode(part)) + 1 for part in options.cmd),
+            *(len(os.fsencode(f"{key}={value}")) + 1 for key, value in env.items()),
+        ]
+        return (
+            f"{said} (its arguments and environment are {sum(strings):,} bytes, its largest"
+            f" string is {max(strings):,} bytes: more than the system takes; Linux takes at"
+            " most 128 KiB a string)"
+        )
+    return said
+
+
 def _check_positive(name: str, value: Any, *, allow_zero: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
         raise ValueError(f"process_agent: {name} must be a number of seconds, got {value!r}")
@@ -1879,7 +1944,12 @@ def _command(
     cmd: Sequence[str] | str, env: Mapping[str, str] | None, cwd: str | None
 ) -> tuple[str, ...]:
     if isinstance(cmd, str):
-        parts = shlex.split(cmd)
+        try:
+            parts = shlex.split(cmd)
+        except ValueError as exc:
+            raise ValueError(
+                f"process_agent: command {cmd!r} cannot be split as a shell would: {exc}"
+            ) from None
     elif isinstance(cmd, Sequence):
         parts = [os.fspath(part) if isinstance(part, os.PathLike) else part for part in cmd]
     else:
@@ -1949,6 +2019,17 @@ def process_agent(
                 raise TypeError(
                     f"process_agent: env must map strings to strings, got {key!r}: {value!r}"
                 )
+            # What the system cannot carry in an environment: refused here, naming the
+            # variable, not at each start of the child.
+            if "\0" in key:
+                raise ValueError(f"process_agent: env variable name {key!r} holds a NUL character")
+            if "=" in key:
+                raise ValueError(
+                    f"process_agent: env variable name {key!r} holds '=' (an environment"
+                    " entry is NAME=VALUE)"
+                )
+            if "\0" in value:
+                raise ValueError(f"process_agent: env variable {key!r} holds a NUL character")
     command = _command(cmd, env, cwd_text)
     register = _check_positive("register_timeout", register_timeout)
     grace = _check_positive("shutdown_grace", shutdown_grace, allow_zero=True)
