@@ -579,6 +579,44 @@ async def test_a_node_restarted_under_its_name_before_its_loss_was_noticed(
                 await c.stop()
 
 
+async def test_a_second_node_under_a_live_member_s_name_is_refused_and_changes_nothing(
+    nats: NatsServer,
+) -> None:
+    """Regression: a second process joined under the name of a live member (operator
+    error: two nodes named 'b'). It joined: a took it for b restarted, counted b lost and
+    re-placed b's agent (b stopped its copy as a duplicate), and both processes took the
+    traffic for 'b' and the placement requests to it. The join is refused now, naming the
+    name and the process that holds it; nothing changes for the others."""
+    async with _node(nats.url, "a", missed_heartbeats=10) as (ka, ca):
+        b = await Node(nats.url, "b").start()
+        try:
+            with trio.fail_after(60):
+                assert await b.call("wait_live", count=2) == ["a", "b"]
+                pid = b.process.pid  # type: ignore[union-attr]
+                placed = await ca.spawn("counter", name="on-b", node="b")
+                assert placed.node == "b"
+                async with open_kernel(node_config()) as second:
+                    with pytest.raises(ValueError, match="node name 'b' is taken") as refused:
+                        async with join_cluster(second, nats.url, "b", options=FAST):
+                            pytest.fail("a second node 'b' joined")
+                    assert not second.is_local("on-b")
+                text = str(refused.value)
+                assert text.startswith("node name 'b' is taken: a live process heartbeats"), text
+                assert f"(pid {pid} on " in text, text
+                stats = ca.stats()
+                assert (stats.nodes_lost, stats.replaced) == (0, 0)
+                assert ca.live_nodes() == ["a", "b"]
+                assert await ka.request("on-b", "q", timeout=5) == {
+                    "node": "b",
+                    "handled": 0,
+                    "name": "on-b",
+                }
+                assert (await b.call("stats"))["duplicates_stopped"] == 0
+        finally:
+            with trio.CancelScope(shield=True):
+                await b.stop()
+
+
 async def test_a_rebalance_the_new_owner_refuses_starts_the_agent_here_again(
     nats: NatsServer,
 ) -> None:

@@ -50,7 +50,7 @@ import uuid
 import weakref
 from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any, Final, final
 
 import attrs
@@ -3612,6 +3612,8 @@ class Cluster:
         self._names_kv = await self._kv(f"{self.prefix}-names", ttl=None)
         await self._outbox.start()
         self._batch_bytes = batch.batch_limit(self._max_payload(), self.node, opts.batch_bytes)
+        # before this node takes anything meant for its name, or announces it
+        await self._refuse_a_live_namesake()
 
         async def subscribe() -> None:
             sub = await self.nc.subscribe(
@@ -3650,6 +3652,68 @@ class Cluster:
         await nursery.start(self._follow_dead_letters)
         await self.durable.start(nursery)
         await self.names_published()
+
+    async def _refuse_a_live_namesake(self) -> None:
+        """Raise ValueError if another process is a live member under this node's name
+        (two nodes given one name): joining would split the name in two. The nodes
+        bucket holds a record of the name from another process (a live one writes it
+        every heartbeat interval; a dead one's expires after the loss window): if that
+        process's heartbeat is heard within two heartbeat intervals (a second more, for a
+        loaded host; at most the loss window), it lives. A process restarted under its
+        name before its loss was noticed heartbeats no more and joins after that wait."""
+        kv = self._nodes_kv
+        assert kv is not None
+
+        async def read() -> bytes | None:
+            try:
+                entry = await kv.get(self.node)
+            except nats.js.errors.KeyNotFoundError:
+                return None
+            return entry.value
+
+        record = await call_aio(read)
+        if not record:
+            return
+        try:
+            holder = decode_record(record, monotonic(), self.node)
+        except ValueError:
+            return  # (not a kernel's record: nothing to judge it by)
+        if (holder.id_prefix, holder.session) == (self.id_prefix, self._session):
+            return
+        heard: list[NodeInfo] = []
+        alive = trio.Event()
+
+        async def on_heartbeat(m: NatsMsg) -> None:
+            if not m.data:
+                return  # a leave or a last notice
+            try:
+                info = decode_record(m.data, monotonic(), self.node)
+            except ValueError:
+                return
+            heard.append(info)
+            alive.set()
+
+        async def subscribe() -> Subscription:
+            sub = await self._control.subscribe(self._heartbeat_subject, cb=on_heartbeat)
+            await direct.flush_after_subscribe(self._control)
+            return sub
+
+        sub = await call_aio(subscribe)
+        try:
+            opts = self.options
+            interval = opts.heartbeat_interval
+            with trio.move_on_after(min(interval * opts.missed_heartbeats, 2 * interval + 1)):
+                await alive.wait()
+        finally:
+            with trio.CancelScope(shield=True), suppress(nats.errors.Error, OSError, ValueError):
+                await call_aio(sub.unsubscribe)
+        if heard:
+            live = heard[-1]
+            raise ValueError(
+                f"node name {self.node!r} is taken: a live process heartbeats under it"
+                f" (pid {live.pid} on {live.host}, id prefix {live.id_prefix:016x}); give"
+                " each node its own name"
+            )
 
     async def _leave(self) -> None:
         """Clean leave, while the connection is still up: flush acks and queued messages,
@@ -3911,8 +3975,8 @@ async def join_cluster(
     config, so ``NEXUS_NATS__PASSWORD`` and friends work without code; credentials
     written in a URL are taken out of it (and never logged). On entry: connect
     (:class:`TransportUnavailable` naming the URL, without credentials, if no server
-    answers or the server refuses them), create the KV buckets if needed, announce the
-    node, load the member and name tables, publish the kernel's named agents and attach
+    answers or the server refuses them), create the KV buckets if needed (ValueError if
+    a live process of the cluster holds the name ``node``), announce the node, load the member and name tables, publish the kernel's named agents and attach
     the transport. On exit: detach, remove the node's names and membership record, flush
     and close. Leaving does not shut the kernel down; to let it drain with the cluster
     still attached, ``await kernel.shutdown()`` inside the block.
