@@ -289,6 +289,33 @@ async def test_queue_group_without_replicas_is_agent_not_found(nats: NatsServer)
             await kernel.request(type_address("nobody"), 1)
 
 
+async def test_a_tell_to_a_type_no_node_serves_is_counted_not_lost_silently(
+    nats: NatsServer,
+) -> None:
+    """Regression: a tell to a type no node served went into NATS and was gone, counted
+    nowhere (send returned, every node's stats unchanged). NATS's "no responders" for it
+    comes back to the sending node, which counts it in inbound_dropped["no_replica"]; a
+    tell a replica takes counts nothing there."""
+    async with local_node(nats.url) as (kernel, cluster):
+        seen: list[Any] = []
+
+        @agent(name="replica-a")
+        async def replica(ctx: Context, msg: Message) -> Any:
+            seen.append(msg.payload)
+            return "answered"
+
+        await cluster.serve_type("served", kernel.spawn(replica))
+        with trio.fail_after(30):
+            await kernel.send(type_address("served"), "taken")
+            for i in range(3):
+                await kernel.send(type_address("nobody"), i)
+            # a request after them, on the same connection: NATS sent their "no
+            # responders" before its answer, in order
+            assert await kernel.request(type_address("served"), "q") == "answered"
+        assert seen == ["taken", "q"]
+        assert cluster.stats().inbound_dropped == {"no_replica": 3}
+
+
 def _nested(levels: int) -> Any:
     deep: Any = []
     for _ in range(levels):

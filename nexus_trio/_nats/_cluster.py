@@ -461,6 +461,10 @@ class Cluster:
         # queries to a type (a queue group: which replica takes one is unknown when it
         # leaves), counted for the process that answers, when its answer comes (bounded)
         self._type_queries: OrderedDict[uuid.UUID, bool] = OrderedDict()
+        #: tells to a type sent lately (the last _ROUTE_MEMORY): each goes with a reply
+        #: subject, so that NATS's "no responders" (no node serves the type) comes back
+        #: here and is counted, inbound_dropped["no_replica"]
+        self._type_tells: OrderedDict[uuid.UUID, bool] = OrderedDict()
         # responder side: queries to a type taken here -> the local replica they went to,
         # so that their requester's cancel (sent to every node) finds the handler
         self._type_taken: OrderedDict[uuid.UUID, uuid.UUID] = OrderedDict()
@@ -1283,6 +1287,13 @@ class Cluster:
             node = f"type:{type_name}"
             if msg.kind is _QUERY:
                 self._remember(self._type_queries, msg.id, True)
+            else:
+                try:
+                    data = wire.encode_message(msg)
+                except wire.UNENCODABLE as exc:
+                    raise self._unencodable(msg, exc) from exc
+                self._remember(self._type_tells, msg.id, True)
+                return subject, wire.reply_subject(self.prefix, self.node, msg.id), data, None
         else:
             node, agent_id = self.resolve(to)
             if msg.kind is not _QUERY:
@@ -1967,7 +1978,9 @@ class Cluster:
                     return True
                 asked = self._outstanding.pop(query_id, None)
                 if asked is None:
-                    return False  # not known as ours: the pump delivers without forwarding
+                    # a tell to a type of this node that no node serves, or not known as
+                    # ours (False): the pump delivers without forwarding
+                    return bool(self._type_tells) and self._type_tell_came_back(m, query_id)
                 reply = self._reply_message(m, query_id, asked)
                 if reply is not None:
                     self._reply_in_now(reply, query_id)
@@ -2091,6 +2104,27 @@ class Cluster:
             return None
         self._took_reply(reply, query_id, None if asked is None else asked[1], m)
         return reply
+
+    def _type_tell_came_back(self, m: NatsMsg, tell_id: uuid.UUID) -> bool:
+        """Whether ``m``, on the reply subject of message ``tell_id``, is about a tell to
+        a type this node sent: NATS's "no responders" (no node served the type when the
+        tell got there: it is lost) is counted in ``inbound_dropped["no_replica"]`` and
+        logged as drops are; anything else there (nothing a kernel sends) is dropped."""
+        if self._type_tells.pop(tell_id, None) is None:
+            return False
+        headers = m.headers
+        if headers and headers.get("Status") == "503":
+            self._dropped["no_replica"] += 1
+            if log.isEnabledFor(logging.INFO) and self._drop_log.due():
+                log_guarded(
+                    log,
+                    logging.INFO,
+                    "node %s: tell %s to a type was lost: no node serves the type (%d so far)",
+                    self.node,
+                    tell_id,
+                    self._dropped["no_replica"],
+                )
+        return True
 
     def _unawaited_error(self, m: NatsMsg, query_id: uuid.UUID) -> None:
         """A well-formed error frame (or NATS's "no responders") for query ``query_id``
@@ -2232,7 +2266,10 @@ class Cluster:
         query_id = self._reply_query_id(query_text)
         if query_id is None:
             return
-        reply = self._reply_message(m, query_id, self._outstanding.pop(query_id, None))
+        asked = self._outstanding.pop(query_id, None)
+        if asked is None and self._type_tells and self._type_tell_came_back(m, query_id):
+            return
+        reply = self._reply_message(m, query_id, asked)
         if reply is None:
             return
         if self._reply_routes and query_id in self._reply_routes:
