@@ -1387,6 +1387,60 @@ def test_a_worker_whose_run_failed_stops_the_others(tmp_path: Path, caplog) -> N
     assert [w["exit"] for w in summary["per_worker"]] == ["exit code 1", "exit code 0"]
 
 
+@pytestmark_linux
+def test_a_worker_every_other_one_counted_lost_is_killed_when_they_have_ended(
+    tmp_path: Path, caplog
+) -> None:
+    """Regression: a worker frozen mid-run (SIGSTOP, a hung process) was counted lost by
+    the others (it missed its heartbeats), who settled without it and ended at --duration;
+    the parent went on waiting for it, for good: no summary, no exit, nothing logged. Once
+    every other worker ended and counted it lost, it is killed and counted as a dead one."""
+    from nexus_trio.cli._cluster_cmd import run_workers
+
+    started, pid_file = tmp_path / "started", tmp_path / "pid"
+    seen = {"worker-1": {"pid": 1, "handed_to": 5, "taken_from": 3}}
+    python = fake_python(
+        tmp_path,
+        {
+            "worker-0": f"while [ ! -e {started} ]; do sleep 0.02; done; "
+            f"{echo(canned_summary('worker-0', seen))}; exit 0",
+            # frozen: deaf to the SIGTERM as a stopped process is (60 s at most)
+            "worker-1": f"echo $$ > {pid_file}; touch {started}; kill -STOP $$",
+        },
+    )
+    done, hung = threading.Event(), threading.Event()
+
+    def unfreeze() -> None:  # (so that the test fails rather than hangs)
+        if not done.wait(30):
+            hung.set()
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+    threading.Thread(target=unfreeze, daemon=True).start()
+    with caplog.at_level(logging.INFO, logger="nexus_trio.cli"):
+        summary, status = run_workers(2, [], nats_url=NO_SERVER, python=python)
+    done.set()
+    assert not hung.is_set(), "the parent waited for a worker every other one counted lost"
+    pid = int(pid_file.read_text())
+    assert (
+        f"worker-1 (pid {pid}) was counted lost by every other worker and still runs 5s"
+        " after they ended: killing it" in caplog.text
+    )
+    assert status == 128 + signal.SIGKILL
+    assert summary["workers_died"] == ["worker-1"]
+    dead = summary["per_worker"][1]
+    assert (dead["pid"], dead["exit"], dead["died"]) == (pid, "killed by SIGKILL", True)
+    assert dead["error"] == (
+        f"worker-1 (pid {pid}) killed by SIGKILL: counted lost by every other worker,"
+        " it still ran after they ended"
+    )
+    assert (dead["books"], dead["sent"], dead["handed_to_it"]) == (
+        "counted by the other workers",
+        3,
+        5,
+    )
+    assert summary["error"] == dead["error"]
+
+
 def stubborn(log: Path) -> str:
     """A worker that notes its start and each SIGTERM in ``log`` and runs on (20 s at most)."""
     return (

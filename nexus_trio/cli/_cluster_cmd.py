@@ -17,7 +17,11 @@ the cluster's books: every message that started on some worker was handled,
 dead-lettered, or counted as lost (see :func:`aggregate_summaries`). A worker that
 ends without its summary (a crash, a signal from outside) is logged as soon as it exits
 and the others are stopped as by a first signal; its books are counted from what the
-others saw of it, or, if it died after the swarm settled, from its last record.
+others saw of it, or, if it died after the swarm settled, from its last record. A worker
+that does not end but falls silent (SIGSTOP, a hang) is counted lost by the others, who
+end without it: once every worker still running is one so counted by every worker that
+ended with its summary, it is killed :data:`_LOST_GRACE` seconds later and counted as a
+dead one.
 
 A worker's command line is rebuilt from the parent's *parsed* options
 (:func:`worker_argv`), never by editing ``sys.argv``: every spelling of ``--workers``
@@ -72,6 +76,8 @@ _MIN_WORKERS_BOUND: Final = 8
 _SERVER: Final = -1
 #: seconds a worker's stdout may stay open after it exited (held by a process it started)
 _OUTPUT_GRACE: Final = 2.0
+#: seconds a worker every other one counted lost may run on after they ended (then killed)
+_LOST_GRACE: Final = 5.0
 #: summary fields that add up across workers
 _SUMMED: Final = (
     "agents",
@@ -499,6 +505,10 @@ def run_workers(
     passed: dict[int, int] = {}
     #: the signal that forced the stop (the workers still running were killed), if one did
     forced_by = ""
+    #: pids of the workers killed here because every other worker counted them lost
+    killed_as_lost: set[int] = set()
+    #: per worker pid every other one counted lost, the timer that kills it
+    lost_timers: dict[int, threading.Timer] = {}
 
     def stops_asked() -> int:
         # a death's stop is the first: a signal after it is the second, which forces
@@ -524,6 +534,41 @@ def run_workers(
                 return
         signals_seen.append(signal.Signals(signum).name)
         pass_on()
+
+    def kill_the_lost() -> None:
+        # A worker frozen (SIGSTOP, a hung process) misses its heartbeats: the others count
+        # it lost, settle without it and end; it would never end by itself (deaf to the
+        # SIGTERM too, if stopped). Once every worker still running is one that every
+        # worker which ended with its summary counted lost, the swarm ended without them:
+        # each is killed unless it ends within _LOST_GRACE.
+        running = [(j, p) for j, p in enumerate(procs) if p.poll() is None]
+        books = [s for s in summaries if s is not None]
+        if not running or not books:
+            return
+        lost_to_all = set.intersection(*(set(s.get("lost_peers") or ()) for s in books))
+        if any(f"worker-{j}" not in lost_to_all for j, _ in running):
+            return
+        for j, p in running:
+            if p.pid not in lost_timers:
+                lost_timers[p.pid] = timer = threading.Timer(_LOST_GRACE, kill_lost, (j, p))
+                timer.daemon = True
+                timer.start()
+
+    def kill_lost(j: int, p: subprocess.Popen[bytes]) -> None:
+        if p.poll() is not None:  # (it ended by itself)
+            return
+        log_guarded(
+            log,
+            logging.ERROR,
+            "worker-%d (pid %d) was counted lost by every other worker and still runs %gs"
+            " after they ended: killing it",
+            j,
+            p.pid,
+            _LOST_GRACE,
+        )
+        killed_as_lost.add(p.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
 
     # From before the private nats-server starts: a signal at any point of the start is
     # a graceful stop (no worker is started after it), not the parent's end by SIGTERM's
@@ -629,6 +674,7 @@ def run_workers(
                     )
                     stopped_for_failure = f"worker-{i}"
                     pass_on()
+                kill_the_lost()
                 continue
             # It ended without its summary: it died (a crash, a signal from outside), or
             # was killed after a second signal here. Never silently; and the others stop
@@ -636,6 +682,8 @@ def run_workers(
             if _killed_by_force(passed.get(proc.pid, 0), code):
                 log_guarded(log, logging.WARNING, "%s", _forced_text(i, proc.pid))
                 continue
+            if proc.pid in killed_as_lost and code == -signal.SIGKILL:
+                continue  # (logged as it was killed)
             running = [p for p in procs if p.poll() is None]
             stopping = not stops_asked() and bool(running)  # (the first death stops them)
             log_guarded(
@@ -651,6 +699,8 @@ def run_workers(
                 stopped_for_death = f"worker-{i}"
                 pass_on()
     finally:
+        for timer in lost_timers.values():
+            timer.cancel()
         for proc in procs:
             _kill_group(proc)
         try:
@@ -668,14 +718,16 @@ def run_workers(
         entry = summaries[i]
         if entry is None:  # counted from what the others saw (aggregate_summaries)
             forced = _killed_by_force(passed.get(proc.pid, 0), codes[i])
-            entry = {
-                "node": f"worker-{i}",
-                "died": True,
-                "error": _forced_text(i, proc.pid)
-                if forced
-                else f"worker-{i} (pid {proc.pid}) died: {ends[i]}",
-                "conserved": None,
-            }
+            if forced:
+                error = _forced_text(i, proc.pid)
+            elif proc.pid in killed_as_lost and codes[i] == -signal.SIGKILL:
+                error = (
+                    f"worker-{i} (pid {proc.pid}) killed by SIGKILL: counted lost by every"
+                    " other worker, it still ran after they ended"
+                )
+            else:
+                error = f"worker-{i} (pid {proc.pid}) died: {ends[i]}"
+            entry = {"node": f"worker-{i}", "died": True, "error": error, "conserved": None}
         else:
             entry["died"] = False
             # a worker whose run failed before it joined names no node
