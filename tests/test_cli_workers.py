@@ -1441,6 +1441,78 @@ def test_a_worker_every_other_one_counted_lost_is_killed_when_they_have_ended(
     assert summary["error"] == dead["error"]
 
 
+#: a ``sitecustomize`` for a worker (on its PYTHONPATH): as the interpreter finally exits,
+#: after its summary, a SIGTERM comes (the parent's stop, passed on as another worker
+#: failed), once Python's finalization set the handlers that are Python functions back
+#: to the default action (as CPython's does: ``_PySignal_Fini``)
+SIGTERM_AS_PYTHON_EXITS = """
+import atexit, os, signal
+
+def _sigterm_as_python_exits():
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if callable(signal.getsignal(signum)):
+            signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+atexit.register(_sigterm_as_python_exits)  # (the first registered: it runs last)
+"""
+
+
+def test_a_worker_stopped_after_its_summary_exits_with_its_own_status(
+    tag: str, tmp_path: Path
+) -> None:
+    """Regression: ``nexus run -W 2 --nats nats://127.0.0.1:1`` exited 143 in 3 runs of 4:
+    both workers failed to connect and printed their summaries; the one that failed first
+    made the parent pass the stop on, and the SIGTERM reached the other as Python exited,
+    when its finalization had set SIGTERM's handler back to the default action, which
+    killed it: ``killed by SIGTERM``, status 143, where its run said 1 (after a Ctrl-C,
+    143 where a stop asked for is 0). Once a worker's summary is written, the stop
+    signals are ignored to its end."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SIGTERM_AS_PYTHON_EXITS)
+    path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
+    args = ["run", "-n", "10", "-d", "1", "--nats", NO_SERVER, "--node", "worker-0", "--json"]
+    env = {**os.environ, "NEXUS_TEST_TAG": tag, "PYTHONPATH": path, WORKER_ENV: "worker-0"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nexus_trio.cli", *args],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err  # its own: the run failed (not -SIGTERM)
+    summary = json.loads(out)
+    assert summary["error"].startswith("TransportUnavailable: ")
+    assert summary["stopped_by"] == "error"
+
+
+def test_a_hangup_as_the_parent_of_the_workers_exits_does_not_end_it(
+    tag: str, tmp_path: Path
+) -> None:
+    """Regression: the parent of ``--workers`` notes a SIGHUP after its run and ignores it
+    (a hangup comes twice: docs/cli.md), but one that came as Python exited, once its
+    finalization had set the handler back to the default action, killed it: status 129,
+    not the run's. It is ignored to the end, as in a worker."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(  # (not ignored, whatever this process inherited)
+        "import signal\nsignal.signal(signal.SIGHUP, signal.SIG_DFL)\n"
+        + SIGTERM_AS_PYTHON_EXITS.replace("signal.SIGTERM)", "signal.SIGHUP)")
+    )
+    path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
+    args = ["run", "-W", "1", "-n", "10", "-d", "1", "--nats", NO_SERVER, "--json"]
+    proc = start_nexus(args, tag, tmp_path, PYTHONPATH=path)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err  # the run's: its worker could not connect
+    summary = json.loads(out)
+    assert summary["per_worker"][0]["exit"] == "exit code 1"
+    assert summary["error"].startswith("TransportUnavailable: ")
+
+
 def stubborn(log: Path) -> str:
     """A worker that notes its start and each SIGTERM in ``log`` and runs on (20 s at most)."""
     return (

@@ -18,6 +18,7 @@ writes the agent tree (``kernel.describe()``) to the log.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
 import importlib
@@ -452,8 +453,27 @@ def catch_stop_signals_early(*, worker: bool = True) -> None:
     handled = tuple(s for s in stop_signals() if worker or is_hangup(s))
     for signum in handled:
         signal.signal(signum, _note_early)
+    # (once per process: it leaves a handler that is not this module's alone)
+    atexit.unregister(_ignore_noted_signals)
+    atexit.register(_ignore_noted_signals)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
+
+
+def _ignore_noted_signals() -> None:
+    """At this process's exit (``atexit``): the signals :func:`_note_early` notes are
+    ignored outright. Python's finalization, after the ``atexit`` calls, sets a signal
+    whose handler is a Python function back to its default action, which for these ends
+    the process: a ``--workers`` worker whose summary the parent had read, reached by
+    the SIGTERM it passed on (another worker failed, a Ctrl-C) as it exited, was taken
+    for one killed by SIGTERM (exit status 143, not its own), and a second SIGHUP as a
+    run exited ended it with status 129. The run is over by then: they would be noted
+    and ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in stop_signals():
+        if signal.getsignal(signum) is _note_early:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def take_early_signals() -> list[int]:
