@@ -919,7 +919,14 @@ class Router:
         waiting (and, as :meth:`route`, what fails is dead-lettered, never raised into
         the agent); what is left to route is returned, for :meth:`route`."""
         if isinstance(result, Message):
-            if msg.kind is _QUERY and self._pending and result.id == msg.id:
+            # (a query returned is the one passed on: a tell is not, and its id, drawn
+            # lazily, is not read)
+            if (
+                msg.kind is _QUERY
+                and self._pending
+                and result.kind is _QUERY
+                and result.id == msg.id
+            ):
                 # The query passed on (a pool's router): a timeout or cancel of its
                 # local requester stops the handler where it is now.
                 pending = self._pending.get(id_value(msg))
