@@ -942,3 +942,42 @@ async def test_error_frames_for_queries_nobody_waits_for_are_counted_as_answers_
         assert cb.stats().inbound_dropped == {"unroutable_error": 2, "late_error": 1}
     logged = [r.getMessage() for r in caplog.records if "error frame" in r.getMessage()]
     assert logged and all("for query" in line for line in logged), logged
+
+
+async def test_garbage_on_a_node_s_durable_subject_is_counted_dead_and_logged_throttled(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: each body on a node's durable subject that no kernel wrote was logged
+    at ERROR, one line per body: a publisher flooding the stream flooded the log. Each is
+    still terminated and counted dead; the line comes at once, then at most once a
+    second with the running count; the next real durable message is handled."""
+    caplog.set_level(logging.ERROR, logger="nexus_trio.nats")
+    handled: list[Any] = []
+    arrived = trio.Event()
+
+    @agent(name="keeps-h")
+    async def keeps(ctx: Context, msg: Message) -> Any:
+        handled.append(msg.payload)
+        arrived.set()
+        return "ok"
+
+    async with _node(nats.url, "a") as (kernel, cluster), _hostile(nats.url) as hostile:
+        ref = kernel.spawn(keeps)
+        with trio.fail_after(30):
+            for i in range(40):
+                await call_aio(
+                    hostile.nc.jetstream().publish,
+                    wire.durable_subject("nexus", "a", ref.id),
+                    b"not a message %d" % i,
+                )
+            while True:  # polling JetStream's deliveries (another thread's I/O)
+                if cluster.stats().durable_dead >= 40:
+                    break
+                await trio.sleep(0.05)
+            await cluster.send_durable("keeps-h", "real")
+            await arrived.wait()
+    assert handled == ["real"]
+    assert cluster.stats().durable_dead == 40
+    lines = [r.getMessage() for r in caplog.records if "undecodable durable" in r.getMessage()]
+    assert 1 <= len(lines) <= 10, lines
+    assert lines[0].endswith("(1 so far)"), lines[0]

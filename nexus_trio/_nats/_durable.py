@@ -127,6 +127,10 @@ class DurableChannel:
         # failed fetches: logged at once, then at most once a second (an outage)
         self._fetch_log = Throttle()
         self._fetch_failures = 0
+        # bodies no kernel wrote (a hostile or broken publisher): each terminated and
+        # counted dead, logged at once, then at most once a second with a running count
+        self._undecodable_log = Throttle()
+        self._undecodable = 0
         # Replies to durable Queries must reach the transport: a sender local to this
         # node would receive them itself, so such Queries are sent from this id instead.
         self.acker_id = uuid.uuid5(
@@ -397,13 +401,16 @@ class DurableChannel:
         try:
             msg = wire.decode_message(jsmsg.data)
         except MessageDecodeError as exc:
-            log_guarded(
-                log,
-                logging.ERROR,
-                "node %s: undecodable durable message, terminated: %s",
-                self.cluster.node,
-                exc,
-            )
+            self._undecodable += 1
+            if self._undecodable_log.due():
+                log_guarded(
+                    log,
+                    logging.ERROR,
+                    "node %s: undecodable durable message, terminated: %s (%d so far)",
+                    self.cluster.node,
+                    exc,
+                    self._undecodable,
+                )
             self.dead += 1
             self._ops.put((jsmsg, "term"))
             return
