@@ -306,8 +306,9 @@ def start_nexus(
     start_new_session: bool = False,
     **extra_env: str,
 ) -> subprocess.Popen[str]:
-    env = {**os.environ, "NEXUS_TEST_TAG": tag, "NO_COLOR": "1", **extra_env}
-    env.pop(WORKER_ENV, None)
+    env = {**os.environ, "NEXUS_TEST_TAG": tag, "NO_COLOR": "1"}
+    env.pop(WORKER_ENV, None)  # (unless the test makes it a worker: extra_env)
+    env.update(extra_env)
     return subprocess.Popen(
         [sys.executable, "-m", "nexus_trio.cli", *args],
         cwd=tmp_path,
@@ -1473,16 +1474,7 @@ def test_a_worker_stopped_after_its_summary_exits_with_its_own_status(
     (hook / "sitecustomize.py").write_text(SIGTERM_AS_PYTHON_EXITS)
     path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
     args = ["run", "-n", "10", "-d", "1", "--nats", NO_SERVER, "--node", "worker-0", "--json"]
-    env = {**os.environ, "NEXUS_TEST_TAG": tag, "PYTHONPATH": path, WORKER_ENV: "worker-0"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nexus_trio.cli", *args],
-        cwd=tmp_path,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_nexus(args, tag, tmp_path, PYTHONPATH=path, **{WORKER_ENV: "worker-0"})
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1, err  # its own: the run failed (not -SIGTERM)
     summary = json.loads(out)
