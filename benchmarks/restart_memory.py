@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from nexus_trio import Config, KernelConfig, SupervisionConfig, open_kernel  # noqa: E402
 from nexus_trio.bridges import bridge_stats, process_agent  # noqa: E402
+from nexus_trio.bridges._lineage import process_table  # noqa: E402
 
 _REGISTER = (
     'printf \'{"type":"register","payload":{"id":"%s","name":"c","protocol":2}}\\n\' '
@@ -65,18 +66,8 @@ def _status_mb(path: str, key: str) -> float:
 
 
 def _zombies() -> int:
-    me = str(os.getpid())
-    count = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        count += fields[0] == "Z" and fields[1] == me
-    return count
+    me = os.getpid()
+    return sum(state == "Z" and parent == me for _, state, parent, _ in process_table())
 
 
 def _row(libc: ctypes.CDLL, restarts: int, started: float) -> None:

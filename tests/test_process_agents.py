@@ -131,18 +131,9 @@ def live_processes(tag: str) -> list[int]:
 
 def group_members(pgid: int) -> list[int]:
     """Processes (not zombies) in process group ``pgid``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            found.append(int(entry))
-    return found
+    return [
+        pid for pid, state, _, group in _lineage.process_table() if group == pgid and state != "Z"
+    ]
 
 
 def stats_of(kernel: Kernel, ref: AgentRef) -> BridgeStats:

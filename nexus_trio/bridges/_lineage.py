@@ -164,20 +164,27 @@ def _reap(pids: list[int]) -> None:
             time.sleep(0.01)
 
 
-def _group_members(pgid: int) -> list[tuple[int, int, str]]:
-    """``(pid, parent pid, state)`` of the processes in process group ``pgid``, zombies too."""
-    members = []
+def process_table() -> list[tuple[int, str, int, int]]:
+    """``(pid, state, parent pid, process group)`` of every process (Linux ``/proc``),
+    zombies too (state ``"Z"``): one read of each ``/proc/<pid>/stat``; a process gone
+    meanwhile, or a line that cannot be read, is left out."""
+    table = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
+                # after the command name, which may hold anything but ends at the last ")"
                 fields = f.read().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid:
-                members.append((int(entry), int(fields[1]), fields[0]))
+            table.append((int(entry), fields[0], int(fields[1]), int(fields[2])))
         except (OSError, IndexError, ValueError):
             continue
-    return members
+    return table
+
+
+def _group_members(pgid: int) -> list[tuple[int, int, str]]:
+    """``(pid, parent pid, state)`` of the processes in process group ``pgid``, zombies too."""
+    return [(pid, parent, state) for pid, state, parent, group in process_table() if group == pgid]
 
 
 def reap_group(pgid: int, wait: float = 0.0) -> int:
