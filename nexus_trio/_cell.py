@@ -31,7 +31,7 @@ import trio
 
 from ._child import Child, ChildOwner, Directive, StoppedForShutdown, log_extra
 from ._deadletter import DeadLetterReason
-from ._errors import MessageFailed
+from ._errors import MessageFailed, error_repr
 from ._events import EventKind
 from ._logcall import log_guarded
 from ._mailbox import HighWater, Mailbox
@@ -60,6 +60,11 @@ class _HandlerFailed(Exception):
     def __init__(self, error: Exception) -> None:
         super().__init__(error)
         self.error = error
+
+    def __repr__(self) -> str:
+        # Trio's nursery formats the repr of what leaves its block (a cancel reason): the
+        # handler's exception is user code, whose __repr__ may raise
+        return f"_HandlerFailed({error_repr(self.error)})"
 
 
 def _first_failure(group: BaseExceptionGroup[BaseException]) -> BaseException | None:

@@ -13,6 +13,21 @@ from collections.abc import Collection
 from typing import Any, Final
 
 
+def error_repr(error: BaseException | None) -> str:
+    """``repr(error)``, never raising: an exception a handler raised is user code, and its
+    ``__repr__`` may raise (a bug of its own, state that is gone); then its class and what
+    the repr raised (``<BadError, whose repr() raised RuntimeError: ...>``), as the
+    traceback module shows an exception whose ``__str__`` raises."""
+    try:
+        return repr(error)
+    except Exception as exc:  # (not BaseException: a Ctrl-C or a cancel goes on up)
+        try:
+            said = f"{type(exc).__name__}: {exc}"
+        except Exception:
+            said = type(exc).__name__
+        return f"<{type(error).__qualname__}, whose repr() raised {said}>"
+
+
 class NexusError(Exception):
     """Base class of every error raised by nexus_trio.
 
@@ -253,7 +268,9 @@ class SupervisorEscalation(NexusError):
         self.chain = chain
         self.last_error = last_error
         path = " -> ".join(chain)
-        super().__init__(f"restart intensity exceeded along {path}; last error: {last_error!r}")
+        super().__init__(
+            f"restart intensity exceeded along {path}; last error: {error_repr(last_error)}"
+        )
 
 
 class RequestFailed(NexusError):
@@ -270,7 +287,7 @@ class RequestFailed(NexusError):
         self.to = to
         self.reason = reason
         self.error = error
-        detail = f": {error!r}" if error is not None else ""
+        detail = f": {error_repr(error)}" if error is not None else ""
         super().__init__(f"request {request_id} to {to!r} failed ({reason}){detail}")
 
 

@@ -48,7 +48,7 @@ from ._child import (
     to_restart,
 )
 from ._config import RestartStrategy
-from ._errors import SupervisorEscalation
+from ._errors import SupervisorEscalation, error_repr
 from ._events import EventKind
 from ._gc import HeapKeeper
 from ._logcall import log_guarded
@@ -268,7 +268,7 @@ class SupervisionHost:
             reported,
             child.restarts,
         )
-        self.ledger.notify(child.id, child.name, "failed", repr(reported), final=False)
+        self.ledger.notify(child.id, child.name, "failed", error_repr(reported), final=False)
 
     def restarting(self, child: Child, delay: float, error: BaseException | None) -> None:
         self.ledger.restarts += 1

@@ -39,6 +39,7 @@ from nexus_trio import (
     RequestTimeout,
     SupervisionConfig,
     Supervisor,
+    SupervisorEscalation,
     agent,
     open_kernel,
 )
@@ -2372,3 +2373,70 @@ def test_a_handler_whose_parameters_are_named_the_other_way_round_is_refused() -
         ):
             agent(target)
     agent(unnamed)  # names that say nothing are not guessed at
+
+
+class _ReprRaises(Exception):
+    """A user's exception whose ``__repr__`` raises (a bug of its own, or a repr that
+    reads state that is gone)."""
+
+    def __repr__(self) -> str:
+        raise RuntimeError("repr of the error failed")
+
+
+async def test_a_handler_error_whose_repr_raises_fails_only_its_message() -> None:
+    """Regression: a handler that raised an exception whose ``__repr__`` raises failed its
+    agent's run outside the handler when the kernel built the requester's RequestFailed
+    (its text holds the error's repr): a resumed agent was restarted and its requester
+    waited out its timeout; under a restart directive the supervisor's notice to the
+    monitors (``repr`` of the error) raised in the supervisor and ended the kernel. The
+    error is shown without its repr now (its class and what repr raised)."""
+    seen: list[Any] = []
+
+    @agent(name="resumes")
+    async def resumes(ctx: Context, msg: Message) -> Any:
+        if msg.payload == "bad":
+            raise _ReprRaises("state gone")
+        return msg.payload
+
+    @agent(name="restarts", on_error="restart")
+    async def restarts(ctx: Context, msg: Message) -> Any:
+        raise _ReprRaises("state gone")
+
+    @agent(name="watcher")
+    async def watcher(ctx: Context, msg: Message) -> Any:
+        if msg.payload == "watch":
+            ctx.monitor("restarts")
+            return "watching"
+        seen.append(msg.payload)
+        return None
+
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(resumes)
+        kernel.spawn(restarts)
+        kernel.spawn(watcher)
+        assert await kernel.request("watcher", "watch") == "watching"
+        with trio.fail_after(5):
+            with pytest.raises(RequestFailed) as info:
+                await kernel.request("resumes", "bad", timeout=60)
+        assert info.value.reason == "handler_error"
+        assert isinstance(info.value.error, _ReprRaises)
+        assert str(info.value).endswith(
+            ": <_ReprRaises, whose repr() raised RuntimeError: repr of the error failed>"
+        )
+        assert await kernel.request("resumes", "good") == "good"
+        with trio.fail_after(5):
+            with pytest.raises(RequestFailed):
+                await kernel.request("restarts", 1, timeout=60)
+            await trio.testing.wait_all_tasks_blocked()
+        stats = kernel.stats(agents=True)
+        by_name = {a.name: a for a in stats.agents}
+        assert by_name["resumes"].restarts == 0 and by_name["resumes"].failed == 1
+        assert by_name["restarts"].restarts == 1 and by_name["restarts"].failed == 1
+        assert stats.run_failures == 0
+        assert [(n["event"], n["reason"]) for n in seen] == [
+            ("failed", "<_ReprRaises, whose repr() raised RuntimeError: repr of the error failed>")
+        ]
+    escalation = SupervisorEscalation(("root", "restarts"), _ReprRaises())
+    assert str(escalation).endswith(
+        "last error: <_ReprRaises, whose repr() raised RuntimeError: repr of the error failed>"
+    )
