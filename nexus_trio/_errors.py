@@ -82,6 +82,9 @@ class AgentNotFound(NexusError, LookupError):
     ) -> None:
         self.address = address
         self.node = node
+        #: what the kernel knew of why (it is being stopped, was given up on, is
+        #: SYSTEM_ID, ...), or ""; also from another node
+        self.detail = detail
         #: the addresses the kernel knew (its live table, or None), for the hint
         self._known = known
         self._hint: str | None = None
@@ -143,18 +146,30 @@ class MailboxFull(NexusError):
 
     Raised by ``send`` after ``send_timeout`` under the ``block`` policy, at once by
     ``send_nowait`` and under the ``reject`` policy.
+
+    ``node`` names the node that refused it, for a request another node answered so (in
+    its text too); None for one raised here.
     """
 
     def __init__(
-        self, recipient: uuid.UUID, name: str | None, capacity: int, message_id: uuid.UUID
+        self,
+        recipient: uuid.UUID,
+        name: str | None,
+        capacity: int,
+        message_id: uuid.UUID,
+        *,
+        node: str | None = None,
     ) -> None:
         self.recipient = recipient
         self.name = name
         self.capacity = capacity
         self.message_id = message_id
+        self.node = node
         who = f"{name!r} ({recipient})" if name else str(recipient)
+        where = f" on node {node!r}" if node is not None else ""
         super().__init__(
-            f"mailbox of agent {who} is full (capacity {capacity}); message {message_id} was not enqueued"
+            f"mailbox of agent {who}{where} is full (capacity {capacity}); message"
+            f" {message_id} was not enqueued"
         )
 
 
@@ -277,18 +292,28 @@ class RequestFailed(NexusError):
     """The request was accepted but will never be answered: its Query was dead-lettered.
 
     ``reason`` is the dead-letter reason (e.g. ``"handler_error"``, ``"agent_stopped"``);
-    ``error`` is the handler's exception when there was one.
+    ``error`` is the handler's exception when there was one. ``node`` names the node
+    where the query was dead-lettered, for a request another node answered so (``request
+    ... to 'h' failed on node 'b' (handler_timeout)``); None for one failed here.
     """
 
     def __init__(
-        self, request_id: uuid.UUID, to: uuid.UUID | str, reason: str, error: BaseException | None
+        self,
+        request_id: uuid.UUID,
+        to: uuid.UUID | str,
+        reason: str,
+        error: BaseException | None,
+        *,
+        node: str | None = None,
     ) -> None:
         self.request_id = request_id
         self.to = to
         self.reason = reason
         self.error = error
+        self.node = node
         detail = f": {error_repr(error)}" if error is not None else ""
-        super().__init__(f"request {request_id} to {to!r} failed ({reason}){detail}")
+        where = f" on node {node!r}" if node is not None else ""
+        super().__init__(f"request {request_id} to {to!r} failed{where} ({reason}){detail}")
 
 
 class TransportUnavailable(NexusError):

@@ -841,3 +841,47 @@ def test_two_nodes_sharing_an_id_prefix_are_reported_once_not_per_heartbeat(
         "nodes 'b' and 'd' share the id prefix 0000000000000006 (two kernels in one process?):"
         " agent ids cannot tell them apart; address their agents by name",
     ]
+
+
+class _ReprRaises(Exception):
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+def test_an_error_frame_is_bounded_and_the_rebuilt_error_names_the_node_and_why() -> None:
+    """Regression: a remote handler's error went into its frame as its whole repr: one of
+    a megabyte made a frame NATS refuses (max_payload), and the requester waited out its
+    timeout; one whose repr raises raised in the frame's making. The RequestFailed and
+    MailboxFull a requester rebuilt from a frame did not say which node refused (a
+    handler_timeout or agent_stopped one said nothing of where), and an AgentNotFound
+    lost what that node knew of why (being stopped, given up on)."""
+    qid, rid, mid = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    kind, body = wire.error_frame(RequestFailed(qid, "h", "handler_error", ValueError("x" * 2**20)))
+    assert len(body) < 5_000
+    back = wire.error_from_frame(kind, body, query_id=qid, to="h", node="b")
+    assert isinstance(back, RequestFailed) and back.node == "b"
+    assert isinstance(back.error, RemoteError)
+    assert back.error.text.startswith("ValueError('xxx")
+    assert back.error.text.endswith(f"... ({2**20 + 14 - 4_000:,} more characters cut)")
+    kind, body = wire.error_frame(RequestFailed(qid, "h", "handler_error", _ReprRaises()))
+    back = wire.error_from_frame(kind, body, query_id=qid, to="h", node="b")
+    assert isinstance(back, RequestFailed) and isinstance(back.error, RemoteError)
+    assert back.error.text == "<_ReprRaises, whose repr() raised RuntimeError: no repr>"
+    kind, body = wire.error_frame(RequestFailed(qid, "h", "handler_timeout", None))
+    back = wire.error_from_frame(kind, body, query_id=qid, to="h", node="b")
+    assert str(back) == f"request {qid} to 'h' failed on node 'b' (handler_timeout)"
+    kind, body = wire.error_frame(MailboxFull(rid, "tiny", 1, mid))
+    back = wire.error_from_frame(kind, body, query_id=qid, to="tiny", node="b")
+    assert isinstance(back, MailboxFull) and back.node == "b"
+    assert str(back) == (
+        f"mailbox of agent 'tiny' ({rid}) on node 'b' is full (capacity 1); message {mid}"
+        " was not enqueued"
+    )
+    stopping = AgentNotFound("h", detail="it is being stopped: it takes no new messages")
+    kind, body = wire.error_frame(stopping)
+    back = wire.error_from_frame(kind, body, query_id=qid, to="h", node="b")
+    assert isinstance(back, AgentNotFound) and back.node == "b"
+    assert back.detail == "it is being stopped: it takes no new messages"
+    assert str(back) == (
+        "no agent is registered as 'h' on node 'b' (it is being stopped: it takes no new messages)"
+    )

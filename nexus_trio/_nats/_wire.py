@@ -53,6 +53,7 @@ from .._errors import (
     MessageFailed,
     NexusError,
     RequestFailed,
+    error_repr,
 )
 from .._message import (
     ID_LIMIT,
@@ -745,7 +746,9 @@ def error_frame(exc: BaseException) -> tuple[str, bytes]:
         # "id": whether the address is an id (a name may look like one); a peer of an
         # earlier version reads no more than "address", and this one reads a frame of it
         address = exc.address
-        body = {"address": str(address), "id": isinstance(address, uuid.UUID)}
+        body: dict[str, Any] = {"address": str(address), "id": isinstance(address, uuid.UUID)}
+        if exc.detail:
+            body["detail"] = exc.detail
         return "no_such_agent", json.dumps(body).encode()
     if isinstance(exc, MailboxFull):
         body = {
@@ -758,9 +761,26 @@ def error_frame(exc: BaseException) -> tuple[str, bytes]:
     if isinstance(exc, KernelShuttingDown):
         return "shutting_down", json.dumps({"what": exc.what}).encode()
     if isinstance(exc, RequestFailed):
-        body = {"reason": exc.reason, "error": repr(exc.error) if exc.error else None}
-        return "request_failed", json.dumps(body).encode()
-    return "request_failed", json.dumps({"reason": "remote_error", "error": repr(exc)}).encode()
+        error = None if exc.error is None else _error_text(exc.error)
+        return "request_failed", json.dumps({"reason": exc.reason, "error": error}).encode()
+    return "request_failed", json.dumps(
+        {"reason": "remote_error", "error": _error_text(exc)}
+    ).encode()
+
+
+#: the most characters of a remote handler's error an error frame carries: the frame must
+#: fit in a NATS message (1 MiB by default, else the client refuses it and the requester
+#: waits out its timeout), and a requester's log line stays readable
+ERROR_TEXT_MAX: Final = 4_000
+
+
+def _error_text(error: BaseException) -> str:
+    """The repr of a remote handler's error for an error frame (never raising: see
+    error_repr), cut to ERROR_TEXT_MAX characters saying how many were cut."""
+    text = error_repr(error)
+    if len(text) <= ERROR_TEXT_MAX:
+        return text
+    return f"{text[:ERROR_TEXT_MAX]}... ({len(text) - ERROR_TEXT_MAX:,} more characters cut)"
 
 
 class RemoteError(NexusError):
@@ -787,7 +807,9 @@ def error_from_frame(
     if not isinstance(data, dict):
         data = {}
     if kind == "no_such_agent":
-        return AgentNotFound(_not_found(data, to), node=node)
+        detail = data.get("detail")
+        detail = _frame_text(detail) if detail else ""
+        return AgentNotFound(_not_found(data, to), detail=detail, node=node)
     if kind == "mailbox_full":
         try:
             name, capacity = data.get("name"), data["capacity"]
@@ -797,7 +819,11 @@ def error_from_frame(
                     f" {type(capacity).__name__} and {type(name).__name__}"
                 )
             return MailboxFull(
-                uuid.UUID(data["recipient"]), name, capacity, uuid.UUID(data["message_id"])
+                uuid.UUID(data["recipient"]),
+                name,
+                capacity,
+                uuid.UUID(data["message_id"]),
+                node=node,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"malformed {kind} error frame: {exc!r}") from None
@@ -809,6 +835,7 @@ def error_from_frame(
         to,
         _frame_text(data.get("reason", kind)),
         RemoteError(node, _frame_text(error)) if error else None,
+        node=node,
     )
 
 
