@@ -114,6 +114,10 @@ class Probe(NexusAgent):
             return "sent"
         if do == "message":
             return {k: message.get(k) for k in ("from", "to", "kind", "id")}
+        if do == "flood":  # more stderr than a pipe holds
+            for i in range(p["lines"]):
+                self.log(f"flood line {i}")
+            return p["lines"]
         if do == "spin":  # long work, polling for a cancel
             self.log("working")
             deadline = time.monotonic() + 60
@@ -176,6 +180,9 @@ class Probe extends NexusAgent {
         return 'sent';
       case 'message':
         return { from: message.from, to: message.to, kind: message.kind, id: message.id };
+      case 'flood': // more stderr than a pipe holds
+        for (let i = 0; i < p.lines; i += 1) this.log(`flood line ${i}`);
+        return p.lines;
       case 'spin':
       case 'async_sleep':
         // Long work that gives up when the kernel cancels the message.
@@ -1635,6 +1642,36 @@ async def test_bridges_under_the_kernel_answer_fail_and_send(lang: str, tmp_path
         assert [(m.sender, m.kind, m.payload) for m in received] == [
             (ref.id, MessageKind.EVENT, {"n": 1})
         ]
+
+
+#: stderr lines a handler writes at once: ~0.5 MB, eight times what a pipe holds
+FLOOD_LINES = 30_000
+
+
+@pytest.mark.parametrize("lang", LANGS)
+async def test_stderr_written_before_shutdown_reaches_the_kernel_whole(
+    lang: str, tmp_path: Path
+) -> None:
+    """Regression: the Node bridge exited at ``shutdown`` once its stdout was flushed, and
+    Node writes to a stderr pipe asynchronously: the lines still queued in the process
+    (all but the 64 KiB the pipe holds, when the kernel reads slower than the handler
+    logs), ``onStop``'s line among them, were dropped and never counted. The kernel now
+    counts every line: the flood, and the probe's start and stop lines."""
+    from nexus_trio import open_kernel
+    from nexus_trio.bridges.process import process_agent, stopped_bridge_stats
+
+    with trio.fail_after(TIMEOUT * 4):
+        async with open_kernel() as kernel:
+            ref = kernel.spawn(
+                process_agent(probe_command(lang, tmp_path), name="probe", shutdown_grace=TIMEOUT)
+            )
+            flood = {"do": "flood", "lines": FLOOD_LINES}
+            assert await kernel.request("probe", flood) == FLOOD_LINES
+            await kernel.stop(ref)
+            final = stopped_bridge_stats(kernel).agents[ref.id]
+    assert final.last_exit == 0
+    assert final.stderr_lines == FLOOD_LINES + 2
+    assert final.stderr_lines_not_logged > 0
 
 
 @pytest.mark.parametrize("lang", LANGS)

@@ -256,8 +256,9 @@ class NexusAgent {
     const code = await this._stopOnce();
     if (ownStdout) {
       // Leave even if user code keeps timers or sockets open; the empty write's callback
-      // runs once everything written before it has reached the pipe.
-      this._write('', () => process.exit(code));
+      // runs once everything written before it has reached the pipe. Stderr too: Node
+      // writes to a pipe asynchronously, and process.exit() drops what is still queued.
+      this._write('', () => exitFlushed(code, this._errorOutput));
     } else {
       restore();
     }
@@ -301,7 +302,7 @@ class NexusAgent {
     // The kernel closed our stdout (EPIPE): nobody can receive answers any more; stop.
     stdout.on('error', (err) => {
       this.log(`nexus-bridge[${this.name}]: the kernel stopped reading stdout (${err.code || err.message}); stopping`);
-      this._stopOnce().then((code) => process.exit(code));
+      this._stopOnce().then((code) => exitFlushed(code, this._errorOutput));
     });
     // console.log and stray writes go to stderr so they cannot corrupt the frame stream.
     stdout.write = (...args) => process.stderr.write(...args);
@@ -611,6 +612,18 @@ class NexusAgent {
   }
 }
 
+/**
+ * Exit with `code` once everything written to `stream` (stderr) has left the process:
+ * on a pipe Node writes asynchronously, and process.exit() drops what is still queued.
+ */
+function exitFlushed(code, stream = process.stderr) {
+  if (stream && typeof stream.write === 'function' && !stream.destroyed) {
+    stream.write('', () => process.exit(code));
+  } else {
+    process.exit(code);
+  }
+}
+
 /** Answers every message with its payload, unchanged. */
 class EchoAgent extends NexusAgent {
   handleMessage(message) {
@@ -630,7 +643,7 @@ function runMain(AgentClass, options = {}) {
   }
   agent.runAgent().catch((err) => {
     process.stderr.write(`nexus-bridge[${agent.name}]: ${(err && err.stack) || err}\n`);
-    process.exit(1);
+    exitFlushed(1);
   });
   return agent;
 }
@@ -642,7 +655,7 @@ function runMain(AgentClass, options = {}) {
 function runAgent(agent) {
   return agent.runAgent().catch((err) => {
     process.stderr.write(`nexus-bridge[${agent.name}]: ${(err && err.stack) || err}\n`);
-    process.exit(1);
+    exitFlushed(1);
   });
 }
 
