@@ -167,6 +167,11 @@ class Probe extends NexusAgent {
       case 'unserialisable': return { ok: 1n };
       case 'nan': return NaN;
       case 'circular': { const o = {}; o.self = o; return o; }
+      // half of the emoji's surrogate pair: what cutting a string by length does
+      case 'lone_surrogate': return { cut: ['whole', 'x\\ud83d\\ude00'.slice(0, 2)] };
+      case 'send_lone_surrogate':
+        this.send('sink', { text: '\\udfff' });
+        return 'sent';
       case 'sleep':
         await new Promise((resolve) => setTimeout(resolve, p.ms));
         return p.value;
@@ -950,6 +955,20 @@ UNSERIALISABLE = {
         (
             "circular",
             "result of handleMessage is not JSON serialisable: circular structure",
+            "TypeError",
+        ),
+        # JSON.stringify writes it as the escape \ud83d, a line the kernel refuses (not
+        # Unicode text): the message failed as malformed, a send failed the message
+        (
+            "lone_surrogate",
+            "result of handleMessage is not JSON serialisable: string with a lone surrogate"
+            " at .cut[1] (half of a surrogate pair: not Unicode text)",
+            "TypeError",
+        ),
+        (
+            "send_lone_surrogate",
+            "send() payload is not JSON serialisable: string with a lone surrogate at .text"
+            " (half of a surrogate pair: not Unicode text)",
             "TypeError",
         ),
     ],

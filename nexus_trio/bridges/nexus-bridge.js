@@ -91,7 +91,7 @@ function typeName(value) {
 }
 
 /** JSON.stringify that refuses what JSON cannot carry instead of silently dropping it. */
-function encode(obj) {
+function encode(obj, subject = obj) {
   let text;
   try {
     text = JSON.stringify(obj, (key, value) => {
@@ -114,7 +114,47 @@ function encode(obj) {
     }
     throw new NotSerialisable(`${typeName(err)}: ${err.message}`);
   }
+  // JSON.stringify escapes a lone surrogate ('\ud800', half of a pair: 'x😀'.slice(0, 2))
+  // as \ud800, and the kernel refuses such a line (not Unicode text): a response would
+  // fail its message as malformed, a send the message being handled.
+  if (text.includes('\\ud') && LONE_SURROGATE_ESCAPE.test(text)) {
+    throw new NotSerialisable(`${loneSurrogatePlace(subject)} (half of a surrogate pair: not Unicode text)`);
+  }
   return text;
+}
+
+/** An escaped surrogate in JSON text (after an even number of backslashes, if any). */
+const LONE_SURROGATE_ESCAPE = /(?<!\\)(?:\\\\)*\\ud[89a-f]/;
+const LONE_SURROGATE = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/;
+
+/**
+ * Where in `obj` the first string (or key) holding a lone surrogate is, in the words of
+ * an error: 'string with a lone surrogate at .a[1]', 'key with a lone surrogate in .b'.
+ */
+function loneSurrogatePlace(obj) {
+  const where = (path) => (path === '' ? '.' : path.startsWith('[') ? `.${path}` : path);
+  const walk = (value, path) => {
+    if (typeof value === 'string') {
+      return LONE_SURROGATE.test(value) ? `string with a lone surrogate at ${where(path)}` : null;
+    }
+    if (value === null || typeof value !== 'object') return null;
+    if (typeof value.toJSON === 'function') return walk(value.toJSON(), path);
+    if (Array.isArray(value)) {
+      for (let i = 0; i < value.length; i += 1) {
+        const found = walk(value[i], `${path}[${i}]`);
+        if (found !== null) return found;
+      }
+      return null;
+    }
+    for (const key of Object.keys(value)) {
+      if (LONE_SURROGATE.test(key)) return `key with a lone surrogate in ${where(path)}`;
+      const place = /^[A-Za-z_$][\w$]*$/.test(key) ? `${path}.${key}` : `${path}[${JSON.stringify(key)}]`;
+      const found = walk(value[key], place);
+      if (found !== null) return found;
+    }
+    return null;
+  };
+  return walk(obj, '') || 'string with a lone surrogate';
 }
 
 function protocolFrom(value, source) {
@@ -225,7 +265,7 @@ class NexusAgent {
     }
     let line;
     try {
-      line = encode({ type: 'send', payload: frame });
+      line = encode({ type: 'send', payload: frame }, payload);
     } catch (err) {
       throw new TypeError(`send() payload is not JSON serialisable: ${err.message}`);
     }
@@ -555,7 +595,8 @@ class NexusAgent {
     }
     let line;
     try {
-      line = encode({ type: 'response', payload: this._response(message, result === undefined ? null : result) });
+      const answer = result === undefined ? null : result;
+      line = encode({ type: 'response', payload: this._response(message, answer) }, answer);
     } catch (err) {
       // Only the handler's result can fail to encode: every other field is a string.
       this.failed += 1;
