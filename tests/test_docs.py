@@ -384,3 +384,27 @@ def test_the_python_bridge_copied_as_the_docs_say_runs_the_greeter_without_nexus
     assert response["type"] == "response"
     assert response["payload"]["payload"] == {"greeting": "hello, Ada"}
     assert "greeting Ada" in done.stderr
+
+
+def test_every_bench_scenario_is_named_by_nexus_bench_help_and_the_benchmarks_page() -> None:
+    """Regression: ``goals`` runs in every ``nexus bench`` (and is what ``-s goals`` of
+    docs/benchmarks.md measures), but ``nexus bench --help`` listed the scenarios without
+    it, twice, and so did the page's table of what each scenario does."""
+    import typer
+
+    from nexus_trio.bench._runner import SCENARIOS
+    from nexus_trio.cli import app
+
+    bench = typer.main.get_command(app).commands["bench"]  # type: ignore[attr-defined]
+    scenario = next(p for p in bench.params if "--scenario" in p.opts)
+    listings = {
+        "--scenario's help": scenario.help,
+        "the epilog": bench.epilog.split("Scenarios:", 1)[1],
+    }
+    for where, text in listings.items():
+        named = re.findall(r"\b[a-z]+\b", text.split(":", 1)[-1])
+        assert named == list(SCENARIOS), f"nexus bench --help, {where}: {named}"
+    page = (DOCS / "benchmarks.md").read_text(encoding="utf-8")
+    table = page.split("| scenario | what | baselines |", 1)[1].split("\n\n", 1)[0]
+    rows = re.findall(r"^\| `(\w+)` \|", table, flags=re.M)
+    assert rows == list(SCENARIOS), f"docs/benchmarks.md's scenario table: {rows}"

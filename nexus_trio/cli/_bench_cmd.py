@@ -20,7 +20,7 @@ _EPILOG = """\
 
   nexus bench --full -s scale                   [dim]# up to 1M agents (~2 min more)[/]
 
-Scenarios: fanout, reqrep, scale, load, fanin, churn, bridges.
+Scenarios: fanout, reqrep, scale, load, fanin, churn, bridges, goals.
 """
 
 
@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
                 "--scenario",
                 "-s",
                 help="Run only this scenario (repeatable): fanout, reqrep, scale, load, "
-                "fanin, churn, bridges.",
+                "fanin, churn, bridges, goals.",
             ),
         ] = None,
         quick: Annotated[
