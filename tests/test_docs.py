@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -408,3 +409,42 @@ def test_every_bench_scenario_is_named_by_nexus_bench_help_and_the_benchmarks_pa
     table = page.split("| scenario | what | baselines |", 1)[1].split("\n\n", 1)[0]
     rows = re.findall(r"^\| `(\w+)` \|", table, flags=re.M)
     assert rows == list(SCENARIOS), f"docs/benchmarks.md's scenario table: {rows}"
+
+
+#: the page that documents each command's flags (`nexus run`'s are in a table of its own)
+COMMAND_PAGES = {
+    "version": "cli.md",
+    "health": "cli.md",
+    "send": "bridges.md",
+    "bench": "benchmarks.md",
+    "config init": "cli.md",
+    "config show": "cli.md",
+}
+
+
+def test_every_flag_of_every_other_command_is_named_on_its_page() -> None:
+    """Regression: docs/benchmarks.md, the page of ``nexus bench``, never named ``--smoke``,
+    ``--no-progress`` or ``--scenario`` (only ``-s``)."""
+    import typer
+
+    from nexus_trio.cli import app
+
+    root = typer.main.get_command(app)
+    commands: dict[str, Any] = {}
+    for name, command in root.commands.items():  # type: ignore[attr-defined]
+        for sub_name, sub in getattr(command, "commands", {}).items():
+            commands[f"{name} {sub_name}"] = sub
+        if not hasattr(command, "commands"):
+            commands[name] = command
+    assert set(commands) - {"run"} == set(COMMAND_PAGES), "a command without its page here"
+    pages = {page: (DOCS / page).read_text(encoding="utf-8") for page in COMMAND_PAGES.values()}
+    missing = [
+        f"nexus {name}: {flag} (docs/{page})"
+        for name, page in COMMAND_PAGES.items()
+        for param in commands[name].params
+        for flag in (*param.opts, *param.secondary_opts)
+        if flag.startswith("--")
+        and flag != "--help"
+        and not re.search(rf"(?<![\w-]){re.escape(flag)}\b(?!-)", pages[page])
+    ]
+    assert missing == [], "flags their page does not name:\n" + "\n".join(missing)
