@@ -14,6 +14,7 @@ runs) and must exit 0 within two minutes. Apart from named files, blocks run ind
 from __future__ import annotations
 
 import ast
+import io
 import json
 import re
 import subprocess
@@ -448,3 +449,31 @@ def test_every_flag_of_every_other_command_is_named_on_its_page() -> None:
         and not re.search(rf"(?<![\w-]){re.escape(flag)}\b(?!-)", pages[page])
     ]
     assert missing == [], "flags their page does not name:\n" + "\n".join(missing)
+
+
+def test_the_summary_the_cli_page_shows_has_the_rows_a_ring_run_prints(tmp_path: Path) -> None:
+    """Regression: the captured summary of ``nexus run --agents 1000 --duration 10`` in
+    docs/cli.md had no ``run failures`` row, which every summary has had since
+    ``run_failures`` was added: the page showed output nexus no longer prints."""
+    from rich.console import Console
+
+    from nexus_trio.cli._view import summary_table
+
+    page = (DOCS / "cli.md").read_text(encoding="utf-8")
+    shown = page.split("### A real run: `nexus run --agents 1000 --duration 10`", 1)[1]
+    shown = re.split(r"nexus run summary *\n", shown, maxsplit=1)[1].split("```", 1)[0]
+    shown_rows = [line.strip().split("  ")[0] for line in shown.splitlines() if line.strip()]
+    done = subprocess.run(
+        [sys.executable, "-m", "nexus_trio.cli", "run", "-n", "1000", "-d", "0.5", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=SCRIPT_TIMEOUT,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    console = Console(width=100, record=True, file=io.StringIO())
+    console.print(summary_table(json.loads(done.stdout)))
+    printed = re.split(r"nexus run summary *\n", console.export_text(), maxsplit=1)[1]
+    printed_rows = [line.strip().split("  ")[0] for line in printed.splitlines() if line.strip()]
+    assert shown_rows == printed_rows
