@@ -67,6 +67,20 @@ class _HandlerFailed(Exception):
         return f"_HandlerFailed({error_repr(self.error)})"
 
 
+class _StartFailed(Exception):
+    """Carries an exception ``on_start`` raised out of the run's nursery block: Trio
+    formats the repr of what leaves a nursery (its cancel reason), and a user's exception
+    whose ``__repr__`` raises would make Trio's own exit raise ("Nursery stack corrupted",
+    the whole kernel ended for one agent's fault)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
+
+    def __repr__(self) -> str:
+        return f"_StartFailed({error_repr(self.error)})"
+
+
 def _first_failure(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
     """The first exception of a nursery's group that is not a cancellation."""
     for exc in group.exceptions:
@@ -328,7 +342,10 @@ class AgentCell(Child):
             try:
                 async with trio.open_nursery() as nursery:
                     self._enter_run(nursery)
-                    await behaviour.on_start(ctx)
+                    try:
+                        await behaviour.on_start(ctx)
+                    except Exception as exc:
+                        raise _StartFailed(exc) from None
                     started = self._run_started()
                     await self._serve(behaviour)
                     # The run is over: its background work ends with it. (Most runs have
@@ -408,6 +425,8 @@ class AgentCell(Child):
             raise group
         if isinstance(failure, _HandlerFailed):
             return failure.error
+        if isinstance(failure, _StartFailed):
+            failure = failure.error
         log_guarded(
             log,
             logging.ERROR,

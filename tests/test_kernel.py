@@ -2440,3 +2440,33 @@ async def test_a_handler_error_whose_repr_raises_fails_only_its_message() -> Non
     assert str(escalation).endswith(
         "last error: <_ReprRaises, whose repr() raised RuntimeError: repr of the error failed>"
     )
+
+
+async def test_an_on_start_error_whose_repr_raises_fails_its_run_not_the_kernel() -> None:
+    """Regression: an ``on_start`` that raised an exception whose ``__repr__`` raises ended
+    the whole kernel: the exception left the run's nursery block, and Trio formats the
+    repr of what leaves a nursery (its cancel reason), so Trio's own ``__aexit__`` raised
+    and ``open_kernel`` failed with "Nursery stack corrupted". The run fails as any run
+    whose ``on_start`` raised: restarted, counted once, ``on_stop`` called."""
+    calls: list[str] = []
+
+    class Flaky(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            calls.append("start")
+            if calls.count("start") == 1:
+                raise _ReprRaises("not yet")
+
+        async def on_stop(self, ctx: Context) -> None:
+            calls.append("stop")
+
+        async def handle(self, ctx: Context, msg: Message) -> Any:
+            return msg.payload
+
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(agent(Flaky, name="flaky"))
+        with trio.fail_after(5):
+            assert await kernel.request("flaky", "hi", timeout=60) == "hi"
+        stats = kernel.stats(agents=True)
+        assert stats.run_failures == 1
+        assert [(a.name, a.restarts) for a in stats.agents] == [("flaky", 1)]
+    assert calls == ["start", "stop", "start", "stop"]
