@@ -8,6 +8,7 @@ processes (``tests/nats_server.py``) and stops everything by PID. Waits are boun
 from __future__ import annotations
 
 import json
+import logging
 import re
 import socket
 import time
@@ -839,6 +840,63 @@ async def test_a_durable_message_nested_too_deep_is_dead_and_the_node_pulls_on(
             await ok.wait()
         assert handled == ["after"]
         assert cluster.durable.dead == 1
+
+
+async def test_a_durable_message_for_an_agent_id_gone_for_good_is_dead_at_once(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: a durable message addressed by id to an agent no longer on its node (an
+    id of an earlier incarnation of the node, stored while it restarted; or of an agent of
+    this one that stopped) failed AgentNotFound on every delivery: nakked, delivered again
+    max_deliver times (3 redeliveries each here), then counted dead. No agent can ever
+    have that id again: it is terminated at its first delivery, counted dead and logged
+    with the reason; one addressed by a name no agent has yet is still retried."""
+    caplog.set_level(logging.ERROR, logger="nexus_trio.nats.durable")
+    from nexus_trio._nats import DurableOptions
+
+    handled: list[Any] = []
+    arrived = trio.Event()
+
+    @agent(name="lives-a")
+    async def lives(ctx: Context, msg: Message) -> Any:
+        handled.append(msg.payload)
+        arrived.set()
+        return "ok"
+
+    durable = DurableOptions(ack_wait=30.0, max_deliver=4, redelivery_delay=0.05)
+    async with local_node(nats.url, durable=durable) as (kernel, cluster):
+        kernel.spawn(lives)
+        cluster.durable._gone_log.interval = 0  # both reasons logged (else once a second)
+        stopped = kernel.spawn(double)
+        await kernel.stop(stopped)
+        earlier = uuid.UUID(int=(((cluster.id_prefix + 1) % (1 << 64)) << 64) | 7)
+        with trio.fail_after(30):
+            for to in (earlier, stopped.id):
+                msg = Message(sender=uuid.uuid4(), to=to, payload=str(to))
+                await call_aio(
+                    cluster.data_js.publish,
+                    wire.durable_subject(cluster.prefix, cluster.node, to),
+                    wire.encode_message(msg),
+                )
+            await cluster.send_durable("lives-a", "after")
+            await arrived.wait()
+            while True:  # polling JetStream's deliveries (another thread's I/O)
+                if cluster.stats().durable_dead >= 2:
+                    break
+                await trio.sleep(0.05)
+            await cluster.durable.stop()  # its terms sent
+            await call_aio(cluster.nc.flush)
+            info = await call_aio(cluster.data_js.stream_info, f"{cluster.prefix}-durable")
+        stats = cluster.stats()
+    assert handled == ["after"]
+    assert (stats.durable_dead, stats.durable_redelivered, stats.durable_acked) == (2, 0, 1)
+    assert info.state.messages == 0
+    lines = [r.getMessage() for r in caplog.records if "terminated" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert f"{earlier} is gone with an earlier incarnation of node 'a'" in lines[0]
+    assert lines[0].endswith("no agent can have that id again (1 so far)"), lines[0]
+    assert f"{stopped.id} is gone: no agent of node 'a' has that id any more" in lines[1]
+    assert lines[1].endswith("(2 so far)"), lines[1]
 
 
 async def test_a_durable_message_acked_or_dead_leaves_the_stream(nats: NatsServer) -> None:

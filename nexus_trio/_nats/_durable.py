@@ -17,7 +17,11 @@ original message id** (``ctx.message.kind is MessageKind.QUERY``):
   handler returned ``None``, which sends no reply) -> JetStream redelivers it (its
   in-flight slot here is free then; an answer that comes later still acks it);
 * after ``max_deliver`` deliveries it is terminated, logged and counted as dead (also
-  when the last one got no answer within ``ack_wait``).
+  when the last one got no answer within ``ack_wait``);
+* addressed by an agent id that no agent of this node has (an id of an earlier
+  incarnation of the node, or of an agent that stopped: ids are never used again) ->
+  terminated at once, counted as dead and logged with that reason (a name is retried:
+  its agent may be spawned yet).
 
 While the node itself holds a message (fetched, not handed over yet: waiting behind
 the others of its batch, or for room in a full ``block`` mailbox, at most the send
@@ -131,6 +135,9 @@ class DurableChannel:
         # counted dead, logged at once, then at most once a second with a running count
         self._undecodable_log = Throttle()
         self._undecodable = 0
+        # for an agent id gone for good: terminated at once, logged likewise
+        self._gone_log = Throttle()
+        self._gone = 0
         # Replies to durable Queries must reach the transport: a sender local to this
         # node would receive them itself, so such Queries are sent from this id instead.
         self.acker_id = uuid.uuid5(
@@ -433,7 +440,10 @@ class DurableChannel:
         self._in_flight[msg.id] = (jsmsg, fetched + self.options.ack_wait, query)
         try:
             await kernel.deliver_from_remote(query)
-        except (AgentNotFound, MailboxFull, KernelShuttingDown) as exc:
+        except AgentNotFound as exc:
+            self.failed(query, "AgentNotFound", exc, gone=self._gone_for_good(query.to))
+            return
+        except (MailboxFull, KernelShuttingDown) as exc:
             self.failed(query, type(exc).__name__, exc)
             return
         except trio.Cancelled:
@@ -449,6 +459,24 @@ class DurableChannel:
                 deadline = trio.current_time() + self.options.ack_wait
                 self._in_flight[msg.id] = (jsmsg, deadline, query)
                 self._ops.put((jsmsg, "progress"))
+
+    def _gone_for_good(self, to: Any) -> str | None:
+        """Why no delivery of a message for ``to``, which no local agent has, can ever
+        succeed: an agent id is never used again (a name is: None)."""
+        if not isinstance(to, uuid.UUID):
+            return None
+        cluster = self.cluster
+        prefix = to.int >> 64
+        if prefix != cluster.id_prefix:
+            return (
+                f"agent {to} is gone with an earlier incarnation of node {cluster.node!r}"
+                f" (its ids begin {prefix:016x}, this one's {cluster.id_prefix:016x}):"
+                " no agent can have that id again"
+            )
+        return (
+            f"agent {to} is gone: no agent of node {cluster.node!r} has that id any more"
+            " (it stopped; an agent id is never used again)"
+        )
 
     def _expire(self) -> None:
         """Give up waiting for the answers not come within ``ack_wait`` (the handler
@@ -511,9 +539,12 @@ class DurableChannel:
         self._room.set()
         return True
 
-    def failed(self, query: Message, reason: str, error: BaseException | None) -> None:
+    def failed(
+        self, query: Message, reason: str, error: BaseException | None, *, gone: str | None = None
+    ) -> None:
         """The delivery of a durable message that its agent got as ``query`` was not
-        handled: nak it, or give up after max_deliver.
+        handled: nak it, or give up after max_deliver (at once if ``gone`` says why no
+        delivery can succeed).
 
         Only when it is the newest delivery, still within its ack_wait, and the node holds
         no newer one: JetStream naks the message, not one delivery of it, so a nak sent
@@ -541,7 +572,22 @@ class DurableChannel:
         self._room.set()
         jsmsg = entry[0]
         delivered = jsmsg.metadata.num_delivered
-        if delivered >= self.options.max_deliver:
+        if gone is not None:
+            self.dead += 1
+            self._gone += 1
+            if self._gone_log.due():
+                log_guarded(
+                    log,
+                    logging.ERROR,
+                    "node %s: durable message %s terminated at delivery %d: %s (%d so far)",
+                    self.cluster.node,
+                    msg_id,
+                    delivered,
+                    gone,
+                    self._gone,
+                )
+            self._ops.put((jsmsg, "term"))
+        elif delivered >= self.options.max_deliver:
             self.dead += 1
             log_guarded(
                 log,
