@@ -939,6 +939,49 @@ async def test_a_durable_message_acked_or_dead_leaves_the_stream(nats: NatsServe
     assert handled == [0, 1, 2, "poison", "poison"]
 
 
+async def test_the_durable_stream_s_bounds_drop_what_no_node_takes_and_refuse_past_the_limit(
+    nats: NatsServer,
+) -> None:
+    """Regression: a durable message that no node's consumer takes (published on a subject
+    no node pulls, or for a node that never joins again) stayed in the work-queue stream
+    for good, and nothing bounded the stream. ``DurableOptions(max_age=, max_messages=)``
+    bound the stream a node makes: past ``max_messages`` a send is refused with an error
+    naming the stream and the bound (nothing stored); past ``max_age`` a message goes."""
+    from nexus_trio._nats import DurableOptions
+
+    with pytest.raises(ValueError, match=r"max_age \(60s\) must be at least duplicate_window"):
+        DurableOptions(max_age=60.0)
+    handled: list[Any] = []
+    arrived = trio.Event()
+
+    @agent(name="bounded-a")
+    async def bounded(ctx: Context, msg: Message) -> Any:
+        handled.append(msg.payload)
+        arrived.set()
+        return "ok"
+
+    durable = DurableOptions(duplicate_window=1.0, max_age=1.0, max_messages=3)
+    stream = "nexus-durable"
+    async with local_node(nats.url, durable=durable) as (kernel, cluster):
+        kernel.spawn(bounded)
+        with trio.fail_after(30):
+            for subject in ("nexus.durable.gone-node.x", "nexus.durable.x", "nexus.durable.y"):
+                await call_aio(cluster.data_js.publish, subject, b"nobody takes this")
+            with pytest.raises(TransportUnavailable) as exc:
+                await cluster.send_durable("bounded-a", "refused")
+            while True:  # JetStream's max_age, on the server's clock
+                info = await call_aio(cluster.data_js.stream_info, stream)
+                if info.state.messages == 0:
+                    break
+                await trio.sleep(0.1)
+            await cluster.send_durable("bounded-a", "stored")
+            await arrived.wait()
+    assert f"stream {stream!r} refused it on subject nexus.durable.a." in str(exc.value)
+    assert "maximum messages exceeded" in str(exc.value)
+    assert "(full: the stream's max_messages, 3 if this node made it)" in str(exc.value)
+    assert handled == ["stored"]
+
+
 async def test_a_durable_send_with_no_stream_names_the_stream(nats: NatsServer) -> None:
     """Regression: with the durable stream gone (deleted, or lost with JetStream's store)
     ``send_durable`` raised ``TransportUnavailable`` saying only

@@ -61,7 +61,7 @@ import nats.errors
 import nats.js.errors
 import trio
 from nats.aio.msg import Msg as NatsMsg
-from nats.js.api import ConsumerConfig, RetentionPolicy, StreamConfig
+from nats.js.api import ConsumerConfig, DiscardPolicy, RetentionPolicy, StreamConfig
 
 from .._errors import (
     AgentNotFound,
@@ -83,6 +83,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("nexus_trio.nats.durable")
 
 _DONE_MEMORY: Final = 65536
+#: JetStream's error code for a publish past a stream's max_msgs (discard new)
+_MAX_MESSAGES_EXCEEDED: Final = 10077
 
 
 @final
@@ -96,6 +98,22 @@ class DurableOptions:
     redelivery_delay: float = attrs.field(default=0.1, validator=attrs.validators.ge(0.0))
     max_in_flight: int = attrs.field(default=64, validator=attrs.validators.ge(1))
     duplicate_window: float = attrs.field(default=120.0, validator=attrs.validators.gt(0.0))
+    #: bounds of the stream this node makes (None: none): a message older than
+    #: ``max_age`` goes, taken or not; a send past ``max_messages`` stored is refused
+    max_age: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.gt(0.0))
+    )
+    max_messages: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.ge(1))
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if self.max_age is not None and self.max_age < self.duplicate_window:
+            raise ValueError(
+                f"DurableOptions max_age ({self.max_age:g}s) must be at least duplicate_window"
+                f" ({self.duplicate_window:g}s): JetStream refuses a stream that forgets a"
+                " message before the ids it keeps to refuse a resent one"
+            )
 
 
 @final
@@ -170,6 +188,11 @@ class DurableChannel:
             # default, every message ever sent stayed for good); each node's consumer
             # takes its own subjects, so no two consumers overlap
             retention=RetentionPolicy.WORK_QUEUE,
+            # the bounds, if set: what no node takes (a node gone for good, a subject no
+            # node pulls) would stay for good otherwise
+            max_age=opts.max_age,
+            max_msgs=-1 if opts.max_messages is None else opts.max_messages,
+            discard=DiscardPolicy.OLD if opts.max_messages is None else DiscardPolicy.NEW,
         )
 
         # It may exist with other settings (another node's options): use it as it is.
@@ -296,6 +319,21 @@ class DurableChannel:
                 f"JetStream did not store durable message {msg.id}: no JetStream stream"
                 f" stored it (stream {self._stream!r} missing, deleted?) on subject"
                 f" {subject}; nothing was stored"
+            ) from exc
+        except nats.js.errors.APIError as exc:
+            # (its repr says only its class: ServiceUnavailableError())
+            full = (
+                f" (full: the stream's max_messages, {self.options.max_messages} if this"
+                " node made it)"
+                if exc.err_code == _MAX_MESSAGES_EXCEEDED
+                else ""
+            )
+            raise TransportUnavailable(
+                redact(
+                    f"JetStream did not store durable message {msg.id}: stream"
+                    f" {self._stream!r} refused it on subject {subject}: {exc}{full};"
+                    " nothing was stored"
+                )
             ) from exc
         except (nats.errors.Error, OSError) as exc:
             raise TransportUnavailable(
