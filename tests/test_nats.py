@@ -24,6 +24,7 @@ import trio
 import trio.testing
 
 from nexus_trio import (
+    SYSTEM_ID,
     AgentNotFound,
     AgentRef,
     Context,
@@ -359,6 +360,50 @@ async def test_a_durable_send_that_the_wire_cannot_carry_raises_a_clear_error(
             assert exc.type is raised  # not a subclass (UnicodeEncodeError, RecursionError)
             await cluster.send_durable("keeper-a", "fine")
             await arrived.wait()
+    assert handled == ["fine"]
+
+
+@pytest.mark.parametrize("over", ["body", "header"])
+async def test_a_durable_send_too_big_for_nats_says_its_size_and_the_limit(
+    nats: NatsServer, over: str
+) -> None:
+    """Regression: ``send_durable`` with a body larger than the server's max_payload
+    raised ``TransportUnavailable: JetStream did not store durable message ...:
+    MaxPayloadError()``, naming neither the size nor the limit; one whose body fitted but
+    not with its ``Nats-Msg-Id`` header (nats-py checks the body alone) made the server
+    close the node's data connection (Maximum Payload Violation): the send timed out, and
+    every durable send and fetch after it failed with ConnectionClosedError. It says the
+    size and the limit, as a tell that big does; nothing is stored, and the next durable
+    message arrives alone."""
+    handled: list[Any] = []
+    arrived = trio.Event()
+
+    @agent(name="small-a")
+    async def small(ctx: Context, msg: Message) -> Any:
+        handled.append(msg.payload)
+        arrived.set()
+        return "ok"
+
+    async with local_node(nats.url) as (kernel, cluster):
+        kernel.spawn(small)
+        limit = cluster.nc.max_payload
+        # a body some 30 bytes below the limit (the ids' digits vary): its header (63
+        # bytes) takes it over
+        empty = len(wire.encode_message(Message(sender=SYSTEM_ID, to="small-a", payload="")))
+        size = limit if over == "body" else limit - 30 - empty
+        with trio.fail_after(30):
+            with pytest.raises(TransportUnavailable) as exc:
+                await cluster.send_durable("small-a", "x" * size)
+            await cluster.send_durable("small-a", "fine")
+            await arrived.wait()
+    said = re.search(
+        r"durable message \S+ to small-a is (\d+) bytes encoded \(its Nats-Msg-Id header"
+        rf" included\): more than NATS accepts in one message \(max_payload {limit} bytes\);"
+        " nothing was stored",
+        str(exc.value),
+    )
+    assert said is not None, str(exc.value)
+    assert limit < int(said[1]) < limit + 300  # (ids' and the timestamp's digits vary)
     assert handled == ["fine"]
 
 

@@ -87,6 +87,12 @@ _DONE_MEMORY: Final = 65536
 _MAX_MESSAGES_EXCEEDED: Final = 10077
 
 
+def _header_bytes(headers: dict[str, str]) -> int:
+    """The size of ``headers`` as NATS counts it against ``max_payload`` with the body
+    (``NATS/1.0``, ``key: value`` lines, a blank line)."""
+    return 12 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+
+
 @final
 @attrs.frozen
 class DurableOptions:
@@ -305,13 +311,20 @@ class DurableChannel:
             # the caller's error, as for a send to another node (see Router.send)
             failure = wire.unencodable_failure(f"message {msg.id} to {msg.to}", exc)
             raise unsendable(failure) from exc
-        try:
-            ack = await call_aio(
-                cluster.data_js.publish,
-                subject,
-                data,
-                headers={wire.MSG_ID_HEADER: str(msg.id)},
+        headers = {wire.MSG_ID_HEADER: str(msg.id)}
+        size = len(data) + _header_bytes(headers)
+        nc = cluster.nc
+        limit = nc.max_payload if nc is not None and nc.max_payload else 1 << 20
+        if size > limit:
+            # nats-py checks the body alone: a body that fits with a header that does not
+            # made the server close the node's data connection (Maximum Payload Violation)
+            raise TransportUnavailable(
+                f"durable message {msg.id} to {msg.to} is {size} bytes encoded (its"
+                f" {wire.MSG_ID_HEADER} header included): more than NATS accepts in one"
+                f" message (max_payload {limit} bytes); nothing was stored"
             )
+        try:
+            ack = await call_aio(cluster.data_js.publish, subject, data, headers=headers)
         except nats.js.errors.NoStreamResponseError as exc:
             # nothing took the subject: the stream was deleted, or lost with JetStream's
             # store (a node's pull makes it anew)
