@@ -38,6 +38,7 @@ from nexus_trio import (
     TransportUnavailable,
     agent,
     open_kernel,
+    pool,
 )
 from nexus_trio._nats import Cluster, NatsServer, cluster_of, join_cluster, type_address
 from nexus_trio._nats import _wire as wire
@@ -774,6 +775,41 @@ async def test_a_failed_durable_delivery_is_nakked_not_left_to_ack_wait(
         stats = cluster.stats()
     assert calls == [sent.id, sent.id]
     assert (stats.durable_redelivered, stats.durable_acked, stats.durable_duplicates) == (1, 1, 0)
+
+
+async def test_a_durable_message_whose_pool_worker_failed_is_nakked_not_left_to_ack_wait(
+    nats: NatsServer,
+) -> None:
+    """Regression: a durable message to a pool whose worker raised waited out the whole
+    ack_wait (30 s) before JetStream delivered it again: the pool's router hands its worker
+    a copy of the Query (same id), the dead letter carried that copy, and the node, which
+    names a delivery by the Query object it handed over, took the failure for one of an
+    earlier delivery ("a newer one is out", though none was) and nakked nothing. With no
+    other delivery of the message out, the failure is of the one out: nakked, delivered
+    again after redelivery_delay."""
+    from nexus_trio._nats import DurableOptions
+
+    calls: list[Any] = []
+    done = trio.Event()
+
+    @agent(name="fails-first-a")
+    async def fails_first(ctx: Context, msg: Message) -> Any:
+        calls.append(msg.id)
+        if len(calls) == 1:
+            raise RuntimeError("the first delivery fails")
+        done.set()
+        return "done"
+
+    durable = DurableOptions(ack_wait=30.0, max_deliver=5, redelivery_delay=0.05)
+    async with local_node(nats.url, durable=durable) as (kernel, cluster):
+        kernel.spawn(pool(fails_first, size=2, name="pool-a"))
+        with trio.fail_after(15):  # half the ack_wait
+            sent = await cluster.send_durable("pool-a", "work")
+            await done.wait()
+            await trio.testing.wait_all_tasks_blocked()
+        stats = cluster.stats()
+    assert calls == [sent.id, sent.id]
+    assert (stats.durable_redelivered, stats.durable_acked, stats.durable_dead) == (1, 1, 0)
 
 
 async def _published_then_fetched_once_here(cluster: Cluster, target: AgentRef) -> None:

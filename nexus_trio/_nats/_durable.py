@@ -606,9 +606,12 @@ class DurableChannel:
         if due > 1:  # one delivery fewer that may answer
             self._answers_due[msg_id] = due - 1
         entry = self._in_flight.get(msg_id)
-        if entry is None or entry[2] is not query:
+        # The Query handed over names its delivery; a copy of it passed on (a pool's
+        # router hands its worker one, same id) is of the one out when no earlier
+        # delivery handed over may still answer or fail (due 0)
+        if entry is None or (entry[2] is not query and due):
             late = self._late.get(msg_id)
-            if late is not None and late[1] is query:
+            if late is not None and (late[1] is query or not due):
                 del self._late[msg_id]  # past its ack_wait: JetStream delivers it again
             elif msg_id in self._in_flight or late is not None:
                 log_guarded(
