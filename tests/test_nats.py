@@ -408,6 +408,23 @@ async def test_a_durable_send_too_big_for_nats_says_its_size_and_the_limit(
     assert handled == ["fine"]
 
 
+async def test_a_durable_send_to_no_agent_address_says_what_is_wrong(nats: NatsServer) -> None:
+    """Regression: ``send_durable(None, x)`` (or ``5``) raised ``AgentNotFound: no agent is
+    registered as None``, where ``send`` raises a TypeError saying what an address is; one
+    to a type address waited half a second and raised ``AgentNotFound`` for the name
+    ``'type:t'``. The first is that TypeError; the second a ValueError saying that a
+    durable message goes to one agent (by name or id). Nothing is stored."""
+    async with local_node(nats.url) as (_, cluster):
+        with trio.fail_after(20):
+            for bad in (None, 5):
+                with pytest.raises(TypeError, match=r"an agent address is an AgentRef, an agent"):
+                    await cluster.send_durable(bad, 1)
+            with pytest.raises(ValueError, match=r"send_durable cannot go to type:t, an agent"):
+                await cluster.send_durable(type_address("t"), 1)
+            info = await call_aio(cluster.data_js.stream_info, f"{cluster.prefix}-durable")
+    assert info.state.messages == 0
+
+
 async def test_durable_send_is_redelivered_after_a_failure_and_applied_once(
     nats: NatsServer,
 ) -> None:

@@ -63,6 +63,7 @@ import trio
 from nats.aio.msg import Msg as NatsMsg
 from nats.js.api import ConsumerConfig, DiscardPolicy, RetentionPolicy, StreamConfig
 
+from .._brief import brief
 from .._errors import (
     AgentNotFound,
     KernelShuttingDown,
@@ -261,7 +262,9 @@ class DurableChannel:
         ``to`` is an agent id, name or AgentRef anywhere in the cluster (this node
         included). From then on it is delivered at least once (see the module doc).
         Passing the same ``msg_id`` again within ``duplicate_window`` stores nothing new.
-        Raises :class:`AgentNotFound` for an address no node has,
+        Raises ``TypeError`` for what is no address, ``ValueError`` for a type address
+        (``type_address``: a durable message goes to one agent), :class:`AgentNotFound`
+        for an address no node has,
         :class:`TransportUnavailable` when JetStream has not confirmed storing it within
         ``timeout`` seconds (default: the kernel's send deadline), e.g. during a server
         failover. It may still have been stored then: pass your own ``msg_id`` and send
@@ -291,6 +294,16 @@ class DurableChannel:
 
         cluster = self.cluster
         address = address_of(to)
+        if not isinstance(address, (uuid.UUID, str)):
+            raise TypeError(
+                "an agent address is an AgentRef, an agent id (uuid.UUID) or a name (str),"
+                f" got {type(address).__name__} {brief(address, 60)}"
+            )
+        if isinstance(address, str) and address.startswith(wire.TYPE_PREFIX):
+            raise ValueError(
+                f"send_durable cannot go to {address}, an agent type: a durable message is"
+                " stored for one agent's node; send it to an agent's name or id"
+            )
         if cluster.kernel.is_local(address):
             node = cluster.node
             agent_id = (
