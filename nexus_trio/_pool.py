@@ -316,6 +316,8 @@ class _PoolRouter(Agent):
         self.in_hand: dict[uuid.UUID, int] = {}
         #: least-loaded routing: the kernel's mailbox_depth (set on start)
         self.depth: Callable[[AgentRef], int] | None = None
+        #: least-loaded routing: the workers' mailbox capacity (set on start)
+        self.capacity = 0
         #: per worker id, set once that worker has started
         self.started: dict[uuid.UUID, trio.Event] = {}
         #: per worker added by a grow, until its first start: how it went
@@ -327,6 +329,7 @@ class _PoolRouter(Agent):
         self.name = ctx.name or str(ctx.id)
         kernel = ctx.kernel
         self.depth = kernel.mailbox_depth
+        self.capacity = self.plan.worker.mailbox_capacity or kernel.config.kernel.mailbox_capacity
         sup_name = f"{self.name}/supervisor"
         previous = self.plan.supervisors.get(ctx.id)
         if previous is not None:
@@ -508,19 +511,25 @@ class _PoolRouter(Agent):
 
     def _least_loaded(self) -> AgentRef:
         """The worker with the fewest messages queued or in hand, the oldest on a tie
-        (Akka's SmallestMailboxPool). Read from the mailboxes themselves, so a message
+        (Akka's SmallestMailboxPool), one with room before a full one. Read from the mailboxes themselves, so a message
         dropped by an overflow policy, expired in a mailbox or sent to a worker by its
         name counts exactly as long as it is there."""
         depth = self.depth
         assert depth is not None
         in_hand = self.in_hand
+        capacity = self.capacity
         best = self.workers[0]
         best_load = -1
         for worker in self.workers:
             try:
-                load = depth(worker) + in_hand.get(worker.id, 0)
+                queued = depth(worker)
             except AgentNotFound:
                 return worker  # stopped: the caller drops it and chooses again
+            # A full mailbox counts one more: on a tie with a worker that has room (a
+            # full one waiting out a restart's backoff, say, against a busy one), the
+            # router must not wait for room at the full one (and dead-letter the
+            # message ``mailbox_full`` past send_timeout) while the other could take it.
+            load = queued + in_hand.get(worker.id, 0) + (queued >= capacity)
             if best_load < 0 or load < best_load:
                 best, best_load = worker, load
                 if not load:

@@ -18,6 +18,7 @@ import trio.testing
 from nexus_trio import (
     Agent,
     AgentRef,
+    Backoff,
     Config,
     Context,
     DeadLetterReason,
@@ -321,6 +322,50 @@ async def test_least_loaded_counts_a_failed_or_timed_out_message_as_done(
         assert seen == [("workers/0", "fail"), ("workers/1", "hang"), ("workers/0", "after")]
         reasons = sorted(d.reason.value for d in dead_letters(kernel))
         assert reasons == ["handler_error", "handler_timeout"]
+
+
+async def test_least_loaded_passes_over_a_full_worker_when_another_of_equal_load_has_room(
+    autojump_clock: Any,
+) -> None:
+    # /0 waits out a 10 s restart backoff with 2 messages queued (full, load 2) while /1
+    # works on one with 1 queued (room for one more, load 2). On that tie the oldest
+    # worker was picked: the router waited on the full /0 for send_timeout and the
+    # message was dead-lettered mailbox_full, though /1 had room.
+    seen: Record = []
+    gate = trio.Event()
+
+    @agent(mailbox_capacity=2, on_error="restart")
+    async def worker(ctx: Context, msg: Message) -> Any:
+        assert ctx.name is not None
+        seen.append((ctx.name, msg.payload))
+        if msg.payload == "boom":
+            raise RuntimeError("boom")
+        if msg.payload == "slow":
+            await gate.wait()
+        return None
+
+    supervision = Supervisor(backoff=Backoff(initial=10.0, maximum=10.0, jitter=0.0))
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(worker, size=2, routing="least_loaded", supervision=supervision))
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send("workers/1", "slow")  # /1 busy
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send("workers", "boom")  # -> /0, which fails: restarts in 10 s
+        await trio.testing.wait_all_tasks_blocked()
+        for i in range(4):  # loads (0, 1) -> /0, (1, 1) -> /0, (2, 1) -> /1, (2, 2)
+            await kernel.send("workers", i)
+            await trio.testing.wait_all_tasks_blocked()
+        # 3 went to /1 at once (it was held by the router, waiting for room at /0)
+        assert (kernel.mailbox_depth("workers/0"), kernel.mailbox_depth("workers/1")) == (2, 2)
+        gate.set()
+        await step_until_idle(kernel)
+        assert by_worker(seen) == {
+            "workers/0": ["boom", 0, 1],
+            "workers/1": ["slow", 2, 3],
+        }
+        assert [(d.reason, d.message.payload) for d in dead_letters(kernel)] == [
+            (DeadLetterReason.HANDLER_ERROR, "boom")
+        ]
 
 
 async def test_least_loaded_forgets_a_message_its_worker_dropped(autojump_clock: Any) -> None:
