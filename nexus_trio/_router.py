@@ -338,6 +338,12 @@ class Router:
         #: (``id_value(msg) in late_queries``); the set is never replaced, so a serve
         #: loop keeps it in a local. Only the router changes it.
         self.late_queries: set[int] = set()
+        #: where a handler here passed on a query with no requester pending here (a
+        #: pool's router returning a remote requester's query for a worker, same id), by
+        #: the query id's 128-bit value, the last _LATE_MEMORY of them (oldest first): the
+        #: remote requester's cancel names the address it asked, and stops the handler
+        #: where the query went (see expire_query)
+        self._passed_on: dict[int, Address] = {}
         #: ids (128-bit values) of requests answered here, the last _LATE_MEMORY to 2 *
         #: _LATE_MEMORY of them in two generations: a second answer to one (a handler
         #: that sent ``msg.reply(...)`` and returned a value too) is a late reply, as in
@@ -923,15 +929,18 @@ class Router:
             # lazily, is not read)
             if (
                 msg.kind is _QUERY
-                and self._pending
+                and (self._pending or self.transport is not None)
                 and result.kind is _QUERY
                 and result.id == msg.id
             ):
                 # The query passed on (a pool's router): a timeout or cancel of its
-                # local requester stops the handler where it is now.
-                pending = self._pending.get(id_value(msg))
+                # requester, here or on another kernel, stops the handler where it is now.
+                key = id_value(msg)
+                pending = self._pending.get(key) if self._pending else None
                 if pending is not None:
                     pending.at = result.to
+                elif self.transport is not None:
+                    self._passed_on_for_remote(key, result.to)
             return result
         if msg.kind is _QUERY and self.phase < _STOPPING:
             key = id_value(msg)
@@ -958,6 +967,16 @@ class Router:
                 self._dead_undeliverable(out, exc)
                 return None
         return out
+
+    def _passed_on_for_remote(self, key: int, to: Address) -> None:
+        """A handler here passed query ``key``, which no requester here waits for (one on
+        another kernel does), on to ``to``: kept for that requester's cancel, which
+        comes through the transport naming the address it asked (see expire_query)."""
+        passed_on = self._passed_on
+        passed_on.pop(key, None)  # (a second hop: the entry moves to the newest end)
+        passed_on[key] = to
+        if len(passed_on) > _LATE_MEMORY:
+            del passed_on[next(iter(passed_on))]
 
     # --- request/reply ---------------------------------------------------------------------
 
@@ -1106,6 +1125,13 @@ class Router:
         current = cell.current
         if current is not None and current.id == query_id:
             return bool(cell.cancel_current(DeadLetterReason.REQUEST_TIMEOUT))
+        if self._passed_on:
+            # A remote requester's cancel names the address it asked: a handler there
+            # passed the query on (a pool's router to its worker), so the handler to
+            # stop is where it went.
+            at = self._passed_on.pop(query_id.int, None)
+            if at is not None:
+                return self.expire_query(query_id, at)
         # A query still queued is skipped when it comes out (see AgentCell._serve).
         return False
 

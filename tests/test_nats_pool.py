@@ -1,0 +1,81 @@
+"""A pool on one node, asked from another: cancellation and the errors its requester sees.
+
+Real nats-server (the ``nats`` fixture), two nodes in this process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+from nexus_trio import (
+    Config,
+    Context,
+    Kernel,
+    KernelConfig,
+    Message,
+    RequestTimeout,
+    agent,
+    open_kernel,
+    pool,
+)
+from nexus_trio._nats import Cluster, NatsServer, join_cluster
+
+from .nats_server import PATIENT
+
+
+@asynccontextmanager
+async def _node(url: str, name: str) -> AsyncIterator[tuple[Kernel, Cluster]]:
+    config = Config(kernel=KernelConfig(request_timeout_ms=5000, handle_timeout_ms=60000))
+    async with (
+        open_kernel(config) as kernel,
+        join_cluster(kernel, url, name, options=PATIENT) as cluster,
+    ):
+        yield kernel, cluster
+        await kernel.shutdown()
+
+
+async def _until(check: Any) -> None:
+    """Poll ``check()`` (state of the nodes that no event announces); the callers bound it."""
+    while True:
+        if check():
+            return
+        await trio.sleep(0.02)
+
+
+async def test_a_remote_request_through_a_pool_that_times_out_cancels_the_worker_s_handler(
+    nats: NatsServer,
+) -> None:
+    """The cancel frame names the pool (the address the requester asked); the router had
+    passed the query on to its worker. Before, the worker's handler ran on to its own
+    handle timeout (here a minute) and its answer was a late reply."""
+    started = trio.Event()
+    cancelled: list[Any] = []
+
+    @agent
+    async def slow(ctx: Context, msg: Message) -> Any:
+        started.set()
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            cancelled.append((ctx.name, msg.id))
+            raise
+
+    async with _node(nats.url, "b") as (kb, _), _node(nats.url, "a") as (ka, ca):
+        kb.spawn(pool(slow, size=2, name="slow-pool"))
+        async with kb.dead_letters() as letters:
+            with trio.fail_after(30):
+                await ca.wait_for_name("slow-pool")
+                with pytest.raises(RequestTimeout) as timed_out:
+                    await ka.request("slow-pool", "work", timeout=2.0)
+                assert started.is_set()
+                await _until(lambda: bool(cancelled))
+                letter = await anext(aiter(letters))
+    query_id = timed_out.value.request_id
+    assert cancelled == [("slow-pool/0", query_id)]
+    assert (letter.reason.value, letter.message.id) == ("request_timeout", query_id)
+    assert ca.stats().cancels_sent == 1
