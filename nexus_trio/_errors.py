@@ -291,10 +291,13 @@ class SupervisorEscalation(NexusError):
 class RequestFailed(NexusError):
     """The request was accepted but will never be answered: its Query was dead-lettered.
 
-    ``reason`` is the dead-letter reason (e.g. ``"handler_error"``, ``"agent_stopped"``);
-    ``error`` is the handler's exception when there was one. ``node`` names the node
-    where the query was dead-lettered, for a request another node answered so (``request
-    ... to 'h' failed on node 'b' (handler_timeout)``); None for one failed here.
+    ``to`` is the address the request was sent to; ``reason`` is the dead-letter reason
+    (e.g. ``"handler_error"``, ``"agent_stopped"``); ``error`` is the handler's exception
+    when there was one. ``at`` is the agent where the query failed when a handler at
+    ``to`` passed it on there (a pool's worker: ``'workers/0'``), its name if it has one,
+    else None. ``node`` names the node where the query was dead-lettered, for a request
+    another node answered so (``request ... to 'h' failed on node 'b' (handler_timeout)``);
+    None for one failed here.
     """
 
     def __init__(
@@ -304,15 +307,19 @@ class RequestFailed(NexusError):
         reason: str,
         error: BaseException | None,
         *,
+        at: uuid.UUID | str | None = None,
         node: str | None = None,
     ) -> None:
         self.request_id = request_id
         self.to = to
         self.reason = reason
         self.error = error
+        self.at = at
         self.node = node
         detail = f": {error_repr(error)}" if error is not None else ""
-        where = f" on node {node!r}" if node is not None else ""
+        where = f" at {at!r}" if at is not None else ""
+        if node is not None:
+            where += f" on node {node!r}"
         super().__init__(f"request {request_id} to {to!r} failed{where} ({reason}){detail}")
 
 

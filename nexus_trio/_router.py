@@ -1048,7 +1048,19 @@ class Router:
         if pending.reply is not _NO_REPLY:
             return pending.reply
         if pending.error is not None:
-            raise pending.error
+            error = pending.error
+            if isinstance(error, RequestFailed) and error.at is not None:
+                # Dead-lettered where a handler passed the query on (a pool's worker):
+                # ``to`` is what this requester asked, as for a timeout.
+                error = RequestFailed(
+                    error.request_id,
+                    query.to,
+                    error.reason,
+                    error.error,
+                    at=error.at,
+                    node=error.node,
+                )
+            raise error
         detail = ""
         if enqueued:
             at = pending.at or query.to
@@ -1146,10 +1158,24 @@ class Router:
         if self._pending:
             pending = self._pending.pop(id_value(msg), None)
             if pending is not None:
-                pending.fail(RequestFailed(msg.id, msg.to, reason.value, error))
+                # (passed on by a handler, a pool's router: request() names the address
+                # its requester asked as ``to``, and this agent as ``at``)
+                at = self._name_of(msg.to) if pending.at is not None else None
+                pending.fail(RequestFailed(msg.id, msg.to, reason.value, error, at=at))
                 return
         if self.transport is not None and reason is not DeadLetterReason.REQUEST_TIMEOUT:
-            self._fail_remote_requester(msg.id, RequestFailed(msg.id, msg.to, reason.value, error))
+            # (the requester's node names the address it asked as ``to``)
+            passed = self._passed_on.pop(msg.id.int, None) if self._passed_on else None
+            at = self._name_of(msg.to) if passed is not None else None
+            self._fail_remote_requester(
+                msg.id, RequestFailed(msg.id, msg.to, reason.value, error, at=at)
+            )
+
+    def _name_of(self, address: Address) -> Address:
+        """A local agent's name (its address if it has none or is gone), for errors."""
+        node = self.find(address)
+        name = node.name if node is not None else None
+        return name if name is not None else address
 
     def _mark_late(self, query_id: uuid.UUID) -> None:
         """Nobody waits for query ``query_id`` any more: a reply that comes anyway is

@@ -18,6 +18,7 @@ from nexus_trio import (
     Kernel,
     KernelConfig,
     Message,
+    RequestFailed,
     RequestTimeout,
     agent,
     open_kernel,
@@ -79,3 +80,28 @@ async def test_a_remote_request_through_a_pool_that_times_out_cancels_the_worker
     assert cancelled == [("slow-pool/0", query_id)]
     assert (letter.reason.value, letter.message.id) == ("request_timeout", query_id)
     assert ca.stats().cancels_sent == 1
+
+
+async def test_a_remote_request_that_fails_at_a_pool_s_worker_names_the_pool_and_the_worker(
+    nats: NatsServer,
+) -> None:
+    """As for a local requester: ``to`` is the pool asked, ``at`` the worker whose handler
+    failed. Before, a remote requester's error named only the pool (a local one's only
+    the worker's id)."""
+
+    @agent
+    async def bad(ctx: Context, msg: Message) -> Any:
+        raise ValueError(f"bad {msg.payload}")
+
+    async with _node(nats.url, "b") as (kb, _), _node(nats.url, "a") as (ka, ca):
+        kb.spawn(pool(bad, size=2, name="bad-pool"))
+        with trio.fail_after(30):
+            await ca.wait_for_name("bad-pool")
+            with pytest.raises(RequestFailed) as info:
+                await ka.request("bad-pool", "work", timeout=10.0)
+    failed = info.value
+    assert (failed.to, failed.at, failed.reason) == ("bad-pool", "bad-pool/0", "handler_error")
+    assert str(failed) == (
+        f"request {failed.request_id} to 'bad-pool' failed at 'bad-pool/0' (handler_error):"
+        """ RemoteError("on node 'b': ValueError('bad work')")"""
+    )

@@ -509,6 +509,37 @@ def test_hash_ring_is_stable_and_keys_are_canonical() -> None:
         key_bytes(object())
 
 
+async def test_a_request_that_fails_at_a_worker_names_the_pool_asked_and_the_worker(
+    autojump_clock: Any,
+) -> None:
+    # Before, RequestFailed.to was the worker's bare id, neither the pool the requester
+    # asked nor a name: "request ... to UUID('...') failed (handler_error)".
+    @agent
+    async def worker(ctx: Context, msg: Message) -> Any:
+        raise ValueError(f"bad {msg.payload}")
+
+    async with open_test_kernel() as kernel:
+        pool_ref = kernel.spawn(pool(worker, size=2))
+        asked_as: list[tuple[AgentRef | str, uuid.UUID | str, str]] = [
+            ("workers", "workers", "workers/0"),
+            (pool_ref, pool_ref.id, "workers/1"),
+        ]
+        for asked, address, expected_at in asked_as:
+            with pytest.raises(RequestFailed) as info:
+                await kernel.request(asked, "x")
+            failed = info.value
+            assert (failed.to, failed.at, failed.reason) == (address, expected_at, "handler_error")
+            assert str(failed) == (
+                f"request {failed.request_id} to {address!r} failed at"
+                f" {expected_at!r} (handler_error): ValueError('bad x')"
+            )
+        # asked directly, the worker is `to` and no `at` is added
+        with pytest.raises(RequestFailed) as info:
+            await kernel.request("workers/0", "y")
+        assert (info.value.to, info.value.at) == ("workers/0", None)
+        assert "to 'workers/0' failed (handler_error)" in str(info.value)
+
+
 async def test_a_message_without_a_key_is_dead_lettered_and_the_pool_goes_on(
     autojump_clock: Any,
 ) -> None:

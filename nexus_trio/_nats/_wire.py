@@ -762,7 +762,12 @@ def error_frame(exc: BaseException) -> tuple[str, bytes]:
         return "shutting_down", json.dumps({"what": exc.what}).encode()
     if isinstance(exc, RequestFailed):
         error = None if exc.error is None else _error_text(exc.error)
-        return "request_failed", json.dumps({"reason": exc.reason, "error": error}).encode()
+        body = {"reason": exc.reason, "error": error}
+        if exc.at is not None:
+            # where a handler passed the query on to (a pool's worker); a peer of an
+            # earlier version reads no more than the two above
+            body["at"] = str(exc.at)
+        return "request_failed", json.dumps(body).encode()
     return "request_failed", json.dumps(
         {"reason": "remote_error", "error": _error_text(exc)}
     ).encode()
@@ -830,11 +835,13 @@ def error_from_frame(
     if kind == "shutting_down":
         return KernelShuttingDown(f"{_frame_text(data.get('what', 'request'))} on node {node!r}")
     error = data.get("error")
+    at = data.get("at")
     return RequestFailed(
         query_id,
         to,
         _frame_text(data.get("reason", kind)),
         RemoteError(node, _frame_text(error)) if error else None,
+        at=None if at is None else _frame_text(at),
         node=node,
     )
 
