@@ -305,6 +305,10 @@ class AgentCell(Child):
         self._dormant_run = run
         return True
 
+    def before_first_start(self) -> bool:
+        # (a lazy agent has no on_start; the context is made as the first run begins)
+        return self.ctx is None and not self.lazy
+
     def wake(self) -> None:
         """The first message arrived for a dormant agent: start its run now."""
         owner = self.supervisor

@@ -241,6 +241,11 @@ class Child:
             assert isinstance(self.linked_children, list)
             self.linked_children.remove(child)
 
+    def before_first_start(self) -> bool:
+        """Whether this is an agent with an ``on_start`` that has not run yet (what it
+        spawns as it starts is not there yet): for an ``AgentNotFound`` to tell."""
+        return False
+
     @property
     def label(self) -> str:
         return self.name or str(self.id)

@@ -397,7 +397,8 @@ class Router:
         """What an ``AgentNotFound`` for ``address`` can add (the failing path only): that
         it is a supervisor, that it is being stopped (unrouted by ``stop()``, not yet
         forgotten), that it stopped after a failure (if it is one of the last
-        _ENDED_MEMORY that did), or that it is the kernel's own sender id."""
+        _ENDED_MEMORY that did), that the agent whose name it is under (``workers`` of
+        ``workers/0``) has not started yet, or that it is the kernel's own sender id."""
         if address == SYSTEM_ID:
             return (
                 "it is SYSTEM_ID, the sender of what is sent from outside any agent"
@@ -412,7 +413,25 @@ class Router:
             return "it is being stopped: it takes no new messages"
         if node is None and self._ended:
             key = address.int if isinstance(address, _UUID) else address
-            return self._ended.get(key, "") if isinstance(key, (int, str)) else ""
+            ended = self._ended.get(key, "") if isinstance(key, (int, str)) else ""
+            if ended:
+                return ended
+        if isinstance(address, str):
+            # Looked up (or sent to) right after its parent's spawn: a pool's router
+            # spawns its workers in its on_start, which runs after kernel.spawn returned.
+            parent, _, _ = address.rpartition("/")
+            while parent:
+                owner = self.names.get(parent)
+                if owner is not None:
+                    if owner.before_first_start():
+                        return (
+                            f"{parent!r} has not started yet: the agents it spawns as it"
+                            " starts, such as a pool's workers, are there once its on_start"
+                            " has run; a request to it is handled after that, e.g."
+                            f" pool_workers(kernel, {parent!r})"
+                        )
+                    break
+                parent, _, _ = parent.rpartition("/")
         return ""
 
     def register(self, node: Child, *, agent: bool) -> None:

@@ -17,6 +17,7 @@ import trio.testing
 
 from nexus_trio import (
     Agent,
+    AgentNotFound,
     AgentRef,
     Backoff,
     Config,
@@ -608,6 +609,35 @@ async def test_resize_up_and_down_changes_the_worker_count_and_loses_nothing(
         assert stats.accepted == stats.handled + stats.replies_delivered + stats.dead_lettered
         assert stats.in_flight == 0
         assert_conserved(kernel)
+
+
+async def test_a_worker_looked_up_before_the_pool_started_is_not_found_saying_why(
+    autojump_clock: Any,
+) -> None:
+    # The router spawns its workers when it starts, after kernel.spawn returned: a
+    # lookup or send at once said only "no agent is registered as 'workers/0'; did you
+    # mean 'workers'?".
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(recording_worker([]), size=2))
+        expected = (
+            "no agent is registered as 'workers/0' ('workers' has not started yet: the"
+            " agents it spawns as it starts, such as a pool's workers, are there once its"
+            " on_start has run; a request to it is handled after that, e.g."
+            " pool_workers(kernel, 'workers'))"
+        )
+        with pytest.raises(AgentNotFound) as looked_up:
+            kernel.lookup("workers/0")
+        with pytest.raises(AgentNotFound) as sent:
+            await kernel.send("workers/1", "x")
+        assert str(looked_up.value).startswith(expected)
+        assert str(sent.value).startswith(expected.replace("/0", "/1"))
+        # the documented way: once the pool answers, its workers are there
+        workers = await pool_workers(kernel, "workers")
+        assert kernel.lookup("workers/0") == workers[0]
+        # a name under a pool that has started is just not found
+        with pytest.raises(AgentNotFound) as missing:
+            kernel.lookup("workers/7")
+        assert "has not started" not in str(missing.value)
 
 
 async def test_grown_workers_get_new_names_even_while_old_ones_drain(autojump_clock: Any) -> None:
