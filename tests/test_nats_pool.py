@@ -100,8 +100,14 @@ async def test_a_remote_request_that_fails_at_a_pool_s_worker_names_the_pool_and
             with pytest.raises(RequestFailed) as info:
                 await ka.request("bad-pool", "work", timeout=10.0)
     failed = info.value
-    assert (failed.to, failed.at, failed.reason) == ("bad-pool", "bad-pool/0", "handler_error")
+    assert (failed.to, failed.at, failed.node, failed.reason) == (
+        "bad-pool",
+        "bad-pool/0",
+        "b",
+        "handler_error",
+    )
     assert str(failed) == (
-        f"request {failed.request_id} to 'bad-pool' failed at 'bad-pool/0' (handler_error):"
+        f"request {failed.request_id} to 'bad-pool' failed at 'bad-pool/0' on node 'b'"
+        " (handler_error):"
         """ RemoteError("on node 'b': ValueError('bad work')")"""
     )
