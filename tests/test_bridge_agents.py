@@ -102,6 +102,16 @@ class Probe(NexusAgent):
             return {"ok": {1, 2}}
         if do == "nan":
             return float("nan")
+        if do == "lone_surrogate":  # a file name that is not UTF-8, read by os.listdir
+            return {"cut": ["whole", b"x\\xff".decode("utf-8", "surrogateescape")]}
+        if do == "send_lone_surrogate":
+            try:
+                self.send(message["from"], {"text": "\\ud800"})
+            except TypeError as exc:
+                return str(exc)
+            return "sent"
+        if do == "pair":  # a character outside the BMP: escaped as a valid pair
+            return "x\\U0001F600"
         if do == "print":
             print("stray print")
             sys.stdout.write("stray sys.stdout.write\\n")
@@ -948,6 +958,14 @@ UNSERIALISABLE = {
             "result of handle_message is not JSON serialisable: float (NaN or Infinity)",
             "ValueError",
         ),
+        # json.dumps writes it as the escape \udcff, a line the kernel refuses (not
+        # Unicode text): the message failed as malformed
+        (
+            "lone_surrogate",
+            "result of handle_message is not JSON serialisable: string with a lone surrogate"
+            " at .cut[1] (half of a surrogate pair: not Unicode text)",
+            "TypeError",
+        ),
     ],
     "node": [
         ("unserialisable", "result of handleMessage is not JSON serialisable: bigint", "TypeError"),
@@ -1208,6 +1226,24 @@ async def test_input_read_ahead_while_a_handler_runs_is_bounded(lang: str, tmp_p
             response = await child.frame()
             assert (response["type"], response["payload"]["reply_to"]) == ("response", str(work.id))
             assert [frame["payload"]["id"] for frame in await child.rest()] == pings
+        assert await child.wait() == 0
+
+
+async def test_python_send_of_a_lone_surrogate_is_refused_in_the_caller(tmp_path: Path) -> None:
+    """Regression: json.dumps writes a lone surrogate (a file name that is not UTF-8, read
+    with surrogateescape) as an escape the kernel refuses, so a ``send()`` of one wrote a
+    line that failed the message being handled; it raises a TypeError saying where in the
+    caller, as the Node bridge does. A character outside the BMP (a valid pair) goes."""
+    async with open_child(probe_command("python", tmp_path)) as child:
+        await child.register()
+        response = await child.response_to(message({"do": "send_lone_surrogate"}))
+        assert response["payload"] == (
+            "send() payload is not JSON serialisable: string with a lone surrogate at .text"
+            " (half of a surrogate pair: not Unicode text)"
+        )
+        response = await child.response_to(message({"do": "pair"}))
+        assert response["payload"] == "x\U0001f600"
+        await child.close_stdin()
         assert await child.wait() == 0
 
 

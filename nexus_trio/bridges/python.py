@@ -240,9 +240,51 @@ def _reject(value: Any) -> Any:
     raise _NotSerialisable(type(value).__name__)
 
 
-def _encode(obj: Any) -> str:
+def _encode(obj: Any, subject: Any = None) -> str:
+    """``obj`` as one JSON line; ``subject`` is the part of it the user gave (a result, a
+    payload sent), where an error says a lone surrogate is."""
     # allow_nan=False: NaN/Infinity are not JSON and other languages' parsers reject them.
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False, default=_reject)
+    text = json.dumps(obj, separators=(",", ":"), allow_nan=False, default=_reject)
+    if "\\ud" in text:
+        # json.dumps writes a lone surrogate (a file name that is not UTF-8, decoded with
+        # surrogateescape; half of a pair) as the escape \udcff, a line the kernel refuses
+        # (not Unicode text); a valid pair is escaped too, so look at the strings
+        place = None if subject is None else _lone_surrogate_place(subject, "")
+        if place is None:
+            place = _lone_surrogate_place(obj, "")
+        if place is not None:
+            raise _NotSerialisable(f"{place} (half of a surrogate pair: not Unicode text)")
+    return text
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _lone_surrogate_place(value: Any, path: str) -> str | None:
+    """Where in ``value`` the first string (or key) holding a lone surrogate is, in the
+    words of an error: ``string with a lone surrogate at .cut[1]``."""
+    if isinstance(value, str):
+        if _has_lone_surrogate(value):
+            return f"string with a lone surrogate at {path or '.'}"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and _has_lone_surrogate(key):
+                return f"key with a lone surrogate in {path or '.'}"
+            found = _lone_surrogate_place(item, f"{path}.{key}")
+            if found is not None:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found = _lone_surrogate_place(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 def _timestamp() -> str:
@@ -524,7 +566,7 @@ class NexusAgent:
                 raise ValueError(f"send(): trace_id must be a string, got {trace_id!r}")
             frame["trace_id"] = str(trace_id)
         try:
-            line = _encode({"type": "send", "payload": frame})
+            line = _encode({"type": "send", "payload": frame}, payload)
         except (TypeError, ValueError) as exc:
             text, _ = _describe_unserialisable(exc)
             raise TypeError(text.replace("result of handle_message", "send() payload")) from None
@@ -857,7 +899,7 @@ class NexusAgent:
             self._send_error(message, str(exc) or type(exc).__name__, type(exc).__name__)
             return
         try:
-            line = _encode({"type": "response", "payload": self._response(message, result)})
+            line = _encode({"type": "response", "payload": self._response(message, result)}, result)
         except (TypeError, ValueError) as exc:
             # Only the handler's result can fail to encode: every other field is a string.
             self.failed += 1
