@@ -276,7 +276,7 @@ class Kernel:
             self._root.request_stop()
             await self._root_done.wait()
             self._root.retire_all("shutdown")
-            router.fail_all_pending(lambda: KernelShuttingDown("request"))
+            router.fail_all_pending(lambda: _closed_on(router))
             self._ledger.finish_streams()
             self._host.heap.close()
             router.phase = KernelPhase.STOPPED
@@ -926,6 +926,17 @@ class AgentScan:
         return bool(order)
 
 
+def _closed_on(router: Router) -> KernelShuttingDown:
+    """The error of a request still waiting for its answer when the kernel closes: it
+    names the phase it is failed in, as every refusal of the shutdown does (``stopping``
+    once the tree has stopped; the phase a shutdown cut short was in). Not counted in
+    ``rejected``: the query was accepted."""
+    phase = router.phase
+    if phase is KernelPhase.RUNNING:  # (the tree ended without a shutdown: closed)
+        phase = KernelPhase.STOPPED
+    return KernelShuttingDown("request", phase.name.lower())
+
+
 def _is_interrupt(error: BaseException | None) -> bool:
     """A Ctrl-C, also one that reached the block through a nursery of its own (a group)."""
     if isinstance(error, BaseExceptionGroup):
@@ -1021,7 +1032,8 @@ async def open_kernel(
         try:
             # Each step even if one before it raised.
             try:
-                kernel._router.fail_all_pending(lambda: KernelShuttingDown("request"))
+                router = kernel._router
+                router.fail_all_pending(lambda: _closed_on(router))
             finally:
                 try:
                     kernel._ledger.finish_streams()

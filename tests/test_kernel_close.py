@@ -118,8 +118,8 @@ def test_streams_end_and_requests_fail_when_a_second_ctrl_c_interrupts_the_shutd
         # request is pending when the shutdown is cut short.
         try:
             await kernel.request(ref, "late", timeout=1000)
-        except KernelShuttingDown:
-            ended.append("request")
+        except KernelShuttingDown as exc:
+            ended.append(f"request ({exc.phase})")
 
     async def main() -> None:
         with trio.move_on_after(600) as hang:
@@ -149,7 +149,41 @@ def test_streams_end_and_requests_fail_when_a_second_ctrl_c_interrupts_the_shutd
     assert isinstance(exc, KeyboardInterrupt) or (
         isinstance(exc, BaseExceptionGroup) and exc.subgroup(KeyboardInterrupt) is not None
     )
-    assert sorted(ended) == ["dead letters", "events", "request"]
+    # (cut short while the tree stopped: the phase it was failed in)
+    assert sorted(ended) == ["dead letters", "events", "request (stopping)"]
+
+
+async def test_a_request_still_waiting_when_the_kernel_closes_fails_naming_the_phase(
+    autojump_clock: Any,
+) -> None:
+    # Before: `kernel is shutting down: request refused`, `.phase == ""`, where every
+    # other refusal of the shutdown names the phase it came in.
+    failed: list[tuple[str, str]] = []
+
+    @agent(name="sink")
+    async def sink(ctx: Context, msg: Message) -> None:
+        return None  # takes the query and never answers it
+
+    async def ask(kernel: Kernel) -> None:
+        try:
+            await kernel.request("sink", "q", timeout=1000)
+        except KernelShuttingDown as exc:
+            failed.append((exc.phase, str(exc)))
+
+    async with trio.open_nursery() as nursery:
+        async with open_kernel(make_config()) as kernel:
+            kernel.spawn(sink)
+            nursery.start_soon(ask, kernel)
+            await trio.testing.wait_all_tasks_blocked()
+            assert kernel.stats().handled == 1
+    assert kernel.stats().rejected == {}  # (accepted: failed, not refused)
+    assert failed == [
+        (
+            "stopping",
+            "kernel is shutting down (stopping: the grace period is over, nothing more is"
+            " handled): request refused",
+        )
+    ]
 
 
 async def test_a_kernel_cancelled_from_outside_stops_at_once_and_in_order(
