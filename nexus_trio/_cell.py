@@ -251,6 +251,13 @@ class AgentCell(Child):
             release = self._release = trio.Event()
         return release
 
+    @property
+    def on_start_running(self) -> bool:
+        """The run's ``on_start`` has not returned yet: the run is entered and its serve
+        loop (which sets the handler scope first) has not begun. Read when a request
+        times out, not per message; no slot of its own (memory per agent)."""
+        return self.nursery is not None and self._handler_scope is None
+
     def hold(self) -> None:
         """The grace period is over: handle nothing more, wait to be stopped in order.
 

@@ -2322,6 +2322,42 @@ async def test_a_handler_that_requests_its_own_agent_times_out_saying_so(
         assert stats.accepted == 3 and stats.in_flight == 0
 
 
+async def test_an_on_start_that_requests_its_own_agent_times_out_saying_so(
+    autojump_clock: Any,
+) -> None:
+    """Before: an ``on_start`` that requested its own agent (the query waits in the
+    mailbox until on_start returns) timed out with only "got no reply within 1s", where a
+    handler doing the same is told it requested itself."""
+    said: list[str] = []
+    timed_out = trio.Event()
+
+    class Selfish(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            try:
+                await ctx.request("selfish", "inner", timeout=1)
+            except RequestTimeout as exc:
+                said.append(exc.detail)
+            timed_out.set()
+
+        async def handle(self, ctx: Context, msg: Message) -> Any:
+            return msg.payload
+
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(agent(Selfish, name="selfish"))
+        await timed_out.wait()
+        assert said == [
+            "agent selfish requested itself before its on_start returned: the query waits"
+            " in its mailbox until on_start has returned, and on_start waits for the answer"
+        ]
+        assert await kernel.request("selfish", "after", timeout=5) == "after"
+        letters = kernel.recent_dead_letters()
+        assert [(d.reason.value, d.message.payload) for d in letters] == [
+            ("request_timeout", "inner")
+        ]
+        stats = kernel.stats()
+        assert (stats.handled, stats.dead_lettered, stats.in_flight) == (1, 1, 0)
+
+
 @pytest.mark.parametrize("address", [None, 5, b"name", ("a",)])
 async def test_a_send_to_what_is_no_address_is_a_type_error_naming_it(address):
     """`send(None, ...)` said "no agent is registered as None" (AgentNotFound), as if
