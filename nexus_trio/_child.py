@@ -142,6 +142,7 @@ class Child:
         "restarts",
         "retired",
         "run",
+        "run_task",
         "running",
         "scope",
         "shutdown_timeout",
@@ -177,6 +178,9 @@ class Child:
     #: ordered start waits for it
     start_gate: trio.Event | None
     running: bool
+    #: the task of the run going on (its supervisor's), None between runs: a stop asked
+    #: from inside the run it waits for is told by it (see ``Kernel.stop``)
+    run_task: trio.lowlevel.Task | None
     dormant: bool
     terminating: bool
     retired: bool
@@ -218,6 +222,7 @@ class Child:
         self.done = None
         self.start_gate = None
         self.running = False
+        self.run_task = None
         self.dormant = False
         self.terminating = False
         self.retired = False

@@ -42,7 +42,7 @@ from ._agent import (
 )
 from ._brief import brief
 from ._cell import AgentCell
-from ._child import Child
+from ._child import Child, ChildOwner
 from ._config import Config
 from ._deadletter import DeadLetter
 from ._errors import (
@@ -473,6 +473,9 @@ class Kernel:
         ``on_stop`` runs. Agents it spawned stop before it. ``reason`` is also the
         ``stopped`` event's. Returns when it has stopped for good — also when something
         else (a stop of its supervisor, the kernel's shutdown) stopped it meanwhile.
+        Called from inside what it stops (a handler of the agent itself, the ``on_stop``
+        of an agent it spawned, an agent under the supervisor stopped), whose stop would
+        wait for the caller: the stop starts and the call returns at once.
         """
         address = address_of(target)
         node = self._router.find(address)
@@ -491,7 +494,47 @@ class Kernel:
         self._router.unroute(node)
         owner = node.supervisor
         assert owner is not None
+        if self._stop_waits_for_caller(node):
+            # Called from inside what it stops (the handler of its own agent, the
+            # on_stop of an agent it spawned, an agent under the supervisor stopped):
+            # that stop waits for the caller, which would wait for it until the
+            # shutdown timeout cancels the caller. As shutdown() from inside the tree
+            # (and Akka's context.stop(self)): the stop starts, the call returns.
+            assert self._nursery is not None
+            self._nursery.start_soon(self._terminate, owner, node, reason)
+            await trio.lowlevel.checkpoint()
+            return
         await owner.terminate(node, reason)
+
+    @staticmethod
+    @trio.lowlevel.enable_ki_protection
+    async def _terminate(owner: ChildOwner, node: Child, reason: str) -> None:
+        """A stop asked from inside what it stops, in the kernel's nursery (protected
+        from Ctrl-C as the kernel's own code is)."""
+        await owner.terminate(node, reason)
+
+    def _stop_waits_for_caller(self, node: Child) -> bool:
+        """Whether the stop of ``node`` waits for the current task: it runs in the run of
+        ``node``, of an agent ``node`` spawned (which stops first), or of a child of a
+        supervisor ``node``, at any depth. A walk up the task tree and down what ``node``
+        stops, when ``stop`` is called: nothing per message or per run."""
+        if not self._in_tree():
+            return False
+        tasks: set[trio.lowlevel.Task] = set()
+        task: trio.lowlevel.Task | None = trio.lowlevel.current_task()
+        while task is not None:
+            tasks.add(task)
+            nursery = task.parent_nursery
+            task = nursery.parent_task if nursery is not None else None
+        stack: list[Child] = [node]
+        while stack:
+            child = stack.pop()
+            if child.run_task is not None and child.run_task in tasks:
+                return True
+            stack.extend(child.linked_children)
+            if isinstance(child, SupervisorNode):
+                stack.extend(child.children)
+        return False
 
     async def wait_stopped(self, target: AgentRef | Address) -> None:
         """Return once ``target`` (an agent or supervisor) is stopped for good, whoever

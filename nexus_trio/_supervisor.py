@@ -554,6 +554,7 @@ class SupervisorNode(Child, ChildOwner):
                     return
             # The run's own nursery is its one cancel scope (the child sets ``scope``).
             child.running = True
+            child.run_task = trio.lowlevel.current_task()
             child.started_at = trio.current_time()
             heap = self.host.heap
             heap.created()
@@ -573,6 +574,7 @@ class SupervisorNode(Child, ChildOwner):
                 heap.run_ended(made)
         finally:
             child.running = False
+            child.run_task = None
             if gate is not None:
                 gate.set()
             if child.run == run:

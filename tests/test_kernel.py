@@ -1517,6 +1517,71 @@ async def test_a_second_answer_to_a_request_is_a_late_reply_not_a_message_to_the
         assert_conserved(kernel)
 
 
+@pytest.mark.parametrize("caller", ["own handler", "linked child's on_stop", "agent under it"])
+async def test_a_stop_asked_from_inside_what_it_stops_returns_at_once(
+    autojump_clock: Any, caller: str
+) -> None:
+    """``kernel.stop`` waits until its target has stopped, and the target's stop waits for
+    its message in hand, its linked children's ``on_stop``, a supervisor's children. So
+    a handler that stopped its own agent, a linked child's ``on_stop`` that stopped its
+    parent, an agent that stopped its supervisor waited for itself. Before: each hung
+    for the shutdown timeout (5 s here; for ever with ``math.inf``), then the waiting
+    code was cancelled (its message dead-lettered ``agent_stopped``, the rest of its
+    ``on_stop`` skipped). Now, as ``shutdown()`` from inside the tree, the stop starts and
+    the call returns at once (Akka's ``context.stop(self)``)."""
+    journal: list[str] = []
+
+    class Child(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            return None
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            return None
+
+        async def on_stop(self, ctx: Context) -> None:
+            if caller == "linked child's on_stop":
+                await ctx.kernel.stop("target")
+                journal.append(f"child stopped the target at {trio.current_time():g}")
+
+    class Target(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            if caller == "linked child's on_stop":
+                ctx.spawn(agent(Child, name="child"))
+
+        async def handle(self, ctx: Context, msg: Message) -> Any:
+            if msg.payload == "stop":
+                await ctx.kernel.stop("sup" if caller == "agent under it" else ctx.id)
+                journal.append(f"handler went on at {trio.current_time():g}")
+                return "answered"
+            return msg.payload
+
+        async def on_stop(self, ctx: Context) -> None:
+            journal.append("target on_stop")
+
+    tree = Supervisor(name="sup", children=[agent(Target, name="target")])
+    with trio.fail_after(60):
+        async with open_kernel(make_config(shutdown_grace_ms=5000)) as kernel:
+            kernel.spawn(tree)
+            await trio.testing.wait_all_tasks_blocked()
+            if caller == "linked child's on_stop":
+                await kernel.stop("target")
+            else:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(kernel.request, "target", "stop")
+                    await trio.testing.wait_all_tasks_blocked()
+                    with pytest.raises(AgentNotFound):
+                        await kernel.send("target", "queued")  # refused: it stops
+                await kernel.wait_stopped("target")
+            assert trio.current_time() == 0  # nothing waited for itself
+            stats = kernel.stats()
+            assert (stats.dead_lettered, stats.in_flight) == (0, 0)
+    if caller == "linked child's on_stop":
+        assert journal == ["child stopped the target at 0", "target on_stop"]
+    else:
+        assert journal == ["handler went on at 0", "target on_stop"]
+        assert stats.replies_delivered == 1
+
+
 async def test_a_message_to_an_agent_being_stopped_is_refused_saying_it_stops(
     autojump_clock: Any,
 ) -> None:
