@@ -373,13 +373,15 @@ class AgentCell(Child):
                 # more than the rest of a quiet agent's exit). None for a run whose
                 # on_start was cancelled by its stop (see ``started``); one that raised
                 # or was interrupted (Ctrl-C) still gets it.
-                with self._stop_scope():
+                with self._stop_scope() as stop_scope:
                     try:
                         await behaviour.on_stop(ctx)
                     except Exception as exc:
                         failure = self._on_stop_raised(exc, failure)
                     except KeyboardInterrupt as exc:
                         failure = self._stopped_by(exc, failure)
+                if stop_scope.cancel_called:
+                    self._on_stop_cut()
         if failure is not None:
             self._count_run_failure(failure)
             raise failure
@@ -479,6 +481,21 @@ class AgentCell(Child):
         if math.isfinite(self.shutdown_timeout):
             scope.deadline = trio.current_time() + max(self.shutdown_timeout, 0.001)
         return scope
+
+    @trio.lowlevel.enable_ki_protection
+    def _on_stop_cut(self) -> None:
+        """``on_stop`` ran past the shutdown timeout and was cancelled: said, as OTP
+        reports a child killed after its timeout (``shutdown_error``). Not a failure. A
+        timeout of 0 cancels at once by request (OTP's ``brutal_kill``): not said."""
+        if self.shutdown_timeout > 0:
+            log_guarded(
+                log,
+                logging.WARNING,
+                "on_stop of agent %s did not return within its shutdown_timeout (%gs): cancelled",
+                self.label,
+                self.shutdown_timeout,
+                extra=log_extra(self),
+            )
 
     @trio.lowlevel.enable_ki_protection
     def _on_stop_raised(self, exc: Exception, failure: BaseException | None) -> BaseException:

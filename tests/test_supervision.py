@@ -447,6 +447,50 @@ async def test_shutdown_timeout_is_a_grace_then_cancel(autojump_clock: Any, time
         assert kernel.agents() == []
 
 
+async def test_an_on_stop_cut_short_by_its_shutdown_timeout_in_a_group_restart_is_logged(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: an ``on_stop`` cancelled at its ``shutdown_timeout`` ended without a word
+    (its cleanup cut short, nobody told); OTP reports such a child, killed after its
+    timeout, as a ``shutdown_error``. Now a WARNING names the agent and the timeout. The
+    restart waits for it (the timeout, no more), and it is no failure: not counted, no
+    ``failed`` event."""
+    caplog.set_level(logging.WARNING, logger="nexus_trio")
+    Stubborn.stopped_at.clear()
+
+    class Failing(Agent):
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            raise RuntimeError("boom")
+
+    tree = Supervisor(
+        name="group",
+        strategy="one_for_all",
+        backoff=Backoff(0, 0),
+        children=[
+            agent(Stubborn, name="s", shutdown_timeout=1.5),
+            agent(Failing, name="f", shutdown_timeout=0),
+        ],
+    )
+    async with open_kernel(make_config()) as kernel, record_events(kernel) as rec:
+        kernel.spawn(tree)
+        await kernel.request("s", None)
+        await kernel.send("f", "fail")
+        await trio.testing.wait_all_tasks_blocked()  # s in on_stop, for the restart
+        await kernel.request("s", None)  # answered by its next run
+        assert trio.current_time() == pytest.approx(1.5, abs=0.002)
+        assert Stubborn.stopped_at["s"] == pytest.approx(1.5, abs=0.002)
+        stats = kernel.stats()
+        assert (stats.failed, stats.run_failures, stats.restarts) == (1, 0, 2)
+    cut = [r.getMessage() for r in caplog.records if "on_stop" in r.getMessage()]
+    # (twice: the restart's stop and the shutdown's; shutdown_timeout=0 cancels at once
+    # by request, as OTP's brutal_kill, and is not reported)
+    assert (
+        cut
+        == ["on_stop of agent s did not return within its shutdown_timeout (1.5s): cancelled"] * 2
+    )
+    assert [e.name for e in rec.of("failed")] == ["f"]
+
+
 async def test_shutdown_stops_children_before_parents_in_reverse_start_order(
     autojump_clock: Any,
 ) -> None:
