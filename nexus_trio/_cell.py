@@ -258,6 +258,12 @@ class AgentCell(Child):
         times out, not per message; no slot of its own (memory per agent)."""
         return self.nursery is not None and self._handler_scope is None
 
+    @property
+    def on_stop_running(self) -> bool:
+        """The run's ``on_stop`` runs (its nursery is closed, the run not over yet): read
+        when a request times out, as :attr:`on_start_running`."""
+        return self.running and self.nursery is None
+
     def hold(self) -> None:
         """The grace period is over: handle nothing more, wait to be stopped in order.
 

@@ -1092,17 +1092,24 @@ class Router:
         queued, it has taken the query and is done with it (a handler that forgot its
         ``return`` looks like this); busy with another message while the query, its own,
         waits in its mailbox, it requested itself (from its handler, which waits for
-        itself); so it did from its ``on_start``, if that has not returned. Read at the timeout, not at every message: the serve and request paths
+        itself); so it did from its ``on_start``, if that has not returned, or from its
+        ``on_stop``. Read at the timeout, not at every message: the serve and request paths
         pay nothing for it."""
         cell = self.local(at)
         if cell is None:
             return ""
-        if cell.on_start_running and query.sender == cell.id and cell.mailbox.depth:
-            return (
-                f"agent {cell.label} requested itself before its on_start returned: the"
-                " query waits in its mailbox until on_start has returned, and on_start"
-                " waits for the answer"
-            )
+        if query.sender == cell.id and cell.mailbox.depth:
+            if cell.on_start_running:
+                return (
+                    f"agent {cell.label} requested itself before its on_start returned:"
+                    " the query waits in its mailbox until on_start has returned, and"
+                    " on_start waits for the answer"
+                )
+            if cell.on_stop_running:
+                return (
+                    f"agent {cell.label} requested itself from its on_stop: the query"
+                    " waits in its mailbox, which this run serves no more"
+                )
         current = cell.current
         if (
             current is not None

@@ -2423,6 +2423,40 @@ async def test_an_on_start_that_requests_its_own_agent_times_out_saying_so(
         assert (stats.handled, stats.dead_lettered, stats.in_flight) == (1, 1, 0)
 
 
+async def test_an_on_stop_that_requests_its_own_agent_times_out_saying_so(
+    autojump_clock: Any,
+) -> None:
+    """Before: an ``on_stop`` that requested its own agent (after ``ctx.stop()``: its
+    address takes messages, its run serves them no more) timed out with only "got no
+    reply within 0.5s"."""
+    said: list[str] = []
+
+    class Selfish(Agent):
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            ctx.stop()
+
+        async def on_stop(self, ctx: Context) -> None:
+            try:
+                await ctx.request(ctx.id, "inner", timeout=0.5)
+            except RequestTimeout as exc:
+                said.append(exc.detail)
+
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(agent(Selfish, name="selfish", restart="temporary"))
+        await kernel.send("selfish", "stop")
+        await kernel.wait_stopped("selfish")
+        assert said == [
+            "agent selfish requested itself from its on_stop: the query waits in its"
+            " mailbox, which this run serves no more"
+        ]
+        stats = kernel.stats()
+        assert (stats.handled, stats.dead_letters_by_reason, stats.in_flight) == (
+            1,
+            {"request_timeout": 1},  # (when the stop took it out of the mailbox)
+            0,
+        )
+
+
 @pytest.mark.parametrize("address", [None, 5, b"name", ("a",)])
 async def test_a_send_to_what_is_no_address_is_a_type_error_naming_it(address):
     """`send(None, ...)` said "no agent is registered as None" (AgentNotFound), as if
