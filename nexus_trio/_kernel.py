@@ -515,9 +515,10 @@ class Kernel:
 
     def _stop_waits_for_caller(self, node: Child) -> bool:
         """Whether the stop of ``node`` waits for the current task: it runs in the run of
-        ``node``, of an agent ``node`` spawned (which stops first), or of a child of a
-        supervisor ``node``, at any depth. A walk up the task tree and down what ``node``
-        stops, when ``stop`` is called: nothing per message or per run."""
+        ``node`` or of an agent ``node`` spawned (which stops first), at any depth; the
+        run of a supervisor is the task its children's runs descend from. A walk up the
+        task tree and down what ``node`` spawned, when ``stop`` is called from inside
+        the tree: nothing per message or per run, nothing per child of a supervisor."""
         if not self._in_tree():
             return False
         tasks: set[trio.lowlevel.Task] = set()
@@ -531,9 +532,9 @@ class Kernel:
             child = stack.pop()
             if child.run_task is not None and child.run_task in tasks:
                 return True
+            # (a supervisor spawns none, and what an agent spawned runs under the
+            # agent's own supervisor: a supervisor's run covers its whole subtree)
             stack.extend(child.linked_children)
-            if isinstance(child, SupervisorNode):
-                stack.extend(child.children)
         return False
 
     async def wait_stopped(self, target: AgentRef | Address) -> None:
