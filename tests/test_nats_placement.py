@@ -329,6 +329,39 @@ def test_a_lost_node_s_unconfirmed_tells_and_held_messages_are_counted_once() ->
     assert {a.lost_with_nodes, b.lost_with_nodes} in ({30 + 7, 0}, {30, 7})
 
 
+def test_what_a_lost_node_heard_again_took_after_all_is_no_longer_counted_lost() -> None:
+    """Regression: a worker of ``nexus run -W 2`` frozen 8 s (SIGSTOP) then resumed was
+    counted lost by the other, which counted 3,528 tells lost with it; resumed, it
+    handled them: counted twice, ``conserved`` false, exit status 1. Heard again (the
+    same process), what it confirms past its loss, and what it held, is taken back."""
+    c = _lost_c({"a.61": 70}, in_flight=5, held=2)
+
+    class _Members(_Cluster):
+        def member_list(self) -> list[NodeInfo]:
+            return [c]
+
+    a = Placement(_Members("a", sent_to_c=100, holders={}))  # type: ignore[arg-type]
+    a.node_lost(c)  # (a counts what c held: the owner of loss:c over {a, b})
+    assert (a.lost_with_nodes, a.lost_with_nodes_taken_back) == (30 + 7, 0)
+    a.heard_from(_lost_c({"a.61": 90}, in_flight=0, held=0))
+    assert (a.lost_with_nodes, a.lost_with_nodes_taken_back) == (10, 20 + 7)
+    a.heard_from(_lost_c({"a.61": 80}, in_flight=0, held=0))  # (a record heard late)
+    assert (a.lost_with_nodes, a.lost_with_nodes_taken_back) == (10, 27)
+    # lost again at 90 of 100: the 10 past it once, and what it holds now counted again
+    a.node_lost(_lost_c({"a.61": 90}, in_flight=1, held=0))
+    assert (a.lost_with_nodes, a.lost_with_nodes_taken_back) == (10 + 1, 27)
+    a.heard_from(_lost_c({"a.61": 100}, in_flight=0, held=0))
+    assert (a.lost_with_nodes, a.lost_with_nodes_taken_back) == (0, 27 + 11)
+    # another process under the name (a restart) takes nothing back for the old one
+    a.node_lost(_lost_c({"a.61": 100}, in_flight=0, held=0))
+    a._cluster._sent_to_c = 104  # type: ignore[attr-defined]
+    a.node_lost(_lost_c({"a.61": 100}, in_flight=0, held=0))
+    assert a.lost_with_nodes == 4
+    a.heard_from(attrs.evolve(_lost_c({"a.61": 104}, in_flight=0, held=0), id_prefix=0xD))
+    a.heard_from(_lost_c({"a.61": 104}, in_flight=0, held=0))
+    assert (a.lost_with_nodes, a.lost_with_nodes_taken_back) == (4, 38)
+
+
 def test_each_agent_of_a_lost_node_is_replaced_by_exactly_one_survivor() -> None:
     holders = {f"agent-{i}": "abc"[i % 3] for i in range(60)}
     survivors = {}
@@ -755,6 +788,37 @@ async def test_what_a_lost_node_held_is_counted_when_its_counting_survivor_is_lo
             _lose(cb, "c", "a")
         assert cb.live_nodes() == ["b"]
         assert cb.stats().lost_with_nodes == 7
+
+
+async def test_tells_counted_lost_with_a_node_that_is_heard_again_are_taken_back(
+    nats: NatsServer,
+) -> None:
+    """Regression: c took 10 tells of a, then a judged it lost before c's heartbeat
+    confirmed them (a frozen process) and counted them lost with it; heard again, c
+    confirmed them, but they stayed counted lost as well as handled on c."""
+    async with (
+        _node(nats.url, "a", **QUIET) as (ka, ca),
+        _node(nats.url, "c", **QUIET) as (kc, cc),
+    ):
+        _meet(ca, cc)
+        with trio.fail_after(30):  # a hang guard
+            await cc.spawn("counter", name=ON_C, node="c")
+            await cc.names_published()
+            await _learn(ca, ON_C)
+            for i in range(10):
+                await ka.send(ON_C, i)
+
+        async def taken_in() -> bool:
+            return cc.stats().forwarded_in == 10
+
+        await _until(taken_in)
+        _lose(ca, "c")  # (its last record, from before the tells, confirmed none)
+        assert ca.stats().lost_with_nodes == 10
+        _meet(ca, cc)  # heard again: its record confirms the 10
+        assert ca.live_nodes() == ["a", "c"]
+        assert ca.stats().lost_with_nodes == 0
+        assert ca.stats().lost_with_nodes_taken_back == 10
+        assert (await kc.request(ON_C, "hi", timeout=5))["handled"] == 11
 
 
 async def test_an_agent_whose_designated_survivor_leaves_cleanly_is_replaced(

@@ -268,8 +268,12 @@ class ClusterStats:
     members: tuple[str, ...]
     #: messages from other nodes taken into the local kernel (replies included)
     forwarded_in: int = 0
-    #: messages counted as lost with lost nodes (see ``Placement.node_lost``)
+    #: messages counted as lost with lost nodes (see ``Placement.node_lost``), less those
+    #: taken back
     lost_with_nodes: int = 0
+    #: messages counted in ``lost_with_nodes`` that their node, heard again (it was
+    #: frozen or cut off, not dead), took after all: taken back out of it
+    lost_with_nodes_taken_back: int = 0
     #: placed agents this node re-spawned after their node was lost
     replaced: int = 0
     #: node batches sent / received (each carries many tells)
@@ -3290,6 +3294,8 @@ class Cluster:
             )
             self._check_duplicates_on(info.node)
             self._retry_wanted.set()  # a partition healed: the buckets may take writes again
+        # (what its loss counted here that it took after all is no longer counted lost)
+        self.placement.heard_from(info)
 
     async def _check_members(self) -> None:
         interval = self.options.heartbeat_interval
@@ -3936,6 +3942,7 @@ class Cluster:
             members=tuple(i.node for i in self.member_list()),
             forwarded_in=self._forwarded_in,
             lost_with_nodes=self.placement.lost_with_nodes,
+            lost_with_nodes_taken_back=self.placement.lost_with_nodes_taken_back,
             replaced=self.placement.replaced,
             batches_published=self._batches_published,
             batches_received=self._batches_received,

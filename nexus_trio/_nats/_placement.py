@@ -217,6 +217,11 @@ class Placement:
         self.lost_with_nodes = 0
         #: lost processes (node, id prefix) whose held messages this node counted
         self._counted: set[tuple[str, int]] = set()
+        #: per node judged lost, what its loss counted here (see :meth:`heard_from`)
+        self._loss_counts: dict[str, _LossCount] = {}
+        #: messages counted in ``lost_with_nodes`` that their node, heard again, took or
+        #: still held after all: taken back out of it (see :meth:`heard_from`)
+        self.lost_with_nodes_taken_back = 0
         #: names this node is re-placing now (their task started, not done)
         self._replacing: set[str] = set()
         #: placed agents stopped here as duplicates (see :meth:`superseded`)
@@ -656,7 +661,20 @@ class Placement:
         cluster = self._cluster
         survivors = [n for n in cluster.live_nodes() if n != info.node]
         confirmed = info.confirmed(cluster.stream_name)
-        unconfirmed = max(0, cluster.tells_sent_to(info.node, info.id_prefix) - confirmed)
+        sent = cluster.tells_sent_to(info.node, info.id_prefix)
+        unconfirmed = max(0, sent - confirmed)
+        members = {i.node for i in cluster.member_list()}
+        for node in [n for n in self._loss_counts if n not in members]:
+            del self._loss_counts[node]  # (forgotten: bounded by the members)
+        earlier_loss = self._loss_counts.pop(info.node, None)
+        if earlier_loss is not None and earlier_loss.same_process(info):
+            # lost again: what the earlier loss still counted is past what it confirmed,
+            # so in the count below (counted once)
+            self._take_back_confirmed(earlier_loss, info)
+            self.lost_with_nodes -= earlier_loss.unconfirmed - earlier_loss.taken
+        self._loss_counts[info.node] = _LossCount(
+            info.id_prefix, info.session, confirmed, unconfirmed
+        )
         if unconfirmed:
             self.lost_with_nodes += unconfirmed
             log_guarded(
@@ -719,6 +737,9 @@ class Placement:
         self._counted.intersection_update(live)  # forgotten nodes: bounded
         self._counted.add(key)
         held = info.count("in_flight") + info.count("held")
+        loss = self._loss_counts.get(info.node)
+        if loss is not None and loss.same_process(info):
+            loss.held = held  # (taken back if it is heard again)
         if held:
             self.lost_with_nodes += held
             log_guarded(
@@ -730,6 +751,54 @@ class Placement:
                 held,
                 info.node,
             )
+
+    def heard_from(self, info: NodeInfo) -> None:
+        """A record of ``info``'s node was heard: if this node counted messages lost with
+        it and it is the same process (a freeze, a partition: not a restart), what it
+        took after all is taken back out of ``lost_with_nodes``: the tells it confirms
+        now past what it had confirmed at its loss (it handled them, or counted them
+        lost in transit itself), and what it held then (it still holds it: its own
+        books count it), so that nothing is counted both handled there and lost here.
+        What it never confirms stays counted."""
+        if not self._loss_counts:
+            return
+        loss = self._loss_counts.get(info.node)
+        if loss is None or not info.reachable:
+            return
+        if not loss.same_process(info):
+            del self._loss_counts[info.node]  # a new process: the old one's are lost
+            return
+        self._take_back_confirmed(loss, info)
+        if loss.held:
+            back, loss.held = loss.held, 0
+            self.lost_with_nodes -= back
+            self.lost_with_nodes_taken_back += back
+            self._counted.discard((info.node, info.id_prefix))  # (a new loss counts again)
+            self._log_taken_back(info.node, back, "held there")
+        if loss.taken >= loss.unconfirmed:
+            del self._loss_counts[info.node]
+
+    def _take_back_confirmed(self, loss: _LossCount, info: NodeInfo) -> None:
+        taken = min(
+            loss.unconfirmed, max(0, info.confirmed(self._cluster.stream_name) - loss.confirmed)
+        )
+        if taken > loss.taken:
+            back, loss.taken = taken - loss.taken, taken
+            self.lost_with_nodes -= back
+            self.lost_with_nodes_taken_back += back
+            self._log_taken_back(info.node, back, "sent by this node")
+
+    def _log_taken_back(self, node: str, count: int, what: str) -> None:
+        log_guarded(
+            log,
+            logging.WARNING,
+            "node %s: node %r is heard again and took %d messages counted as lost with it"
+            " (%s): no longer counted lost",
+            self._cluster.node,
+            node,
+            count,
+            what,
+        )
 
     def _start_replacing(self, names: list[str], lost: str) -> None:
         assert self._nursery is not None
@@ -895,3 +964,22 @@ def _decode_answer(data: bytes, name: str, owner: str) -> PlacedAgent:
     if error is not None:
         raise PlacementFailed(name, owner, str(obj.get("text", error)))
     return PlacedAgent(name, str(obj["node"]), uuid.UUID(obj["id"]))
+
+
+@attrs.define
+class _LossCount:
+    """What a survivor counted in ``lost_with_nodes`` when a node was judged lost."""
+
+    id_prefix: int
+    session: int | None
+    #: the last of this node's tells the lost one had confirmed at its loss
+    confirmed: int
+    #: this node's tells past it, counted lost
+    unconfirmed: int
+    #: of those, the ones taken back since (it confirmed them, heard again)
+    taken: int = 0
+    #: what it held at its last heartbeat, counted lost here (0: counted elsewhere)
+    held: int = 0
+
+    def same_process(self, info: NodeInfo) -> bool:
+        return (info.id_prefix, info.session) == (self.id_prefix, self.session)
