@@ -1442,6 +1442,73 @@ def test_a_worker_every_other_one_counted_lost_is_killed_when_they_have_ended(
     assert summary["error"] == dead["error"]
 
 
+def test_a_worker_frozen_after_the_settle_is_killed_when_the_others_have_ended(
+    tmp_path: Path, caplog, monkeypatch
+) -> None:
+    """Regression: a worker frozen (SIGSTOP) after the swarm settled, before it wrote its
+    summary, is not counted lost (the others settled with it and ended): the parent
+    waited for it for good (a second Ctrl-C ended it). It is killed once the others have
+    ended, past its shutdown's bound, and counted with its last record."""
+    from nexus_trio.cli import _cluster_cmd
+
+    monkeypatch.setattr(_cluster_cmd, "_SETTLED_GRACE", 0.5, raising=False)
+    started, pid_file = tmp_path / "started", tmp_path / "pid"
+    settled = json.loads(canned_summary("worker-0")) | {
+        "settled_books": {
+            node: {
+                "sent": 0,
+                "accepted": 0,
+                "handled": 0,
+                "replies_delivered": 0,
+                "forwarded_out": 0,
+                "forwarded_in": 0,
+                "dead_letters": 0,
+                "in_flight": 0,
+                "lost_counted": 0,
+                "held": 0,
+            }
+            for node in ("worker-0", "worker-1")
+        }
+    }
+    python = fake_python(
+        tmp_path,
+        {
+            "worker-0": f"while [ ! -e {started} ]; do sleep 0.02; done; "
+            f"{echo(json.dumps(settled))}; exit 0",
+            # frozen in its shutdown: deaf to the SIGTERM as a stopped process is
+            "worker-1": f"echo $$ > {pid_file}; touch {started}; kill -STOP $$",
+        },
+    )
+    done, hung = threading.Event(), threading.Event()
+
+    def unfreeze() -> None:  # (so that the test fails rather than hangs)
+        if not done.wait(30):
+            hung.set()
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+    threading.Thread(target=unfreeze, daemon=True).start()
+    with caplog.at_level(logging.INFO, logger="nexus_trio.cli"):
+        # (the workers' shutdown grace: 5 s by default)
+        summary, status = _cluster_cmd.run_workers(2, [], nats_url=NO_SERVER, python=python)
+    done.set()
+    assert not hung.is_set(), "the parent waited for a worker the others settled with"
+    pid = int(pid_file.read_text())
+    assert (
+        f"worker-1 (pid {pid}) was settled with by every other worker and still runs 5.5s"
+        " after they ended: killing it" in caplog.text
+    )
+    assert status == 128 + signal.SIGKILL
+    assert summary["workers_died"] == ["worker-1"]
+    dead = summary["per_worker"][1]
+    assert (dead["pid"], dead["exit"], dead["died"]) == (pid, "killed by SIGKILL", True)
+    assert dead["error"] == (
+        f"worker-1 (pid {pid}) killed by SIGKILL: every other worker settled with it,"
+        " it still ran 5.5s after they ended"
+    )
+    assert dead["books"] == "its last record: it settled, then died"
+    assert summary["conserved"] is True
+
+
 #: a ``sitecustomize`` for a worker (on its PYTHONPATH): as the interpreter finally exits,
 #: after its summary, a SIGTERM comes (the parent's stop, passed on as another worker
 #: failed), once Python's finalization set the handlers that are Python functions back

@@ -602,7 +602,11 @@ def _run_workers(
         cfg.logging, stream=None if cfg.logging.format == "pretty" else stderr_proxy()
     )
     summary, status = run_workers(
-        count, worker_argv(ctx), nats_url=nats, metrics_port=cfg.metrics.port
+        count,
+        worker_argv(ctx),
+        nats_url=nats,
+        metrics_port=cfg.metrics.port,
+        shutdown_grace=cfg.kernel.shutdown_grace,
     )
     print_summary(summary, json_out=json_out)  # (after a hangup: see print_summary)
     if status:

@@ -21,7 +21,8 @@ others saw of it, or, if it died after the swarm settled, from its last record. 
 that does not end but falls silent (SIGSTOP, a hang) is counted lost by the others, who
 end without it: once every worker still running is one so counted by every worker that
 ended with its summary, it is killed :data:`_LOST_GRACE` seconds later and counted as a
-dead one.
+dead one. One frozen after the swarm settled (the others settled with it and ended) is
+killed likewise, past its shutdown's bound, and counted with its last record.
 
 A worker's command line is rebuilt from the parent's *parsed* options
 (:func:`worker_argv`), never by editing ``sys.argv``: every spelling of ``--workers``
@@ -78,6 +79,10 @@ _SERVER: Final = -1
 _OUTPUT_GRACE: Final = 2.0
 #: seconds a worker every other one counted lost may run on after they ended (then killed)
 _LOST_GRACE: Final = 5.0
+#: seconds, on top of the workers' shutdown grace, a worker every other one settled with
+#: (or counted lost) may run on after they ended, to shut down and write its summary
+#: (its spawned programs get 5 s after their ``shutdown`` frame and 5 s after SIGTERM)
+_SETTLED_GRACE: Final = 20.0
 #: summary fields that add up across workers
 _SUMMED: Final = (
     "agents",
@@ -437,12 +442,17 @@ def run_workers(
     nats_url: str | None = None,
     python: str | None = None,
     metrics_port: int = 0,
+    shutdown_grace: float = 5.0,
 ) -> tuple[dict[str, Any], int]:
     """Run ``workers`` worker processes to the end; return the added-up summary and the
     worst exit status. ``run_args`` are ``nexus run`` arguments (see :func:`worker_argv`).
     With a ``metrics_port`` P, worker i serves its ``/metrics`` and ``/healthz`` on P + i
     (``--metrics-port``; one port for all, the second worker could not listen); with 0,
     none serves them (whatever ``NEXUS_METRICS__PORT`` or the config file says).
+    ``shutdown_grace`` is the workers' kernel shutdown grace (``[kernel]
+    shutdown_grace_ms``, in seconds): a worker the others settled with that does not end
+    :data:`_SETTLED_GRACE` seconds past it after they ended (frozen in its shutdown) is
+    killed.
 
     ValueError, before anything starts, if ``workers`` is below 1 or more than this host
     should run (the bound ``nexus run --workers`` checks: :func:`worker_count_problem`)."""
@@ -505,8 +515,10 @@ def run_workers(
     passed: dict[int, int] = {}
     #: the signal that forced the stop (the workers still running were killed), if one did
     forced_by = ""
-    #: pids of the workers killed here because every other worker counted them lost
+    #: pids of the workers killed here because every other worker counted them lost (or
+    #: settled with them), and the grace each had
     killed_as_lost: set[int] = set()
+    killed_as_settled: dict[int, float] = {}
     #: per worker pid every other one counted lost, the timer that kills it
     lost_timers: dict[int, threading.Timer] = {}
 
@@ -538,35 +550,46 @@ def run_workers(
     def kill_the_lost() -> None:
         # A worker frozen (SIGSTOP, a hung process) misses its heartbeats: the others count
         # it lost, settle without it and end; it would never end by itself (deaf to the
-        # SIGTERM too, if stopped). Once every worker still running is one that every
-        # worker which ended with its summary counted lost, the swarm ended without them:
-        # each is killed unless it ends within _LOST_GRACE.
+        # SIGTERM too, if stopped). One frozen after the swarm settled (before its
+        # summary) is not counted lost: the others settled with it and ended. Once every
+        # worker still running is one that every worker which ended with its summary
+        # counted lost or settled with, the swarm ended without them: each is killed
+        # unless it ends within _LOST_GRACE (lost to all) or its shutdown's bound.
         running = [(j, p) for j, p in enumerate(procs) if p.poll() is None]
         books = [s for s in summaries if s is not None]
         if not running or not books:
             return
         lost_to_all = set.intersection(*(set(s.get("lost_peers") or ()) for s in books))
-        if any(f"worker-{j}" not in lost_to_all for j, _ in running):
+        done_with = set.intersection(
+            *(set(s.get("lost_peers") or ()) | set(s.get("settled_books") or ()) for s in books)
+        )
+        if any(f"worker-{j}" not in done_with for j, _ in running):
             return
         for j, p in running:
             if p.pid not in lost_timers:
-                lost_timers[p.pid] = timer = threading.Timer(_LOST_GRACE, kill_lost, (j, p))
+                lost = f"worker-{j}" in lost_to_all
+                grace = _LOST_GRACE if lost else _SETTLED_GRACE + shutdown_grace
+                lost_timers[p.pid] = timer = threading.Timer(grace, kill_lost, (j, p, lost, grace))
                 timer.daemon = True
                 timer.start()
 
-    def kill_lost(j: int, p: subprocess.Popen[bytes]) -> None:
+    def kill_lost(j: int, p: subprocess.Popen[bytes], lost: bool, grace: float) -> None:
         if p.poll() is not None:  # (it ended by itself)
             return
         log_guarded(
             log,
             logging.ERROR,
-            "worker-%d (pid %d) was counted lost by every other worker and still runs %gs"
+            "worker-%d (pid %d) was %s by every other worker and still runs %gs"
             " after they ended: killing it",
             j,
             p.pid,
-            _LOST_GRACE,
+            "counted lost" if lost else "settled with",
+            grace,
         )
-        killed_as_lost.add(p.pid)
+        if lost:
+            killed_as_lost.add(p.pid)
+        else:
+            killed_as_settled[p.pid] = grace
         with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, signal.SIGKILL)
 
@@ -682,7 +705,9 @@ def run_workers(
             if _killed_by_force(passed.get(proc.pid, 0), code):
                 log_guarded(log, logging.WARNING, "%s", _forced_text(i, proc.pid))
                 continue
-            if proc.pid in killed_as_lost and code == -signal.SIGKILL:
+            if (proc.pid in killed_as_lost or proc.pid in killed_as_settled) and (
+                code == -signal.SIGKILL
+            ):
                 continue  # (logged as it was killed)
             running = [p for p in procs if p.poll() is None]
             stopping = not stops_asked() and bool(running)  # (the first death stops them)
@@ -724,6 +749,12 @@ def run_workers(
                 error = (
                     f"worker-{i} (pid {proc.pid}) killed by SIGKILL: counted lost by every"
                     " other worker, it still ran after they ended"
+                )
+            elif proc.pid in killed_as_settled and codes[i] == -signal.SIGKILL:
+                error = (
+                    f"worker-{i} (pid {proc.pid}) killed by SIGKILL: every other worker"
+                    f" settled with it, it still ran {killed_as_settled[proc.pid]:g}s after"
+                    " they ended"
                 )
             else:
                 error = f"worker-{i} (pid {proc.pid}) died: {ends[i]}"
