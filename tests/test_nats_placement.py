@@ -36,7 +36,7 @@ from nexus_trio import (
 from nexus_trio._nats import Cluster, ClusterOptions, NatsServer, join_cluster
 from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import asyncio_loop, call_aio
-from nexus_trio._nats._membership import NodeInfo, encode_record, monotonic
+from nexus_trio._nats._membership import NodeInfo, decode_record, encode_record, monotonic
 from nexus_trio._nats._placement import (
     Placement,
     PlacementRecord,
@@ -648,6 +648,48 @@ async def test_a_second_node_under_a_live_member_s_name_is_refused_and_changes_n
         finally:
             with trio.CancelScope(shield=True):
                 await b.stop()
+
+
+async def test_of_two_nodes_joining_under_one_name_at_once_the_later_is_refused(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: two processes joining under one name at the same instant both read no
+    record of it (neither had written one), and both joined: only a warning, each
+    ignoring the other's records. Here the second one's read comes before the first
+    one's write (the bucket says "not found" once): its first write, a compare-and-set
+    against what it read, is refused, and the record written meanwhile is judged as any:
+    its writer heartbeats, the join is refused."""
+    from nats.js.errors import KeyNotFoundError
+    from nats.js.kv import KeyValue
+
+    real_get = KeyValue.get
+    reads: list[str] = []
+
+    async def get_before_the_first_write(self: KeyValue, key: str, *args: Any, **kw: Any) -> Any:
+        reads.append(key)
+        if reads.count("b") == 1 and key == "b":
+            raise KeyNotFoundError()  # (read before the other wrote)
+        return await real_get(self, key, *args, **kw)
+
+    async with _node(nats.url, "b", missed_heartbeats=10) as (_kb, cb):
+        first = cb.id_prefix
+        monkeypatch.setattr(KeyValue, "get", get_before_the_first_write)
+        async with open_kernel(node_config()) as second:
+            with (
+                trio.fail_after(30),
+                pytest.raises(ValueError, match="node name 'b' is taken") as refused,
+            ):
+                async with join_cluster(second, nats.url, "b", options=FAST):
+                    pytest.fail("a second node 'b' joined")
+        assert reads.count("b") == 2  # read, refused write, read again
+        text = str(refused.value)
+        assert text.startswith("node name 'b' is taken: a live process heartbeats"), text
+        assert f"id prefix {first:016x})" in text, text
+        monkeypatch.undo()
+        kv = cb._nodes_kv
+        assert kv is not None
+        entry = await call_aio(kv.get, "b")
+        assert decode_record(entry.value, monotonic(), "b").id_prefix == first
 
 
 async def test_a_rebalance_the_new_owner_refuses_starts_the_agent_here_again(

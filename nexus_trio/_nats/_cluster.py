@@ -117,6 +117,9 @@ _NAME_DELETES_KEPT: Final = 4096
 _RETRY_WAIT_AT_LEAVE: Final = 2.0
 #: streams to nodes that left cleanly whose last notice (see _on_last_notice) is awaited
 _LEFT_STREAMS_MAX: Final = 4096
+#: times a join reads and judges the record under its name, then writes its own against
+#: it, before it gives up (each refused write: another process wrote under the name)
+_CLAIM_TRIES: Final = 3
 
 #: a stream of numbered tells: the destination node and its id prefix (its process)
 _Stream = tuple[str, int]
@@ -3656,7 +3659,7 @@ class Cluster:
         await self._outbox.start()
         self._batch_bytes = batch.batch_limit(self._max_payload(), self.node, opts.batch_bytes)
         # before this node takes anything meant for its name, or announces it
-        await self._refuse_a_live_namesake()
+        await self._claim_the_name()
 
         async def subscribe() -> None:
             sub = await self.nc.subscribe(
@@ -3677,7 +3680,8 @@ class Cluster:
             await direct.flush_after_subscribe(self._control)
 
         await call_aio(subscribe_heartbeats)
-        await self._heartbeat_once()
+        # (its record is in the bucket already: _claim_the_name wrote it)
+        await call_aio(self._control.publish, self._heartbeat_subject, self._record())
         await nursery.start(self._start_watch, self._nodes_kv, self._apply_node_entry)
         await nursery.start(
             functools.partial(self._start_watch, revisions=True),
@@ -3696,33 +3700,59 @@ class Cluster:
         await self.durable.start(nursery)
         await self.names_published()
 
-    async def _refuse_a_live_namesake(self) -> None:
+    async def _claim_the_name(self) -> None:
+        """Write this node's first record under its name, a compare-and-set against the
+        record :meth:`_refuse_a_live_namesake` judged (none, or a dead process's): two
+        processes joining under one name at the same instant both find no record, but
+        only the first write lands; the other's is refused by the bucket, and it judges
+        the record written meanwhile as any (its writer heartbeats: ValueError). Before
+        this node subscribes to anything meant for its name or heartbeats under it; it is
+        the join's record in the bucket (its first heartbeat is on core NATS only)."""
+        kv = self._nodes_kv
+        assert kv is not None
+        for _ in range(_CLAIM_TRIES):
+            last = await self._refuse_a_live_namesake()
+            try:
+                self._record_revision = await call_aio(kv.update, self.node, self._record(), last)
+                return
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue  # written under the name since it was read: judged again
+        raise ValueError(
+            f"node name {self.node!r} is taken: other processes wrote its membership record"
+            f" each of the {_CLAIM_TRIES} times this one was about to (two or more nodes"
+            " given one name?); give each node its own name"
+        )
+
+    async def _refuse_a_live_namesake(self) -> int:
         """Raise ValueError if another process is a live member under this node's name
         (two nodes given one name): joining would split the name in two. The nodes
         bucket holds a record of the name from another process (a live one writes it
         every heartbeat interval; a dead one's expires after the loss window): if that
         process's heartbeat is heard within two heartbeat intervals (a second more, for a
         loaded host; at most the loss window), it lives. A process restarted under its
-        name before its loss was noticed heartbeats no more and joins after that wait."""
+        name before its loss was noticed heartbeats no more and joins after that wait.
+        Returns the revision of the record read (its delete's or 0 if none), for the
+        compare-and-set of :meth:`_claim_the_name`."""
         kv = self._nodes_kv
         assert kv is not None
 
-        async def read() -> bytes | None:
+        async def read() -> tuple[bytes | None, int]:
             try:
                 entry = await kv.get(self.node)
-            except nats.js.errors.KeyNotFoundError:
-                return None
-            return entry.value
+            except nats.js.errors.KeyNotFoundError as exc:
+                # deleted (the delete marker's revision) or expired, or never written (0)
+                return None, (exc.entry.revision or 0) if exc.entry is not None else 0
+            return entry.value, entry.revision or 0
 
-        record = await call_aio(read)
+        record, revision = await call_aio(read)
         if not record:
-            return
+            return revision
         try:
             holder = decode_record(record, monotonic(), self.node)
         except ValueError:
-            return  # (not a kernel's record: nothing to judge it by)
+            return revision  # (not a kernel's record: nothing to judge it by)
         if (holder.id_prefix, holder.session) == (self.id_prefix, self._session):
-            return
+            return revision
         heard: list[NodeInfo] = []
         alive = trio.Event()
 
@@ -3757,6 +3787,7 @@ class Cluster:
                 f" (pid {live.pid} on {live.host}, id prefix {live.id_prefix:016x}); give"
                 " each node its own name"
             )
+        return revision
 
     async def _leave(self) -> None:
         """Clean leave, while the connection is still up: flush acks and queued messages,
