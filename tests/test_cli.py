@@ -810,6 +810,32 @@ def test_a_ctrl_c_while_the_app_is_imported_says_the_run_was_not_started(
     )
 
 
+@pytest.mark.parametrize("flag", ["--app", "--types"])
+def test_a_hangup_while_the_app_is_imported_stops_the_run_at_once_unstarted(
+    nexus, tmp_path, flag, sighup_default
+):
+    """Regression: a SIGHUP while ``nexus run`` imported the user's module (one slow to
+    import) was noted, and the run went on importing to the import's end (120 s here),
+    then started: the app's ``main`` was called after the hangup, and stopped at once. It
+    now interrupts the import as a Ctrl-C does: nothing runs, the summary says so
+    (``not_started``), ``stopped_by`` SIGHUP, exit 0 (a stop asked for), no traceback."""
+    (tmp_path / "slow_import.py").write_text(textwrap.dedent(SLOW_IMPORT))
+    ref = "slow_import:main" if flag == "--app" else "slow_import:TYPES"
+    extra = ["--nats", "nats://127.0.0.1:1"] if flag == "--types" else []
+    run = nexus(["run", flag, ref, "--json", *extra])
+    run.wait_for(r"slow_import: importing")
+    run.proc.send_signal(signal.SIGHUP)
+    status, out = run.finish(timeout=30)
+    err = "".join(run.stderr)
+    assert status == 0, err
+    assert "Traceback" not in err
+    not_started = f"stopped while importing '{ref}' ({flag}): the run was not started"
+    assert f"SIGHUP: {not_started}" in flat(err)
+    summary = json.loads(out)
+    assert (summary["stopped_by"], summary["not_started"]) == ("SIGHUP", not_started)
+    assert (summary["sent"], summary["error"], summary["conserved"]) == (0, None, True)
+
+
 def test_sighup_is_a_graceful_stop_and_a_second_one_does_not_force(nexus, tmp_path, sighup_default):
     """Regression: SIGHUP (the terminal hung up: an ssh session or a terminal window
     closed) ended ``nexus run`` at once by its default action: no drain, no summary, the

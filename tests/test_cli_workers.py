@@ -1904,6 +1904,35 @@ def test_a_ctrl_c_while_the_parent_imports_the_app_is_a_summary_of_workers_not_s
     assert tagged_processes(tag) == {}  # nothing was started
 
 
+@pytestmark_linux
+def test_a_hangup_while_the_parent_imports_the_app_stops_it_at_once_with_a_summary(
+    tag: str, tmp_path: Path, sighup_default: None
+) -> None:
+    """Regression: a SIGHUP while the ``--workers`` parent imported the app was noted, and
+    the parent went on importing to the import's end (120 s here) before it stopped. It
+    now interrupts the import as a Ctrl-C does: the summary of a run stopped before any
+    worker started, ``stopped_by`` naming the SIGHUP, exit 0 (a stop asked for)."""
+    (tmp_path / "slow_import.py").write_text(PARENT_SLOW_IMPORT)
+    proc = start_nexus(["run", "-W", "2", "--app", "slow_import:main", "--json"], tag, tmp_path)
+    try:
+        stderr = StderrLines(proc)
+        stderr.wait_for("slow_import: importing", 1, proc, timeout=60)
+        out, err = signal_and_collect(proc, stderr, signal.SIGHUP, 60)
+    finally:
+        kill_tagged(tag)
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err, err
+    summary = json.loads(out)
+    check_fields(summary)
+    assert summary["stopped_by"] == (
+        "SIGHUP; stopped while importing 'slow_import:main' (--app), before any worker started"
+    )
+    assert [w["exit"] for w in summary["per_worker"]] == ["not started", "not started"]
+    assert (summary["sent"], summary["error"], summary["conserved"]) == (0, None, True)
+    assert tagged_processes(tag) == {}  # nothing was started
+
+
 WORKERS_SLOW_IMPORT = """
 import os, sys, time
 from nexus_trio import Agent

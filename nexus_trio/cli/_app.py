@@ -440,10 +440,11 @@ def run(
         target = _loaded_app(cfg.app.app, app_ref is not None)
         types = _loaded_types(cfg.app.types, types_hint)
     except _ImportInterrupted as exc:
-        if exc.signame is None or not os.environ.get(WORKER_ENV):
+        if exc.signame is None:  # (a Ctrl-C)
             raise _interrupted(exc) from None
-        # A worker the parent stopped while it imported: it runs nothing, and prints the
-        # summary of a worker stopped before it joined the cluster, saying so (exit 0).
+        # A stop while it imported (a worker the parent stopped, a hangup): it runs
+        # nothing, and prints the summary of a run stopped as it started, saying so
+        # (exit 0; a worker's is that of one stopped before it joined the cluster).
         target = types = None
         not_started = f"stopped while importing {exc.what}: the run was not started"
         log_guarded(log, logging.WARNING, "%s: %s", exc.signame, not_started)
@@ -481,15 +482,16 @@ def run(
 
 
 class _ImportInterrupted(Exception):
-    """A Ctrl-C (KeyboardInterrupt; in a ``--workers`` worker a stop signal) while the
-    app or the agent types were imported: the run was not started."""
+    """A Ctrl-C (KeyboardInterrupt), or a stop signal noted early (a ``--workers``
+    worker's SIGTERM, a SIGHUP), while the app or the agent types were imported: the run
+    was not started."""
 
     def __init__(self, what: str, signame: str | None = None) -> None:
         super().__init__(what)
         #: what was being imported and which flag (or key) named it
         self.what = what
-        #: the stop signal that interrupted it in a ``--workers`` worker
-        #: (``_run.stops_interrupt``); None: a KeyboardInterrupt (Ctrl-C elsewhere)
+        #: the stop signal noted early that interrupted it (``_run.stops_interrupt``: a
+        #: worker's SIGTERM, a SIGHUP); None: a KeyboardInterrupt (a Ctrl-C outside a worker)
         self.signame = signame
 
 
@@ -510,8 +512,9 @@ def _interrupted(exc: _ImportInterrupted) -> typer.Exit:
 def _loaded(load: Callable[[str], _T], reference: str | None, hint: str) -> _T | None:
     """``load(reference)``, None without a reference; a usage error naming ``hint`` (the
     flag or config key the reference came from) if it cannot be loaded; _ImportInterrupted
-    for a Ctrl-C while it is imported (in a ``--workers`` worker: a stop signal, also one
-    that came before or that the import swallowed, see ``_run.stops_interrupt``)."""
+    for a Ctrl-C while it is imported, or a stop signal noted early (a ``--workers``
+    worker's SIGTERM, a SIGHUP; also one that came before or that the import swallowed,
+    see ``_run.stops_interrupt``)."""
     from ._run import AppError, StoppedWhileImporting, stops_interrupt
 
     if not reference:
@@ -586,13 +589,20 @@ def _run_workers(
             _loaded_types(cfg.app.types, types_hint)
     except _ImportInterrupted as exc:
         # Before the nats-server and any worker: a summary as for any stop before the
-        # first worker started (every --workers run prints one), and status 130.
+        # first worker started (every --workers run prints one), and status 130 for a
+        # Ctrl-C; 0 for a hangup (a stop asked for, the import interrupted at once).
+        if exc.signame is not None:
+            stopped_by = f"{exc.signame}; stopped while importing {exc.what}"
+        else:
+            stopped_by = f"SIGINT; interrupted while importing {exc.what}"
         summary = not_started_summary(
             count,
             private_server=nats is None,
-            stopped_by=f"SIGINT; interrupted while importing {exc.what}, before any worker started",
+            stopped_by=f"{stopped_by}, before any worker started",
         )
         print_summary(summary, json_out=json_out)
+        if exc.signame is not None:
+            return
         raise _interrupted(exc) from None
     from ..logs import configure_logging
 

@@ -341,7 +341,7 @@ _early_signals: list[int] = []
 #: set once this process took a SIGHUP as a stop: its terminal is gone, and writing the
 #: summary there may fail (see :func:`print_summary`)
 _hangups: list[int] = []
-#: [a worker: its stop signals interrupt the import of the app (:func:`stops_interrupt`),
+#: [the stop signals noted early interrupt the import of the app (:func:`stops_interrupt`),
 #: and (while one is under way) whether they raise where the main thread is]
 _interrupts: dict[str, bool] = {"enabled": False, "armed": False}
 
@@ -372,12 +372,12 @@ def hung_up() -> bool:
 
 
 class StoppedWhileImporting(KeyboardInterrupt):
-    """A stop signal that came while a ``--workers`` worker imported the app or the agent
-    types (:func:`stops_interrupt`): the run was not started."""
+    """A stop signal that came while ``nexus run`` imported the app or the agent types
+    (:func:`stops_interrupt`; a worker's SIGTERM, a SIGHUP): the run was not started."""
 
     def __init__(self, signame: str) -> None:
         super().__init__(signame)
-        #: the first stop signal noted (``SIGTERM``: the parent's stop)
+        #: the first stop signal noted (``SIGTERM``: a worker's parent's stop; ``SIGHUP``)
         self.signame = signame
 
 
@@ -399,16 +399,18 @@ def _note_early(signum: int, _frame: object) -> None:
 
 @contextlib.contextmanager
 def stops_interrupt() -> Iterator[None]:
-    """Around the import of the user's module in a ``--workers`` worker: a stop signal
-    (the parent's SIGTERM) raises :class:`StoppedWhileImporting` (a KeyboardInterrupt)
-    where the import is, as Ctrl-C does in a run of its own, rather than waiting for
-    the import to end (seconds with a slow one). One noted before the block raises it
+    """Around the import of the user's module: a stop signal noted early (in a
+    ``--workers`` worker the parent's SIGTERM; elsewhere a SIGHUP) raises
+    :class:`StoppedWhileImporting` (a KeyboardInterrupt) where the import is, as Ctrl-C
+    does, rather than waiting for the import to end (seconds with a slow one), and the
+    app's ``main`` is not called after the stop. One noted before the block raises it
     at once, without the import; one the block did not end by (it came as the import
     returned, or the import caught ``BaseException`` and went on, or made another
     error of it) raises it as the block ends, in place of what it returned or raised:
     a stop noted until then always means not started. The signals stay noted (the run
-    would take them). Elsewhere (outside a worker, see :func:`catch_stop_signals_early`)
-    it does nothing: Python's SIGINT handler interrupts the import there."""
+    would take them). Outside a worker, a SIGINT is Python's KeyboardInterrupt there (see
+    :func:`catch_stop_signals_early`). Before :func:`catch_stop_signals_early`, it does
+    nothing."""
     if not _interrupts["enabled"]:
         yield
         return
@@ -438,7 +440,8 @@ def catch_stop_signals_early(*, worker: bool = True) -> None:
 
     Elsewhere (a run of its own, the ``--workers`` parent) only SIGHUP: a hangup may come
     twice (see :func:`_on_stop_signal`), and one more after the run would otherwise end
-    the process by its default action while it writes the summary. There, a SIGINT the
+    the process by its default action while it writes the summary; one while the app is
+    imported interrupts the import (:func:`stops_interrupt`), as a Ctrl-C does. There, a SIGINT the
     process inherited ignored (a background job of a shell without job control, such as
     ``nexus run ... &`` in a script, or some CI runners) gets Python's own handler back:
     the run takes Ctrl-C as its stop whatever it inherited (its receiver does, once it
@@ -447,7 +450,7 @@ def catch_stop_signals_early(*, worker: bool = True) -> None:
     nothing is done.)"""
     if threading.current_thread() is not threading.main_thread():
         return
-    _interrupts["enabled"] = worker
+    _interrupts["enabled"] = True
     if not worker and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     handled = tuple(s for s in stop_signals() if worker or is_hangup(s))
