@@ -49,6 +49,9 @@ from ._step import Stepper
 from ._transport import Transport
 
 _LATE_MEMORY: Final = 4096
+#: how many queries the transport handed over whose answers go back to it, whoever their
+#: sender is (see Router.answer_through_transport), the last ones
+_TRANSPORT_ANSWERS_MEMORY: Final = 65536
 #: how many agents (and supervisors) stopped after a failure an AgentNotFound for their
 #: id or name can tell of, the last ones: the record holds twice as many entries (an id
 #: and a name each), each a key and a shared text (some 200 bytes an agent)
@@ -211,6 +214,13 @@ class TransportHandle:
         cannot carry); ``KernelShuttingDown`` once the transport is detached."""
         self._router.relay_nowait(msg)
 
+    def answer_through_transport(self, query_id: uuid.UUID) -> None:
+        """Every answer to query ``query_id``, which the transport hands over next, goes
+        back to the transport (``deliver_nowait``), whatever its sender is: also an agent
+        here, which would otherwise take it as a message (a durable message keeps its
+        real sender, and its answer acks it). The last 65,536 such queries are kept."""
+        self._router.answer_through_transport(query_id)
+
     def gave_up(self, request_id: uuid.UUID) -> bool:
         """True if a request of this kernel with id ``request_id`` stopped waiting (timed
         out, cancelled, failed) not long ago (the last few thousand): what answers it now
@@ -344,6 +354,11 @@ class Router:
         #: remote requester's cancel names the address it asked, and stops the handler
         #: where the query went (see expire_query)
         self._passed_on: dict[int, Address] = {}
+        #: queries the transport handed over whose answers go back to it, also when their
+        #: sender is an agent here (a durable message from a local agent: its answer acks
+        #: it), by the query id's 128-bit value, the last _TRANSPORT_ANSWERS_MEMORY
+        #: of them (oldest first)
+        self._transport_answers: dict[int, None] = {}
         #: ids (128-bit values) of requests answered here, the last _LATE_MEMORY to 2 *
         #: _LATE_MEMORY of them in two generations: a second answer to one (a handler
         #: that sent ``msg.reply(...)`` and returned a value too) is a late reply, as in
@@ -818,6 +833,15 @@ class Router:
             self._answered_now(reply_to.int)
             return True
         key = reply_to.int
+        if self._transport_answers and key in self._transport_answers:
+            # the transport's to take (a durable message's answer acks it), not a message
+            # for its sender, here or elsewhere
+            transport = self.transport
+            if transport is not None:
+                transport.deliver_nowait(msg)
+                self.ledger.accepted += 1
+                self.ledger.forwarded += 1
+                return True
         if key in self.late_queries:
             self._accept_dead(msg, DeadLetterReason.LATE_REPLY, "the request had timed out")
             return True
@@ -986,6 +1010,15 @@ class Router:
                 self._dead_undeliverable(out, exc)
                 return None
         return out
+
+    def answer_through_transport(self, query_id: uuid.UUID) -> None:
+        """See :meth:`TransportHandle.answer_through_transport`."""
+        answers = self._transport_answers
+        key = query_id.int
+        answers.pop(key, None)  # (a redelivery: the entry moves to the newest end)
+        answers[key] = None
+        if len(answers) > _TRANSPORT_ANSWERS_MEMORY:
+            del answers[next(iter(answers))]
 
     def _passed_on_for_remote(self, key: int, to: Address) -> None:
         """A handler here passed query ``key``, which no requester here waits for (one on

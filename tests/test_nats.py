@@ -1334,3 +1334,44 @@ async def test_traffic_resumes_after_a_server_of_a_three_server_cluster_dies() -
             assert cluster.stats().reconnects >= 1
             assert cluster.nc.connected_url is not None
             assert cluster.nc.connected_url.port != victim.port
+
+
+async def test_a_durable_message_from_a_local_agent_names_it_as_sender_and_is_acked(
+    nats: NatsServer,
+) -> None:
+    """Regression: a durable message sent by an agent of the recipient's own node came
+    to the handler with ``ctx.message.sender`` the node's internal acker id (so that its
+    answer reached the transport and acked it), and a tell back to that sender failed
+    with AgentNotFound. The handler sees the real sender; its answer still acks the
+    message and never reaches the sender as a message."""
+    from nexus_trio._nats import DurableOptions
+
+    seen: list[uuid.UUID] = []
+    got: list[Any] = []
+    back = trio.Event()
+
+    @agent(name="durable-echo-a")
+    async def echo(ctx: Context, msg: Message) -> Any:
+        seen.append(msg.sender)
+        await ctx.send(msg.sender, ("back", msg.payload))
+        return "acked"
+
+    @agent(name="durable-asker-a")
+    async def asker(ctx: Context, msg: Message) -> Any:
+        got.append(msg.payload)
+        back.set()
+        return None
+
+    durable = DurableOptions(ack_wait=30.0, max_deliver=5, redelivery_delay=0.05)
+    async with local_node(nats.url, durable=durable) as (kernel, cluster):
+        kernel.spawn(echo)
+        asker_ref = kernel.spawn(asker)
+        with trio.fail_after(15):
+            await cluster.send_durable("durable-echo-a", "work", sender=asker_ref.id)
+            await back.wait()
+            # (the answer acked it as the handler returned, before this wait ends)
+            await trio.testing.wait_all_tasks_blocked()
+        stats = cluster.stats()
+    assert seen == [asker_ref.id]
+    assert got == [("back", "work")]
+    assert (stats.durable_acked, stats.durable_redelivered, stats.durable_dead) == (1, 0, 0)

@@ -163,11 +163,6 @@ class DurableChannel:
         # for an agent id gone for good: terminated at once, logged likewise
         self._gone_log = Throttle()
         self._gone = 0
-        # Replies to durable Queries must reach the transport: a sender local to this
-        # node would receive them itself, so such Queries are sent from this id instead.
-        self.acker_id = uuid.uuid5(
-            uuid.NAMESPACE_URL, f"nexus:{cluster.prefix}:{cluster.node}:acker"
-        )
         self.acked = 0
         self.redelivered = 0
         self.dead = 0
@@ -491,8 +486,13 @@ class DurableChannel:
             return
         if jsmsg.metadata.num_delivered > 1:
             self.redelivered += 1
-        sender = self.acker_id if kernel.is_local(msg.sender) else msg.sender
-        query = msg.evolve(kind=MessageKind.QUERY, sender=sender)
+        query = msg.evolve(kind=MessageKind.QUERY)
+        if kernel.is_local(msg.sender):
+            # Its answer acks it: it must reach the transport, not the sender here, which
+            # the handler still sees as ``ctx.message.sender`` (a tell to it reaches it)
+            handle = self.cluster.handle
+            if handle is not None:
+                handle.answer_through_transport(msg.id)
         earlier = self._in_flight.pop(msg.id, None)  # an earlier delivery: this one is newer
         if earlier is not None or msg.id in self._late:
             # that one's handler may answer too: its answer is a duplicate, not a message
