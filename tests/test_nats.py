@@ -288,8 +288,11 @@ async def test_queue_group_shares_work_between_nodes(nats: NatsServer) -> None:
 
 async def test_queue_group_without_replicas_is_agent_not_found(nats: NatsServer) -> None:
     async with local_node(nats.url) as (kernel, _):
-        with trio.fail_after(30), pytest.raises(AgentNotFound):
+        with trio.fail_after(30), pytest.raises(AgentNotFound) as refused:
             await kernel.request(type_address("nobody"), 1)
+    # NATS's "no responders": said so, naming the type (no node)
+    assert (refused.value.address, refused.value.node) == (type_address("nobody"), None)
+    assert refused.value.detail == "NATS had no responders: no node serves type 'nobody'"
 
 
 async def test_a_tell_to_a_type_no_node_serves_is_counted_not_lost_silently(
@@ -1375,3 +1378,28 @@ async def test_a_durable_message_from_a_local_agent_names_it_as_sender_and_is_ac
     assert seen == [asker_ref.id]
     assert got == [("back", "work")]
     assert (stats.durable_acked, stats.durable_redelivered, stats.durable_dead) == (1, 0, 0)
+
+
+async def test_no_responders_for_a_request_names_the_node_that_was_asked(
+    nats: NatsServer,
+) -> None:
+    """Regression: NATS's "no responders" for a request (the node the agent's id names
+    has no connection, not yet judged lost here) failed it with an AgentNotFound that
+    named neither that node nor why. It names the node asked and says NATS had no
+    responder there."""
+    patient = {"missed_heartbeats": 100}
+    async with local_node(nats.url, "a", **patient) as (ka, _ca):
+        async with open_kernel(node_config()) as kb:
+            async with join_cluster(kb, nats.url, "b", options=attrs.evolve(FAST, **patient)) as cb:
+                ref = kb.spawn(double)
+                with trio.fail_after(20):
+                    assert await ka.request(ref.id, 2, timeout=10) == 4
+                    await call_aio(cb.nc.close)
+                    with pytest.raises(AgentNotFound) as lost:
+                        await ka.request(ref.id, 3, timeout=10)
+                await kb.shutdown()
+    assert (lost.value.address, lost.value.node) == (ref.id, "b")
+    assert "no responders" in lost.value.detail
+    assert str(lost.value) == (
+        f"no agent is registered as {ref.id!r} on node 'b' ({lost.value.detail})"
+    )

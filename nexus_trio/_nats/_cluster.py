@@ -2091,7 +2091,7 @@ class Cluster:
                     error = RequestFailed(query_id, to, "malformed", exc)
                     counted = True
             else:
-                error = AgentNotFound(to)
+                error = _no_responders(to, node)
             handle = self.handle
             if (handle is None or not handle.fail_request(query_id, error)) and not counted:
                 self._unawaited_error(m, query_id)
@@ -3996,6 +3996,21 @@ class Cluster:
 
 async def _written() -> None:
     """What ``Cluster._publish_one`` gives the outbox for a message already written."""
+
+
+def _no_responders(to: Address, node: str) -> AgentNotFound:
+    """NATS's "no responders" for a query to ``to`` sent to ``node`` (a member's name, or
+    ``type:<name>`` for a query to a type; "?" if no longer known)."""
+    if node.startswith("type:"):
+        return AgentNotFound(to, detail=f"NATS had no responders: no node serves type {node[5:]!r}")
+    if node == "?":
+        return AgentNotFound(to, detail="NATS had no responders")
+    return AgentNotFound(
+        to,
+        detail=f"NATS had no responders: node {node!r} does not listen (it left the"
+        " cluster or lost its NATS connection, and is not judged lost here yet)",
+        node=node,
+    )
 
 
 def _left_the_cluster() -> KernelShuttingDown:
