@@ -179,15 +179,20 @@ _PHASE_SAID: Final = {
     "stopping": "kernel is shutting down (stopping: the grace period is over, nothing"
     " more is handled)",
     "stopped": "kernel has shut down (stopped)",
+    "detached": "transport detached (the node left its cluster; its kernel runs on)",
 }
+#: the phases a KernelShuttingDown names (besides "", not known)
+SHUTDOWN_PHASES: Final = frozenset(_PHASE_SAID)
 
 
 class KernelShuttingDown(NexusError):
     """The kernel is stopping and accepts no new messages or agents.
 
     ``phase`` is the kernel's phase when it refused (``"draining"``, ``"stopping"`` or
-    ``"stopped"``: ``KernelPhase``'s names in lower case), named in the message; ``""``
-    when not known (e.g. an error another node sent)."""
+    ``"stopped"``: ``KernelPhase``'s names in lower case), named in the message;
+    ``"detached"`` for what came from another kernel, or was to go to one, after the
+    transport was detached while the kernel runs on (a node that left its cluster);
+    ``""`` when not known (an error frame of an earlier version)."""
 
     def __init__(self, what: str = "send", phase: str = "") -> None:
         self.what = what

@@ -582,6 +582,12 @@ class Router:
 
     # --- entry points -------------------------------------------------------------------
 
+    def detached_phase(self) -> str:
+        """What a KernelShuttingDown for a message to or from another kernel says of the
+        phase once the transport is detached: ``detached`` while the kernel runs on."""
+        phase = self.phase
+        return "detached" if phase is _RUNNING else phase.name.lower()
+
     def refuse(self, what: str) -> KernelShuttingDown:
         self.ledger.rejected["shutting_down"] += 1
         return KernelShuttingDown(what, self.phase.name.lower())
@@ -778,7 +784,7 @@ class Router:
         """See :meth:`TransportHandle.relay_nowait`."""
         transport = self.transport
         if transport is None:
-            raise KernelShuttingDown("relay")
+            raise KernelShuttingDown("relay", self.detached_phase())
         try:
             transport.deliver_nowait(msg)
         except (AgentNotFound, MailboxFull) as exc:
@@ -807,7 +813,7 @@ class Router:
 
     async def deliver_from_remote(self, msg: Message) -> None:
         if self.phase >= _STOPPING:
-            raise KernelShuttingDown("remote delivery")
+            raise KernelShuttingDown("remote delivery", self.phase.name.lower())
         if msg.reply_to is not None and self._deliver_reply(msg):
             # taken: a Cancelled now would tell the transport it was not
             await trio.lowlevel.cancel_shielded_checkpoint()

@@ -686,7 +686,12 @@ async def test_a_query_parked_when_its_node_leaves_gets_the_refusal_at_once(
         gate.set()
         await kb.shutdown()
     assert len(outcome) == 1 and isinstance(outcome[0], KernelShuttingDown), outcome
-    assert "on node 'b'" in str(outcome[0])
+    # b's kernel ran on when b left: not "kernel is shutting down", and the phase is said
+    assert outcome[0].phase == "detached"
+    assert str(outcome[0]) == (
+        "transport detached (the node left its cluster; its kernel runs on): remote"
+        " delivery on node 'b' refused"
+    )
     assert handled == [0, 1]
     assert cb.stats().inbound_dropped == {"shutting_down": 3}
     assert cb.stats().errors_replied == {"shutting_down": 1}

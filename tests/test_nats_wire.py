@@ -435,6 +435,17 @@ def test_error_frames_become_the_errors_a_local_request_raises() -> None:
         json.loads(body)
         back = wire.error_from_frame(kind, body, query_id=qid, to="x", node="b")
         assert isinstance(back, expected), (exc, back)
+    # a refusal of the shutdown keeps its phase across the wire (a frame of an earlier
+    # version carries none, and one a peer made up is not taken)
+    kind, body = wire.error_frame(KernelShuttingDown("remote delivery", "stopping"))
+    refused = wire.error_from_frame(kind, body, query_id=qid, to="x", node="b")
+    assert isinstance(refused, KernelShuttingDown)
+    assert (refused.what, refused.phase) == ("remote delivery on node 'b'", "stopping")
+    for sent in ({"what": "send"}, {"what": "send", "phase": "over"}, {"phase": 3}):
+        other = wire.error_from_frame(
+            kind, json.dumps(sent).encode(), query_id=qid, to="x", node="b"
+        )
+        assert isinstance(other, KernelShuttingDown) and other.phase == ""
     kind, body = wire.error_frame(MailboxFull(rid, "x", 8, mid))
     full = wire.error_from_frame(kind, body, query_id=qid, to="x", node="b")
     assert isinstance(full, MailboxFull)

@@ -81,7 +81,7 @@ from .._events import EventKind, LifecycleEvent
 from .._kernel import Kernel
 from .._logcall import log_guarded
 from .._message import SYSTEM_ID, Address, Message, MessageKind, id_value
-from .._router import TransportHandle
+from .._router import KernelPhase, TransportHandle
 from .._throttle import Throttle
 from . import _batch as batch
 from . import _direct as direct
@@ -1780,7 +1780,7 @@ class Cluster:
     def _refuse_tells(self, head: batch.BatchHead, tells: list[bytes]) -> None:
         """Leaving: tells of a batch that will not be delivered; refused, counted (the
         caller returns their credit)."""
-        leaving = _left_the_cluster()
+        leaving = self._left_the_cluster()
         for body in tells:
             try:
                 msg = wire.decode_tell(body)
@@ -1793,7 +1793,7 @@ class Cluster:
         """The leave cancelled the pump's wait to deliver ``msg``: a cancelled delivery
         took nothing (a cancelled wait for room enqueues nothing, and a reply the router
         took is not followed by a Cancelled), so it is refused, counted."""
-        self._refused(m, msg, _left_the_cluster(), is_query)
+        self._refused(m, msg, self._left_the_cluster(), is_query)
 
     def _refuse_inbound(self, item: NatsMsg | _OpenBatch) -> None:
         """Leaving: an item of the inbox that the pump will not deliver any more;
@@ -1816,7 +1816,7 @@ class Cluster:
             type_name = subject[len(self.prefix) + 6 :]  # "<prefix>.type.<name>"
         msg = self._decode_for(item, type_name)
         if msg is not None:
-            self._refuse(item, msg, _left_the_cluster())
+            self._refuse(item, msg, self._left_the_cluster())
 
     def _undecodable(self, head: batch.BatchHead, exc: MessageDecodeError) -> None:
         self._dropped["malformed"] += 1
@@ -2243,7 +2243,7 @@ class Cluster:
             if not relaying:
                 self.kernel.send_nowait(reply)
             elif self.handle is None:
-                raise KernelShuttingDown("relay")
+                raise self._refusal("relay")
             else:
                 # also while the kernel drains or after it stopped: the route is known
                 # and the transport up, and the requester waits. It goes out naming this
@@ -2366,7 +2366,7 @@ class Cluster:
             handle = self.handle
             try:
                 if handle is None:
-                    raise KernelShuttingDown("remote delivery")
+                    raise self._refusal("remote delivery")
                 if handle.deliver_nowait(msg):  # never forwarded again from here
                     self._forwarded_in += 1
                     return True
@@ -2377,7 +2377,7 @@ class Cluster:
             if deliveries is None:
                 # The node left (its delivering tasks ended, see _stop_deliveries) and
                 # is not yet disconnected: this will not get in through it any more.
-                self._refused(m, msg, _left_the_cluster(), is_query)
+                self._refused(m, msg, self._left_the_cluster(), is_query)
                 return True
             parked = self._parked[msg.to] = deque()
             deliveries.start_soon(self._deliver_parked, msg.to, parked)
@@ -2428,7 +2428,7 @@ class Cluster:
                             # leave itself: a message the consumer admitted as it woke
                             # this task is in, and only this task can tell. Their credit
                             # goes back too (below): it confirms them to their senders.
-                            leaving = _left_the_cluster()
+                            leaving = self._left_the_cluster()
                             while parked:
                                 m, msg, is_query, stream = parked.popleft()
                                 self._refused(m, msg, leaving, is_query)
@@ -2542,10 +2542,26 @@ class Cluster:
             self._forwarded_in += 1
         return taken
 
+    def _refusal(self, what: str) -> KernelShuttingDown:
+        """The refusal of ``what`` (a message from or to another node) once the transport
+        is detached or the kernel shuts down, naming the kernel's phase (``detached``
+        while it runs on)."""
+        phase = self.kernel.phase
+        return KernelShuttingDown(
+            what, "detached" if phase is KernelPhase.RUNNING else phase.name.lower()
+        )
+
+    def _left_the_cluster(self) -> KernelShuttingDown:
+        """The refusal of a message from another node that the leave did not deliver."""
+        if self.kernel.phase is KernelPhase.RUNNING:
+            return self._refusal("remote delivery")
+        # (the kernel's phase says it shuts down: the leave is said too)
+        return self._refusal("remote delivery (the node left the cluster)")
+
     async def _into_kernel(self, msg: Message) -> None:
         """A message from another node, delivered under local rules (see TransportHandle)."""
         if self.handle is None:
-            raise KernelShuttingDown("remote delivery")
+            raise self._refusal("remote delivery")
         await self.handle.deliver(msg)
         self._forwarded_in += 1
 
@@ -4011,10 +4027,6 @@ def _no_responders(to: Address, node: str) -> AgentNotFound:
         " cluster or lost its NATS connection, and is not judged lost here yet)",
         node=node,
     )
-
-
-def _left_the_cluster() -> KernelShuttingDown:
-    return KernelShuttingDown("remote delivery (the node left the cluster)")
 
 
 def _singles(parked: deque[_Parked]) -> int:

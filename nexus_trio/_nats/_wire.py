@@ -46,6 +46,7 @@ from typing import Any, Final
 
 from .._deadletter import DeadLetterReason
 from .._errors import (
+    SHUTDOWN_PHASES,
     AgentNotFound,
     KernelShuttingDown,
     MailboxFull,
@@ -759,7 +760,8 @@ def error_frame(exc: BaseException) -> tuple[str, bytes]:
         }
         return "mailbox_full", json.dumps(body).encode()
     if isinstance(exc, KernelShuttingDown):
-        return "shutting_down", json.dumps({"what": exc.what}).encode()
+        # "phase": a peer of an earlier version reads no more than "what"
+        return "shutting_down", json.dumps({"what": exc.what, "phase": exc.phase}).encode()
     if isinstance(exc, RequestFailed):
         error = None if exc.error is None else _error_text(exc.error)
         body = {"reason": exc.reason, "error": error}
@@ -833,7 +835,12 @@ def error_from_frame(
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"malformed {kind} error frame: {exc!r}") from None
     if kind == "shutting_down":
-        return KernelShuttingDown(f"{_frame_text(data.get('what', 'request'))} on node {node!r}")
+        phase = data.get("phase")
+        return KernelShuttingDown(
+            f"{_frame_text(data.get('what', 'request'))} on node {node!r}",
+            # one a peer made up is not taken (its text would say nothing true)
+            phase if phase in SHUTDOWN_PHASES else "",
+        )
     error = data.get("error")
     at = data.get("at")
     return RequestFailed(
