@@ -4511,3 +4511,38 @@ async def test_a_relayed_answer_the_nats_client_refuses_is_not_counted_as_handed
         # b took the query from a (in), handed its answer to nobody (out unchanged)
         assert _per_peer(cb, own) == (before[0], before[1] + 1)
         assert _per_peer(cb, _FAKE_PREFIX) == (1, 1)
+
+
+async def test_an_answer_to_pass_on_that_fits_nats_only_without_its_header_fails_its_request(
+    nats: NatsServer,
+) -> None:
+    """Regression: an answer b passes on (its router sent the query to c) goes with the
+    ``Nexus-Relayed`` header, which NATS counts against ``max_payload`` and nats-py does
+    not: one that fit alone but not with the header made the server close b's connection
+    (Maximum Payload Violation), nats-py closed b's client for good, and every later
+    request through b failed. b refuses it before it is written: the requester gets the
+    error at once, b's connection stays up."""
+
+    async def worker(ctx: Context, msg: Message) -> Any:
+        if msg.payload == "small":
+            return "ok"
+        reply = msg.reply(ctx.id, "")
+        size = len(wire.encode_message(reply))
+        # the reply c sends b: just under the limit, alone
+        return reply.evolve(payload="x" * (msg.payload - size - 2))
+
+    async with _three_nodes(nats.url, worker) as ((ka, _ca), (_kb, cb), (_kc, _cc)):
+        limit = cb.nc.max_payload
+        with trio.fail_after(20):
+            with pytest.raises(RequestFailed) as failed:
+                await ka.request("router", limit, timeout=10)
+            assert await ka.request("router", "small", timeout=10) == "ok"
+        assert not cb.nc.is_closed
+    assert "max_payload" in str(failed.value)
+    assert failed.value.reason == "unserialisable"
+    counted = cb.stats()
+    assert (counted.errors_replied, counted.inbound_dropped) == (
+        {"request_failed": 1},
+        {"unrelayable_reply": 1},
+    )
+    assert counted.publish_failures == 0

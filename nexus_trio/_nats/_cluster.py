@@ -1281,9 +1281,20 @@ class Cluster:
                         return subject, "", msg.to_json().encode(), None
                     # to the node whose reply subject it is (the query came from it)
                     data = wire.encode_message(msg)
-                    return subject, "", data, self._peer_of(subject, reply_to.int >> 64)
                 except wire.UNENCODABLE as exc:
                     raise self._unencodable_reply(msg, reply_to, subject, exc) from exc
+                relaying = self._relaying
+                if relaying is not None:
+                    # passed on with a header, which NATS counts too (see _publish_one)
+                    size = len(data) + wire.header_bytes(relaying)
+                    if size > self._max_payload():
+                        too_big = ValueError(
+                            f"the answer is {size} bytes with its {wire.RELAYED_HEADER}"
+                            " header: more than NATS accepts in one message (max_payload"
+                            f" {self._max_payload()} bytes)"
+                        )
+                        raise self._unencodable_reply(msg, reply_to, subject, too_big)
+                return subject, "", data, self._peer_of(subject, reply_to.int >> 64)
             if self.durable.completed(reply_to):
                 return None
         to = msg.to
@@ -1380,8 +1391,14 @@ class Cluster:
         subject, reply, headers, data, kind = out
         nc = self.nc
         # a message that goes alone (a query, a reply) waits for no flusher task
-        if kind == _PLAIN and headers is None and direct.publish_at_once(nc, subject, reply, data):
-            return _written()
+        if headers is None:
+            if kind == _PLAIN and direct.publish_at_once(nc, subject, reply, data):
+                return _written()
+        elif len(data) + wire.header_bytes(headers) > self._max_payload():
+            # nats-py checks the body alone: the server would close the connection, and
+            # nats-py then closes it for good (every later send failing). Refused here
+            # as nats-py refuses a body over the limit (see _publish_refused)
+            return _refused(nats.errors.MaxPayloadError())
         return nc.publish(subject, data, reply=reply, headers=headers)
 
     def _publish_refused(self, out: _Outgoing, exc: Exception, *, leaving: bool = False) -> None:
@@ -4008,6 +4025,11 @@ class Cluster:
             errors_unsent=dict(self._errors_unsent),
             lost_at_leave=self._lost_at_leave,
         )
+
+
+async def _refused(exc: Exception) -> None:
+    """What ``Cluster._publish_one`` gives the outbox for a message it refuses."""
+    raise exc
 
 
 async def _written() -> None:

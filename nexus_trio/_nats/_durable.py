@@ -88,12 +88,6 @@ _DONE_MEMORY: Final = 65536
 _MAX_MESSAGES_EXCEEDED: Final = 10077
 
 
-def _header_bytes(headers: dict[str, str]) -> int:
-    """The size of ``headers`` as NATS counts it against ``max_payload`` with the body
-    (``NATS/1.0``, ``key: value`` lines, a blank line)."""
-    return 12 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
-
-
 @final
 @attrs.frozen
 class DurableOptions:
@@ -320,7 +314,7 @@ class DurableChannel:
             failure = wire.unencodable_failure(f"message {msg.id} to {msg.to}", exc)
             raise unsendable(failure) from exc
         headers = {wire.MSG_ID_HEADER: str(msg.id)}
-        size = len(data) + _header_bytes(headers)
+        size = len(data) + wire.header_bytes(headers)
         nc = cluster.nc
         limit = nc.max_payload if nc is not None and nc.max_payload else 1 << 20
         if size > limit:

@@ -738,6 +738,14 @@ def name_from_key(key: str) -> str:
     return name
 
 
+def header_bytes(headers: dict[str, str]) -> int:
+    """The size of ``headers`` as NATS counts it against ``max_payload`` with the body
+    (``NATS/1.0``, ``key: value`` lines, a blank line); nats-py checks the body alone,
+    and the server closes a connection that sends more (Maximum Payload Violation),
+    which nats-py then closes for good."""
+    return 12 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+
+
 # --- error frames -----------------------------------------------------------------------
 
 
