@@ -4546,3 +4546,32 @@ async def test_an_answer_to_pass_on_that_fits_nats_only_without_its_header_fails
         {"unrelayable_reply": 1},
     )
     assert counted.publish_failures == 0
+
+
+async def test_an_answer_too_big_for_nats_fails_its_remote_request_at_once(
+    nats: NatsServer,
+) -> None:
+    """Regression: a handler's answer to a requester on another node that was larger than
+    NATS's ``max_payload`` was refused by the NATS client as it was written (counted in
+    ``publish_failures``, nothing told the requester), and the requester waited out its
+    whole timeout. It is refused when it is routed, as a reply the wire cannot carry: the
+    requester gets ``RequestFailed`` (``unserialisable``) naming the size and the limit at
+    once."""
+
+    async def worker(ctx: Context, msg: Message) -> Any:
+        if msg.payload == "small":
+            return "ok"
+        return "x" * msg.payload
+
+    async with _three_nodes(nats.url, worker) as ((ka, _ca), (_kb, _cb), (_kc, cc)):
+        limit = cc.nc.max_payload
+        with trio.fail_after(20):
+            with pytest.raises(RequestFailed) as failed:
+                await ka.request("worker", limit + 10, timeout=15)
+            assert await ka.request("worker", "small", timeout=10) == "ok"
+        assert not cc.nc.is_closed
+        assert failed.value.reason == "unserialisable"
+        assert "max_payload" in str(failed.value)
+        counted = cc.stats()
+        assert counted.errors_replied == {"request_failed": 1}
+        assert counted.publish_failures == 0

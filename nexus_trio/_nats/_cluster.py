@@ -1276,24 +1276,28 @@ class Cluster:
             subject, json_form = self._take_route(reply_to)
             if subject is not None:
                 try:
-                    if json_form:
-                        # asked in the kernel's JSON wire form (e.g. by a non-Python client)
-                        return subject, "", msg.to_json().encode(), None
+                    # asked in the kernel's JSON wire form (e.g. by a non-Python client), or
                     # to the node whose reply subject it is (the query came from it)
-                    data = wire.encode_message(msg)
+                    data = msg.to_json().encode() if json_form else wire.encode_message(msg)
                 except wire.UNENCODABLE as exc:
                     raise self._unencodable_reply(msg, reply_to, subject, exc) from exc
                 relaying = self._relaying
-                if relaying is not None:
-                    # passed on with a header, which NATS counts too (see _publish_one)
-                    size = len(data) + wire.header_bytes(relaying)
-                    if size > self._max_payload():
-                        too_big = ValueError(
-                            f"the answer is {size} bytes with its {wire.RELAYED_HEADER}"
-                            " header: more than NATS accepts in one message (max_payload"
-                            f" {self._max_payload()} bytes)"
-                        )
-                        raise self._unencodable_reply(msg, reply_to, subject, too_big)
+                # An answer NATS cannot carry in one message: the client would refuse it as
+                # it is written, counted, and its requester would wait out its timeout.
+                # Passed on, it goes with a header, which NATS counts too (see
+                # _publish_one).
+                size = len(data) if relaying is None else len(data) + wire.header_bytes(relaying)
+                if size > self._max_payload():
+                    with_header = (
+                        "" if relaying is None else f" with its {wire.RELAYED_HEADER} header"
+                    )
+                    too_big = ValueError(
+                        f"the answer is {size} bytes{with_header}: more than NATS accepts in"
+                        f" one message (max_payload {self._max_payload()} bytes)"
+                    )
+                    raise self._unencodable_reply(msg, reply_to, subject, too_big)
+                if json_form:
+                    return subject, "", data, None
                 return subject, "", data, self._peer_of(subject, reply_to.int >> 64)
             if self.durable.completed(reply_to):
                 return None
