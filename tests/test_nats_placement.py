@@ -692,6 +692,56 @@ async def test_of_two_nodes_joining_under_one_name_at_once_the_later_is_refused(
         assert decode_record(entry.value, monotonic(), "b").id_prefix == first
 
 
+async def test_a_tell_sent_to_a_node_as_soon_as_its_record_is_seen_reaches_it(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: the join's first record write (the compare-and-set of its name) came
+    before it subscribed to its subject; the others take a node as a live member from its
+    record, so what they sent it in between went nowhere (counted lost in transit there).
+    Here b's subscription takes a second (a loaded host): a sees b's record, sends to
+    b's agent at once, and b gets it."""
+    from nats.aio.client import Client as NatsClient
+
+    real_subscribe = NatsClient.subscribe
+    node_subject = wire.node_wildcard(FAST.prefix, "b")
+
+    async def slow_subscribe(self: Any, subject: str, *args: Any, **kw: Any) -> Any:
+        if subject == node_subject:
+            await asyncio.sleep(1.0)
+        return await real_subscribe(self, subject, *args, **kw)
+
+    got: list[object] = []
+    arrived = trio.Event()
+
+    async def sink(ctx: Context, msg: Message) -> None:
+        got.append(msg.payload)
+        arrived.set()
+
+    async with _node(nats.url, "a", **QUIET) as (ka, ca), open_kernel(node_config()) as kb:
+        ref = kb.spawn(sink, name="sink")
+        monkeypatch.setattr(NatsClient, "subscribe", slow_subscribe)
+        async with trio.open_nursery() as nursery:
+            joined = trio.Event()
+            leave = trio.Event()
+
+            async def join_b() -> None:
+                async with join_cluster(kb, nats.url, "b", options=attrs.evolve(FAST, **QUIET)):
+                    joined.set()
+                    await leave.wait()
+
+            nursery.start_soon(join_b)
+            with trio.fail_after(30):  # a hang guard
+                while "b" not in ca.live_nodes():  # noqa: ASYNC110 (the watch: no event)
+                    await trio.sleep(0.001)
+            await ka.send(ref.id, "hello")
+            with trio.fail_after(30):
+                await joined.wait()
+            with trio.move_on_after(10):
+                await arrived.wait()
+            leave.set()
+    assert got == ["hello"]
+
+
 async def test_a_rebalance_the_new_owner_refuses_starts_the_agent_here_again(
     nats: NatsServer,
 ) -> None:

@@ -49,7 +49,7 @@ import time
 import uuid
 import weakref
 from collections import Counter, OrderedDict, deque
-from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import Any, Final, final
 
@@ -3695,10 +3695,12 @@ class Cluster:
         self._names_kv = await self._kv(f"{self.prefix}-names", ttl=None)
         await self._outbox.start()
         self._batch_bytes = batch.batch_limit(self._max_payload(), self.node, opts.batch_bytes)
-        # before this node takes anything meant for its name, or announces it
-        await self._claim_the_name()
+        # Judged before this node takes anything meant for its name; subscribed before
+        # its record (which makes it a live member to the others) is written
+        sub: Any = None
 
         async def subscribe() -> None:
+            nonlocal sub
             sub = await self.nc.subscribe(
                 wire.node_wildcard(self.prefix, self.node),
                 cb=self._on_node_message,
@@ -3708,7 +3710,15 @@ class Cluster:
             direct.deliver_inline(sub, self._take_node_message)
             await direct.flush_after_subscribe(self.nc)
 
-        await call_aio(subscribe)
+        async def unsubscribe() -> None:
+            nonlocal sub
+            if sub is not None:
+                sub, was = None, sub
+                await was.unsubscribe()
+
+        await self._claim_the_name(
+            functools.partial(call_aio, subscribe), functools.partial(call_aio, unsubscribe)
+        )
 
         async def subscribe_heartbeats() -> None:
             self._heartbeat_sub = await self._control.subscribe(
@@ -3737,23 +3747,32 @@ class Cluster:
         await self.durable.start(nursery)
         await self.names_published()
 
-    async def _claim_the_name(self) -> None:
+    async def _claim_the_name(
+        self,
+        subscribe: Callable[[], Awaitable[None]],
+        unsubscribe: Callable[[], Awaitable[None]],
+    ) -> None:
         """Write this node's first record under its name, a compare-and-set against the
         record :meth:`_refuse_a_live_namesake` judged (none, or a dead process's): two
         processes joining under one name at the same instant both find no record, but
         only the first write lands; the other's is refused by the bucket, and it judges
-        the record written meanwhile as any (its writer heartbeats: ValueError). Before
-        this node subscribes to anything meant for its name or heartbeats under it; it is
-        the join's record in the bucket (its first heartbeat is on core NATS only)."""
+        the record written meanwhile as any (its writer heartbeats: ValueError). The node
+        subscribes to its subject after the judgement and before the write: the others
+        take it for a live member from its record, and send to it from then on (what
+        they sent before it subscribed would go nowhere); a refused write unsubscribes
+        before judging again. It is the join's record in the bucket (its first heartbeat
+        is on core NATS only)."""
         kv = self._nodes_kv
         assert kv is not None
         for _ in range(_CLAIM_TRIES):
             last = await self._refuse_a_live_namesake()
+            await subscribe()
             try:
                 self._record_revision = await call_aio(kv.update, self.node, self._record(), last)
                 return
             except nats.js.errors.KeyWrongLastSequenceError:
-                continue  # written under the name since it was read: judged again
+                # written under the name since it was read: judged again, unsubscribed
+                await unsubscribe()
         raise ValueError(
             f"node name {self.node!r} is taken: other processes wrote its membership record"
             f" each of the {_CLAIM_TRIES} times this one was about to (two or more nodes"
