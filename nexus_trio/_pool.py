@@ -32,7 +32,7 @@ import trio
 
 from ._agent import Agent, AgentRef, AgentSpec, Behaviour, Context, Handler, as_spec
 from ._deadletter import DeadLetterReason
-from ._errors import AgentNotFound, MessageFailed, NexusError, RequestFailed
+from ._errors import AgentNotFound, MessageFailed, NexusError, RequestFailed, error_repr
 from ._message import Message, MessageKind
 from ._router import KernelPhase
 from ._supervisor import Supervisor
@@ -506,7 +506,10 @@ class _PoolRouter(Agent):
             # The message fails, the pool does not (Akka sends unhashable messages to
             # dead letters too): dead letter ``handler_error``, a requester gets
             # RequestFailed naming the problem.
-            raise MessageFailed(f"pool {self.name!r}: no consistent-hash key: {exc!r}") from exc
+            # (the key function's error is user code: its repr may raise)
+            raise MessageFailed(
+                f"pool {self.name!r}: no consistent-hash key: {error_repr(exc)}"
+            ) from exc
         return self.ring.owner(data)
 
     def _least_loaded(self) -> AgentRef:
@@ -616,7 +619,8 @@ class _PoolRouter(Agent):
                 await _started_or_stopped(kernel, ref, first.done)
                 self.first_starts.pop(ref.id, None)
                 if first.error is not None:
-                    problems.append(f"{ref.name} failed to start: {first.error!r}")
+                    # (its on_start's error is user code: its repr may raise)
+                    problems.append(f"{ref.name} failed to start: {error_repr(first.error)}")
                 elif not first.done.is_set():
                     problems.append(f"{ref.name} stopped before it started")
             answered = True

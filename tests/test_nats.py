@@ -832,6 +832,49 @@ async def test_a_durable_message_whose_pool_worker_failed_is_nakked_not_left_to_
     assert (stats.durable_redelivered, stats.durable_acked, stats.durable_dead) == (1, 1, 0)
 
 
+class _ReprRaises(Exception):
+    def __repr__(self) -> str:
+        raise RuntimeError("repr of the error failed")
+
+
+async def test_a_durable_message_dead_of_an_error_whose_repr_raises_ends_no_node(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: a durable message whose last delivery's handler raised an exception
+    whose ``__repr__`` raises ended the node: the log line of its death formatted the
+    error with ``repr`` in the task that follows the dead letters, and join_cluster raised
+    the RuntimeError. It is counted dead and logged with the error shown safely, and the
+    node goes on."""
+    from nexus_trio._nats import DurableOptions
+
+    calls: list[Any] = []
+
+    @agent(name="repr-raises")
+    async def fails(ctx: Context, msg: Message) -> Any:
+        calls.append(msg.payload)
+        if msg.payload == "work":
+            raise _ReprRaises("the handler failed")
+        return "fine"
+
+    durable = DurableOptions(ack_wait=30.0, max_deliver=1, redelivery_delay=0.05)
+    async with local_node(nats.url, durable=durable) as (kernel, cluster):
+        kernel.spawn(fails)
+        with trio.fail_after(15):  # a hang guard
+            await cluster.send_durable("repr-raises", "work")
+            while not cluster.stats().durable_dead:  # noqa: ASYNC110 (a count: no event)
+                await trio.sleep(0.01)
+            assert await kernel.request("repr-raises", "after", timeout=5) == "fine"
+        stats = cluster.stats()
+    assert calls == ["work", "after"]
+    assert (stats.durable_dead, stats.durable_acked) == (1, 0)
+    dead = [r.getMessage() for r in caplog.records if "dead after 1 deliveries" in r.getMessage()]
+    assert len(dead) == 1, dead
+    assert dead[0].endswith(
+        "(last: handler_error: <_ReprRaises, whose repr() raised RuntimeError: repr of the"
+        " error failed>)"
+    ), dead
+
+
 async def _published_then_fetched_once_here(cluster: Cluster, target: AgentRef) -> None:
     """Publish a durable message to ``target`` on ``cluster``'s node, fetch it through the
     node's durable consumer from this test, and check it is delivered for the first time

@@ -561,6 +561,45 @@ async def test_a_message_without_a_key_is_dead_lettered_and_the_pool_goes_on(
         )
 
 
+class _ReprRaises(Exception):
+    def __repr__(self) -> str:
+        raise RuntimeError("repr of the error failed")
+
+
+def _key_raising_a_bad_error(msg: Message) -> Any:
+    if msg.payload == "bad":
+        raise _ReprRaises("no key")
+    return msg.payload
+
+
+async def test_a_key_error_whose_repr_raises_fails_only_its_message(autojump_clock: Any) -> None:
+    """Regression: a consistent-hash key function that raised an exception whose
+    ``__repr__`` raises failed the pool's router (the RuntimeError of the repr, raised
+    while it built the MessageFailed): a restart of the router, where a key that cannot be
+    had fails only its message. The error is shown safely, the message alone fails."""
+    seen: Record = []
+    async with open_test_kernel() as kernel:
+        kernel.spawn(
+            pool(
+                recording_worker(seen),
+                size=2,
+                routing="consistent_hash",
+                key=_key_raising_a_bad_error,
+            )
+        )
+        async with record_events(kernel) as events:
+            with pytest.raises(RequestFailed, match="handler_error") as info:
+                await kernel.request("workers", "bad")
+            assert isinstance(info.value.error, MessageFailed)
+            assert str(info.value.error) == (
+                "pool 'workers': no consistent-hash key: <_ReprRaises, whose repr() raised"
+                " RuntimeError: repr of the error failed>"
+            )
+            assert await kernel.request("workers", "good") in {"workers/0", "workers/1"}
+        assert events.of(EventKind.RESTARTED) == []
+        assert events.of(EventKind.FAILED) == []
+
+
 # --- resizing -----------------------------------------------------------------------------------
 
 
@@ -738,6 +777,36 @@ class StartsUpTo(Agent):
 
     async def handle(self, ctx: Context, msg: Message) -> Any:
         return ctx.name if msg.kind is MessageKind.QUERY else None
+
+
+class _StartsUpToWithABadError(StartsUpTo):
+    async def on_start(self, ctx: Context) -> None:
+        assert ctx.name is not None
+        if int(ctx.name.rsplit("/", 1)[1]) >= self.limit:
+            raise _ReprRaises(f"cannot start {ctx.name}")
+
+
+async def test_a_grow_whose_worker_failed_with_an_error_whose_repr_raises_says_so(
+    autojump_clock: Any,
+) -> None:
+    """Regression: a grow whose new worker's ``on_start`` raised an exception whose
+    ``__repr__`` raises failed the pool's router as it answered (the RuntimeError of the
+    repr): the router restarted, where such a grow fails naming the worker and the pool
+    goes on. The error is shown safely."""
+    async with open_test_kernel() as kernel:
+        kernel.spawn(pool(_StartsUpToWithABadError, size=2))
+        await step_until_idle(kernel)
+        async with record_events(kernel) as events:
+            with pytest.raises(RequestFailed) as info:
+                await resize_pool(kernel, "workers", 3)
+            await step_until_idle(kernel)
+            assert await kernel.request("workers", "q") in {"workers/0", "workers/1"}
+        assert info.value.reason == "handler_error"
+        assert str(info.value.error) == (
+            "pool 'workers': grew by 0 to 2 workers, not 3: workers/2 failed to start:"
+            " <_ReprRaises, whose repr() raised RuntimeError: repr of the error failed>"
+        )
+        assert [e.name for e in events.of(EventKind.RESTARTED)] == []
 
 
 async def test_a_grow_whose_workers_cannot_start_fails_and_keeps_the_pool(

@@ -69,6 +69,7 @@ from .._errors import (
     KernelShuttingDown,
     MailboxFull,
     MessageDecodeError,
+    error_repr,
     unsendable,
 )
 from .._logcall import log_guarded
@@ -658,7 +659,9 @@ class DurableChannel:
                 msg_id,
                 delivered,
                 reason,
-                f": {error!r}" if error is not None else "",
+                # (the handler's error is user code: its repr may raise, and this runs in
+                # the task that follows the dead letters, whose end would end the node)
+                f": {error_repr(error)}" if error is not None else "",
             )
             self._ops.put((jsmsg, "term"))
         elif entry[1] > trio.current_time() and not self._newer_held(jsmsg):
