@@ -39,6 +39,7 @@ import trio.testing
 from ._child import enum_member
 from ._config import Config, KernelConfig, SupervisionConfig
 from ._deadletter import DeadLetter, DeadLetterReason
+from ._errors import error_repr
 from ._events import EventKind, LifecycleEvent
 from ._kernel import Kernel, open_kernel
 from ._message import SYSTEM_ID, Message, MessageKind
@@ -256,7 +257,8 @@ def assert_dead_lettered(
     ]
     if not matching:
         seen = [
-            (d.reason.value, d.message.payload, repr(d.error)) for d in kernel.recent_dead_letters()
+            (d.reason.value, d.message.payload, error_repr(d.error))
+            for d in kernel.recent_dead_letters()
         ]
         given = [
             f"{what}={value!r}"
@@ -276,7 +278,7 @@ def assert_no_dead_letters(kernel: Kernel) -> None:
     """Assert that nothing was dead-lettered; the message lists what was."""
     letters = kernel.recent_dead_letters()
     if letters:
-        seen = [(d.reason.value, d.message.payload, repr(d.error)) for d in letters]
+        seen = [(d.reason.value, d.message.payload, error_repr(d.error)) for d in letters]
         raise AssertionError(f"expected no dead letters, got {len(letters)}: {seen}")
 
 

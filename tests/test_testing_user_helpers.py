@@ -82,6 +82,37 @@ async def test_assert_events_and_assert_no_dead_letters_say_what_differed(
         assert_no_dead_letters(nexus_kernel)
 
 
+class _ReprRaises(Exception):
+    def __repr__(self) -> str:
+        raise RuntimeError("repr of the error failed")
+
+
+async def test_the_dead_letter_assertions_show_an_error_whose_repr_raises(
+    nexus_kernel: Kernel, autojump_clock: Any
+) -> None:
+    """Regression: ``assert_no_dead_letters`` and ``assert_dead_lettered`` listed what was
+    dead-lettered with ``repr`` of each error: a handler's error whose ``__repr__`` raises
+    made them raise that RuntimeError instead of the assertion saying what was there."""
+    from nexus_trio.testing import assert_dead_lettered
+
+    @agent(name="bad")
+    async def bad(ctx: Context, msg: Message) -> None:
+        raise _ReprRaises("bad")
+
+    await send_and_wait(nexus_kernel, nexus_kernel.spawn(bad), "x")
+    shown = "<_ReprRaises, whose repr() raised RuntimeError: repr of the error failed>"
+    with pytest.raises(AssertionError) as info:
+        assert_no_dead_letters(nexus_kernel)
+    assert (
+        str(info.value) == f"expected no dead letters, got 1: [('handler_error', 'x', {shown!r})]"
+    )
+    with pytest.raises(AssertionError) as info:
+        assert_dead_lettered(nexus_kernel, payload="y")
+    assert str(info.value) == (
+        f"no dead letter with payload='y'; dead letters: [('handler_error', 'x', {shown!r})]"
+    )
+
+
 async def test_send_and_wait_returns_once_the_restart_its_message_caused_has_happened(
     nexus_kernel: Kernel, autojump_clock: Any
 ) -> None:
