@@ -928,6 +928,13 @@ async def until_real(predicate: Any, what: str, timeout: float = 20.0) -> None:
         await trio.to_thread.run_sync(time.sleep, 0.005)
 
 
+async def cancel_read(here: Path) -> None:
+    """Wait until the :data:`CANCEL_CHILD` in ``here`` has read the cancel frame written to
+    it: a child starved on a loaded machine could be stopped (SIGTERM) or killed with the
+    frame still in its pipe, and its ``stdin.log`` would not show it."""
+    await until_real(lambda: b'"type":"cancel"' in (here / "stdin.log").read_bytes(), "cancel read")
+
+
 async def ask(kernel: Kernel, ref: AgentRef, payload: Any, results: dict[str, Any]) -> None:
     """Request ``payload``; its answer, or the reason it failed, goes into ``results``."""
     try:
@@ -1220,6 +1227,7 @@ async def test_shutdown_during_the_grace_waits_only_its_own_deadlines(
                 tmp_path, kernel, ref, nursery, mock_clock, "deaf", results, handle_timeout=100.0
             )
             await until_real(lambda: stats_of(kernel, ref).cancels_sent == 1, "the cancel")
+            await cancel_read(tmp_path)
             await trio.testing.wait_all_tasks_blocked()
             start = trio.current_time()
             nursery.start_soon(kernel.shutdown)
@@ -1262,6 +1270,7 @@ async def test_cancel_grace_that_ends_after_the_drain_starts_no_child_at_shutdow
             pid = stats_of(kernel, ref).pid
             assert pid is not None
             await until_real(lambda: stats_of(kernel, ref).cancels_sent == 1, "the cancel")
+            await cancel_read(tmp_path)
             await trio.testing.wait_all_tasks_blocked()
             start = trio.current_time()
             nursery.start_soon(kernel.shutdown)
