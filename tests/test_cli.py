@@ -187,12 +187,16 @@ def test_spawn_of_a_missing_program_exits_2_naming_it(isolated):
 def test_spawn_runs_the_calculator_example_under_the_kernel():
     example = Path(__file__).resolve().parent.parent / "examples" / "python_agent_example.py"
     command = f"{shlex.quote(sys.executable)} {shlex.quote(str(example))}"
+    # The register wait is the shutdown grace, at most 10 s: 5 s by default, which a
+    # loaded machine can take to start Python and import nexus_trio (its bridge module)
+    # in the example; 10 s here, as a guard against a hang only.
     result = subprocess.run(
         [sys.executable, "-m", "nexus_trio.cli", "run", "--spawn", command, "-d", "1", "--json"],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
+        env={**os.environ, "NEXUS_KERNEL__SHUTDOWN_GRACE_MS": "10000"},
     )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
