@@ -1721,7 +1721,9 @@ async def test_stderr_written_before_shutdown_reaches_the_kernel_whole(
                 process_agent(probe_command(lang, tmp_path), name="probe", shutdown_grace=TIMEOUT)
             )
             flood = {"do": "flood", "lines": FLOOD_LINES}
-            assert await kernel.request("probe", flood) == FLOOD_LINES
+            # (the kernel reads the 30,000 lines before the answer behind them: on a loaded
+            # machine that takes longer than the default request timeout, 5 s)
+            assert await kernel.request("probe", flood, timeout=TIMEOUT) == FLOOD_LINES
             await kernel.stop(ref)
             final = stopped_bridge_stats(kernel).agents[ref.id]
     assert final.last_exit == 0
