@@ -1043,6 +1043,45 @@ async def test_a_durable_message_for_an_agent_id_gone_for_good_is_dead_at_once(
     assert lines[1].endswith("(2 so far)"), lines[1]
 
 
+async def test_a_durable_message_that_went_late_then_dead_is_not_kept_on_its_node(
+    nats: NatsServer,
+) -> None:
+    """Regression: a delivery unanswered within ack_wait was kept (its JetStream message
+    and the Query with its payload) so that a late answer could still ack it, and stayed
+    kept once a newer delivery was handed over and once the message was dead: each
+    message that went late once and then dead stayed on its node, up to 65,536 of them
+    with their bodies. The newer delivery replaces it (an answer of the earlier one acks
+    through the newer one, as before)."""
+    from nexus_trio._nats import DurableOptions
+
+    deliveries: Counter[uuid.UUID] = Counter()
+
+    @agent(name="late-then-fails-a")
+    async def late_then_fails(ctx: Context, msg: Message) -> Any:
+        deliveries[msg.id] += 1
+        if deliveries[msg.id] == 1:
+            return None  # no reply: past ack_wait it is late, then delivered again
+        raise RuntimeError("fails for good")
+
+    n = 6
+    # one in flight: the node waits out each first delivery's ack_wait before it pulls on
+    durable = DurableOptions(ack_wait=0.5, max_deliver=2, redelivery_delay=0.01, max_in_flight=1)
+    async with local_node(nats.url, durable=durable) as (kernel, cluster):
+        kernel.spawn(late_then_fails)
+        with trio.fail_after(60):
+            for _ in range(n):
+                await cluster.send_durable("late-then-fails-a", "x" * 1000)
+            while True:  # the last delivery's failure terminates it
+                if cluster.stats().durable_dead == n:
+                    break
+                await trio.sleep(0.05)
+        kept = len(cluster.durable._late)
+        stats = cluster.stats()
+    assert sorted(deliveries.values()) == [2] * n
+    assert (stats.durable_dead, stats.durable_acked) == (n, 0)
+    assert kept == 0
+
+
 async def test_a_durable_message_acked_or_dead_leaves_the_stream(nats: NatsServer) -> None:
     """Regression: the durable stream kept every message ever sent (JetStream's default
     retention, by limits, and none set): acked or terminated, each stayed on the

@@ -489,7 +489,9 @@ class DurableChannel:
             if handle is not None:
                 handle.answer_through_transport(msg.id)
         earlier = self._in_flight.pop(msg.id, None)  # an earlier delivery: this one is newer
-        if earlier is not None or msg.id in self._late:
+        # a late one is replaced too: an answer of it acks through this one (see
+        # completed), and kept it would stay (with its payload) once the message is dead
+        if earlier is not None or self._late.pop(msg.id, None) is not None:
             # that one's handler may answer too: its answer is a duplicate, not a message
             self._answers_due[msg.id] = self._answers_due.pop(msg.id, 0) + 1
             if len(self._answers_due) > _DONE_MEMORY:
