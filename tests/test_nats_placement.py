@@ -10,6 +10,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import attrs
@@ -1510,6 +1511,64 @@ async def test_a_record_written_late_for_a_stopped_agent_whose_drop_fails_keeps_
 
             await _until(written)
             assert ca.stats().records_unwritten == 0
+
+
+async def test_a_placed_agent_that_stopped_while_its_record_was_written_leaves_no_record(
+    nats: NatsServer,
+) -> None:
+    """Regression: a placed agent that stopped for good while its record's first write
+    was on its way (its STOPPED event came first: nothing held yet to drop) was held
+    once the write landed, its record kept: each such agent (one stopped by name right
+    after its re-placement, one that ends at once) stayed in the node's held table and
+    the bucket for good, and was re-placed, stopped as it was, if its node was lost. The
+    write that lands for an agent gone is dropped now, here and on a placement asked by
+    another node."""
+    async with (
+        _node(nats.url, "a", missed_heartbeats=1000) as (ka, ca),
+        _node(nats.url, "c", missed_heartbeats=1000) as (kc, cc),
+    ):
+        _meet(ca, cc)
+        for cluster, kernel, pinned in ((ca, ka, "a"), (cc, kc, "c")):
+            kv = cluster.placement._kv
+            assert kv is not None
+            original_put = kv.put
+            release = asyncio.Event()
+
+            async def put(
+                key: str,
+                value: bytes,
+                _put: Any = original_put,
+                _release: asyncio.Event = release,
+                **kw: Any,
+            ) -> int:
+                await _release.wait()  # the write lands once the agent stopped
+                return await _put(key, value, **kw)  # type: ignore[no-any-return]
+
+            kv.put = put  # type: ignore[method-assign]
+            name = f"brief-on-{pinned}"
+            with trio.fail_after(30):  # a hang guard
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(partial(ca.spawn, "counter", name=name, node=pinned))
+
+                    async def running(kernel: Kernel = kernel, name: str = name) -> bool:
+                        return kernel.is_local(name)
+
+                    await _until(running)
+                    await kernel.stop(name)  # for good, while its record is written
+
+                    async def stopped(cluster: Cluster = cluster, name: str = name) -> bool:
+                        return name not in cluster._local_names
+
+                    await _until(stopped)  # its STOPPED event taken: nothing held
+                    await call_aio(partial(_set, release))
+            kv.put = original_put  # type: ignore[method-assign]
+            assert name not in cluster.placement._held
+            assert await _placed_record(cluster, name) is None
+        assert (ca.stats().records_unwritten, cc.stats().records_unwritten) == (0, 0)
+
+
+async def _set(event: asyncio.Event) -> None:
+    event.set()
 
 
 class _SlowStop(Agent):

@@ -355,12 +355,22 @@ class Placement:
 
     async def _hold(self, name: str, agent_id: uuid.UUID, revision: int) -> None:
         """Note the record just written for ``name``, to drop on a clean leave; if this
-        node is leaving already (its leave may have dropped the records), drop it now."""
-        if not self._cluster.closing:
+        node is leaving already (its leave may have dropped the records), or the agent
+        stopped for good while the record was written (its STOPPED event found nothing
+        held to drop), drop it now."""
+        if not self._cluster.closing and self._running(name, agent_id):
             self._held[name] = (agent_id, revision)
             self._unwritten.pop(name, None)
             return
         await self._drop_record(name, revision)
+
+    def _running(self, name: str, agent_id: uuid.UUID) -> bool:
+        """Whether ``agent_id`` still runs here as ``name`` (the kernel forgets a name
+        before it reports the agent STOPPED)."""
+        try:
+            return self._cluster.kernel.lookup(name).id == agent_id
+        except AgentNotFound:
+            return False
 
     def _record_unwritten(
         self, name: str, agent_id: uuid.UUID, record: PlacementRecord, exc: Exception
@@ -373,6 +383,9 @@ class Placement:
         cluster = self._cluster
         if cluster.closing:
             return  # its leave: no record to drop
+        if not self._running(name, agent_id):
+            self.records.pop(name, None)  # stopped for good meanwhile: none written
+            return
         self._held[name] = (agent_id, None)
         self._unwritten[name] = record
         log_guarded(
@@ -481,7 +494,9 @@ class Placement:
                 except Exception as exc:  # the bucket unreachable: the agent runs
                     self._record_unwritten(name, ref.id, record, exc)
                 else:
-                    if self._cluster.closing:  # its leave dropped the records already
+                    # its leave dropped the records already, or the agent stopped for
+                    # good while its record was written (see _hold)
+                    if self._cluster.closing or not self._running(name, ref.id):
                         with contextlib.suppress(nats.js.errors.BadRequestError):
                             await kv.delete(wire.name_key(name), last=revision)
                     else:
