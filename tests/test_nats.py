@@ -766,18 +766,25 @@ async def test_a_failure_of_an_earlier_delivery_leaves_the_redelivery_alone(
     ) == (2, 1, 2, 0, 0)
 
 
+@pytest.mark.parametrize("to_a_pool", [False, True], ids=["agent", "pool"])
 async def test_a_failed_durable_delivery_is_nakked_not_left_to_ack_wait(
-    nats: NatsServer,
+    nats: NatsServer, to_a_pool: bool
 ) -> None:
     """The node names a failed delivery by the Query it handed over (what the dead
     letter carries): the failure of the only delivery is nakked, and JetStream delivers
-    the message again after redelivery_delay, long before ack_wait (30 s)."""
+    the message again after redelivery_delay, long before ack_wait (30 s).
+
+    Regression [pool]: a durable message to a pool whose worker raised waited out the
+    whole ack_wait before JetStream delivered it again: the pool's router hands its
+    worker a copy of the Query (same id), the dead letter carried that copy, and the node
+    took the failure for one of an earlier delivery ("a newer one is out", though none
+    was) and nakked nothing. With no other delivery of the message out, the failure is of
+    the one out: nakked, delivered again after redelivery_delay."""
     from nexus_trio._nats import DurableOptions
 
     calls: list[Any] = []
     done = trio.Event()
 
-    @agent(name="fails-once-a")
     async def fails_once(ctx: Context, msg: Message) -> Any:
         calls.append(msg.id)
         if len(calls) == 1:
@@ -787,49 +794,22 @@ async def test_a_failed_durable_delivery_is_nakked_not_left_to_ack_wait(
 
     durable = DurableOptions(ack_wait=30.0, max_deliver=5, redelivery_delay=0.05)
     async with local_node(nats.url, durable=durable) as (kernel, cluster):
-        kernel.spawn(fails_once)
-        with trio.fail_after(15):
-            sent = await cluster.send_durable("fails-once-a", "work")
-            await done.wait()
-            await trio.testing.wait_all_tasks_blocked()
-        stats = cluster.stats()
-    assert calls == [sent.id, sent.id]
-    assert (stats.durable_redelivered, stats.durable_acked, stats.durable_duplicates) == (1, 1, 0)
-
-
-async def test_a_durable_message_whose_pool_worker_failed_is_nakked_not_left_to_ack_wait(
-    nats: NatsServer,
-) -> None:
-    """Regression: a durable message to a pool whose worker raised waited out the whole
-    ack_wait (30 s) before JetStream delivered it again: the pool's router hands its worker
-    a copy of the Query (same id), the dead letter carried that copy, and the node, which
-    names a delivery by the Query object it handed over, took the failure for one of an
-    earlier delivery ("a newer one is out", though none was) and nakked nothing. With no
-    other delivery of the message out, the failure is of the one out: nakked, delivered
-    again after redelivery_delay."""
-    from nexus_trio._nats import DurableOptions
-
-    calls: list[Any] = []
-    done = trio.Event()
-
-    @agent(name="fails-first-a")
-    async def fails_first(ctx: Context, msg: Message) -> Any:
-        calls.append(msg.id)
-        if len(calls) == 1:
-            raise RuntimeError("the first delivery fails")
-        done.set()
-        return "done"
-
-    durable = DurableOptions(ack_wait=30.0, max_deliver=5, redelivery_delay=0.05)
-    async with local_node(nats.url, durable=durable) as (kernel, cluster):
-        kernel.spawn(pool(fails_first, size=2, name="pool-a"))
+        if to_a_pool:
+            kernel.spawn(pool(fails_once, size=2, name="to-a"))
+        else:
+            kernel.spawn(agent(fails_once, name="to-a"))
         with trio.fail_after(15):  # half the ack_wait
-            sent = await cluster.send_durable("pool-a", "work")
+            sent = await cluster.send_durable("to-a", "work")
             await done.wait()
             await trio.testing.wait_all_tasks_blocked()
         stats = cluster.stats()
     assert calls == [sent.id, sent.id]
-    assert (stats.durable_redelivered, stats.durable_acked, stats.durable_dead) == (1, 1, 0)
+    assert (
+        stats.durable_redelivered,
+        stats.durable_acked,
+        stats.durable_duplicates,
+        stats.durable_dead,
+    ) == (1, 1, 0, 0)
 
 
 class _ReprRaises(Exception):
