@@ -28,6 +28,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import typer
@@ -1388,24 +1389,18 @@ def test_a_worker_whose_run_failed_stops_the_others(tmp_path: Path, caplog) -> N
     assert [w["exit"] for w in summary["per_worker"]] == ["exit code 1", "exit code 0"]
 
 
-@pytestmark_linux
-def test_a_worker_every_other_one_counted_lost_is_killed_when_they_have_ended(
-    tmp_path: Path, caplog
-) -> None:
-    """Regression: a worker frozen mid-run (SIGSTOP, a hung process) was counted lost by
-    the others (it missed its heartbeats), who settled without it and ended at --duration;
-    the parent went on waiting for it, for good: no summary, no exit, nothing logged. Once
-    every other worker ended and counted it lost, it is killed and counted as a dead one."""
-    from nexus_trio.cli._cluster_cmd import run_workers
-
+def _run_with_worker_1_frozen(
+    tmp_path: Path, caplog: Any, summary_0: str, run_workers: Any
+) -> tuple[dict[str, Any], int, int]:
+    """``run_workers(2, ...)`` with fake workers: worker-0 prints ``summary_0`` once
+    worker-1 has started, and worker-1 stops itself (SIGSTOP: deaf to the SIGTERM as a
+    frozen process is). Returns the summary, the status and worker-1's pid; a parent that
+    waits for it for good fails the test after 30 s (worker-1 is then SIGKILLed)."""
     started, pid_file = tmp_path / "started", tmp_path / "pid"
-    seen = {"worker-1": {"pid": 1, "handed_to": 5, "taken_from": 3}}
     python = fake_python(
         tmp_path,
         {
-            "worker-0": f"while [ ! -e {started} ]; do sleep 0.02; done; "
-            f"{echo(canned_summary('worker-0', seen))}; exit 0",
-            # frozen: deaf to the SIGTERM as a stopped process is (60 s at most)
+            "worker-0": f"while [ ! -e {started} ]; do sleep 0.02; done; {echo(summary_0)}; exit 0",
             "worker-1": f"echo $$ > {pid_file}; touch {started}; kill -STOP $$",
         },
     )
@@ -1420,8 +1415,24 @@ def test_a_worker_every_other_one_counted_lost_is_killed_when_they_have_ended(
     with caplog.at_level(logging.INFO, logger="nexus_trio.cli"):
         summary, status = run_workers(2, [], nats_url=NO_SERVER, python=python)
     done.set()
-    assert not hung.is_set(), "the parent waited for a worker every other one counted lost"
-    pid = int(pid_file.read_text())
+    assert not hung.is_set(), "the parent waited for good for a frozen worker"
+    return summary, status, int(pid_file.read_text())
+
+
+@pytestmark_linux
+def test_a_worker_every_other_one_counted_lost_is_killed_when_they_have_ended(
+    tmp_path: Path, caplog
+) -> None:
+    """Regression: a worker frozen mid-run (SIGSTOP, a hung process) was counted lost by
+    the others (it missed its heartbeats), who settled without it and ended at --duration;
+    the parent went on waiting for it, for good: no summary, no exit, nothing logged. Once
+    every other worker ended and counted it lost, it is killed and counted as a dead one."""
+    from nexus_trio.cli._cluster_cmd import run_workers
+
+    seen = {"worker-1": {"pid": 1, "handed_to": 5, "taken_from": 3}}
+    summary, status, pid = _run_with_worker_1_frozen(
+        tmp_path, caplog, canned_summary("worker-0", seen), run_workers
+    )
     assert (
         f"worker-1 (pid {pid}) was counted lost by every other worker and still runs 5s"
         " after they ended: killing it" in caplog.text
@@ -1452,7 +1463,6 @@ def test_a_worker_frozen_after_the_settle_is_killed_when_the_others_have_ended(
     from nexus_trio.cli import _cluster_cmd
 
     monkeypatch.setattr(_cluster_cmd, "_SETTLED_GRACE", 0.5, raising=False)
-    started, pid_file = tmp_path / "started", tmp_path / "pid"
     settled = json.loads(canned_summary("worker-0")) | {
         "settled_books": {
             node: {
@@ -1470,29 +1480,10 @@ def test_a_worker_frozen_after_the_settle_is_killed_when_the_others_have_ended(
             for node in ("worker-0", "worker-1")
         }
     }
-    python = fake_python(
-        tmp_path,
-        {
-            "worker-0": f"while [ ! -e {started} ]; do sleep 0.02; done; "
-            f"{echo(json.dumps(settled))}; exit 0",
-            # frozen in its shutdown: deaf to the SIGTERM as a stopped process is
-            "worker-1": f"echo $$ > {pid_file}; touch {started}; kill -STOP $$",
-        },
+    # (the workers' shutdown grace: 5 s by default)
+    summary, status, pid = _run_with_worker_1_frozen(
+        tmp_path, caplog, json.dumps(settled), _cluster_cmd.run_workers
     )
-    done, hung = threading.Event(), threading.Event()
-
-    def unfreeze() -> None:  # (so that the test fails rather than hangs)
-        if not done.wait(30):
-            hung.set()
-            os.kill(int(pid_file.read_text()), signal.SIGKILL)
-
-    threading.Thread(target=unfreeze, daemon=True).start()
-    with caplog.at_level(logging.INFO, logger="nexus_trio.cli"):
-        # (the workers' shutdown grace: 5 s by default)
-        summary, status = _cluster_cmd.run_workers(2, [], nats_url=NO_SERVER, python=python)
-    done.set()
-    assert not hung.is_set(), "the parent waited for a worker the others settled with"
-    pid = int(pid_file.read_text())
     assert (
         f"worker-1 (pid {pid}) was settled with by every other worker and still runs 5.5s"
         " after they ended: killing it" in caplog.text
