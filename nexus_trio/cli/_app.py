@@ -16,6 +16,7 @@ import enum
 import errno
 import http.client
 import importlib
+import io
 import logging
 import math
 import os
@@ -870,6 +871,10 @@ class _WatchedStream:
     def __init__(self, stream: Any) -> None:
         self.stream = stream
         self.error: OSError | None = None
+        #: stand-ins for the characters of nexus's output the stream's encoding has not
+        #: (an ASCII or latin-1 terminal: ``LC_ALL=C``, ``PYTHONIOENCODING=ascii``), None
+        #: when it has them all
+        self.stand_ins = _stand_ins(stream)
 
     def _target(self) -> Any:
         if self.stream is None:
@@ -877,6 +882,8 @@ class _WatchedStream:
         return self.stream
 
     def write(self, text: str) -> int:
+        if self.stand_ins is not None:
+            text = text.translate(self.stand_ins)
         try:
             return int(self._target().write(text))
         except OSError as exc:
@@ -903,6 +910,51 @@ class _WatchedStream:
         if self.stream is None:
             raise AttributeError(name)
         return getattr(self.stream, name)
+
+
+#: ASCII stand-ins for the characters nexus itself writes (the summary, the live view,
+#: rich's ellipsis), for an output whose encoding has not got them: one character for
+#: one, as rich lays out its tables before they are written (the summary writes its ✓
+#: as "ok" itself there; rich draws its boxes in ASCII)
+_STAND_INS = {
+    "µ": "u",
+    "·": "-",
+    "—": "-",
+    "…": ".",
+    "✓": "v",
+    "✗": "x",
+    "━": "-",
+    "╺": "-",
+}
+
+
+def _stand_ins(stream: Any) -> dict[int, str] | None:
+    """The translation table of :data:`_STAND_INS` for the characters ``stream``'s
+    encoding cannot encode, None if it can encode them all. A text stream that can be
+    reconfigured is also made to escape (``backslashreplace``, as Python's own standard
+    error does) any other character it cannot encode (an agent's name, an app's print)
+    instead of raising ``UnicodeEncodeError`` out of the command."""
+    encoding = getattr(stream, "encoding", None)
+    if not isinstance(encoding, str):
+        return None
+    try:
+        missing = {c: t for c, t in _STAND_INS.items() if not _encodes(c, encoding)}
+    except LookupError:  # (no such codec: nothing to go by)
+        return None
+    if not missing:
+        return None
+    if getattr(stream, "errors", "strict") == "strict":
+        with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
+            stream.reconfigure(errors="backslashreplace")
+    return str.maketrans(missing)
+
+
+def _encodes(char: str, encoding: str) -> bool:
+    try:
+        char.encode(encoding)
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _output_failure(exc: OSError, streams: dict[str, _WatchedStream]) -> str | None:

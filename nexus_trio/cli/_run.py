@@ -1106,7 +1106,8 @@ def print_summary(summary: dict[str, Any], *, json_out: bool, out: TextIO | None
             stream.write(json.dumps(summary, indent=2) + "\n")
             stream.flush()
         else:
-            _SummaryConsole(file=stream).print(summary_table(summary))
+            console = _SummaryConsole(file=stream)
+            console.print(summary_table(summary, ascii_marks=not _has_marks(console)))
     except OSError as exc:
         if not hung_up():
             raise
@@ -1117,6 +1118,15 @@ def print_summary(summary: dict[str, Any], *, json_out: bool, out: TextIO | None
             exc.strerror or exc,
         )
         _point_at_devnull(stream)
+
+
+def _has_marks(console: Console) -> bool:
+    """Whether ``console``'s encoding has the summary's ✓ and ✗ (not an ASCII one)."""
+    try:
+        "✓✗".encode(console.encoding)
+    except (UnicodeEncodeError, LookupError):
+        return False
+    return True
 
 
 def _point_at_devnull(stream: TextIO) -> None:

@@ -211,8 +211,10 @@ def plain_line(sample: Sample) -> str:
     return " ".join(parts).replace("µs", "us")
 
 
-def summary_table(summary: Mapping[str, Any]) -> Table:
-    """The end-of-run summary as a rich table (the same figures as ``--json``)."""
+def summary_table(summary: Mapping[str, Any], *, ascii_marks: bool = False) -> Table:
+    """The end-of-run summary as a rich table (the same figures as ``--json``); with
+    ``ascii_marks`` the accounting's ✓ / ✗ are written "ok" / "x" (an output whose
+    encoding has not got them)."""
     table = Table(title="nexus run summary", box=box.SIMPLE_HEAVY, show_header=False)
     table.add_column(style="bold cyan", no_wrap=True)
     table.add_column(overflow="fold")
@@ -302,9 +304,10 @@ def summary_table(summary: Mapping[str, Any]) -> Table:
         if summary.get("workers")
         else "sent = handled + replies + forwarded + dead letters + in flight "
     )
+    tick, cross = ("ok", "x") if ascii_marks else ("✓", "✗")
     table.add_row(
         "accounting",
-        Text(law + ("✓" if ok else "✗ MISMATCH"), style="green" if ok else "bold red"),
+        Text(law + (tick if ok else f"{cross} MISMATCH"), style="green" if ok else "bold red"),
     )
     return table
 

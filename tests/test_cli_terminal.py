@@ -1,0 +1,89 @@
+"""``nexus`` in unusual terminals and environments: a standard output that is not UTF-8
+(``PYTHONIOENCODING=ascii``, ``LC_ALL=C`` with UTF-8 mode off), a terminal far narrower
+than the summary. Real processes, generous bounds."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RUN = ["run", "-n", "10", "-d", "0.2", "--no-live"]
+
+
+def nexus(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[bytes]:
+    """``python -m nexus_trio.cli ARGS`` in ``cwd``, its standard output a pipe, with no
+    ``NEXUS_*`` variables, no config file and ``env`` on top."""
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("NEXUS_", "PYTHONIOENCODING", "LC_", "COLUMNS", "LINES"))
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "nexus_trio.cli", *args],
+        cwd=cwd,
+        env=base | {"XDG_CONFIG_HOME": str(cwd / "xdg"), "NO_COLOR": "1"} | env,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+NOT_UTF8 = {
+    "ascii": {"PYTHONIOENCODING": "ascii"},
+    "C-locale": {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"},
+}
+
+
+@pytest.mark.parametrize("env", NOT_UTF8.values(), ids=NOT_UTF8.keys())
+def test_the_summary_on_an_output_that_is_not_utf8_is_written_in_ascii(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """The table holds µ, · and ✓: an ASCII standard output raised UnicodeEncodeError
+    out of the run (a traceback, status 1, no summary). It is written with ASCII
+    stand-ins now, the run's own status."""
+    result = nexus(RUN, tmp_path, **env)
+    err = result.stderr.decode("ascii", "replace")
+    assert result.returncode == 0, err
+    assert "Traceback" not in err
+    text = result.stdout.decode("ascii")  # (every byte ASCII)
+    assert re.search(r"handle latency[\s|]+p50 [\d.]+ (u|m)?s - p90", text), text
+    assert re.search(r"accounting[\s|]+sent = handled .* ok", text, re.DOTALL), text
+    assert "\\x" not in text and "?" not in text
+
+
+def test_help_on_an_output_that_is_not_utf8_is_written(tmp_path: Path) -> None:
+    result = nexus(["run", "--help"], tmp_path, PYTHONIOENCODING="ascii", COLUMNS="80")
+    assert result.returncode == 0, result.stderr.decode("ascii", "replace")
+    assert b"Traceback" not in result.stderr
+    assert b"--duration" in result.stdout
+    result.stdout.decode("ascii")
+
+
+def test_the_summary_keeps_a_latin1_output_s_own_characters(tmp_path: Path) -> None:
+    """Only what the encoding has not is replaced: latin-1 has µ and ·, not ✓."""
+    result = nexus(RUN, tmp_path, PYTHONIOENCODING="latin-1")
+    assert result.returncode == 0, result.stderr.decode("latin-1")
+    text = result.stdout.decode("latin-1")
+    assert re.search(r"handle latency[\s|]+p50 [\d.]+ (µ|m)?s · p90", text), text
+    assert re.search(r"accounting[\s|]+sent = handled .* ok", text, re.DOTALL), text
+
+
+def test_the_json_summary_is_unchanged_on_an_ascii_output(tmp_path: Path) -> None:
+    result = nexus([*RUN, "--json"], tmp_path, PYTHONIOENCODING="ascii")
+    assert result.returncode == 0
+    assert json.loads(result.stdout)["conserved"] is True
+
+
+def test_nexus_send_writes_strict_json_on_an_ascii_output(tmp_path: Path) -> None:
+    """An answer with "café ☕" raised UnicodeEncodeError on an ASCII standard output (a
+    traceback, status 1, nothing printed). It is written with JSON's own escapes now."""
+    echo = f"{sys.executable} -m nexus_trio.bridges.python"
+    result = nexus(["send", echo, '{"name": "café ☕"}'], tmp_path, PYTHONIOENCODING="ascii")
+    assert result.returncode == 0, result.stderr.decode("ascii", "replace")
+    assert b"\\u00e9" in result.stdout
+    assert json.loads(result.stdout.decode("ascii")) == {"name": "café ☕"}
