@@ -79,6 +79,23 @@ def test_the_json_summary_is_unchanged_on_an_ascii_output(tmp_path: Path) -> Non
     assert json.loads(result.stdout)["conserved"] is True
 
 
+@pytest.mark.parametrize("columns", ["20", "1"])
+def test_the_summary_on_a_narrow_terminal_keeps_every_value(tmp_path: Path, columns: str) -> None:
+    """At 20 columns the labels took the whole width and the values' column had none:
+    every row was a label alone, every figure gone. The summary is at least 40 columns
+    wide now (a narrower terminal wraps its lines), the figures all there."""
+    result = nexus(RUN, tmp_path, COLUMNS=columns)
+    assert result.returncode == 0, result.stderr.decode()
+    text = result.stdout.decode()
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) >= 40
+    assert re.search(r"stopped by\s+duration", text), text
+    assert re.search(r"in flight\s+0\b", text), text
+    assert re.search(r"run\s+ring workload, 10", text), text
+    assert re.search(r"handled\s+[\d,]+", text), text
+    assert "✓" in text
+
+
 def test_nexus_send_writes_strict_json_on_an_ascii_output(tmp_path: Path) -> None:
     """An answer with "café ☕" raised UnicodeEncodeError on an ASCII standard output (a
     traceback, status 1, nothing printed). It is written with JSON's own escapes now."""

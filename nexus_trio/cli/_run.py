@@ -1083,6 +1083,11 @@ def execute_run(
     return status
 
 
+#: the summary table's least width in columns: the labels' column takes up to 24, and the
+#: figures need room beside them (a narrower terminal wraps the lines)
+SUMMARY_MIN_WIDTH = 40
+
+
 class _SummaryConsole(Console):
     """rich's Console, but a reader gone (``BrokenPipeError``) is raised as any other
     failed write, not made ``SystemExit(1)`` by rich: :func:`print_summary` decides."""
@@ -1107,6 +1112,8 @@ def print_summary(summary: dict[str, Any], *, json_out: bool, out: TextIO | None
             stream.flush()
         else:
             console = _SummaryConsole(file=stream)
+            # (a narrower one left the figures' column no room at all: labels alone)
+            console.width = max(console.width, SUMMARY_MIN_WIDTH)
             console.print(summary_table(summary, ascii_marks=not _has_marks(console)))
     except OSError as exc:
         if not hung_up():
