@@ -104,3 +104,21 @@ def test_nexus_send_writes_strict_json_on_an_ascii_output(tmp_path: Path) -> Non
     assert result.returncode == 0, result.stderr.decode("ascii", "replace")
     assert b"\\u00e9" in result.stdout
     assert json.loads(result.stdout.decode("ascii")) == {"name": "café ☕"}
+
+
+@pytest.mark.parametrize("workload", ["ring", "fanout", "request", "pool"])
+def test_a_tiny_rate_paces_the_demo_instead_of_unpacing_it(tmp_path: Path, workload: str) -> None:
+    """``--rate 5e-324`` (a finite rate > 0, so accepted) made the pacer's interval
+    infinite (its phase 0 x inf = NaN: never waiting), and the ring's rate per lap and the
+    request pairs' rate per agent underflowed to 0, "unpaced": every workload ran as fast
+    as the kernel goes (tens of thousands of messages in 0.5 s). At such a rate nothing
+    comes after the first event: the ring's first token (one lap, 100 hops), the fanout
+    driver's first message, the pool's (router and worker), the request pairs' "start"."""
+    result = nexus(
+        ["run", "-n", "2", "-d", "0.5", "-w", workload, "--rate", "5e-324", "--json"],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    summary = json.loads(result.stdout)
+    assert summary["conserved"] is True
+    assert summary["handled"] <= 100, summary["handled"]

@@ -71,14 +71,21 @@ _POOL_RESIZE_TIMEOUT: Final = 10.0
 
 
 class Pacer:
-    """Paces events at ``rate`` per second (0 or less = no pacing), catching up after stalls
-    of less than a second and forgetting longer ones."""
+    """Paces events at ``rate / share`` per second (``rate`` 0 or less = no pacing: a
+    ring's tokens of ``share`` hops each, a pair's share of the total), catching up after
+    stalls of less than a second and forgetting longer ones. ``phase`` (0 to 1) puts the
+    first event that part of an interval later.
+
+    The interval is ``share / rate``, not ``1 / (rate / share)``: a tiny rate (``5e-324``)
+    divided first underflowed to 0, "unpaced". An interval too long for a float is
+    infinite: the first event (at phase 0) and no other."""
 
     __slots__ = ("_interval", "_next")
 
-    def __init__(self, rate: float, *, phase: float = 0.0) -> None:
-        self._interval = 1.0 / rate if rate > 0 else 0.0
-        self._next = trio.current_time() + phase * self._interval
+    def __init__(self, rate: float, *, share: float = 1.0, phase: float = 0.0) -> None:
+        self._interval = share / rate if rate > 0 else 0.0
+        # (0 x inf is NaN, a deadline that never comes and never waits)
+        self._next = trio.current_time() + (phase * self._interval if phase else 0.0)
 
     async def wait(self, n: int = 1) -> None:
         if not self._interval:
@@ -211,10 +218,10 @@ class Demo:
         demo = self
         partners = self._next
         # a round trip is two messages; each agent does its share of the total rate
-        per_agent = self.rate / (2 * self.agents) if self.rate else 0.0
+        rate, share = self.rate, 2 * self.agents
 
         async def loop(ctx: Context, partner: Address) -> None:
-            pacer = Pacer(per_agent, phase=demo._rng.random())
+            pacer = Pacer(rate, share=share, phase=demo._rng.random())
             while demo.running:
                 await pacer.wait()
                 try:
@@ -324,8 +331,9 @@ class Demo:
         if not n:
             return  # a swarm worker with none of the ring's agents (more workers than agents)
         lap = max(len(self.refs), _MIN_LAP)  # hops per token
-        rate = self.rate / self.swarm.size if self.swarm is not None else self.rate
-        pacer = Pacer(rate / lap if rate else 0.0)
+        # (a swarm's workers each inject their part of the tokens)
+        workers = self.swarm.size if self.swarm is not None else 1
+        pacer = Pacer(self.rate, share=lap * workers)
         i = 0
         while self.running:
             await self._tokens.acquire()
