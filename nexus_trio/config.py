@@ -619,20 +619,19 @@ def render_template() -> str:
 def write_template(path: Path | str, *, force: bool = False) -> Path:
     """Write :func:`render_template` to ``path`` (creating its directory); return the path.
 
-    Refuses to replace an existing file unless ``force``: :class:`ConfigError`.
+    Refuses to replace an existing file unless ``force``: :class:`ConfigError`. A write
+    that fails (a full disk) leaves nothing behind: not an empty new file (which the
+    next try would refuse to overwrite), and with ``force`` the file it would have
+    replaced as it was (the template is written beside it, then put in its place).
     """
     target = Path(path).expanduser().absolute()
+    text = render_template()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        # 0o644 at most (the umask may take more away): load_config refuses a config
-        # file that the group or others can write.
-        with open(
-            target,
-            "w" if force else "x",
-            encoding="utf-8",
-            opener=lambda name, flags: os.open(name, flags, 0o644),
-        ) as file:
-            file.write(render_template())
+        if force:
+            _replace_file(target, text)
+        else:
+            _write_new_file(target, text, 0o644)
     except FileExistsError:
         raise ConfigError(
             "file exists; refusing to overwrite it (use --force / force=True)", path=target
@@ -640,6 +639,39 @@ def write_template(path: Path | str, *, force: bool = False) -> Path:
     except OSError as exc:
         raise ConfigError(f"cannot write config file: {exc.strerror or exc}", path=target) from None
     return target
+
+
+def _write_new_file(target: Path, text: str, mode: int) -> None:
+    """Create ``target`` (not there yet: else FileExistsError) with ``text``, mode ``mode``
+    at most (the umask may take more away: load_config refuses a config file that the
+    group or others can write); removed again if the write fails."""
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with open(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+
+
+def _replace_file(target: Path, text: str) -> None:
+    """Put a file with ``text`` in ``target``'s place (through a symbolic link: in the
+    place of the file it names), written beside it first; it keeps the old file's
+    permissions, less any write permission of the group or others."""
+    real = target.resolve() if target.is_symlink() else target
+    try:
+        kept: int | None = stat.S_IMODE(real.stat().st_mode) & 0o644
+    except FileNotFoundError:
+        kept = None  # (a new file: 0o644 less the umask)
+    temporary = real.with_name(f".{real.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    _write_new_file(temporary, text, 0o644 if kept is None else kept)
+    try:
+        if kept is not None:
+            os.chmod(temporary, kept)  # (what the umask took, the old file had)
+        os.replace(temporary, real)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def render_effective(loaded: LoadedConfig) -> str:

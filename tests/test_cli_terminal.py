@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -122,3 +123,42 @@ def test_a_tiny_rate_paces_the_demo_instead_of_unpacing_it(tmp_path: Path, workl
     summary = json.loads(result.stdout)
     assert summary["conserved"] is True
     assert summary["handled"] <= 100, summary["handled"]
+
+
+def _config_init_on_a_full_disk(cwd: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """``nexus config init ARGS`` with every write to a regular file failing (``ulimit
+    -f 0``: ``EFBIG``, as a full disk fails with ``ENOSPC``)."""
+    command = shlex.join([sys.executable, "-m", "nexus_trio.cli", "config", "init", *args])
+    return subprocess.run(
+        ["bash", "-c", f"ulimit -f 0; trap '' XFSZ; exec {command}"],
+        cwd=cwd,
+        env={k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")},
+        capture_output=True,
+        timeout=120,
+    )
+
+
+def test_config_init_on_a_full_disk_leaves_no_empty_file_behind(tmp_path: Path) -> None:
+    """The file was created, its write failed: the error was reported (status 1) but an
+    empty config.toml stayed, and the retry once there was room refused it: "file exists;
+    refusing to overwrite it". Nothing is left behind now; the retry writes it."""
+    result = _config_init_on_a_full_disk(tmp_path, "config.toml")
+    assert result.returncode == 1
+    assert b"cannot write config file: File too large" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    again = nexus(["config", "init", "config.toml"], tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "config.toml").read_text().startswith("#")
+
+
+def test_config_init_force_on_a_full_disk_keeps_the_file_it_would_replace(
+    tmp_path: Path,
+) -> None:
+    """``--force`` truncated the file first: on a full disk the user's config was lost (an
+    empty file). The template is written beside it and then put in its place."""
+    (tmp_path / "config.toml").write_text("[kernel]\nmailbox_capacity = 7\n")
+    result = _config_init_on_a_full_disk(tmp_path, "config.toml", "--force")
+    assert result.returncode == 1
+    assert b"cannot write config file: File too large" in result.stderr
+    assert (tmp_path / "config.toml").read_text() == "[kernel]\nmailbox_capacity = 7\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml"]
