@@ -162,3 +162,51 @@ def test_config_init_force_on_a_full_disk_keeps_the_file_it_would_replace(
     assert b"cannot write config file: File too large" in result.stderr
     assert (tmp_path / "config.toml").read_text() == "[kernel]\nmailbox_capacity = 7\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a pty (Linux)")
+def test_a_dumb_terminal_gets_the_progress_lines_not_a_live_view_it_cannot_redraw(
+    tmp_path: Path,
+) -> None:
+    """With ``TERM=dumb`` (an editor's shell, some CI consoles) on a terminal, the live
+    view was chosen, and rich draws no frame on a terminal that cannot move its cursor:
+    nothing was shown while the run ran (6 s: not a line; with ``-d 0``, never), only
+    the last frame at the end. A dumb terminal gets the log line every 5 seconds now."""
+    import pty
+    import threading
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nexus_trio.cli", "run", "-n", "10", "-d", "5.5"],
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")}
+        | {"TERM": "dumb", "XDG_CONFIG_HOME": str(tmp_path / "xdg"), "COLUMNS": "200"},
+        stdout=subprocess.PIPE,
+        stderr=slave,
+    )
+    os.close(slave)
+    chunks: list[bytes] = []
+
+    def read() -> None:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the last writer closed it
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    reader.join(timeout=30)
+    os.close(master)
+    err = b"".join(chunks).decode("utf-8", "replace")
+    assert proc.returncode == 0, err
+    assert re.search(r"nexus_trio\.cli t=5\.\ds phase=running agents=10 msg/s=", err), err
+    assert "╭" not in err  # (no live view's frame)
+    assert re.search(rb"stopped by\s+duration", out)

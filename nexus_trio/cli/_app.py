@@ -452,7 +452,7 @@ def run(
         commands = []
     if not commands and not_started is None:
         commands = [_split_command(c, "[app] spawn") for c in cfg.app.spawn]
-    show_live = live if live is not None else sys.stderr.isatty()
+    show_live = live if live is not None else _can_redraw(sys.stderr)
     opts = RunOptions(
         config=cfg,
         agents=cfg.app.agents,
@@ -480,6 +480,15 @@ def run(
     status = execute_run(opts, summary_out=summary_out)
     if status:
         raise typer.Exit(status)
+
+
+def _can_redraw(stream: Any) -> bool:
+    """Whether ``stream`` is a terminal a live view can redraw: not a dumb one (``TERM``
+    ``dumb`` or ``unknown``, as rich judges it: an editor's shell, some CI consoles),
+    where rich draws no frame until the last, and the run would show nothing while it
+    runs."""
+    term = os.environ.get("TERM", "").lower()
+    return bool(stream.isatty()) and term not in ("dumb", "unknown")
 
 
 class _ImportInterrupted(Exception):
