@@ -1340,7 +1340,9 @@ async def test_a_task_started_before_the_join_can_use_the_cluster(nats: NatsServ
     assert outcomes[1:] == [["far", 2], "a", ["far", 3]]
 
 
-async def test_a_killed_node_is_reported_lost_then_forgotten(nats: NatsServer) -> None:
+async def test_a_killed_node_is_reported_lost_then_forgotten_with_its_names(
+    nats: NatsServer,
+) -> None:
     async with (
         nodes(nats.url, "b") as (b,),
         local_node(nats.url, forget_lost_after=1.0) as (kernel, cluster),
@@ -1369,6 +1371,15 @@ async def test_a_killed_node_is_reported_lost_then_forgotten(nats: NatsServer) -
         with pytest.raises(AgentNotFound):
             await kernel.request("echo-b", 3)
         assert cluster.stats().nodes_forgotten == 1
+        # Regression: the killed process's names stayed in the names bucket and in every
+        # node's name cache for good (one entry per name of each lost process); the
+        # survivors delete them once it is forgotten, and the bucket's watch drops them
+        # (no event: poll, bounded, as above)
+        with trio.fail_after(10):
+            while True:
+                if cluster.name_holder("echo-b") is None:
+                    break
+                await trio.sleep(0.05)
 
 
 async def test_traffic_resumes_after_a_server_of_a_three_server_cluster_dies() -> None:

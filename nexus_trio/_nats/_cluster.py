@@ -425,6 +425,10 @@ class Cluster:
         # name -> the KV revision of its delete, for names deleted since (bounded): the
         # put it deleted, heard late, must not map the name to its stopped agent again
         self._name_deletes: OrderedDict[str, int] = OrderedDict()
+        # names of forgotten members' agents still in the names bucket -> the revision of
+        # the entry to delete (a process killed deletes none of its own; see
+        # _drop_names_of_forgotten)
+        self._names_of_forgotten: dict[str, int] = {}
         # local names this node published: name -> (agent id, KV revision)
         self._published_names: dict[str, tuple[uuid.UUID, int]] = {}
         # local names as they should be in KV (what was queued for publishing)
@@ -2892,6 +2896,62 @@ class Cluster:
                 exc,
             )
 
+    def _note_names_of_forgotten(self, node: str, id_prefix: int) -> None:
+        """Member ``node`` (its process ``id_prefix``) is forgotten: the names of its
+        agents still in the names bucket are to be deleted (a killed process deletes none
+        of its own, and a cluster whose peers come back under new names would keep one
+        entry per name of each lost process for good, here and in the bucket)."""
+        revisions = self._name_revisions
+        for name, (holder, agent_id) in self._names.items():
+            revision = revisions.get(name)
+            if holder == node and agent_id.int >> 64 == id_prefix and revision:
+                self._names_of_forgotten[name] = revision
+        if self._names_of_forgotten:
+            self._retry_wanted.set()
+
+    async def _drop_names_of_forgotten(self) -> None:
+        """Delete the names noted by :meth:`_note_names_of_forgotten`, each only if its
+        entry is still the one noted (a compare-and-set on its revision: every survivor
+        tries, one delete lands, and a name registered again since is kept); the watch
+        of the bucket then drops them here and on every node. One the bucket does not
+        take now is tried again with the next retries."""
+        kv = self._names_kv
+        if kv is None:
+            return
+        dropped = 0
+        async with self._names_lock:
+            for name, revision in list(self._names_of_forgotten.items()):
+                if self._closing:
+                    return
+                if self._name_revisions.get(name) != revision:
+                    del self._names_of_forgotten[name]  # written again, or dropped, since
+                    continue
+                try:
+                    await call_aio(kv.delete, wire.name_key(name), last=revision)
+                except nats.js.errors.BadRequestError:
+                    pass  # "wrong last sequence": another node deleted or wrote it first
+                except Exception as exc:
+                    log_guarded(
+                        log,
+                        logging.DEBUG,
+                        "node %s: name %r of a forgotten node not dropped yet: %r",
+                        self.node,
+                        name,
+                        exc,
+                    )
+                    return  # (the bucket unreachable: the next retry)
+                else:
+                    dropped += 1
+                del self._names_of_forgotten[name]
+        if dropped:
+            log_guarded(
+                log,
+                logging.INFO,
+                "node %s: dropped %d name(s) of forgotten nodes from the names bucket",
+                self.node,
+                dropped,
+            )
+
     async def names_published(self) -> None:
         """Wait until every local name spawned so far is in (or out of) the KV bucket."""
         self._sync_local_names()
@@ -3145,6 +3205,8 @@ class Cluster:
             try:
                 if self._unwritten_names and not await self._retry_names():
                     continue
+                if self._names_of_forgotten:
+                    await self._drop_names_of_forgotten()
                 await self.placement.retry_records()
             finally:
                 self._retry_over.set()
@@ -3375,6 +3437,7 @@ class Cluster:
             for info in self.members.forget_lost(now, self.options.forget_lost_after):
                 self._nodes_forgotten += 1
                 self._record_sessions.pop(info.node, None)
+                self._note_names_of_forgotten(info.node, info.id_prefix)
                 log_guarded(
                     log,
                     logging.INFO,
