@@ -1468,11 +1468,17 @@ async def test_no_responders_for_a_request_names_the_node_that_was_asked(
                 with trio.fail_after(20):
                     assert await ka.request(ref.id, 2, timeout=10) == 4
                     await call_aio(cb.nc.close)
-                    with pytest.raises(AgentNotFound) as lost:
-                        await ka.request(ref.id, 3, timeout=10)
+                    # (the server drops b's subscriptions as it reads the close: a request
+                    # published before that goes to them and is never answered; CI saw one)
+                    while True:
+                        try:
+                            await ka.request(ref.id, 3, timeout=1)
+                        except RequestTimeout:
+                            continue
+                        except AgentNotFound as exc:
+                            lost = exc
+                            break
                 await kb.shutdown()
-    assert (lost.value.address, lost.value.node) == (ref.id, "b")
-    assert "no responders" in lost.value.detail
-    assert str(lost.value) == (
-        f"no agent is registered as {ref.id!r} on node 'b' ({lost.value.detail})"
-    )
+    assert (lost.address, lost.node) == (ref.id, "b")
+    assert "no responders" in lost.detail
+    assert str(lost) == f"no agent is registered as {ref.id!r} on node 'b' ({lost.detail})"
