@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,13 +29,21 @@ from nexus_trio import (
     Agent,
     Config,
     Context,
+    Kernel,
     KernelConfig,
     Message,
     SupervisionConfig,
     agent,
     open_kernel,
 )
-from nexus_trio._nats import ClusterOptions, DurableOptions, NatsServer, cluster_of, join_cluster
+from nexus_trio._nats import (
+    Cluster,
+    ClusterOptions,
+    DurableOptions,
+    NatsServer,
+    cluster_of,
+    join_cluster,
+)
 from nexus_trio._nats._server import free_ports
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,6 +94,27 @@ def node_config() -> Config:
         kernel=KernelConfig(request_timeout_ms=5000, send_timeout_ms=10000),
         supervision=SupervisionConfig(max_restarts=1000, backoff_initial_ms=0, backoff_max_ms=0),
     )
+
+
+@contextlib.asynccontextmanager
+async def patient_node(url: str, name: str) -> AsyncIterator[tuple[Kernel, Cluster]]:
+    """A kernel (5 s request timeout, 60 s handle timeout) joined to the cluster at
+    ``url`` as ``name`` with the PATIENT options, shut down at the end of the block."""
+    config = Config(kernel=KernelConfig(request_timeout_ms=5000, handle_timeout_ms=60000))
+    async with (
+        open_kernel(config) as kernel,
+        join_cluster(kernel, url, name, options=PATIENT) as cluster,
+    ):
+        yield kernel, cluster
+        await kernel.shutdown()
+
+
+async def until(check: Any) -> None:
+    """Poll ``check()`` (state of the nodes that no event announces); the callers bound it."""
+    while True:
+        if check():
+            return
+        await trio.sleep(0.02)
 
 
 # --- the child kernel --------------------------------------------------------------------------

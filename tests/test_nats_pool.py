@@ -5,47 +5,22 @@ Real nats-server (the ``nats`` fixture), two nodes in this process.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 import trio
 
 from nexus_trio import (
-    Config,
     Context,
-    Kernel,
-    KernelConfig,
     Message,
     RequestFailed,
     RequestTimeout,
     agent,
-    open_kernel,
     pool,
 )
-from nexus_trio._nats import Cluster, NatsServer, join_cluster
+from nexus_trio._nats import NatsServer
 
-from .nats_server import PATIENT
-
-
-@asynccontextmanager
-async def _node(url: str, name: str) -> AsyncIterator[tuple[Kernel, Cluster]]:
-    config = Config(kernel=KernelConfig(request_timeout_ms=5000, handle_timeout_ms=60000))
-    async with (
-        open_kernel(config) as kernel,
-        join_cluster(kernel, url, name, options=PATIENT) as cluster,
-    ):
-        yield kernel, cluster
-        await kernel.shutdown()
-
-
-async def _until(check: Any) -> None:
-    """Poll ``check()`` (state of the nodes that no event announces); the callers bound it."""
-    while True:
-        if check():
-            return
-        await trio.sleep(0.02)
+from .nats_server import patient_node, until
 
 
 async def test_a_remote_request_through_a_pool_that_times_out_cancels_the_worker_s_handler(
@@ -66,7 +41,7 @@ async def test_a_remote_request_through_a_pool_that_times_out_cancels_the_worker
             cancelled.append((ctx.name, msg.id))
             raise
 
-    async with _node(nats.url, "b") as (kb, _), _node(nats.url, "a") as (ka, ca):
+    async with patient_node(nats.url, "b") as (kb, _), patient_node(nats.url, "a") as (ka, ca):
         kb.spawn(pool(slow, size=2, name="slow-pool"))
         async with kb.dead_letters() as letters:
             with trio.fail_after(30):
@@ -74,7 +49,7 @@ async def test_a_remote_request_through_a_pool_that_times_out_cancels_the_worker
                 with pytest.raises(RequestTimeout) as timed_out:
                     await ka.request("slow-pool", "work", timeout=2.0)
                 assert started.is_set()
-                await _until(lambda: bool(cancelled))
+                await until(lambda: bool(cancelled))
                 letter = await anext(aiter(letters))
     query_id = timed_out.value.request_id
     assert cancelled == [("slow-pool/0", query_id)]
@@ -93,7 +68,7 @@ async def test_a_remote_request_that_fails_at_a_pool_s_worker_names_the_pool_and
     async def bad(ctx: Context, msg: Message) -> Any:
         raise ValueError(f"bad {msg.payload}")
 
-    async with _node(nats.url, "b") as (kb, _), _node(nats.url, "a") as (ka, ca):
+    async with patient_node(nats.url, "b") as (kb, _), patient_node(nats.url, "a") as (ka, ca):
         kb.spawn(pool(bad, size=2, name="bad-pool"))
         with trio.fail_after(30):
             await ca.wait_for_name("bad-pool")

@@ -7,37 +7,20 @@ query cancels that handler (dead letter ``request_timeout``), the others ignore 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 import trio
 
 from nexus_trio import (
-    Config,
     Context,
-    Kernel,
-    KernelConfig,
     Message,
     RequestTimeout,
     agent,
-    open_kernel,
 )
-from nexus_trio._nats import Cluster, NatsServer, join_cluster, type_address
+from nexus_trio._nats import Cluster, NatsServer, type_address
 
-from .nats_server import PATIENT
-
-
-@asynccontextmanager
-async def _node(url: str, name: str) -> AsyncIterator[tuple[Kernel, Cluster]]:
-    config = Config(kernel=KernelConfig(request_timeout_ms=5000, handle_timeout_ms=60000))
-    async with (
-        open_kernel(config) as kernel,
-        join_cluster(kernel, url, name, options=PATIENT) as cluster,
-    ):
-        yield kernel, cluster
-        await kernel.shutdown()
+from .nats_server import patient_node, until
 
 
 def _cancellable(started: trio.Event, cancelled: list[Any]) -> Any:
@@ -52,16 +35,8 @@ def _cancellable(started: trio.Event, cancelled: list[Any]) -> Any:
     return handle
 
 
-async def _until(check: Any) -> None:
-    """Poll ``check()`` (state of the nodes that no event announces); the callers bound it."""
-    while True:
-        if check():
-            return
-        await trio.sleep(0.02)
-
-
 async def _wait_members(cluster: Cluster, *nodes: str) -> None:
-    await _until(lambda: set(nodes) <= {m.node for m in cluster.member_list()})
+    await until(lambda: set(nodes) <= {m.node for m in cluster.member_list()})
 
 
 @pytest.mark.parametrize("replica_on", ["b", "a"])
@@ -73,7 +48,7 @@ async def test_a_request_to_a_type_that_times_out_cancels_the_replica_that_took_
     was cancelled: it ran on to its own handle timeout (here a minute)."""
     started = trio.Event()
     cancelled: list[Any] = []
-    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+    async with patient_node(nats.url, "b") as (kb, cb), patient_node(nats.url, "a") as (ka, ca):
         kernel, cluster = (kb, cb) if replica_on == "b" else (ka, ca)
         other = kb if replica_on == "a" else ka
         ref = kernel.spawn(agent(_cancellable(started, cancelled), name="slow-1"))
@@ -85,7 +60,7 @@ async def test_a_request_to_a_type_that_times_out_cancels_the_replica_that_took_
                 with pytest.raises(RequestTimeout) as timed_out:
                     await ka.request(type_address("slow"), "work", timeout=2.0)
                 assert started.is_set()
-                await _until(lambda: bool(cancelled))
+                await until(lambda: bool(cancelled))
                 letter = await anext(aiter(letters))
         other_dead = other.stats().dead_lettered
     query_id = timed_out.value.request_id
@@ -105,9 +80,9 @@ async def test_a_type_cancel_reaches_the_replica_among_three_nodes_and_no_other(
     started = trio.Event()
     cancelled: list[Any] = []
     async with (
-        _node(nats.url, "c") as (kc, cc),
-        _node(nats.url, "b") as (kb, cb),
-        _node(nats.url, "a") as (ka, ca),
+        patient_node(nats.url, "c") as (kc, cc),
+        patient_node(nats.url, "b") as (kb, cb),
+        patient_node(nats.url, "a") as (ka, ca),
     ):
         ref = kc.spawn(agent(_cancellable(started, cancelled), name="slow-c"))
         await cc.serve_type("slow", ref)
@@ -115,7 +90,7 @@ async def test_a_type_cancel_reaches_the_replica_among_three_nodes_and_no_other(
             await _wait_members(ca, "b", "c")
             with pytest.raises(RequestTimeout) as timed_out:
                 await ka.request(type_address("slow"), "work", timeout=2.0)
-            await _until(lambda: bool(cancelled) and cb.stats().cancels_received >= 1)
+            await until(lambda: bool(cancelled) and cb.stats().cancels_received >= 1)
         b_dead, c_dead = kb.stats().dead_lettered, kc.stats().dead_lettered
     assert cancelled == [timed_out.value.request_id]
     assert ca.stats().cancels_sent == 2  # one frame to each other node
@@ -144,7 +119,7 @@ async def test_a_type_query_that_comes_after_its_cancel_is_skipped(
         original(self, m, type_name)
 
     monkeypatch.setattr(Cluster, "_accept", accept)
-    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+    async with patient_node(nats.url, "b") as (kb, cb), patient_node(nats.url, "a") as (ka, ca):
         holding.append(cb)
         ref = kb.spawn(agent(_cancellable(started, cancelled), name="slow-1"))
         await cb.serve_type("slow", ref)
@@ -155,7 +130,7 @@ async def test_a_type_query_that_comes_after_its_cancel_is_skipped(
                 with pytest.raises(RequestTimeout) as timed_out:
                     await ka.request(type_address("slow"), "work", timeout=1.0)
                 await query_held.wait()
-                await _until(lambda: cb.stats().cancels_received >= 1)
+                await until(lambda: cb.stats().cancels_received >= 1)
                 original(cb, *held[0])  # the query, after its cancel
                 letter = await anext(aiter(letters))
     assert (letter.reason.value, letter.message.id) == (
