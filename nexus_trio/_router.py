@@ -21,7 +21,7 @@ import uuid
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from typing import Any, Final, Protocol, final
+from typing import Any, Final, Protocol, TypeVar, final
 from uuid import UUID as _UUID
 
 import trio
@@ -168,6 +168,18 @@ class _Pending:
         self.task = None
         self.abandoned = True
         return trio.lowlevel.Abort.SUCCEEDED
+
+
+_V = TypeVar("_V")
+
+
+def _keep_newest(table: dict[int, _V], key: int, value: _V, limit: int) -> None:
+    """Put ``key`` in ``table`` as its newest entry (moved there if it was in already),
+    dropping the oldest past ``limit`` entries (a dict keeps insertion order)."""
+    table.pop(key, None)
+    table[key] = value
+    if len(table) > limit:
+        del table[next(iter(table))]
 
 
 @final
@@ -1019,22 +1031,15 @@ class Router:
 
     def answer_through_transport(self, query_id: uuid.UUID) -> None:
         """See :meth:`TransportHandle.answer_through_transport`."""
-        answers = self._transport_answers
-        key = query_id.int
-        answers.pop(key, None)  # (a redelivery: the entry moves to the newest end)
-        answers[key] = None
-        if len(answers) > _TRANSPORT_ANSWERS_MEMORY:
-            del answers[next(iter(answers))]
+        # (a redelivery: the entry moves to the newest end)
+        _keep_newest(self._transport_answers, query_id.int, None, _TRANSPORT_ANSWERS_MEMORY)
 
     def _passed_on_for_remote(self, key: int, to: Address) -> None:
         """A handler here passed query ``key``, which no requester here waits for (one on
         another kernel does), on to ``to``: kept for that requester's cancel, which
         comes through the transport naming the address it asked (see expire_query)."""
-        passed_on = self._passed_on
-        passed_on.pop(key, None)  # (a second hop: the entry moves to the newest end)
-        passed_on[key] = to
-        if len(passed_on) > _LATE_MEMORY:
-            del passed_on[next(iter(passed_on))]
+        # (a second hop: the entry moves to the newest end)
+        _keep_newest(self._passed_on, key, to, _LATE_MEMORY)
 
     # --- request/reply ---------------------------------------------------------------------
 
