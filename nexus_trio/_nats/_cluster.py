@@ -1144,16 +1144,18 @@ class Cluster:
         if size > self._batch_bytes and size > self._max_frame():
             raise TransportUnavailable(
                 f"message {msg.id} to {msg.to} is {len(body)} bytes encoded: more than"
-                f" NATS accepts in one message (max_payload {self._max_payload()} bytes)"
+                f" NATS accepts in one message (max_payload {self.max_payload()} bytes)"
             )
         return body
 
-    def _max_payload(self) -> int:
+    def max_payload(self) -> int:
+        """The most bytes NATS takes in one message, headers included (the server's
+        ``max_payload``; 1 MiB, its default, before the connection tells)."""
         nc = self._nc
         return nc.max_payload if nc is not None and nc.max_payload else 1 << 20
 
     def _max_frame(self) -> int:
-        return batch.batch_limit(self._max_payload(), self.node, self._max_payload())
+        return batch.batch_limit(self.max_payload(), self.node, self.max_payload())
 
     def _add_tell(self, link: batch.NodeLink, body: bytes) -> bool:
         """Put a tell in its link's batch; seal the batch when it is full (a frame that
@@ -1291,13 +1293,13 @@ class Cluster:
                 # Passed on, it goes with a header, which NATS counts too (see
                 # _publish_one).
                 size = len(data) if relaying is None else len(data) + wire.header_bytes(relaying)
-                if size > self._max_payload():
+                if size > self.max_payload():
                     with_header = (
                         "" if relaying is None else f" with its {wire.RELAYED_HEADER} header"
                     )
                     too_big = ValueError(
                         f"the answer is {size} bytes{with_header}: more than NATS accepts in"
-                        f" one message (max_payload {self._max_payload()} bytes)"
+                        f" one message (max_payload {self.max_payload()} bytes)"
                     )
                     raise self._unencodable_reply(msg, reply_to, subject, too_big)
                 if json_form:
@@ -1402,7 +1404,7 @@ class Cluster:
         if headers is None:
             if kind == _PLAIN and direct.publish_at_once(nc, subject, reply, data):
                 return _written()
-        elif len(data) + wire.header_bytes(headers) > self._max_payload():
+        elif len(data) + wire.header_bytes(headers) > self.max_payload():
             # nats-py checks the body alone: the server would close the connection, and
             # nats-py then closes it for good (every later send failing). Refused here
             # as nats-py refuses a body over the limit (see _publish_refused)
@@ -3757,7 +3759,7 @@ class Cluster:
         self._nodes_kv = await self._kv(f"{self.prefix}-nodes", ttl=ttl)
         self._names_kv = await self._kv(f"{self.prefix}-names", ttl=None)
         await self._outbox.start()
-        self._batch_bytes = batch.batch_limit(self._max_payload(), self.node, opts.batch_bytes)
+        self._batch_bytes = batch.batch_limit(self.max_payload(), self.node, opts.batch_bytes)
         # Judged before this node takes anything meant for its name; subscribed before
         # its record (which makes it a live member to the others) is written
         sub: Any = None

@@ -316,8 +316,7 @@ class DurableChannel:
             raise unsendable(failure) from exc
         headers = {wire.MSG_ID_HEADER: str(msg.id)}
         size = len(data) + wire.header_bytes(headers)
-        nc = cluster.nc
-        limit = nc.max_payload if nc is not None and nc.max_payload else 1 << 20
+        limit = cluster.max_payload()
         if size > limit:
             # nats-py checks the body alone: a body that fits with a header that does not
             # made the server close the node's data connection (Maximum Payload Violation)
