@@ -2883,7 +2883,9 @@ class Cluster:
             log, logging.WARNING, "node %s: could not drop name %r: %r", self.node, name, exc
         )
 
-    async def _delete_name(self, kv: KeyValue, name: str, revision: int) -> None:
+    async def _delete_name(self, kv: KeyValue, name: str, revision: int) -> bool:
+        """Delete ``name``'s entry if it is still the one of ``revision``; True if this
+        delete landed."""
         try:
             # Only if nobody re-registered the name since (optimistic concurrency).
             await call_aio(kv.delete, wire.name_key(name), last=revision)
@@ -2892,11 +2894,14 @@ class Cluster:
             log_guarded(
                 log,
                 logging.DEBUG,
-                "node %s: name %r changed since we published it: %r",
+                "node %s: name %r changed since its entry %d: %r",
                 self.node,
                 name,
+                revision,
                 exc,
             )
+            return False
+        return True
 
     def _note_names_of_forgotten(self, node: str, id_prefix: int) -> None:
         """Member ``node`` (its process ``id_prefix``) is forgotten: the names of its
@@ -2929,9 +2934,8 @@ class Cluster:
                     del self._names_of_forgotten[name]  # written again, or dropped, since
                     continue
                 try:
-                    await call_aio(kv.delete, wire.name_key(name), last=revision)
-                except nats.js.errors.BadRequestError:
-                    pass  # "wrong last sequence": another node deleted or wrote it first
+                    # (False: another node deleted or wrote it first)
+                    dropped += await self._delete_name(kv, name, revision)
                 except Exception as exc:
                     log_guarded(
                         log,
@@ -2941,9 +2945,7 @@ class Cluster:
                         name,
                         exc,
                     )
-                    return  # (the bucket unreachable: the next retry)
-                else:
-                    dropped += 1
+                    break  # (the bucket unreachable: the next retry)
                 del self._names_of_forgotten[name]
         if dropped:
             log_guarded(
