@@ -170,6 +170,12 @@ class _Pending:
         return trio.lowlevel.Abort.SUCCEEDED
 
 
+def detached_phase(phase: KernelPhase) -> str:
+    """What a KernelShuttingDown for a message to or from another kernel says of the
+    kernel's ``phase`` once its transport is detached: ``detached`` while it runs on."""
+    return "detached" if phase is _RUNNING else phase.name.lower()
+
+
 _V = TypeVar("_V")
 
 
@@ -594,12 +600,6 @@ class Router:
 
     # --- entry points -------------------------------------------------------------------
 
-    def detached_phase(self) -> str:
-        """What a KernelShuttingDown for a message to or from another kernel says of the
-        phase once the transport is detached: ``detached`` while the kernel runs on."""
-        phase = self.phase
-        return "detached" if phase is _RUNNING else phase.name.lower()
-
     def refuse(self, what: str) -> KernelShuttingDown:
         self.ledger.rejected["shutting_down"] += 1
         return KernelShuttingDown(what, self.phase.name.lower())
@@ -796,7 +796,7 @@ class Router:
         """See :meth:`TransportHandle.relay_nowait`."""
         transport = self.transport
         if transport is None:
-            raise KernelShuttingDown("relay", self.detached_phase())
+            raise KernelShuttingDown("relay", detached_phase(self.phase))
         try:
             transport.deliver_nowait(msg)
         except (AgentNotFound, MailboxFull) as exc:

@@ -81,7 +81,7 @@ from .._events import EventKind, LifecycleEvent
 from .._kernel import Kernel
 from .._logcall import log_guarded
 from .._message import SYSTEM_ID, Address, Message, MessageKind, id_value
-from .._router import KernelPhase, TransportHandle
+from .._router import KernelPhase, TransportHandle, detached_phase
 from .._throttle import Throttle
 from . import _batch as batch
 from . import _direct as direct
@@ -2573,10 +2573,7 @@ class Cluster:
         """The refusal of ``what`` (a message from or to another node) once the transport
         is detached or the kernel shuts down, naming the kernel's phase (``detached``
         while it runs on)."""
-        phase = self.kernel.phase
-        return KernelShuttingDown(
-            what, "detached" if phase is KernelPhase.RUNNING else phase.name.lower()
-        )
+        return KernelShuttingDown(what, detached_phase(self.kernel.phase))
 
     def _left_the_cluster(self) -> KernelShuttingDown:
         """The refusal of a message from another node that the leave did not deliver."""
