@@ -36,6 +36,7 @@ from rich.text import Text
 from .. import AppConfig, Config, MetricsConfig, __version__
 from . import _bench_cmd, _send_cmd
 from ._commands import PROGRAM_NAMES, Command, Group, RunByDefaultGroup, default_to_run
+from ._encoding import encodes
 
 __all__ = ["app", "default_to_run", "main"]
 
@@ -944,26 +945,13 @@ def _stand_ins(stream: Any) -> dict[int, str] | None:
     error does) any other character it cannot encode (an agent's name, an app's print)
     instead of raising ``UnicodeEncodeError`` out of the command."""
     encoding = getattr(stream, "encoding", None)
-    if not isinstance(encoding, str):
-        return None
-    try:
-        missing = {c: t for c, t in _STAND_INS.items() if not _encodes(c, encoding)}
-    except LookupError:  # (no such codec: nothing to go by)
-        return None
+    missing = {c: t for c, t in _STAND_INS.items() if not encodes(c, encoding)}
     if not missing:
         return None
     if getattr(stream, "errors", "strict") == "strict":
         with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
             stream.reconfigure(errors="backslashreplace")
     return str.maketrans(missing)
-
-
-def _encodes(char: str, encoding: str) -> bool:
-    try:
-        char.encode(encoding)
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _output_failure(exc: OSError, streams: dict[str, _WatchedStream]) -> str | None:

@@ -50,6 +50,7 @@ from .._kernel import Kernel, open_kernel
 from .._logcall import log_guarded
 from .._supervisor import Supervisor
 from ..logs import flush_logs, log_calls_failed, records_lost
+from ._encoding import encodes
 from ._spawn import (
     OneLineBridgeErrors,
     SpawnedProgram,
@@ -1114,7 +1115,7 @@ def print_summary(summary: dict[str, Any], *, json_out: bool, out: TextIO | None
             console = _SummaryConsole(file=stream)
             # (a narrower one left the figures' column no room at all: labels alone)
             console.width = max(console.width, SUMMARY_MIN_WIDTH)
-            console.print(summary_table(summary, ascii_marks=not _has_marks(console)))
+            console.print(summary_table(summary, ascii_marks=not encodes("✓✗", console.encoding)))
     except OSError as exc:
         if not hung_up():
             raise
@@ -1125,15 +1126,6 @@ def print_summary(summary: dict[str, Any], *, json_out: bool, out: TextIO | None
             exc.strerror or exc,
         )
         _point_at_devnull(stream)
-
-
-def _has_marks(console: Console) -> bool:
-    """Whether ``console``'s encoding has the summary's ✓ and ✗ (not an ASCII one)."""
-    try:
-        "✓✗".encode(console.encoding)
-    except (UnicodeEncodeError, LookupError):
-        return False
-    return True
 
 
 def _point_at_devnull(stream: TextIO) -> None:

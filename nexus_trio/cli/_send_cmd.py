@@ -16,6 +16,7 @@ import typer
 
 from .._config import LOG_LEVELS
 from ._commands import Command
+from ._encoding import encodes
 
 _EPILOG = """\
 [bold]Examples[/]
@@ -159,7 +160,7 @@ def register(app: typer.Typer) -> None:
                 err=True,
             )
             raise typer.Exit(NOT_STRICT_JSON) from None
-        if not _encodable(text, getattr(sys.stdout, "encoding", None)):
+        if not encodes(text, getattr(sys.stdout, "encoding", None)):
             # (an ASCII output, LC_ALL=C: JSON's own escapes, \u00e9, keep it JSON)
             text = json.dumps(answer, ensure_ascii=True, indent=indent, allow_nan=False)
         sys.stdout.write(text + "\n")
@@ -321,16 +322,3 @@ async def _exchange(config: Any, spec: Any, value: Any, kind: SendKind, timeout:
         if scope.cancelled_caught:
             raise _Failed(f"no answer within {timeout:g}s")
         return None
-
-
-def _encodable(text: str, encoding: object) -> bool:
-    """Whether ``text`` can be written in ``encoding`` as it is (an unknown encoding: yes)."""
-    if not isinstance(encoding, str):
-        return True
-    try:
-        text.encode(encoding)
-    except UnicodeEncodeError:
-        return False
-    except LookupError:
-        return True
-    return True
