@@ -516,9 +516,8 @@ def run_workers(
     #: the signal that forced the stop (the workers still running were killed), if one did
     forced_by = ""
     #: pids of the workers killed here because every other worker counted them lost (or
-    #: settled with them), and the grace each had
-    killed_as_lost: set[int] = set()
-    killed_as_settled: dict[int, float] = {}
+    #: settled with them), and why, in the words of their summary's error
+    killed_here: dict[int, str] = {}
     #: per worker pid every other one counted lost, the timer that kills it
     lost_timers: dict[int, threading.Timer] = {}
 
@@ -586,10 +585,11 @@ def run_workers(
             "counted lost" if lost else "settled with",
             grace,
         )
-        if lost:
-            killed_as_lost.add(p.pid)
-        else:
-            killed_as_settled[p.pid] = grace
+        killed_here[p.pid] = (
+            "counted lost by every other worker, it still ran after they ended"
+            if lost
+            else f"every other worker settled with it, it still ran {grace:g}s after they ended"
+        )
         with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, signal.SIGKILL)
 
@@ -705,9 +705,7 @@ def run_workers(
             if _killed_by_force(passed.get(proc.pid, 0), code):
                 log_guarded(log, logging.WARNING, "%s", _forced_text(i, proc.pid))
                 continue
-            if (proc.pid in killed_as_lost or proc.pid in killed_as_settled) and (
-                code == -signal.SIGKILL
-            ):
+            if proc.pid in killed_here and code == -signal.SIGKILL:
                 continue  # (logged as it was killed)
             running = [p for p in procs if p.poll() is None]
             stopping = not stops_asked() and bool(running)  # (the first death stops them)
@@ -745,17 +743,8 @@ def run_workers(
             forced = _killed_by_force(passed.get(proc.pid, 0), codes[i])
             if forced:
                 error = _forced_text(i, proc.pid)
-            elif proc.pid in killed_as_lost and codes[i] == -signal.SIGKILL:
-                error = (
-                    f"worker-{i} (pid {proc.pid}) killed by SIGKILL: counted lost by every"
-                    " other worker, it still ran after they ended"
-                )
-            elif proc.pid in killed_as_settled and codes[i] == -signal.SIGKILL:
-                error = (
-                    f"worker-{i} (pid {proc.pid}) killed by SIGKILL: every other worker"
-                    f" settled with it, it still ran {killed_as_settled[proc.pid]:g}s after"
-                    " they ended"
-                )
+            elif proc.pid in killed_here and codes[i] == -signal.SIGKILL:
+                error = f"worker-{i} (pid {proc.pid}) killed by SIGKILL: {killed_here[proc.pid]}"
             else:
                 error = f"worker-{i} (pid {proc.pid}) died: {ends[i]}"
             entry = {"node": f"worker-{i}", "died": True, "error": error, "conserved": None}
