@@ -1456,29 +1456,31 @@ async def test_a_durable_message_from_a_local_agent_names_it_as_sender_and_is_ac
 async def test_no_responders_for_a_request_names_the_node_that_was_asked(
     nats: NatsServer,
 ) -> None:
-    """Regression: NATS's "no responders" for a request (the node the agent's id names
+    """Regression: NATS's "no responders" for a request (the node the agent's name is on
     has no connection, not yet judged lost here) failed it with an AgentNotFound that
     named neither that node nor why. It names the node asked and says NATS had no
-    responder there."""
+    responder there. (By name: the two kernels of this process share an id prefix, so an
+    id names whichever of them was heard last; CI saw a's own.)"""
     patient = {"missed_heartbeats": 100}
-    async with local_node(nats.url, "a", **patient) as (ka, _ca):
+    async with local_node(nats.url, "a", **patient) as (ka, ca):
         async with open_kernel(node_config()) as kb:
             async with join_cluster(kb, nats.url, "b", options=attrs.evolve(FAST, **patient)) as cb:
-                ref = kb.spawn(double)
+                kb.spawn(double, name="double-b")
                 with trio.fail_after(20):
-                    assert await ka.request(ref.id, 2, timeout=10) == 4
+                    await ca.wait_for_name("double-b")
+                    assert await ka.request("double-b", 2, timeout=10) == 4
                     await call_aio(cb.nc.close)
                     # (the server drops b's subscriptions as it reads the close: a request
                     # published before that goes to them and is never answered; CI saw one)
                     while True:
                         try:
-                            await ka.request(ref.id, 3, timeout=1)
+                            await ka.request("double-b", 3, timeout=1)
                         except RequestTimeout:
                             continue
                         except AgentNotFound as exc:
                             lost = exc
                             break
                 await kb.shutdown()
-    assert (lost.address, lost.node) == (ref.id, "b")
+    assert (lost.address, lost.node) == ("double-b", "b")
     assert "no responders" in lost.detail
-    assert str(lost) == f"no agent is registered as {ref.id!r} on node 'b' ({lost.detail})"
+    assert str(lost) == f"no agent is registered as 'double-b' on node 'b' ({lost.detail})"
