@@ -194,3 +194,85 @@ def test_more_agents_than_the_bound_is_a_usage_error_naming_it_and_starts_nothin
     result = CliRunner().invoke(app, ["run", "-n", str(10**8), "-d", "0.1"], env=WIDE)
     assert result.exit_code == 0, flat(result.output)
     assert started == ["run"]
+
+
+# --- the float flags: a finite number in their range, said so -------------------------------------
+
+#: every flag that takes a float: its command line (before the flag), its spelling as an
+#: error names it, and the range it accepts as the error says it
+FLOAT_FLAGS = [
+    (["run", "-n", "2"], "-d", "'--duration' / '-d'", ">= 0 (0 = until Ctrl-C)"),
+    (["run", "-n", "2"], "--rate", "'--rate'", ">= 0 (0 = unpaced)"),
+    (["health", "--port", "1"], "--timeout", "'--timeout'", ">= 0.1"),
+    (["send", "cat", "{}"], "-t", "'--timeout' / '-t'", ">= 0.001"),
+    (["send", "cat", "{}"], "--register-timeout", "'--register-timeout'", ">= 0.001"),
+]
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("nan", "nan"),
+        ("-nan", "-nan"),
+        ("inf", "inf"),
+        ("-inf", "-inf"),
+        ("1e999", "1e999 (read as inf)"),
+        ("-1", "-1"),
+        ("abc", "'abc'"),
+    ],
+)
+@pytest.mark.parametrize(("command", "flag", "named", "accepted"), FLOAT_FLAGS)
+def test_a_float_flag_out_of_its_range_is_refused_naming_the_flag_and_the_range(
+    monkeypatch: pytest.MonkeyPatch,
+    command: list[str],
+    flag: str,
+    named: str,
+    accepted: str,
+    value: str,
+    shown: str,
+) -> None:
+    """Regression: ``-d nan`` said "Input should be greater than or equal to 0" (NaN is
+    not below 0), ``nexus health --timeout inf`` (or 1e999) ended in a traceback
+    (OverflowError from the thread's timer), ``nexus send -t inf`` waited for good and
+    ``--register-timeout inf`` was blamed on CMD. Each float flag refuses what is not a
+    finite number in its range with one message naming the flag and the range."""
+    started: list[str] = []
+    monkeypatch.setattr(_run, "execute_run", lambda *a, **k: started.append("run"))
+    result = CliRunner().invoke(app, [*command, flag, value], env=WIDE)
+    output = flat(result.output)
+    assert "Traceback" not in output, output
+    assert result.exit_code == 2, output
+    assert f"Invalid value for {named}: must be a finite number {accepted}, got {shown}" in output
+    assert started == []
+
+
+def test_minus_zero_is_zero_for_a_float_flag() -> None:
+    from nexus_trio.cli._commands import finite_at_least
+
+    parse = finite_at_least(0)
+    assert [repr(parse(text)) for text in ("-0", "-0.0", "0", " 2.5 ", "1_000")] == [
+        "0.0",
+        "0.0",
+        "0.0",
+        "2.5",
+        "1000.0",
+    ]
+
+
+def test_health_with_a_timeout_past_a_threads_wait_is_that_wait() -> None:
+    """Regression: ``nexus health --timeout 1e300`` (finite, so taken) ended in a
+    traceback: OverflowError from the thread's wait (292 years at most)."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = CliRunner().invoke(
+        app, ["health", "--port", str(port), "--timeout", "1e300"], env=WIDE
+    )
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == 1, flat(result.output)
+    assert flat(result.output) == (
+        f"http://127.0.0.1:{port}/healthz: unreachable: nothing is listening on"
+        f" 127.0.0.1:{port} (connection refused)"
+    )

@@ -18,7 +18,6 @@ import http.client
 import importlib
 import io
 import logging
-import math
 import os
 import shlex
 import shutil
@@ -35,7 +34,14 @@ from rich.text import Text
 
 from .. import AppConfig, Config, MetricsConfig, __version__
 from . import _bench_cmd, _send_cmd
-from ._commands import PROGRAM_NAMES, Command, Group, RunByDefaultGroup, default_to_run
+from ._commands import (
+    PROGRAM_NAMES,
+    Command,
+    Group,
+    RunByDefaultGroup,
+    default_to_run,
+    finite_at_least,
+)
 from ._encoding import encodes
 
 __all__ = ["app", "default_to_run", "main"]
@@ -220,6 +226,7 @@ def run(
             "--duration",
             "-d",
             min=0,
+            parser=finite_at_least(0, "0 = until Ctrl-C"),
             help="Seconds to run; 0 = until Ctrl-C (config: \\[app] duration).",
         ),
     ] = _APP_DEFAULTS.duration,
@@ -262,7 +269,12 @@ def run(
     ] = _DEFAULT_WORKLOAD,
     rate: Annotated[
         float,
-        typer.Option("--rate", min=0, help="Demo messages per second in total; 0 = unpaced."),
+        typer.Option(
+            "--rate",
+            min=0,
+            parser=finite_at_least(0, "0 = unpaced"),
+            help="Demo messages per second in total; 0 = unpaced.",
+        ),
     ] = 0.0,
     payload_size: Annotated[
         int,
@@ -351,10 +363,6 @@ def run(
         typer.echo(f"wrote {written}")
         return
 
-    if not math.isfinite(rate):  # (typer's min=0 lets inf through; the demo cannot pace it)
-        raise typer.BadParameter(
-            f"must be a finite number >= 0 (0 = unpaced), got {rate!r}", param_hint="'--rate'"
-        )
     commands: list[tuple[str, ...]] = []
     for command in spawn or ():
         commands.append(_split_command(command, "--spawn"))
@@ -732,7 +740,10 @@ def health(
             help="Metrics port; the config's \\[metrics] port if not given.",
         ),
     ] = None,
-    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait.")] = 3.0,
+    timeout: Annotated[
+        float,
+        typer.Option("--timeout", min=0.1, parser=finite_at_least(0.1), help="Seconds to wait."),
+    ] = 3.0,
     config: Annotated[
         Path | None,
         typer.Option(
@@ -784,10 +795,14 @@ def _probe_health(url: str, timeout: float) -> tuple[int | None, str, str]:
     ``timeout`` bounds the whole check, not each read: an endpoint that answers without
     end, or a byte at a time, gets no more (the request runs in a daemon thread that is
     left behind when time is up; the command exits right after). A body is read up to
-    64 KiB (a longer one is a bad answer, as is one that is not HTTP: named).
+    64 KiB (a longer one is a bad answer, as is one that is not HTTP: named). A timeout
+    past what a thread's or a socket's wait takes (``threading.TIMEOUT_MAX``, 292 years)
+    is that.
     """
     import threading
     import urllib.parse
+
+    timeout = min(timeout, threading.TIMEOUT_MAX)
 
     outcome: list[tuple[int | None, str, str]] = []
     where = urllib.parse.urlsplit(url).netloc

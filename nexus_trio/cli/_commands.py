@@ -5,16 +5,25 @@ Options without a command mean ``run`` and a leading program name is skipped
 (:func:`default_to_run`), so the original Nexus's ``nexus-runtime -n 4 -d 10`` and
 ``docker run IMAGE nexus-runtime -n 100 -d 30`` work as written. Flags are shown without
 a type in help: typer labels every boolean flag ``<bool>``, which reads as if it took a
-value.
+value. A flag taking a number of seconds or a rate reads it with :func:`finite_at_least`.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any, Final
 
 import typer.core
 
-__all__ = ["PROGRAM_NAMES", "Command", "Group", "RunByDefaultGroup", "default_to_run"]
+__all__ = [
+    "PROGRAM_NAMES",
+    "Command",
+    "Group",
+    "RunByDefaultGroup",
+    "default_to_run",
+    "finite_at_least",
+]
 
 #: names of this program: one leading name on the command line is skipped, so that under
 #: the image's ``ENTRYPOINT ["nexus-runtime"]``, ``docker run IMAGE nexus-runtime -n 100``
@@ -73,3 +82,31 @@ class RunByDefaultGroup(Group):
             name for param in self.get_params(ctx) for name in (*param.opts, *param.secondary_opts)
         )
         return super().parse_args(ctx, default_to_run(args, root_options))
+
+
+def finite_at_least(minimum: float, meaning: str = "") -> Callable[[Any], float]:
+    """The ``parser=`` of a float flag: a finite number >= ``minimum``, else a usage error
+    naming the flag (click adds it) and the accepted range, ``meaning`` after it.
+
+    typer's ``min=`` (kept beside it for the help's ``[x>=0]``) answers ``nan`` with "should
+    be greater than or equal to 0" and lets ``inf`` (also ``1e999``, read as ``inf``)
+    through, which no flag means: a run until Ctrl-C is ``-d 0``, and an infinite timeout
+    overflows the threads' timers. ``-0`` is 0.
+    """
+    accepted = f"a finite number >= {minimum:g}{f' ({meaning})' if meaning else ''}"
+
+    def parse(text: Any) -> float:
+        try:
+            value = float(text)
+        except (TypeError, ValueError):
+            raise typer.BadParameter(f"must be {accepted}, got {text!r}") from None
+        if not (math.isfinite(value) and value >= minimum):
+            spelt = str(text).strip()
+            if math.isfinite(value) or spelt.lower().lstrip("+-") in ("inf", "infinity", "nan"):
+                shown = spelt
+            else:  # (1e999)
+                shown = f"{spelt} (read as {value!r})"
+            raise typer.BadParameter(f"must be {accepted}, got {shown}")
+        return value + 0.0  # (-0.0 is 0.0)
+
+    return parse

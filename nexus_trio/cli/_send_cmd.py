@@ -15,7 +15,7 @@ from typing import Annotated, Any, Final
 import typer
 
 from .._config import LOG_LEVELS
-from ._commands import Command
+from ._commands import Command, finite_at_least
 from ._encoding import encodes
 
 _EPILOG = """\
@@ -72,12 +72,21 @@ def register(app: typer.Typer) -> None:
         ] = SendKind.Query,
         timeout: Annotated[
             float,
-            typer.Option("--timeout", "-t", min=0.001, help="Seconds to wait for the answer."),
+            typer.Option(
+                "--timeout",
+                "-t",
+                min=0.001,
+                parser=finite_at_least(0.001),
+                help="Seconds to wait for the answer.",
+            ),
         ] = 10.0,
         register_timeout: Annotated[
             float,
             typer.Option(
-                "--register-timeout", min=0.001, help="Seconds the agent has to register."
+                "--register-timeout",
+                min=0.001,
+                parser=finite_at_least(0.001),
+                help="Seconds the agent has to register.",
             ),
         ] = 10.0,
         config: Annotated[
