@@ -10,6 +10,7 @@ kills everything carrying the tag if it ever sees more workers than asked for.
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import json
 import logging
@@ -1453,6 +1454,28 @@ def test_a_worker_every_other_one_counted_lost_is_killed_when_they_have_ended(
     assert summary["error"] == dead["error"]
 
 
+def _worker_0_settled_with_both() -> str:
+    """worker-0's summary once it settled with itself and worker-1, all books at 0."""
+    books = dict.fromkeys(
+        (
+            "sent",
+            "accepted",
+            "handled",
+            "replies_delivered",
+            "forwarded_out",
+            "forwarded_in",
+            "dead_letters",
+            "in_flight",
+            "lost_counted",
+            "held",
+        ),
+        0,
+    )
+    summary = json.loads(canned_summary("worker-0"))
+    summary["settled_books"] = {node: dict(books) for node in ("worker-0", "worker-1")}
+    return json.dumps(summary)
+
+
 def test_a_worker_frozen_after_the_settle_is_killed_when_the_others_have_ended(
     tmp_path: Path, caplog, monkeypatch
 ) -> None:
@@ -1463,26 +1486,9 @@ def test_a_worker_frozen_after_the_settle_is_killed_when_the_others_have_ended(
     from nexus_trio.cli import _cluster_cmd
 
     monkeypatch.setattr(_cluster_cmd, "_SETTLED_GRACE", 0.5, raising=False)
-    settled = json.loads(canned_summary("worker-0")) | {
-        "settled_books": {
-            node: {
-                "sent": 0,
-                "accepted": 0,
-                "handled": 0,
-                "replies_delivered": 0,
-                "forwarded_out": 0,
-                "forwarded_in": 0,
-                "dead_letters": 0,
-                "in_flight": 0,
-                "lost_counted": 0,
-                "held": 0,
-            }
-            for node in ("worker-0", "worker-1")
-        }
-    }
     # (the workers' shutdown grace: 5 s by default)
     summary, status, pid = _run_with_worker_1_frozen(
-        tmp_path, caplog, json.dumps(settled), _cluster_cmd.run_workers
+        tmp_path, caplog, _worker_0_settled_with_both(), _cluster_cmd.run_workers
     )
     assert (
         f"worker-1 (pid {pid}) was settled with by every other worker and still runs 5.5s"
@@ -1498,6 +1504,32 @@ def test_a_worker_frozen_after_the_settle_is_killed_when_the_others_have_ended(
     )
     assert dead["books"] == "its last record: it settled, then died"
     assert summary["conserved"] is True
+
+
+def test_a_shutdown_grace_past_a_threads_longest_wait_kills_a_frozen_worker_at_that_wait(
+    tmp_path: Path, caplog, monkeypatch
+) -> None:
+    """Regression: with a huge ``[kernel] shutdown_grace_ms`` (any finite number is taken,
+    1e303 ms here), the kill timer of a worker frozen after the settle raised OverflowError
+    in its thread (a wait past ``threading.TIMEOUT_MAX``, 292 years, does not fit the
+    platform's time): the parent waited for the frozen worker for good. The timer waits
+    the longest a thread's wait takes (made 0.5 s here, to see it fire)."""
+    from nexus_trio.cli import _cluster_cmd
+
+    monkeypatch.setattr(_cluster_cmd, "_LONGEST_WAIT", 0.5, raising=False)
+    summary, status, pid = _run_with_worker_1_frozen(
+        tmp_path,
+        caplog,
+        _worker_0_settled_with_both(),
+        functools.partial(_cluster_cmd.run_workers, shutdown_grace=1e300),
+    )
+    assert (
+        f"worker-1 (pid {pid}) was settled with by every other worker and still runs 0.5s"
+        " after they ended: killing it" in caplog.text
+    )
+    assert status == 128 + signal.SIGKILL
+    assert summary["workers_died"] == ["worker-1"]
+    assert summary["per_worker"][1]["exit"] == "killed by SIGKILL"
 
 
 #: a ``sitecustomize`` for a worker (on its PYTHONPATH): as the interpreter finally exits,

@@ -83,6 +83,9 @@ _LOST_GRACE: Final = 5.0
 #: (or counted lost) may run on after they ended, to shut down and write its summary
 #: (its spawned programs get 5 s after their ``shutdown`` frame and 5 s after SIGTERM)
 _SETTLED_GRACE: Final = 20.0
+#: the longest a kill timer waits (a thread's wait overflows past it, 292 years): a
+#: larger shutdown grace (``[kernel] shutdown_grace_ms`` takes any finite number) is that
+_LONGEST_WAIT: Final = threading.TIMEOUT_MAX
 #: summary fields that add up across workers
 _SUMMED: Final = (
     "agents",
@@ -567,7 +570,7 @@ def run_workers(
         for j, p in running:
             if p.pid not in lost_timers:
                 lost = f"worker-{j}" in lost_to_all
-                grace = _LOST_GRACE if lost else _SETTLED_GRACE + shutdown_grace
+                grace = _LOST_GRACE if lost else min(_SETTLED_GRACE + shutdown_grace, _LONGEST_WAIT)
                 lost_timers[p.pid] = timer = threading.Timer(grace, kill_lost, (j, p, lost, grace))
                 timer.daemon = True
                 timer.start()
