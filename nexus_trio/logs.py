@@ -833,6 +833,30 @@ class _StreamHandler(_CountsLostRecords, logging.StreamHandler[TextIO]):
             self._write_text(record, text)
 
 
+def _u_escapes(exc: UnicodeError) -> tuple[str, int]:
+    """Codec error handler: what an encoding cannot encode as ``\\uNNNN`` escapes (a
+    surrogate pair past U+FFFF), which JSON reads back as the text (``backslashreplace``
+    writes ``\\xb7`` and ``\\U0001f600``, which are not JSON)."""
+    if not isinstance(exc, UnicodeEncodeError):
+        raise exc
+    escapes = []
+    for char in exc.object[exc.start : exc.end]:
+        code = ord(char)
+        if code > 0xFFFF:
+            code -= 0x10000
+            escapes.append(f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}")
+        else:
+            escapes.append(f"\\u{code:04x}")
+    return "".join(escapes), exc.end
+
+
+_U_ESCAPES: Final = "nexus_trio.logs.u_escapes"
+codecs.register_error(_U_ESCAPES, _u_escapes)
+#: the error handlers of a text file that mean "escape it": a record is escaped as
+#: :func:`_u_escapes` does there (another, ``replace`` say, is the file's choice)
+_ESCAPING: Final = frozenset({"strict", "backslashreplace"})
+
+
 # Codecs that start what they encode with a byte order mark: a TextIOWrapper writes it
 # once, at the start of the file, so their records are left to the stream to encode.
 _MARKED_CODECS: Final = frozenset({"utf-16", "utf-32", "utf-8-sig"})
@@ -953,13 +977,11 @@ class _WholeRecords:
             self._write_rest()
         if os.linesep != "\n":  # what the stream's default newline translation does
             text = text.replace("\n", os.linesep)
-        try:
-            data = text.encode(file.encoding, file.errors or "strict")
-        except UnicodeEncodeError:
-            # A narrow file (ASCII, Latin-1) and a value from outside (a peer's or a
-            # child's name): the record is written with what it cannot take escaped, not
-            # lost uncounted.
-            data = text.encode(file.encoding, "backslashreplace")
+        # A narrow file (ASCII, Latin-1) and a value from outside (a peer's or a child's
+        # name): the record is written with what it cannot take escaped, not lost
+        # uncounted, and a JSON record stays JSON.
+        errors = file.errors or "strict"
+        data = text.encode(file.encoding, _U_ESCAPES if errors in _ESCAPING else errors)
         file.flush()
         written, error = _write_raw(raw, data)
         if error is None:

@@ -497,6 +497,29 @@ def test_a_record_a_narrow_log_file_cannot_encode_is_written_escaped(
     assert lost == 0
 
 
+@pytest.mark.parametrize("errors", ["strict", "backslashreplace"])
+def test_a_json_record_a_narrow_log_file_cannot_encode_is_still_json(
+    errors: str, nexus_logger: logging.Logger, tmp_path: Path
+) -> None:
+    """Regression: what an ASCII file cannot take was escaped as ``backslashreplace`` does:
+    ``\\xe9`` for é, ``\\U0001f600`` past U+FFFF, which are not JSON escapes: the record
+    did not load. They are ``\\uNNNN`` escapes (a surrogate pair past U+FFFF)."""
+    path = tmp_path / "nexus.log"
+    before = records_lost()
+    with open(path, "a", encoding="ascii", errors=errors) as file:
+        configure_logging(LoggingConfig(level="info", format="json"), stream=file)
+        logging.getLogger("nexus_trio.kernel").info("agent %s started", "café · 😀 日本")
+        lost = records_lost() - before
+        configure_logging(LoggingConfig(level="info", format="compact"), stream=file)
+        logging.getLogger("nexus_trio.kernel").info("agent %s started", "café😀")
+        configure_logging(LoggingConfig(level="info", format="json"), stream=io.StringIO())
+    first, second = path.read_text(encoding="ascii").splitlines()
+    assert json.loads(first)["msg"] == "agent café · 😀 日本 started"
+    assert '"agent caf\\u00e9 \\u00b7 \\ud83d\\ude00 \\u65e5\\u672c started"' in first
+    assert second.endswith("agent caf\\u00e9\\ud83d\\ude00 started")
+    assert lost == 0
+
+
 # --- configure_logging(level, format) and the default handler --------------------------------
 
 
