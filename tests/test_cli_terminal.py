@@ -57,6 +57,28 @@ def test_the_summary_on_an_output_that_is_not_utf8_is_written_in_ascii(
     assert "\\x" not in text and "?" not in text
 
 
+@pytest.mark.parametrize("fmt", ["compact", "json", "pretty"])
+@pytest.mark.parametrize("env", NOT_UTF8.values(), ids=NOT_UTF8.keys())
+def test_the_log_lines_on_a_standard_error_that_is_not_utf8_use_ascii_marks(
+    tmp_path: Path, env: dict[str, str], fmt: str
+) -> None:
+    """Regression: the run's log line named the workload with a middle dot, which the
+    log wrote beneath standard error's stand-ins: ``ring workload \\xb7 10 agents`` (and
+    in JSON a ``\\xb7`` escape, which is not JSON: the line did not load). The mark is
+    its ASCII stand-in there, as on standard output."""
+    result = nexus([*RUN, "-f", fmt], tmp_path, **env)
+    err = result.stderr.decode("ascii")  # (every byte ASCII)
+    assert result.returncode == 0, err
+    lines = [line for line in err.splitlines() if "running ring workload" in line]
+    assert len(lines) == 1, err
+    assert "running ring workload - 10 agents for 0.2 s (Ctrl-C to stop)" in lines[0]
+    if fmt == "json":
+        assert [json.loads(line)["level"] for line in err.splitlines()] == ["info"] * len(
+            err.splitlines()
+        )
+    assert "\\x" not in err and "\\u" not in err
+
+
 def test_help_on_an_output_that_is_not_utf8_is_written(tmp_path: Path) -> None:
     result = nexus(["run", "--help"], tmp_path, PYTHONIOENCODING="ascii", COLUMNS="80")
     assert result.returncode == 0, result.stderr.decode("ascii", "replace")

@@ -42,7 +42,7 @@ from ._commands import (
     default_to_run,
     finite_at_least,
 )
-from ._encoding import encodes
+from ._encoding import stand_ins
 
 __all__ = ["app", "default_to_run", "main"]
 
@@ -937,36 +937,19 @@ class _WatchedStream:
         return getattr(self.stream, name)
 
 
-#: ASCII stand-ins for the characters nexus itself writes (the summary, the live view,
-#: rich's ellipsis), for an output whose encoding has not got them: one character for
-#: one, as rich lays out its tables before they are written (the summary writes its ✓
-#: as "ok" itself there; rich draws its boxes in ASCII)
-_STAND_INS = {
-    "µ": "u",
-    "·": "-",
-    "—": "-",
-    "…": ".",
-    "✓": "v",
-    "✗": "x",
-    "━": "-",
-    "╺": "-",
-}
-
-
 def _stand_ins(stream: Any) -> dict[int, str] | None:
-    """The translation table of :data:`_STAND_INS` for the characters ``stream``'s
-    encoding cannot encode, None if it can encode them all. A text stream that can be
+    """The stand-ins (:func:`._encoding.stand_ins`) for the marks ``stream``'s encoding
+    cannot encode, None if it can encode them all. A text stream that can be
     reconfigured is also made to escape (``backslashreplace``, as Python's own standard
     error does) any other character it cannot encode (an agent's name, an app's print)
     instead of raising ``UnicodeEncodeError`` out of the command."""
-    encoding = getattr(stream, "encoding", None)
-    missing = {c: t for c, t in _STAND_INS.items() if not encodes(c, encoding)}
-    if not missing:
+    table = stand_ins(getattr(stream, "encoding", None))
+    if table is None:
         return None
     if getattr(stream, "errors", "strict") == "strict":
         with contextlib.suppress(AttributeError, ValueError, io.UnsupportedOperation):
             stream.reconfigure(errors="backslashreplace")
-    return str.maketrans(missing)
+    return table
 
 
 def _output_failure(exc: OSError, streams: dict[str, _WatchedStream]) -> str | None:

@@ -1,9 +1,12 @@
 """Whether an output's encoding can carry a text (an ASCII terminal: ``LC_ALL=C``,
-``PYTHONIOENCODING=ascii``), for what ``nexus`` writes in its place."""
+``PYTHONIOENCODING=ascii``), and what ``nexus`` writes in its place: ASCII stand-ins for
+its own marks (:func:`stand_ins`)."""
 
 from __future__ import annotations
 
-__all__ = ["encodes"]
+from typing import Final
+
+__all__ = ["encodes", "stand_ins"]
 
 
 def encodes(text: str, encoding: object) -> bool:
@@ -18,3 +21,26 @@ def encodes(text: str, encoding: object) -> bool:
     except LookupError:
         return True
     return True
+
+
+#: ASCII stand-ins for the characters nexus itself writes (the summary, the live view,
+#: rich's ellipsis, its log lines), for an output whose encoding has not got them: one
+#: character for one, as rich lays out its tables before they are written (the summary
+#: writes its ✓ as "ok" itself there; rich draws its boxes in ASCII)
+_STAND_INS: Final = {
+    "µ": "u",
+    "·": "-",
+    "—": "-",
+    "…": ".",
+    "✓": "v",
+    "✗": "x",
+    "━": "-",
+    "╺": "-",
+}
+
+
+def stand_ins(encoding: object) -> dict[int, str] | None:
+    """The ``str.translate`` table of the stand-ins for the marks ``encoding`` cannot
+    encode, None if it encodes them all."""
+    missing = {c: t for c, t in _STAND_INS.items() if not encodes(c, encoding)}
+    return str.maketrans(missing) if missing else None

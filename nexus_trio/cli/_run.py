@@ -50,7 +50,7 @@ from .._kernel import Kernel, open_kernel
 from .._logcall import log_guarded
 from .._supervisor import Supervisor
 from ..logs import flush_logs, log_calls_failed, records_lost
-from ._encoding import encodes
+from ._encoding import encodes, stand_ins
 from ._spawn import (
     OneLineBridgeErrors,
     SpawnedProgram,
@@ -777,11 +777,13 @@ async def _body(state: _State, kernel: Kernel) -> None:
         state.processed_at_start = _processed(kernel.stats())
         state.phase = "running"
         if not state.stop_event.is_set():
+            # (the log writes beneath standard error's stand-ins: see nexus_trio.logs)
+            ascii_marks = stand_ins(getattr(sys.stderr, "encoding", None))
             log_guarded(
                 log,
                 logging.INFO,
                 "running %s for %s (Ctrl-C to stop)",
-                _title(opts),
+                _title(opts).translate(ascii_marks or {}),
                 f"{opts.duration:g} s" if opts.duration else "ever",
             )
         with trio.move_on_after(opts.duration if opts.duration > 0 else math.inf):
