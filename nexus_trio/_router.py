@@ -809,7 +809,9 @@ class Router:
 
     def deliver_from_remote_nowait(self, msg: Message) -> bool:
         if self.phase is not _RUNNING:
-            raise self.refuse("remote delivery")
+            # (not counted, as no refusal of a remote delivery is: the transport's to
+            # count; while the kernel drains, deliver_from_remote takes it yet)
+            raise KernelShuttingDown("remote delivery", self.phase.name.lower())
         if msg.reply_to is not None and self._deliver_reply(msg):
             return True
         cell = self.local(msg.to)

@@ -222,6 +222,43 @@ async def test_deliver_nowait_takes_what_has_room_and_says_no_for_a_full_mailbox
             gate.set()
 
 
+async def test_a_remote_delivery_refused_as_the_kernel_drains_is_the_transports_to_count(
+    autojump_clock: Any,
+) -> None:
+    """Regression: ``deliver_nowait`` refused a message once the kernel drained and
+    counted it in the kernel's ``rejected`` (``shutting_down``), which ``deliver``, its
+    awaited twin, and every other refusal of a remote delivery do not (the transport
+    counts them: AgentNotFound, a full mailbox). While the kernel drains, ``deliver``
+    still takes the message the transport then hands it: it was counted accepted and
+    rejected both. Neither path counts a refusal; the message is handled once."""
+    from nexus_trio import KernelShuttingDown
+
+    gate = trio.Event()
+    seen: list[int] = []
+
+    @agent(name="held", shutdown_timeout=1000.0)
+    async def held(ctx: Context, msg: Message) -> None:
+        seen.append(msg.payload)
+        await gate.wait()
+
+    async with open_kernel(make_config(handle_timeout_ms=10**9)) as kernel:
+        handle = kernel.attach_transport(Capture())
+        kernel.spawn(held)
+        sender = uuid.uuid4()
+        assert handle.deliver_nowait(Message(sender, "held", 0))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kernel.shutdown)
+            await trio.testing.wait_all_tasks_blocked()  # draining: "held" still works
+            with pytest.raises(KernelShuttingDown):
+                handle.deliver_nowait(Message(sender, "held", 1))
+            await handle.deliver(Message(sender, "held", 1))  # (the drain takes it)
+            gate.set()
+        stats = kernel.stats()
+    assert seen == [0, 1]
+    assert stats.rejected == {}
+    assert (stats.accepted, stats.handled, stats.in_flight) == (2, 2, 0)
+
+
 async def test_a_transport_without_query_failed_still_works_when_a_query_is_failed() -> None:
     """``query_failed`` is optional (``QueryFailing``): a transport written before it
     existed keeps working when an agent fails a query it took over; one with it gets the
