@@ -3875,7 +3875,10 @@ async def test_a_forwarded_query_with_no_responders_on_the_third_node_fails_at_o
     """NATS's "no responders" for the query b's router sent on to c (c gone, b not aware
     yet) fails a's request at once with RequestFailed (``no_such_agent``), as a query a
     handler forwards to an agent that does not exist does; an answer that comes to b
-    after that finds no route: counted ``unroutable_reply`` on b."""
+    after that finds no route: counted ``unroutable_reply`` on b. Its error names the
+    node the query went on to and that NATS had no responders there, as a direct
+    request's AgentNotFound does (it named neither before: ``AgentNotFound("no agent is
+    registered as 'worker'")``)."""
 
     async def no_responders(cb: Cluster, cc: Cluster, query: Message) -> None:
         # what NATS answers a request to a subject nobody serves
@@ -3889,6 +3892,14 @@ async def test_a_forwarded_query_with_no_responders_on_the_third_node_fails_at_o
     failed, query, cb = await _held_forward_fails(nats.url, no_responders)
     assert failed.reason == "no_such_agent"
     assert failed.request_id == query.id
+    assert isinstance(failed.error, wire.RemoteError)
+    assert (failed.node, failed.error.node) == ("b", "b")  # (b passed the error on)
+    assert failed.error.text == (
+        "AgentNotFound(\"no agent is registered as 'worker' on node 'c' (NATS had no"
+        " responders: node 'c' does not listen (it left the cluster or lost its NATS"
+        ' connection, and is not judged lost here yet))")'
+    )
+    assert "(no_such_agent)" in str(failed) and "NATS had no responders: node" in str(failed)
     assert cb.stats().replies_relayed == 1
     assert cb.stats().errors_replied == {}
     assert cb.stats().inbound_dropped == {"unroutable_reply": 1}

@@ -2093,7 +2093,7 @@ class Cluster:
                 if info is not None:
                     self._alone_out[info.id_prefix] = self._alone_out.get(info.id_prefix, 0) + 1
             if self._reply_routes and query_id in self._reply_routes:
-                self._relay_error(m, query_id, to)
+                self._relay_error(m, query_id, to, node)
                 return None
             counted = False  # (as malformed)
             if wire.ERROR_HEADER in headers:
@@ -2183,14 +2183,15 @@ class Cluster:
                 self._dropped[reason],
             )
 
-    def _relay_error(self, m: NatsMsg, query_id: uuid.UUID, to: Address) -> None:
+    def _relay_error(self, m: NatsMsg, query_id: uuid.UUID, to: Address, asked: str) -> None:
         """The error frame (or NATS's "no responders") for a query this node took from a
         requester on another node and a handler here sent on to a third (a router
         agent): no request waits for it here; the frame goes on to that requester, as it
         is (counted in ``replies_relayed``, not ``errors_replied``: this node refused
         nothing). No responders (the agent it went on to is gone with its node) goes on
         as ``RequestFailed`` (``no_such_agent``), as a query a handler here forwards to an
-        agent that does not exist fails."""
+        agent that does not exist fails, its error naming the node ``asked`` and that NATS
+        had no responders there, as a direct request's does."""
         subject, _ = self._take_route(query_id)
         assert subject is not None  # (the caller found the route)
         headers = m.headers or {}
@@ -2199,7 +2200,8 @@ class Cluster:
             node = headers.get(wire.NODE_HEADER, "?")
         else:
             reason = DeadLetterReason.NO_SUCH_AGENT.value
-            kind, body = wire.error_frame(RequestFailed(query_id, to, reason, AgentNotFound(to)))
+            error = _no_responders(to, asked)
+            kind, body = wire.error_frame(RequestFailed(query_id, to, reason, error))
             node = self.node
         relayed = {wire.ERROR_HEADER: kind, wire.NODE_HEADER: node, wire.RELAYED_HEADER: self.node}
         # counted first: the outbox may send it at once, and a refusal then takes it back
