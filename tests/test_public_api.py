@@ -56,3 +56,23 @@ def test_public_values_still_pickle_and_configs_still_structure() -> None:
     assert pickle.loads(pickle.dumps(nexus_trio.MessageKind.EVENT)) is nexus_trio.MessageKind.EVENT
     config = nexus_trio.Config(kernel=nexus_trio.KernelConfig(mailbox_capacity=7))
     assert pickle.loads(pickle.dumps(config)) == config
+
+
+@pytest.mark.parametrize("missing", ["nats", "trio_asyncio"])
+def test_the_nats_module_without_its_extra_names_the_extra_to_install(missing: str) -> None:
+    # None in sys.modules makes ``import missing`` fail as if it were not installed
+    code = (
+        f"import sys; sys.modules[{missing!r}] = None\n"
+        "import nexus_trio\n"
+        "print(nexus_trio.Kernel.__name__)\n"
+        "import nexus_trio.nats\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 1
+    assert proc.stdout == "Kernel\n"  # the core does not need the extra
+    assert proc.stderr.rstrip().splitlines()[-1] == (
+        "ModuleNotFoundError: nexus_trio.nats needs the nats extra, which is not installed "
+        f"(no module named {missing!r}): pip install 'nexus_trio[nats]'"
+    )

@@ -6,6 +6,18 @@ trio-asyncio). The core never imports this package; a kernel joins a cluster wit
 ``docs/distributed.md`` has the guarantees of each path and a three-process example.
 """
 
+try:
+    # the extra's packages, before any module of this package imports them: a user without
+    # the extra learns which one to install rather than which module was missing
+    import nats  # noqa: F401
+    import trio_asyncio  # type: ignore[import-untyped, import-not-found, unused-ignore]  # noqa: F401
+except ModuleNotFoundError as exc:
+    raise ModuleNotFoundError(
+        "nexus_trio.nats needs the nats extra, which is not installed "
+        f"(no module named {exc.name!r}): pip install 'nexus_trio[nats]'",
+        name=exc.name,
+    ) from None
+
 from ._auth import NatsAuth as NatsAuth
 from ._cluster import Cluster as Cluster
 from ._cluster import ClusterOptions as ClusterOptions

@@ -667,7 +667,8 @@ def _check_nats(url: str | None, flag: str = "--nats") -> None:
         importlib.import_module("nexus_trio._nats")
     except ImportError as exc:
         raise typer.BadParameter(
-            f"NATS support is not installed ({exc}); pip install 'nexus_trio[nats]'",
+            f"NATS support is not installed (no module named {exc.name or exc!r}); "
+            "pip install 'nexus_trio[nats]'",
             param_hint=f"'{flag}'",
         ) from None
     if url is not None:
