@@ -52,7 +52,6 @@ import attrs
 import trio
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
 from ._deadletter import DeadLetterReason
@@ -64,6 +63,10 @@ from .logs import log_calls_failed, records_lost
 if TYPE_CHECKING:
     from ._kernel import AgentScan, Kernel
     from ._stats import AgentStats, HistogramSnapshot, KernelStats
+
+# The text format generate_latest writes. prometheus-client names it CONTENT_TYPE_PLAIN_0_0_4
+# only from 0.23 on (pyproject allows 0.20), where CONTENT_TYPE_LATEST became format 1.0.0.
+_TEXT_FORMAT: Final = "text/plain; version=0.0.4; charset=utf-8"
 
 __all__ = [
     "EndpointStats",
@@ -759,7 +762,7 @@ async def _route(
     if path is None:
         return 400, b"bad request: the target is not a URL\n", text
     if path == "/metrics":
-        return 200, await renderer.render(), CONTENT_TYPE_PLAIN_0_0_4
+        return 200, await renderer.render(), _TEXT_FORMAT
     if path == "/healthz":
         if health(kernel):
             return 200, b"ok\n", text

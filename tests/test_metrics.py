@@ -114,7 +114,7 @@ async def test_metrics_endpoint_exposes_the_kernel_counters_and_per_agent_series
 
         status, headers, body = await get(port, "/metrics")
         assert status == 200
-        assert headers["content-type"].startswith("text/plain")
+        assert headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
         assert int(headers["content-length"]) == len(body)
         values = samples(body.decode())
         stats = kernel.stats()
