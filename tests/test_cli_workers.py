@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import http.client
 import json
 import logging
@@ -27,6 +28,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -1331,6 +1333,40 @@ def test_a_worker_that_exits_0_without_its_summary_makes_the_run_fail(tmp_path: 
     assert summary["per_worker"][1]["exit"] == "exit code 0"
     assert summary["error"].endswith("died: exit code 0")
     assert status == 1
+
+
+def test_the_parent_closes_every_workers_stdout_pipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: the parent read each worker's stdout (its summary) to the end but never
+    closed the pipe: ``nexus run --workers 2`` in development mode (``python -X dev``,
+    ``PYTHONDEVMODE=1``) printed ``ResourceWarning: unclosed file <_io.BufferedReader
+    name=5>`` once per worker as the run ended (``Exception ignored in`` under ``-W
+    error``), and the descriptors lived until the garbage collector found them."""
+    from nexus_trio.cli import _cluster_cmd
+
+    real_popen = subprocess.Popen
+    started: list[subprocess.Popen[bytes]] = []
+
+    def popen(*args: object, **kwargs: object) -> subprocess.Popen[bytes]:
+        proc: subprocess.Popen[bytes] = real_popen(*args, **kwargs)  # type: ignore[call-overload]
+        started.append(proc)
+        return proc
+
+    monkeypatch.setattr(_cluster_cmd.subprocess, "Popen", popen)
+    python = fake_python(
+        tmp_path,
+        {f"worker-{i}": echo(canned_summary(f"worker-{i}")) for i in range(2)},
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        summary, status = _cluster_cmd.run_workers(2, [], nats_url=NO_SERVER, python=python)
+        assert (summary["conserved"], status) == (True, 0)
+        assert len(started) == 2
+        assert [p.stdout is not None and p.stdout.closed for p in started] == [True, True]
+        started.clear()
+        gc.collect()
+    assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
 
 
 def test_a_worker_whose_child_holds_its_stdout_is_seen_dead_at_once(tmp_path: Path) -> None:

@@ -633,9 +633,12 @@ def run_workers(
 
         def read(i: int, proc: subprocess.Popen[bytes]) -> None:
             assert proc.stdout is not None
-            fd = proc.stdout.fileno()
-            while chunk := os.read(fd, 1 << 16):
-                printed[i].append(chunk)
+            # Closed here, by the one thread that reads it, at its end: closed by another
+            # while this read, its number could be another file's by the next read.
+            with proc.stdout:
+                fd = proc.stdout.fileno()
+                while chunk := os.read(fd, 1 << 16):
+                    printed[i].append(chunk)
 
         def watch(i: int, proc: subprocess.Popen[bytes], reader: threading.Thread) -> None:
             # Its exit, not the end of its stdout, says it ended: a process it started
