@@ -3074,6 +3074,7 @@ def test_children_and_grandchildren_die_with_a_sigkilled_kernel(tmp_path: Path) 
     finally:
         kernel.kill()
         kernel.wait(timeout=10)
+        kernel.stdout.close()  # (its ResourceWarning otherwise, in development mode)
         for pid in live_processes(tag):
             os.kill(pid, signal.SIGKILL)
 
