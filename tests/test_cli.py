@@ -561,15 +561,19 @@ class Nexus:
         for reader in self._readers:
             reader.start()
 
+    # Each pipe is closed by its reader at its end (not by another thread while it reads):
+    # left open, each was a ResourceWarning in development mode.
     def _read_stderr(self) -> None:
         assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.stderr.append(line)
-            self.lines.put(line)
+        with self.proc.stderr:
+            for line in self.proc.stderr:
+                self.stderr.append(line)
+                self.lines.put(line)
 
     def _read_stdout(self) -> None:
         assert self.proc.stdout is not None
-        self.stdout.append(self.proc.stdout.read())
+        with self.proc.stdout:
+            self.stdout.append(self.proc.stdout.read())
 
     def wait_for(self, pattern: str, timeout: float = 60) -> str:
         deadline = time.monotonic() + timeout
