@@ -7,9 +7,11 @@ spawns plain and named agents, agents with ``on_start``/``on_stop`` (every resta
 directive, overflow policies, small mailboxes), supervisors (``one_for_one``,
 ``one_for_all``, ``rest_for_one``) and agents under them; it tells with ``send`` and
 ``send_nowait``, requests with timeouts, stops (draining or not), monitors (through a
-watcher agent), reuses freed names, lets time pass, and has handlers that succeed, fail,
-hang, sleep, spawn linked children, exit or stop another agent. Steps run inline or
-concurrently. After each step, once every task is blocked, the model checks:
+watcher agent), waits with ``wait_stopped``, reuses freed names, lets time pass, and has
+handlers that succeed, fail, hang, sleep, spawn linked children, exit, stop another agent
+or request one with a timeout; supervisors' children may start slowly (a stop or a group
+restart comes while they start). Steps run inline or concurrently. After each step, once
+every task is blocked, the model checks:
 
 * conservation (``assert_conserved``: accepted = handled + replies + dead-lettered + in
   flight, the last counted one by one); every dead letter has a reason and is counted;
@@ -22,14 +24,20 @@ concurrently. After each step, once every task is blocked, the model checks:
   spawn under it succeeds);
 * each monitor gets one ``stopped`` notice once its target stopped for good, never two;
 * every ``on_start`` is matched by at most one ``on_stop`` (none for a run that never entered it) and
-  no run handles a message after its ``on_stop``.
+  no run handles a message after its ``on_stop``;
+* an agent whose ``wait_stopped`` returned is stopped for good (not among
+  ``kernel.agents()``, its ``stopped`` event published: a restart is not a stop);
+* ``stats().restarts`` is the number of ``restarted`` events; ``stats(agents=True)`` lists
+  exactly ``kernel.agents()``, no mailbox deeper (nor its high water) than its capacity, and
+  their depths sum to at most ``in_flight``.
 
 The kernel ends at a random step (left, shut down with a random grace, shut down from a
 handler, or cancelled from outside); then: no task left, nothing in flight, no agent
 alive, every agent and supervisor spawned has one ``stopped`` event and it is its last, a
 supervisor stops after its children and a linked child before its parent, every
-``on_start`` that returned has exactly one ``on_stop``, and every request ended with its
-answer or a documented error.
+``on_start`` that returned has exactly one ``on_stop``, every ``wait_stopped`` returned
+(unless the block was cancelled), and every request (from outside or from a handler)
+ended with its answer or a documented error.
 
 CI runs 100 derandomized examples (a few seconds); ``NEXUS_MODEL_EXAMPLES=5000`` runs it
 long, on fresh examples each time (``NEXUS_MODEL_SHRINK=0`` reports a failure at once,
@@ -75,6 +83,8 @@ from nexus_trio import (
     Supervisor,
     agent,
     open_kernel,
+    pool,
+    resize_pool,
 )
 from nexus_trio.testing import assert_conserved
 
@@ -96,6 +106,7 @@ actions = st.one_of(
     st.sampled_from([("ok",), ("ok",), ("ok",), ("raise",), ("hang",), ("spawn",), ("exit",)]),
     st.tuples(st.just("sleep"), st.sampled_from([0.001, 0.05, 0.3, 2.0])),
     st.tuples(st.just("stop"), st.integers(0, 31)),
+    st.tuples(st.just("ask"), st.integers(0, 31), st.sampled_from([0.01, 0.5, 2.0])),
 )
 
 
@@ -124,6 +135,10 @@ class Model:
         self.notices: dict[Any, list[tuple[str, Any]]] = {}
         self.outcomes: list[str] = []
         self.requests = 0
+        # wait_stopped: refs waited for, and those whose wait returned
+        self.waits: list[AgentRef] = []
+        self.waited: list[AgentRef] = []
+        self.outside: trio.Nursery | None = None
         self.events: list[LifecycleEvent] = []
         self.problems: list[str] = []
         #: the spec of a journaling agent (set by the test: it closes over the model)
@@ -194,12 +209,27 @@ async def act(model: Model, ctx: Context, msg: Message, token: int | None) -> An
         entry = model.known[action[1] % len(model.known)]
         with suppress(AgentNotFound, ValueError):
             await ctx.kernel.stop(entry["ref"] or entry["name"])
+    elif what == "ask" and model.known:
+        # a request from a handler: its deadline races the asked agent's stops, restarts
+        # and hangs, and this handler's own timeout and stop
+        entry = model.known[action[1] % len(model.known)]
+        asked = next(model.seqs)
+        try:
+            answer = await ctx.request(
+                entry["ref"] or entry["name"], (("ok",), asked), timeout=action[2]
+            )
+        except DOCUMENTED as exc:
+            model.outcomes.append(type(exc).__name__)
+        except Exception as exc:  # recorded: the property fails on it below
+            model.outcomes.append(f"unexpected: {exc!r}")
+        else:
+            model.outcomes.append("answered" if answer == {"seq": asked} else f"wrong {answer!r}")
     return {"seq": seq} if msg.kind is MessageKind.QUERY else None
 
 
 spawn_steps = st.tuples(
     st.just("spawn"),
-    st.sampled_from(["plain", "probe", "probe", "slow_start", "sup"]),
+    st.sampled_from(["plain", "probe", "probe", "slow_start", "sup", "slow_sup", "pool"]),
     st.sampled_from(["permanent", "transient", "temporary"]),
     st.sampled_from(["resume", "restart", "stop"]),
     st.sampled_from([1, 2, 8]),
@@ -221,6 +251,8 @@ steps = st.one_of(
         st.just("unknown"),
     ),
     st.tuples(st.just("reuse"), targets),
+    st.tuples(st.just("wait"), targets),
+    st.tuples(st.just("resize"), targets, st.integers(1, 4)),
     st.tuples(st.just("sleep"), st.sampled_from([0.001, 0.05, 0.2, 1.0, 5.0])),
 )
 endings = st.sampled_from(["leave", "shutdown", "handler_shutdown", "cancel"])
@@ -306,10 +338,31 @@ def test_kernel_model(data: st.DataObject) -> None:
             model.known.append(
                 {"name": name, "ref": ref, "agent": True, "cap": capacity, "overflow": overflow}
             )
+        elif kind == "pool":
+            routing = {
+                "one_for_one": "round_robin",
+                "one_for_all": "least_loaded",
+                "rest_for_one": "consistent_hash",
+            }[strategy]
+            ref = kernel.spawn(
+                pool(
+                    probe_spec(restart=restart, on_error=on_error, quirk=quirk),
+                    size=2,
+                    routing=routing,
+                    key=repr if routing == "consistent_hash" else None,
+                    name=name,
+                    supervision=Supervisor(
+                        max_restarts=3, within=1.0, backoff=Backoff(0.001, 0.01)
+                    ),
+                )
+            )
+            model.known.append({"name": name, "ref": ref, "agent": True, "cap": None, "pool": True})
         else:
             children = [f"{name}.{i}" for i in range(3)]
             specs = [
-                probe_spec(restart=restart, on_error=on_error, quirk=quirk).with_options(name=c)
+                probe_spec(
+                    slow_start=kind == "slow_sup", restart=restart, on_error=on_error, quirk=quirk
+                ).with_options(name=c)
                 for c in children
             ]
             ref = kernel.spawn(
@@ -387,8 +440,32 @@ def test_kernel_model(data: st.DataObject) -> None:
                 except KernelShuttingDown:
                     return
                 model.known.append({"name": name, "ref": ref, "agent": True, "cap": None})
+            elif what == "wait" and model.known and model.outside is not None:
+                entry = entry_at(step[1])
+                assert entry is not None
+                ref = entry["ref"] or kernel_ref(kernel, entry)
+                if ref is not None:
+                    model.waits.append(ref)
+                    model.outside.start_soon(wait_for, kernel, ref)
+            elif what == "resize":
+                pools = [e for e in model.known if e.get("pool")]
+                if not pools:
+                    return
+                entry = pools[step[1] % len(pools)]
+                try:
+                    size = await resize_pool(kernel, entry["ref"], step[2])
+                except DOCUMENTED as exc:
+                    model.outcomes.append(type(exc).__name__)
+                except Exception as exc:  # recorded: the property fails on it below
+                    model.outcomes.append(f"unexpected: {exc!r}")
+                else:
+                    model.outcomes.append("resized" if size == step[2] else f"wrong {size}")
             elif what == "sleep":
                 await trio.sleep(step[1])
+
+    async def wait_for(kernel: Any, ref: AgentRef) -> None:
+        await kernel.wait_stopped(ref)
+        model.waited.append(ref)
 
     def kernel_ref(kernel: Any, entry: dict[str, Any]) -> AgentRef | None:
         try:
@@ -466,6 +543,20 @@ def test_kernel_model(data: st.DataObject) -> None:
             assert ref.id in stopped_ids, f"no stopped event for {ref} after its stop returned"
         for target, notices in model.notices.items():
             assert [n[0] for n in notices].count("stopped") <= 1, (target, notices)
+        # wait_stopped returned: stopped for good (a restart is not a stop)
+        alive = {ref.id for ref in kernel.agents()}
+        for ref in model.waited:
+            assert ref.id not in alive, f"wait_stopped({ref}) returned, the agent still runs"
+            assert ref.id in stopped_ids, f"wait_stopped({ref}) returned before its stopped event"
+        # the counters agree with the events and with the agents listed
+        restarted = sum(e.kind is EventKind.RESTARTED for e in model.events)
+        assert stats.restarts == restarted, (stats.restarts, restarted)
+        per_agent = kernel.stats(agents=True).agents
+        assert {a.id for a in per_agent} == alive
+        for a in per_agent:
+            assert a.mailbox_depth <= a.mailbox_capacity, a
+            assert a.mailbox_high_water <= a.mailbox_capacity, a
+        assert sum(a.mailbox_depth for a in per_agent) <= stats.in_flight
         if kernel.phase.name == "RUNNING":
             for target in model.monitored:
                 stops = [n for n in model.notices.get(target, []) if n[0] == "stopped"]
@@ -488,6 +579,7 @@ def test_kernel_model(data: st.DataObject) -> None:
                                 model.events.append(event)
 
                     outside.start_soon(collect)
+                    model.outside = outside
                     kernel.spawn(agent(watcher, name="watcher", mailbox_capacity=10_000))
                     for _ in range(data.draw(st.integers(1, 4), label="initial")):
                         spawn(kernel, data.draw(spawn_steps))
@@ -542,6 +634,13 @@ def test_kernel_model(data: st.DataObject) -> None:
                         )
         for target, notices in model.notices.items():
             assert [n[0] for n in notices].count("stopped") <= 1, (target, notices)
+        if ending != "cancel":  # (a cancel ends the waits with everything else)
+            assert sorted(r.id for r in model.waited) == sorted(r.id for r in model.waits), (
+                "a wait_stopped never returned though its agent stopped at the shutdown"
+            )
+        stopped_ids = {e.agent_id for e in model.events if e.kind is EventKind.STOPPED}
+        assert all(r.id in stopped_ids for r in model.waited)
+        assert stats.restarts == sum(e.kind is EventKind.RESTARTED for e in model.events)
 
     run_on_mock_clock(scenario, real_seconds=30)
 
