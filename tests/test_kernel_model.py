@@ -27,9 +27,10 @@ every task is blocked, the model checks:
   no run handles a message after its ``on_stop``;
 * an agent whose ``wait_stopped`` returned is stopped for good (not among
   ``kernel.agents()``, its ``stopped`` event published: a restart is not a stop);
-* ``stats().restarts`` is the number of ``restarted`` events; ``stats(agents=True)`` lists
-  exactly ``kernel.agents()``, no mailbox deeper (nor its high water) than its capacity, and
-  their depths sum to at most ``in_flight``.
+* ``stats().failed`` and ``timed_out`` are the ``handler_error`` and ``handler_timeout``
+  dead letters; ``stats().restarts`` is the number of ``restarted`` events;
+  ``stats(agents=True)`` lists exactly ``kernel.agents()``, no mailbox deeper (nor its high
+  water) than its capacity, and their depths sum to at most ``in_flight``.
 
 The kernel ends at a random step (left, shut down with a random grace, shut down from a
 handler, or cancelled from outside); then: no task left, nothing in flight, no agent
@@ -548,6 +549,10 @@ def test_kernel_model(data: st.DataObject) -> None:
         for ref in model.waited:
             assert ref.id not in alive, f"wait_stopped({ref}) returned, the agent still runs"
             assert ref.id in stopped_ids, f"wait_stopped({ref}) returned before its stopped event"
+        # each handler call that raised or timed out is counted once and dead-letters its message
+        by_reason = stats.dead_letters_by_reason
+        assert stats.failed == by_reason.get("handler_error", 0), (stats.failed, by_reason)
+        assert stats.timed_out == by_reason.get("handler_timeout", 0), (stats.timed_out, by_reason)
         # the counters agree with the events and with the agents listed
         restarted = sum(e.kind is EventKind.RESTARTED for e in model.events)
         assert stats.restarts == restarted, (stats.restarts, restarted)
@@ -641,6 +646,8 @@ def test_kernel_model(data: st.DataObject) -> None:
         stopped_ids = {e.agent_id for e in model.events if e.kind is EventKind.STOPPED}
         assert all(r.id in stopped_ids for r in model.waited)
         assert stats.restarts == sum(e.kind is EventKind.RESTARTED for e in model.events)
+        assert stats.failed == stats.dead_letters_by_reason.get("handler_error", 0)
+        assert stats.timed_out == stats.dead_letters_by_reason.get("handler_timeout", 0)
 
     run_on_mock_clock(scenario, real_seconds=30)
 
