@@ -27,7 +27,8 @@ program:
 * every request (from outside or from a handler) got its answer or one of the documented
   errors (``RequestTimeout``, ``RequestFailed``, ``AgentNotFound``, ``MailboxFull``,
   ``KernelShuttingDown``), or was cancelled with what awaited it; every ``kernel.stop`` and
-  ``wait_stopped`` returned (unless cancelled from outside).
+  ``wait_stopped`` returned (unless cancelled from outside; a stop awaited in the block is
+  cancelled with it when the kernel escalates to itself, as documented, and only then).
 
 Found by it (each with a deterministic test beside its behaviour): a kernel block cancelled
 from outside cancelled every agent at once (``tests/test_kernel_close.py``), and
@@ -39,7 +40,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
-from contextlib import nullcontext, suppress
+from contextlib import suppress
 from typing import Any
 
 import pytest
@@ -173,6 +174,31 @@ programs = st.tuples(
         False,
     )
 )
+# Found by this property at a large budget (shrunk): a stop awaited in the block when the
+# kernel escalated to itself was cancelled with the block, as documented; the oracle
+# counted it as a stop that never returned.
+@example(
+    program=(
+        [("spawn", "plain", "permanent", "resume", 1, "none")] * 3
+        + [
+            ("spawn", "sup", "permanent", "resume", 1, "none"),
+            ("spawn", "probe", "permanent", "resume", 1, "start_fails"),
+            ("spawn", "nested_sup", "permanent", "resume", 1, "none"),
+        ],
+        [
+            (("tell", 0, False, ("ok",)), False),
+            (("request", 20, False, ("ok",), 0.01), False),
+            (("stop", 0, False), False),
+        ]
+        + [(("spawn", "plain", "permanent", "resume", 1, "none"), False)] * 4
+        + [(("stop", 1, False), False)],
+        "leave",
+        0.0,
+        100,
+        2,
+        True,
+    )
+)
 def test_chaos_programs_end_cleanly(program: tuple[Any, ...]) -> None:
     initial, plan, ending, end_after, grace_ms, capacity, to_kernel = program
     tokens = itertools.count()
@@ -195,6 +221,9 @@ def test_chaos_programs_end_cleanly(program: tuple[Any, ...]) -> None:
     waits_returned = 0
     stops_made = 0
     stops_returned = 0
+    #: stops awaited in the block when the kernel cancelled it (an escalation to the kernel)
+    stops_cancelled = 0
+    escalated_to_kernel = False
     #: (name, ref) of everything that may be addressed; linked children join as spawned
     known: list[tuple[str | None, AgentRef | None]] = []
     pools: list[str] = []
@@ -426,14 +455,18 @@ def test_chaos_programs_end_cleanly(program: tuple[Any, ...]) -> None:
     )
 
     async def scenario() -> None:
-        nonlocal stops_made, stops_returned
+        nonlocal stops_made, stops_returned, escalated_to_kernel
         baseline = tasks_living()
         kernel_left = trio.Event()
 
         async def stop(to: Any, drain: bool) -> None:
-            nonlocal stops_returned
-            with suppress(AgentNotFound, KernelShuttingDown):
-                await kernel.stop(to, drain=drain)
+            nonlocal stops_returned, stops_cancelled
+            try:
+                with suppress(AgentNotFound, KernelShuttingDown):
+                    await kernel.stop(to, drain=drain)
+            except trio.Cancelled:
+                stops_cancelled += 1
+                raise
             stops_returned += 1
 
         async def run_step(step: tuple[Any, ...], outside: trio.Nursery) -> None:
@@ -498,8 +531,7 @@ def test_chaos_programs_end_cleanly(program: tuple[Any, ...]) -> None:
         with trio.fail_after(MOCK_LIMIT), trio.CancelScope() as everything:
             async with trio.open_nursery() as outside:
                 # (with escalate_to_kernel, the kernel may shut itself down and say so)
-                escalated = suppress(SupervisorEscalation) if to_kernel else nullcontext()
-                with escalated:
+                try:
                     async with open_kernel(config, seed=0) as kernel:
                         kernels.append(kernel)
                         stream = kernel.events(100_000)
@@ -521,6 +553,10 @@ def test_chaos_programs_end_cleanly(program: tuple[Any, ...]) -> None:
                                 await run_step(step, outside)
                         if ending == "leave":
                             await trio.sleep(end_after)
+                except SupervisorEscalation:
+                    if not to_kernel:
+                        raise
+                    escalated_to_kernel = True
                 kernel_left.set()
         assert tasks_living() == baseline, "the kernel left tasks behind"
         stats = kernel.stats()
@@ -548,8 +584,11 @@ def test_chaos_programs_end_cleanly(program: tuple[Any, ...]) -> None:
                 continue  # the root supervisor (it escalated to the kernel)
             assert kinds[-1] is EventKind.STOPPED, kinds
             assert kinds.count(EventKind.STOPPED) == 1, kinds
+        # (an escalation to the kernel cancels the block first, with the stop it awaits:
+        # docs/supervision.md; a stop awaited elsewhere returns)
         if not everything.cancelled_caught:
-            assert stops_returned == stops_made, "a kernel.stop() never returned"
+            assert escalated_to_kernel or not stops_cancelled, "a kernel.stop() was cancelled"
+            assert stops_returned + stops_cancelled == stops_made, "a kernel.stop() never returned"
             assert waits_returned == waits_made, "a kernel.wait_stopped() never returned"
 
     run_on_mock_clock(scenario, real_seconds=20)
