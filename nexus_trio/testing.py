@@ -82,11 +82,60 @@ test_config.__test__ = False  # type: ignore[attr-defined]  # not a test, despit
 
 
 @asynccontextmanager
-async def open_test_kernel(config: Config | None = None, *, seed: int = 0) -> AsyncIterator[Kernel]:
-    """Open a kernel for a test (see :func:`test_config`); shut down and check it on exit."""
+async def open_test_kernel(
+    config: Config | None = None, *, seed: int = 0, timeout: float = 60.0
+) -> AsyncIterator[Kernel]:
+    """Open a kernel for a test (see :func:`test_config`); shut down and check it on exit.
+
+    The shutdown is graceful once every task is blocked. If they do not all block within
+    ``timeout`` seconds of real time (an agent that sends to itself on every message), a
+    graceful shutdown could never end on a mock clock, which does not move while a task
+    runs: the kernel is shut down at once (grace 0) and an ``AssertionError`` says so,
+    or, if the block raised, a note on its exception does.
+    """
     async with open_kernel(config or test_config(), seed=seed) as kernel:
-        yield kernel
+        try:
+            yield kernel
+        except Exception as exc:
+            busy = await _shut_down_if_busy(kernel, timeout)
+            if busy:
+                exc.add_note(busy)
+            raise
+        busy = await _shut_down_if_busy(kernel, timeout)
+        if busy:
+            raise AssertionError(busy)
     assert_conserved(kernel)
+
+
+async def _shut_down_if_busy(kernel: Kernel, timeout: float) -> str:
+    """Shut ``kernel`` down at once if its tasks never all block within ``timeout`` s of
+    real time, and say so (else ``""``, the graceful shutdown left to the block's end)."""
+    if await _all_blocked(timeout):
+        return ""
+    busy = ", ".join(
+        f"{node.get('name') or node['id']} ({node['mailbox_depth']} queued,"
+        f" {int(node.get('handling') is not None)} in hand)"
+        for node in _nodes(kernel)
+        if node.get("mailbox_depth") or node.get("handling") is not None
+    )
+    await kernel.shutdown(0)
+    return (
+        f"open_test_kernel: the kernel's tasks never all blocked within {timeout:g} s of"
+        f" real time when its block ended {_BUSY}: on a mock clock its graceful shutdown"
+        f" could never end, so it was shut down at once (grace 0); agents with messages"
+        f" queued or in hand: {busy or 'none'}"
+    )
+
+
+def _nodes(kernel: Kernel) -> list[dict[str, Any]]:
+    """Every supervisor and agent of the tree, as :meth:`Kernel.describe` shows them."""
+    found: list[dict[str, Any]] = []
+    nodes = [kernel.describe()]
+    while nodes:
+        node = nodes.pop()
+        nodes.extend(node.get("children", ()))
+        found.append(node)
+    return found
 
 
 _BUSY = "(did an agent keep itself busy, sending to itself on every message?)"
@@ -186,14 +235,11 @@ def _until_next_wakeup() -> float:
 
 def _restarting(kernel: Kernel) -> list[str]:
     """The names (else ids) of the agents and supervisors waiting for their restart."""
-    found: list[str] = []
-    nodes = [kernel.describe()]
-    while nodes:
-        node = nodes.pop()
-        nodes.extend(node.get("children", ()))
-        if node.get("state") == "restarting":
-            found.append(node.get("name") or node["id"])
-    return sorted(found)
+    return sorted(
+        node.get("name") or node["id"]
+        for node in _nodes(kernel)
+        if node.get("state") == "restarting"
+    )
 
 
 def _check_time_can_pass() -> None:
@@ -304,10 +350,7 @@ def assert_conserved(kernel: Kernel) -> None:
             raise AssertionError(f"{s.in_flight} messages still in flight after shutdown")
         return
     queued = handling = 0
-    nodes = [kernel.describe()]
-    while nodes:
-        node = nodes.pop()
-        nodes.extend(node.get("children", ()))
+    for node in _nodes(kernel):
         queued += node.get("mailbox_depth", 0) + node.get("senders_waiting", 0)
         handling += node.get("handling") is not None
     if s.in_flight != queued + handling:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -286,3 +287,74 @@ def test_test_config_names_an_option_it_does_not_know_and_the_nearest() -> None:
     ):
         test_config(zzz=1)
     assert test_config(send_timeout_ms=7).kernel.send_timeout_ms == 7
+
+
+@agent(name="looper")
+async def _looper(ctx: Context, msg: Message) -> None:
+    await ctx.send("looper", msg.payload + 1)
+
+
+_BUSY_AT_THE_END = (
+    r"open_test_kernel: the kernel's tasks never all blocked within 0\.5 s of real time when"
+    r" its block ended \(did an agent keep itself busy, sending to itself on every"
+    r" message\?\): on a mock clock its graceful shutdown could never end, so it was shut"
+    r" down at once \(grace 0\); agents with messages queued or in hand: looper \(1 queued"
+)
+
+
+def test_a_kernel_left_with_an_agent_that_keeps_itself_busy_shuts_down_and_says_so() -> None:
+    """Before: the graceful shutdown at the end of the block (and of the ``nexus_kernel``
+    fixture) waited for its grace period on a mock clock that never moved while the agent
+    kept sending to itself: the test hung for good, its own failure never reported."""
+
+    async def main() -> None:
+        with real_time_limit(30), pytest.raises(AssertionError, match=_BUSY_AT_THE_END):
+            async with open_test_kernel(timeout=0.5) as kernel:
+                await kernel.send(kernel.spawn(_looper), 0)
+        assert kernel.stopped
+        assert [d.reason.value for d in kernel.recent_dead_letters()] == ["shutdown"]
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_block_that_failed_because_an_agent_kept_busy_reports_its_own_failure() -> None:
+    """Before: ``settle`` said the tasks never all blocked, and the shutdown that followed
+    hung for good, so pytest never showed that ``AssertionError``; now it goes on out of
+    the block, with a note on the shutdown done at once."""
+
+    kernels: list[Kernel] = []
+
+    async def test_body() -> None:
+        async with open_test_kernel(timeout=0.5) as kernel:
+            kernels.append(kernel)
+            await kernel.send(kernel.spawn(_looper), 0)
+            await settle(timeout=0.5)
+
+    async def main() -> None:
+        with real_time_limit(30), pytest.raises(AssertionError) as info:
+            await test_body()
+        assert str(info.value).startswith("tasks not all blocked after 0.5 s of real time")
+        notes = getattr(info.value, "__notes__", [])
+        assert len(notes) == 1 and re.match(_BUSY_AT_THE_END, notes[0]), notes
+        assert kernels[0].stopped
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_kernel_whose_tasks_all_block_at_the_end_still_shuts_down_gracefully() -> None:
+    """The check at the end costs a graceful shutdown nothing: a message in hand finishes
+    (a 3 s handler, on the mock clock) instead of being dead-lettered."""
+    done: list[int] = []
+
+    @agent(name="slow")
+    async def slow(ctx: Context, msg: Message) -> None:
+        await trio.sleep(3)
+        done.append(msg.payload)
+
+    async def main() -> None:
+        async with open_test_kernel(timeout=0.5) as kernel:
+            await kernel.send(kernel.spawn(slow), 1)
+        assert done == [1]
+        assert kernel.recent_dead_letters() == []
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
