@@ -396,8 +396,20 @@ def assert_events(
     if got != wanted:
         raise AssertionError(
             f"events of {name or 'all agents'}: expected {[k.value for k in wanted]}, "
-            f"got {[k.value for k in got]}"
+            f"got {[k.value for k in got]}{_no_such_name(recorder, name) if not got else ''}"
         )
+
+
+def _no_such_name(recorder: EventRecorder, name: str | None) -> str:
+    """Why no event was found for ``name``, when no event names it: a misspelt name
+    would otherwise read as an agent that was never spawned."""
+    names = sorted({e.name for e in recorder.events if e.name is not None})
+    if name is None or name in names:
+        return ""
+    near = difflib.get_close_matches(name, names, n=1)
+    hint = f"; did you mean {near[0]!r}?" if near else ";"
+    there = ", ".join(map(repr, names)) or "none"
+    return f" (no event names an agent {name!r}{hint} the events are of: {there})"
 
 
 @asynccontextmanager

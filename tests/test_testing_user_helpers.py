@@ -358,3 +358,32 @@ def test_a_kernel_whose_tasks_all_block_at_the_end_still_shuts_down_gracefully()
         assert kernel.recent_dead_letters() == []
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def test_assert_events_of_a_name_no_event_has_says_so_and_names_those_there_are(
+    nexus_kernel: Kernel, autojump_clock: Any
+) -> None:
+    """Before: ``events of gretter: expected ['spawned', 'started'], got []``, the same text
+    as for an agent that had no event: a misspelt name looked like a missing spawn."""
+
+    @agent(name="greeter")
+    async def greeter(ctx: Context, msg: Message) -> str:
+        return f"hello, {msg.payload}"
+
+    async with record_events(nexus_kernel) as events:
+        await send_and_wait(nexus_kernel, nexus_kernel.spawn(greeter), "ada")
+        await send_and_wait(nexus_kernel, nexus_kernel.spawn(greeter, name="welcomer"), "bob")
+    with pytest.raises(AssertionError) as info:
+        assert_events(events, "gretter", ["spawned", "started"])
+    assert str(info.value) == (
+        "events of gretter: expected ['spawned', 'started'], got [] (no event names an agent"
+        " 'gretter'; did you mean 'greeter'? the events are of: 'greeter', 'welcomer')"
+    )
+    with pytest.raises(AssertionError) as info:
+        assert_events(events, "zzz", ["spawned"])
+    assert str(info.value).endswith(
+        "got [] (no event names an agent 'zzz'; the events are of: 'greeter', 'welcomer')"
+    )
+    # A name that has events is compared as before.
+    with pytest.raises(AssertionError, match=r"^events of greeter: expected \['spawned'\], got"):
+        assert_events(events, "greeter", ["spawned"])
