@@ -294,6 +294,17 @@ def assert_dead_lettered(
     error: type[BaseException] | None = None,
 ) -> DeadLetter:
     """Assert one dead letter matches and return it; the message says what was there instead."""
+    if error is not None and not (isinstance(error, type) and issubclass(error, BaseException)):
+        if isinstance(error, BaseException):
+            raise TypeError(
+                f"assert_dead_lettered: error must be an exception type"
+                f" ({type(error).__name__}), not the exception {error_repr(error)}; to check"
+                " its text, look at the returned letter's .error"
+            )
+        raise TypeError(
+            "assert_dead_lettered: error must be an exception type, such as ValueError,"
+            f" not {type(error).__name__} {error!r}"
+        )
     letters = dead_letters(kernel, reason)
     matching = [
         d

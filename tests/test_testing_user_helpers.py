@@ -11,6 +11,7 @@ import trio.testing
 
 from nexus_trio import Agent, Backoff, Context, Kernel, Message, Supervisor, agent
 from nexus_trio.testing import (
+    assert_dead_lettered,
     assert_events,
     assert_no_dead_letters,
     open_test_kernel,
@@ -387,3 +388,31 @@ async def test_assert_events_of_a_name_no_event_has_says_so_and_names_those_ther
     # A name that has events is compared as before.
     with pytest.raises(AssertionError, match=r"^events of greeter: expected \['spawned'\], got"):
         assert_events(events, "greeter", ["spawned"])
+
+
+async def test_assert_dead_lettered_given_an_exception_instance_says_it_takes_a_type(
+    nexus_kernel: Kernel, autojump_clock: Any
+) -> None:
+    """Before: ``error=ValueError("bad")`` raised Python's ``isinstance() arg 2 must be a
+    type, a tuple of types, or a union``, from inside the helper, naming no argument."""
+
+    @agent(name="boom")
+    async def boom(ctx: Context, msg: Message) -> None:
+        raise ValueError("bad")
+
+    await send_and_wait(nexus_kernel, nexus_kernel.spawn(boom), 1)
+    with pytest.raises(TypeError) as info:
+        assert_dead_lettered(nexus_kernel, error=ValueError("bad"))  # type: ignore[arg-type]
+    assert str(info.value) == (
+        "assert_dead_lettered: error must be an exception type (ValueError), not the"
+        " exception ValueError('bad'); to check its text, look at the returned letter's"
+        " .error"
+    )
+    with pytest.raises(TypeError) as info:
+        assert_dead_lettered(nexus_kernel, error="ValueError")  # type: ignore[arg-type]
+    assert str(info.value) == (
+        "assert_dead_lettered: error must be an exception type, such as ValueError, not str"
+        " 'ValueError'"
+    )
+    found = assert_dead_lettered(nexus_kernel, error=ValueError).error
+    assert isinstance(found, ValueError) and found.args == ("bad",)
