@@ -19,7 +19,8 @@ right now, :func:`step_until_idle` also lets time pass (backoffs, timeouts) unti
 message is left in flight, :func:`send_and_wait` sends and then steps until idle,
 :func:`dead_letters`, :func:`assert_dead_lettered` and :func:`assert_no_dead_letters`
 inspect what was not handled, :func:`record_events` collects lifecycle events and
-:func:`assert_events` compares them, :func:`assert_conserved` checks the kernel's accounting.
+:func:`assert_events` compares them, :func:`spawn_probe` stands in for an agent and records
+what it receives, :func:`assert_conserved` checks the kernel's accounting.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -36,6 +37,7 @@ import pytest
 import trio
 import trio.testing
 
+from ._agent import AgentRef, Context, agent
 from ._child import enum_member
 from ._config import Config, KernelConfig, SupervisionConfig
 from ._deadletter import DeadLetter, DeadLetterReason
@@ -46,6 +48,7 @@ from ._message import SYSTEM_ID, Message, MessageKind
 
 __all__ = [
     "EventRecorder",
+    "Probe",
     "assert_conserved",
     "assert_dead_lettered",
     "assert_events",
@@ -56,6 +59,7 @@ __all__ = [
     "record_events",
     "send_and_wait",
     "settle",
+    "spawn_probe",
     "step_until_idle",
     "test_config",
 ]
@@ -447,6 +451,60 @@ async def record_events(kernel: Kernel, buffer: int = 100_000) -> AsyncIterator[
                     break
             recorder.dropped = stream.dropped
             nursery.cancel_scope.cancel()
+
+
+@attrs.define(eq=False)
+class Probe:
+    """An agent that records what it receives, made by :func:`spawn_probe` (Akka
+    TestKit's ``TestProbe``): a stand-in for an agent the one under test talks to.
+
+    ``messages`` are the messages received, in order (``payloads`` their payloads);
+    :meth:`expect` takes them one by one, waiting for the next.
+    """
+
+    ref: AgentRef
+    messages: list[Message] = attrs.Factory(list)
+    _taken: int = 0
+    _arrived: trio.Event = attrs.Factory(trio.Event)
+
+    @property
+    def payloads(self) -> list[Any]:
+        return [m.payload for m in self.messages]
+
+    def _receive(self, msg: Message) -> None:
+        self.messages.append(msg)
+        self._arrived.set()
+
+    async def expect(self, timeout: float = 3.0) -> Message:
+        """The next message ``expect`` has not returned yet, waiting for it up to
+        ``timeout`` seconds (of the run's clock: on the mock clock no real time);
+        ``AssertionError`` if none comes, naming the probe and what it received."""
+        with trio.move_on_after(timeout):
+            while self._taken == len(self.messages):
+                self._arrived = trio.Event()
+                await self._arrived.wait()
+            self._taken += 1
+            return self.messages[self._taken - 1]
+        name = self.ref.name or str(self.ref.id)
+        raise AssertionError(
+            f"probe {name!r} received no message within {timeout:g} s"
+            f" ({len(self.messages)} received so far, all taken by expect: {self.payloads})"
+        )
+
+
+def spawn_probe(
+    kernel: Kernel, name: str | None = None, *, answer: Callable[[Message], Any] | None = None
+) -> Probe:
+    """Spawn a :class:`Probe` named ``name``: it records every message it receives and
+    returns ``answer(msg)`` (so a request gets it as its answer; an exception it raises
+    fails the message as a handler's would). Without ``answer`` it answers nothing."""
+
+    async def record(ctx: Context, msg: Message) -> Any:
+        probe._receive(msg)
+        return answer(msg) if answer is not None else None
+
+    probe = Probe(kernel.spawn(agent(record, name=name)))
+    return probe
 
 
 # --- pytest plugin -----------------------------------------------------------------------

@@ -9,7 +9,16 @@ import pytest
 import trio
 import trio.testing
 
-from nexus_trio import Agent, Backoff, Context, Kernel, Message, Supervisor, agent
+from nexus_trio import (
+    Agent,
+    Backoff,
+    Context,
+    Kernel,
+    Message,
+    RequestFailed,
+    Supervisor,
+    agent,
+)
 from nexus_trio.testing import (
     assert_dead_lettered,
     assert_events,
@@ -18,6 +27,7 @@ from nexus_trio.testing import (
     record_events,
     send_and_wait,
     settle,
+    spawn_probe,
     step_until_idle,
     test_config,
 )
@@ -416,3 +426,55 @@ async def test_assert_dead_lettered_given_an_exception_instance_says_it_takes_a_
     )
     found = assert_dead_lettered(nexus_kernel, error=ValueError).error
     assert isinstance(found, ValueError) and found.args == ("bad",)
+
+
+class _Pricing(Agent):
+    """Asks the catalog for a price, tells the ledger the total and answers it."""
+
+    async def handle(self, ctx: Context, msg: Message) -> int:
+        price = await ctx.request("catalog", msg.payload["sku"], timeout=2.0)
+        total: int = price * msg.payload["qty"]
+        await ctx.send("ledger", {"sku": msg.payload["sku"], "total": total})
+        return total
+
+
+async def test_probes_stand_in_for_the_agents_one_agent_talks_to(
+    nexus_kernel: Kernel, autojump_clock: Any
+) -> None:
+    """Testing one agent alone took a recording agent of one's own for each agent it talks
+    to (Akka's TestKit has its TestProbe): a probe records what it receives, in order,
+    answers a request with what ``answer`` makes of it, and ``expect`` waits for the
+    next message, on the mock clock."""
+    catalog = spawn_probe(nexus_kernel, "catalog", answer=lambda msg: {"bolt": 2}[msg.payload])
+    ledger = spawn_probe(nexus_kernel, "ledger")
+    pricing = nexus_kernel.spawn(_Pricing, name="pricing")
+
+    assert await nexus_kernel.request(pricing, {"sku": "bolt", "qty": 3}) == 6
+    told = await ledger.expect()
+    assert told.payload == {"sku": "bolt", "total": 6}
+    assert told.sender == pricing.id
+    assert catalog.payloads == ["bolt"]
+    assert [m.sender for m in catalog.messages] == [pricing.id]
+
+    # The fake fails as the real one would: its error is the handler's, dead-lettered.
+    with pytest.raises(RequestFailed):
+        await nexus_kernel.request(pricing, {"sku": "nut", "qty": 1})
+    assert catalog.payloads == ["bolt", "nut"]
+    assert ledger.payloads == [{"sku": "bolt", "total": 6}]
+
+    # Nothing more comes: expect fails after its timeout (mock clock), naming the probe
+    # and what it has received.
+    start = trio.current_time()
+    with pytest.raises(AssertionError) as info:
+        await ledger.expect(timeout=5)
+    assert trio.current_time() - start == 5
+    assert str(info.value) == (
+        "probe 'ledger' received no message within 5 s (1 received so far, all taken by"
+        " expect: [{'sku': 'bolt', 'total': 6}])"
+    )
+    # Probes without a name are anonymous: as many as a test needs.
+    first, second = spawn_probe(nexus_kernel), spawn_probe(nexus_kernel)
+    await nexus_kernel.send(first.ref, "one")
+    assert (await first.expect()).payload == "one"
+    assert second.messages == []
+    assert first.ref.name is None
