@@ -1139,8 +1139,10 @@ class Router:
         ``return`` looks like this); busy with another message while the query, its own,
         waits in its mailbox, it requested itself (from its handler, which waits for
         itself); so it did from its ``on_start``, if that has not returned, or from its
-        ``on_stop``. Read at the timeout, not at every message: the serve and request paths
-        pay nothing for it."""
+        ``on_stop``; still handling the query, its handler outlasted the request's timeout
+        (the agent's own ``handle_timeout`` said: a request by ref names the agent no other
+        way). Read at the timeout, not at every message: the serve and request paths pay
+        nothing for it."""
         cell = self.local(at)
         if cell is None:
             return ""
@@ -1168,6 +1170,11 @@ class Router:
                 f"agent {cell.label} requested itself while it handled another message:"
                 " the query waits in its mailbox behind that message, whose handler waits"
                 " for the answer"
+            )
+        if current is query and not cell.parked:
+            return (
+                f"agent {cell.label} is still handling it: its handle_timeout is"
+                f" {cell.handle_timeout:g}s"
             )
         if not cell.parked or cell.mailbox.depth:
             return ""

@@ -2322,7 +2322,8 @@ async def test_a_request_whose_handler_returned_none_times_out_saying_so(
     """A handler that forgot its ``return`` left the requester with only "got no reply
     within 5s", the same as a handler still working; the timeout says now that the agent
     is idle with nothing queued (it handled the query: read at the timeout, so that the
-    serve loop pays nothing). A handler that was still working is told as before."""
+    serve loop pays nothing). A handler still working on it is said to be, with its
+    handle_timeout."""
 
     @agent(name="quiet")
     async def quiet(ctx: Context, msg: Message) -> None:
@@ -2345,7 +2346,10 @@ async def test_a_request_whose_handler_returned_none_times_out_saying_so(
         )
         with pytest.raises(RequestTimeout) as raised:
             await kernel.request("slow", "hi", timeout=2)
-        assert str(raised.value).endswith("to 'slow' got no reply within 2s")
+        assert str(raised.value).endswith(
+            "to 'slow' got no reply within 2s (agent slow is still handling it: its"
+            " handle_timeout is 100s)"
+        )
 
 
 async def test_a_handler_that_requests_its_own_agent_times_out_saying_so(

@@ -16,6 +16,7 @@ from nexus_trio import (
     Kernel,
     Message,
     RequestFailed,
+    RequestTimeout,
     Supervisor,
     agent,
 )
@@ -478,3 +479,24 @@ async def test_probes_stand_in_for_the_agents_one_agent_talks_to(
     assert (await first.expect()).payload == "one"
     assert second.messages == []
     assert first.ref.name is None
+
+
+async def test_a_request_by_ref_to_an_agent_still_handling_it_names_the_agent(
+    nexus_kernel: Kernel, autojump_clock: Any
+) -> None:
+    """Before: a test that asked by the ref ``spawn`` returned, as docs/testing.md does,
+    failed with ``request ... to UUID('5b0c...') got no reply within 5s``: nothing in
+    pytest's output said which agent, nor that it was still working on the query."""
+
+    @agent(name="pondering", handle_timeout=30)
+    async def pondering(ctx: Context, msg: Message) -> str:
+        await trio.sleep(20)
+        return "done"
+
+    ref = nexus_kernel.spawn(pondering)
+    with pytest.raises(RequestTimeout) as info:
+        await nexus_kernel.request(ref, "q")
+    assert str(info.value).endswith(
+        f"to UUID('{ref.id}') got no reply within 5s (agent pondering is still handling it:"
+        " its handle_timeout is 30s)"
+    )
