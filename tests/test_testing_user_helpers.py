@@ -500,3 +500,19 @@ async def test_a_request_by_ref_to_an_agent_still_handling_it_names_the_agent(
         f"to UUID('{ref.id}') got no reply within 5s (agent pondering is still handling it:"
         " its handle_timeout is 30s)"
     )
+
+
+def test_on_a_real_clock_a_kernel_with_a_busy_agent_still_shuts_down_gracefully() -> None:
+    """The check of the block's end is for the mock clock, whose grace period never ends
+    while a task runs: on a real clock the grace period ends by itself, and the agent
+    that kept itself busy is stopped then, as in production, with no error."""
+
+    async def main() -> None:
+        with real_time_limit(30):
+            async with open_test_kernel(test_config(shutdown_grace_ms=300), timeout=0.05) as k:
+                await k.send(k.spawn(_looper), 0)
+                await trio.sleep(0.1)
+        assert k.stopped
+        assert [d.reason.value for d in k.recent_dead_letters()] == ["shutdown"]
+
+    trio.run(main)
