@@ -21,6 +21,7 @@ suspended, and Trio requires scopes to nest.)
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import types
@@ -43,7 +44,9 @@ from ._step import Stepper, resume, unprotect
 
 _DRAINING: Final = KernelPhase.DRAINING
 _STARTED: Final = EventKind.STARTED
+#: what a handler that forgot an ``await`` returns (see _unawaited)
 _Coroutine: Final = types.CoroutineType
+_QUERY: Final = MessageKind.QUERY
 #: what a parked serve loop holds instead of the last message it handled
 _NOTHING: Final = Message(SYSTEM_ID, SYSTEM_ID)
 
@@ -52,6 +55,13 @@ if TYPE_CHECKING:
     from ._ledger import Ledger
 
 log: Final = logging.getLogger("nexus_trio.agent")
+
+
+@functools.cache
+def _batch_of(size: int) -> range:
+    """The serve loop's batch of ``size`` messages: one range shared by every run (a
+    range per run is 48 bytes that every running agent's frame would keep)."""
+    return range(size)
 
 
 class _HandlerFailed(Exception):
@@ -579,20 +589,18 @@ class AgentCell(Child):
         ctx = self.ctx
         assert ctx is not None
         now = ledger.now
-        # the loop over a batch (``for ... else``: the else is a full batch)
-        batch = range(self.batch)
-        timeout = self.handle_timeout
-        query = MessageKind.QUERY
-        # what a handler that forgot an ``await`` returns (see _unawaited)
-        coroutine = _Coroutine
+        # the loop over a batch (``for ... else``: the else is a full batch), one range
+        # shared by every run
+        batch = _batch_of(self.batch)
         # ids of queries whose requesters stopped waiting: such a query is skipped (dead
         # letter ``request_timeout``) instead of handled; other messages pay one ``is``
         late = router.late_queries
         # A message handed to us while we were parked: it is ours, handled first.
         got: Message | None = None
         stepper: Any = None
+        # (also what it is answered with: one local less in the frame every parked
+        # agent keeps)
         result: Any = None
-        out: Message | None = None
         # A cancel of ``scope`` that came after a suspended handler was woken, too late
         # to stop it: the scope is spent (Trio keeps it cancelled), and serving goes on in
         # a new one once this message is done with, or the next message would get it.
@@ -632,7 +640,7 @@ class AgentCell(Child):
                                 mailbox.recount()
                             else:
                                 mailbox.depth -= 1
-                        if late and msg.kind is query and id_value(msg) in late:
+                        if late and msg.kind is _QUERY and id_value(msg) in late:
                             self.dead_lettered += 1
                             router.discard_queued([msg], DeadLetterReason.REQUEST_TIMEOUT, self, "")
                             continue
@@ -653,7 +661,7 @@ class AgentCell(Child):
                                 # The handler suspended: only now does it get a deadline (a
                                 # timer costs more than a whole message when nothing awaits).
                                 router.stepper = Stepper()
-                                scope.deadline = (start or now()) + timeout
+                                scope.deadline = (start or now()) + self.handle_timeout
                                 self._suspended = True
                                 try:
                                     result = await resume(stepper, trap)
@@ -683,7 +691,7 @@ class AgentCell(Child):
                             if stale:
                                 await trio.lowlevel.checkpoint()  # leaves the spent scope
                             continue
-                        if result is not None and type(result) is coroutine:
+                        if result is not None and type(result) is _Coroutine:
                             self._handler_raised(msg, self._unawaited(result))
                             result = None
                             if stale:
@@ -701,17 +709,17 @@ class AgentCell(Child):
                             # reach of the spent scope (a route waits at most the send
                             # deadline), then the scope is left.
                             if result is not None:
-                                out = router.answer(self.id, msg, result)
-                                if out is not None:
+                                result = router.answer(self.id, msg, result)
+                                if result is not None:
                                     with trio.CancelScope(shield=True):
-                                        await router.route(out)
+                                        await router.route(result)
                                 result = None
                             await trio.lowlevel.checkpoint()  # leaves the spent scope
                         if result is not None:
                             # A local request's answer is delivered without a coroutine.
-                            out = router.answer(self.id, msg, result)
-                            if out is not None:
-                                await router.route(out)
+                            result = router.answer(self.id, msg, result)
+                            if result is not None:
+                                await router.route(result)
                     else:
                         # A full batch: let the others run before the next one.
                         await trio.lowlevel.checkpoint()
@@ -730,7 +738,7 @@ class AgentCell(Child):
                     # result and the finished handler coroutine (at a million agents
                     # with one message each, that is a million messages kept alive).
                     msg = _NOTHING
-                    stepper = result = out = None
+                    stepper = result = None
                     self.parked = True
                     # Mailbox.receive written out: a parked agent keeps no frame of it.
                     waiting = mailbox.waiting
@@ -743,9 +751,8 @@ class AgentCell(Child):
 
             # Only a handler deadline or a request timeout cancels this scope.
             self._handler_scope = None
-            cancelled = self.current
-            if cancelled is not None:
-                self._handler_cancelled(cancelled)
+            if self.current is not None:
+                self._handler_cancelled(self.current)
             elif stale:
                 # the reason of a cancel that came too late is no message's
                 self._cancel_reason = None
