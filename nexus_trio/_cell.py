@@ -302,6 +302,10 @@ class AgentCell(Child):
 
     def on_retired(self, reason: str, *, for_shutdown: bool = False) -> None:
         self.dormant = False
+        queued = self.mailbox.close()
+        if not queued:
+            # (most agents, at a shutdown: no reason or detail to make for nothing)
+            return
         # The kernel's own "shutdown" retirements come once it is stopping, or earlier for
         # a run its shutdown ended (``for_shutdown``); a user's stop may give any reason,
         # "shutdown" included, and is a stop.
@@ -309,9 +313,7 @@ class AgentCell(Child):
             reason == "shutdown" and self.router.phase >= KernelPhase.STOPPING
         )
         dl_reason = DeadLetterReason.SHUTDOWN if shutting_down else DeadLetterReason.AGENT_STOPPED
-        self.router.discard_queued(
-            self.mailbox.close(), dl_reason, self, f"agent stopped ({reason})"
-        )
+        self.router.discard_queued(queued, dl_reason, self, f"agent stopped ({reason})")
 
     def stops_quietly(self) -> bool:
         return self.spec.stops_quietly
