@@ -832,6 +832,15 @@ class SupervisorNode(Child, ChildOwner):
             linked.drain_on_stop = child.drain_on_stop
             linked.stop_deadline = min(linked.stop_deadline, deadline)
 
+    @staticmethod
+    def _mark_stopping(child: Child) -> RunDone | None:
+        """``child`` is being stopped: nothing starts it any more. Returns the end of its
+        run to wait for, None if no run is going on."""
+        child.terminating = True
+        child.dormant = False
+        done = child.done
+        return done if done is not None and not done.is_set() else None
+
     async def _stop_child(self, child: Child) -> None:
         """Stop one running child: its linked children first, then it, within its timeout."""
         if child.drain_on_stop and not child.running and self._stop_timeout(child) <= 0:
@@ -841,10 +850,8 @@ class SupervisorNode(Child, ChildOwner):
             if child.drain_on_stop and child.running:
                 await self._drain_before_linked(child)
             await self._stop_linked(child, "parent_stopped")
-        child.terminating = True
-        child.dormant = False
-        done = child.done
-        if done is not None and not done.is_set():
+        done = self._mark_stopping(child)
+        if done is not None:
             if not child.running and child.scope is not None:
                 # Still waiting out a backoff or its turn to start: cut short.
                 child.scope.cancel()
@@ -904,6 +911,14 @@ class SupervisorNode(Child, ChildOwner):
                     other = children[j]
                     if other.running and not other.linked_children:
                         other.request_stop()
+            if (
+                not (child.linked_children or child.drain_on_stop)
+                and self._mark_stopping(child) is None
+            ):
+                # Its stop without a coroutine: nothing it spawned, nothing to drain and
+                # no run to wait for (over, or never started: most of a quiet batch by
+                # now, a hundred thousand at a shutdown).
+                continue
             await self._stop_child(child)
 
     def _retire_with_linked(self, child: Child, reason: str) -> None:
