@@ -566,9 +566,8 @@ class AgentCell(Child):
         self.ledger.dead_letter(msg, reason, self.id, self.name)
 
     async def _wait_for_release(self) -> None:
-        """Held after the grace period: nothing more is handled until the stop comes."""
-        if self.exit_requested:
-            return
+        """Held after the grace period: nothing more is handled until the stop comes (the
+        caller has looked whether it came already: at a shutdown, most have)."""
         await self._release_event().wait()
 
     @trio.lowlevel.enable_ki_protection
@@ -623,7 +622,8 @@ class AgentCell(Child):
                         else:
                             if self.interrupted:
                                 if self._held:
-                                    await self._wait_for_release()
+                                    if not self.exit_requested:
+                                        await self._wait_for_release()
                                     return
                                 if self.exit_requested and not (
                                     self.drain_before_exit and mailbox.depth
@@ -729,7 +729,8 @@ class AgentCell(Child):
                     # The mailbox is empty.
                     if self.interrupted:
                         if self._held:
-                            await self._wait_for_release()
+                            if not self.exit_requested:
+                                await self._wait_for_release()
                             return
                         if self.exit_requested:
                             return
