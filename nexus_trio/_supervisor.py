@@ -438,6 +438,11 @@ class SupervisorNode(Child, ChildOwner):
         child.done = RunDone()
         # (its run's end undoes both creations: the task's, counted here, and the run's)
         self._nursery.start_soon(self._child_task, child, run, 0.0, child.done, None, None, 2)
+        # Counted as the first message arrives, not as the run starts (one call fewer): a
+        # producer's burst of first messages builds every run's task before any of them
+        # starts, and these counts keep the heap frozen and the young threshold raised
+        # meanwhile (counted at the start, 100,000 first messages ran 2,061 young
+        # collections, a third of their time).
         self.host.heap.created()
 
     async def terminate(self, child: Child, reason: str) -> None:
