@@ -1864,3 +1864,58 @@ async def test_types_given_to_join_cluster_are_known_before_the_node_takes_place
                 assert isinstance(result, UnknownAgentType), result
                 assert not ka.is_local("early-1")
             await ka.shutdown()
+
+
+# --- at scale: the mechanisms, with a few hundred agents ----------------------------------------
+
+
+async def _keys(cluster: Cluster, bucket: str) -> list[str]:
+    """The keys the bucket ``<prefix>-<bucket>`` holds now (deleted ones left out)."""
+
+    async def read() -> list[str]:
+        kv = await cluster.js.key_value(f"{cluster.prefix}-{bucket}")
+        try:
+            return sorted(await kv.keys())
+        except nats.js.errors.NoKeysError:
+            return []
+
+    return await call_aio(read)
+
+
+async def test_a_clean_leave_drops_hundreds_of_names_and_records_within_its_bound(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a node's clean leave deleted its names and placement records one
+    round trip after another, within the 5 s its leave is given. With thousands of
+    agents (5,000 on a node of a 10,000-agent cluster: 5.6 s) the leave was cut off:
+    names and records stayed in the buckets, the node never announced its leave nor
+    dropped its membership record, and the others judged it lost instead of gone. Here
+    each delete takes 20 ms (a loaded server): one at a time, 200 agents' 400 deletes
+    took 8 s. The deletes go out in windows of concurrent requests."""
+    from nats.js.kv import KeyValue
+
+    count = 200
+    async with _node(nats.url, "b", **QUIET) as (_, b):
+        async with _node(nats.url, "a", **QUIET) as (_, a):
+            _meet(a, b)
+            async with trio.open_nursery() as nursery:
+                for i in range(count):
+                    nursery.start_soon(partial(a.spawn, "counter", name=f"c-{i}", node="a"))
+            await a.names_published()
+            assert len(await _keys(b, "placed")) == count
+            assert len(await _keys(b, "names")) == count
+            original = KeyValue.delete
+
+            async def slow_delete(self: KeyValue, key: str, *args: Any, **kw: Any) -> bool:
+                await asyncio.sleep(0.02)
+                return await original(self, key, *args, **kw)
+
+            monkeypatch.setattr(KeyValue, "delete", slow_delete)
+            left_at = trio.current_time()
+        took = trio.current_time() - left_at
+        monkeypatch.setattr(KeyValue, "delete", original)
+        assert await _keys(b, "placed") == []
+        assert await _keys(b, "names") == []
+        assert await _keys(b, "nodes") == ["b"]  # a dropped its membership record
+        assert took < 4, took
+        assert b.stats().replaced == 0

@@ -89,6 +89,7 @@ from . import _wire as wire
 from ._aio import Inbox, Outbox, asyncio_loop, call_aio, current_aio_loop, on_loop
 from ._auth import NatsAuth, install_redaction, redact, split_credentials
 from ._durable import DurableChannel, DurableOptions
+from ._kvops import delete_revisions
 from ._membership import (
     MemberTable,
     NodeInfo,
@@ -2926,26 +2927,32 @@ class Cluster:
             return
         dropped = 0
         async with self._names_lock:
-            for name, revision in list(self._names_of_forgotten.items()):
-                if self._closing:
-                    return
+            if self._closing:
+                return
+            noted = self._names_of_forgotten
+            to_drop = []
+            for name, revision in list(noted.items()):
                 if self._name_revisions.get(name) != revision:
-                    del self._names_of_forgotten[name]  # written again, or dropped, since
-                    continue
-                try:
-                    # (False: another node deleted or wrote it first)
-                    dropped += await self._delete_name(kv, name, revision)
-                except Exception as exc:
+                    del noted[name]  # written again, or dropped, since
+                else:
+                    to_drop.append((name, revision))
+            outcomes = await delete_revisions(
+                kv, [(wire.name_key(name), revision) for name, revision in to_drop]
+            )
+            for (name, revision), outcome in zip(to_drop, outcomes, strict=True):
+                if isinstance(outcome, Exception):
                     log_guarded(
                         log,
                         logging.DEBUG,
                         "node %s: name %r of a forgotten node not dropped yet: %r",
                         self.node,
                         name,
-                        exc,
+                        outcome,
                     )
-                    break  # (the bucket unreachable: the next retry)
-                del self._names_of_forgotten[name]
+                    continue  # (the bucket unreachable: the next retry)
+                dropped += outcome  # (False: another node deleted or wrote it first)
+                if noted.get(name) == revision:
+                    del noted[name]
         if dropped:
             log_guarded(
                 log,
@@ -3935,11 +3942,13 @@ class Cluster:
             await self.placement.leave()
             kv = self._names_kv
             if kv is not None:
-                for name, (_, revision) in list(self._published_names.items()):
-                    try:
-                        await self._delete_name(kv, name, revision)
-                    except Exception as exc:
-                        self._name_not_dropped(name, exc)
+                published = list(self._published_names.items())
+                outcomes = await delete_revisions(
+                    kv, [(wire.name_key(name), revision) for name, (_, revision) in published]
+                )
+                for (name, _), outcome in zip(published, outcomes, strict=True):
+                    if isinstance(outcome, Exception):
+                        self._name_not_dropped(name, outcome)
             # Heartbeats go on until here: a node silent through a slow leave would be
             # judged lost. None after: one that ticked after the announcement (or a put
             # after the record's delete) announced the node again, and the others took

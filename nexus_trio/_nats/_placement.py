@@ -53,6 +53,7 @@ from .._supervisor import Supervisor
 from . import _wire as wire
 from ._aio import call_aio
 from ._direct import flush_after_subscribe
+from ._kvops import delete_revisions
 from ._membership import NodeInfo
 
 if TYPE_CHECKING:
@@ -630,14 +631,17 @@ class Placement:
         try:
             await self._delete_record(name, revision)
         except Exception as exc:
-            log_guarded(
-                log,
-                logging.WARNING,
-                "node %s: could not drop record %r: %r",
-                self._cluster.node,
-                name,
-                exc,
-            )
+            self._not_dropped(name, exc)
+
+    def _not_dropped(self, name: str, exc: Exception) -> None:
+        log_guarded(
+            log,
+            logging.WARNING,
+            "node %s: could not drop record %r: %r",
+            self._cluster.node,
+            name,
+            exc,
+        )
 
     async def _delete_record(self, name: str, revision: int | None) -> None:
         kv = self._kv
@@ -961,9 +965,18 @@ class Placement:
         Called once the cluster is closing: a record written after that is dropped by its
         writer (see :meth:`_hold`), one written before is in ``_held`` by now."""
         self._unwritten.clear()
-        while self._held:
-            name, (_, revision) = self._held.popitem()
-            await self._drop_record(name, revision)
+        held, self._held = self._held, {}
+        kv = self._kv
+        if kv is None:
+            return
+        # (a write whose answer is lost is None: nothing of this node's to drop)
+        dropped = [(name, revision) for name, (_, revision) in held.items() if revision is not None]
+        outcomes = await delete_revisions(
+            kv, [(wire.name_key(name), revision) for name, revision in dropped]
+        )
+        for (name, _), outcome in zip(dropped, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                self._not_dropped(name, outcome)
 
 
 def _decode_answer(data: bytes, name: str, owner: str) -> PlacedAgent:
