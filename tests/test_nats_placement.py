@@ -1919,3 +1919,49 @@ async def test_a_clean_leave_drops_hundreds_of_names_and_records_within_its_boun
         assert await _keys(b, "nodes") == ["b"]  # a dropped its membership record
         assert took < 4, took
         assert b.stats().replaced == 0
+
+
+async def test_the_names_of_hundreds_of_agents_spawned_at_once_are_written_together(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a node wrote the names of its named agents to the names bucket one
+    round trip after another, so a node spawning thousands of them (placed agents, a
+    re-placement after a loss) wrote a few hundred a second and the others learnt them
+    that late (10,000 agents placed over three nodes: 40 s). What is queued goes out
+    together now: the puts of 200 agents spawned at once are in flight together, and a
+    name stopped and spawned again in the same window ends with its last incarnation."""
+    from nats.js.kv import KeyValue
+
+    original = KeyValue.put
+    in_flight = [0, 0]  # now, most
+
+    async def counted_put(self: KeyValue, key: str, *args: Any, **kw: Any) -> int:
+        if not self._name.endswith("-names"):
+            return await original(self, key, *args, **kw)
+        in_flight[0] += 1
+        in_flight[1] = max(in_flight[1], in_flight[0])
+        try:
+            await asyncio.sleep(0.01)  # (a server a little slow to answer)
+            return await original(self, key, *args, **kw)
+        finally:
+            in_flight[0] -= 1
+
+    count = 200
+    async with _node(nats.url, "b", **QUIET) as (_, b):
+        async with _node(nats.url, "a", **QUIET) as (ka, a):
+            _meet(a, b)
+            monkeypatch.setattr(KeyValue, "put", counted_put)
+            first = ka.spawn(COUNTING, name="again")
+            await ka.stop(first.id)
+            for i in range(count):
+                ka.spawn(COUNTING, name=f"c-{i}")
+            last = ka.spawn(COUNTING, name="again")
+            with trio.fail_after(10):
+                await a.names_published()
+            monkeypatch.setattr(KeyValue, "put", original)
+            keys = await _keys(b, "names")
+            assert len([key for key in keys if key.startswith("c-")]) == count
+            assert in_flight[1] >= count // 2, in_flight
+            _, value, _, _ = await _name_entry(b, "again")
+            assert value is not None and str(last.id) in value.decode()
+            await ka.shutdown()

@@ -85,11 +85,11 @@ from .._router import KernelPhase, TransportHandle, detached_phase
 from .._throttle import Throttle
 from . import _batch as batch
 from . import _direct as direct
+from . import _kvops as kvops
 from . import _wire as wire
 from ._aio import Inbox, Outbox, asyncio_loop, call_aio, current_aio_loop, on_loop
 from ._auth import NatsAuth, install_redaction, redact, split_credentials
 from ._durable import DurableChannel, DurableOptions
-from ._kvops import delete_revisions
 from ._membership import (
     MemberTable,
     NodeInfo,
@@ -2731,30 +2731,59 @@ class Cluster:
                 self._note_local_name(ref.name, ref.id)
 
     async def _publish_names(self) -> None:
-        """Trio side: put/delete this node's names in KV, in the order they happened."""
+        """Trio side: put/delete this node's names in KV, in the order they happened.
+
+        What is queued is taken at once (up to :data:`_kvops.WINDOW` ops) and written
+        concurrently, in rounds where each name appears once: the ops of one name keep
+        their order, those of distinct names (independent keys) do not wait for each
+        other. One at a time (one round trip each), a node spawning thousands of named
+        agents fell behind: of 10,000 agents placed over three nodes, a third of one
+        node's names reached the bucket 2 s after the last placement was answered."""
         kv = self._names_kv
         assert kv is not None
-        async for name, agent_id in self._name_ops_recv:
+        recv = self._name_ops_recv
+        async for op in recv:
+            ops = [op]
+            with suppress(trio.WouldBlock):
+                while len(ops) < kvops.WINDOW:
+                    ops.append(recv.receive_nowait())
             try:
-                async with self._names_lock:
-                    if agent_id is not None:
-                        value = self._name_value(agent_id)
-                        try:
-                            revision = await call_aio(kv.put, wire.name_key(name), value)
-                        except Exception as exc:
-                            self._name_unwritten(name, agent_id, exc)
-                        else:
-                            self._name_written(name, agent_id, revision)
-                    else:
-                        published = self._published_names.pop(name, None)
-                        if published is not None:
-                            await self._delete_name(kv, name, published[1])
-            except Exception as exc:
-                self._name_not_dropped(name, exc)
+                for names_once in _rounds(ops):
+                    try:
+                        async with self._names_lock:
+                            await self._publish_round(kv, names_once)
+                    except Exception as exc:
+                        self._name_not_dropped(names_once[0][0], exc)
             finally:
-                self._names_pending -= 1
+                self._names_pending -= len(ops)
                 if self._names_pending == 0:
                     self._names_idle.set()
+
+    async def _publish_round(
+        self, kv: KeyValue, ops: Sequence[tuple[str, uuid.UUID | None]]
+    ) -> None:
+        """Write the puts and deletes of ``ops`` (each name once) concurrently."""
+        puts = [(name, agent_id) for name, agent_id in ops if agent_id is not None]
+        drops = []
+        for name, agent_id in ops:
+            if agent_id is None and (published := self._published_names.pop(name, None)):
+                drops.append((name, published[1]))
+        if drops:
+            dropped = await kvops.delete_revisions(
+                kv, [(wire.name_key(name), revision) for name, revision in drops]
+            )
+            for (name, _), outcome in zip(drops, dropped, strict=True):
+                if isinstance(outcome, Exception):
+                    self._name_not_dropped(name, outcome)
+        if puts:
+            written = await kvops.put_values(
+                kv, [(wire.name_key(name), self._name_value(agent_id)) for name, agent_id in puts]
+            )
+            for (name, agent_id), revision in zip(puts, written, strict=True):
+                if isinstance(revision, Exception):
+                    self._name_unwritten(name, agent_id, revision)
+                else:
+                    self._name_written(name, agent_id, revision)
 
     def _name_value(self, agent_id: uuid.UUID) -> bytes:
         return json.dumps({"node": self.node, "id": str(agent_id)}).encode()
@@ -2936,7 +2965,7 @@ class Cluster:
                     del noted[name]  # written again, or dropped, since
                 else:
                     to_drop.append((name, revision))
-            outcomes = await delete_revisions(
+            outcomes = await kvops.delete_revisions(
                 kv, [(wire.name_key(name), revision) for name, revision in to_drop]
             )
             for (name, revision), outcome in zip(to_drop, outcomes, strict=True):
@@ -3943,7 +3972,7 @@ class Cluster:
             kv = self._names_kv
             if kv is not None:
                 published = list(self._published_names.items())
-                outcomes = await delete_revisions(
+                outcomes = await kvops.delete_revisions(
                     kv, [(wire.name_key(name), revision) for name, (_, revision) in published]
                 )
                 for (name, _), outcome in zip(published, outcomes, strict=True):
@@ -4262,6 +4291,21 @@ def _parse_last_notice(notice: str, stream: str) -> tuple[int, int, int]:
     if type(taken) is not int or taken < 0:
         raise ValueError(f"the last number taken of this node's stream is {brief(taken)}")
     return ids[0], ids[1], taken
+
+
+def _rounds(
+    ops: Sequence[tuple[str, uuid.UUID | None]],
+) -> list[list[tuple[str, uuid.UUID | None]]]:
+    """``ops`` of names in rounds where each name appears once, each name's ops in their
+    order (the n-th op of a name in the n-th round)."""
+    rounds: list[list[tuple[str, uuid.UUID | None]]] = []
+    seen: dict[str, int] = {}
+    for op in ops:
+        index = seen[op[0]] = seen.get(op[0], -1) + 1
+        if index == len(rounds):
+            rounds.append([])
+        rounds[index].append(op)
+    return rounds
 
 
 def _sole_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException | None:

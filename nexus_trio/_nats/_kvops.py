@@ -1,6 +1,6 @@
-"""Many KV deletes at once: what a node drops in bulk (its names and placement records
-on a clean leave, the names of a forgotten node) goes out in windows of concurrent
-requests, not one round trip after another.
+"""Many KV writes at once: what a node writes or drops in bulk (the names of the agents
+it spawns, its names and placement records on a clean leave, the names of a forgotten
+node) goes out in windows of concurrent requests, not one round trip after another.
 
 One at a time, a node holding 5,000 placed agents spent about 10 s on its 10,000
 deletes, past the 5 s its leave is given: the leave was cut off before it announced
@@ -20,12 +20,28 @@ from ._aio import call_aio
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
 
-#: deletes in flight at once (each is one JetStream publish and its ack)
-DELETE_WINDOW: Final = 256
+#: writes in flight at once (each is one JetStream publish and its ack)
+WINDOW: Final = 256
+
+
+async def put_values(kv: KeyValue, entries: Sequence[tuple[str, bytes]]) -> list[int | Exception]:
+    """Put each ``(key, value)`` of ``entries`` (distinct keys), all at once: one outcome
+    per entry, in order, the revision written or the exception of a put that failed."""
+
+    async def one(key: str, value: bytes) -> int | Exception:
+        try:
+            return await kv.put(key, value)
+        except Exception as exc:
+            return exc
+
+    async def all_of() -> list[int | Exception]:
+        return list(await asyncio.gather(*(one(key, value) for key, value in entries)))
+
+    return await call_aio(all_of)
 
 
 async def delete_revisions(
-    kv: KeyValue, entries: Sequence[tuple[str, int]], *, window: int = DELETE_WINDOW
+    kv: KeyValue, entries: Sequence[tuple[str, int]], *, window: int = WINDOW
 ) -> list[bool | Exception]:
     """Delete each ``(key, revision)`` of ``entries`` if the key is still at that
     revision (a compare-and-set: an entry written since is kept), ``window`` at a time.
