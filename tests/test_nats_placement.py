@@ -1965,3 +1965,42 @@ async def test_the_names_of_hundreds_of_agents_spawned_at_once_are_written_toget
             _, value, _, _ = await _name_entry(b, "again")
             assert value is not None and str(last.id) in value.decode()
             await ka.shutdown()
+
+
+async def test_a_clean_leave_is_given_time_for_each_name_and_record_it_drops(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a clean leave was given 5 s whatever it had to drop. A bucket takes a
+    few thousand deletes a second (about 2,000 on a 2-core machine with the server on
+    it), so a node holding 5,000 agents (10,000 deletes) was cut off before it announced
+    its leave: the others judged it lost, and its names stayed in the bucket. The leave
+    is given 1 ms more per name and record. Here the bucket takes one delete per 5 ms,
+    and the fixed part of the bound is 1 s: 200 agents' 400 deletes take 2 s."""
+    from nats.js.kv import KeyValue
+
+    from nexus_trio._nats import _cluster
+
+    count = 200
+    monkeypatch.setattr(_cluster, "_LEAVE_WAIT", 1.0)
+    monkeypatch.setattr(_cluster, "_LEAVE_WAIT_PER_ENTRY", 0.01, raising=False)
+    async with _node(nats.url, "b", **QUIET) as (_, b):
+        async with _node(nats.url, "a", **QUIET) as (_, a):
+            _meet(a, b)
+            async with trio.open_nursery() as nursery:
+                for i in range(count):
+                    nursery.start_soon(partial(a.spawn, "counter", name=f"c-{i}", node="a"))
+            await a.names_published()
+            original = KeyValue.delete
+            one_at_a_time = asyncio.Lock()
+
+            async def slow_delete(self: KeyValue, key: str, *args: Any, **kw: Any) -> bool:
+                async with one_at_a_time:
+                    await asyncio.sleep(0.005)
+                return await original(self, key, *args, **kw)
+
+            monkeypatch.setattr(KeyValue, "delete", slow_delete)
+        monkeypatch.setattr(KeyValue, "delete", original)
+        assert await _keys(b, "placed") == []
+        assert await _keys(b, "names") == []
+        assert await _keys(b, "nodes") == ["b"]  # a announced its leave
+        assert b.stats().replaced == 0

@@ -453,6 +453,11 @@ class Placement:
         return True
 
     @property
+    def records_held(self) -> int:
+        """Placed agents running here (their records are dropped on a clean leave)."""
+        return len(self._held)
+
+    @property
     def records_unwritten(self) -> int:
         """Placed agents running here whose record is still to be written."""
         return len(self._unwritten)
