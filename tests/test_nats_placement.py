@@ -1882,6 +1882,16 @@ async def _keys(cluster: Cluster, bucket: str) -> list[str]:
     return await call_aio(read)
 
 
+async def _place_on(a: Cluster, b: Cluster, count: int) -> None:
+    """Place ``count`` counters (c-0, c-1, ...) pinned on ``a`` at once, ``a`` and ``b``
+    members of each other; return once their names are in the bucket."""
+    _meet(a, b)
+    async with trio.open_nursery() as nursery:
+        for i in range(count):
+            nursery.start_soon(partial(a.spawn, "counter", name=f"c-{i}", node=a.node))
+    await a.names_published()
+
+
 async def test_a_clean_leave_drops_hundreds_of_names_and_records_within_its_bound(
     nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1897,11 +1907,7 @@ async def test_a_clean_leave_drops_hundreds_of_names_and_records_within_its_boun
     count = 200
     async with _node(nats.url, "b", **QUIET) as (_, b):
         async with _node(nats.url, "a", **QUIET) as (_, a):
-            _meet(a, b)
-            async with trio.open_nursery() as nursery:
-                for i in range(count):
-                    nursery.start_soon(partial(a.spawn, "counter", name=f"c-{i}", node="a"))
-            await a.names_published()
+            await _place_on(a, b, count)
             assert len(await _keys(b, "placed")) == count
             assert len(await _keys(b, "names")) == count
             original = KeyValue.delete
@@ -1982,14 +1988,10 @@ async def test_a_clean_leave_is_given_time_for_each_name_and_record_it_drops(
 
     count = 200
     monkeypatch.setattr(_cluster, "_LEAVE_WAIT", 1.0)
-    monkeypatch.setattr(_cluster, "_LEAVE_WAIT_PER_ENTRY", 0.01, raising=False)
+    monkeypatch.setattr(_cluster, "_LEAVE_WAIT_PER_ENTRY", 0.05, raising=False)
     async with _node(nats.url, "b", **QUIET) as (_, b):
         async with _node(nats.url, "a", **QUIET) as (_, a):
-            _meet(a, b)
-            async with trio.open_nursery() as nursery:
-                for i in range(count):
-                    nursery.start_soon(partial(a.spawn, "counter", name=f"c-{i}", node="a"))
-            await a.names_published()
+            await _place_on(a, b, count)
             original = KeyValue.delete
             one_at_a_time = asyncio.Lock()
 
