@@ -2774,12 +2774,7 @@ class Cluster:
             if agent_id is None and (published := self._published_names.pop(name, None)):
                 drops.append((name, published[1]))
         if drops:
-            dropped = await kvops.delete_revisions(
-                kv, [(wire.name_key(name), revision) for name, revision in drops]
-            )
-            for (name, _), outcome in zip(drops, dropped, strict=True):
-                if isinstance(outcome, Exception):
-                    self._name_not_dropped(name, outcome)
+            await kvops.delete_names(kv, drops, self._name_not_dropped)
         if puts:
             written = await kvops.put_values(
                 kv, [(wire.name_key(name), self._name_value(agent_id)) for name, agent_id in puts]
@@ -2970,9 +2965,7 @@ class Cluster:
                     del noted[name]  # written again, or dropped, since
                 else:
                     to_drop.append((name, revision))
-            outcomes = await kvops.delete_revisions(
-                kv, [(wire.name_key(name), revision) for name, revision in to_drop]
-            )
+            outcomes = await kvops.delete_names(kv, to_drop)
             for (name, revision), outcome in zip(to_drop, outcomes, strict=True):
                 if isinstance(outcome, Exception):
                     log_guarded(
@@ -3980,13 +3973,11 @@ class Cluster:
             await self.placement.leave()
             kv = self._names_kv
             if kv is not None:
-                published = list(self._published_names.items())
-                outcomes = await kvops.delete_revisions(
-                    kv, [(wire.name_key(name), revision) for name, (_, revision) in published]
+                await kvops.delete_names(
+                    kv,
+                    [(name, revision) for name, (_, revision) in self._published_names.items()],
+                    self._name_not_dropped,
                 )
-                for (name, _), outcome in zip(published, outcomes, strict=True):
-                    if isinstance(outcome, Exception):
-                        self._name_not_dropped(name, outcome)
             # Heartbeats go on until here: a node silent through a slow leave would be
             # judged lost. None after: one that ticked after the announcement (or a put
             # after the record's delete) announced the node again, and the others took

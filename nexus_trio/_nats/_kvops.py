@@ -10,11 +10,12 @@ itself, and the others judged the node lost instead of gone.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final
 
 import nats.js.errors
 
+from . import _wire as wire
 from ._aio import call_aio
 
 if TYPE_CHECKING:
@@ -40,15 +41,21 @@ async def put_values(kv: KeyValue, entries: Sequence[tuple[str, bytes]]) -> list
     return await call_aio(all_of)
 
 
-async def delete_revisions(
-    kv: KeyValue, entries: Sequence[tuple[str, int]], *, window: int = WINDOW
+async def delete_names(
+    kv: KeyValue,
+    entries: Sequence[tuple[str, int]],
+    not_dropped: Callable[[str, Exception], None] | None = None,
+    *,
+    window: int = WINDOW,
 ) -> list[bool | Exception]:
-    """Delete each ``(key, revision)`` of ``entries`` if the key is still at that
-    revision (a compare-and-set: an entry written since is kept), ``window`` at a time.
+    """Delete the entry of each ``(name, revision)`` of ``entries`` (its key
+    :func:`_wire.name_key`) if it is still at that revision (a compare-and-set: an entry
+    written since is kept), ``window`` at a time.
 
     One outcome per entry, in order: True (deleted), False (the entry changed since, or
     was deleted already), or the exception of a delete that failed (the bucket
-    unreachable). Never raises for one entry; cancelling the caller cancels the rest.
+    unreachable), also handed to ``not_dropped(name, exception)`` if given. Never raises
+    for one entry; cancelling the caller cancels the rest.
     """
 
     async def one(key: str, revision: int) -> bool | Exception:
@@ -63,7 +70,12 @@ async def delete_revisions(
     async def all_of(chunk: Sequence[tuple[str, int]]) -> list[bool | Exception]:
         return list(await asyncio.gather(*(one(key, revision) for key, revision in chunk)))
 
+    keyed = [(wire.name_key(name), revision) for name, revision in entries]
     outcomes: list[bool | Exception] = []
-    for start in range(0, len(entries), window):
-        outcomes += await call_aio(all_of, entries[start : start + window])
+    for start in range(0, len(keyed), window):
+        outcomes += await call_aio(all_of, keyed[start : start + window])
+    if not_dropped is not None:
+        for (name, _), outcome in zip(entries, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                not_dropped(name, outcome)
     return outcomes

@@ -53,7 +53,7 @@ from .._supervisor import Supervisor
 from . import _wire as wire
 from ._aio import call_aio
 from ._direct import flush_after_subscribe
-from ._kvops import delete_revisions
+from ._kvops import delete_names
 from ._membership import NodeInfo
 
 if TYPE_CHECKING:
@@ -976,12 +976,7 @@ class Placement:
             return
         # (a write whose answer is lost is None: nothing of this node's to drop)
         dropped = [(name, revision) for name, (_, revision) in held.items() if revision is not None]
-        outcomes = await delete_revisions(
-            kv, [(wire.name_key(name), revision) for name, revision in dropped]
-        )
-        for (name, _), outcome in zip(dropped, outcomes, strict=True):
-            if isinstance(outcome, Exception):
-                self._not_dropped(name, outcome)
+        await delete_names(kv, dropped, self._not_dropped)
 
 
 def _decode_answer(data: bytes, name: str, owner: str) -> PlacedAgent:
