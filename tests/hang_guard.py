@@ -12,6 +12,7 @@ import signal
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import Final
 
 import trio
 import trio.testing
@@ -60,6 +61,15 @@ def fault_settings(max_examples: int) -> settings:
         database=None,
         suppress_health_check=[HealthCheck.too_slow],
     )
+
+
+#: The settings of a property whose examples are slow to draw (recursive JSON documents
+#: with text, text from a regular expression, lists of hundreds of draws): no ``too_slow``
+#: health check and no deadline, as many examples as Hypothesis's default. On a loaded
+#: 2-core CI machine the drawing of the first examples passed the health check's bound
+#: now and then ("input generation is slow"), and an example stalled past the 200 ms
+#: deadline: failures of the machine, not of the property.
+SLOW_DRAWS: Final = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def run_on_mock_clock(scenario: Callable[[], Awaitable[object]], real_seconds: float) -> None:

@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 from nexus_trio import SYSTEM_ID, Message, MessageDecodeError, MessageKind, new_id
 from nexus_trio._message import check_json, id_value, new_message
 
+from .hang_guard import SLOW_DRAWS
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(),
     lambda children: (
@@ -52,6 +54,7 @@ def test_wire_shape_matches_the_original_fields() -> None:
     assert wire["payload"] == {"ping": True}
 
 
+@SLOW_DRAWS
 @given(payload=json_values, kind=st.sampled_from(MessageKind), named=st.booleans())
 def test_json_round_trip_is_exact(payload: object, kind: MessageKind, named: bool) -> None:
     to: uuid.UUID | str = "agent-b" if named else uuid.uuid4()

@@ -30,12 +30,14 @@ from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import Outbox, asyncio_loop
 from nexus_trio._nats._sequence import InboundSequences
 
+from .hang_guard import SLOW_DRAWS
 from .nats_server import nats_cluster
 from .test_nats import local_node, nodes
 
 OWN = 0xABC
 
 
+@SLOW_DRAWS
 @given(
     delivered=st.lists(st.booleans(), max_size=200),
     marks=st.sets(st.integers(min_value=0, max_value=200)),

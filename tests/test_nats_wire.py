@@ -30,6 +30,7 @@ from nexus_trio._nats import _batch as batch
 from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._membership import MemberTable, NodeInfo, node_uuid
 
+from .hang_guard import SLOW_DRAWS
 from .test_message import NOT_JSON
 
 json_values = st.recursive(
@@ -40,6 +41,7 @@ json_values = st.recursive(
 ids = st.builds(uuid.UUID, int=st.integers(0, (1 << 128) - 1))
 
 
+@SLOW_DRAWS
 @given(
     sender=ids,
     to=ids | st.text(min_size=1),
@@ -56,6 +58,7 @@ def test_codec_round_trips_every_field(**fields: object) -> None:
     assert wire.decode_tell(body) == msg  # the batch path reads the same
 
 
+@SLOW_DRAWS
 @given(payload=json_values | st.sampled_from([float("inf"), float("-inf"), [None, 1e308 * 10]]))
 def test_the_fast_json_means_what_the_standard_library_writes(payload: object) -> None:
     msg = Message(sender=uuid.uuid4(), to="x", payload=payload)
@@ -219,6 +222,7 @@ def test_a_cached_agent_id_does_not_let_a_look_alike_through(sender: bytes) -> N
     assert err.value.field == "from"
 
 
+@SLOW_DRAWS
 @given(
     sender=ids,
     to=ids | st.text(min_size=1),
