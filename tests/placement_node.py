@@ -25,7 +25,7 @@ from nexus_trio import Agent, Context, EventKind, Message, MessageKind, agent, o
 from nexus_trio._nats import Cluster, join_cluster
 from nexus_trio._nats._placement import rendezvous_owner
 
-from .nats_server import FAST, node_config, read_line, sigkill
+from .nats_server import PATIENT, node_config, read_line, sigkill
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -189,7 +189,10 @@ async def _main(url: str, node: str) -> None:
     NODE = node
     async with open_kernel(node_config()) as kernel:
         kernel.spawn(collector, name=f"collector-{node}")
-        async with join_cluster(kernel, url, node, options=FAST) as cluster:
+        # PATIENT: a loaded machine left a node silent for longer than FAST's 0.6 s now
+        # and then, and the others judged it lost (a killed node is still judged lost, 2 s
+        # after its last heartbeat)
+        async with join_cluster(kernel, url, node, options=PATIENT) as cluster:
             cluster.register_type("counter", agent(Counter, name="counter"))
             await cluster.names_published()
             print(f"READY {node}", flush=True)

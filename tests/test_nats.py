@@ -40,7 +40,14 @@ from nexus_trio import (
     open_kernel,
     pool,
 )
-from nexus_trio._nats import Cluster, NatsServer, cluster_of, join_cluster, type_address
+from nexus_trio._nats import (
+    Cluster,
+    ClusterOptions,
+    NatsServer,
+    cluster_of,
+    join_cluster,
+    type_address,
+)
 from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import call_aio
 
@@ -64,10 +71,13 @@ async def nodes(url: str, *names: str, **kwargs: Any) -> AsyncIterator[list[Node
 
 @asynccontextmanager
 async def local_node(
-    url: str | list[str], node: str = "a", **options: Any
+    url: str | list[str], node: str = "a", *, base: ClusterOptions = PATIENT, **options: Any
 ) -> AsyncIterator[tuple[Kernel, Cluster]]:
+    """A kernel joined as ``node``: ``base`` (PATIENT: FAST's 0.6 s loss window judged a
+    live child node lost on a loaded machine now and then; the detector's own tests give
+    FAST) with ``options`` changed."""
     async with open_kernel(node_config()) as kernel:
-        async with join_cluster(kernel, url, node, options=attrs.evolve(FAST, **options)) as c:
+        async with join_cluster(kernel, url, node, options=attrs.evolve(base, **options)) as c:
             yield kernel, c
             await kernel.shutdown()
 
@@ -1208,7 +1218,7 @@ async def test_a_node_whose_own_process_stalled_does_not_judge_its_live_peers_lo
     thread: trio-asyncio), so requests to them failed with ``TransportUnavailable`` and
     their agents were re-placed. The check waits after such a stall until what came
     meanwhile is read; a peer silent all along is still lost (the tests above)."""
-    async with nodes(nats.url, "b") as _, local_node(nats.url) as (kernel, cluster):
+    async with nodes(nats.url, "b") as _, local_node(nats.url, base=FAST) as (kernel, cluster):
         with trio.fail_after(30):
             await cluster.wait_for_name("echo-b")
             assert await kernel.request("echo-b", 1) == {"echo": 1, "node": "b", "kind": "Query"}
@@ -1224,7 +1234,7 @@ async def _stalled_with_b_alive(url: str, first: float, then: list[float]) -> No
     runs on in its own, then again for each of ``then`` heartbeat intervals, one
     checkpoint before each; after the next loss check on time, b is a live member that
     answers, judged lost never."""
-    async with nodes(url, "b") as _, local_node(url) as (kernel, cluster):
+    async with nodes(url, "b") as _, local_node(url, base=FAST) as (kernel, cluster):
         with trio.fail_after(30):
             await cluster.wait_for_name("echo-b")
             assert await kernel.request("echo-b", 1) == {"echo": 1, "node": "b", "kind": "Query"}
@@ -1260,7 +1270,7 @@ async def test_a_node_starved_without_pause_still_judges_a_silent_peer_lost(
     process starved for good (every loss check late) judged nobody lost at all, so a
     peer that died then was a live member for ever, its requests waiting their whole
     timeouts. Now a check after a hold judges, late or not."""
-    async with nodes(nats.url, "b") as (b,), local_node(nats.url) as (kernel, cluster):
+    async with nodes(nats.url, "b") as (b,), local_node(nats.url, base=FAST) as (kernel, cluster):
         with trio.fail_after(30):
             await cluster.wait_for_name("echo-b")
             assert await kernel.request("echo-b", 1) == {"echo": 1, "node": "b", "kind": "Query"}
@@ -1345,7 +1355,7 @@ async def test_a_killed_node_is_reported_lost_then_forgotten_with_its_names(
 ) -> None:
     async with (
         nodes(nats.url, "b") as (b,),
-        local_node(nats.url, forget_lost_after=1.0) as (kernel, cluster),
+        local_node(nats.url, base=FAST, forget_lost_after=1.0) as (kernel, cluster),
     ):
         with trio.fail_after(30):
             await cluster.wait_for_name("echo-b")
