@@ -279,7 +279,9 @@ class NodeProcess:
         self.ids: dict[str, str] = {}
         self._buffer = b""
 
-    async def start(self, *, timeout: float = 15.0) -> NodeProcess:
+    async def start(self, *, timeout: float = 60.0) -> NodeProcess:
+        # (a generous bound: on a loaded 2-core machine the child's imports alone took
+        # more than 15 s now and then)
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self.process = await trio.lowlevel.open_process(
             self.argv, cwd=str(REPO), env=env, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL

@@ -59,7 +59,7 @@ async def _command(cluster: Cluster, nursery: trio.Nursery, cmd: dict[str, Any])
     if op == "live":
         return cluster.live_nodes()
     if op == "wait_live":
-        with trio.fail_after(cmd.get("timeout", 10)):
+        with trio.fail_after(cmd.get("timeout", 30)):
             while True:  # membership lives in other processes: polled, bounded
                 if len(cluster.live_nodes()) == cmd["count"]:
                     break
@@ -150,7 +150,7 @@ class Node:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
-        with trio.fail_after(30):
+        with trio.fail_after(60):  # (generous: a loaded machine starts Python slowly)
             line = await self._readline()
         assert line == f"READY {self.node}", line
         return self
