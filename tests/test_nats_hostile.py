@@ -914,8 +914,8 @@ async def test_error_frames_for_queries_nobody_waits_for_are_counted_as_answers_
 
     kind, body = wire.error_frame(MailboxFull(uuid.uuid4(), "x", 4, uuid.uuid4()))
     async with (
-        _node(nats.url, "a") as (ka, ca),
-        _node(nats.url, "b") as (kb, cb),
+        _node(nats.url, "a", options=PATIENT) as (ka, ca),
+        _node(nats.url, "b", options=PATIENT) as (kb, cb),
         _hostile(nats.url) as hostile,
     ):
         ka.spawn(slow, name="slow-a")
