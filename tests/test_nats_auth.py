@@ -100,6 +100,23 @@ def test_missing_credential_files_are_named() -> None:
         NatsAuth(tls_ca="/nonexistent/ca.pem").connect_options()
 
 
+def test_an_nkey_seed_file_s_final_newline_is_not_taken_for_part_of_the_seed(
+    tmp_path: Path,
+) -> None:
+    """Regression: the seed file's path went to nats-py, which before 2.15 read the file
+    whole: a seed file ending in a newline (as `nk -gen user > user.nk` writes it) was
+    refused with ErrInvalidSeed. The seed is read, stripped and kept out of logs."""
+    seed_file, _ = make_nkey_user(tmp_path)
+    seed = Path(seed_file).read_text(encoding="ascii")
+    assert seed.endswith("\n")
+    options = NatsAuth(nkey_seed=seed_file).connect_options()
+    assert options == {"nkeys_seed_str": seed.strip()}
+    assert redact(f"seed {seed.strip()} in a line") == f"seed {MASK} in a line"
+    (tmp_path / "latin1.nk").write_bytes(b"SU\xe9\n")
+    with pytest.raises(ValueError, match=r"NATS nkey_seed '.*latin1.nk' is not an NKEY seed"):
+        NatsAuth(nkey_seed=str(tmp_path / "latin1.nk")).connect_options()
+
+
 def test_config_and_environment_give_credentials_and_show_hides_them(tmp_path: Path) -> None:
     file = tmp_path / "config.toml"
     file.write_text('[nats]\nurl = "nats://127.0.0.1:4222"\nuser = "svc"\n')

@@ -199,7 +199,18 @@ class NatsAuth:
         if self.creds_file is not None:
             options["user_credentials"] = self.creds_file
         if self.nkey_seed is not None:
-            options["nkeys_seed"] = self.nkey_seed
+            # Read here, stripped, and handed over as a string: nats-py before 2.15 read the
+            # file whole and took its final newline for part of the seed (ErrInvalidSeed
+            # for a file written by `nk -gen user > user.nk`)
+            try:
+                with open(self.nkey_seed, encoding="ascii") as file:
+                    seed = file.read().strip()
+            except UnicodeDecodeError:
+                raise ValueError(
+                    f"NATS nkey_seed {self.nkey_seed!r} is not an NKEY seed (not ASCII text)"
+                ) from None
+            register_secret(seed)
+            options["nkeys_seed_str"] = seed
         context = self.tls_context()
         if context is not None:
             options["tls"] = context
