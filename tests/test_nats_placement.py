@@ -635,6 +635,10 @@ async def test_a_second_node_under_a_live_member_s_name_is_refused_and_changes_n
         try:
             with trio.fail_after(60):
                 assert await b.call("wait_live", count=2) == ["a", "b"]
+                # b's view: a may not have heard b yet (on a loaded machine the spawn
+                # below failed, 'no live member 'b' to pin 'on-b' on; live members: 'a'')
+                while "b" not in ca.live_nodes():  # noqa: ASYNC110 (the watch: no event)
+                    await trio.sleep(0.01)
                 pid = b.process.pid  # type: ignore[union-attr]
                 placed = await ca.spawn("counter", name="on-b", node="b")
                 assert placed.node == "b"
