@@ -668,8 +668,11 @@ class StderrLines:
         self._thread.start()
 
     def _read(self) -> None:
-        for line in self._stream:
-            self.lines.append(line)
+        # the pipe is closed by its reader at its end (not by another thread while it
+        # reads): left open, it was a ResourceWarning 'unclosed file'
+        with self._stream:
+            for line in self._stream:
+                self.lines.append(line)
 
     def wait_for(self, text: str, count: int, proc: subprocess.Popen[str], timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -681,6 +684,13 @@ class StderrLines:
     def text(self) -> str:
         self._thread.join(timeout=30)
         return "".join(self.lines)
+
+
+def read_stdout(proc: subprocess.Popen[str]) -> str:
+    """All of ``proc``'s stdout (to its end: the run's exit), the pipe closed after."""
+    assert proc.stdout is not None
+    with proc.stdout:
+        return proc.stdout.read()
 
 
 def run_to_its_end(
@@ -707,8 +717,7 @@ def signal_and_collect(
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         pytest.fail(f"the run did not stop at the {signum.name}")
-    assert proc.stdout is not None
-    return proc.stdout.read(), stderr.text()
+    return read_stdout(proc), stderr.text()
 
 
 @pytestmark_linux
@@ -740,8 +749,7 @@ def test_a_worker_killed_mid_run_ends_the_run_reported_with_its_signal_and_books
         time.sleep(1.0)  # let tokens cross to it and back for a while
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
-        assert proc.stdout is not None
-        out = proc.stdout.read()  # the summary, at the end (stderr has a reader already)
+        out = read_stdout(proc)  # the summary, at the end (stderr has a reader already)
         proc.wait(timeout=duration)
         took = time.monotonic() - killed_at
         err = stderr.text()
@@ -845,8 +853,7 @@ def test_a_worker_killed_after_it_settled_is_counted_with_its_last_record(
             assert time.monotonic() < deadline, stderr.lines
             time.sleep(0.05)
         os.kill(victim, signal.SIGKILL)
-        assert proc.stdout is not None
-        out = proc.stdout.read()  # the summary (stderr has a reader already)
+        out = read_stdout(proc)  # the summary (stderr has a reader already)
         proc.wait(timeout=60)
         err = stderr.text()
     finally:
@@ -1807,8 +1814,7 @@ def _ring_run_signalled(
             proc.wait(timeout=60)  # the summary fits in the pipe
         except subprocess.TimeoutExpired:
             pytest.fail(went_on)
-        assert proc.stdout is not None
-        out = proc.stdout.read()
+        out = read_stdout(proc)
         err = stderr.text()
     finally:
         kill_tagged(tag)

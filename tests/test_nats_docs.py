@@ -34,6 +34,18 @@ def page_samples() -> tuple[str, str]:
     return worker.group(1), client.group(1)
 
 
+def run_client(tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """``python client.py`` in ``tmp_path`` to its end (120 s at most), its output kept."""
+    return subprocess.run(
+        [sys.executable, "client.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 def test_the_three_process_example_of_the_page_works_as_printed(
     nats: NatsServer, tmp_path: Path
 ) -> None:
@@ -45,47 +57,41 @@ def test_the_three_process_example_of_the_page_works_as_printed(
     (tmp_path / "worker.py").write_text(worker_src.replace(DOCS_URL, url), encoding="utf-8")
     (tmp_path / "client.py").write_text(client_src.replace(DOCS_URL, url), encoding="utf-8")
 
-    worker = subprocess.Popen(
+    # (its pipes closed at the end of the with, each a ResourceWarning otherwise)
+    with subprocess.Popen(
         [sys.executable, "worker.py"],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-    )
-    try:
-        assert worker.stdout is not None
-        deadline = time.monotonic() + 60
-        line = ""
-        while time.monotonic() < deadline:
-            line = worker.stdout.readline()
-            if line.startswith("worker ready") or not line:
-                break
-        assert line.startswith("worker ready"), worker.stderr.read() if worker.stderr else ""
-
-        client = subprocess.run(
-            [sys.executable, "client.py"],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert client.returncode == 0, client.stderr
-        lines = client.stdout.splitlines()
-        assert lines[0] == "hello Ada, from node worker"
-        answers = [ast.literal_eval(line) for line in lines[1:5]]
-        assert [a["resized"] for a in answers] == [0, 1, 2, 3]
-        assert {a["by"] for a in answers} <= {"resize-0", "resize-1"}
-        assert lines[5] == "members: ['client', 'worker']"
-    finally:
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGINT)
+    ) as worker:
         try:
-            status = worker.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
-            raise
+            assert worker.stdout is not None
+            deadline = time.monotonic() + 60
+            line = ""
+            while time.monotonic() < deadline:
+                line = worker.stdout.readline()
+                if line.startswith("worker ready") or not line:
+                    break
+            assert line.startswith("worker ready"), worker.stderr.read() if worker.stderr else ""
+
+            client = run_client(tmp_path)
+            assert client.returncode == 0, client.stderr
+            lines = client.stdout.splitlines()
+            assert lines[0] == "hello Ada, from node worker"
+            answers = [ast.literal_eval(line) for line in lines[1:5]]
+            assert [a["resized"] for a in answers] == [0, 1, 2, 3]
+            assert {a["by"] for a in answers} <= {"resize-0", "resize-1"}
+            assert lines[5] == "members: ['client', 'worker']"
+        finally:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGINT)
+            try:
+                status = worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+                raise
     assert status == 0
 
 
@@ -134,14 +140,7 @@ def test_the_page_s_command_line_serves_the_worker_s_greeter(
         text=True,
     )
     try:
-        client = subprocess.run(
-            [sys.executable, "client.py"],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        client = run_client(tmp_path)
         assert client.returncode == 0, client.stderr
         assert client.stdout.splitlines() == ["worker", "hello Ada, from node worker"]
     finally:
