@@ -47,9 +47,40 @@ GARBAGE = "import time\nprint('hello garbage', flush=True)\ntime.sleep(60)\n"
         ("./bin/calculator --fast", "calculator"),
         ("uv run worker.py", "worker"),
         ("python3", "python3"),
+        # an interpreter option's value is not the script (it named the agent "dev")
+        ("python -X dev -W error script.py", "script"),
+        ("python3 -W ignore::DeprecationWarning -X importtime agents/calc.py", "calc"),
+        ("python3 -Xdev -Werror calc.py", "calc"),
+        ("python3 -uX dev calc.py", "calc"),
+        ("python3 -OO -X dev -m pkg.calc --port 1", "calc"),
+        ("python3 -um pkg.calc", "calc"),
+        ("python3 --check-hash-based-pycs always calc.py", "calc"),
+        # code given on the command line: no script, the interpreter names it
+        ("python3 -c 'import calc; calc.main()'", "python3"),
+        ("python3 -X dev", "python3"),
+        ("python3 -", "python3"),
+        ("node --require ./trace.js --max-old-space-size=512 dist/agent.js", "agent"),
+        ("node -r ./trace.js --import=./loader.mjs -- dist/agent.js", "agent"),
+        ("node --eval 'require(\"./agent\")'", "node"),
+        ("ruby -I lib -r json agent.rb", "agent"),
+        ("perl -Mstrict -I lib agent.pl", "agent"),
+        ("perl -w -Mfeature=say -I lib agent.pl", "agent"),
+        ("perl -ne 'print if /x/'", "perl"),
+        ("bash -eu -o pipefail run-agent.sh", "run-agent"),
+        ("bash -c 'exec ./agent'", "bash"),
+        ("php -d memory_limit=1G -f agent.php", "agent"),
+        ("java -cp lib/app.jar com.example.Calc", "Calc"),
+        ("java -Xmx1g -jar build/calc.jar", "calc"),
+        ("java Calc.java", "Calc"),
+        ("deno run --allow-net -c deno.json main.ts", "main"),
+        ("bun run --cwd app index.ts", "index"),
+        ("uv run --with httpx --python 3.12 worker.py", "worker"),
+        ("uv run python -X dev worker.py", "worker"),
+        ("uv run -m pkg.worker", "worker"),
+        ("npx --yes -p cowsay cowsay hi", "cowsay"),
     ],
 )
-def test_agents_are_named_after_their_program(command: str, name: str) -> None:
+def test_agents_are_named_after_their_script_not_an_option_value(command: str, name: str) -> None:
     assert program_name(shlex.split(command)) == name
 
 

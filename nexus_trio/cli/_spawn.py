@@ -36,27 +36,210 @@ log = logging.getLogger("nexus_trio.cli")
 REGISTER_TIMEOUT: Final = 10.0
 #: the bridge's own wait after the shutdown frame (process_agent's shutdown_grace)
 STOP_GRACE: Final = 5.0
-#: programs whose first plain argument (a script) names the agent better than they do
-_INTERPRETER: Final = re.compile(
-    r"^(python[\d.]*|pypy[\d.]*|node|nodejs|deno|bun|ruby|perl|php|bash|sh|zsh|java|uv|npx)$"
+
+
+@attrs.frozen
+class _Reading:
+    """How an interpreter reads its command line, as far as naming its agent needs: which
+    options take a value (the next argument, or one attached), so that a value is never
+    taken for the script."""
+
+    #: options whose value is something else (``python -X dev``, ``node -r ./trace.js``)
+    valued: frozenset[str] = frozenset()
+    #: options whose value is code to run: there is no script, the interpreter names it
+    code: frozenset[str] = frozenset()
+    #: options whose value is a dotted module or class run: its last part names it
+    module: frozenset[str] = frozenset()
+    #: options whose value is the script run (``php -f agent.php``, ``java -jar calc.jar``)
+    script: frozenset[str] = frozenset()
+    #: one-letter options may be grouped, the last one taking the value (``-uX dev``, ``-Werror``)
+    grouped: bool = False
+    #: one-letter options whose value is the rest of their group, never the next argument
+    #: (``perl -Mfeature=say``: not an ``-e`` in ``feature``)
+    attached: frozenset[str] = frozenset()
+    #: words before the script (``uv run``, ``deno run``)
+    subcommands: frozenset[str] = frozenset()
+    #: the first plain argument is a program of its own, named in turn (``uv run python x.py``)
+    launcher: bool = False
+    #: a plain argument is a class (``java com.example.Calc``) unless it is a source file
+    classes: bool = False
+
+    def takes_value(self, option: str) -> bool:
+        return any(option in kind for kind in (self.valued, self.code, self.module, self.script))
+
+
+def _reading(
+    valued: str = "",
+    code: str = "",
+    module: str = "",
+    script: str = "",
+    subcommands: str = "",
+    attached: str = "",
+    *,
+    grouped: bool = False,
+    launcher: bool = False,
+    classes: bool = False,
+) -> _Reading:
+    """A :class:`_Reading` from option names separated by spaces."""
+    return _Reading(
+        valued=frozenset(valued.split()),
+        code=frozenset(code.split()),
+        module=frozenset(module.split()),
+        script=frozenset(script.split()),
+        subcommands=frozenset(subcommands.split()),
+        attached=frozenset(attached.split()),
+        grouped=grouped,
+        launcher=launcher,
+        classes=classes,
+    )
+
+
+#: programs whose script names the agent better than they do, and how they read options
+_READINGS: Final[tuple[tuple[re.Pattern[str], _Reading], ...]] = (
+    (
+        re.compile(r"^(python|pypy)[\d.]*$"),
+        _reading("-W -X --check-hash-based-pycs", code="-c", module="-m", grouped=True),
+    ),
+    (
+        re.compile(r"^(node|nodejs)$"),
+        _reading(
+            "-r --require --import --loader --experimental-loader -C --conditions --input-type"
+            " --inspect-port --env-file --title",
+            code="-e --eval -p --print",
+        ),
+    ),
+    (
+        re.compile(r"^deno$"),
+        _reading(
+            "-c --config --import-map --location --seed --cert -L --log-level --lock",
+            subcommands="run",
+        ),
+    ),
+    (
+        re.compile(r"^bun$"),
+        _reading(
+            "--cwd -c --config -r --preload --env-file",
+            code="-e --eval -p --print",
+            subcommands="run",
+        ),
+    ),
+    (
+        re.compile(r"^ruby$"),
+        _reading(
+            "-I -r -C -E --encoding", code="-e", attached="-0 -F -K -T -W -i -x", grouped=True
+        ),
+    ),
+    (
+        re.compile(r"^perl$"),
+        _reading("-I", code="-e -E", attached="-0 -C -D -F -M -d -i -l -m -x", grouped=True),
+    ),
+    (re.compile(r"^php$"), _reading("-c -d -z", code="-r", script="-f")),
+    (re.compile(r"^(bash|sh|zsh)$"), _reading("-o -O", code="-c", grouped=True)),
+    (
+        re.compile(r"^java$"),
+        _reading(
+            "-cp -classpath --class-path -p --module-path --add-modules --add-opens"
+            " --add-exports --add-reads --upgrade-module-path --limit-modules --patch-module"
+            " --source",
+            module="-m --module",
+            script="-jar",
+            classes=True,
+        ),
+    ),
+    (
+        re.compile(r"^uv$"),
+        _reading(
+            "--with --with-requirements --with-editable --python -p --project --directory"
+            " --env-file --extra --group --only-group --package --index --default-index"
+            " --index-url --extra-index-url",
+            module="-m --module",
+            script="-s --script",
+            subcommands="run",
+            launcher=True,
+        ),
+    ),
+    (re.compile(r"^npx$"), _reading("-p --package", code="-c --call", launcher=True)),
 )
 
 
 def program_name(argv: Sequence[str]) -> str:
-    """The name an agent running ``argv`` gets: its script's stem after an interpreter
-    (``python3 -u calc.py`` -> ``calc``, ``python -m pkg.calc`` -> ``calc``), else the
-    program's (``./calc --x`` -> ``calc``)."""
+    """The name an agent running ``argv`` gets: its script's stem after an interpreter,
+    past the interpreter's options and their values (``python3 -X dev -u calc.py`` ->
+    ``calc``, ``python -m pkg.calc`` -> ``calc``), the interpreter's when the code is given
+    inline (``python3 -c ...`` -> ``python3``), else the program's (``./calc --x`` -> ``calc``)."""
     program = Path(argv[0]).name
-    if _INTERPRETER.match(program):
-        args = list(argv[1:])
-        for i, arg in enumerate(args):
-            if arg == "-m" and i + 1 < len(args):
-                return args[i + 1].rpartition(".")[2] or program
-            if arg in ("run", "exec") and program in ("uv", "deno", "bun"):
-                continue
-            if not arg.startswith("-"):
-                return Path(arg).stem or program
-    return Path(program).stem or program
+    own = Path(program).stem or program
+    for pattern, reading in _READINGS:
+        if pattern.match(program):
+            return _run_name(reading, argv[1:]) or own
+    return own
+
+
+def _run_name(reading: _Reading, args: Sequence[str]) -> str | None:
+    """What ``args`` run after an interpreter read as ``reading`` names, or None (code given
+    inline, or nothing)."""
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg == "--":
+            return _plain_name(reading, args[i:]) if i < len(args) else None
+        if arg in reading.subcommands:
+            continue
+        if not arg.startswith("-") or arg == "-":
+            return _plain_name(reading, args[i - 1 :])
+        option, value = _option(reading, arg)
+        if option is None:
+            continue
+        if value is None:
+            if i == len(args):
+                return None
+            value = args[i]
+            i += 1
+        if option in reading.code:
+            return None
+        if option in reading.module:
+            return _last_part(value)
+        if option in reading.script:
+            return Path(value).stem or None
+    return None
+
+
+def _option(reading: _Reading, arg: str) -> tuple[str | None, str | None]:
+    """The option in ``arg`` that takes a value, and the value if attached (``--x=v``,
+    ``-Xdev``, ``-uX``); (None, None) for an option that takes none."""
+    if arg.startswith("--"):
+        name, eq, value = arg.partition("=")
+        if reading.takes_value(name):
+            return name, value if eq else None
+        return None, None
+    if not reading.grouped:
+        return (arg, None) if reading.takes_value(arg) else (None, None)
+    for j in range(1, len(arg)):
+        option = "-" + arg[j]
+        if option in reading.attached:
+            break
+        if reading.takes_value(option):
+            return option, arg[j + 1 :] or None
+    return None, None
+
+
+def _plain_name(reading: _Reading, rest: Sequence[str]) -> str | None:
+    """The name given by the first plain argument, ``rest[0]``: a program of its own after a
+    launcher, a class's last part, else a script's stem; None for stdin (``-``)."""
+    first = rest[0]
+    if first == "-":
+        return None
+    if reading.launcher:
+        return program_name(rest)
+    if reading.classes and not first.endswith(".java"):
+        return _last_part(first)
+    return Path(first).stem or None
+
+
+def _last_part(dotted: str) -> str | None:
+    """``pkg.agents.calc`` -> ``calc`` (a Java module's ``mod/pkg.Main`` -> ``Main``)."""
+    return dotted.rpartition("/")[2].rpartition(".")[2] or None
 
 
 def agent_names(commands: Sequence[Sequence[str]]) -> list[str]:
