@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -39,7 +39,7 @@ import trio.testing
 
 from ._agent import AgentRef, Context, agent
 from ._child import enum_member
-from ._config import Config, KernelConfig, SupervisionConfig
+from ._config import SECTIONS, Config
 from ._deadletter import DeadLetter, DeadLetterReason
 from ._errors import error_repr
 from ._events import EventKind, LifecycleEvent
@@ -65,21 +65,61 @@ __all__ = [
 ]
 
 
-def test_config(**kernel_options: Any) -> Config:
-    """Defaults for tests: a large dead-letter ring, immediate restarts, config otherwise default."""
-    known = [field.name for field in attrs.fields(KernelConfig)]
-    for key in kernel_options:
+def test_config(**options: Any) -> Config:
+    """Defaults for tests: a large dead-letter ring, immediate restarts, config otherwise default.
+
+    A section's name takes a mapping of its options (``supervision={"max_restarts": 1}``,
+    ``kernel=``, ``runtime=``, ``logging=``, ``metrics=``, ``app=``, ``nats=``), set over
+    the test defaults; any other keyword is a ``[kernel]`` option
+    (``test_config(mailbox_capacity=8)``). An option a section does not have is a
+    ``TypeError`` naming it and the nearest; a bad value, the section's ``ValueError``."""
+    sections = {name: _section_options(name, options.pop(name, None)) for name in SECTIONS}
+    _check_kernel_keywords(options, sections["kernel"])
+    sections["kernel"] = {"dead_letter_buffer": 100_000, **sections["kernel"], **options}
+    sections["supervision"] = {
+        "backoff_initial_ms": 0,
+        "backoff_max_ms": 0,
+        **sections["supervision"],
+    }
+    return Config(**{name: cls(**sections[name]) for name, cls in SECTIONS.items()})
+
+
+def _section_options(section: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``test_config``'s ``section=`` mapping, checked: every key an option of the section."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise TypeError(
+            f"test_config: {section}= takes a mapping of [{section}] options to values,"
+            f" got {options!r}"
+        )
+    known = [field.name for field in attrs.fields(SECTIONS[section])]
+    for key in options:
         if key not in known:
-            near = difflib.get_close_matches(key, known, n=1)
+            near = difflib.get_close_matches(str(key), known, n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
             raise TypeError(
-                f"test_config: {key!r} is no [kernel] option{hint} (they are: {', '.join(known)})"
+                f"test_config: {key!r} is no [{section}] option{hint}"
+                f" (they are: {', '.join(known)})"
             )
-    options: dict[str, Any] = {"dead_letter_buffer": 100_000, **kernel_options}
-    return Config(
-        kernel=KernelConfig(**options),
-        supervision=SupervisionConfig(backoff_initial_ms=0, backoff_max_ms=0),
-    )
+    return dict(options)
+
+
+def _check_kernel_keywords(keywords: Mapping[str, Any], kernel: Mapping[str, Any]) -> None:
+    """The ``[kernel]`` options given as keywords: each one of the section's, and not also
+    in ``kernel=``; one of another section's is named with how to give it."""
+    for key in keywords:
+        owners = [s for s, cls in SECTIONS.items() if key in attrs.fields_dict(cls)]
+        if owners and owners[0] != "kernel":
+            raise TypeError(
+                f"test_config: {key!r} is no [kernel] option; it is a [{owners[0]}] one:"
+                f" test_config({owners[0]}={{{key!r}: ...}})"
+            )
+        if key in kernel:
+            raise TypeError(
+                f"test_config: [kernel] {key!r} is given twice (as {key}= and in kernel=)"
+            )
+    _section_options("kernel", keywords)
 
 
 test_config.__test__ = False  # type: ignore[attr-defined]  # not a test, despite its name

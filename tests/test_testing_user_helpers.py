@@ -17,6 +17,7 @@ from nexus_trio import (
     Message,
     RequestFailed,
     RequestTimeout,
+    RestartStrategy,
     Supervisor,
     agent,
 )
@@ -284,21 +285,89 @@ async def test_step_until_idle_and_settle_fail_when_tasks_never_all_block(
     assert nexus_kernel.stats().in_flight == 0
 
 
-def test_test_config_names_an_option_it_does_not_know_and_the_nearest() -> None:
+@pytest.mark.parametrize(
+    ("options", "start", "listed"),
+    [
+        (
+            {"send_timeout": 7},
+            "'send_timeout' is no [kernel] option; did you mean 'send_timeout_ms'?",
+            "mailbox_capacity",
+        ),
+        (
+            {"supervision": {"max_restart": 1}},
+            "'max_restart' is no [supervision] option; did you mean 'max_restarts'?",
+            "backoff_initial_ms",
+        ),
+    ],
+)
+def test_test_config_names_an_option_it_does_not_know_and_the_nearest(
+    options: dict[str, Any], start: str, listed: str
+) -> None:
     """Before: ``test_config(send_timeout=7)`` raised Python's ``KernelConfig.__init__()
-    got an unexpected keyword argument``, naming no option it takes."""
+    got an unexpected keyword argument``, naming no option it takes (and no section but
+    ``[kernel]`` could be given: ``supervision`` was "no [kernel] option")."""
     with pytest.raises(TypeError) as info:
-        test_config(send_timeout=7)
+        test_config(**options)
     text = str(info.value)
-    assert text.startswith(
-        "test_config: 'send_timeout' is no [kernel] option; did you mean 'send_timeout_ms'?"
-    ), text
-    assert "mailbox_capacity" in text
+    assert text.startswith(f"test_config: {start}"), text
+    assert listed in text
     with pytest.raises(
         TypeError, match=r"^test_config: 'zzz' is no \[kernel\] option \(they are: "
     ):
         test_config(zzz=1)
     assert test_config(send_timeout_ms=7).kernel.send_timeout_ms == 7
+
+
+def test_test_config_sets_every_section_as_a_mapping_of_its_options() -> None:
+    """Before: only ``[kernel]`` options could be given; ``test_config(supervision=...)``
+    was "'supervision' is no [kernel] option", so a test of restart intensity or strategy
+    had to build a whole ``Config`` and lost the test defaults."""
+    config = test_config(
+        mailbox_capacity=8,
+        kernel={"send_timeout_ms": 7},
+        supervision={"max_restarts": 1, "strategy": "one_for_all", "escalate_to_kernel": True},
+        runtime={"worker_threads": 2},
+        logging={"level": "DEBUG"},
+        metrics={"port": 9999},
+        app={"agents": 3},
+        nats={"url": "nats://127.0.0.1:4222"},
+    )
+    assert (config.kernel.mailbox_capacity, config.kernel.send_timeout_ms) == (8, 7)
+    assert config.supervision.max_restarts == 1
+    assert config.supervision.strategy is RestartStrategy.ONE_FOR_ALL
+    assert config.supervision.escalate_to_kernel is True
+    assert config.runtime.worker_threads == 2
+    assert config.logging.level == "DEBUG"
+    assert config.metrics.port == 9999
+    assert config.app.agents == 3
+    assert config.nats.url == "nats://127.0.0.1:4222"
+    # the test defaults stay under what is given
+    assert config.kernel.dead_letter_buffer == 100_000
+    assert (config.supervision.backoff_initial_ms, config.supervision.backoff_max_ms) == (0, 0)
+    assert test_config(supervision={"backoff_max_ms": 50}).supervision.backoff_max_ms == 50
+
+
+def test_test_config_says_where_an_option_of_another_section_goes() -> None:
+    with pytest.raises(
+        TypeError,
+        match=r"^test_config: 'max_restarts' is no \[kernel\] option; it is a \[supervision\]"
+        r" one: test_config\(supervision=\{'max_restarts': \.\.\.\}\)$",
+    ):
+        test_config(max_restarts=1)
+    with pytest.raises(
+        TypeError,
+        match=r"^test_config: supervision= takes a mapping of \[supervision\] options"
+        r" to values, got 3$",
+    ):
+        test_config(supervision=3)
+    with pytest.raises(
+        TypeError,
+        match=r"^test_config: \[kernel\] 'mailbox_capacity' is given twice \(as"
+        r" mailbox_capacity= and in kernel=\)$",
+    ):
+        test_config(mailbox_capacity=2, kernel={"mailbox_capacity": 1})
+    with pytest.raises(ValueError, match="max_restarts"):
+        test_config(supervision={"max_restarts": -1})
 
 
 @agent(name="looper")
