@@ -30,7 +30,7 @@ import difflib
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Final
 
 import attrs
 import pytest
@@ -452,12 +452,55 @@ def assert_events(
             f"events of {name or 'all agents'}: the recorder missed {recorder.dropped} events"
             " (buffer full); give record_events a larger buffer"
         )
-    got = recorder.kinds(name)
-    if got != wanted:
-        raise AssertionError(
-            f"events of {name or 'all agents'}: expected {[k.value for k in wanted]}, "
-            f"got {[k.value for k in got]}{_no_such_name(recorder, name) if not got else ''}"
-        )
+    got = [e for e in recorder.events if name is None or e.name == name]
+    if [e.kind for e in got] != wanted:
+        raise AssertionError(_events_differ(recorder, name, wanted, got))
+
+
+#: lists of events this long or shorter are shown whole in an assert_events failure
+_SHOWN_WHOLE: Final = 10
+#: events shown either side of the first difference of longer lists
+_AROUND: Final = 3
+
+
+def _events_differ(
+    recorder: EventRecorder, name: str | None, wanted: list[EventKind], got: list[LifecycleEvent]
+) -> str:
+    """``assert_events``'s failure: both lists when short, else their lengths; the index of
+    the first difference; for long lists a window around it, expected beside got (each
+    with its agent's name when all agents' events are compared)."""
+    expected = [kind.value for kind in wanted]
+    actual = [e.kind.value if name is not None else f"{e.kind.value} ({e.name})" for e in got]
+    first = next(
+        (i for i, (a, b) in enumerate(zip(wanted, got, strict=False)) if a is not b.kind),
+        min(len(wanted), len(got)),
+    )
+    head = f"events of {name or 'all agents'}: "
+    where = _at(first, expected, actual) if got else _no_such_name(recorder, name)
+    if max(len(wanted), len(got)) <= _SHOWN_WHOLE:
+        return f"{head}expected {expected}, got {[e.kind.value for e in got]}{where}"
+    lines = [f"{head}expected {len(wanted)} events, got {len(got)}{where}"]
+    end = min(max(len(wanted), len(got)), first + _AROUND + 1)
+    rows = [("index", "expected", "got")] + [
+        (str(i), _nth(expected, i), _nth(actual, i)) for i in range(max(0, first - _AROUND), end)
+    ]
+    index_width = max(len(row[0]) for row in rows)
+    kind_width = max(len(row[1]) for row in rows)
+    for index, want, have in rows:
+        mark = ">" if index == str(first) else " "
+        lines.append(f"  {mark} {index:>{index_width}}  {want:<{kind_width}}  {have}".rstrip())
+    return "\n".join(lines)
+
+
+def _nth(kinds: list[str], index: int) -> str:
+    return kinds[index] if index < len(kinds) else "-"
+
+
+def _at(index: int, expected: list[str], actual: list[str]) -> str:
+    """``; first difference at index 12: expected 'started', got 'stopped'``."""
+    want = repr(expected[index]) if index < len(expected) else "no more events"
+    have = repr(actual[index]) if index < len(actual) else "no more events"
+    return f"; first difference at index {index}: expected {want}, got {have}"
 
 
 def _no_such_name(recorder: EventRecorder, name: str | None) -> str:

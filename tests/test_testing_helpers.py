@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from nexus_trio import Agent, Context, EventKind, Kernel, Message, agent
+from nexus_trio import Agent, Context, EventKind, Kernel, LifecycleEvent, Message, agent
 from nexus_trio.testing import (
     EventRecorder,
     assert_conserved,
@@ -175,6 +176,55 @@ def test_nexus_kernel_in_a_test_pytest_trio_does_not_run_names_trio_mode(tmp_pat
             " test @pytest.mark.trio)"
         ) in report, report
     assert "AssertionError" not in report, report
+
+
+def _recorded(*events: tuple[str, str]) -> EventRecorder:
+    ids = {name: uuid.uuid4() for name, _ in events}
+    return EventRecorder(
+        events=[LifecycleEvent(EventKind(kind), ids[name], name, 0.0) for name, kind in events]
+    )
+
+
+def test_assert_events_on_long_lists_names_the_first_difference_and_shows_around_it() -> None:
+    """Before: both lists whole (``expected ['spawned', 'started', 'failed', ...]``, twenty
+    entries each on one line), leaving the reader to find where they part."""
+    cycles = ["spawned"] + ["started", "failed", "restarted"] * 6
+    got = [*cycles[:12], "stopped", *cycles[13:], "stopped"]
+    recorder = _recorded(*[("w", kind) for kind in got], ("x", "spawned"))
+    with pytest.raises(AssertionError) as info:
+        assert_events(recorder, "w", cycles)
+    assert str(info.value) == (
+        "events of w: expected 19 events, got 20; first difference at index 12: expected"
+        " 'restarted', got 'stopped'\n"
+        "    index  expected   got\n"
+        "        9  restarted  restarted\n"
+        "       10  started    started\n"
+        "       11  failed     failed\n"
+        "  >    12  restarted  stopped\n"
+        "       13  started    started\n"
+        "       14  failed     failed\n"
+        "       15  restarted  restarted"
+    )
+    # all agents' events: each got entry with its agent's name
+    with pytest.raises(AssertionError) as info:
+        assert_events(recorder, None, cycles)
+    assert str(info.value).splitlines()[5] == "  >    12  restarted  stopped (w)"
+    # one list a prefix of the other: the first entry past the shorter one
+    with pytest.raises(AssertionError) as info:
+        assert_events(recorder, "w", cycles[:12])
+    lines = str(info.value).splitlines()
+    assert lines[0] == (
+        "events of w: expected 12 events, got 20; first difference at index 12: expected"
+        " no more events, got 'stopped'"
+    )
+    assert lines[5:7] == ["  >    12  -          stopped", "       13  -          started"]
+    # short lists are shown whole, with the index
+    with pytest.raises(AssertionError) as info:
+        assert_events(recorder, "x", ["spawned", "started"])
+    assert str(info.value) == (
+        "events of x: expected ['spawned', 'started'], got ['spawned']; first difference"
+        " at index 1: expected 'started', got no more events"
+    )
 
 
 def test_a_misspelt_reason_or_event_kind_lists_the_known_ones() -> None:
