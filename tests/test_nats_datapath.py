@@ -4287,6 +4287,55 @@ async def test_a_forwarded_query_is_counted_per_peer_against_the_node_it_came_fr
     assert _per_peer(cb, own) == (before["b"][0] + 1, before["b"][1] + 1)
 
 
+@agent(name="type-router")
+async def _type_router(ctx: Context, msg: Message) -> Any:
+    """A router agent: sends each message on, as it is, to whichever replica of a type."""
+    return msg.evolve(to="type:work")
+
+
+async def test_a_tell_a_router_forwards_to_a_type_counts_against_the_router_not_its_maker(
+    nats: NatsServer,
+) -> None:
+    """A tell made on node f (its id names f), which b's router agent sends on unchanged
+    to a type served on c: c counts it as taken from b (the tell's reply subject names
+    the node that published it), never from f, with which c exchanged no frame; b took it
+    from f. So a dead worker's ``sent`` holds the tells it passed on, not those it made
+    that others passed on (docs/cli.md). b's kernel counts it twice, as a pool's router
+    does: accepted 2 = handled 1 + forwarded 1."""
+    taken = trio.Event()
+    got: list[tuple[Any, uuid.UUID, uuid.UUID]] = []
+
+    async def worker(ctx: Context, msg: Message) -> None:
+        got.append((msg.payload, msg.id, msg.sender))
+        taken.set()
+
+    async with (
+        _node(nats.url, "c") as (kc, cc),
+        _node(nats.url, "b") as (kb, cb),
+        _fake_node(nats.url, "f") as fake,
+    ):
+        await cc.serve_type("work", kc.spawn(agent(worker, name="worker")))
+        router = kb.spawn(_type_router).id
+        await _heard(cb, "f")
+        await _heard(cc, "f")
+        own = cb.id_prefix  # b's and c's (one process)
+        before = {cluster.node: _per_peer(cluster, own) for cluster in (cb, cc)}
+        tell = Message(_fake_id(2), router, "work", MessageKind.COMMAND, id=_fake_id(1))
+        with trio.fail_after(10):
+            await call_aio(
+                fake.publish, wire.agent_subject("nexus", "b", router), wire.encode_message(tell)
+            )
+            await taken.wait()
+        # passed on unchanged: f's id and sender
+        assert got == [("work", _fake_id(1), _fake_id(2))]
+        assert _per_peer(cc, _FAKE_PREFIX) == (0, 0)
+        assert _per_peer(cc, own) == (before["c"][0], before["c"][1] + 1)
+        assert _per_peer(cb, _FAKE_PREFIX) == (0, 1)
+        assert _per_peer(cb, own) == before["b"]
+        b = kb.stats()
+        assert (b.accepted, b.handled, b.forwarded) == (2, 1, 1)
+
+
 @attrs.define
 class _ViaB:
     """a asks b's ``router``, which sends each query on to ``f-worker`` on the fake node
