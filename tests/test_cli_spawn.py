@@ -74,6 +74,7 @@ GARBAGE = "import time\nprint('hello garbage', flush=True)\ntime.sleep(60)\n"
         ("java Calc.java", "Calc"),
         ("deno run --allow-net -c deno.json main.ts", "main"),
         ("bun run --cwd app index.ts", "index"),
+        ("bun exec x.ts", "x"),
         ("uv run --with httpx --python 3.12 worker.py", "worker"),
         ("uv run python -X dev worker.py", "worker"),
         ("uv run -m pkg.worker", "worker"),

@@ -57,7 +57,7 @@ class _Reading:
     #: one-letter options whose value is the rest of their group, never the next argument
     #: (``perl -Mfeature=say``: not an ``-e`` in ``feature``)
     attached: frozenset[str] = frozenset()
-    #: words before the script (``uv run``, ``deno run``)
+    #: words before the script (``uv run``, ``deno run``, ``bun exec``)
     subcommands: frozenset[str] = frozenset()
     #: the first plain argument is a program of its own, named in turn (``uv run python x.py``)
     launcher: bool = False
@@ -112,7 +112,7 @@ _READINGS: Final[tuple[tuple[re.Pattern[str], _Reading], ...]] = (
         re.compile(r"^deno$"),
         _reading(
             "-c --config --import-map --location --seed --cert -L --log-level --lock",
-            subcommands="run",
+            subcommands="run exec",
         ),
     ),
     (
@@ -120,7 +120,7 @@ _READINGS: Final[tuple[tuple[re.Pattern[str], _Reading], ...]] = (
         _reading(
             "--cwd -c --config -r --preload --env-file",
             code="-e --eval -p --print",
-            subcommands="run",
+            subcommands="run exec",
         ),
     ),
     (
@@ -154,7 +154,7 @@ _READINGS: Final[tuple[tuple[re.Pattern[str], _Reading], ...]] = (
             " --index-url --extra-index-url",
             module="-m --module",
             script="-s --script",
-            subcommands="run",
+            subcommands="run exec",
             launcher=True,
         ),
     ),
