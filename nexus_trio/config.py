@@ -619,7 +619,8 @@ def render_template() -> str:
 def write_template(path: Path | str, *, force: bool = False) -> Path:
     """Write :func:`render_template` to ``path`` (creating its directory); return the path.
 
-    Refuses to replace an existing file unless ``force``: :class:`ConfigError`. A write
+    Refuses to replace an existing file unless ``force``: :class:`ConfigError`; with it,
+    still refuses to replace what is no regular file (a device, a named pipe). A write
     that fails (a full disk) leaves nothing behind: not an empty new file (which the
     next try would refuse to overwrite), and with ``force`` the file it would have
     replaced as it was (the template is written beside it, then put in its place).
@@ -660,9 +661,15 @@ def _replace_file(target: Path, text: str) -> None:
     permissions, less any write permission of the group or others."""
     real = target.resolve() if target.is_symlink() else target
     try:
-        kept: int | None = stat.S_IMODE(real.stat().st_mode) & 0o644
+        mode = real.stat().st_mode
     except FileNotFoundError:
-        kept = None  # (a new file: 0o644 less the umask)
+        kept: int | None = None  # (a new file: 0o644 less the umask)
+    else:
+        if not stat.S_ISREG(mode):
+            raise ConfigError(
+                f"not a regular file ({_file_kind(mode)}); refusing to replace it", path=target
+            )
+        kept = stat.S_IMODE(mode) & 0o644
     temporary = real.with_name(f".{real.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     _write_new_file(temporary, text, 0o644 if kept is None else kept)
     try:
@@ -672,6 +679,18 @@ def _replace_file(target: Path, text: str) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def _file_kind(mode: int) -> str:
+    """What a file that is no regular file is, for an error: ``a named pipe``, ..."""
+    kinds = (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a named pipe"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    return next((kind for test, kind in kinds if test(mode)), "of another kind")
 
 
 def render_effective(loaded: LoadedConfig) -> str:

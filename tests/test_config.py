@@ -724,6 +724,28 @@ def test_write_template_refuses_to_overwrite(home: Path) -> None:
     assert path.read_text(encoding="utf-8") == render_template()
 
 
+@pytest.mark.parametrize("link", [False, True])
+def test_write_template_with_force_refuses_to_replace_what_is_no_regular_file(
+    home: Path, link: bool
+) -> None:
+    """``nexus config init --force /dev/full`` (run as root) said ``wrote /dev/full``,
+    status 0: the template was renamed over the device, which was gone, a regular file in
+    its place. A named pipe, a device or a socket is no config file; it is refused, left
+    as it was, and nothing is left beside it (also through a symbolic link to it)."""
+    fifo = home / "config.toml"
+    os.mkfifo(fifo)
+    path = fifo
+    if link:
+        path = home / "link.toml"
+        path.symlink_to(fifo)
+    with pytest.raises(ConfigError) as info:
+        write_template(path, force=True)
+    assert str(info.value) == (f"{path}: not a regular file (a named pipe); refusing to replace it")
+    assert fifo.is_fifo()
+    assert path.is_symlink() is link
+    assert [p.name for p in home.iterdir() if p.name.endswith(".tmp")] == []
+
+
 def test_render_effective_shows_sources_and_parses_back(home: Path) -> None:
     file = write(
         home / "cwd" / "config.toml", '[kernel]\nmailbox_capacity = 10\n[app]\napp = "m:a"\n'
