@@ -122,6 +122,8 @@ class Kernel:
         )
         self._router.nodes[self._root.id.int] = self._root
         self._shutdown_finished = trio.Event()
+        #: the drain of the shutdown under way (its deadline: the grace period's end)
+        self._drain_scope: trio.CancelScope | None = None
         self._body_scope = trio.CancelScope()
         self._root_done = trio.Event()
         self._escalation: SupervisorEscalation | None = None
@@ -202,6 +204,10 @@ class Kernel:
     async def shutdown(self, grace: float | None = None) -> None:
         """Shut down gracefully; idempotent, and safe to call from inside an agent's task.
 
+        A call while a shutdown is under way waits for that one (from inside the tree:
+        returns at once); a ``grace`` it gives that ends sooner than the drain under way
+        brings the drain's end forward (never later).
+
         1. refuse new sends and spawns from outside (``KernelShuttingDown``);
         2. let agents drain their mailboxes for up to ``grace`` seconds (default
            ``shutdown_grace``); messages agents send to each other are still accepted;
@@ -230,6 +236,11 @@ class Kernel:
         router = self._router
         in_tree = self._in_tree()
         if router.phase is not KernelPhase.RUNNING:
+            if grace is not None:
+                # A shutdown is under way (another task's, a handler's): the drain ends
+                # at the earliest deadline asked for (a block cancelled from outside asks
+                # for none: it is left promptly whoever started the shutdown).
+                self._end_grace_by(trio.current_time() + grace)
             if in_tree:
                 await trio.lowlevel.checkpoint()
             else:
@@ -238,12 +249,20 @@ class Kernel:
         router.phase = KernelPhase.DRAINING
         if grace is None:
             grace = self.config.kernel.shutdown_grace
+        self._host.grace_deadline = trio.current_time() + grace
         if in_tree:
             assert self._nursery is not None
-            self._nursery.start_soon(self._shut_down, grace)
+            self._nursery.start_soon(self._shut_down)
             await trio.lowlevel.checkpoint()
             return
-        await self._shut_down(grace)
+        await self._shut_down()
+
+    def _end_grace_by(self, deadline: float) -> None:
+        """Bring the grace period's deadline forward to ``deadline`` (never later)."""
+        if deadline < self._host.grace_deadline:
+            self._host.grace_deadline = deadline
+            if self._drain_scope is not None:
+                self._drain_scope.deadline = deadline
 
     def _in_tree(self) -> bool:
         """True if the current task runs in the supervision tree (under the root's task).
@@ -262,13 +281,14 @@ class Kernel:
         return False
 
     @trio.lowlevel.enable_ki_protection
-    async def _shut_down(self, grace: float) -> None:
-        """Steps 2 to 4 of :meth:`shutdown` (the phase is ``DRAINING`` already)."""
+    async def _shut_down(self) -> None:
+        """Steps 2 to 4 of :meth:`shutdown` (the phase is ``DRAINING`` already, the
+        grace's deadline set)."""
         router = self._router
         with trio.CancelScope(shield=True):
-            self._host.grace_deadline = trio.current_time() + grace
-            with trio.move_on_after(grace):
+            with trio.move_on_at(self._host.grace_deadline) as self._drain_scope:
                 await router.wait_drained()
+            self._drain_scope = None
             router.phase = KernelPhase.STOPPING
             for node in list(router.nodes.values()):
                 if isinstance(node, AgentCell) and node.running:

@@ -228,6 +228,78 @@ async def test_a_kernel_cancelled_from_outside_stops_at_once_and_in_order(
     assert trio.current_time() == pytest.approx(0.03)
 
 
+async def test_a_kernel_cancelled_from_outside_while_a_handler_s_shutdown_drains_stops_at_once(
+    autojump_clock: Any,
+) -> None:
+    """A handler's ``ctx.kernel.shutdown()`` started a drain of the default grace (100 s
+    here); the block, cancelled from outside 5 s later, then waited out the whole grace
+    (left at 100 s, 9 more messages handled): its ``shutdown(0)`` found a shutdown under
+    way and only waited for it. A cancelled block is left promptly, without a drain,
+    whoever started the shutdown: at 5 s (the message in hand dead-lettered)."""
+
+    @agent(name="slow")
+    async def slow(ctx: Context, msg: Message) -> None:
+        await trio.sleep(10)
+
+    @agent(name="quitter")
+    async def quitter(ctx: Context, msg: Message) -> None:
+        await ctx.kernel.shutdown()
+
+    with trio.fail_after(600), trio.move_on_after(5) as outside:
+        async with open_kernel(make_config(shutdown_grace_ms=100_000)) as kernel:
+            for i in range(20):
+                await kernel.send(kernel.spawn(slow) if i == 0 else "slow", i)
+            await kernel.send(kernel.spawn(quitter), "quit")
+            await trio.sleep_forever()
+    assert outside.cancelled_caught
+    assert trio.current_time() == 5
+    stats = kernel.stats()
+    # "quit", and the first of the slow ones while the 5 s ran (the second is in hand)
+    assert (stats.handled, stats.dead_lettered, stats.in_flight) == (1, 20, 0)
+    assert stats.dead_letters_by_reason == {"shutdown": 20}
+
+
+@pytest.mark.parametrize("shorter", [True, False])
+async def test_a_second_shutdown_with_a_shorter_grace_ends_the_drain_under_way_sooner(
+    autojump_clock: Any, shorter: bool
+) -> None:
+    """``shutdown()`` drains for its grace (100 s); a ``shutdown(grace=0)`` from another
+    task 1 s later returned only when that grace was over (100 s): its grace was taken
+    and ignored. The drain ends at the earliest deadline a call asked for; a longer
+    grace does not make it later."""
+
+    @agent(name="slow")
+    async def slow(ctx: Context, msg: Message) -> None:
+        await trio.sleep(7)
+
+    ended: dict[str, float] = {}
+    async with open_kernel(make_config(shutdown_grace_ms=100_000)) as kernel:
+        ref = kernel.spawn(slow)
+        for i in range(50):
+            await kernel.send(ref, i)
+
+        async def first() -> None:
+            await kernel.shutdown()
+            ended["first"] = trio.current_time()
+
+        async def second() -> None:
+            await trio.sleep(1)
+            await kernel.shutdown(grace=0 if shorter else 1000)
+            ended["second"] = trio.current_time()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first)
+            nursery.start_soon(second)
+    stats = kernel.stats()
+    if shorter:
+        assert ended == {"first": 1, "second": 1}
+        assert (stats.handled, stats.dead_lettered) == (0, 50)
+    else:
+        assert ended == {"first": 100, "second": 100}
+        assert (stats.handled, stats.dead_lettered) == (14, 36)  # (one each 7 s)
+    assert stats.in_flight == 0
+
+
 @pytest.mark.parametrize("how", ["cancelled", "deadline passed"])
 def test_a_kernel_opened_in_a_cancelled_scope_closes_at_once(how: str) -> None:
     """Regression: ``async with open_kernel()`` in a scope cancelled already (or whose
