@@ -284,6 +284,39 @@ def test_nexus_run_in_process_with_standard_error_failing_finishes_and_counts_it
     assert reported == lost
 
 
+@pytest.mark.usefixtures("restore_logging", "isolated")
+def test_nexus_run_workers_counts_the_lines_of_the_parent_its_standard_error_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``nexus run --workers 2 2>/dev/full`` said ``log_records_lost: 7``, the sum of its
+    workers' (4 + 3), when 8 were lost: the parent's own line (``started nats-server``;
+    also ``worker-1 died``, a forced stop) was counted nowhere. Here the workers are
+    stood in for by two such lines of the parent and a summary of none lost: the run's
+    summary counts the two."""
+    from nexus_trio.cli import _cluster_cmd
+
+    def two_lines(count: int, argv: Any, **kwargs: Any) -> Any:
+        logger = logging.getLogger("nexus_trio.cli")
+        logger.error("worker-1 died: exit status 1")
+        logger.warning("worker-0 forced")
+        summary = _cluster_cmd.not_started_summary(
+            count, private_server=True, stopped_by="duration"
+        )
+        assert summary["log_records_lost"] == summary["log_calls_failed"] == 0
+        return summary, 0
+
+    monkeypatch.setattr(_cluster_cmd, "run_workers", two_lines)
+    lost, failed = records_lost(), log_calls_failed()
+    status, summary = _run_in_process(
+        ["run", "--workers", "2", "-d", "0.1", "--json", "--no-live"],
+        io.TextIOWrapper(io.BufferedWriter(_Refusing(errno.ENOSPC)), encoding="utf-8"),
+    )
+    assert status == 0
+    assert records_lost() - lost >= 2
+    assert summary["log_records_lost"] == records_lost() - lost
+    assert summary["log_calls_failed"] == log_calls_failed() - failed == 0
+
+
 class _RefusingLater(_Refusing):
     """A full disk (``ENOSPC``) under a descriptor (``/dev/null``'s, which ``poll`` finds
     writable), so that ``nexus run`` queues its log records for a writer thread; the

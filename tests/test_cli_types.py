@@ -79,7 +79,7 @@ def started(monkeypatch: pytest.MonkeyPatch, isolated: Path, restore_logging: No
 
     def run_workers(workers: int, *_args: object, **_kwargs: object) -> tuple[dict, int]:
         seen.append(workers)
-        return {"workers": workers}, 0
+        return {"workers": workers, "log_records_lost": 0, "log_calls_failed": 0}, 0
 
     def execute_run(opts: _run.RunOptions, **_kwargs: object) -> int:
         seen.append(opts)

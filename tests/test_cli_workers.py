@@ -102,7 +102,7 @@ def cap_run(monkeypatch: pytest.MonkeyPatch, cores: int) -> list[int]:
 
     def run_workers(workers: int, *_args: object, **_kwargs: object) -> tuple[dict, int]:
         asked.append(workers)
-        return {"workers": workers}, 0
+        return {"workers": workers, "log_records_lost": 0, "log_calls_failed": 0}, 0
 
     monkeypatch.setattr(_cluster_cmd, "default_workers", lambda: cores)
     monkeypatch.setattr(_cluster_cmd, "run_workers", run_workers)

@@ -623,8 +623,9 @@ def _run_workers(
         if exc.signame is not None:
             return
         raise _interrupted(exc) from None
-    from ..logs import configure_logging
+    from ..logs import configure_logging, flush_logs, log_calls_failed, records_lost
 
+    lost_before, failed_before = records_lost(), log_calls_failed()
     # the parent's own lines (a worker that died, the private nats-server), in the level
     # and format of the workers' lines: [logging] of the config, the flags included
     configure_logging(
@@ -637,6 +638,12 @@ def _run_workers(
         metrics_port=cfg.metrics.port,
         shutdown_grace=cfg.kernel.shutdown_grace,
     )
+    # The workers' losses are in their summaries; the parent's own lines lost (its
+    # standard error is theirs: on a full disk, all of them) are added, once written or
+    # counted lost (within FLUSH_TIMEOUT, as a single run's).
+    flush_logs()
+    summary["log_records_lost"] += records_lost() - lost_before
+    summary["log_calls_failed"] += log_calls_failed() - failed_before
     print_summary(summary, json_out=json_out)  # (after a hangup: see print_summary)
     if status:
         raise typer.Exit(status)
