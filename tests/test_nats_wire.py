@@ -96,6 +96,41 @@ def test_the_codecs_refuse_a_payload_json_has_no_type_for_instead_of_changing_it
             encode(msg)
 
 
+@pytest.mark.parametrize(("payload", "error"), NOT_JSON.values(), ids=NOT_JSON)
+def test_a_binary_tell_refuses_what_json_has_no_type_for_inside_a_dict_or_a_list(
+    payload: Any, error: str
+) -> None:
+    """A dict or a list payload is written by msgspec and read back, and only a value
+    read back equal goes without the walk of check_json (the common payload, at half
+    its cost): each value the standard library's json refuses, inside a dict or a list,
+    still raises TypeError naming the type and where it sits (msgspec writes each of
+    them as a string, a list or an object)."""
+    where = error.removeprefix("payload")
+    for wrapped, path in (({"k": payload}, "payload['k']"), ([0, payload], "payload[1]")):
+        msg = Message(sender=uuid.uuid4(), to="sink", payload=wrapped)
+        with pytest.raises(TypeError, match=re.escape(path + where)):
+            wire.encode_tell(msg)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        [float("nan"), None],
+        {"a": float("inf"), "b": None},
+        {"a": [float("-inf")]},
+        {"n": 1, "k": [1, 2]},
+        [1, [2, {"x": None}]],
+    ],
+)
+def test_a_binary_tell_of_a_dict_or_a_list_carries_what_json_dumps_writes(payload: Any) -> None:
+    """What msgspec reads back equal goes as msgspec wrote it; a non-finite float (which
+    msgspec writes as null) goes as the standard library writes it, never a silent
+    null."""
+    msg = Message(sender=uuid.uuid4(), to="sink", payload=payload)
+    got = wire.decode_tell(wire.encode_tell(msg)).payload
+    assert repr(got) == repr(json.loads(json.dumps(payload)))
+
+
 class _Text(str):
     pass
 
