@@ -216,7 +216,8 @@ class NodeLink:
         self.node = node
         self.dest_prefix = dest_prefix
         self.window = window
-        #: frames of the open batch (length-prefixed, ready to join)
+        #: frames of the open batch, ready to join (a tell's as two parts: its length and
+        #: kind, then its body)
         self.frames: list[bytes] = []
         #: bytes of ``frames``
         self.size = 0
@@ -240,10 +241,15 @@ class NodeLink:
     def has_room(self) -> bool:
         return self.sent + self.tells - self.consumed < self.window
 
-    def add_tell(self, body: bytes) -> None:
-        self.frames.append(_FRAME.pack(len(body) + 1, TELL) + body)
-        self.size += len(body) + FRAME_OVERHEAD
+    def add_tell(self, body: bytes) -> int:
+        """Add a tell's frame to the open batch; returns the batch's size in bytes now.
+        (Its length and kind go in as a part of their own: the body is not copied.)"""
+        frames = self.frames
+        frames.append(_FRAME.pack(len(body) + 1, TELL))
+        frames.append(body)
         self.tells += 1
+        size = self.size = self.size + len(body) + FRAME_OVERHEAD
+        return size
 
     def add_cancel(self, query_id: uuid.UUID, to: Address) -> None:
         body = cancel_body(query_id, to)

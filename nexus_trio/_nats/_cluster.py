@@ -1167,15 +1167,19 @@ class Cluster:
         """Put a tell in its link's batch; seal the batch when it is full (a frame that
         does not fit in the open batch goes in the next one, alone if need be). True if
         a batch was sealed."""
+        limit = self._batch_bytes
         sealed = False
-        if link.frames and link.size + len(body) + batch.FRAME_OVERHEAD > self._batch_bytes:
+        if link.frames and link.size + len(body) + batch.FRAME_OVERHEAD > limit:
             self._seal_batch(link)
             sealed = True
-        link.add_tell(body)
-        if link.tells >= self.options.batch_frames or link.size >= self._batch_bytes:
+        if link.add_tell(body) >= limit or link.tells >= self.options.batch_frames:
             self._seal_batch(link)
             return True
-        self._want_flush(link)
+        # _want_flush, inline: every tell to another kernel comes here
+        dirty = self._dirty
+        if link not in dirty:
+            dirty[link] = None
+            self._flush_wanted.set()
         return sealed
 
     def _want_flush(self, link: batch.NodeLink) -> None:
