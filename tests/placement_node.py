@@ -45,6 +45,8 @@ class Counter(Agent):
 
 
 NODE = ""
+#: seconds join_cluster took to return (the buckets replayed, this node announced)
+JOINED_IN = 0.0
 acks: list[int] = []
 
 
@@ -70,6 +72,33 @@ async def _command(cluster: Cluster, nursery: trio.Nursery, cmd: dict[str, Any])
     if op == "spawn":
         placed = await cluster.spawn(cmd["type"], name=cmd["name"], node=cmd.get("node"))
         return {"node": placed.node, "id": str(placed.id)}
+    if op == "spawn_many":
+        # cmd["count"] agents named f"{prefix}{i}", cmd["window"] placements at a time
+        names = [f"{cmd['prefix']}{i}" for i in range(cmd["count"])]
+        limit = trio.Semaphore(cmd.get("window", 100))
+        failed: list[str] = []
+
+        async def place(name: str) -> None:
+            async with limit:
+                try:
+                    await cluster.spawn(cmd["type"], name=name)
+                except Exception as exc:
+                    failed.append(f"{name}: {exc!r}")
+
+        started = trio.current_time()
+        async with trio.open_nursery() as places:
+            for name in names:
+                places.start_soon(place, name)
+        return {"seconds": trio.current_time() - started, "failed": failed[:10]}
+    if op == "known":
+        # how many of f"{prefix}{i}" (i < count) this node knows where they run
+        return sum(
+            cluster.name_holder(f"{cmd['prefix']}{i}") is not None for i in range(cmd["count"])
+        )
+    if op == "joined_in":
+        return JOINED_IN
+    if op == "held":
+        return cluster.placement.records_held
     if op == "where":
         holder = cluster.name_holder(cmd["name"])
         return None if holder is None else [holder[0], str(holder[1])]
@@ -185,14 +214,16 @@ class Node:
 
 
 async def _main(url: str, node: str) -> None:
-    global NODE
+    global NODE, JOINED_IN
     NODE = node
     async with open_kernel(node_config()) as kernel:
         kernel.spawn(collector, name=f"collector-{node}")
         # PATIENT: a loaded machine left a node silent for longer than FAST's 0.6 s now
         # and then, and the others judged it lost (a killed node is still judged lost, 2 s
         # after its last heartbeat)
+        joining = trio.current_time()
         async with join_cluster(kernel, url, node, options=PATIENT) as cluster:
+            JOINED_IN = trio.current_time() - joining
             cluster.register_type("counter", agent(Counter, name="counter"))
             await cluster.names_published()
             print(f"READY {node}", flush=True)
