@@ -39,6 +39,7 @@ from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import asyncio_loop, call_aio
 from nexus_trio._nats._membership import NodeInfo, decode_record, encode_record, monotonic
 from nexus_trio._nats._placement import (
+    PlacedAgent,
     Placement,
     PlacementRecord,
     UnknownAgentType,
@@ -2026,3 +2027,50 @@ async def test_a_clean_leave_is_given_time_for_each_name_and_record_it_drops(
         assert await _keys(b, "names") == []
         assert await _keys(b, "nodes") == ["b"]  # a announced its leave
         assert b.stats().replaced == 0
+
+
+async def test_a_rebalance_moves_hundreds_of_agents_at_once_and_each_exactly_once(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: rebalance() moved one agent after another (its stop, the drop of its
+    record, the request to its new owner), about 130 agents a second: a node joining a
+    cluster of 10,000 agents took its share (2,500) in 20 s per node. Here each
+    placement request takes 20 ms more (a loaded owner): the moves go out in windows
+    of concurrent ones, each name still stopped, dropped and placed in that order, and
+    exactly the names the joining node wins move, each running there once."""
+    count = 200
+    original = Placement._ask
+    in_flight = [0, 0]  # now, most
+
+    async def slow_ask(self: Placement, *args: Any) -> PlacedAgent:
+        in_flight[0] += 1
+        in_flight[1] = max(in_flight[1], in_flight[0])
+        try:
+            await trio.sleep(0.02)
+            return await original(self, *args)
+        finally:
+            in_flight[0] -= 1
+
+    async with _node(nats.url, "a", **QUIET) as (ka, a):
+        async with trio.open_nursery() as nursery:
+            for i in range(count):
+                nursery.start_soon(partial(a.spawn, "counter", name=f"c-{i}"))
+        await a.names_published()
+        async with _node(nats.url, "c", **QUIET) as (kc, c):
+            _meet(a, c)
+            wins = [f"c-{i}" for i in range(count) if rendezvous_owner(f"c-{i}", ["a", "c"]) == "c"]
+            monkeypatch.setattr(Placement, "_ask", slow_ask)
+            with trio.fail_after(30):  # a hang guard
+                moved = await a.rebalance()
+            monkeypatch.setattr(Placement, "_ask", original)
+            assert sorted(moved) == sorted(wins) and len(wins) > count // 4
+            assert in_flight[1] >= len(wins) // 2, in_flight
+            assert sorted(ref.name for ref in kc.agents() if ref.name in wins) == sorted(wins)
+            assert not any(ka.is_local(name) for name in wins)
+            assert a.placement.records_held == count - len(wins)
+            assert c.placement.records_held == len(wins)
+            await c.names_published()
+            for name in wins:  # each record and name is the new owner's
+                assert await _placed_record(a, name) is not None
+                assert (await a.wait_for_name(name))[0] == "c"
+            assert await a.rebalance() == []  # nothing left to move

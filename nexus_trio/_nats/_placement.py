@@ -50,10 +50,10 @@ from .._errors import AgentNotFound, KernelShuttingDown, NameTaken, NexusError, 
 from .._events import EventKind, LifecycleEvent
 from .._logcall import log_guarded
 from .._supervisor import Supervisor
+from . import _kvops as kvops
 from . import _wire as wire
 from ._aio import call_aio
 from ._direct import flush_after_subscribe
-from ._kvops import delete_names
 from ._membership import NodeInfo
 
 if TYPE_CHECKING:
@@ -524,42 +524,74 @@ class Placement:
         Restart semantics, as for a lost node: the agent here is stopped (what is still
         queued for it is dead-lettered ``agent_stopped``, as for any stop) and a fresh
         one starts on the new owner. Pinned agents stay. Not automatic: moving agents
-        costs their state, so the operator (or the app) decides when. If the new owner
-        refuses the agent or does not answer, it starts here again (fresh) and the
-        owner's error is raised (the agents after it are not moved).
+        costs their state, so the operator (or the app) decides when. Up to
+        :data:`_kvops.WINDOW` agents move at once (each one's stop, record drop and
+        placement in that order). If a new owner refuses an agent or does not answer, it
+        starts here again (fresh) and the owner's error is raised once the moves under
+        way have ended (no agent is moved after it).
         """
         cluster = self._cluster
         live = cluster.live_nodes()
-        moved: list[str] = []
-        for name, (agent_id, revision) in list(self._held.items()):
+        to_move: list[tuple[str, str]] = []
+        for name in self._held:
             record = self.records.get(name)
             if record is None or record.pinned is not None:
                 continue
             owner = rendezvous_owner(name, live)
-            if owner == cluster.node:
-                continue
-            del self._held[name]
-            self._unwritten.pop(name, None)
-            self.records.pop(name, None)
-            with contextlib.suppress(AgentNotFound):
-                await cluster.kernel.stop(agent_id)
-            await self._delete_record(name, revision)
+            if owner != cluster.node:
+                to_move.append((name, owner))
+        moved: set[str] = set()
+        errors: list[Exception] = []
+        window = trio.Semaphore(kvops.WINDOW)
+
+        async def move(name: str, owner: str) -> None:
             try:
-                await self._ask(owner, record.type_name, name, None, timeout)
+                if await self._move(name, owner, timeout):
+                    moved.add(name)
             except Exception as exc:
-                # Refused, or no answer: the agent must not end up running nowhere.
-                await self._take_back(record.type_name, name, owner, exc)
-                raise
-            log_guarded(
-                log,
-                logging.INFO,
-                "node %s: agent %r moved to node %s (rebalanced)",
-                cluster.node,
-                name,
-                owner,
-            )
-            moved.append(name)
-        return moved
+                errors.append(exc)
+            finally:
+                window.release()
+
+        async with trio.open_nursery() as nursery:
+            for name, owner in to_move:
+                await window.acquire()
+                if errors:
+                    window.release()
+                    break
+                nursery.start_soon(move, name, owner)
+        if errors:
+            raise errors[0]
+        return [name for name, _ in to_move if name in moved]
+
+    async def _move(self, name: str, owner: str, timeout: float) -> bool:
+        """One agent of :meth:`rebalance`: False if it stopped (or moved) meanwhile."""
+        cluster = self._cluster
+        held = self._held.pop(name, None)
+        record = self.records.get(name)
+        if held is None or record is None:
+            return False
+        agent_id, revision = held
+        self._unwritten.pop(name, None)
+        self.records.pop(name, None)
+        with contextlib.suppress(AgentNotFound):
+            await cluster.kernel.stop(agent_id)
+        await self._delete_record(name, revision)
+        try:
+            await self._ask(owner, record.type_name, name, None, timeout)
+        except Exception as exc:
+            # Refused, or no answer: the agent must not end up running nowhere.
+            await self._take_back(record.type_name, name, owner, exc)
+            raise
+        log_guarded(
+            log,
+            logging.INFO,
+            "node %s: agent %r moved to node %s (rebalanced)",
+            cluster.node,
+            name,
+            owner,
+        )
+        return True
 
     async def _take_back(self, type_name: str, name: str, owner: str, exc: Exception) -> None:
         """A rebalance's new owner did not take ``name``: start it here again (fresh
@@ -976,7 +1008,7 @@ class Placement:
             return
         # (a write whose answer is lost is None: nothing of this node's to drop)
         dropped = [(name, revision) for name, (_, revision) in held.items() if revision is not None]
-        await delete_names(kv, dropped, self._not_dropped)
+        await kvops.delete_names(kv, dropped, self._not_dropped)
 
 
 def _decode_answer(data: bytes, name: str, owner: str) -> PlacedAgent:
