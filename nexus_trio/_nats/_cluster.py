@@ -3727,28 +3727,15 @@ class Cluster:
             else:
                 apply(entry.key, entry.value, entry.operation)
 
-        async def open_watch() -> Any:
-            watcher = await kv.watchall()
-            while True:
-                entry = await watcher.updates(timeout=30)  # type: ignore[no-untyped-call]
-                if entry is None:
-                    return watcher
-                apply_entry(entry)
-
-        watcher = await call_aio(open_watch)
+        watch = kvops.Watch(apply_entry)
+        await call_aio(watch.start, self.js, kv)
         task_status.started()
-
-        async def follow() -> None:
-            async for entry in watcher:
-                if entry is not None:
-                    apply_entry(entry)
-
         try:
-            await call_aio(follow)
+            await trio.sleep_forever()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 try:
-                    await call_aio(watcher.stop)
+                    await call_aio(watch.stop)
                 except Exception as exc:
                     log_guarded(
                         log, logging.DEBUG, "node %s: stopping a KV watcher: %r", self.node, exc
