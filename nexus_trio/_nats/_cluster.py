@@ -2916,9 +2916,9 @@ class Cluster:
             log, logging.WARNING, "node %s: could not drop name %r: %r", self.node, name, exc
         )
 
-    async def _delete_name(self, kv: KeyValue, name: str, revision: int) -> bool:
-        """Delete ``name``'s entry if it is still the one of ``revision``; True if this
-        delete landed."""
+    async def _delete_name(self, kv: KeyValue, name: str, revision: int) -> None:
+        """Delete ``name``'s entry if it is still the one of ``revision`` (one written
+        again since is kept)."""
         try:
             # Only if nobody re-registered the name since (optimistic concurrency).
             await call_aio(kv.delete, wire.name_key(name), last=revision)
@@ -2933,8 +2933,6 @@ class Cluster:
                 revision,
                 exc,
             )
-            return False
-        return True
 
     def _note_names_of_forgotten(self, node: str, id_prefix: int) -> None:
         """Member ``node`` (its process ``id_prefix``) is forgotten: the names of its
