@@ -2175,3 +2175,55 @@ async def test_a_node_asked_to_place_hundreds_of_agents_writes_their_records_tog
             ) == sorted(f"c-{i}" for i in range(count))
             with pytest.raises(NameTaken):
                 await a.spawn("counter", name="c-7", node="c")
+
+
+class _PlaceRequest:
+    """A placement request as NATS hands it to ``Placement._on_place_request``."""
+
+    def __init__(self, name: str) -> None:
+        self.data = json.dumps({"type": "counter", "name": name, "pinned": None}).encode()
+        self.answer: dict[str, Any] | None = None
+
+    async def respond(self, data: bytes) -> None:
+        self.answer = json.loads(data)
+
+
+async def test_placement_requests_for_one_name_write_its_record_in_the_order_asked(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The requests a node is asked to place run at once, but those for one name one
+    after the other: placed, stopped while its record was written (that write is
+    deleted again once it lands), and placed again, the name must end with the second
+    agent's record. Taken at once, the second record's write landed first and the
+    first one's delete (on its own revision, the later one) removed the only record:
+    the agent ran unrecorded, and would not be re-placed if its node were lost."""
+    from nats.js.kv import KeyValue
+
+    original = KeyValue.put
+    first = [True]
+
+    async def put(self: KeyValue, key: str, *args: Any, **kw: Any) -> int:
+        if self._name.endswith("-placed") and first[0]:
+            first[0] = False
+            await asyncio.sleep(0.2)  # (the first record's write is slow)
+        return await original(self, key, *args, **kw)
+
+    async with _node(nats.url, "c", **QUIET) as (kc, c):
+        monkeypatch.setattr(KeyValue, "put", put)
+        one, two = _PlaceRequest("svc-x"), _PlaceRequest("svc-x")
+        await call_aio(c.placement._on_place_request, one)
+
+        async def spawned() -> bool:  # by its task: its record on its way
+            return kc.is_local("svc-x")
+
+        async def answered() -> bool:  # (on asyncio's side)
+            return one.answer is not None and two.answer is not None
+
+        await _until(spawned, timeout=10)
+        await kc.stop(kc.lookup("svc-x").id)
+        await call_aio(c.placement._on_place_request, two)
+        await _until(answered, timeout=10)
+        monkeypatch.setattr(KeyValue, "put", original)
+        assert two.answer is not None and two.answer["id"] == str(kc.lookup("svc-x").id)
+        assert await _placed_record(c, "svc-x") is not None
+        assert c.placement.records_held == 1
