@@ -434,3 +434,53 @@ async def test_a_worker_seen_joining_that_leaves_before_the_settle_is_not_waited
     assert await swarm.settle(timeout=60.0) is True
     assert trio.current_time() - t0 < 1
     assert "worker-1" not in swarm.settled_books
+
+
+async def test_a_settled_worker_publishes_its_final_record_until_the_others_settled(
+    autojump_clock: object,
+) -> None:
+    """Regression (seen under load): a worker that settled left at once, and another one that
+    had missed its final record (heartbeats are core NATS messages) waited for it until the
+    parent killed it, still "settling". A settled worker says so in its record and keeps
+    announcing it until every other worker has settled, left or been lost."""
+    from nexus_trio.cli._swarm import Swarm, SwarmLayout
+
+    settled_1 = {**QUIET, "worker-1": {**QUIET["worker-1"], "swarm_settled": True}}
+    cluster = _SwarmCluster([QUIET, QUIET, QUIET, QUIET, settled_1])
+    swarm = Swarm(cluster, SwarmLayout(0, 2))  # type: ignore[arg-type]
+    assert await swarm.settle(timeout=5.0) is True
+    assert cluster.record_extra["swarm_settled"] is True
+    assert cluster.calls == 5  # announced on until worker-1's record said it settled
+    assert trio.current_time() < 1.0
+
+
+@pytest.mark.parametrize(
+    "last",
+    [
+        {"worker-0": QUIET["worker-0"]},
+        {**QUIET, "worker-1": {**QUIET["worker-1"], "_reachable": False}},
+    ],
+    ids=["left", "lost"],
+)
+async def test_a_settled_worker_stops_waiting_for_one_that_left_or_was_lost(
+    last: dict[str, dict[str, object]], autojump_clock: object
+) -> None:
+    from nexus_trio.cli._swarm import Swarm, SwarmLayout
+
+    cluster = _SwarmCluster([QUIET, QUIET, QUIET, last])
+    swarm = Swarm(cluster, SwarmLayout(0, 2))  # type: ignore[arg-type]
+    assert await swarm.settle(timeout=5.0) is True
+    assert cluster.calls == 4
+    assert trio.current_time() < 1.0
+
+
+async def test_a_settled_worker_waits_for_the_others_no_longer_than_the_settle_timeout(
+    autojump_clock: object,
+) -> None:
+    from nexus_trio.cli._swarm import Swarm, SwarmLayout
+
+    cluster = _SwarmCluster([QUIET])  # worker-1 stays, never says it settled
+    swarm = Swarm(cluster, SwarmLayout(0, 2))  # type: ignore[arg-type]
+    assert await swarm.settle(timeout=5.0) is True
+    assert 4.9 <= trio.current_time() <= 5.1
+    assert swarm.settled_books == {}  # (QUIET's records carry no books)

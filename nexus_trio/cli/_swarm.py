@@ -15,7 +15,11 @@ rounds in a row. A worker that settled and left the cluster meanwhile counts wit
 last record; one that left without stopping its traffic (its run failed) is counted as
 one that died, below.
 Only then do the kernels drain and leave: a message still crossing when a worker left
-would otherwise be lost without anybody counting it. Each worker's record carries its
+would otherwise be lost without anybody counting it. A worker that has settled still
+publishes its final record until every other one has settled too (``swarm_settled`` in
+its record), left or been lost (bounded by the same timeout): a record is a core NATS
+message, which a slow consumer may drop, and one that left before the others saw its
+final books would leave them waiting for it. Each worker's record carries its
 books while it settles (:func:`worker_books`), and each worker's summary the books of
 every worker it settled with (``settled_books``): final counts, by which the parent
 counts a worker that dies after the settle, before it printed its summary.
@@ -186,6 +190,8 @@ class Swarm:
         cluster = self.cluster
         cluster.record_extra["swarm_stopped"] = True
         previous: tuple[Any, ...] | None = None
+        settled = False
+        deadline = trio.current_time() + timeout
         with trio.move_on_after(timeout):
             while True:  # the other workers' state arrives with their records: polled
                 cluster.record_extra["swarm_books"] = worker_books(cluster)
@@ -201,13 +207,41 @@ class Swarm:
                         for node, record in self.last_records.items()
                         if node not in lost and "swarm_books" in record
                     }
-                    return True
+                    settled = True
+                    break
                 previous = snapshot
                 await trio.sleep(0.05)
+        if settled:
+            # Stay, publishing the final record, until every other worker has settled
+            # too, left or been lost: one that has not may have missed this worker's
+            # last record (a heartbeat is a core NATS message, and may be dropped by a
+            # slow consumer), and a worker gone before it saw the final books leaves it
+            # waiting for a record that never comes (seen under load: killed by the
+            # parent, still "settling", after the others had left).
+            cluster.record_extra["swarm_settled"] = True
+            with trio.move_on_at(deadline):
+                while True:
+                    await cluster.announce()
+                    if self._others_settled():
+                        break
+                    await trio.sleep(0.05)
+            return True
         log_guarded(
             log, logging.WARNING, "the swarm did not settle within %gs; leaving anyway", timeout
         )
         return False
+
+    def _others_settled(self) -> bool:
+        """True once every other worker has settled, left the cluster or been lost."""
+        me = worker_name(self.layout.index)
+        members = {info.node: info for info in self.cluster.member_list()}
+        for node in self.layout.workers:
+            info = members.get(node)
+            if node == me or info is None or not info.reachable:
+                continue
+            if not info.stats.get("swarm_settled"):
+                return False
+        return True
 
     def _observe(self) -> set[str]:
         """Keep the records of the workers seen now; the workers lost (see the module doc)."""
