@@ -459,7 +459,7 @@ class Context:
         stops or restarts, and an exception in one of them fails the agent.
         :class:`AgentNotRunning` outside a run (e.g. once the agent has stopped).
         """
-        nursery: trio.Nursery | None = self._cell.nursery
+        nursery: trio.Nursery | None = self._cell.background_nursery()
         if nursery is None:
             raise AgentNotRunning(self.id, self.name, "is not running: it has no nursery")
         return nursery

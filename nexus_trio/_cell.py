@@ -25,14 +25,14 @@ import functools
 import logging
 import math
 import types
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
 from ._child import Child, ChildOwner, Directive, StoppedForShutdown, log_extra
 from ._deadletter import DeadLetterReason
-from ._errors import MessageFailed, error_repr
+from ._errors import MessageFailed, error_repr, failed_repr
 from ._events import EventKind
 from ._logcall import log_guarded
 from ._mailbox import HighWater, Mailbox
@@ -64,31 +64,87 @@ def _batch_of(size: int) -> range:
     return range(size)
 
 
-class _HandlerFailed(Exception):
+class _Carrier(Exception):
+    """Carries a user's exception out of a nursery: Trio formats the repr of what leaves
+    a nursery or one of its tasks (its cancel reason), and a user's exception whose
+    ``__repr__`` raises would make Trio's own code raise (``TrioInternalError``, or
+    "Nursery stack corrupted": the whole kernel ended for one agent's fault)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({error_repr(self.error)})"
+
+
+class _HandlerFailed(_Carrier):
     """Carries a handler's exception (already logged and dead-lettered) out of the loop."""
 
-    def __init__(self, error: Exception) -> None:
-        super().__init__(error)
-        self.error = error
 
-    def __repr__(self) -> str:
-        # Trio's nursery formats the repr of what leaves its block (a cancel reason): the
-        # handler's exception is user code, whose __repr__ may raise
-        return f"_HandlerFailed({error_repr(self.error)})"
+class _StartFailed(_Carrier):
+    """Carries an exception ``on_start`` raised out of the run's nursery block."""
 
 
-class _StartFailed(Exception):
-    """Carries an exception ``on_start`` raised out of the run's nursery block: Trio
-    formats the repr of what leaves a nursery (its cancel reason), and a user's exception
-    whose ``__repr__`` raises would make Trio's own exit raise ("Nursery stack corrupted",
-    the whole kernel ended for one agent's fault)."""
+class _TaskFailed(_Carrier):
+    """Carries an exception whose ``repr()`` raises out of a task in ``ctx.nursery``."""
 
-    def __init__(self, error: Exception) -> None:
-        super().__init__(error)
-        self.error = error
 
-    def __repr__(self) -> str:
-        return f"_StartFailed({error_repr(self.error)})"
+async def _carry_failure(coro: Coroutine[Any, Any, object]) -> object:
+    """Runs a task of ``ctx.nursery``: an exception whose ``repr()`` raises leaves it in a
+    carrier (others as they are, for Trio to show in its cancel reasons)."""
+    try:
+        return await coro
+    except Exception as exc:
+        if failed_repr(exc) is None:
+            raise
+        raise _TaskFailed(exc) from None
+
+
+def _carrying(async_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``async_fn`` as Trio's nurseries call it, its coroutine run by _carry_failure;
+    what is no coroutine goes to Trio as it is, for Trio's own error naming it."""
+
+    @functools.wraps(async_fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        coro = async_fn(*args, **kwargs)
+        if isinstance(coro, Coroutine):
+            return _carry_failure(coro)
+        return coro
+
+    return call
+
+
+def _guard(nursery: trio.Nursery) -> trio.Nursery:
+    """The run's nursery as ``ctx.nursery`` hands it out: its ``start_soon`` and ``start``
+    run each task through :func:`_carry_failure` (set on the nursery itself, so that it
+    stays a ``trio.Nursery`` for whatever the agent passes it to); ``start`` raises a
+    carried exception of a task that failed before it started as itself."""
+    start_soon = nursery.start_soon
+    start = nursery.start
+
+    def guarded_start_soon(
+        async_fn: Callable[..., Awaitable[object]], *args: object, name: object = None
+    ) -> None:
+        if not callable(async_fn):  # a coroutine object, say: Trio's error names it
+            start_soon(async_fn, *args, name=name)
+            return
+        start_soon(_carrying(async_fn), *args, name=async_fn if name is None else name)
+
+    async def guarded_start(
+        async_fn: Callable[..., Awaitable[object]], *args: object, name: object = None
+    ) -> Any:
+        if not callable(async_fn):
+            return await start(async_fn, *args, name=name)
+        try:
+            return await start(_carrying(async_fn), *args, name=async_fn if name is None else name)
+        except _TaskFailed as carried:
+            error = carried.error
+        # raised outside the except clause: the caller's error keeps its own context
+        raise error
+
+    vars(nursery).update(start_soon=guarded_start_soon, start=guarded_start)
+    return nursery
 
 
 def _first_failure(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
@@ -417,6 +473,14 @@ class AgentCell(Child):
             ctx = self.ctx = self._make_context(self)
         return ctx
 
+    def background_nursery(self) -> trio.Nursery | None:
+        """The run's nursery for ``ctx.nursery`` (None between runs), its tasks guarded
+        on first use in the run (see _guard; most runs never use it)."""
+        nursery = self.nursery
+        if nursery is not None and "start_soon" not in vars(nursery):
+            _guard(nursery)
+        return nursery
+
     @trio.lowlevel.enable_ki_protection
     def _enter_run(self, nursery: trio.Nursery) -> None:
         self.nursery = nursery
@@ -456,13 +520,17 @@ class AgentCell(Child):
             raise group
         if isinstance(failure, _HandlerFailed):
             return failure.error
-        if isinstance(failure, _StartFailed):
+        if isinstance(failure, _Carrier):
             failure = failure.error
+        # A traceback shows no repr, and one whose __str__ raises shows "<exception str()
+        # failed>": the line says what repr() raised, as the notices and dead letters do.
+        said = failed_repr(failure)
         log_guarded(
             log,
             logging.ERROR,
-            "agent %s failed outside a handler",
+            "agent %s failed outside a handler%s",
             self.label,
+            "" if said is None else f" ({said})",
             exc_info=failure,
             extra=log_extra(self),
         )

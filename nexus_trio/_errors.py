@@ -21,11 +21,24 @@ def error_repr(error: BaseException | None) -> str:
     try:
         return repr(error)
     except Exception as exc:  # (not BaseException: a Ctrl-C or a cancel goes on up)
-        try:
-            said = f"{type(exc).__name__}: {exc}"
-        except Exception:
-            said = type(exc).__name__
-        return f"<{type(error).__qualname__}, whose repr() raised {said}>"
+        return _repr_raised(error, exc)
+
+
+def failed_repr(error: BaseException) -> str | None:
+    """What :func:`error_repr` shows for ``error`` if its ``repr()`` raises, else None."""
+    try:
+        repr(error)
+    except Exception as exc:
+        return _repr_raised(error, exc)
+    return None
+
+
+def _repr_raised(error: BaseException | None, exc: Exception) -> str:
+    try:
+        said = f"{type(exc).__name__}: {exc}"
+    except Exception:
+        said = type(exc).__name__
+    return f"<{type(error).__qualname__}, whose repr() raised {said}>"
 
 
 class NexusError(Exception):

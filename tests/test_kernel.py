@@ -2609,3 +2609,60 @@ async def test_an_on_start_error_whose_repr_raises_fails_its_run_not_the_kernel(
         assert stats.run_failures == 1
         assert [(a.name, a.restarts) for a in stats.agents] == [("flaky", 1)]
     assert calls == ["start", "stop", "start", "stop"]
+
+
+class _ReprAndStrRaise(_ReprRaises):
+    """A user's exception whose ``__repr__`` and ``__str__`` both raise."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("str of the error failed")
+
+
+async def test_a_background_task_error_whose_repr_raises_fails_its_agent_not_the_kernel(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: a task in ``ctx.nursery`` that raised an exception whose ``__repr__``
+    raises ended the whole kernel with ``TrioInternalError``: Trio formats the repr of
+    what a nursery's task raised (its cancel reason) in its run loop. The agent's run
+    fails instead, its supervisor restarts it, and the log line says what repr() raised;
+    a task that fails so before it started makes ``ctx.nursery.start`` raise the error
+    itself, to the caller, as Trio would."""
+    runs: list[int] = []
+    caught: list[type[BaseException]] = []
+
+    async def fails_later() -> None:
+        await trio.sleep(1)
+        raise _ReprAndStrRaise("gone")
+
+    async def fails_first(*, task_status: trio.TaskStatus[None]) -> None:
+        await trio.lowlevel.checkpoint()
+        raise _ReprAndStrRaise("never started")
+
+    class Busy(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            runs.append(len(runs) + 1)
+            if len(runs) == 1:
+                ctx.nursery.start_soon(fails_later)
+
+        async def handle(self, ctx: Context, msg: Message) -> Any:
+            try:
+                await ctx.nursery.start(fails_first)
+            except _ReprAndStrRaise as exc:
+                caught.append(type(exc))
+            return runs[-1]
+
+    caplog.set_level(logging.ERROR, logger="nexus_trio.agent")
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(agent(Busy, name="busy"))
+        await trio.sleep(5)
+        assert await kernel.request("busy", "which run?", timeout=60) == 2
+        stats = kernel.stats(agents=True)
+        assert stats.run_failures == 1
+        assert [(a.name, a.restarts) for a in stats.agents] == [("busy", 1)]
+    assert runs == [1, 2]
+    assert caught == [_ReprAndStrRaise]
+    said = [r.getMessage() for r in caplog.records if "outside a handler" in r.getMessage()]
+    assert said == [
+        "agent busy failed outside a handler (<_ReprAndStrRaise, whose repr() raised"
+        " RuntimeError: repr of the error failed>)"
+    ]
