@@ -13,6 +13,7 @@ from typing import final
 
 import attrs
 
+from ._errors import FramelessTraceback, traceback_text, without_frames
 from ._message import Address, Message
 
 
@@ -57,10 +58,34 @@ class DeadLetter:
     reason: DeadLetterReason
     #: the agent the message was meant for (its id if known, else the address used)
     recipient: Address
-    #: the handler's exception, for ``handler_error``
+    #: the handler's exception, for ``handler_error``; in ``recent_dead_letters()`` a copy
+    #: that holds no frames (see ``without_frames``): the same class, ``args``,
+    #: attributes, notes, cause and context, no ``__traceback__``
     error: BaseException | None = None
     detail: str = ""
+    #: the error's traceback without its frames, in ``recent_dead_letters()`` (see
+    #: ``traceback``)
+    frameless_traceback: FramelessTraceback | None = attrs.field(default=None, repr=False, eq=False)
 
     @property
     def message_id(self) -> uuid.UUID:
         return self.message.id
+
+    @property
+    def traceback(self) -> str:
+        """``error`` formatted as a traceback (at most 8,192 characters: its first lines
+        and its end), "" for no error or one never raised; formatted when read."""
+        if self.frameless_traceback is not None:
+            return self.frameless_traceback.text()
+        if self.error is None or self.error.__traceback__ is None:
+            return ""
+        return traceback_text(self.error)
+
+    def without_frames(self) -> DeadLetter:
+        """This dead letter as the ring of recent ones keeps it: its error's traceback
+        (and with it the frames and locals of the handler that raised) dropped, where it
+        passed kept for ``traceback``."""
+        if self.error is None:
+            return self
+        error, frameless = without_frames(self.error)
+        return attrs.evolve(self, error=error, frameless_traceback=frameless)

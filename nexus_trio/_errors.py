@@ -8,9 +8,10 @@ which agent or message was concerned.
 from __future__ import annotations
 
 import copyreg
+import traceback
 import uuid
 from collections.abc import Collection
-from typing import Any, Final
+from typing import Any, Final, final
 
 
 def error_repr(error: BaseException | None) -> str:
@@ -39,6 +40,121 @@ def _repr_raised(error: BaseException | None, exc: Exception) -> str:
     except Exception:
         said = type(exc).__name__
     return f"<{type(error).__qualname__}, whose repr() raised {said}>"
+
+
+#: how much of a formatted traceback a dead letter keeps (its first and last lines)
+TRACEBACK_TEXT_LIMIT: Final = 8192
+
+_CAUSE: Final = "\nThe above exception was the direct cause of the following exception:\n\n"
+_CONTEXT: Final = "\nDuring handling of the above exception, another exception occurred:\n\n"
+
+
+def _truncated(text: str) -> str:
+    """At most TRACEBACK_TEXT_LIMIT characters: the first quarter and the end (the frame
+    that raised and the message), the characters between counted."""
+    if len(text) <= TRACEBACK_TEXT_LIMIT:
+        return text
+    head = text[: TRACEBACK_TEXT_LIMIT // 4]
+    tail = text[len(text) - TRACEBACK_TEXT_LIMIT * 3 // 4 :]
+    left_out = len(text) - len(head) - len(tail)
+    return f"{head}\n... ({left_out:,} characters left out) ...\n{tail}"
+
+
+def traceback_text(error: BaseException) -> str:
+    """``error`` formatted as a traceback (with its causes and contexts), truncated."""
+    return _truncated("".join(traceback.format_exception(error)))
+
+
+@final
+class FramelessTraceback:
+    """A traceback kept without its frames: where each exception of a chain passed (file,
+    line, function), formatted as ``traceback`` formats it only when read. Taking it costs
+    a walk over the traceback (a few microseconds), not its formatting (a hundred)."""
+
+    __slots__ = ("_error", "_stacks", "_text")
+
+    def __init__(
+        self, error: BaseException, stacks: dict[int, list[tuple[str, int, str, None]]]
+    ) -> None:
+        self._error = error
+        self._stacks = stacks
+        self._text: str | None = None
+
+    def text(self) -> str:
+        if self._text is None:
+            parts: list[str] = []
+            self._format(self._error, parts, set())
+            self._text = _truncated("".join(parts))
+        return self._text
+
+    def _format(self, error: BaseException, parts: list[str], seen: set[int]) -> None:
+        seen.add(id(error))
+        cause, context = error.__cause__, error.__context__
+        if cause is not None and id(cause) not in seen:
+            self._format(cause, parts, seen)
+            parts.append(_CAUSE)
+        elif context is not None and not error.__suppress_context__ and id(context) not in seen:
+            self._format(context, parts, seen)
+            parts.append(_CONTEXT)
+        stack = self._stacks.get(id(error))
+        if stack:
+            parts.append("Traceback (most recent call last):\n")
+            parts.extend(traceback.StackSummary.from_list(stack).format())
+        parts.extend(traceback.format_exception_only(error))
+
+
+def without_frames(error: BaseException) -> tuple[BaseException, FramelessTraceback]:
+    """A copy of ``error`` that holds no frames: same class, ``args``, attributes and notes,
+    its cause and context (and a group's exceptions) copied so too, no ``__traceback__``;
+    and its traceback without frames, formatted when read.
+
+    A traceback holds the frames it passed through and, with them, every local of the
+    handler that raised (``self``, ``ctx``, the message, whatever state it built): a
+    record kept for long (the dead-letter ring) keeps this copy instead. Built without
+    calling the class's ``__init__`` (user code, whose parameters need not be ``args``);
+    an exception whose class cannot be built so is kept as it is.
+    """
+    stacks: dict[int, list[tuple[str, int, str, None]]] = {}
+    copy = _copy_without_frames(error, {}, stacks)
+    return copy, FramelessTraceback(copy, stacks)
+
+
+def _copy_without_frames(
+    error: BaseException,
+    copies: dict[int, BaseException],
+    stacks: dict[int, list[tuple[str, int, str, None]]],
+) -> BaseException:
+    done = copies.get(id(error))
+    if done is not None:  # a cycle of contexts, or one exception met twice
+        return done
+    cls = type(error)
+    try:
+        if isinstance(error, BaseExceptionGroup):
+            members = [_copy_without_frames(e, copies, stacks) for e in error.exceptions]
+            copy = cls.__new__(cls, error.message, members)
+            copy.args = (error.message, members)  # not the originals, with their frames
+        else:
+            copy = cls.__new__(cls, *error.args)
+            copy.args = error.args
+        state = getattr(error, "__dict__", None)
+        if state:
+            copy.__dict__.update(state)
+    except Exception:  # a __new__ of its own that wants other arguments
+        return error
+    copies[id(error)] = copy
+    stack = []
+    tb = error.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        stack.append((code.co_filename, tb.tb_lineno, code.co_name, None))
+        tb = tb.tb_next
+    stacks[id(copy)] = stack
+    if error.__cause__ is not None:
+        copy.__cause__ = _copy_without_frames(error.__cause__, copies, stacks)
+    if error.__context__ is not None:
+        copy.__context__ = _copy_without_frames(error.__context__, copies, stacks)
+    copy.__suppress_context__ = error.__suppress_context__
+    return copy
 
 
 class NexusError(Exception):

@@ -102,8 +102,13 @@ class Ledger:
         #: ``handled & sample_mask == 0``: one in eight for the first SAMPLE_DENSE handled
         #: messages, then one in 64 (see record_latency)
         self.sample_mask = 7
-        self._dead_letters: Broadcast[DeadLetter] = Broadcast(dead_letter_buffer, "dead_letters()")
-        self._events: Broadcast[LifecycleEvent] = Broadcast(256, "events()")
+        # The ring of recent dead letters keeps them for long: without the frames of their
+        # errors (a traceback holds every local of the handler that raised). Events keep
+        # no ring (nothing reads one; 256 of them kept as many failed runs' frames).
+        self._dead_letters: Broadcast[DeadLetter] = Broadcast(
+            dead_letter_buffer, "dead_letters()", DeadLetter.without_frames
+        )
+        self._events: Broadcast[LifecycleEvent] = Broadcast(0, "events()")
         #: target -> its watchers, and watcher -> its targets (to end a stopped watcher's
         #: monitors: without it, a long-lived target kept every watcher it ever had)
         self._monitors: dict[uuid.UUID, set[uuid.UUID]] = {}

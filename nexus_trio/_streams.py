@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import weakref
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar, final
 
 import trio
@@ -78,9 +78,11 @@ class Subscription(Generic[T]):
 class Broadcast(Generic[T]):
     """Publish items to any number of bounded subscriptions without blocking."""
 
-    def __init__(self, recent: int, name: str) -> None:
+    def __init__(self, recent: int, name: str, keep: Callable[[T], T] | None = None) -> None:
         #: what a bad ``buffer`` is reported as (``events()``, ``dead_letters()``)
         self.name = name
+        #: what the ring of recent items keeps of an item (subscribers get it as it is)
+        self._keep = keep
         #: weak: a subscription dropped without close() (``async for`` over a stream left
         #: by break or cancellation, no ``async with``) must not stay subscribed, with its
         #: buffer, for the kernel's lifetime
@@ -108,7 +110,8 @@ class Broadcast(Generic[T]):
 
     def publish(self, item: T) -> None:
         self.published += 1
-        self.recent.append(item)
+        keep = self._keep
+        self.recent.append(item if keep is None else keep(item))
         if self._subscribers:
             for sub in self._subscribers:
                 sub._offer(item)

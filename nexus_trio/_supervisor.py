@@ -378,6 +378,9 @@ class SupervisorNode(Child, ChildOwner):
                     # are one scheduling round here, not N.
                     if await self._handle(first) or await self._handle_queued(receive):
                         break
+                    # (an exit's error holds the frames of the handler that raised: not
+                    # kept while this loop waits for the next event)
+                    del first
             except Escalation as exc:
                 # Raised outside the nursery below, so that it is not wrapped in a group.
                 escalation = exc

@@ -692,6 +692,69 @@ async def test_handler_exception_is_logged_counted_dead_lettered_and_the_agent_g
     assert records[0].agent_id == str(ref.id)  # type: ignore[attr-defined]
 
 
+class _Held:
+    """Stands for a failing handler's state (a buffer, a connection, a parsed document)."""
+
+
+class _BadRecord(Exception):
+    """A user's exception built from other values than its ``args``."""
+
+    def __init__(self, field: str, *, row: int) -> None:
+        super().__init__(f"bad {field} in row {row}")
+        self.row = row
+
+
+@pytest.mark.parametrize("on_error", ["resume", "restart"])
+async def test_a_dead_letter_keeps_its_error_s_report_not_the_handler_s_frames(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture, on_error: str
+) -> None:
+    """Regression: the ring of recent dead letters (1,024 by default) and of events kept
+    each handler error with its ``__traceback__``, and so the frames of the handler that
+    raised with all their locals: 1,000 dead letters of a handler holding a 1 MB local
+    kept 1,001 MB. The ring keeps a copy of the error without frames (class, message,
+    attributes, notes, its cause and its context) and the formatted traceback."""
+    held: list[weakref.ref[_Held]] = []
+    # pytest keeps the records it captures, and the failure's with its exc_info
+    caplog.set_level(logging.CRITICAL, logger="nexus_trio.agent")
+
+    @agent(name="parser", on_error=on_error)
+    async def parser(ctx: Context, msg: Message) -> None:
+        state = _Held()
+        held.append(weakref.ref(state))
+        try:
+            {}[msg.payload]
+        except KeyError as exc:
+            error = _BadRecord("date", row=msg.payload)
+            error.add_note("while parsing the upload")
+            raise error from exc
+
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(parser)
+        for row in (1, 2, 3):
+            await kernel.send("parser", row)
+        await trio.testing.wait_all_tasks_blocked()
+        gc.collect()
+        assert len(held) == 3 and kernel.stats().restarts == (3 if on_error == "restart" else 0)
+        assert [ref() for ref in held] == [None, None, None]
+        letters = kernel.recent_dead_letters()
+        assert [d.message.payload for d in letters] == [1, 2, 3]
+        for d in letters:
+            error = d.error
+            assert isinstance(error, _BadRecord) and error.row == d.message.payload
+            assert str(error) == f"bad date in row {d.message.payload}"
+            assert error.__notes__ == ["while parsing the upload"]
+            assert error.__traceback__ is None
+            assert isinstance(error.__cause__, KeyError)
+            assert error.__cause__.__traceback__ is None
+            lines = d.traceback.splitlines()
+            assert f"KeyError: {d.message.payload}" in lines
+            assert "in parser" in d.traceback
+            assert lines[-2:] == [
+                f"tests.test_kernel._BadRecord: bad date in row {d.message.payload}",
+                "while parsing the upload",
+            ]
+
+
 async def test_returned_payload_replies_and_returned_message_is_routed() -> None:
     got: list[Any] = []
 
