@@ -1093,6 +1093,37 @@ async def test_a_hanging_on_start_is_cancelled_at_the_grace_deadline_and_stopped
     assert await _events_of(stream) == [("stopped", "shutdown")]
 
 
+async def test_a_drain_waits_for_an_on_start_under_way_that_has_messages_queued(
+    autojump_clock: Any,
+) -> None:
+    # The decision of the twenty-eighth pass (kernel.md, shutdown): messages queued for an
+    # agent whose on_start is under way are in flight, so they hold the drain as any
+    # queue does; the on_start that returns within the grace has them handled, then
+    # on_stop runs (as an OTP supervisor's shutdown waits for init to return). One with
+    # nothing queued does not hold the drain (it is cancelled at its end, as above).
+    journal: list[str] = []
+
+    class SlowStart(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            await trio.sleep(1.5)
+            journal.append(f"started at {trio.current_time():g}")
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            journal.append(f"handled {msg.payload}")
+
+        async def on_stop(self, ctx: Context) -> None:
+            journal.append(f"stopped at {trio.current_time():g}")
+
+    async with open_kernel(make_config(shutdown_grace_ms=2000)) as kernel:
+        kernel.spawn(agent(SlowStart, name="slow"))
+        await kernel.send("slow", "one")
+        await kernel.send("slow", "two")
+        await trio.sleep(0.5)
+    assert journal == ["started at 1.5", "handled one", "handled two", "stopped at 1.5"]
+    stats = kernel.stats()
+    assert (stats.handled, stats.dead_lettered, stats.in_flight) == (2, 0, 0)
+
+
 @pytest.mark.parametrize("how", ["cancelled-block", "grace-0"])
 async def test_a_hanging_on_start_is_cancelled_at_once_when_there_is_no_grace(
     autojump_clock: Any, how: str
