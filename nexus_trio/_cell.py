@@ -477,8 +477,12 @@ class AgentCell(Child):
         """The run's nursery for ``ctx.nursery`` (None between runs), its tasks guarded
         on first use in the run (see _guard; most runs never use it)."""
         nursery = self.nursery
-        if nursery is not None and "start_soon" not in vars(nursery):
-            _guard(nursery)
+        # (a Trio whose Nursery had no instance dict would get its nursery unguarded:
+        # the guard is a fault's isolation, never a reason for ctx.nursery to fail)
+        if nursery is not None:
+            own = getattr(nursery, "__dict__", None)
+            if own is not None and "start_soon" not in own:
+                _guard(nursery)
         return nursery
 
     @trio.lowlevel.enable_ki_protection
