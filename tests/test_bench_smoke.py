@@ -383,3 +383,80 @@ def test_the_shape_floor_script_handles_one_message_per_agent_in_each_kind() -> 
     )
     assert bad.returncode == 2
     assert "--agents and --rounds must be at least 1" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["-s", "[/x]"], "unknown scenario '[/x]'"),
+        (["-s", "[bold]warp"], "unknown scenario '[bold]warp'"),
+        (["--json", "/nowhere/[x]/out.json"], "--json: folder '/nowhere/[x]' does not exist"),
+        (["--plot", "out.png"], "pip install 'nexus_trio[plot]' (or pip install matplotlib)"),
+    ],
+)
+def test_bench_command_errors_are_printed_as_written_not_read_as_markup(
+    monkeypatch: pytest.MonkeyPatch, args: list[str], said: str
+) -> None:
+    """Regression: the errors of ``nexus bench`` were rich markup with the user's words in
+    them: ``-s '[/x]'`` ended in a MarkupError traceback, ``-s '[bold]warp'`` was named
+    'warp', a folder ``/nowhere/[x]`` was '/nowhere/', and the install hint of ``--plot``
+    without matplotlib said ``pip install 'nexus_trio'``, the extra's ``[plot]`` eaten."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib: ImportError
+    result = CliRunner().invoke(_app(), ["--smoke", *args], env={"COLUMNS": "400"})
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert said in " ".join(result.output.split())
+
+
+def test_the_summary_line_gives_the_load_average_as_uptime_does() -> None:
+    from rich.console import Console
+
+    from nexus_trio.bench import Report
+    from nexus_trio.bench._report import print_report
+
+    machine = {"cpus": 2, "cpu": "x [fast]", "python": "3", "trio": "0", "load_average": None}
+    for load, shown in (([16.84814453125, 11.9, 5.3], "16.85 11.90 5.30"), (None, "unknown")):
+        console = Console(record=True, width=400)
+        report = Report(
+            scale="smoke",
+            repeat=1,
+            metrics=(),
+            counts={},
+            skipped={"bridges": "node [18+] not found"},
+            machine={**machine, "load_average": load},
+            seconds=1.0,
+        )
+        print_report(report, console)
+        text = console.export_text()
+        assert f"on 2 x x [fast], Python 3, trio 0 (load average at start {shown})" in text
+        assert "bridges: skipped: node [18+] not found" in text
+
+
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (None, "missing.json: cannot read it: No such file or directory"),
+        ("{oops", "not JSON: Expecting property name"),
+        ("[]", "not a run saved by nexus bench --json (TypeError"),
+        ("{}", "not a run saved by nexus bench --json (KeyError: 'metrics')"),
+    ],
+)
+def test_redrawing_a_saved_run_names_a_file_it_cannot_use_without_a_traceback(
+    tmp_path: Path, content: str | None, said: str
+) -> None:
+    """Regression: ``python -m nexus_trio.bench._markdown FILE`` (docs/benchmarks.md) ended
+    in a traceback for a file that was missing, not JSON or not a saved run."""
+    source = tmp_path / "missing.json"
+    if content is not None:
+        source.write_text(content)
+    done = subprocess.run(
+        [sys.executable, "-m", "nexus_trio.bench._markdown", str(source)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert said in done.stderr
+    assert done.stdout == ""

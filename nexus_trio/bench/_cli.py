@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 
 from ._report import PlotUnavailable, plot, print_report, write_json
 from ._result import BenchmarkError
@@ -30,34 +31,39 @@ def run_cli(
     """
     out = console or Console()
     err = Console(stderr=True)
+
+    def fail(message: str) -> None:
+        # Text, not markup: the message quotes what the user wrote (a scenario, a path)
+        # and the extra to install ('nexus_trio[plot]'), which markup would read as tags.
+        err.print(Text(message, style="red"))
+
     if scale not in SCALES:
-        err.print(f"[red]--scale: unknown scale {scale!r}; choose from {', '.join(SCALES)}[/]")
+        fail(f"--scale: unknown scale {scale!r}; choose from {', '.join(SCALES)}")
         return 2
     if repeat is not None and repeat < 1:
-        err.print(f"[red]--repeat must be >= 1, got {repeat}[/]")
+        fail(f"--repeat must be >= 1, got {repeat}")
         return 2
     for flag, path in (("--json", json_path), ("--plot", plot_path)):
         if path is not None and not path.parent.is_dir():
-            err.print(f"[red]{flag}: folder {str(path.parent)!r} does not exist[/]")
+            fail(f"{flag}: folder {str(path.parent)!r} does not exist")
             return 2
     if plot_path is not None:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            err.print(
-                "[red]--plot needs matplotlib: pip install 'nexus_trio[plot]' "
-                "(or pip install matplotlib)[/]"
+            fail(
+                "--plot needs matplotlib: pip install 'nexus_trio[plot]' (or pip install matplotlib)"
             )
             return 2
     try:
         names = resolve(scenarios)
     except ValueError as exc:
-        err.print(f"[red]--scenario: {exc}[/]")
+        fail(f"--scenario: {exc}")
         return 2
     try:
         report = run_suite(SCALES[scale], names, repeat=repeat, console=err, progress=progress)
     except BenchmarkError as exc:
-        err.print(f"[red]benchmark counts do not add up: {exc}[/]")
+        fail(f"benchmark counts do not add up: {exc}")
         return 1
     print_report(report, out)
     status = 0
@@ -67,18 +73,18 @@ def run_cli(
         try:
             write_json(report, json_path)
         except OSError as exc:
-            err.print(f"[red]--json: cannot write {str(json_path)!r}: {exc.strerror or exc}[/]")
+            fail(f"--json: cannot write {str(json_path)!r}: {exc.strerror or exc}")
             status = 1
         else:
-            err.print(f"wrote {json_path}")
+            err.print(Text(f"wrote {json_path}"))
     if plot_path is not None:
         try:
             plot(report, plot_path)
         except (PlotUnavailable, ValueError) as exc:
-            err.print(f"[red]--plot: {exc}[/]")
+            fail(f"--plot: {exc}")
             return 1
         except OSError as exc:
-            err.print(f"[red]--plot: cannot write {str(plot_path)!r}: {exc.strerror or exc}[/]")
+            fail(f"--plot: cannot write {str(plot_path)!r}: {exc.strerror or exc}")
             return 1
-        err.print(f"wrote {plot_path}")
+        err.print(Text(f"wrote {plot_path}"))
     return status

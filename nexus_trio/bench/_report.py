@@ -13,6 +13,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ._result import Metric
 from ._runner import Report
@@ -101,15 +102,24 @@ def table(report: Report) -> Table:
 def print_report(report: Report, console: Console) -> None:
     console.print(table(report))
     for name, reason in report.skipped.items():
-        console.print(f"[yellow]{name}: skipped: {reason}[/]")
+        # Text, not markup: a reason quotes an error (a path, a command line).
+        console.print(Text(f"{name}: skipped: {reason}", style="yellow"))
     goals = [m for m in report.metrics if m.met is not None]
     met = sum(1 for m in goals if m.met)
     machine = report.machine
+    load = machine["load_average"]
     console.print(
-        f"{met}/{len(goals)} goals met in {report.seconds:.0f}s on {machine['cpus']} x "
-        f"{machine['cpu']}, Python {machine['python']}, trio {machine['trio']} "
-        f"(load average at start {machine['load_average']})"
+        Text(
+            f"{met}/{len(goals)} goals met in {report.seconds:.0f}s on {machine['cpus']} x "
+            f"{machine['cpu']}, Python {machine['python']}, trio {machine['trio']} "
+            f"(load average at start {_load_average(load)})"
+        )
     )
+
+
+def _load_average(load: list[float] | None) -> str:
+    """``os.getloadavg()`` as ``uptime`` shows it (``16.85 11.94 5.32``); "unknown" without it."""
+    return "unknown" if load is None else " ".join(f"{value:.2f}" for value in load)
 
 
 def write_json(report: Report, path: Path) -> None:
