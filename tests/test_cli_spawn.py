@@ -121,6 +121,7 @@ def test_a_program_that_exits_before_registering_fails_the_run_naming_it(
     command = f"{sys.executable} exits.py"
     assert summary["error"] == (
         f"SpawnFailed: --spawn {command!r} did not start: exited (status 3) before registering"
+        "; on stderr: 'cannot start: no API key'"
     )
     assert summary["stopped_by"] == "spawn failed"
     assert summary["elapsed_s"]["run"] < 25  # stopped at the failure, not at -d 30
@@ -129,8 +130,13 @@ def test_a_program_that_exits_before_registering_fails_the_run_naming_it(
     assert program["name"] == "exits"
     assert program["registered"] is False
     assert program["last_exit"] == 3
-    # what the program said on its way out is in the log, once
-    assert result.stderr.count("cannot start: no API key") == 1
+    # what the program said on its way out is in the log once, and quoted by the errors
+    # that say it did not start (the agent's failure, the run's)
+    said = [line for line in result.stderr.splitlines() if "cannot start: no API key" in line]
+    assert [line for line in said if "on stderr:" not in line] == [
+        line for line in said if "nexus_trio.bridge.stderr" in line
+    ]
+    assert len(said) == 3, said
 
 
 def test_a_program_that_prints_garbage_is_named_with_its_first_line_within_the_grace(

@@ -1604,6 +1604,68 @@ async def test_stop_of_a_child_that_never_registered_does_not_wait_for_a_stdout_
         assert "exited (status 3) before registering" in str(event.error)
 
 
+async def failed_start(kernel: Kernel, cmd: list[str], name: str) -> ProcessAgentError:
+    """Spawn ``cmd`` as a temporary process agent that fails its start; its error, once
+    the agent has retired."""
+    with trio.fail_after(30):
+        async with kernel.events() as events:
+            ref = kernel.spawn(process_agent(cmd, name=name, restart="temporary"))
+            async for event in events:
+                if event.agent_id == ref.id and event.kind is EventKind.FAILED:
+                    break
+        await wait_until(lambda: not kernel.is_local(ref), "the agent to retire")
+    assert isinstance(event.error, ProcessAgentError)
+    return event.error
+
+
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        # a Python traceback: its exception, not its header or its frames
+        ("import no_such_module_here\n", '"ModuleNotFoundError: No module named'),
+        # Node's report of a missing module: its error line, not the stack or the version
+        (
+            "print(\"Error: Cannot find module '/x/nexus-bridge.js'\", file=sys.stderr)\n"
+            "print('Require stack:\\n- /x/agent.js\\n    at Module._load (node:x:1:2) {', "
+            "file=sys.stderr)\n"
+            "print(\"  code: 'MODULE_NOT_FOUND'\\n}\\n\\nNode.js v20.20.2\", file=sys.stderr)\n"
+            "sys.exit(1)\n",
+            "\"Error: Cannot find module '/x/nexus-bridge.js'\"",
+        ),
+        # an interpreter's complaint (python3: can't open file ...)
+        (
+            "print(\"python3: can't open file 'x.py': [Errno 2] No such file\", file=sys.stderr)\n"
+            "sys.exit(2)\n",
+            "\"python3: can't open file 'x.py': [Errno 2] No such file\"",
+        ),
+        # nothing that reads as an error: the last line
+        (
+            "print('starting', file=sys.stderr)\nprint('no API key', file=sys.stderr)\n"
+            "sys.exit(3)\n",
+            "'no API key'",
+        ),
+        # nothing at all: nothing quoted
+        ("sys.exit(3)\n", None),
+    ],
+    ids=["traceback", "node-stack", "interpreter", "last-line", "silent"],
+)
+async def test_a_child_that_exits_before_registering_is_failed_with_what_it_said_on_stderr(
+    tmp_path: Path, body: str, said: str | None
+) -> None:
+    """Regression: a child that exited before registering failed with ``exited (status 2)
+    before registering`` and no reason; what it wrote on stderr was only logged, at info
+    for most of it, which ``nexus send`` (log level warning) does not show: ``nexus send
+    "python3 examples/nosuch.py"`` said nothing of the missing file. The failure quotes
+    its last stderr line that reads as an error, else its last line."""
+    async with bridge_kernel() as kernel:
+        problem = (await failed_start(kernel, script(tmp_path, body), "quits")).problem
+    assert re.match(r"exited \(status [123]\) before registering", problem), problem
+    if said is None:
+        assert "on stderr" not in problem
+    else:
+        assert f"; on stderr: {said}" in problem, problem
+
+
 @pytest.mark.parametrize("first", [False, True], ids=["cut-register", "bad-line-then-cut"])
 async def test_a_register_cut_off_by_an_exit_is_said_with_the_exit_not_counted_invalid(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, first: bool
@@ -1617,18 +1679,11 @@ async def test_a_register_cut_off_by_an_exit_is_said_with_the_exit_not_counted_i
     bad = 'print("not a frame", flush=True)\n' if first else ""
     cmd = script(tmp_path, bad + 'raw(b\'{"type": "register", "payl\')\nos._exit(3)\n')
     async with bridge_kernel() as kernel:
-        with trio.fail_after(30):
-            async with kernel.events() as events:
-                ref = kernel.spawn(process_agent(cmd, name="cut", restart="temporary"))
-                async for event in events:
-                    if event.agent_id == ref.id and event.kind is EventKind.FAILED:
-                        break
-            await wait_until(lambda: not kernel.is_local(ref), "the agent to retire")
-    assert isinstance(event.error, ProcessAgentError)
+        error = await failed_start(kernel, cmd, "cut")
     said = "exited (status 3) before registering, leaving an unfinished stdout line of 26 bytes"
     if first:
         said += "; first bad stdout line: 'not a frame'"
-    assert event.error.problem == said
+    assert error.problem == said
     (final,) = stopped_bridge_stats(kernel).agents.values()
     assert (final.invalid_lines, final.lines_in) == (int(first), 1 + int(first))
     invalid = [r for r in caplog.records if "invalid line before register" in r.getMessage()]

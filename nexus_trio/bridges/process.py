@@ -681,6 +681,11 @@ class ProcessAgent(Agent):
         self._stderr_budget = _StderrBudget()
         #: the last stderr line logged was a warning, or went on with one (a traceback)
         self._stderr_warning = False
+        #: the current child's last non-blank stderr line, and its last one that reads as
+        #: an error (``Error: ...``, ``python3: can't open file ...``): quoted when it exits
+        #: before registering (:meth:`_last_words`)
+        self._stderr_last = b""
+        self._stderr_error = ""
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -800,6 +805,7 @@ class ProcessAgent(Agent):
         assert process.stdout is not None and process.stderr is not None
         self._stderr_lines = _LineReader(process.stderr, _STDERR_LINE_LIMIT)
         self._stderr_done = trio.Event()
+        self._stderr_last, self._stderr_error = b"", ""
         ctx.nursery.start_soon(
             self._copy_stderr, self._stderr_lines, self._stderr_done, name=f"stderr of {self.label}"
         )
@@ -837,6 +843,7 @@ class ProcessAgent(Agent):
                         self.label,
                         self._said_unfinished(f"exited (status {code}) before registering")
                         + first_bad
+                        + await self._last_words()
                         if code is not None
                         else self._said_unfinished(
                             "closed its stdout before registering (still running; it will be"
@@ -1406,6 +1413,18 @@ class ProcessAgent(Agent):
             )
         )
 
+    async def _last_words(self) -> str:
+        """What a child that exited before registering said on stderr, as a clause to add
+        to its failure: its last line that reads as an error, else its last line ("" if it
+        said nothing). Its stderr is read to the end first, for at most ``_READER_DRAIN``
+        (a descendant may hold it open). The lines are logged as they come; this puts the
+        reason beside the failure, where a log at warning level (``nexus send``) or a
+        summary's ``error`` shows it."""
+        with trio.move_on_after(_READER_DRAIN):
+            await self._stderr_done.wait()
+        said = self._stderr_error or self._stderr_last.decode("utf-8", "replace").strip()
+        return f"; on stderr: {brief(said, 160)}" if said else ""
+
     def _said_unfinished(self, problem: str) -> str:
         """``problem`` (the child's end), and the unfinished line it left, if it left one."""
         if not self._unfinished:
@@ -1791,6 +1810,8 @@ class ProcessAgent(Agent):
     ) -> None:
         stats = self.stats
         stats.stderr_lines += 1
+        if not self._child_registered and not isinstance(line, _Oversized) and line.strip():
+            self._stderr_last = line  # (a child that never registers says why here)
         if not self._stderr_budget.take():
             stats.stderr_lines_not_logged += 1
             return
@@ -1804,6 +1825,13 @@ class ProcessAgent(Agent):
             )
             return
         text = line.decode("utf-8", "replace").rstrip("\r")
+        if (
+            not self._child_registered
+            and text[:1].strip()
+            and not text.startswith("Traceback")
+            and (_STDERR_WARNING.match(text) or _STDERR_EXCEPTION.match(text))
+        ):
+            self._stderr_error = text.strip()
         if _STDERR_WARNING.match(text):
             level = logging.WARNING
             self._stderr_warning = True
