@@ -101,4 +101,7 @@ if __name__ == "__main__":
     parser.add_argument("--users", type=int, default=12, help="distinct users (default 12)")
     parser.add_argument("--hits", type=int, default=5, help="requests per user (default 5)")
     args = parser.parse_args()
+    for flag, value in (("--users", args.users), ("--hits", args.hits)):
+        if value < 1:  # (--hits 0 left no session to find a worker of)
+            parser.error(f"argument {flag}: must be >= 1, got {value}")
     trio.run(main, args.users, args.hits)

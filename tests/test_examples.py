@@ -103,6 +103,23 @@ def test_pipeline_rejects_bad_arguments_naming_the_flag() -> None:
     assert "--tasks" in result.stderr and "must be >= 1" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--hits", "0"], "argument --hits: must be >= 1, got 0"),
+        (["--users", "-1"], "argument --users: must be >= 1, got -1"),
+    ],
+)
+def test_pool_rejects_bad_arguments_naming_the_flag(args: list[str], said: str) -> None:
+    """Regression: ``pool.py --hits 0`` ended in a traceback (StopIteration, no session to
+    find a worker of) and ``--users -1`` printed 'sessions: -1 users x 5 hits'."""
+    result = run_example("pool.py", *args)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert said in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
 def test_pipeline_reports_an_incomplete_result_with_exit_status_1() -> None:
     # One worker crashing on every other task, one attempt per task: some tasks are lost.
     result = run_example(
