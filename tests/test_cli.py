@@ -184,6 +184,33 @@ def test_spawn_of_a_missing_program_exits_2_naming_it(isolated):
     assert "no-such-program-xyz" in out
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "said"),
+    [
+        ("spawn", '["no-such-program-xyz --flag"]', "program 'no-such-program-xyz' not found"),
+        ("spawn", """["python3 'oops"]""", "No closing quotation"),
+        ("app", '"no_such_module_xyz:main"', "no module named 'no_such_module_xyz'"),
+    ],
+)
+def test_a_bad_app_key_of_the_config_is_refused_naming_where_it_came_from(
+    isolated, key, value, said
+):
+    """Regression: a config's [app] spawn or app that could not be used was refused naming
+    the key alone (``Invalid value for '[app] spawn': program ... not found``): not which
+    file of the search path (./config.toml, ~/.config/nexus, /etc/nexus) or variable held
+    it, while every other bad config value names its file and line."""
+    config = isolated / "config.toml"
+    config.write_text(f"[app]\n{key} = {value}\n")
+    result = invoke(["run", "-d", "1"])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for [app] {key} (file {config}): {said}" in flat(result.output)
+    config.unlink()
+    result = invoke(["run", "-d", "1"], **{f"NEXUS_APP__{key.upper()}": value})
+    assert result.exit_code == 2, result.output
+    out = flat(result.output)
+    assert f"Invalid value for [app] {key} (env NEXUS_APP__{key.upper()}): {said}" in out
+
+
 def test_spawn_runs_the_calculator_example_under_the_kernel():
     example = Path(__file__).resolve().parent.parent / "examples" / "python_agent_example.py"
     command = f"{shlex.quote(sys.executable)} {shlex.quote(str(example))}"

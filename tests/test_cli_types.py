@@ -177,7 +177,8 @@ def test_types_in_the_config_that_are_no_mapping_are_refused_naming_the_key(
     (isolated / "config.toml").write_text('[app]\ntypes = "types_app:LIST"\n')
     code, out = invoke(["-W", "2", "-d", "1", "--json"])
     assert code == 2, out
-    assert "Invalid value for [app] types: types_app:LIST must be a mapping" in out
+    config = isolated / "config.toml"
+    assert f"Invalid value for [app] types (file {config}): types_app:LIST must be a mapping" in out
     (isolated / "config.toml").write_text('[app]\ntypes = "nocolon"\n')
     code, out = invoke(["-W", "2", "-d", "1", "--json"])
     assert code == 2, out
@@ -198,7 +199,7 @@ def test_types_without_a_cluster_are_a_usage_error_naming_the_flag_or_the_key(
     (isolated / "config.toml").write_text('[app]\ntypes = "types_app:TYPES"\n')
     code, out = invoke(["-d", "1"])
     assert code == 2, out
-    assert f"Invalid value for [app] types: {needs}" in out
+    assert f"Invalid value for [app] types (file {isolated / 'config.toml'}): {needs}" in out
     assert started == []
     # [nats] url is a cluster (the run joins it)
     (isolated / "config.toml").write_text(

@@ -197,7 +197,8 @@ def test_an_app_in_the_config_the_workers_cannot_load_is_refused_naming_the_key(
     (isolated / "config.toml").write_text('[app]\napp = "missing.module:x"\n')
     code, out = invoke_run(["-W", "2", "-d", "1", "--json"])
     assert code == 2, out
-    assert "Invalid value for [app] app: no module named 'missing.module'" in out
+    config = isolated / "config.toml"
+    assert f"Invalid value for [app] app (file {config}): no module named 'missing.module'" in out
     assert asked == []
     # an app that loads is passed on to the workers as it was given
     (isolated / "good_app.py").write_text("async def main(kernel):\n    pass\n")

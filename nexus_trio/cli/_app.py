@@ -26,7 +26,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -43,6 +43,9 @@ from ._commands import (
     finite_at_least,
 )
 from ._encoding import stand_ins
+
+if TYPE_CHECKING:
+    from ..config import LoadedConfig
 
 __all__ = ["app", "default_to_run", "main"]
 
@@ -365,7 +368,7 @@ def run(
 
     commands: list[tuple[str, ...]] = []
     for command in spawn or ():
-        commands.append(_split_command(command, "--spawn"))
+        commands.append(_split_command(command, "'--spawn'"))
     if nats is not None:
         _check_nats(nats)
 
@@ -406,7 +409,8 @@ def run(
         if flag is not None:
             raise typer.BadParameter(exc.message, param_hint=f"'{flag}'") from None
         raise _fail(str(exc)) from None
-    types_hint = "'--types'" if types_ref is not None else "[app] types"
+    types_hint = "'--types'" if types_ref is not None else _key_hint(loaded, "app.types")
+    app_hint = "'--app'" if app_ref is not None else _key_hint(loaded, "app.app")
     if loaded.config.app.types and workers is None and not (nats or loaded.config.nats.url):
         # (checked before anything is imported: a single kernel has no placements to serve)
         raise typer.BadParameter(
@@ -421,7 +425,7 @@ def run(
             nats,
             json_out,
             loaded.config,
-            app_ref is not None,
+            app_hint,
             types_hint,
         )
         return
@@ -447,7 +451,7 @@ def run(
 
     not_started = None
     try:
-        target = _loaded_app(cfg.app.app, app_ref is not None)
+        target = _loaded_app(cfg.app.app, app_hint)
         types = _loaded_types(cfg.app.types, types_hint)
     except _ImportInterrupted as exc:
         if exc.signame is None:  # (a Ctrl-C)
@@ -460,7 +464,8 @@ def run(
         log_guarded(log, logging.WARNING, "%s: %s", exc.signame, not_started)
         commands = []
     if not commands and not_started is None:
-        commands = [_split_command(c, "[app] spawn") for c in cfg.app.spawn]
+        spawn_hint = _key_hint(loaded, "app.spawn")
+        commands = [_split_command(c, spawn_hint) for c in cfg.app.spawn]
     show_live = live if live is not None else _can_redraw(sys.stderr)
     opts = RunOptions(
         config=cfg,
@@ -548,11 +553,20 @@ def _loaded(load: Callable[[str], _T], reference: str | None, hint: str) -> _T |
         raise _ImportInterrupted(f"{reference!r} ({hint.strip(chr(39))})", signame) from None
 
 
-def _loaded_app(reference: str | None, from_flag: bool) -> Any:
-    """The object ``--app`` (or the config's ``[app] app``) names, as :func:`_loaded`."""
+def _loaded_app(reference: str | None, hint: str) -> Any:
+    """The object ``--app`` (or the config's ``[app] app``; ``hint`` names which) names,
+    as :func:`_loaded`."""
     from ._run import load_app
 
-    return _loaded(load_app, reference, "'--app'" if from_flag else "[app] app")
+    return _loaded(load_app, reference, hint)
+
+
+def _key_hint(loaded: LoadedConfig, dotted: str) -> str:
+    """A config key as a usage error names it, with where its value came from, so that a
+    mistake is found in the file it is in (a search path has three): ``[app] spawn (file
+    /etc/nexus/config.toml)``, ``[app] app (env NEXUS_APP__APP)``."""
+    section, key = dotted.split(".", 1)
+    return f"[{section}] {key} ({loaded.sources.get(dotted, 'default')})"
 
 
 def _loaded_types(reference: str | None, hint: str) -> dict[str, Any] | None:
@@ -569,13 +583,13 @@ def _run_workers(
     nats: str | None,
     json_out: bool,
     cfg: Config,
-    app_from_flag: bool,
+    app_hint: str,
     types_hint: str,
 ) -> None:
     """``nexus run --workers N ...``: N worker processes, one summary added up.
 
-    The app (and whether ``--app`` gave it) and the agent types (``types_hint`` names the
-    flag or key that gave them) are loaded here first, as each worker loads them: one
+    The app and the agent types (``app_hint`` and ``types_hint`` name the flag or key that
+    gave them) are loaded here first, as each worker loads them: one
     that cannot be is one usage error, before the nats-server and the workers start, not
     N worker failures. The parent logs as ``cfg.logging`` says (the flags are in it), as
     the workers do."""
@@ -604,7 +618,7 @@ def _run_workers(
 
     try:
         with contextlib.redirect_stdout(sys.stderr):  # (stdout is for the summary)
-            _loaded_app(cfg.app.app, app_from_flag)
+            _loaded_app(cfg.app.app, app_hint)
             _loaded_types(cfg.app.types, types_hint)
     except _ImportInterrupted as exc:
         # Before the nats-server and any worker: a summary as for any stop before the
@@ -649,17 +663,18 @@ def _run_workers(
         raise typer.Exit(status)
 
 
-def _split_command(command: str, flag: str) -> tuple[str, ...]:
+def _split_command(command: str, hint: str) -> tuple[str, ...]:
+    """``command`` as argv; ``hint`` names the flag or key it came from in an error."""
     try:
         argv = tuple(shlex.split(command))
     except ValueError as exc:
-        raise typer.BadParameter(f"{exc} in {command!r}", param_hint=f"'{flag}'") from None
+        raise typer.BadParameter(f"{exc} in {command!r}", param_hint=hint) from None
     if not argv:
-        raise typer.BadParameter("empty command", param_hint=f"'{flag}'")
+        raise typer.BadParameter("empty command", param_hint=hint)
     if shutil.which(argv[0]) is None:
         raise typer.BadParameter(
             f"program {argv[0]!r} not found (not on PATH, or not executable)",
-            param_hint=f"'{flag}'",
+            param_hint=hint,
         )
     return argv
 
