@@ -132,6 +132,50 @@ def test_bad_run_flags_exit_2_naming_the_flag(isolated, args, flag):
     assert flag in flat(result.output)
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (
+            ["run", "-f", "xml"],
+            "'--log-format' / '-f': must be one of compact, json, pretty, got 'xml'",
+        ),
+        (
+            ["run", "-l", "verbose"],
+            "'--log-level' / '-l': must be one of trace, debug, info, warn, warning, error,"
+            " critical, got 'verbose'",
+        ),
+        (
+            ["run", "-w", "star"],
+            "'--workload' / '-w': must be one of ring, fanout, request, pool, got 'star'",
+        ),
+        (
+            ["send", "true", "{}", "--kind", "Quer"],
+            "'--kind' / '-k': must be one of Query, Command, Event, got 'Quer'",
+        ),
+    ],
+)
+def test_a_flag_of_choices_names_them_as_the_config_file_does(isolated, args, said):
+    """Regression: ``-f xml`` was answered in pydantic's words, ``Value error, 'xml' is not
+    one of 'compact', 'json', 'pretty'.``, where the config file's ``format = "xml"`` says
+    ``must be one of compact, json, pretty, got 'xml'``."""
+    result = invoke(args)
+    assert result.exit_code == 2, result.output
+    out = flat(result.output)
+    assert f"Invalid value for {said}" in out
+    assert "Value error" not in out
+
+
+def test_a_flag_of_choices_takes_them_in_any_case() -> None:
+    from nexus_trio.cli._app import LogFormat, Workload
+    from nexus_trio.cli._commands import one_of
+    from nexus_trio.cli._send_cmd import SendKind
+
+    assert one_of(LogFormat)("JSON") is LogFormat.json
+    assert one_of(Workload)("Fanout") is Workload.fanout
+    assert one_of(Workload)(Workload.ring) is Workload.ring  # (a default, as given)
+    assert one_of(SendKind)("command") is SendKind.Command
+
+
 def test_a_nats_url_that_is_no_server_address_says_what_is_wrong(isolated):
     """Passed as they were, 'http://127.0.0.1:4222' was tried as the host 'http' (a DNS
     error), 'nats://127.0.0.1:notaport' failed the join with nats-py's 'invalid connect url

@@ -41,6 +41,7 @@ from ._commands import (
     RunByDefaultGroup,
     default_to_run,
     finite_at_least,
+    one_of,
 )
 from ._encoding import stand_ins
 
@@ -207,11 +208,11 @@ def run(
     ] = None,
     log_level: Annotated[
         LogLevel | None,
-        typer.Option("--log-level", "-l", help="Log level.", case_sensitive=False),
+        typer.Option("--log-level", "-l", help="Log level.", parser=one_of(LogLevel)),
     ] = None,
     log_format: Annotated[
         LogFormat | None,
-        typer.Option("--log-format", "-f", help="Log format.", case_sensitive=False),
+        typer.Option("--log-format", "-f", help="Log format.", parser=one_of(LogFormat)),
     ] = None,
     agents: Annotated[
         int,
@@ -267,7 +268,7 @@ def run(
             "--workload",
             "-w",
             help="Demo workload (config: \\[app] workload).",
-            case_sensitive=False,
+            parser=one_of(Workload),
         ),
     ] = _DEFAULT_WORKLOAD,
     rate: Annotated[

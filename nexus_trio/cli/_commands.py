@@ -10,9 +10,10 @@ value. A flag taking a number of seconds or a rate reads it with :func:`finite_a
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import typer.core
 
@@ -82,6 +83,29 @@ class RunByDefaultGroup(Group):
             name for param in self.get_params(ctx) for name in (*param.opts, *param.secondary_opts)
         )
         return super().parse_args(ctx, default_to_run(args, root_options))
+
+
+_E = TypeVar("_E", bound=enum.StrEnum)
+
+
+def one_of(choices: type[_E]) -> Callable[[Any], _E]:
+    """The ``parser=`` of a flag that takes one of ``choices``' values (in any case): a
+    usage error naming the flag (click adds it) and the choices as the config file's error
+    does, ``must be one of compact, json, pretty, got 'xml'``. typer's own answer was
+    ``Value error, 'xml' is not one of 'compact', 'json', 'pretty'.`` (pydantic's words);
+    the help still lists the choices (``<compact|json|pretty>``)."""
+    by_value = {choice.value.lower(): choice for choice in choices}
+    listed = ", ".join(choice.value for choice in choices)
+
+    def parse(text: Any) -> _E:
+        if isinstance(text, choices):
+            return text
+        found = by_value.get(str(text).lower())
+        if found is None:
+            raise typer.BadParameter(f"must be one of {listed}, got {str(text)!r}")
+        return found
+
+    return parse
 
 
 def finite_at_least(minimum: float, meaning: str = "") -> Callable[[Any], float]:

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Final
 import typer
 
 from .._config import LOG_LEVELS
-from ._commands import Command, finite_at_least
+from ._commands import Command, finite_at_least, one_of
 from ._encoding import encodes
 
 _EPILOG = """\
@@ -68,6 +68,7 @@ def register(app: typer.Typer) -> None:
                 "-k",
                 help="Query waits for the reply; Command/Event wait for the answer the "
                 "agent routes back.",
+                parser=one_of(SendKind),
             ),
         ] = SendKind.Query,
         timeout: Annotated[
