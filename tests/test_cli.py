@@ -165,6 +165,43 @@ def test_a_flag_of_choices_names_them_as_the_config_file_does(isolated, args, sa
     assert "Value error" not in out
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (
+            ["run", "-n", "0"],
+            "'--agents' / '-n' / '--num-agents': must be a whole number >= 1, got 0",
+        ),
+        (
+            ["run", "-n", "1.5"],
+            "'--agents' / '-n' / '--num-agents': must be a whole number >= 1, got '1.5'",
+        ),
+        (
+            ["run", "--metrics-port", "70000"],
+            "'--metrics-port': must be a whole number from 0 to 65535, got 70000",
+        ),
+        (
+            ["run", "--payload-size", "-1"],
+            "'--payload-size': must be a whole number from 0 to 67108864, got -1",
+        ),
+        (["run", "--seed", "x"], "'--seed': must be a whole number, got 'x'"),
+        (
+            ["health", "-p", "abc"],
+            "'--port' / '-p': must be a whole number from 1 to 65535, got 'abc'",
+        ),
+    ],
+)
+def test_an_integer_flag_names_its_range(isolated, args, said):
+    """Regression: ``-n 0`` said "Input should be greater than or equal to 1" and ``--seed
+    x`` "Input should be a valid integer, unable to parse string as an integer" (pydantic's
+    words, through typer), where the float flags say ``must be a finite number >= 0``."""
+    result = invoke(args)
+    assert result.exit_code == 2, result.output
+    out = flat(result.output)
+    assert f"Invalid value for {said}" in out
+    assert "Input should" not in out
+
+
 def test_a_flag_of_choices_takes_them_in_any_case() -> None:
     from nexus_trio.cli._app import LogFormat, Workload
     from nexus_trio.cli._commands import one_of

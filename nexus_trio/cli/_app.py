@@ -42,6 +42,7 @@ from ._commands import (
     default_to_run,
     finite_at_least,
     one_of,
+    whole_number,
 )
 from ._encoding import stand_ins
 
@@ -122,6 +123,7 @@ class Workload(enum.StrEnum):
 
 
 _DEFAULT_WORKLOAD = Workload(_APP_DEFAULTS.workload)
+_PAYLOAD_MAX = 64 * 1024 * 1024  # bytes of a demo payload (--payload-size)
 
 
 def _fail(message: str, status: int = 2) -> typer.Exit:
@@ -221,6 +223,7 @@ def run(
             "-n",
             "--num-agents",
             min=1,
+            parser=whole_number(1),
             help="Agents of the demo workload (config: \\[app] agents).",
         ),
     ] = _APP_DEFAULTS.agents,
@@ -283,7 +286,11 @@ def run(
     payload_size: Annotated[
         int,
         typer.Option(
-            "--payload-size", min=0, max=64 * 1024 * 1024, help="Demo payload size in bytes."
+            "--payload-size",
+            min=0,
+            max=_PAYLOAD_MAX,
+            parser=whole_number(0, _PAYLOAD_MAX),
+            help="Demo payload size in bytes.",
         ),
     ] = 16,
     json_out: Annotated[
@@ -295,6 +302,7 @@ def run(
             "--metrics-port",
             min=0,
             max=65535,
+            parser=whole_number(0, 65535),
             help="Serve /metrics and /healthz on this port; 0 = off (config: \\[metrics] port).",
         ),
     ] = _METRICS_DEFAULTS.port,
@@ -335,7 +343,8 @@ def run(
         ),
     ] = None,
     seed: Annotated[
-        int | None, typer.Option("--seed", help="Seed for backoff jitter and the demo.")
+        int | None,
+        typer.Option("--seed", parser=whole_number(), help="Seed for backoff jitter and the demo."),
     ] = None,
     workers: Annotated[
         int | None,
@@ -761,6 +770,7 @@ def health(
             "-p",
             min=1,
             max=65535,
+            parser=whole_number(1, 65535),
             help="Metrics port; the config's \\[metrics] port if not given.",
         ),
     ] = None,

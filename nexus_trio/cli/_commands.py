@@ -85,6 +85,34 @@ class RunByDefaultGroup(Group):
         return super().parse_args(ctx, default_to_run(args, root_options))
 
 
+def whole_number(minimum: int | None = None, maximum: int | None = None) -> Callable[[Any], int]:
+    """The ``parser=`` of an integer flag: a whole number in its range, else a usage error
+    naming the flag (click adds it) and the range, ``must be a whole number from 0 to
+    65535, got 70000``, where typer's own answer was pydantic's (``Input should be less
+    than or equal to 65535``, ``Input should be a valid integer, unable to parse string as
+    an integer``). ``min=``/``max=`` stay beside it for the help's ``[0<=x<=65535]``."""
+    if minimum is not None and maximum is not None:
+        accepted = f"a whole number from {minimum} to {maximum}"
+    elif minimum is not None:
+        accepted = f"a whole number >= {minimum}"
+    else:
+        accepted = "a whole number"
+
+    def parse(text: Any) -> int:
+        if isinstance(text, int):
+            value = text
+        else:
+            try:
+                value = int(str(text).strip())
+            except ValueError:
+                raise typer.BadParameter(f"must be {accepted}, got {str(text)!r}") from None
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            raise typer.BadParameter(f"must be {accepted}, got {value}")
+        return value
+
+    return parse
+
+
 _E = TypeVar("_E", bound=enum.StrEnum)
 
 
