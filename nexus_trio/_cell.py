@@ -720,8 +720,10 @@ class AgentCell(Child):
                             continue
                         self.current = msg
                         # The clock is read only for a sampled message or a handler that
-                        # suspends: a read costs about as much as a no-op handler.
-                        start = now() if not (ledger.handled + 1) & mask else 0.0
+                        # suspends: a read costs about as much as a no-op handler. Sampled
+                        # by the count before this message (``+ 1`` would build an int per
+                        # message).
+                        start = now() if not ledger.handled & mask else 0.0
                         # Read at each message: a handler that suspends takes the
                         # kernel's stepper with it (see _step).
                         stepper = router.stepper
@@ -774,7 +776,7 @@ class AgentCell(Child):
                         self.current = None
                         self.handled += 1
                         ledger.handled += 1
-                        if start and not ledger.handled & mask:
+                        if start and not (ledger.handled - 1) & mask:
                             # Sampled by the kernel-wide count (agents that handle few messages
                             # are seen too): recording costs more than a no-op handler.
                             ledger.record_latency(start, msg)

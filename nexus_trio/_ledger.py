@@ -98,9 +98,9 @@ class Ledger:
         self.rejected: Counter[str] = Counter()
         self.handle_latency = Histogram()
         self.queue_wait = Histogram()
-        #: a handled message is sampled for the latency histograms when
-        #: ``handled & sample_mask == 0``: one in eight for the first SAMPLE_DENSE handled
-        #: messages, then one in 64 (see record_latency)
+        #: a message is sampled for the latency histograms when ``handled & sample_mask
+        #: == 0`` as it starts (the count before it): one in eight for the first
+        #: SAMPLE_DENSE handled messages, then one in 64 (see record_latency)
         self.sample_mask = 7
         # The ring of recent dead letters keeps them for long: without the frames of their
         # errors (a traceback holds every local of the handler that raised). Events keep

@@ -1948,6 +1948,22 @@ async def test_latency_sampling_is_one_in_eight_then_thins_to_one_in_64() -> Non
     assert stats.queue_wait.count == stats.handle_latency.count
 
 
+async def test_the_first_handled_message_is_sampled_for_latency() -> None:
+    # Sampled by the count of messages handled before it (0, 8, 16, ...): a kernel that
+    # has handled one message already shows its latency, and nine show two samples.
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(noop, name="n")
+        await kernel.send(ref, 0)
+        await trio.testing.wait_all_tasks_blocked()
+        first = kernel.stats()
+        for i in range(8):
+            await kernel.send(ref, i)
+        await trio.testing.wait_all_tasks_blocked()
+        ninth = kernel.stats()
+    assert (first.handled, first.handle_latency.count, first.queue_wait.count) == (1, 1, 1)
+    assert (ninth.handled, ninth.handle_latency.count, ninth.queue_wait.count) == (9, 2, 2)
+
+
 async def test_dead_letter_stream_is_bounded_and_counts_what_it_drops(autojump_clock: Any) -> None:
     @agent(mailbox_capacity=1, overflow="drop_newest")
     async def plug(ctx: Context, msg: Message) -> None:
