@@ -513,10 +513,10 @@ def test_a_signal_while_workers_start_reaches_the_workers_started_after_it(
         return proc  # type: ignore[no-any-return]
 
     monkeypatch.setattr(_cluster_cmd.subprocess, "Popen", popen)
-    t0 = time.monotonic()
     summary, status = _cluster_cmd.run_workers(2, [], nats_url=NO_SERVER, python=python)
-    assert time.monotonic() - t0 < 15, "the worker started was not stopped"
     assert len(started) == 1  # none after the signal
+    # the worker started was stopped: its trap printed the summary (run to its end, it
+    # would have printed none), however long that took on a loaded machine
     assert [w["exit"] for w in summary["per_worker"]] == ["exit code 0", "not started"]
     assert [w["error"] for w in summary["per_worker"]] == [None, None]
     assert (summary["stopped_by"], summary["error"]) == ("SIGTERM", None)
@@ -1310,6 +1310,21 @@ def fake_python(tmp_path: Path, scripts: dict[str, str], default: str = "exec sl
     return str(path)
 
 
+def running(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not exited (a zombie has; without /proc,
+    whether it exists)."""
+    if not Path("/proc/self/stat").exists():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def echo(text: str) -> str:
     return "echo " + text.replace("'", "'\\''").join("''")
 
@@ -1384,14 +1399,28 @@ def test_a_worker_whose_child_holds_its_stdout_is_seen_dead_at_once(tmp_path: Pa
     ran on, the death logged only then."""
     from nexus_trio.cli._cluster_cmd import run_workers
 
-    # worker-1 dies 0.2 s in; its child keeps the stdout pipe open for 20 s
-    python = fake_python(tmp_path, {"worker-1": "sleep 20 & sleep 0.2; exit 3"})
+    # worker-1 dies 0.2 s in; its child keeps the stdout pipe open for 300 s
+    child = tmp_path / "child.pid"
+    script = f"sleep 300 & echo $! > {child}; sleep 0.2; exit 3"
+    python = fake_python(tmp_path, {"worker-1": script})
     t0 = time.monotonic()
-    summary, _status = run_workers(2, [], nats_url=NO_SERVER, python=python)
-    took = time.monotonic() - t0
+    try:
+        summary, _status = run_workers(2, [], nats_url=NO_SERVER, python=python)
+        took = time.monotonic() - t0
+        pid = int(child.read_text())
+        # its group was killed with the child in it (an orphan, reaped by init: poll)
+        deadline = time.monotonic() + 30
+        while running(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not running(pid), "the child holding the dead worker's stdout still runs"
+    finally:
+        if child.exists() and child.read_text().strip():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(child.read_text()), signal.SIGKILL)
     assert summary["per_worker"][1]["exit"] == "exit code 3"
     assert summary["stopped_by"] == "worker-1 died (the others were stopped)"
-    assert took < 10
+    # not at the child's end (a generous bound: about 2 s, the output's grace, unloaded)
+    assert took < 150, took
 
 
 def failed_summary(node: str) -> str:
@@ -1663,11 +1692,11 @@ def test_a_ctrl_c_after_a_worker_died_forces_the_others(tmp_path: Path) -> None:
     log = tmp_path / "terms"
     python = fake_python(tmp_path, {"worker-1": "sleep 0.3; exit 3"}, default=stubborn(log))
     sender = signal_once(log, "term", 1)
-    t0 = time.monotonic()
     summary, status = run_workers(2, [], nats_url=NO_SERVER, python=python)
-    took = time.monotonic() - t0
     sender.join()
-    assert took < 10, "the Ctrl-C did not force the worker still running"
+    # the Ctrl-C forced the worker still running: killed, and for that reason (not run to
+    # its end, 20 s, nor killed at the end of a grace), however long the run took on a
+    # loaded machine
     assert status == 130  # forced, as a single run's second Ctrl-C
     assert summary["stopped_by"] == (
         "worker-1 died (the others were stopped); forced by SIGINT: the workers still"

@@ -7,6 +7,7 @@ and starts a new one on the same port; waits are bounded with ``trio.fail_after`
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 
@@ -122,11 +123,17 @@ async def test_a_server_restart_under_load_loses_no_accepted_tell_uncounted() ->
                         nursery.start_soon(produce)
                         await reached.wait()
                         server.kill()
-                        # durable sends fail at their deadline while NATS is down
+                        # durable sends fail at their deadline while NATS is down: the
+                        # deadline's error (not one of nats-py's own timeouts, 5 s), and
+                        # not a wait for the server's return (a generous bound: the
+                        # process shares 2 cores with the load of CI)
                         before = trio.current_time()
-                        with pytest.raises(TransportUnavailable, match="durable message"):
+                        with pytest.raises(TransportUnavailable) as outage:
                             await cluster.send_durable(local, "during outage", timeout=0.5)
-                        assert trio.current_time() - before < 2.5
+                        took = trio.current_time() - before
+                        said = str(outage.value)
+                        assert re.search(r"did not confirm durable message \S+ within 0\.5s", said)
+                        assert took < 30, took
                         await trio.sleep(1.0)  # the outage
                         restarted.append(await trio.to_thread.run_sync(NatsServer(port=port).start))
                         target, reached = accepted + 1500, trio.Event()
