@@ -133,12 +133,15 @@ def collector(records: list[Any]) -> Any:
     return collect
 
 
-async def _serve_node(url: str, node: str, replicas: int, kv_replicas: int) -> None:
+async def _serve_node(
+    url: str, node: str, replicas: int, kv_replicas: int, missed_heartbeats: int
+) -> None:
     # Patient: no test asks a child node to judge a member lost (the test's own node
     # judges a killed child), while a stall of the test's process (a loaded machine) for
     # longer than FAST's 0.6 s made the child judge the test's live node lost, and a
-    # request the child then made to it failed with TransportUnavailable
-    options = attrs.evolve(PATIENT, kv_replicas=kv_replicas)
+    # request the child then made to it failed with TransportUnavailable (the tests that
+    # stall their process for long give more missed heartbeats still)
+    options = attrs.evolve(PATIENT, kv_replicas=kv_replicas, missed_heartbeats=missed_heartbeats)
 
     @agent(name="echo")
     async def echo(ctx: Context, msg: Message) -> Any:
@@ -233,8 +236,11 @@ def _node_main(argv: list[str]) -> None:
     parser.add_argument("--node", required=True)
     parser.add_argument("--replicas", type=int, default=0)
     parser.add_argument("--kv-replicas", type=int, default=1)
+    parser.add_argument("--missed-heartbeats", type=int, default=PATIENT.missed_heartbeats)
     args = parser.parse_args(argv)
-    trio.run(_serve_node, args.url, args.node, args.replicas, args.kv_replicas)
+    trio.run(
+        _serve_node, args.url, args.node, args.replicas, args.kv_replicas, args.missed_heartbeats
+    )
 
 
 def sigkill(process: trio.Process | None) -> None:
@@ -259,7 +265,15 @@ async def read_line(process: trio.Process, buffer: bytes, who: str) -> tuple[str
 class NodeProcess:
     """A kernel in a child process, joined to the cluster (see the module doc)."""
 
-    def __init__(self, url: str, node: str, *, replicas: int = 0, kv_replicas: int = 1) -> None:
+    def __init__(
+        self,
+        url: str,
+        node: str,
+        *,
+        replicas: int = 0,
+        kv_replicas: int = 1,
+        missed_heartbeats: int = PATIENT.missed_heartbeats,
+    ) -> None:
         self.node = node
         self.argv = [
             sys.executable,
@@ -274,6 +288,8 @@ class NodeProcess:
             str(replicas),
             "--kv-replicas",
             str(kv_replicas),
+            "--missed-heartbeats",
+            str(missed_heartbeats),
         ]
         self.process: trio.Process | None = None
         self.ids: dict[str, str] = {}
