@@ -1739,6 +1739,31 @@ async def test_a_stop_during_the_handshake_gives_it_up_and_leaves_nothing_behind
     assert (final.starts, final.pid, final.last_exit) == (1, pid, -signal.SIGTERM)
 
 
+@pytest.mark.parametrize("turns", range(8))
+async def test_a_stop_as_the_child_starts_reads_its_stderr_once_at_a_time(turns: int) -> None:
+    """Regression (seen under load: ``nexus run --spawn`` stopped by a SIGINT as its
+    program started, a Traceback and exit 1): a stop that came as the child was started
+    cancelled the run's copy of its stderr before that copy's first checkpoint, where it
+    already held the pipe; the stop's own copy then read the pipe too and failed the
+    agent with ``BusyResourceError`` (another task is using this pipe). The stop's copy
+    waits for the run's to end. Stopped after ``turns`` scheduler turns: a few of them
+    land in the window."""
+    tag = new_tag()
+    async with bridge_kernel() as kernel:
+        stream = kernel.events()
+        ref = kernel.spawn(process_agent(toy("--no-register", tag=tag), register_timeout=60))
+        for _ in range(turns):
+            await trio.lowlevel.checkpoint()
+        await kernel.stop(ref)
+        stats = kernel.stats()
+        assert (stats.failed, stats.run_failures, stats.restarts) == (0, 0, 0)
+    assert [e.kind async for e in stream if e.agent_id == ref.id] == [
+        EventKind.SPAWNED,
+        EventKind.STOPPED,
+    ]
+    assert live_processes(tag) == []
+
+
 async def test_a_child_that_closes_its_stdout_before_registering_is_not_said_to_have_exited(
     tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:

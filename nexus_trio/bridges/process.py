@@ -664,6 +664,9 @@ class ProcessAgent(Agent):
         #: the current child's stderr, and set once all of it has been read (end of it)
         self._stderr_lines: _LineReader | None = None
         self._stderr_done = trio.Event()
+        #: set once no task reads the current child's stderr (one reader at a time)
+        self._stderr_free = trio.Event()
+        self._stderr_free.set()
         self._generation = 0
         self._extra: dict[str, Any] | None = None
         self._ping_token: str | None = None
@@ -806,8 +809,13 @@ class ProcessAgent(Agent):
         self._stderr_lines = _LineReader(process.stderr, _STDERR_LINE_LIMIT)
         self._stderr_done = trio.Event()
         self._stderr_last, self._stderr_error = b"", ""
+        self._stderr_free = trio.Event()
         ctx.nursery.start_soon(
-            self._copy_stderr, self._stderr_lines, self._stderr_done, name=f"stderr of {self.label}"
+            self._copy_stderr,
+            self._stderr_lines,
+            self._stderr_done,
+            self._stderr_free,
+            name=f"stderr of {self.label}",
         )
         self._stdout = _LineReader(process.stdout, options.line_limit)
         await self._await_register(process)
@@ -992,7 +1000,7 @@ class ProcessAgent(Agent):
         """
         stderr = self._stderr_lines
         if stderr is not None and not self._stderr_done.is_set():
-            readers.start_soon(self._copy_stderr, stderr, self._stderr_done)
+            readers.start_soon(self._copy_stderr_once_free, stderr, self._stderr_done)
         if self._stdout is None:
             return
         self._reader_done = done = trio.Event()
@@ -1768,8 +1776,20 @@ class ProcessAgent(Agent):
                 )
                 break
 
-    async def _copy_stderr(self, reader: _LineReader, done: trio.Event) -> None:
-        """Log the child's stderr line by line; ``done`` is set at its end (not if cancelled).
+    async def _copy_stderr_once_free(self, reader: _LineReader, done: trio.Event) -> None:
+        """Copy the rest of the child's stderr (:meth:`_copy_stderr`) once the run's copy
+        has ended: a stop as the child started cancelled that one before its first
+        checkpoint, where it already held the pipe, and a second reader then failed the
+        agent with ``BusyResourceError``. (Run to the end of the stderr, the run's copy
+        leaves nothing to copy.)"""
+        await self._stderr_free.wait()
+        if not done.is_set():
+            self._stderr_free = free = trio.Event()
+            await self._copy_stderr(reader, done, free)
+
+    async def _copy_stderr(self, reader: _LineReader, done: trio.Event, free: trio.Event) -> None:
+        """Log the child's stderr line by line; ``done`` is set at its end (not if
+        cancelled), ``free`` once this copy has ended, however.
 
         A child can write a million lines a second on its stderr, and a record each would
         drown the kernel's log: the first ``_STDERR_BURST`` lines at once are logged, then
@@ -1801,6 +1821,7 @@ class ProcessAgent(Agent):
                     return
                 self._log_stderr_line(logger, line)
         finally:
+            free.set()
             if budget.held:
                 # Cancelled (the child is stopping): say it now, the copy may not resume.
                 self._note_stderr_not_logged(logger)
