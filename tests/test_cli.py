@@ -19,6 +19,7 @@ import sys
 import textwrap
 import threading
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -354,6 +355,25 @@ def test_generate_config_flag_of_run_writes_the_template_and_exits(isolated):
     assert result.exit_code == 0, result.output
     assert "[logging]" in target.read_text()
     assert invoke(["run", "--generate-config", str(target)]).exit_code == 1
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["config", "init", "-"],
+        ["config", "init", "-", "--force"],
+        ["run", "--generate-config", "-"],
+    ],
+)
+def test_a_dash_for_the_template_file_means_standard_output(isolated, args):
+    """`-` is standard output for both ways to write the template (no file named `-`)."""
+    result = invoke(args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("#"), result.stdout[:200]
+    assert "mailbox_capacity = 1024" in result.stdout
+    assert "wrote" not in result.stdout
+    assert tomllib.loads(result.stdout)["kernel"]["mailbox_capacity"] == 1024
+    assert not (isolated / "-").exists()
 
 
 def test_config_show_lists_effective_values_and_their_sources(isolated):

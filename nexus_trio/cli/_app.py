@@ -243,7 +243,7 @@ def run(
             "--generate-config",
             metavar="FILE",
             dir_okay=False,
-            help="Write a commented config template to FILE and exit.",
+            help="Write a commented config template to FILE (- for standard output) and exit.",
         ),
     ] = None,
     app_ref: Annotated[
@@ -361,7 +361,7 @@ def run(
 ) -> None:
     """Run a kernel: your agents (--app) or a demo workload, with a live view and a summary."""
     from .._logcall import log_guarded
-    from ..config import ConfigError, load_config, write_template
+    from ..config import ConfigError, load_config
     from ..logs import configure_logging, log_calls_failed, records_lost
     from ._cluster_cmd import WORKER_ENV
     from ._run import RunOptions, catch_stop_signals_early, execute_run, stderr_proxy
@@ -369,11 +369,7 @@ def run(
     # (a worker takes SIGINT/SIGTERM too: the parent's stop may come while it starts)
     catch_stop_signals_early(worker=bool(os.environ.get(WORKER_ENV)))
     if generate_config is not None:
-        try:
-            written = write_template(generate_config)
-        except ConfigError as exc:
-            raise _fail(str(exc), 1) from None
-        typer.echo(f"wrote {written}")
+        _write_template(generate_config, force=False)
         return
 
     commands: list[tuple[str, ...]] = []
@@ -718,12 +714,24 @@ def _check_nats(url: str | None, flag: str = "--nats") -> None:
 
 @config_app.command("init", cls=Command)
 def config_init(
-    file: Annotated[Path, typer.Argument(help="Where to write the template.", dir_okay=False)],
+    file: Annotated[
+        Path,
+        typer.Argument(help="Where to write the template; - for standard output.", dir_okay=False),
+    ],
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
 ) -> None:
     """Write a commented config template (every key with its default and meaning)."""
-    from ..config import ConfigError, write_template
+    _write_template(file, force=force)
 
+
+def _write_template(file: Path, *, force: bool) -> None:
+    """Write the template to ``file`` and say where it went; ``-`` is standard output (the
+    template alone, so that ``nexus config init - > x.toml`` and a pipe get a loadable file)."""
+    from ..config import ConfigError, render_template, write_template
+
+    if str(file) == "-":
+        typer.echo(render_template(), nl=False)
+        return
     try:
         written = write_template(file, force=force)
     except ConfigError as exc:
