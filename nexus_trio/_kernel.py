@@ -249,7 +249,7 @@ class Kernel:
         router.phase = KernelPhase.DRAINING
         if grace is None:
             grace = self.config.kernel.shutdown_grace
-        self._host.grace_deadline = trio.current_time() + grace
+        self._host.end_grace_by(trio.current_time() + grace)
         if in_tree:
             assert self._nursery is not None
             self._nursery.start_soon(self._shut_down)
@@ -258,9 +258,10 @@ class Kernel:
         await self._shut_down()
 
     def _end_grace_by(self, deadline: float) -> None:
-        """Bring the grace period's deadline forward to ``deadline`` (never later)."""
+        """Bring the grace period's deadline forward to ``deadline`` (never later): the
+        drain's end, and that of every stop under way that the grace bounds."""
         if deadline < self._host.grace_deadline:
-            self._host.grace_deadline = deadline
+            self._host.end_grace_by(deadline)
             if self._drain_scope is not None:
                 self._drain_scope.deadline = deadline
 
@@ -290,6 +291,9 @@ class Kernel:
                 await router.wait_drained()
             self._drain_scope = None
             router.phase = KernelPhase.STOPPING
+            # The grace is over (also when the drain ended sooner): so are the stops
+            # under way that it bounds.
+            self._host.end_grace_by(trio.current_time())
             for node in list(router.nodes.values()):
                 if isinstance(node, AgentCell) and node.running:
                     node.hold()

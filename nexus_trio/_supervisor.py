@@ -25,11 +25,12 @@ processes, remote agents) are supervised by the same code.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Final, final
 
 import attrs
@@ -195,7 +196,15 @@ _SHUTDOWN: Final = "shutdown"
 class SupervisionHost:
     """What supervisors need of their kernel, and nothing more."""
 
-    __slots__ = ("escalate_to_kernel", "grace_deadline", "heap", "ledger", "rng", "router")
+    __slots__ = (
+        "escalate_to_kernel",
+        "grace_bound",
+        "grace_deadline",
+        "heap",
+        "ledger",
+        "rng",
+        "router",
+    )
 
     def __init__(
         self,
@@ -216,6 +225,20 @@ class SupervisionHost:
         self.escalate_to_kernel = escalate_to_kernel
         #: when the kernel's grace period ends (set when its shutdown starts to drain)
         self.grace_deadline = math.inf
+        #: the waits of the stops under way that the grace period's end bounds (of
+        #: agents without a shutdown timeout of their own): see :meth:`end_grace_by`
+        self.grace_bound: set[trio.CancelScope] = set()
+
+    def end_grace_by(self, deadline: float) -> None:
+        """Bring the grace period's end forward to ``deadline`` (never later): the start
+        of a shutdown, a later ``shutdown(grace)`` that ends sooner, the end of the drain.
+        The stops under way that it bounds end by then too, not at the (later) limit they
+        took when they began."""
+        if deadline < self.grace_deadline:
+            self.grace_deadline = deadline
+            for scope in self.grace_bound:
+                if deadline < scope.deadline:
+                    scope.deadline = deadline
 
     def stopping(self) -> bool:
         return self.router.phase >= _STOPPING
@@ -832,13 +855,29 @@ class SupervisorNode(Child, ChildOwner):
         then they drain theirs, all at once (see :meth:`_stop_all`), and stop. The
         whole of it within the agent's stop timeout: past it, they are cancelled and
         what is left is dead-lettered ``agent_stopped``."""
-        deadline = trio.current_time() + self._stop_timeout(child)
-        with trio.move_on_at(deadline):
+        with self._stop_wait(child, trio.current_time() + self._stop_timeout(child)) as wait:
             await child.wait_idle()
+        deadline = wait.deadline
         for linked in child.linked_children:
             # (a second stop without drain may have cut the drain short meanwhile)
             linked.drain_on_stop = child.drain_on_stop
             linked.stop_deadline = min(linked.stop_deadline, deadline)
+
+    @contextlib.contextmanager
+    def _stop_wait(self, child: Child, deadline: float) -> Iterator[trio.CancelScope]:
+        """The wait of ``child``'s stop, until ``deadline``; for a child the end of the
+        kernel's grace period bounds (see :meth:`_stop_timeout`), brought forward with
+        that end (:meth:`SupervisionHost.end_grace_by`) while it waits."""
+        with trio.move_on_at(deadline) as scope:
+            if not getattr(child, "cancel_after_grace", False):
+                yield scope
+                return
+            bound = self.host.grace_bound
+            bound.add(scope)
+            try:
+                yield scope
+            finally:
+                bound.discard(scope)
 
     @staticmethod
     def _mark_stopping(child: Child) -> RunDone | None:
@@ -873,7 +912,7 @@ class SupervisorNode(Child, ChildOwner):
                 child.request_stop()
                 timeout = self._stop_timeout(child)
                 if timeout > 0:
-                    with trio.move_on_after(timeout):
+                    with self._stop_wait(child, trio.current_time() + timeout):
                         await done.wait()
                 if not done.is_set():
                     if child.scope is not None:

@@ -1420,3 +1420,65 @@ def test_a_ctrl_c_in_the_bookkeeping_of_a_run_s_start_or_end_goes_to_the_block(
         assert worker == [("spawned", ""), ("started", ""), ("stopped", "shutdown")]
     (exc,) = outcome
     assert type(exc) is KeyboardInterrupt, repr(exc)
+
+
+@pytest.mark.parametrize(
+    ("drain", "ended_by"),
+    [(False, "shorter grace"), (True, "shorter grace"), (False, "nothing in flight")],
+)
+async def test_a_stop_begun_during_the_drain_ends_when_the_grace_ends_sooner(
+    autojump_clock: Any, drain: bool, ended_by: str
+) -> None:
+    """A ``kernel.stop`` begun during the drain (at 1 s, grace 100 s) of an agent without
+    a ``shutdown_timeout`` of its own (an ``on_start`` that hangs) took its time limit
+    then, once: when the drain ended at 3 s (a ``shutdown(grace=1)`` at 2 s, or nothing
+    in flight any more), the stop went on until 100 s, and the shutdown with it (its
+    supervisor was busy with that stop). The sooner end wins for the stop too."""
+    cancelled: dict[str, float] = {}
+
+    @agent(name="busy")
+    async def busy(ctx: Context, msg: Message) -> None:
+        try:
+            await trio.sleep(3 if ended_by == "nothing in flight" else 1000)
+        finally:
+            cancelled["busy"] = trio.current_time()
+
+    class Hanging(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            try:
+                await trio.sleep(1000)
+            finally:
+                cancelled["on_start"] = trio.current_time()
+
+    ended: dict[str, float] = {}
+    async with open_kernel(make_config(shutdown_grace_ms=100_000)) as kernel:
+        kernel.spawn(busy)
+        kernel.spawn(Hanging, name="hanging")
+        await kernel.send("busy", 0)
+
+        async def first() -> None:
+            await kernel.shutdown()
+            ended["shutdown"] = trio.current_time()
+
+        async def stop() -> None:
+            await trio.sleep(1)
+            await kernel.stop("hanging", drain=drain)
+            ended["stop"] = trio.current_time()
+
+        async def second() -> None:
+            await trio.sleep(2)
+            await kernel.shutdown(grace=1)
+            ended["second"] = trio.current_time()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first)
+            nursery.start_soon(stop)
+            if ended_by == "shorter grace":
+                nursery.start_soon(second)
+    assert cancelled == {"busy": 3, "on_start": 3}
+    assert ended == {"stop": 3, "shutdown": 3} | (
+        {"second": 3} if ended_by == "shorter grace" else {}
+    )
+    stats = kernel.stats()
+    handled = 1 if ended_by == "nothing in flight" else 0
+    assert (stats.handled, stats.dead_lettered, stats.in_flight) == (handled, 1 - handled, 0)
