@@ -79,10 +79,50 @@ GARBAGE = "import time\nprint('hello garbage', flush=True)\ntime.sleep(60)\n"
         ("uv run python -X dev worker.py", "worker"),
         ("uv run -m pkg.worker", "worker"),
         ("npx --yes -p cowsay cowsay hi", "cowsay"),
+        # env runs the program after its assignments and options (it named them "env")
+        ("env VAR=1 python x.py", "x"),
+        ("env -i PATH=/usr/bin DEBUG=1 python3 -u agents/calc.py", "calc"),
+        ("env -u HOME --unset=LANG -C /srv VAR=1 node dist/agent.js", "agent"),
+        ("env --chdir=/srv -- python3 worker.py", "worker"),
+        ("env -S 'python3 -u calc.py' --port 1", "calc"),
+        ("/usr/bin/env python3 calc.py", "calc"),
+        ("env VAR=1", "env"),
+        # TypeScript through tsx: the script names it, not the runner (it was "tsx")
+        ("npx tsx agent.ts", "agent"),
+        ("npx --yes tsx agent.ts", "agent"),
+        ("npx -y tsx watch --tsconfig tsconfig.json src/agent.ts", "agent"),
+        ("tsx --import ./env.mjs agent.ts", "agent"),
+        ("node --import tsx agent.ts", "agent"),
+        ("npx ts-node -P tsconfig.json agent.ts", "agent"),
+        ("tsx -e 'console.log(1)'", "tsx"),
+        # the Windows launcher: its version selectors take no value
+        ("py -3 x.py", "x"),
+        ("py -3.12 -X dev calc.py", "calc"),
+        ("py -V:3.12 -m pkg.calc", "calc"),
     ],
 )
 def test_agents_are_named_after_their_script_not_an_option_value(command: str, name: str) -> None:
     assert program_name(shlex.split(command)) == name
+
+
+@pytest.mark.parametrize(
+    ("argv", "name"),
+    [
+        (["python.exe", "x.py"], "x"),
+        (["C:\\Python312\\python.exe", "C:\\agents\\calc.py"], "calc"),
+        (["C:\\Python312\\python3.12.exe", "-X", "dev", "agents\\calc.py"], "calc"),
+        (["PYTHON.EXE", "-m", "pkg.calc"], "calc"),
+        (["C:\\Windows\\py.exe", "-3", "D:\\work\\worker.py"], "worker"),
+        (["C:\\Program Files\\nodejs\\node.exe", "dist\\agent.js"], "agent"),
+        (["npx.cmd", "tsx", "src\\agent.ts"], "agent"),
+        (["C:\\tools\\calculator.exe", "--fast"], "calculator"),
+        (["python.exe", "-c", "pass"], "python"),
+    ],
+)
+def test_agents_are_named_the_same_from_windows_style_paths(argv: list[str], name: str) -> None:
+    """``python.exe``, ``python3.12.exe``, ``py -3`` and scripts behind backslashes (the
+    program was named ``C:\\Python312\\python`` on a POSIX machine, or ``python3``)."""
+    assert program_name(argv) == name
 
 
 def test_repeated_programs_get_numbered_names() -> None:

@@ -16,7 +16,7 @@ import re
 import shlex
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from pathlib import PureWindowsPath
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
@@ -57,15 +57,22 @@ class _Reading:
     #: one-letter options whose value is the rest of their group, never the next argument
     #: (``perl -Mfeature=say``: not an ``-e`` in ``feature``)
     attached: frozenset[str] = frozenset()
+    #: options whose value is a command line of its own, named in turn (``env -S 'python3 -u'``)
+    split: frozenset[str] = frozenset()
     #: words before the script (``uv run``, ``deno run``, ``bun exec``)
     subcommands: frozenset[str] = frozenset()
+    #: ``NAME=value`` words before the program are settings, not the program (``env``)
+    assignments: bool = False
     #: the first plain argument is a program of its own, named in turn (``uv run python x.py``)
     launcher: bool = False
     #: a plain argument is a class (``java com.example.Calc``) unless it is a source file
     classes: bool = False
 
     def takes_value(self, option: str) -> bool:
-        return any(option in kind for kind in (self.valued, self.code, self.module, self.script))
+        return any(
+            option in kind
+            for kind in (self.valued, self.code, self.module, self.script, self.split)
+        )
 
 
 def _reading(
@@ -75,10 +82,12 @@ def _reading(
     script: str = "",
     subcommands: str = "",
     attached: str = "",
+    split: str = "",
     *,
     grouped: bool = False,
     launcher: bool = False,
     classes: bool = False,
+    assignments: bool = False,
 ) -> _Reading:
     """A :class:`_Reading` from option names separated by spaces."""
     return _Reading(
@@ -88,24 +97,52 @@ def _reading(
         script=frozenset(script.split()),
         subcommands=frozenset(subcommands.split()),
         attached=frozenset(attached.split()),
+        split=frozenset(split.split()),
         grouped=grouped,
         launcher=launcher,
         classes=classes,
+        assignments=assignments,
     )
+
+
+#: node's options that take a value, and those whose value is code (tsx and ts-node run
+#: TypeScript through node and read its options too)
+_NODE_VALUED: Final = (
+    "-r --require --import --loader --experimental-loader -C --conditions --input-type"
+    " --inspect-port --env-file --title"
+)
+_NODE_CODE: Final = "-e --eval -p --print"
+#: what a program's name may end with on Windows (``python.exe``, ``npx.cmd``)
+_WINDOWS_SUFFIX: Final = re.compile(r"\.(exe|cmd|bat|com)$", re.IGNORECASE)
 
 
 #: programs whose script names the agent better than they do, and how they read options
 _READINGS: Final[tuple[tuple[re.Pattern[str], _Reading], ...]] = (
     (
-        re.compile(r"^(python|pypy)[\d.]*$"),
+        # (``py`` is the Windows launcher: its ``-3``, ``-3.12``, ``-V:3.12`` take no value)
+        re.compile(r"^((python|pypy)[\d.]*|py)$"),
         _reading("-W -X --check-hash-based-pycs", code="-c", module="-m", grouped=True),
     ),
+    (re.compile(r"^(node|nodejs)$"), _reading(_NODE_VALUED, code=_NODE_CODE)),
     (
-        re.compile(r"^(node|nodejs)$"),
+        re.compile(r"^tsx$"),
+        _reading(_NODE_VALUED + " --tsconfig", code=_NODE_CODE, subcommands="watch"),
+    ),
+    (
+        re.compile(r"^ts-node(-esm)?$"),
         _reading(
-            "-r --require --import --loader --experimental-loader -C --conditions --input-type"
-            " --inspect-port --env-file --title",
-            code="-e --eval -p --print",
+            _NODE_VALUED + " -P --project -O --compiler-options --compiler -I --ignore --cwd",
+            code=_NODE_CODE,
+        ),
+    ),
+    (
+        re.compile(r"^env$"),
+        _reading(
+            "-u --unset -C --chdir",
+            split="-S --split-string",
+            grouped=True,
+            launcher=True,
+            assignments=True,
         ),
     ),
     (
@@ -167,12 +204,23 @@ def program_name(argv: Sequence[str]) -> str:
     past the interpreter's options and their values (``python3 -X dev -u calc.py`` ->
     ``calc``, ``python -m pkg.calc`` -> ``calc``), the interpreter's when the code is given
     inline (``python3 -c ...`` -> ``python3``), else the program's (``./calc --x`` -> ``calc``)."""
-    program = Path(argv[0]).name
-    own = Path(program).stem or program
+    # (a Windows path reads on any machine: ``C:\\Python312\\python.exe`` is ``python``)
+    program = PureWindowsPath(argv[0]).name
+    windows = _WINDOWS_SUFFIX.search(program)
+    if windows:
+        own = program[: windows.start()]
+        program = own.lower()  # (Windows names are case-blind: ``PYTHON.EXE``)
+    else:
+        own = _stem(program) or program
     for pattern, reading in _READINGS:
         if pattern.match(program):
             return _run_name(reading, argv[1:]) or own
     return own
+
+
+def _stem(path: str) -> str:
+    """A file's name without its suffix, after ``/`` or ``\\`` (``agents\\calc.py``: ``calc``)."""
+    return PureWindowsPath(path).stem
 
 
 def _run_name(reading: _Reading, args: Sequence[str]) -> str | None:
@@ -187,6 +235,8 @@ def _run_name(reading: _Reading, args: Sequence[str]) -> str | None:
         if arg in reading.subcommands:
             continue
         if not arg.startswith("-") or arg == "-":
+            if reading.assignments and "=" in arg:
+                continue  # (env's ``NAME=value``)
             return _plain_name(reading, args[i - 1 :])
         option, value = _option(reading, arg)
         if option is None:
@@ -201,8 +251,19 @@ def _run_name(reading: _Reading, args: Sequence[str]) -> str | None:
         if option in reading.module:
             return _last_part(value)
         if option in reading.script:
-            return Path(value).stem or None
+            return _stem(value) or None
+        if option in reading.split:
+            return _split_name(value, args[i:])
     return None
+
+
+def _split_name(command: str, rest: Sequence[str]) -> str | None:
+    """The name of the command line ``command`` (``env -S``'s value) followed by ``rest``."""
+    try:
+        argv = [*shlex.split(command), *rest]
+    except ValueError:  # (an unclosed quote)
+        return None
+    return program_name(argv) if argv else None
 
 
 def _option(reading: _Reading, arg: str) -> tuple[str | None, str | None]:
@@ -234,7 +295,7 @@ def _plain_name(reading: _Reading, rest: Sequence[str]) -> str | None:
         return program_name(rest)
     if reading.classes and not first.endswith(".java"):
         return _last_part(first)
-    return Path(first).stem or None
+    return _stem(first) or None
 
 
 def _last_part(dotted: str) -> str | None:
