@@ -316,6 +316,21 @@ async def test_child_gets_its_address_and_environment() -> None:
         }
 
 
+async def test_a_process_agent_spec_without_a_name_derives_none() -> None:
+    """``nexus run --spawn`` names its programs; ``process_agent`` without ``name`` does
+    not (docs/bridges.md says why): one spec spawned twice gives two agents (a name
+    derived from the command would make the second spawn fail with ``NameTaken``), and
+    the child is told no name over its own."""
+    spec = process_agent(toy())
+    assert spec.name is None
+    async with bridge_kernel() as kernel:
+        refs = [kernel.spawn(spec), kernel.spawn(spec)]
+        assert [ref.name for ref in refs] == [None, None]
+        for ref in refs:
+            reply = await kernel.request(ref, {"op": "env", "keys": ["NEXUS_AGENT_NAME"]})
+            assert reply == {"NEXUS_AGENT_NAME": None}
+
+
 # --- the original protocol --------------------------------------------------------------------
 
 

@@ -2054,6 +2054,10 @@ def process_agent(
     half that message's handle timeout; 0: at once, as a child without the feature).
     ``restart``, ``handle_timeout`` and ``mailbox_capacity`` are those of
     :func:`nexus_trio.agent`.
+
+    Without ``name`` the agent has none: none is derived from ``cmd`` (as ``nexus run
+    --spawn`` does), since a spec spawned twice (in a loop) would then fail its second
+    spawn with ``NameTaken``, and the child would be told a name over its own.
     """
     cwd_text = os.fspath(cwd) if cwd is not None else None
     if cwd_text is not None and not os.path.isdir(cwd_text):
