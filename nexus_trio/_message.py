@@ -590,7 +590,9 @@ def check_json(value: Any, what: str = "payload") -> bool:
     True if ``value`` has a dict key other than a str or an int (a float, a bool, None,
     a subclass): the standard library writes such a key its own way (``1e+16``,
     ``true``, ``null``, ``NaN``), which a faster encoder does not (``1e16``, ``nan``) or
-    refuses (a bool or None key), so an encoder that must write what ``json.dumps``
+    refuses (a bool or None key); likewise a subclass of dict, list or tuple, which the
+    standard library writes through its items() or iterator, a faster encoder from its
+    storage. So an encoder that must write what ``json.dumps``
     writes gives such a value to the standard library's."""
     odd: list[Any] = []
     try:
@@ -672,6 +674,8 @@ def _walk_json(value: Any, odd: list[Any]) -> None:
     # gets the keys that are neither a str nor an int (see check_json).
     cls = value.__class__
     if cls is dict or (cls is not list and cls is not tuple and isinstance(value, dict)):
+        if cls is not dict:
+            odd.append(value)  # json.dumps writes what its items() give, msgspec its storage
         for key, item in value.items():
             if key.__class__ is not str and key.__class__ is not int:
                 if not isinstance(key, _JSON_KEYS):
@@ -688,6 +692,8 @@ def _walk_json(value: Any, odd: list[Any]) -> None:
                     exc.path.append(f"[{brief(key, 60)}]")
                     raise
     elif cls is list or cls is tuple or isinstance(value, (list, tuple)):
+        if cls is not list and cls is not tuple:
+            odd.append(value)  # json.dumps writes what iterating it gives, msgspec its storage
         for item in value:
             if item.__class__ not in JSON_SCALARS:
                 try:
