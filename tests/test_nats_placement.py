@@ -2227,3 +2227,37 @@ async def test_placement_requests_for_one_name_write_its_record_in_the_order_ask
         assert two.answer is not None and two.answer["id"] == str(kc.lookup("svc-x").id)
         assert await _placed_record(c, "svc-x") is not None
         assert c.placement.records_held == 1
+
+
+async def test_a_rebalance_whose_record_drop_fails_leaves_no_agent_running_nowhere(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rebalance stops each agent it moves, drops its record, then asks the new owner.
+    The record's drop failing (the bucket unavailable or slow: here a timeout on every
+    drop) left the agent stopped here and asked nowhere, each move started before the
+    first failure (3 of 20 agents ran nowhere here, up to a window of 256 in a larger
+    cluster). A move that fails
+    before its request starts the agent here again, as a refused one, and the error is
+    raised once the moves under way end."""
+    count = 20
+
+    async def unavailable(self: Placement, name: str, revision: int | None) -> None:
+        raise TimeoutError(f"drop of {name!r} timed out")
+
+    async with _node(nats.url, "a", **QUIET) as (ka, a):
+        for i in range(count):
+            await a.spawn("counter", name=f"c-{i}")
+        await a.names_published()
+        async with _node(nats.url, "c", **QUIET) as (kc, c):
+            _meet(a, c)
+            wins = [f"c-{i}" for i in range(count) if rendezvous_owner(f"c-{i}", ["a", "c"]) == "c"]
+            assert wins
+            monkeypatch.setattr(Placement, "_delete_record", unavailable)
+            with trio.fail_after(30), pytest.raises(TimeoutError, match="drop of 'c-"):
+                await a.rebalance()
+            on_c = {ref.name for ref in kc.agents()}
+            nowhere = [
+                f"c-{i}" for i in range(count) if not ka.is_local(f"c-{i}") and f"c-{i}" not in on_c
+            ]
+            assert nowhere == []
+            assert not any(ka.is_local(name) and name in on_c for name in wins)

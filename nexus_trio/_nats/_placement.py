@@ -629,11 +629,12 @@ class Placement:
         self.records.pop(name, None)
         with contextlib.suppress(AgentNotFound):
             await cluster.kernel.stop(agent_id)
-        await self._delete_record(name, revision)
         try:
+            await self._delete_record(name, revision)
             await self._ask(owner, record.type_name, name, None, timeout)
         except Exception as exc:
-            # Refused, or no answer: the agent must not end up running nowhere.
+            # Refused, no answer, or its record not dropped (the bucket unavailable):
+            # the agent must not end up running nowhere.
             await self._take_back(record.type_name, name, owner, exc)
             raise
         log_guarded(
