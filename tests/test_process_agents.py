@@ -1622,6 +1622,31 @@ async def test_stop_of_a_child_that_never_registered_does_not_wait_for_a_stdout_
         assert "exited (status 3) before registering" in str(event.error)
 
 
+async def test_first_start_stops_keeps_a_failed_first_start_and_its_exit_status() -> None:
+    """Regression: a permanent process agent whose first start failed (its child exited
+    with status 3 before registering) was restarted, and the restarted child, killed when
+    the kernel stopped, left ``last_exit`` -15 beside an error saying status 3 (``nexus
+    run --spawn`` under load). With ``first_start_stops`` the failed first start stops it
+    for good, as an OTP supervisor's start fails with a child whose ``init`` fails: one
+    start, its exit status, ``stopped`` with reason ``start_failed``, no restart."""
+    cmd = [sys.executable, "-c", "import sys; sys.exit(3)"]
+    async with bridge_kernel() as kernel:
+        with trio.fail_after(30):
+            async with kernel.events() as events:
+                ref = kernel.spawn(process_agent(cmd, name="once", first_start_stops=True))
+                seen = []
+                async for event in events:
+                    if event.agent_id == ref.id:
+                        seen.append((event.kind, event.reason))
+                        if event.kind is EventKind.STOPPED:
+                            break
+        assert not kernel.is_local(ref)
+        stats = stopped_bridge_stats(kernel).agents[ref.id]
+    assert [kind for kind, _ in seen] == [EventKind.SPAWNED, EventKind.FAILED, EventKind.STOPPED]
+    assert seen[-1][1] == "start_failed"
+    assert (stats.starts, stats.last_exit) == (1, 3)
+
+
 async def failed_start(kernel: Kernel, cmd: list[str], name: str) -> ProcessAgentError:
     """Spawn ``cmd`` as a temporary process agent that fails its start; its error, once
     the agent has retired."""

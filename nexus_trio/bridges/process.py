@@ -282,6 +282,31 @@ class _Book:
 _books: weakref.WeakKeyDictionary[Kernel, _Book] = weakref.WeakKeyDictionary()
 
 
+#: the ``stopped`` event's reason of an agent whose first start failed (``first_start_stops``)
+START_FAILED: Final = "start_failed"
+
+
+async def _stop_for_good(ctx: Context) -> None:
+    """Ask the kernel to stop this starting agent for good, and return once the stop is
+    on its way (``kernel.stop`` unroutes it before its first wait): its supervisor then
+    takes the failing run as a stop, not as an exit to restart. (``kernel.stop`` from
+    inside ``on_start`` would wait for the run it stops: it is started beside it.)"""
+    kernel = ctx.kernel
+    asked = trio.Event()
+
+    async def stop() -> None:
+        try:
+            await kernel.stop(ctx.id, reason=START_FAILED)
+        except (NexusError, ValueError):
+            pass  # stopped already (by someone else, or with the kernel)
+        finally:
+            asked.set()
+
+    ctx.nursery.start_soon(stop)  # cancelled with this run once the stop is queued
+    while not asked.is_set() and kernel.is_local(ctx.id):
+        await trio.lowlevel.checkpoint()
+
+
 def bridge_stats(kernel: Kernel) -> dict[uuid.UUID, BridgeStats]:
     """Counters of the live process agents of ``kernel``, by agent id (copies).
 
@@ -372,6 +397,8 @@ class ProcessOptions:
     ping_interval: float | None = None
     ping_timeout: float = 5.0
     cancel_grace: float = 1.0
+    #: a first run that fails before the child registers stops the agent for good
+    first_start_stops: bool = False
 
 
 class _Oversized:
@@ -712,7 +739,9 @@ class ProcessAgent(Agent):
 
     async def on_start(self, ctx: Context) -> None:
         self._ctx = ctx
-        self._stats = _books.setdefault(ctx.kernel, _Book()).run_started(ctx, self.options.cmd)
+        book = _books.setdefault(ctx.kernel, _Book())
+        first_run = ctx.id not in book.running and ctx.id not in book.ended
+        self._stats = book.run_started(ctx, self.options.cmd)
         # A stop during the handshake gives it up at once (nothing graceful to wait for:
         # the child does not speak the protocol yet) instead of after the agent's long
         # shutdown_timeout, which is the stop sequence's; the run then ends as a stop.
@@ -729,10 +758,13 @@ class ProcessAgent(Agent):
                 try:
                     await self._stop_child(graceful=False)
                 finally:
-                    book = _books.get(ctx.kernel)
-                    if book is not None:
-                        book.run_ended(ctx.kernel, ctx.id)
+                    book.run_ended(ctx.kernel, ctx.id)
             raise
+        except Exception:
+            watch.cancel()  # (the stop asked below is no stop to give the start up for)
+            if first_run and self.options.first_start_stops:
+                await _stop_for_good(ctx)
+            raise  # the run fails with it: a ``failed`` event, then ``stopped``
         finally:
             watch.cancel()
 
@@ -2037,6 +2069,7 @@ def process_agent(
     ping_interval: float | None = None,
     ping_timeout: float = 5.0,
     cancel_grace: float = 1.0,
+    first_start_stops: bool = False,
 ) -> AgentSpec:
     """An agent spec that runs ``cmd`` as a child process speaking the NDJSON bridge protocol.
 
@@ -2053,7 +2086,11 @@ def process_agent(
     ``cancel_grace`` seconds to answer it before the next message replaces it (at most
     half that message's handle timeout; 0: at once, as a child without the feature).
     ``restart``, ``handle_timeout`` and ``mailbox_capacity`` are those of
-    :func:`nexus_trio.agent`.
+    :func:`nexus_trio.agent`. With ``first_start_stops``, a first start that fails (the
+    child exits, or does not register, before it ever registered) stops the agent for
+    good instead of restarting it, as an OTP supervisor's start fails with a child whose
+    ``init`` fails: its ``failed`` event, then ``stopped`` with reason ``start_failed``;
+    the child's exit status stays that of the failure. Later runs restart per ``restart``.
 
     Without ``name`` the agent has none: none is derived from ``cmd`` (as ``nexus run
     --spawn`` does), since a spec spawned twice (in a loop) would then fail its second
@@ -2103,6 +2140,7 @@ def process_agent(
         ping_interval=interval,
         ping_timeout=pong_wait,
         cancel_grace=answer_grace,
+        first_start_stops=bool(first_start_stops),
     )
     return AgentSpec(
         factory=functools.partial(ProcessAgent, options),

@@ -5,7 +5,8 @@ is ``calc``; repeats get ``-2``, ``-3``), which waits for its ``register`` line 
 the kernel's shutdown grace, so a program that never registers cannot hold the shutdown
 past it. A watcher follows the kernel's lifecycle events: a program whose first start
 fails (it exited, printed something that is not a register frame, did not register in
-time) stops the run, and the summary names the program and what it did. Expected bridge
+time) is not restarted and stops the run, and the summary names the program, what it
+did and its exit status. Expected bridge
 failures are logged as one line, not with a traceback of the bridge's internals.
 """
 
@@ -390,6 +391,9 @@ def spawn_programs(kernel: Kernel, commands: Sequence[Sequence[str]]) -> list[Sp
                 name=name,
                 register_timeout=register_timeout(grace),
                 shutdown_grace=stop_grace(grace),
+                # (a first start that fails is not restarted: it stops the run, and the
+                # summary's exit status is the failure's, not a restart's killed at the stop)
+                first_start_stops=True,
             )
         )
         programs.append(SpawnedProgram(tuple(argv), name, ref.id))
