@@ -1645,6 +1645,8 @@ async def test_first_start_stops_keeps_a_failed_first_start_and_its_exit_status(
     assert [kind for kind, _ in seen] == [EventKind.SPAWNED, EventKind.FAILED, EventKind.STOPPED]
     assert seen[-1][1] == "start_failed"
     assert (stats.starts, stats.last_exit) == (1, 3)
+    with pytest.raises(TypeError, match="first_start_stops must be True or False, got 'yes'"):
+        process_agent(cmd, first_start_stops="yes")  # type: ignore[arg-type]
 
 
 async def failed_start(kernel: Kernel, cmd: list[str], name: str) -> ProcessAgentError:

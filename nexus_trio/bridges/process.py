@@ -2130,6 +2130,10 @@ def process_agent(
     interval = None if ping_interval is None else _check_positive("ping_interval", ping_interval)
     pong_wait = _check_positive("ping_timeout", ping_timeout)
     answer_grace = _check_positive("cancel_grace", cancel_grace, allow_zero=True)
+    if not isinstance(first_start_stops, bool):
+        raise TypeError(
+            f"process_agent: first_start_stops must be True or False, got {first_start_stops!r}"
+        )
     options = ProcessOptions(
         cmd=command,
         env=dict(env) if env is not None else None,
@@ -2140,7 +2144,7 @@ def process_agent(
         ping_interval=interval,
         ping_timeout=pong_wait,
         cancel_grace=answer_grace,
-        first_start_stops=bool(first_start_stops),
+        first_start_stops=first_start_stops,
     )
     return AgentSpec(
         factory=functools.partial(ProcessAgent, options),
