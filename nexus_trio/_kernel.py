@@ -227,7 +227,8 @@ class Kernel:
         task an agent started), it cannot wait for the stop of the tree it runs in: as
         OTP's ``init:stop()``, it starts the shutdown (sends from outside are refused from
         this call on) and returns at once; the caller's message is then handled as part
-        of the drain.
+        of the drain. A send from outside waiting for room in a full mailbox when the
+        shutdown starts is refused then (``KernelShuttingDown``).
         """
         if grace is not None:
             # Checked before anything starts: a shutdown that failed halfway would leave
@@ -247,6 +248,7 @@ class Kernel:
                 await self._shutdown_finished.wait()
             return
         router.phase = KernelPhase.DRAINING
+        router.refuse_outside_waits()
         if grace is None:
             grace = self.config.kernel.shutdown_grace
         self._host.end_grace_by(trio.current_time() + grace)
@@ -613,7 +615,7 @@ class Kernel:
             msg = new_message(sender, address, payload, kind, trace_id)
         fast = self._router.fast(msg, address, True)
         if not fast:
-            await self._router.send(msg, fast)
+            await self._router.send(msg, fast, True)
         return msg
 
     @trio.lowlevel.enable_ki_protection

@@ -331,6 +331,9 @@ class Router:
         self.heap = heap
         self.send_timeout = send_timeout
         self.phase = KernelPhase.RUNNING
+        #: the waits for room of sends from outside the kernel's agents (the block, any
+        #: other task): a shutdown refuses them when it starts (see refuse_outside_waits)
+        self._outside_waits: set[trio.CancelScope] = set()
         #: local agents by address: an id's 128-bit value (an int hashes in C, a UUID
         #: through a Python __hash__, a twentieth of a send) or a name; see local()
         self.routes: dict[int | str, Any] = {}
@@ -603,6 +606,13 @@ class Router:
 
     # --- entry points -------------------------------------------------------------------
 
+    def refuse_outside_waits(self) -> None:
+        """The shutdown started: sends from outside the agents that wait for room are
+        refused (``KernelShuttingDown``), as any send from outside is from now on; never
+        enqueued, so not in flight for the drain to wait for."""
+        for scope in self._outside_waits:
+            scope.cancel()
+
     def refuse(self, what: str) -> KernelShuttingDown:
         self.ledger.rejected["shutting_down"] += 1
         return KernelShuttingDown(what, self.phase.name.lower())
@@ -663,7 +673,7 @@ class Router:
             return True
         return False
 
-    async def send(self, msg: Message, fast: bool | None = False) -> None:
+    async def send(self, msg: Message, fast: bool | None = False, external: bool = False) -> None:
         """The rest of a send after :meth:`fast` said no (``fast``: what it said; None
         when it found no local agent, and the message goes straight to the transport): may
         wait for room (``block``), raises ``AgentNotFound`` / ``MailboxFull`` /
@@ -700,7 +710,7 @@ class Router:
                 self.ledger.accepted += 1
                 self.ledger.forwarded += 1
                 return
-            await self.deliver(msg, wait=True)
+            await self.deliver(msg, wait=True, external=external)
         except (AgentNotFound, MailboxFull) as exc:
             self.ledger.reject(exc)
             raise
@@ -945,8 +955,9 @@ class Router:
     def _full(self, cell: Any, msg: Message) -> MailboxFull:
         return MailboxFull(cell.id, cell.name, cell.mailbox.capacity, msg.id)
 
-    async def deliver(self, msg: Message, *, wait: bool) -> None:
-        """The slow branch: everything but a local recipient with room."""
+    async def deliver(self, msg: Message, *, wait: bool, external: bool = False) -> None:
+        """The slow branch: everything but a local recipient with room. ``external``: a
+        send from outside the agents, whose wait for room the shutdown ends (refused)."""
         if msg.reply_to is not None and self._deliver_reply(msg):
             return
         cell = self.local(msg.to)
@@ -968,8 +979,11 @@ class Router:
         ledger = self.ledger
         ledger.accepted += 1
         entered = False
+        refused = trio.CancelScope()
+        if external:
+            self._outside_waits.add(refused)
         try:
-            with trio.move_on_after(self.send_timeout):
+            with refused, trio.move_on_after(self.send_timeout):
                 await blocked.mailbox.put_waiting(msg)
                 entered = True
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -978,8 +992,12 @@ class Router:
         except BaseException:
             ledger.accepted -= 1
             raise
+        finally:
+            self._outside_waits.discard(refused)
         if not entered:
             ledger.accepted -= 1
+            if refused.cancelled_caught:
+                raise self.refuse("send")
             raise self._full(blocked, msg)
         blocked.received += 1
         if blocked.dormant:
@@ -1072,7 +1090,7 @@ class Router:
                 else:
                     # It may wait for room: not past the request's own deadline.
                     with trio.move_on_after(timeout):
-                        await self.deliver(query, wait=True)
+                        await self.deliver(query, wait=True, external=external)
                         enqueued = True
             except (AgentNotFound, MailboxFull) as exc:
                 self.ledger.reject(exc)

@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -1006,4 +1007,52 @@ async def test_shutdown_called_from_a_handler_returns_and_the_kernel_shuts_down(
     assert returned == [("quit", KernelPhase.DRAINING), ("again", KernelPhase.DRAINING)]
     stats = kernel.stats()
     assert (stats.handled, stats.dead_lettered, stats.in_flight) == (2, 0, 0)
+    assert_conserved(kernel)
+
+
+async def test_an_outside_send_waiting_for_room_is_refused_when_an_agent_shuts_down(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A send from the block waiting for room in a full mailbox when a handler asks for
+    the shutdown: it waited on, and took the room the agent's stop made in the stopping
+    phase (accepted after the drain, where every send is refused, then dead-lettered).
+    It now ends with ``KernelShuttingDown`` (``draining``) when the shutdown starts, as
+    any send from outside then; nothing of it is accepted, the rest is dead-lettered."""
+    handled: list[Any] = []
+
+    @agent(name="slow", mailbox_capacity=1)
+    async def slow(ctx: Context, msg: Message) -> None:
+        await trio.sleep(10)
+        handled.append(msg.payload)
+
+    @agent(name="quitter")
+    async def quitter(ctx: Context, msg: Message) -> None:
+        await ctx.kernel.shutdown()
+
+    outcome: list[Any] = []
+    with trio.fail_after(MOCK_LIMIT):
+        cfg = config(grace_ms=100)
+        cfg = attrs.evolve(cfg, kernel=attrs.evolve(cfg.kernel, send_timeout_ms=60_000))
+        async with open_kernel(cfg, seed=1) as kernel:
+            s, q = kernel.spawn(slow), kernel.spawn(quitter)
+            await kernel.send(s, 1)
+            await trio.testing.wait_all_tasks_blocked()
+            await kernel.send(s, 2)  # the mailbox is full
+
+            async def quit_soon() -> None:
+                await trio.sleep(1)
+                await kernel.send(q, "quit")
+
+            async with trio.open_nursery() as block:
+                block.start_soon(quit_soon)
+                try:
+                    await kernel.send(s, 3)
+                except KernelShuttingDown as exc:
+                    outcome.append((exc.phase, trio.current_time()))
+    assert outcome == [("draining", 1.0)]
+    assert handled == []  # the grace (0.1 s) was shorter than the handler
+    stats = kernel.stats()
+    assert stats.rejected == {"shutting_down": 1}
+    assert (stats.accepted, stats.handled, stats.in_flight) == (3, 1, 0)
+    assert stats.dead_letters_by_reason == {"shutdown": 2}
     assert_conserved(kernel)

@@ -419,9 +419,11 @@ async def test_a_send_with_room_leaves_the_fast_branch_only_one_time_in_sixteen(
     slow: list[Any] = []
     original = Router.send
 
-    async def counted(self: Router, msg: Message, fast: bool | None = False) -> None:
+    async def counted(
+        self: Router, msg: Message, fast: bool | None = False, external: bool = False
+    ) -> None:
         slow.append(msg.payload)
-        await original(self, msg, fast)
+        await original(self, msg, fast, external)
 
     monkeypatch.setattr(Router, "send", counted)
     async with open_kernel(make_config()) as kernel:
