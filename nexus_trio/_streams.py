@@ -34,6 +34,8 @@ class Subscription(Generic[T]):
         self._owner = owner
         self._send, self._receive = trio.open_memory_channel[T](buffer)
         self.dropped = 0
+        #: the stream is finished: nothing more comes after what is buffered
+        self._finished = False
 
     async def __aenter__(self) -> Subscription[T]:
         return self
@@ -54,6 +56,7 @@ class Subscription(Generic[T]):
             self._owner.dropped += 1
 
     def _finish(self) -> None:
+        self._finished = True
         self._send.close()
 
     def __aiter__(self) -> Subscription[T]:
@@ -61,13 +64,29 @@ class Subscription(Generic[T]):
 
     async def __anext__(self) -> T:
         try:
+            if self._finished:
+                return self._rest()
             return await self._receive.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
             raise StopAsyncIteration from None
 
     async def receive(self) -> T:
-        """The next item; raises ``trio.EndOfChannel`` once the stream is finished."""
+        """The next item; raises ``trio.EndOfChannel`` once the stream is finished.
+
+        Once finished (the kernel stopped), what is buffered is read, then the end,
+        without a checkpoint: a reader cancelled right after the stream ends (the
+        ``open_kernel`` block, which a shutdown asked by an agent cancels once the
+        kernel has stopped) still gets every item."""
+        if self._finished:
+            return self._rest()
         return await self._receive.receive()
+
+    def _rest(self) -> T:
+        """The next of what a finished stream had buffered, or ``trio.EndOfChannel``."""
+        try:
+            return self._receive.receive_nowait()
+        except trio.WouldBlock:
+            raise trio.EndOfChannel from None
 
     def receive_nowait(self) -> T:
         """The next item or ``trio.WouldBlock``."""

@@ -36,6 +36,8 @@ from typer.testing import CliRunner
 from nexus_trio import __version__
 from nexus_trio.cli import app
 
+from .hang_guard import real_time_limit
+
 pytestmark = pytest.mark.usefixtures("restore_logging")
 WIDE = {"COLUMNS": "200", "NO_COLOR": "1"}
 
@@ -534,6 +536,18 @@ APP_MODULE = """
             await kernel.send("boom2", "x")
             await trio.sleep(0.01)
 
+    @agent(name="quitter")
+    async def quitter(ctx, msg):
+        await ctx.kernel.shutdown()
+
+    async def quits(kernel):
+        kernel.spawn(echo)
+        kernel.spawn(quitter)
+        for i in range(3):
+            await kernel.send("echo", i)  # answered to the system id: dead letters
+        await kernel.send("quitter", "quit")
+        await trio.sleep_forever()
+
     specs = [echo, boom]
     number = 42
 """
@@ -583,6 +597,21 @@ RUN_FAILURE_APP = """
         while Flaky.starts < 3:
             await trio.sleep(0.01)
 """
+
+
+def test_a_run_whose_agent_shuts_the_kernel_down_ends_with_its_summary(app_module):
+    """An agent's ``kernel.shutdown()`` while the app's main sleeps for ever: the run
+    went on, its kernel stopped, until a signal (a hang under ``--duration 0``). It now
+    ends once the kernel has stopped, saying so, with every message accounted for."""
+    with real_time_limit(20):
+        result = invoke(["run", "--app", f"{app_module}:quits", "--json", "--no-live"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["stopped_by"] == "kernel shutdown"
+    assert summary["error"] is None
+    assert summary["handled"] == 3 + 1
+    assert summary["in_flight"] == 0
+    assert conserved(summary)
 
 
 def test_the_summary_counts_runs_that_failed_outside_a_handler(isolated):

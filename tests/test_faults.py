@@ -1010,6 +1010,94 @@ async def test_shutdown_called_from_a_handler_returns_and_the_kernel_shuts_down(
     assert_conserved(kernel)
 
 
+async def test_a_shutdown_an_agent_asks_for_ends_the_block_once_the_kernel_has_stopped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A handler's ``shutdown()`` while the block waits on nothing of the kernel's
+    (``sleep_forever``): the kernel stopped, and the block slept on (``open_kernel``
+    never returned: the test's ``fail_after`` cut it). The shutdown now drains, stops
+    every agent (``on_stop`` in order), and only then cancels the block, which leaves
+    as a block that ended; a reader of the events stream in the block gets every item
+    up to the stream's end, though the block is cancelled right after it ends."""
+    order: list[str] = []
+
+    class Worker(Agent):
+        async def on_stop(self, ctx: Context) -> None:
+            order.append(f"on_stop {ctx.name}")
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            await trio.sleep(1)
+            order.append(f"handled {ctx.name} {msg.payload}")
+
+    @agent(name="quitter")
+    async def quitter(ctx: Context, msg: Message) -> None:
+        await ctx.kernel.shutdown()
+        order.append(f"shutdown asked ({ctx.kernel.phase.name.lower()})")
+
+    seen: list[tuple[EventKind, str | None]] = []
+
+    async def read(stream: Any) -> None:
+        async for event in stream:
+            seen.append((event.kind, event.name))
+        order.append("stream ended")
+
+    with trio.fail_after(MOCK_LIMIT):
+        async with open_kernel(config(grace_ms=10_000), seed=1) as kernel:
+            async with kernel.events() as stream, trio.open_nursery() as block:
+                block.start_soon(read, stream)
+                w1 = kernel.spawn(Worker, name="w1")
+                w2 = kernel.spawn(Worker, name="w2")
+                ref = kernel.spawn(quitter)
+                for i in range(3):
+                    await kernel.send(w1, i)
+                    await kernel.send(w2, i)
+                await kernel.send(ref, "quit")
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    order.append(f"block cancelled ({kernel.phase.name.lower()})")
+        order.append(f"open_kernel returned at {trio.current_time():g}")
+    # (w1 and w2 handle at the same moments: in either order between them)
+    assert sorted(order[1:7]) == sorted(f"handled {n} {i}" for i in range(3) for n in ("w1", "w2"))
+    assert [entry for entry in order[1:7] if "w1" in entry] == [f"handled w1 {i}" for i in range(3)]
+    assert order[:1] + order[7:] == [
+        "shutdown asked (draining)",
+        "on_stop w2",
+        "on_stop w1",
+        # (the reader and the rest of the block, each in its turn)
+        *order[9:11],
+        "open_kernel returned at 3",
+    ]
+    assert sorted(order[9:11]) == ["block cancelled (stopped)", "stream ended"]
+    stopped = [name for kind, name in seen if kind is EventKind.STOPPED]
+    assert sorted(stopped) == ["quitter", "w1", "w2"]
+    stats = kernel.stats()
+    assert (stats.handled, stats.dead_lettered, stats.in_flight) == (7, 0, 0)
+    assert_conserved(kernel)
+
+
+async def test_a_block_that_waits_for_a_shutdown_an_agent_asked_for_is_not_cancelled(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A block that calls ``shutdown()`` itself, also to wait for one a handler started,
+    goes on once it returns (``nexus run`` leaves its cluster then): only a block that
+    did not ask is cancelled when the kernel stops."""
+    after: list[str] = []
+
+    @agent(name="quitter")
+    async def quitter(ctx: Context, msg: Message) -> None:
+        await ctx.kernel.shutdown()
+
+    with trio.fail_after(MOCK_LIMIT):
+        async with open_kernel(config(), seed=1) as kernel:
+            await kernel.send(kernel.spawn(quitter), "quit")
+            await kernel.shutdown()
+            await trio.sleep(5)
+            after.append(kernel.phase.name.lower())
+    assert after == ["stopped"]
+    assert_conserved(kernel)
+
+
 async def test_an_outside_send_waiting_for_room_is_refused_when_an_agent_shuts_down(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
