@@ -136,11 +136,10 @@ class Kernel:
         self._root_task: trio.lowlevel.Task | None = None
         #: the ``open_kernel`` nursery, where a shutdown asked from inside the tree runs
         self._nursery: trio.Nursery | None = None
-        #: the task that runs the ``open_kernel`` block (see _in_block)
-        self._block_task: trio.lowlevel.Task | None = None
-        #: the block asked for the shutdown, or waits for it: it is not cancelled once
-        #: the kernel has stopped (see _shut_down)
-        self._block_asked = False
+        #: code outside the tree (the block, a task beside it) asked for the shutdown, or
+        #: waits for it: the block is not cancelled once the kernel has stopped (see
+        #: _shut_down)
+        self._asked_outside = False
 
     # --- lifecycle of the kernel -----------------------------------------------------------
 
@@ -235,10 +234,10 @@ class Kernel:
         of the drain. A send from outside waiting for room in a full mailbox when the
         shutdown starts is refused then (``KernelShuttingDown``).
 
-        A shutdown the ``open_kernel`` block did not ask for (from inside the tree, or
-        a task outside the block) cancels the block once the kernel has stopped, and
-        ``open_kernel`` returns as for a block that ended; a block that calls
-        ``shutdown()`` itself is not cancelled.
+        A shutdown asked from inside the tree alone cancels the ``open_kernel`` block
+        once the kernel has stopped, and ``open_kernel`` returns as for a block that
+        ended; one called (or waited for) from outside the tree cancels nothing: the
+        call returns once the kernel has stopped and its caller goes on.
         """
         if grace is not None:
             # Checked before anything starts: a shutdown that failed halfway would leave
@@ -246,8 +245,8 @@ class Kernel:
             grace = checked_seconds(grace, "shutdown grace", zero=True)
         router = self._router
         in_tree = self._in_tree()
-        if not in_tree and self._in_block():
-            self._block_asked = True
+        if not in_tree:
+            self._asked_outside = True
         if router.phase is not KernelPhase.RUNNING:
             if grace is not None:
                 # A shutdown is under way (another task's, a handler's): the drain ends
@@ -295,19 +294,6 @@ class Kernel:
             task = nursery.parent_task if nursery is not None else None
         return False
 
-    def _in_block(self) -> bool:
-        """True if the current task runs the ``open_kernel`` block, or a task the block
-        started (not one of the kernel's own: the tree, the request timer, a shutdown)."""
-        task: trio.lowlevel.Task | None = trio.lowlevel.current_task()
-        while task is not None:
-            if task is self._block_task:
-                return True
-            nursery = task.parent_nursery
-            if nursery is None or nursery is self._nursery:
-                return False
-            task = nursery.parent_task
-        return False
-
     @trio.lowlevel.enable_ki_protection
     async def _shut_down(self) -> None:
         """Steps 2 to 4 of :meth:`shutdown` (the phase is ``DRAINING`` already, the
@@ -332,11 +318,11 @@ class Kernel:
             self._host.heap.close()
             router.phase = KernelPhase.STOPPED
         self._shutdown_finished.set()
-        if not self._block_asked:
-            # Asked by an agent (or a task outside the block): the kernel is over, and so
-            # is the block, which nothing may end otherwise (``sleep_forever``). Cancelled
-            # only now, so that what it awaits of the kernel ends first (a request gets
-            # its answer or its error, a stream its last items: see Subscription).
+        if not self._asked_outside:
+            # Asked by an agent alone: the kernel is over, and so is the block, which
+            # nothing may end otherwise (``sleep_forever``). Cancelled only now, so that
+            # what it awaits of the kernel ends first (a request gets its answer or its
+            # error, a stream its last items: see Subscription).
             self._body_scope.cancel()
 
     @property
@@ -1059,8 +1045,9 @@ async def open_kernel(
     that cancellation), and ``Cancelled`` goes on out of the block. If supervision
     escalates to the kernel (``[supervision] escalate_to_kernel = true``), the block is
     cancelled, the kernel shuts down and :class:`SupervisorEscalation` is raised. A
-    shutdown the block did not ask for (an agent's ``ctx.kernel.shutdown()``) ends the
-    block: it is cancelled once the kernel has stopped, and ``open_kernel`` returns.
+    shutdown asked by an agent (``ctx.kernel.shutdown()``), none called from outside the
+    tree, ends the block: it is cancelled once the kernel has stopped, and
+    ``open_kernel`` returns.
     ``seed`` makes backoff jitter reproducible.
     """
     if config is not None and not isinstance(config, Config):
@@ -1098,7 +1085,6 @@ async def open_kernel(
     try:
         async with trio.open_nursery() as nursery:
             kernel._nursery = nursery
-            kernel._block_task = trio.lowlevel.current_task()
             with trio.CancelScope(shield=True):
                 # Shielded: in a block already cancelled (a deadline that has passed),
                 # Trio's start would leave the tree, shielded itself, under the start

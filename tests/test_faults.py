@@ -1098,6 +1098,38 @@ async def test_a_block_that_waits_for_a_shutdown_an_agent_asked_for_is_not_cance
     assert_conserved(kernel)
 
 
+async def test_a_shutdown_called_beside_the_block_returns_to_its_caller_and_cancels_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """``kernel.shutdown()`` from a task beside the block (in a nursery around
+    ``open_kernel``) is code outside the tree: its call returns once the kernel has
+    stopped and its caller goes on; the block is not cancelled (only an agent's shutdown
+    ends it: the caller outside owns the end, as the block's own call does)."""
+    order: list[str] = []
+
+    @agent(name="worker")
+    async def worker(ctx: Context, msg: Message) -> None:
+        await trio.sleep(1)
+        order.append(f"handled {msg.payload}")
+
+    async def stopper(kernel: Any) -> None:
+        await trio.sleep(0.5)
+        await kernel.shutdown()
+        order.append(f"shutdown returned at {trio.current_time():g}")
+
+    with trio.fail_after(MOCK_LIMIT):
+        async with trio.open_nursery() as outside:
+            async with open_kernel(config(grace_ms=10_000), seed=1) as kernel:
+                ref = kernel.spawn(worker)
+                await kernel.send(ref, 1)
+                await kernel.send(ref, 2)
+                outside.start_soon(stopper, kernel)
+                await trio.sleep(10)
+                order.append(f"block went on to {trio.current_time():g}")
+    assert order == ["handled 1", "handled 2", "shutdown returned at 2", "block went on to 10"]
+    assert_conserved(kernel)
+
+
 async def test_an_outside_send_waiting_for_room_is_refused_when_an_agent_shuts_down(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
