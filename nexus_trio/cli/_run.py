@@ -898,10 +898,14 @@ async def _run_async(
             )
         finally:
             if kernel is not None and kernel.stopped and state.stopped_by is None and not error:
-                # An agent (or the app's own task) called kernel.shutdown(): the kernel
-                # stopped, which ends the open_kernel block, and so the run.
+                # An agent called kernel.shutdown(): the kernel stopped, which ends the
+                # open_kernel block (see Kernel.shutdown), and so the run.
                 state.stopped_by = "kernel shutdown"
-                log_guarded(log, logging.INFO, "the kernel was shut down (kernel.shutdown()): done")
+                log_guarded(
+                    log,
+                    logging.INFO,
+                    "an agent shut the kernel down (kernel.shutdown()): the run is over",
+                )
             state.phase = "done"
             state.t_end = trio.current_time()
             if kernel is not None and state.live is not None:
