@@ -87,5 +87,19 @@ class DeadLetter:
         passed kept for ``traceback``."""
         if self.error is None:
             return self
-        error, frameless = without_frames(self.error)
-        return attrs.evolve(self, error=error, frameless_traceback=frameless)
+        return DeadLetter.kept(self.message, self.reason, self.recipient, self.error, self.detail)
+
+    @staticmethod
+    def kept(
+        message: Message,
+        reason: DeadLetterReason,
+        recipient: Address,
+        error: BaseException,
+        detail: str = "",
+    ) -> DeadLetter:
+        """The dead letter of ``error`` as the ring of recent ones keeps it (see
+        ``without_frames``), built at once: what a dead letter nobody subscribes to is.
+        (Built directly, not by attrs.evolve, which looks every field up by name: this
+        runs once per restart of a failing agent.)"""
+        copy, frameless = without_frames(error)
+        return DeadLetter(message, reason, recipient, copy, detail, frameless)

@@ -181,7 +181,12 @@ class Ledger:
                 f" ({detail})" if detail else "",
                 extra={**log_fields(recipient, recipient_name, msg), "reason": reason.value},
             )
-        self._dead_letters.publish(DeadLetter(msg, reason, recipient, error, detail))
+        letters = self._dead_letters
+        if error is not None and not letters.has_subscribers:
+            # Nobody listens: only the ring's frame-free copy is built.
+            letters.publish_kept(DeadLetter.kept(msg, reason, recipient, error, detail))
+        else:
+            letters.publish(DeadLetter(msg, reason, recipient, error, detail))
 
     def dead_letters(self, buffer: int) -> Subscription[DeadLetter]:
         return self._dead_letters.subscribe(buffer)

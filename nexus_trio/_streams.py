@@ -135,6 +135,13 @@ class Broadcast(Generic[T]):
             for sub in self._subscribers:
                 sub._offer(item)
 
+    def publish_kept(self, kept: T) -> None:
+        """Publish an item, while nobody subscribes, as the ring keeps it: the publisher,
+        having seen ``has_subscribers`` false, built only that (a dead letter's frame-free
+        copy, not the dead letter as well)."""
+        self.published += 1
+        self.recent.append(kept)
+
     def finish(self) -> None:
         """End every subscription: iterators stop after the items already buffered."""
         self._finished = True
