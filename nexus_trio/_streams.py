@@ -44,7 +44,7 @@ class Subscription(Generic[T]):
         self.close()
 
     def close(self) -> None:
-        self._owner._subscribers.discard(self)
+        self._owner._forget(id(self))
         self._send.close()
         self._receive.close()
 
@@ -104,8 +104,11 @@ class Broadcast(Generic[T]):
         self._keep = keep
         #: weak: a subscription dropped without close() (``async for`` over a stream left
         #: by break or cancellation, no ``async with``) must not stay subscribed, with its
-        #: buffer, for the kernel's lifetime
-        self._subscribers: weakref.WeakSet[Subscription[T]] = weakref.WeakSet()
+        #: buffer, for the kernel's lifetime. A dict of weak references by id, not a
+        #: WeakSet: ``has_subscribers`` is asked for each dead letter and event, and a
+        #: WeakSet's ``len`` is Python code (a tenth of a restart's kernel work went to
+        #: asking it three times)
+        self._subscribers: dict[int, weakref.ref[Subscription[T]]] = {}
         self.recent: deque[T] = deque(maxlen=recent)
         self.published = 0
         self.dropped = 0
@@ -124,15 +127,26 @@ class Broadcast(Generic[T]):
         if self._finished:
             sub._finish()
         else:
-            self._subscribers.add(sub)
+            self._subscribers[id(sub)] = weakref.ref(sub, _forgetter(self, id(sub)))
         return sub
+
+    def _forget(self, key: int, ref: weakref.ref[Subscription[T]] | None = None) -> None:
+        """Unsubscribe the subscription of id ``key`` (closed, or, ``ref`` given, gone:
+        then only if that id was not taken by a newer subscription since)."""
+        if ref is None or self._subscribers.get(key) is ref:
+            self._subscribers.pop(key, None)
+
+    def _live(self) -> list[Subscription[T]]:
+        """The subscriptions still there (a snapshot: offering to one may collect another)."""
+        subs = (ref() for ref in list(self._subscribers.values()))
+        return [sub for sub in subs if sub is not None]
 
     def publish(self, item: T) -> None:
         self.published += 1
         keep = self._keep
         self.recent.append(item if keep is None else keep(item))
         if self._subscribers:
-            for sub in self._subscribers:
+            for sub in self._live():
                 sub._offer(item)
 
     def publish_kept(self, kept: T) -> None:
@@ -145,9 +159,22 @@ class Broadcast(Generic[T]):
     def finish(self) -> None:
         """End every subscription: iterators stop after the items already buffered."""
         self._finished = True
-        for sub in self._subscribers:
+        for sub in self._live():
             sub._finish()
         self._subscribers.clear()
 
     def __iter__(self) -> Iterator[T]:
         return iter(self.recent)
+
+
+def _forgetter(owner: Broadcast[T], key: int) -> Callable[[weakref.ref[Subscription[T]]], None]:
+    """The callback of a subscription's weak reference: unsubscribes it once it is gone.
+    It holds its broadcast weakly (as a WeakSet does): no cycle through the callback."""
+    owner_ref = weakref.ref(owner)
+
+    def gone(ref: weakref.ref[Subscription[T]]) -> None:
+        broadcast = owner_ref()
+        if broadcast is not None:
+            broadcast._forget(key, ref)
+
+    return gone
