@@ -20,7 +20,7 @@ from typing import Final, final
 import trio
 
 from ._deadletter import DeadLetter, DeadLetterReason
-from ._errors import AgentNotFound, KernelShuttingDown
+from ._errors import AgentNotFound, KernelShuttingDown, error_repr
 from ._events import EventKind, LifecycleEvent
 from ._logcall import log_guarded
 from ._logfields import log_fields
@@ -240,12 +240,20 @@ class Ledger:
         self._watching.setdefault(watcher, set()).add(target)
 
     def notify(
-        self, target: uuid.UUID, name: str | None, event: str, reason: str, *, final: bool
+        self,
+        target: uuid.UUID,
+        name: str | None,
+        event: str,
+        reason: str | BaseException | None,
+        *,
+        final: bool,
     ) -> None:
         """Tell the watchers of ``target`` that it failed or stopped (an Event message).
 
-        ``final``: it stopped for good. Its monitors of others end with it (as in Erlang
-        and Akka: a monitor belongs to the watcher's lifetime), and so do the ones on it.
+        ``reason``: why, or the error it failed with (its repr, made only if somebody
+        watches). ``final``: it stopped for good. Its monitors of others end with it (as
+        in Erlang and Akka: a monitor belongs to the watcher's lifetime), and so do the
+        ones on it.
         """
         if not self._monitors and not self._watching:
             return  # no monitor in the whole kernel (most stops)
@@ -259,6 +267,8 @@ class Ledger:
             watchers = self._monitors.get(target)
         if not watchers:
             return
+        if not isinstance(reason, str):
+            reason = error_repr(reason)
         for watcher in list(watchers):
             self.send_notice(
                 Message(

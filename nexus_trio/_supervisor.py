@@ -49,7 +49,7 @@ from ._child import (
     to_restart,
 )
 from ._config import RestartStrategy
-from ._errors import SupervisorEscalation, error_repr
+from ._errors import SupervisorEscalation
 from ._events import EventKind
 from ._gc import HeapKeeper
 from ._logcall import log_guarded
@@ -291,19 +291,23 @@ class SupervisionHost:
             reported,
             child.restarts,
         )
-        self.ledger.notify(child.id, child.name, "failed", error_repr(reported), final=False)
+        # (the error's repr is made only if somebody watches it)
+        self.ledger.notify(child.id, child.name, "failed", reported, final=False)
 
     def restarting(self, child: Child, delay: float, error: BaseException | None) -> None:
         self.ledger.restarts += 1
-        log_guarded(
-            log,
-            logging.INFO,
-            "restarting %s in %.3fs (restart %d)",
-            child.label,
-            delay,
-            child.restarts,
-            extra=log_extra(child),
-        )
+        if log.isEnabledFor(logging.INFO):
+            # (its fields are built only for a record that is made: at the default
+            # WARNING level, none is)
+            log_guarded(
+                log,
+                logging.INFO,
+                "restarting %s in %.3fs (restart %d)",
+                child.label,
+                delay,
+                child.restarts,
+                extra=log_extra(child),
+            )
         self.ledger.event(
             EventKind.RESTARTED,
             child.id,
@@ -714,7 +718,8 @@ class SupervisorNode(Child, ChildOwner):
         directive = child.exit_directive
         # Whatever happens to it next, what it spawned dies with this run (OTP links):
         # a restart must not find last run's children still there (or their names taken).
-        await self._stop_linked(child, "parent_exited")
+        if child.linked_children:
+            await self._stop_linked(child, "parent_exited")
         if error is not None:
             host.failed(child, error)
             if isinstance(error, StoppedForShutdown):
