@@ -45,9 +45,6 @@ def _repr_raised(error: BaseException | None, exc: Exception) -> str:
 #: how much of a formatted traceback a dead letter keeps (its first and last lines)
 TRACEBACK_TEXT_LIMIT: Final = 8192
 
-_CAUSE: Final = "\nThe above exception was the direct cause of the following exception:\n\n"
-_CONTEXT: Final = "\nDuring handling of the above exception, another exception occurred:\n\n"
-
 
 def _truncated(text: str) -> str:
     """At most TRACEBACK_TEXT_LIMIT characters: the first quarter and the end (the frame
@@ -82,25 +79,28 @@ class FramelessTraceback:
 
     def text(self) -> str:
         if self._text is None:
-            parts: list[str] = []
-            self._format(self._error, parts, set())
-            self._text = _truncated("".join(parts))
+            # what traceback.format_exception builds (causes, contexts, notes, a group's
+            # members in their boxes, its width and depth limits), given the stacks kept
+            report = traceback.TracebackException.from_exception(self._error, compact=True)
+            self._place(report)
+            self._text = _truncated("".join(report.format()))
         return self._text
 
-    def _format(self, error: BaseException, parts: list[str], seen: set[int]) -> None:
-        seen.add(id(error))
-        cause, context = error.__cause__, error.__context__
-        if cause is not None and id(cause) not in seen:
-            self._format(cause, parts, seen)
-            parts.append(_CAUSE)
-        elif context is not None and not error.__suppress_context__ and id(context) not in seen:
-            self._format(context, parts, seen)
-            parts.append(_CONTEXT)
-        stack = self._stacks.get(id(error))
-        if stack:
-            parts.append("Traceback (most recent call last):\n")
-            parts.extend(traceback.StackSummary.from_list(stack).format())
-        parts.extend(traceback.format_exception_only(error))
+    def _place(self, report: traceback.TracebackException) -> None:
+        """Give each exception of ``report`` (built from the copy, which has no frames)
+        the stack its original passed through."""
+        pending = [(report, self._error)]
+        while pending:
+            part, error = pending.pop()
+            stack = self._stacks.get(id(error))
+            if stack:
+                part.stack = traceback.StackSummary.from_list(stack)
+            if part.__cause__ is not None and error.__cause__ is not None:
+                pending.append((part.__cause__, error.__cause__))
+            if part.__context__ is not None and error.__context__ is not None:
+                pending.append((part.__context__, error.__context__))
+            if part.exceptions and isinstance(error, BaseExceptionGroup):
+                pending.extend(zip(part.exceptions, error.exceptions, strict=False))
 
 
 def without_frames(error: BaseException) -> tuple[BaseException, FramelessTraceback]:

@@ -7,6 +7,7 @@ import gc
 import logging
 import math
 import re
+import traceback
 import uuid
 import warnings
 import weakref
@@ -755,6 +756,62 @@ async def test_a_dead_letter_keeps_its_error_s_report_not_the_handler_s_frames(
                 f"tests.test_kernel._BadRecord: bad date in row {d.message.payload}",
                 "while parsing the upload",
             ]
+
+
+def _check_name(name: str) -> None:
+    raise ValueError(f"no name {name!r}")
+
+
+def _check_row(row: int) -> None:
+    try:
+        {}[row]
+    except KeyError as exc:
+        raise LookupError(f"row {row} missing") from exc
+
+
+async def test_a_dead_letter_of_an_exception_group_shows_its_members_tracebacks(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: the traceback of a dead letter kept without frames showed only an
+    ExceptionGroup's own line ("ExceptionGroup: two checks failed (2 sub-exceptions)"), not
+    its members with their tracebacks as ``traceback.format_exception`` does."""
+    raised: list[BaseException] = []
+    caplog.set_level(logging.CRITICAL, logger="nexus_trio.agent")
+
+    @agent(name="checker")
+    async def checker(ctx: Context, msg: Message) -> None:
+        failures: list[Exception] = []
+        for check, value in ((_check_name, "x"), (_check_row, 7)):
+            try:
+                check(value)  # type: ignore[operator]
+            except Exception as exc:
+                failures.append(exc)
+        group = ExceptionGroup("two checks failed", failures)
+        group.add_note("while checking the upload")
+        raised.append(group)
+        raise group
+
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(checker)
+        await kernel.send("checker", 1)
+        await trio.testing.wait_all_tasks_blocked()
+        [letter] = kernel.recent_dead_letters()
+    assert letter.reason is DeadLetterReason.HANDLER_ERROR
+    assert isinstance(letter.error, ExceptionGroup) and letter.error.__traceback__ is None
+    [original] = raised
+    text = letter.traceback
+    # the same text, but for the markers under each line (columns: a frame's, not kept)
+    markers = re.compile(r"(?m)^[ |]*[\^~]+\n")
+    assert text == markers.sub("", "".join(traceback.format_exception(original)))
+    for line in (
+        "  | ExceptionGroup: two checks failed (2 sub-exceptions)",
+        "  | while checking the upload",
+        "    | ValueError: no name 'x'",
+        "    | KeyError: 7",
+        "    | LookupError: row 7 missing",
+    ):
+        assert line in text.splitlines()
+    assert text.count("in _check_name") == 1 and text.count("in _check_row") == 2
 
 
 async def test_returned_payload_replies_and_returned_message_is_routed() -> None:
