@@ -2273,3 +2273,55 @@ async def test_a_rebalance_whose_record_drop_fails_leaves_no_agent_running_nowhe
             ]
             assert nowhere == []
             assert not any(ka.is_local(name) and name in on_c for name in wins)
+
+
+async def test_a_placement_answered_during_a_clean_leave_whose_record_drop_fails_says_placed(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """c is asked to place svc-x and leaves cleanly while it writes the record: once the
+    write lands, the record is dropped again (the leave is dropping c's records). That
+    drop failing with anything but the BadRequest of a record changed since (here the
+    bucket timing out) was answered ``failed: TimeoutError: nats: timeout``, naming no
+    agent, while svc-x ran on c: the asker was told it failed (a rebalance would start a
+    second copy). The answer says where it runs; the record not dropped is logged."""
+    from nats.js.kv import KeyValue
+
+    put, delete = KeyValue.put, KeyValue.delete
+
+    async def slow_put(self: KeyValue, key: str, *args: Any, **kw: Any) -> int:
+        if self._name.endswith("-placed"):
+            await asyncio.sleep(0.3)
+        return await put(self, key, *args, **kw)
+
+    async def failing_delete(self: KeyValue, key: str, *args: Any, **kw: Any) -> bool:
+        if self._name.endswith("-placed"):
+            raise _NatsTimeout
+        return await delete(self, key, *args, **kw)
+
+    outcome: list[PlacedAgent | Exception] = []
+    async with _node(nats.url, "a", **QUIET) as (_, a), open_kernel(node_config()) as kc:
+        async with trio.open_nursery() as nursery:
+            options = attrs.evolve(PATIENT, **QUIET)
+            async with join_cluster(kc, nats.url, "c", options=options) as c:
+                c.register_type("counter", COUNTING)
+                _meet(a, c)
+                monkeypatch.setattr(KeyValue, "put", slow_put)
+                monkeypatch.setattr(KeyValue, "delete", failing_delete)
+
+                async def place() -> None:
+                    try:
+                        outcome.append(await a.spawn("counter", name="svc-x", node="c"))
+                    except Exception as exc:
+                        outcome.append(exc)
+
+                nursery.start_soon(place)
+
+                async def spawned() -> bool:  # its record on its way
+                    return kc.is_local("svc-x")
+
+                await _until(spawned, timeout=10)
+            # (c left: its leave waited for the answer)
+        monkeypatch.setattr(KeyValue, "put", put)
+        monkeypatch.setattr(KeyValue, "delete", delete)
+        assert kc.is_local("svc-x")
+        assert outcome == [PlacedAgent("svc-x", "c", kc.lookup("svc-x").id)]

@@ -530,29 +530,21 @@ class Placement:
             # wait, and the record is written with the asyncio KV client directly.
             pin = None if pinned is None else str(pinned)
             ref, record = self._spawn_local(type_name, name, pin)
-            kv = self._kv
-            if kv is not None:
-                try:
-                    async with self._writing:
-                        revision = await kv.put(wire.name_key(name), record.encode())
-                except Exception as exc:  # the bucket unreachable: the agent runs
-                    self._record_unwritten(name, ref.id, record, exc)
-                else:
-                    # its leave dropped the records already, or the agent stopped for
-                    # good while its record was written (see _hold)
-                    if self._cluster.closing or not self._running(name, ref.id):
-                        with contextlib.suppress(nats.js.errors.BadRequestError):
-                            await kv.delete(wire.name_key(name), last=revision)
-                    else:
-                        self._held[name] = (ref.id, revision)
-                        self._unwritten.pop(name, None)
-            answer: dict[str, Any] = {"node": self._cluster.node, "id": str(ref.id)}
         except UnknownAgentType as exc:
-            answer = {"error": "unknown_type", "type": exc.type_name, "node": exc.node}
+            answer: dict[str, Any] = {
+                "error": "unknown_type",
+                "type": exc.type_name,
+                "node": exc.node,
+            }
         except NameTaken as exc:
             answer = {"error": "name_taken", "holder": str(exc.holder)}
         except Exception as exc:
-            answer = {"error": "failed", "text": f"{type(exc).__name__}: {exc}"}
+            text = f"agent {name!r} not started: {type(exc).__name__}: {exc}"
+            answer = {"error": "failed", "text": text}
+        else:
+            # The agent runs: the answer says so, whatever becomes of its record.
+            await self._record_requested(name, ref.id, record)
+            answer = {"node": self._cluster.node, "id": str(ref.id)}
         try:
             await m.respond(json.dumps(answer).encode())
         except Exception as exc:  # the connection closed meanwhile: the asker times out
@@ -564,6 +556,35 @@ class Placement:
                 name,
                 exc,
             )
+
+    async def _record_requested(
+        self, name: str, agent_id: uuid.UUID, record: PlacementRecord
+    ) -> None:
+        """asyncio side: write the record of ``agent_id``, just spawned here as ``name``
+        for another node (see :meth:`_hold`, its trio side). Never raises: the agent
+        runs, and its asker is told so; a record not written is retried, one not dropped
+        is logged, as anywhere else."""
+        kv = self._kv
+        if kv is None:
+            return
+        try:
+            async with self._writing:
+                revision = await kv.put(wire.name_key(name), record.encode())
+        except Exception as exc:  # the bucket unreachable: the agent runs
+            self._record_unwritten(name, agent_id, record, exc)
+            return
+        if not self._cluster.closing and self._running(name, agent_id):
+            self._held[name] = (agent_id, revision)
+            self._unwritten.pop(name, None)
+            return
+        # its leave dropped the records already, or the agent stopped for good while its
+        # record was written (see _hold)
+        try:
+            await kv.delete(wire.name_key(name), last=revision)
+        except nats.js.errors.BadRequestError:
+            pass  # changed since: another incarnation's record
+        except Exception as exc:
+            self._not_dropped(name, exc)
 
     async def _requests_answered(self) -> None:
         """asyncio side: until the placement requests under way are answered."""
