@@ -23,7 +23,7 @@ import trio
 
 from nexus_trio import Agent, Context, EventKind, Message, MessageKind, agent, open_kernel
 from nexus_trio._nats import Cluster, join_cluster
-from nexus_trio._nats._placement import rendezvous_owner
+from nexus_trio._nats._placement import Placement, rendezvous_owner
 
 from .nats_server import PATIENT, node_config, read_line, sigkill
 
@@ -90,6 +90,25 @@ async def _command(cluster: Cluster, nursery: trio.Nursery, cmd: dict[str, Any])
             for name in names:
                 places.start_soon(place, name)
         return {"seconds": trio.current_time() - started, "failed": failed[:10]}
+    if op == "spawn_each":
+        # each of cmd["names"] placed at once: name -> [node, id] or "Error: text"
+        results: dict[str, Any] = {}
+
+        async def place_one(name: str) -> None:
+            try:
+                placed = await cluster.spawn(cmd["type"], name=name, node=cmd.get("node"))
+            except Exception as exc:
+                results[name] = f"{type(exc).__name__}: {exc}"
+            else:
+                results[name] = [placed.node, str(placed.id)]
+
+        async with trio.open_nursery() as places:
+            for name in cmd["names"]:
+                places.start_soon(place_one, name)
+        return results
+    if op == "local":
+        # the names of this kernel's agents among cmd["names"], with their ids
+        return {n: str(kernel.lookup(n).id) for n in cmd["names"] if kernel.is_local(n)}
     if op == "known":
         # how many of f"{prefix}{i}" (i < count) this node knows where they run
         return sum(
@@ -106,6 +125,24 @@ async def _command(cluster: Cluster, nursery: trio.Nursery, cmd: dict[str, Any])
         return restarted
     if op == "rebalance":
         return await cluster.rebalance()
+    if op == "slow_asks":
+        # every placement this node asks of another node waits cmd["delay"] s first (an
+        # owner slow to reach: a test kills this node while its asks wait)
+        ask = Placement._ask
+
+        async def slow_ask(self: Placement, *args: Any) -> Any:
+            asks_started.append(args[1])
+            await trio.sleep(cmd["delay"])
+            return await ask(self, *args)
+
+        Placement._ask = slow_ask  # type: ignore[method-assign]
+        return None
+    if op == "asks_started":
+        return len(asks_started)
+    if op == "rebalance_soon":
+        # started in the background (the node may be killed in the middle of it)
+        nursery.start_soon(cluster.rebalance)
+        return None
     if op == "request":
         return await kernel.request(cmd["to"], "report", timeout=cmd.get("timeout", 5))
     if op == "stream":
@@ -141,6 +178,8 @@ async def _command(cluster: Cluster, nursery: trio.Nursery, cmd: dict[str, Any])
 
 
 streams: list[tuple[trio.Event, dict[str, int]]] = []
+#: the names of the placements this node asked of others since ``slow_asks``
+asks_started: list[str] = []
 #: (name, reason) of every ``restarted`` lifecycle event of this kernel
 restarted: list[tuple[str | None, str]] = []
 

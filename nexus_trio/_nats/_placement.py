@@ -599,10 +599,10 @@ class Placement:
         queued for it is dead-lettered ``agent_stopped``, as for any stop) and a fresh
         one starts on the new owner. Pinned agents stay. Not automatic: moving agents
         costs their state, so the operator (or the app) decides when. Up to
-        :data:`_kvops.WINDOW` agents move at once (each one's stop, record drop and
-        placement in that order). If a new owner refuses an agent or does not answer, it
-        starts here again (fresh) and the owner's error is raised once the moves under
-        way have ended (no agent is moved after it).
+        :data:`_kvops.WINDOW` agents move at once (each one placed there, then stopped
+        here). If a new owner refuses an agent or does not answer, it runs on here and
+        the owner's error is raised once the moves under way have ended (no agent is
+        moved after it).
         """
         cluster = self._cluster
         live = cluster.live_nodes()
@@ -639,25 +639,37 @@ class Placement:
         return [name for name, _ in to_move if name in moved]
 
     async def _move(self, name: str, owner: str, timeout: float) -> bool:
-        """One agent of :meth:`rebalance`: False if it stopped (or moved) meanwhile."""
+        """One agent of :meth:`rebalance`: False if it stopped (or moved) meanwhile.
+
+        Placed on ``owner`` first, stopped here once placed: this node killed in between
+        leaves the agent running here (re-placed with this node) or there (the name's
+        holder now), never nowhere, as stopping it and dropping its record before the
+        request did. The owner's record replaces this node's (the same type, no pin)."""
         cluster = self._cluster
-        held = self._held.pop(name, None)
+        held = self._held.get(name)
         record = self.records.get(name)
         if held is None or record is None:
             return False
-        agent_id, revision = held
-        self._unwritten.pop(name, None)
-        self.records.pop(name, None)
+        agent_id = held[0]
+        # (not held while asked: a stop meanwhile drops no record, and the owner's name
+        # heard before the answer does not stop it as a duplicate)
+        del self._held[name]
+        unwritten = self._unwritten.pop(name, None)
+        try:
+            await self._ask(owner, record.type_name, name, None, timeout)
+        except Exception:
+            # Refused, or no answer: it runs on here, untouched (an owner that spawned
+            # it but whose answer was lost has the newer copy: this one is stopped as a
+            # duplicate once its name is heard).
+            if self._running(name, agent_id) and name not in self._held:
+                self._held[name] = held
+                if unwritten is not None:
+                    self._unwritten[name] = unwritten
+            else:
+                await self._drop_record(name, held[1])  # it stopped for good meanwhile
+            raise
         with contextlib.suppress(AgentNotFound):
             await cluster.kernel.stop(agent_id)
-        try:
-            await self._delete_record(name, revision)
-            await self._ask(owner, record.type_name, name, None, timeout)
-        except Exception as exc:
-            # Refused, no answer, or its record not dropped (the bucket unavailable):
-            # the agent must not end up running nowhere.
-            await self._take_back(record.type_name, name, owner, exc)
-            raise
         log_guarded(
             log,
             logging.INFO,
@@ -667,35 +679,6 @@ class Placement:
             owner,
         )
         return True
-
-    async def _take_back(self, type_name: str, name: str, owner: str, exc: Exception) -> None:
-        """A rebalance's new owner did not take ``name``: start it here again (fresh
-        state; it was stopped here already). If the owner spawned it but its answer was
-        lost (no answer in time), the name runs twice, the newer here."""
-        cluster = self._cluster
-        try:
-            await self._spawn_here(type_name, name, None, replaced_from=None)
-        except Exception as again:
-            log_guarded(
-                log,
-                logging.ERROR,
-                "node %s: agent %r not moved to node %s (%s) and not started here again: %r",
-                cluster.node,
-                name,
-                owner,
-                exc,
-                again,
-            )
-            return
-        log_guarded(
-            log,
-            logging.WARNING,
-            "node %s: agent %r not moved to node %s (%s): started here again (fresh state)",
-            cluster.node,
-            name,
-            owner,
-            exc,
-        )
 
     # --- records ----------------------------------------------------------------------------
 
