@@ -11,6 +11,7 @@ messages from lost ones even after the counter's node was SIGKILLed.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import subprocess
@@ -20,9 +21,12 @@ from typing import Any
 
 import attrs
 import trio
+from nats.js.errors import KeyNotFoundError
 
 from nexus_trio import Agent, Context, EventKind, Message, MessageKind, agent, open_kernel
 from nexus_trio._nats import Cluster, join_cluster
+from nexus_trio._nats import _wire as wire
+from nexus_trio._nats._aio import call_aio
 from nexus_trio._nats._placement import Placement, rendezvous_owner
 
 from .nats_server import PATIENT, node_config, read_line, sigkill
@@ -137,6 +141,39 @@ async def _command(cluster: Cluster, nursery: trio.Nursery, cmd: dict[str, Any])
 
         Placement._ask = slow_ask  # type: ignore[method-assign]
         return None
+    if op == "slow_records":
+        # every placement record this node writes waits cmd["delay"] s first (its KV
+        # slow: a test has it leave while it answers placement requests)
+        from nats.js.kv import KeyValue
+
+        put = KeyValue.put
+
+        async def slow_put(self: KeyValue, key: str, *args: Any, **kw: Any) -> int:
+            if self._name.endswith("-placed"):
+                await asyncio.sleep(cmd["delay"])
+            return await put(self, key, *args, **kw)
+
+        KeyValue.put = slow_put  # type: ignore[method-assign]
+        return None
+    if op == "records":
+        # the names among cmd["names"] that have a placement record, as this node knows
+        return sorted(n for n in cmd["names"] if n in cluster.placement.records)
+    if op == "names_in_bucket":
+        # the names among cmd["names"] that have an entry in the names bucket now
+        kv = cluster._names_kv
+        assert kv is not None
+
+        async def entries() -> list[str]:
+            found = []
+            for name in cmd["names"]:
+                try:
+                    await kv.get(wire.name_key(name))
+                except KeyNotFoundError:
+                    continue
+                found.append(name)
+            return found
+
+        return await call_aio(entries)
     if op == "asks_started":
         return len(asks_started)
     if op == "rebalance_soon":

@@ -3373,6 +3373,7 @@ class Cluster:
                 log_guarded(log, logging.INFO, "node %s: node %r left the cluster", self.node, key)
                 # (one lost before was counted then, see Placement.node_lost)
                 self._restart_streams(key, info if info.reachable else None)
+                self._forget_names_of(info)
                 self.placement.member_left(key)
             return
         if op == "PURGE" or not value:
@@ -3697,8 +3698,21 @@ class Cluster:
         )
 
     def learn_name(self, name: str, node: str, agent_id: uuid.UUID) -> None:
-        """Note where ``name`` runs (a placement answer), ahead of the names bucket."""
+        """Note where ``name`` runs (a placement answer), ahead of the names bucket; not
+        if ``node`` left since (it answered, then left cleanly: its leave dropped the name,
+        maybe before the answer was read here, see _forget_names_of)."""
+        if node != self.node and node not in self.members.members:
+            return
         self._set_name(name, (node, agent_id))
+
+    def _forget_names_of(self, info: NodeInfo) -> None:
+        """``info``'s node left cleanly: its names are no longer where anything runs. Its
+        leave drops them from the bucket, but one learnt here from a placement answer read
+        after that drop was heard would stay (a later process of the name, another id
+        prefix, keeps its own)."""
+        for name, (holder, agent_id) in list(self._names.items()):
+            if holder == info.node and agent_id.int >> 64 == info.id_prefix:
+                self._set_name(name, None)
 
     async def watch_bucket(
         self, kv: KeyValue, apply: Any, task_status: trio.TaskStatus[None]
