@@ -979,11 +979,13 @@ class Router:
         ledger = self.ledger
         ledger.accepted += 1
         entered = False
-        refused = trio.CancelScope()
+        # One scope for the wait: the send deadline's, which a shutdown's start cancels
+        # for a send from outside (see refuse_outside_waits).
+        deadline = trio.move_on_after(self.send_timeout)
         if external:
-            self._outside_waits.add(refused)
+            self._outside_waits.add(deadline)
         try:
-            with refused, trio.move_on_after(self.send_timeout):
+            with deadline:
                 await blocked.mailbox.put_waiting(msg)
                 entered = True
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -993,10 +995,12 @@ class Router:
             ledger.accepted -= 1
             raise
         finally:
-            self._outside_waits.discard(refused)
+            if external:
+                self._outside_waits.discard(deadline)
         if not entered:
             ledger.accepted -= 1
-            if refused.cancelled_caught:
+            if external and self.phase is not _RUNNING:
+                # (no checkpoint since the wait ended: the shutdown started during it)
                 raise self.refuse("send")
             raise self._full(blocked, msg)
         blocked.received += 1
