@@ -22,7 +22,7 @@ from ._child import Directive as Directive
 from ._child import RestartType as RestartType
 from ._child import enum_member, to_restart
 from ._config import OverflowPolicy
-from ._errors import AgentNotRunning
+from ._errors import AgentNotRunning, NexusError
 from ._logfields import log_fields as log_fields
 from ._message import Address, Message, MessageKind, kind_error, new_message, new_query
 
@@ -609,3 +609,31 @@ class Context:
         return await trio.to_thread.run_sync(
             fn, *args, limiter=self._limiter, abandon_on_cancel=True
         )
+
+
+#: the ``stopped`` event's reason of an agent whose first start failed and that is not
+#: restarted (a pool's worker; a process agent with ``first_start_stops``)
+START_FAILED: Final = "start_failed"
+
+
+async def stop_for_good(ctx: Context) -> None:
+    """Ask the kernel to stop this starting agent for good, and return once the stop is
+    on its way: its supervisor then takes the failing run as a stop, not as an exit to
+    restart (and counts no restart). ``kernel.stop`` takes the agent out of the routing
+    table before its first wait, so ``is_local`` turns False then. (``kernel.stop`` from
+    inside ``on_start`` would wait for the run it stops: it is started beside it.)"""
+    kernel = ctx.kernel
+    asked = False
+
+    async def stop() -> None:
+        nonlocal asked
+        try:
+            await kernel.stop(ctx.id, reason=START_FAILED)
+        except (NexusError, ValueError):
+            pass  # stopped already (by someone else, or with the kernel)
+        finally:
+            asked = True
+
+    ctx.nursery.start_soon(stop)  # cancelled with this run once the stop is queued
+    while not asked and kernel.is_local(ctx.id):
+        await trio.lowlevel.checkpoint()

@@ -30,7 +30,16 @@ from typing import TYPE_CHECKING, Any, Final, Protocol, final
 import attrs
 import trio
 
-from ._agent import Agent, AgentRef, AgentSpec, Behaviour, Context, Handler, as_spec
+from ._agent import (
+    Agent,
+    AgentRef,
+    AgentSpec,
+    Behaviour,
+    Context,
+    Handler,
+    as_spec,
+    stop_for_good,
+)
 from ._deadletter import DeadLetterReason
 from ._errors import AgentNotFound, MessageFailed, NexusError, RequestFailed, error_repr
 from ._message import Message, MessageKind
@@ -52,7 +61,6 @@ WORKERS: Final = "$workers"
 BROADCAST: Final = "$broadcast"
 _CONTROL: Final = frozenset({RESIZE, WORKERS, BROADCAST})
 #: the ``stopped`` event's reason for a grown worker whose first ``on_start`` failed
-START_FAILED: Final = "start_failed"
 
 
 class PoolRouting(enum.Enum):
@@ -197,7 +205,7 @@ class _WorkerBehaviour:
         except Exception as exc:
             first.error = exc
             first.done.set()
-            await _stop_for_good(ctx)
+            await stop_for_good(ctx)
             raise  # the run fails with it: a ``failed`` event, then ``stopped``
         first.done.set()
 
@@ -733,28 +741,6 @@ class _PoolRouter(Agent):
 def _ran(first: _FirstStart) -> bool:
     """Whether a grown worker's first start went through."""
     return first.done.is_set() and first.error is None
-
-
-async def _stop_for_good(ctx: Context) -> None:
-    """Ask the kernel to stop this (starting) worker for good, and return once the stop
-    is on its way: its supervisor then takes the failing run as a stop, not as an exit
-    to restart (and counts no restart). ``kernel.stop`` takes the worker out of the
-    routing table before its first wait, so ``is_local`` turns False then."""
-    kernel = ctx.kernel
-    asked = False
-
-    async def stop() -> None:
-        nonlocal asked
-        try:
-            await kernel.stop(ctx.id, reason=START_FAILED)
-        except (NexusError, ValueError):
-            pass  # stopped already (by someone else, or with the kernel)
-        finally:
-            asked = True
-
-    ctx.nursery.start_soon(stop)  # cancelled with this run once the stop is queued
-    while not asked and kernel.is_local(ctx.id):
-        await trio.lowlevel.checkpoint()
 
 
 async def _started_or_stopped(kernel: Kernel, ref: AgentRef, started: trio.Event) -> None:

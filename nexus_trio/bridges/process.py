@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any, Final, final
 import attrs
 import trio
 
-from .._agent import Agent, AgentSpec, Context, RestartType, log_fields
+from .._agent import Agent, AgentSpec, Context, RestartType, log_fields, stop_for_good
 from .._brief import brief
 from .._deadletter import DeadLetterReason
 from .._errors import MessageFailed, NexusError
@@ -280,31 +280,6 @@ class _Book:
 
 
 _books: weakref.WeakKeyDictionary[Kernel, _Book] = weakref.WeakKeyDictionary()
-
-
-#: the ``stopped`` event's reason of an agent whose first start failed (``first_start_stops``)
-START_FAILED: Final = "start_failed"
-
-
-async def _stop_for_good(ctx: Context) -> None:
-    """Ask the kernel to stop this starting agent for good, and return once the stop is
-    on its way (``kernel.stop`` unroutes it before its first wait): its supervisor then
-    takes the failing run as a stop, not as an exit to restart. (``kernel.stop`` from
-    inside ``on_start`` would wait for the run it stops: it is started beside it.)"""
-    kernel = ctx.kernel
-    asked = trio.Event()
-
-    async def stop() -> None:
-        try:
-            await kernel.stop(ctx.id, reason=START_FAILED)
-        except (NexusError, ValueError):
-            pass  # stopped already (by someone else, or with the kernel)
-        finally:
-            asked.set()
-
-    ctx.nursery.start_soon(stop)  # cancelled with this run once the stop is queued
-    while not asked.is_set() and kernel.is_local(ctx.id):
-        await trio.lowlevel.checkpoint()
 
 
 def bridge_stats(kernel: Kernel) -> dict[uuid.UUID, BridgeStats]:
@@ -763,7 +738,7 @@ class ProcessAgent(Agent):
         except Exception:
             watch.cancel()  # (the stop asked below is no stop to give the start up for)
             if first_run and self.options.first_start_stops:
-                await _stop_for_good(ctx)
+                await stop_for_good(ctx)
             raise  # the run fails with it: a ``failed`` event, then ``stopped``
         finally:
             watch.cancel()
