@@ -262,12 +262,15 @@ class AgentNotFound(NexusError, LookupError):
 
 
 class NameTaken(NexusError, ValueError):
-    """An agent with this ``name`` is already alive in the kernel."""
+    """An agent with this ``name`` is already alive in the kernel (or, ``node`` given, in
+    the cluster: the name is held by agent ``holder`` on that node)."""
 
-    def __init__(self, name: str, holder: uuid.UUID) -> None:
+    def __init__(self, name: str, holder: uuid.UUID, *, node: str | None = None) -> None:
         self.name = name
         self.holder = holder
-        super().__init__(f"agent name {name!r} is already taken by agent {holder}")
+        self.node = node
+        where = "" if node is None else f" on node {node!r}"
+        super().__init__(f"agent name {name!r} is already taken by agent {holder}{where}")
 
 
 class MailboxFull(NexusError):

@@ -46,6 +46,7 @@ ERRORS: list[BaseException] = [
     AgentNotFound(ID),
     AgentNotFound("ghost", node="node-c"),
     NameTaken("greeter", ID),
+    NameTaken("greeter", ID, node="node-b"),
     MailboxFull(ID, "inbox", 16, ID),
     MailboxFull(ID, None, 16, ID),
     KernelShuttingDown("spawn"),

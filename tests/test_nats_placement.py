@@ -1095,13 +1095,15 @@ async def test_a_later_incarnation_heard_while_this_node_s_own_put_was_on_its_wa
     """Regression: c's put of a placed name landed, but before c took its answer a
     registered a later incarnation (a counted c lost and re-placed it) and c's watch
     brought that entry: c then pointed the name at its own copy again, over the later
-    entry, and kept its copy for good. Now c's copy loses, as after a partition."""
+    entry, and kept its copy for good. Now c's copy loses, as after a partition. (The
+    name is claimed before the record is written: c's record write is the one held back,
+    and the later entry is judged once c holds the copy as placed.)"""
     async with (
         _node(nats.url, "a", **QUIET) as (ka, ca),
         _node(nats.url, "c", **QUIET) as (kc, cc),
     ):
         _meet(ca, cc)
-        kv = cc._names_kv
+        kv = cc.placement._kv  # (c claims the name first, then writes the record)
         assert kv is not None
         original_put = kv.put
         landed, release = trio.Event(), asyncio.Event()
@@ -1115,27 +1117,33 @@ async def test_a_later_incarnation_heard_while_this_node_s_own_put_was_on_its_wa
 
         kv.put = put  # type: ignore[method-assign]
         with trio.fail_after(30):  # a hang guard
-            placed = await ca.spawn("counter", name=ON_C)
-            assert placed.node == "c"
-            await landed.wait()
-            await _learn(ca, ON_C)
-            async with ka.events() as events_a, kc.events() as events_c:
-                _lose(ca, "c")  # only a counts c lost: c hears a all along
-                await _replaced(events_a, ON_C)
-                await ca.names_published()
-                later = await _name_entry(ca, ON_C)
+            answers: list[Any] = []
 
-                async def heard() -> bool:  # c's watch brings a's entry
-                    return cc._name_revisions.get(ON_C) == later[3]
+            async def place() -> None:  # (answered once c's claim is taken)
+                answers.append(await ca.spawn("counter", name=ON_C, timeout=20))
 
-                await _until(heard)
-                release.set()
-                with trio.move_on_after(10):
-                    await _stopped(events_c, ON_C)
-            assert not kc.is_local(ON_C) and ka.is_local(ON_C)
-            assert cc.name_holder(ON_C) == ("a", ka.lookup(ON_C).id)
-            assert await kc.request(ON_C, "hi", timeout=5) == {"name": ON_C, "handled": 1}
-            assert cc.stats().duplicates_stopped == 1
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(place)
+                await landed.wait()
+                await _learn(ca, ON_C)
+                async with ka.events() as events_a, kc.events() as events_c:
+                    _lose(ca, "c")  # only a counts c lost: c hears a all along
+                    await _replaced(events_a, ON_C)
+                    await ca.names_published()
+                    later = await _name_entry(ca, ON_C)
+
+                    async def heard() -> bool:  # c's watch brings a's entry
+                        return cc._name_revisions.get(ON_C) == later[3]
+
+                    await _until(heard)
+                    release.set()
+                    with trio.move_on_after(10):
+                        await _stopped(events_c, ON_C)
+                assert not kc.is_local(ON_C) and ka.is_local(ON_C)
+                assert cc.name_holder(ON_C) == ("a", ka.lookup(ON_C).id)
+                assert await kc.request(ON_C, "hi", timeout=5) == {"name": ON_C, "handled": 1}
+                assert cc.stats().duplicates_stopped == 1
+            assert [p.node for p in answers] == ["c"]  # (its copy, stopped since)
 
 
 # --- writes to the buckets that failed ---------------------------------------------------------
@@ -1152,15 +1160,18 @@ class _Outage:
     failed: list[str] = attrs.field(factory=list)
 
     def refuse(self, kv: Any, bucket: str) -> None:
-        original_put = kv.put
+        # (a placed name is claimed with create, or update against the entry there)
+        for write in ("put", "create", "update"):
+            setattr(kv, write, self._refused(getattr(kv, write), bucket))
 
-        async def put(key: str, value: bytes, **kwargs: Any) -> int:
+    def _refused(self, original: Any, bucket: str) -> Any:
+        async def write(key: str, value: bytes, **kwargs: Any) -> int:
             if self.on and (self.limit is None or len(self.failed) < self.limit):
                 self.failed.append(f"{bucket}:{wire.name_from_key(key)}")
                 raise nats.errors.TimeoutError
-            return await original_put(key, value, **kwargs)  # type: ignore[no-any-return]
+            return await original(key, value, **kwargs)  # type: ignore[no-any-return]
 
-        kv.put = put
+        return write
 
 
 def _refuse_writes(
@@ -2079,7 +2090,7 @@ async def test_a_rebalance_moves_hundreds_of_agents_at_once_and_each_exactly_onc
             await trio.sleep(0.02)
             # (each move's request is given the hang guard's time, not the default 5 s:
             # two loaded nodes of one process answer 200 requests late, not never)
-            return await original(self, *args[:-1], 120.0)
+            return await original(self, *args[:4], 120.0, *args[5:])
         finally:
             in_flight[0] -= 1
 
@@ -2401,6 +2412,60 @@ async def test_one_name_placed_from_two_nodes_at_once_runs_once_and_the_loser_is
             for node in nodes:
                 for name in names[:10]:
                     assert await node.call("where", name=name) == list(held[name])
+
+
+@pytest.mark.trio
+async def test_one_name_pinned_to_two_nodes_at_once_is_placed_once_the_other_refused_naming_the_holder() -> (
+    None
+):
+    """a pins 40 names to b while b pins the same 40 to c, at the same moment. The names
+    bucket takes the first claim of each name: one request is answered with the agent,
+    the other with NameTaken naming the agent and the node that holds it. Nothing is
+    told "placed" and stopped later as a duplicate: each name runs once, where its answer
+    says, with its record's pin, and no node stopped a duplicate."""
+    names = [f"pinned-{i}" for i in range(40)]
+    with nats_cluster() as servers:
+        async with _stopped_at_end() as nodes:
+            nodes += await _start_nodes(servers[0].url, ["a", "b", "c"])
+            a, b, _ = nodes
+            answers: list[dict[str, Any]] = [{}, {}]
+
+            async def pin(i: int, node: Node, to: str) -> None:
+                answers[i] = await node.call(
+                    "spawn_each", type="counter", names=names, node=to, timeout=60
+                )
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pin, 0, a, "b")
+                nursery.start_soon(pin, 1, b, "c")
+
+            async def known_everywhere() -> bool:
+                for node in nodes:
+                    for name in names:
+                        if await node.call("where", name=name) is None:
+                            return False
+                return True
+
+            await _until(known_everywhere, timeout=30)
+            held = await _held_once(nodes, names)
+            on_b = 0
+            for name in names:
+                got = [answers[0][name], answers[1][name]]
+                placed = [g for g in got if isinstance(g, list)]
+                refused = [g for g in got if isinstance(g, str)]
+                assert placed == [list(held[name])], (name, got)
+                assert len(refused) == 1 and refused[0].startswith("NameTaken"), (name, got)
+                assert f"'{name}'" in refused[0] and held[name][1] in refused[0], (name, got)
+                assert f"on node '{held[name][0]}'" in refused[0], (name, got)
+                on_b += held[name][0] == "b"
+                for node in nodes:
+                    assert await node.call("where", name=name) == list(held[name])
+            assert on_b == len(names) - sum(isinstance(g, str) for g in answers[0].values())
+            assert await b.call("records", names=names) == sorted(names)
+            for node in nodes:
+                stats = await node.call("stats")
+                assert stats["duplicates_stopped"] == 0, (node.node, stats)
+            assert await _held_once(nodes, names) == held
 
 
 @pytest.mark.trio

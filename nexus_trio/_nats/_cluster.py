@@ -73,6 +73,7 @@ from .._errors import (
     MailboxFull,
     MessageDecodeError,
     MessageFailed,
+    NameTaken,
     NexusError,
     RequestFailed,
     TransportUnavailable,
@@ -126,6 +127,9 @@ _LEFT_STREAMS_MAX: Final = 4096
 #: times a join reads and judges the record under its name, then writes its own against
 #: it, before it gives up (each refused write: another process wrote under the name)
 _CLAIM_TRIES: Final = 3
+#: how often a placed name's claim reads and writes its entry again when another node
+#: wrote it in between (then it is unwritten, retried as any name, see _retry_names)
+_NAME_CLAIM_TRIES: Final = 5
 
 #: a stream of numbered tells: the destination node and its id prefix (its process)
 _Stream = tuple[str, int]
@@ -2674,6 +2678,11 @@ class Cluster:
             return
         self.placement.superseded(name, local, entry[0])
 
+    def check_duplicate(self, name: str) -> None:
+        """Placement took local ``name`` as placed: stop it if a later incarnation of it
+        was heard already (see :meth:`_check_duplicate`)."""
+        self._check_duplicate(name)
+
     def _check_duplicates_on(self, node: str) -> None:
         """``node`` is heard again: the local names whose later incarnation runs there."""
         for name in list(self._local_names):
@@ -2775,6 +2784,8 @@ class Cluster:
         puts = [(name, agent_id) for name, agent_id in ops if agent_id is not None]
         drops = []
         for name, agent_id in ops:
+            if agent_id is None and name in self._local_names:
+                continue  # a later agent holds the name here: its own write replaces the entry
             if agent_id is None and (published := self._published_names.pop(name, None)):
                 drops.append((name, published[1]))
         if drops:
@@ -2788,6 +2799,85 @@ class Cluster:
                     self._name_unwritten(name, agent_id, revision)
                 else:
                     self._name_written(name, agent_id, revision)
+
+    def claiming(self, name: str, agent_id: uuid.UUID) -> None:
+        """Local ``agent_id``, just spawned as ``name`` by placement, has its entry written
+        by :meth:`claim_name`, not by the names publisher (whose unconditional put would
+        overwrite another node's claim). Called before anything awaits."""
+        self._local_names[name] = agent_id
+        self._unwritten_names.pop(name, None)
+
+    async def claim_name(
+        self, name: str, agent_id: uuid.UUID, *, replaces: tuple[str, uuid.UUID] | None = None
+    ) -> None:
+        """asyncio side: write ``name``'s entry for local ``agent_id`` (see :meth:`claiming`)
+        only if the name is free: the first writer wins, as a globally registered name in
+        OTP. ``kv.create`` fails if the key exists; an entry there is then overwritten only
+        with a compare-and-set on its revision, and only if it is ``replaces`` (the copy a
+        rebalance moves here), this node's own, or held on a node this one does not hear
+        (lost: re-placing its agent). An entry of a node this one hears is
+        :class:`NameTaken` naming its agent and node. A bucket that does not take the write
+        does not fail it: the agent runs, its name unwritten and retried (see
+        ``_retry_names``), as for any named agent."""
+        kv = self._names_kv
+        if kv is None:
+            return
+        key = wire.name_key(name)
+        try:
+            revision = await self._claim(kv, key, name, agent_id, replaces)
+        except NameTaken:
+            raise
+        except Exception as exc:  # the bucket unreachable (or the entry kept changing)
+            self._name_unwritten(name, agent_id, exc)
+            return
+        if self._closing:  # its leave may have dropped the names already
+            try:
+                await kv.delete(key, last=revision)
+            except Exception as exc:  # (changed since, or the bucket failing: logged)
+                self._name_not_dropped(name, exc)
+            return
+        self._name_written(name, agent_id, revision)
+
+    async def _claim(
+        self,
+        kv: KeyValue,
+        key: str,
+        name: str,
+        agent_id: uuid.UUID,
+        replaces: tuple[str, uuid.UUID] | None,
+    ) -> int:
+        """The revision of the entry :meth:`claim_name` wrote (or found its own)."""
+        value = self._name_value(agent_id)
+        for _ in range(_NAME_CLAIM_TRIES):
+            try:
+                return await kv.create(key, value)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                pass  # the name has an entry
+            try:
+                entry = await kv.get(key)
+            except nats.js.errors.KeyNotFoundError:
+                continue  # deleted meanwhile: free again
+            holder = _decode_name_entry(entry.value)
+            if holder == (self.node, agent_id) and entry.revision is not None:
+                return entry.revision  # (an answer lost, asked again)
+            if (
+                holder is not None
+                and holder != replaces
+                and holder[0] != self.node
+                and (info := self.members.members.get(holder[0])) is not None
+                and info.reachable
+                and holder[1].int >> 64 == info.id_prefix  # (not a restarted node's old one)
+            ):
+                self._apply_name_entry(key, entry.value, entry.operation, entry.revision)
+                raise NameTaken(name, holder[1], node=holder[0])
+            try:
+                return await kv.update(key, value, last=entry.revision)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue  # written by another node meanwhile: read again
+        raise TransportUnavailable(
+            f"the names bucket entry of {name!r} changed under each of {_NAME_CLAIM_TRIES}"
+            " claims of it"
+        )
 
     def _name_value(self, agent_id: uuid.UUID) -> bytes:
         return json.dumps({"node": self.node, "id": str(agent_id)}).encode()

@@ -117,6 +117,9 @@ _MIN_WAIT: Final = 0.001
 #: the reason (``stopped`` event, dead letters' detail) of a placed agent stopped because
 #: another incarnation of its name won (see :meth:`Placement.superseded`)
 DUPLICATE_REASON: Final = "duplicate after partition"
+#: the reason of a copy started for a placement whose name another node claimed first
+#: (see :meth:`Placement._claim`): stopped at once, the placement refused with NameTaken
+REFUSED_REASON: Final = "name held on another node"
 
 
 def placement_weight(node: str, name: str) -> int:
@@ -295,18 +298,33 @@ class Placement:
             )
         holder = cluster.name_holder(name)
         if holder is not None and holder[0] in cluster.live_nodes():
-            raise NameTaken(name, holder[1])
+            raise NameTaken(name, holder[1], node=holder[0])
         owner = node if node is not None else self.owner(name)
-        if owner == cluster.node:
+        if owner != cluster.node:
+            return await self._ask(owner, type_name, name, node, timeout)
+        try:
             return await self._spawn_here(type_name, name, node, replaced_from=None)
-        return await self._ask(owner, type_name, name, node, timeout)
+        except NameTaken as exc:
+            if exc.node is not None:
+                raise
+            raise NameTaken(name, exc.holder, node=cluster.node) from None  # this kernel's
 
     async def _ask(
-        self, owner: str, type_name: str, name: str, pinned: str | None, timeout: float
+        self,
+        owner: str,
+        type_name: str,
+        name: str,
+        pinned: str | None,
+        timeout: float,
+        replaces: tuple[str, uuid.UUID] | None = None,
     ) -> PlacedAgent:
-        """Have node ``owner`` spawn the agent (one request on the control connection)."""
+        """Have node ``owner`` spawn the agent (one request on the control connection);
+        ``replaces``: the copy whose name entry its claim may take over (a rebalance's)."""
         cluster = self._cluster
-        body = json.dumps({"type": type_name, "name": name, "pinned": pinned}).encode()
+        fields: dict[str, Any] = {"type": type_name, "name": name, "pinned": pinned}
+        if replaces is not None:
+            fields["replaces"] = [replaces[0], str(replaces[1])]
+        body = json.dumps(fields).encode()
         subject = f"{cluster.prefix}.place.{owner}"
         deadline = trio.current_time() + timeout
         while True:
@@ -338,6 +356,11 @@ class Placement:
     ) -> PlacedAgent:
         cluster = self._cluster
         ref, record = self._spawn_local(type_name, name, pinned)
+        try:
+            await call_aio(self._claim, name, ref.id, record, None)
+        except NameTaken:
+            await self._stop_refused(ref.id)
+            raise
         kv = self._kv
         if kv is not None:
             try:
@@ -368,10 +391,16 @@ class Placement:
         stopped for good while the record was written (its STOPPED event found nothing
         held to drop), drop it now."""
         if not self._cluster.closing and self._running(name, agent_id):
-            self._held[name] = (agent_id, revision)
-            self._unwritten.pop(name, None)
+            self._now_held(name, agent_id, revision)
             return
         await self._drop_record(name, revision)
+
+    def _now_held(self, name: str, agent_id: uuid.UUID, revision: int) -> None:
+        """``agent_id`` runs here as placed ``name``, its record written at ``revision``;
+        a later incarnation heard while it was written wins (it is stopped)."""
+        self._held[name] = (agent_id, revision)
+        self._unwritten.pop(name, None)
+        self._cluster.check_duplicate(name)
 
     def _running(self, name: str, agent_id: uuid.UUID) -> bool:
         """Whether ``agent_id`` still runs here as ``name`` (the kernel forgets a name
@@ -473,15 +502,37 @@ class Placement:
     def _spawn_local(
         self, type_name: str, name: str, pinned: str | None
     ) -> tuple[AgentRef, PlacementRecord]:
-        """Spawn a placed agent in this kernel (the caller writes its record to KV)."""
+        """Spawn a placed agent in this kernel (the caller claims its name, see
+        :meth:`_claim`, then writes its record to KV)."""
         cluster = self._cluster
         spec = self._specs.get(type_name)
         if spec is None:
             raise UnknownAgentType(type_name, cluster.node)
         ref = cluster.kernel.spawn(spec, name=name)
-        record = self.records[name] = PlacementRecord(type_name, pinned)
-        cluster.learn_name(name, cluster.node, ref.id)
-        return ref, record
+        cluster.claiming(name, ref.id)
+        return ref, PlacementRecord(type_name, pinned)
+
+    async def _claim(
+        self,
+        name: str,
+        agent_id: uuid.UUID,
+        record: PlacementRecord,
+        replaces: tuple[str, uuid.UUID] | None,
+    ) -> None:
+        """asyncio side: claim ``name`` in the names bucket for ``agent_id``, just spawned
+        here (see ``Cluster.claim_name``: first writer wins). :class:`NameTaken` naming
+        the holder's node if another node this one hears holds it: the caller stops the
+        copy (:meth:`_stop_refused`) and writes no record (the holder's stays)."""
+        cluster = self._cluster
+        await cluster.claim_name(name, agent_id, replaces=replaces)
+        self.records[name] = record
+        cluster.learn_name(name, cluster.node, agent_id)
+
+    async def _stop_refused(self, agent_id: uuid.UUID) -> None:
+        """Stop the copy whose name another node held first (queued messages, if any,
+        are dead-lettered ``agent_stopped`` with the reason)."""
+        with contextlib.suppress(AgentNotFound, KernelShuttingDown):
+            await self._cluster.kernel.stop(agent_id, reason=REFUSED_REASON)
 
     async def _on_place_request(self, m: NatsMsg) -> None:
         """asyncio side: another node asks this one to run an agent.
@@ -495,7 +546,9 @@ class Placement:
             obj = json.loads(m.data)
             type_name, name = str(obj["type"]), str(obj["name"])
             pinned = obj.get("pinned")
-        except (ValueError, KeyError, TypeError) as exc:
+            moved = obj.get("replaces")
+            replaces = None if moved is None else (str(moved[0]), uuid.UUID(moved[1]))
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
             await m.respond(json.dumps({"error": "malformed", "text": repr(exc)}).encode())
             return
         if self._cluster.closing:
@@ -503,7 +556,9 @@ class Placement:
             await m.respond(json.dumps({"error": "failed", "text": text}).encode())
             return
         before = self._placing.get(name)
-        task = asyncio.ensure_future(self._place_requested(m, type_name, name, pinned, before))
+        task = asyncio.ensure_future(
+            self._place_requested(m, type_name, name, pinned, replaces, before)
+        )
         self._placing[name] = task
         self._requests.add(task)
         task.add_done_callback(functools.partial(self._placed_requested, name))
@@ -519,6 +574,7 @@ class Placement:
         type_name: str,
         name: str,
         pinned: object,
+        replaces: tuple[str, uuid.UUID] | None,
         before: asyncio.Future[None] | None,
     ) -> None:
         """One request of :meth:`_on_place_request`, once ``before`` (the one asked
@@ -527,9 +583,16 @@ class Placement:
             await asyncio.wait([before])
         try:
             # Spawned here, on the asyncio side of the same thread: kernel.spawn does not
-            # wait, and the record is written with the asyncio KV client directly.
+            # wait, and the name and record are written with the asyncio KV client
+            # directly.
             pin = None if pinned is None else str(pinned)
             ref, record = self._spawn_local(type_name, name, pin)
+            try:
+                await self._claim(name, ref.id, record, replaces)
+            except NameTaken:
+                assert self._nursery is not None
+                self._nursery.start_soon(self._stop_refused, ref.id)
+                raise
         except UnknownAgentType as exc:
             answer: dict[str, Any] = {
                 "error": "unknown_type",
@@ -537,7 +600,8 @@ class Placement:
                 "node": exc.node,
             }
         except NameTaken as exc:
-            answer = {"error": "name_taken", "holder": str(exc.holder)}
+            holder_node = self._cluster.node if exc.node is None else exc.node
+            answer = {"error": "name_taken", "holder": str(exc.holder), "node": holder_node}
         except Exception as exc:
             text = f"agent {name!r} not started: {type(exc).__name__}: {exc}"
             answer = {"error": "failed", "text": text}
@@ -574,8 +638,7 @@ class Placement:
             self._record_unwritten(name, agent_id, record, exc)
             return
         if not self._cluster.closing and self._running(name, agent_id):
-            self._held[name] = (agent_id, revision)
-            self._unwritten.pop(name, None)
+            self._now_held(name, agent_id, revision)
             return
         # its leave dropped the records already, or the agent stopped for good while its
         # record was written (see _hold)
@@ -656,7 +719,7 @@ class Placement:
         del self._held[name]
         unwritten = self._unwritten.pop(name, None)
         try:
-            await self._ask(owner, record.type_name, name, None, timeout)
+            await self._ask(owner, record.type_name, name, None, timeout, (cluster.node, agent_id))
         except Exception:
             # Refused, or no answer: it runs on here, untouched (an owner that spawned
             # it but whose answer was lost has the newer copy: this one is stopped as a
@@ -955,6 +1018,16 @@ class Placement:
             await self._spawn_here(record.type_name, name, record.pinned, replaced_from=lost)
         except (KernelShuttingDown, TransportUnavailable):
             return
+        except NameTaken as exc:
+            log_guarded(
+                log,
+                logging.INFO,
+                "node %s: %r not re-placed from node %s: %s",
+                self._cluster.node,
+                name,
+                lost,
+                exc,
+            )
         except Exception as exc:
             log_guarded(
                 log,
@@ -1080,7 +1153,8 @@ def _decode_answer(data: bytes, name: str, owner: str) -> PlacedAgent:
     if error == "unknown_type":
         raise UnknownAgentType(str(obj.get("type")), str(obj.get("node", owner)))
     if error == "name_taken":
-        raise NameTaken(name, uuid.UUID(obj["holder"]))
+        node = obj.get("node")
+        raise NameTaken(name, uuid.UUID(obj["holder"]), node=None if node is None else str(node))
     if error is not None:
         raise PlacementFailed(name, owner, str(obj.get("text", error)))
     return PlacedAgent(name, str(obj["node"]), uuid.UUID(obj["id"]))
