@@ -7,6 +7,7 @@ sent (the scenarios also check this themselves and raise BenchmarkError).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -383,6 +384,35 @@ def test_the_shape_floor_script_handles_one_message_per_agent_in_each_kind() -> 
     )
     assert bad.returncode == 2
     assert "--agents and --rounds must be at least 1" in bad.stderr
+
+
+def test_the_asyncio_fanout_reports_its_phases_with_the_count_handled() -> None:
+    seen: list[tuple[str, int]] = []
+    _, processed = asyncio.run(
+        _fanout.asyncio_fanout(5, 300, phase=lambda name, n: seen.append((name, n)))
+    )
+    # every queue has room, so the producer queues all 300 before any is handled
+    assert seen == [("start", 0), ("sent", 0), ("handled", 300)]
+    assert processed == 300
+
+
+def test_the_fanout_memory_script_splits_each_side_into_send_and_drain() -> None:
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "fanout_memory.py"
+    args = ["--agents", "10", "--messages", "2000", "--rounds", "1"]
+    out = subprocess.run(
+        [sys.executable, str(script), *args],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout.splitlines()
+    assert [line.split()[0] for line in out] == ["asyncio", "kernel", "median", "median"]
+    assert all("handled meanwhile 0; drain" in line for line in out[:2])
+    bad = subprocess.run(
+        [sys.executable, str(script), "--rounds", "0"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2
+    assert "--agents, --messages and --rounds must be at least 1" in bad.stderr
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -115,8 +116,14 @@ async def trio_fanout(agents: int, messages: int) -> tuple[float, int]:
 
 
 async def asyncio_fanout(
-    agents: int, messages: int, with_messages: bool = False
+    agents: int,
+    messages: int,
+    with_messages: bool = False,
+    phase: Callable[[str, int], object] | None = None,
 ) -> tuple[float, int]:
+    """``phase``, if given, is called with ``"start"``, ``"sent"`` and ``"handled"`` and
+    the count of messages handled so far, outside the clock's per-message loops
+    (``benchmarks/fanout_memory.py`` reads the process's page faults there)."""
     processed = 0
     done = asyncio.Event()
 
@@ -132,6 +139,8 @@ async def asyncio_fanout(
     queues: list[asyncio.Queue[Any]] = [asyncio.Queue(maxsize=1024) for _ in range(agents)]
     tasks = [asyncio.create_task(handler(q)) for q in queues]
     await asyncio.sleep(0)
+    if phase is not None:
+        phase("start", processed)
     start = time.perf_counter()
     if with_messages:
         # The same queues carrying the kernel's own Message objects (id, timestamp, ...):
@@ -142,8 +151,12 @@ async def asyncio_fanout(
     else:
         for i in range(messages):
             await queues[i % agents].put(i)
+    if phase is not None:
+        phase("sent", processed)
     await done.wait()
     elapsed = time.perf_counter() - start
+    if phase is not None:
+        phase("handled", processed)
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
