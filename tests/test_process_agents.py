@@ -1923,6 +1923,59 @@ async def test_unusable_line_dead_letters_the_message_and_the_agent_goes_on(
     assert any(getattr(r, "agent_name", None) == "noisy" for r in warnings)
 
 
+#: a child that answers each message ``[encoding, text]`` with ``text``, its answer frame
+#: encoded so (the protocol's "utf-8"; "utf-8-sig": UTF-8 after a byte order mark), one
+#: newline byte after it
+ENCODED_ANSWERS_CHILD = """
+emit({"type": "register", "payload": {"id": "x", "name": "enc", "protocol": 2}})
+while True:
+    msg = next_message()
+    encoding, text = msg["payload"]
+    answer = {"type": "response", "payload": {"reply_to": msg["id"], "payload": text}}
+    raw(json.dumps(answer, ensure_ascii=False).encode(encoding) + b"\\n")
+"""
+
+
+@pytest.mark.parametrize(
+    ("encoding", "text", "problem"),
+    [
+        # Python's json reads bytes in UTF-16 and UTF-32 too (it guesses from the NUL
+        # bytes): such an answer was taken as if it were UTF-8
+        ("utf-16-le", "cafe", "not JSON (Expecting property name enclosed in double quotes"),
+        ("utf-16-be", "cafe", "not JSON (Expecting value: line 1 column 1 (char 0))"),
+        ("utf-32-le", "cafe", "not JSON (Expecting property name enclosed in double quotes"),
+        ("utf-16-le", "caf\u00e9", "not UTF-8 (invalid continuation byte at byte 200)"),
+        # ... and skips a UTF-8 byte order mark, which JSON text has not (RFC 8259) and
+        # the agent-side bridges refuse
+        ("utf-8-sig", "cafe", "not JSON (Unexpected UTF-8 BOM (decode using utf-8-sig)"),
+        # said as the agent side says it (was: not JSON ('utf-8' codec can't decode ...))
+        ("latin-1", "caf\u00e9", "not UTF-8 (invalid continuation byte at byte 100)"),
+    ],
+)
+async def test_an_answer_that_is_not_utf_8_is_an_invalid_line_naming_why(
+    tmp_path: Path, encoding: str, text: str, problem: str
+) -> None:
+    """docs/protocol.md: frames are UTF-8, and a line that is not is reported and
+    skipped. The kernel read a line with ``json.loads(bytes)``, which guesses UTF-16 and
+    UTF-32 and skips a byte order mark: an answer in UTF-16 answered its message (and a
+    child writing UTF-16 throughout had its first line taken, the next ones, which start
+    with the NUL of the newline before, refused as garbage). Now a line is decoded as UTF-8
+    or refused: the message fails ``malformed``, counted as an invalid line, the problem
+    named, and the agent goes on."""
+    cmd = script(tmp_path, ENCODED_ANSWERS_CHILD)
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(cmd, name="enc"))
+        assert await kernel.request(ref, ["utf-8", text]) == text
+        with pytest.raises(RequestFailed) as info:
+            await kernel.request(ref, [encoding, text])
+        assert info.value.reason == "malformed"
+        assert f"wrote an unusable line: {problem}" in str(info.value.error)
+        assert await kernel.request(ref, ["utf-8", text]) == text
+        stats = stats_of(kernel, ref)
+        assert (stats.invalid_lines, stats.unmatched_responses, stats.starts) == (1, 0, 1)
+        assert [d.reason for d in dead_letters(kernel)] == [DeadLetterReason.MALFORMED]
+
+
 #: a child that registers (protocol 2) and answers every message, except in its first
 #: life: there it writes the start of an answer, no newline, and ends as {ending} says
 HALF_FRAME_CHILD = """

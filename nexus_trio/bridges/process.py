@@ -1510,8 +1510,12 @@ class ProcessAgent(Agent):
     @staticmethod
     def _parse(line: bytes) -> tuple[str, Any]:
         try:
-            frame = json.loads(line)
-        except (ValueError, UnicodeDecodeError) as exc:
+            # Decoded here, not by json.loads: given bytes, it guesses UTF-16 and UTF-32
+            # and skips a byte order mark, and frames are UTF-8 (docs/protocol.md).
+            frame = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as exc:  # (the decode's: json.loads reads a str)
+            raise _BadFrame(f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        except ValueError as exc:
             raise _BadFrame(f"not JSON ({exc})") from None
         except RecursionError:
             raise _BadFrame("JSON nested too deeply") from None
