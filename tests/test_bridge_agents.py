@@ -24,7 +24,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 import trio
@@ -1423,24 +1423,55 @@ def _frames(messages: Iterable[Message]) -> bytes:
     return b"".join(message_frame(m) for m in messages)
 
 
+def run_on_files(
+    lang: str, stdin: BinaryIO, stdout: BinaryIO
+) -> subprocess.CompletedProcess[bytes]:
+    """The echo agent of ``lang`` run to its end on open files as stdin and stdout."""
+    return subprocess.run(
+        echo_command(lang),
+        stdin=stdin,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        timeout=TIMEOUT,
+        check=False,
+    )
+
+
 @pytest.mark.parametrize("lang", LANGS)
 def test_stdin_and_stdout_may_be_regular_files(lang: str, tmp_path: Path) -> None:
     msgs = [message({"n": n}) for n in range(3)]
     inbox, outbox = tmp_path / "in.ndjson", tmp_path / "out.ndjson"
     inbox.write_bytes(_frames(msgs))  # no shutdown: end of file stops the agent
     with inbox.open("rb") as stdin, outbox.open("wb") as stdout:
-        done = subprocess.run(
-            echo_command(lang),
-            stdin=stdin,
-            stdout=stdout,
-            stderr=subprocess.PIPE,
-            timeout=TIMEOUT,
-            check=False,
-        )
+        done = run_on_files(lang, stdin, stdout)
     assert done.returncode == 0, done.stderr
     frames = [json.loads(line) for line in outbox.read_text().splitlines()]
     assert [f["type"] for f in frames] == ["register", "response", "response", "response"]
     assert [f["payload"]["reply_to"] for f in frames[1:]] == [str(m.id) for m in msgs]
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_a_stdout_on_a_full_disk_stops_the_agent_saying_why_with_status_1(
+    lang: str, tmp_path: Path
+) -> None:
+    """An agent run with its stdout on a full disk (``> /dev/full``: every write fails
+    with ENOSPC) lost every frame it wrote. The Python bridge ended with a traceback
+    (``OSError: [Errno 28] No space left on device`` from its register); the JavaScript
+    bridge said the kernel had stopped reading and exited 0, as if nothing was lost. Now
+    both say in one line that stdout cannot be written and why, and exit 1 (a closed
+    pipe, the kernel gone, stays a clean stop: status 0)."""
+    if not os.path.exists("/dev/full"):
+        pytest.fail("this test needs /dev/full (Linux)")
+    inbox = tmp_path / "in.ndjson"
+    inbox.write_bytes(_frames([message({"n": 1})]))
+    with inbox.open("rb") as stdin, open("/dev/full", "wb") as stdout:
+        done = run_on_files(lang, stdin, stdout)
+    assert done.returncode == 1
+    said = done.stderr.decode().splitlines()
+    assert len(said) == 1, said
+    assert said[0].startswith("nexus-bridge[echo]: cannot write to stdout (")
+    assert said[0].endswith("); stopping")
+    assert "ENOSPC" in said[0] or "No space left on device" in said[0]
 
 
 def _read_until(fd: int, needle: bytes, deadline: float) -> bytes:

@@ -340,9 +340,19 @@ class NexusAgent {
     const original = stdout.write;
     this._write = original.bind(stdout);
     // The kernel closed our stdout (EPIPE): nobody can receive answers any more; stop.
+    // Any other error (ENOSPC: a full disk) lost what was written: stop with status 1.
+    let failed = false;
     stdout.on('error', (err) => {
-      this.log(`nexus-bridge[${this.name}]: the kernel stopped reading stdout (${err.code || err.message}); stopping`);
-      this._stopOnce().then((code) => exitFlushed(code, this._errorOutput));
+      if (failed) return;
+      failed = true;
+      const why = err.code || err.message;
+      if (err.code === 'EPIPE') {
+        this.log(`nexus-bridge[${this.name}]: the kernel stopped reading stdout (${why}); stopping`);
+        this._stopOnce().then((code) => exitFlushed(code, this._errorOutput));
+      } else {
+        this.log(`nexus-bridge[${this.name}]: cannot write to stdout (${why}); stopping`);
+        this._stopOnce().then(() => exitFlushed(1, this._errorOutput));
+      }
     });
     // console.log and stray writes go to stderr so they cannot corrupt the frame stream.
     stdout.write = (...args) => process.stderr.write(...args);

@@ -495,6 +495,8 @@ class NexusAgent:
         self._stderr = stderr
         self._out: IO[bytes] | None = None
         self._write_lock = threading.Lock()
+        #: the error of the last write to the output that failed: it ends the run
+        self._output_error: OSError | None = None
         self._line_number = 0
         #: the event loop of ``async def`` hooks, created on first use, kept for the run
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -605,20 +607,40 @@ class NexusAgent:
         per its policy).
         """
         restore = self._claim_stdout()
+        started = False
         try:
-            self._write_frame("register", self._register_payload())
-            self._call(self.on_start)
             try:
-                self._serve()
-            except KeyboardInterrupt:
-                self._stop()
-                return 130
-            except BrokenPipeError:
-                self.log(f"nexus-bridge[{self.name}]: the kernel stopped reading stdout; stopping")
+                self._write_frame("register", self._register_payload())
+                self._call(self.on_start)
+                started = True
+                try:
+                    self._serve()
+                except KeyboardInterrupt:
+                    self._stop()
+                    return 130
+            except OSError as exc:
+                if exc is not self._output_error:
+                    raise
+                return self._output_failed(exc, started)
             return self._stop()
         finally:
             restore()
             self._out = None  # a late send() (e.g. from a thread) gets a clear error
+
+    def _output_failed(self, exc: OSError, started: bool) -> int:
+        """End the run whose output cannot be written: a closed pipe (the kernel is gone)
+        is a clean stop; any other error (a full disk) lost what was written: status 1."""
+        if isinstance(exc, BrokenPipeError):
+            self.log(f"nexus-bridge[{self.name}]: the kernel stopped reading stdout; stopping")
+            failed = 0
+        else:
+            said = exc.strerror or exc
+            self.log(f"nexus-bridge[{self.name}]: cannot write to stdout ({said}); stopping")
+            failed = 1
+        if not started:  # (no on_stop for an on_start that did not return)
+            self._close_loop()
+            return failed
+        return max(self._stop(), failed)
 
     def _register_payload(self) -> dict[str, Any]:
         payload: dict[str, Any] = {"id": self.id, "name": self.name}
@@ -953,8 +975,12 @@ class NexusAgent:
             raise RuntimeError("the agent is not running: call run_agent() first")
         data = line.encode("utf-8") + b"\n"
         with self._write_lock:
-            out.write(data)
-            out.flush()
+            try:
+                out.write(data)
+                out.flush()
+            except OSError as exc:
+                self._output_error = exc
+                raise
 
 
 #: Short alias for subclassing: ``class MyAgent(Agent): ...``.
