@@ -1424,17 +1424,19 @@ def _frames(messages: Iterable[Message]) -> bytes:
 
 
 def run_on_files(
-    lang: str, stdin: BinaryIO, stdout: BinaryIO
+    lang: str, stdin: BinaryIO, stdout: BinaryIO, stderr: str | None = None
 ) -> subprocess.CompletedProcess[bytes]:
-    """The echo agent of ``lang`` run to its end on open files as stdin and stdout."""
-    return subprocess.run(
-        echo_command(lang),
-        stdin=stdin,
-        stdout=stdout,
-        stderr=subprocess.PIPE,
-        timeout=TIMEOUT,
-        check=False,
-    )
+    """The echo agent of ``lang`` run to its end on open files as stdin and stdout (and
+    the file named ``stderr`` as stderr; else a pipe, read)."""
+    with contextlib.ExitStack() as files:
+        return subprocess.run(
+            echo_command(lang),
+            stdin=stdin,
+            stdout=stdout,
+            stderr=subprocess.PIPE if stderr is None else files.enter_context(open(stderr, "wb")),
+            timeout=TIMEOUT,
+            check=False,
+        )
 
 
 @pytest.mark.parametrize("lang", LANGS)
@@ -1472,6 +1474,27 @@ def test_a_stdout_on_a_full_disk_stops_the_agent_saying_why_with_status_1(
     assert said[0].startswith("nexus-bridge[echo]: cannot write to stdout (")
     assert said[0].endswith("); stopping")
     assert "ENOSPC" in said[0] or "No space left on device" in said[0]
+
+
+@pytest.mark.parametrize("lang", LANGS)
+def test_a_stderr_on_a_full_disk_loses_the_bridge_s_lines_not_the_agent(
+    lang: str, tmp_path: Path
+) -> None:
+    """An agent run with its stderr on a full disk (``2> /dev/full``) died at the first
+    line the bridge wrote there (an input line it skipped): the Python bridge before it
+    answered the next message, both with status 1. A line stderr cannot take is lost now,
+    counted (``lines_not_logged``, ``linesNotLogged``), and the agent goes on."""
+    if not os.path.exists("/dev/full"):
+        pytest.fail("this test needs /dev/full (Linux)")
+    msgs = [message({"n": n}) for n in range(2)]
+    inbox, outbox = tmp_path / "in.ndjson", tmp_path / "out.ndjson"
+    inbox.write_bytes(b"not a frame\n" + _frames(msgs[:1]) + b"\xff\n" + _frames(msgs[1:]))
+    with inbox.open("rb") as stdin, outbox.open("wb") as stdout:
+        done = run_on_files(lang, stdin, stdout, stderr="/dev/full")
+    assert done.returncode == 0
+    frames = [json.loads(line) for line in outbox.read_text().splitlines()]
+    assert [f["type"] for f in frames] == ["register", "response", "response"]
+    assert [f["payload"]["reply_to"] for f in frames[1:]] == [str(m.id) for m in msgs]
 
 
 def _read_until(fd: int, needle: bytes, deadline: float) -> bytes:

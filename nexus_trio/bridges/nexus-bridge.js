@@ -205,6 +205,8 @@ class NexusAgent {
     this.handled = 0;
     this.failed = 0;
     this.invalidLines = 0;
+    // Lines log() could not write (stderr on a full disk, or closed).
+    this.linesNotLogged = 0;
     this._stopping = undefined;
     this._currentId = null;
     this._controller = null;
@@ -273,8 +275,25 @@ class NexusAgent {
   }
 
   /** Write one line to stderr (the kernel logs it with this agent's fields). */
+  /**
+   * Write one line to stderr (the kernel logs it with this agent's fields). A line stderr
+   * cannot take (a full disk, a closed pipe) is lost, counted in `linesNotLogged`: a
+   * diagnostic that cannot be written does not stop the agent.
+   */
   log(text) {
-    this._errorOutput.write(`${text}\n`);
+    const output = this._errorOutput;
+    if (!this._watchingErrorOutput && typeof output.on === 'function') {
+      // (a write to a pipe fails later, as an 'error' event: unheard, it ends the process)
+      this._watchingErrorOutput = true;
+      output.on('error', () => {
+        this.linesNotLogged += 1;
+      });
+    }
+    try {
+      output.write(`${text}\n`);
+    } catch (err) {
+      this.linesNotLogged += 1;
+    }
   }
 
   /**

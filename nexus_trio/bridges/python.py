@@ -511,6 +511,8 @@ class NexusAgent:
         self.handled = 0
         self.failed = 0
         self.invalid_lines = 0
+        #: lines :meth:`log` could not write (stderr on a full disk, or closed)
+        self.lines_not_logged = 0
 
     # --- the agent's hooks ---------------------------------------------------------------
 
@@ -592,10 +594,17 @@ class NexusAgent:
             raise Cancelled("cancelled by the kernel")
 
     def log(self, text: str) -> None:
-        """Write one line to stderr (the kernel logs it with this agent's fields)."""
+        """Write one line to stderr (the kernel logs it with this agent's fields).
+
+        A line stderr cannot take (a full disk, a closed pipe) is lost, counted in
+        ``lines_not_logged``: a diagnostic that cannot be written does not stop the agent.
+        """
         stream = self._stderr or sys.stderr
-        stream.write(f"{text}\n")
-        stream.flush()
+        try:
+            stream.write(f"{text}\n")
+            stream.flush()
+        except (OSError, ValueError):  # (ValueError: the stream was closed)
+            self.lines_not_logged += 1
 
     # --- the loop ------------------------------------------------------------------------
 
