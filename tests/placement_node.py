@@ -180,6 +180,20 @@ async def _command(cluster: Cluster, nursery: trio.Nursery, cmd: dict[str, Any])
         # started in the background (the node may be killed in the middle of it)
         nursery.start_soon(cluster.rebalance)
         return None
+    if op == "rebalance_beyond":
+        # started in the background in a nursery around the cluster block: it runs on
+        # through the clean leave at the end of the commands (not cancelled with them),
+        # and the kernel shuts down once it has ended, after the leave
+        assert OUTER is not None
+
+        async def rebalance() -> None:
+            try:
+                beyond["moved"] = await cluster.rebalance()
+            except Exception as exc:
+                beyond["error"] = f"{type(exc).__name__}: {exc}"
+
+        OUTER.start_soon(rebalance)
+        return None
     if op == "request":
         return await kernel.request(cmd["to"], "report", timeout=cmd.get("timeout", 5))
     if op == "stream":
@@ -215,6 +229,10 @@ async def _command(cluster: Cluster, nursery: trio.Nursery, cmd: dict[str, Any])
 
 
 streams: list[tuple[trio.Event, dict[str, int]]] = []
+#: the nursery around the cluster block (see ``rebalance_beyond``), and what that
+#: rebalance returned or raised (in the node's last line, see ``Node.leave``)
+OUTER: trio.Nursery | None = None
+beyond: dict[str, Any] = {}
 #: the names of the placements this node asked of others since ``slow_asks``
 asks_started: list[str] = []
 #: (name, reason) of every ``restarted`` lifecycle event of this kernel
@@ -274,6 +292,16 @@ class Node:
             raise RuntimeError(f"{self.node}: {op}: {answer['error']}: {answer['text']}")
         return answer["ok"]
 
+    async def leave(self) -> dict[str, Any]:
+        """End of commands (a clean leave); the node's last line, once its kernel has
+        stopped: its kernel's counters and what a ``rebalance_beyond`` came to."""
+        assert self.process is not None and self.process.stdin is not None
+        await self.process.stdin.aclose()
+        with trio.fail_after(60):
+            final: dict[str, Any] = json.loads(await self._readline())["final"]
+            await self.process.wait()
+        return final
+
     def kill(self) -> None:
         sigkill(self.process)
 
@@ -290,9 +318,9 @@ class Node:
 
 
 async def _main(url: str, node: str) -> None:
-    global NODE, JOINED_IN
+    global NODE, JOINED_IN, OUTER
     NODE = node
-    async with open_kernel(node_config()) as kernel:
+    async with open_kernel(node_config()) as kernel, trio.open_nursery() as OUTER:
         kernel.spawn(collector, name=f"collector-{node}")
         # PATIENT: a loaded machine left a node silent for longer than FAST's 0.6 s now
         # and then, and the others judged it lost (a killed node is still judged lost, 2 s
@@ -320,7 +348,19 @@ async def _main(url: str, node: str) -> None:
                             answer = {"error": type(exc).__name__, "text": str(exc)}
                         print(json.dumps(answer), flush=True)
                 nursery.cancel_scope.cancel()
-            await kernel.shutdown()
+            if not OUTER.child_tasks:
+                await kernel.shutdown()  # (else after the leave: see rebalance_beyond)
+    stats = kernel.stats()
+    final = {
+        "accepted": stats.accepted,
+        "handled": stats.handled,
+        "replies_delivered": stats.replies_delivered,
+        "forwarded": stats.forwarded,
+        "dead_lettered": stats.dead_lettered,
+        "in_flight": stats.in_flight,
+        **beyond,
+    }
+    print(json.dumps({"final": final}), flush=True)
 
 
 if __name__ == "__main__":

@@ -212,6 +212,10 @@ class Placement:
         self._held: dict[str, tuple[uuid.UUID, int | None]] = {}
         #: the records to write again (their agents' revision in ``_held`` is None)
         self._unwritten: dict[str, PlacementRecord] = {}
+        #: placed agents a rebalance is moving (asked of their new owner, not yet stopped
+        #: here): out of ``_held`` meanwhile, their entry and record to write again as
+        #: they were there; dropped by a clean leave, or by their stop, as ``_held``'s
+        self._moving: dict[str, tuple[tuple[uuid.UUID, int | None], PlacementRecord | None]] = {}
         #: records written on a retry (see :meth:`retry_records`)
         self.records_written_late = 0
         self._kv: KeyValue | None = None
@@ -491,8 +495,9 @@ class Placement:
 
     @property
     def records_held(self) -> int:
-        """Placed agents running here (their records are dropped on a clean leave)."""
-        return len(self._held)
+        """Placed agents running here (their records are dropped on a clean leave), those a
+        rebalance is moving included."""
+        return len(self._held) + len(self._moving)
 
     @property
     def records_unwritten(self) -> int:
@@ -665,9 +670,14 @@ class Placement:
         :data:`_kvops.WINDOW` agents move at once (each one placed there, then stopped
         here). If a new owner refuses an agent or does not answer, it runs on here and
         the owner's error is raised once the moves under way have ended (no agent is
-        moved after it).
+        moved after it). Once this node is leaving the cluster (or its kernel shutting
+        down) no move starts (its agents stop with it: a clean leave); the leave drops the
+        records of those under way, as of any agent of the node, unless the new owner's
+        replaced them.
         """
         cluster = self._cluster
+        if self._leaving():
+            return []  # its agents stop with it (a clean leave): none is moved
         live = cluster.live_nodes()
         to_move: list[tuple[str, str]] = []
         for name in self._held:
@@ -693,7 +703,7 @@ class Placement:
         async with trio.open_nursery() as nursery:
             for name, owner in to_move:
                 await window.acquire()
-                if errors:
+                if errors or self._leaving():  # (no new move, see _move)
                     window.release()
                     break
                 nursery.start_soon(move, name, owner)
@@ -711,26 +721,24 @@ class Placement:
         cluster = self._cluster
         held = self._held.get(name)
         record = self.records.get(name)
-        if held is None or record is None:
+        if held is None or record is None or self._leaving():
             return False
         agent_id = held[0]
-        # (not held while asked: a stop meanwhile drops no record, and the owner's name
-        # heard before the answer does not stop it as a duplicate)
+        # (in _moving while asked, not _held: the owner's name heard before the answer
+        # does not stop it as a duplicate; a clean leave meanwhile drops its record, as
+        # its stop for good does, see agent_stopped)
         del self._held[name]
-        unwritten = self._unwritten.pop(name, None)
+        self._moving[name] = (held, self._unwritten.pop(name, None))
         try:
             await self._ask(owner, record.type_name, name, None, timeout, (cluster.node, agent_id))
-        except Exception:
-            # Refused, or no answer: it runs on here, untouched (an owner that spawned
-            # it but whose answer was lost has the newer copy: this one is stopped as a
-            # duplicate once its name is heard).
-            if self._running(name, agent_id) and name not in self._held:
-                self._held[name] = held
-                if unwritten is not None:
-                    self._unwritten[name] = unwritten
-            else:
-                await self._drop_record(name, held[1])  # it stopped for good meanwhile
+        except BaseException:
+            # Refused, no answer, or the rebalance cancelled (trio.Cancelled: nothing may
+            # await here): it runs on here, untouched (an owner that spawned it but whose
+            # answer was lost has the newer copy: this one is stopped as a duplicate once
+            # its name is heard).
+            self._move_undone(name, agent_id)
             raise
+        self._moving.pop(name, None)  # (its stop below is the move's: no record to drop)
         with contextlib.suppress(AgentNotFound):
             await cluster.kernel.stop(agent_id)
         log_guarded(
@@ -742,6 +750,28 @@ class Placement:
             owner,
         )
         return True
+
+    def _leaving(self) -> bool:
+        """This node leaves the cluster (or its kernel shuts down): a clean leave."""
+        return self._cluster.closing or self._cluster.kernel.shutting_down
+
+    def _move_undone(self, name: str, agent_id: uuid.UUID) -> None:
+        """The move of ``agent_id`` (placed ``name``) failed or was cancelled: held here
+        again if it still runs (a clean leave under way drops its record then). One that
+        stopped for good meanwhile stays in ``_moving`` until its STOPPED event, or the
+        leave, drops its record (see :meth:`agent_stopped`); one the leave took out of
+        ``_moving`` has its record dropped already, and runs on until its kernel stops
+        it, as any agent of a node that left."""
+        moving = self._moving.get(name)
+        if moving is None or moving[0][0] != agent_id:
+            return
+        if not self._running(name, agent_id) or name in self._held:
+            return
+        del self._moving[name]
+        held, unwritten = moving
+        self._held[name] = held
+        if unwritten is not None:
+            self._unwritten[name] = unwritten
 
     # --- records ----------------------------------------------------------------------------
 
@@ -774,13 +804,21 @@ class Placement:
 
     async def agent_stopped(self, name: str, agent_id: uuid.UUID) -> None:
         """A placed agent of this node stopped for good: drop its record (it is not
-        re-placed if this node is lost later)."""
+        re-placed if this node is lost later), also while a rebalance moves it (only if it
+        is still this node's: the new owner's record is kept)."""
         held = self._held.get(name)
-        if held is None or held[0] != agent_id:
-            return
-        del self._held[name]
-        self._unwritten.pop(name, None)
-        self.records.pop(name, None)
+        if held is not None and held[0] == agent_id:
+            del self._held[name]
+            self._unwritten.pop(name, None)
+            self.records.pop(name, None)
+        else:
+            # one a rebalance is moving: this node's record only (a compare-and-set: the
+            # new owner's, written since, is kept, and the watch says which)
+            moving = self._moving.get(name)
+            if moving is None or moving[0][0] != agent_id:
+                return
+            del self._moving[name]
+            held = moving[0]
         await self._drop_record(name, held[1])
 
     async def _drop_record(self, name: str, revision: int | None) -> None:
@@ -1136,6 +1174,10 @@ class Placement:
         await call_aio(self._requests_answered)
         self._unwritten.clear()
         held, self._held = self._held, {}
+        # The agents a rebalance is moving: their records too, each only if it is still
+        # this node's (a compare-and-set: the new owner's, written already, is kept).
+        held.update({name: entry for name, (entry, _) in self._moving.items()})
+        self._moving.clear()
         kv = self._kv
         if kv is None:
             return
