@@ -2624,6 +2624,11 @@ async def test_a_node_that_leaves_cleanly_in_the_middle_of_its_rebalance_leaves_
                 return int(await a.call("asks_started")) == len(moving)
 
             await _until(asked, timeout=30)
+            if rebalance == "rebalance_beyond":
+                # (its kernel runs on after the leave: tells still queued then fail their
+                # acks, each a handler error logged with its traceback, and a loaded
+                # machine left a silent long enough to be judged lost in its leave)
+                await b.call("stream_result", stream=stream, timeout=60)
             final = await a.leave()
             for node in (b, c):
                 assert await node.call("wait_live", count=2) == ["b", "c"]
@@ -2647,8 +2652,8 @@ async def test_a_node_that_leaves_cleanly_in_the_middle_of_its_rebalance_leaves_
             with contextlib.suppress(trio.TooSlowError):
                 await _until(settled, timeout=20)
             for node in (b, c):
-                assert await node.call("records", names=on_a) == kept, node.node
-                assert await node.call("names_in_bucket", names=on_a) == kept, node.node
+                assert await node.call("records", names=on_a) == kept, (node.node, "records")
+                assert await node.call("names_in_bucket", names=on_a) == kept, (node.node, "names")
                 for name in on_a:
                     where = await node.call("where", name=name)
                     assert (where and where[0]) == running.get(name), (node.node, name, where)
