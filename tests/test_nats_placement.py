@@ -1311,7 +1311,8 @@ async def test_a_copy_whose_name_write_failed_stops_when_its_node_hears_the_hold
                 assert (await _replaced(events_c, "on-a")).reason == "re-placed from node a"
                 await ca.names_published()
                 await cc.names_published()
-                assert sorted(outage.failed) == ["names:on-a", "placed:on-a"]
+                # (no record written while its name is not: see _NAME_UNWRITTEN)
+                assert sorted(outage.failed) == ["names:on-a"]
                 assert cc.stats().names_unwritten == 1
                 outage.on = False  # the NATS cluster healed too
                 _meet(ca, cc)
@@ -1358,7 +1359,8 @@ async def test_a_copy_whose_name_write_failed_takes_the_name_of_a_holder_it_does
                 _lose(cc, "a")
                 assert (await _replaced(events_c, "on-a")).reason == "re-placed from node a"
                 await cc.names_published()
-                assert sorted(outage.failed) == ["names:on-a", "placed:on-a"]
+                # (no record written while its name is not: see _NAME_UNWRITTEN)
+                assert sorted(outage.failed) == ["names:on-a"]
                 outage.on = False  # JetStream writable again; a still unheard from c
                 with trio.move_on_after(10):
                     event = await _stopped(events_a, "on-a")
@@ -2668,3 +2670,44 @@ async def test_a_node_that_leaves_cleanly_in_the_middle_of_its_rebalance_leaves_
                 + final["forwarded"]
                 + final["dead_lettered"]
             ), final
+
+
+async def test_a_copy_whose_name_claim_failed_writes_no_record_over_the_holder_s(
+    nats: NatsServer,
+) -> None:
+    """b re-places svc-y (a's, pinned there) while a is heard again, and b's claim of the
+    name fails (the names bucket timing out): the copy runs, its name unwritten, to be
+    stopped as a duplicate once a retry finds a's entry. Its record was written all the
+    same, over a's (same key): a's revision stale, a's stop of svc-y for good could not
+    drop it (a compare-and-set on a's revision), and it stayed in the placed bucket for
+    good, no agent behind it. A record is written only while its agent holds the name
+    now: b writes none, and a's stop drops a's."""
+    name = "svc-y"
+    async with (
+        _node(nats.url, "a", **QUIET) as (ka, ca),
+        _node(nats.url, "b", **QUIET) as (kb, cb),
+    ):
+        _meet(ca, cb)
+        placed = await ca.spawn("counter", name=name, node="a")
+        revision = await _placed_record(ca, name)
+        assert revision is not None
+        await _learn(cb, name)
+        claim = cb._claim
+
+        async def timing_out(*args: Any) -> int:
+            raise _NatsTimeout
+
+        cb._claim = timing_out  # type: ignore[method-assign]
+        with trio.fail_after(30):  # a hang guard
+            await cb.placement._spawn_here("counter", name, "a", replaced_from="a")
+            cb._claim = claim  # type: ignore[method-assign]
+            assert kb.is_local(name)
+            assert await cb._retry_names()  # finds a's entry: b's copy is a duplicate
+            while kb.is_local(name):  # noqa: ASYNC110 (its stop: no event to wait on)
+                await trio.sleep(0.01)
+            assert cb.stats().duplicates_stopped == 1
+            assert await _placed_record(ca, name) == revision  # a's, untouched
+            await ka.stop(placed.id)
+            while ca.placement.records_held:  # noqa: ASYNC110 (a's STOPPED event)
+                await trio.sleep(0.01)
+            assert await _placed_record(ca, name) is None

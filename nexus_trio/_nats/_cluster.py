@@ -2809,7 +2809,7 @@ class Cluster:
 
     async def claim_name(
         self, name: str, agent_id: uuid.UUID, *, replaces: tuple[str, uuid.UUID] | None = None
-    ) -> None:
+    ) -> bool:
         """asyncio side: write ``name``'s entry for local ``agent_id`` (see :meth:`claiming`)
         only if the name is free: the first writer wins, as a globally registered name in
         OTP. ``kv.create`` fails if the key exists; an entry there is then overwritten only
@@ -2818,10 +2818,10 @@ class Cluster:
         (lost: re-placing its agent). An entry of a node this one hears is
         :class:`NameTaken` naming its agent and node. A bucket that does not take the write
         does not fail it: the agent runs, its name unwritten and retried (see
-        ``_retry_names``), as for any named agent."""
+        ``_retry_names``), as for any named agent; False then (True otherwise)."""
         kv = self._names_kv
         if kv is None:
-            return
+            return True
         key = wire.name_key(name)
         try:
             revision = await self._claim(kv, key, name, agent_id, replaces)
@@ -2829,14 +2829,15 @@ class Cluster:
             raise
         except Exception as exc:  # the bucket unreachable (or the entry kept changing)
             self._name_unwritten(name, agent_id, exc)
-            return
+            return False
         if self._closing:  # its leave may have dropped the names already
             try:
                 await kv.delete(key, last=revision)
             except Exception as exc:  # (changed since, or the bucket failing: logged)
                 self._name_not_dropped(name, exc)
-            return
+            return True
         self._name_written(name, agent_id, revision)
+        return True
 
     async def _claim(
         self,

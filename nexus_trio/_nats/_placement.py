@@ -117,6 +117,11 @@ _MIN_WAIT: Final = 0.001
 #: the reason (``stopped`` event, dead letters' detail) of a placed agent stopped because
 #: another incarnation of its name won (see :meth:`Placement.superseded`)
 DUPLICATE_REASON: Final = "duplicate after partition"
+#: why the record of a placed agent whose name claim the names bucket did not take is
+#: not written at once: a holder of the name may be there, unseen (the claim's read
+#: failed), and the record's key is the holder's; written on a retry once the agent
+#: holds the name (see :meth:`Placement.retry_records`), never by a copy that lost it
+_NAME_UNWRITTEN: Final = "its name is not in the names bucket yet; written once it is"
 #: the reason of a copy started for a placement whose name another node claimed first
 #: (see :meth:`Placement._claim`): stopped at once, the placement refused with NameTaken
 REFUSED_REASON: Final = "name held on another node"
@@ -361,12 +366,14 @@ class Placement:
         cluster = self._cluster
         ref, record = self._spawn_local(type_name, name, pinned)
         try:
-            await call_aio(self._claim, name, ref.id, record, None)
+            named = await call_aio(self._claim, name, ref.id, record, None)
         except NameTaken:
             await self._stop_refused(ref.id)
             raise
         kv = self._kv
-        if kv is not None:
+        if kv is not None and not named:
+            self._record_unwritten(name, ref.id, record, _NAME_UNWRITTEN)
+        elif kv is not None:
             try:
                 revision = await call_aio(kv.put, wire.name_key(name), record.encode())
             except Exception as exc:  # the bucket unreachable: the agent runs all the same
@@ -415,10 +422,11 @@ class Placement:
             return False
 
     def _record_unwritten(
-        self, name: str, agent_id: uuid.UUID, record: PlacementRecord, exc: Exception
+        self, name: str, agent_id: uuid.UUID, record: PlacementRecord, exc: Exception | str
     ) -> None:
         """The record of ``agent_id``, just spawned here as ``name``, could not be written
-        (the placed bucket unreachable: a NATS-cluster partition, JetStream down). The
+        (the placed bucket unreachable: a NATS-cluster partition, JetStream down), or is
+        not to be yet (its name not written: see :data:`_NAME_UNWRITTEN`). The
         agent runs: it is held as placed all the same (stopped if another incarnation
         wins its name, its record dropped if it stops), and :meth:`retry_records` writes
         the record once the bucket takes writes again."""
@@ -523,15 +531,18 @@ class Placement:
         agent_id: uuid.UUID,
         record: PlacementRecord,
         replaces: tuple[str, uuid.UUID] | None,
-    ) -> None:
+    ) -> bool:
         """asyncio side: claim ``name`` in the names bucket for ``agent_id``, just spawned
         here (see ``Cluster.claim_name``: first writer wins). :class:`NameTaken` naming
         the holder's node if another node this one hears holds it: the caller stops the
-        copy (:meth:`_stop_refused`) and writes no record (the holder's stays)."""
+        copy (:meth:`_stop_refused`) and writes no record (the holder's stays). False if
+        the bucket did not take the claim: the caller writes no record yet either (see
+        :data:`_NAME_UNWRITTEN`)."""
         cluster = self._cluster
-        await cluster.claim_name(name, agent_id, replaces=replaces)
+        named = await cluster.claim_name(name, agent_id, replaces=replaces)
         self.records[name] = record
         cluster.learn_name(name, cluster.node, agent_id)
+        return named
 
     async def _stop_refused(self, agent_id: uuid.UUID) -> None:
         """Stop the copy whose name another node held first (queued messages, if any,
@@ -593,7 +604,7 @@ class Placement:
             pin = None if pinned is None else str(pinned)
             ref, record = self._spawn_local(type_name, name, pin)
             try:
-                await self._claim(name, ref.id, record, replaces)
+                named = await self._claim(name, ref.id, record, replaces)
             except NameTaken:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._stop_refused, ref.id)
@@ -612,7 +623,10 @@ class Placement:
             answer = {"error": "failed", "text": text}
         else:
             # The agent runs: the answer says so, whatever becomes of its record.
-            await self._record_requested(name, ref.id, record)
+            if named:
+                await self._record_requested(name, ref.id, record)
+            elif self._kv is not None:
+                self._record_unwritten(name, ref.id, record, _NAME_UNWRITTEN)
             answer = {"node": self._cluster.node, "id": str(ref.id)}
         try:
             await m.respond(json.dumps(answer).encode())
