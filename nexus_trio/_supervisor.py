@@ -91,7 +91,9 @@ class Backoff:
     restarts since the child last ran healthily for ``reset_after`` seconds.
 
     ``Backoff(0, 0)`` restarts at once, as OTP does. Times are in seconds; ``jitter`` is
-    between 0 and 1, as ``[supervision] backoff_jitter`` is.
+    between 0 and 1, as ``[supervision] backoff_jitter`` is. The random factor is drawn
+    (one ``rng.random()``) only when it can change the delay: not at ``jitter=0`` (OTP's
+    fixed delays, Akka's ``randomFactor = 0``) nor for a delay of 0.
     """
 
     initial: float = attrs.field(default=0.01, validator=_non_negative)
@@ -107,6 +109,8 @@ class Backoff:
 
     def delay(self, step: int, rng: random.Random) -> float:
         base = min(self.maximum, self.initial * (2.0 ** min(step, 64)))
+        if not self.jitter or not base:
+            return base  # no factor can change it: nothing drawn
         return min(self.maximum, base * (1.0 + rng.random() * self.jitter))
 
 

@@ -278,6 +278,24 @@ def test_backoff_doubles_is_capped_and_jitter_stays_in_bounds() -> None:
         Backoff(jitter=-1)
 
 
+def test_backoff_draws_from_the_rng_only_when_the_factor_can_change_the_delay() -> None:
+    """Nothing is drawn at jitter 0 (OTP's fixed delays) nor for a delay of 0 (``Backoff(0,
+    0)``): a seeded kernel's later draws are not shifted by restarts that cannot jitter."""
+    rng = random.Random(7)
+    state = rng.getstate()
+    assert [Backoff(0.1, 1.0, jitter=0).delay(n, rng) for n in range(6)] == pytest.approx(
+        [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    )
+    assert [Backoff(0, 0, jitter=0.5).delay(n, rng) for n in range(3)] == [0.0, 0.0, 0.0]
+    assert rng.getstate() == state
+    # a factor that counts: one draw per delay, the same as a twin generator's
+    twin = random.Random(7)
+    assert Backoff(0.1, 1.0, jitter=0.5).delay(0, rng) == pytest.approx(
+        0.1 * (1.0 + twin.random() * 0.5)
+    )
+    assert rng.getstate() == twin.getstate()
+
+
 @pytest.mark.parametrize("jitter", [1.5, 2, -0.1, float("nan"), float("inf"), True, "0.2"])
 def test_backoff_refuses_the_jitter_the_config_refuses(jitter: Any) -> None:
     with pytest.raises(ValueError, match=r"^jitter must be a number between 0 and 1, got "):
