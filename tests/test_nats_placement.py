@@ -2001,6 +2001,36 @@ def _slow_puts(bucket_suffix: str, delay: float, in_flight: list[int]) -> Any:
     return counted_put
 
 
+def _held_puts(bucket_suffix: str, in_flight: list[int]) -> tuple[Any, Any]:
+    """A ``KeyValue.put`` held in the bucket whose name ends with ``bucket_suffix`` until
+    the next ``release()`` (a server that has not answered yet), counting its puts in
+    flight there (``in_flight``: now, most). Call ``release`` from the node's thread (it
+    sets an asyncio event from Trio)."""
+    from nats.js.kv import KeyValue
+
+    original = KeyValue.put
+    gate: list[asyncio.Event] = []
+
+    async def held_put(self: KeyValue, key: str, *args: Any, **kw: Any) -> int:
+        if not self._name.endswith(bucket_suffix):
+            return await original(self, key, *args, **kw)
+        in_flight[0] += 1
+        in_flight[1] = max(in_flight[1], in_flight[0])
+        try:
+            if not gate:
+                gate.append(asyncio.Event())
+            await gate[0].wait()
+            return await original(self, key, *args, **kw)
+        finally:
+            in_flight[0] -= 1
+
+    def release() -> None:
+        if gate:
+            gate.pop().set()
+
+    return held_put, release
+
+
 async def test_the_names_of_hundreds_of_agents_spawned_at_once_are_written_together(
     nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -2009,25 +2039,40 @@ async def test_the_names_of_hundreds_of_agents_spawned_at_once_are_written_toget
     re-placement after a loss) wrote a few hundred a second and the others learnt them
     that late (10,000 agents placed over three nodes: 40 s). What is queued goes out
     together now: the puts of 200 agents spawned at once are in flight together, and a
-    name stopped and spawned again in the same window ends with its last incarnation."""
+    name stopped and spawned again in the same window ends with its last incarnation.
+
+    The bucket answers the puts only when every task of the process waits (nothing more
+    can be queued before it answers): written one after another, one put is in flight
+    each time. (It held each put 10 ms of real time and gave the writing 10 s: under
+    load the puts went out over more than 10 ms, so fewer were in flight together, and
+    10 s could run out.)"""
     from nats.js.kv import KeyValue
 
     original = KeyValue.put
     in_flight = [0, 0]  # now, most
-    counted_put = _slow_puts("-names", 0.01, in_flight)  # (a server a little slow)
+    held_put, release = _held_puts("-names", in_flight)
+
+    async def answer_when_idle() -> None:
+        while True:
+            await trio.testing.wait_all_tasks_blocked(cushion=0.02)
+            release()
 
     count = 200
     async with _node(nats.url, "b", **QUIET) as (_, b):
         async with _node(nats.url, "a", **QUIET) as (ka, a):
             _meet(a, b)
-            monkeypatch.setattr(KeyValue, "put", counted_put)
+            monkeypatch.setattr(KeyValue, "put", held_put)
             first = ka.spawn(COUNTING, name="again")
             await ka.stop(first.id)
             for i in range(count):
                 ka.spawn(COUNTING, name=f"c-{i}")
             last = ka.spawn(COUNTING, name="again")
-            with trio.fail_after(10):
-                await a.names_published()
+            # a hang guard only: what is checked below is counted, not timed
+            with trio.fail_after(120):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(answer_when_idle)
+                    await a.names_published()
+                    nursery.cancel_scope.cancel()
             monkeypatch.setattr(KeyValue, "put", original)
             keys = await _keys(b, "names")
             assert len([key for key in keys if key.startswith("c-")]) == count
