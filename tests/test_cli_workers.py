@@ -1438,15 +1438,22 @@ def test_a_worker_whose_run_failed_stops_the_others(tmp_path: Path, caplog) -> N
     from nexus_trio.cli._cluster_cmd import run_workers
 
     log = tmp_path / "terms"
+    trapped = tmp_path / "trapped"
     summary_of_1 = tmp_path / "summary-1.json"
     summary_of_1.write_text(canned_summary("worker-1").replace('"duration"', '"SIGTERM"'))
     runs_until_stopped = (  # (60 s at most)
-        f"trap 'cat {summary_of_1}; echo term >> {log}; exit 0' TERM; "
+        f"trap 'cat {summary_of_1}; echo term >> {log}; exit 0' TERM; touch {trapped}; "
         "for i in $(seq 600); do sleep 0.1; done"
     )
+    # worker-0 fails once worker-1 handles SIGTERM (a real worker's stop signals stay
+    # blocked until its handlers are in: the fake's shell had none yet after 0.3 s at
+    # load 35, and died of the SIGTERM, writing nothing)
     python = fake_python(
         tmp_path,
-        {"worker-0": f"sleep 0.3; {echo(failed_summary('worker-0'))}; exit 1"},
+        {
+            "worker-0": f"while [ ! -e {trapped} ]; do sleep 0.02; done;"
+            f" {echo(failed_summary('worker-0'))}; exit 1"
+        },
         default=runs_until_stopped,
     )
     t0 = time.monotonic()
