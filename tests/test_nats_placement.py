@@ -2196,8 +2196,18 @@ async def test_a_node_joining_thousands_of_names_and_records_replays_them_in_bul
         ]
         records = [(f"n-{i}", PlacementRecord("counter").encode()) for i in range(count)]
         for kv, entries in ((names_kv, names), (placed_kv, records)):
-            written = await kvops.put_values(kv, entries)
-            assert not [w for w in written if isinstance(w, Exception)]
+            # in the node's windows (2,000 puts at once timed out at load 35), a window
+            # that timed out written again (a put of the same value: the same entry)
+            for start in range(0, count, kvops.WINDOW):
+                window = entries[start : start + kvops.WINDOW]
+                for _ in range(5):
+                    written = await kvops.put_values(kv, window)
+                    window = [
+                        e for e, w in zip(window, written, strict=True) if isinstance(w, Exception)
+                    ]
+                    if not window:
+                        break
+                assert not window, written
         async with open_kernel(node_config()) as kernel:
             steps = _Steps()
             trio.lowlevel.add_instrument(steps)
