@@ -85,13 +85,15 @@ def test_user_install_then_uninstall(tmp_path: Path) -> None:
     )
     assert version.returncode == 0, version.stderr
     assert "nexus_trio 0.1.0" in version.stdout
-    # The installed package is the virtualenv's copy, not this clone.
+    # The installed package is the virtualenv's copy, not this clone (nor the checkout a
+    # PYTHONPATH of the test run names: the user's shell has none)
     where = subprocess.run(
         [str(venv / "bin/python"), "-c", "import nexus_trio; print(nexus_trio.__file__)"],
         capture_output=True,
         text=True,
         timeout=60,
         cwd=home,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
         check=False,
     )
     assert where.stdout.strip().startswith(str(venv)), where.stdout + where.stderr
