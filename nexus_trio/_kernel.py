@@ -136,10 +136,12 @@ class Kernel:
         self._root_task: trio.lowlevel.Task | None = None
         #: the ``open_kernel`` nursery, where a shutdown asked from inside the tree runs
         self._nursery: trio.Nursery | None = None
-        #: code outside the tree (the block, a task beside it) asked for the shutdown, or
-        #: waits for it: the block is not cancelled once the kernel has stopped (see
-        #: _shut_down)
-        self._asked_outside = False
+        #: the task that runs the ``open_kernel`` block (see _in_block)
+        self._block_task: trio.lowlevel.Task | None = None
+        #: code in the block (its own task, a task in a nursery it opened) asked for the
+        #: shutdown, or waits for it: the block is not cancelled once the kernel has
+        #: stopped, which would cancel that caller too (see _shut_down)
+        self._asked_in_block = False
 
     # --- lifecycle of the kernel -----------------------------------------------------------
 
@@ -234,10 +236,13 @@ class Kernel:
         of the drain. A send from outside waiting for room in a full mailbox when the
         shutdown starts is refused then (``KernelShuttingDown``).
 
-        A shutdown asked from inside the tree alone cancels the ``open_kernel`` block
-        once the kernel has stopped, and ``open_kernel`` returns as for a block that
-        ended; one called (or waited for) from outside the tree cancels nothing: the
-        call returns once the kernel has stopped and its caller goes on.
+        Once the kernel has stopped, the ``open_kernel`` block is cancelled and
+        ``open_kernel`` returns as for a block that ended, unless code in the block (its
+        own task, or a task in a nursery it opened) called ``shutdown()``, also to wait
+        for one under way: that call returns once the kernel has stopped and its caller
+        goes on, so the block is not cancelled. A shutdown asked from inside the tree or
+        from a task beside the block (in a nursery around ``open_kernel``) ends the
+        block; the caller beside is not cancelled (it is not in the block).
         """
         if grace is not None:
             # Checked before anything starts: a shutdown that failed halfway would leave
@@ -245,8 +250,8 @@ class Kernel:
             grace = checked_seconds(grace, "shutdown grace", zero=True)
         router = self._router
         in_tree = self._in_tree()
-        if not in_tree:
-            self._asked_outside = True
+        if not in_tree and self._in_block():
+            self._asked_in_block = True
         if router.phase is not KernelPhase.RUNNING:
             if grace is not None:
                 # A shutdown is under way (another task's, a handler's): the drain ends
@@ -294,6 +299,32 @@ class Kernel:
             task = nursery.parent_task if nursery is not None else None
         return False
 
+    def _in_block(self) -> bool:
+        """True if the current task runs in the ``open_kernel`` block: the block's own
+        task, or a task in a nursery the block opened (cancelling the block cancels it).
+        A task beside the block (in a nursery around ``open_kernel``, or elsewhere) is not.
+
+        Trio's public task tree tells them apart: a nursery the block's task opened after
+        the kernel's nursery (``Task.child_nurseries`` lists outer nurseries before inner
+        ones) is inside the block. A walk up the task tree when ``shutdown`` is called
+        from outside the supervision tree, nothing per message.
+        """
+        block = self._block_task
+        own = self._nursery
+        if block is None or own is None:
+            return True  # (no block to cancel)
+        task: trio.lowlevel.Task = trio.lowlevel.current_task()
+        while task is not block:
+            nursery = task.parent_nursery
+            if nursery is None:
+                return False
+            if nursery.parent_task is block:
+                opened = block.child_nurseries
+                # (the kernel's own nursery, where its tasks run, is not the block's)
+                return nursery in opened and opened.index(nursery) > opened.index(own)
+            task = nursery.parent_task
+        return True
+
     @trio.lowlevel.enable_ki_protection
     async def _shut_down(self) -> None:
         """Steps 2 to 4 of :meth:`shutdown` (the phase is ``DRAINING`` already, the
@@ -318,11 +349,13 @@ class Kernel:
             self._host.heap.close()
             router.phase = KernelPhase.STOPPED
         self._shutdown_finished.set()
-        if not self._asked_outside:
-            # Asked by an agent alone: the kernel is over, and so is the block, which
-            # nothing may end otherwise (``sleep_forever``). Cancelled only now, so that
-            # what it awaits of the kernel ends first (a request gets its answer or its
-            # error, a stream its last items: see Subscription).
+        if not self._asked_in_block:
+            # Asked by an agent, or by a task beside the block, and by no code in the
+            # block: the kernel is over, and so is the block, which nothing may end
+            # otherwise (``sleep_forever``). Cancelled only now, so that what it awaits
+            # of the kernel ends first (a request gets its answer or its error, a stream
+            # its last items: see Subscription). A caller in the block waits for this
+            # shutdown and goes on: the block is its to end.
             self._body_scope.cancel()
 
     @property
@@ -1045,9 +1078,9 @@ async def open_kernel(
     that cancellation), and ``Cancelled`` goes on out of the block. If supervision
     escalates to the kernel (``[supervision] escalate_to_kernel = true``), the block is
     cancelled, the kernel shuts down and :class:`SupervisorEscalation` is raised. A
-    shutdown asked by an agent (``ctx.kernel.shutdown()``), none called from outside the
-    tree, ends the block: it is cancelled once the kernel has stopped, and
-    ``open_kernel`` returns.
+    shutdown asked by an agent (``ctx.kernel.shutdown()``) or by a task beside the block,
+    none called by code in the block, ends the block: it is cancelled once the kernel
+    has stopped, and ``open_kernel`` returns.
     ``seed`` makes backoff jitter reproducible.
     """
     if config is not None and not isinstance(config, Config):
@@ -1085,6 +1118,7 @@ async def open_kernel(
     try:
         async with trio.open_nursery() as nursery:
             kernel._nursery = nursery
+            kernel._block_task = trio.lowlevel.current_task()
             with trio.CancelScope(shield=True):
                 # Shielded: in a block already cancelled (a deadline that has passed),
                 # Trio's start would leave the tree, shielded itself, under the start

@@ -1098,13 +1098,14 @@ async def test_a_block_that_waits_for_a_shutdown_an_agent_asked_for_is_not_cance
     assert_conserved(kernel)
 
 
-async def test_a_shutdown_called_beside_the_block_returns_to_its_caller_and_cancels_nothing(
+async def test_a_shutdown_called_beside_the_block_ends_the_block_not_its_caller(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     """``kernel.shutdown()`` from a task beside the block (in a nursery around
-    ``open_kernel``) is code outside the tree: its call returns once the kernel has
-    stopped and its caller goes on; the block is not cancelled (only an agent's shutdown
-    ends it: the caller outside owns the end, as the block's own call does)."""
+    ``open_kernel``): the block, parked in a sleep, slept on with the kernel stopped
+    until its own deadline (for ever in ``sleep_forever``). It is now cancelled once the
+    kernel has stopped, as for an agent's shutdown; the caller beside, not in the block,
+    is not cancelled: its call returns and it goes on."""
     order: list[str] = []
 
     @agent(name="worker")
@@ -1116,6 +1117,8 @@ async def test_a_shutdown_called_beside_the_block_returns_to_its_caller_and_canc
         await trio.sleep(0.5)
         await kernel.shutdown()
         order.append(f"shutdown returned at {trio.current_time():g}")
+        await trio.sleep(1)
+        order.append(f"caller went on to {trio.current_time():g}")
 
     with trio.fail_after(MOCK_LIMIT):
         async with trio.open_nursery() as outside:
@@ -1124,9 +1127,46 @@ async def test_a_shutdown_called_beside_the_block_returns_to_its_caller_and_canc
                 await kernel.send(ref, 1)
                 await kernel.send(ref, 2)
                 outside.start_soon(stopper, kernel)
-                await trio.sleep(10)
-                order.append(f"block went on to {trio.current_time():g}")
-    assert order == ["handled 1", "handled 2", "shutdown returned at 2", "block went on to 10"]
+                try:
+                    await trio.sleep(10)
+                finally:
+                    order.append(f"block left at {trio.current_time():g}")
+            order.append(f"open_kernel returned ({kernel.phase.name.lower()})")
+    assert order == [
+        "handled 1",
+        "handled 2",
+        # (the block and the caller, each in its turn)
+        *order[2:4],
+        "open_kernel returned (stopped)",
+        "caller went on to 3",
+    ]
+    assert sorted(order[2:4]) == ["block left at 2", "shutdown returned at 2"]
+    assert_conserved(kernel)
+
+
+async def test_a_shutdown_called_by_a_task_the_block_started_leaves_the_block_to_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A task in a nursery the block opened calls ``shutdown()`` and goes on once it
+    returns: cancelling the block would cancel that caller too, so the block is not
+    cancelled; the caller owns the block's end (here: it cancels the block's nursery)."""
+    order: list[str] = []
+
+    async def stopper(kernel: Any, block: trio.Nursery) -> None:
+        await trio.sleep(0.5)
+        await kernel.shutdown()
+        order.append(f"shutdown returned ({kernel.phase.name.lower()})")
+        await trio.sleep(1)
+        order.append(f"caller went on to {trio.current_time():g}")
+        block.cancel_scope.cancel()
+
+    with trio.fail_after(MOCK_LIMIT):
+        async with open_kernel(config(), seed=1) as kernel:
+            async with trio.open_nursery() as block:
+                block.start_soon(stopper, kernel, block)
+                await trio.sleep_forever()
+            order.append(f"block went on to {trio.current_time():g}")
+    assert order == ["shutdown returned (stopped)", "caller went on to 1.5", "block went on to 1.5"]
     assert_conserved(kernel)
 
 
