@@ -121,6 +121,7 @@ class Kernel:
             root=True,
         )
         self._router.nodes[self._root.id.int] = self._root
+        self._shutdown_started = trio.Event()
         self._shutdown_finished = trio.Event()
         #: the drain of the shutdown under way (its deadline: the grace period's end)
         self._drain_scope: trio.CancelScope | None = None
@@ -265,6 +266,7 @@ class Kernel:
             return
         router.phase = KernelPhase.DRAINING
         router.refuse_outside_waits()
+        self._shutdown_started.set()
         if grace is None:
             grace = self.config.kernel.shutdown_grace
         self._host.end_grace_by(trio.current_time() + grace)
@@ -372,6 +374,15 @@ class Kernel:
     def stopped(self) -> bool:
         """True once shutdown has finished: nothing is in flight any more."""
         return self._shutdown_finished.is_set()
+
+    async def wait_shutting_down(self) -> None:
+        """Return once a shutdown has started (at once if one has), whoever asked for
+        it: an agent, the block, a task beside it, a cancelled block or an escalation.
+
+        The waiter wakes before any agent has stopped for it: ``stats()`` then still
+        shows the agents that ran (``nexus run`` takes its summary's ``agents`` there).
+        Waiting starts and stops nothing (cancel the wait to give up)."""
+        await self._shutdown_started.wait()
 
     # --- spawning -----------------------------------------------------------------------------
 

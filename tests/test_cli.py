@@ -508,7 +508,7 @@ def test_the_summary_table_gives_each_spawned_programs_traffic_and_troubles(isol
 
 APP_MODULE = """
     import trio
-    from nexus_trio import agent
+    from nexus_trio import Agent, agent
 
     @agent(name="echo")
     async def echo(ctx, msg):
@@ -550,6 +550,21 @@ APP_MODULE = """
 
     specs = [echo, boom]
     number = 42
+
+    @agent(name="counter")
+    async def counter(ctx, msg):
+        return None
+
+    class Starter(Agent):
+        async def on_start(self, ctx):
+            for i in range(5):
+                await ctx.send("counter", i)
+            await ctx.kernel.shutdown()
+
+        async def handle(self, ctx, msg):
+            return None
+
+    quits_on_start = [counter, agent(Starter, name="starter")]
 """
 
 
@@ -612,6 +627,30 @@ def test_a_run_whose_agent_shuts_the_kernel_down_ends_with_its_summary(app_modul
     assert summary["handled"] == 3 + 1
     assert summary["in_flight"] == 0
     assert conserved(summary)
+
+
+def test_the_summary_of_a_run_an_agent_shut_down_reports_what_ran(app_module):
+    """The summary after an agent's ``kernel.shutdown()`` said 0 agents (they were
+    counted once the shutdown had stopped them), and its rate and times took the
+    shutdown for the run. It now reports what ran as for a run stopped by its duration
+    or a signal: the agents alive when the shutdown started, what was sent, handled and
+    dead-lettered; for an app's main and for agents ``nexus run`` spawned."""
+    # three tells to echo and their answers to the system id, and the quit; five tells
+    # from an on_start to a counter
+    expected = {"quits": (7, 4, {"unroutable_reply": 3}), "quits_on_start": (5, 5, {})}
+    for name, (sent, handled, dead) in expected.items():
+        with real_time_limit(20):
+            result = invoke(["run", "--app", f"{app_module}:{name}", "--json", "--no-live"])
+        assert result.exit_code == 0, result.output
+        summary = json.loads(result.stdout)
+        assert (summary["stopped_by"], summary["agents"]) == ("kernel shutdown", 2)
+        assert (summary["sent"], summary["handled"]) == (sent, handled)
+        assert (summary["dead_letters"], summary["dead_letters_by_reason"]) == (
+            sum(dead.values()),
+            dead,
+        )
+        assert summary["rejected"] == {}
+        assert conserved(summary)
 
 
 def test_the_summary_counts_runs_that_failed_outside_a_handler(isolated):

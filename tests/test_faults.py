@@ -1144,6 +1144,44 @@ async def test_a_shutdown_called_beside_the_block_ends_the_block_not_its_caller(
     assert_conserved(kernel)
 
 
+async def test_wait_shutting_down_wakes_before_any_agent_has_stopped_for_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """``wait_shutting_down()`` beside the block: it returns once an agent's
+    ``on_start`` asked for the shutdown, with nothing in flight to drain, and before any
+    agent has stopped for it (``nexus run`` notes what ran there); at once for a waiter
+    that comes after."""
+    seen: list[tuple[bool, bool, int]] = []
+
+    @agent(name="idle")
+    async def idle(ctx: Context, msg: Message) -> None:
+        return None
+
+    class Quitter(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            await trio.sleep(1)
+            await ctx.kernel.shutdown()
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            return None
+
+    async def watch(kernel: Any) -> None:
+        await kernel.wait_shutting_down()
+        # (draining, or stopping already: nothing was in flight to drain)
+        seen.append((kernel.shutting_down, kernel.stopped, kernel.stats().agents_alive))
+
+    with trio.fail_after(MOCK_LIMIT):
+        async with trio.open_nursery() as outside:
+            async with open_kernel(config(), seed=1) as kernel:
+                outside.start_soon(watch, kernel)
+                kernel.spawn(idle)
+                kernel.spawn(Quitter, name="quitter")
+                await trio.sleep_forever()
+        await kernel.wait_shutting_down()
+    assert seen == [(True, False, 2)]
+    assert kernel.stats().agents_alive == 0
+
+
 async def test_a_shutdown_called_by_a_task_the_block_started_leaves_the_block_to_it(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

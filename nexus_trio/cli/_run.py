@@ -302,6 +302,11 @@ class _State:
         self.swarm: Swarm | None = None
         #: traffic with other nodes (with --nats), for the summary
         self.cluster_counts: dict[str, Any] | None = None
+        #: when the kernel's shutdown started (the summary's ``elapsed_s.shutdown``)
+        self.t_shutdown: float | None = None
+        #: the ``open_kernel`` block was left (a shutdown that starts then is the
+        #: block's exit: an error, an escalation; no agent asked for it)
+        self.block_left = False
 
     def run_rate(self, processed_now: int, now: float) -> float:
         """Messages per second from the start of the run (the workload running) to its
@@ -310,6 +315,17 @@ class _State:
         stop = self.t_stop if self.t_stop is not None else now
         done = self.processed_at_stop if self.processed_at_stop is not None else processed_now
         return (done - self.processed_at_start) / (stop - start) if stop > start else 0.0
+
+    def note_stop(self, kernel: Kernel) -> None:
+        """The run stopped (its duration, a signal, an agent's shutdown): what ran, as
+        the kernel shows it now, before the shutdown stops any agent; once."""
+        if self.t_stop is not None:
+            return
+        self.t_stop = trio.current_time()
+        at_stop = kernel.stats()
+        self.agents_at_stop = at_stop.agents_alive
+        self.processed_at_stop = _processed(at_stop)
+        note_bridge_stats(self.programs, kernel)
 
     def request_stop(self, reason: str) -> None:
         if self.stopped_by is None:
@@ -789,15 +805,28 @@ async def _body(state: _State, kernel: Kernel) -> None:
         with trio.move_on_after(opts.duration if opts.duration > 0 else math.inf):
             await state.stop_event.wait()
         state.request_stop("duration")
-        state.t_stop = trio.current_time()
-        at_stop = kernel.stats()
-        state.agents_at_stop = at_stop.agents_alive
-        state.processed_at_stop = _processed(at_stop)
-        note_bridge_stats(state.programs, kernel)
+        state.note_stop(kernel)
         state.phase = "stopping"
         if state.demo is not None:
             state.demo.stop()
         body.cancel_scope.cancel()
+
+
+async def _watch_shutdown(state: _State, kernel: Kernel) -> None:
+    """An agent's ``kernel.shutdown()`` stops the run: noted when the shutdown starts,
+    before any agent has stopped for it, as a stop by the duration or a signal is (the
+    summary's agents, run time and rate), then the body ends as for such a stop and
+    waits for the shutdown with the cluster still joined."""
+    await kernel.wait_shutting_down()
+    if state.t_shutdown is None:
+        state.t_shutdown = trio.current_time()
+    if state.t_stop is not None or state.block_left or state.stop_event.is_set():
+        return  # the run's own stop, or the block's exit (an error, an escalation)
+    state.note_stop(kernel)
+    state.request_stop("kernel shutdown")
+    log_guarded(
+        log, logging.INFO, "an agent shut the kernel down (kernel.shutdown()): the run is over"
+    )
 
 
 async def run_async(opts: RunOptions, console: Console | None = None) -> tuple[dict[str, Any], int]:
@@ -821,7 +850,6 @@ async def _run_async(
     #: what the server said), so it is logged without the traceback of the CLI's internals
     join_error: BaseException | None = None
     kernel: Kernel | None = None
-    t_shutdown: float | None = None
     async with trio.open_nursery() as outer:
         state.outer = outer
         await outer.start(_watch_signals, state)
@@ -842,48 +870,54 @@ async def _run_async(
 
                     await outer.start(serve_metrics, kernel, opts.metrics_host, opts.metrics_port)
                 outer.start_soon(_watch, state, kernel, _title(opts))
-                async with contextlib.AsyncExitStack() as stack:
-                    nats_url = opts.nats or opts.config.nats.url  # --nats, else [nats] url
-                    cluster = None
-                    if nats_url and state.stop_event.is_set():
-                        # stopped as it started (a worker the parent stopped): no join
-                        log_guarded(log, logging.INFO, "stopped before joining the cluster")
-                    elif nats_url:
-                        from .._nats import default_node_name, join_cluster
-                        from .._nats._auth import redact
+                outer.start_soon(_watch_shutdown, state, kernel)
+                try:
+                    async with contextlib.AsyncExitStack() as stack:
+                        nats_url = opts.nats or opts.config.nats.url  # --nats, else [nats] url
+                        cluster = None
+                        if nats_url and state.stop_event.is_set():
+                            # stopped as it started (a worker the parent stopped): no join
+                            log_guarded(log, logging.INFO, "stopped before joining the cluster")
+                        elif nats_url:
+                            from .._nats import default_node_name, join_cluster
+                            from .._nats._auth import redact
 
-                        node = opts.node or default_node_name()
-                        try:
-                            cluster = await stack.enter_async_context(
-                                join_cluster(kernel, nats_url, node, types=opts.types)
+                            node = opts.node or default_node_name()
+                            try:
+                                cluster = await stack.enter_async_context(
+                                    join_cluster(kernel, nats_url, node, types=opts.types)
+                                )
+                            except (TransportUnavailable, ValueError) as exc:
+                                join_error = exc
+                                raise
+                            log_guarded(
+                                log,
+                                logging.INFO,
+                                "joined the cluster at %s as %s%s",
+                                redact(nats_url),
+                                node,
+                                f" (agent types: {', '.join(opts.types)})" if opts.types else "",
                             )
-                        except (TransportUnavailable, ValueError) as exc:
-                            join_error = exc
-                            raise
-                        log_guarded(
-                            log,
-                            logging.INFO,
-                            "joined the cluster at %s as %s%s",
-                            redact(nats_url),
-                            node,
-                            f" (agent types: {', '.join(opts.types)})" if opts.types else "",
-                        )
-                        layout = layout_from_env(node) if _is_worker(node) else None
-                        if layout is not None and opts.demo and opts.workload != "pool":
-                            state.swarm = Swarm(
-                                cluster, layout, should_stop=state.stop_event.is_set
-                            )
-                    await _body(state, kernel)
-                    if state.swarm is not None:
-                        state.phase = "settling"
-                        await state.swarm.settle()
-                    # Drain here, with the cluster (if any) still attached for in-flight
-                    # remote messages; leaving open_kernel then has nothing left to do.
-                    state.phase = "shutting down"
-                    t_shutdown = trio.current_time()
-                    await kernel.shutdown()
-                    if cluster is not None:
-                        state.cluster_counts = cluster_counts(cluster)
+                            layout = layout_from_env(node) if _is_worker(node) else None
+                            if layout is not None and opts.demo and opts.workload != "pool":
+                                state.swarm = Swarm(
+                                    cluster, layout, should_stop=state.stop_event.is_set
+                                )
+                        await _body(state, kernel)
+                        if state.swarm is not None:
+                            state.phase = "settling"
+                            await state.swarm.settle()
+                        # Drain here, with the cluster (if any) still attached for
+                        # in-flight remote messages; leaving open_kernel then has nothing
+                        # left to do. (Also after an agent's shutdown: this waits for it.)
+                        state.phase = "shutting down"
+                        if state.t_shutdown is None:
+                            state.t_shutdown = trio.current_time()
+                        await kernel.shutdown()
+                        if cluster is not None:
+                            state.cluster_counts = cluster_counts(cluster)
+                finally:
+                    state.block_left = True
         except SupervisorEscalation as exc:
             error = exc
             log_guarded(log, logging.ERROR, "the kernel stopped: %s", exc)
@@ -897,15 +931,6 @@ async def _run_async(
                 exc_info=None if error is join_error else error,
             )
         finally:
-            if kernel is not None and kernel.stopped and state.stopped_by is None and not error:
-                # An agent called kernel.shutdown(): the kernel stopped, which ends the
-                # open_kernel block (see Kernel.shutdown), and so the run.
-                state.stopped_by = "kernel shutdown"
-                log_guarded(
-                    log,
-                    logging.INFO,
-                    "an agent shut the kernel down (kernel.shutdown()): the run is over",
-                )
             state.phase = "done"
             state.t_end = trio.current_time()
             if kernel is not None and state.live is not None:
@@ -918,8 +943,7 @@ async def _run_async(
     t_end = state.t_end if state.t_end is not None else trio.current_time()
     if state.t_stop is None:
         state.t_stop = t_end
-    if t_shutdown is None:
-        t_shutdown = state.t_stop
+    t_shutdown = state.t_shutdown if state.t_shutdown is not None else state.t_stop
     if kernel is not None:
         note_bridge_stats(state.programs, kernel)  # final: every agent has stopped
     spawned = spawn_summary(state.programs, problems)
