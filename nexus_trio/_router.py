@@ -14,13 +14,14 @@ Requests keep one timer for all of them: a heap of deadlines watched by one task
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import heapq
 import math
 import uuid
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Final, Protocol, TypeVar, final
 from uuid import UUID as _UUID
 
@@ -47,6 +48,27 @@ from ._mailbox import Mailbox
 from ._message import SYSTEM_ID, Address, Message, MessageKind, id_value
 from ._step import Stepper
 from ._transport import Transport
+
+current_task = trio.lowlevel.current_task
+
+
+@final
+class _OutsideSenders:
+    """``with senders:`` around a transport's ``deliver`` of a send from outside the
+    agents: its task is in ``tasks`` meanwhile (see Router.transport_wait). One object
+    for every send, nothing allocated per send (a task sends one message at a time)."""
+
+    __slots__ = ("tasks",)
+
+    def __init__(self) -> None:
+        self.tasks: set[trio.lowlevel.Task] = set()
+
+    def __enter__(self) -> None:
+        self.tasks.add(current_task())
+
+    def __exit__(self, *exc: object) -> None:
+        self.tasks.discard(current_task())
+
 
 _LATE_MEMORY: Final = 4096
 #: how many queries the transport handed over whose answers go back to it, whoever their
@@ -245,6 +267,18 @@ class TransportHandle:
         is late, as a reply dead-lettered ``late_reply`` is."""
         return request_id.int in self._router.late_queries
 
+    def waiting_for_room(self) -> contextlib.AbstractContextManager[None]:
+        """Wrap a wait of the transport for room to take a message (credit from its
+        destination, room in an outgoing buffer), in the task that sends it.
+
+        For a send from outside the agents (``Kernel.send``, ``Kernel.request``), as for
+        one waiting for room in a full local mailbox, a shutdown that starts during the
+        wait (or had started when it began) ends it: :class:`KernelShuttingDown` is
+        raised here, counted in ``rejected`` (``shutting_down``); the transport must then
+        not take the message. A send of an agent waits on (sends between agents go on
+        during the drain). Cheap when the transport does not wait: it is not called."""
+        return self._router.transport_wait()
+
     def cancel_query(self, query_id: uuid.UUID, to: Address) -> bool:
         """The remote requester of query ``query_id`` stopped waiting (timeout or cancel).
 
@@ -334,6 +368,9 @@ class Router:
         #: the waits for room of sends from outside the kernel's agents (the block, any
         #: other task): a shutdown refuses them when it starts (see refuse_outside_waits)
         self._outside_waits: set[trio.CancelScope] = set()
+        #: the tasks whose send from outside the agents the transport has in hand: its
+        #: waits for room are refused as theirs are (see transport_wait)
+        self._outside_senders = _OutsideSenders()
         #: local agents by address: an id's 128-bit value (an int hashes in C, a UUID
         #: through a Python __hash__, a twentieth of a send) or a name; see local()
         self.routes: dict[int | str, Any] = {}
@@ -613,6 +650,28 @@ class Router:
         for scope in self._outside_waits:
             scope.cancel()
 
+    @contextlib.contextmanager
+    def transport_wait(self) -> Iterator[None]:
+        """See :meth:`TransportHandle.waiting_for_room`: the transport's wait for room
+        for a send from outside, refused as a wait for room in a local mailbox is."""
+        senders = self._outside_senders.tasks
+        if not senders or current_task() not in senders:
+            yield  # an agent's send (or none the kernel handed over): it waits on
+            return
+        if self.phase is not _RUNNING:
+            raise self.refuse("send")
+        scope = trio.CancelScope()
+        self._outside_waits.add(scope)
+        try:
+            with scope:
+                yield
+        finally:
+            self._outside_waits.discard(scope)
+        if scope.cancelled_caught:
+            # refused when the drain started (the phase may have moved on since)
+            self.ledger.rejected["shutting_down"] += 1
+            raise KernelShuttingDown("send", KernelPhase.DRAINING.name.lower())
+
     def refuse(self, what: str) -> KernelShuttingDown:
         self.ledger.rejected["shutting_down"] += 1
         return KernelShuttingDown(what, self.phase.name.lower())
@@ -706,7 +765,11 @@ class Router:
                 # deliver's branch for another kernel, without its coroutine (every tell
                 # to another kernel comes this way)
                 self.check_address(msg.to)
-                await transport.deliver(msg)
+                if external:
+                    with self._outside_senders:
+                        await transport.deliver(msg)
+                else:
+                    await transport.deliver(msg)
                 self.ledger.accepted += 1
                 self.ledger.forwarded += 1
                 return
@@ -964,7 +1027,11 @@ class Router:
         if cell is None and self.transport is not None:
             self.check_address(msg.to)
             # The transport bounds its own wait by the send deadline (see Transport).
-            await self.transport.deliver(msg)
+            if external:
+                with self._outside_senders:
+                    await self.transport.deliver(msg)
+            else:
+                await self.transport.deliver(msg)
             self.ledger.accepted += 1
             self.ledger.forwarded += 1
             return

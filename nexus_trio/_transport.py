@@ -35,6 +35,10 @@ class Transport(Protocol):
         May wait, but the transport itself must bound the wait by the kernel's send
         deadline (``config.kernel.send_timeout``) and then raise
         :class:`TransportUnavailable`: the kernel does not wrap each call in a timeout.
+        A wait for room before it takes the message (credit, an outgoing buffer) goes in
+        ``TransportHandle.waiting_for_room()``: for a send from outside the agents, a
+        shutdown's start ends it with :class:`KernelShuttingDown`, the message not taken,
+        as the kernel refuses such a send waiting for room in a full local mailbox.
         """
         ...
 

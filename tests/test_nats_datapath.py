@@ -60,7 +60,7 @@ from nexus_trio.logs import log_calls_failed
 from nexus_trio.testing import assert_conserved
 
 from .hang_guard import real_time_limit
-from .nats_server import FAST, PATIENT
+from .nats_server import FAST, PATIENT, until
 from .test_logs import RaisingFilter
 from .test_message import NOT_JSON
 
@@ -447,6 +447,69 @@ async def test_a_full_node_window_makes_send_wait_then_raise_mailbox_full(
             assert await ka.request("stalled", "dump") == accepted + 1
     assert handled == list(range(accepted + 1))
     assert ka.stats().rejected["mailbox_full"] == 2
+    assert cb.stats().inbound_dropped == {}
+
+
+async def test_a_send_from_outside_waiting_for_credit_is_refused_when_the_shutdown_starts(
+    nats: NatsServer,
+) -> None:
+    """A tell from outside the agents waiting for credit (its destination node's window
+    full) when node a's shutdown starts: it waited on through the drain and the stop,
+    until its send deadline (``MailboxFull``, 10 s here), where a send from outside
+    waiting for room in a full local mailbox is refused at once. It is now refused the
+    same way when the shutdown starts: ``KernelShuttingDown`` (``draining``), counted
+    in ``rejected``, never sent; everything accepted before it is handled on b."""
+    window = 8
+    release = trio.Event()
+    handled: list[Any] = []
+    outcome: list[Any] = []
+
+    @agent(name="stalled", mailbox_capacity=1)
+    async def stalled(ctx: Context, msg: Message) -> Any:
+        await release.wait()
+        handled.append(msg.payload)
+        return None
+
+    async with (
+        _node(nats.url, "b") as (kb, cb),
+        _node(nats.url, "a", node_window=window) as (ka, ca),
+    ):
+        kb.spawn(stalled)
+        await cb.names_published()
+        with trio.fail_after(30):
+            await ca.wait_for_name("stalled")
+            sent: list[int] = []
+
+            async def sender() -> None:
+                try:
+                    while True:
+                        await ka.send("stalled", len(sent))
+                        sent.append(len(sent))
+                except Exception as exc:
+                    outcome.append((exc, trio.current_time()))
+
+            async with trio.open_nursery() as block:
+                block.start_soon(sender)
+                # the window is full once no tell goes for a while: the next one waits
+                count = -1
+                while count != len(sent):
+                    count = len(sent)
+                    await trio.sleep(0.5)
+                started = trio.current_time()
+                await ka.shutdown()
+            release.set()
+            await until(lambda: len(handled) == len(sent))
+    assert window <= len(sent) <= window + 2
+    ((refused, at),) = outcome
+    assert isinstance(refused, KernelShuttingDown) and refused.phase == "draining"
+    assert at - started < 5
+    assert handled == list(range(len(sent)))
+    stats = ka.stats()
+    assert (stats.rejected, stats.accepted, stats.forwarded) == (
+        {"shutting_down": 1},
+        len(sent),
+        len(sent),
+    )
     assert cb.stats().inbound_dropped == {}
 
 

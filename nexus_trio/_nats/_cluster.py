@@ -50,7 +50,7 @@ import uuid
 import weakref
 from collections import Counter, OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
-from contextlib import asynccontextmanager, suppress
+from contextlib import AbstractContextManager, asynccontextmanager, nullcontext, suppress
 from typing import Any, Final, final
 
 import attrs
@@ -824,7 +824,9 @@ class Cluster:
         if not link.has_room() or len(self._outbox) >= high_water:
             if deadline is None:
                 deadline = trio.current_time() + self.kernel.config.kernel.send_timeout
-            await self._wait_for_room(msg, link, deadline)
+            # (a send from outside the agents: a shutdown's start refuses it, not taken)
+            with self._refused_at_shutdown():
+                await self._wait_for_room(msg, link, deadline)
             # The node may have left while this tell waited (its outbox closes then, and
             # nothing would send or count it): refused, not taken.
             self._check_usable()
@@ -852,10 +854,11 @@ class Cluster:
         if len(self._outbox) >= high_water:
             deadline = self.kernel.config.kernel.send_timeout
             try:
-                with trio.move_on_after(deadline):
+                with self._refused_at_shutdown(), trio.move_on_after(deadline):
                     await self._outbox.wait_below(high_water)
-            except trio.Cancelled:
-                # its requester stopped waiting: not sent, nothing will answer it
+            except (trio.Cancelled, KernelShuttingDown):
+                # its requester stopped waiting, or the shutdown refused a request from
+                # outside the agents: not sent, nothing will answer it
                 self._forget_outstanding(msg)
                 raise
             if len(self._outbox) >= high_water:
@@ -871,6 +874,14 @@ class Cluster:
                 self._forget_outstanding(msg)
                 raise
         self._put_alone(msg, routed)
+
+    def _refused_at_shutdown(self) -> AbstractContextManager[None]:
+        """Around a wait for room: the kernel refuses one of a send from outside its
+        agents when its shutdown starts (``KernelShuttingDown``, counted there), as it
+        refuses such a send waiting for room in a full local mailbox; an agent's send
+        waits on (see ``TransportHandle.waiting_for_room``)."""
+        handle = self.handle
+        return nullcontext() if handle is None else handle.waiting_for_room()
 
     def _put_alone(self, msg: Message, routed: _Routed) -> None:
         """Hand a message that goes alone to the outbox, counted for its peer first: the
