@@ -766,8 +766,14 @@ class Router:
                 # to another kernel comes this way)
                 self.check_address(msg.to)
                 if external:
-                    with self._outside_senders:
+                    # (``with self._outside_senders``, written out: a third less)
+                    task = current_task()
+                    senders = self._outside_senders.tasks
+                    senders.add(task)
+                    try:
                         await transport.deliver(msg)
+                    finally:
+                        senders.discard(task)
                 else:
                     await transport.deliver(msg)
                 self.ledger.accepted += 1
