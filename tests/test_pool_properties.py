@@ -211,6 +211,8 @@ def test_fault_injection_pools_settle_to_their_size_and_count_every_message(
         with trio.fail_after(MOCK_LIMIT):
             async with trio.open_nursery() as outside:
                 async with open_kernel(config, seed=seed) as kernel:
+                    # (a shutdown step runs beside the block, which it then ends)
+                    stopping_kernel = kernel
                     kernel.spawn(top)
                     kernel.spawn(client)
                     #: background jobs (requests, stops) not done yet; quiet: when 0
@@ -337,7 +339,6 @@ def test_fault_injection_pools_settle_to_their_size_and_count_every_message(
                             else:
                                 outside.start_soon(kernel.shutdown)
                     await trio.sleep(stop_after)
-                    stopping_kernel = kernel
         assert tasks_living() == baseline, "the kernel left tasks behind"
         assert stopping_kernel.stats().in_flight == 0
         assert_conserved(stopping_kernel)
