@@ -322,6 +322,8 @@ class Kernel:
                 return False
             if nursery.parent_task is block:
                 opened = block.child_nurseries
+                if own not in opened:
+                    return True  # (``open_kernel`` has returned: no block to cancel)
                 # (the kernel's own nursery, where its tasks run, is not the block's)
                 return nursery in opened and opened.index(nursery) > opened.index(own)
             task = nursery.parent_task

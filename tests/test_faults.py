@@ -1144,6 +1144,33 @@ async def test_a_shutdown_called_beside_the_block_ends_the_block_not_its_caller(
     assert_conserved(kernel)
 
 
+async def test_a_shutdown_called_beside_after_open_kernel_returned_returns(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """``kernel.shutdown()`` again from a task beside, after ``open_kernel`` returned
+    (its nursery closed): the check of who asked looked for the kernel's nursery among
+    the block task's open nurseries and raised ``ValueError``; the kernel is stopped, the
+    call returns at once."""
+    order: list[str] = []
+
+    @agent(name="idle")
+    async def idle(ctx: Context, msg: Message) -> None:
+        pass
+
+    async def beside(kernel: Any) -> None:
+        await kernel.shutdown()
+        order.append(f"beside returned ({kernel.phase.name.lower()})")
+
+    with trio.fail_after(MOCK_LIMIT):
+        async with trio.open_nursery() as outside:
+            async with open_kernel(config(), seed=1) as kernel:
+                kernel.spawn(idle)
+            await kernel.shutdown()
+            order.append("block's task returned")
+            outside.start_soon(beside, kernel)
+    assert order == ["block's task returned", "beside returned (stopped)"]
+
+
 async def test_wait_shutting_down_wakes_before_any_agent_has_stopped_for_it(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
