@@ -471,7 +471,9 @@ class SupervisorNode(Child, ChildOwner):
         child.dormant = False
         child.done = RunDone()
         # (its run's end undoes both creations: the task's, counted here, and the run's)
-        self._nursery.start_soon(self._child_task, child, run, 0.0, child.done, None, None, 2)
+        self._nursery.start_soon(
+            self._child_task, child, run, 0.0, child.done, None, None, 2, name=_RUN_TASK
+        )
         # Counted as the first message arrives, not as the run starts (one call fewer): a
         # producer's burst of first messages builds every run's task before any of them
         # starts, and these counts keep the heap frozen and the young threshold raised
@@ -538,10 +540,14 @@ class SupervisorNode(Child, ChildOwner):
         if child.starts_quietly():
             # No on_start: its start cannot be observed, so it neither waits nor is waited for.
             child.start_gate = None
-            self._nursery.start_soon(self._child_task, child, run, delay, child.done, None, None, 1)
+            self._nursery.start_soon(
+                self._child_task, child, run, delay, child.done, None, None, 1, name=_RUN_TASK
+            )
             return None
         gate = child.start_gate = trio.Event()
-        self._nursery.start_soon(self._child_task, child, run, delay, child.done, after, gate, 1)
+        self._nursery.start_soon(
+            self._child_task, child, run, delay, child.done, after, gate, 1, name=_RUN_TASK
+        )
         return gate
 
     def _called_off(self, child: Child) -> bool:
@@ -1016,3 +1022,11 @@ class SupervisorNode(Child, ChildOwner):
             if isinstance(child, SupervisorNode):
                 child.retire_all(reason, failure=failure)
             self._retire(child, reason, failure=failure)
+
+
+#: The name of every run's task: the one Trio would give it (its function's module and
+#: qualified name), made once. Trio formats that name into a new string for each task it
+#: starts without one, and each running agent kept its own copy (~100 bytes an agent).
+_RUN_TASK: Final = (
+    f"{SupervisorNode._child_task.__module__}.{SupervisorNode._child_task.__qualname__}"
+)

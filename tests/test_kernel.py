@@ -2090,6 +2090,36 @@ async def test_agents_without_on_start_wait_idle_without_a_task_until_their_firs
         assert kernel.stats().handled == 10
 
 
+async def test_every_run_s_task_shares_one_name_string() -> None:
+    """Trio formats a task started without a name into a new string per task, which each
+    running agent kept (~100 bytes an agent); the runs' tasks share one, the same text."""
+    names: list[str] = []
+
+    class Eager(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            names.append(trio.lowlevel.current_task().name)
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            names.append(trio.lowlevel.current_task().name)
+
+    @agent
+    async def lazy(ctx: Context, msg: Message) -> None:
+        names.append(trio.lowlevel.current_task().name)
+
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(Eager, name="eager")
+        kernel.spawn(lazy, name="lazy-a")
+        kernel.spawn(lazy, name="lazy-b")
+        await trio.testing.wait_all_tasks_blocked()
+        for name in ("eager", "lazy-a", "lazy-b"):
+            await kernel.send(name, None)
+        await trio.testing.wait_all_tasks_blocked()
+    assert len(names) == 4
+    assert set(names) == {"nexus_trio._supervisor.SupervisorNode._child_task"}
+    # one string object for every run (an eager start, two lazy ones woken by a message)
+    assert len({id(name) for name in names}) == 1
+
+
 async def test_stopping_a_supervisor_stops_and_unregisters_its_whole_subtree() -> None:
     from nexus_trio import Supervisor
 
