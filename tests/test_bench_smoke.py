@@ -8,13 +8,16 @@ sent (the scenarios also check this themselves and raise BenchmarkError).
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
 import attrs
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from nexus_trio import SYSTEM_ID, MessageKind
@@ -34,7 +37,7 @@ from nexus_trio.bench import (
     _scale,
 )
 from nexus_trio.bench._result import combine
-from nexus_trio.bench._runner import resolve
+from nexus_trio.bench._runner import resolve, run_suite
 
 # Smaller still than the smoke scale: the whole file must take seconds.
 TINY = attrs.evolve(
@@ -303,6 +306,27 @@ def test_bench_command_prints_a_table_and_writes_json(tmp_path: Path) -> None:
     assert len(metric["runs"]) == 2
     assert data["counts"]["churn"]["restarts"] == SMOKE.churn_restarts
     assert data["machine"]["cpus"] >= 1
+
+
+def test_a_bench_run_prints_no_kernel_log_line_through_a_handler_already_installed() -> None:
+    """Regression: ``nexus bench`` (every scenario, as docs/benchmarks.md shows it) wrote
+    366 kernel log lines to standard error around its table, 30 of them tracebacks: the
+    first scenario's kernel installed the default log handler, and the churn scenario's
+    quieting added a NullHandler beside it rather than in its place, so each of its
+    handler failures was printed with its traceback (the bridges scenario's starts and
+    exits too). A scenario run alone printed nothing, which is why it went unseen."""
+    logger = logging.getLogger("nexus_trio")
+    before = logger.handlers[:]
+    written = io.StringIO()
+    installed = logging.StreamHandler(written)  # as the first kernel's default handler
+    logger.addHandler(installed)
+    try:
+        report = run_suite(TINY, ["churn"], console=Console(file=io.StringIO()), progress=False)
+        assert report.counts["churn"]["failed"] == TINY.churn_restarts
+        assert logger.handlers == [*before, installed]  # set aside, then put back
+    finally:
+        logger.removeHandler(installed)
+    assert written.getvalue() == ""
 
 
 def test_a_saved_report_reads_back_with_its_goals(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import _bridges, _churn, _fanin, _fanout, _goals, _load, _reqrep, _scale
+from ._measure import quiet_kernel_logs
 from ._result import Metric, ScenarioResult, combine, metric_from_dict
 from ._scales import Scale
 
@@ -135,7 +136,11 @@ def run_suite(
     console: Console | None = None,
     progress: bool = True,
 ) -> Report:
-    """Run the chosen scenarios (all by default) ``repeat`` times each, medians folded."""
+    """Run the chosen scenarios (all by default) ``repeat`` times each, medians folded.
+
+    The kernel's log records are not printed while a scenario runs (see
+    ``quiet_kernel_logs``): the table and the counts say what happened.
+    """
     chosen = resolve(names)
     repeat = scale.repeat if repeat is None else repeat
     if repeat < 1:
@@ -161,7 +166,8 @@ def run_suite(
             results: list[ScenarioResult] = []
             for i in range(times):
                 bar.update(task, description=f"{name} ({scale.name}) {i + 1}/{times}")
-                results.append(SCENARIOS[name](scale))
+                with quiet_kernel_logs():
+                    results.append(SCENARIOS[name](scale))
                 bar.advance(task)
             if results[-1].skipped:
                 skipped[name] = results[-1].skipped
