@@ -72,7 +72,8 @@ def test_config(**options: Any) -> Config:
     ``kernel=``, ``runtime=``, ``logging=``, ``metrics=``, ``app=``, ``nats=``), set over
     the test defaults; any other keyword is a ``[kernel]`` option
     (``test_config(mailbox_capacity=8)``). An option a section does not have is a
-    ``TypeError`` naming it and the nearest; a bad value, the section's ``ValueError``."""
+    ``TypeError`` naming it and the nearest (a misspelt section's name, the section); a
+    bad value, the section's ``ValueError``."""
     sections = {name: _section_options(name, options.pop(name, None)) for name in SECTIONS}
     _check_kernel_keywords(options, sections["kernel"])
     sections["kernel"] = {"dead_letter_buffer": 100_000, **sections["kernel"], **options}
@@ -118,6 +119,14 @@ def _check_kernel_keywords(keywords: Mapping[str, Any], kernel: Mapping[str, Any
         if key in kernel:
             raise TypeError(
                 f"test_config: [kernel] {key!r} is given twice (as {key}= and in kernel=)"
+            )
+        kernel_options = attrs.fields_dict(SECTIONS["kernel"])
+        near = difflib.get_close_matches(str(key), list(SECTIONS), n=1)
+        if not owners and near and not difflib.get_close_matches(str(key), kernel_options, n=1):
+            # a misspelt section (``supervison=``), not a [kernel] option
+            raise TypeError(
+                f"test_config: {key!r} is no [kernel] option; did you mean the section"
+                f" {near[0]}=? (the sections are: {', '.join(SECTIONS)})"
             )
     _section_options("kernel", keywords)
 

@@ -298,6 +298,13 @@ async def test_step_until_idle_and_settle_fail_when_tasks_never_all_block(
             "'max_restart' is no [supervision] option; did you mean 'max_restarts'?",
             "backoff_initial_ms",
         ),
+        # a misspelt section: before, "'supervison' is no [kernel] option" and the
+        # [kernel] options, as if the test had meant one of them
+        (
+            {"supervison": {"max_restarts": 1}},
+            "'supervison' is no [kernel] option; did you mean the section supervision=?",
+            "supervision, runtime",
+        ),
     ],
 )
 def test_test_config_names_an_option_it_does_not_know_and_the_nearest(
