@@ -699,7 +699,7 @@ def render_effective(loaded: LoadedConfig) -> str:
     The output parses back to the same config.
     """
     effective: dict[str, dict[str, Any]] = _converter.unstructure(loaded.config)
-    origin = f"file {loaded.path}" if loaded.path is not None else "no file (defaults)"
+    origin = str(loaded.path) if loaded.path is not None else "no file (defaults)"
     parts = [f"# effective nexus_trio configuration; config file: {origin}\n"]
     parts.extend(f"# warning: {warning}\n" for warning in loaded.warnings)
     for section in SECTIONS:

@@ -753,6 +753,8 @@ def test_render_effective_shows_sources_and_parses_back(home: Path) -> None:
     env = env_for(home, NEXUS_KERNEL__OVERFLOW="reject", NEXUS_APP__SPAWN="python a.py")
     loaded = load(home, env=env, overrides={"logging.level": "debug"})
     text = render_effective(loaded)
+    # before: "config file: file /.../config.toml", the source's wording put after a label
+    assert text.startswith(f"# effective nexus_trio configuration; config file: {file}\n")
     assert f"mailbox_capacity = 10  # from file {file}\n" in text
     assert 'overflow = "reject"  # from env NEXUS_KERNEL__OVERFLOW\n' in text
     assert 'level = "debug"  # from cli\n' in text
