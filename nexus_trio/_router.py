@@ -352,6 +352,14 @@ def _walking(ref: weakref.ref[AgentWalk]) -> bool:
     return walk is not None and not walk.done
 
 
+def _id_in_text(address: str) -> _UUID | None:
+    """The UUID ``address`` spells, if it is one (for an error's hint only)."""
+    try:
+        return _UUID(address)
+    except ValueError:
+        return None
+
+
 @final
 class Router:
     """Routes, names, delivery and request correlation of one kernel."""
@@ -493,6 +501,21 @@ class Router:
             if ended:
                 return ended
         if isinstance(address, str):
+            written = _id_in_text(address)
+            if written is not None:
+                # No name parses as a UUID (spawn refuses one): this is an id as text,
+                # e.g. one a payload carried (a payload takes no UUID).
+                holder = self.nodes.get(written.int)
+                if holder is None:
+                    whose = ""
+                elif holder.name is None:
+                    whose = " (the id of a running agent)"
+                else:
+                    whose = f" (agent {holder.name!r}'s id)"
+                return (
+                    f"it is an agent id written as text{whose}: an address is a name, a"
+                    f" UUID or an AgentRef; pass uuid.UUID({address!r})"
+                )
             # Looked up (or sent to) right after its parent's spawn: a pool's router
             # spawns its workers in its on_start, which runs after kernel.spawn returned.
             parent, _, _ = address.rpartition("/")

@@ -159,12 +159,40 @@ async def test_agent_not_found_suggests_a_near_name_when_it_is_shown(autojump_cl
             kernel.lookup("pritner")
         with pytest.raises(AgentNotFound, match=r"did you mean 'greeter'\?$"):
             await kernel.stop("greter")
-        # nothing near: no hint; an id: no hint (ids are not misspelt)
-        for address in ("zzz", uuid.uuid4(), str(uuid.uuid4())):
+        # nothing near: no hint; an id: no hint (ids are not misspelt; one written as
+        # text: see the next test)
+        for address in ("zzz", uuid.uuid4()):
             with pytest.raises(AgentNotFound) as info:
                 await kernel.send(address, 1)
             assert str(info.value) == f"no agent is registered as {address!r}"
-        assert kernel.stats().rejected == {"no_such_agent": 4}
+        assert kernel.stats().rejected == {"no_such_agent": 3}
+
+
+async def test_an_agent_id_written_as_text_is_refused_saying_so(autojump_clock: Any) -> None:
+    """Regression: an agent's id as text (``str(ref.id)``, what a payload carries, since
+    a payload takes no UUID) is no address, and ``kernel.request(str(ref.id), ...)`` said
+    only ``no agent is registered as '5b0c...'``, of a running agent with that very id.
+    The error says it is an id written as text, whose agent it is, and what to pass."""
+    async with open_kernel(make_config()) as kernel:
+        named = kernel.spawn(echo, name="greeter")
+        anonymous = kernel.spawn(echo)
+        text = str(named.id)
+        with pytest.raises(AgentNotFound) as info:
+            await kernel.request(text, 1)
+        assert info.value.address == text
+        assert info.value.detail == (
+            "it is an agent id written as text (agent 'greeter''s id): an address is a name,"
+            f" a UUID or an AgentRef; pass uuid.UUID({text!r})"
+        )
+        # every way in says it; the anonymous agent, and an id no agent has, too
+        with pytest.raises(AgentNotFound, match=r"\(the id of a running agent\)"):
+            kernel.send_nowait(str(anonymous.id).upper(), 1)
+        with pytest.raises(AgentNotFound, match=r"id written as text: an address"):
+            kernel.lookup(str(uuid.uuid4()))
+        with pytest.raises(AgentNotFound, match=r"agent 'greeter''s id"):
+            await kernel.stop(text)
+        assert kernel.stats().rejected == {"no_such_agent": 2}  # the two sends
+        assert await kernel.request(uuid.UUID(text), "hi") == {"echo": "hi"}
 
 
 async def test_agent_not_found_looks_for_a_hint_only_when_shown_and_in_a_bounded_table(
