@@ -263,14 +263,32 @@ class AgentNotFound(NexusError, LookupError):
 
 class NameTaken(NexusError, ValueError):
     """An agent with this ``name`` is already alive in the kernel (or, ``node`` given, in
-    the cluster: the name is held by agent ``holder`` on that node)."""
+    the cluster: the name is held by agent ``holder`` on that node), or (``tree`` set, the
+    name of the supervisor spawned) the name is given twice in one tree being spawned,
+    ``holder`` then the id the first of the two would have had: nothing of the tree
+    was spawned."""
 
-    def __init__(self, name: str, holder: uuid.UUID, *, node: str | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        holder: uuid.UUID,
+        *,
+        node: str | None = None,
+        tree: str | None = None,
+    ) -> None:
         self.name = name
         self.holder = holder
         self.node = node
-        where = "" if node is None else f" on node {node!r}"
-        super().__init__(f"agent name {name!r} is already taken by agent {holder}{where}")
+        self.tree = tree
+        if tree is None:
+            where = "" if node is None else f" on node {node!r}"
+            text = f"agent name {name!r} is already taken by agent {holder}{where}"
+        else:
+            text = (
+                f"agent name {name!r} is given twice in the tree of supervisor {tree!r}:"
+                " nothing of the tree was spawned"
+            )
+        super().__init__(text)
 
 
 class MailboxFull(NexusError):

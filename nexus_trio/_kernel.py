@@ -49,6 +49,7 @@ from ._errors import (
     AgentNotFound,
     AgentNotRunning,
     KernelShuttingDown,
+    NameTaken,
     RequestFailed,
     SupervisorEscalation,
 )
@@ -462,9 +463,14 @@ class Kernel:
             built: list[Child] = []
             try:
                 sup = self._build_tree(target, name, built)
-            except BaseException:
+            except BaseException as exc:
                 for node in reversed(built):
                     self._router.forget(node)
+                if isinstance(exc, NameTaken) and any(n.id == exc.holder for n in built):
+                    # its holder was one of this tree's, now forgotten: name no agent
+                    # that never existed, say the tree gives the name twice
+                    tree = built[0].name or str(built[0].id)
+                    raise NameTaken(exc.name, exc.holder, tree=tree) from None
                 raise
             for node in built:
                 self._ledger.event(EventKind.SPAWNED, node.id, node.name)

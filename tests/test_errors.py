@@ -47,6 +47,7 @@ ERRORS: list[BaseException] = [
     AgentNotFound("ghost", node="node-c"),
     NameTaken("greeter", ID),
     NameTaken("greeter", ID, node="node-b"),
+    NameTaken("twin", ID, tree="twins"),
     MailboxFull(ID, "inbox", 16, ID),
     MailboxFull(ID, None, 16, ID),
     KernelShuttingDown("spawn"),

@@ -1536,10 +1536,17 @@ async def test_a_supervisor_spawn_refused_for_a_taken_name_leaves_nothing_behind
             kernel.spawn(spawner)
             await kernel.send("spawner", "go")
         await trio.testing.wait_all_tasks_blocked()
-        assert [(e.name, e.holder) for e in refused] == [
-            ("taken", holder.id),
-            ("twin", refused[1].holder),
+        assert [(e.name, e.holder, e.tree) for e in refused] == [
+            ("taken", holder.id, None),
+            ("twin", refused[1].holder, "twins"),
         ]
+        # before: "agent name 'twin' is already taken by agent <id>", the id of the
+        # first twin, which was never spawned (the tree is spawned whole or not at all)
+        assert str(refused[1]) == (
+            "agent name 'twin' is given twice in the tree of supervisor 'twins':"
+            " nothing of the tree was spawned"
+        )
+        assert str(refused[0]) == f"agent name 'taken' is already taken by agent {holder.id}"
         for name in ("grp", "a1", "twins", "twin"):
             with pytest.raises(AgentNotFound):
                 kernel.lookup(name)
