@@ -523,17 +523,41 @@ class NatsConfig:
     )
 
 
+def _section_object(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """A ``Config`` section is its config object: a dict (``Config(kernel={...})``) was
+    taken and failed far from here, at ``open_kernel`` (``AttributeError: 'dict' object
+    has no attribute 'dead_letter_buffer'``)."""
+    wanted = SECTIONS[attribute.name]
+    if isinstance(value, wanted):
+        return
+    name = wanted.__name__
+    how = f"Config({attribute.name}={name}(...))"
+    if isinstance(value, dict):
+        keys = ", ".join(f"{key}={item!r}" for key, item in value.items())
+        how = f"Config({attribute.name}={name}({keys}))"
+    raise TypeError(
+        f"Config {attribute.name}= must be a {name}, got {type(value).__name__}"
+        f" {value!r}: write {how}"
+    )
+
+
 @attrs.frozen
 class Config:
-    """The whole configuration; ``Config()`` is the embedded defaults."""
+    """The whole configuration; ``Config()`` is the embedded defaults.
 
-    kernel: KernelConfig = attrs.field(factory=KernelConfig)
-    supervision: SupervisionConfig = attrs.field(factory=SupervisionConfig)
-    runtime: RuntimeConfig = attrs.field(factory=RuntimeConfig)
-    logging: LoggingConfig = attrs.field(factory=LoggingConfig)
-    metrics: MetricsConfig = attrs.field(factory=MetricsConfig)
-    app: AppConfig = attrs.field(factory=AppConfig)
-    nats: NatsConfig = attrs.field(factory=NatsConfig)
+    Each section is its own config object (``Config(kernel=KernelConfig(...))``); anything
+    else, a mapping of its keys among them, is a ``TypeError`` naming the section.
+    """
+
+    kernel: KernelConfig = attrs.field(factory=KernelConfig, validator=_section_object)
+    supervision: SupervisionConfig = attrs.field(
+        factory=SupervisionConfig, validator=_section_object
+    )
+    runtime: RuntimeConfig = attrs.field(factory=RuntimeConfig, validator=_section_object)
+    logging: LoggingConfig = attrs.field(factory=LoggingConfig, validator=_section_object)
+    metrics: MetricsConfig = attrs.field(factory=MetricsConfig, validator=_section_object)
+    app: AppConfig = attrs.field(factory=AppConfig, validator=_section_object)
+    nats: NatsConfig = attrs.field(factory=NatsConfig, validator=_section_object)
 
 
 #: The TOML sections in file order, each with the class of its table.

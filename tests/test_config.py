@@ -95,6 +95,32 @@ def test_existing_python_construction_still_works() -> None:
     assert config.app.agents == 1000
 
 
+@pytest.mark.parametrize(
+    ("section", "value", "wanted", "written"),
+    [
+        ("kernel", {"mailbox_capacity": 8}, "KernelConfig", "KernelConfig(mailbox_capacity=8)"),
+        ("supervision", None, "SupervisionConfig", "SupervisionConfig(...)"),
+        ("logging", "debug", "LoggingConfig", "LoggingConfig(...)"),
+        ("nats", KernelConfig(), "NatsConfig", "NatsConfig(...)"),
+    ],
+)
+def test_a_config_section_that_is_not_its_config_object_is_refused_naming_it(
+    section: str, value: Any, wanted: str, written: str
+) -> None:
+    """Regression: ``Config(kernel={"mailbox_capacity": 8})`` (the mapping test_config
+    takes) was accepted, and ``open_kernel`` failed on it far away with
+    ``AttributeError: 'dict' object has no attribute 'dead_letter_buffer'``
+    (``supervision=None``: ``... no attribute 'escalate_to_kernel'``)."""
+    with pytest.raises(TypeError) as info:
+        Config(**{section: value})
+    assert str(info.value) == (
+        f"Config {section}= must be a {wanted}, got {type(value).__name__} {value!r}:"
+        f" write Config({section}={written})"
+    )
+    with pytest.raises(TypeError, match=r"^Config kernel= must be a KernelConfig, got dict"):
+        attrs.evolve(Config(), kernel={})
+
+
 def test_precedence_is_defaults_then_file_then_env_then_overrides(home: Path) -> None:
     file = write(
         home / "cwd" / "config.toml",
