@@ -329,6 +329,21 @@ def test_a_bench_run_prints_no_kernel_log_line_through_a_handler_already_install
     assert written.getvalue() == ""
 
 
+def test_a_metric_whose_name_ends_with_its_unit_is_not_shown_with_it_twice() -> None:
+    """Regression: the table and its Markdown said ``1 pair: round trips/s (round
+    trips/s)`` (in docs/benchmarks.md too): the unit was added after a name ending
+    with it. Other units still follow the name (``msg/s`` after ``throughput``)."""
+    from nexus_trio.bench._report import markdown, table
+
+    report = run_suite(TINY, ["reqrep", "fanin"], console=Console(file=io.StringIO()))
+    drawn = io.StringIO()
+    Console(file=drawn, width=300).print(table(report))
+    for text in (drawn.getvalue(), markdown(report.to_dict())):
+        assert "1 pair: round trips/s " in text
+        assert "(round trips/s)" not in text
+        assert "consumer throughput (msg/s)" in text
+
+
 def test_a_saved_report_reads_back_with_its_goals(tmp_path: Path) -> None:
     from nexus_trio.bench import Report
     from nexus_trio.bench._report import markdown

@@ -26,6 +26,12 @@ class PlotUnavailable(RuntimeError):
 _SUFFIX_UNITS = ("us", "ms", "s", "KB")
 
 
+def _unit_after(name: str, unit: str) -> str:
+    """`` (unit)`` after a metric's name, unless its values or its name carry it already
+    (``1 pair: round trips/s`` was shown ``1 pair: round trips/s (round trips/s)``)."""
+    return "" if unit in _SUFFIX_UNITS or name.endswith(unit) else f" ({unit})"
+
+
 def fmt(value: float | None, unit: str = "") -> str:
     """A number for people: 1.23M, 456k, 78.9, 0.012 (with time and size units)."""
     if value is None or math.isnan(value):
@@ -83,7 +89,7 @@ def table(report: Report) -> Table:
         if m.scenario != scenario:
             scenario = m.scenario
             t.add_row(f"[bold]{scenario}[/]", end_section=False)
-        unit = "" if m.unit in _SUFFIX_UNITS else f" ({m.unit})"
+        unit = _unit_after(m.name, m.unit)
         baselines = "\n".join(
             f"{'*' if name == m.reference else ''}{name} {fmt(v, m.unit)}"
             for name, v in m.baselines.items()
@@ -194,7 +200,7 @@ def markdown(data: dict[str, Any]) -> str:
     ]
     for m in data["metrics"]:
         unit = m["unit"]
-        suffix = "" if unit in _SUFFIX_UNITS else f" ({unit})"
+        suffix = _unit_after(m["metric"], unit)
         baselines = "<br>".join(
             f"{'*' if name == m['reference'] else ''}{name} {fmt(v, unit)}"
             for name, v in m["baselines"].items()
