@@ -2318,6 +2318,71 @@ async def test_placement_requests_for_one_name_write_its_record_in_the_order_ask
         assert c.placement.records_held == 1
 
 
+@pytest.mark.parametrize(
+    "replaces",
+    [["a", 5], ["a", [1]], ["a"], "ab", ["a", "not-a-uuid"], [None, str(uuid.uuid4())], {}],
+)
+async def test_a_place_request_whose_replaces_is_malformed_is_answered_malformed(
+    nats: NatsServer, replaces: Any
+) -> None:
+    """A peer's placement request carries ``replaces`` (the node and agent id of the copy
+    a rebalance moves) since this pass. Its id not a string (``["a", 5]``) raised
+    AttributeError in uuid.UUID: the request was never answered (the asker waits out its
+    timeout), and a string (``"ab"``) was taken as node ``"a"`` and id ``"b"``. Each is
+    answered ``malformed`` now, naming ``replaces``, and no agent is started."""
+    async with _node(nats.url, "c", **QUIET) as (kc, c):
+        request = _PlaceRequest("svc-r")
+        request.data = json.dumps(
+            {"type": "counter", "name": "svc-r", "pinned": None, "replaces": replaces}
+        ).encode()
+        with trio.fail_after(10):
+            await call_aio(c.placement._on_place_request, request)
+        assert request.answer is not None
+        assert request.answer["error"] == "malformed"
+        assert "replaces" in request.answer["text"]
+        assert not kc.is_local("svc-r")
+        assert c.placement.records_held == 0
+
+
+async def test_a_placement_cancelled_during_its_name_claim_leaves_its_agent_named_and_recorded(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Placement spawns the agent, then claims its name in the names bucket (the names
+    publisher no longer writes it), then writes its record. The caller cancelled while
+    the claim was on its way (here: the bucket slow to answer it) left the agent running
+    here in neither bucket for good: not retried (not counted unwritten), its name
+    unknown to every other node, not re-placed if this node were lost. It is taken as a
+    claim the bucket did not take now: the name, then the record, written on a retry."""
+    from nats.js.kv import KeyValue
+
+    original = KeyValue.create
+    key = wire.name_key("svc-c")
+
+    async def create(self: KeyValue, k: str, *args: Any, **kw: Any) -> int:
+        if k == key and self._name.endswith("-names"):
+            await asyncio.sleep(0.5)  # (the claim is slow to be answered)
+        return await original(self, k, *args, **kw)
+
+    async with _node(nats.url, "c") as (kc, c):
+        monkeypatch.setattr(KeyValue, "create", create)
+        with trio.move_on_after(0.1) as scope:
+            await c.spawn("counter", name="svc-c", node="c")
+        assert scope.cancelled_caught
+        assert kc.is_local("svc-c")
+        agent_id = kc.lookup("svc-c").id
+
+        async def written() -> bool:
+            name_written = key in await _keys(c, "names")
+            return name_written and await _placed_record(c, "svc-c") is not None
+
+        await _until(written, timeout=20)
+        assert (await _name_entry(c, "svc-c"))[1] == json.dumps(
+            {"node": "c", "id": str(agent_id)}
+        ).encode()
+        assert c.placement.records_held == 1
+        assert c.placement.records_unwritten == 0
+
+
 async def test_a_rebalance_whose_record_drop_fails_leaves_no_agent_running_nowhere(
     nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

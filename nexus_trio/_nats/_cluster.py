@@ -2904,7 +2904,13 @@ class Cluster:
             self._name_revisions[name] = revision
             self._set_name(name, (self.node, agent_id))
 
-    def _name_unwritten(self, name: str, agent_id: uuid.UUID, exc: Exception) -> None:
+    def claim_unanswered(self, name: str, agent_id: uuid.UUID) -> None:
+        """The caller of :meth:`claim_name` for local ``agent_id`` was cancelled before its
+        answer: the entry may be written or not, so it is taken as not written, and
+        ``_retry_names`` writes it (or finds it written, or held by another node)."""
+        self._name_unwritten(name, agent_id, "its claim's caller was cancelled")
+
+    def _name_unwritten(self, name: str, agent_id: uuid.UUID, exc: Exception | str) -> None:
         """The put of local ``name`` failed (the bucket unreachable: a NATS-cluster
         partition, JetStream down): the agent runs, in the bucket nowhere, so no other
         node can find it, nor judge it a duplicate. Written again by ``_retry_names``."""

@@ -125,6 +125,9 @@ _NAME_UNWRITTEN: Final = "its name is not in the names bucket yet; written once 
 #: the reason of a copy started for a placement whose name another node claimed first
 #: (see :meth:`Placement._claim`): stopped at once, the placement refused with NameTaken
 REFUSED_REASON: Final = "name held on another node"
+#: why the record of a placed agent whose placement's caller was cancelled while the
+#: record was written is written again (it may have landed or not)
+_CALLER_CANCELLED: Final = "its placement's caller was cancelled while it was written"
 
 
 def placement_weight(node: str, name: str) -> int:
@@ -370,6 +373,9 @@ class Placement:
         except NameTaken:
             await self._stop_refused(ref.id)
             raise
+        except trio.Cancelled:
+            self._claim_cancelled(name, ref.id, record)
+            raise
         kv = self._kv
         if kv is not None and not named:
             self._record_unwritten(name, ref.id, record, _NAME_UNWRITTEN)
@@ -378,6 +384,9 @@ class Placement:
                 revision = await call_aio(kv.put, wire.name_key(name), record.encode())
             except Exception as exc:  # the bucket unreachable: the agent runs all the same
                 self._record_unwritten(name, ref.id, record, exc)
+            except trio.Cancelled:  # (written or not: written again on a retry)
+                self._record_unwritten(name, ref.id, record, _CALLER_CANCELLED)
+                raise
             else:
                 await self._hold(name, ref.id, revision)
         if replaced_from is not None:
@@ -405,6 +414,18 @@ class Placement:
             self._now_held(name, agent_id, revision)
             return
         await self._drop_record(name, revision)
+
+    def _claim_cancelled(self, name: str, agent_id: uuid.UUID, record: PlacementRecord) -> None:
+        """The caller of the placement of ``agent_id``, spawned here as ``name``, was
+        cancelled while its name was claimed: the agent runs, its claim taken as one the
+        bucket did not take (name and record written on a retry, see ``_retry_names`` and
+        :meth:`retry_records`), not left in neither bucket for good."""
+        cluster = self._cluster
+        self.records[name] = record
+        cluster.learn_name(name, cluster.node, agent_id)
+        cluster.claim_unanswered(name, agent_id)
+        if self._kv is not None:
+            self._record_unwritten(name, agent_id, record, _NAME_UNWRITTEN)
 
     def _now_held(self, name: str, agent_id: uuid.UUID, revision: int) -> None:
         """``agent_id`` runs here as placed ``name``, its record written at ``revision``;
@@ -562,9 +583,8 @@ class Placement:
             obj = json.loads(m.data)
             type_name, name = str(obj["type"]), str(obj["name"])
             pinned = obj.get("pinned")
-            moved = obj.get("replaces")
-            replaces = None if moved is None else (str(moved[0]), uuid.UUID(moved[1]))
-        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            replaces = _decode_replaces(obj.get("replaces"))
+        except (ValueError, KeyError, TypeError) as exc:
             await m.respond(json.dumps({"error": "malformed", "text": repr(exc)}).encode())
             return
         if self._cluster.closing:
@@ -1198,6 +1218,25 @@ class Placement:
         # (a write whose answer is lost is None: nothing of this node's to drop)
         dropped = [(name, revision) for name, (_, revision) in held.items() if revision is not None]
         await kvops.delete_names(kv, dropped, self._not_dropped)
+
+
+def _decode_replaces(moved: object) -> tuple[str, uuid.UUID] | None:
+    """A place request's ``replaces``: ``[node, agent id]`` of the copy a rebalance moves
+    (or absent). Anything else is a ValueError naming the field (a peer's id that is not
+    a string made uuid.UUID raise AttributeError: the request went unanswered)."""
+    if moved is None:
+        return None
+    if (
+        isinstance(moved, list)
+        and len(moved) == 2
+        and isinstance(moved[0], str)
+        and isinstance(moved[1], str)
+    ):
+        try:
+            return moved[0], uuid.UUID(moved[1])
+        except ValueError:
+            pass
+    raise ValueError(f"replaces: not [node, agent id]: {moved!r:.200}")
 
 
 def _decode_answer(data: bytes, name: str, owner: str) -> PlacedAgent:
