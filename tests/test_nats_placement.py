@@ -2383,6 +2383,44 @@ async def test_a_placement_cancelled_during_its_name_claim_leaves_its_agent_name
         assert c.placement.records_unwritten == 0
 
 
+async def test_a_placed_agent_stopped_while_its_name_is_claimed_leaves_no_name_entry(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent placement spawned stopped while its name's claim was on its way: its
+    stop's delete found no entry written yet (nothing to drop), then the claim landed,
+    and the entry named the stopped agent for good: every other node then resolved the
+    name to nothing, and refused to place it (NameTaken, the holder's node heard). The
+    claim that lands for an agent no longer running here deletes its entry again."""
+    from nats.js.kv import KeyValue
+
+    original = KeyValue.create
+    key = wire.name_key("svc-s")
+
+    async def create(self: KeyValue, k: str, *args: Any, **kw: Any) -> int:
+        if k == key and self._name.endswith("-names"):
+            await asyncio.sleep(0.5)  # (the claim is slow to be answered)
+        return await original(self, k, *args, **kw)
+
+    async with _node(nats.url, "c") as (kc, c):
+        monkeypatch.setattr(KeyValue, "create", create)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(c.spawn, "counter", name="svc-s", node="c"))
+
+            async def spawned() -> bool:  # (its claim on its way)
+                return kc.is_local("svc-s")
+
+            await _until(spawned, timeout=10)
+            await kc.stop(kc.lookup("svc-s").id)
+
+        async def dropped() -> bool:
+            return key not in await _keys(c, "names")
+
+        await _until(dropped, timeout=10)
+        assert await _placed_record(c, "svc-s") is None
+        assert c.name_holder("svc-s") is None
+        assert c.placement.records_held == 0
+
+
 async def test_a_rebalance_whose_record_drop_fails_leaves_no_agent_running_nowhere(
     nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2841,7 +2841,10 @@ class Cluster:
         except Exception as exc:  # the bucket unreachable (or the entry kept changing)
             self._name_unwritten(name, agent_id, exc)
             return False
-        if self._closing:  # its leave may have dropped the names already
+        if self._closing or self._local_names.get(name) != agent_id:
+            # Its leave may have dropped the names already; or the agent stopped (or was
+            # replaced) while the claim was on its way, and its stop's delete found no
+            # entry of it to drop: left, the entry would name it for good.
             try:
                 await kv.delete(key, last=revision)
             except Exception as exc:  # (changed since, or the bucket failing: logged)

@@ -422,7 +422,8 @@ class Placement:
         :meth:`retry_records`), not left in neither bucket for good."""
         cluster = self._cluster
         self.records[name] = record
-        cluster.learn_name(name, cluster.node, agent_id)
+        if self._running(name, agent_id):
+            cluster.learn_name(name, cluster.node, agent_id)
         cluster.claim_unanswered(name, agent_id)
         if self._kv is not None:
             self._record_unwritten(name, agent_id, record, _NAME_UNWRITTEN)
@@ -562,7 +563,8 @@ class Placement:
         cluster = self._cluster
         named = await cluster.claim_name(name, agent_id, replaces=replaces)
         self.records[name] = record
-        cluster.learn_name(name, cluster.node, agent_id)
+        if self._running(name, agent_id):  # (stopped meanwhile: its entry was dropped)
+            cluster.learn_name(name, cluster.node, agent_id)
         return named
 
     async def _stop_refused(self, agent_id: uuid.UUID) -> None:
