@@ -2344,6 +2344,20 @@ async def test_a_place_request_whose_replaces_is_malformed_is_answered_malformed
         assert c.placement.records_held == 0
 
 
+def _slow_name_claims(monkeypatch: pytest.MonkeyPatch, key: str) -> None:
+    """The names bucket answers each claim (``create``) of ``key`` 0.5 s late."""
+    from nats.js.kv import KeyValue
+
+    original = KeyValue.create
+
+    async def create(self: KeyValue, k: str, *args: Any, **kw: Any) -> int:
+        if k == key and self._name.endswith("-names"):
+            await asyncio.sleep(0.5)
+        return await original(self, k, *args, **kw)
+
+    monkeypatch.setattr(KeyValue, "create", create)
+
+
 async def test_a_placement_cancelled_during_its_name_claim_leaves_its_agent_named_and_recorded(
     nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -2353,18 +2367,9 @@ async def test_a_placement_cancelled_during_its_name_claim_leaves_its_agent_name
     here in neither bucket for good: not retried (not counted unwritten), its name
     unknown to every other node, not re-placed if this node were lost. It is taken as a
     claim the bucket did not take now: the name, then the record, written on a retry."""
-    from nats.js.kv import KeyValue
-
-    original = KeyValue.create
     key = wire.name_key("svc-c")
-
-    async def create(self: KeyValue, k: str, *args: Any, **kw: Any) -> int:
-        if k == key and self._name.endswith("-names"):
-            await asyncio.sleep(0.5)  # (the claim is slow to be answered)
-        return await original(self, k, *args, **kw)
-
     async with _node(nats.url, "c") as (kc, c):
-        monkeypatch.setattr(KeyValue, "create", create)
+        _slow_name_claims(monkeypatch, key)
         with trio.move_on_after(0.1) as scope:
             await c.spawn("counter", name="svc-c", node="c")
         assert scope.cancelled_caught
@@ -2391,18 +2396,9 @@ async def test_a_placed_agent_stopped_while_its_name_is_claimed_leaves_no_name_e
     and the entry named the stopped agent for good: every other node then resolved the
     name to nothing, and refused to place it (NameTaken, the holder's node heard). The
     claim that lands for an agent no longer running here deletes its entry again."""
-    from nats.js.kv import KeyValue
-
-    original = KeyValue.create
     key = wire.name_key("svc-s")
-
-    async def create(self: KeyValue, k: str, *args: Any, **kw: Any) -> int:
-        if k == key and self._name.endswith("-names"):
-            await asyncio.sleep(0.5)  # (the claim is slow to be answered)
-        return await original(self, k, *args, **kw)
-
     async with _node(nats.url, "c") as (kc, c):
-        monkeypatch.setattr(KeyValue, "create", create)
+        _slow_name_claims(monkeypatch, key)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(partial(c.spawn, "counter", name="svc-s", node="c"))
 
