@@ -2417,6 +2417,45 @@ async def test_a_placed_agent_stopped_while_its_name_is_claimed_leaves_no_name_e
         assert c.placement.records_held == 0
 
 
+async def test_a_name_whose_drop_failed_is_dropped_on_a_retry_not_held_for_good(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node's delete of a stopped agent's name entry that failed (the bucket timing
+    out) was logged and never tried again: the entry named the stopped agent for good.
+    Since names are claimed (first writer wins), every other node then refused to place
+    the name (NameTaken: its holder's node is heard) as long as that node lived. The
+    delete is tried again with the node's retries (a compare-and-set: an entry written
+    since is kept), and the name can be placed elsewhere once it is gone."""
+    from nats.js.kv import KeyValue
+
+    original = KeyValue.delete
+    key = wire.name_key("svc-d")
+    failing = [1]
+
+    async def delete(self: KeyValue, k: str, *args: Any, **kw: Any) -> bool:
+        if k == key and self._name.endswith("-names") and failing[0]:
+            failing[0] -= 1
+            raise _NatsTimeout
+        return await original(self, k, *args, **kw)
+
+    async with (
+        _node(nats.url, "a") as (ka, ca),
+        _node(nats.url, "b") as (kb, cb),
+    ):
+        placed = await ca.spawn("counter", name="svc-d", node="a")
+        monkeypatch.setattr(KeyValue, "delete", delete)
+        await ka.stop(placed.id)
+
+        async def dropped() -> bool:
+            return key not in await _keys(ca, "names")
+
+        await _until(dropped, timeout=10)
+        assert failing == [0]
+        again = await cb.spawn("counter", name="svc-d", node="b")
+        assert again.node == "b"
+        assert kb.is_local("svc-d")
+
+
 async def test_a_rebalance_whose_record_drop_fails_leaves_no_agent_running_nowhere(
     nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -437,7 +437,8 @@ class Cluster:
         self._name_deletes: OrderedDict[str, int] = OrderedDict()
         # names of forgotten members' agents still in the names bucket -> the revision of
         # the entry to delete (a process killed deletes none of its own; see
-        # _drop_names_of_forgotten)
+        # _drop_names_of_forgotten), and this node's own whose delete failed (see
+        # _drop_name_again)
         self._names_of_forgotten: dict[str, int] = {}
         # local names this node published: name -> (agent id, KV revision)
         self._published_names: dict[str, tuple[uuid.UUID, int]] = {}
@@ -2800,7 +2801,10 @@ class Cluster:
             if agent_id is None and (published := self._published_names.pop(name, None)):
                 drops.append((name, published[1]))
         if drops:
-            await kvops.delete_names(kv, drops, self._name_not_dropped)
+            outcomes = await kvops.delete_names(kv, drops, self._name_not_dropped)
+            for (name, dropped_at), outcome in zip(drops, outcomes, strict=True):
+                if isinstance(outcome, Exception):
+                    self._drop_name_again(name, dropped_at)
         if puts:
             written = await kvops.put_values(
                 kv, [(wire.name_key(name), self._name_value(agent_id)) for name, agent_id in puts]
@@ -2847,8 +2851,11 @@ class Cluster:
             # entry of it to drop: left, the entry would name it for good.
             try:
                 await kv.delete(key, last=revision)
-            except Exception as exc:  # (changed since, or the bucket failing: logged)
+            except nats.js.errors.BadRequestError:
+                pass  # "wrong last sequence": written again since
+            except Exception as exc:  # (the bucket failing: logged, tried again)
                 self._name_not_dropped(name, exc)
+                self._drop_name_again(name, revision)
             return True
         self._name_written(name, agent_id, revision)
         return True
@@ -3027,6 +3034,16 @@ class Cluster:
             log, logging.WARNING, "node %s: could not drop name %r: %r", self.node, name, exc
         )
 
+    def _drop_name_again(self, name: str, revision: int) -> None:
+        """This node's delete of ``name``'s entry at ``revision`` failed (the bucket
+        unreachable): tried again with the retries, as a forgotten node's names are (see
+        :meth:`_drop_names_of_forgotten`), only while that entry is still there. Left,
+        it named a stopped agent for good, and since names are claimed (first writer
+        wins) no other node could place the name while this one lived."""
+        if not self._closing:
+            self._names_of_forgotten[name] = revision
+            self._retry_wanted.set()
+
     async def _delete_name(self, kv: KeyValue, name: str, revision: int) -> None:
         """Delete ``name``'s entry if it is still the one of ``revision`` (one written
         again since is kept)."""
@@ -3097,7 +3114,8 @@ class Cluster:
             log_guarded(
                 log,
                 logging.INFO,
-                "node %s: dropped %d name(s) of forgotten nodes from the names bucket",
+                "node %s: dropped %d name(s) of forgotten nodes (or of this node's stopped"
+                " agents, a delete retried) from the names bucket",
                 self.node,
                 dropped,
             )
