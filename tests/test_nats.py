@@ -501,6 +501,137 @@ async def test_no_durable_message_is_pulled_once_the_leave_stopped_the_durable_p
         assert durable._ops.dropped == 0
 
 
+async def _bucket_has(kv: Any, key: str) -> bool:
+    """Whether ``key`` has a live entry in the bucket ``kv``."""
+    import nats.js.errors
+
+    async def read() -> bool:
+        try:
+            await kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return False
+        return True
+
+    return await call_aio(read)
+
+
+def _ledger_a(handled: list[Any], first: trio.Event) -> Any:
+    """An agent ``ledger-a`` that records each payload, answers "ok" and sets ``first``."""
+
+    @agent(name="ledger-a")
+    async def ledger(ctx: Context, msg: Message) -> Any:
+        handled.append(msg.payload)
+        first.set()
+        return "ok"
+
+    return ledger
+
+
+async def test_a_leave_whose_durable_pull_outlives_its_cancel_still_drops_and_announces(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: the leave ran every step inside one bound, the durable path's stop
+    first. A pull that outlived its cancel (a fetch JetStream did not end, a loaded
+    machine) used the whole bound up: the node's membership record stayed in the bucket
+    and its leave was never announced (the others judged it lost after missed
+    heartbeats). The stop has its share of the bound now; the pull, abandoned past it,
+    is logged once, and the later steps all run."""
+    import asyncio
+
+    caplog.set_level(logging.WARNING, logger="nexus_trio.nats.durable")
+    handled: list[Any] = []
+    first, in_fetch, announced = trio.Event(), trio.Event(), trio.Event()
+    released = asyncio.Event()
+
+    async def on_heartbeat(m: Any) -> None:
+        if m.data == b"" and not (m.headers and wire.LEFT_HEADER in m.headers):
+            announced.set()  # (an asyncio callback may set a Trio event)
+
+    async with local_node(nats.url, "b") as (_kb, cb):
+        async with local_node(nats.url, "a") as (ka, ca):
+            ka.spawn(_ledger_a(handled, first))
+            with trio.fail_after(30):
+                await ca.names_published()
+                await ca.send_durable("ledger-a", "one")
+                await first.wait()
+                await call_aio(cb._control.subscribe, ca._heartbeat_subject, cb=on_heartbeat)
+                await call_aio(cb._control.flush)
+                psub = ca.durable._psub
+                real_fetch = psub.fetch
+
+                async def fetch(*args: Any, **kwargs: Any) -> Any:
+                    in_fetch.set()
+                    try:
+                        return await real_fetch(*args, **kwargs)
+                    except asyncio.CancelledError:
+                        await released.wait()  # outlives its cancel until the leave is over
+                        raise
+
+                psub.fetch = fetch
+                await in_fetch.wait()
+                assert await _bucket_has(cb._nodes_kv, "a")
+            original_leave = ca._leave
+
+            async def leave() -> None:
+                try:
+                    await original_leave()
+                finally:
+                    released.set()
+
+            ca._leave = leave  # type: ignore[method-assign]
+        with trio.fail_after(30):
+            assert not await _bucket_has(cb._names_kv, "ledger-a")
+            assert not await _bucket_has(cb._nodes_kv, "a")
+            await announced.wait()  # (sent before a's close, the last notice after it)
+        assert cb.stats().nodes_lost == 0
+    abandoned = [r.getMessage() for r in caplog.records if "did not end" in r.getMessage()]
+    assert len(abandoned) == 1, abandoned
+    assert "0 messages it fetched" in abandoned[0]
+    assert handled == ["one"]
+    assert ca.stats().durable_acked == 1
+
+
+async def test_acks_a_leave_could_not_send_are_counted_and_left_to_redelivery(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: the leave closed the durable acks' queue by cancelling its sender,
+    also in the middle of a batch (JetStream slow to take them, a connection that
+    stalls): the acks in it were dropped with no count and no line, and their messages
+    delivered again to the next join. They are counted (``durable_unsettled_at_leave``)
+    and logged once; JetStream delivers each of them again."""
+    import asyncio
+
+    from nats.aio.msg import Msg as NatsMsg
+
+    caplog.set_level(logging.WARNING, logger="nexus_trio.nats.durable")
+    handled: list[Any] = []
+    first, acking = trio.Event(), trio.Event()
+
+    async def stalled_ack(self: NatsMsg) -> None:
+        acking.set()
+        await asyncio.sleep(3600)  # JetStream never takes it
+
+    async with local_node(nats.url, "b") as (_kb, cb):
+        async with local_node(nats.url, "a") as (ka, ca):
+            ka.spawn(_ledger_a(handled, first))
+            with trio.fail_after(30):
+                await ca.names_published()
+                with pytest.MonkeyPatch.context() as patch:
+                    patch.setattr(NatsMsg, "ack", stalled_ack)
+                    await ca.send_durable("ledger-a", "one")
+                    await acking.wait()
+                    assert handled == ["one"] and ca.durable.acked == 1
+                    await ka.shutdown()
+        with trio.fail_after(30):
+            info = await call_aio(cb.data_js.stream_info, f"{cb.prefix}-durable")
+            assert info.state.messages == 1  # left to JetStream, delivered again
+            assert not await _bucket_has(cb._nodes_kv, "a")
+    assert ca.stats().durable_unsettled_at_leave == 1
+    lines = [r.getMessage() for r in caplog.records if "not sent" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "1 durable acks, naks or terms" in lines[0]
+
+
 async def test_a_durable_message_left_unanswered_frees_its_slot_and_is_counted_dead(
     nats: NatsServer,
 ) -> None:

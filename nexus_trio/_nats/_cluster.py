@@ -122,6 +122,17 @@ _RETRY_WAIT_AT_LEAVE: Final = 2.0
 #: on the node, the fixed 5 s cut its leave off before it announced itself
 _LEAVE_WAIT: Final = 5.0
 _LEAVE_WAIT_PER_ENTRY: Final = 0.001
+#: each step of a clean leave has its own share of that bound, so that a slow one does
+#: not skip the rest (a durable pull that outlived its cancel used it all up: the
+#: node's names and record stayed, its leave was never announced): the durable path's
+#: stop (end the pull, send the acks) at most this long from the start...
+_LEAVE_DURABLE_WAIT: Final = 1.5
+#: ...the drops of the names and placement records up to this long before the end...
+_LEAVE_TAIL: Final = 3.0
+#: ...the announcement and the record's delete at most this long, and the flush of the
+#: outgoing messages the rest, at least this long
+_LEAVE_RECORD_WAIT: Final = 1.0
+_LEAVE_FLUSH_WAIT: Final = 2.0
 #: streams to nodes that left cleanly whose last notice (see _on_last_notice) is awaited
 _LEFT_STREAMS_MAX: Final = 4096
 #: times a join reads and judges the record under its name, then writes its own against
@@ -329,6 +340,11 @@ class ClusterStats:
     #: before this node heard of the leave; if the notice is lost (late), the tells that
     #: node had not confirmed (an upper bound)
     lost_at_leave: int = 0
+    #: durable messages this node's leave left unsettled, which JetStream delivers again
+    #: (their handlers see the same ids again): acks, naks and terms it could not send
+    #: (or made after it, an answer that came late), and what a pull that did not end in
+    #: the leave's share for it had fetched and not handed over
+    durable_unsettled_at_leave: int = 0
 
 
 _decode: Final = wire.decode_message
@@ -4082,12 +4098,12 @@ class Cluster:
         drop this node's names and membership record. Never raises."""
         self._closing = True
         entries = len(self._published_names) + self.placement.records_held
-        with (
-            trio.CancelScope(shield=True),
-            trio.move_on_after(_LEAVE_WAIT + entries * _LEAVE_WAIT_PER_ENTRY),
-        ):
+        deadline = trio.current_time() + _LEAVE_WAIT + entries * _LEAVE_WAIT_PER_ENTRY
+        with trio.CancelScope(shield=True):
             try:
-                await self.durable.stop()
+                # (bounded: what it leaves unsent is counted and logged, and JetStream
+                # delivers those messages again)
+                await self.durable.stop(_LEAVE_DURABLE_WAIT)
             except Exception as exc:
                 log_guarded(
                     log,
@@ -4096,96 +4112,112 @@ class Cluster:
                     self.node,
                     exc,
                 )
-            # A retry's write on its way lands after the drops below otherwise, and the
-            # retry, cancelled once the leave is over, would leave it behind. Once it
-            # has its answer it sees the leave and drops what it wrote (bounded: with
-            # JetStream that slow, the drops below fail too).
-            with trio.move_on_after(_RETRY_WAIT_AT_LEAVE):
-                await self._retry_over.wait()
-            await self.placement.leave()
-            kv = self._names_kv
-            if kv is not None:
-                await kvops.delete_names(
-                    kv,
-                    [(name, revision) for name, (_, revision) in self._published_names.items()],
-                    self._name_not_dropped,
-                )
-            # Heartbeats go on until here: a node silent through a slow leave would be
-            # judged lost. None after: one that ticked after the announcement (or a put
-            # after the record's delete) announced the node again, and the others took
-            # it back as a member until its last notice, and logged its leave twice. A
-            # write of the record already on its way is refused by the bucket if it
-            # comes after the delete (see _write_record).
-            self._leave_announced = True
+            with trio.move_on_at(deadline - _LEAVE_TAIL):
+                await self._drop_entries()
+            with trio.move_on_after(_LEAVE_RECORD_WAIT):
+                await self._announce_leave()
+            with trio.move_on_at(max(deadline, trio.current_time() + _LEAVE_FLUSH_WAIT)):
+                await self._flush_at_leave()
+
+    async def _drop_entries(self) -> None:
+        """Leaving: drop this node's placement records and names."""
+        # A retry's write on its way lands after the drops below otherwise, and the
+        # retry, cancelled once the leave is over, would leave it behind. Once it
+        # has its answer it sees the leave and drops what it wrote (bounded: with
+        # JetStream that slow, the drops below fail too).
+        with trio.move_on_after(_RETRY_WAIT_AT_LEAVE):
+            await self._retry_over.wait()
+        await self.placement.leave()
+        kv = self._names_kv
+        if kv is not None:
+            await kvops.delete_names(
+                kv,
+                [(name, revision) for name, (_, revision) in self._published_names.items()],
+                self._name_not_dropped,
+            )
+
+    async def _announce_leave(self) -> None:
+        """Leaving: announce it; drop this node's membership record."""
+        # Heartbeats go on until here: a node silent through a slow leave would be
+        # judged lost. None after: one that ticked after the announcement (or a put
+        # after the record's delete) announced the node again, and the others took
+        # it back as a member until its last notice, and logged its leave twice. A
+        # write of the record already on its way is refused by the bucket if it
+        # comes after the delete (see _write_record).
+        self._leave_announced = True
+        try:
+            # (naming this join: heard after a later join's heartbeat of this
+            # process, it must not end that one, see _on_heartbeat)
+            await call_aio(
+                self._control.publish,
+                self._heartbeat_subject,
+                b"",
+                headers={wire.SESSION_HEADER: f"{self._session:016x}"},
+            )
+        except Exception as exc:
+            log_guarded(
+                log, logging.WARNING, "node %s: could not announce leaving: %r", self.node, exc
+            )
+        if self._nodes_kv is not None:
             try:
-                # (naming this join: heard after a later join's heartbeat of this
-                # process, it must not end that one, see _on_heartbeat)
-                await call_aio(
-                    self._control.publish,
-                    self._heartbeat_subject,
-                    b"",
-                    headers={wire.SESSION_HEADER: f"{self._session:016x}"},
-                )
-            except Exception as exc:
-                log_guarded(
-                    log, logging.WARNING, "node %s: could not announce leaving: %r", self.node, exc
-                )
-            if self._nodes_kv is not None:
-                try:
-                    await call_aio(self._nodes_kv.delete, self.node)
-                except Exception as exc:
-                    log_guarded(
-                        log,
-                        logging.WARNING,
-                        "node %s: could not drop membership: %r",
-                        self.node,
-                        exc,
-                    )
-            try:
-                await self._stop_deliveries()
-                self._flush_pending()  # open batches first: the marks must cover them
-                if self._outbox.paused:
-                    # Down now: give the client a bounded chance to reconnect first.
-                    with trio.move_on_after(min(2.0, self.kernel.config.kernel.send_timeout)):
-                        await self._data_up.wait()
-                if not self._outbox.paused:
-                    # (also once the connection is back: tells NATS lost in the outage
-                    # with no later number behind them show only in a mark)
-                    self._send_sequence_marks()  # the receivers count a lost tail
-                await self._outbox.close()
-                unsent = self._outbox.discard()
-                if self._outbox.paused:
-                    # handed to the client just before the disconnect was noticed: never
-                    # written, and no later mark will tell the receivers of them
-                    unsent[:0] = self._take_client_buffer()
-                if unsent:
-                    log_guarded(
-                        log,
-                        logging.ERROR,
-                        "node %s: leaving with the NATS connection down: %d queued"
-                        " messages not sent, counted in publish_failures (error frames"
-                        " for remote requesters in errors_unsent)",
-                        self.node,
-                        len(unsent),
-                    )
-                    for out in unsent:
-                        self._publish_refused(
-                            out, ConnectionError("NATS connection down"), leaving=True
-                        )
-                if self._outbox.paused:
-                    # refused by the client while it reconnected: nothing came after them
-                    refused, self._refused_batches = self._refused_batches, []
-                    for subject, head in refused:
-                        self._unsent_at_leave(subject, head)
-                await call_aio(self.nc.flush, 2)
+                await call_aio(self._nodes_kv.delete, self.node)
             except Exception as exc:
                 log_guarded(
                     log,
                     logging.WARNING,
-                    "node %s: could not flush outgoing messages: %r",
+                    "node %s: could not drop membership: %r",
                     self.node,
                     exc,
                 )
+
+    async def _flush_at_leave(self) -> None:
+        """Leaving: send the outgoing messages still queued (or count them, the connection
+        down)."""
+        try:
+            await self._stop_deliveries()
+            self._flush_pending()  # open batches first: the marks must cover them
+            if self._outbox.paused:
+                # Down now: give the client a bounded chance to reconnect first.
+                with trio.move_on_after(min(2.0, self.kernel.config.kernel.send_timeout)):
+                    await self._data_up.wait()
+            if not self._outbox.paused:
+                # (also once the connection is back: tells NATS lost in the outage
+                # with no later number behind them show only in a mark)
+                self._send_sequence_marks()  # the receivers count a lost tail
+            await self._outbox.close()
+            unsent = self._outbox.discard()
+            if self._outbox.paused:
+                # handed to the client just before the disconnect was noticed: never
+                # written, and no later mark will tell the receivers of them
+                unsent[:0] = self._take_client_buffer()
+            if unsent:
+                log_guarded(
+                    log,
+                    logging.ERROR,
+                    "node %s: leaving with the NATS connection down: %d queued"
+                    " messages not sent, counted in publish_failures (error frames"
+                    " for remote requesters in errors_unsent)",
+                    self.node,
+                    len(unsent),
+                )
+                for out in unsent:
+                    self._publish_refused(
+                        out, ConnectionError("NATS connection down"), leaving=True
+                    )
+            if self._outbox.paused:
+                # refused by the client while it reconnected: nothing came after them
+                refused, self._refused_batches = self._refused_batches, []
+                for subject, head in refused:
+                    self._unsent_at_leave(subject, head)
+            await call_aio(self.nc.flush, 2)
+        except Exception as exc:
+            log_guarded(
+                log,
+                logging.WARNING,
+                "node %s: could not flush outgoing messages: %r",
+                self.node,
+                exc,
+            )
 
     async def _disconnect(self) -> None:
         """Close the NATS connections (after the background tasks stopped)."""
@@ -4259,6 +4291,7 @@ class Cluster:
             durable_redelivered=d.redelivered,
             durable_dead=d.dead,
             durable_duplicates=d.duplicates,
+            durable_unsettled_at_leave=d.unsettled_at_leave,
             publish_failures=self._publish_failures,
             lost_in_transit=self._seq_in.lost,
             parked=sum(len(q) for q in self._parked.values()),

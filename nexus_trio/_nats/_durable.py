@@ -148,6 +148,13 @@ class DurableChannel:
         # stop() ends the pull before it closes _ops: nothing is fetched after that
         self._pulling = trio.CancelScope()
         self._pull_ended = trio.Event()
+        # the leave's stop gave up waiting for the pull to end (see stop): what it holds
+        # is left to JetStream, counted then
+        self._abandoned = False
+        # acks, naks and terms queued, and sent (JetStream got them: see _send_ops); the
+        # difference when the leave closed the queue went unsent (see stop)
+        self._settles_queued = 0
+        self._settles_sent = 0
         # failed fetches: logged at once, then at most once a second (an outage)
         self._fetch_log = Throttle()
         self._fetch_failures = 0
@@ -162,6 +169,8 @@ class DurableChannel:
         self.redelivered = 0
         self.dead = 0
         self.duplicates = 0
+        #: messages the leave left unsettled (see stop): JetStream delivers them again
+        self.unsettled_at_leave = 0
 
     async def start(self, nursery: trio.Nursery) -> None:
         if not self.options.enabled:
@@ -228,13 +237,54 @@ class DurableChannel:
         with contextlib.suppress(nats.errors.Error, OSError, ValueError):
             await call_aio(old.unsubscribe)
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = math.inf) -> None:
         """Leaving: end the pull (what it fetched and did not hand over is nakked), then
-        send the acks and naks still queued."""
-        if self._psub is not None:
-            self._pulling.cancel()
+        send the acks, naks and terms still queued; within ``timeout`` seconds, at most
+        half of it for the pull to end.
+
+        A pull not ended by then (a fetch that outlived its cancel) is abandoned: what it
+        fetched and did not hand over is left to JetStream, which delivers it again
+        after ``ack_wait``. Acks, naks and terms not sent when the queue closes (its
+        flush cut at the end of ``timeout``, or stopped in the middle of a batch), or
+        made after it (an answer that came later), are not sent: JetStream delivers
+        those messages again too. Both are counted in ``unsettled_at_leave`` and
+        logged once."""
+        if self._psub is None:
+            return
+        start = trio.current_time()
+        self._pulling.cancel()
+        with trio.move_on_at(start + timeout / 2):
             await self._pull_ended.wait()
+        if not self._pull_ended.is_set():
+            self._abandoned = True
+            held = len(self._held)
+            self.unsettled_at_leave += held
+            log_guarded(
+                log,
+                logging.WARNING,
+                "node %s: the durable pull did not end within %gs of its cancel:"
+                " abandoned; %d messages it fetched and had not handed over are left to"
+                " JetStream, which delivers them again after ack_wait (%gs)",
+                self.cluster.node,
+                timeout / 2,
+                held,
+                self.options.ack_wait,
+            )
+        with trio.move_on_at(start + timeout):
             await self._ops.close()
+        unsent = self._settles_queued - self._settles_sent
+        if unsent > 0:
+            self.unsettled_at_leave += unsent
+            log_guarded(
+                log,
+                logging.ERROR,
+                "node %s: leaving, %d durable acks, naks or terms not sent (failed, in"
+                " the batch the leave stopped, or queued past its %gs for them): JetStream"
+                " delivers those messages again (their handlers see the same ids again)",
+                self.cluster.node,
+                unsent,
+                timeout,
+            )
 
     # --- sending -------------------------------------------------------------------------------
 
@@ -390,7 +440,21 @@ class DurableChannel:
         """Leaving: what was fetched and not handed over goes back to JetStream."""
         held = self._held
         while held:
-            self._ops.put((held.popleft(), "nak"))
+            self._give_back(held.popleft())
+
+    def _give_back(self, jsmsg: NatsMsg) -> None:
+        """Nak a message fetched and not taken, unless the leave abandoned the pull (it
+        counted what the pull held then: JetStream delivers it again after ack_wait)."""
+        if not self._abandoned:
+            self._settle(jsmsg, "nak")
+
+    def _settle(self, jsmsg: NatsMsg, op: str) -> None:
+        """Queue an ack, nak or term of ``jsmsg``; counted unsettled once the leave closed
+        the queue (JetStream delivers the message again)."""
+        if self._ops.put((jsmsg, op)):
+            self._settles_queued += 1
+        else:
+            self.unsettled_at_leave += 1
 
     async def _pull_loop(self) -> None:
         kernel = self.cluster.kernel
@@ -472,11 +536,11 @@ class DurableChannel:
                     self._undecodable,
                 )
             self.dead += 1
-            self._ops.put((jsmsg, "term"))
+            self._settle(jsmsg, "term")
             return
         if msg.id in self._done:
             self.duplicates += 1
-            self._ops.put((jsmsg, "ack"))
+            self._settle(jsmsg, "ack")
             return
         if jsmsg.metadata.num_delivered > 1:
             self.redelivered += 1
@@ -509,7 +573,7 @@ class DurableChannel:
         except trio.Cancelled:
             # not taken (leaving while it waited for room): not a failed delivery
             if self._in_flight.pop(msg.id, None) is not None:
-                self._ops.put((jsmsg, "nak"))
+                self._give_back(jsmsg)
             raise
         if fetched < self._tick:
             # held here across a keep-alive (it waited for room): the agent gets a whole
@@ -562,7 +626,7 @@ class DurableChannel:
                     delivered,
                     self.options.ack_wait,
                 )
-                self._ops.put((jsmsg, "term"))
+                self._settle(jsmsg, "term")
             else:
                 self._late.pop(msg_id, None)  # an older delivery's: this one is newer
                 self._late[msg_id] = (jsmsg, query)
@@ -595,7 +659,7 @@ class DurableChannel:
         if len(self._done) > _DONE_MEMORY:
             self._done.popitem(last=False)
         self.acked += 1
-        self._ops.put((jsmsg, "ack"))
+        self._settle(jsmsg, "ack")
         self._room.set()
         return True
 
@@ -649,7 +713,7 @@ class DurableChannel:
                     gone,
                     self._gone,
                 )
-            self._ops.put((jsmsg, "term"))
+            self._settle(jsmsg, "term")
         elif delivered >= self.options.max_deliver:
             self.dead += 1
             log_guarded(
@@ -664,9 +728,9 @@ class DurableChannel:
                 # the task that follows the dead letters, whose end would end the node)
                 f": {error_repr(error)}" if error is not None else "",
             )
-            self._ops.put((jsmsg, "term"))
+            self._settle(jsmsg, "term")
         elif entry[1] > trio.current_time() and not self._newer_held(jsmsg):
-            self._ops.put((jsmsg, "nak"))
+            self._settle(jsmsg, "nak")
         # else JetStream has delivered it again already, or its ack_wait is over: it will
 
     def _newer_held(self, jsmsg: NatsMsg) -> bool:
@@ -690,3 +754,5 @@ class DurableChannel:
                     await jsmsg.term()
             except nats.errors.MsgAlreadyAckdError:
                 pass
+            if op != "progress":
+                self._settles_sent += 1
