@@ -621,6 +621,8 @@ async def test_acks_a_leave_could_not_send_are_counted_and_left_to_redelivery(
                     await ca.send_durable("ledger-a", "one")
                     await acking.wait()
                     assert handled == ["one"] and ca.durable.acked == 1
+                    await ca.durable.stop()  # once before the leave's: counted once
+                    assert ca.stats().durable_unsettled_at_leave == 1
                     await ka.shutdown()
         with trio.fail_after(30):
             info = await call_aio(cb.data_js.stream_info, f"{cb.prefix}-durable")

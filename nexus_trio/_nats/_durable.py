@@ -255,7 +255,7 @@ class DurableChannel:
         self._pulling.cancel()
         with trio.move_on_at(start + timeout / 2):
             await self._pull_ended.wait()
-        if not self._pull_ended.is_set():
+        if not self._pull_ended.is_set() and not self._abandoned:  # (once: see below)
             self._abandoned = True
             held = len(self._held)
             self.unsettled_at_leave += held
@@ -279,12 +279,14 @@ class DurableChannel:
                 log,
                 logging.ERROR,
                 "node %s: leaving, %d durable acks, naks or terms not sent (failed, in"
-                " the batch the leave stopped, or queued past its %gs for them): JetStream"
-                " delivers those messages again (their handlers see the same ids again)",
+                " the batch the leave stopped, or still queued when its share for them"
+                " ran out): JetStream delivers those messages again (their handlers see"
+                " the same ids again)",
                 self.cluster.node,
                 unsent,
-                timeout,
             )
+            # counted: a second stop (the leave's, after a caller's) counts them not again
+            self._settles_sent = self._settles_queued
 
     # --- sending -------------------------------------------------------------------------------
 
