@@ -402,10 +402,14 @@ class Message(_Slots):
         """Decode the wire form; raises :class:`MessageDecodeError` naming the bad field.
 
         A string holding a lone surrogate (``"\\ud800"``: half of a pair, not Unicode
-        text, which no UTF-8 encoder writes again) is refused, as the NATS codecs do."""
+        text, which no UTF-8 encoder writes again) is refused, as the NATS codecs do.
+        Bytes are read as UTF-8, as the wire says (``json.loads`` would guess UTF-16 or
+        UTF-32 from them and skip a byte order mark): others are refused as ``not UTF-8
+        (<why> at byte <n>)``, a byte order mark as not JSON."""
+        text = data if isinstance(data, str) else utf8_text(data)
         try:
-            obj = json.loads(data)
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            obj = json.loads(text)
+        except (ValueError, RecursionError) as exc:
             # RecursionError: nested deeper than the JSON reader goes (a hostile document)
             raise MessageDecodeError("<document>", f"not JSON: {exc}") from None
         msg = decode_message(obj)
@@ -541,6 +545,19 @@ def unicode_text(value: Any) -> bool:
     except (ValueError, TypeError, RecursionError):
         pass  # (not the question asked: read as it is)
     return True
+
+
+def utf8_text(data: bytes, field: str = "<document>", start: int = 0) -> str:
+    """``data``, bytes off the wire, as the UTF-8 text the wire says they are; else a
+    :class:`MessageDecodeError` for ``field`` saying ``not UTF-8 (invalid continuation
+    byte at byte 100)``, counting from ``start`` (where ``data`` begins in the frame),
+    as the stdio bridges say it of a line."""
+    try:
+        return data.decode()
+    except UnicodeDecodeError as exc:
+        raise MessageDecodeError(
+            field, f"not UTF-8 ({exc.reason} at byte {exc.start + start})"
+        ) from None
 
 
 def unicode_text_read(data: str | bytes, value: Any) -> bool:

@@ -981,3 +981,39 @@ async def test_garbage_on_a_node_s_durable_subject_is_counted_dead_and_logged_th
     lines = [r.getMessage() for r in caplog.records if "undecodable durable" in r.getMessage()]
     assert 1 <= len(lines) <= 10, lines
     assert lines[0].endswith("(1 so far)"), lines[0]
+
+
+async def test_a_message_not_in_utf_8_on_an_agents_subject_is_malformed_and_answered(
+    nats: NatsServer,
+) -> None:
+    """Regression: the kernel's JSON form on an agent's subject was read by
+    ``json.loads(bytes)``, which guesses UTF-16 and UTF-32: a query in UTF-16-LE was
+    answered and a tell in UTF-32-LE handled, though the wire is UTF-8 (a peer writing
+    UTF-16-BE got "not JSON" instead). Each is malformed now: counted, a query answered
+    with the error naming why, and the node serves the next message."""
+    handled: list[Any] = []
+
+    @agent(name="keeps-u")
+    async def keeps(ctx: Context, msg: Message) -> Any:
+        handled.append(msg.payload)
+        return msg.payload
+
+    async with _node(nats.url, "a") as (kernel, cluster), _hostile(nats.url) as hostile:
+        ref = kernel.spawn(keeps)
+        subject = f"nexus.node.a.agent.{ref.id}"
+
+        def body(payload: str, encoding: str, kind: MessageKind = MessageKind.QUERY) -> bytes:
+            text = Message(uuid.uuid4(), ref.id, payload, kind).to_json()
+            return text.replace("\\u00e9", "\u00e9").encode(encoding)
+
+        with trio.fail_after(10):
+            raw = await call_aio(
+                hostile.nc.request, subject, body("caf\u00e9", "utf-16-le"), timeout=10
+            )
+            await hostile.publish(subject, body("tell", "utf-32-le", MessageKind.COMMAND))
+            await hostile.publish(subject, body("bom", "utf-8-sig", MessageKind.COMMAND))
+            assert await hostile.ask(subject, ref.id, "after") == "after"
+    assert raw.headers[wire.ERROR_HEADER] == "request_failed"
+    assert "not UTF-8 (" in raw.data.decode(), raw.data
+    assert handled == ["after"]
+    assert cluster.stats().inbound_dropped == {"malformed": 3}

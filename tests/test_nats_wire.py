@@ -841,7 +841,6 @@ def test_a_sequence_number_not_written_as_sequence_value_writes_it_is_refused(
         (b'[1,1,1,1,"bob","Command",null,null,null,["\\udfff", Infinity]]', "<document>"),
         (_binary(rest=b"\x11" * 16 + b'{"a": "\\ud800"}'), "payload"),
         (b'{"from": "%s", "to": "\\ud800", "kind": "Command", "payload": 1}', "<document>"),
-        (b'{"from": "%s", "to": "a", "kind": "Command", "payload": "\xed\xa0\x80"}', "<document>"),
         # an id as the recipient (the check of the JSON form missed the payload then)
         (b'{"from": "%s", "to": "%s", "kind": "Command", "payload": "\\ud800"}', "<document>"),
     ],
@@ -935,3 +934,68 @@ def test_an_error_frame_is_bounded_and_the_rebuilt_error_names_the_node_and_why(
     assert str(back) == (
         "no agent is registered as 'h' on node 'b' (it is being stopped: it takes no new messages)"
     )
+
+
+_CAFE_OBJECT: Final = json.dumps(
+    {"from": str(uuid.UUID(int=1)), "to": "caf\u00e9", "kind": "Command", "payload": "caf\u00e9"},
+    ensure_ascii=False,
+)
+_CAFE_ARRAY: Final = '[1,1,1,1,"caf\u00e9","Command",null,null,null,"caf\u00e9"]'
+
+
+@pytest.mark.parametrize("text", [_CAFE_OBJECT, _CAFE_ARRAY], ids=["object", "array"])
+@pytest.mark.parametrize(
+    "encoding",
+    ["utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be", "utf-16", "latin-1", "utf-8-sig", "cesu"],
+)
+def test_a_body_that_is_not_utf_8_is_refused_saying_so(text: str, encoding: str) -> None:
+    """Regression: the wire is UTF-8 JSON (docs/distributed.md), but the JSON form was read
+    by ``json.loads(bytes)``, which guesses UTF-16 and UTF-32 and skips a byte order mark:
+    a message in UTF-16-LE or UTF-32-LE (and to Message.from_json in any of them) was
+    taken; bytes that were no UTF-8 were said as "'utf-8' codec can't decode byte 0xe9 in
+    position 15". Now each decoder says it as the stdio bridges say it of a line."""
+    if encoding == "cesu":  # UTF-8's form of a surrogate is no UTF-8 either
+        body = text.replace("caf\u00e9", "\ud83d\ude00").encode("utf-8", "surrogatepass")
+    else:
+        body = text.encode(encoding)
+    if encoding == "utf-8-sig":
+        problem = "not JSON: Unexpected UTF-8 BOM"
+    else:
+        with pytest.raises(UnicodeDecodeError) as bad:
+            body.decode()
+        problem = f"not UTF-8 ({bad.value.reason} at byte {bad.value.start})"
+    decoders: list[Any] = [wire.decode_message, wire.decode_tell]
+    if text[0] == "{":
+        decoders.append(Message.from_json)
+    for decode in decoders:
+        with pytest.raises(MessageDecodeError) as err:
+            decode(body)
+        assert err.value.field == "<document>", decode
+        if decode is not wire.decode_tell or body[0] < 0x80:  # (else a binary tell's head)
+            assert problem in str(err.value), (decode, str(err.value))
+    # the same in UTF-8 reads
+    assert wire.decode_message(text.encode()).payload == "caf\u00e9"
+
+
+@pytest.mark.parametrize(
+    ("rest", "field", "problem"),
+    [
+        (b'"caf\xe9"', "payload", "not UTF-8 (invalid continuation byte at byte 62)"),
+        (b'\xef\xbb\xbf"cafe"', "payload", "Unexpected UTF-8 BOM"),
+    ],
+)
+def test_a_binary_tell_whose_payload_is_not_utf_8_is_refused_saying_so(
+    rest: bytes, field: str, problem: str
+) -> None:
+    """A binary tell's JSON payload is UTF-8 too: say where it is not, in the tell."""
+    with pytest.raises(MessageDecodeError) as err:
+        wire.decode_tell(_binary(rest=b"\x11" * 16 + rest))
+    assert (err.value.field, problem in str(err.value)) == (field, True), str(err.value)
+
+
+def test_a_binary_tell_to_a_name_that_is_not_utf_8_is_refused_saying_so() -> None:
+    body = _binary(tag=0x81, rest=(4).to_bytes(2) + b"caf\xe9" + b"1")
+    with pytest.raises(MessageDecodeError) as err:
+        wire.decode_tell(body)
+    assert err.value.field == "to"
+    assert "not UTF-8 (unexpected end of data at byte 47)" in str(err.value)

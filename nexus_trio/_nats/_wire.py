@@ -69,6 +69,7 @@ from .._message import (
     restore_message,
     stored_fields,
     unicode_text,
+    utf8_text,
     uuid_from_int,
 )
 
@@ -139,15 +140,17 @@ else:
     _FAST_DECODE_ERROR = msgspec.DecodeError
 
 
-def _read_json(data: bytes) -> Any:
+def _read_json(data: bytes, field: str = "<document>", start: int = 0) -> Any:
     try:
         return _loads(data)
     except _FAST_DECODE_ERROR:
         # Not strict JSON for msgspec: maybe Infinity/NaN (see encode_message), which the
         # standard library reads; anything else fails there too, with its own message,
         # but for a lone surrogate ("\ud800"), which it reads into a string that is not
-        # Unicode text: no encoder here could write it again (UnicodeEncodeError).
-        obj = _std_loads(data.decode())
+        # Unicode text: no encoder here could write it again (UnicodeEncodeError). Bytes
+        # that are not UTF-8 (msgspec refuses them too) are a MessageDecodeError for
+        # ``field``, ``start`` bytes into the body, and a byte order mark is not JSON.
+        obj = json.loads(utf8_text(data, field, start))
         if not unicode_text(obj):
             raise ValueError(LONE_SURROGATE) from None
         return obj
@@ -265,7 +268,9 @@ def decode_message(data: bytes) -> Message:
         return Message.from_json(data)
     try:
         obj = _read_json(data)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+    except MessageDecodeError:
+        raise
+    except (ValueError, RecursionError) as exc:
         # RecursionError: nested deeper than the JSON readers go (a hostile body)
         raise MessageDecodeError("<document>", f"not JSON: {exc}") from None
     # (the format number an integer: true and 1.0 equal 1 in Python, not on the wire)
@@ -538,8 +543,10 @@ _NAMES: dict[bytes, str] = {}
 
 def _tell_payload(data: bytes, offset: int) -> Any:
     try:
-        return _read_json(data[offset:])
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        return _read_json(data[offset:], "payload", offset)
+    except MessageDecodeError:
+        raise
+    except (ValueError, RecursionError) as exc:
         raise MessageDecodeError("payload", str(exc)) from None
 
 
@@ -607,7 +614,7 @@ def _decode_binary_tell(data: bytes) -> Message:
             if not length or end > size:
                 raise ValueError(f"a name of {length} bytes does not fit")
             raw = data[offset + 2 : end]
-            address = raw.decode()
+            address = utf8_text(raw, field, offset + 2)
             if length <= NAME_CACHE_BYTES:
                 _remember(_NAMES, raw, address)
         else:
@@ -626,7 +633,9 @@ def _decode_binary_tell(data: bytes) -> Message:
                         raise ValueError("truncated id")
                     ids[index] = uuid_from_int(_from_bytes(data[offset:end]))
                     offset = end
-    except (ValueError, struct.error, UnicodeDecodeError) as exc:
+    except MessageDecodeError:
+        raise
+    except (ValueError, struct.error) as exc:
         raise MessageDecodeError(field, str(exc)) from None
     return restore_message(
         _agent_from_bytes(sender),
