@@ -31,6 +31,17 @@ const KINDS = ['Command', 'Event', 'Query', 'Response'];
 const MESSAGE_FIELDS = ['from', 'to', 'kind', 'payload'];
 const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 const SNIPPET = 60;
+// what a line after a UTF-8 byte order mark is, in the Python bridge's words
+const BOM_PROBLEM = 'Unexpected UTF-8 BOM (decode using utf-8-sig): line 1 column 1 (char 0)';
+
+/**
+ * The strict reader of input lines: bytes that are not UTF-8 throw, and a byte order mark
+ * stays in the text (by default the decoder drops it; frames are UTF-8 without one, and
+ * _parse refuses it as the Python bridge does).
+ */
+function lineDecoder() {
+  return new TextDecoder('utf-8', { fatal: true, ignoreBOM: true });
+}
 
 /** Message kinds, spelled as on the wire (the original bridge's MessageKind). */
 const MessageKind = Object.freeze({
@@ -211,6 +222,7 @@ class NexusAgent {
     this._currentId = null;
     this._controller = null;
     this._earlyCancels = [];
+    this._peekDecoder = lineDecoder(); // (see _peekCancel)
   }
 
   /**
@@ -399,7 +411,7 @@ class NexusAgent {
   }
 
   async _serve() {
-    const decoder = new TextDecoder('utf-8', { fatal: true });
+    const decoder = lineDecoder();
     try {
       if (this.protocol < 2) {
         // Each line is handled to completion before the next one is read: one message
@@ -485,7 +497,9 @@ class NexusAgent {
     if (!raw.includes('"cancel"')) return;
     let target;
     try {
-      const frame = JSON.parse(raw.toString('utf8'));
+      // read as _onLine reads lines (toString would replace bytes that are not UTF-8:
+      // a cancel the main loop skips would still cancel)
+      const frame = JSON.parse(this._peekDecoder.decode(raw));
       target = frame.type === 'cancel' ? frame.payload.message_id : undefined;
     } catch (err) {
       return; // not a usable cancel frame: the main loop reports the line
@@ -529,6 +543,10 @@ class NexusAgent {
   }
 
   _parse(line) {
+    if (line.charCodeAt(0) === 0xfeff) {
+      // (in the words of Python's json, which the Python bridge and the kernel use)
+      throw new InvalidFrame(`not JSON (${BOM_PROBLEM}): ${JSON.stringify(line.slice(0, SNIPPET))}`);
+    }
     let frame;
     try {
       frame = JSON.parse(line);

@@ -812,7 +812,9 @@ class NexusAgent:
 
     def _cancel_from(self, raw: bytes) -> None:
         try:
-            frame = json.loads(raw)
+            # decoded as _parse decodes (json.loads of bytes would skip a byte order mark
+            # and read UTF-16: a cancel the main loop skips would still cancel)
+            frame = json.loads(raw.decode("utf-8"))
             target = frame["payload"]["message_id"] if frame["type"] == "cancel" else None
         except (ValueError, TypeError, KeyError, RecursionError):
             # Not a usable cancel frame: the main loop reports the line. (A line nested
