@@ -367,18 +367,37 @@ class AgentNotRunning(NexusError, RuntimeError):
         super().__init__(f"agent {who} {problem}")
 
 
+def _addressee(to: uuid.UUID | str, name: str | None) -> str:
+    """The agent a request went to, for its error: an id as the other errors write one
+    (``'greeter' (5b0c...)``, or the id alone for an agent without a name), a name as
+    it was asked (``'greeter'``)."""
+    if isinstance(to, uuid.UUID):
+        return f"{name!r} ({to})" if name else str(to)
+    return repr(to)
+
+
 class RequestTimeout(NexusError, TimeoutError):
-    """No reply to request ``request_id`` arrived within ``timeout`` seconds."""
+    """No reply to request ``request_id`` arrived within ``timeout`` seconds.
+
+    ``name`` is the name of the agent ``to`` (an id) when it has one and this kernel knew
+    it (an agent of another node asked by id is named by its id alone), else None."""
 
     def __init__(
-        self, request_id: uuid.UUID, to: uuid.UUID | str, timeout: float, detail: str = ""
+        self,
+        request_id: uuid.UUID,
+        to: uuid.UUID | str,
+        timeout: float,
+        detail: str = "",
+        *,
+        name: str | None = None,
     ) -> None:
         self.request_id = request_id
         self.to = to
         self.timeout = timeout
         #: what the kernel knows of why (e.g. the handler returned None), or ""
         self.detail = detail
-        text = f"request {request_id} to {to!r} got no reply within {timeout:g}s"
+        self.name = name if isinstance(to, uuid.UUID) else None
+        text = f"request {request_id} to {_addressee(to, name)} got no reply within {timeout:g}s"
         super().__init__(f"{text} ({detail})" if detail else text)
 
 
@@ -452,7 +471,9 @@ class RequestFailed(NexusError):
     ``to`` passed it on there (a pool's worker: ``'workers/0'``), its name if it has one,
     else None. ``node`` names the node where the query was dead-lettered, for a request
     another node answered so (``request ... to 'h' failed on node 'b' (handler_timeout)``);
-    None for one failed here.
+    None for one failed here. ``name`` is the name of the agent ``to`` (an id) when it has
+    one (``request ... to 'greeter' (5b0c...) failed (handler_error)``), else None (the id
+    alone in the text).
     """
 
     def __init__(
@@ -464,6 +485,7 @@ class RequestFailed(NexusError):
         *,
         at: uuid.UUID | str | None = None,
         node: str | None = None,
+        name: str | None = None,
     ) -> None:
         self.request_id = request_id
         self.to = to
@@ -471,11 +493,14 @@ class RequestFailed(NexusError):
         self.error = error
         self.at = at
         self.node = node
+        self.name = name if isinstance(to, uuid.UUID) else None
         detail = f": {error_repr(error)}" if error is not None else ""
         where = f" at {at!r}" if at is not None else ""
         if node is not None:
             where += f" on node {node!r}"
-        super().__init__(f"request {request_id} to {to!r} failed{where} ({reason}){detail}")
+        super().__init__(
+            f"request {request_id} to {_addressee(to, name)} failed{where} ({reason}){detail}"
+        )
 
 
 class TransportUnavailable(NexusError):

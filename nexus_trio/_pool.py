@@ -652,6 +652,7 @@ class _PoolRouter(Agent):
                         request.to,
                         DeadLetterReason.HANDLER_ERROR.value,
                         MessageFailed(text),
+                        name=ctx.name,
                     ),
                 )
             return
@@ -673,7 +674,9 @@ class _PoolRouter(Agent):
             return
         kernel = ctx.kernel
         reason = DeadLetterReason.SHUTDOWN if kernel.stopping else DeadLetterReason.AGENT_STOPPED
-        kernel.fail_query(request.id, RequestFailed(request.id, request.to, reason.value, None))
+        kernel.fail_query(
+            request.id, RequestFailed(request.id, request.to, reason.value, None, name=ctx.name)
+        )
 
     async def _retire(
         self, ctx: Context, request: Message, removed: list[AgentRef], size: int

@@ -1245,6 +1245,7 @@ class Router:
                     error.error,
                     at=error.at,
                     node=error.node,
+                    name=self.id_name(query.to),
                 )
             raise error
         detail = ""
@@ -1252,7 +1253,7 @@ class Router:
             at = pending.at or query.to
             self.expire_query(query.id, at)
             detail = self._unanswered(query, at)
-        raise RequestTimeout(query.id, query.to, timeout, detail)
+        raise RequestTimeout(query.id, query.to, timeout, detail, name=self.id_name(query.to))
 
     def _unanswered(self, query: Message, at: Address) -> str:
         """Why a local query timed out, when the recipient says it: parked, with nothing
@@ -1367,15 +1368,25 @@ class Router:
                 # (passed on by a handler, a pool's router: request() names the address
                 # its requester asked as ``to``, and this agent as ``at``)
                 at = self._name_of(msg.to) if pending.at is not None else None
-                pending.fail(RequestFailed(msg.id, msg.to, reason.value, error, at=at))
+                name = self.id_name(msg.to)
+                pending.fail(RequestFailed(msg.id, msg.to, reason.value, error, at=at, name=name))
                 return
         if self.transport is not None and reason is not DeadLetterReason.REQUEST_TIMEOUT:
             # (the requester's node names the address it asked as ``to``)
             passed = self._passed_on.pop(msg.id.int, None) if self._passed_on else None
             at = self._name_of(msg.to) if passed is not None else None
+            name = self.id_name(msg.to) if passed is None else None
             self._fail_remote_requester(
-                msg.id, RequestFailed(msg.id, msg.to, reason.value, error, at=at)
+                msg.id, RequestFailed(msg.id, msg.to, reason.value, error, at=at, name=name)
             )
+
+    def id_name(self, address: Address) -> str | None:
+        """The name of the local agent at ``address`` when that is an id and the agent has
+        a name, for a request's error (None for a name: the error shows it as it is)."""
+        if not isinstance(address, _UUID):
+            return None
+        node = self.nodes.get(address.int)
+        return None if node is None else node.name
 
     def _name_of(self, address: Address) -> Address:
         """A local agent's name (its address if it has none or is gone), for errors."""

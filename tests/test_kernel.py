@@ -2869,3 +2869,49 @@ async def test_a_background_task_error_whose_repr_raises_fails_its_agent_not_the
         "agent busy failed outside a handler (<_ReprAndStrRaise, whose repr() raised"
         " RuntimeError: repr of the error failed>)"
     ]
+
+
+async def test_a_request_by_ref_that_fails_or_times_out_names_the_agent(
+    autojump_clock: Any,
+) -> None:
+    """Regression: a request sent by ref (or id) that failed or timed out said ``request
+    ... to UUID('5b0c...') failed (handler_error)``, naming no agent: it names the agent
+    now as the other errors do, its name and id, or its id alone written plainly."""
+
+    @agent(name="grumpy")
+    async def grumpy(ctx: Context, msg: Message) -> Any:
+        if msg.payload == "wait":
+            await trio.sleep(60)
+        raise ValueError("no")
+
+    @agent
+    async def silent(ctx: Context, msg: Message) -> None:
+        return None
+
+    async with open_kernel(make_config()) as kernel:
+        named = kernel.spawn(grumpy)
+        anonymous = kernel.spawn(silent)
+        with pytest.raises(RequestFailed) as failed:
+            await kernel.request(named, "x")
+        assert (failed.value.to, failed.value.name) == (named.id, "grumpy")
+        assert str(failed.value) == (
+            f"request {failed.value.request_id} to 'grumpy' ({named.id}) failed"
+            " (handler_error): ValueError('no')"
+        )
+        with pytest.raises(RequestTimeout) as timed_out:
+            await kernel.request(named.id, "wait", timeout=1)
+        assert timed_out.value.name == "grumpy"
+        assert str(timed_out.value).startswith(
+            f"request {timed_out.value.request_id} to 'grumpy' ({named.id}) got no reply within 1s"
+        )
+        with pytest.raises(RequestTimeout) as timed_out:
+            await kernel.request(anonymous, "q", timeout=1)
+        assert timed_out.value.name is None
+        assert str(timed_out.value).startswith(
+            f"request {timed_out.value.request_id} to {anonymous.id} got no reply within 1s"
+        )
+        # asked by name, the name is what it was
+        with pytest.raises(RequestFailed) as failed:
+            await kernel.request("grumpy", "x")
+        assert failed.value.name is None
+        assert f"request {failed.value.request_id} to 'grumpy' failed" in str(failed.value)

@@ -1633,3 +1633,18 @@ async def test_no_responders_for_a_request_names_the_node_that_was_asked(
     assert (lost.address, lost.node) == ("double-b", "b")
     assert "no responders" in lost.detail
     assert str(lost) == f"no agent is registered as 'double-b' on node 'b' ({lost.detail})"
+
+
+async def test_a_remote_request_by_id_that_fails_names_the_agent(nats: NatsServer) -> None:
+    """Regression: a request by id to an agent of another node that failed said
+    ``request ... to UUID('5b0c...') failed on node 'b' (handler_error)``, naming no agent."""
+    async with nodes(nats.url, "b"), local_node(nats.url) as (kernel, cluster):
+        with trio.fail_after(30):
+            _, doomed_id = await cluster.wait_for_name("doomed-b")
+            with pytest.raises(RequestFailed) as failed:
+                await kernel.request(doomed_id, "x")
+            assert (failed.value.to, failed.value.name) == (doomed_id, "doomed-b")
+            assert str(failed.value).startswith(
+                f"request {failed.value.request_id} to 'doomed-b' ({doomed_id}) failed on"
+                " node 'b' (handler_error): RemoteError("
+            )

@@ -999,3 +999,23 @@ def test_a_binary_tell_to_a_name_that_is_not_utf_8_is_refused_saying_so() -> Non
         wire.decode_tell(body)
     assert err.value.field == "to"
     assert "not UTF-8 (unexpected end of data at byte 47)" in str(err.value)
+
+
+def test_a_request_failed_frame_names_the_agent_asked_by_id() -> None:
+    """Regression: a request by id that failed on another node said ``request ... to
+    UUID('5b0c...') failed on node 'b' (handler_error)``: the frame carries the agent's
+    name now, and the requester's error names it as a local one does; a frame of an
+    earlier version (no name) names the id alone, written plainly."""
+    qid, aid = uuid.uuid4(), uuid.uuid4()
+    kind, body = wire.error_frame(RequestFailed(qid, aid, "handler_error", None, name="doomed"))
+    back = wire.error_from_frame(kind, body, query_id=qid, to=aid, node="b")
+    assert isinstance(back, RequestFailed) and back.name == "doomed"
+    assert str(back) == f"request {qid} to 'doomed' ({aid}) failed on node 'b' (handler_error)"
+    kind, body = wire.error_frame(RequestFailed(qid, aid, "handler_error", None))
+    back = wire.error_from_frame(kind, body, query_id=qid, to=aid, node="b")
+    assert str(back) == f"request {qid} to {aid} failed on node 'b' (handler_error)"
+    # a name for a request asked by name is not taken (the text shows the name asked)
+    body = json.dumps({"reason": "handler_error", "name": "other"}).encode()
+    back = wire.error_from_frame("request_failed", body, query_id=qid, to="h", node="b")
+    assert isinstance(back, RequestFailed) and back.name is None
+    assert str(back) == f"request {qid} to 'h' failed on node 'b' (handler_error)"

@@ -525,13 +525,14 @@ async def test_a_request_that_fails_at_a_worker_names_the_pool_asked_and_the_wor
             ("workers", "workers", "workers/0"),
             (pool_ref, pool_ref.id, "workers/1"),
         ]
+        shown = {"workers": "'workers'", pool_ref.id: f"'workers' ({pool_ref.id})"}
         for asked, address, expected_at in asked_as:
             with pytest.raises(RequestFailed) as info:
                 await kernel.request(asked, "x")
             failed = info.value
             assert (failed.to, failed.at, failed.reason) == (address, expected_at, "handler_error")
             assert str(failed) == (
-                f"request {failed.request_id} to {address!r} failed at"
+                f"request {failed.request_id} to {shown[address]} failed at"
                 f" {expected_at!r} (handler_error): ValueError('bad x')"
             )
         # asked directly, the worker is `to` and no `at` is added

@@ -573,7 +573,7 @@ async def test_a_request_by_ref_to_an_agent_still_handling_it_names_the_agent(
     with pytest.raises(RequestTimeout) as info:
         await nexus_kernel.request(ref, "q")
     assert str(info.value).endswith(
-        f"to UUID('{ref.id}') got no reply within 5s (agent pondering is still handling it:"
+        f"to 'pondering' ({ref.id}) got no reply within 5s (agent pondering is still handling it:"
         " its handle_timeout is 30s)"
     )
 

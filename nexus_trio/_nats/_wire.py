@@ -835,6 +835,10 @@ def error_frame(exc: BaseException) -> tuple[str, bytes]:
             # where a handler passed the query on to (a pool's worker); a peer of an
             # earlier version reads no more than the two above
             body["at"] = str(exc.at)
+        if exc.name is not None:
+            # the name of the agent asked by id, for the requester's text; a peer of an
+            # earlier version reads no more than the above
+            body["name"] = exc.name
         return "request_failed", json.dumps(body).encode()
     return "request_failed", json.dumps(
         {"reason": "remote_error", "error": _error_text(exc)}
@@ -909,6 +913,7 @@ def error_from_frame(
         )
     error = data.get("error")
     at = data.get("at")
+    name = data.get("name")
     return RequestFailed(
         query_id,
         to,
@@ -916,6 +921,8 @@ def error_from_frame(
         RemoteError(node, _frame_text(error)) if error else None,
         at=None if at is None else _frame_text(at),
         node=node,
+        # the name of the agent asked by id, when it has one (read only for an id)
+        name=_frame_text(name) if name and isinstance(to, uuid.UUID) else None,
     )
 
 
