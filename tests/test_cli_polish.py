@@ -280,3 +280,28 @@ def test_the_help_text_after_the_options_is_reflowed_not_ragged(command: str) ->
         # every line of a paragraph but its last fills the width, give or take a word
         assert all(len(ln) >= 60 for ln in paragraph[:-1]), paragraph
         paragraph = []
+
+
+def test_counts_the_cli_prints_say_one_in_the_singular(isolated: Path) -> None:
+    """Regression: ``nexus run``'s summary said ``app greeter_app:greeter, 1 agents`` (and
+    ``1 workers: ...``, ``agent tree (1 agents)``, ``ring workload · 1 agents``)."""
+    write(
+        isolated,
+        "greeter_app.py",
+        "from nexus_trio import agent\n\n@agent(name='greeter')\n"
+        "async def greeter(ctx, msg):\n    return msg.payload\n",
+    )
+    result = invoke(["run", "--app", "greeter_app:greeter", "-d", "0.2", "--no-live"])
+    assert result.exit_code == 0, result.output
+    assert "app greeter_app:greeter, 1 agent " in flat(result.output) + " "
+    assert "1 agents" not in flat(result.output)
+    from nexus_trio.cli._view import count_of, render_tree
+
+    assert [count_of(n, "worker") for n in (0, 1, 2, 1000)] == [
+        "0 workers",
+        "1 worker",
+        "2 workers",
+        "1,000 workers",
+    ]
+    only = {"kind": "agent", "id": "i", "name": "a", "state": "running", "restarts": 0}
+    assert render_tree(only).splitlines()[0] == "agent tree (1 agent):"

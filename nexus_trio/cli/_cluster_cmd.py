@@ -492,10 +492,11 @@ def run_workers(
         log_guarded(
             log,
             logging.INFO,
-            "started nats-server at %s (pid %d) for %d workers",
+            "started nats-server at %s (pid %d) for %d worker%s",
             server.url,
             server.pid,
             workers,
+            "" if workers == 1 else "s",
         )
         return server.url
 

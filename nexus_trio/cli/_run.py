@@ -62,7 +62,15 @@ from ._spawn import (
     watch_starts,
 )
 from ._swarm import Swarm, cluster_counts, layout_from_env
-from ._view import Sample, plain_line, render_live, render_tree, rss_bytes, summary_table
+from ._view import (
+    Sample,
+    count_of,
+    plain_line,
+    render_live,
+    render_tree,
+    rss_bytes,
+    summary_table,
+)
 from ._workloads import Demo
 
 __all__ = ["AppError", "RunOptions", "execute_run", "load_app", "load_types", "run_async"]
@@ -656,14 +664,10 @@ def _title(opts: RunOptions) -> str:
     if opts.app:
         return f"app {opts.app}"
     if not opts.demo and opts.spawn:
-        return f"spawn: {_count_of(len(opts.spawn), 'process agent')}"
+        return f"spawn: {count_of(len(opts.spawn), 'process agent')}"
     if not opts.demo:
         return f"agent types {', '.join(opts.types or ())}"
-    return f"{opts.workload} workload · {opts.agents:,} agents"
-
-
-def _count_of(n: int, thing: str) -> str:
-    return f"{n:,} {thing}" + ("" if n == 1 else "s")
+    return f"{opts.workload} workload · {count_of(opts.agents, 'agent')}"
 
 
 def _spawn(state: _State, kernel: Kernel) -> None:
@@ -697,7 +701,7 @@ def _spawn(state: _State, kernel: Kernel) -> None:
 def _spawn_progress(state: _State, total: int) -> Callable[[int], None]:
     """Progress of a bulk spawn: a bar in the live view above PROGRESS_THRESHOLD agents."""
     if total > PROGRESS_THRESHOLD:
-        log_guarded(log, logging.INFO, "spawning %d agents", total)
+        log_guarded(log, logging.INFO, "spawning %d agents", total)  # (many: see above)
         if state.live is not None:
             state.spawn_progress = (0, total)
 

@@ -179,8 +179,9 @@ class Swarm:
                     await trio.sleep(0.02)  # names arrive through the KV watch
         if pending and not self.should_stop():
             raise RuntimeError(
-                f"{len(pending)} agents of the swarm (e.g. {names[pending[0]]!r}) were not"
-                f" published within {timeout:g}s"
+                f"{len(pending):,} agent{'' if len(pending) == 1 else 's'} of the swarm (e.g."
+                f" {names[pending[0]]!r}) {'was' if len(pending) == 1 else 'were'} not published"
+                f" within {timeout:g}s"
             )
         return [ref for ref in refs if ref is not None]
 

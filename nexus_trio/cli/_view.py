@@ -75,6 +75,11 @@ def fmt_count(n: float) -> str:
     return f"{n:,.0f}"
 
 
+def count_of(n: float, thing: str) -> str:
+    """``1 agent``, ``2 agents``, ``1,000 agents``: a count with its noun, singular for one."""
+    return f"{fmt_count(n)} {thing}" + ("" if n == 1 else "s")
+
+
 def fmt_reasons(reasons: Mapping[str, int]) -> str:
     if not reasons:
         return "-"
@@ -352,21 +357,20 @@ def _run_kind(summary: Mapping[str, Any]) -> str:
     """What ran: ``ring workload, 1,000 agents``, ``app m:main, 3 agents``,
     ``spawn: 2 process agents`` (or an app or workload plus spawned programs)."""
     parts: list[str] = []
-    agents = f"{fmt_count(summary['agents'])} agents"
+    agents = count_of(summary["agents"], "agent")
     asked = summary.get("agents_asked")
     if summary.get("workload") and asked is not None and summary["agents"] < asked:
-        agents = f"{fmt_count(summary['agents'])} of {fmt_count(asked)} agents"  # (stopped)
+        agents = f"{fmt_count(summary['agents'])} of {count_of(asked, 'agent')}"  # (stopped)
     if summary.get("app"):
         parts.append(f"app {summary['app']}, {agents}")
     elif summary.get("workload"):
         parts.append(f"{summary['workload']} workload, {agents}")
     spawned = summary.get("spawned") or ()
     if spawned:
-        n = len(spawned)
-        parts.append(f"spawn: {n} process agent{'' if n == 1 else 's'}")
+        parts.append(f"spawn: {count_of(len(spawned), 'process agent')}")
     what = " + ".join(parts) or agents
     workers = summary.get("workers")
-    return f"{workers} workers: {what}" if workers else what
+    return f"{count_of(workers, 'worker')}: {what}" if workers else what
 
 
 #: a process agent's counters that say something went wrong, as the summary names them
@@ -453,8 +457,9 @@ def render_tree(tree: Mapping[str, Any]) -> str:
 
     visit(tree, 0)
     if omitted:
-        lines.append(f"... {omitted:,} more agents (idle with empty mailboxes, or past the limit)")
-    return f"agent tree ({agents:,} agents):\n" + "\n".join(lines)
+        more = count_of(omitted, "more agent")
+        lines.append(f"... {more} (idle with empty mailboxes, or past the limit)")
+    return f"agent tree ({count_of(agents, 'agent')}):\n" + "\n".join(lines)
 
 
 def _count_agents(node: Mapping[str, Any]) -> int:
