@@ -2906,3 +2906,92 @@ async def test_a_copy_whose_name_claim_failed_writes_no_record_over_the_holder_s
             while await _placed_record(ca, name) is not None:  # noqa: ASYNC110 (polls the bucket)
                 await trio.sleep(0.01)
             assert not ca.placement.records_held
+
+
+async def test_a_moved_copy_whose_name_claim_failed_runs_once_after_its_retry(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rebalance moves ON_C from a to c, and c's claim of the name fails (the names
+    bucket timing out): c's copy runs, its name unwritten, and a stops its own copy
+    (the move). c's retry, which still found a's entry there (a's delete of it slow),
+    took it for a holder heard here and stopped c's copy as a duplicate: the agent ran
+    nowhere. The claim's ``replaces`` (a's copy) is remembered until the name is
+    written: the retry overwrites a's entry, and exactly one copy runs, named by the
+    bucket."""
+    from nats.js.kv import KeyValue
+
+    key = wire.name_key(ON_C)
+    original = KeyValue.delete
+    release = asyncio.Event()
+
+    async def slow_delete(self: KeyValue, k: str, *args: Any, **kw: Any) -> bool:
+        if k == key and self._name.endswith("-names"):
+            await release.wait()
+        return await original(self, k, *args, **kw)
+
+    async def timing_out(*args: Any) -> int:
+        raise _NatsTimeout
+
+    async with _node(nats.url, "a", **QUIET) as (ka, a):
+        await a.spawn("counter", name=ON_C)
+        assert ka.is_local(ON_C)
+        await a.names_published()
+        async with _node(nats.url, "c", **QUIET) as (kc, c):
+            _meet(a, c)
+            await _learn(c, ON_C)
+            claim = c._claim
+            c._claim = timing_out  # type: ignore[method-assign]
+            monkeypatch.setattr(KeyValue, "delete", slow_delete)
+            with trio.fail_after(30):
+                assert await a.rebalance() == [ON_C]
+                assert not ka.is_local(ON_C)
+                assert kc.is_local(ON_C)
+                moved = kc.lookup(ON_C).id
+                c._claim = claim  # type: ignore[method-assign]
+                assert c.stats().names_unwritten == 1
+                assert await c._retry_names()  # a's entry still there
+                await call_aio(_set, release)
+                await trio.testing.wait_all_tasks_blocked()
+                assert kc.is_local(ON_C)
+                assert kc.lookup(ON_C).id == moved
+                assert not ka.is_local(ON_C)
+                assert c.stats().duplicates_stopped == 0
+                assert (await _name_entry(c, ON_C))[1] == json.dumps(
+                    {"node": "c", "id": str(moved)}
+                ).encode()
+                assert c.stats().names_unwritten == 0
+
+
+async def test_a_name_retry_overwrites_the_entry_of_a_restarted_node_s_old_process(
+    nats: NatsServer,
+) -> None:
+    """A placement's claim overwrites a name entry of a heard node's *old* process (its id
+    prefix is not the node's now: the node restarted under its name), but a retry of a
+    name whose write failed took that entry for a live holder's: the name stayed
+    unwritten for good, the agent unknown to every other node. One rule decides both
+    now: the retry writes the name."""
+    async with (
+        _node(nats.url, "a", **QUIET) as (_ka, ca),
+        _node(nats.url, "b", **QUIET) as (kb, cb),
+    ):
+        _meet(ca, cb)
+        outage = _refuse_writes(cb, names=True, records=False, limit=1)
+        ref = kb.spawn(_Counting, name="svc-o")
+        with trio.fail_after(30):
+            while not outage.failed:  # noqa: ASYNC110 (the publisher's put)
+                await trio.sleep(0.01)
+            await cb.names_published()
+            assert cb.stats().names_unwritten == 1
+            prefix = cb.members.members["a"].id_prefix
+            stale = uuid.UUID(int=((prefix ^ 1) << 64) | 7)
+            kv = cb._names_kv
+            assert kv is not None
+            await call_aio(
+                kv.put, wire.name_key("svc-o"), json.dumps({"node": "a", "id": str(stale)}).encode()
+            )
+            await cb._refresh_name("svc-o")
+            assert await cb._retry_names()
+            assert cb.stats().names_unwritten == 0
+            assert (await _name_entry(cb, "svc-o"))[1] == json.dumps(
+                {"node": "b", "id": str(ref.id)}
+            ).encode()

@@ -464,6 +464,10 @@ class Cluster:
         # write again (see _retry_names); and how many such writes landed
         self._unwritten_names: dict[str, uuid.UUID] = {}
         self._names_written_late = 0
+        # local names a rebalance moved here, until their entry is written: name ->
+        # (agent id, the moved copy's (node, agent id)), whose entry the claim, a retry
+        # and the duplicate check take as the one this copy replaces (see _entry_stands)
+        self._replacing: dict[str, tuple[uuid.UUID, tuple[str, uuid.UUID]]] = {}
         # one write of a name at a time: _publish_names's, or a retry's
         self._names_lock = trio.Lock()
         self._name_ops: trio.MemorySendChannel[tuple[str, uuid.UUID | None]]
@@ -2686,7 +2690,9 @@ class Cluster:
         while this node's own put of the name is on its way (it may be the later one:
         checked when it lands), nor while the winner's node is unreachable from here
         (then local senders keep the copy here; checked when that node is heard again,
-        see ``_apply_member_entry``).
+        see ``_apply_member_entry``). The entry of the copy a rebalance moved here, while
+        this one's is unwritten, never wins: that copy stops on its node once the move is
+        answered, and this one would run nowhere (see :meth:`_entry_stands`).
         """
         local = self._local_names.get(name)
         entry = self._names.get(name)
@@ -2701,10 +2707,31 @@ class Cluster:
             return  # its put is on its way
         if self._name_revisions.get(name, 0) <= written:
             return
-        info = self.members.members.get(entry[0])
-        if info is None or not info.reachable:
+        if not self._entry_stands(entry, self._replaced_by(name, local)):
             return
         self.placement.superseded(name, local, entry[0])
+
+    def _entry_stands(
+        self, holder: tuple[str, uuid.UUID] | None, replaces: tuple[str, uuid.UUID] | None
+    ) -> bool:
+        """Whether the names bucket entry ``holder`` of a name (None: malformed) stands
+        against a local copy of it: the copy's claim (:meth:`_claim`) and its retry
+        (:meth:`_write_name_again`) do not overwrite it, and a copy whose entry is older
+        or unwritten is a duplicate (:meth:`_check_duplicate`). It stands if it is another
+        node's, that node heard here in its current process (the entry of a restarted
+        node's old process, or of a node counted lost, is overwritten: re-placing that
+        agent), and not ``replaces``, the copy a rebalance moved here (stopped on its
+        node once the move is answered: this copy is the one to run)."""
+        if holder is None or holder == replaces or holder[0] == self.node:
+            return False
+        info = self.members.members.get(holder[0])
+        return info is not None and info.reachable and holder[1].int >> 64 == info.id_prefix
+
+    def _replaced_by(self, name: str, agent_id: uuid.UUID) -> tuple[str, uuid.UUID] | None:
+        """The copy local ``agent_id`` (``name``) replaces, if a rebalance moved it here
+        and its entry is not written yet (see ``_replacing``)."""
+        replacing = self._replacing.get(name)
+        return replacing[1] if replacing is not None and replacing[0] == agent_id else None
 
     def check_duplicate(self, name: str) -> None:
         """Placement took local ``name`` as placed: stop it if a later incarnation of it
@@ -2766,6 +2793,7 @@ class Cluster:
         else:
             self._local_names[name] = agent_id
         self._unwritten_names.pop(name, None)  # the op queued now decides
+        self._replacing.pop(name, None)
         if self._names_pending == 0:
             self._names_idle = trio.Event()
         self._names_pending += 1
@@ -2837,6 +2865,7 @@ class Cluster:
         overwrite another node's claim). Called before anything awaits."""
         self._local_names[name] = agent_id
         self._unwritten_names.pop(name, None)
+        self._replacing.pop(name, None)
 
     async def claim_name(
         self, name: str, agent_id: uuid.UUID, *, replaces: tuple[str, uuid.UUID] | None = None
@@ -2853,6 +2882,8 @@ class Cluster:
         kv = self._names_kv
         if kv is None:
             return True
+        if replaces is not None and self._local_names.get(name) == agent_id:
+            self._replacing[name] = (agent_id, replaces)  # (its retry may need it)
         key = wire.name_key(name)
         try:
             revision = await self._claim(kv, key, name, agent_id, replaces)
@@ -2898,14 +2929,8 @@ class Cluster:
             holder = _decode_name_entry(entry.value)
             if holder == (self.node, agent_id) and entry.revision is not None:
                 return entry.revision  # (an answer lost, asked again)
-            if (
-                holder is not None
-                and holder != replaces
-                and holder[0] != self.node
-                and (info := self.members.members.get(holder[0])) is not None
-                and info.reachable
-                and holder[1].int >> 64 == info.id_prefix  # (not a restarted node's old one)
-            ):
+            if self._entry_stands(holder, replaces):
+                assert holder is not None
                 self._apply_name_entry(key, entry.value, entry.operation, entry.revision)
                 raise NameTaken(name, holder[1], node=holder[0])
             try:
@@ -2923,6 +2948,8 @@ class Cluster:
     def _name_written(self, name: str, agent_id: uuid.UUID, revision: int) -> None:
         """This node's entry of ``name`` (``agent_id``) is in the bucket at ``revision``."""
         self._published_names[name] = (agent_id, revision)
+        if self._replaced_by(name, agent_id) is not None:
+            del self._replacing[name]
         if revision < self._name_revisions.get(name, 0):
             # another incarnation was registered after this one (heard already)
             self._check_duplicate(name)
@@ -3010,12 +3037,8 @@ class Cluster:
             holder = _decode_name_entry(entry.value)
             if holder == (self.node, agent_id):
                 revision = entry.revision
-            elif (
-                holder is not None
-                and holder[0] != self.node
-                and (info := self.members.members.get(holder[0])) is not None
-                and info.reachable
-            ):
+            elif self._entry_stands(holder, self._replaced_by(name, agent_id)):
+                assert holder is not None
                 self._apply_name_entry(key, entry.value, entry.operation, entry.revision)
                 self._check_duplicate(name)
                 log_guarded(
