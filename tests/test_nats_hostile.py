@@ -46,6 +46,7 @@ from nexus_trio._nats import _batch as batch
 from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import call_aio
 from nexus_trio._nats._membership import NodeInfo, decode_record
+from nexus_trio._nats._placement import PlacementFailed
 
 from .hang_guard import fault_settings, real_time_limit, tasks_living
 from .nats_server import FAST, PATIENT, collector, nats_cluster, node_config
@@ -1017,3 +1018,33 @@ async def test_a_message_not_in_utf_8_on_an_agents_subject_is_malformed_and_answ
     assert "not UTF-8 (" in raw.data.decode(), raw.data
     assert handled == ["after"]
     assert cluster.stats().inbound_dropped == {"malformed": 3}
+
+
+_ANSWERS = {
+    "holder": b'{"error": "name_taken", "holder": 5, "node": "evil"}',
+    "id": b'{"node": "evil", "id": ["x"]}',
+    "node": b'{"node": 7, "id": "%s"}' % str(uuid.uuid4()).encode(),
+    "answer": b"[1, 2]",
+}
+
+
+@pytest.mark.parametrize("field", list(_ANSWERS))
+async def test_a_place_answer_whose_fields_are_not_strings_fails_the_placement_naming_them(
+    nats: NatsServer, field: str
+) -> None:
+    """A peer answering a place request with a ``holder`` or ``id`` that is no string (or
+    an answer that is no JSON object) made uuid.UUID (or ``.get``) raise AttributeError
+    out of the placement: the asker got an error that said nothing of the answer. It is
+    a malformed answer now, as one that is no JSON: PlacementFailed naming the field."""
+    answer = _ANSWERS[field]
+
+    async def respond(m: Any) -> None:
+        await m.respond(answer)
+
+    async with _node(nats.url, "a") as (_, cluster), _hostile(nats.url) as hostile:
+        await call_aio(hostile.nc.subscribe, "nexus.place.evil", cb=respond)
+        await hostile.flush()
+        with trio.fail_after(10), pytest.raises(PlacementFailed) as caught:
+            await cluster.placement._ask("evil", "counter", "svc-h", None, 5.0)
+        assert caught.value.node == "evil"
+        assert f"malformed answer{': ' + field if field != 'answer' else ''}" in str(caught.value)

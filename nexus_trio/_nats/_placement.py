@@ -1242,19 +1242,38 @@ def _decode_replaces(moved: object) -> tuple[str, uuid.UUID] | None:
 
 
 def _decode_answer(data: bytes, name: str, owner: str) -> PlacedAgent:
+    """The owner's answer to a place request. One that is no JSON object, or whose
+    field (``holder``, ``node``, ``id``) is no string of its kind, is
+    :class:`PlacementFailed` naming the field (a peer's ``holder`` or ``id`` that was no
+    string made uuid.UUID raise AttributeError out of the placement)."""
     try:
         obj = json.loads(data)
     except ValueError:
-        raise PlacementFailed(name, owner, f"malformed answer {data[:200]!r}") from None
+        obj = None
+    if not isinstance(obj, dict):
+        raise PlacementFailed(name, owner, f"malformed answer {data[:200]!r}")
     error = obj.get("error")
     if error == "unknown_type":
         raise UnknownAgentType(str(obj.get("type")), str(obj.get("node", owner)))
     if error == "name_taken":
         node = obj.get("node")
-        raise NameTaken(name, uuid.UUID(obj["holder"]), node=None if node is None else str(node))
+        holder = _answer_id(obj, "holder", data, name, owner)
+        raise NameTaken(name, holder, node=None if node is None else str(node))
     if error is not None:
         raise PlacementFailed(name, owner, str(obj.get("text", error)))
-    return PlacedAgent(name, str(obj["node"]), uuid.UUID(obj["id"]))
+    node = obj.get("node")
+    if not isinstance(node, str) or not node:
+        raise PlacementFailed(name, owner, f"malformed answer: node: {data[:200]!r}")
+    return PlacedAgent(name, node, _answer_id(obj, "id", data, name, owner))
+
+
+def _answer_id(obj: dict[str, Any], field: str, data: bytes, name: str, owner: str) -> uuid.UUID:
+    """The agent id in field ``field`` of an owner's answer (see :func:`_decode_answer`)."""
+    value = obj.get(field)
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return uuid.UUID(value)
+    raise PlacementFailed(name, owner, f"malformed answer: {field}: {data[:200]!r}")
 
 
 @attrs.define
