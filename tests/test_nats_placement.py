@@ -2995,3 +2995,39 @@ async def test_a_name_retry_overwrites_the_entry_of_a_restarted_node_s_old_proce
             assert (await _name_entry(cb, "svc-o"))[1] == json.dumps(
                 {"node": "b", "id": str(ref.id)}
             ).encode()
+
+
+async def test_a_move_under_way_when_the_kernel_starts_its_shutdown_ends_cleanly(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """a's kernel starts its shutdown while a rebalance's move of ON_C to c is asked (c's
+    claim slow to land). The move's stop of a's copy then meets the shutdown; its stop
+    suppresses AgentNotFound, not KernelShuttingDown, which kernel.stop does not raise (a
+    copy the shutdown stopped first is not found): the rebalance ends without an error,
+    a's copy is gone, c's runs, named in the bucket, and a's leave left c's record. (A
+    check of what happens: it passed before this pass's changes too.)"""
+    async with _node(nats.url, "a", **QUIET) as (ka, a):
+        await a.spawn("counter", name=ON_C)
+        await a.names_published()
+        async with _node(nats.url, "c", **QUIET) as (kc, c):
+            _meet(a, c)
+            _slow_name_claims(monkeypatch, wire.name_key(ON_C))
+            moved: list[list[str]] = []
+
+            async def rebalance() -> None:
+                moved.append(await a.rebalance())
+
+            with trio.fail_after(30):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(rebalance)
+                    while not kc.is_local(ON_C):  # noqa: ASYNC110 (c's claim on its way)
+                        await trio.sleep(0.01)
+                    nursery.start_soon(ka.shutdown)
+                assert moved == [[ON_C]]
+                assert not ka.is_local(ON_C)
+                assert kc.is_local(ON_C)
+                await c.names_published()
+                assert (await _name_entry(c, ON_C))[1] == json.dumps(
+                    {"node": "c", "id": str(kc.lookup(ON_C).id)}
+                ).encode()
+                assert await _placed_record(c, ON_C) is not None
