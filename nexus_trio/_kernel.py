@@ -24,7 +24,7 @@ import math
 import random
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from heapq import heappush, heapreplace
 from typing import Any, Final, final
@@ -749,10 +749,22 @@ class Kernel:
         if self._router.transport is not None:
             raise RuntimeError("a transport is already attached to this kernel")
         self._router.transport = transport
+        self._router.left = None
         return TransportHandle(self._router, transport)
 
-    def detach_transport(self) -> None:
+    def detach_transport(self, left: Callable[[Message], str | None] | None = None) -> None:
+        """Route nothing through the transport any more: a message to an address not
+        local raises ``AgentNotFound`` (a handler's is dead-lettered ``no_such_agent``).
+
+        ``left`` (for a transport that leaves a cluster while the kernel runs on): asked
+        about each tell to an address not local, a text if the address was on another
+        node of that cluster, None if not. Such a tell is not raised to its sender, as an
+        Erlang send to a node no longer connected is not: it is accepted and
+        dead-lettered ``transport_unavailable`` with that text as its detail (a tell to
+        another node is at most once; ``left`` counts it). Kept until the next
+        :meth:`attach_transport`."""
         self._router.transport = None
+        self._router.left = left
 
     def is_local(self, address: AgentRef | Address) -> bool:
         """True if ``address`` names an agent of this kernel."""

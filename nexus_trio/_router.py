@@ -289,9 +289,11 @@ class TransportHandle:
         """
         return self._router.expire_query(query_id, to)
 
-    def detach(self) -> None:
+    def detach(self, left: Callable[[Message], str | None] | None = None) -> None:
+        """Let go (see :meth:`Kernel.detach_transport` for ``left``)."""
         if self._router.transport is self.transport:
             self._router.transport = None
+            self._router.left = left
 
 
 @final
@@ -394,6 +396,10 @@ class Router:
         #: the walks that may not be done (weak: a walk left half-way costs nothing)
         self._walks: list[weakref.ref[AgentWalk]] = []
         self.transport: Transport | None = None
+        #: what a transport left behind when it was detached (see
+        #: :meth:`Kernel.detach_transport`): asked about a tell to an address not local,
+        #: a text if the address was on the cluster the node left, None if not
+        self.left: Callable[[Message], str | None] | None = None
         #: pending requests by their query id's 128-bit value (an int hashes in C, a
         #: UUID through a Python __hash__)
         self._pending: dict[int, _Pending] = {}
@@ -998,6 +1004,14 @@ class Router:
         if cell is None:
             self.check_address(msg.to)
             if self.transport is None:
+                left = self.left
+                if left is not None and msg.kind is not _QUERY and msg.reply_to is None:
+                    # a tell to the cluster this node left: at most once, as any tell to
+                    # another node; dead-lettered, not raised (see detach_transport)
+                    detail = left(msg)
+                    if detail is not None:
+                        self._accept_dead(msg, DeadLetterReason.TRANSPORT_UNAVAILABLE, detail)
+                        return None
                 # the table, for a hint looked for only if the error is shown
                 raise AgentNotFound(msg.to, self.routes, detail=self.why_no_agent(msg.to))
             self.transport.deliver_nowait(msg)

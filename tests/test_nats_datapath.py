@@ -764,6 +764,66 @@ async def test_a_query_parked_when_its_node_leaves_gets_the_refusal_at_once(
     assert cb.stats().errors_replied == {"shutting_down": 1}
 
 
+async def test_tells_a_kernel_sends_to_other_nodes_after_its_leave_are_counted_not_raised(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """a's kernel runs on after a left the cluster, with tells from b still queued in an
+    agent that acknowledges each one to b (a tell to ``sink`` there). Each ack raised
+    AgentNotFound in the handler: a handler error logged with its traceback per message
+    (a node that left with thousands queued was silent seconds in its leave, and judged
+    lost). A tell to an agent on another node after the leave goes the way of a tell lost
+    on the way (at most once): dead-lettered ``transport_unavailable``, counted in
+    ``tells_after_leave``, one warning line; a tell to a name no node had still raises."""
+    count = 40
+    gate = trio.Event()
+    handled: list[Any] = []
+    raised: list[str] = []
+
+    @agent(name="acker", mailbox_capacity=count + 1)
+    async def acker(ctx: Context, msg: Message) -> None:
+        await gate.wait()
+        if msg.payload == count - 1:
+            try:
+                await ctx.send("nowhere", "x")
+            except AgentNotFound as exc:
+                raised.append(str(exc))
+        try:
+            await ctx.send("sink", msg.payload)
+        finally:
+            handled.append(msg.payload)
+
+    sunk: list[Any] = []
+    async with _node(nats.url, "b") as (kb, cb), open_kernel(_config()) as ka:
+        kb.spawn(agent(_collector(sunk), name="sink"))
+        ka.spawn(acker)
+        async with join_cluster(ka, nats.url, "a", options=PATIENT) as ca:
+            with trio.fail_after(30):
+                await ca.names_published()
+                await cb.names_published()
+                await ca.wait_for_name("sink")
+                await cb.wait_for_name("acker")
+                for i in range(count):
+                    await kb.send("acker", i)
+                while ka.stats().accepted < count:  # noqa: ASYNC110 (b's tells arriving)
+                    await trio.sleep(0.01)
+        caplog.clear()
+        gate.set()
+        with trio.fail_after(30):
+            while len(handled) < count:  # noqa: ASYNC110 (a's agent at work)
+                await trio.sleep(0.01)
+        stats = ka.stats()
+    said = [r for r in caplog.records if r.name.startswith("nexus_trio")]
+    assert [r.getMessage() for r in said if r.exc_info] == []
+    assert sunk == []
+    assert handled == list(range(count))
+    assert raised and "'nowhere'" in raised[0]
+    assert ca.stats().tells_after_leave == count
+    assert stats.failed == 0
+    assert stats.dead_letters_by_reason.get("transport_unavailable") == count
+    lines = [r.getMessage() for r in said if "tells_after_leave" in r.getMessage()]
+    assert len(lines) == 1 and "node a left the cluster" in lines[0], lines
+
+
 async def test_a_tell_for_a_full_mailbox_between_the_leave_and_the_disconnect_is_refused(
     nats: NatsServer,
 ) -> None:

@@ -345,6 +345,10 @@ class ClusterStats:
     #: (or made after it, an answer that came late), and what a pull that did not end in
     #: the leave's share for it had fetched and not handed over
     durable_unsettled_at_leave: int = 0
+    #: tells this node's kernel sent after the node left the cluster (it runs on) to an
+    #: agent the node knew on another node: not sent (dead-lettered there
+    #: ``transport_unavailable``), not raised to their senders (see ``_tell_after_leave``)
+    tells_after_leave: int = 0
 
 
 _decode: Final = wire.decode_message
@@ -572,6 +576,9 @@ class Cluster:
         #: records under this node's name from another process (see _apply_member_entry)
         self._own_name_log = Throttle()
         self._drop_log = Throttle()
+        #: see _tell_after_leave
+        self._tells_after_leave = 0
+        self._after_leave_log = Throttle()
         self._data_up = trio.Event()  # set while the data connection is up
         self._data_up.set()
         self.durable = DurableChannel(self, options.durable)
@@ -4116,6 +4123,41 @@ class Cluster:
             )
         return revision
 
+    def _tell_after_leave(self, msg: Message) -> str | None:
+        """What the kernel, running on after this node left (or while it leaves, its
+        transport detached), asks of a tell to an address not local (see
+        ``Kernel.detach_transport``): the dead letter's detail if the address was on
+        another node as this node last knew the cluster, None if not (``AgentNotFound``).
+
+        As in OTP, where a send to a node no longer connected is dropped: the tell is not
+        raised to its sender. A handler that acknowledges each message to its sender's
+        node (a tell) failed on every message still queued here when the node left, each
+        a handler error logged with its traceback; a node that left with a few thousand
+        queued was silent seconds in its leave, and judged lost. The tell goes the way of
+        any tell lost on the way to another node (at most once): counted here, in
+        ``tells_after_leave``, and logged at once, then at most once a second with the
+        count so far."""
+        try:
+            node, _ = self.resolve(msg.to)
+        except AgentNotFound:
+            return None
+        except TransportUnavailable:
+            node = "an unreachable node"
+        else:
+            node = f"node {node!r}"
+        self._tells_after_leave += 1
+        if self._after_leave_log.due():
+            log_guarded(
+                log,
+                logging.WARNING,
+                "node %s left the cluster: tells its kernel sends to agents on other nodes"
+                " are not sent (%d so far, counted in tells_after_leave and dead-lettered"
+                " transport_unavailable; logged at most once a second)",
+                self.node,
+                self._tells_after_leave,
+            )
+        return f"node {self.node!r} left the cluster: not sent to {msg.to!r} on {node}"
+
     async def _leave(self) -> None:
         """Clean leave, while the connection is still up: flush acks and queued messages,
         drop this node's names and membership record. Never raises."""
@@ -4339,6 +4381,7 @@ class Cluster:
             records_written_late=self.placement.records_written_late,
             errors_unsent=dict(self._errors_unsent),
             lost_at_leave=self._lost_at_leave,
+            tells_after_leave=self._tells_after_leave,
         )
 
 
@@ -4448,7 +4491,7 @@ async def join_cluster(
                         yield cluster
                     finally:
                         _joined.pop(kernel, None)
-                        kernel.detach_transport()
+                        kernel.detach_transport(cluster._tell_after_leave)
                         await cluster._leave()
                         nursery.cancel_scope.cancel()
             finally:
