@@ -2865,6 +2865,29 @@ async def test_a_node_that_leaves_cleanly_in_the_middle_of_its_rebalance_leaves_
             ), final
 
 
+@asynccontextmanager
+async def _a_holds_it_b_knows(
+    url: str, name: str
+) -> AsyncIterator[tuple[Kernel, Cluster, Kernel, Cluster, PlacedAgent, int]]:
+    """Nodes a and b hearing each other, ``name`` placed on a (its record at the revision
+    yielded last), its name entry and record known to b."""
+    async with (
+        _node(url, "a", **QUIET) as (ka, ca),
+        _node(url, "b", **QUIET) as (kb, cb),
+    ):
+        _meet(ca, cb)
+        placed = await ca.spawn("counter", name=name, node="a")
+        revision = await _placed_record(ca, name)
+        assert revision is not None
+        await _learn(cb, name)
+        yield ka, ca, kb, cb, placed, revision
+
+
+async def _timing_out(*args: Any) -> Any:
+    """A names bucket operation that times out."""
+    raise _NatsTimeout
+
+
 async def test_a_copy_whose_name_claim_failed_writes_no_record_over_the_holder_s(
     nats: NatsServer,
 ) -> None:
@@ -2876,34 +2899,20 @@ async def test_a_copy_whose_name_claim_failed_writes_no_record_over_the_holder_s
     good, no agent behind it. A record is written only while its agent holds the name
     now: b writes none, and a's stop drops a's."""
     name = "svc-y"
-    async with (
-        _node(nats.url, "a", **QUIET) as (ka, ca),
-        _node(nats.url, "b", **QUIET) as (kb, cb),
-    ):
-        _meet(ca, cb)
-        placed = await ca.spawn("counter", name=name, node="a")
-        revision = await _placed_record(ca, name)
-        assert revision is not None
-        await _learn(cb, name)
+    async with _a_holds_it_b_knows(nats.url, name) as (ka, ca, kb, cb, placed, revision):
         claim = cb._claim
-
-        async def timing_out(*args: Any) -> int:
-            raise _NatsTimeout
-
-        cb._claim = timing_out  # type: ignore[method-assign]
+        cb._claim = _timing_out  # type: ignore[method-assign]
         with trio.fail_after(30):  # a hang guard
             await cb.placement._spawn_here("counter", name, "a", replaced_from="a")
             cb._claim = claim  # type: ignore[method-assign]
-            assert kb.is_local(name)
-            assert await cb._retry_names()  # finds a's entry: b's copy is a duplicate
+            assert await cb._retry_names()  # (b's copy, a duplicate, stopped or stopping)
             while kb.is_local(name):  # noqa: ASYNC110 (its stop: no event to wait on)
                 await trio.sleep(0.01)
             assert cb.stats().duplicates_stopped == 1
             assert await _placed_record(ca, name) == revision  # a's, untouched
             await ka.stop(placed.id)
-            # (a's held count drops before its delete of the record is answered: the
-            # record is gone once the bucket says so)
-            while await _placed_record(ca, name) is not None:  # noqa: ASYNC110 (polls the bucket)
+            # (a's STOPPED event drops its record: held no more, then the delete lands)
+            while await _placed_record(ca, name) is not None:  # noqa: ASYNC110 (no event)
                 await trio.sleep(0.01)
             assert not ca.placement.records_held
 
@@ -3031,3 +3040,32 @@ async def test_a_move_under_way_when_the_kernel_starts_its_shutdown_ends_cleanly
                     {"node": "c", "id": str(kc.lookup(ON_C).id)}
                 ).encode()
                 assert await _placed_record(c, ON_C) is not None
+
+
+async def test_a_copy_whose_name_claim_failed_is_stopped_at_once_by_the_holder_it_knows(
+    nats: NatsServer,
+) -> None:
+    """b knows a's entry of svc-y (the names watch brought it) and hears a; b re-places
+    svc-y all the same, and its claim fails (the names bucket timing out, as do b's
+    retries). The claim noted the name as b's own all the same: b's name map lost a's
+    entry, so the check of the copy found no other holder, and the copy ran on (local
+    senders on b routed to it) until a names retry read a's entry from the bucket, one
+    heartbeat later at best, never while the bucket did not answer. The name stays a's
+    until the bucket takes b's: b's copy is stopped as a duplicate at once, and b routes
+    the name to a's agent."""
+    name = "svc-y"
+    async with _a_holds_it_b_knows(nats.url, name) as (_ka, ca, kb, cb, placed, revision):
+        assert cb.name_holder(name) == ("a", placed.id)
+        cb._claim = _timing_out  # type: ignore[method-assign]
+        cb._write_name_again = _timing_out  # type: ignore[method-assign]
+        with trio.fail_after(30):  # a hang guard
+            copy = await cb.placement._spawn_here("counter", name, "a", replaced_from="a")
+            assert copy.node == "b"
+            with trio.move_on_after(5):
+                while kb.is_local(name):  # noqa: ASYNC110 (its stop: no event to wait on)
+                    await trio.sleep(0.01)
+            assert not kb.is_local(name)
+            assert cb.stats().duplicates_stopped == 1
+            assert cb.name_holder(name) == ("a", placed.id)
+            assert cb.stats().names_unwritten == 0  # (nothing left to retry)
+            assert await _placed_record(ca, name) == revision  # a's, untouched

@@ -470,6 +470,9 @@ class Placement:
             agent_id,
             exc,
         )
+        # placed now: a holder of its name heard already wins (its name unwritten, the
+        # check at its claim found nothing held to stop)
+        cluster.check_duplicate(name)
 
     async def retry_records(self) -> bool:
         """Write the records whose write failed (see :meth:`_record_unwritten`), of the
@@ -559,11 +562,15 @@ class Placement:
         the holder's node if another node this one hears holds it: the caller stops the
         copy (:meth:`_stop_refused`) and writes no record (the holder's stays). False if
         the bucket did not take the claim: the caller writes no record yet either (see
-        :data:`_NAME_UNWRITTEN`)."""
+        :data:`_NAME_UNWRITTEN`), and the name is not noted as this node's: a holder this
+        node knows stays where the name routes, and the copy is checked against it once
+        held (see :meth:`_record_unwritten`). Noted so, it hid that holder: the copy ran
+        on, a duplicate, until a names retry read the holder's entry from the bucket."""
         cluster = self._cluster
         named = await cluster.claim_name(name, agent_id, replaces=replaces)
         self.records[name] = record
-        if self._running(name, agent_id):  # (stopped meanwhile: its entry was dropped)
+        # (not while stopped meanwhile: its entry was dropped)
+        if named and self._running(name, agent_id):
             cluster.learn_name(name, cluster.node, agent_id)
         return named
 
