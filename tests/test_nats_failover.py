@@ -221,3 +221,106 @@ async def test_outbox_closed_while_paused_leaves_its_items_to_discard() -> None:
         await outbox.close()
         assert outbox.discard() == [1, 2]
         assert not outbox.put(3) and outbox.dropped == 1
+
+
+def _gated_send_one(sent: list[int], gate: dict[str, Any]) -> Any:
+    """A ``send_one`` that buffers its item, then (item 2) suspends until ``gate`` is
+    released: the client's buffer was full."""
+
+    async def send_one(item: int) -> None:
+        sent.append(item)  # buffered: a suspension comes after the bytes
+        if item == 2:
+            import asyncio
+
+            gate["future"] = asyncio.get_running_loop().create_future()
+            await gate["future"]
+
+    return send_one
+
+
+async def _batch_under_way(outbox: Outbox[int], items: list[int]) -> None:
+    """Hand ``items`` to ``outbox``'s asyncio task as one batch (held while paused)."""
+    await outbox.start()
+    outbox.pause()
+    for item in items:
+        outbox.put(item)
+    outbox.resume()
+    await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_outbox_close_lets_the_batch_under_way_finish() -> None:
+    """close() while the asyncio task drives a batch it took off the queue (an item's
+    publish suspended): the rest of that batch is sent, in order, before what was queued
+    behind it; nothing is left unsent."""
+    sent: list[int] = []
+    gate: dict[str, Any] = {}
+    async with asyncio_loop():
+        outbox: Outbox[int] = Outbox(send_one=_gated_send_one(sent, gate))
+        await _batch_under_way(outbox, [1, 2, 3, 4])
+        assert sent == [1, 2]  # item 2 waits for room in the client's buffer
+        outbox.pause()
+        outbox.put(5)  # queued behind the batch under way
+        outbox.resume()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(outbox.close)
+            await trio.testing.wait_all_tasks_blocked()
+            gate["future"].set_result(None)
+        assert outbox.discard() == []
+    assert sent == [1, 2, 3, 4, 5]
+    assert (outbox.refused, outbox.failed_batches) == (0, 0)
+
+
+async def test_outbox_close_cut_by_its_bound_leaves_the_rest_to_discard(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The caller's cancel scope bounds close(): the item whose publish suspended was
+    buffered already, the rest of its batch and what was queued behind it are not sent
+    and come out of discard() in order (the caller counts them), none dropped unseen."""
+    sent: list[int] = []
+    gate: dict[str, Any] = {}
+    async with asyncio_loop():
+        outbox: Outbox[int] = Outbox(send_one=_gated_send_one(sent, gate))
+        await _batch_under_way(outbox, [1, 2, 3, 4])
+        outbox.pause()
+        outbox.put(5)
+        outbox.resume()
+        with trio.move_on_after(1) as bound:
+            await outbox.close()
+        assert bound.cancelled_caught
+        assert outbox.discard() == [3, 4, 5]
+        assert not outbox.put(6) and outbox.dropped == 1
+    assert sent == [1, 2]
+
+
+async def test_outbox_close_cut_in_a_send_batch_counts_it_failed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """With ``send_batch`` (the durable acks): close() lets the batch under way finish;
+    one its bound cuts is counted in ``failed_batches`` (its sender knows which of its
+    items went: the durable channel counts the rest in ``unsettled_at_leave``)."""
+    import asyncio
+
+    sent: list[int] = []
+    gates: list[asyncio.Event] = []
+
+    async def send_batch(batch: list[int]) -> None:
+        for item in batch:
+            if item == 2:
+                gates.append(asyncio.Event())
+                await gates[-1].wait()
+            sent.append(item)
+
+    for cut in (False, True):
+        sent.clear()
+        async with asyncio_loop():
+            outbox: Outbox[int] = Outbox(send_batch)
+            await _batch_under_way(outbox, [1, 2, 3])
+            assert sent == [1]
+            with trio.move_on_after(1) as bound:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(outbox.close)
+                    await trio.testing.wait_all_tasks_blocked()
+                    if not cut:
+                        gates[-1].set()
+            assert bound.cancelled_caught == cut
+            assert (sent, outbox.failed_batches) == (([1], 1) if cut else ([1, 2, 3], 0))

@@ -320,50 +320,75 @@ class Outbox(Generic[T]):
         while True:
             await self._ready.wait()
             self._ready.clear()
-            if self._unfinished is not None:
-                await asyncio.wait([self._unfinished])  # keep the order
-            while self._items and not self._paused:
-                batch, self._items = self._items, []
-                self.batches += 1
-                if self._send_batch is None:
-                    await self._send_items(batch)
-                    continue
-                try:
-                    await self._send_batch(batch)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    self._failed(exc)
+            await self._flush()
             self._drained.set()
+            if self._closed:
+                return  # (close() woke it: everything it could send is sent)
+
+    async def _flush(self) -> None:
+        """Send every item queued (unless paused), in order, batch by batch."""
+        if self._unfinished is not None:
+            await asyncio.wait([self._unfinished])  # keep the order
+        while self._items and not self._paused:
+            batch, self._items = self._items, []
+            self.batches += 1
+            if self._send_batch is None:
+                await self._send_items(batch)
+                continue
+            try:
+                await self._send_batch(batch)
+            except asyncio.CancelledError:
+                # close() cut by its caller's bound: which of the batch went, only the
+                # sender knows (the durable channel counts the rest unsettled)
+                self._failed(ConnectionAbortedError(f"close() cut a batch of {len(batch)}"))
+                raise
+            except Exception as exc:
+                self._failed(exc)
 
     async def _send_items(self, batch: list[T]) -> None:
-        """Send ``batch`` item by item; if paused midway, put the rest back in front."""
+        """Send ``batch`` item by item; if paused midway, or cancelled (close() cut by its
+        bound) while an item's publish is suspended, put the rest back in front: the
+        suspended item was buffered already, the rest stays for :meth:`discard`."""
         for index, item in enumerate(batch):
             if self._paused:
                 self._items[:0] = batch[index:]
                 return
             started = self._start_one(item)
             if started is not None:
-                await self._drive(*started)
+                try:
+                    await self._drive(*started)
+                except asyncio.CancelledError:
+                    self._items[:0] = batch[index + 1 :]
+                    raise
 
     async def close(self) -> None:
-        """Send what is queued (unless paused: then it stays for :meth:`discard`), then
-        stop the asyncio task."""
+        """Refuse items from now on, let the asyncio task send what it took and what is
+        queued (unless paused), in order, then stop it.
+
+        The caller's cancel scope bounds this: what it cuts is not sent and not lost
+        either. Items not handed to the client stay queued, in order, for
+        :meth:`discard` (the caller accounts for them, as for those held while paused);
+        a ``send_batch`` batch cut midway is counted in ``failed_batches`` (its sender
+        knows which of its items went)."""
         self._closed = True
 
         async def finish() -> None:
-            if self._unfinished is not None:
-                await asyncio.wait([self._unfinished])
-            if self._items and not self._paused:
-                batch, self._items = self._items, []
-                if self._send_batch is None:
-                    await self._send_items(batch)
-                else:
-                    await self._send_batch(batch)
-            if self._task is not None:
-                self._task.cancel()
+            task = self._task
+            if task is None or task.done():
+                await self._flush()  # (never started: sent from here)
+                return
+            assert self._ready is not None
+            self._ready.set()
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                # cut: stop the task where it is (it puts back what it did not send)
+                task.cancel()
                 with suppress(asyncio.CancelledError):
-                    await self._task
+                    await task
+                raise
 
-        await call_aio(finish)
-        self._drained.set()
+        try:
+            await call_aio(finish)
+        finally:
+            self._drained.set()

@@ -4249,31 +4249,12 @@ class Cluster:
                 # (also once the connection is back: tells NATS lost in the outage
                 # with no later number behind them show only in a mark)
                 self._send_sequence_marks()  # the receivers count a lost tail
-            await self._outbox.close()
-            unsent = self._outbox.discard()
-            if self._outbox.paused:
-                # handed to the client just before the disconnect was noticed: never
-                # written, and no later mark will tell the receivers of them
-                unsent[:0] = self._take_client_buffer()
-            if unsent:
-                log_guarded(
-                    log,
-                    logging.ERROR,
-                    "node %s: leaving with the NATS connection down: %d queued"
-                    " messages not sent, counted in publish_failures (error frames"
-                    " for remote requesters in errors_unsent)",
-                    self.node,
-                    len(unsent),
-                )
-                for out in unsent:
-                    self._publish_refused(
-                        out, ConnectionError("NATS connection down"), leaving=True
-                    )
-            if self._outbox.paused:
-                # refused by the client while it reconnected: nothing came after them
-                refused, self._refused_batches = self._refused_batches, []
-                for subject, head in refused:
-                    self._unsent_at_leave(subject, head)
+            try:
+                await self._outbox.close()
+            finally:
+                # (also when the leave's bound cut the close: what it did not send is
+                # still queued, and counted here, not dropped)
+                self._count_unsent_at_leave()
             await call_aio(self.nc.flush, 2)
         except Exception as exc:
             log_guarded(
@@ -4283,6 +4264,37 @@ class Cluster:
                 self.node,
                 exc,
             )
+
+    def _count_unsent_at_leave(self) -> None:
+        """Leaving: count what the outbox did not send (the connection down, or the
+        leave's bound cut its close), each item as the NATS client's refusal."""
+        unsent = self._outbox.discard()
+        if self._outbox.paused:
+            # handed to the client just before the disconnect was noticed: never
+            # written, and no later mark will tell the receivers of them
+            unsent[:0] = self._take_client_buffer()
+        if unsent:
+            why = (
+                "the NATS connection down"
+                if self._outbox.paused
+                else "the leave's bound cut their flush"
+            )
+            log_guarded(
+                log,
+                logging.ERROR,
+                "node %s: leaving, %d queued messages not sent (%s), counted in"
+                " publish_failures (error frames for remote requesters in errors_unsent)",
+                self.node,
+                len(unsent),
+                why,
+            )
+            for out in unsent:
+                self._publish_refused(out, ConnectionError(why), leaving=True)
+        if self._outbox.paused:
+            # refused by the client while it reconnected: nothing came after them
+            refused, self._refused_batches = self._refused_batches, []
+            for subject, head in refused:
+                self._unsent_at_leave(subject, head)
 
     async def _disconnect(self) -> None:
         """Close the NATS connections (after the background tasks stopped)."""
