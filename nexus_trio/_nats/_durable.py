@@ -245,7 +245,7 @@ class DurableChannel:
         A pull not ended by then (a fetch that outlived its cancel) is abandoned: what it
         fetched and did not hand over is left to JetStream, which delivers it again
         after ``ack_wait``. Acks, naks and terms not sent when the queue closes (its
-        flush cut at the end of ``timeout``, or stopped in the middle of a batch), or
+        flush, the batch under way included, cut at the end of ``timeout``), or
         made after it (an answer that came later), are not sent: JetStream delivers
         those messages again too. Both are counted in ``unsettled_at_leave`` and
         logged once."""
