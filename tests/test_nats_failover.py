@@ -324,3 +324,18 @@ async def test_outbox_close_cut_in_a_send_batch_counts_it_failed(
                         gates[-1].set()
             assert bound.cancelled_caught == cut
             assert (sent, outbox.failed_batches) == (([1], 1) if cut else ([1, 2, 3], 0))
+
+
+async def test_outbox_put_waits_behind_the_batch_under_way() -> None:
+    """An item put while the asyncio task's batch waits on a suspended publish is not
+    sent at once ahead of the rest of that batch: the order per sender is kept."""
+    sent: list[int] = []
+    gate: dict[str, Any] = {}
+    async with asyncio_loop():
+        outbox: Outbox[int] = Outbox(send_one=_gated_send_one(sent, gate))
+        await _batch_under_way(outbox, [1, 2, 3, 4])
+        outbox.put(5)  # the queue is empty, but the batch is not done
+        gate["future"].set_result(None)
+        await outbox.close()
+    assert sent == [1, 2, 3, 4, 5]
+    assert outbox.direct == 0

@@ -181,6 +181,8 @@ class Outbox(Generic[T]):
         self._ready: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # the task driving an item whose publish suspended (put()'s, or the asyncio
+        # task's own, in a batch): items put meanwhile queue behind it
         self._unfinished: asyncio.Task[None] | None = None
         self._drained = trio.Event()
         self._closed = False
@@ -355,11 +357,16 @@ class Outbox(Generic[T]):
                 return
             started = self._start_one(item)
             if started is not None:
+                # while it waits, put() queues behind the rest of the batch (it sent
+                # at once, ahead of it, with the queue empty)
+                self._unfinished = self._task
                 try:
                     await self._drive(*started)
                 except asyncio.CancelledError:
                     self._items[:0] = batch[index + 1 :]
                     raise
+                finally:
+                    self._unfinished = None
 
     async def close(self) -> None:
         """Refuse items from now on, let the asyncio task send what it took and what is
