@@ -236,6 +236,12 @@ def test_bad_app_messages_say_what_is_wrong(isolated):
     assert "no module named 'no_such_module_xyz'" in out
     out = flat(invoke(["run", "--app", "json:no_such_attribute"]).output)
     assert "module 'json' has no attribute 'no_such_attribute'" in out
+    assert "did you mean" not in out  # (nothing close)
+    # a typo gets the closest attribute, written as --app takes it
+    out = flat(invoke(["run", "--app", "json:JSONEncodr"]).output)
+    assert "module 'json' has no attribute 'JSONEncodr'; did you mean 'json:JSONEncoder'?" in out
+    out = flat(invoke(["run", "--app", "json:decoder.JSONDecodr"]).output)
+    assert "did you mean 'json:decoder.JSONDecoder'?" in out
     out = flat(invoke(["run", "--app", "json:dumps"]).output)
     assert "dumps is a plain function ('def')" in out
     out = flat(invoke(["run", "--app", "json:decoder"]).output)

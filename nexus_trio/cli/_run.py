@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import difflib
 import gc
 import importlib
 import inspect
@@ -257,11 +258,21 @@ def _import_reference(reference: str) -> Any:
             f"importing {module_name!r} failed at {_where(exc)}: {type(exc).__name__}: {exc}"
         ) from exc
     obj: Any = module
-    for part in attr.split("."):
+    parts = attr.split(".")
+    for index, part in enumerate(parts):
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise AppError(f"module {module_name!r} has no attribute {attr!r}") from None
+            near = difflib.get_close_matches(
+                part, [name for name in dir(obj) if not name.startswith("_")], n=1
+            )
+            # (the closest, written as --app takes it)
+            hint = ""
+            if near:
+                hint = (
+                    f"; did you mean {module_name + ':' + '.'.join([*parts[:index], near[0]])!r}?"
+                )
+            raise AppError(f"module {module_name!r} has no attribute {attr!r}{hint}") from None
     return obj
 
 
