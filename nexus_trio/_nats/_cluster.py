@@ -2682,11 +2682,12 @@ class Cluster:
             self._name_revisions[name] = revision
             self._name_deletes.pop(name, None)
             if entry[0] != self.node:
-                self._check_duplicate(name)
+                self.check_duplicate(name)
 
-    def _check_duplicate(self, name: str) -> None:
+    def check_duplicate(self, name: str) -> None:
         """Stop this node's placed agent ``name`` if the names bucket holds another
-        incarnation of it registered later, on a node this one hears.
+        incarnation of it registered later, on a node this one hears (also asked by
+        placement once it takes a local copy as placed).
 
         Two incarnations of one placed name come from a partition: the survivors counted
         this node lost and re-placed its agents while they ran on here (or this node
@@ -2724,7 +2725,7 @@ class Cluster:
         """Whether the names bucket entry ``holder`` of a name (None: malformed) stands
         against a local copy of it: the copy's claim (:meth:`_claim`) and its retry
         (:meth:`_write_name_again`) do not overwrite it, and a copy whose entry is older
-        or unwritten is a duplicate (:meth:`_check_duplicate`). It stands if it is another
+        or unwritten is a duplicate (:meth:`check_duplicate`). It stands if it is another
         node's, that node heard here in its current process (the entry of a restarted
         node's old process, or of a node counted lost, is overwritten: re-placing that
         agent), and not ``replaces``, the copy a rebalance moved here (stopped on its
@@ -2740,17 +2741,12 @@ class Cluster:
         replacing = self._replacing.get(name)
         return replacing[1] if replacing is not None and replacing[0] == agent_id else None
 
-    def check_duplicate(self, name: str) -> None:
-        """Placement took local ``name`` as placed: stop it if a later incarnation of it
-        was heard already (see :meth:`_check_duplicate`)."""
-        self._check_duplicate(name)
-
     def _check_duplicates_on(self, node: str) -> None:
         """``node`` is heard again: the local names whose later incarnation runs there."""
         for name in list(self._local_names):
             entry = self._names.get(name)
             if entry is not None and entry[0] == node:
-                self._check_duplicate(name)
+                self.check_duplicate(name)
 
     async def _refresh_name(self, name: str) -> None:
         kv = self._names_kv
@@ -2959,7 +2955,7 @@ class Cluster:
             del self._replacing[name]
         if revision < self._name_revisions.get(name, 0):
             # another incarnation was registered after this one (heard already)
-            self._check_duplicate(name)
+            self.check_duplicate(name)
         else:
             self._name_revisions[name] = revision
             self._set_name(name, (self.node, agent_id))
@@ -2986,7 +2982,7 @@ class Cluster:
             agent_id,
             exc,
         )
-        self._check_duplicate(name)  # a holder heard already wins
+        self.check_duplicate(name)  # a holder heard already wins
 
     async def _retry_names(self) -> bool:
         """Write the local names whose put failed, once the bucket takes writes again.
@@ -2995,7 +2991,7 @@ class Cluster:
         free (none, or deleted), this node's entry is created; this node's own (its
         put landed, the answer was lost) is kept; the entry of a node this one *hears*
         wins (that incarnation was registered first, and serves the others: a placed
-        copy here is stopped as a duplicate, see ``_check_duplicate``; a plain named
+        copy here is stopped as a duplicate, see ``check_duplicate``; a plain named
         agent runs on unregistered, retried); the entry of a node this one does not
         hear (counted lost), or an older one of this node, is overwritten (only that
         revision: a later write wins), as re-placing that node's agent does. False if
@@ -3047,7 +3043,7 @@ class Cluster:
             elif self._entry_stands(holder, self._replaced_by(name, agent_id)):
                 assert holder is not None
                 self._apply_name_entry(key, entry.value, entry.operation, entry.revision)
-                self._check_duplicate(name)
+                self.check_duplicate(name)
                 log_guarded(
                     log,
                     logging.DEBUG,

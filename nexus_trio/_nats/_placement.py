@@ -1156,7 +1156,7 @@ class Placement:
     def superseded(self, name: str, agent_id: uuid.UUID, winner: str) -> None:
         """The names bucket holds a later incarnation of ``name``, on node ``winner``,
         than ``agent_id``, this node's copy (two copies after a partition healed: see
-        ``Cluster._check_duplicate``): stop this one, with the reason
+        ``Cluster.check_duplicate``): stop this one, with the reason
         :data:`DUPLICATE_REASON` (its ``stopped`` event; what was queued for it is
         dead-lettered ``agent_stopped`` with that reason in the detail). Only a placed
         agent of this node (one with its record held here); its record is not dropped:
