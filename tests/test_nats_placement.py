@@ -3069,3 +3069,32 @@ async def test_a_copy_whose_name_claim_failed_is_stopped_at_once_by_the_holder_i
             assert cb.name_holder(name) == ("a", placed.id)
             assert cb.stats().names_unwritten == 0  # (nothing left to retry)
             assert await _placed_record(ca, name) == revision  # a's, untouched
+
+
+async def test_a_copy_whose_name_claim_s_caller_was_cancelled_is_stopped_by_the_holder_it_knows(
+    nats: NatsServer,
+) -> None:
+    """As a claim the bucket did not take (above), one whose caller was cancelled before
+    its answer is taken as unwritten; it still noted the name as b's own: b's name map
+    lost a's entry, and the copy ran on, a duplicate, until a names retry read a's entry.
+    The name stays a's: b's copy is stopped as a duplicate at once."""
+    name = "svc-y"
+    async with _a_holds_it_b_knows(nats.url, name) as (_ka, ca, kb, cb, placed, revision):
+        assert cb.name_holder(name) == ("a", placed.id)
+
+        async def unanswered(*args: Any) -> Any:
+            await asyncio.Event().wait()  # (the bucket never answers)
+
+        cb._claim = unanswered  # type: ignore[method-assign]
+        cb._write_name_again = _timing_out  # type: ignore[method-assign]
+        with trio.fail_after(30):  # a hang guard
+            with trio.move_on_after(0.5) as scope:
+                await cb.placement._spawn_here("counter", name, "a", replaced_from="a")
+            assert scope.cancelled_caught
+            with trio.move_on_after(5):
+                while kb.is_local(name):  # noqa: ASYNC110 (its stop: no event to wait on)
+                    await trio.sleep(0.01)
+            assert not kb.is_local(name)
+            assert cb.stats().duplicates_stopped == 1
+            assert cb.name_holder(name) == ("a", placed.id)
+            assert await _placed_record(ca, name) == revision  # a's, untouched

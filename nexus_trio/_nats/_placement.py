@@ -419,12 +419,11 @@ class Placement:
         """The caller of the placement of ``agent_id``, spawned here as ``name``, was
         cancelled while its name was claimed: the agent runs, its claim taken as one the
         bucket did not take (name and record written on a retry, see ``_retry_names`` and
-        :meth:`retry_records`), not left in neither bucket for good."""
-        cluster = self._cluster
+        :meth:`retry_records`), not left in neither bucket for good. As for such a claim
+        (see :meth:`_claim`), the name is not noted as this node's: a holder this node
+        knows stays where the name routes, and the copy is checked against it once held."""
         self.records[name] = record
-        if self._running(name, agent_id):
-            cluster.learn_name(name, cluster.node, agent_id)
-        cluster.claim_unanswered(name, agent_id)
+        self._cluster.claim_unanswered(name, agent_id)
         if self._kv is not None:
             self._record_unwritten(name, agent_id, record, _NAME_UNWRITTEN)
 
