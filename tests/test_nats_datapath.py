@@ -147,6 +147,41 @@ async def test_many_senders_to_many_agents_keep_each_senders_order(nats: NatsSer
     assert a_side.in_flight == b_side.in_flight == 0
 
 
+async def test_a_burst_of_sends_to_another_node_does_not_yield_while_its_window_has_room(
+    nats: NatsServer,
+) -> None:
+    # A send with room is taken without yielding, remote as local: a burst fills node
+    # batches (here 5 full ones of 64) and yields when its sender does, not once per
+    # sealed batch (which woke the sender's local agents once per message or two).
+    count, frames = 320, 64
+    received: list[Any] = []
+    ran: list[int] = []
+    async with (
+        _node(nats.url, "b") as (kb, cb),
+        _node(nats.url, "a", batch_frames=frames) as (ka, ca),
+    ):
+        kb.spawn(agent(_collector(received), name="col"))
+        await cb.names_published()
+        with trio.fail_after(30):
+            await ca.wait_for_name("col")
+            await ka.send("col", -1)  # the route to "col" is known from here on
+
+            async def other_task() -> None:
+                ran.append(1)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(other_task)
+                before = ca.stats().batches_published
+                for i in range(count):
+                    await ka.send("col", i)
+                sealed = ca.stats().batches_published - before
+                assert ran == []  # the other task did not run during the burst
+            assert await ka.request("col", "dump") == count + 1
+    assert sealed == count // frames  # the full batches were sealed as they filled
+    assert received == [-1, *range(count)]
+    assert cb.stats().inbound_dropped == {}
+
+
 async def test_batches_are_split_at_the_servers_max_payload() -> None:
     payload = "x" * 2000
     records: list[Any] = []

@@ -870,11 +870,11 @@ class Cluster:
                     raise self._no_room(msg, link)
                 return
         self._published += 1
-        if self._add_tell(link, body):
-            # A full batch was sealed: let the asyncio side write it to the socket now
-            # (the destination starts on it while this sender goes on), without raising
-            # Cancelled: the message is taken.
-            await trio.lowlevel.cancel_shielded_checkpoint()
+        # Taken without yielding, as a local send with room is: a sealed batch is written
+        # when this sender yields (a burst's batches go together; yielding at each seal
+        # woke the sender's local agents for about one message each: CPU per message of
+        # the fan-out over --workers 2 -26%, see docs/distributed.md, thirtieth pass).
+        self._add_tell(link, body)
 
     async def _deliver_alone(self, msg: Message, routed: _Routed) -> None:
         """A message that goes alone (a query, a reply, a message to a type)."""
@@ -1206,24 +1206,20 @@ class Cluster:
     def _max_frame(self) -> int:
         return batch.batch_limit(self.max_payload(), self.node, self.max_payload())
 
-    def _add_tell(self, link: batch.NodeLink, body: bytes) -> bool:
+    def _add_tell(self, link: batch.NodeLink, body: bytes) -> None:
         """Put a tell in its link's batch; seal the batch when it is full (a frame that
-        does not fit in the open batch goes in the next one, alone if need be). True if
-        a batch was sealed."""
+        does not fit in the open batch goes in the next one, alone if need be)."""
         limit = self._batch_bytes
-        sealed = False
         if link.frames and link.size + len(body) + batch.FRAME_OVERHEAD > limit:
             self._seal_batch(link)
-            sealed = True
         if link.add_tell(body) >= limit or link.tells >= self.options.batch_frames:
             self._seal_batch(link)
-            return True
+            return
         # _want_flush, inline: every tell to another kernel comes here
         dirty = self._dirty
         if link not in dirty:
             dirty[link] = None
             self._flush_wanted.set()
-        return sealed
 
     def _want_flush(self, link: batch.NodeLink) -> None:
         # A link already dirty was flagged since the last flush (which empties _dirty
