@@ -1048,3 +1048,55 @@ async def test_a_place_answer_whose_fields_are_not_strings_fails_the_placement_n
             await cluster.placement._ask("evil", "counter", "svc-h", None, 5.0)
         assert caught.value.node == "evil"
         assert f"malformed answer{': ' + field if field != 'answer' else ''}" in str(caught.value)
+
+
+_NOT_UTF8 = ("utf-16", "utf-32-le", "utf-8-sig")
+
+
+async def test_control_plane_bodies_not_in_utf_8_are_malformed_as_data_path_bodies_are(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: the control plane read its bodies with ``json.loads(bytes)``, which
+    guesses UTF-16 and UTF-32 and skips a byte order mark: a membership record, a
+    names bucket entry, a place request, a place answer and an error frame's body in
+    UTF-16, UTF-32 or with a BOM were taken, where the data path says "not UTF-8". Each
+    is malformed now, counted where its kind is counted."""
+    caplog.set_level(logging.WARNING, logger="nexus_trio.nats")
+    kind, frame = wire.error_frame(MailboxFull(uuid.uuid4(), "x", 4, uuid.uuid4()))
+    request = json.dumps({"type": "counter", "name": "svc-u", "pinned": None})
+    answer = json.dumps({"node": "evil", "id": str(uuid.uuid4())})
+    answers = iter(_NOT_UTF8)
+
+    async def respond(m: Any) -> None:
+        await m.respond(answer.encode(next(answers)))
+
+    async with _node(nats.url, "a") as (_, cluster), _hostile(nats.url) as hostile:
+        await call_aio(hostile.nc.subscribe, "nexus.place.evil", cb=respond)
+        await hostile.flush()
+        with trio.fail_after(20):
+            for index, encoding in enumerate(_NOT_UTF8):
+                await hostile.put(
+                    "nodes", f"fake{index}", _record(f"fake{index}").decode().encode(encoding)
+                )
+                entry = json.dumps({"node": "a", "id": str(uuid.uuid4())})
+                await hostile.put("names", f"name{index}", entry.encode(encoding))
+                subject = f"nexus.node.a.reply.{uuid.uuid4()}"
+                await hostile.publish(
+                    subject, frame.decode().encode(encoding), {wire.ERROR_HEADER: kind}
+                )
+                raw = await call_aio(
+                    hostile.nc.request, "nexus.place.a", request.encode(encoding), timeout=10
+                )
+                assert json.loads(raw.data)["error"] == "malformed", raw.data
+                with pytest.raises(PlacementFailed, match="malformed answer"):
+                    await cluster.placement._ask("evil", "counter", "svc-h", None, 5.0)
+            await hostile.put("nodes", "marker", _record("marker"))
+            await _members_heard(cluster, "marker")
+        members = {info.node for info in cluster.member_list()}
+        assert not members & {"fake0", "fake1", "fake2"}, members
+        assert cluster._records_malformed == 3
+        assert cluster.stats().inbound_dropped == {"malformed": 3}
+    logged = [r.getMessage() for r in caplog.records]
+    assert sum("malformed name record" in line for line in logged) == 3, logged
+    assert sum("not UTF-8 (" in line for line in logged) >= 2, logged
+

@@ -357,9 +357,9 @@ _decode: Final = wire.decode_message
 def _decode_name_entry(value: bytes | None) -> tuple[str, uuid.UUID] | None:
     """``(node, agent id)`` of an entry of the names bucket, None if malformed."""
     try:
-        obj = json.loads(value or b"")
+        obj = wire.read_wire_json(value or b"", "names bucket entry")
         return str(obj["node"]), uuid.UUID(obj["id"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return None
 
 
@@ -3469,7 +3469,7 @@ class Cluster:
                 return
         elif value:
             try:
-                session = json.loads(value).get("session")
+                session = wire.read_wire_json(value, "membership record").get("session")
                 sessions[key] = int(session, 16) if isinstance(session, str) else None
             except (ValueError, AttributeError, RecursionError):
                 sessions.pop(key, None)  # (malformed: _apply_member_entry says so)

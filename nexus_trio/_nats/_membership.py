@@ -33,7 +33,9 @@ from typing import Any, Final, final
 import attrs
 
 from .._brief import brief
+from .._errors import MessageDecodeError
 from .._logcall import log_guarded
+from ._wire import read_wire_json
 
 log = logging.getLogger("nexus_trio.nats.membership")
 
@@ -119,9 +121,11 @@ def decode_record(data: bytes, seen_at: float, node: str | None = None) -> NodeI
     node its heartbeat subject or bucket key names, which the record must name too (NATS
     permissions can restrict a subject or a key to one node, not what a record says)."""
     try:
-        obj = json.loads(data)
+        obj = read_wire_json(data, "membership record")
     except RecursionError:
         raise ValueError("membership record: nested too deeply") from None
+    except MessageDecodeError as exc:
+        raise ValueError(f"membership record: {exc.problem}") from None
     except ValueError as exc:
         raise ValueError(f"membership record: not JSON ({exc})") from None
     if not isinstance(obj, dict):

@@ -201,7 +201,7 @@ class PlacementRecord:
 
     @classmethod
     def decode(cls, data: bytes) -> PlacementRecord:
-        obj = json.loads(data)
+        obj = wire.read_wire_json(data, "placement record")
         pinned = obj.get("pinned")
         return cls(str(obj["type"]), None if pinned is None else str(pinned))
 
@@ -588,11 +588,11 @@ class Placement:
         record's write held back every later request (10,000 agents placed over three
         nodes: about 650 a second)."""
         try:
-            obj = json.loads(m.data)
+            obj = wire.read_wire_json(m.data, "place request")
             type_name, name = str(obj["type"]), str(obj["name"])
             pinned = obj.get("pinned")
             replaces = _decode_replaces(obj.get("replaces"))
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             await m.respond(json.dumps({"error": "malformed", "text": repr(exc)}).encode())
             return
         if self._cluster.closing:
@@ -835,7 +835,7 @@ class Placement:
             return
         try:
             self.records[name] = PlacementRecord.decode(value)
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             log_guarded(
                 log,
                 logging.WARNING,
@@ -1253,8 +1253,8 @@ def _decode_answer(data: bytes, name: str, owner: str) -> PlacedAgent:
     :class:`PlacementFailed` naming the field (a peer's ``holder`` or ``id`` that was no
     string made uuid.UUID raise AttributeError out of the placement)."""
     try:
-        obj = json.loads(data)
-    except ValueError:
+        obj = wire.read_wire_json(data, "place answer")
+    except (ValueError, RecursionError):
         obj = None
     if not isinstance(obj, dict):
         raise PlacementFailed(name, owner, f"malformed answer {data[:200]!r}")

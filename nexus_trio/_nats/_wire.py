@@ -156,6 +156,25 @@ def _read_json(data: bytes, field: str = "<document>", start: int = 0) -> Any:
         return obj
 
 
+def wire_text(data: bytes, what: str) -> str:
+    """``data``, a control-plane body off the wire (a membership record, a names bucket
+    entry, a place request or answer, an error frame's body), as the UTF-8 text the wire
+    says it is; else a :class:`MessageDecodeError` for ``what`` saying ``not UTF-8 (...
+    at byte N)``, as the data path says it (``json.loads`` of bytes would guess UTF-16 or
+    UTF-32 and skip a byte order mark), or that it starts with a byte order mark."""
+    text = utf8_text(data, what)
+    if text[:1] == "\ufeff":
+        raise MessageDecodeError(what, "a byte order mark at byte 0 (the wire is UTF-8 without)")
+    return text
+
+
+def read_wire_json(data: bytes, what: str) -> Any:
+    """The JSON value of a control-plane body (see :func:`wire_text`): ValueError (a
+    :class:`MessageDecodeError` for ``what`` if it is not UTF-8 text) or RecursionError
+    for one that is no JSON, as its readers count a malformed one."""
+    return json.loads(wire_text(data, what))
+
+
 def _uuid(value: int) -> uuid.UUID:
     # The range check is what matters (uuid.UUID(int=...) checks more and costs ~1 us).
     if value.__class__ is not int or not 0 <= value < ID_LIMIT:
@@ -878,7 +897,11 @@ def error_from_frame(
     or broken peer); a body that is not a JSON object (or nested too deeply to read) is
     read as an empty one, and an ``error`` text that is not a string as its JSON."""
     try:
-        data: dict[str, Any] = json.loads(body) if body else {}
+        text = wire_text(body, f"{kind} error frame")
+    except MessageDecodeError as exc:
+        raise ValueError(f"malformed {kind} error frame: {exc.problem}") from None
+    try:
+        data: dict[str, Any] = json.loads(text) if text else {}
     except (ValueError, RecursionError):
         data = {}
     if not isinstance(data, dict):
