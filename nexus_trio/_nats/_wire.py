@@ -894,7 +894,7 @@ def error_from_frame(
     """Rebuild, on the requesting node, the error a remote request ran into.
 
     ValueError naming the kind if the body does not hold what the kind needs (a hostile
-    or broken peer); a body that is not a JSON object (or nested too deeply to read) is
+    or broken peer) or is no UTF-8 text (see :func:`wire_text`); a body that is not a JSON object (or nested too deeply to read) is
     read as an empty one, and an ``error`` text that is not a string as its JSON."""
     try:
         text = wire_text(body, f"{kind} error frame")
