@@ -1100,3 +1100,32 @@ async def test_control_plane_bodies_not_in_utf_8_are_malformed_as_data_path_bodi
     assert sum("malformed name record" in line for line in logged) == 3, logged
     assert sum("not UTF-8 (" in line for line in logged) >= 2, logged
 
+
+async def test_a_malformed_batch_counts_no_more_tells_than_its_bytes_could_hold(
+    nats: NatsServer,
+) -> None:
+    """Regression: a malformed batch counted its head's count of tells in ``malformed``
+    (and ``received``) whatever it held: one batch of one tell whose head said 4 billion
+    made a node count 4 billion malformed. A head numbering more tells than its bytes
+    can hold is refused whole now (``malformed_batch`` only); one that could be true
+    still counts its tells (their numbers are taken), as docs/distributed.md says."""
+    async with _node(nats.url, "a") as (ka, ca), _hostile(nats.url) as hostile:
+        echo_ref = ka.spawn(echo, name="echo-a")
+        name = b"evil"
+
+        def head(session: int, count: int) -> bytes:
+            fields = (batch.MAGIC, 1, session, ca.id_prefix, 1, count, len(name))
+            return struct.pack(">4sQQQQIH", *fields) + name
+
+        tell = _frame(batch.TELL, _tell("echo-a", "hostile"))
+        with trio.fail_after(20):
+            received = ca.stats().received
+            await hostile.publish("nexus.node.a.batch", head(2, 0xFFFFFFFF) + tell)
+            # a head that could be true (2 tells, 2 frames' bytes), its second frame cut
+            await hostile.publish("nexus.node.a.batch", head(3, 2) + tell + tell[:-3])
+            answer = await hostile.ask(f"nexus.node.a.agent.{echo_ref.id}", echo_ref.id, "after")
+        assert answer == "after"
+        stats = ca.stats()
+        assert stats.inbound_dropped == {"malformed_batch": 2, "malformed": 2}
+        assert stats.received - received == 3  # the cut batch's 2, the ask
+        assert stats.lost_in_transit == 0

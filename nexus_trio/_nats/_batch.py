@@ -107,6 +107,14 @@ def parse_head(data: bytes) -> tuple[BatchHead, int]:
         )
     if first < 1:
         raise BatchError(f"batch first number {first} (numbers start at 1)")
+    room = (len(data) - end) // FRAME_OVERHEAD
+    if numbered > room:
+        # refused before its numbers are taken: a head's count is what a malformed batch
+        # is counted as (``malformed``), so it may not claim more than its bytes can hold
+        raise BatchError(
+            f"batch head says {numbered} tells, its {len(data) - end} bytes of frames"
+            f" hold at most {room}"
+        )
     return BatchHead(node, sender_prefix, session, dest_prefix, first, numbered), end
 
 
