@@ -638,7 +638,7 @@ class Expected:
 
     def batch(self, data: bytes, subject: str) -> None:
         try:
-            head, offset = batch.parse_head(data)
+            head, offset = batch.read_head(data)
         except batch.BatchError:
             self.dropped["malformed_batch"] += 1
             return

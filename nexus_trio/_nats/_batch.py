@@ -107,15 +107,22 @@ def parse_head(data: bytes) -> tuple[BatchHead, int]:
         )
     if first < 1:
         raise BatchError(f"batch first number {first} (numbers start at 1)")
+    return BatchHead(node, sender_prefix, session, dest_prefix, first, numbered), end
+
+
+def read_head(data: bytes) -> tuple[BatchHead, int]:
+    """:func:`parse_head` of a batch received whole: also BatchError if its head numbers
+    more tells than its frames' bytes could hold (``FRAME_OVERHEAD`` a frame at least).
+    Refused before its numbers are taken: a head's count is what a malformed batch is
+    counted as (``malformed``), so it may not claim more than the batch could carry."""
+    head, end = parse_head(data)
     room = (len(data) - end) // FRAME_OVERHEAD
-    if numbered > room:
-        # refused before its numbers are taken: a head's count is what a malformed batch
-        # is counted as (``malformed``), so it may not claim more than its bytes can hold
+    if head.numbered > room:
         raise BatchError(
-            f"batch head says {numbered} tells, its {len(data) - end} bytes of frames"
+            f"batch head says {head.numbered} tells, its {len(data) - end} bytes of frames"
             f" hold at most {room}"
         )
-    return BatchHead(node, sender_prefix, session, dest_prefix, first, numbered), end
+    return head, end
 
 
 def split_frames(

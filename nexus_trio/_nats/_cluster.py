@@ -1744,7 +1744,7 @@ class Cluster:
         agents of this process, see _open_batch)."""
         if subject != self._batch_subject:
             try:
-                head, _ = batch.parse_head(data)
+                head, _ = batch.read_head(data)
             except batch.BatchError:
                 head = None  # counted as malformed below
             if head is not None and head.dest_prefix == self.id_prefix:
@@ -1765,7 +1765,7 @@ class Cluster:
     def _open_batch(self, data: bytes) -> _OpenBatch | None:
         self._batches_received += 1
         try:
-            head, offset = batch.parse_head(data)
+            head, offset = batch.read_head(data)
         except batch.BatchError as exc:
             self._malformed_batch(exc)
             return None
