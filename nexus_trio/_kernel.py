@@ -762,7 +762,9 @@ class Kernel:
         Erlang send to a node no longer connected is not: it is accepted and
         dead-lettered ``transport_unavailable`` with that text as its detail (a tell to
         another node is at most once; ``left`` counts it). Kept until the next
-        :meth:`attach_transport`."""
+        :meth:`attach_transport`. A request to such an address raises
+        ``TransportUnavailable`` with that text (``left`` is asked about it too, the
+        message a query)."""
         self._router.transport = None
         self._router.left = left
 

@@ -1005,11 +1005,14 @@ class Router:
             self.check_address(msg.to)
             if self.transport is None:
                 left = self.left
-                if left is not None and msg.kind is not _QUERY and msg.reply_to is None:
+                if left is not None and msg.reply_to is None:
                     # a tell to the cluster this node left: at most once, as any tell to
-                    # another node; dead-lettered, not raised (see detach_transport)
+                    # another node; dead-lettered, not raised (see detach_transport); a
+                    # query fails its requester, saying so
                     detail = left(msg)
                     if detail is not None:
+                        if msg.kind is _QUERY:
+                            raise TransportUnavailable(detail)
                         self._accept_dead(msg, DeadLetterReason.TRANSPORT_UNAVAILABLE, detail)
                         return None
                 # the table, for a hint looked for only if the error is shown

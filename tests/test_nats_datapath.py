@@ -859,6 +859,48 @@ async def test_tells_a_kernel_sends_to_other_nodes_after_its_leave_are_counted_n
     assert len(lines) == 1 and "node a left the cluster" in lines[0], lines
 
 
+async def test_a_request_a_kernel_sends_to_another_node_after_its_leave_fails_cleanly(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: after a left the cluster (its kernel runs on), a tell to an agent on
+    b was dead-lettered and counted (``tells_after_leave``), but a request raised
+    AgentNotFound, "no agent is registered as 'sink'", which said nothing of the leave
+    (the agent is there, on b). It fails with TransportUnavailable naming the agent and
+    that the node left, counted in ``requests_after_leave``, nothing logged; a request
+    to a name no node had still raises AgentNotFound."""
+    raised: list[BaseException] = []
+
+    @agent(name="asker")
+    async def asker(ctx: Context, msg: Message) -> None:
+        for to in ("sink", "sink", "nowhere"):
+            try:
+                await ctx.request(to, msg.payload, timeout=5)
+            except NexusError as exc:
+                raised.append(exc)
+
+    async with _node(nats.url, "b") as (kb, _), open_kernel(_config()) as ka:
+        kb.spawn(agent(_collector([]), name="sink"))
+        ka.spawn(asker)
+        async with join_cluster(ka, nats.url, "a", options=PATIENT) as ca:
+            with trio.fail_after(30):
+                await ca.wait_for_name("sink")
+        caplog.clear()
+        with trio.fail_after(30):
+            await ka.send("asker", 1)
+            while len(raised) < 3:  # noqa: ASYNC110 (a's agent at work)
+                await trio.sleep(0.01)
+        stats = ka.stats()
+    said = [r for r in caplog.records if r.name.startswith("nexus_trio")]
+    assert [r.getMessage() for r in said if r.exc_info] == []
+    assert [type(exc) for exc in raised] == [TransportUnavailable] * 2 + [AgentNotFound]
+    assert str(raised[0]) == (
+        "transport unavailable: node 'a' left the cluster: request to 'sink' on node 'b' not sent"
+    )
+    assert ca.stats().requests_after_leave == 2
+    assert ca.stats().tells_after_leave == 0
+    assert stats.failed == 0
+
+
 async def test_a_tell_for_a_full_mailbox_between_the_leave_and_the_disconnect_is_refused(
     nats: NatsServer,
 ) -> None:

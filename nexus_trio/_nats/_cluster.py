@@ -349,6 +349,10 @@ class ClusterStats:
     #: agent the node knew on another node: not sent (dead-lettered there
     #: ``transport_unavailable``), not raised to their senders (see ``_tell_after_leave``)
     tells_after_leave: int = 0
+    #: requests this node's kernel sent after the node left the cluster to an agent the
+    #: node knew on another node: not sent, failed at once for their callers
+    #: (``TransportUnavailable`` saying the node left)
+    requests_after_leave: int = 0
 
 
 _decode: Final = wire.decode_message
@@ -578,6 +582,8 @@ class Cluster:
         self._drop_log = Throttle()
         #: see _tell_after_leave
         self._tells_after_leave = 0
+        #: see _tell_after_leave
+        self._requests_after_leave = 0
         self._after_leave_log = Throttle()
         self._data_up = trio.Event()  # set while the data connection is up
         self._data_up.set()
@@ -4128,7 +4134,9 @@ class Cluster:
         queued was silent seconds in its leave, and judged lost. The tell goes the way of
         any tell lost on the way to another node (at most once): counted here, in
         ``tells_after_leave``, and logged at once, then at most once a second with the
-        count so far."""
+        count so far. A request (a query) is not sent either: its requester gets
+        ``TransportUnavailable`` with the text, counted in ``requests_after_leave``,
+        nothing logged (the requester has the error)."""
         try:
             node, _ = self.resolve(msg.to)
         except AgentNotFound:
@@ -4137,6 +4145,9 @@ class Cluster:
             node = "an unreachable node"
         else:
             node = f"node {node!r}"
+        if msg.kind is _QUERY:
+            self._requests_after_leave += 1
+            return f"node {self.node!r} left the cluster: request to {msg.to!r} on {node} not sent"
         self._tells_after_leave += 1
         if self._after_leave_log.due():
             log_guarded(
@@ -4386,6 +4397,7 @@ class Cluster:
             errors_unsent=dict(self._errors_unsent),
             lost_at_leave=self._lost_at_leave,
             tells_after_leave=self._tells_after_leave,
+            requests_after_leave=self._requests_after_leave,
         )
 
 
