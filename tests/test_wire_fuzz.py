@@ -272,7 +272,7 @@ def test_error_frames_are_an_error_or_a_value_error(kind: str, body: bytes) -> N
         if "not UTF-8" in str(exc) or "byte order mark" in str(exc):
             with contextlib.suppress(MessageDecodeError):
                 wire.wire_text(body, kind)
-                raise AssertionError(f"{body!r} is UTF-8 text, refused: {exc}")
+                raise AssertionError(f"{body!r} is UTF-8 text, refused: {exc}") from None
         else:
             assert kind == "mailbox_full"
         return
