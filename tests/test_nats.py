@@ -51,6 +51,7 @@ from nexus_trio._nats import (
 from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import call_aio
 
+from .hang_guard import real_time_limit
 from .nats_server import FAST, PATIENT, NodeProcess, nats_cluster, node_config
 
 
@@ -589,6 +590,45 @@ async def test_a_leave_whose_durable_pull_outlives_its_cancel_still_drops_and_an
     assert "0 messages it fetched" in abandoned[0]
     assert handled == ["one"]
     assert ca.stats().durable_acked == 1
+
+
+async def test_a_durable_pull_that_never_returns_does_not_hold_the_leave_s_exit(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: the leave abandoned a pull that outlived its cancel (see above), but
+    the pull's task, in the node's nursery, still waited for its fetch: the
+    ``join_cluster`` block did not end until the fetch returned; one that never returns
+    held it for good. A cancelled fetch is waited for a second at most now; the block
+    ends within the leave's bounds (the fetch ends at the asyncio loop's shutdown)."""
+    import asyncio
+
+    caplog.set_level(logging.WARNING, logger="nexus_trio.nats.durable")
+    in_fetch = trio.Event()
+    never = asyncio.Event()
+    cancels: list[str] = []
+
+    async def fetch(*args: Any, **kwargs: Any) -> Any:
+        in_fetch.set()
+        while True:  # outlives every cancel but the loop's shutdown's
+            try:
+                await never.wait()
+            except asyncio.CancelledError:
+                cancels.append("cancelled")
+                if len(cancels) > 1:
+                    raise
+
+    with real_time_limit(60):
+        async with local_node(nats.url, "a") as (_ka, ca):
+            with trio.fail_after(30):
+                await ca.names_published()
+                ca.durable._psub.fetch = fetch
+                await in_fetch.wait()
+            leaving = time.monotonic()
+        took = time.monotonic() - leaving
+    assert took < 15, took
+    assert cancels == ["cancelled", "cancelled"]
+    abandoned = [r.getMessage() for r in caplog.records if "did not end" in r.getMessage()]
+    assert len(abandoned) == 1, abandoned
 
 
 async def test_acks_a_leave_could_not_send_are_counted_and_left_to_redelivery(

@@ -46,6 +46,35 @@ async def call_aio(fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -
     return result
 
 
+async def call_aio_bounded(
+    cancel_wait: float, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any
+) -> T:
+    """:func:`call_aio`, but a cancel of the Trio caller waits at most ``cancel_wait``
+    seconds for the asyncio side to end once cancelled (call_aio waits for it as long as
+    it takes): past it, the caller is cancelled all the same and the asyncio task left
+    to the loop (its shutdown cancels it again). For a call whose asyncio side may
+    outlive its cancel, which would hold the caller's nursery (a durable fetch)."""
+    task = trio_asyncio.current_loop.get().create_task(fn(*args, **kwargs))
+    done = trio.Event()
+
+    def ended(_: Any) -> None:
+        if not task.cancelled():
+            task.exception()  # (retrieved: a task abandoned here logs no "never retrieved")
+        done.set()
+
+    task.add_done_callback(ended)
+    try:
+        await done.wait()
+    except trio.Cancelled:
+        task.cancel()
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + cancel_wait
+            await done.wait()
+        raise
+    result: T = task.result()
+    return result
+
+
 def current_aio_loop() -> Any:
     """The asyncio loop of the calling Trio task (None outside :func:`asyncio_loop`)."""
     return trio_asyncio.current_loop.get()

@@ -76,7 +76,7 @@ from .._logcall import log_guarded
 from .._message import SYSTEM_ID, Message, MessageKind, new_id
 from .._throttle import Throttle
 from . import _wire as wire
-from ._aio import Outbox, call_aio
+from ._aio import Outbox, call_aio, call_aio_bounded
 from ._auth import redact
 
 if TYPE_CHECKING:
@@ -85,6 +85,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("nexus_trio.nats.durable")
 
 _DONE_MEMORY: Final = 65536
+#: seconds a cancelled fetch is waited for to end (its asyncio side may outlive the
+#: cancel): past it the pull ends all the same, and the node's nursery with it (a fetch
+#: waited for as long as it took held the leave's exit until it returned); below the
+#: leave's share for the pull (``_LEAVE_DURABLE_WAIT / 2`` there) it would never be
+#: abandoned, so the two are apart: the stop abandons first, then the pull ends
+_PULL_CANCEL_WAIT: Final = 1.0
 #: JetStream's error code for a publish past a stream's max_msgs (discard new)
 _MAX_MESSAGES_EXCEEDED: Final = 10077
 
@@ -474,7 +480,9 @@ class DurableChannel:
                     await self._room.wait()
                 continue
             try:
-                msgs: list[NatsMsg] = await call_aio(self._psub.fetch, batch=room, timeout=1.0)
+                msgs: list[NatsMsg] = await call_aio_bounded(
+                    _PULL_CANCEL_WAIT, self._psub.fetch, batch=room, timeout=1.0
+                )
             except (nats.errors.TimeoutError, TimeoutError):
                 continue  # nothing to pull within the long poll
             except (nats.errors.Error, OSError) as exc:
