@@ -3098,3 +3098,40 @@ async def test_a_copy_whose_name_claim_s_caller_was_cancelled_is_stopped_by_the_
             assert cb.stats().duplicates_stopped == 1
             assert cb.name_holder(name) == ("a", placed.id)
             assert await _placed_record(ca, name) == revision  # a's, untouched
+
+
+async def test_an_asker_routes_a_name_to_its_holder_not_to_a_copy_whose_claim_failed(
+    nats: NatsServer,
+) -> None:
+    """c asks b to place svc-y, a's (c's map holds a's entry; asked directly, as a
+    re-placement that raced a's entry asks); b's claim fails (the names bucket timing
+    out) and b stops its copy at once, a duplicate of a's entry. b's answer named its
+    copy all the same, and c routed the name there: a request from c failed on b
+    (``AgentNotFound``) for as long as c's map kept it, which nothing changed (a's entry
+    in the bucket did not). The answer says the copy's claim failed now: c keeps a's
+    entry, which it hears; one it did not hear is given back when it hears a again."""
+    name = "svc-y"
+    async with (
+        _a_holds_it_b_knows(nats.url, name) as (_ka, ca, kb, cb, placed, _),
+        _node(nats.url, "c", **QUIET) as (kc, cc),
+    ):
+        _meet(ca, cb, cc)
+        await _learn(cc, name)
+        assert cc.name_holder(name) == ("a", placed.id)
+        cb._claim = _timing_out  # type: ignore[method-assign]
+        cb._write_name_again = _timing_out  # type: ignore[method-assign]
+        with trio.fail_after(30):  # a hang guard
+            copy = await cc.placement._ask("b", "counter", name, None, 5.0)
+            assert copy.node == "b"
+            while kb.is_local(name):  # noqa: ASYNC110 (its stop: no event to wait on)
+                await trio.sleep(0.01)
+            assert cc.name_holder(name) == ("a", placed.id)
+            assert await kc.request(name, "hi") == {"name": name, "handled": 1}
+            # a unreachable from c: c learns b's next copy, and gives a's entry back
+            # once it hears a again
+            _lose(cc, "a")
+            copy = await cc.placement._ask("b", "counter", name, None, 5.0)
+            assert cc.name_holder(name) == ("b", copy.id)
+            _meet(ca, cc)
+            assert cc.name_holder(name) == ("a", placed.id)
+            assert cb.stats().duplicates_stopped == 2

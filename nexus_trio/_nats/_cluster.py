@@ -459,6 +459,11 @@ class Cluster:
         # name -> the KV revision of its delete, for names deleted since (bounded): the
         # put it deleted, heard late, must not map the name to its stopped agent again
         self._name_deletes: OrderedDict[str, int] = OrderedDict()
+        # name -> (the entry a placement answer hid, the copy it named): a copy whose
+        # claim failed, learnt over the entry of a holder not heard here then (see
+        # learn_name); the entry routes the name again once its node is heard (the
+        # copy's node stops the copy as its duplicate then), unless the bucket spoke since
+        self._hidden_names: dict[str, tuple[tuple[str, uuid.UUID], tuple[str, uuid.UUID]]] = {}
         # names of forgotten members' agents still in the names bucket -> the revision of
         # the entry to delete (a process killed deletes none of its own; see
         # _drop_names_of_forgotten), and this node's own whose delete failed (see
@@ -2663,6 +2668,7 @@ class Cluster:
             self._name_revisions.get(name) or self._name_deletes.get(name, 0)
         ):
             return  # older than the entry (or delete) known here: heard late
+        self._hidden_names.pop(name, None)
         if op in _KV_OPS_DELETED or not value:
             self._name_revisions.pop(name, None)
             if revision is not None:
@@ -3608,6 +3614,7 @@ class Cluster:
                 log, logging.WARNING, "node %s: node %r is reachable again", self.node, info.node
             )
             self._check_duplicates_on(info.node)
+            self._restore_hidden_names(info.node)
             self._retry_wanted.set()  # a partition healed: the buckets may take writes again
         # (what its loss counted here that it took after all is no longer counted lost)
         self.placement.heard_from(info)
@@ -3870,13 +3877,37 @@ class Cluster:
             and self._name_revisions.get(name, 0) <= published[1]
         )
 
-    def learn_name(self, name: str, node: str, agent_id: uuid.UUID) -> None:
+    def learn_name(self, name: str, node: str, agent_id: uuid.UUID, *, named: bool = True) -> None:
         """Note where ``name`` runs (a placement answer), ahead of the names bucket; not
         if ``node`` left since (it answered, then left cleanly: its leave dropped the name,
-        maybe before the answer was read here, see _forget_names_of)."""
+        maybe before the answer was read here, see _forget_names_of).
+
+        ``named`` False: the copy's claim of the name failed (the bucket did not take
+        it). Its node stops it as a duplicate of an entry the bucket holds for the name,
+        of a node it hears (see check_duplicate), and nothing in the bucket changes: the
+        route learnt here would stay, to a copy gone. So an entry known here of another
+        node heard here is kept (the copy's node will stop the copy); one of a node not
+        heard is set aside, and routes the name again once that node is heard (see
+        _restore_hidden_names), unless the bucket said otherwise since."""
         if node != self.node and node not in self.members.members:
             return
-        self._set_name(name, (node, agent_id))
+        entry = (node, agent_id)
+        held = self._names.get(name)
+        if not named and held is not None and held != entry:
+            if self._entry_stands(held, None):
+                return
+            self._hidden_names[name] = (held, entry)
+        self._set_name(name, entry)
+
+    def _restore_hidden_names(self, node: str) -> None:
+        """``node`` is heard again: the names bucket entries of it that placement answers
+        hid (see learn_name) route their names again, where the copy learnt still does."""
+        for name, (hidden, copy) in list(self._hidden_names.items()):
+            if hidden[0] != node:
+                continue
+            del self._hidden_names[name]
+            if self._names.get(name) == copy and self._entry_stands(hidden, None):
+                self._set_name(name, hidden)
 
     def _forget_names_of(self, info: NodeInfo) -> None:
         """``info``'s node left cleanly: its names are no longer where anything runs. Its

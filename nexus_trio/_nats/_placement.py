@@ -359,8 +359,8 @@ class Placement:
             raise TransportUnavailable(
                 f"node {owner!r} did not answer the request to place {name!r}: {error!r}"
             ) from None
-        placed = _decode_answer(answer.data, name, owner)
-        cluster.learn_name(placed.name, placed.node, placed.id)
+        placed, named = _decode_answer(answer.data, name, owner)
+        cluster.learn_name(placed.name, placed.node, placed.id, named=named)
         return placed
 
     async def _spawn_here(
@@ -656,6 +656,8 @@ class Placement:
             elif self._kv is not None:
                 self._record_unwritten(name, ref.id, record, _NAME_UNWRITTEN)
             answer = {"node": self._cluster.node, "id": str(ref.id)}
+            if not named:  # (its claim failed: the asker keeps a holder it hears)
+                answer["named"] = False
         try:
             await m.respond(json.dumps(answer).encode())
         except Exception as exc:  # the connection closed meanwhile: the asker times out
@@ -1247,9 +1249,11 @@ def _decode_replaces(moved: object) -> tuple[str, uuid.UUID] | None:
     raise ValueError(f"replaces: not [node, agent id]: {moved!r:.200}")
 
 
-def _decode_answer(data: bytes, name: str, owner: str) -> PlacedAgent:
-    """The owner's answer to a place request. One that is no JSON object, or whose
-    field (``holder``, ``node``, ``id``) is no string of its kind, is
+def _decode_answer(data: bytes, name: str, owner: str) -> tuple[PlacedAgent, bool]:
+    """The owner's answer to a place request, and whether the agent's claim of its name
+    was taken (``named``: false if not, absent from an owner of an earlier version). One
+    that is no JSON object, or whose field (``holder``, ``node``, ``id``) is no string of
+    its kind, is
     :class:`PlacementFailed` naming the field (a peer's ``holder`` or ``id`` that was no
     string made uuid.UUID raise AttributeError out of the placement)."""
     try:
@@ -1270,7 +1274,8 @@ def _decode_answer(data: bytes, name: str, owner: str) -> PlacedAgent:
     node = obj.get("node")
     if not isinstance(node, str) or not node:
         raise PlacementFailed(name, owner, f"malformed answer: node: {data[:200]!r}")
-    return PlacedAgent(name, node, _answer_id(obj, "id", data, name, owner))
+    placed = PlacedAgent(name, node, _answer_id(obj, "id", data, name, owner))
+    return placed, obj.get("named") is not False
 
 
 def _answer_id(obj: dict[str, Any], field: str, data: bytes, name: str, owner: str) -> uuid.UUID:
