@@ -222,6 +222,70 @@ async def test_deliver_nowait_takes_what_has_room_and_says_no_for_a_full_mailbox
             gate.set()
 
 
+async def test_deliver_run_nowait_takes_a_batch_s_plain_enqueues_and_stops_at_the_rest(
+    autojump_clock: Any,
+) -> None:
+    """``TransportHandle.deliver_run_nowait``, the path of a batch's tells: it takes
+    messages in order while each is an enqueue with room (runs to one address and to
+    another alike), counted as ``deliver_nowait`` counts them, and stops, taking nothing
+    more, at the first that needs the single way: a full mailbox, an unknown address, a
+    reply; from a given start, and not at all once the kernel drains."""
+    from nexus_trio import KernelShuttingDown
+
+    gate = trio.Event()
+    handled: list[tuple[str, int]] = []
+
+    @agent(name="small", mailbox_capacity=3, shutdown_timeout=1000.0)
+    async def small(ctx: Context, msg: Message) -> None:
+        await gate.wait()
+        handled.append(("small", msg.payload))
+
+    @agent(name="big", mailbox_capacity=100)
+    async def big(ctx: Context, msg: Message) -> None:
+        await gate.wait()
+        handled.append(("big", msg.payload))
+
+    transport = Capture()
+    async with open_kernel(make_config(handle_timeout_ms=10**9)) as kernel:
+        handle = kernel.attach_transport(transport)
+        small_ref = kernel.spawn(small)
+        kernel.spawn(big)
+        sender = uuid.uuid4()
+        # each mailbox's first message opens its channel (the single way)
+        assert handle.deliver_nowait(Message(sender, "small", 0))
+        assert handle.deliver_nowait(Message(sender, "big", 0))
+        await trio.testing.wait_all_tasks_blocked()  # both hold their first message
+        accepted = kernel.stats().accepted
+
+        run = [Message(sender, "big", i) for i in (1, 2)]
+        run += [Message(sender, small_ref.id, i) for i in (1, 2, 3, 4)]
+        run += [Message(sender, "big", 3)]
+        # small takes 1..3 (its capacity), 4 finds it full: the run stops there
+        assert handle.deliver_run_nowait(run, 0) == 5
+        assert kernel.stats().accepted == accepted + 5
+        assert kernel.mailbox_depth(small_ref.id) == 3
+        assert handle.deliver_run_nowait(run, 5) == 5  # still full: nothing taken
+        assert handle.deliver_run_nowait(run, 6) == 7  # from a start after it
+        assert handle.deliver_run_nowait(run, 7) == 7  # at the end
+
+        unknown = [Message(sender, "big", 4), Message(sender, "nobody", 0)]
+        assert handle.deliver_run_nowait(unknown, 0) == 1
+        answer = Message(sender, "big", 5, reply_to=uuid.uuid4())
+        assert handle.deliver_run_nowait([Message(sender, "big", 6), answer], 0) == 1
+        assert kernel.stats().accepted == accepted + 5 + 1 + 1 + 1
+        assert kernel.stats().rejected == {}
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kernel.shutdown)
+            await trio.testing.wait_all_tasks_blocked()  # draining
+            assert handle.deliver_run_nowait([Message(sender, "big", 7)], 0) == 0
+            with pytest.raises(KernelShuttingDown):
+                handle.deliver_nowait(Message(sender, "big", 7))
+            gate.set()
+    assert [p for a, p in handled if a == "small"] == [0, 1, 2, 3]
+    assert [p for a, p in handled if a == "big"] == [0, 1, 2, 3, 4, 6]
+
+
 async def test_a_remote_delivery_refused_as_the_kernel_drains_is_the_transports_to_count(
     autojump_clock: Any,
 ) -> None:

@@ -112,6 +112,8 @@ install_redaction(("nexus_trio.nats", "nexus_trio.nats.durable", "nexus_trio.nat
 _ROUTE_MEMORY: Final = 65536
 #: addresses whose routes a node keeps for its tells (then it starts over)
 _KNOWN_LINKS_MAX: Final = 65_536
+#: what every frame of a node batch costs on top of its body (a module constant: read per tell)
+_FRAME_OVERHEAD: Final = batch.FRAME_OVERHEAD
 _KV_OPS_DELETED: Final = ("DEL", "PURGE")
 #: deleted names whose delete's revision a node keeps (then the oldest are forgotten)
 _NAME_DELETES_KEPT: Final = 4096
@@ -437,6 +439,9 @@ class Cluster:
         self._known_links: dict[int | str, batch.NodeLink] = {}
         self._links_version = -1
         self._batch_bytes = batch.batch_limit(1 << 20, self.node, options.batch_bytes)
+        # options read by every tell (the options are frozen)
+        self._batch_frames = options.batch_frames
+        self._high_water = options.outbox_high_water
         # this join's session: streams of an earlier join of this process are apart
         self._session = int.from_bytes(os.urandom(8), "big")
         # where batches and marks numbered for this join come (senders that know its
@@ -858,9 +863,12 @@ class Cluster:
                 await self._deliver_alone(msg, routed)
                 return
             link = self._link_for(msg, routed)
-        high_water = self.options.outbox_high_water
         body = self._tell_body(msg)
-        if not link.has_room() or len(self._outbox) >= high_water:
+        # (link.has_room(), written out: every tell to another kernel comes here)
+        if (
+            link.sent + link.tells - link.consumed >= link.window
+            or len(self._outbox) >= self._high_water
+        ):
             if deadline is None:
                 deadline = trio.current_time() + self.kernel.config.kernel.send_timeout
             # (a send from outside the agents: a shutdown's start refuses it, not taken)
@@ -1036,7 +1044,11 @@ class Cluster:
         to = msg.to
         link = self._known_links.get(to.int if isinstance(to, uuid.UUID) else to)
         if link is not None:
-            self._check_usable()  # what _route checks first, for every message
+            # what _route checks first, for every message (_check_usable's test, written
+            # out: it raises there)
+            nc = self._nc
+            if nc is None or nc.is_closed or self._closing:
+                self._check_usable()
         return link
 
     def _link_for(self, msg: Message, routed: _Routed) -> batch.NodeLink:
@@ -1199,7 +1211,7 @@ class Cluster:
         except wire.UNENCODABLE as exc:
             # refused before it joins a batch: the others there go on
             raise self._unencodable(msg, exc) from exc
-        size = len(body) + batch.FRAME_OVERHEAD
+        size = len(body) + _FRAME_OVERHEAD
         # the second test only for a big one: a tell that fits a batch fits NATS
         if size > self._batch_bytes and size > self._max_frame():
             raise TransportUnavailable(
@@ -1221,9 +1233,9 @@ class Cluster:
         """Put a tell in its link's batch; seal the batch when it is full (a frame that
         does not fit in the open batch goes in the next one, alone if need be)."""
         limit = self._batch_bytes
-        if link.frames and link.size + len(body) + batch.FRAME_OVERHEAD > limit:
+        if link.size + len(body) + _FRAME_OVERHEAD > limit and link.frames:
             self._seal_batch(link)
-        if link.add_tell(body) >= limit or link.tells >= self.options.batch_frames:
+        if link.add_tell(body) >= limit or link.tells >= self._batch_frames:
             self._seal_batch(link)
             return
         # _want_flush, inline: every tell to another kernel comes here
@@ -1818,18 +1830,32 @@ class Cluster:
         head, tells, controls, stream = opened
         for kind, body in controls:
             self._control_frame(head, kind, body)
-        consumed = 0
+        msgs: list[Message] = []
+        add = msgs.append
         decode = wire.decode_tell
-        admit = self._admit
         for body in tells:
             try:
-                msg = decode(body)
+                add(decode(body))
             except MessageDecodeError as exc:
                 self._undecodable(head, exc)
+        consumed = len(tells) - len(msgs)
+        # Runs of plain enqueues (one lookup per address) while nothing is parked here;
+        # the message a run stops at takes the single way (_admit), then the next run.
+        handle = self.handle
+        admit = self._admit
+        count = len(msgs)
+        index = 0
+        while index < count:
+            if handle is not None and not self._parked:
+                taken = handle.deliver_run_nowait(msgs, index)
+                self._forwarded_in += taken - index
+                consumed += taken - index
+                index = taken
+                if index == count:
+                    break
+            if admit(None, msgs[index], False, stream):
                 consumed += 1
-                continue
-            if admit(None, msg, False, stream):
-                consumed += 1
+            index += 1
         self._credit(stream, consumed)
 
     async def _handle_batch(self, opened: _OpenBatch) -> None:
