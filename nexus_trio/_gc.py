@@ -164,7 +164,8 @@ class HeapKeeper:
 
     def backlog(self, queued: int) -> None:
         """The kernel holds ``queued`` messages accepted and not yet handled (told on the
-        producers' slow path, once in sixteen sends)."""
+        producers' slow path, once in sixteen sends, and once per run of tells from
+        another kernel)."""
         if not self.enabled:
             return
         mark = self._backlog_mark

@@ -994,7 +994,11 @@ class Router:
                     cell.wake()
                     last = None  # looked up again after its run started
         finally:
-            self.ledger.accepted += index - start
+            if index > start:
+                self.ledger.accepted += index - start
+                # as a producer's slow path does (one send in sixteen): a batch's tells
+                # queue up like a burst's, and the keeper freezes a growing backlog
+                self.heap.backlog(self.ledger.in_flight)
         return index
 
     async def deliver_from_remote(self, msg: Message) -> None:

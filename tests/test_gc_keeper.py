@@ -15,6 +15,7 @@ from nexus_trio import (
     Agent,
     Config,
     Context,
+    Kernel,
     KernelConfig,
     Message,
     SupervisionConfig,
@@ -240,11 +241,57 @@ async def test_a_fan_out_burst_freezes_the_queued_messages(unfrozen: None, enabl
         refs = [kernel.spawn(noop) for _ in range(4)]
         for i in range(4 * 4096):
             await kernel.send(refs[i % 4], i)  # never yields with room: all queued
-        frozen_in_burst = gc.get_freeze_count()
-        assert kernel.stats().in_flight == 4 * 4096
+        frozen_in_burst = await _frozen_then_handled(kernel, 4 * 4096, 4 * 4096)
+    assert (frozen_in_burst > 0) is enabled
+    assert gc.get_freeze_count() == 0
+
+
+async def _frozen_then_handled(kernel: Kernel, queued: int, handled: int) -> int:
+    """The heap's freeze count while ``queued`` messages wait; then each is handled, and
+    the kernel has handled ``handled`` in all."""
+    frozen = gc.get_freeze_count()
+    assert kernel.stats().in_flight == queued
+    await trio.testing.wait_all_tasks_blocked()
+    stats = kernel.stats()
+    assert stats.handled == handled and stats.in_flight == 0 and stats.dead_lettered == 0
+    return frozen
+
+
+class _Nowhere:
+    """A transport that carries nothing: the test hands the kernel its remote tells."""
+
+    async def deliver(self, msg: Message) -> None:
+        raise AssertionError("nothing is sent")
+
+    def deliver_nowait(self, msg: Message) -> None:
+        raise AssertionError("nothing is sent")
+
+    def cancel_query(self, query_id: object, to: object) -> None:
+        pass
+
+    def query_failed(self, query_id: object, error: BaseException) -> None:
+        pass
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+async def test_a_burst_of_remote_tells_freezes_the_queued_messages(
+    unfrozen: None, enabled: bool
+) -> None:
+    """Tells from another kernel queue up like a local burst's (a node batch's runs,
+    ``TransportHandle.deliver_run_nowait``): the keeper is told the backlog and freezes
+    it, as for local sends (it was never told of remote ones: no freeze)."""
+    config = Config(kernel=KernelConfig(gc_freeze=enabled, mailbox_capacity=4096))
+    async with open_kernel(config) as kernel:
+        handle = kernel.attach_transport(_Nowhere())
+        refs = [kernel.spawn(noop) for _ in range(4)]
+        for ref in refs:  # each mailbox's first message opens it (the single way)
+            assert handle.deliver_nowait(Message(ref.id, ref.id, -1))
         await trio.testing.wait_all_tasks_blocked()
-        stats = kernel.stats()
-        assert stats.handled == 4 * 4096 and stats.in_flight == 0 and stats.dead_lettered == 0
+        for ref in refs:
+            for first in range(0, 4000, 250):  # batches of 250 tells
+                batch = [Message(ref.id, ref.id, i) for i in range(first, first + 250)]
+                assert handle.deliver_run_nowait(batch, 0) == 250
+        frozen_in_burst = await _frozen_then_handled(kernel, 4 * 4000, 4 * 4001)
     assert (frozen_in_burst > 0) is enabled
     assert gc.get_freeze_count() == 0
 
