@@ -307,6 +307,12 @@ def _spec_for(target: Any, options: dict[str, Any]) -> AgentSpec:
             f"got an instance of the agent class {name}: pass the class {name}, not an"
             " instance (every run, and every restart, builds a fresh one)"
         )
+    if inspect.isfunction(target) and target.__name__ != "<lambda>":
+        # (the handler is awaited: a 'def' would fail on every message)
+        raise TypeError(
+            f"@agent needs an 'async def handler(ctx, msg)'; {target.__qualname__} is a plain"
+            f" function ('def'): write 'async def {target.__name__}(ctx, msg)'"
+        )
     raise TypeError(
         f"@agent needs an 'async def handler(ctx, msg)' or a class with handle(); got {target!r}"
     )

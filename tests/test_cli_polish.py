@@ -3,6 +3,7 @@ wrong and where, help reads the same everywhere, and shell completion works."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -72,6 +73,77 @@ def test_a_main_of_the_wrong_shape_is_a_usage_error_naming_the_expected_signatur
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        (
+            "class Echo(Agent):\n    def handle(self, ctx, msg):\n        return 1\n\n\n"
+            "main = Echo\n",
+            "Echo.handle is a plain function ('def'); the kernel awaits it: write"
+            " 'async def handle(self, ctx, msg)'",
+        ),
+        (
+            "class Echo(Agent):\n    def on_start(self, ctx):\n        pass\n\n"
+            "    async def handle(self, ctx, msg):\n        return 1\n\n\nmain = Echo\n",
+            "Echo.on_start is a plain function ('def'); the kernel awaits it: write"
+            " 'async def on_start(self, ctx)'",
+        ),
+        (
+            "class Echo(Agent):\n    async def handle(self, ctx, msg):\n        return 1\n\n\n"
+            "class Bad(Agent):\n    def on_stop(self, ctx):\n        pass\n\n\n"
+            "main = [Echo, Bad]\n",
+            "item 1 of the list: Bad.on_stop is a plain function ('def'); the kernel awaits it: write"
+            " 'async def on_stop(self, ctx)'",
+        ),
+    ],
+    ids=["handle", "on-start", "in-a-list"],
+)
+def test_an_agent_class_with_a_plain_def_hook_is_a_usage_error_before_the_run(
+    isolated: Path, source: str, expected: str
+) -> None:
+    """Regression: an Agent subclass given to --app was spawned unchecked, so a 'def
+    handle' (or on_start) failed inside the run: exit 1 with a traceback from
+    nexus_trio/cli/_run.py, where cli.md promises a usage error before the kernel starts."""
+    write(isolated, "class_app.py", "from nexus_trio import Agent\n\n\n" + source)
+    result = invoke(["run", "--app", "class_app:main", "-d", "1"])
+    assert result.exit_code == 2, result.output
+    out = flat(result.output)
+    assert f"Invalid value for '--app': {expected}" in out
+    assert "Traceback" not in result.output
+
+
+def test_a_list_of_agent_classes_is_spawned_in_order(isolated: Path) -> None:
+    """A list may hold Agent subclasses, as one Agent subclass and a Supervisor's children
+    may: it was refused as 'must be an AgentSpec ..., a list of AgentSpecs/Supervisors'."""
+    write(
+        isolated,
+        "classes_app.py",
+        """\
+        from nexus_trio import Agent, agent
+
+
+        class Echo(Agent):
+            async def handle(self, ctx, msg):
+                return msg.payload
+
+
+        @agent(name="named")
+        class Named(Agent):
+            async def handle(self, ctx, msg):
+                return msg.payload
+
+
+        main = (Echo, Named)
+        """,
+    )
+    result = invoke(["run", "--app", "classes_app:main", "--json", "--no-live", "-d", "0.2"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["app"] == "classes_app:main"
+    assert summary["agents"] == 2
+    assert summary["error"] is None
+
+
 def test_a_main_with_optional_extra_parameters_is_accepted(isolated: Path) -> None:
     write(isolated, "optional_app.py", "async def main(kernel, rounds=1, *rest):\n    pass\n")
     result = invoke(["run", "--app", "optional_app:main", "--json", "--no-live"])
@@ -91,10 +163,27 @@ def test_a_main_with_optional_extra_parameters_is_accepted(isolated: Path) -> No
             "from nexus_trio import agent\n\n\n@agent(name='e')\ndef main(ctx, msg):\n"
             "    return 1\n",
             ":4:",
-            "TypeError: @agent needs an 'async def handler(ctx, msg)'",
+            "TypeError: @agent needs an 'async def handler(ctx, msg)'; main is a plain"
+            " function ('def'): write 'async def main(ctx, msg)'",
+        ),
+        (
+            # raised in the __init__ attrs generates for Supervisor (a file named
+            # '<attrs generated methods ...>'): was named as the place, not the app's line
+            "from nexus_trio import Agent, Supervisor\n\n\nclass C(Agent):\n"
+            "    def handle(self, ctx, msg):\n        return 1\n\n\n"
+            "main = Supervisor(name='s', children=[C])\n",
+            ":9:",
+            "TypeError: Supervisor children[0]: C.handle is a plain function ('def')",
         ),
     ],
-    ids=["library-raises", "syntax", "missing-dependency", "own-function", "nexus-trio-raises"],
+    ids=[
+        "library-raises",
+        "syntax",
+        "missing-dependency",
+        "own-function",
+        "nexus-trio-raises",
+        "generated-code-raises",
+    ],
 )
 def test_an_error_while_importing_the_app_names_its_file_and_line(
     isolated: Path, source: str, where: str, what: str

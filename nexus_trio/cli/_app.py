@@ -182,8 +182,8 @@ def version() -> None:
 
 _RUN_EPILOG = (
     "[bold]--app[/] names [i]package.module:attr[/] (the current directory is importable): "
-    "an AgentSpec made with @agent (spawned once), a list of AgentSpecs/Supervisors, a "
-    "Supervisor, or [i]async def main(kernel)[/] (called once the kernel is up; the run ends "
+    "an AgentSpec made with @agent or an Agent subclass (spawned once), a list of them and "
+    "of Supervisors, a Supervisor, or [i]async def main(kernel)[/] (called once the kernel is up; the run ends "
     "when it returns, at --duration or at Ctrl-C). Without --app, --spawn and --types a demo "
     "workload runs: [i]ring[/] (tokens forwarded agent to agent), [i]fanout[/] (a driver "
     "sends round robin), [i]request[/] (pairs doing request/reply) or [i]pool[/] (a driver "

@@ -130,18 +130,36 @@ class RunOptions:
 # --- --app ----------------------------------------------------------------------------------
 
 
+def _is_agent_class(obj: Any) -> bool:
+    return isinstance(obj, type) and issubclass(obj, Agent)
+
+
+def _check_agent_class(cls: type[Agent], where: str = "") -> None:
+    """An Agent subclass is made a spec as the kernel spawns it: made one now, so that a
+    'def handle' (or on_start, on_stop) is a usage error before the kernel starts, not a
+    traceback from inside the run."""
+    try:
+        as_spec(cls)
+    except TypeError as exc:
+        raise AppError(f"{where}{exc}") from None
+
+
 def _app_kind(obj: Any) -> str:
     if isinstance(obj, AgentSpec):
         return "spec"
     if isinstance(obj, Supervisor):
         return "supervisor"
-    if isinstance(obj, type) and issubclass(obj, Agent):
+    if _is_agent_class(obj):
+        _check_agent_class(obj)
         return "spec"
     if (
         isinstance(obj, list | tuple)
         and obj
-        and all(isinstance(x, AgentSpec | Supervisor) for x in obj)
+        and all(isinstance(x, AgentSpec | Supervisor) or _is_agent_class(x) for x in obj)
     ):
+        for index, item in enumerate(obj):
+            if _is_agent_class(item):
+                _check_agent_class(item, f"item {index} of the list: ")
         return "list"
     if inspect.iscoroutinefunction(obj):
         _check_main_signature(obj)
@@ -152,8 +170,9 @@ def _app_kind(obj: Any) -> str:
             f"expected 'async def {obj.__qualname__}(kernel)'"
         )
     raise AppError(
-        "must be an AgentSpec (@agent), a list of AgentSpecs/Supervisors, a Supervisor, "
-        f"or an 'async def main(kernel)'; got {type(obj).__name__} {obj!r:.60}"
+        "must be an AgentSpec (@agent) or an Agent subclass, a list of them and of"
+        " Supervisors, a Supervisor, or an 'async def main(kernel)'; got"
+        f" {type(obj).__name__} {obj!r:.60}"
     )
 
 
@@ -199,7 +218,8 @@ def _where(exc: BaseException) -> str:
         # called it is the place (an @agent that refused a handler)
         | {_NEXUS_TRIO_DIR}
     )
-    own = [f for f in frames if not f.filename.startswith(library)]
+    # (and no generated code: attrs names the __init__ it writes '<attrs generated ...>')
+    own = [f for f in frames if not f.filename.startswith((*library, "<"))]
     chosen = own or frames
     if not chosen:
         return "?"
