@@ -115,6 +115,34 @@ async def test_unreachable_nats_at_start_names_the_url() -> None:
             await kernel.send("echo-b", 1)  # no transport attached after the failure
 
 
+async def test_a_join_that_fails_after_connecting_leaves_the_kernel_free_to_join_again(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: a join that connected and then failed (a server without JetStream:
+    no KV bucket) left its cluster attached as the kernel's transport. A send to an
+    unknown name then raised ``TransportUnavailable`` ('no NATS connection') instead of
+    ``AgentNotFound``, a second join raised ``RuntimeError: a transport is already
+    attached to this kernel``, and closing the connections logged 'connection to NATS
+    lost; reconnecting' as if the server had gone."""
+    bare = NatsServer(jetstream=False).start()
+    try:
+        async with open_kernel(node_config()) as kernel:
+            options = attrs.evolve(FAST, join_timeout=0.5)
+            with caplog.at_level(logging.WARNING, logger="nexus_trio"):
+                with trio.fail_after(30), pytest.raises(TransportUnavailable, match="-js"):
+                    async with join_cluster(kernel, bare.url, "a", options=options):
+                        pytest.fail("joined a cluster with no JetStream")
+            assert not [r for r in caplog.records if "connection to NATS lost" in r.message]
+            with pytest.raises(AgentNotFound):
+                await kernel.send("echo-b", 1)  # no transport attached after the failure
+            with trio.fail_after(30):
+                async with join_cluster(kernel, nats.url, "a", options=PATIENT) as cluster:
+                    assert cluster.node == "a"
+                    await kernel.shutdown()
+    finally:
+        bare.stop()
+
+
 async def test_bad_node_name_is_refused_before_connecting() -> None:
     async with open_kernel(node_config()) as kernel:
         with pytest.raises(ValueError, match=r"node name 'a\.b'"):

@@ -608,6 +608,9 @@ class Cluster:
         self._nodes_lost = 0
         self._nodes_forgotten = 0
         self._closing = False
+        #: set as this node closes its connections itself (after a leave, or a join that
+        #: failed): their disconnects are no loss to warn about
+        self._disconnecting = False
         #: set as the leave is announced: from then on no record of this node goes out
         #: (the others would take the node back as a member, the bucket hold it again)
         self._leave_announced = False
@@ -690,7 +693,7 @@ class Cluster:
                 # client's reconnect buffer, whose overflow nobody would see.
                 self._outbox.pause()
                 self._data_up = trio.Event()
-            if not self._closing and not down:
+            if not self._closing and not self._disconnecting and not down:
                 log_guarded(
                     log,
                     logging.WARNING,
@@ -4361,6 +4364,7 @@ class Cluster:
         # Not nc.drain(): it waits for every subscription's callback queue, and a
         # subscription whose task is already gone (cancelled watcher) never drains.
         # What we publish was flushed in _leave; close() also flushes what is left.
+        self._disconnecting = True
         data, control = self._nc, self._ctl
         for nc in (data, control):
             if nc is None or nc.is_closed:
@@ -4558,7 +4562,13 @@ async def join_cluster(
                     # Attached first: messages from other nodes may arrive as soon as the
                     # subscriptions start, and they come in through the handle.
                     cluster.handle = kernel.attach_transport(cluster)
-                    await cluster._start(nursery)
+                    try:
+                        await cluster._start(nursery)
+                    except BaseException:
+                        # (a join that failed leaves the kernel as it found it: free
+                        # to join again, and an unknown address AgentNotFound)
+                        kernel.detach_transport()
+                        raise
                     _joined[kernel] = cluster
                     try:
                         yield cluster
