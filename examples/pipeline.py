@@ -163,7 +163,8 @@ def spawn_pipeline(kernel: Kernel, *, workers: int, fail_every: int, max_attempt
 
 
 async def service(kernel: Kernel) -> None:
-    """For ``nexus run --app pipeline:service``: run a job every few seconds until stopped.
+    """For ``nexus run --app pipeline:service`` (run in ``examples/``, which ``--app`` imports
+    from): run a job every few seconds until stopped.
 
     This is the workload scripts/deploy.sh and the Dockerfile use by default. Each job's
     summary is logged; a job that loses tasks is logged as an error.
