@@ -415,12 +415,33 @@ def _to_commands(value: Any) -> Any:
     return value
 
 
+def app_reference_hint(value: str) -> str:
+    """What to append to an error about ``value``, a ``package.module:attr`` reference that
+    did not work: the reference it likely meant, if there is one (``myagents.py:app``,
+    ``./pkg/agents.py:app`` written as a file; ``myagents.app``, a dot for the colon;
+    ``myagents:app `` with a stray space), else ''."""
+    text = value.strip()
+    module, sep, attr = text.rpartition(":") if ":" in text else text.rpartition(".")
+    if not sep:
+        return ""
+    as_file = module.endswith(".py") or "/" in module or "\\" in module
+    if as_file:
+        module = module.removesuffix(".py").replace("\\", "/")
+        module = ".".join(part for part in module.split("/") if part not in ("", "."))
+    guess = f"{module}:{attr}"
+    if guess == value or not _APP_REFERENCE.fullmatch(guess):
+        return ""
+    hint = f"; did you mean {guess!r}?"
+    return hint + " (a module name, as 'python -m' takes it, not a file)" if as_file else hint
+
+
 def _check_app(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if value is None:
         return
     if not isinstance(value, str) or not _APP_REFERENCE.fullmatch(value):
+        hint = app_reference_hint(value) if isinstance(value, str) else ""
         raise ValueError(
-            f"[app] {attribute.name} must look like 'package.module:attr', got {value!r}"
+            f"[app] {attribute.name} must look like 'package.module:attr', got {value!r}{hint}"
         )
 
 

@@ -246,6 +246,23 @@ def test_bad_app_messages_say_what_is_wrong(isolated):
     assert "dumps is a plain function ('def')" in out
     out = flat(invoke(["run", "--app", "json:decoder"]).output)
     assert "must be an AgentSpec" in out
+    # a file name or path for the module, a dot for the colon, a stray space: the
+    # reference --app takes is suggested (they were refused without one)
+    out = flat(invoke(["run", "--app", "json.py:dumps"]).output)
+    assert (
+        "no module named 'json.py' (in 'json.py:dumps'); did you mean 'json:dumps'? (a module"
+        " name, as 'python -m' takes it, not a file)" in out
+    )
+    out = flat(invoke(["run", "--app", "./json/decoder.py:JSONDecoder"]).output)
+    assert (
+        "[app] app must look like 'package.module:attr', got './json/decoder.py:JSONDecoder';"
+        " did you mean 'json.decoder:JSONDecoder'? (a module name, as 'python -m' takes it,"
+        " not a file)" in out
+    )
+    out = flat(invoke(["run", "--app", "json.JSONEncoder"]).output)
+    assert "got 'json.JSONEncoder'; did you mean 'json:JSONEncoder'?" in out
+    out = flat(invoke(["run", "--app", "json:dumps "]).output)
+    assert "got 'json:dumps '; did you mean 'json:dumps'?" in out
 
 
 def test_nats_without_the_extra_exits_2_with_the_install_hint(isolated, monkeypatch):

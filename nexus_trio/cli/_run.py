@@ -45,7 +45,7 @@ from rich.live import Live
 
 from .. import KernelStats
 from .._agent import CONTEXT_NAMES, Agent, AgentSpec, as_spec
-from .._config import Config
+from .._config import Config, app_reference_hint
 from .._errors import SupervisorEscalation, TransportUnavailable
 from .._kernel import Kernel, open_kernel
 from .._logcall import log_guarded
@@ -271,7 +271,9 @@ def _import_reference(reference: str) -> Any:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name is not None and (module_name + ".").startswith(exc.name + "."):
-            raise AppError(f"no module named {module_name!r} (in {reference!r})") from None
+            raise AppError(
+                f"no module named {module_name!r} (in {reference!r}){app_reference_hint(reference)}"
+            ) from None
         raise AppError(f"importing {module_name!r} failed at {_where(exc)}: {exc}") from exc
     except Exception as exc:
         raise AppError(
