@@ -362,9 +362,23 @@ def test_a_saved_report_reads_back_with_its_goals(tmp_path: Path) -> None:
 
 
 def test_bench_command_rejects_an_unknown_scenario_by_name() -> None:
-    result = CliRunner().invoke(_app(), ["--smoke", "-s", "warp"])
+    result = CliRunner().invoke(_app(), ["--smoke", "-s", "warp"], env={"COLUMNS": "250"})
     assert result.exit_code == 2
-    assert "'warp'" in result.output
+    # as nexus run's --workload says it: the flag, the choices, the value
+    assert (
+        "Invalid value for '--scenario' / '-s': must be one of fanout, reqrep, scale, load,"
+        " fanin, churn, bridges, goals, got 'warp'" in result.output
+    )
+
+
+def test_bench_command_rejects_a_repeat_below_one_in_the_house_words() -> None:
+    """Regression: said pydantic's 'Input should be greater than or equal to 1', where
+    every other number flag says what it takes and what it got."""
+    result = CliRunner().invoke(_app(), ["--smoke", "-r", "0"], env={"COLUMNS": "250"})
+    assert result.exit_code == 2
+    assert "Invalid value for '--repeat' / '-r': must be a whole number >= 1, got 0" in (
+        result.output
+    )
 
 
 def test_bench_command_rejects_two_scales() -> None:
@@ -457,8 +471,14 @@ def test_the_fanout_memory_script_splits_each_side_into_send_and_drain() -> None
 @pytest.mark.parametrize(
     ("args", "said"),
     [
-        (["-s", "[/x]"], "unknown scenario '[/x]'"),
-        (["-s", "[bold]warp"], "unknown scenario '[bold]warp'"),
+        (
+            ["-s", "[/x]"],
+            "'--scenario' / '-s': must be one of fanout, reqrep, scale, load, fanin, churn, bridges, goals, got '[/x]'",
+        ),
+        (
+            ["-s", "[bold]warp"],
+            "'--scenario' / '-s': must be one of fanout, reqrep, scale, load, fanin, churn, bridges, goals, got '[bold]warp'",
+        ),
         (["--json", "/nowhere/[x]/out.json"], "--json: folder '/nowhere/[x]' does not exist"),
         (["--plot", "out.png"], "pip install 'nexus_trio[plot]' (or pip install matplotlib)"),
     ],
