@@ -212,6 +212,15 @@ def all_command_paths() -> list[list[str]]:
     return paths
 
 
+def test_no_arguments_print_the_help_and_exit_2_as_cli_md_says() -> None:
+    for args in ([], ["config"]):
+        result = invoke(args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "Usage: nexus" in result.output
+        assert "Commands" in result.output
+    assert invoke(["--help"]).exit_code == 0
+
+
 def test_every_command_is_covered() -> None:
     names = {" ".join(p) for p in all_command_paths()}
     assert {"", "run", "version", "health", "config", "config init", "config show"} <= names
