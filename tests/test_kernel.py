@@ -354,6 +354,45 @@ async def test_send_nowait_on_full_mailbox_raises_at_once() -> None:
         release.set()
 
 
+async def test_a_parked_agent_takes_one_message_beyond_its_capacity_as_trio_hands_it_over() -> None:
+    # Trio's memory channel hands a message straight to a receiver waiting in receive():
+    # an agent parked on its empty mailbox takes one, and `capacity` more are queued
+    # behind it. The depth counts all three until the agent runs; a busy agent (in a
+    # handler) waits in no receive(), and the bound is `capacity`.
+    handled: list[int] = []
+    release = trio.Event()
+
+    @agent(mailbox_capacity=2)
+    async def quick(ctx: Context, msg: Message) -> None:
+        handled.append(msg.payload)
+        if msg.payload == 10:
+            await release.wait()
+
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(quick, name="quick")
+        kernel.send_nowait(ref, 0)
+        await trio.testing.wait_all_tasks_blocked()  # handled 0, parked in receive()
+        for i in (1, 2, 3):
+            kernel.send_nowait(ref, i)
+        with pytest.raises(MailboxFull):
+            kernel.send_nowait(ref, 4)
+        assert kernel.mailbox_depth(ref) == 3
+        assert kernel.stats().max_mailbox_depth == 3
+        await trio.testing.wait_all_tasks_blocked()
+        assert handled == [0, 1, 2, 3]
+        kernel.send_nowait(ref, 10)
+        await trio.testing.wait_all_tasks_blocked()  # in the handler of 10, not parked
+        kernel.send_nowait(ref, 11)
+        kernel.send_nowait(ref, 12)
+        with pytest.raises(MailboxFull):
+            kernel.send_nowait(ref, 13)
+        assert kernel.mailbox_depth(ref) == 2
+        assert kernel.stats().rejected == {"mailbox_full": 2}
+        release.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert handled == [0, 1, 2, 3, 10, 11, 12]
+
+
 async def test_sends_are_refused_once_the_kernel_is_shutting_down() -> None:
     async with open_kernel(make_config()) as kernel:
         ref = kernel.spawn(noop)
