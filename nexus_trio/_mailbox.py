@@ -12,7 +12,7 @@ order) and keep the depth as a counter of its own, read in O(1).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any, final
 
 import attrs
@@ -65,7 +65,7 @@ class Mailbox:
         "capacity",
         "depth",
         "high_water",
-        "put",
+        "sender",
         "waiting",
     )
 
@@ -77,12 +77,14 @@ class Mailbox:
         # never receives anything (most of a million idle agents) costs no channel.
         self._send: trio.MemorySendChannel[Message | None] | None = None
         self._receive: trio.MemoryReceiveChannel[Message | None] | None = None
-        #: the send channel's ``send_nowait`` once the channel is open (None before), for
-        #: a producer that enqueues itself (the router's fast branch): a call of
+        #: the send channel once it is open (None before), for a producer that enqueues
+        #: itself with its ``send_nowait`` (the router's fast branch): a call of
         #: :meth:`try_put` per message costs a tenth of a send. After it returns, the
         #: producer does the rest of :meth:`try_put`: ``depth += 1``, and what
-        #: :meth:`raise_high_water` does when the depth passed ``high_water``.
-        self.put: Callable[[Message], None] | None = None
+        #: :meth:`raise_high_water` does when the depth passed ``high_water``. The channel,
+        #: not its bound ``send_nowait``: a bound method kept per agent is 64 bytes more
+        #: per running agent and one more object a send to a cold agent touches.
+        self.sender: trio.MemorySendChannel[Message | None] | None = None
         self.depth = 0
         self.high_water = 0
         self._kernel_high = kernel_high if kernel_high is not None else HighWater()
@@ -112,7 +114,7 @@ class Mailbox:
             trio.MemorySendChannel[Message | None], trio.MemoryReceiveChannel[Message | None]
         ] = trio.open_memory_channel(self.capacity)
         self._send, self._receive = channel
-        self.put = channel[0].send_nowait
+        self.sender = channel[0]
         return channel
 
     def statistics(self) -> MailboxStatistics:
@@ -190,17 +192,20 @@ class Mailbox:
             self.depth -= 1
         return msg  # type: ignore[return-value]  # None is never buffered
 
-    def taker(self) -> Callable[[], Message | None]:
-        """The channel's ``receive_nowait``, for a consumer that takes messages itself.
+    def receiver(self) -> trio.MemoryReceiveChannel[Message | None]:
+        """The receive channel, for a consumer that takes messages itself with its
+        ``receive_nowait``.
 
         For the serve loop, which calls it only while ``depth`` is non-zero and then does
         the rest of :meth:`take` (``depth -= 1``, or :meth:`recount` while ``waiting``):
-        a call of :meth:`take` per message costs more than a no-op handler.
+        a call of :meth:`take` per message costs more than a no-op handler. The channel,
+        not its bound ``receive_nowait``: the serve loop's frame keeps what this returns
+        for as long as the agent runs.
         """
         receive = self._receive
         if receive is None:
             receive = self._open()[1]
-        return receive.receive_nowait
+        return receive
 
     def recount(self) -> None:
         """Set ``depth`` after a take while producers were waiting.

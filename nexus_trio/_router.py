@@ -746,14 +746,14 @@ class Router:
             # _enqueue and Mailbox.try_put, written out: each call would cost a tenth of
             # the whole send.
             mailbox = cell.mailbox
-            put = mailbox.put
-            if put is None:
+            sender = mailbox.sender
+            if sender is None:
                 # The address's first message: try_put opens its channel.
                 if not mailbox.try_put(msg):
                     return False
             else:
                 try:
-                    put(msg)
+                    sender.send_nowait(msg)
                 except trio.WouldBlock:
                     return False
                 depth = mailbox.depth = mailbox.depth + 1

@@ -8,6 +8,7 @@ import logging
 import math
 import re
 import traceback
+import types
 import uuid
 import warnings
 import weakref
@@ -2192,6 +2193,35 @@ async def test_every_run_s_task_shares_one_name_string() -> None:
     assert set(names) == {"nexus_trio._supervisor.SupervisorNode._child_task"}
     # one string object for every run (an eager start, two lazy ones woken by a message)
     assert len({id(name) for name in names}) == 1
+
+
+async def test_a_running_agent_keeps_no_bound_method_of_its_channel() -> None:
+    """The fast branch's send and the serve loop's take used to keep a bound method of the
+    agent's channel each (``send_nowait``, ``receive_nowait``: 64 bytes apiece) for as
+    long as the agent ran; they keep the channels themselves, which exist anyway."""
+    handled: list[int] = []
+
+    @agent
+    async def worker(ctx: Context, msg: Message) -> None:
+        handled.append(msg.payload)
+
+    async with open_kernel(make_config()) as kernel:
+        for i in range(3):
+            kernel.spawn(worker, name=f"worker-{i}")
+        await trio.testing.wait_all_tasks_blocked()
+        for i in range(3):
+            await kernel.send(f"worker-{i}", i)
+            await kernel.send(f"worker-{i}", i + 10)
+        await trio.testing.wait_all_tasks_blocked()
+        channels = (trio.MemorySendChannel, trio.MemoryReceiveChannel)
+        bound = [
+            obj
+            for obj in gc.get_objects()
+            if isinstance(obj, types.MethodType) and isinstance(obj.__self__, channels)
+        ]
+        assert sorted(handled) == [0, 1, 2, 10, 11, 12]
+        assert kernel.stats().handled == 6
+    assert bound == []
 
 
 async def test_stopping_a_supervisor_stops_and_unregisters_its_whole_subtree() -> None:
