@@ -364,10 +364,18 @@ def run(
     from ..config import ConfigError, load_config
     from ..logs import configure_logging, log_calls_failed, records_lost
     from ._cluster_cmd import WORKER_ENV
-    from ._run import RunOptions, catch_stop_signals_early, execute_run, stderr_proxy
+    from ._run import (
+        RunOptions,
+        catch_stop_signals_early,
+        execute_run,
+        note_stops_after_the_run,
+        stderr_proxy,
+    )
 
     # (a worker takes SIGINT/SIGTERM too: the parent's stop may come while it starts)
     catch_stop_signals_early(worker=bool(os.environ.get(WORKER_ENV)))
+    if _entry["process"]:
+        note_stops_after_the_run()  # (this process ends with the run)
     if generate_config is not None:
         _write_template(generate_config, force=False)
         return
@@ -1015,6 +1023,11 @@ def _silence(stream: Any) -> None:
         pass
 
 
+#: whether :func:`main` runs the command: the process is ``nexus``'s own and ends with it
+#: (not so for a command invoked by a test, whose process goes on)
+_entry = {"process": False}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``nexus`` and ``nexus-runtime`` console scripts (each named as
     it was invoked, so that shell completion attaches to the name the user types).
@@ -1025,6 +1038,7 @@ def main(argv: list[str] | None = None) -> None:
     click does.
     """
     invoked = Path(sys.argv[0]).name
+    _entry["process"] = True
     out, err = _WatchedStream(sys.stdout), _WatchedStream(sys.stderr)
     sys.stdout, sys.stderr = out, err
     try:

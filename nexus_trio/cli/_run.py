@@ -552,11 +552,75 @@ def _watched_signals() -> list[int]:
     return wanted
 
 
+def note_stops_after_the_run() -> None:
+    """For the ``nexus`` process itself (its entry point, :func:`nexus_trio.cli.main`):
+    a SIGINT or SIGTERM that comes once the run is over — its summary being written, the
+    process exiting — is noted and ignored, as a SIGHUP then is (see
+    :func:`catch_stop_signals_early`): there is nothing left to force, and the summary
+    and the run's status stand. Python's own handling of them came back when the run's
+    receiver closed: a KeyboardInterrupt in the middle of the summary or in an exit
+    function, or the process ended by SIGTERM's default action after its whole summary
+    (status -15). Not for a run called in a process that goes on (a test): its Ctrl-C
+    stays Python's."""
+    _late_stops["noted"] = True
+
+
+#: whether a stop signal after the run is noted (see :func:`note_stops_after_the_run`)
+_late_stops = {"noted": False}
+
+
+def _note_late_stops() -> None:
+    """Called before ``trio.run``: the stop signals with Python's handling are noted from
+    now on (see :func:`note_stops_after_the_run`); an ignored one stays ignored. The
+    run's receiver hands each to the run while it is open, and one noted before it
+    opens is the run's as it opens (:func:`take_early_signals`); after it, they are
+    noted and ignored, and at the exit :func:`_ignore_noted_signals` ignores them
+    outright. (Before ``trio.run``, not in it: Trio puts back Python's handler of
+    SIGINT as its run ends.)"""
+    if not _late_stops["noted"] or threading.current_thread() is not threading.main_thread():
+        return
+    for signum in stop_signals():
+        if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
+            signal.signal(signum, _note_early)
+
+
+@contextlib.contextmanager
+def _each_signal(signums: list[int]) -> Iterator[trio.MemoryReceiveChannel[int]]:
+    """The signals ``signums`` as they come, each arrival one item, in order.
+
+    ``trio.open_signal_receiver`` merges a signal that comes again before it is taken
+    (its documented behaviour): two SIGINTs that came before the run's signal task woke
+    for the first (back to back, or 10 ms apart under a busy kernel of 10,000 agents)
+    were one stop, and the second Ctrl-C did not force the exit. Here each arrival is
+    handed to the run by ``run_sync_soon``, which a signal handler may call. What
+    arrived and was not taken when the block ends is dropped: the run is over."""
+    token = trio.lowlevel.current_trio_token()
+    send, receive = trio.open_memory_channel[int](math.inf)
+
+    def offer(signum: int) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            send.send_nowait(signum)
+
+    def arrived(signum: int, _frame: object) -> None:
+        token.run_sync_soon(offer, signum)
+
+    previous: list[tuple[int, Any]] = []
+    try:
+        for signum in signums:
+            previous.append((signum, signal.signal(signum, arrived)))
+        yield receive
+    finally:
+        for signum, handler in reversed(previous):
+            signal.signal(signum, handler)
+        send.close()
+        receive.close()
+
+
 async def _watch_signals(
     state: _State, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
     usr1 = getattr(signal, "SIGUSR1", None)
-    with trio.open_signal_receiver(*_watched_signals()) as receiver:
+    with _each_signal(_watched_signals()) as receiver:
         # (those noted before, now that the receiver takes the next ones)
         for signum in take_early_signals():
             _on_stop_signal(state, signum)
@@ -1144,6 +1208,7 @@ def execute_run(
     lost_before = records_lost() if opts.records_lost_before is None else opts.records_lost_before
     opts = attrs.evolve(opts, records_lost_before=lost_before)
     started = time.perf_counter()
+    _note_late_stops()
     summary, status = trio.run(run_async, opts, err_console)
     log_guarded(log, logging.DEBUG, "run took %.3f s of wall time", time.perf_counter() - started)
     # Records still queued for standard error are written now, or (its reader stopped

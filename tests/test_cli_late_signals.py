@@ -1,0 +1,124 @@
+"""``nexus run`` under stop signals that come close together or late: real processes.
+
+A second SIGINT or SIGTERM forces the exit (status 130) however soon after the first it
+comes, and one that comes once the run is over (its summary being written, the process
+exiting) is noted and ignored: the run's summary and status stand (docs/cli.md,
+Signals). Each process is bounded by a timeout; the apps send the signals to their own
+process at the moment the case is about, so nothing here depends on timing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from .test_cli import conserved
+
+#: an app whose main sends its own process two stop signals back to back, the run going
+#: on: the second must force the exit, not be merged into the first
+TWICE_APP = """
+    import os
+    import signal
+
+    import trio
+
+    async def main(kernel):
+        await trio.sleep(0.2)
+        os.kill(os.getpid(), signal.{sig})
+        os.kill(os.getpid(), signal.{sig})
+        await trio.sleep_forever()
+"""
+
+#: an app whose process gets one more stop signal once the run is over: while its
+#: summary is written (the first write to standard output), or as the process exits
+#: (an exit function of the app's, which runs before nexus_trio's)
+LATE_APP = """
+    import atexit
+    import os
+    import signal
+    import sys
+
+    import trio
+
+    class Signalling:
+        def __init__(self, stream):
+            self.stream = stream
+            self.sent = False
+
+        def write(self, text):
+            if not self.sent:
+                self.sent = True
+                os.kill(os.getpid(), signal.{sig})
+            return self.stream.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.stream, name)
+
+    async def main(kernel):
+        if "{when}" == "summary":
+            sys.stdout = Signalling(sys.stdout)
+        else:
+            atexit.register(os.kill, os.getpid(), signal.{sig})
+        await trio.sleep(0.2)
+        os.kill(os.getpid(), signal.{sig})
+        await trio.sleep_forever()
+"""
+
+
+def run_app(tmp_path: Path, source: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "signal_app.py").write_text(textwrap.dedent(source))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")} | {
+        "XDG_CONFIG_HOME": str(tmp_path / "xdg"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "nexus_trio.cli", "run", "--app", "signal_app:main", "--json"],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_second_stop_signal_right_after_the_first_forces_the_exit(
+    tmp_path: Path, sig: str
+) -> None:
+    """Regression: two stop signals that came before the run's signal task woke for the
+    first (here back to back; a busy kernel of 10,000 agents took 10 ms apart ones so)
+    were one for Trio's signal receiver, which merges a signal that comes again before
+    it is taken: the run shut down gracefully, exit 0, as if the second never came."""
+    done = run_app(tmp_path, TWICE_APP.format(sig=sig))
+    assert done.returncode == 130, done.stderr
+    assert f"{sig}: shutting down gracefully" in done.stderr
+    assert f"{sig} again: forced exit, without waiting for the shutdown" in done.stderr
+    assert done.stdout == ""  # no summary after a forced exit
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("when", ["summary", "exit"])
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_stop_signal_once_the_run_is_over_is_ignored(tmp_path: Path, sig: str, when: str) -> None:
+    """Regression: a second SIGINT or SIGTERM that came once the shutdown was over (the
+    summary being written, the process exiting) met Python's own handling again, the
+    run's receiver closed: a KeyboardInterrupt in the middle of the summary, or in an
+    exit function (a traceback on standard error), or the process ended by SIGTERM's
+    default action (exit status -15 after a whole summary). There was nothing left to
+    force: it is ignored, and the summary and the run's status (0) stand."""
+    done = run_app(tmp_path, LATE_APP.format(sig=sig, when=when))
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr
+    assert "KeyboardInterrupt" not in done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["stopped_by"] == sig
+    assert summary["error"] is None
+    assert conserved(summary)
