@@ -87,6 +87,8 @@ _ENDED_AFTER_FAILURE: Final = {
     "failed": "it stopped for good after a failure and was not restarted",
 }
 _QUERY: Final = MessageKind.QUERY
+#: the detail of a monitor notice dead-lettered because its watcher's mailbox was full
+_NOTICE_REFUSED: Final = "full: a monitor notice does not wait for room"
 #: the deadline heap is swept of finished requests only past this many (see _finish)
 _SWEEP_AT: Final = 64
 
@@ -876,6 +878,10 @@ class Router:
             blocked = self._deliver_nowait(msg)
             if blocked is not None:
                 raise self._full(blocked, msg)
+        except MailboxFull:
+            # (refused at once: not "still full after" the send timeout, which a notice
+            # never waits)
+            self._accept_dead(msg, DeadLetterReason.MAILBOX_FULL, _NOTICE_REFUSED)
         except Exception as exc:
             self._dead_undeliverable(msg, exc)
 
