@@ -1,4 +1,5 @@
-"""``nexus run`` under stop signals that come close together or late: real processes.
+"""``nexus run`` under stop signals that come close together, late, or in the middle of
+an app's spawning of 10,000 agents: real processes.
 
 A second SIGINT or SIGTERM forces the exit (status 130) however soon after the first it
 comes, and one that comes once the run is over (its summary being written, the process
@@ -121,4 +122,48 @@ def test_a_stop_signal_once_the_run_is_over_is_ignored(tmp_path: Path, sig: str,
     summary = json.loads(done.stdout)
     assert summary["stopped_by"] == sig
     assert summary["error"] is None
+    assert conserved(summary)
+
+
+#: an app that spawns 10,000 agents, a few at a time, and gets a SIGTERM halfway
+SPAWNING_APP = """
+    import os
+    import signal
+
+    import trio
+
+    from nexus_trio import agent
+
+    @agent
+    async def idle(ctx, msg):
+        return None
+
+    async def main(kernel):
+        for i in range(10_000):
+            if i == 5_000:
+                os.kill(os.getpid(), signal.SIGTERM)
+            ref = kernel.spawn(idle, name=f"a{i}")
+            await kernel.send(ref, i)
+            if i % 100 == 99:
+                # (a send that finds room is no schedule point: one send in sixteen
+                # checks for cancellation, and nothing else runs meanwhile)
+                await trio.sleep(0)
+        raise AssertionError("the stop did not end the spawning")
+"""
+
+
+def test_a_sigterm_while_the_app_spawns_ten_thousand_agents_stops_it_with_its_books_balanced(
+    tmp_path: Path,
+) -> None:
+    """A SIGTERM halfway through an app's spawning of 10,000 agents (each sent a
+    message, a pause every 100): the spawning ends at its next pause, the kernel drains
+    what was sent and stops every agent spawned, and the summary's books balance, exit 0."""
+    done = run_app(tmp_path, SPAWNING_APP)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    summary = json.loads(done.stdout)
+    assert (summary["stopped_by"], summary["error"]) == ("SIGTERM", None)
+    assert 5_000 <= summary["sent"] < 10_000  # (the stop is taken within a few pauses)
+    assert summary["handled"] == summary["sent"]  # each agent its one message
+    assert summary["dead_letters"] == 0
     assert conserved(summary)

@@ -14,6 +14,7 @@ from nexus_trio import (
     Context,
     EventKind,
     Message,
+    Subscription,
     Supervisor,
     agent,
     open_kernel,
@@ -21,6 +22,16 @@ from nexus_trio import (
 from nexus_trio.testing import assert_conserved, record_events
 
 from .conftest import make_config
+
+
+def buffered(stream: Subscription[Any]) -> list[Any]:
+    """What ``stream`` has buffered now, taken without waiting."""
+    items = []
+    while True:
+        try:
+            items.append(stream.receive_nowait())
+        except trio.WouldBlock:
+            return items
 
 
 def notice(msg: Message) -> tuple[str, str, str]:
@@ -312,12 +323,7 @@ async def test_a_notice_to_a_full_mailbox_is_dead_lettered_saying_it_did_not_wai
         await kernel.stop("s")
         await trio.testing.wait_all_tasks_blocked()
         stats = kernel.stats()
-        dead = []
-        while True:
-            try:
-                dead.append(letters.receive_nowait())
-            except trio.WouldBlock:
-                break
+        dead = buffered(letters)
     # the targets stop in reverse start order; what found the mailbox full is counted
     assert [name for _, name, _ in seen] == ["t9", "t8", "t7", "t6", "t5"]
     assert [d.message.payload["name"] for d in dead] == ["t4", "t3", "t2", "t1", "t0"]
