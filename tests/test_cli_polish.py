@@ -393,7 +393,8 @@ def test_counts_the_cli_prints_say_one_in_the_singular(isolated: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "app greeter_app:greeter, 1 agent " in flat(result.output) + " "
     assert "1 agents" not in flat(result.output)
-    from nexus_trio.cli._view import count_of, render_tree
+    from nexus_trio._plural import count_of
+    from nexus_trio.cli._view import render_tree
 
     assert [count_of(n, "worker") for n in (0, 1, 2, 1000)] == [
         "0 workers",

@@ -68,6 +68,7 @@ from .._message import (
     parse_address,
     unicode_text_read,
 )
+from .._plural import count_of
 from .._throttle import Throttle
 from . import _lineage
 
@@ -1884,10 +1885,9 @@ class ProcessAgent(Agent):
         log_guarded(
             logger,
             logging.WARNING,
-            "[%s] %s stderr line%s not logged (more than %d at once, then %g a second)",
+            "[%s] %s not logged (more than %d at once, then %g a second)",
             self.label,
-            f"{held:,}",
-            "" if held == 1 else "s",
+            count_of(held, "stderr line"),
             _STDERR_BURST,
             _STDERR_RATE,
         )

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Final
 import typer
 
 from .._logcall import log_guarded
+from .._plural import count_of
 
 if TYPE_CHECKING:
     from .._nats import NatsServer
@@ -144,8 +145,8 @@ def worker_count_problem(count: int, environ: Mapping[str, str] = os.environ) ->
         cores = default_workers()
         bound = max(_WORKERS_PER_CORE * cores, _MIN_WORKERS_BOUND)
         why = (
-            f"the most this host runs ({_WORKERS_PER_CORE} per CPU core, {cores} "
-            f"{'core' if cores == 1 else 'cores'}; at least {_MIN_WORKERS_BOUND}): set "
+            f"the most this host runs ({_WORKERS_PER_CORE} per CPU core, "
+            f"{count_of(cores, 'core')}; at least {_MIN_WORKERS_BOUND}): set "
             f"{MAX_WORKERS_ENV}={count} to run them anyway"
         )
     if count > bound:
@@ -492,11 +493,10 @@ def run_workers(
         log_guarded(
             log,
             logging.INFO,
-            "started nats-server at %s (pid %d) for %d worker%s",
+            "started nats-server at %s (pid %d) for %s",
             server.url,
             server.pid,
-            workers,
-            "" if workers == 1 else "s",
+            count_of(workers, "worker"),
         )
         return server.url
 

@@ -49,6 +49,7 @@ from .._config import Config, app_reference_hint
 from .._errors import SupervisorEscalation, TransportUnavailable
 from .._kernel import Kernel, open_kernel
 from .._logcall import log_guarded
+from .._plural import count_of
 from .._supervisor import Supervisor
 from ..logs import flush_logs, log_calls_failed, records_lost
 from ._encoding import encodes, stand_ins
@@ -65,7 +66,6 @@ from ._spawn import (
 from ._swarm import Swarm, cluster_counts, layout_from_env
 from ._view import (
     Sample,
-    count_of,
     plain_line,
     render_live,
     render_tree,

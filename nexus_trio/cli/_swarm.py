@@ -55,6 +55,7 @@ import trio
 
 from .._agent import AgentRef
 from .._logcall import log_guarded
+from .._plural import count_of
 
 if TYPE_CHECKING:
     from .._nats import Cluster, ClusterStats, NodeInfo
@@ -179,7 +180,7 @@ class Swarm:
                     await trio.sleep(0.02)  # names arrive through the KV watch
         if pending and not self.should_stop():
             raise RuntimeError(
-                f"{len(pending):,} agent{'' if len(pending) == 1 else 's'} of the swarm (e.g."
+                f"{count_of(len(pending), 'agent')} of the swarm (e.g."
                 f" {names[pending[0]]!r}) {'was' if len(pending) == 1 else 'were'} not published"
                 f" within {timeout:g}s"
             )

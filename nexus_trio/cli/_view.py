@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .._brief import brief
+from .._plural import count_of, fmt_count
 from .._stats import HistogramSnapshot, KernelStats
 from ._cluster_cmd import FROM_ITS_RECORD, NOT_STARTED, SEEN_FROM_OUTSIDE
 
@@ -69,15 +70,6 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"  # pragma: no cover
-
-
-def fmt_count(n: float) -> str:
-    return f"{n:,.0f}"
-
-
-def count_of(n: float, thing: str) -> str:
-    """``1 agent``, ``2 agents``, ``1,000 agents``: a count with its noun, singular for one."""
-    return f"{fmt_count(n)} {thing}" + ("" if n == 1 else "s")
 
 
 def fmt_reasons(reasons: Mapping[str, int]) -> str:
@@ -406,7 +398,7 @@ def _bridge_counts_text(program: Mapping[str, Any]) -> str:
 
 def _spawned_text(program: Mapping[str, Any]) -> str:
     starts = program.get("starts") or 0
-    started = f"{starts} start{'' if starts == 1 else 's'}"
+    started = count_of(starts, "start")
     if program.get("registered"):
         # A registered program's problem: its supervisor gave up on it.
         then = f", then {problem}" if (problem := program.get("problem")) else ""

@@ -1,0 +1,22 @@
+"""Counts written for people: a number with its noun, singular for one.
+
+The CLI's summaries, the swarm's errors and the log lines of the cluster runner and of
+process agents all count things; they write a count through :func:`count_of`, so every one
+of them reads ``1 agent`` / ``2 agents`` / ``1,000 agents`` the same way. It lives below the
+CLI and the bridges (it imports nothing of the package) so that any of them can use it
+without an import cycle.
+"""
+
+from __future__ import annotations
+
+__all__ = ["count_of", "fmt_count"]
+
+
+def fmt_count(n: float) -> str:
+    """``1,000``: a count with thousands separators, no fraction."""
+    return f"{n:,.0f}"
+
+
+def count_of(n: float, thing: str) -> str:
+    """``1 agent``, ``2 agents``, ``1,000 agents``: a count with its noun, singular for one."""
+    return f"{fmt_count(n)} {thing}" + ("" if n == 1 else "s")
