@@ -63,7 +63,14 @@ class ConfigError(NexusError, ValueError):
     column for TOML syntax errors), ``environment variable NAME: message``, or
     ``override section.key: message``. The parts are also attributes: ``path``,
     ``line``, ``column``, ``key`` (``"section.key"``) and ``origin``.
+
+    A file or an environment with several problems (bad values, unknown names) raises one
+    error for all of them, one line each in the order found, so that one run shows every
+    fix to make: its ``problems`` are the bad values, each a ``ConfigError`` of its own
+    with its place and key (``(self,)`` for an error of one problem).
     """
+
+    problems: tuple[ConfigError, ...]
 
     def __init__(
         self,
@@ -81,6 +88,7 @@ class ConfigError(NexusError, ValueError):
         self.column = column
         self.key = key
         self.origin = origin
+        self.problems = (self,)
         if path is not None:
             where = str(path)
             if line is not None:
@@ -296,15 +304,45 @@ def _allow_unknown_from_env(env: Mapping[str, str]) -> bool:
     )
 
 
-def _unknown_names_error(unknown: list[str], file: Path | None) -> ConfigError:
-    """One error for every unknown name found, the first one first (with its "did you mean")."""
-    hint = (
-        f"(a misspelt key would silently keep its default; to only warn about unknown names, "
-        f"set {ALLOW_UNKNOWN_ENV}=1)"
-    )
-    error = ConfigError("\n".join([*unknown, hint]))
-    error.path = file  # each entry already names its file:line or variable, so not in the text
-    return error
+@attrs.define
+class _Findings:
+    """What the file and environment layers found wrong, in the order found: bad values
+    (each a ConfigError) and unknown names (each a line saying where, errors unless
+    unknown names are allowed), so that one error can say all of them."""
+
+    problems: list[ConfigError] = attrs.Factory(list)
+    unknown: list[str] = attrs.Factory(list)
+    #: both, in the order found: a ConfigError, or an index into ``unknown``
+    order: list[ConfigError | int] = attrs.Factory(list)
+
+    def bad_value(self, error: ConfigError) -> None:
+        self.problems.append(error)
+        self.order.append(error)
+
+    def unknown_name(self, text: str) -> None:
+        self.order.append(len(self.unknown))
+        self.unknown.append(text)
+
+    def error(self, file: Path | None, *, allow_unknown: bool) -> ConfigError | None:
+        """None if nothing is wrong; the one bad value's own error if that is all; else
+        one error listing every problem, a line each, the first one first."""
+        unknown = [] if allow_unknown else self.unknown
+        if not unknown and len(self.problems) <= 1:
+            return self.problems[0] if self.problems else None
+        lines = [
+            str(entry) if isinstance(entry, ConfigError) else self.unknown[entry]
+            for entry in self.order
+            if isinstance(entry, ConfigError) or unknown
+        ]
+        if unknown:
+            lines.append(
+                f"(a misspelt key would silently keep its default; to only warn about unknown "
+                f"names, set {ALLOW_UNKNOWN_ENV}=1)"
+            )
+        error = ConfigError("\n".join(lines))
+        error.path = file  # each entry already names its file:line or variable, so not in the text
+        error.problems = tuple(self.problems)
+        return error
 
 
 # --- the layers --------------------------------------------------------------------------------
@@ -312,7 +350,7 @@ def _unknown_names_error(unknown: list[str], file: Path | None) -> ConfigError:
 _Values = dict[str, dict[str, Any]]
 
 
-def _read_file(path: Path, values: _Values, sources: dict[str, str], warnings: list[str]) -> None:
+def _read_file(path: Path, values: _Values, sources: dict[str, str], found: _Findings) -> None:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -357,26 +395,30 @@ def _read_file(path: Path, values: _Values, sources: dict[str, str], warnings: l
             else:
                 message = _unknown_top_level_text(section)
                 line = _first(_key_lines(text, None, section))
-            warnings.append(f"{path}:{line}: {message}" if line else f"{path}: {message}")
+            found.unknown_name(f"{path}:{line}: {message}" if line else f"{path}: {message}")
             continue
         if not isinstance(table, dict):
-            raise ConfigError(
-                f"[{section}] must be a table, got {table!r}",
-                path=path,
-                line=_section_line(text, section),
-                key=section,
+            found.bad_value(
+                ConfigError(
+                    f"[{section}] must be a table, got {table!r}",
+                    path=path,
+                    line=_section_line(text, section),
+                    key=section,
+                )
             )
+            continue
         known = _fields(section)
         for key, value in table.items():
             line = _first(_key_lines(text, section, key))
             if key not in known:
                 message = _unknown_key_text(section, key)
-                warnings.append(f"{path}:{line}: {message}" if line else f"{path}: {message}")
+                found.unknown_name(f"{path}:{line}: {message}" if line else f"{path}: {message}")
                 continue
             try:
                 values[section][key] = _check_value(section, key, value)
             except ValueError as exc:
-                raise ConfigError(str(exc), path=path, line=line, key=f"{section}.{key}") from None
+                found.bad_value(ConfigError(str(exc), path=path, line=line, key=f"{section}.{key}"))
+                continue
             sources[f"{section}.{key}"] = source
 
 
@@ -453,7 +495,7 @@ def _parse_env_value(section: str, field: attrs.Attribute[Any], raw: str) -> Any
 
 
 def _read_env(
-    env: Mapping[str, str], values: _Values, sources: dict[str, str], warnings: list[str]
+    env: Mapping[str, str], values: _Values, sources: dict[str, str], found: _Findings
 ) -> None:
     for name in sorted(env):
         if not name.startswith(ENV_PREFIX) or "__" not in name[len(ENV_PREFIX) :]:
@@ -462,11 +504,11 @@ def _read_env(
         section, key = section_part.lower(), key_part.lower()
         origin = f"environment variable {name}"
         if section not in SECTIONS:
-            warnings.append(f"{origin}: {_unknown_section_text(section)}")
+            found.unknown_name(f"{origin}: {_unknown_section_text(section)}")
             continue
         known = _fields(section)
         if key not in known:
-            warnings.append(f"{origin}: {_unknown_key_text(section, key)}")
+            found.unknown_name(f"{origin}: {_unknown_key_text(section, key)}")
             continue
         try:
             value = _parse_env_value(section, known[key], env[name])
@@ -474,7 +516,8 @@ def _read_env(
                 raise ValueError(f"[{section}] {key} {_HUGE}")
             values[section][key] = _check_value(section, key, value)
         except ValueError as exc:
-            raise ConfigError(str(exc), origin=origin, key=f"{section}.{key}") from None
+            found.bad_value(ConfigError(str(exc), origin=origin, key=f"{section}.{key}"))
+            continue
         sources[f"{section}.{key}"] = f"env {name}"
 
 
@@ -523,11 +566,14 @@ def load_config(
     Python value (``None`` = not given); their source is ``"cli"``.
 
     Raises :class:`ConfigError` naming the file and line, the variable or the override
-    of the first invalid value, and for a file that others could have written (see
+    of an invalid value, and for a file that others could have written (see
     :func:`check_file_permissions`). Unknown sections and keys, in the file or the
     environment, raise :class:`ConfigError` listing each with a suggestion; with
     ``allow_unknown=True`` they are warnings instead (logged and returned in
     ``warnings``). ``allow_unknown=None`` reads ``NEXUS_ALLOW_UNKNOWN`` from ``env``.
+    Every bad value and unknown name of the file and the environment is said at once, in
+    one error of a line each (its ``problems`` are the bad values); an override's is said
+    after them, as is a rule across keys of a table.
     """
     env = os.environ if env is None else env
     if allow_unknown is None:
@@ -537,7 +583,7 @@ def load_config(
     sources: dict[str, str] = {
         f"{section}.{key}": "default" for section in SECTIONS for key in _fields(section)
     }
-    warnings: list[str] = []
+    found = _Findings()
 
     file: Path | None = None
     if path is not None:
@@ -553,19 +599,25 @@ def load_config(
                 break
     if file is not None:
         check_file_permissions(file)
-        _read_file(file, values, sources, warnings)
-    _read_env(env, values, sources, warnings)
-    if warnings and not allow_unknown:
-        raise _unknown_names_error(warnings, file)
+        _read_file(file, values, sources, found)
+    _read_env(env, values, sources, found)
+    error = found.error(file, allow_unknown=allow_unknown)
+    if error is not None:
+        raise error
+    warnings = found.unknown
     if overrides:
         _apply_overrides(overrides, values, sources)
 
     tables: dict[str, Any] = {}
+    broken = _Findings()
     for section, cls in SECTIONS.items():
         try:
             tables[section] = cls(**values[section])
         except ValueError as exc:  # a rule across keys
-            raise ConfigError(str(exc), path=file, origin="config") from None
+            broken.bad_value(ConfigError(str(exc), path=file, origin="config"))
+    error = broken.error(file, allow_unknown=True)
+    if error is not None:
+        raise error
     for warning in warnings:
         log.warning("%s", warning)
     return LoadedConfig(Config(**tables), file, sources, tuple(warnings), explicit=path is not None)

@@ -426,6 +426,21 @@ def test_a_broken_config_file_exits_2_naming_file_and_line(isolated):
     assert "missing.toml" in flat(result.output)
 
 
+def test_a_config_with_several_problems_shows_all_of_them_in_one_run(isolated):
+    """Regression: ``config show`` and ``run --config`` showed the first bad value only;
+    the typo'd key of the same file (and a bad variable) came to light a run later."""
+    file = isolated / "bad.toml"
+    file.write_text("[kernel]\nmailbox_capacity = 0\nbatch_sise = 3\n")
+    for args in (["config", "show", "-c", str(file)], ["run", "-c", str(file), "-d", "1"]):
+        result = invoke(args, NEXUS_LOGGING__LEVEL="loud")
+        assert result.exit_code == 2, result.output
+        out = flat(result.output)
+        assert f"{file}:2: [kernel] mailbox_capacity must be >= 1, got 0" in out
+        assert f"{file}:3: unknown key [kernel] batch_sise (did you mean batch_size?)" in out
+        assert "environment variable NEXUS_LOGGING__LEVEL: [logging] level must be" in out
+        assert out.count("nexus: error:") == 1
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

@@ -588,6 +588,57 @@ def test_unknown_keys_and_sections_are_errors_that_list_each_with_did_you_mean(
     assert info.value.path == file
 
 
+def test_every_problem_of_the_file_and_the_environment_is_said_at_once(home: Path) -> None:
+    """Regression: a bad value raised at once, so a file with a bad value and a typo'd
+    key (or two bad values, or a bad variable besides) showed the next problem only on
+    the next run. One error says them all, a line each in the order found, each naming
+    its place, table and key; its ``problems`` are the bad values, each with its own."""
+    file = write(
+        home / "cwd" / "config.toml",
+        "[kernel]\nmailbox_capacity = 0\nbatch_sise = 3\nsend_timeout_ms = -1\n"
+        "[logging]\nlevel = 'loud'\n[metric]\nport = 1\n",
+    )
+    env = env_for(home, NEXUS_KERNEL__BATCH_SIZE="0", NEXUS_RUNTIME__WORKER_THREADS="-1")
+    with pytest.raises(ConfigError) as info:
+        load(home, env=env)
+    lines = str(info.value).splitlines()
+    assert lines[:-1] == [
+        f"{file}:2: [kernel] mailbox_capacity must be >= 1, got 0",
+        f"{file}:3: unknown key [kernel] batch_sise (did you mean batch_size?)",
+        f"{file}:4: [kernel] send_timeout_ms must be > 0, got -1",
+        f"{file}:6: [logging] level must be one of trace, debug, info, warn, warning, error, "
+        "critical, got 'loud'",
+        f"{file}:7: unknown section [metric] (did you mean [metrics]?)",
+        "environment variable NEXUS_KERNEL__BATCH_SIZE: [kernel] batch_size must be >= 1, got 0",
+        "environment variable NEXUS_RUNTIME__WORKER_THREADS: [runtime] worker_threads must be "
+        ">= 0, got -1",
+    ]
+    assert "NEXUS_ALLOW_UNKNOWN=1" in lines[-1]
+    assert info.value.path == file
+    assert [(p.path, p.line, p.key) for p in info.value.problems] == [
+        (file, 2, "kernel.mailbox_capacity"),
+        (file, 4, "kernel.send_timeout_ms"),
+        (file, 6, "logging.level"),
+        (None, None, "kernel.batch_size"),
+        (None, None, "runtime.worker_threads"),
+    ]
+    # unknown names allowed: the bad values alone, still all of them, and no advice
+    with pytest.raises(ConfigError) as info:
+        load(home, env=env, allow_unknown=True)
+    assert len(str(info.value).splitlines()) == 5
+    assert "unknown" not in str(info.value)
+    # one bad value alone: its own error, as before
+    write(home / "cwd" / "config.toml", "[kernel]\nmailbox_capacity = 0\n")
+    with pytest.raises(ConfigError) as info:
+        load(home)
+    assert str(info.value) == f"{file}:2: [kernel] mailbox_capacity must be >= 1, got 0"
+    assert (info.value.line, info.value.key, info.value.problems) == (
+        2,
+        "kernel.mailbox_capacity",
+        (info.value,),
+    )
+
+
 def test_a_typo_does_not_fall_back_to_the_default(home: Path) -> None:
     write(home / "cwd" / "config.toml", "[kernel]\nmailbox_capasity = 3\n")
     with pytest.raises(

@@ -426,8 +426,11 @@ def check_error(
     env: dict[str, str],
     overrides: dict[str, Any],
     allow_unknown: bool,
+    *,
+    alone: bool = True,
 ) -> None:
-    """A ConfigError names what was wrong, and that was wrong by the docs."""
+    """A ConfigError names what was wrong, and that was wrong by the docs; one of several
+    problems said at once (not ``alone``) too, though others came before it."""
     message, origin = str(error), error.origin or ""
     problems = file_problems(document, allow_unknown)
     if origin.startswith("override "):
@@ -442,18 +445,24 @@ def check_error(
         section, key = name.removeprefix("NEXUS_").lower().split("__", 1)
         assert error.key == f"{section}.{key}", message
         assert message.startswith(f"{origin}: [{section}] {key} "), message
-        assert problems <= {None}, message
+        assert not alone or problems <= {None}, message
     elif error.key is None:
         assert error.path == file and not origin, message
         if "invalid TOML" in message:  # an integer beyond 64 bits outside the known keys
             assert message.startswith(f"{file}"), message
-        else:  # unknown names, from the file or the environment, one per line
-            *names, hint = message.split("\n")
-            assert not allow_unknown and "NEXUS_ALLOW_UNKNOWN=1" in hint, message
-            assert names and all("unknown" in line for line in names), message
-            assert all(
-                line.startswith((str(file), "environment variable NEXUS_")) for line in names
-            )
+        else:  # several problems (bad values, unknown names) of the file and the environment
+            lines = message.split("\n")
+            advised = "NEXUS_ALLOW_UNKNOWN=1" in lines[-1]
+            said = lines[:-1] if advised else lines
+            bad = [str(problem) for problem in error.problems]
+            unknown = [line for line in said if line not in bad]
+            assert len(bad) + len(unknown) == len(said) and len(said) >= 1 + (not unknown)
+            assert advised == bool(unknown) and not (unknown and allow_unknown), message
+            assert all("unknown" in line for line in unknown), message
+            assert all(line.startswith((str(file), "environment variable NEXUS_")) for line in said)
+            for problem in error.problems:
+                assert problem.key is not None, message
+                check_error(problem, file, document, env, overrides, allow_unknown, alone=False)
     else:  # from the file: its path, line if found, and a key or table the docs call wrong
         assert error.path == file and not origin, message
         assert message.startswith(f"{file}:"), message
