@@ -206,7 +206,8 @@ def test_a_program_that_prints_garbage_is_named_with_its_first_line_within_the_g
     assert "Traceback" not in result.stderr
     summary = json.loads(result.stdout)
     assert summary["error"].endswith(
-        "did not start: did not register within 1s; first bad stdout line: 'hello garbage'"
+        "did not start: did not register within 1s; first bad stdout line: 'hello garbage':"
+        " not JSON (Expecting value: line 1 column 1 (char 0))"
     )
     # registration waits at most the 1 s grace (the error says so), then the program gets
     # SIGTERM at once (no shutdown frame and its grace: it never spoke the protocol) and

@@ -1601,6 +1601,38 @@ async def test_a_register_without_its_newline_is_named_when_the_register_times_o
     )
 
 
+@pytest.mark.parametrize(
+    ("line", "why"),
+    [
+        (b'{"type": "pong", "payload": {}}', "expected a register frame first, got 'pong'"),
+        (b'{"type": "register", "payload": [1]}', "register payload must be an object"),
+        (b"[1, 2]", "a frame must be a JSON object, got list"),
+    ],
+)
+async def test_the_register_timeout_says_why_the_first_bad_line_was_bad(
+    tmp_path: Path, line: bytes, why: str
+) -> None:
+    """Regression: the register timeout quoted the first bad stdout line but not what was
+    wrong with it: a line that looks like a frame (one of another kind, a register whose
+    payload is no object) left the reader to guess. It says why, as the warning did."""
+    newline = b"\n"
+    cmd = script(tmp_path, f"raw({line + newline!r})\nsys.stdin.buffer.read()\n")
+    async with bridge_kernel() as kernel:
+        with trio.fail_after(30):
+            async with kernel.events() as events:
+                ref = kernel.spawn(
+                    process_agent(cmd, name="bad", register_timeout=0.5, restart="temporary")
+                )
+                async for event in events:
+                    if event.agent_id == ref.id and event.kind is EventKind.FAILED:
+                        break
+            await wait_until(lambda: not kernel.is_local(ref), "the agent to retire")
+    assert isinstance(event.error, ProcessAgentError)
+    assert event.error.problem == (
+        f"did not register within 0.5s; first bad stdout line: {line.decode()!r}: {why}"
+    )
+
+
 async def test_stop_of_a_child_that_never_registered_does_not_wait_for_a_stdout_reader(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -1727,7 +1759,10 @@ async def test_a_register_cut_off_by_an_exit_is_said_with_the_exit_not_counted_i
         error = await failed_start(kernel, cmd, "cut")
     said = "exited (status 3) before registering, leaving an unfinished stdout line of 26 bytes"
     if first:
-        said += "; first bad stdout line: 'not a frame'"
+        said += (
+            "; first bad stdout line: 'not a frame': not JSON (Expecting value: line 1 column 1"
+            " (char 0))"
+        )
     assert error.problem == said
     (final,) = stopped_bridge_stats(kernel).agents.values()
     assert (final.invalid_lines, final.lines_in) == (int(first), 1 + int(first))

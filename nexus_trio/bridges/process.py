@@ -894,7 +894,11 @@ class ProcessAgent(Agent):
                     self._warn_line(
                         _INVALID, f"invalid line before register: {exc}: {_preview(line)}"
                     )
-                    first_bad = first_bad or f"; first bad stdout line: {_preview(line.strip())!r}"
+                    # with why it is bad: a line that looks like a frame may be one of
+                    # another version, or a register whose payload is not an object
+                    first_bad = first_bad or (
+                        f"; first bad stdout line: {_preview(line.strip())!r}: {exc}"
+                    )
                     continue
                 self._registered(payload)
                 self._child_registered = True
