@@ -47,14 +47,26 @@ TRACEBACK_TEXT_LIMIT: Final = 8192
 
 
 def _truncated(text: str) -> str:
-    """At most TRACEBACK_TEXT_LIMIT characters: the first quarter and the end (the frame
-    that raised and the message), the characters between counted."""
+    """At most TRACEBACK_TEXT_LIMIT characters, the line saying what was left out
+    included: whole lines of the first quarter and of the end (the frame that raised and
+    the message), the characters between counted."""
     if len(text) <= TRACEBACK_TEXT_LIMIT:
         return text
-    head = text[: TRACEBACK_TEXT_LIMIT // 4]
-    tail = text[len(text) - TRACEBACK_TEXT_LIMIT * 3 // 4 :]
+    # the line's longest form (what is left out is fewer characters than the text has),
+    # and a line end before it
+    room = TRACEBACK_TEXT_LIMIT - len(f"\n... ({len(text):,} characters left out) ...\n")
+    # cut at the end of a line, unless that would leave out more than half of a part
+    head = text[: room // 4]
+    line_end = head.rfind("\n") + 1
+    if line_end > len(head) // 2:
+        head = head[:line_end]
+    tail = text[len(text) - (room - len(head)) :]
+    line_start = tail.find("\n", 0, len(tail) // 2) + 1
+    tail = tail[line_start:]
     left_out = len(text) - len(head) - len(tail)
-    return f"{head}\n... ({left_out:,} characters left out) ...\n{tail}"
+    if not head.endswith("\n"):
+        head += "\n"
+    return f"{head}... ({left_out:,} characters left out) ...\n{tail}"
 
 
 def traceback_text(error: BaseException) -> str:

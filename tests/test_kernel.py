@@ -882,6 +882,56 @@ async def test_a_dead_letter_of_an_exception_group_shows_its_members_tracebacks(
     assert text.count("in _check_name") == 1 and text.count("in _check_row") == 2
 
 
+def _fail_at_depth(depth: int) -> None:
+    if depth:
+        try:
+            _fail_at_depth(depth - 1)
+        except LookupError as exc:
+            raise LookupError(f"while looking at level {depth}") from exc
+    raise LookupError("nothing at the bottom")
+
+
+async def test_a_dead_letter_s_traceback_is_its_first_lines_and_its_end_within_8192_characters(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """kernel.md: ``DeadLetter.traceback`` is "its first lines and its end, at most 8,192
+    characters". Before: a long one was 8,192 characters plus the line saying how much was
+    left out (8,233 here), cut in the middle of a line at both ends."""
+    caplog.set_level(logging.CRITICAL, logger="nexus_trio.agent")
+
+    raised: list[BaseException] = []
+
+    @agent(name="deep")
+    async def deep(ctx: Context, msg: Message) -> None:
+        try:
+            _fail_at_depth(60)
+        except LookupError as exc:
+            raised.append(exc)
+            raise
+
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(deep)
+        await kernel.send("deep", 1)
+        await trio.testing.wait_all_tasks_blocked()
+        [letter] = kernel.recent_dead_letters()
+    # the report of the error raised, but for the markers under its lines (columns: a
+    # frame's, not kept)
+    markers = re.compile(r"(?m)^[ |]*[\^~]+\n")
+    whole = markers.sub("", "".join(traceback.format_exception(raised[0])))
+    text = letter.traceback
+    assert len(text) <= 8192 < len(whole), (len(text), len(whole))
+    lines, whole_lines = text.splitlines(), whole.splitlines()
+    [marker] = [line for line in lines if line.endswith(" characters left out) ...")]
+    cut = lines.index(marker)
+    # whole lines of the report: its beginning, and its end with the exception raised
+    assert lines[0] == "Traceback (most recent call last):"
+    assert lines[:cut] == whole_lines[:cut]
+    assert lines[cut + 1 :] == whole_lines[len(whole_lines) - len(lines) + cut + 1 :]
+    assert lines[-1] == "LookupError: while looking at level 60"
+    left_out = int(marker.removeprefix("... (").split(" ", 1)[0].replace(",", ""))
+    assert len(text) - len(marker) - 1 + left_out == len(whole)
+
+
 async def test_returned_payload_replies_and_returned_message_is_routed() -> None:
     got: list[Any] = []
 
