@@ -1058,7 +1058,7 @@ class Router:
         """Request ``key`` (its id's 128-bit value) got its answer (see ``_answered``)."""
         answered = self._answered
         answered.add(key)
-        if len(answered) > _LATE_MEMORY:
+        if len(answered) >= _LATE_MEMORY:
             self._answered_before = answered
             self._answered = set()
 

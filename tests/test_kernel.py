@@ -561,6 +561,82 @@ async def test_an_answer_after_the_requester_timed_out_is_a_late_reply(
     assert stats.in_flight == 0
 
 
+async def test_the_answers_to_the_last_4096_timed_out_requests_are_late_replies(
+    autojump_clock: Any,
+) -> None:
+    """kernel.md: replies to a timed-out request are dead-lettered ``late_reply``, "the
+    last 4096 timed-out request ids are remembered": 4,097 requests time out, their
+    handler answers each afterwards; 4,096 answers are late replies, the one forgotten
+    is a plain answer to a tell from outside (refused to its sender: no one to go to)."""
+    held: list[Message] = []
+    refused: list[AgentNotFound] = []
+
+    @agent(name="hoarder", mailbox_capacity=8192)
+    async def hoarder(ctx: Context, msg: Message) -> None:
+        if msg.payload != "answer now":
+            held.append(msg)  # a query it answers later, after its request timed out
+            return
+        for query in held:
+            try:
+                await ctx.send(query.reply(ctx.id, "late"))
+            except AgentNotFound as exc:
+                refused.append(exc)
+
+    async def ask() -> None:
+        with pytest.raises(RequestTimeout):
+            await kernel.request("hoarder", "q", timeout=1.0)
+
+    async with open_kernel(make_config(dead_letter_buffer=10_000)) as kernel:
+        kernel.spawn(hoarder)
+        async with trio.open_nursery() as nursery:
+            for _ in range(4097):
+                nursery.start_soon(ask)
+        assert len(held) == 4097
+        await kernel.send("hoarder", "answer now")
+        await trio.testing.wait_all_tasks_blocked()
+        late = [d for d in kernel.recent_dead_letters() if d.message.payload == "late"]
+        assert_conserved(kernel)
+    assert [(d.reason, d.detail) for d in late] == [
+        (DeadLetterReason.LATE_REPLY, "the request had timed out")
+    ] * 4096
+    assert len(refused) == 1 and "it is SYSTEM_ID" in str(refused[0])
+
+
+async def test_a_second_answer_is_a_late_reply_for_at_least_the_last_4096_answered_requests(
+    autojump_clock: Any,
+) -> None:
+    """kernel.md: a second answer to a request already answered is a late reply, "the last
+    4,096 to 8,192 answered ids are remembered". Before: 8,193 were remembered right
+    before the older half was let go (the half was swapped out past 4,096, not at it)."""
+    held: list[Message] = []
+    refused: list[AgentNotFound] = []
+
+    @agent(name="twice")
+    async def twice(ctx: Context, msg: Message) -> Any:
+        if msg.payload != "answer again":
+            held.append(msg)
+            return "first"
+        for query in held:
+            try:
+                await ctx.send(query.reply(ctx.id, "second"))
+            except AgentNotFound as exc:
+                refused.append(exc)
+        return None
+
+    async with open_kernel(make_config(dead_letter_buffer=10_000)) as kernel:
+        kernel.spawn(twice)
+        for _ in range(8193):
+            assert await kernel.request("twice", "q") == "first"
+        await kernel.send("twice", "answer again")
+        await trio.testing.wait_all_tasks_blocked()
+        late = [d.message for d in kernel.recent_dead_letters() if d.message.payload == "second"]
+        assert_conserved(kernel)
+    assert 4096 <= len(late) <= 8192, len(late)
+    # the ones remembered are the newest, in order; the others were refused at once
+    assert [m.reply_to for m in late] == [q.id for q in held[-len(late) :]]
+    assert len(refused) == 8193 - len(late)
+
+
 async def test_a_requests_query_id_is_unique_and_drawn_without_the_lock(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
