@@ -11,6 +11,7 @@ import logging
 import random
 import re
 from collections import Counter
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -229,6 +230,51 @@ async def test_failed_message_is_dead_lettered_with_the_exception_and_logged(
     assert "exploded" in caplog.text and "Traceback" in caplog.text
 
 
+async def test_failures_restarts_and_escalations_are_logged_where_the_docs_say(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """supervision.md names the loggers of failures, restarts and escalations, and the
+    agent fields on their records. Before, it named ``nexus_trio.kernel`` and
+    ``nexus_trio.agent``: restarts, escalations and give-ups are on ``nexus_trio.supervisor``
+    (a filter on the loggers the page named missed them all)."""
+    caplog.set_level(logging.INFO, logger="nexus_trio")
+    inner = sup(tracked("nb"), name="inner", max_restarts=0)
+    config = Config(
+        supervision=SupervisionConfig(max_restarts=1, backoff_initial_ms=0, backoff_max_ms=0)
+    )
+    async with open_kernel(config) as kernel:
+        w = kernel.spawn(tracked("w"))
+        inner_ref = kernel.spawn(inner)
+        nb_id = kernel.lookup("nb").id
+        for name in ("w", "nb", "w"):
+            await kernel.send(name, "boom")
+            await trio.testing.wait_all_tasks_blocked()
+        assert kernel.stats().given_up == 1
+    ids = {"w": str(w.id), "nb": str(nb_id), "inner": str(inner_ref.id)}
+    seen = [
+        (r.name, r.levelname, r.__dict__["agent_name"], r.getMessage().split(" ")[0])
+        for r in caplog.records
+        if r.name != "nexus_trio.dead_letters" and r.levelno >= logging.INFO
+    ]
+    assert seen == [
+        ("nexus_trio.agent", "ERROR", "w", "handler"),  # w fails
+        ("nexus_trio.supervisor", "INFO", "w", "restarting"),
+        ("nexus_trio.agent", "ERROR", "nb", "handler"),  # nb fails, inner escalates
+        ("nexus_trio.supervisor", "ERROR", "inner", "supervisor"),
+        ("nexus_trio.supervisor", "INFO", "inner", "restarting"),
+        ("nexus_trio.agent", "ERROR", "w", "handler"),  # w fails again: given up on
+        ("nexus_trio.supervisor", "ERROR", "w", "w"),
+    ]
+    for record in caplog.records:
+        if record.name != "nexus_trio.dead_letters" and record.levelno >= logging.INFO:
+            assert record.__dict__["agent_id"] == ids[record.__dict__["agent_name"]]
+    assert all(r.exc_info for r in caplog.records if r.name == "nexus_trio.agent")
+    page = (Path(__file__).parent.parent / "docs" / "supervision.md").read_text("utf-8")
+    sentence = page.split("Failures, restarts and escalations are also logged", 1)[1]
+    named = set(re.findall(r"`(nexus_trio\.\w+)`", sentence.split("\n\n", 1)[0]))
+    assert named == {name for name, *_ in seen}
+
+
 # --- intensity and backoff -----------------------------------------------------------------------
 
 
@@ -260,6 +306,43 @@ async def test_failures_spread_beyond_the_window_do_not_escalate(autojump_clock:
             await trio.sleep(0.6)  # at most two failures fall in any 1 s window
         assert kernel.stats().restarts == 10
         assert await kernel.request("w", "ping") == 1
+
+
+async def test_the_root_and_a_supervisor_have_the_defaults_the_docs_state(
+    autojump_clock: Any,
+) -> None:
+    """supervision.md: the root's strategy, intensity and backoff come from
+    ``[supervision]`` ("defaults: one_for_one, 3 restarts within 5 s, backoff 10 ms
+    doubling to 5 s, 20 % jitter, reset after 30 s"), a ``Supervisor`` has the same, is
+    ``permanent`` and waits for its children for as long as they take."""
+    config = SupervisionConfig()
+    assert (
+        config.strategy.value,
+        config.max_restarts,
+        config.within_ms,
+        config.backoff_initial_ms,
+        config.backoff_max_ms,
+        config.backoff_jitter,
+        config.backoff_reset_after_ms,
+        config.escalate_to_kernel,
+    ) == ("one_for_one", 3, 5000, 10, 5000, 0.2, 30000, False)
+    spec = Supervisor()
+    assert (spec.strategy.value, spec.max_restarts, spec.within) == ("one_for_one", 3, 5.0)
+    assert spec.backoff == Backoff(initial=0.01, maximum=5.0, jitter=0.2, reset_after=30.0)
+    assert (spec.restart.value, spec.shutdown_timeout) == ("permanent", float("inf"))
+    # the root's delays, as the kernel runs them: 10 ms doubling, stretched by up to 20 %
+    async with open_kernel() as kernel, record_events(kernel) as events:
+        kernel.spawn(tracked("w"))
+        for _ in range(3):
+            await kernel.send("w", "boom")
+            await trio.testing.wait_all_tasks_blocked()
+            await trio.sleep(1)
+    delays = [
+        float(e.reason.removeprefix("backoff ").removesuffix("s")) for e in events.of("restarted")
+    ]
+    assert len(delays) == 3
+    for n, delay in enumerate(delays):
+        assert 0.01 * 2**n <= delay <= 0.01 * 2**n * 1.2
 
 
 def test_backoff_doubles_is_capped_and_jitter_stays_in_bounds() -> None:
