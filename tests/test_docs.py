@@ -313,6 +313,52 @@ def test_the_metric_names_in_the_docs_are_those_a_scrape_has() -> None:
     assert undocumented == set(), "metrics a scrape has that docs/cli.md does not list"
 
 
+#: ``kernel.stats().x``, ``stats().x``, ``stats(agents=True)`` and ``cluster.stats().x`` in prose
+STATS_FIELD = re.compile(r"`(?:(\w+)\.)?stats\((?:agents=True)?\)\.(\w+)")
+
+
+def test_every_stats_counter_the_docs_name_is_one_stats_has() -> None:
+    """A counter a page tells the reader to look at in ``stats()`` is a field of what
+    ``kernel.stats()`` (``KernelStats``) or ``cluster.stats()`` (``ClusterStats``)
+    returns; a page about the cluster may name either."""
+    from nexus_trio import KernelStats
+    from nexus_trio.nats import ClusterStats
+
+    kernel_fields = {field.name for field in attrs.fields(KernelStats)}
+    cluster_fields = {field.name for field in attrs.fields(ClusterStats)}
+    named: list[tuple[str, str | None, str]] = [
+        (page.name, owner or None, field)
+        for page in PAGES
+        for owner, field in STATS_FIELD.findall(prose(page))
+    ]
+    assert len(named) > 20, named
+    unknown = [
+        f"{page}: {owner or ''}{'.' if owner else ''}stats().{field}"
+        for page, owner, field in named
+        if not (
+            field in kernel_fields
+            if owner == "kernel" or (owner is None and page != "distributed.md")
+            else field in (cluster_fields if owner == "cluster" else kernel_fields | cluster_fields)
+        )
+    ]
+    assert unknown == [], "counters the docs name that stats() does not have"
+
+
+def test_the_lifecycle_event_kinds_supervision_md_lists_are_those_there_are() -> None:
+    from nexus_trio import EventKind, LifecycleEvent
+
+    page = prose(DOCS / "supervision.md")
+    section = page.split("`kernel.events()` is a bounded stream of", 1)[1].split("\n\n", 1)[0]
+    shape, kinds = section.split("kinds", 1)
+    fields = re.search(r"LifecycleEvent\(([^)]*)\)", shape)
+    assert fields is not None
+    assert [f.strip() for f in fields[1].split(",")] == [
+        field.name for field in attrs.fields(LifecycleEvent)
+    ]
+    listed = re.findall(r"`([a-z_]+)`", kinds.split("A nested supervisor", 1)[0])
+    assert listed == [kind.value for kind in EventKind]
+
+
 def test_every_flag_of_nexus_run_is_in_the_flag_table_of_the_cli_page() -> None:
     import typer
 
