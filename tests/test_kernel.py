@@ -758,6 +758,48 @@ async def test_reject_policy_raises_at_once_without_waiting(autojump_clock: Any)
 # --- handling ------------------------------------------------------------------------------------------
 
 
+class _TaskSteps(trio.abc.Instrument):
+    """Counts the steps of every task: a task's step ends at its next checkpoint."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += 1
+
+
+@pytest.mark.parametrize(("batch_size", "per_wakeup"), [(3, [3, 3, 3, 1]), (64, [10])])
+async def test_an_agent_handles_up_to_batch_size_messages_per_wakeup_then_checkpoints(
+    autojump_clock: Any, batch_size: int, per_wakeup: list[int]
+) -> None:
+    """kernel.md: "An agent drains up to ``batch_size`` messages per wake-up with
+    ``receive_nowait`` and checkpoints between batches" (config.md: "before it lets others
+    run"): ten queued messages of handlers that never suspend, counted by the task step
+    that handled them."""
+    instrument = _TaskSteps()
+    seen: list[tuple[int, int]] = []
+
+    @agent(name="worker")
+    async def worker(ctx: Context, msg: Message) -> None:
+        seen.append((instrument.steps, msg.payload))
+
+    async with open_kernel(make_config(batch_size=batch_size)) as kernel:
+        kernel.spawn(worker)
+        await kernel.send("worker", -1)
+        await trio.testing.wait_all_tasks_blocked()  # started, parked on its mailbox
+        seen.clear()
+        trio.lowlevel.add_instrument(instrument)
+        try:
+            for i in range(10):
+                kernel.send_nowait("worker", i)
+            await trio.testing.wait_all_tasks_blocked()
+        finally:
+            trio.lowlevel.remove_instrument(instrument)
+    assert [payload for _, payload in seen] == list(range(10))
+    steps = [step for step, _ in seen]
+    assert [steps.count(step) for step in sorted(set(steps))] == per_wakeup
+
+
 async def test_handler_timeout_cancels_the_handler_dead_letters_and_the_agent_continues(
     autojump_clock: Any,
 ) -> None:
