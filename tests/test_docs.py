@@ -359,6 +359,21 @@ def test_the_lifecycle_event_kinds_supervision_md_lists_are_those_there_are() ->
     assert listed == [kind.value for kind in EventKind]
 
 
+def test_every_logger_the_package_logs_on_is_named_on_the_config_page() -> None:
+    """docs/config.md lists the loggers under ``nexus_trio``, the names a filter or a level
+    is set on: every one the package logs on is there (before: the pool's, the CLI's, the
+    metrics endpoint's, the bridges', the cluster's and ``nexus_trio.logs`` were not), and
+    the page names no other."""
+    source = "\n".join(
+        path.read_text(encoding="utf-8") for path in (ROOT / "nexus_trio").rglob("*.py")
+    )
+    used = set(re.findall(r'getLogger\(\s*"(nexus_trio\.[\w.]+)"', source))
+    used |= set(re.findall(r'LogRecord\(\s*"(nexus_trio\.[\w.]+)"', source))
+    assert {"nexus_trio.kernel", "nexus_trio.logs", "nexus_trio.nats.durable"} <= used
+    page = prose(DOCS / "config.md").split("\n## Logging\n", 1)[1].split("\n\n", 1)[0]
+    assert set(re.findall(r"`(nexus_trio\.[\w.]+)`", page)) == used
+
+
 def test_every_flag_of_nexus_run_is_in_the_flag_table_of_the_cli_page() -> None:
     import typer
 
