@@ -110,8 +110,9 @@ async def test_json_lines_of_a_kernel_carry_agent_and_message_fields(
     assert error["exc"].endswith("RuntimeError: boom")
 
     dead = [r for r in records if r["logger"] == "nexus_trio.dead_letters"]
-    assert [(d["msg_id"], d["trace_id"], d["reason"], d["agent_id"]) for d in dead] == [
-        (str(failing.id), str(trace), "handler_error", str(ref.id))
+    # (kernel.md: "logged on the nexus_trio.dead_letters logger at INFO")
+    assert [(d["level"], d["msg_id"], d["trace_id"], d["reason"], d["agent_id"]) for d in dead] == [
+        ("info", str(failing.id), str(trace), "handler_error", str(ref.id))
     ]
 
 
