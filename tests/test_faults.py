@@ -31,6 +31,8 @@ from nexus_trio import (
     KernelPhase,
     KernelShuttingDown,
     Message,
+    MessageFailed,
+    RequestFailed,
     SupervisionConfig,
     Supervisor,
     SupervisorEscalation,
@@ -482,6 +484,44 @@ async def test_nothing_is_handled_after_the_grace_period(
 
 
 # --- item 6: directives and the isolating root -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "on_error",
+    ["resume", "restart", "stop", "escalate", {Exception: "stop"}, {MessageFailed: "escalate"}],
+    ids=["resume", "restart", "stop", "escalate", "Exception-stop", "MessageFailed-escalate"],
+)
+async def test_message_failed_fails_only_its_message_whatever_the_directive(
+    autojump_clock: trio.testing.MockClock, on_error: Any
+) -> None:
+    """supervision.md: "``MessageFailed`` (raised by a handler) always fails just that
+    message, as ``resume`` does", also under a directive that would restart, stop or
+    escalate on any other exception, one given for ``MessageFailed`` itself included."""
+    starts: list[str] = []
+
+    class Picky(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            starts.append("p")
+
+        async def handle(self, ctx: Context, msg: Message) -> Any:
+            if msg.payload == "bad":
+                raise MessageFailed("bad input")
+            return msg.payload
+
+    tree = Supervisor(
+        name="team", max_restarts=0, children=[agent(Picky, name="p", on_error=on_error)]
+    )
+    async with open_kernel(config()) as kernel, record_events(kernel) as events:
+        kernel.spawn(tree)
+        with pytest.raises(RequestFailed, match="bad input"):
+            await kernel.request("p", "bad")
+        assert await kernel.request("p", "good") == "good"
+        stats = kernel.stats()
+        assert (stats.failed, stats.restarts, stats.given_up) == (1, 0, 0)
+        assert [d.message.payload for d in dead_letters(kernel)] == ["bad"]
+    assert starts == ["p"]
+    assert [e.kind.value for e in events.events if e.name == "p"][:2] == ["spawned", "started"]
+    assert not [e for e in events.events if e.kind.value in ("failed", "restarted", "escalated")]
 
 
 async def test_function_agent_resumes_by_default(autojump_clock: trio.testing.MockClock) -> None:
