@@ -1306,8 +1306,9 @@ class Router:
             self._pending.pop(key, None)
             # The request is over: its deadline entry is dead weight (it holds the
             # reply). Entries leave the heap when the timer reaches them, which is
-            # ``timeout`` later (30 s by default): at thousands of requests a second that
-            # would keep hundreds of megabytes of answered requests. So once finished
+            # ``timeout`` later (5 s by default, ``request_timeout_ms``): at thousands
+            # of requests a second (or with a long timeout) that would keep hundreds
+            # of megabytes of answered requests. So once finished
             # entries are more than half of the heap, it is rebuilt without them
             # (amortised O(1) per request; asyncio sweeps its cancelled timers the same
             # way). An entry the timer took out (a timeout) is done already.
