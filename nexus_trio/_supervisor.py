@@ -54,6 +54,7 @@ from ._events import EventKind
 from ._gc import HeapKeeper
 from ._logcall import log_guarded
 from ._message import new_id
+from ._plural import count_of
 from ._router import KernelPhase
 
 if TYPE_CHECKING:
@@ -829,10 +830,10 @@ class SupervisorNode(Child, ChildOwner):
             log_guarded(
                 log,
                 logging.ERROR,
-                "%s stopped for good: %s (%d restarts within %gs); the kernel goes on",
+                "%s stopped for good: %s (%s within %gs); the kernel goes on",
                 child.label,
                 why,
-                restarts,
+                count_of(restarts, "restart"),
                 self.spec.within,
                 extra=log_extra(child),
             )
@@ -841,10 +842,10 @@ class SupervisorNode(Child, ChildOwner):
         log_guarded(
             log,
             logging.ERROR,
-            "supervisor %s: %s (%d restarts within %gs) after %s failed; escalating",
+            "supervisor %s: %s (%s within %gs) after %s failed; escalating",
             self.label,
             why,
-            restarts,
+            count_of(restarts, "restart"),
             self.spec.within,
             child.label,
             extra=log_extra(self),

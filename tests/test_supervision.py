@@ -269,6 +269,17 @@ async def test_failures_restarts_and_escalations_are_logged_where_the_docs_say(
         if record.name != "nexus_trio.dead_letters" and record.levelno >= logging.INFO:
             assert record.__dict__["agent_id"] == ids[record.__dict__["agent_name"]]
     assert all(r.exc_info for r in caplog.records if r.name == "nexus_trio.agent")
+    # the count of restarts reads as a count ("1 restart", not "1 restarts")
+    gave_up = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "nexus_trio.supervisor" and r.levelno == logging.ERROR
+    ]
+    assert gave_up == [
+        "supervisor inner: restart intensity exceeded (0 restarts within 5s) after nb"
+        " failed; escalating",
+        "w stopped for good: restart intensity exceeded (1 restart within 5s); the kernel goes on",
+    ]
     page = (Path(__file__).parent.parent / "docs" / "supervision.md").read_text("utf-8")
     sentence = page.split("Failures, restarts and escalations are also logged", 1)[1]
     named = set(re.findall(r"`(nexus_trio\.\w+)`", sentence.split("\n\n", 1)[0]))
