@@ -964,8 +964,9 @@ class Router:
         index = start
         last: Address | None = None
         cell: Any = None
-        mailbox: Any = None
-        put: Any = None
+        # (typed: the fast branch's names, which a rename of Mailbox's must reach)
+        mailbox: Mailbox
+        sender: trio.MemorySendChannel[Message | None]
         try:
             while index < end:
                 msg = msgs[index]
@@ -983,12 +984,13 @@ class Router:
                     if cell is None:
                         break
                     mailbox = cell.mailbox
-                    put = mailbox.put
-                    if put is None:
+                    channel = mailbox.sender
+                    if channel is None:
                         break  # its first message: try_put opens the channel
+                    sender = channel
                     last = to
                 try:
-                    put(msg)
+                    sender.send_nowait(msg)
                 except trio.WouldBlock:
                     break
                 depth = mailbox.depth = mailbox.depth + 1
