@@ -419,12 +419,18 @@ def app_reference_hint(value: str) -> str:
     """What to append to an error about ``value``, a ``package.module:attr`` reference that
     did not work: the reference it likely meant, if there is one (``myagents.py:app``,
     ``./pkg/agents.py:app`` written as a file; ``myagents.app``, a dot for the colon;
-    ``myagents:app `` with a stray space), else ''."""
+    ``myagents:app `` with a stray space; ``myagents.py`` alone, a file without the
+    object: ``myagents:NAME``), else ''."""
     text = value.strip()
-    module, sep, attr = text.rpartition(":") if ":" in text else text.rpartition(".")
+    placeholder = ":" not in text and _is_file(text)
+    if placeholder:
+        # (no object named: its '.py' is no attribute 'py')
+        module, sep, attr = text, ":", "NAME"
+    else:
+        module, sep, attr = text.rpartition(":") if ":" in text else text.rpartition(".")
     if not sep:
         return ""
-    as_file = module.endswith(".py") or "/" in module or "\\" in module
+    as_file = _is_file(module)
     if as_file:
         module = module.removesuffix(".py").replace("\\", "/")
         module = ".".join(part for part in module.split("/") if part not in ("", "."))
@@ -432,7 +438,15 @@ def app_reference_hint(value: str) -> str:
     if guess == value or not _APP_REFERENCE.fullmatch(guess):
         return ""
     hint = f"; did you mean {guess!r}?"
-    return hint + " (a module name, as 'python -m' takes it, not a file)" if as_file else hint
+    if not as_file:
+        return hint
+    hint += " (a module name, as 'python -m' takes it, not a file"
+    return hint + ("; NAME: the object in it to run)" if placeholder else ")")
+
+
+def _is_file(module: str) -> bool:
+    """Whether ``module`` (of an ``--app`` reference) is written as a file or a path."""
+    return module.endswith(".py") or "/" in module or "\\" in module
 
 
 def _check_app(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:

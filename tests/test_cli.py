@@ -263,6 +263,14 @@ def test_bad_app_messages_say_what_is_wrong(isolated):
     assert "got 'json.JSONEncoder'; did you mean 'json:JSONEncoder'?" in out
     out = flat(invoke(["run", "--app", "json:dumps "]).output)
     assert "got 'json:dumps '; did you mean 'json:dumps'?" in out
+    # a file without the object to run: its module and a placeholder for the object,
+    # not the extension taken for the object ('json:py')
+    out = flat(invoke(["run", "--app", "json.py"]).output)
+    assert "got 'json.py'; did you mean 'json:NAME'? (a module name, as 'python -m' takes" in out
+    assert "'json:py'" not in out
+    out = flat(invoke(["run", "--app", "./json/decoder.py"]).output)
+    assert "did you mean 'json.decoder:NAME'?" in out
+    assert ":py'" not in out
 
 
 def test_nats_without_the_extra_exits_2_with_the_install_hint(isolated, monkeypatch):
