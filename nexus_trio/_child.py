@@ -34,15 +34,23 @@ class RunDone:
 
     def __init__(self) -> None:
         self._event: trio.Event | None = None
-        self._set = False
+        #: 0 while the run goes on, 1 once it ended, 2 once it ended in the kernel's stop
+        self._set = 0
 
-    def set(self) -> None:
-        self._set = True
+    def set(self, *, in_stop: bool = False) -> None:
+        """The run has ended; ``in_stop``: in the kernel's stop (its last run: the agent
+        is counted out of ``agents_alive`` until it is forgotten)."""
+        self._set = 2 if in_stop else 1
         if self._event is not None:
             self._event.set()
 
     def is_set(self) -> bool:
-        return self._set
+        return self._set != 0
+
+    @property
+    def ended_in_stop(self) -> bool:
+        """True if the run ended in the kernel's stop (``set(in_stop=True)``)."""
+        return self._set == 2
 
     async def wait(self) -> None:
         if self._set:

@@ -853,7 +853,9 @@ class Kernel:
                 _agent_stats(c) for c in self._router.nodes.values() if isinstance(c, AgentCell)
             )
         return KernelStats(
-            agents_alive=ledger.agents_alive,
+            # (an agent whose last run ended in the kernel's stop is not alive, though
+            # the tree forgets it only when it has all stopped)
+            agents_alive=ledger.agents_alive - ledger.ended_in_stop,
             accepted=ledger.accepted,
             handled=ledger.handled,
             replies_delivered=ledger.replies,

@@ -60,6 +60,7 @@ class Ledger:
         "agents_alive",
         "dead",
         "dead_by_reason",
+        "ended_in_stop",
         "failed",
         "forwarded",
         "given_up",
@@ -92,6 +93,9 @@ class Ledger:
         #: children the root stopped for good after too many failures
         self.given_up = 0
         self.agents_alive = 0
+        #: agents whose last run ended in the kernel's stop and that are not forgotten
+        #: yet (the tree forgets them all at its end): not alive any more
+        self.ended_in_stop = 0
         #: the deepest any mailbox has been (kept by the mailboxes, read in O(1))
         self.high_water = HighWater()
         self.dead_by_reason: Counter[str] = Counter()
@@ -236,8 +240,19 @@ class Ledger:
     # --- monitors -------------------------------------------------------------------------
 
     def watch(self, watcher: uuid.UUID, target: uuid.UUID) -> None:
+        """``watcher`` monitors ``target``: idempotent (a second call adds nothing)."""
         self._monitors.setdefault(target, set()).add(watcher)
         self._watching.setdefault(watcher, set()).add(target)
+
+    def unwatch(self, watcher: uuid.UUID, target: uuid.UUID) -> bool:
+        """``watcher`` no longer monitors ``target`` (however many times it asked);
+        False if it did not."""
+        watched = self._watching.get(watcher)
+        if watched is None or target not in watched:
+            return False
+        _unlink(self._watching, watcher, target)
+        _unlink(self._monitors, target, watcher)
+        return True
 
     def notify(
         self,

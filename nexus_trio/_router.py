@@ -578,6 +578,9 @@ class Router:
         self.unroute(node)
         if self.nodes.pop(node.id.int, None) is not None and node.is_agent:
             self.ledger.agents_alive -= 1
+            done = node.done
+            if done is not None and done.ended_in_stop:
+                self.ledger.ended_in_stop -= 1
             if self._walks:
                 self._step_walks_past(node)
             prev, after = node.spawn_prev, node.spawn_next

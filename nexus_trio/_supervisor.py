@@ -628,7 +628,13 @@ class SupervisorNode(Child, ChildOwner):
                 child.scope = None
                 if child.start_gate is gate:
                     child.start_gate = None
-            done.set()
+            if child.is_agent and self.host.stopping():
+                # The tree is stopping: this run was the agent's last, and it is no
+                # longer alive, though forgotten only when the whole tree has stopped.
+                done.set(in_stop=True)
+                self.host.ledger.ended_in_stop += 1
+            else:
+                done.set()
             # The run's last message may have been the last work in flight, and a run
             # that ends (to be restarted dormant, or stopped) does not go idle to say so:
             # a draining kernel must not wait for it.

@@ -685,7 +685,13 @@ class MetricsRenderer:
         try:
             snapshot = attrs.evolve(
                 await take_snapshot_in_steps(
-                    self.kernel, per_agent=self.per_agent, per_agent_limit=self.per_agent_limit
+                    self.kernel,
+                    # Not during a shutdown: the agents are stopping, one at a time for
+                    # those with an on_stop, and a render piece in each of those
+                    # scheduling rounds made back-to-back scrapes stretch a 1,000-agent
+                    # stop from 0.2 s to 12 s.
+                    per_agent=self.per_agent and not self.kernel.shutting_down,
+                    per_agent_limit=self.per_agent_limit,
                 ),
                 endpoint=None if self.endpoint is None else self.endpoint.copy(),
             )
