@@ -590,6 +590,9 @@ class Context:
         once when it stops for good (the monitor is then removed).
         Monitoring an agent that does not exist delivers the event at once with reason
         ``"noproc"`` (as Erlang does).
+        Idempotent, as Akka's ``watch``: monitoring the same target again adds nothing
+        (one notice per event, whatever the number of calls), and one
+        :meth:`demonitor` ends it.
         :class:`AgentNotRunning` once this agent has stopped for good (a context kept
         past its agent's stop): a monitor lives as long as its watcher.
         """
@@ -606,6 +609,19 @@ class Context:
             ledger.notify_noproc(self.id, address)
         else:
             ledger.watch(self.id, node.id)
+
+    @trio.lowlevel.enable_ki_protection
+    def demonitor(self, target: AgentRef | Address) -> bool:
+        """Stop monitoring ``target`` (Akka's ``unwatch``): no more notices of it, however
+        many times :meth:`monitor` was called for it. Returns False if this agent did not
+        monitor it (never did, or the monitor ended with the target's stop for good). A
+        notice already in this agent's mailbox stays there.
+        """
+        address = address_of(target)
+        node = self._router.find(address)
+        if node is None:
+            return False
+        return self._router.ledger.unwatch(self.id, node.id)
 
     async def run_sync(self, fn: Callable[..., _T], *args: Any) -> _T:
         """Run a blocking function in a worker thread, bounded by ``[runtime]`` limits.

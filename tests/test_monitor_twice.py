@@ -1,0 +1,65 @@
+"""``ctx.monitor`` twice on one target, and ``ctx.demonitor``: idempotent, as Akka's
+``watch`` and ``unwatch`` (docs/supervision.md, "Lifecycle events and monitors")."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+import trio.testing
+
+from nexus_trio import Context, Message, agent, open_kernel
+
+from .conftest import make_config
+
+
+@agent(name="target", on_error="restart")
+async def target(ctx: Context, msg: Message) -> None:
+    if msg.payload == "boom":
+        raise RuntimeError("boom")
+
+
+def make_watcher(seen: list[tuple[str, str]], answers: list[Any]) -> Any:
+    @agent(name="watcher")
+    async def watcher(ctx: Context, msg: Message) -> None:
+        if msg.kind.value == "Event":
+            seen.append((msg.payload["event"], msg.payload["reason"]))
+            return
+        verb, name = msg.payload
+        if verb == "monitor":
+            ctx.monitor(name)
+        else:
+            answers.append(ctx.demonitor(name))
+
+    return watcher
+
+
+async def test_a_double_monitor_gives_one_notice_and_one_demonitor_ends_it(
+    autojump_clock: Any,
+) -> None:
+    seen: list[tuple[str, str]] = []
+    answers: list[Any] = []
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(make_watcher(seen, answers))
+        kernel.spawn(target)
+        await kernel.send("target", "wake")
+        await kernel.send("watcher", ("monitor", "target"))
+        await kernel.send("watcher", ("monitor", "target"))
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send("target", "boom")  # fails, is restarted
+        await trio.sleep(5)
+        assert seen == [("failed", "RuntimeError('boom')")]  # one notice, not two
+        await kernel.send("watcher", ("demonitor", "target"))
+        await kernel.send("watcher", ("demonitor", "target"))  # nothing left to end
+        await kernel.send("watcher", ("demonitor", "nobody"))  # no such agent
+        await trio.testing.wait_all_tasks_blocked()
+        assert answers == [True, False, False]
+        await kernel.send("target", "boom")
+        await trio.sleep(5)
+        await kernel.stop("target")
+        await trio.testing.wait_all_tasks_blocked()
+        assert seen == [("failed", "RuntimeError('boom')")]  # nothing after the demonitor
+        # Monitoring it once it has stopped for good: noproc at once, as ever.
+        await kernel.send("watcher", ("monitor", "target"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert seen[-1] == ("stopped", "noproc")
