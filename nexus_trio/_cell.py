@@ -442,6 +442,11 @@ class AgentCell(Child):
                 failure = self._run_failure(group)
         finally:
             self._end_run(failure)
+            if self.linked_children:
+                # What this run spawned stops before its on_stop, however the run ended
+                # (a stop by its supervisor has stopped them already, but for those
+                # spawned meanwhile).
+                await self._stop_linked()
             if not self.spec.stops_quietly and (started or failure is not None):
                 # Only an on_stop of the user's gets its shielded scope (a scope costs
                 # more than the rest of a quiet agent's exit). None for a run whose
@@ -563,6 +568,13 @@ class AgentCell(Child):
                 self.name,
                 detail="cancelled while being handled",
             )
+
+    async def _stop_linked(self) -> None:
+        """Stop, for good, the agents this run spawned (shielded: a run that failed, or
+        whose stop ran past its timeout, still stops them before its ``on_stop``)."""
+        owner = self.supervisor
+        if owner is not None:
+            await owner.stop_linked(self, "parent_stopped" if self.terminating else "parent_exited")
 
     @trio.lowlevel.enable_ki_protection
     def _stop_scope(self) -> trio.CancelScope:

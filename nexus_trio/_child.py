@@ -346,6 +346,11 @@ class ChildOwner:
     async def terminate(self, child: Child, reason: str) -> None:
         raise NotImplementedError
 
+    async def stop_linked(self, child: Child, reason: str) -> None:
+        """Stop, for good, the children ``child`` spawned, from ``child``'s own run task:
+        its run has ended (the run's nursery is gone) and its ``on_stop`` waits for them."""
+        raise NotImplementedError
+
     def activate(self, child: Child, run: int) -> None:
         raise NotImplementedError
 

@@ -719,6 +719,15 @@ class SupervisorNode(Child, ChildOwner):
         _, child, run, error = exit_event
         return error is not None and self._failures_queued.pop((child, run), None) is not None
 
+    @trio.lowlevel.enable_ki_protection
+    async def stop_linked(self, child: Child, reason: str) -> None:
+        # Called by the child's run, not by this supervisor's loop: a loop busy stopping
+        # the child (or a sibling) would wait for a run that waits for it. A linked child
+        # stopped by both at once (the loop handling its own stop, a group restart, this
+        # supervisor leaving) is waited for by both and retired once.
+        with trio.CancelScope(shield=True):
+            await self._stop_linked(child, reason)
+
     async def _stop_linked(self, child: Child, reason: str) -> None:
         """Stop, for good, the agents ``child`` spawned (they die with its run)."""
         for linked in reversed(list(child.linked_children)):

@@ -440,8 +440,8 @@ def test_fault_injection_trees_stop_cleanly_and_count_every_failure(
     shutdown comes at a random point, from outside or from a handler, also while
     restarts and escalations are under way. Then: shutdown finishes and every
     ``kernel.stop`` returns (in bounded mock time), no task is left, every ``on_start``
-    that returned has exactly one ``on_stop``, linked children stop before their parent
-    (unless the parent's run ended by itself, or a supervisor timed out), nothing starts
+    that returned has exactly one ``on_stop``, linked children stop before their parent's
+    ``on_stop`` begins, however its run ended (unless a supervisor timed out), nothing starts
     once the tree stops, messages are conserved, and every failed agent run is one
     ``failed`` event, counted once (``failed`` or ``run_failures``)."""
     rng = random.Random(seed)
@@ -451,10 +451,8 @@ def test_fault_injection_trees_stop_cleanly_and_count_every_failure(
     stopped: Counter[int] = Counter()
     #: the order of on_stop calls, by token
     stop_order: dict[int, int] = {}
-    #: runs that ended by themselves (a failure or an exit): their linked children are
-    #: stopped after them, as the exit is handled
-    self_ended: set[int] = set()
-    #: linked children spawned by each run, by id
+    #: linked children spawned by each run, by id (not those spawned in its on_stop:
+    #: they are stopped after it, once its run has ended)
     spawned_by: dict[int, list[uuid.UUID]] = {}
     #: runs of each agent, by id
     runs_of: dict[uuid.UUID, list[int]] = {}
@@ -481,11 +479,9 @@ def test_fault_injection_trees_stop_cleanly_and_count_every_failure(
                     try:
                         await trio.sleep_forever()
                     finally:
-                        self_ended.add(self.token)
                         raise RuntimeError("background fails when cancelled")
                 await trio.sleep(delay)
                 if how == "fail":
-                    self_ended.add(self.token)
                     raise RuntimeError("background fails")
 
             def background(self, ctx: Context) -> None:
@@ -495,7 +491,7 @@ def test_fault_injection_trees_stop_cleanly_and_count_every_failure(
                     self.rng.choice(["fail", "fail", "return", "when_cancelled"]),
                 )
 
-            def spawn(self, ctx: Context) -> None:
+            def spawn(self, ctx: Context, *, in_stop: bool = False) -> None:
                 if depth >= 2:
                     return
                 restart = self.rng.choice(RESTART_TYPES)
@@ -521,7 +517,7 @@ def test_fault_injection_trees_stop_cleanly_and_count_every_failure(
                 with suppress(KernelShuttingDown):
                     ref = ctx.spawn(target)
                     linked_ids.append(ref.id)
-                    if phase() < KernelPhase.STOPPING:
+                    if phase() < KernelPhase.STOPPING and not in_stop:
                         spawned_by.setdefault(self.token, []).append(ref.id)
 
             async def on_start(self, ctx: Context) -> None:
@@ -538,7 +534,6 @@ def test_fault_injection_trees_stop_cleanly_and_count_every_failure(
                 if self.rng.random() < 0.3:
                     self.background(ctx)
                 if self.rng.random() < 0.1:
-                    self_ended.add(self.token)
                     raise RuntimeError("on_start fails")
                 returned[self.token] += 1
 
@@ -548,14 +543,12 @@ def test_fault_injection_trees_stop_cleanly_and_count_every_failure(
                 if action == "sleep":
                     await trio.sleep(argument)
                 elif action == "fail":
-                    self_ended.add(self.token)
                     raise RuntimeError("handler fails")
                 elif action == "spawn":
                     self.spawn(ctx)
                 elif action == "background":
                     self.background(ctx)
                 elif action == "exit":
-                    self_ended.add(self.token)
                     ctx.stop()
                 elif action == "send":
                     with suppress(AgentNotFound, MailboxFull, KernelShuttingDown):
@@ -569,11 +562,10 @@ def test_fault_injection_trees_stop_cleanly_and_count_every_failure(
                 stop_order[self.token] = len(stop_order)
                 r = self.rng.random()
                 if r < 0.05:
-                    self.spawn(ctx)
+                    self.spawn(ctx, in_stop=True)
                 elif r < 0.15:
                     await trio.sleep(0.05)
                 elif r < 0.25:
-                    self_ended.add(self.token)
                     raise OSError("on_stop fails")
 
         if kind != "full":
@@ -739,11 +731,11 @@ def test_fault_injection_trees_stop_cleanly_and_count_every_failure(
     assert all(n <= 1 for n in stopped.values()), "a run stopped twice"
     assert all(n == 1 for n in entered.values())
     for parent, children in spawned_by.items() if not sup_timeouts else ():
-        if parent in self_ended or parent not in stop_order:
+        if parent not in stop_order:
             continue
         for child in children:
             for run in runs_of.get(child, []):
-                if returned[run] and run not in self_ended:
+                if returned[run]:
                     assert stop_order.get(run, -1) < stop_order[parent], (
                         "a linked child stopped after its parent"
                     )
@@ -818,11 +810,13 @@ async def test_a_failure_whose_exit_is_queued_behind_its_own_stop_is_reported(
 async def test_a_linked_child_whose_exit_is_queued_behind_its_parents_is_reported(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """Regression: a parent fails, then the child it spawned, while their supervisor is
-    busy (stopping x, whose ``on_stop`` takes a second). Handling the parent's exit stops
-    its linked children for good (``parent_exited``), so the child's exit, queued behind,
-    found it gone and was dropped: no ``failed`` event for the child. Now its failure is
-    reported before it is stopped."""
+    """Regression: a child fails, then the parent that spawned it, while their supervisor
+    is busy (stopping x, whose ``on_stop`` takes a second). The parent's failed run stops
+    its linked children for good (``parent_exited``) before its ``on_stop``, so the
+    child's exit, queued in the busy supervisor, found it gone and was dropped: no
+    ``failed`` event for the child. Now its failure is reported before it is stopped.
+    (It was found with the parent failing first; since a failed run stops its children
+    itself, at once, the child's failure has to come first to be queued.)"""
     parent_fails = trio.Event()
     child_fails = trio.Event()
 
@@ -853,10 +847,10 @@ async def test_a_linked_child_whose_exit_is_queued_behind_its_parents_is_reporte
         async with trio.open_nursery() as nursery:
             nursery.start_soon(kernel.stop, x)
             await trio.testing.wait_all_tasks_blocked()  # the root waits for x's on_stop
-            parent_fails.set()
-            await trio.testing.wait_all_tasks_blocked()  # the parent's exit is queued
             child_fails.set()
-            await trio.testing.wait_all_tasks_blocked()  # then the child's
+            await trio.testing.wait_all_tasks_blocked()  # the child's exit is queued
+            parent_fails.set()
+            await trio.testing.wait_all_tasks_blocked()  # its run stops the child
         assert kernel.stats().run_failures == 2
     assert [(e.kind, e.reason) for e in recorder.events if e.name == "child"] == [
         (EventKind.SPAWNED, ""),
@@ -915,9 +909,10 @@ async def test_a_child_spawned_while_its_parent_is_stopped_does_not_outlive_it(
         await trio.sleep(5)
         assert [ref.name for ref in kernel.agents()] == []
     assert journal == []
+    # (p's run ended by its own exit, which stops what it spawned: parent_exited)
     assert [(e.kind, e.reason) for e in recorder.events if e.name == "late"] == [
         (EventKind.SPAWNED, ""),
-        (EventKind.STOPPED, "parent_stopped"),
+        (EventKind.STOPPED, "parent_exited"),
     ]
 
 
