@@ -569,6 +569,7 @@ class AgentCell(Child):
                 detail="cancelled while being handled",
             )
 
+    @trio.lowlevel.enable_ki_protection
     async def _stop_linked(self) -> None:
         """Stop, for good, the agents this run spawned (shielded: a run that failed, or
         whose stop ran past its timeout, still stops them before its ``on_stop``)."""
