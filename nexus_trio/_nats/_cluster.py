@@ -892,11 +892,12 @@ class Cluster:
                     raise self._no_room(msg, link)
                 return
         self._published += 1
-        # Taken without yielding, as a local send with room is: a sealed batch is written
-        # when this sender yields (a burst's batches go together; yielding at each seal
-        # woke the sender's local agents for about one message each: CPU per message of
-        # the fan-out over --workers 2 -26%, see docs/distributed.md, thirtieth pass).
-        self._add_tell(link, body)
+        if self._add_tell(link, body):
+            # A full batch was sealed: let the asyncio side write it to the socket now
+            # (the destination starts on it while this sender goes on), without raising
+            # Cancelled: the message is taken. (Not yielding here was tried and undone:
+            # cross-node tells -20% on a quiet machine, docs/distributed.md, thirtieth pass.)
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def _deliver_alone(self, msg: Message, routed: _Routed) -> None:
         """A message that goes alone (a query, a reply, a message to a type)."""
@@ -1232,20 +1233,24 @@ class Cluster:
     def _max_frame(self) -> int:
         return batch.batch_limit(self.max_payload(), self.node, self.max_payload())
 
-    def _add_tell(self, link: batch.NodeLink, body: bytes) -> None:
+    def _add_tell(self, link: batch.NodeLink, body: bytes) -> bool:
         """Put a tell in its link's batch; seal the batch when it is full (a frame that
-        does not fit in the open batch goes in the next one, alone if need be)."""
+        does not fit in the open batch goes in the next one, alone if need be). True if
+        a batch was sealed."""
         limit = self._batch_bytes
+        sealed = False
         if link.size + len(body) + _FRAME_OVERHEAD > limit and link.frames:
             self._seal_batch(link)
+            sealed = True
         if link.add_tell(body) >= limit or link.tells >= self._batch_frames:
             self._seal_batch(link)
-            return
+            return True
         # _want_flush, inline: every tell to another kernel comes here
         dirty = self._dirty
         if link not in dirty:
             dirty[link] = None
             self._flush_wanted.set()
+        return sealed
 
     def _want_flush(self, link: batch.NodeLink) -> None:
         # A link already dirty was flagged since the last flush (which empties _dirty
