@@ -1575,6 +1575,24 @@ async def test_register_timeout_fails_the_agent_and_kills_the_child() -> None:
         assert live_processes(tag) == []
 
 
+async def _register_timeout_problem(tmp_path: Path, written: bytes) -> str:
+    """The problem of the register timeout (0.5 s) of a child that writes ``written`` to
+    its stdout, then waits for input."""
+    cmd = script(tmp_path, f"raw({written!r})\nsys.stdin.buffer.read()\n")
+    async with bridge_kernel() as kernel:
+        with trio.fail_after(30):
+            async with kernel.events() as events:
+                ref = kernel.spawn(
+                    process_agent(cmd, name="reg", register_timeout=0.5, restart="temporary")
+                )
+                async for event in events:
+                    if event.agent_id == ref.id and event.kind is EventKind.FAILED:
+                        break
+            await wait_until(lambda: not kernel.is_local(ref), "the agent to retire")
+    assert isinstance(event.error, ProcessAgentError)
+    return event.error.problem
+
+
 async def test_a_register_without_its_newline_is_named_when_the_register_times_out(
     tmp_path: Path,
 ) -> None:
@@ -1583,19 +1601,7 @@ async def test_a_register_without_its_newline_is_named_when_the_register_times_o
     register within 0.5s``: the frame it wrote was not mentioned. The timeout now says what
     is waiting for its newline, so the mistake is named."""
     register = b'{"type": "register", "payload": {"id": "x", "name": "nl"}}'
-    cmd = script(tmp_path, f"raw({register!r})\nsys.stdin.buffer.read()\n")
-    async with bridge_kernel() as kernel:
-        with trio.fail_after(30):
-            async with kernel.events() as events:
-                ref = kernel.spawn(
-                    process_agent(cmd, name="nl", register_timeout=0.5, restart="temporary")
-                )
-                async for event in events:
-                    if event.agent_id == ref.id and event.kind is EventKind.FAILED:
-                        break
-            await wait_until(lambda: not kernel.is_local(ref), "the agent to retire")
-    assert isinstance(event.error, ProcessAgentError)
-    assert event.error.problem == (
+    assert await _register_timeout_problem(tmp_path, register) == (
         f"did not register within 0.5s; it wrote {len(register)} bytes with no newline after"
         f" them (a frame ends with \\n): {register.decode()!r}"
     )
@@ -1615,20 +1621,7 @@ async def test_the_register_timeout_says_why_the_first_bad_line_was_bad(
     """Regression: the register timeout quoted the first bad stdout line but not what was
     wrong with it: a line that looks like a frame (one of another kind, a register whose
     payload is no object) left the reader to guess. It says why, as the warning did."""
-    newline = b"\n"
-    cmd = script(tmp_path, f"raw({line + newline!r})\nsys.stdin.buffer.read()\n")
-    async with bridge_kernel() as kernel:
-        with trio.fail_after(30):
-            async with kernel.events() as events:
-                ref = kernel.spawn(
-                    process_agent(cmd, name="bad", register_timeout=0.5, restart="temporary")
-                )
-                async for event in events:
-                    if event.agent_id == ref.id and event.kind is EventKind.FAILED:
-                        break
-            await wait_until(lambda: not kernel.is_local(ref), "the agent to retire")
-    assert isinstance(event.error, ProcessAgentError)
-    assert event.error.problem == (
+    assert await _register_timeout_problem(tmp_path, line + b"\n") == (
         f"did not register within 0.5s; first bad stdout line: {line.decode()!r}: {why}"
     )
 
