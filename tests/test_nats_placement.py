@@ -3100,6 +3100,24 @@ async def test_a_copy_whose_name_claim_s_caller_was_cancelled_is_stopped_by_the_
             assert await _placed_record(ca, name) == revision  # a's, untouched
 
 
+@asynccontextmanager
+async def _c_knows_b_s_claims_fail(
+    url: str, name: str
+) -> AsyncIterator[tuple[Kernel, Cluster, Kernel, Cluster, Kernel, Cluster, PlacedAgent]]:
+    """``name`` placed on a, its entry known to b and c (all hearing each other); b's
+    claims of a name (and their retries) time out."""
+    async with (
+        _a_holds_it_b_knows(url, name) as (ka, ca, kb, cb, placed, _),
+        _node(url, "c", **QUIET) as (kc, cc),
+    ):
+        _meet(ca, cb, cc)
+        await _learn(cc, name)
+        assert cc.name_holder(name) == ("a", placed.id)
+        cb._claim = _timing_out  # type: ignore[method-assign]
+        cb._write_name_again = _timing_out  # type: ignore[method-assign]
+        yield ka, ca, kb, cb, kc, cc, placed
+
+
 async def test_an_asker_routes_a_name_to_its_holder_not_to_a_copy_whose_claim_failed(
     nats: NatsServer,
 ) -> None:
@@ -3111,15 +3129,7 @@ async def test_an_asker_routes_a_name_to_its_holder_not_to_a_copy_whose_claim_fa
     in the bucket did not). The answer says the copy's claim failed now: c keeps a's
     entry, which it hears; one it did not hear is given back when it hears a again."""
     name = "svc-y"
-    async with (
-        _a_holds_it_b_knows(nats.url, name) as (_ka, ca, kb, cb, placed, _),
-        _node(nats.url, "c", **QUIET) as (kc, cc),
-    ):
-        _meet(ca, cb, cc)
-        await _learn(cc, name)
-        assert cc.name_holder(name) == ("a", placed.id)
-        cb._claim = _timing_out  # type: ignore[method-assign]
-        cb._write_name_again = _timing_out  # type: ignore[method-assign]
+    async with _c_knows_b_s_claims_fail(nats.url, name) as (_, ca, kb, cb, kc, cc, placed):
         with trio.fail_after(30):  # a hang guard
             copy = await cc.placement._ask("b", "counter", name, None, 5.0)
             assert copy.node == "b"
@@ -3135,3 +3145,21 @@ async def test_an_asker_routes_a_name_to_its_holder_not_to_a_copy_whose_claim_fa
             _meet(ca, cc)
             assert cc.name_holder(name) == ("a", placed.id)
             assert cb.stats().duplicates_stopped == 2
+
+
+async def test_an_entry_set_aside_for_a_node_not_heard_goes_when_that_node_is_forgotten(
+    nats: NatsServer,
+) -> None:
+    """As above, c sets a's entry of svc-y aside while it does not hear a (b's copy
+    learnt instead), to give it back when it hears a again. a is never heard again: c
+    forgets it, and the entry set aside had stayed for good (one per name a held)."""
+    name = "svc-y"
+    async with _c_knows_b_s_claims_fail(nats.url, name) as (_, _, _, _, _, cc, _):
+        _lose(cc, "a")
+        with trio.fail_after(30):  # a hang guard
+            copy = await cc.placement._ask("b", "counter", name, None, 5.0)
+        assert cc.name_holder(name) == ("b", copy.id)
+        assert list(cc._hidden_names) == [name]
+        cc._forget_lost_members(monotonic())
+        assert cc.stats().nodes_forgotten == 1
+        assert cc._hidden_names == {}

@@ -3597,6 +3597,7 @@ class Cluster:
                 # (one lost before was counted then, see Placement.node_lost)
                 self._restart_streams(key, info if info.reachable else None)
                 self._forget_names_of(info)
+                self._drop_hidden_names_of(key)
                 self.placement.member_left(key)
             return
         if op == "PURGE" or not value:
@@ -3663,6 +3664,23 @@ class Cluster:
         # (what its loss counted here that it took after all is no longer counted lost)
         self.placement.heard_from(info)
 
+    def _forget_lost_members(self, now: float) -> None:
+        """Forget the members lost ``forget_lost_after`` seconds ago (see _check_members)."""
+        for info in self.members.forget_lost(now, self.options.forget_lost_after):
+            self._nodes_forgotten += 1
+            self._record_sessions.pop(info.node, None)
+            self._note_names_of_forgotten(info.node, info.id_prefix)
+            self._drop_hidden_names_of(info.node)
+            log_guarded(
+                log,
+                logging.INFO,
+                "node %s: forgot node %r (lost %.0fs ago; a send to its agents is now"
+                " AgentNotFound, not TransportUnavailable)",
+                self.node,
+                info.node,
+                now - info.last_seen - self.members.lost_after,
+            )
+
     async def _check_members(self) -> None:
         interval = self.options.heartbeat_interval
         # the longest a hold lasts (see below): the loss window itself
@@ -3698,19 +3716,7 @@ class Cluster:
                 for info in self.members.newly_lost(now):
                     self._node_lost(info)
             self._count_late_notices(now)
-            for info in self.members.forget_lost(now, self.options.forget_lost_after):
-                self._nodes_forgotten += 1
-                self._record_sessions.pop(info.node, None)
-                self._note_names_of_forgotten(info.node, info.id_prefix)
-                log_guarded(
-                    log,
-                    logging.INFO,
-                    "node %s: forgot node %r (lost %.0fs ago; a send to its agents is now"
-                    " AgentNotFound, not TransportUnavailable)",
-                    self.node,
-                    info.node,
-                    now - info.last_seen - self.members.lost_after,
-                )
+            self._forget_lost_members(now)
             # streams of senders gone (left, lost, replaced) leave the heartbeat record
             self._inbound.retire_gone(self._is_live_member, self.options.heartbeat_interval)
             members = self.members.by_prefix
@@ -3952,6 +3958,14 @@ class Cluster:
             del self._hidden_names[name]
             if self._names.get(name) == copy and self._entry_stands(hidden, None):
                 self._set_name(name, hidden)
+
+    def _drop_hidden_names_of(self, node: str) -> None:
+        """``node`` left or is forgotten: the entries of it that placement answers set
+        aside (see learn_name) are never given back (one heard again later is a new
+        member); kept, they would grow with every name it held."""
+        hidden = self._hidden_names
+        for name in [name for name, (held, _) in hidden.items() if held[0] == node]:
+            del hidden[name]
 
     def _forget_names_of(self, info: NodeInfo) -> None:
         """``info``'s node left cleanly: its names are no longer where anything runs. Its
