@@ -1129,3 +1129,32 @@ async def test_a_malformed_batch_counts_no_more_tells_than_its_bytes_could_hold(
         assert stats.inbound_dropped == {"malformed_batch": 2, "malformed": 2}
         assert stats.received - received == 3  # the cut batch's 2, the ask
         assert stats.lost_in_transit == 0
+
+
+async def test_malformed_placement_records_and_names_entries_are_counted(
+    nats: NatsServer,
+) -> None:
+    """Regression: a placement record or a names entry that is not one (not strict
+    UTF-8 JSON, wrong fields, a key this code does not write) was logged and counted
+    nowhere, unlike the data path's ``malformed``. Each is in ``entries_malformed``."""
+    bad_bodies = [b"not json", b"\xff\xfe", json.dumps({"node": "a"}).encode(), b"[1]"]
+    async with _node(nats.url, "a") as (_, cluster), _hostile(nats.url) as hostile:
+        with trio.fail_after(20):
+            for index, body in enumerate(bad_bodies):
+                await hostile.put("names", f"name{index}", body)
+                await hostile.put("placed", f"svc{index}", body)
+            await hostile.put("names", "=YQ", json.dumps({"node": "a", "id": "x"}).encode())
+            await hostile.put("placed", "=YQ", b"{}")
+            # markers: each bucket's watch applies in order
+            marker = uuid.uuid4()
+            await hostile.put(
+                "names", "marker", json.dumps({"node": "a", "id": str(marker)}).encode()
+            )
+            await hostile.put("placed", "marker", b'{"type": "t", "pinned": null}')
+            while cluster.name_holder("marker") is None or "marker" not in (  # noqa: ASYNC110 (the watches: no event to wait on)
+                cluster.placement.records
+            ):
+                await trio.sleep(0.01)
+        assert cluster.name_holder("marker") == ("a", marker)
+        assert cluster.stats().entries_malformed == 2 * (len(bad_bodies) + 1)
+        assert cluster.stats().inbound_dropped == {}

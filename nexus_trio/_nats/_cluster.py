@@ -355,6 +355,11 @@ class ClusterStats:
     #: node knew on another node: not sent, failed at once for their callers
     #: (``TransportUnavailable`` saying the node left)
     requests_after_leave: int = 0
+    #: records and entries of the cluster's buckets refused, each time one is heard: a
+    #: membership record (also one on the heartbeat subjects), a placement record or a
+    #: names entry whose key this code does not write or whose body is not one (not
+    #: strict UTF-8 JSON, wrong fields); logged
+    entries_malformed: int = 0
 
 
 _decode: Final = wire.decode_message
@@ -587,6 +592,8 @@ class Cluster:
         #: thousand): logged at most once a second
         self._record_log = Throttle()
         self._records_malformed = 0
+        #: names bucket entries refused (see _apply_name_entry)
+        self._names_malformed = 0
         #: records under this node's name from another process (see _apply_member_entry)
         self._own_name_log = Throttle()
         self._drop_log = Throttle()
@@ -2704,6 +2711,7 @@ class Cluster:
             name = wire.name_from_key(key)
         except ValueError as exc:
             # not a key this code writes (the watch of the bucket would end with it)
+            self._names_malformed += 1
             log_guarded(
                 log, logging.WARNING, "node %s: ignoring a names bucket entry: %s", self.node, exc
             )
@@ -2725,6 +2733,7 @@ class Cluster:
             return
         entry = _decode_name_entry(value)
         if entry is None:
+            self._names_malformed += 1
             log_guarded(
                 log, logging.WARNING, "node %s: ignoring malformed name record %r", self.node, key
             )
@@ -4488,6 +4497,9 @@ class Cluster:
             lost_at_leave=self._lost_at_leave,
             tells_after_leave=self._tells_after_leave,
             requests_after_leave=self._requests_after_leave,
+            entries_malformed=(
+                self._records_malformed + self._names_malformed + self.placement.records_malformed
+            ),
         )
 
 

@@ -226,6 +226,9 @@ class Placement:
         self._moving: dict[str, tuple[tuple[uuid.UUID, int | None], PlacementRecord | None]] = {}
         #: records written on a retry (see :meth:`retry_records`)
         self.records_written_late = 0
+        #: records of the placed bucket refused: a key this code does not write, a body
+        #: that is not a record (not strict UTF-8 JSON, wrong fields)
+        self.records_malformed = 0
         self._kv: KeyValue | None = None
         self._nursery: trio.Nursery | None = None
         self._subject = f"{cluster.prefix}.place.{cluster.node}"
@@ -824,6 +827,7 @@ class Placement:
             name = wire.name_from_key(key)
         except ValueError as exc:
             # not a key this code writes (the watch of the bucket would end with it)
+            self.records_malformed += 1
             log_guarded(
                 log,
                 logging.WARNING,
@@ -838,6 +842,7 @@ class Placement:
         try:
             self.records[name] = PlacementRecord.decode(value)
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            self.records_malformed += 1
             log_guarded(
                 log,
                 logging.WARNING,
