@@ -213,6 +213,18 @@ def _keep_newest(table: dict[int, _V], key: int, value: _V, limit: int) -> None:
 
 
 @final
+class DeliveryRunFailed(Exception):
+    """A fault (a bug: nothing raises there by design) stopped
+    :meth:`TransportHandle.deliver_run_nowait` partway; raised from that fault. ``taken``
+    is the index of the first message it did not take: those before it are delivered and
+    counted, and are not the transport's to count as failed."""
+
+    def __init__(self, taken: int) -> None:
+        super().__init__(f"delivering a run of messages failed at message {taken}")
+        self.taken = taken
+
+
+@final
 class TransportHandle:
     """What :meth:`Kernel.attach_transport` returns: the transport's way into the kernel.
 
@@ -248,7 +260,8 @@ class TransportHandle:
         Returns the index of the first message not taken (``len(msgs)`` if all were),
         which the transport then takes with :meth:`deliver_nowait`, and the rest after it.
         One lookup per run of messages to the same address, not one per message; the
-        counts are those :meth:`deliver_nowait` keeps."""
+        counts are those :meth:`deliver_nowait` keeps. A fault partway raises
+        :class:`DeliveryRunFailed` saying how far it got."""
         return self._router.deliver_from_remote_run(msgs, start)
 
     def fail_request(self, request_id: uuid.UUID, error: BaseException) -> bool:
@@ -1004,6 +1017,9 @@ class Router:
                 if cell.dormant:
                     cell.wake()
                     last = None  # looked up again after its run started
+        except Exception as exc:
+            # (no cost per message: the caller counts only the messages not taken)
+            raise DeliveryRunFailed(index) from exc
         finally:
             if index > start:
                 self.ledger.accepted += index - start

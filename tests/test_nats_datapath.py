@@ -171,6 +171,48 @@ async def test_batches_are_split_at_the_servers_max_payload() -> None:
     assert cb.stats().inbound_dropped == {}
 
 
+class _FaultyRoutes(dict[Any, Any]):
+    """A router's routes whose lookup of ``boom`` raises: a fault injected in a run."""
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        if key == "boom":
+            raise RuntimeError("injected fault")
+        return super().get(key, default)
+
+
+async def test_a_fault_partway_through_a_run_counts_only_the_tells_it_did_not_take(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fault injection: the run delivering a batch's tells raises after it took three
+    (its lookup of the next address fails). The three were delivered, yet counted in
+    ``inbound_dropped["delivery_failed"]`` too, with the two it never took: five. The
+    run says how far it got now: two failed, three taken."""
+    received: list[Any] = []
+    caplog.set_level(logging.ERROR, logger="nexus_trio.nats")
+    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+        kb.spawn(agent(_collector(received), name="col"))
+        kb.spawn(agent(_collector([]), name="boom"))
+        await cb.names_published()
+        with trio.fail_after(30):
+            await ca.wait_for_name("boom")
+            await ka.send("col", -1)  # its mailbox's channel is open from here on
+            assert await ka.request("col", "dump") == 1
+            router = kb._router
+            routes, router.routes = router.routes, _FaultyRoutes(router.routes)
+            batches = cb.stats().batches_received
+            for payload in range(3):  # one batch: no yield between the sends
+                await ka.send("col", payload)
+            await ka.send("boom", 3)
+            await ka.send("boom", 4)
+            await until(lambda: "delivery_failed" in cb.stats().inbound_dropped)
+            router.routes = routes
+            assert cb.stats().batches_received == batches + 1
+            assert await ka.request("col", "dump") == 4
+    assert received == [-1, 0, 1, 2]
+    assert cb.stats().inbound_dropped == {"delivery_failed": 2}
+    assert any("injected fault" in r.getMessage() or r.exc_info for r in caplog.records)
+
+
 async def test_malformed_batches_are_counted_and_the_node_keeps_serving(nats: NatsServer) -> None:
     records: list[Any] = []
     async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):

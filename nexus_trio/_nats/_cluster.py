@@ -82,7 +82,7 @@ from .._events import EventKind, LifecycleEvent
 from .._kernel import Kernel
 from .._logcall import log_guarded
 from .._message import SYSTEM_ID, Address, Message, MessageKind, id_value
-from .._router import KernelPhase, TransportHandle, detached_phase
+from .._router import DeliveryRunFailed, KernelPhase, TransportHandle, detached_phase
 from .._throttle import Throttle
 from . import _batch as batch
 from . import _direct as direct
@@ -1863,7 +1863,14 @@ class Cluster:
         try:
             while index < count:
                 if handle is not None and not self._parked:
-                    taken = handle.deliver_run_nowait(msgs, index)
+                    try:
+                        taken = handle.deliver_run_nowait(msgs, index)
+                    except DeliveryRunFailed as exc:
+                        # the tells it took are delivered: counted once, as taken
+                        self._forwarded_in += exc.taken - index
+                        consumed += exc.taken - index
+                        index = exc.taken
+                        raise
                     self._forwarded_in += taken - index
                     consumed += taken - index
                     index = taken
