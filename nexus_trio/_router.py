@@ -220,8 +220,11 @@ class DeliveryRunFailed(Exception):
     counted, and are not the transport's to count as failed."""
 
     def __init__(self, taken: int) -> None:
-        super().__init__(f"delivering a run of messages failed at message {taken}")
+        super().__init__(taken)  # (its one argument: pickled and copied whole)
         self.taken = taken
+
+    def __str__(self) -> str:
+        return f"delivering a run of messages failed at message {self.taken}"
 
 
 @final

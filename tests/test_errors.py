@@ -31,6 +31,7 @@ from nexus_trio._child import StoppedForShutdown
 from nexus_trio._errors import AgentStopped
 from nexus_trio._nats._placement import PlacementFailed, UnknownAgentType
 from nexus_trio._nats._wire import RemoteError
+from nexus_trio._router import DeliveryRunFailed
 from nexus_trio._supervisor import Escalation
 from nexus_trio.bridges.process import ProcessAgentError
 from nexus_trio.bridges.python import InvalidFrame
@@ -76,6 +77,7 @@ ERRORS: list[BaseException] = [
     StoppedForShutdown(None),
     SpawnFailed([SpawnedProgram(("python3", "calc.py"), "calc", problem="exited (status 3)")]),
     StoppedWhileImporting("SIGTERM"),
+    DeliveryRunFailed(3),
 ]
 
 
