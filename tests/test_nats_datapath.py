@@ -148,6 +148,51 @@ async def test_many_senders_to_many_agents_keep_each_senders_order(nats: NatsSer
     assert a_side.in_flight == b_side.in_flight == 0
 
 
+async def test_a_fault_delivering_a_batch_counts_its_tells_and_returns_their_credit(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Fault injection: the receiving side's delivery of a batch raises (as the run of a
+    # batch's tells did on main for every tell to a running agent: AttributeError). The
+    # tells it did not deliver were neither counted nor credited: the sender's window
+    # never reopened, and every later tell to that node waited its send deadline and
+    # failed MailboxFull. They are counted now (inbound_dropped["delivery_failed"]) and
+    # their credit goes back; the error is logged.
+    window = 8
+    received: list[Any] = []
+    faults = [RuntimeError("injected fault")]
+    real_run = TransportHandle.deliver_run_nowait
+
+    def faulty_run(self: TransportHandle, msgs: Any, start: int) -> int:
+        if faults and msgs[start].payload == "fault":
+            raise faults.pop()
+        return real_run(self, msgs, start)
+
+    monkeypatch.setattr(TransportHandle, "deliver_run_nowait", faulty_run)
+    caplog.set_level(logging.ERROR, logger="nexus_trio.nats")
+    async with (
+        _node(nats.url, "b") as (kb, cb),
+        _node(nats.url, "a", send_timeout_ms=2000, node_window=window) as (ka, ca),
+    ):
+        kb.spawn(agent(_collector(received), name="col"))
+        await cb.names_published()
+        with trio.fail_after(30):
+            await ca.wait_for_name("col")
+            await ka.send("col", -1)  # its mailbox's channel is open from here on
+            assert await ka.request("col", "dump") == 1
+            # one batch: the fault at its first tell, the window's worth in it
+            for i in range(window - 1):
+                await ka.send("col", "fault" if i == 0 else i)
+            await until(lambda: cb.stats().inbound_dropped.get("delivery_failed") == window - 1)
+            # the window is open again: a window's worth more goes through
+            for i in range(window, 2 * window):
+                await ka.send("col", i)
+            assert await ka.request("col", "dump") == 1 + window
+    assert received == [-1, *range(window, 2 * window)]
+    assert cb.stats().inbound_dropped == {"delivery_failed": window - 1}
+    assert ka.stats().rejected == {}
+    assert [r for r in caplog.records if r.getMessage() == "node b: a batch from a failed"]
+
+
 async def test_batches_are_split_at_the_servers_max_payload() -> None:
     payload = "x" * 2000
     records: list[Any] = []
