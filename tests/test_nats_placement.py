@@ -10,7 +10,7 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -1980,25 +1980,33 @@ async def test_a_clean_leave_drops_hundreds_of_names_and_records_within_its_boun
         assert b.stats().replaced == 0
 
 
-def _slow_puts(bucket_suffix: str, delay: float, in_flight: list[int]) -> Any:
-    """A ``KeyValue.put`` that takes ``delay`` s more in the bucket whose name ends with
+def _waiting_puts(
+    bucket_suffix: str, in_flight: list[int], wait: Callable[[], Awaitable[object]]
+) -> Any:
+    """A ``KeyValue.put`` that awaits ``wait()`` first in the bucket whose name ends with
     ``bucket_suffix``, counting its puts in flight there (``in_flight``: now, most)."""
     from nats.js.kv import KeyValue
 
     original = KeyValue.put
 
-    async def counted_put(self: KeyValue, key: str, *args: Any, **kw: Any) -> int:
+    async def waiting_put(self: KeyValue, key: str, *args: Any, **kw: Any) -> int:
         if not self._name.endswith(bucket_suffix):
             return await original(self, key, *args, **kw)
         in_flight[0] += 1
         in_flight[1] = max(in_flight[1], in_flight[0])
         try:
-            await asyncio.sleep(delay)
+            await wait()
             return await original(self, key, *args, **kw)
         finally:
             in_flight[0] -= 1
 
-    return counted_put
+    return waiting_put
+
+
+def _slow_puts(bucket_suffix: str, delay: float, in_flight: list[int]) -> Any:
+    """A ``KeyValue.put`` that takes ``delay`` s more in the bucket whose name ends with
+    ``bucket_suffix``, counting its puts in flight there (``in_flight``: now, most)."""
+    return _waiting_puts(bucket_suffix, in_flight, lambda: asyncio.sleep(delay))
 
 
 def _held_puts(bucket_suffix: str, in_flight: list[int]) -> tuple[Any, Any]:
@@ -2006,29 +2014,18 @@ def _held_puts(bucket_suffix: str, in_flight: list[int]) -> tuple[Any, Any]:
     the next ``release()`` (a server that has not answered yet), counting its puts in
     flight there (``in_flight``: now, most). Call ``release`` from the node's thread (it
     sets an asyncio event from Trio)."""
-    from nats.js.kv import KeyValue
-
-    original = KeyValue.put
     gate: list[asyncio.Event] = []
 
-    async def held_put(self: KeyValue, key: str, *args: Any, **kw: Any) -> int:
-        if not self._name.endswith(bucket_suffix):
-            return await original(self, key, *args, **kw)
-        in_flight[0] += 1
-        in_flight[1] = max(in_flight[1], in_flight[0])
-        try:
-            if not gate:
-                gate.append(asyncio.Event())
-            await gate[0].wait()
-            return await original(self, key, *args, **kw)
-        finally:
-            in_flight[0] -= 1
+    async def held() -> None:
+        if not gate:
+            gate.append(asyncio.Event())
+        await gate[0].wait()
 
     def release() -> None:
         if gate:
             gate.pop().set()
 
-    return held_put, release
+    return _waiting_puts(bucket_suffix, in_flight, held), release
 
 
 async def test_the_names_of_hundreds_of_agents_spawned_at_once_are_written_together(
