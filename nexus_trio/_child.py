@@ -39,7 +39,7 @@ class RunDone:
 
     def set(self, *, in_stop: bool = False) -> None:
         """The run has ended; ``in_stop``: in the kernel's stop (its last run: the agent
-        is counted out of ``agents_alive`` until it is forgotten)."""
+        is counted out of ``agents_alive`` then, not again when it is forgotten)."""
         self._set = 2 if in_stop else 1
         if self._event is not None:
             self._event.set()

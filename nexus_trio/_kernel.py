@@ -853,9 +853,7 @@ class Kernel:
                 _agent_stats(c) for c in self._router.nodes.values() if isinstance(c, AgentCell)
             )
         return KernelStats(
-            # (an agent whose last run ended in the kernel's stop is not alive, though
-            # the tree forgets it only when it has all stopped)
-            agents_alive=ledger.agents_alive - ledger.ended_in_stop,
+            agents_alive=ledger.agents_alive,
             accepted=ledger.accepted,
             handled=ledger.handled,
             replies_delivered=ledger.replies,

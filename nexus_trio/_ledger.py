@@ -60,7 +60,6 @@ class Ledger:
         "agents_alive",
         "dead",
         "dead_by_reason",
-        "ended_in_stop",
         "failed",
         "forwarded",
         "given_up",
@@ -92,10 +91,9 @@ class Ledger:
         self.restarts = 0
         #: children the root stopped for good after too many failures
         self.given_up = 0
+        #: agents not forgotten yet, less those whose last run ended in the kernel's
+        #: stop (the tree forgets them all at its end; counted out as each run ends)
         self.agents_alive = 0
-        #: agents whose last run ended in the kernel's stop and that are not forgotten
-        #: yet (the tree forgets them all at its end): not alive any more
-        self.ended_in_stop = 0
         #: the deepest any mailbox has been (kept by the mailboxes, read in O(1))
         self.high_water = HighWater()
         self.dead_by_reason: Counter[str] = Counter()

@@ -593,10 +593,10 @@ class Router:
         _ENDED_AFTER_FAILURE), kept for an ``AgentNotFound`` to tell (why_no_agent)."""
         self.unroute(node)
         if self.nodes.pop(node.id.int, None) is not None and node.is_agent:
-            self.ledger.agents_alive -= 1
             done = node.done
-            if done is not None and done.ended_in_stop:
-                self.ledger.ended_in_stop -= 1
+            if done is None or not done.ended_in_stop:
+                # (one whose last run ended in the kernel's stop was counted out then)
+                self.ledger.agents_alive -= 1
             if self._walks:
                 self._step_walks_past(node)
             prev, after = node.spawn_prev, node.spawn_next

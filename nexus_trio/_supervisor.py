@@ -630,9 +630,10 @@ class SupervisorNode(Child, ChildOwner):
                     child.start_gate = None
             if child.is_agent and self.host.stopping():
                 # The tree is stopping: this run was the agent's last, and it is no
-                # longer alive, though forgotten only when the whole tree has stopped.
+                # longer alive, though forgotten only when the whole tree has stopped
+                # (counted out now, not again then).
                 done.set(in_stop=True)
-                self.host.ledger.ended_in_stop += 1
+                self.host.ledger.agents_alive -= 1
             else:
                 done.set()
             # The run's last message may have been the last work in flight, and a run
