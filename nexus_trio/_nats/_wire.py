@@ -427,6 +427,8 @@ def _payload_json(payload: Any) -> bytes:
     if cls in _NO_FLOAT:
         return _dumps(payload)
     if cls is dict or cls is list:
+        if _flat(payload, True):
+            return _dumps(payload)
         body = _read_back(payload)
         if body is not None:
             return body
@@ -475,6 +477,39 @@ def _read_back(payload: dict[Any, Any] | list[Any]) -> bytes | None:
 
 
 _exact: Final = marshal.dumps
+#: the longest container :func:`_flat` looks through (each of its lists and dicts too):
+#: it bounds the walk in Python wasted on one that turns out not flat before the read-back
+_FLAT_MAX: Final = 16
+
+
+def _flat(payload: dict[Any, Any] | list[Any], nested: bool) -> bool:
+    """Whether container ``payload`` (a dict or a list, the classes themselves) holds
+    only ``int``, ``str``, ``bool`` and ``None`` (the classes themselves), under ``str``
+    keys if a dict, and if ``nested`` also such containers of them: msgspec writes such
+    a value as ``json.dumps`` would and it reads back equal, so the read-back need not
+    prove it (a lone surrogate in a string raises the same UnicodeEncodeError either
+    way). The common shape of a tell's payload: ``[hops, "..."]``, ``{"n": 0, "args":
+    [1, 2]}``; a loop each, not all() over a generator, which costs three times more."""
+    if len(payload) > _FLAT_MAX:
+        return False
+    scalars = _NO_FLOAT
+    if payload.__class__ is dict:
+        for key, value in payload.items():
+            if key.__class__ is not str:
+                return False
+            cls = value.__class__
+            if cls not in scalars and not (
+                nested and (cls is list or cls is dict) and _flat(value, False)
+            ):
+                return False
+        return True
+    for item in payload:
+        cls = item.__class__
+        if cls not in scalars and not (
+            nested and (cls is list or cls is dict) and _flat(item, False)
+        ):
+            return False
+    return True
 
 
 _NO_FLOAT: Final = frozenset((int, str, bool, type(None)))
