@@ -137,7 +137,9 @@ def test_a_binary_tell_of_a_dict_or_a_list_carries_what_json_dumps_writes(payloa
         ([999, "x" * 16], 0),
         ({"op": "add", "n": 2**70, "ok": True, "none": None}, 0),
         ([], 0),
-        ([1.5, 2], 1),  # a float: msgspec and json.dumps may spell it apart
+        ([1.5, 2, -0.0, 1e16, 5e-324], 0),  # finite floats read back equal
+        ({"x": float("inf")}, 1),  # msgspec would write null: checked
+        ([1, [float("nan")]], 1),
         ({"task": "resize", "n": 0, "args": [1, 2, 3]}, 0),  # bench_nats's
         ([1, {"k": [2]}], 1),  # nested past one level
         ([1, (2,)], 1),  # a tuple: json.dumps writes a list

@@ -484,11 +484,13 @@ _FLAT_MAX: Final = 16
 
 def _flat(payload: dict[Any, Any] | list[Any], nested: bool) -> bool:
     """Whether container ``payload`` (a dict or a list, the classes themselves) holds
-    only ``int``, ``str``, ``bool`` and ``None`` (the classes themselves), under ``str``
-    keys if a dict, and if ``nested`` also such containers of them: msgspec writes such
-    a value as ``json.dumps`` would and it reads back equal, so the read-back need not
-    prove it (a lone surrogate in a string raises the same UnicodeEncodeError either
-    way). The common shape of a tell's payload: ``[hops, "..."]``, ``{"n": 0, "args":
+    only ``int``, ``str``, ``bool``, ``None`` and finite ``float`` (the classes
+    themselves), under ``str`` keys if a dict, and if ``nested`` also such containers of
+    them: msgspec writes such a value so that it reads back equal (a finite float in its
+    shortest round-trip spelling, which may differ from ``json.dumps``'s text, ``1e16``
+    for ``1e+16``, as the read-back path also sends it), so the read-back need not prove
+    it (a lone surrogate in a string raises the same UnicodeEncodeError either way; a
+    non-finite float, which msgspec would write as null, is no such value). The common shape of a tell's payload: ``[hops, "..."]``, ``{"n": 0, "args":
     [1, 2]}``; a loop each, not all() over a generator, which costs three times more."""
     if len(payload) > _FLAT_MAX:
         return False
@@ -499,14 +501,18 @@ def _flat(payload: dict[Any, Any] | list[Any], nested: bool) -> bool:
                 return False
             cls = value.__class__
             if cls not in scalars and not (
-                nested and (cls is list or cls is dict) and _flat(value, False)
+                (value - value == 0.0)  # finite: inf - inf and nan - nan are nan
+                if cls is float
+                else nested and (cls is list or cls is dict) and _flat(value, False)
             ):
                 return False
         return True
     for item in payload:
         cls = item.__class__
         if cls not in scalars and not (
-            nested and (cls is list or cls is dict) and _flat(item, False)
+            (item - item == 0.0)
+            if cls is float
+            else nested and (cls is list or cls is dict) and _flat(item, False)
         ):
             return False
     return True
