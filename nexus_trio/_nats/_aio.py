@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any, Generic, TypeVar, final
 
@@ -207,6 +207,10 @@ class Outbox(Generic[T]):
         self._send_one = send_one
         self._on_refused = on_refused
         self._items: list[T] = []
+        #: the items waiting, the same list for the outbox's life: ``len(outbox.queued)``
+        #: is :meth:`__len__` without a Python call (a sender checks it on every tell).
+        #: Read it, never change it.
+        self.queued: Sequence[T] = self._items
         self._ready: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -278,7 +282,8 @@ class Outbox(Generic[T]):
 
     def discard(self) -> list[T]:
         """Take every queued item out (they will not be sent); the caller accounts for them."""
-        items, self._items = self._items, []
+        items = self._items[:]
+        self._items.clear()
         self._drained.set()
         return items
 
@@ -361,7 +366,8 @@ class Outbox(Generic[T]):
         if self._unfinished is not None:
             await asyncio.wait([self._unfinished])  # keep the order
         while self._items and not self._paused:
-            batch, self._items = self._items, []
+            batch = self._items[:]
+            self._items.clear()  # (the same list: see queued)
             self.batches += 1
             if self._send_batch is None:
                 await self._send_items(batch)

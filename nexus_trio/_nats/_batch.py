@@ -51,6 +51,8 @@ _CREDIT: Final = struct.Struct(">QQ")
 HEAD_SIZE: Final = _HEAD.size
 #: what every frame costs on top of its body
 FRAME_OVERHEAD: Final = _FRAME.size
+#: ``frame_head(length, kind)``: a frame's length (of kind and body) and kind, packed
+frame_head: Final = _FRAME.pack
 
 TELL: Final = 1
 CANCEL: Final = 2
@@ -260,7 +262,7 @@ class NodeLink:
         """Add a tell's frame to the open batch; returns the batch's size in bytes now.
         (Its length and kind go in as a part of their own: the body is not copied.)"""
         frames = self.frames
-        frames.append(_FRAME.pack(len(body) + 1, TELL))
+        frames.append(frame_head(len(body) + 1, TELL))
         frames.append(body)
         self.tells += 1
         size = self.size = self.size + len(body) + FRAME_OVERHEAD

@@ -114,6 +114,9 @@ _ROUTE_MEMORY: Final = 65536
 _KNOWN_LINKS_MAX: Final = 65_536
 #: what every frame of a node batch costs on top of its body (a module constant: read per tell)
 _FRAME_OVERHEAD: Final = batch.FRAME_OVERHEAD
+#: a tell frame's length and kind, packed (see _add_tell)
+_tell_frame_head: Final = batch.frame_head
+_TELL: Final = batch.TELL
 _KV_OPS_DELETED: Final = ("DEL", "PURGE")
 #: deleted names whose delete's revision a node keeps (then the oldest are forgotten)
 _NAME_DELETES_KEPT: Final = 4096
@@ -546,6 +549,8 @@ class Cluster:
         self._outbox: Outbox[_Outgoing] = Outbox(
             send_one=self._publish_one, on_refused=self._publish_refused
         )
+        #: what waits in the outbox (len() of it: every tell checks the backlog)
+        self._outbox_queued = self._outbox.queued
         # tells' sequence numbers: the last given per destination, the last marked,
         # and the next expected per sending process (see ``_sequence``)
         self._seq_out: dict[_Stream, int] = {}
@@ -877,7 +882,7 @@ class Cluster:
         # (link.has_room(), written out: every tell to another kernel comes here)
         if (
             link.sent + link.tells - link.consumed >= link.window
-            or len(self._outbox) >= self._high_water
+            or len(self._outbox_queued) >= self._high_water
         ):
             if deadline is None:
                 deadline = trio.current_time() + self.kernel.config.kernel.send_timeout
@@ -1246,10 +1251,17 @@ class Cluster:
         a batch was sealed."""
         limit = self._batch_bytes
         sealed = False
-        if link.size + len(body) + _FRAME_OVERHEAD > limit and link.frames:
+        size = len(body)
+        if link.size + size + _FRAME_OVERHEAD > limit and link.frames:
             self._seal_batch(link)
             sealed = True
-        if link.add_tell(body) >= limit or link.tells >= self._batch_frames:
+        # link.add_tell(body), written out: every tell to another kernel comes here
+        frames = link.frames
+        frames.append(_tell_frame_head(size + 1, _TELL))
+        frames.append(body)
+        tells = link.tells = link.tells + 1
+        size = link.size = link.size + size + _FRAME_OVERHEAD
+        if size >= limit or tells >= self._batch_frames:
             self._seal_batch(link)
             return True
         # _want_flush, inline: every tell to another kernel comes here
