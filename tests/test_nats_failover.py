@@ -223,6 +223,42 @@ async def test_outbox_closed_while_paused_leaves_its_items_to_discard() -> None:
         assert not outbox.put(3) and outbox.dropped == 1
 
 
+async def test_outbox_queued_is_its_backlog_after_flushes_and_discards() -> None:
+    """``Outbox.queued`` is what a sender reads the backlog from on every tell (the
+    high-water check): the same list for the outbox's life, so that it still counts
+    what waits after the asyncio task sent a batch and after a discard (a list swapped
+    for a new one there would read 0 from then on, and senders would never wait)."""
+    sent: list[int] = []
+
+    async def send_one(item: int) -> None:
+        sent.append(item)
+
+    async with asyncio_loop():
+        outbox: Outbox[int] = Outbox(send_one=send_one)
+        queued = outbox.queued
+        await outbox.start()
+        outbox.pause()
+        for item in range(3):
+            outbox.put(item)
+        assert (len(queued), len(outbox)) == (3, 3)
+        outbox.resume()
+        await trio.testing.wait_all_tasks_blocked()
+        assert (sent, len(queued)) == ([0, 1, 2], 0)  # flushed by the asyncio task
+        outbox.pause()
+        outbox.put(3)
+        outbox.put(4)
+        assert len(queued) == 2
+        assert outbox.discard() == [3, 4]
+        assert len(queued) == 0
+        outbox.put(5)
+        assert (len(queued), len(outbox)) == (1, 1)
+        assert outbox.queued is queued
+        outbox.resume()
+        await outbox.close()
+    assert sent == [0, 1, 2, 5]
+    assert len(queued) == 0
+
+
 def _gated_send_one(sent: list[int], gate: dict[str, Any]) -> Any:
     """A ``send_one`` that buffers its item, then (item 2) suspends until ``gate`` is
     released: the client's buffer was full."""
