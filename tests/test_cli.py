@@ -1427,6 +1427,51 @@ def test_a_failed_join_is_one_error_line_without_a_traceback(nexus):
     assert f"cannot connect to NATS at {url}" in failed[0]
 
 
+@pytest.mark.parametrize(
+    ("where", "hint", "advice"),
+    [
+        ("flag", "--metrics-port", "a free port"),
+        ("env", "[metrics] port (env NEXUS_METRICS__PORT)", "a free port"),
+        ("host", "--metrics-host", "an address of this host"),
+    ],
+)
+def test_a_metrics_endpoint_that_cannot_listen_fails_in_one_line_naming_what_to_change(
+    where: str, hint: str, advice: str
+) -> None:
+    """Regression: a metrics port another process listens on (or a host that is no
+    address of this one) failed the run with a 40-line traceback of the CLI's and Trio's
+    internals after its error line, which named the address but not the flag or key that
+    gave it, nor what to do."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    args = ["run", "-n", "10", "-d", "1", "--json"]
+    env: dict[str, str] = {}
+    if where == "flag":
+        args += ["--metrics-port", str(port)]
+    elif where == "env":
+        env["NEXUS_METRICS__PORT"] = str(port)
+    else:  # TEST-NET-1 (RFC 5737): no address of this host
+        args += ["--metrics-port", str(free_port()), "--metrics-host", "192.0.2.1"]
+    try:
+        result = invoke(args, **env)
+    finally:
+        taken.close()
+    assert result.exit_code == 1, result.output
+    summary = json.loads(result.stdout)
+    assert summary["stopped_by"] == "error"
+    assert "the metrics server cannot listen on" in summary["error"]
+    assert "Traceback" not in result.stderr
+    failed = [line for line in result.stderr.splitlines() if "the run failed" in line]
+    assert len(failed) == 1, result.stderr
+    assert hint in failed[0]
+    assert advice in failed[0]
+    if where != "host":
+        assert f"127.0.0.1:{port}: Address already in use" in failed[0]
+        assert "or 0 for no metrics endpoint" in failed[0]
+
+
 # --- the view, rendered from plain values ----------------------------------------------------
 
 

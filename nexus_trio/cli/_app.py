@@ -404,6 +404,12 @@ def run(
         source = ctx.get_parameter_source(name)
         return value if source is not None and source.name == "COMMANDLINE" else None
 
+    def given_by(name: str, dotted: str) -> str:
+        """The flag, if it was on the command line, else the config key and its source."""
+        if given(True, name) is not None:
+            return "--" + name.replace("_", "-")
+        return _key_hint(loaded, dotted)
+
     overrides: dict[str, Any] = {
         "logging.level": log_level.value if log_level else None,
         "logging.format": log_format.value if log_format else None,
@@ -494,6 +500,8 @@ def run(
         json=json_out,
         metrics_port=cfg.metrics.port,
         metrics_host=cfg.metrics.host,
+        metrics_port_hint=given_by("metrics_port", "metrics.port"),
+        metrics_host_hint=given_by("metrics_host", "metrics.host"),
         dump_on_signal=dump_on_signal,
         spawn=tuple(commands),
         nats=nats,

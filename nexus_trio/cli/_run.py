@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import difflib
+import errno
 import gc
 import importlib
 import inspect
@@ -107,6 +108,10 @@ class RunOptions:
     json: bool = False
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
+    #: what gave the metrics port and host, as an error names them: ``--metrics-port``,
+    #: or the key and its source, ``[metrics] port (env NEXUS_METRICS__PORT)``
+    metrics_port_hint: str = "--metrics-port"
+    metrics_host_hint: str = "--metrics-host"
     dump_on_signal: bool = False
     spawn: tuple[tuple[str, ...], ...] = ()
     nats: str | None = None
@@ -950,6 +955,8 @@ async def _run_async(
     #: a join of the cluster that failed: its error says all (the URL, the auth tried,
     #: what the server said), so it is logged without the traceback of the CLI's internals
     join_error: BaseException | None = None
+    #: the metrics endpoint that could not listen: said in one line too, with what to change
+    listen_error: BaseException | None = None
     kernel: Kernel | None = None
     async with trio.open_nursery() as outer:
         state.outer = outer
@@ -969,7 +976,13 @@ async def _run_async(
                 if opts.metrics_port:
                     from ..metrics import serve_metrics
 
-                    await outer.start(serve_metrics, kernel, opts.metrics_host, opts.metrics_port)
+                    try:
+                        await outer.start(
+                            serve_metrics, kernel, opts.metrics_host, opts.metrics_port
+                        )
+                    except OSError as exc:
+                        listen_error = _cannot_listen(exc, opts)
+                        raise listen_error from exc
                 outer.start_soon(_watch, state, kernel, _title(opts))
                 outer.start_soon(_watch_shutdown, state, kernel)
                 try:
@@ -1029,7 +1042,7 @@ async def _run_async(
                 logging.ERROR,
                 "the run failed: %s",
                 _describe(error),
-                exc_info=None if error is join_error else error,
+                exc_info=None if error is join_error or error is listen_error else error,
             )
         finally:
             state.phase = "done"
@@ -1087,6 +1100,22 @@ def _unwrap(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc
+
+
+def _cannot_listen(exc: OSError, opts: RunOptions) -> OSError:
+    """The metrics endpoint's failure to listen (``exc`` names the address), with the flag
+    or config key to change: a port in use is a common mistake, not a failure of the CLI
+    to show with its traceback."""
+    port, host = opts.metrics_port_hint, opts.metrics_host_hint
+    if exc.errno == errno.EADDRINUSE:
+        advice = f"another process listens there: give {port} a free port, or 0"
+    elif exc.errno == errno.EACCES:
+        advice = f"a port below 1024 needs privileges: give {port} a port from 1024, or 0"
+    else:
+        advice = (
+            f"give {host} an address of this host (127.0.0.1; 0.0.0.0 for all of them), or {port} 0"
+        )
+    return OSError(exc.errno, f"{exc.strerror or exc}; {advice} for no metrics endpoint")
 
 
 def _describe(exc: BaseException) -> str:
