@@ -3628,6 +3628,24 @@ def test_nexus_send_reports_an_agent_that_does_not_start() -> None:
     assert "did not register within 0.3s" in result.output
 
 
+def test_nexus_send_says_what_to_do_about_an_agent_silent_at_start_or_slow_to_answer() -> None:
+    """Regression: an agent that wrote nothing was 'did not register within 0.3s', and one
+    that never answered 'no answer within 0.3s': neither said what the kernel waited for,
+    nor which flag gives it longer."""
+    silent = send_cli(f"{sys.executable} {TOY} --no-register", "1", "--register-timeout", "0.3")
+    assert silent.exit_code == 1, silent.output
+    last = silent.stderr.splitlines()[-1]
+    assert last.startswith("nexus send: the agent did not start: ")
+    assert "did not register within 0.3s; it wrote nothing on its stdout" in last
+    assert "its first line there must be its register frame" in last
+    assert last.endswith("(--register-timeout gives it longer)")
+    hung = send_cli(f"{sys.executable} {TOY}", '{"op": "hang"}', "-t", "0.3")
+    assert hung.exit_code == 1, hung.output
+    assert hung.stderr.splitlines()[-1] == (
+        "nexus send: no answer within 0.3s (--timeout gives it longer)"
+    )
+
+
 @pytest.mark.parametrize(
     ("flags", "args", "problem"),
     [

@@ -906,12 +906,17 @@ class ProcessAgent(Agent):
         # A frame written without its newline (sys.stdout.write of the JSON alone) waits
         # for it for ever: say so, or the timeout hides the mistake.
         size, head = stdout.pending()
-        unended = (
-            f"; it wrote {size:,} bytes with no newline after them (a frame ends with \\n):"
-            f" {_preview(head.strip())!r}"
-            if size
-            else ""
-        )
+        if size:
+            unended = (
+                f"; it wrote {size:,} bytes with no newline after them (a frame ends with \\n):"
+                f" {_preview(head.strip())!r}"
+            )
+        elif first_bad:
+            unended = ""
+        else:  # (silent: say what it should have written)
+            unended = (
+                "; it wrote nothing on its stdout (its first line there must be its register frame)"
+            )
         raise ProcessAgentError(
             self.label,
             f"did not register within {self.options.register_timeout:g}s{first_bad}{unended}",

@@ -272,12 +272,17 @@ async def _exchange(config: Any, spec: Any, value: Any, kind: SendKind, timeout:
                 if event.kind is EventKind.STARTED:
                     break
                 if event.kind in (EventKind.FAILED, EventKind.STOPPED):
-                    raise _Failed(f"the agent did not start: {event.error or event.reason}")
+                    problem = f"the agent did not start: {event.error or event.reason}"
+                    if "did not register within" in problem:
+                        problem += " (--register-timeout gives it longer)"
+                    raise _Failed(problem)
         if kind is SendKind.Query:
             try:
                 return await kernel.request(ref, value, timeout=timeout)
             except RequestTimeout:
-                raise _Failed(f"no answer within {timeout:g}s") from None
+                raise _Failed(
+                    f"no answer within {timeout:g}s (--timeout gives it longer)"
+                ) from None
             except RequestFailed as exc:
                 detail = exc.error if exc.error is not None else exc.reason
                 raise _Failed(f"the message failed ({exc.reason}): {detail}") from None
@@ -330,5 +335,5 @@ async def _exchange(config: Any, spec: Any, value: Any, kind: SendKind, timeout:
         if answers:
             return answers[0].payload
         if scope.cancelled_caught:
-            raise _Failed(f"no answer within {timeout:g}s")
+            raise _Failed(f"no answer within {timeout:g}s (--timeout gives it longer)")
         return None
