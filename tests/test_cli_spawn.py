@@ -367,7 +367,10 @@ def test_a_program_its_supervisor_gives_up_on_fails_and_stops_the_run(tmp_path: 
     assert result.returncode == 1, result.stderr
     summary = json.loads(result.stdout)
     command = f"{sys.executable} crashes.py"
-    problem = "stopped for good: restart intensity exceeded; last failure: exited with status 4"
+    problem = (
+        "stopped for good: restart intensity exceeded; last failure: exited with status 4;"
+        " on stderr: 'lost the database'"
+    )
     assert summary["error"] == f"SpawnFailed: --spawn {command!r} {problem}"
     # stopped when given up on, not at -d 30 (that stop would say "duration")
     assert summary["stopped_by"] == "spawn failed"

@@ -1917,6 +1917,52 @@ async def test_exit_right_after_register_is_restarted_until_intensity_escalates(
     assert "exited with status 5" in str(info.value.last_error)
 
 
+LAST_WORDS = """
+import time
+emit({"type": "register", "payload": {"id": str(uuid.uuid4()), "name": "w", "protocol": 2}})
+msg = next_message()
+print("ValueError: an old complaint, answered since", file=sys.stderr, flush=True)
+time.sleep(0.3)  # (read before the answer: what it said before a frame is not quoted)
+emit({"type": "response", "payload": {"from": msg["to"], "to": msg["from"], "kind": "Response",
+      "payload": "ok", "reply_to": msg["id"]}})
+msg = next_message()
+if msg["payload"] == "die quietly":
+    os._exit(3)
+print("connecting to the database", file=sys.stderr, flush=True)
+print("RuntimeError: lost the database", file=sys.stderr, flush=True)
+print("giving up", file=sys.stderr, flush=True)
+os._exit(4)
+"""
+
+
+@pytest.mark.parametrize(
+    ("last", "said"),
+    [
+        ("die loudly", "exited with status 4; on stderr: 'RuntimeError: lost the database'"),
+        ("die quietly", "exited with status 3"),
+    ],
+)
+async def test_a_registered_child_that_crashes_is_said_with_its_last_words_on_stderr(
+    tmp_path: Path, last: str, said: str
+) -> None:
+    """Regression: a child that crashed after it registered (an ``on_start`` that raised,
+    a handler that lost its database) failed with ``exited with status 1`` alone, where one
+    that crashed before registering has what it said on stderr quoted: the reason was only
+    in log lines above, never in the failure, the dead letter, ``nexus send``'s last line
+    or the summary's ``error``. Quoted now: its last stderr line that reads as an error
+    since its last frame (else its last line); what it said before an answer is not."""
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(script(tmp_path, LAST_WORDS), name="w"))
+        with trio.fail_after(LIMIT):
+            assert await kernel.request(ref, "hi") == "ok"
+            with pytest.raises(RequestFailed) as info:
+                await kernel.request(ref, last)
+    assert info.value.reason == "handler_error"
+    text = str(info.value.error)
+    assert text.endswith(said), text
+    assert "old complaint" not in text
+
+
 # --- hostile output -------------------------------------------------------------------------
 
 

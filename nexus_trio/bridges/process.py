@@ -1350,7 +1350,7 @@ class ProcessAgent(Agent):
             # its stdout (its exit status comes a moment after its pipes close).
             code = await self._exit_code(process)
             problem = (
-                f"exited with status {code}"
+                f"exited with status {code}{await self._last_words_of(code)}"
                 if code is not None
                 else "closed its stdin (still running; it will be killed)"
             )
@@ -1396,6 +1396,9 @@ class ProcessAgent(Agent):
                 try:
                     frame_type, payload = self._parse(line)
                     await self._dispatch(frame_type, payload)
+                    # It was well after what it said on stderr so far: a crash from here
+                    # is said with what it says next (_last_words_of), not with that.
+                    self._stderr_last, self._stderr_error = b"", ""
                 except _BadFrame as exc:
                     if stdout.unterminated:
                         # The output ended halfway through a frame (a whole frame without
@@ -1419,7 +1422,12 @@ class ProcessAgent(Agent):
             if code is not None
             else "closed its stdout (still running; it will be killed)"
         )
-        self._child_lost(ProcessAgentError(self.label, self._said_unfinished(problem), process.pid))
+        words = await self._last_words_of(code)
+        if self._stopping or generation != self._generation:
+            return
+        self._child_lost(
+            ProcessAgentError(self.label, self._said_unfinished(problem) + words, process.pid)
+        )
 
     async def _watch_exit(self, process: trio.Process, generation: int) -> None:
         """Notice the child's exit even when a grandchild keeps its stdout open."""
@@ -1430,16 +1438,19 @@ class ProcessAgent(Agent):
         if self._stopping or generation != self._generation:
             return
         self.stats.last_exit = process.returncode
+        words = await self._last_words_of(process.returncode)
+        if self._stopping or generation != self._generation:
+            return
         self._child_lost(
             ProcessAgentError(
                 self.label,
-                self._said_unfinished(f"exited with status {process.returncode}"),
+                self._said_unfinished(f"exited with status {process.returncode}") + words,
                 process.pid,
             )
         )
 
     async def _last_words(self) -> str:
-        """What a child that exited before registering said on stderr, as a clause to add
+        """What a child that exited said on stderr, as a clause to add
         to its failure: its last line that reads as an error, else its last line ("" if it
         said nothing). Its stderr is read to the end first, for at most ``_READER_DRAIN``
         (a descendant may hold it open). The lines are logged as they come; this puts the
@@ -1449,6 +1460,13 @@ class ProcessAgent(Agent):
             await self._stderr_done.wait()
         said = self._stderr_error or self._stderr_last.decode("utf-8", "replace").strip()
         return f"; on stderr: {brief(said, 160)}" if said else ""
+
+    async def _last_words_of(self, code: int | None) -> str:
+        """:meth:`_last_words` of a registered child that exited with status ``code``
+        (not asked to): of a crash (a status other than 0), what it said since its start
+        or since the last frame it wrote, so that ``exited with status 1`` of an
+        ``on_start`` that raised says why; "" for a clean exit."""
+        return await self._last_words() if code else ""
 
     def _said_unfinished(self, problem: str) -> str:
         """``problem`` (the child's end), and the unfinished line it left, if it left one."""
@@ -1852,8 +1870,10 @@ class ProcessAgent(Agent):
     ) -> None:
         stats = self.stats
         stats.stderr_lines += 1
-        if not self._child_registered and not isinstance(line, _Oversized) and line.strip():
-            self._stderr_last = line  # (a child that never registers says why here)
+        if not isinstance(line, _Oversized) and line.strip():
+            # (a child that never registers, or dies, says why here: since its start or
+            # the last frame it wrote)
+            self._stderr_last = line
         if not self._stderr_budget.take():
             stats.stderr_lines_not_logged += 1
             return
@@ -1868,8 +1888,7 @@ class ProcessAgent(Agent):
             return
         text = line.decode("utf-8", "replace").rstrip("\r")
         if (
-            not self._child_registered
-            and text[:1].strip()
+            text[:1].strip()
             and not text.startswith("Traceback")
             and (_STDERR_WARNING.match(text) or _STDERR_EXCEPTION.match(text))
         ):
