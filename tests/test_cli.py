@@ -135,6 +135,48 @@ def test_bad_run_flags_exit_2_naming_the_flag(isolated, args, flag):
     assert flag in flat(result.output)
 
 
+#: a demo flag and a value -> how a usage error names the flag
+DEMO_FLAGS = {
+    ("-n", "50"): "'--agents' / '-n' / '--num-agents'",
+    ("-w", "fanout"): "'--workload' / '-w'",
+    ("--rate", "100"): "'--rate'",
+    ("--payload-size", "64"): "'--payload-size'",
+}
+
+
+@pytest.mark.parametrize("demo", list(DEMO_FLAGS), ids=lambda demo: demo[0])
+@pytest.mark.parametrize("instead", ["--spawn", "--app", "[app] spawn"])
+def test_a_demo_flag_with_agents_of_your_own_is_refused_naming_both(
+    isolated: Path, app_module: str, demo: tuple[str, str], instead: str
+) -> None:
+    """Regression: the demo's flags (-n, -w, --rate, --payload-size) next to --spawn or
+    --app (or their config keys) were silently ignored: ``nexus run -n 100 --spawn
+    'python3 agent.py'`` ran one process agent, for the whole duration, and said nothing
+    of the 100 agents asked for. Refused now before anything starts, naming the flag and
+    what runs instead of the demo."""
+    args = ["run", "-d", "0.1", *demo]
+    if instead == "--spawn":
+        args += ["--spawn", f"{sys.executable} -c pass"]
+        hint = "--spawn"
+    elif instead == "--app":
+        args += ["--app", f"{app_module}:main"]
+        hint = "--app"
+    else:
+        config = isolated / "config.toml"
+        config.write_text(f"[app]\nspawn = [{json.dumps(sys.executable + ' -c pass')}]\n")
+        config.chmod(0o600)
+        hint = f"[app] spawn (file {config})"
+    result = invoke(args)
+    assert result.exit_code == 2, result.output
+    said = flat(result.output)
+    flag = DEMO_FLAGS[demo]
+    assert f"Invalid value for {flag}: is for the demo workload, which does not run" in said
+    assert f"with {hint} (it runs instead): drop the flag" in said
+    if instead == "[app] spawn":
+        assert "or run the demo with NEXUS_APP__SPAWN='[]' nexus run ..." in said
+        assert invoke(args, NEXUS_APP__SPAWN="[]").exit_code == 0
+
+
 @pytest.mark.parametrize(
     ("args", "said"),
     [

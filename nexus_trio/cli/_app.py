@@ -429,6 +429,7 @@ def run(
         if flag is not None:
             raise typer.BadParameter(exc.message, param_hint=f"'{flag}'") from None
         raise _fail(str(exc)) from None
+    _refuse_demo_flags(ctx, loaded, app_ref, types_ref, spawn)
     types_hint = "'--types'" if types_ref is not None else _key_hint(loaded, "app.types")
     app_hint = "'--app'" if app_ref is not None else _key_hint(loaded, "app.app")
     if loaded.config.app.types and workers is None and not (nats or loaded.config.nats.url):
@@ -581,6 +582,44 @@ def _loaded_app(reference: str | None, hint: str) -> Any:
     from ._run import load_app
 
     return _loaded(load_app, reference, hint)
+
+
+#: the flags of the demo workload alone (``--seed`` and ``-d`` are for any run)
+_DEMO_FLAGS = ("agents", "workload", "rate", "payload_size")
+
+
+def _refuse_demo_flags(
+    ctx: typer.Context,
+    loaded: LoadedConfig,
+    app_ref: str | None,
+    types_ref: str | None,
+    spawn: list[str] | None,
+) -> None:
+    """A demo flag on the command line of a run that has agents of its own (``--app``,
+    ``--spawn``, ``--types`` or their keys), where no demo runs: a usage error naming
+    both, not a flag silently ignored (``-n 100 --spawn CMD`` runs one agent)."""
+    cfg = loaded.config.app
+    given = [
+        ("--app", app_ref, ""),
+        ("--spawn", spawn, ""),
+        ("--types", types_ref, ""),
+        (_key_hint(loaded, "app.app"), cfg.app, "NEXUS_APP__APP="),
+        (_key_hint(loaded, "app.spawn"), cfg.spawn, "NEXUS_APP__SPAWN='[]'"),
+        (_key_hint(loaded, "app.types"), cfg.types, "NEXUS_APP__TYPES="),
+    ]
+    instead, unset = next(((hint, unset) for hint, value, unset in given if value), ("", ""))
+    if not instead:
+        return
+    # (the config's key can be unset for one run, to run the demo)
+    or_unset = f", or run the demo with {unset} nexus run ..." if unset else ""
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name or "")
+        if param.name in _DEMO_FLAGS and source is not None and source.name == "COMMANDLINE":
+            raise typer.BadParameter(
+                f"is for the demo workload, which does not run with {instead} (it runs"
+                f" instead): drop the flag{or_unset}",
+                param_hint=" / ".join(f"'{opt}'" for opt in param.opts),
+            )
 
 
 def _key_hint(loaded: LoadedConfig, dotted: str) -> str:
