@@ -1917,6 +1917,26 @@ async def test_exit_right_after_register_is_restarted_until_intensity_escalates(
     assert "exited with status 5" in str(info.value.last_error)
 
 
+async def test_a_byte_order_mark_before_the_register_frame_is_skipped(tmp_path: Path) -> None:
+    """Regression: a child whose stdout starts with a UTF-8 byte order mark (what a .NET
+    program with ``Console.OutputEncoding = Encoding.UTF8`` writes first, and some editors'
+    scripts) was never taken as registered: its register line was 'not JSON (Unexpected
+    UTF-8 BOM (decode using utf-8-sig))', counted invalid, and the agent failed at the
+    register timeout. The mark at the start of the stream is skipped."""
+    body = """
+    raw(b"\\xef\\xbb\\xbf")
+    emit({"type": "register", "payload": {"id": str(uuid.uuid4()), "name": "bom"}})
+    msg = next_message()
+    respond_p1(msg, {"got": msg["payload"]})
+    """
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(script(tmp_path, body), name="bom", register_timeout=5))
+        with trio.fail_after(LIMIT):
+            assert await kernel.request(ref, "hi") == {"got": "hi"}
+        stats = bridge_stats(kernel)[ref.id]
+        assert (stats.starts, stats.invalid_lines, stats.registered["name"]) == (1, 0, "bom")
+
+
 LAST_WORDS = """
 import time
 emit({"type": "register", "payload": {"id": str(uuid.uuid4()), "name": "w", "protocol": 2}})

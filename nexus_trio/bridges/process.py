@@ -88,6 +88,8 @@ _STDERR_BURST: Final = 100
 _STDERR_RATE: Final = 10.0
 #: how long to wait for the stdout reader to see end-of-file once the group is dead
 _READER_DRAIN: Final = 1.0
+#: the UTF-8 byte order mark, skipped at the start of a child's stdout
+_BOM: Final = b"\xef\xbb\xbf"
 #: and the other way round: how long to wait for the child's exit status once its stdout
 #: has ended. An exiting process has its pipes closed a moment before its exit can be
 #: read (a third of the exits, measured on Linux: up to milliseconds, more under load),
@@ -850,9 +852,15 @@ class ProcessAgent(Agent):
         # The first unusable line says more about a child that never registers than the
         # timeout does (a program that is not a bridge agent prints something else).
         first_bad = ""
+        first_line = True
         with trio.move_on_after(self.options.register_timeout):
             while True:
                 line = await stdout.next_line()
+                if first_line and isinstance(line, bytes) and line.startswith(_BOM):
+                    # (a byte order mark opening the stream, as a .NET program writes
+                    # with Console.OutputEncoding = UTF8: no part of the frame)
+                    line = line[len(_BOM) :]
+                first_line = False
                 if line is None:
                     code = await self._exit_code(process)
                     raise ProcessAgentError(
