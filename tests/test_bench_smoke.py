@@ -11,6 +11,7 @@ import asyncio
 import io
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +37,7 @@ from nexus_trio.bench import (
     _reqrep,
     _scale,
 )
-from nexus_trio.bench._result import combine
+from nexus_trio.bench._result import Usage, combine
 from nexus_trio.bench._runner import resolve, run_suite
 
 # Smaller still than the smoke scale: the whole file must take seconds.
@@ -549,3 +550,179 @@ def test_redrawing_a_saved_run_names_a_file_it_cannot_use_without_a_traceback(
     assert "Traceback" not in done.stderr
     assert said in done.stderr
     assert done.stdout == ""
+
+
+#: CPU time a phase can take at most per second of its wall clock
+CPUS = os.cpu_count() or 1
+
+#: the rows of a goals run that carry the CPU time and page faults of their phase
+_USAGE_ROWS = (
+    "deliver one message to each of 60 agents (idle)",
+    "deliver a second message to each of 60 agents (agents running)",
+    "spawn rate at 60 agents",
+    "80 agents, one process: spawn",
+    "80 agents, one process: one message each",
+    "80 agents, one process: shutdown",
+)
+
+
+def test_goals_rows_carry_the_cpu_time_and_page_faults_of_their_phase() -> None:
+    """The 1M row's wall clock moved between runs (36.2, 39.0, 43.0 s) with the VM's
+    cost of a page fault: each timed phase now carries user and system CPU seconds and
+    minor faults (getrusage deltas) in the JSON, and the Markdown shows them."""
+    from nexus_trio.bench._report import markdown
+
+    report = run_suite(TINY, ["goals"], console=Console(file=io.StringIO()), progress=False)
+    data = json.loads(json.dumps(report.to_dict()))
+    rows = {m["metric"]: m for m in data["metrics"]}
+    for name in _USAGE_ROWS:
+        usage, wall = rows[name]["usage"], rows[name]["kernel"]
+        assert set(usage) == {"user_s", "sys_s", "minor_faults"}, name
+        assert usage["user_s"] >= 0 and usage["sys_s"] >= 0 and usage["minor_faults"] >= 0, name
+        assert isinstance(usage["minor_faults"], int), name
+        if name.startswith("spawn rate"):
+            wall = 60 / wall  # the row is agents/s; the phase took 60 agents / rate
+        # CPU time is spent within the phase: none of it is missing, none is invented
+        assert 0 < usage["user_s"] + usage["sys_s"] <= wall * CPUS + 0.02, (name, usage, wall)
+    with_usage = {m["metric"] for m in data["metrics"] if m["usage"] is not None}
+    assert with_usage == set(_USAGE_ROWS)
+    # the table keeps its columns; the usage follows it, one line per row that has one
+    text = markdown(data)
+    table, _, notes = text.partition("\n\nCPU time and minor page faults")
+    assert table.splitlines()[0] == (
+        "| scenario | metric | kernel | baselines (* = ratio reference) | ratio | goal | met? |"
+    )
+    assert len(table.splitlines()) == 2 + len(data["metrics"])
+    bullets = [line for line in notes.splitlines() if line.startswith("- ")]
+    assert [b.split(": user ")[0] for b in bullets] == [
+        f"- goals (issue 11): {n}" for n in _USAGE_ROWS
+    ]
+    spawn = rows["80 agents, one process: spawn"]["usage"]
+    assert f"user {spawn['user_s']:.3g} s, sys " in text
+    # read back, the rows keep it
+    from nexus_trio.bench import Report
+
+    again = {m.name: m.usage for m in Report.from_dict(data).metrics}
+    assert again["80 agents, one process: spawn"] == Usage.from_dict(spawn)
+
+
+def test_the_lifecycle_subprocess_reports_each_phase_s_cpu_time_and_faults() -> None:
+    result = _scale.measure_in_subprocess("lifecycle", 500, timeout=120)
+    for phase in ("spawn", "deliver", "shutdown"):
+        usage = Usage.from_dict(result[f"{phase}_usage"])
+        assert usage.user_s >= 0 and usage.sys_s >= 0 and usage.minor_faults >= 0, phase
+        assert 0 < usage.user_s + usage.sys_s <= result[f"{phase}_s"] * CPUS + 0.02, phase
+    # 500 first messages need fresh memory (about 7.5 KB an agent): its pages fault in
+    assert result["deliver_usage"]["minor_faults"] > 0
+
+
+def test_usage_renders_as_user_sys_faults_and_system_time_a_fault() -> None:
+    from nexus_trio.bench._report import usage_text
+
+    assert usage_text(Usage(22.7, 13.1, 1_830_000)) == (
+        "user 22.7 s, sys 13.1 s, 1.83M faults (7.2 us sys a fault)"
+    )
+    assert usage_text(Usage(0.004, 0.0, 0)) == "user 0.004 s, sys 0 s, 0 faults"
+
+
+def test_combine_takes_the_median_usage_per_row() -> None:
+    def result(kernel: float, usage: Usage | None) -> ScenarioResult:
+        return ScenarioResult("s", (Metric("s", "m", "s", kernel, usage=usage),))
+
+    rows = combine(
+        [
+            result(3.0, Usage(3.0, 1.0, 30)),
+            result(1.0, Usage(1.0, 5.0, 10)),
+            result(2.0, None),
+            result(2.5, Usage(2.0, 2.0, 20)),
+        ]
+    )
+    assert [(m.kernel, m.usage) for m in rows] == [(2.25, Usage(2.0, 2.0, 20))]
+    assert combine([result(1.0, None)])[0].usage is None
+
+
+#: a goals run saved before rows carried their CPU time (the JSON of the thirty-first pass)
+_OLD_RUN = {
+    "scale": "default",
+    "repeat": 3,
+    "seconds": 612.4,
+    "machine": {"cpu": "AMD EPYC", "cpus": 2, "python": "3.11.7", "trio": "0.35.0"},
+    "metrics": [
+        {
+            "scenario": "goals (issue 11)",
+            "metric": "1,000,000 agents, one process: one message each",
+            "unit": "s",
+            "kernel": 36.2,
+            "baselines": {},
+            "reference": None,
+            "ratio": None,
+            "higher_is_better": False,
+            "goal": "< 30 s",
+            "goal_spec": {"text": "< 30 s", "on": "value", "op": "<=", "threshold": 30.0},
+            "met": False,
+            "margin": "21% short",
+            "runs": [36.2],
+            "note": "",
+        },
+        {
+            "scenario": "goals (issue 11)",
+            "metric": "deliver one message to each of 100,000 agents (idle)",
+            "unit": "s",
+            "kernel": 2.4,
+            "baselines": {"raw trio task+channel": 1.6},
+            "reference": "raw trio task+channel",
+            "ratio": 1.5,
+            "higher_is_better": False,
+            "goal": "<= 2x",
+            "goal_spec": {"text": "<= 2x", "on": "ratio", "op": "<=", "threshold": 2.0},
+            "met": True,
+            "margin": "25% margin",
+            "runs": [2.4],
+            "note": "each agent starts on this message (lazy start); the baseline's tasks run",
+        },
+    ],
+    "counts": {"goals": {"million_handled": 1_000_000}},
+    "skipped": {},
+}
+
+
+def _redraw(source: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m nexus_trio.bench._markdown SOURCE``, as docs/benchmarks.md runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "nexus_trio.bench._markdown", str(source)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_a_run_saved_before_rows_carried_usage_still_renders(tmp_path: Path) -> None:
+    from nexus_trio.bench import Report
+
+    source = tmp_path / "old.json"
+    source.write_text(json.dumps(_OLD_RUN))
+    done = _redraw(source)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (
+        "| scenario | metric | kernel | baselines (* = ratio reference) | ratio | goal | met? |\n"
+        "|---|---|---:|---|---:|---|---|\n"
+        "| goals (issue 11) | 1,000,000 agents, one process: one message each | 36.2 s |  |  "
+        "| < 30 s | **no** (21% short) |\n"
+        "| goals (issue 11) | deliver one message to each of 100,000 agents (idle) | 2.4 s "
+        "| *raw trio task+channel 1.6 s | 1.50x | <= 2x | **yes** (25% margin) |\n"
+    )
+    assert all(m.usage is None for m in Report.from_dict(_OLD_RUN).metrics)
+    # and the same run with the new field renders the table unchanged, the usage under it
+    new = json.loads(json.dumps(_OLD_RUN))
+    new["metrics"][0]["usage"] = {"user_s": 22.7, "sys_s": 13.1, "minor_faults": 1_834_000}
+    new["metrics"][1]["usage"] = None
+    source.write_text(json.dumps(new))
+    again = _redraw(source)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == done.stdout + (
+        "\nCPU time and minor page faults of the process that ran each row below, over the "
+        "phase the row times (getrusage):\n\n"
+        "- goals (issue 11): 1,000,000 agents, one process: one message each: "
+        "user 22.7 s, sys 13.1 s, 1.83M faults (7.1 us sys a fault)\n"
+    )

@@ -1,4 +1,5 @@
-"""Measuring: resident memory, percentiles, and quiet kernel logs while timing.
+"""Measuring: resident memory, CPU time and page faults, percentiles, and quiet kernel logs
+while timing.
 
 RSS is read from ``/proc/self/statm`` (resident pages times the page size), which is
 cheap enough to sample while a scenario runs; where there is no ``/proc`` the peak RSS
@@ -18,6 +19,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import trio
 
+from ._result import Usage
+
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -29,6 +32,13 @@ def rss_bytes() -> int:
     except OSError:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak if sys.platform == "darwin" else peak * 1024
+
+
+def usage_now() -> Usage:
+    """This process's user and system CPU time and minor page faults so far (``getrusage``);
+    subtract two of them for a phase's share."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return Usage(r.ru_utime, r.ru_stime, r.ru_minflt)
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -45,6 +45,44 @@ class Goal:
 
 @final
 @attrs.frozen
+class Usage:
+    """What the process that measured a row spent over the row's phase: user and system
+    CPU seconds and minor page faults (``getrusage`` before and after the phase).
+
+    Where a wall-clock row moves between runs, this says whether the process did more
+    work (user time) or the machine charged more for the same pages (system time a fault).
+    """
+
+    user_s: float
+    sys_s: float
+    minor_faults: int
+
+    def __sub__(self, start: Usage) -> Usage:
+        return Usage(
+            self.user_s - start.user_s,
+            self.sys_s - start.sys_s,
+            self.minor_faults - start.minor_faults,
+        )
+
+    def to_dict(self) -> dict[str, float]:
+        return {"user_s": self.user_s, "sys_s": self.sys_s, "minor_faults": self.minor_faults}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Usage:
+        return cls(float(data["user_s"]), float(data["sys_s"]), int(data["minor_faults"]))
+
+    @classmethod
+    def median(cls, usages: Sequence[Usage]) -> Usage:
+        """Field by field, as :func:`combine` folds repetitions."""
+        return cls(
+            statistics.median(u.user_s for u in usages),
+            statistics.median(u.sys_s for u in usages),
+            round(statistics.median(u.minor_faults for u in usages)),
+        )
+
+
+@final
+@attrs.frozen
 class Metric:
     """One measured quantity, the kernel's value beside its baselines."""
 
@@ -60,6 +98,9 @@ class Metric:
     #: the kernel's value in each repetition (filled in by :func:`combine`)
     runs: tuple[float, ...] = ()
     note: str = ""
+    #: CPU time and page faults of the process over the phase this row timed (None: not
+    #: recorded; runs saved before it was have none)
+    usage: Usage | None = None
 
     @property
     def ratio(self) -> float | None:
@@ -100,6 +141,7 @@ class Metric:
             "margin": self.goal.margin(value) if self.goal is not None and value else None,
             "runs": list(self.runs),
             "note": self.note,
+            "usage": self.usage.to_dict() if self.usage is not None else None,
         }
 
 
@@ -127,6 +169,7 @@ def combine(results: Sequence[ScenarioResult]) -> list[Metric]:
         names: dict[str, None] = {}
         for m in runs:
             names.update(dict.fromkeys(m.baselines))
+        usages = [m.usage for m in runs if m.usage is not None]
         baselines = {
             name: statistics.median([m.baselines[name] for m in runs if name in m.baselines])
             for name in names
@@ -137,6 +180,7 @@ def combine(results: Sequence[ScenarioResult]) -> list[Metric]:
                 kernel=statistics.median(m.kernel for m in runs),
                 baselines=baselines,
                 runs=tuple(m.kernel for m in runs),
+                usage=Usage.median(usages) if usages else None,
             )
         )
     return combined
@@ -151,6 +195,7 @@ def check(condition: bool, what: str) -> None:
 def metric_from_dict(data: Mapping[str, Any]) -> Metric:
     """The inverse of :meth:`Metric.to_dict` (to redraw or re-tabulate a saved run)."""
     spec = data.get("goal_spec")
+    usage = data.get("usage")
     return Metric(
         scenario=data["scenario"],
         name=data["metric"],
@@ -162,4 +207,5 @@ def metric_from_dict(data: Mapping[str, Any]) -> Metric:
         higher_is_better=data["higher_is_better"],
         runs=tuple(data.get("runs", ())),
         note=data.get("note", ""),
+        usage=Usage.from_dict(usage) if usage else None,
     )

@@ -28,7 +28,7 @@ import trio
 import trio.testing
 
 from .. import Config, Context, KernelConfig, Message, agent, open_kernel
-from ._measure import rss_bytes, wait_until
+from ._measure import rss_bytes, usage_now, wait_until
 from ._result import BenchmarkError, Goal, Metric, ScenarioResult, check
 from ._scales import Scale
 
@@ -51,10 +51,12 @@ async def _measure_kernel(n: int) -> dict[str, Any]:
     # 1. Idle agents: spawn, measure, shut down (none of them ever ran).
     async with open_kernel(config) as kernel:
         spawn = kernel.spawn
+        u0 = usage_now()
         t0 = time.perf_counter()
         refs = [spawn(_idle) for _ in range(n)]
         await trio.testing.wait_all_tasks_blocked()
         spawn_s = time.perf_counter() - t0
+        spawn_usage = usage_now() - u0
         rss_idle = rss_bytes()
         del refs
         t1 = time.perf_counter()
@@ -64,21 +66,25 @@ async def _measure_kernel(n: int) -> dict[str, Any]:
         spawn = kernel.spawn
         refs = [spawn(_idle) for _ in range(n)]
         await trio.testing.wait_all_tasks_blocked()
+        u2 = usage_now()
         t2 = time.perf_counter()
         send_nowait = kernel.send_nowait
         for ref in refs:
             send_nowait(ref, None)
         await wait_until(lambda: kernel.stats().handled >= n)
         deliver_s = time.perf_counter() - t2
+        deliver_usage = usage_now() - u2
         await trio.testing.wait_all_tasks_blocked()
         rss_active = rss_bytes()
         stats_s = time_stats(kernel.stats)
         # 3. A second message to each: the agents run now (parked on an empty mailbox).
+        u4 = usage_now()
         t4 = time.perf_counter()
         for ref in refs:
             send_nowait(ref, None)
         await wait_until(lambda: kernel.stats().handled >= 2 * n)
         second_deliver_s = time.perf_counter() - t4
+        second_deliver_usage = usage_now() - u4
         await trio.testing.wait_all_tasks_blocked()
         del refs
         t3 = time.perf_counter()
@@ -95,6 +101,10 @@ async def _measure_kernel(n: int) -> dict[str, Any]:
         "rss_idle": rss_idle,
         "rss_active": rss_active,
         "stats_s": stats_s,
+        # CPU time and minor page faults of this process over each phase
+        "spawn_usage": spawn_usage.to_dict(),
+        "deliver_usage": deliver_usage.to_dict(),
+        "second_deliver_usage": second_deliver_usage.to_dict(),
         # both rounds: 2 * n
         "handled": stats.handled,
         "accepted": stats.accepted,
@@ -119,30 +129,40 @@ async def _measure_lifecycle(n: int) -> dict[str, Any]:
 
     Each phase is timed to its end as a user sees it: spawning until every agent is
     registered and the scheduler is idle, delivery until ``stats().handled`` reaches
-    ``n``, shutdown until ``open_kernel``'s block has exited.
+    ``n``, shutdown until ``open_kernel``'s block has exited. Each phase's CPU time and
+    minor page faults (``getrusage``) are reported beside its time (``*_usage``).
     """
     config = Config(kernel=KernelConfig(mailbox_capacity=1024))
     async with open_kernel(config) as kernel:
         spawn = kernel.spawn
+        u0 = usage_now()
         t0 = time.perf_counter()
         refs = [spawn(_idle) for _ in range(n)]
         await trio.testing.wait_all_tasks_blocked()
         spawn_s = time.perf_counter() - t0
+        u1 = usage_now()
+        spawn_usage = u1 - u0
         send_nowait = kernel.send_nowait
         t1 = time.perf_counter()
         for ref in refs:
             send_nowait(ref, None)
         await wait_until(lambda: kernel.stats().handled >= n)
         deliver_s = time.perf_counter() - t1
+        u2 = usage_now()
+        deliver_usage = u2 - u1
         del refs
         t2 = time.perf_counter()
     shutdown_s = time.perf_counter() - t2
+    shutdown_usage = usage_now() - u2
     stats = kernel.stats()
     return {
         "n": n,
         "spawn_s": spawn_s,
         "deliver_s": deliver_s,
         "shutdown_s": shutdown_s,
+        "spawn_usage": spawn_usage.to_dict(),
+        "deliver_usage": deliver_usage.to_dict(),
+        "shutdown_usage": shutdown_usage.to_dict(),
         "rss_peak": rss_bytes(),
         "handled": stats.handled,
         "accepted": stats.accepted,
