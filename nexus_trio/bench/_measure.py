@@ -1,5 +1,4 @@
-"""Measuring: resident memory, CPU time and page faults, percentiles, and quiet kernel logs
-while timing.
+"""Measuring: RSS, CPU time and page faults, percentiles, quiet kernel logs while timing.
 
 RSS is read from ``/proc/self/statm`` (resident pages times the page size), which is
 cheap enough to sample while a scenario runs; where there is no ``/proc`` the peak RSS
