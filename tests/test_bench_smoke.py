@@ -623,6 +623,8 @@ def test_usage_renders_as_user_sys_faults_and_system_time_a_fault() -> None:
         "user 22.7 s, sys 13.1 s, 1.83M faults (7.2 us sys a fault)"
     )
     assert usage_text(Usage(0.004, 0.0, 0)) == "user 0.004 s, sys 0 s, 0 faults"
+    # a count is shown as one (not 72.0); no time a fault without system time
+    assert usage_text(Usage(0.0059, 0.0, 72)) == "user 0.0059 s, sys 0 s, 72 faults"
 
 
 def test_combine_takes_the_median_usage_per_row() -> None:

@@ -64,12 +64,13 @@ USAGE_HEADING = (
 
 def usage_text(usage: Usage) -> str:
     """``user 22.7 s, sys 13.1 s, 1.83M faults (7.2 us sys a fault)``."""
+    faults = usage.minor_faults
     text = (
         f"user {fmt(usage.user_s, 's')}, sys {fmt(usage.sys_s, 's')}, "
-        f"{fmt(usage.minor_faults)} faults"
+        f"{fmt(faults) if faults >= 10_000 else faults} faults"
     )
-    if usage.minor_faults > 0:
-        text += f" ({usage.sys_s / usage.minor_faults * 1e6:.1f} us sys a fault)"
+    if faults > 0 and usage.sys_s > 0:
+        text += f" ({usage.sys_s / faults * 1e6:.1f} us sys a fault)"
     return text
 
 
