@@ -648,7 +648,13 @@ _OLD_RUN = {
     "scale": "default",
     "repeat": 3,
     "seconds": 612.4,
-    "machine": {"cpu": "AMD EPYC", "cpus": 2, "python": "3.11.7", "trio": "0.35.0"},
+    "machine": {
+        "cpu": "AMD EPYC",
+        "cpus": 2,
+        "python": "3.11.7",
+        "trio": "0.35.0",
+        "load_average": [2.1, 1.5, 1.0],
+    },
     "metrics": [
         {
             "scenario": "goals (issue 11)",
@@ -728,3 +734,26 @@ def test_a_run_saved_before_rows_carried_usage_still_renders(tmp_path: Path) -> 
         "- goals (issue 11): 1,000,000 agents, one process: one message each: "
         "user 22.7 s, sys 13.1 s, 1.83M faults (7.1 us sys a fault)\n"
     )
+
+
+def test_the_terminal_report_lists_each_row_s_usage_under_the_table() -> None:
+    from nexus_trio.bench import Report
+    from nexus_trio.bench._report import print_report
+
+    old = Report.from_dict(_OLD_RUN)
+    million = attrs.evolve(old.metrics[0], usage=Usage(22.7, 13.1, 1_834_000))
+    for metrics, listed in (
+        (old.metrics, []),
+        (
+            (million, old.metrics[1]),
+            [
+                "  goals (issue 11): 1,000,000 agents, one process: one message each: "
+                "user 22.7 s, sys 13.1 s, 1.83M faults (7.1 us sys a fault)"
+            ],
+        ),
+    ):
+        console = Console(record=True, width=400)
+        print_report(attrs.evolve(old, metrics=metrics), console)
+        lines = console.export_text().splitlines()
+        assert [line.rstrip() for line in lines if "user " in line] == listed
+        assert any("CPU time and minor page faults" in line for line in lines) == bool(listed)
