@@ -623,6 +623,10 @@ def test_usage_renders_as_user_sys_faults_and_system_time_a_fault() -> None:
         "user 22.7 s, sys 13.1 s, 1.83M faults (7.2 us sys a fault)"
     )
     assert usage_text(Usage(0.004, 0.0, 0)) == "user 0.004 s, sys 0 s, 0 faults"
+    # the 1M delivery of a loaded afternoon: 29 s of CPU in 366 s, waiting for a CPU
+    assert usage_text(Usage(25.2, 3.8, 1_833_680), 365.6) == (
+        "user 25.2 s, sys 3.8 s, 1.83M faults (2.1 us sys a fault); CPU 8% of the wall clock"
+    )
     # a count is shown as one (not 72.0); no time a fault without system time
     assert usage_text(Usage(0.0059, 0.0, 72)) == "user 0.0059 s, sys 0 s, 72 faults"
 
@@ -732,7 +736,7 @@ def test_a_run_saved_before_rows_carried_usage_still_renders(tmp_path: Path) -> 
         "\nCPU time and minor page faults of the process that ran each row below, over the "
         "phase the row times (getrusage):\n\n"
         "- goals (issue 11): 1,000,000 agents, one process: one message each: "
-        "user 22.7 s, sys 13.1 s, 1.83M faults (7.1 us sys a fault)\n"
+        "user 22.7 s, sys 13.1 s, 1.83M faults (7.1 us sys a fault); CPU 99% of the wall clock\n"
     )
 
 
@@ -748,7 +752,8 @@ def test_the_terminal_report_lists_each_row_s_usage_under_the_table() -> None:
             (million, old.metrics[1]),
             [
                 "  goals (issue 11): 1,000,000 agents, one process: one message each: "
-                "user 22.7 s, sys 13.1 s, 1.83M faults (7.1 us sys a fault)"
+                "user 22.7 s, sys 13.1 s, 1.83M faults (7.1 us sys a fault); "
+                "CPU 99% of the wall clock"
             ],
         ),
     ):

@@ -62,8 +62,10 @@ USAGE_HEADING = (
 )
 
 
-def usage_text(usage: Usage) -> str:
-    """``user 22.7 s, sys 13.1 s, 1.83M faults (7.2 us sys a fault)``."""
+def usage_text(usage: Usage, wall_s: float | None = None) -> str:
+    """``user 22.7 s, sys 13.1 s, 1.83M faults (7.2 us sys a fault)``, and with the row's
+    wall clock ``; CPU 97% of the wall clock`` (far below 100%: the process waited for a
+    CPU, a loaded machine)."""
     faults = usage.minor_faults
     text = (
         f"user {fmt(usage.user_s, 's')}, sys {fmt(usage.sys_s, 's')}, "
@@ -71,14 +73,17 @@ def usage_text(usage: Usage) -> str:
     )
     if faults > 0 and usage.sys_s > 0:
         text += f" ({usage.sys_s / faults * 1e6:.1f} us sys a fault)"
+    if wall_s:
+        text += f"; CPU {(usage.user_s + usage.sys_s) / wall_s * 100:.0f}% of the wall clock"
     return text
 
 
-def usage_lines(rows: Iterable[tuple[str, str, Usage | None]]) -> list[str]:
-    """One ``scenario: metric: usage`` line per row that carries one (none: no lines)."""
+def usage_lines(rows: Iterable[tuple[str, str, str, float, Usage | None]]) -> list[str]:
+    """One ``scenario: metric: usage`` line per row (scenario, metric, unit, kernel value,
+    usage) that carries a usage (none: no lines); a row in seconds is its wall clock."""
     return [
-        f"{scenario}: {name}: {usage_text(usage)}"
-        for scenario, name, usage in rows
+        f"{scenario}: {name}: {usage_text(usage, kernel if unit == 's' else None)}"
+        for scenario, name, unit, kernel, usage in rows
         if usage is not None
     ]
 
@@ -136,7 +141,7 @@ def table(report: Report) -> Table:
 
 def print_report(report: Report, console: Console) -> None:
     console.print(table(report))
-    lines = usage_lines((m.scenario, m.name, m.usage) for m in report.metrics)
+    lines = usage_lines((m.scenario, m.name, m.unit, m.kernel, m.usage) for m in report.metrics)
     if lines:
         console.print(Text(USAGE_HEADING))
         for line in lines:
@@ -250,7 +255,13 @@ def markdown(data: dict[str, Any]) -> str:
             f"{fmt(m['kernel'], unit)} | {baselines} | {ratio} | {m['goal'] or ''} | {met} |"
         )
     usages = usage_lines(
-        (m["scenario"], m["metric"], Usage.from_dict(m["usage"]) if m.get("usage") else None)
+        (
+            m["scenario"],
+            m["metric"],
+            m["unit"],
+            m["kernel"],
+            Usage.from_dict(m["usage"]) if m.get("usage") else None,
+        )
         for m in data["metrics"]
     )
     if usages:
