@@ -472,9 +472,7 @@ class SupervisorNode(Child, ChildOwner):
         child.dormant = False
         child.done = RunDone()
         # (its run's end undoes both creations: the task's, counted here, and the run's)
-        self._nursery.start_soon(
-            self._child_task, child, run, 0.0, child.done, None, None, 2, name=_RUN_TASK
-        )
+        self._nursery.start_soon(self._child_task, child, child.done, None, name=_RUN_TASK)
         # Counted as the first message arrives, not as the run starts (one call fewer): a
         # producer's burst of first messages builds every run's task before any of them
         # starts, and these counts keep the heap frozen and the young threshold raised
@@ -535,20 +533,17 @@ class SupervisorNode(Child, ChildOwner):
             return None
         child.run += 1
         child.terminating = False
-        run = child.run
         child.dormant = False
         child.done = RunDone()
         if child.starts_quietly():
             # No on_start: its start cannot be observed, so it neither waits nor is waited for.
             child.start_gate = None
-            self._nursery.start_soon(
-                self._child_task, child, run, delay, child.done, None, None, 1, name=_RUN_TASK
-            )
+            plan = _START_NOW if delay <= 0 else _StartPlan(delay, None, None)
+            self._nursery.start_soon(self._child_task, child, child.done, plan, name=_RUN_TASK)
             return None
         gate = child.start_gate = trio.Event()
-        self._nursery.start_soon(
-            self._child_task, child, run, delay, child.done, after, gate, 1, name=_RUN_TASK
-        )
+        plan = _StartPlan(delay, after, gate)
+        self._nursery.start_soon(self._child_task, child, child.done, plan, name=_RUN_TASK)
         return gate
 
     def _called_off(self, child: Child) -> bool:
@@ -568,18 +563,20 @@ class SupervisorNode(Child, ChildOwner):
         return child.drain_on_stop and child.has_queued()
 
     @trio.lowlevel.enable_ki_protection
-    async def _child_task(
-        self,
-        child: Child,
-        run: int,
-        delay: float,
-        done: RunDone,
-        after: trio.Event | None,
-        gate: trio.Event | None,
-        made: int,
-    ) -> None:
-        """One run of ``child``; ``made``: the heap keeper's creations it counts (its start,
-        and its task's for a dormant child woken), undone when it ends."""
+    async def _child_task(self, child: Child, done: RunDone, plan: _StartPlan | None) -> None:
+        """One run of ``child``, known by its ``done`` (a new run gets a new one, and a
+        dormant agent none: ``child.done is done`` while this run is the child's current
+        one, as ``child.run`` has not moved on). ``plan``: how it starts (a backoff, the previous
+        sibling's start, the gate it opens); None for a dormant agent woken by its first
+        message, whose task was counted by the heap keeper as it arrived.
+
+        The root coroutine of every running agent's task: each of its locals and each
+        slot of its value stack costs a running agent 16 bytes (8 in the coroutine, 8 in
+        the frame object Trio makes for a task's root coroutine), so what is not needed
+        while the run goes on is done in helpers: the wait before the start
+        (:meth:`_wait_to_start`), the bookkeeping at the end (:meth:`_run_over`) and the
+        report of the exit (:meth:`_report_exit`).
+        """
         error: BaseException | None = None
         try:
             if self._called_off(child):
@@ -587,60 +584,76 @@ class SupervisorNode(Child, ChildOwner):
                 # no scope to cancel, and must not wait out a backoff or an elder
                 # sibling's start)
                 return
-            if delay > 0 or after is not None:
-                # Waiting for a backoff or for the previous sibling: cancellable alone.
-                # (no local for the scope, nor for the heap keeper below: every local
-                # of this frame costs a running agent 16 bytes, 8 in the coroutine and 8
-                # in the frame object Trio makes for a task's root coroutine)
-                with trio.CancelScope() as child.scope:
-                    if delay > 0:
-                        await trio.sleep(delay)
-                    if after is not None:
-                        await after.wait()
-                child.scope = None
-                if self._called_off(child):
-                    return
+            if plan is not None and plan.waits and not await self._wait_to_start(child, plan):
+                return
             # The run's own nursery is its one cancel scope (the child sets ``scope``).
-            child.running = True
-            child.run_task = trio.lowlevel.current_task()
-            child.started_at = trio.current_time()
-            self.host.heap.created()
-            try:
-                await child.run_once()
-            except Exception as exc:
-                error = exc
-            except KeyboardInterrupt as exc:
-                # A Ctrl-C that landed in run_once's own first lines (its entry, the
-                # opening of the run's nursery: not protected, as they run the agent's
-                # code), before any of its groups could take it: the kernel's, as there
-                # (the run ends as a stop for the shutdown), or raised on (forced).
-                if not self.host.router.interrupt(exc):
-                    raise
-                error = StoppedForShutdown(None)
-            finally:
-                self.host.heap.run_ended(made)
+            self._run_begins(child)
+            await child.run_once()
+        except Exception as exc:
+            error = exc
+        except KeyboardInterrupt as exc:
+            # A Ctrl-C that landed in run_once's own first lines (its entry, the
+            # opening of the run's nursery: not protected, as they run the agent's
+            # code), before any of its groups could take it: the kernel's, as there
+            # (the run ends as a stop for the shutdown), or raised on (forced).
+            if not self.host.router.interrupt(exc):
+                raise
+            error = StoppedForShutdown(None)
         finally:
-            child.running = False
-            child.run_task = None
-            if gate is not None:
-                gate.set()
-            if child.run == run:
-                child.scope = None
-                if child.start_gate is gate:
-                    child.start_gate = None
-            if child.is_agent and self.host.stopping():
-                # The tree is stopping: this run was the agent's last, and it is no
-                # longer alive, though forgotten only when the whole tree has stopped
-                # (counted out now, not again then).
-                done.set(in_stop=True)
-                self.host.ledger.agents_alive -= 1
-            else:
-                done.set()
-            # The run's last message may have been the last work in flight, and a run
-            # that ends (to be restarted dormant, or stopped) does not go idle to say so:
-            # a draining kernel must not wait for it.
-            self.host.router.check_drained()
-        if child.run == run and self._inbox_send is not None and not child.terminating:
+            self._run_over(child, done, plan)
+        self._report_exit(child, done, error)
+
+    @trio.lowlevel.enable_ki_protection
+    async def _wait_to_start(self, child: Child, plan: _StartPlan) -> bool:
+        """Wait out a backoff or the previous sibling's start, cancellable alone; False if
+        the run was called off meanwhile."""
+        with trio.CancelScope() as child.scope:
+            if plan.delay > 0:
+                await trio.sleep(plan.delay)
+            if plan.after is not None:
+                await plan.after.wait()
+        child.scope = None
+        return not self._called_off(child)
+
+    def _run_begins(self, child: Child) -> None:
+        child.running = True
+        child.run_task = trio.lowlevel.current_task()
+        child.started_at = trio.current_time()
+        self.host.heap.created()
+
+    def _run_over(self, child: Child, done: RunDone, plan: _StartPlan | None) -> None:
+        """The run has ended, however it ended (called from its task's ``finally``)."""
+        if child.running:
+            # It had begun (not called off before): its creations are undone, its task's
+            # too for a dormant agent woken (counted as its message arrived, see activate).
+            self.host.heap.run_ended(2 if plan is None else 1)
+        child.running = False
+        child.run_task = None
+        gate = None if plan is None else plan.gate
+        if gate is not None:
+            gate.set()
+        if child.done is done:
+            child.scope = None
+            if child.start_gate is gate:
+                child.start_gate = None
+        if child.is_agent and self.host.stopping():
+            # The tree is stopping: this run was the agent's last, and it is no
+            # longer alive, though forgotten only when the whole tree has stopped
+            # (counted out now, not again then).
+            done.set(in_stop=True)
+            self.host.ledger.agents_alive -= 1
+        else:
+            done.set()
+        # The run's last message may have been the last work in flight, and a run
+        # that ends (to be restarted dormant, or stopped) does not go idle to say so:
+        # a draining kernel must not wait for it.
+        self.host.router.check_drained()
+
+    def _report_exit(self, child: Child, done: RunDone, error: BaseException | None) -> None:
+        """Tell the supervisor loop how the run ended (or, for a run being stopped, report
+        its failure as at any other time)."""
+        if child.done is done and self._inbox_send is not None and not child.terminating:
+            run = child.run
             if error is not None:
                 self._failures_queued[(child, run)] = error
                 if isinstance(error, StoppedForShutdown):
@@ -1040,6 +1053,26 @@ class SupervisorNode(Child, ChildOwner):
             if isinstance(child, SupervisorNode):
                 child.retire_all(reason, failure=failure)
             self._retire(child, reason, failure=failure)
+
+
+@final
+class _StartPlan:
+    """How a run starts: after ``delay`` seconds (a restart's backoff), once ``after``
+    is set (the previous sibling's start), opening ``gate`` when it ends (the next
+    sibling's). One object for the three, not three arguments: see ``_child_task``."""
+
+    __slots__ = ("after", "delay", "gate", "waits")
+
+    def __init__(self, delay: float, after: trio.Event | None, gate: trio.Event | None) -> None:
+        self.delay = delay
+        self.after = after
+        self.gate = gate
+        #: the run waits before it starts (a backoff or an elder sibling)
+        self.waits = delay > 0 or after is not None
+
+
+#: a run that starts at once and opens no gate (an agent without ``on_start``)
+_START_NOW: Final = _StartPlan(0.0, None, None)
 
 
 #: The name of every run's task: the one Trio would give it (its function's module and

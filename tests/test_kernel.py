@@ -2392,6 +2392,43 @@ async def test_a_running_agent_keeps_no_bound_method_of_its_channel() -> None:
     assert bound == []
 
 
+async def test_a_running_agent_s_task_root_keeps_only_what_its_run_needs() -> None:
+    """Each local and value-stack slot of a run task's root coroutine costs every running
+    agent 16 bytes (the coroutine's and the frame object Trio makes for it). It took the
+    backoff, the sibling it waits for, its gate, its heap count and its run number as
+    seven arguments (16 slots in all); it takes one plan for the waits, known by its
+    ``RunDone``, and its start and end are done in helpers (13 slots)."""
+    roots: list[types.CodeType] = []
+    handled: list[str] = []
+
+    class Eager(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            roots.append(trio.lowlevel.current_task().coro.cr_code)
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            handled.append(msg.payload)
+
+    @agent
+    async def lazy(ctx: Context, msg: Message) -> None:
+        roots.append(trio.lowlevel.current_task().coro.cr_code)
+        handled.append(msg.payload)
+
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(Eager, name="eager")
+        kernel.spawn(lazy, name="lazy")
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send("eager", "a")
+        await kernel.send("lazy", "b")
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(handled) == ["a", "b"]
+        assert kernel.stats().handled == 2
+    assert len(roots) == 2
+    assert roots[0] is roots[1]
+    code = roots[0]
+    assert code.co_argcount == 4  # self, the child, its RunDone, the plan
+    assert code.co_nlocals + code.co_stacksize <= 13
+
+
 async def test_stopping_a_supervisor_stops_and_unregisters_its_whole_subtree() -> None:
     from nexus_trio import Supervisor
 
