@@ -694,9 +694,16 @@ class AgentCell(Child):
         # to stop it: the scope is spent (Trio keeps it cancelled), and serving goes on in
         # a new one once this message is done with, or the next message would get it.
         stale = False
+        # (None once an exception left it: see the ``finally`` below)
+        scope: Any = None
         while True:
-            with trio.CancelScope() as scope:
-                self._handler_scope = scope
+            # A ``with`` written out: the statement keeps the scope's bound ``__exit__``
+            # on the frame's stack for as long as the loop runs (64 bytes in every
+            # running agent); this frame keeps the scope only, which it needs anyway.
+            scope = trio.CancelScope()
+            scope.__enter__()
+            self._handler_scope = scope
+            try:
                 while True:
                     # which handled messages are sampled for latency (see Ledger)
                     mask = ledger.sample_mask
@@ -841,6 +848,16 @@ class AgentCell(Child):
                     finally:
                         self.parked = False
                         got = mailbox.unparked(got, waiting)
+            except BaseException as exc:
+                # What the ``with`` statement does: the scope takes the exception (its
+                # own cancel) or it goes on; either way the ``finally`` leaves it alone.
+                scope = None
+                if not self._handler_scope.__exit__(type(exc), exc, exc.__traceback__):
+                    raise
+            finally:
+                if scope is not None:
+                    # left by a ``return``
+                    scope.__exit__(None, None, None)
 
             # Only a handler deadline or a request timeout cancels this scope.
             self._handler_scope = None

@@ -2392,6 +2392,52 @@ async def test_a_running_agent_keeps_no_bound_method_of_its_channel() -> None:
     assert bound == []
 
 
+async def test_a_running_agent_keeps_no_bound_exit_of_its_serve_loop_s_scope(
+    autojump_clock: Any,
+) -> None:
+    """A ``with trio.CancelScope()`` keeps the scope's bound ``__exit__`` on the frame's
+    stack for as long as its body runs: the serve loop's, 64 bytes in every running agent.
+    The loop enters and leaves its scope itself; a handler deadline still cancels only the
+    message in hand, and serving goes on in a new scope."""
+    handled: list[str] = []
+
+    @agent(handle_timeout=1.0)
+    async def worker(ctx: Context, msg: Message) -> None:
+        if msg.payload == "slow":
+            await trio.sleep(10)
+        handled.append(msg.payload)
+
+    def bound_exits() -> int:
+        gc.collect()
+        return sum(
+            1
+            for obj in gc.get_objects()
+            if isinstance(obj, types.MethodType)
+            and isinstance(obj.__self__, trio.CancelScope)
+            and obj.__name__ == "__exit__"
+        )
+
+    async with open_kernel(make_config()) as kernel:
+        for i in range(3):
+            kernel.spawn(worker, name=f"worker-{i}")
+        await trio.testing.wait_all_tasks_blocked()
+        idle = bound_exits()  # the kernel's own (no agent runs yet)
+        for i in range(3):
+            await kernel.send(f"worker-{i}", f"a{i}")
+        await trio.testing.wait_all_tasks_blocked()
+        running = bound_exits()
+        # a handler deadline ends the message, not the run; the next one is served
+        await kernel.send("worker-0", "slow")
+        await trio.sleep(2)
+        await kernel.send("worker-0", "after")
+        await trio.testing.wait_all_tasks_blocked()
+        stats = kernel.stats()
+        assert sorted(handled) == ["a0", "a1", "a2", "after"]
+        assert (stats.handled, stats.timed_out) == (4, 1)
+        assert bound_exits() == idle
+    assert running == idle
+
+
 async def test_a_running_agent_s_task_root_keeps_only_what_its_run_needs() -> None:
     """Each local and value-stack slot of a run task's root coroutine costs every running
     agent 16 bytes (the coroutine's and the frame object Trio makes for it). It took the
