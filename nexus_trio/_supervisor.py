@@ -456,11 +456,21 @@ class SupervisorNode(Child, ChildOwner):
         child.terminating = False
         if child.start_dormant(self, child.run):
             child.dormant = True
-            child.done = None
+            self._renew_done(child, None)
             child.start_gate = None
             return True
         child.run -= 1
         return False
+
+    def _renew_done(self, child: Child, done: RunDone | None) -> None:
+        """Give ``child`` a new run's ``done`` (None: a dormant run). A previous run that
+        ended in the kernel's stop counted the agent out of ``agents_alive``; a run
+        started after it (a group restart's, called off at once as the tree stops) counts
+        it in again, to be counted out once more as that run ends or as it is forgotten."""
+        previous = child.done
+        if previous is not None and previous.ended_in_stop:
+            self.host.ledger.agents_alive += 1
+        child.done = done
 
     def activate(self, child: Child, run: int) -> None:
         """A dormant child's first message arrived: give it its task now."""
@@ -534,16 +544,17 @@ class SupervisorNode(Child, ChildOwner):
         child.run += 1
         child.terminating = False
         child.dormant = False
-        child.done = RunDone()
+        done = RunDone()
+        self._renew_done(child, done)
         if child.starts_quietly():
             # No on_start: its start cannot be observed, so it neither waits nor is waited for.
             child.start_gate = None
             plan = _START_NOW if delay <= 0 else _StartPlan(delay, None, None)
-            self._nursery.start_soon(self._child_task, child, child.done, plan, name=_RUN_TASK)
+            self._nursery.start_soon(self._child_task, child, done, plan, name=_RUN_TASK)
             return None
         gate = child.start_gate = trio.Event()
         plan = _StartPlan(delay, after, gate)
-        self._nursery.start_soon(self._child_task, child, child.done, plan, name=_RUN_TASK)
+        self._nursery.start_soon(self._child_task, child, done, plan, name=_RUN_TASK)
         return gate
 
     def _called_off(self, child: Child) -> bool:
@@ -636,10 +647,12 @@ class SupervisorNode(Child, ChildOwner):
             child.scope = None
             if child.start_gate is gate:
                 child.start_gate = None
-        if child.is_agent and self.host.stopping():
+        if child.is_agent and self.host.stopping() and child.done is done:
             # The tree is stopping: this run was the agent's last, and it is no
             # longer alive, though forgotten only when the whole tree has stopped
-            # (counted out now, not again then).
+            # (counted out now, not again then; a later run counts it in again,
+            # see _renew_done, and a run ending after a later one started does not
+            # count it out).
             done.set(in_stop=True)
             self.host.ledger.agents_alive -= 1
         else:
