@@ -154,7 +154,9 @@ def config(**kernel: Any) -> Config:
     )
 
 
-ENDINGS = ["leave", "shutdown", "cancel"]
+#: how the kernel ends: its block left, ``shutdown(0)``, the block cancelled from outside;
+#: or ``kernel.stop("p")`` first (the kernel runs on), after which no agent may be left
+ENDINGS = ["leave", "shutdown", "cancel", "stop_p"]
 
 
 async def run_tree(
@@ -174,7 +176,12 @@ async def run_tree(
             await trio.testing.wait_all_tasks_blocked()
             await act(kernel)
             await trio.testing.wait_all_tasks_blocked()
-            if ending == "shutdown":
+            if ending == "stop_p":
+                await kernel.stop("p")
+                await trio.testing.wait_all_tasks_blocked()
+                left = [r.name for r in kernel.agents()]
+                assert left == [], f"left after their parent's stop: {left}"
+            elif ending == "shutdown":
                 await kernel.shutdown(0)
             elif ending == "cancel":
                 outside.cancel()
@@ -280,7 +287,7 @@ async def test_stop_while_a_parent_s_on_stop_sends_to_its_child(
     assert sum(tree.refused.values()) == 1, tree.refused
 
 
-@pytest.mark.parametrize("ending", [*ENDINGS, "stop_p"])
+@pytest.mark.parametrize("ending", ENDINGS)
 async def test_stop_while_a_child_spawns_a_linked_child_in_its_on_stop(
     ending: str, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -296,20 +303,12 @@ async def test_stop_while_a_child_spawns_a_linked_child_in_its_on_stop(
             refused.append(type(exc).__name__)
 
     three_levels(tree, c={"stop": spawn_h}, h=tree.spec("h"))
-    alive: list[Any] = []
-
-    async def stop_p(kernel: Any) -> None:
-        await kernel.stop("p")
-        await trio.testing.wait_all_tasks_blocked()
-        alive.extend(r.name for r in kernel.agents())
-
+    await run_tree(tree, ending, nothing)
     if ending == "stop_p":
-        await run_tree(tree, "leave", stop_p)
-        assert (refused, alive) == ([], [])
         # (h, spawned by a run that is ending, is stopped before its start)
+        assert refused == []
         assert ("start", "h") not in tree.journal
     else:
-        await run_tree(tree, ending, nothing)
         assert refused == ["KernelShuttingDown"], (refused, tree.journal)
 
 
