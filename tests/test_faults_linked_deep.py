@@ -312,10 +312,13 @@ async def test_stop_while_a_child_spawns_a_linked_child_in_its_on_stop(
         assert refused == ["KernelShuttingDown"], (refused, tree.journal)
 
 
+@pytest.mark.parametrize("kids", [("s", "c"), ("c", "s")])
 @pytest.mark.parametrize("ending", ENDINGS)
 async def test_stop_while_nursery_tasks_wait_for_room_in_a_sibling_s_mailbox(
-    ending: str, autojump_clock: trio.testing.MockClock
+    ending: str, kids: tuple[str, str], autojump_clock: trio.testing.MockClock
 ) -> None:
+    """c's ``ctx.nursery`` tasks tell its sibling s (capacity 1, ``block``, a handler
+    that hangs) four times; the stop comes to c first (s spawned first) or to s."""
     tree = Tree()
 
     async def hang(ctx: Context, msg: Message) -> None:
@@ -329,7 +332,7 @@ async def test_stop_while_nursery_tasks_wait_for_room_in_a_sibling_s_mailbox(
             ctx.nursery.start_soon(one, i)
 
     sibling = tree.spec("s", handle=hang, mailbox_capacity=1, overflow="block")
-    three_levels(tree, p={"kids": ("s", "c")}, c={"start": flood}, s=sibling)
+    three_levels(tree, p={"kids": kids}, c={"start": flood}, s=sibling)
     waiting: list[int] = []
 
     async def act(kernel: Any) -> None:
@@ -339,8 +342,18 @@ async def test_stop_while_nursery_tasks_wait_for_room_in_a_sibling_s_mailbox(
     # one handled (hanging), one queued, two waiting for room: all four accounted for
     assert waiting == [4]
     assert tree.sent == 4
-    # the two waiting senders were cancelled with c's run: they never got in
-    assert (kernel.stats().accepted, tree.cancelled, sum(tree.refused.values())) == (2, 2, 0)
+    stats = kernel.stats()
+    if kids == ("c", "s") and ending == "stop_p":
+        # s stops first: the waiting two get in as it stops, all four dead-lettered
+        assert (stats.accepted, tree.cancelled, stats.dead_letters_by_reason) == (
+            4,
+            0,
+            {"agent_stopped": 4},
+        )
+    else:
+        # the two waiting senders are cancelled with c's run: they never got in
+        assert (stats.accepted, tree.cancelled, stats.dead_lettered) == (2, 2, 2)
+    assert sum(tree.refused.values()) == 0
 
 
 # --- restart storms ---------------------------------------------------------------------------
@@ -578,3 +591,46 @@ async def test_a_group_restart_under_way_at_the_tree_s_stop_counts_each_agent_ou
     assert tasks_living() == baseline
     assert_conserved(kernel)
     assert alive == [size, 0]
+
+
+@pytest.mark.parametrize("when", ["stop_requested", "on_stop"])
+@pytest.mark.parametrize("ending", ENDINGS)
+async def test_a_background_task_spawning_while_its_parent_stops(
+    ending: str, when: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    """p's ``ctx.nursery`` task spawns a linked child (with a child of its own) as p is
+    asked to stop, or once p's ``on_stop`` runs: that child must not outlive p."""
+    tree = Tree({"c": "p", "g": "c", "late": "p", "g2": "late"})
+    stopping = trio.Event()
+    spawned: list[str] = []
+
+    async def background(ctx: Context) -> None:
+        async def spawn_late() -> None:
+            if when == "on_stop":
+                await stopping.wait()
+            else:
+                await ctx.wait_stop_requested()
+            try:
+                ctx.spawn(tree.specs["late"])
+            except NexusError as exc:
+                spawned.append(type(exc).__name__)
+            else:
+                spawned.append("late")
+
+        ctx.nursery.start_soon(spawn_late)
+
+    async def on_stop(ctx: Context) -> None:
+        stopping.set()
+        await trio.sleep(0.01)
+
+    late = tree.spec("late", kids=("g2",))
+    three_levels(tree, p={"start": background, "stop": on_stop}, late=late, g2=tree.spec("g2"))
+    await run_tree(tree, ending, nothing)
+    # (ctx.nursery's tasks are cancelled before on_stop: none spawns then; one woken by
+    # the stop request is refused once the kernel stops its tree, and what it spawns in
+    # a stop of p alone is stopped before its start)
+    if when == "on_stop":
+        assert spawned == []
+    else:
+        assert spawned == ["late" if ending == "stop_p" else "KernelShuttingDown"]
+    assert ("start", "late") not in tree.journal
