@@ -873,6 +873,7 @@ class Kernel:
             given_up=ledger.given_up,
             run_failures=ledger.run_failures,
             event_stream_dropped=ledger.event_stream_dropped,
+            sends_waiting=ledger.sends_waiting,
         )
 
     def scan_agents(

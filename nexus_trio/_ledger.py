@@ -75,11 +75,15 @@ class Ledger:
         "run_failures",
         "sample_mask",
         "send_notice",
+        "sends_waiting",
         "timed_out",
     )
 
     def __init__(self, dead_letter_buffer: int) -> None:
         self.accepted = 0
+        #: sends waiting for room in a full mailbox: counted in ``accepted`` (in flight)
+        #: while they wait, taken out of it again if they never get in
+        self.sends_waiting = 0
         self.handled = 0
         self.replies = 0
         self.forwarded = 0

@@ -1186,6 +1186,7 @@ class Router:
         # before this task resumes); uncounted if it never got in.
         ledger = self.ledger
         ledger.accepted += 1
+        ledger.sends_waiting += 1
         entered = False
         # One scope for the wait: the send deadline's, which a shutdown's start cancels
         # for a send from outside (see refuse_outside_waits).
@@ -1203,6 +1204,7 @@ class Router:
             ledger.accepted -= 1
             raise
         finally:
+            ledger.sends_waiting -= 1
             if external:
                 self._outside_waits.discard(deadline)
         if not entered:

@@ -194,3 +194,8 @@ class KernelStats:
     #: lifecycle events that ``kernel.events()`` subscribers missed because their buffer
     #: was full (summed over subscribers, like ``dead_letter_stream_dropped``)
     event_stream_dropped: int = 0
+    #: sends waiting for room in a full mailbox (``block``): counted in ``accepted`` and
+    #: ``in_flight`` while they wait; one that never gets in (``MailboxFull`` at its
+    #: deadline, or cancelled) is taken out of ``accepted`` again, so ``accepted`` can
+    #: fall by these; ``accepted - sends_waiting`` never falls (the metrics counter)
+    sends_waiting: int = 0

@@ -595,6 +595,7 @@ def test_kernel_model(data: st.DataObject) -> None:
         per_agent = kernel.stats(agents=True).agents
         assert {a.id for a in per_agent} == alive
         assert stats.agents_alive >= 0, stats.agents_alive
+        assert 0 <= stats.sends_waiting <= stats.in_flight, stats
         if kernel.phase is KernelPhase.RUNNING:
             assert stats.agents_alive == len(alive), (stats.agents_alive, len(alive))
         for a in per_agent:
@@ -653,7 +654,7 @@ def test_kernel_model(data: st.DataObject) -> None:
                         everything.cancel()
         assert tasks_living() == baseline, "the kernel left tasks behind"
         stats = kernel.stats()
-        assert stats.in_flight == 0
+        assert stats.in_flight == stats.sends_waiting == 0
         assert stats.agents_alive == 0
         assert_conserved(kernel)
         letters = kernel.recent_dead_letters()

@@ -29,6 +29,9 @@ from nexus_trio import (
     Config,
     Context,
     Kernel,
+    KernelConfig,
+    MailboxFull,
+    Message,
     MetricsConfig,
     agent,
 )
@@ -1848,3 +1851,60 @@ async def test_a_target_in_absolute_form_that_is_no_url_gets_400_not_500(
         assert renderer.renders == 0
         nursery.cancel_scope.cancel()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("end", ["timeout", "cancelled", "gets_in"])
+async def test_the_accepted_counter_never_goes_down_when_a_waiting_send_gives_up(
+    end: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Regression (thirty-first pass): a send waiting for room in a full mailbox is
+    counted in ``stats().accepted`` while it waits (conservation: it is in flight) and
+    taken out again if it never gets in (``MailboxFull`` at its deadline, or cancelled).
+    ``nexus_messages_accepted_total`` exported that value, so the Prometheus counter read
+    2, 3, 2: a decrease, which ``rate()`` and ``increase()`` take for a counter reset. It
+    counts a waiting send once it got in now: 2, 2, 2 (and 2, 2, 3 when it gets in)."""
+    import attrs
+
+    config = attrs.evolve(base_config(), kernel=KernelConfig(send_timeout_ms=100))
+    release = trio.Event()
+
+    @agent(name="s", mailbox_capacity=1)
+    async def held(ctx: Context, msg: Message) -> None:
+        await release.wait()
+
+    def exported(kernel: Kernel) -> float:
+        text = render_snapshot(take_snapshot(kernel), process=False).decode()
+        return samples(text)[("nexus_messages_accepted_total", ())]
+
+    outcome: list[str] = []
+
+    async def third(kernel: Kernel) -> None:
+        try:
+            await kernel.send("s", 2)
+        except MailboxFull:
+            outcome.append("MailboxFull")
+        else:
+            outcome.append("sent")
+
+    async with open_test_kernel(config) as kernel:
+        kernel.spawn(held)
+        for i in range(2):  # one in hand, one queued: full
+            await kernel.send("s", i)
+            await trio.testing.wait_all_tasks_blocked()
+        seen = [exported(kernel)]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(third, kernel)
+            await trio.testing.wait_all_tasks_blocked()
+            seen.append(exported(kernel))
+            stats = kernel.stats()
+            assert (stats.accepted, stats.in_flight) == (3, 3)  # (in flight while it waits)
+            if end == "cancelled":
+                nursery.cancel_scope.cancel()
+            elif end == "gets_in":
+                release.set()
+        await trio.testing.wait_all_tasks_blocked()
+        seen.append(exported(kernel))
+        assert kernel.stats().accepted == (3 if end == "gets_in" else 2)
+        release.set()
+    assert seen == [2, 2, 3 if end == "gets_in" else 2]
+    assert outcome == {"timeout": ["MailboxFull"], "cancelled": [], "gets_in": ["sent"]}[end]
