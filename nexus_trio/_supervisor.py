@@ -638,6 +638,11 @@ class SupervisorNode(Child, ChildOwner):
             # It had begun (not called off before): its creations are undone, its task's
             # too for a dormant agent woken (counted as its message arrived, see activate).
             self.host.heap.run_ended(2 if plan is None else 1)
+        elif plan is None:
+            # A dormant agent woken whose run was called off before it began (stopped,
+            # or the kernel's shutdown, in the round its first message woke it): its
+            # task was counted all the same (see activate), and is undone here.
+            self.host.heap.run_ended()
         child.running = False
         child.run_task = None
         gate = None if plan is None else plan.gate
