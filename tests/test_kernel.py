@@ -28,6 +28,7 @@ from nexus_trio import (
     Context,
     DeadLetter,
     DeadLetterReason,
+    EventKind,
     Kernel,
     KernelPhase,
     KernelShuttingDown,
@@ -2555,7 +2556,7 @@ async def test_a_failing_background_task_fails_the_agent_and_it_is_restarted(
                     event = events.receive_nowait()
                 except trio.WouldBlock:
                     break
-                if event.kind.value == "failed":
+                if event.kind is EventKind.FAILED:
                     failures.append(event)
         assert [type(e.error) for e in failures] == [OSError]
         assert starts == [0.0, 2.0]
@@ -3235,3 +3236,103 @@ async def test_a_request_by_ref_that_fails_or_times_out_names_the_agent(
             await kernel.request("grumpy", "x")
         assert failed.value.name is None
         assert f"request {failed.value.request_id} to 'grumpy' failed" in str(failed.value)
+
+
+class _LeavesItsServeLoop(Agent):
+    """Leaves its serve loop's cancel scope by an exception from outside it (the cases of
+    :func:`test_every_way_out_of_the_serve_loop_leaves_its_scope_once`), its on_stop
+    raising on the first run."""
+
+    on_stops: ClassVar[list[int]] = []
+    handled: ClassVar[list[Any]] = []
+
+    async def on_start(self, ctx: Context) -> None:
+        self.run = len(self.on_stops)
+
+    async def handle(self, ctx: Context, msg: Message) -> None:
+        case = msg.payload
+        if case == "background_fails_while_parked":
+            ctx.nursery.start_soon(self._fail_later, 0)
+        elif case == "background_fails_while_suspended":
+            ctx.nursery.start_soon(self._fail_later, 1)
+            await trio.sleep(10)
+        elif case == "stopped_past_its_timeout":
+            await trio.sleep(10)
+        self.handled.append(case)
+
+    async def _fail_later(self, delay: float) -> None:
+        await trio.sleep(delay)
+        raise ValueError("background")
+
+    async def on_stop(self, ctx: Context) -> None:
+        self.on_stops.append(self.run)
+        if self.run == 0:
+            raise RuntimeError("on_stop")
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "background_fails_while_parked",
+        "background_fails_while_suspended",
+        "stopped_past_its_timeout",
+    ],
+)
+async def test_every_way_out_of_the_serve_loop_leaves_its_scope_once(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture, case: str
+) -> None:
+    """The serve loop enters its cancel scope and leaves it by hand (a ``with`` written
+    out): an exception from outside the loop (a Cancelled of the run's nursery, for a
+    failing background task or a stop past the shutdown timeout) must leave the scope once, and go on as before: the run ends
+    with its first failure, on_stop runs once (its error reported, not in place of the
+    first), and the next run serves. A scope left twice or not at all would end the run
+    with Trio's 'Cancel scope stack corrupted' instead."""
+    caplog.set_level(logging.CRITICAL, logger="nexus_trio")
+    _LeavesItsServeLoop.on_stops.clear()
+    _LeavesItsServeLoop.handled.clear()
+    spec = agent(
+        _LeavesItsServeLoop,
+        name="leaves",
+        on_error="restart",
+        handle_timeout=30.0,
+        shutdown_timeout=1.0,
+    )
+    config = make_config()
+    config = Config(
+        kernel=config.kernel,
+        supervision=SupervisionConfig(backoff_initial_ms=0, backoff_max_ms=0),
+    )
+    async with open_kernel(config) as kernel:
+        failures: list[Any] = []
+        events = kernel.events()
+        ref = kernel.spawn(spec)
+        await kernel.send(ref, case)
+        if case == "stopped_past_its_timeout":
+            await trio.testing.wait_all_tasks_blocked()
+            await kernel.stop(ref)
+            stats = kernel.stats()
+            assert _LeavesItsServeLoop.on_stops == [0]
+            assert (stats.agents_alive, stats.run_failures) == (0, 1)
+            assert stats.dead_letters_by_reason == {"agent_stopped": 1}
+            return
+        await trio.sleep(5)
+        await kernel.send(ref, "after")
+        await trio.testing.wait_all_tasks_blocked()
+        stats = kernel.stats()
+        while True:
+            try:
+                event = events.receive_nowait()
+            except trio.WouldBlock:
+                break
+            if event.kind is EventKind.FAILED:
+                failures.append(event.error)
+        # the run failed with the background failure (ValueError), on_stop's error
+        # logged; restarted, the next run serves
+        assert [type(f) for f in failures] == [ValueError]
+        assert _LeavesItsServeLoop.on_stops == [0]
+        assert _LeavesItsServeLoop.handled == (
+            ["background_fails_while_parked", "after"]
+            if case == "background_fails_while_parked"
+            else ["after"]
+        )
+        assert (stats.restarts, stats.run_failures, stats.agents_alive) == (1, 1, 1), stats
