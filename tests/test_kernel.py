@@ -2550,14 +2550,7 @@ async def test_a_failing_background_task_fails_the_agent_and_it_is_restarted(
         async with kernel.events() as events:
             ref = kernel.spawn(Doomed, name="doomed")
             await trio.sleep(3)
-            failures = []
-            while True:
-                try:
-                    event = events.receive_nowait()
-                except trio.WouldBlock:
-                    break
-                if event.kind is EventKind.FAILED:
-                    failures.append(event)
+            failures = [e for e in _drain_events(events) if e.kind is EventKind.FAILED]
         assert [type(e.error) for e in failures] == [OSError]
         assert starts == [0.0, 2.0]
         assert kernel.lookup("doomed") == ref
@@ -3319,13 +3312,7 @@ async def test_every_way_out_of_the_serve_loop_leaves_its_scope_once(
         await kernel.send(ref, "after")
         await trio.testing.wait_all_tasks_blocked()
         stats = kernel.stats()
-        while True:
-            try:
-                event = events.receive_nowait()
-            except trio.WouldBlock:
-                break
-            if event.kind is EventKind.FAILED:
-                failures.append(event.error)
+        failures += [e.error for e in _drain_events(events) if e.kind is EventKind.FAILED]
         # the run failed with the background failure (ValueError), on_stop's error
         # logged; restarted, the next run serves
         assert [type(f) for f in failures] == [ValueError]
