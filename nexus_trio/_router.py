@@ -89,6 +89,8 @@ _ENDED_AFTER_FAILURE: Final = {
 _QUERY: Final = MessageKind.QUERY
 #: the detail of a monitor notice dead-lettered because its watcher's mailbox was full
 _NOTICE_REFUSED: Final = "full: a monitor notice does not wait for room"
+#: the detail of a routed message dead-lettered because a full ``reject`` mailbox refused it
+_REJECTED: Final = "full: its overflow policy is reject (no wait)"
 #: the deadline heap is swept of finished requests only past this many (see _finish)
 _SWEEP_AT: Final = 64
 
@@ -871,6 +873,14 @@ class Router:
             return
         try:
             await self.deliver(msg, wait=True)
+        except MailboxFull as exc:
+            cell = self.local(msg.to)
+            if cell is not None and cell.overflow is OverflowPolicy.REJECT:
+                # (refused at once: not "still full after" the send timeout, which only
+                # a ``block`` mailbox is waited for)
+                self._accept_dead(msg, DeadLetterReason.MAILBOX_FULL, _REJECTED)
+            else:
+                self._dead_undeliverable(msg, exc)
         except Exception as exc:
             self._dead_undeliverable(msg, exc)
         except BaseException:

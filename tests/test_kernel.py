@@ -1122,6 +1122,43 @@ async def test_returned_message_to_a_full_mailbox_waits_the_deadline_then_dead_l
     assert kernel.stats().in_flight == 0
 
 
+async def test_a_returned_message_a_reject_mailbox_refuses_is_dead_lettered_saying_it_did_not_wait(
+    autojump_clock: Any,
+) -> None:
+    """Regression: a handler's returned message refused by a full ``reject`` mailbox was
+    dead-lettered ``mailbox_full`` saying ``still full after 0.1s`` (the send timeout),
+    a wait it never made: a reject mailbox refuses at once, as a monitor notice is."""
+    go = trio.Event()
+
+    @agent(name="sink", mailbox_capacity=1, overflow="reject")
+    async def sink(ctx: Context, msg: Message) -> None:
+        await go.wait()
+
+    @agent(name="relay")
+    async def relay(ctx: Context, msg: Message) -> Message:
+        return Message(ctx.id, "sink", msg.payload)
+
+    async with open_kernel(make_config(send_timeout_ms=100)) as kernel:
+        kernel.spawn(sink)
+        kernel.spawn(relay)
+        async with kernel.dead_letters() as stream:
+            start = trio.current_time()
+            for i in range(4):  # sink holds one (its handler waits) and queues one
+                await kernel.send("relay", i)
+                await trio.testing.wait_all_tasks_blocked()
+            refused = [stream.receive_nowait() for _ in range(2)]
+            waited = trio.current_time() - start
+            go.set()
+    assert [(d.reason, d.message.payload) for d in refused] == [
+        (DeadLetterReason.MAILBOX_FULL, 2),
+        (DeadLetterReason.MAILBOX_FULL, 3),
+    ]
+    assert {d.detail for d in refused} == {"full: its overflow policy is reject (no wait)"}
+    assert waited == 0  # refused at once: nothing waited the send timeout
+    assert kernel.stats().dead_letters_by_reason == {"mailbox_full": 2}
+    assert_conserved(kernel)
+
+
 # --- request/reply --------------------------------------------------------------------------------------
 
 
