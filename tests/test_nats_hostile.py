@@ -1158,3 +1158,34 @@ async def test_malformed_placement_records_and_names_entries_are_counted(
         assert cluster.name_holder("marker") == ("a", marker)
         assert cluster.stats().entries_malformed == 2 * (len(bad_bodies) + 1)
         assert cluster.stats().inbound_dropped == {}
+
+
+async def test_a_names_entry_whose_fields_are_not_strings_is_malformed_not_a_crash(
+    nats: NatsServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression: a names entry whose ``id`` was a JSON number, list or object made
+    ``uuid.UUID`` raise AttributeError out of its reading (and one whose ``node`` was no
+    string was taken as its text): the watch logged a traceback for it and counted
+    nothing (not in ``entries_malformed``), and a placement of that name here failed
+    its claim with the AttributeError (the agent ran, its entry unwritten and retried
+    for good: ``names_unwritten``). Such an entry is malformed: counted, and claimed
+    over as a malformed one is."""
+    bad = [{"node": "a", "id": 5}, {"node": "a", "id": [1]}, {"node": 5, "id": str(uuid.uuid4())}]
+    async with _node(nats.url, "a") as (_, cluster), _hostile(nats.url) as hostile:
+        cluster.register_type("echo", echo)
+        with trio.fail_after(20):
+            for index, body in enumerate(bad):
+                await hostile.put("names", f"name{index}", json.dumps(body).encode())
+            marker = uuid.uuid4()
+            await hostile.put(
+                "names", "marker", json.dumps({"node": "a", "id": str(marker)}).encode()
+            )
+            while cluster.name_holder("marker") is None:  # noqa: ASYNC110 (the watch: no event to wait on)
+                await trio.sleep(0.01)
+            assert cluster.stats().entries_malformed == len(bad)
+            # a placement of a name whose entry is malformed claims it
+            placed = await cluster.spawn("echo", name="name0", node="a")
+            assert cluster.name_holder("name0") == ("a", placed.id)
+            assert cluster.stats().names_unwritten == 0
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []

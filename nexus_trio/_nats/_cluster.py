@@ -372,8 +372,15 @@ def _decode_name_entry(value: bytes | None) -> tuple[str, uuid.UUID] | None:
     """``(node, agent id)`` of an entry of the names bucket, None if malformed."""
     try:
         obj = wire.read_wire_json(value or b"", "names bucket entry")
-        return str(obj["node"]), uuid.UUID(obj["id"])
+        node, agent_id = obj["node"], obj["id"]
     except (ValueError, KeyError, TypeError, RecursionError):
+        return None
+    # (strings, or no entry: uuid.UUID raises AttributeError for a number or a list)
+    if not isinstance(node, str) or not isinstance(agent_id, str):
+        return None
+    try:
+        return node, uuid.UUID(agent_id)
+    except ValueError:
         return None
 
 
