@@ -1095,9 +1095,11 @@ async def test_control_plane_bodies_not_in_utf_8_are_malformed_as_data_path_bodi
         members = {info.node for info in cluster.member_list()}
         assert not members & {"fake0", "fake1", "fake2"}, members
         assert cluster._records_malformed == 3
+        assert cluster.stats().entries_malformed == 6  # the 3 records and the 3 names entries
         assert cluster.stats().inbound_dropped == {"malformed": 3}
     logged = [r.getMessage() for r in caplog.records]
-    assert sum("malformed name record" in line for line in logged) == 3, logged
+    # (a flood of them is logged once a second with the count: the first is said)
+    assert any("names bucket entry 'name0': not a names entry (1 so far)" in m for m in logged)
     assert sum("not UTF-8 (" in line for line in logged) >= 2, logged
 
 
@@ -1131,6 +1133,20 @@ async def test_a_malformed_batch_counts_no_more_tells_than_its_bytes_could_hold(
         assert stats.lost_in_transit == 0
 
 
+async def _both_watches_applied(hostile: Hostile, cluster: Cluster) -> uuid.UUID:
+    """Write a marker into the names and placed buckets and wait until ``cluster`` has
+    applied both (each bucket's watch applies in order: what was written before is
+    applied too); the names marker's agent id."""
+    marker = uuid.uuid4()
+    await hostile.put("names", "marker", json.dumps({"node": "a", "id": str(marker)}).encode())
+    await hostile.put("placed", "marker", b'{"type": "t", "pinned": null}')
+    while cluster.name_holder("marker") is None or "marker" not in (  # noqa: ASYNC110 (the watches: no event to wait on)
+        cluster.placement.records
+    ):
+        await trio.sleep(0.01)
+    return marker
+
+
 async def test_malformed_placement_records_and_names_entries_are_counted(
     nats: NatsServer,
 ) -> None:
@@ -1145,16 +1161,7 @@ async def test_malformed_placement_records_and_names_entries_are_counted(
                 await hostile.put("placed", f"svc{index}", body)
             await hostile.put("names", "=YQ", json.dumps({"node": "a", "id": "x"}).encode())
             await hostile.put("placed", "=YQ", b"{}")
-            # markers: each bucket's watch applies in order
-            marker = uuid.uuid4()
-            await hostile.put(
-                "names", "marker", json.dumps({"node": "a", "id": str(marker)}).encode()
-            )
-            await hostile.put("placed", "marker", b'{"type": "t", "pinned": null}')
-            while cluster.name_holder("marker") is None or "marker" not in (  # noqa: ASYNC110 (the watches: no event to wait on)
-                cluster.placement.records
-            ):
-                await trio.sleep(0.01)
+            marker = await _both_watches_applied(hostile, cluster)
         assert cluster.name_holder("marker") == ("a", marker)
         assert cluster.stats().entries_malformed == 2 * (len(bad_bodies) + 1)
         assert cluster.stats().inbound_dropped == {}
@@ -1189,3 +1196,33 @@ async def test_a_names_entry_whose_fields_are_not_strings_is_malformed_not_a_cra
             assert cluster.name_holder("name0") == ("a", placed.id)
             assert cluster.stats().names_unwritten == 0
     assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+
+
+async def test_a_flood_of_malformed_bucket_entries_is_logged_once_a_second_with_its_count(
+    nats: NatsServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression: each refused names entry and placement record was a warning line of its
+    own on every node (a membership record's is throttled): a peer with write access to
+    the buckets (or one node of a newer format) wrote a line per entry into every node's
+    log. Logged at once, then at most once a second with the count so far, as a
+    membership record is; every one is counted in ``entries_malformed``."""
+    n = 40
+    caplog.set_level(logging.WARNING, logger="nexus_trio.nats")
+    async with _node(nats.url, "a") as (_, cluster), _hostile(nats.url) as hostile:
+        with trio.fail_after(30):
+            began = trio.current_time()
+            for index in range(n):
+                await hostile.put("names", f"bad{index}", b"not json")
+                await hostile.put("placed", f"bad{index}", b"not json")
+            await _both_watches_applied(hostile, cluster)
+            took = trio.current_time() - began
+        assert cluster.stats().entries_malformed == 2 * n
+    lines = [r.getMessage() for r in caplog.records if "ignoring" in r.getMessage()]
+    names = [line for line in lines if "names bucket entry" in line]
+    records = [line for line in lines if "placement record" in line]
+    assert len(names) + len(records) == len(lines)
+    # at once, then once a second at most (the flood took `took` seconds)
+    assert 1 <= len(names) <= 1 + took, (took, names)
+    assert 1 <= len(records) <= 1 + took, (took, records)
+    assert names[0].endswith("(1 so far)") and records[0].endswith("(1 so far)")

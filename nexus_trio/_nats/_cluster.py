@@ -361,7 +361,7 @@ class ClusterStats:
     #: records and entries of the cluster's buckets refused, each time one is heard: a
     #: membership record (also one on the heartbeat subjects), a placement record or a
     #: names entry whose key this code does not write or whose body is not one (not
-    #: strict UTF-8 JSON, wrong fields); logged
+    #: strict UTF-8 JSON, wrong fields); logged at most once a second
     entries_malformed: int = 0
 
 
@@ -605,7 +605,7 @@ class Cluster:
         self._record_log = Throttle()
         self._records_malformed = 0
         #: names bucket entries refused (see _apply_name_entry)
-        self._names_malformed = 0
+        self._names_refused = kvops.Refusals("a names bucket entry")
         #: records under this node's name from another process (see _apply_member_entry)
         self._own_name_log = Throttle()
         self._drop_log = Throttle()
@@ -2737,10 +2737,7 @@ class Cluster:
             name = wire.name_from_key(key)
         except ValueError as exc:
             # not a key this code writes (the watch of the bucket would end with it)
-            self._names_malformed += 1
-            log_guarded(
-                log, logging.WARNING, "node %s: ignoring a names bucket entry: %s", self.node, exc
-            )
+            self._names_refused.refuse(self.node, key, str(exc))
             return
         if revision is not None and revision < (
             self._name_revisions.get(name) or self._name_deletes.get(name, 0)
@@ -2759,10 +2756,7 @@ class Cluster:
             return
         entry = _decode_name_entry(value)
         if entry is None:
-            self._names_malformed += 1
-            log_guarded(
-                log, logging.WARNING, "node %s: ignoring malformed name record %r", self.node, key
-            )
+            self._names_refused.refuse(self.node, key, "not a names entry")
             return
         self._set_name(name, entry)
         if revision is not None:
@@ -4524,7 +4518,9 @@ class Cluster:
             tells_after_leave=self._tells_after_leave,
             requests_after_leave=self._requests_after_leave,
             entries_malformed=(
-                self._records_malformed + self._names_malformed + self.placement.records_malformed
+                self._records_malformed
+                + self._names_refused.count
+                + self.placement.records_refused.count
             ),
         )
 

@@ -7,20 +7,24 @@ deletes, past the 5 s its leave is given: the leave was cut off before it announ
 itself, and the others judged the node lost instead of gone.
 
 And what a node reads in bulk: the watch of a bucket (:class:`Watch`), which replays
-every entry to a node joining, applies each one where nats-py reads it.
+every entry to a node joining, applies each one where nats-py reads it; what the watch
+refuses is counted and logged without flooding the log (:class:`Refusals`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, final
 
 import nats.errors
 import nats.js.errors
 from nats.js import api
 from nats.js.kv import KV_DEL, KV_MARKER_REASON, KV_OP, KV_PURGE, KeyValue
 
+from .._logcall import log_guarded
+from .._throttle import Throttle
 from . import _direct as direct
 from . import _wire as wire
 from ._aio import call_aio
@@ -28,6 +32,8 @@ from ._aio import call_aio
 if TYPE_CHECKING:
     from nats.aio.msg import Msg as NatsMsg
     from nats.js import JetStreamContext
+
+log = logging.getLogger("nexus_trio.nats")
 
 #: writes in flight at once (each is one JetStream publish and its ack)
 WINDOW: Final = 256
@@ -157,6 +163,36 @@ class Watch:
         if self._sub is not None:
             sub, self._sub = self._sub, None
             await sub.unsubscribe()
+
+
+@final
+class Refusals:
+    """The entries of a bucket its watch refuses (a key the code does not write, a body
+    that is not one): counted, and logged at once, then at most once a second with the
+    count so far, as anyone who may write the bucket can write many."""
+
+    __slots__ = ("_log", "count", "what")
+
+    def __init__(self, what: str) -> None:
+        #: what an entry of the bucket is, for the log line ("a placement record")
+        self.what = what
+        self.count = 0
+        self._log = Throttle()
+
+    def refuse(self, node: str, key: str, why: str) -> None:
+        """Count the entry at ``key`` refused by ``node``, saying ``why``."""
+        self.count += 1
+        if self._log.due():
+            log_guarded(
+                log,
+                logging.WARNING,
+                "node %s: ignoring %s %r: %s (%d so far)",
+                node,
+                self.what,
+                key,
+                why,
+                self.count,
+            )
 
 
 def _entry(bucket: str, prefix: str, msg: NatsMsg) -> KeyValue.Entry | None:

@@ -228,7 +228,7 @@ class Placement:
         self.records_written_late = 0
         #: records of the placed bucket refused: a key this code does not write, a body
         #: that is not a record (not strict UTF-8 JSON, wrong fields)
-        self.records_malformed = 0
+        self.records_refused = kvops.Refusals("a placement record")
         self._kv: KeyValue | None = None
         self._nursery: trio.Nursery | None = None
         self._subject = f"{cluster.prefix}.place.{cluster.node}"
@@ -827,14 +827,7 @@ class Placement:
             name = wire.name_from_key(key)
         except ValueError as exc:
             # not a key this code writes (the watch of the bucket would end with it)
-            self.records_malformed += 1
-            log_guarded(
-                log,
-                logging.WARNING,
-                "node %s: ignoring a placement record: %s",
-                self._cluster.node,
-                exc,
-            )
+            self.records_refused.refuse(self._cluster.node, key, str(exc))
             return
         if op in ("DEL", "PURGE") or not value:
             self.records.pop(name, None)
@@ -842,14 +835,7 @@ class Placement:
         try:
             self.records[name] = PlacementRecord.decode(value)
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-            self.records_malformed += 1
-            log_guarded(
-                log,
-                logging.WARNING,
-                "node %s: ignoring malformed placement record %r",
-                self._cluster.node,
-                key,
-            )
+            self.records_refused.refuse(self._cluster.node, key, "not a placement record")
 
     async def agent_stopped(self, name: str, agent_id: uuid.UUID) -> None:
         """A placed agent of this node stopped for good: drop its record (it is not
