@@ -1094,7 +1094,7 @@ async def test_control_plane_bodies_not_in_utf_8_are_malformed_as_data_path_bodi
             await _members_heard(cluster, "marker")
         members = {info.node for info in cluster.member_list()}
         assert not members & {"fake0", "fake1", "fake2"}, members
-        assert cluster._records_malformed == 3
+        assert cluster._records_refused.count == 3
         assert cluster.stats().entries_malformed == 6  # the 3 records and the 3 names entries
         assert cluster.stats().inbound_dropped == {"malformed": 3}
     logged = [r.getMessage() for r in caplog.records]

@@ -601,9 +601,8 @@ class Cluster:
         self._loss_log = Throttle()
         self._notice_log = Throttle()
         #: malformed membership records (anyone on the account can write one, by the
-        #: thousand): logged at most once a second
-        self._record_log = Throttle()
-        self._records_malformed = 0
+        #: thousand)
+        self._records_refused = kvops.Refusals("a membership record")
         #: names bucket entries refused (see _apply_name_entry)
         self._names_refused = kvops.Refusals("a names bucket entry")
         #: records under this node's name from another process (see _apply_member_entry)
@@ -3634,17 +3633,7 @@ class Cluster:
         try:
             info = decode_record(value, monotonic(), key)
         except ValueError as exc:
-            self._records_malformed += 1
-            if self._record_log.due():
-                log_guarded(
-                    log,
-                    logging.WARNING,
-                    "node %s: ignoring malformed membership record %r (%d so far): %s",
-                    self.node,
-                    key,
-                    self._records_malformed,
-                    exc,
-                )
+            self._records_refused.refuse(self.node, key, str(exc))
             return
         if info.node == self.node and (info.id_prefix, info.session) != (
             self.id_prefix,
@@ -4518,7 +4507,7 @@ class Cluster:
             tells_after_leave=self._tells_after_leave,
             requests_after_leave=self._requests_after_leave,
             entries_malformed=(
-                self._records_malformed
+                self._records_refused.count
                 + self._names_refused.count
                 + self.placement.records_refused.count
             ),
