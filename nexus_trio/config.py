@@ -67,7 +67,9 @@ class ConfigError(NexusError, ValueError):
     A file or an environment with several problems (bad values, unknown names) raises one
     error for all of them, one line each in the order found, so that one run shows every
     fix to make: its ``problems`` are the bad values, each a ``ConfigError`` of its own
-    with its place and key (``(self,)`` for an error of one problem).
+    with its place and key (``(self,)`` for an error of one bad value alone). Unknown
+    names are lines of the message only: an error that found nothing else has
+    ``problems == ()``.
     """
 
     problems: tuple[ConfigError, ...]

@@ -637,6 +637,14 @@ def test_every_problem_of_the_file_and_the_environment_is_said_at_once(home: Pat
         "kernel.mailbox_capacity",
         (info.value,),
     )
+    # unknown names alone: lines of the message, no bad value among the problems
+    write(home / "cwd" / "config.toml", "[kernel]\nbatch_sise = 3\n")
+    with pytest.raises(ConfigError) as info:
+        load(home)
+    assert str(info.value).splitlines()[0] == (
+        f"{file}:2: unknown key [kernel] batch_sise (did you mean batch_size?)"
+    )
+    assert info.value.problems == ()
 
 
 def test_a_typo_does_not_fall_back_to_the_default(home: Path) -> None:
