@@ -327,8 +327,17 @@ class AgentCell(Child):
     @property
     def on_stop_running(self) -> bool:
         """The run's ``on_stop`` runs (its nursery is closed, the run not over yet): read
-        when a request times out, as :attr:`on_start_running`."""
-        return self.running and self.nursery is None
+        when a request times out, as :attr:`on_start_running`. Not while the run still
+        waits for its linked children to stop (see :meth:`linked_left`)."""
+        return self.running and self.nursery is None and not self.linked_left()
+
+    def linked_left(self) -> list[Child]:
+        """The linked children not stopped yet of a run whose nursery is closed: those
+        it waits for before its ``on_stop`` (empty while the run serves, and once it
+        has stopped them). Read when a request times out, as :attr:`on_stop_running`."""
+        if not self.running or self.nursery is not None:
+            return []
+        return [linked for linked in self.linked_children if not linked.retired]
 
     def hold(self) -> None:
         """The grace period is over: handle nothing more, wait to be stopped in order.

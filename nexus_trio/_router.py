@@ -1386,13 +1386,24 @@ class Router:
         ``return`` looks like this); busy with another message while the query, its own,
         waits in its mailbox, it requested itself (from its handler, which waits for
         itself); so it did from its ``on_start``, if that has not returned, or from its
-        ``on_stop``; still handling the query, its handler outlasted the request's timeout
+        ``on_stop``; its run over, it waits for the agents it spawned to stop before its
+        ``on_stop`` (whoever asked: a linked child's ``on_stop`` asking it waits for
+        itself); still handling the query, its handler outlasted the request's timeout
         (the agent's own ``handle_timeout`` said: a request by ref names the agent no other
         way). Read at the timeout, not at every message: the serve and request paths pay
         nothing for it."""
         cell = self.local(at)
         if cell is None:
             return ""
+        if cell.mailbox.depth and (left := cell.linked_left()):
+            # (whoever asked: also a linked child's on_stop, which the parent waits for)
+            shown = ", ".join(linked.label for linked in left[:3])
+            more = ", ..." if len(left) > 3 else ""
+            return (
+                f"agent {cell.label}'s run has ended and it waits for the agents it spawned"
+                f" to stop ({len(left)} left: {shown}{more}) before its on_stop: the query"
+                " waits in its mailbox, which this run serves no more"
+            )
         if query.sender == cell.id and cell.mailbox.depth:
             if cell.on_start_running:
                 return (

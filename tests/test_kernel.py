@@ -3360,3 +3360,64 @@ async def test_every_way_out_of_the_serve_loop_leaves_its_scope_once(
             else ["after"]
         )
         assert (stats.restarts, stats.run_failures, stats.agents_alive) == (1, 1, 1), stats
+
+
+@pytest.mark.parametrize("asker", ["the parent itself", "its linked child's on_stop"])
+async def test_a_request_to_a_parent_waiting_for_its_linked_children_says_so(
+    autojump_clock: Any, asker: str
+) -> None:
+    """Before: a parent whose run had ended (``ctx.stop()``) and that waited for its linked
+    child's slow ``on_stop`` before its own was said to be in its ``on_stop`` when it
+    had requested itself, and nothing was said when the child's ``on_stop`` asked it (a
+    deadlock: the parent waits for the child, the child for the parent's answer)."""
+    said: list[str] = []
+    contexts: list[Context] = []
+    child_stopping = trio.Event()
+    on_stops: list[str] = []
+
+    class Kid(Agent):
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            return None
+
+        async def on_stop(self, ctx: Context) -> None:
+            child_stopping.set()
+            if asker == "its linked child's on_stop":
+                try:
+                    await ctx.request("parent", "report", timeout=1)
+                except RequestTimeout as exc:
+                    said.append(exc.detail)
+            else:
+                await trio.sleep(2)
+            on_stops.append("kid")
+
+    class Parent(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            contexts.append(ctx)
+            ctx.spawn(agent(Kid, name="kid", shutdown_timeout=10))
+
+        async def handle(self, ctx: Context, msg: Message) -> Any:
+            if msg.payload == "stop":
+                ctx.stop()
+            return msg.payload
+
+        async def on_stop(self, ctx: Context) -> None:
+            on_stops.append("parent")
+
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(agent(Parent, name="parent", restart="temporary", shutdown_timeout=10))
+        await trio.testing.wait_all_tasks_blocked()  # (its on_start spawned the kid)
+        await kernel.send("kid", "wake")  # (an agent runs from its first message on)
+        await kernel.send("parent", "stop")
+        await child_stopping.wait()
+        if asker == "the parent itself":
+            try:
+                await contexts[0].request("parent", "inner", timeout=1)
+            except RequestTimeout as exc:
+                said.append(exc.detail)
+        await kernel.wait_stopped("parent")
+        assert on_stops == ["kid", "parent"]
+        assert said == [
+            "agent parent's run has ended and it waits for the agents it spawned to stop"
+            " (1 left: kid) before its on_stop: the query waits in its mailbox, which this"
+            " run serves no more"
+        ]
