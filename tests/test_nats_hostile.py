@@ -612,6 +612,7 @@ class Expected:
     frame is, not how the node takes it)."""
 
     own_prefix: int
+    window: int  # b's node_window: a gap is believed only as far as a window allows
     dropped: Counter[str] = attrs.field(factory=Counter)
     handled: list[Any] = attrs.field(factory=list)
     cancels: int = 0
@@ -627,7 +628,12 @@ class Expected:
         end = first + (1 if mark else count)
         if end <= expected:
             return  # a repeat, or a mark already covered
-        self.lost += first - expected + 1 if mark else max(0, first - expected)
+        gap = first - expected + 1 if mark else max(0, first - expected)
+        in_flight = 0 if mark else count
+        if gap + in_flight > self.window:  # no true sender got that far: one malformed
+            self.dropped["malformed"] += 1
+            gap = max(0, min(gap, self.window - in_flight))
+        self.lost += gap
         self.numbers[stream] = end
 
     def tell(self, msg: Message) -> None:
@@ -752,7 +758,7 @@ async def _run_script(url: str, script: list[Any]) -> None:
         b_session = _members(ca)["b"].session
         assert b_session is not None
         own = cb.id_prefix
-        expected = Expected(own)
+        expected = Expected(own, cb.options.node_window)
         subjects = {
             "plain": f"{prefix}.node.b.batch",
             "join": wire.batch_subject(prefix, "b", b_session),
@@ -1145,6 +1151,51 @@ async def _both_watches_applied(hostile: Hostile, cluster: Cluster) -> uuid.UUID
     ):
         await trio.sleep(0.01)
     return marker
+
+
+async def test_a_batch_forged_for_a_real_stream_with_a_huge_first_is_believed_a_window_far(
+    nats: NatsServer,
+) -> None:
+    """Regression: a batch naming a real stream (node b's session and id prefix) with
+    ``first`` 2**62 made node a count 2**62 tells lost in transit and return as much
+    credit to b. Node a believes the gap only as far as a sender's window allows now
+    (``node_window`` - 1 here, the batch's own tell in flight), and counts the head
+    once as malformed; b's tells go on."""
+    options = attrs.evolve(PATIENT, node_window=64)
+    async with (
+        _node(nats.url, "a", options=options) as (ka, ca),
+        _node(nats.url, "b", options=options) as (kb, cb),
+        _hostile(nats.url) as hostile,
+    ):
+        got: list[Any] = []
+
+        @agent(name="sink-a")
+        async def sink(ctx: Context, msg: Message) -> None:
+            got.append(msg.payload)
+
+        ka.spawn(sink)
+        await _members_heard(cb, "a")
+        await _members_heard(ca, "b")
+        with trio.fail_after(20):
+            await cb.wait_for_name("sink-a")
+            for i in range(3):
+                await kb.send("sink-a", i)
+            await _until(lambda: len(got) == 3)
+            session = _members(ca)["b"].session
+            assert session is not None
+            fields = (batch.MAGIC, cb.id_prefix, session, ca.id_prefix, 2**62, 1, 1)
+            forged = struct.pack(">4sQQQQIH", *fields) + b"b"
+            await hostile.publish(
+                "nexus.node.a.batch", forged + _frame(batch.TELL, _tell("sink-a", "forged"))
+            )
+            await _until(lambda: "forged" in got)
+            for i in range(3, 6):
+                await kb.send("sink-a", i)
+            await _until(lambda: len(got) == 7)
+        assert got == [0, 1, 2, "forged", 3, 4, 5]
+        stats = ca.stats()
+        assert stats.lost_in_transit == 63, stats.lost_in_transit
+        assert stats.inbound_dropped == {"malformed": 1}
 
 
 async def test_malformed_placement_records_and_names_entries_are_counted(

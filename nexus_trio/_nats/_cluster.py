@@ -562,7 +562,7 @@ class Cluster:
         # and the next expected per sending process (see ``_sequence``)
         self._seq_out: dict[_Stream, int] = {}
         self._seq_marked: dict[_Stream, int] = {}
-        self._seq_in = InboundSequences(self.id_prefix)
+        self._seq_in = InboundSequences(self.id_prefix, options.node_window)
         # per sending stream: its numbers (above) and the tells consumed here (delivered,
         # refused, or lost: the credit returned to it), bounded (see ``_streams``)
         self._inbound = InboundStreams(
@@ -1830,7 +1830,10 @@ class Cluster:
         stream = sender if head.dest_prefix == self.id_prefix else None
         if stream is not None:
             self._inbound.touch(stream)
+        overreaches = self._seq_in.overreaches
         lost = self._seq_in.observe_batch(sender, head.dest_prefix, head.first, head.numbered)
+        if self._seq_in.overreaches != overreaches:
+            self._overreach(sender, f"a batch numbered from {head.first}")
         if lost:
             self._log_loss(lost, sender)
             self._credit(stream, lost)
@@ -2082,10 +2085,29 @@ class Cluster:
             return
         if dest_prefix == self.id_prefix:
             self._inbound.touch(stream)
+        overreaches = self._seq_in.overreaches
         lost = self._seq_in.observe(stream, dest_prefix, number, is_mark=is_mark)
+        if self._seq_in.overreaches != overreaches:
+            self._overreach(stream, f"{'a mark' if is_mark else 'a tell'} numbered {number}")
         if lost:
             self._credit(stream, lost)
             self._log_loss(lost, stream)
+
+    def _overreach(self, stream: str, what: str) -> None:
+        """A number of ``stream`` ran past what its sender's window allows (see
+        ``_sequence``): one malformed number, logged; only the window's worth counted lost."""
+        self._dropped["malformed"] += 1
+        if self._loss_log.due():
+            log_guarded(
+                log,
+                logging.WARNING,
+                "node %s: %s from %s runs past its sender's window (%d tells after the last"
+                " one taken here): at most that many counted lost, the rest as malformed",
+                self.node,
+                what,
+                stream,
+                self.options.node_window,
+            )
 
     def _log_loss(self, lost: int, stream: str) -> None:
         if lost and self._loss_log.due():

@@ -11,6 +11,16 @@ travel in node batches (``_batch``): a batch carries the numbers of its tells as
 range (first, count), so one NATS message lost is all its tells counted. Each lost tell is counted
 once, on the receiving node. What the NATS client refuses outright never gets a
 number (the sender counts it), so nothing is counted twice.
+
+A gap is believed only as far as the sender's credit window allows: a sender never has
+more than ``window`` tells the receiver has not taken, so a number (or a batch's last
+number) more than ``window`` past the last one taken was never given by a true sender
+(a hostile or corrupt head, e.g. a huge ``first``). Of such a claim, the tells the window
+allows are counted lost, and the claim once in ``overreaches`` (the caller counts it
+malformed): it no longer inflates ``lost`` by up to 2**64, nor the credit returned for it.
+The window is this node's own ``node_window``: the nodes of a cluster are meant to share
+it (a sender with a larger one that loses more than this node's window at once has the
+rest of that gap counted as one overreach, not as lost tells).
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ from typing import final
 class InboundSequences:
     """The receiving side: the next expected number of each sending process."""
 
-    def __init__(self, own_prefix: int) -> None:
+    def __init__(self, own_prefix: int, window: int | None = None) -> None:
         #: this process's id prefix: numbers meant for another process of the same node
         #: name (an earlier run) are not ours to judge
         self.own_prefix = own_prefix
@@ -30,8 +40,21 @@ class InboundSequences:
         # (``_streams``) lets it go: a tell still in flight from a process that left
         # must not look like the start of a new stream.
         self._expected: dict[str, int] = {}
+        #: the most tells a sender may have that this node has not taken (None: no bound)
+        self.window = window
         #: tells counted as lost so far
         self.lost = 0
+        #: numbers and batches that claimed a gap past ``window`` (see the module)
+        self.overreaches = 0
+
+    def _believed(self, gap: int, in_flight: int) -> int:
+        """Of ``gap`` numbers skipped before ``in_flight`` more tells, those the window
+        allows (all of them without a window); one overreach if that is fewer."""
+        window = self.window
+        if window is None or gap + in_flight <= window:
+            return gap
+        self.overreaches += 1
+        return max(0, min(gap, window - in_flight))
 
     def observe(self, stream: str, dest_prefix: int, number: int, *, is_mark: bool) -> int:
         """Take tell ``number`` (or a mark saying ``number`` was the last one sent) of
@@ -41,7 +64,8 @@ class InboundSequences:
         expected = self._expected.get(stream, 1)
         if number < expected:
             return 0  # a mark already covered, or a repeat: nothing new
-        lost = number - expected + (1 if is_mark else 0)
+        # a mark's number was sent (lost with the gap), a tell's is here (in flight)
+        lost = self._believed(number - expected + (1 if is_mark else 0), 0 if is_mark else 1)
         self._expected[stream] = number + 1
         self.lost += lost
         return lost
@@ -67,7 +91,7 @@ class InboundSequences:
         end = first + count
         if end <= expected:
             return 0  # a repeat: nothing new
-        lost = max(0, first - expected)
+        lost = self._believed(max(0, first - expected), count)
         self._expected[stream] = end
         self.lost += lost
         return lost
