@@ -3163,3 +3163,36 @@ async def test_an_entry_set_aside_for_a_node_not_heard_goes_when_that_node_is_fo
         cc._forget_lost_members(monotonic())
         assert cc.stats().nodes_forgotten == 1
         assert cc._hidden_names == {}
+
+
+async def test_a_plain_name_registered_again_on_another_node_is_said_on_the_first(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Plain ``kernel.spawn`` names are last-writer-wins across the cluster (documented:
+    docs/distributed.md, Addresses); before, the node whose live agent lost its name to a
+    later registration elsewhere said nothing. It keeps the documented behaviour (the
+    agent runs on, other nodes reach the later one) and now logs a warning naming the
+    name and the node that took it, the first step before refusing such a registration."""
+
+    async def first(ctx: Context, msg: Message) -> Any:
+        return "first"
+
+    async def second(ctx: Context, msg: Message) -> Any:
+        return "second"
+
+    async with _node(nats.url, "a") as (ka, ca), _node(nats.url, "b") as (kb, cb):
+        with trio.fail_after(20):
+            kb.spawn(agent(first, name="dup"))
+            await cb.names_published()
+            await ca.wait_for_name("dup")
+            ka.spawn(agent(second, name="dup"))
+            await ca.names_published()
+            for _ in range(500):  # (polled: a log record is no event; fail_after bounds it)
+                if any("was registered since" in r.getMessage() for r in caplog.records):
+                    break
+                await trio.sleep(0.02)
+            assert await kb.request("dup", "x") == "first"  # local first, as documented
+            assert await ka.request("dup", "x") == "second"
+        said = [r.getMessage() for r in caplog.records if "was registered since" in r.getMessage()]
+        assert len(said) == 1, said
+        assert said[0].startswith("node b: the name 'dup' of agent ") and "by node a" in said[0]

@@ -2819,7 +2819,24 @@ class Cluster:
             return
         if not self._entry_stands(entry, self._replaced_by(name, local)):
             return
-        self.placement.superseded(name, local, entry[0])
+        if not self.placement.superseded(name, local, entry[0]):
+            # A plain kernel.spawn name, registered later on another node: the last
+            # registration wins (docs/distributed.md, Addresses); said, as a first step
+            # towards the first registration winning, as for placed names.
+            log_guarded(
+                log,
+                logging.WARNING,
+                "node %s: the name %r of agent %s here was registered since by node %s"
+                " (plain kernel.spawn names are unique per kernel, the last registration"
+                " wins in the cluster): other nodes' sends to %r reach that node's agent,"
+                " this one keeps running; a later version may refuse the second"
+                " registration instead, as for placed names (cluster.spawn)",
+                self.node,
+                name,
+                local,
+                entry[0],
+                name,
+            )
 
     def _entry_stands(
         self, holder: tuple[str, uuid.UUID] | None, replaces: tuple[str, uuid.UUID] | None

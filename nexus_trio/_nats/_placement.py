@@ -1145,20 +1145,22 @@ class Placement:
 
     # --- two incarnations of a name ------------------------------------------------------------
 
-    def superseded(self, name: str, agent_id: uuid.UUID, winner: str) -> None:
+    def superseded(self, name: str, agent_id: uuid.UUID, winner: str) -> bool:
         """The names bucket holds a later incarnation of ``name``, on node ``winner``,
         than ``agent_id``, this node's copy (two copies after a partition healed: see
         ``Cluster.check_duplicate``): stop this one, with the reason
         :data:`DUPLICATE_REASON` (its ``stopped`` event; what was queued for it is
         dead-lettered ``agent_stopped`` with that reason in the detail). Only a placed
         agent of this node (one with its record held here); its record is not dropped:
-        the winner's agent has the same record, re-placed if its node is lost later."""
+        the winner's agent has the same record, re-placed if its node is lost later.
+        False if ``agent_id`` is no placed agent of this node (a plain ``kernel.spawn``
+        name: the caller says so), True otherwise."""
         cluster = self._cluster
         held = self._held.get(name)
-        if held is None or held[0] != agent_id or self._nursery is None:
-            return
-        if cluster.closing or cluster.kernel.shutting_down:
-            return  # its leave drops the record and the name
+        if held is None or held[0] != agent_id:
+            return False
+        if self._nursery is None or cluster.closing or cluster.kernel.shutting_down:
+            return True  # its leave drops the record and the name
         del self._held[name]
         self._unwritten.pop(name, None)
         self.duplicates_stopped += 1
@@ -1175,6 +1177,7 @@ class Placement:
         )
         gone = self._stopping[name] = trio.Event()
         self._nursery.start_soon(self._stop_duplicate, name, agent_id, gone)
+        return True
 
     async def _stop_duplicate(self, name: str, agent_id: uuid.UUID, gone: trio.Event) -> None:
         try:
