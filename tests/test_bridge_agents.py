@@ -1646,6 +1646,12 @@ def test_bridge_program_prints_its_usage_for_help_and_runs_no_agent(lang: str, f
         assert "require('./nexus-bridge.js')" in text and "handleMessage(message)" in text
 
 
+#: what both bridge programs say of ``--name ""`` (it fell back to the default name)
+EMPTY_NAME = (
+    "argument --name: must not be empty (leave it out for the default: NEXUS_AGENT_NAME or 'echo')"
+)
+
+
 @pytest.mark.parametrize("lang", ["python", "node"])
 @pytest.mark.parametrize(
     ("args", "said"),
@@ -1654,8 +1660,10 @@ def test_bridge_program_prints_its_usage_for_help_and_runs_no_agent(lang: str, f
         (["--name", "x", "extra"], "unrecognized arguments: extra"),
         (["--name"], "argument --name: expected one argument"),
         (["--protocol", "3"], "argument --protocol: invalid choice: '3' (choose from '1', '2')"),
+        (["--name", ""], EMPTY_NAME),
+        (["--name="], EMPTY_NAME),
     ],
-    ids=["unknown-option", "argument", "no-value", "bad-protocol"],
+    ids=["unknown-option", "argument", "no-value", "bad-protocol", "empty-name", "empty-name="],
 )
 def test_bridge_program_refuses_what_it_does_not_know_with_status_2(
     lang: str, args: list[str], said: str

@@ -761,6 +761,9 @@ module.exports = {
   runMain,
 };
 
+/** What the echo agent's command line says of `--name ""` (as the Python bridge's does). */
+const EMPTY_NAME = "must not be empty (leave it out for the default: NEXUS_AGENT_NAME or 'echo')";
+
 /** The echo agent's command line: the options of the Python bridge's, read the same way. */
 function echoUsage(prog) {
   return `usage: ${prog} [-h] [--name NAME] [--protocol {1,2}]`;
@@ -812,6 +815,9 @@ function parseEchoArguments(args) {
         return { error: `argument --${option[1]}: expected one argument` };
       }
       i += 1;
+    }
+    if (option[1] === 'name' && value === '') {
+      return { error: `argument --name: ${EMPTY_NAME}` };
     }
     if (option[1] === 'protocol' && value !== '1' && value !== '2') {
       return { error: `argument --protocol: invalid choice: '${value}' (choose from '1', '2')` };

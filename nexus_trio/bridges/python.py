@@ -1032,6 +1032,15 @@ subclass NexusAgent, override handle_message(message) (may be async def) and cal
 run_agent(). See docs/bridges.md."""
 
 
+def _agent_name(text: str) -> str:
+    """``--name``'s value: an empty one is a mistake (it fell back to the default name)."""
+    if not text:
+        raise argparse.ArgumentTypeError(
+            "must not be empty (leave it out for the default: NEXUS_AGENT_NAME or 'echo')"
+        )
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run an :class:`EchoAgent` (``python3 python.py [--name N] [--protocol 1|2]``);
     ``--help`` says so, and how to use the file as a library (as nexus-bridge.js does)."""
@@ -1040,7 +1049,9 @@ def main(argv: list[str] | None = None) -> int:
         description=_ECHO_DESCRIPTION,
         epilog=_LIBRARY_USE,
     )
-    parser.add_argument("--name", help="agent name (default: NEXUS_AGENT_NAME or 'echo')")
+    parser.add_argument(
+        "--name", type=_agent_name, help="agent name (default: NEXUS_AGENT_NAME or 'echo')"
+    )
     parser.add_argument(
         "--protocol",
         choices=("1", "2"),
