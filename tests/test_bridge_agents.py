@@ -1022,7 +1022,10 @@ INVALID_LINES: list[tuple[bytes, str]] = [
     (b'{"type": "teleport", "payload": {}}\n', "unknown frame type"),
     (b'{"type": "message", "payload": "hello"}\n', "message frame needs an object payload"),
     (b'{"type": "ping", "payload": {}}\n', "ping frame needs a payload with a string 'id'"),
-    (b"\xff\xfe{}\n", "not UTF-8"),
+    # (both bridges say where, in Python's decoder's words: the Node bridge said "not UTF-8")
+    (b"\xff\xfe{}\n", "not UTF-8 (invalid start byte at byte 0)"),
+    (b'{"a": "caf\xe9"}\r\n', "not UTF-8 (invalid continuation byte at byte 10)"),
+    (b"{}\xe2\x82\r\n", "not UTF-8 (unexpected end of data at byte 2)"),
     # a message frame after a byte order mark: the JavaScript bridge's decoder dropped the
     # mark and answered it (the Python bridge refused it, as docs/protocol.md says)
     (b"\xef\xbb\xbf" + message_frame(message("after a BOM")), BOM_PROBLEM),

@@ -35,6 +35,42 @@ const SNIPPET = 60;
 const BOM_PROBLEM = 'Unexpected UTF-8 BOM (decode using utf-8-sig): line 1 column 1 (char 0)';
 
 /**
+ * Why `raw` (a line that is not UTF-8) is not, in the words of Python's decoder as the Python
+ * bridge reports it: "invalid start byte at byte 3". Offsets count in the line less its
+ * line ending (the Python bridge decodes the line without it).
+ */
+function utf8Problem(raw) {
+  let end = raw.length;
+  while (end > 0 && (raw[end - 1] === 0x0a || raw[end - 1] === 0x0d)) end -= 1;
+  let i = 0;
+  while (i < end) {
+    const lead = raw[i];
+    let size = 1;
+    let low = 0x80;
+    let high = 0xbf;
+    if (lead >= 0xc2 && lead <= 0xdf) size = 2;
+    else if (lead >= 0xe0 && lead <= 0xef) {
+      size = 3;
+      if (lead === 0xe0) low = 0xa0;
+      if (lead === 0xed) high = 0x9f;
+    } else if (lead >= 0xf0 && lead <= 0xf4) {
+      size = 4;
+      if (lead === 0xf0) low = 0x90;
+      if (lead === 0xf4) high = 0x8f;
+    } else if (lead >= 0x80) return `invalid start byte at byte ${i}`;
+    for (let k = 1; k < size; k += 1) {
+      if (i + k >= end) return `unexpected end of data at byte ${i}`;
+      const next = raw[i + k];
+      if (next < (k === 1 ? low : 0x80) || next > (k === 1 ? high : 0xbf)) {
+        return `invalid continuation byte at byte ${i}`;
+      }
+    }
+    i += size;
+  }
+  return 'invalid byte';
+}
+
+/**
  * The strict reader of input lines: bytes that are not UTF-8 throw, and a byte order mark
  * stays in the text (by default the decoder drops it; frames are UTF-8 without one, and
  * _parse refuses it as the Python bridge does).
@@ -521,7 +557,7 @@ class NexusAgent {
       try {
         line = decoder.decode(raw);
       } catch (err) {
-        throw new InvalidFrame('not UTF-8');
+        throw new InvalidFrame(`not UTF-8 (${utf8Problem(raw)})`);
       }
       line = line.replace(/\r$/, '');
       if (line.trim() === '') return null;
