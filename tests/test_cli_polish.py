@@ -260,7 +260,15 @@ def test_run_help_names_every_signal_dump_on_signal_acts_on() -> None:
 def test_send_help_lists_the_log_levels_as_run_help_does() -> None:
     """`nexus send --help` showed `-l <str>` where `nexus run --help` lists the levels."""
     text = "".join(re.sub(r"[│╭╮╰╯─]", " ", invoke(["send", "--help"]).output).split())
-    assert "-l[trace|debug|info|warn|warning|error|critical]" in text
+    assert "-l<trace|debug|info|warn|warning|error|critical>" in text
+
+
+@pytest.mark.parametrize("path", all_command_paths(), ids=lambda p: " ".join(p) or "nexus")
+def test_help_shows_every_choice_of_values_in_one_style(path: list[str]) -> None:
+    """`nexus send --help` showed its levels as `[a|b]`, `nexus run --help` as `<a|b>`
+    (typer's style for every value): `[...]` is typer's for a default or a range."""
+    text = "".join(re.sub(r"[│╭╮╰╯─]", " ", invoke([*path, "--help"]).output).split())
+    assert re.findall(r"\[[\w-]+(?:\|[\w-]+)+\]", text) == []
 
 
 def test_run_help_names_every_demo_workload_where_it_describes_them() -> None:

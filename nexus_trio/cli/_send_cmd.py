@@ -99,7 +99,7 @@ def register(app: typer.Typer) -> None:
             typer.Option(
                 "--log-level",
                 "-l",
-                metavar=f"[{'|'.join(LOG_LEVELS)}]",
+                metavar=f"<{'|'.join(LOG_LEVELS)}>",
                 help="Log level on stderr.",
             ),
         ] = "warning",
