@@ -1394,8 +1394,8 @@ class ProcessAgent(Agent):
                     self.stats.oversized_lines += 1
                     self._bad_line(
                         _OVERSIZED,
-                        f"stdout line of {line.size:,} bytes exceeds the limit of "
-                        f"{self.options.line_limit:,} bytes (set by process_agent("
+                        f"stdout line of {line.size} bytes exceeds the limit of "
+                        f"{self.options.line_limit} bytes (set by process_agent("
                         f"line_limit={self.options.line_limit})); discarded",
                         end,
                     )
