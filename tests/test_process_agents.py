@@ -1983,6 +1983,52 @@ async def test_a_registered_child_that_crashes_is_said_with_its_last_words_on_st
     assert "old complaint" not in text
 
 
+ANSWER_THEN_DIE = """
+emit({"type": "register", "payload": {"id": str(uuid.uuid4()), "name": "w", "protocol": 2}})
+msg = next_message()
+print("ValueError: said before the answer", file=sys.stderr, flush=True)
+emit({"type": "response", "payload": {"from": msg["to"], "to": msg["from"], "kind": "Response",
+      "payload": "ok", "reply_to": msg["id"]}})
+print("RuntimeError: said after the answer", file=sys.stderr, flush=True)
+os._exit(1)
+"""
+
+
+async def test_a_child_that_dies_just_after_its_answer_is_said_with_what_it_said_after_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: handling a frame dropped what the child had said on stderr so far, read
+    in whatever order the two pipes were: a line written just after the answer, read
+    before it was handled, was dropped too, and the crash was quoted with nothing (or with
+    a line from before the answer). A line read while the frame waited whole in its pipe
+    is kept: the line written after the answer is quoted, every time."""
+    caplog.set_level(logging.ERROR, logger="nexus_trio.bridge")
+    rounds = 8
+    async with bridge_kernel() as kernel:
+        for done in range(1, rounds + 1):
+            ref = kernel.spawn(
+                process_agent(
+                    script(tmp_path, ANSWER_THEN_DIE), name=f"w{done}", restart="temporary"
+                )
+            )
+            with trio.fail_after(LIMIT):
+                assert await kernel.request(ref, "hi") == "ok"
+            await wait_until(
+                lambda n=done: len(exits(caplog)) == n, "the exit's report", timeout=LIMIT
+            )
+    said = [text.partition(": exited")[2] for text in exits(caplog)]
+    assert said == [" with status 1; on stderr: 'RuntimeError: said after the answer'"] * rounds
+
+
+def exits(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The reports of process agents' children that exited."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "nexus_trio.bridge" and "exited with status" in r.getMessage()
+    ]
+
+
 # --- hostile output -------------------------------------------------------------------------
 
 

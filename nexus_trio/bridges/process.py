@@ -36,6 +36,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import fcntl
 import functools
 import itertools
 import json
@@ -47,6 +48,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import termios
 import uuid
 import weakref
 from collections.abc import Mapping, Sequence
@@ -426,6 +428,16 @@ class _LineReader:
         included): what was received, less what is buffered past it."""
         return self.received - len(self._buf)
 
+    def offered(self) -> int:
+        """Where the stream has got to: what was received of it, and what waits in its pipe
+        (``FIONREAD``; 0 when that cannot be asked). A line the stream ends past this was
+        written after it was asked."""
+        waiting = 0
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            fd = self._stream.fileno()  # type: ignore[attr-defined]
+            waiting = int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), "little")
+        return self.received + waiting
+
     def pending(self) -> tuple[int, bytes]:
         """The line received so far and not ended by a newline: its size (what was
         discarded of it included) and the start of it still held (``b""`` if discarded)."""
@@ -694,6 +706,10 @@ class ProcessAgent(Agent):
         #: before registering (:meth:`_last_words`)
         self._stderr_last = b""
         self._stderr_error = ""
+        #: where the child's stdout had got to (:meth:`_LineReader.offered`) when each of
+        #: those was read: a frame that ends past it was written after it (it is dropped
+        #: once that frame is handled); one that ends within it may have been either side
+        self._stderr_last_at = self._stderr_error_at = 0
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -1405,9 +1421,14 @@ class ProcessAgent(Agent):
                 try:
                     frame_type, payload = self._parse(line)
                     await self._dispatch(frame_type, payload)
-                    # It was well after what it said on stderr so far: a crash from here
-                    # is said with what it says next (_last_words_of), not with that.
-                    self._stderr_last, self._stderr_error = b"", ""
+                    # It came after what it said on stderr before it: a crash from here is
+                    # said with what it says next (_last_words_of), not with that. (Not by
+                    # the order the two pipes are read in: a line read as the frame waited
+                    # in the pipe whole may have been written after it, and it stays.)
+                    if self._stderr_last_at < end:
+                        self._stderr_last = b""
+                    if self._stderr_error_at < end:
+                        self._stderr_error = ""
                 except _BadFrame as exc:
                     if stdout.unterminated:
                         # The output ended halfway through a frame (a whole frame without
@@ -1879,10 +1900,13 @@ class ProcessAgent(Agent):
     ) -> None:
         stats = self.stats
         stats.stderr_lines += 1
+        at = 0
         if not isinstance(line, _Oversized) and line.strip():
             # (a child that never registers, or dies, says why here: since its start or
             # the last frame it wrote)
-            self._stderr_last = line
+            stdout = self._stdout
+            at = stdout.offered() if stdout is not None else 0
+            self._stderr_last, self._stderr_last_at = line, at
         if not self._stderr_budget.take():
             stats.stderr_lines_not_logged += 1
             return
@@ -1901,7 +1925,7 @@ class ProcessAgent(Agent):
             and not text.startswith("Traceback")
             and (_STDERR_WARNING.match(text) or _STDERR_EXCEPTION.match(text))
         ):
-            self._stderr_error = text.strip()
+            self._stderr_error, self._stderr_error_at = text.strip(), at
         if _STDERR_WARNING.match(text):
             level = logging.WARNING
             self._stderr_warning = True
