@@ -57,6 +57,7 @@ from ._stats import KernelStats as KernelStats
 from ._streams import Subscription as Subscription
 from ._supervisor import Backoff as Backoff
 from ._supervisor import Supervisor as Supervisor
+from ._transport import OutsideTold as OutsideTold
 from ._transport import QueryFailing as QueryFailing
 from ._transport import Transport as Transport
 from .logs import configure_logging as configure_logging
@@ -108,6 +109,7 @@ __all__ = [
     "SupervisionConfig",
     "Supervisor",
     "SupervisorEscalation",
+    "OutsideTold",
     "QueryFailing",
     "Transport",
     "TransportHandle",

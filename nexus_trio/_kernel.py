@@ -748,7 +748,7 @@ class Kernel:
         """
         if self._router.transport is not None:
             raise RuntimeError("a transport is already attached to this kernel")
-        self._router.transport = transport
+        self._router.use_transport(transport)
         self._router.left = None
         return TransportHandle(self._router, transport)
 
@@ -765,7 +765,7 @@ class Kernel:
         :meth:`attach_transport`. A request to such an address raises
         ``TransportUnavailable`` with that text (``left`` is asked about it too, the
         message a query)."""
-        self._router.transport = None
+        self._router.use_transport(None)
         self._router.left = left
 
     def is_local(self, address: AgentRef | Address) -> bool:

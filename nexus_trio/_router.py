@@ -21,7 +21,7 @@ import math
 import uuid
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, Final, Protocol, TypeVar, final
 from uuid import UUID as _UUID
 
@@ -296,9 +296,13 @@ class TransportHandle:
         is late, as a reply dead-lettered ``late_reply`` is."""
         return request_id.int in self._router.late_queries
 
-    def waiting_for_room(self) -> contextlib.AbstractContextManager[None]:
+    def waiting_for_room(
+        self, outside: bool | None = None
+    ) -> contextlib.AbstractContextManager[None]:
         """Wrap a wait of the transport for room to take a message (credit from its
         destination, room in an outgoing buffer), in the task that sends it.
+        ``outside``: what an :class:`OutsideTold` transport was told of the send (None:
+        the kernel looks up the task it marked).
 
         For a send from outside the agents (``Kernel.send``, ``Kernel.request``), as for
         one waiting for room in a full local mailbox, a shutdown that starts during the
@@ -306,7 +310,7 @@ class TransportHandle:
         raised here, counted in ``rejected`` (``shutting_down``); the transport must then
         not take the message. A send of an agent waits on (sends between agents go on
         during the drain). Cheap when the transport does not wait: it is not called."""
-        return self._router.transport_wait()
+        return self._router.transport_wait(outside)
 
     def cancel_query(self, query_id: uuid.UUID, to: Address) -> bool:
         """The remote requester of query ``query_id`` stopped waiting (timeout or cancel).
@@ -321,7 +325,7 @@ class TransportHandle:
     def detach(self, left: Callable[[Message], str | None] | None = None) -> None:
         """Let go (see :meth:`Kernel.detach_transport` for ``left``)."""
         if self._router.transport is self.transport:
-            self._router.transport = None
+            self._router.use_transport(None)
             self._router.left = left
 
 
@@ -425,6 +429,9 @@ class Router:
         #: the walks that may not be done (weak: a walk left half-way costs nothing)
         self._walks: list[weakref.ref[AgentWalk]] = []
         self.transport: Transport | None = None
+        #: the transport's deliver if it is told of sends from outside the agents
+        #: (OutsideTold): such a send then marks nothing (see use_transport)
+        self._deliver_outside: Callable[[Message, bool], Awaitable[None]] | None = None
         #: what a transport left behind when it was detached (see
         #: :meth:`Kernel.detach_transport`): asked about a tell to an address not local,
         #: a text if the address was on the cluster the node left, None if not
@@ -711,12 +718,32 @@ class Router:
         for scope in self._outside_waits:
             scope.cancel()
 
+    def use_transport(self, transport: Transport | None) -> None:
+        """Route what is not local through ``transport`` (None: nothing)."""
+        self.transport = transport
+        told = getattr(transport, "tells_outside", False) is True  # (OutsideTold)
+        self._deliver_outside = getattr(transport, "deliver", None) if told else None
+
+    async def _transport_deliver(self, transport: Transport, msg: Message, external: bool) -> None:
+        """``transport.deliver(msg)``; one from outside the agents told so (OutsideTold),
+        or its task marked meanwhile (see transport_wait)."""
+        if not external:
+            await transport.deliver(msg)
+        elif self._deliver_outside is not None:
+            await self._deliver_outside(msg, True)
+        else:
+            with self._outside_senders:
+                await transport.deliver(msg)
+
     @contextlib.contextmanager
-    def transport_wait(self) -> Iterator[None]:
+    def transport_wait(self, outside: bool | None = None) -> Iterator[None]:
         """See :meth:`TransportHandle.waiting_for_room`: the transport's wait for room
-        for a send from outside, refused as a wait for room in a local mailbox is."""
-        senders = self._outside_senders.tasks
-        if not senders or current_task() not in senders:
+        for a send from outside, refused as a wait for room in a local mailbox is.
+        ``outside``: what the transport was told (None: the marked tasks say)."""
+        if outside is None:
+            senders = self._outside_senders.tasks
+            outside = bool(senders) and current_task() in senders
+        if not outside:
             yield  # an agent's send (or none the kernel handed over): it waits on
             return
         if self.phase is not _RUNNING:
@@ -812,7 +839,8 @@ class Router:
             if msg.reply_to is None:
                 cell = self.local(msg.to)
                 if cell is None:
-                    fast = None  # looked up: no local agent
+                    self.check_address(msg.to)
+                    fast = None  # looked up: no local agent, and an address
                 elif self._enqueue(cell, msg):
                     return
         try:
@@ -824,9 +852,15 @@ class Router:
                 and (fast is None or self.local(msg.to) is None)
             ):
                 # deliver's branch for another kernel, without its coroutine (every tell
-                # to another kernel comes this way)
-                self.check_address(msg.to)
-                if external:
+                # to another kernel comes this way); fast() found an address (None)
+                if fast is not None:
+                    self.check_address(msg.to)
+                if not external:
+                    await transport.deliver(msg)
+                elif self._deliver_outside is not None:
+                    # told so (OutsideTold): nothing to mark
+                    await self._deliver_outside(msg, True)
+                else:
                     # (``with self._outside_senders``, written out: a third less)
                     task = current_task()
                     senders = self._outside_senders.tasks
@@ -835,8 +869,6 @@ class Router:
                         await transport.deliver(msg)
                     finally:
                         senders.discard(task)
-                else:
-                    await transport.deliver(msg)
                 self.ledger.accepted += 1
                 self.ledger.forwarded += 1
                 return
@@ -1178,11 +1210,7 @@ class Router:
         if cell is None and self.transport is not None:
             self.check_address(msg.to)
             # The transport bounds its own wait by the send deadline (see Transport).
-            if external:
-                with self._outside_senders:
-                    await self.transport.deliver(msg)
-            else:
-                await self.transport.deliver(msg)
+            await self._transport_deliver(self.transport, msg, external)
             self.ledger.accepted += 1
             self.ledger.forwarded += 1
             return

@@ -39,6 +39,8 @@ class Transport(Protocol):
         ``TransportHandle.waiting_for_room()``: for a send from outside the agents, a
         shutdown's start ends it with :class:`KernelShuttingDown`, the message not taken,
         as the kernel refuses such a send waiting for room in a full local mailbox.
+        (The kernel marks the task of such a send for the length of the call; a
+        transport that is :class:`OutsideTold` is told instead.)
         """
         ...
 
@@ -52,6 +54,22 @@ class Transport(Protocol):
         handler (there: ``TransportHandle.cancel_query``). Must not wait or raise; a
         transport that cannot reach the peer may drop the request (the handler then
         runs to its own deadline and its reply is a late reply)."""
+        ...
+
+
+class OutsideTold(Protocol):
+    """What a transport may add to :class:`Transport` (the kernel looks for it when the
+    transport is attached): it is told, as ``deliver``'s second argument, that a send is
+    from outside the agents (``Kernel.send``, ``Kernel.request``), and passes that on to
+    ``TransportHandle.waiting_for_room(outside)`` around a wait for room. The kernel then
+    marks nothing per send; without it, the kernel marks the sending task for the length
+    of each such ``deliver`` and ``waiting_for_room()`` looks the task up."""
+
+    #: True: ``deliver`` takes ``outside`` (the kernel passes it only for such a send)
+    tells_outside: bool
+
+    async def deliver(self, msg: Message, outside: bool = False) -> None:
+        """:meth:`Transport.deliver`; ``outside``: a send from outside the agents."""
         ...
 
 

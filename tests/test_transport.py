@@ -445,3 +445,83 @@ async def test_a_query_dead_lettered_on_the_kernel_that_took_it_fails_its_remote
     assert a.stats().in_flight == 0
     # (and the message the stopped agent held, cancelled)
     assert b.stats().dead_letters_by_reason[reason] == (2 if target == "stopping" else 1)
+
+
+class WaitsForRoom:
+    """A transport that takes a message once ``room`` is set, its wait in
+    ``waiting_for_room``; ``told``: told of sends from outside the agents (OutsideTold)
+    or not (the kernel marks their tasks)."""
+
+    def __init__(self, told: bool) -> None:
+        self.tells_outside = told
+        self.handle: TransportHandle | None = None
+        self.calls: list[tuple[Any, bool | None]] = []
+        self.taken: list[Any] = []
+        self.room = trio.Event()
+
+    async def deliver(self, msg: Message, outside: bool = False) -> None:
+        assert self.handle is not None
+        self.calls.append((msg.payload, outside if self.tells_outside else None))
+        wait = self.handle.waiting_for_room(outside) if self.tells_outside else None
+        with wait or self.handle.waiting_for_room():
+            await self.room.wait()
+        self.taken.append(msg.payload)
+
+    def deliver_nowait(self, msg: Message) -> None:
+        raise TransportUnavailable("this transport only delivers with send()")
+
+    def cancel_query(self, query_id: uuid.UUID, to: uuid.UUID | str) -> None:
+        pass
+
+
+@pytest.mark.parametrize("told", [True, False], ids=["told", "marked"])
+async def test_a_wait_for_room_in_the_transport_is_refused_at_shutdown_for_an_outside_send_only(
+    autojump_clock: Any, told: bool
+) -> None:
+    """A send from outside the agents (``Kernel.send``, ``Kernel.request``) that waits
+    in the transport for room when the shutdown starts is refused (``draining``, never
+    taken); an agent's waits on and is taken. A transport that says ``tells_outside``
+    (OutsideTold) is told which sends are from outside (its ``deliver``'s second
+    argument, passed on to ``waiting_for_room``): the kernel marks no task for it. One
+    that does not is not told: the kernel marks the task, as before."""
+    from nexus_trio import KernelShuttingDown
+
+    transport = WaitsForRoom(told)
+    refused: list[tuple[str, str]] = []
+
+    @agent(name="relay")
+    async def relay(ctx: Context, msg: Message) -> None:
+        await ctx.send("far", "from an agent")
+
+    async def outside(what: str) -> None:
+        try:
+            if what == "tell":
+                await kernel.send("far", "told from outside")
+            else:
+                await kernel.request("far", "asked from outside")
+        except KernelShuttingDown as exc:
+            refused.append((what, exc.phase))
+
+    async with open_kernel(make_config(handle_timeout_ms=10**9)) as kernel:
+        transport.handle = kernel.attach_transport(transport)
+        await kernel.send(kernel.spawn(relay), "go")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(outside, "tell")
+            nursery.start_soon(outside, "request")
+            await trio.testing.wait_all_tasks_blocked()
+            assert sorted(transport.calls, key=str) == sorted(
+                [
+                    ("from an agent", False if told else None),
+                    ("told from outside", True if told else None),
+                    ("asked from outside", True if told else None),
+                ],
+                key=str,
+            )
+            nursery.start_soon(kernel.shutdown)
+            await trio.testing.wait_all_tasks_blocked()
+            assert sorted(refused) == [("request", "draining"), ("tell", "draining")]
+            transport.room.set()
+        stats = kernel.stats()
+    assert transport.taken == ["from an agent"]
+    assert stats.rejected == {"shutting_down": 2}
+    assert (stats.forwarded, stats.handled) == (1, 1)

@@ -412,6 +412,10 @@ class Cluster:
     cluster with :meth:`register_type` and :meth:`spawn` (see ``_placement``).
     """
 
+    #: :meth:`deliver` is told of a send from outside the agents (``OutsideTold``): the
+    #: kernel marks no task per tell
+    tells_outside: Final = True
+
     def __init__(
         self,
         kernel: Kernel,
@@ -856,7 +860,9 @@ class Cluster:
 
     # --- the transport interface -------------------------------------------------------------
 
-    async def deliver(self, msg: Message, *, deadline: float | None = None) -> None:
+    async def deliver(
+        self, msg: Message, outside: bool = False, *, deadline: float | None = None
+    ) -> None:
         """Publish ``msg`` for its remote recipient (see the module doc for guarantees).
 
         A tell to an agent of another kernel joins the batch of its destination process
@@ -867,7 +873,7 @@ class Cluster:
         (NATS is down), the message not taken. An unknown name is looked up in KV once
         before :class:`AgentNotFound`. ``deadline`` (Trio time): that of a tell routed
         again after a wait (see below), which bounds the whole send, that lookup
-        included.
+        included. ``outside``: a send from outside the agents (see ``OutsideTold``).
         """
         link = self._known_link(msg)
         if link is None:
@@ -881,7 +887,7 @@ class Cluster:
             if routed is None:
                 return
             if routed[2] is not None:
-                await self._deliver_alone(msg, routed)
+                await self._deliver_alone(msg, routed, outside)
                 return
             link = self._link_for(msg, routed)
         body = self._tell_body(msg)
@@ -893,7 +899,7 @@ class Cluster:
             if deadline is None:
                 deadline = trio.current_time() + self.kernel.config.kernel.send_timeout
             # (a send from outside the agents: a shutdown's start refuses it, not taken)
-            with self._refused_at_shutdown():
+            with self._refused_at_shutdown(outside):
                 await self._wait_for_room(msg, link, deadline)
             # The node may have left while this tell waited (its outbox closes then, and
             # nothing would send or count it): refused, not taken.
@@ -905,7 +911,7 @@ class Cluster:
                 # refused as its wait would have been (nothing was taken: the tell is
                 # taken with no checkpoint that raises Cancelled)
                 with trio.move_on_at(deadline) as routing:
-                    await self.deliver(msg, deadline=deadline)
+                    await self.deliver(msg, outside, deadline=deadline)
                 if routing.cancelled_caught:
                     raise self._no_room(msg, link)
                 return
@@ -917,13 +923,13 @@ class Cluster:
             # cross-node tells -20% on a quiet machine, docs/distributed.md, thirtieth pass.)
             await trio.lowlevel.cancel_shielded_checkpoint()
 
-    async def _deliver_alone(self, msg: Message, routed: _Routed) -> None:
+    async def _deliver_alone(self, msg: Message, routed: _Routed, outside: bool) -> None:
         """A message that goes alone (a query, a reply, a message to a type)."""
         high_water = self.options.outbox_high_water
         if len(self._outbox) >= high_water:
             deadline = self.kernel.config.kernel.send_timeout
             try:
-                with self._refused_at_shutdown(), trio.move_on_after(deadline):
+                with self._refused_at_shutdown(outside), trio.move_on_after(deadline):
                     await self._outbox.wait_below(high_water)
             except (trio.Cancelled, KernelShuttingDown):
                 # its requester stopped waiting, or the shutdown refused a request from
@@ -944,13 +950,13 @@ class Cluster:
                 raise
         self._put_alone(msg, routed)
 
-    def _refused_at_shutdown(self) -> AbstractContextManager[None]:
+    def _refused_at_shutdown(self, outside: bool) -> AbstractContextManager[None]:
         """Around a wait for room: the kernel refuses one of a send from outside its
         agents when its shutdown starts (``KernelShuttingDown``, counted there), as it
         refuses such a send waiting for room in a full local mailbox; an agent's send
         waits on (see ``TransportHandle.waiting_for_room``)."""
         handle = self.handle
-        return nullcontext() if handle is None else handle.waiting_for_room()
+        return nullcontext() if handle is None else handle.waiting_for_room(outside)
 
     def _put_alone(self, msg: Message, routed: _Routed) -> None:
         """Hand a message that goes alone to the outbox, counted for its peer first: the
