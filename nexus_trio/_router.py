@@ -724,17 +724,6 @@ class Router:
         told = getattr(transport, "tells_outside", False) is True  # (OutsideTold)
         self._deliver_outside = getattr(transport, "deliver", None) if told else None
 
-    async def _transport_deliver(self, transport: Transport, msg: Message, external: bool) -> None:
-        """``transport.deliver(msg)``; one from outside the agents told so (OutsideTold),
-        or its task marked meanwhile (see transport_wait)."""
-        if not external:
-            await transport.deliver(msg)
-        elif self._deliver_outside is not None:
-            await self._deliver_outside(msg, True)
-        else:
-            with self._outside_senders:
-                await transport.deliver(msg)
-
     @contextlib.contextmanager
     def transport_wait(self, outside: bool | None = None) -> Iterator[None]:
         """See :meth:`TransportHandle.waiting_for_room`: the transport's wait for room
@@ -1210,7 +1199,13 @@ class Router:
         if cell is None and self.transport is not None:
             self.check_address(msg.to)
             # The transport bounds its own wait by the send deadline (see Transport).
-            await self._transport_deliver(self.transport, msg, external)
+            if not external:
+                await self.transport.deliver(msg)
+            elif self._deliver_outside is not None:
+                await self._deliver_outside(msg, True)  # told so (OutsideTold)
+            else:
+                with self._outside_senders:  # marked (see transport_wait)
+                    await self.transport.deliver(msg)
             self.ledger.accepted += 1
             self.ledger.forwarded += 1
             return
