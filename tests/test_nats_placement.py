@@ -40,7 +40,7 @@ from nexus_trio import (
 from nexus_trio._nats import Cluster, ClusterOptions, NatsServer, join_cluster
 from nexus_trio._nats import _kvops as kvops
 from nexus_trio._nats import _wire as wire
-from nexus_trio._nats._aio import asyncio_loop, call_aio
+from nexus_trio._nats._aio import asyncio_loop, call_aio, on_loop
 from nexus_trio._nats._membership import NodeInfo, decode_record, encode_record, monotonic
 from nexus_trio._nats._placement import (
     PlacedAgent,
@@ -518,12 +518,24 @@ async def _node(
         yield kernel, cluster
 
 
+def _on_loop_of(cluster: Cluster) -> contextlib.AbstractContextManager[None]:
+    """Run a step done by hand on ``cluster``'s own asyncio loop, as its own tasks do.
+
+    The test task's loop is the last joined node's (two nodes in one process: each
+    join opens a loop); a task a step starts there (a re-placement started by a loss,
+    a duplicate stopped) inherits it, and ran its NATS calls on the other node's loop:
+    cancelled as that node left first (an asyncio CancelledError out of this node's
+    join block, in a test that had passed)."""
+    return on_loop(cluster._aio_loop)
+
+
 def _meet(*clusters: Cluster) -> None:
     """Every node hears every other's heartbeat now (what ``_on_heartbeat`` does)."""
     for x in clusters:
         for y in clusters:
             if x is not y:
-                x._apply_member_entry(y.node, y._record(), None)
+                with _on_loop_of(x):
+                    x._apply_member_entry(y.node, y._record(), None)
 
 
 def _lose(cluster: Cluster, *nodes: str) -> None:
@@ -532,17 +544,19 @@ def _lose(cluster: Cluster, *nodes: str) -> None:
     for node in nodes:
         info = cluster.members.members[node]
         cluster.members.members[node] = attrs.evolve(info, last_seen=-1e9)
-    for lost in cluster.members.newly_lost(monotonic()):
-        cluster._node_lost(lost)
+    with _on_loop_of(cluster):
+        for lost in cluster.members.newly_lost(monotonic()):
+            cluster._node_lost(lost)
 
 
 async def _learn(cluster: Cluster, name: str) -> None:
     """Load ``name``'s name entry and placement record now (what the KV watches bring)."""
-    await cluster._refresh_name(name)
-    kv = cluster.placement._kv
-    assert kv is not None
-    entry = await call_aio(kv.get, wire.name_key(name))
-    cluster.placement._apply_record(entry.key, entry.value, entry.operation)
+    with _on_loop_of(cluster):
+        await cluster._refresh_name(name)
+        kv = cluster.placement._kv
+        assert kv is not None
+        entry = await call_aio(kv.get, wire.name_key(name))
+        cluster.placement._apply_record(entry.key, entry.value, entry.operation)
 
 
 async def _placed_record(cluster: Cluster, name: str) -> int | None:
@@ -557,14 +571,16 @@ async def _placed_record(cluster: Cluster, name: str) -> int | None:
             return None
         return entry.revision
 
-    return await call_aio(get)
+    with _on_loop_of(cluster):
+        return await call_aio(get)
 
 
 async def _name_entry(cluster: Cluster, name: str) -> tuple[str, bytes | None, str | None, int]:
     """``name``'s entry in the names bucket now: what its watch hands ``_apply_name_entry``."""
     kv = cluster._names_kv
     assert kv is not None
-    entry = await call_aio(kv.get, wire.name_key(name))
+    with _on_loop_of(cluster):
+        entry = await call_aio(kv.get, wire.name_key(name))
     assert entry.revision is not None
     return entry.key, entry.value, entry.operation, entry.revision
 
@@ -578,7 +594,8 @@ async def _kv_member(cluster: Cluster, node: str) -> bytes:
         assert entry.value is not None
         return entry.value
 
-    return await call_aio(read)
+    with _on_loop_of(cluster):
+        return await call_aio(read)
 
 
 async def _replaced(events: Any, name: str) -> LifecycleEvent:
@@ -925,6 +942,7 @@ async def test_tells_counted_lost_with_a_node_that_is_heard_again_are_taken_back
             await cc.spawn("counter", name=ON_C, node="c")
             await cc.names_published()
             await _learn(ca, ON_C)
+            before = cc._record()  # c's record before the tells: it confirms none
             for i in range(10):
                 await ka.send(ON_C, i)
 
@@ -932,13 +950,56 @@ async def test_tells_counted_lost_with_a_node_that_is_heard_again_are_taken_back
             return cc.stats().forwarded_in == 10
 
         await _until(taken_in)
-        _lose(ca, "c")  # (its last record, from before the tells, confirmed none)
+        # c froze: its last record a heard is the one from before the tells (not one
+        # QUIET's 30 s heartbeat brought meanwhile on a loaded machine, confirming some)
+        with _on_loop_of(ca):
+            ca._apply_member_entry("c", before, None)
+        assert ca.members.members["c"].confirmed(ca.stream_name) == 0
+        _lose(ca, "c")
         assert ca.stats().lost_with_nodes == 10
         _meet(ca, cc)  # heard again: its record confirms the 10
         assert ca.live_nodes() == ["a", "c"]
         assert ca.stats().lost_with_nodes == 0
         assert ca.stats().lost_with_nodes_taken_back == 10
         assert (await kc.request(ON_C, "hi", timeout=5))["handled"] == 11
+
+
+async def test_a_re_placement_a_loss_by_hand_starts_runs_on_its_node_s_loop(
+    nats: NatsServer,
+) -> None:
+    """Regression (of the helpers): the re-placement ``_lose(ca, "c")`` started ran its
+    NATS calls on the test task's asyncio loop, the last joined node's (c's): when c
+    left first, c's loop cancelled a's claim still on its way, and an asyncio
+    CancelledError came out of a's join block (the test above, passed, failed so now and
+    then on a loaded machine). It runs on a's loop, as a's own loss check runs it."""
+    async with _node(nats.url, "a", **QUIET) as (ka, ca):
+        async with ka.events() as events_a:
+            async with _node(nats.url, "c", **QUIET) as (_kc, cc):
+                _meet(ca, cc)
+                with trio.fail_after(30):  # a hang guard
+                    await cc.spawn("counter", name=ON_C, node="c")
+                    await cc.names_published()
+                    await _learn(ca, ON_C)
+                claim, loops, released = ca.claim_name, [], asyncio.Event()
+                entered = trio.Event()
+
+                async def held_claim(*args: Any, **kwargs: Any) -> Any:
+                    loops.append(asyncio.get_running_loop())
+                    entered.set()
+                    await released.wait()  # still on its way as c leaves
+                    return await claim(*args, **kwargs)
+
+                ca.claim_name = held_claim  # type: ignore[method-assign]
+                _lose(ca, "c")
+                with trio.fail_after(30):
+                    await entered.wait()
+                assert loops == [ca._aio_loop]
+            released.set()  # c left: its loop is closed
+            with trio.fail_after(30):
+                replaced = await _replaced(events_a, ON_C)
+        assert replaced.reason == "re-placed from node c"
+        assert ka.is_local(ON_C)
+        assert ca.name_holder(ON_C) == ("a", replaced.agent_id)
 
 
 async def test_an_agent_whose_designated_survivor_leaves_cleanly_is_replaced(
@@ -1750,7 +1811,8 @@ async def _name_revision(cluster: Cluster, name: str) -> int | None:
             return None
         return entry.revision
 
-    return await call_aio(get)
+    with _on_loop_of(cluster):
+        return await call_aio(get)
 
 
 async def test_bucket_entries_under_keys_no_node_writes_are_ignored_and_the_watch_goes_on(
