@@ -3421,3 +3421,133 @@ async def test_a_request_to_a_parent_waiting_for_its_linked_children_says_so(
             " (1 left: kid) before its on_stop: the query waits in its mailbox, which this"
             " run serves no more"
         ]
+
+
+async def _fail_at(deadline: float, shielded: bool, failed_at: list[float]) -> None:
+    """Wakes at ``deadline`` (the handler's own, the same tick) and raises."""
+    with trio.CancelScope(shield=shielded):
+        await trio.sleep_until(deadline)
+    failed_at.append(trio.current_time())
+    raise ValueError("child")
+
+
+class _TimesOutAsItsChildFails(Agent):
+    """A handler whose handle timeout fires in the tick its child task fails (in the
+    handler's own nursery, or in ``ctx.nursery``)."""
+
+    handled: ClassVar[list[Any]] = []
+    failed_at: ClassVar[list[float]] = []
+
+    async def handle(self, ctx: Context, msg: Message) -> None:
+        case = msg.payload
+        if case == "after":
+            self.handled.append(case)
+            return
+        deadline = trio.current_time() + 2.0  # handle_timeout
+        if case == "ctx_nursery_child_fails":
+            ctx.nursery.start_soon(_fail_at, deadline, False, self.failed_at)
+            await trio.sleep_forever()
+        async with trio.open_nursery() as nursery:
+            shielded = case == "own_nursery_child_fails_shielded"
+            nursery.start_soon(_fail_at, deadline, shielded, self.failed_at)
+            await trio.sleep_forever()
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "own_nursery_child_cancelled_first",
+        "own_nursery_child_fails_shielded",
+        "ctx_nursery_child_fails",
+    ],
+)
+async def test_a_handle_timeout_in_the_tick_a_child_task_fails_loses_no_failure(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture, case: str
+) -> None:
+    """The handler deadline fires in the tick a child task of the handler's nursery, or of
+    ``ctx.nursery``, raises. Nothing is lost, as with bea34f3's ``with trio.CancelScope()``
+    (the same outcomes there): a child of the handler's own nursery is inside the deadline's
+    scope, so the deadline cancels its wake-up and it never raises (a timeout, no failure:
+    what was reported as 'no failure at all'); one that raises all the same (shielded) fails
+    the run with its error, as does a ``ctx.nursery`` task, whichever of the two Trio runs
+    first in that tick; the message is dead-lettered once, and the next run serves."""
+    caplog.set_level(logging.WARNING, logger="nexus_trio")
+    _TimesOutAsItsChildFails.handled.clear()
+    _TimesOutAsItsChildFails.failed_at.clear()
+    spec = agent(_TimesOutAsItsChildFails, name="late", on_error="restart", handle_timeout=2.0)
+    async with open_kernel(make_config()) as kernel:
+        events = kernel.events()
+        ref = kernel.spawn(spec)
+        await kernel.send(ref, case)
+        await trio.sleep(5)
+        await kernel.send(ref, "after")
+        await trio.testing.wait_all_tasks_blocked()
+        stats = kernel.stats()
+        failures = [e.error for e in _drain_events(events) if e.kind is EventKind.FAILED]
+        assert _TimesOutAsItsChildFails.handled == ["after"]
+        letters = [(d.message.payload, d.reason) for d in kernel.recent_dead_letters()]
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        if case == "own_nursery_child_cancelled_first":
+            assert _TimesOutAsItsChildFails.failed_at == []
+            assert failures == [] and errors == []
+            assert letters == [(case, DeadLetterReason.HANDLER_TIMEOUT)]
+            assert (stats.timed_out, stats.run_failures, stats.restarts) == (1, 0, 0)
+            return
+        assert _TimesOutAsItsChildFails.failed_at == [2.0]
+        assert [(type(f), str(f)) for f in failures] == [(ValueError, "child")]
+        assert errors == ["agent late failed outside a handler"]
+        assert (stats.run_failures, stats.restarts, stats.failed) == (1, 1, 0), stats
+        # Trio's order within the tick decides whether the handler saw its deadline
+        # first (a timeout) or the run's cancel (cancelled with the run)
+        assert len(letters) == 1
+        ((payload, reason),) = letters
+        assert payload == case
+        if case == "own_nursery_child_fails_shielded":
+            assert reason is DeadLetterReason.AGENT_STOPPED
+        assert stats.timed_out == (reason is DeadLetterReason.HANDLER_TIMEOUT)
+        assert reason in (DeadLetterReason.HANDLER_TIMEOUT, DeadLetterReason.AGENT_STOPPED)
+
+
+@agent(name="leaves-by-return", handle_timeout=2.0, restart="transient")
+async def _leaves_by_return(ctx: Context, msg: Message) -> None:
+    if msg.payload == "hang":
+        await trio.sleep_forever()
+    if msg.payload == "stop":
+        ctx.stop()
+
+
+@pytest.mark.parametrize("way", ["stop", "drain", "ctx_stop", "shutdown"])
+async def test_a_serve_loop_left_by_a_return_leaves_its_scope_once(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture, way: str
+) -> None:
+    """The serve loop's scope, entered and left by hand, is left once when the loop
+    returns (a stop, a draining stop, ``ctx.stop()``, the shutdown), also after a handle
+    timeout (whose Cancelled the scope took, the loop going on in a new one). A scope
+    left twice, or not at all, fails the run with Trio's 'Cancel scope stack corrupted'
+    (a ``failed`` event, ``run_failures``, an ERROR line) where a stop is clean."""
+    caplog.set_level(logging.WARNING, logger="nexus_trio")
+    async with open_kernel(make_config()) as kernel:
+        events = kernel.events()
+        ref = kernel.spawn(_leaves_by_return)
+        await kernel.send(ref, "hang")  # the handle timeout: the loop's second scope
+        await kernel.send(ref, "x")
+        await trio.sleep(5)
+        if way == "ctx_stop":
+            await kernel.send(ref, "stop")
+            await trio.testing.wait_all_tasks_blocked()
+        elif way in ("stop", "drain"):
+            await kernel.send(ref, "x")
+            await kernel.stop(ref, drain=way == "drain")
+        else:
+            await kernel.shutdown()
+        await trio.testing.wait_all_tasks_blocked()
+        stats = kernel.stats()
+        kinds = []
+        while True:
+            try:
+                kinds.append(events.receive_nowait().kind)
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+    assert EventKind.FAILED not in kinds and EventKind.STOPPED in kinds, kinds
+    assert (stats.run_failures, stats.failed, stats.timed_out) == (0, 0, 1), stats
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
