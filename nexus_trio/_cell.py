@@ -861,7 +861,7 @@ class AgentCell(Child):
                 # What the ``with`` statement does: the scope takes the exception (its
                 # own cancel) or it goes on; either way the ``finally`` leaves it alone.
                 scope = None
-                if not self._handler_scope.__exit__(type(exc), exc, exc.__traceback__):
+                if not self._leave_handler_scope(exc):
                     raise
             finally:
                 if scope is not None:
@@ -876,6 +876,30 @@ class AgentCell(Child):
                 # the reason of a cancel that came too late is no message's
                 self._cancel_reason = None
             stale = False
+
+    def _leave_handler_scope(self, exc: BaseException) -> bool:
+        """The serve loop's scope left by ``exc``, as a ``with`` statement leaves it: True
+        if the scope took it (its own cancel), False to raise it on; what the scope's
+        ``__exit__`` raises instead goes on up. But for one case: a handler whose own
+        nursery's child failed in the tick its deadline (or a request timeout) cancelled
+        it raises a group of the child's error and that cancel; the scope takes the
+        cancel and raises the rest, which is the handler's error: dead-lettered
+        ``handler_error``, counted and logged, then its directive, as when the child
+        fails a tick sooner (not the run's failure 'outside a handler', its message
+        dead-lettered as cancelled). A method of its own: the serve loop's frame, which
+        every running agent keeps, gets no local for it."""
+        scope = self._handler_scope
+        assert scope is not None
+        try:
+            return scope.__exit__(type(exc), exc, exc.__traceback__)
+        except Exception as left:
+            msg = self.current
+            if msg is None or not isinstance(exc, BaseExceptionGroup) or not scope.cancelled_caught:
+                raise
+            # (a timeout's reason, if any, was this message's: spent)
+            self._cancel_reason = None
+            self._handler_raised(msg, left)
+            return True
 
     def _dead_after_grace(self, msg: Message) -> None:
         self.dead_lettered += 1

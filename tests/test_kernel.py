@@ -3454,27 +3454,30 @@ class _TimesOutAsItsChildFails(Agent):
 
 
 @pytest.mark.parametrize(
-    "case",
+    ("case", "on_error"),
     [
-        "own_nursery_child_cancelled_first",
-        "own_nursery_child_fails_shielded",
-        "ctx_nursery_child_fails",
+        ("own_nursery_child_cancelled_first", "restart"),
+        ("own_nursery_child_fails_shielded", "restart"),
+        ("own_nursery_child_fails_shielded", "resume"),
+        ("ctx_nursery_child_fails", "restart"),
     ],
 )
 async def test_a_handle_timeout_in_the_tick_a_child_task_fails_loses_no_failure(
-    autojump_clock: Any, caplog: pytest.LogCaptureFixture, case: str
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture, case: str, on_error: str
 ) -> None:
     """The handler deadline fires in the tick a child task of the handler's nursery, or of
-    ``ctx.nursery``, raises. Nothing is lost, as with bea34f3's ``with trio.CancelScope()``
-    (the same outcomes there): a child of the handler's own nursery is inside the deadline's
-    scope, so the deadline cancels its wake-up and it never raises (a timeout, no failure:
-    what was reported as 'no failure at all'); one that raises all the same (shielded) fails
-    the run with its error, as does a ``ctx.nursery`` task, whichever of the two Trio runs
-    first in that tick; the message is dead-lettered once, and the next run serves."""
+    ``ctx.nursery``, raises. A child of the handler's own nursery is inside the deadline's
+    scope: the deadline cancels its wake-up and it never raises (a timeout, no failure:
+    what was reported as 'no failure at all'). One that raises all the same (shielded) is
+    the handler's error, as a tick sooner: dead-lettered ``handler_error``, counted in
+    ``failed``, then the directive (before: the run's failure 'outside a handler' whatever
+    the directive, its message dead-lettered ``agent_stopped``, also on bea34f3's ``with``).
+    A ``ctx.nursery`` task fails the run, whichever of the two Trio runs first in that
+    tick. The message is dead-lettered once; the agent serves the next one."""
     caplog.set_level(logging.WARNING, logger="nexus_trio")
     _TimesOutAsItsChildFails.handled.clear()
     _TimesOutAsItsChildFails.failed_at.clear()
-    spec = agent(_TimesOutAsItsChildFails, name="late", on_error="restart", handle_timeout=2.0)
+    spec = agent(_TimesOutAsItsChildFails, name="late", on_error=on_error, handle_timeout=2.0)
     async with open_kernel(make_config()) as kernel:
         events = kernel.events()
         ref = kernel.spawn(spec)
@@ -3485,27 +3488,43 @@ async def test_a_handle_timeout_in_the_tick_a_child_task_fails_loses_no_failure(
         stats = kernel.stats()
         failures = [e.error for e in _drain_events(events) if e.kind is EventKind.FAILED]
         assert _TimesOutAsItsChildFails.handled == ["after"]
-        letters = [(d.message.payload, d.reason) for d in kernel.recent_dead_letters()]
+        letters = [(d.message.payload, d.reason, d.error) for d in kernel.recent_dead_letters()]
         errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         if case == "own_nursery_child_cancelled_first":
             assert _TimesOutAsItsChildFails.failed_at == []
             assert failures == [] and errors == []
-            assert letters == [(case, DeadLetterReason.HANDLER_TIMEOUT)]
+            assert letters == [(case, DeadLetterReason.HANDLER_TIMEOUT, None)]
             assert (stats.timed_out, stats.run_failures, stats.restarts) == (1, 0, 0)
             return
         assert _TimesOutAsItsChildFails.failed_at == [2.0]
+        assert len(letters) == 1
+        ((payload, reason, error),) = letters
+        assert payload == case
+        if case == "own_nursery_child_fails_shielded":
+            assert reason is DeadLetterReason.HANDLER_ERROR
+            assert isinstance(error, ExceptionGroup)
+            assert [(type(e), str(e)) for e in error.exceptions] == [(ValueError, "child")]
+            assert len(errors) == 1
+            assert errors[0].startswith("handler of agent late failed on message")
+            assert errors[0].endswith(f"({on_error})")
+            restarted = on_error == "restart"
+            assert [
+                [(type(e), str(e)) for e in f.exceptions]
+                for f in failures
+                if isinstance(f, ExceptionGroup)
+            ] == ([[(ValueError, "child")]] if restarted else [])
+            assert len(failures) == restarted
+            assert (stats.failed, stats.run_failures, stats.timed_out) == (1, 0, 0), stats
+            assert stats.restarts == restarted
+            return
         assert [(type(f), str(f)) for f in failures] == [(ValueError, "child")]
         assert errors == ["agent late failed outside a handler"]
         assert (stats.run_failures, stats.restarts, stats.failed) == (1, 1, 0), stats
         # Trio's order within the tick decides whether the handler saw its deadline
         # first (a timeout) or the run's cancel (cancelled with the run)
-        assert len(letters) == 1
-        ((payload, reason),) = letters
-        assert payload == case
-        if case == "own_nursery_child_fails_shielded":
-            assert reason is DeadLetterReason.AGENT_STOPPED
-        assert stats.timed_out == (reason is DeadLetterReason.HANDLER_TIMEOUT)
         assert reason in (DeadLetterReason.HANDLER_TIMEOUT, DeadLetterReason.AGENT_STOPPED)
+        assert stats.timed_out == (reason is DeadLetterReason.HANDLER_TIMEOUT)
+        assert error is None
 
 
 @agent(name="leaves-by-return", handle_timeout=2.0, restart="transient")
