@@ -3253,6 +3253,7 @@ async def test_a_plain_name_registered_again_on_another_node_is_said_on_the_firs
                 if any("was registered since" in r.getMessage() for r in caplog.records):
                     break
                 await trio.sleep(0.02)
+            assert (cb.stats().names_taken, ca.stats().names_taken) == (1, 0)
             assert await kb.request("dup", "x") == "first"  # local first, as documented
             assert await ka.request("dup", "x") == "second"
         said = [r.getMessage() for r in caplog.records if "was registered since" in r.getMessage()]

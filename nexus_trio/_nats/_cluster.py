@@ -327,6 +327,9 @@ class ClusterStats:
     #: placed agents stopped here because the names bucket holds a later incarnation of
     #: their name on another node (two copies after a partition healed)
     duplicates_stopped: int = 0
+    #: plain (``kernel.spawn``) named agents here whose name a later registration on
+    #: another node took (last writer wins: they run on, other nodes reach the later one)
+    names_taken: int = 0
     #: local named agents whose entry could not be written to the names bucket (it was
     #: unreachable) and is not yet (retried), and such entries written on a retry
     names_unwritten: int = 0
@@ -501,6 +504,7 @@ class Cluster:
         # write again (see _retry_names); and how many such writes landed
         self._unwritten_names: dict[str, uuid.UUID] = {}
         self._names_written_late = 0
+        self._names_taken = 0
         # local names a rebalance moved here, until their entry is written: name ->
         # (agent id, the moved copy's (node, agent id)), whose entry the claim, a retry
         # and the duplicate check take as the one this copy replaces (see _entry_stands)
@@ -2829,6 +2833,7 @@ class Cluster:
             # A plain kernel.spawn name, registered later on another node: the last
             # registration wins (docs/distributed.md, Addresses); said, as a first step
             # towards the first registration winning, as for placed names.
+            self._names_taken += 1
             log_guarded(
                 log,
                 logging.WARNING,
@@ -4543,6 +4548,7 @@ class Cluster:
             streams_evicted=self._inbound.evicted,
             nodes_forgotten=self._nodes_forgotten,
             duplicates_stopped=self.placement.duplicates_stopped,
+            names_taken=self._names_taken,
             names_unwritten=len(self._unwritten_names),
             names_written_late=self._names_written_late,
             records_unwritten=self.placement.records_unwritten,
