@@ -44,6 +44,7 @@ from nexus_trio._nats import (
     cluster_of,
     join_cluster,
 )
+from nexus_trio._nats._aio import on_loop
 from nexus_trio._nats._server import free_ports
 
 REPO = Path(__file__).resolve().parent.parent
@@ -107,6 +108,19 @@ async def patient_node(url: str, name: str) -> AsyncIterator[tuple[Kernel, Clust
     ):
         yield kernel, cluster
         await kernel.shutdown()
+
+
+def on_loop_of(cluster: Cluster) -> contextlib.AbstractContextManager[None]:
+    """Run a step done by hand on ``cluster`` (what its own tasks do: ``_node_lost``,
+    ``_apply_member_entry``, ``_on_heartbeat``...) on its own asyncio loop, as they do.
+
+    With two nodes in one process each join opens a trio-asyncio loop, and the test
+    task's is the last joined node's; a task such a step starts there (a re-placement
+    started by a loss, a duplicate stopped, Trio's start_soon copies the caller's
+    context) inherits it, and ran this node's NATS calls on the other node's loop:
+    cancelled as that node left first (an asyncio CancelledError out of this node's
+    join block, in a test that had passed)."""
+    return on_loop(cluster._aio_loop)
 
 
 async def until(check: Any) -> None:

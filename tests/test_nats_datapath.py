@@ -61,7 +61,7 @@ from nexus_trio.logs import log_calls_failed
 from nexus_trio.testing import assert_conserved
 
 from .hang_guard import real_time_limit
-from .nats_server import FAST, PATIENT, until
+from .nats_server import FAST, PATIENT, on_loop_of, until
 from .test_logs import RaisingFilter
 from .test_message import NOT_JSON
 
@@ -1889,7 +1889,8 @@ async def test_a_tell_waiting_for_credit_when_its_node_joins_again_goes_on_the_n
                     await ca.wait_for_name("marker")
                     assert held and not settled.is_set()
                     deaf.clear()
-                    Cluster._apply_member_entry(ca, "b", held[-1], None)  # b's new join, heard now
+                    with on_loop_of(ca):  # b's new join, heard now
+                        Cluster._apply_member_entry(ca, "b", held[-1], None)
                     await settled.wait()  # (a's send deadline is 10 s)
                     assert outcome == [None]
                     gate.set()
@@ -1960,7 +1961,8 @@ async def test_a_tell_routed_again_after_its_wait_keeps_its_first_send_deadline(
                     await ca.wait_for_name("marker")
                     assert held and not outcomes
                     deaf.clear()
-                    Cluster._apply_member_entry(ca, "b", held[-1], None)  # b's new join, heard now
+                    with on_loop_of(ca):  # b's new join, heard now
+                        Cluster._apply_member_entry(ca, "b", held[-1], None)
                     while len(outcomes) < 3:
                         await ka.request("ping", None)
                     gate.set()
@@ -2120,8 +2122,9 @@ async def test_a_tell_waiting_for_credit_when_its_node_is_lost_fails_at_once(
         with trio.fail_after(30):
             outcome, settled = await _a_tell_waiting_for_credit(nursery, ka, ca, cb)
             # what _check_members does for a node that missed its heartbeats
-            for info in ca.members.newly_lost(time.monotonic() + 3600):
-                ca._node_lost(info)
+            with on_loop_of(ca):
+                for info in ca.members.newly_lost(time.monotonic() + 3600):
+                    ca._node_lost(info)
             await trio.testing.wait_all_tasks_blocked()
             assert settled.is_set()  # not at its send deadline (10 s)
             gate.set()  # b was only slow: it takes 2 and 3 in
@@ -2278,15 +2281,17 @@ async def test_tells_sent_to_a_node_that_left_before_its_sender_heard_it_are_cou
                     own = parse_stream_name(ca.stream_name)
                     assert own is not None
                     fakes += _forged_notices(real, ca.stream_name, own[1])
-                    for text in fakes:
-                        fake = dataclasses.replace(notice, headers={wire.LEFT_HEADER: text})
-                        await ca._on_heartbeat(fake)
+                    with on_loop_of(ca):
+                        for text in fakes:
+                            fake = dataclasses.replace(notice, headers={wire.LEFT_HEADER: text})
+                            await ca._on_heartbeat(fake)
                     assert "b" in ca.members.members and ca.stats().lost_at_leave == 0
                     assert ca.stats().inbound_dropped == {"malformed_notice": len(fakes) - 1}
-                for m in held_notices:
-                    await ca._on_heartbeat(m)
-                for entry in held_deletes:
-                    ca._apply_member_entry(*entry)
+                with on_loop_of(ca):
+                    for m in held_notices:
+                        await ca._on_heartbeat(m)
+                    for entry in held_deletes:
+                        ca._apply_member_entry(*entry)
                 assert "b" not in ca.members.members
                 counted = cluster_counts(ca)["lost_counted"]
         await kb.shutdown()
@@ -2336,17 +2341,19 @@ async def test_tells_sent_to_a_node_whose_last_notice_is_lost_are_counted(
                 await call_aio(ca.nc.flush, 5)
                 deaf.clear()
                 last = next(m for m in held_notices if wire.LEFT_HEADER in (m.headers or {}))
-                for m in held_notices:
-                    if m is not last:
-                        await ca._on_heartbeat(m)  # the leave announcement: no notice
-                for entry in held_deletes:
-                    ca._apply_member_entry(*entry)
+                with on_loop_of(ca):
+                    for m in held_notices:
+                        if m is not last:
+                            await ca._on_heartbeat(m)  # the leave announcement: no notice
+                    for entry in held_deletes:
+                        ca._apply_member_entry(*entry)
                 assert "b" not in ca.members.members
                 assert ca.stats().lost_at_leave == 0  # the notice may still come
                 if until == "the bound":
                     ca._count_late_notices(time.monotonic() + 3600)  # what _check_members does
                     assert ca.stats().lost_at_leave == 2
-                    await ca._on_heartbeat(last)  # the notice, heard late: nothing more
+                    with on_loop_of(ca):
+                        await ca._on_heartbeat(last)  # the notice, heard late: nothing more
         await kb.shutdown()
     assert records == list(range(5))
     assert cb.stats().received == 5 + 1  # the tells and the request
@@ -2558,7 +2565,7 @@ async def test_a_batch_a_leaving_node_could_not_send_is_counted_once(
             if notice == "after a left":
                 assert len(held) == 1
                 deaf.clear()
-                await ca._on_heartbeat(held[0])
+                await ca._on_heartbeat(held[0])  # (a's loop is closed: it starts nothing)
         await kb.shutdown()
     assert records == list(range(5))
     a = ca.stats()
@@ -2585,7 +2592,8 @@ async def _three_tells_held_then_a_leaves_down(
                     for i in range(5):
                         await ka.send("col", i)
                     assert await ka.request("col", "dump") == 5
-                    ca._apply_member_entry("b", cb._record(), None)  # b's heartbeat: 5 taken
+                    with on_loop_of(ca):  # b's heartbeat: 5 taken
+                        ca._apply_member_entry("b", cb._record(), None)
                     hold(ca)
                     for i in range(5, 8):
                         await ka.send("col", i)  # accepted: a's window and outbox have room
@@ -2594,8 +2602,9 @@ async def _three_tells_held_then_a_leaves_down(
                     ca._data_up = trio.Event()
                     if lose_b:
                         # what _check_members does for a node that missed its heartbeats
-                        for info in ca.members.newly_lost(time.monotonic() + 3600):
-                            ca._node_lost(info)
+                        with on_loop_of(ca):
+                            for info in ca.members.newly_lost(time.monotonic() + 3600):
+                                ca._node_lost(info)
                         assert ca.stats().lost_with_nodes == 3  # numbered 6..8, unconfirmed
                 # a left with its connection down: nothing of 5..7 went
                 assert await kb.request("col", "dump") == len(records)
@@ -2781,10 +2790,12 @@ async def test_an_old_join_s_leave_heard_after_the_new_join_leaves_the_new_join_
                     await a_tell(5)
                     deaf.clear()
                     for m in held_core:  # the announcement, then the last notice
-                        await ca._on_heartbeat(m)
+                        with on_loop_of(ca):
+                            await ca._on_heartbeat(m)
                         await a_tell(len(outcomes) + 5)
                     for entry in held_kv:  # the delete, then the new join's put
-                        ca._apply_node_entry(*entry)
+                        with on_loop_of(ca):
+                            ca._apply_node_entry(*entry)
                         await a_tell(len(outcomes) + 5)
                     assert await ka.request("col", "dump") == len(records)
                     member = ca.members.members.get("b")
@@ -3158,7 +3169,8 @@ async def test_a_reply_after_its_request_failed_with_the_node_lost_is_a_late_rep
                     await ka.send("asker", "go")
                     await started.wait()
                     # what _check_members does for a node that missed its heartbeats
-                    ca._node_lost(ca.members.members["b"])
+                    with on_loop_of(ca):
+                        ca._node_lost(ca.members.members["b"])
                     await trio.testing.wait_all_tasks_blocked()
                     assert len(asked) == 1 and isinstance(asked[0], TransportUnavailable)
                     gate.set()  # b was only slow: its handler answers after all
@@ -4296,7 +4308,8 @@ async def test_a_forwarded_query_whose_third_node_is_lost_fails_its_requester_at
 
     async def lose_c(cb: Cluster, cc: Cluster, query: Message) -> None:
         # what _check_members does for a node that missed its heartbeats
-        cb._node_lost(cb.members.members["c"])
+        with on_loop_of(cb):
+            cb._node_lost(cb.members.members["c"])
 
     failed, _, cb = await _held_forward_fails(nats.url, lose_c)
     assert "TransportUnavailable" in str(failed) and "unreachable" in str(failed)

@@ -40,7 +40,7 @@ from nexus_trio import (
 from nexus_trio._nats import Cluster, ClusterOptions, NatsServer, join_cluster
 from nexus_trio._nats import _kvops as kvops
 from nexus_trio._nats import _wire as wire
-from nexus_trio._nats._aio import asyncio_loop, call_aio, on_loop
+from nexus_trio._nats._aio import asyncio_loop, call_aio
 from nexus_trio._nats._membership import NodeInfo, decode_record, encode_record, monotonic
 from nexus_trio._nats._placement import (
     PlacedAgent,
@@ -52,7 +52,7 @@ from nexus_trio._nats._placement import (
 )
 
 from .hang_guard import SLOW_DRAWS
-from .nats_server import FAST, PATIENT, nats_cluster, node_config
+from .nats_server import FAST, PATIENT, nats_cluster, node_config, on_loop_of
 from .placement_node import Node
 
 #: (the ``nats`` fixture hides the module inside the tests that take it)
@@ -518,23 +518,12 @@ async def _node(
         yield kernel, cluster
 
 
-def _on_loop_of(cluster: Cluster) -> contextlib.AbstractContextManager[None]:
-    """Run a step done by hand on ``cluster``'s own asyncio loop, as its own tasks do.
-
-    The test task's loop is the last joined node's (two nodes in one process: each
-    join opens a loop); a task a step starts there (a re-placement started by a loss,
-    a duplicate stopped) inherits it, and ran its NATS calls on the other node's loop:
-    cancelled as that node left first (an asyncio CancelledError out of this node's
-    join block, in a test that had passed)."""
-    return on_loop(cluster._aio_loop)
-
-
 def _meet(*clusters: Cluster) -> None:
     """Every node hears every other's heartbeat now (what ``_on_heartbeat`` does)."""
     for x in clusters:
         for y in clusters:
             if x is not y:
-                with _on_loop_of(x):
+                with on_loop_of(x):
                     x._apply_member_entry(y.node, y._record(), None)
 
 
@@ -544,14 +533,14 @@ def _lose(cluster: Cluster, *nodes: str) -> None:
     for node in nodes:
         info = cluster.members.members[node]
         cluster.members.members[node] = attrs.evolve(info, last_seen=-1e9)
-    with _on_loop_of(cluster):
+    with on_loop_of(cluster):
         for lost in cluster.members.newly_lost(monotonic()):
             cluster._node_lost(lost)
 
 
 async def _learn(cluster: Cluster, name: str) -> None:
     """Load ``name``'s name entry and placement record now (what the KV watches bring)."""
-    with _on_loop_of(cluster):
+    with on_loop_of(cluster):
         await cluster._refresh_name(name)
         kv = cluster.placement._kv
         assert kv is not None
@@ -571,7 +560,7 @@ async def _placed_record(cluster: Cluster, name: str) -> int | None:
             return None
         return entry.revision
 
-    with _on_loop_of(cluster):
+    with on_loop_of(cluster):
         return await call_aio(get)
 
 
@@ -579,7 +568,7 @@ async def _name_entry(cluster: Cluster, name: str) -> tuple[str, bytes | None, s
     """``name``'s entry in the names bucket now: what its watch hands ``_apply_name_entry``."""
     kv = cluster._names_kv
     assert kv is not None
-    with _on_loop_of(cluster):
+    with on_loop_of(cluster):
         entry = await call_aio(kv.get, wire.name_key(name))
     assert entry.revision is not None
     return entry.key, entry.value, entry.operation, entry.revision
@@ -594,7 +583,7 @@ async def _kv_member(cluster: Cluster, node: str) -> bytes:
         assert entry.value is not None
         return entry.value
 
-    with _on_loop_of(cluster):
+    with on_loop_of(cluster):
         return await call_aio(read)
 
 
@@ -952,7 +941,7 @@ async def test_tells_counted_lost_with_a_node_that_is_heard_again_are_taken_back
         await _until(taken_in)
         # c froze: its last record a heard is the one from before the tells (not one
         # QUIET's 30 s heartbeat brought meanwhile on a loaded machine, confirming some)
-        with _on_loop_of(ca):
+        with on_loop_of(ca):
             ca._apply_member_entry("c", before, None)
         assert ca.members.members["c"].confirmed(ca.stream_name) == 0
         _lose(ca, "c")
@@ -1811,7 +1800,7 @@ async def _name_revision(cluster: Cluster, name: str) -> int | None:
             return None
         return entry.revision
 
-    with _on_loop_of(cluster):
+    with on_loop_of(cluster):
         return await call_aio(get)
 
 
