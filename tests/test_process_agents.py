@@ -1946,7 +1946,9 @@ import time
 emit({"type": "register", "payload": {"id": str(uuid.uuid4()), "name": "w", "protocol": 2}})
 msg = next_message()
 print("ValueError: an old complaint, answered since", file=sys.stderr, flush=True)
-time.sleep(0.3)  # (read before the answer: what it said before a frame is not quoted)
+# (answered once the kernel has read it: what it said before a frame is not quoted)
+while not os.path.exists(HEARD):
+    time.sleep(0.005)
 emit({"type": "response", "payload": {"from": msg["to"], "to": msg["from"], "kind": "Response",
       "payload": "ok", "reply_to": msg["id"]}})
 msg = next_message()
@@ -1959,6 +1961,21 @@ os._exit(4)
 """
 
 
+class _TouchOnRecord(logging.Handler):
+    """Creates ``path`` when a record whose message holds ``text`` is emitted: a child
+    waiting for that file goes on once the kernel has read (and logged) its line."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.path, self.text = path, text
+        self.touched = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.touched += 1
+            self.path.touch()
+
+
 @pytest.mark.parametrize(
     ("last", "said"),
     [
@@ -1967,7 +1984,7 @@ os._exit(4)
     ],
 )
 async def test_a_registered_child_that_crashes_is_said_with_its_last_words_on_stderr(
-    tmp_path: Path, last: str, said: str
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, last: str, said: str
 ) -> None:
     """Regression: a child that crashed after it registered (an ``on_start`` that raised,
     a handler that lost its database) failed with ``exited with status 1`` alone, where one
@@ -1975,12 +1992,24 @@ async def test_a_registered_child_that_crashes_is_said_with_its_last_words_on_st
     in log lines above, never in the failure, the dead letter, ``nexus send``'s last line
     or the summary's ``error``. Quoted now: its last stderr line that reads as an error
     since its last frame (else its last line); what it said before an answer is not."""
-    async with bridge_kernel() as kernel:
-        ref = kernel.spawn(process_agent(script(tmp_path, LAST_WORDS), name="w"))
-        with trio.fail_after(LIMIT):
-            assert await kernel.request(ref, "hi") == "ok"
-            with pytest.raises(RequestFailed) as info:
-                await kernel.request(ref, last)
+    heard = tmp_path / "heard"
+    body = LAST_WORDS.replace("HEARD", repr(str(heard)))
+    stderr_log = logging.getLogger("nexus_trio.bridge.stderr")
+    caplog.set_level(logging.DEBUG, logger=stderr_log.name)
+    # the child answers once the kernel has read its complaint (not after a fixed sleep,
+    # which a loaded machine may outlast)
+    read = _TouchOnRecord(heard, "old complaint")
+    stderr_log.addHandler(read)
+    try:
+        async with bridge_kernel() as kernel:
+            ref = kernel.spawn(process_agent(script(tmp_path, body), name="w"))
+            with trio.fail_after(LIMIT):
+                assert await kernel.request(ref, "hi") == "ok"
+                with pytest.raises(RequestFailed) as info:
+                    await kernel.request(ref, last)
+    finally:
+        stderr_log.removeHandler(read)
+    assert read.touched == 1
     assert info.value.reason == "handler_error"
     text = str(info.value.error)
     assert text.endswith(said), text
@@ -2764,12 +2793,16 @@ def test_nexus_send_shows_why_an_agent_s_on_start_failed(lang: str, tmp_path: Pa
 
 
 #: closes its stdin, registers (so that no message is written before the close), then
-#: lives on or exits with status 7 a moment later
+#: lives on, or exits with status 7 once the file ``gone`` exists (a path set by the test)
 CLOSES_STDIN = """
 import time
+gone = GONE
 os.close(0)
 emit({"type": "register", "payload": {"id": "x", "name": "closer", "protocol": 2}})
-time.sleep(%s)
+if gone is None:
+    time.sleep(60)
+while not os.path.exists(gone):
+    time.sleep(0.005)
 sys.exit(7)
 """
 
@@ -2782,7 +2815,7 @@ sys.exit(7)
     ],
 )
 async def test_a_child_whose_stdin_is_broken_is_said_to_have_exited_or_closed_it(
-    tmp_path: Path, lives: bool, problem: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lives: bool, problem: str
 ) -> None:
     """Regression: a message written to a child whose stdin had been closed (the child
     closed it, or exited in the instant before the write: a Node agent whose ``onStart``
@@ -2790,7 +2823,17 @@ async def test_a_child_whose_stdin_is_broken_is_said_to_have_exited_or_closed_it
     guess, wrong for a child that lives on, and no exit status for one that exited. The
     kernel waits for the exit status as it does at the end of stdout (at most 1 s) and
     says which it was."""
-    cmd = script(tmp_path, CLOSES_STDIN % ("60" if lives else "0.3"))
+    gone = tmp_path / "gone"
+    cmd = script(tmp_path, CLOSES_STDIN.replace("GONE", "None" if lives else repr(str(gone))))
+    exit_code = ProcessAgent._exit_code
+
+    async def exits_now(self: ProcessAgent, process: trio.Process) -> int | None:
+        # the child that exits does so once its write failed, as the kernel waits for
+        # it (not after a fixed sleep: before the write, or past the wait, when loaded)
+        gone.touch()
+        return await exit_code(self, process)
+
+    monkeypatch.setattr(ProcessAgent, "_exit_code", exits_now)
     async with bridge_kernel() as kernel:
         ref = kernel.spawn(
             process_agent(cmd, name="closer", restart="temporary", shutdown_grace=0.5)
