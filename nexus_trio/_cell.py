@@ -886,12 +886,16 @@ class AgentCell(Child):
         cancel and raises the rest, which is the handler's error: dead-lettered
         ``handler_error``, counted and logged, then its directive, as when the child
         fails a tick sooner (not the run's failure 'outside a handler', its message
-        dead-lettered as cancelled). A method of its own: the serve loop's frame, which
+        dead-lettered as cancelled). Likewise when the cancel in such a group is not
+        the scope's (a stop past its timeout, the shutdown): the rest is the handler's
+        error, as a handler's that raises while such a cancel is pending, and the cancel
+        goes on up (raised here). A method of its own: the serve loop's frame, which
         every running agent keeps, gets no local for it."""
         scope = self._handler_scope
         assert scope is not None
         try:
-            return scope.__exit__(type(exc), exc, exc.__traceback__)
+            if scope.__exit__(type(exc), exc, exc.__traceback__):
+                return True
         except Exception as left:
             msg = self.current
             if msg is None or not isinstance(exc, BaseExceptionGroup) or not scope.cancelled_caught:
@@ -900,6 +904,17 @@ class AgentCell(Child):
             self._cancel_reason = None
             self._handler_raised(msg, left)
             return True
+        msg = self.current
+        if msg is None or not isinstance(exc, BaseExceptionGroup):
+            return False
+        cancels, rest = exc.split(trio.Cancelled)
+        if cancels is None or not isinstance(rest, Exception):
+            return False
+        self._cancel_reason = None
+        # (a directive that ends the run raises here, as it does for a handler that
+        # raises while the cancel is pending: the scope stays cancelled)
+        self._handler_raised(msg, rest)
+        raise cancels
 
     def _dead_after_grace(self, msg: Message) -> None:
         self.dead_lettered += 1

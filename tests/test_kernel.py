@@ -3527,6 +3527,55 @@ async def test_a_handle_timeout_in_the_tick_a_child_task_fails_loses_no_failure(
         assert error is None
 
 
+@pytest.mark.parametrize("how", ["stop", "shutdown"])
+@pytest.mark.parametrize("on_error", ["restart", "resume"])
+async def test_a_child_task_failing_after_a_stop_cancelled_its_handler_is_the_handler_s_error(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture, how: str, on_error: str
+) -> None:
+    """A stop past the agent's shutdown timeout (or the shutdown's) cancels a handler
+    whose own nursery's child, shielded, fails a second later: the handler raises a group
+    of the child's error and the stop's cancel, which the serve scope raises on (not its
+    own cancel). The child's error is the handler's, as it is when a handler raises while
+    a stop's cancel is pending: dead-lettered ``handler_error`` with it, counted in
+    ``failed``, no run failure 'outside a handler' (before: run_failures 1, that line,
+    the message dead-lettered cancelled without its error); the stop's cancel goes on up:
+    the stop ends at its timeout and the next message is not handled."""
+    caplog.set_level(logging.WARNING, logger="nexus_trio")
+    _TimesOutAsItsChildFails.handled.clear()
+    _TimesOutAsItsChildFails.failed_at.clear()
+    case = "own_nursery_child_fails_shielded"
+    cls = _TimesOutAsItsChildFails
+    spec = agent(cls, name="late", on_error=on_error, handle_timeout=2.0, shutdown_timeout=0.5)
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(spec)
+        await kernel.send(ref, case)
+        await kernel.send(ref, "after")
+        await trio.sleep(0.5)
+        if how == "stop":
+            await kernel.stop("late")
+        else:
+            await kernel.shutdown(0.5)
+        # the stop's cancel at 1.0, the child's failure at 2.0 (shielded)
+        assert trio.current_time() == 2.0
+        assert _TimesOutAsItsChildFails.failed_at == [2.0]
+        assert _TimesOutAsItsChildFails.handled == []
+        stats = kernel.stats()
+        letters = {d.message.payload: d for d in kernel.recent_dead_letters()}
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert sorted(letters) == ["after", case]
+        first = letters[case]
+        assert first.reason is DeadLetterReason.HANDLER_ERROR
+        assert isinstance(first.error, ExceptionGroup)
+        assert [(type(e), str(e)) for e in first.error.exceptions] == [(ValueError, "child")]
+        stopped = DeadLetterReason.AGENT_STOPPED if how == "stop" else DeadLetterReason.SHUTDOWN
+        assert letters["after"].reason is stopped
+        assert (stats.failed, stats.run_failures, stats.timed_out, stats.restarts) == (1, 0, 0, 0)
+        assert stats.accepted == stats.handled + stats.dead_lettered == 2
+        assert len(errors) == 1, errors
+        assert errors[0].startswith("handler of agent late failed on message")
+        assert errors[0].endswith(f"({on_error})")
+
+
 @agent(name="leaves-by-return", handle_timeout=2.0, restart="transient")
 async def _leaves_by_return(ctx: Context, msg: Message) -> None:
     if msg.payload == "hang":
