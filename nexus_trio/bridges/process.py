@@ -1452,12 +1452,7 @@ class ProcessAgent(Agent):
             if code is not None
             else "closed its stdout (still running; it will be killed)"
         )
-        words = await self._last_words_of(code)
-        if self._stopping or generation != self._generation:
-            return
-        self._child_lost(
-            ProcessAgentError(self.label, self._said_unfinished(problem) + words, process.pid)
-        )
+        await self._lose_child(process, generation, problem, code)
 
     async def _watch_exit(self, process: trio.Process, generation: int) -> None:
         """Notice the child's exit even when a grandchild keeps its stdout open."""
@@ -1468,15 +1463,20 @@ class ProcessAgent(Agent):
         if self._stopping or generation != self._generation:
             return
         self.stats.last_exit = process.returncode
-        words = await self._last_words_of(process.returncode)
+        code = process.returncode
+        await self._lose_child(process, generation, f"exited with status {code}", code)
+
+    async def _lose_child(
+        self, process: trio.Process, generation: int, problem: str, code: int | None
+    ) -> None:
+        """The child of ``generation`` is lost (its stdout ended, or it exited):
+        ``problem``, the unfinished line it left and, for a crash, its last words on
+        stderr (read first: it may wait), unless it was stopped or replaced meanwhile."""
+        words = await self._last_words_of(code)
         if self._stopping or generation != self._generation:
             return
         self._child_lost(
-            ProcessAgentError(
-                self.label,
-                self._said_unfinished(f"exited with status {process.returncode}") + words,
-                process.pid,
-            )
+            ProcessAgentError(self.label, self._said_unfinished(problem) + words, process.pid)
         )
 
     async def _last_words(self) -> str:
