@@ -49,6 +49,11 @@ class _Failed(Exception):
     """The exchange failed; the text is for the user."""
 
 
+def _no_answer(timeout: float) -> _Failed:
+    """No answer came within ``timeout`` seconds (a request's, or a tell's wait)."""
+    return _Failed(f"no answer within {timeout:g}s (--timeout gives it longer)")
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``send`` command to ``app``."""
 
@@ -280,9 +285,7 @@ async def _exchange(config: Any, spec: Any, value: Any, kind: SendKind, timeout:
             try:
                 return await kernel.request(ref, value, timeout=timeout)
             except RequestTimeout:
-                raise _Failed(
-                    f"no answer within {timeout:g}s (--timeout gives it longer)"
-                ) from None
+                raise _no_answer(timeout) from None
             except RequestFailed as exc:
                 detail = exc.error if exc.error is not None else exc.reason
                 raise _Failed(f"the message failed ({exc.reason}): {detail}") from None
@@ -335,5 +338,5 @@ async def _exchange(config: Any, spec: Any, value: Any, kind: SendKind, timeout:
         if answers:
             return answers[0].payload
         if scope.cancelled_caught:
-            raise _Failed(f"no answer within {timeout:g}s (--timeout gives it longer)")
+            raise _no_answer(timeout)
         return None
