@@ -3216,6 +3216,30 @@ async def test_an_entry_set_aside_for_a_node_not_heard_goes_when_that_node_is_fo
         assert cc._hidden_names == {}
 
 
+async def test_a_second_copy_whose_claim_failed_keeps_the_entry_set_aside_for_its_holder(
+    nats: NatsServer,
+) -> None:
+    """As above, c sets a's entry of svc-y aside while it does not hear a (a copy whose
+    claim failed learnt instead, here c's own). A second such answer for the name (b's
+    copy) set aside the first copy in its place: a's entry was lost, and c routed the
+    name to b's copy, gone, after hearing a again. The entry set aside stays; the copy
+    learnt is the newer one."""
+    name = "svc-y"
+    async with _c_knows_b_s_claims_fail(nats.url, name) as (_, ca, _, cb, _, cc, placed):
+        _lose(cc, "a")
+        own_copy = uuid.UUID(int=(cc.id_prefix << 64) | 7)
+        b_copy = uuid.UUID(int=(cb.id_prefix << 64) | 7)
+        with on_loop_of(cc):
+            cc.learn_name(name, "c", own_copy, named=False)
+            assert cc.name_holder(name) == ("c", own_copy)
+            cc.learn_name(name, "b", b_copy, named=False)
+        assert cc.name_holder(name) == ("b", b_copy)
+        assert cc._hidden_names == {name: (("a", placed.id), ("b", b_copy))}
+        _meet(ca, cc)
+        assert cc.name_holder(name) == ("a", placed.id)
+        assert cc._hidden_names == {}
+
+
 async def test_a_plain_name_registered_again_on_another_node_is_said_on_the_first(
     nats: NatsServer, caplog: pytest.LogCaptureFixture
 ) -> None:

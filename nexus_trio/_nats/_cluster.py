@@ -4006,7 +4006,9 @@ class Cluster:
         route learnt here would stay, to a copy gone. So an entry known here of another
         node heard here is kept (the copy's node will stop the copy); one of a node not
         heard is set aside, and routes the name again once that node is heard (see
-        _restore_hidden_names), unless the bucket said otherwise since."""
+        _restore_hidden_names), unless the bucket said otherwise since. A second such
+        answer keeps the entry set aside (what ``_names`` holds then is the first copy,
+        no bucket entry): only the copy learnt changes."""
         if node != self.node and node not in self.members.members:
             return
         entry = (node, agent_id)
@@ -4014,7 +4016,8 @@ class Cluster:
         if not named and held is not None and held != entry:
             if self._entry_stands(held, None):
                 return
-            self._hidden_names[name] = (held, entry)
+            hidden = self._hidden_names.get(name)
+            self._hidden_names[name] = (held if hidden is None else hidden[0], entry)
         self._set_name(name, entry)
 
     def _restore_hidden_names(self, node: str) -> None:
