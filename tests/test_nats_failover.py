@@ -61,21 +61,33 @@ def test_every_lost_tell_is_counted_once_given_a_final_mark(
     assert seqs.lost == len(delivered) - arrived
 
 
-def test_a_gap_past_the_sender_s_window_is_believed_only_as_far_as_the_window() -> None:
+def test_a_gap_past_the_sender_s_window_is_not_believed() -> None:
     """Regression: a head numbered 2**62 (a hostile or corrupt batch, tell or mark) was
     believed whole: 2**62 tells counted lost, and as much credit returned to the stream's
-    true sender. A true sender never has more than ``window`` tells not taken here: a
-    claim past that counts the window's worth lost and one overreach (malformed)."""
+    true sender. A true sender never has more than ``window`` tells not taken here. Then
+    such a claim counted the window's worth lost and moved the stream's expected number
+    to its end, which hid every later loss of the true sender (and kept back its credit).
+    Now, on a stream kept, it is not believed at all (None: dropped, one overreach), as
+    TCP drops a segment outside its window; a stream not kept starts at it, the window's
+    worth before it counted lost. The window is the sender's when given."""
     seqs = InboundSequences(OWN, window=8)
     assert seqs.observe_batch("a.1", OWN, 1, 3) == 0
     assert seqs.observe_batch("a.1", OWN, 6, 3) == 2  # a gap inside the window: all of it
     assert seqs.overreaches == 0
-    assert seqs.observe_batch("a.1", OWN, 2**62, 3) == 5  # window 8, 3 of them in the batch
-    assert seqs.observe("b.2", OWN, 2**62, is_mark=False) == 7  # the tell itself in flight
+    assert seqs.observe_batch("a.1", OWN, 2**62, 3) is None  # not believed
+    assert seqs.last_number("a.1") == 8
+    assert seqs.observe_batch("a.1", OWN, 9, 3) == 0  # the true sender goes on
+    assert seqs.observe_batch("a.1", OWN, 14, 3) == 2  # and its losses are counted
+    assert seqs.observe("b.2", OWN, 2**62, is_mark=False) == 7  # a new stream starts there
     assert seqs.observe("c.3", OWN, 2**62, is_mark=True) == 8  # all sent, none here
     assert seqs.observe("c.3", OWN, 2**62 + 8, is_mark=True) == 8  # just the window: no overreach
+    assert seqs.observe("c.3", OWN, 2**62 + 100, is_mark=True) == 0  # not believed
+    assert seqs.observe("c.3", OWN, 2**62 + 16, is_mark=True) == 8
     assert seqs.observe_batch("d.4", OWN, 1, 20) == 0  # more tells than a window holds
-    assert (seqs.lost, seqs.overreaches) == (2 + 5 + 7 + 8 + 8, 4)
+    # a sender whose window is larger (its record says it): its gap is all believed
+    assert seqs.observe_batch("e.5", OWN, 1, 3, window=100) == 0
+    assert seqs.observe_batch("e.5", OWN, 54, 3, window=100) == 50
+    assert (seqs.lost, seqs.overreaches) == (2 + 2 + 7 + 8 + 8 + 8 + 50, 5)
 
 
 def test_streams_are_counted_apart_and_numbers_for_another_process_are_ignored() -> None:

@@ -1153,19 +1153,18 @@ async def _both_watches_applied(hostile: Hostile, cluster: Cluster) -> uuid.UUID
     return marker
 
 
-async def test_a_batch_forged_for_a_real_stream_with_a_huge_first_is_believed_a_window_far(
-    nats: NatsServer,
-) -> None:
-    """Regression: a batch naming a real stream (node b's session and id prefix) with
-    ``first`` 2**62 made node a count 2**62 tells lost in transit and return as much
-    credit to b. Node a believes the gap only as far as a sender's window allows now
-    (``node_window`` - 1 here, the batch's own tell in flight), and counts the head
-    once as malformed; b's tells go on."""
-    options = attrs.evolve(PATIENT, node_window=64)
+@asynccontextmanager
+async def _a_sink_fed_by_b(
+    url: str, window: int, b_window: int | None = None
+) -> AsyncIterator[tuple[Kernel, Cluster, Kernel, Cluster, Hostile, list[Any]]]:
+    """Nodes a (agent ``sink-a``, collecting payloads) and b, with ``node_window``
+    ``window`` (b: ``b_window`` if given), hearing each other, and a hostile client."""
+    options = attrs.evolve(PATIENT, node_window=window)
+    b_options = options if b_window is None else attrs.evolve(PATIENT, node_window=b_window)
     async with (
-        _node(nats.url, "a", options=options) as (ka, ca),
-        _node(nats.url, "b", options=options) as (kb, cb),
-        _hostile(nats.url) as hostile,
+        _node(url, "a", options=options) as (ka, ca),
+        _node(url, "b", options=b_options) as (kb, cb),
+        _hostile(url) as hostile,
     ):
         got: list[Any] = []
 
@@ -1178,24 +1177,93 @@ async def test_a_batch_forged_for_a_real_stream_with_a_huge_first_is_believed_a_
         await _members_heard(ca, "b")
         with trio.fail_after(20):
             await cb.wait_for_name("sink-a")
+        yield ka, ca, kb, cb, hostile, got
+
+
+def _forged_from(ca: Cluster, cb: Cluster, first: int, payload: Any) -> bytes:
+    """A batch of one tell to ``sink-a`` naming b's live stream to a, numbered ``first``."""
+    session = _members(ca)["b"].session
+    assert session is not None
+    fields = (batch.MAGIC, cb.id_prefix, session, ca.id_prefix, first, 1, 1)
+    return struct.pack(">4sQQQQIH", *fields) + b"b" + _frame(batch.TELL, _tell("sink-a", payload))
+
+
+async def test_a_batch_forged_for_a_real_stream_with_a_huge_first_is_dropped(
+    nats: NatsServer,
+) -> None:
+    """Regression: a batch naming a real stream (node b's session and id prefix) with
+    ``first`` 2**62 made node a count 2**62 tells lost in transit and return as much
+    credit to b; then a window's worth (63 here), its tell delivered, and b's stream moved
+    to 2**62. It is outside b's window: dropped whole now, as TCP drops a segment outside
+    its window (``malformed_batch``, its tell ``malformed``), nothing counted lost; b's
+    tells go on."""
+    async with _a_sink_fed_by_b(nats.url, 64) as (_, ca, kb, cb, hostile, got):
+        with trio.fail_after(20):
             for i in range(3):
                 await kb.send("sink-a", i)
             await _until(lambda: len(got) == 3)
-            session = _members(ca)["b"].session
-            assert session is not None
-            fields = (batch.MAGIC, cb.id_prefix, session, ca.id_prefix, 2**62, 1, 1)
-            forged = struct.pack(">4sQQQQIH", *fields) + b"b"
-            await hostile.publish(
-                "nexus.node.a.batch", forged + _frame(batch.TELL, _tell("sink-a", "forged"))
-            )
-            await _until(lambda: "forged" in got)
+            await hostile.publish("nexus.node.a.batch", _forged_from(ca, cb, 2**62, "forged"))
+            await _until(lambda: ca.stats().inbound_dropped.get("malformed", 0) == 1)
             for i in range(3, 6):
                 await kb.send("sink-a", i)
-            await _until(lambda: len(got) == 7)
-        assert got == [0, 1, 2, "forged", 3, 4, 5]
+            await _until(lambda: 5 in got)
+        assert got == [0, 1, 2, 3, 4, 5]
         stats = ca.stats()
-        assert stats.lost_in_transit == 63, stats.lost_in_transit
-        assert stats.inbound_dropped == {"malformed": 1}
+        assert stats.lost_in_transit == 0, stats.lost_in_transit
+        assert stats.inbound_dropped == {"malformed_batch": 1, "malformed": 1}
+
+
+async def test_a_forged_head_past_the_window_hides_no_later_loss_of_its_stream(
+    nats: NatsServer,
+) -> None:
+    """Regression: a forged batch head numbered 2**62 on b's stream to a moved that
+    stream's expected number to 2**62: every later tell of b was "behind" it, so b's
+    real losses were neither counted (``lost_in_transit``) nor given back as credit, and
+    b's window shrank by each until b stalled. Here b loses 3 runs of 40 tells (numbers
+    given, never sent; window 64): all 120 are counted lost and credited, b's window is
+    whole again (before: 63 counted, 56 tells of b's window gone for good)."""
+    async with _a_sink_fed_by_b(nats.url, 64) as (_, ca, kb, cb, hostile, got):
+        with trio.fail_after(30):
+            await kb.send("sink-a", 0)
+            await _until(lambda: len(got) == 1)
+            received = ca.stats().received
+            await hostile.publish("nexus.node.a.batch", _forged_from(ca, cb, 2**62, "forged"))
+            await _until(lambda: ca.stats().received > received)
+            link = cb._links[("a", ca.id_prefix)]
+            for run in range(1, 4):
+                link.sent += 40  # numbered, lost on the way
+                await kb.send("sink-a", run)
+                await _until(lambda: run in got)  # noqa: B023 (awaited here)
+            await _until(lambda: link.consumed == link.sent)
+        assert got == [0, 1, 2, 3]
+        assert link.sent == 124
+        assert ca.stats().lost_in_transit == 120
+
+
+async def test_a_gap_of_a_sender_with_a_larger_window_is_judged_by_its_window(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: a gap was judged by the receiver's own ``node_window``: b (window 64)
+    losing 40 tells at once to a (window 8) had 7 counted lost and the rest as one
+    ``malformed``, and the other 33 never credited (b's window shrank for good). b's
+    record says its window now: a believes the whole gap, and warns at b's join that the
+    two windows differ, naming the option."""
+    caplog.set_level(logging.WARNING, logger="nexus_trio.nats")
+    async with _a_sink_fed_by_b(nats.url, 8, 64) as (_, ca, kb, cb, _, got):
+        assert _members(ca)["b"].window == 64
+        with trio.fail_after(30):
+            await cb.wait_for_name("sink-a")
+            await kb.send("sink-a", 0)
+            await _until(lambda: 0 in got)
+            link = cb._links[("a", ca.id_prefix)]
+            link.sent += 40  # numbered, lost on the way
+            await kb.send("sink-a", 1)
+            await _until(lambda: 1 in got)
+            await _until(lambda: link.consumed == link.sent)
+        assert ca.stats().lost_in_transit == 40
+        assert ca.stats().inbound_dropped == {}
+    warned = [r.getMessage() for r in caplog.records if "node_window" in r.getMessage()]
+    assert any("node 'b' has node_window 64, this node 8" in line for line in warned), warned
 
 
 async def test_malformed_placement_records_and_names_entries_are_counted(

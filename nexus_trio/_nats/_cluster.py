@@ -103,7 +103,7 @@ from ._membership import (
 )
 from ._placement import PlacedAgent, Placement
 from ._sequence import InboundSequences
-from ._streams import InboundStreams
+from ._streams import InboundStreams, parse_stream_name
 
 log = logging.getLogger("nexus_trio.nats")
 # Every log record of the NATS layer goes through redact(): no credential in any line.
@@ -1841,13 +1841,27 @@ class Cluster:
         if stream is not None:
             self._inbound.touch(stream)
         overreaches = self._seq_in.overreaches
-        lost = self._seq_in.observe_batch(sender, head.dest_prefix, head.first, head.numbered)
+        lost = self._seq_in.observe_batch(
+            sender, head.dest_prefix, head.first, head.numbered, self._window_of(head.node)
+        )
+        self._received += head.numbered
         if self._seq_in.overreaches != overreaches:
+            if lost is None:
+                # not believed (see _sequence): dropped whole, as TCP drops a segment
+                # outside its window; nothing taken, nothing credited
+                self._malformed_batch(
+                    batch.BatchError(
+                        f"numbered from {head.first}, past its sender's window of"
+                        f" {self._window_of(head.node)} tells after the last one taken here"
+                    ),
+                    head,
+                )
+                self._dropped["malformed"] += head.numbered
+                return None
             self._overreach(sender, f"a batch numbered from {head.first}")
         if lost:
             self._log_loss(lost, sender)
             self._credit(stream, lost)
-        self._received += head.numbered
         try:
             tells, controls = batch.split_frames(data, offset, head.numbered)
         except batch.BatchError as exc:
@@ -2096,7 +2110,14 @@ class Cluster:
         if dest_prefix == self.id_prefix:
             self._inbound.touch(stream)
         overreaches = self._seq_in.overreaches
-        lost = self._seq_in.observe(stream, dest_prefix, number, is_mark=is_mark)
+        parts = parse_stream_name(stream)
+        lost = self._seq_in.observe(
+            stream,
+            dest_prefix,
+            number,
+            is_mark=is_mark,
+            window=self._window_of(parts[0] if parts is not None else None),
+        )
         if self._seq_in.overreaches != overreaches:
             self._overreach(stream, f"{'a mark' if is_mark else 'a tell'} numbered {number}")
         if lost:
@@ -2105,19 +2126,29 @@ class Cluster:
 
     def _overreach(self, stream: str, what: str) -> None:
         """A number of ``stream`` ran past what its sender's window allows (see
-        ``_sequence``): one malformed number, logged; only the window's worth counted lost."""
+        ``_sequence``): one malformed number, logged; not believed (a stream not kept
+        starts there, only the window's worth counted lost)."""
         self._dropped["malformed"] += 1
         if self._loss_log.due():
+            parts = parse_stream_name(stream)
             log_guarded(
                 log,
                 logging.WARNING,
                 "node %s: %s from %s runs past its sender's window (%d tells after the last"
-                " one taken here): at most that many counted lost, the rest as malformed",
+                " one taken here): not believed, counted malformed",
                 self.node,
                 what,
                 stream,
-                self.options.node_window,
+                self._window_of(parts[0] if parts is not None else None),
             )
+
+    def _window_of(self, node: str | None) -> int:
+        """The ``node_window`` of the sender ``node``: what its membership record says,
+        else (a kernel of an earlier version, or not a member) this node's own."""
+        info = self.members.members.get(node) if node is not None else None
+        if info is not None and info.window is not None:
+            return info.window
+        return self.options.node_window
 
     def _log_loss(self, lost: int, stream: str) -> None:
         if lost and self._loss_log.due():
@@ -3435,7 +3466,12 @@ class Cluster:
 
     def _record(self) -> bytes:
         return encode_record(
-            self.node, self.id_prefix, self._joined_at, self._stats_summary(), self._session
+            self.node,
+            self.id_prefix,
+            self._joined_at,
+            self._stats_summary(),
+            self._session,
+            self.options.node_window,
         )
 
     async def _heartbeat_once(self) -> None:
@@ -3722,6 +3758,8 @@ class Cluster:
                 # joined again (its leave unheard here): the new join counts from number 1
                 same = previous.id_prefix == info.id_prefix and previous.reachable
                 self._restart_streams(info.node, previous if same else None)
+        if (previous is None or previous.joined != info.joined) and info.node != self.node:
+            self._compare_windows(info)
         if self.members.heard(info):
             log_guarded(
                 log, logging.WARNING, "node %s: node %r is reachable again", self.node, info.node
@@ -3731,6 +3769,23 @@ class Cluster:
             self._retry_wanted.set()  # a partition healed: the buckets may take writes again
         # (what its loss counted here that it took after all is no longer counted lost)
         self.placement.heard_from(info)
+
+    def _compare_windows(self, info: NodeInfo) -> None:
+        """A join heard for the first time: warn if its ``node_window`` is not this
+        node's. Its gaps are judged by its own window all the same (see _window_of); but
+        this node's credit and its gaps to it follow this node's, and a node of an
+        earlier version, which does not say its window, judges by its own."""
+        if info.window is not None and info.window != self.options.node_window:
+            log_guarded(
+                log,
+                logging.WARNING,
+                "node %s: node %r has node_window %d, this node %d: give the nodes of a"
+                " cluster the same ClusterOptions.node_window",
+                self.node,
+                info.node,
+                info.window,
+                self.options.node_window,
+            )
 
     def _forget_lost_members(self, now: float) -> None:
         """Forget the members lost ``forget_lost_after`` seconds ago (see _check_members)."""

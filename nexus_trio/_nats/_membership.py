@@ -75,6 +75,9 @@ class NodeInfo:
     #: the session of the node's join (random per join, see ``_batch``): whose credit
     #: counts (None in the record of a kernel of an earlier version)
     session: int | None = None
+    #: its ``node_window`` (the most tells it sends ahead of its credit; None in the
+    #: record of a kernel of an earlier version): how far a gap in its numbers is believed
+    window: int | None = None
 
     def count(self, key: str) -> int:
         """The count its record's ``stats`` hold under ``key`` (``in_flight``, ``held``):
@@ -96,6 +99,7 @@ def encode_record(
     joined: float,
     stats: dict[str, Any],
     session: int | None = None,
+    window: int | None = None,
 ) -> bytes:
     record: dict[str, Any] = {
         "node": node,
@@ -107,6 +111,8 @@ def encode_record(
     }
     if session is not None:
         record["session"] = f"{session:016x}"
+    if window is not None:
+        record["window"] = window
     return json.dumps(
         record,
         separators=(",", ":"),
@@ -159,7 +165,15 @@ def decode_record(data: bytes, seen_at: float, node: str | None = None) -> NodeI
         stats=stats,
         last_seen=seen_at,
         session=field("session", hex64) if "session" in obj else None,
+        window=field("window", _window) if "window" in obj else None,
     )
+
+
+def _window(value: Any) -> int:
+    """A record's ``window``: a whole number of tells, at least 1; ValueError if not."""
+    if type(value) is not int or value < 1:
+        raise ValueError("not a whole number of at least 1")
+    return value
 
 
 def _count(value: Any) -> int:

@@ -15,12 +15,16 @@ number (the sender counts it), so nothing is counted twice.
 A gap is believed only as far as the sender's credit window allows: a sender never has
 more than ``window`` tells the receiver has not taken, so a number (or a batch's last
 number) more than ``window`` past the last one taken was never given by a true sender
-(a hostile or corrupt head, e.g. a huge ``first``). Of such a claim, the tells the window
-allows are counted lost, and the claim once in ``overreaches`` (the caller counts it
-malformed): it no longer inflates ``lost`` by up to 2**64, nor the credit returned for it.
-The window is this node's own ``node_window``: the nodes of a cluster are meant to share
-it (a sender with a larger one that loses more than this node's window at once has the
-rest of that gap counted as one overreach, not as lost tells).
+(a hostile or corrupt head, e.g. a huge ``first``). As TCP drops a segment outside its
+receive window, such a claim on a stream kept here is not believed at all: nothing is
+counted lost, the stream's expected number does not move (a forged head that moved it
+would hide every later loss of the true sender, and keep back the credit of those
+losses, until the stream is forgotten: the sender stalls), and the claim counts once in
+``overreaches`` (the caller drops it, malformed). The window is the sender's own
+``node_window`` when its membership record says it, else this node's. The first number
+heard of a stream not kept (never seen, or evicted) starts it wherever it is: the tells
+the window allows before it are counted lost, and the claim once in ``overreaches`` if
+it skips more.
 """
 
 from __future__ import annotations
@@ -47,25 +51,51 @@ class InboundSequences:
         #: numbers and batches that claimed a gap past ``window`` (see the module)
         self.overreaches = 0
 
-    def _believed(self, gap: int, in_flight: int) -> int:
-        """Of ``gap`` numbers skipped before ``in_flight`` more tells, those the window
-        allows (all of them without a window); one overreach if that is fewer."""
-        window = self.window
+    def _fits(self, gap: int, in_flight: int, window: int | None) -> bool:
+        """Whether ``gap`` numbers skipped before ``in_flight`` more tells fit the
+        sender's window (``window``, or this node's if None); one overreach if not."""
+        if window is None:
+            window = self.window
         if window is None or gap + in_flight <= window:
-            return gap
+            return True
         self.overreaches += 1
-        return max(0, min(gap, window - in_flight))
+        return False
 
-    def observe(self, stream: str, dest_prefix: int, number: int, *, is_mark: bool) -> int:
+    def _start(self, gap: int, in_flight: int, window: int | None) -> int:
+        """A stream not kept starts at a number ``gap`` past 1: the tells before it that
+        the window allows are counted lost (see the module)."""
+        if self._fits(gap, in_flight, window):
+            return gap
+        bound = self.window if window is None else window
+        assert bound is not None  # (_fits takes any gap without a window)
+        return max(0, min(gap, bound - in_flight))
+
+    def observe(
+        self,
+        stream: str,
+        dest_prefix: int,
+        number: int,
+        *,
+        is_mark: bool,
+        window: int | None = None,
+    ) -> int:
         """Take tell ``number`` (or a mark saying ``number`` was the last one sent) of
-        ``stream``; return how many tells this shows were lost (also added to ``lost``)."""
+        ``stream``; return how many tells this shows were lost (also added to ``lost``).
+        A number past the sender's ``window`` (see the module) is not taken: 0, and one
+        overreach."""
         if dest_prefix != self.own_prefix:
             return 0
-        expected = self._expected.get(stream, 1)
-        if number < expected:
-            return 0  # a mark already covered, or a repeat: nothing new
+        expected = self._expected.get(stream)
         # a mark's number was sent (lost with the gap), a tell's is here (in flight)
-        lost = self._believed(number - expected + (1 if is_mark else 0), 0 if is_mark else 1)
+        in_flight = 0 if is_mark else 1
+        if expected is None:
+            lost = self._start(number - 1 + (1 if is_mark else 0), in_flight, window)
+        elif number < expected:
+            return 0  # a mark already covered, or a repeat: nothing new
+        else:
+            lost = number - expected + (1 if is_mark else 0)
+            if not self._fits(lost, in_flight, window):
+                return 0
         self._expected[stream] = number + 1
         self.lost += lost
         return lost
@@ -82,16 +112,25 @@ class InboundSequences:
         """Let ``stream`` go: a later number of it is taken as the start of a new stream."""
         self._expected.pop(stream, None)
 
-    def observe_batch(self, stream: str, dest_prefix: int, first: int, count: int) -> int:
+    def observe_batch(
+        self, stream: str, dest_prefix: int, first: int, count: int, window: int | None = None
+    ) -> int | None:
         """Take a batch of tells numbered ``first .. first + count - 1`` of ``stream``;
-        return how many earlier tells it shows were lost (also added to ``lost``)."""
+        return how many earlier tells it shows were lost (also added to ``lost``), or
+        None if its numbers run past the sender's ``window`` (see the module): not
+        taken, one overreach, the batch to be dropped."""
         if dest_prefix != self.own_prefix:
             return 0
-        expected = self._expected.get(stream, 1)
+        expected = self._expected.get(stream)
         end = first + count
-        if end <= expected:
-            return 0  # a repeat: nothing new
-        lost = self._believed(max(0, first - expected), count)
+        if expected is None:
+            lost = self._start(first - 1, count, window)
+        elif end <= expected:
+            return 0  # behind the numbers taken: nothing new
+        else:
+            lost = max(0, first - expected)
+            if not self._fits(lost, count, window):
+                return None
         self._expected[stream] = end
         self.lost += lost
         return lost
