@@ -3505,6 +3505,45 @@ async def test_a_peer_sending_every_batch_as_a_new_stream_cannot_grow_what_a_nod
     assert stats.inbound_dropped == {}
 
 
+async def test_a_stream_evicted_after_more_than_a_window_of_tells_does_not_stall_its_sender(
+    nats: NatsServer,
+) -> None:
+    """Regression: a live stream evicted (``inbound_streams_limit``) after it had sent more
+    than ``node_window`` tells started afresh with only a window's worth of its earlier
+    numbers credited back: its sender, whose credit already covered all of them, never got
+    more room (window 8, 20 tells before the eviction: the 9th tell after it waited out its
+    send deadline). The credit of a stream started afresh covers every number before its
+    first; what is counted lost stays bounded by the window."""
+    limit, window, before, after = 8, 8, 20, 20
+    records: list[Any] = []
+    slow: dict[str, Any] = {"heartbeat_interval": 5.0, "missed_heartbeats": 3}
+    async with (
+        _node(nats.url, "b", inbound_streams_limit=limit, node_window=window, **slow) as (kb, cb),
+        _node(nats.url, "a", node_window=window, send_timeout_ms=3000, **slow) as (ka, ca),
+    ):
+        kb.spawn(agent(_collector(records), name="col"))
+        await cb.names_published()
+        with trio.fail_after(30):
+            await ca.wait_for_name("col")
+            for n in range(before):
+                await ka.send("col", ["before", n])
+            assert await ka.request("col", "dump") == before
+            for n in range(limit + 2):  # a's stream is pushed out
+                body = _one_tell_batch("evil", 0xE000 + n, n + 1, cb.id_prefix, n)
+                await call_aio(ca.nc.publish, "nexus.node.b.batch", body)
+            assert await ka.request("col", "dump") == before + limit + 2
+            for n in range(after):
+                await ka.send("col", ["after", n])
+            assert await ka.request("col", "dump") == before + limit + 2 + after
+    assert [r for r in records if isinstance(r, list) and r[0] == "after"] == [
+        ["after", n] for n in range(after)
+    ]
+    stats = cb.stats()
+    assert stats.streams_evicted >= 1
+    # the earlier numbers are counted lost only as far as a's window allows
+    assert stats.lost_in_transit <= window
+
+
 async def test_the_heartbeat_record_confirms_only_streams_of_members(nats: NatsServer) -> None:
     """Regression: the heartbeat's ``recv`` named every stream ever heard from, so a peer
     sending under new sessions (or a long life of restarting workers) grew every heartbeat."""

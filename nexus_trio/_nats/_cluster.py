@@ -1841,27 +1841,28 @@ class Cluster:
         if stream is not None:
             self._inbound.touch(stream)
         overreaches = self._seq_in.overreaches
+        fresh = not self._seq_in.keeps(sender)
         lost = self._seq_in.observe_batch(
             sender, head.dest_prefix, head.first, head.numbered, self._window_of(head.node)
         )
         self._received += head.numbered
+        if lost is None:
+            # not believed (see _sequence): dropped whole, as TCP drops a segment
+            # outside its window; nothing taken, nothing credited
+            self._malformed_batch(
+                batch.BatchError(
+                    f"numbered from {head.first}, past its sender's window of"
+                    f" {self._window_of(head.node)} tells after the last one taken here"
+                ),
+                head,
+            )
+            self._dropped["malformed"] += head.numbered
+            return None
         if self._seq_in.overreaches != overreaches:
-            if lost is None:
-                # not believed (see _sequence): dropped whole, as TCP drops a segment
-                # outside its window; nothing taken, nothing credited
-                self._malformed_batch(
-                    batch.BatchError(
-                        f"numbered from {head.first}, past its sender's window of"
-                        f" {self._window_of(head.node)} tells after the last one taken here"
-                    ),
-                    head,
-                )
-                self._dropped["malformed"] += head.numbered
-                return None
-            self._overreach(sender, f"a batch numbered from {head.first}")
+            self._overreach(sender, f"a batch numbered from {head.first}", started=True)
         if lost:
             self._log_loss(lost, sender)
-            self._credit(stream, lost)
+        self._credit(stream, _skipped_credit(head.first - 1) if fresh else lost)
         try:
             tells, controls = batch.split_frames(data, offset, head.numbered)
         except batch.BatchError as exc:
@@ -2110,6 +2111,7 @@ class Cluster:
         if dest_prefix == self.id_prefix:
             self._inbound.touch(stream)
         overreaches = self._seq_in.overreaches
+        fresh = dest_prefix == self.id_prefix and not self._seq_in.keeps(stream)
         parts = parse_stream_name(stream)
         lost = self._seq_in.observe(
             stream,
@@ -2119,15 +2121,15 @@ class Cluster:
             window=self._window_of(parts[0] if parts is not None else None),
         )
         if self._seq_in.overreaches != overreaches:
-            self._overreach(stream, f"{'a mark' if is_mark else 'a tell'} numbered {number}")
-        if lost:
-            self._credit(stream, lost)
-            self._log_loss(lost, stream)
+            what = f"{'a mark' if is_mark else 'a tell'} numbered {number}"
+            self._overreach(stream, what, started=fresh)
+        self._credit(stream, _skipped_credit(number - (0 if is_mark else 1)) if fresh else lost)
+        self._log_loss(lost, stream)
 
-    def _overreach(self, stream: str, what: str) -> None:
+    def _overreach(self, stream: str, what: str, *, started: bool = False) -> None:
         """A number of ``stream`` ran past what its sender's window allows (see
-        ``_sequence``): one malformed number, logged; not believed (a stream not kept
-        starts there, only the window's worth counted lost)."""
+        ``_sequence``): one malformed number, logged; not believed on a stream kept here,
+        the start of one not kept (``started``: only the window's worth counted lost)."""
         self._dropped["malformed"] += 1
         if self._loss_log.due():
             parts = parse_stream_name(stream)
@@ -2135,11 +2137,14 @@ class Cluster:
                 log,
                 logging.WARNING,
                 "node %s: %s from %s runs past its sender's window (%d tells after the last"
-                " one taken here): not believed, counted malformed",
+                " one taken here): %s",
                 self.node,
                 what,
                 stream,
                 self._window_of(parts[0] if parts is not None else None),
+                "a stream not kept here, started there, at most that many counted lost"
+                if started
+                else "not believed, counted malformed",
             )
 
     def _window_of(self, node: str | None) -> int:
@@ -4746,6 +4751,20 @@ async def join_cluster(
         if leaf is None:
             raise
         raise leaf from None
+
+
+#: the most credit a stream started afresh returns for the numbers before its first:
+#: never reached by a true sender, and far from the u64 of a credit frame (a forged first)
+_SKIPPED_CREDIT_MAX: Final = 1 << 62
+
+
+def _skipped_credit(skipped: int) -> int:
+    """The credit returned for the ``skipped`` numbers before the first one heard of a
+    stream not kept here (never seen, or evicted: see ``_streams``). All of them, not only
+    those counted lost (the window's worth): each left its sender's hands, taken here
+    before an eviction or lost, and its sender's credit may already cover more than a
+    window of them; with less, it would wait for credit that never comes."""
+    return min(skipped, _SKIPPED_CREDIT_MAX)
 
 
 def _parse_last_notice(notice: str, stream: str) -> tuple[int, int, int]:

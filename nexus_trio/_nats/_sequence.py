@@ -100,6 +100,11 @@ class InboundSequences:
         self.lost += lost
         return lost
 
+    def keeps(self, stream: str) -> bool:
+        """Whether ``stream`` is kept here: its next number is judged against the last
+        one taken (else it starts wherever its next number is, see the module)."""
+        return stream in self._expected
+
     def last_numbers(self) -> dict[str, int]:
         """The last number taken (received or counted lost) of each sending process."""
         return {stream: expected - 1 for stream, expected in self._expected.items()}
