@@ -3505,15 +3505,17 @@ async def test_a_peer_sending_every_batch_as_a_new_stream_cannot_grow_what_a_nod
     assert stats.inbound_dropped == {}
 
 
+@pytest.mark.parametrize("restarted_by", ["batch", "mark"])
 async def test_a_stream_evicted_after_more_than_a_window_of_tells_does_not_stall_its_sender(
-    nats: NatsServer,
+    nats: NatsServer, restarted_by: str
 ) -> None:
     """Regression: a live stream evicted (``inbound_streams_limit``) after it had sent more
     than ``node_window`` tells started afresh with only a window's worth of its earlier
     numbers credited back: its sender, whose credit already covered all of them, never got
     more room (window 8, 20 tells before the eviction: the 9th tell after it waited out its
-    send deadline). The credit of a stream started afresh covers every number before its
-    first; what is counted lost stays bounded by the window."""
+    send deadline). The credit of a stream started afresh, by its next batch or by its
+    sender's mark (the last number it sent), covers every number before its first; what
+    is counted lost stays bounded by the window."""
     limit, window, before, after = 8, 8, 20, 20
     records: list[Any] = []
     slow: dict[str, Any] = {"heartbeat_interval": 5.0, "missed_heartbeats": 3}
@@ -3532,6 +3534,15 @@ async def test_a_stream_evicted_after_more_than_a_window_of_tells_does_not_stall
                 body = _one_tell_batch("evil", 0xE000 + n, n + 1, cb.id_prefix, n)
                 await call_aio(ca.nc.publish, "nexus.node.b.batch", body)
             assert await ka.request("col", "dump") == before + limit + 2
+            if restarted_by == "mark":  # as a's next heartbeat says it
+                b_session = ca.members.members["b"].session
+                mark = wire.sequence_value(
+                    ca.stream_name.split(".")[0], ca.id_prefix, cb.id_prefix, before
+                )
+                subject = wire.sequence_mark_subject(ca.prefix, "b", b_session)
+                await call_aio(ca.nc.publish, subject, mark.encode())
+                await call_aio(ca.nc.flush)
+                assert await ka.request("col", "dump") == before + limit + 2  # (mark taken)
             for n in range(after):
                 await ka.send("col", ["after", n])
             assert await ka.request("col", "dump") == before + limit + 2 + after
