@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import math
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -37,7 +38,7 @@ import pytest
 import trio
 import trio.testing
 
-from ._agent import AgentRef, Context, agent
+from ._agent import AgentRef, Context, agent, checked_seconds
 from ._child import enum_member
 from ._config import SECTIONS, Config
 from ._deadletter import DeadLetter, DeadLetterReason
@@ -146,6 +147,7 @@ async def open_test_kernel(
     a task runs: the kernel is shut down at once (grace 0) and an ``AssertionError`` says
     so, or, if the block raised, a note on its exception does.
     """
+    checked_seconds(timeout, "open_test_kernel's timeout")
     async with open_kernel(config or test_config(), seed=seed) as kernel:
         try:
             yield kernel
@@ -206,6 +208,7 @@ async def settle(kernel: Kernel | None = None, *, timeout: float = 60.0) -> None
     seconds of real time (an agent that sends to itself on every message never lets
     them all block), where the wait would go on forever.
     """
+    checked_seconds(timeout, "settle's timeout")
     if not await _all_blocked(timeout):
         raise AssertionError(f"tasks not all blocked after {timeout:g} s of real time {_BUSY}")
 
@@ -214,8 +217,12 @@ async def _all_blocked(seconds: float) -> bool:
     """``wait_all_tasks_blocked``, given up after ``seconds`` of real time: False then.
 
     A mock clock does not move while tasks run, so its deadlines cannot bound this
-    wait: a timer thread does, calling into the run only if the time runs out.
+    wait: a timer thread does, calling into the run only if the time runs out (none
+    for an infinite ``seconds``: a ``threading.Timer`` cannot wait that long).
     """
+    if math.isinf(seconds):
+        await trio.testing.wait_all_tasks_blocked()
+        return True
     token = trio.lowlevel.current_trio_token()
     with trio.CancelScope() as scope:
 
@@ -248,6 +255,7 @@ async def step_until_idle(kernel: Kernel, *, timeout: float = 60.0) -> None:
     is a ``MockClock`` that does not jump (pytest-trio's ``mock_clock``), where it would
     wait forever.
     """
+    checked_seconds(timeout, "step_until_idle's timeout")
     deadline = trio.current_time() + timeout
     while True:
         handled = kernel.stats().handled
@@ -330,6 +338,7 @@ async def send_and_wait(
     messages to other agents, dead letters, restarts — has happened when this returns.
     To get an answer back use ``await kernel.request(to, payload)``.
     """
+    checked_seconds(timeout, "send_and_wait's timeout")  # (before the message is sent)
     message = await kernel.send(to, payload, kind=kind, sender=sender)
     await step_until_idle(kernel, timeout=timeout)
     return message
@@ -455,6 +464,11 @@ def assert_events(
 
     ``expected`` lists kinds in order, as :class:`EventKind` or their values (``"failed"``).
     """
+    if isinstance(expected, str | EventKind):  # (a str would be gone through letter by letter)
+        raise TypeError(
+            "assert_events: the expected kinds must be a list of event kinds, got the"
+            f" {type(expected).__name__} {expected!r} (write [{expected!r}])"
+        )
     wanted = [enum_member(EventKind, kind, "event kind") for kind in expected]
     if recorder.dropped:
         raise AssertionError(
@@ -576,6 +590,7 @@ class Probe:
         """The next message ``expect`` has not returned yet, waiting for it up to
         ``timeout`` seconds (of the run's clock: on the mock clock no real time);
         ``AssertionError`` if none comes, naming the probe and what it received."""
+        checked_seconds(timeout, "expect's timeout", zero=True)
         with trio.move_on_after(timeout):
             while self._taken == len(self.messages):
                 self._arrived = trio.Event()

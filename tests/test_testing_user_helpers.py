@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import re
+import threading
 from typing import Any
 
 import pytest
@@ -592,3 +594,85 @@ def test_on_a_real_clock_a_kernel_with_a_busy_agent_still_shuts_down_gracefully(
         assert [d.reason.value for d in k.recent_dead_letters()] == ["shutdown"]
 
     trio.run(main)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda k: settle(timeout=-5), "settle's timeout must be > 0 seconds, got -5"),
+        (lambda k: settle(timeout="5"), "settle's timeout must be a number of seconds, got '5'"),
+        (
+            lambda k: step_until_idle(k, timeout=float("nan")),
+            "step_until_idle's timeout must be > 0 seconds, got nan",
+        ),
+        (
+            lambda k: send_and_wait(k, "greeter", "x", timeout=0),
+            "send_and_wait's timeout must be > 0 seconds, got 0",
+        ),
+        (
+            lambda k: spawn_probe(k, "p").expect(timeout=-1),
+            "expect's timeout must be >= 0 seconds, got -1",
+        ),
+    ],
+)
+async def test_a_helper_given_a_bad_timeout_says_which_helper_and_sends_nothing(
+    nexus_kernel: Kernel, autojump_clock: Any, call: Any, message: str
+) -> None:
+    """Before: ``settle(timeout=-5)`` failed with 'tasks not all blocked after -5 s ...
+    (did an agent keep itself busy ...?)', blaming the agents for a bad argument;
+    ``step_until_idle(timeout=nan)`` likewise; ``probe.expect(timeout=-1)`` raised
+    Trio's '`seconds` must be non-negative', naming no helper; ``send_and_wait``
+    sent its message before its timeout failed."""
+
+    @agent(name="greeter")
+    async def greeter(ctx: Context, msg: Message) -> str:
+        return f"hello, {msg.payload}"
+
+    nexus_kernel.spawn(greeter)
+    with pytest.raises((TypeError, ValueError)) as info:
+        await call(nexus_kernel)
+    assert str(info.value) == message
+    assert nexus_kernel.stats().accepted == 0
+
+
+async def test_open_test_kernel_refuses_a_bad_timeout_before_opening() -> None:
+    """Before: ``open_test_kernel(timeout=-1)`` was accepted; the negative timeout only
+    showed (as 'never all blocked within -1 s') when an agent was busy at the end."""
+    with pytest.raises(
+        ValueError, match=r"^open_test_kernel's timeout must be > 0 seconds, got -1$"
+    ):
+        async with open_test_kernel(timeout=-1):
+            raise AssertionError("not opened")
+
+
+async def test_settle_with_an_infinite_timeout_waits_without_a_timer(
+    nexus_kernel: Kernel, autojump_clock: Any
+) -> None:
+    """Before: ``settle(timeout=math.inf)`` started a ``threading.Timer(inf)``, whose
+    thread died with 'OverflowError: timestamp out of range for platform time_t'
+    (pytest's unhandled-thread-exception warning); no timer is needed for no limit."""
+    died: list[BaseException] = []
+    previous = threading.excepthook
+    threading.excepthook = lambda args: died.append(args.exc_value)  # type: ignore[assignment]
+    try:
+        await settle(timeout=math.inf)
+        await step_until_idle(nexus_kernel, timeout=math.inf)
+        await trio.to_thread.run_sync(lambda: None)  # (a timer thread has had its chance)
+    finally:
+        threading.excepthook = previous
+    assert died == []
+
+
+async def test_assert_events_given_one_string_names_it(
+    nexus_kernel: Kernel, autojump_clock: Any
+) -> None:
+    """Before: ``assert_events(events, "greeter", "spawned")`` went through the string's
+    letters: 'event kind must be one of ..., got 's''."""
+    async with record_events(nexus_kernel) as events:
+        nexus_kernel.spawn(_looper, name="idle")
+    with pytest.raises(TypeError) as info:
+        assert_events(events, "idle", "spawned")  # type: ignore[arg-type]
+    assert str(info.value) == (
+        "assert_events: the expected kinds must be a list of event kinds, got the str"
+        " 'spawned' (write ['spawned'])"
+    )
