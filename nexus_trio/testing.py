@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import inspect
 import math
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -543,7 +544,8 @@ async def record_events(kernel: Kernel, buffer: int = 100_000) -> AsyncIterator[
     """Collect lifecycle events while the block runs (events are taken as they happen;
     what a full ``buffer`` loses is counted in ``recorder.dropped``)."""
     recorder = EventRecorder()
-    async with trio.open_nursery() as nursery, kernel.events(buffer) as stream:
+    # (the stream first: a bad buffer is its own error, not one of the nursery's group)
+    async with kernel.events(buffer) as stream, trio.open_nursery() as nursery:
 
         async def collect() -> None:
             async for event in stream:
@@ -610,6 +612,17 @@ def spawn_probe(
     """Spawn a :class:`Probe` named ``name``: it records every message it receives and
     returns ``answer(msg)`` (so a request gets it as its answer; an exception it raises
     fails the message as a handler's would). Without ``answer`` it answers nothing."""
+    if answer is not None and not callable(answer):
+        raise TypeError(
+            "spawn_probe: answer must be a function of the message (answer=lambda msg: ...),"
+            f" got {answer!r}"
+        )
+    if inspect.iscoroutinefunction(answer):
+        shown = getattr(answer, "__name__", repr(answer))
+        raise TypeError(
+            f"spawn_probe: answer is called, not awaited: make {shown} a plain 'def', not an"
+            " 'async def'"
+        )
 
     async def record(ctx: Context, msg: Message) -> Any:
         probe._receive(msg)

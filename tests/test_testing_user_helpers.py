@@ -676,3 +676,37 @@ async def test_assert_events_given_one_string_names_it(
         "assert_events: the expected kinds must be a list of event kinds, got the str"
         " 'spawned' (write ['spawned'])"
     )
+
+
+async def test_spawn_probe_refuses_an_answer_it_could_not_call(
+    nexus_kernel: Kernel, autojump_clock: Any
+) -> None:
+    """Before: ``spawn_probe(kernel, "p", answer=5)`` was accepted, and every message to
+    the probe then failed ("TypeError: 'int' object is not callable", dead-lettered);
+    an ``async def`` answer answered a coroutine object, which is no JSON."""
+
+    async def later(msg: Message) -> int:
+        return 1
+
+    with pytest.raises(TypeError) as info:
+        spawn_probe(nexus_kernel, "p", answer=5)  # type: ignore[arg-type]
+    assert str(info.value) == (
+        "spawn_probe: answer must be a function of the message (answer=lambda msg: ...), got 5"
+    )
+    with pytest.raises(TypeError) as info:
+        spawn_probe(nexus_kernel, "q", answer=later)
+    assert str(info.value) == (
+        "spawn_probe: answer is called, not awaited: make later a plain 'def', not an 'async def'"
+    )
+    assert nexus_kernel.stats().agents_alive == 0
+
+
+@pytest.mark.parametrize("buffer", [0, -1, 1.5])
+async def test_record_events_with_a_bad_buffer_raises_the_error_itself(
+    nexus_kernel: Kernel, autojump_clock: Any, buffer: Any
+) -> None:
+    """Before: the error came wrapped in an ExceptionGroup ('Exceptions from Trio nursery
+    (1 sub-exception)'): ``pytest.raises(ValueError)`` did not catch it."""
+    with pytest.raises(ValueError, match=rf"buffer must be an integer >= 1, got {buffer}$"):
+        async with record_events(nexus_kernel, buffer=buffer):
+            raise AssertionError("not entered")
