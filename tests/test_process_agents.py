@@ -3535,6 +3535,25 @@ async def test_no_child_process_remains_after_the_kernel_exits() -> None:
             ValueError,
             "process_agent: env variable name 'A=B' holds '=' (an environment entry is NAME=VALUE)",
         ),
+        # regression: bytes went through as a list of ints ("command items must be
+        # strings, got 112 (item 0)"), and a cwd of the wrong type raised os.fspath's
+        # "expected str, bytes or os.PathLike object, not int", naming no argument
+        (
+            {"cmd": b"python3 agent.py"},
+            TypeError,
+            "process_agent: cmd must be a list of strings or a string, got bytes"
+            " b'python3 agent.py' (decode it)",
+        ),
+        (
+            {"cwd": 5},
+            TypeError,
+            "process_agent: cwd must be a directory's path (a str or a pathlib.Path), got 5",
+        ),
+        (
+            {"cwd": b"/tmp"},
+            TypeError,
+            "process_agent: cwd must be a directory's path (a str or a pathlib.Path), got b'/tmp'",
+        ),
     ],
 )
 def test_bad_arguments_are_refused_naming_the_problem(

@@ -2071,6 +2071,11 @@ def _command(
             raise ValueError(
                 f"process_agent: command {cmd!r} cannot be split as a shell would: {exc}"
             ) from None
+    elif isinstance(cmd, bytes | bytearray):  # (a Sequence too: of ints)
+        raise TypeError(
+            "process_agent: cmd must be a list of strings or a string, got"
+            f" {type(cmd).__name__} {cmd!r} (decode it)"
+        )
     elif isinstance(cmd, Sequence):
         parts = [os.fspath(part) if isinstance(part, os.PathLike) else part for part in cmd]
     else:
@@ -2136,7 +2141,11 @@ def process_agent(
     --spawn`` does), since a spec spawned twice (in a loop) would then fail its second
     spawn with ``NameTaken``, and the child would be told a name over its own.
     """
-    cwd_text = os.fspath(cwd) if cwd is not None else None
+    cwd_text = os.fspath(cwd) if isinstance(cwd, str | os.PathLike) else cwd
+    if cwd_text is not None and not isinstance(cwd_text, str):
+        raise TypeError(
+            f"process_agent: cwd must be a directory's path (a str or a pathlib.Path), got {cwd!r}"
+        )
     if cwd_text is not None and not os.path.isdir(cwd_text):
         raise ValueError(f"process_agent: cwd {cwd_text!r} is not a directory")
     if env is not None:
