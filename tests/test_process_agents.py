@@ -3893,6 +3893,29 @@ def test_nexus_send_refuses_a_payload_with_nan_or_infinity_naming_it(
     assert f"JSON has no NaN or Infinity: {named}" in text
 
 
+@pytest.mark.parametrize(
+    ("payload", "named"),
+    [
+        ('"\\ud800"', "a lone surrogate at ."),
+        ('{"k": ["ok", "\\udc80"]}', "a lone surrogate at .k[1]"),
+        ('{"\\ud800": 1}', 'a lone surrogate in the key .["\\ud800"]'),
+        ('"\udcff"', "a lone surrogate at ."),  # (a byte not UTF-8 in argv: surrogateescape)
+    ],
+)
+def test_nexus_send_refuses_a_payload_with_a_lone_surrogate_naming_it(
+    payload: str, named: str
+) -> None:
+    """Before: a JSON escape of half a surrogate pair (``"\\ud800"``), or a byte of the
+    argument that is not UTF-8, was taken: the agent was started, the message failed
+    ``unserialisable`` and ``nexus send`` exited 1, as if the agent had failed. It is a
+    bad argument: exit 2 before any agent starts, naming where the string is."""
+    result = send_cli(f"{sys.executable} {TOY}", payload)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.replace("│", " ").split())
+    assert "Invalid value for 'JSON': JSON text must be Unicode: " in text
+    assert named in text
+
+
 async def test_a_refused_send_to_a_huge_name_is_warned_about_in_a_short_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, mock_clock: trio.testing.MockClock
 ) -> None:

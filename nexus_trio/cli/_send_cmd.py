@@ -208,7 +208,30 @@ def _read_payload(payload: str) -> Any:
     places = _places(value, lambda item: item.text if isinstance(item, _Unwritable) else None)
     if places:
         raise ValueError(f"JSON has no NaN or Infinity: {places}")
+    # (an escape of half a surrogate pair, or a byte of the argument that is not UTF-8:
+    # no bridge could be sent it, and the agent would be started for nothing)
+    places = _places(value, _lone_surrogate)
+    if places:
+        raise ValueError(
+            f"JSON text must be Unicode: {places} (half of a surrogate pair, or a byte that"
+            " is not UTF-8)"
+        )
     return value
+
+
+def _lone_surrogate(item: Any) -> str | None:
+    """``a lone surrogate`` if ``item`` is a string that no UTF-8 encoder writes."""
+    if isinstance(item, str) and not _encodable(item):
+        return "a lone surrogate"
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _non_finite(value: Any) -> str | None:
@@ -228,16 +251,24 @@ def _places(document: Any, shown: Callable[[Any], str | None], limit: int = 5) -
     there are."""
     places: list[str] = []
     more = 0
+
+    def found(place: str) -> None:
+        nonlocal more
+        if len(places) < limit:
+            places.append(place)
+        else:
+            more += 1
+
     # A stack, not recursion: an answer may nest as deep as the bridge's reader allows.
     stack: list[tuple[str, Any]] = [("", document)]
     while stack:
         path, value = stack.pop()
         if (name := shown(value)) is not None:
-            if len(places) < limit:
-                places.append(f"{name} at {path or '.'}")
-            else:
-                more += 1
+            found(f"{name} at {path or '.'}")
         elif isinstance(value, dict):
+            for key in value:  # (a key is a string: shown only by what looks at strings)
+                if (name := shown(key)) is not None:
+                    found(f"{name} in the key {_key_path(path, key)}")
             stack.extend((_key_path(path, key), item) for key, item in reversed(value.items()))
         elif isinstance(value, list | tuple):
             stack.extend(
@@ -251,7 +282,8 @@ def _key_path(path: str, key: Any) -> str:
     text = str(key)
     if text.isidentifier() and text.isascii():
         return f"{path}.{text}"
-    return f"{path or '.'}[{json.dumps(text, ensure_ascii=False)}]"
+    # (escaped where the text cannot be written as it is: a lone surrogate)
+    return f"{path or '.'}[{json.dumps(text, ensure_ascii=not _encodable(text))}]"
 
 
 async def _exchange(config: Any, spec: Any, value: Any, kind: SendKind, timeout: float) -> Any:
