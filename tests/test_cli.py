@@ -230,6 +230,10 @@ def test_a_flag_of_choices_names_them_as_the_config_file_does(isolated, args, sa
             "'--payload-size': must be a whole number from 0 to 67108864, got -1",
         ),
         (["run", "--seed", "x"], "'--seed': must be a whole number, got 'x'"),
+        # (missed by the regression below: -W -1 still said "Input should be greater than
+        # or equal to 0", -W 1.5 "Input should be a valid integer")
+        (["run", "-W", "-1"], "'--workers' / '-W': must be a whole number >= 0, got -1"),
+        (["run", "-W", "1.5"], "'--workers' / '-W': must be a whole number >= 0, got '1.5'"),
         (
             ["health", "-p", "abc"],
             "'--port' / '-p': must be a whole number from 1 to 65535, got 'abc'",

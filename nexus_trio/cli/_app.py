@@ -352,6 +352,7 @@ def run(
             "--workers",
             "-W",
             min=0,
+            parser=whole_number(0),
             help=(
                 "Run N kernel processes on this host connected through NATS (0 = one per "
                 "core); without --nats a local nats-server is started and stopped."
