@@ -687,13 +687,29 @@ def write_template(path: Path | str, *, force: bool = False) -> Path:
             _replace_file(target, text)
         else:
             _write_new_file(target, text, 0o644)
-    except FileExistsError:
+    except (FileExistsError, NotADirectoryError) as exc:
+        # (a file where a directory of the path should be: its mkdir fails with
+        # FileExistsError too, which is not "file exists" of the target)
+        blocking = next(
+            (p for p in target.parents if p.exists() and not p.is_dir()),
+            None,
+        )
+        if blocking is not None:
+            raise ConfigError(
+                f"cannot write config file: {blocking} is a file, not a directory", path=target
+            ) from None
+        if isinstance(exc, NotADirectoryError):
+            raise _cannot_write(exc, target) from None
         raise ConfigError(
             "file exists; refusing to overwrite it (use --force / force=True)", path=target
         ) from None
     except OSError as exc:
-        raise ConfigError(f"cannot write config file: {exc.strerror or exc}", path=target) from None
+        raise _cannot_write(exc, target) from None
     return target
+
+
+def _cannot_write(exc: OSError, target: Path) -> ConfigError:
+    return ConfigError(f"cannot write config file: {exc.strerror or exc}", path=target)
 
 
 def _write_new_file(target: Path, text: str, mode: int) -> None:

@@ -809,6 +809,25 @@ def test_write_template_refuses_to_overwrite(home: Path) -> None:
     assert path.read_text(encoding="utf-8") == render_template()
 
 
+@pytest.mark.parametrize("force", [False, True])
+@pytest.mark.parametrize("below", ["config.toml", "sub/config.toml"])
+def test_write_template_under_a_file_says_that_the_file_is_no_directory(
+    home: Path, force: bool, below: str
+) -> None:
+    """``nexus config init notes.txt/config.toml`` said ``file exists; refusing to
+    overwrite it (use --force ...)``, of a file that is not there (the directory's mkdir
+    failed with FileExistsError), and --force said the same; one level further down,
+    ``Not a directory`` without saying which. The file in the way is named now."""
+    notes = write(home / "notes.txt", "mine\n")
+    path = notes / below
+    with pytest.raises(ConfigError) as info:
+        write_template(path, force=force)
+    assert str(info.value) == (
+        f"{path}: cannot write config file: {notes} is a file, not a directory"
+    )
+    assert notes.read_text(encoding="utf-8") == "mine\n"
+
+
 @pytest.mark.parametrize("link", [False, True])
 def test_write_template_with_force_refuses_to_replace_what_is_no_regular_file(
     home: Path, link: bool
