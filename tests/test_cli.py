@@ -251,6 +251,27 @@ def test_an_integer_flag_names_its_range(isolated, args, said):
     assert "Input should" not in out
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["run", "-c", "", "-d", "1"], "'--config' / '-c': an empty path names no file"),
+        (["run", "--generate-config", ""], "'--generate-config': an empty path names no file"),
+        (["config", "show", "-c", ""], "'--config' / '-c': an empty path names no file"),
+        (["config", "init", ""], "'file': an empty path names no file"),
+        (["health", "-c", ""], "'--config' / '-c': an empty path names no file"),
+        (["send", "true", "1", "-c", ""], "'--config' / '-c': an empty path names no file"),
+    ],
+)
+def test_an_empty_file_name_is_said_to_be_empty(isolated, args, said):
+    """Before: ``-c ""`` (a variable left unset: ``nexus run -c "$CONFIG"``) and ``nexus
+    config init ""`` said ``file '' is a directory``."""
+    result = invoke(args)
+    assert result.exit_code == 2, result.output
+    out = flat(result.output)
+    assert f"Invalid value for {said}" in out
+    assert "is a directory" not in out
+
+
 def test_a_flag_of_choices_takes_them_in_any_case() -> None:
     from nexus_trio.cli._app import LogFormat, Workload
     from nexus_trio.cli._commands import one_of

@@ -40,6 +40,7 @@ from ._commands import (
     Group,
     RunByDefaultGroup,
     default_to_run,
+    file_path,
     finite_at_least,
     one_of,
     whole_number,
@@ -206,7 +207,9 @@ def run(
     ctx: typer.Context,
     config: Annotated[
         Path | None,
-        typer.Option("--config", "-c", help="Config file (TOML).", dir_okay=False),
+        typer.Option(
+            "--config", "-c", help="Config file (TOML).", parser=file_path, metavar="<file>"
+        ),
     ] = None,
     log_level: Annotated[
         LogLevel | None,
@@ -242,7 +245,7 @@ def run(
         typer.Option(
             "--generate-config",
             metavar="FILE",
-            dir_okay=False,
+            parser=file_path,
             help="Write a commented config template to FILE (- for standard output) and exit.",
         ),
     ] = None,
@@ -772,7 +775,11 @@ def _check_nats(url: str | None, flag: str = "--nats") -> None:
 def config_init(
     file: Annotated[
         Path,
-        typer.Argument(help="Where to write the template; - for standard output.", dir_okay=False),
+        typer.Argument(
+            help="Where to write the template; - for standard output.",
+            parser=file_path,
+            metavar="file",
+        ),
     ],
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
 ) -> None:
@@ -800,7 +807,11 @@ def config_show(
     config: Annotated[
         Path | None,
         typer.Option(
-            "--config", "-c", help="Config file (TOML); else the search path.", dir_okay=False
+            "--config",
+            "-c",
+            help="Config file (TOML); else the search path.",
+            parser=file_path,
+            metavar="<file>",
         ),
     ] = None,
 ) -> None:
@@ -845,7 +856,11 @@ def health(
     config: Annotated[
         Path | None,
         typer.Option(
-            "--config", "-c", help="Config file (TOML); else the search path.", dir_okay=False
+            "--config",
+            "-c",
+            help="Config file (TOML); else the search path.",
+            parser=file_path,
+            metavar="<file>",
         ),
     ] = None,
 ) -> None:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import typer.core
@@ -23,6 +25,7 @@ __all__ = [
     "Group",
     "RunByDefaultGroup",
     "default_to_run",
+    "file_path",
     "finite_at_least",
 ]
 
@@ -83,6 +86,19 @@ class RunByDefaultGroup(Group):
             name for param in self.get_params(ctx) for name in (*param.opts, *param.secondary_opts)
         )
         return super().parse_args(ctx, default_to_run(args, root_options))
+
+
+def file_path(text: Any) -> Path:
+    """The ``parser=`` of a flag or argument naming a file: a path that is no directory,
+    where an empty one (``-c "$CONFIG"`` with the variable unset) is said to be empty
+    (typer's own check said ``file '' is a directory``)."""
+    if isinstance(text, Path):
+        return text  # (a default, as given)
+    if not text:
+        raise typer.BadParameter("an empty path names no file")
+    if os.path.isdir(text):
+        raise typer.BadParameter(f"file {text!r} is a directory")
+    return Path(text)
 
 
 def whole_number(minimum: int | None = None, maximum: int | None = None) -> Callable[[Any], int]:

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Final
 import typer
 
 from .._config import LOG_LEVELS
-from ._commands import Command, finite_at_least, one_of
+from ._commands import Command, file_path, finite_at_least, one_of
 from ._encoding import encodes
 
 _EPILOG = """\
@@ -97,7 +97,9 @@ def register(app: typer.Typer) -> None:
         ] = 10.0,
         config: Annotated[
             Path | None,
-            typer.Option("--config", "-c", help="Config file (TOML).", dir_okay=False),
+            typer.Option(
+                "--config", "-c", help="Config file (TOML).", parser=file_path, metavar="<file>"
+            ),
         ] = None,
         log_level: Annotated[
             str,
