@@ -689,6 +689,69 @@ def app_module(isolated: Path) -> str:
     sys.modules.pop("cli_test_app", None)
 
 
+EXITING_APP = """
+import sys
+
+import trio
+
+from nexus_trio import agent
+
+
+async def main_exits(kernel):
+    await kernel.send(kernel.spawn(echo), 1)
+    sys.exit(3)
+
+
+@agent(name="echo")
+async def echo(ctx, msg):
+    return None
+
+
+@agent(name="quitter")
+async def quitter(ctx, msg):
+    sys.exit(4)
+
+
+async def handler_exits(kernel):
+    kernel.spawn(quitter)
+    await kernel.send("quitter", "bye")
+    await trio.sleep_forever()
+
+
+async def main_exits_0(kernel):
+    sys.exit()
+"""
+
+
+@pytest.mark.parametrize(
+    ("target", "status", "said"),
+    [
+        ("main_exits", 3, "sys.exit(3)"),
+        ("handler_exits", 4, "sys.exit(4)"),
+        ("main_exits_0", 0, "sys.exit(None)"),
+    ],
+)
+def test_sys_exit_in_the_apps_code_ends_the_run_with_its_summary_and_status(
+    isolated: Path, target: str, status: int, said: str
+) -> None:
+    """Before: ``sys.exit(3)`` in an app's ``main`` (or in a handler) crashed ``nexus run``
+    with a 100-line BaseExceptionGroup traceback of the CLI's internals, no summary and
+    exit status 1. Now the run ends as for an error (the kernel shut down, the summary
+    printed, its accounting checked) and the process exits with the status asked for."""
+    (isolated / "exiting_app.py").write_text(EXITING_APP)
+    sys.modules.pop("exiting_app", None)
+    try:
+        result = invoke(["run", "--app", f"exiting_app:{target}", "-d", "30", "--json"])
+    finally:
+        sys.modules.pop("exiting_app", None)
+    assert result.exit_code == status, result.output
+    summary = json.loads(result.stdout)
+    assert summary["stopped_by"] == "sys.exit"
+    assert summary["error"] == f"SystemExit: {said} in the app's code"
+    assert summary["conserved"] is True
+    assert "Traceback" not in result.stderr or "sys.exit" in result.stderr
+
+
 def test_run_app_main_in_process_summary_adds_up(app_module):
     result = invoke(["run", "--app", f"{app_module}:main", "--json", "--no-live"])
     assert result.exit_code == 0, result.output

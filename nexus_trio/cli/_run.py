@@ -1044,6 +1044,15 @@ async def _run_async(
                 _describe(error),
                 exc_info=None if error is join_error or error is listen_error else error,
             )
+        except BaseException as exc:
+            # sys.exit() in the app's main or in a handler: the run ends as for an error
+            # (summary, accounting), with the status it asked for (see the status below);
+            # anything else (a forced Ctrl-C, a cancellation) goes on as it came
+            if not isinstance(_unwrap(exc), SystemExit):
+                raise
+            error = _unwrap(exc)
+            state.request_stop("sys.exit")
+            log_guarded(log, logging.ERROR, "the run ended: %s", _describe(error), exc_info=error)
         finally:
             state.phase = "done"
             state.t_end = trio.current_time()
@@ -1083,6 +1092,10 @@ async def _run_async(
     if opts.spawn:
         summary["spawned"] = spawned
     status = 0 if error is None and summary["conserved"] else 1
+    if isinstance(error, SystemExit) and summary["conserved"]:
+        # (as Python exits for it: None is 0, a number that number, a message 1)
+        code = error.code
+        status = 0 if code is None else code if isinstance(code, int) else 1
     if not summary["conserved"] and kernel is not None:
         log_guarded(log, logging.ERROR, "accounting mismatch: %s", json.dumps(summary))
     return summary, status
@@ -1122,6 +1135,8 @@ def _describe(exc: BaseException) -> str:
     exc = _unwrap(exc)
     if isinstance(exc, BaseExceptionGroup):
         return "; ".join(_describe(e) for e in exc.exceptions)
+    if isinstance(exc, SystemExit):
+        return f"SystemExit: sys.exit({exc.code!r}) in the app's code"
     return f"{type(exc).__name__}: {exc}"
 
 
