@@ -148,6 +148,18 @@ async def open_test_kernel(
     a task runs: the kernel is shut down at once (grace 0) and an ``AssertionError`` says
     so, or, if the block raised, a note on its exception does.
     """
+    if config is not None and not isinstance(config, Config):
+        # (what the test would write instead: its options as test_config's keywords)
+        options = (
+            ", ".join(f"{key}={value!r}" for key, value in config.items())
+            if isinstance(config, Mapping) and all(isinstance(key, str) for key in config)
+            else "..."
+        )
+        raise TypeError(
+            "open_test_kernel(config) takes a nexus_trio.Config, got"
+            f" {type(config).__name__} {config!r}: test_config({options}) builds one"
+            " (test_config(supervision={...}) for another section's options)"
+        )
     checked_seconds(timeout, "open_test_kernel's timeout")
     async with open_kernel(config or test_config(), seed=seed) as kernel:
         try:

@@ -710,3 +710,17 @@ async def test_record_events_with_a_bad_buffer_raises_the_error_itself(
     with pytest.raises(ValueError, match=rf"buffer must be an integer >= 1, got {buffer}$"):
         async with record_events(nexus_kernel, buffer=buffer):
             raise AssertionError("not entered")
+
+
+async def test_open_test_kernel_given_a_mapping_points_to_test_config() -> None:
+    """Before: ``open_test_kernel({"mailbox_capacity": 8})`` said ``open_kernel(config)
+    takes a nexus_trio.Config, ...: for a file use ...load_config(path).config``, naming
+    a function the test did not call and not the helper that builds a test's config."""
+    with pytest.raises(TypeError) as info:
+        async with open_test_kernel({"mailbox_capacity": 8}):  # type: ignore[arg-type]
+            raise AssertionError("not opened")
+    assert str(info.value) == (
+        "open_test_kernel(config) takes a nexus_trio.Config, got dict"
+        " {'mailbox_capacity': 8}: test_config(mailbox_capacity=8) builds one"
+        " (test_config(supervision={...}) for another section's options)"
+    )
