@@ -415,3 +415,32 @@ def test_a_program_that_ignores_its_stop_is_held_no_longer_than_the_kernel_s_gra
     assert summary["spawned"][0]["last_exit"] == -9
     assert summary["elapsed_s"]["shutdown"] < 5.0, summary["elapsed_s"]
     assert "did not exit within 0.5s of shutdown; sending SIGTERM" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "hint", "said"),
+    [
+        (
+            ["send", "python3 agent.py 2>/dev/null", "1"],
+            "'CMD'",
+            "holds the shell operator '>', but no shell runs it",
+        ),
+        (["send", "FOO=1 python3 agent.py", "1"], "'CMD'", "variable assignment 'FOO=1'"),
+        (["run", "--spawn", "python3 agent.py | tee log", "-d", "1"], "'--spawn'", "operator '|'"),
+    ],
+)
+def test_shell_syntax_in_a_command_string_is_refused_naming_it(
+    args: list[str], hint: str, said: str
+) -> None:
+    """Before: ``nexus send "python3 agent.py 2>/dev/null" 1`` ran the agent with the
+    arguments '2' and '/dev/null' (ignored: exit 0, stderr not redirected), and ``FOO=1
+    python3 ...`` said "command 'FOO=1' not found on PATH": no shell runs the command."""
+    from typer.testing import CliRunner
+
+    from nexus_trio.cli import app
+
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
+    assert result.exit_code == 2, result.output
+    out = " ".join(result.output.replace("│", " ").split())
+    assert f"Invalid value for {hint}: command " in out
+    assert said in out

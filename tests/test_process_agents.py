@@ -3549,6 +3549,27 @@ async def test_no_child_process_remains_after_the_kernel_exits() -> None:
             TypeError,
             "process_agent: cwd must be a directory's path (a str or a pathlib.Path), got 5",
         ),
+        # regression: a command string is split as a shell would, but run without one:
+        # "| cat", "2> err.log", "&& ..." were passed to the agent as arguments (silently
+        # ignored by most), and "FOO=1 cmd" said "command 'FOO=1' not found on PATH"
+        (
+            {"cmd": f"{sys.executable} {TOY} 2> err.log"},
+            ValueError,
+            f"process_agent: command '{sys.executable} {TOY} 2> err.log' holds the shell"
+            " operator '>', but no shell runs it (the operator would reach the program as an"
+            " argument): leave it out (the agent's stderr goes to the kernel's log), or"
+            " give the command to a shell, as in 'sh -c \"...\"'",
+        ),
+        ({"cmd": f"{sys.executable} {TOY} | cat"}, ValueError, "holds the shell operator '|'"),
+        ({"cmd": f"cd /tmp && {sys.executable} {TOY}"}, ValueError, "shell operator '&&'"),
+        ({"cmd": f"{sys.executable} {TOY};"}, ValueError, "shell operator ';'"),
+        (
+            {"cmd": f"NAME=x {sys.executable} {TOY}"},
+            ValueError,
+            " starts with the variable assignment 'NAME=x', but no shell runs it: put env"
+            " before it ('env NAME=x ...'), or set it in the environment (process_agent's"
+            " env=; for nexus run and nexus send, nexus's own)",
+        ),
         (
             {"cwd": b"/tmp"},
             TypeError,

@@ -2061,6 +2061,39 @@ def _check_positive(name: str, value: Any, *, allow_zero: bool = False) -> float
     return float(value)
 
 
+#: a variable assignment before a command, as a shell reads ``NAME=value cmd``
+_ASSIGNMENT: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
+
+
+def shell_syntax_problem(cmd: str, parts: Sequence[str]) -> str | None:
+    """What is wrong with the command string ``cmd`` (split as ``parts``) for a program
+    started without a shell, or None: it is split as a shell would, but a shell operator
+    outside quotes (``| cat``, ``2> err.log``, ``&& ...``) would reach the program as an
+    argument, which most programs ignore, and ``NAME=x cmd`` would be looked for as a
+    program named ``NAME=x``. (Also for ``nexus run --spawn`` and ``nexus send``.)"""
+    lexer = shlex.shlex(cmd, posix=False, punctuation_chars=True)
+    lexer.whitespace_split = True
+    try:
+        tokens = list(lexer)
+    except ValueError:
+        return None  # (unbalanced quotes: said by the split)
+    for token in tokens:  # (quoted text stays one token, with its quotes: never all operator)
+        if all(char in lexer.punctuation_chars for char in token):
+            return (
+                f"command {cmd!r} holds the shell operator {token!r}, but no shell runs it"
+                " (the operator would reach the program as an argument): leave it out (the"
+                " agent's stderr goes to the kernel's log), or give the command to a shell,"
+                " as in 'sh -c \"...\"'"
+            )
+    if parts and _ASSIGNMENT.match(parts[0]):
+        return (
+            f"command {cmd!r} starts with the variable assignment {parts[0]!r}, but no"
+            f" shell runs it: put env before it ('env {parts[0]} ...'), or set it in the"
+            " environment (process_agent's env=; for nexus run and nexus send, nexus's own)"
+        )
+    return None
+
+
 def _command(
     cmd: Sequence[str] | str, env: Mapping[str, str] | None, cwd: str | None
 ) -> tuple[str, ...]:
@@ -2071,6 +2104,9 @@ def _command(
             raise ValueError(
                 f"process_agent: command {cmd!r} cannot be split as a shell would: {exc}"
             ) from None
+        problem = shell_syntax_problem(cmd, parts)
+        if problem is not None:
+            raise ValueError(f"process_agent: {problem}")
     elif isinstance(cmd, bytes | bytearray):  # (a Sequence too: of ints)
         raise TypeError(
             "process_agent: cmd must be a list of strings or a string, got"

@@ -736,6 +736,10 @@ def _split_command(command: str, hint: str) -> tuple[str, ...]:
         raise typer.BadParameter(f"{exc} in {command!r}", param_hint=hint) from None
     if not argv:
         raise typer.BadParameter("empty command", param_hint=hint)
+    from ..bridges.process import shell_syntax_problem
+
+    if (problem := shell_syntax_problem(command, argv)) is not None:
+        raise typer.BadParameter(problem, param_hint=hint)
     if shutil.which(argv[0]) is None:
         raise typer.BadParameter(
             f"program {argv[0]!r} not found (not on PATH, or not executable)",

@@ -115,7 +115,7 @@ def register(app: typer.Typer) -> None:
         ] = False,
     ) -> None:
         """Start an external agent, send it one message, print its answer as JSON."""
-        from ..bridges.process import process_agent
+        from ..bridges.process import process_agent, shell_syntax_problem
         from ..config import ConfigError, load_config
         from ..logs import configure_logging
 
@@ -127,6 +127,8 @@ def register(app: typer.Typer) -> None:
             argv = shlex.split(cmd)
         except ValueError as exc:
             raise typer.BadParameter(f"{exc} in {cmd!r}", param_hint="'CMD'") from None
+        if (problem := shell_syntax_problem(cmd, argv)) is not None:
+            raise typer.BadParameter(problem, param_hint="'CMD'")
         try:
             loaded = load_config(config, overrides={"logging.level": log_level})
         except ConfigError as exc:
