@@ -238,8 +238,10 @@ class ClusterOptions:
     durable: DurableOptions = attrs.field(factory=DurableOptions)
     #: tells to one destination process not yet consumed there (credit; see ``_batch``)
     node_window: int = attrs.field(default=2048, validator=_at_least_one)
-    #: a node batch leaves when it holds this many frames or bytes (or on the next tick)
-    batch_frames: int = attrs.field(default=256, validator=_at_least_one)
+    #: a node batch leaves when it holds this many frames or bytes (or on the next tick);
+    #: 512 frames, a quarter of node_window: each batch costs both ends a publish, a
+    #: wake-up and a credit frame (docs/distributed.md, thirty-second pass)
+    batch_frames: int = attrs.field(default=512, validator=_at_least_one)
     batch_bytes: int = attrs.field(default=256 * 1024, validator=_at_least_one)
     #: inbound streams (sending joins of other kernels) kept; past it the least recently
     #: active is evicted (counted in ``ClusterStats.streams_evicted``; see ``_streams``)
