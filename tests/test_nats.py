@@ -1717,3 +1717,34 @@ async def test_a_remote_request_by_id_that_fails_names_the_agent(nats: NatsServe
                 f"request {failed.value.request_id} to 'doomed-b' ({doomed_id}) failed on"
                 " node 'b' (handler_error): RemoteError("
             )
+
+
+async def test_the_cluster_keeps_its_state_in_slots_not_its_instance_dict(
+    nats: NatsServer,
+) -> None:
+    # A tell reads a dozen of the cluster's attributes on the sending node and as many on
+    # the receiving one: an instance of more than 30 attributes (the cluster has over a
+    # hundred) gets a dict of its own on CPython 3.11, whose reads specialize only "with
+    # hint". Every attribute is a slot; the instance dict stays empty.
+    got: list[int] = []
+
+    @agent(name="sink-b")
+    async def sink(ctx: Context, msg: Message) -> Any:
+        if msg.payload == "count":
+            return len(got)
+        got.append(msg.payload)
+        return None
+
+    async with local_node(nats.url, "a") as (ka, ca), local_node(nats.url, "b") as (kb, cb):
+        kb.spawn(sink)
+        await cb.names_published()
+        with trio.fail_after(30):
+            await ca.wait_for_name("sink-b")
+            for i in range(40):
+                await ka.send("sink-b", i)
+            assert await ka.request("sink-b", "count") == 40
+        assert got == list(range(40))
+        for cluster in (ca, cb):
+            assert vars(cluster) == {}
+            unset = [n for n in Cluster.__slots__ if n != "__dict__" and not hasattr(cluster, n)]
+            assert unset == []
