@@ -759,8 +759,11 @@ class AgentCell(Child):
                         # Read at each message: a handler that suspends takes the
                         # kernel's stepper with it (see _step).
                         stepper = router.stepper
+                        # a load of the slot, then a call: ``stepper.send(...)`` is a
+                        # method load, which 3.11 cannot specialize for a slot
+                        step = stepper.send
                         try:
-                            trap = stepper.send(handler(ctx, msg))
+                            trap = step(handler(ctx, msg))
                             if trap is _DONE:
                                 result = stepper.box[0]
                             elif trap is _FAILED:
