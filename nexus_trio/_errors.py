@@ -311,6 +311,10 @@ class MailboxFull(NexusError):
 
     ``node`` names the node that refused it, for a request another node answered so (in
     its text too); None for one raised here.
+
+    ``detail``: what ran out when it was not the recipient's mailbox, said in its place
+    (a transport's credit window: the recipient's node has taken in none of the sender's
+    last ``capacity`` tells, the mailbox itself may have room); "" for a full mailbox.
     """
 
     def __init__(
@@ -321,18 +325,24 @@ class MailboxFull(NexusError):
         message_id: uuid.UUID,
         *,
         node: str | None = None,
+        detail: str = "",
     ) -> None:
         self.recipient = recipient
         self.name = name
         self.capacity = capacity
         self.message_id = message_id
         self.node = node
+        self.detail = detail
         who = f"{name!r} ({recipient})" if name else str(recipient)
         where = f" on node {node!r}" if node is not None else ""
-        super().__init__(
-            f"mailbox of agent {who}{where} is full (capacity {capacity}); message"
-            f" {message_id} was not enqueued"
-        )
+        if detail:
+            text = f"{detail}; message {message_id} to agent {who}{where} was not enqueued"
+        else:
+            text = (
+                f"mailbox of agent {who}{where} is full (capacity {capacity}); message"
+                f" {message_id} was not enqueued"
+            )
+        super().__init__(text)
 
 
 #: what a KernelShuttingDown says of the phase the kernel was in when it refused

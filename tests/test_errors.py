@@ -51,6 +51,7 @@ ERRORS: list[BaseException] = [
     NameTaken("twin", ID, tree="twins"),
     MailboxFull(ID, "inbox", 16, ID),
     MailboxFull(ID, None, 16, ID),
+    MailboxFull(ID, "col", 8, ID, detail="no credit from node 'b' within 0.5s"),
     KernelShuttingDown("spawn"),
     AgentNotRunning(ID, "worker", "has stopped"),
     RequestTimeout(ID, "calc", 1.5, "the handler returned None"),

@@ -560,6 +560,79 @@ async def test_a_full_node_window_makes_send_wait_then_raise_mailbox_full(
     assert cb.stats().inbound_dropped == {}
 
 
+def _stalled(release: trio.Event, handled: list[Any]) -> Any:
+    """Agent ``stalled`` (mailbox of 1): each tell waits for ``release``, then its payload
+    goes into ``handled``."""
+
+    @agent(name="stalled", mailbox_capacity=1)
+    async def stalled(ctx: Context, msg: Message) -> Any:
+        await release.wait()
+        handled.append(msg.payload)
+        return None
+
+    return stalled
+
+
+async def test_a_send_refused_for_want_of_node_credit_says_so_not_that_a_mailbox_is_full(
+    nats: NatsServer,
+) -> None:
+    """Regression: a tell to ``col`` (its mailbox empty) refused because node b had taken
+    in none of a's last ``node_window`` tells (they wait there for ``stalled``) said
+    "mailbox of agent 'col' ... is full (capacity 8)": 8 was the node window, and col's
+    mailbox had room. It is still ``MailboxFull`` (local semantics: the message was not
+    taken; ``capacity`` the window, ``name`` col), its text saying whose credit ran out,
+    which option bounds it and what to do; ``send_nowait`` says the same at once."""
+    window = 8
+    release = trio.Event()
+    handled: list[Any] = []
+
+    stalled = _stalled(release, handled)
+
+    async with (
+        _node(nats.url, "b") as (kb, cb),
+        _node(nats.url, "a", send_timeout_ms=300, node_window=window) as (ka, ca),
+    ):
+        kb.spawn(stalled)
+        col = kb.spawn(agent(_collector(handled), name="col"))
+        await cb.names_published()
+        with trio.fail_after(30):
+            await ca.wait_for_name("stalled")
+            await ca.wait_for_name("col")
+            accepted = 0
+            while True:
+                try:
+                    await ka.send("stalled", accepted)
+                except MailboxFull:
+                    break
+                accepted += 1
+            with pytest.raises(MailboxFull) as waited:
+                await ka.send("col", "waits")
+            with pytest.raises(MailboxFull) as at_once:
+                ka.send_nowait("col", "at once")
+            assert kb.mailbox_depth(col) == 0
+            release.set()
+            await until(lambda: len(handled) == accepted)
+    for refused, when in ((waited.value, "within 0.3s"), (at_once.value, "(send_nowait)")):
+        assert (refused.name, refused.recipient, refused.capacity, refused.node) == (
+            "col",
+            col.id,
+            window,
+            None,
+        )
+        text = str(refused)
+        assert text.startswith(
+            f"no credit from node 'b' {when}: the window of 8 tells node 'a' may have there"
+            " not yet taken in (ClusterOptions.node_window) is full"
+        ), text
+        assert "raise node_window" in text and "is full (capacity" not in text, text
+        assert text.endswith(
+            f"message {refused.message_id} to agent 'col' ({col.id}) was not enqueued"
+        ), text
+        assert refused.detail and refused.detail in text
+    assert handled == list(range(accepted))
+    assert ka.stats().rejected["mailbox_full"] == 3
+
+
 async def test_a_send_from_outside_waiting_for_credit_is_refused_when_the_shutdown_starts(
     nats: NatsServer,
 ) -> None:
@@ -574,11 +647,7 @@ async def test_a_send_from_outside_waiting_for_credit_is_refused_when_the_shutdo
     handled: list[Any] = []
     outcome: list[Any] = []
 
-    @agent(name="stalled", mailbox_capacity=1)
-    async def stalled(ctx: Context, msg: Message) -> Any:
-        await release.wait()
-        handled.append(msg.payload)
-        return None
+    stalled = _stalled(release, handled)
 
     async with (
         _node(nats.url, "b") as (kb, cb),

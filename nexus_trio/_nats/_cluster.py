@@ -1125,7 +1125,7 @@ class Cluster:
             link = self._link_for(msg, routed)
         body = self._tell_body(msg)
         if not link.has_room():
-            raise self._no_room(msg, link)
+            raise self._no_room(msg, link, waited=False)
         self._add_tell(link, body)
         self._published += 1
 
@@ -1485,9 +1485,11 @@ class Cluster:
         info = self.members.members.get(link.node)
         return info is None or not info.reachable
 
-    def _no_room(self, msg: Message, link: batch.NodeLink) -> NexusError:
+    def _no_room(self, msg: Message, link: batch.NodeLink, waited: bool = True) -> NexusError:
         """What a tell refused for lack of room says: NATS down, or the destination
-        process not keeping up (``MailboxFull`` with the node window as capacity)."""
+        process not keeping up (``MailboxFull`` with the node window as capacity, saying
+        that its node's credit ran out, not its mailbox: ``detail``). ``waited``: the
+        send waited its deadline (not ``send_nowait``)."""
         waiting = len(self._outbox)
         if self._outbox.paused or waiting >= self.options.outbox_high_water:
             return TransportUnavailable(
@@ -1499,7 +1501,20 @@ class Cluster:
         except (AgentNotFound, TransportUnavailable) as exc:
             return exc
         name = msg.to if isinstance(msg.to, str) else None
-        return MailboxFull(agent_id, name, link.window, msg.id)
+        when = f"within {self.kernel.config.kernel.send_timeout:g}s" if waited else "(send_nowait)"
+        return MailboxFull(
+            agent_id,
+            name,
+            link.window,
+            msg.id,
+            detail=(
+                f"no credit from node {link.node!r} {when}: the window of {link.window} tells"
+                f" node {self.node!r} may have there not yet taken in"
+                " (ClusterOptions.node_window) is full: that node's agents do not keep up"
+                " (this one's mailbox may have room); send again later, send less"
+                " (or by request), or raise node_window"
+            ),
+        )
 
     def _seal(self, msg: Message, routed: _Routed) -> _Outgoing:
         """The outgoing item of a message that goes alone (a query, a reply, a message
