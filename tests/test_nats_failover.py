@@ -90,6 +90,23 @@ def test_a_gap_past_the_sender_s_window_is_not_believed() -> None:
     assert (seqs.lost, seqs.overreaches) == (2 + 2 + 7 + 8 + 8 + 8 + 50, 5)
 
 
+def test_a_stream_keeps_the_window_its_sender_gave_until_it_is_forgotten() -> None:
+    """A stream is judged by the window last given for it (its own join's record), not
+    this node's, when a later number comes without one (the record of its node name now
+    a later join's); forgotten, it starts over with this node's window."""
+    seqs = InboundSequences(OWN, window=8)
+    assert seqs.observe_batch("b:1.1", OWN, 1, 3, window=64) == 0
+    assert seqs.window_of("b:1.1") == 64
+    assert seqs.observe_batch("b:1.1", OWN, 4, 20) == 0  # 20 tells: past 8, within 64
+    assert seqs.observe("b:1.1", OWN, 40, is_mark=True) == 17
+    assert seqs.overreaches == 0
+    seqs.forget("b:1.1")
+    assert seqs.window_of("b:1.1") == 8
+    assert seqs.observe_batch("b:1.1", OWN, 41, 3) == 5  # started afresh: the window's worth
+    assert seqs.observe_batch("b:1.1", OWN, 44, 20) is None
+    assert (seqs.lost, seqs.overreaches) == (17 + 5, 2)
+
+
 def test_streams_are_counted_apart_and_numbers_for_another_process_are_ignored() -> None:
     seqs = InboundSequences(OWN)
     assert seqs.observe("a.1", OWN, 3, is_mark=False) == 2

@@ -1266,6 +1266,49 @@ async def test_a_gap_of_a_sender_with_a_larger_window_is_judged_by_its_window(
     assert any("node 'b' has node_window 64, this node 8" in line for line in warned), warned
 
 
+async def test_late_batches_of_a_node_s_earlier_process_are_judged_by_its_own_window(
+    nats: NatsServer,
+) -> None:
+    """Regression: a batch was judged by the window in the record of its node name, not
+    of its sender's process. b (window 64) leaves and joins again with a window of 8;
+    a batch of 20 tells the first b sent, late (the new record heard first: membership
+    comes on the control connection), was past the window of 8 and dropped whole
+    (``malformed_batch``, 20 ``malformed``), though it followed the last number taken of
+    its stream. Its stream keeps the window its own record gave: all 20 delivered."""
+    options = attrs.evolve(PATIENT, node_window=64)
+    got: list[Any] = []
+
+    @agent(name="sink-a")
+    async def sink(ctx: Context, msg: Message) -> None:
+        got.append(msg.payload)
+
+    async with _node(nats.url, "a", options=options) as (ka, ca), _hostile(nats.url) as hostile:
+        ka.spawn(sink)
+        async with _node(nats.url, "b", options=options) as (kb, cb):
+            await _members_heard(cb, "a")
+            await _members_heard(ca, "b")
+            with trio.fail_after(20):
+                await cb.wait_for_name("sink-a")
+                await kb.send("sink-a", 0)
+                await _until(lambda: got == [0])
+            first_join = _members(ca)["b"]
+            assert (first_join.window, first_join.session) == (64, cb._session)
+            prefix = cb.id_prefix
+        async with _node(nats.url, "b", options=attrs.evolve(options, node_window=8)):
+            await _until(lambda: _members(ca)["b"].window == 8)
+            assert _members(ca)["b"].session != first_join.session
+            assert first_join.session is not None
+            tells = 20
+            fields = (batch.MAGIC, prefix, first_join.session, ca.id_prefix, 2, tells, 1)
+            late = struct.pack(">4sQQQQIH", *fields) + b"b"
+            late += b"".join(_frame(batch.TELL, _tell("sink-a", i)) for i in range(1, 21))
+            await hostile.publish("nexus.node.a.batch", late)
+            await _until(lambda: len(got) == tells + 1 or bool(ca.stats().inbound_dropped))
+        stats = ca.stats()
+        assert got == list(range(tells + 1))
+        assert (stats.inbound_dropped, stats.lost_in_transit) == ({}, 0)
+
+
 async def test_malformed_placement_records_and_names_entries_are_counted(
     nats: NatsServer,
 ) -> None:

@@ -1989,7 +1989,11 @@ class Cluster:
         overreaches = self._seq_in.overreaches
         fresh = not self._seq_in.keeps(sender)
         lost = self._seq_in.observe_batch(
-            sender, head.dest_prefix, head.first, head.numbered, self._window_of(head.node)
+            sender,
+            head.dest_prefix,
+            head.first,
+            head.numbered,
+            self._window_of(head.node, head.session),
         )
         self._received += head.numbered
         if lost is None:
@@ -1998,7 +2002,7 @@ class Cluster:
             self._malformed_batch(
                 batch.BatchError(
                     f"numbered from {head.first}, past its sender's window of"
-                    f" {self._window_of(head.node)} tells after the last one taken here"
+                    f" {self._seq_in.window_of(sender)} tells after the last one taken here"
                 ),
                 head,
             )
@@ -2264,7 +2268,7 @@ class Cluster:
             dest_prefix,
             number,
             is_mark=is_mark,
-            window=self._window_of(parts[0] if parts is not None else None),
+            window=None if parts is None else self._window_of(parts[0], parts[1]),
         )
         if self._seq_in.overreaches != overreaches:
             what = f"{'a mark' if is_mark else 'a tell'} numbered {number}"
@@ -2278,7 +2282,6 @@ class Cluster:
         the start of one not kept (``started``: only the window's worth counted lost)."""
         self._dropped["malformed"] += 1
         if self._loss_log.due():
-            parts = parse_stream_name(stream)
             log_guarded(
                 log,
                 logging.WARNING,
@@ -2287,19 +2290,23 @@ class Cluster:
                 self.node,
                 what,
                 stream,
-                self._window_of(parts[0] if parts is not None else None),
+                self._seq_in.window_of(stream),
                 "a stream not kept here, started there, at most that many counted lost"
                 if started
                 else "not believed, counted malformed",
             )
 
-    def _window_of(self, node: str | None) -> int:
-        """The ``node_window`` of the sender ``node``: what its membership record says,
-        else (a kernel of an earlier version, or not a member) this node's own."""
-        info = self.members.members.get(node) if node is not None else None
-        if info is not None and info.window is not None:
-            return info.window
-        return self.options.node_window
+    def _window_of(self, node: str, session: int) -> int | None:
+        """The ``node_window`` of the join ``session`` of ``node``: what its membership
+        record says if it is that join's (or names none: a kernel of an earlier version);
+        else None, and the window its stream was last given, or this node's, is used (see
+        ``_sequence``). The record of a later join of the name says that join's window: a
+        process with a smaller one judged the late batches of the earlier process by it,
+        and dropped an honest one of more tells whole (malformed)."""
+        info = self.members.members.get(node)
+        if info is None or (info.session is not None and info.session != session):
+            return None
+        return info.window
 
     def _log_loss(self, lost: int, stream: str) -> None:
         if lost and self._loss_log.due():

@@ -21,7 +21,10 @@ counted lost, the stream's expected number does not move (a forged head that mov
 would hide every later loss of the true sender, and keep back the credit of those
 losses, until the stream is forgotten: the sender stalls), and the claim counts once in
 ``overreaches`` (the caller drops it, malformed). The window is the sender's own
-``node_window`` when its membership record says it, else this node's. The first number
+``node_window`` when its membership record says it, else this node's. It is kept with
+the stream, as the record said it for that stream's process (its session): a node name
+joined again by a process with another window (its record then says that one) does
+not change how the late numbers of the earlier process are judged. The first number
 heard of a stream not kept (never seen, or evicted) starts it wherever it is: the tells
 the window allows before it are counted lost, and the claim once in ``overreaches`` if
 it skips more.
@@ -46,10 +49,22 @@ class InboundSequences:
         self._expected: dict[str, int] = {}
         #: the most tells a sender may have that this node has not taken (None: no bound)
         self.window = window
+        # the window its sender's record gave for a stream (see the module), kept and
+        # forgotten with its entry in _expected
+        self._windows: dict[str, int] = {}
         #: tells counted as lost so far
         self.lost = 0
         #: numbers and batches that claimed a gap past ``window`` (see the module)
         self.overreaches = 0
+
+    def window_of(self, stream: str, window: int | None = None) -> int | None:
+        """The window ``stream`` is judged by: ``window`` (its sender's, as its record
+        says for this stream's process: kept for its later numbers), else the one kept
+        for it, else this node's."""
+        if window is not None:
+            self._windows[stream] = window
+            return window
+        return self._windows.get(stream, self.window)
 
     def _fits(self, gap: int, in_flight: int, window: int | None) -> bool:
         """Whether ``gap`` numbers skipped before ``in_flight`` more tells fit the
@@ -85,6 +100,7 @@ class InboundSequences:
         overreach."""
         if dest_prefix != self.own_prefix:
             return 0
+        window = self.window_of(stream, window)
         expected = self._expected.get(stream)
         # a mark's number was sent (lost with the gap), a tell's is here (in flight)
         in_flight = 0 if is_mark else 1
@@ -116,6 +132,7 @@ class InboundSequences:
     def forget(self, stream: str) -> None:
         """Let ``stream`` go: a later number of it is taken as the start of a new stream."""
         self._expected.pop(stream, None)
+        self._windows.pop(stream, None)
 
     def observe_batch(
         self, stream: str, dest_prefix: int, first: int, count: int, window: int | None = None
@@ -126,6 +143,7 @@ class InboundSequences:
         taken, one overreach, the batch to be dropped."""
         if dest_prefix != self.own_prefix:
             return 0
+        window = self.window_of(stream, window)
         expected = self._expected.get(stream)
         end = first + count
         if expected is None:
