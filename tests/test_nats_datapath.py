@@ -621,8 +621,8 @@ async def test_a_send_refused_for_want_of_node_credit_says_so_not_that_a_mailbox
         )
         text = str(refused)
         assert text.startswith(
-            f"no credit from node 'b' {when}: the window of 8 tells node 'a' may have there"
-            " not yet taken in (ClusterOptions.node_window) is full"
+            f"no credit from node 'b' {when}: node 'a' has its whole window of 8 tells"
+            " (ClusterOptions.node_window) there, not yet taken in"
         ), text
         assert "raise node_window" in text and "is full (capacity" not in text, text
         assert text.endswith(

@@ -1508,11 +1508,10 @@ class Cluster:
             link.window,
             msg.id,
             detail=(
-                f"no credit from node {link.node!r} {when}: the window of {link.window} tells"
-                f" node {self.node!r} may have there not yet taken in"
-                " (ClusterOptions.node_window) is full: that node's agents do not keep up"
-                " (this one's mailbox may have room); send again later, send less"
-                " (or by request), or raise node_window"
+                f"no credit from node {link.node!r} {when}: node {self.node!r} has its whole"
+                f" window of {link.window} tells (ClusterOptions.node_window) there, not yet"
+                " taken in: that node's agents do not keep up (this one's mailbox may have"
+                " room); send again later, send less (or by request), or raise node_window"
             ),
         )
 
