@@ -636,6 +636,9 @@ class Cluster:
         self._unwritten_names: dict[str, uuid.UUID] = {}
         self._names_written_late = 0
         self._names_taken = 0
+        # the local agent counted in it, by name: counted once, however often its name is
+        # checked again (a heal, the watch's replay); dropped with the local name
+        self._taken_names: dict[str, uuid.UUID] = {}
         # local names a rebalance moved here, until their entry is written: name ->
         # (agent id, the moved copy's (node, agent id)), whose entry the claim, a retry
         # and the duplicate check take as the one this copy replaces (see _entry_stands)
@@ -3020,7 +3023,11 @@ class Cluster:
         if not self.placement.superseded(name, local, entry[0]):
             # A plain kernel.spawn name, registered later on another node: the last
             # registration wins (docs/distributed.md, Addresses); said, as a first step
-            # towards the first registration winning, as for placed names.
+            # towards the first registration winning, as for placed names. Once per
+            # agent: a healed partition or the watch's replay checks it again.
+            if self._taken_names.get(name) == local:
+                return
+            self._taken_names[name] = local
             self._names_taken += 1
             log_guarded(
                 log,
@@ -3113,6 +3120,7 @@ class Cluster:
             return
         else:
             self._local_names[name] = agent_id
+        self._taken_names.pop(name, None)
         self._unwritten_names.pop(name, None)  # the op queued now decides
         self._replacing.pop(name, None)
         if self._names_pending == 0:
@@ -3185,6 +3193,7 @@ class Cluster:
         by :meth:`claim_name`, not by the names publisher (whose unconditional put would
         overwrite another node's claim). Called before anything awaits."""
         self._local_names[name] = agent_id
+        self._taken_names.pop(name, None)
         self._unwritten_names.pop(name, None)
         self._replacing.pop(name, None)
 
