@@ -49,6 +49,10 @@ _Coroutine: Final = types.CoroutineType
 _QUERY: Final = MessageKind.QUERY
 #: what a parked serve loop holds instead of the last message it handled
 _NOTHING: Final = Message(SYSTEM_ID, SYSTEM_ID)
+#: what ``_handler_scope`` holds while a run whose nursery is closed waits for its linked
+#: children to stop, before its ``on_stop`` (never entered, never cancelled: no handler
+#: is suspended then). Not a slot of its own: memory per agent.
+_STOPPING_LINKED: Final = trio.CancelScope()
 
 if TYPE_CHECKING:
     from ._agent import AgentSpec, Behaviour, Context
@@ -329,13 +333,14 @@ class AgentCell(Child):
         """The run's ``on_stop`` runs (its nursery is closed, the run not over yet): read
         when a request times out, as :attr:`on_start_running`. Not while the run still
         waits for its linked children to stop (see :meth:`linked_left`)."""
-        return self.running and self.nursery is None and not self.linked_left()
+        return self.running and self.nursery is None and self._handler_scope is not _STOPPING_LINKED
 
     def linked_left(self) -> list[Child]:
-        """The linked children not stopped yet of a run whose nursery is closed: those
-        it waits for before its ``on_stop`` (empty while the run serves, and once it
-        has stopped them). Read when a request times out, as :attr:`on_stop_running`."""
-        if not self.running or self.nursery is not None:
+        """The linked children not stopped yet of a run whose nursery is closed, while
+        it waits for them before its ``on_stop`` (empty while the run serves, and once its
+        ``on_stop`` runs, which may spawn more). Read when a request times out, as
+        :attr:`on_stop_running`."""
+        if self._handler_scope is not _STOPPING_LINKED:
             return []
         return [linked for linked in self.linked_children if not linked.retired]
 
@@ -584,7 +589,13 @@ class AgentCell(Child):
         whose stop ran past its timeout, still stops them before its ``on_stop``)."""
         owner = self.supervisor
         if owner is not None:
-            await owner.stop_linked(self, "parent_stopped" if self.terminating else "parent_exited")
+            self._handler_scope = _STOPPING_LINKED  # (see linked_left)
+            try:
+                await owner.stop_linked(
+                    self, "parent_stopped" if self.terminating else "parent_exited"
+                )
+            finally:
+                self._handler_scope = None
 
     @trio.lowlevel.enable_ki_protection
     def _stop_scope(self) -> trio.CancelScope:

@@ -2999,19 +2999,28 @@ async def test_an_on_start_that_requests_its_own_agent_times_out_saying_so(
         assert (stats.handled, stats.dead_lettered, stats.in_flight) == (1, 1, 0)
 
 
+@pytest.mark.parametrize("spawning", [False, True], ids=["alone", "after_spawning_a_child"])
 async def test_an_on_stop_that_requests_its_own_agent_times_out_saying_so(
-    autojump_clock: Any,
+    autojump_clock: Any, spawning: bool
 ) -> None:
     """Before: an ``on_stop`` that requested its own agent (after ``ctx.stop()``: its
     address takes messages, its run serves them no more) timed out with only "got no
-    reply within 0.5s"."""
+    reply within 0.5s". An ``on_stop`` that spawned a (linked) child first was said to
+    wait for that child to stop "before its on_stop", which was running: the run's wait
+    for its linked children is over once its on_stop runs, whatever that spawns."""
     said: list[str] = []
+
+    class Kid(Agent):
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            return None
 
     class Selfish(Agent):
         async def handle(self, ctx: Context, msg: Message) -> None:
             ctx.stop()
 
         async def on_stop(self, ctx: Context) -> None:
+            if spawning:
+                ctx.spawn(agent(Kid, name="late-kid"))
             try:
                 await ctx.request(ctx.id, "inner", timeout=0.5)
             except RequestTimeout as exc:
