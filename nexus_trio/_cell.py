@@ -56,6 +56,7 @@ _STOPPING_LINKED: Final = trio.CancelScope()
 
 if TYPE_CHECKING:
     from ._agent import AgentSpec, Behaviour, Context
+    from ._config import KernelConfig, OverflowPolicy
     from ._ledger import Ledger
 
 log: Final = logging.getLogger("nexus_trio.agent")
@@ -163,6 +164,22 @@ def _first_failure(group: BaseExceptionGroup[BaseException]) -> BaseException | 
     return None
 
 
+class CellDefaults:
+    """What a kernel's cells take from its ``[kernel]`` config when their spec does not
+    say: read once per kernel. The config's ``handle_timeout`` and ``shutdown_grace``
+    are properties that build a new float at each read, which a cell keeps: 64 bytes
+    in every agent (two 32-byte blocks), where one float per kernel does."""
+
+    __slots__ = ("batch_size", "handle_timeout", "mailbox_capacity", "overflow", "shutdown_grace")
+
+    def __init__(self, config: KernelConfig) -> None:
+        self.mailbox_capacity: int = config.mailbox_capacity
+        self.overflow: OverflowPolicy = config.overflow
+        self.handle_timeout: float = config.handle_timeout
+        self.shutdown_grace: float = config.shutdown_grace
+        self.batch_size: int = config.batch_size
+
+
 class AgentCell(Child):
     """One agent address and everything that survives its restarts."""
 
@@ -210,7 +227,7 @@ class AgentCell(Child):
         high_water: HighWater,
         router: Router,
         ledger: Ledger,
-        defaults: Any,
+        defaults: CellDefaults,
         make_context: Callable[[AgentCell], Context],
     ) -> None:
         self._init_child(

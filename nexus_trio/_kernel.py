@@ -41,7 +41,7 @@ from ._agent import (
     checked_seconds,
 )
 from ._brief import brief
-from ._cell import AgentCell
+from ._cell import AgentCell, CellDefaults
 from ._child import Child, ChildOwner
 from ._config import Config
 from ._deadletter import DeadLetter
@@ -97,6 +97,7 @@ class Kernel:
         # One bound method for every cell and context (not a new one per spawn or run:
         # 64 bytes each, at a million agents).
         self._make_context = self._context_for
+        self._cell_defaults = CellDefaults(kc)
         self._spawn_linked_for_contexts = self._spawn_linked
         self._host = SupervisionHost(
             self._router,
@@ -507,7 +508,7 @@ class Kernel:
             high_water=self._ledger.high_water,
             router=self._router,
             ledger=self._ledger,
-            defaults=self.config.kernel,
+            defaults=self._cell_defaults,
             make_context=self._make_context,
         )
 

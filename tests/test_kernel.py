@@ -2494,6 +2494,39 @@ async def test_a_running_agent_keeps_no_bound_exit_of_its_serve_loop_s_scope(
     assert running == idle
 
 
+async def test_the_agents_of_one_kernel_share_its_default_timeouts() -> None:
+    """A cell without a handle timeout or shutdown timeout of its own takes the kernel's,
+    and keeps it: the config's properties built a new float at each read, two 32-byte
+    blocks in every agent. The kernel reads them once; an agent's own values stay its."""
+    from nexus_trio._cell import AgentCell
+
+    @agent
+    async def plain(ctx: Context, msg: Message) -> None:
+        return None
+
+    own = agent(plain, handle_timeout=2.5, shutdown_timeout=0.25)
+    names = ("plain-0", "plain-1", "plain-2", "own")
+    async with open_kernel(make_config(handle_timeout_ms=1500, shutdown_grace_ms=750)) as kernel:
+        for name in names[:3]:
+            kernel.spawn(plain, name=name)
+        kernel.spawn(own, name="own")
+        for name in names:
+            await kernel.send(name, "x")
+        await trio.testing.wait_all_tasks_blocked()
+        assert kernel.stats().handled == 4
+        cells = {
+            obj.name: obj
+            for obj in gc.get_objects()
+            if isinstance(obj, AgentCell) and obj.name in names
+        }
+        assert sorted(cells) == sorted(names)
+        timeouts = [(cells[n].handle_timeout, cells[n].shutdown_timeout) for n in names]
+        assert timeouts == [(1.5, 0.75), (1.5, 0.75), (1.5, 0.75), (2.5, 0.25)]
+        first, *others = (cells[n] for n in names[:3])
+        assert all(other.handle_timeout is first.handle_timeout for other in others)
+        assert all(other.shutdown_timeout is first.shutdown_timeout for other in others)
+
+
 async def test_a_running_agent_s_task_root_keeps_only_what_its_run_needs() -> None:
     """Each local and value-stack slot of a run task's root coroutine costs every running
     agent 16 bytes (the coroutine's and the frame object Trio makes for it). It took the
