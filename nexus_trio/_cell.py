@@ -21,6 +21,7 @@ suspended, and Trio requires scopes to nest.)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -150,6 +151,18 @@ def _guard(nursery: trio.Nursery) -> trio.Nursery:
 
     vars(nursery).update(start_soon=guarded_start_soon, start=guarded_start)
     return nursery
+
+
+@trio.lowlevel.enable_ki_protection
+async def _leave_nursery(
+    manager: contextlib.AbstractAsyncContextManager[trio.Nursery], exc: BaseException
+) -> bool | None:
+    """The run's nursery left by ``exc``, as ``async with`` leaves it (``__aexit__`` with
+    the exception's type, the exception and its traceback): true if the nursery took it.
+    Protected from KeyboardInterrupt, as the statement's own call is (it is made by the
+    interpreter, between no two instructions of the run's code): a Ctrl-C landing
+    between the ``except`` and the call would leave the nursery open for good."""
+    return await manager.__aexit__(type(exc), exc, exc.__traceback__)
 
 
 def _first_failure(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
@@ -441,7 +454,7 @@ class AgentCell(Child):
     @trio.lowlevel.disable_ki_protection
     async def run_once(self) -> None:
         """One run: fresh behaviour, ``on_start``, serve until asked to exit, ``on_stop``."""
-        ctx = self._begin_run()
+        self._begin_run()
         try:
             behaviour: Behaviour = self.spec.factory()
         except KeyboardInterrupt as exc:
@@ -456,19 +469,30 @@ class AgentCell(Child):
         started = False
         try:
             try:
-                async with trio.open_nursery() as nursery:
-                    self._enter_run(nursery)
+                # ``async with trio.open_nursery() as self.nursery:`` written out: the
+                # statement keeps the manager's bound ``__aexit__`` on this frame's stack
+                # for as long as the run goes on (64 bytes in every running agent); this
+                # frame keeps the manager, which the bound method kept anyway. (Each slot
+                # of this frame is 8 bytes in every running agent: the nursery and the
+                # context are read from the cell, which keeps them.)
+                manager = trio.open_nursery()
+                self.nursery = await manager.__aenter__()
+                try:
                     try:
-                        await behaviour.on_start(ctx)
+                        await behaviour.on_start(self._enter_run())
                     except Exception as exc:
                         raise _StartFailed(exc) from None
                     started = self._run_started()
                     await self._serve(behaviour)
-                    # The run is over: its background work ends with it. (Most runs have
-                    # none, and Trio's cancel() formats the task's repr for its reason:
-                    # about a tenth of stopping an agent.)
-                    if nursery.child_tasks:
-                        nursery.cancel_scope.cancel()
+                    self._end_background()
+                except BaseException as exc:
+                    # What the statement does: the nursery takes the exception (a cancel
+                    # of its own) or it goes on as it was, unless the nursery raises what
+                    # it gathered instead (a group of its children's failures and this).
+                    if not await _leave_nursery(manager, exc):
+                        raise
+                else:
+                    await manager.__aexit__(None, None, None)
             except BaseExceptionGroup as group:
                 failure = self._run_failure(group)
         finally:
@@ -483,31 +507,43 @@ class AgentCell(Child):
                 # more than the rest of a quiet agent's exit). None for a run whose
                 # on_start was cancelled by its stop (see ``started``); one that raised
                 # or was interrupted (Ctrl-C) still gets it.
-                with self._stop_scope() as stop_scope:
-                    try:
-                        await behaviour.on_stop(ctx)
-                    except Exception as exc:
-                        failure = self._on_stop_raised(exc, failure)
-                    except KeyboardInterrupt as exc:
-                        failure = self._stopped_by(exc, failure)
-                if stop_scope.cancel_called:
-                    self._on_stop_cut()
+                failure = await self._call_on_stop(behaviour, failure)
         if failure is not None:
             self._count_run_failure(failure)
             raise failure
 
+    # Not protected from KeyboardInterrupt, as run_once: it runs the agent's on_stop. A
+    # method of its own: what it needs (its scope, the stack of a ``with`` around a
+    # ``try`` in a ``finally``) would be slots of run_once's frame, which every running
+    # agent keeps.
+    @trio.lowlevel.disable_ki_protection
+    async def _call_on_stop(
+        self, behaviour: Behaviour, failure: BaseException | None
+    ) -> BaseException | None:
+        """The run's ``on_stop`` in its shielded scope; what the run ends with after it."""
+        ctx = self.ctx
+        assert ctx is not None  # built by the run's start
+        with self._stop_scope() as stop_scope:
+            try:
+                await behaviour.on_stop(ctx)
+            except Exception as exc:
+                failure = self._on_stop_raised(exc, failure)
+            except KeyboardInterrupt as exc:
+                failure = self._stopped_by(exc, failure)
+        if stop_scope.cancel_called:
+            self._on_stop_cut()
+        return failure
+
     # --- a run's bookkeeping: each group protected from KeyboardInterrupt as a whole ----
 
     @trio.lowlevel.enable_ki_protection
-    def _begin_run(self) -> Context:
+    def _begin_run(self) -> None:
         """A run starts: its flags, and the context (built on the first run)."""
         self.exit_requested = self.terminating
         self.interrupted = self.terminating or self._held
         self.exit_directive = None
-        ctx = self.ctx
-        if ctx is None:
-            ctx = self.ctx = self._make_context(self)
-        return ctx
+        if self.ctx is None:
+            self.ctx = self._make_context(self)
 
     def background_nursery(self) -> trio.Nursery | None:
         """The run's nursery for ``ctx.nursery`` (None between runs), its tasks guarded
@@ -522,9 +558,23 @@ class AgentCell(Child):
         return nursery
 
     @trio.lowlevel.enable_ki_protection
-    def _enter_run(self, nursery: trio.Nursery) -> None:
-        self.nursery = nursery
+    def _enter_run(self) -> Context:
+        """The run's nursery is open (``nursery``): its scope is the run's; the context
+        for ``on_start``."""
+        nursery = self.nursery
+        assert nursery is not None and self.ctx is not None
         self.scope = nursery.cancel_scope
+        return self.ctx
+
+    @trio.lowlevel.enable_ki_protection
+    def _end_background(self) -> None:
+        """The run is over: its background work ends with it. (Most runs have none, and
+        Trio's cancel() formats the task's repr for its reason: about a tenth of
+        stopping an agent.)"""
+        nursery = self.nursery
+        assert nursery is not None
+        if nursery.child_tasks:
+            nursery.cancel_scope.cancel()
 
     @trio.lowlevel.enable_ki_protection
     def _run_started(self) -> bool:

@@ -3679,3 +3679,246 @@ async def test_a_serve_loop_left_by_a_return_leaves_its_scope_once(
     assert EventKind.FAILED not in kinds and EventKind.STOPPED in kinds, kinds
     assert (stats.run_failures, stats.failed, stats.timed_out) == (0, 0, 1), stats
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def _bound_exits_of(owner: str) -> int:
+    """Bound ``__exit__``/``__aexit__`` methods alive whose object's class is ``owner``."""
+    gc.collect()
+    return sum(
+        1
+        for obj in gc.get_objects()
+        if isinstance(obj, types.MethodType)
+        and type(obj.__self__).__name__ == owner
+        and obj.__name__ in ("__exit__", "__aexit__")
+    )
+
+
+async def test_a_running_agent_keeps_no_bound_exit_of_its_nursery_s_manager(
+    autojump_clock: Any,
+) -> None:
+    """An ``async with trio.open_nursery()`` keeps the manager's bound ``__aexit__`` on the
+    frame's stack for as long as its body runs: the run's, 64 bytes in every running agent.
+    The run enters and leaves its nursery itself; ``ctx.nursery`` works as before (a
+    background task runs, and is cancelled when the run ends)."""
+    ran: list[str] = []
+
+    class Background(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            ctx.nursery.start_soon(self.forever)
+
+        async def forever(self) -> None:
+            ran.append("started")
+            try:
+                await trio.sleep_forever()
+            finally:
+                ran.append("cancelled")
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            ran.append(msg.payload)
+
+    async with open_kernel(make_config()) as kernel:
+        await trio.testing.wait_all_tasks_blocked()
+        idle = _bound_exits_of("NurseryManager")  # the kernel's own (no agent yet)
+        for i in range(3):
+            kernel.spawn(agent(Background, name=f"bg-{i}"))
+        await trio.testing.wait_all_tasks_blocked()
+        for i in range(3):
+            await kernel.send(f"bg-{i}", f"m{i}")
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(ran) == ["m0", "m1", "m2"] + ["started"] * 3
+        running = _bound_exits_of("NurseryManager")
+        await kernel.stop("bg-0")
+        assert ran.count("cancelled") == 1
+    assert sorted(ran) == ["cancelled"] * 3 + ["m0", "m1", "m2"] + ["started"] * 3
+    assert running == idle
+
+
+class _LeavesItsNursery(Agent):
+    """A run that leaves its nursery the way the spawn's name says, on message "go"."""
+
+    way: ClassVar[str] = ""
+    journal: ClassVar[list[str]] = []
+
+    async def on_start(self, ctx: Context) -> None:
+        self.journal.append("on_start")
+        if self.way == "on_start_raises" and self.journal.count("on_start") == 1:
+            raise ValueError("on_start")
+        if self.way == "on_start_raises_a_group" and self.journal.count("on_start") == 1:
+            raise ExceptionGroup("mine", [KeyError("a"), ValueError("b")])
+
+    async def fail_later(self, error: BaseException) -> None:
+        await trio.sleep(1)
+        raise error
+
+    async def handle(self, ctx: Context, msg: Message) -> None:
+        self.journal.append(f"handle {msg.payload}")
+        if msg.payload != "go":
+            return
+        way = self.way
+        if way == "background_fails":
+            ctx.nursery.start_soon(self.fail_later, OSError("background"))
+        elif way == "background_fails_with_a_group":
+            ctx.nursery.start_soon(
+                self.fail_later, ExceptionGroup("theirs", [OSError("c"), OSError("d")])
+            )
+        elif way == "exits_with_background_work":
+            ctx.nursery.start_soon(trio.sleep_forever)
+            ctx.stop()
+        elif way == "stopped_past_its_timeout":
+            await trio.sleep(100)  # past the shutdown timeout (5 s): cancelled by the stop
+
+    async def on_stop(self, ctx: Context) -> None:
+        self.journal.append("on_stop")
+
+
+@pytest.mark.parametrize(
+    "way",
+    [
+        "on_start_raises",
+        "on_start_raises_a_group",
+        "background_fails",
+        "background_fails_with_a_group",
+        "exits_with_background_work",
+        "stopped_past_its_timeout",
+    ],
+)
+async def test_a_run_leaves_its_nursery_as_async_with_does(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture, way: str
+) -> None:
+    """The run's nursery, entered and left by hand, is left as ``async with`` leaves it:
+    what on_start raises (also an ExceptionGroup) and what a background task raises (also
+    a group) is the run's failure, once, and the agent is restarted; a run that exits
+    while its background work runs cancels it and exits cleanly; a stop past the shutdown
+    timeout cancels the nursery, which takes its own Cancelled (a stop, no failure). The
+    same outcomes as with the statement (checked against it). A nursery not left, left
+    twice, or left as if nothing was raised changes them."""
+    caplog.set_level(logging.WARNING, logger="nexus_trio")
+    _LeavesItsNursery.way = way
+    _LeavesItsNursery.journal = []
+    journal = _LeavesItsNursery.journal
+    spec = agent(
+        _LeavesItsNursery,
+        name="leaver",
+        restart="transient",
+        shutdown_timeout=5.0,
+        handle_timeout=1000.0,
+    )
+    pinged: list[int] = []
+
+    @agent(name="bystander")
+    async def bystander(ctx: Context, msg: Message) -> None:
+        pinged.append(msg.payload)
+
+    async with open_kernel(make_config()) as kernel:
+        events = kernel.events()
+        kernel.spawn(spec)
+        kernel.spawn(bystander)
+        await kernel.send("bystander", 1)
+        await trio.testing.wait_all_tasks_blocked()
+        if not way.startswith("on_start"):
+            await kernel.send("leaver", "go")
+        else:
+            await kernel.send("leaver", "first")
+        await trio.sleep(2)
+        if way == "stopped_past_its_timeout":
+            await kernel.stop("leaver")
+        elif way != "exits_with_background_work":
+            await kernel.send("leaver", "after")
+        await trio.testing.wait_all_tasks_blocked()
+        # the sibling under the same supervisor serves on, as it did
+        await kernel.send("bystander", 2)
+        await trio.testing.wait_all_tasks_blocked()
+        assert pinged == [1, 2]
+        stats = kernel.stats()
+        seen = [(e.kind, e.error) for e in _drain_events(events) if e.name == "leaver"]
+        letters = [(d.message.payload, d.reason, d.detail) for d in kernel.recent_dead_letters()]
+    outcome = {
+        "journal": journal,
+        "events": [kind.value for kind, _ in seen],
+        "failures": [(type(error).__name__, str(error)) for kind, error in seen if error],
+        "counts": (stats.run_failures, stats.restarts, stats.failed, stats.handled),
+        "dead letters": [(payload, reason.value, detail) for payload, reason, detail in letters],
+        "errors": [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR],
+    }
+    assert outcome == _LEFT_ITS_NURSERY[way]
+
+
+def _run_failed(in_on_start: bool, error: tuple[str, str]) -> dict[str, Any]:
+    """A run that failed with ``error`` (in on_start, or later in a background task), its
+    agent restarted (transient), the next run serving: the failure said once (the error
+    twice in events: failed, restarted)."""
+    if in_on_start:
+        journal = ["on_start", "on_stop", "on_start", "handle first"]
+        events = ["spawned", "failed", "restarted", "started"]
+    else:
+        journal = ["on_start", "handle go", "on_stop", "on_start"]
+        events = ["spawned", "started", "failed", "restarted", "started"]
+    return {
+        "journal": [*journal, "handle after", "on_stop"],
+        "events": events,
+        "failures": [error, error],
+        # run failures, restarts, failed messages, handled (the bystander's 2 too)
+        "counts": (1, 1, 0, 4),
+        "dead letters": [],
+        "errors": ["agent leaver failed outside a handler"],
+    }
+
+
+def _run_stopped(handled: int, letters: list[tuple[str, str, str]]) -> dict[str, Any]:
+    """A run that ended as a stop, no failure."""
+    return {
+        "journal": ["on_start", "handle go", "on_stop"],
+        "events": ["spawned", "started", "stopped"],
+        "failures": [],
+        "counts": (0, 0, 0, handled),
+        "dead letters": letters,
+        "errors": [],
+    }
+
+
+#: what each way of leaving the run's nursery ends in, as with ``async with`` (on the
+#: statement, before the exit was written out)
+_LEFT_ITS_NURSERY: dict[str, dict[str, Any]] = {
+    "on_start_raises": _run_failed(True, ("ValueError", "on_start")),
+    "on_start_raises_a_group": _run_failed(True, ("ExceptionGroup", "mine (2 sub-exceptions)")),
+    "background_fails": _run_failed(False, ("OSError", "background")),
+    "background_fails_with_a_group": _run_failed(False, ("OSError", "c")),
+    "exits_with_background_work": _run_stopped(3, []),
+    "stopped_past_its_timeout": _run_stopped(
+        2, [("go", "agent_stopped", "cancelled while being handled")]
+    ),
+}
+
+
+def test_a_nursery_that_gives_back_what_on_start_raised_is_left_raising_it() -> None:
+    """Under Trio's deprecated loose exception groups a nursery's ``__aexit__`` gives back
+    what its body raised (it returns False: a lone exception is not wrapped), and
+    ``async with`` raises it on as it was; the run's written-out exit does the same. The
+    run whose on_start raised fails (failed, restarted, its next run serves), as with the
+    statement (checked against it); taking the False for 'handled' lost the agent."""
+    _LeavesItsNursery.way = "on_start_raises"
+    _LeavesItsNursery.journal = []
+    found: dict[str, Any] = {}
+
+    async def main() -> None:
+        async with open_kernel(make_config()) as kernel:
+            events = kernel.events()
+            kernel.spawn(agent(_LeavesItsNursery, name="raises", restart="transient"))
+            await trio.sleep(1)
+            await kernel.send("raises", "after")
+            await trio.testing.wait_all_tasks_blocked()
+            stats = kernel.stats()
+            found["counts"] = (stats.restarts, stats.handled)
+            found["events"] = [e.kind.value for e in _drain_events(events) if e.name == "raises"]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", trio.TrioDeprecationWarning)
+        trio.run(
+            main,
+            clock=trio.testing.MockClock(autojump_threshold=0),
+            strict_exception_groups=False,
+        )
+    # (no on_stop for the failed run here: the run takes only a group for its failure, and
+    # a loose nursery raises the lone exception; so it was with the statement)
+    assert _LeavesItsNursery.journal == ["on_start", "on_start", "handle after", "on_stop"]
+    assert found == {"counts": (1, 1), "events": ["spawned", "failed", "restarted", "started"]}

@@ -1260,21 +1260,23 @@ async def test_wait_stop_requested_returns_at_the_stop_of_an_agent_held_after_th
 
 def _ctrl_c_at(text: str, fired: list[str]) -> Any:
     """A ``sys.settrace`` function that gives a Ctrl-C to the line of ``nexus_trio/_cell.py``
-    that starts with ``text``, the first time it runs in ``run_once`` or in a function that
-    ``run_once`` calls, as the signal machinery would: Trio's SIGINT handler is called with
-    the frame that runs it, raises KeyboardInterrupt there if that frame is not protected,
-    and gives it to the run's main task otherwise (``fired`` gets the function's name)."""
+    that starts with ``text``, the first time it runs in ``run_once`` (or ``_call_on_stop``,
+    its on_stop part) or in a function that one of them calls, as the signal machinery
+    would: Trio's SIGINT handler is called with the frame that runs it, raises
+    KeyboardInterrupt there if that frame is not protected, and gives it to the run's main
+    task otherwise (``fired`` gets the function's name)."""
     path = cell_module.__file__
     with open(path, encoding="utf-8") as source:
         lines = {n for n, line in enumerate(source, 1) if line.strip().startswith(text)}
     assert lines, text
+    runs = ("run_once", "_call_on_stop")
 
     def at_line(frame: types.FrameType, event: str, arg: Any) -> Any:
         if fired or event != "line" or frame.f_lineno not in lines:
             return at_line
         caller = frame.f_back
-        if frame.f_code.co_name != "run_once" and (
-            caller is None or caller.f_code.co_name != "run_once"
+        if frame.f_code.co_name not in runs and (
+            caller is None or caller.f_code.co_name not in runs
         ):
             return at_line
         fired.append(frame.f_code.co_name)
@@ -1295,9 +1297,10 @@ def _ctrl_c_at(text: str, fired: list[str]) -> Any:
 #: outside its protected groups (below)
 _BEFORE_THE_RUN_STARTS = (
     # at a run's very start, before its bookkeeping
-    "ctx = self._begin_run()",
-    # as a run opens its nursery
-    "async with trio.open_nursery() as nursery:",
+    "self._begin_run()",
+    # as a run opens its nursery (the ``async with`` written out)
+    "manager = trio.open_nursery()",
+    "self.nursery = await manager.__aenter__()",
 )
 
 
@@ -1309,6 +1312,10 @@ _BEFORE_THE_RUN_STARTS = (
         ("self.interrupted = self.terminating", False),
         # between a run's nursery and its cancel scope set
         ("self.scope = nursery.cancel_scope", False),
+        # as a run's nursery is left by what its failing background task raised (the
+        # ``async with``'s exit written out: made, as the statement's, where no Ctrl-C
+        # lands before the nursery has its exception)
+        ("return await manager.__aexit__(type(exc), exc, exc.__traceback__)", True),
         # between a run's start signalled and its `started` event
         ("self.ledger.event(_STARTED", False),
         # (a run that a background task fails while a handler is held:)
