@@ -363,6 +363,10 @@ class ClusterStats:
     #: node knew on another node: not sent, failed at once for their callers
     #: (``TransportUnavailable`` saying the node left)
     requests_after_leave: int = 0
+    #: requests this node had sent that were waiting for their answer when the node
+    #: asked was judged lost: failed for their callers with ``TransportUnavailable``
+    #: naming the node and why it was judged lost
+    requests_lost_with_nodes: int = 0
     #: records and entries of the cluster's buckets refused, each time one is heard: a
     #: membership record (also one on the heartbeat subjects), a placement record or a
     #: names entry whose key this code does not write or whose body is not one (not
@@ -754,6 +758,8 @@ class Cluster:
         self._tells_after_leave = 0
         #: see _tell_after_leave
         self._requests_after_leave = 0
+        #: see _node_lost
+        self._requests_lost_with_nodes = 0
         self._after_leave_log = Throttle()
         self._data_up = trio.Event()  # set while the data connection is up
         self._data_up.set()
@@ -4089,9 +4095,13 @@ class Cluster:
         for query_id, (to, node) in list(self._outstanding.items()):
             if node == info.node:
                 del self._outstanding[query_id]
+                self._requests_lost_with_nodes += 1
                 self._fail_request(
                     query_id,
-                    TransportUnavailable(f"node {info.node!r} hosting {to} is unreachable"),
+                    TransportUnavailable(
+                        f"node {info.node!r} hosting {to} is unreachable: it was lost while"
+                        f" the request waited for its answer ({reason})"
+                    ),
                 )
         # Tells waiting for its credit: routed again, they fail as a new send does (the
         # links stay: a node heard from again credits what it took meanwhile).
@@ -4781,6 +4791,7 @@ class Cluster:
             lost_at_leave=self._lost_at_leave,
             tells_after_leave=self._tells_after_leave,
             requests_after_leave=self._requests_after_leave,
+            requests_lost_with_nodes=self._requests_lost_with_nodes,
             entries_malformed=(
                 self._records_refused.count
                 + self._names_refused.count
