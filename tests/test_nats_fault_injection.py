@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -15,9 +17,11 @@ import trio
 from nexus_trio import Context, Message, RequestTimeout, TransportUnavailable, agent
 from nexus_trio._nats import NatsServer
 
-from .nats_server import FAST, until
+from .nats_server import FAST, nats_cluster, until
+from .placement_node import Node
 from .test_nats import local_node, nodes
 from .test_nats_datapath import _node
+from .test_nats_placement import _counted, _start_nodes, _until
 
 
 async def test_a_request_in_flight_to_a_killed_node_fails_naming_it_within_its_timeout(
@@ -120,3 +124,159 @@ async def test_a_cancel_racing_its_reply_ends_in_the_reply_or_one_late_reply_nev
         assert 0 < timeouts < count, (replies, timeouts)
         assert late() == timeouts, (replies, timeouts, late())
         assert ka.stats().in_flight == kb.stats().in_flight == 0
+
+
+async def _local_on(nodes: list[Node], names: list[str]) -> dict[str, list[str]]:
+    """For each of ``names``, the nodes whose kernel runs it now."""
+    where: dict[str, list[str]] = {name: [] for name in names}
+    for node in nodes:
+        for name in await node.call("local", names=names):
+            where[name].append(node.node)
+    return where
+
+
+@asynccontextmanager
+async def _three_nodes() -> AsyncIterator[tuple[str, list[Node]]]:
+    """A nats-server's url and placement nodes a, b and c on it (each member of the
+    list, replaced in it if restarted, is stopped at the end)."""
+    with nats_cluster() as servers:
+        nodes: list[Node] = []
+        try:
+            nodes += await _start_nodes(servers[0].url, ["a", "b", "c"])
+            yield servers[0].url, nodes
+        finally:
+            with trio.CancelScope(shield=True):
+                for node in nodes:
+                    await node.stop()
+
+
+async def _stream_then_kill(
+    sender: Node, names: list[str], victims: list[Node]
+) -> tuple[dict[str, str], int]:
+    """The ids ``names`` have now, and the stream of 6,000 tells ``sender`` starts to
+    them, once 300 were acknowledged and ``victims`` were SIGKILLed under it."""
+    ids = {name: (await sender.call("where", name=name))[1] for name in names}
+    stream = await sender.call("stream", to=names, count=6000, batch=50, pause=0.005)
+
+    async def acked_some() -> bool:
+        return int(await sender.call("acks")) >= 300
+
+    await _until(acked_some)
+    for victim in victims:
+        victim.kill()
+    for victim in victims:
+        assert victim.process is not None
+        await victim.process.wait()
+    return ids, stream
+
+
+@pytest.mark.trio
+async def test_a_node_process_killed_and_started_again_under_its_name_under_a_stream() -> None:
+    """a streams tells to 6 counters pinned on c; c's process is SIGKILLed and started
+    again under the name c. a's stream never stalls (each tell accepted or refused,
+    within its bound); what c took before the kill is acknowledged or counted lost;
+    the 6 names are re-placed once each (fresh state, a ``restarted`` event each); and
+    a's tells to the new c process (a new stream) all reach it."""
+    async with _three_nodes() as (url, nodes):
+        a, b, c = nodes
+        on_c = [f"pinned-{i}" for i in range(6)]
+        for name in on_c:
+            assert (await a.call("spawn", type="counter", name=name, node="c"))["node"] == "c"
+        ids_before, stream = await _stream_then_kill(a, on_c, [c])
+        c = nodes[2] = await Node(url, "c").start()
+        assert await c.call("wait_live", count=3) == ["a", "b", "c"]
+
+        async def replaced() -> bool:
+            stats = [await n.call("stats") for n in nodes]
+            return sum(s["replaced"] for s in stats) >= len(on_c)
+
+        await _until(replaced)
+        result = await a.call("stream_result", stream=stream, timeout=60)
+        assert result["accepted"] + result["refused"] == 6000
+        stats = {n.node: await n.call("stats") for n in nodes}
+        assert sum(s["replaced"] for s in stats.values()) == len(on_c)
+        # each name runs once, a new incarnation, its event saying where from
+        where = await _local_on(nodes, on_c)
+        assert all(len(held) == 1 for held in where.values()), where
+        events = [e for n in nodes for e in await n.call("restarted")]
+        assert sorted(name for name, _ in events) == sorted(on_c)
+        assert {reason for _, reason in events} == {"re-placed from node c"}
+        for name in on_c:
+            now = await b.call("where", name=name)
+            assert now[0] == where[name][0] and now[1] != ids_before[name]
+            answer = await a.call("request", to=name)
+            assert answer["name"] == name and answer["handled"] < result["accepted"]
+        # every accepted tell was acknowledged, counted lost with the old process,
+        # or dropped by the new one (sent to the old incarnation's id before the
+        # name was re-placed: no_such_agent)
+        counts = await _counted(a, [a, b, c], result["accepted"])
+        # (at most what c handled in its last heartbeat interval, 0.2 s, is counted
+        # twice: about 400 tells at this pace)
+        assert counts["acked"] + counts["lost"] - result["accepted"] < 2000, counts
+        assert counts["lost"] > 0, counts
+
+        # the new process under the name: a's tells to it (a new stream) reach it
+        assert (await a.call("spawn", type="counter", name="fresh", node="c"))["node"] == "c"
+        acked = await a.call("acks")
+        before = await c.call("stats")
+        assert set(before["inbound_dropped"]) <= {"no_such_agent"}, before
+        fresh = await a.call("stream", to=["fresh"], count=500, batch=50, pause=0.005)
+        assert await a.call("stream_result", stream=fresh, timeout=60) == {
+            "accepted": 500,
+            "refused": 0,
+        }
+
+        async def all_acked() -> bool:
+            return int(await a.call("acks")) >= acked + 500
+
+        await _until(all_acked)
+        assert await a.call("acks") == acked + 500
+        assert (await c.call("request", to="fresh"))["handled"] == 500
+        after = await c.call("stats")
+        assert after["lost_in_transit"] == 0, after
+        assert after["inbound_dropped"] == before["inbound_dropped"], after
+
+
+@pytest.mark.trio
+async def test_two_of_three_nodes_killed_at_once_leave_each_placed_name_once_on_the_survivor() -> (
+    None
+):
+    """a, b and c hold 18 placed counters (by rendezvous); a streams tells to those on b
+    and c; both are SIGKILLed at once. Each of their names runs on a once (a new
+    incarnation, one ``restarted`` event each), a's stream ends, and every tell a
+    accepted is acknowledged or counted lost on a (all that held them are gone)."""
+    async with _three_nodes() as (_url, nodes):
+        a, b, c = nodes
+        names = [f"counter-{i}" for i in range(18)]
+        placed = {}
+        for name in names:
+            placed[name] = (await a.call("spawn", type="counter", name=name))["node"]
+        gone = [name for name in names if placed[name] != "a"]
+        assert {placed[name] for name in gone} == {"b", "c"}
+        ids_before, stream = await _stream_then_kill(a, gone, [b, c])
+
+        async def replaced() -> bool:
+            return int((await a.call("stats"))["replaced"]) >= len(gone)
+
+        await _until(replaced)
+        result = await a.call("stream_result", stream=stream, timeout=60)
+        assert result["accepted"] + result["refused"] == 6000
+        assert await a.call("live") == ["a"]
+        stats = await a.call("stats")
+        assert (stats["nodes_lost"], stats["replaced"]) == (2, len(gone))
+        assert sorted(await a.call("local", names=names)) == sorted(names)
+        events = await a.call("restarted")
+        assert sorted(name for name, _ in events) == sorted(gone)
+        assert sorted(reason for _, reason in events) == sorted(
+            f"re-placed from node {placed[name]}" for name in gone
+        )
+        for name in gone:
+            where = await a.call("where", name=name)
+            assert where[0] == "a" and where[1] != ids_before[name]
+            answer = await a.call("request", to=name)
+            assert answer["node"] == "a" and answer["handled"] < result["accepted"]
+        # (at most what b and c handled in their last heartbeat interval is counted
+        # twice)
+        counts = await _counted(a, [a], result["accepted"])
+        assert counts["lost"] > 0, counts
+        assert counts["acked"] + counts["lost"] - result["accepted"] < 2000, counts
