@@ -20,6 +20,7 @@ from nexus_trio._nats import NatsServer
 from .nats_server import FAST, nats_cluster, until
 from .placement_node import Node
 from .test_nats import local_node, nodes
+from .test_nats_datapath import _collector as _keep
 from .test_nats_datapath import _node
 from .test_nats_placement import _counted, _start_nodes, _until
 
@@ -280,3 +281,109 @@ async def test_two_of_three_nodes_killed_at_once_leave_each_placed_name_once_on_
         counts = await _counted(a, [a], result["accepted"])
         assert counts["lost"] > 0, counts
         assert counts["acked"] + counts["lost"] - result["accepted"] < 2000, counts
+
+
+async def test_a_server_restart_between_batches_of_one_stream_resumes_its_numbers_and_credit() -> (
+    None
+):
+    """a sends tells to b's collector (window 64, outbox high water 256, send deadline
+    1 s) without pause; the nats-server is SIGKILLed between two batches and started
+    again on its port. No send waits past its deadline (each is accepted or refused
+    with TransportUnavailable, within the deadline and a scheduling margin); after the
+    reconnect a's window opens again (thousands more accepted, many windows' worth);
+    b receives in order without duplicates, and what a accepted is delivered or
+    counted once: on b (lost_in_transit, the gap in the numbers) or on a
+    (publish_failures), never on both."""
+    records: list[int] = []
+    deadline = 1.0
+    with nats_cluster(1) as (server,):
+        restarted: list[NatsServer] = []
+        try:
+            tight = {
+                "send_timeout_ms": int(deadline * 1000),
+                "node_window": 64,
+                "outbox_high_water": 256,
+            }
+            async with (
+                _node(server.url, "b", **tight) as (kb, cb),
+                _node(server.url, "a", **tight) as (ka, ca),
+            ):
+                kb.spawn(agent(_keep(records), name="keep"))
+                await cb.names_published()
+                accepted = refused = 0
+                slowest = 0.0
+                with trio.fail_after(60):  # a hang guard
+                    await ca.wait_for_name("keep")
+                    target, reached = 500, trio.Event()
+
+                    async def produce() -> None:
+                        nonlocal accepted, refused, slowest
+                        number = 0
+                        while True:
+                            started = trio.current_time()
+                            try:
+                                await ka.send("keep", number)
+                                accepted += 1
+                            except TransportUnavailable:
+                                refused += 1
+                            slowest = max(slowest, trio.current_time() - started)
+                            number += 1
+                            if accepted >= target:
+                                reached.set()
+                            if number % 16 == 0:
+                                await trio.lowlevel.checkpoint()  # (b takes its share)
+
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(produce)
+                        await reached.wait()
+                        server.kill()
+                        before_outage = accepted
+                        # the outage, until sends are refused at their deadline; then
+                        # the server is started again on its port
+                        await until(lambda: refused >= 2)
+                        restarted.append(
+                            await trio.to_thread.run_sync(NatsServer(port=server.port).start)
+                        )
+                        target, reached = accepted + 3000, trio.Event()
+                        await reached.wait()
+                        nursery.cancel_scope.cancel()
+
+                    def counted() -> int:
+                        sa, sb = ca.stats(), cb.stats()
+                        return (
+                            sb.lost_in_transit
+                            + sum(sb.inbound_dropped.values())
+                            + sa.publish_failures
+                            + sa.lost_with_nodes
+                        )
+
+                    await until(lambda: len(records) + counted() >= accepted)
+
+                    def all_confirmed() -> bool:
+                        # b took (received or counted lost) every number a gave, and a
+                        # heard it in b's record: if a judged b lost in the outage (2 s
+                        # silent), what it counted lost with b is taken back by then
+                        info = ca.members.members["b"]
+                        numbered = ca._seq_out.get(("b", info.id_prefix), 0)
+                        return info.confirmed(ca.stream_name) == numbered > 0
+
+                    await until(all_confirmed)
+                sa, sb = ca.stats(), cb.stats()
+        finally:
+            for extra in restarted:
+                extra.stop()
+    counted_b = sb.lost_in_transit + sum(sb.inbound_dropped.values())
+    counted_a = sa.publish_failures + sa.lost_with_nodes
+    assert len(records) + counted_b + counted_a == accepted, (
+        len(records),
+        counted_b,
+        counted_a,
+        accepted,
+    )
+    assert records == sorted(set(records))  # in order, no duplicates
+    assert sa.reconnects >= 1 and sb.reconnects >= 1
+    assert accepted - before_outage >= 3000  # 47 windows' worth: credit came back
+    # the gap is counted on one side: b's (lost in transit), or a's while b was lost
+    assert sb.lost_in_transit == 0 or sa.lost_with_nodes == 0, (sa, sb)
+    assert refused >= 2
+    assert slowest < deadline + 2.0, slowest
