@@ -59,6 +59,7 @@ from nexus_trio.bridges.process import (
     ProcessAgent,
     ProcessAgentError,
     StoppedBridgeStats,
+    shell_syntax_problem,
     stopped_bridge_stats,
 )
 from nexus_trio.logs import log_calls_failed
@@ -3584,6 +3585,37 @@ def test_bad_arguments_are_refused_naming_the_problem(
     cmd = arguments.pop("cmd")
     with pytest.raises(error, match=re.escape(text)):
         process_agent(cmd, **arguments)
+
+
+@pytest.mark.parametrize(
+    ("cmd", "operator"),
+    [
+        # regression: quotes or a backslash inside a word were not read (the check split
+        # the string without them): "--opt='x>y'" was refused for '>', "a\\|b" for '|',
+        # though a shell passes both on as text
+        ("prog --opt='x>y'", None),
+        ('prog --opt="a|b"', None),
+        ("prog -o'a;b'", None),
+        ("prog a\\|b \\; \\& \\>", None),
+        ('prog "it\'s" | cat', "|"),
+        ("prog it\\'s | cat", "|"),
+        ("prog a'|'b", None),
+        ("prog 'a|b' \"c&d\" 'http://x/?a=1&b=2' ~/x a=b", None),
+        ("prog a|b", "|"),
+        ("prog --opt=x>y", ">"),
+        ("prog 2>&1", ">&"),
+        ("cd /tmp && prog", "&&"),
+        ('prog "a\\"|" || x', "||"),
+        ("prog ()", "()"),
+    ],
+)
+def test_shell_syntax_is_told_from_quoted_or_escaped_text(cmd: str, operator: str | None) -> None:
+    problem = shell_syntax_problem(cmd, shlex.split(cmd))
+    if operator is None:
+        assert problem is None
+    else:
+        assert problem is not None
+        assert f"holds the shell operator {operator!r}, but no shell runs it" in problem
 
 
 def _start_fails(tmp_path: Path, case: str) -> tuple[dict[str, Any], str]:

@@ -2071,20 +2071,14 @@ def shell_syntax_problem(cmd: str, parts: Sequence[str]) -> str | None:
     outside quotes (``| cat``, ``2> err.log``, ``&& ...``) would reach the program as an
     argument, which most programs ignore, and ``NAME=x cmd`` would be looked for as a
     program named ``NAME=x``. (Also for ``nexus run --spawn`` and ``nexus send``.)"""
-    lexer = shlex.shlex(cmd, posix=False, punctuation_chars=True)
-    lexer.whitespace_split = True
-    try:
-        tokens = list(lexer)
-    except ValueError:
-        return None  # (unbalanced quotes: said by the split)
-    for token in tokens:  # (quoted text stays one token, with its quotes: never all operator)
-        if all(char in lexer.punctuation_chars for char in token):
-            return (
-                f"command {cmd!r} holds the shell operator {token!r}, but no shell runs it"
-                " (the operator would reach the program as an argument): leave it out (the"
-                " agent's stderr goes to the kernel's log), or give the command to a shell,"
-                " as in 'sh -c \"...\"'"
-            )
+    operator = _unquoted_operator(cmd)
+    if operator is not None:
+        return (
+            f"command {cmd!r} holds the shell operator {operator!r}, but no shell runs it"
+            " (the operator would reach the program as an argument): leave it out (the"
+            " agent's stderr goes to the kernel's log), or give the command to a shell,"
+            " as in 'sh -c \"...\"'"
+        )
     if parts and _ASSIGNMENT.match(parts[0]):
         return (
             f"command {cmd!r} starts with the variable assignment {parts[0]!r}, but no"
@@ -2092,6 +2086,39 @@ def shell_syntax_problem(cmd: str, parts: Sequence[str]) -> str | None:
             " environment (process_agent's env=; for nexus run and nexus send, nexus's own)"
         )
     return None
+
+
+#: the characters of a shell's control and redirection operators
+_OPERATOR_CHARS: Final = frozenset("|&;<>()")
+
+
+def _unquoted_operator(cmd: str) -> str | None:
+    """The first run of operator characters in ``cmd`` that a POSIX shell would read as
+    an operator (outside quotes, not escaped by a backslash), or None. Read as the shell
+    reads it: quotes and backslashes count inside a word too (``--opt='x>y'``,
+    ``a\\|b`` are text), which a split into whole tokens does not see."""
+    quote = ""  # the quote open at this point, or ""
+    escaped = False
+    run: list[str] = []
+    for char in cmd:
+        if escaped:
+            escaped = False
+        elif quote == "'":
+            if char == "'":
+                quote = ""
+        elif char == "\\":
+            escaped = True  # (in double quotes too: the next character is text either way)
+        elif quote:
+            if char == quote:
+                quote = ""
+        elif char in "'\"":
+            quote = char
+        elif char in _OPERATOR_CHARS:
+            run.append(char)
+            continue
+        if run:
+            return "".join(run)
+    return "".join(run) or None
 
 
 def _command(
