@@ -528,6 +528,7 @@ class Cluster:
         "_seq_marked",
         "_seq_out",
         "_session",
+        "_taken_names",
         "_tells_after_leave",
         "_type_queries",
         "_type_subs",
