@@ -522,6 +522,7 @@ class Cluster:
         "_replies_relayed",
         "_reply_routes",
         "_requests_after_leave",
+        "_requests_lost_with_nodes",
         "_retry_over",
         "_retry_wanted",
         "_seq_in",
