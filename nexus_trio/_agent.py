@@ -115,18 +115,33 @@ def _validate_capacity(inst: Any, attribute: Any, value: Any) -> None:
         raise ValueError(f"mailbox_capacity must be an integer >= 1, got {value!r}")
 
 
-def _validate_name(inst: Any, attribute: Any, value: Any) -> None:
-    if value is None:
-        return
+def check_agent_name(value: Any) -> str:
+    """``value`` as an agent (or supervisor) name; ValueError naming it otherwise: not a
+    non-empty string, not UTF-8 text (a lone surrogate, as ``os.fsdecode`` makes of a
+    byte that is not UTF-8 in an argument), or looking like a UUID."""
     if not isinstance(value, str) or not value:
         raise ValueError(f"agent name must be a non-empty string, got {value!r}")
     try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"agent name {value!r} is not UTF-8 text: it holds a lone surrogate"
+            f" ({value[exc.start]!r} at index {exc.start}), and names are written as UTF-8"
+            " (to a bridge child, logs, metrics labels, NATS subjects)"
+        ) from None
+    try:
         uuid.UUID(value)
     except ValueError:
-        return
+        return value
     raise ValueError(
         f"agent name {value!r} looks like a UUID; names and ids share one address space"
     )
+
+
+def validate_name(inst: Any, attribute: Any, value: Any) -> None:
+    """attrs validator of an optional name field (see :func:`check_agent_name`)."""
+    if value is not None:
+        check_agent_name(value)
 
 
 def _to_overflow(value: Any) -> OverflowPolicy | None:
@@ -167,7 +182,7 @@ class AgentSpec:
     """
 
     factory: Callable[[], Behaviour]
-    name: str | None = attrs.field(default=None, validator=_validate_name)
+    name: str | None = attrs.field(default=None, validator=validate_name)
     mailbox_capacity: int | None = attrs.field(default=None, validator=_validate_capacity)
     handle_timeout: float | None = attrs.field(
         default=None, validator=_validate_optional_positive("handle_timeout")

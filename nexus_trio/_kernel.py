@@ -38,6 +38,7 @@ from ._agent import (
     Handler,
     address_of,
     as_spec,
+    check_agent_name,
     checked_seconds,
 )
 from ._brief import brief
@@ -483,6 +484,8 @@ class Kernel:
 
     def _build_tree(self, target: Supervisor, name: str | None, built: list[Child]) -> Child:
         """A supervisor and its children, registered (no event yet) and listed in ``built``."""
+        if name is not None:
+            check_agent_name(name)
         sup = SupervisorNode(self._host, target, name or target.name)
         self._router.register(sup, agent=False)
         built.append(sup)

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Final, final
 import attrs
 import trio
 
-from ._agent import as_spec
+from ._agent import as_spec, validate_name
 from ._brief import brief
 from ._child import (
     Child,
@@ -165,7 +165,7 @@ class Supervisor:
     within: float = attrs.field(default=5.0, validator=_positive)
     backoff: Backoff = attrs.field(factory=Backoff)
     children: Sequence[Any] = attrs.field(default=(), converter=_to_children)
-    name: str | None = None
+    name: str | None = attrs.field(default=None, validator=validate_name)
     restart: RestartType = attrs.field(default=RestartType.PERMANENT, converter=to_restart)
     shutdown_timeout: float = attrs.field(default=math.inf, validator=_non_negative)
 

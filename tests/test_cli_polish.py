@@ -303,6 +303,26 @@ def test_flags_left_out_still_let_the_config_decide(isolated: Path, monkeypatch)
     assert (second.agents, second.duration, second.metrics_port) == (1000, 2.5, 0)  # type: ignore[attr-defined]
 
 
+def test_send_refuses_a_name_that_is_not_utf_8_as_a_usage_error_naming_it() -> None:
+    """Regression: ``nexus send --name $'\\xff'`` (the byte read as ``'\\udcff'``) was
+    taken as the agent's name; the child could not be told it in UTF-8. Refused before
+    the run now, naming the flag and the name."""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "nexus_trio.cli", "send", b"--name", b"\xff", "cat", "1"],
+        env={**os.environ, **WIDE, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "Invalid value for '--name': agent name '\\udcff' is not UTF-8 text" in flat(
+        result.stderr
+    )
+
+
 # --- shell completion -----------------------------------------------------------------------------
 
 

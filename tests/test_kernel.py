@@ -1766,6 +1766,42 @@ async def test_names_are_unique_and_spawn_time_names_override() -> None:
             kernel.spawn(echo, name=str(uuid.uuid4()))
 
 
+@pytest.mark.parametrize("bad", ["\ud800", "ok-\udcff", "\udfff\ud800"])
+async def test_a_name_that_is_not_utf_8_is_refused_at_every_spawn_naming_it(bad: str) -> None:
+    """Regression: a name holding a lone surrogate (``nexus send --name $'\\xff'``:
+    ``os.fsdecode`` makes ``'\\udcff'`` of the byte) was taken, and failed later, where
+    the name is written as UTF-8 (a bridge child's registration, JSON logs, metrics
+    labels, NATS subjects). Refused at the spawn now, as an empty or UUID-like name is,
+    by the spec, a spawn-time name, ctx.spawn and a supervisor's name alike."""
+    refused: list[str] = []
+
+    @agent(name="spawner")
+    async def spawner(ctx: Context, msg: Message) -> None:
+        try:
+            ctx.spawn(echo, name=bad)
+        except ValueError as exc:
+            refused.append(str(exc))
+        return len(refused)
+
+    async with open_kernel(make_config()) as kernel:
+        for attempt in (
+            lambda: kernel.spawn(echo, name=bad),
+            lambda: kernel.spawn(Supervisor(), name=bad),
+            lambda: echo.with_options(name=bad),
+            lambda: Supervisor(name=bad),
+        ):
+            with pytest.raises(ValueError, match="is not UTF-8 text") as info:
+                attempt()
+            refused.append(str(info.value))
+        await kernel.request(kernel.spawn(spawner), None)
+        assert kernel.stats().agents_alive == 1  # the spawner alone
+        with pytest.raises(AgentNotFound):
+            kernel.lookup(bad)
+    assert len(refused) == 5
+    for text in refused:
+        assert text.startswith(f"agent name {bad!r} is not UTF-8 text: it holds a lone surrogate")
+
+
 @pytest.mark.parametrize("spawned_by", ["kernel", "ctx"])
 async def test_a_supervisor_spawn_refused_for_a_taken_name_leaves_nothing_behind(
     spawned_by: str, autojump_clock: Any

@@ -1329,6 +1329,38 @@ async def test_malformed_placement_records_and_names_entries_are_counted(
         assert cluster.stats().inbound_dropped == {}
 
 
+async def test_a_peer_s_name_that_no_kernel_takes_is_refused_and_counted(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: a names entry or placement record under a UUID-like key (a name no
+    kernel spawns: names and ids share one address space) was taken, routing that
+    "name" to the peer's node; a place request naming a lone surrogate (``"\\ud800"``
+    in its JSON) reached kernel.spawn. Each is refused now, counted, and the place
+    request answered ``malformed`` naming the name; nothing raises out of a watch."""
+    caplog.set_level(logging.WARNING, logger="nexus_trio.nats")
+    uuid_like = str(uuid.uuid4())
+    async with _node(nats.url, "a") as (kernel, cluster), _hostile(nats.url) as hostile:
+        cluster.register_type("echo", echo)
+        with trio.fail_after(20):
+            await hostile.put(
+                "names", uuid_like, json.dumps({"node": "a", "id": uuid_like}).encode()
+            )
+            await hostile.put("placed", uuid_like, b'{"type": "echo", "pinned": null}')
+            await _both_watches_applied(hostile, cluster)
+            request = json.dumps({"type": "echo", "name": "\ud800", "pinned": None})
+            raw = await call_aio(hostile.nc.request, "nexus.place.a", request.encode(), timeout=10)
+        answer = json.loads(raw.data)
+        assert answer["error"] == "malformed", answer
+        assert "agent name '\\\\ud800' is not UTF-8 text" in answer["text"]  # (its repr)
+        assert cluster.name_holder(uuid_like) is None
+        assert uuid_like not in cluster.placement.records
+        assert cluster.stats().entries_malformed == 2
+        assert kernel.stats().agents_alive == 0
+    logged = [r.getMessage() for r in caplog.records]
+    assert any(f"names bucket entry {uuid_like!r}: KV key" in m for m in logged), logged
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+
+
 async def test_a_names_entry_whose_fields_are_not_strings_is_malformed_not_a_crash(
     nats: NatsServer,
     caplog: pytest.LogCaptureFixture,

@@ -1901,6 +1901,8 @@ async def test_a_name_or_type_that_cannot_be_placed_is_refused_here_naming_it(
         assert rendezvous_owner("", ["a", "b"]) == "b"
         with pytest.raises(ValueError, match=r"^agent name must be a non-empty string, got ''$"):
             await a.spawn("counter", name="")
+        with pytest.raises(ValueError, match=r"^agent name '\\udcff' is not UTF-8 text"):
+            await a.spawn("counter", name="\udcff")
         with pytest.raises(TypeError) as caught:
             await a.spawn(COUNTING, name="c-1")  # type: ignore[arg-type]
         assert str(caught.value) == (

@@ -47,7 +47,7 @@ import nats.errors
 import nats.js.errors
 import trio
 
-from .._agent import CONTEXT_NAMES, Agent, AgentRef, AgentSpec
+from .._agent import CONTEXT_NAMES, Agent, AgentRef, AgentSpec, check_agent_name
 from .._errors import AgentNotFound, KernelShuttingDown, NameTaken, NexusError, TransportUnavailable
 from .._events import EventKind, LifecycleEvent
 from .._logcall import log_guarded
@@ -302,8 +302,7 @@ class Placement:
                 f" {type(type_name).__name__}"
             )
         wire.check_token("agent type", type_name)
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"agent name must be a non-empty string, got {name!r}")
+        check_agent_name(name)
         cluster = self._cluster
         if node is not None and node not in cluster.live_nodes():
             live = ", ".join(repr(n) for n in cluster.live_nodes())
@@ -592,7 +591,7 @@ class Placement:
         nodes: about 650 a second)."""
         try:
             obj = wire.read_wire_json(m.data, "place request")
-            type_name, name = str(obj["type"]), str(obj["name"])
+            type_name, name = str(obj["type"]), check_agent_name(obj["name"])
             pinned = obj.get("pinned")
             replaces = _decode_replaces(obj.get("replaces"))
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:

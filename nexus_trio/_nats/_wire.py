@@ -45,6 +45,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Final
 
+from .._agent import check_agent_name
 from .._deadletter import DeadLetterReason
 from .._errors import (
     SHUTDOWN_PHASES,
@@ -860,7 +861,10 @@ def name_from_key(key: str) -> str:
     # (the base64 reader skips what is not base64: such a key would alias a name's)
     if not name or name_key(name) != key:
         raise ValueError(f"KV key {key[:80]!r} is not a name's key")
-    return name
+    try:
+        return check_agent_name(name)  # (no kernel spawns a UUID-like name: a peer's bad one)
+    except ValueError as exc:
+        raise ValueError(f"KV key {key[:80]!r} holds no agent name: {exc}") from None
 
 
 def header_bytes(headers: dict[str, str]) -> int:
