@@ -444,3 +444,49 @@ def test_shell_syntax_in_a_command_string_is_refused_naming_it(
     out = " ".join(result.output.replace("│", " ").split())
     assert f"Invalid value for {hint}: command " in out
     assert said in out
+
+
+HUGE_LINE = textwrap.dedent(
+    """
+    import json, sys, time, uuid
+    register = {"type": "register", "payload": {"id": str(uuid.uuid4()), "name": "huge"}}
+    sys.stdout.write(json.dumps(register) + "\\n")
+    sys.stdout.write("x" * (1 << 21) + "\\n")
+    sys.stdout.flush()
+    time.sleep(60)
+    """
+)
+#: what a user of nexus send or nexus run --spawn, who cannot set process_agent's
+#: line_limit, is told of a child's line over the limit
+LINE_ADVICE = (
+    "exceeds the limit of 1048576 bytes; discarded (the child is to write shorter lines, e.g."
+    " a large answer in parts; the limit is process_agent(line_limit=) for a program that"
+    " spawns it, and 1048576 bytes under nexus send and nexus run --spawn)"
+)
+
+
+def test_a_line_over_the_limit_says_what_a_spawn_user_can_do(tmp_path: Path) -> None:
+    """Regression: the error pointed to ``process_agent(line_limit=)`` alone, which a
+    user of ``nexus run --spawn`` or ``[app] spawn`` cannot set."""
+    (tmp_path / "huge.py").write_text(HUGE_LINE)
+    result = nexus_run(tmp_path, "--spawn", f"{PYTHON} huge.py", "-d", "2", "--json")
+    assert "Traceback" not in result.stderr
+    assert LINE_ADVICE in result.stderr, result.stderr
+
+
+def test_a_line_over_the_limit_says_what_a_send_user_can_do(tmp_path: Path) -> None:
+    """As above, for ``nexus send``: the answer's line over the limit fails the send."""
+    toy = Path(__file__).parent / "children" / "toy_agent.py"
+    command = f"{PYTHON} {shlex.quote(str(toy))}"
+    payload = json.dumps({"op": "huge", "size": 1_100_000})
+    result = subprocess.run(
+        [sys.executable, "-m", "nexus_trio.cli", "send", command, payload, "-t", "30"],
+        env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert "Traceback" not in result.stderr
+    assert "nexus send: the message failed (malformed)" in result.stderr, result.stderr
+    assert LINE_ADVICE in result.stderr.splitlines()[-1]

@@ -2456,8 +2456,13 @@ async def test_oversized_line_is_discarded_whole_and_dead_letters_the_message() 
         with pytest.raises(RequestFailed) as info:
             await kernel.request(ref, {"op": "huge", "size": 100_000})
         assert info.value.reason == "malformed"
-        # The error names the option that sets the limit, and its value.
-        said = "bytes exceeds the limit of 4096 bytes (set by process_agent(line_limit=4096))"
+        # The error names the limit, what the child is to do, and who sets the limit.
+        said = (
+            "bytes exceeds the limit of 4096 bytes; discarded (the child is to write shorter"
+            " lines, e.g. a large answer in parts; the limit is process_agent(line_limit=) for"
+            " a program that spawns it, and 1048576 bytes under nexus send and nexus run"
+            " --spawn)"
+        )
         assert "stdout line of 1002" in str(info.value) and said in str(info.value), info.value
         # A line just under the limit still passes, and the stream is in sync.
         assert await kernel.request(ref, {"op": "huge", "size": 3000}) == "x" * 3000

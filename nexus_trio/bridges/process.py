@@ -113,6 +113,9 @@ _TRACE_NAMESPACE: Final = uuid.UUID("9b1a4d3e-5c77-5f0e-8a4e-6e657875732d")
 #: most once a second per agent; the counters count every line)
 _INVALID: Final = "invalid stdout lines"
 _OVERSIZED: Final = "oversized stdout lines"
+#: the longest stdout line taken by default (``process_agent(line_limit=)``): the limit
+#: of every child of ``nexus send`` and ``nexus run --spawn``, which do not set it
+_LINE_LIMIT: Final = 1 << 20
 _UNMATCHED: Final = "discarded answers"
 _REFUSED: Final = "refused sends"
 _STDERR_WARNING = re.compile(
@@ -372,7 +375,7 @@ class ProcessOptions:
     env: Mapping[str, str] | None = None
     cwd: str | None = None
     register_timeout: float = 10.0
-    line_limit: int = 1 << 20
+    line_limit: int = _LINE_LIMIT
     shutdown_grace: float = 5.0
     ping_interval: float | None = None
     ping_timeout: float = 5.0
@@ -1410,9 +1413,11 @@ class ProcessAgent(Agent):
                     self.stats.oversized_lines += 1
                     self._bad_line(
                         _OVERSIZED,
-                        f"stdout line of {line.size} bytes exceeds the limit of "
-                        f"{self.options.line_limit} bytes (set by process_agent("
-                        f"line_limit={self.options.line_limit})); discarded",
+                        f"stdout line of {line.size} bytes exceeds the limit of"
+                        f" {self.options.line_limit} bytes; discarded (the child is to write"
+                        " shorter lines, e.g. a large answer in parts; the limit is"
+                        " process_agent(line_limit=) for a program that spawns it, and"
+                        f" {_LINE_LIMIT} bytes under nexus send and nexus run --spawn)",
                         end,
                     )
                     continue
@@ -2170,7 +2175,7 @@ def process_agent(
     cwd: str | os.PathLike[str] | None = None,
     restart: RestartType | str = RestartType.PERMANENT,
     register_timeout: float = 10.0,
-    line_limit: int = 1 << 20,
+    line_limit: int = _LINE_LIMIT,
     shutdown_grace: float = 5.0,
     handle_timeout: float | None = None,
     mailbox_capacity: int | None = None,
