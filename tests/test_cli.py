@@ -750,6 +750,8 @@ def test_sys_exit_in_the_apps_code_ends_the_run_with_its_summary_and_status(
     assert summary["error"] == f"SystemExit: {said} in the app's code"
     assert summary["conserved"] is True
     assert "Traceback" not in result.stderr or "sys.exit" in result.stderr
+    if status == 0:  # a clean exit is no error: no traceback, nothing logged as one
+        assert "Traceback" not in result.stderr and "ERROR" not in result.stderr, result.stderr
 
 
 def test_run_app_main_in_process_summary_adds_up(app_module):

@@ -1048,11 +1048,17 @@ async def _run_async(
             # sys.exit() in the app's main or in a handler: the run ends as for an error
             # (summary, accounting), with the status it asked for (see the status below);
             # anything else (a forced Ctrl-C, a cancellation) goes on as it came
-            if not isinstance(_unwrap(exc), SystemExit):
+            exited = _unwrap(exc)
+            if not isinstance(exited, SystemExit):
                 raise
-            error = _unwrap(exc)
+            error = exited
             state.request_stop("sys.exit")
-            log_guarded(log, logging.ERROR, "the run ended: %s", _describe(error), exc_info=error)
+            if exited.code in (None, 0):  # a clean exit asked for: no error to trace
+                log_guarded(log, logging.INFO, "the run ended: %s", _describe(error))
+            else:
+                log_guarded(
+                    log, logging.ERROR, "the run ended: %s", _describe(error), exc_info=error
+                )
         finally:
             state.phase = "done"
             state.t_end = trio.current_time()
