@@ -1783,19 +1783,22 @@ async def test_tells_to_a_node_that_joins_again_in_its_process_start_a_new_strea
     async with open_kernel(_config()) as kb:
         kb.spawn(agent(_collector(records), name="col"))
         async with _node(nats.url, "a", heartbeat_interval=30.0) as (ka, ca):
-            with trio.fail_after(30):
-                async with join_cluster(kb, nats.url, "b", options=slow) as cb1:
+            # (a guard for each join's waits: the joins and leaves, bounded by the
+            # cluster, are not under one 30 s that two of each spent on a loaded machine)
+            async with join_cluster(kb, nats.url, "b", options=slow) as cb1:
+                with trio.fail_after(30):
                     await cb1.names_published()
-                    await ca.wait_for_name("col")
+                    await ca.wait_for_name("col", timeout=30)
                     for i in range(10):
                         await ka.send("col", i)
                     assert await ka.request("col", "dump") == 10
-                # a name only the new join publishes: once a knows it, it has heard
-                # the leave and the new join's record (published before it)
-                kb.spawn(agent(_collector([]), name="marker"))
-                async with join_cluster(kb, nats.url, "b", options=slow) as cb2:
+            # a name only the new join publishes: once a knows it, it has heard
+            # the leave and the new join's record (published before it)
+            kb.spawn(agent(_collector([]), name="marker"))
+            async with join_cluster(kb, nats.url, "b", options=slow) as cb2:
+                with trio.fail_after(30):
                     await cb2.names_published()
-                    await ca.wait_for_name("marker")
+                    await ca.wait_for_name("marker", timeout=30)
                     for i in range(10, 15):
                         await ka.send("col", i)
                     assert await ka.request("col", "dump") == 15
