@@ -720,6 +720,22 @@ async def handler_exits(kernel):
 
 async def main_exits_0(kernel):
     sys.exit()
+
+
+async def main_exits_0_0(kernel):
+    sys.exit(0.0)
+
+
+async def main_exits_beside_an_error(kernel):
+    async def fails():
+        raise ValueError("the app's own error")
+
+    async def exits():
+        sys.exit(0)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fails)
+        nursery.start_soon(exits)
 """
 
 
@@ -729,6 +745,7 @@ async def main_exits_0(kernel):
         ("main_exits", 3, "sys.exit(3)"),
         ("handler_exits", 4, "sys.exit(4)"),
         ("main_exits_0", 0, "sys.exit(None)"),
+        ("main_exits_0_0", 1, "sys.exit(0.0)"),  # (Python exits 1 for 0.0 too)
     ],
 )
 def test_sys_exit_in_the_apps_code_ends_the_run_with_its_summary_and_status(
@@ -752,6 +769,34 @@ def test_sys_exit_in_the_apps_code_ends_the_run_with_its_summary_and_status(
     assert "Traceback" not in result.stderr or "sys.exit" in result.stderr
     if status == 0:  # a clean exit is no error: no traceback, nothing logged as one
         assert "Traceback" not in result.stderr and "ERROR" not in result.stderr, result.stderr
+    else:  # the log says what the status says
+        assert "ERROR" in result.stderr, result.stderr
+
+
+def test_sys_exit_beside_an_error_of_the_app_ends_the_run_failed_with_its_summary(
+    isolated: Path,
+) -> None:
+    """Regression: ``sys.exit(0)`` in one task of the app's nursery while another raised
+    (a BaseExceptionGroup of both) was not taken for the run's end: no summary, no
+    accounting, the raw group's traceback and status 1. Now the run ends failed: the
+    summary names both, the error is logged with its traceback, status 1 (the error wins
+    over the clean exit)."""
+    (isolated / "exiting_app.py").write_text(EXITING_APP)
+    sys.modules.pop("exiting_app", None)
+    try:
+        result = invoke(
+            ["run", "--app", "exiting_app:main_exits_beside_an_error", "-d", "30", "--json"]
+        )
+    finally:
+        sys.modules.pop("exiting_app", None)
+    assert result.exit_code == 1, result.output
+    summary = json.loads(result.stdout)
+    assert summary["conserved"] is True
+    assert sorted(summary["error"].split("; ")) == [
+        "SystemExit: sys.exit(0) in the app's code",
+        "ValueError: the app's own error",
+    ]
+    assert "ERROR" in result.stderr and "the run failed" in result.stderr, result.stderr
 
 
 def test_run_app_main_in_process_summary_adds_up(app_module):

@@ -1049,13 +1049,24 @@ async def _run_async(
             # (summary, accounting), with the status it asked for (see the status below);
             # anything else (a forced Ctrl-C, a cancellation) goes on as it came
             exited = _unwrap(exc)
-            if not isinstance(exited, SystemExit):
+            if isinstance(exited, BaseExceptionGroup):
+                # sys.exit() together with errors (tasks of one nursery): the errors are
+                # the outcome (status 1), reported with the summary as a failed run's
+                if exited.split((Exception, SystemExit))[1] is not None:
+                    raise
+                error = exited
+                log_guarded(
+                    log, logging.ERROR, "the run failed: %s", _describe(error), exc_info=error
+                )
+            elif not isinstance(exited, SystemExit):
                 raise
-            error = exited
-            state.request_stop("sys.exit")
-            if exited.code in (None, 0):  # a clean exit asked for: no error to trace
+            elif _exit_status(exited) == 0:  # a clean exit asked for: no error to trace
+                error = exited
+                state.request_stop("sys.exit")
                 log_guarded(log, logging.INFO, "the run ended: %s", _describe(error))
             else:
+                error = exited
+                state.request_stop("sys.exit")
                 log_guarded(
                     log, logging.ERROR, "the run ended: %s", _describe(error), exc_info=error
                 )
@@ -1099,9 +1110,7 @@ async def _run_async(
         summary["spawned"] = spawned
     status = 0 if error is None and summary["conserved"] else 1
     if isinstance(error, SystemExit) and summary["conserved"]:
-        # (as Python exits for it: None is 0, a number that number, a message 1)
-        code = error.code
-        status = 0 if code is None else code if isinstance(code, int) else 1
+        status = _exit_status(error)
     if not summary["conserved"] and kernel is not None:
         log_guarded(log, logging.ERROR, "accounting mismatch: %s", json.dumps(summary))
     return summary, status
@@ -1112,6 +1121,13 @@ def _is_worker(node: str) -> bool:
     from ._cluster_cmd import WORKER_ENV
 
     return os.environ.get(WORKER_ENV) == node
+
+
+def _exit_status(exited: SystemExit) -> int:
+    """The status Python exits with for ``exited``: None is 0, an integer that integer,
+    anything else (a message, 0.0) 1."""
+    code = exited.code
+    return 0 if code is None else code if isinstance(code, int) else 1
 
 
 def _unwrap(exc: BaseException) -> BaseException:
