@@ -1168,6 +1168,7 @@ async def test_a_remote_query_dead_lettered_during_the_leave_makes_no_error_fram
     ``RequestTimeout`` at its deadline. (Before the kernel told the transport as it
     dead-lettered a query, a dead-letter follower made a frame that went nowhere.)"""
     gate, working = trio.Event(), trio.Event()
+    stuck: list[str] = []
 
     @agent(name="worker")
     async def worker(ctx: Context, msg: Message) -> Any:
@@ -1175,8 +1176,11 @@ async def test_a_remote_query_dead_lettered_during_the_leave_makes_no_error_fram
         # Shielded: it fails once the leave closed the outbox, also when the request's
         # deadline (3 s) came first (a loaded machine took longer to get the leave that
         # far): unshielded, that cancel ended it, dead-lettered request_timeout.
-        with trio.CancelScope(shield=True):
+        # (bounded: a leave that never closes the outbox fails the test, not hangs it)
+        with trio.CancelScope(shield=True), trio.move_on_after(120):
             await gate.wait()
+        if not gate.is_set():
+            stuck.append("the leave never closed the outbox")
         raise RuntimeError("failed after the leave")
 
     outcome: list[BaseException | Any] = []
@@ -1212,6 +1216,7 @@ async def test_a_remote_query_dead_lettered_during_the_leave_makes_no_error_fram
                 cb._outbox.close = close_then_fail  # type: ignore[method-assign]
             # (the nursery waits for the requester)
         await kb.shutdown()
+    assert stuck == []
     assert len(outcome) == 1 and isinstance(outcome[0], RequestTimeout), outcome
     assert cb.stats().errors_replied == {}
     assert cb.stats().errors_unsent == {}
