@@ -225,17 +225,9 @@ def _read_payload(payload: str) -> Any:
 
 def _lone_surrogate(item: Any) -> str | None:
     """``a lone surrogate`` if ``item`` is a string that no UTF-8 encoder writes."""
-    if isinstance(item, str) and not _encodable(item):
+    if isinstance(item, str) and not encodes(item, "utf-8"):
         return "a lone surrogate"
     return None
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _non_finite(value: Any) -> str | None:
@@ -287,7 +279,7 @@ def _key_path(path: str, key: Any) -> str:
     if text.isidentifier() and text.isascii():
         return f"{path}.{text}"
     # (escaped where the text cannot be written as it is: a lone surrogate)
-    return f"{path or '.'}[{json.dumps(text, ensure_ascii=not _encodable(text))}]"
+    return f"{path or '.'}[{json.dumps(text, ensure_ascii=not encodes(text, 'utf-8'))}]"
 
 
 async def _exchange(config: Any, spec: Any, value: Any, kind: SendKind, timeout: float) -> Any:
