@@ -62,6 +62,7 @@ from nexus_trio.testing import assert_conserved
 
 from .hang_guard import real_time_limit
 from .nats_server import FAST, PATIENT, on_loop_of, until
+from .task_steps import counting_steps
 from .test_logs import RaisingFilter
 from .test_message import NOT_JSON
 
@@ -243,6 +244,46 @@ class _FaultyRoutes(dict[Any, Any]):
         if key == "boom":
             raise RuntimeError("injected fault")
         return super().get(key, default)
+
+
+async def test_a_sealed_batch_yields_only_while_few_tasks_are_runnable(nats: NatsServer) -> None:
+    """A sender that seals a full batch yields (the asyncio side writes it at once)
+    while few tasks are runnable, and goes on without yielding while many are: a yield
+    may run each of them first, most of them local agents woken by its own tells for
+    one message each (docs/distributed.md, thirty-third pass). Its yields are counted
+    as the steps its task starts (a step ends at each yield)."""
+    received: list[Any] = []
+    yields: dict[int, int] = {}
+    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a", batch_frames=4) as (ka, ca):
+        kb.spawn(agent(_collector(received), name="col"))
+        with trio.fail_after(30):
+            await cb.names_published()
+            await ca.wait_for_name("col")
+            for runnable in (2, 64):
+                parked = 0
+                go = trio.Event()
+
+                async def bystander(go: trio.Event) -> None:
+                    nonlocal parked
+                    parked += 1
+                    await go.wait()
+
+                async with trio.open_nursery() as nursery:
+                    for _ in range(runnable):
+                        nursery.start_soon(bystander, go)
+                    while parked < runnable:
+                        await trio.lowlevel.checkpoint()
+                    before = ca.stats().batches_published
+                    go.set()  # every bystander runnable, none run yet
+                    with counting_steps() as steps:
+                        for i in range(4):  # the fourth seals the batch
+                            await ka.send("col", [runnable, i])
+                        yields[runnable] = steps.count
+                    assert ca.stats().batches_published - before == 1
+            assert await ka.request("col", "dump") == 8
+    # 2 runnable: the seal yielded once; 64: not at all
+    assert yields == {2: 1, 64: 0}
+    assert received == [[n, i] for n in (2, 64) for i in range(4)]
 
 
 async def test_a_fault_partway_through_a_run_counts_only_the_tells_it_did_not_take(

@@ -37,6 +37,7 @@ from nexus_trio.testing import (
 )
 
 from .hang_guard import real_time_limit
+from .task_steps import counting_steps
 
 
 async def test_send_and_wait_returns_once_effects_and_restart_backoffs_have_played_out(
@@ -232,23 +233,10 @@ async def test_step_until_idle_jumps_to_the_next_timer_instead_of_in_steps_of_te
     async def sleepy(ctx: Context, msg: Message) -> None:
         await trio.sleep(600)
 
-    me = trio.lowlevel.current_task()
-
-    class Turns(trio.abc.Instrument):
-        count = 0
-
-        def before_task_step(self, task: trio.lowlevel.Task) -> None:
-            if task is me:
-                self.count += 1
-
-    turns = Turns()
     ref = nexus_kernel.spawn(sleepy)
     await nexus_kernel.send(ref, "x")
-    trio.lowlevel.add_instrument(turns)
-    try:
+    with counting_steps() as turns:
         await step_until_idle(nexus_kernel, timeout=1000)
-    finally:
-        trio.lowlevel.remove_instrument(turns)
     assert trio.current_time() == 600.0
     assert nexus_kernel.stats().handled == 1
     assert turns.count < 20, turns.count

@@ -112,6 +112,16 @@ install_redaction(("nexus_trio.nats", "nexus_trio.nats.durable", "nexus_trio.nat
 _ROUTE_MEMORY: Final = 65536
 #: addresses whose routes a node keeps for its tells (then it starts over)
 _KNOWN_LINKS_MAX: Final = 65_536
+#: A sender that seals a full node batch yields, so that the asyncio side writes it at
+#: once, only while fewer tasks than this are runnable. Those that are run before the
+#: writer does (Trio runs its queue in order), most of them agents of this kernel that
+#: the sender's own tells woke, each for about one message: a driver sending to a
+#: thousand agents, half of them on another node, made its local agents handle one
+#: message a wake instead of four. The sender yields anyway once the node window is
+#: full (it waits for credit), at most ``node_window / batch_frames`` batches later.
+#: A lone bulk sender (bench_nats.py: 0-3 runnable at a seal) yields as before.
+#: docs/distributed.md, thirty-third pass.
+_SEAL_YIELD_RUNNABLE: Final = 32
 #: what every frame of a node batch costs on top of its body (a module constant: read per tell)
 _FRAME_OVERHEAD: Final = batch.FRAME_OVERHEAD
 #: a tell frame's length and kind, packed (see _add_tell)
@@ -1062,11 +1072,15 @@ class Cluster:
                     raise self._no_room(msg, link)
                 return
         self._published += 1
-        if self._add_tell(link, body):
+        if (
+            self._add_tell(link, body)
+            and trio.lowlevel.current_statistics().tasks_runnable < _SEAL_YIELD_RUNNABLE
+        ):
             # A full batch was sealed: let the asyncio side write it to the socket now
             # (the destination starts on it while this sender goes on), without raising
             # Cancelled: the message is taken. (Not yielding here was tried and undone:
             # cross-node tells -20% on a quiet machine, docs/distributed.md, thirtieth pass.)
+            # Not while many tasks are runnable (see _SEAL_YIELD_RUNNABLE).
             await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def _deliver_alone(self, msg: Message, routed: _Routed, outside: bool) -> None:
