@@ -4,6 +4,7 @@ script) split into its two phases, with the minor page faults and the CPU time o
 
     python benchmarks/fanout_memory.py [--rounds 3] [--messages 1000000] [--agents 1000]
     python benchmarks/fanout_memory.py --side kernel|asyncio [--sites]
+    python benchmarks/fanout_memory.py --side kernel --cold --wakes --agents 100000
 
 Without ``--side``, runs each side ``--rounds`` times, alternating, each in a fresh process
 (a process keeps some of what a run freed, which would hide a later run's faults), and
@@ -12,7 +13,14 @@ kernel's agents (and asyncio's consumer tasks) are started and parked before the
 send, as in the goal; ``send`` is the producer's loop, which never yields while every
 mailbox has room (``handled`` during it is printed: 0 means every message was queued at
 once), ``drain`` the agents handling them all. Faults and CPU time are ``getrusage``'s,
-which do not move much with the machine's load; wall time does.
+which do not move much with the machine's load; wall time does. Each phase also prints
+the collections of each generation that ran in it (``gc.callbacks``).
+
+``--cold`` (kernel side): the agents are not started before the clock; each starts on its
+first message inside the send phase, as in the goal's "100,000 agents vs 1,000" row.
+``--wakes`` (kernel side): count the task steps Trio runs in each phase (an instrument,
+one more Python call per step, so the CPU time is not the same run's): how many times the
+agents were woken, and so how many messages each wake-up took.
 
 ``--sites``: the send phase under ``tracemalloc`` instead, the bytes it left allocated per
 message by the line that allocated them (what the queued messages are made of; pymalloc
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import resource
 import statistics
 import subprocess
@@ -44,6 +53,24 @@ from nexus_trio.bench._fanout import _noop, asyncio_fanout
 
 Mark = tuple[int, float, float]
 
+#: collections started so far, by generation
+_COLLECTIONS = [0, 0, 0]
+
+
+def _count_collection(phase: str, info: dict[str, int]) -> None:
+    if phase == "start":
+        _COLLECTIONS[info["generation"]] += 1
+
+
+class _Steps(trio.abc.Instrument):
+    """Counts the task steps Trio runs (``--wakes``)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += 1
+
 
 def _mark() -> Mark:
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -58,11 +85,17 @@ class _Phases:
         self.marks: list[Mark] = []
         self.handled_while_sending = -1
         self.snapshot: tracemalloc.Snapshot | None = None
+        self.collections: list[list[int]] = []
+        self.steps: _Steps | None = None
+        self.step_counts: list[int] = []
 
     def __call__(self, phase: str, handled: int) -> None:
         if phase == "start" and self.sites:
             tracemalloc.start()
         self.marks.append(_mark())
+        self.collections.append(list(_COLLECTIONS))
+        if self.steps is not None:
+            self.step_counts.append(self.steps.steps)
         if phase == "sent":
             self.handled_while_sending = handled
             if self.sites:
@@ -70,30 +103,40 @@ class _Phases:
                 tracemalloc.stop()
 
 
-async def _kernel(agents: int, messages: int, phase: _Phases) -> None:
+async def _kernel(agents: int, messages: int, phase: _Phases, cold: bool) -> None:
     async with open_kernel(Config(kernel=KernelConfig(mailbox_capacity=1024))) as kernel:
         refs = [kernel.spawn(_noop) for _ in range(agents)]
-        for ref in refs:
-            kernel.send_nowait(ref, None)
+        warm = 0 if cold else agents
+        if not cold:
+            for ref in refs:
+                kernel.send_nowait(ref, None)
         await trio.testing.wait_all_tasks_blocked()
         send = kernel.send
+        if phase.steps is not None:
+            trio.lowlevel.add_instrument(phase.steps)
         phase("start", 0)
         for i in range(messages):
             await send(refs[i % agents], i)
-        phase("sent", kernel.stats().handled - agents)
+        phase("sent", kernel.stats().handled - warm)
         await trio.testing.wait_all_tasks_blocked()
-        handled = kernel.stats().handled - agents
+        handled = kernel.stats().handled - warm
         phase("handled", handled)
         if handled != messages:
             raise SystemExit(f"kernel handled {handled} of {messages}")
 
 
-def run_side(side: str, agents: int, messages: int, sites: bool) -> str:
+def run_side(
+    side: str, agents: int, messages: int, sites: bool, cold: bool = False, wakes: bool = False
+) -> str:
     phases = _Phases(sites)
+    if wakes:
+        phases.steps = _Steps()
+    gc.callbacks.append(_count_collection)
     if side == "kernel":
-        trio.run(_kernel, agents, messages, phases)
+        trio.run(_kernel, agents, messages, phases, cold)
     else:
         asyncio.run(asyncio_fanout(agents, messages, phase=phases))
+    gc.callbacks.remove(_count_collection)
     if phases.snapshot is not None:
         lines = []
         for stat in phases.snapshot.statistics("lineno")[:6]:
@@ -105,10 +148,19 @@ def run_side(side: str, agents: int, messages: int, sites: bool) -> str:
             )
         return f"{side}: bytes left allocated by the send phase\n" + "\n".join(lines)
     (f0, c0, s0), (f1, c1, s1), (f2, c2, s2) = phases.marks
+    g0, g1, g2 = phases.collections
+    collected = [
+        "collections " + "/".join(str(b - a) for a, b in zip(before, after, strict=True))
+        for before, after in ((g0, g1), (g1, g2))
+    ]
+    if phases.step_counts:
+        t0, t1, t2 = phases.step_counts
+        collected[0] += f", {t1 - t0} task steps"
+        collected[1] += f", {t2 - t1} task steps ({messages / max(t2 - t1, 1):.1f} msgs a step)"
     return (
         f"{side} send {f1 - f0} faults {c1 - c0:.3f} s cpu ({s1 - s0:.3f} sys), "
-        f"handled meanwhile {phases.handled_while_sending}; "
-        f"drain {f2 - f1} faults {c2 - c1:.3f} s cpu ({s2 - s1:.3f} sys); "
+        f"handled meanwhile {phases.handled_while_sending}, {collected[0]}; "
+        f"drain {f2 - f1} faults {c2 - c1:.3f} s cpu ({s2 - s1:.3f} sys), {collected[1]}; "
         f"total {f2 - f0} faults {c2 - c0:.3f} s cpu"
     )
 
@@ -141,14 +193,18 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--messages", type=int, default=1_000_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sites", action="store_true")
+    parser.add_argument("--cold", action="store_true")
+    parser.add_argument("--wakes", action="store_true")
     args = parser.parse_args(argv)
     if min(args.agents, args.messages, args.rounds) < 1:
         parser.error("--agents, --messages and --rounds must be at least 1")
+    if (args.cold or args.wakes) and args.side != "kernel":
+        parser.error("--cold and --wakes need --side kernel")
     if args.side is None:
         _alternate(args)
     else:
         started = time.perf_counter()
-        print(run_side(args.side, args.agents, args.messages, args.sites))
+        print(run_side(args.side, args.agents, args.messages, args.sites, args.cold, args.wakes))
         if args.sites:
             print(f"  ({time.perf_counter() - started:.1f} s)")
 
