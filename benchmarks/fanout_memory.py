@@ -156,7 +156,7 @@ def run_side(
     if phases.step_counts:
         t0, t1, t2 = phases.step_counts
         collected[0] += f", {t1 - t0} task steps"
-        collected[1] += f", {t2 - t1} task steps ({messages / max(t2 - t1, 1):.1f} msgs a step)"
+        collected[1] += f", {t2 - t1} task steps (the producer's included)"
     return (
         f"{side} send {f1 - f0} faults {c1 - c0:.3f} s cpu ({s1 - s0:.3f} sys), "
         f"handled meanwhile {phases.handled_while_sending}, {collected[0]}; "
