@@ -450,42 +450,41 @@ def test_the_asyncio_fanout_reports_its_phases_with_the_count_handled() -> None:
     assert processed == 300
 
 
-def test_the_fanout_memory_script_splits_each_side_into_send_and_drain() -> None:
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "fanout_memory.py"
-    args = ["--agents", "10", "--messages", "2000", "--rounds", "1"]
-    out = subprocess.run(
-        [sys.executable, str(script), *args],
+_FANOUT_MEMORY = Path(__file__).resolve().parent.parent / "benchmarks" / "fanout_memory.py"
+
+
+def _fanout_memory(*args: str) -> str:
+    return subprocess.run(
+        [sys.executable, str(_FANOUT_MEMORY), *args],
         check=True,
         capture_output=True,
         text=True,
         timeout=120,
-    ).stdout.splitlines()
+    ).stdout
+
+
+def test_the_fanout_memory_script_splits_each_side_into_send_and_drain() -> None:
+    out = _fanout_memory("--agents", "10", "--messages", "2000", "--rounds", "1").splitlines()
     assert [line.split()[0] for line in out] == ["asyncio", "kernel", "median", "median"]
     assert all("handled meanwhile 0, collections " in line for line in out[:2])
     bad = subprocess.run(
-        [sys.executable, str(script), "--rounds", "0"], capture_output=True, text=True
+        [sys.executable, str(_FANOUT_MEMORY), "--rounds", "0"], capture_output=True, text=True
     )
     assert bad.returncode == 2
     assert "--agents, --messages and --rounds must be at least 1" in bad.stderr
 
 
 def test_the_fanout_memory_script_starts_cold_agents_in_the_send_phase_and_counts_wakes() -> None:
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "fanout_memory.py"
     args = ["--side", "kernel", "--cold", "--wakes", "--agents", "10", "--messages", "200"]
-    out = subprocess.run(
-        [sys.executable, str(script), *args],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout
-    send, drain = out.split("; drain ")
+    send, drain = _fanout_memory(*args).split("; drain ")
     # the producer queues all 200 in one step; each agent starts on its first message,
     # then takes its 20 in one wake-up (10 steps, and the producer's own)
     assert "handled meanwhile 0, collections 0/0/0, 0 task steps" in send
     assert "collections 0/0/0, 11 task steps (the producer's included)" in drain
     bad = subprocess.run(
-        [sys.executable, str(script), "--cold", "--agents", "10"], capture_output=True, text=True
+        [sys.executable, str(_FANOUT_MEMORY), "--cold", "--agents", "10"],
+        capture_output=True,
+        text=True,
     )
     assert bad.returncode == 2
     assert "--cold and --wakes need --side kernel" in bad.stderr
