@@ -656,7 +656,6 @@ class Kernel:
         self,
         to: AgentRef | Address | Message,
         payload: Any = None,
-        *,
         kind: MessageKind = MessageKind.COMMAND,
         sender: uuid.UUID = SYSTEM_ID,
         trace_id: uuid.UUID | None = None,
@@ -671,6 +670,10 @@ class Kernel:
           ``send_timeout`` for room (in Trio's FIFO of blocked senders), then
           :class:`MailboxFull` (not enqueued);
         * kernel shutting down: :class:`KernelShuttingDown`.
+
+        ``kind``, ``sender`` and ``trace_id`` are taken by keyword or by position (as by
+        :meth:`send_nowait`): CPython 3.11 does not specialize a call of a function with
+        keyword-only parameters, and that cost every ``send`` 4% of its time.
         """
         address: Address | None
         if kind is not _COMMAND and kind.__class__ is not MessageKind:
@@ -696,7 +699,6 @@ class Kernel:
         self,
         to: AgentRef | Address | Message,
         payload: Any = None,
-        *,
         kind: MessageKind = MessageKind.COMMAND,
         sender: uuid.UUID = SYSTEM_ID,
         trace_id: uuid.UUID | None = None,
