@@ -427,6 +427,12 @@ def test_a_program_that_ignores_its_stop_is_held_no_longer_than_the_kernel_s_gra
         ),
         (["send", "FOO=1 python3 agent.py", "1"], "'CMD'", "variable assignment 'FOO=1'"),
         (["run", "--spawn", "python3 agent.py | tee log", "-d", "1"], "'--spawn'", "operator '|'"),
+        # regression: expansions reached the program as text (python3 was asked for the
+        # file '~/agent.py', or '$HOME/agent.py', and the agent died before registering)
+        (["run", "--spawn", "python3 ~/agent.py", "-d", "1"], "'--spawn'", "tilde expansion"),
+        (["send", "python3 $HOME/agent.py", "1"], "'CMD'", "variable expansion '$HOME'"),
+        (["send", "python3 agents/*.py", "1"], "'CMD'", "the glob 'agents/*.py'"),
+        (["run", "--spawn", "python3 `pwd`/a.py", "-d", "1"], "'--spawn'", "substitution '`pwd`'"),
     ],
 )
 def test_shell_syntax_in_a_command_string_is_refused_naming_it(
@@ -434,7 +440,9 @@ def test_shell_syntax_in_a_command_string_is_refused_naming_it(
 ) -> None:
     """Before: ``nexus send "python3 agent.py 2>/dev/null" 1`` ran the agent with the
     arguments '2' and '/dev/null' (ignored: exit 0, stderr not redirected), and ``FOO=1
-    python3 ...`` said "command 'FOO=1' not found on PATH": no shell runs the command."""
+    python3 ...`` said "command 'FOO=1' not found on PATH": no shell runs the command.
+    Likewise ``~/agent.py``, ``$HOME``, a glob or backticks reached python3 unexpanded,
+    which died with "can't open file '/cwd/~/agent.py'" before registering."""
     from typer.testing import CliRunner
 
     from nexus_trio.cli import app

@@ -3608,7 +3608,7 @@ def test_bad_arguments_are_refused_naming_the_problem(
         ('prog "it\'s" | cat', "|"),
         ("prog it\\'s | cat", "|"),
         ("prog a'|'b", None),
-        ("prog 'a|b' \"c&d\" 'http://x/?a=1&b=2' ~/x a=b", None),
+        ("prog 'a|b' \"c&d\" 'http://x/?a=1&b=2' x~y a=b x#y '$HOME' \\$X '*' \"[ab]\" [x $", None),
         ("prog a|b", "|"),
         ("prog --opt=x>y", ">"),
         ("prog 2>&1", ">&"),
@@ -3624,6 +3624,37 @@ def test_shell_syntax_is_told_from_quoted_or_escaped_text(cmd: str, operator: st
     else:
         assert problem is not None
         assert f"holds the shell operator {operator!r}, but no shell runs it" in problem
+
+
+@pytest.mark.parametrize(
+    ("cmd", "what", "text"),
+    [
+        ("python3 ~/agent.py", "tilde expansion", "~/agent.py"),
+        ("python3 $HOME/agent.py", "variable expansion", "$HOME"),
+        ('python3 "${AGENTS}/agent.py"', "variable expansion", "${AGENTS}"),
+        ("python3 agent.py $1", "variable expansion", "$1"),
+        ("python3 $(pwd)/agent.py", "command substitution", "$(pwd)"),
+        ('python3 "`pwd`/agent.py"', "command substitution", "`pwd`"),
+        ("python3 agents/*.py", "glob", "agents/*.py"),
+        ("python3 agent.py --url http://x/?a=1", "glob", "http://x/?a=1"),
+        ("python3 agent-[12].py", "glob", "agent-[12].py"),
+        ("python3 agent.py # the calculator", "comment", "# the calculator"),
+        ("prog $X | cat", "variable expansion", "$X"),
+    ],
+)
+def test_a_shell_expansion_in_a_command_string_is_refused_naming_it(
+    cmd: str, what: str, text: str
+) -> None:
+    """Regression: ``process_agent("python3 ~/agent.py")`` (or ``$HOME``, a glob,
+    backticks, a ``# comment``) passed the text to the program unexpanded, where a shell
+    user expects it expanded: python3 died on the file '~/agent.py' before registering.
+    Refused now, naming the construct, as a shell operator is."""
+    problem = shell_syntax_problem(cmd, shlex.split(cmd))
+    assert problem is not None
+    assert f"command {cmd!r} holds the {what} {text!r}, which a shell would" in problem
+    assert "but no shell runs it" in problem
+    with pytest.raises(ValueError, match=re.escape(f"process_agent: command {cmd!r} holds")):
+        process_agent(cmd)
 
 
 def _start_fails(tmp_path: Path, case: str) -> tuple[dict[str, Any], str]:

@@ -2074,15 +2074,29 @@ def shell_syntax_problem(cmd: str, parts: Sequence[str]) -> str | None:
     """What is wrong with the command string ``cmd`` (split as ``parts``) for a program
     started without a shell, or None: it is split as a shell would, but a shell operator
     outside quotes (``| cat``, ``2> err.log``, ``&& ...``) would reach the program as an
-    argument, which most programs ignore, and ``NAME=x cmd`` would be looked for as a
-    program named ``NAME=x``. (Also for ``nexus run --spawn`` and ``nexus send``.)"""
-    operator = _unquoted_operator(cmd)
-    if operator is not None:
+    argument, which most programs ignore, an expansion (``$HOME``, ``${X}``, ``$(cmd)``,
+    backticks, a glob such as ``*.py``, ``~/x``) or a comment (``# ...``) would reach it
+    unexpanded, as text, and ``NAME=x cmd`` would be looked for as a program named
+    ``NAME=x``. (Also for ``nexus run --spawn`` and ``nexus send``.)"""
+    found = _shell_construct(cmd)
+    if found is not None and found[0] == "operator":
         return (
-            f"command {cmd!r} holds the shell operator {operator!r}, but no shell runs it"
+            f"command {cmd!r} holds the shell operator {found[1]!r}, but no shell runs it"
             " (the operator would reach the program as an argument): leave it out (the"
             " agent's stderr goes to the kernel's log), or give the command to a shell,"
             " as in 'sh -c \"...\"'"
+        )
+    if found is not None:
+        what, text = found
+        done = "drop" if what == "comment" else "expand"
+        meant = "leave it out" if what == "comment" else "write out what it stands for"
+        if what == "tilde expansion":
+            meant += f" ({os.path.expanduser(text)!r})"
+        return (
+            f"command {cmd!r} holds the {what} {text!r}, which a shell would {done}, but"
+            f" no shell runs it (the program would get {text!r} as it is): {meant},"
+            " quote it ('...') to pass it as it is, or give the command to a shell, as in"
+            " \"sh -c '...'\""
         )
     if parts and _ASSIGNMENT.match(parts[0]):
         return (
@@ -2096,16 +2110,29 @@ def shell_syntax_problem(cmd: str, parts: Sequence[str]) -> str | None:
 #: the characters of a shell's control and redirection operators
 _OPERATOR_CHARS: Final = frozenset("|&;<>()")
 
+#: what follows a ``$`` that a shell expands: a name, ``{``, ``(``, a digit or a special
+#: parameter (``$@``, ``$?``, ...)
+_DOLLAR: Final = re.compile(
+    r"\$(?:\{[^}]*\}?|\(\(?[^)]*\)?\)?|[A-Za-z_][A-Za-z0-9_]*|[0-9@*#?$!-])"
+)
 
-def _unquoted_operator(cmd: str) -> str | None:
-    """The first run of operator characters in ``cmd`` that a POSIX shell would read as
-    an operator (outside quotes, not escaped by a backslash), or None. Read as the shell
-    reads it: quotes and backslashes count inside a word too (``--opt='x>y'``,
-    ``a\\|b`` are text), which a split into whole tokens does not see."""
+
+def _shell_construct(cmd: str) -> tuple[str, str] | None:
+    """The first construct in ``cmd`` that a POSIX shell would act on but a program
+    started without one takes as text, as ``(what, text)``: ``("operator", run)`` for a
+    run of operator characters, else an expansion or a comment (``"variable expansion"``,
+    ``"command substitution"``, ``"glob"``, ``"tilde expansion"``, ``"comment"``); or None. Read as
+    the shell reads it: quotes and backslashes count inside a word too (``--opt='x>y'``,
+    ``a\\|b``, ``'$HOME'``, ``\\*`` are text), which a split into whole tokens does not
+    see; in double quotes only ``$`` and backticks expand."""
     quote = ""  # the quote open at this point, or ""
     escaped = False
+    word_start = True  # (no quote open, not escaped)
     run: list[str] = []
-    for char in cmd:
+    for i, char in enumerate(cmd):
+        if run and char not in _OPERATOR_CHARS:
+            return "operator", "".join(run)
+        at_word_start, word_start = word_start, False
         if escaped:
             escaped = False
         elif quote == "'":
@@ -2113,6 +2140,13 @@ def _unquoted_operator(cmd: str) -> str | None:
                 quote = ""
         elif char == "\\":
             escaped = True  # (in double quotes too: the next character is text either way)
+        elif char == "`":
+            end = cmd.find("`", i + 1)
+            return "command substitution", cmd[i : end + 1 if end >= 0 else len(cmd)]
+        elif char == "$" and (dollar := _DOLLAR.match(cmd, i)) is not None:
+            text = dollar.group()
+            kind = "command substitution" if text.startswith("$(") else "variable expansion"
+            return kind, text
         elif quote:
             if char == quote:
                 quote = ""
@@ -2120,10 +2154,25 @@ def _unquoted_operator(cmd: str) -> str | None:
             quote = char
         elif char in _OPERATOR_CHARS:
             run.append(char)
-            continue
-        if run:
-            return "".join(run)
-    return "".join(run) or None
+        elif char.isspace():
+            word_start = True
+        elif char in "*?" or (char == "[" and "]" in _word_at(cmd, i)):
+            return "glob", _word_at(cmd, i)
+        elif at_word_start and char in "~#":
+            what = "tilde expansion" if char == "~" else "comment"
+            return what, _word_at(cmd, i) if char == "~" else cmd[i:]
+    return ("operator", "".join(run)) if run else None
+
+
+def _word_at(cmd: str, index: int) -> str:
+    """The unquoted word of ``cmd`` around ``index`` (up to whitespace), for a message."""
+    start = index
+    while start > 0 and not cmd[start - 1].isspace():
+        start -= 1
+    end = index
+    while end < len(cmd) and not cmd[end].isspace():
+        end += 1
+    return cmd[start:end]
 
 
 def _command(
