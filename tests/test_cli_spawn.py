@@ -454,6 +454,22 @@ def test_shell_syntax_in_a_command_string_is_refused_naming_it(
     assert said in out
 
 
+@pytest.mark.parametrize("cmd", ["", "   "])
+def test_an_empty_command_for_nexus_send_is_refused_in_the_cli_s_words(cmd: str) -> None:
+    """Regression: ``nexus send "" 1`` said "process_agent: empty command []", the words
+    of the Python API (and its split) rather than of the command line."""
+    from typer.testing import CliRunner
+
+    from nexus_trio.cli import app
+
+    result = CliRunner().invoke(app, ["send", cmd, "1"], env={"COLUMNS": "300"})
+    assert result.exit_code == 2, result.output
+    out = " ".join(result.output.replace("│", " ").split())
+    said = f"Invalid value for 'CMD': empty command {cmd!r}: give the program to start"
+    assert " ".join(said.split()) in out
+    assert "process_agent" not in out
+
+
 HUGE_LINE = textwrap.dedent(
     """
     import json, sys, time, uuid

@@ -127,6 +127,11 @@ def register(app: typer.Typer) -> None:
             argv = shlex.split(cmd)
         except ValueError as exc:
             raise typer.BadParameter(f"{exc} in {cmd!r}", param_hint="'CMD'") from None
+        if not argv:
+            raise typer.BadParameter(
+                f"empty command {cmd!r}: give the program to start, e.g. 'python3 agent.py'",
+                param_hint="'CMD'",
+            )
         if (problem := shell_syntax_problem(cmd, argv)) is not None:
             raise typer.BadParameter(problem, param_hint="'CMD'")
         try:
