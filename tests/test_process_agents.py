@@ -1323,6 +1323,41 @@ async def test_cancel_grace_that_ends_after_the_drain_starts_no_child_at_shutdow
     assert [json.loads(line)["type"] for line in frames] == ["message", "cancel"]
 
 
+async def test_a_message_the_child_still_works_on_is_given_up_when_the_drain_ends(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Regression: at a kernel shutdown, a message the child still worked on when the
+    drain (0.1 s here) ended was waited for through the agent's whole
+    ``shutdown_timeout`` (12.5 s here, which is the stop sequence's) before the child was
+    told to stop: a Ctrl-C of ``nexus send`` to a child that does not answer took 17.5 s
+    where the log said "within 5s". Now the message is given up as the drain ends, as
+    the kernel does with the handlers of agents without a ``shutdown_timeout`` of their
+    own: dead-lettered ``shutdown`` (not a failure), the stuck child stopped at once."""
+    async with mock_time_kernel(shutdown_grace_ms=100, request_timeout_ms=1_000_000) as kernel:
+        spec = process_agent(
+            toy("--silent-after", "0"), name="deaf", handle_timeout=100.0, shutdown_grace=5.0
+        )
+        assert spec.shutdown_timeout == 12.5
+        ref = kernel.spawn(spec)
+        results: dict[str, Any] = {}
+        async with trio.open_nursery() as nursery:
+            await until_real(lambda: stats_of(kernel, ref).registered, "the register")
+            written = stats_of(kernel, ref).lines_out
+            nursery.start_soon(ask, kernel, ref, "x", results)
+            await until_real(lambda: stats_of(kernel, ref).lines_out == written + 1, "x written")
+            await trio.testing.wait_all_tasks_blocked()
+            start = trio.current_time()
+            nursery.start_soon(kernel.shutdown)
+            await trio.testing.wait_all_tasks_blocked()
+            mock_clock.jump(0.1)  # the drain ends
+            await until_real(lambda: "x" in results, "the message given up")
+        assert trio.current_time() - start == pytest.approx(0.1)
+        assert results == {"x": "shutdown"}
+        assert [d.reason for d in dead_letters(kernel)] == [DeadLetterReason.SHUTDOWN]
+        assert kernel.stats().failed == 0
+    assert stopped_bridge_stats(kernel).agents[ref.id].last_exit == -signal.SIGTERM
+
+
 @pytest.mark.parametrize(
     ("protocol", "features", "grace"),
     [

@@ -71,6 +71,7 @@ from .._message import (
     unicode_text_read,
 )
 from .._plural import count_of
+from .._router import KernelPhase
 from .._throttle import Throttle
 from . import _lineage
 
@@ -746,6 +747,7 @@ class ProcessAgent(Agent):
         ctx.nursery.start_soon(self._give_up_start_on_stop, ctx, watch)
         try:
             await self._start_child()
+            ctx.nursery.start_soon(self._give_up_answers_at_shutdown, ctx)
         except trio.Cancelled:
             # The run is stopped before it started: no on_stop comes (the kernel calls
             # none for an on_start that did not return), so the child is stopped and
@@ -769,6 +771,21 @@ class ProcessAgent(Agent):
     async def _give_up_start_on_stop(ctx: Context, watch: trio.CancelScope) -> None:
         with watch:
             await ctx.wait_stop_requested()
+            ctx.nursery.cancel_scope.cancel()
+
+    async def _give_up_answers_at_shutdown(self, ctx: Context) -> None:
+        """At a kernel shutdown whose grace is over, a message the child still works on
+        is given up at once (the run is cancelled: the message is dead-lettered
+        ``shutdown``, then ``on_stop`` stops the child), as the kernel does with the
+        handlers of agents that have no ``shutdown_timeout`` of their own. The agent's
+        long one is the stop sequence's (shutdown frame, grace, SIGTERM, grace): the
+        answer was waited for that long on top of the grace, 17.5 s of a 5 s grace
+        (``nexus send`` to a silent child, Ctrl-C). A stop of this agent alone
+        (``kernel.stop``) still lets the message finish, within that timeout."""
+        await ctx.wait_stop_requested()
+        if ctx.kernel.phase >= KernelPhase.STOPPING and any(
+            not slot.abandoned for slot in self._inflight.values()
+        ):
             ctx.nursery.cancel_scope.cancel()
 
     async def on_stop(self, ctx: Context) -> None:
