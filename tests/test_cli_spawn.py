@@ -151,6 +151,26 @@ def nexus_run(tmp_path: Path, *args: str, timeout: float = 60) -> subprocess.Com
     )
 
 
+def test_a_program_of_the_config_that_did_not_start_is_named_by_its_key(
+    tmp_path: Path,
+) -> None:
+    """Regression: a program of ``[app] spawn`` whose start failed was said as ``--spawn
+    'CMD' did not start``, naming a flag the user never gave; it names the key and the
+    file now, as the usage errors of that key do."""
+    (tmp_path / "exits.py").write_text(EXITS)
+    (tmp_path / "nexus.toml").write_text(f"[app]\nspawn = [{f'{PYTHON} exits.py'!r}]\n")
+    result = nexus_run(tmp_path, "-c", "nexus.toml", "-d", "30", "--json")
+    assert result.returncode == 1, result.stderr
+    command = f"{sys.executable} exits.py"
+    hint = f"[app] spawn (file {tmp_path / 'nexus.toml'})"
+    assert json.loads(result.stdout)["error"] == (
+        f"SpawnFailed: {hint} {command!r} did not start: exited (status 3) before registering"
+        "; on stderr: 'cannot start: no API key'"
+    )
+    assert f"{hint} {command!r} did not start" in result.stderr
+    assert "--spawn" not in result.stderr
+
+
 def test_a_program_that_exits_before_registering_fails_the_run_naming_it(
     tmp_path: Path,
 ) -> None:

@@ -488,6 +488,7 @@ def run(
         not_started = f"stopped while importing {exc.what}: the run was not started"
         log_guarded(log, logging.WARNING, "%s: %s", exc.signame, not_started)
         commands = []
+    spawn_hint = "--spawn"
     if not commands and not_started is None:
         spawn_hint = _key_hint(loaded, "app.spawn")
         commands = [_split_command(c, spawn_hint) for c in cfg.app.spawn]
@@ -509,6 +510,7 @@ def run(
         metrics_host_hint=given_by("metrics_host", "metrics.host"),
         dump_on_signal=dump_on_signal,
         spawn=tuple(commands),
+        spawn_hint=spawn_hint,
         nats=nats,
         node=node,
         live=show_live,

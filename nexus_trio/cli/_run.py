@@ -114,6 +114,9 @@ class RunOptions:
     metrics_host_hint: str = "--metrics-host"
     dump_on_signal: bool = False
     spawn: tuple[tuple[str, ...], ...] = ()
+    #: what gave the spawn commands, as a failure names them: ``--spawn``, or the key and
+    #: its source, ``[app] spawn (file /etc/nexus/config.toml)``
+    spawn_hint: str = "--spawn"
     nats: str | None = None
     node: str | None = None
     live: bool = False
@@ -783,7 +786,7 @@ def _spawn(state: _State, kernel: Kernel) -> None:
         log_guarded(log, logging.ERROR, "%s", failure_text(program))
         state.request_stop("spawn failed")
 
-    state.programs = spawn_programs(kernel, opts.spawn)
+    state.programs = spawn_programs(kernel, opts.spawn, opts.spawn_hint)
     assert state.outer is not None
 
     async def watch() -> None:

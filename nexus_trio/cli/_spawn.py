@@ -338,6 +338,9 @@ class SpawnedProgram:
     starts: int = 0
     last_exit: int | None = None
     counts: dict[str, int] = attrs.field(factory=dict)
+    #: what gave the command, as its failure names it: ``--spawn``, or ``[app] spawn
+    #: (file ...)`` for a command of the config
+    source: str = "--spawn"
 
     @property
     def command_text(self) -> str:
@@ -358,11 +361,12 @@ class SpawnFailed(Exception):
 
 
 def failure_text(program: SpawnedProgram) -> str:
-    """``--spawn 'CMD' did not start: ...``, or ``--spawn 'CMD' stopped for good: ...``."""
+    """``--spawn 'CMD' did not start: ...``, or ``--spawn 'CMD' stopped for good: ...``
+    (``[app] spawn (file ...) 'CMD' ...`` for a command of the config)."""
     if program.given_up:
-        return f"--spawn {program.command_text!r} {program.problem}"
+        return f"{program.source} {program.command_text!r} {program.problem}"
     return (
-        f"--spawn {program.command_text!r} did not start: "
+        f"{program.source} {program.command_text!r} did not start: "
         f"{program.problem or 'it never registered'}"
     )
 
@@ -380,8 +384,11 @@ def stop_grace(shutdown_grace: float) -> float:
     return min(STOP_GRACE, shutdown_grace) if shutdown_grace > 0 else STOP_GRACE
 
 
-def spawn_programs(kernel: Kernel, commands: Sequence[Sequence[str]]) -> list[SpawnedProgram]:
-    """Spawn one process agent per command, named after its program."""
+def spawn_programs(
+    kernel: Kernel, commands: Sequence[Sequence[str]], hint: str = "--spawn"
+) -> list[SpawnedProgram]:
+    """Spawn one process agent per command, named after its program; ``hint`` names what
+    gave the commands (``--spawn``, or ``[app] spawn (file ...)``) in their failures."""
     grace = kernel.config.kernel.shutdown_grace
     programs: list[SpawnedProgram] = []
     for argv, name in zip(commands, agent_names(commands), strict=True):
@@ -396,7 +403,7 @@ def spawn_programs(kernel: Kernel, commands: Sequence[Sequence[str]]) -> list[Sp
                 first_start_stops=True,
             )
         )
-        programs.append(SpawnedProgram(tuple(argv), name, ref.id))
+        programs.append(SpawnedProgram(tuple(argv), name, ref.id, source=hint))
         log_guarded(log, logging.INFO, "spawned process agent %s: %s", name, shlex.join(argv))
     return programs
 
