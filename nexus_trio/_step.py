@@ -42,8 +42,17 @@ def _drive(box: list[Any]) -> Generator[Any, Any, None]:
             coro: Coroutine[Any, Any, Any] = yield outcome
             box[0] = yield from coro
             outcome = DONE
-        except GeneratorExit:
-            raise
+        except GeneratorExit as exc:
+            # This generator closed (its traceback is this frame alone: thrown in at a
+            # ``yield``, or raised here once the handler it drove was closed): it ends.
+            # A handler that raised GeneratorExit itself (its frames are in the
+            # traceback) failed as with any other exception: the stepper the kernel's
+            # agents share lives on, or every handler stepped after it would fail.
+            traceback = exc.__traceback__
+            if traceback is None or traceback.tb_next is None:
+                raise
+            box[1] = exc
+            outcome = FAILED
         except BaseException as exc:
             box[1] = exc
             outcome = FAILED
