@@ -105,6 +105,11 @@ async def _carry_failure(coro: Coroutine[Any, Any, object]) -> object:
         if failed_repr(exc) is None:
             raise
         raise _TaskFailed(exc) from None
+    except trio.Cancelled as exc:
+        foreign = _foreign_cancel(exc)
+        if foreign is None:
+            raise
+        raise _TaskFailed(foreign) from None
 
 
 def _carrying(async_fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -175,6 +180,32 @@ def _first_failure(group: BaseExceptionGroup[BaseException]) -> BaseException | 
         elif not isinstance(exc, trio.Cancelled):
             return exc
     return None
+
+
+def _foreign_cancel(exc: BaseException) -> RuntimeError | None:
+    """What an agent's code raised, if it is a ``trio.Cancelled`` that no cancel scope
+    around the current task raised (one caught elsewhere and raised again): the code's
+    error, as a RuntimeError saying so (the Cancelled its cause). Trio would take it for
+    a cancel of the run's nursery, once its failure had cancelled that, and the run
+    would end as if it had returned. None for any other exception (a real cancel: some
+    scope around is cancelled)."""
+    if not isinstance(exc, trio.Cancelled) or trio.current_effective_deadline() == -math.inf:
+        return None
+    error = RuntimeError(
+        "trio.Cancelled raised where no cancel scope around it was cancelled"
+        " (one caught elsewhere and raised again?)"
+    )
+    error.__cause__ = exc
+    return error
+
+
+def _start_failure(exc: Exception | trio.Cancelled) -> BaseException:
+    """What leaves a run's ``on_start`` that raised ``exc``: its error in a carrier (also
+    a foreign cancel's, see _foreign_cancel), or a real cancel as it is."""
+    if isinstance(exc, Exception):
+        return _StartFailed(exc)
+    foreign = _foreign_cancel(exc)
+    return exc if foreign is None else _StartFailed(foreign)
 
 
 class CellDefaults:
@@ -480,8 +511,8 @@ class AgentCell(Child):
                 try:
                     try:
                         await behaviour.on_start(self._enter_run())
-                    except Exception as exc:
-                        raise _StartFailed(exc) from None
+                    except (Exception, trio.Cancelled) as exc:
+                        raise _start_failure(exc) from None
                     started = self._run_started()
                     await self._serve(behaviour)
                     self._end_background()
@@ -528,6 +559,11 @@ class AgentCell(Child):
                 await behaviour.on_stop(ctx)
             except Exception as exc:
                 failure = self._on_stop_raised(exc, failure)
+            except trio.Cancelled as exc:
+                foreign = _foreign_cancel(exc)
+                if foreign is None:
+                    raise
+                failure = self._on_stop_raised(foreign, failure)
             except KeyboardInterrupt as exc:
                 failure = self._stopped_by(exc, failure)
         if stop_scope.cancel_called:
@@ -970,7 +1006,9 @@ class AgentCell(Child):
         dead-lettered as cancelled). Likewise when the cancel in such a group is not
         the scope's (a stop past its timeout, the shutdown): the rest is the handler's
         error, as a handler's that raises while such a cancel is pending, and the cancel
-        goes on up (raised here). A method of its own: the serve loop's frame, which
+        goes on up (raised here). A ``trio.Cancelled`` of no scope that is cancelled
+        (see _foreign_cancel) is the handler's error too. A method of its own: the serve
+        loop's frame, which
         every running agent keeps, gets no local for it."""
         scope = self._handler_scope
         assert scope is not None
@@ -986,7 +1024,14 @@ class AgentCell(Child):
             self._handler_raised(msg, left)
             return True
         msg = self.current
-        if msg is None or not isinstance(exc, BaseExceptionGroup):
+        if msg is None:
+            return False
+        foreign = _foreign_cancel(exc)
+        if foreign is not None:
+            # the handler's own error (the scope, not cancelled, is left all the same)
+            self._handler_raised(msg, foreign)
+            return True
+        if not isinstance(exc, BaseExceptionGroup):
             return False
         cancels, rest = exc.split(trio.Cancelled)
         if cancels is None or not isinstance(rest, Exception):

@@ -21,10 +21,14 @@ import trio
 import trio.testing
 
 from nexus_trio import (
+    Agent,
+    AgentSpec,
     Config,
     Context,
     Kernel,
+    LifecycleEvent,
     Message,
+    Subscription,
     agent,
     open_kernel,
 )
@@ -40,7 +44,9 @@ def _leaves(error: BaseException) -> list[BaseException]:
     return [error]
 
 
-async def test_a_handler_raising_generator_exit_leaves_the_other_agents_handlers_alone() -> None:
+async def test_a_handler_raising_generator_exit_leaves_the_other_agents_handlers_alone(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     """Regression: a handler that raised ``GeneratorExit`` before its first suspension
     ended the kernel's shared stepper (the generator that steps every handler re-raised
     it as its own close): every handler stepped after it, in any agent, failed with
@@ -83,6 +89,100 @@ async def test_a_handler_raising_generator_exit_leaves_the_other_agents_handlers
     stats = kernel.stats()
     assert (stats.failed, stats.handled) == (0, 2)
     assert [letter.reason.value for letter in letters] == ["agent_stopped"]
-    assert all("StopIteration" not in (letter.error or "") for letter in letters)
+    assert not any(isinstance(letter.error, StopIteration) for letter in letters)
+    assert_conserved(kernel)
+    assert tasks_living() == living
+
+
+def _drained(events: Subscription[LifecycleEvent]) -> list[tuple[str, str | None]]:
+    """The lifecycle events queued for ``events``, as (kind, agent name)."""
+    seen = []
+    while True:
+        try:
+            event = events.receive_nowait()
+        except trio.WouldBlock:
+            return seen
+        seen.append((event.kind.value, event.name))
+
+
+async def _a_spent_cancel() -> trio.Cancelled:
+    """A ``trio.Cancelled`` of a scope that is over: what code that caught one and kept
+    it raises again later."""
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        try:
+            await trio.lowlevel.checkpoint()
+        except trio.Cancelled as exc:
+            return exc
+    raise AssertionError("the scope did not cancel its checkpoint")
+
+
+@pytest.mark.parametrize("where", ["handle", "on_start", "background_task", "on_stop"])
+async def test_a_cancel_of_no_scope_around_it_raised_by_an_agent_s_code_is_its_failure(
+    where: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Regression: a ``trio.Cancelled`` raised by an agent's code where no cancel scope
+    around it was cancelled (one caught elsewhere and raised again) was taken by the
+    run's nursery for a cancel of its own, once its failure had cancelled it: the run
+    ended as a normal exit. A transient agent was gone for good with nothing counted or
+    logged (its message dead-lettered ``agent_stopped``, 'cancelled while being
+    handled'); an ``on_stop`` raising it was no failure either. It is the agent's failure
+    now, as an exception would be: a ``RuntimeError`` saying so (the ``Cancelled`` its
+    cause), dead-lettered ``handler_error`` for a handler, the agent restarted."""
+    spent = await _a_spent_cancel()
+    runs: list[int] = []
+
+    class Raiser(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            runs.append(len(runs) + 1)
+            if len(runs) > 1:
+                return
+            if where == "on_start":
+                raise spent
+            if where == "background_task":
+
+                async def task() -> None:
+                    await trio.sleep(1)
+                    raise spent
+
+                ctx.nursery.start_soon(task)
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            if where == "handle" and msg.payload == "raise":
+                raise spent
+
+        async def on_stop(self, ctx: Context) -> None:
+            if where == "on_stop":
+                raise spent
+
+    living = tasks_living()
+    async with open_kernel(Config()) as kernel:
+        events = kernel.events()
+        kernel.spawn(AgentSpec(Raiser, name="raiser", restart="transient"))
+        await trio.sleep(0.5)
+        await kernel.send("raiser", "raise")
+        await trio.sleep(2)
+        if where == "on_stop":
+            await kernel.stop("raiser")
+        await trio.testing.wait_all_tasks_blocked()
+        stats = kernel.stats()
+        letters = kernel.recent_dead_letters()
+        alive = [ref.name for ref in kernel.agents()]
+        seen = _drained(events)
+    assert ("failed", "raiser") in seen, seen
+    if where == "on_stop":
+        assert (stats.run_failures, stats.restarts, runs) == (1, 0, [1])
+        return
+    assert (stats.restarts, runs) == (1, [1, 2])
+    assert alive == ["raiser"]
+    if where == "handle":
+        assert (stats.failed, stats.run_failures, stats.handled) == (1, 0, 0)
+        [letter] = letters
+        assert letter.reason.value == "handler_error"
+        assert isinstance(letter.error, RuntimeError)
+        assert isinstance(letter.error.__cause__, trio.Cancelled)
+    else:
+        assert (stats.failed, stats.run_failures, stats.handled) == (0, 1, 1)
+        assert letters == []
     assert_conserved(kernel)
     assert tasks_living() == living
