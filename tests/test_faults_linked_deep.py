@@ -165,9 +165,11 @@ async def run_tree(
     act: Callable[[Any], Awaitable[None]],
     cfg: Config | None = None,
     top: AgentSpec | Supervisor | None = None,
+    settle: Callable[[], Awaitable[None]] = trio.testing.wait_all_tasks_blocked,
 ) -> Any:
     """Spawn ``top`` (``p`` by default; and whatever it spawns), let ``act`` set the
-    scene, end the kernel as ``ending`` says, and check that nothing was left running."""
+    scene, wait for ``settle`` (all tasks blocked, by default), end the kernel as
+    ``ending`` says, and check that nothing was left running."""
     baseline = tasks_living()
     kernel: Any = None
     with real_time_limit(20), trio.fail_after(3600), trio.CancelScope() as outside:
@@ -175,7 +177,7 @@ async def run_tree(
             kernel.spawn(tree.specs["p"] if top is None else top)
             await trio.testing.wait_all_tasks_blocked()
             await act(kernel)
-            await trio.testing.wait_all_tasks_blocked()
+            await settle()
             if ending == "stop_p":
                 await kernel.stop("p")
                 await trio.testing.wait_all_tasks_blocked()

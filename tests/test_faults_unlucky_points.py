@@ -14,27 +14,33 @@ Everything runs on a ``MockClock(autojump_threshold=0)``.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 
 from nexus_trio import (
     Agent,
     AgentSpec,
+    Backoff,
     Config,
     Context,
     Kernel,
     LifecycleEvent,
     Message,
     Subscription,
+    Supervisor,
     agent,
     open_kernel,
 )
 from nexus_trio.testing import assert_conserved
 
-from .hang_guard import tasks_living
+from .hang_guard import fault_settings, tasks_living
+from .test_faults_linked_deep import ENDINGS, Tree, boom, run_tree, three_levels
 
 
 def _leaves(error: BaseException) -> list[BaseException]:
@@ -186,3 +192,126 @@ async def test_a_cancel_of_no_scope_around_it_raised_by_an_agent_s_code_is_its_f
         assert letters == []
     assert_conserved(kernel)
     assert tasks_living() == living
+
+
+# --- a shutdown at a step Hypothesis chooses ----------------------------------------------
+
+
+def _scene(tree: Tree, scene: str) -> tuple[Callable[[Any], Awaitable[None]], Supervisor | None]:
+    """Build ``tree`` for ``scene``; what sets it going, and the top of the tree (None:
+    ``p``)."""
+
+    async def nothing(kernel: Any) -> None:
+        pass
+
+    async def slow(ctx: Context) -> None:
+        await trio.sleep(0.3)
+
+    if scene == "restart_backoff":
+        # c fails its first message; its restart waits out a 1 s backoff, the second
+        # message queued meanwhile
+        three_levels(tree, c={"handle": boom})
+
+        async def fail_c(kernel: Any) -> None:
+            await tree.send(kernel, "c", "fail")
+            await tree.send(kernel, "c", "queued")
+
+        return fail_c, None
+    if scene == "on_start_spawns":
+        # p, c and g each spawn in on_start, then take 0.3 s more to start
+        three_levels(tree, p={"start": slow}, c={"start": slow}, g={"start": slow})
+        return nothing, None
+    if scene == "on_stop_tells_stopped_sibling":
+        # p spawns c then s; c's on_stop (after s's, reverse spawn order) tells s
+        async def tell_s(ctx: Context) -> None:
+            await trio.sleep(0.1)
+            await tree.send(ctx, "s", "bye")
+
+        tree.parents = {"c": "p", "s": "p"}
+        tree.specs = {
+            "p": tree.spec("p", kids=("c", "s")),
+            "c": tree.spec("c", stop=tell_s),
+            "s": tree.spec("s", stop=slow),
+        }
+        return nothing, None
+    if scene == "handler_waits_on_its_child":
+        # p's handler spawns k, tells it to finish and waits for its stop
+        async def finish(ctx: Context, msg: Message) -> None:
+            await trio.sleep(0.2)
+            ctx.stop()
+
+        async def spawn_and_wait(ctx: Context, msg: Message) -> None:
+            kid = ctx.spawn(tree.specs["k"])
+            await tree.send(ctx, "k", "finish")
+            await ctx.kernel.wait_stopped(kid)
+
+        tree.parents = {"k": "p"}
+        tree.specs = {
+            "p": tree.spec("p", handle=spawn_and_wait),
+            "k": tree.spec("k", handle=finish, stop=slow),
+        }
+
+        async def go(kernel: Any) -> None:
+            await tree.send(kernel, "p", "go")
+
+        return go, None
+    assert scene == "escalation_while_stopping"
+    # supervisor p (one restart within 5 s) of c, which fails each message: the third
+    # failure gives up on p (the root isolates it); g, c's child, stops first each time
+    tree.parents = {"g": "c"}
+    tree.specs = {"c": tree.spec("c", kids=("g",), handle=boom), "g": tree.spec("g", stop=slow)}
+    top = Supervisor(
+        name="p",
+        children=[tree.specs["c"]],
+        max_restarts=1,
+        backoff=Backoff(0.05, 0.05, jitter=0.0),
+    )
+
+    async def fail_thrice(kernel: Any) -> None:
+        for i in range(3):
+            await tree.send(kernel, "c", i)
+
+    return fail_thrice, top
+
+
+SCENES = [
+    "restart_backoff",
+    "on_start_spawns",
+    "on_stop_tells_stopped_sibling",
+    "handler_waits_on_its_child",
+    "escalation_while_stopping",
+]
+
+
+@fault_settings(120)
+@given(
+    scene=st.sampled_from(SCENES),
+    ending=st.sampled_from(ENDINGS),
+    delay=st.sampled_from([0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.9, 1.0, 1.2]),
+    rounds=st.integers(0, 12),
+)
+def test_a_shutdown_at_any_step_of_a_restart_a_start_or_a_stop_leaves_nothing_behind(
+    scene: str, ending: str, delay: float, rounds: int
+) -> None:
+    """The kernel ends (its block left, ``shutdown(0)``, the block cancelled, or
+    ``kernel.stop('p')`` with the kernel running on) after ``delay`` seconds and
+    ``rounds`` scheduling rounds of a scene: a restart's backoff, linked children
+    spawned by slow ``on_start``s, an ``on_stop`` telling a sibling that stopped before
+    it, a handler waiting for the stop of a child it spawned, a supervisor giving up. No
+    task is left, each ``on_start`` that returned has one ``on_stop``, children stop
+    before their parents, every send is accepted and then handled or dead-lettered, or
+    refused (see Tree.check)."""
+
+    async def scenario() -> None:
+        tree = Tree()
+        act, top = _scene(tree, scene)
+
+        async def settle() -> None:
+            await trio.testing.wait_all_tasks_blocked()
+            await trio.sleep(delay)
+            for _ in range(rounds):
+                await trio.lowlevel.checkpoint()
+
+        await run_tree(tree, ending, act, top=top, settle=settle)
+
+    trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
