@@ -1232,6 +1232,24 @@ class Router:
     def _full(self, cell: Any, msg: Message) -> MailboxFull:
         return MailboxFull(cell.id, cell.name, cell.mailbox.capacity, msg.id)
 
+    def _full_for_itself(self, cell: Any, msg: Message) -> MailboxFull:
+        """A send of ``cell``'s own run (its handler, ``on_start``, ``on_stop``) to its
+        own full mailbox: only that run takes from the mailbox, and it would be waiting
+        in the send, so no room can come before the send deadline. Refused at once,
+        saying so (as a request to itself times out saying so)."""
+        return MailboxFull(
+            cell.id,
+            cell.name,
+            cell.mailbox.capacity,
+            msg.id,
+            detail=(
+                f"agent {cell.label} sent to its own mailbox, full (capacity"
+                f" {cell.mailbox.capacity}), from its own run: only that run takes from"
+                " it, so no room could come while it waited (refused at once, not after"
+                " the send deadline)"
+            ),
+        )
+
     async def deliver(self, msg: Message, *, wait: bool, external: bool = False) -> None:
         """The slow branch: everything but a local recipient with room. ``external``: a
         send from outside the agents, whose wait for room the shutdown ends (refused)."""
@@ -1256,6 +1274,8 @@ class Router:
             return
         if not wait:
             raise self._full(blocked, msg)
+        if blocked.run_task is trio.lowlevel.current_task():
+            raise self._full_for_itself(blocked, msg)
         # Full under ``block``: Trio's FIFO of blocked senders, bounded by the deadline.
         # Counted as accepted while waiting (the consumer may admit and even handle it
         # before this task resumes); uncounted if it never got in.

@@ -30,7 +30,9 @@ from nexus_trio import (
     Config,
     Context,
     Kernel,
+    KernelConfig,
     LifecycleEvent,
+    MailboxFull,
     Message,
     Subscription,
     Supervisor,
@@ -191,6 +193,73 @@ async def test_a_cancel_of_no_scope_around_it_raised_by_an_agent_s_code_is_its_f
         assert (stats.failed, stats.run_failures, stats.handled) == (0, 1, 1)
         assert letters == []
     assert_conserved(kernel)
+    assert tasks_living() == living
+
+
+@pytest.mark.parametrize("where", ["handle", "on_start", "on_stop"])
+async def test_a_send_to_its_own_full_mailbox_from_the_agent_s_run_fails_at_once_saying_so(
+    where: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Regression: an agent whose handler (or ``on_start``, or ``on_stop``) sent to its
+    own full ``block`` mailbox waited out the whole send deadline for room that only its
+    own run could make (the run waits in the send), then failed with the plain 'is
+    full' of any MailboxFull (``on_stop``: after ``ctx.stop()``, its address takes
+    messages until its run is over). It fails at once now, saying why no room can come (counted
+    rejected ``mailbox_full``). A task of its ``ctx.nursery`` still waits: its run takes
+    from the mailbox meanwhile, and the send gets in."""
+    outcomes: list[tuple[str, float, str]] = []
+
+    async def to_self(ctx: Context, label: str) -> None:
+        try:
+            await ctx.send(ctx.id, label)
+        except MailboxFull as exc:
+            outcomes.append((label, trio.current_time(), exc.detail))
+        else:
+            outcomes.append((label, trio.current_time(), "in"))
+
+    class Selfish(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            if where == "on_start":
+                for label in ("a", "b"):
+                    await to_self(ctx, label)
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            if where == "handle" and msg.payload == "go":
+                for label in ("a", "b"):
+                    await to_self(ctx, label)
+                # a task of its own waits for room that this run makes after it returns
+                ctx.nursery.start_soon(to_self, ctx, "from a task")
+            if where == "on_stop" and msg.payload == "stop":
+                ctx.stop()  # the message queued behind it stays: on_stop finds it full
+
+        async def on_stop(self, ctx: Context) -> None:
+            if where == "on_stop":
+                await to_self(ctx, "late")
+
+    living = tasks_living()
+    async with open_kernel(Config(kernel=KernelConfig(send_timeout_ms=500))) as kernel:
+        kernel.spawn(AgentSpec(Selfish, name="selfish", mailbox_capacity=1, restart="temporary"))
+        await trio.testing.wait_all_tasks_blocked()
+        if where == "handle":
+            await kernel.send("selfish", "go")
+        if where == "on_stop":
+            await kernel.send("selfish", "stop")
+            await kernel.send("selfish", "fills it")
+        await trio.sleep(1)
+        stats = kernel.stats()
+        assert_conserved(kernel)
+    own = "its own mailbox"
+    if where == "handle":
+        assert [o[:2] for o in outcomes] == [("a", 0.0), ("b", 0.0), ("from a task", 0.0)]
+        assert outcomes[0][2] == outcomes[2][2] == "in"
+    elif where == "on_start":
+        assert [o[:2] for o in outcomes] == [("a", 0.0), ("b", 0.0)]
+        assert outcomes[0][2] == "in"
+    else:
+        assert [o[:2] for o in outcomes] == [("late", 0.0)]
+    refused = [detail for *_, detail in outcomes if detail != "in"]
+    assert len(refused) == 1 and own in refused[0] and "selfish" in refused[0], refused
+    assert stats.rejected == {"mailbox_full": 1}
     assert tasks_living() == living
 
 
