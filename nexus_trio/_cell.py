@@ -1031,6 +1031,11 @@ class AgentCell(Child):
             # the handler's own error (the scope, not cancelled, is left all the same)
             self._handler_raised(msg, foreign)
             return True
+        if not isinstance(exc, (Exception, BaseExceptionGroup, trio.Cancelled, KeyboardInterrupt)):
+            # What the handler raised that is no Exception (``sys.exit()``): it goes on
+            # up and ends the kernel; its message was not cut short by a stop.
+            self._handler_ended_kernel(msg, exc)
+            return False
         if not isinstance(exc, BaseExceptionGroup):
             return False
         cancels, rest = exc.split(trio.Cancelled)
@@ -1041,6 +1046,16 @@ class AgentCell(Child):
         # raises while the cancel is pending: the scope stays cancelled)
         self._handler_raised(msg, rest)
         raise cancels
+
+    def _handler_ended_kernel(self, msg: Message, exc: BaseException) -> None:
+        """The handler of ``msg`` raised ``exc``, no Exception (nor a group, nor a cancel
+        or Ctrl-C, each seen to elsewhere): dead-lettered with it, counted failed. Not logged:
+        it goes on up, to whoever ran the kernel (``sys.exit(0)`` is no error)."""
+        self.current = None
+        self.failed += 1
+        self.ledger.failed += 1
+        self.dead_lettered += 1
+        self.ledger.dead_letter(msg, DeadLetterReason.HANDLER_ERROR, self.id, self.name, error=exc)
 
     def _dead_after_grace(self, msg: Message) -> None:
         self.dead_lettered += 1

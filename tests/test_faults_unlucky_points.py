@@ -52,6 +52,33 @@ def _leaves(error: BaseException) -> list[BaseException]:
     return [error]
 
 
+async def _ended_by_a_handler(
+    specs: list[Any], before: list[tuple[str, str]], last: tuple[str, str]
+) -> tuple[Kernel, BaseExceptionGroup[BaseException]]:
+    """Open a kernel, spawn ``specs``, send ``before`` (recipient, payload) and, once
+    every task is blocked, ``last``, whose handler ends the kernel: the kernel and the
+    group ``open_kernel`` raised. No task is left."""
+    kernels: list[Kernel] = []
+
+    async def run() -> None:
+        async with open_kernel(Config()) as kernel:
+            kernels.append(kernel)
+            for spec in specs:
+                kernel.spawn(spec)
+            for to, payload in before:
+                await kernel.send(to, payload)
+            await trio.testing.wait_all_tasks_blocked()
+            await kernel.send(*last)
+            await trio.sleep(1)
+
+    living = tasks_living()
+    with pytest.raises(BaseExceptionGroup) as raised:
+        await run()
+    assert tasks_living() == living
+    [kernel] = kernels
+    return kernel, raised.value
+
+
 async def test_a_handler_raising_generator_exit_leaves_the_other_agents_handlers_alone(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -75,31 +102,17 @@ async def test_a_handler_raising_generator_exit_leaves_the_other_agents_handlers
         ctx.send_nowait("innocent", "woken")
         raise GeneratorExit
 
-    kernels: list[Kernel] = []
-
-    async def run() -> None:
-        async with open_kernel(Config()) as kernel:
-            kernels.append(kernel)
-            kernel.spawn(innocent)
-            kernel.spawn(bad)
-            await kernel.send("innocent", "first")
-            await trio.testing.wait_all_tasks_blocked()
-            await kernel.send("bad", "crash")
-            await trio.sleep(1)
-
-    living = tasks_living()
-    with pytest.raises(BaseExceptionGroup) as raised:
-        await run()
-    [kernel] = kernels
+    kernel, raised = await _ended_by_a_handler(
+        [innocent, bad], [("innocent", "first")], ("bad", "crash")
+    )
     letters = kernel.recent_dead_letters()
-    assert [type(leaf) for leaf in _leaves(raised.value)] == [GeneratorExit]
+    assert [type(leaf) for leaf in _leaves(raised)] == [GeneratorExit]
     assert innocent_got == ["first", "woken"]
     stats = kernel.stats()
-    assert (stats.failed, stats.handled) == (0, 2)
-    assert [letter.reason.value for letter in letters] == ["agent_stopped"]
+    assert (stats.failed, stats.handled) == (1, 2)  # 'bad' only
+    assert [letter.reason.value for letter in letters] == ["handler_error"]
     assert not any(isinstance(letter.error, StopIteration) for letter in letters)
     assert_conserved(kernel)
-    assert tasks_living() == living
 
 
 def _drained(events: Subscription[LifecycleEvent]) -> list[tuple[str, str | None]]:
@@ -111,6 +124,51 @@ def _drained(events: Subscription[LifecycleEvent]) -> list[tuple[str, str | None
         except trio.WouldBlock:
             return seen
         seen.append((event.kind.value, event.name))
+
+
+class _Halt(BaseException):
+    """An application's own BaseException (not an Exception)."""
+
+
+@pytest.mark.parametrize("suspends", [False, True])
+@pytest.mark.parametrize("error", [SystemExit(3), GeneratorExit(), _Halt("halt")])
+async def test_a_handler_raising_what_is_no_exception_ends_the_kernel_its_message_dead_lettered_with_it(
+    error: BaseException, suspends: bool, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A handler raising a ``BaseException`` that is no ``Exception`` (``sys.exit()``
+    in a handler, say) ends the kernel, as Trio lets such exceptions through: the tree
+    stops (each ``on_stop`` that is due runs once, queued messages dead-lettered), and
+    ``open_kernel`` raises it in a group. Regression: its message was dead-lettered
+    ``agent_stopped``, 'cancelled while being handled', as if a stop had cut its
+    handler short; it is ``handler_error``, with the exception."""
+    stops: list[str] = []
+
+    class Keeper(Agent):
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            await trio.sleep_forever()
+
+        async def on_stop(self, ctx: Context) -> None:
+            stops.append(ctx.name or "")
+
+    @agent(name="quitter")
+    async def quitter(ctx: Context, msg: Message) -> None:
+        if suspends:
+            await trio.sleep(0.1)
+        raise error
+
+    kernel, raised = await _ended_by_a_handler(
+        [AgentSpec(Keeper, name="keeper"), quitter],
+        [("keeper", "in hand"), ("keeper", "queued")],
+        ("quitter", "bye"),
+    )
+    assert _leaves(raised) == [error]
+    assert stops == ["keeper"]
+    letters = {letter.message.payload: letter for letter in kernel.recent_dead_letters()}
+    assert sorted(letters) == ["bye", "in hand", "queued"]
+    assert letters["bye"].reason.value == "handler_error"
+    said = letters["bye"].error  # (a copy without the handler's frames)
+    assert type(said) is type(error) and said is not None and said.args == error.args
+    assert_conserved(kernel)
 
 
 async def _a_spent_cancel() -> trio.Cancelled:
