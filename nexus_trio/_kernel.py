@@ -1184,6 +1184,11 @@ async def open_kernel(
                     with trio.CancelScope(shield=True):
                         await kernel.shutdown(grace)
                 finally:
+                    if kernel._router.phase < KernelPhase.STOPPING:
+                        # The shutdown was cut short in its drain (a second Ctrl-C):
+                        # the cancel below stops the tree, as its stop phase would (a
+                        # run that ends counts its agent out).
+                        kernel._router.phase = KernelPhase.STOPPING
                     timer.cancel()
                     tree.cancel()
     finally:
@@ -1193,16 +1198,28 @@ async def open_kernel(
         # for what can no longer come; and what the kernel froze goes back to the
         # collector (the heap is the whole process's, not this kernel's).
         failing = sys.exc_info()[1]
+        router = kernel._router
         try:
             # Each step even if one before it raised.
             try:
-                router = kernel._router
                 router.fail_all_pending(lambda: _closed_on(router))
+                if kernel._root_done.is_set() and not kernel._shutdown_finished.is_set():
+                    # The shutdown was cut short (a second Ctrl-C) and the tree's cancel
+                    # has stopped it: what is queued is dead-lettered, as at its end
+                    # (after the requests waiting have failed naming the phase).
+                    kernel._root.retire_all("shutdown")
             finally:
                 try:
                     kernel._ledger.finish_streams()
                 finally:
-                    kernel._host.heap.close()
+                    try:
+                        kernel._host.heap.close()
+                    finally:
+                        if not kernel._shutdown_finished.is_set():
+                            # Closed all the same: whoever waits for the shutdown (a
+                            # task beside the block in shutdown()) returns.
+                            router.phase = KernelPhase.STOPPED
+                            kernel._shutdown_finished.set()
         except Exception as exc:
             if failing is None:
                 raise

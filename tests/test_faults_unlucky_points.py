@@ -14,6 +14,8 @@ Everything runs on a ``MockClock(autojump_threshold=0)``.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -31,9 +33,11 @@ from nexus_trio import (
     Context,
     Kernel,
     KernelConfig,
+    KernelPhase,
     LifecycleEvent,
     MailboxFull,
     Message,
+    NexusError,
     Subscription,
     Supervisor,
     agent,
@@ -41,7 +45,7 @@ from nexus_trio import (
 )
 from nexus_trio.testing import assert_conserved
 
-from .hang_guard import fault_settings, tasks_living
+from .hang_guard import fault_settings, real_time_limit, tasks_living
 from .test_faults_linked_deep import ENDINGS, Tree, boom, run_tree, three_levels
 
 
@@ -442,3 +446,127 @@ def test_a_shutdown_at_any_step_of_a_restart_a_start_or_a_stop_leaves_nothing_be
         await run_tree(tree, ending, act, top=top, settle=settle)
 
     trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+# --- a Ctrl-C at a step of the shutdown Hypothesis chooses --------------------------------
+
+
+class _CtrlCAtStep(trio.abc.Instrument):
+    """Raises SIGINT from Trio's own context (delivered to the main task, in the
+    shutdown of the block) before the ``at``-th task step once armed."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.steps = 0
+        self.armed = False
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self.armed:
+            self.steps += 1
+            if self.steps == self.at:
+                trio.lowlevel.current_trio_token().run_sync_soon(signal.raise_signal, signal.SIGINT)
+
+
+class _Slow(Agent):
+    """Spawns a kid in on_start; handles in 0.3 s, stops in 0.2 s."""
+
+    async def on_start(self, ctx: Context) -> None:
+        ctx.spawn(AgentSpec(_SlowKid, name=f"{ctx.name}-kid"))
+
+    async def handle(self, ctx: Context, msg: Message) -> None:
+        await trio.sleep(0.3)
+
+    async def on_stop(self, ctx: Context) -> None:
+        await trio.sleep(0.2)
+
+
+class _SlowKid(Agent):
+    async def handle(self, ctx: Context, msg: Message) -> None:
+        await trio.sleep(5)
+
+    async def on_stop(self, ctx: Context) -> None:
+        await trio.sleep(0.1)
+
+
+@fault_settings(40)
+@given(at=st.integers(1, 70))
+def test_a_ctrl_c_at_any_step_of_the_shutdown_leaves_a_closed_kernel_and_no_waiter(
+    at: int,
+) -> None:
+    """A Ctrl-C while the block's shutdown runs (three agents with a linked kid each,
+    messages queued, a request pending, two stream readers and a task beside the block
+    waiting for the shutdown in ``kernel.shutdown()``) forces the exit: open_kernel
+    raises it. Regression: a Ctrl-C before the tree had stopped left the task beside
+    waiting forever (a hang), ``kernel.stopped`` false and the phase ``draining`` or
+    ``stopping`` after the kernel had closed, agents_alive 3 (the runs cut short in the
+    drain never counted out) and, cut at the first step, a message in flight for good.
+    Now the cut-short shutdown ends as one: the tree's cancel counts its agents out,
+    what is queued is dead-lettered ``shutdown``, the kernel is stopped, its waiters
+    return."""
+    ended: list[str] = []
+    ctrl_c = _CtrlCAtStep(at)
+    kernels: list[Kernel] = []
+    outcome: list[str] = []
+
+    async def read(stream: Any, label: str) -> None:
+        async for _ in stream:
+            pass
+        ended.append(label)
+
+    async def ask(kernel: Kernel) -> None:
+        with contextlib.suppress(NexusError):
+            await kernel.request("a", "q", timeout=1000)
+        ended.append("request")
+
+    async def beside(kernel: Kernel) -> None:
+        await kernel.wait_shutting_down()
+        await kernel.shutdown()
+        ended.append("beside")
+
+    async def main() -> None:
+        living = tasks_living()
+        with trio.move_on_after(600) as hang:
+            async with trio.open_nursery() as others:
+                try:
+                    async with open_kernel(
+                        Config(kernel=KernelConfig(shutdown_grace_ms=500))
+                    ) as kernel:
+                        kernels.append(kernel)
+                        others.start_soon(read, kernel.events(), "events")
+                        others.start_soon(read, kernel.dead_letters(), "dead letters")
+                        for name in "abc":
+                            kernel.spawn(AgentSpec(_Slow, name=name))
+                        await trio.testing.wait_all_tasks_blocked()
+                        for name in "abc":
+                            await kernel.send(name, 1)
+                            await kernel.send(f"{name}-kid", 1)
+                        others.start_soon(ask, kernel)
+                        await trio.testing.wait_all_tasks_blocked()
+                        others.start_soon(beside, kernel)
+                        ctrl_c.armed = True
+                    outcome.append("closed")
+                    await trio.lowlevel.checkpoint()  # (a Ctrl-C after the close lands here)
+                except BaseException as exc:
+                    outcome.append("KeyboardInterrupt" if _is_ctrl_c(exc) else repr(exc))
+        assert not hang.cancelled_caught, f"a waiter was left waiting: {ended}"
+        assert tasks_living() == living
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with real_time_limit(20), contextlib.suppress(KeyboardInterrupt):
+            trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0), instruments=[ctrl_c])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    [kernel] = kernels
+    assert outcome in (["KeyboardInterrupt"], ["closed", "KeyboardInterrupt"], ["closed"])
+    assert sorted(ended) == ["beside", "dead letters", "events", "request"]
+    stats = kernel.stats()
+    assert kernel.stopped and kernel.phase is KernelPhase.STOPPED
+    assert (stats.agents_alive, stats.in_flight) == (0, 0), stats
+    assert_conserved(kernel)
+
+
+def _is_ctrl_c(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(KeyboardInterrupt) is not None
+    return isinstance(exc, KeyboardInterrupt)
