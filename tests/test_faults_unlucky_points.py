@@ -570,3 +570,117 @@ def _is_ctrl_c(exc: BaseException) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return exc.subgroup(KeyboardInterrupt) is not None
     return isinstance(exc, KeyboardInterrupt)
+
+
+# --- stops that meet: several callers, the agent itself, a shielded background task ------
+
+
+@pytest.mark.parametrize("address", ["name", "id"])
+async def test_a_stop_asked_by_two_tasks_and_by_the_agent_itself_stops_it_once(
+    address: str, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The agent's handler calls ``kernel.stop`` on itself (returns at once), then two
+    tasks ask the same stop while its handler still runs: ``on_stop`` runs once, after
+    the message in hand; every call returns when it has stopped; one ``stopped`` event;
+    the message queued behind is dead-lettered ``agent_stopped``. (Passes on main.)"""
+    journal: list[tuple[str, float]] = []
+
+    class Stoppable(Agent):
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            if msg.payload == "stop yourself":
+                await ctx.kernel.stop(ctx.id if address == "id" else "stoppable")
+                journal.append(("own stop returned", trio.current_time()))
+            await trio.sleep(1)
+
+        async def on_stop(self, ctx: Context) -> None:
+            journal.append(("on_stop", trio.current_time()))
+            await trio.sleep(2)
+
+    async def stop(kernel: Kernel, target: Any, label: str) -> None:
+        await kernel.stop(target)
+        journal.append((label, trio.current_time()))
+
+    living = tasks_living()
+    async with open_kernel(Config()) as kernel:
+        events = kernel.events()
+        ref = kernel.spawn(AgentSpec(Stoppable, name="stoppable", shutdown_timeout=5))
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send(ref, "stop yourself")
+        await kernel.send(ref, "queued")
+        async with trio.open_nursery() as nursery:
+            await trio.sleep(0.1)
+            nursery.start_soon(stop, kernel, ref, "stop by ref returned")
+            await trio.sleep(0.1)
+            nursery.start_soon(stop, kernel, "stoppable" if address == "name" else ref.id, "2nd")
+        stats = kernel.stats()
+        seen = _drained(events)
+        letters = kernel.recent_dead_letters()
+    assert journal[0] == ("own stop returned", 0.0)
+    assert journal[1] == ("on_stop", 1.0)
+    assert sorted(journal[2:]) == [("2nd", 3.0), ("stop by ref returned", 3.0)]
+    assert seen.count(("stopped", "stoppable")) == 1
+    assert [(d.message.payload, d.reason.value) for d in letters] == [("queued", "agent_stopped")]
+    assert (stats.handled, stats.agents_alive) == (1, 0)
+    assert_conserved(kernel)
+    assert tasks_living() == living
+
+
+async def test_a_stop_waits_for_a_background_task_that_shields_itself_then_runs_on_stop(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A ``ctx.nursery`` task shielded from cancellation for 3 s when the agent is
+    stopped with a 1 s shutdown timeout: the handler in hand is cancelled at the
+    timeout (dead-lettered ``agent_stopped``), but the run's nursery cannot close before
+    the shielded task is done (Trio's rule: a shield is kept), so ``on_stop`` runs and
+    ``kernel.stop`` returns at 3 s, once; what the task sends after its shield (no
+    checkpoint: a send with room) is accepted and handled by its peer. (Passes on main.)"""
+    journal: list[tuple[str, float]] = []
+
+    class Stubborn(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            async def shielded() -> None:
+                with trio.CancelScope(shield=True):
+                    await trio.sleep(3)
+                journal.append(("task done", trio.current_time()))
+                await ctx.send("peer", "from the task")
+
+            ctx.nursery.start_soon(shielded)
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            await trio.sleep(10)
+
+        async def on_stop(self, ctx: Context) -> None:
+            journal.append(("on_stop", trio.current_time()))
+
+    @agent(name="peer")
+    async def peer(ctx: Context, msg: Message) -> None:
+        journal.append((f"peer got {msg.payload}", trio.current_time()))
+
+    living = tasks_living()
+    async with open_kernel(Config()) as kernel:
+        kernel.spawn(peer)
+        kernel.spawn(AgentSpec(Stubborn, name="stubborn", shutdown_timeout=1))
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send("stubborn", "in hand")
+        await kernel.send("stubborn", "queued")
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.stop("stubborn")
+        journal.append(("stop returned", trio.current_time()))
+        await trio.testing.wait_all_tasks_blocked()
+        stats = kernel.stats()
+        letters = kernel.recent_dead_letters()
+    # (the peer's handler runs in the same round as on_stop, in Trio's order)
+    assert journal[0] == ("task done", 3.0)
+    assert sorted(journal[1:]) == [
+        ("on_stop", 3.0),
+        ("peer got from the task", 3.0),
+        ("stop returned", 3.0),
+    ]
+    assert journal.index(("on_stop", 3.0)) < journal.index(("stop returned", 3.0))
+    assert sorted((d.message.payload, d.reason.value) for d in letters) == [
+        ("in hand", "agent_stopped"),
+        ("queued", "agent_stopped"),
+    ]
+    assert (stats.accepted, stats.handled, stats.dead_lettered) == (3, 1, 2)
+    assert_conserved(kernel)
+    assert tasks_living() == living
