@@ -629,7 +629,11 @@ class SupervisorNode(Child, ChildOwner):
     def _run_begins(self, child: Child) -> None:
         child.running = True
         child.run_task = trio.lowlevel.current_task()
-        child.started_at = trio.current_time()
+        if child.backoff_step:
+            # Read only at a restart, to reset a backoff that has grown (see
+            # _on_exit): a child with none to reset keeps the shared 0.0, not
+            # a float of the clock's (32 bytes in every running agent).
+            child.started_at = trio.current_time()
         self.host.heap.created()
 
     def _run_over(self, child: Child, done: RunDone, plan: _StartPlan | None) -> None:

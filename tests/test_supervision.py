@@ -7,6 +7,7 @@ restart windows are exact kernel times, not sleeps.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import random
 import re
@@ -403,8 +404,8 @@ def test_backoff_takes_every_jitter_from_0_to_1(jitter: float) -> None:
     assert Backoff(jitter=jitter).jitter == jitter
 
 
-async def test_backoff_delays_restarts_and_resets_after_a_healthy_run(autojump_clock: Any) -> None:
-    starts: list[float] = []
+def timed_failures(starts: list[float]) -> type[Agent]:
+    """An agent class whose starts are noted in ``starts`` and whose handler always raises."""
 
     class Timed(Agent):
         async def on_start(self, ctx: Context) -> None:
@@ -413,11 +414,19 @@ async def test_backoff_delays_restarts_and_resets_after_a_healthy_run(autojump_c
         async def handle(self, ctx: Context, msg: Message) -> None:
             raise RuntimeError("again")
 
+    return Timed
+
+
+async def test_backoff_delays_restarts_and_resets_after_a_healthy_run(autojump_clock: Any) -> None:
+    starts: list[float] = []
     backoff = Backoff(initial=0.5, maximum=2.0, jitter=0, reset_after=10.0)
     async with open_kernel(make_config()) as kernel:
         kernel.spawn(
             Supervisor(
-                children=[agent(Timed, name="t")], max_restarts=100, within=1.0, backoff=backoff
+                children=[agent(timed_failures(starts), name="t")],
+                max_restarts=100,
+                within=1.0,
+                backoff=backoff,
             )
         )
         await trio.testing.wait_all_tasks_blocked()
@@ -432,6 +441,63 @@ async def test_backoff_delays_restarts_and_resets_after_a_healthy_run(autojump_c
         await kernel.send("t", None)
         await trio.sleep(5)
         assert starts[-1] - t0 == pytest.approx(0.5)
+
+
+async def test_a_run_with_no_backoff_to_reset_keeps_no_float_of_the_clock(
+    autojump_clock: Any,
+) -> None:
+    """A run's start time is read only at a restart, to reset a backoff that has grown:
+    every run took a new float of the clock (32 bytes in every running agent). A run with
+    no backoff to reset keeps the shared 0.0; one after a restart with a backoff still
+    reads the clock, and a healthy run resets its backoff as before."""
+    from nexus_trio._cell import AgentCell
+
+    starts: list[float] = []
+
+    @agent
+    async def plain(ctx: Context, msg: Message) -> None:
+        return None
+
+    backoff = Backoff(initial=0.5, maximum=2.0, jitter=0, reset_after=10.0)
+    async with open_kernel(make_config()) as kernel:
+        await trio.sleep(1)  # a clock that is not at 0.0
+        for i in range(3):
+            kernel.spawn(plain, name=f"plain-{i}")
+        kernel.spawn(
+            Supervisor(
+                children=[agent(timed_failures(starts), name="flaky")],
+                max_restarts=100,
+                backoff=backoff,
+            )
+        )
+        await trio.testing.wait_all_tasks_blocked()
+        for i in range(3):
+            await kernel.send(f"plain-{i}", i)
+        await trio.testing.wait_all_tasks_blocked()
+        cells = {
+            obj.name: obj
+            for obj in gc.get_objects()
+            if isinstance(obj, AgentCell) and obj.name is not None
+        }
+        plain_cells = [cells[f"plain-{i}"] for i in range(3)]
+        assert all(cell.running for cell in plain_cells)
+        assert [cell.started_at for cell in plain_cells] == [0.0, 0.0, 0.0]
+        assert len({id(cell.started_at) for cell in plain_cells}) == 1
+        # two failures: the second restart waits twice the first's backoff
+        for _ in range(2):
+            t0 = trio.current_time()
+            await kernel.send("flaky", None)
+            await trio.sleep(5)
+            assert starts[-1] - t0 == pytest.approx(0.5 * 2 ** (len(starts) - 2))
+        assert cells["flaky"].started_at == starts[-1]
+        # healthy for longer than reset_after: the next restart starts from `initial`
+        await trio.sleep(20)
+        t0 = trio.current_time()
+        await kernel.send("flaky", None)
+        await trio.sleep(5)
+        assert starts[-1] - t0 == pytest.approx(0.5)
+        assert len(starts) == 4
+        assert kernel.stats().handled == 3
 
 
 async def test_restarted_events_carry_the_backoff(autojump_clock: Any) -> None:
