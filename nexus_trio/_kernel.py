@@ -35,6 +35,7 @@ from ._agent import (
     AgentRef,
     AgentSpec,
     Context,
+    ContextCommon,
     Handler,
     address_of,
     as_spec,
@@ -99,7 +100,7 @@ class Kernel:
         # 64 bytes each, at a million agents).
         self._make_context = self._context_for
         self._cell_defaults = CellDefaults(kc)
-        self._spawn_linked_for_contexts = self._spawn_linked
+        self._context_common = ContextCommon(self, self._spawn_linked, self._thread_limiter)
         self._host = SupervisionHost(
             self._router,
             self._ledger,
@@ -516,9 +517,7 @@ class Kernel:
         )
 
     def _context_for(self, cell: AgentCell) -> Context:
-        return Context(
-            self, cell, self._router, self._spawn_linked_for_contexts, self._thread_limiter
-        )
+        return Context(self._context_common, cell, self._router)
 
     def _register(self, node: Child, *, agent: bool) -> None:
         self._router.register(node, agent=agent)
