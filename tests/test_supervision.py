@@ -462,38 +462,39 @@ async def test_a_run_with_no_backoff_to_reset_keeps_no_float_of_the_clock(
     async with open_kernel(make_config()) as kernel:
         await trio.sleep(1)  # a clock that is not at 0.0
         for i in range(3):
-            kernel.spawn(plain, name=f"plain-{i}")
+            kernel.spawn(plain, name=f"unclocked-{i}")
         kernel.spawn(
             Supervisor(
-                children=[agent(timed_failures(starts), name="flaky")],
+                children=[agent(timed_failures(starts), name="unclocked-flaky")],
                 max_restarts=100,
                 backoff=backoff,
             )
         )
         await trio.testing.wait_all_tasks_blocked()
         for i in range(3):
-            await kernel.send(f"plain-{i}", i)
+            await kernel.send(f"unclocked-{i}", i)
         await trio.testing.wait_all_tasks_blocked()
+        gc.collect()  # (cells of earlier kernels of this process, gone)
         cells = {
             obj.name: obj
             for obj in gc.get_objects()
             if isinstance(obj, AgentCell) and obj.name is not None
         }
-        plain_cells = [cells[f"plain-{i}"] for i in range(3)]
+        plain_cells = [cells[f"unclocked-{i}"] for i in range(3)]
         assert all(cell.running for cell in plain_cells)
         assert [cell.started_at for cell in plain_cells] == [0.0, 0.0, 0.0]
         assert len({id(cell.started_at) for cell in plain_cells}) == 1
         # two failures: the second restart waits twice the first's backoff
         for _ in range(2):
             t0 = trio.current_time()
-            await kernel.send("flaky", None)
+            await kernel.send("unclocked-flaky", None)
             await trio.sleep(5)
             assert starts[-1] - t0 == pytest.approx(0.5 * 2 ** (len(starts) - 2))
-        assert cells["flaky"].started_at == starts[-1]
+        assert cells["unclocked-flaky"].started_at == starts[-1]
         # healthy for longer than reset_after: the next restart starts from `initial`
         await trio.sleep(20)
         t0 = trio.current_time()
-        await kernel.send("flaky", None)
+        await kernel.send("unclocked-flaky", None)
         await trio.sleep(5)
         assert starts[-1] - t0 == pytest.approx(0.5)
         assert len(starts) == 4
