@@ -209,14 +209,33 @@ def _start_failure(exc: Exception | trio.Cancelled) -> BaseException:
 
 
 class CellDefaults:
-    """What a kernel's cells take from its ``[kernel]`` config when their spec does not
-    say: read once per kernel. The config's ``handle_timeout`` and ``shutdown_grace``
-    are properties that build a new float at each read, which a cell keeps: 64 bytes
-    in every agent (two 32-byte blocks), where one float per kernel does."""
+    """What a kernel's cells share: what they take from its ``[kernel]`` config when
+    their spec does not say, read once per kernel (the config's ``handle_timeout`` and
+    ``shutdown_grace`` are properties that build a new float at each read, which a cell
+    kept: 64 bytes in every agent), and the kernel's parts they call (one slot of a cell
+    for all of them: each slot is 8 bytes in every agent, idle or running)."""
 
-    __slots__ = ("batch_size", "handle_timeout", "mailbox_capacity", "overflow", "shutdown_grace")
+    __slots__ = (
+        "batch_size",
+        "handle_timeout",
+        "ledger",
+        "mailbox_capacity",
+        "make_context",
+        "overflow",
+        "router",
+        "shutdown_grace",
+    )
 
-    def __init__(self, config: KernelConfig) -> None:
+    def __init__(
+        self,
+        config: KernelConfig,
+        router: Router,
+        ledger: Ledger,
+        make_context: Callable[[AgentCell], Context],
+    ) -> None:
+        self.router = router
+        self.ledger = ledger
+        self.make_context = make_context
         self.mailbox_capacity: int = config.mailbox_capacity
         self.overflow: OverflowPolicy = config.overflow
         self.handle_timeout: float = config.handle_timeout
@@ -235,14 +254,12 @@ class AgentCell(Child):
         "_handler_scope",
         "_held",
         "_idle",
-        "_make_context",
         "_release",
         "_suspended",
-        "batch",
-        "cancel_after_grace",
         "ctx",
         "current",
         "dead_lettered",
+        "defaults",
         "drain_before_exit",
         "exit_requested",
         "failed",
@@ -250,13 +267,11 @@ class AgentCell(Child):
         "handled",
         "interrupted",
         "lazy",
-        "ledger",
         "mailbox",
         "nursery",
         "overflow",
         "parked",
         "received",
-        "router",
         "run_failures",
         "spec",
         "timed_out",
@@ -269,10 +284,7 @@ class AgentCell(Child):
         name: str | None,
         *,
         high_water: HighWater,
-        router: Router,
-        ledger: Ledger,
         defaults: CellDefaults,
-        make_context: Callable[[AgentCell], Context],
     ) -> None:
         self._init_child(
             agent_id,
@@ -280,17 +292,12 @@ class AgentCell(Child):
             spec.restart,
             spec.shutdown_timeout if spec.shutdown_timeout is not None else defaults.shutdown_grace,
         )
-        # Without an explicit shutdown_timeout, a kernel shutdown that has already spent
-        # its grace period cancels the agent at once instead of granting a second grace.
-        self.cancel_after_grace = spec.shutdown_timeout is None
-        self.router = router
-        self.ledger = ledger
+        self.defaults = defaults
         self.spec = spec
         self.lazy = spec.starts_lazily
         self.mailbox = Mailbox(spec.mailbox_capacity or defaults.mailbox_capacity, high_water)
         self.overflow = spec.overflow or defaults.overflow
         self.handle_timeout: float = spec.handle_timeout or defaults.handle_timeout
-        self.batch: int = defaults.batch_size
         self.current: Message | None = None
         self.nursery: trio.Nursery | None = None
         self.received = 0
@@ -315,9 +322,22 @@ class AgentCell(Child):
         self._suspended = False
         self._cancel_reason: DeadLetterReason | None = None
         self._dormant_run = 0
-        self._make_context = make_context
         #: built on the first run: an agent that never runs needs none
         self.ctx: Context | None = None
+
+    @property
+    def router(self) -> Router:
+        return self.defaults.router
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.defaults.ledger
+
+    @property
+    def cancel_after_grace(self) -> bool:
+        """Without a shutdown_timeout of its own, a kernel shutdown that has already spent
+        its grace period cancels the agent at once instead of granting a second grace."""
+        return self.spec.shutdown_timeout is None
 
     # --- the child interface ----------------------------------------------------------
 
@@ -579,7 +599,7 @@ class AgentCell(Child):
         self.interrupted = self.terminating or self._held
         self.exit_directive = None
         if self.ctx is None:
-            self.ctx = self._make_context(self)
+            self.ctx = self.defaults.make_context(self)
 
     def background_nursery(self) -> trio.Nursery | None:
         """The run's nursery for ``ctx.nursery`` (None between runs), its tasks guarded
@@ -803,7 +823,7 @@ class AgentCell(Child):
         now = ledger.now
         # the loop over a batch (``for ... else``: the else is a full batch), one range
         # shared by every run
-        batch = _batch_of(self.batch)
+        batch = _batch_of(self.defaults.batch_size)
         # ids of queries whose requesters stopped waiting: such a query is skipped (dead
         # letter ``request_timeout``) instead of handled; other messages pay one ``is``
         late = router.late_queries

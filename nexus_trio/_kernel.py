@@ -96,10 +96,9 @@ class Kernel:
         self._router = Router(self._ledger, kc.send_timeout, heap)
         self._thread_limiter = trio.CapacityLimiter(config.runtime.blocking_thread_limit)
         sup = config.supervision
-        # One bound method for every cell and context (not a new one per spawn or run:
-        # 64 bytes each, at a million agents).
-        self._make_context = self._context_for
-        self._cell_defaults = CellDefaults(kc)
+        # (one bound method for every cell, in their shared defaults: not one per cell,
+        # 64 bytes each at a million agents)
+        self._cell_defaults = CellDefaults(kc, self._router, self._ledger, self._context_for)
         self._context_common = ContextCommon(self, self._spawn_linked, self._thread_limiter)
         self._host = SupervisionHost(
             self._router,
@@ -510,10 +509,7 @@ class Kernel:
             new_id(),
             spec.name,
             high_water=self._ledger.high_water,
-            router=self._router,
-            ledger=self._ledger,
             defaults=self._cell_defaults,
-            make_context=self._make_context,
         )
 
     def _context_for(self, cell: AgentCell) -> Context:

@@ -61,7 +61,6 @@ class Mailbox:
         "_none_blocked_at",
         "_receive",
         "_receiver_parked",
-        "_send",
         "capacity",
         "depth",
         "high_water",
@@ -75,9 +74,9 @@ class Mailbox:
         self.capacity = capacity
         # The channel pair is opened when the address first gets mail: an address that
         # never receives anything (most of a million idle agents) costs no channel.
-        self._send: trio.MemorySendChannel[Message | None] | None = None
         self._receive: trio.MemoryReceiveChannel[Message | None] | None = None
-        #: the send channel once it is open (None before), for a producer that enqueues
+        #: the send channel once it is open (None before; the mailbox's own, one slot
+        #: for both: each is 8 bytes in every agent), for a producer that enqueues
         #: itself with its ``send_nowait`` (the router's fast branch): a call of
         #: :meth:`try_put` per message costs a tenth of a send. After it returns, the
         #: producer does the rest of :meth:`try_put`: ``depth += 1``, and what
@@ -113,8 +112,7 @@ class Mailbox:
         channel: tuple[
             trio.MemorySendChannel[Message | None], trio.MemoryReceiveChannel[Message | None]
         ] = trio.open_memory_channel(self.capacity)
-        self._send, self._receive = channel
-        self.sender = channel[0]
+        self.sender, self._receive = channel
         return channel
 
     def statistics(self) -> MailboxStatistics:
@@ -129,7 +127,7 @@ class Mailbox:
         """Producers whose message is not in the mailbox yet (still in Trio's FIFO of
         blocked senders). Exact, unlike ``waiting``, which counts a producer until it
         resumes, also once a take has moved its message into the buffer."""
-        send = self._send
+        send = self.sender
         return 0 if send is None else send.statistics().tasks_waiting_send
 
     def try_put(self, msg: Message) -> bool:
@@ -138,7 +136,7 @@ class Mailbox:
         Trio refuses (``WouldBlock``) while earlier producers are still waiting, so a
         newcomer never overtakes them.
         """
-        send = self._send
+        send = self.sender
         if send is None:
             send = self._open()[0]
         try:
@@ -168,7 +166,7 @@ class Mailbox:
         await trio.lowlevel.checkpoint_if_cancelled()
         if self.try_put(msg):
             return
-        send = self._send
+        send = self.sender
         assert send is not None
         # Parked in Trio's FIFO of blocked senders: the consumer that admits the message
         # counts it (see take/receive).
@@ -221,8 +219,8 @@ class Mailbox:
         if self._none_blocked_at == self._blocked_total:
             self.depth -= 1
             return
-        assert self._send is not None
-        stats = self._send.statistics()
+        assert self.sender is not None
+        stats = self.sender.statistics()
         depth = self.depth = stats.current_buffer_used
         self._none_blocked_at = -1 if stats.tasks_waiting_send else self._blocked_total
         if depth > self.high_water:
@@ -294,7 +292,7 @@ class Mailbox:
         the buffer; if no receiver is parked, or a message was already handed to it
         (the depth is not 0), nothing is sent.
         """
-        send = self._send
+        send = self.sender
         if send is not None and self._receiver_parked and not self.depth:
             self._receiver_parked = False
             send.send_nowait(None)

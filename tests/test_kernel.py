@@ -2600,6 +2600,48 @@ async def test_the_agents_of_one_kernel_share_its_default_timeouts() -> None:
         assert all(other.shutdown_timeout is first.shutdown_timeout for other in others)
 
 
+async def test_the_cells_of_one_kernel_share_its_parts_and_a_mailbox_keeps_one_sender() -> None:
+    """Every cell kept the kernel's router, its ledger, its context maker and batch size,
+    and whether to cancel after the grace (its spec says it), in slots of its own: 8
+    bytes each in every agent, idle or running. They are the kernel's shared defaults;
+    a mailbox kept its send channel twice (``_send`` and ``sender``). 32 and 8 bytes
+    less an agent; what they serve still works."""
+    from nexus_trio._cell import AgentCell
+
+    handled: list[str] = []
+
+    @agent
+    async def plain(ctx: Context, msg: Message) -> None:
+        handled.append(msg.payload)
+
+    own = agent(plain, shutdown_timeout=0.25)
+    names = ("shared-0", "shared-1", "shared-idle", "shared-own")
+    async with open_kernel(make_config(batch_size=2)) as kernel:
+        for name in names[:3]:
+            kernel.spawn(plain, name=name)
+        kernel.spawn(own, name="shared-own")
+        for name in ("shared-0", "shared-1", "shared-own"):
+            for i in range(3):
+                await kernel.send(name, f"{name}/{i}")
+        await trio.testing.wait_all_tasks_blocked()
+        gc.collect()  # (cells of earlier kernels of this process, gone)
+        cells = {
+            obj.name: obj
+            for obj in gc.get_objects()
+            if isinstance(obj, AgentCell) and obj.name in names
+        }
+        assert sorted(cells) == sorted(names)
+        assert [cells[n].cancel_after_grace for n in names] == [True, True, True, False]
+        first = cells["shared-0"]
+        assert all(cells[n].router is first.router for n in names)
+        assert all(cells[n].ledger is first.ledger for n in names)
+        assert [cells[n].ctx is not None for n in names] == [True, True, False, True]
+        assert [sys.getsizeof(cells[n]) for n in names] == [448] * 4
+        assert [sys.getsizeof(cells[n].mailbox) for n in names] == [112] * 4
+        assert len(handled) == 9
+        assert kernel.stats().handled == 9
+
+
 async def test_the_contexts_of_one_kernel_share_what_no_send_reads() -> None:
     """A context kept its kernel, the kernel's linked spawn and its thread limiter in
     slots of its own, the same in every agent: eight slots, 16 bytes more in every agent
