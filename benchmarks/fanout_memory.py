@@ -103,7 +103,16 @@ class _Phases:
                 tracemalloc.stop()
 
 
-async def _kernel(agents: int, messages: int, phase: _Phases, cold: bool) -> None:
+async def kernel_phases(
+    agents: int,
+    messages: int,
+    phase: Callable[[str, int], object],
+    cold: bool = False,
+    steps: trio.abc.Instrument | None = None,
+) -> None:
+    """The kernel's fan-out, ``phase`` called as ``asyncio_fanout`` calls it (also for
+    ``fanout_drain.py``); ``cold``: the agents start on their first message inside the
+    send phase; ``steps``: an instrument added at the start of the send phase."""
     async with open_kernel(Config(kernel=KernelConfig(mailbox_capacity=1024))) as kernel:
         refs = [kernel.spawn(_noop) for _ in range(agents)]
         warm = 0 if cold else agents
@@ -112,8 +121,8 @@ async def _kernel(agents: int, messages: int, phase: _Phases, cold: bool) -> Non
                 kernel.send_nowait(ref, None)
         await trio.testing.wait_all_tasks_blocked()
         send = kernel.send
-        if phase.steps is not None:
-            trio.lowlevel.add_instrument(phase.steps)
+        if steps is not None:
+            trio.lowlevel.add_instrument(steps)
         phase("start", 0)
         for i in range(messages):
             await send(refs[i % agents], i)
@@ -133,7 +142,7 @@ def run_side(
         phases.steps = _Steps()
     gc.callbacks.append(_count_collection)
     if side == "kernel":
-        trio.run(_kernel, agents, messages, phases, cold)
+        trio.run(kernel_phases, agents, messages, phases, cold, phases.steps)
     else:
         asyncio.run(asyncio_fanout(agents, messages, phase=phases))
     gc.callbacks.remove(_count_collection)
@@ -186,18 +195,27 @@ def _alternate(args: argparse.Namespace) -> None:
         )
 
 
-def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--side", choices=("kernel", "asyncio"))
+def parse_sizes(
+    parser: argparse.ArgumentParser, argv: list[str], rounds: int
+) -> argparse.Namespace:
+    """``argv`` parsed with ``--agents``, ``--messages`` and ``--rounds`` added to ``parser``
+    (also for ``fanout_drain.py``), each checked to be at least 1."""
     parser.add_argument("--agents", type=int, default=1_000)
     parser.add_argument("--messages", type=int, default=1_000_000)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--sites", action="store_true")
-    parser.add_argument("--cold", action="store_true")
-    parser.add_argument("--wakes", action="store_true")
+    parser.add_argument("--rounds", type=int, default=rounds)
     args = parser.parse_args(argv)
     if min(args.agents, args.messages, args.rounds) < 1:
         parser.error("--agents, --messages and --rounds must be at least 1")
+    return args
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--side", choices=("kernel", "asyncio"))
+    parser.add_argument("--sites", action="store_true")
+    parser.add_argument("--cold", action="store_true")
+    parser.add_argument("--wakes", action="store_true")
+    args = parse_sizes(parser, argv, rounds=3)
     if (args.cold or args.wakes) and args.side != "kernel":
         parser.error("--cold and --wakes need --side kernel")
     if args.side is None:

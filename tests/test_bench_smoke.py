@@ -490,6 +490,32 @@ def test_the_fanout_memory_script_starts_cold_agents_in_the_send_phase_and_count
     assert "--cold and --wakes need --side kernel" in bad.stderr
 
 
+def test_the_fanout_drain_script_times_the_drain_against_floors_that_wake_as_often() -> None:
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "fanout_drain.py"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(script), *args], capture_output=True, text=True, timeout=120
+        )
+
+    done = run("--agents", "10", "--messages", "2000", "--rounds", "1")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.splitlines()
+    assert [line.split()[0] for line in out] == [
+        *("kernel", "ints", "messages", "stepped"),
+        *("median",) * 4,
+    ]
+    # 200 messages an agent: parked, then 64 a wake-up (4 steps each), and the waiter's step
+    assert all(line.endswith(" s cpu, 41 task steps") for line in out[:4])
+    lines = run("--side", "kernel", "--agents", "10", "--messages", "2000", "--lines")
+    assert lines.returncode == 0, lines.stderr
+    assert "opcodes per message" in lines.stdout
+    assert "_serve:" in lines.stdout and "receive_nowait" in lines.stdout
+    bad = run("--side", "ints", "--lines")
+    assert bad.returncode == 2
+    assert "--lines counts the kernel's drain: give --side kernel" in bad.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "said"),
     [

@@ -1,0 +1,204 @@
+"""The fan-out's receiving side: what the agents' drain costs, against floors of the shape.
+
+    python benchmarks/fanout_drain.py [--rounds 5] [--messages 1000000] [--agents 1000]
+    python benchmarks/fanout_drain.py --side kernel|ints|messages|stepped [--lines]
+
+The goal's fan-out (one producer, tells round-robin to no-op agents, mailboxes of 1,024)
+queues every message before any agent runs; this script times only what comes after:
+the drain, in CPU time (``getrusage``, which moves less with the machine's load than the
+wall clock), and counts the task steps it took (a Trio ``Instrument``: one per wake-up).
+Sides, each in a fresh process, alternated ``--rounds`` times, medians printed:
+
+* ``kernel``: ``await kernel.send(ref, i)``, the goal's agents (``_noop``);
+* ``ints``: a Trio memory channel per consumer task, ``send_nowait(i)``, a consumer that
+  takes up to 64 per wake-up with ``receive_nowait`` then checkpoints (the raw trio row);
+* ``messages``: the same carrying a ``Message`` per tell (the consumer frees it);
+* ``stepped``: the same, each message handed to a no-op ``async def`` handler stepped by
+  the kernel's ``Stepper``, as the serve loop does: the floor of the promised shape with
+  a real message and a handler call, without the kernel's bookkeeping.
+
+``--lines`` (kernel side): the drain under ``sys.settrace`` instead, Python opcodes per
+message by function and, for the serve loop, by line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import linecache
+import resource
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import trio
+import trio.testing
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from nexus_trio import SYSTEM_ID, Message, new_id
+from nexus_trio._step import Stepper
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fanout_memory
+
+SIDES = ("kernel", "ints", "messages", "stepped")
+
+
+async def _handler(ctx: object, msg: object) -> None:
+    return None
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class _Steps(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.on = False
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if self.on:
+            self.steps += 1
+
+
+class _Opcodes:
+    """Opcodes executed, by function, and by line of the serve loop."""
+
+    def __init__(self) -> None:
+        self.functions: collections.Counter[str] = collections.Counter()
+        self.lines: collections.Counter[tuple[str, int]] = collections.Counter()
+
+    def __call__(self, frame: FrameType, event: str, arg: Any) -> Any:
+        if event == "call":
+            frame.f_trace_opcodes = True
+            frame.f_trace_lines = False
+        elif event == "opcode":
+            code = frame.f_code
+            self.functions[code.co_name] += 1
+            if code.co_name == "_serve":
+                self.lines[code.co_filename, frame.f_lineno or 0] += 1
+        return self
+
+
+class _Drain:
+    """The phases of a run (``fanout_memory``'s ``phase`` calls): from ``sent`` to
+    ``handled``, the CPU time, the task steps and, with a tracer, the opcodes."""
+
+    def __init__(self, tracer: _Opcodes | None) -> None:
+        self.steps = _Steps()
+        self.tracer = tracer
+        self.cpu = 0.0
+
+    def __call__(self, phase: str, handled: int) -> None:
+        if phase == "sent":
+            if handled:
+                raise SystemExit(f"{handled} handled before every message was queued")
+            self.cpu = _cpu()
+            self.steps.on = True
+            sys.settrace(self.tracer)
+        elif phase == "handled":
+            sys.settrace(None)
+            self.steps.on = False
+            self.cpu = _cpu() - self.cpu
+
+
+async def _floor(side: str, agents: int, messages: int, drain: _Drain) -> None:
+    taken = 0
+    step = Stepper().send
+
+    async def consumer(receive: trio.MemoryReceiveChannel[Any]) -> None:
+        # as the serve loop: parked on an empty channel, up to 64 a wake-up, then a
+        # checkpoint and on with ``receive_nowait`` (Trio's ``receive`` would yield again)
+        nonlocal taken
+        while True:
+            item = await receive.receive()
+            n = 0
+            try:
+                while True:
+                    if side == "stepped":
+                        step(_handler(None, item))
+                    n += 1
+                    if n % 64 == 0:
+                        await trio.lowlevel.checkpoint()
+                    item = receive.receive_nowait()
+            except trio.WouldBlock:
+                taken += n
+
+    async with trio.open_nursery() as nursery:
+        channels = [trio.open_memory_channel[Any](1024) for _ in range(agents)]
+        for _, receiver in channels:
+            nursery.start_soon(consumer, receiver)
+        senders = [sender for sender, _ in channels]
+        await trio.testing.wait_all_tasks_blocked()
+        ids = [new_id() for _ in range(agents)]
+        for i in range(messages):
+            item = i if side == "ints" else Message(sender=SYSTEM_ID, to=ids[i % agents], payload=i)
+            senders[i % agents].send_nowait(item)
+        drain("sent", 0)
+        await trio.testing.wait_all_tasks_blocked()
+        drain("handled", taken)
+        nursery.cancel_scope.cancel()
+    if taken != messages:
+        raise SystemExit(f"{side} took {taken} of {messages}")
+
+
+def run_side(side: str, agents: int, messages: int, lines: bool) -> str:
+    tracer = _Opcodes() if lines else None
+    drain = _Drain(tracer)
+    if side == "kernel":
+        trio.run(fanout_memory.kernel_phases, agents, messages, drain, instruments=[drain.steps])
+    else:
+        trio.run(_floor, side, agents, messages, drain, instruments=[drain.steps])
+    cpu, steps = drain.cpu, drain.steps
+    out = f"{side} drain {cpu:.3f} s cpu, {steps.steps} task steps"
+    if tracer is None:
+        return out
+    total = sum(tracer.functions.values())
+    out += f"\n{total / messages:.1f} opcodes per message"
+    for name, count in tracer.functions.most_common(10):
+        out += f"\n  {count / messages:7.2f}  {name}"
+    for (filename, line), count in sorted(tracer.lines.items()):
+        if count / messages >= 0.1:
+            text = linecache.getline(filename, line).strip()
+            out += f"\n  {count / messages:7.2f}  _serve:{line}  {text}"
+    return out
+
+
+def _alternate(args: argparse.Namespace) -> None:
+    cpu: dict[str, list[float]] = {side: [] for side in SIDES}
+    for _ in range(args.rounds):
+        for side in SIDES:
+            command = [sys.executable, __file__, "--side", side]
+            command += ["--agents", str(args.agents), "--messages", str(args.messages)]
+            line = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            print(line.strip(), flush=True)
+            cpu[side].append(float(line.split("drain ", 1)[1].split()[0]))
+    for side in SIDES:
+        median = statistics.median(cpu[side])
+        print(
+            f"median {side}: drain {median:.3f} s cpu, {median / args.messages * 1e9:.0f} ns a message"
+        )
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--side", choices=SIDES)
+    parser.add_argument("--lines", action="store_true")
+    args = fanout_memory.parse_sizes(parser, argv, rounds=5)
+    if args.lines and args.side != "kernel":
+        parser.error("--lines counts the kernel's drain: give --side kernel")
+    if args.side is None:
+        _alternate(args)
+    else:
+        print(run_side(args.side, args.agents, args.messages, args.lines))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
