@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -478,9 +479,14 @@ def test_the_fanout_memory_script_starts_cold_agents_in_the_send_phase_and_count
     args = ["--side", "kernel", "--cold", "--wakes", "--agents", "10", "--messages", "200"]
     send, drain = _fanout_memory(*args).split("; drain ")
     # the producer queues all 200 in one step; each agent starts on its first message,
-    # then takes its 20 in one wake-up (10 steps, and the producer's own)
-    assert "handled meanwhile 0, collections 0/0/0, 0 task steps" in send
-    assert "collections 0/0/0, 11 task steps (the producer's included)" in drain
+    # then takes its 20 in one wake-up (10 steps, and the producer's own). The collections
+    # of each phase are printed, not asserted: whether the collector runs in a phase this
+    # short depends on what the interpreter allocated before it (CI saw one old-generation
+    # collection in the send phase).
+    assert re.search(r"handled meanwhile 0, collections \d+/\d+/\d+, 0 task steps$", send), send
+    assert re.search(
+        r"collections \d+/\d+/\d+, 11 task steps \(the producer's included\)", drain
+    ), drain
     bad = subprocess.run(
         [sys.executable, str(_FANOUT_MEMORY), "--cold", "--agents", "10"],
         capture_output=True,
