@@ -91,6 +91,9 @@ _QUERY: Final = MessageKind.QUERY
 _NOTICE_REFUSED: Final = "full: a monitor notice does not wait for room"
 #: the detail of a routed message dead-lettered because a full ``reject`` mailbox refused it
 _REJECTED: Final = "full: its overflow policy is reject (no wait)"
+#: the detail of a message an agent's run routed to its own full ``block`` mailbox (a
+#: handler's result): refused at once, as no room could come (see _full_for_itself)
+_OWN_FULL: Final = "its own mailbox, full: only the run that routed it takes from it (no wait)"
 #: the deadline heap is swept of finished requests only past this many (see _finish)
 _SWEEP_AT: Final = 64
 
@@ -942,6 +945,9 @@ class Router:
                 # (refused at once: not "still full after" the send timeout, which only
                 # a ``block`` mailbox is waited for)
                 self._accept_dead(msg, DeadLetterReason.MAILBOX_FULL, _REJECTED)
+            elif cell is not None and cell.run_task is trio.lowlevel.current_task():
+                # (refused at once: see _full_for_itself; not "still full after")
+                self._accept_dead(msg, DeadLetterReason.MAILBOX_FULL, _OWN_FULL)
             else:
                 self._dead_undeliverable(msg, exc)
         except Exception as exc:

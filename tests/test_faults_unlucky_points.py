@@ -325,6 +325,50 @@ async def test_a_send_to_its_own_full_mailbox_from_the_agent_s_run_fails_at_once
     assert tasks_living() == living
 
 
+async def test_a_message_an_agent_returns_to_its_own_full_mailbox_is_dead_lettered_saying_so(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Regression: a handler that returned a message to its own agent, whose ``block``
+    mailbox was full, had it refused at once (its run routes it, and only that run takes
+    from the mailbox) but dead-lettered ``mailbox_full`` 'still full after 0.5s', a wait
+    that never was (at 0.0). The dead letter says why now; the message behind is handled
+    at once."""
+    seen: list[tuple[str, float]] = []
+    letters: list[tuple[str, float, str]] = []
+
+    class Returner(Agent):
+        async def handle(self, ctx: Context, msg: Message) -> Message | None:
+            seen.append((msg.payload, trio.current_time()))
+            if msg.payload == "go":
+                return Message(sender=ctx.id, to=ctx.id, payload="again")
+            return None
+
+    living = tasks_living()
+    async with open_kernel(Config(kernel=KernelConfig(send_timeout_ms=500))) as kernel:
+        dead = kernel.dead_letters()
+        kernel.spawn(AgentSpec(Returner, name="returner", mailbox_capacity=1))
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send("returner", "go")
+        await kernel.send("returner", "filler")  # fills it while "go" is handled
+        await trio.sleep(1)
+        with contextlib.suppress(trio.WouldBlock):
+            while True:
+                letter = dead.receive_nowait()
+                letters.append((letter.message.payload, trio.current_time(), letter.detail))
+        stats = kernel.stats()
+        assert_conserved(kernel)
+    assert seen == [("go", 0.0), ("filler", 0.0)]
+    [(payload, _, detail)] = letters
+    assert payload == "again"
+    assert "after" not in detail and "its own mailbox" in detail, detail
+    assert (stats.accepted, stats.handled, stats.dead_letters_by_reason) == (
+        3,
+        2,
+        {"mailbox_full": 1},
+    )
+    assert tasks_living() == living
+
+
 # --- a shutdown at a step Hypothesis chooses ----------------------------------------------
 
 
