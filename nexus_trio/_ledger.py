@@ -26,7 +26,7 @@ from ._logcall import log_guarded
 from ._logfields import log_fields
 from ._mailbox import HighWater
 from ._message import SYSTEM_ID, Address, Message, MessageKind
-from ._stats import Histogram
+from ._stats import FOLD_AT, Histogram
 from ._streams import Broadcast, Subscription
 
 dead_letter_log: Final = logging.getLogger("nexus_trio.dead_letters")
@@ -153,8 +153,15 @@ class Ledger:
         samples), then one in 64: at high rates a sample in eight cost a seventh of a
         no-op message, and one in 64 still gives ~15,000 samples per million messages.
         """
-        self.handle_latency.record(self.now() - started)
-        self.queue_wait.record((time.time_ns() // 1000 - msg.timestamp) / 1e6)
+        # Deferred: two list appends; folded into the buckets in bulk when FOLD_AT are
+        # kept or when anything reads the histograms (a record of each cost 0.3-0.6 us
+        # more a sample). Both values are finite: differences of clock reads.
+        handle, wait = self.handle_latency, self.queue_wait
+        handle.defer(self.now() - started)
+        wait.defer((time.time_ns() // 1000 - msg.timestamp) / 1e6)
+        if len(wait.unfolded) >= FOLD_AT:
+            handle.fold()
+            wait.fold()
         if self.handled >= SAMPLE_DENSE:
             self.sample_mask = 63
 

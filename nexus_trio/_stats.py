@@ -8,9 +8,14 @@ the manner of ``trio.MemoryChannelStatistics``.
 from __future__ import annotations
 
 import math
+import operator
+import sys
 import uuid
+from array import array
 from bisect import bisect_left
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Callable, Mapping
+from functools import reduce
 from itertools import accumulate
 from typing import Final, final
 
@@ -22,6 +27,16 @@ _SUB: Final = 8
 _EMIN: Final = -30
 _EMAX: Final = 12
 _SLOTS: Final = (_EMAX - _EMIN) * _SUB + 1
+# A deferred sample's bucket, from the top 16 bits of its IEEE 754 double (sign, 11
+# exponent bits, 4 fraction bits): for a positive normal number, ``bits >> 49`` is
+# ``biased exponent * 8 + the top 3 fraction bits``, and ``frexp`` gives exponent
+# ``biased - 1022`` and ``int((mantissa - 0.5) * 16)`` the same 3 fraction bits.
+assert _SUB == 8, "the bit-pattern bucket takes 3 fraction bits"
+_BIAS: Final = (1022 + _EMIN) * _SUB
+# which 16-bit half of each double holds its top bits
+_TOP_HALF: Final = 3 if sys.byteorder == "little" else 0
+#: deferred samples kept before they are folded into the buckets (see Histogram.defer)
+FOLD_AT: Final = 1024
 
 
 def _bucket_upper(index: int) -> float:
@@ -55,21 +70,75 @@ class Histogram:
     range once for all its quantiles (``Kernel.stats()`` stays cheap).
     """
 
-    __slots__ = ("_counts", "_hi", "_lo", "count", "maximum", "total")
+    __slots__ = ("_count", "_counts", "_hi", "_lo", "_maximum", "_total", "defer", "unfolded")
 
     def __init__(self) -> None:
         self._counts = [0] * _SLOTS
         self._lo = _SLOTS
         self._hi = -1
-        self.count = 0
-        self.total = 0.0
-        self.maximum = 0.0
+        self._count = 0
+        self._total = 0.0
+        self._maximum = 0.0
+        #: samples taken by :attr:`defer`, not in the buckets yet: every reader folds
+        #: them first (their owner folds them when :data:`FOLD_AT` are kept)
+        self.unfolded: list[float] = []
+        #: record a finite sample later, at the cost of a list append (no Python frame):
+        #: the kernel's latency samples. Folded in order, it gives what :meth:`record`
+        #: of each would (same buckets, count, maximum and total, to the bit).
+        self.defer: Callable[[float], None] = self.unfolded.append
+
+    @property
+    def count(self) -> int:
+        if self.unfolded:
+            self.fold()
+        return self._count
+
+    @property
+    def total(self) -> float:
+        if self.unfolded:
+            self.fold()
+        return self._total
+
+    @property
+    def maximum(self) -> float:
+        if self.unfolded:
+            self.fold()
+        return self._maximum
+
+    def fold(self) -> None:
+        """Put the deferred samples into the buckets, in bulk (the loops in C)."""
+        raw = self.unfolded
+        if not raw:
+            return
+        self._count += len(raw)
+        # Added one by one in order, as record() does (``sum`` could round differently).
+        self._total = reduce(operator.add, raw, self._total)
+        top = max(raw)
+        if top > self._maximum:
+            self._maximum = top
+        # the top 16 bits of each sample, counted (a list of ints counts faster than the
+        # memoryview it comes from)
+        tops = Counter(memoryview(array("d", raw)).cast("B").cast("H")[_TOP_HALF::4].tolist())
+        raw.clear()
+        counts = self._counts
+        lo, hi = self._lo, self._hi
+        for bits, n in tops.items():
+            # the sign bit set (negative, -0.0) or below the first bucket: the first one
+            index = 0 if bits >= 0x8000 else min(max((bits >> 1) - _BIAS, 0), _SLOTS - 1)
+            counts[index] += n
+            if index < lo:
+                lo = index
+            if index > hi:
+                hi = index
+        self._lo, self._hi = lo, hi
 
     def record(self, seconds: float) -> None:
-        self.count += 1
-        self.total += seconds
-        if seconds > self.maximum:
-            self.maximum = seconds
+        if self.unfolded:
+            self.fold()  # (the total is added in order)
+        self._count += 1
+        self._total += seconds
+        if seconds > self._maximum:
+            self._maximum = seconds
         if seconds <= 0.0:
             index = 0
         else:
@@ -90,15 +159,17 @@ class Histogram:
         for q in qs:
             if not 0.0 <= q <= 1.0:
                 raise ValueError(f"quantile must be within [0, 1], got {q}")
-        if self.count == 0:
+        if self.unfolded:
+            self.fold()
+        if self._count == 0:
             return [0.0] * len(qs)
-        ranks = [max(1, math.ceil(q * self.count)) for q in qs]
+        ranks = [max(1, math.ceil(q * self._count)) for q in qs]
         # Running totals over the used buckets and a binary search per quantile: both in
         # C (a Python loop over a few hundred buckets was most of a stats() call).
         lo = self._lo
         running = list(accumulate(self._counts[lo : self._hi + 1]))
         last = len(running)
-        maximum = self.maximum
+        maximum = self._maximum
         out: list[float] = []
         for rank in ranks:
             index = bisect_left(running, rank)
@@ -110,15 +181,17 @@ class Histogram:
         return self.quantiles((q,))[0]
 
     def merge(self, other: Histogram) -> None:
+        self.fold()
+        other.fold()
         for index in range(other._lo, other._hi + 1):
             n = other._counts[index]
             if n:
                 self._counts[index] += n
         self._lo = min(self._lo, other._lo)
         self._hi = max(self._hi, other._hi)
-        self.count += other.count
-        self.total += other.total
-        self.maximum = max(self.maximum, other.maximum)
+        self._count += other._count
+        self._total += other._total
+        self._maximum = max(self._maximum, other._maximum)
 
     def snapshot(self) -> HistogramSnapshot:
         p50, p90, p99, p999 = self.quantiles((0.5, 0.9, 0.99, 0.999))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import heapq
 import math
 import random
+import struct
+import time
 
 import pytest
 import trio
@@ -13,8 +15,9 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nexus_trio import Context, Message, Supervisor, agent
-from nexus_trio._stats import Histogram
+from nexus_trio import SYSTEM_ID, Context, Message, Supervisor, agent
+from nexus_trio._ledger import Ledger
+from nexus_trio._stats import FOLD_AT, Histogram, HistogramSnapshot
 from nexus_trio.testing import open_test_kernel
 
 
@@ -50,6 +53,110 @@ def test_an_empty_histogram_reports_zeros_and_merging_keeps_counts() -> None:
     assert a.count == 3 and a.maximum == 1.0
     assert a.quantile(1.0) == 1.0
     assert a.quantile(0.1) < 0.0025
+
+
+def _bits(value: float) -> bytes:
+    return struct.pack("<d", value)
+
+
+def _seen(histogram: Histogram) -> tuple[object, ...]:
+    """Everything a reader can see, floats as their bits: count, total, maximum, the
+    snapshot and the bucket of every rank (which tells every bucket's count)."""
+    count = histogram.count
+    ranks = tuple(k / count for k in range(count + 1)) if count else (0.5,)
+    snap: HistogramSnapshot = histogram.snapshot()
+    return (
+        count,
+        _bits(histogram.total),
+        _bits(histogram.maximum),
+        snap.count,
+        _bits(snap.total),
+        _bits(snap.maximum),
+        tuple(_bits(v) for v in (snap.p50, snap.p90, snap.p99, snap.p999)),
+        tuple(_bits(v) for v in histogram.quantiles(ranks)),
+    )
+
+
+# Finite: what the ledger defers are differences of clock reads (perf_counter, and
+# microseconds as ints over 1e6, which cannot give inf or nan). Zeros of both signs,
+# negatives (a sender's clock ahead), subnormals and the largest doubles included.
+_samples = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from([0.0, -0.0, 5e-324, 2.0**-30, 2.0**-31, 2.0**12, 1.7976931348623157e308]),
+    st.floats(min_value=1e-7, max_value=1.0),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_samples, st.sampled_from(["defer", "record", "fold"])), max_size=200))
+def test_deferred_samples_folded_in_bulk_read_as_recorded_ones_to_the_bit(
+    steps: list[tuple[float, str]],
+) -> None:
+    """``defer`` (the kernel's latency samples: a list append) and its bulk ``fold``
+    give what ``record`` gives, whatever the mix and wherever the folds fall: the same
+    buckets, count, maximum and total (added in the same order)."""
+    recorded, deferred = Histogram(), Histogram()
+    for value, how in steps:
+        recorded.record(value)
+        if how == "record":
+            deferred.record(value)
+        else:
+            deferred.defer(value)
+            if how == "fold":
+                deferred.fold()
+    assert _seen(deferred) == _seen(recorded)
+    assert deferred.unfolded == []
+
+
+def test_every_reader_sees_the_deferred_samples() -> None:
+    """Each reader folds first: count, total, maximum, quantiles, snapshot, and merge
+    (on both sides) see samples deferred and never folded."""
+    values = (0.001, 0.004, 0.0041, 2.0)
+
+    def deferred(*samples: float) -> Histogram:
+        histogram = Histogram()
+        for value in samples:
+            histogram.defer(value)
+        assert histogram.unfolded == list(samples)
+        return histogram
+
+    recorded = _recorded(values)
+    assert deferred(*values).count == 4
+    assert deferred(*values).total == recorded.total == 0.001 + 0.004 + 0.0041 + 2.0
+    assert deferred(*values).maximum == 2.0
+    qs = (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert deferred(*values).quantiles(qs) == recorded.quantiles(qs)
+    assert recorded.quantiles(qs)[1] < recorded.quantiles(qs)[2] < 2.0  # distinct buckets
+    assert deferred(*values).quantile(0.5) == recorded.quantile(0.5)
+    assert deferred(*values).snapshot() == recorded.snapshot()
+    into = deferred(0.5)
+    into.merge(deferred(*values))
+    expected = _recorded((0.5,))
+    expected.merge(recorded)
+    assert into.snapshot() == expected.snapshot()
+    assert into.count == 5 and into.quantiles(qs) == expected.quantiles(qs)
+
+
+def _recorded(values: tuple[float, ...]) -> Histogram:
+    histogram = Histogram()
+    for value in values:
+        histogram.record(value)
+    return histogram
+
+
+def test_the_ledger_folds_its_samples_before_it_keeps_fold_at_of_them() -> None:
+    """The kernel's latency samples are deferred, and folded whenever FOLD_AT are kept:
+    the list never holds more, and every sample is counted once in each histogram."""
+    ledger = Ledger(16)
+    msg = Message(SYSTEM_ID, SYSTEM_ID, "x")
+    most = 0
+    for _ in range(3 * FOLD_AT + 5):
+        ledger.record_latency(time.perf_counter(), msg)
+        most = max(most, len(ledger.handle_latency.unfolded), len(ledger.queue_wait.unfolded))
+    assert most == FOLD_AT - 1
+    assert len(ledger.queue_wait.unfolded) == 5
+    assert ledger.handle_latency.count == ledger.queue_wait.count == 3 * FOLD_AT + 5
+    assert ledger.handle_latency.unfolded == ledger.queue_wait.unfolded == []
 
 
 async def test_an_agent_scan_chooses_the_deepest_mailboxes_whatever_its_steps() -> None:
