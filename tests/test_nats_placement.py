@@ -1254,12 +1254,12 @@ async def test_a_replacement_whose_record_write_failed_is_held_and_its_record_wr
             await cc.names_published()
             await _learn(ca, ON_C)
             outage = _refuse_writes(ca, names=False, limit=1)  # JetStream briefly down
-            _lose(ca, "c")  # a re-places ON_C: its record's write fails
-
-            async def running() -> bool:
-                return ka.is_local(ON_C)
-
-            await _until(running)
+            async with ka.events() as events_a:
+                _lose(ca, "c")  # a re-places ON_C: its record's write fails
+                # (reported once the write was tried: the agent runs from before its name
+                # is claimed, so a paused nats-server let a poll of is_local see it first)
+                await _replaced(events_a, ON_C)
+            assert ka.is_local(ON_C)
             assert outage.failed == [f"placed:{ON_C}"]
 
             async def written() -> bool:
@@ -1304,13 +1304,11 @@ async def test_a_replacement_whose_record_write_failed_is_stopped_when_a_later_o
             for cluster in (ca, cb):
                 await _learn(cluster, ON_C_THEN_A)
             outage = _refuse_writes(ca, names=False)
-            _lose(ca, "c")  # a re-places it (its owner over {a, b}): the record's write fails
-            _lose(cb, "c")
-
-            async def running() -> bool:
-                return ka.is_local(ON_C_THEN_A)
-
-            await _until(running)
+            async with ka.events() as events_a:
+                _lose(ca, "c")  # a re-places it (its owner over {a, b}): the record's write fails
+                _lose(cb, "c")
+                await _replaced(events_a, ON_C_THEN_A)  # (once the write was tried)
+            assert ka.is_local(ON_C_THEN_A)
             await ca.names_published()
             assert outage.failed == [f"placed:{ON_C_THEN_A}"]
             await cb._refresh_name(ON_C_THEN_A)
