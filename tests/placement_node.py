@@ -96,11 +96,15 @@ async def _command(cluster: Cluster, nursery: trio.Nursery, cmd: dict[str, Any])
         return {"seconds": trio.current_time() - started, "failed": failed[:10]}
     if op == "spawn_each":
         # each of cmd["names"] placed at once: name -> [node, id] or "Error: text"
+        # (each request's timeout cmd["place_timeout"], 5 s by default, as Cluster.spawn's)
         results: dict[str, Any] = {}
+        place_timeout = cmd.get("place_timeout", 5.0)
 
         async def place_one(name: str) -> None:
             try:
-                placed = await cluster.spawn(cmd["type"], name=name, node=cmd.get("node"))
+                placed = await cluster.spawn(
+                    cmd["type"], name=name, node=cmd.get("node"), timeout=place_timeout
+                )
             except Exception as exc:
                 results[name] = f"{type(exc).__name__}: {exc}"
             else:
