@@ -75,8 +75,11 @@ STRATEGIES = ("one_for_one", "one_for_all", "rest_for_one")
 RESTART_TYPES = ("permanent", "permanent", "transient", "temporary")
 #: mock seconds an example may take before it counts as hung
 MOCK_LIMIT = 3600
-#: real seconds one example may take before it counts as hung (shielded shutdown)
-REAL_LIMIT = 20
+#: real seconds one example may take before it counts as hung (shielded shutdown): the
+#: slowest of the fault-injection property's 500 takes 0.2 s at rest, 1.3 s with the
+#: process stopped 5 of every 6 moments; 20 s ran out once under load 50 (the alarm in a
+#: generation-2 collection)
+REAL_LIMIT = 60
 
 #: a tree is an agent, or a supervisor with a strategy and children
 Tree = tuple[Any, ...]
