@@ -1063,15 +1063,16 @@ async def _run_async(
                 )
             elif not isinstance(exited, SystemExit):
                 raise
-            elif _exit_status(exited) == 0:  # a clean exit asked for: no error to trace
-                error = exited
-                state.request_stop("sys.exit")
-                log_guarded(log, logging.INFO, "the run ended: %s", _describe(error))
             else:
                 error = exited
                 state.request_stop("sys.exit")
+                clean = _exit_status(exited) == 0  # a clean exit asked for: no error to trace
                 log_guarded(
-                    log, logging.ERROR, "the run ended: %s", _describe(error), exc_info=error
+                    log,
+                    logging.INFO if clean else logging.ERROR,
+                    "the run ended: %s",
+                    _describe(error),
+                    exc_info=None if clean else error,
                 )
         finally:
             state.phase = "done"
