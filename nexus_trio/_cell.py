@@ -1028,8 +1028,7 @@ class AgentCell(Child):
         error, as a handler's that raises while such a cancel is pending, and the cancel
         goes on up (raised here). A ``trio.Cancelled`` of no scope that is cancelled
         (see _foreign_cancel) is the handler's error too. A method of its own: the serve
-        loop's frame, which
-        every running agent keeps, gets no local for it."""
+        loop's frame, which every running agent keeps, gets no local for it."""
         scope = self._handler_scope
         assert scope is not None
         try:
