@@ -879,11 +879,11 @@ class Router:
                     return
         try:
             transport = self.transport
-            if (
-                transport is not None
-                and msg.reply_to is None
-                # None: no local agent was found just now (nothing ran since)
-                and (fast is None or self.local(msg.to) is None)
+            if transport is not None and (
+                # None: no local agent was found just now (nothing ran since) for a
+                # tell's address (fast() finds none for a reply: it is given no ``to``),
+                # so the property ``reply_to`` (a tenth of the rest) is not read again
+                fast is None or (msg.reply_to is None and self.local(msg.to) is None)
             ):
                 # deliver's branch for another kernel, without its coroutine (every tell
                 # to another kernel comes this way); fast() found an address (None)

@@ -535,7 +535,13 @@ NAME_CACHE_BYTES: Final = 256
 
 def encode_tell(msg: Message) -> bytes:
     """The binary body of a tell in a node batch (see above)."""
-    sender, to, payload, kind, msg_id, ns, conversation_id, reply_to, trace_id = stored_fields(msg)
+    return encode_stored_tell(msg, stored_fields(msg))
+
+
+def encode_stored_tell(msg: Message, fields: tuple[Any, ...]) -> bytes:
+    """:func:`encode_tell` of ``msg`` whose :func:`stored_fields` are ``fields``: the
+    sending node reads them once for a tell (where it leads, then its bytes)."""
+    sender, to, payload, kind, msg_id, ns, conversation_id, reply_to, trace_id = fields
     tag = _BINARY
     if isinstance(to, str):
         tag |= _TO_NAME
