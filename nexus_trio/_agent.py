@@ -544,8 +544,11 @@ class Context:
         msg = self._outgoing(to, payload, kind)
         router = self._router
         fast = router.fast(msg, msg.to if msg.reply_to is None else None, False)
-        if not fast:
-            await router.send(msg, fast)
+        if fast is not True:
+            if fast:  # TAKEN_YIELD
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            else:
+                await router.send(msg, fast)
         return msg
 
     @trio.lowlevel.enable_ki_protection

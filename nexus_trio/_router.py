@@ -114,6 +114,9 @@ class KernelPhase(enum.IntEnum):
 # Module constants: reading an enum member as a class attribute costs ~170 ns on
 # Python 3.11 (a descriptor call), more than the rest of a send's checks together.
 _RUNNING: Final = KernelPhase.RUNNING
+#: what :meth:`Router.fast` returns for a tell the transport took that asks its sender to
+#: yield once (it sealed a full batch: see ``TakesTells``)
+TAKEN_YIELD: Final = 2
 _DRAINING: Final = KernelPhase.DRAINING
 _STOPPING: Final = KernelPhase.STOPPING
 
@@ -426,6 +429,7 @@ class Router:
         "_pending",
         "_request_seq",
         "_sends",
+        "_take_tell",
         "_timer_deadline",
         "_timer_scope",
         "_transport_answers",
@@ -477,6 +481,7 @@ class Router:
         #: the transport's deliver if it is told of sends from outside the agents
         #: (OutsideTold): such a send then marks nothing (see use_transport)
         self._deliver_outside: Callable[[Message, bool], Awaitable[None]] | None = None
+        self._take_tell: Callable[[Message], int] | None = None
         #: what a transport left behind when it was detached (see
         #: :meth:`Kernel.detach_transport`): asked about a tell to an address not local,
         #: a text if the address was on the cluster the node left, None if not
@@ -768,6 +773,7 @@ class Router:
         self.transport = transport
         told = getattr(transport, "tells_outside", False) is True  # (OutsideTold)
         self._deliver_outside = getattr(transport, "deliver", None) if told else None
+        self._take_tell = getattr(transport, "take_tell", None)  # (TakesTells)
 
     @contextlib.contextmanager
     def transport_wait(self, outside: bool | None = None) -> Iterator[None]:
@@ -800,9 +806,11 @@ class Router:
 
     def fast(
         self, msg: Message, to: Address | None, external: bool, parks: bool = False
-    ) -> bool | None:
-        """The fast branch, without yielding: True if ``msg`` was enqueued, None if no
-        local agent has ``to`` (for :meth:`send`: it goes to the transport, if any).
+    ) -> bool | int | None:
+        """The fast branch, without yielding: True if ``msg`` was enqueued (or taken by
+        the transport: see ``TakesTells``), :data:`TAKEN_YIELD` if the transport took it
+        and asks the sender to yield once (cancel-shielded: the message is taken), None
+        if no local agent has ``to`` (for :meth:`send`: it goes to the transport, if any).
 
         ``to`` is ``msg.to`` as the caller knows it, or None for a reply (``reply_to``
         set), which takes the slow branch (a property read costs a tenth of a send).
@@ -826,6 +834,19 @@ class Router:
             else:
                 return False
             if cell is None:
+                take = self._take_tell
+                if take is not None:
+                    # the transport takes a tell it has a route and room for at once
+                    # (TakesTells): without Router.send's coroutine and the transport's
+                    # deliver (a twelfth of such a tell)
+                    try:
+                        taken = take(msg)
+                    except MessageFailed as exc:
+                        raise unsendable(exc) from exc.__cause__
+                    if taken:
+                        self.ledger.accepted += 1
+                        self.ledger.forwarded += 1
+                        return True if taken == 1 else TAKEN_YIELD
                 return None
             # _enqueue and Mailbox.try_put, written out: each call would cost a tenth of
             # the whole send.
@@ -854,7 +875,7 @@ class Router:
             return True
         return False
 
-    async def send(self, msg: Message, fast: bool | None = False, external: bool = False) -> None:
+    async def send(self, msg: Message, fast: int | None = False, external: bool = False) -> None:
         """The rest of a send after :meth:`fast` said no (``fast``: what it said; None
         when it found no local agent, and the message goes straight to the transport): may
         wait for room (``block``), raises ``AgentNotFound`` / ``MailboxFull`` /

@@ -73,6 +73,20 @@ class OutsideTold(Protocol):
         ...
 
 
+class TakesTells(Protocol):
+    """What a transport may add to :class:`Transport` (the kernel looks for it when the
+    transport is attached): a tell it can take at once, without a coroutine. The kernel
+    offers it each tell for an address with no local agent, on its fast branch (so not
+    on the send in sixteen that checks for cancellation), before ``deliver``."""
+
+    def take_tell(self, msg: Message) -> int:
+        """Take tell ``msg`` now if nothing stands in the way (its route known, room for
+        it): 0 if not taken (the kernel calls ``deliver`` then, which does the rest and
+        may wait), 1 if taken, 2 if taken and the sender should yield once (a batch was
+        sealed). Never waits; raises as ``deliver`` does for a message it refuses."""
+        ...
+
+
 class QueryFailing(Protocol):
     """What a transport may add to :class:`Transport` (the kernel looks for it, and a
     transport without it keeps working: its remote requesters then wait for their

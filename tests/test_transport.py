@@ -14,6 +14,7 @@ from nexus_trio import (
     Context,
     DeadLetterReason,
     Message,
+    MessageFailed,
     RequestFailed,
     RequestTimeout,
     TransportHandle,
@@ -525,3 +526,91 @@ async def test_a_wait_for_room_in_the_transport_is_refused_at_shutdown_for_an_ou
     assert transport.taken == ["from an agent"]
     assert stats.rejected == {"shutting_down": 2}
     assert (stats.forwarded, stats.handled) == (1, 1)
+
+
+class Taking:
+    """A transport that takes tells at once (``take_tell``, TakesTells), answering
+    ``answer`` (0: not taken, 1: taken, 2: taken, the sender to yield), else by
+    ``deliver``; ``refuse``: ``take_tell`` raises it."""
+
+    def __init__(self, answer: int, refuse: Exception | None = None) -> None:
+        self.answer = answer
+        self.refuse = refuse
+        self.taken: list[Any] = []
+        self.delivered: list[Any] = []
+
+    def take_tell(self, msg: Message) -> int:
+        if self.refuse is not None:
+            raise self.refuse
+        if self.answer:
+            self.taken.append(msg.payload)
+        return self.answer
+
+    async def deliver(self, msg: Message) -> None:
+        self.delivered.append(msg.payload)
+
+    def deliver_nowait(self, msg: Message) -> None:
+        raise TransportUnavailable("this transport only delivers with send()")
+
+    def cancel_query(self, query_id: uuid.UUID, to: uuid.UUID | str) -> None:
+        pass
+
+
+@pytest.mark.parametrize("answer", [0, 1, 2])
+async def test_a_transport_that_takes_tells_at_once_gets_them_on_the_fast_branch(
+    answer: int,
+) -> None:
+    """A tell for no local agent is offered to ``take_tell`` first (not on the send in
+    sixteen that checks for cancellation): taken tells never reach ``deliver``, one not
+    taken does; every tell is counted accepted and forwarded once, in the order sent;
+    a tell taken with 1 is sent without a checkpoint, one taken with 2 yields (a task
+    started before the send has run by its end: Trio may run it before or after the
+    sender in the batch that follows the yield, so over the 30 taken tells)."""
+    transport = Taking(answer)
+    async with open_kernel(make_config()) as kernel:
+        kernel.attach_transport(transport)
+        before = kernel.stats()
+        ran: list[int] = []
+        ran_before_end: list[int] = []
+
+        async def other(i: int) -> None:
+            ran.append(i)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(32):
+                taken = len(transport.taken)
+                nursery.start_soon(other, i)
+                if answer == 1 and i % 16 not in (0, 15):
+                    with trio.testing.assert_no_checkpoints():
+                        await kernel.send("elsewhere", i)
+                else:
+                    await kernel.send("elsewhere", i)
+                if len(transport.taken) > taken and i in ran:
+                    ran_before_end.append(i)
+                await trio.testing.wait_all_tasks_blocked()
+        stats = kernel.stats()
+    if answer == 2:
+        assert ran_before_end
+    else:
+        assert not ran_before_end
+    assert sorted(transport.taken + transport.delivered) == list(range(32))
+    assert len(transport.delivered) == (32 if answer == 0 else 2)
+    assert transport.taken == sorted(transport.taken)
+    assert stats.forwarded - before.forwarded == 32
+
+
+@pytest.mark.parametrize("cause", [TypeError, ValueError])
+async def test_a_tell_the_transport_refuses_to_take_raises_as_one_it_refuses_to_deliver(
+    cause: type[Exception],
+) -> None:
+    """``take_tell`` raising MessageFailed (a payload it cannot carry): the caller's send
+    raises the error of an API misuse of its cause's class, as from ``deliver``;
+    nothing counted forwarded."""
+    refusal = MessageFailed("message 1 to elsewhere: not JSON")
+    refusal.__cause__ = cause("not JSON")
+    async with open_kernel(make_config()) as kernel:
+        kernel.attach_transport(Taking(1, refusal))
+        for _ in range(15):  # (never the send in sixteen: that one goes to deliver)
+            with pytest.raises(cause, match="not JSON"):
+                await kernel.send("elsewhere", {1, 2})
+        assert kernel.stats().forwarded == 0

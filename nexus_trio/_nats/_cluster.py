@@ -1086,6 +1086,28 @@ class Cluster:
             # Not while many tasks are runnable (see _SEAL_YIELD_RUNNABLE).
             await trio.lowlevel.cancel_shielded_checkpoint()
 
+    def take_tell(self, msg: Message) -> int:
+        """``TakesTells``: a tell whose node batch is known (see _known_link) and has
+        room joins it now, as :meth:`deliver` would have it join without waiting (the
+        kernel calls ``deliver`` for anything else: 0). 2 when it sealed a full batch
+        and the sender should yield (see ``deliver``), 1 otherwise."""
+        fields = stored_fields(msg)
+        link = self._known_link(fields[1], fields[3], fields[7])
+        if (
+            link is None
+            or link.sent + link.tells - link.consumed >= link.window
+            or len(self._outbox_queued) >= self._high_water
+        ):
+            return 0
+        body = self._tell_body(msg, fields)
+        self._published += 1
+        if (
+            self._add_tell(link, body)
+            and trio.lowlevel.current_statistics().tasks_runnable < _SEAL_YIELD_RUNNABLE
+        ):
+            return 2
+        return 1
+
     async def _deliver_alone(self, msg: Message, routed: _Routed, outside: bool) -> None:
         """A message that goes alone (a query, a reply, a message to a type)."""
         high_water = self.options.outbox_high_water
