@@ -1,6 +1,7 @@
 """One swarm over ``nexus run --workers 2`` vs one process, and what a SIGKILLed worker loses.
 
     python benchmarks/bench_workers.py [--duration 5] [--agents 1000] [--json]
+    python benchmarks/bench_workers.py --hop [--rounds 4] [--duration 3] [--json]
 
 Measured in one run on this machine:
 
@@ -18,6 +19,12 @@ Measured in one run on this machine:
   counted as lost (``lost_with_nodes`` + ``lost_in_transit`` + refused on arrival):
   ``unaccounted`` must be 0; ``counted_twice`` is how much the count over-states (what the
   killed node handled after its last heartbeat).
+* **hop** (``--hop``, on its own): the time of one hop with one token each way, which no
+  queue of other tokens hides: a ring of two agents over ``--workers 2`` (every hop
+  crosses; two tokens in flight, so a hop is 2 / the handled rate) and in one process,
+  against its floor on this machine, raw nats-py between two processes through a
+  nats-server of their own (publish, echo, receive: one-way time of a round trip),
+  alternating ``--rounds`` times so that the machine's load moves both alike.
 """
 
 from __future__ import annotations
@@ -66,6 +73,97 @@ def compare(workload: str, agents: int, duration: float) -> dict[str, Any]:
         "handled": swarm["handled"],
         "conserved": swarm["conserved"],
     }
+
+
+def _ring_hop_us(workers: int, duration: float) -> float:
+    """Microseconds a hop of the demo ring of two agents (two tokens in flight)."""
+    from nexus_trio.cli._cluster_cmd import run_workers
+
+    demo = ["--agents", "2", "--duration", f"{duration:g}", "--workload", "ring"]
+    if workers == 1:
+        out = subprocess.run(
+            [sys.executable, "-m", "nexus_trio.cli", "run", *demo, "--json", "--no-live"],
+            check=True,
+            capture_output=True,
+            env=dict(os.environ, PYTHONPATH=str(REPO)),
+            timeout=duration * 10 + 120,
+        ).stdout
+        summary = json.loads(out)
+    else:
+        summary, status = run_workers(workers, demo)
+        if status != 0:
+            raise RuntimeError(f"--workers {workers} ring of 2 failed: {summary.get('error')}")
+    return 2e6 / _handled_per_s(summary)
+
+
+async def _echo(url: str) -> None:
+    """The raw nats-py floor's other process: publish back every message on "ping"."""
+    import asyncio
+
+    import nats
+
+    nc = await nats.connect(url)
+
+    async def back(msg: Any) -> None:
+        await nc.publish("pong", msg.data)
+
+    await nc.subscribe("ping", cb=back)
+    await nc.flush()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+async def _raw_hop_us(url: str, duration: float) -> float:
+    """One-way microseconds of a raw nats-py round trip through ``url`` to _echo."""
+    import asyncio
+    import time
+
+    import nats
+
+    echo = subprocess.Popen(
+        [sys.executable, __file__, "--echo", url], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert echo.stdout is not None
+        if echo.stdout.readline().strip() != "ready":
+            raise RuntimeError("the raw nats-py echo process did not start")
+        nc = await nats.connect(url)
+        got: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def pong(msg: Any) -> None:
+            got.put_nowait(msg.data)
+
+        await nc.subscribe("pong", cb=pong)
+        await nc.flush()
+        payload = b"x" * 100
+        count, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < duration:
+            await nc.publish("ping", payload)
+            await asyncio.wait_for(got.get(), 30)
+            count += 1
+        await nc.close()
+        return elapsed / count / 2 * 1e6
+    finally:
+        echo.kill()
+        echo.wait()
+
+
+def hop(rounds: int, duration: float) -> dict[str, Any]:
+    """One hop with one token each way: the ring of two over two workers, in one process,
+    and raw nats-py's floor, alternating (see the module doc)."""
+    import asyncio
+    import statistics
+
+    from nexus_trio._nats import NatsServer
+
+    runs: dict[str, list[float]] = {"two_workers_us": [], "one_process_us": [], "raw_nats_us": []}
+    for _ in range(rounds):
+        runs["two_workers_us"].append(_ring_hop_us(2, duration))
+        runs["one_process_us"].append(_ring_hop_us(1, duration))
+        with NatsServer() as server:
+            runs["raw_nats_us"].append(asyncio.run(_raw_hop_us(server.url, duration)))
+    medians = {f"median_{k}": statistics.median(v) for k, v in runs.items()}
+    return {**{k: [round(x, 1) for x in v] for k, v in runs.items()}, **medians}
 
 
 async def sigkill() -> dict[str, Any]:
@@ -129,15 +227,36 @@ async def sigkill() -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--duration", type=float, default=None, help="seconds a run (5; --hop: 3)")
     parser.add_argument("--agents", type=int, default=1000)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--hop", action="store_true", help="only the one-token hop (see above)")
+    parser.add_argument("--rounds", type=int, default=4, help="--hop: alternating rounds")
+    parser.add_argument("--echo", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.echo:
+        import asyncio
+
+        asyncio.run(_echo(args.echo))
+        return
+    if args.hop:
+        h = hop(args.rounds, args.duration or 3.0)
+        if args.json:
+            print(json.dumps({"hop": h}))
+            return
+        for key, label in (
+            ("two_workers_us", "ring of 2 over --workers 2"),
+            ("one_process_us", "ring of 2 in one process"),
+            ("raw_nats_us", "raw nats-py, one way"),
+        ):
+            each = " / ".join(f"{x:,.0f}" for x in h[key])
+            print(f"{label:28} {h['median_' + key]:>8,.1f} us a hop (median; {each})")
+        return
     import trio
 
     results = {
-        "ring": compare("ring", args.agents, args.duration),
-        "fanout": compare("fanout", args.agents, args.duration),
+        "ring": compare("ring", args.agents, args.duration or 5.0),
+        "fanout": compare("fanout", args.agents, args.duration or 5.0),
         "sigkill": trio.run(sigkill),
     }
     if args.json:

@@ -484,3 +484,27 @@ async def test_a_settled_worker_waits_for_the_others_no_longer_than_the_settle_t
     assert await swarm.settle(timeout=5.0) is True
     assert 4.9 <= trio.current_time() <= 5.1
     assert swarm.settled_books == {}  # (QUIET's records carry no books)
+
+
+def test_bench_workers_hop_times_a_crossing_hop_against_the_raw_nats_floor() -> None:
+    """``benchmarks/bench_workers.py --hop``: one token each way, a ring of two agents over
+    two workers and in one process, and raw nats-py through a server of its own; one
+    number a round each (no timing asserted: the runs happened and moved messages)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_workers.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--hop", "--rounds", "2", "--duration", "0.5", "--json"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout
+    hop = json.loads(out)["hop"]
+    for key in ("two_workers_us", "one_process_us", "raw_nats_us"):
+        assert len(hop[key]) == 2, hop
+        assert all(0 < us < 1e6 for us in hop[key]), hop
+        assert min(hop[key]) <= hop[f"median_{key}"] <= max(hop[key])
