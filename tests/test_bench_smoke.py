@@ -522,6 +522,40 @@ def test_the_fanout_drain_script_times_the_drain_against_floors_that_wake_as_oft
     assert "--lines counts the kernel's drain: give --side kernel" in bad.stderr
 
 
+def test_the_instructions_script_counts_what_one_more_message_costs_by_function() -> None:
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "fanout_instructions.py"
+    spec = importlib.util.spec_from_file_location("fanout_instructions", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # cachegrind's format: ``fn=`` starts a function, each line after it is
+    # "line Ir" (a function may come back under another file, and is summed)
+    short = "fl=a.c\nfn=eval\n10 500\n11 100\nfn=max\n3 40\nfl=b.c\nfn=eval\n2 60\n"
+    long = "fl=a.c\nfn=eval\n10 900\n11 200\nfn=max\n3 80\nfn=new\n1 20\nsummary: 1200\n"
+    assert module.by_function(short) == {"eval": 660, "max": 40}
+    assert module.per_message(module.by_function(short), module.by_function(long), 20) == {
+        "eval": 22.0,
+        "max": 2.0,
+        "new": 1.0,
+    }
+    bad = subprocess.run(
+        [sys.executable, str(script), "--short", "200", "--long", "200"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2
+    assert "--short must be at least 1 and less than --long" in bad.stderr
+    missing = subprocess.run(
+        [sys.executable, str(script), "--against", "/nowhere/trio"],
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 2
+    assert "'/nowhere/trio' is not a folder" in missing.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "said"),
     [
