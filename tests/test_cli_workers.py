@@ -654,6 +654,74 @@ def test_a_signal_while_the_private_nats_server_starts_is_a_graceful_stop(
     assert summary["stopped_by"] == stopped_by
 
 
+def test_workers_without_a_nats_server_binary_are_refused_naming_workers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Regression: ``nexus run --workers 2`` with the nats extra installed but no
+    ``nats-server`` binary (beside the interpreter or on PATH) ended in a traceback of
+    ``NatsServerError``, exit 1. It is a usage error now, before anything starts: exit 2
+    naming ``--workers``, how to install the server and the other way (``--nats``)."""
+    import nexus_trio._nats
+    from nexus_trio._nats import NatsServerError
+
+    asked = cap_run(monkeypatch, cores=2)
+
+    def missing() -> str:
+        raise NatsServerError("nats-server not found beside /x/python nor on PATH; install it")
+
+    monkeypatch.setattr(nexus_trio._nats, "find_nats_server", missing)
+    status, output = invoke_run(["--workers", "2", "-d", "1"])
+    assert status == 2, output
+    assert "Invalid value for '--workers': nats-server not found beside /x/python" in output
+    assert "or give --nats URL of a running server" in output
+    assert "Traceback" not in output
+    assert asked == []  # nothing started
+    # With --nats no private server is started: no binary is needed (the run is started).
+    _, output = invoke_run(["--workers", "2", "--nats", "nats://127.0.0.1:4222", "-d", "1"])
+    assert asked == [2], output
+
+
+def test_a_private_nats_server_that_does_not_start_fails_the_run_with_a_summary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a private nats-server that exited during its start (a binary that is
+    no nats-server, a flag it refuses) ended ``nexus run --workers`` in a traceback of
+    ``NatsServerError`` without a summary, and its error said only "log:" and nothing
+    (what the server printed on its standard error was thrown away). The run now fails
+    as any run does: one error line, the summary with the error and what the server
+    said, each worker not started, exit 1; no worker is started."""
+    from rich.console import Console
+
+    from nexus_trio._nats import _server
+    from nexus_trio.cli import _cluster_cmd
+    from nexus_trio.cli._view import summary_table
+
+    fake = tmp_path / "nats-server"
+    fake.write_text("#!/bin/sh\necho 'unknown flag: -js' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(_server, "find_nats_server", lambda: str(fake))
+    started = recorded_popens(monkeypatch)
+    summary, status = _cluster_cmd.run_workers(2, [])
+    assert len(started) == 1  # the server, no worker
+    assert status == 1
+    assert summary["stopped_by"] == "error"
+    assert summary["error"] == (
+        "the private nats-server did not start: nats-server exited with code 3 during"
+        " start; its log is empty; it said: unknown flag: -js"
+    )
+    assert [w["exit"] for w in summary["per_worker"]] == ["not started", "not started"]
+    assert summary["nats_server"] == {"private": True, "pid": None, "died": False, "exit": None}
+    assert summary["conserved"] is True  # nothing was accepted: nothing is missing
+    console = Console(width=200, record=True)
+    console.print(summary_table(summary))
+    lines = [line for line in console.export_text().splitlines() if "worker-" in line]
+    assert len(lines) == 2
+    assert all(
+        "not started: the private nats-server did not start (nothing to count)" in line
+        for line in lines
+    )
+
+
 # --- a worker that dies --------------------------------------------------------------------------
 
 

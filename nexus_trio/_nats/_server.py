@@ -227,16 +227,24 @@ class NatsServer:
             with os.fdopen(fd, "w") as file:
                 file.write(config)
             argv += ["-c", str(path)]
-        self._process = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=self.preexec_fn,
-            process_group=self.process_group,
-            pass_fds=(self._lock_fd,),  # the server keeps the directory owned while it runs
-        )
+        # What it says before its log is open (a flag or a config it refuses) goes to a
+        # file beside the log, for the error of a server that exits during its start.
+        with open(self._stderr_path, "wb") as stderr:
+            self._process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                preexec_fn=self.preexec_fn,
+                process_group=self.process_group,
+                pass_fds=(self._lock_fd,),  # the server keeps the directory owned while it runs
+            )
         self._wait_ready(timeout)
+
+    @property
+    def _stderr_path(self) -> Path:
+        assert self._workdir is not None
+        return Path(self._workdir) / "nats-server.stderr"
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -250,9 +258,11 @@ class NatsServer:
                 return
             assert self._process is not None
             if self._process.poll() is not None:
+                said = self._stderr_path.read_text(errors="replace").strip()
                 raise NatsServerError(
                     f"nats-server exited with code {self._process.returncode} during start;"
-                    f" log:\n{text[-2000:]}"
+                    + (f" log:\n{text[-2000:]}" if text else " its log is empty")
+                    + (f"; it said: {said[-2000:]}" if said else "")
                 )
             if time.monotonic() > deadline:
                 self.kill()

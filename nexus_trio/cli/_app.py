@@ -681,6 +681,15 @@ def _run_workers(
             problem, param_hint="'--metrics-port'" if from_flag else "[metrics] port"
         )
     _check_nats(nats, "--nats" if nats is not None else "--workers")
+    if nats is None:  # a private nats-server is started: its binary, before anything starts
+        from .._nats import NatsServerError, find_nats_server
+
+        try:
+            find_nats_server()
+        except NatsServerError as exc:
+            raise typer.BadParameter(
+                f"{exc}; or give --nats URL of a running server", param_hint="'--workers'"
+            ) from None
     from ._run import print_summary, stderr_proxy
 
     try:

@@ -474,21 +474,32 @@ def run_workers(
     # Credentials reach the workers in their environment, never in argv (``ps``).
     env = dict(os.environ)
 
+    #: why the private nats-server did not start (no worker is started then), if it did not
+    server_failed = ""
+
     def start_server() -> str:
-        """The private nats-server's URL, once it runs (None given: started here)."""
-        nonlocal server
+        """The private nats-server's URL, once it runs (None given: started here); ""
+        if it could not be started (``server_failed`` says why, logged)."""
+        nonlocal server, server_failed
         if nats_url is not None:
             return _move_credentials_to_env(nats_url, env)
         import secrets
 
-        from .._nats import NatsServer
+        from .._nats import NatsServer, NatsServerError
 
         token = secrets.token_urlsafe(32)  # a private server still refuses other local users
         # It dies with the parent too: a SIGKILLed parent must not leave it running. It
         # leads its own process group, as the workers do: a terminal's Ctrl-C reaches only
         # the parent, which stops the workers and then the server (reached by it, the
         # server exited at once, under the workers still settling through it).
-        server = NatsServer(token=token, preexec_fn=_die_with_parent(), process_group=0).start()
+        try:
+            server = NatsServer(token=token, preexec_fn=_die_with_parent(), process_group=0).start()
+        except NatsServerError as exc:
+            # (not found, exited during its start, not ready in time): one error line
+            # and a summary, as for any failed run, not a traceback
+            server_failed = f"the private nats-server did not start: {exc}"
+            log_guarded(log, logging.ERROR, "the run failed: %s", server_failed)
+            return ""
         env["NEXUS_NATS__TOKEN"] = token
         log_guarded(
             log,
@@ -606,7 +617,7 @@ def run_workers(
     try:
         url = start_server()
         for i in range(workers):
-            if signals_seen:
+            if signals_seen or server_failed:
                 break  # stopped before this one started: it is not started
             argv = [python or sys.executable, "-m", "nexus_trio.cli", "run", *run_args]
             node = f"worker-{i}"
@@ -743,6 +754,8 @@ def run_workers(
     for i in range(workers):
         if i >= len(procs):  # a stop came while the workers started: nothing to count
             entries.append(_not_started_entry(i))
+            if server_failed:  # (or there was no nats-server for it)
+                entries[-1]["not_started"] = "not started: the private nats-server did not start"
             continue
         proc = procs[i]
         entry = summaries[i]
@@ -765,7 +778,7 @@ def run_workers(
         entries.append(entry)
     summary = aggregate_summaries(entries)
     summary["nats_server"] = {
-        "private": server is not None,
+        "private": nats_url is None,  # (asked for: also one that did not start)
         "pid": server.pid if server is not None else None,
         "died": bool(server_died),
         "exit": server_died or None,
@@ -774,6 +787,9 @@ def run_workers(
         assert server is not None
         died = f"the private nats-server (pid {server.pid}) died: {server_died}"
         summary["error"] = "; ".join(filter(None, [died, summary["error"]]))
+    if server_failed:
+        summary["error"] = server_failed
+        summary["stopped_by"] = "error"
     if stopped_for_death:
         summary["stopped_by"] = f"{stopped_for_death} died (the others were stopped)"
     elif stopped_for_failure:
@@ -788,7 +804,9 @@ def run_workers(
             [(str(e["stopped_by"]), e["pid"] in passed) for e in entries if e.get("stopped_by")],
         )
     status = max(statuses, default=0)
-    if status == 0 and (not summary["conserved"] or summary["workers_died"] or server_died):
+    if status == 0 and (
+        not summary["conserved"] or summary["workers_died"] or server_died or server_failed
+    ):
         status = 1  # a worker that died with exit code 0 (no summary) fails the run too
     if forced_by:  # as a single run's second Ctrl-C
         from ._run import FORCED_EXIT

@@ -325,10 +325,10 @@ def _worker_text(worker: Mapping[str, Any]) -> Text:
         else:
             text += f" · books {books or 'unknown'}"
         return Text(text, style="bold red")
+    if worker.get("not_started"):  # (stopped while it imported the app; no nats-server)
+        return Text(f"{worker['not_started']} (nothing to count)")
     if worker.get("exit") == NOT_STARTED:
         return Text("not started: the run was stopped first (nothing to count)")
-    if worker.get("not_started"):  # (stopped while it imported the app)
-        return Text(f"{worker['not_started']} (nothing to count)")
     text = _worker_counts(worker)
     if worker.get("error"):
         return Text(f"{text} · error: {worker['error']}", style="bold red")
