@@ -432,6 +432,32 @@ def test_config_init_writes_a_template_and_refuses_to_overwrite(isolated):
     assert "[kernel]" in target.read_text()
 
 
+def test_a_refused_overwrite_names_the_flag_of_the_command_that_has_it(isolated):
+    """Regression: ``nexus run --generate-config FILE`` (the original's flag) on a file
+    that exists said ``use --force / force=True``, but ``run`` has no ``--force`` (``No
+    such option: --force``) and ``force=True`` is the Python API's. Each command now says
+    what replaces the file in its own words, and the advice works."""
+    target = isolated / "my conf" / "config.toml"
+    target.parent.mkdir()
+    target.write_text("# mine\n")
+    result = invoke(["--generate-config", str(target)])
+    assert result.exit_code == 1
+    quoted = shlex.quote(str(target))
+    assert flat(result.output) == (
+        f"nexus: error: {target}: file exists; refusing to overwrite it"
+        f" (nexus config init {quoted} --force replaces it)"
+    )
+    result = invoke(["config", "init", str(target)])
+    assert result.exit_code == 1
+    assert flat(result.output) == (
+        f"nexus: error: {target}: file exists; refusing to overwrite it (--force replaces it)"
+    )
+    assert target.read_text() == "# mine\n"
+    result = invoke(shlex.split(f"config init {quoted} --force"))  # the advice, as given
+    assert result.exit_code == 0, result.output
+    assert "[kernel]" in target.read_text()
+
+
 def test_the_advice_of_the_unknown_key_error_can_be_followed(isolated):
     """The error for a misspelt key says how to make unknown names warnings: each way
     it names must work (a flag it suggests must exist)."""

@@ -381,7 +381,12 @@ def run(
     if _entry["process"]:
         note_stops_after_the_run()  # (this process ends with the run)
     if generate_config is not None:
-        _write_template(generate_config, force=False)
+        _write_template(
+            generate_config,
+            force=False,
+            # (run has no --force: the command that has one)
+            overwrite=f"nexus config init {shlex.quote(str(generate_config))} --force replaces it",
+        )
         return
 
     commands: list[tuple[str, ...]] = []
@@ -799,12 +804,13 @@ def config_init(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
 ) -> None:
     """Write a commented config template (every key with its default and meaning)."""
-    _write_template(file, force=force)
+    _write_template(file, force=force, overwrite="--force replaces it")
 
 
-def _write_template(file: Path, *, force: bool) -> None:
+def _write_template(file: Path, *, force: bool, overwrite: str) -> None:
     """Write the template to ``file`` and say where it went; ``-`` is standard output (the
-    template alone, so that ``nexus config init - > x.toml`` and a pipe get a loadable file)."""
+    template alone, so that ``nexus config init - > x.toml`` and a pipe get a loadable file).
+    ``overwrite`` says how to replace a file that exists, in this command's words."""
     from ..config import ConfigError, render_template, write_template
 
     if str(file) == "-":
@@ -813,7 +819,12 @@ def _write_template(file: Path, *, force: bool) -> None:
     try:
         written = write_template(file, force=force)
     except ConfigError as exc:
-        raise _fail(str(exc), 1) from None
+        message = str(exc)
+        if not force and "file exists; refusing" in message and exc.path is not None:
+            # (the file is there: write_template's "use --force / force=True" names a
+            # flag this command may not have, and the Python API's keyword)
+            message = f"{exc.path}: file exists; refusing to overwrite it ({overwrite})"
+        raise _fail(message, 1) from None
     typer.echo(f"wrote {written}")
 
 
