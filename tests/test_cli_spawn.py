@@ -534,3 +534,64 @@ def test_a_line_over_the_limit_says_what_a_send_user_can_do(tmp_path: Path) -> N
     assert "Traceback" not in result.stderr
     assert "nexus send: the message failed (malformed)" in result.stderr, result.stderr
     assert LINE_ADVICE in result.stderr.splitlines()[-1]
+
+
+#: registers, notes each frame and a SIGTERM in a file, and never answers
+NOTES_ITS_STOP = textwrap.dedent(
+    """
+    import json, signal, sys
+    notes = sys.argv[1]
+    def note(what):
+        with open(notes, "a") as f:
+            f.write(what + "\\n")
+    def on_term(*_):
+        note("SIGTERM")
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, on_term)
+    frame = {"type": "register", "payload": {"id": "x", "name": "deaf"}}
+    print(json.dumps(frame), flush=True)
+    for line in sys.stdin:
+        note(json.loads(line)["type"])
+    """
+)
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_a_sigterm_or_sighup_of_nexus_send_stops_the_agent_gracefully(
+    signame: str, tmp_path: Path
+) -> None:
+    """Regression: ``nexus send`` took SIGTERM (``timeout 5 nexus send ...``, a service
+    manager) and SIGHUP (a closed terminal) by their default action: it died at once,
+    without a word (status -15 / -1), and its agent was SIGKILLed by the kernel's guardian,
+    without being told to stop. It now stops as for Ctrl-C: the kernel stops the agent
+    (the message it holds given up, the child sent SIGTERM, which it can handle), says
+    so, and exits 128 + the signal's number."""
+    (tmp_path / "deaf.py").write_text(NOTES_ITS_STOP)
+    notes = tmp_path / "notes"
+    command = f"{PYTHON} deaf.py {shlex.quote(str(notes))}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nexus_trio.cli", "send", command, "1", "-t", "60"],
+        cwd=tmp_path,
+        env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (notes.exists() and "message" in notes.read_text()):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the message never reached the agent"
+            time.sleep(0.05)
+        signum = signal.Signals[signame]
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 128 + signum, err
+    assert out == ""
+    assert f"{signame}: stopping the agent gracefully" in err
+    assert f"nexus send: stopped by {signame}: no answer; the agent was stopped" in err
+    assert "Traceback" not in err
+    assert notes.read_text().split() == ["message", "SIGTERM"]

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import shlex
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Annotated, Any, Final
 import typer
 
 from .._config import LOG_LEVELS
+from .._logcall import log_guarded
 from ._commands import Command, file_path, finite_at_least, one_of
 from ._encoding import encodes
 
@@ -31,9 +33,12 @@ grace, SIGTERM, SIGKILL). The answer's payload is printed as JSON on stdout; log
 agent's stderr go to stderr. Exit status: 0 answered, 1 the agent failed (did not start, \
 crashed, sent an error frame, timed out), 2 bad arguments, 3 the answer holds NaN or \
 Infinity, which JSON has not: nothing is printed on stdout, stderr says where they are \
-and shows the answer.
+and shows the answer. Ctrl-C, SIGTERM and SIGHUP stop the agent gracefully, then exit \
+130, 143 or 129.
 """
 
+
+log = logging.getLogger("nexus_trio.cli")
 
 #: the exit status of an answer strict JSON cannot hold (NaN, Infinity)
 NOT_STRICT_JSON: Final = 3
@@ -168,6 +173,9 @@ def register(app: typer.Typer) -> None:
         except _Failed as exc:
             typer.echo(f"nexus send: {exc}", err=True)
             raise typer.Exit(1) from None
+        except _Stopped as exc:
+            typer.echo(f"nexus send: stopped by {exc}: no answer; the agent was stopped", err=True)
+            raise typer.Exit(128 + exc.signum) from None
         finally:
             agent_log.removeFilter(one_line)
         indent = None if compact else 2
@@ -287,7 +295,53 @@ def _key_path(path: str, key: Any) -> str:
     return f"{path or '.'}[{json.dumps(text, ensure_ascii=not encodes(text, 'utf-8'))}]"
 
 
+class _Stopped(Exception):
+    """A signal (SIGTERM, SIGHUP) stopped the exchange; the agent was stopped gracefully."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 async def _exchange(config: Any, spec: Any, value: Any, kind: SendKind, timeout: float) -> Any:
+    """:func:`_talk` under a kernel; a SIGTERM or SIGHUP (``timeout 5 nexus send``, a
+    service manager, a closed terminal) ends the wait and stops the agent as leaving the
+    kernel does (shutdown frame, grace, SIGTERM, SIGKILL), as Ctrl-C does: by their
+    default action they ended this process at once, the agent killed without its
+    shutdown frame. Raises :class:`_Stopped` then."""
+    import trio
+
+    from .. import open_kernel
+
+    stopped: list[int] = []
+    # (opened before the kernel: a signal from now on is this exchange's; one that comes
+    # while the kernel stops the agent is taken and changes nothing, the stop is bounded)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+        async with open_kernel(config) as kernel:
+            with trio.CancelScope() as scope:
+
+                async def watch() -> None:
+                    async for signum in signals:
+                        stopped.append(signum)
+                        log_guarded(
+                            log,
+                            logging.WARNING,
+                            "%s: stopping the agent gracefully",
+                            signal.Signals(signum).name,
+                        )
+                        scope.cancel()
+                        return
+
+                # A system task: the exchange stays in the main task, where a Ctrl-C's
+                # KeyboardInterrupt reaches it (and the kernel) as it did, not in a group.
+                trio.lowlevel.spawn_system_task(watch)
+                return await _talk(kernel, spec, value, kind, timeout)
+    assert stopped  # (only the signal cancels the scope)
+    raise _Stopped(stopped[0])
+
+
+async def _talk(kernel: Any, spec: Any, value: Any, kind: SendKind, timeout: float) -> Any:
+    """Start the agent of ``spec`` under ``kernel``, send it ``value``, return its answer."""
     import trio
 
     from .. import (
@@ -298,78 +352,76 @@ async def _exchange(config: Any, spec: Any, value: Any, kind: SendKind, timeout:
         RequestFailed,
         RequestTimeout,
         agent,
-        open_kernel,
     )
 
-    async with open_kernel(config) as kernel:
-        async with kernel.events() as events:
-            ref = kernel.spawn(spec)
-            async for event in events:
-                if event.agent_id != ref.id:
-                    continue
-                if event.kind is EventKind.STARTED:
-                    break
-                if event.kind in (EventKind.FAILED, EventKind.STOPPED):
-                    problem = f"the agent did not start: {event.error or event.reason}"
-                    if "did not register within" in problem:
-                        problem += " (--register-timeout gives it longer)"
-                    raise _Failed(problem)
-        if kind is SendKind.Query:
-            try:
-                return await kernel.request(ref, value, timeout=timeout)
-            except RequestTimeout:
-                raise _no_answer(timeout) from None
-            except RequestFailed as exc:
-                detail = exc.error if exc.error is not None else exc.reason
-                raise _Failed(f"the message failed ({exc.reason}): {detail}") from None
-            except NexusError as exc:
-                raise _Failed(str(exc)) from None
+    async with kernel.events() as events:
+        ref = kernel.spawn(spec)
+        async for event in events:
+            if event.agent_id != ref.id:
+                continue
+            if event.kind is EventKind.STARTED:
+                break
+            if event.kind in (EventKind.FAILED, EventKind.STOPPED):
+                problem = f"the agent did not start: {event.error or event.reason}"
+                if "did not register within" in problem:
+                    problem += " (--register-timeout gives it longer)"
+                raise _Failed(problem)
+    if kind is SendKind.Query:
+        try:
+            return await kernel.request(ref, value, timeout=timeout)
+        except RequestTimeout:
+            raise _no_answer(timeout) from None
+        except RequestFailed as exc:
+            detail = exc.error if exc.error is not None else exc.reason
+            raise _Failed(f"the message failed ({exc.reason}): {detail}") from None
+        except NexusError as exc:
+            raise _Failed(str(exc)) from None
 
-        # Command/Event: the agent answers the sender, so send from a local agent.
-        answers: list[Message] = []
-        arrived = trio.Event()
+    # Command/Event: the agent answers the sender, so send from a local agent.
+    answers: list[Message] = []
+    arrived = trio.Event()
 
-        @agent
-        async def inbox(ctx: Any, msg: Message) -> None:
-            answers.append(msg)
-            arrived.set()
+    @agent
+    async def inbox(ctx: Any, msg: Message) -> None:
+        answers.append(msg)
+        arrived.set()
 
-        sink = kernel.spawn(inbox)
-        message = Message(sender=sink.id, to=ref.id, payload=value, kind=MessageKind(kind.value))
-        async with kernel.dead_letters() as letters:
-            await kernel.send(message)
-            failure: list[Any] = []
+    sink = kernel.spawn(inbox)
+    message = Message(sender=sink.id, to=ref.id, payload=value, kind=MessageKind(kind.value))
+    async with kernel.dead_letters() as letters:
+        await kernel.send(message)
+        failure: list[Any] = []
 
-            async def watch_dead_letters() -> None:
-                async for letter in letters:
-                    if letter.message.id == message.id:
-                        failure.append(letter)
-                        arrived.set()
-                        return
+        async def watch_dead_letters() -> None:
+            async for letter in letters:
+                if letter.message.id == message.id:
+                    failure.append(letter)
+                    arrived.set()
+                    return
 
-            async def watch_handled() -> None:
-                # A null answer to a tell routes nothing: handled without a reply is null.
-                while True:
-                    stats = {a.id: a for a in kernel.stats(agents=True).agents}
-                    mine = stats.get(ref.id)
-                    if mine is not None and mine.handled >= 1:
-                        await trio.sleep(0.2)
-                        arrived.set()
-                        return
-                    await trio.sleep(0.01)
+        async def watch_handled() -> None:
+            # A null answer to a tell routes nothing: handled without a reply is null.
+            while True:
+                stats = {a.id: a for a in kernel.stats(agents=True).agents}
+                mine = stats.get(ref.id)
+                if mine is not None and mine.handled >= 1:
+                    await trio.sleep(0.2)
+                    arrived.set()
+                    return
+                await trio.sleep(0.01)
 
-            with trio.move_on_after(timeout) as scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(watch_dead_letters)
-                    nursery.start_soon(watch_handled)
-                    await arrived.wait()
-                    nursery.cancel_scope.cancel()
-        if failure:
-            letter = failure[0]
-            detail = letter.error if letter.error is not None else letter.detail
-            raise _Failed(f"the message failed ({letter.reason.value}): {detail}")
-        if answers:
-            return answers[0].payload
-        if scope.cancelled_caught:
-            raise _no_answer(timeout)
-        return None
+        with trio.move_on_after(timeout) as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch_dead_letters)
+                nursery.start_soon(watch_handled)
+                await arrived.wait()
+                nursery.cancel_scope.cancel()
+    if failure:
+        letter = failure[0]
+        detail = letter.error if letter.error is not None else letter.detail
+        raise _Failed(f"the message failed ({letter.reason.value}): {detail}")
+    if answers:
+        return answers[0].payload
+    if scope.cancelled_caught:
+        raise _no_answer(timeout)
+    return None
