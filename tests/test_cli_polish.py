@@ -112,6 +112,45 @@ def test_an_agent_class_with_a_plain_def_hook_is_a_usage_error_before_the_run(
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize(
+    ("main", "expected"),
+    [
+        ("[echo, echo]", "to item 0 of the list and to item 1 of the list"),
+        (
+            "[Supervisor(name='s', children=[echo]), echo.with_options(restart='transient')]",
+            "to child 0 of supervisor s and to item 1 of the list",
+        ),
+        (
+            "Supervisor(name='top', children=[echo, Supervisor(name='in', children=[echo])])",
+            "to child 0 of supervisor top and to child 0 of supervisor in",
+        ),
+        ("[Supervisor(name='echo', children=[]), echo]", "to item 0 of the list and to item 1"),
+    ],
+    ids=["list", "supervisor-and-list", "nested-supervisors", "supervisor-named-so"],
+)
+def test_a_name_given_twice_in_the_app_is_a_usage_error_before_the_run(
+    isolated: Path, main: str, expected: str
+) -> None:
+    """Regression: ``--app`` naming a list (or a supervisor tree) in which one agent name
+    is given twice started the run and spawned the first; the second failed with
+    ``NameTaken`` (exit 1, a traceback from nexus_trio/cli/_run.py). It is refused before
+    anything starts now, naming both places and how to rename one."""
+    write(
+        isolated,
+        "twice_app.py",
+        "from nexus_trio import Supervisor, agent\n\n\n"
+        "@agent(name='echo')\nasync def echo(ctx, msg):\n    return msg.payload\n\n\n"
+        f"main = {main}\n",
+    )
+    result = invoke(["run", "--app", "twice_app:main", "-d", "1"])
+    assert result.exit_code == 2, result.output
+    out = flat(result.output)
+    assert f"Invalid value for '--app': the name 'echo' is given twice, {expected}" in out
+    assert "a name is unique in a kernel; give one of them another, e.g." in out
+    assert "spec.with_options(name='echo-2')" in out
+    assert "Traceback" not in result.output
+
+
 def test_a_list_of_agent_classes_is_spawned_in_order(isolated: Path) -> None:
     """A list may hold Agent subclasses, as one Agent subclass and a Supervisor's children
     may: it was refused as 'must be an AgentSpec ..., a list of AgentSpecs/Supervisors'."""

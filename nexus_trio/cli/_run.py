@@ -156,6 +156,7 @@ def _app_kind(obj: Any) -> str:
     if isinstance(obj, AgentSpec):
         return "spec"
     if isinstance(obj, Supervisor):
+        _check_unique_names([obj])
         return "supervisor"
     if _is_agent_class(obj):
         _check_agent_class(obj)
@@ -168,6 +169,7 @@ def _app_kind(obj: Any) -> str:
         for index, item in enumerate(obj):
             if _is_agent_class(item):
                 _check_agent_class(item, f"item {index} of the list: ")
+        _check_unique_names(obj)
         return "list"
     if inspect.iscoroutinefunction(obj):
         _check_main_signature(obj)
@@ -182,6 +184,35 @@ def _app_kind(obj: Any) -> str:
         " Supervisors, a Supervisor, or an 'async def main(kernel)'; got"
         f" {type(obj).__name__} {obj!r:.60}"
     )
+
+
+def _check_unique_names(items: Any) -> None:
+    """No agent or supervisor name twice in what ``nexus run`` spawns (the list's items,
+    the supervisors' children, all the way down): a name is unique in a kernel, so the
+    second spawn failed with ``NameTaken`` once the run had started (exit 1, a traceback),
+    the first already running; now a usage error naming both places, before anything
+    starts."""
+    seen: dict[str, str] = {}
+
+    def walk(item: Any, where: str) -> None:
+        children: tuple[Any, ...] = ()
+        if isinstance(item, Supervisor):
+            name, children = item.name, tuple(item.children)
+        else:
+            name = as_spec(item).name
+        if name is not None:
+            if name in seen:
+                raise AppError(
+                    f"the name {name!r} is given twice, to {seen[name]} and to {where}: a"
+                    " name is unique in a kernel; give one of them another, e.g."
+                    f" spec.with_options(name='{name}-2')"
+                )
+            seen[name] = where
+        for index, child in enumerate(children):
+            walk(child, f"child {index} of supervisor {name or '(unnamed)'}")
+
+    for index, item in enumerate(items):
+        walk(item, f"item {index} of the list" if len(items) > 1 else "the app")
 
 
 def _check_main_signature(main: Callable[..., Any]) -> None:
