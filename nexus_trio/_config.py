@@ -122,7 +122,9 @@ def _positive(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
 def _fraction(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     section = _section_of(inst)
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-        raise ValueError(f"[{section}] {attribute.name} must be between 0 and 1, got {value!r}")
+        raise ValueError(
+            f"[{section}] {attribute.name} must be a number between 0 and 1, got {value!r}"
+        )
 
 
 def _one_of(choices: tuple[str, ...]) -> Any:

@@ -340,7 +340,7 @@ BAD_VALUES = [
         "supervision",
         "backoff_jitter",
         "1.5",
-        "[supervision] backoff_jitter must be between 0 and 1, got 1.5",
+        "[supervision] backoff_jitter must be a number between 0 and 1, got 1.5",
     ),
     (
         "supervision",

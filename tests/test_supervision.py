@@ -395,7 +395,7 @@ def test_backoff_draws_from_the_rng_only_when_the_factor_can_change_the_delay() 
 def test_backoff_refuses_the_jitter_the_config_refuses(jitter: Any) -> None:
     with pytest.raises(ValueError, match=r"^jitter must be a number between 0 and 1, got "):
         Backoff(jitter=jitter)
-    with pytest.raises(ValueError, match=r"backoff_jitter must be between 0 and 1"):
+    with pytest.raises(ValueError, match=r"backoff_jitter must be a number between 0 and 1, got "):
         SupervisionConfig(backoff_jitter=jitter)
 
 
