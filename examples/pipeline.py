@@ -246,9 +246,11 @@ def main(argv: list[str] | None = None) -> int:
         "--fail-every",
         type=int,
         default=4,
-        help="the last worker crashes every Nth task (0 = never)",
+        help="the last worker crashes every Nth task (default 4; 0 = never)",
     )
-    parser.add_argument("--rounds", type=int, default=2000, help="hash rounds per task")
+    parser.add_argument(
+        "--rounds", type=int, default=2000, help="hash rounds per task (default 2000)"
+    )
     parser.add_argument(
         "--max-attempts", type=int, default=5, help="tries per task before giving up (default 5)"
     )
