@@ -639,6 +639,7 @@ def test_the_summary_table_gives_each_spawned_programs_traffic_and_troubles(isol
     (row,) = [i for i, line in enumerate(lines) if "python3 calc.py: registered as" in line]
     expected = (
         "frames: 1,234 out, 1,230 in · invalid lines 3 · late answers 1 · last exit status -15"
+        " (killed by SIGTERM)"  # (Popen's negative status said in words: it was a signal)
     )
     assert " ".join(lines[row + 1].split()) == expected
     (never,) = [i for i, line in enumerate(lines) if "./never: did not start" in line]

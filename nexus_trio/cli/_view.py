@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 import sys
 from collections.abc import Mapping
 from typing import Any, Final
@@ -392,8 +393,19 @@ def _bridge_counts_text(program: Mapping[str, Any]) -> str:
     parts += [f"{label} {n:,}" for key, label in _BRIDGE_PROBLEMS if (n := counts.get(key))]
     last_exit = program.get("last_exit")
     if last_exit is not None:
-        parts.append(f"last exit status {last_exit}")
+        parts.append(f"last exit status {last_exit}{_killed_by(last_exit)}")
     return " · ".join(parts)
+
+
+def _killed_by(status: Any) -> str:
+    """`` (killed by SIGTERM)`` for a negative exit status (``Popen.returncode``'s way of
+    saying a signal ended the process), else nothing."""
+    if not isinstance(status, int) or status >= 0:
+        return ""
+    try:
+        return f" (killed by {signal.Signals(-status).name})"
+    except ValueError:
+        return f" (killed by signal {-status})"
 
 
 def _spawned_text(program: Mapping[str, Any]) -> str:
