@@ -471,3 +471,23 @@ def test_counts_the_cli_prints_say_one_in_the_singular(isolated: Path) -> None:
     ]
     only = {"kind": "agent", "id": "i", "name": "a", "state": "running", "restarts": 0}
     assert render_tree(only).splitlines()[0] == "agent tree (1 agent):"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["init", "config.toml"], "No such command 'init'. Did you mean 'config init'?"),
+        (["show"], "No such command 'show'. Did you mean 'config show'?"),
+        (["sned", "x", "1"], "No such command 'sned'. Did you mean 'send'?"),  # typer's own
+        (["config", "int", "x"], "No such command 'int'. Did you mean 'init'?"),
+    ],
+    ids=["init", "show", "typo", "typo-in-a-group"],
+)
+def test_a_command_of_a_group_given_alone_is_named_with_its_group(
+    args: list[str], expected: str
+) -> None:
+    """Regression: ``nexus init config.toml`` (as ``cargo init``, ``git init``) said
+    ``No such command 'init'.`` and nothing more; the command is ``nexus config init``."""
+    result = invoke(args)
+    assert result.exit_code == 2
+    assert expected in flat(result.output)

@@ -87,6 +87,22 @@ class RunByDefaultGroup(Group):
         )
         return super().parse_args(ctx, default_to_run(args, root_options))
 
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        """As typer's (``Did you mean 'send'?`` for a typo), and a command of a group
+        given alone is named with its group: ``nexus init`` (as ``cargo init``, ``git
+        init``) says ``Did you mean 'config init'?``, where it said no more than ``No
+        such command 'init'.``."""
+        if args and args[0] not in self.commands:
+            nested = [
+                f"{name} {args[0]}"
+                for name, command in self.commands.items()
+                if isinstance(command, typer.core.TyperGroup) and args[0] in command.commands
+            ]
+            if nested:
+                suggestions = ", ".join(f"{n!r}" for n in nested)
+                ctx.fail(f"No such command {args[0]!r}. Did you mean {suggestions}?")
+        return super().resolve_command(ctx, args)
+
 
 def file_path(text: Any) -> Path:
     """The ``parser=`` of a flag or argument naming a file: a path that is no directory,
