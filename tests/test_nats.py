@@ -143,6 +143,34 @@ async def test_a_join_that_fails_after_connecting_leaves_the_kernel_free_to_join
         bare.stop()
 
 
+async def test_a_server_without_jetstream_is_retried_in_one_info_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression: joining a server started without ``-js`` logged "JetStream not ready
+    yet ...; retrying" at INFO every 0.25 s (60 lines in ``nexus run``'s 15 s) before the
+    error that says to start it with ``-js``. The first retry is said at INFO with how
+    long it goes on and that cause; the others at DEBUG, counted."""
+    bare = NatsServer(jetstream=False).start()
+    try:
+        async with open_kernel(node_config()) as kernel:
+            options = attrs.evolve(FAST, join_timeout=1.0)
+            with caplog.at_level(logging.DEBUG, logger="nexus_trio"):
+                with trio.fail_after(30), pytest.raises(TransportUnavailable, match="-js"):
+                    async with join_cluster(kernel, bare.url, "a", options=options):
+                        pytest.fail("joined a cluster with no JetStream")
+    finally:
+        bare.stop()
+    retries = [r for r in caplog.records if "JetStream not ready yet" in r.getMessage()]
+    assert len(retries) >= 2  # (1 s of 0.25 s retries)
+    assert [r.levelno for r in retries] == [logging.INFO] + [logging.DEBUG] * (len(retries) - 1)
+    assert (
+        retries[0]
+        .getMessage()
+        .endswith("retrying for up to 1s (a nats-server started without -js answers so too)")
+    )
+    assert retries[1].getMessage().endswith("retrying (2)")
+
+
 async def test_bad_node_name_is_refused_before_connecting() -> None:
     async with open_kernel(node_config()) as kernel:
         with pytest.raises(ValueError, match=r"node name 'a\.b'"):

@@ -987,7 +987,11 @@ class Cluster:
 
         # A JetStream cluster that is still electing its leader answers with timeouts or
         # "unavailable" for a few seconds: retry within ``join_timeout``.
+        # Said once at INFO (what is retried, for how long, and the usual cause: a server
+        # started without -js gives the same answer), then at DEBUG: every retry at INFO
+        # was 60 lines in the 15 s a user waited for the error that says "-js".
         deadline = trio.current_time() + self.options.join_timeout
+        retries = 0
         while True:
             try:
                 return await call_aio(open_bucket)
@@ -998,12 +1002,19 @@ class Cluster:
                     | TimeoutError
                     | nats.js.errors.ServiceUnavailableError,
                 ):
+                    retries += 1
                     log_guarded(
                         log,
-                        logging.INFO,
-                        "node %s: JetStream not ready yet (%r); retrying",
+                        logging.INFO if retries == 1 else logging.DEBUG,
+                        "node %s: JetStream not ready yet (%r); retrying%s",
                         self.node,
                         exc,
+                        (
+                            f" for up to {self.options.join_timeout:g}s (a nats-server"
+                            " started without -js answers so too)"
+                            if retries == 1
+                            else f" ({retries})"
+                        ),
                     )
                     await trio.sleep(0.25)
                     continue
