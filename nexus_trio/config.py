@@ -500,7 +500,16 @@ def _read_env(
     env: Mapping[str, str], values: _Values, sources: dict[str, str], found: _Findings
 ) -> None:
     for name in sorted(env):
-        if not name.startswith(ENV_PREFIX) or "__" not in name[len(ENV_PREFIX) :]:
+        if not name.startswith(ENV_PREFIX):
+            continue
+        if "__" not in name[len(ENV_PREFIX) :]:
+            # Not configuration; but NEXUS_KERNEL_MAILBOX_CAPACITY, a section and a key
+            # joined by one underscore, is an override mistyped: said, not ignored.
+            if (meant := _one_underscore_override(name)) is not None:
+                found.unknown_name(
+                    f"environment variable {name}: not read: a section and its key are"
+                    f" joined by two underscores ({meant})"
+                )
             continue
         section_part, _, key_part = name[len(ENV_PREFIX) :].partition("__")
         section, key = section_part.lower(), key_part.lower()
@@ -521,6 +530,18 @@ def _read_env(
             found.bad_value(ConfigError(str(exc), origin=origin, key=f"{section}.{key}"))
             continue
         sources[f"{section}.{key}"] = f"env {name}"
+
+
+def _one_underscore_override(name: str) -> str | None:
+    """``NEXUS_KERNEL__MAILBOX_CAPACITY`` for ``NEXUS_KERNEL_MAILBOX_CAPACITY`` (any case):
+    the override meant by a variable that joins a known section and one of its keys by
+    one underscore; None for any other name."""
+    rest = name[len(ENV_PREFIX) :].lower()
+    for section in SECTIONS:
+        key = rest.removeprefix(section + "_")
+        if key != rest and key in _fields(section):
+            return f"{ENV_PREFIX}{section.upper()}__{key.upper()}"
+    return None
 
 
 def _apply_overrides(

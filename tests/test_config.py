@@ -183,6 +183,36 @@ def test_env_values_are_read_as_toml_values_or_plain_strings(home: Path) -> None
     assert loaded.warnings == ()
 
 
+@pytest.mark.parametrize(
+    ("name", "meant"),
+    [
+        ("NEXUS_KERNEL_MAILBOX_CAPACITY", "NEXUS_KERNEL__MAILBOX_CAPACITY"),
+        ("NEXUS_metrics_port", "NEXUS_METRICS__PORT"),
+        ("NEXUS_APP_SPAWN", "NEXUS_APP__SPAWN"),
+    ],
+)
+def test_a_section_and_key_joined_by_one_underscore_is_said_not_ignored(
+    home: Path, name: str, meant: str
+) -> None:
+    """Regression: ``NEXUS_KERNEL_MAILBOX_CAPACITY=64`` (one underscore, where the
+    override takes two) was ignored as any ``NEXUS_`` variable without ``__`` is: the
+    default stayed and nothing said why. A variable that joins a known section and one of
+    its keys so is an unknown name now (an error; a warning with allow_unknown), naming
+    the override it would be. Other ``NEXUS_`` variables stay ignored."""
+    others = {"NEXUS_AGENT_NAME": "x", "NEXUS_WORKER": "worker-0", "NEXUS_KERNEL_X": "1"}
+    with pytest.raises(ConfigError) as info:
+        load(home, env=env_for(home, **{name: "64"}, **others))
+    expected = (
+        f"environment variable {name}: not read: a section and its key are joined by two"
+        f" underscores ({meant})"
+    )
+    assert str(info.value).splitlines()[0] == expected
+    loaded = load(home, env=env_for(home, **{name: "64"}, **others), allow_unknown=True)
+    assert loaded.warnings == (expected,)
+    assert loaded.config == load(home).config  # (not read)
+    assert load(home, env=env_for(home, **others)).warnings == ()
+
+
 @pytest.mark.parametrize("raw", ["[1", '["python a.py",', '["python a.py"] x', " [] ]"])
 def test_a_spawn_variable_that_starts_a_toml_array_and_is_not_one_is_refused_naming_it(
     home: Path, raw: str
