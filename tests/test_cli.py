@@ -1987,6 +1987,44 @@ def test_health_reports_an_unhealthy_endpoint_with_exit_1():
     assert "unhealthy: 503 shutting down" in flat(result.output)
 
 
+def test_health_of_a_port_where_another_server_answers_404_says_so_briefly():
+    """Regression: ``nexus health --port P`` where another web server listens (a wrong
+    port) said ``unhealthy: 404`` and printed that server's whole error page (a
+    ``python -m http.server``'s: 400 characters of HTML on one line). Our endpoint always
+    serves /healthz: a 404 is another server, said so with the flag or key to check, and
+    its page cut to 120 characters."""
+    import http.server
+
+    page = "<html>" + "x" * 500 + "</html>"
+
+    class Other(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_error(404, page)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Other)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    port = server.server_address[1]
+    try:
+        result = invoke(["health", "--port", str(port)])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=30)
+    assert result.exit_code == 1
+    out = flat(result.output)
+    assert out.startswith(
+        f"http://127.0.0.1:{port}/healthz: not a nexus metrics endpoint: 404 (no /healthz"
+        f" there: is {port} the kernel's --metrics-port / [metrics] port?) "
+    )
+    assert out.endswith("...")
+    assert "unhealthy" not in out
+    assert len(out) < 400
+
+
 def test_a_sigint_during_a_spawned_program_s_handshake_is_a_graceful_stop(nexus, tmp_path):
     """Regression: a SIGINT while a ``--spawn`` program had not registered yet waited
     for the register timeout (the bridge's handshake ran on under the agent's long stop

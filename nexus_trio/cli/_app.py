@@ -917,7 +917,16 @@ def health(
     if status is not None and 200 <= status < 300:  # (urllib raises for the others)
         typer.echo(f"{url}: {status} {body}")
         return
-    if status is not None:
+    if status == 404:
+        # Ours always serves /healthz (503 when unhealthy): another server listens there,
+        # and its whole error page (a web server's HTML) tells the user nothing.
+        cut = f"{body[:_HEALTH_SHOWN]}..." if len(body) > _HEALTH_SHOWN else body
+        typer.echo(
+            f"{url}: not a nexus metrics endpoint: 404 (no /healthz there: is {port} the"
+            f" kernel's --metrics-port / [metrics] port?) {cut}".rstrip(),
+            err=True,
+        )
+    elif status is not None:
         typer.echo(f"{url}: unhealthy: {status} {body}", err=True)
     else:
         typer.echo(f"{url}: {problem}", err=True)
@@ -926,6 +935,8 @@ def health(
 
 #: the most of a /healthz body read (ours is one short line)
 _HEALTH_BODY_LIMIT = 64 * 1024
+#: the most of another server's 404 page shown (characters)
+_HEALTH_SHOWN = 120
 
 
 def _probe_health(url: str, timeout: float) -> tuple[int | None, str, str]:
