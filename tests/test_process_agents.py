@@ -1669,6 +1669,44 @@ async def test_the_register_timeout_says_why_the_first_bad_line_was_bad(
     )
 
 
+@pytest.mark.parametrize("then", ["waits", "exits"])
+async def test_a_register_line_over_the_line_limit_is_named_when_the_start_fails(
+    tmp_path: Path, then: str
+) -> None:
+    """Regression (fault round, a 100 MB register line): a child whose register frame was
+    longer than the line limit had it discarded, and then failed its start with ``did not
+    register within 2s; it wrote nothing on its stdout`` (it had written the frame), or
+    with ``exited (status 5) before registering`` and no word of it. The discarded line
+    is the first bad stdout line: the failure names its size and the limit."""
+    register = json.dumps({"type": "register", "payload": {"id": "x" * 200, "name": "big"}})
+    after = "sys.stdin.buffer.read()\n" if then == "waits" else "os._exit(5)\n"
+    line = register.encode() + b"\n"
+    cmd = script(tmp_path, f"raw({line!r})\n{after}")
+    async with bridge_kernel() as kernel:
+        with trio.fail_after(30):
+            async with kernel.events() as events:
+                ref = kernel.spawn(
+                    process_agent(
+                        cmd, name="big", register_timeout=2.0, restart="temporary", line_limit=64
+                    )
+                )
+                async for event in events:
+                    if event.agent_id == ref.id and event.kind is EventKind.FAILED:
+                        break
+            await wait_until(lambda: not kernel.is_local(ref), "the agent to retire")
+    assert isinstance(event.error, ProcessAgentError)
+    first_bad = (
+        f"; first bad stdout line: {len(register)} bytes, over the line limit of 64 bytes"
+        " (discarded)"
+    )
+    start = (
+        "did not register within 2s" if then == "waits" else "exited (status 5) before registering"
+    )
+    assert event.error.problem == start + first_bad
+    (final,) = stopped_bridge_stats(kernel).agents.values()
+    assert (final.oversized_lines, final.invalid_lines, final.lines_in) == (1, 0, 1)
+
+
 async def test_stop_of_a_child_that_never_registered_does_not_wait_for_a_stdout_reader(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

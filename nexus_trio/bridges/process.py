@@ -918,6 +918,12 @@ class ProcessAgent(Agent):
                     self._warn_line(
                         _OVERSIZED, f"discarded a {line.size}-byte stdout line before register"
                     )
+                    # (a register frame too long for the limit, most likely: named, or
+                    # the failure says the child wrote nothing)
+                    first_bad = first_bad or (
+                        f"; first bad stdout line: {line.size:,} bytes, over the line limit"
+                        f" of {self.options.line_limit:,} bytes (discarded)"
+                    )
                     continue
                 if not line.strip():
                     continue
