@@ -3114,6 +3114,60 @@ async def test_send_frames_are_routed_with_the_agent_as_sender() -> None:
         assert (stats.sends_routed, stats.sends_failed) == (2, 1)
 
 
+#: a protocol-2 child that, handling "first", sends three tells to itself, then answers
+SELF_SENDING_CHILD = """
+emit({"type": "register", "payload": {"id": str(uuid.uuid4()), "name": "selfish",
+                                       "protocol": 2}})
+while True:
+    m = next_message()
+    if m["payload"] == "first":
+        for n in range(3):
+            emit({"type": "send", "payload": {"to": "selfish", "payload": n}})
+    value = m["payload"] if m["kind"] == "Query" else None
+    emit({"type": "response", "payload": {
+        "from": m["to"], "to": m["from"], "kind": "Response", "payload": value,
+        "timestamp": "2024-01-01T00:00:00Z", "id": str(uuid.uuid4()), "reply_to": m["id"]}})
+"""
+
+
+async def test_a_send_frame_to_its_own_full_mailbox_while_its_message_waits_is_refused_at_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, mock_clock: trio.testing.MockClock
+) -> None:
+    """Regression (fault round, a child that sends to itself): a ``send`` frame to the
+    process agent's own full mailbox, read while its handler waited for the child's
+    answer, waited out the whole send deadline for room only that handler could make,
+    and the answer waited behind it (the stdout reader is one task): 20 such frames
+    stalled the agent 20 send deadlines and timed its message out. Refused at once now,
+    counted and warned about saying why, as a handler's own send to its full mailbox is;
+    the clock never moves here."""
+    caplog.set_level(logging.WARNING, logger="nexus_trio.bridge")
+    cmd = script(tmp_path, SELF_SENDING_CHILD)
+    async with mock_time_kernel(send_timeout_ms=1_000) as kernel:
+        ref = kernel.spawn(process_agent(cmd, name="selfish", mailbox_capacity=1))
+        start = trio.current_time()
+        answers: list[Any] = []
+
+        async def ask() -> None:
+            answers.append(await kernel.request(ref, "first"))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask)
+            await until_real(lambda: answers, "the answer", timeout=15)
+        assert answers == ["first"]
+        # the one tell that found room is handled after it
+        await until_real(lambda: stats_of(kernel, ref).lines_out == 2, "the tell written")
+        assert trio.current_time() == start
+        stats = stats_of(kernel, ref)
+        assert (stats.sends_routed, stats.sends_failed, stats.starts) == (1, 2, 1)
+        assert dead_letters(kernel) == []
+    warnings = [r.getMessage() for r in caplog.records if r.name == "nexus_trio.bridge"]
+    assert any(
+        "send to 'selfish' refused: MailboxFull" in w
+        and "its own mailbox, full, while its message waits for this child's answer" in w
+        for w in warnings
+    ), warnings
+
+
 async def test_send_frame_with_a_lone_surrogate_is_an_invalid_line_not_a_message(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

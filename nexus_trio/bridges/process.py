@@ -60,7 +60,7 @@ import trio
 from .._agent import Agent, AgentSpec, Context, RestartType, log_fields, stop_for_good
 from .._brief import brief
 from .._deadletter import DeadLetterReason
-from .._errors import MessageFailed, NexusError
+from .._errors import MailboxFull, MessageFailed, NexusError
 from .._logcall import log_guarded
 from .._message import (
     LONE_SURROGATE,
@@ -1834,15 +1834,29 @@ class ProcessAgent(Agent):
             )
         except (TypeError, ValueError) as exc:
             raise _BadFrame(f"invalid send frame: {exc}") from None
+        # To its own mailbox while a message waits for this child's answer: only the
+        # handler takes from that mailbox, and it waits for an answer this reader is to
+        # read after this send, so no room can come before the send deadline (a child
+        # that tells itself things stalled the agent a send deadline each).
+        own = (to == ctx.id or to == ctx.name) and self._waits_for_the_child()
         try:
-            await ctx.send(msg)
+            if own:
+                ctx.send_nowait(msg)
+            else:
+                await ctx.send(msg)
         except _REFUSALS as exc:
             self.stats.sends_failed += 1
             # (the error's text quotes ``to`` again: a name of the child's, of any size)
             self._warn_line(
                 _REFUSED,
                 f"send to {brief(payload['to'], 60)} refused: {type(exc).__name__}:"
-                f" {brief(str(exc), 200)}",
+                f" {brief(str(exc), 200)}"
+                + (
+                    " (its own mailbox, full, while its message waits for this child's"
+                    " answer: no room can come, so it does not wait)"
+                    if own and isinstance(exc, MailboxFull)
+                    else ""
+                ),
             )
         except BaseException:
             # cancelled waiting for room (the agent stops): not sent (Trio takes nothing
@@ -1851,6 +1865,13 @@ class ProcessAgent(Agent):
             raise
         else:
             self.stats.sends_routed += 1
+
+    def _waits_for_the_child(self) -> bool:
+        """Whether the agent's handler waits for what this child writes next: the answer
+        to its message, or (in the cancel grace) the answer to one given up on."""
+        return self._in_grace or any(
+            not slot.done and not slot.abandoned for slot in self._inflight.values()
+        )
 
     def _bad_line(self, kind: str, problem: str, end: int) -> None:
         """Report an unusable stdout line; it fails the message in flight, if there is one.
