@@ -1797,8 +1797,14 @@ async def failed_start(kernel: Kernel, cmd: list[str], name: str) -> ProcessAgen
         ),
         # nothing at all: nothing quoted
         ("sys.exit(3)\n", None),
+        # a last line too long to keep (fault round): its size, not the line before it
+        (
+            "print('starting', file=sys.stderr)\nprint('x' * 20_000, file=sys.stderr)\n"
+            "sys.exit(1)\n",
+            "'<a stderr line of 20,000 bytes, not shown>'",
+        ),
     ],
-    ids=["traceback", "node-stack", "interpreter", "last-line", "silent"],
+    ids=["traceback", "node-stack", "interpreter", "last-line", "silent", "oversized-last"],
 )
 async def test_a_child_that_exits_before_registering_is_failed_with_what_it_said_on_stderr(
     tmp_path: Path, body: str, said: str | None

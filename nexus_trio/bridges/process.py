@@ -1950,12 +1950,18 @@ class ProcessAgent(Agent):
         stats = self.stats
         stats.stderr_lines += 1
         at = 0
-        if not isinstance(line, _Oversized) and line.strip():
+        if isinstance(line, _Oversized) or line.strip():
             # (a child that never registers, or dies, says why here: since its start or
-            # the last frame it wrote)
+            # the last frame it wrote; a line too long to keep is its last words all the
+            # same, by its size, not a line said before it)
             stdout = self._stdout
             at = stdout.offered() if stdout is not None else 0
-            self._stderr_last, self._stderr_last_at = line, at
+            last = (
+                f"<a stderr line of {line.size:,} bytes, not shown>".encode()
+                if isinstance(line, _Oversized)
+                else line
+            )
+            self._stderr_last, self._stderr_last_at = last, at
         if not self._stderr_budget.take():
             stats.stderr_lines_not_logged += 1
             return
