@@ -3494,6 +3494,52 @@ async def test_grandchild_holding_the_pipes_does_not_hide_a_crash() -> None:
     assert live_processes(tag) == []
 
 
+async def test_a_crash_with_a_grandchild_holding_the_pipes_is_said_a_drain_after_the_exit(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Regression (fault round): a child that crashed while a grandchild held its stdout
+    and stderr was failed two drains (2 s) after its exit: one waiting for the end of its
+    stdout, then one more for the end of its stderr (its last words), though both pipes
+    are read at once. Under a handle timeout shorter than that, the crash was reported as
+    a ``handler_timeout``. Both are waited for in one window now: a second after the exit."""
+    tag = new_tag()
+    async with mock_time_kernel(send_timeout_ms=5_000) as kernel:
+        ref = kernel.spawn(process_agent(toy(tag=tag), shutdown_grace=0.5))
+        await kernel.request(ref, {"op": "grandchild"})
+        failures: list[RequestFailed] = []
+
+        async def crash() -> None:
+            with pytest.raises(RequestFailed) as info:
+                await kernel.request(ref, {"op": "crash", "code": 7})
+            failures.append(info.value)
+
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(crash)
+            while not failures:
+                # each wait of the bridge for the held pipes (the kernel's other deadlines
+                # are seconds away: handle 10 s, request 20 s, send 5 s)
+                await until_real(
+                    lambda: (
+                        failures
+                        or trio.lowlevel.current_statistics().seconds_to_next_deadline <= 1.0
+                    ),
+                    "a wait for the held pipes",
+                )
+                if not failures:
+                    mock_clock.jump(trio.lowlevel.current_statistics().seconds_to_next_deadline)
+                    await trio.testing.wait_all_tasks_blocked()
+        took = trio.current_time() - start
+        # the restart and the shutdown wait for the grandchild, which ignores SIGTERM
+        mock_clock.autojump_threshold = 0
+    assert took == 1.0
+    (failure,) = failures
+    assert failure.reason == "handler_error"
+    assert isinstance(failure.error, ProcessAgentError)
+    assert failure.error.problem == "exited with status 7"
+    assert live_processes(tag) == []
+
+
 @pytest.mark.parametrize(
     "flags", [["--ignore-term"], []], ids=["child-ignores-term", "child-exits"]
 )
@@ -3613,6 +3659,70 @@ async def test_no_child_process_remains_after_the_kernel_exits() -> None:
     for pid in pids:
         assert group_members(pid) == []
     assert kernel.stats().in_flight == 0
+
+
+def _our_children() -> list[tuple[int, str]]:
+    """This process's child processes (zombies included), but the bridges' guardian."""
+    me, found = os.getpid(), []
+    for pid, state, parent, _ in _lineage.process_table():
+        if parent != me:
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if b"_guardian.py" not in cmdline:
+            found.append((pid, state))
+    return found
+
+
+async def test_children_crashing_under_load_leave_no_descriptor_and_no_process(
+    tmp_path: Path,
+) -> None:
+    """Fault round: three process agents serve requests at once while their children
+    crash, hang past the handle timeout, leave grandchildren holding the pipes or
+    escaping the group. Every failure is a clear one, every child and descendant is
+    reaped, and the kernel's open descriptors are what they were before."""
+    async with bridge_kernel() as kernel:  # (starts the guardian, which stays)
+        await kernel.request(kernel.spawn(process_agent(toy())), {"op": "echo", "value": 0})
+    descriptors = len(os.listdir("/proc/self/fd"))
+    # (an earlier test's orphans reparented to this process, the subreaper, may be here)
+    before = set(_our_children())
+    ops = [
+        {"op": "grandchild"},
+        {"op": "crash", "code": 7},
+        {"op": "echo", "value": 1},
+        {"op": "hang"},
+        {"op": "escape"},
+        {"op": "crash"},
+        {"op": "echo", "value": 2},
+    ]
+    outcomes: dict[str, int] = {}
+    async with bridge_kernel() as kernel:
+        refs = [
+            kernel.spawn(process_agent(toy(), handle_timeout=3.0, shutdown_grace=0.3))
+            for _ in range(3)
+        ]
+
+        async def serve(ref: AgentRef) -> None:
+            for op in ops:
+                try:
+                    await kernel.request(ref, op)
+                    outcome = "answered"
+                except RequestFailed as exc:
+                    outcome = exc.reason
+                outcomes[outcome] = outcomes.get(outcome, 0) + 1
+
+        async with trio.open_nursery() as nursery:
+            for ref in refs:
+                nursery.start_soon(serve, ref)
+        starts = sum(stats_of(kernel, ref).starts for ref in refs)
+    # per agent: grandchild, echo, escape and echo answered; two crashes and a hang
+    assert outcomes == {"answered": 12, "handler_error": 6, "handler_timeout": 3}
+    assert starts == 3 + 9  # each crash and each hang costs a child
+    assert set(_our_children()) <= before
+    assert len(os.listdir("/proc/self/fd")) == descriptors
 
 
 # --- validation ------------------------------------------------------------------------------

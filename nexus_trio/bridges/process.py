@@ -1485,46 +1485,60 @@ class ProcessAgent(Agent):
     async def _watch_exit(self, process: trio.Process, generation: int) -> None:
         """Notice the child's exit even when a grandchild keeps its stdout open."""
         await process.wait()
-        # Let the reader take what the child wrote before it exited (its last answer).
+        # Let the readers take what the child wrote before it exited (its last answer, its
+        # last words on stderr): in one window, not one after the other. (A descendant that
+        # holds both pipes made a crash wait twice, and a handle timeout under 2 s then
+        # said the message timed out.)
         with trio.move_on_after(_READER_DRAIN):
             await self._reader_done.wait()
+            if process.returncode:  # (a crash: said with its last words)
+                await self._stderr_done.wait()
         if self._stopping or generation != self._generation:
             return
         self.stats.last_exit = process.returncode
         code = process.returncode
-        await self._lose_child(process, generation, f"exited with status {code}", code)
+        await self._lose_child(
+            process, generation, f"exited with status {code}", code, drained=True
+        )
 
     async def _lose_child(
-        self, process: trio.Process, generation: int, problem: str, code: int | None
+        self,
+        process: trio.Process,
+        generation: int,
+        problem: str,
+        code: int | None,
+        *,
+        drained: bool = False,
     ) -> None:
         """The child of ``generation`` is lost (its stdout ended, or it exited):
         ``problem``, the unfinished line it left and, for a crash, its last words on
         stderr (read first: it may wait), unless it was stopped or replaced meanwhile."""
-        words = await self._last_words_of(code)
+        words = await self._last_words_of(code, drained=drained)
         if self._stopping or generation != self._generation:
             return
         self._child_lost(
             ProcessAgentError(self.label, self._said_unfinished(problem) + words, process.pid)
         )
 
-    async def _last_words(self) -> str:
+    async def _last_words(self, *, drained: bool = False) -> str:
         """What a child that exited said on stderr, as a clause to add
         to its failure: its last line that reads as an error, else its last line ("" if it
         said nothing). Its stderr is read to the end first, for at most ``_READER_DRAIN``
         (a descendant may hold it open). The lines are logged as they come; this puts the
         reason beside the failure, where a log at warning level (``nexus send``) or a
         summary's ``error`` shows it."""
-        with trio.move_on_after(_READER_DRAIN):
-            await self._stderr_done.wait()
+        if not drained:  # (else waited for already)
+            with trio.move_on_after(_READER_DRAIN):
+                await self._stderr_done.wait()
         said = self._stderr_error or self._stderr_last.decode("utf-8", "replace").strip()
         return f"; on stderr: {brief(said, 160)}" if said else ""
 
-    async def _last_words_of(self, code: int | None) -> str:
+    async def _last_words_of(self, code: int | None, *, drained: bool = False) -> str:
         """:meth:`_last_words` of a registered child that exited with status ``code``
         (not asked to): of a crash (a status other than 0), what it said since its start
         or since the last frame it wrote, so that ``exited with status 1`` of an
         ``on_start`` that raised says why; "" for a clean exit."""
-        return await self._last_words() if code else ""
+        return await self._last_words(drained=drained) if code else ""
 
     def _said_unfinished(self, problem: str) -> str:
         """``problem`` (the child's end), and the unfinished line it left, if it left one."""
