@@ -529,10 +529,16 @@ class AgentCell(Child):
                 manager = trio.open_nursery()
                 self.nursery = await manager.__aenter__()
                 try:
-                    try:
-                        await behaviour.on_start(self._enter_run())
-                    except (Exception, trio.Cancelled) as exc:
-                        raise _start_failure(exc) from None
+                    if self.lazy:
+                        # No on_start of the user's (see ``starts_quietly``): the no-op
+                        # one is not called (a coroutine made, awaited and dropped at
+                        # every activation).
+                        self._enter_run()
+                    else:
+                        try:
+                            await behaviour.on_start(self._enter_run())
+                        except (Exception, trio.Cancelled) as exc:
+                            raise _start_failure(exc) from None
                     started = self._run_started()
                     await self._serve(behaviour)
                     self._end_background()
@@ -635,8 +641,9 @@ class AgentCell(Child):
     @trio.lowlevel.enable_ki_protection
     def _run_started(self) -> bool:
         """on_start returned: release the next sibling, publish ``started``."""
-        self.signal_started()
-        self.ledger.event(_STARTED, self.id, self.name)
+        if self.start_gate is not None:
+            self.signal_started()
+        self.defaults.ledger.event(_STARTED, self.id, self.name)
         return True
 
     @trio.lowlevel.enable_ki_protection
@@ -807,8 +814,9 @@ class AgentCell(Child):
         deadline or a request timeout cancels ``scope``; the message is dead-lettered and
         serving goes on in a new scope.
         """
-        router = self.router
-        ledger = self.ledger
+        # (the defaults' fields, not the cell's properties: two calls fewer a run)
+        router = self.defaults.router
+        ledger = self.defaults.ledger
         mailbox = self.mailbox
         # Mailbox.take written out below (a call per message costs more than a no-op
         # handler): this, then ``depth -= 1`` or ``recount()`` while producers wait.

@@ -2521,6 +2521,66 @@ async def test_a_running_agent_keeps_no_bound_method_of_its_channel() -> None:
     assert bound == []
 
 
+async def test_an_activation_calls_no_no_op_on_start_and_no_cell_property() -> None:
+    """An idle agent's first message starts its run: for an agent without an ``on_start``
+    of its own (a function agent, a class that does not override it) the run calls no
+    no-op ``on_start`` (a coroutine made, awaited and dropped per activation), and the
+    run's start reads the router and ledger from the kernel's cell defaults, not through
+    the cell's properties. The ``started`` events, the handling and an ``on_start`` of
+    the user's are as before."""
+    seen: list[str] = []
+    handled: list[str] = []
+
+    class Quiet(Agent):
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            handled.append(f"quiet {msg.payload}")
+
+    class Eager(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            seen.append("eager on_start")
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            handled.append(f"eager {msg.payload}")
+
+    @agent
+    async def lazy(ctx: Context, msg: Message) -> None:
+        handled.append(f"lazy {msg.payload}")
+
+    def profile(frame: types.FrameType, event: str, arg: object) -> None:
+        code = frame.f_code
+        if event == "call" and "nexus_trio" in code.co_filename:
+            seen.append(f"{code.co_filename.rsplit('/', 1)[-1]}:{code.co_name}")
+
+    async with open_kernel(make_config()) as kernel, kernel.events() as events:
+        kernel.spawn(Quiet, name="quiet")
+        kernel.spawn(lazy, name="lazy")
+        kernel.spawn(Eager, name="eager")
+        await trio.testing.wait_all_tasks_blocked()
+        sys.setprofile(profile)
+        try:
+            for name in ("quiet", "lazy", "eager"):
+                kernel.send_nowait(name, 1)
+            await trio.testing.wait_all_tasks_blocked()
+        finally:
+            sys.setprofile(None)
+        started = []
+        while True:
+            try:
+                event = events.receive_nowait()
+            except trio.WouldBlock:
+                break
+            if event.kind.value == "started":
+                started.append(event.name)
+    assert sorted(handled) == ["eager 1", "lazy 1", "quiet 1"]
+    assert sorted(started) == ["eager", "lazy", "quiet"]
+    # the eager agent's on_start ran at its spawn, before the profile
+    assert seen.count("eager on_start") == 1
+    assert "_cell.py:run_once" in seen  # the two lazy runs were profiled
+    assert [
+        c for c in seen if c.endswith((":on_start", "_cell.py:ledger", "_cell.py:router"))
+    ] == []
+
+
 async def test_a_running_agent_keeps_no_bound_exit_of_its_serve_loop_s_scope(
     autojump_clock: Any,
 ) -> None:
