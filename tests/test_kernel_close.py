@@ -1317,7 +1317,7 @@ _BEFORE_THE_RUN_STARTS = (
         # lands before the nursery has its exception)
         ("return await manager.__aexit__(type(exc), exc, exc.__traceback__)", True),
         # between a run's start signalled and its `started` event
-        ("self.ledger.event(_STARTED", False),
+        ("self.defaults.ledger.event(_STARTED", False),
         # (a run that a background task fails while a handler is held:)
         # between the failure taken from the nursery's group and logged
         ("log_guarded(", True),
