@@ -5,17 +5,29 @@ side (what a sender had accepted is handled, or counted lost or dropped, somewhe
 
 from __future__ import annotations
 
+import os
 import random
 import re
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import nats as nats_py
 import pytest
 import trio
 
-from nexus_trio import Context, Message, RequestTimeout, TransportUnavailable, agent
+from nexus_trio import (
+    Context,
+    MailboxFull,
+    Message,
+    RequestTimeout,
+    TransportUnavailable,
+    agent,
+)
 from nexus_trio._nats import NatsServer
+from nexus_trio._nats import _direct as direct
+from nexus_trio._nats._aio import asyncio_loop, call_aio
 
 from .nats_server import FAST, nats_cluster, until
 from .placement_node import Node
@@ -403,3 +415,170 @@ async def test_a_server_restart_between_batches_of_one_stream_resumes_its_number
     assert sb.lost_in_transit == 0 or sa.lost_with_nodes == 0, (sa, sb)
     assert refused >= 2
     assert slowest < deadline + 2.0, slowest
+
+
+# --- the nats-server paused (SIGSTOP) and resumed ------------------------------------------
+
+
+@asynccontextmanager
+async def _raw_client(url: str) -> AsyncIterator[Any]:
+    nc = await call_aio(nats_py.connect, url)
+    try:
+        yield nc
+    finally:
+        with trio.CancelScope(shield=True):
+            await call_aio(nc.close)
+
+
+@agent(name="echo")
+async def echo(ctx: Context, msg: Message) -> Any:
+    return msg.payload
+
+
+async def _pause_server(server: NatsServer) -> None:
+    await trio.to_thread.run_sync(os.kill, server.pid, signal.SIGSTOP)
+
+
+async def _resume_server(server: NatsServer) -> None:
+    await trio.to_thread.run_sync(os.kill, server.pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize("how", ["timeout", "cancel"])
+async def test_a_flush_cut_while_the_server_is_paused_leaves_the_client_reading(
+    nats: NatsServer, how: str
+) -> None:
+    """A PING whose wait for its PONG ends early (nats-py's own flush timeout, or the
+    caller cancelled) left nats-py 2.16 a cancelled future for that PONG: when the
+    server answered it, the client's reading task died of InvalidStateError and the
+    connection read nothing more (no reconnect: it still looked connected), for minutes,
+    until its own pings went stale. ``direct.flush`` leaves the client reading."""
+    got: list[bytes] = []
+    async with (
+        asyncio_loop(),
+        _raw_client(nats.url) as nc,
+        _raw_client(nats.url) as other,
+    ):
+
+        async def take(msg: Any) -> None:
+            got.append(msg.data)
+
+        await call_aio(nc.subscribe, "fault.paused", cb=take)
+        await call_aio(direct.flush, nc)
+        await _pause_server(nats)
+        try:
+            if how == "timeout":
+                with pytest.raises(nats_py.errors.FlushTimeoutError):
+                    await call_aio(direct.flush, nc, 1)
+            else:
+                with trio.move_on_after(0.5) as cut:
+                    await call_aio(direct.flush, nc, 10)
+                assert cut.cancelled_caught
+        finally:
+            await _resume_server(nats)
+        with trio.fail_after(20):  # a hang guard: the client read nothing more
+            await call_aio(direct.flush, nc, 10)
+            await call_aio(other.publish, "fault.paused", b"after the pause")
+            await call_aio(other.flush)
+            await until(lambda: got == [b"after the pause"])
+        assert nc.is_connected
+
+
+async def test_a_server_paused_past_the_loss_window_leaves_both_nodes_hearing_each_other(
+    nats: NatsServer,
+) -> None:
+    """The nats-server is SIGSTOPped under load for longer than the loss window (2 s)
+    and the flush a node sends before it judges a member lost (2 s), then resumed.
+    Both nodes judge each other lost meanwhile; once the server runs again each hears
+    the other again, for good (before the fix: the answer to the timed-out flush
+    killed the control connection's reading task, and a node heard no heartbeat for
+    minutes, its peer unreachable, every send to it refused), requests between them
+    are answered, and what a accepted is handled in order or counted once."""
+    records: list[int] = []
+    async with (
+        _node(nats.url, "b", send_timeout_ms=1000) as (kb, cb),
+        _node(nats.url, "a", send_timeout_ms=1000) as (ka, ca),
+    ):
+        kb.spawn(agent(_keep(records), name="keep"))
+        kb.spawn(echo, name="echo-b")
+        ka.spawn(echo, name="echo-a")
+        await cb.names_published()
+        await ca.names_published()
+        accepted = refused = 0
+        with trio.fail_after(60):  # a hang guard
+            await ca.wait_for_name("keep")
+            await ca.wait_for_name("echo-b")
+            await cb.wait_for_name("echo-a")
+
+            async def produce() -> None:
+                nonlocal accepted, refused
+                number = 0
+                while True:
+                    for _ in range(20):
+                        try:
+                            await ka.send("keep", number)
+                            accepted += 1
+                        except (TransportUnavailable, MailboxFull):
+                            # (no credit from b within the send deadline, then b lost)
+                            refused += 1
+                        number += 1
+                    await trio.sleep(0.01)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(produce)
+                await until(lambda: accepted >= 500)
+                await _pause_server(nats)
+                try:
+                    # each judges the other lost (2 s silent, then its flush's 2 s),
+                    # and the flushes' own timeouts pass
+                    await until(
+                        lambda: (
+                            not ca.members.members["b"].reachable
+                            and not cb.members.members["a"].reachable
+                        )
+                    )
+                    await trio.sleep(1.5)
+                finally:
+                    await _resume_server(nats)
+                await until(
+                    lambda: ca.members.members["b"].reachable and cb.members.members["a"].reachable
+                )
+                resumed = accepted
+                await until(lambda: accepted >= resumed + 500)
+                nursery.cancel_scope.cancel()
+            # heard for good: answered both ways, several loss windows after the resume
+            for _ in range(4):
+                assert await ka.request("echo-b", "b?") == "b?"
+                assert await kb.request("echo-a", "a?") == "a?"
+                await trio.sleep(1.0)
+            assert ca.members.members["b"].reachable and cb.members.members["a"].reachable
+
+            def counted() -> int:
+                sa, sb = ca.stats(), cb.stats()
+                return (
+                    sb.lost_in_transit
+                    + sum(sb.inbound_dropped.values())
+                    + sa.publish_failures
+                    + sa.lost_with_nodes
+                )
+
+            await until(lambda: len(records) + counted() >= accepted)
+
+            def all_confirmed() -> bool:
+                # what a counted lost with b while b was lost is taken back once b
+                # confirms it took those tells
+                info = ca.members.members["b"]
+                numbered = ca._seq_out.get(("b", info.id_prefix), 0)
+                return info.confirmed(ca.stream_name) == numbered > 0
+
+            await until(all_confirmed)
+        sa, sb = ca.stats(), cb.stats()
+    counted_b = sb.lost_in_transit + sum(sb.inbound_dropped.values())
+    counted_a = sa.publish_failures + sa.lost_with_nodes
+    assert len(records) + counted_b + counted_a == accepted, (
+        len(records),
+        counted_b,
+        counted_a,
+        accepted,
+    )
+    assert records == sorted(set(records))  # in order, no duplicates
+    assert refused > 0  # sends while b was lost were refused, not accepted and lost

@@ -4095,7 +4095,7 @@ class Cluster:
 
             async def drain() -> None:
                 try:
-                    await control.flush(max(1, math.ceil(window)))
+                    await direct.flush(control, max(1, math.ceil(window)))
                     # (what is queued now is handled in order, all of it at the task's
                     # next turn: bounded, as more keep coming)
                     for _ in range(sub.pending_msgs):
@@ -4115,8 +4115,8 @@ class Cluster:
                     self._heartbeats_read = None
 
             # (not awaited through call_aio: a Trio timeout would wait there until the
-            # asyncio side ran to take the cancellation, and a PING whose wait is
-            # cancelled leaves the client a cancelled future for its PONG)
+            # asyncio side ran to take the cancellation; a PING whose wait ends early,
+            # its timeout or a cancel, is defused by direct.flush)
             self._drain_task = current_aio_loop().create_task(drain())
         with trio.move_on_after(window):
             await read.wait()
@@ -4705,7 +4705,7 @@ class Cluster:
                 # (also when the leave's bound cut the close: what it did not send is
                 # still queued, and counted here, not dropped)
                 self._count_unsent_at_leave()
-            await call_aio(self.nc.flush, 2)
+            await call_aio(direct.flush, self.nc, 2)
         except Exception as exc:
             log_guarded(
                 log,

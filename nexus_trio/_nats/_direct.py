@@ -25,11 +25,14 @@ buffer (handed to it between the disconnect and the moment the node noticed it) 
 be dropped with the client: :func:`take_unsent` takes those messages out, so that the
 leave counts each of them as it counts what its outbox still held.
 
-All three rely on nats-py internals (``Subscription._pending_queue``, ``_pending_size``;
+And a flush (:func:`flush`) that times out or is cancelled does not leave the client
+deaf, as nats-py's own did.
+
+All four rely on nats-py internals (``Subscription._pending_queue``, ``_pending_size``;
 ``Client._pending``, ``_pending_data_size``, ``_transport``, ``_max_payload``,
-``stats``), checked when used: with a nats-py that lacks them, messages take the usual
-way (the subscription's task, ``publish``), only later, and a leave can only log the
-size of the buffer.
+``stats``, ``_pongs``), checked when used: with a nats-py that lacks them, messages take
+the usual way (the subscription's task, ``publish``), only later, a leave can only log
+the size of the buffer, and a flush is nats-py's.
 """
 
 from __future__ import annotations
@@ -133,6 +136,37 @@ def deliver_inline(sub: Any, take: Callable[[Any], None]) -> bool:
     return True
 
 
+#: nats-py's own default bound of a flush (``nats.aio.client.DEFAULT_FLUSH_TIMEOUT``)
+FLUSH_TIMEOUT: Final = 10
+
+
+async def flush(nc: Any, timeout: float = FLUSH_TIMEOUT) -> None:
+    """``nc.flush(timeout)`` (a PING, then its PONG awaited), but one whose wait ends
+    early leaves the client able to read.
+
+    nats-py 2.16 keeps a future per PING in ``Client._pongs`` and sets the result of
+    the first on each PONG. A flush that times out (or whose caller is cancelled)
+    cancels its future and leaves it in that list: when the server answers the PING
+    (it was only slow, say paused or starved, or the answer was on its way), setting
+    a result on the cancelled future raises ``InvalidStateError`` in the client's
+    reading task, which logs "nats: encountered error" and ends. The connection reads
+    nothing more and still looks connected (no reconnect) until its own pings go stale
+    (minutes by default): a node heard no heartbeat and no message. Here each
+    cancelled future still in the list is replaced by a fresh one, in its place, that
+    takes its PONG for nobody (what the client's list would hold with a fix, as other
+    NATS clients do), so the later PONGs still reach their own flushes. With a
+    nats-py that lacks the list, nothing is replaced.
+    """
+    try:
+        await nc.flush(timeout)
+    finally:
+        pongs = getattr(nc, "_pongs", None)
+        if isinstance(pongs, list):
+            for i, pong in enumerate(pongs):
+                if isinstance(pong, asyncio.Future) and pong.cancelled():
+                    pongs[i] = pong.get_loop().create_future()
+
+
 async def flush_after_subscribe(nc: Any) -> None:
     """Return once the server has every subscription client ``nc`` made so far.
 
@@ -144,8 +178,8 @@ async def flush_after_subscribe(nc: Any) -> None:
     run in 40). During the first flush's round trip the flusher writes the buffer, so
     the second PING goes out behind the SUB and its PONG is the barrier.
     """
-    await nc.flush()
-    await nc.flush()
+    await flush(nc)
+    await flush(nc)
 
 
 #: one message as the client's buffer holds it: subject, reply subject, headers, payload
