@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import types
 from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
+from nats import errors as nats_errors
 
 from nexus_trio.cli._cluster_cmd import aggregate_summaries, run_workers
 
@@ -302,6 +304,44 @@ async def test_the_swarm_settles_only_when_quiet_and_balanced(
     assert cluster.record_extra["swarm_stopped"] is True
     if settles:
         assert cluster.calls >= 2  # the same quiet books twice in a row
+
+
+class _FailingAnnounce(_SwarmCluster):
+    """A cluster whose first ``failures`` announcements raise what a KV write of the
+    record raises while JetStream does not answer (the server stalled)."""
+
+    def __init__(self, rounds: list[dict[str, dict[str, object]]], failures: int) -> None:
+        super().__init__(rounds)
+        self.failures = failures
+
+    async def announce(self) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise nats_errors.TimeoutError
+        await super().announce()
+
+
+async def test_a_settle_whose_announcements_fail_a_while_settles_and_says_so(
+    autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: ``nexus run --workers 2`` with its nats-server SIGSTOPped 14 s failed a
+    worker's whole run ("the run failed: TimeoutError: nats: timeout", books not
+    conserved): the settle's announcement of the record (its KV write) raised. The
+    heartbeat carries the record too, and the next round writes it again: a failed
+    announcement is logged (once a second at most, with the count) and the settle goes
+    on, bounded by its timeout as before."""
+    from nexus_trio.cli._swarm import Swarm, SwarmLayout
+
+    cluster = _FailingAnnounce([QUIET], failures=30)
+    swarm = Swarm(cluster, SwarmLayout(0, 2))  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger="nexus_trio.cli"):
+        assert await swarm.settle(timeout=5.0) is True
+    assert cluster.failures == 0 and cluster.calls >= 2
+    assert swarm.announce_failures == 30
+    said = [r.getMessage() for r in caplog.records if "announce" in r.getMessage()]
+    assert said, caplog.text
+    assert all("nats: timeout" in line for line in said), said
+    assert len(said) <= 3, said  # throttled: 30 failures in 1.5 s of the settle's rounds
 
 
 async def test_a_settled_worker_keeps_the_books_every_worker_settled_with(

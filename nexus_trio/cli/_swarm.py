@@ -56,6 +56,7 @@ import trio
 from .._agent import AgentRef
 from .._logcall import log_guarded
 from .._plural import count_of
+from .._throttle import Throttle
 
 if TYPE_CHECKING:
     from .._nats import Cluster, ClusterStats, NodeInfo
@@ -136,6 +137,10 @@ class Swarm:
         self.stopped_while_joining = False
         #: then: the workers it had not seen join
         self.not_joined: tuple[str, ...] = ()
+        #: announcements of this worker's record that failed while it settled (logged at
+        #: once, then at most once a second of the run's clock)
+        self.announce_failures = 0
+        self._announce_log = Throttle(clock=trio.current_time)
 
     async def wait_for_workers(self, timeout: float = START_TIMEOUT) -> bool:
         """Until every worker of the swarm is a live member (bounded): True, or False if
@@ -197,7 +202,7 @@ class Swarm:
         with trio.move_on_after(timeout):
             while True:  # the other workers' state arrives with their records: polled
                 cluster.record_extra["swarm_books"] = worker_books(cluster)
-                await cluster.announce()
+                await self._announce()
                 snapshot = self._snapshot()
                 if snapshot is not None and snapshot == previous:
                     lost = set(snapshot[-1])
@@ -223,7 +228,7 @@ class Swarm:
             cluster.record_extra["swarm_settled"] = True
             with trio.move_on_at(deadline):
                 while True:
-                    await cluster.announce()
+                    await self._announce()
                     if self._others_settled():
                         break
                     await trio.sleep(0.05)
@@ -232,6 +237,25 @@ class Swarm:
             log, logging.WARNING, "the swarm did not settle within %gs; leaving anyway", timeout
         )
         return False
+
+    async def _announce(self) -> None:
+        """Publish this worker's record now. One that fails (its KV write unanswered: the
+        server stalls, JetStream elects a leader) does not end the run: the heartbeat
+        carries the record too, and the settle's next round writes it again (bounded by
+        the settle's timeout). It had failed the worker's whole run."""
+        try:
+            await self.cluster.announce()
+        except Exception as exc:  # (nats-py's errors, OSError: the record is written later)
+            self.announce_failures += 1
+            if self._announce_log.due():
+                log_guarded(
+                    log,
+                    logging.WARNING,
+                    "could not announce this worker's record while settling (%s so far): %s: %s",
+                    count_of(self.announce_failures, "failure"),
+                    type(exc).__name__,
+                    exc,
+                )
 
     def _others_settled(self) -> bool:
         """True once every other worker has settled, left the cluster or been lost."""
