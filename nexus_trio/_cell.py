@@ -249,7 +249,6 @@ class AgentCell(Child):
     is_agent = True
 
     __slots__ = (
-        "_cancel_reason",
         "_dormant_run",
         "_handler_scope",
         "_held",
@@ -320,7 +319,6 @@ class AgentCell(Child):
         #: the serve loop's cancel scope; it has a deadline while a handler is suspended
         self._handler_scope: trio.CancelScope | None = None
         self._suspended = False
-        self._cancel_reason: DeadLetterReason | None = None
         self._dormant_run = 0
         #: built on the first run: an agent that never runs needs none
         self.ctx: Context | None = None
@@ -332,6 +330,18 @@ class AgentCell(Child):
     @property
     def ledger(self) -> Ledger:
         return self.defaults.ledger
+
+    @property
+    def _cancel_reason(self) -> DeadLetterReason | None:
+        """Why the serve loop's scope was cancelled (None: a handler deadline), kept in
+        the child's record of what few set (a slot is 8 bytes in every agent)."""
+        seldom = self.seldom
+        return None if seldom is None else seldom.cancel_reason
+
+    @_cancel_reason.setter
+    def _cancel_reason(self, reason: DeadLetterReason | None) -> None:
+        if reason is not None or self.seldom is not None:
+            self.seldom_record().cancel_reason = reason
 
     @property
     def cancel_after_grace(self) -> bool:
@@ -603,7 +613,9 @@ class AgentCell(Child):
         """A run starts: its flags, and the context (built on the first run)."""
         self.exit_requested = self.terminating
         self.interrupted = self.terminating or self._held
-        self.exit_directive = None
+        seldom = self.seldom
+        if seldom is not None:
+            seldom.exit_directive = None
         if self.ctx is None:
             self.ctx = self.defaults.make_context(self)
 

@@ -12,13 +12,14 @@ import enum
 import math
 import uuid
 from collections import deque
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, final
 
 import trio
 
 from ._logfields import log_fields
 
 if TYPE_CHECKING:
+    from ._deadletter import DeadLetterReason
     from ._message import Message
 
 
@@ -125,6 +126,33 @@ def to_restart(value: Any) -> RestartType:
     return enum_member(RestartType, value, "restart")
 
 
+@final
+class Seldom:
+    """What few children ever set, out of the child itself: a slot of the child is 8
+    bytes in every agent, idle or running (a million agents: 8 MB a slot), and most
+    agents never set any of these. Made at the first set (:meth:`Child.seldom_record`)."""
+
+    __slots__ = (
+        "cancel_reason",
+        "exit_directive",
+        "linked_parent",
+        "restart_times",
+        "retired_event",
+        "started_at",
+        "stop_deadline",
+    )
+
+    def __init__(self) -> None:
+        self.linked_parent: Child | None = None
+        self.started_at = 0.0
+        self.stop_deadline = math.inf
+        self.exit_directive: Directive | None = None
+        self.restart_times: deque[float] | None = None
+        self.retired_event: trio.Event | None = None
+        #: why the serve loop's scope was cancelled (agents; None: a handler deadline)
+        self.cancel_reason: DeadLetterReason | None = None
+
+
 class Child:
     """What a supervisor needs of a child: run once, stop gracefully, identity.
 
@@ -135,30 +163,25 @@ class Child:
     """
 
     __slots__ = (
-        "_retired_event",
         "backoff_step",
         "done",
         "dormant",
         "drain_on_stop",
-        "exit_directive",
         "id",
         "linked_children",
-        "linked_parent",
         "name",
         "restart",
-        "restart_times",
         "restarts",
         "retired",
         "run",
         "run_task",
         "running",
         "scope",
+        "seldom",
         "shutdown_timeout",
         "spawn_next",
         "spawn_prev",
         "start_gate",
-        "started_at",
-        "stop_deadline",
         "supervisor",
         "terminating",
     )
@@ -171,7 +194,6 @@ class Child:
     restart: RestartType
     shutdown_timeout: float
     supervisor: ChildOwner | None
-    linked_parent: Child | None
     #: the agents ``ctx.spawn`` started from this one (an empty tuple until the first:
     #: most agents spawn none, and a list per agent would cost memory and GC work)
     linked_children: list[Child] | tuple[()]
@@ -179,7 +201,6 @@ class Child:
     run: int
     restarts: int
     backoff_step: int
-    started_at: float
     scope: trio.CancelScope | None
     done: RunDone | None
     #: set when this run has started (``on_start`` returned); the next sibling of an
@@ -195,14 +216,8 @@ class Child:
     #: a draining stop (``kernel.stop(..., drain=True)``, or the draining stop of the
     #: agent that spawned it): what is queued is handled before it stops
     drain_on_stop: bool
-    #: when a draining stop of the agent that spawned it must be over (that agent's
-    #: bound, for its whole subtree); ``inf`` otherwise
-    stop_deadline: float
-    #: how the last run ended, when a handler's directive decided it
-    exit_directive: Directive | None
-    #: restart times of this child alone (the root supervisor isolates its children)
-    restart_times: deque[float] | None
-    _retired_event: trio.Event | None
+    #: what few children ever set (see :class:`Seldom`), made at the first such set
+    seldom: Seldom | None
     #: the live agents spawned just before and after this one (the router's list of
     #: them, in spawn order: see ``Router.walk_agents``); None for supervisors
     spawn_prev: Child | None
@@ -220,12 +235,10 @@ class Child:
         self.restart = restart
         self.shutdown_timeout = shutdown_timeout
         self.supervisor = None
-        self.linked_parent = None
         self.linked_children = ()
         self.run = 0
         self.restarts = 0
         self.backoff_step = 0
-        self.started_at = 0.0
         self.scope = None
         self.done = None
         self.start_gate = None
@@ -235,12 +248,73 @@ class Child:
         self.terminating = False
         self.retired = False
         self.drain_on_stop = False
-        self.stop_deadline = math.inf
-        self.exit_directive = None
-        self.restart_times = None
-        self._retired_event = None
+        self.seldom = None
         self.spawn_prev = None
         self.spawn_next = None
+
+    def seldom_record(self) -> Seldom:
+        """The record of what few children set, made now if this is the first set."""
+        seldom = self.seldom
+        if seldom is None:
+            seldom = self.seldom = Seldom()
+        return seldom
+
+    # The fields of the record read as attributes of the child (their defaults while
+    # it has none); each is read and set where something rare happens (a ``ctx.spawn``,
+    # a restart, a draining stop), not per message nor per run.
+    @property
+    def linked_parent(self) -> Child | None:
+        """The agent whose ``ctx.spawn`` started this one (it dies with that one's run)."""
+        seldom = self.seldom
+        return None if seldom is None else seldom.linked_parent
+
+    @linked_parent.setter
+    def linked_parent(self, parent: Child | None) -> None:
+        if parent is not None or self.seldom is not None:
+            self.seldom_record().linked_parent = parent
+
+    @property
+    def started_at(self) -> float:
+        """When the current run began, for a child with a backoff to reset (else 0.0)."""
+        seldom = self.seldom
+        return 0.0 if seldom is None else seldom.started_at
+
+    @started_at.setter
+    def started_at(self, when: float) -> None:
+        self.seldom_record().started_at = when
+
+    @property
+    def stop_deadline(self) -> float:
+        """When a draining stop of the agent that spawned it must be over (that agent's
+        bound, for its whole subtree); ``inf`` otherwise."""
+        seldom = self.seldom
+        return math.inf if seldom is None else seldom.stop_deadline
+
+    @stop_deadline.setter
+    def stop_deadline(self, deadline: float) -> None:
+        if deadline != math.inf or self.seldom is not None:
+            self.seldom_record().stop_deadline = deadline
+
+    @property
+    def exit_directive(self) -> Directive | None:
+        """How the last run ended, when a handler's directive decided it."""
+        seldom = self.seldom
+        return None if seldom is None else seldom.exit_directive
+
+    @exit_directive.setter
+    def exit_directive(self, directive: Directive | None) -> None:
+        if directive is not None or self.seldom is not None:
+            self.seldom_record().exit_directive = directive
+
+    @property
+    def restart_times(self) -> deque[float] | None:
+        """Restart times of this child alone (the root supervisor isolates its children)."""
+        seldom = self.seldom
+        return None if seldom is None else seldom.restart_times
+
+    @restart_times.setter
+    def restart_times(self, times: deque[float] | None) -> None:
+        self.seldom_record().restart_times = times
 
     def add_linked(self, child: Child) -> None:
         """``child`` was spawned from this one (it dies with this one's run)."""
@@ -274,17 +348,19 @@ class Child:
         """Stopped for good: wake everybody waiting in :meth:`wait_retired`."""
         self.retired = True
         self.terminating = True
-        if self._retired_event is not None:
-            self._retired_event.set()
+        seldom = self.seldom
+        if seldom is not None and seldom.retired_event is not None:
+            seldom.retired_event.set()
 
     async def wait_retired(self) -> None:
         """Return once this child is stopped for good, whoever stopped it."""
         if self.retired:
             await trio.lowlevel.checkpoint()
             return
-        if self._retired_event is None:
-            self._retired_event = trio.Event()
-        await self._retired_event.wait()
+        seldom = self.seldom_record()
+        if seldom.retired_event is None:
+            seldom.retired_event = trio.Event()
+        await seldom.retired_event.wait()
 
     async def run_once(self) -> None:
         raise NotImplementedError

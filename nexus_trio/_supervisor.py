@@ -1063,7 +1063,8 @@ class SupervisorNode(Child, ChildOwner):
             child.retire_all(reason, failure=failure)
         child.mark_retired()
         self.children.pop(child, None)
-        parent = child.linked_parent
+        seldom = child.seldom
+        parent = None if seldom is None else seldom.linked_parent
         if parent is not None:
             parent.remove_linked(child)
         self.host.retired(child, reason, for_shutdown=for_shutdown, failure=failure)

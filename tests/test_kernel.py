@@ -2696,10 +2696,67 @@ async def test_the_cells_of_one_kernel_share_its_parts_and_a_mailbox_keeps_one_s
         assert all(cells[n].router is first.router for n in names)
         assert all(cells[n].ledger is first.ledger for n in names)
         assert [cells[n].ctx is not None for n in names] == [True, True, False, True]
-        assert [sys.getsizeof(cells[n]) for n in names] == [448] * 4
+        assert [sys.getsizeof(cells[n]) for n in names] == [400] * 4
         assert [sys.getsizeof(cells[n].mailbox) for n in names] == [112] * 4
         assert len(handled) == 9
         assert kernel.stats().handled == 9
+
+
+async def test_what_few_agents_set_is_kept_out_of_the_cell_until_one_sets_it(
+    autojump_clock: Any,
+) -> None:
+    """A cell kept seven slots that most agents never set (the agent that spawned it, a
+    backoff's start time, a draining stop's deadline, a handler's directive, its own
+    restart times, the event of a wait for its retirement, why its handler was
+    cancelled): 8 bytes each in every agent, idle or running. They are one record, made
+    at the first set: a cell is 400 bytes, not 448; what they serve still works."""
+    from nexus_trio._cell import AgentCell
+
+    @agent
+    async def plain(ctx: Context, msg: Message) -> None:
+        return None
+
+    @agent(handle_timeout=2.0)
+    async def slow(ctx: Context, msg: Message) -> None:
+        await trio.sleep_forever()
+
+    class Parent(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            ctx.spawn(plain, name="seldom-linked")
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            return None
+
+    names = ("seldom-plain", "seldom-idle", "seldom-slow", "seldom-parent", "seldom-linked")
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(plain, name="seldom-plain")
+        kernel.spawn(plain, name="seldom-idle")
+        kernel.spawn(slow, name="seldom-slow")
+        kernel.spawn(Parent, name="seldom-parent")
+        await kernel.send("seldom-plain", 1)
+        await kernel.send("seldom-slow", 1)
+        await trio.sleep(5)
+        gc.collect()  # (cells of earlier kernels of this process, gone)
+        cells = {
+            obj.name: obj
+            for obj in gc.get_objects()
+            if isinstance(obj, AgentCell) and obj.name in names
+        }
+        assert sorted(cells) == sorted(names)
+        assert [sys.getsizeof(cells[n]) for n in names] == [400] * 5
+        made = [cells[n].seldom is not None for n in names]
+        # only the linked child's (a handler deadline gives no reason: it is the default)
+        assert made == [False, False, False, False, True]
+        assert cells["seldom-linked"].linked_parent is cells["seldom-parent"]
+        assert cells["seldom-plain"].linked_parent is None
+        assert [cells[n].stop_deadline for n in names] == [math.inf] * 5
+        assert [cells[n].exit_directive for n in names] == [None] * 5
+        assert kernel.stats().timed_out == 1
+        await kernel.stop("seldom-parent")
+        # the linked child stopped with its parent and left its list
+        assert [a.name for a in kernel.agents()] == ["seldom-plain", "seldom-idle", "seldom-slow"]
+        assert cells["seldom-parent"].linked_children == []
+    assert reasons(kernel) == [(1, DeadLetterReason.HANDLER_TIMEOUT)]
 
 
 async def test_the_contexts_of_one_kernel_share_what_no_send_reads() -> None:
