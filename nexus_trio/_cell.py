@@ -252,8 +252,6 @@ class AgentCell(Child):
         "_dormant_run",
         "_handler_scope",
         "_held",
-        "_idle",
-        "_release",
         "_suspended",
         "ctx",
         "current",
@@ -271,9 +269,7 @@ class AgentCell(Child):
         "overflow",
         "parked",
         "received",
-        "run_failures",
         "spec",
-        "timed_out",
     )
 
     def __init__(
@@ -302,18 +298,12 @@ class AgentCell(Child):
         self.received = 0
         self.handled = 0
         self.failed = 0
-        self.timed_out = 0
         self.dead_lettered = 0
-        #: runs that failed outside a handler (see run_once)
-        self.run_failures = 0
         #: one flag checked per message; the reasons are below
         self.interrupted = False
         self.exit_requested = False
         self.drain_before_exit = False
         self._held = False
-        #: set once nothing is queued or in hand (see wait_idle)
-        self._idle: trio.Event | None = None
-        self._release: trio.Event | None = None
         #: parked in ``mailbox.park()`` (a wake is a ``None`` sent to it)
         self.parked = False
         #: the serve loop's cancel scope; it has a deadline while a handler is suspended
@@ -330,6 +320,51 @@ class AgentCell(Child):
     @property
     def ledger(self) -> Ledger:
         return self.defaults.ledger
+
+    # What few agents set, in the child's record of it (a slot is 8 bytes in every
+    # agent): the events of a wait for idleness (see wait_idle) and of the release (a
+    # stop or a hold, see _release_event), and two counts, each read and set where
+    # something rare happens (a wait, a stop, a timeout, a failed run), not per message.
+    @property
+    def _idle(self) -> trio.Event | None:
+        """Set once nothing is queued or in hand (see wait_idle)."""
+        seldom = self.seldom
+        return None if seldom is None else seldom.idle
+
+    @_idle.setter
+    def _idle(self, event: trio.Event | None) -> None:
+        if event is not None or self.seldom is not None:
+            self.seldom_record().idle = event
+
+    @property
+    def _release(self) -> trio.Event | None:
+        seldom = self.seldom
+        return None if seldom is None else seldom.release
+
+    @_release.setter
+    def _release(self, event: trio.Event | None) -> None:
+        if event is not None or self.seldom is not None:
+            self.seldom_record().release = event
+
+    @property
+    def timed_out(self) -> int:
+        """Handlers of this agent cancelled by their deadline."""
+        seldom = self.seldom
+        return 0 if seldom is None else seldom.timed_out
+
+    @timed_out.setter
+    def timed_out(self, count: int) -> None:
+        self.seldom_record().timed_out = count
+
+    @property
+    def run_failures(self) -> int:
+        """Runs that failed outside a handler (see run_once)."""
+        seldom = self.seldom
+        return 0 if seldom is None else seldom.run_failures
+
+    @run_failures.setter
+    def run_failures(self, count: int) -> None:
+        self.seldom_record().run_failures = count
 
     @property
     def _cancel_reason(self) -> DeadLetterReason | None:
@@ -365,8 +400,9 @@ class AgentCell(Child):
         self.exit_requested = True
         self.drain_before_exit = drain
         self.interrupted = True
-        if self._release is not None:
-            self._release.set()
+        seldom = self.seldom
+        if seldom is not None and seldom.release is not None:
+            seldom.release.set()
         if self.parked:
             self.parked = False
             self.mailbox.wake_receiver()
@@ -706,7 +742,8 @@ class AgentCell(Child):
         """The run's nursery is gone; a message still in hand is dead-lettered."""
         self.nursery = None
         self._handler_scope = None
-        if self._idle is not None:
+        seldom = self.seldom
+        if seldom is not None and seldom.idle is not None:
             self._wake_idle()  # nothing more is handled in this run
         current = self.current
         if current is not None:

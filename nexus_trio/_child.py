@@ -135,11 +135,15 @@ class Seldom:
     __slots__ = (
         "cancel_reason",
         "exit_directive",
+        "idle",
         "linked_parent",
+        "release",
         "restart_times",
         "retired_event",
+        "run_failures",
         "started_at",
         "stop_deadline",
+        "timed_out",
     )
 
     def __init__(self) -> None:
@@ -151,6 +155,12 @@ class Seldom:
         self.retired_event: trio.Event | None = None
         #: why the serve loop's scope was cancelled (agents; None: a handler deadline)
         self.cancel_reason: DeadLetterReason | None = None
+        # an agent's: the events of a wait for its idleness and of its release (stop or
+        # hold), and its counts of handlers timed out and of runs failed outside one
+        self.idle: trio.Event | None = None
+        self.release: trio.Event | None = None
+        self.timed_out = 0
+        self.run_failures = 0
 
 
 class Child:
