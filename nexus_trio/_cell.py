@@ -259,7 +259,6 @@ class AgentCell(Child):
         "defaults",
         "drain_before_exit",
         "exit_requested",
-        "failed",
         "handle_timeout",
         "handled",
         "interrupted",
@@ -297,7 +296,6 @@ class AgentCell(Child):
         self.nursery: trio.Nursery | None = None
         self.received = 0
         self.handled = 0
-        self.failed = 0
         self.dead_lettered = 0
         #: one flag checked per message; the reasons are below
         self.interrupted = False
@@ -323,7 +321,7 @@ class AgentCell(Child):
 
     # What few agents set, in the child's record of it (a slot is 8 bytes in every
     # agent): the events of a wait for idleness (see wait_idle) and of the release (a
-    # stop or a hold, see _release_event), and two counts, each read and set where
+    # stop or a hold, see _release_event), and three counts, each read and set where
     # something rare happens (a wait, a stop, a timeout, a failed run), not per message.
     @property
     def _idle(self) -> trio.Event | None:
@@ -345,6 +343,16 @@ class AgentCell(Child):
     def _release(self, event: trio.Event | None) -> None:
         if event is not None or self.seldom is not None:
             self.seldom_record().release = event
+
+    @property
+    def failed(self) -> int:
+        """Handlers of this agent that failed (raised, or returned a coroutine)."""
+        seldom = self.seldom
+        return 0 if seldom is None else seldom.failed
+
+    @failed.setter
+    def failed(self, count: int) -> None:
+        self.seldom_record().failed = count
 
     @property
     def timed_out(self) -> int:

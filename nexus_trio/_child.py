@@ -135,10 +135,12 @@ class Seldom:
     __slots__ = (
         "cancel_reason",
         "exit_directive",
+        "failed",
         "idle",
         "linked_parent",
         "release",
         "restart_times",
+        "restarts",
         "retired_event",
         "run_failures",
         "started_at",
@@ -152,13 +154,15 @@ class Seldom:
         self.stop_deadline = math.inf
         self.exit_directive: Directive | None = None
         self.restart_times: deque[float] | None = None
+        self.restarts = 0
         self.retired_event: trio.Event | None = None
         #: why the serve loop's scope was cancelled (agents; None: a handler deadline)
         self.cancel_reason: DeadLetterReason | None = None
         # an agent's: the events of a wait for its idleness and of its release (stop or
-        # hold), and its counts of handlers timed out and of runs failed outside one
+        # hold), and its counts of handlers failed, timed out and of runs failed outside one
         self.idle: trio.Event | None = None
         self.release: trio.Event | None = None
+        self.failed = 0
         self.timed_out = 0
         self.run_failures = 0
 
@@ -181,7 +185,6 @@ class Child:
         "linked_children",
         "name",
         "restart",
-        "restarts",
         "retired",
         "run",
         "run_task",
@@ -209,7 +212,6 @@ class Child:
     linked_children: list[Child] | tuple[()]
     #: bumped at every start; exits of older runs are ignored
     run: int
-    restarts: int
     backoff_step: int
     scope: trio.CancelScope | None
     done: RunDone | None
@@ -247,7 +249,6 @@ class Child:
         self.supervisor = None
         self.linked_children = ()
         self.run = 0
-        self.restarts = 0
         self.backoff_step = 0
         self.scope = None
         self.done = None
@@ -272,6 +273,16 @@ class Child:
     # The fields of the record read as attributes of the child (their defaults while
     # it has none); each is read and set where something rare happens (a ``ctx.spawn``,
     # a restart, a draining stop), not per message nor per run.
+    @property
+    def restarts(self) -> int:
+        """How many times this child was restarted."""
+        seldom = self.seldom
+        return 0 if seldom is None else seldom.restarts
+
+    @restarts.setter
+    def restarts(self, count: int) -> None:
+        self.seldom_record().restarts = count
+
     @property
     def linked_parent(self) -> Child | None:
         """The agent whose ``ctx.spawn`` started this one (it dies with that one's run)."""

@@ -2696,7 +2696,7 @@ async def test_the_cells_of_one_kernel_share_its_parts_and_a_mailbox_keeps_one_s
         assert all(cells[n].router is first.router for n in names)
         assert all(cells[n].ledger is first.ledger for n in names)
         assert [cells[n].ctx is not None for n in names] == [True, True, False, True]
-        assert [sys.getsizeof(cells[n]) for n in names] == [368] * 4
+        assert [sys.getsizeof(cells[n]) for n in names] == [352] * 4
         assert [sys.getsizeof(cells[n].mailbox) for n in names] == [112] * 4
         assert len(handled) == 9
         assert kernel.stats().handled == 9
@@ -2705,12 +2705,12 @@ async def test_the_cells_of_one_kernel_share_its_parts_and_a_mailbox_keeps_one_s
 async def test_what_few_agents_set_is_kept_out_of_the_cell_until_one_sets_it(
     autojump_clock: Any,
 ) -> None:
-    """A cell kept eleven slots that most agents never set (the agent that spawned it, a
-    backoff's start time, a draining stop's deadline, a handler's directive, its own
+    """A cell kept thirteen slots that most agents never set (the agent that spawned it,
+    a backoff's start time, a draining stop's deadline, a handler's directive, its own
     restart times, the events of waits for its retirement, its idleness and its release,
-    why its handler was cancelled, its counts of timeouts and of failed runs): 8 bytes
-    each in every agent, idle or running. They are one record, made at the first set: a
-    cell is 368 bytes, not 448; what they serve still works."""
+    why its handler was cancelled, its counts of restarts, failed handlers, timeouts and
+    failed runs): 8 bytes each in every agent, idle or running. They are one record,
+    made at the first set: a cell is 352 bytes, not 448; what they serve still works."""
     from nexus_trio._cell import AgentCell
 
     @agent
@@ -2744,12 +2744,13 @@ async def test_what_few_agents_set_is_kept_out_of_the_cell_until_one_sets_it(
             if isinstance(obj, AgentCell) and obj.name in names
         }
         assert sorted(cells) == sorted(names)
-        assert [sys.getsizeof(cells[n]) for n in names] == [368] * 5
+        assert [sys.getsizeof(cells[n]) for n in names] == [352] * 5
         made = [cells[n].seldom is not None for n in names]
         # the timed-out handler's agent (its count) and the linked child
         assert made == [False, False, True, False, True]
         assert [cells[n].timed_out for n in names] == [0, 0, 1, 0, 0]
         assert [cells[n].run_failures for n in names] == [0] * 5
+        assert [(cells[n].failed, cells[n].restarts) for n in names] == [(0, 0)] * 5
         assert cells["seldom-linked"].linked_parent is cells["seldom-parent"]
         assert cells["seldom-plain"].linked_parent is None
         assert [cells[n].stop_deadline for n in names] == [math.inf] * 5
