@@ -5,6 +5,7 @@ side (what a sender had accepted is handled, or counted lost or dropped, somewhe
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import re
@@ -490,6 +491,56 @@ async def test_a_flush_cut_while_the_server_is_paused_leaves_the_client_reading(
             await call_aio(other.publish, "fault.paused", b"after the pause")
             await call_aio(other.flush)
             await until(lambda: got == [b"after the pause"])
+        assert nc.is_connected
+
+
+async def _cut_a_flush_as_its_pong_is_read(nc: Any, pong_first: bool) -> list[str]:
+    """A flush waiting for its PONG (the server paused) is cancelled, and nats-py's own
+    ``_process_pong`` (what the client's reading task runs on a PONG) runs in the same
+    turns of the loop: before the cancelled wait resumes (``pong_first``: scheduled
+    before the cancel) or just after its first step (scheduled after it). What it
+    raised, by name: a PONG given to a cancelled future kills the reading task."""
+    loop = asyncio.get_running_loop()
+    listed = len(nc._pongs)
+    flushing = loop.create_task(direct.flush(nc, 10))
+    for _ in range(100):  # until its PING is sent, its future listed (a few steps)
+        if len(nc._pongs) > listed:
+            break
+        await asyncio.sleep(0)
+    else:
+        raise AssertionError("the flush listed no future for its PING")
+    if pong_first:
+        read = loop.create_task(nc._process_pong())
+        flushing.cancel()
+    else:
+        flushing.cancel()
+        read = loop.create_task(nc._process_pong())
+    await asyncio.wait([flushing, read])  # (a flush whose PONG came first may end well)
+    error = read.exception()
+    return [] if error is None else [type(error).__name__]
+
+
+@pytest.mark.parametrize("pong_first", [False, True])
+async def test_a_pong_read_in_the_turns_a_flush_is_cancelled_in_finds_no_cancelled_future(
+    nats: NatsServer, pong_first: bool
+) -> None:
+    """The future nats-py lists for a flush's PING is never cancelled: a PONG read
+    between the cancel of the wait and its end (turns of the loop apart: Python 3.11's
+    ``wait_for`` cancels the future one step after the task, 3.12's at once) found it
+    cancelled and raised InvalidStateError in the reading task, which ended (the
+    client deaf, still connected). Replacing the future once the wait was over did
+    not close that window: with Python 3.11 ``pong_first=False`` failed so (with 3.12,
+    ``pong_first=True``)."""
+    async with asyncio_loop(), _raw_client(nats.url) as nc:
+        await call_aio(direct.flush, nc)
+        await _pause_server(nats)
+        try:
+            raised = await call_aio(_cut_a_flush_as_its_pong_is_read, nc, pong_first)
+        finally:
+            await _resume_server(nats)
+        assert raised == []
+        with trio.fail_after(20):  # a hang guard: the client read nothing more
+            await call_aio(direct.flush, nc, 10)
         assert nc.is_connected
 
 

@@ -30,7 +30,8 @@ deaf, as nats-py's own did.
 
 All four rely on nats-py internals (``Subscription._pending_queue``, ``_pending_size``;
 ``Client._pending``, ``_pending_data_size``, ``_transport``, ``_max_payload``,
-``stats``, ``_pongs``), checked when used: with a nats-py that lacks them, messages take
+``stats``, ``_pongs``, ``_send_ping``, ``_reading_task``, ``_flusher_task``), checked
+when used: with a nats-py that lacks them, messages take
 the usual way (the subscription's task, ``publish``), only later, a leave can only log
 the size of the buffer, and a flush is nats-py's.
 """
@@ -43,6 +44,7 @@ import re
 from collections.abc import Callable
 from typing import Any, Final
 
+import nats.errors
 from nats.protocol import command as _nats_command
 
 from .._logcall import log_guarded
@@ -151,20 +153,36 @@ async def flush(nc: Any, timeout: float = FLUSH_TIMEOUT) -> None:
     a result on the cancelled future raises ``InvalidStateError`` in the client's
     reading task, which logs "nats: encountered error" and ends. The connection reads
     nothing more and still looks connected (no reconnect) until its own pings go stale
-    (minutes by default): a node heard no heartbeat and no message. Here each
-    cancelled future still in the list is replaced by a fresh one, in its place, that
-    takes its PONG for nobody (what the client's list would hold with a fix, as other
-    NATS clients do), so the later PONGs still reach their own flushes. With a
-    nats-py that lacks the list, nothing is replaced.
+    (minutes by default): a node heard no heartbeat and no message. Here the future
+    in the list is never cancelled: the wait is for a shield of it, and one cut short
+    leaves it there to take its PONG for nobody (what other NATS clients do), so the
+    later PONGs still reach their own flushes. (Replacing the cancelled future once
+    the wait is over is not enough: the cancel and the end of the wait are turns of
+    the loop apart, and a PONG read in between killed the reader.) With a nats-py that
+    lacks ``_send_ping`` or the list, or whose loops are not running (its own flush
+    then writes the buffer without a PING), this is nats-py's flush.
     """
+    send_ping = getattr(nc, "_send_ping", None)
+    if (
+        not callable(send_ping)
+        or not isinstance(getattr(nc, "_pongs", None), list)
+        or timeout <= 0
+        or nc.is_closed
+        or not _running(getattr(nc, "_reading_task", None))
+        or not _running(getattr(nc, "_flusher_task", None))
+    ):
+        await nc.flush(timeout)  # (its errors: BadTimeoutError, ConnectionClosedError)
+        return
+    pong = asyncio.get_running_loop().create_future()
+    await send_ping(pong)
     try:
-        await nc.flush(timeout)
-    finally:
-        pongs = getattr(nc, "_pongs", None)
-        if isinstance(pongs, list):
-            for i, pong in enumerate(pongs):
-                if isinstance(pong, asyncio.Future) and pong.cancelled():
-                    pongs[i] = pong.get_loop().create_future()
+        await asyncio.wait_for(asyncio.shield(pong), timeout)
+    except TimeoutError:
+        raise nats.errors.FlushTimeoutError from None
+
+
+def _running(task: Any) -> bool:
+    return isinstance(task, asyncio.Future) and not task.done()
 
 
 async def flush_after_subscribe(nc: Any) -> None:
