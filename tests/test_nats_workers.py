@@ -344,6 +344,27 @@ async def test_a_settle_whose_announcements_fail_a_while_settles_and_says_so(
     assert len(said) <= 3, said  # throttled: 30 failures in 1.5 s of the settle's rounds
 
 
+async def test_a_settle_whose_announcement_fails_with_the_client_disconnected_ends_the_run(
+    autojump_clock: object,
+) -> None:
+    """Regression (this pass's settle retry): a worker whose nats-server died (the client
+    not connected, reconnecting) retried its announcement for the settle's whole 60 s,
+    so a run whose private server was SIGKILLed ran on past the parent's stop. A failure
+    while the client is not connected ends the settle (and the run) at once, as before
+    the retry; a failure while connected (a stalled server) is retried, as the test
+    above shows."""
+    from nexus_trio.cli._swarm import Swarm, SwarmLayout
+
+    cluster = _FailingAnnounce([QUIET], failures=30)
+    cluster.nc = types.SimpleNamespace(is_connected=False)  # type: ignore[attr-defined]
+    swarm = Swarm(cluster, SwarmLayout(0, 2))  # type: ignore[arg-type]
+    start = trio.current_time()
+    with pytest.raises(nats_errors.TimeoutError):
+        await swarm.settle(timeout=5.0)
+    assert trio.current_time() == start  # at the first failure, no round waited
+    assert cluster.failures == 29 and swarm.announce_failures == 0
+
+
 async def test_a_settled_worker_keeps_the_books_every_worker_settled_with(
     autojump_clock: object,
 ) -> None:

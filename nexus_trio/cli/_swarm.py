@@ -242,10 +242,16 @@ class Swarm:
         """Publish this worker's record now. One that fails (its KV write unanswered: the
         server stalls, JetStream elects a leader) does not end the run: the heartbeat
         carries the record too, and the settle's next round writes it again (bounded by
-        the settle's timeout). It had failed the worker's whole run."""
+        the settle's timeout). It had failed the worker's whole run. One that fails while
+        the client is not connected (the server died: the parent stops the workers then)
+        still ends the run at once, as a settle of minutes waiting for a server that is
+        gone would hold the whole run's end."""
         try:
             await self.cluster.announce()
         except Exception as exc:  # (nats-py's errors, OSError: the record is written later)
+            nc = getattr(self.cluster, "nc", None)
+            if nc is not None and not nc.is_connected:
+                raise
             self.announce_failures += 1
             if self._announce_log.due():
                 log_guarded(
