@@ -614,3 +614,75 @@ async def test_a_tell_the_transport_refuses_to_take_raises_as_one_it_refuses_to_
             with pytest.raises(cause, match="not JSON"):
                 await kernel.send("elsewhere", {1, 2})
         assert kernel.stats().forwarded == 0
+
+
+class TakingInOrder(Taking):
+    """:class:`Taking` that also notes every tell it got, taken or delivered, in the
+    order it got them."""
+
+    def __init__(self, answer: int) -> None:
+        super().__init__(answer)
+        self.got: list[Any] = []
+
+    def take_tell(self, msg: Message) -> int:
+        taken = super().take_tell(msg)
+        if taken:
+            self.got.append(msg.payload)
+        return taken
+
+    async def deliver(self, msg: Message) -> None:
+        self.got.append(msg.payload)
+        await super().deliver(msg)
+
+
+@pytest.mark.parametrize("answer", [1, 2])
+async def test_an_agents_tells_taken_at_once_keep_their_order_and_yield_only_when_asked(
+    answer: int,
+) -> None:
+    """Review of the thirty-fourth pass: an agent's ``ctx.send`` (not only a send from
+    outside) offers a tell for no local agent to ``take_tell``: 30 of 32 taken, the two
+    sends in sixteen that check for cancellation go to ``deliver``, all in the order sent,
+    each counted forwarded once; a tell taken with 1 returns without a checkpoint, one
+    taken with 2 yields (another task may run before the send returns)."""
+    transport = TakingInOrder(answer)
+    ran_during: list[int] = []
+    checkpoints: list[int] = []
+    async with open_kernel(make_config()) as kernel:
+        kernel.attach_transport(transport)
+        async with trio.open_nursery() as nursery:
+            done = trio.Event()
+
+            @agent(name="teller")
+            async def teller(ctx: Context, msg: Message) -> None:
+                for i in range(32):
+                    ran: list[int] = []
+
+                    async def other(i: int = i, ran: list[int] = ran) -> None:
+                        ran.append(i)
+
+                    nursery.start_soon(other)
+                    taken = len(transport.taken)
+                    try:
+                        with trio.testing.assert_no_checkpoints():
+                            await ctx.send("elsewhere", i)
+                    except AssertionError:
+                        checkpoints.append(i)
+                    if len(transport.taken) > taken and ran:
+                        ran_during.append(i)
+                done.set()
+
+            before = kernel.stats()
+            await kernel.send(kernel.spawn(teller), "go")
+            await done.wait()
+        stats = kernel.stats()
+    assert transport.got == list(range(32))
+    assert len(transport.delivered) == 2
+    assert transport.taken == [i for i in range(32) if i not in transport.delivered]
+    assert stats.forwarded - before.forwarded == 32
+    if answer == 1:
+        # (only the two sends that go to Router.send pass a checkpoint)
+        assert len(checkpoints) == 2, checkpoints
+        assert not ran_during
+    else:
+        assert len(checkpoints) == 32 - 2 + 2, checkpoints
+        assert ran_during  # (about half of 30: Trio runs a batch in either order)
