@@ -59,6 +59,7 @@ from ._supervisor import Backoff as Backoff
 from ._supervisor import Supervisor as Supervisor
 from ._transport import OutsideTold as OutsideTold
 from ._transport import QueryFailing as QueryFailing
+from ._transport import TakesTells as TakesTells
 from ._transport import Transport as Transport
 from .logs import configure_logging as configure_logging
 
@@ -111,6 +112,7 @@ __all__ = [
     "SupervisorEscalation",
     "OutsideTold",
     "QueryFailing",
+    "TakesTells",
     "Transport",
     "TransportHandle",
     "TransportUnavailable",

@@ -76,3 +76,22 @@ def test_the_nats_module_without_its_extra_names_the_extra_to_install(missing: s
         "ModuleNotFoundError: nexus_trio.nats needs the nats extra, which is not installed "
         f"(no module named {missing!r}): pip install 'nexus_trio[nats]'"
     )
+
+
+def test_every_part_of_the_transport_interface_is_public() -> None:
+    """Review of the thirty-fourth pass: ``TakesTells`` (``take_tell``, an optional part of
+    the transport interface as ``OutsideTold`` and ``QueryFailing`` are) was not exported,
+    so a transport written outside the package could not name what it implements. Every
+    protocol of the transport module is public, under the package's name."""
+    import typing
+
+    from nexus_trio import _transport
+
+    protocols = {
+        name
+        for name, obj in vars(_transport).items()
+        if isinstance(obj, type) and typing.Protocol in obj.__mro__[1:]
+    }
+    assert {"Transport", "OutsideTold", "QueryFailing", "TakesTells"} <= protocols
+    assert sorted(protocols - set(nexus_trio.__all__)) == []
+    assert all(getattr(nexus_trio, name).__module__ == "nexus_trio" for name in protocols)
