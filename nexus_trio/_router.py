@@ -819,7 +819,8 @@ class Router:
         and for one send in sixteen, so that a producer loop whose scope was cancelled
         is stopped there (a cancellation check costs more than the rest of a send).
         ``parks``: the caller waits next whatever happens (a request, which waits for its
-        reply): no send of its is sent to the check.
+        reply): no send of its is sent to the check, nor offered to the transport's
+        ``take_tell`` (a query is no tell).
         """
         if self.phase is not _RUNNING and (external or self.phase >= _STOPPING):
             raise self.refuse("send")
@@ -835,10 +836,11 @@ class Router:
                 return False
             if cell is None:
                 take = self._take_tell
-                if take is not None:
+                if take is not None and not parks:
                     # the transport takes a tell it has a route and room for at once
                     # (TakesTells): without Router.send's coroutine and the transport's
-                    # deliver (a twelfth of such a tell)
+                    # deliver (a twelfth of such a tell). Not a request's query (``parks``):
+                    # it is no tell, and its reply's route is set up by deliver.
                     try:
                         taken = take(msg)
                     except MessageFailed as exc:

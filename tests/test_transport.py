@@ -686,3 +686,23 @@ async def test_an_agents_tells_taken_at_once_keep_their_order_and_yield_only_whe
     else:
         assert len(checkpoints) == 32 - 2 + 2, checkpoints
         assert ran_during  # (about half of 30: Trio runs a batch in either order)
+
+
+async def test_a_request_for_another_kernel_is_not_offered_to_take_tell(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Review of the thirty-fourth pass: ``take_tell`` is offered tells (``TakesTells``: a
+    tell it can take at once), but a request's query took the same fast branch and was
+    offered too: a transport that takes what it is offered as a tell (the interface says
+    no more) carried the query without its reply's route, and the requester waited out its
+    timeout for nothing. A request's query goes to ``deliver``, as before that pass."""
+    mock_clock.autojump_threshold = 0
+    transport = Taking(1)
+    async with open_kernel(make_config()) as kernel:
+        kernel.attach_transport(transport)
+        for i in range(3):
+            with pytest.raises(RequestTimeout):
+                await kernel.request("elsewhere", f"query {i}", timeout=1.0)
+        await kernel.send("elsewhere", "tell")
+    assert transport.taken == ["tell"]
+    assert transport.delivered == ["query 0", "query 1", "query 2"]
