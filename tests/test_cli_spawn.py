@@ -595,3 +595,56 @@ def test_a_sigterm_or_sighup_of_nexus_send_stops_the_agent_gracefully(
     assert f"nexus send: stopped by {signame}: no answer; the agent was stopped" in err
     assert "Traceback" not in err
     assert notes.read_text().split() == ["message", "SIGTERM"]
+
+
+#: as NOTES_ITS_STOP, but a SIGTERM takes it a while: it notes it, then exits 1.5 s later
+SLOW_TO_STOP = NOTES_ITS_STOP.replace(
+    'note("SIGTERM")\n    sys.exit(0)',
+    'note("SIGTERM")\n    import time; time.sleep(1.5)\n    sys.exit(0)',
+)
+
+
+@pytest.mark.parametrize("second", ["SIGTERM", "SIGHUP"])
+def test_a_second_signal_while_nexus_send_stops_its_agent_changes_nothing(
+    second: str, tmp_path: Path
+) -> None:
+    """Review of the thirty-fourth pass: a second SIGTERM or SIGHUP, while ``nexus send``
+    stops its agent after a first SIGTERM (an impatient ``kill``, a closed terminal), was
+    left pending in the signal receiver, and Trio raises what is pending again as the
+    receiver closes, with the default action back: the process was killed by it once
+    the agent had stopped, without its last line and its exit status (-15 / -1 for
+    Popen). It is taken now, as the first one: exit 143, said once."""
+    assert SLOW_TO_STOP != NOTES_ITS_STOP
+    (tmp_path / "slow.py").write_text(SLOW_TO_STOP)
+    notes = tmp_path / "notes"
+    command = f"{PYTHON} slow.py {shlex.quote(str(notes))}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nexus_trio.cli", "send", command, "1", "-t", "60"],
+        cwd=tmp_path,
+        env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    def wait_for(word: str) -> None:
+        deadline = time.monotonic() + 60
+        while not (notes.exists() and word in notes.read_text()):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, f"the agent never noted {word!r}"
+            time.sleep(0.05)
+
+    try:
+        wait_for("message")
+        proc.send_signal(signal.SIGTERM)
+        wait_for("SIGTERM")  # (the agent is being stopped: it takes 1.5 s)
+        proc.send_signal(signal.Signals[second])
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err)
+    assert out == ""
+    assert err.count("stopping the agent gracefully") == 1, err
+    assert "nexus send: stopped by SIGTERM: no answer; the agent was stopped" in err
+    assert "Traceback" not in err

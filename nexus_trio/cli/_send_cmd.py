@@ -315,13 +315,17 @@ async def _exchange(config: Any, spec: Any, value: Any, kind: SendKind, timeout:
 
     stopped: list[int] = []
     # (opened before the kernel: a signal from now on is this exchange's; one that comes
-    # while the kernel stops the agent is taken and changes nothing, the stop is bounded)
+    # while the kernel stops the agent is taken and changes nothing, the stop is bounded.
+    # Taken, not left in the receiver: Trio raises what is left there again as the
+    # receiver closes, with the default action back, which ended the process then.)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
         async with open_kernel(config) as kernel:
             with trio.CancelScope() as scope:
 
                 async def watch() -> None:
                     async for signum in signals:
+                        if stopped:
+                            continue  # (the stop is under way)
                         stopped.append(signum)
                         log_guarded(
                             log,
@@ -330,7 +334,6 @@ async def _exchange(config: Any, spec: Any, value: Any, kind: SendKind, timeout:
                             signal.Signals(signum).name,
                         )
                         scope.cancel()
-                        return
 
                 # A system task: the exchange stays in the main task, where a Ctrl-C's
                 # KeyboardInterrupt reaches it (and the kernel) as it did, not in a group.
