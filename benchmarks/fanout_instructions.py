@@ -69,11 +69,17 @@ def _measure(side: str, sizes: tuple[int, int], path: str | None) -> dict[str, f
                 run = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
             runs.append((out, run, Path(folder) / f"stderr.{messages}"))
         counts = []
-        for out, run, stderr_file in runs:
-            if run.wait() != 0:
-                sys.stderr.write(stderr_file.read_text())
-                raise SystemExit(f"cachegrind run failed (exit status {run.returncode})")
-            counts.append(by_function(out.read_text()))
+        try:
+            for out, run, stderr_file in runs:
+                if run.wait() != 0:
+                    sys.stderr.write(stderr_file.read_text())
+                    raise SystemExit(f"cachegrind run failed (exit status {run.returncode})")
+                counts.append(by_function(out.read_text()))
+        finally:
+            for _, run, _ in runs:  # a failed (or interrupted) run leaves none running
+                if run.poll() is None:
+                    run.kill()
+                    run.wait()
     return per_message(counts[0], counts[1], sizes[1] - sizes[0])
 
 

@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -554,6 +555,43 @@ def test_the_instructions_script_counts_what_one_more_message_costs_by_function(
     )
     assert missing.returncode == 2
     assert "'/nowhere/trio' is not a folder" in missing.stderr
+
+
+def test_the_instructions_script_leaves_no_run_going_when_one_fails(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Regression (review): the two cachegrind runs start together; when the first failed,
+    the script exited and left the second running (minutes of valgrind)."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "fanout_instructions.py"
+    spec = importlib.util.spec_from_file_location("fanout_instructions_fail", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    started: list[Any] = []
+
+    class Run:
+        def __init__(self, command: list[str], **kw: Any) -> None:
+            self.returncode: int | None = None
+            self.killed = False
+            self.fails = not started  # the first run fails at once, the second goes on
+            started.append(self)
+
+        def wait(self) -> int:
+            self.returncode = 1 if self.fails else -9
+            return self.returncode
+
+        def poll(self) -> int | None:
+            return self.returncode
+
+        def kill(self) -> None:
+            self.killed = True
+
+    monkeypatch.setattr(module.subprocess, "Popen", Run)
+    with pytest.raises(SystemExit, match="cachegrind run failed"):
+        module._measure("kernel", (10, 20), None)
+    assert [run.killed for run in started] == [False, True]
 
 
 @pytest.mark.parametrize(
