@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from ._child import Child, ChildOwner, Directive, StoppedForShutdown, log_extra
+from ._child import Child, ChildOwner, Directive, SeldomField, StoppedForShutdown, log_extra
 from ._deadletter import DeadLetterReason
 from ._errors import MessageFailed, error_repr, failed_repr
 from ._events import EventKind
@@ -320,71 +320,20 @@ class AgentCell(Child):
         return self.defaults.ledger
 
     # What few agents set, in the child's record of it (a slot is 8 bytes in every
-    # agent): the events of a wait for idleness (see wait_idle) and of the release (a
-    # stop or a hold, see _release_event), and three counts, each read and set where
-    # something rare happens (a wait, a stop, a timeout, a failed run), not per message.
-    @property
-    def _idle(self) -> trio.Event | None:
-        """Set once nothing is queued or in hand (see wait_idle)."""
-        seldom = self.seldom
-        return None if seldom is None else seldom.idle
-
-    @_idle.setter
-    def _idle(self, event: trio.Event | None) -> None:
-        if event is not None or self.seldom is not None:
-            self.seldom_record().idle = event
-
-    @property
-    def _release(self) -> trio.Event | None:
-        seldom = self.seldom
-        return None if seldom is None else seldom.release
-
-    @_release.setter
-    def _release(self, event: trio.Event | None) -> None:
-        if event is not None or self.seldom is not None:
-            self.seldom_record().release = event
-
-    @property
-    def failed(self) -> int:
-        """Handlers of this agent that failed (raised, or returned a coroutine)."""
-        seldom = self.seldom
-        return 0 if seldom is None else seldom.failed
-
-    @failed.setter
-    def failed(self, count: int) -> None:
-        self.seldom_record().failed = count
-
-    @property
-    def timed_out(self) -> int:
-        """Handlers of this agent cancelled by their deadline."""
-        seldom = self.seldom
-        return 0 if seldom is None else seldom.timed_out
-
-    @timed_out.setter
-    def timed_out(self, count: int) -> None:
-        self.seldom_record().timed_out = count
-
-    @property
-    def run_failures(self) -> int:
-        """Runs that failed outside a handler (see run_once)."""
-        seldom = self.seldom
-        return 0 if seldom is None else seldom.run_failures
-
-    @run_failures.setter
-    def run_failures(self, count: int) -> None:
-        self.seldom_record().run_failures = count
-
-    @property
-    def _cancel_reason(self) -> DeadLetterReason | None:
-        """Why the serve loop's scope was cancelled (None: a handler deadline), kept in
-        the child's record of what few set (a slot is 8 bytes in every agent)."""
-        seldom = self.seldom
-        return None if seldom is None else seldom.cancel_reason
-
-    @_cancel_reason.setter
-    def _cancel_reason(self, reason: DeadLetterReason | None) -> None:
-        if reason is not None or self.seldom is not None:
-            self.seldom_record().cancel_reason = reason
+    # agent: see SeldomField), each read and set where something rare happens (a wait,
+    # a stop, a timeout, a failed run), not per message.
+    #: set once nothing is queued or in hand (see wait_idle)
+    _idle = SeldomField[trio.Event | None]("idle", None)
+    #: the release of a stop or a hold (see _release_event)
+    _release = SeldomField[trio.Event | None]("release", None)
+    #: handlers of this agent that failed (raised, or returned a coroutine)
+    failed = SeldomField[int]("failed", 0)
+    #: handlers of this agent cancelled by their deadline
+    timed_out = SeldomField[int]("timed_out", 0)
+    #: runs that failed outside a handler (see run_once)
+    run_failures = SeldomField[int]("run_failures", 0)
+    #: why the serve loop's scope was cancelled (None: a handler deadline)
+    _cancel_reason = SeldomField[DeadLetterReason | None]("cancel_reason", None)
 
     @property
     def cancel_after_grace(self) -> bool:

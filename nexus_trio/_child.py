@@ -12,7 +12,7 @@ import enum
 import math
 import uuid
 from collections import deque
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, final
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, final, overload
 
 import trio
 
@@ -167,6 +167,38 @@ class Seldom:
         self.run_failures = 0
 
 
+_V = TypeVar("_V")
+
+
+@final
+class SeldomField(Generic[_V]):
+    """A field of the :class:`Seldom` record read and set as an attribute of the child:
+    ``default`` while the child has no record; a set makes the record only for a value
+    other than the default (a default set on a child without one changes nothing that
+    a read can see). Read and set where something rare happens (a ``ctx.spawn``, a
+    restart, a draining stop, a wait, a timeout), never per message nor per run."""
+
+    __slots__ = ("default", "field")
+
+    def __init__(self, field: str, default: _V) -> None:
+        self.field = field
+        self.default = default
+
+    @overload
+    def __get__(self, child: None, owner: type[Child]) -> SeldomField[_V]: ...
+    @overload
+    def __get__(self, child: Child, owner: type[Child]) -> _V: ...
+    def __get__(self, child: Child | None, owner: type[Child]) -> _V | SeldomField[_V]:
+        if child is None:
+            return self
+        seldom = child.seldom
+        return self.default if seldom is None else getattr(seldom, self.field)
+
+    def __set__(self, child: Child, value: _V) -> None:
+        if child.seldom is not None or value != self.default:
+            setattr(child.seldom_record(), self.field, value)
+
+
 class Child:
     """What a supervisor needs of a child: run once, stop gracefully, identity.
 
@@ -270,72 +302,20 @@ class Child:
             seldom = self.seldom = Seldom()
         return seldom
 
-    # The fields of the record read as attributes of the child (their defaults while
-    # it has none); each is read and set where something rare happens (a ``ctx.spawn``,
-    # a restart, a draining stop), not per message nor per run.
-    @property
-    def restarts(self) -> int:
-        """How many times this child was restarted."""
-        seldom = self.seldom
-        return 0 if seldom is None else seldom.restarts
-
-    @restarts.setter
-    def restarts(self, count: int) -> None:
-        self.seldom_record().restarts = count
-
-    @property
-    def linked_parent(self) -> Child | None:
-        """The agent whose ``ctx.spawn`` started this one (it dies with that one's run)."""
-        seldom = self.seldom
-        return None if seldom is None else seldom.linked_parent
-
-    @linked_parent.setter
-    def linked_parent(self, parent: Child | None) -> None:
-        if parent is not None or self.seldom is not None:
-            self.seldom_record().linked_parent = parent
-
-    @property
-    def started_at(self) -> float:
-        """When the current run began, for a child with a backoff to reset (else 0.0)."""
-        seldom = self.seldom
-        return 0.0 if seldom is None else seldom.started_at
-
-    @started_at.setter
-    def started_at(self, when: float) -> None:
-        self.seldom_record().started_at = when
-
-    @property
-    def stop_deadline(self) -> float:
-        """When a draining stop of the agent that spawned it must be over (that agent's
-        bound, for its whole subtree); ``inf`` otherwise."""
-        seldom = self.seldom
-        return math.inf if seldom is None else seldom.stop_deadline
-
-    @stop_deadline.setter
-    def stop_deadline(self, deadline: float) -> None:
-        if deadline != math.inf or self.seldom is not None:
-            self.seldom_record().stop_deadline = deadline
-
-    @property
-    def exit_directive(self) -> Directive | None:
-        """How the last run ended, when a handler's directive decided it."""
-        seldom = self.seldom
-        return None if seldom is None else seldom.exit_directive
-
-    @exit_directive.setter
-    def exit_directive(self, directive: Directive | None) -> None:
-        if directive is not None or self.seldom is not None:
-            self.seldom_record().exit_directive = directive
-
-    @property
-    def restart_times(self) -> deque[float] | None:
-        """Restart times of this child alone (the root supervisor isolates its children)."""
-        seldom = self.seldom
-        return None if seldom is None else seldom.restart_times
-
-    @restart_times.setter
-    def restart_times(self, times: deque[float] | None) -> None:
-        self.seldom_record().restart_times = times
+    # The fields of the record, read and set as attributes of the child (see SeldomField)
+    #: how many times this child was restarted
+    restarts = SeldomField[int]("restarts", 0)
+    #: the agent whose ``ctx.spawn`` started this one (it dies with that one's run)
+    linked_parent = SeldomField["Child | None"]("linked_parent", None)
+    #: when the current run began, for a child with a backoff to reset (else 0.0)
+    started_at = SeldomField[float]("started_at", 0.0)
+    #: when a draining stop of the agent that spawned it must be over (that agent's
+    #: bound, for its whole subtree); ``inf`` otherwise
+    stop_deadline = SeldomField[float]("stop_deadline", math.inf)
+    #: how the last run ended, when a handler's directive decided it
+    exit_directive = SeldomField[Directive | None]("exit_directive", None)
+    #: restart times of this child alone (the root supervisor isolates its children)
+    restart_times = SeldomField[deque[float] | None]("restart_times", None)
 
     def add_linked(self, child: Child) -> None:
         """``child`` was spawned from this one (it dies with this one's run)."""
