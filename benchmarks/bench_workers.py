@@ -48,22 +48,31 @@ def _handled_per_s(summary: dict[str, Any]) -> float:
     return float(handled / run) if run > 0 else 0.0
 
 
-def compare(workload: str, agents: int, duration: float) -> dict[str, Any]:
-    """One process vs ``--workers 2``: handled messages per second, and the ratio."""
+def _run_summary(workers: int, demo: list[str], duration: float) -> dict[str, Any]:
+    """The JSON summary of ``nexus run DEMO`` in one process (``workers`` 1) or over
+    ``--workers N``; a failed swarm raises, naming its workload and error."""
     from nexus_trio.cli._cluster_cmd import run_workers
 
-    demo = ["--agents", str(agents), "--duration", f"{duration:g}", "--workload", workload]
-    out = subprocess.run(
-        [sys.executable, "-m", "nexus_trio.cli", "run", *demo, "--json", "--no-live"],
-        check=True,
-        capture_output=True,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-        timeout=duration * 10 + 120,
-    ).stdout
-    single = json.loads(out)
-    swarm, status = run_workers(2, demo)
+    if workers == 1:
+        out = subprocess.run(
+            [sys.executable, "-m", "nexus_trio.cli", "run", *demo, "--json", "--no-live"],
+            check=True,
+            capture_output=True,
+            env=dict(os.environ, PYTHONPATH=str(REPO)),
+            timeout=duration * 10 + 120,
+        ).stdout
+        return dict(json.loads(out))
+    summary, status = run_workers(workers, demo)
     if status != 0:
-        raise RuntimeError(f"--workers 2 {workload} failed: {swarm.get('error')}")
+        raise RuntimeError(f"--workers {workers} {' '.join(demo)} failed: {summary.get('error')}")
+    return summary
+
+
+def compare(workload: str, agents: int, duration: float) -> dict[str, Any]:
+    """One process vs ``--workers 2``: handled messages per second, and the ratio."""
+    demo = ["--agents", str(agents), "--duration", f"{duration:g}", "--workload", workload]
+    single = _run_summary(1, demo, duration)
+    swarm = _run_summary(2, demo, duration)
     one, two = _handled_per_s(single), _handled_per_s(swarm)
     return {
         "one_process_per_s": one,
@@ -77,23 +86,8 @@ def compare(workload: str, agents: int, duration: float) -> dict[str, Any]:
 
 def _ring_hop_us(workers: int, duration: float) -> float:
     """Microseconds a hop of the demo ring of two agents (two tokens in flight)."""
-    from nexus_trio.cli._cluster_cmd import run_workers
-
     demo = ["--agents", "2", "--duration", f"{duration:g}", "--workload", "ring"]
-    if workers == 1:
-        out = subprocess.run(
-            [sys.executable, "-m", "nexus_trio.cli", "run", *demo, "--json", "--no-live"],
-            check=True,
-            capture_output=True,
-            env=dict(os.environ, PYTHONPATH=str(REPO)),
-            timeout=duration * 10 + 120,
-        ).stdout
-        summary = json.loads(out)
-    else:
-        summary, status = run_workers(workers, demo)
-        if status != 0:
-            raise RuntimeError(f"--workers {workers} ring of 2 failed: {summary.get('error')}")
-    return 2e6 / _handled_per_s(summary)
+    return 2e6 / _handled_per_s(_run_summary(workers, demo, duration))
 
 
 async def _echo(url: str) -> None:
