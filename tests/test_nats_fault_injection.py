@@ -377,26 +377,9 @@ async def test_a_server_restart_between_batches_of_one_stream_resumes_its_number
                         await reached.wait()
                         nursery.cancel_scope.cancel()
 
-                    def counted() -> int:
-                        sa, sb = ca.stats(), cb.stats()
-                        return (
-                            sb.lost_in_transit
-                            + sum(sb.inbound_dropped.values())
-                            + sa.publish_failures
-                            + sa.lost_with_nodes
-                        )
-
-                    await until(lambda: len(records) + counted() >= accepted)
-
-                    def all_confirmed() -> bool:
-                        # b took (received or counted lost) every number a gave, and a
-                        # heard it in b's record: if a judged b lost in the outage (2 s
-                        # silent), what it counted lost with b is taken back by then
-                        info = ca.members.members["b"]
-                        numbered = ca._seq_out.get(("b", info.id_prefix), 0)
-                        return info.confirmed(ca.stream_name) == numbered > 0
-
-                    await until(all_confirmed)
+                    await until(lambda: len(records) + _lost_a_to_b(ca, cb) >= accepted)
+                    # (if a judged b lost in the outage, 2 s silent)
+                    await until(lambda: _b_confirmed_all(ca))
                 sa, sb = ca.stats(), cb.stats()
         finally:
             for extra in restarted:
@@ -492,6 +475,26 @@ async def test_a_flush_cut_while_the_server_is_paused_leaves_the_client_reading(
             await call_aio(other.flush)
             await until(lambda: got == [b"after the pause"])
         assert nc.is_connected
+
+
+def _lost_a_to_b(ca: Any, cb: Any) -> int:
+    """Tells node a sent node b counted lost on either side: b's lost in transit and
+    refused on arrival, a's failed publishes and lost with b."""
+    sa, sb = ca.stats(), cb.stats()
+    return (
+        sb.lost_in_transit
+        + sum(sb.inbound_dropped.values())
+        + sa.publish_failures
+        + sa.lost_with_nodes
+    )
+
+
+def _b_confirmed_all(ca: Any) -> bool:
+    """Node b took (received or counted lost) every number node a gave it, and a heard so
+    in b's record: what a counted lost with b while it judged b lost is taken back then."""
+    info = ca.members.members["b"]
+    numbered = ca._seq_out.get(("b", info.id_prefix), 0)
+    return bool(info.confirmed(ca.stream_name) == numbered > 0)
 
 
 async def _cut_a_flush_as_its_pong_is_read(nc: Any, pong_first: bool) -> list[str]:
@@ -613,25 +616,8 @@ async def test_a_server_paused_past_the_loss_window_leaves_both_nodes_hearing_ea
                 await trio.sleep(1.0)
             assert ca.members.members["b"].reachable and cb.members.members["a"].reachable
 
-            def counted() -> int:
-                sa, sb = ca.stats(), cb.stats()
-                return (
-                    sb.lost_in_transit
-                    + sum(sb.inbound_dropped.values())
-                    + sa.publish_failures
-                    + sa.lost_with_nodes
-                )
-
-            await until(lambda: len(records) + counted() >= accepted)
-
-            def all_confirmed() -> bool:
-                # what a counted lost with b while b was lost is taken back once b
-                # confirms it took those tells
-                info = ca.members.members["b"]
-                numbered = ca._seq_out.get(("b", info.id_prefix), 0)
-                return info.confirmed(ca.stream_name) == numbered > 0
-
-            await until(all_confirmed)
+            await until(lambda: len(records) + _lost_a_to_b(ca, cb) >= accepted)
+            await until(lambda: _b_confirmed_all(ca))
         sa, sb = ca.stats(), cb.stats()
     counted_b = sb.lost_in_transit + sum(sb.inbound_dropped.values())
     counted_a = sa.publish_failures + sa.lost_with_nodes
