@@ -556,6 +556,32 @@ NOTES_ITS_STOP = textwrap.dedent(
 )
 
 
+def _send_to_noting_agent(tmp_path: Path, source: str) -> tuple[subprocess.Popen[str], Path]:
+    """``nexus send`` of one message to the agent program ``source`` (NOTES_ITS_STOP or a
+    variation), which notes what it gets in the file returned beside the process."""
+    (tmp_path / "agent.py").write_text(source)
+    notes = tmp_path / "notes"
+    command = f"{PYTHON} agent.py {shlex.quote(str(notes))}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nexus_trio.cli", "send", command, "1", "-t", "60"],
+        cwd=tmp_path,
+        env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return proc, notes
+
+
+def _wait_noted(proc: subprocess.Popen[str], notes: Path, word: str) -> None:
+    """Until the agent has noted ``word`` (a 60 s guard against a hang, not a timing)."""
+    deadline = time.monotonic() + 60
+    while not (notes.exists() and word in notes.read_text()):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"the agent never noted {word!r}"
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
 def test_a_sigterm_or_sighup_of_nexus_send_stops_the_agent_gracefully(
     signame: str, tmp_path: Path
@@ -566,23 +592,9 @@ def test_a_sigterm_or_sighup_of_nexus_send_stops_the_agent_gracefully(
     without being told to stop. It now stops as for Ctrl-C: the kernel stops the agent
     (the message it holds given up, the child sent SIGTERM, which it can handle), says
     so, and exits 128 + the signal's number."""
-    (tmp_path / "deaf.py").write_text(NOTES_ITS_STOP)
-    notes = tmp_path / "notes"
-    command = f"{PYTHON} deaf.py {shlex.quote(str(notes))}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nexus_trio.cli", "send", command, "1", "-t", "60"],
-        cwd=tmp_path,
-        env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc, notes = _send_to_noting_agent(tmp_path, NOTES_ITS_STOP)
     try:
-        deadline = time.monotonic() + 60
-        while not (notes.exists() and "message" in notes.read_text()):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the message never reached the agent"
-            time.sleep(0.05)
+        _wait_noted(proc, notes, "message")
         signum = signal.Signals[signame]
         proc.send_signal(signum)
         out, err = proc.communicate(timeout=60)
@@ -615,29 +627,11 @@ def test_a_second_signal_while_nexus_send_stops_its_agent_changes_nothing(
     the agent had stopped, without its last line and its exit status (-15 / -1 for
     Popen). It is taken now, as the first one: exit 143, said once."""
     assert SLOW_TO_STOP != NOTES_ITS_STOP
-    (tmp_path / "slow.py").write_text(SLOW_TO_STOP)
-    notes = tmp_path / "notes"
-    command = f"{PYTHON} slow.py {shlex.quote(str(notes))}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nexus_trio.cli", "send", command, "1", "-t", "60"],
-        cwd=tmp_path,
-        env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-    def wait_for(word: str) -> None:
-        deadline = time.monotonic() + 60
-        while not (notes.exists() and word in notes.read_text()):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, f"the agent never noted {word!r}"
-            time.sleep(0.05)
-
+    proc, notes = _send_to_noting_agent(tmp_path, SLOW_TO_STOP)
     try:
-        wait_for("message")
+        _wait_noted(proc, notes, "message")
         proc.send_signal(signal.SIGTERM)
-        wait_for("SIGTERM")  # (the agent is being stopped: it takes 1.5 s)
+        _wait_noted(proc, notes, "SIGTERM")  # (the agent is being stopped: it takes 1.5 s)
         proc.send_signal(signal.Signals[second])
         out, err = proc.communicate(timeout=60)
     finally:
