@@ -442,6 +442,43 @@ def test_the_shape_floor_script_handles_one_message_per_agent_in_each_kind() -> 
     assert "--agents and --rounds must be at least 1" in bad.stderr
 
 
+def test_the_activation_memory_script_sorts_what_a_first_message_keeps_by_its_maker() -> None:
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "activation_memory.py"
+    spec = importlib.util.spec_from_file_location("activation_memory", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    kernel = module.measure("kernel", 200, True)
+    owners = kernel["owners"]
+    # every block kept is someone's, and the per-owner figures add up to the total
+    assert kernel["bytes"] == pytest.approx(sum(o["bytes"] for o in owners.values()))
+    assert all(name.startswith(("kernel: ", "trio: ")) for name in owners)
+    # the channel pair is Trio's, opened by the mailbox at the first send; the run's
+    # root coroutine is allocated by the kernel's wake-up
+    assert (
+        owners["trio: _mailbox.Mailbox._open -> _channel.open_memory_channel.__new__"]["blocks"]
+        >= 10
+    )
+    assert "kernel: _supervisor.SupervisorNode.activate" in owners
+    # the baseline has no kernel frame: all of it is Trio's
+    bare = module.measure("task+channel", 200, True)
+    assert bare["bytes"] > 0 and not any(name.startswith("kernel: ") for name in bare["owners"])
+    # untraced: the step's CPU and faults (each kind checks that every agent handled its
+    # message, or exits saying how many did)
+    counted = module.measure("shape", 200, False)
+    assert set(counted) == {"kind", "n", "user_us", "sys_us", "faults"}
+    assert counted["kind"] == "shape" and counted["n"] == 200
+    # a line outside any function (attrs' generated code) is named by file and line
+    assert module.function_at("<attrs generated init>", 7) == "<attrs generated init>:7"
+    bad = subprocess.run(
+        [sys.executable, str(script), "--agents", "0"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2
+    assert "--agents must be at least 1" in bad.stderr
+
+
 def test_the_asyncio_fanout_reports_its_phases_with_the_count_handled() -> None:
     seen: list[tuple[str, int]] = []
     _, processed = asyncio.run(
