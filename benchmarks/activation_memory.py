@@ -95,10 +95,14 @@ def owner(frames: list[tuple[str, int]]) -> str:
     """Who made a block, from its traceback (oldest frame first): a kernel function on a
     line of which it was allocated (a coroutine is allocated where its function is
     called), or the kernel function that called into Trio and the Trio function the call
-    went to; outside the kernel (the baselines), the Trio function that allocated it."""
+    went to; outside the kernel (the baselines), this script's function or the Trio
+    function that allocated it."""
     filename, lineno = frames[-1]
     if _is_kernel(filename):
         return f"kernel: {function_at(filename, lineno)}"
+    if filename == __file__:
+        # a line of this script: a baseline's own (its scope, its ``async for``)
+        return f"script: {function_at(filename, lineno)}"
     caller = next((f for f in reversed(frames) if _is_kernel(f[0])), None)
     entry = frames[-1]
     if caller is not None:
@@ -107,7 +111,8 @@ def owner(frames: list[tuple[str, int]]) -> str:
         entry = frames[at + 1] if at + 1 < len(frames) else frames[-1]
     made = function_at(*entry)
     if caller is None:
-        return f"trio: {made}"
+        where = "trio" if "/trio/" in entry[0].replace("\\", "/") else "other"
+        return f"{where}: {made}"
     return f"trio: {function_at(*caller)} -> {made}"
 
 
@@ -170,7 +175,10 @@ class _Traced:
         self._before = tracemalloc.take_snapshot()
 
     def __exit__(self, *exc: object) -> None:
-        after = tracemalloc.take_snapshot()
+        # (not the first snapshot itself, still allocated while the second is taken)
+        after = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.Filter(False, tracemalloc.__file__)]
+        )
         tracemalloc.stop()
         left: dict[tuple[Any, int], int] = defaultdict(int)
         for trace in self._before.traces:
@@ -181,8 +189,6 @@ class _Traced:
                 left[key] -= 1
                 continue
             frames = [(f.filename, f.lineno) for f in trace.traceback]
-            if any(f[0] == __file__ for f in frames[-1:]):
-                continue  # this script's own bookkeeping
             entry = self.by_owner[owner(frames)]
             entry[0] += trace.size
             entry[1] += 1
