@@ -932,3 +932,29 @@ def test_the_terminal_report_lists_each_row_s_usage_under_the_table() -> None:
         lines = console.export_text().splitlines()
         assert [line.rstrip() for line in lines if "user " in line] == listed
         assert any("CPU time and minor page faults" in line for line in lines) == bool(listed)
+
+
+def test_the_stepper_script_runs_each_loop_to_its_end_and_reads_cachegrinds_total() -> None:
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "stepper_instructions.py"
+    spec = importlib.util.spec_from_file_location("stepper_instructions", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.total("events: Ir\nfl=a.c\nfn=eval\n10 900\nsummary: 1200\n") == 1200
+    with pytest.raises(ValueError, match="no summary line"):
+        module.total("events: Ir\nfl=a.c\nfn=eval\n10 900\n")
+    # each loop, as cachegrind runs it: every handler stepped (or awaited) to its end
+    for kind in ("stepped", "looped", "empty"):
+        child = subprocess.run(
+            [sys.executable, str(script), "--child", kind, "500"], capture_output=True, text=True
+        )
+        assert child.returncode == 0, (kind, child.stderr)
+    bad = subprocess.run(
+        [sys.executable, str(script), "--short", "200", "--long", "100"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2
+    assert "--short must be at least 1 and less than --long" in bad.stderr
