@@ -409,7 +409,7 @@ class Router:
     # own (CPython 3.11 shares the keys of at most 30), whose reads and writes
     # specialize only "with hint"; the fast branch makes six per send and the serve
     # loop three per message. Slots cut a fan-out's send phase by about 5% (see
-    # docs/benchmarks.md, thirty-second pass). A new attribute must be named here.
+    # docs/benchmarks-history.md, thirty-second pass). A new attribute must be named here.
     __slots__ = (
         "_answered",
         "_answered_before",
