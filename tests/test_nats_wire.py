@@ -284,6 +284,16 @@ def test_a_batched_tell_keeps_its_id_as_a_value_until_it_is_read() -> None:
     assert decoded.id == msg.id and decoded == msg
 
 
+@pytest.mark.parametrize("body", [b"", b"\x00", b"\x7f", b" ", b"["])
+def test_a_tell_body_that_is_neither_binary_nor_format_1_is_refused_by_name(body: bytes) -> None:
+    """decode_tell reads a binary tell itself and hands a body starting below 0x80 to
+    the format 1 reader: an empty body or one that is no message is a decode error
+    naming the document, never an IndexError or a message."""
+    with pytest.raises(MessageDecodeError) as err:
+        wire.decode_tell(body)
+    assert err.value.field == "<document>"
+
+
 @pytest.mark.parametrize("sender", [b"true", b"1.0"])
 def test_a_cached_agent_id_does_not_let_a_look_alike_through(sender: bytes) -> None:
     """Batched tells cache agent ids as UUIDs; ``true`` and ``1.0`` equal the key 1."""
