@@ -636,6 +636,8 @@ class Context:
         node = self._router.find(address)
         ledger = self._router.ledger
         if node is None or node.retired:
+            if node is None:
+                self._router.check_address(address)
             ledger.notify_noproc(self.id, address)
         else:
             ledger.watch(self.id, node.id)
@@ -650,6 +652,7 @@ class Context:
         address = address_of(target)
         node = self._router.find(address)
         if node is None:
+            self._router.check_address(address)
             return False
         return self._router.ledger.unwatch(self.id, node.id)
 

@@ -542,6 +542,10 @@ class Kernel:
 
     def lookup(self, name: str) -> AgentRef:
         """The address of the live agent or supervisor called ``name``."""
+        if not isinstance(name, str):
+            raise TypeError(
+                f"lookup() takes an agent name (str), got {type(name).__name__} {brief(name, 60)}"
+            )
         names = self._router.names
         node = names.get(name)
         if node is None:
@@ -570,10 +574,19 @@ class Kernel:
         Called from inside what it stops (a handler of the agent itself, the ``on_stop``
         of an agent it spawned, an agent under the supervisor stopped), whose stop would
         wait for the caller: the stop starts and the call returns at once.
+        ``TypeError`` for what is no address, a ``drain`` that is not a bool or a
+        ``reason`` that is not a string.
         """
+        if drain is not True and drain is not False:
+            raise TypeError(f"drain must be True or False, got {brief(drain, 60)}")
+        if not isinstance(reason, str):
+            raise TypeError(
+                f"stop reason must be a string, got {type(reason).__name__} {brief(reason, 60)}"
+            )
         address = address_of(target)
         node = self._router.find(address)
         if node is None or node.retired:
+            self._router.check_address(address)
             raise AgentNotFound(
                 address, self._router.names, detail=self._router.why_no_agent(address)
             )
@@ -637,9 +650,12 @@ class Kernel:
         one that never started; at once if there is none (never was, or stopped for good
         already). A restart is not a stop. Waiting stops nothing: cancel the wait to give
         up on it. An id names one agent for good; a name, the agent that holds it now.
+        ``TypeError`` for what is no address (``None``, ``5``), which no agent ever had.
         """
-        node = self._router.find(address_of(target))
+        address = address_of(target)
+        node = self._router.find(address)
         if node is None:
+            self._router.check_address(address)
             await trio.lowlevel.checkpoint()
             return
         await node.wait_retired()
@@ -840,6 +856,7 @@ class Kernel:
         node = self._router.find(address)
         if not isinstance(node, AgentCell):
             router = self._router
+            router.check_address(address)
             raise AgentNotFound(address, router.routes, detail=router.why_no_agent(address))
         return node.mailbox
 

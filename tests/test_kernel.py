@@ -3375,6 +3375,67 @@ async def test_a_send_to_what_is_no_address_is_a_type_error_naming_it(address):
         assert sum(stats.rejected.values()) == 0
 
 
+@pytest.mark.parametrize("address", [None, 5, b"name", ("a",)])
+async def test_every_other_call_taking_an_address_refuses_what_is_no_address(address):
+    """The sends refuse what is no address with a TypeError (above); the other calls that
+    take one did not: ``kernel.stop(5)`` and ``mailbox_depth(None)`` said "no agent is
+    registered as 5" (AgentNotFound, as for a name nobody has), ``wait_stopped(None)``
+    returned at once as if something had stopped, and ``ctx.monitor(None)`` delivered a
+    ``noproc`` notice about an agent ``'None'`` (``ctx.demonitor`` returned False).
+    Each is a TypeError naming what was given now; nothing is stopped, watched or sent."""
+    seen: list[str] = []
+
+    @agent(name="watcher")
+    async def watcher(ctx: Context, msg: Message) -> None:
+        if msg.kind is MessageKind.EVENT:
+            seen.append(f"notice {msg.payload}")
+            return
+        for call in (lambda: ctx.monitor(address), lambda: ctx.demonitor(address)):
+            try:
+                call()
+            except TypeError as exc:
+                seen.append(str(exc))
+
+    async with open_kernel() as kernel:
+        ref = kernel.spawn(watcher)
+        shown = f"got {type(address).__name__} "
+        for call in (lambda: kernel.stop(address), lambda: kernel.wait_stopped(address)):
+            with pytest.raises(TypeError, match=shown):
+                await call()
+        for peek in (kernel.mailbox_depth, kernel.mailbox_statistics):
+            with pytest.raises(TypeError, match=shown):
+                peek(address)
+        await kernel.send(ref, "watch")
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(seen) == 2 and all(shown in line for line in seen), seen
+        assert kernel.is_local(ref)
+        stats = kernel.stats()
+        assert (stats.accepted, stats.handled, stats.dead_lettered) == (1, 1, 0)
+
+
+async def test_lookup_and_stop_refuse_arguments_of_the_wrong_type() -> None:
+    """``kernel.lookup(5)`` said "no agent is registered as 5"; ``kernel.stop(ref,
+    drain="no")`` drained (a truthy string) and ``reason=5`` was taken as the stopped
+    event's reason. Each is a TypeError naming the argument now, and the agent is not
+    stopped by the refused call."""
+
+    @agent(name="a")
+    async def a(ctx: Context, msg: Message) -> None:
+        return None
+
+    async with open_kernel() as kernel:
+        ref = kernel.spawn(a)
+        with pytest.raises(TypeError, match=r"lookup\(\) takes an agent name \(str\), got int 5"):
+            kernel.lookup(5)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"drain must be True or False, got 'no'"):
+            await kernel.stop(ref, drain="no")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"stop reason must be a string, got int 5"):
+            await kernel.stop(ref, reason=5)  # type: ignore[arg-type]
+        assert kernel.is_local(ref)
+        await kernel.stop(ref, reason="done")
+        assert not kernel.is_local(ref)
+
+
 def test_a_handler_whose_parameters_are_named_the_other_way_round_is_refused() -> None:
     """``async def h(msg, ctx)`` was taken, and every message then failed inside the
     handler (``msg.payload`` on the context); the names say the order is swapped."""
