@@ -3,12 +3,17 @@
 ``test_chaos_programs_end_cleanly`` draws a program against one kernel on a
 ``MockClock(autojump_threshold=0)``. It spawns plain agents, agents with
 ``on_start``/``on_stop`` (slow to start, ``on_start`` or ``on_stop`` or a ``ctx.nursery``
-task failing, ``on_stop`` requesting, no stop grace, overflow policies), every restart type
+task failing, ``on_stop`` requesting or hanging past its ``shutdown_timeout``, a handler
+that takes its cancel for an answer and returns, a ``ctx.nursery`` task that takes its
+cancel, finishes shielded and then tells someone, one that spawns linked children while
+the run goes on, no stop grace, overflow policies), every restart type
 and error directive, supervisors with (nested) children, pools, and agents under a given
 supervisor; it tells and requests from outside (by ref and by name, some with short
 timeouts, some flooding a mailbox), and handlers tell, request (also themselves), route a
 returned message, monitor, spawn linked agents, supervisors and pools, resize pools, send to
-themselves, raise, sleep past their handle timeout, hang, exit, stop other agents (also
+themselves, request from a ``ctx.nursery`` task, catch the cancel of their handle timeout
+(or of a stop) and answer all the same, raise, sleep past their handle timeout, hang,
+exit, stop other agents (also
 their own parents) or shut the kernel down. ``kernel.stop`` lands on random agents (also
 twice, mid-``on_start``, on a full mailbox, with ``drain``), ``wait_stopped`` waits, the
 accounting is checked midway, and steps run inline or concurrently in a nursery outside the
@@ -104,6 +109,10 @@ QUIRKS = (
     "drop_oldest",
     "drop_newest",
     "reject",
+    "swallows_cancel",
+    "stop_hangs",
+    "background_swallows",
+    "background_spawns",
 )
 handler_actions = st.one_of(
     st.sampled_from(
@@ -116,6 +125,8 @@ handler_actions = st.one_of(
     st.tuples(st.just("tell"), targets),
     st.tuples(st.just("ask"), targets, st.sampled_from([0.01, 0.1, 1.0, 5.0])),
     st.tuples(st.just("monitor"), targets),
+    st.tuples(st.just("ask_later"), targets),
+    st.just(("catch_cancel",)),
 )
 spawns = st.tuples(
     st.just("spawn"),
@@ -313,6 +324,15 @@ def test_chaos_programs_end_cleanly(program: tuple[Any, ...]) -> None:
                 await ctx.send(pick(action[1], False), (("ok",), -1))
             elif what == "ask" and known:
                 await ask(ctx, pick(action[1], seq % 2 == 0), ("ok",), action[2])
+            elif what == "ask_later" and known:
+                ctx.nursery.start_soon(ask, ctx, pick(action[1], False), ("ok",), 0.5)
+            elif what == "catch_cancel":
+                try:
+                    await trio.sleep(3)
+                except trio.Cancelled:
+                    # a handler that takes its cancel for an answer and returns
+                    handled_ids.append(msg.id)
+                    return {"seq": seq} if msg.kind is MessageKind.QUERY else None
             elif what == "monitor" and known:
                 target = pick(action[1], False)
                 ctx.monitor(target if isinstance(target, AgentRef) else ctx.kernel.lookup(target))
@@ -338,6 +358,26 @@ def test_chaos_programs_end_cleanly(program: tuple[Any, ...]) -> None:
             self_ended.add(self.token)
             raise RuntimeError("background fails")
 
+        async def swallow_then_send(self, ctx: Context) -> None:
+            """Takes its cancel, finishes shielded, then tells someone (no checkpoint
+            before the send's own: a send into room goes out)."""
+            try:
+                await trio.sleep_forever()
+            except trio.Cancelled:
+                with trio.CancelScope(shield=True):
+                    await trio.sleep(0.01)
+                if known:
+                    with suppress(AgentNotFound, MailboxFull, KernelShuttingDown, trio.Cancelled):
+                        await ctx.send(pick(self.token, False), (("ok",), -1))
+                raise
+
+        async def spawn_in_turn(self, ctx: Context) -> None:
+            """Spawns a linked child every 0.03 s for as long as the run goes on."""
+            for _ in range(5):
+                await trio.sleep(0.03)
+                with suppress(KernelShuttingDown):
+                    known.append((None, ctx.spawn(probe(parent=self.token))))
+
         async def on_start(self, ctx: Context) -> None:
             entered[self.token] += 1
             if phase() >= KernelPhase.STOPPING:
@@ -349,12 +389,25 @@ def test_chaos_programs_end_cleanly(program: tuple[Any, ...]) -> None:
                 raise RuntimeError("on_start fails")
             if self.quirk == "background_fails":
                 ctx.nursery.start_soon(self.fail_later)
+            if self.quirk == "background_swallows":
+                ctx.nursery.start_soon(self.swallow_then_send, ctx)
+            if self.quirk == "background_spawns":
+                ctx.nursery.start_soon(self.spawn_in_turn, ctx)
             returned[self.token] += 1
 
         async def handle(self, ctx: Context, msg: Message) -> Any:
             if stopped[self.token]:
                 handled_after_stop.append(self.token)
-            return await act(ctx, msg, self.token)
+            if self.quirk != "swallows_cancel":
+                return await act(ctx, msg, self.token)
+            try:
+                return await act(ctx, msg, self.token)
+            except trio.Cancelled:
+                # takes its cancel for an answer and returns
+                if isinstance(msg.payload, tuple):
+                    handled_ids.append(msg.id)
+                    return {"seq": msg.payload[1]} if msg.kind is MessageKind.QUERY else None
+                return None
 
         async def on_stop(self, ctx: Context) -> None:
             stopped[self.token] += 1
@@ -364,6 +417,8 @@ def test_chaos_programs_end_cleanly(program: tuple[Any, ...]) -> None:
                 raise OSError("on_stop fails")
             if self.quirk == "slow_stop":
                 await trio.sleep(0.1)
+            if self.quirk == "stop_hangs":
+                await trio.sleep_forever()
             if self.quirk == "stop_asks" and known:
                 await ask(ctx, pick(self.token, True), ("ok",), 0.1)
 
@@ -382,7 +437,7 @@ def test_chaos_programs_end_cleanly(program: tuple[Any, ...]) -> None:
             on_error=on_error,
             mailbox_capacity=mailbox,
             overflow=quirk if quirk in ("drop_oldest", "drop_newest", "reject") else None,
-            shutdown_timeout=0 if quirk == "no_grace" else None,
+            shutdown_timeout={"no_grace": 0, "stop_hangs": 0.2}.get(quirk),
         )
 
     async def plain(ctx: Context, msg: Message) -> Any:
