@@ -646,7 +646,10 @@ def test_chaos_programs_end_cleanly(program: tuple[Any, ...]) -> None:
             assert stops_returned + stops_cancelled == stops_made, "a kernel.stop() never returned"
             assert waits_returned == waits_made, "a kernel.wait_stopped() never returned"
 
-    run_on_mock_clock(scenario, real_seconds=20)
+    # 60 s of real time, as the tree properties: the thirty-fifth pass's longer runs of
+    # this property (6,000 examples) met the 20 s alarm twice at load 18-23, once inside a
+    # garbage-collection callback, and the example passed 1,800 replays after
+    run_on_mock_clock(scenario, real_seconds=60)
 
     assert not late_starts, f"runs started after the tree began to stop: {late_starts}"
     assert all(stopped[t] == 1 for t in returned), "an on_start that returned has no one on_stop"
