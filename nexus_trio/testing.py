@@ -260,9 +260,11 @@ async def step_until_idle(kernel: Kernel, *, timeout: float = 60.0) -> None:
     Unlike :func:`settle` this lets time pass, so restart backoffs, handler timeouts and
     sleeps in handlers play out — instantly on a ``MockClock`` with ``autojump_threshold=0``
     (the ``autojump_clock`` fixture), in real time otherwise. Raises ``AssertionError``
-    saying how many messages are still in flight (and which agents are restarting) if
-    the kernel is not idle after ``timeout`` seconds (of the current clock), e.g.
-    because a handler waits forever, or if its tasks do not all block within
+    saying how many messages are still in flight (which agents are handling them, which
+    are restarting) if the kernel is not idle after ``timeout`` seconds of the run's
+    clock (on the ``autojump_clock``, mock seconds: a handler that sleeps an hour needs
+    ``timeout=3600`` or more, though it takes no real time), e.g. because a handler
+    waits forever, or if its tasks do not all block within
     ``timeout`` seconds of real time (an agent that sends to itself on every message:
     a mock clock does not move meanwhile); ``RuntimeError`` if time has to pass but the clock
     is a ``MockClock`` that does not jump (pytest-trio's ``mock_clock``), where it would
@@ -289,10 +291,33 @@ async def step_until_idle(kernel: Kernel, *, timeout: float = 60.0) -> None:
             waiting = f", agents restarting: {restarting}" if restarting else ""
             raise AssertionError(
                 f"kernel not idle after {timeout:g} s: {in_flight} message(s) still in flight"
-                f"{waiting}; agents: {kernel.describe()}"
+                f"{waiting}{_in_hand(kernel)}{_on_the_mock_clock(timeout)};"
+                f" agents: {kernel.describe()}"
             )
         _check_time_can_pass()
         await trio.sleep(min(_until_next_wakeup(), max(deadline - trio.current_time(), 0.0)))
+
+
+def _in_hand(kernel: Kernel) -> str:
+    """``, being handled by 'slow'``: the agents whose handler has not returned."""
+    busy = [
+        repr(node.get("name") or node["id"])
+        for node in _nodes(kernel)
+        if node.get("handling") is not None
+    ]
+    return f", being handled by {', '.join(busy)}" if busy else ""
+
+
+def _on_the_mock_clock(timeout: float) -> str:
+    """What ``timeout`` counted on a mock clock that jumps: its seconds, not real ones,
+    so a handler, sleep or backoff meant to take longer needs a larger one."""
+    clock = trio.lowlevel.current_clock()
+    if not (isinstance(clock, trio.testing.MockClock) and clock.rate == 0):
+        return ""
+    return (
+        f" ({timeout:g} s of the mock clock, which took no real time: a handler, sleep or"
+        f" backoff meant to take longer needs a larger timeout=, e.g. timeout=3600)"
+    )
 
 
 def _until_next_wakeup() -> float:

@@ -79,6 +79,33 @@ async def test_step_until_idle_fails_naming_what_is_still_in_flight(
     await nexus_kernel.stop(nexus_kernel.lookup("stuck"))
 
 
+async def test_step_until_idle_says_its_timeout_counted_mock_seconds_and_who_is_handling(
+    nexus_kernel: Kernel, autojump_clock: Any
+) -> None:
+    """The docs said an hour's sleep in a handler takes no real time, but the default
+    ``timeout=60`` counts seconds of the mock clock: ``send_and_wait`` to an agent that
+    sleeps an hour failed at once with "kernel not idle after 60 s", which read as real
+    seconds that never passed. The failure now says whose handler is still running and
+    that the timeout counted mock seconds, with what to pass."""
+
+    @agent(name="napper", handle_timeout=7200)
+    async def napper(ctx: Context, msg: Message) -> None:
+        await trio.sleep(3600)
+
+    ref = nexus_kernel.spawn(napper)
+    with pytest.raises(AssertionError) as failure:
+        await send_and_wait(nexus_kernel, ref, "nap")
+    assert str(failure.value).startswith(
+        "kernel not idle after 60 s: 1 message(s) still in flight, being handled by 'napper'"
+        " (60 s of the mock clock, which took no real time: a handler, sleep or backoff meant"
+        " to take longer needs a larger timeout=, e.g. timeout=3600); agents: "
+    )
+    assert trio.current_time() == 60.0
+    await step_until_idle(nexus_kernel, timeout=3600)
+    assert trio.current_time() == 3600.0
+    assert nexus_kernel.stats().handled == 1
+
+
 async def test_assert_events_and_assert_no_dead_letters_say_what_differed(
     nexus_kernel: Kernel, autojump_clock: Any
 ) -> None:
@@ -174,7 +201,7 @@ async def test_step_until_idle_fails_naming_an_agent_whose_restart_has_not_come(
     await nexus_kernel.send("c", "crash")
     with pytest.raises(
         AssertionError,
-        match=r"^kernel not idle after 5 s: 0 message\(s\) still in flight, agents restarting: \['c'\]; ",
+        match=r"^kernel not idle after 5 s: 0 message\(s\) still in flight, agents restarting: \['c'\] \(5 s of the mock clock",
     ):
         await step_until_idle(nexus_kernel, timeout=5)
     await step_until_idle(nexus_kernel, timeout=200)
