@@ -4204,6 +4204,28 @@ def test_nexus_send_bad_arguments_exit_2_naming_the_argument(args: list[str], fl
 
 
 @pytest.mark.parametrize(
+    ("payload", "hinted"),
+    [
+        ("hello", True),
+        ("hello world", True),
+        ("{oops", False),
+        ("[1,", False),
+        ("truth", True),
+    ],
+)
+def test_nexus_send_says_how_to_quote_a_bare_word_payload(payload: str, hinted: bool) -> None:
+    """``nexus send CMD hello`` (the shell took the quotes of ``"hello"``) said only
+    ``not JSON: Expecting value: line 1 column 1 (char 0)``: the error now shows the
+    string written as JSON, inside the shell's quotes; not for text that starts as JSON."""
+    result = send_cli(f"{sys.executable} {TOY}", payload)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.replace("│", " ").split())
+    assert "Invalid value for 'JSON': not JSON: " in text
+    hint = f"(a JSON string keeps its double quotes, inside the shell's: '\"{payload}\"')"
+    assert (hint in text) is hinted, text
+
+
+@pytest.mark.parametrize(
     ("payload", "named"),
     [
         ("NaN", "NaN at ."),

@@ -209,6 +209,21 @@ class _Unwritable:
         self.text = text
 
 
+def _quote_hint(payload: str) -> str:
+    """For a bare word (``hello``, the shell having taken the quotes ``"hello"`` had):
+    how to write it as the JSON string it was surely meant to be."""
+    text = payload.strip()
+    if (
+        not text
+        or text[0] in '{["-0123456789'
+        or text in ("true", "false", "null")
+        or "'" in text  # (not shown inside single quotes then)
+    ):
+        return ""
+    quoted = json.dumps(text)
+    return f" (a JSON string keeps its double quotes, inside the shell's: '{quoted}')"
+
+
 def _read_payload(payload: str) -> Any:
     """The payload argument, read as strict JSON: Python's reader also takes NaN and
     Infinity, and reads ``1e999`` as infinity, none of which the message can carry to
@@ -221,7 +236,7 @@ def _read_payload(payload: str) -> Any:
     try:
         value = json.loads(payload, parse_constant=_Unwritable, parse_float=number)
     except ValueError as exc:
-        raise ValueError(f"not JSON: {exc}") from None
+        raise ValueError(f"not JSON: {exc}{_quote_hint(payload)}") from None
     places = _places(value, lambda item: item.text if isinstance(item, _Unwritable) else None)
     if places:
         raise ValueError(f"JSON has no NaN or Infinity: {places}")
