@@ -692,8 +692,24 @@ async def nexus_kernel() -> AsyncIterator[Kernel]:
             "nexus_kernel needs a mock clock that jumps: add 'autojump_clock' to the test's"
             " arguments (mock_clock does not move by itself: timeouts would never fire)"
         )
-    async with open_test_kernel() as kernel:
+    # The kernel runs in a task of the fixture's own: a test that shuts it down
+    # (``await nexus_kernel.shutdown()``) runs beside its block, which the kernel then
+    # ends; were the block the fixture's, pytest-trio would fail the test for a fixture
+    # that was cancelled. The task's errors (the accounting check) are the fixture's.
+    done = trio.Event()
+    async with trio.open_nursery() as nursery:
+        kernel: Kernel = await nursery.start(_hold_test_kernel, done)
         yield kernel
+        done.set()
+
+
+async def _hold_test_kernel(
+    done: trio.Event, *, task_status: trio.TaskStatus[Kernel] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """``nexus_kernel``'s kernel, open until ``done`` (or until a test shuts it down)."""
+    async with open_test_kernel() as kernel:
+        task_status.started(kernel)
+        await done.wait()
 
 
 @pytest.hookimpl(tryfirst=True)

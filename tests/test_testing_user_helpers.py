@@ -24,9 +24,11 @@ from nexus_trio import (
     agent,
 )
 from nexus_trio.testing import (
+    assert_conserved,
     assert_dead_lettered,
     assert_events,
     assert_no_dead_letters,
+    dead_letters,
     open_test_kernel,
     record_events,
     send_and_wait,
@@ -104,6 +106,39 @@ async def test_step_until_idle_says_its_timeout_counted_mock_seconds_and_who_is_
     await step_until_idle(nexus_kernel, timeout=3600)
     assert trio.current_time() == 3600.0
     assert nexus_kernel.stats().handled == 1
+
+
+async def test_a_test_may_shut_the_fixtures_kernel_down_and_look_at_what_the_shutdown_did(
+    nexus_kernel: Kernel, autojump_clock: Any
+) -> None:
+    """A test of what a shutdown does (``on_stop`` ran, the queue dead-lettered) calls
+    ``await nexus_kernel.shutdown()``: the kernel then cancelled the fixture's block, the
+    test's task being beside it, and pytest-trio failed the test with "<fixture
+    'nexus_kernel'> cancelled the test but didn't raise an error". The fixture's kernel
+    now runs in a task of the fixture's own, whose block may end that way."""
+    stopped: list[str] = []
+
+    class Saver(Agent):
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            await trio.sleep(10)
+
+        async def on_stop(self, ctx: Context) -> None:
+            stopped.append(ctx.name or "?")
+
+    ref = nexus_kernel.spawn(Saver, name="saver")
+    await nexus_kernel.send(ref, 1)
+    await nexus_kernel.send(ref, 2)
+    await settle()
+    await nexus_kernel.shutdown(grace=0)
+    assert nexus_kernel.stopped
+    assert stopped == ["saver"]
+    assert [(d.message.payload, d.reason.value) for d in dead_letters(nexus_kernel)] == [
+        (1, "shutdown"),
+        (2, "shutdown"),
+    ]
+    assert_conserved(nexus_kernel)
+    await trio.sleep(1)  # the test goes on, on the same clock: nothing cancelled it
+    assert trio.current_time() == 1.0
 
 
 async def test_assert_events_and_assert_no_dead_letters_say_what_differed(
