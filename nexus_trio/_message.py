@@ -423,7 +423,9 @@ def kind_error(kind: object) -> TypeError:
     ``"Command"``): taken, it would match no kind test (``msg.kind is
     MessageKind.QUERY``) and fail only where the message is encoded."""
     members = ", ".join(f"MessageKind.{k.name}" for k in MessageKind)
-    spelt = next((k for k in MessageKind if kind in (k.value, k.name)), None)
+    # (any case: "event" is as surely meant as "Event" or "EVENT")
+    folded = kind.casefold() if isinstance(kind, str) else None
+    spelt = next((k for k in MessageKind if folded in (k.value.lower(), k.name.lower())), None)
     hint = f": write kind=MessageKind.{spelt.name}" if spelt is not None else f" ({members})"
     return TypeError(
         f"a message's kind must be a MessageKind, not {type(kind).__name__} {kind!r}{hint}"

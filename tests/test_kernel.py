@@ -128,6 +128,21 @@ async def test_a_kind_that_is_no_message_kind_is_refused_naming_it(autojump_cloc
     assert (stats.accepted, stats.handled, stats.dead_lettered) == (2, 2, 0)
 
 
+@pytest.mark.parametrize(
+    ("kind", "meant"), [("event", "EVENT"), ("query", "QUERY"), ("cOmmand", "COMMAND")]
+)
+def test_a_kind_written_as_text_in_any_case_is_named_with_what_to_write(
+    kind: str, meant: str
+) -> None:
+    """``kind="Event"`` and ``"EVENT"`` were answered ``write kind=MessageKind.EVENT``,
+    but ``"event"`` only with the list of every kind, as if it were no kind at all."""
+    with pytest.raises(TypeError) as raised:
+        Message(SYSTEM_ID, "sink", 1, kind)  # type: ignore[arg-type]
+    assert str(raised.value) == (
+        f"a message's kind must be a MessageKind, not str {kind!r}: write kind=MessageKind.{meant}"
+    )
+
+
 async def test_send_to_unknown_recipient_raises_agent_not_found_at_once(
     autojump_clock: Any,
 ) -> None:
