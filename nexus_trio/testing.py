@@ -714,8 +714,8 @@ async def _hold_test_kernel(
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
-    """A test that takes ``nexus_kernel`` but that pytest-trio does not run (no
-    ``trio_mode = true``, no ``@pytest.mark.trio``) fails saying so, before pytest's
+    """A test that takes ``nexus_kernel`` but that pytest-trio does not run (a plain
+    ``def``; no ``trio_mode = true``, no ``@pytest.mark.trio``) fails saying so, before pytest's
     own, vaguer error about an async fixture nothing handled. One that is a Hypothesis
     test fails too: pytest-trio runs each example in a Trio run of its own but sets the
     fixture up once, so the examples after the first would get a kernel shut down."""
@@ -730,6 +730,16 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             pytrace=False,
         )
     if not item.get_closest_marker("trio"):
+        test = getattr(item, "obj", None)
+        if callable(test) and not inspect.iscoroutinefunction(test):
+            # (trio_mode marks only async tests: "set trio_mode" would mislead here)
+            name = getattr(test, "__name__", item.name)
+            pytest.fail(
+                f"{item.name} uses the nexus_kernel fixture but is a plain 'def': the"
+                f" fixture's kernel runs in the test's Trio run, so the test must be"
+                f" 'async def {name}(nexus_kernel, autojump_clock)'",
+                pytrace=False,
+            )
         pytest.fail(
             f"{item.name} uses the nexus_kernel fixture but pytest-trio does not run it: set"
             " trio_mode = true under [tool.pytest.ini_options] in pyproject.toml (or mark the"

@@ -178,6 +178,35 @@ def test_nexus_kernel_in_a_test_pytest_trio_does_not_run_names_trio_mode(tmp_pat
     assert "AssertionError" not in report, report
 
 
+def test_nexus_kernel_in_a_plain_def_test_says_to_make_it_async(tmp_path: Path) -> None:
+    """With ``trio_mode = true`` set, a plain ``def test_x(nexus_kernel)`` was told to
+    "set trio_mode = true", which was set: pytest-trio marks only ``async def`` tests.
+    It is now told to be an ``async def``; an async test beside it runs."""
+    (tmp_path / "pytest.ini").write_text("[pytest]\ntrio_mode = true\n", encoding="utf-8")
+    (tmp_path / "test_mine.py").write_text(
+        "import pytest\n\n\n"
+        "def test_plain(nexus_kernel):\n"
+        "    pass\n\n\n"
+        "@pytest.mark.parametrize('n', [1])\n"
+        "def test_plain_too(nexus_kernel, n):\n"
+        "    pass\n\n\n"
+        "async def test_async(nexus_kernel, autojump_clock):\n"
+        "    pass\n",
+        encoding="utf-8",
+    )
+    result = run_pytest(tmp_path, timeout=120)
+    report = result.stdout + result.stderr
+    assert result.returncode == 1, report
+    assert "1 passed, 2 errors" in report, report
+    for shown, name in (("test_plain", "test_plain"), ("test_plain_too[1]", "test_plain_too")):
+        assert (
+            f"{shown} uses the nexus_kernel fixture but is a plain 'def': the fixture's"
+            " kernel runs in the test's Trio run, so the test must be"
+            f" 'async def {name}(nexus_kernel, autojump_clock)'"
+        ) in report, report
+    assert "set trio_mode = true" not in report, report
+
+
 def _recorded(*events: tuple[str, str]) -> EventRecorder:
     ids = {name: uuid.uuid4() for name, _ in events}
     return EventRecorder(
