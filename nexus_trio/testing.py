@@ -663,7 +663,19 @@ def spawn_probe(
 
     async def record(ctx: Context, msg: Message) -> Any:
         probe._receive(msg)
-        return answer(msg) if answer is not None else None
+        if answer is None:
+            return None
+        reply = answer(msg)
+        if inspect.isawaitable(reply):
+            # (a lambda around an async function: the kernel's own hint, "write
+            # 'return await ...'", cannot be followed inside a lambda)
+            if inspect.iscoroutine(reply):
+                reply.close()  # (never awaited: no RuntimeWarning besides this error)
+            raise TypeError(
+                f"spawn_probe: answer returned {reply!r}, to be awaited: answer is called,"
+                " not awaited; give a plain function that returns the answer itself"
+            )
+        return reply
 
     probe = Probe(kernel.spawn(agent(record, name=name)))
     return probe

@@ -751,6 +751,31 @@ async def test_spawn_probe_refuses_an_answer_it_could_not_call(
     assert nexus_kernel.stats().agents_alive == 0
 
 
+async def test_a_probe_whose_answer_returns_a_coroutine_says_answer_is_not_awaited(
+    nexus_kernel: Kernel, autojump_clock: Any
+) -> None:
+    """``answer=lambda msg: lookup(msg)`` around an ``async def lookup`` passes the check
+    made at spawn (a lambda is a plain function); the request then failed with the
+    kernel's "a missing 'await'? (write 'return await ...')", which a lambda cannot
+    follow. The failure now says what ``answer`` must be."""
+
+    async def lookup(msg: Message) -> int:
+        return 1
+
+    probe = spawn_probe(nexus_kernel, "p", answer=lambda msg: lookup(msg))
+    with pytest.raises(RequestFailed):
+        await nexus_kernel.request(probe.ref, "x")
+    letter = assert_dead_lettered(nexus_kernel, payload="x", reason="handler_error")
+    assert isinstance(letter.error, TypeError)
+    assert re.fullmatch(
+        r"spawn_probe: answer returned <coroutine object .*lookup at 0x[0-9a-f]+>, to be"
+        r" awaited: answer is called, not awaited; give a plain function that returns the"
+        r" answer itself",
+        str(letter.error),
+    ), letter.error
+    assert probe.payloads == ["x"]
+
+
 @pytest.mark.parametrize("buffer", [0, -1, 1.5])
 async def test_record_events_with_a_bad_buffer_raises_the_error_itself(
     nexus_kernel: Kernel, autojump_clock: Any, buffer: Any
