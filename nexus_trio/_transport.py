@@ -77,8 +77,9 @@ class TakesTells(Protocol):
     """What a transport may add to :class:`Transport` (the kernel looks for it when the
     transport is attached): a tell it can take at once, without a coroutine. The kernel
     offers it each tell for an address with no local agent, on its fast branch (so not
-    on the send in sixteen that checks for cancellation), before ``deliver``; never a
-    request's query (that goes to ``deliver``, which sets up the route of its reply)."""
+    on the send in sixteen that checks for cancellation), and each such tell a handler
+    returns, before ``deliver``; never a request's query (that goes to ``deliver``, which
+    sets up the route of its reply)."""
 
     def take_tell(self, msg: Message) -> int:
         """Take tell ``msg`` now if nothing stands in the way (its route known, room for

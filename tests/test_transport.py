@@ -706,3 +706,71 @@ async def test_a_request_for_another_kernel_is_not_offered_to_take_tell(
         await kernel.send("elsewhere", "tell")
     assert transport.taken == ["tell"]
     assert transport.delivered == ["query 0", "query 1", "query 2"]
+
+
+@pytest.mark.parametrize("answer", [0, 1, 2])
+async def test_a_handlers_returned_tell_for_another_kernel_is_offered_to_take_tell(
+    answer: int,
+) -> None:
+    """A message a handler returns for no local agent (a ring's next hop across
+    ``--workers``) is offered to ``take_tell`` as a send's is: taken ones never reach
+    ``deliver``, one not taken does; every one counted accepted and forwarded once, in
+    the order handled, none dead-lettered; one taken with 2 lets another task run before
+    the agent's next message (taken with 1: none runs in between)."""
+    transport = Taking(answer)
+    between: list[int] = []
+    async with open_kernel(make_config()) as kernel:
+        kernel.attach_transport(transport)
+        async with trio.open_nursery() as nursery:
+
+            @agent(name="relay")
+            async def relay(ctx: Context, msg: Message) -> Message:
+                async def other() -> None:
+                    between.append(len(transport.taken) + len(transport.delivered))
+
+                nursery.start_soon(other)
+                return Message(sender=ctx.id, to="elsewhere", payload=msg.payload)
+
+            ref = kernel.spawn(relay)
+            before = kernel.stats()
+            for i in range(32):
+                kernel.send_nowait(ref, i)
+            await trio.testing.wait_all_tasks_blocked()
+        stats = kernel.stats()
+    assert transport.taken + transport.delivered == list(range(32))
+    assert len(transport.delivered) == (32 if answer == 0 else 0)
+    assert stats.forwarded - before.forwarded == 32
+    assert stats.dead_lettered == before.dead_lettered
+    assert stats.accepted - before.accepted == 32 + 32
+    assert stats.handled - before.handled == 32
+    # (how many were taken when each other task ran)
+    if answer == 2:
+        assert min(between) < 32
+    else:
+        # all 32 handled in one run of the agent: the others ran after it
+        assert between == [32] * 32
+
+
+async def test_a_handlers_returned_tell_the_transport_refuses_to_take_is_dead_lettered() -> None:
+    """``take_tell`` raising MessageFailed for a handler's returned message: dead-lettered
+    with the transport's reason and detail, as a refusal from ``deliver`` is, not
+    forwarded, and the agent goes on with its next message."""
+    refusal = MessageFailed("message to elsewhere: not JSON", reason=DeadLetterReason.MALFORMED)
+    async with open_kernel(make_config()) as kernel:
+        kernel.attach_transport(Taking(1, refusal))
+
+        @agent(name="relay")
+        async def relay(ctx: Context, msg: Message) -> Message:
+            return Message(sender=ctx.id, to="elsewhere", payload=msg.payload)
+
+        ref = kernel.spawn(relay)
+        for i in range(3):
+            await kernel.send(ref, i)
+        await trio.testing.wait_all_tasks_blocked()
+        stats = kernel.stats()
+        dead = kernel.recent_dead_letters()
+    assert stats.forwarded == 0
+    assert stats.handled == 3
+    assert [(d.reason, d.message.payload) for d in dead] == [
+        (DeadLetterReason.MALFORMED, i) for i in range(3)
+    ]
