@@ -159,8 +159,14 @@ def test_three_workers_run_one_swarm_whose_books_balance(workload: str) -> None:
         assert all(w["handled"] > 0 for w in workers)
     if workload == "ring":
         # every hop crosses: a handled token goes on to another worker, except at the
-        # end of its lap (one hop in 100)
-        assert all(w["forwarded_out"] >= 0.95 * w["handled"] > 0 for w in workers)
+        # end of its lap (one hop in 100, and the laps may all end on one worker) or at
+        # the stop (up to the window: 10 tokens a worker). A share (0.95) failed once
+        # under load 25, where a worker handled only a few hundred hops
+        laps = sum(w["handled"] for w in workers) // 100 + len(workers)
+        window = 10 * len(workers)
+        for w in workers:
+            assert w["forwarded_out"] > 0, w
+            assert w["handled"] - w["forwarded_out"] <= laps + window, w
 
 
 @pytest.mark.parametrize("workload", ["ring", "fanout", "request"])
