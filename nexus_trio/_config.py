@@ -204,6 +204,14 @@ class KernelConfig:
         validator=_at_least(1, integer=True),
         metadata=_doc("recent dead letters kept for kernel.recent_dead_letters()"),
     )
+    dead_letter_log_limit: int = attrs.field(
+        default=100,
+        validator=_at_least(0, integer=True),
+        metadata=_doc(
+            "dead-letter log lines a second of each reason; the rest are counted and said"
+            " in one line a second (0 = a line for every dead letter)"
+        ),
+    )
     gc_freeze: bool = attrs.field(
         default=True,
         validator=lambda inst, attribute, value: _boolean(inst, attribute, value),

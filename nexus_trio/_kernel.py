@@ -91,7 +91,7 @@ class Kernel:
     def __init__(self, config: Config, *, seed: int | None = None) -> None:
         self.config = config
         kc = config.kernel
-        self._ledger = Ledger(kc.dead_letter_buffer)
+        self._ledger = Ledger(kc.dead_letter_buffer, kc.dead_letter_log_limit)
         heap = HeapKeeper(kc.gc_freeze)
         self._router = Router(self._ledger, kc.send_timeout, heap)
         self._thread_limiter = trio.CapacityLimiter(config.runtime.blocking_thread_limit)
@@ -895,6 +895,7 @@ class Kernel:
             run_failures=ledger.run_failures,
             event_stream_dropped=ledger.event_stream_dropped,
             sends_waiting=ledger.sends_waiting,
+            dead_letter_lines_not_logged=ledger.dead_lines_not_logged,
         )
 
     def scan_agents(
@@ -1161,6 +1162,8 @@ async def open_kernel(
     # once the shutdown is over, or cut short (a second Ctrl-C).
     tree = trio.CancelScope(shield=True)
     timer = trio.CancelScope(shield=True)
+    # (the line of the dead letters not logged in a second: also those of the shutdown)
+    unlogged = trio.CancelScope(shield=True)
 
     async def run_tree(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with tree:
@@ -1169,6 +1172,10 @@ async def open_kernel(
     async def request_timer() -> None:
         with timer:
             await kernel._router.run_request_timer()
+
+    async def say_unlogged() -> None:
+        with unlogged:
+            await kernel._ledger.say_unlogged_when_due()
 
     try:
         async with trio.open_nursery() as nursery:
@@ -1181,6 +1188,8 @@ async def open_kernel(
                 # first one then takes the cancellation, and the tree stops as above.
                 await nursery.start(run_tree)
             nursery.start_soon(request_timer)
+            if kernel._ledger.dead_letter_log_limit:
+                nursery.start_soon(say_unlogged)
             try:
                 with kernel._body_scope:
                     yield kernel
@@ -1205,6 +1214,7 @@ async def open_kernel(
                         # run that ends counts its agent out).
                         kernel._router.phase = KernelPhase.STOPPING
                     timer.cancel()
+                    unlogged.cancel()
                     tree.cancel()
     finally:
         # Also when the shutdown itself was interrupted (a second Ctrl-C raises

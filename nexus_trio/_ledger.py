@@ -11,6 +11,7 @@ how a monitor's notice is delivered, are callbacks handed in by the kernel.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections import Counter
@@ -54,12 +55,19 @@ class Ledger:
     __slots__ = (
         "_dead_letters",
         "_events",
+        "_lines_logged",
+        "_lines_unsaid",
+        "_log_window_end",
         "_monitors",
+        "_unsaid_wake",
         "_watching",
         "accepted",
         "agents_alive",
         "dead",
         "dead_by_reason",
+        "dead_letter_log_clock",
+        "dead_letter_log_limit",
+        "dead_lines_not_logged",
         "failed",
         "forwarded",
         "given_up",
@@ -79,7 +87,7 @@ class Ledger:
         "timed_out",
     )
 
-    def __init__(self, dead_letter_buffer: int) -> None:
+    def __init__(self, dead_letter_buffer: int, dead_letter_log_limit: int = 0) -> None:
         self.accepted = 0
         #: sends waiting for room in a full mailbox: counted in ``accepted`` (in flight)
         #: while they wait, taken out of it again if they never get in
@@ -126,6 +134,19 @@ class Ledger:
         )
         #: how a monitor notice reaches its watcher (set by the kernel's router)
         self.send_notice: Callable[[Message], None] = lambda msg: None
+        #: dead-letter log lines of one reason written a second at most (0: every one);
+        #: the rest are counted here and said in one line a second (see
+        #: :meth:`say_unlogged`): a storm of a million dead letters is not a million lines
+        self.dead_letter_log_limit = dead_letter_log_limit
+        self.dead_letter_log_clock: Callable[[], float] = trio.current_time
+        self.dead_lines_not_logged = 0
+        #: this second's lines by reason, and those not written (said at its end)
+        self._lines_logged: Counter[str] = Counter()
+        self._lines_unsaid: Counter[str] = Counter()
+        self._log_window_end = -math.inf
+        #: set when a second has lines not written: the kernel's task that says them at
+        #: the second's end waits for it (see :meth:`say_unlogged_when_due`)
+        self._unsaid_wake = trio.Event()
 
     # --- conservation -------------------------------------------------------------------
 
@@ -183,7 +204,7 @@ class Ledger:
         self.dead_by_reason[reason.value] += 1
         if msg.kind is MessageKind.QUERY:
             self.on_dead_query(msg, reason, error)
-        if dead_letter_log.isEnabledFor(logging.INFO):
+        if dead_letter_log.isEnabledFor(logging.INFO) and self._line_allowed(reason.value):
             log_guarded(
                 dead_letter_log,
                 logging.INFO,
@@ -200,6 +221,60 @@ class Ledger:
             letters.publish_kept(DeadLetter.kept(msg, reason, recipient, error, detail))
         else:
             letters.publish(DeadLetter(msg, reason, recipient, error, detail))
+
+    def _line_allowed(self, reason: str) -> bool:
+        """Whether this dead letter of ``reason`` gets its own log line: the first
+        ``dead_letter_log_limit`` of each reason in a second do; the rest are counted and
+        said together when the second ends."""
+        limit = self.dead_letter_log_limit
+        if not limit:
+            return True
+        now = self.dead_letter_log_clock()
+        if now >= self._log_window_end:
+            self.say_unlogged()
+            self._log_window_end = now + 1.0
+        logged = self._lines_logged
+        if logged[reason] < limit:
+            logged[reason] += 1
+            return True
+        unsaid = self._lines_unsaid
+        if not unsaid:
+            self._unsaid_wake.set()
+        unsaid[reason] += 1
+        self.dead_lines_not_logged += 1
+        return False
+
+    def say_unlogged(self) -> None:
+        """Write the one line of the dead letters not logged this second (if any), and
+        start the count of the next second's lines afresh."""
+        self._lines_logged.clear()
+        unsaid = self._lines_unsaid
+        if not unsaid:
+            return
+        total = unsaid.total()
+        by_reason = ", ".join(f"{reason} {count:,}" for reason, count in sorted(unsaid.items()))
+        unsaid.clear()
+        log_guarded(
+            dead_letter_log,
+            logging.INFO,
+            "%s dead letters not logged in the last second (%s): past %s lines a second of"
+            " a reason; each is counted (stats().dead_letters_by_reason,"
+            " nexus_dead_letters_total)",
+            f"{total:,}",
+            by_reason,
+            self.dead_letter_log_limit,
+            extra={"not_logged": total},
+        )
+
+    async def say_unlogged_when_due(self) -> None:
+        """Run by the kernel: when a second has dead letters not logged, write their line
+        at the second's end, also when no other dead letter comes to write it."""
+        while True:
+            await self._unsaid_wake.wait()
+            self._unsaid_wake = trio.Event()
+            await trio.sleep_until(self._log_window_end)
+            if self.dead_letter_log_clock() >= self._log_window_end:
+                self.say_unlogged()
 
     def dead_letters(self, buffer: int) -> Subscription[DeadLetter]:
         return self._dead_letters.subscribe(buffer)
@@ -243,6 +318,7 @@ class Ledger:
             )
 
     def finish_streams(self) -> None:
+        self.say_unlogged()
         self._dead_letters.finish()
         self._events.finish()
 

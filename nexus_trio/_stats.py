@@ -272,3 +272,6 @@ class KernelStats:
     #: deadline, or cancelled) is taken out of ``accepted`` again, so ``accepted`` can
     #: fall by these; ``accepted - sends_waiting`` never falls (the metrics counter)
     sends_waiting: int = 0
+    #: dead letters that got no log line of their own: past ``[kernel]
+    #: dead_letter_log_limit`` lines a second of their reason (said in one line a second)
+    dead_letter_lines_not_logged: int = 0

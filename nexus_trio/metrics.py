@@ -346,7 +346,7 @@ class KernelCollector:
     ``nexus_handler_timeouts``, ``nexus_dead_letters{reason}``,
     ``nexus_sends_rejected{reason}``, ``nexus_restarts``, ``nexus_given_up``,
     ``nexus_dead_letter_stream_dropped``, ``nexus_event_stream_dropped``,
-    ``nexus_log_records_lost``, ``nexus_log_calls_failed`` (counters);
+    ``nexus_dead_letter_lines_not_logged``, ``nexus_log_records_lost``, ``nexus_log_calls_failed`` (counters);
     ``nexus_agents_alive``, ``nexus_messages_in_flight``, ``nexus_max_mailbox_depth``,
     ``nexus_kernel_up``, ``nexus_agent_series_exported``, ``nexus_agent_series_truncated``
     (gauges); ``nexus_handle_latency_seconds`` and ``nexus_queue_wait_seconds`` (summaries
@@ -429,6 +429,12 @@ def _families(snapshot: MetricsSnapshot) -> Iterator[Metric]:
         "nexus_event_stream_dropped",
         "Lifecycle events a slow stream subscriber did not receive.",
         s.event_stream_dropped,
+    )
+    yield counter(
+        "nexus_dead_letter_lines_not_logged",
+        "Dead letters past [kernel] dead_letter_log_limit log lines a second of their reason:"
+        " counted, said in one line a second, not logged one by one.",
+        s.dead_letter_lines_not_logged,
     )
     yield counter(
         "nexus_log_records_lost",

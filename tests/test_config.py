@@ -351,6 +351,12 @@ BAD_VALUES = [
     ("kernel", "batch_size", "0", "[kernel] batch_size must be >= 1, got 0"),
     ("kernel", "dead_letter_buffer", "0", "[kernel] dead_letter_buffer must be >= 1, got 0"),
     (
+        "kernel",
+        "dead_letter_log_limit",
+        "-1",
+        "[kernel] dead_letter_log_limit must be >= 0, got -1",
+    ),
+    (
         "supervision",
         "strategy",
         '"one_for_none"',

@@ -1271,6 +1271,8 @@ def build_summary(
         "run_failures": stats.run_failures if stats else 0,
         "timed_out": stats.timed_out if stats else 0,
         "restarts": stats.restarts if stats else 0,
+        # dead letters past [kernel] dead_letter_log_limit lines a second: no line each
+        "dead_letter_lines_not_logged": stats.dead_letter_lines_not_logged if stats else 0,
         # the rate while the workload ran: the shutdown is in elapsed_s, not in the rate
         "msgs_per_s": state.run_rate(handled + replies + forwarded, t_end),
         "handle_latency": hist("handle_latency"),

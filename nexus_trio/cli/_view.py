@@ -274,6 +274,12 @@ def summary_table(summary: Mapping[str, Any], *, ascii_marks: bool = False) -> T
         else:
             table.add_row(label, "-")
     table.add_row("peak RSS", fmt_bytes(summary["peak_rss_bytes"]))
+    if summary.get("dead_letter_lines_not_logged"):
+        table.add_row(
+            "dead letters not logged",
+            f"{fmt_count(summary['dead_letter_lines_not_logged'])} (past "
+            "[kernel] dead_letter_log_limit lines a second; counted above)",
+        )
     if summary.get("log_records_lost"):
         table.add_row(
             "log records lost",
