@@ -1117,15 +1117,16 @@ class AgentCell(Child):
         self.ledger.dead_letter(
             msg, reason or DeadLetterReason.HANDLER_ERROR, self.id, self.name, error=exc
         )
-        log_guarded(
-            log,
-            logging.WARNING,
-            "agent %s failed message %s: %s",
-            self.label,
-            msg.id,
-            exc.detail,
-            extra=log_extra(self, msg),
-        )
+        if log.isEnabledFor(logging.WARNING) and self.ledger.failure_lines.allowed(self.label):
+            log_guarded(
+                log,
+                logging.WARNING,
+                "agent %s failed message %s: %s",
+                self.label,
+                msg.id,
+                exc.detail,
+                extra=log_extra(self, msg),
+            )
 
     def _unawaited(self, result: types.CoroutineType[Any, Any, Any]) -> TypeError:
         """The error of a handler that returned a coroutine (``return ctx.request(...)``
@@ -1144,16 +1145,17 @@ class AgentCell(Child):
         self.dead_lettered += 1
         self.ledger.dead_letter(msg, DeadLetterReason.HANDLER_ERROR, self.id, self.name, error=exc)
         directive = self.spec.directive_for(exc)
-        log_guarded(
-            log,
-            logging.ERROR,
-            "handler of agent %s failed on message %s (%s)",
-            self.label,
-            msg.id,
-            directive.value,
-            exc_info=exc,
-            extra=log_extra(self, msg),
-        )
+        if log.isEnabledFor(logging.ERROR) and self.ledger.failure_lines.allowed(self.label):
+            log_guarded(
+                log,
+                logging.ERROR,
+                "handler of agent %s failed on message %s (%s)",
+                self.label,
+                msg.id,
+                directive.value,
+                exc_info=exc,
+                extra=log_extra(self, msg),
+            )
         if directive is Directive.RESUME:
             return
         self.exit_directive = directive

@@ -212,6 +212,14 @@ class KernelConfig:
             " in one line a second (0 = a line for every dead letter)"
         ),
     )
+    failure_log_limit: int = attrs.field(
+        default=100,
+        validator=_at_least(0, integer=True),
+        metadata=_doc(
+            "handler-failure log lines (with tracebacks) a second of each agent; the rest are"
+            " counted and said in one line a second (0 = a line for every failure)"
+        ),
+    )
     gc_freeze: bool = attrs.field(
         default=True,
         validator=lambda inst, attribute, value: _boolean(inst, attribute, value),

@@ -91,7 +91,7 @@ class Kernel:
     def __init__(self, config: Config, *, seed: int | None = None) -> None:
         self.config = config
         kc = config.kernel
-        self._ledger = Ledger(kc.dead_letter_buffer, kc.dead_letter_log_limit)
+        self._ledger = Ledger(kc.dead_letter_buffer, kc.dead_letter_log_limit, kc.failure_log_limit)
         heap = HeapKeeper(kc.gc_freeze)
         self._router = Router(self._ledger, kc.send_timeout, heap)
         self._thread_limiter = trio.CapacityLimiter(config.runtime.blocking_thread_limit)
@@ -895,7 +895,8 @@ class Kernel:
             run_failures=ledger.run_failures,
             event_stream_dropped=ledger.event_stream_dropped,
             sends_waiting=ledger.sends_waiting,
-            dead_letter_lines_not_logged=ledger.dead_lines_not_logged,
+            dead_letter_lines_not_logged=ledger.dead_letter_lines.not_logged,
+            failure_lines_not_logged=ledger.failure_lines.not_logged,
         )
 
     def scan_agents(
@@ -1162,7 +1163,7 @@ async def open_kernel(
     # once the shutdown is over, or cut short (a second Ctrl-C).
     tree = trio.CancelScope(shield=True)
     timer = trio.CancelScope(shield=True)
-    # (the line of the dead letters not logged in a second: also those of the shutdown)
+    # (the line of the records not logged in a second: also those of the shutdown)
     unlogged = trio.CancelScope(shield=True)
 
     async def run_tree(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -1188,7 +1189,7 @@ async def open_kernel(
                 # first one then takes the cancellation, and the tree stops as above.
                 await nursery.start(run_tree)
             nursery.start_soon(request_timer)
-            if kernel._ledger.dead_letter_log_limit:
+            if kernel._ledger.dead_letter_lines.limit or kernel._ledger.failure_lines.limit:
                 nursery.start_soon(say_unlogged)
             try:
                 with kernel._body_scope:

@@ -11,7 +11,6 @@ how a monitor's notice is delivered, are callbacks handed in by the kernel.
 from __future__ import annotations
 
 import logging
-import math
 import time
 import uuid
 from collections import Counter
@@ -29,8 +28,10 @@ from ._mailbox import HighWater
 from ._message import SYSTEM_ID, Address, Message, MessageKind
 from ._stats import FOLD_AT, Histogram
 from ._streams import Broadcast, Subscription
+from ._throttle import LineBudget
 
 dead_letter_log: Final = logging.getLogger("nexus_trio.dead_letters")
+agent_log: Final = logging.getLogger("nexus_trio.agent")
 #: handled messages sampled one in eight before the sampling thins to one in 64
 SAMPLE_DENSE: Final = 65_536
 #: what a send refused with an exception to its caller is counted under
@@ -55,9 +56,6 @@ class Ledger:
     __slots__ = (
         "_dead_letters",
         "_events",
-        "_lines_logged",
-        "_lines_unsaid",
-        "_log_window_end",
         "_monitors",
         "_unsaid_wake",
         "_watching",
@@ -65,10 +63,9 @@ class Ledger:
         "agents_alive",
         "dead",
         "dead_by_reason",
-        "dead_letter_log_clock",
-        "dead_letter_log_limit",
-        "dead_lines_not_logged",
+        "dead_letter_lines",
         "failed",
+        "failure_lines",
         "forwarded",
         "given_up",
         "handle_latency",
@@ -87,7 +84,9 @@ class Ledger:
         "timed_out",
     )
 
-    def __init__(self, dead_letter_buffer: int, dead_letter_log_limit: int = 0) -> None:
+    def __init__(
+        self, dead_letter_buffer: int, dead_letter_log_limit: int = 0, failure_log_limit: int = 0
+    ) -> None:
         self.accepted = 0
         #: sends waiting for room in a full mailbox: counted in ``accepted`` (in flight)
         #: while they wait, taken out of it again if they never get in
@@ -134,19 +133,18 @@ class Ledger:
         )
         #: how a monitor notice reaches its watcher (set by the kernel's router)
         self.send_notice: Callable[[Message], None] = lambda msg: None
-        #: dead-letter log lines of one reason written a second at most (0: every one);
-        #: the rest are counted here and said in one line a second (see
-        #: :meth:`say_unlogged`): a storm of a million dead letters is not a million lines
-        self.dead_letter_log_limit = dead_letter_log_limit
-        self.dead_letter_log_clock: Callable[[], float] = trio.current_time
-        self.dead_lines_not_logged = 0
-        #: this second's lines by reason, and those not written (said at its end)
-        self._lines_logged: Counter[str] = Counter()
-        self._lines_unsaid: Counter[str] = Counter()
-        self._log_window_end = -math.inf
-        #: set when a second has lines not written: the kernel's task that says them at
+        #: set when a second has lines not logged: the kernel's task that says them at
         #: the second's end waits for it (see :meth:`say_unlogged_when_due`)
         self._unsaid_wake = trio.Event()
+        #: dead-letter log lines a second of each reason, and handler-failure lines (with
+        #: their tracebacks) a second of each agent: the rest counted and said in one
+        #: line a second (a storm of a million dead letters is not a million lines)
+        self.dead_letter_lines = LineBudget(
+            dead_letter_log_limit, self._say_dead_letters, self._unsaid_wake_set, trio.current_time
+        )
+        self.failure_lines = LineBudget(
+            failure_log_limit, self._say_failures, self._unsaid_wake_set, trio.current_time
+        )
 
     # --- conservation -------------------------------------------------------------------
 
@@ -204,7 +202,9 @@ class Ledger:
         self.dead_by_reason[reason.value] += 1
         if msg.kind is MessageKind.QUERY:
             self.on_dead_query(msg, reason, error)
-        if dead_letter_log.isEnabledFor(logging.INFO) and self._line_allowed(reason.value):
+        if dead_letter_log.isEnabledFor(logging.INFO) and self.dead_letter_lines.allowed(
+            reason.value
+        ):
             log_guarded(
                 dead_letter_log,
                 logging.INFO,
@@ -222,38 +222,10 @@ class Ledger:
         else:
             letters.publish(DeadLetter(msg, reason, recipient, error, detail))
 
-    def _line_allowed(self, reason: str) -> bool:
-        """Whether this dead letter of ``reason`` gets its own log line: the first
-        ``dead_letter_log_limit`` of each reason in a second do; the rest are counted and
-        said together when the second ends."""
-        limit = self.dead_letter_log_limit
-        if not limit:
-            return True
-        now = self.dead_letter_log_clock()
-        if now >= self._log_window_end:
-            self.say_unlogged()
-            self._log_window_end = now + 1.0
-        logged = self._lines_logged
-        if logged[reason] < limit:
-            logged[reason] += 1
-            return True
-        unsaid = self._lines_unsaid
-        if not unsaid:
-            self._unsaid_wake.set()
-        unsaid[reason] += 1
-        self.dead_lines_not_logged += 1
-        return False
+    def _unsaid_wake_set(self) -> None:
+        self._unsaid_wake.set()
 
-    def say_unlogged(self) -> None:
-        """Write the one line of the dead letters not logged this second (if any), and
-        start the count of the next second's lines afresh."""
-        self._lines_logged.clear()
-        unsaid = self._lines_unsaid
-        if not unsaid:
-            return
-        total = unsaid.total()
-        by_reason = ", ".join(f"{reason} {count:,}" for reason, count in sorted(unsaid.items()))
-        unsaid.clear()
+    def _say_dead_letters(self, total: int, by_reason: str) -> None:
         log_guarded(
             dead_letter_log,
             logging.INFO,
@@ -262,19 +234,41 @@ class Ledger:
             " nexus_dead_letters_total)",
             f"{total:,}",
             by_reason,
-            self.dead_letter_log_limit,
+            self.dead_letter_lines.limit,
             extra={"not_logged": total},
         )
 
+    def _say_failures(self, total: int, by_agent: str) -> None:
+        log_guarded(
+            agent_log,
+            logging.ERROR,
+            "%s handler failures not logged in the last second (%s): past %s lines a second"
+            " of an agent; each is counted (stats().failed, nexus_handler_failures_total)"
+            " and dead-lettered",
+            f"{total:,}",
+            by_agent,
+            self.failure_lines.limit,
+            extra={"not_logged": total},
+        )
+
+    def say_unlogged(self) -> None:
+        """Write the lines of the records not logged this second (dead letters, handler
+        failures), if any."""
+        self.dead_letter_lines.say_unlogged()
+        self.failure_lines.say_unlogged()
+
     async def say_unlogged_when_due(self) -> None:
-        """Run by the kernel: when a second has dead letters not logged, write their line
-        at the second's end, also when no other dead letter comes to write it."""
+        """Run by the kernel: when a second has records not logged, write their line at
+        the second's end, also when no other record comes to write it."""
         while True:
             await self._unsaid_wake.wait()
             self._unsaid_wake = trio.Event()
-            await trio.sleep_until(self._log_window_end)
-            if self.dead_letter_log_clock() >= self._log_window_end:
-                self.say_unlogged()
+            for budget in (self.dead_letter_lines, self.failure_lines):
+                end = budget.window_end
+                if end is not None:
+                    await trio.sleep_until(end)
+                    if budget.clock() >= end:
+                        budget.say_unlogged()
 
     def dead_letters(self, buffer: int) -> Subscription[DeadLetter]:
         return self._dead_letters.subscribe(buffer)

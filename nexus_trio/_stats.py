@@ -275,3 +275,6 @@ class KernelStats:
     #: dead letters that got no log line of their own: past ``[kernel]
     #: dead_letter_log_limit`` lines a second of their reason (said in one line a second)
     dead_letter_lines_not_logged: int = 0
+    #: handler failures that got no log line (nor traceback) of their own: past ``[kernel]
+    #: failure_log_limit`` lines a second of their agent (said in one line a second)
+    failure_lines_not_logged: int = 0

@@ -1,9 +1,11 @@
-"""One log line per interval for a warning that a flood would repeat."""
+"""One log line per interval for a warning that a flood would repeat, and at most so many
+lines a second of records alike."""
 
 from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import final
 
@@ -28,3 +30,66 @@ class Throttle:
             self._last = now
             return True
         return False
+
+
+@final
+class LineBudget:
+    """At most ``limit`` log lines a second of each key (0: no limit); the rest are
+    counted (``not_logged``) and said in one line by ``say`` (the count, and the counts by
+    key) when their second ends: at the next :meth:`allowed` after it, by
+    :meth:`say_when_due` (a task of the kernel, which ``wake`` rouses), or at
+    :meth:`say_unlogged` when the kernel closes. A storm of a million alike records is
+    then a few lines a second, not a million."""
+
+    __slots__ = ("_logged", "_unsaid", "_window_end", "clock", "limit", "not_logged", "say", "wake")
+
+    def __init__(
+        self,
+        limit: int,
+        say: Callable[[int, str], None],
+        wake: Callable[[], None],
+        clock: Callable[[], float],
+    ) -> None:
+        self.limit = limit
+        self.say = say
+        self.wake = wake
+        self.clock = clock
+        self.not_logged = 0
+        self._logged: Counter[str] = Counter()
+        self._unsaid: Counter[str] = Counter()
+        self._window_end = -math.inf
+
+    def allowed(self, key: str) -> bool:
+        """Whether this record of ``key`` gets its own line (counted if not)."""
+        limit = self.limit
+        if not limit:
+            return True
+        now = self.clock()
+        if now >= self._window_end:
+            self.say_unlogged()
+            self._window_end = now + 1.0
+        logged = self._logged
+        if logged[key] < limit:
+            logged[key] += 1
+            return True
+        unsaid = self._unsaid
+        if not unsaid:
+            self.wake()
+        unsaid[key] += 1
+        self.not_logged += 1
+        return False
+
+    @property
+    def window_end(self) -> float | None:
+        """The end of the second whose lines not logged are still to be said (None: none)."""
+        return self._window_end if self._unsaid else None
+
+    def say_unlogged(self) -> None:
+        """Say the lines not logged this second (if any); the next second counts afresh."""
+        self._logged.clear()
+        unsaid = self._unsaid
+        if unsaid:
+            by_key = ", ".join(f"{key} {count:,}" for key, count in sorted(unsaid.items()))
+            total = unsaid.total()
+            unsaid.clear()
+            self.say(total, by_key)

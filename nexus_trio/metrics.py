@@ -346,7 +346,8 @@ class KernelCollector:
     ``nexus_handler_timeouts``, ``nexus_dead_letters{reason}``,
     ``nexus_sends_rejected{reason}``, ``nexus_restarts``, ``nexus_given_up``,
     ``nexus_dead_letter_stream_dropped``, ``nexus_event_stream_dropped``,
-    ``nexus_dead_letter_lines_not_logged``, ``nexus_log_records_lost``,
+    ``nexus_dead_letter_lines_not_logged``, ``nexus_handler_failure_lines_not_logged``,
+    ``nexus_log_records_lost``,
     ``nexus_log_calls_failed`` (counters); ``nexus_agents_alive``,
     ``nexus_messages_in_flight``, ``nexus_sends_waiting``, ``nexus_max_mailbox_depth``,
     ``nexus_kernel_up``, ``nexus_agent_series_exported``, ``nexus_agent_series_truncated``
@@ -436,6 +437,12 @@ def _families(snapshot: MetricsSnapshot) -> Iterator[Metric]:
         "Dead letters past [kernel] dead_letter_log_limit log lines a second of their reason:"
         " counted, said in one line a second, not logged one by one.",
         s.dead_letter_lines_not_logged,
+    )
+    yield counter(
+        "nexus_handler_failure_lines_not_logged",
+        "Handler failures past [kernel] failure_log_limit log lines a second of their agent:"
+        " counted, said in one line a second, no traceback each.",
+        s.failure_lines_not_logged,
     )
     yield counter(
         "nexus_log_records_lost",

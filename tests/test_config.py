@@ -356,6 +356,7 @@ BAD_VALUES = [
         "-1",
         "[kernel] dead_letter_log_limit must be >= 0, got -1",
     ),
+    ("kernel", "failure_log_limit", "-1", "[kernel] failure_log_limit must be >= 0, got -1"),
     (
         "supervision",
         "strategy",

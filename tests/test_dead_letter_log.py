@@ -142,9 +142,53 @@ async def test_a_limit_of_0_logs_every_dead_letter(
         assert kernel.stats().dead_letter_lines_not_logged == 0
 
 
-def test_a_negative_limit_is_refused_naming_the_key() -> None:
-    with pytest.raises(ValueError, match="dead_letter_log_limit"):
-        make_config(dead_letter_log_limit=-1)
+@pytest.mark.parametrize("key", ["dead_letter_log_limit", "failure_log_limit"])
+def test_a_negative_limit_is_refused_naming_the_key(key: str) -> None:
+    with pytest.raises(ValueError, match=key):
+        make_config(**{key: -1})
+
+
+@agent(name="other", on_error="resume")
+async def other(ctx: Context, msg: Message) -> None:
+    raise KeyError(msg.payload)
+
+
+async def test_a_storm_of_handler_failures_logs_the_limit_of_each_agent_a_second_with_tracebacks(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """200 failures of one agent in a moment: 5 tracebacks (the limit), the other 195
+    counted and said in one ERROR line at the second's end; another agent's failure in the
+    same second still gets its traceback; every failure is counted and dead-lettered."""
+    logger = logging.getLogger("nexus_trio.agent")
+    seen = ListHandler()
+    logger.addHandler(seen)
+    try:
+        config = make_config(failure_log_limit=LIMIT)
+        async with open_kernel(config) as kernel:
+            kernel.spawn(thrower)
+            kernel.spawn(other)
+            for i in range(200):
+                await kernel.send("thrower", i)
+            await kernel.send("other", "x")
+            await trio.testing.wait_all_tasks_blocked()
+            tracebacks = [r for r in seen.records if r.exc_info is not None]
+            assert [r.getMessage().split(" failed")[0] for r in tracebacks] == [
+                "handler of agent thrower"
+            ] * LIMIT + ["handler of agent other"]
+            assert kernel.stats().failure_lines_not_logged == 200 - LIMIT
+            assert seen.not_logged() == []
+            await trio.sleep(1.5)
+            (said,) = seen.not_logged()
+            assert said.levelno == logging.ERROR
+            assert said.not_logged == 200 - LIMIT  # type: ignore[attr-defined]
+            assert f"(thrower {200 - LIMIT})" in said.getMessage()
+            stats = kernel.stats()
+            assert stats.failed == 201
+            assert stats.dead_letters_by_reason == {"handler_error": 201}
+            text = generate_latest(build_registry(kernel, process=False)).decode()
+            assert f"nexus_handler_failure_lines_not_logged_total {200 - LIMIT}.0" in text
+    finally:
+        logger.removeHandler(seen)
 
 
 STORM_APP = """

@@ -174,9 +174,10 @@ async def test_a_json_log_on_dev_full_during_a_burst_of_dead_letters_counts_ever
     with open("/dev/full", "w") as full:
         configure_logging(LoggingConfig(level="info", format="json", queue=queue), stream=full)
         before = records_lost()
-        # (a line for every dead letter: past [kernel] dead_letter_log_limit they are
-        # counted unwritten, not lost; tests/test_dead_letter_log.py)
-        async with open_kernel(make_config(dead_letter_log_limit=0)) as kernel:
+        # (a line for every dead letter and failure: past [kernel] dead_letter_log_limit
+        # and failure_log_limit they are counted unwritten, not lost;
+        # tests/test_dead_letter_log.py)
+        async with open_kernel(make_config(dead_letter_log_limit=0, failure_log_limit=0)) as kernel:
             kernel.spawn(thrower)
             for i in range(2_000):
                 await kernel.send("thrower", i)

@@ -1273,6 +1273,8 @@ def build_summary(
         "restarts": stats.restarts if stats else 0,
         # dead letters past [kernel] dead_letter_log_limit lines a second: no line each
         "dead_letter_lines_not_logged": stats.dead_letter_lines_not_logged if stats else 0,
+        # handler failures past [kernel] failure_log_limit lines a second: no traceback each
+        "failure_lines_not_logged": stats.failure_lines_not_logged if stats else 0,
         # the rate while the workload ran: the shutdown is in elapsed_s, not in the rate
         "msgs_per_s": state.run_rate(handled + replies + forwarded, t_end),
         "handle_latency": hist("handle_latency"),

@@ -280,6 +280,12 @@ def summary_table(summary: Mapping[str, Any], *, ascii_marks: bool = False) -> T
             f"{fmt_count(summary['dead_letter_lines_not_logged'])} (past "
             "[kernel] dead_letter_log_limit lines a second; counted above)",
         )
+    if summary.get("failure_lines_not_logged"):
+        table.add_row(
+            "failures not logged",
+            f"{fmt_count(summary['failure_lines_not_logged'])} (past "
+            "[kernel] failure_log_limit lines a second; counted above)",
+        )
     if summary.get("log_records_lost"):
         table.add_row(
             "log records lost",
