@@ -267,7 +267,9 @@ class Ledger:
                 end = budget.window_end
                 if end is not None:
                     await trio.sleep_until(end)
-                    if budget.clock() >= end:
+                    if budget.window_end == end:
+                        # (the same second: one after it said this one as it began, and
+                        # its own lines wake this task again)
                         budget.say_unlogged()
 
     def dead_letters(self, buffer: int) -> Subscription[DeadLetter]:
