@@ -82,7 +82,7 @@ class _Opcodes:
         elif event == "opcode":
             code = frame.f_code
             self.functions[code.co_name] += 1
-            if code.co_name == "_serve":
+            if code.co_name == "run_once":
                 self.lines[code.co_filename, frame.f_lineno or 0] += 1
         return self
 
@@ -167,7 +167,7 @@ def run_side(side: str, agents: int, messages: int, lines: bool) -> str:
     for (filename, line), count in sorted(tracer.lines.items()):
         if count / messages >= 0.1:
             text = linecache.getline(filename, line).strip()
-            out += f"\n  {count / messages:7.2f}  _serve:{line}  {text}"
+            out += f"\n  {count / messages:7.2f}  run_once:{line}  {text}"
     return out
 
 

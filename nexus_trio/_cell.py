@@ -496,25 +496,28 @@ class AgentCell(Child):
 
     # --- a run --------------------------------------------------------------------------
 
-    # Not protected from KeyboardInterrupt (its caller, the supervisor's task, is): it
-    # runs the agent's own code (its class's __init__, on_start, on_stop), which a Ctrl-C
-    # must be able to interrupt. Its own bookkeeping is done in the small protected
-    # methods below it, one call for each group of lines that belong together, so that a
-    # Ctrl-C lands before or after a group, never inside one (a dead letter counted and
-    # not published, a failure counted for the agent and not for the kernel). The serve
-    # loop below is protected again. A Ctrl-C the kernel shuts down for ends the run as a
-    # stop for the shutdown, not as an exit to restart: it raises StoppedForShutdown
-    # (with what the run failed with before, if anything).
-    @trio.lowlevel.disable_ki_protection
+    # One frame for the whole run, serve loop included: every running agent keeps it (a
+    # frame that only passed a call on to the serve loop cost 272 bytes an agent).
+    # Protected from KeyboardInterrupt, as its caller (the supervisor's task) is: a Ctrl-C
+    # in its own lines goes to the run's main task at its next checkpoint, and the kernel
+    # shuts down gracefully. The agent's own code is not protected, so that a Ctrl-C can
+    # interrupt it: its class's __init__ and its on_start are called by the unprotected
+    # helpers below (whose frames are gone once they return), its handlers are
+    # unprotected by code (``unprotect``) and its on_stop runs in ``_call_on_stop``. A
+    # Ctrl-C the kernel shuts down for ends the run as a stop for the shutdown, not as an
+    # exit to restart: it raises StoppedForShutdown (with what the run failed with before,
+    # if anything).
+    @trio.lowlevel.enable_ki_protection
     async def run_once(self) -> None:
-        """One run: fresh behaviour, ``on_start``, serve until asked to exit, ``on_stop``."""
+        """One run: fresh behaviour, ``on_start``, serve until asked to exit, ``on_stop``.
+
+        Serving the mailbox is this function's own loop, not a helper's: a handler
+        deadline or a request timeout cancels ``scope``; the message is dead-lettered and
+        serving goes on in a new scope, until the agent is asked to exit (or held after
+        the grace period).
+        """
         self._begin_run()
-        try:
-            behaviour: Behaviour = self.spec.factory()
-        except KeyboardInterrupt as exc:
-            # A Ctrl-C in the agent class's __init__: nothing started, nothing to stop
-            # (no behaviour, no on_stop).
-            raise self._stopped_by(exc, None) from None
+        behaviour = self._new_behaviour()
         failure: BaseException | None = None
         # Set once on_start has returned: a run whose on_start its stop cancelled (the
         # nursery's scope, past the grace or the shutdown timeout) has not started, and
@@ -538,12 +541,229 @@ class AgentCell(Child):
                         # every activation).
                         self._enter_run()
                     else:
-                        try:
-                            await behaviour.on_start(self._enter_run())
-                        except (Exception, trio.Cancelled) as exc:
-                            raise _start_failure(exc) from None
+                        await self._call_on_start(behaviour)
                     started = self._run_started()
-                    await self._serve(behaviour)
+                    # (the defaults' fields, not the cell's properties: two calls fewer a run)
+                    router = self.defaults.router
+                    ledger = self.defaults.ledger
+                    mailbox = self.mailbox
+                    # Mailbox.take written out below (a call per message costs more than a no-op
+                    # handler): this, then ``depth -= 1`` or ``recount()`` while producers wait.
+                    # (the channel, not its bound receive_nowait: a bound method kept in every
+                    # running agent's frame would be 64 bytes more, and one more object to touch
+                    # when a cold agent wakes)
+                    receive = mailbox.receiver()
+                    handler = behaviour.handle
+                    unprotect(handler)
+                    ctx = self.ctx
+                    assert ctx is not None
+                    now = ledger.now
+                    # the loop over a batch (``for ... else``: the else is a full batch), one range
+                    # shared by every run
+                    batch = _batch_of(self.defaults.batch_size)
+                    # ids of queries whose requesters stopped waiting: such a query is skipped (dead
+                    # letter ``request_timeout``) instead of handled; other messages pay one ``is``
+                    late = router.late_queries
+                    # A message handed to us while we were parked: it is ours, handled first.
+                    got: Message | None = None
+                    stepper: Any = None
+                    # (also what it is answered with: one local less in the frame every parked
+                    # agent keeps)
+                    result: Any = None
+                    # A cancel of ``scope`` that came after a suspended handler was woken, too late
+                    # to stop it: the scope is spent (Trio keeps it cancelled), and serving goes on in
+                    # a new one once this message is done with, or the next message would get it.
+                    stale = False
+                    # (None once an exception left it: see the ``finally`` below)
+                    scope: Any = None
+                    while True:
+                        # A ``with`` written out: the statement keeps the scope's bound ``__exit__``
+                        # on the frame's stack for as long as the loop runs (64 bytes in every
+                        # running agent); this frame keeps the scope only, which it needs anyway.
+                        scope = trio.CancelScope()
+                        scope.__enter__()
+                        self._handler_scope = scope
+                        try:
+                            while True:
+                                # which handled messages are sampled for latency (see Ledger)
+                                mask = ledger.sample_mask
+                                for _ in batch:
+                                    if got is not None:
+                                        msg = got
+                                        got = None
+                                        if self._held:
+                                            self._dead_after_grace(msg)
+                                            continue
+                                    else:
+                                        if self.interrupted and (
+                                            self._held
+                                            or (
+                                                self.exit_requested
+                                                and not (self.drain_before_exit and mailbox.depth)
+                                            )
+                                        ):
+                                            # the run's exit, below (held: after the release)
+                                            break
+                                        if not mailbox.depth:
+                                            # Empty (the depth is kept exact): no take raising
+                                            # WouldBlock, which costs more than a no-op handler
+                                            # for an agent woken by each message.
+                                            break
+                                        try:
+                                            msg = receive.receive_nowait()  # type: ignore[assignment]  # None: never buffered
+                                        except trio.WouldBlock:  # a guard: free unless it raises
+                                            break
+                                        if mailbox.waiting:
+                                            mailbox.recount()
+                                        else:
+                                            mailbox.depth -= 1
+                                    if late and msg.kind is _QUERY and id_value(msg) in late:
+                                        self.dead_lettered += 1
+                                        router.discard_queued(
+                                            [msg], DeadLetterReason.REQUEST_TIMEOUT, self, ""
+                                        )
+                                        continue
+                                    self.current = msg
+                                    # The clock is read only for a sampled message or a handler that
+                                    # suspends: a read costs about as much as a no-op handler. Sampled
+                                    # by the count before this message (``+ 1`` would build an int per
+                                    # message).
+                                    start = now() if not ledger.handled & mask else 0.0
+                                    # Read at each message: a handler that suspends takes the
+                                    # kernel's stepper with it (see _step).
+                                    stepper = router.stepper
+                                    # a load of the slot, then a call: ``stepper.send(...)`` is a
+                                    # method load, which 3.11 cannot specialize for a slot
+                                    step = stepper.send
+                                    try:
+                                        trap = step(handler(ctx, msg))
+                                        if trap is _DONE:
+                                            result = stepper.box[0]
+                                        elif trap is _FAILED:
+                                            raise stepper.failure()
+                                        else:
+                                            # The handler suspended: only now does it get a deadline (a
+                                            # timer costs more than a whole message when nothing awaits).
+                                            router.stepper = Stepper()
+                                            scope.deadline = (start or now()) + self.handle_timeout
+                                            self._suspended = True
+                                            try:
+                                                result = await resume(stepper, trap)
+                                            finally:
+                                                self._suspended = False
+                                                scope.deadline = math.inf
+                                                # (a Cancelled of its own leaves the scope anyway)
+                                                stale = scope.cancel_called
+                                    except MessageFailed as exc:
+                                        # This message failed, the agent did not: go on with the next one.
+                                        self._message_failed(msg, exc)
+                                        if stale:
+                                            await (
+                                                trio.lowlevel.checkpoint()
+                                            )  # leaves the spent scope
+                                        continue
+                                    except Exception as exc:
+                                        self._handler_raised(msg, exc)
+                                        if stale:
+                                            await (
+                                                trio.lowlevel.checkpoint()
+                                            )  # leaves the spent scope
+                                        continue
+                                    except KeyboardInterrupt as exc:
+                                        # Ctrl-C, raised by Trio in the handler's code: the kernel
+                                        # shuts down gracefully and this agent drains with the others
+                                        # (once the kernel is shutting down, it goes on up: forced).
+                                        if not router.interrupt(exc):
+                                            raise
+                                        self._interrupted(msg)
+                                        if stale:
+                                            await (
+                                                trio.lowlevel.checkpoint()
+                                            )  # leaves the spent scope
+                                        continue
+                                    if result is not None and type(result) is _Coroutine:
+                                        self._handler_raised(msg, self._unawaited(result))
+                                        result = None
+                                        if stale:
+                                            await (
+                                                trio.lowlevel.checkpoint()
+                                            )  # leaves the spent scope
+                                        continue
+                                    self.current = None
+                                    self.handled += 1
+                                    ledger.handled += 1
+                                    if start and not (ledger.handled - 1) & mask:
+                                        # Sampled by the kernel-wide count (agents that handle few messages
+                                        # are seen too): recording costs more than a no-op handler.
+                                        ledger.record_latency(start, msg)
+                                    if stale:
+                                        # Done with: what it returned is answered or routed, out of
+                                        # reach of the spent scope (a route waits at most the send
+                                        # deadline), then the scope is left.
+                                        if result is not None:
+                                            result = router.answer(self.id, msg, result)
+                                            if result is not None:
+                                                with trio.CancelScope(shield=True):
+                                                    await router.route(result)
+                                            result = None
+                                        await trio.lowlevel.checkpoint()  # leaves the spent scope
+                                    if result is not None:
+                                        # A local request's answer is delivered without a coroutine.
+                                        result = router.answer(self.id, msg, result)
+                                        if result is not None:
+                                            await router.route(result)
+                                else:
+                                    # A full batch: let the others run before the next one.
+                                    await trio.lowlevel.checkpoint()
+                                    continue
+                                # The mailbox is empty.
+                                if self.interrupted:
+                                    if self._held:
+                                        if not self.exit_requested:
+                                            await self._wait_for_release()
+                                        break
+                                    if self.exit_requested:
+                                        break
+                                    self._went_idle()
+                                if router.phase is _DRAINING:
+                                    router.check_drained()
+                                # Parked agents keep this frame: let go of the last message, its
+                                # result and the finished handler coroutine (at a million agents
+                                # with one message each, that is a million messages kept alive).
+                                msg = _NOTHING
+                                stepper = result = None
+                                self.parked = True
+                                # Mailbox.receive written out: a parked agent keeps no frame of it.
+                                waiting = mailbox.waiting
+                                got = None
+                                try:
+                                    got = await mailbox.park()
+                                finally:
+                                    self.parked = False
+                                    got = mailbox.unparked(got, waiting)
+                        except BaseException as exc:
+                            # What the ``with`` statement does: the scope takes the exception (its
+                            # own cancel) or it goes on; either way the ``finally`` leaves it alone.
+                            scope = None
+                            if not self._leave_handler_scope(exc):
+                                raise
+                        else:
+                            # The run's exit (a ``break`` of the loop above): the ``finally`` leaves
+                            # the scope.
+                            break
+                        finally:
+                            if scope is not None:
+                                # left by the run's exit
+                                scope.__exit__(None, None, None)
+
+                        # Only a handler deadline or a request timeout cancels this scope.
+                        self._handler_scope = None
+                        if self.current is not None:
+                            self._handler_cancelled(self.current)
+                        elif stale:
+                            # the reason of a cancel that came too late is no message's
+                            self._cancel_reason = None
+                        stale = False
                     self._end_background()
                 except BaseException as exc:
                     # What the statement does: the nursery takes the exception (a cancel
@@ -572,7 +792,28 @@ class AgentCell(Child):
             self._count_run_failure(failure)
             raise failure
 
-    # Not protected from KeyboardInterrupt, as run_once: it runs the agent's on_stop. A
+    # Not protected from KeyboardInterrupt: it runs the agent class's __init__.
+    @trio.lowlevel.disable_ki_protection
+    def _new_behaviour(self) -> Behaviour:
+        """The run's fresh behaviour, from the spec's factory."""
+        try:
+            return self.spec.factory()
+        except KeyboardInterrupt as exc:
+            # A Ctrl-C in the agent class's __init__: nothing started, nothing to stop
+            # (no behaviour, no on_stop).
+            raise self._stopped_by(exc, None) from None
+
+    # Not protected from KeyboardInterrupt: it runs the agent's on_start. A coroutine of
+    # its own, gone once on_start has returned (run_once's frame stays for the run).
+    @trio.lowlevel.disable_ki_protection
+    async def _call_on_start(self, behaviour: Behaviour) -> None:
+        """The run's ``on_start``, in its open nursery."""
+        try:
+            await behaviour.on_start(self._enter_run())
+        except (Exception, trio.Cancelled) as exc:
+            raise _start_failure(exc) from None
+
+    # Not protected from KeyboardInterrupt: it runs the agent's on_stop. A
     # method of its own: what it needs (its scope, the stack of a ``with`` around a
     # ``try`` in a ``finally``) would be slots of run_once's frame, which every running
     # agent keeps.
@@ -810,223 +1051,6 @@ class AgentCell(Child):
         """Held after the grace period: nothing more is handled until the stop comes (the
         caller has looked whether it came already: at a shutdown, most have)."""
         await self._release_event().wait()
-
-    @trio.lowlevel.enable_ki_protection
-    async def _serve(self, behaviour: Behaviour) -> None:
-        """Serve the mailbox until asked to exit (or held after the grace period).
-
-        One function, not a loop around a helper: every running agent keeps this frame,
-        so a frame that only passed the call on would cost memory per agent. A handler
-        deadline or a request timeout cancels ``scope``; the message is dead-lettered and
-        serving goes on in a new scope.
-        """
-        # (the defaults' fields, not the cell's properties: two calls fewer a run)
-        router = self.defaults.router
-        ledger = self.defaults.ledger
-        mailbox = self.mailbox
-        # Mailbox.take written out below (a call per message costs more than a no-op
-        # handler): this, then ``depth -= 1`` or ``recount()`` while producers wait.
-        # (the channel, not its bound receive_nowait: a bound method kept in every
-        # running agent's frame would be 64 bytes more, and one more object to touch
-        # when a cold agent wakes)
-        receive = mailbox.receiver()
-        handler = behaviour.handle
-        unprotect(handler)
-        ctx = self.ctx
-        assert ctx is not None
-        now = ledger.now
-        # the loop over a batch (``for ... else``: the else is a full batch), one range
-        # shared by every run
-        batch = _batch_of(self.defaults.batch_size)
-        # ids of queries whose requesters stopped waiting: such a query is skipped (dead
-        # letter ``request_timeout``) instead of handled; other messages pay one ``is``
-        late = router.late_queries
-        # A message handed to us while we were parked: it is ours, handled first.
-        got: Message | None = None
-        stepper: Any = None
-        # (also what it is answered with: one local less in the frame every parked
-        # agent keeps)
-        result: Any = None
-        # A cancel of ``scope`` that came after a suspended handler was woken, too late
-        # to stop it: the scope is spent (Trio keeps it cancelled), and serving goes on in
-        # a new one once this message is done with, or the next message would get it.
-        stale = False
-        # (None once an exception left it: see the ``finally`` below)
-        scope: Any = None
-        while True:
-            # A ``with`` written out: the statement keeps the scope's bound ``__exit__``
-            # on the frame's stack for as long as the loop runs (64 bytes in every
-            # running agent); this frame keeps the scope only, which it needs anyway.
-            scope = trio.CancelScope()
-            scope.__enter__()
-            self._handler_scope = scope
-            try:
-                while True:
-                    # which handled messages are sampled for latency (see Ledger)
-                    mask = ledger.sample_mask
-                    for _ in batch:
-                        if got is not None:
-                            msg = got
-                            got = None
-                            if self._held:
-                                self._dead_after_grace(msg)
-                                continue
-                        else:
-                            if self.interrupted:
-                                if self._held:
-                                    if not self.exit_requested:
-                                        await self._wait_for_release()
-                                    return
-                                if self.exit_requested and not (
-                                    self.drain_before_exit and mailbox.depth
-                                ):
-                                    return
-                            if not mailbox.depth:
-                                # Empty (the depth is kept exact): no take raising
-                                # WouldBlock, which costs more than a no-op handler
-                                # for an agent woken by each message.
-                                break
-                            try:
-                                msg = receive.receive_nowait()  # type: ignore[assignment]  # None: never buffered
-                            except trio.WouldBlock:  # a guard: free unless it raises
-                                break
-                            if mailbox.waiting:
-                                mailbox.recount()
-                            else:
-                                mailbox.depth -= 1
-                        if late and msg.kind is _QUERY and id_value(msg) in late:
-                            self.dead_lettered += 1
-                            router.discard_queued([msg], DeadLetterReason.REQUEST_TIMEOUT, self, "")
-                            continue
-                        self.current = msg
-                        # The clock is read only for a sampled message or a handler that
-                        # suspends: a read costs about as much as a no-op handler. Sampled
-                        # by the count before this message (``+ 1`` would build an int per
-                        # message).
-                        start = now() if not ledger.handled & mask else 0.0
-                        # Read at each message: a handler that suspends takes the
-                        # kernel's stepper with it (see _step).
-                        stepper = router.stepper
-                        # a load of the slot, then a call: ``stepper.send(...)`` is a
-                        # method load, which 3.11 cannot specialize for a slot
-                        step = stepper.send
-                        try:
-                            trap = step(handler(ctx, msg))
-                            if trap is _DONE:
-                                result = stepper.box[0]
-                            elif trap is _FAILED:
-                                raise stepper.failure()
-                            else:
-                                # The handler suspended: only now does it get a deadline (a
-                                # timer costs more than a whole message when nothing awaits).
-                                router.stepper = Stepper()
-                                scope.deadline = (start or now()) + self.handle_timeout
-                                self._suspended = True
-                                try:
-                                    result = await resume(stepper, trap)
-                                finally:
-                                    self._suspended = False
-                                    scope.deadline = math.inf
-                                    # (a Cancelled of its own leaves the scope anyway)
-                                    stale = scope.cancel_called
-                        except MessageFailed as exc:
-                            # This message failed, the agent did not: go on with the next one.
-                            self._message_failed(msg, exc)
-                            if stale:
-                                await trio.lowlevel.checkpoint()  # leaves the spent scope
-                            continue
-                        except Exception as exc:
-                            self._handler_raised(msg, exc)
-                            if stale:
-                                await trio.lowlevel.checkpoint()  # leaves the spent scope
-                            continue
-                        except KeyboardInterrupt as exc:
-                            # Ctrl-C, raised by Trio in the handler's code: the kernel
-                            # shuts down gracefully and this agent drains with the others
-                            # (once the kernel is shutting down, it goes on up: forced).
-                            if not router.interrupt(exc):
-                                raise
-                            self._interrupted(msg)
-                            if stale:
-                                await trio.lowlevel.checkpoint()  # leaves the spent scope
-                            continue
-                        if result is not None and type(result) is _Coroutine:
-                            self._handler_raised(msg, self._unawaited(result))
-                            result = None
-                            if stale:
-                                await trio.lowlevel.checkpoint()  # leaves the spent scope
-                            continue
-                        self.current = None
-                        self.handled += 1
-                        ledger.handled += 1
-                        if start and not (ledger.handled - 1) & mask:
-                            # Sampled by the kernel-wide count (agents that handle few messages
-                            # are seen too): recording costs more than a no-op handler.
-                            ledger.record_latency(start, msg)
-                        if stale:
-                            # Done with: what it returned is answered or routed, out of
-                            # reach of the spent scope (a route waits at most the send
-                            # deadline), then the scope is left.
-                            if result is not None:
-                                result = router.answer(self.id, msg, result)
-                                if result is not None:
-                                    with trio.CancelScope(shield=True):
-                                        await router.route(result)
-                                result = None
-                            await trio.lowlevel.checkpoint()  # leaves the spent scope
-                        if result is not None:
-                            # A local request's answer is delivered without a coroutine.
-                            result = router.answer(self.id, msg, result)
-                            if result is not None:
-                                await router.route(result)
-                    else:
-                        # A full batch: let the others run before the next one.
-                        await trio.lowlevel.checkpoint()
-                        continue
-                    # The mailbox is empty.
-                    if self.interrupted:
-                        if self._held:
-                            if not self.exit_requested:
-                                await self._wait_for_release()
-                            return
-                        if self.exit_requested:
-                            return
-                        self._went_idle()
-                    if router.phase is _DRAINING:
-                        router.check_drained()
-                    # Parked agents keep this frame: let go of the last message, its
-                    # result and the finished handler coroutine (at a million agents
-                    # with one message each, that is a million messages kept alive).
-                    msg = _NOTHING
-                    stepper = result = None
-                    self.parked = True
-                    # Mailbox.receive written out: a parked agent keeps no frame of it.
-                    waiting = mailbox.waiting
-                    got = None
-                    try:
-                        got = await mailbox.park()
-                    finally:
-                        self.parked = False
-                        got = mailbox.unparked(got, waiting)
-            except BaseException as exc:
-                # What the ``with`` statement does: the scope takes the exception (its
-                # own cancel) or it goes on; either way the ``finally`` leaves it alone.
-                scope = None
-                if not self._leave_handler_scope(exc):
-                    raise
-            finally:
-                if scope is not None:
-                    # left by a ``return``
-                    scope.__exit__(None, None, None)
-
-            # Only a handler deadline or a request timeout cancels this scope.
-            self._handler_scope = None
-            if self.current is not None:
-                self._handler_cancelled(self.current)
-            elif stale:
-                # the reason of a cancel that came too late is no message's
-                self._cancel_reason = None
-            stale = False
 
     def _leave_handler_scope(self, exc: BaseException) -> bool:
         """The serve loop's scope left by ``exc``, as a ``with`` statement leaves it: True

@@ -1617,7 +1617,7 @@ class Router:
             at = self._passed_on.pop(query_id.int, None)
             if at is not None:
                 return self.expire_query(query_id, at)
-        # A query still queued is skipped when it comes out (see AgentCell._serve).
+        # A query still queued is skipped when it comes out (see AgentCell.run_once).
         return False
 
     def _dead_query(

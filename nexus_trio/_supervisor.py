@@ -603,10 +603,10 @@ class SupervisorNode(Child, ChildOwner):
         except Exception as exc:
             error = exc
         except KeyboardInterrupt as exc:
-            # A Ctrl-C that landed in run_once's own first lines (its entry, the
-            # opening of the run's nursery: not protected, as they run the agent's
-            # code), before any of its groups could take it: the kernel's, as there
-            # (the run ends as a stop for the shutdown), or raised on (forced).
+            # A Ctrl-C raised in a child's run that none of its own handlers took
+            # (an agent's run takes its own: its lines are protected, its agent's
+            # code is not): the kernel's (the run ends as a stop for the shutdown),
+            # or raised on (forced).
             if not self.host.router.interrupt(exc):
                 raise
             error = StoppedForShutdown(None)

@@ -562,7 +562,7 @@ def test_the_fanout_drain_script_times_the_drain_against_floors_that_wake_as_oft
     lines = run("--side", "kernel", "--agents", "10", "--messages", "2000", "--lines")
     assert lines.returncode == 0, lines.stderr
     assert "opcodes per message" in lines.stdout
-    assert "_serve:" in lines.stdout and "receive_nowait" in lines.stdout
+    assert "run_once:" in lines.stdout and "receive_nowait" in lines.stdout
     bad = run("--side", "ints", "--lines")
     assert bad.returncode == 2
     assert "--lines counts the kernel's drain: give --side kernel" in bad.stderr

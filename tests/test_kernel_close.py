@@ -1260,8 +1260,9 @@ async def test_wait_stop_requested_returns_at_the_stop_of_an_agent_held_after_th
 
 def _ctrl_c_at(text: str, fired: list[str]) -> Any:
     """A ``sys.settrace`` function that gives a Ctrl-C to the line of ``nexus_trio/_cell.py``
-    that starts with ``text``, the first time it runs in ``run_once`` (or ``_call_on_stop``,
-    its on_stop part) or in a function that one of them calls, as the signal machinery
+    that starts with ``text``, the first time it runs in ``run_once`` (or ``_call_on_start``
+    or ``_call_on_stop``, its on_start and on_stop parts) or in a function that one of
+    them calls, as the signal machinery
     would: Trio's SIGINT handler is called with the frame that runs it, raises
     KeyboardInterrupt there if that frame is not protected, and gives it to the run's main
     task otherwise (``fired`` gets the function's name)."""
@@ -1269,7 +1270,7 @@ def _ctrl_c_at(text: str, fired: list[str]) -> Any:
     with open(path, encoding="utf-8") as source:
         lines = {n for n, line in enumerate(source, 1) if line.strip().startswith(text)}
     assert lines, text
-    runs = ("run_once", "_call_on_stop")
+    runs = ("run_once", "_call_on_start", "_call_on_stop")
 
     def at_line(frame: types.FrameType, event: str, arg: Any) -> Any:
         if fired or event != "line" or frame.f_lineno not in lines:
@@ -1293,14 +1294,11 @@ def _ctrl_c_at(text: str, fired: list[str]) -> Any:
     return on_call
 
 
-#: lines of run_once before on_start is called: a Ctrl-C there lands in run_once itself,
-#: outside its protected groups (below)
+#: lines of a run's start that run the agent's code, not protected: a Ctrl-C there lands
+#: in that code, before on_start is called
 _BEFORE_THE_RUN_STARTS = (
-    # at a run's very start, before its bookkeeping
-    "self._begin_run()",
-    # as a run opens its nursery (the ``async with`` written out)
-    "manager = trio.open_nursery()",
-    "self.nursery = await manager.__aenter__()",
+    # as the agent's class is made (its __init__, called by the factory)
+    "return self.spec.factory()",
 )
 
 
@@ -1308,6 +1306,12 @@ _BEFORE_THE_RUN_STARTS = (
     ("line", "failing"),
     [
         *((line, False) for line in _BEFORE_THE_RUN_STARTS),
+        # at a run's very start, before its bookkeeping (run_once's own lines are
+        # protected: one frame for the run and its serve loop)
+        ("self._begin_run()", False),
+        # as a run opens its nursery (the ``async with`` written out)
+        ("manager = trio.open_nursery()", False),
+        ("self.nursery = await manager.__aenter__()", False),
         # between a run's ``exit_requested`` and ``interrupted``
         ("self.interrupted = self.terminating", False),
         # between a run's nursery and its cancel scope set
@@ -1332,8 +1336,8 @@ _BEFORE_THE_RUN_STARTS = (
 def test_a_ctrl_c_in_the_bookkeeping_of_a_run_s_start_or_end_goes_to_the_block(
     line: str, failing: bool
 ) -> None:
-    # A run's own lines (run_once) are not protected from KeyboardInterrupt, since they
-    # run the agent's code (__init__, on_start, on_stop). Before: a Ctrl-C that came
+    # The agent's code in a run (__init__, on_start, on_stop) is not protected from
+    # KeyboardInterrupt, and run_once's own lines were not either. Before: a Ctrl-C that came
     # between two of their bookkeeping lines was raised there: a dead letter lost (the
     # books off by one, the kernel ending with a group), the agent's and the kernel's
     # run_failures apart, a run whose on_start returned without its `started` event. Now
