@@ -707,12 +707,22 @@ async def nexus_kernel() -> AsyncIterator[Kernel]:
     # The kernel runs in a task of the fixture's own: a test that shuts it down
     # (``await nexus_kernel.shutdown()``) runs beside its block, which the kernel then
     # ends; were the block the fixture's, pytest-trio would fail the test for a fixture
-    # that was cancelled. The task's errors (the accounting check) are the fixture's.
+    # that was cancelled. The task's errors (the accounting check) are the fixture's:
+    # raised as they are, not in one more group than before the task (the nursery's).
     done = trio.Event()
-    async with trio.open_nursery() as nursery:
-        kernel: Kernel = await nursery.start(_hold_test_kernel, done)
-        yield kernel
-        done.set()
+    alone: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            kernel: Kernel = await nursery.start(_hold_test_kernel, done)
+            yield kernel
+            done.set()
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) != 1:
+            raise
+        alone = group.exceptions[0]
+    if alone is not None:
+        # (raised after the handler: its context is its own, not the group around it)
+        raise alone
 
 
 async def _hold_test_kernel(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -205,6 +207,60 @@ def test_nexus_kernel_in_a_plain_def_test_says_to_make_it_async(tmp_path: Path) 
             f" 'async def {name}(nexus_kernel, autojump_clock)'"
         ) in report, report
     assert "set trio_mode = true" not in report, report
+
+
+def test_nexus_kernel_s_accounting_failure_is_its_own_error_not_one_more_group(
+    tmp_path: Path,
+) -> None:
+    """The fixture's kernel runs in a task of the fixture's own (so that a test may shut
+    it down): a failed check at its end (the accounting, the busy kernel's) then came out
+    of that task's nursery wrapped in one more ExceptionGroup than before, at the end of
+    the test and after the test's own shutdown alike. It is raised as the fixture's own
+    error again, as pytest-trio shows any fixture's: one group (pytest-trio's), then it."""
+    (tmp_path / "pytest.ini").write_text("[pytest]\ntrio_mode = true\n", encoding="utf-8")
+    (tmp_path / "conftest.py").write_text(
+        "import pytest\n\n\n"
+        "def _shape(exc):\n"
+        "    if isinstance(exc, BaseExceptionGroup):\n"
+        "        inner = ', '.join(_shape(e) for e in exc.exceptions)\n"
+        "        return f'{type(exc).__name__}[{inner}]'\n"
+        "    return f'{type(exc).__name__}({exc})'\n\n\n"
+        "@pytest.hookimpl(hookwrapper=True)\n"
+        "def pytest_runtest_makereport(item, call):\n"
+        "    yield\n"
+        "    if call.excinfo is not None:\n"
+        "        print(f'SHAPE {item.name} {call.when}: {_shape(call.excinfo.value)}')\n",
+        encoding="utf-8",
+    )
+    (tmp_path / "test_mine.py").write_text(
+        "import trio\n"
+        "import nexus_trio.testing\n\n\n"
+        "def _miscount(kernel):\n"
+        "    raise AssertionError('1 message lost')\n\n\n"
+        "async def test_at_the_end(nexus_kernel, autojump_clock, monkeypatch):\n"
+        "    monkeypatch.setattr(nexus_trio.testing, 'assert_conserved', _miscount)\n\n\n"
+        "async def test_after_its_own_shutdown(nexus_kernel, autojump_clock, monkeypatch):\n"
+        "    monkeypatch.setattr(nexus_trio.testing, 'assert_conserved', _miscount)\n"
+        "    await nexus_kernel.shutdown(grace=0)\n"
+        "    await trio.sleep(1)\n"
+        "    raise RuntimeError('not reached: the failed check cancels the test')\n",
+        encoding="utf-8",
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        check=False,
+    )
+    report = result.stdout + result.stderr
+    assert "2 failed" in report, report
+    shapes = sorted(line for line in report.splitlines() if "SHAPE " in line)
+    assert [line[line.index("SHAPE ") :] for line in shapes] == [
+        "SHAPE test_after_its_own_shutdown call: ExceptionGroup[AssertionError(1 message lost)]",
+        "SHAPE test_at_the_end call: ExceptionGroup[AssertionError(1 message lost)]",
+    ], report
 
 
 def _recorded(*events: tuple[str, str]) -> EventRecorder:
