@@ -15,3 +15,13 @@ def brief(value: Any, size: int = 120) -> str:
     """``repr(value)``, cut to about ``size`` characters (``...`` marks the cut)."""
     text = repr(value)
     return text if len(text) <= size else text[:size] + "..."
+
+
+def seconds_text(seconds: float) -> str:
+    """A duration in seconds for a reason or a log line, to the millisecond and without
+    trailing zeros (``0``, ``0.25``, ``1.5``, ``30``); a duration shorter than a
+    millisecond (but not 0) keeps one significant digit (``0.0004``), not ``0``."""
+    if 0 < abs(seconds) < 0.001:
+        return f"{seconds:.1g}"
+    text = f"{seconds:.3f}".rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text

@@ -37,7 +37,7 @@ import attrs
 import trio
 
 from ._agent import as_spec, validate_name
-from ._brief import brief
+from ._brief import brief, seconds_text
 from ._child import (
     Child,
     ChildOwner,
@@ -307,9 +307,9 @@ class SupervisionHost:
             log_guarded(
                 log,
                 logging.INFO,
-                "restarting %s in %.3fs (restart %d)",
+                "restarting %s in %s s (restart %d)",
                 child.label,
-                delay,
+                seconds_text(delay),
                 child.restarts,
                 extra=log_extra(child),
             )
@@ -317,7 +317,7 @@ class SupervisionHost:
             EventKind.RESTARTED,
             child.id,
             child.name,
-            f"backoff {delay:.6f}s",
+            f"backoff {seconds_text(delay)} s",
             _reported(error),
             child.restarts,
         )

@@ -868,7 +868,7 @@ def test_a_ctrl_c_in_on_stop_during_a_group_restart_does_not_restart_that_agent(
             ("spawned", ""),
             ("started", ""),
             ("failed", "RuntimeError"),
-            ("restarted", "backoff 0.000000s"),  # (dormant again: no on_start)
+            ("restarted", "backoff 0 s"),  # (dormant again: no on_start)
             ("stopped", "shutdown"),
         ],
         "interrupted": [("spawned", ""), ("started", ""), ("stopped", "shutdown")],
@@ -980,7 +980,7 @@ def test_a_ctrl_c_that_ended_a_run_whose_exit_waits_behind_a_group_restart_stops
         "failing": [
             ("spawned", ""),
             ("failed", "RuntimeError"),
-            ("restarted", "backoff 0.000000s"),
+            ("restarted", "backoff 0 s"),
             ("stopped", "shutdown"),
         ],
         "interrupted": [("spawned", ""), ("stopped", "shutdown")],
