@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import unicodedata
 import uuid
 from collections.abc import Callable, Coroutine, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, cast, final, overload
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, cast, final, ov
 import attrs
 import trio
 
+from ._brief import brief
 from ._child import Directive as Directive
 from ._child import RestartType as RestartType
 from ._child import enum_member, to_restart
@@ -115,11 +117,27 @@ def _validate_capacity(inst: Any, attribute: Any, value: Any) -> None:
         raise ValueError(f"mailbox_capacity must be an integer >= 1, got {value!r}")
 
 
+#: the name :meth:`Kernel.describe` and a :class:`SupervisorEscalation`'s chain give the
+#: kernel's root supervisor: no agent or supervisor spawned may take it
+ROOT_NAME = "root"
+
+#: Unicode categories a name may not hold anywhere: control characters (``\n``,
+#: ``\t``, ``\x1b``, ``\x7f``, C1) and the line and paragraph separators, which
+#: split or hide a name in a log line, a terminal or a metrics label
+_UNSHOWABLE = frozenset(("Cc", "Zl", "Zp"))
+
+
 def check_agent_name(value: Any) -> str:
-    """``value`` as an agent (or supervisor) name; ValueError naming it otherwise: not a
-    non-empty string, not UTF-8 text (a lone surrogate, as ``os.fsdecode`` makes of a
-    byte that is not UTF-8 in an argument), or looking like a UUID."""
-    if not isinstance(value, str) or not value:
+    """``value`` as an agent (or supervisor) name: ``TypeError`` if it is no string,
+    ``ValueError`` naming it if it is empty, is not UTF-8 text (a lone surrogate, as
+    ``os.fsdecode`` makes of a byte that is not UTF-8 in an argument), starts or ends
+    with whitespace (``" "``, ``"echo "``), holds a control character or a line
+    separator, is the root supervisor's ``"root"``, or looks like a UUID."""
+    if not isinstance(value, str):
+        raise TypeError(
+            f"agent name must be a string (str), got {type(value).__name__} {brief(value, 60)}"
+        )
+    if not value:
         raise ValueError(f"agent name must be a non-empty string, got {value!r}")
     try:
         value.encode()
@@ -129,6 +147,13 @@ def check_agent_name(value: Any) -> str:
             f" ({value[exc.start]!r} at index {exc.start}), and names are written as UTF-8"
             " (to a bridge child, logs, metrics labels, NATS subjects)"
         ) from None
+    if not value.isprintable() or value[0].isspace() or value[-1].isspace():
+        _check_showable(value)
+    if value == ROOT_NAME:
+        raise ValueError(
+            f"agent name {value!r} is reserved: it names the kernel's root supervisor"
+            " (in describe() and in the chain of a SupervisorEscalation)"
+        )
     try:
         uuid.UUID(value)
     except ValueError:
@@ -136,6 +161,25 @@ def check_agent_name(value: Any) -> str:
     raise ValueError(
         f"agent name {value!r} looks like a UUID; names and ids share one address space"
     )
+
+
+def _check_showable(value: str) -> None:
+    """The slow part of :func:`check_agent_name`, for a name ``str.isprintable`` refuses
+    or that starts or ends with whitespace: what it may not hold, named."""
+    for index, char in enumerate(value):
+        if unicodedata.category(char) in _UNSHOWABLE:
+            raise ValueError(
+                f"agent name {value!r} holds a control character or line separator"
+                f" ({char!r} at index {index}): a name is written to log lines, terminals"
+                " and metrics labels, where it would not show as it is"
+            )
+    if value.isspace():
+        raise ValueError(f"agent name {value!r} is only whitespace")
+    if value[0].isspace() or value[-1].isspace():
+        raise ValueError(
+            f"agent name {value!r} starts or ends with whitespace: it would not be told"
+            f" apart from {value.strip()!r} where it is shown (write {value.strip()!r})"
+        )
 
 
 def validate_name(inst: Any, attribute: Any, value: Any) -> None:

@@ -32,6 +32,7 @@ from typing import Any, Final, final
 import trio
 
 from ._agent import (
+    ROOT_NAME,
     AgentRef,
     AgentSpec,
     Context,
@@ -120,7 +121,7 @@ class Kernel:
                     reset_after=sup.backoff_reset_after_ms / 1000,
                 ),
             ),
-            "root",
+            ROOT_NAME,
             root=True,
         )
         self._router.nodes[self._root.id.int] = self._root
@@ -789,8 +790,14 @@ class Kernel:
         self._router.left = left
 
     def is_local(self, address: AgentRef | Address) -> bool:
-        """True if ``address`` names an agent of this kernel."""
-        return self._router.local(address_of(address)) is not None
+        """True if ``address`` names an agent of this kernel; ``TypeError`` for what is no
+        address (``None``, ``5``), as from every other call taking one (checked only
+        where no agent is found)."""
+        address = address_of(address)
+        if self._router.local(address) is not None:
+            return True
+        self._router.check_address(address)
+        return False
 
     async def deliver_from_remote(self, msg: Message) -> None:
         """Deliver a message that a transport received from a remote kernel.

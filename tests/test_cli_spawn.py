@@ -131,6 +131,14 @@ def test_repeated_programs_get_numbered_names() -> None:
     assert agent_names(commands) == ["a", "a-2", "b", "a-3"]
 
 
+def test_a_program_named_root_or_with_spaces_around_gets_a_name_an_agent_may_have() -> None:
+    """Regression: ``--spawn ./root`` was named ``root``, the root supervisor's name, and
+    a program ``'./calc '`` was ``'calc '``; both are refused as agent names now, so the
+    names given are ``root-2`` (``root`` taken as given) and ``calc``."""
+    commands = [["./root"], ["python3", "root.py"], ["./calc "]]
+    assert agent_names(commands) == ["root-2", "root-3", "calc"]
+
+
 def test_the_registration_wait_never_exceeds_the_shutdown_grace() -> None:
     assert register_timeout(5.0) == 5.0
     assert register_timeout(1.5) == 1.5

@@ -46,6 +46,7 @@ from nexus_trio import (
     SupervisorEscalation,
     agent,
     open_kernel,
+    pool,
 )
 from nexus_trio._router import Router
 
@@ -311,8 +312,12 @@ async def test_every_form_of_an_address_reaches_the_agent_and_nothing_else_does(
             kernel.send_nowait(target, label + "!")
         assert await kernel.request(sub, "asked") == "answered"
         for wrong in (ref.id.int, str(ref.id), "Sink", uuid.uuid4()):
-            assert not kernel.is_local(wrong)  # type: ignore[arg-type]
             # (the integer is no address at all: a TypeError, not counted)
+            if isinstance(wrong, int):
+                with pytest.raises(TypeError):
+                    kernel.is_local(wrong)  # type: ignore[arg-type]
+            else:
+                assert not kernel.is_local(wrong)
             with pytest.raises(TypeError if isinstance(wrong, int) else AgentNotFound):
                 await kernel.send(wrong, "lost")  # type: ignore[arg-type]
         await trio.testing.wait_all_tasks_blocked()
@@ -1852,6 +1857,94 @@ async def test_a_name_that_is_not_utf_8_is_refused_at_every_spawn_naming_it(bad:
     assert len(refused) == 5
     for text in refused:
         assert text.startswith(f"agent name {bad!r} is not UTF-8 text: it holds a lone surrogate")
+
+
+async def test_a_name_that_is_no_string_is_a_type_error_wherever_a_name_is_taken() -> None:
+    """Regression: ``kernel.spawn(spec, name=5)`` raised ``ValueError`` (as for a bad
+    string) where ``lookup(5)`` and every call taking an address raise ``TypeError``: a
+    name of the wrong type is a ``TypeError`` naming the argument's type now, from the
+    spec, a spawn-time name, ``ctx.spawn``, a supervisor's and a pool's name alike."""
+    refused: list[str] = []
+
+    async def handler(ctx: Context, msg: Message) -> None:
+        return None
+
+    @agent(name="spawner")
+    async def spawner(ctx: Context, msg: Message) -> int:
+        try:
+            ctx.spawn(echo, name=5)  # type: ignore[arg-type]
+        except TypeError as exc:
+            refused.append(str(exc))
+        return len(refused)
+
+    async with open_kernel(make_config()) as kernel:
+        for attempt in (
+            lambda: kernel.spawn(echo, name=5),  # type: ignore[arg-type]
+            lambda: kernel.spawn(Supervisor(), name=5),  # type: ignore[arg-type]
+            lambda: echo.with_options(name=5),
+            lambda: Supervisor(name=5),  # type: ignore[arg-type]
+            lambda: agent(name=5)(handler),  # type: ignore[arg-type]
+            lambda: pool(echo, size=1, name=5),  # type: ignore[arg-type]
+        ):
+            with pytest.raises(TypeError) as info:
+                attempt()
+            refused.append(str(info.value))
+        await kernel.request(kernel.spawn(spawner), None)
+        assert kernel.stats().agents_alive == 1  # the spawner alone
+    assert refused == ["agent name must be a string (str), got int 5"] * 7
+
+
+@pytest.mark.parametrize(
+    ("bad", "said"),
+    [
+        (" ", "is only whitespace"),
+        ("\t\n", "holds a control character or line separator ('\\t' at index 0)"),
+        ("echo ", "starts or ends with whitespace: it would not be told apart from 'echo'"),
+        (" echo", "starts or ends with whitespace: it would not be told apart from 'echo'"),
+        ("a\nb", "holds a control character or line separator ('\\n' at index 1)"),
+        ("bell\x07", "holds a control character or line separator ('\\x07' at index 4)"),
+        ("del\x7f", "holds a control character or line separator ('\\x7f' at index 3)"),
+        ("a\u2028b", "holds a control character or line separator ('\\u2028' at index 1)"),
+        ("root", "is reserved: it names the kernel's root supervisor"),
+    ],
+)
+async def test_a_name_that_cannot_be_shown_or_addressed_unambiguously_is_refused(
+    bad: str, said: str
+) -> None:
+    """Regression: a name of whitespace only (``" "``), with whitespace around it, with a
+    control character or line separator (which splits or hides it in a log line, a
+    terminal, a metrics label), or ``"root"`` (what ``describe()`` and an escalation's
+    chain call the root supervisor) was taken. Each is a ``ValueError`` naming the name
+    now, at every spawn, and nothing is spawned."""
+    refused: list[str] = []
+    async with open_kernel(make_config()) as kernel:
+        for attempt in (
+            lambda: kernel.spawn(echo, name=bad),
+            lambda: kernel.spawn(Supervisor(), name=bad),
+            lambda: echo.with_options(name=bad),
+            lambda: Supervisor(name=bad),
+            lambda: pool(echo, size=1, name=bad),
+        ):
+            with pytest.raises(ValueError, match=re.escape(said)) as info:
+                attempt()
+            refused.append(str(info.value))
+        assert kernel.stats().agents_alive == 0
+        assert [c["name"] for c in kernel.describe()["children"]] == []
+    assert len(refused) == 5
+    assert all(text.startswith(f"agent name {bad!r} {said}") for text in refused), refused
+
+
+async def test_names_with_inner_spaces_unicode_and_slashes_are_taken() -> None:
+    """What a name may be is not narrowed beyond what cannot be shown: inner spaces,
+    non-ASCII letters, a pool worker's ``/``, ``Root`` (only ``root`` is reserved)."""
+    async with open_kernel(make_config()) as kernel:
+        names = ["order desk", "café", "x\u00a0y", "pool/7", "Root", "a.b-c_d:e"]
+        for name in names:
+            assert kernel.spawn(echo, name=name).name == name
+        assert [kernel.lookup(n).name for n in names] == names
+        tree = kernel.describe()
+        assert tree["name"] == "root" and tree["kind"] == "supervisor"
+        assert [c["name"] for c in tree["children"]] == names
 
 
 @pytest.mark.parametrize("spawned_by", ["kernel", "ctx"])
@@ -3424,6 +3517,8 @@ async def test_every_other_call_taking_an_address_refuses_what_is_no_address(add
         await trio.testing.wait_all_tasks_blocked()
         assert len(seen) == 2 and all(shown in line for line in seen), seen
         assert kernel.is_local(ref)
+        with pytest.raises(TypeError, match=shown):
+            kernel.is_local(address)
         stats = kernel.stats()
         assert (stats.accepted, stats.handled, stats.dead_lettered) == (1, 1, 0)
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 
 from .. import EventKind, LifecycleEvent, Subscription
+from .._agent import ROOT_NAME
 from .._logcall import log_guarded
 from ..bridges.process import process_agent
 
@@ -305,12 +306,14 @@ def _last_part(dotted: str) -> str | None:
 
 
 def agent_names(commands: Sequence[Sequence[str]]) -> list[str]:
-    """One distinct name per command (:func:`program_name`, then ``-2``, ``-3`` on repeats)."""
+    """One distinct name per command (:func:`program_name`, then ``-2``, ``-3`` on repeats);
+    whitespace around it dropped, and the root supervisor's ``root`` taken as given (a
+    program ``./root`` is ``root-2``), since an agent may not be named so."""
     names: list[str] = []
     for argv in commands:
-        base = program_name(argv)
+        base = program_name(argv).strip()
         name, n = base, 1
-        while name in names:
+        while name in names or name == ROOT_NAME:
             n += 1
             name = f"{base}-{n}"
         names.append(name)
