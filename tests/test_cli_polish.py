@@ -342,6 +342,33 @@ def test_flags_left_out_still_let_the_config_decide(isolated: Path, monkeypatch)
     assert (second.agents, second.duration, second.metrics_port) == (1000, 2.5, 0)  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize(
+    ("name", "said"),
+    [
+        (" ", "agent name ' ' is only whitespace"),
+        ("echo ", "agent name 'echo ' starts or ends with whitespace"),
+        ("root", "agent name 'root' is reserved"),
+    ],
+)
+def test_send_refuses_a_blank_padded_or_reserved_name_as_a_usage_error(
+    name: str, said: str
+) -> None:
+    """Regression: ``nexus send --name ' '`` (or ``'echo '``, ``root``) was taken as the
+    agent's name. Refused before the run now, naming the flag and the name."""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "nexus_trio.cli", "send", "--name", name, "cat", "1"],
+        env={**os.environ, **WIDE, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"Invalid value for '--name': {said}" in flat(result.stderr)
+
+
 def test_send_refuses_a_name_that_is_not_utf_8_as_a_usage_error_naming_it() -> None:
     """Regression: ``nexus send --name $'\\xff'`` (the byte read as ``'\\udcff'``) was
     taken as the agent's name; the child could not be told it in UTF-8. Refused before
