@@ -3,11 +3,12 @@ lines a second of records alike."""
 
 from __future__ import annotations
 
+import heapq
 import math
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import final
+from typing import Final, final
 
 
 @final
@@ -32,13 +33,18 @@ class Throttle:
         return False
 
 
+#: the keys a line of records not logged names (those with the most), the rest counted
+SAID_KEYS: Final = 10
+
+
 @final
 class LineBudget:
     """At most ``limit`` log lines a second of each key (0: no limit); the rest are
-    counted (``not_logged``) and said in one line by ``say`` (the count, and the counts by
-    key) when their second ends: at the next :meth:`allowed` after it, by
-    :meth:`say_when_due` (a task of the kernel, which ``wake`` rouses), or at
-    :meth:`say_unlogged` when the kernel closes. A storm of a million alike records is
+    counted (``not_logged``) and said in one line by ``say`` (the count, and the counts of
+    the :data:`SAID_KEYS` keys with the most, the others' in one item) when their second
+    ends: at the next :meth:`allowed` after it, by the kernel's task
+    (``Ledger.say_unlogged_when_due``, which ``wake`` rouses), or at :meth:`say_unlogged`
+    when the kernel closes. A storm of a million alike records is
     then a few lines a second, not a million."""
 
     __slots__ = ("_logged", "_unsaid", "_window_end", "clock", "limit", "not_logged", "say", "wake")
@@ -89,7 +95,18 @@ class LineBudget:
         self._logged.clear()
         unsaid = self._unsaid
         if unsaid:
-            by_key = ", ".join(f"{key} {count:,}" for key, count in sorted(unsaid.items()))
             total = unsaid.total()
+            # The keys with the most (ties by key), the others in one item: a storm spread
+            # over 100,000 agents is one line of a few hundred bytes, not of megabytes.
+            shown = heapq.nsmallest(SAID_KEYS, unsaid.items(), key=_most_first)
+            by_key = ", ".join(f"{key} {count:,}" for key, count in shown)
+            others = len(unsaid) - len(shown)
+            if others:
+                rest = total - sum(count for _, count in shown)
+                by_key = f"{by_key}, {others:,} others {rest:,}"
             unsaid.clear()
             self.say(total, by_key)
+
+
+def _most_first(item: tuple[str, int]) -> tuple[int, str]:
+    return -item[1], item[0]

@@ -191,6 +191,39 @@ async def test_a_storm_of_handler_failures_logs_the_limit_of_each_agent_a_second
         logger.removeHandler(seen)
 
 
+async def test_the_line_of_failures_not_logged_names_the_ten_agents_with_most_not_all(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A storm spread over 300 agents (a pool of workers that all fail): the line said
+    at the second's end listed every agent with its count, a line that grows with the
+    agents (300 here; 100,000 workers would make one line of megabytes). It names the ten
+    with the most (ties by name) and counts the others in one item."""
+    logger = logging.getLogger("nexus_trio.agent")
+    seen = ListHandler()
+    logger.addHandler(seen)
+    logger.propagate, propagate = False, logger.propagate  # (300 x LIMIT tracebacks)
+    try:
+        async with open_kernel(make_config(failure_log_limit=LIMIT)) as kernel:
+            for n in range(300):
+                kernel.spawn(thrower, name=f"w{n:03}")
+            # w000-w009: 3 over the limit, w010-w299: 1 over it
+            for n in range(300):
+                for i in range(LIMIT + (3 if n < 10 else 1)):
+                    kernel.send_nowait(f"w{n:03}", i)
+            await trio.testing.wait_all_tasks_blocked()
+            await trio.sleep(1.5)
+            (said,) = seen.not_logged()
+            total = 10 * 3 + 290
+            assert said.not_logged == total  # type: ignore[attr-defined]
+            assert kernel.stats().failure_lines_not_logged == total
+            shown = ", ".join(f"w{n:03} 3" for n in range(10))
+            assert f"({shown}, 290 others 290)" in said.getMessage()
+            assert len(said.getMessage()) < 500
+    finally:
+        logger.removeHandler(seen)
+        logger.propagate = propagate
+
+
 STORM_APP = """
     import trio
     from nexus_trio import agent
