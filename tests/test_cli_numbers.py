@@ -110,3 +110,21 @@ def test_workers_summaries_have_the_rows_of_a_single_run(tmp_path: Path, monkeyp
     latency = total["handle_latency"]
     assert latency["count"] == 2 * single["handle_latency"]["count"]
     assert latency["p99"] == single["handle_latency"]["p99"]
+
+
+
+def test_workers_summaries_add_up_the_records_not_logged(tmp_path: Path, monkeypatch) -> None:
+    """``--workers``: the dead letters and handler failures past their log limit that
+    each worker counted (``dead_letter_lines_not_logged``, ``failure_lines_not_logged``)
+    were left out of the total (its ``--json`` had neither key, its table neither row)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    result = CliRunner().invoke(app, ["run", "-n", "10", "-d", "0.3", "--json"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    single = json.loads(result.stdout)
+    first = single | {"dead_letter_lines_not_logged": 3, "failure_lines_not_logged": 5}
+    second = single | {"dead_letter_lines_not_logged": 4, "failure_lines_not_logged": 0}
+    total = aggregate_summaries([first, second])
+    assert (total["dead_letter_lines_not_logged"], total["failure_lines_not_logged"]) == (7, 5)
+    rows = table_rows(total)
+    assert "dead letters not logged" in rows and "failures not logged" in rows

@@ -108,6 +108,8 @@ _SUMMED: Final = (
     "peak_rss_bytes",
     "log_records_lost",
     "log_calls_failed",
+    "dead_letter_lines_not_logged",
+    "failure_lines_not_logged",
 )
 
 
