@@ -112,7 +112,6 @@ def test_workers_summaries_have_the_rows_of_a_single_run(tmp_path: Path, monkeyp
     assert latency["p99"] == single["handle_latency"]["p99"]
 
 
-
 def test_workers_summaries_add_up_the_records_not_logged(tmp_path: Path, monkeypatch) -> None:
     """``--workers``: the dead letters and handler failures past their log limit that
     each worker counted (``dead_letter_lines_not_logged``, ``failure_lines_not_logged``)
