@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -42,6 +43,7 @@ import trio.testing
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import nexus_trio  # noqa: E402
 from nexus_trio import Config, Context, KernelConfig, Message, agent, open_kernel  # noqa: E402
 
 KINDS = ("kernel", "task+channel", "shape")
@@ -87,8 +89,14 @@ def function_at(filename: str, lineno: int) -> str:
     return f"{base}:{lineno}" if best is None else f"{base.removesuffix('.py')}.{best[1]}"
 
 
+#: the kernel package's own folder: a path holding "/nexus_trio/" is not enough (CI clones
+#: the repository as .../nexus_trio/ with its venv, and so Trio, inside it)
+_KERNEL_DIR = os.path.join(os.path.realpath(os.path.dirname(nexus_trio.__file__)), "")
+
+
+@cache
 def _is_kernel(filename: str) -> bool:
-    return "/nexus_trio/" in filename.replace("\\", "/")
+    return os.path.realpath(filename).startswith(_KERNEL_DIR)
 
 
 def owner(frames: list[tuple[str, int]]) -> str:
