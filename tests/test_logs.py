@@ -399,9 +399,16 @@ async def test_an_agent_named_and_failing_with_newlines_logs_one_line_per_record
         ctx.log.info("got %s", msg.payload)
         raise RuntimeError(FORGED)
 
-    ref = nexus_kernel.spawn(evil, name="evil\nCRITICAL forged-by-name")
+    # a name with a newline is refused at spawn (since the thirty-fifth pass); one that
+    # reaches a record all the same (a log call's own extra) is escaped like the text
+    with pytest.raises(ValueError, match="control character"):
+        nexus_kernel.spawn(evil, name="evil\nCRITICAL forged-by-name")
+    ref = nexus_kernel.spawn(evil, name="evil")
     await nexus_kernel.send(ref, FORGED)
     await settle()
+    logging.getLogger("nexus_trio.agent").info(
+        "from a name", extra={"agent_name": "evil\nCRITICAL forged-by-name"}
+    )
     text = stream.getvalue()
     assert "\x1b" not in text and "\r" not in text
     starts = [line for line in text.splitlines() if re.match(r"\d{4}-\d\d-\d\dT", line)]
