@@ -15,7 +15,9 @@ code give the same count within a few instructions a tell.
 ``--path DIR``: put ``DIR`` first on ``PYTHONPATH`` (another copy of a dependency, e.g. an
 unpacked Trio wheel). ``--against DIR``: measure a second time with ``DIR`` first on the
 path and print both, and the functions whose count changed most: what a dependency's
-version (or a patched copy) costs a tell.
+version (or a patched copy) costs a tell. Not for another copy of nexus_trio: the
+measured script puts its own repository first on the path, so run this script from that
+copy's ``benchmarks/`` instead.
 """
 
 from __future__ import annotations
