@@ -2739,7 +2739,6 @@ async def test_the_agents_of_one_kernel_share_its_default_timeouts() -> None:
     """A cell without a handle timeout or shutdown timeout of its own takes the kernel's,
     and keeps it: the config's properties built a new float at each read, two 32-byte
     blocks in every agent. The kernel reads them once; an agent's own values stay its."""
-    from nexus_trio._cell import AgentCell
 
     @agent
     async def plain(ctx: Context, msg: Message) -> None:
@@ -2755,11 +2754,7 @@ async def test_the_agents_of_one_kernel_share_its_default_timeouts() -> None:
             await kernel.send(name, "x")
         await trio.testing.wait_all_tasks_blocked()
         assert kernel.stats().handled == 4
-        cells = {
-            obj.name: obj
-            for obj in gc.get_objects()
-            if isinstance(obj, AgentCell) and obj.name in names
-        }
+        cells = _cells_named(names)
         assert sorted(cells) == sorted(names)
         timeouts = [(cells[n].handle_timeout, cells[n].shutdown_timeout) for n in names]
         assert timeouts == [(1.5, 0.75), (1.5, 0.75), (1.5, 0.75), (2.5, 0.25)]
@@ -2774,7 +2769,6 @@ async def test_the_cells_of_one_kernel_share_its_parts_and_a_mailbox_keeps_one_s
     bytes each in every agent, idle or running. They are the kernel's shared defaults;
     a mailbox kept its send channel twice (``_send`` and ``sender``). 32 and 8 bytes
     less an agent; what they serve still works."""
-    from nexus_trio._cell import AgentCell
 
     handled: list[str] = []
 
@@ -2792,12 +2786,7 @@ async def test_the_cells_of_one_kernel_share_its_parts_and_a_mailbox_keeps_one_s
             for i in range(3):
                 await kernel.send(name, f"{name}/{i}")
         await trio.testing.wait_all_tasks_blocked()
-        gc.collect()  # (cells of earlier kernels of this process, gone)
-        cells = {
-            obj.name: obj
-            for obj in gc.get_objects()
-            if isinstance(obj, AgentCell) and obj.name in names
-        }
+        cells = _cells_named(names)
         assert sorted(cells) == sorted(names)
         assert [cells[n].cancel_after_grace for n in names] == [True, True, True, False]
         first = cells["shared-0"]
@@ -2819,7 +2808,6 @@ async def test_what_few_agents_set_is_kept_out_of_the_cell_until_one_sets_it(
     why its handler was cancelled, its counts of restarts, failed handlers, timeouts and
     failed runs): 8 bytes each in every agent, idle or running. They are one record,
     made at the first set: a cell is 352 bytes, not 448; what they serve still works."""
-    from nexus_trio._cell import AgentCell
 
     @agent
     async def plain(ctx: Context, msg: Message) -> None:
@@ -2845,12 +2833,7 @@ async def test_what_few_agents_set_is_kept_out_of_the_cell_until_one_sets_it(
         await kernel.send("seldom-plain", 1)
         await kernel.send("seldom-slow", 1)
         await trio.sleep(5)
-        gc.collect()  # (cells of earlier kernels of this process, gone)
-        cells = {
-            obj.name: obj
-            for obj in gc.get_objects()
-            if isinstance(obj, AgentCell) and obj.name in names
-        }
+        cells = _cells_named(names)
         assert sorted(cells) == sorted(names)
         assert [sys.getsizeof(cells[n]) for n in names] == [352] * 5
         made = [cells[n].seldom is not None for n in names]
@@ -4122,6 +4105,19 @@ async def test_a_serve_loop_left_by_a_return_leaves_its_scope_once(
     assert EventKind.FAILED not in kinds and EventKind.STOPPED in kinds, kinds
     assert (stats.run_failures, stats.failed, stats.timed_out) == (0, 0, 1), stats
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def _cells_named(names: tuple[str, ...]) -> dict[str, Any]:
+    """The live agent cells called one of ``names``, by name (garbage collected first:
+    cells of earlier kernels of this process are gone)."""
+    from nexus_trio._cell import AgentCell
+
+    gc.collect()
+    return {
+        obj.name: obj
+        for obj in gc.get_objects()
+        if isinstance(obj, AgentCell) and obj.name in names
+    }
 
 
 def _bound_exits_of(owner: str) -> int:
