@@ -658,16 +658,14 @@ class AgentCell(Child):
                                         # This message failed, the agent did not: go on with the next one.
                                         self._message_failed(msg, exc)
                                         if stale:
-                                            await (
-                                                trio.lowlevel.checkpoint()
-                                            )  # leaves the spent scope
+                                            # leaves the spent scope
+                                            await trio.lowlevel.checkpoint()
                                         continue
                                     except Exception as exc:
                                         self._handler_raised(msg, exc)
                                         if stale:
-                                            await (
-                                                trio.lowlevel.checkpoint()
-                                            )  # leaves the spent scope
+                                            # leaves the spent scope
+                                            await trio.lowlevel.checkpoint()
                                         continue
                                     except KeyboardInterrupt as exc:
                                         # Ctrl-C, raised by Trio in the handler's code: the kernel
@@ -677,17 +675,15 @@ class AgentCell(Child):
                                             raise
                                         self._interrupted(msg)
                                         if stale:
-                                            await (
-                                                trio.lowlevel.checkpoint()
-                                            )  # leaves the spent scope
+                                            # leaves the spent scope
+                                            await trio.lowlevel.checkpoint()
                                         continue
                                     if result is not None and type(result) is _Coroutine:
                                         self._handler_raised(msg, self._unawaited(result))
                                         result = None
                                         if stale:
-                                            await (
-                                                trio.lowlevel.checkpoint()
-                                            )  # leaves the spent scope
+                                            # leaves the spent scope
+                                            await trio.lowlevel.checkpoint()
                                         continue
                                     self.current = None
                                     self.handled += 1
