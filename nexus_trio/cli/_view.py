@@ -274,18 +274,15 @@ def summary_table(summary: Mapping[str, Any], *, ascii_marks: bool = False) -> T
         else:
             table.add_row(label, "-")
     table.add_row("peak RSS", fmt_bytes(summary["peak_rss_bytes"]))
-    if summary.get("dead_letter_lines_not_logged"):
-        table.add_row(
-            "dead letters not logged",
-            f"{fmt_count(summary['dead_letter_lines_not_logged'])} (past "
-            "[kernel] dead_letter_log_limit lines a second; counted above)",
-        )
-    if summary.get("failure_lines_not_logged"):
-        table.add_row(
-            "failures not logged",
-            f"{fmt_count(summary['failure_lines_not_logged'])} (past "
-            "[kernel] failure_log_limit lines a second; counted above)",
-        )
+    for key, label, limit in (
+        ("dead_letter_lines_not_logged", "dead letters not logged", "dead_letter_log_limit"),
+        ("failure_lines_not_logged", "failures not logged", "failure_log_limit"),
+    ):
+        if summary.get(key):
+            table.add_row(
+                label,
+                f"{fmt_count(summary[key])} (past [kernel] {limit} lines a second; counted above)",
+            )
     if summary.get("log_records_lost"):
         table.add_row(
             "log records lost",
