@@ -601,6 +601,47 @@ async def test_a_full_node_window_makes_send_wait_then_raise_mailbox_full(
     assert cb.stats().inbound_dropped == {}
 
 
+async def test_the_default_node_window_takes_sixteen_batches_before_a_sender_waits(
+    nats: NatsServer,
+) -> None:
+    """A sender may have 8192 tells (sixteen full batches) not yet taken in by one
+    destination process before it waits for credit (2048 until the thirty-sixth pass: a
+    driver sending to many agents waited for the credit's round trip every few batches);
+    the next one is refused, naming the window, and none accepted is lost."""
+    release = trio.Event()
+    handled: list[Any] = []
+
+    @agent(name="stalled", mailbox_capacity=1)
+    async def stalled(ctx: Context, msg: Message) -> Any:
+        if msg.payload == "dump":
+            return len(handled)
+        await release.wait()
+        handled.append(msg.payload)
+        return None
+
+    async with (
+        _node(nats.url, "b") as (kb, cb),
+        _node(nats.url, "a", send_timeout_ms=300) as (ka, ca),
+    ):
+        kb.spawn(stalled)
+        await cb.names_published()
+        with trio.fail_after(60):
+            await ca.wait_for_name("stalled")
+            window = ca.options.node_window
+            assert window == 16 * ca.options.batch_frames == 8192
+            for accepted in range(window):  # no checkpoint: node b takes nothing in
+                ka.send_nowait("stalled", accepted)
+            with pytest.raises(MailboxFull) as refused:
+                ka.send_nowait("stalled", window)
+            assert refused.value.capacity == window and refused.value.name == "stalled"
+            release.set()
+            # nothing accepted was lost: all handled, in order (the query waits behind them)
+            assert await ka.request("stalled", "dump") == window
+    assert handled == list(range(window))
+    assert ka.stats().rejected["mailbox_full"] == 1
+    assert cb.stats().inbound_dropped == {}
+
+
 def _stalled(release: trio.Event, handled: list[Any]) -> Any:
     """Agent ``stalled`` (mailbox of 1): each tell waits for ``release``, then its payload
     goes into ``handled``."""

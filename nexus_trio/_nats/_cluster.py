@@ -246,11 +246,14 @@ class ClusterOptions:
     inbound_limit: int = attrs.field(default=65536, validator=_at_least_one)
     parked_limit: int = attrs.field(default=4096, validator=_at_least_one)
     durable: DurableOptions = attrs.field(factory=DurableOptions)
-    #: tells to one destination process not yet consumed there (credit; see ``_batch``)
-    node_window: int = attrs.field(default=2048, validator=_at_least_one)
+    #: tells to one destination process not yet consumed there (credit; see ``_batch``):
+    #: sixteen batches, so that a sender sending to many agents seldom waits for the
+    #: credit's round trip (each wait wakes its local agents for fewer messages; 2048
+    #: until the thirty-sixth pass, docs/distributed.md)
+    node_window: int = attrs.field(default=8192, validator=_at_least_one)
     #: a node batch leaves when it holds this many frames or bytes (or on the next tick);
-    #: 512 frames, a quarter of node_window: each batch costs both ends a publish, a
-    #: wake-up and a credit frame (docs/distributed.md, thirty-second pass)
+    #: 512 frames: each batch costs both ends a publish, a wake-up and a credit frame
+    #: (docs/distributed.md, thirty-second pass)
     batch_frames: int = attrs.field(default=512, validator=_at_least_one)
     batch_bytes: int = attrs.field(default=256 * 1024, validator=_at_least_one)
     #: inbound streams (sending joins of other kernels) kept; past it the least recently
