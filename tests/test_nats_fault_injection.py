@@ -701,3 +701,45 @@ async def test_tells_a_node_leaving_while_the_server_is_paused_could_not_flush_a
         counted(),
         accepted,
     )
+
+
+@agent(name="echo")
+async def _echo(ctx: Context, msg: Message) -> Any:
+    return msg.payload
+
+
+async def test_a_server_restarted_without_its_store_gets_the_nodes_names_and_records_again() -> (
+    None
+):
+    """Regression: a nats-server restarted without its JetStream store (a new store
+    directory, a container without its volume) came back with no buckets. The node
+    reconnected and heard the others, but the names and placement records it had
+    written were gone for good: a node joining after the restart got AgentNotFound for
+    a name a live node served, and knew nothing of its placed agent. The node now finds
+    the buckets made anew (or gone) at its next heartbeat after a reconnect, makes them
+    if need be and writes its names and records again."""
+    server = NatsServer().start()
+    port = server.port
+    try:
+        async with local_node(server.url, "b") as (kb, cb):
+            cb.register_type("thing", _echo)
+            kb.spawn(_echo, name="echo-b")
+            placed = await cb.spawn("thing", name="placed-b", node="b")
+            await cb.names_published()
+            await trio.to_thread.run_sync(server.stop)  # (removes its store)
+            server = await trio.to_thread.run_sync(NatsServer(port=port).start)
+            with trio.fail_after(60):
+                await until(lambda: cb.stats().reconnects >= 1)
+                async with local_node(server.url, "c") as (kc, cc):
+                    cc.register_type("thing", _echo)
+                    holder = await cc.wait_for_name("echo-b", timeout=20)
+                    assert holder == ("b", kb.lookup("echo-b").id)
+                    assert await kc.request("echo-b", "hi", timeout=10) == "hi"
+                    assert await cc.wait_for_name("placed-b", timeout=20) == ("b", placed.id)
+                    await until(lambda: "placed-b" in cc.placement.records)
+                    assert cc.placement.records["placed-b"].type_name == "thing"
+            stats = cb.stats()
+            assert stats.buckets_made_again == 1
+            assert (stats.names_unwritten, stats.records_unwritten) == (0, 0)
+    finally:
+        server.stop()

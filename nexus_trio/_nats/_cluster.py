@@ -353,6 +353,10 @@ class ClusterStats:
     #: placed bucket unreachable), and such records written later, on a retry
     records_unwritten: int = 0
     records_written_late: int = 0
+    #: times this node found the cluster's KV buckets gone or made anew after a reconnect
+    #: (a nats-server restarted without its JetStream store), made them if need be and
+    #: wrote its membership record, names and placement records again
+    buckets_made_again: int = 0
     #: error frames for remote requesters not sent, by kind (``relayed``: one this node
     #: was passing on, see ``replies_relayed``): made after this node's leave had closed
     #: its outbox, refused by the NATS client, or still queued when the node left with the
@@ -451,6 +455,9 @@ class Cluster:
         "_batch_subject",
         "_batches_published",
         "_batches_received",
+        "_bucket_births",
+        "_buckets_made_again",
+        "_buckets_to_check",
         "_cancels_received",
         "_cancels_sent",
         "_closing",
@@ -654,6 +661,12 @@ class Cluster:
         # write again (see _retry_names); and how many such writes landed
         self._unwritten_names: dict[str, uuid.UUID] = {}
         self._names_written_late = 0
+        # the streams of the cluster's KV buckets and when the server made them (see
+        # _check_buckets); whether to check them at the next heartbeat (a reconnect, a
+        # write that found no bucket); how often they were found gone or made anew
+        self._bucket_births: dict[str, object] = {}
+        self._buckets_to_check = False
+        self._buckets_made_again = 0
         self._names_taken = 0
         # the local agent counted in it, by name: counted once, however often its name is
         # checked again (a heal, the watch's replay); dropped with the local name
@@ -887,6 +900,8 @@ class Cluster:
         async def on_reconnect() -> None:
             nonlocal down
             down = False
+            # the server may be another one, or the same restarted without its store
+            self._buckets_to_check = True
             if role == "data":
                 self._reconnects += 1
                 self._outbox.resume()
@@ -3780,6 +3795,8 @@ class Cluster:
             if self._leave_announced:
                 return
             try:
+                if self._buckets_to_check:
+                    await self._check_buckets()
                 await self._write_record(kv, self._record())
                 if failing:
                     log_guarded(
@@ -3788,6 +3805,8 @@ class Cluster:
                     self._retry_wanted.set()
                 failing = False
             except Exception as exc:
+                if isinstance(exc, nats.js.errors.NoStreamResponseError):
+                    self._buckets_to_check = True  # no stream took the write: gone?
                 if not failing:
                     log_guarded(
                         log,
@@ -3797,6 +3816,70 @@ class Cluster:
                         exc,
                     )
                 failing = True
+
+    def _buckets(self) -> tuple[tuple[str, float | None], ...]:
+        """The cluster's KV buckets and their TTLs."""
+        opts = self.options
+        return (
+            (f"{self.prefix}-nodes", opts.heartbeat_interval * opts.missed_heartbeats),
+            (f"{self.prefix}-names", None),
+            (f"{self.prefix}-placed", None),
+        )
+
+    async def _read_bucket_births(self) -> dict[str, object]:
+        """When the server made the stream of each bucket (None if it does not say)."""
+        births: dict[str, object] = {}
+        for bucket, _ in self._buckets():
+            stream = f"KV_{bucket}"
+            births[stream] = (await call_aio(self.js.stream_info, stream)).created
+        return births
+
+    async def _check_buckets(self) -> None:
+        """After a reconnect (or a bucket write no stream took): are the buckets those
+        this node wrote into? A nats-server restarted without its JetStream store (a new
+        store directory, a container without its volume) comes back without them, or
+        with ones another node made anew: what this node wrote is gone. Then the
+        buckets are made (if still gone) and the node's membership record, names and
+        placement records are written again (by the heartbeat and the retries).
+        Raises, the check left to the next heartbeat, if the server does not answer."""
+        self._buckets_to_check = False
+        try:
+            gone: list[str] = []
+            for stream, born in self._bucket_births.items():
+                try:
+                    info = await call_aio(self.js.stream_info, stream)
+                except nats.js.errors.NotFoundError:
+                    gone.append(stream)
+                    continue
+                if info.created != born:
+                    gone.append(stream)
+            if not gone:
+                return
+            for bucket, ttl in self._buckets():
+                await self._kv(bucket, ttl=ttl)
+            self._bucket_births = await self._read_bucket_births()
+        except BaseException:
+            self._buckets_to_check = True
+            raise
+        self._buckets_made_again += 1
+        for name, agent_id in self._local_names.items():
+            self._unwritten_names.setdefault(name, agent_id)
+        records = self.placement.write_again()
+        log_guarded(
+            log,
+            logging.WARNING,
+            "node %s: KV bucket%s %s gone from NATS or made anew (a nats-server restarted"
+            " without its JetStream store?): writing this node's record, %d name%s and %d"
+            " placement record%s again",
+            self.node,
+            "" if len(gone) == 1 else "s",
+            ", ".join(stream.removeprefix("KV_") for stream in gone),
+            len(self._local_names),
+            "" if len(self._local_names) == 1 else "s",
+            records,
+            "" if records == 1 else "s",
+        )
+        self._retry_wanted.set()
 
     async def _retry_writes(self) -> None:
         """Write again what could not be written to the buckets: every heartbeat
@@ -4462,6 +4545,7 @@ class Cluster:
             self._apply_name_entry,
         )
         await self.placement.start(nursery, await self._kv(f"{self.prefix}-placed", ttl=None))
+        self._bucket_births = await self._read_bucket_births()
         nursery.start_soon(self._flush_batches)
         nursery.start_soon(self._heartbeats)
         nursery.start_soon(self._kv_heartbeats)
@@ -4880,6 +4964,7 @@ class Cluster:
             names_written_late=self._names_written_late,
             records_unwritten=self.placement.records_unwritten,
             records_written_late=self.placement.records_written_late,
+            buckets_made_again=self._buckets_made_again,
             errors_unsent=dict(self._errors_unsent),
             lost_at_leave=self._lost_at_leave,
             tells_after_leave=self._tells_after_leave,

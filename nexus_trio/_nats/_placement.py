@@ -475,6 +475,20 @@ class Placement:
         # check at its claim found nothing held to stop)
         cluster.check_duplicate(name)
 
+    def write_again(self) -> int:
+        """The placed bucket was found gone or made anew (see ``Cluster._check_buckets``):
+        the record of every placed agent held here is to be written again (by
+        :meth:`retry_records`). How many."""
+        count = 0
+        for name, (agent_id, _) in list(self._held.items()):
+            record = self._unwritten.get(name) or self.records.get(name)
+            if record is None:
+                continue
+            self._held[name] = (agent_id, None)
+            self._unwritten[name] = record
+            count += 1
+        return count
+
     async def retry_records(self) -> bool:
         """Write the records whose write failed (see :meth:`_record_unwritten`), of the
         agents still held here whose name this node holds in the names bucket: a copy
