@@ -52,7 +52,7 @@ from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import call_aio
 
 from .hang_guard import real_time_limit
-from .nats_server import FAST, PATIENT, NodeProcess, nats_cluster, node_config
+from .nats_server import FAST, PATIENT, NodeProcess, nats_cluster, node_config, until
 
 
 @asynccontextmanager
@@ -1677,6 +1677,10 @@ async def test_traffic_resumes_after_a_server_of_a_three_server_cluster_dies() -
                 assert answered is not None and answered["node"] == "b"
                 for i in range(10):
                     assert (await kernel.request("echo-b", i))["echo"] == i
+                # the buckets checked after the reconnect: the same streams on another
+                # server of the JetStream cluster, not taken for a store lost
+                await until(lambda: not cluster._buckets_to_check)
+            assert cluster.stats().buckets_made_again == 0
             assert cluster.stats().reconnects >= 1
             assert cluster.nc.connected_url is not None
             assert cluster.nc.connected_url.port != victim.port
