@@ -237,6 +237,47 @@ async def test_batches_are_split_at_the_servers_max_payload() -> None:
     assert cb.stats().inbound_dropped == {}
 
 
+async def test_take_tell_on_a_known_link_refuses_seals_and_keeps_order_as_deliver() -> None:
+    """``take_tell`` writes out ``_known_link``, ``_tell_body`` and ``_add_tell`` (the
+    sender's two Python calls fewer, thirty-sixth pass): on a link known from an earlier
+    tell it refuses a tell larger than NATS carries, naming its size, with nothing
+    counted published; a tell that does not fit the open batch seals it first, and the
+    tells arrive in order; a query and a reply are not taken (0, for ``deliver``)."""
+    records: list[Any] = []
+    server = NatsServer(config="max_payload: 16384\n").start()
+    try:
+        async with _node(server.url, "b") as (kb, cb), _node(server.url, "a") as (ka, ca):
+            kb.spawn(agent(_collector(records), name="big"))
+            await cb.names_published()
+            with trio.fail_after(30):
+                await ca.wait_for_name("big")
+                await ka.send("big", [0, ""])  # routed by deliver: the link is known now
+                published = ca.stats().published
+                too_big = Message(SYSTEM_ID, "big", "y" * 20000)
+                with pytest.raises(
+                    TransportUnavailable,
+                    match=rf"message {too_big.id} to big is 200\d\d bytes encoded: more than"
+                    r" NATS accepts in one message \(max_payload 16384 bytes\)",
+                ):
+                    ca.take_tell(too_big)
+                assert ca.stats().published == published
+                query = Message(SYSTEM_ID, "big", "dump", MessageKind.QUERY)
+                reply = Message(SYSTEM_ID, "big", 1, reply_to=uuid.uuid4())
+                assert (ca.take_tell(query), ca.take_tell(reply)) == (0, 0)
+                batches = ca.stats().batches_published
+                # 3 KB each: five fill a 16 KiB batch, the sixth seals it first
+                taken = [
+                    ca.take_tell(Message(SYSTEM_ID, "big", [i, "x" * 3000])) for i in range(1, 13)
+                ]
+                assert set(taken) <= {1, 2}
+                assert ca.stats().published == published + 12
+                assert ca.stats().batches_published >= batches + 2
+                await until(lambda: len(records) == 13)
+    finally:
+        server.stop()
+    assert [i for i, _ in records] == list(range(13))
+
+
 class _FaultyRoutes(dict[Any, Any]):
     """A router's routes whose lookup of ``boom`` raises: a fault injected in a run."""
 
