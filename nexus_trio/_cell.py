@@ -557,7 +557,6 @@ class AgentCell(Child):
                     unprotect(handler)
                     ctx = self.ctx
                     assert ctx is not None
-                    now = ledger.now
                     # the loop over a batch (``for ... else``: the else is a full batch), one range
                     # shared by every run
                     batch = _batch_of(self.defaults.batch_size)
@@ -628,15 +627,17 @@ class AgentCell(Child):
                                     # suspends: a read costs about as much as a no-op handler. Sampled
                                     # by the count before this message (``+ 1`` would build an int per
                                     # message).
-                                    start = now() if not ledger.handled & mask else 0.0
+                                    start = ledger.now() if not ledger.handled & mask else 0.0
                                     # Read at each message: a handler that suspends takes the
                                     # kernel's stepper with it (see _step).
                                     stepper = router.stepper
                                     # a load of the slot, then a call: ``stepper.send(...)`` is a
-                                    # method load, which 3.11 cannot specialize for a slot
-                                    step = stepper.send
+                                    # method load, which 3.11 cannot specialize for a slot (the
+                                    # bound method kept in ``trap``, not a local of its own: each
+                                    # local is 8 bytes in every running agent's frame)
+                                    trap = stepper.send
                                     try:
-                                        trap = step(handler(ctx, msg))
+                                        trap = trap(handler(ctx, msg))
                                         if trap is _DONE:
                                             result = stepper.box[0]
                                         elif trap is _FAILED:
@@ -645,7 +646,9 @@ class AgentCell(Child):
                                             # The handler suspended: only now does it get a deadline (a
                                             # timer costs more than a whole message when nothing awaits).
                                             router.stepper = Stepper()
-                                            scope.deadline = (start or now()) + self.handle_timeout
+                                            scope.deadline = (
+                                                start or ledger.now()
+                                            ) + self.handle_timeout
                                             self._suspended = True
                                             try:
                                                 result = await resume(stepper, trap)
@@ -726,17 +729,20 @@ class AgentCell(Child):
                                 # Parked agents keep this frame: let go of the last message, its
                                 # result and the finished handler coroutine (at a million agents
                                 # with one message each, that is a million messages kept alive).
+                                # (``result`` holds the mailbox's count of waiting producers
+                                # over the park, for ``unparked``: a small int, not a local of
+                                # its own; every message's ``result`` is set before it is read)
                                 msg = _NOTHING
-                                stepper = result = None
+                                stepper = None
                                 self.parked = True
                                 # Mailbox.receive written out: a parked agent keeps no frame of it.
-                                waiting = mailbox.waiting
+                                result = mailbox.waiting
                                 got = None
                                 try:
                                     got = await mailbox.park()
                                 finally:
                                     self.parked = False
-                                    got = mailbox.unparked(got, waiting)
+                                    got = mailbox.unparked(got, result)
                         except BaseException as exc:
                             # What the ``with`` statement does: the scope takes the exception (its
                             # own cancel) or it goes on; either way the ``finally`` leaves it alone.
@@ -769,8 +775,8 @@ class AgentCell(Child):
                         raise
                 else:
                     await manager.__aexit__(None, None, None)
-            except BaseExceptionGroup as group:
-                failure = self._run_failure(group)
+            except BaseExceptionGroup as exc:
+                failure = self._run_failure(exc)
         finally:
             self._end_run(failure)
             if self.linked_children:

@@ -588,31 +588,43 @@ class SupervisorNode(Child, ChildOwner):
         (:meth:`_wait_to_start`), the bookkeeping at the end (:meth:`_run_over`) and the
         report of the exit (:meth:`_report_exit`).
         """
+        # (No ``finally``: its exceptional path calls ``_run_over`` above the two slots of
+        # the exception being handled, two stack slots more in this frame for the whole
+        # run. What escapes is taken here and raised on after the bookkeeping, as the
+        # ``finally`` did; what returns early does the bookkeeping itself.)
         error: BaseException | None = None
         try:
             if self._called_off(child):
                 # (before any wait: a stop handled in the same round as the start found
                 # no scope to cancel, and must not wait out a backoff or an elder
                 # sibling's start)
+                self._run_over(child, done, plan)
                 return
             if plan is not None and plan.waits and not await self._wait_to_start(child, plan):
+                self._run_over(child, done, plan)
                 return
             # The run's own nursery is its one cancel scope (the child sets ``scope``).
             self._run_begins(child)
             await child.run_once()
         except Exception as exc:
             error = exc
-        except KeyboardInterrupt as exc:
-            # A Ctrl-C raised in a child's run that none of its own handlers took
-            # (an agent's run takes its own: its lines are protected, its agent's
-            # code is not): the kernel's (the run ends as a stop for the shutdown),
-            # or raised on (forced).
-            if not self.host.router.interrupt(exc):
-                raise
-            error = StoppedForShutdown(None)
-        finally:
-            self._run_over(child, done, plan)
+        except BaseException as exc:
+            error = self._escaped(exc)
+        self._run_over(child, done, plan)
+        if error is not None and not isinstance(error, Exception):
+            # (a cancel, a Ctrl-C the kernel does not take: on up, as the ``finally`` did)
+            raise error
         self._report_exit(child, done, error)
+
+    def _escaped(self, exc: BaseException) -> BaseException:
+        """What a run that raised ``exc`` (not an ``Exception``) ends with: a Ctrl-C
+        raised in a child's run that none of its own handlers took (an agent's run takes
+        its own: its lines are protected, its agent's code is not) is the kernel's (the
+        run ends as a stop for the shutdown) or raised on (forced); anything else (a
+        cancel) is raised on."""
+        if isinstance(exc, KeyboardInterrupt) and self.host.router.interrupt(exc):
+            return StoppedForShutdown(None)
+        return exc
 
     @trio.lowlevel.enable_ki_protection
     async def _wait_to_start(self, child: Child, plan: _StartPlan) -> bool:

@@ -2895,7 +2895,10 @@ async def test_a_running_agent_s_task_root_keeps_only_what_its_run_needs() -> No
     agent 16 bytes (the coroutine's and the frame object Trio makes for it). It took the
     backoff, the sibling it waits for, its gate, its heap count and its run number as
     seven arguments (16 slots in all); it takes one plan for the waits, known by its
-    ``RunDone``, and its start and end are done in helpers (13 slots)."""
+    ``RunDone``, and its start and end are done in helpers (13 slots). Its ``finally``
+    called the end's bookkeeping (three arguments) above the two slots of the exception
+    being handled, seven stack slots kept for the whole run; what escapes is taken and
+    raised on after the bookkeeping (11 slots)."""
     roots: list[types.CodeType] = []
     handled: list[str] = []
 
@@ -2924,7 +2927,46 @@ async def test_a_running_agent_s_task_root_keeps_only_what_its_run_needs() -> No
     assert roots[0] is roots[1]
     code = roots[0]
     assert code.co_argcount == 4  # self, the child, its RunDone, the plan
-    assert code.co_nlocals + code.co_stacksize <= 13
+    assert code.co_nlocals + code.co_stacksize <= 11
+
+
+async def test_a_running_agent_s_run_frame_keeps_only_what_its_serve_loop_needs() -> None:
+    """A parked agent keeps its run's frame (``run_once``, the run and its serve loop in
+    one coroutine): 8 bytes a slot in every running agent. Four of its locals held what
+    another could: the clock (read only for a sampled message or a handler that
+    suspends), the stepper's bound ``send`` (the step's outcome's local), the run's
+    exception group (the exception's) and the mailbox's count of waiting producers over
+    a park (the handler's result, let go at the park): 24 locals, not 28, and what
+    they serve still works (a sampled latency, a request's answer, a handler that
+    suspends and one that fails)."""
+    from nexus_trio._cell import AgentCell
+
+    @agent
+    async def answers(ctx: Context, msg: Message) -> Any:
+        if msg.payload == "suspend":
+            await trio.lowlevel.checkpoint()
+        if msg.payload == "fail":
+            raise ValueError("no")
+        return msg.payload
+
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(answers, name="frame")
+        assert await kernel.request("frame", "a") == "a"
+        assert await kernel.request("frame", "suspend") == "suspend"
+        await kernel.send("frame", "fail")
+        assert await kernel.request("frame", "b") == "b"
+        await trio.testing.wait_all_tasks_blocked()
+        cell = _cells_named(("frame",))["frame"]
+        run = cell.run_task.coro.cr_await
+        assert run.cr_code is AgentCell.run_once.__code__
+        stats = kernel.stats()
+        assert (stats.handled, stats.failed) == (3, 1)  # a failed message is not handled
+        assert stats.handle_latency.count >= 1
+    code = AgentCell.run_once.__code__
+    # (not pytest's: it rewrites the package's asserts in a test run, with locals of its own)
+    own = [name for name in code.co_varnames if not name.startswith("@py")]
+    assert len(own) == 24
+    assert len(own) + code.co_stacksize <= 31
 
 
 async def test_stopping_a_supervisor_stops_and_unregisters_its_whole_subtree() -> None:
