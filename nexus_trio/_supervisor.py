@@ -612,8 +612,12 @@ class SupervisorNode(Child, ChildOwner):
             error = self._escaped(exc)
         self._run_over(child, done, plan)
         if error is not None and not isinstance(error, Exception):
-            # (a cancel, a Ctrl-C the kernel does not take: on up, as the ``finally`` did)
-            raise error
+            # (a cancel, a Ctrl-C the kernel does not take: on up, as the ``finally`` did;
+            # not kept by this frame, which its traceback keeps: no cycle for the collector)
+            try:
+                raise error
+            finally:
+                error = None
         self._report_exit(child, done, error)
 
     def _escaped(self, exc: BaseException) -> BaseException:
