@@ -962,3 +962,50 @@ def test_the_stepper_script_runs_each_loop_to_its_end_and_reads_cachegrinds_tota
     )
     assert bad.returncode == 2
     assert "--short must be at least 1 and less than --long" in bad.stderr
+
+
+_FRESH_PAGES = Path(__file__).resolve().parent.parent / "benchmarks" / "fresh_pages.py"
+
+
+def _fresh_pages(*args: str) -> list[dict[str, Any]]:
+    out = subprocess.run(
+        [sys.executable, str(_FRESH_PAGES), *args, "--json"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    rows: list[dict[str, Any]] = json.loads(out)
+    return rows
+
+
+def test_the_fresh_pages_script_faults_every_page_each_way_alternated() -> None:
+    rows = _fresh_pages("--mib", "4", "--rounds", "2")
+    # each round in a fresh process per way, the order reversed every other round
+    assert [(r["round"], r["way"]) for r in rows] == [
+        (1, "touch"),
+        (1, "populate"),
+        (1, "madvise"),
+        (2, "madvise"),
+        (2, "populate"),
+        (2, "touch"),
+    ]
+    # every way faults in all 1,024 pages (populating is not skipping)
+    assert all(r["pages"] == 1024 and r["faults_per_page"] >= 0.95 for r in rows)
+
+
+def test_the_fresh_pages_lifecycle_populates_the_heap_inside_the_delivery() -> None:
+    rows = _fresh_pages("--lifecycle", "300", "--rounds", "1", "--pad-mib", "64")
+    by_way = {r["way"]: r for r in rows}
+    assert list(by_way) == ["pymalloc", "malloc+pad", "malloc+pad+populate"]
+    # 300 first messages fault a few hundred pages; the populated heap (at least the
+    # 64 MiB pad) has its untouched tail faulted inside the delivery phase, counted with it
+    others = [by_way[w]["deliver_faults"] for w in ("pymalloc", "malloc+pad")]
+    assert all(0 < faults < 4096 for faults in others)
+    assert [r["heap_populated_mib"] >= 64 for r in rows] == [False, False, True]
+    assert by_way["malloc+pad+populate"]["deliver_faults"] >= 2 * max(others)
+    bad = subprocess.run(
+        [sys.executable, str(_FRESH_PAGES), "--mib", "0"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2
+    assert "--mib, --rounds, --pad-mib and --lifecycle must be at least 1" in bad.stderr

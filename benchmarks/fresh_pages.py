@@ -1,0 +1,198 @@
+"""What a fresh page costs this machine: touched one at a time, or populated in bulk.
+
+    python benchmarks/fresh_pages.py [--mib 256] [--rounds 3] [--json]
+    python benchmarks/fresh_pages.py --lifecycle 100000 [--rounds 3] [--pad-mib 1024]
+
+An idle agent's first message makes about 7.1 KB that the run keeps (see
+``activation_memory.py``): 1.77 fresh 4 KiB pages, each a minor page fault whose system
+time is the machine's. The first form measures that price with no Python objects in the
+way, in a fresh process per way and round (alternated): ``touch`` writes one byte a page
+of a fresh anonymous mapping (what the allocator's arenas get as objects fill them),
+``populate`` maps it with ``MAP_POPULATE`` and ``madvise`` asks ``MADV_POPULATE_WRITE``
+of it (Linux 5.14+), both faulting every page in one system call. Reported: system CPU
+per page, minor faults per page, wall time.
+
+The second form runs ``nexus_trio.bench._scale``'s ``lifecycle`` measurement (spawn N,
+one message each, shut down) three ways, alternated, in fresh processes: as it comes
+(pymalloc), with glibc's allocator and a ``top_pad`` of ``--pad-mib`` (1 GiB) (``PYTHONMALLOC=malloc
+GLIBC_TUNABLES=glibc.malloc.top_pad=...``: the heap grows a GiB at a time, untouched),
+and the same with that heap populated by one ``MADV_POPULATE_WRITE`` as the delivery
+phase starts (inside its CPU time). pymalloc's own arenas cannot be populated from
+Python (they are ``mmap``ed one MiB at a time, at addresses Python does not expose), so
+this is what pre-faulting would save, not something the kernel can do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import mmap
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+MADV_POPULATE_WRITE = 23
+WAYS = ("touch", "populate", "madvise")
+LIFECYCLE_WAYS = ("pymalloc", "malloc+pad", "malloc+pad+populate")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _usage() -> tuple[float, float, int]:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime, r.ru_stime, r.ru_minflt
+
+
+def _libc() -> Any:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
+
+
+def fault_pages(way: str, size: int) -> dict[str, Any]:
+    """Fault in ``size`` bytes of fresh anonymous memory one way (in this process)."""
+    if way not in WAYS:
+        raise ValueError(f"fresh_pages: unknown way {way!r}; expected one of {WAYS}")
+    if not hasattr(mmap, "MAP_POPULATE"):
+        raise SystemExit("fresh_pages: needs Linux (MAP_POPULATE, MADV_POPULATE_WRITE)")
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    u0, t0 = _usage(), time.perf_counter()
+    if way == "populate":
+        area = mmap.mmap(-1, size, flags=flags | mmap.MAP_POPULATE)
+    else:
+        area = mmap.mmap(-1, size, flags=flags)
+        view = memoryview(area)
+        if way == "touch":
+            for offset in range(0, size, mmap.PAGESIZE):
+                view[offset] = 1
+        else:
+            address = ctypes.addressof(ctypes.c_char.from_buffer(area))
+            if _libc().madvise(address, size, MADV_POPULATE_WRITE) != 0:
+                raise SystemExit(
+                    f"fresh_pages: MADV_POPULATE_WRITE failed (errno {ctypes.get_errno()})"
+                )
+        view.release()
+    wall = time.perf_counter() - t0
+    u1 = _usage()
+    pages = size // mmap.PAGESIZE
+    return {
+        "way": way,
+        "pages": pages,
+        "sys_us_per_page": 1e6 * (u1[1] - u0[1]) / pages,
+        "faults_per_page": (u1[2] - u0[2]) / pages,
+        "wall_s": wall,
+    }
+
+
+def _populate_heap() -> int:
+    """One MADV_POPULATE_WRITE over the glibc heap (with ``top_pad``: its untouched tail
+    is faulted in); its size in bytes."""
+    with open("/proc/self/maps", encoding="ascii") as maps:
+        for line in maps:
+            if line.rstrip().endswith("[heap]"):
+                low, high = (int(x, 16) for x in line.split()[0].split("-"))
+                if _libc().madvise(low, high - low, MADV_POPULATE_WRITE) != 0:
+                    raise SystemExit(f"fresh_pages: populate failed ({ctypes.get_errno()})")
+                return high - low
+    raise SystemExit("fresh_pages: no [heap] mapping to populate")
+
+
+def lifecycle(n: int, populate: bool) -> dict[str, Any]:
+    """``_scale``'s lifecycle measurement; ``populate``: the heap populated as its
+    delivery phase starts (after the phase's first ``getrusage``, so inside its CPU)."""
+    from nexus_trio.bench import _scale
+
+    usage_now = _scale.usage_now
+    calls = [0]
+    heap = [0]
+
+    def marked() -> Any:
+        usage = usage_now()
+        if calls[0] == 1 and populate:
+            heap[0] = _populate_heap()
+        calls[0] += 1
+        return usage
+
+    _scale.usage_now = marked
+    result = _scale.measure("lifecycle", n)
+    if result["handled"] != n or result["dead_lettered"]:
+        raise SystemExit(f"fresh_pages: handled {result['handled']} of {n}")
+    return {**result, "heap_populated_mib": heap[0] / (1 << 20)}
+
+
+def _child(args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"fresh_pages: child {args} failed: {proc.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(proc.stdout.splitlines()[-1])
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mib", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--lifecycle", type=int, metavar="AGENTS")
+    parser.add_argument("--pad-mib", type=int, default=1024)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if min(args.mib, args.rounds, args.pad_mib, args.lifecycle or 1) < 1:
+        parser.error("--mib, --rounds, --pad-mib and --lifecycle must be at least 1")
+    if args.child:
+        kind, value = args.child[0], int(args.child[1])
+        if kind == "lifecycle":
+            result = lifecycle(value, os.environ.get("FRESH_PAGES_POPULATE") == "1")
+        else:
+            result = fault_pages(kind, value)
+        print(json.dumps(result))
+        return
+    rows = []
+    for round_ in range(1, args.rounds + 1):
+        ways = LIFECYCLE_WAYS if args.lifecycle else WAYS
+        for way in ways if round_ % 2 else ways[::-1]:
+            if args.lifecycle:
+                env = {}
+                if way != "pymalloc":
+                    env = {
+                        "PYTHONMALLOC": "malloc",
+                        "GLIBC_TUNABLES": f"glibc.malloc.top_pad={args.pad_mib << 20}",
+                        "FRESH_PAGES_POPULATE": "1" if way.endswith("populate") else "0",
+                    }
+                r = _child(["lifecycle", str(args.lifecycle)], env)
+                d = r["deliver_usage"]
+                row = {
+                    "round": round_,
+                    "way": way,
+                    "deliver_user_s": d["user_s"],
+                    "deliver_sys_s": d["sys_s"],
+                    "deliver_faults": d["minor_faults"],
+                    "deliver_wall_s": r["deliver_s"],
+                    "heap_populated_mib": r["heap_populated_mib"],
+                }
+            else:
+                row = {"round": round_, **_child([way, str(args.mib << 20)])}
+            rows.append(row)
+            if not args.json:
+                print(
+                    "  ".join(
+                        f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                        for k, v in row.items()
+                    )
+                )
+    if args.json:
+        print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
