@@ -65,6 +65,10 @@ log = logging.getLogger("nexus_trio.supervisor")
 
 _RUNNING: Final = KernelPhase.RUNNING
 _STOPPING: Final = KernelPhase.STOPPING
+#: how many children that stop quietly a shutdown asks to stop at once (see _stop_all)
+_QUIET_SHARE: Final = 1024
+#: the scheduling rounds a share of them is given to leave before the next is asked
+_QUIET_SHARE_ROUNDS: Final = 3
 
 
 def _non_negative(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -1012,9 +1016,10 @@ class SupervisorNode(Child, ChildOwner):
         """Stop every child in reverse start order.
 
         Consecutive children that stop quietly (no ``on_stop``, no linked children) are
-        asked to stop all at once and then awaited: the order among them cannot be
-        observed, and a hundred thousand one-by-one stops would take a scheduling round
-        each.
+        asked to stop together, a share of ``_QUIET_SHARE`` at a time, and then awaited:
+        the order within a share cannot be observed, a hundred thousand one-by-one stops
+        would take a scheduling round each, and a million at once would each hold their
+        nursery's exit in the same round (memory touched for it alone).
         """
         children = [c for c in reversed(list(self.children)) if not c.retired]
         if self.drain_on_stop:
@@ -1031,17 +1036,30 @@ class SupervisorNode(Child, ChildOwner):
                 if child.running and child.is_agent and not child.linked_children:
                     child.request_stop()
         quiet = [c.stops_quietly() for c in children]
+        # children[:asked] that stop quietly have been asked to stop
+        asked = 0
         for i, child in enumerate(children):
             if child.retired:
                 continue
-            if quiet[i] and (i == 0 or not quiet[i - 1]):
-                # the first of a run of quiet children: ask the whole run at once
-                for j in range(i, len(children)):
-                    if not quiet[j]:
-                        break
-                    other = children[j]
+            if quiet[i] and i >= asked:
+                # The first of a run of quiet children, or of its next share: asked at
+                # once, at most _QUIET_SHARE of them. All at once, each would hold its
+                # whole run and the exit of its nursery (Trio's coroutines, waiting out
+                # the exit's schedule point) in the same round: a million agents stopping
+                # at once touched 100k fresh pages.
+                end = min(len(children), i + _QUIET_SHARE)
+                asked = i
+                while asked < end and quiet[asked]:
+                    other = children[asked]
                     if other.running and not other.linked_children:
                         other.request_stop()
+                    asked += 1
+                if asked == end < len(children) and quiet[asked]:
+                    # More of the run wait their turn: this share leaves first (woken,
+                    # its nursery's exit, its end: a round each), so that its members
+                    # are found stopped below as the whole run was.
+                    for _ in range(_QUIET_SHARE_ROUNDS):
+                        await trio.lowlevel.checkpoint()
             if (
                 not (child.linked_children or child.drain_on_stop)
                 and self._mark_stopping(child) is None

@@ -1053,6 +1053,47 @@ async def test_quiet_agents_stop_together_and_the_others_keep_their_order(
     assert_conserved(kernel)
 
 
+async def test_a_shutdown_asks_quiet_agents_to_stop_a_share_at_a_time(
+    autojump_clock: Any,
+) -> None:
+    # Before: every quiet agent was asked at once, and each held its run and its
+    # nursery's exit (Trio's coroutines, waiting out the exit's schedule point) in the
+    # same round: 2,500 agents runnable at once (a million: 100k fresh pages). Now at most
+    # a share of them (_QUIET_SHARE, 1,024) stop at a time, in reverse start order by
+    # share; the others around them keep their order.
+    share = 1024
+
+    @agent
+    async def quiet(ctx: Context, msg: Message) -> None:
+        return None
+
+    class MostRunnable(trio.abc.Instrument):
+        def __init__(self) -> None:
+            self.most = 0
+
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            runnable = trio.lowlevel.current_statistics().tasks_runnable
+            self.most = max(self.most, runnable)
+
+    watch = MostRunnable()
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(tracked("first"))
+        quiet_refs = [kernel.spawn(quiet) for _ in range(2500)]
+        kernel.spawn(tracked("last"))
+        for ref in quiet_refs:
+            kernel.send_nowait(ref, "wake")  # running, not dormant
+        await trio.testing.wait_all_tasks_blocked()
+        assert kernel.stats().handled == 2500
+        trio.lowlevel.add_instrument(watch)
+    trio.lowlevel.remove_instrument(watch)
+    assert share <= watch.most <= share + 10
+    assert Journal.of("stop") == ["last", "first"]
+    assert kernel.agents() == []
+    stats = kernel.stats()
+    assert (stats.handled, stats.dead_lettered, stats.in_flight) == (2500, 0, 0)
+    assert_conserved(kernel)
+
+
 async def test_a_subscriber_that_never_reads_loses_events_counted_in_stats(
     autojump_clock: Any,
 ) -> None:
