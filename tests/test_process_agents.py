@@ -1530,14 +1530,20 @@ async def test_a_register_without_a_name_is_logged_without_one(
 
 
 async def test_request_timeout_cancels_the_wait_and_the_agent_recovers() -> None:
+    # The hang must reach the child before the request times out: the child is registered
+    # first (a loaded machine took more than the 0.5 s this request had to start Python
+    # and register it, so the hang never left the mailbox: nothing abandoned, nothing
+    # replaced), and the request's own bound is 2 s for the write of one frame.
     async with bridge_kernel() as kernel:
         ref = kernel.spawn(process_agent(toy()))
+        first_pid = await kernel.request(ref, {"op": "pid"})
         with pytest.raises(RequestTimeout):
-            await kernel.request(ref, {"op": "hang"}, timeout=0.5)
+            await kernel.request(ref, {"op": "hang"}, timeout=2.0)
         assert await kernel.request(ref, {"op": "echo", "value": 6}) == 6
         assert [d.reason for d in dead_letters(kernel)] == [DeadLetterReason.REQUEST_TIMEOUT]
         stats = stats_of(kernel, ref)
         assert (stats.abandoned, stats.replaced, stats.starts) == (1, 1, 2)
+        assert stats.pid != first_pid
 
 
 async def test_message_whose_deadline_passes_while_the_child_is_replaced_does_not_mark_it_stuck() -> (
