@@ -2009,8 +2009,10 @@ def test_without_node_the_javascript_tests_skip_saying_why(require: str, tmp_pat
     empty_bin.mkdir()
     env = {**os.environ, "PATH": str(empty_bin), "NEXUS_REQUIRE_NODE": require}
     test = "tests/test_bridge_agents.py::test_echo_bridge_registers_round_trips_and_exits_0_on_shutdown"
+    # One test in this process (-n 0): pyproject's addopts would start four xdist workers
+    # for it: 8.6 s of CPU against 1.6 s, past the 120 s bound at load 40 (both runs failed)
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", test],
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-n", "0", test],
         cwd=ROOT,  # where pyproject.toml turns on trio mode
         env=env,
         capture_output=True,
