@@ -2156,13 +2156,16 @@ def test_a_stop_while_the_workers_import_the_app_ends_the_run_at_once(
         stderr = StderrLines(proc)
         stderr.wait_for("slow_import: importing", 2, proc, timeout=90)
         signalled = time.monotonic()
-        out, err = signal_and_collect(proc, stderr, signum, 60)
+        out, err = signal_and_collect(proc, stderr, signum, 120)
         took = time.monotonic() - signalled
     finally:
         kill_tagged(tag)
         proc.kill()
     assert proc.returncode == 0, err
-    assert took < 20, f"the run took {took:.1f} s to stop"  # (about 0.2 s: a loaded machine)
+    # About 0.2 s on a quiet machine, 24.1 s once at load 20-54 (the workers still start,
+    # stop and write their summaries): the bound is what the stop must not wait for, the
+    # import's 300 s, with room for such a machine
+    assert took < 120, f"the run took {took:.1f} s to stop"
     assert "Traceback" not in err, err
     said = f"stopped while importing {ref!r} ({flag}): the run was not started"
     assert err.count(f"SIGTERM: {said}") == 2, err
