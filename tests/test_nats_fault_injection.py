@@ -743,3 +743,45 @@ async def test_a_server_restarted_without_its_store_gets_the_nodes_names_and_rec
             assert (stats.names_unwritten, stats.records_unwritten) == (0, 0)
     finally:
         server.stop()
+
+
+async def test_after_a_server_restarted_without_its_store_a_node_s_watches_follow_the_new_buckets() -> (
+    None
+):
+    """Regression: the buckets made anew after a nats-server lost its store were written
+    again, but the watches of the node that had them stayed on the old streams (an
+    ordered consumer resumes after the last sequence it saw: the new bucket's first
+    entries, as many as the old one held, never reached it) and the revisions it knew
+    took the new entries for ones heard late. A node that had written 31 names heard
+    nothing of the names and placed agents of a node joining after the restart (40 s
+    waited). Its watches now start again on the new buckets."""
+    server = NatsServer().start()
+    port = server.port
+    try:
+        async with local_node(server.url, "b") as (kb, cb):
+            kb.spawn(_echo, name="echo-b")
+            for i in range(30):
+                kb.spawn(_echo, name=f"before-{i}")
+            await cb.names_published()
+            await trio.to_thread.run_sync(server.stop)  # (removes its store)
+            server = await trio.to_thread.run_sync(NatsServer(port=port).start)
+            with trio.fail_after(60):
+                await until(lambda: cb.stats().buckets_made_again == 1)
+                async with local_node(server.url, "c") as (kc, cc):
+                    cc.register_type("thing", _echo)
+                    for i in range(3):
+                        kc.spawn(_echo, name=f"after-{i}")
+                    placed = await cc.spawn("thing", name="placed-c", node="c")
+                    await cc.names_published()
+                    # heard by b's watches (no lookup of its own: _names is what they fill)
+                    await until(lambda: all(f"after-{i}" in cb._names for i in range(3)))
+                    assert cb._names["placed-c"] == ("c", placed.id)
+                    await until(lambda: "placed-c" in cb.placement.records)
+                    assert cb.placement.records["placed-c"].type_name == "thing"
+                    # and b's own names are in the new bucket for c
+                    assert await cc.wait_for_name("before-29", timeout=20) == (
+                        "b",
+                        kb.lookup("before-29").id,
+                    )
+    finally:
+        server.stop()

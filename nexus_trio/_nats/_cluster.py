@@ -457,6 +457,7 @@ class Cluster:
         "_batches_received",
         "_bucket_births",
         "_buckets_made_again",
+        "_buckets_renewed",
         "_buckets_to_check",
         "_cancels_received",
         "_cancels_sent",
@@ -667,6 +668,9 @@ class Cluster:
         self._bucket_births: dict[str, object] = {}
         self._buckets_to_check = False
         self._buckets_made_again = 0
+        # set (and replaced) when the buckets were found made anew: the watches of the
+        # old ones start again on the new (see _start_watch)
+        self._buckets_renewed = trio.Event()
         self._names_taken = 0
         # the local agent counted in it, by name: counted once, however often its name is
         # checked again (a heal, the watch's replay); dropped with the local name
@@ -3904,6 +3908,15 @@ class Cluster:
             self._buckets_to_check = True
             raise
         self._buckets_made_again += 1
+        # The new buckets number their entries from 1 again: the revisions known of the
+        # old ones would take the new entries for ones heard late. The watches of the
+        # old streams hear nothing of the new ones (an ordered consumer resumes after
+        # the last sequence it saw): they start again, replaying what the new buckets
+        # hold and following them.
+        self._name_revisions.clear()
+        self._name_deletes.clear()
+        renewed, self._buckets_renewed = self._buckets_renewed, trio.Event()
+        renewed.set()
         for name, agent_id in self._local_names.items():
             self._unwritten_names.setdefault(name, agent_id)
         records = self.placement.write_again()
@@ -4491,7 +4504,34 @@ class Cluster:
         await call_aio(watch.start, self.js, kv)
         task_status.started()
         try:
-            await trio.sleep_forever()
+            while True:
+                # (the buckets made anew: see _check_buckets)
+                await self._buckets_renewed.wait()
+                old, watch = watch, kvops.Watch(apply_entry)
+                with trio.move_on_after(2):
+                    try:
+                        await call_aio(old.stop)
+                    except Exception as exc:
+                        log_guarded(
+                            log, logging.DEBUG, "node %s: stopping a KV watcher: %r", self.node, exc
+                        )
+                while True:
+                    try:
+                        await call_aio(watch.start, self.js, kv)
+                        break
+                    except (nats.errors.Error, OSError) as exc:
+                        # (the server gone again meanwhile: tried again a heartbeat later)
+                        log_guarded(
+                            log,
+                            logging.WARNING,
+                            "node %s: watching a KV bucket made anew failed: %r",
+                            self.node,
+                            exc,
+                        )
+                        with suppress(Exception):
+                            await call_aio(watch.stop)
+                        watch = kvops.Watch(apply_entry)
+                        await trio.sleep(self.options.heartbeat_interval)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
                 try:
