@@ -400,6 +400,60 @@ def test_a_flood_of_members_lost_one_by_one_costs_each_loss_a_pass_over_the_othe
     assert weights < 4 * n * n, weights
 
 
+@SLOW_DRAWS
+@given(
+    members=st.lists(
+        st.from_regex(r"[a-z0-9-]{1,6}", fullmatch=True), min_size=2, max_size=12, unique=True
+    ),
+    data=st.data(),
+)
+def test_who_counts_what_a_lost_member_held_is_the_old_rule_for_any_members(
+    members: list[str], data: st.DataObject
+) -> None:
+    """The rule of ``node_lost`` written out (0af3049) against the rule it replaced,
+    over random members lost in a random order, with this node anywhere among them: a
+    member lost before is counted by this node after a loss exactly when the member
+    just lost owned its count over the survivors and it, and this node owns it over
+    the survivors."""
+    own = data.draw(st.sampled_from(members))
+    others = [node for node in members if node != own]
+    order = data.draw(st.permutations(others))
+    infos = {
+        node: NodeInfo(node, i + 1, 1, "h", 0.0, {"in_flight": 1}, last_seen=0.0)
+        for i, node in enumerate(others)
+    }
+
+    class _Members(_Cluster):
+        def __init__(self) -> None:
+            super().__init__("x", sent_to_c=0, holders={})
+            self.node = own
+            self.stream_name = f"{own}.1"
+
+        def live_nodes(self) -> list[str]:
+            return sorted([own, *(node for node in others if infos[node].reachable)])
+
+        def member_list(self) -> list[NodeInfo]:
+            return list(infos.values())
+
+    placement = Placement(_Members())  # type: ignore[arg-type]
+    counted: set[str] = set()
+    for lost in order:
+        infos[lost] = attrs.evolve(infos[lost], reachable=False)
+        survivors = [node for node in placement._cluster.live_nodes() if node != lost]
+        earlier = [node for node in others if not infos[node].reachable and node != lost]
+        if rendezvous_owner(f"loss:{lost}", survivors) == own:
+            counted.add(lost)
+        for other in earlier:
+            key = f"loss:{other}"
+            if (
+                rendezvous_owner(key, [*survivors, lost]) == lost
+                and rendezvous_owner(key, survivors) == own
+            ):
+                counted.add(other)
+        placement.node_lost(infos[lost])
+        assert placement.lost_with_nodes == len(counted), (lost, counted)
+
+
 def test_what_a_lost_node_heard_again_took_after_all_is_no_longer_counted_lost() -> None:
     """Regression: a worker of ``nexus run -W 2`` frozen 8 s (SIGSTOP) then resumed was
     counted lost by the other, which counted 3,528 tells lost with it; resumed, it
