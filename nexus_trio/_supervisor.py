@@ -69,6 +69,8 @@ _STOPPING: Final = KernelPhase.STOPPING
 _QUIET_SHARE: Final = 1024
 #: the scheduling rounds a share of them is given to leave before the next is asked
 _QUIET_SHARE_ROUNDS: Final = 3
+#: what a run called off before it began ends with (see _child_task): no exit reported
+_CALLED_OFF: Final = BaseException("called off")
 
 
 def _non_negative(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -598,23 +600,26 @@ class SupervisorNode(Child, ChildOwner):
         # ``finally`` did; what returns early does the bookkeeping itself.)
         error: BaseException | None = None
         try:
-            if self._called_off(child):
-                # (before any wait: a stop handled in the same round as the start found
-                # no scope to cancel, and must not wait out a backoff or an elder
-                # sibling's start)
-                self._run_over(child, done, plan)
-                return
-            if plan is not None and plan.waits and not await self._wait_to_start(child, plan):
-                self._run_over(child, done, plan)
-                return
-            # The run's own nursery is its one cancel scope (the child sets ``scope``).
-            self._run_begins(child)
-            await child.run_once()
+            # (before any wait: a stop handled in the same round as the start found no
+            # scope to cancel, and must not wait out a backoff or an elder sibling's start)
+            if self._called_off(child) or (
+                plan is not None and plan.waits and not await self._wait_to_start(child, plan)
+            ):
+                # called off: the bookkeeping below, once, and no exit to report (not
+                # from in here: the bookkeeping raising, a bug, would be taken for the
+                # run's failure and done twice)
+                error = _CALLED_OFF
+            else:
+                # The run's own nursery is its one cancel scope (the child sets ``scope``).
+                self._run_begins(child)
+                await child.run_once()
         except Exception as exc:
             error = exc
         except BaseException as exc:
             error = self._escaped(exc)
         self._run_over(child, done, plan)
+        if error is _CALLED_OFF:
+            return
         if error is not None and not isinstance(error, Exception):
             # (a cancel, a Ctrl-C the kernel does not take: on up, as the ``finally`` did;
             # not kept by this frame, which its traceback keeps: no cycle for the collector)

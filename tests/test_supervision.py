@@ -1053,6 +1053,36 @@ async def test_quiet_agents_stop_together_and_the_others_keep_their_order(
     assert_conserved(kernel)
 
 
+async def test_a_run_called_off_in_its_backoff_does_its_end_s_bookkeeping_once(
+    autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: the task root of a child run (its ``finally`` gone, 9153661) did the
+    bookkeeping of a run called off before it began inside its ``try``: that
+    bookkeeping raising (a bug of the kernel's) was taken for the run's failure, and
+    the bookkeeping done a second time (``agents_alive`` counted out twice in a
+    shutdown). It is done once, and what it raises goes on up, as the ``finally`` did."""
+    from nexus_trio._supervisor import SupervisorNode
+
+    ends: list[str | None] = []
+    real = SupervisorNode._run_over
+
+    def run_over(self: Any, child: Any, done: Any, plan: Any) -> None:
+        ends.append(child.name)
+        real(self, child, done, plan)
+        if ends == ["w"]:
+            raise RuntimeError("the bookkeeping's bug")
+
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(sup(tracked("w"), backoff=Backoff(initial=1.0, maximum=1.0, jitter=0)))
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.send("w", "boom")
+        await trio.testing.wait_all_tasks_blocked()  # its restart waits out the backoff
+        monkeypatch.setattr(SupervisorNode, "_run_over", run_over)
+        with contextlib.suppress(BaseException):
+            await kernel.stop("w")  # called off in its backoff
+    assert ends.count("w") == 1, ends
+
+
 async def test_a_shutdown_asks_quiet_agents_to_stop_a_share_at_a_time(
     autojump_clock: Any,
 ) -> None:
