@@ -4501,12 +4501,15 @@ class Cluster:
                 apply(entry.key, entry.value, entry.operation)
 
         watch = kvops.Watch(apply_entry)
+        # (taken before each start: buckets made anew during a start start it again)
+        renewed = self._buckets_renewed
         await call_aio(watch.start, self.js, kv)
         task_status.started()
         try:
             while True:
                 # (the buckets made anew: see _check_buckets)
-                await self._buckets_renewed.wait()
+                await renewed.wait()
+                renewed = self._buckets_renewed
                 old, watch = watch, kvops.Watch(apply_entry)
                 with trio.move_on_after(2):
                     try:
