@@ -3073,6 +3073,53 @@ async def test_a_leaving_node_is_heard_leaving_once_and_its_record_stays_dropped
     assert "a" not in members_of_b
 
 
+async def test_a_record_the_watch_gives_after_a_leave_was_heard_does_not_bring_the_node_back(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: ``node 'a' left the cluster`` was logged twice on b (1 whole-suite run
+    at load 20-54): the nodes bucket's watch lags the core subject, so a record a wrote
+    before it announced its leave could reach b after the announcement: b took a back
+    as a member, and the record's delete (or a's last notice) made it leave a second
+    time. Here b's watch entries of a are held from a heartbeat on, until b heard the
+    leave on the core subject, then given in the bucket's order: a's records, then
+    their delete. They leave a out, and its leave is logged once."""
+    caplog.set_level(logging.INFO, logger="nexus_trio.nats")
+    original_entry = Cluster._apply_node_entry
+    held: list[tuple[str, bytes | None, str | None]] = []
+    holding = False
+    record_held, delete_held = trio.Event(), trio.Event()
+
+    def entry(self: Cluster, key: str, value: bytes | None, op: str | None) -> None:
+        if self.node == "b" and key == "a" and holding:
+            held.append((key, value, op))
+            (record_held if value else delete_held).set()
+            return
+        original_entry(self, key, value, op)
+
+    monkeypatch.setattr(Cluster, "_apply_node_entry", entry)
+    with trio.fail_after(30):
+        async with _node(nats.url, "b", missed_heartbeats=50) as (_, cb):
+            async with _node(nats.url, "a"):
+                await until(lambda: "a" in cb.live_nodes())
+                holding = True
+                await record_held.wait()  # a record of a's, written before its leave
+            # b hears the leave on the core subject (the announcement, the last notice)
+            await until(lambda: "a" not in cb.live_nodes())
+            await delete_held.wait()  # the watch gave the leave's delete
+            holding = False
+            for key, value, op in held:
+                with on_loop_of(cb):
+                    cb._apply_node_entry(key, value, op)
+                if value:
+                    assert "a" not in cb.live_nodes(), "a record from before the leave"
+            members_of_b = [info.node for info in cb.member_list()]
+            assert cb._left_before_delete == {}  # (the delete came: nothing kept)
+    left = [r.getMessage() for r in caplog.records if r.getMessage().endswith("left the cluster")]
+    assert left == ["node b: node 'a' left the cluster"], left
+    assert members_of_b == ["b"]
+    assert [op for _, _, op in held][-1] in ("DEL", "PURGE") and held[0][1], held
+
+
 async def test_a_record_write_in_flight_as_a_node_leaves_does_not_land_after_its_delete(
     nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -491,6 +491,7 @@ class Cluster:
         "_json_requests",
         "_known_links",
         "_leave_announced",
+        "_left_before_delete",
         "_left_counted",
         "_left_streams",
         "_links",
@@ -776,6 +777,10 @@ class Cluster:
         # node -> the session of the last record of it the nodes bucket's watch gave
         # (None: a record without one); see _apply_node_entry
         self._record_sessions: dict[str, int | None] = {}
+        # node -> the session of its join whose leave was heard before the nodes bucket's
+        # watch gave the delete of its record: a record of that join the watch gives
+        # meanwhile was written before the leave (see _apply_node_entry)
+        self._left_before_delete: dict[str, int] = {}
         self._loss_log = Throttle()
         self._notice_log = Throttle()
         #: malformed membership records (anyone on the account can write one, by the
@@ -3966,6 +3971,10 @@ class Cluster:
                 return
             if not self._ends_current_join(node, m.headers.get(wire.SESSION_HEADER)):
                 return
+        elif m.data:
+            # (a heartbeat: live, whatever leave was heard of it; a leaving node sends
+            # none after its announcement)
+            self._left_before_delete.pop(node, None)
         self._apply_member_entry(node, m.data, None if m.data else "DEL")
 
     def _ends_current_join(self, node: str, session: str | int | None) -> bool:
@@ -4004,14 +4013,25 @@ class Cluster:
         does not end a later join of the node already heard on the core subject."""
         sessions = self._record_sessions
         if op in _KV_OPS_DELETED:
-            if not self._ends_current_join(key, sessions.pop(key, None)):
-                return
-        elif value:
+            if self._ends_current_join(key, sessions.pop(key, None)):
+                self._apply_member_entry(key, value, op)
+            self._left_before_delete.pop(key, None)  # (what the watch gives next is newer)
+            return
+        if value:
             try:
                 session = wire.read_wire_json(value, "membership record").get("session")
                 sessions[key] = int(session, 16) if isinstance(session, str) else None
             except (ValueError, AttributeError, RecursionError):
                 sessions.pop(key, None)  # (malformed: _apply_member_entry says so)
+            else:
+                left = self._left_before_delete.get(key)
+                if left is not None and left == sessions[key]:
+                    # A record the join wrote before its leave, given by the watch after
+                    # the leave was heard on the core subject (the watch lags it): not a
+                    # member again (it was taken back until the record's delete came,
+                    # and its leave logged twice). A leaving node writes no record
+                    # after its announcement (see _write_record).
+                    return
         self._apply_member_entry(key, value, op)
 
     def _on_last_notice(self, node: str, notice: str) -> None:
@@ -4077,6 +4097,8 @@ class Cluster:
             info = self.members.left(key)
             if info is not None:
                 log_guarded(log, logging.INFO, "node %s: node %r left the cluster", self.node, key)
+                if info.session is not None:
+                    self._note_left_before_delete(key, info.session)
                 # (one lost before was counted then, see Placement.node_lost)
                 self._restart_streams(key, info if info.reachable else None)
                 self._forget_names_of(info)
@@ -4138,6 +4160,17 @@ class Cluster:
             self._retry_wanted.set()  # a partition healed: the buckets may take writes again
         # (what its loss counted here that it took after all is no longer counted lost)
         self.placement.heard_from(info)
+
+    def _note_left_before_delete(self, node: str, session: int) -> None:
+        """The leave of ``node``'s join ``session`` was heard: until the watch gives the
+        delete of its record (when the leave was heard there, at once), the join's
+        records it gives are stale (see _apply_node_entry). Kept for the last
+        _LEFT_STREAMS_MAX leaves whose delete never came (the leave's delete failed)."""
+        marks = self._left_before_delete
+        marks.pop(node, None)
+        marks[node] = session
+        if len(marks) > _LEFT_STREAMS_MAX:
+            del marks[next(iter(marks))]
 
     def _compare_windows(self, info: NodeInfo) -> None:
         """A join heard for the first time: warn if its ``node_window`` is not this
