@@ -925,6 +925,10 @@ async def test_a_tell_that_waited_for_credit_while_its_node_left_is_refused_not_
 
                 async def close_then_credit() -> None:
                     await close()
+                    # the heartbeat ticks on while the leave waits (a whole-suite run at
+                    # load 20-54: a periodic mark put into the closed outbox, dropped)
+                    for _ in range(5):
+                        ca._send_sequence_marks()
                     gate.set()  # b takes 2 and 3 in: credit for the waiting tell
                     with trio.move_on_after(5):  # (a hang guard)
                         await settled.wait()

@@ -280,6 +280,11 @@ class Outbox(Generic[T]):
     def paused(self) -> bool:
         return self._paused
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called (:meth:`put` refuses every item then)."""
+        return self._closed
+
     def discard(self) -> list[T]:
         """Take every queued item out (they will not be sent); the caller accounts for them."""
         items = self._items[:]

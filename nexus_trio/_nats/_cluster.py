@@ -2456,7 +2456,13 @@ class Cluster:
 
     def _send_sequence_marks(self) -> None:
         """Trio side, every heartbeat: tell each destination the last number sent to it,
-        so that tells lost at the end of a burst are counted too (see _check_sequence)."""
+        so that tells lost at the end of a burst are counted too (see _check_sequence).
+        None once the leave closed the outbox: the leave sent the last marks before it
+        closed it (see _flush_at_leave), and a heartbeat that ticked after (the leave
+        still flushing, on a loaded machine) put one into the closed outbox, counted
+        there as an item refused (``Outbox.dropped``), none of them a tell."""
+        if self._outbox.closed:
+            return
         self._marks_sent += 1
         periodic = self._marks_sent % _MARK_EVERY == 0
         members = self.members.members
