@@ -82,8 +82,11 @@ async def _node(
     # PATIENT unless a test says otherwise: two kernels of one process on a loaded machine
     # were silent to each other for longer than FAST's 0.6 s now and then (a node judged
     # lost mid-test: TransportUnavailable where a test not about the detector expected
-    # its tells handled)
-    opts: ClusterOptions = attrs.evolve(PATIENT, **options)
+    # its tells handled). connect_timeout 10 s, not 2 s: the join bounds its connect at
+    # (connect_timeout + reconnect_wait) x 3 + 5 s, and a whole-suite run at load 20-54
+    # took longer than 2 s's 11.6 s to connect to the local server (no test here is
+    # about connecting: the server is up)
+    opts: ClusterOptions = attrs.evolve(PATIENT, **{"connect_timeout": 10.0, **options})
     async with (
         open_kernel(_config(send_timeout_ms)) as kernel,
         join_cluster(kernel, url, name, options=opts) as cluster,
