@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 from typer.testing import CliRunner
@@ -401,10 +402,14 @@ async def test_a_node_given_only_types_hosts_placed_agents_and_runs_no_demo(
     try:
         # Patient: the test is not about the detector, and on a loaded machine the host
         # process (starting up, or stalled) was silent for longer than FAST's 0.6 s now
-        # and then: the placer judged it lost and the pinned spawn failed
+        # and then: the placer judged it lost and the pinned spawn failed. PATIENT's 2 s
+        # was not enough either (a whole-suite run at load 20-54: lost after 2.1 s of
+        # silence): the host heartbeats at the CLI's default, once a second, so 2 s is
+        # two missed heartbeats. 30 s: the placer's heartbeats stay PATIENT's
+        patient = attrs.evolve(PATIENT, missed_heartbeats=150)
         async with (
             open_kernel(node_config()) as kernel,
-            join_cluster(kernel, nats.url, "placer", options=PATIENT, types=TYPES) as cluster,
+            join_cluster(kernel, nats.url, "placer", options=patient, types=TYPES) as cluster,
         ):
             with trio.fail_after(60):  # the process joins (membership comes with heartbeats)
                 while "host" not in cluster.live_nodes():
