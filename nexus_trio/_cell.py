@@ -26,7 +26,7 @@ import functools
 import logging
 import math
 import types
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
@@ -63,11 +63,128 @@ if TYPE_CHECKING:
 log: Final = logging.getLogger("nexus_trio.agent")
 
 
-@functools.cache
-def _batch_of(size: int) -> range:
-    """The serve loop's batch of ``size`` messages: one range shared by every run (a
-    range per run is 48 bytes that every running agent's frame would keep)."""
-    return range(size)
+#: what the kernel's stepper gives the serve loop for a full batch (see _serve_batches)
+_FULL: Final = object()
+#: ... and for an empty mailbox, or a run asked to exit
+_EMPTY: Final = object()
+
+
+@types.coroutine
+def _serve_batches(box: list[Any]) -> Generator[Any, Any, None]:
+    """The kernel's stepper's loop (a :class:`Stepper`'s ``drive``): a serve loop's batch,
+    its handlers awaited here with ``yield from``, not stepped one by one from the serve
+    loop (each such step, a resumption of a generator from C and its ``yield`` back,
+    cost about 700 instructions a message: ``benchmarks/stepper_instructions.py``).
+
+    A step takes ``(cell, receive, handler, ctx, got, left)``: the cell of the running
+    agent, its channel, its handler and context, the message handed to it while it was
+    parked (or None) and what is left of its batch. It takes and handles messages as the
+    serve loop did (the counts, the sampling, the late queries) and gives back
+    :data:`_FULL` (``left`` taken), :data:`_EMPTY` (nothing queued, or the run asked to
+    exit), :data:`DONE` for a handler that returned something or that suspended (its
+    result in ``box[0]``), :data:`FAILED` for one that raised or returned a coroutine (the
+    error in ``box[1]``); with the last two, the message in ``box[2]`` and what is left of
+    the batch in ``box[3]``. A handler that suspends passes its traps out to the serve
+    loop, which arms the deadline and drives this generator with :func:`resume` until the
+    handler ends (``cell._suspended`` is set meanwhile, so that it comes back then): the
+    generator is then the suspended handler's, and the kernel has a new one. Only a
+    handler's failure is caught here: an error of this loop's own ends the generator, and
+    the serve loop makes the kernel a new one.
+    """
+    outcome: Any = _DONE
+    while True:
+        cell, receive, handler, ctx, msg, left = yield outcome
+        outcome = _EMPTY
+        mailbox = cell.mailbox
+        ledger = cell.defaults.ledger
+        now = ledger.now
+        # which handled messages are sampled for latency (see Ledger)
+        mask = ledger.sample_mask
+        # ids of queries whose requesters stopped waiting: such a query is skipped (dead
+        # letter ``request_timeout``) instead of handled; other messages pay one ``is``
+        late = cell.defaults.router.late_queries
+        # counting down what is left of the batch (``for ... else``: the else is a full one)
+        for left in range(left, 0, -1):  # noqa: B007, B020  # the count is reported after
+            if msg is not None:
+                # handed to the agent while it was parked: it is its, handled first
+                if cell._held:
+                    cell._dead_after_grace(msg)
+                    msg = None
+                    continue
+            else:
+                if cell.interrupted and (
+                    cell._held
+                    or (cell.exit_requested and not (cell.drain_before_exit and mailbox.depth))
+                ):
+                    # the run's exit, in the serve loop (held: after the release)
+                    break
+                if not mailbox.depth:
+                    # Empty (the depth is kept exact): no take raising WouldBlock, which
+                    # costs more than a no-op handler for an agent woken by each message.
+                    break
+                try:
+                    msg = receive.receive_nowait()
+                except trio.WouldBlock:  # a guard: free unless it raises
+                    break
+                # Mailbox.take written out (a call per message costs more than a no-op
+                # handler): this, then ``depth -= 1`` or ``recount()`` while producers wait.
+                if mailbox.waiting:
+                    mailbox.recount()
+                else:
+                    mailbox.depth -= 1
+            if late and msg.kind is _QUERY and id_value(msg) in late:
+                cell.dead_lettered += 1
+                cell.defaults.router.discard_queued(
+                    [msg], DeadLetterReason.REQUEST_TIMEOUT, cell, ""
+                )
+                msg = None
+                continue
+            cell.current = msg
+            # The clock is read only for a sampled message or a handler that suspends: a
+            # read costs about as much as a no-op handler. Sampled by the count before
+            # this message (``+ 1`` would build an int per message).
+            start = now() if not ledger.handled & mask else 0.0
+            try:
+                result = yield from handler(ctx, msg)
+            except GeneratorExit as exc:
+                # This generator closed (thrown in at a ``yield``: its traceback is this
+                # frame alone): it ends. A handler that raised GeneratorExit itself failed
+                # as with any other exception (see _step._drive).
+                traceback = exc.__traceback__
+                if traceback is None or traceback.tb_next is None:
+                    raise
+                box[1] = exc
+                outcome = _FAILED
+                break
+            except BaseException as exc:
+                box[1] = exc
+                outcome = _FAILED
+                break
+            if result is not None and type(result) is _Coroutine:
+                box[1] = cell._unawaited(result)
+                outcome = _FAILED
+                break
+            cell.current = None
+            cell.handled += 1
+            ledger.handled += 1
+            if start and not (ledger.handled - 1) & mask:
+                # Sampled by the kernel-wide count (agents that handle few messages are
+                # seen too): recording costs more than a no-op handler.
+                ledger.record_latency(start, msg)
+            if result is not None or cell._suspended:
+                # answered or routed by the serve loop (which awaits); a handler that
+                # suspended is done with: the serve loop disarms its deadline
+                box[0] = result
+                outcome = _DONE
+                break
+            msg = None
+        else:
+            outcome = _FULL
+        # (``left`` counted the message that ended the batch's step: the rest is one less)
+        box[2] = msg
+        box[3] = left - 1
+        # The generator is the kernel's: it keeps no agent's message, result or cell.
+        cell = receive = handler = ctx = msg = result = None
 
 
 class _Carrier(Exception):
@@ -224,6 +341,7 @@ class CellDefaults:
         "overflow",
         "router",
         "shutdown_grace",
+        "stepper",
     )
 
     def __init__(
@@ -241,6 +359,9 @@ class CellDefaults:
         self.handle_timeout: float = config.handle_timeout
         self.shutdown_grace: float = config.shutdown_grace
         self.batch_size: int = config.batch_size
+        #: steps the handlers of the kernel's agents, a batch a step (see _serve_batches);
+        #: a handler that suspends keeps the one it ran in, and leaves a new one here
+        self.stepper = Stepper(_serve_batches)
 
 
 class AgentCell(Child):
@@ -544,11 +665,11 @@ class AgentCell(Child):
                         await self._call_on_start(behaviour)
                     started = self._run_started()
                     # (the defaults' fields, not the cell's properties: two calls fewer a run)
-                    router = self.defaults.router
-                    ledger = self.defaults.ledger
+                    defaults = self.defaults
+                    router = defaults.router
                     mailbox = self.mailbox
-                    # Mailbox.take written out below (a call per message costs more than a no-op
-                    # handler): this, then ``depth -= 1`` or ``recount()`` while producers wait.
+                    # Mailbox.take written out in the kernel's stepper (a call per message costs
+                    # more than a no-op handler): this, then ``depth -= 1`` or ``recount()``.
                     # (the channel, not its bound receive_nowait: a bound method kept in every
                     # running agent's frame would be 64 bytes more, and one more object to touch
                     # when a cold agent wakes)
@@ -557,12 +678,6 @@ class AgentCell(Child):
                     unprotect(handler)
                     ctx = self.ctx
                     assert ctx is not None
-                    # the loop over a batch (``for ... else``: the else is a full batch), one range
-                    # shared by every run
-                    batch = _batch_of(self.defaults.batch_size)
-                    # ids of queries whose requesters stopped waiting: such a query is skipped (dead
-                    # letter ``request_timeout``) instead of handled; other messages pay one ``is``
-                    late = router.late_queries
                     # A message handed to us while we were parked: it is ours, handled first.
                     got: Message | None = None
                     stepper: Any = None
@@ -584,71 +699,50 @@ class AgentCell(Child):
                         self._handler_scope = scope
                         try:
                             while True:
-                                # which handled messages are sampled for latency (see Ledger)
-                                mask = ledger.sample_mask
-                                for _ in batch:
-                                    if got is not None:
-                                        msg = got
-                                        got = None
-                                        if self._held:
-                                            self._dead_after_grace(msg)
-                                            continue
-                                    else:
-                                        if self.interrupted and (
-                                            self._held
-                                            or (
-                                                self.exit_requested
-                                                and not (self.drain_before_exit and mailbox.depth)
-                                            )
-                                        ):
-                                            # the run's exit, below (held: after the release)
-                                            break
-                                        if not mailbox.depth:
-                                            # Empty (the depth is kept exact): no take raising
-                                            # WouldBlock, which costs more than a no-op handler
-                                            # for an agent woken by each message.
-                                            break
-                                        try:
-                                            msg = receive.receive_nowait()  # type: ignore[assignment]  # None: never buffered
-                                        except trio.WouldBlock:  # a guard: free unless it raises
-                                            break
-                                        if mailbox.waiting:
-                                            mailbox.recount()
-                                        else:
-                                            mailbox.depth -= 1
-                                    if late and msg.kind is _QUERY and id_value(msg) in late:
-                                        self.dead_lettered += 1
-                                        router.discard_queued(
-                                            [msg], DeadLetterReason.REQUEST_TIMEOUT, self, ""
-                                        )
-                                        continue
-                                    self.current = msg
-                                    # The clock is read only for a sampled message or a handler that
-                                    # suspends: a read costs about as much as a no-op handler. Sampled
-                                    # by the count before this message (``+ 1`` would build an int per
-                                    # message).
-                                    start = ledger.now() if not ledger.handled & mask else 0.0
-                                    # Read at each message: a handler that suspends takes the
+                                # A batch: the kernel's stepper takes this run's messages
+                                # and runs their handlers itself (see _serve_batches), and
+                                # comes back here only for what needs an await or the run:
+                                # a full batch, an empty mailbox (or the run's exit), a
+                                # handler that failed, returned something or suspended.
+                                left = defaults.batch_size
+                                while True:
+                                    # Read at each step: a handler that suspends takes the
                                     # kernel's stepper with it (see _step).
-                                    stepper = router.stepper
-                                    # a load of the slot, then a call: ``stepper.send(...)`` is a
-                                    # method load, which 3.11 cannot specialize for a slot (the
-                                    # bound method kept in ``trap``, not a local of its own: each
-                                    # local is 8 bytes in every running agent's frame)
-                                    trap = stepper.send
+                                    stepper = defaults.stepper
                                     try:
-                                        trap = trap(handler(ctx, msg))
+                                        trap = stepper.send(
+                                            (self, receive, handler, ctx, got, left)
+                                        )
+                                    except BaseException:
+                                        # Its own bookkeeping raised (no handler's failure:
+                                        # those it reports): it is done; a new one for the
+                                        # other agents, and this run ends with the error.
+                                        defaults.stepper = Stepper(_serve_batches)
+                                        raise
+                                    got = None
+                                    if trap is _FULL or trap is _EMPTY:
+                                        break
+                                    try:
                                         if trap is _DONE:
+                                            msg = stepper.box[2]
+                                            left = stepper.box[3]
                                             result = stepper.box[0]
                                         elif trap is _FAILED:
+                                            msg = stepper.box[2]
+                                            left = stepper.box[3]
                                             raise stepper.failure()
                                         else:
-                                            # The handler suspended: only now does it get a deadline (a
-                                            # timer costs more than a whole message when nothing awaits).
-                                            router.stepper = Stepper()
+                                            # The handler of ``current`` suspended: only now
+                                            # does it get a deadline (a timer costs more than
+                                            # a whole message when nothing awaits).
+                                            msg = self.current  # (set by the stepper)
+                                            defaults.stepper = Stepper(_serve_batches)
+                                            # (the clock read from the ledger: read only
+                                            # here, it needs no local of its own, 8 bytes
+                                            # in every running agent's frame)
                                             scope.deadline = (
-                                                start or ledger.now()
-                                            ) + self.handle_timeout
+                                                defaults.ledger.now() + self.handle_timeout
+                                            )
                                             self._suspended = True
                                             try:
                                                 result = await resume(stepper, trap)
@@ -657,6 +751,9 @@ class AgentCell(Child):
                                                 scope.deadline = math.inf
                                                 # (a Cancelled of its own leaves the scope anyway)
                                                 stale = scope.cancel_called
+                                                # the rest of the batch (the stepper
+                                                # reports it however the handler ended)
+                                                left = stepper.box[3]
                                     except MessageFailed as exc:
                                         # This message failed, the agent did not: go on with the next one.
                                         self._message_failed(msg, exc)
@@ -681,20 +778,8 @@ class AgentCell(Child):
                                             # leaves the spent scope
                                             await trio.lowlevel.checkpoint()
                                         continue
-                                    if result is not None and type(result) is _Coroutine:
-                                        self._handler_raised(msg, self._unawaited(result))
-                                        result = None
-                                        if stale:
-                                            # leaves the spent scope
-                                            await trio.lowlevel.checkpoint()
-                                        continue
-                                    self.current = None
-                                    self.handled += 1
-                                    ledger.handled += 1
-                                    if start and not (ledger.handled - 1) & mask:
-                                        # Sampled by the kernel-wide count (agents that handle few messages
-                                        # are seen too): recording costs more than a no-op handler.
-                                        ledger.record_latency(start, msg)
+                                    # Handled and counted (by the stepper): what it returned
+                                    # is answered or routed.
                                     if stale:
                                         # Done with: what it returned is answered or routed, out of
                                         # reach of the spent scope (a route waits at most the send
@@ -711,7 +796,7 @@ class AgentCell(Child):
                                         result = router.answer(self.id, msg, result)
                                         if result is not None:
                                             await router.route(result)
-                                else:
+                                if trap is _FULL:
                                     # A full batch: let the others run before the next one.
                                     await trio.lowlevel.checkpoint()
                                     continue

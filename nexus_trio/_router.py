@@ -46,7 +46,6 @@ from ._gc import HeapKeeper
 from ._ledger import Ledger
 from ._mailbox import Mailbox
 from ._message import SYSTEM_ID, Address, Message, MessageKind, id_value
-from ._step import Stepper
 from ._transport import Transport
 
 current_task = trio.lowlevel.current_task
@@ -444,15 +443,11 @@ class Router:
         "phase",
         "routes",
         "send_timeout",
-        "stepper",
         "transport",
     )
 
     def __init__(self, ledger: Ledger, send_timeout: float, heap: HeapKeeper) -> None:
         self.ledger = ledger
-        #: steps the handlers of this kernel's agents (see _step); a handler that
-        #: suspends keeps the one it ran in, and leaves a new one here
-        self.stepper = Stepper()
         #: told the backlog on the slow path of sends (see _gc: queued messages)
         self.heap = heap
         self.send_timeout = send_timeout

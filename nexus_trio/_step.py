@@ -97,14 +97,16 @@ class Stepper:
 
     __slots__ = ("box", "send", "throw")
 
-    def __init__(self) -> None:
-        #: ``[result, exception]`` of the last handler
-        self.box: list[Any] = [None, None]
-        drive = _drive(self.box)
-        drive.send(None)
+    def __init__(self, drive: Callable[[list[Any]], Generator[Any, Any, None]] = _drive) -> None:
+        #: ``[result, exception, message, count]`` of the last handler (the last two for
+        #: a ``drive`` of the caller's that steps several handlers a step: the serve
+        #: loop's batches, see ``_cell``)
+        self.box: list[Any] = [None, None, None, 0]
+        steps = drive(self.box)
+        steps.send(None)
         #: ``send(coro)``: run ``coro`` until it returns, raises or suspends
-        self.send: Callable[[Any], Any] = drive.send
-        self.throw: Callable[[BaseException], Any] = drive.throw
+        self.send: Callable[[Any], Any] = steps.send
+        self.throw: Callable[[BaseException], Any] = steps.throw
 
     def failure(self) -> BaseException:
         """The exception the last handler raised (forgotten here)."""
