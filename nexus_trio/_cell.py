@@ -6,11 +6,12 @@ are kept. Each run is one task in the supervisor's nursery that opens the agent'
 nursery (``ctx.nursery``): background work lives and dies with the run, and a background
 task that raises fails the agent, through Trio. The serve loop drains the mailbox in
 batches of ``batch_size`` messages, with a schedule point between batches, and calls the
-handler for one message at a time.
+handler for one message at a time; the kernel's stepper (``_serve_batches``) runs each
+batch, and the serve loop does what needs an await.
 
 Handle timeouts cost nothing for handlers that never suspend: the serve loop runs in one
-cancel scope without a deadline, the handler's coroutine is first stepped by hand, and
-only if it suspends does the scope get the message's deadline (a Trio timer costs more
+cancel scope without a deadline, the stepper runs the handler's coroutine without Trio,
+and only if it suspends does the scope get the message's deadline (a Trio timer costs more
 than the rest of the per-message work together). The scope must exist before the first
 step, since a handler may enter scopes of its own there. A timeout cancels that scope;
 the loop dead-letters the message and goes on in a new scope. A run has two cancel scopes

@@ -4,6 +4,7 @@ and agents that suspend while others share the kernel's stepper."""
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Any
 
 import pytest
@@ -11,7 +12,7 @@ import trio
 import trio.lowlevel
 import trio.testing
 
-from nexus_trio import Context, Message, agent, open_kernel
+from nexus_trio import Context, Message, MessageFailed, agent, open_kernel
 from nexus_trio._step import DONE, FAILED, Stepper, resume, unprotect
 
 from .conftest import make_config
@@ -214,3 +215,105 @@ async def test_unprotect_marks_the_code_a_handler_runs_whatever_wraps_it() -> No
         unprotect(handler)
     assert [kernel_side(h) for h in handlers] == [False, False, False]
     unprotect(len)  # no code of its own to mark: nothing happens
+
+
+async def test_a_batch_is_batch_size_messages_whatever_its_handlers_do() -> None:
+    """The kernel's stepper runs a serve loop's batch itself and comes back to it for a
+    handler that returned something, raised or suspended: the batch goes on where it
+    was, and the agent yields after exactly ``batch_size`` messages, however they ended
+    (steps of the agent's task are counted: a handler that suspends adds its own)."""
+    from .task_steps import TaskSteps
+
+    steps: TaskSteps | None = None
+    spans: list[tuple[int, int]] = []
+    kinds = ["none", "value", "raise", "suspend", "none", "fail", "none", "value", "suspend"]
+    kinds += ["none"] * 5 + ["raise", "value", "none"]
+
+    @agent(name="mixed", on_error="resume", handle_timeout=1000.0)
+    async def mixed(ctx: Context, msg: Message) -> Any:
+        nonlocal steps
+        if steps is None:
+            steps = TaskSteps(trio.lowlevel.current_task())
+            trio.lowlevel.add_instrument(steps)
+        entered = steps.count
+        kind = "none" if msg.payload == "first" else kinds[msg.payload]
+        try:
+            if kind == "suspend":
+                await trio.lowlevel.checkpoint()
+            elif kind == "raise":
+                raise LookupError(msg.payload)
+            elif kind == "fail":
+                raise MessageFailed("on purpose")
+            elif kind == "value":
+                return msg.payload
+            return None
+        finally:
+            spans.append((entered, steps.count))
+
+    async with open_kernel(make_config(batch_size=4)) as kernel:
+        kernel.spawn(mixed)
+        kernel.send_nowait("mixed", "first")  # started and parked with its instrument on
+        await trio.testing.wait_all_tasks_blocked()
+        spans.clear()
+        for i in range(len(kinds)):
+            kernel.send_nowait("mixed", i)
+        await trio.testing.wait_all_tasks_blocked()
+        stats = kernel.stats()
+        assert steps is not None
+        trio.lowlevel.remove_instrument(steps)
+    # a new batch where a message starts in a later step than the last one ended
+    sizes = [1]
+    for (_, ended), (entered, _) in itertools.pairwise(spans):
+        if entered > ended:
+            sizes.append(1)
+        else:
+            sizes[-1] += 1
+    assert sizes == [4, 4, 4, 4, 1]
+    assert stats.handled == 1 + len(kinds) - 3  # the first, and all but the three that failed
+    assert stats.failed == 3
+
+
+async def test_an_error_of_the_kernel_s_stepper_itself_ends_that_run_not_the_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The kernel's stepper runs the bookkeeping of a batch too (takes, counts, samples):
+    an error there is no handler's, and it ends the generator. The run it served fails
+    with it (and is restarted); the kernel gets a new stepper, or every handler after it,
+    in any agent, would fail (``StopIteration`` from the spent generator)."""
+    from nexus_trio._ledger import Ledger
+
+    record = Ledger.record_latency
+    broken = [True]
+
+    def record_once_broken(self: Ledger, start: float, msg: Message) -> None:
+        if broken[0]:
+            broken[0] = False
+            raise RuntimeError("the latency record broke")
+        record(self, start, msg)
+
+    monkeypatch.setattr(Ledger, "record_latency", record_once_broken)
+    got: list[tuple[str, Any]] = []
+
+    async def handle(ctx: Context, msg: Message) -> Any:
+        got.append((ctx.name or "", msg.payload))
+        return msg.payload
+
+    async with open_kernel(make_config()) as kernel:
+        first = kernel.spawn(agent(handle, name="first"))
+        others = [kernel.spawn(agent(handle, name=f"other{i}")) for i in range(3)]
+        kernel.send_nowait(first, "sampled")  # the kernel's first message: sampled
+        await trio.testing.wait_all_tasks_blocked()
+        assert not broken[0]
+        for i, ref in enumerate(others):
+            assert await kernel.request(ref, i, timeout=1000.0) == i
+        assert await kernel.request(first, "again", timeout=1000.0) == "again"
+        stats = kernel.stats()
+    assert got == [
+        ("first", "sampled"),
+        ("other0", 0),
+        ("other1", 1),
+        ("other2", 2),
+        ("first", "again"),
+    ]
+    assert stats.run_failures == 1 and stats.restarts == 1
+    assert stats.failed == 0  # no handler failed
