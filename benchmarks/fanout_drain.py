@@ -14,11 +14,13 @@ Sides, each in a fresh process, alternated ``--rounds`` times, medians printed:
   takes up to 64 per wake-up with ``receive_nowait`` then checkpoints (the raw trio row);
 * ``messages``: the same carrying a ``Message`` per tell (the consumer frees it);
 * ``stepped``: the same, each message handed to a no-op ``async def`` handler stepped by
-  the kernel's ``Stepper``, as the serve loop does: the floor of the promised shape with
-  a real message and a handler call, without the kernel's bookkeeping.
+  a ``Stepper``, as the serve loop did until the thirty-sixth pass (it now steps a whole
+  batch at once): the floor of the promised shape with a real message and a handler
+  call, without the kernel's bookkeeping.
 
 ``--lines`` (kernel side): the drain under ``sys.settrace`` instead, Python opcodes per
-message by function and, for the serve loop, by line.
+message by function and, for the serve loop (``run_once`` and the kernel's stepper's
+``_serve_batches``, which runs its batches), by line.
 """
 
 from __future__ import annotations
@@ -68,12 +70,17 @@ class _Steps(trio.abc.Instrument):
             self.steps += 1
 
 
+#: the serve loop's functions: the run's own loop and the kernel's stepper's, which runs
+#: its batches (the handlers' calls and the per-message bookkeeping)
+_SERVE_LOOP = ("run_once", "_serve_batches")
+
+
 class _Opcodes:
     """Opcodes executed, by function, and by line of the serve loop."""
 
     def __init__(self) -> None:
         self.functions: collections.Counter[str] = collections.Counter()
-        self.lines: collections.Counter[tuple[str, int]] = collections.Counter()
+        self.lines: collections.Counter[tuple[str, str, int]] = collections.Counter()
 
     def __call__(self, frame: FrameType, event: str, arg: Any) -> Any:
         if event == "call":
@@ -82,8 +89,8 @@ class _Opcodes:
         elif event == "opcode":
             code = frame.f_code
             self.functions[code.co_name] += 1
-            if code.co_name == "run_once":
-                self.lines[code.co_filename, frame.f_lineno or 0] += 1
+            if code.co_name in _SERVE_LOOP:
+                self.lines[code.co_name, code.co_filename, frame.f_lineno or 0] += 1
         return self
 
 
@@ -164,10 +171,10 @@ def run_side(side: str, agents: int, messages: int, lines: bool) -> str:
     out += f"\n{total / messages:.1f} opcodes per message"
     for name, count in tracer.functions.most_common(10):
         out += f"\n  {count / messages:7.2f}  {name}"
-    for (filename, line), count in sorted(tracer.lines.items()):
+    for (name, filename, line), count in sorted(tracer.lines.items()):
         if count / messages >= 0.1:
             text = linecache.getline(filename, line).strip()
-            out += f"\n  {count / messages:7.2f}  run_once:{line}  {text}"
+            out += f"\n  {count / messages:7.2f}  {name}:{line}  {text}"
     return out
 
 

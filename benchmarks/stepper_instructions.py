@@ -10,10 +10,12 @@ Three loops over the same no-op ``async def`` handler, each run under cachegrind
 iterations: one more call, without the interpreter's start):
 
 * ``stepped``: ``trap = stepper.send(handler(ctx, msg))`` then ``trap is DONE`` and
-  ``stepper.box[0]``, as ``AgentCell._serve`` does for every message (the stepper's
-  generator resumed from C for each one, then its ``yield from`` into the handler);
+  ``stepper.box[0]``, as the serve loop did for every message until the thirty-sixth
+  pass (the stepper's generator resumed from C for each one, then its ``yield from``
+  into the handler);
 * ``looped``: ``result = yield from handler(ctx, msg)`` in a loop that runs inside one
-  generator (what a batch loop run by the stepper itself would pay per message);
+  generator (what the kernel's stepper, which now runs a whole batch a step, pays per
+  message);
 * ``empty``: the loop alone.
 """
 
