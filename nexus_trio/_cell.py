@@ -154,6 +154,7 @@ def _serve_batches(box: list[Any]) -> Generator[Any, Any, None]:
                 traceback = exc.__traceback__
                 if traceback is None or traceback.tb_next is None:
                     raise
+                traceback = None  # (its frames: not kept by the kernel's generator)
                 box[1] = exc
                 outcome = _FAILED
                 break
@@ -185,7 +186,7 @@ def _serve_batches(box: list[Any]) -> Generator[Any, Any, None]:
         box[2] = msg
         box[3] = left - 1
         # The generator is the kernel's: it keeps no agent's message, result or cell.
-        cell = receive = handler = ctx = msg = result = None
+        cell = receive = handler = ctx = msg = result = mailbox = None
 
 
 class _Carrier(Exception):
