@@ -686,10 +686,15 @@ class AgentCell(Child):
                     # (also what it is answered with: one local less in the frame every parked
                     # agent keeps)
                     result: Any = None
-                    # A cancel of ``scope`` that came after a suspended handler was woken, too late
-                    # to stop it: the scope is spent (Trio keeps it cancelled), and serving goes on in
-                    # a new one once this message is done with, or the next message would get it.
-                    stale = False
+                    # What a step of the kernel's stepper gave back (see _serve_batches) and,
+                    # once a suspended handler has ended, whether the scope is spent: True for a
+                    # cancel of ``scope`` that came after the handler was woken, too late to stop
+                    # it (Trio keeps the scope cancelled), and serving goes on in a new one once
+                    # this message is done with, or the next message would get it. (One local
+                    # for both, 8 bytes less in every running agent's frame: the step's outcome
+                    # is not read again once the handler has ended, and a spent scope is always
+                    # left by a checkpoint that raises before the next step.)
+                    trap: Any = False
                     # (None once an exception left it: see the ``finally`` below)
                     scope: Any = None
                     while True:
@@ -752,20 +757,20 @@ class AgentCell(Child):
                                                 self._suspended = False
                                                 scope.deadline = math.inf
                                                 # (a Cancelled of its own leaves the scope anyway)
-                                                stale = scope.cancel_called
+                                                trap = scope.cancel_called  # (spent?)
                                                 # the rest of the batch (the stepper
                                                 # reports it however the handler ended)
                                                 left = stepper.box[3]
                                     except MessageFailed as exc:
                                         # This message failed, the agent did not: go on with the next one.
                                         self._message_failed(msg, exc)
-                                        if stale:
+                                        if trap is True:
                                             # leaves the spent scope
                                             await trio.lowlevel.checkpoint()
                                         continue
                                     except Exception as exc:
                                         self._handler_raised(msg, exc)
-                                        if stale:
+                                        if trap is True:
                                             # leaves the spent scope
                                             await trio.lowlevel.checkpoint()
                                         continue
@@ -776,13 +781,13 @@ class AgentCell(Child):
                                         if not router.interrupt(exc):
                                             raise
                                         self._interrupted(msg)
-                                        if stale:
+                                        if trap is True:
                                             # leaves the spent scope
                                             await trio.lowlevel.checkpoint()
                                         continue
                                     # Handled and counted (by the stepper): what it returned
                                     # is answered or routed.
-                                    if stale:
+                                    if trap is True:
                                         # Done with: what it returned is answered or routed, out of
                                         # reach of the spent scope (a route waits at most the send
                                         # deadline), then the scope is left.
@@ -849,10 +854,10 @@ class AgentCell(Child):
                         self._handler_scope = None
                         if self.current is not None:
                             self._handler_cancelled(self.current)
-                        elif stale:
+                        elif trap is True:
                             # the reason of a cancel that came too late is no message's
                             self._cancel_reason = None
-                        stale = False
+                            # (the next step sets ``trap`` before it is read again)
                     self._end_background()
                 except BaseException as exc:
                     # What the statement does: the nursery takes the exception (a cancel

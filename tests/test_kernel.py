@@ -2936,9 +2936,10 @@ async def test_a_running_agent_s_run_frame_keeps_only_what_its_serve_loop_needs(
     and handles a batch's messages (the sampling, the late queries and the batch's
     count are its locals, not this frame's), and no local holds what another could: the
     clock (read from the ledger, only for a handler that suspends), the run's exception
-    group (the exception's) and the mailbox's count of waiting producers over a park
-    (the handler's result, let go at the park): 20 locals, not 23 (24 before the batch
-    stepper), 28 slots with the stack, and what they serve still works (a sampled
+    group (the exception's), the mailbox's count of waiting producers over a park (the
+    handler's result, let go at the park) and whether a suspended handler's scope is
+    spent (the step's outcome's local): 19 locals, not 23 (24 before the batch
+    stepper), 27 slots with the stack, and what they serve still works (a sampled
     latency, a request's answer, a handler that suspends and one that fails)."""
     from nexus_trio._cell import AgentCell
 
@@ -2966,8 +2967,8 @@ async def test_a_running_agent_s_run_frame_keeps_only_what_its_serve_loop_needs(
     code = AgentCell.run_once.__code__
     # (not pytest's: it rewrites the package's asserts in a test run, with locals of its own)
     own = [name for name in code.co_varnames if not name.startswith("@py")]
-    assert len(own) == 20
-    assert len(own) + code.co_stacksize <= 28
+    assert len(own) == 19
+    assert len(own) + code.co_stacksize <= 27
 
 
 async def test_stopping_a_supervisor_stops_and_unregisters_its_whole_subtree() -> None:
