@@ -10,7 +10,11 @@ way, in a fresh process per way and round (alternated): ``touch`` writes one byt
 of a fresh anonymous mapping (what the allocator's arenas get as objects fill them),
 ``populate`` maps it with ``MAP_POPULATE`` and ``madvise`` asks ``MADV_POPULATE_WRITE``
 of it (Linux 5.14+), both faulting every page in one system call. Reported: system CPU
-per page, minor faults per page, wall time.
+per page, minor faults per page, wall time, and the machine's transparent huge pages
+setting (``thp``). Every process measures 4 KiB pages whatever that setting: it turns
+transparent huge pages off for itself (``prctl(PR_SET_THP_DISABLE)``, which covers
+``MAP_POPULATE`` too) before it maps anything, so a machine set to ``always`` does not
+fault a 2 MiB page where the measurement counts 512 small ones.
 
 The second form runs ``nexus_trio.bench._scale``'s ``lifecycle`` measurement (spawn N,
 one message each, shut down) three ways, alternated, in fresh processes: as it comes
@@ -19,7 +23,8 @@ GLIBC_TUNABLES=glibc.malloc.top_pad=...``: the heap grows a GiB at a time, untou
 and the same with that heap populated by one ``MADV_POPULATE_WRITE`` as the delivery
 phase starts (inside its CPU time). pymalloc's own arenas cannot be populated from
 Python (they are ``mmap``ed one MiB at a time, at addresses Python does not expose), so
-this is what pre-faulting would save, not something the kernel can do.
+this is what pre-faulting would save, not something the kernel can do. (Its processes
+too run without transparent huge pages.)
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 MADV_POPULATE_WRITE = 23
+PR_SET_THP_DISABLE = 41
+THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 WAYS = ("touch", "populate", "madvise")
 LIFECYCLE_WAYS = ("pymalloc", "malloc+pad", "malloc+pad+populate")
 REPO = Path(__file__).resolve().parent.parent
@@ -50,15 +57,40 @@ def _usage() -> tuple[float, float, int]:
 def _libc() -> Any:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.prctl.argtypes = [ctypes.c_int, *[ctypes.c_ulong] * 4]
     return libc
 
 
+def thp_setting() -> str:
+    """The machine's transparent huge pages setting (the bracketed word of sysfs's
+    ``enabled``: ``always``, ``madvise`` or ``never``), or ``unknown``."""
+    try:
+        text = THP_SETTING.read_text(encoding="ascii")
+    except OSError:
+        return "unknown"
+    start, end = text.find("["), text.find("]")
+    return text[start + 1 : end] if 0 <= start < end else "unknown"
+
+
+def small_pages_only() -> None:
+    """Turn transparent huge pages off for this process (and its children), so fresh
+    anonymous memory faults 4 KiB at a time whatever the machine's setting (Linux 3.15+;
+    it overrides ``MADV_HUGEPAGE`` and applies to ``MAP_POPULATE`` alike)."""
+    if _libc().prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0:
+        raise SystemExit(
+            f"fresh_pages: prctl(PR_SET_THP_DISABLE) failed (errno {ctypes.get_errno()}):"
+            " cannot measure 4 KiB pages with transparent huge pages on"
+        )
+
+
 def fault_pages(way: str, size: int) -> dict[str, Any]:
-    """Fault in ``size`` bytes of fresh anonymous memory one way (in this process)."""
+    """Fault in ``size`` bytes of fresh anonymous memory one way (in this process, whose
+    transparent huge pages it turns off)."""
     if way not in WAYS:
         raise ValueError(f"fresh_pages: unknown way {way!r}; expected one of {WAYS}")
     if not hasattr(mmap, "MAP_POPULATE"):
         raise SystemExit("fresh_pages: needs Linux (MAP_POPULATE, MADV_POPULATE_WRITE)")
+    small_pages_only()
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
     u0, t0 = _usage(), time.perf_counter()
     if way == "populate":
@@ -85,6 +117,7 @@ def fault_pages(way: str, size: int) -> dict[str, Any]:
         "sys_us_per_page": 1e6 * (u1[1] - u0[1]) / pages,
         "faults_per_page": (u1[2] - u0[2]) / pages,
         "wall_s": wall,
+        "thp": thp_setting(),
     }
 
 
@@ -104,6 +137,7 @@ def _populate_heap() -> int:
 def lifecycle(n: int, populate: bool) -> dict[str, Any]:
     """``_scale``'s lifecycle measurement; ``populate``: the heap populated as its
     delivery phase starts (after the phase's first ``getrusage``, so inside its CPU)."""
+    small_pages_only()
     from nexus_trio.bench import _scale
 
     usage_now = _scale.usage_now
@@ -121,7 +155,7 @@ def lifecycle(n: int, populate: bool) -> dict[str, Any]:
     result = _scale.measure("lifecycle", n)
     if result["handled"] != n or result["dead_lettered"]:
         raise SystemExit(f"fresh_pages: handled {result['handled']} of {n}")
-    return {**result, "heap_populated_mib": heap[0] / (1 << 20)}
+    return {**result, "heap_populated_mib": heap[0] / (1 << 20), "thp": thp_setting()}
 
 
 def _child(args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -179,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
                     "deliver_faults": d["minor_faults"],
                     "deliver_wall_s": r["deliver_s"],
                     "heap_populated_mib": r["heap_populated_mib"],
+                    "thp": r["thp"],
                 }
             else:
                 row = {"round": round_, **_child([way, str(args.mib << 20)])}

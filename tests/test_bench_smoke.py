@@ -992,6 +992,43 @@ def test_the_fresh_pages_script_faults_every_page_each_way_alternated() -> None:
     ]
     # every way faults in all 1,024 pages (populating is not skipping)
     assert all(r["pages"] == 1024 and r["faults_per_page"] >= 0.95 for r in rows)
+    # and says what the machine's transparent huge pages were set to
+    setting = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    thp = setting.read_text().split("[")[1].split("]")[0] if setting.exists() else "unknown"
+    assert {r["thp"] for r in rows} == {thp}
+
+
+_AS_IF_THP_ALWAYS = """
+import ctypes, importlib.util, json, mmap, sys
+spec = importlib.util.spec_from_file_location("fresh_pages", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+
+class Huge(mmap.mmap):
+    # every fresh map eligible for huge pages, as a machine set to `always` has them
+    def __init__(self, *args, **kwargs):
+        address = ctypes.addressof(ctypes.c_char.from_buffer(self))
+        if module._libc().madvise(address, len(self), 14) != 0:  # MADV_HUGEPAGE
+            raise SystemExit(f"MADV_HUGEPAGE failed ({ctypes.get_errno()})")
+
+mmap.mmap = Huge
+print(json.dumps([module.fault_pages(way, 4 << 20) for way in ("touch", "madvise")]))
+"""
+
+
+def test_the_fresh_pages_script_counts_small_pages_where_huge_ones_are_on() -> None:
+    # a map asked for huge pages faults 2 MiB at a time (2 faults for the 4 MiB here,
+    # on a machine whose setting is not `never`): the script turns them off for itself
+    out = subprocess.run(
+        [sys.executable, "-c", _AS_IF_THP_ALWAYS, str(_FRESH_PAGES)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    rows = json.loads(out)
+    assert [r["way"] for r in rows] == ["touch", "madvise"]
+    assert all(r["pages"] == 1024 and r["faults_per_page"] >= 0.95 for r in rows), rows
 
 
 def test_the_fresh_pages_lifecycle_populates_the_heap_inside_the_delivery() -> None:
@@ -1004,6 +1041,7 @@ def test_the_fresh_pages_lifecycle_populates_the_heap_inside_the_delivery() -> N
     assert all(0 < faults < 4096 for faults in others)
     assert [r["heap_populated_mib"] >= 64 for r in rows] == [False, False, True]
     assert by_way["malloc+pad+populate"]["deliver_faults"] >= 2 * max(others)
+    assert len({r["thp"] for r in rows}) == 1
     bad = subprocess.run(
         [sys.executable, str(_FRESH_PAGES), "--mib", "0"], capture_output=True, text=True
     )
