@@ -5,6 +5,8 @@ restart throws away) plus the agent's limits (mailbox capacity, handle timeout,
 overflow policy) and its place under a supervisor (restart type, shutdown timeout).
 One spec can be spawned many times. :class:`Context` is everything a running handler
 may touch.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ A process agent's child, a peer or a program chooses its own values (a name it r
 with, an id, a feature list); one of them can be as long as a line may be (1 MiB). Every
 line that shows such a value shows it through :func:`brief`, so none of them can flood a
 log or a table.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ the loop dead-letters the message and goes on in a new scope. A run has two canc
 in all: its nursery's and this one. (A scope entered only when a handler suspends would
 save one per run, but the handler may have entered scopes of its own before it
 suspended, and Trio requires scopes to nest.)
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Agents (:class:`~nexus_trio._cell.AgentCell`) and supervisors
 (:class:`~nexus_trio._supervisor.SupervisorNode`) are both children; process agents and
 remote agents could be too. The supervisor drives the run counters, the start gates and
 the stop; the child implements :meth:`Child.run_once` and :meth:`Child.request_stop`.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

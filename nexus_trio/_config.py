@@ -6,6 +6,8 @@ The sections and key names are those of the TOML file (``[kernel] mailbox_capaci
 object is built; a bad value raises ``ValueError`` naming the section and key. Each field
 carries a one-line ``doc`` in its metadata, from which the template and the docs are made.
 Reading files and the environment is :mod:`nexus_trio.config`'s business, not this module's.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

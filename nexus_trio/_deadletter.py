@@ -3,6 +3,8 @@
 The kernel's conservation law is ``accepted == handled + dead_lettered + in_flight``:
 a message the kernel accepted is either handled by its recipient or recorded here with
 a :class:`DeadLetterReason`, counted, logged and published on the dead-letter stream.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Every error the kernel raises derives from :class:`NexusError` and carries the ids
 involved as attributes, so that a log line or an ``except`` clause can tell exactly
 which agent or message was concerned.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

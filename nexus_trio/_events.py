@@ -1,4 +1,7 @@
-"""Lifecycle events of agents and supervisors, published on ``kernel.events()``."""
+"""Lifecycle events of agents and supervisors, published on ``kernel.events()``.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
+"""
 
 from __future__ import annotations
 

@@ -41,6 +41,8 @@ freeze empties the young generation before it fills. The first young collection 
 starts anyway (a burst is over: that many objects were allocated without a freeze), any
 thaw, and the kernel's close put the thresholds back as they were. The threshold is the
 process's, shared by every kernel in it (one raise, one restore).
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ Accounting: every message the kernel *accepts* (enqueued, evicted, or taken from
 handler to be routed) ends as handled, as a delivered reply, as forwarded to a remote
 kernel, or as a dead letter; a send refused with an exception is *rejected* (the caller
 still holds the message) and counted apart. ``stats()`` shows both, in O(1).
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ in_flight`` is kept here, as plain integers (one Trio thread, no locks), so that
 the two observable streams (dead letters and lifecycle events) and the log lines that go
 with them. It knows nothing of routing: what a dead Query means for its requester, and
 how a monitor's notice is delivered, are callbacks handed in by the kernel.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ out of the kernel: the first one is shown on standard error with its traceback, 
 ``logging`` shows a handler's error, and each is counted in :func:`log_calls_failed`
 (once per process: a broken filter on the dead-letter logger would otherwise print a
 traceback per dead letter).
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

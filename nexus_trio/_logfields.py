@@ -1,4 +1,7 @@
-"""The fields every log record about an agent (and a message) carries: one place builds them."""
+"""The fields every log record about an agent (and a message) carries: one place builds them.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
+"""
 
 from __future__ import annotations
 

@@ -8,6 +8,8 @@ enqueued. Because the kernel owns the receive end it can do what a plain channel
 cannot: evict the oldest message (``receive_nowait``), take everything out at stop or
 shutdown (a ``receive_nowait`` loop, which also admits the blocked senders in their
 order) and keep the depth as a counter of its own, read in O(1).
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

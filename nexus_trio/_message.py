@@ -9,6 +9,8 @@ hand-written ``__init__`` because it is built for every send: its id is drawn fr
 counter (a random per-process prefix plus a counter, no system call) when ``msg.id`` is
 first read or the message is encoded, and becomes a UUID only when ``msg.id`` is read;
 its timestamp is one clock read in nanoseconds.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ process agents all count things; they write a count through :func:`count_of`, so
 of them reads ``1 agent`` / ``2 agents`` / ``1,000 agents`` the same way. It lives below the
 CLI and the bridges (it imports nothing of the package) so that any of them can use it
 without an import cycle.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

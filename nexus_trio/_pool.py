@@ -12,6 +12,8 @@ so delivery follows the kernel's rules (backpressure up to ``send_timeout``, the
 ``mailbox_full`` dead letter) and nothing accepted is lost silently. A few one-key
 payloads are control messages for the router itself (``{"$resize": n}``,
 ``{"$workers": None}``, ``{"$broadcast": payload}``); see ``docs/pools.md``.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ over) and in what happens to a message that cannot be delivered (raised to the c
 or dead-lettered when the kernel already took responsibility for it).
 
 Requests keep one timer for all of them: a heap of deadlines watched by one task.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

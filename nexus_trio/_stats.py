@@ -3,6 +3,8 @@
 Counters are plain integers bumped on the hot path (a Trio kernel runs on one thread,
 so no locks are needed); :meth:`Kernel.stats` copies them into frozen snapshots, in
 the manner of ``trio.MemoryChannelStatistics``.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

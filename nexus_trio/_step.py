@@ -14,6 +14,8 @@ its end before any other task runs. The kernel's stepper runs a serve loop's who
 a step (``_cell._serve_batches``, its ``drive``): a resumption per message cost about 700
 instructions. :func:`unprotect` keeps the handlers a protected serve loop
 steps interruptible by Ctrl-C.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ channel without ever blocking the publisher. A subscriber that falls behind lose
 newest items, and the loss is counted (per subscription and in total), so memory stays
 bounded whether or not anybody listens. A bounded ring of the most recent items is kept
 for inspection after the fact.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ A restarted agent keeps its id, name and mailbox. Children are stopped in revers
 order, children before parents, each within its ``shutdown_timeout`` and then cancelled.
 The child interface (:class:`Child`) is small so that other kinds of children (external
 processes, remote agents) are supervised by the same code.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """One log line per interval for a warning that a flood would repeat, and at most so many
-lines a second of records alike."""
+lines a second of records alike.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
+"""
 
 from __future__ import annotations
 

@@ -6,6 +6,8 @@ delivery pays nothing for the remote path. A transport delivers to remote kernel
 feeds messages that arrive from them into the local kernel with
 :meth:`Kernel.deliver_from_remote`. Like httpx's transports, the kernel knows only this
 small interface; NATS, or an in-memory transport in tests, live outside the core.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ config can start programs (``[app] spawn``), so a file that others could have wr
 (group- or world-writable, or owned by another user than you or root) is refused, as ssh
 refuses such files. :class:`LoadedConfig` remembers where each effective value came from,
 which :func:`render_effective` prints.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

@@ -39,6 +39,8 @@ Typical use, next to a kernel::
     async with open_kernel(config) as kernel, trio.open_nursery() as nursery:
         port = await nursery.start(serve_metrics, kernel, "127.0.0.1", 9464)
         ...
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

@@ -21,6 +21,11 @@ message is left in flight, :func:`send_and_wait` sends and then steps until idle
 inspect what was not handled, :func:`record_events` collects lifecycle events and
 :func:`assert_events` compares them, :func:`spawn_probe` stands in for an agent and records
 what it receives, :func:`assert_conserved` checks the kernel's accounting.
+
+Under pytest this module alone has its ``assert`` statements rewritten (so its helpers
+fail with pytest's detailed messages): a plugin's entry point asks pytest to rewrite
+every module of its distribution, and each of the kernel's other modules opts out in its
+docstring, so your tests run the kernel's code as your production does.
 """
 
 from __future__ import annotations

@@ -411,3 +411,31 @@ def test_nexus_kernel_in_a_hypothesis_test_says_to_open_a_kernel_per_example(
         " one's kernel, shut down): open a kernel in each example with"
         " 'async with open_test_kernel() as kernel:' (see docs/testing.md)"
     ) in report, report
+
+
+def test_under_pytest_only_the_testing_module_has_its_asserts_rewritten() -> None:
+    # the plugin's entry point marks the whole distribution for pytest's rewrite: the
+    # kernel's modules opt out, so a test runs the kernel's code as production does
+    import ast
+    import importlib
+
+    import nexus_trio.testing
+
+    package = Path(nexus_trio.testing.__file__).parent
+    rewritten_globals = "@pytest_ar"  # the import pytest adds to a module it rewrites
+    assert rewritten_globals in vars(nexus_trio.testing)
+    for name in ("_kernel", "_cell", "_supervisor", "_mailbox", "_router", "_pool", "logs"):
+        module = importlib.import_module(f"nexus_trio.{name}")
+        assert rewritten_globals not in vars(module), name
+    from nexus_trio._cell import AgentCell
+
+    assert not any(local.startswith("@py") for local in AgentCell.run_once.__code__.co_varnames)
+    # and every module but the testing one says so, new ones included
+    unmarked = [
+        path.relative_to(package).as_posix()
+        for path in sorted(package.rglob("*.py"))
+        if path.name != "testing.py" or path.parent != package
+        if "PYTEST_DONT_REWRITE" not in (ast.get_docstring(ast.parse(path.read_text())) or "")
+    ]
+    assert unmarked == []
+    assert "PYTEST_DONT_REWRITE" not in (nexus_trio.testing.__doc__ or "")

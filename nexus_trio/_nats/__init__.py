@@ -4,6 +4,8 @@ Optional: needs the ``nats`` extra (``pip install 'nexus_trio[nats]'``: nats-py 
 trio-asyncio). The core never imports this package; a kernel joins a cluster with
 :func:`join_cluster`, which attaches a :class:`Cluster` as the kernel's transport.
 ``docs/distributed.md`` has the guarantees of each path and a three-process example.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 try:

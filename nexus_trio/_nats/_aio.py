@@ -15,6 +15,8 @@ per message:
   asyncio task wakes per batch and hands the whole batch to nats-py.
 
 Control operations (connect, KV puts, stream setup) are rare and use :func:`call_aio`.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ once), or given in code. Whatever the source, secrets never reach a log line or 
 error text of the NATS layer: :func:`redact` is the one function that removes them
 (URL user info, and every secret value a connection was opened with), and
 :data:`REDACTING_FILTER` applies it to every record of the ``nexus_trio.nats`` loggers.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

@@ -26,6 +26,8 @@ tell NATS loses.
 Credit is the per-node backpressure: a link holds at most ``window`` tells that the
 destination has not yet consumed (taken into a mailbox, refused, or counted lost); a
 ``send`` past that waits for credit within the send deadline.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

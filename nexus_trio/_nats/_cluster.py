@@ -32,6 +32,8 @@ Guarantees (what the caller of ``kernel.send`` / ``kernel.request`` gets):
   or, when the query cannot reach that node (refused, the node lost), an error frame
   the node in between makes (``errors_replied``);
 * :meth:`Cluster.send_durable` is *at least once* through JetStream (see ``_durable``).
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

@@ -34,6 +34,8 @@ All four rely on nats-py internals (``Subscription._pending_queue``, ``_pending_
 when used: with a nats-py that lacks them, messages take
 the usual way (the subscription's task, ``publish``), only later, a leave can only log
 the size of the buffer, and a flush is nats-py's.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

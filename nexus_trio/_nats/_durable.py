@@ -45,6 +45,8 @@ recently in case an ack was lost, and an answer to an id it acked already (a red
 handed over before the first answer came: such ids are remembered apart from the acked
 ones, so many acks in between do not make it forget them) goes nowhere: both are counted
 in ``duplicates``.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

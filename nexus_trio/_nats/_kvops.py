@@ -9,6 +9,8 @@ itself, and the others judged the node lost instead of gone.
 And what a node reads in bulk: the watch of a bucket (:class:`Watch`), which replays
 every entry to a node joining, applies each one where nats-py reads it; what the watch
 refuses is counted and logged without flooding the log (:class:`Refusals`).
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

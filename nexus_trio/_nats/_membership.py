@@ -17,6 +17,8 @@ The record also carries the node's *id prefix*: nexus_trio mints agent ids as a 
 per-process 64-bit prefix plus a counter, so the high 64 bits of any agent id name the
 process that spawned it. Routing a message by id is one dict lookup here — no
 per-agent registration anywhere.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

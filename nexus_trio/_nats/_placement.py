@@ -27,6 +27,8 @@ other again, the copy whose names-bucket entry is the older one is stopped on it
 joining do not move agents that are already running (moving one costs its state):
 :meth:`Placement.rebalance` moves a node's agents that a member which joined since now
 wins, when the operator asks.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

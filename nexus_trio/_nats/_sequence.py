@@ -28,6 +28,8 @@ not change how the late numbers of the earlier process are judged. The first num
 heard of a stream not kept (never seen, or evicted) starts it wherever it is: the tells
 the window allows before it are counted lost, and the claim once in ``overreaches`` if
 it skips more.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ lock can be taken is stale; one without a lock file (another program's, or one a
 old) is left alone. The pid in the name is for people; the lock decides, so a pid
 reused by another process, or a run in another pid namespace sharing the directory,
 never makes a live run's directory look stale.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ counted and logged. A tell on a stream no longer kept starts it afresh, as a str
 seen does: the numbers before its batch's first are counted lost (this node cannot tell
 which of them it took before), so an eviction may over-count ``lost_in_transit`` but never
 hides a loss, and the credit those numbers return lets the sender's window open again.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

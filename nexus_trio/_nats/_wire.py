@@ -32,6 +32,8 @@ a JSON *object* is read as the kernel's standard wire form (:meth:`Message.to_js
 so any NATS client can publish to an agent subject. An error frame has the header
 ``Nexus-Error`` naming the failure and a JSON body with the details; the requesting node
 turns it into the exception a local request would raise.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ ratios against the baselines and the goals met or missed. From Python::
 
 These are benchmarks, not tests: nothing here asserts a timing. Every scenario does
 check that its counts add up and raises :class:`BenchmarkError` when they do not.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""``python -m nexus_trio.bench``: the same command as ``nexus bench``."""
+"""``python -m nexus_trio.bench``: the same command as ``nexus bench``.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
+"""
 
 from __future__ import annotations
 

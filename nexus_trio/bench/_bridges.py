@@ -6,6 +6,8 @@ The echo agents shipped with the bridges (``nexus_trio/bridges/python.py`` and
 in-process ``@agent`` echo, so the ratio is the price of the process boundary (two pipe
 writes, two JSON encodings and decodings, two context switches per round trip).
 Skipped, with the reason, when the bridges or ``node`` are not available.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

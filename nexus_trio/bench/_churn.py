@@ -7,6 +7,8 @@ messages; its handler raises on each, so each message is dead-lettered
 have happened. The baseline is a hand-written trio restart loop: a task in a fresh
 nursery that takes one message from a channel and raises, caught and started again.
 Kernel error logs are created but not printed while this runs.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""The one entry point behind ``nexus bench`` and ``python benchmarks/run.py``."""
+"""The one entry point behind ``nexus bench`` and ``python benchmarks/run.py``.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
+"""
 
 from __future__ import annotations
 

@@ -6,6 +6,8 @@ producers must be throttled. Measured: how long each send waited for room (p50, 
 max), RSS growth from the moment every producer is running and blocked until the end
 (sampled every 5 ms), the mailbox's high-water mark, and conservation (every message
 sent is handled, nothing dead-lettered or rejected).
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

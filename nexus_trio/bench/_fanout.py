@@ -15,6 +15,8 @@ implementations run one after another in the same process:
   dead-letter accounting), ``await kernel.send(...)`` from a driver task, waiting until
   ``stats().handled`` reaches N. Agents are activated by one message each first, as the
   baselines' consumer tasks are started before their clocks start.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

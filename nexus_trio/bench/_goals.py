@@ -22,6 +22,8 @@ The rows timed in the subprocess (the delivery and spawn rows at ``goals_agents`
 three phases at ``goals_million``) also carry the user and system CPU time and the minor
 page faults of that process over the phase (:class:`._result.Usage`): a wall clock that
 moves between runs can then be told apart as more work or dearer pages.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

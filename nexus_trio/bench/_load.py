@@ -6,6 +6,8 @@ first-message start-up is measured. The no-op handler records how long after it 
 sent each message was handled (send-to-handle latency: queueing plus scheduling), and
 the kernel's own ``handle_latency`` histogram gives the handler time. The goal: p99 with
 many agents within 1.5x of p99 with few agents.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@
 Markdown and, given a second argument, draws the plot again. A file that cannot be read
 or is no saved run exits 2, a plot that cannot be drawn 1, each with one line naming the
 file (as ``nexus bench`` does), never a traceback.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 RSS is read from ``/proc/self/statm`` (resident pages times the page size), which is
 cheap enough to sample while a scenario runs; where there is no ``/proc`` the peak RSS
 from ``getrusage`` stands in.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

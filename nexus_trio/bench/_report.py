@@ -2,6 +2,8 @@
 
 The plot needs matplotlib (``pip install 'nexus_trio[plot]'``); it is imported only
 when a plot is asked for, and its absence is reported with that install hint.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ client/server pairs doing them concurrently. Baselines in the same process:
   and resolving the future;
 * ``kernel``: ``await kernel.request(echo, payload)`` on an ``@agent`` that returns the
   payload (a Query, a correlated Response, a request timeout armed per call).
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ A :class:`Metric` is one row of the results table: the kernel's value, the value
 the baselines measured in the same process run, the baseline the ratio is taken
 against, and optionally the goal from issue 6 with whether it was met and by how much.
 Repetitions are folded into one metric by taking medians (:func:`combine`).
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

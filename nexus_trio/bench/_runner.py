@@ -4,6 +4,8 @@ Each scenario's ``run(scale)`` performs one repetition of the kernel *and* its b
 in this process and returns a :class:`ScenarioResult`; the runner repeats it, folds the
 repetitions into medians (:func:`combine`) and collects everything into a
 :class:`Report`, which the report module renders as a table, JSON or a plot.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ agent, the task waiting on ``receive()``.
 
 Run one measurement by hand with ``python -m nexus_trio.bench._scale_child kernel 10000``;
 it prints one JSON object.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """One scale measurement in a fresh interpreter: ``python -m nexus_trio.bench._scale_child
-(kernel|"raw trio"|lifecycle) N`` prints one JSON object (see :mod:`nexus_trio.bench._scale`)."""
+(kernel|"raw trio"|lifecycle) N`` prints one JSON object (see :mod:`nexus_trio.bench._scale`).
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
+"""
 
 from __future__ import annotations
 

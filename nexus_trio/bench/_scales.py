@@ -1,4 +1,7 @@
-"""How big each scenario runs: ``smoke`` (tests, CI), ``quick``, ``default`` and ``full``."""
+"""How big each scenario runs: ``smoke`` (tests, CI), ``quick``, ``default`` and ``full``.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
+"""
 
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ Agent side (what runs in the child): :mod:`nexus_trio.bridges.python` (stdlib on
 runnable as a file) and ``nexus-bridge.js`` for Node. Kernel side (what runs in the
 kernel): :func:`process_agent` in :mod:`nexus_trio.bridges.process`, re-exported here
 lazily so that importing the agent-side module pulls in nothing else.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ descendant they started, also those that called ``setsid()`` or ignore end of in
 forked the child exits, and trio starts children from worker threads that retire after
 a few idle seconds. Standard library only, so that it starts fast and needs no imports
 of the package.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ marked processes when the kernel process dies, even by SIGKILL. After each child
 :func:`kill_descendants` kills the processes marked with that child's token — those that
 left its process group with ``setsid()`` included — and reaps those that were reparented
 to the kernel. Other platforms get the process-group kill only (see docs/bridges.md).
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

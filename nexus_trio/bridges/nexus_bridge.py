@@ -5,6 +5,8 @@ with this directory on ``sys.path`` (or ``from nexus_trio.bridges.nexus_bridge i
 ...``): every name comes from :mod:`nexus_trio.bridges.python`, loaded from the file
 beside this one when the package is not installed. ``python3 nexus_bridge.py`` runs the
 echo agent, as the original did.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

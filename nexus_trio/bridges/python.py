@@ -17,6 +17,8 @@ a dict of the wire fields that also has the original attributes (``message.paylo
 ``message.kind == MessageKind.COMMAND.value``, ``message.from_id``, ``message.reply(...)``),
 and ``from nexus_bridge import NexusAgent, Message, MessageKind, run_agent`` works with
 ``nexus_bridge.py`` beside this file.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

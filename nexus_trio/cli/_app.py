@@ -7,6 +7,8 @@ Exit statuses: 0 success; 1 the run failed (the app raised, supervision escalate
 kernel, accounting mismatch), ``nexus health`` unhealthy, ``config init`` refused; 2 bad
 usage: an invalid flag value (the message names the flag) or an invalid config file
 (the message names file, line and key); 130 a second Ctrl-C forced the exit.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

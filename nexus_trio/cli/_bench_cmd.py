@@ -1,4 +1,7 @@
-"""``nexus bench``: run the benchmark suite (see :mod:`nexus_trio.bench`)."""
+"""``nexus bench``: run the benchmark suite (see :mod:`nexus_trio.bench`).
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
+"""
 
 from __future__ import annotations
 

@@ -34,6 +34,8 @@ on every exit path the parent kills each worker's process group (a worker leads 
 group, which also keeps a terminal's Ctrl-C from reaching workers twice: once from the
 terminal, once forwarded; the private nats-server leads its own too, so that the Ctrl-C
 does not stop it under the workers).
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ Options without a command mean ``run`` and a leading program name is skipped
 ``docker run IMAGE nexus-runtime -n 100 -d 30`` work as written. Flags are shown without
 a type in help: typer labels every boolean flag ``<bool>``, which reads as if it took a
 value. A flag taking a number of seconds or a rate reads it with :func:`finite_at_least`.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
 """Whether an output's encoding can carry a text (an ASCII terminal: ``LC_ALL=C``,
 ``PYTHONIOENCODING=ascii``), and what ``nexus`` writes in its place: ASCII stand-ins for
-its own marks (:func:`stand_ins`)."""
+its own marks (:func:`stand_ins`).
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
+"""
 
 from __future__ import annotations
 

@@ -14,6 +14,8 @@ The flow, all inside one ``trio.run``::
 A first SIGINT/SIGTERM/SIGHUP asks for the graceful shutdown; a second SIGINT or SIGTERM
 exits at once with status 130 (a SIGHUP never forces: see ``_on_stop_signal``). SIGUSR1
 writes the agent tree (``kernel.describe()``) to the log.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""``nexus send``: try an external agent from the shell — start it, send one message, print the answer."""
+"""``nexus send``: try an external agent from the shell — start it, send one message, print the answer.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
+"""
 
 from __future__ import annotations
 

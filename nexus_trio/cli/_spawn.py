@@ -8,6 +8,8 @@ fails (it exited, printed something that is not a register frame, did not regist
 time) is not restarted and stops the run, and the summary names the program, what it
 did and its exit status. Expected bridge
 failures are logged as one line, not with a traceback of the bridge's internals.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

@@ -41,6 +41,8 @@ are not compared here). Each one then reports, per lost worker, the messages it 
 to it and took from it (:func:`cluster_counts`: numbered tells, queries and replies):
 the parent's books count the dead worker from outside with them (see
 ``_cluster_cmd.aggregate_summaries``).
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

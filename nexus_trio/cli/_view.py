@@ -3,6 +3,8 @@
 Everything here renders from plain values (a :class:`Sample` of ``kernel.stats()``, the
 summary dict, ``kernel.describe()``), so it is cheap to test and never touches the kernel's
 internals.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

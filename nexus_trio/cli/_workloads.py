@@ -26,6 +26,8 @@ the token injection (ring: a token is one lap of messages) or each agent's loop 
 a round trip is two messages). Nothing buffers without bound: every message goes through
 a kernel mailbox. :meth:`Demo.stop` makes the agents stop generating traffic so that the
 kernel's graceful shutdown drains quickly.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations
