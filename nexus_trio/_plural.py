@@ -11,7 +11,12 @@ PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.te
 
 from __future__ import annotations
 
-__all__ = ["count_of", "fmt_count"]
+from collections.abc import Sequence
+
+__all__ = ["count_of", "first_few", "fmt_count"]
+
+#: how many items :func:`first_few` names (as the log budgets name ten keys)
+FEW = 10
 
 
 def fmt_count(n: float) -> str:
@@ -22,3 +27,11 @@ def fmt_count(n: float) -> str:
 def count_of(n: float, thing: str) -> str:
     """``1 agent``, ``2 agents``, ``1,000 agents``: a count with its noun, singular for one."""
     return f"{fmt_count(n)} {thing}" + ("" if n == 1 else "s")
+
+
+def first_few(items: Sequence[str], shown: int = FEW) -> str:
+    """``'a', 'b' and 3 more``: the first ``shown`` items quoted, the rest counted (a line
+    about thousands of names stays a line)."""
+    named = ", ".join(repr(item) for item in items[:shown])
+    rest = len(items) - shown
+    return f"{named} and {fmt_count(rest)} more" if rest > 0 else named

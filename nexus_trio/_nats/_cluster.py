@@ -84,6 +84,7 @@ from .._events import EventKind, LifecycleEvent
 from .._kernel import Kernel
 from .._logcall import log_guarded
 from .._message import SYSTEM_ID, Address, Message, MessageKind, id_value, stored_fields
+from .._plural import count_of, first_few
 from .._router import DeliveryRunFailed, KernelPhase, TransportHandle, detached_phase
 from .._throttle import Throttle
 from . import _batch as batch
@@ -3466,30 +3467,44 @@ class Cluster:
         kv = self._names_kv
         if kv is None:
             return True
-        for name, agent_id in list(self._unwritten_names.items()):
-            if self._closing:
-                return True
-            async with self._names_lock:
-                if self._unwritten_names.get(name) != agent_id:
-                    continue  # stopped, or written, since
-                try:
-                    await self._write_name_again(kv, name, agent_id)
-                except nats.js.errors.KeyWrongLastSequenceError:
-                    continue  # written by another node meanwhile: read again next time
-                except Exception as exc:
-                    log_guarded(
-                        log,
-                        logging.DEBUG,
-                        "node %s: name %r still not written: %r",
-                        self.node,
-                        name,
-                        exc,
-                    )
-                    return False
-        return True
+        written: list[str] = []
+        try:
+            for name, agent_id in list(self._unwritten_names.items()):
+                if self._closing:
+                    return True
+                async with self._names_lock:
+                    if self._unwritten_names.get(name) != agent_id:
+                        continue  # stopped, or written, since
+                    try:
+                        if await self._write_name_again(kv, name, agent_id):
+                            written.append(name)
+                    except nats.js.errors.KeyWrongLastSequenceError:
+                        continue  # written by another node meanwhile: read again next time
+                    except Exception as exc:
+                        log_guarded(
+                            log,
+                            logging.DEBUG,
+                            "node %s: name %r still not written: %r",
+                            self.node,
+                            name,
+                            exc,
+                        )
+                        return False
+            return True
+        finally:
+            # one line a pass (a bucket made anew has every name written again)
+            if written:
+                log_guarded(
+                    log,
+                    logging.WARNING,
+                    "node %s: %s written to the names bucket on a retry: %s",
+                    self.node,
+                    count_of(len(written), "name"),
+                    first_few(written),
+                )
 
-    async def _write_name_again(self, kv: KeyValue, name: str, agent_id: uuid.UUID) -> None:
-        """One name of ``_retry_names`` (under the names lock)."""
+    async def _write_name_again(self, kv: KeyValue, name: str, agent_id: uuid.UUID) -> bool:
+        """One name of ``_retry_names`` (under the names lock): whether it was written."""
         key = wire.name_key(name)
 
         async def read() -> Any:
@@ -3518,24 +3533,17 @@ class Cluster:
                     name,
                     holder[0],
                 )
-                return
+                return False
             else:
                 revision = await call_aio(kv.update, key, value, last=entry.revision)
         if self._closing:  # its leave dropped the names already
             await self._delete_name(kv, name, revision)
-            return
+            return False
         if self._unwritten_names.get(name) == agent_id:
             del self._unwritten_names[name]
         self._names_written_late += 1
-        log_guarded(
-            log,
-            logging.WARNING,
-            "node %s: name %r (%s) written to the names bucket on a retry",
-            self.node,
-            name,
-            agent_id,
-        )
         self._name_written(name, agent_id, revision)
+        return True
 
     def _name_not_dropped(self, name: str, exc: Exception) -> None:
         log_guarded(

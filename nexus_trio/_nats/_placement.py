@@ -53,6 +53,7 @@ from .._agent import CONTEXT_NAMES, Agent, AgentRef, AgentSpec, check_agent_name
 from .._errors import AgentNotFound, KernelShuttingDown, NameTaken, NexusError, TransportUnavailable
 from .._events import EventKind, LifecycleEvent
 from .._logcall import log_guarded
+from .._plural import count_of, first_few
 from .._supervisor import Supervisor
 from . import _kvops as kvops
 from . import _wire as wire
@@ -496,7 +497,25 @@ class Placement:
         agents still held here whose name this node holds in the names bucket: a copy
         whose name is not written yet waits for it, one that lost its name to another
         incarnation is stopped instead (see :meth:`superseded`). False if a write failed
-        again (the bucket still unreachable: the others wait for the next try)."""
+        again (the bucket still unreachable: the others wait for the next try). The
+        records written are said in one line (a bucket made anew has them all written
+        again)."""
+        written: list[str] = []
+        try:
+            return await self._retry_records(written)
+        finally:
+            if written:
+                log_guarded(
+                    log,
+                    logging.WARNING,
+                    "node %s: %s written on a retry: %s",
+                    self._cluster.node,
+                    count_of(len(written), "placement record"),
+                    first_few(written),
+                )
+
+    async def _retry_records(self, written: list[str]) -> bool:
+        """:meth:`retry_records`'s pass; the names whose record it wrote go to ``written``."""
         cluster = self._cluster
         kv = self._kv
         if kv is None:
@@ -533,14 +552,7 @@ class Placement:
             self._held[name] = (agent_id, revision)
             del self._unwritten[name]
             self.records_written_late += 1
-            log_guarded(
-                log,
-                logging.WARNING,
-                "node %s: placement record of %r (%s) written on a retry",
-                cluster.node,
-                name,
-                agent_id,
-            )
+            written.append(name)
         return True
 
     @property
