@@ -19,7 +19,10 @@ nursery and a cancel scope around its loop; see ``benchmarks/shape_floor.py``).
 Sizes are what was asked of the allocator (``tracemalloc``): CPython rounds each block
 up to 16 bytes, and RSS adds the allocator's own bookkeeping, so the pages touched are
 some 10-15% more (``minor faults`` are counted in a second fresh process without
-``tracemalloc``, as are user and system CPU of the step).
+``tracemalloc``, as are user and system CPU of the step). Each kind is traced in a
+process of its own, whose only thread is the one measured: ``tracemalloc`` counts every
+thread's blocks, so a thread of a host process (pytest-xdist's receiver, which holds the
+scheduler's messages arriving during the step) would be counted as an activation's.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import tracemalloc
 from collections import defaultdict
 from functools import cache
@@ -226,7 +230,16 @@ class _Counted:
 
 def measure(kind: str, n: int, traced: bool) -> dict[str, Any]:
     """One kind in this process: ``traced`` sorts the bytes kept by owner, otherwise the
-    step's CPU time and page faults."""
+    step's CPU time and page faults. Traced only in a process whose sole thread is this
+    one (see :func:`measure_in_child`): what another thread allocates during the step and
+    keeps would be counted as the activations'."""
+    others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+    if traced and others:
+        raise RuntimeError(
+            f"activation_memory: {len(others)} other thread(s) run in this process"
+            f" ({', '.join(others)}): tracemalloc would count what they keep as the"
+            " activations'; trace in a process of its own (measure_in_child)"
+        )
     step: Any = _Traced() if traced else _Counted()
     if kind == "kernel":
         trio.run(_kernel, n, step)
@@ -250,7 +263,8 @@ def measure(kind: str, n: int, traced: bool) -> dict[str, Any]:
     }
 
 
-def _child(kind: str, n: int, traced: bool) -> dict[str, Any]:
+def measure_in_child(kind: str, n: int, traced: bool) -> dict[str, Any]:
+    """:func:`measure` in a fresh process (this script's ``--child``)."""
     command = [sys.executable, __file__, "--child", kind, "--agents", str(n)]
     out = subprocess.run(
         [*command, "--traced"] if traced else command, check=True, capture_output=True, text=True
@@ -273,8 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = []
     for kind in KINDS:
-        result = _child(kind, args.agents, traced=True)
-        result.update(_child(kind, args.agents, traced=False))
+        result = measure_in_child(kind, args.agents, traced=True)
+        result.update(measure_in_child(kind, args.agents, traced=False))
         results.append(result)
         if args.json:
             continue
