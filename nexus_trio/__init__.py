@@ -4,7 +4,7 @@ Thousands to millions of long-lived agents in one process with kernel guarantees
 bounded mailboxes with backpressure, time-bounded send and handle, O(1) routing,
 supervision with restarts, graceful ordered shutdown and observability.
 
-PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
+<!-- PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing) -->
 """
 
 from ._agent import Agent as Agent

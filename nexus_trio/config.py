@@ -13,7 +13,7 @@ config can start programs (``[app] spawn``), so a file that others could have wr
 refuses such files. :class:`LoadedConfig` remembers where each effective value came from,
 which :func:`render_effective` prints.
 
-PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
+<!-- PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing) -->
 """
 
 from __future__ import annotations

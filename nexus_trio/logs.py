@@ -14,7 +14,7 @@ a terminal escape sequence in them cannot forge a log line or drive the terminal
 handler writing to a file, pipe or terminal hands its records to a writer thread through
 a bounded queue, so that a reader that stops reading cannot stop the kernel.
 
-PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
+<!-- PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing) -->
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ Typical use, next to a kernel::
         port = await nursery.start(serve_metrics, kernel, "127.0.0.1", 9464)
         ...
 
-PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
+<!-- PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing) -->
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ process group and always reaps the child, so nothing outlives the kernel — not
 that ignores SIGTERM, nor a grandchild that holds the pipes; on Linux :mod:`._lineage`
 also kills the descendants that left the group, and those of a kernel killed with SIGKILL.
 
-PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
+<!-- PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing) -->
 """
 
 from __future__ import annotations
