@@ -904,6 +904,37 @@ async def test_handler_timeout_cancels_the_handler_dead_letters_and_the_agent_co
     assert reasons(kernel) == [("hang", DeadLetterReason.HANDLER_TIMEOUT)]
 
 
+async def test_a_handle_timeout_counts_from_the_handler_s_first_suspension(
+    autojump_clock: Any,
+) -> None:
+    # What runs before a handler's first await is not timed (a Trio timer would cost more
+    # than a message): the deadline is ``handle_timeout`` from its first suspension, for
+    # every message alike (the first message is one the latency histogram samples: its
+    # deadline once counted from its start, and it timed out here).
+    log: list[str] = []
+
+    @agent(name="busy-then-waits", handle_timeout=2.0)
+    async def handler(ctx: Context, msg: Message) -> None:
+        start = trio.current_time()
+        autojump_clock.jump(1.5)  # 1.5 s of work before the first await
+        try:
+            await trio.sleep(1.0)
+        except trio.Cancelled:
+            log.append(f"{msg.payload} cancelled after {trio.current_time() - start:g}")
+            raise
+        log.append(f"{msg.payload} done after {trio.current_time() - start:g}")
+
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(handler)
+        await trio.sleep(1)  # (a start at the clock's 0.0 would read as "not sampled")
+        for payload in ("first", "second", "third"):
+            await kernel.send(ref, payload)
+        await trio.sleep(20)
+        stats = kernel.stats()
+        assert log == ["first done after 2.5", "second done after 2.5", "third done after 2.5"]
+        assert stats.handled == 3 and stats.timed_out == 0 and stats.dead_lettered == 0
+
+
 async def test_handlers_that_never_await_pay_for_no_timer() -> None:
     deadlines: list[float] = []
 
