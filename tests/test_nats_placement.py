@@ -2612,6 +2612,12 @@ async def test_a_name_whose_drop_failed_is_dropped_on_a_retry_not_held_for_good(
 
         await _until(dropped, timeout=10)
         assert failing == [0]
+
+        async def heard_on_b() -> bool:
+            # b's names watch gives it the delete after the bucket has it (later under load)
+            return cb.name_holder("svc-d") is None
+
+        await _until(heard_on_b, timeout=10)
         again = await cb.spawn("counter", name="svc-d", node="b")
         assert again.node == "b"
         assert kb.is_local("svc-d")
