@@ -1067,3 +1067,41 @@ def test_a_request_failed_frame_names_the_agent_asked_by_id() -> None:
     back = wire.error_from_frame("request_failed", body, query_id=qid, to="h", node="b")
     assert isinstance(back, RequestFailed) and back.name is None
     assert str(back) == f"request {qid} to 'h' failed on node 'b' (handler_error)"
+
+
+def test_a_batchs_tells_decode_as_one_by_one_with_errors_in_their_order() -> None:
+    """decode_tells (the batch receiver's loop) reads every kind of tell body as
+    decode_tell does, in order, and hands each undecodable one's error to its callback,
+    in order, leaving it out: binary to a known id and to an unknown one, to a name seen
+    and not yet seen, with optional ids, an infinite payload (the standard library's
+    reading), format 1 JSON, and bodies that are no tell."""
+    me, known = uuid.uuid4(), uuid.uuid4()
+    wire.decode_tell(wire.encode_tell(Message(me, known, 0)))  # known: its id cached
+    name = f"fresh-{uuid.uuid4().hex}"  # a name no tell carried yet
+    msgs = [
+        Message(me, known, {"n": 1, "args": [1, 2]}),
+        Message(me, uuid.uuid4(), [2, "two"]),
+        Message(me, name, 3),
+        Message(me, name, {"n": 4}),
+        Message(me, known, 5, MessageKind.EVENT, trace_id=uuid.uuid4()),
+        Message(me, "sink", math.inf),
+        Message(me, known, {"n": 7}, conversation_id=uuid.uuid4(), reply_to=uuid.uuid4()),
+    ]
+    bodies = [wire.encode_tell(m) for m in msgs]
+    bad = [b"", bodies[0][:50], bodies[0][:-1], b'{"from":"x","to":"a","kind":"Command"}']
+    json_tell = Message(me, "json", 8)
+    mixed = [
+        bodies[0], bad[0], *bodies[1:3], bad[1], bodies[3], bad[2],
+        *bodies[4:], wire.encode_message(json_tell), bad[3],
+    ]  # fmt: skip
+    errors: list[tuple[str, str]] = []
+    decoded = wire.decode_tells(mixed, lambda exc: errors.append((exc.field, str(exc))))
+    assert decoded == [*msgs, json_tell]
+    assert [m.id for m in decoded] == [m.id for m in [*msgs, json_tell]]
+    expected = []
+    for body in bad:
+        with pytest.raises(MessageDecodeError) as err:
+            wire.decode_tell(body)
+        expected.append((err.value.field, str(err.value)))
+    assert errors == expected
+    assert [field for field, _ in errors] == ["<document>", "to", "payload", "payload"]

@@ -2177,14 +2177,7 @@ class Cluster:
         head, tells, controls, stream = opened
         for kind, body in controls:
             self._control_frame(head, kind, body)
-        msgs: list[Message] = []
-        add = msgs.append
-        decode = wire.decode_tell
-        for body in tells:
-            try:
-                add(decode(body))
-            except MessageDecodeError as exc:
-                self._undecodable(head, exc)
+        msgs = wire.decode_tells(tells, functools.partial(self._undecodable, head))
         consumed = len(tells) - len(msgs)
         # Runs of plain enqueues (one lookup per address) while nothing is parked here;
         # the message a run stops at takes the single way (_admit), then the next run.
