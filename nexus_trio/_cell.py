@@ -805,6 +805,12 @@ class AgentCell(Child):
                                         result = router.answer(self.id, msg, result)
                                         if result is not None:
                                             await router.route(result)
+                                        if not (mailbox.depth or self.interrupted):
+                                            # Nothing queued: the step the stepper would take
+                                            # now only finds the mailbox empty (an agent woken
+                                            # for one query would take two steps a query).
+                                            trap = _EMPTY
+                                            break
                                 if trap is _FULL:
                                     # A full batch: let the others run before the next one.
                                     await trio.lowlevel.checkpoint()
