@@ -4846,7 +4846,12 @@ async def _heard(cluster: Cluster, node: str) -> None:
 
 
 async def _subscribe(nc: Any, subject: str) -> Any:
-    return await nc.subscribe(subject)
+    sub = await nc.subscribe(subject)
+    # The SUB is on the server before anyone is told to send there (a PING answered after
+    # it): nats-py buffers it, and a query sent before its flush found no responders (a
+    # CI run at load, node b: "node 'f' does not listen").
+    await nc.flush()
+    return sub
 
 
 def _per_peer(cluster: Cluster, prefix: int) -> tuple[int, int]:
