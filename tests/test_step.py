@@ -325,6 +325,28 @@ async def test_an_agent_woken_for_one_query_takes_one_step_of_the_kernel_s_stepp
     """A query handled and answered with nothing else queued parks its agent at once: the
     serve loop does not step the kernel's stepper again only to find the mailbox empty
     (two steps a request cost the request/reply row about 9% of its p50)."""
+    steps = _count_steps(monkeypatch)
+
+    async def echo(ctx: Context, msg: Message) -> Any:
+        return msg.payload if msg.payload >= 0 else None  # (tells: negative, no answer)
+
+    async with open_kernel(make_config()) as kernel:
+        # (the kernel's stepper is made with the kernel: counted from the start)
+        ref = kernel.spawn(agent(echo, name="echo"))
+        answers = [await kernel.request(ref, i, timeout=1000.0) for i in range(10)]
+        for i in range(3):  # queued together: one step takes all three
+            kernel.send_nowait(ref, -1 - i)
+        await trio.testing.wait_all_tasks_blocked()
+        stats = kernel.stats()
+        taken = steps.count("echo")  # (the shutdown wakes it for one more)
+    assert answers == list(range(10))
+    assert stats.handled == 13 and stats.dead_lettered == 0
+    assert taken == 10 + 1
+
+
+def _count_steps(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the agents the kernel's stepper takes a step for, in order (a
+    stepper made after this call counts)."""
     import nexus_trio._cell as cell_module
 
     original = cell_module._serve_batches
@@ -347,19 +369,87 @@ async def test_an_agent_woken_for_one_query_takes_one_step_of_the_kernel_s_stepp
             outcome = inner.send(args)
 
     monkeypatch.setattr(cell_module, "_serve_batches", counting)
+    return steps
 
-    async def echo(ctx: Context, msg: Message) -> Any:
-        return msg.payload if msg.payload >= 0 else None  # (tells: negative, no answer)
 
-    async with open_kernel(make_config()) as kernel:
-        # (the kernel's stepper is made with the kernel: counted from the start)
-        ref = kernel.spawn(agent(echo, name="echo"))
-        answers = [await kernel.request(ref, i, timeout=1000.0) for i in range(10)]
-        for i in range(3):  # queued together: one step takes all three
-            kernel.send_nowait(ref, -1 - i)
+async def test_a_returned_tell_is_routed_inside_the_step_and_the_batch_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A handler that returns a tell (a ring's next hop) has it routed by the kernel's
+    stepper when it needs no wait, and the batch goes on: a ring agent woken for one hop
+    takes one step, and a batch of tells that each return one is one step (handing each
+    returned tell back to the serve loop to route cost the ring a sixth of its hops)."""
+    steps = _count_steps(monkeypatch)
+    got: list[int] = []
+
+    async def sink(ctx: Context, msg: Message) -> None:
+        got.append(msg.payload)
+
+    async def relay(ctx: Context, msg: Message) -> Any:
+        return Message(sender=ctx.id, to="sink", payload=msg.payload)
+
+    async def ring(ctx: Context, msg: Message) -> Any:
+        if msg.payload <= 1:
+            return None
+        nxt = "ring1" if ctx.name == "ring0" else "ring0"
+        return Message(sender=ctx.id, to=nxt, payload=msg.payload - 1)
+
+    async with open_kernel(make_config(batch_size=8)) as kernel:
+        kernel.spawn(agent(sink, name="sink"))
+        kernel.spawn(agent(relay, name="relay"))
+        for i in range(2):
+            kernel.spawn(agent(ring, name=f"ring{i}"))
+        for i in range(5):  # queued together: one step routes all five
+            kernel.send_nowait("relay", i)
+        await trio.testing.wait_all_tasks_blocked()
+        kernel.send_nowait("ring0", 10)  # ten hops, one a wake-up
         await trio.testing.wait_all_tasks_blocked()
         stats = kernel.stats()
-        taken = steps.count("echo")  # (the shutdown wakes it for one more)
-    assert answers == list(range(10))
-    assert stats.handled == 13 and stats.dead_lettered == 0
-    assert taken == 10 + 1
+        taken = {name: steps.count(name) for name in ("relay", "sink", "ring0", "ring1")}
+    assert got == [0, 1, 2, 3, 4]
+    assert stats.handled == 5 + 5 + 10 and stats.dead_lettered == 0
+    assert stats.accepted == 5 + 5 + 1 + 9  # (sent, and returned: counted as routed)
+    assert taken == {"relay": 1, "sink": 1, "ring0": 5, "ring1": 5}
+
+
+@pytest.mark.parametrize("policy", ["block", "reject", "drop_newest", "drop_oldest"])
+async def test_a_returned_tell_to_a_full_mailbox_keeps_its_overflow_policy(
+    policy: str,
+) -> None:
+    """A returned tell the stepper cannot deliver at once (the recipient's mailbox is
+    full) is routed by the serve loop as before: ``block`` waits for room (the tells
+    arrive in order), the others apply their policy, each dead letter counted."""
+    from nexus_trio import OverflowPolicy
+
+    release = trio.Event()
+    got: list[int] = []
+
+    async def slow(ctx: Context, msg: Message) -> None:
+        await release.wait()
+        got.append(msg.payload)
+
+    async def relay(ctx: Context, msg: Message) -> Any:
+        return Message(sender=ctx.id, to="slow", payload=msg.payload)
+
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    async with open_kernel(make_config(send_timeout_ms=1e6, handle_timeout_ms=5e6)) as kernel:
+        kernel.spawn(
+            agent(slow, name="slow", mailbox_capacity=2, overflow=OverflowPolicy(policy))
+        )
+        kernel.spawn(agent(relay, name="relay"))
+        for i in range(5):
+            kernel.send_nowait("relay", i)
+        await trio.testing.wait_all_tasks_blocked()
+        release.set()
+        await trio.testing.wait_all_tasks_blocked()
+        stats = kernel.stats()
+    del clock
+    # the relay's one step routes all five before the slow agent runs: two fill its mailbox
+    expected = {
+        "block": ([0, 1, 2, 3, 4], 0),
+        "reject": ([0, 1], 3),
+        "drop_newest": ([0, 1], 3),
+        "drop_oldest": ([3, 4], 3),
+    }[policy]
+    assert (got, stats.dead_lettered) == expected
+    assert stats.handled == 5 + len(got)
