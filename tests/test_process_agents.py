@@ -86,7 +86,10 @@ def config(**kernel: Any) -> Config:
     options: dict[str, Any] = {
         "handle_timeout_ms": 10_000,
         "request_timeout_ms": 20_000,
-        "send_timeout_ms": 1_000,
+        # (bounds a write to a child's stdin too: at 1 s a CI run at load 14 failed a
+        # message as "stopped reading its stdin" for a stall of the test process itself;
+        # the test of that bound sets its own)
+        "send_timeout_ms": 10_000,
         "shutdown_grace_ms": 2_000,
         "dead_letter_buffer": 10_000,
         **kernel,
