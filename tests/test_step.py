@@ -433,9 +433,7 @@ async def test_a_returned_tell_to_a_full_mailbox_keeps_its_overflow_policy(
 
     clock = trio.testing.MockClock(autojump_threshold=0)
     async with open_kernel(make_config(send_timeout_ms=1e6, handle_timeout_ms=5e6)) as kernel:
-        kernel.spawn(
-            agent(slow, name="slow", mailbox_capacity=2, overflow=OverflowPolicy(policy))
-        )
+        kernel.spawn(agent(slow, name="slow", mailbox_capacity=2, overflow=OverflowPolicy(policy)))
         kernel.spawn(agent(relay, name="relay"))
         for i in range(5):
             kernel.send_nowait("relay", i)
