@@ -2,6 +2,7 @@
 
     python benchmarks/fresh_pages.py [--mib 256] [--rounds 3] [--json]
     python benchmarks/fresh_pages.py --lifecycle 100000 [--rounds 3] [--pad-mib 1024]
+    python benchmarks/fresh_pages.py --curve 8192 [--step-mib 256]
 
 An idle agent's first message makes about 7.1 KB that the run keeps (see
 ``activation_memory.py``): 1.77 fresh 4 KiB pages, each a minor page fault whose system
@@ -25,6 +26,19 @@ phase starts (inside its CPU time). pymalloc's own arenas cannot be populated fr
 Python (they are ``mmap``ed one MiB at a time, at addresses Python does not expose), so
 this is what pre-faulting would save, not something the kernel can do. (Its processes
 too run without transparent huge pages.)
+
+The third form prices fresh pages by how much memory the process already holds: one
+process touches ``--curve`` MiB a ``--step-mib`` step at a time, keeping every step
+mapped, and reports the system CPU per page of each step, with ``dear_from_mib``: where
+the price first reaches three times that of the first steps (``None`` if it never does).
+On the Firecracker VM of these benchmarks that is where the process runs out of the free
+memory the host still backs (what the VM's processes freed in the minutes before): such a
+page costs 1-2 us, a page beyond it 5-12 us (the host's own fault under the guest's), and
+after a quiet hour there may be none (see docs/benchmarks-history.md, thirty-seventh
+pass). Reported beside: the guest's free page reporting order (``None`` without free page
+reporting: freed blocks of that order are handed back to the host) and the
+largest order its buddy allocator makes. A million agents touch about 7.5 GB in
+their first messages: this tells beforehand what the 1M row's faults will cost.
 """
 
 from __future__ import annotations
@@ -44,6 +58,11 @@ from typing import Any
 MADV_POPULATE_WRITE = 23
 PR_SET_THP_DISABLE = 41
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+REPORTING_ORDER = Path("/sys/module/page_reporting/parameters/page_reporting_order")
+BUDDYINFO = Path("/proc/buddyinfo")
+MEMINFO = Path("/proc/meminfo")
+#: a step is dear at this many times the price of the first steps
+DEAR = 3.0
 WAYS = ("touch", "populate", "madvise")
 LIFECYCLE_WAYS = ("pymalloc", "malloc+pad", "malloc+pad+populate")
 REPO = Path(__file__).resolve().parent.parent
@@ -121,6 +140,84 @@ def fault_pages(way: str, size: int) -> dict[str, Any]:
     }
 
 
+def page_reporting_order() -> int | None:
+    """The guest's free page reporting order (free blocks of ``2**order`` pages are
+    handed back to the host), or None where the machine has none (no such module)."""
+    try:
+        return int(REPORTING_ORDER.read_text(encoding="ascii"))
+    except (OSError, ValueError):
+        return None
+
+
+def max_page_order() -> int | None:
+    """The largest block order the buddy allocator makes (``/proc/buddyinfo`` has a
+    column per order from 0), or None if unreadable."""
+    try:
+        line = BUDDYINFO.read_text(encoding="ascii").splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    return len(line.split()) - 4 - 1
+
+
+def available_mib() -> int | None:
+    """``MemAvailable`` in MiB, or None if unreadable."""
+    try:
+        for line in MEMINFO.read_text(encoding="ascii").splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) >> 10
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def dear_from(prices: list[float], step_mib: int) -> int | None:
+    """Where (MiB already held) a step first costs :data:`DEAR` times the median of the
+    first steps (up to four, or half of them), or None."""
+    first = sorted(prices[: max(1, min(4, len(prices) // 2))])
+    cheap = first[len(first) // 2]
+    for k, price in enumerate(prices):
+        if cheap > 0 and price >= DEAR * cheap:
+            return k * step_mib
+    return None
+
+
+def curve(total: int, step: int) -> dict[str, Any]:
+    """Touch ``total`` bytes of fresh anonymous memory ``step`` bytes at a time, each
+    step kept mapped (in this process, whose transparent huge pages it turns off); the
+    system CPU per page of each step."""
+    small_pages_only()
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    held = []
+    prices = []
+    faults = 0
+    for _ in range(total // step):
+        area = mmap.mmap(-1, step, flags=flags)
+        held.append(area)
+        view = memoryview(area)
+        u0 = _usage()
+        for offset in range(0, step, mmap.PAGESIZE):
+            view[offset] = 1
+        u1 = _usage()
+        view.release()
+        pages = step // mmap.PAGESIZE
+        prices.append(round(1e6 * (u1[1] - u0[1]) / pages, 3))
+        faults += u1[2] - u0[2]
+    step_mib = step >> 20
+    pages = len(held) * (step // mmap.PAGESIZE)
+    for area in held:
+        area.close()
+    return {
+        "mib": total >> 20,
+        "step_mib": step_mib,
+        "sys_us_per_page": prices,
+        "faults_per_page": faults / pages,
+        "dear_from_mib": dear_from(prices, step_mib),
+        "page_reporting_order": page_reporting_order(),
+        "max_page_order": max_page_order(),
+        "thp": thp_setting(),
+    }
+
+
 def _populate_heap() -> int:
     """One MADV_POPULATE_WRITE over the glibc heap (with ``top_pad``: its untouched tail
     is faulted in); its size in bytes."""
@@ -178,18 +275,44 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--lifecycle", type=int, metavar="AGENTS")
     parser.add_argument("--pad-mib", type=int, default=1024)
+    parser.add_argument("--curve", type=int, metavar="MIB")
+    parser.add_argument("--step-mib", type=int, default=256)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if min(args.mib, args.rounds, args.pad_mib, args.lifecycle or 1) < 1:
         parser.error("--mib, --rounds, --pad-mib and --lifecycle must be at least 1")
+    if args.curve is not None:
+        if args.step_mib < 1 or args.curve < args.step_mib:
+            parser.error("--step-mib must be at least 1 and --curve at least --step-mib")
+        available = available_mib()
+        if available is not None and args.curve > available - 512:
+            parser.error(
+                f"--curve {args.curve} MiB would leave this machine less than 512 MiB"
+                f" (MemAvailable is {available} MiB)"
+            )
     if args.child:
         kind, value = args.child[0], int(args.child[1])
         if kind == "lifecycle":
             result = lifecycle(value, os.environ.get("FRESH_PAGES_POPULATE") == "1")
+        elif kind == "curve":
+            result = curve(value, int(args.child[2]))
         else:
             result = fault_pages(kind, value)
         print(json.dumps(result))
+        return
+    if args.curve is not None:
+        result = _child(["curve", str(args.curve << 20), str(args.step_mib << 20)])
+        if args.json:
+            print(json.dumps(result))
+        else:
+            for k, price in enumerate(result["sys_us_per_page"]):
+                print(f"{k * args.step_mib:>7} MiB held: {price:.2f} us sys a page")
+            print(
+                f"dear from {result['dear_from_mib']} MiB; page_reporting_order"
+                f" {result['page_reporting_order']}, max_page_order {result['max_page_order']},"
+                f" thp {result['thp']}"
+            )
         return
     rows = []
     for round_ in range(1, args.rounds + 1):

@@ -8,6 +8,7 @@ sent (the scenarios also check this themselves and raise BenchmarkError).
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import io
 import json
 import logging
@@ -1010,6 +1011,48 @@ def test_the_fresh_pages_script_faults_every_page_each_way_alternated() -> None:
     setting = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     thp = setting.read_text().split("[")[1].split("]")[0] if setting.exists() else "unknown"
     assert {r["thp"] for r in rows} == {thp}
+
+
+def test_the_fresh_pages_curve_prices_each_step_and_finds_where_pages_get_dear() -> None:
+    out = subprocess.run(
+        [sys.executable, str(_FRESH_PAGES), "--curve", "16", "--step-mib", "4", "--json"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    result = json.loads(out)
+    # one price a step, every page of every step faulted (the steps stay mapped)
+    assert len(result["sys_us_per_page"]) == 4
+    assert result["faults_per_page"] >= 0.95
+    assert (result["mib"], result["step_mib"]) == (16, 4)
+    dear = result["dear_from_mib"]
+    assert dear is None or dear in (0, 4, 8, 12)
+    buddyinfo = Path("/proc/buddyinfo")
+    if buddyinfo.exists():
+        assert result["max_page_order"] == len(buddyinfo.read_text().split("\n")[0].split()) - 5
+    # where it gets dear: the first step at 3x the median of the first ones
+    spec = importlib.util.spec_from_file_location("fresh_pages", _FRESH_PAGES)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.dear_from([1.4, 1.3, 1.5, 1.4, 1.6, 4.3, 9.1], 256) == 5 * 256
+    assert module.dear_from([1.4, 1.3, 1.5, 1.4, 1.6, 4.1], 256) is None
+    assert module.dear_from([9.0, 9.2, 9.1, 9.3], 256) is None
+    assert module.dear_from([1.0, 3.0], 16) == 16
+    refusals = [
+        (["--curve", "8", "--step-mib", "16"], "--curve at least --step-mib"),
+        (["--curve", "64", "--step-mib", "0"], "--step-mib must be at least 1"),
+    ]
+    if Path("/proc/meminfo").exists():
+        # (where the machine says how much memory it has left: nothing to touch 1 TiB of)
+        refusals.append((["--curve", str(1 << 20)], "would leave this machine less than 512 MiB"))
+    for bad, says in refusals:
+        refused = subprocess.run(
+            [sys.executable, str(_FRESH_PAGES), *bad], capture_output=True, text=True
+        )
+        assert refused.returncode == 2, bad
+        assert says in refused.stderr, refused.stderr
 
 
 _AS_IF_THP_ALWAYS = """
