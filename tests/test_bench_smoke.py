@@ -8,6 +8,7 @@ sent (the scenarios also check this themselves and raise BenchmarkError).
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.util
 import io
 import json
@@ -803,6 +804,24 @@ def test_the_lifecycle_subprocess_reports_each_phase_s_cpu_time_and_faults() -> 
         assert 0 < usage.user_s + usage.sys_s <= result[f"{phase}_s"] * CPUS + 0.02, phase
     # 500 first messages need fresh memory (about 7.5 KB an agent): its pages fault in
     assert result["deliver_usage"]["minor_faults"] > 0
+
+
+def test_the_lifecycle_subprocess_counts_each_phase_s_collections() -> None:
+    from nexus_trio.bench._measure import collections_now, collections_since
+
+    start = collections_now()
+    gc.collect()
+    assert collections_since(start) == [0, 0, 1]
+    # 3 * 2048 first messages: the heap keeper freezes as the runs start and holds the
+    # young collections off (at most 2, as test_gc_keeper's burst), and no older one runs
+    # in the delivery (each would walk every running agent's objects)
+    result = _scale.measure_in_subprocess("lifecycle", 3 * 2048, timeout=300)
+    assert result["handled"] == 3 * 2048
+    for phase in ("spawn", "deliver", "shutdown"):
+        counts = result[f"{phase}_collections"]
+        assert len(counts) == 3 and all(isinstance(c, int) and c >= 0 for c in counts), phase
+    young, middle, full = result["deliver_collections"]
+    assert young <= 2 and middle == full == 0, result["deliver_collections"]
 
 
 def test_usage_renders_as_user_sys_faults_and_system_time_a_fault() -> None:

@@ -1,4 +1,5 @@
-"""Measuring: RSS, CPU time and page faults, percentiles, quiet kernel logs while timing.
+"""Measuring: RSS, CPU time and page faults, collections, percentiles, quiet kernel logs
+while timing.
 
 RSS is read from ``/proc/self/statm`` (resident pages times the page size), which is
 cheap enough to sample while a scenario runs; where there is no ``/proc`` the peak RSS
@@ -10,6 +11,7 @@ PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.te
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -40,6 +42,20 @@ def usage_now() -> Usage:
     subtract two of them for a phase's share."""
     r = resource.getrusage(resource.RUSAGE_SELF)
     return Usage(r.ru_utime, r.ru_stime, r.ru_minflt)
+
+
+def collections_now() -> tuple[int, int, int]:
+    """The cycle collector's collections so far in this process, by generation (young,
+    middle, full: ``gc.get_stats()``); subtract two of them with
+    :func:`collections_since` for a phase's."""
+    young, middle, full = (int(stats["collections"]) for stats in gc.get_stats())
+    return young, middle, full
+
+
+def collections_since(start: tuple[int, int, int]) -> list[int]:
+    """The collections by generation since ``start`` (a :func:`collections_now`), as a
+    list (the JSON a measurement prints)."""
+    return [now - then for now, then in zip(collections_now(), start, strict=True)]
 
 
 def percentile(values: Sequence[float], q: float) -> float:
