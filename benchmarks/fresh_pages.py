@@ -33,11 +33,11 @@ mapped, and reports the system CPU per page of each step, with ``dear_from_mib``
 the price first reaches three times that of the first steps (``None`` if it never does).
 On the Firecracker VM of these benchmarks that is where the process runs out of the free
 memory the host still backs (what the VM's processes freed in the minutes before): such a
-page costs 1-2 us, a page beyond it 5-12 us (the host's own fault under the guest's), and
-after a quiet hour there may be none (see docs/benchmarks-history.md, thirty-seventh
-pass). Reported beside: the guest's free page reporting order (``None`` without free page
-reporting: freed blocks of that order are handed back to the host) and the
-largest order its buddy allocator makes. A million agents touch about 7.5 GB in
+page costs 1-2 us, a page beyond it 5-12 us (likely the host's own fault under the
+guest's), and after a quiet hour there may be none (see docs/benchmarks-history.md,
+thirty-seventh pass). Reported beside: the guest's free page reporting order (``None``
+without free page reporting: freed blocks of that order are handed back to the host)
+and the largest order its buddy allocator makes. A million agents touch about 7.5 GB in
 their first messages: this tells beforehand what the 1M row's faults will cost.
 """
 
@@ -144,9 +144,11 @@ def page_reporting_order() -> int | None:
     """The guest's free page reporting order (free blocks of ``2**order`` pages are
     handed back to the host), or None where the machine has none (no such module)."""
     try:
-        return int(REPORTING_ORDER.read_text(encoding="ascii"))
+        order = int(REPORTING_ORDER.read_text(encoding="ascii"))
     except (OSError, ValueError):
         return None
+    # (unset until a device registers: -1, shown as an unsigned int)
+    return order if 0 <= order < 64 else None
 
 
 def max_page_order() -> int | None:
