@@ -1774,6 +1774,28 @@ def test_run_takes_its_defaults_from_the_app_section_of_the_config(nexus, tmp_pa
     assert conserved(summary)
 
 
+def test_a_bad_nats_url_of_the_config_is_named_as_the_key_it_came_from(isolated):
+    """Regression: ``[nats] url = "foo"`` in the config (or ``NEXUS_NATS__URL=foo``) was
+    refused as ``Invalid value for '--nats'``, a flag the command line did not have; the
+    error names the key and where its value came from, as any other config key's."""
+    file = isolated / "nats.toml"
+    file.write_text('[nats]\nurl = "foo"\n')
+    result = invoke(["run", "-c", str(file), "-n", "2", "-d", "0.1"])
+    out = flat(result.output)
+    assert result.exit_code == 2, out
+    assert f"Invalid value for [nats] url (file {file}): expected a URL like" in out
+    assert "'--nats'" not in out
+    result = invoke(["run", "-n", "2", "-d", "0.1"], NEXUS_NATS__URL="nats://127.0.0.1:99999")
+    out = flat(result.output)
+    assert result.exit_code == 2, out
+    assert "Invalid value for [nats] url (env NEXUS_NATS__URL): NATS URL" in out
+    assert "port 99999 is not from 1 to 65535" in out
+    assert "'--nats'" not in out
+    # the flag is still named as the flag
+    result = invoke(["run", "-c", str(file), "--nats", "bar", "-d", "0.1"])
+    assert "Invalid value for '--nats': expected a URL like" in flat(result.output)
+
+
 def test_node_takes_the_nats_url_of_the_config(isolated):
     """Regression: ``--node`` was refused with "needs --nats URL" when the URL came from
     ``[nats] url`` in the config, which ``nexus run`` otherwise joins with."""

@@ -468,7 +468,7 @@ def run(
         # the app prints (at import too) goes to stderr, which the parent passes through.
         summary_out, sys.stdout = sys.stdout, sys.stderr
     if nats is None and cfg.nats.url:
-        _check_nats(cfg.nats.url, "[nats] url")  # (the nats extra, for the config's URL too)
+        _check_nats(cfg.nats.url, _key_hint(loaded, "nats.url"))  # (the extra too)
     if node is not None and not (nats or cfg.nats.url):
         raise typer.BadParameter(
             "needs --nats URL (or [nats] url in the config)", param_hint="'--node'"
@@ -687,7 +687,7 @@ def _run_workers(
         raise typer.BadParameter(
             problem, param_hint="'--metrics-port'" if from_flag else "[metrics] port"
         )
-    _check_nats(nats, "--nats" if nats is not None else "--workers")
+    _check_nats(nats, "'--nats'" if nats is not None else "'--workers'")
     if nats is None:  # a private nats-server is started: its binary, before anything starts
         from .._nats import NatsServerError, find_nats_server
 
@@ -766,11 +766,12 @@ def _split_command(command: str, hint: str) -> tuple[str, ...]:
     return argv
 
 
-def _check_nats(url: str | None, flag: str = "--nats") -> None:
-    """A NATS URL (if given) that looks like one, and the nats extra installed for ``flag``."""
+def _check_nats(url: str | None, hint: str = "'--nats'") -> None:
+    """A NATS URL (if given) that looks like one, and the nats extra installed; ``hint``
+    names the flag or config key (with its source) the URL or the need came from."""
     if url is not None and "://" not in url:
         raise typer.BadParameter(
-            f"expected a URL like nats://127.0.0.1:4222, got {url!r}", param_hint="'--nats'"
+            f"expected a URL like nats://127.0.0.1:4222, got {url!r}", param_hint=hint
         )
     try:
         importlib.import_module("nexus_trio._nats")
@@ -778,7 +779,7 @@ def _check_nats(url: str | None, flag: str = "--nats") -> None:
         raise typer.BadParameter(
             f"NATS support is not installed (no module named {exc.name or exc!r}); "
             "pip install 'nexus_trio[nats]'",
-            param_hint=f"'{flag}'",
+            param_hint=hint,
         ) from None
     if url is not None:
         from .._nats._auth import check_server_url
@@ -787,7 +788,7 @@ def _check_nats(url: str | None, flag: str = "--nats") -> None:
             for one in url.split(","):
                 check_server_url(one.strip())
         except ValueError as exc:
-            raise typer.BadParameter(str(exc), param_hint=f"'{flag}'") from None
+            raise typer.BadParameter(str(exc), param_hint=hint) from None
 
 
 # --- config --------------------------------------------------------------------------------------
