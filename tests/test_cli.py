@@ -1746,6 +1746,9 @@ def test_plain_progress_line_and_units():
         "p50=2.0 us p99=250.00 ms queue_p99=250.00 ms max_mailbox=5 dead=4 restarts=1 "
         "rss=3.0 MiB dead_by_reason=handler_error:1,shutdown:3"
     )
+    # a worker of --workers leads its line with its name (N workers share one stderr)
+    sample = Sample(elapsed=5.04, phase="running", stats=stats, rate=1234.4, rss=3 << 20)
+    assert plain_line(sample, node="worker-1") == "node=worker-1 " + line
     units = [fmt_seconds(x) for x in (0, 5e-7, 0.0123, 2.5)]
     assert units == ["0", "0.5 µs", "12.30 ms", "2.50 s"]
     assert [fmt_bytes(x) for x in (512, 2048, 5 << 30)] == ["512 B", "2.0 KiB", "5.0 GiB"]

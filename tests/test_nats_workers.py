@@ -89,6 +89,14 @@ def test_nexus_run_workers_3_json_is_one_swarm_whose_cluster_books_balance() -> 
     assert all(w["forwarded_in"] > 0 for w in summary["per_worker"])
     balance = summary["cluster_balance"]
     assert balance["sent"] == balance["handled_replied_or_dead"] + balance["lost_counted"]
+    # the workers share the parent's stderr: each names itself in its lines of the run
+    # (each said "running ring workload · 30 agents" alike, as if it ran all 30)
+    running = [line for line in result.stderr.splitlines() if "running ring workload" in line]
+    assert sorted(line.split("nexus_trio.cli ")[1].split(":")[0] for line in running) == [
+        "worker-0",
+        "worker-1",
+        "worker-2",
+    ], result.stderr
 
 
 # --- one swarm over the workers -----------------------------------------------------------------

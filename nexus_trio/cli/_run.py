@@ -753,6 +753,8 @@ async def _watch(state: _State, kernel: Kernel, title: str) -> None:
     # stats() is O(1); a redraw of the live view is not free: big runs redraw less often
     live_interval = 0.25 if opts.agents <= 100_000 else 1.0
     interval = live_interval if opts.live else PLAIN_INTERVAL
+    # a worker of --workers names itself: N workers' lines share the parent's stderr
+    worker = opts.node if opts.node is not None and _is_worker(opts.node) else None
     last_t = trio.current_time()
     first = kernel.stats()
     last_n = first.handled + first.replies_delivered + first.forwarded
@@ -769,7 +771,7 @@ async def _watch(state: _State, kernel: Kernel, title: str) -> None:
                 render_live(title, sample, opts.duration, state.spawn_progress), refresh=True
             )
         elif not opts.live:
-            log_guarded(log, logging.INFO, "%s", plain_line(sample))
+            log_guarded(log, logging.INFO, "%s", plain_line(sample, node=worker))
 
 
 class _StderrProxy(io.TextIOBase):
@@ -940,7 +942,8 @@ async def _body(state: _State, kernel: Kernel) -> None:
             log_guarded(
                 log,
                 logging.INFO,
-                "running %s for %s (Ctrl-C to stop)",
+                "%srunning %s for %s (Ctrl-C to stop)",
+                _worker_label(opts),
                 _title(opts).translate(ascii_marks or {}),
                 f"{opts.duration:g} s" if opts.duration else "ever",
             )
@@ -1151,6 +1154,12 @@ async def _run_async(
     if not summary["conserved"] and kernel is not None:
         log_guarded(log, logging.ERROR, "accounting mismatch: %s", json.dumps(summary))
     return summary, status
+
+
+def _worker_label(opts: RunOptions) -> str:
+    """``"worker-1: "`` in a worker process of ``nexus run --workers`` (whose log lines
+    share the parent's standard error with the other workers'), else ``""``."""
+    return f"{opts.node}: " if opts.node is not None and _is_worker(opts.node) else ""
 
 
 def _is_worker(node: str) -> bool:

@@ -183,10 +183,12 @@ def render_live(
     )
 
 
-def plain_line(sample: Sample) -> str:
-    """The progress line logged every few seconds when standard error is not a terminal."""
+def plain_line(sample: Sample, *, node: str | None = None) -> str:
+    """The progress line logged every few seconds when standard error is not a terminal;
+    ``node`` (a worker of ``nexus run --workers``) leads it as ``node=worker-1``."""
     s = sample.stats
-    parts = [
+    parts = [f"node={node}"] if node is not None else []
+    parts += [
         f"t={sample.elapsed:.1f}s",
         f"phase={sample.phase}",
         f"agents={s.agents_alive}",
