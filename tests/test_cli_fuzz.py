@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -144,6 +144,9 @@ FINE = {
     "--workload": ["-w", "POOL"],
 }
 
+#: FINE's flags of the demo workload alone (refused with --app, --types or --spawn)
+DEMO_FLAGS = {"--agents", "--workload"}
+
 
 @st.composite
 def bad_command_lines(draw: st.DrawFn) -> tuple[list[str], set[str]]:
@@ -153,15 +156,23 @@ def bad_command_lines(draw: st.DrawFn) -> tuple[list[str], set[str]]:
         spellings, values = BAD[flag]
         groups.append([draw(st.sampled_from(spellings)), draw(st.sampled_from(values))])
     fine = sorted(set(FINE) - set(flags))
-    groups += [FINE[flag] for flag in draw(st.lists(st.sampled_from(fine), max_size=2))]
+    fine_drawn = draw(st.lists(st.sampled_from(fine), max_size=2))
+    groups += [FINE[flag] for flag in fine_drawn]
     order = draw(st.permutations(range(len(groups))))
-    return [arg for i in order for arg in groups[i]], set(flags)
+    bad = set(flags)
+    if bad & {"--app", "--types", "--spawn"}:
+        # beside agents of one's own a demo flag is refused too, whatever its value (no demo
+        # runs): `--types json:dumps -n 2` may be refused naming '-n', before the types load
+        bad |= set(fine_drawn) & DEMO_FLAGS
+    return [arg for i in order for arg in groups[i]], bad
 
 
 @settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(case=bad_command_lines())
+# (drawn in a whole-suite run: the demo flag is refused first, named, as it should be)
+@example(case=(["--types", "json:dumps", "-n", "2"], {"--types", "--agents"}))
 def test_bad_flag_values_exit_2_naming_a_bad_flag_and_start_nothing(
     monkeypatch: pytest.MonkeyPatch, case: tuple[list[str], set[str]]
 ) -> None:
