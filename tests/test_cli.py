@@ -298,6 +298,30 @@ def test_a_nats_url_that_is_no_server_address_says_what_is_wrong(isolated):
     assert "secret-pw" not in out
 
 
+def test_an_app_module_not_found_says_where_it_was_looked_for(isolated):
+    """The quickstart's ``[app] app = "myagents:app"`` with ``nexus run -c
+    /srv/app/config.toml`` run from another directory said only "no module named
+    'myagents'", though myagents.py sat beside the config file: the app is imported from
+    the current directory, not the config file's, and the error now says where it looked."""
+    srv = isolated / "srv"
+    srv.mkdir()
+    (srv / "myagents_beside_config.py").write_text("from nexus_trio import agent\n")
+    config = srv / "config.toml"
+    config.write_text('[app]\napp = "myagents_beside_config:app"\n')
+    config.chmod(0o644)
+    result = invoke(["run", "-c", str(config), "-d", "0.1"])
+    assert result.exit_code == 2, result.output
+    assert (
+        f"Invalid value for [app] app (file {config}): no module named 'myagents_beside_config'"
+        " (in 'myagents_beside_config:app'); it is looked for in the current directory"
+        f" ({isolated}), PYTHONPATH and the installed packages"
+    ) in flat(result.output)
+    # a reference with a likely meant one keeps that hint instead
+    out = flat(invoke(["run", "--app", "myagents_beside_config.py:app"]).output)
+    assert "did you mean 'myagents_beside_config:app'?" in out
+    assert "looked for in the current directory" not in out
+
+
 def test_bad_app_messages_say_what_is_wrong(isolated):
     out = flat(invoke(["run", "--app", "no_such_module_xyz:main"]).output)
     assert "no module named 'no_such_module_xyz'" in out

@@ -312,9 +312,13 @@ def _import_reference(reference: str) -> Any:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name is not None and (module_name + ".").startswith(exc.name + "."):
-            raise AppError(
-                f"no module named {module_name!r} (in {reference!r}){app_reference_hint(reference)}"
-            ) from None
+            # without a likely meant reference, where it was looked for: a config file's
+            # [app] app is imported from the current directory, not the file's
+            where = app_reference_hint(reference) or (
+                f"; it is looked for in the current directory ({cwd}), PYTHONPATH and the"
+                " installed packages"
+            )
+            raise AppError(f"no module named {module_name!r} (in {reference!r}){where}") from None
         raise AppError(f"importing {module_name!r} failed at {_where(exc)}: {exc}") from exc
     except Exception as exc:
         raise AppError(
