@@ -360,7 +360,9 @@ def run(
             parser=whole_number(0),
             help=(
                 "Run N kernel processes on this host connected through NATS (0 = one per "
-                "core); without --nats a local nats-server is started and stopped."
+                "core); without --nats a local nats-server is started and stopped. A message "
+                "between workers goes through NATS: the ring, whose every hop crosses, runs "
+                "slower than in one process."
             ),
         ),
     ] = None,
