@@ -750,6 +750,10 @@ class AgentCell(Child):
                                             msg = stepper.box[2]
                                             left = stepper.box[3]
                                             result = stepper.box[0]
+                                            # The kernel's stepper keeps neither: the
+                                            # last step of a quiet kernel would keep them
+                                            # alive after this agent stopped.
+                                            stepper.box[0] = stepper.box[2] = None
                                         elif trap is _FAILED:
                                             msg = stepper.box[2]
                                             left = stepper.box[3]

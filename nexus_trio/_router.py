@@ -1604,6 +1604,7 @@ class Router:
     async def run_request_timer(self) -> None:
         """Expire pending requests at their deadlines (runs for the kernel's lifetime)."""
         heap = self._deadlines
+        pending: _Pending | None = None
         # Trio's clock, read without trio.current_time()'s two frames (a request reads it);
         # this run's only: another run's clock has another offset
         self._now = trio.lowlevel.current_clock().current_time
@@ -1617,6 +1618,8 @@ class Router:
                     else:
                         pending.done = True
                         pending.expire()
+                # (the last entry taken out holds its answer: not kept over the sleep)
+                pending = None
                 with trio.CancelScope() as scope:
                     scope.deadline = self._timer_deadline = heap[0][0] if heap else math.inf
                     self._timer_scope = scope
