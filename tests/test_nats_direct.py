@@ -25,6 +25,7 @@ import trio
 from nexus_trio import Config, Context, KernelConfig, Message, agent, open_kernel
 from nexus_trio._nats import NatsServer, join_cluster
 from nexus_trio._nats._aio import asyncio_loop, call_aio
+from nexus_trio._nats._cluster import AT_ONCE_TELLS
 from nexus_trio._nats._direct import (
     deliver_inline,
     flush_after_subscribe,
@@ -33,7 +34,7 @@ from nexus_trio._nats._direct import (
     take_unsent,
 )
 
-from .nats_server import FAST
+from .nats_server import FAST, PATIENT
 
 
 def _msg(data: bytes) -> SimpleNamespace:
@@ -192,6 +193,69 @@ async def test_a_query_after_tells_arrives_after_them_taken_inline(nats: NatsSer
         kinds = [kind for kind, _ in tasks]
         assert "batch" in kinds and kinds[-1] == "single" and kinds.count("single") == 1
         assert {task for _, task in tasks} == {cb.nc._reading_task}
+        await ka.shutdown()
+        await kb.shutdown()
+
+
+async def test_small_batches_sealed_at_the_flusher_s_tick_are_written_at_once(
+    nats: NatsServer,
+) -> None:
+    """A node batch of a few tells sealed at the flusher's tick (a ring's few tokens in
+    flight) is written to the socket at once, without a turn of nats-py's flusher task;
+    a full batch sealed mid-burst, and a tick's batch of more than AT_ONCE_TELLS, still
+    go through nats-py's buffer (the small one written behind it): every tell arrives,
+    in order."""
+    seen: list[int] = []
+    arrived = trio.Event()
+    wanted = 0
+
+    @agent(name="log")
+    async def record(ctx: Context, msg: Message) -> None:
+        seen.append(msg.payload)
+        if len(seen) == wanted:
+            arrived.set()
+
+    config = Config(kernel=KernelConfig(mailbox_capacity=4096))
+    options = attrs.evolve(PATIENT, batch_frames=64)
+    async with (
+        open_kernel(config) as kb,
+        open_kernel(config) as ka,
+        join_cluster(kb, nats.url, "b", options=options) as cb,
+        join_cluster(ka, nats.url, "a", options=options) as ca,
+    ):
+        kb.spawn(record)
+        with trio.fail_after(30):
+            await cb.names_published()
+            await ca.wait_for_name("log")
+        kicks = 0
+        flush_pending = ca.nc._flush_pending
+
+        async def kick(*args: Any, **kwargs: Any) -> Any:
+            # nats-py's publish asks its flusher task to write (the turn saved)
+            nonlocal kicks
+            kicks += 1
+            return await flush_pending(*args, **kwargs)
+
+        ca.nc._flush_pending = kick  # type: ignore[method-assign]
+
+        async def burst(first: int, count: int) -> None:
+            nonlocal wanted, arrived
+            wanted, arrived = first + count, trio.Event()
+            with trio.fail_after(30):
+                for n in range(first, first + count):
+                    ka.send_nowait("log", n)
+                await arrived.wait()
+
+        before = ca.stats().batches_published
+        for n in range(5):  # one tell a batch, each sealed at the tick
+            await burst(n, 1)
+        assert ca.stats().batches_published - before == 5
+        assert kicks == 0
+        await burst(5, 64 + 3)  # a full batch mid-burst, 3 tells at the tick
+        assert kicks == 1
+        await burst(5 + 67, AT_ONCE_TELLS + 1)  # one batch at the tick, not small
+        assert kicks == 2
+        assert seen == list(range(5 + 67 + AT_ONCE_TELLS + 1))
         await ka.shutdown()
         await kb.shutdown()
 

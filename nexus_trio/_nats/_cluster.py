@@ -166,6 +166,9 @@ _Stream = tuple[str, int]
 #: encode when it is queued) and the tell's stream, or for a message that goes alone
 #: the id prefix of the process it goes to (None: a type, a client that is no kernel)
 _Routed = tuple[str, str, bytes | None, _Stream | int | None]
+#: a node batch sealed at the flusher's tick with 1 to this many tells is written to the
+#: socket at once (see Cluster._flush_pending)
+AT_ONCE_TELLS: Final = 32
 #: what an outgoing item is: a plain message, a numbered tell (a loss of which the
 #: receiver counts), a sequence mark, a node batch (its tells numbered)
 _PLAIN, _NUMBERED, _MARK, _BATCH = 0, 1, 2, 3
@@ -563,6 +566,7 @@ class Cluster:
         "_type_turn",
         "_types",
         "_unwritten_names",
+        "_write_now",
         "auth",
         "durable",
         "handle",
@@ -618,6 +622,9 @@ class Cluster:
         self._links: dict[_Stream, batch.NodeLink] = {}
         self._dirty: dict[batch.NodeLink, None] = {}
         self._flush_wanted = trio.Event()
+        #: True while the flusher seals a small batch at its tick: written to the socket
+        #: at once (see _flush_pending)
+        self._write_now = False
         #: tells' routes: address (an id by its 128-bit value, which hashes in C) -> the
         #: node batch its tells join (see _link_for)
         self._known_links: dict[int | str, batch.NodeLink] = {}
@@ -1581,11 +1588,24 @@ class Cluster:
         self._batches_published += 1
 
     def _flush_pending(self) -> None:
-        """Seal every open batch (in the order the links got their first frame)."""
+        """Seal every open batch (in the order the links got their first frame).
+
+        One of 1 to ``AT_ONCE_TELLS`` tells (a ring's few tokens in flight, a lone send)
+        is written to the socket at once when nothing waits for nats-py's flusher task
+        (``direct.publish_at_once``: behind what nats-py's buffer holds), without that
+        task's turn: an asyncio callback, a task step and a scheduler round of the eight
+        task steps and five rounds such a batch cost each worker. A bigger one goes
+        through nats-py's buffer as before: the turn is shared by its tells, and the
+        flusher joins the batches of a turn into one write. So does one of control
+        frames alone (credit, cancels), whose timing this change leaves as it was."""
         dirty, self._dirty = self._dirty, {}
-        for link in dirty:
-            if link.pending:
-                self._seal_batch(link)
+        try:
+            for link in dirty:
+                if link.pending:
+                    self._write_now = 0 < link.tells <= AT_ONCE_TELLS
+                    self._seal_batch(link)
+        finally:
+            self._write_now = False
 
     async def _flush_batches(self) -> None:
         """Trio side: seal the open batches one scheduler tick after the first frame of a
@@ -1797,9 +1817,12 @@ class Cluster:
     def _publish_one(self, out: _Outgoing) -> Coroutine[Any, Any, None]:
         subject, reply, headers, data, kind = out
         nc = self.nc
-        # a message that goes alone (a query, a reply) waits for no flusher task
+        # a message that goes alone (a query, a reply), and a small batch the flusher
+        # seals at its tick (see _flush_pending), wait for no flusher task of nats-py
         if headers is None:
-            if kind == _PLAIN and direct.publish_at_once(nc, subject, reply, data):
+            if (kind == _PLAIN or (kind == _BATCH and self._write_now)) and direct.publish_at_once(
+                nc, subject, reply, data
+            ):
                 return _written()
         elif len(data) + wire.header_bytes(headers) > self.max_payload():
             # nats-py checks the body alone: the server would close the connection, and
