@@ -1616,6 +1616,82 @@ async def test_tells_waiting_for_room_go_in_without_a_wait_each_once_room_is_mad
     assert cb.stats().inbound_dropped == {}
 
 
+async def test_tells_parked_behind_a_full_mailbox_are_queued_and_delivered_in_runs(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tells of a batch that find their recipient's mailbox full are parked behind
+    the first one without a call each (one ``_admit`` a parked address and batch), and
+    go in as runs once room is made (``deliver_run_nowait``): ``deliver_nowait`` only for
+    the one that finds the mailbox full and then waits. Every tell handled once, in
+    order, counted in ``forwarded_in``, credited, nothing dropped."""
+    from nexus_trio._router import TransportHandle
+
+    counts: defaultdict[str, int] = defaultdict(int)
+    original_wait = TransportHandle.deliver
+    original_nowait = TransportHandle.deliver_nowait
+    original_admit = Cluster._admit
+
+    async def waiting(self: TransportHandle, msg: Message) -> None:
+        if isinstance(msg.payload, int):  # the tells (not the query, not its reply)
+            counts["waits"] += 1
+        await original_wait(self, msg)
+
+    def nowait(self: TransportHandle, msg: Message) -> bool:
+        if isinstance(msg.payload, int):
+            counts["nowait"] += 1
+        return original_nowait(self, msg)
+
+    def admit(self: Cluster, m: Any, msg: Message, is_query: bool, stream: str | None) -> bool:
+        if isinstance(msg.payload, int):
+            counts["admit"] += 1
+        return original_admit(self, m, msg, is_query, stream)
+
+    monkeypatch.setattr(TransportHandle, "deliver", waiting)
+    monkeypatch.setattr(TransportHandle, "deliver_nowait", nowait)
+    monkeypatch.setattr(Cluster, "_admit", admit)
+    gate = trio.Event()
+    handled: list[Any] = []
+    tells = 300
+    done = trio.Event()
+
+    @agent(name="stalled", mailbox_capacity=8)
+    async def stalled(ctx: Context, msg: Message) -> Any:
+        if not gate.is_set():
+            await gate.wait()
+        handled.append(msg.payload)
+        if len(handled) == tells:
+            done.set()
+
+    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+        kb.spawn(stalled)
+        kb.spawn(_ping)
+        await cb.names_published()
+        with trio.fail_after(30):
+            await ca.wait_for_name("stalled")
+            await ca.wait_for_name("ping")
+            for i in range(tells):
+                await ka.send("stalled", i)
+            assert await ka.request("ping", None) == "pong"  # after the tells' batches
+            assert cb.stats().parked == tells - 9  # one in the handler, eight queued
+            batches = cb.stats().batches_received
+            # one tell of each batch took _admit's way (the first one parked, or the
+            # first of a batch that came while tells were parked), the rest queued; and
+            # the very first tell (the agent's mailbox opens its channel then)
+            assert 1 <= counts["admit"] <= batches + 1
+            gate.set()
+            await done.wait()
+            await trio.testing.wait_all_tasks_blocked(0.01)
+            assert cb.stats().parked == 0
+    assert handled == list(range(tells))
+    # deliver_nowait for a tell that then waited for room (or found its recipient's
+    # mailbox not open, an idle agent's), not one a tell: the rest went in as runs
+    assert 1 <= counts["waits"] <= tells // 4
+    assert counts["nowait"] <= tells // 4
+    assert cb.stats().forwarded_in >= tells
+    assert cb.stats().inbound_dropped == {}
+    assert ca.stats().published >= tells
+
+
 @agent(name="ping")
 async def _ping(ctx: Context, msg: Message) -> Any:
     return "pong"

@@ -172,6 +172,9 @@ AT_ONCE_TELLS: Final = 32
 #: what an outgoing item is: a plain message, a numbered tell (a loss of which the
 #: receiver counts), a sequence mark, a node batch (its tells numbered)
 _PLAIN, _NUMBERED, _MARK, _BATCH = 0, 1, 2, 3
+#: the most parked batched tells handed to the kernel as one run (see _deliver_parked):
+#: about what a woken consumer makes room for, bounding the run built for nothing
+_PARKED_RUN: Final = 128
 #: one outgoing NATS message: subject, reply subject, headers, body, what it is
 _Outgoing = tuple[str, str, dict[str, str] | None, bytes, int]
 #: keys of the per-peer counts of queries and replies kept past the members' (the id
@@ -2224,9 +2227,20 @@ class Cluster:
                     index = taken
                     if index == count:
                         break
-                if admit(None, msgs[index], False, stream):
+                msg = msgs[index]
+                if admit(None, msg, False, stream):
                     consumed += 1
+                    index += 1
+                    continue
                 index += 1
+                # Parked behind a full mailbox: the tells after it to the same address
+                # wait behind it too (what _admit does with each, without its call; an
+                # address that is not the same object takes _admit's way)
+                parked = self._parked[msg.to]
+                to = msg.to
+                while index < count and (msg := msgs[index]).to is to:
+                    parked.append((None, msg, False, stream))
+                    index += 1
         except Exception:
             # A fault (a bug: nothing here raises by design; the caller logs it): the
             # tells not delivered are counted, and their credit goes back, or the
@@ -2957,6 +2971,34 @@ class Cluster:
         try:
             while parked:
                 m, msg, is_query, stream = parked[0]
+                if stream is not None and (handle := self.handle) is not None:
+                    # Batched tells of one stream at its head go in as a run while the
+                    # mailbox has room (deliver_run_nowait: as deliver_nowait would take
+                    # each, counted alike); the one it stops at takes the single way.
+                    run = [msg]
+                    for entry in itertools.islice(parked, 1, _PARKED_RUN):
+                        if entry[3] != stream:
+                            break
+                        run.append(entry[1])
+                    taken = 0
+                    try:
+                        taken = handle.deliver_run_nowait(run, 0)
+                    except DeliveryRunFailed as exc:
+                        taken = exc.taken  # delivered and counted: off the queue, credited
+                        raise
+                    finally:
+                        if taken:
+                            self._forwarded_in += taken
+                            for _ in range(taken):
+                                parked.popleft()
+                            if stream != owed_stream:
+                                if owed:
+                                    self._credit(owed_stream, owed)
+                                owed_stream, owed = stream, taken
+                            else:
+                                owed += taken
+                    if taken:
+                        continue
                 try:
                     if not self._into_kernel_nowait(msg):
                         if owed:
