@@ -217,6 +217,64 @@ async def test_a_fault_delivering_a_batch_counts_its_tells_and_returns_their_cre
     assert [r for r in caplog.records if r.getMessage() == "node b: a batch from a failed"]
 
 
+async def test_a_fault_delivering_a_parked_run_counts_that_tell_and_the_queue_goes_on(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fault injection: the run that delivers tells parked behind a full mailbox raises at
+    one of them. The tells it took are delivered; the one it stopped at is counted in
+    ``inbound_dropped["delivery_failed"]`` and credited, the fault logged, and the tells
+    parked behind it go in, in order (the delivering task does not end, nor the node)."""
+    window = 8
+    gate = trio.Event()
+    handled: list[Any] = []
+    real_run = TransportHandle.deliver_run_nowait
+    faults = [RuntimeError("injected fault")]
+
+    def faulty_run(self: TransportHandle, msgs: Any, start: int) -> int:
+        if faults and msgs[start].payload == "fault":
+            raise faults.pop()
+        return real_run(self, msgs, start)
+
+    monkeypatch.setattr(TransportHandle, "deliver_run_nowait", faulty_run)
+    caplog.set_level(logging.ERROR, logger="nexus_trio.nats")
+
+    @agent(name="stalled", mailbox_capacity=1)
+    async def stalled(ctx: Context, msg: Message) -> Any:
+        if not gate.is_set():
+            await gate.wait()
+        handled.append(msg.payload)
+
+    async with (
+        _node(nats.url, "b") as (kb, cb),
+        _node(nats.url, "a", node_window=window) as (ka, ca),
+    ):
+        kb.spawn(stalled)
+        kb.spawn(_ping)
+        await cb.names_published()
+        with trio.fail_after(30):
+            await ca.wait_for_name("stalled")
+            await ca.wait_for_name("ping")
+            # 0 in the handler, 1 in the mailbox, the rest parked: "fault" among them
+            for payload in (0, 1, 2, "fault", 4, 5):
+                await ka.send("stalled", payload)
+            assert await ka.request("ping", None) == "pong"  # after the tells' batch
+            assert cb.stats().parked == 4
+            gate.set()
+            await until(lambda: len(handled) == 5)
+            assert cb.stats().parked == 0
+            # the credit of all six came back: a window's worth more goes through
+            for i in range(window):
+                await ka.send("stalled", 10 + i)
+            await until(lambda: len(handled) == 5 + window)
+    assert handled == [0, 1, 2, 4, 5, *range(10, 10 + window)]
+    assert cb.stats().inbound_dropped == {"delivery_failed": 1}
+    assert ka.stats().rejected == {}
+    logged = [
+        r for r in caplog.records if "waiting for room could not be delivered" in r.getMessage()
+    ]
+    assert [str(r.exc_info[1]) for r in logged if r.exc_info] == ["injected fault"]
+
+
 async def test_batches_are_split_at_the_servers_max_payload() -> None:
     payload = "x" * 2000
     records: list[Any] = []

@@ -2980,23 +2980,39 @@ class Cluster:
                         if entry[3] != stream:
                             break
                         run.append(entry[1])
-                    taken = 0
+                    failed: Exception | None = None
                     try:
                         taken = handle.deliver_run_nowait(run, 0)
-                    except DeliveryRunFailed as exc:
-                        taken = exc.taken  # delivered and counted: off the queue, credited
-                        raise
-                    finally:
-                        if taken:
-                            self._forwarded_in += taken
-                            for _ in range(taken):
-                                parked.popleft()
-                            if stream != owed_stream:
-                                if owed:
-                                    self._credit(owed_stream, owed)
-                                owed_stream, owed = stream, taken
-                            else:
-                                owed += taken
+                    except Exception as exc:
+                        # A fault (a bug: nothing there raises by design): what the run
+                        # took is delivered and counted; the tell it stopped at is counted
+                        # failed and credited (as _deliver_batch counts the rest of its
+                        # batch), the fault logged, and the queue goes on.
+                        taken = exc.taken if isinstance(exc, DeliveryRunFailed) else 0
+                        failed = exc
+                    if taken:
+                        self._forwarded_in += taken
+                        for _ in range(taken):
+                            parked.popleft()
+                        if stream != owed_stream:
+                            if owed:
+                                self._credit(owed_stream, owed)
+                            owed_stream, owed = stream, taken
+                        else:
+                            owed += taken
+                    if failed is not None:
+                        if taken < len(run):
+                            self._dropped["delivery_failed"] += 1
+                            owed_stream, owed = self._owe(owed_stream, owed, stream)
+                            parked.popleft()
+                        log_guarded(
+                            log,
+                            logging.ERROR,
+                            "node %s: a tell waiting for room could not be delivered",
+                            self.node,
+                            exc_info=failed,
+                        )
+                        continue
                     if taken:
                         continue
                 try:
