@@ -757,6 +757,9 @@ class AgentCell(Child):
                                         elif trap is _FAILED:
                                             msg = stepper.box[2]
                                             left = stepper.box[3]
+                                            # (nor a failed one: a failure that ends
+                                            # the run would leave it there for good)
+                                            stepper.box[2] = None
                                             raise stepper.failure()
                                         else:
                                             # The handler of ``current`` suspended: only now
