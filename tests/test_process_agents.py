@@ -3244,6 +3244,47 @@ async def test_child_that_stops_reading_is_bounded_by_the_send_timeout() -> None
     assert live_processes(tag) == []
 
 
+async def test_a_stall_of_the_kernel_s_own_process_is_not_taken_for_a_child_that_stopped_reading(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """Regression: the write bound ran from the write's start, so a stall of the kernel's
+    own process (CPU load, a long collection) past ``send_timeout`` before the write's first
+    checkpoint cancelled it with nothing written, and a child that read everything was
+    said to have stopped reading its stdin and was replaced (CI 172 at load 14). Here every
+    scheduling round stalls the process 10 s of mock time, past the 0.3 s bound, while a
+    small frame and one of many pipe-atomic pieces are written: both are answered by the
+    first child."""
+    ample = 10_000_000  # ms (2.8 h): the stall's mock time is no request's or handler's timeout
+    async with mock_time_kernel(
+        send_timeout_ms=300, handle_timeout_ms=ample, request_timeout_ms=ample
+    ) as kernel:
+        ref = kernel.spawn(process_agent(toy(), restart="temporary"))
+        await until_real(lambda: stats_of(kernel, ref).registered, "the register")
+        big = "y" * 20_000  # 5 pieces of PIPE_BUF bytes; the pipe has room for all
+
+        async def stall(lines: int, written_in: list[int]) -> None:
+            for round_ in range(100):
+                mock_clock.jump(10)
+                await trio.lowlevel.checkpoint()
+                if not written_in and stats_of(kernel, ref).lines_out > lines:
+                    written_in.append(round_)
+
+        for value in ("small", big):
+            lines = stats_of(kernel, ref).lines_out
+            written_in: list[int] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stall, lines, written_in)
+                await trio.lowlevel.checkpoint()  # the stall runs before the request's send
+                assert await kernel.request(ref, {"op": "echo", "value": value}) == value
+            # Written whole while the process stalled (in the rounds right after the
+            # request: no I/O comes before the write), not after the stall ended.
+            assert written_in and written_in[0] < 100
+            assert stats_of(kernel, ref).lines_out == lines + 1
+        stats = stats_of(kernel, ref)
+        assert (stats.starts, stats.replaced) == (1, 0)
+        assert dead_letters(kernel) == []
+
+
 async def test_idle_protocol_2_child_is_pinged_and_one_that_does_not_answer_is_restarted() -> None:
     async with bridge_kernel() as kernel:
         lively = kernel.spawn(process_agent(toy(), ping_interval=0.05, ping_timeout=5.0))

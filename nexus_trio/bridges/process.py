@@ -46,6 +46,7 @@ import logging
 import math
 import os
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -86,6 +87,8 @@ log = logging.getLogger("nexus_trio.bridge")
 PROTOCOL_VERSION: Final = 2
 _CHUNK: Final = 65536
 _STDERR_LINE_LIMIT: Final = 16 * 1024
+# A write to a pipe of at most this many bytes is all or nothing (POSIX).
+_PIPE_ATOMIC: Final = select.PIPE_BUF
 #: a child's stderr lines logged at once after a quiet spell, and then a second: a
 #: traceback is logged whole, a flood is not copied into the kernel's log (the lines past
 #: the rate are counted, and one record a second says how many were not logged)
@@ -1376,27 +1379,59 @@ class ProcessAgent(Agent):
     ) -> None:
         """Write one frame, bounded by the kernel's send timeout (if ``bounded``).
 
+        The bound is on the waits the child decides: for the write lock (held by a write
+        blocked on the child) and for room in its stdin's pipe. A stall of this process
+        (CPU load, a long collection, a stopped and continued kernel) that outlasts the
+        bound while the write is not waiting for either is no child's fault: a deadline is
+        only judged by a wait. The frame goes in pieces of at most ``PIPE_BUF`` bytes, each
+        of which the pipe takes whole or not at all: a piece whose write was cancelled by
+        the bound left nothing in the pipe, and is written again once the pipe has room;
+        a child that gives no room within the bound stopped reading its stdin.
+
         ``entry.written`` is set once the write starts (the lock is held): a cancellation
         before that left nothing of the frame in the pipe.
         """
         process = self.process
         assert process is not None and process.stdin is not None
+        stdin = process.stdin
         timeout = self._send_timeout() if bounded else math.inf
+        lock = self._write_lock
+        with trio.move_on_after(timeout) as waited:
+            await lock.acquire()
+        if waited.cancelled_caught:
+            raise self._stopped_reading(process, timeout)
         broken: trio.BrokenResourceError | None = None
-        with trio.move_on_after(timeout) as scope:
-            async with self._write_lock:
-                if entry is not None:
-                    entry.written = True
-                    stdout = self._stdout
-                    if stdout is not None:
-                        entry.seen = stdout.received
-                try:
-                    await process.stdin.send_all(data)
-                except trio.BrokenResourceError as exc:
-                    broken = exc  # the child's end is closed: said below, the lock let go
-                except trio.ClosedResourceError as exc:
-                    # (closed on this side: the child is being stopped)
-                    raise ProcessAgentError(self.label, "its stdin is closed", process.pid) from exc
+        try:
+            if entry is not None:
+                entry.written = True
+                stdout = self._stdout
+                if stdout is not None:
+                    entry.seen = stdout.received
+            if len(data) <= _PIPE_ATOMIC:
+                pieces: Sequence[bytes | memoryview] = (data,)
+            else:
+                view = memoryview(data)
+                pieces = [view[at : at + _PIPE_ATOMIC] for at in range(0, len(data), _PIPE_ATOMIC)]
+            for piece in pieces:
+                while True:
+                    with trio.move_on_after(timeout) as attempt:
+                        await stdin.send_all(piece)
+                    if not attempt.cancelled_caught:
+                        break
+                    # Nothing of the piece is in the pipe. Full, or this process stalled
+                    # past the deadline before the write could start: only a wait for room
+                    # tells (the pipe's readiness is taken before a deadline is judged).
+                    with trio.move_on_after(timeout) as room:
+                        await stdin.wait_send_all_might_not_block()
+                    if room.cancelled_caught:
+                        raise self._stopped_reading(process, timeout)
+        except trio.BrokenResourceError as exc:
+            broken = exc  # the child's end is closed: said below, the lock let go
+        except trio.ClosedResourceError as exc:
+            # (closed on this side: the child is being stopped)
+            raise ProcessAgentError(self.label, "its stdin is closed", process.pid) from exc
+        finally:
+            lock.release()
         if broken is not None:
             # The child exited, or closed its stdin and lives on: which, as at the end of
             # its stdout (its exit status comes a moment after its pipes close).
@@ -1407,13 +1442,14 @@ class ProcessAgent(Agent):
                 else "closed its stdin (still running; it will be killed)"
             )
             raise ProcessAgentError(self.label, problem, process.pid) from broken
-        if scope.cancelled_caught:
-            raise ProcessAgentError(
-                self.label,
-                f"stopped reading its stdin (write blocked for {timeout:g}s)",
-                process.pid,
-            )
         self.stats.lines_out += 1
+
+    def _stopped_reading(self, process: trio.Process, timeout: float) -> ProcessAgentError:
+        return ProcessAgentError(
+            self.label,
+            f"stopped reading its stdin (write blocked for {timeout:g}s)",
+            process.pid,
+        )
 
     def _send_timeout(self) -> float:
         ctx = self._ctx
