@@ -100,6 +100,20 @@ def test_help_lists_the_commands_and_examples():
         assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", run_help), flag
 
 
+def test_the_help_of_agents_says_the_range_the_run_takes(isolated):
+    """Regression: ``nexus run --help`` showed ``-n``'s range as ``[x>=1]`` while a run
+    refuses more than 100,000,000 agents (docs/cli.md says 1 to 100,000,000)."""
+    run_help = flat(invoke(["run", "--help"]).stdout)
+    assert "--agents,--num-agents -n <int range> [1<=x<=100000000]" in run_help, run_help
+    assert "[x>=1]" not in run_help
+    # and the bound the help names is the one a run holds to, the refusal naming the flag
+    result = invoke(["run", "-n", "100000001", "-d", "0.1"])
+    assert result.exit_code == 2, result.output
+    out = flat(result.output)
+    assert "Invalid value for '--agents'" in out
+    assert "[app] agents must be at most 100000000" in out
+
+
 @pytest.mark.parametrize(
     ("args", "flag"),
     [

@@ -35,6 +35,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .. import AppConfig, Config, MetricsConfig, __version__
+from .._config import MAX_AGENTS
 from . import _bench_cmd, _send_cmd
 from ._commands import (
     PROGRAM_NAMES,
@@ -228,6 +229,7 @@ def run(
             "-n",
             "--num-agents",
             min=1,
+            max=MAX_AGENTS,
             parser=whole_number(1),
             help="Agents of the demo workload (config: \\[app] agents).",
         ),
