@@ -1056,15 +1056,19 @@ class SupervisorNode(Child, ChildOwner):
                 # at once touched 100k fresh pages.
                 end = min(len(children), i + _QUIET_SHARE)
                 asked = i
+                woken = False
                 while asked < end and quiet[asked]:
                     other = children[asked]
                     if other.running and not other.linked_children:
                         other.request_stop()
+                        woken = True
                     asked += 1
-                if asked == end < len(children) and quiet[asked]:
+                if woken and asked == end < len(children) and quiet[asked]:
                     # More of the run wait their turn: this share leaves first (woken,
                     # its nursery's exit, its end: a round each), so that its members
-                    # are found stopped below as the whole run was.
+                    # are found stopped below as the whole run was. (A share none of
+                    # whose members runs, dormant agents that never had a message, has
+                    # nothing to leave: the next is asked at once.)
                     for _ in range(_QUIET_SHARE_ROUNDS):
                         await trio.lowlevel.checkpoint()
             if (
