@@ -1031,13 +1031,14 @@ async def test_a_burst_of_spawns_is_served_in_a_few_scheduling_rounds() -> None:
         assert kernel.stats().handled == 1000
 
 
+@agent
+async def quiet(ctx: Context, msg: Message) -> None:
+    """Stops quietly: no ``on_stop``, nothing spawned (its stop order cannot be observed)."""
+
+
 async def test_quiet_agents_stop_together_and_the_others_keep_their_order(
     autojump_clock: Any,
 ) -> None:
-    @agent
-    async def quiet(ctx: Context, msg: Message) -> None:
-        return None
-
     async with open_kernel(make_config()) as kernel:
         kernel.spawn(tracked("first"))
         quiet_refs = [kernel.spawn(quiet) for _ in range(50)]
@@ -1093,10 +1094,6 @@ async def test_a_shutdown_asks_quiet_agents_to_stop_a_share_at_a_time(
     # share; the others around them keep their order.
     share = 1024
 
-    @agent
-    async def quiet(ctx: Context, msg: Message) -> None:
-        return None
-
     class MostRunnable(trio.abc.Instrument):
         def __init__(self) -> None:
             self.most = 0
@@ -1132,10 +1129,6 @@ async def test_a_shutdown_of_quiet_agents_that_never_ran_takes_no_rounds_between
     # that never had a message stop without running): 100,000 of them spent ~300 rounds.
     # Now a share that woke nobody is followed at once by the next: the shutdown takes
     # as many rounds for 5 shares of them as for one agent. Order kept around them.
-    @agent
-    async def quiet(ctx: Context, msg: Message) -> None:
-        return None
-
     class Rounds(trio.abc.Instrument):
         def __init__(self) -> None:
             self.rounds = 0
