@@ -1386,7 +1386,8 @@ class ProcessAgent(Agent):
         only judged by a wait. The frame goes in pieces of at most ``PIPE_BUF`` bytes, each
         of which the pipe takes whole or not at all: a piece whose write was cancelled by
         the bound left nothing in the pipe, and is written again once the pipe has room;
-        a child that gives no room within the bound stopped reading its stdin.
+        a child that gives no room within the bound stopped reading its stdin. A free
+        lock is taken without a schedule point: the write's own is ``send_all``'s.
 
         ``entry.written`` is set once the write starts (the lock is held): a cancellation
         before that left nothing of the frame in the pipe.
@@ -1396,10 +1397,14 @@ class ProcessAgent(Agent):
         stdin = process.stdin
         timeout = self._send_timeout() if bounded else math.inf
         lock = self._write_lock
-        with trio.move_on_after(timeout) as waited:
-            await lock.acquire()
-        if waited.cancelled_caught:
-            raise self._stopped_reading(process, timeout)
+        await trio.lowlevel.checkpoint_if_cancelled()  # (cancelled: nothing written)
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            with trio.move_on_after(timeout) as waited:
+                await lock.acquire()
+            if waited.cancelled_caught:
+                raise self._stopped_reading(process, timeout) from None
         broken: trio.BrokenResourceError | None = None
         try:
             if entry is not None:
