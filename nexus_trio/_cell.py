@@ -73,42 +73,57 @@ _EMPTY: Final = object()
 
 
 @types.coroutine
-def _serve_batches(box: list[Any]) -> Generator[Any, Any, None]:
-    """The kernel's stepper's loop (a :class:`Stepper`'s ``drive``): a serve loop's batch,
-    its handlers awaited here with ``yield from``, not stepped one by one from the serve
-    loop (each such step, a resumption of a generator from C and its ``yield`` back,
-    cost about 700 instructions a message: ``benchmarks/stepper_instructions.py``).
+def _serve_batches(
+    router: Router, ledger: Ledger, size: int, box: list[Any]
+) -> Generator[Any, Any, None]:
+    """The kernel's stepper's loop (a :class:`Stepper`'s ``drive``, bound to its kernel's
+    router, ledger and batch size when it is made: see ``CellDefaults.new_stepper``): a
+    serve loop's batch, its handlers awaited here with ``yield from``, not stepped one by
+    one from the serve loop (each such step, a resumption of a generator from C and its
+    ``yield`` back, cost about 700 instructions a message:
+    ``benchmarks/stepper_instructions.py``).
 
     A step takes ``(cell, receive, handler, ctx, got, left)``: the cell of the running
     agent, its channel, its handler and context, the message handed to it while it was
     parked (or None) and what is left of its batch. It takes and handles messages as the
-    serve loop did (the counts, the sampling, the late queries) and gives back
-    :data:`_FULL` (``left`` taken), :data:`_EMPTY` (nothing queued, or the run asked to
-    exit), :data:`DONE` for a handler that returned something or that suspended (its
-    result in ``box[0]``), :data:`FAILED` for one that raised or returned a coroutine (the
-    error in ``box[1]``); with the last two, the message in ``box[2]`` and what is left of
-    the batch in ``box[3]``. A handler that suspends passes its traps out to the serve
-    loop, which arms the deadline and drives this generator with :func:`resume` until the
-    handler ends (``cell._suspended`` is set meanwhile, so that it comes back then): the
-    generator is then the suspended handler's, and the kernel has a new one. Only a
-    handler's failure is caught here: an error of this loop's own ends the generator, and
-    the serve loop makes the kernel a new one.
+    serve loop did (the counts, the sampling, the late queries), answers what a handler
+    returned (a local request's answer resolves it without waiting) and routes a
+    returned tell that needs no wait, and gives back :data:`_FULL` (``left`` taken),
+    :data:`_EMPTY` (nothing queued, or the run asked to exit), :data:`DONE` for a handler
+    that suspended or whose result needs an await (a returned tell or an answer to
+    route: its result in ``box[0]``), :data:`FAILED` for one that raised or returned a
+    coroutine (the error in ``box[1]``); with the last two, the message in ``box[2]`` and
+    what is left of the batch in ``box[3]``. A handler that suspends passes its traps out
+    to the serve loop, which arms the deadline and drives this generator with
+    :func:`resume` until the handler ends (``cell._suspended`` is set meanwhile, so that
+    it comes back then): the generator is then the suspended handler's, and the kernel
+    has a new one. Only a handler's failure is caught here: an error of this loop's own
+    ends the generator, and the serve loop makes the kernel a new one.
+
+    A request, a ring's hop and the first message to an idle agent make a batch of one:
+    what a step costs beyond its message is paid per message there, so what is the same
+    for the whole kernel is bound once (the router, the ledger, the late queries, the
+    countdown of a whole batch: a ``range`` built at each step), and a handler's answer
+    is given here, not handed back to the serve loop for it.
     """
+    # ids of queries whose requesters stopped waiting: such a query is skipped (dead
+    # letter ``request_timeout``) instead of handled; other messages pay one ``is``. (The
+    # set is never replaced.)
+    late = router.late_queries
+    # counting down a whole batch (the rest of one, after a step handed back in its
+    # middle, is counted down by a range of its own)
+    full = range(size, 0, -1)
     outcome: Any = _DONE
     while True:
         cell, receive, handler, ctx, msg, left = yield outcome
         outcome = _EMPTY
         mailbox = cell.mailbox
-        ledger = cell.defaults.ledger
-        now = ledger.now
-        # which handled messages are sampled for latency (see Ledger)
+        # which handled messages are sampled for latency (see Ledger; it changes)
         mask = ledger.sample_mask
-        # ids of queries whose requesters stopped waiting: such a query is skipped (dead
-        # letter ``request_timeout``) instead of handled; other messages pay one ``is``
-        router = cell.defaults.router
-        late = router.late_queries
-        # counting down what is left of the batch (``for ... else``: the else is a full one)
-        for left in range(left, 0, -1):  # noqa: B007, B020  # the count is reported after
+        # counting down what is left of the batch (``for ... else``: the else is a full
+        # one). (A ``while left`` counting down by hand cost the fan-out 91 instructions
+        # a message more than a range's iterator.)
+        for left in full if left is size else range(left, 0, -1):  # noqa: B020
             if msg is not None:
                 # handed to the agent while it was parked: it is its, handled first
                 if cell._held:
@@ -144,8 +159,9 @@ def _serve_batches(box: list[Any]) -> Generator[Any, Any, None]:
             cell.current = msg
             # The clock is read only for a sampled message or a handler that suspends: a
             # read costs about as much as a no-op handler. Sampled by the count before
-            # this message (``+ 1`` would build an int per message).
-            start = now() if not ledger.handled & mask else 0.0
+            # this message (``+ 1`` would build an int per message). (``ledger.now``: the
+            # kernel sets its clock there once it runs, after this generator is made.)
+            start = ledger.now() if not ledger.handled & mask else 0.0
             try:
                 result = yield from handler(ctx, msg)
             except GeneratorExit as exc:
@@ -157,14 +173,20 @@ def _serve_batches(box: list[Any]) -> Generator[Any, Any, None]:
                     raise
                 traceback = None  # (its frames: not kept by the kernel's generator)
                 box[1] = exc
+                box[2] = msg
+                box[3] = left - 1  # (``left`` counted this message: the rest is one less)
                 outcome = _FAILED
                 break
             except BaseException as exc:
                 box[1] = exc
+                box[2] = msg
+                box[3] = left - 1
                 outcome = _FAILED
                 break
             if result is not None and type(result) is _Coroutine:
                 box[1] = cell._unawaited(result)
+                box[2] = msg
+                box[3] = left - 1
                 outcome = _FAILED
                 break
             cell.current = None
@@ -175,7 +197,26 @@ def _serve_batches(box: list[Any]) -> Generator[Any, Any, None]:
                 # seen too): recording costs more than a no-op handler.
                 ledger.record_latency(start, msg)
             if result is not None or cell._suspended:
-                if type(result) is Message and not cell._suspended and result.kind is not _QUERY:
+                if cell._suspended:
+                    # done with: the serve loop disarms its deadline, then answers or
+                    # routes what it returned
+                    pass
+                elif type(result) is not Message:
+                    # An answer (a local request's resolves it here, without waiting): the
+                    # batch goes on (queries queued together are one step), and the serve
+                    # loop reads no box for it. What is left to route (a reply to a
+                    # remote requester, or the kernel stops) goes to the serve loop,
+                    # which awaits its route (``Router.answer`` gives a Message back as
+                    # it is).
+                    result = router.answer(cell.id, msg, result)
+                    if result is None:
+                        msg = None
+                        if mailbox.depth:
+                            continue
+                        # Nothing queued (an agent woken for one request): the step ends
+                        # here, not at the next turn's look at the mailbox.
+                        break
+                elif result.kind is not _QUERY:
                     # A tell returned (a ring's next hop): routed here when that needs no
                     # wait (room in a local mailbox, or the transport takes it), and the
                     # batch goes on; handing the step back to the serve loop to route it
@@ -183,7 +224,9 @@ def _serve_batches(box: list[Any]) -> Generator[Any, Any, None]:
                     taken = router.route_now(result)
                     if taken == 1:
                         msg = None
-                        continue
+                        if mailbox.depth:
+                            continue
+                        break  # (nothing queued: an agent woken for one hop)
                     if taken:
                         # taken, and the transport asks its sender to yield once: the
                         # serve loop's checkpoint between batches (the message is counted)
@@ -193,16 +236,20 @@ def _serve_batches(box: list[Any]) -> Generator[Any, Any, None]:
                 # answered or routed by the serve loop (which awaits); a handler that
                 # suspended is done with: the serve loop disarms its deadline
                 box[0] = result
+                box[2] = msg
+                box[3] = left - 1
                 outcome = _DONE
                 break
             msg = None
         else:
             outcome = _FULL
-        # (``left`` counted the message that ended the batch's step: the rest is one less)
-        box[2] = msg
-        box[3] = left - 1
-        # The generator is the kernel's: it keeps no agent's message, result or cell.
-        cell = receive = handler = ctx = msg = result = mailbox = router = None
+        # (The message and the rest of the batch are reported, in ``box[2]`` and
+        # ``box[3]``, only with DONE and FAILED, the outcomes the serve loop reads them
+        # for.) The generator is the kernel's: it keeps no agent's message, result or
+        # cell. (``del``: one instruction a name; ``result`` is unbound in a step that
+        # handled nothing.)
+        del cell, receive, handler, ctx, mailbox
+        msg = result = None
 
 
 class _Carrier(Exception):
@@ -379,7 +426,12 @@ class CellDefaults:
         self.batch_size: int = config.batch_size
         #: steps the handlers of the kernel's agents, a batch a step (see _serve_batches);
         #: a handler that suspends keeps the one it ran in, and leaves a new one here
-        self.stepper = Stepper(_serve_batches)
+        self.stepper = self.new_stepper()
+
+    def new_stepper(self) -> Stepper:
+        """A stepper for the kernel's agents, its loop bound to the kernel's router,
+        ledger and batch size (read once, not at each step: see _serve_batches)."""
+        return Stepper(functools.partial(_serve_batches, self.router, self.ledger, self.batch_size))
 
 
 class AgentCell(Child):
@@ -733,17 +785,20 @@ class AgentCell(Child):
                                     # kernel's stepper with it (see _step).
                                     stepper = defaults.stepper
                                     try:
-                                        trap = stepper.send(
-                                            (self, receive, handler, ctx, got, left)
-                                        )
+                                        # (its bound ``send`` read first: a call of
+                                        # ``stepper.send(...)`` looks an instance's
+                                        # attribute up as a method, unspecialized, at
+                                        # every step)
+                                        trap = stepper.send
+                                        trap = trap((self, receive, handler, ctx, got, left))
                                     except BaseException:
                                         # Its own bookkeeping raised (no handler's failure:
                                         # those it reports): it is done; a new one for the
                                         # other agents, and this run ends with the error.
-                                        defaults.stepper = Stepper(_serve_batches)
+                                        defaults.stepper = defaults.new_stepper()
                                         raise
                                     got = None
-                                    if trap is _FULL or trap is _EMPTY:
+                                    if trap is _EMPTY or trap is _FULL:
                                         break
                                     try:
                                         if trap is _DONE:
@@ -766,7 +821,7 @@ class AgentCell(Child):
                                             # does it get a deadline (a timer costs more than
                                             # a whole message when nothing awaits).
                                             msg = self.current  # (set by the stepper)
-                                            defaults.stepper = Stepper(_serve_batches)
+                                            defaults.stepper = defaults.new_stepper()
                                             # (the clock read from the ledger: read only
                                             # here, it needs no local of its own, 8 bytes
                                             # in every running agent's frame)

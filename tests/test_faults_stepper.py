@@ -496,15 +496,16 @@ def test_a_stop_failure_or_shutdown_at_any_point_of_batches_that_return_tells(
 _STEPPER_LINES = [
     "mailbox.depth -= 1",
     "cell.current = msg",
-    "start = now() if",
+    "start = ledger.now() if",
     "cell.current = None",
     "cell.handled += 1",
     "ledger.handled += 1",
     "taken = router.route_now(result)",
     "if taken == 1:",
+    "result = router.answer(cell.id, msg, result)",
     "box[0] = result",
     "box[2] = msg",
-    "cell = receive = handler",
+    "del cell, receive, handler",
 ]
 
 

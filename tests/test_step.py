@@ -344,6 +344,41 @@ async def test_an_agent_woken_for_one_query_takes_one_step_of_the_kernel_s_stepp
     assert taken == 10 + 1
 
 
+async def test_queries_queued_together_are_answered_in_one_step_of_the_kernel_s_stepper(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The kernel's stepper gives a handler's answer itself (a local request's answer
+    resolves it without waiting) and its batch goes on: five requests queued together
+    are one step (five when each answer handed the step back to the serve loop), and
+    each requester gets its own answer."""
+    steps = _count_steps(monkeypatch)
+    handled: list[int] = []
+
+    async def tens(ctx: Context, msg: Message) -> Any:
+        handled.append(msg.payload)
+        return msg.payload * 10
+
+    answers: dict[int, int] = {}
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(agent(tens, name="tens"))
+        await trio.testing.wait_all_tasks_blocked()
+
+        async def ask(i: int) -> None:
+            answers[i] = await kernel.request(ref, i, timeout=1000.0)
+
+        # (the requesters all run before the agent: the first query wakes it, the
+        # others are queued behind it)
+        async with trio.open_nursery() as nursery:
+            for i in range(5):
+                nursery.start_soon(ask, i)
+        stats = kernel.stats()
+        taken = steps.count("tens")  # (the shutdown wakes it for one more)
+    assert answers == {i: 10 * i for i in range(5)}
+    assert sorted(handled) == list(range(5))
+    assert stats.handled == 5 and stats.dead_lettered == 0 and stats.in_flight == 0
+    assert taken == 1
+
+
 def _count_steps(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The names of the agents the kernel's stepper takes a step for, in order (a
     stepper made after this call counts)."""
@@ -352,8 +387,8 @@ def _count_steps(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     original = cell_module._serve_batches
     steps: list[str] = []
 
-    def counting(box: list[Any]) -> Any:
-        inner = original(box)
+    def counting(*bound: Any) -> Any:  # (the kernel's router, ledger, batch size; the box)
+        inner = original(*bound)
         outcome = inner.send(None)
         while True:
             try:
