@@ -2994,12 +2994,7 @@ class Cluster:
                         self._forwarded_in += taken
                         for _ in range(taken):
                             parked.popleft()
-                        if stream != owed_stream:
-                            if owed:
-                                self._credit(owed_stream, owed)
-                            owed_stream, owed = stream, taken
-                        else:
-                            owed += taken
+                        owed_stream, owed = self._owe(owed_stream, owed, stream, taken)
                     if failed is not None:
                         if taken < len(run):
                             self._dropped["delivery_failed"] += 1
@@ -3074,14 +3069,16 @@ class Cluster:
                 self._credit(owed_stream, owed)
             del self._parked[address]
 
-    def _owe(self, owed_stream: str | None, owed: int, stream: str) -> tuple[str, int]:
-        """One more tell of ``stream`` left this node's hands (see _deliver_parked): what
-        is owed, after returning what was owed to another stream."""
+    def _owe(
+        self, owed_stream: str | None, owed: int, stream: str, count: int = 1
+    ) -> tuple[str, int]:
+        """``count`` more tells of ``stream`` left this node's hands (see
+        _deliver_parked): what is owed, after returning what was owed to another stream."""
         if stream != owed_stream:
             if owed:
                 self._credit(owed_stream, owed)
-            return stream, 1
-        return stream, owed + 1
+            return stream, count
+        return stream, owed + count
 
     def _refused(self, m: NatsMsg | None, msg: Message, exc: NexusError, is_query: bool) -> None:
         if is_query:
