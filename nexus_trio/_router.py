@@ -966,17 +966,11 @@ class Router:
             return
         taken = 0
         try:
-            take = self._take_tell
-            if take is not None and msg.reply_to is None and self.local(msg.to) is None:
-                # A tell for another kernel (a ring's next hop, returned by its handler):
-                # the transport takes it at once if it has a route and room for it
-                # (TakesTells), without deliver's coroutine and the transport's, as a
-                # handler's send does on the fast branch (anything else, 0: deliver).
-                taken = take(msg)
-            if taken:
-                self.ledger.accepted += 1
-                self.ledger.forwarded += 1
-            else:
+            # What needs no wait (room in a local mailbox; a tell for another kernel the
+            # transport takes at once, TakesTells) without deliver's coroutine and the
+            # transport's; anything else, 0: deliver.
+            taken = self.route_now(msg)
+            if not taken:
                 await self.deliver(msg, wait=True)
         except MailboxFull as exc:
             cell = self.local(msg.to)
