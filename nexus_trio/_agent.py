@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 import unicodedata
 import uuid
 from collections.abc import Callable, Coroutine, Mapping, MutableMapping
@@ -29,6 +30,7 @@ from ._config import OverflowPolicy
 from ._errors import AgentNotRunning, NexusError
 from ._logfields import log_fields as log_fields
 from ._message import Address, Message, MessageKind, kind_error, new_message, new_query
+from ._router import wrong_thread
 
 if TYPE_CHECKING:
     from ._kernel import Kernel
@@ -607,6 +609,8 @@ class Context:
     ) -> Message:
         """Like :meth:`send` but raise :class:`MailboxFull` at once instead of waiting."""
         msg = self._outgoing(to, payload, kind)
+        if threading.get_ident() != self._router.thread:
+            raise wrong_thread("ctx.send_nowait")
         self._router.send_nowait(msg, external=False)
         return msg
 
@@ -634,6 +638,8 @@ class Context:
         :class:`AgentNotRunning` once this agent has stopped for good (a context kept
         past its agent's stop); :class:`KernelShuttingDown` once the kernel stops its
         tree."""
+        if threading.get_ident() != self._router.thread:
+            raise wrong_thread("ctx.spawn")
         return self._common.spawn_linked(target, name, self._cell)
 
     @trio.lowlevel.enable_ki_protection

@@ -25,6 +25,7 @@ import logging
 import math
 import random
 import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -73,7 +74,7 @@ from ._message import (
     new_message,
     new_query,
 )
-from ._router import AgentWalk, KernelPhase, Router, TransportHandle
+from ._router import AgentWalk, KernelPhase, Router, TransportHandle, wrong_thread
 from ._stats import AgentStats, KernelStats
 from ._streams import Subscription
 from ._supervisor import Backoff, Escalation, SupervisionHost, Supervisor, SupervisorNode
@@ -410,6 +411,8 @@ class Kernel:
         kernel's root supervisor.
         Messages sent right after spawning are queued and handled after ``on_start``.
         """
+        if threading.get_ident() != self._router.thread:
+            raise wrong_thread("kernel.spawn")
         if self._router.phase is not _RUNNING:
             raise KernelShuttingDown("spawn", self._router.phase.name.lower())
         if self._nursery is None:
@@ -729,6 +732,8 @@ class Kernel:
         else:
             to = to.id if type(to) is AgentRef else to
             msg = new_message(sender, to, payload, kind, trace_id)
+        if threading.get_ident() != self._router.thread:
+            raise wrong_thread("kernel.send_nowait")
         self._router.send_nowait(msg, external=True)
         return msg
 

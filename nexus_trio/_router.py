@@ -21,6 +21,7 @@ import enum
 import heapq
 import itertools
 import math
+import threading
 import uuid
 import weakref
 from collections import OrderedDict, deque
@@ -404,6 +405,20 @@ def _id_in_text(address: str) -> _UUID | None:
 
 
 @final
+def wrong_thread(what: str) -> RuntimeError:
+    """The error of a synchronous call of the kernel's (``send_nowait``, ``spawn``) made
+    in a thread other than its Trio run's: it would change the kernel's state under its
+    run and wake tasks from outside it (an agent's first message starts its task there),
+    failing half-way with one of Trio's errors that names neither the call nor the
+    thread, the message counted as accepted and left unhandled."""
+    return RuntimeError(
+        f"{what} was called in the thread {threading.current_thread().name!r}, not the"
+        " thread of the kernel's Trio run: the kernel is not thread-safe. From a worker"
+        " thread (ctx.run_sync, trio.to_thread.run_sync) call it through"
+        f" trio.from_thread.run_sync({what}, ...)"
+    )
+
+
 class Router:
     """Routes, names, delivery and request correlation of one kernel."""
 
@@ -447,6 +462,7 @@ class Router:
         "phase",
         "routes",
         "send_timeout",
+        "thread",
         "transport",
     )
 
@@ -456,6 +472,8 @@ class Router:
         self.heap = heap
         self.send_timeout = send_timeout
         self.phase = KernelPhase.RUNNING
+        #: the thread of the Trio run the kernel was made in (see check_thread)
+        self.thread = threading.get_ident()
         #: the waits for room of sends from outside the kernel's agents (the block, any
         #: other task): a shutdown refuses them when it starts (see refuse_outside_waits)
         self._outside_waits: set[trio.CancelScope] = set()

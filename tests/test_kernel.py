@@ -3330,6 +3330,112 @@ def test_open_kernel_outside_trio_says_it_needs_trio_run() -> None:
     )
 
 
+async def _echo(ctx: Context, msg: Message) -> Any:
+    return msg.payload
+
+
+def _thread_error(call: str) -> str:
+    return (
+        f"{call} was called in the thread 'work', not the thread of the kernel's Trio run:"
+        " the kernel is not thread-safe. From a worker thread (ctx.run_sync,"
+        f" trio.to_thread.run_sync) call it through trio.from_thread.run_sync({call}, ...)"
+    )
+
+
+def _in_thread_named_work(fn: Any) -> Any:
+    """``fn()`` run in a thread named 'work'; what it raised, or None."""
+    import threading
+
+    raised: list[BaseException | None] = [None]
+
+    def work() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # (handed back to the test)
+            raised[0] = exc
+
+    thread = threading.Thread(target=work, name="work")
+    thread.start()
+    thread.join()
+    return raised[0]
+
+
+async def test_kernel_sync_calls_from_another_thread_are_refused_before_they_change_anything() -> (
+    None
+):
+    """``kernel.send_nowait`` from a worker thread failed inside Trio with
+    ``AttributeError: 'RunContext' object has no attribute 'runner'`` after the message
+    was queued and counted (accepted 1, in flight 1, never handled: the agent's task could
+    not start); ``kernel.spawn`` of an agent with ``on_start`` failed with Trio's "must be
+    called from async context" after the name was registered (a request to it then waited
+    out its timeout), and one without ``on_start`` was registered from the thread, racing
+    the run."""
+
+    class Starting(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            pass
+
+        async def handle(self, ctx: Context, msg: Message) -> Any:
+            return msg.payload
+
+    async with open_kernel(make_config()) as kernel:
+        echo = kernel.spawn(_echo, name="echo")
+        sent = _in_thread_named_work(lambda: kernel.send_nowait(echo, 1))
+        assert isinstance(sent, RuntimeError)
+        assert str(sent) == _thread_error("kernel.send_nowait")
+        for target in (Starting, _echo):
+            spawned = _in_thread_named_work(lambda t=target: kernel.spawn(t, name="late"))
+            assert isinstance(spawned, RuntimeError)
+            assert str(spawned) == _thread_error("kernel.spawn")
+        await trio.testing.wait_all_tasks_blocked()
+        stats = kernel.stats()
+        assert (stats.accepted, stats.in_flight, stats.agents_alive) == (0, 0, 1)
+        assert [ref.name for ref in kernel.agents()] == ["echo"]
+        # The way the error names works.
+        await trio.to_thread.run_sync(
+            lambda: trio.from_thread.run_sync(kernel.send_nowait, echo, 2)
+        )
+        late = await trio.to_thread.run_sync(
+            lambda: trio.from_thread.run_sync(lambda: kernel.spawn(Starting, name="late"))
+        )
+        assert await kernel.request(late, "hi") == "hi"
+        await trio.testing.wait_all_tasks_blocked()
+        assert kernel.stats().handled == 2
+
+
+async def test_ctx_sync_calls_from_a_run_sync_thread_are_refused() -> None:
+    """``ctx.send_nowait``/``ctx.spawn`` in blocking code under ``ctx.run_sync`` failed as
+    the kernel's did from another thread (Trio's AttributeError, the message counted and
+    left unhandled)."""
+    import threading
+
+    @agent(name="blocking")
+    async def blocking(ctx: Context, msg: Message) -> Any:
+        def work() -> str:
+            threading.current_thread().name = "work"
+            try:
+                if msg.payload == "tell":
+                    ctx.send_nowait("echo", 1)
+                else:
+                    ctx.spawn(_echo, name="child")
+            except RuntimeError as exc:
+                return str(exc)
+            return "no error"
+
+        return await ctx.run_sync(work)
+
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(_echo, name="echo")
+        kernel.spawn(blocking)
+        assert await kernel.request("blocking", "tell") == _thread_error("ctx.send_nowait")
+        assert await kernel.request("blocking", "spawn") == _thread_error("ctx.spawn")
+        await trio.testing.wait_all_tasks_blocked()
+        stats = kernel.stats()
+        # (the two queries and their two answers: nothing else was accepted)
+        assert (stats.accepted, stats.handled, stats.in_flight) == (4, 2, 0)
+        assert sorted(ref.name or "" for ref in kernel.agents()) == ["blocking", "echo"]
+
+
 @pytest.mark.parametrize(
     ("config", "shown"),
     [("config.toml", "str 'config.toml'"), ({"kernel": {}}, "dict {'kernel': {}}")],
