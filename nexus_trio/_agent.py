@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import inspect
 import logging
-import threading
 import unicodedata
 import uuid
 from collections.abc import Callable, Coroutine, Mapping, MutableMapping
+from threading import get_ident
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, cast, final, overload
 
 import attrs
@@ -609,7 +609,7 @@ class Context:
     ) -> Message:
         """Like :meth:`send` but raise :class:`MailboxFull` at once instead of waiting."""
         msg = self._outgoing(to, payload, kind)
-        if threading.get_ident() != self._router.thread:
+        if get_ident() != self._router.thread:
             raise wrong_thread("ctx.send_nowait")
         self._router.send_nowait(msg, external=False)
         return msg
@@ -638,7 +638,7 @@ class Context:
         :class:`AgentNotRunning` once this agent has stopped for good (a context kept
         past its agent's stop); :class:`KernelShuttingDown` once the kernel stops its
         tree."""
-        if threading.get_ident() != self._router.thread:
+        if get_ident() != self._router.thread:
             raise wrong_thread("ctx.spawn")
         return self._common.spawn_linked(target, name, self._cell)
 

@@ -25,11 +25,10 @@ import logging
 import math
 import random
 import sys
-import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from heapq import heappush, heapreplace
+from threading import get_ident
 from typing import Any, Final, final
 
 import trio
@@ -46,6 +45,7 @@ from ._agent import (
     check_agent_name,
     checked_seconds,
 )
+from ._block import async_block
 from ._brief import brief
 from ._cell import AgentCell, CellDefaults
 from ._child import Child, ChildOwner
@@ -411,7 +411,7 @@ class Kernel:
         kernel's root supervisor.
         Messages sent right after spawning are queued and handled after ``on_start``.
         """
-        if threading.get_ident() != self._router.thread:
+        if get_ident() != self._router.thread:
             raise wrong_thread("kernel.spawn")
         if self._router.phase is not _RUNNING:
             raise KernelShuttingDown("spawn", self._router.phase.name.lower())
@@ -732,7 +732,7 @@ class Kernel:
         else:
             to = to.id if type(to) is AgentRef else to
             msg = new_message(sender, to, payload, kind, trace_id)
-        if threading.get_ident() != self._router.thread:
+        if get_ident() != self._router.thread:
             raise wrong_thread("kernel.send_nowait")
         self._router.send_nowait(msg, external=True)
         return msg
@@ -1135,7 +1135,7 @@ def _is_interrupt(error: BaseException | None) -> bool:
     return isinstance(error, KeyboardInterrupt)
 
 
-@asynccontextmanager
+@async_block("open_kernel()", "kernel")
 async def open_kernel(
     config: Config | None = None, *, seed: int | None = None
 ) -> AsyncIterator[Kernel]:

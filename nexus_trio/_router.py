@@ -404,7 +404,6 @@ def _id_in_text(address: str) -> _UUID | None:
         return None
 
 
-@final
 def wrong_thread(what: str) -> RuntimeError:
     """The error of a synchronous call of the kernel's (``send_nowait``, ``spawn``) made
     in a thread other than its Trio run's: it would change the kernel's state under its
@@ -419,6 +418,7 @@ def wrong_thread(what: str) -> RuntimeError:
     )
 
 
+@final
 class Router:
     """Routes, names, delivery and request correlation of one kernel."""
 

@@ -14,11 +14,20 @@ from __future__ import annotations
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar, final
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, final
 
 import trio
 
 T = TypeVar("T")
+
+
+def _not_with() -> TypeError:
+    """``with kernel.events()`` or ``await kernel.dead_letters()``: what to write."""
+    return TypeError(
+        "a subscription (kernel.events(), kernel.dead_letters()) is an async context manager"
+        " and an async iterator: write 'async with kernel.events() as stream:' and"
+        " 'async for event in stream:' inside an 'async def', not 'with' or 'await'"
+    )
 
 
 @final
@@ -44,6 +53,17 @@ class Subscription(Generic[T]):
 
     async def __aexit__(self, *exc: object) -> None:
         self.close()
+
+    if not TYPE_CHECKING:  # (a type checker flags 'with' and 'await' itself)
+
+        def __enter__(self) -> Any:
+            raise _not_with()
+
+        def __exit__(self, *exc: object) -> None:
+            pass  # (never reached: __enter__ raised)
+
+        def __await__(self) -> Any:
+            raise _not_with()
 
     def close(self) -> None:
         self._owner._forget(id(self))

@@ -36,7 +36,6 @@ import inspect
 import math
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
 from typing import Any, Final
 
 import attrs
@@ -45,6 +44,7 @@ import trio
 import trio.testing
 
 from ._agent import AgentRef, Context, agent, checked_seconds
+from ._block import async_block
 from ._child import enum_member
 from ._config import SECTIONS, Config
 from ._deadletter import DeadLetter, DeadLetterReason
@@ -141,7 +141,7 @@ def _check_kernel_keywords(keywords: Mapping[str, Any], kernel: Mapping[str, Any
 test_config.__test__ = False  # type: ignore[attr-defined]  # not a test, despite its name
 
 
-@asynccontextmanager
+@async_block("open_test_kernel()", "kernel")
 async def open_test_kernel(
     config: Config | None = None, *, seed: int = 0, timeout: float = 60.0
 ) -> AsyncIterator[Kernel]:
@@ -581,7 +581,7 @@ def _no_such_name(recorder: EventRecorder, name: str | None) -> str:
     return f" (no event names an agent {name!r}{hint} the events are of: {there})"
 
 
-@asynccontextmanager
+@async_block("record_events(kernel)", "events")
 async def record_events(kernel: Kernel, buffer: int = 100_000) -> AsyncIterator[EventRecorder]:
     """Collect lifecycle events while the block runs (events are taken as they happen;
     what a full ``buffer`` loses is counted in ``recorder.dropped``)."""

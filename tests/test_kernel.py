@@ -3334,6 +3334,55 @@ async def _echo(ctx: Context, msg: Message) -> Any:
     return msg.payload
 
 
+def _enter_with(manager: Any) -> None:
+    with manager:  # the mistake under test: 'with', not 'async with'
+        pass
+
+
+async def _await(manager: Any) -> None:
+    await manager  # the mistake under test: 'await', not 'async with'
+
+
+async def test_open_kernel_entered_with_with_or_await_says_async_with() -> None:
+    """``with open_kernel() as kernel:`` and ``await open_kernel()`` failed with Python
+    3.11's ``'_AsyncGeneratorContextManager' object does not support the context manager
+    protocol`` (or "can't be used in 'await' expression"), naming neither the call nor
+    ``async with``; so did the testing helpers' blocks and the kernel's streams."""
+    from nexus_trio.testing import open_test_kernel, record_events
+
+    def told(call: str, name: str) -> str:
+        return (
+            f"{call} is an async context manager: write 'async with {call} as {name}:'"
+            " inside an 'async def' (run by trio.run), not 'with' or 'await'"
+        )
+
+    stream = (
+        "a subscription (kernel.events(), kernel.dead_letters()) is an async context"
+        " manager and an async iterator: write 'async with kernel.events() as stream:' and"
+        " 'async for event in stream:' inside an 'async def', not 'with' or 'await'"
+    )
+    async with open_kernel(make_config()) as kernel:
+        cases = [
+            (lambda: open_kernel(), told("open_kernel()", "kernel")),
+            (lambda: open_test_kernel(), told("open_test_kernel()", "kernel")),
+            (lambda: record_events(kernel), told("record_events(kernel)", "events")),
+            (kernel.events, stream),
+            (kernel.dead_letters, stream),
+        ]
+        for make, text in cases:
+            with pytest.raises(TypeError) as entered:
+                _enter_with(make())
+            assert str(entered.value) == text
+            with pytest.raises(TypeError) as awaited:
+                await _await(make())
+            assert str(awaited.value) == text
+        # Used rightly they work as before, and nothing was left open by the mistakes.
+        async with record_events(kernel) as events:
+            kernel.spawn(_echo, name="echo")
+        assert [event.kind for event in events.events] == [EventKind.SPAWNED]
+        assert await kernel.request("echo", 1) == 1
+
+
 def _thread_error(call: str) -> str:
     return (
         f"{call} was called in the thread 'work', not the thread of the kernel's Trio run:"
