@@ -769,7 +769,18 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             )
         pytest.fail(
             f"{item.name} uses the nexus_kernel fixture but pytest-trio does not run it: set"
-            " trio_mode = true under [tool.pytest.ini_options] in pyproject.toml (or mark the"
-            " test @pytest.mark.trio)",
+            f" trio_mode = true {_where_settings_go(item.config)} (or mark the test"
+            " @pytest.mark.trio)",
             pytrace=False,
         )
+
+
+def _where_settings_go(config: pytest.Config) -> str:
+    """Where ``trio_mode = true`` goes: the file pytest read its settings from, if any,
+    in that file's section. A project with a ``pytest.ini`` told to use ``pyproject.toml``
+    would set it where pytest never looks (the first such file found wins)."""
+    path = config.inipath
+    if path is None:
+        return "under [tool.pytest.ini_options] in pyproject.toml"
+    section = {"pyproject.toml": "[tool.pytest.ini_options]", "setup.cfg": "[tool:pytest]"}
+    return f"under {section.get(path.name, '[pytest]')} in {path}, where pytest reads its settings"

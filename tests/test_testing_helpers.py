@@ -154,12 +154,34 @@ async def test_an_event_recorder_that_missed_events_says_so(
         assert_events(events, "echo0", ["spawned"])
 
 
-def test_nexus_kernel_in_a_test_pytest_trio_does_not_run_names_trio_mode(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("ini", "text", "where"),
+    [
+        ("pytest.ini", "[pytest]\n", "under [pytest] in {path}, where pytest reads its settings"),
+        (
+            "pyproject.toml",
+            "[tool.pytest.ini_options]\n",
+            "under [tool.pytest.ini_options] in {path}, where pytest reads its settings",
+        ),
+        (
+            "setup.cfg",
+            "[tool:pytest]\n",
+            "under [tool:pytest] in {path}, where pytest reads its settings",
+        ),
+        (None, "", "under [tool.pytest.ini_options] in pyproject.toml"),
+    ],
+    ids=["pytest.ini", "pyproject.toml", "setup.cfg", "no settings file"],
+)
+def test_nexus_kernel_in_a_test_pytest_trio_does_not_run_names_trio_mode(
+    tmp_path: Path, ini: str | None, text: str, where: str
+) -> None:
     """Without ``trio_mode = true`` the quickstart's tests failed with pytest's "requested
     an async fixture 'nexus_kernel', with no plugin or hook that handled it", and the
     next test with an ``AssertionError`` from inside pytest; each fails now saying what
-    to switch on."""
-    (tmp_path / "pytest.ini").write_text("[pytest]\n", encoding="utf-8")
+    to switch on, and where: in the file pytest read its settings from (a project with a
+    pytest.ini was told to set it in pyproject.toml, where pytest then never looked)."""
+    if ini is not None:
+        (tmp_path / ini).write_text(text, encoding="utf-8")
     (tmp_path / "test_mine.py").write_text(
         "async def test_one(nexus_kernel, autojump_clock):\n"
         "    pass\n\n\n"
@@ -174,7 +196,7 @@ def test_nexus_kernel_in_a_test_pytest_trio_does_not_run_names_trio_mode(tmp_pat
     for name in ("test_one", "test_two"):
         assert (
             f"{name} uses the nexus_kernel fixture but pytest-trio does not run it: set"
-            " trio_mode = true under [tool.pytest.ini_options] in pyproject.toml (or mark the"
+            f" trio_mode = true {where.format(path=tmp_path / (ini or ''))} (or mark the"
             " test @pytest.mark.trio)"
         ) in report, report
     assert "AssertionError" not in report, report
