@@ -1987,6 +1987,37 @@ async def test_agent_written_for_the_original_readme_runs_unchanged(
         assert await child.wait() == 0
 
 
+def test_js_reply_without_the_sender_id_says_what_it_takes(tmp_path: Path) -> None:
+    """``message.reply(payload)`` (the sender id left out) made a Response "from" the
+    payload with no payload at all, without a word; the original's
+    ``message.reply(this.id, payload)`` is unchanged."""
+    script = tmp_path / "reply.js"
+    script.write_text(
+        f"const {{ Message }} = require({json.dumps(str(JS_BRIDGE))});\n"
+        "const m = new Message({from: 'a', to: 'b', kind: 'Query', payload: 1});\n"
+        "for (const wrong of [{x: 1}, 7, undefined]) {\n"
+        "  try { m.reply(wrong); console.log('no error'); }\n"
+        "  catch (e) { console.log(`${e.name}: ${e.message}`); }\n"
+        "}\n"
+        "const r = m.reply('me', {x: 1});\n"
+        "console.log(JSON.stringify([r.from, r.to, r.kind, r.payload]));\n",
+        encoding="utf-8",
+    )
+    result = subprocess.run(
+        [node_or_skip(), str(script)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for line, shown in zip(lines, ["Object", "number", "undefined"], strict=False):
+        assert line == (
+            "TypeError: message.reply(senderId, payload) takes the answering agent's id first,"
+            " as in the original bridge: message.reply(this.id, payload); got"
+            f" {shown} (to answer a message, return the payload itself from handleMessage)"
+        )
+    assert len(lines) == 4
+    assert json.loads(lines[3]) == ["me", "a", "Response", {"x": 1}]
+
+
 def test_original_module_name_imports_the_same_bridge() -> None:
     from nexus_trio.bridges import nexus_bridge, python
 

@@ -98,8 +98,19 @@ class Message {
     if (this.timestamp === undefined) this.timestamp = new Date().toISOString();
   }
 
-  /** The Response to this message, as the original bridge built it. */
+  /**
+   * The Response to this message, as the original bridge built it: reply(this.id, payload).
+   * (A handler answers by returning the payload itself: a Message it returns is the payload.)
+   */
   reply(senderId, payload) {
+    if (typeof senderId !== 'string') {
+      // reply(payload) made a Response "from" the payload, with no payload, without a word.
+      throw new TypeError(
+        `message.reply(senderId, payload) takes the answering agent's id first, as in the` +
+          ` original bridge: message.reply(this.id, payload); got ${typeName(senderId)}` +
+          ` (to answer a message, return the payload itself from handleMessage)`
+      );
+    }
     const fields = {
       from: senderId,
       to: this.from,
