@@ -61,6 +61,7 @@ from ._supervisor import Backoff as Backoff
 from ._supervisor import Supervisor as Supervisor
 from ._transport import OutsideTold as OutsideTold
 from ._transport import QueryFailing as QueryFailing
+from ._transport import QueryGivingUp as QueryGivingUp
 from ._transport import TakesTells as TakesTells
 from ._transport import Transport as Transport
 from .logs import configure_logging as configure_logging
@@ -114,6 +115,7 @@ __all__ = [
     "SupervisorEscalation",
     "OutsideTold",
     "QueryFailing",
+    "QueryGivingUp",
     "TakesTells",
     "Transport",
     "TransportHandle",

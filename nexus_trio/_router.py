@@ -1730,6 +1730,12 @@ class Router:
         request here, else (a requester on another kernel) through the transport."""
         if not self.fail_request(query_id, error):
             self._fail_remote_requester(query_id, error)
+            # a query the transport delivered on terms of its own (a durable message:
+            # its delivery fails now, not at the end of its ack wait); see QueryGivingUp
+            transport = self.transport
+            given_up = getattr(transport, "query_given_up", None) if transport else None
+            if given_up is not None:
+                given_up(query_id, error)
 
     def _fail_remote_requester(self, query_id: uuid.UUID, error: BaseException) -> None:
         """Tell the transport that query ``query_id``, if it brought it from a requester on

@@ -107,3 +107,18 @@ class QueryFailing(Protocol):
         own already): must not wait or raise, and a query the transport does not know (or
         no longer) is left alone."""
         ...
+
+
+class QueryGivingUp(Protocol):
+    """What a transport may add besides :class:`QueryFailing` (the kernel looks for it,
+    and a transport without it keeps working: the NATS cluster has it, for its durable
+    messages)."""
+
+    def query_given_up(self, query_id: uuid.UUID, error: BaseException) -> None:
+        """The agent that took query ``query_id`` over (its handler returned, the answer
+        to come later: a pool's ``$resize``) cannot answer it (:meth:`Kernel.fail_query`),
+        called once, after :meth:`QueryFailing.query_failed`. Not called for a dead-lettered
+        query. For a query the transport delivered on terms of its own (a durable message,
+        acked by its answer): its delivery failed. Must not wait or raise; a query the
+        transport does not know is left alone."""
+        ...

@@ -15,6 +15,7 @@ from nexus_trio import (
     DeadLetterReason,
     Message,
     MessageFailed,
+    MessageKind,
     RequestFailed,
     RequestTimeout,
     TransportHandle,
@@ -354,6 +355,48 @@ async def test_a_transport_without_query_failed_still_works_when_a_query_is_fail
         kernel.attach_transport(Failing())
         kernel.fail_query(query_id, error)
     assert failed == [query_id]
+
+
+async def test_a_transport_with_query_given_up_hears_of_a_query_given_up_once_after_query_failed(
+    autojump_clock: Any,
+) -> None:
+    """``query_given_up`` (``QueryGivingUp``, optional too) is called once, after
+    ``query_failed``, when an agent gives up a query it took over (``fail_query``), and
+    not for a query that is dead-lettered (that one is told by ``query_failed`` alone):
+    the durable path naks a message's delivery there, and a dead-lettered one reaches it
+    through the dead-letter stream, with the very Query that failed."""
+    calls: list[tuple[str, uuid.UUID]] = []
+
+    class GivingUp:
+        async def deliver(self, msg: Message) -> None:
+            raise TransportUnavailable("nowhere")
+
+        def deliver_nowait(self, msg: Message) -> None:
+            raise TransportUnavailable("nowhere")
+
+        def cancel_query(self, query_id: uuid.UUID, to: uuid.UUID | str) -> None:
+            return None
+
+        def query_failed(self, query_id: uuid.UUID, error: BaseException) -> None:
+            calls.append(("failed", query_id))
+
+        def query_given_up(self, query_id: uuid.UUID, error: BaseException) -> None:
+            calls.append(("given_up", query_id))
+
+    @agent(name="raises", on_error="resume")
+    async def raises(ctx: Context, msg: Message) -> None:
+        raise RuntimeError("no")
+
+    given_up = uuid.uuid4()
+    async with open_kernel(make_config()) as kernel:
+        kernel.attach_transport(GivingUp())
+        kernel.spawn(raises)
+        kernel.fail_query(given_up, RequestFailed(given_up, "pool", "agent_stopped", None))
+        dead = Message(sender=uuid.uuid4(), to="raises", kind=MessageKind.QUERY)
+        await kernel.deliver_from_remote(dead)
+        await trio.testing.wait_all_tasks_blocked()
+        kernel.detach_transport()
+    assert calls == [("failed", given_up), ("given_up", given_up), ("failed", dead.id)]
 
 
 class Telling(Loopback):

@@ -1325,6 +1325,12 @@ class Cluster:
         if reply is not None:
             self._publish_error(reply, error)
 
+    def query_given_up(self, query_id: uuid.UUID, error: BaseException) -> None:
+        """The agent that took query ``query_id`` over cannot answer it
+        (``Kernel.fail_query``, after :meth:`query_failed`): a durable message's delivery
+        failed, nakked at once (see DurableChannel.given_up)."""
+        self.durable.given_up(query_id, error)
+
     def _take_route(self, query_id: uuid.UUID) -> tuple[str | None, bool]:
         """Forget the requester on another node of query ``query_id``: the reply subject
         it gave (None if none is kept), and whether it asked in the kernel's JSON form."""

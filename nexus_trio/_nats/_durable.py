@@ -745,6 +745,27 @@ class DurableChannel:
             self._settle(jsmsg, "nak")
         # else JetStream has delivered it again already, or its ack_wait is over: it will
 
+    def given_up(self, msg_id: uuid.UUID, error: BaseException) -> None:
+        """The agent that took durable message ``msg_id`` over (its handler returned, the
+        answer to come in a message of its own: a pool's ``$resize``) cannot answer it
+        (``Kernel.fail_query``): the delivery failed, as if its handler had raised, so it
+        is nakked at once (or dead past ``max_deliver``) rather than left to wait out its
+        ``ack_wait``. Nothing is done while an earlier delivery may still answer or fail:
+        which delivery gave up is not known then (see :meth:`failed`)."""
+        if self._answers_due.get(msg_id):
+            return
+        entry = self._in_flight.get(msg_id)
+        late = self._late.get(msg_id)
+        query = entry[2] if entry is not None else late[1] if late is not None else None
+        if query is None:
+            return  # not a durable message, or settled already
+        reason = getattr(error, "reason", None)
+        self.failed(
+            query,
+            reason if isinstance(reason, str) else type(error).__name__,
+            getattr(error, "error", None),
+        )
+
     def _newer_held(self, jsmsg: NatsMsg) -> bool:
         """The node has fetched another delivery of ``jsmsg``'s message and holds it (at
         most max_in_flight to look at, on a failure only)."""
