@@ -174,7 +174,8 @@ class _WorkerBehaviour:
       on a message, 0 otherwise, however the handler ends (returns, raises, times out,
       is cancelled); with the worker's mailbox depth it is the worker's load.
     * ``first_starts[worker id]`` (workers added by a grow, until their first start)
-      tells the grow how that start went. One that fails is stopped for good
+      tells the grow how that start went: the first ``on_start`` that returns or raises
+      (one cancelled, by a restart of its siblings, say, leaves it to the next). One that fails is stopped for good
       (``start_failed``) instead of being restarted, as OTP's ``start_child`` does not
       restart a child whose ``init`` failed: it never ran, and its restarts would spend
       the intensity that protects the running workers.
@@ -198,17 +199,22 @@ class _WorkerBehaviour:
         started = self._started.get(ctx.id)
         if started is not None:
             started.set()
-        first = self._first_starts.pop(ctx.id, None)
+        first_starts = self._first_starts
+        first = first_starts.get(ctx.id)
         if first is None:
             await self._inner.on_start(ctx)
             return
+        # Taken only once this on_start returned or raised: one cancelled (a restart of
+        # its siblings cut it short) leaves the first start to the next run's on_start.
         try:
             await self._inner.on_start(ctx)
         except Exception as exc:
+            first_starts.pop(ctx.id, None)
             first.error = exc
             first.done.set()
             await stop_for_good(ctx)
             raise  # the run fails with it: a ``failed`` event, then ``stopped``
+        first_starts.pop(ctx.id, None)
         first.done.set()
 
     async def on_stop(self, ctx: Context) -> None:
