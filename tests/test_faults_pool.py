@@ -9,23 +9,33 @@ Everything runs on a ``MockClock(autojump_threshold=0)``.
 
 from __future__ import annotations
 
+from contextlib import suppress
 from typing import Any
 
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 
 from nexus_trio import (
     Agent,
+    AgentNotFound,
     AgentSpec,
     Context,
+    Kernel,
+    KernelShuttingDown,
+    MailboxFull,
     Message,
+    RequestFailed,
+    RequestTimeout,
     Supervisor,
+    open_kernel,
     pool,
     pool_workers,
 )
-from nexus_trio.testing import assert_conserved, open_test_kernel
+from nexus_trio.testing import assert_conserved, open_test_kernel, test_config
 
-from .hang_guard import tasks_living
+from .hang_guard import fault_settings, real_time_limit, tasks_living
 
 
 async def test_a_grow_whose_new_worker_s_first_start_a_sibling_s_restart_cut_short_is_answered(
@@ -79,3 +89,157 @@ async def test_a_grow_whose_new_worker_s_first_start_a_sibling_s_restart_cut_sho
     assert [name for name, _ in starts[3:]] == names
     assert stats.restarts == 3
     assert dict(stats.dead_letters_by_reason) == {"handler_error": 1}
+
+
+# --- a fault at a step of a grow, a shrink, a drain or a wait for room -------------------------
+
+#: the errors a request or a send to a pool may end with, besides its answer
+REFUSED = (AgentNotFound, MailboxFull, KernelShuttingDown, RequestFailed)
+#: a deadline no request of the property reaches unless it was never answered
+LONG = 1000.0
+
+
+class _Worker(Agent):
+    """A worker for the property: ``on_start`` takes ``start`` seconds (a grown worker's
+    only: those named past ``workers/1``); a message takes ``payload["s"]`` seconds, and
+    one whose payload is ``"boom"`` fails. Notes the sequence numbers it handled."""
+
+    start = 1.5
+    done: dict[str, list[int]]
+
+    async def on_start(self, ctx: Context) -> None:
+        assert ctx.name is not None
+        if int(ctx.name.rsplit("/", 1)[1]) >= 2:
+            await trio.sleep(self.start)
+
+    async def handle(self, ctx: Context, msg: Message) -> Any:
+        if msg.payload == "boom":
+            raise RuntimeError("boom")
+        assert ctx.name is not None
+        await trio.sleep(msg.payload["s"])
+        self.done.setdefault(ctx.name, []).append(msg.payload["n"])
+        return ctx.name
+
+
+SCENES = ["grow", "shrink", "drain", "room", "request"]
+FAULTS = ["sibling_fails", "worker_stopped", "pool_stopped", "supervisor_stopped", "shutdown"]
+
+
+@fault_settings(150)
+@given(
+    scene=st.sampled_from(SCENES),
+    fault=st.sampled_from(FAULTS),
+    strategy=st.sampled_from(["one_for_one", "one_for_all"]),
+    delay=st.sampled_from([0.0, 0.1, 0.3, 0.5, 0.7, 1.0, 1.5]),
+    rounds=st.integers(0, 12),
+)
+def test_a_fault_at_any_step_of_a_pool_s_grow_shrink_drain_or_wait_for_room_loses_nothing(
+    scene: str, fault: str, strategy: str, delay: float, rounds: int
+) -> None:
+    """A pool of 2 (workers' mailboxes of 2, a 1 s shutdown timeout each) in the middle of
+    a scene: a grow to 4 whose new workers take 1.5 s to start (past their shutdown timeout), a shrink to 1 while each
+    worker has work queued, a draining stop with work queued at every worker, twelve
+    senders waiting for room, or a request held by a slow worker. After ``delay``
+    seconds and ``rounds`` scheduling rounds a fault strikes: a worker fails (under
+    ``one_for_all``, its siblings restart with it), a worker or the workers' supervisor
+    or the pool is stopped, or the kernel shuts down. Then: no task is left; the books
+    balance (accepted = handled + dead-lettered, nothing in flight); every request got
+    its answer or a documented error before the block ended (10 s after the fault: none
+    was left unanswered to the shutdown or its deadline); each worker handled
+    the tells of the one sequential sender in the order they were sent."""
+    done: dict[str, list[int]] = {}
+    outcomes: list[tuple[Any, Any, float]] = []
+    kernels: list[Kernel] = []
+    #: when the block began to end: every request is over by then (10 s after the fault)
+    quiet: list[float] = []
+
+    class Worker(_Worker):
+        pass
+
+    Worker.done = done
+    worker = AgentSpec(factory=Worker, mailbox_capacity=2, shutdown_timeout=1.0)
+    spec = pool(
+        worker,
+        size=2,
+        max_size=4,
+        supervision=Supervisor(strategy=strategy, max_restarts=100, within=5.0),
+    ).with_options(mailbox_capacity=4, shutdown_timeout=5.0)
+
+    async def ask(kernel: Kernel, payload: Any) -> None:
+        try:
+            outcome = await kernel.request("workers", payload, timeout=LONG)
+        except REFUSED as exc:
+            outcome = exc
+        outcomes.append((payload, outcome, trio.current_time()))
+
+    async def tell(kernel: Kernel, payload: Any) -> None:
+        with suppress(*REFUSED):
+            await kernel.send("workers", payload)
+
+    async def strike(kernel: Kernel, nursery: trio.Nursery) -> None:
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(delay)
+        for _ in range(rounds):
+            await trio.lowlevel.checkpoint()
+        with suppress(AgentNotFound, KernelShuttingDown):
+            if fault == "sibling_fails":
+                await kernel.send("workers/0", "boom")
+            elif fault == "worker_stopped":
+                nursery.start_soon(_stopped, kernel, "workers/1")
+            elif fault == "pool_stopped":
+                nursery.start_soon(_stopped, kernel, "workers")
+            elif fault == "supervisor_stopped":
+                nursery.start_soon(_stopped, kernel, "workers/supervisor")
+            else:
+                nursery.start_soon(kernel.shutdown)
+
+    async def act(kernel: Kernel, nursery: trio.Nursery) -> None:
+        if scene == "grow":
+            nursery.start_soon(ask, kernel, {"$resize": 4})
+        elif scene == "shrink":
+            for n in range(6):
+                await tell(kernel, {"s": 0.2, "n": n})
+            nursery.start_soon(ask, kernel, {"$resize": 1})
+        elif scene == "drain":
+            for n in range(6):
+                await tell(kernel, {"s": 0.2, "n": n})
+            nursery.start_soon(_stopped, kernel, "workers", True)
+        elif scene == "room":
+            for _ in range(12):  # room for 2 + 2 + 4 + 2 in hand: 2 wait
+                nursery.start_soon(tell, kernel, {"s": 0.3, "n": -1})
+        else:
+            nursery.start_soon(ask, kernel, {"s": 0.8, "n": -1})
+
+    async def scenario() -> None:
+        living = tasks_living()
+        config = test_config(mailbox_capacity=4, send_timeout_ms=3000)
+        async with trio.open_nursery() as outside:
+            async with open_kernel(config) as kernel:
+                kernels.append(kernel)
+                kernel.spawn(spec)
+                await trio.testing.wait_all_tasks_blocked()
+                await act(kernel, outside)
+                await strike(kernel, outside)
+                await trio.sleep(10)
+                quiet.append(trio.current_time())
+        assert tasks_living() == living, "the kernel left tasks behind"
+
+    with real_time_limit(20):
+        trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+    [kernel] = kernels
+    stats = kernel.stats()
+    assert stats.in_flight == 0
+    assert_conserved(kernel)
+    for payload, outcome, ended in outcomes:
+        assert not isinstance(outcome, RequestTimeout), (payload, outcome)
+        # (not failed by the block's end: a request never answered)
+        assert not quiet or ended < quiet[0], (payload, outcome, ended)
+        if payload == {"$resize": 4} and not isinstance(outcome, BaseException):
+            assert outcome == {"size": 4}
+    for name, numbers in done.items():
+        assert numbers == sorted(numbers), (name, numbers)
+
+
+async def _stopped(kernel: Kernel, target: str, drain: bool = False) -> None:
+    with suppress(AgentNotFound):
+        await kernel.stop(target, drain=drain)
