@@ -210,6 +210,14 @@ async def _serve_node(
     async def doomed(ctx: Context, msg: Message) -> Any:
         raise RuntimeError("always fails")
 
+    @agent(name="crashes")
+    async def crashes(ctx: Context, msg: Message) -> Any:
+        """Hangs on a message whose payload is this process's id (the test kills the
+        process meanwhile: a crash mid-message); answers any other."""
+        if msg.payload == os.getpid():
+            await trio.sleep_forever()
+        return {"node": node, "pid": os.getpid()}
+
     @agent(name="stats")
     async def stats(ctx: Context, msg: Message) -> Any:
         """This node's cluster counters, for the tests to check the receiving side."""
@@ -231,6 +239,7 @@ async def _serve_node(
         kernel.spawn(sleepy, name=f"sleepy-{node}")
         kernel.spawn(doomed, name=f"doomed-{node}")
         kernel.spawn(stats, name=f"stats-{node}")
+        kernel.spawn(crashes, name=f"crashes-{node}")
         async with join_cluster(kernel, url, node, options=options) as cluster:
             for i in range(replicas):
                 ref = kernel.spawn(worker, name=f"worker-{node}-{i}")

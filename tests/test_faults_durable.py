@@ -1,0 +1,170 @@
+"""Fault injection, thirty-eighth pass: the durable path (JetStream) on a real
+nats-server, with pools and crashes.
+
+A pool answers a ``$resize`` later, in a message of its own, and fails its requester with
+``kernel.fail_query`` when it cannot (a grow whose new worker fails its first start, a
+shrink the pool's stop cuts short). For a durable message that failure is its delivery's
+failure: nakked at once, as a handler's error is, not left to wait out ``ack_wait``. A
+pool worker stopped mid-message, and a node killed mid-message, lose nothing: the
+message is delivered again and acked once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+import trio.testing
+
+from nexus_trio import Agent, Context, Message, agent, pool
+from nexus_trio._nats import DurableOptions, NatsServer
+from nexus_trio._nats._aio import call_aio
+
+from .nats_server import until
+from .test_nats import local_node, nodes
+
+
+async def test_a_durable_grow_that_fails_is_nakked_not_left_to_ack_wait(nats: NatsServer) -> None:
+    """Regression: a durable ``{"$resize": 3}`` to a pool of 1 whose new workers fail their
+    first ``on_start``: the grow's failure reached only a requester waiting on a reply
+    subject (``Cluster.query_failed``), not the durable path, so the message waited out
+    its whole ``ack_wait`` (30 s) at every delivery before JetStream delivered it again.
+    Now each failed delivery is nakked at once: both deliveries of ``max_deliver=2`` fail
+    within seconds and the message is dead, counted."""
+    starts: list[str | None] = []
+
+    class Worker(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            starts.append(ctx.name)
+            if ctx.name != "grow/0":
+                raise RuntimeError("no database")
+
+        async def handle(self, ctx: Context, msg: Message) -> Any:
+            return None
+
+    durable = DurableOptions(ack_wait=30.0, max_deliver=2, redelivery_delay=0.05)
+    async with local_node(nats.url, durable=durable) as (kernel, cluster):
+        kernel.spawn(pool(Worker, size=1, name="grow"))
+        with trio.fail_after(15):  # half the ack_wait
+            await cluster.send_durable("grow", {"$resize": 2})
+            await until(lambda: cluster.stats().durable_dead >= 1)
+        stats = cluster.stats()
+    # one grown worker a delivery, each failing its first start
+    assert starts == ["grow/0", "grow/1", "grow/2"]
+    assert (stats.durable_redelivered, stats.durable_acked, stats.durable_dead) == (1, 0, 1)
+
+
+async def test_a_durable_shrink_the_pool_s_stop_cuts_short_is_nakked_not_left_to_ack_wait(
+    nats: NatsServer,
+) -> None:
+    """A durable ``{"$resize": 1}`` to a pool of 3 whose workers are all busy: the shrink
+    waits for the removed workers to drain, and the pool is stopped meanwhile. The
+    router gives the request up (``agent_stopped``); for the durable message that is a
+    failed delivery, nakked at once: delivered again, to a pool that is gone (its name
+    is retried: it may be spawned again), and dead after ``max_deliver=2``, within
+    seconds, not after two ``ack_wait``s of 30 s (fails so before the fix)."""
+    busy = trio.Event()
+    taken: list[str | None] = []
+
+    async def hangs(ctx: Context, msg: Message) -> Any:
+        taken.append(ctx.name)
+        if len(taken) == 3:
+            busy.set()
+        await trio.sleep_forever()
+
+    durable = DurableOptions(ack_wait=30.0, max_deliver=2, redelivery_delay=0.05)
+    async with local_node(nats.url, durable=durable) as (kernel, cluster):
+        worker = agent(hangs).with_options(shutdown_timeout=0.2)
+        kernel.spawn(pool(worker, size=3, name="shrink"))
+        with trio.fail_after(15):  # half the ack_wait
+            for i in range(3):
+                await kernel.send("shrink", i)
+            await busy.wait()
+            await cluster.send_durable("shrink", {"$resize": 1})
+            await until(lambda: kernel.stats().handled >= 4)  # the router took the resize
+            await kernel.stop("shrink")
+            await until(lambda: cluster.stats().durable_dead >= 1)
+        stats = cluster.stats()
+    assert sorted(map(str, taken)) == ["shrink/0", "shrink/1", "shrink/2"]
+    assert (stats.durable_redelivered, stats.durable_acked, stats.durable_dead) == (1, 0, 1)
+
+
+async def test_a_durable_message_whose_pool_worker_is_stopped_mid_message_goes_to_another(
+    nats: NatsServer,
+) -> None:
+    """A durable message to a pool whose worker is stopped (``kernel.stop``) while it
+    handles it: the handler is cancelled past the worker's shutdown timeout, the copy is
+    dead-lettered ``agent_stopped``, the delivery nakked, and JetStream delivers it again
+    at once (not after ``ack_wait``, 30 s); the pool, without the stopped worker, hands
+    it to the other one, whose answer acks it: handled twice, applied once, acked once."""
+    taken: list[tuple[str | None, int]] = []
+    held = trio.Event()
+
+    async def first_hangs(ctx: Context, msg: Message) -> Any:
+        taken.append((ctx.name, len(taken)))
+        if len(taken) == 1:
+            held.set()
+            await trio.sleep_forever()
+        return "applied"
+
+    durable = DurableOptions(ack_wait=30.0, max_deliver=3, redelivery_delay=0.05)
+    async with local_node(nats.url, durable=durable) as (kernel, cluster):
+        worker = agent(first_hangs).with_options(shutdown_timeout=0.2)
+        kernel.spawn(pool(worker, size=2, name="stops"))
+        with trio.fail_after(15):  # half the ack_wait
+            sent = await cluster.send_durable("stops", "work")
+            await held.wait()
+            await kernel.stop("stops/0")
+            await until(lambda: cluster.stats().durable_acked >= 1)
+            await trio.testing.wait_all_tasks_blocked()
+        stats = cluster.stats()
+        letters = [
+            (letter.message.id, letter.reason.value, letter.detail)
+            for letter in kernel.recent_dead_letters()
+        ]
+    assert taken == [("stops/0", 0), ("stops/1", 1)]
+    assert letters == [(sent.id, "agent_stopped", "cancelled while being handled")]
+    assert (stats.durable_redelivered, stats.durable_acked, stats.durable_dead) == (1, 1, 0)
+
+
+async def test_a_durable_message_its_node_crashed_on_is_handled_by_the_node_s_next_run(
+    nats: NatsServer,
+) -> None:
+    """Node b is killed (SIGKILL: no leave, no nak) while its agent handles a durable
+    message addressed by name; nothing settles it, and JetStream delivers it again once
+    ``ack_wait`` (1 s) has passed since b fetched it: to b's next run (the consumer is
+    the node's, by name), whose agent of that name answers, which acks it. Once: one
+    redelivery counted, acked once, nothing dead, and the stream is empty."""
+    async with local_node(nats.url) as (kernel, cluster):
+        with trio.fail_after(60):
+            async with nodes(nats.url, "b") as (first,):
+                await cluster.wait_for_name("crashes-b")
+                assert first.process is not None
+                await cluster.send_durable("crashes-b", first.process.pid)
+                stream = f"{cluster.prefix}-durable"
+
+                async def pending() -> int:
+                    info = await call_aio(cluster.data_js.consumer_info, stream, "b")
+                    return int(info.num_ack_pending)
+
+                while True:  # until b fetched it (and hangs on it)
+                    if await pending():
+                        break
+                    await trio.sleep(0.02)
+                first.kill()
+            async with nodes(nats.url, "b"):
+                while True:
+                    counts = await kernel.request("stats-b", None)
+                    if counts["durable_acked"]:
+                        break
+                    await trio.sleep(0.05)
+                while True:  # (the ack reaches the stream)
+                    info = await call_aio(cluster.data_js.stream_info, stream)
+                    if not info.state.messages:
+                        break
+                    await trio.sleep(0.05)
+    assert (counts["durable_redelivered"], counts["durable_acked"], counts["durable_dead"]) == (
+        1,
+        1,
+        0,
+    )
