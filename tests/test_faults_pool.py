@@ -9,9 +9,12 @@ Everything runs on a ``MockClock(autojump_threshold=0)``.
 
 from __future__ import annotations
 
+import logging
+import os
 from contextlib import suppress
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 from hypothesis import given
@@ -24,8 +27,10 @@ from nexus_trio import (
     Context,
     Kernel,
     KernelShuttingDown,
+    LoggingConfig,
     MailboxFull,
     Message,
+    MessageKind,
     RequestFailed,
     RequestTimeout,
     Supervisor,
@@ -33,6 +38,7 @@ from nexus_trio import (
     pool,
     pool_workers,
 )
+from nexus_trio.logs import configure_logging, flush_logs, records_lost
 from nexus_trio.testing import assert_conserved, open_test_kernel, test_config
 
 from .hang_guard import fault_settings, real_time_limit, tasks_living
@@ -122,10 +128,19 @@ class _Worker(Agent):
 
 
 SCENES = ["grow", "shrink", "drain", "room", "request"]
-FAULTS = ["sibling_fails", "worker_stopped", "pool_stopped", "supervisor_stopped", "shutdown"]
+FAULTS = [
+    "sibling_fails",
+    "worker_stopped",
+    "worker_drained",
+    "pool_stopped",
+    "supervisor_stopped",
+    "shrunk",
+    "grown",
+    "shutdown",
+]
 
 
-@fault_settings(150)
+@fault_settings(200)
 @given(
     scene=st.sampled_from(SCENES),
     fault=st.sampled_from(FAULTS),
@@ -141,8 +156,9 @@ def test_a_fault_at_any_step_of_a_pool_s_grow_shrink_drain_or_wait_for_room_lose
     worker has work queued, a draining stop with work queued at every worker, twelve
     senders waiting for room, or a request held by a slow worker. After ``delay``
     seconds and ``rounds`` scheduling rounds a fault strikes: a worker fails (under
-    ``one_for_all``, its siblings restart with it), a worker or the workers' supervisor
-    or the pool is stopped, or the kernel shuts down. Then: no task is left; the books
+    ``one_for_all``, its siblings restart with it), a worker is stopped (or drained),
+    the workers' supervisor or the pool is stopped, the pool is shrunk to 1 or grown to
+    3, or the kernel shuts down. Then: no task is left; the books
     balance (accepted = handled + dead-lettered, nothing in flight); every request got
     its answer or a documented error before the block ended (10 s after the fault: none
     was left unanswered to the shutdown or its deadline); each worker handled
@@ -186,6 +202,12 @@ def test_a_fault_at_any_step_of_a_pool_s_grow_shrink_drain_or_wait_for_room_lose
                 await kernel.send("workers/0", "boom")
             elif fault == "worker_stopped":
                 nursery.start_soon(_stopped, kernel, "workers/1")
+            elif fault == "worker_drained":
+                nursery.start_soon(_stopped, kernel, "workers/1", True)
+            elif fault == "shrunk":
+                nursery.start_soon(ask, kernel, {"$resize": 1})
+            elif fault == "grown":
+                nursery.start_soon(ask, kernel, {"$resize": 3})
             elif fault == "pool_stopped":
                 nursery.start_soon(_stopped, kernel, "workers")
             elif fault == "supervisor_stopped":
@@ -234,8 +256,8 @@ def test_a_fault_at_any_step_of_a_pool_s_grow_shrink_drain_or_wait_for_room_lose
         assert not isinstance(outcome, RequestTimeout), (payload, outcome)
         # (not failed by the block's end: a request never answered)
         assert not quiet or ended < quiet[0], (payload, outcome, ended)
-        if payload == {"$resize": 4} and not isinstance(outcome, BaseException):
-            assert outcome == {"size": 4}
+        if isinstance(payload, dict) and "$resize" in payload:
+            assert isinstance(outcome, REFUSED) or outcome == {"size": payload["$resize"]}
     for name, numbers in done.items():
         assert numbers == sorted(numbers), (name, numbers)
 
@@ -243,3 +265,64 @@ def test_a_fault_at_any_step_of_a_pool_s_grow_shrink_drain_or_wait_for_room_lose
 async def _stopped(kernel: Kernel, target: str, drain: bool = False) -> None:
     with suppress(AgentNotFound):
         await kernel.stop(target, drain=drain)
+
+
+@pytest.mark.parametrize("queue", [10_000, 0])
+async def test_a_pool_whose_workers_fail_and_leave_with_its_log_on_dev_full_loses_no_message(
+    restore_logging: None, autojump_clock: trio.testing.MockClock, queue: int
+) -> None:
+    """The JSON log on a full disk (``/dev/full``: every write fails with ENOSPC) while a
+    pool's ``temporary`` workers fail one by one (an ERROR with its traceback each, and
+    the router's WARNING as it drops them), then a grow whose new workers fail their
+    first start (a WARNING naming them), then a grow that works: routing goes on, every
+    message is handled or dead-lettered with its reason, the resize requests get their
+    answers, and every record is counted lost, none raised into the kernel."""
+    if not os.path.exists("/dev/full"):
+        pytest.fail("this test needs /dev/full (Linux)")
+    logger = logging.getLogger("nexus_trio")
+    kept = list(logger.handlers)
+    starts: list[str | None] = []
+    handled: list[tuple[str | None, Any]] = []
+
+    class Worker(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            starts.append(ctx.name)
+            if ctx.name in ("workers/3", "workers/4"):
+                raise RuntimeError("no database")
+
+        async def handle(self, ctx: Context, msg: Message) -> Any:
+            if msg.payload == "boom":
+                raise RuntimeError("boom")
+            handled.append((ctx.name, msg.payload))
+            return ctx.name if msg.kind is MessageKind.QUERY else None
+
+    with open("/dev/full", "w") as full:
+        configure_logging(LoggingConfig(level="info", format="json", queue=queue), stream=full)
+        before = records_lost()
+        config = test_config(dead_letter_log_limit=0, failure_log_limit=0)
+        async with open_test_kernel(config) as kernel:
+            spec = AgentSpec(factory=Worker, restart="temporary")
+            kernel.spawn(pool(spec, size=3))
+            await trio.testing.wait_all_tasks_blocked()
+            for payload in ["boom", "boom", 1, 2]:  # workers/0 and /1 fail and leave
+                await kernel.send("workers", payload)
+                await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(RequestFailed, match="grew by 0 to 1 workers, not 3"):
+                await kernel.request("workers", {"$resize": 3})
+            assert await kernel.request("workers", {"$resize": 2}) == {"size": 2}
+            answers = [await kernel.request("workers", n) for n in (3, 4)]
+            await trio.testing.wait_all_tasks_blocked()
+            assert_conserved(kernel)
+            stats = kernel.stats()
+        assert flush_logs()
+        lost = records_lost() - before
+        for handler in [h for h in logger.handlers if h not in kept]:
+            logger.removeHandler(handler)  # (before its stream closes)
+            handler.close()
+    assert starts == [f"workers/{n}" for n in range(6)]
+    # round robin's turn stays where it was across the leaves and the grows (pools.md)
+    assert handled == [("workers/2", 1), ("workers/2", 2), ("workers/5", 3), ("workers/2", 4)]
+    assert answers == ["workers/5", "workers/2"]
+    assert stats.dead_letters_by_reason == {"handler_error": 2}
+    assert stats.run_failures == 2  # the two failed first starts
+    assert lost > 0
