@@ -326,3 +326,60 @@ async def test_a_pool_whose_workers_fail_and_leave_with_its_log_on_dev_full_lose
     assert stats.dead_letters_by_reason == {"handler_error": 2}
     assert stats.run_failures == 2  # the two failed first starts
     assert lost > 0
+
+
+async def test_one_key_s_messages_keep_their_order_across_a_worker_restart_not_across_a_shrink(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Order in a consistent-hash pool (pools.md, Routing): one sender's messages with
+    one key reach one worker, which handles them in the order sent, also when that
+    worker fails on one of them and is restarted (a restart keeps its mailbox: the rest
+    wait there, in order; the failed one is dead-lettered). A shrink that removes the
+    key's worker moves the key: what is queued there is handled by the removed worker
+    as it drains, while what comes after goes to the key's new worker at once, so the
+    two run side by side (as in Akka's ConsistentHashingPool; a sender that needs order
+    across a resize waits for the resize's answer)."""
+    handled: list[tuple[str | None, int, float]] = []
+
+    class Worker(Agent):
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            if msg.payload["n"] == 2 and msg.payload["fail"]:
+                raise RuntimeError("fails on 2")
+            await trio.sleep(1)
+            handled.append((ctx.name, msg.payload["n"], trio.current_time()))
+
+    def key(msg: Message) -> Any:
+        return msg.payload["k"]
+
+    async with open_test_kernel() as kernel:
+        spec = AgentSpec(factory=Worker, mailbox_capacity=100)
+        kernel.spawn(pool(spec, size=2, routing="consistent_hash", key=key))
+        await trio.testing.wait_all_tasks_blocked()
+        # the key "k3" belongs to workers/1 (hashes are the same on every run); five
+        # messages with it, the second fails
+        for n in range(5):
+            await kernel.send("workers", {"k": "k3", "n": n, "fail": True})
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(10)
+        assert [(name, n) for name, n, _ in handled] == [("workers/1", n) for n in (0, 1, 3, 4)]
+        handled.clear()
+
+        # a shrink to 1 removes workers/1 while it has four of the key queued: the four
+        # sent after the shrink go to workers/0 at once
+        for n in range(10, 14):
+            await kernel.send("workers", {"k": "k3", "n": n, "fail": False})
+        await trio.testing.wait_all_tasks_blocked()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kernel.request, "workers", {"$resize": 1})
+            await trio.testing.wait_all_tasks_blocked()
+            for n in range(20, 24):
+                await kernel.send("workers", {"k": "k3", "n": n, "fail": False})
+        await trio.sleep(10)
+        stats = kernel.stats()
+    by_worker: dict[str | None, list[int]] = {}
+    for worker, n, _ in handled:
+        by_worker.setdefault(worker, []).append(n)
+    # each worker in order, the two side by side: 10 and 20 both end at 1 s
+    assert by_worker == {"workers/1": [10, 11, 12, 13], "workers/0": [20, 21, 22, 23]}
+    assert handled[0][2] == handled[1][2]
+    assert dict(stats.dead_letters_by_reason) == {"handler_error": 1}
