@@ -168,3 +168,45 @@ async def test_a_durable_message_its_node_crashed_on_is_handled_by_the_node_s_ne
         1,
         0,
     )
+
+
+async def test_a_durable_message_in_hand_when_the_node_s_consumer_is_deleted_is_handled_once(
+    nats: NatsServer,
+) -> None:
+    """The node's JetStream consumer is deleted (by an operator) while an agent handles a
+    durable message: the answer's ack goes to a consumer that is gone, the node's pull
+    makes the consumer anew at its next failed fetch, and the new consumer delivers the
+    message again (unacked, it stayed in the work-queue stream). The node knows its id
+    (acked here before): acked again, counted a duplicate, its handler not run again;
+    a message sent afterwards is handled. Nothing dead, the stream empty at the end."""
+    handled: list[Any] = []
+    release = trio.Event()
+    arrived = trio.Event()
+
+    @agent(name="holds-a")
+    async def holds(ctx: Context, msg: Message) -> Any:
+        handled.append(msg.payload)
+        arrived.set()
+        if msg.payload == "held":
+            await release.wait()
+        return "ok"
+
+    async with local_node(nats.url) as (kernel, cluster):
+        kernel.spawn(holds)
+        stream = f"{cluster.prefix}-durable"
+        with trio.fail_after(30):
+            await cluster.send_durable("holds-a", "held")
+            await arrived.wait()
+            await call_aio(cluster.data_js.delete_consumer, stream, cluster.node)
+            release.set()
+            await until(lambda: cluster.stats().durable_duplicates >= 1)
+            await cluster.send_durable("holds-a", "after")
+            await until(lambda: cluster.stats().durable_acked >= 2)
+            while True:  # (the acks reach the stream)
+                info = await call_aio(cluster.data_js.stream_info, stream)
+                if not info.state.messages:
+                    break
+                await trio.sleep(0.05)
+        stats = cluster.stats()
+    assert handled == ["held", "after"]
+    assert (stats.durable_acked, stats.durable_duplicates, stats.durable_dead) == (2, 1, 0)
