@@ -175,10 +175,11 @@ class _WorkerBehaviour:
       is cancelled); with the worker's mailbox depth it is the worker's load.
     * ``first_starts[worker id]`` (workers added by a grow, until their first start)
       tells the grow how that start went: the first ``on_start`` that returns or raises
-      (one cancelled, by a restart of its siblings, say, leaves it to the next). One that fails is stopped for good
-      (``start_failed``) instead of being restarted, as OTP's ``start_child`` does not
-      restart a child whose ``init`` failed: it never ran, and its restarts would spend
-      the intensity that protects the running workers.
+      (one cancelled, by a restart of its siblings, say, leaves it to the next). One
+      that fails is stopped for good (``start_failed``) instead of being restarted, as
+      OTP's ``start_child`` does not restart a child whose ``init`` failed: it never
+      ran, and its restarts would spend the intensity that protects the running
+      workers.
     """
 
     __slots__ = ("_first_starts", "_in_hand", "_inner", "_started")
