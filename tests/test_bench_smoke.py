@@ -268,6 +268,121 @@ def test_combine_takes_medians_per_row() -> None:
     assert row.ratio == pytest.approx(0.1)
 
 
+def test_combine_keeps_each_repetition_s_ratio_as_a_pair() -> None:
+    def rep(kernel: float, base: float) -> ScenarioResult:
+        m = Metric("s", "rate", "msg/s", kernel, {"raw": base}, reference="raw")
+        return ScenarioResult("s", (m,), {})
+
+    # The middle repetition's baseline ran fast: the ratio of the medians (2.0 / 20.0)
+    # is 0.1, the pairs 0.1, 0.1 and 0.05.
+    (row,) = combine([rep(1.0, 10.0), rep(2.0, 40.0), rep(3.0, 30.0)])
+    assert row.ratio == pytest.approx(2.0 / 30.0)
+    assert row.pair_ratios == pytest.approx((0.1, 0.05, 0.1))
+    assert row.paired_ratio == pytest.approx(0.1)
+    assert row.verdict_ratio == pytest.approx(0.1)
+    # One repetition is not a pair.
+    (single,) = combine([rep(1.0, 10.0)])
+    assert single.pair_ratios == () and single.paired_ratio is None
+    assert single.verdict_ratio == pytest.approx(0.1)
+
+
+def test_the_fanout_goal_is_judged_on_the_median_of_its_per_pair_ratios() -> None:
+    # Fixed fake timings (seconds per side per repetition, each repetition's sides back to
+    # back): the kernel as fast as asyncio within each pair but for one slow kernel run
+    # in the pair where the load was between the others'.
+    seconds = {
+        "raw trio": [0.25, 0.35, 0.5],
+        "asyncio": [1.05, 1.4, 2.1],
+        "kernel": [1.0, 1.5, 2.0],
+    }
+    vs_asyncio, vs_trio = _goals.fanout_metrics(1_000, 1_000_000, seconds)
+    assert vs_asyncio.reference == "asyncio" and vs_trio.reference == "raw trio"
+    assert vs_asyncio.pair_ratios == pytest.approx((1.05, 1.4 / 1.5, 1.05))
+    assert vs_asyncio.paired_ratio == pytest.approx(1.05)
+    # The ratio of the medians (1,000,000 / 1.5 against 1,000,000 / 1.4) misses the must.
+    assert vs_asyncio.ratio == pytest.approx(1.4 / 1.5)
+    assert vs_asyncio.goal is not None and vs_asyncio.goal.threshold == 1.5
+    assert vs_asyncio.goal_value == pytest.approx(1.05)
+    assert vs_asyncio.met is False
+    assert vs_asyncio.kernel == pytest.approx(1_000_000 / 1.5)
+    assert vs_asyncio.runs == pytest.approx((1e6, 1e6 / 1.5, 1e6 / 2.0))
+    assert vs_trio.pair_ratios == pytest.approx((0.25, 0.35 / 1.5, 0.25))
+    assert vs_trio.goal_value == pytest.approx(0.25) and vs_trio.met is False
+    assert vs_asyncio.to_dict()["paired_ratio"] == pytest.approx(1.05)
+    assert vs_asyncio.to_dict()["ratio"] == pytest.approx(1.4 / 1.5)
+    # Judged at the must's threshold, the pairs meet it and the medians would not.
+    must = attrs.evolve(vs_asyncio, goal=Goal(">= 1.0x", "ratio", ">=", 1.0))
+    assert must.met is True
+    assert attrs.evolve(must, pair_ratios=()).met is False
+
+
+def test_the_fanout_rows_alternate_which_side_runs_first_and_pair_each_repetition(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    order: list[str] = []
+    times = {"raw trio": iter([0.5, 0.5, 0.5, 0.5]), "asyncio": iter([2.0, 1.0, 3.0, 2.0])}
+    kernel_times = iter([1.0, 1.0, 1.0, 1.0])
+
+    async def trio_fanout(agents: int, messages: int) -> tuple[float, int]:
+        order.append("raw trio")
+        return next(times["raw trio"]), messages
+
+    async def asyncio_fanout(agents: int, messages: int) -> tuple[float, int]:
+        order.append("asyncio")
+        return next(times["asyncio"]), messages
+
+    async def kernel_fanout(
+        agents: int, messages: int, *, activate: bool = True
+    ) -> tuple[float, dict[str, int]]:
+        counts = {"sent": messages, "accepted": messages, "handled": messages}
+        counts |= {"dead_lettered": 0, "in_flight": 0}
+        if not activate:
+            return 1.0, counts
+        order.append("kernel")
+        return next(kernel_times), counts
+
+    monkeypatch.setattr(_fanout, "trio_fanout", trio_fanout)
+    monkeypatch.setattr(_fanout, "asyncio_fanout", asyncio_fanout)
+    monkeypatch.setattr(_fanout, "kernel_fanout", kernel_fanout)
+    assert _goals.fanout_order(0) == ("raw trio", "asyncio", "kernel")
+    assert _goals.fanout_order(1) == ("kernel", "asyncio", "raw trio")
+    counts: dict[str, int] = {}
+    vs_asyncio, vs_trio, _ = _goals._fanout_rows(attrs.evolve(TINY, repeat=4), counts)
+    assert order == ["raw trio", "asyncio", "kernel", "kernel", "asyncio", "raw trio"] * 2
+    assert vs_asyncio.pair_ratios == pytest.approx((2.0, 1.0, 3.0, 2.0))
+    assert vs_asyncio.paired_ratio == pytest.approx(2.0)
+    assert vs_trio.pair_ratios == pytest.approx((0.5,) * 4)
+    # One repetition (the quick and smoke scales) makes no pair: the ratio stands alone.
+    order.clear()
+    times["asyncio"] = iter([2.0])
+    times["raw trio"] = iter([0.5])
+    kernel_times = iter([1.0])
+    single, _, _ = _goals._fanout_rows(attrs.evolve(TINY, repeat=1), counts)
+    assert single.pair_ratios == () and single.goal_value == pytest.approx(2.0)
+
+
+def test_a_report_shows_the_median_of_the_pairs_over_the_ratio_of_the_medians() -> None:
+    from nexus_trio.bench._report import markdown
+
+    metric = Metric(
+        "goals",
+        "fan-out",
+        "msg/s",
+        2.0,
+        {"asyncio": 2.0},
+        reference="asyncio",
+        goal=Goal(">= 1.0x", "ratio", ">=", 1.0),
+        pair_ratios=(1.1, 0.9, 1.05),
+    )
+    data = {"metrics": [metric.to_dict()]}
+    assert "| 1.05x<br>(median of 3 pairs; ratio of medians 1.00x) |" in markdown(data)
+    assert "| **yes** (5% margin) |" in markdown(data)
+    again = json.loads(json.dumps(metric.to_dict()))
+    from nexus_trio.bench._result import metric_from_dict
+
+    assert metric_from_dict(again) == metric
+
+
 def test_goal_met_and_margin() -> None:
     at_least = Goal(">= 1.0x", "ratio", ">=", 1.0)
     assert at_least.met(1.5) and at_least.margin(1.5) == "50% margin"

@@ -3,7 +3,11 @@
 A :class:`Metric` is one row of the results table: the kernel's value, the values of
 the baselines measured in the same process run, the baseline the ratio is taken
 against, and optionally the goal from issue 6 with whether it was met and by how much.
-Repetitions are folded into one metric by taking medians (:func:`combine`).
+Repetitions are folded into one metric by taking medians (:func:`combine`). Where the
+kernel and its reference baseline were measured back to back (a pair), each pair's own
+ratio is kept as well and the goal is judged on the median of those ratios: a load that
+changes between pairs moves both sides of a pair, and one noisy run moves one pair, not
+the verdict. The ratio of the medians is reported beside it.
 
 PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
@@ -103,9 +107,13 @@ class Metric:
     #: CPU time and page faults of the process over the phase this row timed (None: not
     #: recorded; runs saved before it was have none)
     usage: Usage | None = None
+    #: ``kernel / reference`` of each repetition that measured both back to back (empty:
+    #: no pairs; a single repetition has none)
+    pair_ratios: tuple[float, ...] = ()
 
     @property
     def ratio(self) -> float | None:
+        """The ratio of the medians: ``kernel / baselines[reference]``."""
         if self.reference is None:
             return None
         base = self.baselines.get(self.reference)
@@ -114,10 +122,22 @@ class Metric:
         return self.kernel / base
 
     @property
+    def paired_ratio(self) -> float | None:
+        """The median of :attr:`pair_ratios` (None without pairs)."""
+        return statistics.median(self.pair_ratios) if self.pair_ratios else None
+
+    @property
+    def verdict_ratio(self) -> float | None:
+        """The ratio a goal on the ratio is judged on: the median of the per-pair ratios
+        where there are pairs, else the ratio of the medians."""
+        paired = self.paired_ratio
+        return self.ratio if paired is None else paired
+
+    @property
     def goal_value(self) -> float | None:
         if self.goal is None:
             return None
-        return self.ratio if self.goal.on == "ratio" else self.kernel
+        return self.verdict_ratio if self.goal.on == "ratio" else self.kernel
 
     @property
     def met(self) -> bool | None:
@@ -144,6 +164,8 @@ class Metric:
             "runs": list(self.runs),
             "note": self.note,
             "usage": self.usage.to_dict() if self.usage is not None else None,
+            "pair_ratios": list(self.pair_ratios),
+            "paired_ratio": self.paired_ratio,
         }
 
 
@@ -160,7 +182,11 @@ class ScenarioResult:
 
 
 def combine(results: Sequence[ScenarioResult]) -> list[Metric]:
-    """Fold repetitions into one metric per row, by medians of every value."""
+    """Fold repetitions into one metric per row, by medians of every value.
+
+    A repetition measures the kernel and its baselines one after another in one run, so
+    its own ratio is a pair: with two or more, the row keeps them (a row that already
+    carries pairs of its own gives those instead of its one ratio)."""
     rows: dict[tuple[str, str], list[Metric]] = {}
     for result in results:
         for metric in result.metrics:
@@ -172,6 +198,7 @@ def combine(results: Sequence[ScenarioResult]) -> list[Metric]:
         for m in runs:
             names.update(dict.fromkeys(m.baselines))
         usages = [m.usage for m in runs if m.usage is not None]
+        pairs = _pairs(runs)
         baselines = {
             name: statistics.median([m.baselines[name] for m in runs if name in m.baselines])
             for name in names
@@ -183,9 +210,35 @@ def combine(results: Sequence[ScenarioResult]) -> list[Metric]:
                 baselines=baselines,
                 runs=tuple(m.kernel for m in runs),
                 usage=Usage.median(usages) if usages else None,
+                pair_ratios=pairs,
             )
         )
     return combined
+
+
+def _pairs(runs: Sequence[Metric]) -> tuple[float, ...]:
+    """The per-pair ratios of a row's repetitions: each one's own pairs, or its ratio."""
+    if len(runs) == 1:
+        return runs[0].pair_ratios
+    pairs: list[float] = []
+    for m in runs:
+        ratio = m.ratio
+        if m.pair_ratios:
+            pairs.extend(m.pair_ratios)
+        elif ratio is not None:
+            pairs.append(ratio)
+        else:
+            return ()
+    return tuple(pairs)
+
+
+def pair_ratios(kernel: Sequence[float], baseline: Sequence[float]) -> tuple[float, ...]:
+    """``kernel[i] / baseline[i]`` for each pair measured back to back."""
+    if len(kernel) != len(baseline):
+        raise ValueError(
+            f"pairs need as many kernel values as baseline values: {len(kernel)} against {len(baseline)}"
+        )
+    return tuple(k / b for k, b in zip(kernel, baseline, strict=True))
 
 
 def check(condition: bool, what: str) -> None:
@@ -210,4 +263,5 @@ def metric_from_dict(data: Mapping[str, Any]) -> Metric:
         runs=tuple(data.get("runs", ())),
         note=data.get("note", ""),
         usage=Usage.from_dict(usage) if usage else None,
+        pair_ratios=tuple(data.get("pair_ratios", ())),
     )
