@@ -362,7 +362,7 @@ def test_the_fanout_rows_alternate_which_side_runs_first_and_pair_each_repetitio
 
 
 def test_a_report_shows_the_median_of_the_pairs_over_the_ratio_of_the_medians() -> None:
-    from nexus_trio.bench._report import markdown
+    from nexus_trio.bench._report import _ratio, markdown
 
     metric = Metric(
         "goals",
@@ -376,6 +376,8 @@ def test_a_report_shows_the_median_of_the_pairs_over_the_ratio_of_the_medians() 
     )
     data = {"metrics": [metric.to_dict()]}
     assert "| 1.05x<br>(median of 3 pairs; ratio of medians 1.00x) |" in markdown(data)
+    assert _ratio(metric) == "1.05x\n(medians 1.00x)"
+    assert _ratio(attrs.evolve(metric, pair_ratios=())) == "1.00x"
     assert "| **yes** (5% margin) |" in markdown(data)
     again = json.loads(json.dumps(metric.to_dict()))
     from nexus_trio.bench._result import metric_from_dict

@@ -91,17 +91,22 @@ def usage_lines(rows: Iterable[tuple[str, str, str, float, Usage | None]]) -> li
 
 
 def _ratio(metric: Metric) -> str:
-    return ratio_text(metric.ratio, metric.paired_ratio, len(metric.pair_ratios), "\n")
+    ratio, paired = metric.ratio, metric.paired_ratio
+    if ratio is None or paired is None:
+        return ratio_text(ratio, paired, 0)
+    # (the column does not wrap: the pairs' count is in the caption's words)
+    return f"{paired:.2f}x\n(medians {ratio:.2f}x)"
 
 
-def ratio_text(ratio: float | None, paired: float | None, pairs: int, sep: str) -> str:
-    """The ratio column: the median of ``pairs`` per-pair ratios (what the goal is judged
-    on) with the ratio of the medians under it, or the ratio of the medians alone."""
+def ratio_text(ratio: float | None, paired: float | None, pairs: int) -> str:
+    """The ratio column of the Markdown table: the median of ``pairs`` per-pair ratios
+    (what the goal is judged on) with the ratio of the medians under it, or the ratio of
+    the medians alone."""
     if ratio is None:
         return ""
     if paired is None:
         return f"{ratio:.2f}x"
-    return f"{paired:.2f}x{sep}(median of {pairs} pairs; ratio of medians {ratio:.2f}x)"
+    return f"{paired:.2f}x<br>(median of {pairs} pairs; ratio of medians {ratio:.2f}x)"
 
 
 def _met(metric: Metric) -> str:
@@ -120,8 +125,8 @@ def table(report: Report) -> Table:
     t = Table(
         title=f"nexus_trio benchmarks ({report.scale} scale, median of {report.repeat})",
         caption=(
-            "ratio = kernel / reference baseline (marked *); where the repetitions made pairs,"
-            " the median of the per-pair ratios (the goal's) over the ratio of the medians;"
+            "ratio = kernel / reference baseline (marked *); with pairs (repetitions), the"
+            " median of the per-pair ratios (the goal's) over the ratio of the medians;"
             " units in the metric name"
         ),
     )
@@ -260,7 +265,7 @@ def markdown(data: dict[str, Any]) -> str:
             for name, v in m["baselines"].items()
         )
         pairs = m.get("pair_ratios") or []
-        ratio = ratio_text(m["ratio"], m.get("paired_ratio"), len(pairs), "<br>")
+        ratio = ratio_text(m["ratio"], m.get("paired_ratio"), len(pairs))
         met = "" if m["met"] is None else ("**yes**" if m["met"] else "**no**")
         if m["met"] is not None and m["margin"]:
             met += f" ({m['margin']})"
