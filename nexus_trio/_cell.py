@@ -115,20 +115,23 @@ def _serve_batches(
     full = range(size, 0, -1)
     outcome: Any = _DONE
     while True:
-        cell, receive, handler, ctx, msg, left = yield outcome
+        cell, receive, handler, ctx, got, left = yield outcome
         outcome = _EMPTY
         mailbox = cell.mailbox
         # which handled messages are sampled for latency (see Ledger; it changes)
         mask = ledger.sample_mask
         # counting down what is left of the batch (``for ... else``: the else is a full
         # one). (A ``while left`` counting down by hand cost the fan-out 91 instructions
-        # a message more than a range's iterator.)
+        # a message more than a range's iterator.) ``got`` is the message handed to the
+        # agent while it was parked, taken at the first turn: the turns after it need not
+        # clear ``msg`` for the next (each takes its own).
         for left in full if left is size else range(left, 0, -1):  # noqa: B020
-            if msg is not None:
+            if got is not None:
                 # handed to the agent while it was parked: it is its, handled first
+                msg = got
+                got = None
                 if cell._held:
                     cell._dead_after_grace(msg)
-                    msg = None
                     continue
             else:
                 if cell.interrupted and (
@@ -154,7 +157,6 @@ def _serve_batches(
             if late and msg.kind is _QUERY and id_value(msg) in late:
                 cell.dead_lettered += 1
                 router.discard_queued([msg], DeadLetterReason.REQUEST_TIMEOUT, cell, "")
-                msg = None
                 continue
             cell.current = msg
             # The clock is read only for a sampled message or a handler that suspends: a
@@ -183,7 +185,18 @@ def _serve_batches(
                 box[3] = left - 1
                 outcome = _FAILED
                 break
-            if result is not None and type(result) is _Coroutine:
+            if result is None and not cell._suspended:
+                # The common end (nothing returned, no suspension): one test of each, not
+                # two; the same counting as below.
+                cell.current = None
+                cell.handled += 1
+                ledger.handled += 1
+                if start and not (ledger.handled - 1) & mask:
+                    # Sampled by the kernel-wide count (agents that handle few messages
+                    # are seen too): recording costs more than a no-op handler.
+                    ledger.record_latency(start, msg)
+                continue
+            if type(result) is _Coroutine:
                 box[1] = cell._unawaited(result)
                 box[2] = msg
                 box[3] = left - 1
@@ -193,54 +206,48 @@ def _serve_batches(
             cell.handled += 1
             ledger.handled += 1
             if start and not (ledger.handled - 1) & mask:
-                # Sampled by the kernel-wide count (agents that handle few messages are
-                # seen too): recording costs more than a no-op handler.
                 ledger.record_latency(start, msg)
-            if result is not None or cell._suspended:
-                if cell._suspended:
-                    # done with: the serve loop disarms its deadline, then answers or
-                    # routes what it returned
-                    pass
-                elif type(result) is not Message:
-                    # An answer (a local request's resolves it here, without waiting): the
-                    # batch goes on (queries queued together are one step), and the serve
-                    # loop reads no box for it. What is left to route (a reply to a
-                    # remote requester, or the kernel stops) goes to the serve loop,
-                    # which awaits its route (``Router.answer`` gives a Message back as
-                    # it is).
-                    result = router.answer(cell.id, msg, result)
-                    if result is None:
-                        msg = None
-                        if mailbox.depth:
-                            continue
-                        # Nothing queued (an agent woken for one request): the step ends
-                        # here, not at the next turn's look at the mailbox.
-                        break
-                elif result.kind is not _QUERY:
-                    # A tell returned (a ring's next hop): routed here when that needs no
-                    # wait (room in a local mailbox, or the transport takes it), and the
-                    # batch goes on; handing the step back to the serve loop to route it
-                    # cost a sixth of a ring's hop.
-                    taken = router.route_now(result)
-                    if taken == 1:
-                        msg = None
-                        if mailbox.depth:
-                            continue
-                        break  # (nothing queued: an agent woken for one hop)
-                    if taken:
-                        # taken, and the transport asks its sender to yield once: the
-                        # serve loop's checkpoint between batches (the message is counted)
-                        msg = None
-                        outcome = _FULL
-                        break
-                # answered or routed by the serve loop (which awaits); a handler that
-                # suspended is done with: the serve loop disarms its deadline
-                box[0] = result
-                box[2] = msg
-                box[3] = left - 1
-                outcome = _DONE
-                break
-            msg = None
+            # something returned, or the handler suspended
+            if cell._suspended:
+                # done with: the serve loop disarms its deadline, then answers or
+                # routes what it returned
+                pass
+            elif type(result) is not Message:
+                # An answer (a local request's resolves it here, without waiting): the
+                # batch goes on (queries queued together are one step), and the serve
+                # loop reads no box for it. What is left to route (a reply to a
+                # remote requester, or the kernel stops) goes to the serve loop,
+                # which awaits its route (``Router.answer`` gives a Message back as
+                # it is).
+                result = router.answer(cell.id, msg, result)
+                if result is None:
+                    if mailbox.depth:
+                        continue
+                    # Nothing queued (an agent woken for one request): the step ends
+                    # here, not at the next turn's look at the mailbox.
+                    break
+            elif result.kind is not _QUERY:
+                # A tell returned (a ring's next hop): routed here when that needs no
+                # wait (room in a local mailbox, or the transport takes it), and the
+                # batch goes on; handing the step back to the serve loop to route it
+                # cost a sixth of a ring's hop.
+                taken = router.route_now(result)
+                if taken == 1:
+                    if mailbox.depth:
+                        continue
+                    break  # (nothing queued: an agent woken for one hop)
+                if taken:
+                    # taken, and the transport asks its sender to yield once: the
+                    # serve loop's checkpoint between batches (the message is counted)
+                    outcome = _FULL
+                    break
+            # answered or routed by the serve loop (which awaits); a handler that
+            # suspended is done with: the serve loop disarms its deadline
+            box[0] = result
+            box[2] = msg
+            box[3] = left - 1
+            outcome = _DONE
+            break
         else:
             outcome = _FULL
         # (The message and the rest of the batch are reported, in ``box[2]`` and
@@ -249,7 +256,7 @@ def _serve_batches(
         # cell. (``del``: one instruction a name; ``result`` is unbound in a step that
         # handled nothing.)
         del cell, receive, handler, ctx, mailbox
-        msg = result = None
+        got = msg = result = None
 
 
 class _Carrier(Exception):

@@ -438,6 +438,7 @@ class Router:
         "_ended",
         "_finished_deadlines",
         "_first_agent",
+        "_kernel_high",
         "_last_agent",
         "_late",
         "_now",
@@ -468,6 +469,9 @@ class Router:
 
     def __init__(self, ledger: Ledger, send_timeout: float, heap: HeapKeeper) -> None:
         self.ledger = ledger
+        #: the kernel's mailbox high-water mark (the ledger's), which the fast branch
+        #: checks at every put of a burst: read from here, one attribute, not two
+        self._kernel_high = ledger.high_water
         #: told the backlog on the slow path of sends (see _gc: queued messages)
         self.heap = heap
         self.send_timeout = send_timeout
@@ -886,9 +890,8 @@ class Router:
                 if depth > mailbox.high_water:
                     # while a burst fills a mailbox, every put raises its mark
                     mailbox.high_water = depth
-                    kernel_high = self.ledger.high_water
-                    if depth > kernel_high.value:
-                        kernel_high.value = depth
+                    if depth > self._kernel_high.value:
+                        self._kernel_high.value = depth
             cell.received += 1
             self.ledger.accepted += 1
             if cell.dormant:
