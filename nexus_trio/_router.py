@@ -120,6 +120,9 @@ _RUNNING: Final = KernelPhase.RUNNING
 #: what :meth:`Router.fast` returns for a tell the transport took that asks its sender to
 #: yield once (it sealed a full batch: see ``TakesTells``)
 TAKEN_YIELD: Final = 2
+#: what :meth:`Router.fast` returns when no local agent has the address (for
+#: :meth:`Router.send`: the message goes straight to the transport, if any)
+NO_LOCAL: Final = 3
 _DRAINING: Final = KernelPhase.DRAINING
 _STOPPING: Final = KernelPhase.STOPPING
 
@@ -830,11 +833,13 @@ class Router:
 
     def fast(
         self, msg: Message, to: Address | None, external: bool, parks: bool = False
-    ) -> bool | int | None:
-        """The fast branch, without yielding: True if ``msg`` was enqueued (or taken by
-        the transport: see ``TakesTells``), :data:`TAKEN_YIELD` if the transport took it
-        and asks the sender to yield once (cancel-shielded: the message is taken), None
-        if no local agent has ``to`` (for :meth:`send`: it goes to the transport, if any).
+    ) -> int | None:
+        """The fast branch, without yielding: None if ``msg`` was enqueued (or taken by
+        the transport: see ``TakesTells``), else what :meth:`send` is to be awaited with
+        for the rest: :data:`TAKEN_YIELD` if the transport took it and asks the sender to
+        yield once (cancel-shielded: the message is taken), :data:`NO_LOCAL` if no local
+        agent has ``to`` (it goes to the transport, if any). (None for done: a caller's
+        ``is not None`` is one test where ``is not True`` was two opcodes more a send.)
 
         ``to`` is ``msg.to`` as the caller knows it, or None for a reply (``reply_to``
         set), which takes the slow branch (a property read costs a tenth of a send).
@@ -871,8 +876,8 @@ class Router:
                     if taken:
                         self.ledger.accepted += 1
                         self.ledger.forwarded += 1
-                        return True if taken == 1 else TAKEN_YIELD
-                return None
+                        return None if taken == 1 else TAKEN_YIELD
+                return NO_LOCAL
             # _enqueue and Mailbox.try_put, written out: each call would cost a tenth of
             # the whole send.
             mailbox = cell.mailbox
@@ -896,20 +901,25 @@ class Router:
             self.ledger.accepted += 1
             if cell.dormant:
                 cell.wake()
-            return True
+            return None
         # the sixteenth: Router.send checks for cancellation
         self._check_due = True
         return False
 
-    async def send(self, msg: Message, fast: int | None = False, external: bool = False) -> None:
-        """The rest of a send after :meth:`fast` said no (``fast``: what it said; None
-        when it found no local agent, and the message goes straight to the transport): may
-        wait for room (``block``), raises ``AgentNotFound`` / ``MailboxFull`` /
-        ``TransportUnavailable``.
+    async def send(self, msg: Message, fast: int = False, external: bool = False) -> None:
+        """The rest of a send after :meth:`fast` said no (``fast``: what it said;
+        :data:`TAKEN_YIELD`: the transport took it, and the sender yields once here;
+        :data:`NO_LOCAL` when it found no local agent, and the message goes straight to
+        the transport): may wait for room (``block``), raises ``AgentNotFound`` /
+        ``MailboxFull`` / ``TransportUnavailable``.
 
         As on the fast branch, one send in sixteen checks for cancellation (a wait for
         room checks too): a send to another kernel comes here each time, and the check
         cost about a thirtieth of it."""
+        if fast == TAKEN_YIELD:
+            # taken (counted): cancel-shielded, nothing here may refuse it
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
         if self._check_due:
             self._check_due = False
             await trio.lowlevel.checkpoint_if_cancelled()
@@ -922,20 +932,20 @@ class Router:
                 cell = self.local(msg.to)
                 if cell is None:
                     self.check_address(msg.to)
-                    fast = None  # looked up: no local agent, and an address
+                    fast = NO_LOCAL  # looked up: no local agent, and an address
                 elif self._enqueue(cell, msg):
                     return
         try:
             transport = self.transport
             if transport is not None and (
-                # None: no local agent was found just now (nothing ran since) for a
+                # NO_LOCAL: no local agent was found just now (nothing ran since) for a
                 # tell's address (fast() finds none for a reply: it is given no ``to``),
                 # so the property ``reply_to`` (a tenth of the rest) is not read again
-                fast is None or (msg.reply_to is None and self.local(msg.to) is None)
+                fast == NO_LOCAL or (msg.reply_to is None and self.local(msg.to) is None)
             ):
                 # deliver's branch for another kernel, without its coroutine (every tell
-                # to another kernel comes this way); fast() found an address (None)
-                if fast is not None:
+                # to another kernel comes this way); fast() found an address (NO_LOCAL)
+                if fast != NO_LOCAL:
                     self.check_address(msg.to)
                 if not external:
                     await transport.deliver(msg)
@@ -1483,7 +1493,7 @@ class Router:
         enqueued = False
         try:
             try:
-                if self.fast(query, query.to, external, True):
+                if self.fast(query, query.to, external, True) is None:
                     enqueued = True
                 else:
                     # It may wait for room: not past the request's own deadline.
