@@ -229,6 +229,8 @@ def test_a_dumb_terminal_gets_the_progress_lines_not_a_live_view_it_cannot_redra
     os.close(master)
     err = b"".join(chunks).decode("utf-8", "replace")
     assert proc.returncode == 0, err
-    assert re.search(r"nexus_trio\.cli t=5\.\ds phase=running agents=10 msg/s=", err), err
+    # (the line of the 5-second tick; its ``t=`` is the run's own clock, which a loaded
+    # machine can show as 4.9 s at that tick)
+    assert re.search(r"nexus_trio\.cli t=[45]\.\ds phase=running agents=10 msg/s=", err), err
     assert "╭" not in err  # (no live view's frame)
     assert re.search(rb"stopped by\s+duration", out)
