@@ -3632,12 +3632,24 @@ async def test_queries_and_replies_are_counted_per_peer_whatever_becomes_of_them
                     with pytest.raises(RequestTimeout):
                         await ka.request("slow", "by name", timeout=RUNNING_BY_THEN)
                     await cancelled.wait()
-                    # timed out, to a type (not cancelled there): its reply crosses late
-                    with pytest.raises(RequestTimeout):
-                        await ka.request("type:slow", "by type", timeout=0.3)
+                    # timed out, to a type, its reply made before its cancel came: the
+                    # reply crosses late. (b's outbox is held from before its replica
+                    # took the query until the requester timed out: without it, whether
+                    # the reply or the cancel came first was a race.)
+                    cb._outbox.pause()
+                    async with trio.open_nursery() as asking:
+
+                        async def ask_the_type() -> None:
+                            with pytest.raises(RequestTimeout):
+                                await ka.request("type:slow", "by type", timeout=RUNNING_BY_THEN)
+
+                        asking.start_soon(ask_the_type)
+                        await until(lambda: bool(cb._type_taken))  # queued behind "by name"
+                        gate.set()
+                        b_late = await anext(aiter(b_letters))
+                        await until(lambda: len(cb._outbox) > 0)  # the reply, held
                     assert ca.queries_and_replies_sent_to(peer) == 4  # the type's not yet
-                    gate.set()
-                    b_late = await anext(aiter(b_letters))
+                    cb._outbox.resume()
                     a_late = await anext(aiter(a_letters))
             finally:
                 gate.set()  # (a failure above must end the shielded handlers: no hang)
@@ -3754,11 +3766,17 @@ async def test_a_query_refused_or_dropped_at_the_door_gets_one_error_frame(
     frame, not two: the cluster forgets its reply subject as it answers."""
     held = trio.Event()
     release = trio.Event()
+    fillers_handled, room = 0, trio.Event()
 
     async def holds(ctx: Context, msg: Message) -> Any:
+        nonlocal fillers_handled
         if msg.payload == "hold":
             held.set()
             await release.wait()
+        if msg.payload == "filler":
+            fillers_handled += 1
+            if fillers_handled == 2:
+                room.set()  # both mailboxes empty again
         return msg.payload if msg.kind is MessageKind.QUERY else None
 
     async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
@@ -3777,6 +3795,9 @@ async def test_a_query_refused_or_dropped_at_the_door_gets_one_error_frame(
             with trio.fail_after(5), pytest.raises(RequestFailed) as dropped:
                 await ka.request("full-drop", "work", timeout=30)
             release.set()
+            # (once there is room: a query read as soon as it comes, one scheduler round
+            # after the release, could find the filler still queued, and be dropped)
+            await room.wait()
             # answered as ever, and nothing else came to a
             assert await ka.request("full-drop", "last", timeout=30) == "last"
     assert dropped.value.reason == "mailbox_overflow"

@@ -31,10 +31,11 @@ from nexus_trio._nats._direct import (
     flush_after_subscribe,
     parse_commands,
     publish_at_once,
+    read_inline,
     take_unsent,
 )
 
-from .nats_server import FAST, PATIENT
+from .nats_server import FAST, PATIENT, until
 
 
 def _msg(data: bytes) -> SimpleNamespace:
@@ -173,11 +174,11 @@ async def test_a_query_after_tells_arrives_after_them_taken_inline(nats: NatsSer
         on_batch, handle_now = cb._on_batch, cb._handle_now
 
         def spy_batch(data: bytes) -> None:
-            tasks.append(("batch", asyncio.current_task()))
+            tasks.append(("batch", (asyncio.current_task(), trio.lowlevel.current_task())))
             on_batch(data)
 
         def spy_single(m: Any) -> bool:
-            tasks.append(("single", asyncio.current_task()))
+            tasks.append(("single", (asyncio.current_task(), trio.lowlevel.current_task())))
             return handle_now(m)
 
         cb._on_batch = spy_batch  # type: ignore[method-assign]
@@ -189,10 +190,165 @@ async def test_a_query_after_tells_arrives_after_them_taken_inline(nats: NatsSer
                 await ka.send("log", n)
             assert await ka.request("log", "query") == 51
         assert seen == [*range(1, 51), "query"]
-        # the tells' batch(es), then the query, all in the data connection's reading task
+        # the tells' batch(es), then the query, all where the data connection's socket
+        # is read (read_inline): one Trio task, in no asyncio task (not nats-py's
+        # reading task, which waits for bytes that never reach it)
         kinds = [kind for kind, _ in tasks]
         assert "batch" in kinds and kinds[-1] == "single" and kinds.count("single") == 1
-        assert {task for _, task in tasks} == {cb.nc._reading_task}
+        assert {aio for _, (aio, _) in tasks} == {None}
+        assert len({task for _, (_, task) in tasks}) == 1
+        await ka.shutdown()
+        await kb.shutdown()
+
+
+class _Parser:
+    """nats-py's parser as ``read_inline`` uses it: ``parse`` of b"slow" waits for
+    ``gate``, of b"bad" raises."""
+
+    def __init__(self) -> None:
+        self.seen: list[bytes] = []
+        self.gate: asyncio.Future[None] | None = None
+
+    async def parse(self, data: bytes = b"") -> None:
+        if data == b"bad":
+            raise ValueError("bad bytes")
+        if data == b"slow":
+            self.gate = asyncio.get_running_loop().create_future()
+            await self.gate
+        self.seen.append(data)
+
+
+def _reading(reader: asyncio.StreamReader, parser: _Parser) -> SimpleNamespace:
+    """A client of nats-py's shape, as far as ``read_inline`` reads it."""
+    return SimpleNamespace(_transport=SimpleNamespace(_io_reader=reader), _ps=parser)
+
+
+def test_bytes_are_parsed_where_they_are_read_while_the_reading_task_waits() -> None:
+    async def main() -> None:
+        reader, parser = asyncio.StreamReader(), _Parser()
+        assert read_inline(_reading(reader, parser))
+        assert read_inline(_reading(reader, parser))  # (once a reader: not twice)
+        reading = asyncio.create_task(reader.read(100))  # nats-py's reading task
+        await asyncio.sleep(0)  # it waits for bytes
+        reader.feed_data(b"one")
+        assert parser.seen == [b"one"]  # parsed in the call that read them
+        reader.feed_data(b"two")
+        assert parser.seen == [b"one", b"two"] and not reading.done()
+        reading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reading
+        # nothing waits for them: buffered, for the reading task's next read, in order
+        reader.feed_data(b"three")
+        reader.feed_data(b"four")
+        assert parser.seen == [b"one", b"two"]
+        assert await reader.read(100) == b"threefour"
+
+    asyncio.run(main())
+
+
+def test_bytes_behind_a_parse_that_suspends_wait_for_it_then_the_end() -> None:
+    async def main() -> None:
+        reader, parser = asyncio.StreamReader(), _Parser()
+        assert read_inline(_reading(reader, parser))
+        reading = asyncio.create_task(reader.read(100))
+        await asyncio.sleep(0)
+        reader.feed_data(b"slow")  # its parse waits for the gate
+        reader.feed_data(b"after")
+        reader.feed_eof()
+        await asyncio.sleep(0)
+        assert parser.seen == [] and not reading.done()
+        assert parser.gate is not None
+        parser.gate.set_result(None)
+        # the reading task sees the end only once what came before it was parsed
+        assert await asyncio.wait_for(reading, 20) == b""
+        assert parser.seen == [b"slow", b"after"]
+
+    asyncio.run(main())
+
+
+def test_a_parse_that_fails_hands_its_error_to_the_reading_task() -> None:
+    """As if nats-py's own parse had raised in its reading task (which then handles a
+    protocol error or a lost connection as it always does)."""
+
+    async def main() -> None:
+        reader, parser = asyncio.StreamReader(), _Parser()
+        assert read_inline(_reading(reader, parser))
+        reading = asyncio.create_task(reader.read(100))
+        await asyncio.sleep(0)
+        reader.feed_data(b"bad")
+        with pytest.raises(ValueError, match="bad bytes"):
+            await asyncio.wait_for(reading, 20)  # (bounded: not woken is a failure)
+
+    asyncio.run(main())
+
+
+def test_a_client_of_another_shape_is_read_as_nats_py_reads_it() -> None:
+    assert not read_inline(SimpleNamespace())
+    assert not read_inline(_reading(SimpleNamespace(), _Parser()))  # type: ignore[arg-type]
+
+    async def main() -> None:
+        reader = asyncio.StreamReader()
+        assert not read_inline(SimpleNamespace(_transport=SimpleNamespace(_io_reader=reader)))
+        assert "feed_data" not in vars(reader)
+
+    asyncio.run(main())
+
+
+async def test_requests_are_parsed_where_read_also_after_a_reconnect(nats: NatsServer) -> None:
+    """Neither a query nor its reply waits for a turn of nats-py's reading task on
+    either kernel (one Trio scheduler round less each way); after the data connection
+    is lost and made again, the new connection's reader is read the same way."""
+
+    @agent(name="echo")
+    async def echo(ctx: Context, msg: Message) -> Any:
+        return msg.payload
+
+    config = Config(kernel=KernelConfig(request_timeout_ms=10_000))
+    async with (
+        open_kernel(config) as kb,
+        open_kernel(config) as ka,
+        join_cluster(kb, nats.url, "b", options=PATIENT) as cb,
+        join_cluster(ka, nats.url, "a", options=PATIENT) as ca,
+    ):
+        kb.spawn(echo)
+        with trio.fail_after(30):
+            await cb.names_published()
+            await ca.wait_for_name("echo")
+            assert await ka.request("echo", 0) == 0
+        parsed_by_reading_task = {"a": 0, "b": 0}
+
+        def spy(name: str, cluster: Any) -> None:
+            parser = cluster.nc._ps
+            parse = parser.parse
+
+            async def counted(data: bytes = b"") -> None:
+                if asyncio.current_task() is cluster.nc._reading_task:
+                    parsed_by_reading_task[name] += 1
+                await parse(data)
+
+            parser.parse = counted  # (nats-py's reading task calls self._ps.parse)
+
+        spy("a", ca)
+        spy("b", cb)
+        with trio.fail_after(30):
+            for n in range(1, 21):
+                assert await ka.request("echo", n) == n
+        assert parsed_by_reading_task == {"a": 0, "b": 0}
+
+        old_reader = ca.nc._transport._io_reader
+        ca.nc._transport._io_writer.transport.abort()  # the data connection is lost
+        with trio.fail_after(30):
+            await until(lambda: ca.stats().reconnects >= 1)  # (nothing announces it)
+            for n in range(21, 41):
+                assert await ka.request("echo", n) == n
+        assert ca.nc._transport._io_reader is not old_reader
+        assert "feed_data" in vars(ca.nc._transport._io_reader)
+        reads_before = parsed_by_reading_task["a"]
+        with trio.fail_after(30):
+            for n in range(41, 61):
+                assert await ka.request("echo", n) == n
+        assert parsed_by_reading_task["a"] == reads_before
+        assert parsed_by_reading_task["b"] == 0
         await ka.shutdown()
         await kb.shutdown()
 

@@ -926,6 +926,8 @@ class Cluster:
             self._buckets_to_check = True
             if role == "data":
                 self._reconnects += 1
+                if nc is not None:
+                    direct.read_inline(nc)  # (nats-py read the new socket with a new reader)
                 self._outbox.resume()
                 self._data_up.set()
             url = nc.connected_url.netloc if nc is not None and nc.connected_url else "?"
@@ -1001,6 +1003,9 @@ class Cluster:
         assert nc is not None
         nc.options["max_reconnect_attempts"] = opts.max_reconnect_attempts
         connected = True
+        if role == "data":
+            # a query, a reply, a batch reach the kernel in the step that read them
+            direct.read_inline(nc)
         return nc
 
     def _auth_kind(self) -> str:
@@ -2042,7 +2047,7 @@ class Cluster:
 
     def _take_node_message(self, m: NatsMsg) -> None:
         """asyncio side: a NATS message for this node or for one of its agent types,
-        taken inline in nats-py's reading task (see ``_direct``); it must never suspend.
+        taken inline where nats-py parses it (see ``_direct``); it must never suspend.
 
         trio-asyncio runs this callback inside a Trio task of the same thread, so the
         kernel's non-blocking calls are safe here: the common case (room in the mailbox,

@@ -1,9 +1,9 @@
-"""Two shortcuts through nats-py for a message between kernels, each saving a task switch,
-and a look into its reconnect buffer when a node leaves with its connection down.
+"""Three shortcuts through nats-py for a message between kernels, each saving a task
+switch, and a look into its reconnect buffer when a node leaves with its connection down.
 
 Under trio-asyncio every asyncio task switch is a turn of the Trio scheduler (one
 callback per ``_main_loop_one``), measured at ~100 us on this 2-core machine against
-~30 us in plain asyncio, and a request between two kernels paid four of them that need
+~30 us in plain asyncio, and a request between two kernels paid six of them that need
 no task at all:
 
 * **taken inline** (:func:`deliver_inline`): nats-py queues each message of a
@@ -20,6 +20,13 @@ no task at all:
   backlog the message goes through ``publish``, whose flusher waits for the socket
   (``drain``), so the backpressure stays nats-py's.
 
+* **read inline** (:func:`read_inline`): the bytes trio-asyncio's I/O task reads from
+  the data connection's socket wake nats-py's reading task, whose turn parses them.
+  While that task waits for them with nothing buffered, they are parsed right where
+  they were read instead, so a query reaches the responder's kernel (and a reply the
+  requester's) in the step that read it: per side of a request, one scheduler round,
+  one task step and one asyncio callback fewer (``benchmarks/request_trace.py``).
+
 When a node leaves with its connection down, what nats-py still holds unwritten in its
 buffer (handed to it between the disconnect and the moment the node noticed it) would
 be dropped with the client: :func:`take_unsent` takes those messages out, so that the
@@ -28,12 +35,13 @@ leave counts each of them as it counts what its outbox still held.
 And a flush (:func:`flush`) that times out or is cancelled does not leave the client
 deaf, as nats-py's own did.
 
-All four rely on nats-py internals (``Subscription._pending_queue``, ``_pending_size``;
+All of them rely on nats-py internals (``Subscription._pending_queue``, ``_pending_size``;
 ``Client._pending``, ``_pending_data_size``, ``_transport``, ``_max_payload``,
-``stats``, ``_pongs``, ``_send_ping``, ``_reading_task``, ``_flusher_task``), checked
+``stats``, ``_pongs``, ``_send_ping``, ``_reading_task``, ``_flusher_task``, ``_ps``;
+``asyncio.StreamReader``'s ``_buffer``, ``_waiter``, ``_eof``, ``_exception``), checked
 when used: with a nats-py that lacks them, messages take
-the usual way (the subscription's task, ``publish``), only later, a leave can only log
-the size of the buffer, and a flush is nats-py's.
+the usual way (the reading task, the subscription's task, ``publish``), only later, a
+leave can only log the size of the buffer, and a flush is nats-py's.
 
 PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
@@ -43,7 +51,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
 import nats.errors
@@ -102,7 +110,8 @@ def publish_at_once(nc: Any, subject: str, reply: str, payload: bytes) -> bool:
 
 
 def deliver_inline(sub: Any, take: Callable[[Any], None]) -> bool:
-    """Hand the messages of subscription ``sub`` to ``take`` in nats-py's reading task.
+    """Hand the messages of subscription ``sub`` to ``take`` where nats-py parses them
+    (its reading task, or where the socket is read: :func:`read_inline`).
 
     ``sub`` must have been subscribed with a callback that only calls ``take``, and
     ``take`` must never suspend: a message that finds older ones still queued for the
@@ -262,3 +271,117 @@ def _headers(block: bytes) -> dict[str, str]:
         if colon:
             headers[key.strip()] = value.strip()
     return headers
+
+
+def read_inline(nc: Any) -> bool:
+    """Hand what client ``nc``'s socket brings to nats-py's parser where it is read, not
+    on a turn of nats-py's reading task; True if installed (or there already).
+
+    nats-py's reading task waits in ``StreamReader.read`` for the socket's bytes, which
+    the transport hands to the reader's ``feed_data`` (under trio-asyncio: in the Trio
+    task that waits for the socket); that wakes the reading task, one more turn of the
+    asyncio loop (a Trio task step and scheduler round) before the parser sees them.
+    Here ``feed_data`` parses them at once while the reading task waits for them with
+    nothing buffered (nothing is overtaken): a message of a subscription taken inline
+    (:func:`deliver_inline`) reaches the kernel in the step that read it. Otherwise (the
+    reading task busy, bytes buffered, the stream ended) they are buffered as before.
+
+    A parse that suspends (nats-py's flush queue full, an error callback) is finished
+    by an asyncio task, and what comes meanwhile (bytes, the end of the stream) waits
+    behind it, in order, then goes the same way. A parse that raises hands its error to
+    the reading task (``StreamReader.set_exception``), which handles it as one of its
+    own parse (a protocol error, a reconnect). nats-py makes a new reader at each
+    connect: call this again after a reconnect. False, changing nothing, when ``nc``
+    is not of the expected shape or no asyncio loop runs.
+    """
+    reader = getattr(getattr(nc, "_transport", None), "_io_reader", None)
+    parse = getattr(getattr(nc, "_ps", None), "parse", None)
+    if (
+        not isinstance(reader, asyncio.StreamReader)
+        or not callable(parse)
+        or not isinstance(getattr(reader, "_buffer", None), bytearray)
+        or not all(hasattr(reader, name) for name in ("_waiter", "_eof", "_exception"))
+    ):
+        return False
+    if "feed_data" in vars(reader):
+        return True  # (installed on this reader already)
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    stream: Any = reader  # (its private fields, read on every read)
+    feed_data, feed_eof = reader.feed_data, reader.feed_eof
+    held: list[bytes | None] = []  # behind an unfinished parse, in order (None: the end)
+    busy = False
+    finishing: asyncio.Task[None] | None = None  # (held here: the loop keeps a weak one)
+
+    def read(data: bytes) -> None:
+        nonlocal busy, finishing
+        if busy:
+            held.append(data)
+            return
+        waiter = stream._waiter
+        if (
+            waiter is None
+            or waiter.done()
+            or stream._buffer
+            or stream._eof
+            or stream._exception is not None
+            or not data
+        ):
+            feed_data(data)
+            return
+        parsing = parse(data)
+        try:
+            waiting_on = parsing.send(None)
+        except StopIteration:
+            return
+        except Exception as exc:
+            reader.set_exception(exc)
+            return
+        busy = True
+        finishing = loop.create_task(finish(parsing, waiting_on))
+
+    async def finish(parsing: Coroutine[Any, Any, None], waiting_on: Any) -> None:
+        nonlocal busy, finishing
+        try:
+            await _drive(parsing, waiting_on)
+            while held:
+                data = held.pop(0)
+                if data is None:
+                    feed_eof()
+                else:
+                    await parse(data)
+        except Exception as exc:
+            reader.set_exception(exc)
+        finally:
+            busy, finishing = False, None
+            held.clear()
+
+    def end() -> None:
+        if busy:
+            held.append(None)
+        else:
+            feed_eof()
+
+    # instance attributes: this one reader, which the transport feeds through them
+    setattr(reader, "feed_data", read)  # noqa: B010
+    setattr(reader, "feed_eof", end)  # noqa: B010
+    return True
+
+
+async def _drive(coro: Coroutine[Any, Any, None], waiting_on: Any) -> None:
+    """Drive a coroutine that suspended once to its end, as an asyncio task would."""
+    try:
+        while True:
+            if isinstance(waiting_on, asyncio.Future):
+                await asyncio.wait([waiting_on])
+            else:
+                await asyncio.sleep(0)  # a bare yield
+            try:
+                waiting_on = coro.send(None)
+            except StopIteration:
+                return
+    except asyncio.CancelledError:
+        coro.close()
+        raise
