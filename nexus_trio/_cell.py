@@ -149,8 +149,11 @@ def _serve_batches(
                 except trio.WouldBlock:  # a guard: free unless it raises
                     break
                 # Mailbox.take written out (a call per message costs more than a no-op
-                # handler): this, then ``depth -= 1`` or ``recount()`` while producers wait.
-                if mailbox.waiting:
+                # handler): this, then ``depth -= 1`` or ``recount()`` while producers wait
+                # and one may still be in Trio's FIFO (recount's own test, written out: a
+                # transport's tell parked behind a full mailbox keeps ``waiting`` set over
+                # most of a batch; docs/distributed.md, thirty-eighth pass)
+                if mailbox.waiting and mailbox.admitting:
                     mailbox.recount()
                 else:
                     mailbox.depth -= 1

@@ -58,11 +58,10 @@ class Mailbox:
     """
 
     __slots__ = (
-        "_blocked_total",
         "_kernel_high",
-        "_none_blocked_at",
         "_receive",
         "_receiver_parked",
+        "admitting",
         "capacity",
         "depth",
         "high_water",
@@ -91,11 +90,14 @@ class Mailbox:
         self._kernel_high = kernel_high if kernel_high is not None else HighWater()
         #: producers parked in put_waiting
         self.waiting = 0
-        #: producers that ever went to wait in Trio's FIFO of blocked senders (the only
-        #: way into it), and its value when a recount last found that FIFO empty (-1:
-        #: not since the last one that found it occupied); see recount
-        self._blocked_total = 0
-        self._none_blocked_at = -1
+        #: True from a producer's going to wait in Trio's FIFO of blocked senders (the
+        #: only way into it) until a recount finds that FIFO empty: while it is False, a
+        #: take is ``depth -= 1`` even with producers ``waiting`` (their messages were
+        #: counted when admitted); see recount. Public for the kernel's stepper, which
+        #: takes messages itself: a call of :meth:`recount` per message while a producer
+        #: that was admitted has not resumed yet (a transport's tell parked behind a full
+        #: mailbox) costs more than a no-op handler.
+        self.admitting = False
         #: the consumer parked in receive() on an empty buffer; while ``depth`` is still 0
         #: nothing was handed to it yet (Trio hands the next value straight to it, and a
         #: put counts it in ``depth``). Kept here because reading the channel's
@@ -173,7 +175,7 @@ class Mailbox:
         # Parked in Trio's FIFO of blocked senders: the consumer that admits the message
         # counts it (see take/receive).
         self.waiting += 1
-        self._blocked_total += 1
+        self.admitting = True
         try:
             await send.send(msg)
         finally:
@@ -218,13 +220,13 @@ class Mailbox:
         the FIFO): a consumer that takes a batch right after the one producer that
         waited was admitted counts once, not once per message.
         """
-        if self._none_blocked_at == self._blocked_total:
+        if not self.admitting:
             self.depth -= 1
             return
         assert self.sender is not None
         stats = self.sender.statistics()
         depth = self.depth = stats.current_buffer_used
-        self._none_blocked_at = -1 if stats.tasks_waiting_send else self._blocked_total
+        self.admitting = stats.tasks_waiting_send > 0
         if depth > self.high_water:
             self.raise_high_water(depth)
 

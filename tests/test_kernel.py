@@ -2825,7 +2825,8 @@ async def test_the_cells_of_one_kernel_share_its_parts_and_a_mailbox_keeps_one_s
         assert all(cells[n].ledger is first.ledger for n in names)
         assert [cells[n].ctx is not None for n in names] == [True, True, False, True]
         assert [sys.getsizeof(cells[n]) for n in names] == [352] * 4
-        assert [sys.getsizeof(cells[n].mailbox) for n in names] == [112] * 4
+        # (104: its blocked-producer bookkeeping is one flag; pymalloc rounds it to 112)
+        assert [sys.getsizeof(cells[n].mailbox) for n in names] == [104] * 4
         assert len(handled) == 9
         assert kernel.stats().handled == 9
 

@@ -13,6 +13,7 @@ import trio.lowlevel
 import trio.testing
 
 from nexus_trio import Context, Message, MessageFailed, agent, open_kernel
+from nexus_trio._mailbox import Mailbox
 from nexus_trio._step import DONE, FAILED, Stepper, resume, unprotect
 
 from .conftest import make_config
@@ -486,3 +487,53 @@ async def test_a_returned_tell_to_a_full_mailbox_keeps_its_overflow_policy(
     }[policy]
     assert (got, stats.dead_lettered) == expected
     assert stats.handled == 5 + len(got)
+
+
+async def test_a_batch_taken_after_a_waiting_producer_was_admitted_counts_the_buffer_once(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel's stepper takes a batch from a full mailbox while a producer waits in
+    Trio's FIFO (as a transport's tell parked behind a full mailbox does): the first take
+    admits it and counts the buffer; the takes after it, until the producer resumes
+    (after the batch), need no count: ``recount`` is called once, not once a message
+    (eight times before), and the depths, the order and the handled count are kept."""
+    calls = 0
+    original = Mailbox.recount
+
+    def counting(self: Mailbox) -> None:
+        nonlocal calls
+        calls += 1
+        original(self)
+
+    monkeypatch.setattr(Mailbox, "recount", counting)
+    gate = trio.Event()
+    seen: list[int] = []
+    depths: list[int] = []
+
+    async with open_kernel(make_config(mailbox_capacity=8)) as kernel:
+
+        @agent(name="slow")
+        async def slow(ctx: Context, msg: Message) -> None:
+            if msg.payload == 0:
+                await gate.wait()
+            seen.append(msg.payload)
+            depths.append(kernel.mailbox_depth("slow"))
+
+        ref = kernel.spawn(slow)
+        await kernel.send(ref, 0)
+        await trio.testing.wait_all_tasks_blocked()  # handling 0, its mailbox empty
+        for i in range(1, 9):
+            kernel.send_nowait(ref, i)
+        assert kernel.mailbox_depth(ref) == 8
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kernel.send, ref, 9)  # no room: waits in Trio's FIFO
+            await trio.testing.wait_all_tasks_blocked()
+            assert (seen, calls) == ([], 0)
+            gate.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert seen == list(range(10))
+        # 1 taken admits 9 (still eight queued), then one fewer each
+        assert depths == [8, 8, 7, 6, 5, 4, 3, 2, 1, 0]
+        assert calls == 1
+        assert kernel.mailbox_depth(ref) == 0
+        assert kernel.stats().handled == 10
