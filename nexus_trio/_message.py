@@ -491,21 +491,37 @@ def new_query(sender: uuid.UUID, to: Address, payload: Any, trace_id: uuid.UUID 
 
 def stored_fields(msg: Message) -> tuple[Any, ...]:
     """``(sender, to, payload, kind, id, ns, conversation_id, reply_to, trace_id)`` of a
-    message, for codecs: ``id`` as stored (a UUID, its 128-bit value if ``msg.id`` was
-    never read, or a placeholder if it was never drawn: read it with :func:`id_value`)
-    and ``ns`` the creation time in nanoseconds (the ``timestamp`` property is a
-    Python-level call, a tenth of a binary encode).
+    message, for codecs: ``id`` as stored (a UUID, or its 128-bit value if ``msg.id`` was
+    never read), drawn now if it never was (as :func:`id_value` draws it: a codec
+    writes it), and ``ns`` the creation time in nanoseconds (the ``timestamp`` property
+    is a Python-level call, a tenth of a binary encode).
 
     A Python function, not ``operator.attrgetter``: the interpreter reads a slot it has
     seen before in a few instructions, where attrgetter takes the generic attribute
     lookup for each of the nine (callgrind, one encode_tell of bench_nats's payload:
     about 1,950 instructions in attrgetter against some 400 here)."""
+    value = msg._id
+    if value.__class__ is _Undrawn:
+        # id_value's draw, written out: every tell a kernel sends to another one is
+        # drawn here (a new message's id is drawn lazily), and the call of id_value was
+        # 2,440 instructions of the encode's 18,000 (docs/distributed.md, thirty-eighth
+        # pass)
+        lock = _draw_lock
+        lock.acquire()
+        try:
+            value = msg._id
+            if value.__class__ is _Undrawn:
+                value = msg._id = (
+                    next(_next_ids) if value is _undrawn else value.high | (id(msg) & _LOW_62)
+                )
+        finally:
+            lock.release()
     return (
         msg._sender,
         msg._to,
         msg._payload,
         msg._kind,
-        msg._id,
+        value,
         msg._ns,
         msg._conversation_id,
         msg._reply_to,

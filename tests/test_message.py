@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nexus_trio import SYSTEM_ID, Message, MessageDecodeError, MessageKind, new_id
-from nexus_trio._message import check_json, id_value, new_message
+from nexus_trio._message import check_json, id_value, new_message, stored_fields
 
 from .hang_guard import SLOW_DRAWS
 
@@ -211,6 +211,58 @@ def test_threads_reading_a_new_message_id_at_once_all_see_the_same_id() -> None:
     assert len(set(seen[0])) == 2000
 
 
+def test_threads_reading_a_new_message_id_through_stored_fields_see_the_same_id() -> None:
+    """A codec's read (stored_fields, which draws an id not drawn yet) and ``.id``
+    from four threads at once: one id per message, the same for all."""
+    import threading
+
+    messages = [Message(SYSTEM_ID, "a") for _ in range(2000)]
+    seen: list[list[int]] = [[] for _ in range(4)]
+    start = threading.Barrier(4)
+
+    def read(index: int, out: list[int]) -> None:
+        start.wait()
+        if index % 2:
+            # as stored: the value, or the UUID another thread's ``.id`` made of it
+            values = (stored_fields(msg)[4] for msg in messages)
+            out.extend(v if isinstance(v, int) else v.int for v in values)
+        else:
+            out.extend(msg.id.int for msg in messages)
+
+    threads = [threading.Thread(target=read, args=(index, out)) for index, out in enumerate(seen)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert seen[0] == seen[1] == seen[2] == seen[3] == [msg.id.int for msg in messages]
+    assert len(set(seen[0])) == 2000
+
+
+def test_an_encoded_tell_draws_its_id_in_stored_fields_without_id_value(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The binary encode of a new tell reads its id drawn by stored_fields (from the one
+    counter, as id_value draws it, and kept), without a call of id_value a tell."""
+    from nexus_trio._nats import _wire
+
+    calls = 0
+
+    def counting(msg: Message) -> int:
+        nonlocal calls
+        calls += 1
+        return id_value(msg)
+
+    monkeypatch.setattr(_wire, "id_value", counting)
+    first, second, third = (Message(SYSTEM_ID, "a", {"n": n}) for n in range(3))
+    fields = stored_fields(second)
+    assert fields[4].__class__ is int
+    assert stored_fields(second)[4] == fields[4] == id_value(second) == second.id.int
+    assert first.id.int == fields[4] + 1  # the next number of the one counter
+    body = _wire.encode_tell(third)
+    assert calls == 0
+    assert _wire.decode_tell(body).id == third.id == uuid.UUID(int=fields[4] + 2)
+
+
 def test_an_explicit_id_and_timestamp_are_kept_exactly() -> None:
     given = uuid.uuid4()
     msg = Message(SYSTEM_ID, "a", id=given, timestamp=1_700_000_000_123_456)
@@ -354,12 +406,18 @@ def test_a_forked_child_draws_ids_from_a_new_sequence() -> None:
     before = Message(SYSTEM_ID, "a")  # created before the fork, id not yet drawn
     also = Message(SYSTEM_ID, "b")
     encoded = Message(SYSTEM_ID, "c")  # its id drawn by an encode in the child
+    fields = Message(SYSTEM_ID, "d")  # ... and by a codec's read of its fields
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
-        os.write(write, f"{new_id()} {before.id} {also.id} {id_value(encoded)}".encode())
+        os.write(
+            write,
+            f"{new_id()} {before.id} {also.id} {id_value(encoded)} {stored_fields(fields)[4]}".encode(),
+        )
         os._exit(0)
     os.close(write)
-    child_new, child_before, child_also, child_encoded = os.read(read, 400).decode().split()
+    child_new, child_before, child_also, child_encoded, child_fields = (
+        os.read(read, 400).decode().split()
+    )
     os.close(read)
     os.waitpid(pid, 0)
     parent_new = new_id()
@@ -368,6 +426,7 @@ def test_a_forked_child_draws_ids_from_a_new_sequence() -> None:
     assert uuid.UUID(child_before) == before.id
     assert uuid.UUID(child_also) == also.id != before.id
     assert int(child_encoded) == encoded.id.int
+    assert int(child_fields) == stored_fields(fields)[4] == fields.id.int
     assert before.id.version == 4 and before.id.variant == uuid.RFC_4122
 
 
