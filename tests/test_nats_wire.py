@@ -142,6 +142,11 @@ def test_a_binary_tell_of_a_dict_or_a_list_carries_what_json_dumps_writes(payloa
         ([1, [float("nan")]], 1),
         ({"task": "resize", "n": 0, "args": [1, 2, 3]}, 0),  # bench_nats's
         ([1, {"k": [2]}], 1),  # nested past one level
+        ({"k": [True, None, "x", 2.5, -0.0]}, 0),  # a dict's list (walked in place)
+        ({"k": [1, [2]]}, 1),  # ... nested past one level
+        ({"k": [1, float("inf")]}, 1),  # ... a non-finite float in it
+        ({"k": list(range(17))}, 1),  # ... past the walk's bound
+        ({"k": [1, (2,)]}, 1),  # ... a tuple in it
         ([1, (2,)], 1),  # a tuple: json.dumps writes a list
         ({1: "a"}, 1),  # a key msgspec writes as a string
         (list(range(17)), 1),  # past the walk's bound
