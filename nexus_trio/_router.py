@@ -1184,24 +1184,34 @@ class Router:
                     sender.send_nowait(msg)
                 except trio.WouldBlock:
                     break
+                # taken: it is in the mailbox, whatever the bookkeeping below raises
+                index += 1
                 depth = mailbox.depth = mailbox.depth + 1
                 if depth > mailbox.high_water:
                     mailbox.raise_high_water(depth)
                 cell.received += 1
-                index += 1
                 if cell.dormant:
                     cell.wake()
                     last = None  # looked up again after its run started
         except Exception as exc:
             # (no cost per message: the caller counts only the messages not taken)
+            self._ran(start, index)
             raise DeliveryRunFailed(index) from exc
-        finally:
-            if index > start:
-                self.ledger.accepted += index - start
+        self._ran(start, index)
+        return index
+
+    def _ran(self, start: int, index: int) -> None:
+        """Count the messages a run took (``index - start``); a fault here is the run's
+        (:class:`DeliveryRunFailed`), as they are delivered."""
+        if index > start:
+            ledger = self.ledger
+            try:
+                ledger.accepted += index - start
                 # as a producer's slow path does (one send in sixteen): a batch's tells
                 # queue up like a burst's, and the keeper freezes a growing backlog
-                self.heap.backlog(self.ledger.in_flight)
-        return index
+                self.heap.backlog(ledger.in_flight)
+            except Exception as exc:
+                raise DeliveryRunFailed(index) from exc
 
     async def deliver_from_remote(self, msg: Message) -> None:
         if self.phase >= _STOPPING:

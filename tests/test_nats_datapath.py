@@ -348,6 +348,39 @@ class _FaultyRoutes(dict[Any, Any]):
         return super().get(key, default)
 
 
+async def test_a_fault_after_a_run_enqueued_a_tell_counts_it_delivered_not_failed(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fault injection: the run delivering a batch's tells raises after its third tell
+    went into the mailbox (in the agent's bookkeeping: its count received). That tell is
+    handled, so it is not counted ``delivery_failed`` too: only the two the run never
+    took are, and handled + failed is what was sent (before: 3 failed, one tell counted
+    twice, handled and failed)."""
+    from nexus_trio import _router
+
+    from .fault_lines import fault_at
+
+    received: list[Any] = []
+    caplog.set_level(logging.ERROR, logger="nexus_trio.nats")
+    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+        kb.spawn(agent(_collector(received), name="col"))
+        await cb.names_published()
+        with trio.fail_after(30):
+            await ca.wait_for_name("col")
+            await ka.send("col", -1)  # its mailbox's channel is open from here on
+            assert await ka.request("col", "dump") == 1
+            with fault_at(_router, "deliver_from_remote_run", "cell.received += 1", 3):
+                for payload in range(5):  # one batch: no yield between the sends
+                    await ka.send("col", payload)
+                await until(lambda: "delivery_failed" in cb.stats().inbound_dropped)
+            assert await ka.request("col", "dump") == 4
+    assert received == [-1, 0, 1, 2]
+    assert cb.stats().inbound_dropped == {"delivery_failed": 2}
+    assert_conserved(kb)
+    faults = [r.exc_info[1] for r in caplog.records if r.exc_info and r.exc_info[1]]
+    assert [str(exc.__cause__) for exc in faults] == ["injected at 'cell.received += 1'"]
+
+
 async def test_a_sealed_batch_yields_only_while_few_tasks_are_runnable(nats: NatsServer) -> None:
     """A sender that seals a full batch yields (the asyncio side writes it at once)
     while few tasks are runnable, and goes on without yielding while many are: a yield

@@ -817,3 +817,61 @@ async def test_a_handlers_returned_tell_the_transport_refuses_to_take_is_dead_le
     assert [(d.reason, d.message.payload) for d in dead] == [
         (DeadLetterReason.MALFORMED, i) for i in range(3)
     ]
+
+
+#: lines of a run's bookkeeping after a message went into its mailbox, and of its count:
+#: (function, line, at its nth run, messages taken)
+_AFTER_THE_ENQUEUE = [
+    ("deliver_from_remote_run", "if depth > mailbox.high_water:", 3, 3),
+    # (the mailbox's high water is 1 from its first message: raised from the 2nd of the run)
+    ("deliver_from_remote_run", "mailbox.raise_high_water(depth)", 2, 3),
+    ("deliver_from_remote_run", "cell.received += 1", 3, 3),
+    ("deliver_from_remote_run", "if cell.dormant:", 3, 3),
+    ("_ran", "self.heap.backlog(ledger.in_flight)", 1, 5),
+]
+
+
+@pytest.mark.parametrize(("function", "line", "nth", "taken"), _AFTER_THE_ENQUEUE)
+async def test_a_fault_after_a_run_enqueued_a_message_counts_it_taken_once(
+    autojump_clock: Any, function: str, line: str, nth: int, taken: int
+) -> None:
+    """Fault injection: a line of ``deliver_run_nowait``'s bookkeeping raises after a
+    message went into its mailbox (the third message of five, or the count at the run's
+    end). ``DeliveryRunFailed.taken`` counts every message in the mailbox, each counted
+    accepted once and handled: the transport counts failed only those not taken. Before,
+    the message being counted was in the mailbox and handled, yet said not taken (the
+    transport counted it ``delivery_failed`` too), and a fault in the run's count raised
+    past ``DeliveryRunFailed``, so that the transport counted the whole run failed."""
+    from nexus_trio import _router
+    from nexus_trio._router import DeliveryRunFailed
+    from nexus_trio.testing import assert_conserved
+
+    from .fault_lines import InjectedFault, fault_at
+
+    got: list[int] = []
+
+    @agent(name="sink", mailbox_capacity=100)
+    async def sink(ctx: Context, msg: Message) -> None:
+        got.append(msg.payload)
+
+    async with open_kernel(make_config()) as kernel:
+        handle = kernel.attach_transport(Capture())
+        ref = kernel.spawn(sink)
+        sender = uuid.uuid4()
+        assert handle.deliver_nowait(Message(sender, "sink", 0))  # opens its channel
+        await trio.testing.wait_all_tasks_blocked()
+        accepted = kernel.stats().accepted
+        run = [Message(sender, "sink", i) for i in range(1, 6)]
+        with (
+            fault_at(_router, function, line, nth) as fired,
+            pytest.raises(DeliveryRunFailed) as raised,
+        ):
+            handle.deliver_run_nowait(run, 0)
+        assert fired
+        assert isinstance(raised.value.__cause__, InjectedFault)
+        assert raised.value.taken == taken
+        assert kernel.mailbox_depth(ref.id) == taken
+        assert kernel.stats().accepted == accepted + taken
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == list(range(taken + 1))
+        assert_conserved(kernel)
