@@ -978,7 +978,13 @@ class AgentCell(Child):
                 failure = await self._call_on_stop(behaviour, failure)
         if failure is not None:
             self._count_run_failure(failure)
-            raise failure
+            # Raised, not kept by this frame, which its traceback keeps (with the failed
+            # message, a local here): no cycle for the collector, or the message lived
+            # on until a collection, for good once the keeper froze it.
+            try:
+                raise failure
+            finally:
+                failure = None
 
     # Not protected from KeyboardInterrupt: it runs the agent class's __init__.
     @trio.lowlevel.disable_ki_protection

@@ -630,6 +630,9 @@ class SupervisorNode(Child, ChildOwner):
             finally:
                 error = None
         self._report_exit(child, done, error)
+        # (nor a failure: its traceback keeps this frame, and the failed run's, whose
+        # locals keep the failed message)
+        error = None
 
     def _escaped(self, exc: BaseException) -> BaseException:
         """What a run that raised ``exc`` (not an ``Exception``) ends with: a Ctrl-C

@@ -1051,6 +1051,44 @@ async def test_a_dead_letter_keeps_its_error_s_report_not_the_handler_s_frames(
             ]
 
 
+@pytest.mark.parametrize("on_error", ["resume", "restart"])
+async def test_a_failed_message_is_not_kept_by_the_kernel_past_its_dead_letter(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture, on_error: str
+) -> None:
+    """Regression: with ``on_error="restart"`` the failed run's failure sat in a reference
+    cycle (its traceback keeps the frames of the run and of its supervisor's task, whose
+    locals kept the failure), and with it the handler's frame and the failed message: it
+    lived on, past its dead letter, until the collector ran (for good in a generation the
+    heap keeper froze). Checked with the collector off, so that only references count:
+    once the one-slot dead-letter ring holds the next failure's letter, the first
+    message's payload is gone."""
+    held: list[weakref.ref[_Held]] = []
+    caplog.set_level(logging.CRITICAL, logger="nexus_trio.agent")
+
+    @agent(name="failing", on_error=on_error)
+    async def failing(ctx: Context, msg: Message) -> None:
+        raise RuntimeError(f"cannot take {type(msg.payload).__name__}")
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        async with open_kernel(make_config(dead_letter_buffer=1)) as kernel:
+            kernel.spawn(failing)
+            payload = _Held()
+            held.append(weakref.ref(payload))
+            await kernel.send("failing", payload)
+            del payload
+            await trio.sleep(1)  # failed, and restarted (or resumed)
+            await kernel.send("failing", "second")
+            await trio.sleep(1)
+            assert kernel.stats().restarts == (2 if on_error == "restart" else 0)
+            assert [d.message.payload for d in kernel.recent_dead_letters()] == ["second"]
+            assert held[0]() is None
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _check_name(name: str) -> None:
     raise ValueError(f"no name {name!r}")
 
