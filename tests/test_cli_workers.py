@@ -117,6 +117,42 @@ def invoke_run(args: list[str], **env: str) -> tuple[int, str]:
 
 
 @pytest.mark.usefixtures("restore_logging", "isolated")
+@pytest.mark.parametrize("where", ["file", "env"])
+def test_workers_ignore_the_nats_url_of_the_config_and_do_not_check_it(
+    where: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``--workers`` without ``--nats`` starts a private nats-server also when the config
+    has a ``[nats] url`` (docs/cli.md, docs/distributed.md): the key is not used, so a
+    URL there that no single run would take (``foo``, a port out of range) is not refused
+    either. (A value that is no string at all is the config file's error, refused by
+    every command as any other key's type.)"""
+    from nexus_trio.cli import _cluster_cmd
+
+    asked: list[object] = []
+
+    def run_workers(workers: int, *_args: object, **kwargs: object) -> tuple[dict, int]:
+        asked.append(kwargs["nats_url"])
+        return {"workers": workers, "log_records_lost": 0, "log_calls_failed": 0}, 0
+
+    monkeypatch.setattr(_cluster_cmd, "run_workers", run_workers)
+    monkeypatch.delenv(WORKER_ENV, raising=False)
+    args = ["-W", "2", "-d", "1", "--json"]
+    env: dict[str, str] = {}
+    if where == "file":
+        config = tmp_path / "nats.toml"
+        config.write_text('[nats]\nurl = "foo"\n')
+        args += ["-c", str(config)]
+    else:
+        env["NEXUS_NATS__URL"] = "nats://127.0.0.1:99999"
+    code, out = invoke_run(args, **env)
+    assert (code, asked) == (0, [None]), out  # the private server's
+    # without --workers the same value is refused, naming the key and its source
+    code, out = invoke_run(args[2:], **env)
+    assert code == 2
+    assert f"Invalid value for [nats] url ({where} " in out
+
+
+@pytest.mark.usefixtures("restore_logging", "isolated")
 def test_more_workers_than_4_per_core_are_refused_naming_workers_the_bound_and_why(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
