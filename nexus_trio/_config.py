@@ -12,9 +12,14 @@ PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.te
 
 from __future__ import annotations
 
+import datetime
 import enum
+import json
 import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import attrs
@@ -69,6 +74,64 @@ def _shown(value: int) -> str:
     return repr(value) if value.bit_length() <= 128 else f"an integer of {value.bit_length()} bits"
 
 
+#: True while values read from TOML (a config file, a ``NEXUS_*`` variable) are checked:
+#: a bad one is shown as TOML writes it (``true``, ``"text"``), not as Python does
+_AS_TOML: ContextVar[bool] = ContextVar("nexus_config_values_as_toml", default=False)
+
+
+@contextmanager
+def values_as_toml() -> Iterator[None]:
+    """Within it, the errors of the validators show a bad value in TOML's spelling."""
+    token = _AS_TOML.set(True)
+    try:
+        yield
+    finally:
+        _AS_TOML.reset(token)
+
+
+def shown(value: Any) -> str:
+    """A bad value in an error: its ``repr``, or its TOML spelling inside
+    :func:`values_as_toml` (``true``, ``"text"``, ``inf``, ``[1, "a"]``, ``{ a = 1 }``)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return _shown(value)
+    if not _AS_TOML.get():
+        return repr(value)
+    return _toml(value)
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return _shown(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        # a basic string (JSON's escapes are TOML's; TOML escapes DEL too)
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        items = (
+            f"{key if _BARE_KEY.fullmatch(str(key)) else _toml(str(key))} = {_toml(item)}"
+            for key, item in value.items()
+        )
+        return "{ " + ", ".join(items) + " }"
+    if isinstance(value, datetime.datetime | datetime.date | datetime.time):
+        text = value.isoformat()
+        return text[:-6] + "Z" if text.endswith("+00:00") else text
+    return repr(value)
+
+
 #: The most agents ``nexus run``'s demo workload takes (``[app] agents``, ``-n``): ten times
 #: the largest run measured (a million, see docs/benchmarks.md), about 100 GB of idle
 #: agents at the ~1 KB each measured; a mistyped count such as 10**12 is refused, not spawned.
@@ -84,13 +147,13 @@ def _bounded_above(
         bound, why = maximum or (INT64_MAX, "a 64-bit integer")
         if value > bound:
             raise ValueError(
-                f"[{section}] {name} must be at most {bound} ({why}), got {_shown(value)}"
+                f"[{section}] {name} must be at most {bound} ({why}), got {shown(value)}"
             )
     elif value == math.inf:
         # No number key means "forever" by inf (TOML's inf, or 1e999, read as inf): it
         # would be a timer that never fires, a backoff that never restarts, a render
         # cached for good, or 0's documented meaning spelt another way.
-        raise ValueError(f"[{section}] {name} must be a finite number, got {value!r}")
+        raise ValueError(f"[{section}] {name} must be a finite number, got {shown(value)}")
 
 
 def _at_least(
@@ -100,12 +163,15 @@ def _at_least(
         section = _section_of(inst)
         if integer:
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"[{section}] {attribute.name} must be an integer, got {value!r}")
+                raise ValueError(
+                    f"[{section}] {attribute.name} must be an integer, got {shown(value)}"
+                )
         elif isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"[{section}] {attribute.name} must be a number, got {value!r}")
+            raise ValueError(f"[{section}] {attribute.name} must be a number, got {shown(value)}")
         if not value >= minimum:  # also rejects NaN
-            shown = _shown(value) if isinstance(value, int) else repr(value)
-            raise ValueError(f"[{section}] {attribute.name} must be >= {minimum:g}, got {shown}")
+            raise ValueError(
+                f"[{section}] {attribute.name} must be >= {minimum:g}, got {shown(value)}"
+            )
         _bounded_above(section, attribute.name, value, maximum)
 
     return check
@@ -114,10 +180,9 @@ def _at_least(
 def _positive(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     section = _section_of(inst)
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"[{section}] {attribute.name} must be a number, got {value!r}")
+        raise ValueError(f"[{section}] {attribute.name} must be a number, got {shown(value)}")
     if not value > 0:
-        shown = _shown(value) if isinstance(value, int) else repr(value)
-        raise ValueError(f"[{section}] {attribute.name} must be > 0, got {shown}")
+        raise ValueError(f"[{section}] {attribute.name} must be > 0, got {shown(value)}")
     _bounded_above(section, attribute.name, value)
 
 
@@ -125,7 +190,7 @@ def _fraction(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     section = _section_of(inst)
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
         raise ValueError(
-            f"[{section}] {attribute.name} must be a number between 0 and 1, got {value!r}"
+            f"[{section}] {attribute.name} must be a number between 0 and 1, got {shown(value)}"
         )
 
 
@@ -134,7 +199,7 @@ def _one_of(choices: tuple[str, ...]) -> Any:
         if not isinstance(value, str) or value not in choices:
             raise ValueError(
                 f"[{_section_of(inst)}] {attribute.name} must be one of "
-                f"{', '.join(choices)}, got {value!r}"
+                f"{', '.join(choices)}, got {shown(value)}"
             )
 
     return check
@@ -146,8 +211,8 @@ def _to_enum(enum_type: type[enum.Enum], section: str, key: str, value: Any) -> 
     try:
         return enum_type(value)
     except (ValueError, TypeError):
-        known = ", ".join(repr(m.value) for m in enum_type)
-        raise ValueError(f"[{section}] {key} must be one of {known}, got {value!r}") from None
+        known = ", ".join(shown(m.value) for m in enum_type)
+        raise ValueError(f"[{section}] {key} must be one of {known}, got {shown(value)}") from None
 
 
 def _to_overflow(value: Any) -> OverflowPolicy:
@@ -358,7 +423,7 @@ class LoggingConfig:
     def _check_level(self, attribute: attrs.Attribute[str], value: str) -> None:
         if not isinstance(value, str) or value.lower() not in LOG_LEVELS:
             raise ValueError(
-                f"[logging] level must be one of {', '.join(LOG_LEVELS)}, got {value!r}"
+                f"[logging] level must be one of {', '.join(LOG_LEVELS)}, got {shown(value)}"
             )
 
 
@@ -366,21 +431,21 @@ def _check_port(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
         raise ValueError(
             f"[{_section_of(inst)}] {attribute.name} must be an integer from 0 to 65535, "
-            f"got {value!r}"
+            f"got {shown(value)}"
         )
 
 
 def _boolean(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if not isinstance(value, bool):
         raise ValueError(
-            f"[{_section_of(inst)}] {attribute.name} must be true or false, got {value!r}"
+            f"[{_section_of(inst)}] {attribute.name} must be true or false, got {shown(value)}"
         )
 
 
 def _check_host(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(
-            f"[{_section_of(inst)}] {attribute.name} must be a non-empty string, got {value!r}"
+            f"[{_section_of(inst)}] {attribute.name} must be a non-empty string, got {shown(value)}"
         )
 
 
@@ -475,7 +540,7 @@ def _check_app(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if not isinstance(value, str) or not _APP_REFERENCE.fullmatch(value):
         hint = app_reference_hint(value) if isinstance(value, str) else ""
         raise ValueError(
-            f"[app] {attribute.name} must look like 'package.module:attr', got {value!r}{hint}"
+            f"[app] {attribute.name} must look like 'package.module:attr', got {shown(value)}{hint}"
         )
 
 
@@ -484,7 +549,7 @@ def _check_commands(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> N
         isinstance(command, str) and command.strip() for command in value
     ):
         raise ValueError(
-            f"[app] {attribute.name} must be a list of non-empty command strings, got {value!r}"
+            f"[app] {attribute.name} must be a list of non-empty command strings, got {shown(value)}"
         )
 
 
@@ -540,7 +605,7 @@ def _check_optional_text(inst: Any, attribute: attrs.Attribute[Any], value: Any)
     if value is not None and (not isinstance(value, str) or not value.strip()):
         raise ValueError(
             f"[{_section_of(inst)}] {attribute.name} must be a non-empty string or unset,"
-            f" got {value!r}"
+            f" got {shown(value)}"
         )
 
 
@@ -592,7 +657,7 @@ def _section_object(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> N
         how = f"Config({attribute.name}={name}({keys}))"
     raise TypeError(
         f"Config {attribute.name}= must be a {name}, got {type(value).__name__}"
-        f" {value!r}: write {how}"
+        f" {shown(value)}: write {how}"
     )
 
 

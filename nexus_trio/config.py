@@ -32,7 +32,7 @@ import cattrs
 import tomlkit
 import tomlkit.exceptions
 
-from ._config import SECTIONS, Config
+from ._config import SECTIONS, Config, shown, values_as_toml
 from ._errors import NexusError
 
 __all__ = [
@@ -183,9 +183,13 @@ def _unknown_top_level_text(key: str) -> str:
     return f"unknown top-level key {key} ({hint})"
 
 
-def _check_value(section: str, key: str, value: Any) -> Any:
-    """Validate one value alone; return it converted (e.g. a string to an enum member)."""
-    table = SECTIONS[section](**{key: value})
+def _check_value(section: str, key: str, value: Any, *, toml: bool = True) -> Any:
+    """Validate one value alone; return it converted (e.g. a string to an enum member).
+    ``toml``: it was read from TOML (a file, a variable), and a bad one is shown so."""
+    if not toml:
+        return getattr(SECTIONS[section](**{key: value}), key)
+    with values_as_toml():
+        table = SECTIONS[section](**{key: value})
     return getattr(table, key)
 
 
@@ -404,7 +408,7 @@ def _read_file(path: Path, values: _Values, sources: dict[str, str], found: _Fin
         if not isinstance(table, dict):
             found.bad_value(
                 ConfigError(
-                    f"[{section}] must be a table, got {table!r}",
+                    f"[{section}] must be a table, got {_as_toml(table)}",
                     path=path,
                     line=_section_line(text, section),
                     key=section,
@@ -424,6 +428,11 @@ def _read_file(path: Path, values: _Values, sources: dict[str, str], found: _Fin
                 found.bad_value(ConfigError(str(exc), path=path, line=line, key=f"{section}.{key}"))
                 continue
             sources[f"{section}.{key}"] = source
+
+
+def _as_toml(value: Any) -> str:
+    with values_as_toml():
+        return shown(value)
 
 
 _HUGE = "holds an integer beyond 64 bits (TOML integers are -2^63 to 2^63-1)"
@@ -559,7 +568,7 @@ def _apply_overrides(
         if value is None:
             continue  # a flag that was not given
         try:
-            values[section][key] = _check_value(section, key, value)
+            values[section][key] = _check_value(section, key, value, toml=False)
         except ValueError as exc:
             raise ConfigError(str(exc), origin=origin, key=dotted) from None
         sources[dotted] = "cli"
@@ -637,7 +646,8 @@ def load_config(
     broken = _Findings()
     for section, cls in SECTIONS.items():
         try:
-            tables[section] = cls(**values[section])
+            with values_as_toml():
+                tables[section] = cls(**values[section])
         except ValueError as exc:  # a rule across keys
             broken.bad_value(ConfigError(str(exc), path=file, origin="config"))
     error = broken.error(file, allow_unknown=True)

@@ -588,7 +588,7 @@ def test_a_config_with_several_problems_shows_all_of_them_in_one_run(isolated):
         ("kernel = 5\n", "[kernel] must be a table, got 5"),
         ("[kernel]\nmailbox_capacity = -1\n", "[kernel] mailbox_capacity must be >= 1, got -1"),
         # a value that reads as a closing tag crashed the error report (MarkupError)
-        ('[kernel]\nmailbox_capacity = "[/x]"\n', "must be an integer, got '[/x]'"),
+        ('[kernel]\nmailbox_capacity = "[/x]"\n', 'must be an integer, got "[/x]"'),
     ],
     ids=["section", "table", "value", "closing-tag"],
 )
@@ -1825,6 +1825,7 @@ def test_a_bad_nats_url_of_the_config_is_named_as_the_key_it_came_from(isolated)
     out = flat(result.output)
     assert result.exit_code == 2, out
     assert f"Invalid value for [nats] url (file {file}): expected a URL like" in out
+    assert out.endswith('got "foo"')  # as the file wrote it
     assert "'--nats'" not in out
     result = invoke(["run", "-n", "2", "-d", "0.1"], NEXUS_NATS__URL="nats://127.0.0.1:99999")
     out = flat(result.output)
@@ -1835,6 +1836,7 @@ def test_a_bad_nats_url_of_the_config_is_named_as_the_key_it_came_from(isolated)
     # the flag is still named as the flag
     result = invoke(["run", "-c", str(file), "--nats", "bar", "-d", "0.1"])
     assert "Invalid value for '--nats': expected a URL like" in flat(result.output)
+    assert flat(result.output).endswith("got 'bar'")
 
 
 def test_node_takes_the_nats_url_of_the_config(isolated):

@@ -183,7 +183,7 @@ def test_types_in_the_config_that_are_no_mapping_are_refused_naming_the_key(
     (isolated / "config.toml").write_text('[app]\ntypes = "nocolon"\n')
     code, out = invoke(["-W", "2", "-d", "1", "--json"])
     assert code == 2, out
-    assert "config.toml:2: [app] types must look like 'package.module:attr', got 'nocolon'" in out
+    assert "config.toml:2: [app] types must look like 'package.module:attr', got \"nocolon\"" in out
     assert started == []
 
 

@@ -329,7 +329,7 @@ BAD_VALUES = [
         "kernel",
         "mailbox_capacity",
         '"big"',
-        "[kernel] mailbox_capacity must be an integer, got 'big'",
+        '[kernel] mailbox_capacity must be an integer, got "big"',
     ),
     ("kernel", "send_timeout_ms", "0", "[kernel] send_timeout_ms must be > 0, got 0"),
     ("kernel", "send_timeout_ms", "nan", "[kernel] send_timeout_ms must be > 0, got nan"),
@@ -338,14 +338,14 @@ BAD_VALUES = [
         "kernel",
         "request_timeout_ms",
         "true",
-        "[kernel] request_timeout_ms must be a number, got True",
+        "[kernel] request_timeout_ms must be a number, got true",
     ),
     (
         "kernel",
         "overflow",
         '"spill"',
-        "[kernel] overflow must be one of 'block', 'drop_newest', 'drop_oldest', 'reject', "
-        "got 'spill'",
+        '[kernel] overflow must be one of "block", "drop_newest", "drop_oldest", "reject", '
+        'got "spill"',
     ),
     ("kernel", "shutdown_grace_ms", "-5", "[kernel] shutdown_grace_ms must be >= 0, got -5"),
     ("kernel", "batch_size", "0", "[kernel] batch_size must be >= 1, got 0"),
@@ -361,8 +361,8 @@ BAD_VALUES = [
         "supervision",
         "strategy",
         '"one_for_none"',
-        "[supervision] strategy must be one of 'one_for_one', 'one_for_all', 'rest_for_one', "
-        "got 'one_for_none'",
+        '[supervision] strategy must be one of "one_for_one", "one_for_all", "rest_for_one", '
+        'got "one_for_none"',
     ),
     ("supervision", "max_restarts", "-1", "[supervision] max_restarts must be >= 0, got -1"),
     ("supervision", "within_ms", "0", "[supervision] within_ms must be > 0, got 0"),
@@ -389,13 +389,13 @@ BAD_VALUES = [
         "supervision",
         "escalate_to_kernel",
         '"yes"',
-        "[supervision] escalate_to_kernel must be true or false, got 'yes'",
+        '[supervision] escalate_to_kernel must be true or false, got "yes"',
     ),
     (
         "kernel",
         "gc_freeze",
         '"yes"',
-        "[kernel] gc_freeze must be true or false, got 'yes'",
+        '[kernel] gc_freeze must be true or false, got "yes"',
     ),
     ("runtime", "worker_threads", "-1", "[runtime] worker_threads must be >= 0, got -1"),
     ("runtime", "max_blocking_threads", "0", "[runtime] max_blocking_threads must be >= 1, got 0"),
@@ -404,25 +404,25 @@ BAD_VALUES = [
         "level",
         '"loud"',
         "[logging] level must be one of trace, debug, info, warn, warning, error, critical, "
-        "got 'loud'",
+        'got "loud"',
     ),
     (
         "logging",
         "format",
         '"xml"',
-        "[logging] format must be one of compact, json, pretty, got 'xml'",
+        '[logging] format must be one of compact, json, pretty, got "xml"',
     ),
     ("logging", "queue", "-1", "[logging] queue must be >= 0, got -1"),
-    ("logging", "queue", '"lots"', "[logging] queue must be an integer, got 'lots'"),
+    ("logging", "queue", '"lots"', '[logging] queue must be an integer, got "lots"'),
     ("metrics", "port", "70000", "[metrics] port must be an integer from 0 to 65535, got 70000"),
     ("metrics", "port", "-1", "[metrics] port must be an integer from 0 to 65535, got -1"),
-    ("metrics", "host", '""', "[metrics] host must be a non-empty string, got ''"),
+    ("metrics", "host", '""', '[metrics] host must be a non-empty string, got ""'),
     ("metrics", "per_agent", "1", "[metrics] per_agent must be true or false, got 1"),
     ("metrics", "per_agent_limit", "0", "[metrics] per_agent_limit must be >= 1, got 0"),
     ("metrics", "cache_ms", "-5", "[metrics] cache_ms must be >= 0, got -5"),
     ("metrics", "max_connections", "0", "[metrics] max_connections must be >= 1, got 0"),
-    ("app", "app", '"nocolon"', "[app] app must look like 'package.module:attr', got 'nocolon'"),
-    ("app", "types", '"a:"', "[app] types must look like 'package.module:attr', got 'a:'"),
+    ("app", "app", '"nocolon"', "[app] app must look like 'package.module:attr', got \"nocolon\""),
+    ("app", "types", '"a:"', "[app] types must look like 'package.module:attr', got \"a:\""),
     ("app", "spawn", "[1]", "[app] spawn must be a list of non-empty command strings, got [1]"),
     ("app", "agents", "0", "[app] agents must be >= 1, got 0"),
     ("app", "duration", "-1", "[app] duration must be >= 0, got -1"),
@@ -430,10 +430,10 @@ BAD_VALUES = [
         "app",
         "workload",
         '"star"',
-        "[app] workload must be one of ring, fanout, request, pool, got 'star'",
+        '[app] workload must be one of ring, fanout, request, pool, got "star"',
     ),
     *(
-        ("nats", key, '""', f"[nats] {key} must be a non-empty string or unset, got ''")
+        ("nats", key, '""', f'[nats] {key} must be a non-empty string or unset, got ""')
         for key in (
             "url",
             "user",
@@ -460,9 +460,75 @@ def test_invalid_file_value_names_file_line_and_key(
     with pytest.raises(ConfigError) as info:
         load(home)
     assert str(info.value) == f"{file}:5: {message}"
+    # the value as the file wrote it, not as Python does ('big', True)
+    assert str(info.value).endswith(f"got {value}")
     assert (info.value.path, info.value.line, info.value.key) == (file, 5, f"{section}.{key}")
     assert isinstance(info.value, NexusError)
     assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("written", "python"),
+    [
+        ("true", "True"),
+        ("false", "False"),
+        ('"64"', "'64'"),
+        ("'C:\\temp'", None),  # (a literal string: shown as a basic one)
+        ('"say \\"hi\\""', "'say \"hi\"'"),
+        ("1.5", "1.5"),
+        ("inf", "inf"),
+        ("-inf", "-inf"),
+        ("[1, 2.5, true]", "[1, 2.5, True]"),
+        ('["a", "b"]', "['a', 'b']"),
+        ("{ a = 1, b = true }", "{'a': 1, 'b': True}"),
+        ('{ "odd key" = "x" }', "{'odd key': 'x'}"),
+        ("{}", "{}"),
+        ("1979-05-27T07:32:00Z", None),
+        ("1979-05-27", None),
+    ],
+)
+def test_a_bad_value_is_shown_as_toml_writes_it_not_as_python_does(
+    home: Path, written: str, python: str | None
+) -> None:
+    """Regression: ``mailbox_capacity = true`` was said ``got True``, ``"64"`` was
+    ``got '64'``, an array of booleans ``[True]``, a table ``{'a': 1}``: Python's spelling
+    of what the file says. The file's (and a variable's) values are shown as TOML writes
+    them; one given in Python still as Python does."""
+    expected = {"'C:\\temp'": '"C:\\\\temp"'}.get(written, written)
+    file = write(home / "cwd" / "config.toml", f"[kernel]\nmailbox_capacity = {written}\n")
+    with pytest.raises(ConfigError) as info:
+        load(home)
+    assert str(info.value).endswith(f"mailbox_capacity must be an integer, got {expected}"), str(
+        info.value
+    )
+    assert str(info.value).startswith(f"{file}:2: ")
+    if python is not None:
+        # the same value given in Python
+        value = tomlkit.parse(f"v = {written}").unwrap()["v"]
+        with pytest.raises(ValueError, match="mailbox_capacity") as raised:
+            KernelConfig(mailbox_capacity=value)
+        assert str(raised.value).endswith(f"got {python}")
+
+
+def test_a_bad_value_of_a_variable_and_a_bad_choice_are_shown_as_toml_writes_them(
+    home: Path,
+) -> None:
+    env = env_for(
+        home,
+        NEXUS_KERNEL__MAILBOX_CAPACITY="true",
+        NEXUS_KERNEL__OVERFLOW="spill",
+        NEXUS_SUPERVISION__BACKOFF_JITTER="[0.5]",
+    )
+    with pytest.raises(ConfigError) as info:
+        load(home, env=env)
+    assert str(info.value).splitlines()[:3] == [
+        "environment variable NEXUS_KERNEL__MAILBOX_CAPACITY: [kernel] mailbox_capacity must"
+        " be an integer, got true",
+        'environment variable NEXUS_KERNEL__OVERFLOW: [kernel] overflow must be one of "block",'
+        ' "drop_newest", "drop_oldest", "reject", got "spill"',
+        "environment variable NEXUS_SUPERVISION__BACKOFF_JITTER: [supervision] backoff_jitter"
+        " must be a number between 0 and 1, got [0.5]",
+    ]
 
 
 def test_every_key_has_a_bad_value_case() -> None:
@@ -475,7 +541,7 @@ def test_invalid_env_value_names_the_variable(home: Path) -> None:
         load(home, env=env)
     assert str(info.value) == (
         "environment variable NEXUS_KERNEL__MAILBOX_CAPACITY: "
-        "[kernel] mailbox_capacity must be an integer, got 'lots'"
+        '[kernel] mailbox_capacity must be an integer, got "lots"'
     )
     assert info.value.key == "kernel.mailbox_capacity"
 
@@ -582,7 +648,8 @@ def test_a_section_that_is_not_a_table_is_an_error(home: Path) -> None:
     file = write(home / "cwd" / "config.toml", "# x\n\n[[kernel]]\nbatch_size = 1\n")
     with pytest.raises(ConfigError) as info:
         load(home)
-    assert str(info.value) == f"{file}:3: [kernel] must be a table, got [{{'batch_size': 1}}]"
+    # (an array of tables, shown as TOML writes it inline)
+    assert str(info.value) == f"{file}:3: [kernel] must be a table, got [{{ batch_size = 1 }}]"
 
 
 def test_a_file_that_is_not_utf8_is_an_error(home: Path) -> None:
@@ -644,7 +711,7 @@ def test_every_problem_of_the_file_and_the_environment_is_said_at_once(home: Pat
         f"{file}:3: unknown key [kernel] batch_sise (did you mean batch_size?)",
         f"{file}:4: [kernel] send_timeout_ms must be > 0, got -1",
         f"{file}:6: [logging] level must be one of trace, debug, info, warn, warning, error, "
-        "critical, got 'loud'",
+        'critical, got "loud"',
         f"{file}:7: unknown section [metric] (did you mean [metrics]?)",
         "environment variable NEXUS_KERNEL__BATCH_SIZE: [kernel] batch_size must be >= 1, got 0",
         "environment variable NEXUS_RUNTIME__WORKER_THREADS: [runtime] worker_threads must be "

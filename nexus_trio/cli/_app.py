@@ -35,7 +35,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .. import AppConfig, Config, MetricsConfig, __version__
-from .._config import MAX_AGENTS
+from .._config import MAX_AGENTS, shown, values_as_toml
 from . import _bench_cmd, _send_cmd
 from ._commands import (
     PROGRAM_NAMES,
@@ -774,8 +774,13 @@ def _check_nats(url: str | None, hint: str = "'--nats'") -> None:
     """A NATS URL (if given) that looks like one, and the nats extra installed; ``hint``
     names the flag or config key (with its source) the URL or the need came from."""
     if url is not None and "://" not in url:
+        if hint.startswith("'--"):
+            got = repr(url)
+        else:  # a config key: shown as TOML writes it
+            with values_as_toml():
+                got = shown(url)
         raise typer.BadParameter(
-            f"expected a URL like nats://127.0.0.1:4222, got {url!r}", param_hint=hint
+            f"expected a URL like nats://127.0.0.1:4222, got {got}", param_hint=hint
         )
     try:
         importlib.import_module("nexus_trio._nats")
