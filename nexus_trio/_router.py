@@ -421,6 +421,14 @@ def wrong_thread(what: str) -> RuntimeError:
     )
 
 
+#: what an AgentNotFound for SYSTEM_ID adds (``written``: " written as text", or "")
+_SYSTEM_ID_HINT = (
+    "it is SYSTEM_ID{written}, the sender of what is sent from outside any agent"
+    " (kernel.send, kernel.request): no agent has it{either}, so an answer to such a"
+    " message has no one to go to (return a value from the handler to reply to a request)"
+)
+
+
 @final
 class Router:
     """Routes, names, delivery and request correlation of one kernel."""
@@ -603,12 +611,7 @@ class Router:
         _ENDED_MEMORY that did), that the agent whose name it is under (``workers`` of
         ``workers/0``) has not started yet, or that it is the kernel's own sender id."""
         if address == SYSTEM_ID:
-            return (
-                "it is SYSTEM_ID, the sender of what is sent from outside any agent"
-                " (kernel.send, kernel.request): no agent has it, so an answer to such a"
-                " message has no one to go to (return a value from the handler to reply to"
-                " a request)"
-            )
+            return _SYSTEM_ID_HINT.format(written="", either="")
         node = self.find(address)
         if node is not None:
             if not node.is_agent:
@@ -624,6 +627,11 @@ class Router:
             if written is not None:
                 # No name parses as a UUID (spawn refuses one): this is an id as text,
                 # e.g. one a payload carried (a payload takes no UUID).
+                if written == SYSTEM_ID:
+                    # (no uuid.UUID(...) to suggest: that is refused too)
+                    return _SYSTEM_ID_HINT.format(
+                        written=" written as text", either=", as text or as a UUID"
+                    )
                 holder = self.nodes.get(written.int)
                 if holder is None:
                     whose = ""

@@ -250,6 +250,33 @@ async def test_an_agent_id_written_as_text_is_refused_saying_so(autojump_clock: 
         assert await kernel.request(uuid.UUID(text), "hi") == {"echo": "hi"}
 
 
+async def test_system_id_written_as_text_is_refused_saying_what_it_is_not_what_to_pass(
+    autojump_clock: Any,
+) -> None:
+    """Regression: ``SYSTEM_ID`` as text (a handler answering ``str(msg.sender)`` that a
+    payload carried, of a message sent from outside any agent) was refused with the hint
+    of any id written as text, ``pass uuid.UUID('00000000-...')``, which is refused too.
+    The error says it is SYSTEM_ID and that no agent has it, as text or as a UUID."""
+    from nexus_trio import SYSTEM_ID
+
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(echo, name="greeter")
+        for text in (str(SYSTEM_ID), str(SYSTEM_ID).upper()):
+            with pytest.raises(AgentNotFound) as info:
+                await kernel.send(text, 1)
+            assert info.value.detail == (
+                "it is SYSTEM_ID written as text, the sender of what is sent from outside any"
+                " agent (kernel.send, kernel.request): no agent has it, as text or as a UUID,"
+                " so an answer to such a message has no one to go to (return a value from the"
+                " handler to reply to a request)"
+            )
+            assert "uuid.UUID(" not in str(info.value)
+        # what the old hint said to pass is refused too
+        with pytest.raises(AgentNotFound, match=r"\(it is SYSTEM_ID, the sender"):
+            await kernel.send(SYSTEM_ID, 1)
+        assert kernel.stats().rejected == {"no_such_agent": 3}
+
+
 async def test_agent_not_found_looks_for_a_hint_only_when_shown_and_in_a_bounded_table(
     autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
