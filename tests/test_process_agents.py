@@ -2188,6 +2188,40 @@ async def test_unusable_line_dead_letters_the_message_and_the_agent_goes_on(
     assert any(getattr(r, "agent_name", None) == "noisy" for r in warnings)
 
 
+@pytest.mark.parametrize("protocol", ["1", "2"])
+@pytest.mark.parametrize(
+    ("kind", "shown"),
+    [("Reply", "'Reply'"), ("response", "'response'"), (5, "5"), (None, "None"), ([], "[]")],
+)
+async def test_a_response_of_an_unknown_kind_dead_letters_its_message_naming_the_kind(
+    protocol: str, kind: Any, shown: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """docs/protocol.md names a response's kind, "Response", among the protocol's four. A
+    response frame of another kind was taken as an answer all the same (a bridge's typo,
+    or a frame of something else, answered a request). It is an unusable line now, as a
+    message frame of an unknown kind is to the agent side: the message it answers is
+    dead-lettered ``malformed`` with the kind named, counted in ``invalid_lines``,
+    logged, and the agent goes on. No kind at all, and each of the four, are answers, as
+    the bridges of every version wrote them."""
+    caplog.set_level(logging.WARNING, logger="nexus_trio.bridge")
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy("--protocol", protocol), name="kinds"))
+        with pytest.raises(RequestFailed) as info:
+            await kernel.request(ref, {"op": "unknown_kind", "kind": kind})
+        assert info.value.reason == "malformed"
+        said = f'response has an unknown kind {shown} (a response\'s kind is "Response"'
+        assert said in str(info.value.error)
+        for known in ("Response", "Command", "Event", "Query"):
+            assert await kernel.request(ref, {"op": "kind_as", "kind": known}) == "kind ok"
+        assert await kernel.request(ref, {"op": "kind_as"}) == "kind ok"  # none
+        stats = stats_of(kernel, ref)
+        assert (stats.invalid_lines, stats.unmatched_responses, stats.starts) == (1, 0, 1)
+        assert [d.reason for d in dead_letters(kernel)] == [DeadLetterReason.MALFORMED]
+        assert kernel.stats().rejected == {}
+    logged = [r.getMessage() for r in caplog.records if r.name == "nexus_trio.bridge"]
+    assert [line for line in logged if said in line], logged
+
+
 #: a child that answers each message ``[encoding, text]`` with ``text``, its answer frame
 #: encoded so (the protocol's "utf-8"; "utf-8-sig": UTF-8 after a byte order mark), one
 #: newline byte after it

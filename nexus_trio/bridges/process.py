@@ -115,6 +115,10 @@ _ERROR_TEXT_LIMIT: Final = 4096
 _TRACE_MEMORY: Final = 65_536
 #: namespace of the UUIDs that stand in for free-form trace ids inside the kernel
 _TRACE_NAMESPACE: Final = uuid.UUID("9b1a4d3e-5c77-5f0e-8a4e-6e657875732d")
+#: the wire kinds of a message (docs/protocol.md); a response's is "Response"
+_KINDS: Final = frozenset(kind.value for kind in MessageKind)
+_RESPONSE: Final = MessageKind.RESPONSE.value
+
 #: kinds of per-line warning a flood of the child's output would repeat (each logged at
 #: most once a second per agent; the counters count every line)
 _INVALID: Final = "invalid stdout lines"
@@ -1678,6 +1682,14 @@ class ProcessAgent(Agent):
         if frame_type == "response":
             if not isinstance(payload, dict):
                 raise _BadFrame("response payload must be an object")
+            kind = payload.get("kind", _RESPONSE)
+            if not isinstance(kind, str) or kind not in _KINDS:
+                # (absent: lenient, as the kernel always was; one of the protocol's kinds
+                # other than "Response": an answer all the same, as it always was)
+                raise _BadFrame(
+                    f"response has an unknown kind {brief(kind, 60)} (a response's kind is"
+                    ' "Response"; the kinds are "Command", "Event", "Query", "Response")'
+                )
             reply_to = payload.get("reply_to")
             if reply_to is None and self.protocol == 1:
                 try:

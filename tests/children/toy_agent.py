@@ -107,6 +107,20 @@ def answer(args: argparse.Namespace, msg: dict[str, Any]) -> None:
         emit({"type": "bogus", "payload": {}})
     elif op == "missing_payload":
         emit({"type": "response"})
+    elif op == "unknown_kind":
+        # an answer whose kind is none of the protocol's (as written in the command)
+        body = {"from": msg["to"], "to": msg["from"], "kind": command["kind"], "payload": 1}
+        if args.protocol >= 2:
+            body["reply_to"] = msg["id"]
+        emit({"type": "response", "payload": body})
+    elif op == "kind_as":
+        # an answer of the given kind, or none: the protocol's kinds are answers
+        body = {"from": msg["to"], "to": msg["from"], "payload": "kind ok"}
+        if "kind" in command:
+            body["kind"] = command["kind"]
+        if args.protocol >= 2:
+            body["reply_to"] = msg["id"]
+        emit({"type": "response", "payload": body})
     elif op == "deep":
         emit_raw(b"[" * 100_000 + b"]" * 100_000 + b"\n")
     elif op == "lone_surrogate":
