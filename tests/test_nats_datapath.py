@@ -105,6 +105,20 @@ def _collector(records: list[Any]) -> Any:
     return collect
 
 
+async def _collecting(
+    sender: tuple[Kernel, Cluster], receiver: tuple[Kernel, Cluster], received: list[Any]
+) -> None:
+    """``col`` on the receiver collects into ``received``, known to the sender, its
+    mailbox's channel open (a first tell, -1, handled): a batch's tells to it go in as a
+    run (``deliver_run_nowait``)."""
+    (ka, ca), (kb, cb) = sender, receiver
+    kb.spawn(agent(_collector(received), name="col"))
+    await cb.names_published()
+    await ca.wait_for_name("col")
+    await ka.send("col", -1)
+    assert await ka.request("col", "dump") == 1
+
+
 # --- batches -------------------------------------------------------------------------------
 
 
@@ -197,12 +211,8 @@ async def test_a_fault_delivering_a_batch_counts_its_tells_and_returns_their_cre
         _node(nats.url, "b") as (kb, cb),
         _node(nats.url, "a", send_timeout_ms=2000, node_window=window) as (ka, ca),
     ):
-        kb.spawn(agent(_collector(received), name="col"))
-        await cb.names_published()
         with trio.fail_after(30):
-            await ca.wait_for_name("col")
-            await ka.send("col", -1)  # its mailbox's channel is open from here on
-            assert await ka.request("col", "dump") == 1
+            await _collecting((ka, ca), (kb, cb), received)
             # one batch: the fault at its first tell, the window's worth in it
             for i in range(window - 1):
                 await ka.send("col", "fault" if i == 0 else i)
@@ -363,12 +373,8 @@ async def test_a_fault_after_a_run_enqueued_a_tell_counts_it_delivered_not_faile
     received: list[Any] = []
     caplog.set_level(logging.ERROR, logger="nexus_trio.nats")
     async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
-        kb.spawn(agent(_collector(received), name="col"))
-        await cb.names_published()
         with trio.fail_after(30):
-            await ca.wait_for_name("col")
-            await ka.send("col", -1)  # its mailbox's channel is open from here on
-            assert await ka.request("col", "dump") == 1
+            await _collecting((ka, ca), (kb, cb), received)
             with fault_at(_router, "deliver_from_remote_run", "cell.received += 1", 3):
                 for payload in range(5):  # one batch: no yield between the sends
                     await ka.send("col", payload)
