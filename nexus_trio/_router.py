@@ -1166,6 +1166,7 @@ class Router:
         # (typed: the fast branch's names, which a rename of Mailbox's must reach)
         mailbox: Mailbox
         sender: trio.MemorySendChannel[Message | None]
+        failed: Exception | None = None
         try:
             while index < end:
                 msg = msgs[index]
@@ -1203,23 +1204,22 @@ class Router:
                     last = None  # looked up again after its run started
         except Exception as exc:
             # (no cost per message: the caller counts only the messages not taken)
-            self._ran(start, index)
-            raise DeliveryRunFailed(index) from exc
-        self._ran(start, index)
-        return index
-
-    def _ran(self, start: int, index: int) -> None:
-        """Count the messages a run took (``index - start``); a fault here is the run's
-        (:class:`DeliveryRunFailed`), as they are delivered."""
+            failed = exc
         if index > start:
-            ledger = self.ledger
+            # The messages taken are counted, also after a fault, and a fault here is
+            # the run's too (DeliveryRunFailed): they are delivered, whatever raises.
             try:
+                ledger = self.ledger
                 ledger.accepted += index - start
                 # as a producer's slow path does (one send in sixteen): a batch's tells
                 # queue up like a burst's, and the keeper freezes a growing backlog
                 self.heap.backlog(ledger.in_flight)
             except Exception as exc:
-                raise DeliveryRunFailed(index) from exc
+                if failed is None:
+                    failed = exc
+        if failed is not None:
+            raise DeliveryRunFailed(index) from failed
+        return index
 
     async def deliver_from_remote(self, msg: Message) -> None:
         if self.phase >= _STOPPING:

@@ -827,7 +827,7 @@ _AFTER_THE_ENQUEUE = [
     ("deliver_from_remote_run", "mailbox.raise_high_water(depth)", 2, 3),
     ("deliver_from_remote_run", "cell.received += 1", 3, 3),
     ("deliver_from_remote_run", "if cell.dormant:", 3, 3),
-    ("_ran", "self.heap.backlog(ledger.in_flight)", 1, 5),
+    ("deliver_from_remote_run", "self.heap.backlog(ledger.in_flight)", 1, 5),
 ]
 
 
