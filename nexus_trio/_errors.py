@@ -12,7 +12,7 @@ from __future__ import annotations
 import copyreg
 import traceback
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from typing import Any, Final, final
 
 
@@ -188,6 +188,16 @@ class NexusError(Exception):
         return new, (type(self),), {"args": self.args, **self.__dict__}
 
 
+def nearest(word: str, choices: Iterable[str]) -> str | None:
+    """The one of ``choices`` nearest ``word`` (difflib's ratio, at least 0.6), or None: the
+    ``did you mean ...?`` of every error about a misspelt name (an option, a config key, an
+    agent's name). difflib is imported on use: only an error pays for it."""
+    import difflib
+
+    near = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return near[0] if near else None
+
+
 #: the most entries (ids and names) of a kernel's table an AgentNotFound looks through
 #: for a name near the one not found: difflib compares each, about 20 ms for 1,000
 #: similar names, a good part of a second for 10,000
@@ -265,14 +275,11 @@ class AgentNotFound(NexusError, LookupError):
             pass
         else:
             return _NO_HINT  # an id as text: ids are not misspelt
-        import difflib
-
         try:
             names = [name for name in known if isinstance(name, str) and name != address]
         except RuntimeError:  # changed while read (shown from another thread)
             return _NO_HINT
-        near = difflib.get_close_matches(address, names, n=1)
-        return near[0] if near else _NO_HINT
+        return nearest(address, names) or _NO_HINT
 
 
 class NameTaken(NexusError, ValueError):

@@ -18,7 +18,6 @@ which :func:`render_effective` prints.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import re
@@ -33,7 +32,7 @@ import tomlkit
 import tomlkit.exceptions
 
 from ._config import SECTIONS, Config, shown, values_as_toml
-from ._errors import NexusError
+from ._errors import NexusError, nearest
 
 __all__ = [
     "ALLOW_UNKNOWN_ENV",
@@ -156,20 +155,16 @@ def _fields(section: str) -> dict[str, attrs.Attribute[Any]]:
     return {field.name: field for field in attrs.fields(SECTIONS[section])}
 
 
-def _suggest(word: str, choices: list[str]) -> list[str]:
-    return difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-
-
 def _unknown_key_text(section: str, key: str) -> str:
     known = list(_fields(section))
-    match = _suggest(key, known)
-    hint = f"did you mean {match[0]}?" if match else f"known keys: {', '.join(known)}"
+    match = nearest(key, known)
+    hint = f"did you mean {match}?" if match else f"known keys: {', '.join(known)}"
     return f"unknown key [{section}] {key} ({hint})"
 
 
 def _unknown_section_text(section: str) -> str:
-    match = _suggest(section, list(SECTIONS))
-    hint = f"did you mean [{match[0]}]?" if match else f"known sections: {', '.join(SECTIONS)}"
+    match = nearest(section, SECTIONS)
+    hint = f"did you mean [{match}]?" if match else f"known sections: {', '.join(SECTIONS)}"
     return f"unknown section [{section}] ({hint})"
 
 
@@ -178,8 +173,8 @@ def _unknown_top_level_text(key: str) -> str:
     if owners:
         hint = f"did you mean [{owners[0]}] {key}?"
     else:
-        match = _suggest(key, list(SECTIONS))
-        hint = f"did you mean [{match[0]}]?" if match else f"known sections: {', '.join(SECTIONS)}"
+        match = nearest(key, SECTIONS)
+        hint = f"did you mean [{match}]?" if match else f"known sections: {', '.join(SECTIONS)}"
     return f"unknown top-level key {key} ({hint})"
 
 

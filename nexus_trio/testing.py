@@ -31,7 +31,6 @@ docstring, so your tests run the kernel's code as your production does.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import inspect
 import math
 import threading
@@ -48,7 +47,7 @@ from ._block import async_block
 from ._child import enum_member
 from ._config import SECTIONS, Config
 from ._deadletter import DeadLetter, DeadLetterReason
-from ._errors import error_repr
+from ._errors import error_repr, nearest
 from ._events import EventKind, LifecycleEvent
 from ._kernel import Kernel, open_kernel
 from ._message import SYSTEM_ID, Message, MessageKind
@@ -104,8 +103,8 @@ def _section_options(section: str, options: Mapping[str, Any] | None) -> dict[st
     known = [field.name for field in attrs.fields(SECTIONS[section])]
     for key in options:
         if key not in known:
-            near = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else ""
+            near = nearest(str(key), known)
+            hint = f"; did you mean {near!r}?" if near else ""
             raise TypeError(
                 f"test_config: {key!r} is no [{section}] option{hint}"
                 f" (they are: {', '.join(known)})"
@@ -128,12 +127,12 @@ def _check_kernel_keywords(keywords: Mapping[str, Any], kernel: Mapping[str, Any
                 f"test_config: [kernel] {key!r} is given twice (as {key}= and in kernel=)"
             )
         kernel_options = attrs.fields_dict(SECTIONS["kernel"])
-        near = difflib.get_close_matches(str(key), list(SECTIONS), n=1)
-        if not owners and near and not difflib.get_close_matches(str(key), kernel_options, n=1):
+        near = nearest(str(key), SECTIONS)
+        if not owners and near and not nearest(str(key), kernel_options):
             # a misspelt section (``supervison=``), not a [kernel] option
             raise TypeError(
                 f"test_config: {key!r} is no [kernel] option; did you mean the section"
-                f" {near[0]}=? (the sections are: {', '.join(SECTIONS)})"
+                f" {near}=? (the sections are: {', '.join(SECTIONS)})"
             )
     _section_options("kernel", keywords)
 
@@ -575,8 +574,8 @@ def _no_such_name(recorder: EventRecorder, name: str | None) -> str:
     names = sorted({e.name for e in recorder.events if e.name is not None})
     if name is None or name in names:
         return ""
-    near = difflib.get_close_matches(name, names, n=1)
-    hint = f"; did you mean {near[0]!r}?" if near else ";"
+    near = nearest(name, names)
+    hint = f"; did you mean {near!r}?" if near else ";"
     there = ", ".join(map(repr, names)) or "none"
     return f" (no event names an agent {name!r}{hint} the events are of: {there})"
 
