@@ -15,7 +15,7 @@ import inspect
 import logging
 import unicodedata
 import uuid
-from collections.abc import Callable, Coroutine, Mapping, MutableMapping
+from collections.abc import Callable, Collection, Coroutine, Mapping, MutableMapping, Sequence
 from threading import get_ident
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, cast, final, overload
 
@@ -27,7 +27,7 @@ from ._child import Directive as Directive
 from ._child import RestartType as RestartType
 from ._child import enum_member, to_restart
 from ._config import OverflowPolicy
-from ._errors import AgentNotRunning, NexusError
+from ._errors import AgentNotRunning, NexusError, nearest
 from ._logfields import log_fields as log_fields
 from ._message import Address, Message, MessageKind, kind_error, new_message, new_query
 from ._router import wrong_thread
@@ -282,7 +282,14 @@ class AgentSpec:
 
     def with_options(self, **changes: Any) -> AgentSpec:
         """A copy with some fields replaced (e.g. ``spec.with_options(name="b")``)."""
-        return attrs.evolve(self, **changes)
+        try:
+            return attrs.evolve(self, **changes)
+        except TypeError:
+            fields = attrs.fields_dict(AgentSpec)
+            unknown = [key for key in changes if key not in fields]
+            if unknown:
+                raise unknown_options("AgentSpec.with_options()", unknown, list(fields)) from None
+            raise
 
 
 _T = TypeVar("_T")
@@ -394,6 +401,43 @@ def _check_awaitable_hook(target: type[Any], hook: str, params: str) -> None:
         )
 
 
+#: the options of ``agent(...)`` and ``@agent(...)``, in its signature's order
+AGENT_OPTIONS: Final = (
+    "name",
+    "mailbox_capacity",
+    "handle_timeout",
+    "overflow",
+    "restart",
+    "shutdown_timeout",
+    "on_error",
+)
+
+
+def unknown_options(call: str, unknown: Collection[str], options: Sequence[str]) -> TypeError:
+    """The error of ``call`` (``agent()``, ``kernel.spawn()``, ...) given keywords that are
+    none of its ``options``, where Python would say only "unexpected keyword argument":
+    it names them and the options, then the option meant if one is near (``capacity``:
+    ``mailbox_capacity``). An agent's own option given to a spawn (which takes the name
+    and the supervisor only) says to give it to ``agent()``."""
+    what = "unknown options" if len(unknown) > 1 else "an unknown option"
+    text = f"{call} got {what} {', '.join(map(repr, unknown))} (its options: {', '.join(options)})"
+    first = next(iter(unknown))
+    if first == "target" and call == "agent()":
+        # (positional only: near 'restart', which it is not)
+        return TypeError(f"{text}; pass the handler or agent class first: agent(handler, ...)")
+    near = nearest(first, options)
+    if near is not None:
+        return TypeError(f"{text}; did you mean {near}=?")
+    option = first if first in AGENT_OPTIONS else nearest(first, AGENT_OPTIONS)
+    if option is not None and "name" in options:
+        # (a spawn: an agent's option goes on its spec)
+        return TypeError(
+            f"{text}; {option}= is an option of the agent, not of the spawn: give it to"
+            f" agent(), as {call[:-1]}agent(handler, {option}=...))"
+        )
+    return TypeError(text)
+
+
 @overload
 def agent(
     target: Handler | type[Any] | AgentSpec,
@@ -431,13 +475,18 @@ def agent(
     restart: RestartType | str = RestartType.PERMANENT,
     shutdown_timeout: float | None = None,
     on_error: OnError | None = None,
+    **unknown: Any,
 ) -> AgentSpec | Callable[[Handler | type[Any]], AgentSpec]:
     """Turn ``async def handler(ctx, msg)`` or an :class:`Agent` class into an :class:`AgentSpec`.
 
     Usable bare (``@agent``), with options (``@agent(name="a", handle_timeout=2.0)``) or
     as a call (``agent(Counter, name="counter")``). ``on_error`` is a :class:`Directive`
     (or its name) or a mapping of exception types to directives, first match wins.
+    An unknown option is a ``TypeError`` naming the option meant (``capacity``:
+    ``mailbox_capacity``) and the options.
     """
+    if unknown:
+        raise unknown_options("agent()", unknown, AGENT_OPTIONS)
     options: dict[str, Any] = {
         "name": name,
         "mailbox_capacity": mailbox_capacity,
@@ -626,9 +675,21 @@ class Context:
         query = new_query(self.id, address_of(to), payload, trace_id)
         return await self._router.request(query, timeout, external=False)
 
+    # (two signatures, one per kind of target, so that a type checker flags an unknown
+    # keyword, which the implementation takes to name the option meant)
+    @overload
+    def spawn(self, target: Supervisor, *, name: str | None = None) -> AgentRef: ...
+    @overload
+    def spawn(
+        self, target: AgentSpec | Handler | type[Any], *, name: str | None = None
+    ) -> AgentRef: ...
     @trio.lowlevel.enable_ki_protection
     def spawn(
-        self, target: AgentSpec | Supervisor | Handler | type[Any], *, name: str | None = None
+        self,
+        target: AgentSpec | Supervisor | Handler | type[Any],
+        *,
+        name: str | None = None,
+        **unknown: Any,
     ) -> AgentRef:
         """Spawn an agent linked to this one: it stops before this agent does, and when
         this run ends (a restart starts without it).
@@ -636,6 +697,8 @@ class Context:
         :class:`AgentNotRunning` once this agent has stopped for good (a context kept
         past its agent's stop); :class:`KernelShuttingDown` once the kernel stops its
         tree."""
+        if unknown:
+            raise unknown_options("ctx.spawn()", unknown, ("name",))
         if get_ident() != self._router.thread:
             raise wrong_thread("ctx.spawn")
         return self._common.spawn_linked(target, name, self._cell)

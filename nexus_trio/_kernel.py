@@ -29,7 +29,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from heapq import heappush, heapreplace
 from threading import get_ident
-from typing import Any, Final, final
+from typing import Any, Final, final, overload
 
 import trio
 
@@ -44,6 +44,7 @@ from ._agent import (
     as_spec,
     check_agent_name,
     checked_seconds,
+    unknown_options,
 )
 from ._block import async_block
 from ._brief import brief
@@ -85,6 +86,8 @@ log = logging.getLogger("nexus_trio.kernel")
 
 # Enum members as module constants: a class-attribute read costs ~170 ns on Python 3.11.
 _RUNNING: Final = KernelPhase.RUNNING
+#: the keyword options of ``kernel.spawn``
+_SPAWN_OPTIONS: Final = ("name", "supervisor")
 _COMMAND: Final = MessageKind.COMMAND
 
 
@@ -395,6 +398,24 @@ class Kernel:
 
     # --- spawning -----------------------------------------------------------------------------
 
+    # (two signatures, one per kind of target, so that a type checker flags an unknown
+    # keyword, which the implementation takes to name the option meant)
+    @overload
+    def spawn(
+        self,
+        target: Supervisor,
+        *,
+        name: str | None = None,
+        supervisor: AgentRef | Address | None = None,
+    ) -> AgentRef: ...
+    @overload
+    def spawn(
+        self,
+        target: AgentSpec | Handler | type[Any],
+        *,
+        name: str | None = None,
+        supervisor: AgentRef | Address | None = None,
+    ) -> AgentRef: ...
     @trio.lowlevel.enable_ki_protection
     def spawn(
         self,
@@ -402,6 +423,7 @@ class Kernel:
         *,
         name: str | None = None,
         supervisor: AgentRef | Address | None = None,
+        **unknown: Any,
     ) -> AgentRef:
         """Start an agent (or a supervisor) and return its address.
 
@@ -410,7 +432,11 @@ class Kernel:
         address of a spawned supervisor: its ref, id or name) the child goes under the
         kernel's root supervisor.
         Messages sent right after spawning are queued and handled after ``on_start``.
+        An agent's own options (``mailbox_capacity``, ...) go on its spec:
+        ``kernel.spawn(agent(handler, mailbox_capacity=...))``.
         """
+        if unknown:
+            raise unknown_options("kernel.spawn()", unknown, _SPAWN_OPTIONS)
         if get_ident() != self._router.thread:
             raise wrong_thread("kernel.spawn")
         if self._router.phase is not _RUNNING:

@@ -4657,3 +4657,58 @@ def test_a_nursery_that_gives_back_what_on_start_raised_is_left_raising_it() -> 
     # a loose nursery raises the lone exception; so it was with the statement)
     assert _LeavesItsNursery.journal == ["on_start", "on_start", "handle after", "on_stop"]
     assert found == {"counts": (1, 1), "events": ["spawned", "failed", "restarted", "started"]}
+
+
+# --- a user's small frictions (thirty-eighth pass) -----------------------------------------
+
+
+async def test_a_misspelt_spawn_option_names_the_one_meant() -> None:
+    # Before: Python's bare "Kernel.spawn() got an unexpected keyword argument 'nmae'"
+    # (and for ctx.spawn, agent(target=...) the same), naming no option.
+    said: list[str] = []
+
+    @agent(name="parent")
+    async def parent(ctx: Context, msg: Message) -> bool:
+        for options in ({"nmae": "c"}, {"capacity": 4}, {"supervisor": "x"}):
+            try:
+                ctx.spawn(echo_handler, **options)
+            except TypeError as exc:
+                said.append(str(exc))
+        return True
+
+    async with open_kernel(make_config()) as kernel:
+        with pytest.raises(TypeError) as info:
+            kernel.spawn(echo_handler, nmae="e")  # type: ignore[call-overload]
+        assert str(info.value) == (
+            "kernel.spawn() got an unknown option 'nmae' (its options: name, supervisor);"
+            " did you mean name=?"
+        )
+        with pytest.raises(TypeError) as info:
+            kernel.spawn(echo_handler, handle_timeout=1, colour="red")  # type: ignore[call-overload]
+        assert str(info.value) == (
+            "kernel.spawn() got unknown options 'handle_timeout', 'colour' (its options:"
+            " name, supervisor); handle_timeout= is an option of the agent, not of the"
+            " spawn: give it to agent(), as kernel.spawn(agent(handler, handle_timeout=...))"
+        )
+        with pytest.raises(TypeError) as info:
+            kernel.spawn(echo_handler, colour="red")  # type: ignore[call-overload]
+        assert str(info.value) == (
+            "kernel.spawn() got an unknown option 'colour' (its options: name, supervisor)"
+        )
+        assert await kernel.request(kernel.spawn(parent), None) is True
+        assert said == [
+            "ctx.spawn() got an unknown option 'nmae' (its options: name); did you mean name=?",
+            "ctx.spawn() got an unknown option 'capacity' (its options: name);"
+            " mailbox_capacity= is an option of the agent, not of the spawn: give it to"
+            " agent(), as ctx.spawn(agent(handler, mailbox_capacity=...))",
+            "ctx.spawn() got an unknown option 'supervisor' (its options: name)",
+        ]
+        assert kernel.stats().agents_alive == 1  # nothing was spawned by the refused calls
+    with pytest.raises(TypeError) as info:
+        agent(target=echo_handler)  # type: ignore[call-overload]
+    assert str(info.value).endswith("; pass the handler or agent class first: agent(handler, ...)")
+
+
+async def echo_handler(ctx: Context, msg: Message) -> Any:
+    return msg.payload
+

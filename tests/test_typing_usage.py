@@ -16,6 +16,14 @@ def test_every_declared_spec_is_a_spec_with_its_options() -> None:
     assert agents.Tally.name == "tally"  # type: ignore[attr-defined]  # a spec at run time
 
 
+def test_a_misspelt_option_is_flagged_and_named() -> None:
+    texts = agents.misspelt_options()
+    assert len(texts) == 3
+    for text in texts:
+        assert "unknown option 'capacity'" in text
+        assert text.endswith("did you mean mailbox_capacity=?")
+
+
 def test_the_kernel_usage_runs_and_sees_what_it_asked_for() -> None:
     seen = trio.run(kernel.main)
     assert seen["count"] == 2  # the told message, then the request
@@ -27,3 +35,7 @@ def test_the_kernel_usage_runs_and_sees_what_it_asked_for() -> None:
     assert seen["request_error"] == "AgentNotFound"
     assert seen["sender_is_system"] is True
     assert seen["agents"] == ["", "greeter", "tally", "team-echo"]
+    assert seen["misspelt_option"].startswith(
+        "kernel.spawn() got an unknown option 'capacity' (its options: name, supervisor);"
+        " mailbox_capacity= is an option of the agent"
+    )

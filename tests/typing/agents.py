@@ -71,3 +71,23 @@ ALL_SPECS: tuple[AgentSpec, ...] = (
     named_counter,
     named_handler,
 )
+
+
+def misspelt_options() -> list[str]:
+    """A misspelt option of ``agent`` and of ``AgentSpec.with_options``: the type checker
+    flags the first (an ignore it did not need is an error: ``warn_unused_ignores``), and
+    at run time each is a TypeError naming the option meant; returns their texts."""
+    texts = []
+    try:
+        agent(shout, capacity=5)  # type: ignore[call-overload]
+    except TypeError as exc:
+        texts.append(str(exc))
+    try:
+        agent(capacity=5)  # type: ignore[call-overload]
+    except TypeError as exc:
+        texts.append(str(exc))
+    try:
+        echo.with_options(capacity=5)
+    except TypeError as exc:
+        texts.append(str(exc))
+    return texts

@@ -68,6 +68,11 @@ async def main() -> dict[str, Any]:
             seen["timeout"] = True
         except NexusError as exc:
             seen["request_error"] = type(exc).__name__
+        try:
+            # (flagged by the type checker too: an ignore it did not need is an error)
+            kernel.spawn(echo, capacity=5)  # type: ignore[call-overload]
+        except TypeError as exc:
+            seen["misspelt_option"] = str(exc)
         await kernel.stop(counter)
         stats: KernelStats = kernel.stats()
         seen["handled"] = stats.handled
