@@ -160,6 +160,20 @@ def new_id() -> uuid.UUID:
     return uuid_from_int(next(_next_ids))
 
 
+def id_mark() -> int:
+    """An id's value drawn now, to tell later whether an id was drawn before it (see
+    :func:`drawn_before`): a kernel's, at its start."""
+    return next(_next_ids)
+
+
+def drawn_before(value: int, mark: int) -> bool:
+    """Whether the id of value ``value`` was drawn in this process before ``mark`` (an
+    :func:`id_mark`): ids come from one counter, which starts each process (and each
+    fork) at a random high half and counts up in the low one; an id of another process,
+    or one written by hand, is not (its high half differs)."""
+    return value >> 64 == mark >> 64 and value < mark
+
+
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 #: the first and last timestamps (microseconds since the epoch) that the JSON form can
 #: carry: the years 1 to 9999 UTC of RFC 3339 (the NATS codecs carry any integer)

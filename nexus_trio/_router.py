@@ -49,7 +49,7 @@ from ._errors import (
 from ._gc import HeapKeeper
 from ._ledger import Ledger
 from ._mailbox import Mailbox
-from ._message import SYSTEM_ID, Address, Message, MessageKind, id_value
+from ._message import SYSTEM_ID, Address, Message, MessageKind, drawn_before, id_mark, id_value
 from ._transport import Transport
 
 current_task = trio.lowlevel.current_task
@@ -77,9 +77,10 @@ _LATE_MEMORY: Final = 4096
 #: how many queries the transport handed over whose answers go back to it, whoever their
 #: sender is (see Router.answer_through_transport), the last ones
 _TRANSPORT_ANSWERS_MEMORY: Final = 65536
-#: how many agents (and supervisors) stopped after a failure an AgentNotFound for their
-#: id or name can tell of, the last ones: the record holds twice as many entries (an id
-#: and a name each), each a key and a shared text (some 200 bytes an agent)
+#: how many agents (and supervisors) stopped for good while the kernel ran (after a
+#: failure, or stopped) an AgentNotFound for their id or name can tell of, the last ones:
+#: the record holds up to twice as many entries (an id and a name each), each a key and
+#: a shared text (some 200 bytes an agent)
 _ENDED_MEMORY: Final = 1000
 #: what an AgentNotFound adds for an address that stopped for good after a failure, by its
 #: ``stopped`` event's reason (the subtree of a supervisor given up on has its reason)
@@ -89,6 +90,22 @@ _ENDED_AFTER_FAILURE: Final = {
     "escalated": "it was given up on: stopped for good when its failure escalated",
     "failed": "it stopped for good after a failure and was not restarted",
 }
+#: what an AgentNotFound adds for an address that was stopped for good without a
+#: failure, by its ``stopped`` event's reason (another reason: _STOPPED_WITH)
+_ENDED_STOPPED: Final = {
+    "stopped": "it was stopped for good by kernel.stop: a stopped agent takes no messages",
+    "normal": "it has stopped: its run ended without an error, and its restart type does"
+    " not restart it",
+    "parent_exited": "it stopped with the run of the agent that spawned it (ctx.spawn)",
+    "parent_stopped": "it stopped with the agent that spawned it (ctx.spawn)",
+}
+_FAILURE_TEXTS: Final = frozenset(_ENDED_AFTER_FAILURE.values())
+_STOPPED_WITH: Final = "it was stopped for good, reason {!r}: a stopped agent takes no messages"
+#: what an AgentNotFound adds for an id drawn in this process before the kernel started
+_OTHER_KERNEL: Final = (
+    "it is the id of an agent of another kernel, drawn before this kernel started: an"
+    " AgentRef addresses only an agent of the kernel that spawned it"
+)
 _QUERY: Final = MessageKind.QUERY
 #: the detail of a monitor notice dead-lettered because its watcher's mailbox was full
 _NOTICE_REFUSED: Final = "full: a monitor notice does not wait for room"
@@ -449,6 +466,7 @@ class Router:
         "_ended",
         "_finished_deadlines",
         "_first_agent",
+        "_first_id",
         "_kernel_high",
         "_last_agent",
         "_late",
@@ -556,10 +574,14 @@ class Router:
         #: in the requester's mailbox (see _answered_now)
         self._answered: set[int] = set()
         self._answered_before: set[int] = set()
-        #: why the last _ENDED_MEMORY nodes that stopped after a failure stopped, by their
-        #: id's 128-bit value and by name (a name's entry goes when the name is forgotten
-        #: again): read only by a send that found no agent (see why_no_agent)
+        #: how the last _ENDED_MEMORY nodes that stopped for good while the kernel ran
+        #: stopped (what a failure says, or a stop's reason), by their id's 128-bit value
+        #: and by name (a name's entry goes when the name is forgotten again): read only
+        #: by a send that found no agent (see why_no_agent)
         self._ended: OrderedDict[int | str, str] = OrderedDict()
+        #: an id drawn as the kernel starts: every id of its agents is drawn after it, so
+        #: an id drawn before it in this process is another kernel's (see why_no_agent)
+        self._first_id = id_mark()
         self._drained: trio.Event | None = None
         #: the supervision tree has stopped: nothing can be handled any more
         self._drain_over = False
@@ -607,8 +629,10 @@ class Router:
     def why_no_agent(self, address: Address) -> str:
         """What an ``AgentNotFound`` for ``address`` can add (the failing path only): that
         it is a supervisor, that it is being stopped (unrouted by ``stop()``, not yet
-        forgotten), that it stopped after a failure (if it is one of the last
-        _ENDED_MEMORY that did), that the agent whose name it is under (``workers`` of
+        forgotten), that it stopped for good, after a failure or stopped (if it is one
+        of the last _ENDED_MEMORY that did while the kernel ran), that it is an id of
+        another kernel's agent (drawn before this one started), that the agent whose
+        name it is under (``workers`` of
         ``workers/0``) has not started yet, or that it is the kernel's own sender id."""
         if address == SYSTEM_ID:
             return _SYSTEM_ID_HINT.format(written="", either="")
@@ -621,7 +645,11 @@ class Router:
             key = address.int if isinstance(address, _UUID) else address
             ended = self._ended.get(key, "") if isinstance(key, (int, str)) else ""
             if ended:
-                return ended
+                if ended in _FAILURE_TEXTS:
+                    return ended
+                return _ENDED_STOPPED.get(ended) or _STOPPED_WITH.format(ended)
+        if isinstance(address, _UUID) and drawn_before(address.int, self._first_id):
+            return _OTHER_KERNEL
         if isinstance(address, str):
             written = _id_in_text(address)
             if written is not None:
@@ -681,10 +709,12 @@ class Router:
                 last.spawn_next = node
             self._last_agent = node
 
-    def forget(self, node: Child, failure: str = "") -> None:
+    def forget(self, node: Child, failure: str = "", stopped: str = "") -> None:
         """``node`` stopped for good: its id and name are free. ``failure``: the reason
         of its ``stopped`` event if it stopped for good after a failure (see
-        _ENDED_AFTER_FAILURE), kept for an ``AgentNotFound`` to tell (why_no_agent)."""
+        _ENDED_AFTER_FAILURE), else ``stopped``: its reason if it was stopped while the
+        kernel runs (not by its shutdown); kept for an ``AgentNotFound`` to tell
+        (why_no_agent)."""
         self.unroute(node)
         if self.nodes.pop(node.id.int, None) is not None and node.is_agent:
             done = node.done
@@ -711,13 +741,9 @@ class Router:
                 self._ended.pop(name, None)  # what it said of an earlier holder of the name
         else:
             name = None  # never registered (a tree that could not be), or taken since
-        if failure:
-            self._remember_failure(node, name, failure)
-
-    def _remember_failure(self, node: Child, name: str | None, failure: str) -> None:
-        """Keep why ``node`` (registered as ``name``) stopped for good, for why_no_agent."""
-        why = _ENDED_AFTER_FAILURE.get(failure)
-        if why is not None:
+        # (what a failure said, or a stop's reason: its text is written only if shown)
+        why = _ENDED_AFTER_FAILURE.get(failure) if failure else stopped
+        if why:
             ended = self._ended
             ended[node.id.int] = why
             if name is not None:

@@ -272,6 +272,10 @@ class SupervisionHost:
         its addresses, publish and notify."""
         if failure:
             self.router.forget(child, reason)
+        elif self.router.phase is _RUNNING:
+            # kept for a send to it to say it was stopped (not in a shutdown: the kernel
+            # goes, and the work per agent there would be a good part of its stop)
+            self.router.forget(child, stopped=reason)
         else:
             self.router.forget(child)
         child.on_retired(reason, for_shutdown=for_shutdown)

@@ -2329,7 +2329,10 @@ async def test_a_message_to_an_agent_being_stopped_is_refused_saying_it_stops(
         assert kernel.stats().handled == 2  # the message in hand, and asker's
         with pytest.raises(AgentNotFound) as info:
             await kernel.send("slow", 1)
-        assert str(info.value) == "no agent is registered as 'slow'"
+        assert str(info.value) == (
+            "no agent is registered as 'slow' (it was stopped for good by kernel.stop:"
+            " a stopped agent takes no messages)"
+        )
 
 
 def _drain_events(stream: Any) -> list[Any]:
@@ -4712,3 +4715,102 @@ async def test_a_misspelt_spawn_option_names_the_one_meant() -> None:
 async def echo_handler(ctx: Context, msg: Message) -> Any:
     return msg.payload
 
+
+async def test_a_send_to_an_agent_stopped_says_it_was_stopped(autojump_clock: Any) -> None:
+    # Before: after a normal stop, "no agent is registered as 'w'" and no more, as for a
+    # name never spawned; the kernel now says it was stopped (by name, id or ref), and
+    # how: kernel.stop (its reason), a normal exit, or with the agent that spawned it.
+    linked: list[Any] = []
+
+    @agent(name="spawner")
+    async def spawner(ctx: Context, msg: Message) -> None:
+        linked.append(ctx.spawn(echo_handler, name="child"))
+        ctx.stop()
+
+    async with open_kernel(make_config()) as kernel:
+        plain = kernel.spawn(echo_handler, name="plain")
+        kernel.spawn(echo_handler, name="why")
+        nameless = kernel.spawn(echo_handler)
+        kernel.spawn(agent(spawner, restart="transient"))
+        await kernel.send("spawner", None)
+        await trio.testing.wait_all_tasks_blocked()
+        await kernel.stop(plain)
+        await kernel.stop("why", reason="retired by the test")
+        await kernel.stop(nameless)
+        by_kernel = "(it was stopped for good by kernel.stop: a stopped agent takes no messages)"
+        expected = {
+            "plain": by_kernel,
+            plain.id: by_kernel,
+            plain: by_kernel,
+            nameless: by_kernel,
+            "why": "(it was stopped for good, reason 'retired by the test': a stopped agent"
+            " takes no messages)",
+            "spawner": "(it has stopped: its run ended without an error, and its restart"
+            " type does not restart it)",
+            "child": "(it stopped with the run of the agent that spawned it (ctx.spawn))",
+        }
+        for address, detail in expected.items():
+            shown = address.id if isinstance(address, type(plain)) else address
+            with pytest.raises(AgentNotFound) as info:
+                await kernel.send(address, 1)
+            assert str(info.value) == f"no agent is registered as {shown!r} {detail}"
+        with pytest.raises(AgentNotFound) as info:
+            await kernel.send(linked[0], 1)
+        assert str(info.value).endswith(expected["child"])
+        # a name never spawned still says nothing more
+        with pytest.raises(AgentNotFound) as info:
+            await kernel.send("never", 1)
+        assert str(info.value) == "no agent is registered as 'never'"
+
+
+async def test_what_is_kept_of_agents_stopped_is_bounded(
+    autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The kernel keeps how the last few agents stopped (_ENDED_MEMORY of them, failed or
+    # stopped alike), not every one: the oldest are plain "not registered".
+    import nexus_trio._router
+
+    monkeypatch.setattr(nexus_trio._router, "_ENDED_MEMORY", 2)
+    async with open_kernel(make_config()) as kernel:
+        refs = [kernel.spawn(echo_handler, name=f"s{i}") for i in range(4)]
+        for ref in refs:
+            await kernel.stop(ref)
+        said = []
+        for ref in refs:
+            for address in (ref.name, ref.id):
+                with pytest.raises(AgentNotFound) as info:
+                    await kernel.send(address, 1)
+                said.append(str(info.value).endswith("a stopped agent takes no messages)"))
+        assert said == [False, False, False, False, True, True, True, True]
+
+
+async def test_a_ref_of_another_kernel_is_named_so() -> None:
+    # Before: an AgentRef from a kernel closed since, used with a new one, got "no agent
+    # is registered as UUID(...)", as if it had been this kernel's and had gone.
+    async with open_kernel(make_config()) as first:
+        old = first.spawn(echo_handler, name="echo")
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(echo_handler, name="echo")  # the same name: the ref is the old agent's
+        other = (
+            f"no agent is registered as {old.id!r} (it is the id of an agent of another"
+            " kernel, drawn before this kernel started: an AgentRef addresses only an agent"
+            " of the kernel that spawned it)"
+        )
+        for attempt in (
+            lambda: kernel.send(old, 1),
+            lambda: kernel.request(old.id, 1),
+            lambda: kernel.stop(old),
+        ):
+            with pytest.raises(AgentNotFound) as info:
+                await attempt()
+            assert str(info.value) == other
+        with pytest.raises(AgentNotFound) as info:
+            kernel.send_nowait(old, 1)
+        assert str(info.value) == other
+        # an id this process never drew (another node's, one written by hand): no claim
+        stranger = uuid.uuid4()
+        with pytest.raises(AgentNotFound) as info:
+            await kernel.send(stranger, 1)
+        assert str(info.value) == f"no agent is registered as {stranger!r}"
+        # nor for one of this kernel's own agents, stopped past what is remembered
+        assert await kernel.request("echo", 2) == 2

@@ -1283,18 +1283,28 @@ async def test_a_send_to_an_agent_given_up_on_says_so(autojump_clock: Any) -> No
                 with pytest.raises(AgentNotFound) as info:
                     await kernel.send(address, 1)
                 assert str(info.value) == f"no agent is registered as {ref.id!r} {detail}"
-        # stopped without a failure, or never spawned: nothing more to say
-        for name in ("quits", "stopped", "nobody"):
+        # stopped without a failure: it says so; never spawned: nothing more to say
+        stopped = "(it was stopped for good by kernel.stop: a stopped agent takes no messages)"
+        for name, detail in (
+            (
+                "quits",
+                "(it has stopped: its run ended without an error, and its restart"
+                " type does not restart it)",
+            ),
+            ("stopped", stopped),
+            ("nobody", ""),
+        ):
             with pytest.raises(AgentNotFound) as info:
                 await kernel.send(name, 1)
-            assert str(info.value) == f"no agent is registered as {name!r}"
-        # a name taken again is that agent's: its own stop says nothing of the one before
+            assert str(info.value) == f"no agent is registered as {name!r} {detail}".rstrip()
+        # a name taken again is that agent's: its own stop says what became of it, not
+        # of the one before
         again = kernel.spawn(tracked("once", restart="temporary"))
         assert await kernel.request("once", 1) == 1
         await kernel.stop(again)
         with pytest.raises(AgentNotFound) as info:
             await kernel.send("once", 1)
-        assert str(info.value) == "no agent is registered as 'once'"
+        assert str(info.value) == f"no agent is registered as 'once' {stopped}"
         with pytest.raises(AgentNotFound) as info:
             await kernel.send(once, 1)  # the first one's id still says why it stopped
         assert str(info.value) == f"no agent is registered as {once.id!r} {failed}"
