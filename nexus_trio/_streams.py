@@ -21,12 +21,14 @@ import trio
 T = TypeVar("T")
 
 
-def _not_with() -> TypeError:
-    """``with kernel.events()`` or ``await kernel.dead_letters()``: what to write."""
+def _not_with(call: str) -> TypeError:
+    """``with kernel.events()`` or ``await kernel.dead_letters()`` (``call``, its
+    broadcast's name): what to write."""
+    item = {"events()": "event", "dead_letters()": "letter"}.get(call, "item")
     return TypeError(
-        "a subscription (kernel.events(), kernel.dead_letters()) is an async context manager"
-        " and an async iterator: write 'async with kernel.events() as stream:' and"
-        " 'async for event in stream:' inside an 'async def', not 'with' or 'await'"
+        f"kernel.{call} is an async context manager and an async iterator: write"
+        f" 'async with kernel.{call} as stream:' and 'async for {item} in stream:' inside"
+        " an 'async def', not 'with' or 'await'"
     )
 
 
@@ -57,13 +59,13 @@ class Subscription(Generic[T]):
     if not TYPE_CHECKING:  # (a type checker flags 'with' and 'await' itself)
 
         def __enter__(self) -> Any:
-            raise _not_with()
+            raise _not_with(self._owner.name)
 
         def __exit__(self, *exc: object) -> None:
             pass  # (never reached: __enter__ raised)
 
         def __await__(self) -> Any:
-            raise _not_with()
+            raise _not_with(self._owner.name)
 
     def close(self) -> None:
         self._owner._forget(id(self))

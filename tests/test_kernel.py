@@ -3425,18 +3425,22 @@ async def test_open_kernel_entered_with_with_or_await_says_async_with() -> None:
             " inside an 'async def' (run by trio.run), not 'with' or 'await'"
         )
 
-    stream = (
-        "a subscription (kernel.events(), kernel.dead_letters()) is an async context"
-        " manager and an async iterator: write 'async with kernel.events() as stream:' and"
-        " 'async for event in stream:' inside an 'async def', not 'with' or 'await'"
-    )
+    def stream(call: str, item: str) -> str:
+        # (before: "a subscription (kernel.events(), kernel.dead_letters()) ... write
+        # 'async with kernel.events() as stream:'" for either)
+        return (
+            f"kernel.{call} is an async context manager and an async iterator: write"
+            f" 'async with kernel.{call} as stream:' and 'async for {item} in stream:'"
+            " inside an 'async def', not 'with' or 'await'"
+        )
+
     async with open_kernel(make_config()) as kernel:
         cases = [
             (lambda: open_kernel(), told("open_kernel()", "kernel")),
             (lambda: open_test_kernel(), told("open_test_kernel()", "kernel")),
             (lambda: record_events(kernel), told("record_events(kernel)", "events")),
-            (kernel.events, stream),
-            (kernel.dead_letters, stream),
+            (kernel.events, stream("events()", "event")),
+            (kernel.dead_letters, stream("dead_letters()", "letter")),
         ]
         for make, text in cases:
             with pytest.raises(TypeError) as entered:
