@@ -1789,6 +1789,78 @@ async def test_tells_parked_behind_a_full_mailbox_are_queued_and_delivered_in_ru
     assert ca.stats().published >= tells
 
 
+async def test_tells_parked_behind_a_full_mailbox_return_credit_in_shares_not_per_wait(
+    nats: NatsServer,
+) -> None:
+    """While tells wait behind a full mailbox, the credit of those that went in goes back
+    before a wait only once it is an eighth of the node window (and at the end), not
+    before every wait: a wait comes each time the agent makes room, and each credit
+    returned is a control-only batch, a publish, to the sender. 200 tells to a mailbox
+    of 8 with a window of 256: about one credit batch per 8 tells before (a wait each),
+    at most one per 32 now; all of it back at the end (the whole window free again),
+    every tell handled once, in order."""
+    gate = trio.Event()
+    handled: list[Any] = []
+    tells = 200
+    done = trio.Event()
+
+    @agent(name="stalled", mailbox_capacity=8)
+    async def stalled(ctx: Context, msg: Message) -> Any:
+        if not gate.is_set():
+            await gate.wait()
+        handled.append(msg.payload)
+        if len(handled) == tells:
+            done.set()
+
+    credited = trio.Event()
+
+    @agent(name="back")
+    async def back(ctx: Context, msg: Message) -> Any:
+        credited.set()
+
+    window = 256
+    async with (
+        _node(nats.url, "b", node_window=window) as (kb, cb),
+        _node(nats.url, "a", node_window=window) as (ka, ca),
+    ):
+        kb.spawn(stalled)
+        kb.spawn(_ping)
+        ka.spawn(back)
+        await cb.names_published()
+        await ca.names_published()
+        with trio.fail_after(30):
+            await ca.wait_for_name("stalled")
+            await ca.wait_for_name("ping")
+            await cb.wait_for_name("back")
+
+            async def send_all() -> None:
+                for i in range(tells):
+                    await ka.send("stalled", i)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_all)
+                # all sent (the window holds them): 9 taken in (one in the handler,
+                # eight queued), the rest parked on b
+                await until(lambda: cb.stats().parked == tells - 9)
+                published = cb.stats().batches_published
+                gate.set()
+                await done.wait()
+            await trio.testing.wait_all_tasks_blocked(0.01)
+            assert cb.stats().parked == 0
+            credit_batches = cb.stats().batches_published - published
+            # the whole window back: a tell from b behind the last credit, then a whole
+            # window's worth accepted at once
+            await kb.send("back", None)
+            await credited.wait()
+            for i in range(tells, tells + window):
+                ka.send_nowait("stalled", i)
+    assert handled[:tells] == list(range(tells))
+    # 191 tells credited from the parked queue in shares of 32 (256 // 8) or more, and
+    # the rest at the end: at most 6 batches (about 20, one a wait, before)
+    assert 1 <= credit_batches <= (tells - 9) // (window // 8) + 1, credit_batches
+    assert cb.stats().inbound_dropped == {}
+
+
 @agent(name="ping")
 async def _ping(ctx: Context, msg: Message) -> Any:
     return "pong"
