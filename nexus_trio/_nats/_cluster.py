@@ -176,8 +176,11 @@ _PLAIN, _NUMBERED, _MARK, _BATCH = 0, 1, 2, 3
 #: about what a woken consumer makes room for, bounding the run built for nothing
 _PARKED_RUN: Final = 128
 #: while tells wait behind a full mailbox, the credit of those that went in is returned
-#: before a wait once it is this share of the node window (see _deliver_parked)
+#: before a wait once it is this share of the node window, or once this many seconds
+#: have passed since the last return (a slow agent: its senders are not held back
+#: longer than that for want of credit; see _deliver_parked)
 _PARKED_CREDIT_SHARE: Final = 8
+_PARKED_CREDIT_AFTER: Final = 0.01
 #: one outgoing NATS message: subject, reply subject, headers, body, what it is
 _Outgoing = tuple[str, str, dict[str, str] | None, bytes, int]
 #: keys of the per-peer counts of queries and replies kept past the members' (the id
@@ -2977,18 +2980,18 @@ class Cluster:
         batched tells wait on (bounded by their senders' ``node_window``), except one
         that the agent refuses without a wait (``reject``): refused here, counted."""
         # The credit of the tells that went in, returned at the end and before a wait once
-        # it is an eighth of the node window (with the next batch the other way, either
-        # way), not once per tell nor once per wait: a wait comes each time the agent
-        # makes room (a batch of its, 64 by default), and credit returned that often cost
-        # a control-only batch each, a publish here and a wake-up there, over twice as
-        # many as the tells' own batches (docs/distributed.md, thirty-eighth pass). What
-        # is held back is less than an eighth of the window: it goes back at a later
-        # wait past that share, or when the queue is empty.
+        # it is an eighth of the node window or 10 ms after the last return (with the
+        # next batch the other way, either way), not once per tell nor once per wait: a
+        # wait comes each time the agent makes room (a batch of its, 64 by default), and
+        # credit returned that often cost a control-only batch each, a publish here and
+        # a wake-up there, over twice as many as the tells' own batches
+        # (docs/distributed.md, thirty-eighth pass). An agent slower than that gets its
+        # credit returned before every wait, as before: its senders wait for it.
         owed_stream: str | None = None
         owed = 0
         credit_at = max(1, self.options.node_window // _PARKED_CREDIT_SHARE)
         # when the last wait began (MailboxFull comes only out of a wait)
-        started = trio.current_time()
+        started = credited = trio.current_time()
         try:
             while parked:
                 m, msg, is_query, stream = parked[0]
@@ -3033,10 +3036,13 @@ class Cluster:
                         continue
                 try:
                     if not self._into_kernel_nowait(msg):
-                        if owed >= credit_at:
+                        started = trio.current_time()
+                        if owed and (
+                            owed >= credit_at or started - credited >= _PARKED_CREDIT_AFTER
+                        ):
                             self._credit(owed_stream, owed)
                             owed = 0
-                        started = trio.current_time()
+                            credited = started
                         try:
                             await self._into_kernel(msg)
                         except trio.Cancelled:
