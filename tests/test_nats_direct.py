@@ -515,3 +515,82 @@ def test_taking_the_buffer_empties_it_or_takes_nothing_when_it_cannot_be_read() 
     broken = SimpleNamespace(_pending=[b"PUB s 9\r\nx\r\n"], _pending_data_size=12)
     assert take_unsent(broken) is None and broken._pending_data_size == 12
     assert take_unsent(SimpleNamespace()) is None
+
+
+def test_a_parse_left_suspended_when_the_reading_task_ends_is_not_resumed() -> None:
+    """nats-py ends its reading task at a reconnect or a close (``_attempt_reconnect``,
+    ``_close``), which cancelled a parse of its own that was suspended; one that
+    ``read_inline`` finishes ends with it: neither it nor the bytes held behind it are
+    parsed afterwards (nats-py's parser is the new connection's too by then), and no
+    task is left waiting on a future that a cancelled flusher will never complete."""
+
+    async def main() -> None:
+        reader, parser = asyncio.StreamReader(), _Parser()
+        reading = asyncio.create_task(reader.read(100))  # nats-py's reading task
+        client = _reading(reader, parser)
+        client._reading_task = reading
+        assert read_inline(client)
+        await asyncio.sleep(0)
+        reader.feed_data(b"slow")  # suspended: waits for the gate
+        reader.feed_data(b"old")  # held behind it
+        await asyncio.sleep(0)
+        finishing = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        assert reading in finishing and len(finishing) == 2
+        reading.cancel()  # the reconnect
+        with pytest.raises(asyncio.CancelledError):
+            await reading
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert parser.gate is not None
+        assert parser.gate.cancelled()  # the parse's wait was cancelled with the task
+        assert parser.seen == []
+        assert all(task.done() for task in finishing)
+
+    asyncio.run(main())
+
+
+class _Pausing(asyncio.ReadTransport):
+    """A transport that only counts its pauses and resumes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def pause_reading(self) -> None:
+        self.calls.append("pause")
+
+    def resume_reading(self) -> None:
+        self.calls.append("resume")
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def test_bytes_held_behind_a_suspended_parse_pause_the_socket_as_a_buffer_does() -> None:
+    """What comes while a parse is suspended is held; past twice the reader's limit the
+    transport is paused, as ``StreamReader.feed_data`` pauses it for bytes buffered
+    (memory bounded while nats-py waits), and resumed once they are parsed."""
+
+    async def main() -> None:
+        reader, parser = asyncio.StreamReader(limit=4), _Parser()
+        transport = _Pausing()
+        reader.set_transport(transport)
+        assert read_inline(_reading(reader, parser))
+        reading = asyncio.create_task(reader.read(100))
+        await asyncio.sleep(0)
+        reader.feed_data(b"slow")
+        reader.feed_data(b"12345")
+        assert transport.calls == []  # 5 bytes held: under 2 x 4
+        reader.feed_data(b"6789")
+        assert transport.calls == ["pause"]  # 9 bytes held
+        reader.feed_data(b"0")
+        assert transport.calls == ["pause"]  # (once)
+        assert parser.gate is not None
+        parser.gate.set_result(None)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert parser.seen == [b"slow", b"12345", b"6789", b"0"]
+        assert transport.calls == ["pause", "resume"]
+        reading.cancel()
+
+    asyncio.run(main())

@@ -288,7 +288,11 @@ def read_inline(nc: Any) -> bool:
 
     A parse that suspends (nats-py's flush queue full, an error callback) is finished
     by an asyncio task, and what comes meanwhile (bytes, the end of the stream) waits
-    behind it, in order, then goes the same way. A parse that raises hands its error to
+    behind it, in order, then goes the same way; past twice the reader's limit, what is
+    held pauses the transport as bytes buffered in the reader do, until it is parsed.
+    When nats-py ends its reading task (a reconnect, a close: it cancelled a parse of
+    its own there), such a parse is cancelled with it and nothing held is parsed after.
+    A parse that raises hands its error to
     the reading task (``StreamReader.set_exception``), which handles it as one of its
     own parse (a protocol error, a reconnect). nats-py makes a new reader at each
     connect: call this again after a reconnect. False, changing nothing, when ``nc``
@@ -312,13 +316,25 @@ def read_inline(nc: Any) -> bool:
     stream: Any = reader  # (its private fields, read on every read)
     feed_data, feed_eof = reader.feed_data, reader.feed_eof
     held: list[bytes | None] = []  # behind an unfinished parse, in order (None: the end)
+    held_size = 0
+    paused: Any = None  # the transport paused for what is held
     busy = False
     finishing: asyncio.Task[None] | None = None  # (held here: the loop keeps a weak one)
+    reading: Any = None  # nats-py's reading task, whose end ends the finishing task
 
     def read(data: bytes) -> None:
-        nonlocal busy, finishing
+        nonlocal busy, finishing, held_size, paused, reading
         if busy:
             held.append(data)
+            held_size += len(data)
+            transport = stream._transport
+            if paused is None and transport is not None and held_size > 2 * stream._limit:
+                try:
+                    transport.pause_reading()
+                except NotImplementedError:
+                    pass  # (as feed_data: it cannot be paused, all is held)
+                else:
+                    paused = transport
             return
         waiter = stream._waiter
         if (
@@ -341,9 +357,18 @@ def read_inline(nc: Any) -> bool:
             return
         busy = True
         finishing = loop.create_task(finish(parsing, waiting_on))
+        reading = getattr(nc, "_reading_task", None)
+        if isinstance(reading, asyncio.Task):
+            reading.add_done_callback(cut)
+        else:
+            reading = None
+
+    def cut(_: object) -> None:
+        if finishing is not None:
+            finishing.cancel()
 
     async def finish(parsing: Coroutine[Any, Any, None], waiting_on: Any) -> None:
-        nonlocal busy, finishing
+        nonlocal busy, finishing, held_size, paused, reading
         try:
             await _drive(parsing, waiting_on)
             while held:
@@ -357,6 +382,14 @@ def read_inline(nc: Any) -> bool:
         finally:
             busy, finishing = False, None
             held.clear()
+            held_size = 0
+            if reading is not None:
+                reading.remove_done_callback(cut)
+                reading = None
+            if paused is not None:
+                if not paused.is_closing():
+                    paused.resume_reading()
+                paused = None
 
     def end() -> None:
         if busy:
@@ -383,5 +416,7 @@ async def _drive(coro: Coroutine[Any, Any, None], waiting_on: Any) -> None:
             except StopIteration:
                 return
     except asyncio.CancelledError:
+        if isinstance(waiting_on, asyncio.Future):
+            waiting_on.cancel()  # (as a task's cancel cancels what it waits for)
         coro.close()
         raise
