@@ -290,6 +290,11 @@ def test_a_client_of_another_shape_is_read_as_nats_py_reads_it() -> None:
         reader = asyncio.StreamReader()
         assert not read_inline(SimpleNamespace(_transport=SimpleNamespace(_io_reader=reader)))
         assert "feed_data" not in vars(reader)
+        for name in ("_waiter", "_limit", "_transport"):  # a reader of another Python
+            other = asyncio.StreamReader()
+            delattr(other, name)
+            assert not read_inline(_reading(other, _Parser()))
+            assert "feed_data" not in vars(other)
 
     asyncio.run(main())
 

@@ -38,7 +38,8 @@ deaf, as nats-py's own did.
 All of them rely on nats-py internals (``Subscription._pending_queue``, ``_pending_size``;
 ``Client._pending``, ``_pending_data_size``, ``_transport``, ``_max_payload``,
 ``stats``, ``_pongs``, ``_send_ping``, ``_reading_task``, ``_flusher_task``, ``_ps``;
-``asyncio.StreamReader``'s ``_buffer``, ``_waiter``, ``_eof``, ``_exception``), checked
+``asyncio.StreamReader``'s ``_buffer``, ``_waiter``, ``_eof``, ``_exception``,
+``_transport``, ``_limit``), checked
 when used: with a nats-py that lacks them, messages take
 the usual way (the reading task, the subscription's task, ``publish``), only later, a
 leave can only log the size of the buffer, and a flush is nats-py's.
@@ -304,7 +305,10 @@ def read_inline(nc: Any) -> bool:
         not isinstance(reader, asyncio.StreamReader)
         or not callable(parse)
         or not isinstance(getattr(reader, "_buffer", None), bytearray)
-        or not all(hasattr(reader, name) for name in ("_waiter", "_eof", "_exception"))
+        or not all(
+            hasattr(reader, name)
+            for name in ("_waiter", "_eof", "_exception", "_transport", "_limit")
+        )
     ):
         return False
     if "feed_data" in vars(reader):
