@@ -706,6 +706,8 @@ class Context:
     @trio.lowlevel.enable_ki_protection
     def stop(self) -> None:
         """Stop this agent after the current message (a normal exit; see restart types)."""
+        if get_ident() != self._router.thread:
+            raise wrong_thread("ctx.stop")
         self._cell.request_exit()
 
     @property
@@ -739,6 +741,8 @@ class Context:
         :class:`AgentNotRunning` once this agent has stopped for good (a context kept
         past its agent's stop): a monitor lives as long as its watcher.
         """
+        if get_ident() != self._router.thread:
+            raise wrong_thread("ctx.monitor")
         if self._cell.retired:
             raise AgentNotRunning(
                 self.id,
@@ -762,6 +766,8 @@ class Context:
         monitor it (never did, or the monitor ended with the target's stop for good). A
         notice already in this agent's mailbox stays there.
         """
+        if get_ident() != self._router.thread:
+            raise wrong_thread("ctx.demonitor")
         address = address_of(target)
         node = self._router.find(address)
         if node is None:

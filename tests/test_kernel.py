@@ -3558,6 +3558,54 @@ async def test_ctx_sync_calls_from_a_run_sync_thread_are_refused() -> None:
         assert sorted(ref.name or "" for ref in kernel.agents()) == ["blocking", "echo"]
 
 
+async def test_ctx_stop_and_monitors_from_a_run_sync_thread_are_refused() -> None:
+    """``ctx.stop()`` from a ``ctx.run_sync`` thread set the stop half-way (the agent
+    exited after the message) then failed in Trio with ``must be called from async
+    context`` when something waited in ``wait_stop_requested``, which never returned;
+    ``ctx.monitor``/``ctx.demonitor`` changed the kernel's monitors from that thread."""
+    import threading
+
+    seen: list[str] = []
+
+    @agent(name="blocking")
+    async def blocking(ctx: Context, msg: Message) -> Any:
+        async def watch() -> None:
+            await ctx.wait_stop_requested()
+            seen.append("stop")
+
+        ctx.nursery.start_soon(watch)
+        await trio.testing.wait_all_tasks_blocked()
+
+        def work() -> str:
+            threading.current_thread().name = "work"
+            try:
+                if msg.payload == "stop":
+                    ctx.stop()
+                elif msg.payload == "monitor":
+                    ctx.monitor("echo")
+                else:
+                    ctx.demonitor("echo")
+            except RuntimeError as exc:
+                return str(exc)
+            return "no error"
+
+        return await ctx.run_sync(work)
+
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(_echo, name="echo")
+        ref = kernel.spawn(blocking)
+        for call in ("stop", "monitor", "demonitor"):
+            assert await kernel.request("blocking", call) == _thread_error(f"ctx.{call}")
+        await trio.testing.wait_all_tasks_blocked()
+        assert seen == []  # not stopped, not half-way
+        assert kernel.lookup("blocking") == ref
+        await kernel.stop("echo")
+        await trio.testing.wait_all_tasks_blocked()
+        stats = kernel.stats()
+        # the three queries and their answers; no notice of echo's stop (not monitored)
+        assert (stats.accepted, stats.handled, stats.in_flight) == (6, 3, 0)
+
+
 @pytest.mark.parametrize(
     ("config", "shown"),
     [("config.toml", "str 'config.toml'"), ({"kernel": {}}, "dict {'kernel': {}}")],
