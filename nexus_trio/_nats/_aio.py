@@ -33,6 +33,7 @@ import trio_asyncio  # type: ignore[import-untyped, import-not-found, unused-ign
 
 from .._logcall import log_guarded
 from .._throttle import Throttle
+from ._direct import drive
 
 T = TypeVar("T")
 
@@ -318,21 +319,10 @@ class Outbox(Generic[T]):
             self._unfinished = None
 
     async def _drive(self, coro: Coroutine[Any, Any, None], waiting_on: Any) -> None:
-        """Drive a coroutine that suspended after it was started to its end, the way an
-        asyncio task would: resume it (with None) each time what it waits on is done."""
+        """Drive a send that suspended after it was started to its end (see
+        :func:`drive`); its failure is counted."""
         try:
-            while True:
-                if isinstance(waiting_on, asyncio.Future):
-                    await asyncio.wait([waiting_on])
-                else:
-                    await asyncio.sleep(0)  # a bare yield
-                try:
-                    waiting_on = coro.send(None)
-                except StopIteration:
-                    return
-        except asyncio.CancelledError:
-            coro.close()
-            raise
+            await drive(coro, waiting_on)
         except Exception as exc:
             self._failed(exc)
 

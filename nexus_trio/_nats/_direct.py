@@ -374,7 +374,7 @@ def read_inline(nc: Any) -> bool:
     async def finish(parsing: Coroutine[Any, Any, None], waiting_on: Any) -> None:
         nonlocal busy, finishing, held_size, paused, reading
         try:
-            await _drive(parsing, waiting_on)
+            await drive(parsing, waiting_on)
             while held:
                 data = held.pop(0)
                 if data is None:
@@ -407,8 +407,11 @@ def read_inline(nc: Any) -> bool:
     return True
 
 
-async def _drive(coro: Coroutine[Any, Any, None], waiting_on: Any) -> None:
-    """Drive a coroutine that suspended once to its end, as an asyncio task would."""
+async def drive(coro: Coroutine[Any, Any, None], waiting_on: Any) -> None:
+    """Drive a coroutine that suspended after it was started (``waiting_on``: what its
+    first ``send(None)`` gave) to its end, the way an asyncio task would: resume it (with
+    None) each time what it waits on is done; cancelled, it is closed. What it raises
+    is raised here."""
     try:
         while True:
             if isinstance(waiting_on, asyncio.Future):
@@ -420,7 +423,5 @@ async def _drive(coro: Coroutine[Any, Any, None], waiting_on: Any) -> None:
             except StopIteration:
                 return
     except asyncio.CancelledError:
-        if isinstance(waiting_on, asyncio.Future):
-            waiting_on.cancel()  # (as a task's cancel cancels what it waits for)
         coro.close()
         raise
