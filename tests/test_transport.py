@@ -325,31 +325,34 @@ async def test_a_remote_delivery_refused_as_the_kernel_drains_is_the_transports_
     assert (stats.accepted, stats.handled, stats.in_flight) == (2, 2, 0)
 
 
+class _Nowhere:
+    """A transport of the required methods only, which reaches no other kernel."""
+
+    async def deliver(self, msg: Message) -> None:
+        raise TransportUnavailable("nowhere")
+
+    def deliver_nowait(self, msg: Message) -> None:
+        raise TransportUnavailable("nowhere")
+
+    def cancel_query(self, query_id: uuid.UUID, to: uuid.UUID | str) -> None:
+        return None
+
+
 async def test_a_transport_without_query_failed_still_works_when_a_query_is_failed() -> None:
     """``query_failed`` is optional (``QueryFailing``): a transport written before it
     existed keeps working when an agent fails a query it took over; one with it gets the
     call for a query this kernel does not wait for."""
 
-    class Minimal:
-        async def deliver(self, msg: Message) -> None:
-            raise TransportUnavailable("nowhere")
-
-        def deliver_nowait(self, msg: Message) -> None:
-            raise TransportUnavailable("nowhere")
-
-        def cancel_query(self, query_id: uuid.UUID, to: uuid.UUID | str) -> None:
-            return None
-
     failed: list[uuid.UUID] = []
 
-    class Failing(Minimal):
+    class Failing(_Nowhere):
         def query_failed(self, query_id: uuid.UUID, error: BaseException) -> None:
             failed.append(query_id)
 
     query_id = uuid.uuid4()
     error = RequestFailed(query_id, "pool", "agent_stopped", None)
     async with open_kernel(make_config()) as kernel:
-        kernel.attach_transport(Minimal())
+        kernel.attach_transport(_Nowhere())
         kernel.fail_query(query_id, error)  # no one to tell, nothing raised
         kernel.detach_transport()
         kernel.attach_transport(Failing())
@@ -367,16 +370,7 @@ async def test_a_transport_with_query_given_up_hears_of_a_query_given_up_once_af
     through the dead-letter stream, with the very Query that failed."""
     calls: list[tuple[str, uuid.UUID]] = []
 
-    class GivingUp:
-        async def deliver(self, msg: Message) -> None:
-            raise TransportUnavailable("nowhere")
-
-        def deliver_nowait(self, msg: Message) -> None:
-            raise TransportUnavailable("nowhere")
-
-        def cancel_query(self, query_id: uuid.UUID, to: uuid.UUID | str) -> None:
-            return None
-
+    class GivingUp(_Nowhere):
         def query_failed(self, query_id: uuid.UUID, error: BaseException) -> None:
             calls.append(("failed", query_id))
 
