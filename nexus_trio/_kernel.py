@@ -839,6 +839,8 @@ class Kernel:
 
     def fail_request(self, request_id: uuid.UUID, error: BaseException) -> bool:
         """Fail a pending :meth:`request` with ``error`` (prefer the transport handle)."""
+        if get_ident() != self._router.thread:
+            raise wrong_thread("kernel.fail_request")
         return self._router.fail_request(request_id, error)
 
     def fail_query(self, query_id: uuid.UUID, error: RequestFailed) -> None:
@@ -851,11 +853,15 @@ class Kernel:
         optional for a transport), as when a query is dead-lettered. Nothing is counted
         (the query was handled) and nothing happens if no one waits any more; an answer
         that comes anyway is a late reply."""
+        if get_ident() != self._router.thread:
+            raise wrong_thread("kernel.fail_query")
         self._router.fail_query(query_id, error)
 
     def report_event(self, event: LifecycleEvent) -> None:
         """Publish an event that happened outside the supervision tree on ``events()``
         (for transports and bridges: e.g. ``unreachable`` for a remote node)."""
+        if get_ident() != self._router.thread:
+            raise wrong_thread("kernel.report_event")
         self._ledger.publish_event(event)
 
     # --- observability -----------------------------------------------------------------------------

@@ -426,7 +426,8 @@ def _id_in_text(address: str) -> _UUID | None:
 
 def wrong_thread(what: str) -> RuntimeError:
     """The error of a synchronous call of the kernel's (``send_nowait``, ``spawn``,
-    ``ctx.stop``, ``ctx.monitor``, ``ctx.demonitor``) made
+    ``ctx.stop``, ``ctx.monitor``, ``ctx.demonitor``, ``fail_request``, ``fail_query``,
+    ``report_event``) made
     in a thread other than its Trio run's: it would change the kernel's state under its
     run and wake tasks from outside it (an agent's first message starts its task there),
     failing half-way with one of Trio's errors that names neither the call nor the

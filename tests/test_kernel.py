@@ -3558,6 +3558,33 @@ async def test_ctx_sync_calls_from_a_run_sync_thread_are_refused() -> None:
         assert sorted(ref.name or "" for ref in kernel.agents()) == ["blocking", "echo"]
 
 
+async def test_kernel_calls_that_wake_waiters_from_another_thread_are_refused() -> None:
+    """``fail_request``, ``fail_query`` and ``report_event`` wake a task (a requester, an
+    ``events()`` reader): from another thread the request was failed half-way (Trio's
+    error, not the call's) and an event was queued to a reader never woken."""
+    from nexus_trio import LifecycleEvent
+
+    async with open_kernel(make_config()) as kernel:
+        ref = kernel.spawn(_echo, name="echo")
+        event = LifecycleEvent(EventKind.UNREACHABLE, ref.id, "echo", 0.0, reason="r")
+        query_id = uuid.uuid4()
+        error = RequestFailed(query_id, "echo", "agent_stopped", None)
+        async with kernel.events(buffer=4) as events:
+            calls = {
+                "kernel.fail_request": lambda: kernel.fail_request(query_id, error),
+                "kernel.fail_query": lambda: kernel.fail_query(query_id, error),
+                "kernel.report_event": lambda: kernel.report_event(event),
+            }
+            for call, fn in calls.items():
+                raised = await trio.to_thread.run_sync(_in_thread_named_work, fn)
+                assert isinstance(raised, RuntimeError) and str(raised) == _thread_error(call)
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(trio.WouldBlock):
+                events.receive_nowait()  # nothing was published
+            kernel.report_event(event)  # (in the kernel's thread: published)
+            assert events.receive_nowait() == event
+
+
 async def test_ctx_stop_and_monitors_from_a_run_sync_thread_are_refused() -> None:
     """``ctx.stop()`` from a ``ctx.run_sync`` thread set the stop half-way (the agent
     exited after the message) then failed in Trio with ``must be called from async
