@@ -3525,26 +3525,31 @@ async def test_kernel_sync_calls_from_another_thread_are_refused_before_they_cha
         assert kernel.stats().handled == 2
 
 
+def _refusal_in_work_thread(call: Any) -> str:
+    """``call()`` in this (worker) thread, named 'work': the RuntimeError it raised, as
+    text, or "no error"."""
+    import threading
+
+    threading.current_thread().name = "work"
+    try:
+        call()
+    except RuntimeError as exc:
+        return str(exc)
+    return "no error"
+
+
 async def test_ctx_sync_calls_from_a_run_sync_thread_are_refused() -> None:
     """``ctx.send_nowait``/``ctx.spawn`` in blocking code under ``ctx.run_sync`` failed as
     the kernel's did from another thread (Trio's AttributeError, the message counted and
     left unhandled)."""
-    import threading
 
     @agent(name="blocking")
     async def blocking(ctx: Context, msg: Message) -> Any:
-        def work() -> str:
-            threading.current_thread().name = "work"
-            try:
-                if msg.payload == "tell":
-                    ctx.send_nowait("echo", 1)
-                else:
-                    ctx.spawn(_echo, name="child")
-            except RuntimeError as exc:
-                return str(exc)
-            return "no error"
-
-        return await ctx.run_sync(work)
+        calls = {
+            "tell": lambda: ctx.send_nowait("echo", 1),
+            "spawn": lambda: ctx.spawn(_echo, name="child"),
+        }
+        return await ctx.run_sync(_refusal_in_work_thread, calls[msg.payload])
 
     async with open_kernel(make_config()) as kernel:
         kernel.spawn(_echo, name="echo")
@@ -3590,8 +3595,6 @@ async def test_ctx_stop_and_monitors_from_a_run_sync_thread_are_refused() -> Non
     exited after the message) then failed in Trio with ``must be called from async
     context`` when something waited in ``wait_stop_requested``, which never returned;
     ``ctx.monitor``/``ctx.demonitor`` changed the kernel's monitors from that thread."""
-    import threading
-
     seen: list[str] = []
 
     @agent(name="blocking")
@@ -3603,20 +3606,12 @@ async def test_ctx_stop_and_monitors_from_a_run_sync_thread_are_refused() -> Non
         ctx.nursery.start_soon(watch)
         await trio.testing.wait_all_tasks_blocked()
 
-        def work() -> str:
-            threading.current_thread().name = "work"
-            try:
-                if msg.payload == "stop":
-                    ctx.stop()
-                elif msg.payload == "monitor":
-                    ctx.monitor("echo")
-                else:
-                    ctx.demonitor("echo")
-            except RuntimeError as exc:
-                return str(exc)
-            return "no error"
-
-        return await ctx.run_sync(work)
+        calls = {
+            "stop": ctx.stop,
+            "monitor": lambda: ctx.monitor("echo"),
+            "demonitor": lambda: ctx.demonitor("echo"),
+        }
+        return await ctx.run_sync(_refusal_in_work_thread, calls[msg.payload])
 
     async with open_kernel(make_config()) as kernel:
         kernel.spawn(_echo, name="echo")
