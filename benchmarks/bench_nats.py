@@ -30,9 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,6 +38,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from responder_process import ResponderProcess  # noqa: E402  (beside this script)
 
 PAYLOAD = {"task": "resize", "n": 0, "args": [1, 2, 3]}
 
@@ -219,30 +219,6 @@ async def _nexus_client(url: str, requests: int, tells: int) -> dict[str, float]
 # --- driver --------------------------------------------------------------------------------
 
 
-class _Responder:
-    def __init__(self, side: str, url: str) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, __file__, "--serve", side, "--url", url],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=dict(os.environ, PYTHONPATH=str(REPO)),
-        )
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline().decode().strip()
-        if line != "READY":
-            self.close()
-            raise RuntimeError(f"{side} responder did not start (said {line!r})")
-
-    def close(self) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.close()  # EOF: the responder leaves
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=2000)
@@ -269,9 +245,9 @@ def main() -> None:
     with NatsServer() as server:
         # Both responders wait idle while the other side is measured; the rounds
         # alternate so that a change in the machine's load hits both sides alike.
-        raw_responder = _Responder("raw", server.url)
+        raw_responder = ResponderProcess(__file__, "raw", server.url)
         try:
-            nexus_responder = _Responder("nexus", server.url)
+            nexus_responder = ResponderProcess(__file__, "nexus", server.url)
             try:
                 for _ in range(args.rounds):
                     raw_round = asyncio.run(_raw_client(server.url, args.requests, args.tells))

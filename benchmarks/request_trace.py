@@ -24,10 +24,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import resource
 import socket
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -35,6 +33,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from responder_process import ResponderProcess  # noqa: E402  (beside this script)
 
 PAYLOAD = {"task": "resize", "n": 0, "args": [1, 2, 3]}
 
@@ -233,30 +233,6 @@ async def _nexus_client(url: str, requests: int) -> dict[str, Any]:
     }
 
 
-class _Responder:
-    def __init__(self, side: str, url: str) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, __file__, "--serve", side, "--url", url],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=dict(os.environ, PYTHONPATH=str(REPO)),
-        )
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline().decode().strip()
-        if line != "READY":
-            self.close()
-            raise RuntimeError(f"{side} responder did not start (said {line!r})")
-
-    def close(self) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.close()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
 def _show(label: str, result: dict[str, Any], detail: bool) -> None:
     print(f"== {label}")
     for side in ("client", "responder"):
@@ -294,7 +270,7 @@ def main() -> None:
     results: dict[str, Any] = {}
     with NatsServer() as server:
         if args.side in ("raw", "both"):
-            responder = _Responder("raw", server.url)
+            responder = ResponderProcess(__file__, "raw", server.url)
             try:
                 _install_asyncio()
                 results["raw"] = asyncio.run(_raw_client(server.url, args.requests))
@@ -303,7 +279,7 @@ def main() -> None:
         if args.side in ("nexus", "both"):
             import trio
 
-            responder = _Responder("nexus", server.url)
+            responder = ResponderProcess(__file__, "nexus", server.url)
             try:
                 results["nexus"] = trio.run(_nexus_client, server.url, args.requests)
             finally:
