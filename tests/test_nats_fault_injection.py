@@ -319,8 +319,9 @@ async def test_a_server_restart_between_batches_of_one_stream_resumes_its_number
     """a sends tells to b's collector (window 64, outbox high water 256, send deadline
     1 s) without pause; the nats-server is SIGKILLed between two batches and started
     again on its port. No send waits past its deadline (each is accepted or refused
-    with TransportUnavailable, within the deadline and a scheduling margin); after the
-    reconnect a's window opens again (thousands more accepted, many windows' worth);
+    with TransportUnavailable, or MailboxFull when b's credit is late, within the
+    deadline and a scheduling margin); after the reconnect a's window opens again
+    (thousands more accepted, many windows' worth);
     b receives in order without duplicates, and what a accepted is delivered or
     counted once: on b (lost_in_transit, the gap in the numbers) or on a
     (publish_failures), never on both."""
@@ -354,7 +355,10 @@ async def test_a_server_restart_between_batches_of_one_stream_resumes_its_number
                             try:
                                 await ka.send("keep", number)
                                 accepted += 1
-                            except TransportUnavailable:
+                            except (TransportUnavailable, MailboxFull):
+                                # (MailboxFull: connected, but b's credit did not come
+                                # back within the deadline, as on a loaded machine:
+                                # refused at the deadline all the same)
                                 refused += 1
                             slowest = max(slowest, trio.current_time() - started)
                             number += 1
