@@ -847,6 +847,73 @@ async def test_a_send_refused_for_want_of_node_credit_says_so_not_that_a_mailbox
     assert ka.stats().rejected["mailbox_full"] == 3
 
 
+async def test_credit_lost_on_its_way_back_is_sent_again_and_the_window_opens(
+    nats: NatsServer,
+) -> None:
+    """Regression (a nats-server restart, about 1 run in 6 of the fault-injection test of
+    one stream across a restart): the batch carrying b's credit to a was lost with the
+    connection, and b returned credit only as it consumed more tells; a, its whole
+    window consumed there, sent no more, so its window stayed full for good (every send
+    refused with MailboxFull, "no credit from node 'b'"). Here a drops every batch from b
+    until it has dropped the credit for its whole window, and a few heartbeats more;
+    then they pass again, and the next send is accepted: a marks its stream every
+    heartbeat while its window is full, and b answers a mark that shows nothing new with
+    its credit again. Nothing is lost: all handled,
+    in order."""
+    window = 8
+    records: list[Any] = []
+    dropping = True
+    dropped_credit = 0
+    async with (
+        _node(nats.url, "b") as (kb, cb),
+        _node(nats.url, "a", send_timeout_ms=5000, node_window=window) as (ka, ca),
+    ):
+        kb.spawn(agent(_collector(records), name="col"))
+        await cb.names_published()
+        on_batch = ca._on_batch
+
+        def lossy(data: bytes) -> None:
+            # NATS losing b's batches to a (b sends a nothing but credit here)
+            nonlocal dropped_credit
+            if not dropping:
+                on_batch(data)
+                return
+            head, offset = batch.read_head(data)
+            for kind, body in batch.split_frames(data, offset, head.numbered)[1]:
+                if kind == batch.CREDIT:
+                    dropped_credit = max(dropped_credit, batch.parse_credit(body)[1])
+
+        ca._on_batch = lossy  # type: ignore[method-assign]
+        with trio.fail_after(30):
+            await ca.wait_for_name("col")
+            for number in range(window):
+                await ka.send("col", number)
+            await until(lambda: dropped_credit == window)  # b's credit for all, lost
+            assert records == list(range(window))
+            with pytest.raises(MailboxFull):
+                ka.send_nowait("col", "no room")
+            # while its window is full, a marks its stream every heartbeat (not every
+            # fifth, as a stream that did not move): 6 marks well within 14 heartbeats
+            # (at most 3 before the fix)
+            marks = 0
+            check_sequence = cb._check_sequence
+
+            def counting(value: str, *, is_mark: bool) -> None:
+                nonlocal marks
+                marks += is_mark
+                check_sequence(value, is_mark=is_mark)
+
+            cb._check_sequence = counting  # type: ignore[method-assign]
+            heartbeats = ca._marks_sent
+            await until(lambda: marks >= 6 or ca._marks_sent >= heartbeats + 14)
+            assert marks >= 6, (marks, ca._marks_sent - heartbeats)
+            dropping = False
+            await ka.send("col", window)  # (MailboxFull after 5 s before the fix)
+            await until(lambda: len(records) == window + 1)
+    assert records == list(range(window + 1))
+    assert cb.stats().lost_in_transit == 0 and ka.stats().rejected["mailbox_full"] == 1
+
+
 async def test_a_send_from_outside_waiting_for_credit_is_refused_when_the_shutdown_starts(
     nats: NatsServer,
 ) -> None:

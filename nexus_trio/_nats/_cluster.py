@@ -106,7 +106,7 @@ from ._membership import (
 )
 from ._placement import PlacedAgent, Placement
 from ._sequence import InboundSequences
-from ._streams import InboundStreams, parse_stream_name
+from ._streams import InboundStream, InboundStreams, parse_stream_name
 
 log = logging.getLogger("nexus_trio.nats")
 # Every log record of the NATS layer goes through redact(): no credential in any line.
@@ -2419,8 +2419,21 @@ class Cluster:
         back to their sender with the next batch the other way."""
         if stream is None or not consumed:
             return
-        kept = self._inbound.consumed(stream, consumed)
-        if kept is None or kept.prefix < 0:
+        self._return_credit(self._inbound.consumed(stream, consumed))
+
+    def _credit_again(self, stream: str) -> None:
+        """A sequence mark of ``stream`` came that shows nothing new: the credit it was
+        given goes back again with the next batch the other way. The batch that carried it
+        may be lost (core NATS: a server restart or failover, a slow-consumer cut), and
+        credit goes back only as tells are consumed: a sender whose whole window was
+        consumed here before that loss sends no more tells, so none would bring it back
+        and its window stayed full for good. Credit is a running total: a repeat gives its
+        sender nothing twice. A mark comes at most once a heartbeat a stream (see
+        _send_sequence_marks)."""
+        self._return_credit(self._inbound.consumed(stream, 0))
+
+    def _return_credit(self, kept: InboundStream | None) -> None:
+        if kept is None or kept.prefix < 0 or not kept.consumed:
             return  # evicted, or not a stream of batches (a kernel of an earlier version)
         link = self._links.get((kept.node, kept.prefix)) or self._new_link((kept.node, kept.prefix))
         link.credit_due = (kept.session, kept.consumed)
@@ -2457,6 +2470,8 @@ class Cluster:
             what = f"{'a mark' if is_mark else 'a tell'} numbered {number}"
             self._overreach(stream, what, started=fresh)
         self._credit(stream, _skipped_credit(number - (0 if is_mark else 1)) if fresh else lost)
+        if is_mark and not lost and not fresh and dest_prefix == self.id_prefix:
+            self._credit_again(stream)
         self._log_loss(lost, stream)
 
     def _overreach(self, stream: str, what: str, *, started: bool = False) -> None:
@@ -2526,7 +2541,15 @@ class Cluster:
                 self._seq_marked.pop(key, None)
                 self._drop_link(key)
                 continue
-            if periodic or key in refused or self._seq_marked.get(key) != number:
+            # (and every heartbeat while its window is full: the receiver answers a
+            # mark with its credit again, see _credit_again)
+            link = self._links.get(key)
+            if (
+                periodic
+                or key in refused
+                or self._seq_marked.get(key) != number
+                or (link is not None and not link.has_room())
+            ):
                 self._seq_marked[key] = number
                 subject = wire.sequence_mark_subject(self.prefix, node, info.session)
                 mark = wire.sequence_value(
