@@ -392,14 +392,14 @@ def test_send_refuses_a_name_that_is_not_utf_8_as_a_usage_error_naming_it() -> N
 # --- shell completion -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("program", ["nexus", "nexus-runtime"])
-def test_the_completion_script_for_a_named_shell_needs_no_shell_above(program: str) -> None:
-    """What docs/cli.md gives for a script, cron or a Dockerfile (no shell to detect):
-    ``_NEXUS_COMPLETE=source_bash nexus``, under 'sh -c', where --show-completion fails."""
-    var = "_" + program.replace("-", "_").upper() + "_COMPLETE"
+def _prints_its_bash_completion(
+    program: str, shell: list[str], env: dict[str, str] | None = None
+) -> None:
+    """Run ``program`` (the installed script) under ``shell`` and check it printed the
+    bash completion script registered for the name typed."""
     result = subprocess.run(
-        ["sh", "-c", '"$0"; exit $?', str(BIN / program)],
-        env={**os.environ, var: "source_bash"},
+        [*shell, str(BIN / program)],
+        env=env,
         capture_output=True,
         text=True,
         timeout=60,
@@ -408,6 +408,16 @@ def test_the_completion_script_for_a_named_shell_needs_no_shell_above(program: s
     assert result.returncode == 0, result.stderr
     function = "_" + program.replace("-", "_") + "_completion"
     assert f"complete -o default -F {function} {program}" in result.stdout
+
+
+@pytest.mark.parametrize("program", ["nexus", "nexus-runtime"])
+def test_the_completion_script_for_a_named_shell_needs_no_shell_above(program: str) -> None:
+    """What docs/cli.md gives for a script, cron or a Dockerfile (no shell to detect):
+    ``_NEXUS_COMPLETE=source_bash nexus``, under 'sh -c', where --show-completion fails."""
+    var = "_" + program.replace("-", "_").upper() + "_COMPLETE"
+    _prints_its_bash_completion(
+        program, ["sh", "-c", '"$0"; exit $?'], {**os.environ, var: "source_bash"}
+    )
 
 
 @pytest.mark.parametrize("program", ["nexus", "nexus-runtime"])
@@ -415,16 +425,7 @@ def test_show_completion_prints_a_bash_script_for_the_name_typed(program: str) -
     # Under a bash of its own: typer finds the shell among the processes above (shellingham),
     # not from $SHELL, so the suite run from 'sh -c', setsid, cron or a Dockerfile's RUN
     # failed here with "Shell sh not supported." (or "Shell  not supported.").
-    result = subprocess.run(
-        ["bash", "-c", '"$0" --show-completion; exit $?', str(BIN / program)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    function = "_" + program.replace("-", "_") + "_completion"
-    assert f"complete -o default -F {function} {program}" in result.stdout
+    _prints_its_bash_completion(program, ["bash", "-c", '"$0" --show-completion; exit $?'])
 
 
 @pytest.mark.parametrize(

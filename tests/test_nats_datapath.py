@@ -1781,6 +1781,21 @@ async def test_tells_waiting_for_room_go_in_without_a_wait_each_once_room_is_mad
     assert cb.stats().inbound_dropped == {}
 
 
+def _gated_collector(gate: trio.Event, handled: list[Any], tells: int, done: trio.Event) -> Any:
+    """``stalled`` (mailbox of 8): each handler waits for ``gate`` until it opens, then
+    keeps the payload in ``handled``; ``done`` once ``tells`` were handled."""
+
+    @agent(name="stalled", mailbox_capacity=8)
+    async def stalled(ctx: Context, msg: Message) -> Any:
+        if not gate.is_set():
+            await gate.wait()
+        handled.append(msg.payload)
+        if len(handled) == tells:
+            done.set()
+
+    return stalled
+
+
 async def test_tells_parked_behind_a_full_mailbox_are_queued_and_delivered_in_runs(
     nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1819,13 +1834,7 @@ async def test_tells_parked_behind_a_full_mailbox_are_queued_and_delivered_in_ru
     tells = 300
     done = trio.Event()
 
-    @agent(name="stalled", mailbox_capacity=8)
-    async def stalled(ctx: Context, msg: Message) -> Any:
-        if not gate.is_set():
-            await gate.wait()
-        handled.append(msg.payload)
-        if len(handled) == tells:
-            done.set()
+    stalled = _gated_collector(gate, handled, tells, done)
 
     async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
         kb.spawn(stalled)
@@ -1874,13 +1883,7 @@ async def test_tells_parked_behind_a_full_mailbox_return_credit_in_shares_not_pe
     tells = 200
     done = trio.Event()
 
-    @agent(name="stalled", mailbox_capacity=8)
-    async def stalled(ctx: Context, msg: Message) -> Any:
-        if not gate.is_set():
-            await gate.wait()
-        handled.append(msg.payload)
-        if len(handled) == tells:
-            done.set()
+    stalled = _gated_collector(gate, handled, tells, done)
 
     credited = trio.Event()
 
