@@ -656,6 +656,20 @@ async def test_late_queries_in_a_batch_are_skipped_and_the_rest_is_handled(
     assert (stats.handled, stats.replies_delivered) == (5, 1)
 
 
+def _sink_starting_once(started: trio.Event) -> type[Agent]:
+    """An agent class whose ``on_start`` waits for ``started`` (its mailbox fills
+    meanwhile) and whose handler does nothing."""
+
+    class Sink(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            await started.wait()
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            return None
+
+    return Sink
+
+
 @pytest.mark.parametrize("returned", ["value", "message"])
 async def test_what_a_handler_returned_is_not_kept_alive_once_its_agent_stopped(
     returned: str, autojump_clock: trio.testing.MockClock
@@ -675,13 +689,7 @@ async def test_what_a_handler_returned_is_not_kept_alive_once_its_agent_stopped(
         return Message(sender=ctx.id, to="sink", payload=msg.payload)
 
     started = trio.Event()
-
-    class Sink(Agent):
-        async def on_start(self, ctx: Context) -> None:
-            await started.wait()
-
-        async def handle(self, ctx: Context, msg: Message) -> None:
-            return None
+    Sink = _sink_starting_once(started)
 
     async with open_kernel(make_config(send_timeout_ms=1e6)) as kernel:
         kernel.spawn(agent(echo, name="echo"))
@@ -722,13 +730,7 @@ async def test_a_message_whose_handler_failed_is_not_kept_alive_once_its_agent_s
         raise ValueError("fails")
 
     started = trio.Event()
-
-    class Sink(Agent):
-        async def on_start(self, ctx: Context) -> None:
-            await started.wait()
-
-        async def handle(self, ctx: Context, msg: Message) -> None:
-            return None
+    Sink = _sink_starting_once(started)
 
     async with open_kernel(make_config(dead_letter_buffer=1)) as kernel:
         kernel.spawn(agent(fails, name="fails", on_error="stop"))
