@@ -1855,6 +1855,30 @@ def test_node_takes_the_nats_url_of_the_config(isolated):
     assert "needs --nats URL (or [nats] url in the config)" in flat(result.output)
 
 
+@pytest.mark.parametrize(
+    ("node", "says"),
+    [
+        ("my.node", "node name 'my.node' must be letters, digits, '-' or '_'"),
+        ("a b", "node name 'a b' must be letters, digits, '-' or '_'"),
+        ("n" * 256, "is 256 characters long (at most 255)"),
+    ],
+    ids=["dot", "space", "too-long"],
+)
+def test_a_node_name_that_is_no_subject_token_is_refused_before_anything_starts(
+    isolated, node: str, says: str
+):
+    """Regression: ``--node my.node`` connected to NATS first and failed the run after it
+    (exit 1, a summary of a run of 0 agents; with no server at the URL the error named
+    the connection instead of the name): now exit 2 naming ``--node``, before the connect."""
+    result = invoke(["run", "--nats", "nats://127.0.0.1:1", "--node", node, "-d", "0.1", "--json"])
+    out = flat(result.output)
+    assert result.exit_code == 2, out
+    assert "Invalid value for '--node': " in out
+    assert says in out
+    assert "cannot connect" not in out
+    assert "{" not in result.stdout  # no summary: nothing ran
+
+
 def test_health_without_a_port_anywhere_exits_2(isolated):
     result = invoke(["health"])
     assert result.exit_code == 2

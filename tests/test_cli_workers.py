@@ -153,6 +153,28 @@ def test_workers_ignore_the_nats_url_of_the_config_and_do_not_check_it(
 
 
 @pytest.mark.usefixtures("restore_logging", "isolated")
+@pytest.mark.parametrize("nats", [[], ["--nats", "nats://127.0.0.1:1"]], ids=["private", "nats"])
+def test_node_with_workers_is_refused_naming_the_worker_names(
+    monkeypatch: pytest.MonkeyPatch, nats: list[str]
+) -> None:
+    """Regression: ``nexus run -W 2 --node foo`` ran workers named worker-0 and worker-1,
+    dropping ``--node`` without a word; a user who gave it to tell a second swarm on the
+    same server apart got "node name 'worker-0' is taken ... give each node its own name",
+    which no flag could do."""
+    asked = cap_run(monkeypatch, cores=2)
+    code, out = invoke_run(["-W", "2", "--node", "foo", *nats, "-d", "1", "--json"])
+    assert code == 2, out
+    assert (
+        "Invalid value for '--node': --workers names its workers worker-0, worker-1, ..."
+        " itself (the swarm finds its members by those names): drop --node."
+    ) in out
+    assert "start another swarm without --nats, on a private server of its own" in out
+    assert asked == []  # nothing started
+    assert invoke_run(["-W", "2", *nats, "-d", "1", "--json"])[0] == 0
+    assert asked == [2]
+
+
+@pytest.mark.usefixtures("restore_logging", "isolated")
 def test_more_workers_than_4_per_core_are_refused_naming_workers_the_bound_and_why(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -454,6 +454,16 @@ def run(
             " for placements from other members of a cluster",
             param_hint=types_hint,
         )
+    if workers is not None and node is not None:
+        # (the parent names its workers worker-<i>, by which the swarm finds its members:
+        # a --node here would be dropped without a word)
+        raise typer.BadParameter(
+            "--workers names its workers worker-0, worker-1, ... itself (the swarm finds"
+            " its members by those names): drop --node. One NATS server holds one swarm of"
+            " --workers (a second one given the same --nats finds the name worker-0 taken):"
+            " start another swarm without --nats, on a private server of its own",
+            param_hint="'--node'",
+        )
     if workers is not None:  # (each worker checks all again; the above must not start them)
         _run_workers(
             ctx,
@@ -477,6 +487,13 @@ def run(
         raise typer.BadParameter(
             "needs --nats URL (or [nats] url in the config)", param_hint="'--node'"
         )
+    if node is not None:  # (refused here, before anything starts, not after the connect)
+        from .._nats._wire import check_node_name
+
+        try:
+            check_node_name(node)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="'--node'") from None
     records_lost_before, log_calls_failed_before = records_lost(), log_calls_failed()
     configure_logging(
         cfg.logging, stream=None if cfg.logging.format == "pretty" else stderr_proxy()
