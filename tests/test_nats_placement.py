@@ -884,6 +884,32 @@ async def test_a_tell_sent_to_a_node_as_soon_as_its_record_is_seen_reaches_it(
     assert got == ["hello"]
 
 
+async def test_a_member_that_joined_only_to_send_is_an_owner_and_its_refusal_says_so(
+    nats: NatsServer,
+) -> None:
+    """A first-hour surprise: a process that joins the cluster only to send (the client of
+    docs/distributed.md's three-process example) is a member, so a name whose hash it wins
+    is placed on it, and it knows no type. The error named the node and said "every node
+    must call cluster.register_type", not that a sending-only member counts; it now says
+    so and what to do (types for every node, or a pin)."""
+    async with _node(nats.url, "a", **QUIET) as (ka, ca):
+        async with _node(nats.url, "c", register=False, **QUIET) as (kc, cc):
+            _meet(ca, cc)
+            assert rendezvous_owner(ON_C, ["a", "c"]) == "c"
+            with trio.fail_after(30):  # a hang guard
+                with pytest.raises(UnknownAgentType) as caught:
+                    await ca.spawn("counter", name=ON_C)
+            text = str(caught.value)
+            assert text.startswith("node 'c' has no agent type 'counter' registered")
+            assert "also one that joined only to send" in text
+            assert "join_cluster(..., types={...})" in text
+            assert "pin the agent with node=" in text
+            assert not ka.is_local(ON_C) and not kc.is_local(ON_C)
+            # pinned to the member that knows the type, it is placed
+            placed = await ca.spawn("counter", name=ON_C, node="a")
+            assert placed.node == "a" and ka.is_local(ON_C)
+
+
 async def test_a_rebalance_the_new_owner_refuses_leaves_the_agent_running_here(
     nats: NatsServer,
 ) -> None:

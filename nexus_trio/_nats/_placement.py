@@ -165,8 +165,10 @@ class UnknownAgentType(NexusError, LookupError):
         self.type_name = type_name
         self.node = node
         super().__init__(
-            f"node {node!r} has no agent type {type_name!r} registered"
-            " (every node must call cluster.register_type(type_name, spec) for it)"
+            f"node {node!r} has no agent type {type_name!r} registered (every member takes"
+            " a share of the names by the hash, also one that joined only to send: give"
+            " every node join_cluster(..., types={...}) or cluster.register_type(type_name,"
+            " spec) for it, or pin the agent with node=...)"
         )
 
 
