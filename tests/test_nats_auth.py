@@ -117,6 +117,89 @@ def test_an_nkey_seed_file_s_final_newline_is_not_taken_for_part_of_the_seed(
         NatsAuth(nkey_seed=str(tmp_path / "latin1.nk")).connect_options()
 
 
+def _seed_only(tmp_path: Path, creds: str) -> Path:
+    """``creds`` without its user JWT block: from its seed block on."""
+    text = Path(creds).read_text(encoding="ascii")
+    path = tmp_path / "seed-only.creds"
+    path.write_text(text[text.index("-----BEGIN USER NKEY SEED") :], encoding="ascii")
+    return path
+
+
+def test_a_creds_file_that_is_no_credentials_file_is_refused_naming_what_it_lacks(
+    tmp_path: Path,
+) -> None:
+    """Regression: nats-py reads a creds file only at the connect. One without its user
+    JWT block (the seed part pasted alone) spun for ever in nats-py's reader, holding the
+    thread (the join's timeout never came: found by a user's first hour, the join of
+    operator-mode auth hung); any other file (a seed file given as creds_file, a text)
+    failed as ``TypeError("object of type 'NoneType' has no len()")``. Both are refused
+    before the connect now, naming the file and what it lacks."""
+    creds, _ = make_creds(tmp_path)
+    seed_file, _ = make_nkey_user(tmp_path)
+    assert NatsAuth(creds_file=creds).connect_options() == {"user_credentials": creds}
+    jwt_block = "no user JWT (a '-----BEGIN NATS USER JWT-----' line, the value below it)"
+    seed_block = "no NKEY seed (a '-----BEGIN USER NKEY SEED-----' line, the value below it)"
+    seed_only = _seed_only(tmp_path, creds)
+    with pytest.raises(ValueError, match="is not a NATS credentials file") as caught:
+        NatsAuth(creds_file=str(seed_only)).connect_options()
+    assert str(caught.value) == (
+        f"NATS creds_file {str(seed_only)!r} is not a NATS credentials file: {jwt_block};"
+        " a credentials file (`nsc generate creds`) holds a user JWT and its NKEY seed"
+    )
+    text = tmp_path / "text.creds"
+    text.write_text("hello\n")
+    with pytest.raises(ValueError, match="is not a NATS credentials file") as caught:
+        NatsAuth(creds_file=str(text)).connect_options()
+    assert f"{jwt_block} and {seed_block};" in str(caught.value)
+    assert "nkey_seed" not in str(caught.value)
+    with pytest.raises(ValueError, match="is not a NATS") as caught:  # a seed as creds_file
+        NatsAuth(creds_file=seed_file).connect_options()
+    assert str(caught.value).endswith("; it holds a bare NKEY seed: give it as nkey_seed")
+    jwt_only = tmp_path / "jwt-only.creds"  # the seed block cut off after its marker line
+    full = Path(creds).read_text(encoding="ascii")
+    jwt_only.write_text(
+        full[: full.index("-----BEGIN USER NKEY SEED")] + "-----BEGIN USER NKEY SEED-----\n"
+    )
+    with pytest.raises(ValueError, match="is not a NATS credentials file") as caught:
+        NatsAuth(creds_file=str(jwt_only)).connect_options()
+    assert f": {seed_block};" in str(caught.value)
+
+
+def test_an_nkey_seed_file_that_holds_no_seed_is_refused_naming_the_file(tmp_path: Path) -> None:
+    """Regression: a file that is no seed got nats-py's bare ``ErrInvalidSeed()`` at the
+    connect, naming no file; a credentials file given as nkey_seed, the same."""
+    creds, _ = make_creds(tmp_path)
+    (tmp_path / "text.nk").write_text("hello\n")
+    with pytest.raises(ValueError, match="is not an NKEY seed") as caught:
+        NatsAuth(nkey_seed=str(tmp_path / "text.nk")).connect_options()
+    assert str(caught.value) == (
+        f"NATS nkey_seed {str(tmp_path / 'text.nk')!r} is not an NKEY seed (one line starting"
+        " with 'SU', as `nk -gen user` writes)"
+    )
+    with pytest.raises(ValueError, match="is a credentials file") as caught:
+        NatsAuth(nkey_seed=creds).connect_options()
+    assert str(caught.value) == (
+        f"NATS nkey_seed {creds!r} is a credentials file (a user JWT and its seed): give it"
+        " as creds_file"
+    )
+
+
+async def test_a_join_with_a_creds_file_without_its_jwt_fails_at_once_naming_the_file(
+    server_factory: Any, tmp_path: Path
+) -> None:
+    """The join of the regression above, on a server in operator mode: it fails with
+    ``TransportUnavailable`` naming the file (it hung for ever before)."""
+    creds, config = make_creds(tmp_path)
+    server = server_factory(config)
+    seed_only = _seed_only(tmp_path, creds)
+    cfg: Config = attrs.evolve(node_config(), nats=NatsConfig(creds_file=str(seed_only)))
+    async with open_kernel(cfg) as kernel:
+        with trio.fail_after(30), pytest.raises(TransportUnavailable) as caught:
+            async with join_cluster(kernel, server.url, "a", options=FAST):
+                pass
+    assert f"NATS creds_file {str(seed_only)!r} is not a NATS credentials file" in str(caught.value)
+
+
 def test_config_and_environment_give_credentials_and_show_hides_them(tmp_path: Path) -> None:
     file = tmp_path / "config.toml"
     file.write_text('[nats]\nurl = "nats://127.0.0.1:4222"\nuser = "svc"\n')

@@ -100,6 +100,69 @@ def _check_file(what: str, path: str | None) -> None:
         raise ValueError(f"NATS {what} {path!r} is not a readable file")
 
 
+#: the two blocks of a credentials file (``nsc generate creds``), as nats-py finds them:
+#: a line holding the marker, the value on the next line
+_CREDS_BLOCKS: Final = (
+    (b"BEGIN NATS USER JWT", "user JWT"),
+    (b"BEGIN USER NKEY SEED", "NKEY seed"),
+)
+#: more than any credentials file holds (a JWT of a few KiB and a seed)
+_CREDS_READ_LIMIT: Final = 1 << 20
+
+
+def _first_line(data: bytes) -> bytes:
+    return next((line.strip() for line in data.splitlines() if line.strip()), b"")
+
+
+def _check_creds(path: str) -> None:
+    """ValueError naming ``path`` and what is missing if it is no credentials file: a
+    user JWT block and an NKEY seed block, each with its value on the next line. nats-py
+    reads them only at the connect, from a server that asks for a signature: a file
+    without the JWT block spun for ever in its reader (the join's timeout never came:
+    the loop holds the thread), one without the seed failed as ``TypeError("object of
+    type 'NoneType' has no len()")``."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(_CREDS_READ_LIMIT)
+    except OSError as exc:
+        raise ValueError(f"NATS creds_file {path!r} cannot be read: {exc}") from None
+    lines = data.splitlines()
+    missing = []
+    for marker, what in _CREDS_BLOCKS:
+        at = next((i for i, line in enumerate(lines) if marker in line), None)
+        if at is None or at + 1 >= len(lines) or not lines[at + 1].strip():
+            missing.append(f"{what} (a '-----{marker.decode()}-----' line, the value below it)")
+    if missing:
+        hint = ""
+        if _first_line(data).startswith(b"SU") and len(lines) <= 2:
+            hint = "; it holds a bare NKEY seed: give it as nkey_seed"
+        raise ValueError(
+            f"NATS creds_file {path!r} is not a NATS credentials file: no"
+            f" {' and no '.join(missing)}; a credentials file (`nsc generate creds`) holds a"
+            f" user JWT and its NKEY seed{hint}"
+        )
+
+
+def _check_seed(path: str, seed: str) -> None:
+    """ValueError naming ``path`` if ``seed`` (its stripped text) is no NKEY seed. nats-py
+    parses it only at the connect, as a bare ``ErrInvalidSeed()`` that names no file."""
+    if "BEGIN NATS USER JWT" in seed:
+        raise ValueError(
+            f"NATS nkey_seed {path!r} is a credentials file (a user JWT and its seed):"
+            " give it as creds_file"
+        )
+    import nkeys  # type: ignore[import-untyped, import-not-found, unused-ignore]
+
+    try:
+        pair = nkeys.from_seed(bytearray(seed.encode("ascii")))
+    except Exception:  # nkeys raises its own errors, and others on garbage
+        raise ValueError(
+            f"NATS nkey_seed {path!r} is not an NKEY seed (one line starting with 'SU',"
+            " as `nk -gen user` writes)"
+        ) from None
+    pair.wipe()
+
+
 @final
 @attrs.frozen
 class NatsAuth:
@@ -199,6 +262,7 @@ class NatsAuth:
         if self.token is not None:
             options["token"] = self.token
         if self.creds_file is not None:
+            _check_creds(self.creds_file)
             options["user_credentials"] = self.creds_file
         if self.nkey_seed is not None:
             # Read here, stripped, and handed over as a string: nats-py before 2.15 read the
@@ -212,6 +276,7 @@ class NatsAuth:
                     f"NATS nkey_seed {self.nkey_seed!r} is not an NKEY seed (not ASCII text)"
                 ) from None
             register_secret(seed)
+            _check_seed(self.nkey_seed, seed)
             options["nkeys_seed_str"] = seed
         context = self.tls_context()
         if context is not None:
