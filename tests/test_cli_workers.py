@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -412,6 +413,45 @@ def watch_workers(proc: subprocess.Popen[str], tag: str, limit: int, timeout: fl
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=0.05)
     return most
+
+
+@pytestmark_linux
+def test_the_config_s_nats_credentials_do_not_reach_the_workers_of_a_private_server(
+    tag: str, tmp_path: Path
+) -> None:
+    """Regression (a user's first hour): a config with ``[nats]`` url, user and password
+    (the user's own server, credentials kept in the config as docs/config.md asks) and
+    ``nexus run -W 2`` without ``--nats``: the private server's token came beside the
+    config's user/password, and every worker failed, exit 1: ``NATS auth: give one of
+    user/password, token, creds_file, nkey_seed; got user/password and token``, a token
+    the user never gave. The [nats] credentials and TLS keys are for the server of
+    [nats] url, which --workers without --nats does not use: unset for the workers."""
+    config = tmp_path / "prod.toml"
+    missing = tmp_path / "no-such-ca.pem"  # TLS to the private server would fail too
+    config.write_text(
+        '[nats]\nurl = "nats://127.0.0.1:1"\nuser = "svc"\npassword = "secret"\n'
+        f"tls_ca = {str(missing)!r}\n"
+    )
+    proc = start_nexus(
+        ["run", "-c", str(config), "-W", "2", "-n", "4", "-d", "0.5", "--json"], tag, tmp_path
+    )
+    watch_workers(proc, tag, limit=2, timeout=120)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "got user/password and token" not in err
+    summary = json.loads(out)
+    assert [w.get("exit") for w in summary["per_worker"]] == ["exit code 0"] * 2
+    assert summary["conserved"] is True
+
+
+def test_every_nats_key_but_url_and_token_is_unset_for_the_workers_of_a_private_server() -> None:
+    """The list the parent unsets covers every credential and TLS key of ``[nats]``: a key
+    added to the section later must be judged here."""
+    from nexus_trio._config import NatsConfig
+    from nexus_trio.cli._cluster_cmd import PRIVATE_SERVER_UNSETS
+
+    keys = {field.name for field in attrs.fields(NatsConfig)}
+    assert set(PRIVATE_SERVER_UNSETS) == keys - {"url", "token"}
 
 
 @pytestmark_linux

@@ -66,6 +66,16 @@ log = logging.getLogger("nexus_trio.cli")
 #: set in each worker's environment (to its node name); ``nexus run --workers`` refuses to
 #: run where it is set, so workers never start workers
 WORKER_ENV: Final = "NEXUS_WORKER"
+#: the ``[nats]`` keys a worker of a private nats-server runs without (its token is given)
+PRIVATE_SERVER_UNSETS: Final = (
+    "user",
+    "password",
+    "creds_file",
+    "nkey_seed",
+    "tls_ca",
+    "tls_cert",
+    "tls_key",
+)
 #: parameters of ``nexus run`` that the parent sets for each worker itself (or that only
 #: the parent may act on), by their Python names
 _PARENT_PARAMS: Final = frozenset({"workers", "nats", "node", "json_out", "live", "metrics_port"})
@@ -504,6 +514,12 @@ def run_workers(
             server_failed = f"the private nats-server did not start: {exc}"
             log_guarded(log, logging.ERROR, "the run failed: %s", server_failed)
             return ""
+        # The workers read the config as the parent does: its [nats] credentials and TLS
+        # are for the server of [nats] url, which is not used here, and beside the private
+        # server's token they failed every worker ("give one of user/password, token,
+        # ...; got user/password and token"). An empty variable unsets a key.
+        for key in PRIVATE_SERVER_UNSETS:
+            env[f"NEXUS_NATS__{key.upper()}"] = ""
         env["NEXUS_NATS__TOKEN"] = token
         log_guarded(
             log,
