@@ -1816,6 +1816,28 @@ def test_a_worker_stopped_after_its_summary_exits_with_its_own_status(
     assert summary["stopped_by"] == "error"
 
 
+def test_a_worker_names_itself_in_its_lines_that_do_not_name_it(tag: str, tmp_path: Path) -> None:
+    """Regression (a user's first hour): ``nexus run -W 2 --nats URL`` with nobody at the
+    URL wrote ``the run failed: TransportUnavailable: ...`` twice, word for word, one line
+    from each worker, and a worker's ``SIGINT: shutting down gracefully`` read as the
+    parent's: the workers share the parent's standard error. Each line of a worker's run
+    now names it, as its running and progress lines did."""
+    args = ["run", "-n", "10", "-d", "1", "--nats", NO_SERVER, "--node", "worker-1", "--json"]
+    proc = start_nexus(args, tag, tmp_path, **{WORKER_ENV: "worker-1"})
+    out, err = proc.communicate(timeout=HANG_GUARD)
+    assert proc.returncode == 1, err
+    failed = [line for line in err.splitlines() if "the run failed: " in line]
+    assert len(failed) == 1, err
+    assert "worker-1: the run failed: TransportUnavailable: " in failed[0]
+    assert json.loads(out)["error"].startswith("TransportUnavailable: ")  # (not labelled)
+    # outside a worker, the same line is as it was
+    plain = start_nexus(args, tag, tmp_path)
+    out, err = plain.communicate(timeout=HANG_GUARD)
+    assert plain.returncode == 1, err
+    assert " the run failed: TransportUnavailable: " in err
+    assert "worker-1: the run failed" not in err
+
+
 def test_a_hangup_as_the_parent_of_the_workers_exits_does_not_end_it(
     tag: str, tmp_path: Path
 ) -> None:

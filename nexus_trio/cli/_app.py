@@ -378,6 +378,7 @@ def run(
         RunOptions,
         catch_stop_signals_early,
         execute_run,
+        label_worker_lines,
         note_stops_after_the_run,
         stderr_proxy,
     )
@@ -548,7 +549,8 @@ def run(
         log_calls_failed_before=log_calls_failed_before,
         not_started=not_started,
     )
-    status = execute_run(opts, summary_out=summary_out)
+    with label_worker_lines(node):
+        status = execute_run(opts, summary_out=summary_out)
     if status:
         raise typer.Exit(status)
 

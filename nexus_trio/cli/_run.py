@@ -1160,6 +1160,36 @@ async def _run_async(
     return summary, status
 
 
+@contextlib.contextmanager
+def label_worker_lines(node: str | None) -> Iterator[None]:
+    """In a worker of ``nexus run --workers``: ``worker-1: `` before each line of the run's
+    logger that does not name the worker already, while the run lasts. The workers and the
+    parent share one standard error, and a worker's ``the run failed: ...`` or ``SIGINT:
+    shutting down gracefully`` read as the parent's, or as any worker's (two workers that
+    failed alike wrote two identical lines); its running and progress lines name it, and
+    are left as they are. Elsewhere: nothing."""
+    if node is None or not _is_worker(node):
+        yield
+        return
+    label = f"{node}: "
+
+    def name_it(record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            try:
+                named = node in record.getMessage()
+            except Exception:  # (a bad format: the handler reports it, as for any record)
+                named = True
+            if not named:
+                record.msg = label + record.msg
+        return True
+
+    log.addFilter(name_it)
+    try:
+        yield
+    finally:
+        log.removeFilter(name_it)
+
+
 def _worker_label(opts: RunOptions) -> str:
     """``"worker-1: "`` in a worker process of ``nexus run --workers`` (whose log lines
     share the parent's standard error with the other workers'), else ``""``."""
