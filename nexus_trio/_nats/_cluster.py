@@ -387,6 +387,10 @@ class ClusterStats:
     #: (or made after it, an answer that came late), and what a pull that did not end in
     #: the leave's share for it had fetched and not handed over
     durable_unsettled_at_leave: int = 0
+    #: deliveries of durable messages by name that no agent of this node had (stopped and
+    #: not spawned again yet): each nakked with a delay that grows a delivery
+    #: (``DurableOptions.missing_agent_delay``), dead after ``max_deliver`` (``durable_dead``)
+    durable_agent_missing: int = 0
     #: tells this node's kernel sent after the node left the cluster (it runs on) to an
     #: agent the node knew on another node: not sent (dead-lettered there
     #: ``transport_unavailable``), not raised to their senders (see ``_tell_after_leave``)
@@ -5196,6 +5200,7 @@ class Cluster:
             durable_dead=d.dead,
             durable_duplicates=d.duplicates,
             durable_unsettled_at_leave=d.unsettled_at_leave,
+            durable_agent_missing=d.agent_missing,
             publish_failures=self._publish_failures,
             lost_in_transit=self._seq_in.lost,
             parked=sum(len(q) for q in self._parked.values()),

@@ -20,8 +20,12 @@ original message id** (``ctx.message.kind is MessageKind.QUERY``):
   when the last one got no answer within ``ack_wait``);
 * addressed by an agent id that no agent of this node has (an id of an earlier
   incarnation of the node, or of an agent that stopped: ids are never used again) ->
-  terminated at once, counted as dead and logged with that reason (a name is retried:
-  its agent may be spawned yet).
+  terminated at once, counted as dead and logged with that reason;
+* addressed by a name that no agent of this node has (stopped, not spawned again yet:
+  a pool restarted by hand) -> nak with a delay that grows each delivery n,
+  ``min(missing_agent_delay * 2**(n-1), missing_agent_delay_max)`` (1, 2, 4, 8 s by
+  default: the message outlives a gap of 15 s), counted in ``agent_missing``; dead
+  after ``max_deliver`` as any other.
 
 While the node itself holds a message (fetched, not handed over yet: waiting behind
 the others of its batch, or for room in a full ``block`` mailbox, at most the send
@@ -97,6 +101,29 @@ _PULL_CANCEL_WAIT: Final = 1.0
 _MAX_MESSAGES_EXCEEDED: Final = 10077
 
 
+def _seconds(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """A finite number of seconds, at least 0 (a JetStream nak delay in nanoseconds)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(
+            f"DurableOptions {attribute.name} must be a finite number of seconds, at least"
+            f" 0; got {value!r} ({type(value).__name__})"
+        )
+
+
+def missing_agent_delay(options: DurableOptions, delivered: int) -> float:
+    """The nak delay for delivery ``delivered`` (1 the first) of a message by name whose
+    agent the node does not have: doubles each delivery from ``missing_agent_delay``, at
+    most ``missing_agent_delay_max``."""
+    # (2.0 ** 1000 is finite; the product may be inf, which the cap takes)
+    delay = options.missing_agent_delay * 2.0 ** min(max(delivered - 1, 0), 1000)
+    return min(delay, options.missing_agent_delay_max)
+
+
 @final
 @attrs.frozen
 class DurableOptions:
@@ -116,8 +143,19 @@ class DurableOptions:
     max_messages: int | None = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.ge(1))
     )
+    #: a message by name whose agent this node does not have (stopped and not spawned
+    #: again yet, a pool being restarted) is nakked with a delay that grows with each
+    #: delivery n: min(missing_agent_delay * 2**(n-1), missing_agent_delay_max) (0: at once)
+    missing_agent_delay: float = attrs.field(default=1.0, validator=_seconds)
+    missing_agent_delay_max: float = attrs.field(default=15.0, validator=_seconds)
 
     def __attrs_post_init__(self) -> None:
+        if self.missing_agent_delay_max < self.missing_agent_delay:
+            raise ValueError(
+                f"DurableOptions missing_agent_delay_max ({self.missing_agent_delay_max:g}s)"
+                f" must be at least missing_agent_delay ({self.missing_agent_delay:g}s): it"
+                " caps the delay that grows from it"
+            )
         if self.max_age is not None and self.max_age < self.duplicate_window:
             raise ValueError(
                 f"DurableOptions max_age ({self.max_age:g}s) must be at least duplicate_window"
@@ -177,6 +215,8 @@ class DurableChannel:
         self.redelivered = 0
         self.dead = 0
         self.duplicates = 0
+        #: deliveries nakked with a growing delay: no agent had their name here
+        self.agent_missing = 0
         #: messages the leave left unsettled (see stop): JetStream delivers them again
         self.unsettled_at_leave = 0
 
@@ -577,7 +617,11 @@ class DurableChannel:
         try:
             await kernel.deliver_from_remote(query)
         except AgentNotFound as exc:
-            self.failed(query, "AgentNotFound", exc, gone=self._gone_for_good(query.to))
+            gone = self._gone_for_good(query.to)
+            # a name: its agent may be spawned yet (a pool restarted by hand, a node
+            # starting): redelivered after a delay that grows, not burnt in a few
+            # redelivery_delays
+            self.failed(query, "AgentNotFound", exc, gone=gone, missing=gone is None)
             return
         except (MailboxFull, KernelShuttingDown) as exc:
             self.failed(query, type(exc).__name__, exc)
@@ -676,11 +720,18 @@ class DurableChannel:
         return True
 
     def failed(
-        self, query: Message, reason: str, error: BaseException | None, *, gone: str | None = None
+        self,
+        query: Message,
+        reason: str,
+        error: BaseException | None,
+        *,
+        gone: str | None = None,
+        missing: bool = False,
     ) -> None:
         """The delivery of a durable message that its agent got as ``query`` was not
         handled: nak it, or give up after max_deliver (at once if ``gone`` says why no
-        delivery can succeed).
+        delivery can succeed). ``missing``: no agent has its name here (yet): the nak
+        asks for a delay that grows with each delivery (:func:`missing_agent_delay`).
 
         Only when it is the newest delivery, still within its ack_wait, and the node holds
         no newer one: JetStream naks the message, not one delivery of it, so a nak sent
@@ -742,7 +793,11 @@ class DurableChannel:
             )
             self._settle(jsmsg, "term")
         elif entry[1] > trio.current_time() and not self._newer_held(jsmsg):
-            self._settle(jsmsg, "nak")
+            if missing:
+                self.agent_missing += 1
+                self._settle(jsmsg, "wait")
+            else:
+                self._settle(jsmsg, "nak")
         # else JetStream has delivered it again already, or its ack_wait is over: it will
 
     def given_up(self, msg_id: uuid.UUID, error: BaseException) -> None:
@@ -780,6 +835,10 @@ class DurableChannel:
                     await jsmsg.ack()
                 elif op == "nak":
                     await jsmsg.nak(delay=delay)
+                elif op == "wait":  # its agent missing: a delay that grows a delivery
+                    await jsmsg.nak(
+                        delay=missing_agent_delay(self.options, jsmsg.metadata.num_delivered)
+                    )
                 elif op == "progress":
                     if not jsmsg.is_acked:  # (nats-py sends +WPI even after an ack)
                         await jsmsg.in_progress()

@@ -1,0 +1,206 @@
+"""A durable message by name whose agent is briefly missing (thirty-ninth pass, issue 14).
+
+Stored while no agent of its node had its name (a pool stopped and spawned again by
+hand, a node starting its agents, a sender whose view of the names was stale), its
+delivery fails ``AgentNotFound``. It used to be nakked with ``redelivery_delay`` (0.1 s)
+like a handler's error, so it burnt its whole ``max_deliver`` in about 0.2 s and was
+dead though the agent came back a second later. Now such a nak asks JetStream for a
+delay that grows each delivery n: ``min(missing_agent_delay * 2**(n-1),
+missing_agent_delay_max)``; a name that never comes back is still dead after
+``max_deliver``, counted, its reason logged. Real nats-server: the delays are read off
+the naks the node sends, the deliveries off JetStream's consumer info.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import uuid
+from typing import Any
+
+import pytest
+import trio
+from nats.aio.msg import Msg as NatsMsg
+
+from nexus_trio import Context, Message, agent
+from nexus_trio._nats import Cluster, DurableOptions, NatsServer
+from nexus_trio._nats import _wire as wire
+from nexus_trio._nats._aio import call_aio
+from nexus_trio._nats._durable import missing_agent_delay
+
+from .nats_server import until
+from .test_nats import local_node
+
+
+def _record_naks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, float | None]]:
+    """Every nak the node sends, as (its delivery's number, the delay it asks); sent on."""
+    naks: list[tuple[int, float | None]] = []
+    real = NatsMsg.nak
+
+    async def nak(self: NatsMsg, delay: float | None = None) -> None:
+        naks.append((self.metadata.num_delivered, delay))
+        await real(self, delay=delay)
+
+    monkeypatch.setattr(NatsMsg, "nak", nak)
+    return naks
+
+
+async def _store_for(cluster: Cluster, name: str, payload: Any) -> Message:
+    """Store a durable message for ``name`` on this node's subject, as a sender whose view
+    of the names still had it here does (``send_durable`` itself refuses a name no node
+    has now)."""
+    msg = Message(sender=uuid.uuid4(), to=name, payload=payload)
+    await call_aio(
+        cluster.data_js.publish,
+        wire.durable_subject(cluster.prefix, cluster.node, uuid.uuid4()),
+        wire.encode_message(msg),
+        headers={wire.MSG_ID_HEADER: str(msg.id)},
+    )
+    return msg
+
+
+async def _settled(cluster: Cluster) -> Any:
+    """This node's consumer once nothing of it is pending and the stream is empty (its
+    settles sent: the durable path stopped)."""
+    await cluster.durable.stop()
+    await call_aio(cluster.nc.flush)
+    stream = f"{cluster.prefix}-durable"
+    while True:
+        info = await call_aio(cluster.data_js.stream_info, stream)
+        consumer = await call_aio(cluster.data_js.consumer_info, stream, cluster.node)
+        if info.state.messages == 0 and consumer.num_ack_pending == 0:
+            return consumer
+        await trio.sleep(0.05)
+
+
+async def test_a_durable_message_whose_agent_comes_back_after_its_first_nak_is_handled_once(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent of its name is spawned once the first delivery failed for want of it:
+    the nak asked JetStream for ``missing_agent_delay`` (not ``redelivery_delay``), the
+    next delivery finds the agent, which handles it once; acked. (If the machine is so
+    slow that a second delivery still found no agent, its nak asks double the delay.)"""
+    naks = _record_naks(monkeypatch)
+    handled: list[Any] = []
+
+    @agent(name="late-a")
+    async def late(ctx: Context, msg: Message) -> Any:
+        handled.append((msg.id, msg.payload))
+        return "ok"
+
+    durable = DurableOptions(
+        ack_wait=30.0,
+        max_deliver=4,
+        redelivery_delay=0.01,
+        missing_agent_delay=0.5,
+        missing_agent_delay_max=2.0,
+    )
+    async with local_node(nats.url, durable=durable) as (kernel, cluster):
+        with trio.fail_after(20):
+            sent = await _store_for(cluster, "late-a", "invoice 42")
+            await until(lambda: cluster.stats().durable_agent_missing >= 1)
+            kernel.spawn(late)
+            await until(lambda: cluster.stats().durable_acked >= 1)
+            consumer = await _settled(cluster)
+        stats = cluster.stats()
+    assert handled == [(sent.id, "invoice 42")]
+    missed = stats.durable_agent_missing
+    assert naks[0] == (1, 0.5)
+    assert naks == [(n, min(0.5 * 2 ** (n - 1), 2.0)) for n in range(1, missed + 1)]
+    # JetStream's own count: one delivery a nak, and the one that was acked
+    assert consumer.delivered.consumer_seq == missed + 1
+    assert (stats.durable_redelivered, stats.durable_acked, stats.durable_dead) == (missed, 1, 0)
+
+
+async def test_a_durable_message_for_a_name_that_never_comes_is_dead_after_spaced_naks(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No agent ever takes the name: each of the first ``max_deliver - 1`` deliveries is
+    nakked with a delay that doubles (capped), the last one is terminated, counted dead
+    and logged with its reason."""
+    caplog.set_level(logging.ERROR, logger="nexus_trio.nats.durable")
+    naks = _record_naks(monkeypatch)
+    durable = DurableOptions(
+        ack_wait=30.0,
+        max_deliver=4,
+        redelivery_delay=0.01,
+        missing_agent_delay=0.05,
+        missing_agent_delay_max=0.15,
+    )
+    async with local_node(nats.url, durable=durable) as (_kernel, cluster):
+        with trio.fail_after(20):
+            sent = await _store_for(cluster, "never-a", "lost")
+            await until(lambda: cluster.stats().durable_dead >= 1)
+            consumer = await _settled(cluster)
+        stats = cluster.stats()
+    assert naks == [(1, 0.05), (2, 0.1), (3, 0.15)]
+    assert consumer.delivered.consumer_seq == 4
+    assert (
+        stats.durable_agent_missing,
+        stats.durable_redelivered,
+        stats.durable_acked,
+        stats.durable_dead,
+    ) == (3, 3, 0, 1)
+    dead = [r.getMessage() for r in caplog.records if "dead after" in r.getMessage()]
+    assert len(dead) == 1, dead
+    assert f"durable message {sent.id} dead after 4 deliveries (last: AgentNotFound" in dead[0]
+    assert "'never-a'" in dead[0], dead[0]
+
+
+async def test_a_handler_s_failure_is_still_nakked_with_redelivery_delay(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a missing agent waits longer: a handler that raises is retried after
+    ``redelivery_delay``, as before, and counts no missing agent."""
+    naks = _record_naks(monkeypatch)
+    calls: list[int] = []
+
+    @agent(name="flaky-a")
+    async def flaky(ctx: Context, msg: Message) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("first try fails")
+        return "ok"
+
+    durable = DurableOptions(
+        ack_wait=30.0, max_deliver=4, redelivery_delay=0.02, missing_agent_delay=5.0
+    )
+    async with local_node(nats.url, durable=durable) as (kernel, cluster):
+        kernel.spawn(flaky)
+        with trio.fail_after(20):
+            await cluster.send_durable("flaky-a", "x")
+            await until(lambda: cluster.stats().durable_acked >= 1)
+        stats = cluster.stats()
+    assert naks == [(1, 0.02)]
+    assert (stats.durable_agent_missing, stats.durable_acked, len(calls)) == (0, 1, 2)
+
+
+def test_the_missing_agent_delay_doubles_each_delivery_up_to_its_cap() -> None:
+    defaults = DurableOptions()
+    assert [missing_agent_delay(defaults, n) for n in range(1, 7)] == [1, 2, 4, 8, 15, 15]
+    # a delivery count far past any exponent a float holds is the cap, not an overflow
+    assert missing_agent_delay(defaults, 10**9) == 15
+    off = DurableOptions(missing_agent_delay=0.0, missing_agent_delay_max=0.0)
+    assert [missing_agent_delay(off, n) for n in (1, 5)] == [0, 0]
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        ({"missing_agent_delay": -1}, "missing_agent_delay must be a finite number"),
+        ({"missing_agent_delay": "1"}, "got '1' (str)"),
+        ({"missing_agent_delay": True}, "got True (bool)"),
+        ({"missing_agent_delay_max": math.inf}, "missing_agent_delay_max must be a finite"),
+        ({"missing_agent_delay_max": math.nan}, "missing_agent_delay_max must be a finite"),
+        (
+            {"missing_agent_delay": 2.0, "missing_agent_delay_max": 1.0},
+            "missing_agent_delay_max (1s) must be at least missing_agent_delay (2s)",
+        ),
+    ],
+)
+def test_bad_missing_agent_delays_are_refused_naming_the_option(
+    options: dict[str, Any], says: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(says)):
+        DurableOptions(**options)
