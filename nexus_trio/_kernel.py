@@ -798,6 +798,8 @@ class Kernel:
         messages from remote kernels, ``handle.fail_request(id, error)``,
         ``handle.detach()``.
         """
+        if get_ident() != self._router.thread:
+            raise wrong_thread("kernel.attach_transport")
         if self._router.transport is not None:
             raise RuntimeError("a transport is already attached to this kernel")
         self._router.use_transport(transport)
@@ -817,6 +819,8 @@ class Kernel:
         :meth:`attach_transport`. A request to such an address raises
         ``TransportUnavailable`` with that text (``left`` is asked about it too, the
         message a query)."""
+        if get_ident() != self._router.thread:
+            raise wrong_thread("kernel.detach_transport")
         self._router.use_transport(None)
         self._router.left = left
 
@@ -977,6 +981,8 @@ class Kernel:
                 raise TypeError(f"{name} must be an integer, got {value!r}")
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value!r}")
+        if get_ident() != self._router.thread:
+            raise wrong_thread("kernel.scan_agents")
         return AgentScan(
             self._router.walk_agents(),
             limit,

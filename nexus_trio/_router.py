@@ -300,6 +300,8 @@ class TransportHandle:
 
     def fail_request(self, request_id: uuid.UUID, error: BaseException) -> bool:
         """Fail a pending request with ``error``; False if none is pending."""
+        if threading.get_ident() != self._router.thread:
+            raise wrong_thread("handle.fail_request")
         return self._router.fail_request(request_id, error)
 
     def relay_nowait(self, msg: Message) -> None:
@@ -349,10 +351,14 @@ class TransportHandle:
         produced anyway is dead-lettered ``late_reply``. True if a running handler was
         cancelled.
         """
+        if threading.get_ident() != self._router.thread:
+            raise wrong_thread("handle.cancel_query")
         return self._router.expire_query(query_id, to)
 
     def detach(self, left: Callable[[Message], str | None] | None = None) -> None:
         """Let go (see :meth:`Kernel.detach_transport` for ``left``)."""
+        if threading.get_ident() != self._router.thread:
+            raise wrong_thread("handle.detach")
         if self._router.transport is self.transport:
             self._router.use_transport(None)
             self._router.left = left
@@ -427,7 +433,8 @@ def _id_in_text(address: str) -> _UUID | None:
 def wrong_thread(what: str) -> RuntimeError:
     """The error of a synchronous call of the kernel's (``send_nowait``, ``spawn``,
     ``ctx.stop``, ``ctx.monitor``, ``ctx.demonitor``, ``fail_request``, ``fail_query``,
-    ``report_event``) made
+    ``report_event``, ``attach_transport``, ``detach_transport``, ``scan_agents``; a
+    transport handle's ``detach``, ``fail_request``, ``cancel_query``) made
     in a thread other than its Trio run's: it would change the kernel's state under its
     run and wake tasks from outside it (an agent's first message starts its task there),
     failing half-way with one of Trio's errors that names neither the call nor the

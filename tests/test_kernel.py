@@ -3590,6 +3590,75 @@ async def test_kernel_calls_that_wake_waiters_from_another_thread_are_refused() 
             assert events.receive_nowait() == event
 
 
+class _Carrier:
+    """A transport that keeps what it is handed (a send to another kernel)."""
+
+    def __init__(self) -> None:
+        self.carried: list[Message] = []
+
+    async def deliver(self, msg: Message) -> None:
+        self.carried.append(msg)
+
+    def deliver_nowait(self, msg: Message) -> None:
+        self.carried.append(msg)
+
+    def cancel_query(self, query_id: uuid.UUID, to: Any) -> None:
+        pass
+
+
+async def test_transport_calls_and_scans_from_another_thread_are_refused_before_they_change_anything() -> (
+    None
+):
+    """``kernel.attach_transport`` / ``detach_transport`` (and the handle's ``detach``,
+    ``fail_request``, ``cancel_query``, and ``kernel.scan_agents``, which registers a walk
+    with the router) were not thread-checked: called from a worker thread they swapped
+    the kernel's routing under its run. Each is refused, naming itself, and changes
+    nothing: no transport attached by the refused attach, none detached by the refused
+    detaches, the request not failed, the walk not registered."""
+    remote = uuid.uuid4()  # an id of no agent here: routed to the transport if one is on
+    async with open_kernel(make_config()) as kernel:
+        carrier = _Carrier()
+
+        async def refused(call: str, fn: Any) -> None:
+            raised = await trio.to_thread.run_sync(_in_thread_named_work, fn)
+            assert isinstance(raised, RuntimeError), (call, raised)
+            assert str(raised) == _thread_error(call)
+
+        await refused("kernel.attach_transport", lambda: kernel.attach_transport(carrier))
+        with pytest.raises(AgentNotFound):  # nothing attached
+            kernel.send_nowait(remote, "not carried")
+        handle = kernel.attach_transport(carrier)  # (in the kernel's thread: attached)
+        await refused("kernel.detach_transport", kernel.detach_transport)
+        await refused("handle.detach", handle.detach)
+        kernel.send_nowait(remote, "carried")  # still attached
+        assert [m.payload for m in carrier.carried] == ["carried"]
+        # a pending request, not failed by the refused call from the thread
+        outcome: list[Any] = []
+        async with trio.open_nursery() as nursery:
+
+            async def ask() -> None:
+                try:
+                    outcome.append(await kernel.request(remote, "q", timeout=60))
+                except RequestFailed as exc:
+                    outcome.append(exc.reason)
+
+            nursery.start_soon(ask)
+            await trio.testing.wait_all_tasks_blocked()
+            query = carrier.carried[-1]
+            error = RequestFailed(query.id, remote, "agent_stopped", None)
+            await refused("handle.fail_request", lambda: handle.fail_request(query.id, error))
+            await refused("handle.cancel_query", lambda: handle.cancel_query(query.id, remote))
+            await trio.testing.wait_all_tasks_blocked()
+            assert outcome == []
+            assert handle.fail_request(query.id, error)  # (in the kernel's thread)
+        assert outcome == ["agent_stopped"]
+        await refused("kernel.scan_agents", lambda: kernel.scan_agents(1))
+        kernel.detach_transport()
+        with pytest.raises(AgentNotFound):
+            kernel.send_nowait(remote, "not carried")
+        assert [m.payload for m in carrier.carried] == ["carried", "q"]
+
+
 async def test_ctx_stop_and_monitors_from_a_run_sync_thread_are_refused() -> None:
     """``ctx.stop()`` from a ``ctx.run_sync`` thread set the stop half-way (the agent
     exited after the message) then failed in Trio with ``must be called from async
