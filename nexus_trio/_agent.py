@@ -11,6 +11,7 @@ PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.te
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import unicodedata
@@ -290,6 +291,27 @@ class AgentSpec:
             if unknown:
                 raise unknown_options("AgentSpec.with_options()", unknown, list(fields)) from None
             raise
+
+
+_attrs_spec_init = AgentSpec.__init__
+
+
+@functools.wraps(_attrs_spec_init)
+def _spec_init(self: AgentSpec, *args: Any, **options: Any) -> None:
+    """attrs' ``__init__`` of :class:`AgentSpec`; a misspelt keyword (``capacity=``) is
+    named with the options and the one meant, as ``agent()`` and ``with_options()`` do,
+    not Python's bare "unexpected keyword argument" (only an error looks)."""
+    try:
+        _attrs_spec_init(self, *args, **options)
+    except TypeError:
+        fields = attrs.fields_dict(AgentSpec)
+        unknown = [key for key in options if key not in fields]
+        if unknown:
+            raise unknown_options("AgentSpec()", unknown, list(fields)) from None
+        raise
+
+
+AgentSpec.__init__ = _spec_init  # type: ignore[method-assign]
 
 
 _T = TypeVar("_T")

@@ -18,10 +18,16 @@ def test_every_declared_spec_is_a_spec_with_its_options() -> None:
 
 def test_a_misspelt_option_is_flagged_and_named() -> None:
     texts = agents.misspelt_options()
-    assert len(texts) == 3
+    assert len(texts) == 4
     for text in texts:
         assert "unknown option 'capacity'" in text
         assert text.endswith("did you mean mailbox_capacity=?")
+    # AgentSpec(...) called directly names its options too (it said only Python's
+    # "AgentSpec.__init__() got an unexpected keyword argument 'capacity'")
+    assert texts[3].startswith(
+        "AgentSpec() got an unknown option 'capacity' (its options: factory, name,"
+        " mailbox_capacity, handle_timeout,"
+    ), texts[3]
 
 
 def test_the_kernel_usage_runs_and_sees_what_it_asked_for() -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import difflib
 import errno
 import gc
 import importlib
@@ -49,7 +48,7 @@ from rich.live import Live
 from .. import KernelStats
 from .._agent import CONTEXT_NAMES, Agent, AgentSpec, as_spec
 from .._config import Config, app_reference_hint
-from .._errors import SupervisorEscalation, TransportUnavailable
+from .._errors import SupervisorEscalation, TransportUnavailable, nearest
 from .._kernel import Kernel, open_kernel
 from .._logcall import log_guarded
 from .._plural import count_of
@@ -330,15 +329,11 @@ def _import_reference(reference: str) -> Any:
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            near = difflib.get_close_matches(
-                part, [name for name in dir(obj) if not name.startswith("_")], n=1
-            )
+            near = nearest(part, [name for name in dir(obj) if not name.startswith("_")])
             # (the closest, written as --app takes it)
             hint = ""
-            if near:
-                hint = (
-                    f"; did you mean {module_name + ':' + '.'.join([*parts[:index], near[0]])!r}?"
-                )
+            if near is not None:
+                hint = f"; did you mean {module_name + ':' + '.'.join([*parts[:index], near])!r}?"
             raise AppError(f"module {module_name!r} has no attribute {attr!r}{hint}") from None
     return obj
 

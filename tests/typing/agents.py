@@ -74,7 +74,7 @@ ALL_SPECS: tuple[AgentSpec, ...] = (
 
 
 def misspelt_options() -> list[str]:
-    """A misspelt option of ``agent`` and of ``AgentSpec.with_options``: the type checker
+    """A misspelt option of ``agent``, ``AgentSpec.with_options`` and ``AgentSpec``: the type checker
     flags the first (an ignore it did not need is an error: ``warn_unused_ignores``), and
     at run time each is a TypeError naming the option meant; returns their texts."""
     texts = []
@@ -88,6 +88,10 @@ def misspelt_options() -> list[str]:
         texts.append(str(exc))
     try:
         echo.with_options(capacity=5)
+    except TypeError as exc:
+        texts.append(str(exc))
+    try:
+        AgentSpec(factory=echo.factory, capacity=5)  # type: ignore[call-arg]
     except TypeError as exc:
         texts.append(str(exc))
     return texts
