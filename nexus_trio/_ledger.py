@@ -13,6 +13,7 @@ PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.te
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections import Counter
@@ -261,18 +262,26 @@ class Ledger:
 
     async def say_unlogged_when_due(self) -> None:
         """Run by the kernel: when a second has records not logged, write their line at
-        the second's end, also when no other record comes to write it."""
+        the second's end, also when no other record comes to write it.
+
+        It waits for the earliest such end of either budget, and wakes when a budget's
+        second gets its first record not logged (its end may be sooner): waiting for
+        one budget's end and then the other's said a failure line up to a second late
+        when a dead-letter second ending later was waited for first."""
+        budgets = (self.dead_letter_lines, self.failure_lines)
         while True:
-            await self._unsaid_wake.wait()
+            ends = [end for budget in budgets if (end := budget.window_end) is not None]
+            with trio.move_on_at(min(ends, default=math.inf)):
+                await self._unsaid_wake.wait()
+            # (a wake set from here on is for a second not seen yet: the loop sees it)
             self._unsaid_wake = trio.Event()
-            for budget in (self.dead_letter_lines, self.failure_lines):
+            now = trio.current_time()
+            for budget in budgets:
                 end = budget.window_end
-                if end is not None:
-                    await trio.sleep_until(end)
-                    if budget.window_end == end:
-                        # (the same second: one after it said this one as it began, and
-                        # its own lines wake this task again)
-                        budget.say_unlogged()
+                if end is not None and end <= now:
+                    # (a record after the second's end says it as the next one begins:
+                    # then there is nothing left here to say)
+                    budget.say_unlogged()
 
     def dead_letters(self, buffer: int) -> Subscription[DeadLetter]:
         return self._dead_letters.subscribe(buffer)
