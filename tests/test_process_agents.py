@@ -3509,7 +3509,10 @@ async def test_a_flood_of_bad_lines_is_counted_whole_and_warned_about_once_a_sec
         return [
             r.getMessage()
             for r in caplog.records
-            if r.name == "nexus_trio.bridge" and warned in r.getMessage()
+            if r.name == "nexus_trio.bridge"
+            and warned in r.getMessage()
+            # (not the stop's line of those still held: the test below)
+            and "since the last one logged, not logged" not in r.getMessage()
         ]
 
     async with mock_time_kernel() as kernel:
@@ -3529,6 +3532,49 @@ async def test_a_flood_of_bad_lines_is_counted_whole_and_warned_about_once_a_sec
     assert len(later) == 2, later
     assert later[1].endswith(f"(and {n - 1:,} more since the last one logged)"), later[1]
     assert all(len(text) < 600 for text in later)
+
+
+@pytest.mark.parametrize(
+    ("bad", "counter", "kind"),
+    [
+        (b"garbage\n", "invalid_lines", "invalid stdout lines"),
+        (
+            b'{"type": "send", "payload": {"to": "nobody", "payload": 1}}\n',
+            "sends_failed",
+            "refused sends",
+        ),
+    ],
+    ids=["not-json", "refused-send"],
+)
+async def test_bad_lines_held_back_when_the_agent_stops_are_said_at_its_stop(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    mock_clock: trio.testing.MockClock,
+    bad: bytes,
+    counter: str,
+    kind: str,
+) -> None:
+    """A flood of bad lines, then the agent stops within the second: the warnings held
+    back were said by no later one of their kind (none came); its stop says how many.
+    (Before, the log showed one warning of a thousand bad lines, the rest only counted.)"""
+    caplog.set_level(logging.WARNING, logger="nexus_trio.bridge")
+    n = 1000
+    cmd = script(tmp_path, FLOOD.format(bad=bad, before=False, n=n))
+    async with mock_time_kernel() as kernel:
+        ref = kernel.spawn(process_agent(cmd, name="flood", line_limit=200))
+        await until_real(lambda: getattr(stats_of(kernel, ref), counter) == n, f"{n} bad lines")
+        await kernel.stop(ref)
+    said = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "nexus_trio.bridge" and "since the last one logged" in r.getMessage()
+    ]
+    assert len(said) == 1, said
+    assert said[0].startswith("process agent flood ("), said
+    assert said[0].endswith(
+        f"): {n - 1:,} more {kind} since the last one logged, not logged"
+        " (at most one warning a second of a kind; the counters count each)"
+    ), said
 
 
 # --- stopping -----------------------------------------------------------------------------

@@ -805,6 +805,7 @@ class ProcessAgent(Agent):
         try:
             await self._stop_child(graceful=not stuck and self._child_registered)
         finally:
+            self._say_floods_held()
             # Its counters are final now, unless the agent is restarted.
             book = _books.get(ctx.kernel)
             if book is not None:
@@ -2090,13 +2091,24 @@ class ProcessAgent(Agent):
             log, logging.WARNING, "process agent %s: %s", self.label, problem, extra=self._fields()
         )
 
+    def _say_floods_held(self) -> None:
+        """Say how many per-line warnings of each kind are still held back (the run ends:
+        no later one of the kind will say them)."""
+        for kind, flood in self._floods.items():
+            if flood.held:
+                held, flood.held = flood.held, 0
+                self._warn(
+                    f"{held:,} more {kind} since the last one logged, not logged (at most one"
+                    " warning a second of a kind; the counters count each)"
+                )
+
     def _warn_line(self, kind: str, problem: str) -> None:
         """Warn about one of the child's lines: at most once a second for each ``kind``.
 
         A child can write a million bad lines a second, and one log record each would fill
         a disk or drown the log. The first is logged at once; those within the next second
         are held back (the counters still count each one) and the next one logged after
-        it says how many were.
+        it says how many were, or the end of the run (:meth:`_say_floods_held`).
         """
         flood = self._floods.get(kind)
         if flood is None:
