@@ -866,6 +866,12 @@ class Kernel:
         (for transports and bridges: e.g. ``unreachable`` for a remote node)."""
         if get_ident() != self._router.thread:
             raise wrong_thread("kernel.report_event")
+        if not isinstance(event, LifecycleEvent):
+            # (else every events() reader got it, and failed on it far from here)
+            raise TypeError(
+                "kernel.report_event() takes a nexus_trio.LifecycleEvent, got"
+                f" {type(event).__name__} {brief(event, 60)}"
+            )
         self._ledger.publish_event(event)
 
     # --- observability -----------------------------------------------------------------------------

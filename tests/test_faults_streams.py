@@ -379,3 +379,17 @@ async def test_a_storm_past_the_line_budgets_with_the_log_on_dev_full_is_counted
     assert stats.failure_lines_not_logged == 28
     assert lost >= 2 + 2 + 2
     assert log_calls_failed() == failed_before
+
+
+async def test_a_report_event_that_is_not_an_event_is_refused_naming_what_it_got() -> None:
+    """``kernel.report_event`` (for transports and bridges) published whatever it was
+    given: every ``events()`` reader then got a dict, and failed on it far from the call."""
+    async with open_kernel(make_config()) as kernel, kernel.events(buffer=4) as events:
+        with pytest.raises(
+            TypeError,
+            match=r"^kernel\.report_event\(\) takes a nexus_trio\.LifecycleEvent, got dict"
+            r" \{'kind': 'unreachable'\}$",
+        ):
+            kernel.report_event({"kind": "unreachable"})  # type: ignore[arg-type]
+        with pytest.raises(trio.WouldBlock):
+            events.receive_nowait()  # nothing was published
