@@ -50,6 +50,7 @@ from nexus_trio._nats import (
 )
 from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import call_aio
+from nexus_trio._nats._direct import flush_after_subscribe
 
 from .hang_guard import real_time_limit
 from .nats_server import FAST, PATIENT, NodeProcess, nats_cluster, node_config, until
@@ -614,7 +615,7 @@ async def test_a_leave_whose_durable_pull_outlives_its_cancel_still_drops_and_an
                 await ca.send_durable("ledger-a", "one")
                 await first.wait()
                 await call_aio(cb._control.subscribe, ca._heartbeat_subject, cb=on_heartbeat)
-                await call_aio(cb._control.flush)
+                await call_aio(flush_after_subscribe, cb._control)  # (not a bare flush)
                 psub = ca.durable._psub
                 real_fetch = psub.fetch
 

@@ -55,6 +55,7 @@ from nexus_trio._nats import _batch as batch
 from nexus_trio._nats import _cluster as cluster_module
 from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import call_aio
+from nexus_trio._nats._direct import flush_after_subscribe
 from nexus_trio._nats._membership import encode_record
 from nexus_trio._nats._streams import parse_stream_name
 from nexus_trio.cli._swarm import cluster_counts
@@ -5245,8 +5246,10 @@ async def _subscribe(nc: Any, subject: str) -> Any:
     sub = await nc.subscribe(subject)
     # The SUB is on the server before anyone is told to send there (a PING answered after
     # it): nats-py buffers it, and a query sent before its flush found no responders (a
-    # CI run at load, node b: "node 'f' does not listen").
-    await nc.flush()
+    # CI run at load, node b: "node 'f' does not listen"). Not ``nc.flush()``: nats-py
+    # 2.16 writes that PING straight to the socket, ahead of the SUB still in its buffer,
+    # and b's query could beat the SUB to the server (CI 169 and 180, same error).
+    await flush_after_subscribe(nc)
     return sub
 
 

@@ -45,6 +45,7 @@ from nexus_trio._nats import Cluster, ClusterOptions, NatsServer, join_cluster
 from nexus_trio._nats import _batch as batch
 from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import call_aio
+from nexus_trio._nats._direct import flush_after_subscribe
 from nexus_trio._nats._membership import NodeInfo, decode_record
 from nexus_trio._nats._placement import PlacementFailed
 
@@ -1049,7 +1050,7 @@ async def test_a_place_answer_whose_fields_are_not_strings_fails_the_placement_n
 
     async with _node(nats.url, "a") as (_, cluster), _hostile(nats.url) as hostile:
         await call_aio(hostile.nc.subscribe, "nexus.place.evil", cb=respond)
-        await hostile.flush()
+        await call_aio(flush_after_subscribe, hostile.nc)  # (not nc.flush: see its doc)
         with trio.fail_after(10), pytest.raises(PlacementFailed) as caught:
             await cluster.placement._ask("evil", "counter", "svc-h", None, 5.0)
         assert caught.value.node == "evil"
@@ -1078,7 +1079,7 @@ async def test_control_plane_bodies_not_in_utf_8_are_malformed_as_data_path_bodi
 
     async with _node(nats.url, "a") as (_, cluster), _hostile(nats.url) as hostile:
         await call_aio(hostile.nc.subscribe, "nexus.place.evil", cb=respond)
-        await hostile.flush()
+        await call_aio(flush_after_subscribe, hostile.nc)  # (not nc.flush: see its doc)
         with trio.fail_after(20):
             for index, encoding in enumerate(_NOT_UTF8):
                 await hostile.put(
