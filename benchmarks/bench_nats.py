@@ -71,6 +71,9 @@ async def _raw_responder(url: str) -> None:
     await nc.subscribe("bench.echo", cb=echo)
     await nc.subscribe("bench.sink", cb=sink, pending_msgs_limit=1_000_000)
     await nc.subscribe("bench.count", cb=counter)
+    # twice: nats-py 2.16's flush writes its PING ahead of the SUBs still in its buffer, so
+    # only the second PONG says the server has them (see _direct.flush_after_subscribe)
+    await nc.flush()
     await nc.flush()
     print("READY", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)

@@ -102,6 +102,9 @@ async def _echo(url: str) -> None:
         await nc.publish("pong", msg.data)
 
     await nc.subscribe("ping", cb=back)
+    # twice: nats-py 2.16's flush writes its PING ahead of the SUBs still in its buffer, so
+    # only the second PONG says the server has them (see _direct.flush_after_subscribe)
+    await nc.flush()
     await nc.flush()
     print("ready", flush=True)
     await asyncio.Event().wait()
