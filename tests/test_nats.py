@@ -1543,7 +1543,14 @@ async def test_a_node_starved_without_pause_still_judges_a_silent_peer_lost(
                 time.sleep(1.5 * FAST.heartbeat_interval)
                 await trio.lowlevel.checkpoint()
             assert cluster.stats().nodes_lost == 1
-            assert not {info.node: info for info in cluster.member_list()}["b"].reachable
+            # and b, dead, ends unreachable. Polled, not read at once: a heartbeat b sent
+            # before its kill that this starved process read only after the judgement
+            # shows b reachable again until the next check judges it lost once more (a
+            # run of the cluster tests at load ~20 failed so: "node 'b' is reachable
+            # again" logged right after its loss)
+            await until(
+                lambda: not {info.node: info for info in cluster.member_list()}["b"].reachable
+            )
 
 
 async def test_a_node_whose_stalls_outlast_the_hold_reads_its_socket_before_it_judges(
