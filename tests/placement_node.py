@@ -1,7 +1,8 @@
 """A kernel in a child process for the placement tests, driven by JSON lines on stdin.
 
-``python -m tests.placement_node --url URL --node NAME`` joins the cluster, registers the
-agent type ``counter`` (and nothing else), prints ``READY <node>`` and then answers one
+``python -m tests.placement_node --url URL --node NAME`` joins the cluster with the
+agent type ``counter`` (and nothing else; none with ``--no-types``: a member that joined
+only to send), prints ``READY <node>`` and then answers one
 JSON line on stdout for each command line on stdin (see :func:`_command`). A ``counter``
 counts the tells it handled in this incarnation and acknowledges each one to the
 ``collector`` of the node whose name is in the tell, so a test can tell handled
@@ -73,6 +74,10 @@ async def _command(cluster: Cluster, nursery: trio.Nursery, cmd: dict[str, Any])
         return cluster.live_nodes()
     if op == "owner":
         return rendezvous_owner(cmd["name"], cluster.live_nodes())
+    if op == "types_of":
+        # the agent types node cmd["node"]'s record names as this node heard it
+        info = cluster.members.members.get(cmd["node"])
+        return None if info is None or info.types is None else sorted(info.types)
     if op == "spawn":
         placed = await cluster.spawn(cmd["type"], name=cmd["name"], node=cmd.get("node"))
         return {"node": placed.node, "id": str(placed.id)}
@@ -254,9 +259,10 @@ async def _follow_events(kernel: Any, task_status: trio.TaskStatus[None]) -> Non
 class Node:
     """``tests.placement_node`` in a child process, one JSON command at a time."""
 
-    def __init__(self, url: str, node: str) -> None:
+    def __init__(self, url: str, node: str, *, types: bool = True) -> None:
         self.node = node
         self.url = url
+        self.types = types
         self.process: trio.Process | None = None
         self._buffer = b""
 
@@ -269,6 +275,7 @@ class Node:
             self.url,
             "--node",
             self.node,
+            *([] if self.types else ["--no-types"]),
         ]
         self.process = await trio.lowlevel.open_process(
             argv,
@@ -321,7 +328,7 @@ class Node:
         await process.wait()
 
 
-async def _main(url: str, node: str) -> None:
+async def _main(url: str, node: str, with_types: bool) -> None:
     global NODE, JOINED_IN, OUTER
     NODE = node
     async with open_kernel(node_config()) as kernel, trio.open_nursery() as OUTER:
@@ -333,9 +340,9 @@ async def _main(url: str, node: str) -> None:
         # the test process took longer than that to connect (the server is up here)
         joining = trio.current_time()
         options = attrs.evolve(PATIENT, connect_timeout=10.0)
-        async with join_cluster(kernel, url, node, options=options) as cluster:
+        types = {"counter": agent(Counter, name="counter")} if with_types else None
+        async with join_cluster(kernel, url, node, options=options, types=types) as cluster:
             JOINED_IN = trio.current_time() - joining
-            cluster.register_type("counter", agent(Counter, name="counter"))
             await cluster.names_published()
             print(f"READY {node}", flush=True)
             stdin = trio.lowlevel.FdStream(os.dup(0))
@@ -374,5 +381,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m tests.placement_node")
     parser.add_argument("--url", required=True)
     parser.add_argument("--node", required=True)
+    parser.add_argument("--no-types", action="store_true")
     args = parser.parse_args(sys.argv[1:])
-    trio.run(_main, args.url, args.node)
+    trio.run(_main, args.url, args.node, not args.no_types)

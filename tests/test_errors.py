@@ -69,6 +69,7 @@ ERRORS: list[BaseException] = [
     ConfigError("must be > 0", key="kernel.x", origin="environment variable NEXUS_X"),
     RemoteError("node-b", "ValueError: boom"),
     UnknownAgentType("counter", "node-b"),
+    UnknownAgentType("counter", None),
     PlacementFailed("c-1", "node-b", "ValueError: boom"),
     ProcessAgentError("calc", "exited (status 3)", 4321),
     ProcessAgentError("calc", "did not start"),

@@ -255,6 +255,64 @@ async def test_placement_routing_and_replacement_after_a_sigkill() -> None:
 
 
 @pytest.mark.trio
+async def test_a_sending_only_member_never_hosts_and_a_killed_node_s_agents_all_go_on() -> None:
+    """The three processes of docs/distributed.md's example: a and b run the type, client
+    joined only to send (no types). Every placement from the client lands on a or b as
+    rendezvous over {a, b} says (on main: UnknownAgentType for the names the client won
+    over all three). b is SIGKILLed: every agent it ran is re-placed on a, the only
+    survivor that runs the type (on main the names whose owner over {a, client} is the
+    client were not re-placed: an ERROR in the client's log, nothing else)."""
+    with nats_cluster() as servers:
+        nodes: list[Node] = []
+        try:
+            url = servers[0].url
+            nodes = [Node(url, "a"), Node(url, "b"), Node(url, "client", types=False)]
+            for node in nodes:
+                await node.start()
+            a, b, client = nodes
+            for node in nodes:
+                assert await node.call("wait_live", count=3) == ["a", "b", "client"]
+            assert await a.call("types_of", node="client") == []
+            assert await client.call("types_of", node="b") == ["counter"]
+            names = [f"counter-{i}" for i in range(30)]
+            # (the client wins some of them over all three: the names that failed before)
+            assert any(rendezvous_owner(n, ["a", "b", "client"]) == "client" for n in names)
+            placed = {}
+            for name in names:
+                placed[name] = (await client.call("spawn", type="counter", name=name))["node"]
+                assert placed[name] == rendezvous_owner(name, ["a", "b"])
+            assert await client.call("local", names=names) == {}
+            on_b = sorted(n for n in names if placed[n] == "b")
+            assert any(rendezvous_owner(n, ["a", "client"]) == "client" for n in on_b)
+            ids_before = {name: (await client.call("where", name=name))[1] for name in on_b}
+            b.kill()
+            await b.process.wait()  # type: ignore[union-attr]
+
+            async def replaced() -> bool:
+                return int((await a.call("stats"))["replaced"]) >= len(on_b)
+
+            await _until(replaced, timeout=30)
+            stats = {n.node: await n.call("stats") for n in (a, client)}
+            assert (stats["a"]["replaced"], stats["client"]["replaced"]) == (len(on_b), 0)
+            assert [s["placements_waiting"] for s in stats.values()] == [0, 0]
+            events = await a.call("restarted")
+            assert sorted(name for name, _ in events) == on_b
+            assert {reason for _, reason in events} == {"re-placed from node b"}
+            assert await client.call("restarted") == []
+            assert sorted(await a.call("local", names=names)) == sorted(names)
+            for name in names:
+                answer = await client.call("request", to=name)
+                assert (answer["node"], answer["name"]) == ("a", name)
+            for name in on_b:
+                where = await client.call("where", name=name)
+                assert where[0] == "a" and where[1] != ids_before[name]
+        finally:
+            with trio.CancelScope(shield=True):
+                for node in nodes:
+                    await node.stop()
+
+
+@pytest.mark.trio
 async def test_a_member_joining_takes_its_share_on_rebalance_and_nothing_else_moves() -> None:
     with nats_cluster() as servers:
         nodes: list[Node] = []
@@ -306,12 +364,25 @@ class _Cluster:
     prefix = "nexus"
     closing = False
 
-    def __init__(self, node: str, sent_to_c: int, holders: dict[str, str]) -> None:
+    def __init__(
+        self,
+        node: str,
+        sent_to_c: int,
+        holders: dict[str, str],
+        types: dict[str, frozenset[str] | None] | None = None,
+    ) -> None:
         self.node = node
         self.kernel = _Kernel()
-        self.stream_name = f"{node}.{ord(node):x}"
+        self.stream_name = f"{node}.{ord(node[0]):x}"
         self._sent_to_c = sent_to_c
         self._holders = holders
+        # the members' records, as far as placement reads them: the types they name
+        self.members = _Members(
+            {
+                other: NodeInfo(other, ord(other[0]), 1, "host", 0.0, {}, 0.0, types=names)
+                for other, names in (types or {}).items()
+            }
+        )
 
     def live_nodes(self) -> list[str]:
         return ["a", "b", "c"]
@@ -325,6 +396,11 @@ class _Cluster:
     def name_holder(self, name: str) -> tuple[str, uuid.UUID] | None:
         node = self._holders.get(name)
         return None if node is None else (node, uuid.UUID(int=1))
+
+
+@attrs.define
+class _Members:
+    members: dict[str, NodeInfo]
 
 
 def _lost_c(recv: dict[str, int], in_flight: int, held: int) -> NodeInfo:
@@ -492,6 +568,7 @@ def test_each_agent_of_a_lost_node_is_replaced_by_exactly_one_survivor() -> None
     survivors = {}
     for node in ("a", "b"):
         placement = Placement(_Cluster(node, 0, holders))  # type: ignore[arg-type]
+        placement.register("counter", COUNTING)
         placement.records = {name: PlacementRecord("counter") for name in holders}
         survivors[node] = placement.to_replace("c", ["a", "b"])
     on_c = sorted(name for name, node in holders.items() if node == "c")
@@ -500,6 +577,84 @@ def test_each_agent_of_a_lost_node_is_replaced_by_exactly_one_survivor() -> None
     assert survivors["a"] and survivors["b"]  # spread, not all on one
     for node, names in survivors.items():
         assert all(rendezvous_owner(name, ["a", "b"]) == node for name in names)
+
+
+def test_a_lost_node_s_agents_go_only_to_survivors_that_run_their_type() -> None:
+    """Rendezvous over the survivors that run the type: ``client`` (no types) and ``old``
+    (types: say nothing, an earlier kernel: any) as the others see their records. Of
+    c's agents of type counter each goes to exactly one of a, b, old, never to client;
+    one of a type no survivor runs waits, counted, its record kept (``old`` not among
+    them: it would be taken as running it)."""
+    holders = {f"agent-{i}": "abc"[i % 3] for i in range(90)}
+    holders["lonely"] = "c"
+    records = {name: PlacementRecord("counter") for name in holders}
+    records["lonely"] = PlacementRecord("gauge")
+    types: dict[str, frozenset[str] | None] = {
+        "a": frozenset({"counter"}),
+        "b": frozenset({"counter"}),
+        "client": frozenset(),
+        "old": None,
+    }
+    survivors = ["a", "b", "client", "old"]
+    chosen: dict[str, list[str]] = {}
+    for node in survivors:
+        placement = Placement(_Cluster(node, 0, holders, types))  # type: ignore[arg-type]
+        if types[node] is None or types[node]:
+            placement.register("counter", COUNTING)
+        placement.records = {n: r for n, r in records.items() if n != "lonely"}
+        chosen[node] = placement.to_replace("c", survivors)
+        assert placement.placements_waiting == 0
+        if node != "old":
+            placement.records = dict(records)
+            assert "lonely" not in placement.to_replace("c", ["a", "b", "client"])
+            assert placement.placements_waiting == 1  # lonely, on each of them
+            assert "lonely" in placement.records
+    del holders["lonely"]
+    on_c = sorted(name for name, node in holders.items() if node == "c")
+    assert sorted(chosen["a"] + chosen["b"] + chosen["old"]) == on_c
+    assert chosen["client"] == []
+    assert chosen["a"] and chosen["b"] and chosen["old"]
+    for node in ("a", "b", "old"):
+        assert all(rendezvous_owner(n, ["a", "b", "old"]) == node for n in chosen[node])
+    # over every survivor, the client would have won some of them (what main did)
+    assert any(rendezvous_owner(n, survivors) == "client" for n in on_c)
+
+
+def test_a_record_s_types_are_read_and_a_hostile_types_field_refuses_the_record() -> None:
+    body = encode_record("b", 0xB, 1.0, {}, 7, 64, ["counter", "gauge"])
+    info = decode_record(body, 0.0, "b")
+    assert info.types == frozenset({"counter", "gauge"})
+    assert info.runs("counter") and not info.runs("other")
+    # a kernel of an earlier version says nothing of its types: it may run any
+    old = decode_record(encode_record("b", 0xB, 1.0, {}), 0.0, "b")
+    assert old.types is None and old.runs("anything")
+    # one that registered none runs none
+    assert not decode_record(encode_record("b", 0xB, 1.0, {}, types=[]), 0.0, "b").runs("x")
+    for bad, why in [
+        ("counter", "not a list of agent type names"),
+        ({"counter": 1}, "not a list of agent type names"),
+        ([1], "1 is no agent type name"),
+        (["a.b"], "'a.b' is no agent type name"),
+        (["x" * 257], "is no agent type name"),
+        ([f"t{i}" for i in range(1025)], "1025 names, more than 1024"),
+    ]:
+        record = json.loads(body)
+        record["types"] = bad
+        with pytest.raises(ValueError, match="membership record: bad 'types'") as caught:
+            decode_record(json.dumps(record).encode(), 0.0, "b")
+        assert why in str(caught.value)
+
+
+def test_a_type_name_a_record_could_not_name_is_refused_at_registration() -> None:
+    placement = Placement(_Cluster("a", 0, {}))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="is 257 characters long"):
+        placement.register("x" * 257, COUNTING)
+    for i in range(1024):
+        placement.register(f"t{i}", COUNTING)
+    placement.register("t0", COUNTING)  # (registered again: no new type)
+    with pytest.raises(ValueError, match="has 1024 types registered already"):
+        placement.register("one-more", COUNTING)
+    assert len(placement.types) == 1024
 
 
 # --- membership driven by hand: kernels of this process on one nats-server -------------------
@@ -618,12 +773,14 @@ async def _node(
     # PATIENT unless a test says otherwise: two kernels of one process on a loaded machine
     # were silent to each other for longer than FAST's 0.6 s now and then, and a test not
     # about the detector saw its placement fail on a member judged lost
+    # (the type given to the join: its first record names it, see _meet)
+    types = {"counter": COUNTING} if register else None
     async with (
         open_kernel(node_config()) as kernel,
-        join_cluster(kernel, url, name, options=attrs.evolve(PATIENT, **options)) as cluster,
+        join_cluster(
+            kernel, url, name, options=attrs.evolve(PATIENT, **options), types=types
+        ) as cluster,
     ):
-        if register:
-            cluster.register_type("counter", COUNTING)
         yield kernel, cluster
 
 
@@ -884,30 +1041,131 @@ async def test_a_tell_sent_to_a_node_as_soon_as_its_record_is_seen_reaches_it(
     assert got == ["hello"]
 
 
-async def test_a_member_that_joined_only_to_send_is_an_owner_and_its_refusal_says_so(
+async def test_a_member_that_joined_only_to_send_is_no_owner_and_a_type_nobody_runs_says_so(
     nats: NatsServer,
 ) -> None:
     """A first-hour surprise: a process that joins the cluster only to send (the client of
-    docs/distributed.md's three-process example) is a member, so a name whose hash it wins
-    is placed on it, and it knows no type. The error named the node and said "every node
-    must call cluster.register_type", not that a sending-only member counts; it now says
-    so and what to do (types for every node, or a pin)."""
+    docs/distributed.md's three-process example) was an owner like any member: a name
+    whose hash it won was placed on it and failed, UnknownAgentType naming it. Its record
+    says it runs no type now, and placement by hash is over the members that run the
+    type: ON_C, which c wins over {a, c}, goes to a. A type no reachable member runs is
+    UnknownAgentType saying so; pinned to c, the placement is still asked of c."""
     async with _node(nats.url, "a", **QUIET) as (ka, ca):
         async with _node(nats.url, "c", register=False, **QUIET) as (kc, cc):
             _meet(ca, cc)
             assert rendezvous_owner(ON_C, ["a", "c"]) == "c"
             with trio.fail_after(30):  # a hang guard
+                for cluster in (ca, cc):  # from either node
+                    placed = await cluster.spawn("counter", name=f"{ON_C}-{cluster.node}")
+                    assert placed.node == "a"
+                placed = await cc.spawn("counter", name=ON_C)
+                assert placed.node == "a" and ka.is_local(ON_C) and not kc.is_local(ON_C)
                 with pytest.raises(UnknownAgentType) as caught:
-                    await ca.spawn("counter", name=ON_C)
-            text = str(caught.value)
-            assert text.startswith("node 'c' has no agent type 'counter' registered")
-            assert "also one that joined only to send" in text
-            assert "join_cluster(..., types={...})" in text
-            assert "pin the agent with node=" in text
-            assert not ka.is_local(ON_C) and not kc.is_local(ON_C)
-            # pinned to the member that knows the type, it is placed
-            placed = await ca.spawn("counter", name=ON_C, node="a")
-            assert placed.node == "a" and ka.is_local(ON_C)
+                    await cc.spawn("gauge", name="g-1")
+                assert str(caught.value).startswith(
+                    "no reachable member runs agent type 'gauge': none has it registered"
+                )
+                assert caught.value.node is None
+                with pytest.raises(UnknownAgentType) as caught:
+                    await ca.spawn("counter", name="pinned", node="c")
+            assert str(caught.value).startswith(
+                "node 'c' has no agent type 'counter' registered (register it there with"
+            )
+            assert "pin the agent to a node that has it with node=" in str(caught.value)
+            assert ca.stats().members == ("a", "c")
+
+
+async def test_a_type_registered_later_rewrites_the_record_at_once_and_takes_placements(
+    nats: NatsServer,
+) -> None:
+    """c joins with no type, then registers counter: its record in the nodes bucket names
+    the type at once (QUIET: the next heartbeat is 30 s away), and once a hears it, c
+    owns its share of the names again (ON_C: c wins it over {a, c})."""
+    async with _node(nats.url, "a", **QUIET) as (_ka, ca):
+        async with _node(nats.url, "c", register=False, **QUIET) as (kc, cc):
+            assert json.loads(await _kv_member(ca, "c"))["types"] == []
+            cc.register_type("counter", COUNTING)
+
+            async def written() -> bool:  # (by a task of c)
+                return bool(json.loads(await _kv_member(ca, "c"))["types"] == ["counter"])
+
+            async def heard() -> bool:  # (a's watch of the nodes bucket brings it)
+                return ca.members.members["c"].types == {"counter"}
+
+            await _until(written)
+            await _until(heard)
+            with trio.fail_after(30):  # a hang guard
+                placed = await ca.spawn("counter", name=ON_C)
+            assert placed.node == "c" and kc.is_local(ON_C)
+
+
+async def test_a_lost_node_s_agent_no_member_runs_waits_and_goes_to_one_that_registers_it(
+    nats: NatsServer,
+) -> None:
+    """c runs ON_C; a and b run no type. c is lost (as both see it): on main a re-placed
+    it on itself and failed (an ERROR line), and b left it to a: it ran nowhere, its
+    record kept for nothing. Now it waits, counted in placements_waiting on each
+    survivor, its record kept; b registers the type, and b runs it (re-placed from c,
+    counted once), asked by a as well (a finds it taken)."""
+    async with (
+        _node(nats.url, "a", register=False, **QUIET) as (ka, ca),
+        _node(nats.url, "b", register=False, **QUIET) as (kb, cb),
+        _node(nats.url, "c", **QUIET) as (_kc, cc),
+    ):
+        _meet(ca, cb, cc)
+        with trio.fail_after(30):  # a hang guard
+            placed = await ca.spawn("counter", name=ON_C)
+            assert placed.node == "c"
+            await cc.names_published()
+            await _learn(ca, ON_C)
+            await _learn(cb, ON_C)
+            _lose(ca, "c")
+            _lose(cb, "c")
+            await trio.testing.wait_all_tasks_blocked()
+            for cluster in (ca, cb):
+                stats = cluster.stats()
+                assert (stats.placements_waiting, stats.replaced) == (1, 0)
+                assert cluster.name_holder(ON_C) == ("c", placed.id)
+            assert await _placed_record(ca, ON_C) is not None
+            async with kb.events() as events:
+                cb.register_type("counter", COUNTING)
+                event = await _replaced(events, ON_C)
+            assert event.reason == "re-placed from node c"
+            assert kb.is_local(ON_C) and not ka.is_local(ON_C)
+            _meet(ca, cb)  # (a hears b's record naming the type: it asks b too)
+
+            async def settled() -> bool:
+                return ca.name_holder(ON_C) == ("b", kb.lookup(ON_C).id) and not (
+                    ca.placement._replacing
+                )
+
+            await _until(settled)
+            assert (cb.stats().replaced, ca.stats().replaced) == (1, 0)
+            assert (ca.stats().placements_waiting, cb.stats().placements_waiting) == (0, 0)
+            answer = await ka.request(ON_C, "hi", timeout=5)
+            assert answer == {"name": ON_C, "handled": 1}
+
+
+async def test_a_membership_record_with_a_hostile_types_field_is_refused(
+    nats: NatsServer,
+) -> None:
+    """A record that names types as no kernel writes them (a string, numbers, names
+    that are no NATS token, a flood of them) is refused, counted and logged as a record
+    with any other bad field: the member is as its last good record said."""
+    async with _node(nats.url, "a", **QUIET) as (_ka, ca):
+        async with _node(nats.url, "c", register=False, **QUIET) as (_kc, cc):
+            _meet(ca, cc)
+            assert ca.members.members["c"].types == frozenset()
+            good = json.loads(cc._record())
+            refused = ca.stats().entries_malformed
+            for bad in ("counter", [1, 2], ["a.b"], [f"t{i}" for i in range(5000)]):
+                with on_loop_of(ca):
+                    ca._apply_member_entry("c", json.dumps({**good, "types": bad}).encode(), None)
+            assert ca.stats().entries_malformed == refused + 4
+            assert ca.members.members["c"].types == frozenset()
+            with trio.fail_after(30):  # c still runs nothing placed by hash
+                placed = await ca.spawn("counter", name=ON_C)
+            assert placed.node == "a"
 
 
 async def test_a_rebalance_the_new_owner_refuses_leaves_the_agent_running_here(
@@ -922,6 +1180,10 @@ async def test_a_rebalance_the_new_owner_refuses_leaves_the_agent_running_here(
         assert placed.node == "a"
         async with _node(nats.url, "c", register=False, **QUIET) as (kc, cc):
             _meet(ca, cc)
+            # (c's record as a kernel of an earlier version writes it, naming no types: a
+            # takes c for an owner of the type)
+            info = ca.members.members["c"]
+            ca.members.members["c"] = attrs.evolve(info, types=None)
             with trio.fail_after(30):  # a hang guard
                 with pytest.raises(UnknownAgentType, match="node 'c'"):
                     await ca.rebalance()

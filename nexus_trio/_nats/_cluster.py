@@ -335,6 +335,10 @@ class ClusterStats:
     lost_with_nodes_taken_back: int = 0
     #: placed agents this node re-spawned after their node was lost
     replaced: int = 0
+    #: placed agents of lost nodes that no reachable member can run now (none has their
+    #: type registered): their records are kept, and they are re-placed once a member
+    #: that runs the type is heard (see ``Placement.owners_changed``)
+    placements_waiting: int = 0
     #: node batches sent / received (each carries many tells)
     batches_published: int = 0
     batches_received: int = 0
@@ -3910,6 +3914,7 @@ class Cluster:
             self._stats_summary(),
             self._session,
             self.options.node_window,
+            self.placement.types,
         )
 
     async def _heartbeat_once(self) -> None:
@@ -4292,13 +4297,19 @@ class Cluster:
                 self._restart_streams(info.node, previous if same else None)
         if (previous is None or previous.joined != info.joined) and info.node != self.node:
             self._compare_windows(info)
-        if self.members.heard(info):
+        back = self.members.heard(info)
+        if back:
             log_guarded(
                 log, logging.WARNING, "node %s: node %r is reachable again", self.node, info.node
             )
             self._check_duplicates_on(info.node)
             self._restore_hidden_names(info.node)
             self._retry_wanted.set()  # a partition healed: the buckets may take writes again
+        if info.node != self.node and (
+            back or previous is None or previous.types != info.types or not previous.reachable
+        ):
+            # it may run types no member heard ran: placed agents waiting for one go
+            self.placement.owners_changed()
         # (what its loss counted here that it took after all is no longer counted lost)
         self.placement.heard_from(info)
 
@@ -4521,8 +4532,12 @@ class Cluster:
         """Let this node run placed agents of ``type_name`` (see :meth:`spawn`): ``spec``
         is an AgentSpec (``@agent``) or an Agent subclass. Anything else (a Supervisor, a
         handler without ``@agent``) is a TypeError naming the type, a name that is no
-        NATS token a ValueError, here (see ``_placement.check_agent_type``)."""
-        self.placement.register(type_name, spec)
+        NATS token a ValueError, here (see ``_placement.check_agent_type``). This node's
+        membership record names its types: a joined node's is written again at once, and
+        placed agents of lost nodes that waited for a member running the type are
+        re-placed (on this node's loop, whichever task calls it)."""
+        with on_loop(self._aio_loop):
+            self.placement.register(type_name, spec)
 
     async def spawn(
         self, type_name: str, *, name: str, node: str | None = None, timeout: float = 5.0
@@ -5209,6 +5224,7 @@ class Cluster:
             lost_with_nodes=self.placement.lost_with_nodes,
             lost_with_nodes_taken_back=self.placement.lost_with_nodes_taken_back,
             replaced=self.placement.replaced,
+            placements_waiting=self.placement.placements_waiting,
             batches_published=self._batches_published,
             batches_received=self._batches_received,
             cancels_sent=self._cancels_sent,

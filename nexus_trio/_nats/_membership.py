@@ -30,6 +30,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Any, Final, final
 
 import attrs
@@ -37,13 +38,17 @@ import attrs
 from .._brief import brief
 from .._errors import MessageDecodeError
 from .._logcall import log_guarded
-from ._wire import read_wire_json
+from ._wire import is_token, read_wire_json
 
 log = logging.getLogger("nexus_trio.nats.membership")
 
 
 #: the most node names :attr:`Membership.ever_heard` keeps (then it says it cannot tell)
 _EVER_HEARD_MAX: Final = 4096
+#: the most agent types one node registers and its record advertises, and the longest
+#: type name (a record past either is not what a kernel writes: refused)
+TYPES_MAX: Final = 1024
+TYPE_NAME_MAX: Final = 256
 
 
 def process_id_prefix() -> int:
@@ -80,6 +85,14 @@ class NodeInfo:
     #: its ``node_window`` (the most tells it sends ahead of its credit; None in the
     #: record of a kernel of an earlier version): how far a gap in its numbers is believed
     window: int | None = None
+    #: the agent types it registered, which it can run when placed (None in the record
+    #: of a kernel of an earlier version, which does not say: taken as able to run any)
+    types: frozenset[str] | None = None
+
+    def runs(self, type_name: str) -> bool:
+        """Whether placement may put an agent of ``type_name`` on the node: its record
+        names the type, or says nothing of its types (a kernel of an earlier version)."""
+        return self.types is None or type_name in self.types
 
     def count(self, key: str) -> int:
         """The count its record's ``stats`` hold under ``key`` (``in_flight``, ``held``):
@@ -102,6 +115,7 @@ def encode_record(
     stats: dict[str, Any],
     session: int | None = None,
     window: int | None = None,
+    types: Iterable[str] | None = None,
 ) -> bytes:
     record: dict[str, Any] = {
         "node": node,
@@ -115,6 +129,8 @@ def encode_record(
         record["session"] = f"{session:016x}"
     if window is not None:
         record["window"] = window
+    if types is not None:
+        record["types"] = sorted(types)
     return json.dumps(
         record,
         separators=(",", ":"),
@@ -168,6 +184,7 @@ def decode_record(data: bytes, seen_at: float, node: str | None = None) -> NodeI
         last_seen=seen_at,
         session=field("session", hex64) if "session" in obj else None,
         window=field("window", _window) if "window" in obj else None,
+        types=field("types", _types) if "types" in obj else None,
     )
 
 
@@ -176,6 +193,25 @@ def _window(value: Any) -> int:
     if type(value) is not int or value < 1:
         raise ValueError("not a whole number of at least 1")
     return value
+
+
+def _types(value: Any) -> frozenset[str]:
+    """A record's ``types``: a list of at most :data:`TYPES_MAX` agent type names (NATS
+    tokens of at most :data:`TYPE_NAME_MAX` characters); ValueError if not."""
+    if type(value) is not list:
+        raise ValueError("not a list of agent type names")
+    if len(value) > TYPES_MAX:
+        raise ValueError(f"{len(value)} names, more than {TYPES_MAX}")
+    for name in value:
+        if type(name) is not str or not is_type_name(name):
+            raise ValueError(f"{brief(name, 60)} is no agent type name")
+    return frozenset(value)
+
+
+def is_type_name(name: str) -> bool:
+    """Whether ``name`` is an agent type name a record may advertise (a NATS token of
+    at most :data:`TYPE_NAME_MAX` characters)."""
+    return len(name) <= TYPE_NAME_MAX and is_token(name)
 
 
 def _count(value: Any) -> int:

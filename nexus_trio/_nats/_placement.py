@@ -2,12 +2,14 @@
 
 ``await cluster.spawn("counter", name="counter-7")`` puts the agent on one live member:
 by default the one that wins *rendezvous hashing* (highest random weight) of the name
-over the reachable members, with a stable hash (blake2b of node and name, never
-Python's salted ``hash()``), so every node computes the same owner, and a member
-joining or leaving moves only the names it wins or held; or on a node given by name
-(``node="worker-2"``). The spec must be resolvable on that node: every node registers
-the specs it can run under a *type name* (:meth:`Placement.register`), and a request
-for a type the owner does not know fails with :class:`UnknownAgentType` naming it.
+over the reachable members that run its type (each member's record names the types it
+registered: one that joined only to send runs none), with a stable hash (blake2b of
+node and name, never Python's salted ``hash()``), so every node computes the same
+owner, and a member joining or leaving moves only the names it wins or held; or on a
+node given by name (``node="worker-2"``). The spec must be resolvable on that node:
+every node registers the specs it can run under a *type name*
+(:meth:`Placement.register`), and a request for a type the owner does not know fails
+with :class:`UnknownAgentType` naming it (as does one no reachable member runs).
 If the owner is this node the agent is spawned here; otherwise the owner is asked with
 one request on the control connection (``<prefix>.place.<node>``). Either way the owner
 writes a *placement record* (name -> type) into the ``<prefix>-placed`` KV bucket, and
@@ -16,9 +18,13 @@ names bucket every node watches) has it at once, with no further round trip.
 
 When a member is *lost* (missed heartbeats: a crash, a SIGKILL, a partition), each
 survivor computes, for every record the lost node held, the owner over the surviving
-members; exactly that one re-spawns it from its registry (restart semantics: fresh
-state; a ``restarted`` lifecycle event and a log line say "re-placed from node X").
-What the lost node held is counted, never silently dropped (see :meth:`Placement.node_lost`).
+members that run its type; exactly that one re-spawns it from its registry (restart
+semantics: fresh state; a ``restarted`` lifecycle event and a log line say "re-placed
+from node X"). If no survivor runs the type, the record is kept and the agent waits
+(counted in ``placements_waiting``) until a member that runs it is heard (see
+:meth:`Placement.owners_changed`), as Akka allocates a shard only to a member with its
+region's role. What the lost node held is counted, never silently dropped (see
+:meth:`Placement.node_lost`).
 A node that leaves *cleanly* stopped its agents on purpose (its kernel shut down, or it
 left the cluster): it deletes its records, and its agents are not re-placed. A member
 counted lost that was only partitioned away keeps its copies; once the nodes hear each
@@ -59,7 +65,7 @@ from . import _kvops as kvops
 from . import _wire as wire
 from ._aio import call_aio
 from ._direct import flush_after_subscribe
-from ._membership import NodeInfo
+from ._membership import TYPE_NAME_MAX, TYPES_MAX, NodeInfo
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg as NatsMsg
@@ -83,6 +89,11 @@ def check_agent_type(type_name: object, spec: object) -> None:
             f"agent type {type_name!r} is of type {type(type_name).__name__}, not a str"
         )
     wire.check_token("agent type", type_name)
+    if len(type_name) > TYPE_NAME_MAX:
+        raise ValueError(
+            f"agent type {type_name[:40]!r}... is {len(type_name)} characters long (at most"
+            f" {TYPE_NAME_MAX}: its node's membership record names it)"
+        )
     if isinstance(spec, AgentSpec) or (isinstance(spec, type) and issubclass(spec, Agent)):
         return
     if inspect.iscoroutinefunction(spec):
@@ -159,17 +170,24 @@ def rendezvous_owner(name: str, nodes: Iterable[str]) -> str:
 
 
 class UnknownAgentType(NexusError, LookupError):
-    """The node asked to run an agent has no spec registered under ``type_name``."""
+    """The node asked to run an agent has no spec registered under ``type_name``; or,
+    ``node`` None, no reachable member has (none advertises it in its record)."""
 
-    def __init__(self, type_name: str, node: str) -> None:
+    def __init__(self, type_name: str, node: str | None) -> None:
         self.type_name = type_name
         self.node = node
-        super().__init__(
-            f"node {node!r} has no agent type {type_name!r} registered (every member takes"
-            " a share of the names by the hash, also one that joined only to send: give"
-            " every node join_cluster(..., types={...}) or cluster.register_type(type_name,"
-            " spec) for it, or pin the agent with node=...)"
-        )
+        how = "join_cluster(..., types={...}) or cluster.register_type(type_name, spec)"
+        if node is None:
+            text = (
+                f"no reachable member runs agent type {type_name!r}: none has it registered"
+                f" (give the nodes that are to run it {how})"
+            )
+        else:
+            text = (
+                f"node {node!r} has no agent type {type_name!r} registered (register it there"
+                f" with {how}, or pin the agent to a node that has it with node=...)"
+            )
+        super().__init__(text)
 
 
 class PlacementFailed(NexusError):
@@ -261,24 +279,86 @@ class Placement:
         self._placing: dict[str, asyncio.Future[None]] = {}
         #: record writes of those requests at once
         self._writing = asyncio.Semaphore(kvops.WINDOW)
+        #: placed agents of lost nodes that no reachable member can run (none has their
+        #: type): name -> the lost node; re-placed once a member that can joins (or
+        #: registers the type), their record kept meanwhile (see :meth:`owners_changed`)
+        self._waiting: dict[str, str] = {}
 
     # --- registry ---------------------------------------------------------------------------
 
     def register(self, type_name: str, spec: Any) -> None:
         """Let this node run agents of ``type_name``: an AgentSpec (``@agent``) or an
-        Agent subclass (see :func:`check_agent_type` for what is refused)."""
+        Agent subclass (see :func:`check_agent_type` for what is refused). Its membership
+        record names its types: a type new to a joined node has the record written again
+        at once (the others place agents of the type on it from then on), and a placed
+        agent of the type waiting for a member that runs it is re-placed."""
         check_agent_type(type_name, spec)
+        new = type_name not in self._specs
+        if new and len(self._specs) >= TYPES_MAX:
+            raise ValueError(
+                f"agent type {type_name!r}: this node has {TYPES_MAX} types registered"
+                " already (the most its membership record names)"
+            )
         self._specs[type_name] = spec
+        if new and self._nursery is not None and not self._leaving():
+            self._nursery.start_soon(self._announce_types)
+            self.owners_changed()
+
+    @property
+    def types(self) -> list[str]:
+        """The agent types this node runs (registered), sorted: its record says them."""
+        return sorted(self._specs)
+
+    async def _announce_types(self) -> None:
+        """This node's record, with a type just registered, written now (not at the next
+        heartbeat); a write that fails is made by the next heartbeat."""
+        try:
+            await self._cluster.announce()
+        except Exception as exc:
+            log_guarded(
+                log,
+                logging.WARNING,
+                "node %s: membership record with its new agent types not written: %r (the"
+                " next heartbeat writes it)",
+                self._cluster.node,
+                exc,
+            )
+
+    def runs(self, node: str, type_name: str) -> bool:
+        """Whether member ``node`` can run agents of ``type_name``: this node, if it has
+        the type registered; another, if its record names it (or names no types: a
+        kernel of an earlier version, taken as able to run any, as it always was)."""
+        if node == self._cluster.node:
+            return type_name in self._specs
+        info = self._cluster.members.members.get(node)
+        return info is None or info.runs(type_name)
+
+    def _owners(self, nodes: Iterable[str], type_name: str) -> list[str]:
+        """The members of ``nodes`` that can run ``type_name`` (see :meth:`runs`)."""
+        return [node for node in nodes if self.runs(node, type_name)]
 
     # --- placing ----------------------------------------------------------------------------
 
-    def owner(self, name: str, *, pinned: str | None = None, without: str | None = None) -> str:
-        """The node that should run ``name`` now: ``pinned`` if it is a reachable member,
-        else the rendezvous winner over the reachable members (minus ``without``)."""
+    def owner(
+        self,
+        name: str,
+        type_name: str,
+        *,
+        pinned: str | None = None,
+        without: str | None = None,
+    ) -> str:
+        """The node that should run ``name``, of ``type_name``, now: ``pinned`` if it is
+        a reachable member, else the rendezvous winner over the reachable members (minus
+        ``without``) that can run the type (see :meth:`runs`): a member that registers
+        no type (one that joined only to send) runs nothing placed by hash.
+        :class:`UnknownAgentType` (its node None) if no reachable member can."""
         live = [n for n in self._cluster.live_nodes() if n != without]
         if pinned is not None and pinned in live:
             return pinned
-        return rendezvous_owner(name, live)
+        owners = self._owners(live, type_name)
+        if not owners:
+            raise UnknownAgentType(type_name, None)
+        return rendezvous_owner(name, owners)
 
     async def spawn(
         self,
@@ -291,9 +371,11 @@ class Placement:
         """Spawn an agent of ``type_name`` named ``name`` somewhere in the cluster.
 
         ``node`` pins it to that member (:class:`AgentNotFound` naming the node if it is
-        not a reachable member); without it the name's rendezvous owner runs it.
+        not a reachable member); without it the name's rendezvous owner over the
+        members that run the type runs it (see :meth:`owner`).
         Raises :class:`NameTaken` if the name runs on a reachable node already,
-        :class:`UnknownAgentType` if the owner has no spec for the type,
+        :class:`UnknownAgentType` if no reachable member runs the type (its ``node``
+        None) or the owner has no spec for it after all,
         :class:`PlacementFailed` with the owner's error otherwise, and
         :class:`TransportUnavailable` if the owner does not answer within ``timeout``.
         A record the owner could not write does not fail it: the agent runs, and the
@@ -318,7 +400,7 @@ class Placement:
         holder = cluster.name_holder(name)
         if holder is not None and holder[0] in cluster.live_nodes():
             raise NameTaken(name, holder[1], node=holder[0])
-        owner = node if node is not None else self.owner(name)
+        owner = node if node is not None else self.owner(name, type_name)
         if owner != cluster.node:
             return await self._ask(owner, type_name, name, node, timeout)
         try:
@@ -336,13 +418,19 @@ class Placement:
         pinned: str | None,
         timeout: float,
         replaces: tuple[str, uuid.UUID] | None = None,
+        *,
+        replaced_from: str | None = None,
     ) -> PlacedAgent:
         """Have node ``owner`` spawn the agent (one request on the control connection);
-        ``replaces``: the copy whose name entry its claim may take over (a rebalance's)."""
+        ``replaces``: the copy whose name entry its claim may take over (a rebalance's);
+        ``replaced_from``: the lost node whose agent it re-places (the owner counts it
+        in ``replaced``, see :meth:`owners_changed`)."""
         cluster = self._cluster
         fields: dict[str, Any] = {"type": type_name, "name": name, "pinned": pinned}
         if replaces is not None:
             fields["replaces"] = [replaces[0], str(replaces[1])]
+        if replaced_from is not None:
+            fields["replaced_from"] = replaced_from
         body = json.dumps(fields).encode()
         subject = f"{cluster.prefix}.place.{owner}"
         deadline = trio.current_time() + timeout
@@ -397,20 +485,26 @@ class Placement:
             else:
                 await self._hold(name, ref.id, revision)
         if replaced_from is not None:
-            self.replaced += 1
-            reason = f"re-placed from node {replaced_from}"
-            log_guarded(
-                log,
-                logging.WARNING,
-                "node %s: agent %r %s (fresh state)",
-                cluster.node,
-                name,
-                reason,
-            )
-            cluster.kernel.report_event(
-                LifecycleEvent(EventKind.RESTARTED, ref.id, name, trio.current_time(), reason)
-            )
+            self._note_replaced(name, ref.id, replaced_from)
         return PlacedAgent(name, cluster.node, ref.id)
+
+    def _note_replaced(self, name: str, agent_id: uuid.UUID, replaced_from: str) -> None:
+        """``agent_id`` runs here as ``name``, re-placed from the lost ``replaced_from``:
+        counted, logged, and said by a ``restarted`` event."""
+        self.replaced += 1
+        self._waiting.pop(name, None)
+        reason = f"re-placed from node {replaced_from}"
+        log_guarded(
+            log,
+            logging.WARNING,
+            "node %s: agent %r %s (fresh state)",
+            self._cluster.node,
+            name,
+            reason,
+        )
+        self._cluster.kernel.report_event(
+            LifecycleEvent(EventKind.RESTARTED, agent_id, name, trio.current_time(), reason)
+        )
 
     async def _hold(self, name: str, agent_id: uuid.UUID, revision: int) -> None:
         """Note the record just written for ``name``, to drop on a clean leave; if this
@@ -624,6 +718,7 @@ class Placement:
             type_name, name = str(obj["type"]), check_agent_name(obj["name"])
             pinned = obj.get("pinned")
             replaces = _decode_replaces(obj.get("replaces"))
+            replaced_from = _decode_replaced_from(obj.get("replaced_from"))
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             await m.respond(json.dumps({"error": "malformed", "text": repr(exc)}).encode())
             return
@@ -633,7 +728,7 @@ class Placement:
             return
         before = self._placing.get(name)
         task = asyncio.ensure_future(
-            self._place_requested(m, type_name, name, pinned, replaces, before)
+            self._place_requested(m, type_name, name, pinned, replaces, before, replaced_from)
         )
         self._placing[name] = task
         self._requests.add(task)
@@ -652,9 +747,11 @@ class Placement:
         pinned: object,
         replaces: tuple[str, uuid.UUID] | None,
         before: asyncio.Future[None] | None,
+        replaced_from: str | None = None,
     ) -> None:
         """One request of :meth:`_on_place_request`, once ``before`` (the one asked
-        before it for the same name) is over."""
+        before it for the same name) is over; ``replaced_from``: the lost node whose
+        agent it re-places (see :meth:`owners_changed`)."""
         if before is not None:
             await asyncio.wait([before])
         try:
@@ -683,6 +780,8 @@ class Placement:
             answer = {"error": "failed", "text": text}
         else:
             # The agent runs: the answer says so, whatever becomes of its record.
+            if replaced_from is not None:
+                self._note_replaced(name, ref.id, replaced_from)
             if named:
                 await self._record_requested(name, ref.id, record)
             elif self._kv is not None:
@@ -760,7 +859,10 @@ class Placement:
             record = self.records.get(name)
             if record is None or record.pinned is not None:
                 continue
-            owner = rendezvous_owner(name, live)
+            owners = self._owners(live, record.type_name)
+            if not owners:
+                continue  # (this node runs it: its type was registered here)
+            owner = rendezvous_owner(name, owners)
             if owner != cluster.node:
                 to_move.append((name, owner))
         moved: set[str] = set()
@@ -860,6 +962,7 @@ class Placement:
             return
         if op in ("DEL", "PURGE") or not value:
             self.records.pop(name, None)
+            self._waiting.pop(name, None)
             return
         try:
             self.records[name] = PlacementRecord.decode(value)
@@ -1103,18 +1206,118 @@ class Placement:
         but for those it is re-placing already."""
         cluster = self._cluster
         gone = {lost} if isinstance(lost, str) else set(lost)
+        owners: dict[str, list[str]] = {}  # by type
         mine = []
-        for name in self.records:
+        for name, record in self.records.items():
             if name in self._replacing:
                 continue
             holder = cluster.name_holder(name)
-            if (
-                holder is not None
-                and holder[0] in gone
-                and rendezvous_owner(name, survivors) == cluster.node
-            ):
+            if holder is None or holder[0] not in gone:
+                continue
+            type_name = record.type_name
+            of_type = owners.get(type_name)
+            if of_type is None:
+                of_type = owners[type_name] = self._owners(survivors, type_name)
+            if not of_type:
+                self._wait(name, record, holder[0])
+            elif rendezvous_owner(name, of_type) == cluster.node:
                 mine.append(name)
         return mine
+
+    def _wait(self, name: str, record: PlacementRecord, lost: str) -> None:
+        """No reachable member can run ``name``'s type: its record is kept, and it is
+        re-placed once one can (see :meth:`owners_changed`); counted meanwhile in
+        ``placements_waiting``, and said once."""
+        if name in self._waiting:
+            return
+        self._waiting[name] = lost
+        log_guarded(
+            log,
+            logging.WARNING,
+            "node %s: %r (type %r) of node %s not re-placed yet: no reachable member runs"
+            " the type; its record is kept, and it is re-placed once a member that runs it"
+            " is heard",
+            self._cluster.node,
+            name,
+            record.type_name,
+            lost,
+        )
+
+    @property
+    def placements_waiting(self) -> int:
+        """Placed agents of lost nodes that no reachable member can run (none has their
+        type registered): their records are kept until one can."""
+        return len(self._waiting)
+
+    def owners_changed(self) -> None:
+        """A member was heard that may run types the others do not (it joined, came
+        back, or registered a type; or this node registered one): each placed agent
+        waiting for a member that runs its type (see :meth:`_wait`) goes to the
+        rendezvous owner over the reachable members that do, as a re-placement. Its
+        owner re-places it, also asked by the other nodes where it waits (a member that
+        joined after the loss does not know of it; the second ask finds the name taken)."""
+        cluster = self._cluster
+        if not self._waiting or self._nursery is None or self._leaving():
+            return
+        live = cluster.live_nodes()
+        for name, lost in list(self._waiting.items()):
+            record = self.records.get(name)
+            holder = cluster.name_holder(name)
+            if record is None or (holder is not None and self._runs_live(*holder)):
+                del self._waiting[name]  # stopped (its record dropped), or placed since
+                continue
+            owners = self._owners(live, record.type_name)
+            if not owners or name in self._replacing:
+                continue
+            del self._waiting[name]
+            self._replacing.add(name)
+            owner = rendezvous_owner(name, owners)
+            if owner == cluster.node:
+                self._nursery.start_soon(self._replace, name, record, lost)
+            else:
+                self._nursery.start_soon(self._replace_on, owner, name, record, lost)
+
+    def _runs_live(self, node: str, agent_id: uuid.UUID) -> bool:
+        """Whether ``agent_id`` is an agent of the current process of ``node``, a
+        reachable member (not of an earlier process of its name)."""
+        if node == self._cluster.node:
+            return self._cluster.kernel.is_local(agent_id)
+        info = self._cluster.members.node_of(agent_id)
+        return info is not None and info.node == node and info.reachable
+
+    async def _replace_on(self, owner: str, name: str, record: PlacementRecord, lost: str) -> None:
+        """Ask ``owner`` to re-place ``name`` of the lost node ``lost`` (see
+        :meth:`owners_changed`). Found taken, it is placed (by this ask or another's);
+        an ask that fails leaves it waiting, as it was, and logged."""
+        try:
+            await self._ask(
+                owner,
+                record.type_name,
+                name,
+                record.pinned,
+                DEFAULT_PLACE_TIMEOUT,
+                replaced_from=lost,
+            )
+        except NameTaken:
+            pass
+        except KernelShuttingDown:
+            return
+        except Exception as exc:
+            log_guarded(
+                log,
+                logging.WARNING,
+                "node %s: node %s did not re-place %r (type %r) of node %s: %s",
+                self._cluster.node,
+                owner,
+                name,
+                record.type_name,
+                lost,
+                exc,
+            )
+            if not self._leaving() and name in self.records:
+                self._waiting.setdefault(name, lost)
+        finally:
+            self._replacing.discard(name)
 
     async def _replace(self, name: str, record: PlacementRecord, lost: str) -> None:
         try:
@@ -1280,6 +1483,14 @@ def _decode_replaces(moved: object) -> tuple[str, uuid.UUID] | None:
         except ValueError:
             pass
     raise ValueError(f"replaces: not [node, agent id]: {moved!r:.200}")
+
+
+def _decode_replaced_from(node: object) -> str | None:
+    """A place request's ``replaced_from``: the name of the lost node whose agent it
+    re-places (or absent); anything else is a ValueError naming the field."""
+    if node is None or (isinstance(node, str) and wire.is_node_name(node)):
+        return node
+    raise ValueError(f"replaced_from: not a node name: {node!r:.200}")
 
 
 def _decode_answer(data: bytes, name: str, owner: str) -> tuple[PlacedAgent, bool]:

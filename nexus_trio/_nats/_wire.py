@@ -818,6 +818,11 @@ def check_token(what: str, value: str) -> str:
     return value
 
 
+def is_token(value: str) -> bool:
+    """Whether ``value`` (a str) is one subject token (see :func:`check_token`)."""
+    return _TOKEN.fullmatch(value) is not None
+
+
 def check_node_name(value: str) -> str:
     """``value`` as a node name (one subject token of at most :data:`NODE_NAME_MAX`
     characters); ValueError naming it otherwise."""
