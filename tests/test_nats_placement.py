@@ -1099,14 +1099,17 @@ async def test_a_type_registered_later_rewrites_the_record_at_once_and_takes_pla
             assert placed.node == "c" and kc.is_local(ON_C)
 
 
+@pytest.mark.parametrize("path", ["by b itself", "asked by a"])
 async def test_a_lost_node_s_agent_no_member_runs_waits_and_goes_to_one_that_registers_it(
-    nats: NatsServer,
+    nats: NatsServer, path: str
 ) -> None:
     """c runs ON_C; a and b run no type. c is lost (as both see it): on main a re-placed
     it on itself and failed (an ERROR line), and b left it to a: it ran nowhere, its
     record kept for nothing. Now it waits, counted in placements_waiting on each
     survivor, its record kept; b registers the type, and b runs it (re-placed from c,
-    counted once), asked by a as well (a finds it taken)."""
+    counted once): by itself, and asked by a as well (a finds it taken); or, b's own
+    re-placement held back (as on a member that joined after the loss and knows
+    nothing of it), asked by a."""
     async with (
         _node(nats.url, "a", register=False, **QUIET) as (ka, ca),
         _node(nats.url, "b", register=False, **QUIET) as (kb, cb),
@@ -1127,8 +1130,22 @@ async def test_a_lost_node_s_agent_no_member_runs_waits_and_goes_to_one_that_reg
                 assert (stats.placements_waiting, stats.replaced) == (1, 0)
                 assert cluster.name_holder(ON_C) == ("c", placed.id)
             assert await _placed_record(ca, ON_C) is not None
+            held_back: list[str] = []
+            if path == "asked by a":
+
+                async def replace(name: str, *args: Any) -> None:
+                    held_back.append(name)
+                    cb.placement._replacing.discard(name)
+
+                cb.placement._replace = replace  # type: ignore[method-assign]
             async with kb.events() as events:
                 cb.register_type("counter", COUNTING)
+                if path == "asked by a":
+                    await trio.testing.wait_all_tasks_blocked()
+                    # (b's own re-placement did nothing: what runs it on b is a's ask,
+                    # once a hears b's record, by its watch or here)
+                    assert held_back == [ON_C]
+                    _meet(ca, cb)
                 event = await _replaced(events, ON_C)
             assert event.reason == "re-placed from node c"
             assert kb.is_local(ON_C) and not ka.is_local(ON_C)
