@@ -1838,6 +1838,38 @@ def test_a_worker_names_itself_in_its_lines_that_do_not_name_it(tag: str, tmp_pa
     assert "worker-1: the run failed" not in err
 
 
+def test_a_worker_s_label_is_not_taken_for_the_name_of_a_worker_it_prefixes(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review of the thirty-ninth pass: a line of worker-1 that named worker-10 (or
+    worker-1x, worker-1_a) counted as naming worker-1 and went out unlabelled: in a swarm
+    of 11 or more, ``placed on worker-10`` read as worker-10's own line. Only the worker's
+    whole name counts; %-style arguments and non-text messages are left as they were."""
+    from nexus_trio.cli._run import label_worker_lines
+
+    monkeypatch.setenv(WORKER_ENV, "worker-1")
+    caplog.set_level(logging.INFO, logger="nexus_trio.cli")
+    cli_log = logging.getLogger("nexus_trio.cli")
+    with label_worker_lines("worker-1"):
+        cli_log.info("the run failed: node %r unreachable", "worker-10")
+        cli_log.info("placed 'counter-7' on worker-12")
+        cli_log.info("worker-1x and worker-1_a are other names")
+        cli_log.info("running as worker-1, 3 agents")
+        cli_log.info("worker-1: said already")
+        cli_log.info(ValueError("not text"))
+    cli_log.info("after the run: %s", "worker-10")
+    assert [r.getMessage() for r in caplog.records] == [
+        "worker-1: the run failed: node 'worker-10' unreachable",
+        "worker-1: placed 'counter-7' on worker-12",
+        "worker-1: worker-1x and worker-1_a are other names",
+        "running as worker-1, 3 agents",
+        "worker-1: said already",
+        "not text",
+        "after the run: worker-10",
+    ]
+    assert not cli_log.filters
+
+
 def test_a_hangup_as_the_parent_of_the_workers_exits_does_not_end_it(
     tag: str, tmp_path: Path
 ) -> None:

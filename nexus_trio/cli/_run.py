@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import sysconfig
@@ -1167,11 +1168,14 @@ def label_worker_lines(node: str | None) -> Iterator[None]:
         yield
         return
     label = f"{node}: "
+    # its whole name: worker-10, worker-1x and worker-1_a are other names (a node name is
+    # letters, digits, - and _), not worker-1's
+    names_it = re.compile(rf"(?<![\w-]){re.escape(node)}(?![\w-])").search
 
     def name_it(record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str):
             try:
-                named = node in record.getMessage()
+                named = names_it(record.getMessage()) is not None
             except Exception:  # (a bad format: the handler reports it, as for any record)
                 named = True
             if not named:
