@@ -165,6 +165,55 @@ def test_a_creds_file_that_is_no_credentials_file_is_refused_naming_what_it_lack
     assert f": {seed_block};" in str(caught.value)
 
 
+def test_a_creds_file_whose_values_nats_py_would_misread_is_refused_naming_why(
+    tmp_path: Path,
+) -> None:
+    """Review of the thirty-ninth pass: the check found both blocks in a creds file saved
+    with Windows line ends (CRLF) and let it through, but nats-py takes everything up to
+    the line's last byte for the value, the ``\\r`` too: the connect failed with a bare
+    ``ErrInvalidSeed()`` naming no file. A seed block whose value is no seed failed alike.
+    Both are refused before the connect, naming the file; the file nats-py reads is still
+    accepted as it is."""
+    creds, _ = make_creds(tmp_path)
+    good = Path(creds).read_bytes()
+    assert b"\r" not in good
+    crlf = tmp_path / "crlf.creds"
+    crlf.write_bytes(good.replace(b"\n", b"\r\n"))
+    with pytest.raises(ValueError, match="is not a NATS credentials file") as caught:
+        NatsAuth(creds_file=str(crlf)).connect_options()
+    assert str(caught.value) == (
+        f"NATS creds_file {str(crlf)!r} is not a NATS credentials file nats-py can read:"
+        " its user JWT line ends in '\\r\\n'; its NKEY seed line ends in '\\r\\n'; nats-py"
+        " takes all of a value's line but its final '\\n' for the value (a Windows line"
+        " end's '\\r' too): save it with '\\n' line ends only (dos2unix)"
+    )
+    lines = good.split(b"\n")
+    at = next(i for i, line in enumerate(lines) if b"BEGIN USER NKEY SEED" in line) + 1
+    assert lines[at].startswith(b"SU")
+    bad_seed = tmp_path / "bad-seed.creds"
+    bad_seed.write_bytes(b"\n".join([*lines[:at], b"SUNOTASEED", *lines[at + 1 :]]))
+    with pytest.raises(ValueError, match="is not a NATS credentials file") as caught:
+        NatsAuth(creds_file=str(bad_seed)).connect_options()
+    assert str(caught.value) == (
+        f"NATS creds_file {str(bad_seed)!r} is not a NATS credentials file nats-py can"
+        " read: the line below its '-----BEGIN USER NKEY SEED-----' line is no NKEY seed"
+    )
+    assert "SUNOTASEED" not in str(caught.value)
+    spaced = tmp_path / "spaced.creds"  # (a space after the JWT: nats-py would send it)
+    jwt_at = next(i for i, line in enumerate(lines) if b"BEGIN NATS USER JWT" in line) + 1
+    spaced.write_bytes(b"\n".join([*lines[:jwt_at], lines[jwt_at] + b" ", *lines[jwt_at + 1 :]]))
+    with pytest.raises(ValueError, match="its user JWT line ends in ' \\\\n'"):
+        NatsAuth(creds_file=str(spaced)).connect_options()
+    cut = tmp_path / "cut.creds"  # (ends with the seed's value: nats-py drops its last byte)
+    cut.write_bytes(b"\n".join(lines[: at + 1]))
+    with pytest.raises(ValueError, match="its NKEY seed line ends without a '\\\\n'"):
+        NatsAuth(creds_file=str(cut)).connect_options()
+    # what nats-py reads is still accepted: extra blocks and blank lines around them
+    extra = tmp_path / "extra.creds"
+    extra.write_bytes(b"# a comment\n\n" + good + b"\n-----BEGIN SOMETHING ELSE-----\nx\n")
+    assert NatsAuth(creds_file=str(extra)).connect_options() == {"user_credentials": str(extra)}
+
+
 def test_an_nkey_seed_file_that_holds_no_seed_is_refused_naming_the_file(tmp_path: Path) -> None:
     """Regression: a file that is no seed got nats-py's bare ``ErrInvalidSeed()`` at the
     connect, naming no file; a credentials file given as nkey_seed, the same."""

@@ -128,10 +128,13 @@ def _check_creds(path: str) -> None:
         raise ValueError(f"NATS creds_file {path!r} cannot be read: {exc}") from None
     lines = data.splitlines()
     missing = []
+    values: dict[str, int] = {}
     for marker, what in _CREDS_BLOCKS:
         at = next((i for i, line in enumerate(lines) if marker in line), None)
         if at is None or at + 1 >= len(lines) or not lines[at + 1].strip():
             missing.append(f"{what} (a '-----{marker.decode()}-----' line, the value below it)")
+        else:
+            values[what] = at + 1
     if missing:
         hint = ""
         if _first_line(data).startswith(b"SU") and len(lines) <= 2:
@@ -141,6 +144,44 @@ def _check_creds(path: str) -> None:
             f" {' and no '.join(missing)}; a credentials file (`nsc generate creds`) holds a"
             f" user JWT and its NKEY seed{hint}"
         )
+    _check_creds_values(path, data.splitlines(keepends=True), values)
+
+
+def _check_creds_values(path: str, lines: list[bytes], values: dict[str, int]) -> None:
+    """ValueError naming ``path`` if nats-py would misread a value of its creds file: it
+    takes all of the value's line but its last byte (meant to be the ``\\n``), so a
+    Windows line end's ``\\r``, a blank after the value, or the last byte of a final line
+    without its ``\\n`` became part of the JWT or the seed (a bare ``ErrInvalidSeed()`` or
+    an authorization error at the connect, naming no file); or if the seed is none."""
+    wrong = []
+    for what, at in values.items():
+        line = lines[at]
+        if not line.endswith(b"\n"):
+            wrong.append(f"its {what} line ends without a '\\n' (nats-py drops its last byte)")
+        elif line[:-1] != line[:-1].rstrip():
+            tail = line[len(line.rstrip()) :].decode("ascii", "replace")
+            wrong.append(f"its {what} line ends in {tail!r}")
+        elif line != line.lstrip():
+            wrong.append(f"its {what} line starts with a blank")
+    if wrong:
+        raise ValueError(
+            f"NATS creds_file {path!r} is not a NATS credentials file nats-py can read:"
+            f" {'; '.join(wrong)}; nats-py takes all of a value's line but its final"
+            " '\\n' for the value (a Windows line end's '\\r' too): save it with '\\n' line"
+            " ends only (dos2unix)"
+        )
+    import nkeys  # type: ignore[import-untyped, import-not-found, unused-ignore]
+
+    seed = bytearray(lines[values["NKEY seed"]][:-1])
+    try:
+        pair = nkeys.from_seed(seed)
+    except Exception:  # nkeys raises its own errors, and others on garbage
+        raise ValueError(
+            f"NATS creds_file {path!r} is not a NATS credentials file nats-py can read:"
+            f" the line below its '-----{_CREDS_BLOCKS[1][0].decode()}-----' line is no NKEY"
+            " seed"
+        ) from None
+    pair.wipe()
 
 
 def _check_seed(path: str, seed: str) -> None:
