@@ -204,3 +204,50 @@ def test_bad_missing_agent_delays_are_refused_naming_the_option(
 ) -> None:
     with pytest.raises(ValueError, match=re.escape(says)):
         DurableOptions(**options)
+
+
+async def test_messages_waiting_for_a_missing_agent_hold_the_consumer_s_unacked_slots(
+    nats: NatsServer,
+) -> None:
+    """Review of the thirty-ninth pass: a message nakked with a delay stays pending in
+    JetStream, holding one of the consumer's ``4 x max_in_flight`` unacknowledged slots
+    for its whole life (every delay until it is dead), not one delay: with all of them
+    held by messages for a missing name, a message for an agent that is there is not
+    delivered until one of those is dead. (docs/distributed.md says so, and the bound:
+    the sum of the delays, 15 s with the defaults.)"""
+    handled: list[int] = []
+    cluster_of: list[Cluster] = []
+
+    @agent(name="here-a")
+    async def here(ctx: Context, msg: Message) -> Any:
+        handled.append(cluster_of[0].stats().durable_dead)
+        return "ok"
+
+    durable = DurableOptions(
+        ack_wait=30.0,
+        max_deliver=2,
+        redelivery_delay=0.01,
+        max_in_flight=1,  # 4 unacknowledged slots in JetStream
+        missing_agent_delay=2.0,
+        missing_agent_delay_max=2.0,
+    )
+    async with local_node(nats.url, durable=durable) as (kernel, cluster):
+        cluster_of.append(cluster)
+        kernel.spawn(here)
+        with trio.fail_after(30):
+            for n in range(4):
+                await _store_for(cluster, "gone-a", n)
+            await _store_for(cluster, "here-a", "waits its turn")
+            await until(lambda: cluster.stats().durable_agent_missing >= 4)
+            consumer = await call_aio(
+                cluster.data_js.consumer_info, f"{cluster.prefix}-durable", cluster.node
+            )
+            handled_while_held = list(handled)
+            await until(lambda: cluster.stats().durable_acked >= 1)
+            await until(lambda: cluster.stats().durable_dead >= 4)
+        stats = cluster.stats()
+    assert handled_while_held == []
+    assert (consumer.num_ack_pending, consumer.num_pending) == (4, 1)
+    # handled only once a message for the missing name was dead (its slot free)
+    assert len(handled) == 1 and handled[0] >= 1, handled
+    assert (stats.durable_agent_missing, stats.durable_dead, stats.durable_acked) == (4, 4, 1)
