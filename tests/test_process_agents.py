@@ -3577,6 +3577,34 @@ async def test_bad_lines_held_back_when_the_agent_stops_are_said_at_its_stop(
     ), said
 
 
+async def test_bad_lines_held_back_by_a_child_stopped_before_it_registers_are_said(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, mock_clock: trio.testing.MockClock
+) -> None:
+    """Review of the thirty-ninth pass: the held-back warnings were said by ``on_stop``,
+    which the kernel does not call for a run whose ``on_start`` its stop cancelled: a
+    child that wrote a thousand bad lines and was stopped before it registered left one
+    warning in the log and 999 lines only in its counters. The given-up start says them.
+    (A start that fails, the child exiting before registering, reaches ``on_stop``.)"""
+    caplog.set_level(logging.WARNING, logger="nexus_trio.bridge")
+    n = 1000
+    cmd = script(tmp_path, f"raw(b'garbage\\n' * {n})\nimport time\ntime.sleep(600)\n")
+    async with mock_time_kernel() as kernel:
+        ref = kernel.spawn(process_agent(cmd, name="unregistered", line_limit=200))
+        await until_real(lambda: stats_of(kernel, ref).invalid_lines == n, f"{n} bad lines")
+        await kernel.stop(ref)
+        assert kernel.stats().agents_alive == 0
+    said = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "nexus_trio.bridge" and "since the last one logged" in r.getMessage()
+    ]
+    assert len(said) == 1, said
+    assert said[0].endswith(
+        f"): {n - 1:,} more invalid stdout lines since the last one logged, not logged"
+        " (at most one warning a second of a kind; the counters count each)"
+    ), said
+
+
 # --- stopping -----------------------------------------------------------------------------
 
 

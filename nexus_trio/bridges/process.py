@@ -766,6 +766,7 @@ class ProcessAgent(Agent):
                 try:
                     await self._stop_child(graceful=False)
                 finally:
+                    self._say_floods_held()  # (as on_stop does: none comes)
                     book.run_ended(ctx.kernel, ctx.id)
             raise
         except Exception:
