@@ -286,11 +286,10 @@ class AgentSpec:
         try:
             return attrs.evolve(self, **changes)
         except TypeError:
-            fields = attrs.fields_dict(AgentSpec)
-            unknown = [key for key in changes if key not in fields]
-            if unknown:
-                raise unknown_options("AgentSpec.with_options()", unknown, list(fields)) from None
-            raise
+            misspelt = _misspelt_options("AgentSpec.with_options()", changes)
+            if misspelt is None:
+                raise
+            raise misspelt from None
 
 
 _attrs_spec_init = AgentSpec.__init__
@@ -304,11 +303,18 @@ def _spec_init(self: AgentSpec, *args: Any, **options: Any) -> None:
     try:
         _attrs_spec_init(self, *args, **options)
     except TypeError:
-        fields = attrs.fields_dict(AgentSpec)
-        unknown = [key for key in options if key not in fields]
-        if unknown:
-            raise unknown_options("AgentSpec()", unknown, list(fields)) from None
-        raise
+        misspelt = _misspelt_options("AgentSpec()", options)
+        if misspelt is None:
+            raise
+        raise misspelt from None
+
+
+def _misspelt_options(call: str, given: Mapping[str, Any]) -> TypeError | None:
+    """For a TypeError of attrs' ``__init__`` of :class:`AgentSpec` called with ``given``:
+    the error naming its options and the one meant, if a keyword is none of them."""
+    fields = attrs.fields_dict(AgentSpec)
+    unknown = [key for key in given if key not in fields]
+    return unknown_options(call, unknown, list(fields)) if unknown else None
 
 
 AgentSpec.__init__ = _spec_init  # type: ignore[method-assign]
