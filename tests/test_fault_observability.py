@@ -3,19 +3,17 @@ subscribers (slow, raising, leaving from inside their own loop)."""
 
 from __future__ import annotations
 
-import logging
-import os
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
-from nexus_trio import Context, EventKind, LoggingConfig, Message, agent, open_kernel
-from nexus_trio.logs import configure_logging, flush_logs, records_lost
+from nexus_trio import Context, EventKind, Message, agent, open_kernel
 from nexus_trio.testing import record_events
 
 from .conftest import make_config
+from .full_disk import json_log_on_dev_full
 from .test_fault_monitors import buffered
 
 
@@ -167,13 +165,7 @@ async def test_a_json_log_on_dev_full_during_a_burst_of_dead_letters_counts_ever
     2,000 dead letters: the kernel's books balance, and every record (an ERROR with its
     traceback and an INFO dead letter per failure) is counted lost, once; nothing of
     them is written anywhere, nothing raised."""
-    if not os.path.exists("/dev/full"):
-        pytest.fail("this test needs /dev/full (Linux)")
-    logger = logging.getLogger("nexus_trio")
-    kept = list(logger.handlers)
-    with open("/dev/full", "w") as full:
-        configure_logging(LoggingConfig(level="info", format="json", queue=queue), stream=full)
-        before = records_lost()
+    with json_log_on_dev_full(queue=queue) as lost:
         # (a line for every dead letter and failure: past [kernel] dead_letter_log_limit
         # and failure_log_limit they are counted unwritten, not lost;
         # tests/test_dead_letter_log.py)
@@ -183,11 +175,6 @@ async def test_a_json_log_on_dev_full_during_a_burst_of_dead_letters_counts_ever
                 await kernel.send("thrower", i)
             await trio.testing.wait_all_tasks_blocked()
             stats = kernel.stats()
-        assert flush_logs()
-        lost = records_lost() - before
-        for handler in [h for h in logger.handlers if h not in kept]:
-            logger.removeHandler(handler)  # (before its stream closes)
-            handler.close()
     assert stats.dead_letters_by_reason == {"handler_error": 2_000}
     assert stats.accepted == stats.handled + stats.dead_lettered + stats.in_flight
-    assert lost == 4_000
+    assert lost.records == 4_000

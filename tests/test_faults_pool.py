@@ -9,8 +9,6 @@ Everything runs on a ``MockClock(autojump_threshold=0)``.
 
 from __future__ import annotations
 
-import logging
-import os
 from contextlib import suppress
 from typing import Any
 
@@ -27,7 +25,6 @@ from nexus_trio import (
     Context,
     Kernel,
     KernelShuttingDown,
-    LoggingConfig,
     MailboxFull,
     Message,
     MessageKind,
@@ -38,9 +35,9 @@ from nexus_trio import (
     pool,
     pool_workers,
 )
-from nexus_trio.logs import configure_logging, flush_logs, records_lost
 from nexus_trio.testing import assert_conserved, open_test_kernel, test_config
 
+from .full_disk import json_log_on_dev_full
 from .hang_guard import fault_settings, real_time_limit, tasks_living
 
 
@@ -277,10 +274,6 @@ async def test_a_pool_whose_workers_fail_and_leave_with_its_log_on_dev_full_lose
     first start (a WARNING naming them), then a grow that works: routing goes on, every
     message is handled or dead-lettered with its reason, the resize requests get their
     answers, and every record is counted lost, none raised into the kernel."""
-    if not os.path.exists("/dev/full"):
-        pytest.fail("this test needs /dev/full (Linux)")
-    logger = logging.getLogger("nexus_trio")
-    kept = list(logger.handlers)
     starts: list[str | None] = []
     handled: list[tuple[str | None, Any]] = []
 
@@ -296,9 +289,7 @@ async def test_a_pool_whose_workers_fail_and_leave_with_its_log_on_dev_full_lose
             handled.append((ctx.name, msg.payload))
             return ctx.name if msg.kind is MessageKind.QUERY else None
 
-    with open("/dev/full", "w") as full:
-        configure_logging(LoggingConfig(level="info", format="json", queue=queue), stream=full)
-        before = records_lost()
+    with json_log_on_dev_full(queue=queue) as lost:
         config = test_config(dead_letter_log_limit=0, failure_log_limit=0)
         async with open_test_kernel(config) as kernel:
             spec = AgentSpec(factory=Worker, restart="temporary")
@@ -314,18 +305,13 @@ async def test_a_pool_whose_workers_fail_and_leave_with_its_log_on_dev_full_lose
             await trio.testing.wait_all_tasks_blocked()
             assert_conserved(kernel)
             stats = kernel.stats()
-        assert flush_logs()
-        lost = records_lost() - before
-        for handler in [h for h in logger.handlers if h not in kept]:
-            logger.removeHandler(handler)  # (before its stream closes)
-            handler.close()
     assert starts == [f"workers/{n}" for n in range(6)]
     # round robin's turn stays where it was across the leaves and the grows (pools.md)
     assert handled == [("workers/2", 1), ("workers/2", 2), ("workers/5", 3), ("workers/2", 4)]
     assert answers == ["workers/5", "workers/2"]
     assert stats.dead_letters_by_reason == {"handler_error": 2}
     assert stats.run_failures == 2  # the two failed first starts
-    assert lost > 0
+    assert lost.records > 0
 
 
 async def test_one_key_s_messages_keep_their_order_across_a_worker_restart_not_across_a_shrink(
