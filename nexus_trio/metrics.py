@@ -32,7 +32,8 @@ Scrapes share renders (:class:`MetricsRenderer`): one render at a time, concurre
 all in within the 10 s is closed without an answer (it asked for nothing). The endpoint
 counts its connections, the ``accept`` calls that failed for lack of descriptors and the
 requests it refused (400, 404, 405, 431, 505) by status (:class:`EndpointStats`, exported as
-``nexus_metrics_*`` series).
+``nexus_metrics_*`` series). Code beside the kernel adds series of its own with
+:func:`add_collector` (a NATS cluster's ``nexus_cluster_*`` while the node is joined).
 
 Typical use, next to a kernel::
 
@@ -50,6 +51,7 @@ import logging
 import re
 import time
 import urllib.parse
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Final
 
@@ -75,10 +77,12 @@ _TEXT_FORMAT: Final = "text/plain; version=0.0.4; charset=utf-8"
 
 __all__ = [
     "EndpointStats",
+    "add_collector",
     "KernelCollector",
     "MetricsRenderer",
     "MetricsSnapshot",
     "build_registry",
+    "remove_collector",
     "render_snapshot",
     "serve_metrics",
     "take_snapshot",
@@ -223,6 +227,9 @@ class MetricsSnapshot:
     log_calls_failed: int = 0
     #: the counters of the endpoint the scrape came through (a copy), if any
     endpoint: EndpointStats | None = None
+    #: the families of the collectors added to the kernel (:func:`add_collector`: a
+    #: cluster's), collected when the snapshot was taken
+    extra: tuple[Metric, ...] = ()
 
 
 def _agent_series(
@@ -242,6 +249,39 @@ def _agent_series(
         config.per_agent if per_agent is None else per_agent,
         config.per_agent_limit if per_agent_limit is None else per_agent_limit,
     )
+
+
+#: the collectors added to each kernel's series, in the order they were added
+_added: weakref.WeakKeyDictionary[Kernel, list[Collector]] = weakref.WeakKeyDictionary()
+
+
+def add_collector(kernel: Kernel, collector: Collector) -> None:
+    """Export what ``collector.collect()`` yields with ``kernel``'s series, at every scrape
+    of it (:func:`take_snapshot`, :class:`KernelCollector`, :class:`MetricsRenderer`) until
+    :func:`remove_collector`: how a transport outside the core exports its own series (the
+    NATS cluster's ``nexus_cluster_*``, added at its join and removed at its leave) without
+    the kernel knowing of it. ``collect()`` is called in the kernel's thread when a
+    snapshot is taken, with the kernel-wide values (it must be quick and not wait); its
+    families are written after the kernel's. Adding one collector twice is a ValueError."""
+    collectors = _added.setdefault(kernel, [])
+    if any(c is collector for c in collectors):
+        raise ValueError(f"{collector!r} is already added to this kernel's metrics")
+    collectors.append(collector)
+
+
+def remove_collector(kernel: Kernel, collector: Collector) -> None:
+    """Stop exporting ``collector``'s series with ``kernel``'s (from the next snapshot on);
+    a collector not added is left alone."""
+    collectors = _added.get(kernel)
+    if collectors is not None:
+        collectors[:] = [c for c in collectors if c is not collector]
+
+
+def _collect_added(kernel: Kernel) -> tuple[Metric, ...]:
+    collectors = _added.get(kernel)
+    if not collectors:
+        return ()
+    return tuple(family for collector in collectors for family in collector.collect())
 
 
 def take_snapshot(
@@ -299,29 +339,36 @@ async def take_snapshot_in_steps(
 
 def _begin_snapshot(
     kernel: Kernel, per_agent: bool, per_agent_limit: int
-) -> tuple[KernelStats, bool, tuple[int, int], AgentScan | None]:
+) -> tuple[KernelStats, bool, tuple[int, int, tuple[Metric, ...]], AgentScan | None]:
     """The kernel-wide values, read now (the logging counts: records lost, calls that
-    raised), and the walk over the agents if ``per_agent``."""
+    raised; the added collectors' families), and the walk over the agents if
+    ``per_agent``."""
     scan = None
     if per_agent:
         scan = kernel.scan_agents(
             per_agent_limit, visits_per_step=_SCAN_VISITS, copies_per_step=_SCAN_COPIES
         )
-    logs = records_lost(), log_calls_failed()
+    logs = records_lost(), log_calls_failed(), _collect_added(kernel)
     return kernel.stats(), not kernel.shutting_down, logs, scan
 
 
 def _end_snapshot(
     stats: KernelStats,
     up: bool,
-    logs: tuple[int, int],
+    logs: tuple[int, int, tuple[Metric, ...]],
     per_agent_limit: int,
     scan: AgentScan | None,
 ) -> MetricsSnapshot:
-    lost, failed = logs
+    lost, failed, extra = logs
     if scan is None:
         return MetricsSnapshot(
-            stats, up, False, per_agent_limit, log_records_lost=lost, log_calls_failed=failed
+            stats,
+            up,
+            False,
+            per_agent_limit,
+            log_records_lost=lost,
+            log_calls_failed=failed,
+            extra=extra,
         )
     return MetricsSnapshot(
         stats,
@@ -332,6 +379,7 @@ def _end_snapshot(
         scan.left_out,
         log_records_lost=lost,
         log_calls_failed=failed,
+        extra=extra,
     )
 
 
@@ -516,6 +564,7 @@ def _families(snapshot: MetricsSnapshot) -> Iterator[Metric]:
     )
     if snapshot.endpoint is not None:
         yield from _endpoint_families(snapshot.endpoint)
+    yield from snapshot.extra
     if snapshot.per_agent:
         for series in _AGENT_SERIES:
             yield _agent_family(series, snapshot.agents)

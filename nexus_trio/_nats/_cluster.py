@@ -67,6 +67,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
+from .. import metrics
 from .._brief import brief
 from .._deadletter import DeadLetterReason
 from .._errors import (
@@ -104,6 +105,7 @@ from ._membership import (
     node_uuid,
     process_id_prefix,
 )
+from ._metrics import ClusterCollector
 from ._placement import PlacedAgent, Placement
 from ._sequence import InboundSequences
 from ._streams import InboundStream, InboundStreams, parse_stream_name
@@ -5362,9 +5364,13 @@ async def join_cluster(
                         kernel.detach_transport()
                         raise
                     _joined[kernel] = cluster
+                    # (its series in the kernel's /metrics while it is joined)
+                    collector = ClusterCollector(cluster.stats)
+                    metrics.add_collector(kernel, collector)
                     try:
                         yield cluster
                     finally:
+                        metrics.remove_collector(kernel, collector)
                         _joined.pop(kernel, None)
                         kernel.detach_transport(cluster._tell_after_leave)
                         await cluster._leave()
