@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import re
 import struct
 import uuid
 from collections import Counter
@@ -949,6 +950,8 @@ async def test_error_frames_for_queries_nobody_waits_for_are_counted_as_answers_
         assert answer == "after"
         assert cb.stats().inbound_dropped == {"unroutable_error": 2, "late_error": 1}
     logged = [r.getMessage() for r in caplog.records if "error frame" in r.getMessage()]
+    held = [line for line in logged if "after the last line logged about them" in line]
+    logged = [line for line in logged if line not in held]  # (said at b's leave)
     assert logged and all("for query" in line for line in logged), logged
 
 
@@ -1421,3 +1424,77 @@ async def test_a_flood_of_malformed_bucket_entries_is_logged_once_a_second_with_
     assert 1 <= len(names) <= 1 + took, (took, names)
     assert 1 <= len(records) <= 1 + took, (took, records)
     assert names[0].endswith("(1 so far)") and records[0].endswith("(1 so far)")
+
+
+def _said(lines: list[str], total: int) -> tuple[int, int]:
+    """The count the last ``(N so far)`` line of a flood said, and the count its tail line
+    (at the leave) said held back after it: together they are the flood's ``total``."""
+    so_far = [int(m[1]) for line in lines if (m := re.search(r"\((\d+) so far\)$", line))]
+    tails = [
+        int(m[1].replace(",", ""))
+        for line in lines
+        if (m := re.search(r": ([\d,]+) more .* after the last line logged about them", line))
+    ]
+    assert so_far and len(tails) <= 1, lines
+    assert so_far[-1] + sum(tails) == total, (so_far[-1], tails, total)
+    return so_far[-1], sum(tails)
+
+
+async def test_a_flood_s_tail_of_refused_bucket_entries_is_said_at_the_leave(
+    nats: NatsServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression: the refused entries after the last line of the flood (at most one a
+    second, each with the count so far) were in ``entries_malformed`` only: nothing in
+    the log said them. The leave says each kind's held count: the last line's count
+    and the tail's add up to the flood."""
+    n = 40
+    caplog.set_level(logging.WARNING, logger="nexus_trio.nats")
+    async with _node(nats.url, "a") as (_, cluster), _hostile(nats.url) as hostile:
+        with trio.fail_after(30):
+            for index in range(n):
+                await hostile.put("names", f"bad{index}", b"not json")
+                await hostile.put("placed", f"bad{index}", b"not json")
+            await _both_watches_applied(hostile, cluster)
+        assert cluster.stats().entries_malformed == 2 * n
+    lines = [r.getMessage() for r in caplog.records]
+    names = [line for line in lines if "names bucket entry" in line]
+    records = [line for line in lines if "placement record" in line]
+    for kind in (names, records):
+        tails = [line for line in kind if "after the last line logged" in line]
+        assert len(tails) == (_said(kind, n)[1] > 0), kind
+        assert all("counted in entries_malformed" in line for line in tails), tails
+
+
+async def test_a_flood_s_tail_of_undecodable_durable_messages_is_said_at_the_leave(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: the undecodable durable bodies after the last ERROR line of their flood
+    (at most one a second, with the count so far) were in ``durable_dead`` only. The
+    leave says them, at ERROR, on the durable path's logger."""
+    caplog.set_level(logging.ERROR, logger="nexus_trio.nats")
+    async with _node(nats.url, "a") as (kernel, cluster), _hostile(nats.url) as hostile:
+        ref = kernel.spawn(_sink_h)
+        with trio.fail_after(30):
+            for i in range(40):
+                await call_aio(
+                    hostile.nc.jetstream().publish,
+                    wire.durable_subject("nexus", "a", ref.id),
+                    b"not a message %d" % i,
+                )
+            while True:  # polling JetStream's deliveries (another thread's I/O)
+                if cluster.stats().durable_dead >= 40:
+                    break
+                await trio.sleep(0.05)
+    records = [r for r in caplog.records if "undecodable durable" in r.getMessage()]
+    _, held = _said([r.getMessage() for r in records], 40)
+    tail = [r for r in records if "after the last line logged" in r.getMessage()]
+    assert len(tail) == (held > 0)
+    for record in tail:
+        assert record.levelno == logging.ERROR and record.name == "nexus_trio.nats.durable"
+        assert "counted in durable_dead" in record.getMessage()
+
+
+@agent(name="sink-h")
+async def _sink_h(ctx: Context, msg: Message) -> Any:
+    return "ok"

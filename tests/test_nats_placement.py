@@ -41,6 +41,7 @@ from nexus_trio._nats import Cluster, ClusterOptions, NatsServer, join_cluster
 from nexus_trio._nats import _kvops as kvops
 from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import asyncio_loop, call_aio
+from nexus_trio._nats._held import HeldLines
 from nexus_trio._nats._membership import NodeInfo, decode_record, encode_record, monotonic
 from nexus_trio._nats._placement import (
     PlacedAgent,
@@ -383,6 +384,7 @@ class _Cluster:
                 for other, names in (types or {}).items()
             }
         )
+        self.held = HeldLines()
 
     def live_nodes(self) -> list[str]:
         return ["a", "b", "c"]

@@ -95,6 +95,7 @@ from . import _wire as wire
 from ._aio import Inbox, Outbox, asyncio_loop, call_aio, current_aio_loop, on_loop
 from ._auth import NatsAuth, install_redaction, redact, split_credentials
 from ._durable import DurableChannel, DurableOptions
+from ._held import HeldLines
 from ._membership import (
     MemberTable,
     NodeInfo,
@@ -589,6 +590,7 @@ class Cluster:
         "auth",
         "durable",
         "handle",
+        "held",
         "id_prefix",
         "kernel",
         "members",
@@ -760,6 +762,8 @@ class Cluster:
         self._deliveries_ended = trio.Event()
         self._type_subs: dict[str, Any] = {}
         self._type_turn = itertools.count()
+        #: what the throttled warnings held back since their last line, said at the leave
+        self.held: HeldLines = HeldLines()
         self._inbox: Inbox[NatsMsg | _OpenBatch] = Inbox(options.inbound_limit)
         self._outbox: Outbox[_Outgoing] = Outbox(
             send_one=self._publish_one, on_refused=self._publish_refused
@@ -778,6 +782,7 @@ class Cluster:
             options.inbound_streams_limit,
             node=node,
             on_forget=self._forget_sender,
+            held=self.held,
         )
         self._marks_sent = 0
         self._publish_failures = 0
@@ -814,9 +819,9 @@ class Cluster:
         self._notice_log = Throttle()
         #: malformed membership records (anyone on the account can write one, by the
         #: thousand)
-        self._records_refused = kvops.Refusals("a membership record")
+        self._records_refused = kvops.Refusals("a membership record", self.held)
         #: names bucket entries refused (see _apply_name_entry)
-        self._names_refused = kvops.Refusals("a names bucket entry")
+        self._names_refused = kvops.Refusals("a names bucket entry", self.held)
         #: records under this node's name from another process (see _apply_member_entry)
         self._own_name_log = Throttle()
         self._drop_log = Throttle()
@@ -1900,7 +1905,9 @@ class Cluster:
                     query_id,
                     TransportUnavailable(redact(f"NATS refused request {query_id}: {exc!r}")),
                 )
-        if self._loss_log.due():
+        if self.held.due(
+            self._loss_log, "messages the NATS client refused", counted="publish_failures"
+        ):
             log_guarded(
                 log,
                 logging.WARNING,
@@ -2213,7 +2220,11 @@ class Cluster:
 
     def _malformed_batch(self, exc: batch.BatchError, head: batch.BatchHead | None = None) -> None:
         self._dropped["malformed_batch"] += 1
-        if self._loss_log.due():
+        if self.held.due(
+            self._loss_log,
+            "malformed batches dropped",
+            counted='inbound_dropped["malformed_batch"]',
+        ):
             log_guarded(
                 log,
                 logging.WARNING,
@@ -2489,7 +2500,11 @@ class Cluster:
         ``_sequence``): one malformed number, logged; not believed on a stream kept here,
         the start of one not kept (``started``: only the window's worth counted lost)."""
         self._dropped["malformed"] += 1
-        if self._loss_log.due():
+        if self.held.due(
+            self._loss_log,
+            "numbers past their sender's window",
+            counted='inbound_dropped["malformed"]',
+        ):
             log_guarded(
                 log,
                 logging.WARNING,
@@ -2517,7 +2532,9 @@ class Cluster:
         return info.window
 
     def _log_loss(self, lost: int, stream: str) -> None:
-        if lost and self._loss_log.due():
+        if lost and self.held.due(
+            self._loss_log, "tells lost in transit", lost, counted="lost_in_transit"
+        ):
             log_guarded(
                 log,
                 logging.WARNING,
@@ -2728,7 +2745,12 @@ class Cluster:
         headers = m.headers
         if headers and headers.get("Status") == "503":
             self._dropped["no_replica"] += 1
-            if log.isEnabledFor(logging.INFO) and self._drop_log.due():
+            if log.isEnabledFor(logging.INFO) and self.held.due(
+                self._drop_log,
+                "tells to a type no node serves",
+                counted='inbound_dropped["no_replica"]',
+                level=logging.INFO,
+            ):
                 log_guarded(
                     log,
                     logging.INFO,
@@ -2749,7 +2771,12 @@ class Cluster:
         reason = "late_error" if late else "unroutable_error"
         self._dropped[reason] += 1
         # a peer may send such frames by the thousand: logged as _refuse logs its drops
-        if log.isEnabledFor(logging.INFO) and self._drop_log.due():
+        if log.isEnabledFor(logging.INFO) and self.held.due(
+            self._drop_log,
+            f"error frames dropped ({reason})",
+            counted=f'inbound_dropped["{reason}"]',
+            level=logging.INFO,
+        ):
             log_guarded(
                 log,
                 logging.INFO,
@@ -3158,7 +3185,12 @@ class Cluster:
         # A peer may send such messages by the thousand (or a shutdown refuse them): a
         # line at once, then at most one a second, each with the count so far (all are
         # counted in stats().inbound_dropped).
-        if log.isEnabledFor(logging.INFO) and self._drop_log.due():
+        if log.isEnabledFor(logging.INFO) and self.held.due(
+            self._drop_log,
+            f"messages from other nodes dropped ({reason})",
+            counted=f'inbound_dropped["{reason}"]',
+            level=logging.INFO,
+        ):
             # The peer chose the name, as long as NATS takes (AgentNotFound's text repeats
             # it): cut short, as every line about a value from outside.
             to = msg.to if isinstance(msg.to, uuid.UUID) else brief(msg.to, 60)
@@ -4195,7 +4227,11 @@ class Cluster:
             # Anyone may publish on the heartbeat subjects: counted, logged at most once a
             # second, and it changes nothing (no leave, no count)
             self._dropped["malformed_notice"] += 1
-            if self._notice_log.due():
+            if self.held.due(
+                self._notice_log,
+                "malformed last notices ignored",
+                counted='inbound_dropped["malformed_notice"]',
+            ):
                 log_guarded(
                     log,
                     logging.WARNING,
@@ -4264,7 +4300,10 @@ class Cluster:
             self.id_prefix,
             self._session,
         ):
-            if self._own_name_log.due():
+            if self.held.due(
+                self._own_name_log,
+                "membership records under this node's name from another process ignored",
+            ):
                 log_guarded(
                     log,
                     logging.WARNING,
@@ -5377,6 +5416,8 @@ async def join_cluster(
                         nursery.cancel_scope.cancel()
             finally:
                 await cluster._disconnect()
+                # (no later line will say what the throttled warnings held back)
+                cluster.held.say(cluster.node)
     except BaseExceptionGroup as group:
         # The task groups here are an implementation detail: one error comes out as itself.
         leaf = _sole_leaf(group)

@@ -271,7 +271,9 @@ class DurableChannel:
         try:
             psub = await call_aio(self._setup)
         except (nats.errors.Error, OSError) as exc:
-            if self._fetch_log.due():
+            if self.cluster.held.due(
+                self._fetch_log, "failures to make the durable stream anew", logger=log
+            ):
                 log_guarded(
                     log,
                     logging.WARNING,
@@ -531,7 +533,7 @@ class DurableChannel:
                 if self.cluster.closing:
                     return
                 self._fetch_failures += 1
-                if self._fetch_log.due():
+                if self.cluster.held.due(self._fetch_log, "durable fetches failed", logger=log):
                     log_guarded(
                         log,
                         logging.WARNING,
@@ -578,7 +580,13 @@ class DurableChannel:
             msg = wire.decode_message(jsmsg.data)
         except MessageDecodeError as exc:
             self._undecodable += 1
-            if self._undecodable_log.due():
+            if self.cluster.held.due(
+                self._undecodable_log,
+                "undecodable durable messages terminated",
+                counted="durable_dead",
+                level=logging.ERROR,
+                logger=log,
+            ):
                 log_guarded(
                     log,
                     logging.ERROR,
@@ -765,7 +773,13 @@ class DurableChannel:
         if gone is not None:
             self.dead += 1
             self._gone += 1
-            if self._gone_log.due():
+            if self.cluster.held.due(
+                self._gone_log,
+                "durable messages terminated",
+                counted="durable_dead",
+                level=logging.ERROR,
+                logger=log,
+            ):
                 log_guarded(
                     log,
                     logging.ERROR,

@@ -30,6 +30,7 @@ from .._throttle import Throttle
 from . import _direct as direct
 from . import _wire as wire
 from ._aio import call_aio
+from ._held import HeldLines
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg as NatsMsg
@@ -173,18 +174,21 @@ class Refusals:
     that is not one): counted, and logged at once, then at most once a second with the
     count so far, as anyone who may write the bucket can write many."""
 
-    __slots__ = ("_log", "count", "what")
+    __slots__ = ("_held", "_log", "count", "what")
 
-    def __init__(self, what: str) -> None:
+    def __init__(self, what: str, held: HeldLines | None = None) -> None:
         #: what an entry of the bucket is, for the log line ("a placement record")
         self.what = what
         self.count = 0
         self._log = Throttle()
+        # the node's: the entries refused after the last line are said at its leave
+        self._held = HeldLines() if held is None else held
 
     def refuse(self, node: str, key: str, why: str) -> None:
         """Count the entry at ``key`` refused by ``node``, saying ``why``."""
         self.count += 1
-        if self._log.due():
+        kind = self.what.removeprefix("a ")
+        if self._held.due(self._log, f"refused entries ({kind})", counted="entries_malformed"):
             log_guarded(
                 log,
                 logging.WARNING,

@@ -251,7 +251,7 @@ class Placement:
         self.records_written_late = 0
         #: records of the placed bucket refused: a key this code does not write, a body
         #: that is not a record (not strict UTF-8 JSON, wrong fields)
-        self.records_refused = kvops.Refusals("a placement record")
+        self.records_refused = kvops.Refusals("a placement record", cluster.held)
         self._kv: KeyValue | None = None
         self._nursery: trio.Nursery | None = None
         self._subject = f"{cluster.prefix}.place.{cluster.node}"

@@ -29,6 +29,7 @@ from typing import final
 
 from .._logcall import log_guarded
 from .._throttle import Throttle
+from ._held import HeldLines
 from ._sequence import InboundSequences
 
 log = logging.getLogger("nexus_trio.nats")
@@ -80,6 +81,7 @@ class InboundStreams:
         node: str,
         on_forget: Callable[[str, int], None],
         clock: Callable[[], float] = time.monotonic,
+        held: HeldLines | None = None,
     ) -> None:
         if limit < 1:
             raise ValueError(f"inbound_streams_limit must be at least 1, not {limit}")
@@ -97,6 +99,8 @@ class InboundStreams:
         #: live streams evicted to make room (a retired stream going is not counted)
         self.evicted = 0
         self._eviction_log = Throttle(clock=clock)
+        # the node's: the evictions after the last line are said at its leave
+        self._held = HeldLines() if held is None else held
 
     @property
     def live(self) -> int:
@@ -191,7 +195,9 @@ class InboundStreams:
         else:
             name, stream = self._live.popitem(last=False)
             self.evicted += 1
-            if self._eviction_log.due():
+            if self._held.due(
+                self._eviction_log, "inbound streams evicted", counted="streams_evicted"
+            ):
                 log_guarded(
                     log,
                     logging.WARNING,
