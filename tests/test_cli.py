@@ -522,6 +522,38 @@ def test_generate_config_flag_of_run_writes_the_template_and_exits(isolated):
 
 
 @pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["-W", "2"], "'--workers' / '-W'"),
+        (["--workers", "2"], "'--workers' / '-W'"),
+        (["-n", "100"], "'--agents' / '-n' / '--num-agents'"),
+        (["--nats", "nats://127.0.0.1:4222"], "'--nats'"),
+        (["--metrics-port", "9464"], "'--metrics-port'"),
+        (["--log-level", "debug"], "'--log-level' / '-l'"),
+    ],
+)
+@pytest.mark.parametrize("command", [["run"], []])
+def test_a_flag_beside_generate_config_is_refused_naming_it(isolated, command, flags, named):
+    """Regression: ``nexus run --generate-config FILE -W 2`` wrote the template and
+    exited 0, ``-W 2`` (and every other flag of run) silently ignored: the template is the
+    defaults. A flag beside it is a usage error naming the flag (exit 2), as a demo flag
+    beside ``--app`` is, and no file is written; alone, it writes the template."""
+    target = isolated / "gen.toml"
+    for args in (
+        [*command, "--generate-config", str(target), *flags],
+        [*command, *flags, "--generate-config", str(target)],
+    ):
+        result = invoke(args)
+        assert result.exit_code == 2, result.output
+        assert f"Invalid value for {named}: is not used by --generate-config" in flat(
+            result.output
+        ), result.output
+        assert not target.exists()
+    assert invoke([*command, "--generate-config", str(target)]).exit_code == 0
+    assert "[kernel]" in target.read_text()
+
+
+@pytest.mark.parametrize(
     "args",
     [
         ["config", "init", "-"],

@@ -388,6 +388,7 @@ def run(
     if _entry["process"]:
         note_stops_after_the_run()  # (this process ends with the run)
     if generate_config is not None:
+        _refuse_flags_beside_template(ctx)
         _write_template(
             generate_config,
             force=False,
@@ -654,6 +655,24 @@ def _refuse_demo_flags(
             raise typer.BadParameter(
                 f"is for the demo workload, which does not run with {instead} (it runs"
                 f" instead): drop the flag{or_unset}",
+                param_hint=" / ".join(f"'{opt}'" for opt in param.opts),
+            )
+
+
+def _refuse_flags_beside_template(ctx: typer.Context) -> None:
+    """A flag on the command line of ``run --generate-config FILE``, which writes the
+    template and runs nothing: a usage error naming it, not a flag silently ignored
+    (``--generate-config FILE -W 2`` wrote the same template as without ``-W 2``), as a
+    demo flag beside ``--app`` is."""
+    for param in ctx.command.params:
+        if param.name == "generate_config":
+            continue
+        source = ctx.get_parameter_source(param.name or "")
+        if source is not None and source.name == "COMMANDLINE":
+            raise typer.BadParameter(
+                "is not used by --generate-config, which writes the commented template (the"
+                " defaults) and exits: drop the flag (give it to the run that reads the file,"
+                " or set its key in the file)",
                 param_hint=" / ".join(f"'{opt}'" for opt in param.opts),
             )
 
