@@ -1498,3 +1498,38 @@ async def test_a_flood_s_tail_of_undecodable_durable_messages_is_said_at_the_lea
 @agent(name="sink-h")
 async def _sink_h(ctx: Context, msg: Message) -> Any:
     return "ok"
+
+
+async def test_a_late_tell_of_an_earlier_join_not_kept_leaves_the_current_stream_alone(
+    nats: NatsServer,
+) -> None:
+    """Regression: a tell of an earlier join of b's process (its session one before b's
+    current one) that came after node a had forgotten that join's stream started it
+    afresh, as b's newest: b's current stream was retired (out of a's heartbeat
+    numbers) and the numbers before the late tell's counted lost in transit. Sessions of
+    one process are in the order of its joins now: the late tell is delivered, its
+    numbers not taken (``old_session_tells``), b's current stream stays live, nothing is
+    counted lost, and b's tells go on."""
+    async with _a_sink_fed_by_b(nats.url, 64) as (_, ca, kb, cb, hostile, got):
+        with trio.fail_after(20):
+            await kb.send("sink-a", 0)
+            await _until(lambda: got == [0])
+            session = _members(ca)["b"].session
+            assert session is not None
+            earlier = session - 1  # b's process's join before this one
+            fields = (batch.MAGIC, cb.id_prefix, earlier, ca.id_prefix, 5, 1, 1)
+            late = struct.pack(">4sQQQQIH", *fields) + b"b"
+            late += _frame(batch.TELL, _tell("sink-a", "late"))
+            await hostile.publish("nexus.node.a.batch", late)
+            await _until(lambda: "late" in got)
+            stats = ca.stats()
+            assert stats.old_session_tells == 1
+            assert (stats.inbound_streams, stats.inbound_streams_retired) == (1, 0)
+            for i in range(1, 4):
+                await kb.send("sink-a", i)
+            await _until(lambda: 3 in got)
+        assert got == [0, "late", 1, 2, 3]
+        stats = ca.stats()
+        assert stats.lost_in_transit == 0
+        assert stats.inbound_dropped == {}
+        assert (stats.inbound_streams, stats.inbound_streams_retired) == (1, 0)

@@ -4,13 +4,20 @@ nats-server is in test_nats_datapath)."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nexus_trio._nats import ClusterOptions
 from nexus_trio._nats._sequence import InboundSequences
-from nexus_trio._nats._streams import InboundStreams, parse_stream_name
+from nexus_trio._nats._streams import (
+    InboundStreams,
+    earlier_session,
+    new_session,
+    parse_stream_name,
+)
 from nexus_trio._throttle import Throttle
 
 OWN = 0xABC
@@ -33,9 +40,11 @@ def _table(limit: int) -> tuple[InboundStreams, InboundSequences, list[tuple[str
     return table, sequences, forgotten
 
 
-def _take(table: InboundStreams, sequences: InboundSequences, name: str, first: int) -> int:
-    """A one-tell batch numbered ``first`` of ``name``, as the cluster takes it."""
-    table.touch(name)
+def _take(table: InboundStreams, sequences: InboundSequences, name: str, first: int) -> int | None:
+    """A one-tell batch numbered ``first`` of ``name``, as the cluster takes it (None: of
+    an earlier join of its process, not kept: its number not taken)."""
+    if not table.touch(name):
+        return None
     return sequences.observe_batch(name, OWN, first, 1)
 
 
@@ -124,3 +133,40 @@ def test_a_throttle_is_due_at_once_then_once_per_interval() -> None:
         now[0] = 1000.0 + step / 10
         seen.append(throttle.due())
     assert [step for step, due in enumerate(seen) if due] == [0, 10, 20]
+
+
+def test_a_late_tell_of_a_forgotten_earlier_join_does_not_retire_the_current_one() -> None:
+    """Regression: a stream of an earlier join of a process, forgotten here (retired,
+    then dropped for room), came back with a late tell as that process's newest and
+    retired its current stream. A session of a join before a kept one is refused by the
+    table (the cluster delivers its tell without taking its number): nothing kept or
+    retired."""
+    first, second = new_session(), new_session()
+    assert earlier_session(first, second) and not earlier_session(second, first)
+    old, current = f"a:{first:x}.7", f"a:{second:x}.7"
+    table, sequences, _ = _table(limit=2)
+    assert _take(table, sequences, old, 1) == 0
+    assert _take(table, sequences, current, 1) == 0  # the process joined again
+    assert _take(table, sequences, "c:1.9", 1) == 0  # room: the retired old one goes
+    assert old not in table and (table.live, table.retired) == (2, 0)
+    assert table.touch(old) is False
+    assert old not in table and (table.live, table.retired) == (2, 0)
+    assert table.heartbeat_numbers(lambda node, prefix: True) == {current: 1, "c:1.9": 1}
+    assert not sequences.keeps(old)
+    # the current join's tells go on, its numbers exact
+    assert _take(table, sequences, current, 2) == 0
+
+
+def test_sessions_of_one_process_are_ordered_and_others_are_not_comparable() -> None:
+    sessions = [new_session() for _ in range(5)]
+    assert all(earlier_session(a, b) for a, b in itertools.pairwise(sessions))
+    assert not any(earlier_session(s, s) for s in sessions)
+    # a random session (another process, a kernel of an earlier version): as before,
+    # the stream heard last is the newest
+    random_session = sessions[0] ^ (0x5A5A << 40)
+    assert not earlier_session(random_session, sessions[-1])
+    assert not earlier_session(sessions[0], random_session)
+    table, sequences, _ = _table(limit=10)
+    _take(table, sequences, f"a:{sessions[-1]:x}.7", 1)
+    assert table.touch(f"a:{random_session:x}.7") is True
+    assert (table.live, table.retired) == (1, 1)

@@ -109,7 +109,7 @@ from ._membership import (
 from ._metrics import ClusterCollector
 from ._placement import PlacedAgent, Placement
 from ._sequence import InboundSequences
-from ._streams import InboundStream, InboundStreams, parse_stream_name
+from ._streams import InboundStream, InboundStreams, new_session, parse_stream_name
 
 log = logging.getLogger("nexus_trio.nats")
 # Every log record of the NATS layer goes through redact(): no credential in any line.
@@ -415,6 +415,10 @@ class ClusterStats:
     #: names entry whose key this code does not write or whose body is not one (not
     #: strict UTF-8 JSON, wrong fields); logged at most once a second
     entries_malformed: int = 0
+    #: tells of an earlier join of a sending process that came after this node had
+    #: forgotten that join's stream, while it keeps a later join's: delivered, their
+    #: numbers not taken (nothing counted lost, no credit), the later stream not retired
+    old_session_tells: int = 0
 
 
 _decode: Final = wire.decode_message
@@ -550,6 +554,7 @@ class Cluster:
         "_nodes_subject_prefix",
         "_notice_log",
         "_notices_in",
+        "_old_session_tells",
         "_outbox",
         "_outbox_queued",
         "_outstanding",
@@ -654,8 +659,9 @@ class Cluster:
         # options read by every tell (the options are frozen)
         self._batch_frames = options.batch_frames
         self._high_water = options.outbox_high_water
-        # this join's session: streams of an earlier join of this process are apart
-        self._session = int.from_bytes(os.urandom(8), "big")
+        # this join's session: streams of an earlier join of this process are apart (and
+        # its sessions in the order of its joins, see _streams.new_session)
+        self._session = new_session()
         # where batches and marks numbered for this join come (senders that know its
         # session from its record); the plain subjects above take those of senders of
         # an earlier version (see _take_node_message)
@@ -837,6 +843,8 @@ class Cluster:
         self.durable = DurableChannel(self, options.durable)
         self._published = 0
         self._received = 0
+        #: see _old_session_batch
+        self._old_session_tells = 0
         self._dropped: Counter[str] = Counter()
         self._errors_replied: Counter[str] = Counter()
         self._errors_unsent: Counter[str] = Counter()
@@ -2180,8 +2188,8 @@ class Cluster:
         sender = f"{head.node}:{head.session:x}.{head.sender_prefix:x}"
         # None: for an earlier process of this node name, no credit
         stream = sender if head.dest_prefix == self.id_prefix else None
-        if stream is not None:
-            self._inbound.touch(stream)
+        if stream is not None and not self._inbound.touch(stream):
+            return self._old_session_batch(head, data, offset)
         overreaches = self._seq_in.overreaches
         fresh = not self._seq_in.keeps(sender)
         lost = self._seq_in.observe_batch(
@@ -2217,6 +2225,25 @@ class Cluster:
             self._credit(stream, head.numbered)
             return None
         return head, tells, controls, stream
+
+    def _old_session_batch(
+        self, head: batch.BatchHead, data: bytes, offset: int
+    ) -> _OpenBatch | None:
+        """A batch of an earlier join of its sending process, whose stream this node no
+        longer keeps, while a later join's stream is kept (a late tell of a join that is
+        over: see ``_streams.earlier_session``): its tells are delivered, as a late tell of
+        a stream still kept is, but their numbers are not taken (no stream started for a
+        join that is over: no numbers before them counted lost, no credit for them, the
+        later join's stream not retired); counted in ``old_session_tells``."""
+        self._received += head.numbered
+        try:
+            tells, controls = batch.split_frames(data, offset, head.numbered)
+        except batch.BatchError as exc:
+            self._malformed_batch(exc, head)
+            self._dropped["malformed"] += head.numbered
+            return None
+        self._old_session_tells += head.numbered
+        return head, tells, controls, None
 
     def _malformed_batch(self, exc: batch.BatchError, head: batch.BatchHead | None = None) -> None:
         self._dropped["malformed_batch"] += 1
@@ -2475,8 +2502,12 @@ class Cluster:
         except ValueError:
             self._dropped["malformed"] += 1
             return
-        if dest_prefix == self.id_prefix:
-            self._inbound.touch(stream)
+        if dest_prefix == self.id_prefix and not self._inbound.touch(stream):
+            # of a join that is over, not kept here (see _old_session_batch): a single
+            # tell is delivered, its number not taken; a mark says nothing
+            if not is_mark:
+                self._old_session_tells += 1
+            return
         overreaches = self._seq_in.overreaches
         fresh = dest_prefix == self.id_prefix and not self._seq_in.keeps(stream)
         parts = parse_stream_name(stream)
@@ -5287,6 +5318,7 @@ class Cluster:
             tells_after_leave=self._tells_after_leave,
             requests_after_leave=self._requests_after_leave,
             requests_lost_with_nodes=self._requests_lost_with_nodes,
+            old_session_tells=self._old_session_tells,
             entries_malformed=(
                 self._records_refused.count
                 + self._names_refused.count

@@ -109,6 +109,11 @@ CLUSTER_COUNTERS: Final = {
         "nexus_cluster_buckets_made_again",
         "Times the cluster's KV buckets were found gone after a reconnect and made again.",
     ),
+    "old_session_tells": (
+        "nexus_cluster_old_session_tells",
+        "Late tells of a sending process's earlier join whose stream was forgotten here:"
+        " delivered, their numbers not taken.",
+    ),
     "entries_malformed": (
         "nexus_cluster_entries_malformed",
         "Membership, placement and names records refused as malformed.",

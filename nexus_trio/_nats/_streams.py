@@ -22,10 +22,11 @@ PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.te
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import final
+from typing import Final, final
 
 from .._logcall import log_guarded
 from .._throttle import Throttle
@@ -36,6 +37,34 @@ log = logging.getLogger("nexus_trio.nats")
 
 #: ``(node, id prefix)``: one sending process
 Sender = tuple[str, int]
+
+
+#: the low bits of a session: the count of its process's joins (see :func:`new_session`)
+_JOIN_BITS: Final = 24
+_JOIN_MASK: Final = (1 << _JOIN_BITS) - 1
+#: this process's sessions so far: the random high bits, and the last join's count
+_sessions = [int.from_bytes(os.urandom(5), "big") << _JOIN_BITS, 0]
+
+
+def new_session() -> int:
+    """A session for a new join of this process: 40 random bits, the same for every join
+    of the process, then the count of its joins (1, 2, ...). So the sessions of one
+    sending process (one id prefix) are in the order of its joins (:func:`earlier_session`),
+    which a random session did not say; another process's, or a kernel's of an earlier
+    version (random), are not comparable with them (their high bits differ but once in
+    2**40). Past 2**24 - 1 joins the process takes new random bits."""
+    base, joins = _sessions
+    if joins == _JOIN_MASK:
+        base, joins = int.from_bytes(os.urandom(5), "big") << _JOIN_BITS, 0
+    _sessions[:] = base, joins + 1
+    return base | (joins + 1)
+
+
+def earlier_session(session: int, than: int) -> bool:
+    """Whether ``session`` is of an earlier join of the process whose join ``than`` is
+    (both made by :func:`new_session` in that process); False when they cannot be
+    compared (another process's, a random one)."""
+    return session >> _JOIN_BITS == than >> _JOIN_BITS and session < than
 
 
 def parse_stream_name(name: str) -> tuple[str, int, int] | None:
@@ -118,32 +147,42 @@ class InboundStreams:
     def __contains__(self, name: str) -> bool:
         return name in self._live or name in self._retired
 
-    def touch(self, name: str) -> None:
+    def touch(self, name: str) -> bool:
         """A batch or mark of stream ``name`` arrived for this process: keep it (making
-        room if it is new), live and most recently active. A new session of a sending
-        process retires its older ones."""
+        room if it is new), live and most recently active, and True. A new session of a
+        sending process retires its older ones. False, and nothing kept or retired, for
+        a stream not kept here of an earlier join of a process of which a later join's
+        stream is kept (:func:`earlier_session`): a late tell of a join that is over,
+        whose stream this node forgot, must not retire its process's current stream."""
         now = self._clock()
         stream = self._live.get(name)
         if stream is not None:
             self._live.move_to_end(name)
             stream.last_active = now
-            return
+            return True
         stream = self._retired.pop(name, None)
         if stream is not None:  # a late tell: live again, its numbers intact
             stream.last_active = now
             self._live[name] = stream
-            return
+            return True
         parts = parse_stream_name(name)
         # a name not so formed (an older kernel) is kept too, as a sender of its own
         node, session, prefix = parts if parts is not None else (name, 0, -1)
+        sender = (node, prefix)
+        kept = self._senders.get(sender)
+        if kept and parts is not None:
+            for other in kept:
+                known = self._live.get(other) or self._retired[other]
+                if earlier_session(session, known.session):
+                    return False
         while len(self) >= self.limit:
             self._make_room(name)
-        sender = (node, prefix)
         older = self._senders.setdefault(sender, {})
         for old in older:
             self._retire(old)  # that process joined again: the old join is over
         older[name] = None
         self._live[name] = InboundStream(node, session, prefix, now)
+        return True
 
     def consumed(self, name: str, count: int) -> InboundStream | None:
         """Add ``count`` to what this node consumed of stream ``name``; the stream (its
