@@ -67,7 +67,6 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
-from .. import metrics
 from .._brief import brief
 from .._deadletter import DeadLetterReason
 from .._errors import (
@@ -106,7 +105,6 @@ from ._membership import (
     node_uuid,
     process_id_prefix,
 )
-from ._metrics import ClusterCollector
 from ._placement import PlacedAgent, Placement
 from ._sequence import InboundSequences
 from ._streams import InboundStream, InboundStreams, new_session, parse_stream_name
@@ -5435,7 +5433,12 @@ async def join_cluster(
                         kernel.detach_transport()
                         raise
                     _joined[kernel] = cluster
-                    # (its series in the kernel's /metrics while it is joined)
+                    # (its series in the kernel's /metrics while it is joined; imported
+                    # at a join, so that importing nexus_trio.nats loads no
+                    # prometheus_client, as before)
+                    from .. import metrics
+                    from ._metrics import ClusterCollector
+
                     collector = ClusterCollector(cluster.stats)
                     metrics.add_collector(kernel, collector)
                     try:
