@@ -5,6 +5,8 @@ a stream, an outage failing every publish) is logged at once, then at most once 
 each line with the count so far. What came after the last line of a kind is in the
 counters only: no later line of that kind says it. :class:`HeldLines` keeps that tail by
 kind and says it when the node leaves, as a process agent says its held lines at its stop.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations

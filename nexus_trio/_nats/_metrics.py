@@ -7,6 +7,8 @@ A counter per count that only grows, a gauge per level (and per count that can f
 ``lost_with_nodes`` is taken back when a node judged lost is heard again), a ``reason``
 or ``kind`` label where the stats break a count down; every label the stats name is
 there from the first scrape, at 0, as the kernel's ``nexus_dead_letters_total`` is.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
 from __future__ import annotations
