@@ -167,6 +167,11 @@ CLUSTER_GAUGES: Final = {
         "nexus_cluster_records_unwritten",
         "Placed agents here whose placement record is not written yet (retried).",
     ),
+    "placements_waiting": (
+        "nexus_cluster_placements_waiting",
+        "Placed agents of lost nodes that no reachable member can run now (none runs"
+        " their type): re-placed once one is heard.",
+    ),
 }
 
 #: the reasons ``Cluster`` names when it drops a received message
