@@ -1770,6 +1770,81 @@ def test_a_shutdown_grace_past_a_threads_longest_wait_kills_a_frozen_worker_at_t
     assert summary["per_worker"][1]["exit"] == "killed by SIGKILL"
 
 
+@pytestmark_linux
+@pytest.mark.parametrize(
+    "how",
+    [
+        "trap '' TERM; for i in $(seq 600); do sleep 0.1; done",  # deaf to it (60 s at most)
+        "kill -STOP $$",  # frozen
+    ],
+    ids=["deaf", "frozen"],
+)
+def test_a_worker_that_does_not_end_after_the_stop_is_killed_past_the_stop_grace(
+    tmp_path: Path, caplog, monkeypatch, how: str
+) -> None:
+    """Regression: ``nexus run -W 2`` with worker-1 frozen (SIGSTOP) while the workers
+    joined, then one SIGTERM to the parent: worker-0 stopped and printed its summary, but
+    worker-1 was neither counted lost nor settled with by it (it stopped first), and the
+    parent waited for it for good (90 s, then killed by hand), as for a worker deaf to the
+    SIGTERM. A stop is bounded, as systemd's ``TimeoutStopSec``: a worker still running
+    ``_STOP_GRACE`` seconds past its shutdown grace after the stop was passed on is killed
+    and counted as a dead one (the grace made 0.5 s here)."""
+    from nexus_trio.cli import _cluster_cmd
+
+    monkeypatch.setattr(_cluster_cmd, "_STOP_GRACE", 0.5, raising=False)
+    log, pid_file = tmp_path / "log", tmp_path / "pid"
+    summary_of_0 = tmp_path / "summary-0.json"
+    summary_of_0.write_text(canned_summary("worker-0").replace('"duration"', '"SIGTERM"'))
+    python = fake_python(
+        tmp_path,
+        {
+            "worker-0": f"trap 'cat {summary_of_0}; exit 0' TERM; echo up >> {log};"
+            " for i in $(seq 600); do sleep 0.1; done",
+            "worker-1": f"echo $$ > {pid_file}; echo up >> {log}; {how}",
+        },
+    )
+    sender = signal_once(log, "up", 2, signal.SIGTERM)
+    done, hung = threading.Event(), threading.Event()
+
+    def guard() -> None:  # (so that the test fails rather than hangs)
+        if not done.wait(30):
+            hung.set()
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+    threading.Thread(target=guard, daemon=True).start()
+    with caplog.at_level(logging.INFO, logger="nexus_trio.cli"):
+        summary, status = _cluster_cmd.run_workers(
+            2, [], nats_url=NO_SERVER, python=python, shutdown_grace=0
+        )
+    done.set()
+    sender.join()
+    assert not hung.is_set(), "the parent waited for good for a worker asked to stop"
+    pid = int(pid_file.read_text())
+    assert (
+        f"worker-1 (pid {pid}) still runs 0.5s after it was asked to stop: killing it"
+        in caplog.text
+    )
+    assert status == 128 + signal.SIGKILL
+    assert summary["stopped_by"] == "SIGTERM"
+    assert summary["workers_died"] == ["worker-1"]
+    assert [w["exit"] for w in summary["per_worker"]] == ["exit code 0", "killed by SIGKILL"]
+    dead = summary["per_worker"][1]
+    assert (dead["pid"], dead["died"]) == (pid, True)
+    assert dead["error"] == (
+        f"worker-1 (pid {pid}) killed by SIGKILL: it still ran 0.5s after it was asked to stop"
+    )
+    assert summary["error"] == dead["error"]
+    assert not running(pid)
+
+
+def test_the_stop_grace_covers_the_swarm_s_settle_and_a_shutdown_past_its_grace() -> None:
+    """A worker asked to stop is killed only past what a live one's stop may take: the
+    swarm's settle (bounded) and a shutdown's time past the kernel's grace."""
+    from nexus_trio.cli import _cluster_cmd, _swarm
+
+    assert _cluster_cmd._STOP_GRACE >= _swarm.SETTLE_TIMEOUT + _cluster_cmd._SETTLED_GRACE
+
+
 #: how long a run of a parent and its worker that fail to connect is waited for: a hang
 #: guard, not a bound. Their work is 1.4 s of CPU (both interpreters' imports, mostly),
 #: but 26-36 s of real time at load 20-28 on 2 cores (5 busy loops), and past the 60 s

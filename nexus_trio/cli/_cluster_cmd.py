@@ -23,6 +23,10 @@ end without it: once every worker still running is one so counted by every worke
 ended with its summary, it is killed :data:`_LOST_GRACE` seconds later and counted as a
 dead one. One frozen after the swarm settled (the others settled with it and ended) is
 killed likewise, past its shutdown's bound, and counted with its last record.
+Whatever the others did, a worker asked to stop (the parent's signal passed on, or the
+run's own stop) that has not ended :data:`_STOP_GRACE` seconds past its shutdown grace
+later (deaf to the SIGTERM, frozen while the others stopped first) is killed and counted
+as a dead one, as systemd's ``TimeoutStopSec``: one stop always ends the run.
 
 A worker's command line is rebuilt from the parent's *parsed* options
 (:func:`worker_argv`), never by editing ``sys.argv``: every spelling of ``--workers``
@@ -49,6 +53,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Final
@@ -96,6 +101,12 @@ _LOST_GRACE: Final = 5.0
 #: (or counted lost) may run on after they ended, to shut down and write its summary
 #: (its spawned programs get 5 s after their ``shutdown`` frame and 5 s after SIGTERM)
 _SETTLED_GRACE: Final = 20.0
+#: seconds, on top of the workers' shutdown grace, a worker asked to stop (the parent's
+#: signal passed on, or the run's own stop after a death) may run on before it is killed:
+#: the swarm's settle (``_swarm.SETTLE_TIMEOUT``, 60 s) and a shutdown's time past its
+#: grace (:data:`_SETTLED_GRACE`). A worker deaf to the SIGTERM or frozen (SIGSTOP) that
+#: the others did not count lost (they stopped first) had kept the parent waiting for good
+_STOP_GRACE: Final = 80.0
 #: the longest a kill timer waits (a thread's wait overflows past it, 292 years): a
 #: larger shutdown grace (``[kernel] shutdown_grace_ms`` takes any finite number) is that
 _LONGEST_WAIT: Final = threading.TIMEOUT_MAX
@@ -555,6 +566,10 @@ def run_workers(
     killed_here: dict[int, str] = {}
     #: per worker pid every other one counted lost, the timer that kills it
     lost_timers: dict[int, threading.Timer] = {}
+    #: per worker pid asked to stop, when (``time.monotonic``) it is killed if it still runs
+    #: (kept by the loop that waits for the workers: no thread is started in a handler)
+    stop_deadlines: dict[int, float] = {}
+    stop_grace = min(_STOP_GRACE + shutdown_grace, _LONGEST_WAIT)
 
     def stops_asked() -> int:
         # a death's stop is the first: a signal after it is the second, which forces
@@ -572,6 +587,8 @@ def run_workers(
                 if level > 1:
                     forced_by = forced_by or signals_seen[-1]
                 proc.send_signal(signal.SIGTERM if level == 1 else signal.SIGKILL)
+                if level == 1:  # a graceful stop is bounded, as systemd's TimeoutStopSec
+                    stop_deadlines[proc.pid] = time.monotonic() + stop_grace
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         if is_hangup(signum):
@@ -607,8 +624,36 @@ def run_workers(
                 timer.daemon = True
                 timer.start()
 
+    def until_overdue() -> float | None:
+        """Seconds until the first worker still running is past its stop's deadline (an
+        ended one's is dropped as its end is taken; a killed one's is done with)."""
+        deadlines = [
+            d for pid, d in list(stop_deadlines.items()) if pid not in killed_here
+        ]  # (list(): a handler may add one meanwhile)
+        if not deadlines:
+            return None
+        return min(max(0.0, min(deadlines) - time.monotonic()), _LONGEST_WAIT)
+
+    def kill_overdue() -> None:
+        now = time.monotonic()
+        for j, p in enumerate(procs):
+            deadline = stop_deadlines.get(p.pid)
+            if deadline is None or deadline > now or p.pid in killed_here or p.poll() is not None:
+                continue
+            log_guarded(
+                log,
+                logging.ERROR,
+                "worker-%d (pid %d) still runs %gs after it was asked to stop: killing it",
+                j,
+                p.pid,
+                stop_grace,
+            )
+            killed_here[p.pid] = f"it still ran {stop_grace:g}s after it was asked to stop"
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+
     def kill_lost(j: int, p: subprocess.Popen[bytes], lost: bool, grace: float) -> None:
-        if p.poll() is not None:  # (it ended by itself)
+        if p.poll() is not None or p.pid in killed_here:  # (it ended, or is being killed)
             return
         log_guarded(
             log,
@@ -696,7 +741,11 @@ def run_workers(
             ).start()
         running_workers = len(procs)
         while running_workers:
-            i, code = ended.get()  # a signal's handler still runs while this waits
+            try:  # a signal's handler still runs while this waits
+                i, code = ended.get(timeout=until_overdue())
+            except queue.Empty:
+                kill_overdue()  # (its end is queued by its watch)
+                continue
             if i == _SERVER:
                 assert server is not None
                 # The workers cannot go on without it (nor settle, nor leave cleanly).
@@ -715,6 +764,7 @@ def run_workers(
                 continue
             running_workers -= 1
             proc = procs[i]
+            stop_deadlines.pop(proc.pid, None)  # (no stop is passed on to it any more)
             outputs[i] = b"".join(printed[i])
             codes[i] = code
             statuses[i] = _status(code)
