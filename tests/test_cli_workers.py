@@ -1845,6 +1845,72 @@ def test_the_stop_grace_covers_the_swarm_s_settle_and_a_shutdown_past_its_grace(
     assert _cluster_cmd._STOP_GRACE >= _swarm.SETTLE_TIMEOUT + _cluster_cmd._SETTLED_GRACE
 
 
+#: a parent of fake workers whose standard error is the test's pipe: it prints its summary
+RUN_FAKE_WORKERS = """
+import json, sys
+from nexus_trio.cli._cluster_cmd import run_workers
+summary, status = run_workers(2, [], nats_url="nats://127.0.0.1:1", python=sys.argv[1])
+print(json.dumps(summary))
+sys.exit(status)
+"""
+
+
+@pytestmark_linux
+def test_two_workers_long_lines_reach_a_piped_stderr_whole(tag: str, tmp_path: Path) -> None:
+    """Regression: the workers wrote to the parent's standard error themselves; through a
+    pipe (journald, docker, ``| tee``) two workers' lines longer than PIPE_BUF (a traceback,
+    a big record) interleaved whenever the pipe was full: ``nexus run -W 2`` with an app
+    logging 20 kB records, read 4 kB at a time, had 364 of 570 lines cut by the other
+    worker's. Each worker writes each line in one write here, so only the two processes can
+    cut them; the parent relays each worker's lines whole. Its stdout stays one JSON
+    document."""
+    lines = 60
+    writer = (
+        f"{sys.executable} -S -c 'import os, sys\n"
+        f'for _ in range({lines}): os.write(2, sys.argv[1].encode() * 20000 + b"\\n")\' '
+    )
+    done = canned_summary("worker-{i}")
+    python = fake_python(
+        tmp_path,
+        {
+            f"worker-{i}": f"{writer}{letter}; {echo(done.replace('{i}', str(i)))}"
+            for i, letter in enumerate("AB")
+        },
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RUN_FAKE_WORKERS, python],
+        env={**os.environ, "NEXUS_TEST_TAG": tag},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out: list[bytes] = []
+    chunks = []
+    with proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        stdout = proc.stdout
+        reader = threading.Thread(target=lambda: out.append(stdout.read()), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 120
+        while chunk := os.read(proc.stderr.fileno(), 4096):  # slowly: the pipe fills
+            chunks.append(chunk)
+            assert time.monotonic() < deadline, "the run did not end within 120 s"
+            time.sleep(0.0005)
+        reader.join(60)
+        assert proc.wait(timeout=60) == 0
+    long_lines = [line for line in b"".join(chunks).split(b"\n") if len(line) > 100]
+    cut = [
+        line[:40] + b"..." + line[-40:]
+        for line in long_lines
+        if line not in (b"A" * 20000, b"B" * 20000)
+    ]
+    assert cut == []
+    assert sorted(long_lines) == [b"A" * 20000] * lines + [b"B" * 20000] * lines
+    summary = json.loads(out[0])
+    assert summary["workers"] == 2
+    assert summary["log_records_lost"] == 0
+
+
 #: how long a run of a parent and its worker that fail to connect is waited for: a hang
 #: guard, not a bound. Their work is 1.4 s of CPU (both interpreters' imports, mostly),
 #: but 26-36 s of real time at load 20-28 on 2 cores (5 busy loops), and past the 60 s

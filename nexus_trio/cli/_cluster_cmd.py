@@ -49,7 +49,9 @@ import json
 import logging
 import os
 import queue
+import select
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -107,6 +109,9 @@ _SETTLED_GRACE: Final = 20.0
 #: grace (:data:`_SETTLED_GRACE`). A worker deaf to the SIGTERM or frozen (SIGSTOP) that
 #: the others did not count lost (they stopped first) had kept the parent waiting for good
 _STOP_GRACE: Final = 80.0
+#: bytes of a line of a worker's standard error the relay holds at most while it waits for
+#: the line's end (a longer one is passed on in pieces of this size)
+_LONGEST_LINE: Final = 1 << 20
 #: the longest a kill timer waits (a thread's wait overflows past it, 292 years): a
 #: larger shutdown grace (``[kernel] shutdown_grace_ms`` takes any finite number) is that
 _LONGEST_WAIT: Final = threading.TIMEOUT_MAX
@@ -566,6 +571,12 @@ def run_workers(
     killed_here: dict[int, str] = {}
     #: per worker pid every other one counted lost, the timer that kills it
     lost_timers: dict[int, threading.Timer] = {}
+    #: the workers' standard error is relayed whole line by whole line when the parent's is
+    #: a pipe or socket (a terminal and a file take each write whole by themselves)
+    relay_stderr = _is_pipe(2)
+    relay_lock = threading.Lock()
+    #: lines of the workers' standard error the relay could not write
+    relay_lost = [0]
     #: per worker pid asked to stop, when (``time.monotonic``) it is killed if it still runs
     #: (kept by the loop that waits for the workers: no thread is started in a handler)
     stop_deadlines: dict[int, float] = {}
@@ -694,6 +705,7 @@ def run_workers(
                     argv,
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE if relay_stderr else None,
                     env={**env, WORKER_ENV: node, SWARM_ENV: str(workers)},
                     process_group=0,
                     preexec_fn=_worker_preexec(),
@@ -717,23 +729,47 @@ def run_workers(
                 while chunk := os.read(fd, 1 << 16):
                     printed[i].append(chunk)
 
-        def watch(i: int, proc: subprocess.Popen[bytes], reader: threading.Thread) -> None:
+        def relay(proc: subprocess.Popen[bytes]) -> None:
+            # Two workers writing a long line (a traceback, a big record) to one pipe at
+            # once interleave in it past PIPE_BUF bytes: measured, 364 of 570 lines of 20 kB
+            # cut by the other's. Each line is passed on whole by one writer.
+            assert proc.stderr is not None
+            with proc.stderr:
+                fd = proc.stderr.fileno()
+                pending = bytearray()
+                while chunk := os.read(fd, 1 << 16):
+                    pending += chunk
+                    cut = pending.rfind(b"\n") + 1
+                    if not cut and len(pending) >= _LONGEST_LINE:
+                        cut = len(pending)
+                    if cut:
+                        relay_lost[0] += _write_whole_lines(bytes(pending[:cut]), relay_lock)
+                        del pending[:cut]
+                if pending:  # (its last line, without its end)
+                    relay_lost[0] += _write_whole_lines(bytes(pending) + b"\n", relay_lock)
+
+        def watch(i: int, proc: subprocess.Popen[bytes], readers: list[threading.Thread]) -> None:
             # Its exit, not the end of its stdout, says it ended: a process it started
-            # may hold its stdout open (an app's helper), for good.
+            # may hold its stdout (or standard error) open (an app's helper), for good.
             code = proc.wait()
-            reader.join(_OUTPUT_GRACE)
-            if reader.is_alive():
+            for reader in readers:
+                reader.join(_OUTPUT_GRACE)
+            if any(reader.is_alive() for reader in readers):
                 # Those die now rather than at the end (_kill_group); what the worker
                 # printed has been read by then.
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                reader.join(_OUTPUT_GRACE)
+                for reader in readers:
+                    reader.join(_OUTPUT_GRACE)
             ended.put((i, code))
 
         for i, p in enumerate(procs):
-            reader = threading.Thread(target=read, args=(i, p), daemon=True)
-            reader.start()
-            threading.Thread(target=watch, args=(i, p, reader), daemon=True).start()
+            readers = [threading.Thread(target=read, args=(i, p), daemon=True)]
+            if relay_stderr:
+                readers.append(threading.Thread(target=relay, args=(p,), daemon=True))
+            for reader in readers:
+                reader.start()
+            threading.Thread(target=watch, args=(i, p, readers), daemon=True).start()
         if server is not None:  # it ends before the workers only if it died
             watched = server
             threading.Thread(
@@ -847,6 +883,7 @@ def run_workers(
         entry.update(pid=proc.pid, exit_status=statuses[i], exit=ends[i])
         entries.append(entry)
     summary = aggregate_summaries(entries)
+    summary["log_records_lost"] += relay_lost[0]  # (lines: a record is one or more)
     summary["nats_server"] = {
         "private": nats_url is None,  # (asked for: also one that did not start)
         "pid": server.pid if server is not None else None,
@@ -999,6 +1036,40 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def _is_pipe(fd: int) -> bool:
+    """Whether file descriptor ``fd`` is a pipe or a socket (journald's, ``| tee``),
+    where writes of more than ``PIPE_BUF`` bytes by two processes interleave."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:  # (closed)
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+def _write_whole_lines(data: bytes, lock: threading.Lock) -> int:
+    """Write ``data`` (whole lines) to this process's standard error, each write under
+    ``lock`` and whole lines only: lines together up to ``PIPE_BUF`` bytes in one write
+    (so that a short line of this process's own goes between lines, never into one), a
+    longer line alone. The number of lines that could not be written (a reader gone)."""
+    lost = 0
+    while data:
+        size = len(data)
+        if size > select.PIPE_BUF:
+            size = data.rfind(b"\n", 0, select.PIPE_BUF) + 1 or data.find(b"\n") + 1 or size
+        piece = memoryview(data)[:size]
+        data = data[size:]
+        with lock:
+            while piece:
+                try:
+                    piece = piece[os.write(2, piece) :]
+                except BlockingIOError:  # (a standard error made non-blocking)
+                    select.select([], [2], [], 1.0)
+                except OSError:
+                    lost += max(1, piece.tobytes().count(b"\n"))
+                    break
+    return lost
 
 
 def _move_credentials_to_env(nats_url: str, env: dict[str, str]) -> str:
