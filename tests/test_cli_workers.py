@@ -1837,12 +1837,81 @@ def test_a_worker_that_does_not_end_after_the_stop_is_killed_past_the_stop_grace
     assert not running(pid)
 
 
-def test_the_stop_grace_covers_the_swarm_s_settle_and_a_shutdown_past_its_grace() -> None:
+@pytestmark_linux
+@pytest.mark.parametrize("others", ["ended", "running"])
+def test_a_worker_not_ready_in_time_is_killed_and_named(
+    tmp_path: Path, caplog, monkeypatch, others: str
+) -> None:
+    """Regression: ``nexus run -W 2 --app mod:main`` whose app hung at its import in
+    worker-1 only (the parent's import went through): worker-0 ran the app and ended, and
+    the parent waited for worker-1 for good (still running after 90 s); its workers do
+    not wait for each other, so nothing counted it lost. A worker says it is ready once it
+    joined the cluster (one byte on a pipe, as systemd's ``sd_notify``); one not ready
+    ``_START_GRACE`` seconds after it started is killed, named, counted as a dead one, and
+    stops the others still running, as a death does (the grace made 5 s here: the fake
+    worker-0 says it is ready well within it)."""
+    from nexus_trio.cli import _cluster_cmd
+
+    monkeypatch.setattr(_cluster_cmd, "_START_GRACE", 5.0, raising=False)
+    pid_file = tmp_path / "pid"
+    summary_of_0 = tmp_path / "summary-0.json"
+    ready = (  # (sh takes only fds 0-9 in a redirection)
+        f'{sys.executable} -S -c \'import os; os.write(int(os.environ["NEXUS_READY_FD"]), b"1")\''
+    )
+    if others == "ended":  # (it ran its app and ended)
+        worker_0 = f"{ready}; {echo(canned_summary('worker-0'))}; exit 0"
+    else:  # (until it is stopped, 60 s at most)
+        summary_of_0.write_text(canned_summary("worker-0").replace('"duration"', '"SIGTERM"'))
+        worker_0 = (
+            f"trap 'cat {summary_of_0}; exit 0' TERM; {ready};"
+            " for i in $(seq 600); do sleep 0.1; done"
+        )
+    python = fake_python(
+        tmp_path,
+        {
+            "worker-0": worker_0,
+            "worker-1": f"echo $$ > {pid_file}; for i in $(seq 600); do sleep 0.1; done",
+        },
+    )
+    done, hung = threading.Event(), threading.Event()
+
+    def guard() -> None:  # (so that the test fails rather than hangs)
+        if not done.wait(40):
+            hung.set()
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+    threading.Thread(target=guard, daemon=True).start()
+    with caplog.at_level(logging.INFO, logger="nexus_trio.cli"):
+        summary, status = _cluster_cmd.run_workers(2, [], nats_url=NO_SERVER, python=python)
+    done.set()
+    assert not hung.is_set(), "the parent waited for good for a worker that was not ready"
+    pid = int(pid_file.read_text())
+    stopping = "; stopping the other workers" if others == "running" else ""
+    assert (
+        f"worker-1 (pid {pid}) is not ready 5s after it started: killing it{stopping}"
+        in caplog.text
+    )
+    assert status == 128 + signal.SIGKILL
+    assert summary["workers_died"] == ["worker-1"]
+    assert [w["exit"] for w in summary["per_worker"]] == ["exit code 0", "killed by SIGKILL"]
+    dead = summary["per_worker"][1]
+    assert dead["error"] == (
+        f"worker-1 (pid {pid}) killed by SIGKILL: it was not ready 5s after it started (it"
+        " had not imported its --app/--types, loaded its config and joined the cluster)"
+    )
+    if others == "running":
+        assert summary["stopped_by"] == "worker-1 was not ready (the others were stopped)"
+    assert not running(pid)
+
+
+def test_the_stop_and_start_graces_cover_what_a_live_worker_takes() -> None:
     """A worker asked to stop is killed only past what a live one's stop may take: the
     swarm's settle (bounded) and a shutdown's time past the kernel's grace."""
     from nexus_trio.cli import _cluster_cmd, _swarm
 
     assert _cluster_cmd._STOP_GRACE >= _swarm.SETTLE_TIMEOUT + _cluster_cmd._SETTLED_GRACE
+    # (and a worker is given as long to get ready as the swarm waits for it to join)
+    assert _cluster_cmd._START_GRACE == _swarm.START_TIMEOUT
 
 
 #: a parent of fake workers whose standard error is the test's pipe: it prints its summary

@@ -27,6 +27,11 @@ Whatever the others did, a worker asked to stop (the parent's signal passed on, 
 run's own stop) that has not ended :data:`_STOP_GRACE` seconds past its shutdown grace
 later (deaf to the SIGTERM, frozen while the others stopped first) is killed and counted
 as a dead one, as systemd's ``TimeoutStopSec``: one stop always ends the run.
+A worker says it is ready once it joined the cluster (:func:`notify_parent_ready`); one
+not ready :data:`_START_GRACE` seconds after it started (hung at its import, its config,
+its join) is killed, counted as a dead one, and stops the others, as ``TimeoutStartSec``.
+When the parent's standard error is a pipe or socket, each worker's is relayed through
+the parent whole line by whole line (two workers' long lines interleaved in the pipe).
 
 A worker's command line is rebuilt from the parent's *parsed* options
 (:func:`worker_argv`), never by editing ``sys.argv``: every spelling of ``--workers``
@@ -88,6 +93,10 @@ PRIVATE_SERVER_UNSETS: Final = (
 _PARENT_PARAMS: Final = frozenset({"workers", "nats", "node", "json_out", "live", "metrics_port"})
 #: set in each worker's environment: the number of workers that make up the swarm
 SWARM_ENV: Final = "NEXUS_SWARM_SIZE"
+#: set in each worker's environment: the file descriptor of the pipe on which it tells the
+#: parent it is ready (it joined the cluster: :func:`notify_parent_ready`), as systemd's
+#: ``sd_notify(READY=1)``
+READY_FD_ENV: Final = "NEXUS_READY_FD"
 #: the most workers ``nexus run --workers`` starts, if set (else :func:`max_workers`)
 MAX_WORKERS_ENV: Final = "NEXUS_MAX_WORKERS"
 #: workers per core this process may use that ``--workers`` allows, and its floor
@@ -95,6 +104,8 @@ _WORKERS_PER_CORE: Final = 4
 _MIN_WORKERS_BOUND: Final = 8
 #: what ``run_workers`` queues for the private nats-server's end (workers: their index)
 _SERVER: Final = -1
+#: what ``run_workers`` queues as a worker says it is ready
+_READY: Final = -2
 #: seconds a worker's stdout may stay open after it exited (held by a process it started)
 _OUTPUT_GRACE: Final = 2.0
 #: seconds a worker every other one counted lost may run on after they ended (then killed)
@@ -109,6 +120,12 @@ _SETTLED_GRACE: Final = 20.0
 #: grace (:data:`_SETTLED_GRACE`). A worker deaf to the SIGTERM or frozen (SIGSTOP) that
 #: the others did not count lost (they stopped first) had kept the parent waiting for good
 _STOP_GRACE: Final = 80.0
+#: seconds a worker has to get ready (import its ``--app``/``--types``, load its config,
+#: join the cluster) before it is killed and the others stopped, as systemd's
+#: ``TimeoutStartSec``; the swarm waits as long for every worker to join
+#: (``_swarm.START_TIMEOUT``). One hung at its import had kept an ``--app`` run (whose
+#: workers do not wait for each other) running for good
+_START_GRACE: Final = 120.0
 #: bytes of a line of a worker's standard error the relay holds at most while it waits for
 #: the line's end (a longer one is passed on in pieces of this size)
 _LONGEST_LINE: Final = 1 << 20
@@ -548,6 +565,8 @@ def run_workers(
         return server.url
 
     procs: list[subprocess.Popen[bytes]] = []
+    #: per worker started, the read end of the pipe on which it says it is ready
+    ready_reads: list[int] = []
     outputs: list[bytes] = [b""] * workers
     # per worker started: its exit status, how it ended, its summary (None: it printed none)
     statuses = [0] * workers
@@ -560,6 +579,8 @@ def run_workers(
     #: the worker whose failed run (its summary printed, a non-zero exit) stopped the
     #: others, if one did
     stopped_for_failure = ""
+    #: the worker that did not get ready in time (killed) and stopped the others, if one did
+    stopped_for_start = ""
     #: how the private nats-server ended, if it died before the workers did
     server_died = ""
     #: per worker pid, how far it was asked to stop (1: SIGTERM, 2 and more: SIGKILL)
@@ -581,10 +602,14 @@ def run_workers(
     #: (kept by the loop that waits for the workers: no thread is started in a handler)
     stop_deadlines: dict[int, float] = {}
     stop_grace = min(_STOP_GRACE + shutdown_grace, _LONGEST_WAIT)
+    #: per worker pid not ready yet, when (``time.monotonic``) it is killed if it still is not
+    start_deadlines: dict[int, float] = {}
 
     def stops_asked() -> int:
         # a death's stop is the first: a signal after it is the second, which forces
-        stopped_by_the_run = stopped_for_death or stopped_for_failure or server_died
+        stopped_by_the_run = (
+            stopped_for_death or stopped_for_failure or stopped_for_start or server_died
+        )
         return len(signals_seen) + (1 if stopped_by_the_run else 0)
 
     def pass_on() -> None:
@@ -636,32 +661,55 @@ def run_workers(
                 timer.start()
 
     def until_overdue() -> float | None:
-        """Seconds until the first worker still running is past its stop's deadline (an
-        ended one's is dropped as its end is taken; a killed one's is done with)."""
-        deadlines = [
-            d for pid, d in list(stop_deadlines.items()) if pid not in killed_here
-        ]  # (list(): a handler may add one meanwhile)
+        """Seconds until the first worker still running is past its stop's or its start's
+        deadline (an ended one's are dropped as its end is taken, a ready one's start's as
+        it says so; a killed one's are done with)."""
+        deadlines = [  # (list(): a handler, or a worker getting ready, may change them)
+            d
+            for pid, d in [*list(stop_deadlines.items()), *list(start_deadlines.items())]
+            if pid not in killed_here
+        ]
         if not deadlines:
             return None
         return min(max(0.0, min(deadlines) - time.monotonic()), _LONGEST_WAIT)
 
     def kill_overdue() -> None:
+        nonlocal stopped_for_start
         now = time.monotonic()
         for j, p in enumerate(procs):
-            deadline = stop_deadlines.get(p.pid)
-            if deadline is None or deadline > now or p.pid in killed_here or p.poll() is not None:
+            stop_by, start_by = stop_deadlines.get(p.pid), start_deadlines.get(p.pid)
+            if p.pid in killed_here or p.poll() is not None:
                 continue
+            if stop_by is not None and stop_by <= now:
+                message = "worker-%d (pid %d) still runs %gs after it was asked to stop"
+                grace = stop_grace
+                killed_here[p.pid] = f"it still ran {stop_grace:g}s after it was asked to stop"
+            elif start_by is not None and start_by <= now:
+                message = "worker-%d (pid %d) is not ready %gs after it started"
+                grace = _START_GRACE
+                killed_here[p.pid] = (
+                    f"it was not ready {_START_GRACE:g}s after it started (it had not"
+                    " imported its --app/--types, loaded its config and joined the cluster)"
+                )
+            else:
+                continue
+            # (as a death: the first stops the others still running, its share is gone)
+            others = any(q is not p and q.poll() is None for q in procs)
+            stopping = others and not stops_asked() and p.pid not in stop_deadlines
             log_guarded(
                 log,
                 logging.ERROR,
-                "worker-%d (pid %d) still runs %gs after it was asked to stop: killing it",
+                message + ": killing it%s",
                 j,
                 p.pid,
-                stop_grace,
+                grace,
+                "; stopping the other workers" if stopping else "",
             )
-            killed_here[p.pid] = f"it still ran {stop_grace:g}s after it was asked to stop"
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)
+            if stopping:
+                stopped_for_start = f"worker-{j}"
+                pass_on()
 
     def kill_lost(j: int, p: subprocess.Popen[bytes], lost: bool, grace: float) -> None:
         if p.poll() is not None or p.pid in killed_here:  # (it ended, or is being killed)
@@ -700,17 +748,32 @@ def run_workers(
             argv += ["--nats", url, "--node", node, "--json", "--no-live"]
             # (0 too: a port of the environment or the config would be every worker's)
             argv.append(f"--metrics-port={metrics_port + i if metrics_port else 0}")
-            procs.append(
-                subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE if relay_stderr else None,
-                    env={**env, WORKER_ENV: node, SWARM_ENV: str(workers)},
-                    process_group=0,
-                    preexec_fn=_worker_preexec(),
+            ready_read, ready_write = os.pipe()
+            try:
+                procs.append(
+                    subprocess.Popen(
+                        argv,
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE if relay_stderr else None,
+                        env={
+                            **env,
+                            WORKER_ENV: node,
+                            SWARM_ENV: str(workers),
+                            READY_FD_ENV: str(ready_write),
+                        },
+                        pass_fds=(ready_write,),
+                        process_group=0,
+                        preexec_fn=_worker_preexec(),
+                    )
                 )
-            )
+            except BaseException:
+                os.close(ready_read)
+                raise
+            finally:
+                os.close(ready_write)
+            start_deadlines[procs[-1].pid] = time.monotonic() + _START_GRACE
+            ready_reads.append(ready_read)
             if signals_seen:
                 # A signal came while starting: it reaches this worker too (it may have
                 # come before the worker was in procs), and no more are started.
@@ -748,6 +811,15 @@ def run_workers(
                 if pending:  # (its last line, without its end)
                     relay_lost[0] += _write_whole_lines(bytes(pending) + b"\n", relay_lock)
 
+        def await_ready(proc: subprocess.Popen[bytes], fd: int) -> None:
+            try:
+                said = os.read(fd, 1)  # (b"" once it exited without saying it)
+            finally:
+                os.close(fd)
+            if said:
+                start_deadlines.pop(proc.pid, None)
+                ended.put((_READY, 0))  # (the wait for the workers reckons its deadlines)
+
         def watch(i: int, proc: subprocess.Popen[bytes], readers: list[threading.Thread]) -> None:
             # Its exit, not the end of its stdout, says it ended: a process it started
             # may hold its stdout (or standard error) open (an app's helper), for good.
@@ -763,6 +835,8 @@ def run_workers(
                     reader.join(_OUTPUT_GRACE)
             ended.put((i, code))
 
+        for p, fd in zip(procs, ready_reads, strict=True):
+            threading.Thread(target=await_ready, args=(p, fd), daemon=True).start()
         for i, p in enumerate(procs):
             readers = [threading.Thread(target=read, args=(i, p), daemon=True)]
             if relay_stderr:
@@ -781,6 +855,8 @@ def run_workers(
                 i, code = ended.get(timeout=until_overdue())
             except queue.Empty:
                 kill_overdue()  # (its end is queued by its watch)
+                continue
+            if i == _READY:
                 continue
             if i == _SERVER:
                 assert server is not None
@@ -801,6 +877,7 @@ def run_workers(
             running_workers -= 1
             proc = procs[i]
             stop_deadlines.pop(proc.pid, None)  # (no stop is passed on to it any more)
+            start_deadlines.pop(proc.pid, None)
             outputs[i] = b"".join(printed[i])
             codes[i] = code
             statuses[i] = _status(code)
@@ -901,6 +978,8 @@ def run_workers(
         summary["stopped_by"] = f"{stopped_for_death} died (the others were stopped)"
     elif stopped_for_failure:
         summary["stopped_by"] = f"{stopped_for_failure} failed (the others were stopped)"
+    elif stopped_for_start:
+        summary["stopped_by"] = f"{stopped_for_start} was not ready (the others were stopped)"
     elif server_died and not signals_seen:
         summary["stopped_by"] = "the nats-server died (the workers were stopped)"
     elif signals_seen:
@@ -1036,6 +1115,22 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def notify_parent_ready() -> None:
+    """Tell the parent of ``--workers`` that this worker is ready (it joined the cluster):
+    one byte on the pipe it was given (:data:`READY_FD_ENV`), once; nothing in a process
+    the parent did not start so. The variable is removed, so that no program this worker
+    starts says it for it."""
+    value = os.environ.pop(READY_FD_ENV, None)
+    if value is None or not value.isdigit():
+        return
+    fd = int(value)
+    with contextlib.suppress(OSError):  # (the parent gone: nothing to tell)
+        try:
+            os.write(fd, b"1")
+        finally:
+            os.close(fd)
 
 
 def _is_pipe(fd: int) -> bool:

@@ -1051,6 +1051,10 @@ async def _run_async(
                                 node,
                                 f" (agent types: {', '.join(opts.types)})" if opts.types else "",
                             )
+                            if _is_worker(node):
+                                from ._cluster_cmd import notify_parent_ready
+
+                                notify_parent_ready()  # (its start is bounded: _START_GRACE)
                             layout = layout_from_env(node) if _is_worker(node) else None
                             if layout is not None and opts.demo and opts.workload != "pool":
                                 state.swarm = Swarm(
