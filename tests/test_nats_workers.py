@@ -10,6 +10,7 @@ import pytest
 import trio
 from nats import errors as nats_errors
 
+from nexus_trio import TransportUnavailable
 from nexus_trio.cli._cluster_cmd import aggregate_summaries, run_workers
 
 # worker_argv (the worker command line from the parsed options): tests/test_cli_workers.py
@@ -373,8 +374,14 @@ async def test_a_settle_whose_announcement_fails_with_the_client_disconnected_en
     cluster.nc = types.SimpleNamespace(is_connected=False)  # type: ignore[attr-defined]
     swarm = Swarm(cluster, SwarmLayout(0, 2))  # type: ignore[arg-type]
     start = trio.current_time()
-    with pytest.raises(nats_errors.TimeoutError):
+    with pytest.raises(TransportUnavailable) as raised:
         await swarm.settle(timeout=5.0)
+    # named (nats-py's own error said only "nats: timeout"), with the error it came from
+    assert str(raised.value) == (
+        "transport unavailable: the NATS connection is down (the server gone?): could not"
+        " announce this worker's record while settling: TimeoutError: nats: timeout"
+    )
+    assert isinstance(raised.value.__cause__, nats_errors.TimeoutError)
     assert trio.current_time() == start  # at the first failure, no round waited
     assert cluster.failures == 29 and swarm.announce_failures == 0
 

@@ -56,6 +56,7 @@ import attrs
 import trio
 
 from .._agent import AgentRef
+from .._errors import TransportUnavailable
 from .._logcall import log_guarded
 from .._plural import count_of
 from .._throttle import Throttle
@@ -253,7 +254,11 @@ class Swarm:
         except Exception as exc:  # (nats-py's errors, OSError: the record is written later)
             nc = getattr(self.cluster, "nc", None)
             if nc is not None and not nc.is_connected:
-                raise
+                # (named: nats-py's bare "TimeoutError: nats: timeout" said nothing of it)
+                raise TransportUnavailable(
+                    "the NATS connection is down (the server gone?): could not announce this"
+                    f" worker's record while settling: {type(exc).__name__}: {exc}"
+                ) from exc
             self.announce_failures += 1
             if self._announce_log.due():
                 log_guarded(
