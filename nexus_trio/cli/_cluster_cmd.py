@@ -835,8 +835,11 @@ def run_workers(
                     reader.join(_OUTPUT_GRACE)
             ended.put((i, code))
 
-        for p, fd in zip(procs, ready_reads, strict=True):
-            threading.Thread(target=await_ready, args=(p, fd), daemon=True).start()
+        while ready_reads:  # (each thread closes its own; the rest at the end)
+            fd = ready_reads.pop()
+            threading.Thread(
+                target=await_ready, args=(procs[len(ready_reads)], fd), daemon=True
+            ).start()
         for i, p in enumerate(procs):
             readers = [threading.Thread(target=read, args=(i, p), daemon=True)]
             if relay_stderr:
@@ -923,6 +926,8 @@ def run_workers(
                 stopped_for_death = f"worker-{i}"
                 pass_on()
     finally:
+        for fd in ready_reads:  # (a worker's start raised: none was watched)
+            os.close(fd)
         for timer in lost_timers.values():
             timer.cancel()
         for proc in procs:
