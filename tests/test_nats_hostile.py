@@ -975,16 +975,7 @@ async def test_garbage_on_a_node_s_durable_subject_is_counted_dead_and_logged_th
     async with _node(nats.url, "a") as (kernel, cluster), _hostile(nats.url) as hostile:
         ref = kernel.spawn(keeps)
         with trio.fail_after(30):
-            for i in range(40):
-                await call_aio(
-                    hostile.nc.jetstream().publish,
-                    wire.durable_subject("nexus", "a", ref.id),
-                    b"not a message %d" % i,
-                )
-            while True:  # polling JetStream's deliveries (another thread's I/O)
-                if cluster.stats().durable_dead >= 40:
-                    break
-                await trio.sleep(0.05)
+            await _undecodable_durable_flood(hostile, cluster, ref)
             await cluster.send_durable("keeps-h", "real")
             await arrived.wait()
     assert handled == ["real"]
@@ -1426,6 +1417,22 @@ async def test_a_flood_of_malformed_bucket_entries_is_logged_once_a_second_with_
     assert names[0].endswith("(1 so far)") and records[0].endswith("(1 so far)")
 
 
+async def _undecodable_durable_flood(hostile: Hostile, cluster: Any, ref: Any) -> None:
+    """40 bodies that are no message, stored for ``ref`` on node a's durable subject, and
+    the wait until a terminated every one (``durable_dead``: polled, as JetStream's
+    deliveries are another thread's I/O)."""
+    for i in range(40):
+        await call_aio(
+            hostile.nc.jetstream().publish,
+            wire.durable_subject("nexus", "a", ref.id),
+            b"not a message %d" % i,
+        )
+    while True:
+        if cluster.stats().durable_dead >= 40:
+            break
+        await trio.sleep(0.05)
+
+
 def _said(lines: list[str], total: int) -> tuple[int, int]:
     """The count the last ``(N so far)`` line of a flood said, and the count its tail line
     (at the leave) said held back after it: together they are the flood's ``total``."""
@@ -1476,16 +1483,7 @@ async def test_a_flood_s_tail_of_undecodable_durable_messages_is_said_at_the_lea
     async with _node(nats.url, "a") as (kernel, cluster), _hostile(nats.url) as hostile:
         ref = kernel.spawn(_sink_h)
         with trio.fail_after(30):
-            for i in range(40):
-                await call_aio(
-                    hostile.nc.jetstream().publish,
-                    wire.durable_subject("nexus", "a", ref.id),
-                    b"not a message %d" % i,
-                )
-            while True:  # polling JetStream's deliveries (another thread's I/O)
-                if cluster.stats().durable_dead >= 40:
-                    break
-                await trio.sleep(0.05)
+            await _undecodable_durable_flood(hostile, cluster, ref)
     records = [r for r in caplog.records if "undecodable durable" in r.getMessage()]
     _, held = _said([r.getMessage() for r in records], 40)
     tail = [r for r in records if "after the last line logged" in r.getMessage()]
