@@ -1639,6 +1639,25 @@ def test_a_worker_whose_run_failed_stops_the_others(tmp_path: Path, caplog) -> N
     assert [w["exit"] for w in summary["per_worker"]] == ["exit code 1", "exit code 0"]
 
 
+@contextlib.contextmanager
+def _killed_if_hung(pid_file: Path, seconds: float) -> Iterator[threading.Event]:
+    """So that a test fails rather than hangs: a thread SIGKILLs the process whose pid
+    ``pid_file`` holds if the block has not ended within ``seconds``; the event yielded
+    is set if it had to."""
+    done, hung = threading.Event(), threading.Event()
+
+    def guard() -> None:
+        if not done.wait(seconds):
+            hung.set()
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+    threading.Thread(target=guard, daemon=True).start()
+    try:
+        yield hung
+    finally:
+        done.set()
+
+
 def _run_with_worker_1_frozen(
     tmp_path: Path, caplog: Any, summary_0: str, run_workers: Any
 ) -> tuple[dict[str, Any], int, int]:
@@ -1654,17 +1673,11 @@ def _run_with_worker_1_frozen(
             "worker-1": f"echo $$ > {pid_file}; touch {started}; kill -STOP $$",
         },
     )
-    done, hung = threading.Event(), threading.Event()
-
-    def unfreeze() -> None:  # (so that the test fails rather than hangs)
-        if not done.wait(30):
-            hung.set()
-            os.kill(int(pid_file.read_text()), signal.SIGKILL)
-
-    threading.Thread(target=unfreeze, daemon=True).start()
-    with caplog.at_level(logging.INFO, logger="nexus_trio.cli"):
+    with (
+        _killed_if_hung(pid_file, 30) as hung,
+        caplog.at_level(logging.INFO, logger="nexus_trio.cli"),
+    ):
         summary, status = run_workers(2, [], nats_url=NO_SERVER, python=python)
-    done.set()
     assert not hung.is_set(), "the parent waited for good for a frozen worker"
     return summary, status, int(pid_file.read_text())
 
@@ -1804,19 +1817,13 @@ def test_a_worker_that_does_not_end_after_the_stop_is_killed_past_the_stop_grace
         },
     )
     sender = signal_once(log, "up", 2, signal.SIGTERM)
-    done, hung = threading.Event(), threading.Event()
-
-    def guard() -> None:  # (so that the test fails rather than hangs)
-        if not done.wait(30):
-            hung.set()
-            os.kill(int(pid_file.read_text()), signal.SIGKILL)
-
-    threading.Thread(target=guard, daemon=True).start()
-    with caplog.at_level(logging.INFO, logger="nexus_trio.cli"):
+    with (
+        _killed_if_hung(pid_file, 30) as hung,
+        caplog.at_level(logging.INFO, logger="nexus_trio.cli"),
+    ):
         summary, status = _cluster_cmd.run_workers(
             2, [], nats_url=NO_SERVER, python=python, shutdown_grace=0
         )
-    done.set()
     sender.join()
     assert not hung.is_set(), "the parent waited for good for a worker asked to stop"
     pid = int(pid_file.read_text())
@@ -1873,17 +1880,11 @@ def test_a_worker_not_ready_in_time_is_killed_and_named(
             "worker-1": f"echo $$ > {pid_file}; for i in $(seq 600); do sleep 0.1; done",
         },
     )
-    done, hung = threading.Event(), threading.Event()
-
-    def guard() -> None:  # (so that the test fails rather than hangs)
-        if not done.wait(40):
-            hung.set()
-            os.kill(int(pid_file.read_text()), signal.SIGKILL)
-
-    threading.Thread(target=guard, daemon=True).start()
-    with caplog.at_level(logging.INFO, logger="nexus_trio.cli"):
+    with (
+        _killed_if_hung(pid_file, 40) as hung,
+        caplog.at_level(logging.INFO, logger="nexus_trio.cli"),
+    ):
         summary, status = _cluster_cmd.run_workers(2, [], nats_url=NO_SERVER, python=python)
-    done.set()
     assert not hung.is_set(), "the parent waited for good for a worker that was not ready"
     pid = int(pid_file.read_text())
     stopping = "; stopping the other workers" if others == "running" else ""
