@@ -14,8 +14,10 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import types
 import unicodedata
 import uuid
+import weakref
 from collections.abc import Callable, Collection, Coroutine, Mapping, MutableMapping, Sequence
 from threading import get_ident
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, cast, final, overload
@@ -392,12 +394,10 @@ def _spec_for(target: Any, options: dict[str, Any]) -> AgentSpec:
             _check_awaitable_hook(target, hook, params)
         if inspect.isfunction(handle):  # called on an instance: self, ctx, msg
             _check_handler_signature(handle, f"{target.__name__}.handle", 3)
-        factory = cast("Callable[[], Behaviour]", target)
-        return AgentSpec(factory=factory, **options)
+        return _class_spec(target, options)
     if inspect.iscoroutinefunction(target):
         _check_handler_signature(target, target.__name__, 2)
-        behaviour = _FunctionBehaviour(target)
-        return AgentSpec(factory=lambda: behaviour, handler=target, **options)
+        return _handler_spec(target, options)
     if callable(getattr(target, "handle", None)):
         # (``kernel.spawn(Counter())``: each run builds its own instance from the class)
         name = type(target).__name__
@@ -529,10 +529,141 @@ def agent(
     return lambda t: _spec_for(t, options)
 
 
+def _class_spec(target: type[Any], options: Mapping[str, Any]) -> AgentSpec:
+    """The spec of an agent class already checked."""
+    return AgentSpec(factory=cast("Callable[[], Behaviour]", target), **options)
+
+
+def _handler_spec(target: Handler, options: Mapping[str, Any]) -> AgentSpec:
+    """The spec of a handler already checked."""
+    behaviour = _FunctionBehaviour(target)
+    return AgentSpec(factory=lambda: behaviour, handler=target, **options)
+
+
+_HOOKS: Final = ("handle", "on_start", "on_stop")
+_ABSENT: Final = object()
+
+#: What the checks of a class read when they passed, by class: the ``handle``,
+#: ``on_start`` and ``on_stop`` found (held weakly: a method using ``super()`` refers to
+#: its class) with each one's code, and the spec built then (held weakly: it holds the
+#: class; the agents spawned from it keep it alive). Keyed weakly: a class made in a loop,
+#: or deleted, goes with its entry.
+_CHECKED_CLASSES: Final[
+    weakref.WeakKeyDictionary[type[Any], tuple[tuple[Any, ...], weakref.ref[AgentSpec]]]
+] = weakref.WeakKeyDictionary()
+#: The same for plain ``async def`` handlers: the code and the defaults the signature
+#: check read (a function does not refer to itself through them), and the spec.
+_CHECKED_HANDLERS: Final[
+    weakref.WeakKeyDictionary[Callable[..., Any], tuple[tuple[Any, ...], weakref.ref[AgentSpec]]]
+] = weakref.WeakKeyDictionary()
+
+
+def _class_marks(target: type[Any]) -> tuple[Any, ...] | None:
+    """What a class's checks read, strongly held, for a class whose hooks are plain
+    functions found as they are by ``getattr`` (no metaclass or descriptor between):
+    ``(handle, its code, on_start, its code, on_stop, its code)``. ``None`` for any other
+    class: it is checked at every spawn, as before the cache."""
+    marks: list[Any] = []
+    for hook in _HOOKS:
+        found = getattr(target, hook, None)
+        if (
+            type(found) is not types.FunctionType
+            or inspect.getattr_static(target, hook) is not found
+        ):
+            return None
+        marks += (found, found.__code__)
+    return tuple(marks)
+
+
+def _cached_class_spec(target: type[Any]) -> AgentSpec | None:
+    """The spec of a class checked before, if its hooks are still the ones checked
+    (the same function objects, with the same code): else ``None``, to check again."""
+    entry = _CHECKED_CLASSES.get(target)
+    if entry is None:
+        return None
+    (handle, handle_code, on_start, start_code, on_stop, stop_code), spec_ref = entry
+    # (a hook deleted since: not found, never a dead reference's None)
+    found = getattr(target, "handle", _ABSENT)
+    if found is not handle() or found.__code__ is not handle_code:
+        return None
+    found = getattr(target, "on_start", _ABSENT)
+    if found is not on_start() or found.__code__ is not start_code:
+        return None
+    found = getattr(target, "on_stop", _ABSENT)
+    if found is not on_stop() or found.__code__ is not stop_code:
+        return None
+    spec = spec_ref()
+    if spec is None:  # every agent of the last one is gone: a new one, not checked again
+        spec = _class_spec(target, {})
+        _CHECKED_CLASSES[target] = (entry[0], weakref.ref(spec))
+    return spec
+
+
+def _handler_marks(target: Any) -> tuple[Any, ...] | None:
+    """What a handler's signature check read, for a plain function whose signature is its
+    own (no ``__wrapped__`` or ``__signature__``): ``(code, defaults, keyword defaults)``."""
+    if type(target) is not types.FunctionType:
+        return None
+    attributes = target.__dict__
+    if "__wrapped__" in attributes or "__signature__" in attributes:
+        return None
+    return (target.__code__, target.__defaults__, target.__kwdefaults__)
+
+
+def _cached_handler_spec(target: Any) -> AgentSpec | None:
+    """The spec of a handler checked before, if what its check read is unchanged."""
+    entry = _CHECKED_HANDLERS.get(target)
+    if entry is None:
+        return None
+    (code, defaults, kwdefaults), spec_ref = entry
+    attributes = target.__dict__
+    if (
+        target.__code__ is not code
+        or target.__defaults__ is not defaults
+        or target.__kwdefaults__ is not kwdefaults
+        or "__wrapped__" in attributes
+        or "__signature__" in attributes
+    ):
+        return None
+    spec = spec_ref()
+    if spec is None:
+        spec = _handler_spec(target, {})
+        _CHECKED_HANDLERS[target] = (entry[0], weakref.ref(spec))
+    return spec
+
+
 def as_spec(target: Any) -> AgentSpec:
-    """Accept what ``spawn`` accepts besides supervisors: a spec, an agent class, a handler."""
+    """Accept what ``spawn`` accepts besides supervisors: a spec, an agent class, a handler.
+
+    A class or a plain handler is checked at its first spawn; later spawns of it take the
+    spec built then while what the checks read is the same (the hooks found, their code;
+    the handler's code and defaults), and check again when it changed."""
     if isinstance(target, AgentSpec):
         return target
+    if type(target) is types.FunctionType:
+        spec = _cached_handler_spec(target)
+        if spec is not None:
+            return spec
+        marks = _handler_marks(target)  # (read before the checks: a change after them misses)
+        spec = _spec_for(target, {})
+        if marks is not None:
+            _CHECKED_HANDLERS[target] = (marks, weakref.ref(spec))
+        return spec
+    if isinstance(target, type):
+        try:
+            spec = _cached_class_spec(target)
+        except TypeError:  # (a metaclass that makes its classes unhashable)
+            return _spec_for(target, {})
+        if spec is not None:
+            return spec
+        marks = _class_marks(target)
+        spec = _spec_for(target, {})
+        if marks is not None:
+            weak = tuple(
+                weakref.ref(mark) if index % 2 == 0 else mark for index, mark in enumerate(marks)
+            )
+            _CHECKED_CLASSES[target] = (weak, weakref.ref(spec))
+        return spec
     return _spec_for(target, {})
 
 
