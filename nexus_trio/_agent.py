@@ -212,9 +212,12 @@ def _to_on_error(
 ) -> Directive | tuple[tuple[type[BaseException], Directive], ...] | None:
     if value is None or isinstance(value, Directive | str):
         return None if value is None else _to_directive(value)
-    if isinstance(value, Mapping):
+    if isinstance(value, Mapping) or (
+        # (the rules as a spec holds them, given back by with_options() / evolve)
+        isinstance(value, tuple) and all(isinstance(r, tuple) and len(r) == 2 for r in value)
+    ):
         rules = []
-        for exc_type, directive in value.items():
+        for exc_type, directive in value.items() if isinstance(value, Mapping) else value:
             if not (isinstance(exc_type, type) and issubclass(exc_type, BaseException)):
                 raise ValueError(f"on_error keys must be exception types, got {exc_type!r}")
             rules.append((exc_type, _to_directive(directive)))

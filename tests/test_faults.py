@@ -639,6 +639,34 @@ async def test_on_error_per_exception_type(autojump_clock: trio.testing.MockCloc
     assert [d.message.payload for d in stopped] == ["queued behind the failure"]
 
 
+async def test_a_spec_with_rules_per_exception_type_is_spawned_under_a_name_of_the_spawn(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """``kernel.spawn(spec, name=...)`` (and ``agent(spec, name=)``, ``with_options``)
+    failed for such a spec: the copy gave its rules, as the spec holds them, back to the
+    check of the mapping users give (``on_error must be a directive or a mapping ...``)."""
+
+    class PerType(Counting):
+        runs = 0
+
+    spec = agent(PerType, on_error={KeyError: "resume", ValueError: "stop"})
+    assert agent(spec, name="b").on_error == spec.on_error
+    assert spec.with_options(name="c").on_error == spec.on_error
+    with pytest.raises(ValueError, match="on_error keys must be exception types, got 'key'"):
+        spec.with_options(on_error=(("key", "stop"),))
+    with trio.fail_after(MOCK_LIMIT):
+        async with open_kernel(config(), seed=1) as kernel:
+            kernel.spawn(spec, name="a")
+            assert await kernel.request("a", "+") == 1
+            await kernel.send("a", "key")
+            assert await kernel.request("a", "+") == 2
+            await kernel.send("a", "value")
+            await step_until_idle(kernel)
+            assert names(kernel) == []
+            assert PerType.runs == 1
+    assert_conserved(kernel)
+
+
 async def test_stop_directive_stops_a_permanent_agent_for_good(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
