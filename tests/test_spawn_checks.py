@@ -8,10 +8,11 @@ import re
 import weakref
 from typing import Any
 
+import attrs
 import pytest
 import trio.testing
 
-from nexus_trio import Agent, Context, Message, open_kernel
+from nexus_trio import Agent, AgentSpec, Context, Message, agent, open_kernel
 from nexus_trio._agent import as_spec
 
 from .conftest import make_config
@@ -194,3 +195,35 @@ async def test_a_class_whose_metaclass_makes_it_unhashable_is_spawned() -> None:
         Odd.handle = lambda self, ctx, msg: None  # type: ignore[method-assign, assignment]
         with pytest.raises(TypeError, match=re.escape("Odd.handle is a plain function")):
             kernel.spawn(Odd)
+
+
+def test_a_spec_renamed_keeps_every_other_field() -> None:
+    """``with_options(name=)`` (a named spawn's copy) gives every field back by hand: a
+    field added to ``AgentSpec`` and not to the copy would fall back to its default."""
+
+    async def handler(ctx: Context, msg: Message) -> str:
+        return "ok"
+
+    spec = agent(
+        handler,
+        name="a",
+        mailbox_capacity=3,
+        handle_timeout=2.0,
+        overflow="drop_newest",
+        restart="transient",
+        shutdown_timeout=4.0,
+        on_error={KeyError: "stop"},
+    )
+    defaults = {a.name: a.default for a in attrs.fields(AgentSpec)}
+    unset = [name for name, default in defaults.items() if getattr(spec, name) == default]
+    assert unset == []  # (a new field: give it a value above)
+    renamed = spec.with_options(name="b")
+    assert renamed == attrs.evolve(spec, name="b")
+    assert renamed.name == "b"
+    assert [getattr(renamed, n) for n in defaults if n != "name"] == [
+        getattr(spec, n) for n in defaults if n != "name"
+    ]
+    with pytest.raises(ValueError, match="looks like a UUID"):
+        spec.with_options(name="6f1c8a52-2c4e-4f0b-9a59-2d5e0b1f3c11")
+    with pytest.raises(TypeError, match="agent name must be a string"):
+        spec.with_options(name=3)
