@@ -568,8 +568,9 @@ _ABSENT: Final = object()
 _CHECKED_CLASSES: Final[
     weakref.WeakKeyDictionary[type[Any], tuple[tuple[Any, ...], weakref.ref[AgentSpec]]]
 ] = weakref.WeakKeyDictionary()
-#: The same for plain ``async def`` handlers: the code and the defaults the signature
-#: check read (a function does not refer to itself through them), and the spec.
+#: The same for plain ``async def`` handlers: what the signature check read (the code, how
+#: many defaults, the names of the keyword defaults; not the defaults themselves, which
+#: may refer to the function), and the spec.
 _CHECKED_HANDLERS: Final[
     weakref.WeakKeyDictionary[Callable[..., Any], tuple[tuple[Any, ...], weakref.ref[AgentSpec]]]
 ] = weakref.WeakKeyDictionary()
@@ -618,13 +619,23 @@ def _cached_class_spec(target: type[Any]) -> AgentSpec | None:
 
 def _handler_marks(target: Any) -> tuple[Any, ...] | None:
     """What a handler's signature check read, for a plain function whose signature is its
-    own (no ``__wrapped__`` or ``__signature__``): ``(code, defaults, keyword defaults)``."""
+    own (no ``__wrapped__`` or ``__signature__``): its code, how many defaults it has, the
+    names of its keyword-only defaults."""
     if type(target) is not types.FunctionType:
         return None
     attributes = target.__dict__
     if "__wrapped__" in attributes or "__signature__" in attributes:
         return None
-    return (target.__code__, target.__defaults__, target.__kwdefaults__)
+    return _handler_shape(target)
+
+
+def _handler_shape(target: Any) -> tuple[Any, ...]:
+    keywords = target.__kwdefaults__
+    return (
+        target.__code__,
+        len(target.__defaults__ or ()),
+        None if keywords is None else frozenset(keywords),
+    )
 
 
 def _cached_handler_spec(target: Any) -> AgentSpec | None:
@@ -632,12 +643,10 @@ def _cached_handler_spec(target: Any) -> AgentSpec | None:
     entry = _CHECKED_HANDLERS.get(target)
     if entry is None:
         return None
-    (code, defaults, kwdefaults), spec_ref = entry
+    shape, spec_ref = entry
     attributes = target.__dict__
     if (
-        target.__code__ is not code
-        or target.__defaults__ is not defaults
-        or target.__kwdefaults__ is not kwdefaults
+        _handler_shape(target) != shape
         or "__wrapped__" in attributes
         or "__signature__" in attributes
     ):

@@ -127,6 +127,16 @@ async def test_a_handler_changed_after_its_first_spawn_is_checked_again() -> Non
         with pytest.raises(TypeError, match=re.escape("'async def handler(ctx, msg)'")):
             kernel.spawn(handler)
 
+    async def keyword(ctx: Context, msg: Message, *, flag: Any = None) -> None:
+        return None
+
+    async with open_kernel(make_config()) as kernel:
+        kernel.spawn(keyword)
+        assert keyword.__kwdefaults__ is not None
+        del keyword.__kwdefaults__["flag"]  # (the same dict, changed in place)
+        with pytest.raises(TypeError, match=re.escape("keyword(ctx, msg, flag) cannot be")):
+            kernel.spawn(keyword)
+
 
 async def test_hooks_that_are_not_plain_functions_are_checked_at_every_spawn() -> None:
     class Static(Agent):
