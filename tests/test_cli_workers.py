@@ -3060,3 +3060,34 @@ def test_a_raising_log_filter_does_not_stop_the_parent_accounting_for_a_dead_wor
     assert status == 128 + signal.SIGTERM  # the worst of the workers' statuses
     assert len(broken_cli_log) >= 1
     assert log_calls_failed() - before == len(broken_cli_log)
+
+
+def test_what_a_workers_app_prints_reaches_stderr_in_whole_lines() -> None:
+    """Regression: a worker's ``sys.stdout`` was its ``sys.stderr``, and ``print`` writes
+    a line's text and its end apart: a log record the worker's log thread wrote between
+    the two went into the middle of the line (``hi from the app2026-... INFO ... joined
+    the cluster``, then a lone end; the printing-app test above failed so at load). The
+    redirect passes whole lines, each in one write (a held part on flush)."""
+    from nexus_trio.cli._app import WholeLines
+
+    writes: list[str] = []
+
+    class Target:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return len(text)
+
+        def flush(self) -> None:
+            writes.append("<flush>")
+
+    out = WholeLines(Target())
+    out.write("hi from the app")
+    writes.append("RECORD\n")  # (the log thread's whole record, between print's writes)
+    out.write("\n")
+    out.write("two\nlines\npart")
+    out.write("ial")
+    assert writes == ["RECORD\n", "hi from the app\n", "two\nlines\n"]
+    out.flush()
+    assert writes[3:] == ["partial", "<flush>"]
+    out.flush()  # nothing held: only the target's flush
+    assert writes[5:] == ["<flush>"]

@@ -24,6 +24,7 @@ import os
 import shlex
 import shutil
 import sys
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -482,7 +483,10 @@ def run(
     if json_out and os.environ.get(WORKER_ENV):
         # A worker's stdout carries its JSON summary to the parent, and nothing else: what
         # the app prints (at import too) goes to stderr, which the parent passes through.
-        summary_out, sys.stdout = sys.stdout, sys.stderr
+        # Whole lines: a print is two writes (the text, then its end), and a log record
+        # the worker's log thread wrote between them went into the middle of the line
+        # ("hi from the app2026-... INFO ... joined the cluster", then a lone end).
+        summary_out, sys.stdout = sys.stdout, WholeLines(sys.stderr)
     if nats is None and cfg.nats.url:
         _check_nats(cfg.nats.url, _key_hint(loaded, "nats.url"))  # (the extra too)
     if node is not None and not (nats or cfg.nats.url):
@@ -550,8 +554,12 @@ def run(
         log_calls_failed_before=log_calls_failed_before,
         not_started=not_started,
     )
-    with label_worker_lines(node):
-        status = execute_run(opts, summary_out=summary_out)
+    try:
+        with label_worker_lines(node):
+            status = execute_run(opts, summary_out=summary_out)
+    finally:
+        if isinstance(sys.stdout, WholeLines):
+            sys.stdout.flush()  # (a last line without its end)
     if status:
         raise typer.Exit(status)
 
@@ -1084,6 +1092,44 @@ def _url_host(host: str) -> str:
 
 _bench_cmd.register(app)
 _send_cmd.register(app)
+
+
+class WholeLines(io.TextIOBase):
+    """A text stream that passes ``target`` whole lines, one write each (and on
+    :meth:`flush`, what it holds of a line): what a worker's app prints goes so to its
+    standard error, where the log handler writes each record whole from another thread
+    (see ``nexus_trio.logs``); ``print`` writes a line's text and its end apart."""
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+        self._held = ""
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            held = self._held + text
+            cut = held.rfind("\n") + 1
+            self._held = held[cut:]
+            if cut:
+                self.target.write(held[:cut])
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            held, self._held = self._held, ""
+            if held:
+                self.target.write(held)
+        self.target.flush()
+
+    def isatty(self) -> bool:
+        return bool(self.target.isatty())
+
+    def fileno(self) -> int:
+        return int(self.target.fileno())
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return str(getattr(self.target, "encoding", "utf-8"))
 
 
 class _WatchedStream:
