@@ -802,11 +802,17 @@ class Kernel:
             raise wrong_thread("kernel.attach_transport")
         if self._router.transport is not None:
             raise RuntimeError("a transport is already attached to this kernel")
+        self._let_go_of_left()
         self._router.use_transport(transport)
         self._router.left = None
         return TransportHandle(self._router, transport)
 
-    def detach_transport(self, left: Callable[[Message], str | None] | None = None) -> None:
+    def detach_transport(
+        self,
+        left: Callable[[Message], str | None] | None = None,
+        *,
+        at_close: Callable[[], None] | None = None,
+    ) -> None:
         """Route nothing through the transport any more: a message to an address not
         local raises ``AgentNotFound`` (a handler's is dead-lettered ``no_such_agent``).
 
@@ -818,11 +824,29 @@ class Kernel:
         another node is at most once; ``left`` counts it). Kept until the next
         :meth:`attach_transport`. A request to such an address raises
         ``TransportUnavailable`` with that text (``left`` is asked about it too, the
-        message a query)."""
+        message a query).
+
+        ``at_close`` is called once when ``left`` is let go: as the kernel closes (after
+        its shutdown: no tell comes after it) or at the next :meth:`attach_transport` or
+        ``detach_transport``; for the transport to say what its throttled lines about
+        those tells held back. An error it raises is logged, not raised."""
         if get_ident() != self._router.thread:
             raise wrong_thread("kernel.detach_transport")
+        self._let_go_of_left()
         self._router.use_transport(None)
         self._router.left = left
+        self._router.left_at_close = at_close
+
+    def _let_go_of_left(self) -> None:
+        """Call the ``at_close`` of the last :meth:`detach_transport`, once."""
+        at_close, self._router.left_at_close = self._router.left_at_close, None
+        if at_close is not None:
+            try:
+                at_close()
+            except Exception as exc:
+                log_guarded(
+                    log, logging.ERROR, "a detached transport's at_close raised", exc_info=exc
+                )
 
     def is_local(self, address: AgentRef | Address) -> bool:
         """True if ``address`` names an agent of this kernel; ``TypeError`` for what is no
@@ -1292,6 +1316,7 @@ async def open_kernel(
                     kernel._root.retire_all("shutdown")
             finally:
                 try:
+                    kernel._let_go_of_left()  # (never raises)
                     kernel._ledger.finish_streams()
                 finally:
                     try:

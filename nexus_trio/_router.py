@@ -355,13 +355,19 @@ class TransportHandle:
             raise wrong_thread("handle.cancel_query")
         return self._router.expire_query(query_id, to)
 
-    def detach(self, left: Callable[[Message], str | None] | None = None) -> None:
-        """Let go (see :meth:`Kernel.detach_transport` for ``left``)."""
+    def detach(
+        self,
+        left: Callable[[Message], str | None] | None = None,
+        *,
+        at_close: Callable[[], None] | None = None,
+    ) -> None:
+        """Let go (see :meth:`Kernel.detach_transport` for ``left`` and ``at_close``)."""
         if threading.get_ident() != self._router.thread:
             raise wrong_thread("handle.detach")
         if self._router.transport is self.transport:
             self._router.use_transport(None)
             self._router.left = left
+            self._router.left_at_close = at_close
 
 
 @final
@@ -496,6 +502,7 @@ class Router:
         "late_queries",
         "ledger",
         "left",
+        "left_at_close",
         "names",
         "nodes",
         "phase",
@@ -545,6 +552,8 @@ class Router:
         #: :meth:`Kernel.detach_transport`): asked about a tell to an address not local,
         #: a text if the address was on the cluster the node left, None if not
         self.left: Callable[[Message], str | None] | None = None
+        #: called once when ``left`` is let go (see :meth:`Kernel.detach_transport`)
+        self.left_at_close: Callable[[], None] | None = None
         #: pending requests by their query id's 128-bit value (an int hashes in C, a
         #: UUID through a Python __hash__)
         self._pending: dict[int, _Pending] = {}

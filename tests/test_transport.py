@@ -869,3 +869,38 @@ async def test_a_fault_after_a_run_enqueued_a_message_counts_it_taken_once(
         await trio.testing.wait_all_tasks_blocked()
         assert got == list(range(taken + 1))
         assert_conserved(kernel)
+
+
+async def test_a_detached_transports_at_close_is_called_once_when_its_left_is_let_go(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``detach_transport(left, at_close=...)``: ``at_close`` is called once, when no
+    tell can reach ``left`` any more: at the next attach (or detach), or as the kernel
+    closes, after its shutdown (a transport says there what its throttled lines about
+    those tells held back); one that raises is logged, and the kernel closes all the
+    same."""
+    calls: list[str] = []
+
+    def at_close(what: str) -> Any:
+        def call() -> None:
+            calls.append(what)
+            if what == "raises":
+                raise RuntimeError("at_close failed")
+
+        return call
+
+    async with open_kernel(make_config()) as kernel:
+        kernel.attach_transport(_Nowhere())
+        kernel.detach_transport(lambda msg: "left", at_close=at_close("first"))
+        assert calls == []
+        kernel.attach_transport(_Nowhere())  # let go of the first's left
+        assert calls == ["first"]
+        kernel.detach_transport(at_close=at_close("second"))
+        kernel.detach_transport(at_close=at_close("third"))  # replaces the second
+        assert calls == ["first", "second"]
+        handle = kernel.attach_transport(_Nowhere())
+        handle.detach(at_close=at_close("raises"))
+        assert calls == ["first", "second", "third"]
+    assert calls == ["first", "second", "third", "raises"]
+    raised = [r for r in caplog.records if r.exc_info and "at_close" in r.getMessage()]
+    assert len(raised) == 1 and str(raised[0].exc_info[1]) == "at_close failed"
