@@ -1286,7 +1286,19 @@ async def test_tells_a_kernel_sends_to_other_nodes_after_its_leave_are_counted_n
     assert stats.failed == 0
     assert stats.dead_letters_by_reason.get("transport_unavailable") == count
     lines = [r.getMessage() for r in said if "tells_after_leave" in r.getMessage()]
-    assert len(lines) == 1 and "node a left the cluster" in lines[0], lines
+    # at once, then at most a line a second with the count so far; what came after the
+    # last line is said as a's kernel closes (before, nothing said it): together, all
+    so_far = [int(m[1]) for line in lines if (m := re.search(r"\((\d+) so far", line))]
+    tails = [
+        int(m[1].replace(",", ""))
+        for line in lines
+        if (m := re.search(r"^node a: ([\d,]+) more tells to agents on other nodes", line))
+    ]
+    assert so_far[0] == 1 and "node a left the cluster" in lines[0], lines
+    assert len(so_far) + len(tails) == len(lines) and len(tails) <= 1, lines
+    assert so_far[-1] + sum(tails) == count, lines
+    if tails:
+        assert lines[-1].endswith("(at most a line a second; counted in tells_after_leave)")
 
 
 async def test_a_request_a_kernel_sends_to_another_node_after_its_leave_fails_cleanly(
@@ -1595,6 +1607,38 @@ async def test_an_error_frame_the_nats_client_refuses_is_counted_once(
         {"no_such_agent": 1},
         0,
     )
+
+
+async def test_failed_sends_are_counted_and_their_tail_is_said_at_the_leave(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: the outbox's "sending to NATS failed" warning (at once, then at most
+    once a second) had no count in ``ClusterStats``, and the failures after its last line
+    were said nowhere. They are counted in ``outbox_failures`` (5 error frames the NATS
+    client refused: each also in ``errors_unsent``), and the leave says the tail: the
+    last line's count and the tail's add up to the 5."""
+    n = 5
+    caplog.set_level(logging.WARNING, logger="nexus_trio.nats")
+    async with _node(nats.url, "b") as (_kb, cb), _node(nats.url, "a") as (ka, ca):
+        await cb.names_published()
+        _refuse_error_frames(monkeypatch, cb)
+        async with trio.open_nursery() as nursery:
+            outcomes = [await _ask_a_ghost(nursery, ka, ca, cb) for _ in range(n)]
+        counted = cb.stats()
+        assert (counted.outbox_failures, counted.errors_unsent) == (n, {"no_such_agent": n})
+    assert all(len(o) == 1 and isinstance(o[0], RequestTimeout) for o in outcomes), outcomes
+    lines = [r.getMessage() for r in caplog.records]
+    so_far = [int(m[1]) for line in lines if (m := re.search(r"NATS failed \((\d+) so far", line))]
+    tails = [
+        int(m[1].replace(",", ""))
+        for line in lines
+        if (m := re.search(r"node b: ([\d,]+) more failed sends to NATS after the last", line))
+    ]
+    assert so_far and so_far[0] == 1 and len(tails) <= 1, lines
+    assert so_far[-1] + sum(tails) == n, lines
+    if tails:
+        tail = next(line for line in lines if "more failed sends to NATS" in line)
+        assert tail.endswith("(at most a line a second; counted in outbox_failures)")
 
 
 async def test_tells_the_pump_holds_when_a_draining_node_leaves_are_counted(

@@ -34,6 +34,7 @@ import trio_asyncio  # type: ignore[import-untyped, import-not-found, unused-ign
 from .._logcall import log_guarded
 from .._throttle import Throttle
 from ._direct import drive
+from ._held import HeldLines
 
 T = TypeVar("T")
 
@@ -196,6 +197,11 @@ class Outbox(Generic[T]):
     :meth:`pause` holds every item here (e.g. while the connection is down, so that an
     outage fills this bounded queue, on whose high-water mark senders wait, instead of
     the client's reconnect buffer); :meth:`resume` sends them on, in order.
+
+    A failed send is counted (``failed_batches``) and logged at once, then at most once
+    a second with the count so far; those after the last line are held in ``held`` (the
+    node's :class:`HeldLines`, said at its leave) as ``what``, ``counted`` naming the
+    counter they are in.
     """
 
     def __init__(
@@ -203,6 +209,10 @@ class Outbox(Generic[T]):
         send_batch: Callable[[list[T]], Awaitable[None]] | None = None,
         send_one: Callable[[T], Coroutine[Any, Any, None]] | None = None,
         on_refused: Callable[[T, Exception], None] | None = None,
+        *,
+        held: HeldLines | None = None,
+        what: str = "failed sends to NATS",
+        counted: str = "",
     ) -> None:
         if (send_batch is None) == (send_one is None):
             raise TypeError("Outbox needs one of send_batch and send_one")
@@ -231,6 +241,11 @@ class Outbox(Generic[T]):
         #: items sent at once by :meth:`put` (not through the asyncio task)
         self.direct = 0
         self._failure_log = Throttle()
+        # the failures after the last line logged, said at the node's leave (``what``
+        # they are, and ``counted``: the ClusterStats field counting them)
+        self._held = HeldLines() if held is None else held
+        self._what = what
+        self._counted = counted
 
     async def start(self) -> None:
         """Start the asyncio task (call from Trio inside :func:`asyncio_loop`)."""
@@ -327,9 +342,10 @@ class Outbox(Generic[T]):
             self._failed(exc)
 
     def _failed(self, exc: Exception) -> None:
-        """Count a failed send; log it, at most once a second (an outage fails them all)."""
+        """Count a failed send; log it, at most once a second (an outage fails them all):
+        those after the last line are held (see ``held``), said at the node's leave."""
         self.failed_batches += 1
-        if self._failure_log.due():
+        if self._held.due(self._failure_log, self._what, counted=self._counted):
             log_guarded(
                 log,
                 logging.WARNING,

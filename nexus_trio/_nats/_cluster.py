@@ -396,6 +396,11 @@ class ClusterStats:
     #: not spawned again yet): each nakked with a delay that grows a delivery
     #: (``DurableOptions.missing_agent_delay``), dead after ``max_deliver`` (``durable_dead``)
     durable_agent_missing: int = 0
+    #: the outbox's sends that failed, each logged (at most a line a second, the rest
+    #: said at the leave): a message the NATS client refused (also counted as what it
+    #: was: ``publish_failures``, ``errors_unsent``, or a gap at its receiver) and one
+    #: whose publish failed after its bytes were buffered (counted only here)
+    outbox_failures: int = 0
     #: tells this node's kernel sent after the node left the cluster (it runs on) to an
     #: agent the node knew on another node: not sent (dead-lettered there
     #: ``transport_unavailable``), not raised to their senders (see ``_tell_after_leave``)
@@ -770,7 +775,10 @@ class Cluster:
         self.held: HeldLines = HeldLines()
         self._inbox: Inbox[NatsMsg | _OpenBatch] = Inbox(options.inbound_limit)
         self._outbox: Outbox[_Outgoing] = Outbox(
-            send_one=self._publish_one, on_refused=self._publish_refused
+            send_one=self._publish_one,
+            on_refused=self._publish_refused,
+            held=self.held,
+            counted="outbox_failures",
         )
         #: what waits in the outbox (len() of it: every tell checks the backlog)
         self._outbox_queued = self._outbox.queued
@@ -5012,7 +5020,8 @@ class Cluster:
         queued was silent seconds in its leave, and judged lost. The tell goes the way of
         any tell lost on the way to another node (at most once): counted here, in
         ``tells_after_leave``, and logged at once, then at most once a second with the
-        count so far. A request (a query) is not sent either: its requester gets
+        count so far (what came after the last line said as the kernel closes, see
+        _said_after_leave). A request (a query) is not sent either: its requester gets
         ``TransportUnavailable`` with the text, counted in ``requests_after_leave``,
         nothing logged (the requester has the error)."""
         try:
@@ -5027,7 +5036,11 @@ class Cluster:
             self._requests_after_leave += 1
             return f"node {self.node!r} left the cluster: request to {msg.to!r} on {node} not sent"
         self._tells_after_leave += 1
-        if self._after_leave_log.due():
+        if self.held.due(
+            self._after_leave_log,
+            "tells to agents on other nodes (not sent: the node left)",
+            counted="tells_after_leave",
+        ):
             log_guarded(
                 log,
                 logging.WARNING,
@@ -5038,6 +5051,11 @@ class Cluster:
                 self._tells_after_leave,
             )
         return f"node {self.node!r} left the cluster: not sent to {msg.to!r} on {node}"
+
+    def _said_after_leave(self) -> None:
+        """The kernel closes (or joins again): its tells after the leave (the last kind
+        held, see _tell_after_leave) are over; say what their lines held back."""
+        self.held.say(self.node)
 
     async def _leave(self) -> None:
         """Clean leave, while the connection is still up: flush acks and queued messages,
@@ -5313,6 +5331,7 @@ class Cluster:
             buckets_made_again=self._buckets_made_again,
             errors_unsent=dict(self._errors_unsent),
             lost_at_leave=self._lost_at_leave,
+            outbox_failures=self._outbox.failed_batches,
             tells_after_leave=self._tells_after_leave,
             requests_after_leave=self._requests_after_leave,
             requests_lost_with_nodes=self._requests_lost_with_nodes,
@@ -5446,7 +5465,9 @@ async def join_cluster(
                     finally:
                         metrics.remove_collector(kernel, collector)
                         _joined.pop(kernel, None)
-                        kernel.detach_transport(cluster._tell_after_leave)
+                        kernel.detach_transport(
+                            cluster._tell_after_leave, at_close=cluster._said_after_leave
+                        )
                         await cluster._leave()
                         nursery.cancel_scope.cancel()
             finally:

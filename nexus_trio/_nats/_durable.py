@@ -190,7 +190,9 @@ class DurableChannel:
         self._held: deque[NatsMsg] = deque()
         self._tick = -math.inf
         self._room = trio.Event()
-        self._ops: Outbox[tuple[NatsMsg, str]] = Outbox(self._send_ops)
+        self._ops: Outbox[tuple[NatsMsg, str]] = Outbox(
+            self._send_ops, held=cluster.held, what="failed sends of durable acks and naks"
+        )
         # stop() ends the pull before it closes _ops: nothing is fetched after that
         self._pulling = trio.CancelScope()
         self._pull_ended = trio.Event()

@@ -49,6 +49,10 @@ CLUSTER_COUNTERS: Final = {
         "nexus_cluster_outbox_direct",
         "Publishes sent at once from Trio (the outbox was idle).",
     ),
+    "outbox_failures": (
+        "nexus_cluster_outbox_failures",
+        "Sends of the outbox that failed (refused by the NATS client, or after buffering).",
+    ),
     "inbox_wakeups": ("nexus_cluster_inbox_wakeups", "Times the inbox woke the Trio side."),
     "disconnects": ("nexus_cluster_disconnects", "Times the NATS connection was lost."),
     "reconnects": ("nexus_cluster_reconnects", "Times the NATS connection was made again."),
