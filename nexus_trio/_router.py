@@ -312,6 +312,8 @@ class TransportHandle:
         answer is no work for this kernel, and its requester waits for it). Raises what
         the transport raises (``TypeError`` / ``ValueError`` for an answer its wire form
         cannot carry); ``KernelShuttingDown`` once the transport is detached."""
+        if threading.get_ident() != self._router.thread:
+            raise wrong_thread("handle.relay_nowait")
         self._router.relay_nowait(msg)
 
     def answer_through_transport(self, query_id: uuid.UUID) -> None:
@@ -319,6 +321,8 @@ class TransportHandle:
         back to the transport (``deliver_nowait``), whatever its sender is: also an agent
         here, which would otherwise take it as a message (a durable message keeps its
         real sender, and its answer acks it). The last 65,536 such queries are kept."""
+        if threading.get_ident() != self._router.thread:
+            raise wrong_thread("handle.answer_through_transport")
         self._router.answer_through_transport(query_id)
 
     def gave_up(self, request_id: uuid.UUID) -> bool:
@@ -440,11 +444,12 @@ def wrong_thread(what: str) -> RuntimeError:
     """The error of a synchronous call of the kernel's (``send_nowait``, ``spawn``,
     ``ctx.stop``, ``ctx.monitor``, ``ctx.demonitor``, ``fail_request``, ``fail_query``,
     ``report_event``, ``attach_transport``, ``detach_transport``, ``scan_agents``; a
-    transport handle's ``detach``, ``fail_request``, ``cancel_query``) made
-    in a thread other than its Trio run's: it would change the kernel's state under its
-    run and wake tasks from outside it (an agent's first message starts its task there),
-    failing half-way with one of Trio's errors that names neither the call nor the
-    thread, the message counted as accepted and left unhandled."""
+    transport handle's ``detach``, ``fail_request``, ``cancel_query``, ``relay_nowait``,
+    ``answer_through_transport``) made in a thread other than its Trio run's: it would
+    change the kernel's state under its run and wake tasks from outside it (an agent's
+    first message starts its task there), failing half-way with one of Trio's errors that
+    names neither the call nor the thread, the message counted as accepted and left
+    unhandled."""
     return RuntimeError(
         f"{what} was called in the thread {threading.current_thread().name!r}, not the"
         " thread of the kernel's Trio run: the kernel is not thread-safe. From a worker"

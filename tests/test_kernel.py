@@ -3659,6 +3659,59 @@ async def test_transport_calls_and_scans_from_another_thread_are_refused_before_
         assert [m.payload for m in carrier.carried] == ["carried", "q"]
 
 
+async def test_a_transport_handle_s_relay_and_answer_routing_from_another_thread_are_refused() -> (
+    None
+):
+    """``handle.relay_nowait`` (an answer passed on for a requester elsewhere) and
+    ``handle.answer_through_transport`` (a durable query's answer routed to the
+    transport) were not thread-checked: from a worker thread the first handed a message
+    to the transport and counted it under the kernel's run, the second changed where an
+    answer goes. Each is refused, naming itself, and changes nothing: nothing carried or
+    counted, the answer to the query taken to its sender here; the same calls in the
+    kernel's thread do both."""
+    got: list[Any] = []
+
+    async def asker(ctx: Context, msg: Message) -> None:
+        got.append((msg.kind, msg.payload))
+
+    async with open_kernel(make_config()) as kernel:
+        carrier = _Carrier()
+        handle = kernel.attach_transport(carrier)
+        echo, sender = kernel.spawn(_echo, name="echo"), kernel.spawn(asker, name="asker")
+        elsewhere = Message(uuid.uuid4(), uuid.uuid4(), "q", MessageKind.QUERY)
+        answer = elsewhere.reply(uuid.uuid4(), "a")
+
+        async def refused(call: str, fn: Any) -> None:
+            raised = await trio.to_thread.run_sync(_in_thread_named_work, fn)
+            assert isinstance(raised, RuntimeError), (call, raised)
+            assert str(raised) == _thread_error(call)
+
+        before = kernel.stats()
+        await refused("handle.relay_nowait", lambda: handle.relay_nowait(answer))
+        after = kernel.stats()
+        assert carrier.carried == []
+        assert (after.accepted, after.forwarded) == (before.accepted, before.forwarded)
+        handle.relay_nowait(answer)  # (in the kernel's thread: carried, counted)
+        assert carrier.carried == [answer]
+        assert kernel.stats().forwarded == before.forwarded + 1
+
+        durable = Message(sender.id, echo.id, "durable", MessageKind.QUERY)
+        await refused(
+            "handle.answer_through_transport", lambda: handle.answer_through_transport(durable.id)
+        )
+        assert handle.deliver_nowait(durable)
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == [(MessageKind.RESPONSE, "durable")]  # to its sender: not routed
+        assert carrier.carried == [answer]
+        again = Message(sender.id, echo.id, "again", MessageKind.QUERY)
+        handle.answer_through_transport(again.id)  # (in the kernel's thread: routed)
+        assert handle.deliver_nowait(again)
+        await trio.testing.wait_all_tasks_blocked()
+        assert [m.payload for m in carrier.carried] == ["a", "again"]
+        assert got == [(MessageKind.RESPONSE, "durable")]
+        kernel.detach_transport()
+
+
 async def test_ctx_stop_and_monitors_from_a_run_sync_thread_are_refused() -> None:
     """``ctx.stop()`` from a ``ctx.run_sync`` thread set the stop half-way (the agent
     exited after the message) then failed in Trio with ``must be called from async
