@@ -29,7 +29,8 @@ later (deaf to the SIGTERM, frozen while the others stopped first) is killed and
 as a dead one, as systemd's ``TimeoutStopSec``: one stop always ends the run.
 A worker says it is ready once it joined the cluster (:func:`notify_parent_ready`); one
 not ready :data:`_START_GRACE` seconds after it started (hung at its import, its config,
-its join) is killed, counted as a dead one, and stops the others, as ``TimeoutStartSec``.
+its join) is killed, counted as a dead one, and stops the others, as ``TimeoutStartSec``
+(unless it was asked to stop first: the stop's bound holds then).
 When the parent's standard error is a pipe or socket, each worker's is relayed through
 the parent whole line by whole line (two workers' long lines interleaved in the pipe).
 
@@ -124,7 +125,9 @@ _STOP_GRACE: Final = 80.0
 #: join the cluster) before it is killed and the others stopped, as systemd's
 #: ``TimeoutStartSec``; the swarm waits as long for every worker to join
 #: (``_swarm.START_TIMEOUT``). One hung at its import had kept an ``--app`` run (whose
-#: workers do not wait for each other) running for good
+#: workers do not wait for each other) running for good. One asked to stop before it is
+#: ready is bounded by :data:`_STOP_GRACE` from then on instead, as systemd's stop of a
+#: unit still starting
 _START_GRACE: Final = 120.0
 #: bytes of a line of a worker's standard error the relay holds at most while it waits for
 #: the line's end (a longer one is passed on in pieces of this size)
@@ -625,6 +628,10 @@ def run_workers(
                 proc.send_signal(signal.SIGTERM if level == 1 else signal.SIGKILL)
                 if level == 1:  # a graceful stop is bounded, as systemd's TimeoutStopSec
                     stop_deadlines[proc.pid] = time.monotonic() + stop_grace
+                    # and only so: one asked to stop before it was ready (its import
+                    # interrupted) is not killed as not ready while it stops (a start
+                    # and stop past _START_GRACE at load lost its summary)
+                    start_deadlines.pop(proc.pid, None)
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         if is_hangup(signum):
@@ -750,29 +757,30 @@ def run_workers(
             argv.append(f"--metrics-port={metrics_port + i if metrics_port else 0}")
             ready_read, ready_write = os.pipe()
             try:
-                procs.append(
-                    subprocess.Popen(
-                        argv,
-                        stdin=subprocess.DEVNULL,
-                        stdout=subprocess.PIPE,
-                        stderr=subprocess.PIPE if relay_stderr else None,
-                        env={
-                            **env,
-                            WORKER_ENV: node,
-                            SWARM_ENV: str(workers),
-                            READY_FD_ENV: str(ready_write),
-                        },
-                        pass_fds=(ready_write,),
-                        process_group=0,
-                        preexec_fn=_worker_preexec(),
-                    )
+                started = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE if relay_stderr else None,
+                    env={
+                        **env,
+                        WORKER_ENV: node,
+                        SWARM_ENV: str(workers),
+                        READY_FD_ENV: str(ready_write),
+                    },
+                    pass_fds=(ready_write,),
+                    process_group=0,
+                    preexec_fn=_worker_preexec(),
                 )
+                # (its start's deadline before it is in procs: a stop passed on to it
+                # from then on drops it, see pass_on)
+                start_deadlines[started.pid] = time.monotonic() + _START_GRACE
+                procs.append(started)
             except BaseException:
                 os.close(ready_read)
                 raise
             finally:
                 os.close(ready_write)
-            start_deadlines[procs[-1].pid] = time.monotonic() + _START_GRACE
             ready_reads.append(ready_read)
             if signals_seen:
                 # A signal came while starting: it reaches this worker too (it may have
