@@ -1776,23 +1776,10 @@ async def test_tells_waiting_for_room_go_in_without_a_wait_each_once_room_is_mad
             reached.set()
             reached = trio.Event()
 
-    credited = trio.Event()
-
-    @agent(name="back")
-    async def back(ctx: Context, msg: Message) -> Any:
-        credited.set()
-
     tells = 200
     async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
-        kb.spawn(stalled)
-        kb.spawn(_ping)
-        ka.spawn(back)
-        await cb.names_published()
-        await ca.names_published()
         with trio.fail_after(30):
-            await ca.wait_for_name("stalled")
-            await ca.wait_for_name("ping")
-            await cb.wait_for_name("back")
+            credited = await _stalled_on_b_back_on_a(ka, ca, kb, cb, stalled)
             for i in range(tells):
                 await ka.send("stalled", i)
             # a request goes after the tells' batches: b has taken them in order
@@ -1824,6 +1811,27 @@ async def test_tells_waiting_for_room_go_in_without_a_wait_each_once_room_is_mad
     assert 1 <= waited <= tells // 4
     assert cb.stats().parked == 0
     assert cb.stats().inbound_dropped == {}
+
+
+async def _stalled_on_b_back_on_a(ka: Any, ca: Any, kb: Any, cb: Any, stalled: Any) -> trio.Event:
+    """b runs ``stalled`` and ``ping``, a runs ``back``, each node knowing the other's
+    names; the event returned is set when ``back`` handles a tell (one from b travels
+    behind b's credit: once it is handled, a has all of it)."""
+    credited = trio.Event()
+
+    @agent(name="back")
+    async def back(ctx: Context, msg: Message) -> Any:
+        credited.set()
+
+    kb.spawn(stalled)
+    kb.spawn(_ping)
+    ka.spawn(back)
+    await cb.names_published()
+    await ca.names_published()
+    await ca.wait_for_name("stalled")
+    await ca.wait_for_name("ping")
+    await cb.wait_for_name("back")
+    return credited
 
 
 def _gated_collector(gate: trio.Event, handled: list[Any], tells: int, done: trio.Event) -> Any:
@@ -1930,26 +1938,13 @@ async def test_tells_parked_behind_a_full_mailbox_return_credit_in_shares_not_pe
 
     stalled = _gated_collector(gate, handled, tells, done)
 
-    credited = trio.Event()
-
-    @agent(name="back")
-    async def back(ctx: Context, msg: Message) -> Any:
-        credited.set()
-
     window = 256
     async with (
         _node(nats.url, "b", node_window=window) as (kb, cb),
         _node(nats.url, "a", node_window=window) as (ka, ca),
     ):
-        kb.spawn(stalled)
-        kb.spawn(_ping)
-        ka.spawn(back)
-        await cb.names_published()
-        await ca.names_published()
         with trio.fail_after(30):
-            await ca.wait_for_name("stalled")
-            await ca.wait_for_name("ping")
-            await cb.wait_for_name("back")
+            credited = await _stalled_on_b_back_on_a(ka, ca, kb, cb, stalled)
 
             async def send_all() -> None:
                 for i in range(tells):
