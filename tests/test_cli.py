@@ -336,6 +336,47 @@ def test_an_app_module_not_found_says_where_it_was_looked_for(isolated):
     assert "looked for in the current directory" not in out
 
 
+def test_a_config_files_app_and_spawn_beside_the_file_say_where_to_run_nexus(isolated):
+    """A user of the original with /srv/app/config.toml naming ``app = "myagents:app"`` and
+    ``spawn = ["python3 agent.py"]`` (both files beside it), run from elsewhere (as the
+    systemd unit does, from /var/lib/nexus): the app said only where it was looked for,
+    and the program started, failed with python's "can't open file" and the run exited 1.
+    Both are usage errors now that name the file's directory and what to do."""
+    srv = isolated / "srv"
+    srv.mkdir()
+    (srv / "myagents_of_srv.py").write_text("from nexus_trio import agent\n")
+    (srv / "agent.py").write_text("")
+    config = srv / "config.toml"
+    command = f"{sys.executable} -u agent.py"
+    for key, said in [
+        (
+            'app = "myagents_of_srv:app"',
+            f"it is looked for in the current directory ({isolated}), PYTHONPATH and the"
+            f" installed packages; myagents_of_srv.py is beside the config file, in {srv}:"
+            " run nexus from there (systemd: WorkingDirectory=), or put it on PYTHONPATH",
+        ),
+        (
+            f"spawn = [{json.dumps(command)}]",
+            f"Invalid value for [app] spawn (file {config}): 'agent.py' (in {command!r}) is"
+            f" not in the current directory ({isolated}) but beside the config file, in {srv}:"
+            " a command of the config runs in the directory nexus runs in, not the file's;"
+            f" run nexus from {srv} (systemd: WorkingDirectory=), or write the path out"
+            f" ({str(srv / 'agent.py')!r})",
+        ),
+    ]:
+        config.write_text(f"[app]\n{key}\n")
+        result = invoke(["run", "-c", str(config), "-d", "0.1"])
+        assert result.exit_code == 2, result.output
+        assert said in flat(result.output)
+    # a path found in the current directory, or given on the command line, is not judged
+    (isolated / "agent.py").write_text("")
+    result = invoke(["run", "-c", str(config), "-d", "0.1", "--json"])
+    assert "beside the config file" not in flat(result.output)
+    (isolated / "agent.py").unlink()
+    result = invoke(["run", "--spawn", command, "-d", "0.1", "--json"])
+    assert "beside the config file" not in flat(result.output)
+
+
 def test_bad_app_messages_say_what_is_wrong(isolated):
     out = flat(invoke(["run", "--app", "no_such_module_xyz:main"]).output)
     assert "no module named 'no_such_module_xyz'" in out

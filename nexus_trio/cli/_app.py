@@ -27,7 +27,7 @@ import sys
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
@@ -510,7 +510,7 @@ def run(
 
     not_started = None
     try:
-        target = _loaded_app(cfg.app.app, app_hint)
+        target = _loaded_app(cfg.app.app, app_hint, loaded)
         types = _loaded_types(cfg.app.types, types_hint)
     except _ImportInterrupted as exc:
         if exc.signame is None:  # (a Ctrl-C)
@@ -525,7 +525,7 @@ def run(
     spawn_hint = "--spawn"
     if not commands and not_started is None:
         spawn_hint = _key_hint(loaded, "app.spawn")
-        commands = [_split_command(c, spawn_hint) for c in cfg.app.spawn]
+        commands = [_split_command(c, spawn_hint, loaded) for c in cfg.app.spawn]
     show_live = live if live is not None else _can_redraw(sys.stderr)
     opts = RunOptions(
         config=cfg,
@@ -601,7 +601,13 @@ def _interrupted(exc: _ImportInterrupted) -> typer.Exit:
     return typer.Exit(FORCED_EXIT)
 
 
-def _loaded(load: Callable[[str], _T], reference: str | None, hint: str) -> _T | None:
+def _loaded(
+    load: Callable[[str], _T],
+    reference: str | None,
+    hint: str,
+    loaded: LoadedConfig | None = None,
+    key: str = "",
+) -> _T | None:
     """``load(reference)``, None without a reference; a usage error naming ``hint`` (the
     flag or config key the reference came from) if it cannot be loaded; _ImportInterrupted
     for a Ctrl-C while it is imported, or a stop signal noted early (a ``--workers``
@@ -615,18 +621,54 @@ def _loaded(load: Callable[[str], _T], reference: str | None, hint: str) -> _T |
         with stops_interrupt():  # (a worker: the parent's stop interrupts the import)
             return load(reference)
     except AppError as exc:
-        raise typer.BadParameter(str(exc), param_hint=hint) from None
+        where = ""
+        if exc.missing is not None and loaded is not None:
+            # (a config file's module beside the file, where nexus runs elsewhere)
+            top = exc.missing.partition(".")[0]
+            found, base = _beside_the_config(loaded, key, [f"{top}.py", f"{top}/"])
+            if found is not None:
+                where = (
+                    f"; {found.rstrip('/')} is beside the config file, in {base}: run"
+                    " nexus from there (systemd: WorkingDirectory=), or put it on PYTHONPATH"
+                )
+        raise typer.BadParameter(str(exc) + where, param_hint=hint) from None
     except KeyboardInterrupt as exc:
         signame = exc.signame if isinstance(exc, StoppedWhileImporting) else None
         raise _ImportInterrupted(f"{reference!r} ({hint.strip(chr(39))})", signame) from None
 
 
-def _loaded_app(reference: str | None, hint: str) -> Any:
-    """The object ``--app`` (or the config's ``[app] app``; ``hint`` names which) names,
-    as :func:`_loaded`."""
+def _loaded_app(reference: str | None, hint: str, loaded: LoadedConfig | None = None) -> Any:
+    """The object ``--app`` (or the config's ``[app] app``, of ``loaded``; ``hint`` names
+    which) names, as :func:`_loaded`."""
     from ._run import load_app
 
-    return _loaded(load_app, reference, hint)
+    return _loaded(load_app, reference, hint, loaded, "app.app")
+
+
+def _beside_the_config(
+    loaded: LoadedConfig, key: str, paths: Sequence[str]
+) -> tuple[str | None, str]:
+    """The first of ``paths`` (relative paths that the value of the config key ``key``
+    names) that is not in the current directory but is beside the config file the value
+    came from, and that file's directory: a config file's ``[app] app`` and ``[app] spawn``
+    are taken from the directory nexus runs in, not the file's (a systemd unit's
+    ``WorkingDirectory``), so that a mistake says where the path is instead. (None, '')
+    when the value did not come from the file, or the file is in the current directory."""
+    if loaded.path is None or not loaded.sources.get(key, "").startswith("file "):
+        return None, ""
+    base = os.path.dirname(os.path.abspath(loaded.path))
+    if os.path.realpath(base) == os.path.realpath(os.getcwd()):
+        return None, ""
+    for path in paths:
+        if (
+            path
+            and not path.startswith("-")
+            and not os.path.isabs(path)
+            and not os.path.exists(path)
+            and os.path.exists(os.path.join(base, path))
+        ):
+            return path, base
+    return None, ""
 
 
 #: the flags of the demo workload alone (``--seed`` and ``-d`` are for any run)
@@ -796,8 +838,10 @@ def _run_workers(
         raise typer.Exit(status)
 
 
-def _split_command(command: str, hint: str) -> tuple[str, ...]:
-    """``command`` as argv; ``hint`` names the flag or key it came from in an error."""
+def _split_command(command: str, hint: str, loaded: LoadedConfig | None = None) -> tuple[str, ...]:
+    """``command`` as argv; ``hint`` names the flag or key it came from in an error
+    (``[app] spawn`` of ``loaded``, when given: a path in it is checked against the
+    config file's directory, see :func:`_beside_the_config`)."""
     try:
         argv = tuple(shlex.split(command))
     except ValueError as exc:
@@ -808,6 +852,19 @@ def _split_command(command: str, hint: str) -> tuple[str, ...]:
 
     if (problem := shell_syntax_problem(command, argv)) is not None:
         raise typer.BadParameter(problem, param_hint=hint)
+    if loaded is not None:
+        # (a path: a script, ./bin/agent; a word without '/' or '.' is taken for none)
+        paths = [arg for arg in argv if "/" in arg or "." in arg]
+        found, base = _beside_the_config(loaded, "app.spawn", paths)
+        if found is not None:
+            raise typer.BadParameter(
+                f"{found!r} (in {command!r}) is not in the current directory"
+                f" ({os.getcwd()}) but beside the config file, in {base}: a command of the"
+                " config runs in the directory nexus runs in, not the file's; run nexus"
+                f" from {base} (systemd: WorkingDirectory=), or write the path out"
+                f" ({os.path.join(base, found)!r})",
+                param_hint=hint,
+            )
     if shutil.which(argv[0]) is None:
         raise typer.BadParameter(
             f"program {argv[0]!r} not found (not on PATH, or not executable)",

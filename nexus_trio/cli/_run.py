@@ -90,7 +90,13 @@ FORCED_EXIT: Final = 130
 
 
 class AppError(Exception):
-    """``--app`` (or ``--types``) does not name a usable object."""
+    """``--app`` (or ``--types``) does not name a usable object; ``missing`` is the module
+    of the reference when it was not found (a config file's reference may name a module
+    beside the file: the caller can say so)."""
+
+    def __init__(self, message: str, *, missing: str | None = None) -> None:
+        super().__init__(message)
+        self.missing = missing
 
 
 @attrs.frozen
@@ -318,7 +324,10 @@ def _import_reference(reference: str) -> Any:
                 f"; it is looked for in the current directory ({cwd}), PYTHONPATH and the"
                 " installed packages"
             )
-            raise AppError(f"no module named {module_name!r} (in {reference!r}){where}") from None
+            raise AppError(
+                f"no module named {module_name!r} (in {reference!r}){where}",
+                missing=None if where.startswith("; did you mean") else module_name,
+            ) from None
         raise AppError(f"importing {module_name!r} failed at {_where(exc)}: {exc}") from exc
     except Exception as exc:
         raise AppError(
