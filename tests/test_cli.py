@@ -513,28 +513,29 @@ def test_config_init_writes_a_template_and_refuses_to_overwrite(isolated):
 
 def test_a_refused_overwrite_names_the_flag_of_the_command_that_has_it(isolated):
     """Regression: ``nexus run --generate-config FILE`` (the original's flag) on a file
-    that exists said ``use --force / force=True``, but ``run`` has no ``--force`` (``No
-    such option: --force``) and ``force=True`` is the Python API's. Each command now says
-    what replaces the file in its own words, and the advice works."""
+    that exists said ``use --force / force=True``, but ``run`` had no ``--force`` (``No
+    such option: --force``) and ``force=True`` is the Python API's; then it named
+    ``nexus config init FILE --force``, and ``--generate-config FILE --force``, what a user
+    of the original types next, was still ``No such option``. Both commands take
+    ``--force`` now (``run``'s only with ``--generate-config``), and the advice works."""
     target = isolated / "my conf" / "config.toml"
     target.parent.mkdir()
-    target.write_text("# mine\n")
-    result = invoke(["--generate-config", str(target)])
-    assert result.exit_code == 1
     quoted = shlex.quote(str(target))
-    assert flat(result.output) == (
-        f"nexus: error: {target}: file exists; refusing to overwrite it"
-        f" (nexus config init {quoted} --force replaces it)"
-    )
-    result = invoke(["config", "init", str(target)])
-    assert result.exit_code == 1
-    assert flat(result.output) == (
-        f"nexus: error: {target}: file exists; refusing to overwrite it (--force replaces it)"
-    )
-    assert target.read_text() == "# mine\n"
-    result = invoke(shlex.split(f"config init {quoted} --force"))  # the advice, as given
-    assert result.exit_code == 0, result.output
-    assert "[kernel]" in target.read_text()
+    for command in (f"--generate-config {quoted}", f"config init {quoted}"):
+        target.write_text("# mine\n")
+        result = invoke(shlex.split(command))
+        assert result.exit_code == 1
+        assert flat(result.output) == (
+            f"nexus: error: {target}: file exists; refusing to overwrite it (--force replaces it)"
+        )
+        assert target.read_text() == "# mine\n"
+        result = invoke(shlex.split(f"{command} --force"))  # the advice, as given
+        assert result.exit_code == 0, result.output
+        assert "[kernel]" in target.read_text()
+    # run's --force without --generate-config would be ignored: refused, naming it
+    result = invoke(["run", "--force", "-d", "0.1"])
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--force': is for --generate-config FILE" in flat(result.output)
 
 
 def test_the_advice_of_the_unknown_key_error_can_be_followed(isolated):

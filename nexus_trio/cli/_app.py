@@ -254,6 +254,13 @@ def run(
             help="Write a commented config template to FILE (- for standard output) and exit.",
         ),
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="With --generate-config: overwrite FILE if it exists (as config init --force).",
+        ),
+    ] = False,
     app_ref: Annotated[
         str | None,
         typer.Option(
@@ -390,13 +397,16 @@ def run(
         note_stops_after_the_run()  # (this process ends with the run)
     if generate_config is not None:
         _refuse_flags_beside_template(ctx)
-        _write_template(
-            generate_config,
-            force=False,
-            # (run has no --force: the command that has one)
-            overwrite=f"nexus config init {shlex.quote(str(generate_config))} --force replaces it",
-        )
+        _write_template(generate_config, force=force, overwrite="--force replaces it")
         return
+    if force:
+        # (the original's --generate-config FILE, given again over the file it wrote, is
+        # told to add --force; without --generate-config it would be ignored)
+        raise typer.BadParameter(
+            "is for --generate-config FILE (overwrite FILE if it exists): nothing else of"
+            " run writes a file; drop the flag",
+            param_hint="'--force'",
+        )
 
     commands: list[tuple[str, ...]] = []
     for command in spawn or ():
@@ -715,7 +725,7 @@ def _refuse_flags_beside_template(ctx: typer.Context) -> None:
     (``--generate-config FILE -W 2`` wrote the same template as without ``-W 2``), as a
     demo flag beside ``--app`` is."""
     for param in ctx.command.params:
-        if param.name == "generate_config":
+        if param.name in ("generate_config", "force"):
             continue
         source = ctx.get_parameter_source(param.name or "")
         if source is not None and source.name == "COMMANDLINE":
