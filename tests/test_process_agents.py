@@ -4180,6 +4180,43 @@ def test_nexus_send_command_gets_the_answer_routed_back() -> None:
     assert result.stdout.strip().splitlines()[-1] == "[1, 2]"
 
 
+def test_nexus_send_of_a_tell_waits_for_a_protocol_1_agent_s_answer(tmp_path: Path) -> None:
+    """Regression: ``nexus send --kind Command`` to an agent of the original protocol
+    (protocol 1), whose handler took longer than 0.2 s, printed ``null`` and exited 0:
+    a protocol-1 tell is handled once written, and ``null`` was printed 0.2 s after that,
+    an answer the agent never gave (its real one came later and was dropped at the
+    shutdown). The answer is waited for now, and without one the timeout says why."""
+    slow = script(
+        tmp_path,
+        """
+        import time
+        emit({"type": "register", "payload": {"id": "x", "name": "slow"}})
+        msg = next_message()
+        time.sleep(1)  # (the agent's work: a handler slower than the old 0.2 s guess)
+        respond_p1(msg, {"done": msg["payload"]})
+        next_message()
+        """,
+    )
+    result = send_cli(shlex.join(slow), '"x"', "--kind", "Command", "--compact")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[-1] == '{"done": "x"}'
+    silent = script(
+        tmp_path,
+        """
+        emit({"type": "register", "payload": {"id": "x", "name": "silent"}})
+        next_message()
+        next_message()
+        """,
+    )
+    result = send_cli(shlex.join(silent), '"x"', "--kind", "Event", "-t", "0.5")
+    assert result.exit_code == 1, result.output
+    assert "null" not in result.stdout
+    assert (
+        "no answer within 0.5s: the agent speaks protocol 1 (the original bridges'), which"
+        " writes nothing for a tell its handler answers with nothing"
+    ) in " ".join(result.output.split())
+
+
 def test_nexus_send_holds_an_agent_that_ignores_its_stop_no_longer_than_the_kernel_s_grace(
     tmp_path: Path,
 ) -> None:

@@ -399,6 +399,13 @@ async def _talk(kernel: Any, spec: Any, value: Any, kind: SendKind, timeout: flo
             raise _Failed(str(exc)) from None
 
     # Command/Event: the agent answers the sender, so send from a local agent.
+    from ..bridges import bridge_stats
+
+    def tells_unanswered() -> bool:
+        """The agent is a process agent of protocol 1 (a tell gets no null answer)."""
+        stats = bridge_stats(kernel).get(ref.id)
+        return stats is not None and stats.protocol == 1
+
     answers: list[Message] = []
     arrived = trio.Event()
 
@@ -422,6 +429,11 @@ async def _talk(kernel: Any, spec: Any, value: Any, kind: SendKind, timeout: flo
 
         async def watch_handled() -> None:
             # A null answer to a tell routes nothing: handled without a reply is null.
+            # (Not so in protocol 1: a tell is handled once written, and an original
+            # bridge writes its answer, if any, when its handler returns: the answer, or
+            # the timeout, is waited for; a null printed then was no answer it gave.)
+            if tells_unanswered():
+                return
             while True:
                 stats = {a.id: a for a in kernel.stats(agents=True).agents}
                 mine = stats.get(ref.id)
@@ -444,5 +456,12 @@ async def _talk(kernel: Any, spec: Any, value: Any, kind: SendKind, timeout: flo
     if answers:
         return answers[0].payload
     if scope.cancelled_caught:
+        if tells_unanswered():
+            raise _Failed(
+                f"no answer within {timeout:g}s: the agent speaks protocol 1 (the original"
+                " bridges'), which writes nothing for a tell its handler answers with"
+                " nothing, so a slow answer cannot be told from none (--timeout gives it"
+                " longer; --kind Query waits for the reply)"
+            )
         raise _no_answer(timeout)
     return None
