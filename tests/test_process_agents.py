@@ -4421,6 +4421,36 @@ def test_nexus_send_says_how_to_quote_a_bare_word_payload(payload: str, hinted: 
 
 
 @pytest.mark.parametrize(
+    ("payload", "as_json"),
+    [
+        ("{'a': 1}", '{"a": 1}'),
+        ("[1, 'x', None, True, (2, 3)]", '[1, "x", null, true, [2, 3]]'),
+        ("{'a': 1", None),  # (no literal)
+        ("{'a': float('nan')}", None),  # (a call: no literal)
+        ("{'a': \"it's\"}", None),  # (JSON with a ' is not shown inside '...')
+        ("[{1, 2}]", None),  # (a set: JSON has no form for it)
+    ],
+)
+def test_nexus_send_shows_a_python_literal_payload_as_json(
+    payload: str, as_json: str | None
+) -> None:
+    """``nexus send CMD "{'a': 1}"`` (a dict as Python prints it) said only ``not JSON:
+    Expecting property name enclosed in double quotes``: the error shows the same value
+    written as JSON now, where there is one."""
+    result = send_cli(f"{sys.executable} {TOY}", payload)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.replace("│", " ").split())
+    assert "Invalid value for 'JSON': not JSON: " in text
+    if as_json is None:
+        assert "Python's syntax" not in text, text
+    else:
+        assert (
+            "(that is Python's syntax: JSON writes strings in double quotes, and true, false"
+            f" and null; as JSON: '{as_json}')"
+        ) in text, text
+
+
+@pytest.mark.parametrize(
     ("payload", "named"),
     [
         ("NaN", "NaN at ."),

@@ -5,6 +5,7 @@ PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.te
 
 from __future__ import annotations
 
+import ast
 import enum
 import json
 import logging
@@ -214,8 +215,21 @@ class _Unwritable:
 
 def _quote_hint(payload: str) -> str:
     """For a bare word (``hello``, the shell having taken the quotes ``"hello"`` had):
-    how to write it as the JSON string it was surely meant to be."""
+    how to write it as the JSON string it was surely meant to be; for a Python literal
+    (``{'a': 1, 'ok': True}``, what ``print(a_dict)`` shows): the same value as JSON."""
     text = payload.strip()
+    if text[:1] in ("{", "[") and len(text) <= _LITERAL_LIMIT:
+        try:
+            # (a literal only: no name is looked up, no code is run)
+            as_json = json.dumps(ast.literal_eval(text), allow_nan=False)
+        except Exception:  # (not a literal, or one JSON has no form for)
+            return ""
+        if "'" in as_json:  # (not shown inside single quotes then)
+            return ""
+        return (
+            " (that is Python's syntax: JSON writes strings in double quotes, and true,"
+            f" false and null; as JSON: '{as_json}')"
+        )
     if (
         not text
         or text[0] in '{["-0123456789'
@@ -225,6 +239,10 @@ def _quote_hint(payload: str) -> str:
         return ""
     quoted = json.dumps(text)
     return f" (a JSON string keeps its double quotes, inside the shell's: '{quoted}')"
+
+
+#: the longest payload read as a Python literal for the hint (a larger one is not)
+_LITERAL_LIMIT: Final = 10_000
 
 
 def _read_payload(payload: str) -> Any:
