@@ -51,6 +51,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,12 @@ MEMINFO = Path("/proc/meminfo")
 DEAR = 3.0
 WAYS = ("touch", "populate", "madvise")
 LIFECYCLE_WAYS = ("pymalloc", "malloc+pad", "malloc+pad+populate")
+#: every way ``--ways`` takes: the default three, glibc's allocator as it comes, and two
+#: ways to transparent huge pages on a machine set to ``madvise``: glibc's heap advised
+#: (``glibc.malloc.hugetlb=1``) and pymalloc's arenas advised (``thp_arenas.c``)
+ALL_LIFECYCLE_WAYS = (*LIFECYCLE_WAYS, "malloc", "malloc+thp", "pymalloc+thp")
+THP_ARENAS = Path(__file__).resolve().parent / "thp_arenas.c"
+VMSTAT = Path("/proc/vmstat")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -233,10 +240,49 @@ def _populate_heap() -> int:
     raise SystemExit("fresh_pages: no [heap] mapping to populate")
 
 
+def thp_faults() -> int:
+    """The machine's huge pages faulted so far (``thp_fault_alloc`` of ``/proc/vmstat``,
+    every process's), or 0 where it is unreadable."""
+    try:
+        for line in VMSTAT.read_text(encoding="ascii").splitlines():
+            if line.startswith("thp_fault_alloc "):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        return 0
+    return 0
+
+
+def build_thp_arenas(directory: Path) -> Path:
+    """Compile ``thp_arenas.c`` into ``directory`` with the system's ``cc``; the shared
+    object's path."""
+    target = directory / "thp_arenas.so"
+    try:
+        subprocess.run(
+            ["cc", "-O2", "-shared", "-fPIC", "-o", str(target), str(THP_ARENAS)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", None) or exc
+        raise SystemExit(
+            f"fresh_pages: the way pymalloc+thp needs a C compiler (cc) to build {THP_ARENAS.name}:"
+            f" {detail}"
+        ) from None
+    return target
+
+
 def lifecycle(n: int, populate: bool) -> dict[str, Any]:
     """``_scale``'s lifecycle measurement; ``populate``: the heap populated as its
-    delivery phase starts (after the phase's first ``getrusage``, so inside its CPU)."""
-    small_pages_only()
+    delivery phase starts (after the phase's first ``getrusage``, so inside its CPU).
+    Small pages only, unless ``FRESH_PAGES_HUGE=1`` (the ``+thp`` ways); with
+    ``FRESH_PAGES_ARENAS`` (a built ``thp_arenas.so``), pymalloc's arenas from then on
+    come from its advised region."""
+    if os.environ.get("FRESH_PAGES_HUGE") != "1":
+        small_pages_only()
+    arenas = os.environ.get("FRESH_PAGES_ARENAS")
+    if arenas:
+        ctypes.CDLL(arenas).fresh_pages_install()
     from nexus_trio.bench import _scale
 
     usage_now = _scale.usage_now
@@ -251,10 +297,44 @@ def lifecycle(n: int, populate: bool) -> dict[str, Any]:
         return usage
 
     _scale.usage_now = marked
+    huge = thp_faults()
     result = _scale.measure("lifecycle", n)
+    huge = thp_faults() - huge
     if result["handled"] != n or result["dead_lettered"]:
         raise SystemExit(f"fresh_pages: handled {result['handled']} of {n}")
-    return {**result, "heap_populated_mib": heap[0] / (1 << 20), "thp": thp_setting()}
+    return {
+        **result,
+        "heap_populated_mib": heap[0] / (1 << 20),
+        "thp": thp_setting(),
+        "thp_faults": huge,
+        "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def lifecycle_env(way: str, pad_mib: int, arenas: Path | None) -> dict[str, str]:
+    """The environment of a lifecycle child run ``way`` (one of
+    :data:`ALL_LIFECYCLE_WAYS`)."""
+    if way == "pymalloc":
+        return {}
+    if way == "pymalloc+thp":
+        if arenas is None:
+            raise ValueError("fresh_pages: the way pymalloc+thp needs thp_arenas.so built")
+        return {"FRESH_PAGES_HUGE": "1", "FRESH_PAGES_ARENAS": str(arenas)}
+    if way == "malloc":
+        return {"PYTHONMALLOC": "malloc"}
+    if way == "malloc+thp":
+        return {
+            "PYTHONMALLOC": "malloc",
+            "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
+            "FRESH_PAGES_HUGE": "1",
+        }
+    if way in LIFECYCLE_WAYS:
+        return {
+            "PYTHONMALLOC": "malloc",
+            "GLIBC_TUNABLES": f"glibc.malloc.top_pad={pad_mib << 20}",
+            "FRESH_PAGES_POPULATE": "1" if way.endswith("populate") else "0",
+        }
+    raise ValueError(f"fresh_pages: unknown way {way!r}; expected one of {ALL_LIFECYCLE_WAYS}")
 
 
 def _child(args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
@@ -277,6 +357,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--lifecycle", type=int, metavar="AGENTS")
     parser.add_argument("--pad-mib", type=int, default=1024)
+    parser.add_argument(
+        "--ways",
+        help=f"with --lifecycle: which ways, comma-separated, of {','.join(ALL_LIFECYCLE_WAYS)}"
+        f" (default {','.join(LIFECYCLE_WAYS)})",
+    )
     parser.add_argument("--curve", type=int, metavar="MIB")
     parser.add_argument("--step-mib", type=int, default=256)
     parser.add_argument("--json", action="store_true")
@@ -284,6 +369,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if min(args.mib, args.rounds, args.pad_mib, args.lifecycle or 1) < 1:
         parser.error("--mib, --rounds, --pad-mib and --lifecycle must be at least 1")
+    ways = LIFECYCLE_WAYS if args.lifecycle else WAYS
+    if args.ways is not None:
+        if not args.lifecycle:
+            parser.error("--ways goes with --lifecycle")
+        ways = tuple(args.ways.split(","))
+        unknown = [way for way in ways if way not in ALL_LIFECYCLE_WAYS]
+        if unknown or len(set(ways)) != len(ways):
+            parser.error(
+                f"--ways {args.ways!r}: each of {','.join(ALL_LIFECYCLE_WAYS)} at most once"
+                + (f" (unknown: {','.join(unknown)})" if unknown else "")
+            )
     if args.curve is not None:
         if args.step_mib < 1 or args.curve < args.step_mib:
             parser.error("--step-mib must be at least 1 and --curve at least --step-mib")
@@ -316,27 +412,35 @@ def main(argv: list[str] | None = None) -> None:
                 f" thp {result['thp']}"
             )
         return
+    with tempfile.TemporaryDirectory(prefix="fresh_pages-") as scratch:
+        arenas = build_thp_arenas(Path(scratch)) if "pymalloc+thp" in ways else None
+        rows = _rounds(args, ways, arenas)
+    if args.json:
+        print(json.dumps(rows))
+
+
+def _rounds(args: argparse.Namespace, ways: tuple[str, ...], arenas: Path | None) -> list[Any]:
     rows = []
     for round_ in range(1, args.rounds + 1):
-        ways = LIFECYCLE_WAYS if args.lifecycle else WAYS
         for way in ways if round_ % 2 else ways[::-1]:
             if args.lifecycle:
-                env = {}
-                if way != "pymalloc":
-                    env = {
-                        "PYTHONMALLOC": "malloc",
-                        "GLIBC_TUNABLES": f"glibc.malloc.top_pad={args.pad_mib << 20}",
-                        "FRESH_PAGES_POPULATE": "1" if way.endswith("populate") else "0",
-                    }
+                env = lifecycle_env(way, args.pad_mib, arenas)
                 r = _child(["lifecycle", str(args.lifecycle)], env)
-                d = r["deliver_usage"]
+                d, s, x = r["deliver_usage"], r["spawn_usage"], r["shutdown_usage"]
                 row = {
                     "round": round_,
                     "way": way,
+                    "spawn_user_s": s["user_s"],
+                    "spawn_sys_s": s["sys_s"],
+                    "spawn_faults": s["minor_faults"],
                     "deliver_user_s": d["user_s"],
                     "deliver_sys_s": d["sys_s"],
                     "deliver_faults": d["minor_faults"],
                     "deliver_wall_s": r["deliver_s"],
+                    "shutdown_user_s": x["user_s"],
+                    "shutdown_sys_s": x["sys_s"],
+                    "maxrss_mib": r["maxrss_mib"],
+                    "thp_faults": r["thp_faults"],
                     "heap_populated_mib": r["heap_populated_mib"],
                     "thp": r["thp"],
                 }
@@ -350,8 +454,7 @@ def main(argv: list[str] | None = None) -> None:
                         for k, v in row.items()
                     )
                 )
-    if args.json:
-        print(json.dumps(rows))
+    return rows
 
 
 if __name__ == "__main__":

@@ -1240,3 +1240,38 @@ def test_the_fresh_pages_lifecycle_populates_the_heap_inside_the_delivery() -> N
     )
     assert bad.returncode == 2
     assert "--mib, --rounds, --pad-mib and --lifecycle must be at least 1" in bad.stderr
+
+
+def test_the_fresh_pages_lifecycle_ways_to_huge_pages_fault_fewer_small_pages() -> None:
+    # glibc's heap advised (hugetlb=1) and pymalloc's arenas advised (thp_arenas.c, built
+    # with cc): on a machine whose transparent huge pages are `madvise` or `always`, the
+    # 2,000 first messages fault 2 MiB pages, so far fewer minor faults than as they come
+    rows = _fresh_pages(
+        "--lifecycle", "2000", "--rounds", "2", "--ways", "pymalloc,malloc+thp,pymalloc+thp"
+    )
+    assert [(r["round"], r["way"]) for r in rows] == [
+        (1, "pymalloc"),
+        (1, "malloc+thp"),
+        (1, "pymalloc+thp"),
+        (2, "pymalloc+thp"),
+        (2, "malloc+thp"),
+        (2, "pymalloc"),
+    ]
+    small = {r["way"]: r["deliver_faults"] for r in rows if r["round"] == 1}
+    assert small["pymalloc"] >= 1000, small
+    setting = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if setting.exists() and "[never]" not in setting.read_text():
+        assert small["malloc+thp"] * 4 < small["pymalloc"], small
+        assert small["pymalloc+thp"] * 4 < small["pymalloc"], small
+    # every row says the process's peak RSS and its phases' CPU
+    assert all(r["maxrss_mib"] > 10 and r["shutdown_user_s"] >= 0 for r in rows)
+    for bad, says in [
+        (["--lifecycle", "10", "--ways", "pymalloc,nope"], "(unknown: nope)"),
+        (["--lifecycle", "10", "--ways", "malloc,malloc"], "at most once"),
+        (["--ways", "malloc"], "--ways goes with --lifecycle"),
+    ]:
+        refused = subprocess.run(
+            [sys.executable, str(_FRESH_PAGES), *bad], capture_output=True, text=True
+        )
+        assert refused.returncode == 2, bad
+        assert says in refused.stderr, refused.stderr
