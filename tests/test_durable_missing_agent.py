@@ -46,16 +46,18 @@ def _record_naks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, float | Non
     return naks
 
 
-async def _store_for(cluster: Cluster, name: str, payload: Any) -> Message:
-    """Store a durable message for ``name`` on this node's subject, as a sender whose view
-    of the names still had it here does (``send_durable`` itself refuses a name no node
-    has now)."""
+async def store_for(
+    cluster: Cluster, name: str, payload: Any, node: str | None = None, **headers: str
+) -> Message:
+    """Store a durable message for ``name`` on the subject of ``node`` (this node's if
+    None), as a sender whose view of the names still had it there does (``send_durable``
+    itself refuses a name no node has now); ``headers`` added."""
     msg = Message(sender=uuid.uuid4(), to=name, payload=payload)
     await call_aio(
         cluster.data_js.publish,
-        wire.durable_subject(cluster.prefix, cluster.node, uuid.uuid4()),
+        wire.durable_subject(cluster.prefix, node or cluster.node, uuid.uuid4()),
         wire.encode_message(msg),
-        headers={wire.MSG_ID_HEADER: str(msg.id)},
+        headers={wire.MSG_ID_HEADER: str(msg.id), **headers},
     )
     return msg
 
@@ -98,7 +100,7 @@ async def test_a_durable_message_whose_agent_comes_back_after_its_first_nak_is_h
     )
     async with local_node(nats.url, durable=durable) as (kernel, cluster):
         with trio.fail_after(20):
-            sent = await _store_for(cluster, "late-a", "invoice 42")
+            sent = await store_for(cluster, "late-a", "invoice 42")
             await until(lambda: cluster.stats().durable_agent_missing >= 1)
             kernel.spawn(late)
             await until(lambda: cluster.stats().durable_acked >= 1)
@@ -130,7 +132,7 @@ async def test_a_durable_message_for_a_name_that_never_comes_is_dead_after_space
     )
     async with local_node(nats.url, durable=durable) as (_kernel, cluster):
         with trio.fail_after(20):
-            sent = await _store_for(cluster, "never-a", "lost")
+            sent = await store_for(cluster, "never-a", "lost")
             await until(lambda: cluster.stats().durable_dead >= 1)
             consumer = await _settled(cluster)
         stats = cluster.stats()
@@ -236,8 +238,8 @@ async def test_messages_waiting_for_a_missing_agent_hold_the_consumer_s_unacked_
         kernel.spawn(here)
         with trio.fail_after(30):
             for n in range(4):
-                await _store_for(cluster, "gone-a", n)
-            await _store_for(cluster, "here-a", "waits its turn")
+                await store_for(cluster, "gone-a", n)
+            await store_for(cluster, "here-a", "waits its turn")
             await until(lambda: cluster.stats().durable_agent_missing >= 4)
             consumer = await call_aio(
                 cluster.data_js.consumer_info, f"{cluster.prefix}-durable", cluster.node

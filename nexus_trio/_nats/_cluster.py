@@ -396,6 +396,9 @@ class ClusterStats:
     #: not spawned again yet): each nakked with a delay that grows a delivery
     #: (``DurableOptions.missing_agent_delay``), dead after ``max_deliver`` (``durable_dead``)
     durable_agent_missing: int = 0
+    #: durable messages by name whose agent runs on another node now (re-placed after a
+    #: loss, rebalanced, spawned again there): stored for that node and acked here
+    durable_forwarded: int = 0
     #: the outbox's sends that failed, each logged (at most a line a second, the rest
     #: said at the leave): a message the NATS client refused (also counted as what it
     #: was: ``publish_failures``, ``errors_unsent``, or a gap at its receiver) and one
@@ -5304,6 +5307,7 @@ class Cluster:
             durable_duplicates=d.duplicates,
             durable_unsettled_at_leave=d.unsettled_at_leave,
             durable_agent_missing=d.agent_missing,
+            durable_forwarded=d.forwarded,
             publish_failures=self._publish_failures,
             lost_in_transit=self._seq_in.lost,
             parked=sum(len(q) for q in self._parked.values()),

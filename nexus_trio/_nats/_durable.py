@@ -75,6 +75,7 @@ from .._errors import (
     KernelShuttingDown,
     MailboxFull,
     MessageDecodeError,
+    TransportUnavailable,
     error_repr,
     unsendable,
 )
@@ -97,6 +98,24 @@ _DONE_MEMORY: Final = 65536
 #: leave's share for the pull (``_LEAVE_DURABLE_WAIT / 2`` there) it would never be
 #: abandoned, so the two are apart: the stop abandons first, then the pull ends
 _PULL_CANCEL_WAIT: Final = 1.0
+#: the header of a durable message forwarded to the node its name moved to: how many
+#: times it was (see DurableChannel._forward)
+FORWARDS_HEADER: Final = "Nexus-Forwards"
+#: the most times a durable message is forwarded: nodes whose views of a name disagree
+#: (one not told of a move yet) pass it on no further; it waits where it is then
+FORWARD_HOPS: Final = 4
+#: the op of a forward in the settle queue: this prefix, then the subject
+_FORWARD: Final = "forward "
+
+
+def _hops(jsmsg: NatsMsg) -> int:
+    """How many times ``jsmsg``'s message was forwarded (its header; 0 if none). A header
+    that is no small whole number (any publisher may write one) counts as the most: such
+    a message is not forwarded."""
+    text = (jsmsg.headers or {}).get(FORWARDS_HEADER, "0")
+    return int(text) if text.isdigit() and len(text) < 4 else FORWARD_HOPS
+
+
 #: JetStream's error code for a publish past a stream's max_msgs (discard new)
 _MAX_MESSAGES_EXCEEDED: Final = 10077
 
@@ -219,6 +238,9 @@ class DurableChannel:
         self.duplicates = 0
         #: deliveries nakked with a growing delay: no agent had their name here
         self.agent_missing = 0
+        #: messages by name whose agent runs on another node now, stored for that node
+        #: and acked here (see _forward)
+        self.forwarded = 0
         #: messages the leave left unsettled (see stop): JetStream delivers them again
         self.unsettled_at_leave = 0
 
@@ -367,8 +389,6 @@ class DurableChannel:
         (a lone surrogate, nested too deeply) naming the message, its recipient and the
         problem, as a send to another node does; nothing is stored.
         """
-        from .._errors import TransportUnavailable
-
         if not self.options.enabled:
             raise TransportUnavailable("durable delivery is disabled on this node")
         deadline = self.cluster.kernel.config.kernel.send_timeout if timeout is None else timeout
@@ -384,7 +404,6 @@ class DurableChannel:
 
     async def _send(self, to: Any, payload: Any, sender: uuid.UUID, msg_id: uuid.UUID) -> Message:
         from .._agent import address_of
-        from .._errors import TransportUnavailable
 
         cluster = self.cluster
         address = address_of(to)
@@ -628,6 +647,8 @@ class DurableChannel:
             await kernel.deliver_from_remote(query)
         except AgentNotFound as exc:
             gone = self._gone_for_good(query.to)
+            if gone is None and self._forward(jsmsg, query):
+                return
             # a name: its agent may be spawned yet (a pool restarted by hand, a node
             # starting): redelivered after a delay that grows, not burnt in a few
             # redelivery_delays
@@ -649,6 +670,42 @@ class DurableChannel:
                 deadline = trio.current_time() + self.options.ack_wait
                 self._in_flight[msg.id] = (jsmsg, deadline, query)
                 self._ops.put((jsmsg, "progress"))
+
+    def _moved_to(self, jsmsg: NatsMsg, to: Any) -> tuple[str, uuid.UUID] | None:
+        """Where the agent named ``to``, which no agent of this node has, runs now: the
+        node and agent id the names bucket gives it, if that is another reachable
+        member's current process (re-placed after a loss, rebalanced, spawned again
+        elsewhere); None if it runs nowhere known (its message waits here, see
+        :meth:`failed`) or the message was forwarded :data:`FORWARD_HOPS` times already
+        (two nodes whose views of the name disagree pass it on no further)."""
+        if not isinstance(to, str) or _hops(jsmsg) >= FORWARD_HOPS:
+            return None
+        cluster = self.cluster
+        try:
+            node, agent_id = cluster.resolve(to)
+        except (AgentNotFound, TransportUnavailable):
+            return None
+        info = cluster.members.members.get(node)
+        if info is None or info.id_prefix != agent_id.int >> 64:
+            return None  # an id of an earlier process of that node: gone with it
+        return node, agent_id
+
+    def _forward(self, jsmsg: NatsMsg, query: Message) -> bool:
+        """The agent named ``query.to`` runs on another node now: store the message for
+        that node (its consumer delivers it) and ack it here once JetStream has the copy,
+        as Akka's cluster sharding hands a message for a shard that moved to its new
+        region. False (nothing done) if it runs nowhere known, or this delivery is not
+        the one out (see :meth:`failed`)."""
+        moved = self._moved_to(jsmsg, query.to)
+        entry = self._in_flight.get(query.id)
+        if moved is None or entry is None or entry[0] is not jsmsg:
+            return False
+        del self._in_flight[query.id]
+        self._room.set()
+        node, agent_id = moved
+        subject = wire.durable_subject(self.cluster.prefix, node, agent_id)
+        self._settle(jsmsg, f"{_FORWARD}{subject}")
+        return True
 
     def _gone_for_good(self, to: Any) -> str | None:
         """Why no delivery of a message for ``to``, which no local agent has, can ever
@@ -858,9 +915,40 @@ class DurableChannel:
                 elif op == "progress":
                     if not jsmsg.is_acked:  # (nats-py sends +WPI even after an ack)
                         await jsmsg.in_progress()
+                elif op.startswith(_FORWARD):
+                    await self._send_forward(jsmsg, op[len(_FORWARD) :])
                 else:
                     await jsmsg.term()
             except nats.errors.MsgAlreadyAckdError:
                 pass
             if op != "progress":
                 self._settles_sent += 1
+
+    async def _send_forward(self, jsmsg: NatsMsg, subject: str) -> None:
+        """asyncio side: store ``jsmsg``'s message on ``subject`` (another node's), then
+        ack it here. Its ``Nats-Msg-Id`` is the message id and this copy's stream
+        sequence: a redelivery of this copy forwarded again stores nothing new (the
+        duplicate window), and a copy forwarded back and forth is stored each time (its
+        hops bounded by :data:`FORWARD_HOPS`). A copy JetStream did not take is nakked
+        (``redelivery_delay``): forwarded, or delivered here, again."""
+        msg_id = (jsmsg.headers or {}).get(wire.MSG_ID_HEADER, "")
+        headers = {
+            wire.MSG_ID_HEADER: f"{msg_id}>{jsmsg.metadata.sequence.stream}",
+            FORWARDS_HEADER: str(_hops(jsmsg) + 1),
+        }
+        try:
+            await self.cluster.data_js.publish(subject, jsmsg.data, headers=headers)
+        except (nats.errors.Error, OSError) as exc:
+            log_guarded(
+                log,
+                logging.WARNING,
+                "node %s: durable message %s not forwarded to %s: %r (nakked: tried again)",
+                self.cluster.node,
+                msg_id,
+                subject,
+                exc,
+            )
+            await jsmsg.nak(delay=self.options.redelivery_delay)
+            return
+        self.forwarded += 1
+        await jsmsg.ack()

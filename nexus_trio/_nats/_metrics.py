@@ -141,6 +141,10 @@ CLUSTER_COUNTERS: Final = {
         "nexus_cluster_durable_agent_missing",
         "Durable deliveries by name that no agent of this node had (nakked with a delay).",
     ),
+    "durable_forwarded": (
+        "nexus_cluster_durable_forwarded",
+        "Durable messages by name forwarded to the node their agent runs on now.",
+    ),
     "durable_unsettled_at_leave": (
         "nexus_cluster_durable_unsettled_at_leave",
         "Durable messages this node's leave left unsettled (JetStream delivers them again).",
