@@ -1165,6 +1165,146 @@ async def test_a_lost_node_s_agent_no_member_runs_waits_and_goes_to_one_that_reg
             assert answer == {"name": ON_C, "handled": 1}
 
 
+async def _member_expired(cluster: Cluster, node: str) -> None:
+    """Poll (bounded by the caller) until ``node``'s membership record is gone from the
+    nodes bucket (its TTL, the loss window, ran out)."""
+
+    async def gone() -> bool:
+        kv = await cluster.js.key_value(f"{cluster.prefix}-nodes")
+        try:
+            await kv.get(node)
+        except nats.js.errors.KeyNotFoundError:
+            return True
+        return False
+
+    while True:
+        with on_loop_of(cluster):
+            if await call_aio(gone):
+                return
+        await trio.sleep(0.1)
+
+
+async def _placed_on_c_then_killed(url: str, ca: Cluster, cb: Cluster) -> PlacedAgent:
+    """c (another process, running ``counter``) gets ON_C, placed from a (a and b run no
+    type); c is SIGKILLed, and a's and b's loss checkers judge it lost (~2 s): ON_C waits
+    on both (its name entry kept: c is not forgotten)."""
+    c = await Node(url, "c").start()
+    try:
+        assert await c.call("wait_live", count=3) == ["a", "b", "c"]
+        for cluster in (ca, cb):
+            cluster._apply_member_entry("c", await _kv_member(cluster, "c"), None)
+        placed = await ca.spawn("counter", name=ON_C)
+        assert placed.node == "c"
+        await _learn(ca, ON_C)
+        await _learn(cb, ON_C)
+        c.kill()
+        await c.process.wait()  # type: ignore[union-attr]
+
+        async def waiting_on_both() -> bool:
+            return [x.stats().placements_waiting for x in (ca, cb)] == [1, 1]
+
+        await _until(waiting_on_both)
+        return placed
+    finally:
+        with trio.CancelScope(shield=True):
+            await c.stop()
+
+
+@pytest.mark.parametrize("restarted", [False, True])
+async def test_a_node_that_joined_after_a_loss_counts_its_waiting_agent_and_re_places_it(
+    nats: NatsServer, restarted: bool
+) -> None:
+    """c (another process) runs ON_C; a and b run no type. c is SIGKILLed: ON_C waits on
+    a and b. Once c's membership record expired, d joins (no type; or c again, a new
+    process under its name with no type): on main it counted nothing
+    (placements_waiting 0), and registering the type on it re-placed nothing of its own:
+    only a's and b's asks did, and once they had left (here: their asks held back) the
+    agent ran nowhere, silently. Now the joiner counts it once a loss window passed and
+    re-places it (here, on itself) when it runs the type; a restarted c does not take
+    its earlier process's agent for running."""
+    async with (
+        _node(nats.url, "a", register=False) as (_ka, ca),
+        _node(nats.url, "b", register=False) as (_kb, cb),
+    ):
+        with trio.fail_after(40):  # a hang guard
+            placed = await _placed_on_c_then_killed(nats.url, ca, cb)
+            await _member_expired(ca, "c")
+        held_back: list[str] = []
+
+        async def replace_on(owner: str, name: str, *args: Any) -> None:
+            held_back.append(name)  # (as if a and b had left: the joiner alone knows)
+
+        for cluster in (ca, cb):
+            cluster.placement._replace_on = replace_on  # type: ignore[method-assign]
+        joiner = "c" if restarted else "d"
+        async with _node(nats.url, joiner, register=False) as (kd, cd):
+            with trio.fail_after(20):  # a hang guard
+
+                async def waiting() -> bool:
+                    return cd.stats().placements_waiting == 1
+
+                await _until(waiting)
+                assert not kd.is_local(ON_C)
+                assert cd.name_holder(ON_C) == ("c", placed.id)
+                async with kd.events() as events:
+                    cd.register_type("counter", COUNTING)
+                    event = await _replaced(events, ON_C)
+                assert event.reason == "re-placed from node c"
+                assert kd.is_local(ON_C) and kd.lookup(ON_C).id != placed.id
+                stats = cd.stats()
+                assert (stats.placements_waiting, stats.replaced) == (0, 1)
+                answer = await kd.request(ON_C, "hi", timeout=5)
+                assert answer == {"name": ON_C, "handled": 1}
+
+
+@pytest.mark.parametrize("runs_it", [True, False])
+async def test_a_waiting_agent_s_node_restarted_under_its_name_is_not_taken_for_running_it(
+    nats: NatsServer, runs_it: bool
+) -> None:
+    """c (another process) runs ON_C; a and b run no type. c is SIGKILLed and judged lost
+    (its name entry kept: not forgotten): ON_C waits on a and b. c starts again under its
+    name: running the type, it gets ON_C (asked by a and b: re-placed, fresh state);
+    running none, ON_C waits on, counted on a and b, and on the new c too (which joined
+    after the loss). The name entry still names c, with the old process's id: taken for
+    the agent running (a mutant that trusts the entry), it was dropped from the waiting,
+    and ran nowhere."""
+    async with (
+        _node(nats.url, "a", register=False) as (_ka, ca),
+        _node(nats.url, "b", register=False) as (_kb, cb),
+    ):
+        with trio.fail_after(40):  # a hang guard
+            placed = await _placed_on_c_then_killed(nats.url, ca, cb)
+        assert ca.name_holder(ON_C) == ("c", placed.id)
+        c = await Node(nats.url, "c", types=runs_it).start()
+        try:
+            with trio.fail_after(40):  # a hang guard
+                assert await c.call("wait_live", count=3) == ["a", "b", "c"]
+                for cluster in (ca, cb):
+                    cluster._apply_member_entry("c", await _kv_member(cluster, "c"), None)
+                if runs_it:
+
+                    async def runs_on_c() -> bool:  # (counted once its record is written)
+                        return bool((await c.call("stats"))["replaced"] == 1)
+
+                    await _until(runs_on_c)
+                    answer = await c.call("request", to=ON_C)
+                    assert answer == {"node": "c", "handled": 0, "name": ON_C}
+                    assert [x.stats().placements_waiting for x in (ca, cb)] == [0, 0]
+                    assert await c.call("restarted") == [[ON_C, "re-placed from node c"]]
+                else:
+
+                    async def c_counts_it() -> bool:  # (one loss window after its join)
+                        return bool((await c.call("stats"))["placements_waiting"] == 1)
+
+                    await _until(c_counts_it)
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert [x.stats().placements_waiting for x in (ca, cb)] == [1, 1]
+                    assert await c.call("local", names=[ON_C]) == {}
+        finally:
+            with trio.CancelScope(shield=True):
+                await c.stop()
+
+
 async def test_a_membership_record_with_a_hostile_types_field_is_refused(
     nats: NatsServer,
 ) -> None:

@@ -1243,6 +1243,54 @@ class Placement:
             lost,
         )
 
+    async def _adopt_orphans(self) -> None:
+        """Once this node joined, after one loss window (the records, names and members
+        replayed; a stop or a leave under way at the join settled), count as waiting,
+        and re-place once a member that runs their type is heard (see
+        :meth:`owners_changed`), the placed agents whose name entry names a node that
+        is no member (lost before this node joined: its membership record expired) or
+        an earlier process of a member (restarted under its name since). The survivors
+        of their loss count them (see :meth:`_wait`); this node, which joined after it,
+        knew nothing of them: once those survivors had left too, a member that runs the
+        type came, and nobody re-placed them. A node this one knows as lost is not
+        looked at: its loss here re-placed them or made them wait (see
+        :meth:`node_lost`). A record with no name entry is not either: it may be
+        anyone's on the account (a record no kernel placed), or one whose node was
+        forgotten (``forget_lost_after``), which its survivors still count."""
+        cluster = self._cluster
+        await trio.sleep(cluster.members.lost_after)
+        if self._leaving():
+            return
+        adopted = []
+        for name in list(self.records):
+            holder = cluster.name_holder(name)
+            if holder is None or name in self._waiting or name in self._replacing:
+                continue
+            node, agent_id = holder
+            if node == cluster.node:
+                if cluster.kernel.is_local(agent_id) or name in self._held:
+                    continue
+            else:
+                info = cluster.members.members.get(node)
+                if info is not None and (
+                    not info.reachable or info.id_prefix == agent_id.int >> 64
+                ):
+                    continue  # it runs there, or it is that loss's to place
+            self._waiting[name] = node
+            adopted.append(name)
+        if adopted:
+            log_guarded(
+                log,
+                logging.WARNING,
+                "node %s: %s placed agents run nowhere it knows (their node lost before it"
+                " joined, or restarted since): %s; counted in placements_waiting, each"
+                " re-placed once a member that runs its type is heard",
+                cluster.node,
+                len(adopted),
+                first_few(adopted),
+            )
+            self.owners_changed()
+
     @property
     def placements_waiting(self) -> int:
         """Placed agents of lost nodes that no reachable member can run (none has their
@@ -1438,6 +1486,7 @@ class Placement:
         self._kv = kv
         cluster = self._cluster
         await nursery.start(cluster.watch_bucket, kv, self._apply_record)
+        nursery.start_soon(self._adopt_orphans)
 
         async def subscribe() -> None:
             await cluster.control.subscribe(self._subject, cb=self._on_place_request)
