@@ -52,6 +52,7 @@ __all__ = [
     "install_default_logging",
     "level_number",
     "log_calls_failed",
+    "output_lock",
     "records_lost",
 ]
 
@@ -423,6 +424,21 @@ class _Losses:
 
 _LOSSES: Final = _Losses()
 
+#: held while a line is written to an OS file: see :func:`output_lock`
+_OUTPUT_LOCK = [threading.Lock()]
+
+
+def output_lock() -> threading.Lock:
+    """The lock this process's handlers hold while they write a record to the file
+    beneath a text stream (standard error): hold it while writing a line of your own to
+    the same file, so that no record goes into the middle of a line longer than the pipe
+    takes at once (``PIPE_BUF``, 4 KiB on Linux; a full pipe takes a long line in pieces),
+    nor the line into a record. ``nexus run --workers`` relays each worker's lines under
+    it, and a worker writes what its app writes to ``sys.stderr`` under it, in whole
+    lines. A thread that holds it may block while the file takes nothing (a full pipe):
+    never log while holding it."""
+    return _OUTPUT_LOCK[0]
+
 
 def records_lost() -> int:
     """How many log records the handlers installed by :func:`configure_logging` (or by
@@ -786,6 +802,8 @@ _QUEUES: Final[weakref.WeakSet[_RecordQueue]] = weakref.WeakSet()
 
 
 def _restart_writers_in_child() -> None:
+    # (a thread of the parent may have held it as the child was forked)
+    _OUTPUT_LOCK[0] = threading.Lock()
     for queue in list(_QUEUES):
         queue.restart_in_child()
 
@@ -975,8 +993,6 @@ class _WholeRecords:
             raise OSError(errno.EBADF, "the log stream is closed")
         if self.wait_writable is not None:
             self.wait_writable(raw)
-        if self._rest:
-            self._write_rest()
         if os.linesep != "\n":  # what the stream's default newline translation does
             text = text.replace("\n", os.linesep)
         # A narrow file (ASCII, Latin-1) and a value from outside (a peer's or a child's
@@ -984,8 +1000,19 @@ class _WholeRecords:
         # uncounted, and a JSON record stays JSON.
         errors = file.errors or "strict"
         data = text.encode(file.encoding, _U_ESCAPES if errors in _ESCAPING else errors)
-        file.flush()
-        written, error = _write_raw(raw, data)
+        # Under output_lock(): a line another thread writes to the file under it (a
+        # worker's relayed line, an app's line on sys.stderr) is not cut by the record.
+        lock = output_lock()
+        while not lock.acquire(timeout=_LOOK_AGAIN):
+            if self.wait_writable is not None:  # (raises if a flush gave up on it)
+                self.wait_writable(raw)
+        try:
+            if self._rest:
+                self._write_rest()
+            file.flush()
+            written, error = _write_raw(raw, data)
+        finally:
+            lock.release()
         if error is None:
             return
         if not written or self._given_up:

@@ -380,7 +380,7 @@ def run(
     """Run a kernel: your agents (--app) or a demo workload, with a live view and a summary."""
     from .._logcall import log_guarded
     from ..config import ConfigError, load_config
-    from ..logs import configure_logging, log_calls_failed, records_lost
+    from ..logs import configure_logging, log_calls_failed, output_lock, records_lost
     from ._cluster_cmd import WORKER_ENV
     from ._run import (
         RunOptions,
@@ -489,14 +489,19 @@ def run(
         )
         return
     cfg = loaded.config
-    summary_out = None
+    summary_out, real_stderr = None, sys.stderr
     if json_out and os.environ.get(WORKER_ENV):
         # A worker's stdout carries its JSON summary to the parent, and nothing else: what
         # the app prints (at import too) goes to stderr, which the parent passes through.
         # Whole lines: a print is two writes (the text, then its end), and a log record
         # the worker's log thread wrote between them went into the middle of the line
         # ("hi from the app2026-... INFO ... joined the cluster", then a lone end).
-        summary_out, sys.stdout = sys.stdout, WholeLines(sys.stderr)
+        # And what it writes to sys.stderr goes in whole lines, each under the log
+        # handler's lock: a long line (past PIPE_BUF, which a full pipe takes in pieces)
+        # and a record the log thread wrote meanwhile cut into each other.
+        lines = WholeLines(sys.stderr, lock=output_lock())
+        summary_out = sys.stdout
+        sys.stdout = sys.stderr = lines
     if nats is None and cfg.nats.url:
         _check_nats(cfg.nats.url, _key_hint(loaded, "nats.url"))  # (the extra too)
     if node is not None and not (nats or cfg.nats.url):
@@ -570,6 +575,8 @@ def run(
     finally:
         if isinstance(sys.stdout, WholeLines):
             sys.stdout.flush()  # (a last line without its end)
+        if summary_out is not None:
+            sys.stderr = real_stderr
     if status:
         raise typer.Exit(status)
 
@@ -1167,10 +1174,13 @@ class WholeLines(io.TextIOBase):
     standard error, where the log handler writes each record whole from another thread
     (see ``nexus_trio.logs``); ``print`` writes a line's text and its end apart."""
 
-    def __init__(self, target: Any) -> None:
+    def __init__(self, target: Any, *, lock: threading.Lock | None = None) -> None:
         self.target = target
         self._held = ""
         self._lock = threading.Lock()
+        #: if given, held while each write to ``target`` is written and flushed (the log
+        #: handler's ``output_lock``: a record then never goes into one of the lines)
+        self._output_lock = lock
 
     def write(self, text: str) -> int:
         with self._lock:
@@ -1178,15 +1188,30 @@ class WholeLines(io.TextIOBase):
             cut = held.rfind("\n") + 1
             self._held = held[cut:]
             if cut:
-                self.target.write(held[:cut])
+                self._write(held[:cut])
         return len(text)
+
+    def _write(self, text: str) -> None:
+        if self._output_lock is None:
+            self.target.write(text)
+            return
+        with self._output_lock:
+            self.target.write(text)
+            self.target.flush()
 
     def flush(self) -> None:
         with self._lock:
             held, self._held = self._held, ""
             if held:
-                self.target.write(held)
+                self._write(held)
         self.target.flush()
+
+    @property
+    def writes_through_to(self) -> Any:
+        """The stream beneath: the log handler writes its records to the file beneath it
+        itself (whole, under ``output_lock``), not through the lines held here (a record
+        would go after an app's unfinished line, on it)."""
+        return self.target
 
     def isatty(self) -> bool:
         return bool(self.target.isatty())

@@ -70,6 +70,7 @@ import typer
 
 from .._logcall import log_guarded
 from .._plural import count_of
+from ..logs import output_lock
 
 if TYPE_CHECKING:
     from .._nats import NatsServer
@@ -132,6 +133,9 @@ _START_GRACE: Final = 120.0
 #: bytes of a line of a worker's standard error the relay holds at most while it waits for
 #: the line's end (a longer one is passed on in pieces of this size)
 _LONGEST_LINE: Final = 1 << 20
+#: seconds between two looks of a relay of a worker's standard error, while this process's
+#: takes nothing, at whether it was given up (see ``_Relay``)
+_LOOK_AGAIN: Final = 0.05
 #: the longest a kill timer waits (a thread's wait overflows past it, 292 years): a
 #: larger shutdown grace (``[kernel] shutdown_grace_ms`` takes any finite number) is that
 _LONGEST_WAIT: Final = threading.TIMEOUT_MAX
@@ -598,9 +602,8 @@ def run_workers(
     #: the workers' standard error is relayed whole line by whole line when the parent's is
     #: a pipe or socket (a terminal and a file take each write whole by themselves)
     relay_stderr = _is_pipe(2)
-    relay_lock = threading.Lock()
-    #: lines of the workers' standard error the relay could not write
-    relay_lost = [0]
+    #: then, per worker started, the relay of its standard error
+    relays: list[_Relay] = []
     #: per worker pid asked to stop, when (``time.monotonic``) it is killed if it still runs
     #: (kept by the loop that waits for the workers: no thread is started in a handler)
     stop_deadlines: dict[int, float] = {}
@@ -800,25 +803,6 @@ def run_workers(
                 while chunk := os.read(fd, 1 << 16):
                     printed[i].append(chunk)
 
-        def relay(proc: subprocess.Popen[bytes]) -> None:
-            # Two workers writing a long line (a traceback, a big record) to one pipe at
-            # once interleave in it past PIPE_BUF bytes: measured, 364 of 570 lines of 20 kB
-            # cut by the other's. Each line is passed on whole by one writer.
-            assert proc.stderr is not None
-            with proc.stderr:
-                fd = proc.stderr.fileno()
-                pending = bytearray()
-                while chunk := os.read(fd, 1 << 16):
-                    pending += chunk
-                    cut = pending.rfind(b"\n") + 1
-                    if not cut and len(pending) >= _LONGEST_LINE:
-                        cut = len(pending)
-                    if cut:
-                        relay_lost[0] += _write_whole_lines(bytes(pending[:cut]), relay_lock)
-                        del pending[:cut]
-                if pending:  # (its last line, without its end)
-                    relay_lost[0] += _write_whole_lines(bytes(pending) + b"\n", relay_lock)
-
         def await_ready(proc: subprocess.Popen[bytes], fd: int) -> None:
             try:
                 said = os.read(fd, 1)  # (b"" once it exited without saying it)
@@ -851,7 +835,9 @@ def run_workers(
         for i, p in enumerate(procs):
             readers = [threading.Thread(target=read, args=(i, p), daemon=True)]
             if relay_stderr:
-                readers.append(threading.Thread(target=relay, args=(p,), daemon=True))
+                assert p.stderr is not None
+                relays.append(_Relay(p.stderr))
+                readers.append(relays[-1].thread)
             for reader in readers:
                 reader.start()
             threading.Thread(target=watch, args=(i, p, readers), daemon=True).start()
@@ -973,7 +959,9 @@ def run_workers(
         entry.update(pid=proc.pid, exit_status=statuses[i], exit=ends[i])
         entries.append(entry)
     summary = aggregate_summaries(entries)
-    summary["log_records_lost"] += relay_lost[0]  # (lines: a record is one or more)
+    # (lines: a record is one or more; those not written yet, the parent's standard error
+    # unread, are counted here too: see _Relay)
+    summary["log_records_lost"] += _relays_lost(relays, time.monotonic() + _OUTPUT_GRACE)
     summary["nats_server"] = {
         "private": nats_url is None,  # (asked for: also one that did not start)
         "pid": server.pid if server is not None else None,
@@ -1156,28 +1144,145 @@ def _is_pipe(fd: int) -> bool:
     return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
-def _write_whole_lines(data: bytes, lock: threading.Lock) -> int:
-    """Write ``data`` (whole lines) to this process's standard error, each write under
-    ``lock`` and whole lines only: lines together up to ``PIPE_BUF`` bytes in one write
-    (so that a short line of this process's own goes between lines, never into one), a
-    longer line alone. The number of lines that could not be written (a reader gone)."""
-    lost = 0
-    while data:
-        size = len(data)
-        if size > select.PIPE_BUF:
-            size = data.rfind(b"\n", 0, select.PIPE_BUF) + 1 or data.find(b"\n") + 1 or size
-        piece = memoryview(data)[:size]
-        data = data[size:]
-        with lock:
-            while piece:
-                try:
-                    piece = piece[os.write(2, piece) :]
-                except BlockingIOError:  # (a standard error made non-blocking)
-                    select.select([], [2], [], 1.0)
-                except OSError:
-                    lost += max(1, piece.tobytes().count(b"\n"))
-                    break
-    return lost
+class _Relay:
+    """Passes a worker's standard error on to this process's, whole line by whole line.
+
+    Two workers writing a long line (a traceback, a big record) to one pipe at once
+    interleave in it past ``PIPE_BUF`` bytes (measured: 364 of 570 lines of 20 kB cut by
+    the other's), and so do a line and a record of this process's own log thread: each
+    line is written here whole, under the log handler's ``output_lock`` (which the log
+    thread holds for each record), lines together up to ``PIPE_BUF`` bytes in one write,
+    a longer line alone in pieces of ``PIPE_BUF`` bytes, each once the file takes it
+    (``POLLOUT``), so that a relay never blocks in a write. A line longer than
+    :data:`_LONGEST_LINE` is passed on in pieces of that size, each ended.
+
+    Nothing is lost uncounted: a line the file refused (a reader gone, a full disk) is
+    counted in :attr:`lost`, and so is, once :meth:`give_up` was called (this process's
+    standard error unread as the run ends), every line still held, or still unread in
+    the worker's pipe (read at once, not written). :meth:`lost_now` says the count.
+    """
+
+    def __init__(self, stderr: Any) -> None:
+        self._file = stderr
+        #: the thread that relays (started by the caller)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self._state = threading.Lock()
+        #: lines not written: refused by the file (a reader gone, a full disk)
+        self.lost = 0
+        # lines read and held (the last one maybe without its end yet), being written,
+        # and (once given up) still unread in the worker's pipe
+        self._pending = self._writing = self._unread = 0
+        self._given_up = False
+
+    def _run(self) -> None:
+        # Closed here, by the one thread that reads it, at its end (see run_workers' read).
+        with self._file:
+            fd = self._file.fileno()
+            pending = bytearray()
+            while not self._given_up and (chunk := os.read(fd, 1 << 16)):
+                pending += chunk
+                cut = pending.rfind(b"\n") + 1
+                if not cut and len(pending) >= _LONGEST_LINE:
+                    pending += b"\n"  # (ended: written, and counted, as a line)
+                    cut = len(pending)
+                data = bytes(pending[:cut])
+                del pending[:cut]
+                with self._state:
+                    self._pending = 1 if pending else 0
+                    self._writing = data.count(b"\n")
+                self._write_lines(data)
+            if pending and not self._given_up:  # (its last line, without its end)
+                with self._state:
+                    self._pending, self._writing = 0, 1
+                self._write_lines(bytes(pending) + b"\n")
+            if self._given_up:
+                self._count_unread(fd)
+
+    def give_up(self) -> None:
+        """Write no more: what is held and unread is counted lost (see the class doc)."""
+        self._given_up = True
+
+    def lost_now(self) -> int:
+        """The lines lost so far, and (once given up) those not written: held, or unread
+        by the relay's thread when it ended (if it did: one still inside a write that
+        blocks leaves those in the worker's pipe uncounted)."""
+        with self._state:
+            held = self._pending + self._writing + self._unread
+            return self.lost + (held if self._given_up else 0)
+
+    def _count_unread(self, fd: int) -> None:
+        """Given up: count the lines still in the worker's pipe (the last one unended too)."""
+        lines = 0
+        ended = True
+        with contextlib.suppress(OSError):  # (BlockingIOError: nothing more now)
+            os.set_blocking(fd, False)
+            while chunk := os.read(fd, 1 << 16):
+                lines += chunk.count(b"\n")
+                ended = chunk.endswith(b"\n")
+        with self._state:
+            # (the worker's last line: the end of one held, or a line of its own)
+            if not ended and not self._pending:
+                lines += 1
+            self._unread = lines
+
+    def _write_lines(self, data: bytes) -> None:
+        """Write ``data`` (whole lines): lines together up to ``PIPE_BUF`` bytes in one
+        write (a short line of this process's own goes between lines, never into one), a
+        longer line alone."""
+        lock = output_lock()
+        while data:
+            size = len(data)
+            if size > select.PIPE_BUF:
+                size = data.rfind(b"\n", 0, select.PIPE_BUF) + 1 or data.find(b"\n") + 1 or size
+            piece, data = data[:size], data[size:]
+            lines = piece.count(b"\n")
+            while not lock.acquire(timeout=_LOOK_AGAIN):
+                if self._given_up:
+                    return
+            try:
+                written = self._write(piece)
+            finally:
+                lock.release()
+            with self._state:
+                self._writing -= lines
+                if written < len(piece):  # refused (or given up): counted lost
+                    self.lost += lines
+            if self._given_up:
+                return
+
+    def _write(self, piece: bytes) -> int:
+        """Write ``piece`` to standard error in writes of at most ``PIPE_BUF`` bytes, each
+        once it takes one; how much it took (less: refused, or given up while waiting)."""
+        done = 0
+        try:
+            poller = select.poll()
+            poller.register(2, select.POLLOUT)
+        except (OSError, ValueError):  # (closed)
+            return done
+        while done < len(piece):
+            if not poller.poll(_LOOK_AGAIN * 1000):
+                if self._given_up:
+                    return done
+                continue
+            try:
+                done += os.write(2, piece[done : done + select.PIPE_BUF])
+            except BlockingIOError:  # (a standard error made non-blocking)
+                continue
+            except OSError:
+                return done
+        return done
+
+
+def _relays_lost(relays: Sequence[_Relay], deadline: float) -> int:
+    """The lines the relays could not write: each is given until ``deadline``
+    (``time.monotonic``) to end (write what it holds), then given up."""
+    for relay in relays:
+        relay.thread.join(max(0.0, deadline - time.monotonic()))
+    for relay in relays:
+        relay.give_up()
+    for relay in relays:
+        relay.thread.join(4 * _LOOK_AGAIN)  # (it looks every _LOOK_AGAIN)
+    return sum(relay.lost_now() for relay in relays)
 
 
 def _move_credentials_to_env(nats_url: str, env: dict[str, str]) -> str:

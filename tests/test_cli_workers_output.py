@@ -1,0 +1,248 @@
+"""``nexus run --workers N``: what reaches the parent's standard error, whole and counted.
+
+Lines far over ``PIPE_BUF`` (which a full pipe takes in pieces) through a pipe read
+slowly: the parent's own records and the relayed lines, and in a worker an app's lines on
+``sys.stderr`` and the log thread's records, never cut into each other; lines still in
+the relay as the run ends with the parent's standard error unread are counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from nexus_trio.cli._cluster_cmd import WORKER_ENV
+
+from .test_cli_workers import canned_summary, echo, fake_python, pytestmark_linux
+
+#: far over PIPE_BUF (4 KiB): a full pipe takes such a line in many pieces
+LONG = 100_000
+
+#: a thread that logs short records to ``log`` (one at a time, each written before the
+#: next) until ``done`` is set: Python source
+CHATTER = """
+done = threading.Event()
+records = [0]
+
+def chatter():
+    while not done.is_set():
+        log.warning("short record %d", records[0])
+        records[0] += 1
+        flush_logs()
+
+thread = threading.Thread(target=chatter)
+thread.start()
+"""
+
+#: the parent of fake workers, logging short records of its own (one at a time, each
+#: written before the next, so that they come while the relay writes) until they end
+PARENT_LOGGING_WHILE_IT_RELAYS = (
+    """
+import json, logging, sys, threading
+from nexus_trio import LoggingConfig
+from nexus_trio.cli._cluster_cmd import run_workers
+from nexus_trio.logs import configure_logging, flush_logs
+
+configure_logging(LoggingConfig(), stream=sys.stderr)
+log = logging.getLogger("nexus_trio.test")
+"""
+    + CHATTER
+    + """try:
+    summary, status = run_workers(2, [], nats_url="nats://127.0.0.1:1", python=sys.argv[1])
+finally:
+    done.set()
+    thread.join()
+print(json.dumps({"summary": summary, "records": records[0]}))
+sys.exit(status)
+"""
+)
+
+
+def _writer(lines: int, size: int) -> str:
+    """A shell command that writes ``lines`` lines of ``size`` copies of its argument to
+    its standard error, each in one write."""
+    return (
+        f"{sys.executable} -S -c 'import os, sys\n"
+        f'for _ in range({lines}): os.write(2, sys.argv[1].encode() * {size} + b"\\n")\' '
+    )
+
+
+def _fake_workers(tmp_path: Path, lines: int, size: int) -> str:
+    done = canned_summary("worker-{i}")
+    return fake_python(
+        tmp_path,
+        {
+            f"worker-{i}": f"{_writer(lines, size)}{letter}; {echo(done.replace('{i}', str(i)))}"
+            for i, letter in enumerate("AB")
+        },
+    )
+
+
+def _run_read_slowly(argv: list[str], **popen: Any) -> tuple[bytes, bytes]:
+    """Stdout and stderr of ``argv`` run to its end (status 0), its stderr read 4 kB at a
+    time (the pipe fills); killed if it has not ended within 120 s."""
+    with subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen
+    ) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        guard = threading.Timer(120, proc.kill)
+        guard.start()
+        try:
+            out: list[bytes] = []
+            stdout = proc.stdout
+            reader = threading.Thread(target=lambda: out.append(stdout.read()), daemon=True)
+            reader.start()
+            chunks = []
+            while data := os.read(proc.stderr.fileno(), 4096):
+                chunks.append(data)
+            reader.join(120)
+            err = b"".join(chunks)
+            assert proc.wait(timeout=120) == 0, err[-3000:]
+        finally:
+            guard.cancel()
+            proc.kill()
+    return out[0], err
+
+
+@pytestmark_linux
+def test_the_parents_own_records_never_cut_a_relayed_line_far_over_pipe_buf(
+    tmp_path: Path,
+) -> None:
+    """Regression: the parent relayed each worker's line whole under a lock of its own,
+    but its own log thread wrote its records beside it: with the pipe full, a long line
+    went out in pieces and a record of the parent's went between them (seen twice in
+    1,600 lines). The relay and the log thread now write under one lock
+    (``nexus_trio.logs.output_lock``)."""
+    lines = 30
+    python = _fake_workers(tmp_path, lines, LONG)
+    out, err = _run_read_slowly([sys.executable, "-c", PARENT_LOGGING_WHILE_IT_RELAYS, python])
+    got = err.split(b"\n")
+    assert got[-1] == b""
+    long_lines = [line for line in got if len(line) > 200]
+    cut = [line[:40] + b"..." + line[-40:] for line in long_lines if len(line) != LONG]
+    assert cut == []
+    assert sorted(long_lines) == [b"A" * LONG] * lines + [b"B" * LONG] * lines
+    short = [line.decode() for line in got[:-1] if len(line) <= 200]
+    numbers = [re.fullmatch(r".* WARNING +nexus_trio\.test short record (\d+)", s) for s in short]
+    assert None not in numbers, short
+    said = json.loads(out)
+    assert sorted(int(m[1]) for m in numbers if m) == list(range(said["records"]))
+    assert said["summary"]["log_records_lost"] == 0
+
+
+@pytestmark_linux
+def test_lines_still_in_the_relay_when_the_parents_stderr_is_unread_are_counted(
+    tmp_path: Path,
+) -> None:
+    """Regression: a relay blocked on the parent's full standard error (its reader
+    stopped reading) held its lines, and those still in the worker's pipe, when the run
+    ended: lost, counted nowhere. Now every line is written whole or counted in the
+    summary's ``log_records_lost``: the lines read afterwards and those counted add up to
+    every line the workers wrote (100 of 1 kB: the pipe takes 64 kB; the rest fits in the
+    workers' pipes, so that they end: more would block them as a single run blocks)."""
+    lines, size = 50, 1000
+    python = _fake_workers(tmp_path, lines, size)
+    read_err, write_err = os.pipe()
+    try:
+        with subprocess.Popen(
+            [sys.executable, "-c", RUN_FAKE_WORKERS_QUIET, python],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=write_err,
+        ) as proc:
+            os.close(write_err)
+            write_err = -1
+            try:
+                out, _ = proc.communicate(timeout=120)  # (its stderr not read meanwhile)
+            finally:
+                proc.kill()
+        err = b""
+        os.set_blocking(read_err, False)
+        while True:
+            try:
+                data = os.read(read_err, 1 << 16)
+            except BlockingIOError:
+                break
+            if not data:
+                break
+            err += data
+    finally:
+        os.close(read_err)
+        if write_err >= 0:
+            os.close(write_err)
+    assert proc.returncode == 0, err[-2000:]
+    whole = [line for line in err.split(b"\n") if line in (b"A" * size, b"B" * size)]
+    summary = json.loads(out)
+    assert 0 < len(whole) < 2 * lines  # (the pipe took some, not all)
+    assert len(whole) + summary["log_records_lost"] == 2 * lines
+
+
+#: the parent of fake workers, logging nothing of its own
+RUN_FAKE_WORKERS_QUIET = """
+import json, sys
+from nexus_trio.cli._cluster_cmd import run_workers
+summary, status = run_workers(2, [], nats_url="nats://127.0.0.1:1", python=sys.argv[1])
+print(json.dumps(summary))
+sys.exit(status)
+"""
+
+
+#: an app whose import writes long lines to ``sys.stderr`` (``write`` and ``print``) while
+#: a thread of its logs short records (one at a time, each written before the next)
+LONG_LINES_APP = (
+    """
+import logging, sys, threading
+from nexus_trio.logs import flush_logs
+
+log = logging.getLogger("nexus_trio.app")
+"""
+    + CHATTER
+    + f"""for i in range(20):
+    sys.stderr.write("A" * {LONG} + "\\n")
+    print("B" * {LONG}, file=sys.stderr)
+done.set()
+thread.join()
+print(f"records {{records[0]}}", file=sys.stderr)
+
+
+async def main(kernel):
+    pass
+"""
+)
+
+
+APP = ("--app", "long_lines_app:main")
+
+
+@pytestmark_linux
+def test_a_workers_app_lines_on_stderr_and_its_log_records_never_cut_each_other(
+    tmp_path: Path,
+) -> None:
+    """Regression: in a worker, what the app wrote to ``sys.stderr`` went to the pipe
+    beside the log thread's records: a line far over PIPE_BUF, which a full pipe takes in
+    pieces, and a record cut into each other (seen under ``--workers``: the parent relays
+    what it reads, cut). A worker writes its app's lines whole, each under the log
+    handler's lock (``print`` too, whose text and end are two writes)."""
+    (tmp_path / "long_lines_app.py").write_text(LONG_LINES_APP, encoding="utf-8")
+    out, err = _run_read_slowly(
+        [sys.executable, "-m", "nexus_trio.cli", "run", "--json", "--no-live", *APP],
+        cwd=tmp_path,
+        env={**os.environ, WORKER_ENV: "worker-0"},
+    )
+    got = err.split(b"\n")
+    long_lines = [line for line in got if len(line) > 200]
+    cut = [line[:40] + b"..." + line[-40:] for line in long_lines if len(line) != LONG]
+    assert cut == []
+    assert sorted(long_lines) == [b"A" * LONG] * 20 + [b"B" * LONG] * 20
+    short = [line.decode() for line in got if 0 < len(line) <= 200]
+    (said,) = [int(s.split()[1]) for s in short if s.startswith("records ")]
+    numbers = [re.fullmatch(r".* WARNING +nexus_trio\.app short record (\d+)", s) for s in short]
+    numbered = sorted(int(m[1]) for m in numbers if m)
+    assert numbered == list(range(said))
+    assert json.loads(out)["log_records_lost"] == 0
