@@ -359,6 +359,22 @@ async def test_a_settle_whose_announcements_fail_a_while_settles_and_says_so(
     assert len(said) <= 3, said  # throttled: 30 failures in 1.5 s of the settle's rounds
 
 
+class _DroppingAnnounce(_FailingAnnounce):
+    """A cluster whose connection goes down during its announcements that fail (the
+    server died as the KV write waited), and that names its server."""
+
+    servers = ("nats://127.0.0.1:4222",)
+
+    def __init__(self, rounds: list[dict[str, dict[str, object]]], failures: int) -> None:
+        super().__init__(rounds, failures)
+        self.nc = types.SimpleNamespace(is_connected=True)
+
+    async def announce(self) -> None:
+        if self.failures:
+            self.nc.is_connected = False
+        await super().announce()
+
+
 async def test_a_settle_whose_announcement_fails_with_the_client_disconnected_ends_the_run(
     autojump_clock: object,
 ) -> None:
@@ -366,24 +382,89 @@ async def test_a_settle_whose_announcement_fails_with_the_client_disconnected_en
     not connected, reconnecting) retried its announcement for the settle's whole 60 s,
     so a run whose private server was SIGKILLed ran on past the parent's stop. A failure
     while the client is not connected ends the settle (and the run) at once, as before
-    the retry; a failure while connected (a stalled server) is retried, as the test
-    above shows."""
-    from nexus_trio.cli._swarm import Swarm, SwarmLayout
+    the retry, naming the server lost (NatsServerLost, one line in the worker's log);
+    a failure while connected (a stalled server) is retried, as the test above shows."""
+    from nexus_trio.cli._swarm import NatsServerLost, Swarm, SwarmLayout
 
-    cluster = _FailingAnnounce([QUIET], failures=30)
-    cluster.nc = types.SimpleNamespace(is_connected=False)  # type: ignore[attr-defined]
+    cluster = _DroppingAnnounce([QUIET], failures=30)
     swarm = Swarm(cluster, SwarmLayout(0, 2))  # type: ignore[arg-type]
     start = trio.current_time()
-    with pytest.raises(TransportUnavailable) as raised:
+    with pytest.raises(NatsServerLost) as raised:
         await swarm.settle(timeout=5.0)
     # named (nats-py's own error said only "nats: timeout"), with the error it came from
     assert str(raised.value) == (
-        "transport unavailable: the NATS connection is down (the server gone?): could not"
-        " announce this worker's record while settling: TimeoutError: nats: timeout"
+        "transport unavailable: lost the NATS server nats://127.0.0.1:4222 (it died or is"
+        " unreachable): could not announce this worker's record while settling:"
+        " TimeoutError: nats: timeout"
     )
+    assert isinstance(raised.value, TransportUnavailable)
     assert isinstance(raised.value.__cause__, nats_errors.TimeoutError)
     assert trio.current_time() == start  # at the first failure, no round waited
     assert cluster.failures == 29 and swarm.announce_failures == 0
+
+
+class _HungAnnounce(_SwarmCluster):
+    """A cluster whose announcements wait for good while its connection is down (a KV
+    write to a server that died waits nats-py's timeout), down from ``down_at`` (s of
+    the run's clock) until ``up_at`` (None: for good)."""
+
+    servers = ("nats://a:4222", "nats://b:4222")
+
+    def __init__(self, down_at: float, up_at: float | None) -> None:
+        super().__init__([QUIET])
+        self.down_at, self.up_at = down_at, up_at
+        cluster = self
+
+        class Client:
+            @property
+            def is_connected(self) -> bool:
+                now = trio.current_time()
+                up = cluster.up_at
+                return not (cluster.down_at <= now and (up is None or now < up))
+
+        self.nc = Client()
+
+    async def announce(self) -> None:
+        while True:  # (the KV write waits as long as it is down)
+            await trio.sleep(0.01)
+            if self.nc.is_connected:
+                break
+        await super().announce()
+
+
+@pytest.mark.parametrize("down_at", [0.0, 0.005], ids=["down-before", "down-during"])
+async def test_a_worker_whose_server_is_gone_fails_its_settle_in_a_bounded_time_naming_it(
+    autojump_clock: object, down_at: float
+) -> None:
+    """Regression: a worker whose nats-server died (its connection down, before or
+    during the settle's announcement) waited for the KV write's timeout, ~8 s, then
+    logged a traceback. Its settle now fails SERVER_LOST_WAIT seconds (of the run's
+    clock) after the connection went down, with NatsServerLost naming the server."""
+    from nexus_trio.cli._swarm import SERVER_LOST_WAIT, NatsServerLost, Swarm, SwarmLayout
+
+    cluster = _HungAnnounce(down_at, None)
+    swarm = Swarm(cluster, SwarmLayout(0, 2))  # type: ignore[arg-type]
+    with pytest.raises(NatsServerLost) as raised:
+        await swarm.settle(timeout=60.0)
+    waited = trio.current_time() - down_at
+    assert SERVER_LOST_WAIT <= waited <= SERVER_LOST_WAIT + 0.1
+    assert str(raised.value) == (
+        "transport unavailable: lost the NATS server nats://a:4222, nats://b:4222 (it died"
+        f" or is unreachable): the connection stayed down {SERVER_LOST_WAIT:g}s while this"
+        " worker settled"
+    )
+    assert cluster.calls == 0
+
+
+async def test_a_connection_back_within_the_wait_settles(autojump_clock: object) -> None:
+    """A connection down less than SERVER_LOST_WAIT (a reconnect) is not a lost server:
+    the worker announces once it is back and settles."""
+    from nexus_trio.cli._swarm import SERVER_LOST_WAIT, Swarm, SwarmLayout
+
+    cluster = _HungAnnounce(0.0, SERVER_LOST_WAIT / 2)
+    swarm = Swarm(cluster, SwarmLayout(0, 2))  # type: ignore[arg-type]
+    assert await swarm.settle(timeout=60.0) is True
+    assert cluster.calls >= 2
 
 
 async def test_a_settled_worker_keeps_the_books_every_worker_settled_with(

@@ -66,7 +66,7 @@ from ._spawn import (
     spawn_summary,
     watch_starts,
 )
-from ._swarm import Swarm, cluster_counts, layout_from_env
+from ._swarm import NatsServerLost, Swarm, cluster_counts, layout_from_env
 from ._view import (
     Sample,
     plain_line,
@@ -1094,7 +1094,14 @@ async def _run_async(
                 logging.ERROR,
                 "the run failed: %s",
                 _describe(error),
-                exc_info=None if error is join_error or error is listen_error else error,
+                exc_info=(
+                    None
+                    # (the NATS server lost while settling: its one line says it all)
+                    if error is join_error
+                    or error is listen_error
+                    or isinstance(error, NatsServerLost)
+                    else error
+                ),
             )
         except BaseException as exc:
             # sys.exit() in the app's main or in a handler: the run ends as for an error

@@ -70,8 +70,27 @@ log = logging.getLogger("nexus_trio.cli")
 START_TIMEOUT: Final = 120.0
 #: how long the workers wait for each other to settle at the end
 SETTLE_TIMEOUT: Final = 60.0
+#: seconds a worker at its settle waits for its NATS connection, down (the server gone),
+#: to come back before it fails naming the server (:class:`NatsServerLost`): a settle
+#: round's KV write to a server that is gone waited nats-py's timeout, ~8 s in all
+SERVER_LOST_WAIT: Final = 2.0
+#: seconds between two looks at the connection while an announcement waits
+_LOOK: Final = 0.05
 #: kinds of error frame sent back for a remote query that was refused (never taken in)
 _REFUSED_KINDS: Final = ("no_such_agent", "mailbox_full", "shutting_down")
+
+
+class NatsServerLost(TransportUnavailable):
+    """A worker's NATS connection stayed down :data:`SERVER_LOST_WAIT` seconds while it
+    settled: the server is gone, and the settle (and the run) ends; said in one line,
+    naming the server (no traceback: nothing of the program failed)."""
+
+    def __init__(self, servers: Sequence[str], why: str) -> None:
+        self.servers = tuple(servers)
+        super().__init__(
+            f"lost the NATS server {', '.join(self.servers) or '(unknown)'} (it died or is"
+            f" unreachable): {why}"
+        )
 
 
 def worker_name(index: int) -> str:
@@ -248,16 +267,24 @@ class Swarm:
         the settle's timeout). It had failed the worker's whole run. One that fails while
         the client is not connected (the server died: the parent stops the workers then)
         still ends the run at once, as a settle of minutes waiting for a server that is
-        gone would hold the whole run's end."""
+        gone would hold the whole run's end; and so does a connection down
+        :data:`SERVER_LOST_WAIT` seconds (:class:`NatsServerLost`, naming the server: a
+        KV write while it is down waited nats-py's timeout, ~8 s in all)."""
+        nc = getattr(self.cluster, "nc", None)
         try:
-            await self.cluster.announce()
+            if nc is None:
+                await self.cluster.announce()
+            else:
+                await self._announce_while_connected(nc)
+        except NatsServerLost:
+            raise
         except Exception as exc:  # (nats-py's errors, OSError: the record is written later)
-            nc = getattr(self.cluster, "nc", None)
             if nc is not None and not nc.is_connected:
                 # (named: nats-py's bare "TimeoutError: nats: timeout" said nothing of it)
-                raise TransportUnavailable(
-                    "the NATS connection is down (the server gone?): could not announce this"
-                    f" worker's record while settling: {type(exc).__name__}: {exc}"
+                raise NatsServerLost(
+                    getattr(self.cluster, "servers", ()),
+                    "could not announce this worker's record while settling:"
+                    f" {type(exc).__name__}: {exc}",
                 ) from exc
             self.announce_failures += 1
             if self._announce_log.due():
@@ -269,6 +296,50 @@ class Swarm:
                     type(exc).__name__,
                     exc,
                 )
+
+    async def _announce_while_connected(self, nc: Any) -> None:
+        """Announce, unless the connection is down (a KV write then waits nats-py's
+        timeout): once it has been down :data:`SERVER_LOST_WAIT` seconds (before the
+        announcement or during it), raise :class:`NatsServerLost`. Polled, as the
+        client says no more than ``is_connected``."""
+        lost = False
+        failed: list[Exception] = []
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                nonlocal lost
+                down_since = None
+                while True:
+                    if nc.is_connected:
+                        down_since = None
+                    elif down_since is None:
+                        down_since = trio.current_time()
+                    elif trio.current_time() - down_since >= SERVER_LOST_WAIT:
+                        lost = True
+                        nursery.cancel_scope.cancel()
+                        return
+                    await trio.sleep(_LOOK)
+
+            async def announce() -> None:
+                try:
+                    while True:  # (down: announced once it is back, if it comes back)
+                        if nc.is_connected:
+                            await self.cluster.announce()
+                            break
+                        await trio.sleep(_LOOK)
+                except Exception as exc:  # (raised below as it came, not in a group)
+                    failed.append(exc)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            nursery.start_soon(announce)
+        if failed:
+            raise failed[0]
+        if lost:
+            raise NatsServerLost(
+                getattr(self.cluster, "servers", ()),
+                f"the connection stayed down {SERVER_LOST_WAIT:g}s while this worker settled",
+            )
 
     def _others_settled(self) -> bool:
         """True once every other worker has settled, left the cluster or been lost."""
