@@ -246,3 +246,27 @@ def test_a_workers_app_lines_on_stderr_and_its_log_records_never_cut_each_other(
     numbered = sorted(int(m[1]) for m in numbers if m)
     assert numbered == list(range(said))
     assert json.loads(out)["log_records_lost"] == 0
+
+
+BAD_TYPES = ("--nats", "nats://127.0.0.1:1", "--node", "worker-1", "--types", "nosuchmod:Foo")
+
+
+def test_a_workers_own_usage_error_box_is_labelled_with_its_name(tmp_path: Path) -> None:
+    """Regression: a worker's own usage error (its ``--types`` that it could not import,
+    where the parent could) was typer's box, unlabelled: N workers' boxes in the parent's
+    standard error read as one, the parent's. Each line of it names the worker now."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "nexus_trio.cli", "run", "--json", "--no-live", *BAD_TYPES],
+        cwd=tmp_path,
+        env={**os.environ, WORKER_ENV: "worker-1", "COLUMNS": "100"},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if " nexus_trio.config " not in line]
+    assert any("Invalid value for '--types'" in line for line in lines), lines
+    assert any(line.startswith("worker-1: Usage: nexus run") for line in lines), lines
+    assert [line for line in lines if not line.startswith("worker-1: ")] == []
+    assert proc.stdout == ""

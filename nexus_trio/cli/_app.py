@@ -1224,6 +1224,28 @@ class WholeLines(io.TextIOBase):
         return str(getattr(self.target, "encoding", "utf-8"))
 
 
+class LabelledLines(WholeLines):
+    """A text stream that writes ``label`` before each line it passes to ``target`` (a
+    worker's usage error: see ``_commands.RunByDefaultGroup.invoke``), at once."""
+
+    def __init__(self, target: Any, label: str) -> None:
+        super().__init__(target)
+        self.label = label
+        self._at_start = True
+
+    def write(self, text: str) -> int:
+        if not text:
+            return 0
+        lines = text.split("\n")
+        out = [
+            ("" if i == 0 and not self._at_start else self.label) + line if line else line
+            for i, line in enumerate(lines)
+        ]
+        self._at_start = text.endswith("\n")
+        self.target.write("\n".join(out))
+        return len(text)
+
+
 class _WatchedStream:
     """``sys.stdout`` or ``sys.stderr`` while the command runs: the stream itself, except
     that a write or flush that raises ``OSError`` is remembered, so that :func:`main` can
@@ -1343,4 +1365,7 @@ def main(argv: list[str] | None = None) -> None:
                 sys.stderr.flush()
         sys.exit(1)
     finally:
+        if isinstance(sys.stdout, WholeLines):  # (a worker's, its run not started: a
+            with contextlib.suppress(OSError, ValueError):  # usage error) what it holds
+                sys.stdout.flush()
         sys.stdout, sys.stderr = out.stream, err.stream

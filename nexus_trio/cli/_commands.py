@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import math
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -88,6 +89,22 @@ class RunByDefaultGroup(Group):
             name for param in self.get_params(ctx) for name in (*param.opts, *param.secondary_opts)
         )
         return super().parse_args(ctx, default_to_run(args, root_options))
+
+    def invoke(self, ctx: Any) -> Any:
+        """As click's; in a worker of ``nexus run --workers``, a usage error's box (which
+        typer prints to ``sys.stderr`` after this returns) has each of its lines labelled
+        with the worker's name (:class:`._app.LabelledLines`), as the worker's own log lines
+        are: N workers' boxes in the parent's standard error read as one, the parent's."""
+        try:
+            return super().invoke(ctx)
+        except typer.TyperException:  # (a usage error: typer vendors its click)
+            from ._app import LabelledLines
+            from ._cluster_cmd import WORKER_ENV
+
+            worker = os.environ.get(WORKER_ENV)
+            if worker and sys.stderr is not None:
+                sys.stderr = LabelledLines(sys.stderr, f"{worker}: ")
+            raise
 
     def resolve_command(self, ctx: Any, args: list[str]) -> Any:
         """As typer's (``Did you mean 'send'?`` for a typo), and a command of a group
