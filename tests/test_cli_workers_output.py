@@ -17,6 +17,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from nexus_trio.cli._cluster_cmd import WORKER_ENV
 
 from .test_cli_workers import canned_summary, echo, fake_python, pytestmark_linux
@@ -270,3 +272,25 @@ def test_a_workers_own_usage_error_box_is_labelled_with_its_name(tmp_path: Path)
     assert any(line.startswith("worker-1: Usage: nexus run") for line in lines), lines
     assert [line for line in lines if not line.startswith("worker-1: ")] == []
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("held", "unread", "lines"),
+    [(1, b"def\n", 1), (1, b"", 1), (0, b"", 0), (0, b"x\ny", 2), (1, b"d\ne", 2), (0, b"x\n", 1)],
+)
+def test_a_given_up_relay_counts_each_line_held_or_unread_once(
+    held: int, unread: bytes, lines: int
+) -> None:
+    """A relay given up counts the line it holds without its end (``held``) and the lines
+    still in the worker's pipe: the end of the held line, unread, is not a line more."""
+    from nexus_trio.cli._cluster_cmd import _Relay
+
+    read, write = os.pipe()
+    os.write(write, unread)
+    os.close(write)
+    with os.fdopen(read, "rb") as file:
+        relay = _Relay(file)
+        relay.give_up()
+        relay._pending = held
+        relay._count_unread(read)
+    assert relay.lost_now() == lines

@@ -1211,19 +1211,18 @@ class _Relay:
             return self.lost + (held if self._given_up else 0)
 
     def _count_unread(self, fd: int) -> None:
-        """Given up: count the lines still in the worker's pipe (the last one unended too)."""
-        lines = 0
-        ended = True
+        """Given up: count the lines still in the worker's pipe (the last one unended too;
+        the end of the line held without its end is that line, counted as held)."""
+        newlines, last = 0, b""
         with contextlib.suppress(OSError):  # (BlockingIOError: nothing more now)
             os.set_blocking(fd, False)
             while chunk := os.read(fd, 1 << 16):
-                lines += chunk.count(b"\n")
-                ended = chunk.endswith(b"\n")
+                newlines += chunk.count(b"\n")
+                last = chunk[-1:]
         with self._state:
-            # (the worker's last line: the end of one held, or a line of its own)
-            if not ended and not self._pending:
-                lines += 1
-            self._unread = lines
+            # the lines of what is held unended and what is unread, together
+            lines = newlines + (1 if (self._pending or last) and last != b"\n" else 0)
+            self._unread = lines - self._pending
 
     def _write_lines(self, data: bytes) -> None:
         """Write ``data`` (whole lines): lines together up to ``PIPE_BUF`` bytes in one
