@@ -188,6 +188,37 @@ async def test_a_burst_of_512_tells_to_another_node_goes_in_one_batch(nats: Nats
     assert received == list(range(513))
 
 
+async def test_a_tell_after_the_data_connection_closed_is_refused_on_the_fast_branch(
+    nats: NatsServer,
+) -> None:
+    """The fast branch (``take_tell``) no longer asks the client's ``is_closed`` (a
+    property: 3% of a tell, docs/distributed.md, fortieth pass) for each tell: the node
+    learns the close from nats-py's ``closed_cb``. Every tell after the data connection
+    closed is refused with TransportUnavailable, none taken or counted accepted, as
+    before; the tells before it were handled."""
+    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+        received: list[Any] = []
+        await _collecting((ka, ca), (kb, cb), received)
+        with trio.fail_after(30):
+            for i in range(20):
+                await ka.send("col", i)
+            assert await ka.request("col", "dump") == 21
+            await call_aio(ca.nc.close)
+            accepted, published = ka.stats().accepted, ca.stats().published
+            refused = 0
+            for i in range(40):  # on the fast branch but one send in sixteen
+                with pytest.raises(TransportUnavailable, match="no NATS connection"):
+                    await ka.send("col", i)
+                refused += 1
+            assert (refused, ka.stats().accepted, ca.stats().published) == (
+                40,
+                accepted,
+                published,
+            )
+            await kb.shutdown()
+    assert received == [-1, *range(20)]
+
+
 async def test_a_fault_delivering_a_batch_counts_its_tells_and_returns_their_credit(
     nats: NatsServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
