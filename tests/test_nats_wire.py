@@ -150,6 +150,17 @@ def test_a_binary_tell_of_a_dict_or_a_list_carries_what_json_dumps_writes(payloa
         ([1, (2,)], 1),  # a tuple: json.dumps writes a list
         ({1: "a"}, 1),  # a key msgspec writes as a string
         (list(range(17)), 1),  # past the walk's bound
+        # the payload's own walk, written out in encode_stored_tell (fortieth pass)
+        ({"k": {"a": 1, "b": 2.5}}, 0),  # a dict's dict
+        ([True, None, -0.0, {"k": 1.5}, ["x"]], 0),  # a list's dict and list
+        ({"k": {"a": 1, "b": [2]}}, 1),  # a dict's dict nested past one level
+        ({"a": 1, "b": float("nan")}, 1),  # a non-finite float after a good value
+        ({"a": 1, 2: "b"}, 1),  # a key msgspec writes as a string after a good one
+        ({"k": {1: "a"}}, 1),  # ... in a dict's dict
+        ({"k": {"a": (1,)}}, 1),  # a tuple in a dict's dict: json.dumps writes a list
+        ({"k": dict.fromkeys("abcdefghijklmnopq", 1)}, 1),  # a dict's dict past the bound
+        (dict.fromkeys("abcdefghijklmnopq", 1), 1),  # a dict past the bound
+        ([1, {"k": float("inf")}], 1),  # a non-finite float in a list's dict
     ],
 )
 def test_a_flat_dict_or_list_payload_is_encoded_without_reading_it_back(

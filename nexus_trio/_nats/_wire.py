@@ -483,16 +483,17 @@ _exact: Final = marshal.dumps
 _FLAT_MAX: Final = 16
 
 
-def _flat(payload: dict[Any, Any] | list[Any], nested: bool) -> bool:
+def _flat(payload: dict[Any, Any] | list[Any]) -> bool:
     """Whether container ``payload`` (a dict or a list, the classes themselves) holds
     only ``int``, ``str``, ``bool``, ``None`` and finite ``float`` (the classes
-    themselves), under ``str`` keys if a dict, and if ``nested`` also such containers of
-    them: msgspec writes such a value so that it reads back equal (a finite float in its
-    shortest round-trip spelling, which may differ from ``json.dumps``'s text, ``1e16``
-    for ``1e+16``, as the read-back path also sends it), so the read-back need not prove
-    it (a lone surrogate in a string raises the same UnicodeEncodeError either way; a
-    non-finite float, which msgspec would write as null, is no such value). The common shape of a tell's payload: ``[hops, "..."]``, ``{"n": 0, "args":
-    [1, 2]}``; a loop each, not all() over a generator, which costs three times more."""
+    themselves), under ``str`` keys if a dict: msgspec writes such a value so that it
+    reads back equal (a finite float in its shortest round-trip spelling, which may
+    differ from ``json.dumps``'s text, ``1e16`` for ``1e+16``, as the read-back path
+    also sends it), so the read-back need not prove it (a lone surrogate in a string
+    raises the same UnicodeEncodeError either way; a non-finite float, which msgspec
+    would write as null, is no such value). A payload's containers one level down
+    (:func:`encode_stored_tell` walks the payload itself); a loop each, not all() over a
+    generator, which costs three times more."""
     if len(payload) > _FLAT_MAX:
         return False
     scalars = _NO_FLOAT
@@ -501,36 +502,12 @@ def _flat(payload: dict[Any, Any] | list[Any], nested: bool) -> bool:
             if key.__class__ is not str:
                 return False
             cls = value.__class__
-            if cls in scalars:
-                continue
-            if cls is float:
-                if value - value == 0.0:  # finite: inf - inf and nan - nan are nan
-                    continue
-                return False
-            if not nested:
-                return False
-            if cls is list:
-                # _flat(value, False) written out for a dict's list, the common nested
-                # value ({"n": 0, "args": [1, 2]}): its call was 870 of the 6,730
-                # instructions of bench_nats's payload (docs/distributed.md,
-                # thirty-eighth pass)
-                if len(value) > _FLAT_MAX:
-                    return False
-                for item in value:
-                    cls = item.__class__
-                    if cls not in scalars and not (cls is float and item - item == 0.0):
-                        return False
-                continue
-            if not (cls is dict and _flat(value, False)):
+            if cls not in scalars and not (cls is float and value - value == 0.0):
                 return False
         return True
     for item in payload:
         cls = item.__class__
-        if cls not in scalars and not (
-            (item - item == 0.0)
-            if cls is float
-            else nested and (cls is list or cls is dict) and _flat(item, False)
-        ):
+        if cls not in scalars and not (cls is float and item - item == 0.0):
             return False
     return True
 
@@ -586,12 +563,53 @@ def encode_stored_tell(msg: Message, fields: tuple[Any, ...]) -> bytes:
         # a timestamp outside 64 bits: format 1 carries any integer
         return encode_message(msg)
     # The payload's JSON: its common kinds written here (one Python call fewer per tell),
-    # the rest by _payload_json (the read-back of a container, the checked way).
+    # the rest by _payload_json (the read-back of a container, the checked way). A
+    # container is written at once if it is flat (see _flat) or holds flat containers
+    # (``{"n": 0, "args": [1, 2]}``): that walk is written out here, not a call of
+    # _flat (the call was 470 of the 6,090 instructions of bench_nats's payload, 1.4% of
+    # a tell sent to another kernel; docs/distributed.md, fortieth pass), and a dict's
+    # list is walked in place (the common nested value).
     cls = payload.__class__
-    if cls in _NO_FLOAT or ((cls is dict or cls is list) and _flat(payload, True)):
-        json = _dumps(payload)
-    else:
-        json = _payload_json(payload)
+    flat = cls in _NO_FLOAT
+    if flat:
+        pass
+    elif cls is dict and len(payload) <= _FLAT_MAX:
+        scalars = _NO_FLOAT
+        for key, value in payload.items():
+            if key.__class__ is not str:
+                break
+            cls = value.__class__
+            if cls in scalars:
+                continue
+            if cls is float:
+                if value - value == 0.0:  # finite: inf - inf and nan - nan are nan
+                    continue
+                break
+            if cls is list:
+                if len(value) > _FLAT_MAX:
+                    break
+                for item in value:
+                    cls = item.__class__
+                    if cls not in scalars and not (cls is float and item - item == 0.0):
+                        break
+                else:
+                    continue
+                break
+            if not (cls is dict and _flat(value)):
+                break
+        else:
+            flat = True
+    elif cls is list and len(payload) <= _FLAT_MAX:
+        scalars = _NO_FLOAT
+        for item in payload:
+            cls = item.__class__
+            if cls in scalars or (cls is float and item - item == 0.0):
+                continue
+            if not ((cls is list or cls is dict) and _flat(item)):
+                break
+        else:
+            flat = True
+    json = _dumps(payload) if flat else _payload_json(payload)
     return b"".join((head, to_bytes, optional, json))
 
 
