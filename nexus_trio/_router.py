@@ -106,6 +106,18 @@ _OTHER_KERNEL: Final = (
     "it is the id of an agent of another kernel, drawn before this kernel started: an"
     " AgentRef addresses only an agent of the kernel that spawned it"
 )
+#: ... for an id of an agent that another kernel of this process has (or had, among
+#: the stops it remembers), one started after this kernel or spawned after it started
+_BESIDE_KERNEL: Final = (
+    "it is the id of an agent of another kernel of this process, {state}: an AgentRef"
+    " addresses only an agent of the kernel that spawned it"
+)
+#: ... for an id whose high half is not that of this process's ids
+_OTHER_PROCESS: Final = (
+    "it is no id drawn in this process: the id of an agent of another process (an"
+    " AgentRef pickled or sent from there) or one made by hand; an AgentRef addresses"
+    " only an agent of the kernel that spawned it"
+)
 _QUERY: Final = MessageKind.QUERY
 #: the detail of a monitor notice dead-lettered because its watcher's mailbox was full
 _NOTICE_REFUSED: Final = "full: a monitor notice does not wait for room"
@@ -466,6 +478,13 @@ _SYSTEM_ID_HINT = (
 )
 
 
+#: the routers of this process's kernels, held weakly (by ``id()``; each entry goes with
+#: its router): read only by a send that found no agent, to tell an id of another
+#: kernel's agent (see Router._whose_id). Not a WeakSet: its iteration guard is Python
+#: code, some 16,000 instructions a failing send.
+_ROUTERS: Final[dict[int, weakref.ref[Router]]] = {}
+
+
 @final
 class Router:
     """Routes, names, delivery and request correlation of one kernel."""
@@ -476,6 +495,7 @@ class Router:
     # loop three per message. Slots cut a fan-out's send phase by about 5% (see
     # docs/benchmarks-history.md, thirty-second pass). A new attribute must be named here.
     __slots__ = (
+        "__weakref__",
         "_answered",
         "_answered_before",
         "_check_due",
@@ -605,6 +625,8 @@ class Router:
         #: an id drawn as the kernel starts: every id of its agents is drawn after it, so
         #: an id drawn before it in this process is another kernel's (see why_no_agent)
         self._first_id = id_mark()
+        key = id(self)
+        _ROUTERS[key] = weakref.ref(self, lambda _: _ROUTERS.pop(key, None))
         self._drained: trio.Event | None = None
         #: the supervision tree has stopped: nothing can be handled any more
         self._drain_over = False
@@ -649,12 +671,33 @@ class Router:
                 f" got {type(address).__name__} {brief(address, 60)}"
             )
 
+    def _whose_id(self, value: int) -> str:
+        """What an ``AgentNotFound`` can add for an id of value ``value`` that this
+        kernel does not know and that was not drawn before it started: that it is no id
+        of this process (its high half differs from the kernel's first id's), or that
+        another kernel of this process has that agent, or had it (one of the stops it
+        remembers); "" otherwise (one of this kernel's own agents, stopped past what it
+        remembers; an agent of a kernel since gone). The failing path only."""
+        if value >> 64 != self._first_id >> 64:
+            return _OTHER_PROCESS
+        # (copied in one C call: a kernel starting in another thread cannot break it)
+        for ref in list(_ROUTERS.values()):
+            other = ref()
+            if other is None or other is self:
+                continue
+            if value in other.nodes:
+                return _BESIDE_KERNEL.format(state="where it is registered")
+            if value in other._ended:
+                return _BESIDE_KERNEL.format(state="where it has stopped for good")
+        return ""
+
     def why_no_agent(self, address: Address) -> str:
         """What an ``AgentNotFound`` for ``address`` can add (the failing path only): that
         it is a supervisor, that it is being stopped (unrouted by ``stop()``, not yet
         forgotten), that it stopped for good, after a failure or stopped (if it is one
         of the last _ENDED_MEMORY that did while the kernel ran), that it is an id of
-        another kernel's agent (drawn before this one started), that the agent whose
+        another kernel's agent (drawn before this one started, or known to another
+        kernel of this process) or of another process, that the agent whose
         name it is under (``workers`` of
         ``workers/0``) has not started yet, or that it is the kernel's own sender id."""
         if address == SYSTEM_ID:
@@ -671,8 +714,10 @@ class Router:
                 if ended in _FAILURE_TEXTS:
                     return ended
                 return _ENDED_STOPPED.get(ended) or _STOPPED_WITH.format(ended)
-        if isinstance(address, _UUID) and drawn_before(address.int, self._first_id):
-            return _OTHER_KERNEL
+        if isinstance(address, _UUID):
+            if drawn_before(address.int, self._first_id):
+                return _OTHER_KERNEL
+            return self._whose_id(address.int)
         if isinstance(address, str):
             written = _id_in_text(address)
             if written is not None:
