@@ -35,8 +35,9 @@ from nexus_trio._router import DeliveryRunFailed
 from nexus_trio._supervisor import Escalation
 from nexus_trio.bridges.process import ProcessAgentError
 from nexus_trio.bridges.python import InvalidFrame
-from nexus_trio.cli._run import StoppedWhileImporting
+from nexus_trio.cli._run import AppError, StoppedWhileImporting
 from nexus_trio.cli._spawn import SpawnedProgram, SpawnFailed
+from nexus_trio.cli._swarm import NatsServerLost
 from nexus_trio.config import ConfigError
 
 ID = uuid.UUID("12345678-1234-5678-1234-567812345678")
@@ -79,6 +80,9 @@ ERRORS: list[BaseException] = [
     StoppedForShutdown(None),
     SpawnFailed([SpawnedProgram(("python3", "calc.py"), "calc", problem="exited (status 3)")]),
     StoppedWhileImporting("SIGTERM"),
+    AppError("no module named 'agents' (in 'agents:app')", missing="agents"),
+    AppError("'agents:app' is no agent"),
+    NatsServerLost(["nats://127.0.0.1:4222"], "the connection stayed down 2s"),
     DeliveryRunFailed(3),
 ]
 

@@ -98,6 +98,14 @@ class AppError(Exception):
         super().__init__(message)
         self.missing = missing
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # (pickled and copied whole: Exception's own reduce gives the message alone)
+        return (_app_error, (str(self), self.missing))
+
+
+def _app_error(message: str, missing: str | None) -> AppError:
+    return AppError(message, missing=missing)
+
 
 @attrs.frozen
 class RunOptions:

@@ -91,6 +91,11 @@ class NatsServerLost(TransportUnavailable):
             f"lost the NATS server {', '.join(self.servers) or '(unknown)'} (it died or is"
             f" unreachable): {why}"
         )
+        self.why = why
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # (pickled and copied whole: its args are the message, not what it was made of)
+        return (type(self), (self.servers, self.why))
 
 
 def worker_name(index: int) -> str:
