@@ -11,13 +11,18 @@ new region. Real nats-server, two kernels.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
 import trio
+from nats import errors as nats_errors
 
-from nexus_trio import Context, Message, agent
+from nexus_trio import Context, Kernel, Message, agent
 from nexus_trio._nats import Cluster, DurableOptions, NatsServer
+from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import call_aio
 from nexus_trio._nats._durable import FORWARD_HOPS, FORWARDS_HEADER
 
@@ -33,6 +38,31 @@ DURABLE = DurableOptions(
     missing_agent_delay=0.05,
     missing_agent_delay_max=0.1,
 )
+
+
+async def _running_on_b(ca: Cluster, kb: Kernel, cb: Cluster, handler: Any, name: str) -> None:
+    """Spawn ``handler`` (named ``name``) on b and wait until a knows it runs there."""
+    kb.spawn(handler)
+    await cb.names_published()
+    await until(lambda: ca.name_holder(name) is not None)
+    await until(lambda: "b" in ca.live_nodes())
+
+
+@contextlib.asynccontextmanager
+async def _a_and_b_running(nats: NatsServer, name: str) -> AsyncIterator[tuple[Cluster, Cluster]]:
+    """Nodes a and b, an agent named ``name`` (it answers "ok") running on b, a knowing it."""
+
+    @agent(name=name)
+    async def answers(ctx: Context, msg: Message) -> Any:
+        return "ok"
+
+    async with (
+        local_node(nats.url, "a", durable=DURABLE) as (_ka, ca),
+        local_node(nats.url, "b", durable=DURABLE) as (kb, cb),
+    ):
+        with trio.fail_after(20):
+            await _running_on_b(ca, kb, cb, answers, name)
+        yield ca, cb
 
 
 async def _stream_empty(cluster: Cluster) -> None:
@@ -64,10 +94,7 @@ async def test_a_durable_message_for_a_name_that_moved_is_forwarded_and_handled_
         local_node(nats.url, "b", durable=DURABLE) as (kb, cb),
     ):
         with trio.fail_after(20):
-            kb.spawn(moved)
-            await cb.names_published()
-            await until(lambda: ca.name_holder("moved-a") is not None)
-            await until(lambda: "b" in ca.live_nodes())
+            await _running_on_b(ca, kb, cb, moved, "moved-a")
             sent = await store_for(ca, "moved-a", "invoice 7")
             await until(lambda: cb.stats().durable_acked >= 1)
             await _stream_empty(ca)
@@ -84,22 +111,67 @@ async def test_a_durable_message_forwarded_too_often_waits_where_it_is(
     disagree), or whose forwards header is no number (anyone may publish one), is not
     forwarded again: it is nakked as a missing agent's and dead after max_deliver, as
     before, counted."""
-    async with (
-        local_node(nats.url, "a", durable=DURABLE) as (_ka, ca),
-        local_node(nats.url, "b", durable=DURABLE) as (kb, cb),
-    ):
-
-        @agent(name="bounced-a")
-        async def bounced(ctx: Context, msg: Message) -> Any:
-            return "ok"
-
+    async with _a_and_b_running(nats, "bounced-a") as (ca, cb):
         with trio.fail_after(20):
-            kb.spawn(bounced)
-            await cb.names_published()
-            await until(lambda: ca.name_holder("bounced-a") is not None)
             await store_for(ca, "bounced-a", 1, **{FORWARDS_HEADER: str(FORWARD_HOPS)})
             await store_for(ca, "bounced-a", 2, **{FORWARDS_HEADER: "-1"})
             await until(lambda: ca.stats().durable_dead >= 2)
             await _stream_empty(ca)
         a, b = ca.stats(), cb.stats()
     assert (a.durable_forwarded, a.durable_dead, b.durable_acked) == (0, 2, 0)
+
+
+async def test_a_durable_message_whose_forward_fails_at_its_last_delivery_is_dead_counted(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A forward that JetStream does not take is nakked and tried again; at the message's
+    last delivery (max_deliver) such a nak was delivered no more: the message stayed in
+    the stream, neither handled nor counted (durable_dead 0). Now it is dead there,
+    counted, and the stream is empty."""
+    async with _a_and_b_running(nats, "unstored-a") as (ca, cb):
+        js = ca.data_js
+        real = js.publish
+        forwards: list[str] = []
+
+        async def publish(subject: str, payload: bytes = b"", **kwargs: Any) -> Any:
+            if subject.startswith(f"{ca.prefix}.durable.b."):
+                forwards.append(subject)
+                raise nats_errors.TimeoutError
+            return await real(subject, payload, **kwargs)
+
+        with trio.fail_after(20):
+            monkeypatch.setattr(js, "publish", publish)
+            await store_for(ca, "unstored-a", 1)
+            await until(lambda: ca.stats().durable_dead >= 1)
+            await _stream_empty(ca)
+        a, b = ca.stats(), cb.stats()
+    assert len(forwards) == DURABLE.max_deliver
+    assert (a.durable_forwarded, a.durable_dead, b.durable_acked) == (0, 1, 0)
+
+
+async def test_a_durable_message_too_big_for_its_forward_s_headers_waits_where_it_is(
+    nats: NatsServer,
+) -> None:
+    """A message that fit in max_payload with its own header, but not with the forward's
+    (a longer Nats-Msg-Id, Nexus-Forwards): forwarded, the server closed the node's data
+    connection (Maximum Payload Violation), for good. Now it is not forwarded: it waits
+    as a missing agent's message, dead after max_deliver, counted; the connection stays."""
+    async with _a_and_b_running(nats, "big-a") as (ca, cb):
+        with trio.fail_after(30):
+            msg = Message(sender=uuid.uuid4(), to="big-a", payload="")
+            headers = {wire.MSG_ID_HEADER: str(msg.id)}
+            room = ca.max_payload() - wire.header_bytes(headers) - len(wire.encode_message(msg))
+            msg = msg.evolve(payload="x" * room)
+            data = wire.encode_message(msg)
+            assert len(data) + wire.header_bytes(headers) == ca.max_payload()
+            await call_aio(
+                ca.data_js.publish,
+                wire.durable_subject(ca.prefix, "a", uuid.uuid4()),
+                data,
+                headers=headers,
+            )
+            await until(lambda: ca.stats().durable_dead >= 1)
+            await _stream_empty(ca)
+        a, b = ca.stats(), cb.stats()
+        assert not ca.nc.is_closed
+    assert (a.durable_forwarded, a.durable_dead, b.durable_acked) == (0, 1, 0)

@@ -5319,7 +5319,7 @@ class Cluster:
             outbox_direct=self._outbox.direct,
             durable_acked=d.acked,
             durable_redelivered=d.redelivered,
-            durable_dead=d.dead,
+            durable_dead=d.dead + d.dead_unforwarded,
             durable_duplicates=d.duplicates,
             durable_unsettled_at_leave=d.unsettled_at_leave,
             durable_agent_missing=d.agent_missing,

@@ -108,6 +108,16 @@ FORWARD_HOPS: Final = 4
 _FORWARD: Final = "forward "
 
 
+def _forward_headers(jsmsg: NatsMsg) -> dict[str, str]:
+    """The headers of the copy of ``jsmsg``'s message forwarded to another node (see
+    DurableChannel._send_forward)."""
+    msg_id = (jsmsg.headers or {}).get(wire.MSG_ID_HEADER, "")
+    return {
+        wire.MSG_ID_HEADER: f"{msg_id}>{jsmsg.metadata.sequence.stream}",
+        FORWARDS_HEADER: str(_hops(jsmsg) + 1),
+    }
+
+
 def _hops(jsmsg: NatsMsg) -> int:
     """How many times ``jsmsg``'s message was forwarded (its header; 0 if none). A header
     that is no small whole number (any publisher may write one) counts as the most: such
@@ -241,6 +251,9 @@ class DurableChannel:
         #: messages by name whose agent runs on another node now, stored for that node
         #: and acked here (see _forward)
         self.forwarded = 0
+        #: messages dead because their forward failed on their last delivery (counted by
+        #: the asyncio side, which sends the forward; in ClusterStats.durable_dead)
+        self.dead_unforwarded = 0
         #: messages the leave left unsettled (see stop): JetStream delivers them again
         self.unsettled_at_leave = 0
 
@@ -700,6 +713,26 @@ class DurableChannel:
         entry = self._in_flight.get(query.id)
         if moved is None or entry is None or entry[0] is not jsmsg:
             return False
+        size = len(jsmsg.data) + wire.header_bytes(_forward_headers(jsmsg))
+        limit = self.cluster.max_payload()
+        if size > limit:
+            # Its forward's headers made it too big: sent, the server would close this
+            # node's data connection (Maximum Payload Violation), which nats-py then closes
+            # for good; it waits here instead (dead after max_deliver, counted)
+            log_guarded(
+                log,
+                logging.WARNING,
+                "node %s: durable message %s for %r not forwarded to node %s, where its"
+                " agent runs: %d bytes with the forward's headers, more than NATS takes"
+                " in one message (max_payload %d bytes); it waits here",
+                self.cluster.node,
+                query.id,
+                query.to,
+                moved[0],
+                size,
+                limit,
+            )
+            return False
         del self._in_flight[query.id]
         self._room.set()
         node, agent_id = moved
@@ -930,15 +963,32 @@ class DurableChannel:
         sequence: a redelivery of this copy forwarded again stores nothing new (the
         duplicate window), and a copy forwarded back and forth is stored each time (its
         hops bounded by :data:`FORWARD_HOPS`). A copy JetStream did not take is nakked
-        (``redelivery_delay``): forwarded, or delivered here, again."""
+        (``redelivery_delay``): forwarded, or delivered here, again; at its last delivery
+        (``max_deliver``) it is dead instead, counted and logged (a nak would leave it in
+        the stream, delivered no more)."""
         msg_id = (jsmsg.headers or {}).get(wire.MSG_ID_HEADER, "")
-        headers = {
-            wire.MSG_ID_HEADER: f"{msg_id}>{jsmsg.metadata.sequence.stream}",
-            FORWARDS_HEADER: str(_hops(jsmsg) + 1),
-        }
         try:
-            await self.cluster.data_js.publish(subject, jsmsg.data, headers=headers)
+            await self.cluster.data_js.publish(subject, jsmsg.data, headers=_forward_headers(jsmsg))
         except (nats.errors.Error, OSError) as exc:
+            delivered = jsmsg.metadata.num_delivered
+            if delivered >= self.options.max_deliver:
+                # a nak of its last delivery is delivered no more: it would stay in the
+                # stream, neither handled nor counted
+                self.dead_unforwarded += 1
+                log_guarded(
+                    log,
+                    logging.ERROR,
+                    "node %s: durable message %s dead after %d deliveries (last: not"
+                    " forwarded to %s, where its agent runs: %r; if JetStream took the"
+                    " copy after all, that node handles it)",
+                    self.cluster.node,
+                    msg_id,
+                    delivered,
+                    subject,
+                    exc,
+                )
+                await jsmsg.term()
+                return
             log_guarded(
                 log,
                 logging.WARNING,
