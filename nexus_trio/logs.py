@@ -436,7 +436,9 @@ def output_lock() -> threading.Lock:
     nor the line into a record. ``nexus run --workers`` relays each worker's lines under
     it, and a worker writes what its app writes to ``sys.stderr`` under it, in whole
     lines. A thread that holds it may block while the file takes nothing (a full pipe):
-    never log while holding it."""
+    never log while holding it. Ask for it at each write, do not keep it: a fork gives the
+    child a new one (the one before may be held by a thread of the parent, which the child
+    has not)."""
     return _OUTPUT_LOCK[0]
 
 

@@ -294,3 +294,51 @@ def test_a_given_up_relay_counts_each_line_held_or_unread_once(
         relay._pending = held
         relay._count_unread(read)
     assert relay.lost_now() == lines
+
+
+#: a process whose log thread holds ``output_lock`` as it forks; the child prints a line
+#: to the worker's ``sys.stderr`` redirect (its own lock after the fork), and says so;
+#: a child that waits for ever is ended by its alarm (exit status -SIGALRM)
+FORK_WHILE_THE_LOCK_IS_HELD = """
+import os, signal, sys, threading
+from nexus_trio.cli._app import WholeLines
+from nexus_trio.logs import output_lock
+
+lines = WholeLines(sys.stderr, lock=output_lock)
+held, release = threading.Event(), threading.Event()
+
+def log_thread():
+    with output_lock():  # (the log handler, writing a record)
+        held.set()
+        release.wait()
+
+thread = threading.Thread(target=log_thread)
+thread.start()
+held.wait()
+pid = os.fork()
+if pid == 0:
+    signal.alarm(30)  # (the guard of a child that waits for ever, not a measure)
+    lines.write("printed in the child\\n")
+    os._exit(0)
+release.set()
+thread.join()
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_child_forked_while_the_log_thread_writes_can_print_to_stderr() -> None:
+    """Regression: a worker's ``sys.stderr`` redirect kept the ``output_lock`` it was
+    made with, but a fork replaces it in the child (it may be held by a thread of the
+    parent, which the child has not): a child forked while the log thread wrote a record
+    (``multiprocessing`` with fork, ``os.fork`` in an app) waited for ever on its first
+    line to ``sys.stderr``. The redirect takes the lock of the moment at each line."""
+    done = subprocess.run(
+        [sys.executable, "-c", FORK_WHILE_THE_LOCK_IS_HELD],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert (done.stdout, done.returncode) == ("0\n", 0), done.stderr
+    assert "printed in the child\n" in done.stderr

@@ -499,7 +499,7 @@ def run(
         # And what it writes to sys.stderr goes in whole lines, each under the log
         # handler's lock: a long line (past PIPE_BUF, which a full pipe takes in pieces)
         # and a record the log thread wrote meanwhile cut into each other.
-        lines = WholeLines(sys.stderr, lock=output_lock())
+        lines = WholeLines(sys.stderr, lock=output_lock)
         summary_out = sys.stdout
         sys.stdout = sys.stderr = lines
     if nats is None and cfg.nats.url:
@@ -1174,12 +1174,14 @@ class WholeLines(io.TextIOBase):
     standard error, where the log handler writes each record whole from another thread
     (see ``nexus_trio.logs``); ``print`` writes a line's text and its end apart."""
 
-    def __init__(self, target: Any, *, lock: threading.Lock | None = None) -> None:
+    def __init__(self, target: Any, *, lock: Callable[[], threading.Lock] | None = None) -> None:
         self.target = target
         self._held = ""
         self._lock = threading.Lock()
-        #: if given, held while each write to ``target`` is written and flushed (the log
-        #: handler's ``output_lock``: a record then never goes into one of the lines)
+        #: if given, what gives the lock held while each write to ``target`` is written
+        #: and flushed (the log handler's ``output_lock``: a record then never goes into
+        #: one of the lines), asked at each write: a fork makes the child a new one (the
+        #: one before may be held by a thread of the parent, which the child has not)
         self._output_lock = lock
 
     def write(self, text: str) -> int:
@@ -1195,7 +1197,7 @@ class WholeLines(io.TextIOBase):
         if self._output_lock is None:
             self.target.write(text)
             return
-        with self._output_lock:
+        with self._output_lock():
             self.target.write(text)
             self.target.flush()
 
