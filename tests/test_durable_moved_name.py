@@ -108,17 +108,20 @@ async def test_a_durable_message_forwarded_too_often_waits_where_it_is(
     nats: NatsServer,
 ) -> None:
     """A message forwarded FORWARD_HOPS times already (nodes whose views of the name
-    disagree), or whose forwards header is no number (anyone may publish one), is not
+    disagree), or whose forwards header is no number (anyone may publish one: "-1",
+    "\u00b2", a digit int() does not read, which raised in the pull), is not
     forwarded again: it is nakked as a missing agent's and dead after max_deliver, as
     before, counted."""
     async with _a_and_b_running(nats, "bounced-a") as (ca, cb):
         with trio.fail_after(20):
             await store_for(ca, "bounced-a", 1, **{FORWARDS_HEADER: str(FORWARD_HOPS)})
             await store_for(ca, "bounced-a", 2, **{FORWARDS_HEADER: "-1"})
-            await until(lambda: ca.stats().durable_dead >= 2)
+            # a digit that is no decimal digit: str.isdigit() takes it, int() does not
+            await store_for(ca, "bounced-a", 3, **{FORWARDS_HEADER: "\u00b2"})
+            await until(lambda: ca.stats().durable_dead >= 3)
             await _stream_empty(ca)
         a, b = ca.stats(), cb.stats()
-    assert (a.durable_forwarded, a.durable_dead, b.durable_acked) == (0, 2, 0)
+    assert (a.durable_forwarded, a.durable_dead, b.durable_acked) == (0, 3, 0)
 
 
 async def test_a_durable_message_whose_forward_fails_at_its_last_delivery_is_dead_counted(

@@ -123,7 +123,9 @@ def _hops(jsmsg: NatsMsg) -> int:
     that is no small whole number (any publisher may write one) counts as the most: such
     a message is not forwarded."""
     text = (jsmsg.headers or {}).get(FORWARDS_HEADER, "0")
-    return int(text) if text.isdigit() and len(text) < 4 else FORWARD_HOPS
+    # (ASCII digits: str.isdigit() also takes '²', which int() refuses: raised here, it
+    # ended the node's pull, and the node)
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 4 else FORWARD_HOPS
 
 
 #: JetStream's error code for a publish past a stream's max_msgs (discard new)
