@@ -399,6 +399,11 @@ class ClusterStats:
     #: durable messages by name whose agent runs on another node now (re-placed after a
     #: loss, rebalanced, spawned again there): stored for that node and acked here
     durable_forwarded: int = 0
+    #: durable messages stored for a lost node that this node took over (the rendezvous
+    #: owner of the loss over the survivors) and settled: forwarded to where their name
+    #: runs now, or dead (an agent id: it died with its node; a name that ran nowhere
+    #: within ``max_deliver``); also counted in ``durable_forwarded``/``durable_dead``
+    durable_taken_over: int = 0
     #: the outbox's sends that failed, each logged (at most a line a second, the rest
     #: said at the leave): a message the NATS client refused (also counted as what it
     #: was: ``publish_failures``, ``errors_unsent``, or a gap at its receiver) and one
@@ -4344,6 +4349,7 @@ class Cluster:
                 self._forget_names_of(info)
                 self._drop_hidden_names_of(key)
                 self.placement.member_left(key)
+                self.durable.takeovers_changed()
             return
         if op == "PURGE" or not value:
             return  # expired by TTL: the loss checker decides, on this node's clock
@@ -4407,6 +4413,8 @@ class Cluster:
         ):
             # it may run types no member heard ran: placed agents waiting for one go
             self.placement.owners_changed()
+            # (a new member may be the one to take over a lost node's durable messages)
+            self.durable.takeovers_changed()
         # (what its loss counted here that it took after all is no longer counted lost)
         self.placement.heard_from(info)
 
@@ -4597,6 +4605,8 @@ class Cluster:
             if len(lost) > _LEFT_STREAMS_MAX:
                 lost.popitem(last=False)
         self.placement.node_lost(info)
+        # its durable messages: one survivor takes them over (see DurableChannel.take_over)
+        self.durable.takeovers_changed()
 
     def member_list(self) -> list[NodeInfo]:
         """The nodes as last seen (including this one), sorted by name."""
@@ -5324,6 +5334,7 @@ class Cluster:
             durable_unsettled_at_leave=d.unsettled_at_leave,
             durable_agent_missing=d.agent_missing,
             durable_forwarded=d.forwarded,
+            durable_taken_over=d.taken_over,
             publish_failures=self._publish_failures,
             lost_in_transit=self._seq_in.lost,
             parked=sum(len(q) for q in self._parked.values()),

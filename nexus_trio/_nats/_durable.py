@@ -85,6 +85,7 @@ from .._throttle import Throttle
 from . import _wire as wire
 from ._aio import Outbox, call_aio, call_aio_bounded
 from ._auth import redact
+from ._placement import placement_weight
 
 if TYPE_CHECKING:
     from ._cluster import Cluster
@@ -106,6 +107,8 @@ FORWARDS_HEADER: Final = "Nexus-Forwards"
 FORWARD_HOPS: Final = 4
 #: the op of a forward in the settle queue: this prefix, then the subject
 _FORWARD: Final = "forward "
+#: likewise, of a forward of a message stored for a lost node (see DurableChannel.take_over)
+_TAKEN: Final = "taken "
 
 
 def _forward_headers(jsmsg: NatsMsg) -> dict[str, str]:
@@ -258,12 +261,22 @@ class DurableChannel:
         self.dead_unforwarded = 0
         #: messages the leave left unsettled (see stop): JetStream delivers them again
         self.unsettled_at_leave = 0
+        #: messages stored for a lost node that this node took over and settled (see
+        #: take_over): forwarded to where their name runs now, or dead (also counted in
+        #: ``forwarded`` and ``dead``)
+        self.taken_over = 0
+        # the lost nodes whose durable consumers this node pulls (see take_over)
+        self._takeovers: dict[str, trio.CancelScope] = {}
+        self._nursery: trio.Nursery | None = None
+        self._lost_log = Throttle()
+        self._takeover_log = Throttle()
 
     async def start(self, nursery: trio.Nursery) -> None:
         if not self.options.enabled:
             return
         self._psub = await call_aio(self._setup)
         await self._ops.start()
+        self._nursery = nursery
         nursery.start_soon(self._pull)
 
     async def _setup(self) -> Any:
@@ -291,9 +304,16 @@ class DurableChannel:
         # It may exist with other settings (another node's options): use it as it is.
         with contextlib.suppress(nats.js.errors.BadRequestError):
             await js.add_stream(config=config)
-        return await js.pull_subscribe(
-            wire.durable_subject(cluster.prefix, cluster.node, "*"),
-            durable=cluster.node,
+        return await self._subscribe(cluster.node)
+
+    async def _subscribe(self, node: str) -> Any:
+        """The pull subscription of ``node``'s durable consumer (made if missing, bound if
+        there): this node's own, or a lost node's (see :meth:`take_over`). Run on the
+        asyncio loop."""
+        opts = self.options
+        return await self.cluster.data_js.pull_subscribe(
+            wire.durable_subject(self.cluster.prefix, node, "*"),
+            durable=node,
             stream=self._stream,
             config=ConsumerConfig(
                 ack_wait=opts.ack_wait,
@@ -341,6 +361,8 @@ class DurableChannel:
         if self._psub is None:
             return
         start = trio.current_time()
+        for scope in self._takeovers.values():
+            scope.cancel()  # (what a takeover fetched is settled as it came: see _take)
         self._pulling.cancel()
         with trio.move_on_at(start + timeout / 2):
             await self._pull_ended.wait()
@@ -376,6 +398,198 @@ class DurableChannel:
             )
             # counted: a second stop (the leave's, after a caller's) counts them not again
             self._settles_sent = self._settles_queued
+
+    # --- a lost node's messages ---------------------------------------------------------------
+
+    def takeovers_changed(self) -> None:
+        """Membership changed (a node lost, one left, one heard): take over the durable
+        messages of each lost member (unreachable, not forgotten) whose rendezvous owner
+        over the reachable members is this node, unless it does already (see
+        :meth:`take_over`). The survivors that see the same members pick the same one;
+        one that is lost in turn is replaced at that loss. Two nodes pulling the same
+        lost node's consumer (their views differ for a moment) is harmless: JetStream
+        delivers each message to one of them at a time."""
+        cluster = self.cluster
+        if (
+            self._nursery is None
+            or not self.options.enabled
+            or cluster.closing
+            or cluster.kernel.shutting_down
+        ):
+            return
+        own = cluster.node
+        live = [n for n in cluster.live_nodes() if n != own]
+        for info in cluster.member_list():
+            node = info.node
+            if info.reachable or node == own or node in self._takeovers:
+                continue
+            key = f"durable:{node}"
+            mine = (placement_weight(own, key), own)
+            # (the first survivor that beats this node ends the test)
+            if all((placement_weight(other, key), other) < mine for other in live):
+                scope = self._takeovers[node] = trio.CancelScope()
+                self._nursery.start_soon(self.take_over, node, scope)
+
+    def _still_lost(self, node: str) -> bool | None:
+        """True while ``node`` is a lost member; False once it is heard again (its process
+        pulls its own consumer: a restart, a partition healed); None once it is no
+        member (forgotten, or its leave heard)."""
+        info = self.cluster.members.members.get(node)
+        if info is None:
+            return None
+        return not info.reachable
+
+    async def take_over(self, node: str, scope: trio.CancelScope) -> None:
+        """Pull the durable consumer of lost member ``node`` (whose messages no one else
+        pulls: accepted by the senders, they would wait in the stream until its
+        ``max_age`` and vanish uncounted), as Akka's shard handoff or an Erlang takeover
+        moves a dead node's work: each message by name is forwarded to the node where
+        its name runs now (re-placed), or nakked with the missing-agent delays while it
+        runs nowhere yet (waiting for a member that runs its type), dead after
+        ``max_deliver``; each message by agent id is dead at once (the agent died with
+        its node: an id is never used again), logged with that reason. Through the lost
+        node's own consumer: a process that comes back under its name binds the same
+        one, and JetStream gives each message to one puller at a time; a forward stores
+        its copy under the message id and the copy's stream sequence, so a message
+        forwarded by both (one took it past ``ack_wait``) is stored once.
+
+        Ends when the node is heard again (after the fetch under way: what it fetched is
+        settled first), or, once it is no member (forgotten), when its consumer is
+        drained: the consumer is deleted then (no sender can address that node any
+        more). Ends at this node's leave (what a fetch under way took is delivered again
+        after ``ack_wait``)."""
+        cluster = self.cluster
+        log_guarded(
+            log,
+            logging.WARNING,
+            "node %s: node %r is lost: taking over the durable messages stored for it",
+            cluster.node,
+            node,
+        )
+        psub: Any = None
+        try:
+            with scope:
+                while (still := self._still_lost(node)) is not False:
+                    try:
+                        if psub is None:
+                            psub = await call_aio(self._subscribe, node)
+                        msgs: list[NatsMsg] = await call_aio_bounded(
+                            _PULL_CANCEL_WAIT,
+                            psub.fetch,
+                            batch=self.options.max_in_flight,
+                            timeout=1.0,
+                        )
+                    except (nats.errors.TimeoutError, TimeoutError):
+                        if still is None and await call_aio(self._drop_drained, node):
+                            return
+                        continue
+                    except (nats.errors.Error, OSError) as exc:
+                        if self.cluster.held.due(
+                            self._takeover_log, "failed fetches of lost nodes' messages", logger=log
+                        ):
+                            log_guarded(
+                                log,
+                                logging.WARNING,
+                                "node %s: could not pull the durable messages of lost node %r:"
+                                " %r (tried again)",
+                                cluster.node,
+                                node,
+                                exc,
+                            )
+                        psub = None
+                        await trio.sleep(cluster.options.reconnect_wait)
+                        continue
+                    for jsmsg in msgs:
+                        self._take(node, jsmsg)
+        finally:
+            if self._takeovers.get(node) is scope:
+                del self._takeovers[node]
+            if psub is not None:
+                # (the server then drops the fetch requests left: nothing goes to them)
+                with (
+                    trio.CancelScope(shield=True),
+                    contextlib.suppress(nats.errors.Error, OSError, ValueError, TimeoutError),
+                ):
+                    await call_aio_bounded(_PULL_CANCEL_WAIT, psub.unsubscribe)
+
+    async def _drop_drained(self, node: str) -> bool:
+        """asyncio side: delete forgotten ``node``'s consumer if nothing of it is pending
+        or unacked; True if it is gone."""
+        js = self.cluster.data_js
+        try:
+            info = await js.consumer_info(self._stream, node)
+        except nats.js.errors.NotFoundError:
+            return True
+        if info.num_pending or info.num_ack_pending:
+            return False
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            await js.delete_consumer(self._stream, node)
+        return True
+
+    def _take(self, node: str, jsmsg: NatsMsg) -> None:
+        """Settle ``jsmsg``, stored for lost ``node`` (see :meth:`take_over`)."""
+        try:
+            msg = wire.decode_message(jsmsg.data)
+        except MessageDecodeError as exc:
+            self._terminate_undecodable(jsmsg, exc)
+            return
+        to = msg.to
+        if isinstance(to, uuid.UUID):
+            self._dead_with_node(
+                jsmsg,
+                msg.id,
+                f"agent {to} died with node {node!r} (lost; an agent id is never used again)",
+            )
+            return
+        where = self._runs_now(jsmsg, to)
+        if where is not None:
+            subject = wire.durable_subject(self.cluster.prefix, *where)
+            self._settle(jsmsg, f"{_TAKEN}{subject}")
+        elif jsmsg.metadata.num_delivered >= self.options.max_deliver:
+            self._dead_with_node(
+                jsmsg,
+                msg.id,
+                f"its name {to!r} ran on no reachable member within {self.options.max_deliver}"
+                f" deliveries since node {node!r} was lost",
+            )
+        else:
+            # re-placed soon, or waiting for a member that runs its type
+            self.agent_missing += 1
+            self._settle(jsmsg, "wait")
+
+    def _runs_now(self, jsmsg: NatsMsg, to: Any) -> tuple[str, uuid.UUID] | None:
+        """Where the agent named ``to`` runs now: here, or on another reachable member
+        (see :meth:`_moved_to`); None if nowhere known."""
+        kernel = self.cluster.kernel
+        if isinstance(to, str) and _hops(jsmsg) < FORWARD_HOPS and kernel.is_local(to):
+            with contextlib.suppress(AgentNotFound):
+                return self.cluster.node, kernel.lookup(to).id
+        return self._moved_to(jsmsg, to)
+
+    def _dead_with_node(self, jsmsg: NatsMsg, msg_id: uuid.UUID, reason: str) -> None:
+        """A lost node's message no delivery can succeed for: terminated, counted dead."""
+        self.taken_over += 1
+        self._terminate(
+            jsmsg,
+            self._lost_log,
+            "durable messages of lost nodes terminated",
+            "node %s: durable message %s terminated: %s",
+            self.cluster.node,
+            msg_id,
+            reason,
+        )
+
+    def _terminate(
+        self, jsmsg: NatsMsg, throttle: Throttle, what: str, line: str, *args: Any
+    ) -> None:
+        """Terminate ``jsmsg``, counted dead; ``line`` logged (at most one a second of
+        ``what``: the rest said with their count, see ``HeldLines``)."""
+        self.dead += 1
+        if self.cluster.held.due(
+            throttle, what, counted="durable_dead", level=logging.ERROR, logger=log
+        ):
+            log_guarded(log, logging.ERROR, line, *args)
+        self._settle(jsmsg, "term")
 
     # --- sending -------------------------------------------------------------------------------
 
@@ -610,29 +824,25 @@ class DurableChannel:
         with contextlib.suppress(nats.errors.Error, OSError, ValueError):
             await call_aio(self._psub.unsubscribe)
 
+    def _terminate_undecodable(self, jsmsg: NatsMsg, exc: MessageDecodeError) -> None:
+        """A body no kernel wrote (a hostile or broken publisher): terminated, counted."""
+        self._undecodable += 1
+        self._terminate(
+            jsmsg,
+            self._undecodable_log,
+            "undecodable durable messages terminated",
+            "node %s: undecodable durable message, terminated: %s (%d so far)",
+            self.cluster.node,
+            exc,
+            self._undecodable,
+        )
+
     async def _deliver(self, jsmsg: NatsMsg, fetched: float) -> None:
         kernel = self.cluster.kernel
         try:
             msg = wire.decode_message(jsmsg.data)
         except MessageDecodeError as exc:
-            self._undecodable += 1
-            if self.cluster.held.due(
-                self._undecodable_log,
-                "undecodable durable messages terminated",
-                counted="durable_dead",
-                level=logging.ERROR,
-                logger=log,
-            ):
-                log_guarded(
-                    log,
-                    logging.ERROR,
-                    "node %s: undecodable durable message, terminated: %s (%d so far)",
-                    self.cluster.node,
-                    exc,
-                    self._undecodable,
-                )
-            self.dead += 1
-            self._settle(jsmsg, "term")
+            self._terminate_undecodable(jsmsg, exc)
             return
         if msg.id in self._done:
             self.duplicates += 1
@@ -865,26 +1075,18 @@ class DurableChannel:
         jsmsg = entry[0]
         delivered = jsmsg.metadata.num_delivered
         if gone is not None:
-            self.dead += 1
             self._gone += 1
-            if self.cluster.held.due(
+            self._terminate(
+                jsmsg,
                 self._gone_log,
                 "durable messages terminated",
-                counted="durable_dead",
-                level=logging.ERROR,
-                logger=log,
-            ):
-                log_guarded(
-                    log,
-                    logging.ERROR,
-                    "node %s: durable message %s terminated at delivery %d: %s (%d so far)",
-                    self.cluster.node,
-                    msg_id,
-                    delivered,
-                    gone,
-                    self._gone,
-                )
-            self._settle(jsmsg, "term")
+                "node %s: durable message %s terminated at delivery %d: %s (%d so far)",
+                self.cluster.node,
+                msg_id,
+                delivered,
+                gone,
+                self._gone,
+            )
         elif delivered >= self.options.max_deliver:
             self.dead += 1
             log_guarded(
@@ -952,6 +1154,8 @@ class DurableChannel:
                         await jsmsg.in_progress()
                 elif op.startswith(_FORWARD):
                     await self._send_forward(jsmsg, op[len(_FORWARD) :])
+                elif op.startswith(_TAKEN):
+                    await self._send_forward(jsmsg, op[len(_TAKEN) :], taken=True)
                 else:
                     await jsmsg.term()
             except nats.errors.MsgAlreadyAckdError:
@@ -959,7 +1163,7 @@ class DurableChannel:
             if op != "progress":
                 self._settles_sent += 1
 
-    async def _send_forward(self, jsmsg: NatsMsg, subject: str) -> None:
+    async def _send_forward(self, jsmsg: NatsMsg, subject: str, *, taken: bool = False) -> None:
         """asyncio side: store ``jsmsg``'s message on ``subject`` (another node's), then
         ack it here. Its ``Nats-Msg-Id`` is the message id and this copy's stream
         sequence: a redelivery of this copy forwarded again stores nothing new (the
@@ -1003,4 +1207,5 @@ class DurableChannel:
             await jsmsg.nak(delay=self.options.redelivery_delay)
             return
         self.forwarded += 1
+        self.taken_over += taken
         await jsmsg.ack()

@@ -145,6 +145,10 @@ CLUSTER_COUNTERS: Final = {
         "nexus_cluster_durable_forwarded",
         "Durable messages by name forwarded to the node their agent runs on now.",
     ),
+    "durable_taken_over": (
+        "nexus_cluster_durable_taken_over",
+        "Durable messages stored for a lost node that this node took over and settled.",
+    ),
     "durable_unsettled_at_leave": (
         "nexus_cluster_durable_unsettled_at_leave",
         "Durable messages this node's leave left unsettled (JetStream delivers them again).",

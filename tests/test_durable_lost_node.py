@@ -1,0 +1,175 @@
+"""Durable messages stored for a node that is lost (fortieth pass, issue 14).
+
+Stored on the subject of a node that is then SIGKILLed and never comes back, they were
+pulled by no one: accepted (``send_durable`` had returned) and left in the stream until
+its ``max_age``, then gone uncounted. Now one survivor, the rendezvous owner of
+``durable:<node>`` over the reachable members, pulls the lost node's consumer: a message
+by name goes to where its name runs now (forwarded), or waits with the missing-agent
+delays while it runs nowhere, dead after ``max_deliver``; a message by agent id is dead at
+once (the agent died with its node). Counted in ``durable_taken_over``. Once the node is
+forgotten and its consumer drained, the consumer is deleted. A process that comes back
+under the lost node's name mid-takeover pulls the same consumer: each message is handled
+once. Real nats-server; the lost node is a child process, SIGKILLed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import nats.js.errors
+import pytest
+import trio
+
+from nexus_trio import Context, Message, agent
+from nexus_trio._nats import Cluster, DurableOptions, NatsServer
+from nexus_trio._nats import _wire as wire
+from nexus_trio._nats._aio import call_aio
+from nexus_trio._nats._placement import rendezvous_owner
+
+from .nats_server import NodeProcess, until
+from .test_durable_missing_agent import store_for
+from .test_durable_moved_name import DURABLE, _stream_empty
+from .test_nats import local_node
+
+#: (the ``nats`` fixture hides the module inside the tests that take it)
+_NotFound = nats.js.errors.NotFoundError
+
+
+async def _store_for_id(cluster: Cluster, node: str, agent_id: uuid.UUID) -> Message:
+    """Store a durable message for agent ``agent_id`` of ``node`` (as ``send_durable``
+    did before the node was lost)."""
+    msg = Message(sender=uuid.uuid4(), to=agent_id, payload="for the id")
+    await call_aio(
+        cluster.data_js.publish,
+        wire.durable_subject(cluster.prefix, node, agent_id),
+        wire.encode_message(msg),
+        headers={wire.MSG_ID_HEADER: str(msg.id)},
+    )
+    return msg
+
+
+async def _lost_child(url: str, *survivors: Cluster) -> NodeProcess:
+    """Child node ``c`` started, seen by the survivors, SIGKILLed and judged lost."""
+    child = await NodeProcess(url, "c").start()
+    await until(lambda: all("c" in s.live_nodes() for s in survivors))
+    child.kill()
+    assert child.process is not None
+    await child.process.wait()
+    await until(lambda: all("c" not in s.live_nodes() for s in survivors))
+    return child
+
+
+def _keeper(handled: list[tuple[uuid.UUID, Any]], name: str) -> Any:
+    @agent(name=name)
+    async def keep(ctx: Context, msg: Message) -> Any:
+        handled.append((msg.id, msg.payload))
+        return "ok"
+
+    return keep
+
+
+async def test_a_lost_node_s_durable_messages_are_forwarded_or_dead_and_its_consumer_dropped(
+    nats: NatsServer,
+) -> None:
+    """c is SIGKILLed with messages stored for it: by the name of an agent on b (two:
+    forwarded, handled once each), by c's agent's id (dead: it died with c) and by a
+    name nowhere (dead after max_deliver). Exactly one survivor, the rendezvous owner
+    of ``durable:c``, takes them (``durable_taken_over`` 4); the stream ends empty, and
+    once c is forgotten its drained consumer is deleted. (On the old code nobody pulled
+    c's subject: the stream never emptied.)"""
+    handled: list[tuple[uuid.UUID, Any]] = []
+    child: NodeProcess | None = None
+    forget = {"forget_lost_after": 2.0}
+    try:
+        async with (
+            local_node(nats.url, "a", durable=DURABLE, **forget) as (_ka, ca),
+            local_node(nats.url, "b", durable=DURABLE, **forget) as (kb, cb),
+        ):
+            with trio.fail_after(40):
+                kb.spawn(_keeper(handled, "keeper-a"))
+                await cb.names_published()
+                await until(lambda: ca.name_holder("keeper-a") is not None)
+                child = await _lost_child(nats.url, ca, cb)
+                echo_c = uuid.UUID(child.ids["echo-c"])
+                sent = [
+                    await store_for(ca, "keeper-a", 1, node="c"),
+                    await store_for(ca, "keeper-a", 2, node="c"),
+                ]
+                await _store_for_id(ca, "c", echo_c)
+                await store_for(ca, "nowhere-a", 3, node="c")
+                await until(lambda: len(handled) >= 2)
+                await until(lambda: ca.stats().durable_dead + cb.stats().durable_dead >= 2)
+                await _stream_empty(ca)
+                stream = f"{ca.prefix}-durable"
+                while True:
+                    try:
+                        await call_aio(ca.data_js.consumer_info, stream, "c")
+                    except _NotFound:
+                        break
+                    await trio.sleep(0.05)
+            stats = {c.node: c.stats() for c in (ca, cb)}
+    finally:
+        if child is not None:
+            await child.stop()
+    assert sorted(handled) == sorted((m.id, m.payload) for m in sent)
+    taker = rendezvous_owner("durable:c", ["a", "b"])
+    other = "a" if taker == "b" else "b"
+    t = stats[taker]
+    assert (t.durable_taken_over, t.durable_dead) == (4, 2)
+    assert t.durable_forwarded == 2
+    assert (stats[other].durable_taken_over, stats[other].durable_dead) == (0, 0)
+    assert stats["b"].durable_acked == 2
+
+
+#: the missing-agent delays give the comeback time to start: 1, 2, 4 s
+SLOW_MISSING = DurableOptions(
+    ack_wait=30.0,
+    max_deliver=4,
+    redelivery_delay=0.01,
+    missing_agent_delay=1.0,
+    missing_agent_delay_max=4.0,
+)
+
+
+@pytest.mark.parametrize("count", [20])
+async def test_a_lost_node_that_comes_back_mid_takeover_handles_nothing_twice(
+    nats: NatsServer, count: int
+) -> None:
+    """c is SIGKILLed with messages stored for it: by the name of b's agent (taken over:
+    forwarded to b) and by a name nowhere yet (taken over: waiting, nakked). A new c
+    comes back under the name while they wait and spawns that name: the survivor's
+    takeover ends, c's own pull takes the rest. Every message is handled exactly once,
+    nothing is dead, the stream ends empty. (On the old code nobody took c's messages
+    before it came back: the wait for the takeover timed out.)"""
+    handled: list[tuple[uuid.UUID, Any]] = []
+    later: list[tuple[uuid.UUID, Any]] = []
+    child: NodeProcess | None = None
+    try:
+        async with (
+            local_node(nats.url, "a", durable=SLOW_MISSING) as (_ka, ca),
+            local_node(nats.url, "b", durable=SLOW_MISSING) as (kb, cb),
+        ):
+            with trio.fail_after(40):
+                kb.spawn(_keeper(handled, "keeper-a"))
+                await cb.names_published()
+                await until(lambda: ca.name_holder("keeper-a") is not None)
+                child = await _lost_child(nats.url, ca, cb)
+                sent = [await store_for(ca, "keeper-a", i, node="c") for i in range(count)]
+                waiting = [await store_for(ca, "later-a", i, node="c") for i in range(count)]
+                survivors = (ca, cb)
+                await until(lambda: len(handled) >= count)
+                await until(lambda: sum(c.stats().durable_agent_missing for c in survivors) > 0)
+                async with local_node(nats.url, "c", durable=SLOW_MISSING) as (kc, cc):
+                    kc.spawn(_keeper(later, "later-a"))
+                    await until(lambda: len(later) >= count)
+                    await _stream_empty(cc)
+                    back = cc.stats()
+            stats = [c.stats() for c in survivors]
+    finally:
+        if child is not None:
+            await child.stop()
+    assert sorted(handled) == sorted((m.id, m.payload) for m in sent)
+    assert sorted(later) == sorted((m.id, m.payload) for m in waiting)
+    assert sum(s.durable_dead for s in stats) + back.durable_dead == 0
+    assert sum(s.durable_taken_over for s in stats) >= count
