@@ -49,15 +49,20 @@ async def _store_for_id(cluster: Cluster, node: str, agent_id: uuid.UUID) -> Mes
     return msg
 
 
-async def _lost_child(url: str, *survivors: Cluster) -> NodeProcess:
-    """Child node ``c`` started, seen by the survivors, SIGKILLed and judged lost."""
-    child = await NodeProcess(url, "c").start()
-    await until(lambda: all("c" in s.live_nodes() for s in survivors))
+async def _lost_child(url: str, *survivors: Cluster, name: str = "c") -> NodeProcess:
+    """Child node ``name`` started, seen by the survivors, SIGKILLed and judged lost."""
+    child = await NodeProcess(url, name).start()
+    await until(lambda: all(name in s.live_nodes() for s in survivors))
+    await _kill(child, *survivors)
+    return child
+
+
+async def _kill(child: NodeProcess, *survivors: Cluster) -> None:
+    """SIGKILL ``child``; return once the survivors judged it lost."""
     child.kill()
     assert child.process is not None
     await child.process.wait()
-    await until(lambda: all("c" not in s.live_nodes() for s in survivors))
-    return child
+    await until(lambda: all(child.node not in s.live_nodes() for s in survivors))
 
 
 def _keeper(handled: list[tuple[uuid.UUID, Any]], name: str) -> Any:
@@ -173,3 +178,50 @@ async def test_a_lost_node_that_comes_back_mid_takeover_handles_nothing_twice(
     assert sorted(later) == sorted((m.id, m.payload) for m in waiting)
     assert sum(s.durable_dead for s in stats) + back.durable_dead == 0
     assert sum(s.durable_taken_over for s in stats) >= count
+
+
+async def test_when_the_survivor_taking_over_is_lost_too_the_next_owner_takes_over(
+    nats: NatsServer,
+) -> None:
+    """Children f and d; d is SIGKILLed and f, the rendezvous owner of ``durable:d`` over
+    a, b and f, takes d's messages over (a message by b's agent's name, forwarded: f
+    counts it). f is SIGKILLed in turn: a, the owner over a and b, takes d's messages
+    over from then (the next one is handled, a counts it). (On the old code nobody
+    took d's messages: the first wait timed out.)"""
+    assert rendezvous_owner("durable:d", ["a", "b", "f"]) == "f"
+    assert rendezvous_owner("durable:d", ["a", "b"]) == "a"
+    handled: list[tuple[uuid.UUID, Any]] = []
+    children: list[NodeProcess] = []
+    try:
+        async with (
+            local_node(nats.url, "a", durable=DURABLE) as (ka, ca),
+            local_node(nats.url, "b", durable=DURABLE) as (kb, cb),
+        ):
+            with trio.fail_after(60):
+                kb.spawn(_keeper(handled, "keeper-a"))
+                await cb.names_published()
+                await until(lambda: ca.name_holder("keeper-a") is not None)
+                f = NodeProcess(nats.url, "f")
+                children.append(f)
+                await f.start()
+                await until(lambda: all("f" in c.live_nodes() for c in (ca, cb)))
+                # (d, a child too: it cannot be in children before it started)
+                d = NodeProcess(nats.url, "d")
+                children.append(d)
+                await d.start()
+                await until(lambda: all("d" in c.live_nodes() for c in (ca, cb)))
+                await _kill(d, ca, cb)
+                first = await store_for(ca, "keeper-a", "via f", node="d")
+                await until(lambda: len(handled) >= 1)
+                on_f = await ka.request("stats-f", None)
+                assert on_f["durable_taken_over"] == 1
+                await _kill(f, ca, cb)
+                second = await store_for(ca, "keeper-a", "via a", node="d")
+                await until(lambda: len(handled) >= 2)
+                await _stream_empty(ca)
+            a, b = ca.stats(), cb.stats()
+    finally:
+        for child in children:
+            await child.stop()
+    assert handled == [(first.id, "via f"), (second.id, "via a")]
+    assert (a.durable_taken_over, b.durable_taken_over) == (1, 0)
