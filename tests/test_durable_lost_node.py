@@ -15,13 +15,15 @@ once. Real nats-server; the lost node is a child process, SIGKILLed.
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import nats.js.errors
 import pytest
 import trio
 
-from nexus_trio import Context, Message, agent
+from nexus_trio import Context, Kernel, Message, agent
 from nexus_trio._nats import Cluster, DurableOptions, NatsServer
 from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import call_aio
@@ -74,6 +76,23 @@ def _keeper(handled: list[tuple[uuid.UUID, Any]], name: str) -> Any:
     return keep
 
 
+@asynccontextmanager
+async def _survivors(
+    url: str, handled: list[tuple[uuid.UUID, Any]], **options: Any
+) -> AsyncIterator[tuple[Kernel, Cluster, Cluster]]:
+    """Nodes a and b (``options``), b running ``keeper-a`` (which keeps what it gets in
+    ``handled``), a knowing it there: a's kernel, a and b."""
+    async with (
+        local_node(url, "a", **options) as (ka, ca),
+        local_node(url, "b", **options) as (kb, cb),
+    ):
+        with trio.fail_after(20):
+            kb.spawn(_keeper(handled, "keeper-a"))
+            await cb.names_published()
+            await until(lambda: ca.name_holder("keeper-a") is not None)
+        yield ka, ca, cb
+
+
 async def test_a_lost_node_s_durable_messages_are_forwarded_or_dead_and_its_consumer_dropped(
     nats: NatsServer,
 ) -> None:
@@ -87,14 +106,8 @@ async def test_a_lost_node_s_durable_messages_are_forwarded_or_dead_and_its_cons
     child: NodeProcess | None = None
     forget = {"forget_lost_after": 2.0}
     try:
-        async with (
-            local_node(nats.url, "a", durable=DURABLE, **forget) as (_ka, ca),
-            local_node(nats.url, "b", durable=DURABLE, **forget) as (kb, cb),
-        ):
+        async with _survivors(nats.url, handled, durable=DURABLE, **forget) as (_ka, ca, cb):
             with trio.fail_after(40):
-                kb.spawn(_keeper(handled, "keeper-a"))
-                await cb.names_published()
-                await until(lambda: ca.name_holder("keeper-a") is not None)
                 child = await _lost_child(nats.url, ca, cb)
                 echo_c = uuid.UUID(child.ids["echo-c"])
                 sent = [
@@ -151,14 +164,8 @@ async def test_a_lost_node_that_comes_back_mid_takeover_handles_nothing_twice(
     later: list[tuple[uuid.UUID, Any]] = []
     child: NodeProcess | None = None
     try:
-        async with (
-            local_node(nats.url, "a", durable=SLOW_MISSING) as (_ka, ca),
-            local_node(nats.url, "b", durable=SLOW_MISSING) as (kb, cb),
-        ):
+        async with _survivors(nats.url, handled, durable=SLOW_MISSING) as (_ka, ca, cb):
             with trio.fail_after(40):
-                kb.spawn(_keeper(handled, "keeper-a"))
-                await cb.names_published()
-                await until(lambda: ca.name_holder("keeper-a") is not None)
                 child = await _lost_child(nats.url, ca, cb)
                 sent = [await store_for(ca, "keeper-a", i, node="c") for i in range(count)]
                 waiting = [await store_for(ca, "later-a", i, node="c") for i in range(count)]
@@ -193,14 +200,8 @@ async def test_when_the_survivor_taking_over_is_lost_too_the_next_owner_takes_ov
     handled: list[tuple[uuid.UUID, Any]] = []
     children: list[NodeProcess] = []
     try:
-        async with (
-            local_node(nats.url, "a", durable=DURABLE) as (ka, ca),
-            local_node(nats.url, "b", durable=DURABLE) as (kb, cb),
-        ):
+        async with _survivors(nats.url, handled, durable=DURABLE) as (ka, ca, cb):
             with trio.fail_after(60):
-                kb.spawn(_keeper(handled, "keeper-a"))
-                await cb.names_published()
-                await until(lambda: ca.name_holder("keeper-a") is not None)
                 f = NodeProcess(nats.url, "f")
                 children.append(f)
                 await f.start()
