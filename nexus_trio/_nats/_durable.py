@@ -361,6 +361,7 @@ class DurableChannel:
         if self._psub is None:
             return
         start = trio.current_time()
+        self._nursery = None  # (no takeover starts now)
         for scope in self._takeovers.values():
             scope.cancel()  # (what a takeover fetched is settled as it came: see _take)
         self._pulling.cancel()
@@ -480,7 +481,7 @@ class DurableChannel:
                             timeout=1.0,
                         )
                     except (nats.errors.TimeoutError, TimeoutError):
-                        if still is None and await call_aio(self._drop_drained, node):
+                        if still is None and await self._dropped_when_drained(node):
                             return
                         continue
                     except (nats.errors.Error, OSError) as exc:
@@ -512,9 +513,16 @@ class DurableChannel:
                 ):
                     await call_aio_bounded(_PULL_CANCEL_WAIT, psub.unsubscribe)
 
+    async def _dropped_when_drained(self, node: str) -> bool:
+        """Forgotten ``node``'s consumer deleted if nothing of it is pending or unacked:
+        True if it is gone (False if JetStream did not answer: asked again later)."""
+        try:
+            return await call_aio(self._drop_drained, node)
+        except (nats.errors.Error, OSError):
+            return False
+
     async def _drop_drained(self, node: str) -> bool:
-        """asyncio side: delete forgotten ``node``'s consumer if nothing of it is pending
-        or unacked; True if it is gone."""
+        """asyncio side of :meth:`_dropped_when_drained`."""
         js = self.cluster.data_js
         try:
             info = await js.consumer_info(self._stream, node)
