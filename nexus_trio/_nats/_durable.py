@@ -27,6 +27,11 @@ original message id** (``ctx.message.kind is MessageKind.QUERY``):
   default: the message outlives a gap of 15 s), counted in ``agent_missing``; dead
   after ``max_deliver`` as any other.
 
+The messages stored for a node that is lost are taken over by one survivor (the
+rendezvous owner of ``durable:<node>`` over the reachable members), which pulls that
+node's consumer until the node is heard again: by name forwarded to where the name runs
+now (or waiting as above), by agent id dead at once; see :meth:`DurableChannel.take_over`.
+
 While the node itself holds a message (fetched, not handed over yet: waiting behind
 the others of its batch, or for room in a full ``block`` mailbox, at most the send
 deadline each) it tells JetStream every ``ack_wait / 2`` that the message is in progress
