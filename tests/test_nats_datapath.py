@@ -54,7 +54,7 @@ from nexus_trio._nats import Cluster, ClusterOptions, NatsServer, join_cluster
 from nexus_trio._nats import _batch as batch
 from nexus_trio._nats import _cluster as cluster_module
 from nexus_trio._nats import _wire as wire
-from nexus_trio._nats._aio import call_aio
+from nexus_trio._nats._aio import asyncio_loop, call_aio
 from nexus_trio._nats._direct import flush_after_subscribe
 from nexus_trio._nats._membership import encode_record
 from nexus_trio._nats._streams import parse_stream_name
@@ -63,7 +63,7 @@ from nexus_trio.logs import log_calls_failed
 from nexus_trio.testing import assert_conserved
 
 from .hang_guard import real_time_limit
-from .nats_server import FAST, PATIENT, on_loop_of, until
+from .nats_server import FAST, PATIENT, nats_cluster, on_loop_of, until
 from .task_steps import counting_steps
 from .test_logs import RaisingFilter
 from .test_message import NOT_JSON
@@ -3112,6 +3112,143 @@ async def test_a_lost_tail_is_counted_when_the_connection_comes_back_during_the_
     assert records == list(range(5))
     assert lost == 3
     assert ca.stats().publish_failures == 0
+
+
+class _LeaveSteps:
+    """Stand-ins for a leave's two steps that need the control connection (the drops
+    of the names and records, the membership record): each waits, as a KV write does,
+    while that connection is down (nats-py sends it once the connection is back)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entered: list[str] = []
+        self.done: list[str] = []
+
+        def step(name: str) -> Callable[[Cluster], Awaitable[None]]:
+            async def run(cluster: Cluster) -> None:
+                self.entered.append(name)
+                while "control" in cluster._down_at:
+                    await cluster._link_changed.wait()
+                self.done.append(name)
+
+            return run
+
+        monkeypatch.setattr(Cluster, "_drop_entries", step("drop"))
+        monkeypatch.setattr(Cluster, "_announce_leave", step("announce"))
+
+
+def _down(cluster: Cluster, at: float) -> None:
+    """What a disconnect of both connections does (see Cluster._open), at ``at``."""
+    cluster._outbox.pause()
+    cluster._data_up = trio.Event()
+    for role in ("data", "control"):
+        cluster._mark_link(role, at)
+
+
+def _back(cluster: Cluster) -> None:
+    """What the reconnect of both does."""
+    for role in ("data", "control"):
+        cluster._mark_link(role, None)
+    cluster._outbox.resume()
+    cluster._data_up.set()
+
+
+@pytest.mark.parametrize(
+    ("down_for", "back_after", "took", "done"),
+    [
+        (None, None, 0.0, ["drop", "announce"]),  # up: the clean leave, as before
+        (2.0, None, 0.0, []),  # down 2 s before the leave: nothing waited
+        (0.0, None, 2.0, []),  # down as it starts, for good: cut 2 s after
+        (0.0, 1.5, 1.5, ["drop", "announce"]),  # back within 2 s: the clean leave
+        (1.0, 0.5, 0.5, ["drop", "announce"]),  # down 1 s before, back 0.5 s later
+    ],
+    ids=["up", "gone-before", "gone-during", "back-during", "back-in-time"],
+)
+async def test_a_leave_with_its_connection_down_for_good_waits_for_nothing_it_needs(
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    down_for: float | None,
+    back_after: float | None,
+    took: float,
+    done: list[str],
+) -> None:
+    """Regression: a node leaving with its NATS connection down (a ``--workers`` worker
+    whose server died: its NatsServerLost came ~5.5 s after the death) waited each of
+    its leave's steps out against the dead connection: the drops of its names and
+    records to 2 s, the membership record 1 s, the flush's wait for a reconnect 2 s. A
+    connection down 2 s (from when it went down) is gone for the leave: those steps are
+    skipped or cut, said in one line; one back sooner still gets the clean leave."""
+    steps = _LeaveSteps(monkeypatch)
+    async with open_kernel(_config()) as kernel, asyncio_loop():
+        cluster = Cluster(kernel, ["nats://127.0.0.1:1"], "a", ClusterOptions())
+        start = trio.current_time()
+        if down_for is not None:
+            _down(cluster, start - down_for)
+        async with trio.open_nursery() as nursery:
+            if back_after is not None:
+
+                async def reconnect() -> None:
+                    await trio.sleep(back_after)  # (the mock clock's: the outage's length)
+                    _back(cluster)
+
+                nursery.start_soon(reconnect)
+            with caplog.at_level(logging.WARNING, logger="nexus_trio.nats"):
+                await cluster._leave()
+        assert trio.current_time() - start == pytest.approx(took)
+    assert steps.done == done
+    assert cluster._leave_announced  # (no heartbeat after the leave, announced or not)
+    said = [r.getMessage() for r in caplog.records if "connection down" in r.getMessage()]
+    if done:
+        assert said == []
+    else:
+        assert steps.entered == (["drop"] if down_for == 0.0 else [])
+        assert said == [
+            "node a: leaving with its NATS connection down 2s or more (the server gone?):"
+            " not dropped: its names and placement records, its membership record (the"
+            " leave not announced); the other nodes judge this node lost"
+        ]
+
+
+async def test_a_node_whose_server_was_killed_leaves_without_its_kv_writes_and_counts_its_tells(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The leave above on a real server, SIGKILLed: a node that leaves with its
+    connection gone does not write its membership record (a KV write to the dead server
+    waited its 1 s bound out), and still counts the tells it accepted and could not send
+    (publish_failures)."""
+    deletes: list[str] = []
+    records: list[Any] = []
+    # gone once down (the wait's own timing is the mock-clock test's above): a node with
+    # no names of its own reached its record's delete while the connection was still
+    # waited for, the KV write then cut, not skipped
+    monkeypatch.setattr(cluster_module, "_LEAVE_DOWN_WAIT", 0.0)
+    with nats_cluster(1) as (server,):
+        async with open_kernel(_config()) as kb:
+            kb.spawn(agent(_collector(records), name="col"))
+            async with join_cluster(kb, server.url, "b", options=PATIENT) as cb:
+                await cb.names_published()
+                with trio.fail_after(30):
+                    async with _node(server.url, "a") as (ka, ca):
+                        await ca.wait_for_name("col")
+                        nodes_kv = ca._nodes_kv
+                        assert nodes_kv is not None
+                        real_delete = nodes_kv.delete
+
+                        async def delete(key: str, *args: Any, **kwargs: Any) -> Any:
+                            deletes.append(key)
+                            return await real_delete(key, *args, **kwargs)
+
+                        monkeypatch.setattr(nodes_kv, "delete", delete)
+                        server.kill()
+                        while not ca._outbox.paused or "control" not in ca._down_at:
+                            await ca._link_changed.wait()
+                        for i in range(3):
+                            await ka.send("col", i)  # accepted: held in a's outbox
+                        left_at = trio.current_time()
+                    assert trio.current_time() - left_at < 20  # (generous: a loaded machine)
+    assert deletes == []
+    assert ca.stats().publish_failures == 3
+    assert records == []
 
 
 async def test_tells_of_an_old_join_s_stream_never_reach_its_new_join(

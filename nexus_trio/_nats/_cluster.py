@@ -152,6 +152,11 @@ _LEAVE_TAIL: Final = 3.0
 #: outgoing messages the rest, at least this long
 _LEAVE_RECORD_WAIT: Final = 1.0
 _LEAVE_FLUSH_WAIT: Final = 2.0
+#: a connection down this long (from when it went down, before the leave or during it)
+#: is gone for the leave: the steps that need it are skipped or cut, not waited out
+#: (a worker whose server died waited ~3.5 s of the bounds above: see _unless_gone);
+#: one back sooner gets the clean leave (the settle's SERVER_LOST_WAIT alike)
+_LEAVE_DOWN_WAIT: Final = 2.0
 #: streams to nodes that left cleanly whose last notice (see _on_last_notice) is awaited
 _LEFT_STREAMS_MAX: Final = 4096
 #: times a join reads and judges the record under its name, then writes its own against
@@ -512,6 +517,7 @@ class Cluster:
         "_dirty",
         "_disconnecting",
         "_disconnects",
+        "_down_at",
         "_drain_task",
         "_drop_log",
         "_dropped",
@@ -536,6 +542,7 @@ class Cluster:
         "_left_before_delete",
         "_left_counted",
         "_left_streams",
+        "_link_changed",
         "_links",
         "_links_version",
         "_local_names",
@@ -855,6 +862,11 @@ class Cluster:
         self._after_leave_log = Throttle()
         self._data_up = trio.Event()  # set while the data connection is up
         self._data_up.set()
+        #: when each connection ("data", "control") went down, while it is down (-inf:
+        #: closed, for good); see _unless_gone
+        self._down_at: dict[str, float] = {}
+        #: set (and replaced) at each disconnect, reconnect and close of a connection
+        self._link_changed = trio.Event()
         self.durable = DurableChannel(self, options.durable)
         self._published = 0
         self._received = 0
@@ -959,6 +971,7 @@ class Cluster:
                 # client's reconnect buffer, whose overflow nobody would see.
                 self._outbox.pause()
                 self._data_up = trio.Event()
+            self._mark_link(role, trio.current_time())
             if not self._closing and not self._disconnecting and not down:
                 log_guarded(
                     log,
@@ -972,10 +985,12 @@ class Cluster:
         async def on_closed() -> None:
             if role == "data":
                 self._data_closed = True
+            self._mark_link(role, -math.inf)  # (never back)
 
         async def on_reconnect() -> None:
             nonlocal down
             down = False
+            self._mark_link(role, None)
             # the server may be another one, or the same restarted without its store
             self._buckets_to_check = True
             if role == "data":
@@ -5105,12 +5120,76 @@ class Cluster:
                     self.node,
                     exc,
                 )
+            # (what the connection gone skipped or cut, or the step's bound cut once it
+            # was gone, is said below; a bound that cut a step on a slow server is not)
+            skipped: list[str] = []
+            dropped = announced = False
             with trio.move_on_at(deadline - _LEAVE_TAIL):
-                await self._drop_entries()
+                dropped = await self._unless_gone("control", self._drop_entries)
+            if not dropped and self._gone("control"):
+                skipped.append("its names and placement records")
+            # (heartbeats end here even if the announcement is skipped: see below)
+            self._leave_announced = True
             with trio.move_on_after(_LEAVE_RECORD_WAIT):
-                await self._announce_leave()
+                announced = await self._unless_gone("control", self._announce_leave)
+            if not announced and self._gone("control"):
+                skipped.append("its membership record (the leave not announced)")
+            if skipped:
+                log_guarded(
+                    log,
+                    logging.WARNING,
+                    "node %s: leaving with its NATS connection down %gs or more (the server"
+                    " gone?): not dropped: %s; the other nodes judge this node lost",
+                    self.node,
+                    _LEAVE_DOWN_WAIT,
+                    ", ".join(skipped),
+                )
             with trio.move_on_at(max(deadline, trio.current_time() + _LEAVE_FLUSH_WAIT)):
                 await self._flush_at_leave()
+
+    async def _unless_gone(self, role: str, step: Callable[[], Awaitable[None]]) -> bool:
+        """Leaving: run ``step`` (one that needs the ``role`` connection), skipped or cut
+        once that connection has been down :data:`_LEAVE_DOWN_WAIT` seconds (from when it
+        went down: the server died, say); True if it ran to its end. A connection back
+        sooner lets it go on (nats-py sends what it buffered meanwhile). A worker whose
+        server died waited each step's bound out against the connection down, ~3.5 s of
+        its ~5.5 s to its error line."""
+        if self._gone(role):
+            return False
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+
+                async def watch() -> None:
+                    while not self._gone(role):
+                        changed, down_at = self._link_changed, self._down_at.get(role)
+                        until = math.inf if down_at is None else down_at + _LEAVE_DOWN_WAIT
+                        with trio.move_on_at(until):
+                            await changed.wait()
+                    scope.cancel()
+
+                async def run() -> None:
+                    await step()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(watch)
+                nursery.start_soon(run)
+        return not scope.cancelled_caught
+
+    def _mark_link(self, role: str, down_at: float | None) -> None:
+        """The ``role`` connection went down at ``down_at`` (-inf: closed, for good; a
+        later disconnect of one down already keeps the first time), or is back (None)."""
+        if down_at is None:
+            self._down_at.pop(role, None)
+        elif role not in self._down_at or down_at == -math.inf:
+            self._down_at[role] = down_at
+        changed, self._link_changed = self._link_changed, trio.Event()
+        changed.set()
+
+    def _gone(self, role: str) -> bool:
+        """Whether the ``role`` connection has been down :data:`_LEAVE_DOWN_WAIT` s."""
+        down_at = self._down_at.get(role)
+        # (as the watch's deadline is computed: the same float, so that it ends the watch)
+        return down_at is not None and trio.current_time() >= down_at + _LEAVE_DOWN_WAIT
 
     async def _drop_entries(self) -> None:
         """Leaving: drop this node's placement records and names."""
@@ -5136,8 +5215,7 @@ class Cluster:
         # after the record's delete) announced the node again, and the others took
         # it back as a member until its last notice, and logged its leave twice. A
         # write of the record already on its way is refused by the bucket if it
-        # comes after the delete (see _write_record).
-        self._leave_announced = True
+        # comes after the delete (see _write_record). (Set by _leave before this.)
         try:
             # (naming this join: heard after a later join's heartbeat of this
             # process, it must not end that one, see _on_heartbeat)
@@ -5170,8 +5248,13 @@ class Cluster:
             await self._stop_deliveries()
             self._flush_pending()  # open batches first: the marks must cover them
             if self._outbox.paused:
-                # Down now: give the client a bounded chance to reconnect first.
-                with trio.move_on_after(min(2.0, self.kernel.config.kernel.send_timeout)):
+                # Down now: give the client a bounded chance to reconnect first (none
+                # once it has been down _LEAVE_DOWN_WAIT: the server gone, see _unless_gone)
+                until = trio.current_time() + min(2.0, self.kernel.config.kernel.send_timeout)
+                down_at = self._down_at.get("data")
+                if down_at is not None:
+                    until = min(until, down_at + _LEAVE_DOWN_WAIT)
+                with trio.move_on_at(until):
                     await self._data_up.wait()
             if not self._outbox.paused:
                 # (also once the connection is back: tells NATS lost in the outage
@@ -5275,8 +5358,9 @@ class Cluster:
                     # (they come on this connection), then those late are counted below
                     self._notices_in = trio.Event()
                     wait = self.options.notice_wait_at_leave
+                    # (none comes once the connection is gone: see _unless_gone)
                     with trio.CancelScope(shield=True), trio.move_on_after(wait):
-                        await self._notices_in.wait()
+                        await self._unless_gone("control", self._notices_in.wait)
             with trio.CancelScope(shield=True), trio.move_on_after(3):
                 try:
                     await call_aio(nc.close)
