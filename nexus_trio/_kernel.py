@@ -975,6 +975,8 @@ class Kernel:
             sends_waiting=ledger.sends_waiting,
             dead_letter_lines_not_logged=ledger.dead_letter_lines.not_logged,
             failure_lines_not_logged=ledger.failure_lines.not_logged,
+            tells_after_detach=ledger.tells_after_detach,
+            requests_after_detach=ledger.requests_after_detach,
         )
 
     def scan_agents(

@@ -79,11 +79,13 @@ class Ledger:
         "queue_wait",
         "rejected",
         "replies",
+        "requests_after_detach",
         "restarts",
         "run_failures",
         "sample_mask",
         "send_notice",
         "sends_waiting",
+        "tells_after_detach",
         "timed_out",
     )
 
@@ -105,6 +107,10 @@ class Ledger:
         self.restarts = 0
         #: children the root stopped for good after too many failures
         self.given_up = 0
+        #: tells and requests a detached transport's ``left`` took (see
+        #: Kernel.detach_transport): dead-lettered, and refused to their requesters
+        self.tells_after_detach = 0
+        self.requests_after_detach = 0
         #: agents not forgotten yet, less those whose last run ended in the kernel's
         #: stop (the tree forgets them all at its end; counted out as each run ends)
         self.agents_alive = 0

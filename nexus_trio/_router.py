@@ -1391,7 +1391,9 @@ class Router:
                     detail = left(msg)
                     if detail is not None:
                         if msg.kind is _QUERY:
+                            ledger.requests_after_detach += 1
                             raise TransportUnavailable(detail)
+                        ledger.tells_after_detach += 1
                         self._accept_dead(msg, DeadLetterReason.TRANSPORT_UNAVAILABLE, detail)
                         return None
                 # the table, for a hint looked for only if the error is shown

@@ -280,3 +280,11 @@ class KernelStats:
     #: handler failures that got no log line (nor traceback) of their own: past ``[kernel]
     #: failure_log_limit`` lines a second of their agent (said in one line a second)
     failure_lines_not_logged: int = 0
+    #: tells to another node of a cluster this kernel left (its transport detached with
+    #: ``left``, see ``Kernel.detach_transport``): accepted and dead-lettered
+    #: ``transport_unavailable`` (a cluster counts them in ``tells_after_leave`` until
+    #: the kernel closes; this count stays in ``/metrics`` after the leave)
+    tells_after_detach: int = 0
+    #: requests to such an address, refused with ``TransportUnavailable`` (not in
+    #: ``rejected``: counted here only)
+    requests_after_detach: int = 0

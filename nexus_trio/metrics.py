@@ -396,6 +396,7 @@ class KernelCollector:
     ``nexus_handler_timeouts``, ``nexus_dead_letters{reason}``,
     ``nexus_sends_rejected{reason}``, ``nexus_restarts``, ``nexus_given_up``,
     ``nexus_dead_letter_stream_dropped``, ``nexus_event_stream_dropped``,
+    ``nexus_tells_after_detach``, ``nexus_requests_after_detach``,
     ``nexus_dead_letter_lines_not_logged``, ``nexus_handler_failure_lines_not_logged``,
     ``nexus_log_records_lost``,
     ``nexus_log_calls_failed`` (counters); ``nexus_agents_alive``,
@@ -481,6 +482,16 @@ def _families(snapshot: MetricsSnapshot) -> Iterator[Metric]:
         "nexus_event_stream_dropped",
         "Lifecycle events a slow stream subscriber did not receive.",
         s.event_stream_dropped,
+    )
+    yield counter(
+        "nexus_tells_after_detach",
+        "Tells to another node of a cluster the kernel left: dead-lettered, not sent.",
+        s.tells_after_detach,
+    )
+    yield counter(
+        "nexus_requests_after_detach",
+        "Requests to another node of a cluster the kernel left: refused, not sent.",
+        s.requests_after_detach,
     )
     yield counter(
         "nexus_dead_letter_lines_not_logged",

@@ -904,3 +904,31 @@ async def test_a_detached_transports_at_close_is_called_once_when_its_left_is_le
     assert calls == ["first", "second", "third", "raises"]
     raised = [r for r in caplog.records if r.exc_info and "at_close" in r.getMessage()]
     assert len(raised) == 1 and str(raised[0].exc_info[1]) == "at_close failed"
+
+
+async def test_tells_and_requests_a_detached_transports_left_takes_stay_in_the_metrics() -> None:
+    """Regression: a cluster counted the tells and requests sent after its leave
+    (``tells_after_leave``, ``requests_after_leave``), but its series leave ``/metrics``
+    with it, and those counts came after: not in any series. The kernel counts what a
+    detached transport's ``left`` takes (``stats().tells_after_detach``,
+    ``requests_after_detach``) and exports it in its own series."""
+    from prometheus_client import generate_latest
+
+    from nexus_trio import AgentNotFound, TransportUnavailable
+    from nexus_trio.metrics import build_registry
+
+    async with open_kernel(make_config()) as kernel:
+        kernel.detach_transport(lambda msg: "left" if msg.to == "far" else None)
+        await kernel.send("far", 1)
+        await kernel.send("far", 2)
+        with pytest.raises(TransportUnavailable):
+            await kernel.request("far", 3, timeout=1.0)
+        with pytest.raises(AgentNotFound):
+            await kernel.send("nowhere", 4)  # (not the left cluster's: not counted)
+        stats = kernel.stats()
+        assert (stats.tells_after_detach, stats.requests_after_detach) == (2, 1)
+        assert stats.dead_letters_by_reason["transport_unavailable"] == 2
+        assert dict(stats.rejected) == {"no_such_agent": 1}  # ("nowhere" only)
+        text = generate_latest(build_registry(kernel, process=False)).decode()
+        assert "\nnexus_tells_after_detach_total 2.0\n" in text
+        assert "\nnexus_requests_after_detach_total 1.0\n" in text
