@@ -5156,6 +5156,7 @@ class Cluster:
         its ~5.5 s to its error line."""
         if self._gone(role):
             return False
+        failed: list[Exception] = []
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:
 
@@ -5168,11 +5169,16 @@ class Cluster:
                     scope.cancel()
 
                 async def run() -> None:
-                    await step()
+                    try:
+                        await step()
+                    except Exception as exc:  # (raised below as it came, not in a group)
+                        failed.append(exc)
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(watch)
                 nursery.start_soon(run)
+        if failed:
+            raise failed[0]
         return not scope.cancelled_caught
 
     def _mark_link(self, role: str, down_at: float | None) -> None:
