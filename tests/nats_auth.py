@@ -58,6 +58,14 @@ def _issue(
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(hours=1))
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        # key identifiers: Python 3.13's default context verifies strictly (RFC 5280,
+        # VERIFY_X509_STRICT) and refuses a chain without them ("Missing Authority Key
+        # Identifier"), as a real CA's certificates have them
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+            critical=False,
+        )
     )
     if ca:
         builder = builder.add_extension(

@@ -414,6 +414,34 @@ async def test_tls_with_a_client_certificate(server_factory: Any, tmp_path: Path
                 pass
 
 
+async def test_a_tls_handshake_that_fails_on_every_attempt_is_named_in_the_error(
+    server_factory: Any, tmp_path: Path
+) -> None:
+    """A client that trusts another CA than the server's: each attempt's handshake fails
+    (retried as a connection error until the connect's limit), and the error says why
+    (before: only 'no answer within 11.6s'; Python 3.13's strict verification of a CA
+    without key identifiers gave the same bare timeout)."""
+    (tmp_path / "server").mkdir()
+    (tmp_path / "other").mkdir()
+    files, config = make_tls(tmp_path / "server")
+    other, _ = make_tls(tmp_path / "other")
+    server = server_factory(config)
+    async with open_kernel(node_config()) as kernel:
+        with trio.fail_after(60), pytest.raises(TransportUnavailable) as raised:
+            async with join_cluster(
+                kernel,
+                server.url,
+                "a",
+                options=FAST,
+                auth=NatsAuth(
+                    tls_ca=other["tls_ca"], tls_cert=files["tls_cert"], tls_key=files["tls_key"]
+                ),
+            ):
+                pass
+    assert "(no auth, TLS)" in str(raised.value)
+    assert "certificate verify failed" in str(raised.value)
+
+
 async def test_password_in_the_url_never_reaches_the_logs_across_a_reconnect(
     server_factory: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -1058,8 +1058,14 @@ class Cluster:
                     **auth_options,
                 )
         except trio.TooSlowError:
+            # the last error says why, e.g. a TLS handshake that failed on every attempt
+            # (Python 3.13 verifies certificates strictly: a CA without a key identifier)
+            said = f"; last error: {last_error[0]!r}" if last_error else ""
             raise TransportUnavailable(
-                f"cannot connect to NATS at {where}: no answer within {limit + 5:g}s"
+                redact(
+                    f"cannot connect to NATS at {where} ({self._auth_kind()}): "
+                    f"no answer within {limit + 5:g}s{said}"
+                )
             ) from None
         except Exception as exc:
             # from None: the cause's text may quote what the server was sent
