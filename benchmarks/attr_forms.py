@@ -195,6 +195,9 @@ def _traced(run: Callable[[], int]) -> tuple[Hits, int]:
 
         return on_opcode
 
+    # Python 3.12 emits no opcode events to a tracer that asks for them only in its "call"
+    # events; a frame asking before settrace turns them on (see benchmarks/fanout_drain.py)
+    sys._getframe().f_trace_opcodes = True
     sys.settrace(on_call)
     try:
         messages = run()

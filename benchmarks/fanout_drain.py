@@ -109,6 +109,11 @@ class _Drain:
                 raise SystemExit(f"{handled} handled before every message was queued")
             self.cpu = _cpu()
             self.steps.on = True
+            if self.tracer is not None:
+                # Python 3.12 emits no opcode events to a tracer that asks for them only
+                # in its "call" events (0 opcodes); a frame asking before settrace turns
+                # them on (3.13 leaves out a code object's first run either way)
+                sys._getframe().f_trace_opcodes = True
             sys.settrace(self.tracer)
         elif phase == "handled":
             sys.settrace(None)
