@@ -584,10 +584,12 @@ def test_the_activation_memory_script_sorts_what_a_first_message_keeps_by_its_ma
     }
     assert not unexpected, unexpected
     # the channel pair is Trio's, opened by the mailbox at the first send; the run's
-    # root coroutine is allocated by the kernel's wake-up
+    # root coroutine is allocated by the kernel's wake-up. Its size in bytes, not blocks:
+    # 11 blocks of 1,763 B an agent on Python 3.11, 9.8 of 1,822 B on 3.13 (which keeps
+    # an object's attributes inline, no dict of their own)
     assert (
-        owners["trio: _mailbox.Mailbox._open -> _channel.open_memory_channel.__new__"]["blocks"]
-        >= 10
+        owners["trio: _mailbox.Mailbox._open -> _channel.open_memory_channel.__new__"]["bytes"]
+        >= 1500
     )
     assert "kernel: _supervisor.SupervisorNode.activate" in owners
     # the baseline has no kernel frame: all of it is Trio's
