@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["tests", "lint", "typecheck"]
@@ -10,6 +13,42 @@ nox.options.reuse_existing_virtualenvs = True
 
 @nox.session
 def tests(session: nox.Session) -> None:
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "pytest", "-q", *session.posargs)
+
+
+# The Python versions pyproject.toml's classifiers name; the suite passes on each.
+SUPPORTED_PYTHONS = ("3.11", "3.12", "3.13")
+
+
+def _interpreter(version: str) -> str | None:
+    """The newest pyenv build of `version` (installed, active or not), else `pythonX.Y` on PATH.
+
+    A pyenv shim on PATH is not taken: it fails for a version pyenv has not activated.
+    """
+    builds = sorted(
+        Path.home().glob(f".pyenv/versions/{version}.*/bin/python{version}"),
+        key=lambda p: tuple(int(n) for n in p.parts[-3].split(".") if n.isdigit()),
+    )
+    if builds:
+        return str(builds[-1])
+    found = shutil.which(f"python{version}")
+    if found is None or "/.pyenv/shims/" in found:
+        return None
+    return found
+
+
+@nox.session
+@nox.parametrize(
+    "python",
+    [
+        nox.param(path, id=version)
+        for version in SUPPORTED_PYTHONS
+        if (path := _interpreter(version)) is not None
+    ],
+)
+def tests_python(session: nox.Session) -> None:
+    """The test suite on each supported Python found here (`nox -s "tests_python(3.13)"`)."""
     session.install("-e", ".[test]")
     session.run("python", "-m", "pytest", "-q", *session.posargs)
 
