@@ -7,7 +7,11 @@ and starts a new one on the same port; waits are bounded with ``trio.fail_after`
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import logging
 import re
+import socket
 import uuid
 from typing import Any
 
@@ -28,7 +32,7 @@ from nexus_trio import (
 )
 from nexus_trio._nats import NatsServer
 from nexus_trio._nats import _wire as wire
-from nexus_trio._nats._aio import Outbox, asyncio_loop
+from nexus_trio._nats._aio import Outbox, asyncio_loop, call_aio, current_aio_loop
 from nexus_trio._nats._sequence import InboundSequences
 
 from .hang_guard import SLOW_DRAWS
@@ -421,3 +425,66 @@ async def test_outbox_put_waits_behind_the_batch_under_way() -> None:
         await outbox.close()
     assert sent == [1, 2, 3, 4, 5]
     assert outbox.direct == 0
+
+
+class _ClosingTransport(asyncio.Transport):
+    """A transport whose writer waits on a socket closed under it (see below)."""
+
+    def __init__(self, closing: bool) -> None:
+        super().__init__()
+        self.closing = closing
+        self.writes = 0
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def write_ready(self) -> None:
+        self.writes += 1  # (never reached: the wait for the closed socket fails)
+
+
+async def _wait_on_a_socket_closed_under_it(transport: _ClosingTransport) -> None:
+    """What Python 3.12's socket transport does after a lost connection (nats-py's
+    ``writelines`` registers a writer; the transport closes the socket without removing
+    it): trio-asyncio's wait for the closed socket fails with EBADF."""
+    loop = current_aio_loop()
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    loop.add_writer(ours.fileno(), transport.write_ready)
+    ours.close()  # (before the writer's task first waits)
+    await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_a_write_to_a_socket_lost_under_a_closing_transport_leaves_the_loop_running(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Before, trio-asyncio's default exception handler raised the EBADF in the loop's
+    nursery: on Python 3.12 a NATS server restart ended the node (join_cluster raised
+    OSError: [Errno 9] Bad file descriptor) in about 1 run of 4 of the reconnect test."""
+    caplog.set_level(logging.DEBUG, logger="nexus_trio.nats")
+    transport = _ClosingTransport(closing=True)
+    async with asyncio_loop():
+        await _wait_on_a_socket_closed_under_it(transport)
+        assert await call_aio(asyncio.sleep, 0, "still running") == "still running"
+    assert transport.writes == 0
+    lines = [r.getMessage() for r in caplog.records if "NATS socket already lost" in r.getMessage()]
+    assert len(lines) == 1 and "Bad file descriptor" in lines[0], lines
+
+
+async def test_a_write_error_of_a_transport_not_closing_still_ends_the_loop_with_it() -> None:
+    """Only the lost socket is the client's business: the same error for a transport
+    that is not closing (a real fault) still ends the block with its cause."""
+    transport = _ClosingTransport(closing=False)
+
+    async def run() -> None:
+        async with asyncio_loop():
+            await _wait_on_a_socket_closed_under_it(transport)
+            await trio.testing.wait_all_tasks_blocked()
+            raise AssertionError("the loop's error did not end the block")
+
+    with pytest.raises(BaseExceptionGroup) as caught:  # (its leaf is checked below)
+        await run()
+    leaves: list[BaseException] = [caught.value]
+    while isinstance(leaves[-1], BaseExceptionGroup) and len(leaves[-1].exceptions) == 1:
+        leaves.append(leaves[-1].exceptions[0])
+    assert isinstance(leaves[-1], OSError) and leaves[-1].errno == errno.EBADF, caught.value
+    assert transport.writes == 0

@@ -22,6 +22,7 @@ PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.te
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
@@ -106,9 +107,50 @@ def on_loop(loop: Any) -> Iterator[None]:
 
 @asynccontextmanager
 async def asyncio_loop() -> AsyncIterator[None]:
-    """Run an asyncio event loop on top of Trio for the duration of the block."""
-    async with trio_asyncio.open_loop():
+    """Run an asyncio event loop on top of Trio for the duration of the block.
+
+    The loop's exception handler is :func:`_on_loop_error`: trio-asyncio's default
+    raises every error it is handed into the loop's nursery, which ends the block (the
+    node); a write to a socket the transport already lost is no such error (see there).
+    """
+    async with trio_asyncio.open_loop() as loop:
+        loop.set_exception_handler(_on_loop_error)
         yield
+
+
+def _is_lost_socket_write(context: dict[str, Any]) -> bool:
+    """True if an asyncio loop's error ``context`` is a wait for a socket, on behalf of a
+    transport already closing, that failed with EBADF: the socket was closed under it.
+
+    The path (Python 3.12, whose socket transport has its own ``writelines``; 3.13.0 has the same code):
+    nats-py's flusher calls ``writelines`` on a transport that has lost its connection
+    but not yet closed its socket; unlike ``write``, it does not check for the lost
+    connection and registers a writer for the socket; the transport then closes the
+    socket without removing that writer, and trio-asyncio's wait for it fails with
+    EBADF. The bytes were the lost connection's (``write`` drops them silently there,
+    and on 3.11, whose ``writelines`` is a loop of ``write``); nats-py reconnects.
+    """
+    exc = context.get("exception")
+    if not isinstance(exc, OSError) or exc.errno != errno.EBADF:
+        return False
+    # (asyncio's Handle has no public accessor for its callback)
+    callback = getattr(context.get("handle"), "_callback", None)
+    transport = getattr(callback, "__self__", None)
+    return isinstance(transport, asyncio.BaseTransport) and transport.is_closing()
+
+
+def _on_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The node's asyncio loop's exception handler: a write to a lost socket (see
+    :func:`_is_lost_socket_write`) is the NATS client's reconnect business, logged at debug;
+    anything else goes to the loop's default handler (trio-asyncio's raises it in the
+    loop's nursery, which ends the join with it as its cause)."""
+    if _is_lost_socket_write(context):
+        log.debug(
+            "a write to a NATS socket already lost failed (%r); the client reconnects",
+            context["exception"],
+        )
+        return
+    loop.default_exception_handler(context)
 
 
 @final
