@@ -432,7 +432,8 @@ async def test_a_tls_handshake_that_fails_on_every_attempt_is_named_in_the_error
                 kernel,
                 server.url,
                 "a",
-                options=FAST,
+                # (one round of attempts, 1 s each: every one fails the same way)
+                options=attrs.evolve(FAST, connect_attempts=1, connect_timeout=1.0),
                 auth=NatsAuth(
                     tls_ca=other["tls_ca"], tls_cert=files["tls_cert"], tls_key=files["tls_key"]
                 ),
