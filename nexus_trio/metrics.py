@@ -8,8 +8,15 @@ style, one request per connection) next to the kernel:
   handle-latency and queue-wait summaries, the ``process_*`` series of the process and, only
   when asked for (``[metrics] per_agent``), per-agent series for at most ``per_agent_limit``
   agents, the deepest mailboxes first;
-* ``GET /healthz`` — ``200 ok`` while the kernel runs and is not shutting down, ``503``
-  otherwise (what ``nexus health`` and a container ``HEALTHCHECK`` ask).
+* ``GET /healthz`` — liveness: ``200 ok`` while the kernel runs and is not shutting down,
+  ``503`` otherwise (what ``nexus health`` and a container ``HEALTHCHECK`` ask);
+* ``GET /readyz`` — readiness: ``200 ready`` when the kernel runs and every readiness
+  check added to it (:func:`add_readiness`: a NATS cluster's while it joins, is joined
+  and leaves; ``nexus run``'s while it starts) says ready, ``503`` with the reasons in one
+  line otherwise (``shutting down``, ``starting``, ``not joined``, ``nats connection down
+  since 3 s``, ``leaving``): what a Kubernetes ``readinessProbe`` or a load balancer
+  asks, to take the process out of rotation without restarting it (``nexus health
+  --ready``); also the gauge ``nexus_ready``.
 
 A scrape must not stall the agents it observes. By default it reports kernel-wide series
 only: ``kernel.stats()`` is O(1) and the text is a few dozen lines, rendered on the event
@@ -52,8 +59,8 @@ import re
 import time
 import urllib.parse
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Final
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import attrs
 import trio
@@ -65,7 +72,7 @@ from ._deadletter import DeadLetterReason
 from ._ledger import REJECTION_REASONS
 from ._logcall import log_guarded
 from ._throttle import Throttle
-from .logs import log_calls_failed, records_lost
+from .logs import escape_control, log_calls_failed, records_lost
 
 if TYPE_CHECKING:
     from ._kernel import AgentScan, Kernel
@@ -78,11 +85,14 @@ _TEXT_FORMAT: Final = "text/plain; version=0.0.4; charset=utf-8"
 __all__ = [
     "EndpointStats",
     "add_collector",
+    "add_readiness",
     "KernelCollector",
     "MetricsRenderer",
     "MetricsSnapshot",
     "build_registry",
+    "readiness",
     "remove_collector",
+    "remove_readiness",
     "render_snapshot",
     "serve_metrics",
     "take_snapshot",
@@ -230,6 +240,8 @@ class MetricsSnapshot:
     #: the families of the collectors added to the kernel (:func:`add_collector`: a
     #: cluster's), collected when the snapshot was taken
     extra: tuple[Metric, ...] = ()
+    #: the kernel was ready when the snapshot was taken (:func:`readiness`; ``nexus_ready``)
+    ready: bool = True
 
 
 def _agent_series(
@@ -253,6 +265,27 @@ def _agent_series(
 
 #: the collectors added to each kernel's series, in the order they were added
 _added: weakref.WeakKeyDictionary[Kernel, list[Collector]] = weakref.WeakKeyDictionary()
+#: the readiness checks added to each kernel, in the order they were added: each returns
+#: None when ready, else why not (see add_readiness)
+_checks: weakref.WeakKeyDictionary[Kernel, list[Callable[[], str | None]]] = (
+    weakref.WeakKeyDictionary()
+)
+_T = TypeVar("_T")
+
+
+def _add_to(added: weakref.WeakKeyDictionary[Kernel, list[_T]], kernel: Kernel, item: _T) -> None:
+    items = added.setdefault(kernel, [])
+    if any(i is item for i in items):
+        raise ValueError(f"{item!r} is already added to this kernel's metrics")
+    items.append(item)
+
+
+def _remove_from(
+    added: weakref.WeakKeyDictionary[Kernel, list[_T]], kernel: Kernel, item: _T
+) -> None:
+    items = added.get(kernel)
+    if items is not None:
+        items[:] = [i for i in items if i is not item]
 
 
 def add_collector(kernel: Kernel, collector: Collector) -> None:
@@ -263,18 +296,69 @@ def add_collector(kernel: Kernel, collector: Collector) -> None:
     the kernel knowing of it. ``collect()`` is called in the kernel's thread when a
     snapshot is taken, with the kernel-wide values (it must be quick and not wait); its
     families are written after the kernel's. Adding one collector twice is a ValueError."""
-    collectors = _added.setdefault(kernel, [])
-    if any(c is collector for c in collectors):
-        raise ValueError(f"{collector!r} is already added to this kernel's metrics")
-    collectors.append(collector)
+    _add_to(_added, kernel, collector)
 
 
 def remove_collector(kernel: Kernel, collector: Collector) -> None:
     """Stop exporting ``collector``'s series with ``kernel``'s (from the next snapshot on);
     a collector not added is left alone."""
-    collectors = _added.get(kernel)
-    if collectors is not None:
-        collectors[:] = [c for c in collectors if c is not collector]
+    _remove_from(_added, kernel, collector)
+
+
+def add_readiness(kernel: Kernel, check: Callable[[], str | None]) -> None:
+    """Make ``check`` part of ``kernel``'s readiness (:func:`readiness`: ``GET /readyz``,
+    the gauge ``nexus_ready``) until :func:`remove_readiness`: how code beside the kernel
+    takes it out of rotation without the kernel knowing why (a NATS cluster while it is
+    not joined, its connection is down or it leaves; ``nexus run`` while it starts).
+
+    ``check()`` returns None when it is ready, else the reason, a short line (``"not
+    joined"``). It is called in the kernel's thread at each ``/readyz`` request and
+    snapshot: it must be quick and not wait. One that raises or returns anything else
+    makes the kernel not ready, with a reason naming it (and is logged). Adding one check
+    twice (the same object) is a ValueError."""
+    if not callable(check):
+        raise TypeError(f"a readiness check must be callable, got {check!r}")
+    _add_to(_checks, kernel, check)
+
+
+def remove_readiness(kernel: Kernel, check: Callable[[], str | None]) -> None:
+    """Take ``check`` out of ``kernel``'s readiness; a check not added is left alone."""
+    _remove_from(_checks, kernel, check)
+
+
+def readiness(kernel: Kernel) -> str | None:
+    """None when ``kernel`` is ready to take traffic, else why not, in one line.
+
+    Not ready: once its shutdown started (``shutting down``), and while a check added
+    with :func:`add_readiness` gives a reason; the reasons in that order (each once),
+    joined by ``"; "``, their control characters escaped. Liveness (``/healthz``,
+    :func:`health`) is the first of these alone: a kernel not ready is not restarted
+    for it, only given no traffic (as Kubernetes' readiness and liveness probes)."""
+    reasons: list[str] = []
+    if kernel.shutting_down:
+        reasons.append("shutting down")
+    for check in tuple(_checks.get(kernel, ())):
+        try:
+            reason = check()
+        except Exception as exc:
+            log_guarded(log, logging.ERROR, "readiness check %r raised", check, exc_info=exc)
+            reason = f"readiness check {_check_name(check)} raised {type(exc).__name__}"
+        else:
+            if reason is not None and not isinstance(reason, str):
+                log_guarded(log, logging.ERROR, "readiness check %r returned %r", check, reason)
+                reason = (
+                    f"readiness check {_check_name(check)} returned a"
+                    f" {type(reason).__name__}, not a str or None"
+                )
+        if reason is not None:
+            reason = escape_control(reason.strip()) or "not ready"
+            if reason not in reasons:
+                reasons.append(reason)
+    return "; ".join(reasons) if reasons else None
+
+
+def _check_name(check: Callable[[], str | None]) -> str:
+    return escape_control(getattr(check, "__qualname__", None) or repr(check))
 
 
 def _collect_added(kernel: Kernel) -> tuple[Metric, ...]:
@@ -339,27 +423,27 @@ async def take_snapshot_in_steps(
 
 def _begin_snapshot(
     kernel: Kernel, per_agent: bool, per_agent_limit: int
-) -> tuple[KernelStats, bool, tuple[int, int, tuple[Metric, ...]], AgentScan | None]:
+) -> tuple[KernelStats, bool, tuple[int, int, tuple[Metric, ...], bool], AgentScan | None]:
     """The kernel-wide values, read now (the logging counts: records lost, calls that
-    raised; the added collectors' families), and the walk over the agents if
-    ``per_agent``."""
+    raised; the added collectors' families; whether it is ready), and the walk over the
+    agents if ``per_agent``."""
     scan = None
     if per_agent:
         scan = kernel.scan_agents(
             per_agent_limit, visits_per_step=_SCAN_VISITS, copies_per_step=_SCAN_COPIES
         )
-    logs = records_lost(), log_calls_failed(), _collect_added(kernel)
+    logs = records_lost(), log_calls_failed(), _collect_added(kernel), readiness(kernel) is None
     return kernel.stats(), not kernel.shutting_down, logs, scan
 
 
 def _end_snapshot(
     stats: KernelStats,
     up: bool,
-    logs: tuple[int, int, tuple[Metric, ...]],
+    logs: tuple[int, int, tuple[Metric, ...], bool],
     per_agent_limit: int,
     scan: AgentScan | None,
 ) -> MetricsSnapshot:
-    lost, failed, extra = logs
+    lost, failed, extra, ready = logs
     if scan is None:
         return MetricsSnapshot(
             stats,
@@ -369,6 +453,7 @@ def _end_snapshot(
             log_records_lost=lost,
             log_calls_failed=failed,
             extra=extra,
+            ready=ready,
         )
     return MetricsSnapshot(
         stats,
@@ -380,6 +465,7 @@ def _end_snapshot(
         log_records_lost=lost,
         log_calls_failed=failed,
         extra=extra,
+        ready=ready,
     )
 
 
@@ -401,7 +487,8 @@ class KernelCollector:
     ``nexus_log_records_lost``,
     ``nexus_log_calls_failed`` (counters); ``nexus_agents_alive``,
     ``nexus_messages_in_flight``, ``nexus_sends_waiting``, ``nexus_max_mailbox_depth``,
-    ``nexus_kernel_up``, ``nexus_agent_series_exported``, ``nexus_agent_series_truncated``
+    ``nexus_kernel_up``, ``nexus_ready``, ``nexus_agent_series_exported``,
+    ``nexus_agent_series_truncated``
     (gauges); ``nexus_handle_latency_seconds`` and ``nexus_queue_wait_seconds`` (summaries
     with quantiles 0.5/0.9/0.99/0.999, plus a ``_max`` gauge); with ``per_agent``, per
     agent (labels ``agent_id``, ``agent_name``): ``nexus_agent_received``,
@@ -553,6 +640,13 @@ def _families(snapshot: MetricsSnapshot) -> Iterator[Metric]:
         "nexus_kernel_up",
         "1 while the kernel runs and is not shutting down.",
         1 if snapshot.kernel_up else 0,
+    )
+    yield gauge(
+        "nexus_ready",
+        "1 while the kernel is ready to take traffic (GET /readyz answers 200): running, not"
+        " shutting down, and every readiness check added to it (a cluster's: joined, NATS"
+        " connections up) says so.",
+        1 if snapshot.ready else 0,
     )
     yield gauge(
         "nexus_agent_series_exported",
@@ -909,8 +1003,13 @@ async def _route(
         if health(kernel):
             return 200, b"ok\n", text
         return 503, b"shutting down\n", text
+    if path == "/readyz":
+        reason = readiness(kernel)
+        if reason is None:
+            return 200, b"ready\n", text
+        return 503, reason.encode() + b"\n", text
     if path == "/":
-        return 200, b"nexus_trio: GET /metrics (Prometheus), GET /healthz\n", text
+        return 200, b"nexus_trio: GET /metrics (Prometheus), GET /healthz, GET /readyz\n", text
     return 404, b"not found\n", text
 
 
@@ -1091,7 +1190,8 @@ async def serve_metrics(
     max_connections: int | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``/metrics`` and ``/healthz`` for ``kernel`` on ``host:port`` until cancelled.
+    """Serve ``/metrics``, ``/healthz`` and ``/readyz`` for ``kernel`` on ``host:port`` until
+    cancelled.
 
     ``port=0`` picks a free port. With ``nursery.start(serve_metrics, ...)`` the bound port
     is returned once the server listens. ``/metrics`` is rendered by ``renderer``, by

@@ -38,7 +38,10 @@ from nexus_trio import (
 from nexus_trio.metrics import (
     KernelCollector,
     MetricsRenderer,
+    add_readiness,
     build_registry,
+    readiness,
+    remove_readiness,
     render_snapshot,
     serve_metrics,
     take_snapshot,
@@ -202,6 +205,116 @@ async def test_healthz_is_200_while_running_and_503_once_shutting_down():
         status, _, body = await get(port, "/metrics")
         assert status == 200
         assert samples(body.decode())[("nexus_kernel_up", ())] == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_readyz_is_200_ready_while_running_and_503_once_shutting_down():
+    """Readiness next to liveness: a kernel alone is ready while it runs; its shutdown
+    makes it not ready (as /healthz unhealthy), said in one line, and ``nexus_ready``."""
+    async with open_test_kernel(with_metrics(cache_ms=0)) as kernel, trio.open_nursery() as nursery:
+        port = await nursery.start(serve_metrics, kernel, "127.0.0.1", 0)
+        assert (await get(port, "/readyz"))[::2] == (200, b"ready\n")
+        status, headers, body = await http(port, b"HEAD /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (status, headers["content-length"], body) == (200, "6", b"")
+        assert samples((await get(port, "/metrics"))[2].decode())[("nexus_ready", ())] == 1
+        await kernel.shutdown()
+        assert (await get(port, "/readyz"))[::2] == (503, b"shutting down\n")
+        assert samples((await get(port, "/metrics"))[2].decode())[("nexus_ready", ())] == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_readyz_says_the_reasons_of_the_checks_added_in_one_line_until_removed(caplog):
+    """Code beside the kernel (a cluster, ``nexus run``) takes it out of rotation with
+    ``add_readiness``: each reason once, in order, in one line; liveness is untouched."""
+    state = {"joined": False}
+
+    def cluster_check() -> str | None:
+        return None if state["joined"] else "not joined"
+
+    def starting() -> str | None:
+        return "starting"
+
+    async with open_test_kernel(with_metrics(cache_ms=0)) as kernel, trio.open_nursery() as n:
+        port = await n.start(serve_metrics, kernel, "127.0.0.1", 0)
+        add_readiness(kernel, starting)
+        add_readiness(kernel, cluster_check)
+        add_readiness(kernel, lambda: "starting")  # (the same reason: said once)
+        assert (await get(port, "/readyz"))[::2] == (503, b"starting; not joined\n")
+        assert (await get(port, "/healthz"))[::2] == (200, b"ok\n")  # alive all along
+        assert samples((await get(port, "/metrics"))[2].decode())[("nexus_ready", ())] == 0
+        with pytest.raises(ValueError, match="already added"):
+            add_readiness(kernel, starting)
+        with pytest.raises(TypeError, match="must be callable, got 'ready'"):
+            add_readiness(kernel, "ready")  # type: ignore[arg-type]
+        remove_readiness(kernel, starting)
+        remove_readiness(kernel, starting)  # (not added any more: left alone)
+        state["joined"] = True
+        assert readiness(kernel) == "starting"  # the lambda's
+        n.cancel_scope.cancel()
+    async with open_test_kernel() as kernel:
+        assert readiness(kernel) is None  # (checks are the kernel's own: not this one's)
+        # A reason over lines is kept to one (escaped); a check that raises or answers
+        # something else makes the kernel not ready, naming it, and is logged.
+        add_readiness(kernel, lambda: "nats connection\ndown")
+
+        def broken() -> str | None:
+            raise RuntimeError("bug")
+
+        def wrong() -> str | None:
+            return 0  # type: ignore[return-value]
+
+        add_readiness(kernel, broken)
+        add_readiness(kernel, wrong)
+        with caplog.at_level(logging.ERROR, logger="nexus_trio.metrics"):
+            said = readiness(kernel)
+        assert said == (
+            "nats connection\\ndown"
+            "; readiness check test_readyz_says_the_reasons_of_the_checks_added_in_one_line"
+            "_until_removed.<locals>.broken raised RuntimeError"
+            "; readiness check test_readyz_says_the_reasons_of_the_checks_added_in_one_line"
+            "_until_removed.<locals>.wrong returned a int, not a str or None"
+        )
+        assert len([r for r in caplog.records if "readiness check" in r.getMessage()]) == 2
+        await kernel.shutdown()
+        assert readiness(kernel) is not None and readiness(kernel).startswith("shutting down; ")
+
+
+#: hostile and odd requests, ``{}`` the path: /readyz must answer each as /healthz does
+#: (one parser and one set of rules for both)
+_HOSTILE = [
+    b"POST {} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    b"GET {} HTTP/2.0\r\nHost: x\r\n\r\n",
+    b"GET {} HTTP/1.x\r\nHost: x\r\n\r\n",
+    b"GET {} HTTP/1.1\r\n\r\n",  # no Host
+    b"GET {} HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    b"GET {} HTTP/1.1\r\nHost: a b\r\n\r\n",
+    b"GET {} HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n",
+    b"GET {} HTTP/1.1\r\nHost : x\r\n\r\n",
+    b"GET {} HTTP/1.1\r\nHost: x\r\nno colon\r\n\r\n",
+    b"GET {} HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 9000 + b"\r\n\r\n",
+    b"HEAD {} HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 9000 + b"\r\n\r\n",
+    b"GET {}?probe=1 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET http://example.com{} HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET http://[::1{} HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"\r\n\nGET {} HTTP/1.1\nHost: x\n\n",
+    b"GET {} HTTP/1.0\r\n\r\n",
+    b"GET {}/ HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET\t{}\tHTTP/1.1\r\nHost: x\r\n\r\n",
+    b"get {} HTTP/1.1\r\nHost: x\r\n\r\n",
+]
+
+
+async def test_readyz_answers_hostile_requests_by_the_rules_of_healthz():
+    async with open_test_kernel() as kernel, trio.open_nursery() as nursery:
+        port = await nursery.start(serve_metrics, kernel, "127.0.0.1", 0)
+        for request in _HOSTILE:
+            ready = await http(port, request.replace(b"{}", b"/readyz"))
+            alive = await http(port, request.replace(b"{}", b"/healthz"))
+            assert ready[0] == alive[0], request
+            if ready[0] == 200:
+                assert ready[2] == (b"" if request.startswith(b"HEAD") else b"ready\n")
+            else:
+                assert ready[2] == alive[2], request  # the same refusal, word for word
         nursery.cancel_scope.cancel()
 
 
