@@ -582,6 +582,7 @@ class Cluster:
         "_publish_failures",
         "_published",
         "_published_names",
+        "_ready_phase",
         "_received",
         "_reconnects",
         "_record_lock",
@@ -880,6 +881,9 @@ class Cluster:
         self._nodes_lost = 0
         self._nodes_forgotten = 0
         self._closing = False
+        #: what readiness() says of the join: "not joined" until the join is done,
+        #: "joined", then "leaving" from when the join_cluster block is left
+        self._ready_phase = "not joined"
         #: set once the data connection is closed for good: by nats-py's ``closed_cb``, or
         #: at the next seal of a batch (see _seal_batch) for a close nats-py made without
         #: its callbacks. take_tell reads it instead of the client's ``is_closed``, a
@@ -4686,6 +4690,23 @@ class Cluster:
         """True once this node started leaving the cluster (its loops wind down)."""
         return self._closing
 
+    def readiness(self) -> str | None:
+        """None while this node is joined and both its NATS connections are up, else why
+        not: ``not joined`` (connecting, announcing, loading the tables), ``nats
+        connection down since N s (control, data)`` (nats-py reconnecting; the roles that
+        are down), ``nats connection closed`` (it gave up reconnecting), ``leaving``
+        (from when the :func:`join_cluster` block is left). :func:`join_cluster` adds it
+        to the kernel's readiness (``/readyz``) for the join's length."""
+        if self._ready_phase != "joined":
+            return self._ready_phase
+        if not self._down_at:
+            return None
+        first = min(self._down_at.values())
+        if first == -math.inf:
+            return "nats connection closed"
+        roles = ", ".join(sorted(self._down_at))
+        return f"nats connection down since {trio.current_time() - first:.0f} s ({roles})"
+
     @property
     def control(self) -> NatsClient:
         """The control connection (membership, names, placement requests)."""
@@ -5560,11 +5581,18 @@ async def join_cluster(
     opts = options or ClusterOptions()
     if prefix is not None:
         opts = attrs.evolve(opts, prefix=prefix)
+    # (imported at a join, so that importing nexus_trio.nats loads no prometheus_client)
+    from .. import metrics
+    from ._metrics import ClusterCollector
+
     try:
         async with asyncio_loop():
             cluster = Cluster(kernel, servers, node, opts, auth)
             for type_name, spec in (types or {}).items():
                 cluster.register_type(type_name, spec)
+            # (not ready from here to the end of the leave: see Cluster.readiness)
+            ready_check = cluster.readiness
+            metrics.add_readiness(kernel, ready_check)
             try:
                 await cluster._connect()
                 async with trio.open_nursery() as nursery:
@@ -5579,17 +5607,14 @@ async def join_cluster(
                         kernel.detach_transport()
                         raise
                     _joined[kernel] = cluster
-                    # (its series in the kernel's /metrics while it is joined; imported
-                    # at a join, so that importing nexus_trio.nats loads no
-                    # prometheus_client, as before)
-                    from .. import metrics
-                    from ._metrics import ClusterCollector
-
+                    cluster._ready_phase = "joined"
+                    # (its series in the kernel's /metrics while it is joined)
                     collector = ClusterCollector(cluster.stats)
                     metrics.add_collector(kernel, collector)
                     try:
                         yield cluster
                     finally:
+                        cluster._ready_phase = "leaving"
                         metrics.remove_collector(kernel, collector)
                         _joined.pop(kernel, None)
                         kernel.detach_transport(
@@ -5598,7 +5623,10 @@ async def join_cluster(
                         await cluster._leave()
                         nursery.cancel_scope.cancel()
             finally:
-                await cluster._disconnect()
+                try:
+                    await cluster._disconnect()
+                finally:
+                    metrics.remove_readiness(kernel, ready_check)
                 # (no later line will say what the throttled warnings held back)
                 cluster.held.say(cluster.node)
     except BaseExceptionGroup as group:

@@ -1,0 +1,109 @@
+"""A node's readiness (``/readyz``, ``nexus_ready``): a cluster adds its check to the
+kernel's at the join (``nexus_trio.metrics.add_readiness``) and takes it out after the
+leave: not ready while it joins, while a NATS connection is down, and while it leaves."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import trio
+import trio.testing
+
+from nexus_trio import TransportUnavailable, open_kernel
+from nexus_trio._nats import Cluster, NatsServer, join_cluster
+from nexus_trio.metrics import readiness, serve_metrics
+
+from .nats_server import node_config
+from .test_metrics import get
+from .test_nats import local_node
+
+
+async def test_a_node_is_not_ready_while_it_joins_its_connection_is_down_or_it_leaves(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The join's steps faked (no server): what the kernel's readiness says at each, and
+    the time a connection has been down, by the mock clock."""
+    seen: dict[str, str | None] = {}
+
+    def step(name: str) -> object:
+        async def run(cluster: Cluster, *args: object) -> None:
+            seen[name] = readiness(cluster.kernel)
+
+        return run
+
+    for name in ("_connect", "_start", "_leave", "_disconnect"):
+        monkeypatch.setattr(Cluster, name, step(name))
+    async with open_kernel(node_config()) as kernel:
+        assert readiness(kernel) is None  # a kernel alone
+        async with join_cluster(kernel, "nats://127.0.0.1:1", "a") as cluster:
+            assert readiness(kernel) is None
+            cluster._mark_link("data", trio.current_time())  # (what a disconnect does)
+            await trio.sleep(3)
+            assert readiness(kernel) == "nats connection down since 3 s (data)"
+            cluster._mark_link("control", trio.current_time())
+            await trio.sleep(7)
+            assert readiness(kernel) == "nats connection down since 10 s (control, data)"
+            cluster._mark_link("data", None)  # (a reconnect)
+            assert readiness(kernel) == "nats connection down since 7 s (control)"
+            cluster._mark_link("control", None)
+            assert readiness(kernel) is None
+            cluster._mark_link("control", -math.inf)  # (nats-py gave up: closed)
+            assert readiness(kernel) == "nats connection closed"
+            cluster._mark_link("control", None)
+        assert readiness(kernel) is None  # left: the kernel alone again
+        assert seen == {
+            "_connect": "not joined",
+            "_start": "not joined",
+            "_leave": "leaving",
+            "_disconnect": "leaving",
+        }
+
+        # A join that fails leaves the kernel's readiness as it found it.
+        async def refused(cluster: Cluster) -> None:
+            seen["refused"] = readiness(cluster.kernel)
+            raise TransportUnavailable("cannot connect to NATS at nats://127.0.0.1:1")
+
+        monkeypatch.setattr(Cluster, "_connect", refused)
+        with pytest.raises(TransportUnavailable):
+            async with join_cluster(kernel, "nats://127.0.0.1:1", "a"):
+                pass  # pragma: no cover
+        assert seen["refused"] == "not joined"
+        assert readiness(kernel) is None
+        await kernel.shutdown()
+        assert readiness(kernel) == "shutting down"
+
+
+async def _wait_for(cluster: Cluster, ready: bool) -> None:
+    """Until the cluster's readiness is ``ready``: woken at each change of a connection."""
+    while (cluster.readiness() is None) != ready:
+        await cluster._link_changed.wait()
+
+
+async def test_readyz_is_503_while_the_nats_server_is_gone_and_200_once_it_is_back(
+    nats: NatsServer,
+) -> None:
+    port = nats.port
+    restarted: list[NatsServer] = []
+    try:
+        async with local_node(nats.url) as (kernel, cluster), trio.open_nursery() as nursery:
+            metrics_port = await nursery.start(serve_metrics, kernel, "127.0.0.1", 0)
+            assert (await get(metrics_port, "/readyz"))[::2] == (200, b"ready\n")
+            nats.kill()
+            with trio.fail_after(60):
+                await _wait_for(cluster, ready=False)
+            status, _, body = await get(metrics_port, "/readyz")
+            assert status == 503
+            assert re.fullmatch(
+                rb"nats connection down since \d+ s \((control, data|control|data)\)\n", body
+            ), body
+            assert (await get(metrics_port, "/healthz"))[::2] == (200, b"ok\n")  # alive
+            restarted.append(await trio.to_thread.run_sync(NatsServer(port=port).start))
+            with trio.fail_after(60):
+                await _wait_for(cluster, ready=True)
+            assert (await get(metrics_port, "/readyz"))[::2] == (200, b"ready\n")
+            nursery.cancel_scope.cancel()
+    finally:
+        for server in restarted:
+            server.stop()
