@@ -462,7 +462,7 @@ class MetricsConfig:
     port: int = attrs.field(
         default=0,
         validator=_check_port,
-        metadata=_doc("TCP port of /metrics and /healthz; 0 = no endpoint"),
+        metadata=_doc("TCP port of /metrics, /healthz and /readyz; 0 = no endpoint"),
     )
     host: str = attrs.field(
         default="127.0.0.1",

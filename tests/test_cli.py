@@ -1603,6 +1603,17 @@ def test_a_default_scrape_answers_while_the_ring_saturates_the_loop(nexus):
     assert conserved(json.loads(out))
 
 
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of GET /metrics on loopback ``port``: (name, sorted labels) -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
 def test_metrics_endpoint_and_health_command_on_a_real_run(nexus):
     port = free_port()
     # Per-agent series are opt-in and capped ([metrics] per_agent, per_agent_limit), and
@@ -1625,13 +1636,7 @@ def test_metrics_endpoint_and_health_command_on_a_real_run(nexus):
             assert time.monotonic() < deadline, "metrics endpoint never came up"
             time.sleep(0.2)
     run.wait_for(r"running request workload")
-    with urllib.request.urlopen(f"{base}/metrics", timeout=30) as response:
-        text = response.read().decode()
-    values = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+    values = scrape(port)
     assert values[("nexus_messages_accepted_total", ())] > 0
     assert ("nexus_messages_handled_total", ()) in values
     assert values[("nexus_agents_alive", ())] == 50
@@ -1644,6 +1649,11 @@ def test_metrics_endpoint_and_health_command_on_a_real_run(nexus):
     health = invoke(["health", "--port", str(port)])
     assert health.exit_code == 0, health.output
     assert "200 ok" in health.stdout
+    # readiness: the workload runs (no cluster to join)
+    assert values[("nexus_ready", ())] == 1
+    ready = invoke(["health", "--port", str(port), "--ready"])
+    assert ready.exit_code == 0, ready.output
+    assert ready.stdout == f"{base}/readyz: 200 ready\n"
 
     run.proc.send_signal(signal.SIGTERM)
     status, out = run.finish()
@@ -1696,6 +1706,26 @@ def test_run_joins_a_nats_cluster_and_leaves_cleanly(nexus, nats_url):
     summary = json.loads(out)
     assert summary["handled"] > 0
     assert conserved(summary)
+
+
+def test_a_joined_run_with_a_metrics_port_is_ready_once_it_runs(nexus, nats_url):
+    """End to end: ``nexus run --nats`` with a metrics port is ready once joined and
+    running (its check and the cluster's both say so): ``nexus health --ready`` exit 0,
+    ``nexus_ready`` 1 (the reasons for 503 are the other tests')."""
+    port = free_port()
+    argv = ["run", "--nats", nats_url, "--node", "r1", "-n", "10", "-d", "0", "--json"]
+    run = nexus([*argv, "--metrics-port", str(port)])
+    run.wait_for(r"running ring workload")
+    ready = invoke(["health", "--port", str(port), "--ready"])
+    assert ready.exit_code == 0, ready.output + "".join(run.stderr)
+    assert ready.stdout == f"http://127.0.0.1:{port}/readyz: 200 ready\n"
+    values = scrape(port)
+    assert values[("nexus_ready", ())] == 1
+    assert values[("nexus_cluster_members", ())] == 1  # (joined: the cluster's series)
+    run.proc.send_signal(signal.SIGTERM)
+    status, out = run.finish(timeout=120)
+    assert status == 0, "".join(run.stderr)
+    assert conserved(json.loads(out))
 
 
 def test_two_demo_runs_on_one_cluster_are_independent_as_the_page_says(nexus, nats_url):
@@ -2123,13 +2153,16 @@ def test_health_escapes_what_the_endpoint_sent(answer, status, expected):
     assert expected in result.output, repr(result.output)
 
 
-def test_health_reports_an_unhealthy_endpoint_with_exit_1():
+@contextlib.contextmanager
+def _answering(answers: dict[str, tuple[int, bytes]]) -> Iterator[int]:
+    """A web server on a free loopback port (yielded) answering each path of ``answers``
+    with its status and body (read at each request), others 404."""
     import http.server
 
-    class Unhealthy(http.server.BaseHTTPRequestHandler):
+    class Endpoint(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            body = b"shutting down\n"
-            self.send_response(503)
+            status, body = answers.get(self.path, (404, b"not found\n"))
+            self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -2137,17 +2170,95 @@ def test_health_reports_an_unhealthy_endpoint_with_exit_1():
         def log_message(self, *args: object) -> None:
             pass
 
-    server = http.server.HTTPServer(("127.0.0.1", 0), Unhealthy)
+    server = http.server.HTTPServer(("127.0.0.1", 0), Endpoint)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        result = invoke(["health", "--port", str(server.server_address[1])])
+        yield server.server_address[1]
     finally:
         server.shutdown()
         server.server_close()
         thread.join(timeout=30)
+
+
+def test_health_reports_an_unhealthy_endpoint_with_exit_1():
+    with _answering({"/healthz": (503, b"shutting down\n")}) as port:
+        result = invoke(["health", "--port", str(port)])
     assert result.exit_code == 1
     assert "unhealthy: 503 shutting down" in flat(result.output)
+
+
+def test_health_ready_asks_readyz_and_says_why_not_with_exit_1():
+    """``nexus health --ready`` checks readiness (/readyz), not liveness: a kernel alive
+    and not ready (joining its cluster) is exit 1 with the reason; a 404 there may also
+    be a nexus_trio from before /readyz, said so."""
+    answers = {"/healthz": (200, b"ok\n"), "/readyz": (503, b"starting; not joined\n")}
+    with _answering(answers) as port:
+        alive = invoke(["health", "--port", str(port)])
+        ready = invoke(["health", "--port", str(port), "--ready"])
+        del answers["/readyz"]
+        older = invoke(["health", "--port", str(port), "--ready"])
+    assert alive.exit_code == 0 and alive.stdout == f"http://127.0.0.1:{port}/healthz: 200 ok\n"
+    assert ready.exit_code == 1
+    assert flat(ready.output) == (
+        f"http://127.0.0.1:{port}/readyz: not ready: 503 starting; not joined"
+    )
+    assert older.exit_code == 1
+    assert flat(older.output) == (
+        f"http://127.0.0.1:{port}/readyz: not a nexus metrics endpoint, or a nexus_trio older"
+        f" than /readyz: 404 (no /readyz there: is {port} the kernel's --metrics-port /"
+        " [metrics] port?) not found"
+    )
+
+
+def test_a_run_is_not_ready_while_it_starts_and_from_its_stop_on(
+    isolated, restore_logging, monkeypatch
+):
+    """``nexus run``'s part of /readyz, seen by a stand-in for the metrics server (on the
+    mock clock; a paced ring, so that the clock moves): ``starting`` until the workload
+    runs, ready while it runs, ``shutting down`` from its stop on (here: --duration),
+    before the kernel's own shutdown starts."""
+    import io
+
+    from rich.console import Console
+
+    from nexus_trio import metrics
+    from nexus_trio._config import Config
+    from nexus_trio.cli import _run
+    from nexus_trio.cli._run import RunOptions, run_async
+
+    seen: list[str | None] = []
+
+    async def serve(kernel, host, port, *, task_status=trio.TASK_STATUS_IGNORED):
+        task_status.started(port)
+        while True:
+            said = metrics.readiness(kernel)
+            if not seen or seen[-1] != said:
+                seen.append(said)
+            await trio.sleep(0.01)
+
+    # the stop, seen as it is asked for: before the kernel's shutdown starts
+    at_stop: list[tuple[str | None, bool]] = []
+    request_stop = _run._State.request_stop
+
+    def stop(self: Any, reason: str) -> None:
+        request_stop(self, reason)
+        if not at_stop:
+            at_stop.append((metrics.readiness(self.kernel), self.kernel.shutting_down))
+
+    monkeypatch.setattr(_run._State, "request_stop", stop)
+    monkeypatch.setattr(metrics, "serve_metrics", serve)
+    options = RunOptions(
+        config=Config(), agents=20, duration=1.0, rate=200, json=True, metrics_port=9
+    )
+
+    async def main():
+        return await run_async(options, Console(file=io.StringIO()))
+
+    summary, status = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert status == 0, summary
+    assert seen[:2] == ["starting", None]
+    assert at_stop == [("shutting down", False)]
 
 
 def test_health_of_a_port_where_another_server_answers_404_says_so_briefly():

@@ -318,7 +318,8 @@ def run(
             min=0,
             max=65535,
             parser=whole_number(0, 65535),
-            help="Serve /metrics and /healthz on this port; 0 = off (config: \\[metrics] port).",
+            help="Serve /metrics, /healthz and /readyz on this port; 0 = off"
+            " (config: \\[metrics] port).",
         ),
     ] = _METRICS_DEFAULTS.port,
     metrics_host: Annotated[
@@ -1011,6 +1012,14 @@ def health(
         float,
         typer.Option("--timeout", min=0.1, parser=finite_at_least(0.1), help="Seconds to wait."),
     ] = 3.0,
+    ready: Annotated[
+        bool,
+        typer.Option(
+            "--ready",
+            help="Check readiness (/readyz: running, started, the cluster joined, its NATS"
+            " connections up) instead of liveness (/healthz).",
+        ),
+    ] = False,
     config: Annotated[
         Path | None,
         typer.Option(
@@ -1022,7 +1031,8 @@ def health(
         ),
     ] = None,
 ) -> None:
-    """Check a running kernel's /healthz: exit 0 if healthy, 1 otherwise."""
+    """Check a running kernel's /healthz (with --ready: its /readyz): exit 0 if healthy
+    (ready), 1 otherwise."""
     if port is None or host is None:
         from ..config import ConfigError, load_config
 
@@ -1039,7 +1049,8 @@ def health(
                 )
         if host is None:
             host = _probe_host(metrics.host)
-    url = f"http://{_url_host(host)}:{port}/healthz"
+    path = "/readyz" if ready else "/healthz"
+    url = f"http://{_url_host(host)}:{port}{path}"
     status, body, problem = _probe_health(url, timeout)
     from ..logs import escape_control
 
@@ -1052,14 +1063,17 @@ def health(
     if status == 404:
         # Ours always serves /healthz (503 when unhealthy): another server listens there,
         # and its whole error page (a web server's HTML) tells the user nothing.
+        # (a nexus_trio from before /readyz answers 404 there too)
         cut = f"{body[:_HEALTH_SHOWN]}..." if len(body) > _HEALTH_SHOWN else body
+        older = ", or a nexus_trio older than /readyz" if ready else ""
         typer.echo(
-            f"{url}: not a nexus metrics endpoint: 404 (no /healthz there: is {port} the"
+            f"{url}: not a nexus metrics endpoint{older}: 404 (no {path} there: is {port} the"
             f" kernel's --metrics-port / [metrics] port?) {cut}".rstrip(),
             err=True,
         )
     elif status is not None:
-        typer.echo(f"{url}: unhealthy: {status} {body}", err=True)
+        said = "not ready" if ready else "unhealthy"
+        typer.echo(f"{url}: {said}: {status} {body}", err=True)
     else:
         typer.echo(f"{url}: {problem}", err=True)
     raise typer.Exit(1)

@@ -504,8 +504,8 @@ def run_workers(
 ) -> tuple[dict[str, Any], int]:
     """Run ``workers`` worker processes to the end; return the added-up summary and the
     worst exit status. ``run_args`` are ``nexus run`` arguments (see :func:`worker_argv`).
-    With a ``metrics_port`` P, worker i serves its ``/metrics`` and ``/healthz`` on P + i
-    (``--metrics-port``; one port for all, the second worker could not listen); with 0,
+    With a ``metrics_port`` P, worker i serves its ``/metrics``, ``/healthz`` and ``/readyz``
+    on P + i (``--metrics-port``; one port for all, the second worker could not listen); with 0,
     none serves them (whatever ``NEXUS_METRICS__PORT`` or the config file says).
     ``shutdown_grace`` is the workers' kernel shutdown grace (``[kernel]
     shutdown_grace_ms``, in seconds): a worker the others settled with that does not end

@@ -426,6 +426,17 @@ class _State:
         self.processed_at_stop = _processed(at_stop)
         note_bridge_stats(self.programs, kernel)
 
+    def readiness(self) -> str | None:
+        """The run's part of the kernel's ``/readyz`` (``metrics.add_readiness``): not
+        ready while it starts (a cluster's join, which adds ``not joined`` of its own;
+        the spawning; a swarm's wait for its workers), ready while the workload runs,
+        not ready again from the stop on (a signal, ``--duration``, the app's end)."""
+        if self.stop_event.is_set():
+            return "shutting down"
+        if self.phase in ("starting", "spawning"):
+            return "starting"
+        return None
+
     def request_stop(self, reason: str) -> None:
         if self.stopped_by is None:
             self.stopped_by = reason
@@ -1030,8 +1041,9 @@ async def _run_async(
             async with open_kernel(opts.config, seed=opts.seed) as kernel:
                 state.kernel = kernel
                 if opts.metrics_port:
-                    from ..metrics import serve_metrics
+                    from ..metrics import add_readiness, serve_metrics
 
+                    add_readiness(kernel, state.readiness)
                     try:
                         await outer.start(
                             serve_metrics, kernel, opts.metrics_host, opts.metrics_port
