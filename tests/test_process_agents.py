@@ -4424,11 +4424,10 @@ def test_nexus_send_says_how_to_quote_a_bare_word_payload(payload: str, hinted: 
     ("payload", "as_json"),
     [
         ("{'a': 1}", '{"a": 1}'),
-        ("[1, 'x', None, True, (2, 3)]", '[1, "x", null, true, [2, 3]]'),
+        ("[1, 'x', None, True, [2, 3]]", '[1, "x", null, true, [2, 3]]'),
         ("{'a': 1", None),  # (no literal)
         ("{'a': float('nan')}", None),  # (a call: no literal)
         ("{'a': \"it's\"}", None),  # (JSON with a ' is not shown inside '...')
-        ("[{1, 2}]", None),  # (a set: JSON has no form for it)
     ],
 )
 def test_nexus_send_shows_a_python_literal_payload_as_json(
@@ -4448,6 +4447,60 @@ def test_nexus_send_shows_a_python_literal_payload_as_json(
             "(that is Python's syntax: JSON writes strings in double quotes, and true, false"
             f" and null; as JSON: '{as_json}')"
         ) in text, text
+
+
+@pytest.mark.parametrize(
+    ("payload", "as_json", "changed"),
+    [
+        ("{1: (2, 3)}", '{"1": [2, 3]}', 'an int in the key .["1"], a tuple at .["1"]'),
+        (
+            "{True: None, None: [(1, ('x',))]}",
+            '{"true": null, "null": [[1, ["x"]]]}',
+            "a bool in the key .true, None in the key .null, a tuple at .null[0],"
+            " a tuple at .null[0][1]",
+        ),
+        ("[{1: 2}, 2.5]", '[{"1": 2}, 2.5]', 'an int in the key .[0]["1"]'),
+    ],
+)
+def test_nexus_send_says_what_the_json_form_of_a_python_literal_changes(
+    payload: str, as_json: str, changed: str
+) -> None:
+    """Regression: the hint for ``nexus send CMD '{1: (2, 3)}'`` showed ``as JSON:
+    '{"1": [2, 3]}'`` as if it were the same value: JSON turns the int key into a
+    string and the tuple into a list, silently. The hint says so now, and where; and
+    that is what the agent gets: sent, the JSON form is echoed back as it is."""
+    result = send_cli(f"{sys.executable} {TOY}", payload)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.replace("│", " ").split())
+    assert (
+        f"as JSON: '{as_json}', not the same value: JSON's keys are strings and it has no"
+        f" tuples ({changed}), and JSON is what the agent is sent)"
+    ) in text, text
+    sent = send_cli(f"{sys.executable} {TOY}", as_json, "--compact")
+    assert sent.exit_code == 0, sent.output
+    assert json.loads(sent.stdout) == json.loads(as_json)
+
+
+@pytest.mark.parametrize(
+    ("payload", "named"),
+    [
+        ("[{1, 2}]", "a set at .[0]"),
+        ("{(1, 2): 3}", 'a tuple in the key .["(1, 2)"]'),
+        (
+            "{'b': b'x', 'c': [1j, ...], 'd': 1e999}",
+            "bytes at .b, a complex number at .c[0], Ellipsis at .c[1], Infinity at .d",
+        ),
+    ],
+)
+def test_nexus_send_names_what_json_has_no_form_for_in_a_python_literal(
+    payload: str, named: str
+) -> None:
+    """A Python literal holding a set, bytes, a tuple key... had no hint at all (JSON
+    has no form for them): the error says that it is Python's syntax and names them."""
+    result = send_cli(f"{sys.executable} {TOY}", payload)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.replace("│", " ").split())
+    assert f"(that is Python's syntax, and JSON has no form for {named})" in text, text
 
 
 @pytest.mark.parametrize(

@@ -216,19 +216,35 @@ class _Unwritable:
 def _quote_hint(payload: str) -> str:
     """For a bare word (``hello``, the shell having taken the quotes ``"hello"`` had):
     how to write it as the JSON string it was surely meant to be; for a Python literal
-    (``{'a': 1, 'ok': True}``, what ``print(a_dict)`` shows): the same value as JSON."""
+    (``{'a': 1, 'ok': True}``, what ``print(a_dict)`` shows): the same value as JSON,
+    saying what JSON writes otherwise (an int key as a string, a tuple as a list: the
+    agent would get that) or what it has no form for (a set, bytes)."""
     text = payload.strip()
     if text[:1] in ("{", "[") and len(text) <= _LITERAL_LIMIT:
         try:
             # (a literal only: no name is looked up, no code is run)
-            as_json = json.dumps(ast.literal_eval(text), allow_nan=False)
-        except Exception:  # (not a literal, or one JSON has no form for)
+            value = ast.literal_eval(text)
+        except Exception:  # (not a literal)
+            return ""
+        syntax = "that is Python's syntax"
+        if unwritable := _places(value, _no_json_form, keys=_no_json_key):
+            return f" ({syntax}, and JSON has no form for {unwritable})"
+        try:
+            as_json = json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError, RecursionError):  # (too deep: no hint)
             return ""
         if "'" in as_json:  # (not shown inside single quotes then)
             return ""
+        changed = _places(value, _tuple, keys=_key_not_string)
         return (
-            " (that is Python's syntax: JSON writes strings in double quotes, and true,"
-            f" false and null; as JSON: '{as_json}')"
+            f" ({syntax}: JSON writes strings in double quotes, and true, false and null;"
+            f" as JSON: '{as_json}'"
+            + (
+                f", not the same value: JSON's keys are strings and it has no tuples"
+                f" ({changed}), and JSON is what the agent is sent)"
+                if changed
+                else ")"
+            )
         )
     if (
         not text
@@ -243,6 +259,53 @@ def _quote_hint(payload: str) -> str:
 
 #: the longest payload read as a Python literal for the hint (a larger one is not)
 _LITERAL_LIMIT: Final = 10_000
+
+
+def _no_json_form(item: Any) -> str | None:
+    """What ``item``, a value or a key of a Python literal, is if JSON has no form for
+    it: a set, bytes, a complex number, Ellipsis, a float JSON has no number for
+    (``1e999`` reads as infinity); a tuple as a key (as a value it is a list)."""
+    if isinstance(item, set | frozenset):
+        return "a set"
+    if isinstance(item, bytes):
+        return "bytes"
+    if isinstance(item, complex):
+        return "a complex number"
+    if item is Ellipsis:
+        return "Ellipsis"
+    if isinstance(item, float) and not math.isfinite(item):
+        return _name(item)
+    return None
+
+
+def _no_json_key(key: Any) -> str | None:
+    """What ``key`` of a Python literal is if JSON has no key for it."""
+    return "a tuple" if isinstance(key, tuple) else _no_json_form(key)
+
+
+def _tuple(item: Any) -> str | None:
+    """``a tuple`` for a tuple of a Python literal (JSON writes it as a list)."""
+    return "a tuple" if isinstance(item, tuple) else None
+
+
+def _key_not_string(key: Any) -> str | None:
+    """What ``key`` of a Python literal is if it is not a string (JSON writes it as one:
+    ``1`` as ``"1"``, ``True`` as ``"true"``)."""
+    if isinstance(key, str):
+        return None
+    if key is None:
+        return "None"
+    return "an int" if type(key) is int else f"a {type(key).__name__}"
+
+
+def _json_key(key: Any) -> str:
+    """``key`` as JSON writes a key: itself if a string; ``true``, ``false``, ``null``,
+    a number's digits; any other (no JSON key) as Python writes it."""
+    if isinstance(key, str):
+        return key
+    if isinstance(key, bool | int | float) or key is None:
+        return json.dumps(key)  # (an int's digits, a float's repr, true, null)
+    return repr(key)
 
 
 def _read_payload(payload: str) -> Any:
@@ -290,10 +353,16 @@ def _name(value: float) -> str:
     return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
 
 
-def _places(document: Any, shown: Callable[[Any], str | None], limit: int = 5) -> str:
+def _places(
+    document: Any,
+    shown: Callable[[Any], str | None],
+    limit: int = 5,
+    keys: Callable[[Any], str | None] | None = None,
+) -> str:
     """Where ``document`` holds the values ``shown`` names, as jq paths (``NaN at
     .result[1]``): the first ``limit`` of them in document order, then how many more
-    there are."""
+    there are. The keys are looked at by ``keys`` (``shown`` if None)."""
+    key_shown = shown if keys is None else keys
     places: list[str] = []
     more = 0
 
@@ -310,9 +379,10 @@ def _places(document: Any, shown: Callable[[Any], str | None], limit: int = 5) -
         path, value = stack.pop()
         if (name := shown(value)) is not None:
             found(f"{name} at {path or '.'}")
-        elif isinstance(value, dict):
-            for key in value:  # (a key is a string: shown only by what looks at strings)
-                if (name := shown(key)) is not None:
+        # (and what it holds: a tuple named holds more)
+        if isinstance(value, dict):
+            for key in value:
+                if (name := key_shown(key)) is not None:
                     found(f"{name} in the key {_key_path(path, key)}")
             stack.extend((_key_path(path, key), item) for key, item in reversed(value.items()))
         elif isinstance(value, list | tuple):
@@ -324,7 +394,7 @@ def _places(document: Any, shown: Callable[[Any], str | None], limit: int = 5) -
 
 def _key_path(path: str, key: Any) -> str:
     """``path.name`` for a key jq can write bare, else ``path["a b"]`` (``.["a b"]`` at the top)."""
-    text = str(key)
+    text = _json_key(key)
     if text.isidentifier() and text.isascii():
         return f"{path}.{text}"
     # (escaped where the text cannot be written as it is: a lone surrogate)
