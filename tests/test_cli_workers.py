@@ -265,6 +265,37 @@ def test_an_app_in_the_config_the_workers_cannot_load_is_refused_naming_the_key(
     assert asked == [2]
 
 
+@pytest.mark.usefixtures("restore_logging")
+def test_a_config_files_app_and_types_beside_the_file_say_where_to_run_nexus_with_workers(
+    monkeypatch: pytest.MonkeyPatch, isolated: Path
+) -> None:
+    """Regression: ``nexus run --workers N -c /srv/app/config.toml`` run from elsewhere,
+    the config naming ``app = "myagents:app"`` with myagents.py beside it, said only
+    where the module was looked for; the single-process run adds that it is beside the
+    config file and where to run nexus. The parent's check says so too now (the same
+    code), for ``[app] types`` as well; no worker starts."""
+    asked = cap_run(monkeypatch, cores=2)
+    srv = isolated / "srv"
+    srv.mkdir()
+    (srv / "myagents_of_the_workers.py").write_text("async def main(kernel):\n    pass\n")
+    config = srv / "config.toml"
+    for key in ("app", "types"):
+        config.write_text(f'[app]\n{key} = "myagents_of_the_workers:x"\n')
+        code, out = invoke_run(["-W", "2", "-d", "1", "--json", "-c", str(config)])
+        out = " ".join(out.replace("│", " ").split())
+        assert code == 2, out
+        assert (
+            f"Invalid value for [app] {key} (file {config}): no module named"
+            " 'myagents_of_the_workers'"
+        ) in out, out
+        assert (
+            f"installed packages; myagents_of_the_workers.py is beside the config file, in"
+            f" {srv}: run nexus from there (systemd: WorkingDirectory=), or put it on"
+            " PYTHONPATH"
+        ) in out, out
+    assert asked == []
+
+
 def test_run_workers_itself_refuses_more_workers_than_the_bound_before_starting_anything(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -35,7 +35,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from .. import AppConfig, Config, MetricsConfig, __version__
+from .. import AppConfig, MetricsConfig, __version__
 from .._config import MAX_AGENTS, shown, values_as_toml
 from . import _bench_cmd, _send_cmd
 from ._commands import (
@@ -484,7 +484,7 @@ def run(
             workers,
             nats,
             json_out,
-            loaded.config,
+            loaded,
             app_hint,
             types_hint,
         )
@@ -527,7 +527,7 @@ def run(
     not_started = None
     try:
         target = _loaded_app(cfg.app.app, app_hint, loaded)
-        types = _loaded_types(cfg.app.types, types_hint)
+        types = _loaded_types(cfg.app.types, types_hint, loaded)
     except _ImportInterrupted as exc:
         if exc.signame is None:  # (a Ctrl-C)
             raise _interrupted(exc) from None
@@ -753,12 +753,15 @@ def _key_hint(loaded: LoadedConfig, dotted: str) -> str:
     return f"[{section}] {key} ({loaded.sources.get(dotted, 'default')})"
 
 
-def _loaded_types(reference: str | None, hint: str) -> dict[str, Any] | None:
-    """The agent types ``--types`` (or ``[app] types``; ``hint`` names which) names, as
-    :func:`_loaded` (a reference that names no types is an error of the load)."""
+def _loaded_types(
+    reference: str | None, hint: str, loaded: LoadedConfig | None = None
+) -> dict[str, Any] | None:
+    """The agent types ``--types`` (or the config's ``[app] types``, of ``loaded``;
+    ``hint`` names which) names, as :func:`_loaded` (a reference that names no types is
+    an error of the load)."""
     from ._run import load_types
 
-    return _loaded(load_types, reference, hint)
+    return _loaded(load_types, reference, hint, loaded, "app.types")
 
 
 def _run_workers(
@@ -766,17 +769,18 @@ def _run_workers(
     workers: int,
     nats: str | None,
     json_out: bool,
-    cfg: Config,
+    loaded: LoadedConfig,
     app_hint: str,
     types_hint: str,
 ) -> None:
     """``nexus run --workers N ...``: N worker processes, one summary added up.
 
     The app and the agent types (``app_hint`` and ``types_hint`` name the flag or key that
-    gave them) are loaded here first, as each worker loads them: one
-    that cannot be is one usage error, before the nats-server and the workers start, not
-    N worker failures. The parent logs as ``cfg.logging`` says (the flags are in it), as
-    the workers do."""
+    gave them) are loaded here first, as each worker loads them: one that cannot be is one
+    usage error, said as a single run says it (a config file's module beside the file
+    too), before the nats-server and the workers start, not N worker failures. The parent
+    logs as the config's ``[logging]`` says (the flags are in it), as the workers do."""
+    cfg = loaded.config
     from ._cluster_cmd import (
         check_worker_count,
         default_workers,
@@ -811,8 +815,8 @@ def _run_workers(
 
     try:
         with contextlib.redirect_stdout(sys.stderr):  # (stdout is for the summary)
-            _loaded_app(cfg.app.app, app_hint)
-            _loaded_types(cfg.app.types, types_hint)
+            _loaded_app(cfg.app.app, app_hint, loaded)
+            _loaded_types(cfg.app.types, types_hint, loaded)
     except _ImportInterrupted as exc:
         # Before the nats-server and any worker: a summary as for any stop before the
         # first worker started (every --workers run prints one), and status 130 for a
