@@ -272,6 +272,10 @@ def test_a_registered_program_is_named_after_it_and_said_to_register_once(
     (line,) = [ln for ln in result.stderr.splitlines() if "registered as" in ln]
     assert line.count("registered as") == 1
     assert "process agent my agent registered as '--x+1' (protocol 1)" in line
+    # (a name other than its address: the line says which name addresses it)
+    assert (
+        "(protocol 1); its address is 'my agent', not the name it registered (send to 'my agent')"
+    ) in line
 
 
 def test_the_summary_table_says_what_was_spawned(tmp_path: Path) -> None:

@@ -1506,9 +1506,14 @@ async def test_register_with_missing_or_odd_id_and_name_is_warned_about_briefly(
         ({"id": "x"}, "registered without a name (protocol 1)"),
         ({"id": "x", "name": None}, "registered without a name (protocol 1)"),
         ({"id": "x", "name": 42}, "registered without a name (protocol 1)"),
-        ({"id": "x", "name": "None"}, "registered as 'None' (protocol 1)"),
+        (
+            {"id": "x", "name": "None"},
+            "registered as 'None' (protocol 1); its address is 'anon', not the name it"
+            " registered (send to 'anon')",
+        ),
+        ({"id": "x", "name": "anon"}, "registered as 'anon' (protocol 1)"),
     ],
-    ids=["no-name", "null-name", "number", "the-name-None"],
+    ids=["no-name", "null-name", "number", "the-name-None", "its-address"],
 )
 async def test_a_register_without_a_name_is_logged_without_one(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, register: dict[str, Any], logged: str

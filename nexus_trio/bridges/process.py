@@ -1017,15 +1017,24 @@ class ProcessAgent(Agent):
         # A name is a string: a register without one (null, or a number warned about
         # above) names nothing, not the text "None" (as in self.label).
         name = payload.get("name")
+        # The name a register frame gives addresses nothing (the kernel named the agent
+        # before the child started, and messages may wait for it by that name): one that
+        # differs, a hand-written program's own, says which name does.
+        address = (
+            f"; its address is {ctx.name!r}, not the name it registered (send to {ctx.name!r})"
+            if isinstance(name, str) and ctx.name is not None and name != ctx.name
+            else ""
+        )
         log_guarded(
             log,
             logging.INFO,
-            "process agent %s %s (protocol %d)",
+            "process agent %s %s (protocol %d)%s",
             ctx.name or ctx.id,  # not self.label, which would say the registered name again
             f"registered as {brief(name, 60)}"
             if isinstance(name, str)
             else "registered without a name",
             self.protocol,
+            address,
             extra=self._fields(),
         )
 
