@@ -377,6 +377,51 @@ def test_a_config_files_app_and_spawn_beside_the_file_say_where_to_run_nexus(iso
     assert "beside the config file" not in flat(result.output)
 
 
+def test_the_spawn_beside_the_file_check_refuses_only_what_certainly_fails(isolated):
+    """Regression: ``[app] spawn``'s beside-the-config check refused any argument with a
+    ``/`` or ``.`` that was beside the config file and not here, also one the program
+    resolves itself: a data file its script reads beside itself, a script an option
+    looks for elsewhere (``env -C DIR``, ``uv run --directory DIR``). It refuses only
+    what the command certainly opens from here now: an interpreter's script, a program
+    given by a relative path; the others run."""
+    srv = isolated / "srv"
+    (srv / "bin").mkdir(parents=True)
+    agent = (
+        "import json, pathlib, sys\n"
+        "here = pathlib.Path(__file__).parent\n"
+        "name = (here / sys.argv[1]).read_text().strip() if len(sys.argv) > 1 else 'a'\n"
+        'print(json.dumps({"type": "register", "payload": {"id": "x", "name": name}}),'
+        " flush=True)\n"
+        "for line in sys.stdin:\n"
+        "    if json.loads(line).get('type') == 'shutdown':\n"
+        "        break\n"
+    )
+    (srv / "agent.py").write_text(agent)
+    (srv / "name.txt").write_text("from-beside-its-script\n")
+    (srv / "bin" / "agent").write_text(f"#!{sys.executable}\n{agent}")
+    (srv / "bin" / "agent").chmod(0o755)
+    config = srv / "config.toml"
+    runs = [
+        (f"{sys.executable} {srv / 'agent.py'} name.txt", "from-beside-its-script"),
+        (f"env -C {srv} {sys.executable} agent.py", "a"),
+    ]
+    for command, registered_as in runs:
+        config.write_text(f"[app]\nspawn = [{json.dumps(command)}]\n")
+        result = invoke(["run", "-c", str(config), "-d", "0.1", "--json"])
+        assert result.exit_code == 0, result.output
+        (program,) = json.loads(result.stdout)["spawned"]
+        assert program["registered_as"] == registered_as, program
+    # what certainly fails from here is still refused, naming the path
+    for command, path in [
+        ("bin/agent", "bin/agent"),
+        (f"{sys.executable} -u agent.py", "agent.py"),
+    ]:
+        config.write_text(f"[app]\nspawn = [{json.dumps(command)}]\n")
+        result = invoke(["run", "-c", str(config), "-d", "0.1"])
+        assert result.exit_code == 2, result.output
+        assert f"{path!r} (in {command!r}) is not in the current directory" in flat(result.output)
+
+
 def test_bad_app_messages_say_what_is_wrong(isolated):
     out = flat(invoke(["run", "--app", "no_such_module_xyz:main"]).output)
     assert "no module named 'no_such_module_xyz'" in out

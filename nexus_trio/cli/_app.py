@@ -875,9 +875,12 @@ def _split_command(command: str, hint: str, loaded: LoadedConfig | None = None) 
     if (problem := shell_syntax_problem(command, argv)) is not None:
         raise typer.BadParameter(problem, param_hint=hint)
     if loaded is not None:
-        # (a path: a script, ./bin/agent; a word without '/' or '.' is taken for none)
-        paths = [arg for arg in argv if "/" in arg or "." in arg]
-        found, base = _beside_the_config(loaded, "app.spawn", paths)
+        from ._spawn import opened_paths
+
+        # Only a path the command certainly opens from here (a program given by a relative
+        # path, an interpreter's script): an argument the program resolves itself (beside
+        # its script, in a directory of an option: uv run --directory) is its business.
+        found, base = _beside_the_config(loaded, "app.spawn", opened_paths(argv))
         if found is not None:
             raise typer.BadParameter(
                 f"{found!r} (in {command!r}) is not in the current directory"

@@ -71,6 +71,9 @@ class _Reading:
     launcher: bool = False
     #: a plain argument is a class (``java com.example.Calc``) unless it is a source file
     classes: bool = False
+    #: options (of ``valued``) that change the directory the script is looked for in
+    #: (``uv run --directory DIR``, ``ruby -C DIR``): where it is then is not known here
+    chdir: frozenset[str] = frozenset()
 
     def takes_value(self, option: str) -> bool:
         return any(
@@ -92,6 +95,7 @@ def _reading(
     launcher: bool = False,
     classes: bool = False,
     assignments: bool = False,
+    chdir: str = "",
 ) -> _Reading:
     """A :class:`_Reading` from option names separated by spaces."""
     return _Reading(
@@ -106,6 +110,7 @@ def _reading(
         launcher=launcher,
         classes=classes,
         assignments=assignments,
+        chdir=frozenset(chdir.split()),
     )
 
 
@@ -137,6 +142,7 @@ _READINGS: Final[tuple[tuple[re.Pattern[str], _Reading], ...]] = (
         _reading(
             _NODE_VALUED + " -P --project -O --compiler-options --compiler -I --ignore --cwd",
             code=_NODE_CODE,
+            chdir="--cwd",
         ),
     ),
     (
@@ -147,6 +153,7 @@ _READINGS: Final[tuple[tuple[re.Pattern[str], _Reading], ...]] = (
             grouped=True,
             launcher=True,
             assignments=True,
+            chdir="-C --chdir",
         ),
     ),
     (
@@ -162,12 +169,17 @@ _READINGS: Final[tuple[tuple[re.Pattern[str], _Reading], ...]] = (
             "--cwd -c --config -r --preload --env-file",
             code="-e --eval -p --print",
             subcommands="run exec",
+            chdir="--cwd",
         ),
     ),
     (
         re.compile(r"^ruby$"),
         _reading(
-            "-I -r -C -E --encoding", code="-e", attached="-0 -F -K -T -W -i -x", grouped=True
+            "-I -r -C -E --encoding",
+            code="-e",
+            attached="-0 -F -K -T -W -i -x",
+            grouped=True,
+            chdir="-C",
         ),
     ),
     (
@@ -197,10 +209,25 @@ _READINGS: Final[tuple[tuple[re.Pattern[str], _Reading], ...]] = (
             script="-s --script",
             subcommands="run exec",
             launcher=True,
+            chdir="--directory",
         ),
     ),
     (re.compile(r"^npx$"), _reading("-p --package", code="-c --call", launcher=True)),
 )
+
+
+@attrs.frozen
+class _Run:
+    """What a command line runs, as far as its agent's name and the files it opens need."""
+
+    #: the name it gives the agent, None for none (code given inline, a script on stdin)
+    name: str | None
+    #: relative paths the command certainly opens from the directory it starts in: a
+    #: program given by a path (``./bin/agent``, ``venv/bin/python``), an interpreter's
+    #: script (``python3 agent.py``); not a module or class, nor a script an option moved
+    #: elsewhere (``uv run --directory DIR``), nor any other argument (the program may
+    #: read ``data.csv`` beside itself)
+    opens: tuple[str, ...] = ()
 
 
 def program_name(argv: Sequence[str]) -> str:
@@ -208,6 +235,19 @@ def program_name(argv: Sequence[str]) -> str:
     past the interpreter's options and their values (``python3 -X dev -u calc.py`` ->
     ``calc``, ``python -m pkg.calc`` -> ``calc``), the interpreter's when the code is given
     inline (``python3 -c ...`` -> ``python3``), else the program's (``./calc --x`` -> ``calc``)."""
+    name = _program(argv).name
+    assert name is not None  # (a program always names it)
+    return name
+
+
+def opened_paths(argv: Sequence[str]) -> tuple[str, ...]:
+    """The relative paths ``argv`` certainly opens from the directory it starts in (see
+    :class:`_Run`): a program given by a relative path, an interpreter's script."""
+    return _program(argv).opens
+
+
+def _program(argv: Sequence[str]) -> _Run:
+    """:func:`program_name`'s name and what the command line opens."""
     # (a Windows path reads on any machine: ``C:\\Python312\\python.exe`` is ``python``)
     program = PureWindowsPath(argv[0]).name
     windows = _WINDOWS_SUFFIX.search(program)
@@ -216,10 +256,13 @@ def program_name(argv: Sequence[str]) -> str:
         program = own.lower()  # (Windows names are case-blind: ``PYTHON.EXE``)
     else:
         own = _stem(program) or program
+    # (a bare word is looked up on PATH; a path is taken from here)
+    itself = (argv[0],) if "/" in argv[0] and not argv[0].startswith("/") else ()
     for pattern, reading in _READINGS:
         if pattern.match(program):
-            return _run_name(reading, argv[1:]) or own
-    return own
+            run = _run_name(reading, argv[1:])
+            return _Run(run.name or own, itself + run.opens)
+    return _Run(own, itself)
 
 
 def _stem(path: str) -> str:
@@ -227,15 +270,22 @@ def _stem(path: str) -> str:
     return PureWindowsPath(path).stem
 
 
-def _run_name(reading: _Reading, args: Sequence[str]) -> str | None:
-    """What ``args`` run after an interpreter read as ``reading`` names, or None (code given
-    inline, or nothing)."""
+def _run_name(reading: _Reading, args: Sequence[str]) -> _Run:
+    """What ``args`` run after an interpreter read as ``reading`` names (None: code given
+    inline, or nothing), and the script it opens unless an option moved it elsewhere."""
+    run = _run_of(reading, args)
+    if reading.chdir and any(_option(reading, arg)[0] in reading.chdir for arg in args):
+        return _Run(run.name)  # (the script is looked for in another directory)
+    return run
+
+
+def _run_of(reading: _Reading, args: Sequence[str]) -> _Run:
     i = 0
     while i < len(args):
         arg = args[i]
         i += 1
         if arg == "--":
-            return _plain_name(reading, args[i:]) if i < len(args) else None
+            return _plain_name(reading, args[i:]) if i < len(args) else _Run(None)
         if arg in reading.subcommands:
             continue
         if not arg.startswith("-") or arg == "-":
@@ -247,27 +297,27 @@ def _run_name(reading: _Reading, args: Sequence[str]) -> str | None:
             continue
         if value is None:
             if i == len(args):
-                return None
+                return _Run(None)
             value = args[i]
             i += 1
         if option in reading.code:
-            return None
+            return _Run(None)
         if option in reading.module:
-            return _last_part(value)
+            return _Run(_last_part(value))
         if option in reading.script:
-            return _stem(value) or None
+            return _Run(_stem(value) or None, (value,))
         if option in reading.split:
             return _split_name(value, args[i:])
-    return None
+    return _Run(None)
 
 
-def _split_name(command: str, rest: Sequence[str]) -> str | None:
-    """The name of the command line ``command`` (``env -S``'s value) followed by ``rest``."""
+def _split_name(command: str, rest: Sequence[str]) -> _Run:
+    """What the command line ``command`` (``env -S``'s value) followed by ``rest`` runs."""
     try:
         argv = [*shlex.split(command), *rest]
     except ValueError:  # (an unclosed quote)
-        return None
-    return program_name(argv) if argv else None
+        return _Run(None)
+    return _program(argv) if argv else _Run(None)
 
 
 def _option(reading: _Reading, arg: str) -> tuple[str | None, str | None]:
@@ -289,17 +339,18 @@ def _option(reading: _Reading, arg: str) -> tuple[str | None, str | None]:
     return None, None
 
 
-def _plain_name(reading: _Reading, rest: Sequence[str]) -> str | None:
-    """The name given by the first plain argument, ``rest[0]``: a program of its own after a
-    launcher, a class's last part, else a script's stem; None for stdin (``-``)."""
+def _plain_name(reading: _Reading, rest: Sequence[str]) -> _Run:
+    """What the first plain argument, ``rest[0]``, runs: a program of its own after a
+    launcher, a class (its last part names it), else a script (its stem); nothing for
+    stdin (``-``)."""
     first = rest[0]
     if first == "-":
-        return None
+        return _Run(None)
     if reading.launcher:
-        return program_name(rest)
+        return _program(rest)
     if reading.classes and not first.endswith(".java"):
-        return _last_part(first)
-    return _stem(first) or None
+        return _Run(_last_part(first))
+    return _Run(_stem(first) or None, (first,))
 
 
 def _last_part(dotted: str) -> str | None:
