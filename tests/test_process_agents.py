@@ -1554,6 +1554,34 @@ async def test_request_timeout_cancels_the_wait_and_the_agent_recovers() -> None
         assert stats.pid != first_pid
 
 
+async def test_an_answer_written_without_its_newline_is_named_when_its_message_is_given_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: a hand-written agent answering with ``process.stdout.write(JSON)``
+    (Node) or ``sys.stdout.write(json.dumps(...))`` without ``\\n`` was only said to
+    time out (``nexus send: no answer within 10s``), though the bridge held its answer
+    whole, waiting for the newline. Giving up on the message says so now, as a register
+    written without its newline is said."""
+    caplog.set_level(logging.WARNING, logger="nexus_trio.bridge")
+    cmd = script(
+        tmp_path,
+        """
+        emit({"type": "register", "payload": {"id": "x", "name": "unended"}})
+        msg = next_message()
+        raw(json.dumps({"type": "response", "payload": {"from": msg["to"],
+            "to": msg["from"], "kind": "Response", "payload": "ok"}}).encode())
+        next_message()
+        """,
+    )
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(cmd, name="unended"))
+        with pytest.raises(RequestTimeout):
+            await kernel.request(ref, "hi", timeout=2.0)
+    (said,) = [r.getMessage() for r in caplog.records if "gave up on message" in r.getMessage()]
+    assert "unanswered; it wrote " in said, said
+    assert ' bytes with no newline after them (a frame ends with \\n): \'{"type": ' in said
+
+
 async def test_message_whose_deadline_passes_while_the_child_is_replaced_does_not_mark_it_stuck() -> (
     None
 ):

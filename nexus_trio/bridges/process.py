@@ -654,6 +654,18 @@ def _clip(text: str, size: int) -> str:
     return f"{text[:size]}... ({len(text) - size:,} characters cut)"
 
 
+def _unended(stdout: _LineReader) -> str:
+    """What ``stdout`` holds of a line not ended by a newline (a frame that waits for it
+    for ever: ``it wrote 58 bytes with no newline after them ...``), or ``""``."""
+    size, head = stdout.pending()
+    if not size:
+        return ""
+    return (
+        f"it wrote {size:,} bytes with no newline after them (a frame ends with \\n):"
+        f" {_preview(head.strip())!r}"
+    )
+
+
 def _preview(line: bytes, size: int = 120) -> str:
     text = line[:size].decode("utf-8", "replace")
     return text + ("..." if len(line) > size else "")
@@ -966,12 +978,8 @@ class ProcessAgent(Agent):
                 return
         # A frame written without its newline (sys.stdout.write of the JSON alone) waits
         # for it for ever: say so, or the timeout hides the mistake.
-        size, head = stdout.pending()
-        if size:
-            unended = (
-                f"; it wrote {size:,} bytes with no newline after them (a frame ends with \\n):"
-                f" {_preview(head.strip())!r}"
-            )
+        if unended := _unended(stdout):
+            unended = f"; {unended}"
         elif first_bad:
             unended = ""
         else:  # (silent: say what it should have written)
@@ -1203,6 +1211,10 @@ class ProcessAgent(Agent):
                 # the message never reached the child: nothing to wait for or replace.)
                 slot.abandoned = True
                 self.stats.abandoned += 1
+                if self._stdout is not None and (unended := _unended(self._stdout)):
+                    # (an answer written without its newline, process.stdout.write of the
+                    # JSON alone, waits for it for ever: the timeout would hide why)
+                    self._warn(f"gave up on message {msg.id} unanswered; {unended}")
                 if sent and self.cancels and await self._send_cancel(slot):
                     # Before the Cancelled goes on, so before any later frame: a child
                     # that abandons the work answers at once, and is not replaced,
