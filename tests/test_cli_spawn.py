@@ -278,6 +278,31 @@ def test_a_registered_program_is_named_after_it_and_said_to_register_once(
     ) in line
 
 
+@pytest.mark.parametrize(
+    ("command", "missing"),
+    [
+        (f"{PYTHON} -u missing_agent.py --x 1", "missing_agent.py"),
+        ("node dist/missing_agent.js", "dist/missing_agent.js"),
+        (f"env X=1 {PYTHON} missing_agent.py", "missing_agent.py"),
+    ],
+)
+def test_a_spawned_script_that_is_not_there_is_refused_before_anything_starts(
+    tmp_path: Path, command: str, missing: str
+) -> None:
+    """Regression: ``--spawn "python3 missing_agent.py"`` (a typo, the wrong directory)
+    started the run and the program, which failed with python's "can't open file": exit
+    1 after the handshake's wait. A script the command certainly opens from here and that
+    is not here is a usage error now (exit 2, naming it and the directory)."""
+    result = nexus_run(tmp_path, "--spawn", command, "-d", "30")
+    assert result.returncode == 2, result.stderr
+    text = " ".join(result.stderr.replace("│", " ").split())
+    assert (
+        f"Invalid value for '--spawn': {missing!r} (in {command!r}) is not in the current"
+        f" directory ({tmp_path}): the program would start and fail to open it"
+    ) in text, text
+    assert "spawned process agent" not in text
+
+
 def test_the_summary_table_says_what_was_spawned(tmp_path: Path) -> None:
     (tmp_path / "ok.py").write_text(REGISTERS)
     (tmp_path / "exits.py").write_text(EXITS)

@@ -4431,6 +4431,22 @@ def test_nexus_send_bad_arguments_exit_2_naming_the_argument(args: list[str], fl
     assert flag in result.output
 
 
+def test_nexus_send_refuses_a_script_that_is_not_there_before_starting_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: ``nexus send "python3 agentt.py" ...`` started the interpreter, which
+    failed to open the script: exit 1, "the agent did not start". A script the command
+    certainly opens from here and that is not here is a bad argument now (exit 2)."""
+    monkeypatch.chdir(tmp_path)
+    result = send_cli(f"{sys.executable} agentt.py", "1")
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.replace("│", " ").split())
+    assert (
+        f"Invalid value for 'CMD': 'agentt.py' (in '{sys.executable} agentt.py') is not in the"
+        f" current directory ({tmp_path}): the program would start and fail to open it"
+    ) in text, text
+
+
 @pytest.mark.parametrize(
     ("payload", "hinted"),
     [

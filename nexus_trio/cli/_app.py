@@ -895,6 +895,10 @@ def _split_command(command: str, hint: str, loaded: LoadedConfig | None = None) 
             f"program {argv[0]!r} not found (not on PATH, or not executable)",
             param_hint=hint,
         )
+    from ._spawn import missing_script
+
+    if (missing := missing_script(command, argv)) is not None:
+        raise typer.BadParameter(missing, param_hint=hint)
     return argv
 
 

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import shlex
+import shutil
 import signal
 import sys
 from collections.abc import Callable
@@ -143,6 +144,10 @@ def register(app: typer.Typer) -> None:
             )
         if (problem := shell_syntax_problem(cmd, argv)) is not None:
             raise typer.BadParameter(problem, param_hint="'CMD'")
+        from ._spawn import missing_script
+
+        if shutil.which(argv[0]) is not None and (missing := missing_script(cmd, argv)):
+            raise typer.BadParameter(missing, param_hint="'CMD'")
         try:
             loaded = load_config(config, overrides={"logging.level": log_level})
         except ConfigError as exc:

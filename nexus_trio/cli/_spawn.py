@@ -15,6 +15,7 @@ PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.te
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shlex
 import uuid
@@ -244,6 +245,26 @@ def opened_paths(argv: Sequence[str]) -> tuple[str, ...]:
     """The relative paths ``argv`` certainly opens from the directory it starts in (see
     :class:`_Run`): a program given by a relative path, an interpreter's script."""
     return _program(argv).opens
+
+
+def missing_script(command: str, argv: Sequence[str]) -> str | None:
+    """What ``argv`` (of ``command``) certainly opens from the current directory and is
+    not there: an interpreter's script, a file name with a suffix (``python3 agent.py``,
+    ``node dist/agent.js``; not ``node agent``, which node resolves to ``agent.js``, nor
+    ``bun run dev``, a package script, nor ``deno run npm:x`` or a URL); None if none is
+    missing. The program would start and fail (``can't open file``) instead."""
+    for path in opened_paths(argv):
+        if (
+            os.path.splitext(os.path.basename(path))[1]
+            and ":" not in path
+            and not os.path.exists(path)
+        ):
+            return (
+                f"{path!r} (in {command!r}) is not in the current directory ({os.getcwd()}):"
+                " the program would start and fail to open it; give its path from here"
+                " (or absolute), or run nexus where it is"
+            )
+    return None
 
 
 def _program(argv: Sequence[str]) -> _Run:
