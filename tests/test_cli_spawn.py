@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from nexus_trio.cli._spawn import agent_names, program_name, register_timeout
+from tests.test_process_agents import refused
 
 PYTHON = shlex.quote(sys.executable)
 
@@ -294,8 +295,7 @@ def test_a_spawned_script_that_is_not_there_is_refused_before_anything_starts(
     1 after the handshake's wait. A script the command certainly opens from here and that
     is not here is a usage error now (exit 2, naming it and the directory)."""
     result = nexus_run(tmp_path, "--spawn", command, "-d", "30")
-    assert result.returncode == 2, result.stderr
-    text = " ".join(result.stderr.replace("│", " ").split())
+    text = refused(result.returncode, result.stderr)
     assert (
         f"Invalid value for '--spawn': {missing!r} (in {command!r}) is not in the current"
         f" directory ({tmp_path}): the program would start and fail to open it"

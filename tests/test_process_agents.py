@@ -4193,6 +4193,16 @@ def send_cli(*args: str) -> Any:
         logger.setLevel(level)
 
 
+def refused(code: int, output: str) -> str:
+    """A usage error's text (exit status 2), its box and line wrapping taken out."""
+    assert code == 2, output
+    return " ".join(output.replace("│", " ").split())
+
+
+def _code_and_output(result: Any) -> tuple[int, str]:
+    return result.exit_code, result.output
+
+
 def test_nexus_send_prints_the_answer_as_json() -> None:
     result = send_cli(
         f"{sys.executable} {PY_EXAMPLE}", '{"operation": "add", "a": 40, "b": 2}', "--compact"
@@ -4438,9 +4448,7 @@ def test_nexus_send_refuses_a_script_that_is_not_there_before_starting_it(
     failed to open the script: exit 1, "the agent did not start". A script the command
     certainly opens from here and that is not here is a bad argument now (exit 2)."""
     monkeypatch.chdir(tmp_path)
-    result = send_cli(f"{sys.executable} agentt.py", "1")
-    assert result.exit_code == 2, result.output
-    text = " ".join(result.output.replace("│", " ").split())
+    text = refused(*_code_and_output(send_cli(f"{sys.executable} agentt.py", "1")))
     assert (
         f"Invalid value for 'CMD': 'agentt.py' (in '{sys.executable} agentt.py') is not in the"
         f" current directory ({tmp_path}): the program would start and fail to open it"
@@ -4518,9 +4526,7 @@ def test_nexus_send_says_what_the_json_form_of_a_python_literal_changes(
     '{"1": [2, 3]}'`` as if it were the same value: JSON turns the int key into a
     string and the tuple into a list, silently. The hint says so now, and where; and
     that is what the agent gets: sent, the JSON form is echoed back as it is."""
-    result = send_cli(f"{sys.executable} {TOY}", payload)
-    assert result.exit_code == 2, result.output
-    text = " ".join(result.output.replace("│", " ").split())
+    text = refused(*_code_and_output(send_cli(f"{sys.executable} {TOY}", payload)))
     assert (
         f"as JSON: '{as_json}', not the same value: JSON's keys are strings and it has no"
         f" tuples ({changed}), and JSON is what the agent is sent)"
@@ -4546,9 +4552,7 @@ def test_nexus_send_names_what_json_has_no_form_for_in_a_python_literal(
 ) -> None:
     """A Python literal holding a set, bytes, a tuple key... had no hint at all (JSON
     has no form for them): the error says that it is Python's syntax and names them."""
-    result = send_cli(f"{sys.executable} {TOY}", payload)
-    assert result.exit_code == 2, result.output
-    text = " ".join(result.output.replace("│", " ").split())
+    text = refused(*_code_and_output(send_cli(f"{sys.executable} {TOY}", payload)))
     assert f"(that is Python's syntax, and JSON has no form for {named})" in text, text
 
 
