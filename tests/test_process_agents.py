@@ -4517,6 +4517,12 @@ def test_nexus_send_shows_a_python_literal_payload_as_json(
             " a tuple at .null[0][1]",
         ),
         ("[{1: 2}, 2.5]", '[{"1": 2}, 2.5]', 'an int in the key .[0]["1"]'),
+        (
+            "{1: 'a', '1': 'b'}",
+            '{"1": "a", "1": "b"}',
+            'an int in the key .["1"]; the key "1" twice in one object, of which the agent'
+            " gets the last value",
+        ),
     ],
 )
 def test_nexus_send_says_what_the_json_form_of_a_python_literal_changes(
@@ -4533,7 +4539,7 @@ def test_nexus_send_says_what_the_json_form_of_a_python_literal_changes(
     ) in text, text
     sent = send_cli(f"{sys.executable} {TOY}", as_json, "--compact")
     assert sent.exit_code == 0, sent.output
-    assert json.loads(sent.stdout) == json.loads(as_json)
+    assert json.loads(sent.stdout) == json.loads(as_json)  # (the last of a key twice)
 
 
 @pytest.mark.parametrize(

@@ -241,6 +241,19 @@ def _quote_hint(payload: str) -> str:
         if "'" in as_json:  # (not shown inside single quotes then)
             return ""
         changed = _places(value, _tuple, keys=_key_not_string)
+        twice: list[str] = []  # ({1: 'a', '1': 'b'}: both keys "1" in JSON)
+
+        def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+            keys = [key for key, _ in items]
+            twice.extend(key for i, key in enumerate(keys) if key in keys[:i])
+            return dict(items)
+
+        json.loads(as_json, object_pairs_hook=pairs)
+        if twice:
+            changed += (
+                f"; the key {json.dumps(twice[0])} twice in one object, of which the agent"
+                " gets the last value"
+            )
         return (
             f" ({syntax}: JSON writes strings in double quotes, and true, false and null;"
             f" as JSON: '{as_json}'"
