@@ -409,6 +409,15 @@ class ClusterStats:
     #: runs now, or dead (an agent id: it died with its node; a name that ran nowhere
     #: within ``max_deliver``); also counted in ``durable_forwarded``/``durable_dead``
     durable_taken_over: int = 0
+    #: failed fetches of durable consumers, each logged (at most a line a second) and
+    #: tried again, by consumer: ``own`` (this node's) and ``takeover`` (a lost node's
+    #: this node takes over, see ``durable_taken_over``)
+    durable_fetch_failures: dict[str, int] = attrs.field(factory=dict)
+    #: deliveries of durable messages by name whose agent runs on a node whose durable
+    #: path is off (its record says so): not forwarded there, where no one would pull
+    #: them; they wait here (counted in ``durable_agent_missing`` too), dead after
+    #: ``max_deliver``
+    durable_not_forwarded: int = 0
     #: the outbox's sends that failed, each logged (at most a line a second, the rest
     #: said at the leave): a message the NATS client refused (also counted as what it
     #: was: ``publish_failures``, ``errors_unsent``, or a gap at its receiver) and one
@@ -4035,6 +4044,7 @@ class Cluster:
             self._session,
             self.options.node_window,
             self.placement.types,
+            self.durable.options.enabled,
         )
 
     async def _heartbeat_once(self) -> None:
@@ -4434,11 +4444,16 @@ class Cluster:
             self._restore_hidden_names(info.node)
             self._retry_wanted.set()  # a partition healed: the buckets may take writes again
         if info.node != self.node and (
-            back or previous is None or previous.types != info.types or not previous.reachable
+            back
+            or previous is None
+            or previous.types != info.types
+            or previous.durable != info.durable
+            or not previous.reachable
         ):
             # it may run types no member heard ran: placed agents waiting for one go
             self.placement.owners_changed()
-            # (a new member may be the one to take over a lost node's durable messages)
+            # (a new member, or one that runs the durable path now, may be the one to
+            # take over a lost node's durable messages)
             self.durable.takeovers_changed()
         # (what its loss counted here that it took after all is no longer counted lost)
         self.placement.heard_from(info)
@@ -5452,6 +5467,8 @@ class Cluster:
             durable_agent_missing=d.agent_missing,
             durable_forwarded=d.forwarded,
             durable_taken_over=d.taken_over,
+            durable_fetch_failures={"own": d.fetch_failures, "takeover": d.takeover_fetch_failures},
+            durable_not_forwarded=d.not_forwarded,
             publish_failures=self._publish_failures,
             lost_in_transit=self._seq_in.lost,
             parked=sum(len(q) for q in self._parked.values()),

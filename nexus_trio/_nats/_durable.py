@@ -244,7 +244,8 @@ class DurableChannel:
         self._settles_sent = 0
         # failed fetches: logged at once, then at most once a second (an outage)
         self._fetch_log = Throttle()
-        self._fetch_failures = 0
+        #: failed fetches of this node's own consumer, each tried again
+        self.fetch_failures = 0
         # bodies no kernel wrote (a hostile or broken publisher): each terminated and
         # counted dead, logged at once, then at most once a second with a running count
         self._undecodable_log = Throttle()
@@ -275,6 +276,12 @@ class DurableChannel:
         self._nursery: trio.Nursery | None = None
         self._lost_log = Throttle()
         self._takeover_log = Throttle()
+        self._unpulled_log = Throttle()
+        #: deliveries by name not forwarded to the node their agent runs on, whose
+        #: durable path is off (see _moved_to): they wait here (``agent_missing``)
+        self.not_forwarded = 0
+        #: failed fetches of lost nodes' consumers (see take_over), each tried again
+        self.takeover_fetch_failures = 0
 
     async def start(self, nursery: trio.Nursery) -> None:
         if not self.options.enabled:
@@ -316,15 +323,27 @@ class DurableChannel:
         there): this node's own, or a lost node's (see :meth:`take_over`). Run on the
         asyncio loop."""
         opts = self.options
-        return await self.cluster.data_js.pull_subscribe(
+        js = self.cluster.data_js
+        wanted: dict[str, Any] = {
+            "ack_wait": opts.ack_wait,
+            "max_deliver": opts.max_deliver,
+            "max_ack_pending": max(opts.max_in_flight, 1) * 4,
+        }
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            # There already (made by an earlier process of the node, with other options,
+            # or by the lost node whose messages this node takes over): its settings are
+            # made this node's, which its pull assumes (a message nakked to wait at
+            # delivery 2 of this node's 5 was never delivered again by a consumer of
+            # max_deliver 2: it stayed in the stream, uncounted)
+            info = await js.consumer_info(self._stream, node)
+            config = info.config
+            if any(getattr(config, key) != value for key, value in wanted.items()):
+                await js.add_consumer(self._stream, config=config.evolve(**wanted))
+        return await js.pull_subscribe(
             wire.durable_subject(self.cluster.prefix, node, "*"),
             durable=node,
             stream=self._stream,
-            config=ConsumerConfig(
-                ack_wait=opts.ack_wait,
-                max_deliver=opts.max_deliver,
-                max_ack_pending=max(opts.max_in_flight, 1) * 4,
-            ),
+            config=ConsumerConfig(**wanted),
         )
 
     async def _set_up_again(self) -> None:
@@ -410,7 +429,8 @@ class DurableChannel:
     def takeovers_changed(self) -> None:
         """Membership changed (a node lost, one left, one heard): take over the durable
         messages of each lost member (unreachable, not forgotten) whose rendezvous owner
-        over the reachable members is this node, unless it does already (see
+        over the reachable members that run the durable path (their records say so) is
+        this node, unless it does already (see
         :meth:`take_over`). The survivors that see the same members pick the same one;
         one that is lost in turn is replaced at that loss. Two nodes pulling the same
         lost node's consumer (their views differ for a moment) is harmless: JetStream
@@ -424,7 +444,14 @@ class DurableChannel:
         ):
             return
         own = cluster.node
-        live = [n for n in cluster.live_nodes() if n != own]
+        members = cluster.members.members
+        # (among the members that run the durable path: one whose record says it does
+        # not would win and take nothing, see NodeInfo.runs_durable)
+        live = [
+            n
+            for n in cluster.live_nodes()
+            if n != own and ((info := members.get(n)) is None or info.runs_durable)
+        ]
         for info in cluster.member_list():
             node = info.node
             if info.reachable or node == own or node in self._takeovers:
@@ -490,6 +517,7 @@ class DurableChannel:
                             return
                         continue
                     except (nats.errors.Error, OSError) as exc:
+                        self.takeover_fetch_failures += 1
                         if self.cluster.held.due(
                             self._takeover_log, "failed fetches of lost nodes' messages", logger=log
                         ):
@@ -671,6 +699,14 @@ class DurableChannel:
                 if not isinstance(address, str):
                     raise
                 node, agent_id = await cluster.wait_for_name(address, timeout=0.5)
+            info = cluster.members.members.get(node)
+            if info is not None and not info.runs_durable:
+                # stored on its subject, it would be pulled by no one (see _moved_to)
+                raise TransportUnavailable(
+                    f"durable message {msg_id} to {brief(address, 60)} not stored: its agent"
+                    f" runs on node {node!r}, whose durable path is off"
+                    " (DurableOptions(enabled=False) there): no node would pull it"
+                )
         msg = Message(sender=sender, to=address, payload=payload, id=msg_id)
         subject = wire.durable_subject(cluster.prefix, node, agent_id)
         try:
@@ -795,7 +831,7 @@ class DurableChannel:
             except (nats.errors.Error, OSError) as exc:
                 if self.cluster.closing:
                     return
-                self._fetch_failures += 1
+                self.fetch_failures += 1
                 if self.cluster.held.due(self._fetch_log, "durable fetches failed", logger=log):
                     log_guarded(
                         log,
@@ -803,7 +839,7 @@ class DurableChannel:
                         "node %s: durable fetch failed: %r (%d failed so far)",
                         self.cluster.node,
                         exc,
-                        self._fetch_failures,
+                        self.fetch_failures,
                     )
                 await trio.sleep(self.cluster.options.reconnect_wait)
                 if isinstance(exc, nats.js.errors.Error):
@@ -926,6 +962,25 @@ class DurableChannel:
         info = cluster.members.members.get(node)
         if info is None or info.id_prefix != agent_id.int >> 64:
             return None  # an id of an earlier process of that node: gone with it
+        if not info.runs_durable:
+            # stored there, no one would pull it (an Akka shard is not allocated to a
+            # node without the shard role): it waits here for its name to run on a
+            # member that runs the durable path, dead after max_deliver, counted
+            self.not_forwarded += 1
+            if cluster.held.due(
+                self._unpulled_log, "durable messages not forwarded to nodes without the path"
+            ):
+                log_guarded(
+                    log,
+                    logging.WARNING,
+                    "node %s: durable message for %r not forwarded to node %s, where its"
+                    " agent runs: that node's durable path is off (its record says so),"
+                    " nothing would pull it there; it waits here",
+                    cluster.node,
+                    to,
+                    node,
+                )
+            return None
         return node, agent_id
 
     def _forward(self, jsmsg: NatsMsg, query: Message) -> bool:

@@ -88,6 +88,16 @@ class NodeInfo:
     #: the agent types it registered, which it can run when placed (None in the record
     #: of a kernel of an earlier version, which does not say: taken as able to run any)
     types: frozenset[str] | None = None
+    #: whether it runs the durable path (``DurableOptions.enabled``: pulls its own
+    #: durable consumer, takes lost nodes' over); None in the record of a kernel of an
+    #: earlier version, which does not say: taken as running it
+    durable: bool | None = None
+
+    @property
+    def runs_durable(self) -> bool:
+        """Whether the node pulls durable messages (stored for it, or taken over from a
+        lost node): its record says so, or says nothing (a kernel of an earlier version)."""
+        return self.durable is not False
 
     def runs(self, type_name: str) -> bool:
         """Whether placement may put an agent of ``type_name`` on the node: its record
@@ -116,6 +126,7 @@ def encode_record(
     session: int | None = None,
     window: int | None = None,
     types: Iterable[str] | None = None,
+    durable: bool | None = None,
 ) -> bytes:
     record: dict[str, Any] = {
         "node": node,
@@ -131,6 +142,8 @@ def encode_record(
         record["window"] = window
     if types is not None:
         record["types"] = sorted(types)
+    if durable is not None:
+        record["durable"] = durable
     return json.dumps(
         record,
         separators=(",", ":"),
@@ -185,7 +198,15 @@ def decode_record(data: bytes, seen_at: float, node: str | None = None) -> NodeI
         session=field("session", hex64) if "session" in obj else None,
         window=field("window", _window) if "window" in obj else None,
         types=field("types", _types) if "types" in obj else None,
+        durable=field("durable", _flag) if "durable" in obj else None,
     )
+
+
+def _flag(value: Any) -> bool:
+    """A record's ``durable``: JSON true or false; ValueError if not (a 1, a "yes")."""
+    if type(value) is not bool:
+        raise ValueError("not true or false")
+    return value
 
 
 def _window(value: Any) -> int:

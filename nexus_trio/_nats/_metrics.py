@@ -149,6 +149,11 @@ CLUSTER_COUNTERS: Final = {
         "nexus_cluster_durable_taken_over",
         "Durable messages stored for a lost node that this node took over and settled.",
     ),
+    "durable_not_forwarded": (
+        "nexus_cluster_durable_not_forwarded",
+        "Durable deliveries by name not forwarded to their agent's node, whose durable path"
+        " is off (they wait here).",
+    ),
     "durable_unsettled_at_leave": (
         "nexus_cluster_durable_unsettled_at_leave",
         "Durable messages this node's leave left unsettled (JetStream delivers them again).",
@@ -227,6 +232,12 @@ CLUSTER_BREAKDOWNS: Final = {
         "kind",
         "Error frames for remote requesters not sent, by kind.",
         frozenset(),
+    ),
+    "durable_fetch_failures": (
+        "nexus_cluster_durable_fetch_failures",
+        "consumer",
+        "Failed fetches of durable consumers (tried again), by consumer: own or takeover.",
+        frozenset({"own", "takeover"}),
     ),
 }
 

@@ -1,0 +1,162 @@
+"""Members that say whether they run the durable path (forty-first pass, issue 14).
+
+A node's membership record says ``durable`` (``DurableOptions.enabled``). Before, a
+survivor with the path off could win the rendezvous of ``durable:<node>`` for a lost
+node and take nothing (the lost node's messages sat until ``max_age``, uncounted), a
+message by name was forwarded to a node with the path off (stored there, pulled by no
+one) and ``send_durable`` stored one there; a lost node's consumer kept that node's
+``ack_wait``/``max_deliver`` under the survivor that took it over (and a node restarted
+with other options kept its earlier consumer's). Real nats-server; the lost node is a
+child process, SIGKILLed.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import pytest
+import trio
+
+from nexus_trio import Context, Message, TransportUnavailable, agent
+from nexus_trio._nats import DurableOptions, NatsServer
+from nexus_trio._nats._aio import call_aio
+from nexus_trio._nats._membership import decode_record, encode_record
+from nexus_trio._nats._placement import rendezvous_owner
+
+from .nats_server import NodeProcess, until
+from .test_durable_lost_node import _lost_child, _store_for_id
+from .test_durable_missing_agent import store_for
+from .test_durable_moved_name import DURABLE, _stream_empty
+from .test_nats import local_node
+
+OFF = DurableOptions(enabled=False)
+
+
+def _keeper(handled: list[tuple[uuid.UUID, Any]], name: str) -> Any:
+    @agent(name=name)
+    async def keep(ctx: Context, msg: Message) -> Any:
+        handled.append((msg.id, msg.payload))
+        return "ok"
+
+    return keep
+
+
+def test_a_record_says_whether_its_node_runs_the_durable_path_and_a_hostile_value_is_refused() -> (
+    None
+):
+    on = decode_record(encode_record("b", 0xB, 1.0, {}, durable=True), 0.0, "b")
+    off = decode_record(encode_record("b", 0xB, 1.0, {}, durable=False), 0.0, "b")
+    assert (on.durable, on.runs_durable) == (True, True)
+    assert (off.durable, off.runs_durable) == (False, False)
+    # a kernel of an earlier version says nothing: taken as running it (as it did)
+    old = decode_record(encode_record("b", 0xB, 1.0, {}), 0.0, "b")
+    assert (old.durable, old.runs_durable) == (None, True)
+    body = json.loads(encode_record("b", 0xB, 1.0, {}, durable=True))
+    for bad in (1, 0, "yes", "false", None, [], {}):
+        with pytest.raises(ValueError, match="membership record: bad 'durable'") as caught:
+            decode_record(json.dumps({**body, "durable": bad}).encode(), 0.0, "b")
+        assert "not true or false" in str(caught.value)
+
+
+async def test_a_lost_node_s_messages_are_taken_over_by_a_member_that_runs_the_durable_path(
+    nats: NatsServer,
+) -> None:
+    """Survivors a (durable path on) and b (off); b wins the rendezvous of ``durable:c``
+    over both. c is SIGKILLed with a message stored for a's agent's name and one for c's
+    agent's id: a, the owner among the members that run the path, takes both over (one
+    forwarded to itself and handled, one dead), and makes c's consumer its own (its
+    ``ack_wait``/``max_deliver``, not the child's 1 s/4). (On the old code b won and took
+    nothing, a took nothing: the wait for the handled message timed out.)"""
+    assert rendezvous_owner("durable:c", ["a", "b"]) == "b"
+    handled: list[tuple[uuid.UUID, Any]] = []
+    child: NodeProcess | None = None
+    try:
+        async with (
+            local_node(nats.url, "a", durable=DURABLE) as (ka, ca),
+            local_node(nats.url, "b", durable=OFF) as (_kb, cb),
+        ):
+            with trio.fail_after(40):
+                ka.spawn(_keeper(handled, "keeper-a"))
+                await until(lambda: ca.members.members.get("b") is not None)
+                assert ca.members.members["b"].durable is False
+                assert cb.members.members["a"].durable is True
+                child = await _lost_child(nats.url, ca, cb)
+                sent = await store_for(ca, "keeper-a", 1, node="c")
+                await _store_for_id(ca, "c", uuid.UUID(child.ids["echo-c"]))
+                await until(lambda: len(handled) >= 1)
+                await until(lambda: ca.stats().durable_dead >= 1)
+                await _stream_empty(ca)
+                consumer = await call_aio(ca.data_js.consumer_info, f"{ca.prefix}-durable", "c")
+            a, b = ca.stats(), cb.stats()
+    finally:
+        if child is not None:
+            await child.stop()
+    assert handled == [(sent.id, 1)]
+    assert (a.durable_taken_over, a.durable_dead, a.durable_acked) == (2, 1, 1)
+    assert (b.durable_taken_over, b.durable_dead) == (0, 0)
+    assert (consumer.config.ack_wait, consumer.config.max_deliver) == (
+        DURABLE.ack_wait,
+        DURABLE.max_deliver,
+    )
+
+
+async def test_no_durable_message_goes_to_a_node_whose_durable_path_is_off(
+    nats: NatsServer,
+) -> None:
+    """b runs ``keeper-b`` with its durable path off. a's ``send_durable`` to it is
+    refused (TransportUnavailable naming b; nothing stored), and a message stored for
+    that name on a's subject is not forwarded to b: it waits on a, counted
+    (``durable_not_forwarded``, ``durable_agent_missing``), dead after ``max_deliver``;
+    the stream ends empty. (On the old code the send stored it on b's subject and the
+    message was forwarded there: both sat in the stream, pulled by no one.)"""
+    handled: list[tuple[uuid.UUID, Any]] = []
+    async with (
+        local_node(nats.url, "a", durable=DURABLE) as (_ka, ca),
+        local_node(nats.url, "b", durable=OFF) as (kb, cb),
+    ):
+        with trio.fail_after(30):
+            kb.spawn(_keeper(handled, "keeper-b"))
+            await cb.names_published()
+            await until(lambda: ca.name_holder("keeper-b") is not None)
+            await until(lambda: "b" in ca.members.members)
+            with pytest.raises(TransportUnavailable, match="node 'b', whose durable path is off"):
+                await ca.send_durable("keeper-b", "refused")
+            await store_for(ca, "keeper-b", "waits")
+            await until(lambda: ca.stats().durable_dead >= 1)
+            await _stream_empty(ca)
+        a = ca.stats()
+    assert handled == []
+    assert (a.durable_forwarded, a.durable_dead) == (0, 1)
+    assert a.durable_not_forwarded == DURABLE.max_deliver
+    assert a.durable_agent_missing == DURABLE.max_deliver - 1
+
+
+async def test_a_node_that_joins_again_with_other_durable_options_makes_its_consumer_s_its_own(
+    nats: NatsServer,
+) -> None:
+    """c joins with ``ack_wait`` 5 s and ``max_deliver`` 2, leaves, and joins again with
+    30 s and 3: its consumer (kept across the leave) has the new settings, which its pull
+    assumes. (On the old code the consumer was bound as it was: 5 s and 2.)"""
+    first = DurableOptions(ack_wait=5.0, max_deliver=2)
+    stream = "-durable"
+    async with local_node(nats.url, "c", durable=first) as (_kc, cc):
+        stream = f"{cc.prefix}-durable"
+        before = await call_aio(cc.data_js.consumer_info, stream, "c")
+    assert (before.config.ack_wait, before.config.max_deliver) == (5.0, 2)
+    async with local_node(nats.url, "c", durable=DURABLE) as (_kc, cc):
+        after = await call_aio(cc.data_js.consumer_info, stream, "c")
+        # (a message stored now is pulled with the new settings: handled once)
+        handled: list[tuple[uuid.UUID, Any]] = []
+        _kc.spawn(_keeper(handled, "keeper-c"))
+        with trio.fail_after(20):
+            await cc.names_published()
+            sent = await cc.send_durable("keeper-c", "x")
+            await until(lambda: len(handled) >= 1)
+    assert (after.config.ack_wait, after.config.max_deliver) == (
+        DURABLE.ack_wait,
+        DURABLE.max_deliver,
+    )
+    assert after.config.max_ack_pending == DURABLE.max_in_flight * 4
+    assert handled == [(sent.id, "x")]
