@@ -1257,6 +1257,57 @@ async def test_a_node_that_joined_after_a_loss_counts_its_waiting_agent_and_re_p
                 assert answer == {"name": ON_C, "handled": 1}
 
 
+async def test_a_waiting_agent_of_a_forgotten_node_is_adopted_by_a_node_that_joins_later(
+    nats: NatsServer,
+) -> None:
+    """c (another process) runs ON_C; a and b run no type and forget a lost node after
+    1 s. c is SIGKILLed: ON_C waits on a and b, and c is forgotten. Its name entries
+    are dropped (each survivor's retries do it), but not ON_C's: it still waits. d joins
+    once a and b's asks are held back (as if they had left): it counts ON_C and re-places
+    it when it registers the type. (On the old code the forgotten node's entry of ON_C
+    was dropped too, and d, finding a record with no name entry, counted nothing: the
+    agent ran nowhere, silently, and the wait for d's count timed out.)"""
+    forget = {"forget_lost_after": 1.0}
+    async with (
+        _node(nats.url, "a", register=False, **forget) as (_ka, ca),
+        _node(nats.url, "b", register=False, **forget) as (_kb, cb),
+    ):
+        with trio.fail_after(40):  # a hang guard
+            placed = await _placed_on_c_then_killed(nats.url, ca, cb)
+
+            async def forgotten() -> bool:
+                return all(x.stats().nodes_forgotten == 1 for x in (ca, cb))
+
+            await _until(forgotten)
+            for cluster in (ca, cb):  # (what the retries do: at once here)
+                with on_loop_of(cluster):
+                    await cluster._drop_names_of_forgotten()
+            assert [x.stats().placements_waiting for x in (ca, cb)] == [1, 1]
+            await _member_expired(ca, "c")
+        held_back: list[str] = []
+
+        async def replace_on(owner: str, name: str, *args: Any) -> None:
+            held_back.append(name)  # (as if a and b had left: the joiner alone knows)
+
+        for cluster in (ca, cb):
+            cluster.placement._replace_on = replace_on  # type: ignore[method-assign]
+        async with _node(nats.url, "d", register=False) as (kd, cd):
+            with trio.fail_after(20):  # a hang guard
+
+                async def waiting() -> bool:
+                    return cd.stats().placements_waiting == 1
+
+                await _until(waiting)
+                assert cd.name_holder(ON_C) == ("c", placed.id)
+                async with kd.events() as events:
+                    cd.register_type("counter", COUNTING)
+                    event = await _replaced(events, ON_C)
+                assert event.reason == "re-placed from node c"
+                assert kd.is_local(ON_C) and kd.lookup(ON_C).id != placed.id
+                answer = await kd.request(ON_C, "hi", timeout=5)
+                assert answer == {"name": ON_C, "handled": 1}
+
+
 @pytest.mark.parametrize("runs_it", [True, False])
 async def test_a_waiting_agent_s_node_restarted_under_its_name_is_not_taken_for_running_it(
     nats: NatsServer, runs_it: bool

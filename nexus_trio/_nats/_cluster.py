@@ -3840,11 +3840,16 @@ class Cluster:
         """Member ``node`` (its process ``id_prefix``) is forgotten: the names of its
         agents still in the names bucket are to be deleted (a killed process deletes none
         of its own, and a cluster whose peers come back under new names would keep one
-        entry per name of each lost process for good, here and in the bucket)."""
+        entry per name of each lost process for good, here and in the bucket). Not those
+        of placed agents that wait for a member that runs their type (no survivor does):
+        their entries say where they ran, which a node that joins later needs to adopt
+        them once the survivors that count them left (their placement records are kept
+        as long: one entry each, not one per lost process)."""
         revisions = self._name_revisions
+        waits = self.placement.waits
         for name, (holder, agent_id) in self._names.items():
             revision = revisions.get(name)
-            if holder == node and agent_id.int >> 64 == id_prefix and revision:
+            if holder == node and agent_id.int >> 64 == id_prefix and revision and not waits(name):
                 self._names_of_forgotten[name] = revision
         if self._names_of_forgotten:
             self._retry_wanted.set()

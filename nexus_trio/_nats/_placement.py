@@ -1255,8 +1255,8 @@ class Placement:
         type came, and nobody re-placed them. A node this one knows as lost is not
         looked at: its loss here re-placed them or made them wait (see
         :meth:`node_lost`). A record with no name entry is not either: it may be
-        anyone's on the account (a record no kernel placed), or one whose node was
-        forgotten (``forget_lost_after``), which its survivors still count."""
+        anyone's on the account (a record no kernel placed). (The name entry of one
+        waiting is kept when its node is forgotten, see :meth:`waits`.)"""
         cluster = self._cluster
         await trio.sleep(cluster.members.lost_after)
         if self._leaving():
@@ -1296,6 +1296,13 @@ class Placement:
         """Placed agents of lost nodes that no reachable member can run (none has their
         type registered): their records are kept until one can."""
         return len(self._waiting)
+
+    def waits(self, name: str) -> bool:
+        """Whether placed agent ``name`` waits here for a member that runs its type (see
+        :meth:`_wait`): its name entry, which names its lost node, is kept when that node
+        is forgotten, so that a node joining later (once the survivors that count it
+        left) adopts it (see :meth:`_adopt_orphans`)."""
+        return name in self._waiting
 
     def owners_changed(self) -> None:
         """A member was heard that may run types the others do not (it joined, came
