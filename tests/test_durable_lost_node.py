@@ -67,6 +67,18 @@ async def _kill(child: NodeProcess, *survivors: Cluster) -> None:
     await until(lambda: all(child.node not in s.live_nodes() for s in survivors))
 
 
+async def consumer_deleted(cluster: Cluster, node: str) -> None:
+    """Return once ``node``'s durable consumer is gone from the server (polled: the
+    server's state, no event here)."""
+    stream = f"{cluster.prefix}-durable"
+    while True:
+        try:
+            await call_aio(cluster.data_js.consumer_info, stream, node)
+        except _NotFound:
+            return
+        await trio.sleep(0.05)
+
+
 def _keeper(handled: list[tuple[uuid.UUID, Any]], name: str) -> Any:
     @agent(name=name)
     async def keep(ctx: Context, msg: Message) -> Any:
@@ -119,13 +131,7 @@ async def test_a_lost_node_s_durable_messages_are_forwarded_or_dead_and_its_cons
                 await until(lambda: len(handled) >= 2)
                 await until(lambda: ca.stats().durable_dead + cb.stats().durable_dead >= 2)
                 await _stream_empty(ca)
-                stream = f"{ca.prefix}-durable"
-                while True:
-                    try:
-                        await call_aio(ca.data_js.consumer_info, stream, "c")
-                    except _NotFound:
-                        break
-                    await trio.sleep(0.05)
+                await consumer_deleted(ca, "c")
             stats = {c.node: c.stats() for c in (ca, cb)}
     finally:
         if child is not None:

@@ -16,31 +16,25 @@ import json
 import uuid
 from typing import Any
 
+import nats.js.errors
 import pytest
 import trio
 
-from nexus_trio import Context, Message, TransportUnavailable, agent
+from nexus_trio import TransportUnavailable
 from nexus_trio._nats import DurableOptions, NatsServer
 from nexus_trio._nats._aio import call_aio
 from nexus_trio._nats._membership import decode_record, encode_record
 from nexus_trio._nats._placement import rendezvous_owner
 
 from .nats_server import NodeProcess, until
-from .test_durable_lost_node import _lost_child, _store_for_id
+from .test_durable_lost_node import _keeper, _lost_child, _store_for_id, consumer_deleted
 from .test_durable_missing_agent import store_for
 from .test_durable_moved_name import DURABLE, _stream_empty
 from .test_nats import local_node
 
 OFF = DurableOptions(enabled=False)
-
-
-def _keeper(handled: list[tuple[uuid.UUID, Any]], name: str) -> Any:
-    @agent(name=name)
-    async def keep(ctx: Context, msg: Message) -> Any:
-        handled.append((msg.id, msg.payload))
-        return "ok"
-
-    return keep
+#: (the ``nats`` fixture hides the module inside the tests that take it)
+_NotFound = nats.js.errors.NotFoundError
 
 
 def test_a_record_says_whether_its_node_runs_the_durable_path_and_a_hostile_value_is_refused() -> (
@@ -127,6 +121,8 @@ async def test_no_durable_message_goes_to_a_node_whose_durable_path_is_off(
             await until(lambda: ca.stats().durable_dead >= 1)
             await _stream_empty(ca)
         a = ca.stats()
+        with pytest.raises(_NotFound):  # (b never made one: a made none)
+            await call_aio(ca.data_js.consumer_info, f"{ca.prefix}-durable", "b")
     assert handled == []
     assert (a.durable_forwarded, a.durable_dead) == (0, 1)
     assert a.durable_not_forwarded == DURABLE.max_deliver
@@ -160,3 +156,32 @@ async def test_a_node_that_joins_again_with_other_durable_options_makes_its_cons
     )
     assert after.config.max_ack_pending == DURABLE.max_in_flight * 4
     assert handled == [(sent.id, "x")]
+
+
+async def test_a_node_back_with_its_durable_path_off_has_its_stored_messages_taken_over(
+    nats: NatsServer,
+) -> None:
+    """b runs the durable path, leaves (its consumer stays), and messages are stored for
+    it meanwhile (senders whose view still had it): one by the name of a's agent, one by
+    the id of b's agent. b joins again with the path off: a, the one member that runs it,
+    takes b's consumer over (the name forwarded to a and handled, the id dead: it can go
+    nowhere else), and deletes it once drained. (On the old code no one pulled b's
+    subject: the wait for the handled message timed out.)"""
+    handled: list[tuple[uuid.UUID, Any]] = []
+    async with local_node(nats.url, "a", durable=DURABLE) as (ka, ca):
+        ka.spawn(_keeper(handled, "keeper-a"))
+        with trio.fail_after(30):
+            async with local_node(nats.url, "b", durable=DURABLE) as (kb, _cb):
+                on_b = kb.spawn(_keeper([], "keeper-b"))
+                await until(lambda: "b" in ca.members.members)
+            await until(lambda: "b" not in ca.members.members)
+            sent = await store_for(ca, "keeper-a", "for b", node="b")
+            await _store_for_id(ca, "b", on_b.id)
+            async with local_node(nats.url, "b", durable=OFF) as (_kb, _cb):
+                await until(lambda: len(handled) >= 1)
+                await until(lambda: ca.stats().durable_dead >= 1)
+                await _stream_empty(ca)
+                await consumer_deleted(ca, "b")
+        a = ca.stats()
+    assert handled == [(sent.id, "for b")]
+    assert (a.durable_taken_over, a.durable_dead, a.durable_forwarded) == (2, 1, 1)

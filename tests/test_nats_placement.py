@@ -1229,32 +1229,40 @@ async def test_a_node_that_joined_after_a_loss_counts_its_waiting_agent_and_re_p
         with trio.fail_after(40):  # a hang guard
             placed = await _placed_on_c_then_killed(nats.url, ca, cb)
             await _member_expired(ca, "c")
-        held_back: list[str] = []
+        await _joiner_adopts(nats.url, ca, cb, placed, "c" if restarted else "d")
 
-        async def replace_on(owner: str, name: str, *args: Any) -> None:
-            held_back.append(name)  # (as if a and b had left: the joiner alone knows)
 
-        for cluster in (ca, cb):
-            cluster.placement._replace_on = replace_on  # type: ignore[method-assign]
-        joiner = "c" if restarted else "d"
-        async with _node(nats.url, joiner, register=False) as (kd, cd):
-            with trio.fail_after(20):  # a hang guard
+async def _joiner_adopts(
+    url: str, ca: Cluster, cb: Cluster, placed: PlacedAgent, joiner: str
+) -> None:
+    """With a's and b's asks held back (as if they had left: the joiner alone knows),
+    ``joiner`` joins, counts ON_C (c's, waiting) once a loss window passed, and
+    re-places it on itself when it registers the type."""
+    held_back: list[str] = []
 
-                async def waiting() -> bool:
-                    return cd.stats().placements_waiting == 1
+    async def replace_on(owner: str, name: str, *args: Any) -> None:
+        held_back.append(name)
 
-                await _until(waiting)
-                assert not kd.is_local(ON_C)
-                assert cd.name_holder(ON_C) == ("c", placed.id)
-                async with kd.events() as events:
-                    cd.register_type("counter", COUNTING)
-                    event = await _replaced(events, ON_C)
-                assert event.reason == "re-placed from node c"
-                assert kd.is_local(ON_C) and kd.lookup(ON_C).id != placed.id
-                stats = cd.stats()
-                assert (stats.placements_waiting, stats.replaced) == (0, 1)
-                answer = await kd.request(ON_C, "hi", timeout=5)
-                assert answer == {"name": ON_C, "handled": 1}
+    for cluster in (ca, cb):
+        cluster.placement._replace_on = replace_on  # type: ignore[method-assign]
+    async with _node(url, joiner, register=False) as (kd, cd):
+        with trio.fail_after(20):  # a hang guard
+
+            async def waiting() -> bool:
+                return cd.stats().placements_waiting == 1
+
+            await _until(waiting)
+            assert not kd.is_local(ON_C)
+            assert cd.name_holder(ON_C) == ("c", placed.id)
+            async with kd.events() as events:
+                cd.register_type("counter", COUNTING)
+                event = await _replaced(events, ON_C)
+            assert event.reason == "re-placed from node c"
+            assert kd.is_local(ON_C) and kd.lookup(ON_C).id != placed.id
+            stats = cd.stats()
+            assert (stats.placements_waiting, stats.replaced) == (0, 1)
+            answer = await kd.request(ON_C, "hi", timeout=5)
+            assert answer == {"name": ON_C, "handled": 1}
 
 
 async def test_a_waiting_agent_of_a_forgotten_node_is_adopted_by_a_node_that_joins_later(
@@ -1284,28 +1292,7 @@ async def test_a_waiting_agent_of_a_forgotten_node_is_adopted_by_a_node_that_joi
                     await cluster._drop_names_of_forgotten()
             assert [x.stats().placements_waiting for x in (ca, cb)] == [1, 1]
             await _member_expired(ca, "c")
-        held_back: list[str] = []
-
-        async def replace_on(owner: str, name: str, *args: Any) -> None:
-            held_back.append(name)  # (as if a and b had left: the joiner alone knows)
-
-        for cluster in (ca, cb):
-            cluster.placement._replace_on = replace_on  # type: ignore[method-assign]
-        async with _node(nats.url, "d", register=False) as (kd, cd):
-            with trio.fail_after(20):  # a hang guard
-
-                async def waiting() -> bool:
-                    return cd.stats().placements_waiting == 1
-
-                await _until(waiting)
-                assert cd.name_holder(ON_C) == ("c", placed.id)
-                async with kd.events() as events:
-                    cd.register_type("counter", COUNTING)
-                    event = await _replaced(events, ON_C)
-                assert event.reason == "re-placed from node c"
-                assert kd.is_local(ON_C) and kd.lookup(ON_C).id != placed.id
-                answer = await kd.request(ON_C, "hi", timeout=5)
-                assert answer == {"name": ON_C, "handled": 1}
+        await _joiner_adopts(nats.url, ca, cb, placed, "d")
 
 
 @pytest.mark.parametrize("runs_it", [True, False])

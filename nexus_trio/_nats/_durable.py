@@ -337,7 +337,11 @@ class DurableChannel:
             # max_deliver 2: it stayed in the stream, uncounted)
             info = await js.consumer_info(self._stream, node)
             config = info.config
-            if any(getattr(config, key) != value for key, value in wanted.items()):
+            # (ack_wait goes as whole nanoseconds: 1/3 s comes back as 0.333333333)
+            if any(
+                not math.isclose(getattr(config, key) or 0, value, abs_tol=1e-9)
+                for key, value in wanted.items()
+            ):
                 await js.add_consumer(self._stream, config=config.evolve(**wanted))
         return await js.pull_subscribe(
             wire.durable_subject(self.cluster.prefix, node, "*"),
@@ -454,7 +458,9 @@ class DurableChannel:
         ]
         for info in cluster.member_list():
             node = info.node
-            if info.reachable or node == own or node in self._takeovers:
+            # (a reachable member that runs no durable path pulls its consumer no more:
+            # one made by an earlier process of its name, which ran it)
+            if (info.reachable and info.runs_durable) or node == own or node in self._takeovers:
                 continue
             key = f"durable:{node}"
             mine = (placement_weight(own, key), own)
@@ -464,11 +470,13 @@ class DurableChannel:
                 self._nursery.start_soon(self.take_over, node, scope)
 
     def _still_lost(self, node: str) -> bool | None:
-        """True while ``node`` is a lost member; False once it is heard again (its process
-        pulls its own consumer: a restart, a partition healed); None once it is no
-        member (forgotten, or its leave heard)."""
+        """True while ``node`` is a lost member; False once it is heard again running
+        the durable path (its process pulls its own consumer: a restart, a partition
+        healed); None once it is no member (forgotten, or its leave heard), or while it
+        is a reachable one that runs no durable path (a process of its name restarted
+        with it off): its consumer is taken until drained, then deleted."""
         info = self.cluster.members.members.get(node)
-        if info is None:
+        if info is None or (info.reachable and not info.runs_durable):
             return None
         return not info.reachable
 
@@ -486,25 +494,37 @@ class DurableChannel:
         its copy under the message id and the copy's stream sequence, so a message
         forwarded by both (one took it past ``ack_wait``) is stored once.
 
-        Ends when the node is heard again (after the fetch under way: what it fetched is
-        settled first), or, once it is no member (forgotten), when its consumer is
-        drained: the consumer is deleted then (no sender can address that node any
-        more). Ends at this node's leave (what a fetch under way took is delivered again
+        Also the consumer of a reachable member whose record says it runs no durable
+        path (a process of its name restarted with it off; senders store nothing new
+        for it): a message by id is dead then too (no delivery by id can go elsewhere).
+
+        Ends when the node is heard again running the path (after the fetch under way:
+        what it fetched is settled first), or, once it is no member (forgotten) or while
+        it runs no durable path, when its consumer is drained (at once if it is, or if
+        there is none): the consumer is deleted then (no sender can address that node
+        any more, or stores for it). Ends at this node's leave (what a fetch under way took is delivered again
         after ``ack_wait``)."""
         cluster = self.cluster
-        log_guarded(
-            log,
-            logging.WARNING,
-            "node %s: node %r is lost: taking over the durable messages stored for it",
-            cluster.node,
-            node,
-        )
         psub: Any = None
+        said = False
         try:
             with scope:
                 while (still := self._still_lost(node)) is not False:
                     try:
                         if psub is None:
+                            if still is None and await self._dropped_when_drained(node):
+                                return  # (nothing to take: not made anew to find that)
+                            if not said:
+                                said = True
+                                log_guarded(
+                                    log,
+                                    logging.WARNING,
+                                    "node %s: node %r is %s: taking over the durable"
+                                    " messages stored for it",
+                                    cluster.node,
+                                    node,
+                                    "lost" if still else "gone, or running no durable path",
+                                )
                             psub = await call_aio(self._subscribe, node)
                         msgs: list[NatsMsg] = await call_aio_bounded(
                             _PULL_CANCEL_WAIT,
@@ -576,10 +596,14 @@ class DurableChannel:
             return
         to = msg.to
         if isinstance(to, uuid.UUID):
+            info = self.cluster.members.members.get(node)
             self._dead_with_node(
                 jsmsg,
                 msg.id,
-                f"agent {to} died with node {node!r} (lost; an agent id is never used again)",
+                f"agent {to} is of node {node!r}, whose durable path is off now (a"
+                " delivery by id can go nowhere else)"
+                if info is not None and info.reachable
+                else f"agent {to} died with node {node!r} (lost; an agent id is never used again)",
             )
             return
         where = self._runs_now(jsmsg, to)
