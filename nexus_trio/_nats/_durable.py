@@ -502,8 +502,8 @@ class DurableChannel:
         what it fetched is settled first), or, once it is no member (forgotten) or while
         it runs no durable path, when its consumer is drained (at once if it is, or if
         there is none): the consumer is deleted then (no sender can address that node
-        any more, or stores for it). Ends at this node's leave (what a fetch under way took is delivered again
-        after ``ack_wait``)."""
+        any more, or stores for it). Ends at this node's leave (what a fetch under way
+        took is delivered again after ``ack_wait``)."""
         cluster = self.cluster
         psub: Any = None
         said = False
