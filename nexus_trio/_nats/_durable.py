@@ -324,17 +324,21 @@ class DurableChannel:
         asyncio loop."""
         opts = self.options
         js = self.cluster.data_js
-        wanted: dict[str, Any] = {
+        own: dict[str, Any] = {
             "ack_wait": opts.ack_wait,
             "max_deliver": opts.max_deliver,
             "max_ack_pending": max(opts.max_in_flight, 1) * 4,
         }
+        # Its own consumer takes all of this node's settings; a lost node's (taken over)
+        # only its max_deliver, which the takeover's settling assumes: its ack_wait is
+        # kept (what the lost node had in flight is delivered again when the node that
+        # fetched it said; the takeover settles what it fetches at once)
+        wanted = own if node == self.cluster.node else {"max_deliver": opts.max_deliver}
         with contextlib.suppress(nats.js.errors.NotFoundError):
             # There already (made by an earlier process of the node, with other options,
-            # or by the lost node whose messages this node takes over): its settings are
-            # made this node's, which its pull assumes (a message nakked to wait at
-            # delivery 2 of this node's 5 was never delivered again by a consumer of
-            # max_deliver 2: it stayed in the stream, uncounted)
+            # or by the lost node whose messages this node takes over): a message nakked
+            # to wait at delivery 2 of this node's 5 was never delivered again by a
+            # consumer of max_deliver 2 (it stayed in the stream, uncounted)
             info = await js.consumer_info(self._stream, node)
             config = info.config
             # (ack_wait goes as whole nanoseconds: 1/3 s comes back as 0.333333333)
@@ -347,7 +351,7 @@ class DurableChannel:
             wire.durable_subject(self.cluster.prefix, node, "*"),
             durable=node,
             stream=self._stream,
-            config=ConsumerConfig(**wanted),
+            config=ConsumerConfig(**own),
         )
 
     async def _set_up_again(self) -> None:
