@@ -71,7 +71,7 @@ async def test_a_lost_node_s_messages_are_taken_over_by_a_member_that_runs_the_d
             local_node(nats.url, "a", durable=DURABLE) as (ka, ca),
             local_node(nats.url, "b", durable=OFF) as (_kb, cb),
         ):
-            with trio.fail_after(40):
+            with trio.fail_after(60):  # a hang guard (a child start took 15 s and more, loaded)
                 ka.spawn(_keeper(handled, "keeper-a"))
                 await until(lambda: ca.members.members.get("b") is not None)
                 assert ca.members.members["b"].durable is False
