@@ -199,6 +199,16 @@ def _reported(error: BaseException | None) -> BaseException | None:
     return error
 
 
+@final
+class _NotRestart:
+    """The type of ``_NOT_RESTART``: a start that is no restart."""
+
+    __slots__ = ()
+
+
+#: the ``restart`` of a first start (see SupervisorNode._start)
+_NOT_RESTART: Final = _NotRestart()
+
 _EXIT: Final = "exit"
 _ADD: Final = "add"
 _TERMINATE: Final = "terminate"
@@ -311,8 +321,9 @@ class SupervisionHost:
         # (the error's repr is made only if somebody watches it)
         self.ledger.notify(child.id, child.name, "failed", reported, final=False)
 
-    def restarting(self, child: Child, delay: float, error: BaseException | None) -> None:
-        self.ledger.restarts += 1
+    def restarting(self, child: Child, delay: float) -> None:
+        """A restart of ``child`` is decided: logged now (it says the backoff to come);
+        counted and published only as its run begins (:meth:`restarted`)."""
         if log.isEnabledFor(logging.INFO):
             # (its fields are built only for a record that is made: at the default
             # WARNING level, none is)
@@ -322,9 +333,19 @@ class SupervisionHost:
                 "restarting %s in %s s (restart %d)",
                 child.label,
                 seconds_text(delay),
-                child.restarts,
+                child.restarts + 1,
                 extra=log_extra(child),
             )
+
+    def restarted(self, child: Child, delay: float, error: BaseException | None) -> None:
+        """The run of a restart of ``child`` begins (or, for an agent started dormant,
+        is set up): counted and published now, not when the restart was decided. A run
+        called off while it waits out its backoff or an elder sibling's start (the child
+        stopped meanwhile: ``kernel.stop``, ``parent_exited``, the grace period's end)
+        never started, and is neither counted nor published (Akka's
+        ``BackoffSupervisor`` starts no child whose backoff a stop cut short)."""
+        child.restarts += 1
+        self.ledger.restarts += 1
         self.ledger.event(
             EventKind.RESTARTED,
             child.id,
@@ -531,8 +552,15 @@ class SupervisorNode(Child, ChildOwner):
         await last.wait()
         self.signal_started()
 
-    def _start_in_order(self, group: list[Child], delay: float) -> trio.Event | None:
+    def _start_in_order(
+        self,
+        group: list[Child],
+        delay: float,
+        restart: BaseException | _NotRestart | None = _NOT_RESTART,
+    ) -> trio.Event | None:
         """Start ``group`` as OTP does: each child once the previous one has started.
+        ``restart``: the failure (None for a normal exit) a restart follows;
+        ``_NOT_RESTART`` for a start that is none.
 
         Returns the gate of the last child that has a start to wait for (dormant agents
         have none: starting them has no observable effect).
@@ -541,31 +569,44 @@ class SupervisorNode(Child, ChildOwner):
         for child in group:
             if child.retired:
                 continue
-            gate = self._start(child, delay, after)
+            gate = self._start(child, delay, after, restart)
             if gate is not None:
                 after = gate
         return after
 
     def _start(
-        self, child: Child, delay: float, after: trio.Event | None = None
+        self,
+        child: Child,
+        delay: float,
+        after: trio.Event | None = None,
+        restart: BaseException | _NotRestart | None = _NOT_RESTART,
     ) -> trio.Event | None:
+        """Start a run of ``child`` (``restart``: see :meth:`_start_in_order`)."""
         assert self._nursery is not None
         if delay <= 0 and self._park(child):
             # No task until there is work: an idle agent costs no task, nursery or frames.
+            if not isinstance(restart, _NotRestart):
+                # (its run is set up now: nothing can call it off any more)
+                self.host.restarted(child, delay, restart)
             return None
         child.run += 1
         child.terminating = False
         child.dormant = False
         done = RunDone()
         self._renew_done(child, done)
-        if child.starts_quietly():
-            # No on_start: its start cannot be observed, so it neither waits nor is waited for.
-            child.start_gate = None
+        quiet = child.starts_quietly()
+        # No on_start: its start cannot be observed, so it neither waits nor is waited for.
+        gate = child.start_gate = None if quiet else trio.Event()
+        if quiet:
+            after = None
+        plan: _StartPlan
+        if not isinstance(restart, _NotRestart):
+            # Counted and published as its run begins, not now (see _wait_to_start).
+            plan = _RestartPlan(delay, after, gate, restart)
+        elif quiet:
             plan = _START_NOW if delay <= 0 else _StartPlan(delay, None, None)
-            self._nursery.start_soon(self._child_task, child, done, plan, name=_RUN_TASK)
-            return None
-        gate = child.start_gate = trio.Event()
-        plan = _StartPlan(delay, after, gate)
+        else:
+            plan = _StartPlan(delay, after, gate)
         self._nursery.start_soon(self._child_task, child, done, plan, name=_RUN_TASK)
         return gate
 
@@ -658,7 +699,14 @@ class SupervisorNode(Child, ChildOwner):
             if plan.after is not None:
                 await plan.after.wait()
         child.scope = None
-        return not self._called_off(child)
+        if self._called_off(child):
+            return False
+        if type(plan) is _RestartPlan:
+            # (the failure is not kept for the rest of the run: its traceback holds the
+            # failed run's frames)
+            error, plan.error = plan.error, None
+            self.host.restarted(child, plan.delay, error)
+        return True
 
     def _run_begins(self, child: Child) -> None:
         child.running = True
@@ -898,9 +946,8 @@ class SupervisorNode(Child, ChildOwner):
                 self._retire(member, "shutdown", for_shutdown=True)
         group = [c for c in group if not c.retired and c in self.children]
         for member in group:
-            member.restarts += 1
-            host.restarting(member, delay, error)
-        self._start_in_order(group, delay)
+            host.restarting(member, delay)
+        self._start_in_order(group, delay, error)
 
     def _give_up(self, child: Child, error: BaseException | None, restarts: int, why: str) -> None:
         """Escalate (raise), or at an isolating root, report giving up on ``child``."""
@@ -1130,7 +1177,6 @@ class SupervisorNode(Child, ChildOwner):
             self._retire(child, reason, failure=failure)
 
 
-@final
 class _StartPlan:
     """How a run starts: after ``delay`` seconds (a restart's backoff), once ``after``
     is set (the previous sibling's start), opening ``gate`` when it ends (the next
@@ -1144,6 +1190,28 @@ class _StartPlan:
         self.gate = gate
         #: the run waits before it starts (a backoff or an elder sibling)
         self.waits = delay > 0 or after is not None
+
+
+@final
+class _RestartPlan(_StartPlan):
+    """The start of a restart's run, which is counted and published (``restarted``) only
+    as the run begins: a child stopped while it waits out the backoff, or its elder
+    sibling's start, was never restarted. ``error``: the failure it follows (None: a
+    normal exit), until it is published."""
+
+    __slots__ = ("error",)
+
+    def __init__(
+        self,
+        delay: float,
+        after: trio.Event | None,
+        gate: trio.Event | None,
+        error: BaseException | None,
+    ) -> None:
+        super().__init__(delay, after, gate)
+        self.error = error
+        # (always through _wait_to_start, which publishes the restart)
+        self.waits = True
 
 
 #: a run that starts at once and opens no gate (an agent without ``on_start``)
