@@ -692,15 +692,18 @@ class SupervisorNode(Child, ChildOwner):
     @trio.lowlevel.enable_ki_protection
     async def _wait_to_start(self, child: Child, plan: _StartPlan) -> bool:
         """Wait out a backoff or the previous sibling's start, cancellable alone; False if
-        the run was called off meanwhile."""
-        with trio.CancelScope() as child.scope:
-            if plan.delay > 0:
-                await trio.sleep(plan.delay)
-            if plan.after is not None:
-                await plan.after.wait()
-        child.scope = None
-        if self._called_off(child):
-            return False
+        the run was called off meanwhile. A restart's run is published as it begins."""
+        if plan.delay > 0 or plan.after is not None:
+            with trio.CancelScope() as child.scope:
+                if plan.delay > 0:
+                    await trio.sleep(plan.delay)
+                if plan.after is not None:
+                    await plan.after.wait()
+            child.scope = None
+            if self._called_off(child):
+                return False
+        # (else nothing to wait for: _child_task has just checked it is not called off,
+        # and no cancel scope to enter, a good part of a restart's cost)
         if type(plan) is _RestartPlan:
             # (the failure is not kept for the rest of the run: its traceback holds the
             # failed run's frames)

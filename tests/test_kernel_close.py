@@ -960,13 +960,17 @@ def test_a_ctrl_c_that_ended_a_run_whose_exit_waits_behind_a_group_restart_stops
     (exc,) = outcome
     assert type(exc) is KeyboardInterrupt, repr(exc)
     stats = found["stats"]
-    assert (stats.restarts, stats.failed, stats.run_failures) == (1, 0, 1)
+    # (failing's restart may start before the drain ends, or be called off: since the
+    # forty-first pass a restart is counted and published only if its run began)
+    started = [of for kind, of, _ in found["events"] if kind == "started"]
+    restarts = started.count("failing") - 1
+    assert restarts in (0, 1)
+    assert (stats.restarts, stats.failed, stats.run_failures) == (restarts, 0, 1)
     assert handled == []
     assert found["dead"] == [
         ("shutdown", "in hand", "cancelled while being handled"),
         ("shutdown", "queued", "agent stopped (shutdown)"),
     ]
-    # (failing's restart may start before the drain ends, or be called off)
     by_agent = {
         name: [
             (kind, reason)
@@ -980,12 +984,11 @@ def test_a_ctrl_c_that_ended_a_run_whose_exit_waits_behind_a_group_restart_stops
         "failing": [
             ("spawned", ""),
             ("failed", "RuntimeError"),
-            ("restarted", "backoff 0 s"),
+            *[("restarted", "backoff 0 s")] * restarts,
             ("stopped", "shutdown"),
         ],
         "interrupted": [("spawned", ""), ("stopped", "shutdown")],
     }
-    started = [of for kind, of, _ in found["events"] if kind == "started"]
     assert started.count("interrupted") == 1
     assert found["took"] < 10  # not the 600 s grace
 
