@@ -1329,6 +1329,7 @@ async def open_kernel(
                             # task beside the block in shutdown()) returns.
                             router.phase = KernelPhase.STOPPED
                             kernel._shutdown_finished.set()
+                        router.closed()  # (never raises)
         except Exception as exc:
             if failing is None:
                 raise

@@ -112,6 +112,11 @@ _BESIDE_KERNEL: Final = (
     "it is the id of an agent of another kernel of this process, {state}: an AgentRef"
     " addresses only an agent of the kernel that spawned it"
 )
+#: ... for an id of an agent of a kernel of this process closed since (see _CLOSED)
+_CLOSED_KERNEL: Final = (
+    "it is the id of an agent of another kernel of this process, closed since: an AgentRef"
+    " addresses only an agent of the kernel that spawned it"
+)
 #: ... for an id whose high half is not that of this process's ids
 _OTHER_PROCESS: Final = (
     "it is no id drawn in this process: the id of an agent of another process (an"
@@ -154,6 +159,7 @@ TAKEN_YIELD: Final = 2
 NO_LOCAL: Final = 3
 _DRAINING: Final = KernelPhase.DRAINING
 _STOPPING: Final = KernelPhase.STOPPING
+_STOPPED: Final = KernelPhase.STOPPED
 
 
 class Recipient(Protocol):
@@ -483,6 +489,11 @@ _SYSTEM_ID_HINT = (
 #: kernel's agent (see Router._whose_id). Not a WeakSet: its iteration guard is Python
 #: code, some 16,000 instructions a failing send.
 _ROUTERS: Final[dict[int, weakref.ref[Router]]] = {}
+#: the id ranges of the last _CLOSED_MEMORY kernels of this process that closed: (an id
+#: drawn as each started, one drawn as it closed). Every id of its agents lies between
+#: the two, among those of the other kernels open meanwhile: read only by a send that
+#: found no agent, to tell an id of a closed kernel's agent (see Router._whose_id)
+_CLOSED: Final[deque[tuple[int, int]]] = deque(maxlen=64)
 
 
 @final
@@ -521,6 +532,7 @@ class Router:
         "_timer_deadline",
         "_timer_scope",
         "_transport_answers",
+        "_unremembered",
         "_walks",
         "heap",
         "interrupt",
@@ -625,6 +637,10 @@ class Router:
         #: an id drawn as the kernel starts: every id of its agents is drawn after it, so
         #: an id drawn before it in this process is another kernel's (see why_no_agent)
         self._first_id = id_mark()
+        #: the newest id of this kernel's nodes forgotten while it ran and not remembered
+        #: in ``_ended`` (pushed out of it): an id above it that this kernel does not know
+        #: is none of its own (see _whose_id). Kept as a stop pushes one out, not per send
+        self._unremembered = 0
         key = id(self)
         _ROUTERS[key] = weakref.ref(self, lambda _: _ROUTERS.pop(key, None))
         self._drained: trio.Event | None = None
@@ -680,6 +696,9 @@ class Router:
         remembers; an agent of a kernel since gone). The failing path only."""
         if value >> 64 != self._first_id >> 64:
             return _OTHER_PROCESS
+        # Whether it may be an id an open kernel (this one too) forgot without a word: a
+        # stop pushed out of what it remembers, or any while it shuts down.
+        forgotten = self.phase is not _RUNNING or value <= self._unremembered
         # (copied in one C call: a kernel starting in another thread cannot break it)
         for ref in list(_ROUTERS.values()):
             other = ref()
@@ -689,7 +708,23 @@ class Router:
                 return _BESIDE_KERNEL.format(state="where it is registered")
             if value in other._ended:
                 return _BESIDE_KERNEL.format(state="where it has stopped for good")
+            if other.phase is _RUNNING:
+                forgotten = forgotten or value <= other._unremembered
+            elif other.phase is not _STOPPED:
+                # (shutting down: what it forgets, it forgets silently)
+                forgotten = forgotten or value > other._first_id
+        if not forgotten:
+            # A closed kernel's ids are between its two marks, interleaved with those of
+            # the kernels open meanwhile: none of theirs (not known to them, none they
+            # forgot), so it is a closed kernel's.
+            for first, last in list(_CLOSED):
+                if first < value < last:
+                    return _CLOSED_KERNEL
         return ""
+
+    def closed(self) -> None:
+        """The kernel has closed: its id range is kept (see _CLOSED)."""
+        _CLOSED.append((self._first_id, id_mark()))
 
     def why_no_agent(self, address: Address) -> str:
         """What an ``AgentNotFound`` for ``address`` can add (the failing path only): that
@@ -817,7 +852,16 @@ class Router:
             if name is not None:
                 ended[name] = why
             while len(ended) > 2 * _ENDED_MEMORY:
-                ended.popitem(last=False)
+                key, _ = ended.popitem(last=False)
+                if isinstance(key, int) and key > self._unremembered:
+                    self._unremembered = key
+        elif self.phase is _RUNNING:
+            # Forgotten without a word while the kernel runs (a stop's reason "", a tree
+            # that could not be registered): as if pushed out (not in its shutdown,
+            # whose ids _whose_id takes for forgotten all the same)
+            value = node.id.int
+            if value > self._unremembered:
+                self._unremembered = value
 
     def walk_agents(self) -> AgentWalk:
         """A walk over the agents live now, in spawn order, a slice at a time (O(1) now,
