@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from nexus_trio import (
     Agent,
+    AgentNotFound,
     AgentRef,
     Backoff,
     Config,
@@ -29,6 +30,8 @@ from nexus_trio import (
     EventKind,
     LifecycleEvent,
     Message,
+    RequestFailed,
+    RequestTimeout,
     SupervisionConfig,
     Supervisor,
     agent,
@@ -212,6 +215,199 @@ def test_a_group_member_stopped_before_its_restart_runs_is_not_restarted(
         assert [k for k, _ in kinds(events, ids[other])[2:]].count("restarted") == 1
         assert restarts == (1 if cut else 2)
         check_counted(events, restarts)
+        assert_conserved(kernel)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+# --- the fault round: requests, intensity, monitors and stops around a restart ------------
+
+
+class Eager(Failing):
+    """Starts with its supervisor (an ``on_start``), not on its first message; fails after
+    half a second on "slowboom"."""
+
+    async def on_start(self, ctx: Context) -> None:
+        pass
+
+    async def handle(self, ctx: Context, msg: Message) -> Any:
+        if msg.payload == "slowboom":
+            await trio.sleep(0.5)
+            raise RuntimeError("slowboom")
+        return await super().handle(ctx, msg)
+
+
+def test_requests_around_a_restart_fail_time_out_or_are_answered_by_the_new_run() -> None:
+    """A request whose handler fails mid-way fails at once (``RequestFailed``, at 0.5 s); one
+    queued behind it is answered by the restarted run as the backoff ends (1.5 s); one
+    whose timeout (0.8 s) ends during the backoff times out then, and its message is
+    dead-lettered ``request_timeout`` and never handled by the new run."""
+    outcomes: dict[str, tuple[str, float]] = {}
+
+    async def main() -> None:
+        async with open_kernel(config()) as kernel:
+            async with record_events(kernel) as recorder:
+                kernel.spawn(agent(Eager, name="f"))
+                await trio.testing.wait_all_tasks_blocked()
+
+                async def ask(payload: str, timeout: float) -> None:
+                    try:
+                        outcomes[payload] = (
+                            repr(await kernel.request("f", payload, timeout=timeout)),
+                            trio.current_time(),
+                        )
+                    except (RequestFailed, RequestTimeout) as exc:
+                        outcomes[payload] = (type(exc).__name__, trio.current_time())
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(ask, "slowboom", 5.0)
+                    await trio.testing.wait_all_tasks_blocked()
+                    nursery.start_soon(ask, "queued", 5.0)
+                    nursery.start_soon(ask, "short", 0.8)
+            stats = kernel.stats()
+        assert outcomes == {
+            "slowboom": ("RequestFailed", 0.5),
+            "short": ("RequestTimeout", 0.8),
+            "queued": ("'queued'", 1.5),
+        }
+        assert (stats.restarts, stats.failed, stats.handled) == (1, 1, 1)
+        assert stats.dead_letters_by_reason == {"handler_error": 1, "request_timeout": 1}
+        assert [(e.kind.value, e.time) for e in recorder.events if e.name == "f"][2:] == [
+            ("failed", 0.5),
+            ("restarted", 1.5),
+            ("started", 1.5),
+        ]
+        assert_conserved(kernel)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_child_failing_past_its_intensity_while_its_supervisor_stops_is_not_restarted() -> None:
+    """``f`` has used its one restart (``max_restarts=1``); its supervisor is stopped
+    (``kernel.stop``, its younger sibling's ``on_stop`` takes 2 s) and ``f`` fails again
+    meanwhile: as OTP's supervisor that is terminating, nothing is restarted, so no
+    intensity is exceeded: no escalation, nothing given up on. The failure is reported,
+    what is sent to ``f`` after it waits and is dead-lettered ``agent_stopped`` as ``f``
+    is stopped in its turn."""
+
+    class SlowStop(Agent):
+        async def on_start(self, ctx: Context) -> None:
+            pass
+
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            pass
+
+        async def on_stop(self, ctx: Context) -> None:
+            await trio.sleep(2 * BACKOFF)
+
+    async def main() -> None:
+        async with open_kernel(config()) as kernel:
+            async with record_events(kernel) as recorder:
+                kernel.spawn(
+                    Supervisor(
+                        name="s",
+                        max_restarts=1,
+                        within=60.0,
+                        backoff=Backoff(0, 0),
+                        children=[agent(Eager, name="f"), agent(SlowStop, name="slow")],
+                    )
+                )
+                await trio.testing.wait_all_tasks_blocked()
+                await kernel.send("f", "boom")  # its one restart
+                await trio.testing.wait_all_tasks_blocked()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(kernel.stop, "s")
+                    await trio.sleep(0.1)
+                    await kernel.send("f", "boom")
+                    await kernel.send("f", "after")
+            stats = kernel.stats()
+        assert (stats.restarts, stats.failed, stats.given_up) == (1, 2, 0)
+        assert stats.dead_letters_by_reason == {"handler_error": 2, "agent_stopped": 1}
+        assert [(e.kind.value, e.name, e.reason) for e in recorder.events][5:] == [
+            ("failed", "f", "RuntimeError"),
+            ("restarted", "f", "backoff 0 s"),
+            ("started", "f", ""),
+            ("failed", "f", "RuntimeError"),
+            ("stopped", "slow", "stopped"),
+            ("stopped", "f", "stopped"),
+            ("stopped", "s", "stopped"),
+        ]
+        assert_conserved(kernel)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_monitor_of_an_agent_stopped_during_its_backoff_is_told_failed_then_stopped() -> None:
+    """A watcher monitoring ``f`` (and monitoring it again during the backoff) is told
+    ``failed`` as it fails, then ``stopped`` once as it is stopped during its backoff:
+    nothing of a restart that never ran."""
+    notices: list[tuple[float, str, str]] = []
+
+    class Watcher(Agent):
+        async def handle(self, ctx: Context, msg: Message) -> None:
+            if isinstance(msg.payload, AgentRef):
+                ctx.monitor(msg.payload)
+            else:
+                notices.append((trio.current_time(), msg.payload["event"], msg.payload["reason"]))
+
+    async def main() -> None:
+        async with open_kernel(config()) as kernel:
+            watcher = kernel.spawn(agent(Watcher, name="w"))
+            f = kernel.spawn(agent(Eager, name="f"))
+            await kernel.send(watcher, f)
+            await trio.testing.wait_all_tasks_blocked()
+            await kernel.send(f, "boom")
+            await trio.sleep(0.3)
+            await kernel.send(watcher, f)  # during the backoff: the same monitor
+            await trio.testing.wait_all_tasks_blocked()
+            await kernel.stop(f)
+            await trio.sleep(3 * BACKOFF)
+            stats = kernel.stats()
+        assert notices == [(0.0, "failed", "RuntimeError('boom')"), (0.3, "stopped", "stopped")]
+        assert stats.restarts == 0
+        assert_conserved(kernel)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_child_stopped_during_its_supervisor_s_restart_backoff_stays_stopped() -> None:
+    """``s`` gives up (``max_restarts=0``) as ``f`` fails and the root restarts it after
+    its 1 s backoff; ``g``, stopped at 0.3 s meanwhile, is stopped for good at once and
+    not brought back with ``s``'s new run; ``f`` is."""
+
+    async def main() -> None:
+        async with open_kernel(config()) as kernel:
+            async with record_events(kernel) as recorder:
+                kernel.spawn(
+                    Supervisor(
+                        name="s",
+                        max_restarts=0,
+                        within=60.0,
+                        backoff=Backoff(0, 0),
+                        children=[agent(Eager, name="f"), agent(Eager, name="g")],
+                    )
+                )
+                await trio.testing.wait_all_tasks_blocked()
+                await kernel.send("f", "boom")
+                await trio.sleep(0.3)
+                await kernel.stop("g")
+                assert trio.current_time() == pytest.approx(0.3)
+                await trio.sleep(3 * BACKOFF)
+                assert await kernel.request("f", 1) == 1
+                with pytest.raises(AgentNotFound, match=r"stopped for good by kernel\.stop"):
+                    kernel.lookup("g")
+            stats = kernel.stats()
+        assert stats.restarts == 1
+        assert [(e.kind.value, e.name, e.reason, round(e.time, 3)) for e in recorder.events][
+            5:
+        ] == [
+            ("failed", "f", "RuntimeError", 0.0),
+            ("escalated", "s", "child f", 0.0),
+            ("failed", "s", "SupervisorEscalation", 0.0),
+            ("stopped", "g", "stopped", 0.3),
+            ("restarted", "s", "backoff 1 s", 1.0),
+            ("started", "f", "", 1.0),
+        ]
         assert_conserved(kernel)
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
