@@ -73,6 +73,18 @@ def check_counted(events: list[LifecycleEvent], restarts: int) -> None:
         assert event.restarts == seen[event.agent_id]
 
 
+async def fail_then_wait(kernel: Any, target: Any, at: float) -> float:
+    """Make ``target`` fail, then wait until ``at`` seconds after it: the time waited."""
+    failed_at = trio.current_time()
+    await kernel.send(target, "boom")
+    # (the failure handled, the backoff begun: then to the stop point)
+    await trio.testing.wait_all_tasks_blocked()
+    await trio.sleep_until(failed_at + at)
+    stop_at = trio.current_time() - failed_at
+    assert stop_at == pytest.approx(at)  # (the clock did not jump past it)
+    return stop_at
+
+
 class Failing(Agent):
     async def handle(self, ctx: Context, msg: Message) -> Any:
         if msg.payload == "boom":
@@ -123,13 +135,7 @@ def test_a_linked_child_stopped_during_its_backoff_is_not_restarted(
                 kernel.spawn(parent_spec(with_start, seen))
                 await trio.testing.wait_all_tasks_blocked()
                 child = seen[0]
-                failed_at = trio.current_time()
-                await kernel.send(child, "boom")
-                # (the failure handled, the backoff begun: then to the stop point)
-                await trio.testing.wait_all_tasks_blocked()
-                await trio.sleep_until(failed_at + at)
-                stop_at = trio.current_time() - failed_at
-                assert stop_at == pytest.approx(at)  # (the clock did not jump past it)
+                stop_at = await fail_then_wait(kernel, child, at)
                 if way == "parent_exited":
                     await kernel.send("p", "die")
                 elif way == "parent_stopped":
@@ -196,12 +202,7 @@ def test_a_group_member_stopped_before_its_restart_runs_is_not_restarted(
                 await trio.testing.wait_all_tasks_blocked()
                 await trio.sleep(5 * BACKOFF)
                 ids = {name: kernel.lookup(name).id for name in ("a", "b")}
-                failed_at = trio.current_time()
-                await kernel.send(failing, "boom")
-                await trio.testing.wait_all_tasks_blocked()
-                await trio.sleep_until(failed_at + at)
-                stop_at = trio.current_time() - failed_at
-                assert stop_at == pytest.approx(at)  # (the clock did not jump past it)
+                stop_at = await fail_then_wait(kernel, failing, at)
                 await kernel.stop(stopped)
                 await trio.sleep(5 * BACKOFF)
             restarts = kernel.stats().restarts
@@ -235,6 +236,13 @@ class Eager(Failing):
             await trio.sleep(0.5)
             raise RuntimeError("slowboom")
         return await super().handle(ctx, msg)
+
+
+def supervisor_s(max_restarts: int, *children: Any) -> Supervisor:
+    """``s``, restarting at once, within a window of a minute."""
+    return Supervisor(
+        name="s", max_restarts=max_restarts, within=60.0, backoff=Backoff(0, 0), children=children
+    )
 
 
 def test_requests_around_a_restart_fail_time_out_or_are_answered_by_the_new_run() -> None:
@@ -303,15 +311,7 @@ def test_a_child_failing_past_its_intensity_while_its_supervisor_stops_is_not_re
     async def main() -> None:
         async with open_kernel(config()) as kernel:
             async with record_events(kernel) as recorder:
-                kernel.spawn(
-                    Supervisor(
-                        name="s",
-                        max_restarts=1,
-                        within=60.0,
-                        backoff=Backoff(0, 0),
-                        children=[agent(Eager, name="f"), agent(SlowStop, name="slow")],
-                    )
-                )
+                kernel.spawn(supervisor_s(1, agent(Eager, name="f"), agent(SlowStop, name="slow")))
                 await trio.testing.wait_all_tasks_blocked()
                 await kernel.send("f", "boom")  # its one restart
                 await trio.testing.wait_all_tasks_blocked()
@@ -378,15 +378,7 @@ def test_a_child_stopped_during_its_supervisor_s_restart_backoff_stays_stopped()
     async def main() -> None:
         async with open_kernel(config()) as kernel:
             async with record_events(kernel) as recorder:
-                kernel.spawn(
-                    Supervisor(
-                        name="s",
-                        max_restarts=0,
-                        within=60.0,
-                        backoff=Backoff(0, 0),
-                        children=[agent(Eager, name="f"), agent(Eager, name="g")],
-                    )
-                )
+                kernel.spawn(supervisor_s(0, agent(Eager, name="f"), agent(Eager, name="g")))
                 await trio.testing.wait_all_tasks_blocked()
                 await kernel.send("f", "boom")
                 await trio.sleep(0.3)
