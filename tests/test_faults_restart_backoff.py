@@ -403,3 +403,36 @@ def test_a_child_stopped_during_its_supervisor_s_restart_backoff_stays_stopped()
         assert_conserved(kernel)
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_pending_restart_a_group_restart_takes_along_counts_once() -> None:
+    """``rest_for_one`` of ``s`` then ``f``: ``f`` fails and waits out its 1 s backoff; ``s``
+    fails at 0.5 s and its group restart takes ``f`` along. ``f``'s pending restart never
+    runs: one ``restarted`` for ``f`` (the group's, at 1.5 s), two restarts in all (it was
+    three, ``f`` counted twice)."""
+
+    async def main() -> None:
+        async with open_kernel(config()) as kernel:
+            async with record_events(kernel) as recorder:
+                kernel.spawn(
+                    Supervisor(
+                        strategy="rest_for_one",
+                        max_restarts=100,
+                        within=60.0,
+                        backoff=Backoff(BACKOFF, BACKOFF, jitter=0),
+                        children=[agent(Starting, name="s"), agent(Starting, name="f")],
+                    )
+                )
+                await trio.testing.wait_all_tasks_blocked()
+                await fail_then_wait(kernel, "f", 0.5)
+                await kernel.send("s", "boom")
+                await trio.sleep(3 * BACKOFF)
+            stats = kernel.stats(agents=True)
+        assert {a.name: a.restarts for a in stats.agents} == {"s": 1, "f": 1}
+        assert stats.restarts == 2
+        restarted = [(e.name, e.time) for e in recorder.events if e.kind is EventKind.RESTARTED]
+        assert restarted == [("s", 1.5), ("f", 1.5)]
+        check_counted(recorder.events, 2)
+        assert_conserved(kernel)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
