@@ -3126,8 +3126,7 @@ class _LeaveSteps:
         def step(name: str) -> Callable[[Cluster], Awaitable[None]]:
             async def run(cluster: Cluster) -> None:
                 self.entered.append(name)
-                while "control" in cluster._down_at:
-                    await cluster._link_changed.wait()
+                await cluster.connections.wait_up("control")
                 self.done.append(name)
 
             return run
@@ -3141,13 +3140,13 @@ def _down(cluster: Cluster, at: float) -> None:
     cluster._outbox.pause()
     cluster._data_up = trio.Event()
     for role in ("data", "control"):
-        cluster._mark_link(role, at)
+        cluster.connections.mark(role, at)
 
 
 def _back(cluster: Cluster) -> None:
     """What the reconnect of both does."""
     for role in ("data", "control"):
-        cluster._mark_link(role, None)
+        cluster.connections.mark(role, None)
     cluster._outbox.resume()
     cluster._data_up.set()
 
@@ -3240,8 +3239,10 @@ async def test_a_node_whose_server_was_killed_leaves_without_its_kv_writes_and_c
 
                         monkeypatch.setattr(nodes_kv, "delete", delete)
                         server.kill()
-                        while not ca._outbox.paused or "control" not in ca._down_at:
-                            await ca._link_changed.wait()
+                        # (the data connection's disconnect pauses the outbox first)
+                        await ca.connections.wait_down("data")
+                        await ca.connections.wait_down("control")
+                        assert ca._outbox.paused
                         for i in range(3):
                             await ka.send("col", i)  # accepted: held in a's outbox
                         left_at = trio.current_time()

@@ -11,6 +11,7 @@ import trio
 from nats import errors as nats_errors
 
 from nexus_trio import TransportUnavailable
+from nexus_trio._nats._watch import ConnectionWatch
 from nexus_trio.cli._cluster_cmd import aggregate_summaries, run_workers
 
 # worker_argv (the worker command line from the parsed options): tests/test_cli_workers.py
@@ -220,6 +221,8 @@ class _SwarmCluster:
             lost_at_leave=0,
         )
         self.stats = lambda: cluster
+        # its connections: up, unless a test marks them down
+        self.connections = ConnectionWatch()
 
     async def announce(self) -> None:
         self.calls += 1
@@ -365,13 +368,9 @@ class _DroppingAnnounce(_FailingAnnounce):
 
     servers = ("nats://127.0.0.1:4222",)
 
-    def __init__(self, rounds: list[dict[str, dict[str, object]]], failures: int) -> None:
-        super().__init__(rounds, failures)
-        self.nc = types.SimpleNamespace(is_connected=True)
-
     async def announce(self) -> None:
         if self.failures:
-            self.nc.is_connected = False
+            self.connections.mark("control", trio.current_time())  # (nats-py's callback)
         await super().announce()
 
 
@@ -413,39 +412,50 @@ class _HungAnnounce(_SwarmCluster):
     def __init__(self, down_at: float, up_at: float | None) -> None:
         super().__init__([QUIET])
         self.down_at, self.up_at = down_at, up_at
-        cluster = self
 
-        class Client:
-            @property
-            def is_connected(self) -> bool:
-                now = trio.current_time()
-                up = cluster.up_at
-                return not (cluster.down_at <= now and (up is None or now < up))
-
-        self.nc = Client()
+    async def outage(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Mark the connection down and back at their times, as nats-py's callbacks do
+        (started once a connection down from now on is marked)."""
+        if trio.current_time() >= self.down_at:
+            self.connections.mark("control", self.down_at)
+            task_status.started()
+        else:
+            task_status.started()
+            await trio.sleep_until(self.down_at)
+            self.connections.mark("control", trio.current_time())
+        if self.up_at is not None:
+            await trio.sleep_until(self.up_at)
+            self.connections.mark("control", None)
 
     async def announce(self) -> None:
-        while True:  # (the KV write waits as long as it is down)
-            await trio.sleep(0.01)
-            if self.nc.is_connected:
-                break
+        await trio.sleep(0.01)
+        await self.connections.wait_up("control")  # (the KV write waits while it is down)
         await super().announce()
 
 
-@pytest.mark.parametrize("down_at", [0.0, 0.005], ids=["down-before", "down-during"])
+@pytest.mark.parametrize(
+    "down_at", [0.0, 0.005, -1.5], ids=["down-before", "down-during", "down-1.5s-before"]
+)
 async def test_a_worker_whose_server_is_gone_fails_its_settle_in_a_bounded_time_naming_it(
     autojump_clock: object, down_at: float
 ) -> None:
     """Regression: a worker whose nats-server died (its connection down, before or
     during the settle's announcement) waited for the KV write's timeout, ~8 s, then
     logged a traceback. Its settle now fails SERVER_LOST_WAIT seconds (of the run's
-    clock) after the connection went down, with NatsServerLost naming the server."""
+    clock) after the connection went down, with NatsServerLost naming the server.
+
+    Down 1.5 s already as the settle starts: it fails 0.5 s later. The settle polled
+    ``is_connected`` and counted from when it first saw the connection down (3.5 s
+    after it went down); it now asks the cluster, which knows when it went down (the
+    same answer as its leave's, see ``ConnectionWatch``)."""
     from nexus_trio.cli._swarm import SERVER_LOST_WAIT, NatsServerLost, Swarm, SwarmLayout
 
     cluster = _HungAnnounce(down_at, None)
     swarm = Swarm(cluster, SwarmLayout(0, 2))  # type: ignore[arg-type]
-    with pytest.raises(NatsServerLost) as raised:
-        await swarm.settle(timeout=60.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(cluster.outage)
+        with pytest.raises(NatsServerLost) as raised:
+            await swarm.settle(timeout=60.0)
     waited = trio.current_time() - down_at
     assert SERVER_LOST_WAIT <= waited <= SERVER_LOST_WAIT + 0.1
     assert str(raised.value) == (
@@ -463,7 +473,9 @@ async def test_a_connection_back_within_the_wait_settles(autojump_clock: object)
 
     cluster = _HungAnnounce(0.0, SERVER_LOST_WAIT / 2)
     swarm = Swarm(cluster, SwarmLayout(0, 2))  # type: ignore[arg-type]
-    assert await swarm.settle(timeout=60.0) is True
+    async with trio.open_nursery() as nursery:
+        await nursery.start(cluster.outage)
+        assert await swarm.settle(timeout=60.0) is True
     assert cluster.calls >= 2
 
 

@@ -108,6 +108,7 @@ from ._membership import (
 from ._placement import PlacedAgent, Placement
 from ._sequence import InboundSequences
 from ._streams import InboundStream, InboundStreams, new_session, parse_stream_name
+from ._watch import ConnectionWatch
 
 log = logging.getLogger("nexus_trio.nats")
 # Every log record of the NATS layer goes through redact(): no credential in any line.
@@ -526,7 +527,6 @@ class Cluster:
         "_dirty",
         "_disconnecting",
         "_disconnects",
-        "_down_at",
         "_drain_task",
         "_drop_log",
         "_dropped",
@@ -551,7 +551,6 @@ class Cluster:
         "_left_before_delete",
         "_left_counted",
         "_left_streams",
-        "_link_changed",
         "_links",
         "_links_version",
         "_local_names",
@@ -622,6 +621,7 @@ class Cluster:
         "_unwritten_names",
         "_write_now",
         "auth",
+        "connections",
         "durable",
         "handle",
         "held",
@@ -872,11 +872,10 @@ class Cluster:
         self._after_leave_log = Throttle()
         self._data_up = trio.Event()  # set while the data connection is up
         self._data_up.set()
-        #: when each connection ("data", "control") went down, while it is down (-inf:
-        #: closed, for good); see _unless_gone
-        self._down_at: dict[str, float] = {}
-        #: set (and replaced) at each disconnect, reconnect and close of a connection
-        self._link_changed = trio.Event()
+        #: when each connection ("data", "control") went down, while it is down (closed:
+        #: for good): the leave's steps (see _unless_gone) and the ``--workers`` settle
+        #: ask it whether the connection is gone
+        self.connections = ConnectionWatch()
         self.durable = DurableChannel(self, options.durable)
         self._published = 0
         self._received = 0
@@ -984,7 +983,7 @@ class Cluster:
                 # client's reconnect buffer, whose overflow nobody would see.
                 self._outbox.pause()
                 self._data_up = trio.Event()
-            self._mark_link(role, trio.current_time())
+            self.connections.mark(role, trio.current_time())
             if not self._closing and not self._disconnecting and not down:
                 log_guarded(
                     log,
@@ -998,12 +997,12 @@ class Cluster:
         async def on_closed() -> None:
             if role == "data":
                 self._data_closed = True
-            self._mark_link(role, -math.inf)  # (never back)
+            self.connections.mark(role, -math.inf)  # (never back)
 
         async def on_reconnect() -> None:
             nonlocal down
             down = False
-            self._mark_link(role, None)
+            self.connections.mark(role, None)
             # the server may be another one, or the same restarted without its store
             self._buckets_to_check = True
             if role == "data":
@@ -5200,49 +5199,13 @@ class Cluster:
         went down: the server died, say); True if it ran to its end. A connection back
         sooner lets it go on (nats-py sends what it buffered meanwhile). A worker whose
         server died waited each step's bound out against the connection down, ~3.5 s of
-        its ~5.5 s to its error line."""
-        if self._gone(role):
-            return False
-        failed: list[Exception] = []
-        with trio.CancelScope() as scope:
-            async with trio.open_nursery() as nursery:
-
-                async def watch() -> None:
-                    while not self._gone(role):
-                        changed, down_at = self._link_changed, self._down_at.get(role)
-                        until = math.inf if down_at is None else down_at + _LEAVE_DOWN_WAIT
-                        with trio.move_on_at(until):
-                            await changed.wait()
-                    scope.cancel()
-
-                async def run() -> None:
-                    try:
-                        await step()
-                    except Exception as exc:  # (raised below as it came, not in a group)
-                        failed.append(exc)
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(watch)
-                nursery.start_soon(run)
-        if failed:
-            raise failed[0]
-        return not scope.cancelled_caught
-
-    def _mark_link(self, role: str, down_at: float | None) -> None:
-        """The ``role`` connection went down at ``down_at`` (-inf: closed, for good; a
-        later disconnect of one down already keeps the first time), or is back (None)."""
-        if down_at is None:
-            self._down_at.pop(role, None)
-        elif role not in self._down_at or down_at == -math.inf:
-            self._down_at[role] = down_at
-        changed, self._link_changed = self._link_changed, trio.Event()
-        changed.set()
+        its ~5.5 s to its error line. (The race is ``ConnectionWatch.unless_gone``, the
+        ``--workers`` settle's too.)"""
+        return await self.connections.unless_gone(role, _LEAVE_DOWN_WAIT, step)
 
     def _gone(self, role: str) -> bool:
         """Whether the ``role`` connection has been down :data:`_LEAVE_DOWN_WAIT` s."""
-        down_at = self._down_at.get(role)
-        # (as the watch's deadline is computed: the same float, so that it ends the watch)
-        return down_at is not None and trio.current_time() >= down_at + _LEAVE_DOWN_WAIT
+        return self.connections.gone(role, _LEAVE_DOWN_WAIT)
 
     async def _drop_entries(self) -> None:
         """Leaving: drop this node's placement records and names."""
@@ -5304,7 +5267,7 @@ class Cluster:
                 # Down now: give the client a bounded chance to reconnect first (none
                 # once it has been down _LEAVE_DOWN_WAIT: the server gone, see _unless_gone)
                 until = trio.current_time() + min(2.0, self.kernel.config.kernel.send_timeout)
-                down_at = self._down_at.get("data")
+                down_at = self.connections.down_at("data")
                 if down_at is not None:
                     until = min(until, down_at + _LEAVE_DOWN_WAIT)
                 with trio.move_on_at(until):

@@ -63,6 +63,7 @@ from .._throttle import Throttle
 
 if TYPE_CHECKING:
     from .._nats import Cluster, ClusterStats, NodeInfo
+    from .._nats._watch import ConnectionWatch
 
 log = logging.getLogger("nexus_trio.cli")
 
@@ -74,8 +75,8 @@ SETTLE_TIMEOUT: Final = 60.0
 #: to come back before it fails naming the server (:class:`NatsServerLost`): a settle
 #: round's KV write to a server that is gone waited nats-py's timeout, ~8 s in all
 SERVER_LOST_WAIT: Final = 2.0
-#: seconds between two looks at the connection while an announcement waits
-_LOOK: Final = 0.05
+#: the connection the announcement needs (its KV write and its heartbeat go on it)
+_ROLE: Final = "control"
 #: kinds of error frame sent back for a remote query that was refused (never taken in)
 _REFUSED_KINDS: Final = ("no_such_agent", "mailbox_full", "shutting_down")
 
@@ -270,21 +271,18 @@ class Swarm:
         server stalls, JetStream elects a leader) does not end the run: the heartbeat
         carries the record too, and the settle's next round writes it again (bounded by
         the settle's timeout). It had failed the worker's whole run. One that fails while
-        the client is not connected (the server died: the parent stops the workers then)
+        the connection is down (the server died: the parent stops the workers then)
         still ends the run at once, as a settle of minutes waiting for a server that is
         gone would hold the whole run's end; and so does a connection down
         :data:`SERVER_LOST_WAIT` seconds (:class:`NatsServerLost`, naming the server: a
         KV write while it is down waited nats-py's timeout, ~8 s in all)."""
-        nc = getattr(self.cluster, "nc", None)
+        connections = self.cluster.connections
         try:
-            if nc is None:
-                await self.cluster.announce()
-            else:
-                await self._announce_while_connected(nc)
+            await self._announce_while_connected(connections)
         except NatsServerLost:
             raise
         except Exception as exc:  # (nats-py's errors, OSError: the record is written later)
-            if nc is not None and not nc.is_connected:
+            if connections.down_for(_ROLE) is not None:
                 # (named: nats-py's bare "TimeoutError: nats: timeout" said nothing of it)
                 raise NatsServerLost(
                     getattr(self.cluster, "servers", ()),
@@ -302,45 +300,17 @@ class Swarm:
                     exc,
                 )
 
-    async def _announce_while_connected(self, nc: Any) -> None:
-        """Announce, unless the connection is down (a KV write then waits nats-py's
-        timeout): once it has been down :data:`SERVER_LOST_WAIT` seconds (before the
-        announcement or during it), raise :class:`NatsServerLost`. Polled, as the
-        client says no more than ``is_connected``."""
-        lost = False
-        failed: list[Exception] = []
-        async with trio.open_nursery() as nursery:
+    async def _announce_while_connected(self, connections: ConnectionWatch) -> None:
+        """Announce once the connection is up (a KV write while it is down waits nats-py's
+        timeout); once it has been down :data:`SERVER_LOST_WAIT` seconds (from when it
+        went down: before the announcement or during it), raise :class:`NatsServerLost`.
+        The cluster's leave asks the same watch the same way (``ConnectionWatch``)."""
 
-            async def watch() -> None:
-                nonlocal lost
-                down_since = None
-                while True:
-                    if nc.is_connected:
-                        down_since = None
-                    elif down_since is None:
-                        down_since = trio.current_time()
-                    elif trio.current_time() - down_since >= SERVER_LOST_WAIT:
-                        lost = True
-                        nursery.cancel_scope.cancel()
-                        return
-                    await trio.sleep(_LOOK)
+        async def announce() -> None:
+            await connections.wait_up(_ROLE)  # (down: announced once it is back, if it is)
+            await self.cluster.announce()
 
-            async def announce() -> None:
-                try:
-                    while True:  # (down: announced once it is back, if it comes back)
-                        if nc.is_connected:
-                            await self.cluster.announce()
-                            break
-                        await trio.sleep(_LOOK)
-                except Exception as exc:  # (raised below as it came, not in a group)
-                    failed.append(exc)
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(watch)
-            nursery.start_soon(announce)
-        if failed:
-            raise failed[0]
-        if lost:
+        if not await connections.unless_gone(_ROLE, SERVER_LOST_WAIT, announce):
             raise NatsServerLost(
                 getattr(self.cluster, "servers", ()),
                 f"the connection stayed down {SERVER_LOST_WAIT:g}s while this worker settled",
