@@ -296,10 +296,41 @@ def test_a_given_up_relay_counts_each_line_held_or_unread_once(
     assert relay.lost_now() == lines
 
 
+#: the end of the two scripts below: fork while ``thread`` holds a lock (until ``release``);
+#: the child prints a line through ``lines``, and the parent prints its exit status
+_FORK_AND_PRINT = """
+pid = os.fork()
+if pid == 0:
+    signal.alarm(30)  # (the guard of a child that waits for ever, not a measure)
+    lines.write("printed in the child\\n")
+    sys.stderr.flush()
+    os._exit(0)
+release.set()
+thread.join()
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status))
+"""
+
+
+def _run_forking(script: str) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` (one of those below); assert its child printed and exited 0."""
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore::DeprecationWarning", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert (done.stdout, done.returncode) == ("0\n", 0), done.stderr
+    assert "printed in the child\n" in done.stderr
+    return done
+
+
 #: a process whose log thread holds ``output_lock`` as it forks; the child prints a line
 #: to the worker's ``sys.stderr`` redirect (its own lock after the fork), and says so;
 #: a child that waits for ever is ended by its alarm (exit status -SIGALRM)
-FORK_WHILE_THE_LOCK_IS_HELD = """
+FORK_WHILE_THE_LOCK_IS_HELD = (
+    """
 import os, signal, sys, threading
 from nexus_trio.cli._app import WholeLines
 from nexus_trio.logs import output_lock
@@ -315,16 +346,9 @@ def log_thread():
 thread = threading.Thread(target=log_thread)
 thread.start()
 held.wait()
-pid = os.fork()
-if pid == 0:
-    signal.alarm(30)  # (the guard of a child that waits for ever, not a measure)
-    lines.write("printed in the child\\n")
-    os._exit(0)
-release.set()
-thread.join()
-_, status = os.waitpid(pid, 0)
-print(os.waitstatus_to_exitcode(status))
 """
+    + _FORK_AND_PRINT
+)
 
 
 def test_a_child_forked_while_the_log_thread_writes_can_print_to_stderr() -> None:
@@ -333,12 +357,41 @@ def test_a_child_forked_while_the_log_thread_writes_can_print_to_stderr() -> Non
     parent, which the child has not): a child forked while the log thread wrote a record
     (``multiprocessing`` with fork, ``os.fork`` in an app) waited for ever on its first
     line to ``sys.stderr``. The redirect takes the lock of the moment at each line."""
-    done = subprocess.run(
-        [sys.executable, "-c", FORK_WHILE_THE_LOCK_IS_HELD],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert (done.stdout, done.returncode) == ("0\n", 0), done.stderr
-    assert "printed in the child\n" in done.stderr
+    _run_forking(FORK_WHILE_THE_LOCK_IS_HELD)
+
+
+#: a process with a thread inside a write of a WholeLines (its target waits, as a write
+#: to a full pipe does) as it forks; the child writes a line through it, and says so; a
+#: child that waits for ever is ended by its alarm (exit status -SIGALRM)
+FORK_WHILE_A_LINE_IS_WRITTEN = (
+    """
+import os, signal, sys, threading
+from nexus_trio.cli._app import WholeLines
+
+held, release = threading.Event(), threading.Event()
+
+class Target:
+    def write(self, text):
+        if text == "blocks\\n":  # (the parent's thread: a full pipe, the reader away)
+            held.set()
+            release.wait()
+        sys.stderr.write(text)
+
+    def flush(self):
+        sys.stderr.flush()
+
+lines = WholeLines(Target())
+thread = threading.Thread(target=lines.write, args=("blocks\\n",))
+thread.start()
+held.wait()
+"""
+    + _FORK_AND_PRINT
+)
+
+
+def test_a_child_forked_while_another_thread_writes_a_line_can_write_its_own() -> None:
+    """Regression: ``WholeLines``' own lock (one write of whole lines at a time) was
+    the parent's in a forked child: a child forked while another thread of the parent
+    was inside a write (a full pipe) waited for ever on its first line. The child gets
+    a new lock at the fork (``os.register_at_fork``), as ``output_lock`` does."""
+    assert "blocks\n" in _run_forking(FORK_WHILE_A_LINE_IS_WRITTEN).stderr

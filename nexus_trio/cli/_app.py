@@ -27,6 +27,7 @@ import sys
 import threading
 import urllib.error
 import urllib.request
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -1202,7 +1203,9 @@ class WholeLines(io.TextIOBase):
     def __init__(self, target: Any, *, lock: Callable[[], threading.Lock] | None = None) -> None:
         self.target = target
         self._held = ""
+        #: (a fork makes the child a new one: see _new_locks_in_child)
         self._lock = threading.Lock()
+        _ALL_WHOLE_LINES.add(self)
         #: if given, what gives the lock held while each write to ``target`` is written
         #: and flushed (the log handler's ``output_lock``: a record then never goes into
         #: one of the lines), asked at each write: a fork makes the child a new one (the
@@ -1249,6 +1252,23 @@ class WholeLines(io.TextIOBase):
     @property
     def encoding(self) -> str:  # type: ignore[override]
         return str(getattr(self.target, "encoding", "utf-8"))
+
+
+#: every WholeLines of this process (see _new_locks_in_child)
+_ALL_WHOLE_LINES: weakref.WeakSet[WholeLines] = weakref.WeakSet()
+
+
+def _new_locks_in_child() -> None:
+    """After a fork, in the child: a new lock for each :class:`WholeLines`. Another
+    thread of the parent may have held one as the child was forked (inside a write to a
+    full pipe, say): the child has not that thread, and its first write waited for
+    ever. (As ``nexus_trio.logs`` does for ``output_lock``.)"""
+    for lines in list(_ALL_WHOLE_LINES):
+        lines._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # (not on Windows, which does not fork)
+    os.register_at_fork(after_in_child=_new_locks_in_child)
 
 
 class LabelledLines(WholeLines):
