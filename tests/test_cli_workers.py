@@ -1875,6 +1875,40 @@ def test_a_worker_that_does_not_end_after_the_stop_is_killed_past_the_stop_grace
     assert not running(pid)
 
 
+@pytest.mark.parametrize("value", ["\u00b2", "-1", "1" * 30, "2147483648", "3x", ""])
+def test_a_bad_ready_descriptor_is_an_error_naming_its_variable(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """Regression: ``NEXUS_READY_FD`` (set by the parent for its workers only) was read
+    with ``isdigit()``/``int()``: ``²`` passed ``isdigit`` and ``int`` raised a bare
+    ``ValueError: invalid literal``, a number past a C int raised ``OverflowError`` in
+    ``os.write``, and ``-1`` was passed over without a word. Each is now a ValueError
+    naming the variable and its value (the run then fails in one line, as a failed join
+    does); the variable is gone from the environment all the same."""
+    from nexus_trio.cli._cluster_cmd import READY_FD_ENV, notify_parent_ready
+
+    monkeypatch.setenv(READY_FD_ENV, value)
+    with pytest.raises(ValueError, match=r"^NEXUS_READY_FD=") as raised:
+        notify_parent_ready()
+    assert str(raised.value) == (
+        f"NEXUS_READY_FD={value!r} is not a file descriptor number (0..2147483647): it is"
+        " set by `nexus run --workers` for its workers only; unset it"
+    )
+    assert READY_FD_ENV not in os.environ
+
+
+def test_a_ready_descriptor_is_told_once_and_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The good value: one byte on the pipe, closed; nothing when the variable is unset."""
+    from nexus_trio.cli._cluster_cmd import READY_FD_ENV, notify_parent_ready
+
+    read, write = os.pipe()
+    monkeypatch.setenv(READY_FD_ENV, str(write))
+    notify_parent_ready()
+    notify_parent_ready()  # (the variable is gone: nothing)
+    with os.fdopen(read, "rb") as file:
+        assert file.read() == b"1"  # (its end: the write end was closed)
+
+
 @pytestmark_linux
 @pytest.mark.parametrize("others", ["ended", "running"])
 def test_a_worker_not_ready_in_time_is_killed_and_named(

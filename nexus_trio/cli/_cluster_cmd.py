@@ -99,6 +99,8 @@ SWARM_ENV: Final = "NEXUS_SWARM_SIZE"
 #: parent it is ready (it joined the cluster: :func:`notify_parent_ready`), as systemd's
 #: ``sd_notify(READY=1)``
 READY_FD_ENV: Final = "NEXUS_READY_FD"
+#: the largest descriptor number (a C int)
+_FD_MAX: Final = 2**31 - 1
 #: the most workers ``nexus run --workers`` starts, if set (else :func:`max_workers`)
 MAX_WORKERS_ENV: Final = "NEXUS_MAX_WORKERS"
 #: workers per core this process may use that ``--workers`` allows, and its floor
@@ -1122,16 +1124,30 @@ def notify_parent_ready() -> None:
     """Tell the parent of ``--workers`` that this worker is ready (it joined the cluster):
     one byte on the pipe it was given (:data:`READY_FD_ENV`), once; nothing in a process
     the parent did not start so. The variable is removed, so that no program this worker
-    starts says it for it."""
+    starts says it for it. A value that is no descriptor number (set by something else
+    than the parent) is a ValueError naming the variable."""
     value = os.environ.pop(READY_FD_ENV, None)
-    if value is None or not value.isdigit():
+    if value is None:
         return
-    fd = int(value)
+    fd = _ready_fd(value)
     with contextlib.suppress(OSError):  # (the parent gone: nothing to tell)
         try:
             os.write(fd, b"1")
         finally:
             os.close(fd)
+
+
+def _ready_fd(value: str) -> int:
+    """The descriptor number :data:`READY_FD_ENV` gives (ASCII digits, an ``int`` a
+    descriptor can be): ``str.isdigit`` took ``²`` (then ``int`` raised a bare
+    ValueError), ``-1`` was passed over without a word, and a huge number raised
+    OverflowError in ``os.write``, each with a traceback."""
+    if value.isascii() and value.isdigit() and int(value) <= _FD_MAX:
+        return int(value)
+    raise ValueError(
+        f"{READY_FD_ENV}={value!r} is not a file descriptor number (0..{_FD_MAX}): it is"
+        " set by `nexus run --workers` for its workers only; unset it"
+    )
 
 
 def _is_pipe(fd: int) -> bool:

@@ -1083,7 +1083,11 @@ async def _run_async(
                             if _is_worker(node):
                                 from ._cluster_cmd import notify_parent_ready
 
-                                notify_parent_ready()  # (its start is bounded: _START_GRACE)
+                                try:
+                                    notify_parent_ready()  # (its start is bounded: _START_GRACE)
+                                except ValueError as exc:  # (its variable: one line)
+                                    join_error = exc
+                                    raise
                             layout = layout_from_env(node) if _is_worker(node) else None
                             if layout is not None and opts.demo and opts.workload != "pool":
                                 state.swarm = Swarm(
