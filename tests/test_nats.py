@@ -14,7 +14,7 @@ import socket
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from typing import Any
 
@@ -690,6 +690,38 @@ async def test_a_durable_pull_that_never_returns_does_not_hold_the_leave_s_exit(
     assert len(abandoned) == 1, abandoned
 
 
+async def _one_ack_left(
+    nats: NatsServer,
+    ack: Callable[[Any], Awaitable[None]],
+    acked: trio.Event,
+    before_leave: Callable[[Cluster], Awaitable[None]],
+) -> Cluster:
+    """b and a join; a's ledger handles one durable message, whose ack is ``ack`` (it
+    sets ``acked``); then ``before_leave(a)``, and a leaves. Checks that the message is
+    left to JetStream (delivered again) and that a's leave dropped its record; returns
+    a's cluster."""
+    from nats.aio.msg import Msg as NatsMsg
+
+    handled: list[Any] = []
+    async with local_node(nats.url, "b") as (_kb, cb):
+        async with local_node(nats.url, "a") as (ka, ca):
+            ka.spawn(_ledger_a(handled, trio.Event()))
+            with trio.fail_after(30):
+                await ca.names_published()
+                with pytest.MonkeyPatch.context() as patch:
+                    patch.setattr(NatsMsg, "ack", ack)
+                    await ca.send_durable("ledger-a", "one")
+                    await acked.wait()
+                    assert handled == ["one"] and ca.durable.acked == 1
+                    await before_leave(ca)
+                    await ka.shutdown()
+        with trio.fail_after(30):
+            info = await call_aio(cb.data_js.stream_info, f"{cb.prefix}-durable")
+            assert info.state.messages == 1  # left to JetStream, delivered again
+            assert not await _bucket_has(cb._nodes_kv, "a")
+    return ca
+
+
 async def test_acks_a_leave_could_not_send_are_counted_and_left_to_redelivery(
     nats: NatsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -703,35 +735,65 @@ async def test_acks_a_leave_could_not_send_are_counted_and_left_to_redelivery(
     from nats.aio.msg import Msg as NatsMsg
 
     caplog.set_level(logging.WARNING, logger="nexus_trio.nats.durable")
-    handled: list[Any] = []
-    first, acking = trio.Event(), trio.Event()
+    acking = trio.Event()
 
     async def stalled_ack(self: NatsMsg) -> None:
         acking.set()
         await asyncio.sleep(3600)  # JetStream never takes it
 
-    async with local_node(nats.url, "b") as (_kb, cb):
-        async with local_node(nats.url, "a") as (ka, ca):
-            ka.spawn(_ledger_a(handled, first))
-            with trio.fail_after(30):
-                await ca.names_published()
-                with pytest.MonkeyPatch.context() as patch:
-                    patch.setattr(NatsMsg, "ack", stalled_ack)
-                    await ca.send_durable("ledger-a", "one")
-                    await acking.wait()
-                    assert handled == ["one"] and ca.durable.acked == 1
-                    # once before the leave's, cut by its bound: counted once
-                    await ca.durable.stop(1)
-                    assert ca.stats().durable_unsettled_at_leave == 1
-                    await ka.shutdown()
-        with trio.fail_after(30):
-            info = await call_aio(cb.data_js.stream_info, f"{cb.prefix}-durable")
-            assert info.state.messages == 1  # left to JetStream, delivered again
-            assert not await _bucket_has(cb._nodes_kv, "a")
+    async def stop_first(ca: Cluster) -> None:
+        # once before the leave's, cut by its bound: counted once
+        await ca.durable.stop(1)
+        assert ca.stats().durable_unsettled_at_leave == 1
+
+    ca = await _one_ack_left(nats, stalled_ack, acking, stop_first)
     assert ca.stats().durable_unsettled_at_leave == 1
     lines = [r.getMessage() for r in caplog.records if "not sent" in r.getMessage()]
     assert len(lines) == 1, lines
     assert "1 durable acks, naks or terms" in lines[0]
+
+
+async def test_acks_in_the_client_s_reconnect_buffer_at_a_leave_down_are_counted_unsettled(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: an ack the durable channel handed to the NATS client while its data
+    connection was down went into nats-py's reconnect buffer and counted as sent; a node
+    leaving with the connection still down took that buffer out (never sent) with no
+    count: JetStream delivered the message again, and nothing said it would. Counted in
+    ``durable_unsettled_at_leave`` now, and logged; an in-progress report there
+    (``+WPI``) settles nothing and is not counted. (The drop is the client's state, as
+    nats-py sets it: its publish buffers, nothing writes the buffer; the node's
+    disconnect handling is done by hand below.)"""
+    from nats.aio.client import Client as NatsClient
+    from nats.aio.msg import Msg as NatsMsg
+
+    caplog.set_level(logging.ERROR, logger="nexus_trio.nats")
+    buffered = trio.Event()
+    real_ack = NatsMsg.ack
+
+    async def ack_while_down(self: NatsMsg) -> None:
+        client: Any = self._client
+        # the connection just dropped: as nats-py's reconnect begins (its flusher gone)
+        client._status = NatsClient.RECONNECTING
+        client._flusher_task.cancel()
+        await real_ack(self)  # (nats-py buffers it)
+        await client.publish(self.reply, b"+WPI")  # (settles nothing)
+        buffered.set()
+
+    async def disconnected(ca: Cluster) -> None:
+        # what the disconnect does (see Cluster._open), 2 s ago: gone
+        ca._outbox.pause()
+        ca._data_up = trio.Event()
+        ca.connections.mark("data", trio.current_time() - 2.0)
+
+    ca = await _one_ack_left(nats, ack_while_down, buffered, disconnected)
+    assert ca.stats().durable_unsettled_at_leave == 1
+    lines = [r.getMessage() for r in caplog.records if "reconnect buffer" in r.getMessage()]
+    assert lines == [
+        "node a: leaving with the NATS connection down, 1 durable acks, naks or terms in the"
+        " client's reconnect buffer not sent: JetStream delivers those messages again (their"
+        " handlers see the same ids again)"
+    ], lines
 
 
 async def test_a_durable_message_left_unanswered_frees_its_slot_and_is_counted_dead(

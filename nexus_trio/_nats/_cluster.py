@@ -167,6 +167,10 @@ _CLAIM_TRIES: Final = 3
 #: wrote it in between (then it is unwritten, retried as any name, see _retry_names)
 _NAME_CLAIM_TRIES: Final = 5
 
+#: the subjects of JetStream's acks, naks, terms and in-progress reports (a durable
+#: message's reply subject), and the payload of the last
+_JS_ACK: Final = "$JS.ACK."
+_IN_PROGRESS: Final = b"+WPI"
 #: a stream of numbered tells: the destination node and its id prefix (its process)
 _Stream = tuple[str, int]
 #: where a message goes: subject, reply subject, body (None for a tell to number and
@@ -2029,7 +2033,10 @@ class Cluster:
         unwritten, taken out of it (see ``direct.take_unsent``) as the outbox items they
         were, to be counted as what the outbox still holds is. Not what the durable
         channel published (JetStream's own subjects, ``<prefix>.durable.``): its senders
-        learn of that. If the buffer cannot be read, its size is logged (not counted)."""
+        learn of that; but its acks, naks and terms (``$JS.ACK.``), which it counted
+        sent once the client took them, are counted unsettled by it (JetStream delivers
+        their messages again). If the buffer cannot be read, its size is logged (not
+        counted)."""
         nc = self.nc
         size = nc.pending_data_size
         taken = direct.take_unsent(nc)
@@ -2047,7 +2054,13 @@ class Cluster:
             return []
         prefix, durable = f"{self.prefix}.node.", f"{self.prefix}.durable."
         items: list[_Outgoing] = []
+        settles = 0
         for subject, reply, headers, data in taken:
+            if subject.startswith(_JS_ACK):
+                # an ack, nak or term the durable channel counted sent (the client took
+                # it); an in-progress report settles nothing
+                settles += data != _IN_PROGRESS
+                continue
             if subject.startswith(("$JS.", durable)):
                 continue
             kind = _PLAIN
@@ -2065,6 +2078,8 @@ class Cluster:
                 len(items),
                 size,
             )
+        if settles:
+            self.durable.unsent_in_client(settles)
         return items
 
     def _not_handed(self, subject: str) -> None:

@@ -432,6 +432,23 @@ class DurableChannel:
             # counted: a second stop (the leave's, after a caller's) counts them not again
             self._settles_sent = self._settles_queued
 
+    def unsent_in_client(self, settles: int) -> None:
+        """Leaving with the data connection down: ``settles`` acks, naks and terms this
+        channel counted sent (the NATS client took them, into its reconnect buffer) were
+        taken out of that buffer, never sent (see ``Cluster._take_client_buffer``):
+        JetStream delivers their messages again. Counted in ``unsettled_at_leave``,
+        logged."""
+        self.unsettled_at_leave += settles
+        log_guarded(
+            log,
+            logging.ERROR,
+            "node %s: leaving with the NATS connection down, %d durable acks, naks or"
+            " terms in the client's reconnect buffer not sent: JetStream delivers those"
+            " messages again (their handlers see the same ids again)",
+            self.cluster.node,
+            settles,
+        )
+
     # --- a lost node's messages ---------------------------------------------------------------
 
     def takeovers_changed(self) -> None:
