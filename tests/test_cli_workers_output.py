@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -294,6 +295,39 @@ def test_a_given_up_relay_counts_each_line_held_or_unread_once(
         relay._pending = held
         relay._count_unread(read)
     assert relay.lost_now() == lines
+
+
+def test_a_relay_stuck_inside_a_write_when_given_up_counts_its_workers_pipe() -> None:
+    """Regression: a relay whose thread was inside a write that blocks when it was given
+    up (a terminal stopped with Ctrl-S, a socket's buffer full) left the lines still in
+    its worker's pipe uncounted: only its thread counted them, at its end, after the
+    summary's count. The caller counts them now (``count_unread_now``); once the thread
+    ends it counts no line twice."""
+    from nexus_trio.cli._cluster_cmd import _Relay, _relays_lost
+
+    read, write = os.pipe()
+    os.write(write, b"a\nb\nc\n")  # (its first read: the write it is stuck in)
+    stuck, release = threading.Event(), threading.Event()
+
+    def blocking_write(piece: bytes) -> int:
+        stuck.set()
+        release.wait(60)  # (os.write blocks until the terminal or socket takes it)
+        return len(piece)
+
+    relay = _Relay(os.fdopen(read, "rb"))
+    relay._write = blocking_write  # type: ignore[method-assign]
+    relay.thread.start()
+    try:
+        assert stuck.wait(60)
+        os.write(write, b"d\ne\n")  # still in the pipe, unread
+        # the three in the write (counted held: it may never return) and the two unread
+        assert _relays_lost([relay], time.monotonic()) == 5
+    finally:
+        release.set()
+        relay.thread.join(60)
+        os.close(write)
+    assert not relay.thread.is_alive()
+    assert relay.lost_now() == 2  # (the write returned: the two unread, once)
 
 
 #: the end of the two scripts below: fork while ``thread`` holds a lock (until ``release``);

@@ -1175,7 +1175,9 @@ class _Relay:
     Nothing is lost uncounted: a line the file refused (a reader gone, a full disk) is
     counted in :attr:`lost`, and so is, once :meth:`give_up` was called (this process's
     standard error unread as the run ends), every line still held, or still unread in
-    the worker's pipe (read at once, not written). :meth:`lost_now` says the count.
+    the worker's pipe (read at once, not written: by the relay's thread as it ends, or,
+    for one stuck inside a write, by :meth:`count_unread_now`). :meth:`lost_now` says
+    the count.
     """
 
     def __init__(self, stderr: Any) -> None:
@@ -1189,30 +1191,44 @@ class _Relay:
         # and (once given up) still unread in the worker's pipe
         self._pending = self._writing = self._unread = 0
         self._given_up = False
+        # (once given up) the pipe's newlines read to count them, and its last byte read
+        self._newlines_unread, self._last_unread = 0, b""
+        # held by whichever thread reads the pipe once given up, or closes it (the
+        # relay's at its end, or count_unread_now's caller for one stuck in a write)
+        self._draining = threading.Lock()
+        self._closed = False
 
     def _run(self) -> None:
-        # Closed here, by the one thread that reads it, at its end (see run_workers' read).
-        with self._file:
-            fd = self._file.fileno()
-            pending = bytearray()
-            while not self._given_up and (chunk := os.read(fd, 1 << 16)):
-                pending += chunk
-                cut = pending.rfind(b"\n") + 1
-                if not cut and len(pending) >= _LONGEST_LINE:
-                    pending += b"\n"  # (ended: written, and counted, as a line)
-                    cut = len(pending)
-                data = bytes(pending[:cut])
-                del pending[:cut]
-                with self._state:
-                    self._pending = 1 if pending else 0
-                    self._writing = data.count(b"\n")
-                self._write_lines(data)
-            if pending and not self._given_up:  # (its last line, without its end)
-                with self._state:
-                    self._pending, self._writing = 0, 1
-                self._write_lines(bytes(pending) + b"\n")
-            if self._given_up:
-                self._count_unread(fd)
+        # Closed here, by the thread that reads it, at its end (see run_workers' read).
+        try:
+            self._relay()
+        finally:
+            with self._draining:
+                self._closed = True
+                self._file.close()
+
+    def _relay(self) -> None:
+        # (the pipe stays open until _run closes it)
+        fd = self._file.fileno()
+        pending = bytearray()
+        while not self._given_up and (chunk := os.read(fd, 1 << 16)):
+            pending += chunk
+            cut = pending.rfind(b"\n") + 1
+            if not cut and len(pending) >= _LONGEST_LINE:
+                pending += b"\n"  # (ended: written, and counted, as a line)
+                cut = len(pending)
+            data = bytes(pending[:cut])
+            del pending[:cut]
+            with self._state:
+                self._pending = 1 if pending else 0
+                self._writing = data.count(b"\n")
+            self._write_lines(data)
+        if pending and not self._given_up:  # (its last line, without its end)
+            with self._state:
+                self._pending, self._writing = 0, 1
+            self._write_lines(bytes(pending) + b"\n")
+        if self._given_up:
+            self._count_unread(fd)
 
     def give_up(self) -> None:
         """Write no more: what is held and unread is counted lost (see the class doc)."""
@@ -1220,25 +1236,44 @@ class _Relay:
 
     def lost_now(self) -> int:
         """The lines lost so far, and (once given up) those not written: held, or unread
-        by the relay's thread when it ended (if it did: one still inside a write that
-        blocks leaves those in the worker's pipe uncounted)."""
+        in the worker's pipe (as counted when the relay's thread ended, or by
+        :meth:`count_unread_now`)."""
         with self._state:
             held = self._pending + self._writing + self._unread
             return self.lost + (held if self._given_up else 0)
 
+    def count_unread_now(self) -> None:
+        """Given up, its thread still inside a write that blocks (a terminal stopped with
+        Ctrl-S, a socket's buffer full): count the lines in the worker's pipe from here.
+        They were uncounted: only the relay's thread counted them, at its end. (It reads
+        nothing more of the pipe: it stops as its write returns.)"""
+        if self._given_up:
+            # (ValueError: closed by its thread meanwhile, which counted them)
+            with contextlib.suppress(ValueError):
+                self._count_unread(self._file.fileno())
+
     def _count_unread(self, fd: int) -> None:
         """Given up: count the lines still in the worker's pipe (the last one unended too;
-        the end of the line held without its end is that line, counted as held)."""
-        newlines, last = 0, b""
-        with contextlib.suppress(OSError):  # (BlockingIOError: nothing more now)
-            os.set_blocking(fd, False)
-            while chunk := os.read(fd, 1 << 16):
-                newlines += chunk.count(b"\n")
-                last = chunk[-1:]
-        with self._state:
-            # the lines of what is held unended and what is unread, together
-            lines = newlines + (1 if (self._pending or last) and last != b"\n" else 0)
-            self._unread = lines - self._pending
+        the end of the line held without its end is that line, counted as held); each
+        read once, by whichever thread comes first (see count_unread_now)."""
+        with self._draining:
+            if self._closed:
+                return
+            newlines, last = 0, b""
+            with contextlib.suppress(OSError):  # (BlockingIOError: nothing more now)
+                os.set_blocking(fd, False)
+                while chunk := os.read(fd, 1 << 16):
+                    newlines += chunk.count(b"\n")
+                    last = chunk[-1:]
+            with self._state:
+                self._newlines_unread += newlines
+                self._last_unread = last or self._last_unread
+                last = self._last_unread
+                # the lines of what is held unended and what is unread, together
+                lines = self._newlines_unread + (
+                    1 if (self._pending or last) and last != b"\n" else 0
+                )
+                self._unread = lines - self._pending
 
     def _write_lines(self, data: bytes) -> None:
         """Write ``data`` (whole lines): lines together up to ``PIPE_BUF`` bytes in one
@@ -1297,6 +1332,8 @@ def _relays_lost(relays: Sequence[_Relay], deadline: float) -> int:
         relay.give_up()
     for relay in relays:
         relay.thread.join(4 * _LOOK_AGAIN)  # (it looks every _LOOK_AGAIN)
+        if relay.thread.is_alive():  # (stuck inside a write)
+            relay.count_unread_now()
     return sum(relay.lost_now() for relay in relays)
 
 
