@@ -39,19 +39,19 @@ async def test_a_node_is_not_ready_while_it_joins_its_connection_is_down_or_it_l
         assert readiness(kernel) is None  # a kernel alone
         async with join_cluster(kernel, "nats://127.0.0.1:1", "a") as cluster:
             assert readiness(kernel) is None
-            cluster._mark_link("data", trio.current_time())  # (what a disconnect does)
+            cluster.connections.mark("data", trio.current_time())  # (what a disconnect does)
             await trio.sleep(3)
             assert readiness(kernel) == "nats connection down since 3 s (data)"
-            cluster._mark_link("control", trio.current_time())
+            cluster.connections.mark("control", trio.current_time())
             await trio.sleep(7)
             assert readiness(kernel) == "nats connection down since 10 s (control, data)"
-            cluster._mark_link("data", None)  # (a reconnect)
+            cluster.connections.mark("data", None)  # (a reconnect)
             assert readiness(kernel) == "nats connection down since 7 s (control)"
-            cluster._mark_link("control", None)
+            cluster.connections.mark("control", None)
             assert readiness(kernel) is None
-            cluster._mark_link("control", -math.inf)  # (nats-py gave up: closed)
+            cluster.connections.mark("control", -math.inf)  # (nats-py gave up: closed)
             assert readiness(kernel) == "nats connection closed"
-            cluster._mark_link("control", None)
+            cluster.connections.mark("control", None)
         assert readiness(kernel) is None  # left: the kernel alone again
         assert seen == {
             "_connect": "not joined",
@@ -76,9 +76,13 @@ async def test_a_node_is_not_ready_while_it_joins_its_connection_is_down_or_it_l
 
 
 async def _wait_for(cluster: Cluster, ready: bool) -> None:
-    """Until the cluster's readiness is ``ready``: woken at each change of a connection."""
+    """Until the cluster's readiness is ``ready``: woken by its connections' changes."""
     while (cluster.readiness() is None) != ready:
-        await cluster._link_changed.wait()
+        if ready:
+            for role in ("control", "data"):
+                await cluster.connections.wait_up(role)
+        else:
+            await cluster.connections.wait_down("data")
 
 
 async def test_readyz_is_503_while_the_nats_server_is_gone_and_200_once_it_is_back(

@@ -4733,12 +4733,17 @@ class Cluster:
         to the kernel's readiness (``/readyz``) for the join's length."""
         if self._ready_phase != "joined":
             return self._ready_phase
-        if not self._down_at:
+        down = {
+            role: at
+            for role in ("control", "data")
+            if (at := self.connections.down_at(role)) is not None
+        }
+        if not down:
             return None
-        first = min(self._down_at.values())
+        first = min(down.values())
         if first == -math.inf:
             return "nats connection closed"
-        roles = ", ".join(sorted(self._down_at))
+        roles = ", ".join(sorted(down))
         return f"nats connection down since {trio.current_time() - first:.0f} s ({roles})"
 
     @property
