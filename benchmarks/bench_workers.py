@@ -87,7 +87,10 @@ def compare(workload: str, agents: int, duration: float) -> dict[str, Any]:
 def _ring_hop_us(workers: int, duration: float) -> float:
     """Microseconds a hop of the demo ring of two agents (two tokens in flight)."""
     demo = ["--agents", "2", "--duration", f"{duration:g}", "--workload", "ring"]
-    return 2e6 / _handled_per_s(_run_summary(workers, demo, duration))
+    per_s = _handled_per_s(_run_summary(workers, demo, duration))
+    if per_s <= 0:  # (was a ZeroDivisionError)
+        raise RuntimeError(f"the ring of two over {workers} process(es) handled no message")
+    return 2e6 / per_s
 
 
 async def _echo(url: str) -> None:

@@ -666,20 +666,26 @@ def test_bench_workers_hop_times_a_crossing_hop_against_the_raw_nats_floor() -> 
     two workers and in one process, and raw nats-py through a server of its own; one
     number a round each (no timing asserted: the runs happened and moved messages)."""
     import json
+    import math
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_workers.py"
+    # (a fail-safe, not a measure: 6 runs of 0.5 s and their starts took 73 s a test at
+    # load 10-21 beside another one; the script fails on its own first if a run does)
     out = subprocess.run(
         [sys.executable, str(script), "--hop", "--rounds", "2", "--duration", "0.5", "--json"],
         check=True,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=1200,
     ).stdout
     hop = json.loads(out)["hop"]
     for key in ("two_workers_us", "one_process_us", "raw_nats_us"):
         assert len(hop[key]) == 2, hop
-        assert all(0 < us < 1e6 for us in hop[key]), hop
+        # a hop of any length (no bound a loaded machine could reach: a ring that crossed
+        # once in its 0.5 s, as a descheduled worker can, is 1e6 us); the script fails
+        # naming the run if a ring handled no message
+        assert all(us > 0 and math.isfinite(us) for us in hop[key]), hop
         assert min(hop[key]) <= hop[f"median_{key}"] <= max(hop[key])
