@@ -34,6 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import nexus_trio
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from opcode_count import Hits, InstructionCounter
+
 PACKAGE = str(Path(nexus_trio.__file__).resolve().parent)
 _BAD = ("_WITH_HINT", "_ADAPTIVE", "LOAD_METHOD_WITH_DICT")
 _ATTR_OPS = ("LOAD_ATTR", "STORE_ATTR", "LOAD_METHOD")
@@ -174,36 +178,11 @@ async def _cluster(tells: int) -> int:
     return tells + tells // 10
 
 
-Hits = collections.Counter[tuple[types.CodeType, int]]
-
-
 def _traced(run: Callable[[], int]) -> tuple[Hits, int]:
     """Executions of each instruction (code, offset) of the package during ``run``."""
-    hits: Hits = collections.Counter()
-
-    def on_call(frame: types.FrameType, event: str, arg: Any) -> Any:
-        code = frame.f_code
-        if not code.co_filename.startswith(PACKAGE):
-            return None
-        frame.f_trace_opcodes = True
-        frame.f_trace_lines = False
-
-        def on_opcode(frame: types.FrameType, event: str, arg: Any) -> Any:
-            if event == "opcode":
-                hits[(code, frame.f_lasti)] += 1
-            return on_opcode
-
-        return on_opcode
-
-    # Python 3.12 emits no opcode events to a tracer that asks for them only in its "call"
-    # events; a frame asking before settrace turns them on (see benchmarks/fanout_drain.py)
-    sys._getframe().f_trace_opcodes = True
-    sys.settrace(on_call)
-    try:
+    with InstructionCounter(lambda code: code.co_filename.startswith(PACKAGE)) as counter:
         messages = run()
-    finally:
-        sys.settrace(None)
-    return hits, messages
+    return counter.hits, messages
 
 
 def main() -> None:

@@ -18,7 +18,8 @@ Sides, each in a fresh process, alternated ``--rounds`` times, medians printed:
   batch at once): the floor of the promised shape with a real message and a handler
   call, without the kernel's bookkeeping.
 
-``--lines`` (kernel side): the drain under ``sys.settrace`` instead, Python opcodes per
+``--lines`` (kernel side): the drain under an instruction counter instead (``opcode_count``:
+``sys.monitoring`` on Python 3.12+, ``sys.settrace`` on 3.11), Python opcodes per
 message by function and, for the serve loop (``run_once`` and the kernel's stepper's
 ``_serve_batches``, which runs its batches), by line.
 """
@@ -33,7 +34,6 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import trio
@@ -47,6 +47,7 @@ from nexus_trio._step import Stepper
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fanout_memory
+from opcode_count import InstructionCounter, by_code, line_of
 
 SIDES = ("kernel", "ints", "messages", "stepped")
 
@@ -75,23 +76,23 @@ class _Steps(trio.abc.Instrument):
 _SERVE_LOOP = ("run_once", "_serve_batches")
 
 
-class _Opcodes:
+class _Opcodes(InstructionCounter):
     """Opcodes executed, by function, and by line of the serve loop."""
 
-    def __init__(self) -> None:
-        self.functions: collections.Counter[str] = collections.Counter()
-        self.lines: collections.Counter[tuple[str, str, int]] = collections.Counter()
+    @property
+    def functions(self) -> collections.Counter[str]:
+        functions: collections.Counter[str] = collections.Counter()
+        for code, n in by_code(self.hits).items():
+            functions[code.co_name] += n
+        return functions
 
-    def __call__(self, frame: FrameType, event: str, arg: Any) -> Any:
-        if event == "call":
-            frame.f_trace_opcodes = True
-            frame.f_trace_lines = False
-        elif event == "opcode":
-            code = frame.f_code
-            self.functions[code.co_name] += 1
+    @property
+    def lines(self) -> collections.Counter[tuple[str, str, int]]:
+        lines: collections.Counter[tuple[str, str, int]] = collections.Counter()
+        for (code, offset), n in self.hits.items():
             if code.co_name in _SERVE_LOOP:
-                self.lines[code.co_name, code.co_filename, frame.f_lineno or 0] += 1
-        return self
+                lines[code.co_name, code.co_filename, line_of(code, offset)] += n
+        return lines
 
 
 class _Drain:
@@ -110,13 +111,10 @@ class _Drain:
             self.cpu = _cpu()
             self.steps.on = True
             if self.tracer is not None:
-                # Python 3.12 emits no opcode events to a tracer that asks for them only
-                # in its "call" events (0 opcodes); a frame asking before settrace turns
-                # them on (3.13 leaves out a code object's first run either way)
-                sys._getframe().f_trace_opcodes = True
-            sys.settrace(self.tracer)
+                self.tracer.start()
         elif phase == "handled":
-            sys.settrace(None)
+            if self.tracer is not None:
+                self.tracer.stop()
             self.steps.on = False
             self.cpu = _cpu() - self.cpu
 

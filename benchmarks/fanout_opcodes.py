@@ -7,8 +7,8 @@ that does not move with the machine's load.
 
 Runs the goal's own fan-out functions (``nexus_trio.bench._fanout``: ``kernel_fanout``,
 ``asyncio_fanout``, the original post's script, and ``trio_fanout``, the raw trio row's
-channels) under ``sys.settrace`` with
-``f_trace_opcodes``, once with ``--short`` and once with ``--long`` messages after an
+channels) under an instruction counter (``opcode_count``: ``sys.monitoring`` on Python
+3.12+, ``sys.settrace`` with ``f_trace_opcodes`` on 3.11), once with ``--short`` and once with ``--long`` messages after an
 untraced warm-up run, and prints the difference divided by the difference in messages:
 what one more message costs, sent and handled, without the fixed cost of spawning,
 activating and stopping the agents. Both lengths are past the 65,536 messages after which
@@ -35,7 +35,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
+from types import CodeType
 from typing import Any
 
 import trio
@@ -44,11 +44,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nexus_trio.bench import _fanout
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from opcode_count import InstructionCounter, by_code
+
 Counts = collections.Counter[str]
 
 
-def _where(frame: FrameType) -> str:
-    code = frame.f_code
+def _where(code: CodeType) -> str:
     path = code.co_filename
     for marker in ("site-packages/", "/nexus_trio/", "/lib/python"):
         if marker in path:
@@ -60,28 +63,11 @@ def _where(frame: FrameType) -> str:
 
 
 def _traced(run: Callable[[], Any]) -> Counts:
-    counts: Counts = collections.Counter()
-
-    def on_call(frame: FrameType, event: str, arg: Any) -> Any:
-        frame.f_trace_opcodes = True
-        frame.f_trace_lines = False
-        key = _where(frame)
-
-        def on_opcode(frame: FrameType, event: str, arg: Any) -> Any:
-            if event == "opcode":
-                counts[key] += 1
-            return on_opcode
-
-        return on_opcode
-
-    # Python 3.12 emits no opcode events to a tracer that asks for them only in its "call"
-    # events; a frame asking before settrace turns them on (see benchmarks/fanout_drain.py)
-    sys._getframe().f_trace_opcodes = True
-    sys.settrace(on_call)
-    try:
+    with InstructionCounter() as counter:
         run()
-    finally:
-        sys.settrace(None)
+    counts: Counts = collections.Counter()
+    for code, n in by_code(counter.hits).items():
+        counts[_where(code)] += n
     return counts
 
 
