@@ -618,7 +618,10 @@ def _nats_key(doc: str, example: str, *, secret: bool = False) -> Any:
 
 @attrs.frozen
 class NatsConfig:
-    """``[nats]``: the NATS server and credentials (keep secrets here or in env, not argv)."""
+    """``[nats]``: the NATS server and credentials (keep secrets here or in env, not argv),
+    and how long its connection may be down (``server_lost_wait``, the
+    ``ClusterOptions`` field of that name, which :func:`join_cluster` takes from here
+    when it is given no ``options``)."""
 
     _section = "nats"
 
@@ -640,6 +643,15 @@ class NatsConfig:
     )
     tls_key: str | None = _nats_key(
         "client private key file (PEM), with tls_cert", "/etc/nexus/nats-client-key.pem"
+    )
+    server_lost_wait: float = attrs.field(
+        default=2.0,
+        validator=_at_least(0),
+        metadata=_doc(
+            "seconds a NATS connection may stay down (a failover, a restarted server) before"
+            " a node's leave gives up what needs it and a --workers worker fails"
+            " (NatsServerLost); raise it above how long your servers take to fail over"
+        ),
     )
 
 

@@ -477,12 +477,13 @@ def test_the_config_s_nats_credentials_do_not_reach_the_workers_of_a_private_ser
 
 def test_every_nats_key_but_url_and_token_is_unset_for_the_workers_of_a_private_server() -> None:
     """The list the parent unsets covers every credential and TLS key of ``[nats]``: a key
-    added to the section later must be judged here."""
+    added to the section later must be judged here. (``server_lost_wait`` is no
+    credential: the workers keep the parent's, for the private server too.)"""
     from nexus_trio._config import NatsConfig
     from nexus_trio.cli._cluster_cmd import PRIVATE_SERVER_UNSETS
 
     keys = {field.name for field in attrs.fields(NatsConfig)}
-    assert set(PRIVATE_SERVER_UNSETS) == keys - {"url", "token"}
+    assert set(PRIVATE_SERVER_UNSETS) == keys - {"url", "token", "server_lost_wait"}
 
 
 @pytestmark_linux

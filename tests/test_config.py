@@ -446,6 +446,10 @@ BAD_VALUES = [
             "tls_key",
         )
     ),
+    ("nats", "server_lost_wait", "-1", "[nats] server_lost_wait must be >= 0, got -1"),
+    ("nats", "server_lost_wait", "nan", "[nats] server_lost_wait must be >= 0, got nan"),
+    ("nats", "server_lost_wait", "inf", "[nats] server_lost_wait must be a finite number, got inf"),
+    ("nats", "server_lost_wait", '"10"', '[nats] server_lost_wait must be a number, got "10"'),
 ]
 
 
@@ -882,10 +886,12 @@ def test_template_round_trip_gives_the_defaults(home: Path) -> None:
     loaded = load(home, path)
     assert loaded.config == Config()
     assert loaded.warnings == ()
-    # Every key but the optional app.app, app.types and the [nats] keys (all unset by
-    # default) is written out (those are commented examples).
+    # Every key but the optional app.app, app.types and the [nats] keys of the server and
+    # its credentials (all unset by default) is written out (those are commented examples).
     written = {k for k, v in loaded.sources.items() if v == f"file {path}"}
-    unset = {"app.app", "app.types"} | {k for k in ALL_KEYS if k.startswith("nats.")}
+    unset = {"app.app", "app.types"} | {
+        k for k in ALL_KEYS if k.startswith("nats.") and k != "nats.server_lost_wait"
+    }
     assert written == ALL_KEYS - unset
 
 

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import re
 import struct
 import time
@@ -3152,20 +3153,33 @@ def _back(cluster: Cluster) -> None:
 
 
 @pytest.mark.parametrize(
-    ("down_for", "back_after", "took", "done"),
+    ("wait", "down_for", "back_after", "took", "done"),
     [
-        (None, None, 0.0, ["drop", "announce"]),  # up: the clean leave, as before
-        (2.0, None, 0.0, []),  # down 2 s before the leave: nothing waited
-        (0.0, None, 2.0, []),  # down as it starts, for good: cut 2 s after
-        (0.0, 1.5, 1.5, ["drop", "announce"]),  # back within 2 s: the clean leave
-        (1.0, 0.5, 0.5, ["drop", "announce"]),  # down 1 s before, back 0.5 s later
+        (2.0, None, None, 0.0, ["drop", "announce"]),  # up: the clean leave, as before
+        (2.0, 2.0, None, 0.0, []),  # down 2 s before the leave: nothing waited
+        (2.0, 0.0, None, 2.0, []),  # down as it starts, for good: cut 2 s after
+        (2.0, 0.0, 1.5, 1.5, ["drop", "announce"]),  # back within 2 s: the clean leave
+        (2.0, 1.0, 0.5, 0.5, ["drop", "announce"]),  # down 1 s before, back 0.5 s later
+        # server_lost_wait 5 s: a failover of 4 s (longer than the drops' own 2 s share,
+        # which stands still while the connection is down) gets the clean leave...
+        (5.0, 0.0, 4.0, 4.0, ["drop", "announce"]),
+        (5.0, 0.0, None, 5.0, []),  # ...one down for good is given up at 5 s
     ],
-    ids=["up", "gone-before", "gone-during", "back-during", "back-in-time"],
+    ids=[
+        "up",
+        "gone-before",
+        "gone-during",
+        "back-during",
+        "back-in-time",
+        "wait-5s-back-at-4s",
+        "wait-5s-gone",
+    ],
 )
 async def test_a_leave_with_its_connection_down_for_good_waits_for_nothing_it_needs(
     autojump_clock: trio.testing.MockClock,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
+    wait: float,
     down_for: float | None,
     back_after: float | None,
     took: float,
@@ -3175,11 +3189,14 @@ async def test_a_leave_with_its_connection_down_for_good_waits_for_nothing_it_ne
     whose server died: its NatsServerLost came ~5.5 s after the death) waited each of
     its leave's steps out against the dead connection: the drops of its names and
     records to 2 s, the membership record 1 s, the flush's wait for a reconnect 2 s. A
-    connection down 2 s (from when it went down) is gone for the leave: those steps are
-    skipped or cut, said in one line; one back sooner still gets the clean leave."""
+    connection down ``server_lost_wait`` (2 s by default; from when it went down) is
+    gone for the leave: those steps are skipped or cut, said in one line naming the
+    wait; one back sooner still gets the clean leave (at 5 s, one back at 4 s too: the
+    fixed 2 s, and the drops' bound running while it was down, cut it)."""
     steps = _LeaveSteps(monkeypatch)
     async with open_kernel(_config()) as kernel, asyncio_loop():
-        cluster = Cluster(kernel, ["nats://127.0.0.1:1"], "a", ClusterOptions())
+        options = ClusterOptions(server_lost_wait=wait)
+        cluster = Cluster(kernel, ["nats://127.0.0.1:1"], "a", options)
         start = trio.current_time()
         if down_for is not None:
             _down(cluster, start - down_for)
@@ -3202,10 +3219,22 @@ async def test_a_leave_with_its_connection_down_for_good_waits_for_nothing_it_ne
     else:
         assert steps.entered == (["drop"] if down_for == 0.0 else [])
         assert said == [
-            "node a: leaving with its NATS connection down 2s or more (the server gone?):"
-            " not dropped: its names and placement records, its membership record (the"
-            " leave not announced); the other nodes judge this node lost"
+            f"node a: leaving with its NATS connection down {wait:g}s or more (the server"
+            " gone?): not dropped: its names and placement records, its membership record"
+            " (the leave not announced); the other nodes judge this node lost"
         ]
+
+
+@pytest.mark.parametrize("bad", [-1, -0.5, math.nan, math.inf, "2", True, None])
+def test_server_lost_wait_refuses_what_is_no_finite_number_of_seconds(bad: object) -> None:
+    """A bad ``server_lost_wait`` is a ValueError naming the option (the config key's
+    errors are test_config's)."""
+    with pytest.raises(ValueError, match=r"^server_lost_wait ") as raised:
+        ClusterOptions(server_lost_wait=bad)  # type: ignore[arg-type]
+    assert str(raised.value) == (
+        f"server_lost_wait must be a finite number of seconds >= 0, got {bad!r}"
+    )
+    assert ClusterOptions(server_lost_wait=0).server_lost_wait == 0
 
 
 async def test_a_node_whose_server_was_killed_leaves_without_its_kv_writes_and_counts_its_tells(
@@ -3220,14 +3249,13 @@ async def test_a_node_whose_server_was_killed_leaves_without_its_kv_writes_and_c
     # gone once down (the wait's own timing is the mock-clock test's above): a node with
     # no names of its own reached its record's delete while the connection was still
     # waited for, the KV write then cut, not skipped
-    monkeypatch.setattr(cluster_module, "_LEAVE_DOWN_WAIT", 0.0)
     with nats_cluster(1) as (server,):
         async with open_kernel(_config()) as kb:
             kb.spawn(agent(_collector(records), name="col"))
             async with join_cluster(kb, server.url, "b", options=PATIENT) as cb:
                 await cb.names_published()
                 with trio.fail_after(30):
-                    async with _node(server.url, "a") as (ka, ca):
+                    async with _node(server.url, "a", server_lost_wait=0.0) as (ka, ca):
                         await ca.wait_for_name("col")
                         nodes_kv = ca._nodes_kv
                         assert nodes_kv is not None

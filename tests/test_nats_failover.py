@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import re
 import socket
 import uuid
+from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -24,19 +27,22 @@ from hypothesis import strategies as st
 from nexus_trio import (
     SYSTEM_ID,
     AgentNotFound,
+    Config,
     Context,
     Message,
     RequestTimeout,
     TransportUnavailable,
     agent,
+    open_kernel,
 )
-from nexus_trio._nats import NatsServer
+from nexus_trio._config import NatsConfig
+from nexus_trio._nats import NatsServer, join_cluster
 from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import Outbox, asyncio_loop, call_aio, current_aio_loop
 from nexus_trio._nats._sequence import InboundSequences
 
 from .hang_guard import SLOW_DRAWS
-from .nats_server import nats_cluster
+from .nats_server import PATIENT, collector, nats_cluster, node_config, until
 from .test_nats import local_node, nodes
 
 OWN = 0xABC
@@ -488,3 +494,63 @@ async def test_a_write_error_of_a_transport_not_closing_still_ends_the_loop_with
         leaves.append(leaves[-1].exceptions[0])
     assert isinstance(leaves[-1], OSError) and leaves[-1].errno == errno.EBADF, caught.value
     assert transport.writes == 0
+
+
+async def test_a_leave_through_a_server_restart_within_server_lost_wait_is_clean(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``[nats] server_lost_wait = 10`` (taken by ``join_cluster`` from the kernel's config,
+    no ``options`` given): a node that leaves while its only server is down, restarted on
+    the same port with its JetStream store ~3 s after the connection went down, comes
+    through its leave: announced, so the other node hears a leave, not a loss. With the
+    fixed 2 s of the fortieth pass the leave gave up (its record, its names kept) and the
+    other node judged it lost (this test, with ``server_lost_wait = 2``, fails so: ``a``
+    stays in b's member table, unreachable)."""
+    store = f"jetstream {{ store_dir: {json.dumps(str(tmp_path / 'js'))} }}"
+    server = NatsServer(jetstream=False, config=store).start()
+    restarted: list[NatsServer] = []
+    port = server.port
+    try:
+        # b judges no one lost on silence within the test (0.2 s x 150): a leaves b's member
+        # table only by its announced leave
+        patient_b = attrs.evolve(PATIENT, missed_heartbeats=150, server_lost_wait=10.0)
+        config_a = Config(nats=NatsConfig(server_lost_wait=10.0))
+        async with (
+            open_kernel(node_config()) as kb,
+            join_cluster(kb, server.url, "b", options=patient_b) as cb,
+            open_kernel(config_a) as ka,
+        ):
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    with caplog.at_level(logging.WARNING, logger="nexus_trio.nats"):
+                        async with join_cluster(ka, server.url, "a") as ca:
+                            assert ca.options.server_lost_wait == 10.0  # from [nats]
+                            ka.spawn(collector([]), name="named-a")
+                            await ca.names_published()
+                            await cb.wait_for_name("named-a")
+                            server.kill()  # (its store, in tmp_path, is kept)
+                            await ca.connections.wait_down("control")
+                            down_at = ca.connections.down_at("control")
+                            assert down_at is not None
+
+                            async def restart() -> None:
+                                # the outage's length (what this test is about), not a
+                                # wait for something to happen
+                                await trio.sleep_until(down_at + 3.0)
+                                again = NatsServer(port=port, jetstream=False, config=store)
+                                restarted.append(await trio.to_thread.run_sync(again.start))
+
+                            nursery.start_soon(restart)
+                        # (the leave ran here, with the server down, then back)
+                        left_at = trio.current_time()
+                    said = [r.getMessage() for r in caplog.records if r.name == "nexus_trio.nats"]
+                    assert restarted  # the leave outlasted the outage
+                    await until(lambda: "a" not in cb.stats().members)
+            assert left_at >= down_at + 3.0
+            assert not [line for line in said if "connection down" in line], said
+            assert cb.stats().nodes_lost == 0
+            assert ca.stats().reconnects >= 1
+            await kb.shutdown()
+    finally:
+        for one in (server, *restarted):
+            one.stop()

@@ -11,6 +11,7 @@ import trio
 from nats import errors as nats_errors
 
 from nexus_trio import TransportUnavailable
+from nexus_trio._nats import ClusterOptions
 from nexus_trio._nats._watch import ConnectionWatch
 from nexus_trio.cli._cluster_cmd import aggregate_summaries, run_workers
 
@@ -223,6 +224,7 @@ class _SwarmCluster:
         self.stats = lambda: cluster
         # its connections: up, unless a test marks them down
         self.connections = ConnectionWatch()
+        self.options = ClusterOptions()
 
     async def announce(self) -> None:
         self.calls += 1
@@ -409,9 +411,10 @@ class _HungAnnounce(_SwarmCluster):
 
     servers = ("nats://a:4222", "nats://b:4222")
 
-    def __init__(self, down_at: float, up_at: float | None) -> None:
+    def __init__(self, down_at: float, up_at: float | None, wait: float = 2.0) -> None:
         super().__init__([QUIET])
         self.down_at, self.up_at = down_at, up_at
+        self.options = ClusterOptions(server_lost_wait=wait)
 
     async def outage(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Mark the connection down and back at their times, as nats-py's callbacks do
@@ -461,9 +464,39 @@ async def test_a_worker_whose_server_is_gone_fails_its_settle_in_a_bounded_time_
     assert str(raised.value) == (
         "transport unavailable: lost the NATS server nats://a:4222, nats://b:4222 (it died"
         f" or is unreachable): the connection stayed down {SERVER_LOST_WAIT:g}s while this"
-        " worker settled"
+        " worker settled ([nats] server_lost_wait)"
     )
     assert cluster.calls == 0
+
+
+@pytest.mark.parametrize(("up_at", "settles"), [(4.0, True), (None, False)], ids=["back", "gone"])
+async def test_a_settle_waits_out_the_cluster_s_server_lost_wait(
+    autojump_clock: object, up_at: float | None, settles: bool
+) -> None:
+    """ClusterOptions.server_lost_wait ([nats] server_lost_wait) is the settle's wait: at
+    5 s, a connection down from the start and back at 4 s (a NATS failover longer than
+    the old fixed 2 s, which failed the worker) settles; one that stays down fails at
+    5 s, naming the server and the knob."""
+    from nexus_trio.cli._swarm import NatsServerLost, Swarm, SwarmLayout
+
+    cluster = _HungAnnounce(0.0, up_at, wait=5.0)
+    swarm = Swarm(cluster, SwarmLayout(0, 2))  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(cluster.outage)
+        if settles:
+            assert await swarm.settle(timeout=60.0) is True
+            assert cluster.calls >= 1
+            assert trio.current_time() >= 4.0
+        else:
+            with pytest.raises(NatsServerLost) as raised:
+                await swarm.settle(timeout=60.0)
+            assert trio.current_time() == 5.0
+            assert str(raised.value) == (
+                "transport unavailable: lost the NATS server nats://a:4222, nats://b:4222 (it"
+                " died or is unreachable): the connection stayed down 5s while this worker"
+                " settled ([nats] server_lost_wait)"
+            )
+            assert cluster.calls == 0
 
 
 async def test_a_connection_back_within_the_wait_settles(autojump_clock: object) -> None:

@@ -153,11 +153,11 @@ _LEAVE_TAIL: Final = 3.0
 #: outgoing messages the rest, at least this long
 _LEAVE_RECORD_WAIT: Final = 1.0
 _LEAVE_FLUSH_WAIT: Final = 2.0
-#: a connection down this long (from when it went down, before the leave or during it)
-#: is gone for the leave: the steps that need it are skipped or cut, not waited out
-#: (a worker whose server died waited ~3.5 s of the bounds above: see _unless_gone);
-#: one back sooner gets the clean leave (the settle's SERVER_LOST_WAIT alike)
-_LEAVE_DOWN_WAIT: Final = 2.0
+#: a connection down ``ClusterOptions.server_lost_wait`` (from when it went down, before
+#: the leave or during it) is gone for the leave: the steps that need it are skipped or
+#: cut, not waited out (a worker whose server died waited ~3.5 s of the bounds above: see
+#: _unless_gone); one back sooner gets the clean leave, each step's bound held while the
+#: connection was down (the ``--workers`` settle asks the same option)
 #: streams to nodes that left cleanly whose last notice (see _on_last_notice) is awaited
 _LEFT_STREAMS_MAX: Final = 4096
 #: times a join reads and judges the record under its name, then writes its own against
@@ -267,6 +267,11 @@ class ClusterOptions:
     join_timeout: float = attrs.field(default=15.0, validator=_positive)
     reconnect_wait: float = attrs.field(default=0.2, validator=attrs.validators.ge(0.0))
     max_reconnect_attempts: int = -1
+    #: seconds a connection may stay down (the server gone, a failover) before the leave
+    #: gives up the steps that need it (see Cluster._leave) and a ``--workers`` worker's
+    #: settle fails (``NatsServerLost``); one back sooner comes through. Raise it above
+    #: how long a failover of your NATS servers takes (``[nats] server_lost_wait``)
+    server_lost_wait: float = attrs.field(default=2.0, validator=_seconds)
     outbox_high_water: int = attrs.field(default=4096, validator=_at_least_one)
     outbox_limit: int = attrs.field(default=65536, validator=_at_least_one)
     inbound_limit: int = attrs.field(default=65536, validator=_at_least_one)
@@ -5190,14 +5195,14 @@ class Cluster:
             # was gone, is said below; a bound that cut a step on a slow server is not)
             skipped: list[str] = []
             dropped = announced = False
-            with trio.move_on_at(deadline - _LEAVE_TAIL):
-                dropped = await self._unless_gone("control", self._drop_entries)
+            dropped = await self._unless_gone("control", self._drop_entries, deadline - _LEAVE_TAIL)
             if not dropped and self._gone("control"):
                 skipped.append("its names and placement records")
             # (heartbeats end here even if the announcement is skipped: see below)
             self._leave_announced = True
-            with trio.move_on_after(_LEAVE_RECORD_WAIT):
-                announced = await self._unless_gone("control", self._announce_leave)
+            announced = await self._unless_gone(
+                "control", self._announce_leave, trio.current_time() + _LEAVE_RECORD_WAIT
+            )
             if not announced and self._gone("control"):
                 skipped.append("its membership record (the leave not announced)")
             if skipped:
@@ -5207,25 +5212,40 @@ class Cluster:
                     "node %s: leaving with its NATS connection down %gs or more (the server"
                     " gone?): not dropped: %s; the other nodes judge this node lost",
                     self.node,
-                    _LEAVE_DOWN_WAIT,
+                    self.options.server_lost_wait,
                     ", ".join(skipped),
                 )
-            with trio.move_on_at(max(deadline, trio.current_time() + _LEAVE_FLUSH_WAIT)):
+            # (the flush's wait for the data connection back, at most until it has been
+            # down server_lost_wait, comes before its own share)
+            back_by = trio.current_time()
+            down_at = self.connections.down_at("data")
+            if down_at is not None:
+                back_by = max(back_by, down_at + self.options.server_lost_wait)
+            with trio.move_on_at(max(deadline, back_by + _LEAVE_FLUSH_WAIT)):
                 await self._flush_at_leave()
 
-    async def _unless_gone(self, role: str, step: Callable[[], Awaitable[None]]) -> bool:
-        """Leaving: run ``step`` (one that needs the ``role`` connection), skipped or cut
-        once that connection has been down :data:`_LEAVE_DOWN_WAIT` seconds (from when it
-        went down: the server died, say); True if it ran to its end. A connection back
-        sooner lets it go on (nats-py sends what it buffered meanwhile). A worker whose
+    async def _unless_gone(
+        self, role: str, step: Callable[[], Awaitable[None]], until: float = math.inf
+    ) -> bool:
+        """Leaving: run ``step`` (one that needs the ``role`` connection) until ``until``
+        (its bound; none by default), skipped or cut once that connection has been down
+        ``server_lost_wait`` seconds (from when it went down: the server died, say); True
+        if it ran to its end. A
+        connection back sooner lets it go on (nats-py sends what it buffered meanwhile),
+        with the time its bound had left when it went down (the bound stands still while
+        it is down: a failover longer than the step's share had cut it). A worker whose
         server died waited each step's bound out against the connection down, ~3.5 s of
         its ~5.5 s to its error line. (The race is ``ConnectionWatch.unless_gone``, the
         ``--workers`` settle's too.)"""
-        return await self.connections.unless_gone(role, _LEAVE_DOWN_WAIT, step)
+        with trio.CancelScope(deadline=until) as bound:
+            return await self.connections.unless_gone(
+                role, self.options.server_lost_wait, step, bound=bound
+            )
+        return False  # (the bound cut the step)
 
     def _gone(self, role: str) -> bool:
-        """Whether the ``role`` connection has been down :data:`_LEAVE_DOWN_WAIT` s."""
-        return self.connections.gone(role, _LEAVE_DOWN_WAIT)
+        """Whether the ``role`` connection has been down ``server_lost_wait`` s."""
+        return self.connections.gone(role, self.options.server_lost_wait)
 
     async def _drop_entries(self) -> None:
         """Leaving: drop this node's placement records and names."""
@@ -5284,12 +5304,14 @@ class Cluster:
             await self._stop_deliveries()
             self._flush_pending()  # open batches first: the marks must cover them
             if self._outbox.paused:
-                # Down now: give the client a bounded chance to reconnect first (none
-                # once it has been down _LEAVE_DOWN_WAIT: the server gone, see _unless_gone)
-                until = trio.current_time() + min(2.0, self.kernel.config.kernel.send_timeout)
+                # Down now: give the client a bounded chance to reconnect first: until
+                # it has been down server_lost_wait (none after: the server gone, see
+                # _unless_gone)
                 down_at = self.connections.down_at("data")
                 if down_at is not None:
-                    until = min(until, down_at + _LEAVE_DOWN_WAIT)
+                    until = down_at + self.options.server_lost_wait
+                else:
+                    until = trio.current_time() + min(2.0, self.kernel.config.kernel.send_timeout)
                 with trio.move_on_at(until):
                     await self._data_up.wait()
             if not self._outbox.paused:
@@ -5567,7 +5589,9 @@ async def join_cluster(
     port that is no number from 1 to 65535). ``auth`` (the
     credentials and TLS settings) defaults to the ``[nats]`` section of the kernel's
     config, so ``NEXUS_NATS__PASSWORD`` and friends work without code; credentials
-    written in a URL are taken out of it (and never logged). On entry: connect
+    written in a URL are taken out of it (and never logged). ``options`` defaults to
+    :class:`ClusterOptions` with ``server_lost_wait`` from ``[nats] server_lost_wait``
+    (``NEXUS_NATS__SERVER_LOST_WAIT``); ``options`` given are taken as they are. On entry: connect
     (:class:`TransportUnavailable` naming the URL, without credentials, if no server
     answers or the server refuses them), create the KV buckets if needed (ValueError if
     a live process of the cluster holds the name ``node``), announce the node, load the member and name tables, publish the kernel's named agents and attach
@@ -5583,7 +5607,8 @@ async def join_cluster(
     servers = [u.strip() for u in url.split(",")] if isinstance(url, str) else list(url)
     if auth is None:
         auth = NatsAuth.from_config(section)
-    opts = options or ClusterOptions()
+    # (the [nats] keys that are ClusterOptions fields: options given win, as auth does)
+    opts = options or ClusterOptions(server_lost_wait=section.server_lost_wait)
     if prefix is not None:
         opts = attrs.evolve(opts, prefix=prefix)
     # (imported at a join, so that importing nexus_trio.nats loads no prometheus_client)

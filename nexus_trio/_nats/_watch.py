@@ -69,22 +69,42 @@ class ConnectionWatch:
             await self._changed.wait()
 
     async def unless_gone(
-        self, role: str, wait: float, step: Callable[[], Awaitable[None]]
+        self,
+        role: str,
+        wait: float,
+        step: Callable[[], Awaitable[None]],
+        *,
+        bound: trio.CancelScope | None = None,
     ) -> bool:
         """Run ``step`` (one that needs the ``role`` connection), skipped or cut once
         that connection has been down ``wait`` seconds (from when it went down, before
         the step or during it: the server died, say); True if it ran to its end. A
         connection back sooner lets it go on. An error of ``step`` is raised as it came
-        (not in an exception group)."""
+        (not in an exception group).
+
+        ``bound``: a cancel scope around this call whose deadline is the step's own
+        bound; it stands still while the connection is down (the step's time runs only
+        while the connection is up), so that a connection back within ``wait`` finds the
+        step the time it had left: a failover of 4 s under a ``wait`` of 5 s no longer
+        cut a leave's 1 s step."""
         if self.gone(role, wait):
             return False
         failed: list[Exception] = []
+        started = trio.current_time()
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:
 
                 async def watch() -> None:
+                    held: float | None = None  # the bound's time left, while held
                     while not self.gone(role, wait):
                         changed, down_at = self._changed, self._down_at.get(role)
+                        if bound is not None:
+                            if down_at is not None and held is None:
+                                held = bound.deadline - max(down_at, started)
+                                bound.deadline = math.inf
+                            elif down_at is None and held is not None:
+                                bound.deadline = trio.current_time() + held
+                                held = None
                         with trio.move_on_at(math.inf if down_at is None else down_at + wait):
                             await changed.wait()
                     scope.cancel()

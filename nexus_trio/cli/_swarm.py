@@ -71,9 +71,11 @@ log = logging.getLogger("nexus_trio.cli")
 START_TIMEOUT: Final = 120.0
 #: how long the workers wait for each other to settle at the end
 SETTLE_TIMEOUT: Final = 60.0
-#: seconds a worker at its settle waits for its NATS connection, down (the server gone),
-#: to come back before it fails naming the server (:class:`NatsServerLost`): a settle
-#: round's KV write to a server that is gone waited nats-py's timeout, ~8 s in all
+#: the default of the seconds a worker at its settle waits for its NATS connection, down
+#: (the server gone), to come back before it fails naming the server
+#: (:class:`NatsServerLost`): a settle round's KV write to a server that is gone waited
+#: nats-py's timeout, ~8 s in all. The wait is the cluster's
+#: ``ClusterOptions.server_lost_wait`` (``[nats] server_lost_wait``), the leave's too
 SERVER_LOST_WAIT: Final = 2.0
 #: the connection the announcement needs (its KV write and its heartbeat go on it)
 _ROLE: Final = "control"
@@ -82,8 +84,8 @@ _REFUSED_KINDS: Final = ("no_such_agent", "mailbox_full", "shutting_down")
 
 
 class NatsServerLost(TransportUnavailable):
-    """A worker's NATS connection stayed down :data:`SERVER_LOST_WAIT` seconds while it
-    settled: the server is gone, and the settle (and the run) ends; said in one line,
+    """A worker's NATS connection stayed down ``server_lost_wait`` seconds
+    (``ClusterOptions.server_lost_wait``, ``[nats] server_lost_wait``) while it settled: the server is gone, and the settle (and the run) ends; said in one line,
     naming the server (no traceback: nothing of the program failed)."""
 
     def __init__(self, servers: Sequence[str], why: str) -> None:
@@ -274,7 +276,7 @@ class Swarm:
         the connection is down (the server died: the parent stops the workers then)
         still ends the run at once, as a settle of minutes waiting for a server that is
         gone would hold the whole run's end; and so does a connection down
-        :data:`SERVER_LOST_WAIT` seconds (:class:`NatsServerLost`, naming the server: a
+        ``server_lost_wait`` seconds (:class:`NatsServerLost`, naming the server: a
         KV write while it is down waited nats-py's timeout, ~8 s in all)."""
         connections = self.cluster.connections
         try:
@@ -302,7 +304,7 @@ class Swarm:
 
     async def _announce_while_connected(self, connections: ConnectionWatch) -> None:
         """Announce once the connection is up (a KV write while it is down waits nats-py's
-        timeout); once it has been down :data:`SERVER_LOST_WAIT` seconds (from when it
+        timeout); once it has been down ``server_lost_wait`` seconds (from when it
         went down: before the announcement or during it), raise :class:`NatsServerLost`.
         The cluster's leave asks the same watch the same way (``ConnectionWatch``)."""
 
@@ -310,10 +312,12 @@ class Swarm:
             await connections.wait_up(_ROLE)  # (down: announced once it is back, if it is)
             await self.cluster.announce()
 
-        if not await connections.unless_gone(_ROLE, SERVER_LOST_WAIT, announce):
+        wait = self.cluster.options.server_lost_wait
+        if not await connections.unless_gone(_ROLE, wait, announce):
             raise NatsServerLost(
                 getattr(self.cluster, "servers", ()),
-                f"the connection stayed down {SERVER_LOST_WAIT:g}s while this worker settled",
+                f"the connection stayed down {wait:g}s while this worker settled"
+                " ([nats] server_lost_wait)",
             )
 
     def _others_settled(self) -> bool:
