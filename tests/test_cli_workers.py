@@ -1876,7 +1876,7 @@ def test_a_worker_that_does_not_end_after_the_stop_is_killed_past_the_stop_grace
     assert not running(pid)
 
 
-@pytest.mark.parametrize("value", ["\u00b2", "-1", "1" * 30, "2147483648", "3x", ""])
+@pytest.mark.parametrize("value", ["\u00b2", "-1", "1" * 30, "2147483648", "3x", "", "1" * 5000])
 def test_a_bad_ready_descriptor_is_an_error_naming_its_variable(
     monkeypatch: pytest.MonkeyPatch, value: str
 ) -> None:

@@ -1141,9 +1141,17 @@ def _ready_fd(value: str) -> int:
     """The descriptor number :data:`READY_FD_ENV` gives (ASCII digits, an ``int`` a
     descriptor can be): ``str.isdigit`` took ``²`` (then ``int`` raised a bare
     ValueError), ``-1`` was passed over without a word, and a huge number raised
-    OverflowError in ``os.write``, each with a traceback."""
-    if value.isascii() and value.isdigit() and int(value) <= _FD_MAX:
-        return int(value)
+    OverflowError in ``os.write``, each with a traceback. (Its length is looked at first:
+    ``int`` of more than 4,300 digits raises a ValueError of its own, which named no
+    variable.)"""
+    digits = value.lstrip("0") or "0"  # (zeros before it are no digits of the int)
+    if (
+        value.isascii()
+        and value.isdigit()
+        and len(digits) <= len(str(_FD_MAX))
+        and int(digits) <= _FD_MAX
+    ):
+        return int(digits)
     raise ValueError(
         f"{READY_FD_ENV}={value!r} is not a file descriptor number (0..{_FD_MAX}): it is"
         " set by `nexus run --workers` for its workers only; unset it"
