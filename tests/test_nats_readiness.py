@@ -14,6 +14,7 @@ import trio.testing
 from nexus_trio import TransportUnavailable, open_kernel
 from nexus_trio._nats import Cluster, NatsServer, join_cluster
 from nexus_trio.metrics import readiness, serve_metrics
+from nexus_trio.nats import ConnectionWatch
 
 from .nats_server import node_config
 from .test_metrics import get
@@ -39,6 +40,8 @@ async def test_a_node_is_not_ready_while_it_joins_its_connection_is_down_or_it_l
         assert readiness(kernel) is None  # a kernel alone
         async with join_cluster(kernel, "nats://127.0.0.1:1", "a") as cluster:
             assert readiness(kernel) is None
+            # (public: its type too, for code that asks it as the --workers settle does)
+            assert type(cluster.connections) is ConnectionWatch
             cluster.connections.mark("data", trio.current_time())  # (what a disconnect does)
             await trio.sleep(3)
             assert readiness(kernel) == "nats connection down since 3 s (data)"

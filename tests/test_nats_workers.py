@@ -12,8 +12,8 @@ from nats import errors as nats_errors
 
 from nexus_trio import TransportUnavailable
 from nexus_trio._nats import ClusterOptions
-from nexus_trio._nats._watch import ConnectionWatch
 from nexus_trio.cli._cluster_cmd import aggregate_summaries, run_workers
+from nexus_trio.nats import ConnectionWatch
 
 # worker_argv (the worker command line from the parsed options): tests/test_cli_workers.py
 

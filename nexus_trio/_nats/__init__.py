@@ -36,6 +36,7 @@ from ._placement import rendezvous_owner as rendezvous_owner
 from ._server import NatsServer as NatsServer
 from ._server import NatsServerError as NatsServerError
 from ._server import find_nats_server as find_nats_server
+from ._watch import ConnectionWatch as ConnectionWatch
 from ._wire import RemoteError as RemoteError
 from ._wire import type_address as type_address
 
@@ -43,6 +44,7 @@ __all__ = [
     "Cluster",
     "ClusterOptions",
     "ClusterStats",
+    "ConnectionWatch",
     "DurableOptions",
     "NatsAuth",
     "NatsServer",
