@@ -23,7 +23,8 @@ import trio
 from nexus_trio import TransportUnavailable
 from nexus_trio._nats import DurableOptions, NatsServer
 from nexus_trio._nats._aio import call_aio
-from nexus_trio._nats._membership import decode_record, encode_record
+from nexus_trio._nats._durable import dead_by_id
+from nexus_trio._nats._membership import NodeInfo, decode_record, encode_record
 from nexus_trio._nats._placement import rendezvous_owner
 
 from .nats_server import NodeProcess, until
@@ -52,6 +53,32 @@ def test_a_record_says_whether_its_node_runs_the_durable_path_and_a_hostile_valu
         with pytest.raises(ValueError, match="membership record: bad 'durable'") as caught:
             decode_record(json.dumps({**body, "durable": bad}).encode(), 0.0, "b")
         assert "not true or false" in str(caught.value)
+
+
+def test_a_by_id_message_taken_over_says_why_it_is_dead_by_what_its_node_s_record_says_now() -> (
+    None
+):
+    """A taker's batch is settled after its fetch returns, when the node may have been
+    heard again: running the durable path (a frozen node back, a restart), its by-id
+    messages of the loss are dead as before, said so; only a member back with the path
+    off is said to be one. Before, any reachable member's was said to have its path off
+    ('whose durable path is off now'), also one back running it (a mutant of dead_by_id
+    with that condition fails this test)."""
+    to = uuid.UUID(int=(7 << 64) | 1)
+
+    def member(*, reachable: bool, durable: bool | None) -> NodeInfo:
+        return NodeInfo("b", 7, 1, "h", 0.0, {}, 0.0, reachable=reachable, durable=durable)
+
+    off = f"agent {to} is of node 'b', whose durable path is off now (a delivery by id can go"
+    died = f"agent {to} died with node 'b' (lost"
+    assert dead_by_id(to, "b", member(reachable=True, durable=False)).startswith(off)
+    for durable in (True, None):  # (None: a record of an earlier version, which runs it)
+        assert dead_by_id(to, "b", member(reachable=True, durable=durable)) == (
+            f"{died}; heard again since; an agent id is never used again)"
+        )
+    for info in (member(reachable=False, durable=False), member(reachable=False, durable=True)):
+        assert dead_by_id(to, "b", info) == f"{died}; an agent id is never used again)"
+    assert dead_by_id(to, "b", None) == f"{died}; an agent id is never used again)"
 
 
 async def test_a_lost_node_s_messages_are_taken_over_by_a_member_that_runs_the_durable_path(

@@ -94,6 +94,7 @@ from ._placement import placement_weight
 
 if TYPE_CHECKING:
     from ._cluster import Cluster
+    from ._membership import NodeInfo
 
 log = logging.getLogger("nexus_trio.nats.durable")
 
@@ -201,6 +202,21 @@ class DurableOptions:
                 f" ({self.duplicate_window:g}s): JetStream refuses a stream that forgets a"
                 " message before the ids it keeps to refuse a resent one"
             )
+
+
+def dead_by_id(to: uuid.UUID, node: str, info: NodeInfo | None) -> str:
+    """Why a message by id to agent ``to`` of ``node`` (its member record ``info``, None
+    once forgotten), taken over from ``node``'s consumer, is dead: its durable path is off
+    (a member back with it off), else it died with its node, which was lost when the
+    message was fetched (and may have been heard again since, during the fetch: the
+    judgement of the loss stands for what was fetched, see ``DurableChannel.take_over``)."""
+    if info is not None and info.reachable and not info.runs_durable:
+        return (
+            f"agent {to} is of node {node!r}, whose durable path is off now (a delivery by"
+            " id can go nowhere else)"
+        )
+    since = "; heard again since" if info is not None and info.reachable else ""
+    return f"agent {to} died with node {node!r} (lost{since}; an agent id is never used again)"
 
 
 @final
@@ -618,14 +634,7 @@ class DurableChannel:
         to = msg.to
         if isinstance(to, uuid.UUID):
             info = self.cluster.members.members.get(node)
-            self._dead_with_node(
-                jsmsg,
-                msg.id,
-                f"agent {to} is of node {node!r}, whose durable path is off now (a"
-                " delivery by id can go nowhere else)"
-                if info is not None and info.reachable
-                else f"agent {to} died with node {node!r} (lost; an agent id is never used again)",
-            )
+            self._dead_with_node(jsmsg, msg.id, dead_by_id(to, node, info))
             return
         where = self._runs_now(jsmsg, to)
         if where is not None:
