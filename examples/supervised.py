@@ -26,6 +26,7 @@ from nexus_trio import (
     Agent,
     Backoff,
     Context,
+    EventKind,
     Message,
     RequestFailed,
     Supervisor,
@@ -89,10 +90,18 @@ async def main() -> int:
         async with kernel.events() as events:
             kernel.spawn(SERVICE)
 
+            fetcher_restarts = 0
+            restarted = trio.Condition()
+
             async def show_events() -> None:
+                nonlocal fetcher_restarts
                 async for event in events:
                     reason = f" ({event.reason})" if event.reason else ""
                     print(f"  event: {event.name} {event.kind.value}{reason}")
+                    if event.name == "fetcher" and event.kind is EventKind.RESTARTED:
+                        fetcher_restarts += 1
+                        async with restarted:
+                            restarted.notify_all()
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(show_events)
@@ -109,8 +118,12 @@ async def main() -> int:
                     print(f"request {i}: {key} -> {answer['value']} (cached {answer['cached']})")
                 # The fetcher's last failure: its restart runs once its backoff is over
                 # (a group restart that came first would take it along, and the restart
-                # that never ran would count for nothing).
-                await trio.sleep(0.2)
+                # that never ran would count for nothing). Waited for by its event, not
+                # a sleep a loaded machine can outlast.
+                with trio.move_on_after(10):
+                    async with restarted:
+                        while fetcher_restarts < failed:
+                            await restarted.wait()
                 print("crashing the store: the cache is restarted after it (rest_for_one)")
                 with contextlib.suppress(RequestFailed):
                     await kernel.request("store", "crash")
