@@ -128,6 +128,13 @@ def _validate_capacity(inst: Any, attribute: Any, value: Any) -> None:
 #: kernel's root supervisor: no agent or supervisor spawned may take it
 ROOT_NAME = "root"
 
+#: the most characters a name may hold (Erlang's limit for an atom, a registered name):
+#: a name is written whole into log lines, errors and metrics labels, and, on a node
+#: joined to a NATS cluster, into a names bucket key, at most 4 * 255 bytes of UTF-8
+#: base64-encoded (1,361 characters), inside the 4,096-byte line NATS takes for a
+#: publish's subject (a name of 70,000 characters closed the node's control connection)
+NAME_MAX: Final = 255
+
 #: Unicode categories a name may not hold anywhere: control characters (``\n``,
 #: ``\t``, ``\x1b``, ``\x7f``, C1) and the line and paragraph separators, which
 #: split or hide a name in a log line, a terminal or a metrics label
@@ -136,7 +143,7 @@ _UNSHOWABLE = frozenset(("Cc", "Zl", "Zp"))
 
 def check_agent_name(value: Any) -> str:
     """``value`` as an agent (or supervisor) name: ``TypeError`` if it is no string,
-    ``ValueError`` naming it if it is empty, is not UTF-8 text (a lone surrogate, as
+    ``ValueError`` naming it if it is empty, longer than :data:`NAME_MAX`, is not UTF-8 text (a lone surrogate, as
     ``os.fsdecode`` makes of a byte that is not UTF-8 in an argument), starts or ends
     with whitespace (``" "``, ``"echo "``), holds a control character or a line
     separator, is the root supervisor's ``"root"``, or looks like a UUID."""
@@ -146,6 +153,12 @@ def check_agent_name(value: Any) -> str:
         )
     if not value:
         raise ValueError(f"agent name must be a non-empty string, got {value!r}")
+    if len(value) > NAME_MAX:
+        raise ValueError(
+            f"agent name {value[:40]!r}... is {len(value):,} characters long (at most"
+            f" {NAME_MAX}: a name is written whole into log lines, metrics labels and a"
+            " NATS cluster's names bucket keys)"
+        )
     try:
         value.encode()
     except UnicodeEncodeError as exc:

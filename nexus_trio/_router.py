@@ -774,6 +774,14 @@ class Router:
                     f"it is an agent id written as text{whose}: an address is a name, a"
                     f" UUID or an AgentRef; pass uuid.UUID({address!r})"
                 )
+            from ._agent import check_agent_name  # (_agent imports this module)
+
+            try:
+                check_agent_name(address)
+            except ValueError as exc:
+                # what no spawn takes, so no agent has: the rule it breaks (an empty
+                # name, one too long, one holding a control character)
+                return f"no agent can have it: {exc}"
             # Looked up (or sent to) right after its parent's spawn: a pool's router
             # spawns its workers in its on_start, which runs after kernel.spawn returned.
             parent, _, _ = address.rpartition("/")

@@ -348,13 +348,15 @@ def test_flags_left_out_still_let_the_config_decide(isolated: Path, monkeypatch)
         (" ", "agent name ' ' is only whitespace"),
         ("echo ", "agent name 'echo ' starts or ends with whitespace"),
         ("root", "agent name 'root' is reserved"),
+        ("x" * 256, f"agent name {'x' * 40!r}... is 256 characters long (at most 255"),
     ],
 )
 def test_send_refuses_a_blank_padded_or_reserved_name_as_a_usage_error(
     name: str, said: str
 ) -> None:
-    """Regression: ``nexus send --name ' '`` (or ``'echo '``, ``root``) was taken as the
-    agent's name. Refused before the run now, naming the flag and the name."""
+    """Regression: ``nexus send --name ' '`` (or ``'echo '``, ``root``, a name of 256
+    characters) was taken as the agent's name. Refused before the run now, naming the
+    flag and the name."""
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run(
         [sys.executable, "-m", "nexus_trio.cli", "send", "--name", name, "cat", "1"],

@@ -2034,6 +2034,48 @@ async def test_a_name_that_cannot_be_shown_or_addressed_unambiguously_is_refused
     assert all(text.startswith(f"agent name {bad!r} {said}") for text in refused), refused
 
 
+async def test_a_name_longer_than_255_characters_is_refused_and_a_send_to_it_says_why() -> None:
+    """Regression: a name had no length limit; one of 70,000 characters spawned on a
+    node of a NATS cluster closed the node's control connection (its names bucket key
+    past the 4,096-byte line NATS takes). Names hold at most 255 characters (Erlang's
+    atoms); 255 four-byte ones are taken. A send to what no spawn takes (too long, empty,
+    a control character) says which rule it breaks, when shown."""
+    longest = "\U0001f600" * 255
+    refused: list[str] = []
+    async with open_kernel(make_config()) as kernel:
+        for attempt in (
+            lambda: kernel.spawn(echo, name="x" * 256),
+            lambda: echo.with_options(name="x" * 70_000),
+            lambda: Supervisor(name="x" * 256),
+        ):
+            with pytest.raises(ValueError, match="characters long") as info:
+                attempt()
+            refused.append(str(info.value))
+        assert kernel.stats().agents_alive == 0
+        assert kernel.spawn(echo, name=longest).name == longest
+        assert await kernel.request(longest, "hi") == {"echo": "hi"}
+        for bad, rule in (
+            ("x" * 256, "is 256 characters long (at most 255"),
+            ("", "must be a non-empty string"),
+            ("a\nb", "holds a control character or line separator"),
+        ):
+            with pytest.raises(AgentNotFound) as not_found:
+                await kernel.send(bad, 1)
+            assert f"no agent is registered as {bad!r} (no agent can have it: agent name" in (
+                str(not_found.value)
+            )
+            assert rule in str(not_found.value)
+        with pytest.raises(AgentNotFound) as plain:
+            await kernel.send("nobody", 1)
+        assert str(plain.value) == "no agent is registered as 'nobody'"
+    said = f"agent name {'x' * 40!r}... is {{}} characters long (at most 255: a name is written"
+    assert [text.split(" whole into")[0] for text in refused] == [
+        said.format(256),
+        said.format("70,000"),
+        said.format(256),
+    ]
+
+
 async def test_names_with_inner_spaces_unicode_and_slashes_are_taken() -> None:
     """What a name may be is not narrowed beyond what cannot be shown: inner spaces,
     non-ASCII letters, a pool worker's ``/``, ``Root`` (only ``root`` is reserved)."""

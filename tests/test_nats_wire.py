@@ -517,11 +517,21 @@ def test_bad_options_are_refused_naming_the_option(bad: dict[str, Any]) -> None:
     assert wire.agent_subject("p", "n", uuid.UUID(int=5)).startswith("p.node.n.agent.")
 
 
-@pytest.mark.parametrize("name", ["echo", "a.b", "with space", "ünï", "x" * 300, "-"])
+@pytest.mark.parametrize(
+    "name", ["echo", "a.b", "with space", "ünï", "x" * 255, "-", "\U0001f600" * 255]
+)
 def test_name_keys_round_trip(name: str) -> None:
     key = wire.name_key(name)
     assert wire.name_from_key(key) == name
     assert " " not in key
+    assert len(key) <= 1361  # (255 characters of 4 bytes, base64: well inside NATS' line)
+
+
+def test_a_key_of_a_name_no_spawn_takes_is_refused_as_a_peer_s_malformed_one() -> None:
+    """A name of more than 255 characters (what a node before the forty-first pass could
+    write) is no agent name here: its entry is refused (counted in entries_malformed)."""
+    with pytest.raises(ValueError, match=r"holds no agent name: .* 256 characters long"):
+        wire.name_from_key(wire.name_key("x" * 256))
 
 
 def test_error_frames_become_the_errors_a_local_request_raises() -> None:

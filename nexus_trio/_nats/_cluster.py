@@ -67,6 +67,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
+from .._agent import check_agent_name
 from .._brief import brief
 from .._deadletter import DeadLetterReason
 from .._errors import (
@@ -3493,6 +3494,13 @@ class Cluster:
     async def _refresh_name(self, name: str) -> None:
         kv = self._names_kv
         if kv is None:
+            return
+        try:
+            check_agent_name(name)
+        except ValueError:
+            # No node could have written it (every spawn refuses it): not looked up, nor
+            # the bucket's entry of its key refused as a peer's malformed one (counted in
+            # entries_malformed and logged at each send to it, before)
             return
 
         async def get() -> tuple[bytes | None, str | None, int | None]:
