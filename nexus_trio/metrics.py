@@ -60,7 +60,7 @@ import time
 import urllib.parse
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import attrs
 import trio
@@ -68,6 +68,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector, generate_late
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ._brief import brief
 from ._deadletter import DeadLetterReason
 from ._ledger import REJECTION_REASONS
 from ._logcall import log_guarded
@@ -270,6 +271,11 @@ _added: weakref.WeakKeyDictionary[Kernel, list[Collector]] = weakref.WeakKeyDict
 _checks: weakref.WeakKeyDictionary[Kernel, list[Callable[[], str | None]]] = (
     weakref.WeakKeyDictionary()
 )
+#: the checks of each kernel that failed at their last call (raised, or returned what is
+#: no reason), by id (the check is in _checks meanwhile): the reason said and the failed
+#: calls in a row. A failure is logged as it starts and as its reason changes, and its
+#: end once with the count: not at every probe, every few seconds, while it lasts
+_failing: weakref.WeakKeyDictionary[Kernel, dict[int, list[Any]]] = weakref.WeakKeyDictionary()
 _T = TypeVar("_T")
 
 
@@ -314,8 +320,10 @@ def add_readiness(kernel: Kernel, check: Callable[[], str | None]) -> None:
     ``check()`` returns None when it is ready, else the reason, a short line (``"not
     joined"``). It is called in the kernel's thread at each ``/readyz`` request and
     snapshot: it must be quick and not wait. One that raises or returns anything else
-    makes the kernel not ready, with a reason naming it (and is logged). Adding one check
-    twice (the same object) is a ValueError."""
+    makes the kernel not ready, with a reason naming it, at each call; it is logged as it
+    starts failing and as that reason changes (with the traceback), and once as it works
+    again, with the failed calls in a row: not at every probe while it fails. Adding one
+    check twice (the same object) is a ValueError."""
     if not callable(check):
         raise TypeError(f"a readiness check must be callable, got {check!r}")
     _add_to(_checks, kernel, check)
@@ -324,6 +332,9 @@ def add_readiness(kernel: Kernel, check: Callable[[], str | None]) -> None:
 def remove_readiness(kernel: Kernel, check: Callable[[], str | None]) -> None:
     """Take ``check`` out of ``kernel``'s readiness; a check not added is left alone."""
     _remove_from(_checks, kernel, check)
+    failing = _failing.get(kernel)
+    if failing is not None:
+        failing.pop(id(check), None)
 
 
 def readiness(kernel: Kernel) -> str | None:
@@ -341,20 +352,67 @@ def readiness(kernel: Kernel) -> str | None:
         try:
             reason = check()
         except Exception as exc:
-            log_guarded(log, logging.ERROR, "readiness check %r raised", check, exc_info=exc)
             reason = f"readiness check {_check_name(check)} raised {type(exc).__name__}"
+            _check_failed(kernel, check, reason, "raised", exc)
         else:
             if reason is not None and not isinstance(reason, str):
-                log_guarded(log, logging.ERROR, "readiness check %r returned %r", check, reason)
+                wrong = reason
                 reason = (
                     f"readiness check {_check_name(check)} returned a"
                     f" {type(reason).__name__}, not a str or None"
                 )
+                _check_failed(kernel, check, reason, f"returned {brief(wrong, 200)}", None)
+            else:
+                failing = _failing.get(kernel)
+                if failing:
+                    _check_works(failing, check)
         if reason is not None:
             reason = escape_control(reason.strip()) or "not ready"
             if reason not in reasons:
                 reasons.append(reason)
     return "; ".join(reasons) if reasons else None
+
+
+def _check_failed(
+    kernel: Kernel,
+    check: Callable[[], str | None],
+    reason: str,
+    what: str,
+    exc: BaseException | None,
+) -> None:
+    """``check`` failed (``reason``): logged if its last call did not fail so (the
+    traceback of ``exc`` with it), else counted only."""
+    failing = _failing.setdefault(kernel, {})
+    state = failing.get(id(check))
+    if state is not None and state[0] == reason:
+        state[1] += 1
+        return
+    calls = 1 if state is None else state[1] + 1
+    failing[id(check)] = [reason, calls]
+    log_guarded(
+        log,
+        logging.ERROR,
+        "readiness check %r %s (the kernel is not ready while it fails; logged again when"
+        " its error changes or it works again; failed calls in a row: %d)",
+        check,
+        what,
+        calls,
+        exc_info=exc,
+    )
+
+
+def _check_works(failing: dict[int, list[Any]], check: Callable[[], str | None]) -> None:
+    """``check`` answered: the end of its failure (if it failed) is logged, with the count."""
+    state = failing.pop(id(check), None)
+    if state is not None:
+        log_guarded(
+            log,
+            logging.INFO,
+            "readiness check %r works again after %d failed calls in a row (the last: %s)",
+            check,
+            state[1],
+            state[0],
+        )
 
 
 def _check_name(check: Callable[[], str | None]) -> str:

@@ -279,6 +279,60 @@ async def test_readyz_says_the_reasons_of_the_checks_added_in_one_line_until_rem
         assert readiness(kernel) is not None and readiness(kernel).startswith("shutting down; ")
 
 
+async def test_a_failing_readiness_check_is_logged_as_its_error_changes_not_at_every_probe(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression: a check that raised (or returned what is no reason) was logged, with its
+    traceback, at every call: at every probe, every few seconds, while it failed. Logged
+    now as it starts failing and as its error changes; its end once, with the failed calls
+    in a row; each call still makes the kernel not ready, naming the check."""
+    errors: list[Exception | None] = [RuntimeError("bug")]
+
+    def flaky() -> str | None:
+        if errors[0] is not None:
+            raise errors[0]
+        return None
+
+    async with open_test_kernel() as kernel:
+        add_readiness(kernel, flaky)
+        with caplog.at_level(logging.INFO, logger="nexus_trio.metrics"):
+            said = [readiness(kernel) for _ in range(5)]
+            errors[0] = ValueError("other")
+            said += [readiness(kernel) for _ in range(3)]
+            errors[0] = None
+            said += [readiness(kernel) for _ in range(2)]
+            errors[0] = RuntimeError("bug")
+            said.append(readiness(kernel))
+            remove_readiness(kernel, flaky)
+            add_readiness(kernel, flaky)  # (taken out and back: its failure said anew)
+            said.append(readiness(kernel))
+    name = "readiness check test_a_failing_readiness_check_is_logged_as_its_error_changes"
+    raised = f"{name}_not_at_every_probe.<locals>.flaky raised"
+    assert said == (
+        [f"{raised} RuntimeError"] * 5
+        + [f"{raised} ValueError"] * 3
+        + [None, None, f"{raised} RuntimeError", f"{raised} RuntimeError"]
+    )
+    lines = [
+        (
+            r.levelname,
+            re.sub(r"<function \S+ at 0x[0-9a-f]+>", "flaky", r.getMessage()).split(" (")[0],
+            r.exc_info is not None,
+        )
+        for r in caplog.records
+        if "readiness check" in r.getMessage()
+    ]
+    assert lines == [
+        ("ERROR", "readiness check flaky raised", True),
+        ("ERROR", "readiness check flaky raised", True),
+        ("INFO", "readiness check flaky works again after 8 failed calls in a row", False),
+        ("ERROR", "readiness check flaky raised", True),
+        ("ERROR", "readiness check flaky raised", True),
+    ]
+    counts = [r.getMessage().rsplit(": ", 1)[1] for r in caplog.records if r.levelname == "ERROR"]
+    assert counts == ["1)", "6)", "1)", "1)"]
+
+
 #: hostile and odd requests, ``{}`` the path: /readyz must answer each as /healthz does
 #: (one parser and one set of rules for both)
 _HOSTILE = [
