@@ -271,11 +271,15 @@ _added: weakref.WeakKeyDictionary[Kernel, list[Collector]] = weakref.WeakKeyDict
 _checks: weakref.WeakKeyDictionary[Kernel, list[Callable[[], str | None]]] = (
     weakref.WeakKeyDictionary()
 )
-#: the checks of each kernel that failed at their last call (raised, or returned what is
-#: no reason), by id (the check is in _checks meanwhile): the reason said and the failed
-#: calls in a row. A failure is logged as it starts and as its reason changes, and its
-#: end once with the count: not at every probe, every few seconds, while it lasts
-_failing: weakref.WeakKeyDictionary[Kernel, dict[int, list[Any]]] = weakref.WeakKeyDictionary()
+#: the checks that failed at their last call (raised, or returned what is no reason), by
+#: the ids of their kernel and of the check (both held meanwhile: the check in _checks,
+#: the kernel by whoever calls readiness): the reason said and the failed calls in a
+#: row. A failure is logged as it starts and as its reason changes, and its end once with
+#: the count: not at every probe, every few seconds, while it lasts. A plain dict, for a
+#: ready kernel's readiness() tests it empty in a few nanoseconds (a weak one's len() or
+#: get() cost it 0.08-0.1 us a call, of 0.42 us); an entry is dropped as its check works,
+#: is removed, or the kernel's shutdown starts (see readiness)
+_failing: dict[tuple[int, int], list[Any]] = {}
 _T = TypeVar("_T")
 
 
@@ -332,9 +336,7 @@ def add_readiness(kernel: Kernel, check: Callable[[], str | None]) -> None:
 def remove_readiness(kernel: Kernel, check: Callable[[], str | None]) -> None:
     """Take ``check`` out of ``kernel``'s readiness; a check not added is left alone."""
     _remove_from(_checks, kernel, check)
-    failing = _failing.get(kernel)
-    if failing is not None:
-        failing.pop(id(check), None)
+    _failing.pop((id(kernel), id(check)), None)
 
 
 def readiness(kernel: Kernel) -> str | None:
@@ -362,10 +364,8 @@ def readiness(kernel: Kernel) -> str | None:
                     f" {type(reason).__name__}, not a str or None"
                 )
                 _check_failed(kernel, check, reason, f"returned {brief(wrong, 200)}", None)
-            else:
-                failing = _failing.get(kernel)
-                if failing:
-                    _check_works(failing, check)
+            elif _failing:
+                _check_works(kernel, check)
         if reason is not None:
             reason = escape_control(reason.strip()) or "not ready"
             if reason not in reasons:
@@ -382,13 +382,15 @@ def _check_failed(
 ) -> None:
     """``check`` failed (``reason``): logged if its last call did not fail so (the
     traceback of ``exc`` with it), else counted only."""
-    failing = _failing.setdefault(kernel, {})
-    state = failing.get(id(check))
+    key = (id(kernel), id(check))
+    state = _failing.get(key)
     if state is not None and state[0] == reason:
         state[1] += 1
         return
     calls = 1 if state is None else state[1] + 1
-    failing[id(check)] = [reason, calls]
+    if state is None and all(held[0] != key[0] for held in _failing):
+        weakref.finalize(kernel, _forget_failing, key[0])
+    _failing[key] = [reason, calls]
     log_guarded(
         log,
         logging.ERROR,
@@ -401,9 +403,15 @@ def _check_failed(
     )
 
 
-def _check_works(failing: dict[int, list[Any]], check: Callable[[], str | None]) -> None:
+def _forget_failing(kernel_id: int) -> None:
+    """A kernel with checks failing was collected: their entries go (an id is reused)."""
+    for key in [key for key in _failing if key[0] == kernel_id]:
+        del _failing[key]
+
+
+def _check_works(kernel: Kernel, check: Callable[[], str | None]) -> None:
     """``check`` answered: the end of its failure (if it failed) is logged, with the count."""
-    state = failing.pop(id(check), None)
+    state = _failing.pop((id(kernel), id(check)), None)
     if state is not None:
         log_guarded(
             log,

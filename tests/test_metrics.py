@@ -7,6 +7,7 @@ assert values, never timings.
 from __future__ import annotations
 
 import functools
+import gc
 import heapq
 import itertools
 import logging
@@ -34,6 +35,7 @@ from nexus_trio import (
     Message,
     MetricsConfig,
     agent,
+    metrics,
 )
 from nexus_trio.metrics import (
     KernelCollector,
@@ -331,6 +333,16 @@ async def test_a_failing_readiness_check_is_logged_as_its_error_changes_not_at_e
     ]
     counts = [r.getMessage().rsplit(": ", 1)[1] for r in caplog.records if r.levelname == "ERROR"]
     assert counts == ["1)", "6)", "1)", "1)"]
+    # What is kept of a failing check goes with its kernel (ids are reused). (A check that
+    # answers no str here: a traceback logged would hold the kernel for the report.)
+    async with open_test_kernel() as kernel:
+        add_readiness(kernel, lambda: 0)  # type: ignore[arg-type,return-value]
+        assert readiness(kernel) is not None
+        kernel_id = id(kernel)
+    assert [key[0] for key in metrics._failing].count(kernel_id) == 1
+    del kernel
+    gc.collect()
+    assert [key[0] for key in metrics._failing].count(kernel_id) == 0
 
 
 #: hostile and odd requests, ``{}`` the path: /readyz must answer each as /healthz does
