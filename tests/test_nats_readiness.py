@@ -1,22 +1,27 @@
 """A node's readiness (``/readyz``, ``nexus_ready``): a cluster adds its check to the
 kernel's at the join (``nexus_trio.metrics.add_readiness``) and takes it out after the
-leave: not ready while it joins, while a NATS connection is down, and while it leaves."""
+leave: not ready while it joins, while a NATS connection is down, while its durable
+fetches fail (JetStream unavailable), and while it leaves."""
 
 from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
+from nats.errors import Error as NatsError
 
 from nexus_trio import TransportUnavailable, open_kernel
 from nexus_trio._nats import Cluster, NatsServer, join_cluster
+from nexus_trio._nats._aio import call_aio
+from nexus_trio._nats._durable import DurableChannel
 from nexus_trio.metrics import readiness, serve_metrics
 from nexus_trio.nats import ConnectionWatch
 
-from .nats_server import node_config
+from .nats_server import node_config, until
 from .test_metrics import get
 from .test_nats import local_node
 
@@ -114,3 +119,34 @@ async def test_readyz_is_503_while_the_nats_server_is_gone_and_200_once_it_is_ba
     finally:
         for server in restarted:
             server.stop()
+
+
+async def test_a_node_whose_durable_fetches_fail_is_not_ready_until_one_works(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: JetStream unavailable behind connections that are up (here: the durable
+    stream deleted under the node, and making it anew refused) left the node ready while
+    every fetch of its durable path failed. It says ``jetstream unavailable since N s``
+    from the first failed fetch until one works (the stream made anew), then ready."""
+    refusing = [False]
+    setup = DurableChannel._setup
+
+    async def refused_setup(self: DurableChannel) -> Any:
+        if refusing[0]:
+            raise NatsError("JetStream unavailable (test)")
+        return await setup(self)
+
+    monkeypatch.setattr(DurableChannel, "_setup", refused_setup)
+    async with local_node(nats.url) as (_kernel, cluster):
+        with trio.fail_after(30):
+            assert cluster.readiness() is None
+            refusing[0] = True  # (from here: the join made them)
+            await call_aio(cluster.data_js.delete_stream, f"{cluster.prefix}-durable")
+            await until(lambda: cluster.durable.fetch_failures >= 2)
+            said = cluster.readiness()
+            assert said is not None
+            assert re.fullmatch(r"jetstream unavailable since \d+ s", said), said
+            refusing[0] = False
+            await until(lambda: cluster.readiness() is None)
+            failures = cluster.durable.fetch_failures
+        assert cluster.stats().durable_fetch_failures["own"] == failures >= 2

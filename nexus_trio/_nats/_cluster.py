@@ -4742,8 +4742,10 @@ class Cluster:
         not: ``not joined`` (connecting, announcing, loading the tables), ``nats
         connection down since N s (control, data)`` (nats-py reconnecting; the roles that
         are down), ``nats connection closed`` (it gave up reconnecting), ``leaving``
-        (from when the :func:`join_cluster` block is left). :func:`join_cluster` adds it
-        to the kernel's readiness (``/readyz``) for the join's length."""
+        (from when the :func:`join_cluster` block is left), ``jetstream unavailable since N
+        s`` (its connections up, the durable path's fetches of this node's consumer have
+        failed since then: until one works). :func:`join_cluster` adds it to the kernel's
+        readiness (``/readyz``) for the join's length."""
         if self._ready_phase != "joined":
             return self._ready_phase
         down = {
@@ -4752,7 +4754,10 @@ class Cluster:
             if (at := self.connections.down_at(role)) is not None
         }
         if not down:
-            return None
+            since = self.durable.fetch_failing_since
+            if since is None:
+                return None
+            return f"jetstream unavailable since {trio.current_time() - since:.0f} s"
         first = min(down.values())
         if first == -math.inf:
             return "nats connection closed"

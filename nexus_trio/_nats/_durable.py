@@ -262,6 +262,11 @@ class DurableChannel:
         self._fetch_log = Throttle()
         #: failed fetches of this node's own consumer, each tried again
         self.fetch_failures = 0
+        #: Trio time of the first of the failed fetches in a row of this node's own
+        #: consumer (None: its last fetch worked, or none failed): JetStream unavailable
+        #: behind connections that are up (the node's readiness says so, see
+        #: Cluster.readiness)
+        self.fetch_failing_since: float | None = None
         # bodies no kernel wrote (a hostile or broken publisher): each terminated and
         # counted dead, logged at once, then at most once a second with a running count
         self._undecodable_log = Throttle()
@@ -881,11 +886,14 @@ class DurableChannel:
                     _PULL_CANCEL_WAIT, self._psub.fetch, batch=room, timeout=1.0
                 )
             except (nats.errors.TimeoutError, TimeoutError):
+                self.fetch_failing_since = None
                 continue  # nothing to pull within the long poll
             except (nats.errors.Error, OSError) as exc:
                 if self.cluster.closing:
                     return
                 self.fetch_failures += 1
+                if self.fetch_failing_since is None:
+                    self.fetch_failing_since = trio.current_time()
                 if self.cluster.held.due(self._fetch_log, "durable fetches failed", logger=log):
                     log_guarded(
                         log,
@@ -899,6 +907,7 @@ class DurableChannel:
                 if isinstance(exc, nats.js.errors.Error):
                     await self._set_up_again()
                 continue
+            self.fetch_failing_since = None
             held = self._held
             held.extend(msgs)
             fetched = trio.current_time()
