@@ -140,6 +140,15 @@ def test_a_program_named_root_or_with_spaces_around_gets_a_name_an_agent_may_hav
     assert agent_names(commands) == ["root-2", "root-3", "calc"]
 
 
+def test_spawned_programs_names_are_cut_to_255_characters_before_their_number() -> None:
+    """Regression: a program whose file name has 255 bytes, spawned twice, was named
+    ``<name>-2`` for the second, 257 characters: ``nexus run`` failed at its spawn with a
+    traceback. The names are cut to 255 characters (a name's limit), the number kept."""
+    long = "p" * 255
+    names = agent_names([[f"./{long}"], [f"./{long}"], ["java", "-cp", ".", "a." + "q" * 300]])
+    assert names == [long, "p" * 253 + "-2", "q" * 255]
+
+
 def test_the_registration_wait_never_exceeds_the_shutdown_grace() -> None:
     assert register_timeout(5.0) == 5.0
     assert register_timeout(1.5) == 1.5

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 
 from .. import EventKind, LifecycleEvent, Subscription
-from .._agent import ROOT_NAME
+from .._agent import NAME_MAX, ROOT_NAME
 from .._logcall import log_guarded
 from ..bridges.process import process_agent
 
@@ -382,14 +382,17 @@ def _last_part(dotted: str) -> str | None:
 def agent_names(commands: Sequence[Sequence[str]]) -> list[str]:
     """One distinct name per command (:func:`program_name`, then ``-2``, ``-3`` on repeats);
     whitespace around it dropped, and the root supervisor's ``root`` taken as given (a
-    program ``./root`` is ``root-2``), since an agent may not be named so."""
+    program ``./root`` is ``root-2``), since an agent may not be named so. A name past
+    :data:`NAME_MAX` characters is cut to it, before its ``-2`` (a 255-byte file name
+    spawned twice: the second was 257 characters, and the run failed at its spawn)."""
     names: list[str] = []
     for argv in commands:
-        base = program_name(argv).strip()
+        base = program_name(argv).strip()[:NAME_MAX].rstrip()
         name, n = base, 1
         while name in names or name == ROOT_NAME:
             n += 1
-            name = f"{base}-{n}"
+            suffix = f"-{n}"
+            name = f"{base[: NAME_MAX - len(suffix)]}{suffix}"
         names.append(name)
     return names
 
