@@ -143,10 +143,11 @@ _UNSHOWABLE = frozenset(("Cc", "Zl", "Zp"))
 
 def check_agent_name(value: Any) -> str:
     """``value`` as an agent (or supervisor) name: ``TypeError`` if it is no string,
-    ``ValueError`` naming it if it is empty, longer than :data:`NAME_MAX`, is not UTF-8 text (a lone surrogate, as
-    ``os.fsdecode`` makes of a byte that is not UTF-8 in an argument), starts or ends
-    with whitespace (``" "``, ``"echo "``), holds a control character or a line
-    separator, is the root supervisor's ``"root"``, or looks like a UUID."""
+    ``ValueError`` naming it if it is empty, longer than :data:`NAME_MAX` characters, is
+    not UTF-8 text (a lone surrogate, as ``os.fsdecode`` makes of a byte that is not
+    UTF-8 in an argument), starts or ends with whitespace (``" "``, ``"echo "``), holds
+    a control character or a line separator, is the root supervisor's ``"root"``, or
+    looks like a UUID."""
     if not isinstance(value, str):
         raise TypeError(
             f"agent name must be a string (str), got {type(value).__name__} {brief(value, 60)}"

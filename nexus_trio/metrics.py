@@ -277,8 +277,8 @@ _checks: weakref.WeakKeyDictionary[Kernel, list[Callable[[], str | None]]] = (
 #: row. A failure is logged as it starts and as its reason changes, and its end once with
 #: the count: not at every probe, every few seconds, while it lasts. A plain dict, for a
 #: ready kernel's readiness() tests it empty in a few nanoseconds (a weak one's len() or
-#: get() cost it 0.08-0.1 us a call, of 0.42 us); an entry is dropped as its check works,
-#: is removed, or the kernel's shutdown starts (see readiness)
+#: get() cost it 0.08-0.1 us a call, of 0.42 us); an entry is dropped as its check works
+#: or is removed, or as its kernel is collected (a finalizer: see _check_failed)
 _failing: dict[tuple[int, int], list[Any]] = {}
 _T = TypeVar("_T")
 
