@@ -460,6 +460,8 @@ async def test_a_worker_whose_server_is_gone_fails_its_settle_in_a_bounded_time_
         with pytest.raises(NatsServerLost) as raised:
             await swarm.settle(timeout=60.0)
     waited = trio.current_time() - down_at
+    # (the settle's default is the cluster's: one number, two names)
+    assert ClusterOptions().server_lost_wait == SERVER_LOST_WAIT
     assert SERVER_LOST_WAIT <= waited <= SERVER_LOST_WAIT + 0.1
     assert str(raised.value) == (
         "transport unavailable: lost the NATS server nats://a:4222, nats://b:4222 (it died"
