@@ -341,29 +341,35 @@ async def _main(url: str, node: str, with_types: bool) -> None:
         joining = trio.current_time()
         options = attrs.evolve(PATIENT, connect_timeout=10.0)
         types = {"counter": agent(Counter, name="counter")} if with_types else None
-        async with join_cluster(kernel, url, node, options=options, types=types) as cluster:
-            JOINED_IN = trio.current_time() - joining
-            await cluster.names_published()
-            print(f"READY {node}", flush=True)
-            stdin = trio.lowlevel.FdStream(os.dup(0))
-            buffer = b""
-            async with trio.open_nursery() as nursery:
-                await nursery.start(_follow_events, kernel)
-                while True:
-                    chunk = await stdin.receive_some(65536)
-                    if not chunk:
-                        break
-                    buffer += chunk
-                    while b"\n" in buffer:
-                        line, buffer = buffer.split(b"\n", 1)
-                        try:
-                            answer: Any = {"ok": await _command(cluster, nursery, json.loads(line))}
-                        except Exception as exc:
-                            answer = {"error": type(exc).__name__, "text": str(exc)}
-                        print(json.dumps(answer), flush=True)
-                nursery.cancel_scope.cancel()
-            if not OUTER.child_tasks:
-                await kernel.shutdown()  # (else after the leave: see rebalance_beyond)
+        # (events followed from before the join: the others may ask this node to place an
+        # agent as soon as they hear it, before join_cluster returns here)
+        async with trio.open_nursery() as follower:
+            await follower.start(_follow_events, kernel)
+            async with join_cluster(kernel, url, node, options=options, types=types) as cluster:
+                JOINED_IN = trio.current_time() - joining
+                await cluster.names_published()
+                print(f"READY {node}", flush=True)
+                stdin = trio.lowlevel.FdStream(os.dup(0))
+                buffer = b""
+                async with trio.open_nursery() as nursery:
+                    while True:
+                        chunk = await stdin.receive_some(65536)
+                        if not chunk:
+                            break
+                        buffer += chunk
+                        while b"\n" in buffer:
+                            line, buffer = buffer.split(b"\n", 1)
+                            try:
+                                answer: Any = {
+                                    "ok": await _command(cluster, nursery, json.loads(line))
+                                }
+                            except Exception as exc:
+                                answer = {"error": type(exc).__name__, "text": str(exc)}
+                            print(json.dumps(answer), flush=True)
+                    nursery.cancel_scope.cancel()
+                if not OUTER.child_tasks:
+                    await kernel.shutdown()  # (else after the leave: see rebalance_beyond)
+            follower.cancel_scope.cancel()
     stats = kernel.stats()
     final = {
         "accepted": stats.accepted,
