@@ -8,6 +8,7 @@ the relay as the run ends with the parent's standard error unread are counted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -16,13 +17,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
 from nexus_trio.cli._cluster_cmd import WORKER_ENV
 
-from .test_cli_workers import canned_summary, echo, fake_python, pytestmark_linux
+from .test_cli_workers import NO_SERVER, canned_summary, echo, fake_python, pytestmark_linux
 
 #: far over PIPE_BUF (4 KiB): a full pipe takes such a line in many pieces
 LONG = 100_000
@@ -429,3 +430,164 @@ def test_a_child_forked_while_another_thread_writes_a_line_can_write_its_own() -
     was inside a write (a full pipe) waited for ever on its first line. The child gets
     a new lock at the fork (``os.register_at_fork``), as ``output_lock`` does."""
     assert "blocks\n" in _run_forking(FORK_WHILE_A_LINE_IS_WRITTEN).stderr
+
+
+class _LateReader(threading.Thread):
+    """A worker's stdout reader (the thread whose target is ``run_workers``' ``read``)
+    starved past any bound in time a waiter sets: a ``join`` with a timeout returns with
+    it not started yet (as a loaded machine's scheduler may leave it for longer than any
+    grace), one without lets it run and waits for it. Other threads are left as they are."""
+
+    late: ClassVar[list[_LateReader]] = []
+
+    def __init__(self, *args: Any, target: Any = None, **kwargs: Any) -> None:
+        self.gate = threading.Event()
+        self.is_late = getattr(target, "__name__", "") == "read"
+        if self.is_late:
+            inner, gate = target, self.gate
+
+            def gated(*inner_args: Any) -> None:
+                gate.wait()
+                inner(*inner_args)
+
+            target = gated
+            _LateReader.late.append(self)
+        super().__init__(*args, target=target, **kwargs)
+
+    def join(self, timeout: float | None = None) -> None:
+        if self.is_late and timeout is not None and not self.gate.is_set():
+            return  # (the bound passed, the reader still starved)
+        self.gate.set()
+        super().join(timeout)
+
+
+def test_a_workers_summary_read_late_by_a_starved_reader_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: the parent gave each worker's stdout reader 2 s from the worker's exit
+    to reach the pipe's end, killed its group and gave it 2 s more, then took what was
+    read as its output: a reader thread starved for longer on a loaded machine lost the
+    summary the worker had written (the worker then counted dead, the run failed). The
+    reader is now waited for as long as the pipe has bytes; only a pipe empty for the
+    grace after the exit (held open by a process the worker started) ends it. (Fails on
+    the old code: both workers ``died: exit code 0``, no summary.)"""
+    from types import SimpleNamespace
+
+    from nexus_trio.cli import _cluster_cmd
+
+    fake_threading = SimpleNamespace(**vars(threading))
+    fake_threading.Thread = _LateReader
+    monkeypatch.setattr(_cluster_cmd, "threading", fake_threading)
+    monkeypatch.setattr(_LateReader, "late", [])
+    python = fake_python(
+        tmp_path, {f"worker-{i}": echo(canned_summary(f"worker-{i}")) for i in range(2)}
+    )
+    try:
+        summary, status = _cluster_cmd.run_workers(2, [], nats_url=NO_SERVER, python=python)
+    finally:
+        for reader in _LateReader.late:  # (the old code's, never waited for: let them end)
+            reader.gate.set()
+    assert len(_LateReader.late) == 2
+    assert [(w["node"], w["died"], w["exit"]) for w in summary["per_worker"]] == [
+        ("worker-0", False, "exit code 0"),
+        ("worker-1", False, "exit code 0"),
+    ]
+    assert (summary["workers_died"], summary["conserved"], status) == ([], True, 0)
+
+
+def _pipe(size: int = 4096) -> tuple[int, int]:
+    """A pipe holding ``size`` bytes (Linux; elsewhere its default)."""
+    read, write = os.pipe()
+    try:
+        import fcntl
+
+        fcntl.fcntl(read, getattr(fcntl, "F_SETPIPE_SZ", 1031), size)
+    except (ImportError, OSError):
+        pass
+    return read, write
+
+
+def test_a_pipe_held_open_with_nothing_in_it_ends_the_read_with_all_the_worker_wrote() -> None:
+    """A worker's stdout held open by a process it started (an app's helper): once the
+    worker exited and the pipe had nothing for the grace, the read ends (False: not at the
+    pipe's end) with every byte the worker wrote kept."""
+    from nexus_trio.cli._cluster_cmd import _read_output
+
+    read, write = _pipe()
+    try:
+        os.write(write, b'{"node": "worker-0"}\n')
+        exited = threading.Event()
+        exited.set()
+        kept: list[bytes] = []
+        result: list[bool] = []
+        reader = threading.Thread(
+            target=lambda: result.append(_read_output(read, exited, kept.append, 0.0))
+        )
+        reader.start()
+        reader.join(60)  # (a fail-safe: a read to the pipe's end waited for good)
+        assert not reader.is_alive()
+        assert result == [False]
+        assert b"".join(kept) == b'{"node": "worker-0"}\n'
+    finally:
+        os.close(write)
+        reader.join(60)
+        os.close(read)
+
+
+def test_a_pipe_read_before_the_worker_exited_waits_for_its_end_however_idle() -> None:
+    """Before the worker exited an idle pipe is no end: the read (grace 0) goes on until
+    the pipe's end, True, with all of it."""
+    from nexus_trio.cli._cluster_cmd import _read_output
+
+    read, write = _pipe()
+    kept: list[bytes] = []
+    result: list[bool] = []
+    reader = threading.Thread(
+        target=lambda: result.append(_read_output(read, threading.Event(), kept.append, 0.0))
+    )
+    reader.start()
+    try:
+        for part in (b"a" * 5000, b"b" * 5000, b"end\n"):  # (more than the pipe holds)
+            os.write(write, part)
+    finally:
+        os.close(write)
+        reader.join(60)
+        os.close(read)
+    assert result == [True]
+    assert b"".join(kept) == b"a" * 5000 + b"b" * 5000 + b"end\n"
+
+
+def test_a_process_writing_on_to_an_exited_workers_pipe_ends_the_read() -> None:
+    """A process the worker started that writes on, for good, to its stdout: the read
+    ends once it read more since the exit than the pipe holds (the worker's bytes were all
+    in it, so all read), with them first, though the pipe is never idle."""
+    from nexus_trio.cli._cluster_cmd import _read_output
+
+    read, write = _pipe()
+    os.write(write, b"summary\n")
+    exited = threading.Event()
+    exited.set()
+    stop = threading.Event()
+
+    def babble() -> None:
+        with contextlib.suppress(OSError):  # (EPIPE once the read end is closed)
+            while not stop.is_set():
+                os.write(write, b"x" * 512)
+
+    babbler = threading.Thread(target=babble)
+    babbler.start()
+    kept: list[bytes] = []
+    result: list[bool] = []
+    reader = threading.Thread(
+        target=lambda: result.append(_read_output(read, exited, kept.append, 3600.0))
+    )
+    reader.start()
+    reader.join(60)  # (a fail-safe: the old rule read on for good)
+    stop.set()
+    alive = reader.is_alive()
+    os.close(read)
+    babbler.join(60)
+    os.close(write)
+    assert not alive
+    assert result == [False]
+    assert b"".join(kept).startswith(b"summary\nxxx")

@@ -110,8 +110,12 @@ _MIN_WORKERS_BOUND: Final = 8
 _SERVER: Final = -1
 #: what ``run_workers`` queues as a worker says it is ready
 _READY: Final = -2
-#: seconds a worker's stdout may stay open after it exited (held by a process it started)
+#: seconds a worker's stdout (or standard error) may stay open with nothing in it after
+#: the worker exited (held by a process it started): counted from the pipe's last byte,
+#: not from the exit (see :func:`_read_output`)
 _OUTPUT_GRACE: Final = 2.0
+#: the bytes a pipe holds when ``F_GETPIPE_SZ`` cannot say (Linux's default)
+_PIPE_CAPACITY: Final = 1 << 16
 #: seconds a worker every other one counted lost may run on after they ended (then killed)
 _LOST_GRACE: Final = 5.0
 #: seconds, on top of the workers' shutdown grace, a worker every other one settled with
@@ -796,14 +800,21 @@ def run_workers(
         ended: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
         printed: list[list[bytes]] = [[] for _ in procs]
 
+        #: per worker started, set as it exits (its readers then end at the pipe's end,
+        #: or once it has had nothing for _OUTPUT_GRACE: see _read_output)
+        exited = [threading.Event() for _ in procs]
+        #: per worker started, whether its stdout was read to its end (else a process it
+        #: started holds it open: all the worker wrote was read, the holder is killed)
+        read_to_end = [False] * len(procs)
+
         def read(i: int, proc: subprocess.Popen[bytes]) -> None:
             assert proc.stdout is not None
             # Closed here, by the one thread that reads it, at its end: closed by another
             # while this read, its number could be another file's by the next read.
             with proc.stdout:
-                fd = proc.stdout.fileno()
-                while chunk := os.read(fd, 1 << 16):
-                    printed[i].append(chunk)
+                read_to_end[i] = _read_output(
+                    proc.stdout.fileno(), exited[i], printed[i].append, _OUTPUT_GRACE
+                )
 
         def await_ready(proc: subprocess.Popen[bytes], fd: int) -> None:
             try:
@@ -818,14 +829,23 @@ def run_workers(
             # Its exit, not the end of its stdout, says it ended: a process it started
             # may hold its stdout (or standard error) open (an app's helper), for good.
             code = proc.wait()
-            for reader in readers:
+            exited[i].set()
+            if i < len(relays):
+                relays[i].exited.set()
+            # No bound in time on its stdout's reader: it ends by itself once the pipe
+            # ended, or had nothing for _OUTPUT_GRACE after the exit (a holder that
+            # writes nothing), or gave more than it holds (a holder that writes on); a
+            # reader starved on a loaded machine reads its summary late, never loses it
+            # (a bound counted from the exit, 2 s then 2 s, lost it past 4 s).
+            readers[0].join()
+            for reader in readers[1:]:  # (its standard error's relay: see _relays_lost)
                 reader.join(_OUTPUT_GRACE)
-            if any(reader.is_alive() for reader in readers):
-                # Those die now rather than at the end (_kill_group); what the worker
-                # printed has been read by then.
+            if not read_to_end[i] or any(reader.is_alive() for reader in readers):
+                # The holder dies now rather than at the end (_kill_group); what the
+                # worker printed has been read by then.
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                for reader in readers:
+                for reader in readers[1:]:
                     reader.join(_OUTPUT_GRACE)
             ended.put((i, code))
 
@@ -1205,6 +1225,10 @@ class _Relay:
         # relay's at its end, or count_unread_now's caller for one stuck in a write)
         self._draining = threading.Lock()
         self._closed = False
+        #: set as the worker exits: the relay then ends at the pipe's end, or once the
+        #: pipe had nothing for _OUTPUT_GRACE (held open by a process it started: see
+        #: _read_output)
+        self.exited = threading.Event()
 
     def _run(self) -> None:
         # Closed here, by the thread that reads it, at its end (see run_workers' read).
@@ -1219,7 +1243,9 @@ class _Relay:
         # (the pipe stays open until _run closes it)
         fd = self._file.fileno()
         pending = bytearray()
-        while not self._given_up and (chunk := os.read(fd, 1 << 16)):
+        waiting = _PipeWait(fd, self.exited, _OUTPUT_GRACE)
+        while not self._given_up and waiting.more() and (chunk := os.read(fd, 1 << 16)):
+            waiting.took(len(chunk))
             pending += chunk
             cut = pending.rfind(b"\n") + 1
             if not cut and len(pending) >= _LONGEST_LINE:
@@ -1329,6 +1355,67 @@ class _Relay:
             except OSError:
                 return done
         return done
+
+
+class _PipeWait:
+    """Waits for bytes on the read end ``fd`` of a worker's pipe, to read it to its end
+    as long as the worker may have written to it: once the worker ``exited``, all it wrote
+    is in the pipe, so the wait gives up (:meth:`more` says False) only once the pipe had
+    nothing for ``grace`` seconds after the exit (held open by a process the worker
+    started, that writes nothing), or more bytes were read since the exit than the pipe
+    holds (such a process writes on: the worker's were all read before). Neither is a
+    bound a slow machine reaches by itself: a reader starved for long finds the bytes
+    waiting (``poll`` says so at once), and the grace counts only a pipe with no byte in
+    it. A process that writes little for good keeps it reading (a stop ends the run's
+    wait, see ``run_workers``)."""
+
+    def __init__(self, fd: int, exited: threading.Event, grace: float) -> None:
+        self._fd, self._exited, self._grace = fd, exited, grace
+        self._poller = select.poll()
+        self._poller.register(fd, select.POLLIN)
+        try:
+            import fcntl
+
+            self._capacity = fcntl.fcntl(fd, getattr(fcntl, "F_GETPIPE_SZ", 1032))
+        except (ImportError, OSError):  # (not Linux, or not a pipe)
+            self._capacity = _PIPE_CAPACITY
+        #: bytes read since the exit was seen (None: not seen yet)
+        self._since_exit: int | None = None
+
+    def more(self) -> bool:
+        """Wait until the pipe has bytes or ended (True: read it), or give up (False)."""
+        while True:
+            exited = self._exited.is_set()
+            if exited and self._since_exit is None:
+                self._since_exit = 0
+            if self._since_exit is not None and self._since_exit > self._capacity:
+                return False
+            # (a timeout means no byte came for all of it: a starved thread's too)
+            if self._poller.poll(self._grace * 1000):
+                return True
+            if exited:
+                return False
+
+    def took(self, size: int) -> None:
+        """``size`` bytes were read."""
+        if self._since_exit is not None:
+            self._since_exit += size
+
+
+def _read_output(
+    fd: int, exited: threading.Event, keep: Callable[[bytes], object], grace: float
+) -> bool:
+    """Read the pipe ``fd`` (a worker's stdout) into ``keep`` until its end (True), or
+    until all the worker wrote was read while a process it started holds it open (False:
+    see :class:`_PipeWait`); ``exited`` is set as the worker exits."""
+    waiting = _PipeWait(fd, exited, grace)
+    while waiting.more():
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return True
+        keep(chunk)
+        waiting.took(len(chunk))
+    return False
 
 
 def _relays_lost(relays: Sequence[_Relay], deadline: float) -> int:
