@@ -15,7 +15,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -322,7 +321,7 @@ def test_a_relay_stuck_inside_a_write_when_given_up_counts_its_workers_pipe() ->
         assert stuck.wait(60)
         os.write(write, b"d\ne\n")  # still in the pipe, unread
         # the three in the write (counted held: it may never return) and the two unread
-        assert _relays_lost([relay], time.monotonic()) == 5
+        assert _relays_lost([relay], 0.0) == 5
     finally:
         release.set()
         relay.thread.join(60)
@@ -591,3 +590,48 @@ def test_a_process_writing_on_to_an_exited_workers_pipe_ends_the_read() -> None:
     assert not alive
     assert result == [False]
     assert b"".join(kept).startswith(b"summary\nxxx")
+
+
+class _StarvedThread(threading.Thread):
+    """A relay's thread that does not run until it was waited for ``rounds`` times with a
+    timeout (each returning at once: the waiter's time passing while the scheduler leaves
+    the thread out), then runs; a wait without a timeout lets it run at once."""
+
+    def __init__(self, target: Any, rounds: int) -> None:
+        self.gate, self.rounds = threading.Event(), rounds
+        super().__init__(target=lambda: (self.gate.wait(), target()), daemon=True)
+
+    def join(self, timeout: float | None = None) -> None:
+        self.rounds -= 1
+        if timeout is not None and self.rounds > 0:
+            return
+        self.gate.set()
+        super().join(timeout)
+
+
+def test_a_relay_starved_past_the_grace_is_waited_for_not_counted_lost(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """Regression: the run's end gave each worker's stderr relay 2 s (a deadline) to write
+    what it held, then gave it up and counted its lines lost: a relay thread starved for
+    longer on a loaded machine lost lines this process's standard error would have taken.
+    A relay is now waited for as long as the standard error takes what it writes (given
+    up once it took nothing for the grace, counted in the relay's own waits). (Fails on
+    the old code: 2 lines counted lost, none written.)"""
+    from nexus_trio.cli._cluster_cmd import _Relay, _relays_lost
+
+    read, write = os.pipe()
+    os.write(write, b"first line\nsecond line\n")
+    os.close(write)
+    relay = _Relay(os.fdopen(read, "rb"))
+    # starved for 1,000 of the waiter's waits (50 s of _LOOK_AGAIN's, far past any grace)
+    relay.thread = _StarvedThread(relay._run, 1000)
+    relay.exited.set()
+    relay.thread.start()
+    try:
+        lost = _relays_lost([relay], 2.0)
+    finally:
+        relay.thread.gate.set()
+        threading.Thread.join(relay.thread, 60)
+    assert lost == 0
+    assert capfd.readouterr().err.splitlines() == ["first line", "second line"]

@@ -838,15 +838,13 @@ def run_workers(
             # reader starved on a loaded machine reads its summary late, never loses it
             # (a bound counted from the exit, 2 s then 2 s, lost it past 4 s).
             readers[0].join()
-            for reader in readers[1:]:  # (its standard error's relay: see _relays_lost)
-                reader.join(_OUTPUT_GRACE)
+            if i < len(relays):  # (its standard error's: see _Relay.wait_end)
+                relays[i].wait_end(_OUTPUT_GRACE)
             if not read_to_end[i] or any(reader.is_alive() for reader in readers):
                 # The holder dies now rather than at the end (_kill_group); what the
                 # worker printed has been read by then.
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                for reader in readers[1:]:
-                    reader.join(_OUTPUT_GRACE)
             ended.put((i, code))
 
         while ready_reads:  # (each thread closes its own; the rest at the end)
@@ -983,7 +981,7 @@ def run_workers(
     summary = aggregate_summaries(entries)
     # (lines: a record is one or more; those not written yet, the parent's standard error
     # unread, are counted here too: see _Relay)
-    summary["log_records_lost"] += _relays_lost(relays, time.monotonic() + _OUTPUT_GRACE)
+    summary["log_records_lost"] += _relays_lost(relays, _OUTPUT_GRACE)
     summary["nats_server"] = {
         "private": nats_url is None,  # (asked for: also one that did not start)
         "pid": server.pid if server is not None else None,
@@ -1229,6 +1227,10 @@ class _Relay:
         #: pipe had nothing for _OUTPUT_GRACE (held open by a process it started: see
         #: _read_output)
         self.exited = threading.Event()
+        #: waits of _LOOK_AGAIN in a row in which this process's standard error took
+        #: nothing (its lock held, or not writable): a count, not a clock, so that a
+        #: thread run late does not look blocked
+        self._blocked = 0
 
     def _run(self) -> None:
         # Closed here, by the thread that reads it, at its end (see run_workers' read).
@@ -1263,6 +1265,15 @@ class _Relay:
             self._write_lines(bytes(pending) + b"\n")
         if self._given_up:
             self._count_unread(fd)
+
+    def wait_end(self, grace: float) -> None:
+        """Wait for the relay's thread to end (the worker's pipe at its end, or idle: see
+        :class:`_PipeWait`) as long as this process's standard error takes what it
+        writes: until it took nothing for ``grace`` seconds in a row (a terminal stopped
+        with Ctrl-S, a socket's buffer full), counted in the relay's own waits, so that a
+        relay starved on a loaded machine is waited for, not given up."""
+        while self.thread.is_alive() and self._blocked * _LOOK_AGAIN < grace:
+            self.thread.join(_LOOK_AGAIN)
 
     def give_up(self) -> None:
         """Write no more: what is held and unread is counted lost (see the class doc)."""
@@ -1321,6 +1332,7 @@ class _Relay:
             piece, data = data[:size], data[size:]
             lines = piece.count(b"\n")
             while not lock.acquire(timeout=_LOOK_AGAIN):
+                self._blocked += 1
                 if self._given_up:
                     return
             try:
@@ -1345,11 +1357,13 @@ class _Relay:
             return done
         while done < len(piece):
             if not poller.poll(_LOOK_AGAIN * 1000):
+                self._blocked += 1
                 if self._given_up:
                     return done
                 continue
             try:
                 done += os.write(2, piece[done : done + select.PIPE_BUF])
+                self._blocked = 0
             except BlockingIOError:  # (a standard error made non-blocking)
                 continue
             except OSError:
@@ -1418,11 +1432,12 @@ def _read_output(
     return False
 
 
-def _relays_lost(relays: Sequence[_Relay], deadline: float) -> int:
-    """The lines the relays could not write: each is given until ``deadline``
-    (``time.monotonic``) to end (write what it holds), then given up."""
+def _relays_lost(relays: Sequence[_Relay], grace: float) -> int:
+    """The lines the relays could not write: each is waited for to end (write what it
+    holds) until this process's standard error took nothing for ``grace`` seconds in a
+    row (:meth:`_Relay.wait_end`), then given up."""
     for relay in relays:
-        relay.thread.join(max(0.0, deadline - time.monotonic()))
+        relay.wait_end(grace)
     for relay in relays:
         relay.give_up()
     for relay in relays:
