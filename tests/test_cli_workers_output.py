@@ -500,8 +500,8 @@ def _pipe(size: int = 4096) -> tuple[int, int]:
     try:
         import fcntl
 
-        fcntl.fcntl(read, getattr(fcntl, "F_SETPIPE_SZ", 1031), size)
-    except (ImportError, OSError):
+        fcntl.fcntl(read, fcntl.F_SETPIPE_SZ, size)
+    except (ImportError, AttributeError, OSError):
         pass
     return read, write
 

@@ -1387,12 +1387,14 @@ class _PipeWait:
         self._fd, self._exited, self._grace = fd, exited, grace
         self._poller = select.poll()
         self._poller.register(fd, select.POLLIN)
+        self._capacity = _PIPE_CAPACITY
         try:
             import fcntl
 
-            self._capacity = fcntl.fcntl(fd, getattr(fcntl, "F_GETPIPE_SZ", 1032))
-        except (ImportError, OSError):  # (not Linux, or not a pipe)
-            self._capacity = _PIPE_CAPACITY
+            if hasattr(fcntl, "F_GETPIPE_SZ"):  # (Linux)
+                self._capacity = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+        except (ImportError, OSError):  # (not a pipe)
+            pass
         #: bytes read since the exit was seen (None: not seen yet)
         self._since_exit: int | None = None
 
