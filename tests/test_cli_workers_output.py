@@ -506,23 +506,32 @@ def _pipe(size: int = 4096) -> tuple[int, int]:
     return read, write
 
 
+def _reading(
+    read: int, exited: threading.Event, grace: float
+) -> tuple[threading.Thread, list[bytes], list[bool]]:
+    """``_read_output`` of the pipe ``read`` in a thread (started): the thread, the bytes
+    kept and (once it ended) what it returned."""
+    from nexus_trio.cli._cluster_cmd import _read_output
+
+    kept: list[bytes] = []
+    result: list[bool] = []
+    reader = threading.Thread(
+        target=lambda: result.append(_read_output(read, exited, kept.append, grace))
+    )
+    reader.start()
+    return reader, kept, result
+
+
 def test_a_pipe_held_open_with_nothing_in_it_ends_the_read_with_all_the_worker_wrote() -> None:
     """A worker's stdout held open by a process it started (an app's helper): once the
     worker exited and the pipe had nothing for the grace, the read ends (False: not at the
     pipe's end) with every byte the worker wrote kept."""
-    from nexus_trio.cli._cluster_cmd import _read_output
-
     read, write = _pipe()
     try:
         os.write(write, b'{"node": "worker-0"}\n')
         exited = threading.Event()
         exited.set()
-        kept: list[bytes] = []
-        result: list[bool] = []
-        reader = threading.Thread(
-            target=lambda: result.append(_read_output(read, exited, kept.append, 0.0))
-        )
-        reader.start()
+        reader, kept, result = _reading(read, exited, 0.0)
         reader.join(60)  # (a fail-safe: a read to the pipe's end waited for good)
         assert not reader.is_alive()
         assert result == [False]
@@ -536,15 +545,8 @@ def test_a_pipe_held_open_with_nothing_in_it_ends_the_read_with_all_the_worker_w
 def test_a_pipe_read_before_the_worker_exited_waits_for_its_end_however_idle() -> None:
     """Before the worker exited an idle pipe is no end: the read (grace 0) goes on until
     the pipe's end, True, with all of it."""
-    from nexus_trio.cli._cluster_cmd import _read_output
-
     read, write = _pipe()
-    kept: list[bytes] = []
-    result: list[bool] = []
-    reader = threading.Thread(
-        target=lambda: result.append(_read_output(read, threading.Event(), kept.append, 0.0))
-    )
-    reader.start()
+    reader, kept, result = _reading(read, threading.Event(), 0.0)
     try:
         for part in (b"a" * 5000, b"b" * 5000, b"end\n"):  # (more than the pipe holds)
             os.write(write, part)
@@ -560,8 +562,6 @@ def test_a_process_writing_on_to_an_exited_workers_pipe_ends_the_read() -> None:
     """A process the worker started that writes on, for good, to its stdout: the read
     ends once it read more since the exit than the pipe holds (the worker's bytes were all
     in it, so all read), with them first, though the pipe is never idle."""
-    from nexus_trio.cli._cluster_cmd import _read_output
-
     read, write = _pipe()
     os.write(write, b"summary\n")
     exited = threading.Event()
@@ -575,12 +575,7 @@ def test_a_process_writing_on_to_an_exited_workers_pipe_ends_the_read() -> None:
 
     babbler = threading.Thread(target=babble)
     babbler.start()
-    kept: list[bytes] = []
-    result: list[bool] = []
-    reader = threading.Thread(
-        target=lambda: result.append(_read_output(read, exited, kept.append, 3600.0))
-    )
-    reader.start()
+    reader, kept, result = _reading(read, exited, 3600.0)
     reader.join(60)  # (a fail-safe: the old rule read on for good)
     stop.set()
     alive = reader.is_alive()
@@ -634,4 +629,76 @@ def test_a_relay_starved_past_the_grace_is_waited_for_not_counted_lost(
         relay.thread.gate.set()
         threading.Thread.join(relay.thread, 60)
     assert lost == 0
+    assert capfd.readouterr().err.splitlines() == ["first line", "second line"]
+
+
+class _CountedJoins(threading.Thread):
+    """A relay's thread whose waits with a timeout return at once, counted (the waiter's
+    time passing: each is one of _LOOK_AGAIN's, 50 ms), in step with the refusals of a
+    :class:`_LateLock`: one refusal, one wait."""
+
+    def __init__(self, target: Any, rounds: int) -> None:
+        super().__init__(target=target, daemon=True)
+        self.joins, self.rounds = 0, rounds
+        self.refused, self.go = threading.Semaphore(0), threading.Semaphore(0)
+        self.stopped = threading.Event()  # (the test's end: no more steps)
+
+    def join(self, timeout: float | None = None) -> None:
+        if timeout is None or self.joins >= self.rounds:
+            super().join(timeout)
+            return
+        while not self.refused.acquire(timeout=0.01):  # (a step, or the thread's end)
+            if not self.is_alive():
+                return
+        self.joins += 1
+        self.go.release()
+
+
+class _LateLock:
+    """The output lock, held by a log thread run late: refused until the waiter has
+    waited ``thread.rounds`` times (one refusal a wait), then taken."""
+
+    def __init__(self, thread: _CountedJoins, relay: Any) -> None:
+        self.thread, self.relay, self.refusals = thread, relay, 0
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if self.thread.joins >= self.thread.rounds:
+            return True
+        self.refusals += 1
+        self.thread.refused.release()
+        while not self.thread.go.acquire(timeout=0.01):  # (its wait, or given up)
+            if self.relay._given_up or self.thread.stopped.is_set():
+                break
+        return False
+
+    def release(self) -> None:
+        pass
+
+
+def test_a_relay_waiting_for_a_late_lock_holder_with_stderr_writable_is_not_given_up(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay writes under the log handler's lock: a wait for it that times out while
+    the standard error is writable is the holder run late (a loaded machine), not a
+    standard error that takes nothing, and does not count toward giving the relay up.
+    (Fails with the lock's timeouts counted as blocked: both lines counted lost.)"""
+    from nexus_trio.cli import _cluster_cmd
+
+    read, write = os.pipe()
+    os.write(write, b"first line\nsecond line\n")
+    os.close(write)
+    relay = _cluster_cmd._Relay(os.fdopen(read, "rb"))
+    # (1,000 of the waiter's waits: 50 s, far past the grace)
+    relay.thread = thread = _CountedJoins(relay._run, 1000)
+    lock = _LateLock(thread, relay)
+    monkeypatch.setattr(_cluster_cmd, "output_lock", lambda: lock)
+    relay.exited.set()
+    thread.start()
+    try:
+        lost = _cluster_cmd._relays_lost([relay], 2.0)
+    finally:
+        thread.stopped.set()
+        threading.Thread.join(thread, 60)
+    assert lost == 0
+    assert lock.refusals == 1000
     assert capfd.readouterr().err.splitlines() == ["first line", "second line"]

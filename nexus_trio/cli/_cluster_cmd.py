@@ -1228,8 +1228,9 @@ class _Relay:
         #: _read_output)
         self.exited = threading.Event()
         #: waits of _LOOK_AGAIN in a row in which this process's standard error took
-        #: nothing (its lock held, or not writable): a count, not a clock, so that a
-        #: thread run late does not look blocked
+        #: nothing (not writable; or its lock held with it not writable): a count, not a
+        #: clock, so that a thread run late (this one, or the lock's holder) does not
+        #: look blocked
         self._blocked = 0
 
     def _run(self) -> None:
@@ -1332,7 +1333,8 @@ class _Relay:
             piece, data = data[:size], data[size:]
             lines = piece.count(b"\n")
             while not lock.acquire(timeout=_LOOK_AGAIN):
-                self._blocked += 1
+                if not _writable(2):  # (the holder stuck in a write; not one run late)
+                    self._blocked += 1
                 if self._given_up:
                     return
             try:
@@ -1432,6 +1434,16 @@ def _read_output(
         keep(chunk)
         waiting.took(len(chunk))
     return False
+
+
+def _writable(fd: int) -> bool:
+    """Whether a write to ``fd`` would take bytes now (a closed one: True, it fails)."""
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return True
 
 
 def _relays_lost(relays: Sequence[_Relay], grace: float) -> int:
