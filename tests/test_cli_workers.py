@@ -13,8 +13,10 @@ import contextlib
 import functools
 import gc
 import http.client
+import inspect
 import json
 import logging
+import math
 import os
 import random
 import select
@@ -117,6 +119,33 @@ def invoke_run(args: list[str], **env: str) -> tuple[int, str]:
     return result.exit_code, " ".join(result.output.split())
 
 
+def record_run_workers(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
+    """``run_workers`` records the keyword arguments it was given (and starts nothing)."""
+    from nexus_trio.cli import _cluster_cmd
+
+    asked: list[dict[str, object]] = []
+
+    def run_workers(workers: int, *_args: object, **kwargs: object) -> tuple[dict, int]:
+        asked.append(kwargs)
+        return {"workers": workers, "log_records_lost": 0, "log_calls_failed": 0}, 0
+
+    monkeypatch.setattr(_cluster_cmd, "run_workers", run_workers)
+    monkeypatch.delenv(WORKER_ENV, raising=False)
+    return asked
+
+
+def nats_key_given(
+    where: str, tmp_path: Path, key: str, toml_value: str, env_value: str
+) -> tuple[list[str], dict[str, str]]:
+    """The arguments and environment that set ``[nats] key``: in a config file (``where``
+    is ``"file"``, the value written as ``toml_value``) or in its variable."""
+    if where == "file":
+        config = tmp_path / "nats.toml"
+        config.write_text(f"[nats]\n{key} = {toml_value}\n")
+        return ["-c", str(config)], {}
+    return [], {f"NEXUS_NATS__{key.upper()}": env_value}
+
+
 @pytest.mark.usefixtures("restore_logging", "isolated")
 @pytest.mark.parametrize("where", ["file", "env"])
 def test_workers_ignore_the_nats_url_of_the_config_and_do_not_check_it(
@@ -127,26 +156,11 @@ def test_workers_ignore_the_nats_url_of_the_config_and_do_not_check_it(
     URL there that no single run would take (``foo``, a port out of range) is not refused
     either. (A value that is no string at all is the config file's error, refused by
     every command as any other key's type.)"""
-    from nexus_trio.cli import _cluster_cmd
-
-    asked: list[object] = []
-
-    def run_workers(workers: int, *_args: object, **kwargs: object) -> tuple[dict, int]:
-        asked.append(kwargs["nats_url"])
-        return {"workers": workers, "log_records_lost": 0, "log_calls_failed": 0}, 0
-
-    monkeypatch.setattr(_cluster_cmd, "run_workers", run_workers)
-    monkeypatch.delenv(WORKER_ENV, raising=False)
-    args = ["-W", "2", "-d", "1", "--json"]
-    env: dict[str, str] = {}
-    if where == "file":
-        config = tmp_path / "nats.toml"
-        config.write_text('[nats]\nurl = "foo"\n')
-        args += ["-c", str(config)]
-    else:
-        env["NEXUS_NATS__URL"] = "nats://127.0.0.1:99999"
+    asked = record_run_workers(monkeypatch)
+    given, env = nats_key_given(where, tmp_path, "url", '"foo"', "nats://127.0.0.1:99999")
+    args = ["-W", "2", "-d", "1", "--json", *given]
     code, out = invoke_run(args, **env)
-    assert (code, asked) == (0, [None]), out  # the private server's
+    assert (code, [a["nats_url"] for a in asked]) == (0, [None]), out  # the private server's
     # without --workers the same value is refused, naming the key and its source
     code, out = invoke_run(args[2:], **env)
     assert code == 2
@@ -1769,12 +1783,12 @@ def test_a_worker_frozen_after_the_settle_is_killed_when_the_others_have_ended(
     from nexus_trio.cli import _cluster_cmd
 
     monkeypatch.setattr(_cluster_cmd, "_SETTLED_GRACE", 0.5, raising=False)
-    # (the workers' shutdown grace: 5 s by default)
+    # (the workers' shutdown grace: 5 s by default, and their server_lost_wait, 2 s)
     summary, status, pid = _run_with_worker_1_frozen(
         tmp_path, caplog, _worker_0_settled_with_both(), _cluster_cmd.run_workers
     )
     assert (
-        f"worker-1 (pid {pid}) was settled with by every other worker and still runs 5.5s"
+        f"worker-1 (pid {pid}) was settled with by every other worker and still runs 7.5s"
         " after they ended: killing it" in caplog.text
     )
     assert status == 128 + signal.SIGKILL
@@ -1783,7 +1797,7 @@ def test_a_worker_frozen_after_the_settle_is_killed_when_the_others_have_ended(
     assert (dead["pid"], dead["exit"], dead["died"]) == (pid, "killed by SIGKILL", True)
     assert dead["error"] == (
         f"worker-1 (pid {pid}) killed by SIGKILL: every other worker settled with it,"
-        " it still ran 5.5s after they ended"
+        " it still ran 7.5s after they ended"
     )
     assert dead["books"] == "its last record: it settled, then died"
     assert summary["conserved"] is True
@@ -1815,17 +1829,93 @@ def test_a_shutdown_grace_past_a_threads_longest_wait_kills_a_frozen_worker_at_t
     assert summary["per_worker"][1]["exit"] == "killed by SIGKILL"
 
 
+def test_a_worker_riding_out_a_failover_is_given_its_server_lost_wait_before_it_is_killed(
+    tmp_path: Path, caplog, monkeypatch
+) -> None:
+    """Regression: the parent killed a worker the others settled with ``[kernel]
+    shutdown_grace_ms`` + 20 s after they ended, whatever its ``[nats] server_lost_wait``:
+    with a wait of 30 s, a worker riding out its server's failover (as the key allows) was
+    killed mid-wait. The kill timer adds the wait (the grace made 0.1 s, the shutdown
+    grace 0 and the wait 0.4 s here: the worker is killed 0.5 s after, said so)."""
+    from nexus_trio.cli import _cluster_cmd
+
+    monkeypatch.setattr(_cluster_cmd, "_SETTLED_GRACE", 0.1, raising=False)
+    summary, status, pid = _run_with_worker_1_frozen(
+        tmp_path,
+        caplog,
+        _worker_0_settled_with_both(),
+        functools.partial(_cluster_cmd.run_workers, shutdown_grace=0, server_lost_wait=0.4),
+    )
+    assert (
+        f"worker-1 (pid {pid}) was settled with by every other worker and still runs 0.5s"
+        " after they ended: killing it" in caplog.text
+    )
+    assert status == 128 + signal.SIGKILL
+    assert summary["per_worker"][1]["error"] == (
+        f"worker-1 (pid {pid}) killed by SIGKILL: every other worker settled with it,"
+        " it still ran 0.5s after they ended"
+    )
+
+
+def test_the_straggler_graces_grow_with_the_server_lost_wait() -> None:
+    """The parent's two kill timers of a worker not counted lost (the one the others
+    settled with, the one asked to stop) are its fixed grace, the workers' shutdown grace
+    and their ``[nats] server_lost_wait``; a wait that is no finite number of seconds >= 0
+    is refused naming the key (before anything starts)."""
+    from nexus_trio.cli import _cluster_cmd
+
+    settled, stop = _cluster_cmd._SETTLED_GRACE, _cluster_cmd._STOP_GRACE
+    assert _cluster_cmd.straggler_graces(5.0, 30.0) == (settled + 35.0, stop + 35.0)
+    assert _cluster_cmd.straggler_graces(5.0, 0) == (settled + 5.0, stop + 5.0)
+    longest = _cluster_cmd._LONGEST_WAIT
+    assert _cluster_cmd.straggler_graces(1e300, 2.0) == (longest, longest)
+    for bad in (-1.0, math.inf, math.nan, True, "2"):
+        with pytest.raises(ValueError, match=r"^\[nats\] server_lost_wait") as raised:
+            _cluster_cmd.straggler_graces(5.0, bad)  # type: ignore[arg-type]
+        assert str(raised.value) == (
+            f"[nats] server_lost_wait must be a finite number of seconds >= 0, got {bad!r}"
+        )
+        with pytest.raises(ValueError, match=r"^\[nats\] server_lost_wait must be"):
+            _cluster_cmd.run_workers(1, [], server_lost_wait=bad)  # type: ignore[arg-type]
+    # (run_workers' default is the key's)
+    from nexus_trio._config import NatsConfig
+
+    default = inspect.signature(_cluster_cmd.run_workers).parameters["server_lost_wait"]
+    assert default.default == NatsConfig().server_lost_wait
+
+
+@pytest.mark.usefixtures("restore_logging", "isolated")
+@pytest.mark.parametrize("where", ["file", "env"])
+def test_the_workers_server_lost_wait_reaches_the_parents_timers(
+    where: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``nexus run --workers`` gives ``run_workers`` the config's ``[nats]
+    server_lost_wait`` (the file's or ``NEXUS_NATS__SERVER_LOST_WAIT``), the one its
+    workers take, and the shutdown grace, for its kill timers."""
+    asked = record_run_workers(monkeypatch)
+    given, env = nats_key_given(where, tmp_path, "server_lost_wait", "30", "30")
+    args = ["-W", "2", "-d", "1", "--json", "--nats", "nats://127.0.0.1:1"]
+    code, out = invoke_run([*args, *given], **env)
+    code_default, out_default = invoke_run(args)  # (no config: the defaults)
+    assert (code, code_default) == (0, 0), (out, out_default)
+    assert [(a["server_lost_wait"], a["shutdown_grace"]) for a in asked] == [
+        (30.0, 5.0),
+        (2.0, 5.0),
+    ]
+
+
 @pytestmark_linux
 @pytest.mark.parametrize(
-    "how",
+    ("how", "wait"),
     [
-        "trap '' TERM; for i in $(seq 600); do sleep 0.1; done",  # deaf to it (60 s at most)
-        "kill -STOP $$",  # frozen
+        ("trap '' TERM; for i in $(seq 600); do sleep 0.1; done", 0),  # deaf (60 s at most)
+        ("kill -STOP $$", 0),  # frozen
+        ("kill -STOP $$", 0.4),  # frozen, the workers' server_lost_wait 0.4 s
     ],
-    ids=["deaf", "frozen"],
+    ids=["deaf", "frozen", "frozen-server-lost-wait"],
 )
 def test_a_worker_that_does_not_end_after_the_stop_is_killed_past_the_stop_grace(
-    tmp_path: Path, caplog, monkeypatch, how: str
+    tmp_path: Path, caplog, monkeypatch, how: str, wait: float
 ) -> None:
     """Regression: ``nexus run -W 2`` with worker-1 frozen (SIGSTOP) while the workers
     joined, then one SIGTERM to the parent: worker-0 stopped and printed its summary, but
@@ -1833,10 +1923,13 @@ def test_a_worker_that_does_not_end_after_the_stop_is_killed_past_the_stop_grace
     parent waited for it for good (90 s, then killed by hand), as for a worker deaf to the
     SIGTERM. A stop is bounded, as systemd's ``TimeoutStopSec``: a worker still running
     ``_STOP_GRACE`` seconds past its shutdown grace after the stop was passed on is killed
-    and counted as a dead one (the grace made 0.5 s here)."""
+    and counted as a dead one (the grace made 0.5 s here). The workers' ``[nats]
+    server_lost_wait`` is added (a leave riding out a failover waits that long: the
+    fixed bound killed it mid-wait); the SIGTERM is passed on at once all the same."""
     from nexus_trio.cli import _cluster_cmd
 
     monkeypatch.setattr(_cluster_cmd, "_STOP_GRACE", 0.5, raising=False)
+    grace = f"{0.5 + wait:g}s"
     log, pid_file = tmp_path / "log", tmp_path / "pid"
     summary_of_0 = tmp_path / "summary-0.json"
     summary_of_0.write_text(canned_summary("worker-0").replace('"duration"', '"SIGTERM"'))
@@ -1854,13 +1947,13 @@ def test_a_worker_that_does_not_end_after_the_stop_is_killed_past_the_stop_grace
         caplog.at_level(logging.INFO, logger="nexus_trio.cli"),
     ):
         summary, status = _cluster_cmd.run_workers(
-            2, [], nats_url=NO_SERVER, python=python, shutdown_grace=0
+            2, [], nats_url=NO_SERVER, python=python, shutdown_grace=0, server_lost_wait=wait
         )
     sender.join()
     assert not hung.is_set(), "the parent waited for good for a worker asked to stop"
     pid = int(pid_file.read_text())
     assert (
-        f"worker-1 (pid {pid}) still runs 0.5s after it was asked to stop: killing it"
+        f"worker-1 (pid {pid}) still runs {grace} after it was asked to stop: killing it"
         in caplog.text
     )
     assert status == 128 + signal.SIGKILL
@@ -1870,7 +1963,7 @@ def test_a_worker_that_does_not_end_after_the_stop_is_killed_past_the_stop_grace
     dead = summary["per_worker"][1]
     assert (dead["pid"], dead["died"]) == (pid, True)
     assert dead["error"] == (
-        f"worker-1 (pid {pid}) killed by SIGKILL: it still ran 0.5s after it was asked to stop"
+        f"worker-1 (pid {pid}) killed by SIGKILL: it still ran {grace} after it was asked to stop"
     )
     assert summary["error"] == dead["error"]
     assert not running(pid)

@@ -849,6 +849,7 @@ def _run_workers(
         nats_url=nats,
         metrics_port=cfg.metrics.port,
         shutdown_grace=cfg.kernel.shutdown_grace,
+        server_lost_wait=cfg.nats.server_lost_wait,
     )
     # The workers' losses are in their summaries; the parent's own lines lost (its
     # standard error is theirs: on a full disk, all of them) are added, once written or

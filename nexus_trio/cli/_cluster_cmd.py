@@ -22,10 +22,11 @@ that does not end but falls silent (SIGSTOP, a hang) is counted lost by the othe
 end without it: once every worker still running is one so counted by every worker that
 ended with its summary, it is killed :data:`_LOST_GRACE` seconds later and counted as a
 dead one. One frozen after the swarm settled (the others settled with it and ended) is
-killed likewise, past its shutdown's bound, and counted with its last record.
+killed likewise, past its shutdown's bound (and its ``server_lost_wait``: a worker riding
+out a NATS failover waits that long), and counted with its last record.
 Whatever the others did, a worker asked to stop (the parent's signal passed on, or the
 run's own stop) that has not ended :data:`_STOP_GRACE` seconds past its shutdown grace
-later (deaf to the SIGTERM, frozen while the others stopped first) is killed and counted
+and its ``[nats] server_lost_wait`` later (deaf to the SIGTERM, frozen while the others stopped first) is killed and counted
 as a dead one, as systemd's ``TimeoutStopSec``: one stop always ends the run.
 A worker says it is ready once it joined the cluster (:func:`notify_parent_ready`); one
 not ready :data:`_START_GRACE` seconds after it started (hung at its import, its config,
@@ -53,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import queue
 import select
@@ -120,13 +122,15 @@ _PIPE_CAPACITY: Final = 1 << 16
 _LOST_GRACE: Final = 5.0
 #: seconds, on top of the workers' shutdown grace, a worker every other one settled with
 #: (or counted lost) may run on after they ended, to shut down and write its summary
-#: (its spawned programs get 5 s after their ``shutdown`` frame and 5 s after SIGTERM)
+#: (its spawned programs get 5 s after their ``shutdown`` frame and 5 s after SIGTERM);
+#: its ``[nats] server_lost_wait`` is added too (see :func:`straggler_graces`)
 _SETTLED_GRACE: Final = 20.0
 #: seconds, on top of the workers' shutdown grace, a worker asked to stop (the parent's
 #: signal passed on, or the run's own stop after a death) may run on before it is killed:
 #: the swarm's settle (``_swarm.SETTLE_TIMEOUT``, 60 s) and a shutdown's time past its
 #: grace (:data:`_SETTLED_GRACE`). A worker deaf to the SIGTERM or frozen (SIGSTOP) that
-#: the others did not count lost (they stopped first) had kept the parent waiting for good
+#: the others did not count lost (they stopped first) had kept the parent waiting for good;
+#: its ``[nats] server_lost_wait`` is added too (see :func:`straggler_graces`)
 _STOP_GRACE: Final = 80.0
 #: seconds a worker has to get ready (import its ``--app``/``--types``, load its config,
 #: join the cluster) before it is killed and the others stopped, as systemd's
@@ -499,6 +503,30 @@ def _merged_latency(histograms: Sequence[dict[str, float]]) -> dict[str, float]:
     return merged
 
 
+def straggler_graces(shutdown_grace: float, server_lost_wait: float) -> tuple[float, float]:
+    """Seconds a worker the others settled with may run on after they ended, and seconds
+    a worker asked to stop may run on, before ``run_workers`` kills it: :data:`_SETTLED_GRACE`
+    and :data:`_STOP_GRACE` on top of the workers' ``shutdown_grace`` and their
+    ``server_lost_wait`` (a worker riding out a NATS failover waits that long at its
+    settle, and its leave's steps as long: with ``[nats] server_lost_wait = 30`` the
+    fixed graces killed it mid-wait), each at most :data:`_LONGEST_WAIT`.
+
+    ValueError naming ``[nats] server_lost_wait`` if it is not a finite number of
+    seconds >= 0 (the config refuses such a value first)."""
+    if (
+        isinstance(server_lost_wait, bool)
+        or not isinstance(server_lost_wait, int | float)
+        or not server_lost_wait >= 0
+        or not math.isfinite(server_lost_wait)
+    ):
+        raise ValueError(
+            "[nats] server_lost_wait must be a finite number of seconds >= 0,"
+            f" got {server_lost_wait!r}"
+        )
+    waits = shutdown_grace + server_lost_wait
+    return min(_SETTLED_GRACE + waits, _LONGEST_WAIT), min(_STOP_GRACE + waits, _LONGEST_WAIT)
+
+
 def run_workers(
     workers: int,
     run_args: Sequence[str],
@@ -507,6 +535,7 @@ def run_workers(
     python: str | None = None,
     metrics_port: int = 0,
     shutdown_grace: float = 5.0,
+    server_lost_wait: float = 2.0,
 ) -> tuple[dict[str, Any], int]:
     """Run ``workers`` worker processes to the end; return the added-up summary and the
     worst exit status. ``run_args`` are ``nexus run`` arguments (see :func:`worker_argv`).
@@ -516,12 +545,18 @@ def run_workers(
     ``shutdown_grace`` is the workers' kernel shutdown grace (``[kernel]
     shutdown_grace_ms``, in seconds): a worker the others settled with that does not end
     :data:`_SETTLED_GRACE` seconds past it after they ended (frozen in its shutdown) is
-    killed.
+    killed. ``server_lost_wait`` is the workers' ``[nats] server_lost_wait`` (seconds;
+    the default is the key's): a worker may wait that long for its NATS connection back
+    at its settle and at its leave (a failover), so each of the parent's kill timers of
+    a worker that was not counted lost (the settled one's and the stop's, see
+    :func:`straggler_graces`) gives it that much longer; a stop is passed on as at once.
 
     ValueError, before anything starts, if ``workers`` is below 1 or more than this host
-    should run (the bound ``nexus run --workers`` checks: :func:`worker_count_problem`)."""
+    should run (the bound ``nexus run --workers`` checks: :func:`worker_count_problem`),
+    or ``server_lost_wait`` is not a finite number of seconds >= 0."""
     if workers < 1:
         raise ValueError(f"--workers must be at least 1, got {workers}")
+    settled_grace, stop_grace = straggler_graces(shutdown_grace, server_lost_wait)
     problem = worker_count_problem(workers)
     if problem is not None:
         raise ValueError(f"--workers: {problem}")
@@ -613,7 +648,6 @@ def run_workers(
     #: per worker pid asked to stop, when (``time.monotonic``) it is killed if it still runs
     #: (kept by the loop that waits for the workers: no thread is started in a handler)
     stop_deadlines: dict[int, float] = {}
-    stop_grace = min(_STOP_GRACE + shutdown_grace, _LONGEST_WAIT)
     #: per worker pid not ready yet, when (``time.monotonic``) it is killed if it still is not
     start_deadlines: dict[int, float] = {}
 
@@ -671,7 +705,7 @@ def run_workers(
         for j, p in running:
             if p.pid not in lost_timers:
                 lost = f"worker-{j}" in lost_to_all
-                grace = _LOST_GRACE if lost else min(_SETTLED_GRACE + shutdown_grace, _LONGEST_WAIT)
+                grace = _LOST_GRACE if lost else settled_grace
                 lost_timers[p.pid] = timer = threading.Timer(grace, kill_lost, (j, p, lost, grace))
                 timer.daemon = True
                 timer.start()
