@@ -3034,7 +3034,8 @@ async def test_how_long_a_node_awaits_a_last_notice_is_an_option() -> None:
     many seconds after its leave was heard has what it did not confirm counted."""
     async with open_kernel(_config()) as kernel:
         for wait, counted in ((1.0, 3), (ClusterOptions().last_notice_wait, 0)):
-            options = ClusterOptions(last_notice_wait=wait)
+            # (a wait of 1 s is above a server_lost_wait of 0.5 s only: see ClusterOptions)
+            options = ClusterOptions(server_lost_wait=0.5, last_notice_wait=wait)
             cluster = Cluster(kernel, ["nats://127.0.0.1:1"], "a", options)
             cluster._await_notice(("b", 1, 2), 5, 2)  # b left: 5 numbered, 2 confirmed
             cluster._count_late_notices(time.monotonic() + 0.5)

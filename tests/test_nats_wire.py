@@ -517,6 +517,32 @@ def test_bad_options_are_refused_naming_the_option(bad: dict[str, Any]) -> None:
     assert wire.agent_subject("p", "n", uuid.UUID(int=5)).startswith("p.node.n.agent.")
 
 
+def test_last_notice_wait_follows_server_lost_wait_or_must_be_above_it() -> None:
+    """``last_notice_wait`` must stay above ``server_lost_wait`` (a leave riding out a
+    failover sends its last notice up to that late; the others counted what it took as
+    lost): left out, it is derived (``server_lost_wait`` + 13 s, 15 s by default, as
+    Akka derives a setting from the one it follows); given, one not above it is a
+    ValueError naming both, as Akka checks related settings at start."""
+    assert ClusterOptions().last_notice_wait == 15.0
+    assert ClusterOptions(server_lost_wait=30).last_notice_wait == 43.0
+    assert ClusterOptions(server_lost_wait=0).last_notice_wait == 13.0
+    assert ClusterOptions(server_lost_wait=30, last_notice_wait=30.5).last_notice_wait == 30.5
+    for asked in ({"server_lost_wait": 30, "last_notice_wait": 20}, {"last_notice_wait": 2.0}):
+        with pytest.raises(ValueError, match=r"^last_notice_wait") as raised:
+            ClusterOptions(**asked)  # type: ignore[arg-type]
+        wait = asked.get("server_lost_wait", 2.0)
+        assert str(raised.value) == (
+            f"last_notice_wait ({asked['last_notice_wait']:g} s) must be above"
+            f" server_lost_wait ({wait:g} s): a leave riding out a failover sends its last"
+            " notice up to server_lost_wait late, and the others would count what it took"
+            " as lost; raise last_notice_wait, or leave it out (server_lost_wait + 13 s)"
+        )
+    # a bad server_lost_wait is still its own error, not the derivation's
+    for bad in ("2", True, math.nan):
+        with pytest.raises(ValueError, match=r"^server_lost_wait must be"):
+            ClusterOptions(server_lost_wait=bad)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     "name", ["echo", "a.b", "with space", "ünï", "x" * 255, "-", "\U0001f600" * 255]
 )

@@ -239,6 +239,20 @@ def _seconds(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
 
 _at_least_one: Final = attrs.validators.ge(1)
 
+#: ``ClusterOptions.last_notice_wait`` left out is ``server_lost_wait`` plus this: the
+#: leave's own bound (some 10 s) and ``notice_wait_at_leave`` (2 s), with a second to
+#: spare; 15 s with the 2 s default wait, the fixed default until the forty-first pass
+_LAST_NOTICE_MARGIN: Final = 13.0
+
+
+def _last_notice_wait(options: ClusterOptions) -> float:
+    """``last_notice_wait`` derived from ``server_lost_wait`` (its validator, which runs
+    after, refuses a bad one)."""
+    wait = options.server_lost_wait
+    if isinstance(wait, bool) or not isinstance(wait, int | float):
+        return _LAST_NOTICE_MARGIN
+    return _LAST_NOTICE_MARGIN + wait
+
 
 @final
 @attrs.frozen
@@ -299,11 +313,27 @@ class ClusterOptions:
     #: heard the leave, before it counts what that join did not confirm in
     #: ``lost_at_leave`` (an upper bound). Keep it above how long a leave takes to send
     #: its notice after it announced itself: some 10 s at most (its steps are bounded,
-    #: see Cluster._leave and _disconnect), plus ``notice_wait_at_leave``
-    last_notice_wait: float = attrs.field(default=15.0, validator=_seconds)
+    #: see Cluster._leave and _disconnect), plus ``notice_wait_at_leave``, plus
+    #: ``server_lost_wait`` (a leave rides out a failover that long). Left out, it is
+    #: ``server_lost_wait`` + 13 s (15 s by default); given, it must be above
+    #: ``server_lost_wait`` (else ``ValueError`` naming both), as Akka checks related
+    #: settings as the system starts
+    last_notice_wait: float = attrs.field(
+        default=attrs.Factory(_last_notice_wait, takes_self=True), validator=_seconds
+    )
     #: seconds a clean leave waits for the last notices this node still awaits (those
     #: that have not come then are counted as late)
     notice_wait_at_leave: float = attrs.field(default=2.0, validator=_seconds)
+
+    def __attrs_post_init__(self) -> None:
+        if not self.last_notice_wait > self.server_lost_wait:
+            raise ValueError(
+                f"last_notice_wait ({self.last_notice_wait:g} s) must be above"
+                f" server_lost_wait ({self.server_lost_wait:g} s): a leave riding out a"
+                " failover sends its last notice up to server_lost_wait late, and the"
+                " others would count what it took as lost; raise last_notice_wait, or"
+                " leave it out (server_lost_wait + 13 s)"
+            )
 
 
 @final
