@@ -3226,6 +3226,73 @@ async def test_a_leave_with_its_connection_down_for_good_waits_for_nothing_it_ne
         ]
 
 
+class _Control:
+    """A control connection that closes at once."""
+
+    is_closed = False
+
+    async def close(self) -> None:
+        self.is_closed = True
+
+
+@pytest.mark.parametrize(
+    ("back_after", "notice_at", "lost"),
+    [
+        # server_lost_wait 5 s: a failover of 4 s, the notice 1 s after it (within the
+        # 2 s of notice_wait_at_leave, which stood still while the connection was down)
+        (4.0, 5.0, 0),
+        (None, 6.0, 3),  # down for good: given up at 5 s, the notice counted late
+        (0.0, 3.0, 3),  # up: the 2 s bound holds, as before
+    ],
+    ids=["back-at-4s", "gone", "up-late-notice"],
+)
+async def test_the_leaves_wait_for_last_notices_stands_still_while_the_connection_is_down(
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    back_after: float,
+    notice_at: float,
+    lost: int,
+) -> None:
+    """Regression: the leave's wait for the last notices of nodes that left just before
+    (``notice_wait_at_leave``, 2 s) ran while the control connection was down: a
+    failover of 4 s under a ``server_lost_wait`` of 5 s cut it, and the notice that came
+    1 s after the connection was back was counted late (``lost_at_leave``: what that
+    node had not confirmed). Its bound now stands still while the connection is down, as
+    the leave's other steps' do; one down ``server_lost_wait`` still ends it."""
+
+    async def no_notice(_self: Cluster, _control: object) -> None:
+        pass
+
+    monkeypatch.setattr(Cluster, "_send_last_notice", no_notice)
+    async with open_kernel(_config()) as kernel, asyncio_loop():
+        cluster = Cluster(kernel, ["nats://127.0.0.1:1"], "a", ClusterOptions(server_lost_wait=5.0))
+        cluster._ctl = _Control()  # type: ignore[assignment]
+        cluster._closing = True
+        cluster._await_notice(("b", 1, 2), 5, 2)  # b left: 5 numbered, 2 confirmed
+        notice = json.dumps(
+            {"id_prefix": f"{1:016x}", "session": f"{2:016x}", "recv": {cluster.stream_name: 5}}
+        )
+        start = trio.current_time()
+        if back_after != 0.0:
+            _down(cluster, start)
+        async with trio.open_nursery() as nursery:
+
+            async def outage() -> None:
+                if back_after:
+                    await trio.sleep(back_after)
+                    _back(cluster)
+
+            async def notice_comes() -> None:
+                await trio.sleep(notice_at)
+                cluster._on_last_notice("b", notice)
+
+            nursery.start_soon(outage)
+            nursery.start_soon(notice_comes)
+            await cluster._disconnect()
+            nursery.cancel_scope.cancel()
+        assert cluster.stats().lost_at_leave == lost
+
+
 @pytest.mark.parametrize("bad", [-1, -0.5, math.nan, math.inf, "2", True, None])
 def test_server_lost_wait_refuses_what_is_no_finite_number_of_seconds(bad: object) -> None:
     """A bad ``server_lost_wait`` is a ValueError naming the option (the config key's

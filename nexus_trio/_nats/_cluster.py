@@ -5459,9 +5459,14 @@ class Cluster:
                     # (they come on this connection), then those late are counted below
                     self._notices_in = trio.Event()
                     wait = self.options.notice_wait_at_leave
-                    # (none comes once the connection is gone: see _unless_gone)
-                    with trio.CancelScope(shield=True), trio.move_on_after(wait):
-                        await self._unless_gone("control", self._notices_in.wait)
+                    # (none comes once the connection is gone: see _unless_gone; the
+                    # wait's bound stands still while it is down, as the leave's steps'
+                    # do: a failover within server_lost_wait cut it, and the notices
+                    # that came after were counted late, in lost_at_leave)
+                    with trio.CancelScope(shield=True):
+                        await self._unless_gone(
+                            "control", self._notices_in.wait, trio.current_time() + wait
+                        )
             with trio.CancelScope(shield=True), trio.move_on_after(3):
                 try:
                     await call_aio(nc.close)
