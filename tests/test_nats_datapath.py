@@ -3153,6 +3153,26 @@ def _back(cluster: Cluster) -> None:
     cluster._data_up.set()
 
 
+def _outage(
+    cluster: Cluster,
+    nursery: trio.Nursery,
+    start: float,
+    down_for: float | None,
+    back_after: float | None,
+) -> None:
+    """Both connections down since ``down_for`` seconds before ``start`` (None: up), and
+    back ``back_after`` seconds after it (None: never; the mock clock's seconds)."""
+    if down_for is not None:
+        _down(cluster, start - down_for)
+    if back_after is not None:
+
+        async def reconnect() -> None:
+            await trio.sleep(back_after)  # (the mock clock's: the outage's length)
+            _back(cluster)
+
+        nursery.start_soon(reconnect)
+
+
 @pytest.mark.parametrize(
     ("wait", "down_for", "back_after", "took", "done"),
     [
@@ -3199,16 +3219,8 @@ async def test_a_leave_with_its_connection_down_for_good_waits_for_nothing_it_ne
         options = ClusterOptions(server_lost_wait=wait)
         cluster = Cluster(kernel, ["nats://127.0.0.1:1"], "a", options)
         start = trio.current_time()
-        if down_for is not None:
-            _down(cluster, start - down_for)
         async with trio.open_nursery() as nursery:
-            if back_after is not None:
-
-                async def reconnect() -> None:
-                    await trio.sleep(back_after)  # (the mock clock's: the outage's length)
-                    _back(cluster)
-
-                nursery.start_soon(reconnect)
+            _outage(cluster, nursery, start, down_for, back_after)
             with caplog.at_level(logging.WARNING, logger="nexus_trio.nats"):
                 await cluster._leave()
         assert trio.current_time() - start == pytest.approx(took)
@@ -3291,6 +3303,51 @@ async def test_the_leaves_wait_for_last_notices_stands_still_while_the_connectio
             await cluster._disconnect()
             nursery.cancel_scope.cancel()
         assert cluster.stats().lost_at_leave == lost
+
+
+@pytest.mark.parametrize(
+    ("down_for", "back_after", "unsettled"),
+    [
+        (0.0, 4.0, 0),  # a failover of 4 s under a wait of 5 s: the acks are sent
+        (0.0, None, 1),  # down for good: cut at 5 s, counted
+        (5.0, None, 1),  # gone before the stop: tried within its share, as before
+        (None, None, 0),  # up: sent at once, as before
+    ],
+    ids=["back-at-4s", "gone", "gone-before", "up"],
+)
+async def test_the_durable_stops_send_share_stands_still_while_the_connection_is_down(
+    autojump_clock: trio.testing.MockClock,
+    down_for: float | None,
+    back_after: float | None,
+    unsettled: int,
+) -> None:
+    """Regression: the leave's durable stop gave the acks, naks and terms still queued
+    its 1.5 s share (``_LEAVE_DURABLE_WAIT``) on the clock, the data connection down or
+    not: a failover of 4 s under a ``server_lost_wait`` of 5 s cut their send at 1.5 s
+    (``unsettled_at_leave``: JetStream delivers those messages again). The share stands
+    still while the connection is down, as the leave's other steps' do. (The queue
+    here: one ack, sent once the connection is up.)"""
+    async with open_kernel(_config()) as kernel, asyncio_loop():
+        cluster = Cluster(kernel, ["nats://127.0.0.1:1"], "a", ClusterOptions(server_lost_wait=5.0))
+        durable = cluster.durable
+        durable._psub = object()  # (a pull that runs...)
+        durable._pull_ended.set()  # (...and ended at its cancel)
+
+        closes: list[float] = []
+
+        class Ops:
+            async def close(self) -> None:
+                closes.append(trio.current_time() - start)
+                await cluster.connections.wait_up("data")
+                durable._settles_sent += 1
+
+        durable._ops = Ops()  # type: ignore[assignment]
+        durable._settles_queued = 1
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            _outage(cluster, nursery, start, down_for, back_after)
+            await durable.stop(cluster_module._LEAVE_DURABLE_WAIT)
+        assert (closes, durable.unsettled_at_leave) == ([0.0], unsettled)
 
 
 @pytest.mark.parametrize("bad", [-1, -0.5, math.nan, math.inf, "2", True, None])

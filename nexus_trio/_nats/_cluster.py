@@ -146,7 +146,8 @@ _LEAVE_WAIT_PER_ENTRY: Final = 0.001
 #: each step of a clean leave has its own share of that bound, so that a slow one does
 #: not skip the rest (a durable pull that outlived its cancel used it all up: the
 #: node's names and record stayed, its leave was never announced): the durable path's
-#: stop (end the pull, send the acks) at most this long from the start...
+#: stop (end the pull, send the acks) at most this long from the start (the acks' part
+#: held while the data connection is down, see Durable.stop)...
 _LEAVE_DURABLE_WAIT: Final = 1.5
 #: ...the drops of the names and placement records up to this long before the end...
 _LEAVE_TAIL: Final = 3.0

@@ -112,6 +112,8 @@ FORWARDS_HEADER: Final = "Nexus-Forwards"
 #: (one not told of a move yet) pass it on no further; it waits where it is then
 FORWARD_HOPS: Final = 4
 #: the op of a forward in the settle queue: this prefix, then the subject
+#: the connection the acks, naks and terms go on (the cluster's ``connections`` role)
+_DATA: Final = "data"
 _FORWARD: Final = "forward "
 #: likewise, of a forward of a message stored for a lost node (see DurableChannel.take_over)
 _TAKEN: Final = "taken "
@@ -435,8 +437,7 @@ class DurableChannel:
                 held,
                 self.options.ack_wait,
             )
-        with trio.move_on_at(start + timeout):
-            await self._ops.close()
+        await self._close_ops(start + timeout)
         unsent = self._settles_queued - self._settles_sent
         if unsent > 0:
             self.unsettled_at_leave += unsent
@@ -452,6 +453,22 @@ class DurableChannel:
             )
             # counted: a second stop (the leave's, after a caller's) counts them not again
             self._settles_sent = self._settles_queued
+
+    async def _close_ops(self, until: float) -> None:
+        """Leaving: close the queue of acks, naks and terms (they are sent on the data
+        connection) by ``until``, a bound that stands still while that connection is
+        down (as the leave's other steps' bounds: a failover of 4 s under a
+        ``server_lost_wait`` of 5 s cut the send at 1.5 s, and JetStream delivered those
+        messages again), and is cut once it has been down ``server_lost_wait``. One gone
+        already (the server died) gets the bound as it stands, as before."""
+        connections = self.cluster.connections
+        wait = self.cluster.options.server_lost_wait
+        if connections.gone(_DATA, wait):
+            with trio.move_on_at(until):
+                await self._ops.close()
+            return
+        with trio.CancelScope(deadline=until) as bound:
+            await connections.unless_gone(_DATA, wait, self._ops.close, bound=bound)
 
     def unsent_in_client(self, settles: int) -> None:
         """Leaving with the data connection down: ``settles`` acks, naks and terms this
