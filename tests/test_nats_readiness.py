@@ -6,7 +6,9 @@ fetches fail (JetStream unavailable), and while it leaves."""
 from __future__ import annotations
 
 import math
+import os
 import re
+import signal
 from typing import Any
 
 import pytest
@@ -119,6 +121,49 @@ async def test_readyz_is_503_while_the_nats_server_is_gone_and_200_once_it_is_ba
     finally:
         for server in restarted:
             server.stop()
+
+
+async def test_a_node_whose_durable_fetches_get_no_answer_is_not_ready_until_one_is_answered() -> (
+    None
+):
+    """Regression: a durable fetch that JetStream did not answer at all (no message, no
+    status, no heartbeat: here the nats-server hung by SIGSTOP behind a connection that is
+    up; a stream with no leader likewise) read as an idle poll, and the node stayed ready.
+    It is a failed fetch now (``durable_fetch_failures{own}``): ``jetstream unavailable
+    since N s`` until one is answered; idle polls (answered by heartbeats) count nothing."""
+    server = await trio.to_thread.run_sync(NatsServer().start)
+    try:
+        async with local_node(server.url) as (_kernel, cluster):
+            durable = cluster.durable
+            polls = [0]
+            fetch = durable._psub.fetch
+
+            async def counted(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return await fetch(*args, **kwargs)
+                finally:
+                    polls[0] += 1
+
+            durable._psub.fetch = counted
+            with trio.fail_after(30):
+                await until(lambda: polls[0] >= 3)  # (idle polls, answered)
+                assert (durable.fetch_failures, cluster.readiness()) == (0, None)
+                os.kill(server.pid, signal.SIGSTOP)
+                try:
+                    await until(lambda: durable.fetch_failures >= 2)
+                    said = cluster.readiness()
+                finally:
+                    os.kill(server.pid, signal.SIGCONT)
+                assert said is not None
+                assert re.fullmatch(r"jetstream unavailable since \d+ s", said), said
+                await until(lambda: cluster.readiness() is None)
+                failures = durable.fetch_failures
+                seen = polls[0]
+                await until(lambda: polls[0] >= seen + 2)  # (idle again: counted nothing)
+                assert durable.fetch_failures == failures
+        assert cluster.stats().durable_fetch_failures["own"] == failures >= 2
+    finally:
+        server.stop()
 
 
 async def test_a_node_whose_durable_fetches_fail_is_not_ready_until_one_works(

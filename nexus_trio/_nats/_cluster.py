@@ -4775,7 +4775,7 @@ class Cluster:
         are down), ``nats connection closed`` (it gave up reconnecting), ``leaving``
         (from when the :func:`join_cluster` block is left), ``jetstream unavailable since N
         s`` (its connections up, the durable path's fetches of this node's consumer have
-        failed since then: until one works). :func:`join_cluster` adds it to the kernel's
+        failed since then, refused or not answered at all: until one works). :func:`join_cluster` adds it to the kernel's
         readiness (``/readyz``) for the join's length."""
         if self._ready_phase != "joined":
             return self._ready_phase

@@ -139,6 +139,12 @@ def _hops(jsmsg: NatsMsg) -> int:
     return int(text) if text.isascii() and text.isdigit() and len(text) < 4 else FORWARD_HOPS
 
 
+#: seconds a durable fetch waits for messages (its long poll), and the interval of the
+#: idle heartbeats JetStream sends it meanwhile: a poll that ends with none of them (no
+#: message, no status, no heartbeat) was not answered, which an idle one is (JetStream
+#: refuses a heartbeat above half the poll's wait)
+FETCH_WAIT: Final = 1.0
+FETCH_HEARTBEAT: Final = 0.25
 #: JetStream's error code for a publish past a stream's max_msgs (discard new)
 _MAX_MESSAGES_EXCEEDED: Final = 10077
 
@@ -269,6 +275,8 @@ class DurableChannel:
         #: behind connections that are up (the node's readiness says so, see
         #: Cluster.readiness)
         self.fetch_failing_since: float | None = None
+        # the last fetch of this node's consumer got nothing: the next asks for heartbeats
+        self._idle = True
         # bodies no kernel wrote (a hostile or broken publisher): each terminated and
         # counted dead, logged at once, then at most once a second with a running count
         self._undecodable_log = Throttle()
@@ -898,33 +906,27 @@ class DurableChannel:
                 with trio.move_on_at(next(iter(self._in_flight.values()))[1]):
                     await self._room.wait()
                 continue
+            asked = trio.current_time()
             try:
-                msgs: list[NatsMsg] = await call_aio_bounded(
-                    _PULL_CANCEL_WAIT, self._psub.fetch, batch=room, timeout=1.0
-                )
-            except (nats.errors.TimeoutError, TimeoutError):
-                self.fetch_failing_since = None
-                continue  # nothing to pull within the long poll
+                msgs, heard = await call_aio_bounded(_PULL_CANCEL_WAIT, self._fetch, room)
             except (nats.errors.Error, OSError) as exc:
                 if self.cluster.closing:
                     return
-                self.fetch_failures += 1
-                if self.fetch_failing_since is None:
-                    self.fetch_failing_since = trio.current_time()
-                if self.cluster.held.due(self._fetch_log, "durable fetches failed", logger=log):
-                    log_guarded(
-                        log,
-                        logging.WARNING,
-                        "node %s: durable fetch failed: %r (%d failed so far)",
-                        self.cluster.node,
-                        exc,
-                        self.fetch_failures,
-                    )
+                self._fetch_failed(asked, repr(exc))
                 await trio.sleep(self.cluster.options.reconnect_wait)
                 if isinstance(exc, nats.js.errors.Error):
                     await self._set_up_again()
                 continue
-            self.fetch_failing_since = None
+            if heard is False:
+                if self.cluster.closing:
+                    return
+                # nothing came back at all, no message, no status, no heartbeat: the
+                # consumer did not answer (a stream with no leader, a server hung behind a
+                # connection that is up): JetStream unavailable as a refused fetch is
+                self._fetch_failed(asked, "no answer from JetStream within the fetch's wait")
+                continue
+            if heard:
+                self.fetch_failing_since = None
             held = self._held
             held.extend(msgs)
             fetched = trio.current_time()
@@ -941,6 +943,50 @@ class DurableChannel:
                     self._give_back_held()
                     raise
                 held.popleft()
+
+    async def _fetch(self, batch: int) -> tuple[list[NatsMsg], bool | None]:
+        """asyncio side of a fetch of this node's own consumer (a long poll of
+        FETCH_WAIT): its messages, and whether JetStream answered it: True (messages,
+        or its idle heartbeats while it had none), False (nothing at all came back),
+        None (not known: no heartbeats asked, see below). Run on the asyncio loop."""
+        psub = self._psub
+        # Heartbeats only after a fetch that got nothing (while messages flow, each fetch
+        # returns some: the requests they leave lingering would each send heartbeats),
+        # and only when nats-py's fetch will not first hand out messages an earlier
+        # request left in the subscription's queue: it asks no expiry then, and JetStream
+        # refuses a heartbeat without one (400 heartbeat value too large), which the
+        # fetch raised, dropping the messages it took from the queue (a delivery each).
+        # (No await between the look and the fetch's own: nothing comes in between.)
+        probe = self._idle and not psub.pending_msgs
+        self._idle = True
+        try:
+            got: list[NatsMsg] = await psub.fetch(
+                batch=batch, timeout=FETCH_WAIT, heartbeat=FETCH_HEARTBEAT if probe else None
+            )
+        except nats.js.errors.FetchTimeoutError:
+            return [], True  # heartbeats came: nothing to pull within the poll
+        except TimeoutError:  # (nats' is one)
+            return [], False if probe else None
+        self._idle = not got
+        return got, True
+
+    def _fetch_failed(self, asked: float, why: str) -> None:
+        """A fetch of this node's own consumer, asked at ``asked``, failed (refused, or not
+        answered at all): counted in ``fetch_failures``; JetStream unavailable (the node's
+        readiness) from the first of those in a row until a fetch works. Logged at once,
+        then at most once a second."""
+        self.fetch_failures += 1
+        if self.fetch_failing_since is None:
+            self.fetch_failing_since = asked
+        if self.cluster.held.due(self._fetch_log, "durable fetches failed", logger=log):
+            log_guarded(
+                log,
+                logging.WARNING,
+                "node %s: durable fetch failed: %s (%d failed so far)",
+                self.cluster.node,
+                why,
+                self.fetch_failures,
+            )
 
     async def _drop_pull_requests(self) -> None:
         """The kernel's run is over: unsubscribe the inbox the pull's requests answer to.
