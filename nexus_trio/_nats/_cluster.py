@@ -460,6 +460,12 @@ class ClusterStats:
     #: them; they wait here (counted in ``durable_agent_missing`` too), dead after
     #: ``max_deliver``
     durable_not_forwarded: int = 0
+    #: deliveries of durable messages by name that no agent of this node had, terminated
+    #: (also in ``durable_dead``) because ``3 x max_in_flight`` of them waited for their
+    #: agents already: JetStream holds an unacked slot of the node's consumer
+    #: (``max_ack_pending``, ``4 x max_in_flight``) for each until it is delivered again,
+    #: and all of them waiting stalled every other durable message of the node
+    durable_wait_full: int = 0
     #: the outbox's sends that failed, each logged (at most a line a second, the rest
     #: said at the leave): a message the NATS client refused (also counted as what it
     #: was: ``publish_failures``, ``errors_unsent``, or a gap at its receiver) and one
@@ -5528,6 +5534,7 @@ class Cluster:
             durable_taken_over=d.taken_over,
             durable_fetch_failures={"own": d.fetch_failures, "takeover": d.takeover_fetch_failures},
             durable_not_forwarded=d.not_forwarded,
+            durable_wait_full=d.wait_full,
             publish_failures=self._publish_failures,
             lost_in_transit=self._seq_in.lost,
             parked=sum(len(q) for q in self._parked.values()),

@@ -25,7 +25,9 @@ original message id** (``ctx.message.kind is MessageKind.QUERY``):
   a pool restarted by hand) -> nak with a delay that grows each delivery n,
   ``min(missing_agent_delay * 2**(n-1), missing_agent_delay_max)`` (1, 2, 4, 8 s by
   default: the message outlives a gap of 15 s), counted in ``agent_missing``; dead
-  after ``max_deliver`` as any other.
+  after ``max_deliver`` as any other. Each holds an unacked slot of the consumer
+  (``max_ack_pending``, ``4 x max_in_flight``) while it waits: at most ``3 x
+  max_in_flight`` wait at a time, one past that is terminated at once (``wait_full``).
 
 The messages stored for a node that is lost are taken over by one survivor (the
 rendezvous owner of ``durable:<node>`` over the reachable members), which pulls that
@@ -313,6 +315,18 @@ class DurableChannel:
         self.not_forwarded = 0
         #: failed fetches of lost nodes' consumers (see take_over), each tried again
         self.takeover_fetch_failures = 0
+        # messages by name nakked here to wait for their agent (see failed), by stream
+        # sequence: when their redelivery is due at the latest. JetStream counts each in
+        # the consumer's max_ack_pending (4 x max_in_flight) until it is delivered again:
+        # at most wait_bound of them wait, so the node's other messages keep
+        # max_in_flight slots (all of them waiting stalled every other durable message
+        # of the node until they died, 15 s at the default delays)
+        self._waiting: dict[int, float] = {}
+        self.wait_bound = max(options.max_in_flight, 1) * 3
+        self._wait_full_log = Throttle()
+        #: deliveries by name whose agent this node did not have, terminated (dead)
+        #: because wait_bound messages waited for theirs already (see _may_wait)
+        self.wait_full = 0
 
     async def start(self, nursery: trio.Nursery) -> None:
         if not self.options.enabled:
@@ -1019,6 +1033,7 @@ class DurableChannel:
         except MessageDecodeError as exc:
             self._terminate_undecodable(jsmsg, exc)
             return
+        self._waiting.pop(jsmsg.metadata.sequence.stream, None)  # (delivered again)
         if msg.id in self._done:
             self.duplicates += 1
             self._settle(jsmsg, "ack")
@@ -1297,12 +1312,47 @@ class DurableChannel:
             )
             self._settle(jsmsg, "term")
         elif entry[1] > trio.current_time() and not self._newer_held(jsmsg):
-            if missing:
+            if not missing:
+                self._settle(jsmsg, "nak")
+            elif self._may_wait(jsmsg):
                 self.agent_missing += 1
                 self._settle(jsmsg, "wait")
             else:
-                self._settle(jsmsg, "nak")
+                self.wait_full += 1
+                self._terminate(
+                    jsmsg,
+                    self._wait_full_log,
+                    "durable messages terminated: too many waiting for their agents",
+                    "node %s: durable message %s for %r terminated at delivery %d: no agent"
+                    " has its name here, and %d messages wait for theirs already (the bound,"
+                    " 3 x max_in_flight: more would hold every unacked slot of the node's"
+                    " consumer, max_ack_pending, and stall its other durable messages)"
+                    " (%d so far)",
+                    self.cluster.node,
+                    msg_id,
+                    query.to,
+                    delivered,
+                    len(self._waiting),
+                    self.wait_full,
+                )
         # else JetStream has delivered it again already, or its ack_wait is over: it will
+
+    def _may_wait(self, jsmsg: NatsMsg) -> bool:
+        """Room for ``jsmsg`` (its agent missing here) to wait for its redelivery, taken
+        if so: fewer than ``wait_bound`` messages wait (those whose redelivery did not
+        come here when due, the stream purged or another puller given it, are not
+        counted), as Akka's shard region buffers messages for a shard with no home up
+        to its ``buffer-size`` and drops the rest to dead letters."""
+        waiting = self._waiting
+        now = trio.current_time()
+        if len(waiting) >= self.wait_bound:
+            for seq in [seq for seq, due in waiting.items() if due <= now]:
+                del waiting[seq]
+            if len(waiting) >= self.wait_bound:
+                return False
+        delay = missing_agent_delay(self.options, jsmsg.metadata.num_delivered)
+        waiting[jsmsg.metadata.sequence.stream] = now + delay + self.options.ack_wait + FETCH_WAIT
+        return True
 
     def given_up(self, msg_id: uuid.UUID, error: BaseException) -> None:
         """The agent that took durable message ``msg_id`` over (its handler returned, the

@@ -154,6 +154,11 @@ CLUSTER_COUNTERS: Final = {
         "Durable deliveries by name not forwarded to their agent's node, whose durable path"
         " is off (they wait here).",
     ),
+    "durable_wait_full": (
+        "nexus_cluster_durable_wait_full",
+        "Durable deliveries by name whose agent was missing, terminated: 3 x max_in_flight"
+        " waited for theirs already.",
+    ),
     "durable_unsettled_at_leave": (
         "nexus_cluster_durable_unsettled_at_leave",
         "Durable messages this node's leave left unsettled (JetStream delivers them again).",
