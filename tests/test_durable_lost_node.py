@@ -27,6 +27,7 @@ from nexus_trio import Context, Kernel, Message, agent
 from nexus_trio._nats import Cluster, DurableOptions, NatsServer
 from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import call_aio
+from nexus_trio._nats._membership import NodeInfo, monotonic
 from nexus_trio._nats._placement import rendezvous_owner
 
 from .nats_server import NodeProcess, until
@@ -232,3 +233,38 @@ async def test_when_the_survivor_taking_over_is_lost_too_the_next_owner_takes_ov
             await child.stop()
     assert handled == [(first.id, "via f"), (second.id, "via a")]
     assert (a.durable_taken_over, b.durable_taken_over) == (1, 0)
+
+
+async def test_a_by_id_message_the_takeover_fetched_once_its_node_was_heard_again_goes_back_to_it(
+    nats: NatsServer,
+) -> None:
+    """Item 4 of the forty-second pass: a takeover's batch is settled after its fetch
+    returns, when the lost node may have been heard again. A message by id for an agent of
+    that node's *same* process (it was frozen or cut off, not restarted: its record's id
+    prefix is the agent's) went dead, also one sent once the node was back; it is nakked
+    back to the node's consumer now (``durable_given_back``), which the node pulls itself
+    again: JetStream delivers it again (delivery 2, same body), nothing acked. One for an
+    agent of an earlier process of the name (a restart: another id prefix) is still dead.
+    Real nats-server; c's record is set by hand (heard again while the batch was out)."""
+    same, earlier = 0xC0FFEE, 0xBADC0DE
+    async with local_node(nats.url, "a", durable=DURABLE) as (_ka, ca):
+        with trio.fail_after(15):
+            back = await _store_for_id(ca, "c", uuid.UUID(int=(same << 64) | 1))
+            gone = await _store_for_id(ca, "c", uuid.UUID(int=(earlier << 64) | 1))
+            psub = await call_aio(ca.durable._subscribe, "c")
+            first = await call_aio(psub.fetch, 2, timeout=5.0)
+            assert len(first) == 2
+            # heard again while the batch was out (its heartbeat: not judged lost in the test)
+            ca.members.members["c"] = NodeInfo(
+                "c", same, 1, "h", 0.0, {}, monotonic() + 3600, reachable=True, durable=True
+            )
+            for jsmsg in first:
+                ca.durable._take("c", jsmsg)
+            again = await call_aio(psub.fetch, 1, timeout=5.0)
+            stats = ca.stats()
+            await call_aio(again[0].ack)
+            del ca.members.members["c"]
+    assert wire.decode_message(again[0].data).id == back.id
+    assert again[0].metadata.num_delivered == 2
+    assert (stats.durable_given_back, stats.durable_dead, stats.durable_taken_over) == (1, 1, 1)
+    assert gone.id != back.id  # (the dead one: terminated, not delivered again)

@@ -466,6 +466,11 @@ class ClusterStats:
     #: (``max_ack_pending``, ``4 x max_in_flight``) for each until it is delivered again,
     #: and all of them waiting stalled every other durable message of the node
     durable_wait_full: int = 0
+    #: durable messages by agent id stored for a lost node that this node's takeover
+    #: fetched when that node was heard again (the same process: frozen, or cut off):
+    #: nakked back to the node's consumer, which the node pulls itself again (its agent
+    #: may live), not dead
+    durable_given_back: int = 0
     #: the outbox's sends that failed, each logged (at most a line a second, the rest
     #: said at the leave): a message the NATS client refused (also counted as what it
     #: was: ``publish_failures``, ``errors_unsent``, or a gap at its receiver) and one
@@ -5535,6 +5540,7 @@ class Cluster:
             durable_fetch_failures={"own": d.fetch_failures, "takeover": d.takeover_fetch_failures},
             durable_not_forwarded=d.not_forwarded,
             durable_wait_full=d.wait_full,
+            durable_given_back=d.given_back,
             publish_failures=self._publish_failures,
             lost_in_transit=self._seq_in.lost,
             parked=sum(len(q) for q in self._parked.values()),

@@ -218,8 +218,10 @@ def dead_by_id(to: uuid.UUID, node: str, info: NodeInfo | None) -> str:
     """Why a message by id to agent ``to`` of ``node`` (its member record ``info``, None
     once forgotten), taken over from ``node``'s consumer, is dead: its durable path is off
     (a member back with it off), else it died with its node, which was lost when the
-    message was fetched (and may have been heard again since, during the fetch: the
-    judgement of the loss stands for what was fetched, see ``DurableChannel.take_over``)."""
+    message was fetched (heard again since: a new process of its name, whose agents have
+    other ids, or the same process at the message's last delivery; a message for the same
+    process heard again before its last delivery goes back to it, see
+    ``DurableChannel._take``)."""
     if info is not None and info.reachable and not info.runs_durable:
         return (
             f"agent {to} is of node {node!r}, whose durable path is off now (a delivery by"
@@ -304,6 +306,10 @@ class DurableChannel:
         #: take_over): forwarded to where their name runs now, or dead (also counted in
         #: ``forwarded`` and ``dead``)
         self.taken_over = 0
+        #: messages by agent id stored for a lost node, fetched by this node's takeover
+        #: when that node was heard again (the same process: it was frozen or cut off),
+        #: nakked back to its consumer, which it pulls itself again (see _take)
+        self.given_back = 0
         # the lost nodes whose durable consumers this node pulls (see take_over)
         self._takeovers: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
@@ -569,7 +575,9 @@ class DurableChannel:
         its name runs now (re-placed), or nakked with the missing-agent delays while it
         runs nowhere yet (waiting for a member that runs its type), dead after
         ``max_deliver``; each message by agent id is dead at once (the agent died with
-        its node: an id is never used again), logged with that reason. Through the lost
+        its node: an id is never used again), logged with that reason (unless the batch
+        is settled once the node was heard again, the same process: nakked back to it,
+        ``given_back``). Through the lost
         node's own consumer: a process that comes back under its name binds the same
         one, and JetStream gives each message to one puller at a time; a forward stores
         its copy under the message id and the copy's stream sequence, so a message
@@ -678,6 +686,21 @@ class DurableChannel:
         to = msg.to
         if isinstance(to, uuid.UUID):
             info = self.cluster.members.members.get(node)
+            if (
+                info is not None
+                and info.reachable
+                and info.runs_durable
+                and info.id_prefix == to.int >> 64
+                and jsmsg.metadata.num_delivered < self.options.max_deliver
+            ):
+                # Heard again, the same process (frozen, or cut off), while this batch was
+                # fetched: it pulls its consumer itself again, and its agent may live. The
+                # message goes back to it (a nak), as the ones this takeover had not
+                # fetched yet do; the node hands it over, or terminates it if that agent
+                # is gone. (It was dead here: a message sent once the node was back died.)
+                self.given_back += 1
+                self._settle(jsmsg, "nak")
+                return
             self._dead_with_node(jsmsg, msg.id, dead_by_id(to, node, info))
             return
         where = self._runs_now(jsmsg, to)

@@ -154,6 +154,11 @@ CLUSTER_COUNTERS: Final = {
         "Durable deliveries by name not forwarded to their agent's node, whose durable path"
         " is off (they wait here).",
     ),
+    "durable_given_back": (
+        "nexus_cluster_durable_given_back",
+        "Durable messages by agent id of a lost node, fetched by the takeover once it was"
+        " heard again: nakked back to it.",
+    ),
     "durable_wait_full": (
         "nexus_cluster_durable_wait_full",
         "Durable deliveries by name whose agent was missing, terminated: 3 x max_in_flight"
