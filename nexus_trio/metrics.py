@@ -59,7 +59,7 @@ import re
 import time
 import urllib.parse
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import attrs
@@ -96,6 +96,7 @@ __all__ = [
     "remove_readiness",
     "render_snapshot",
     "serve_metrics",
+    "serve_routes",
     "take_snapshot",
     "take_snapshot_in_steps",
 ]
@@ -281,6 +282,10 @@ _checks: weakref.WeakKeyDictionary[Kernel, list[Callable[[], str | None]]] = (
 #: or is removed, or as its kernel is collected (a finalizer: see _check_failed)
 _failing: dict[tuple[int, int], list[Any]] = {}
 _T = TypeVar("_T")
+
+#: what :func:`serve_routes` asks for a request's answer: ``await route(path)`` gives
+#: its status, body and content type
+Route = Callable[[str], Awaitable[tuple[int, bytes, str]]]
 
 
 def _add_to(added: weakref.WeakKeyDictionary[Kernel, list[_T]], kernel: Kernel, item: _T) -> None:
@@ -1054,15 +1059,20 @@ def _path_of(target: str) -> str | None:
     return target.split("?", 1)[0]
 
 
-async def _route(
-    kernel: Kernel, renderer: MetricsRenderer, method: str, target: str
-) -> tuple[int, bytes, str]:
+async def _checked_route(route: Route, method: str, target: str) -> tuple[int, bytes, str]:
+    """What ``route`` answers for the path of ``target``; a method other than GET and
+    HEAD, or a target that is no URL, is refused here, never routed."""
     text = "text/plain; charset=utf-8"
     if method not in ("GET", "HEAD"):
         return 405, b"method not allowed\n", text
     path = _path_of(target)
     if path is None:
         return 400, b"bad request: the target is not a URL\n", text
+    return await route(path)
+
+
+async def _route(kernel: Kernel, renderer: MetricsRenderer, path: str) -> tuple[int, bytes, str]:
+    text = "text/plain; charset=utf-8"
     if path == "/metrics":
         return 200, await renderer.render(), _TEXT_FORMAT
     if path == "/healthz":
@@ -1144,8 +1154,18 @@ async def _read_head(stream: trio.abc.Stream) -> tuple[bytes, bool]:
 async def _handle_connection(
     stream: trio.SocketStream, kernel: Kernel, renderer: MetricsRenderer
 ) -> None:
+    async def route(path: str) -> tuple[int, bytes, str]:
+        return await _route(kernel, renderer, path)
+
+    await _answer_connection(stream, route, renderer.endpoint)
+
+
+async def _answer_connection(
+    stream: trio.SocketStream, route: Route, endpoint: EndpointStats | None
+) -> None:
+    """Read one request from ``stream`` and answer it with ``route``: a request that is
+    no HTTP/1.x request is refused here (400, 431, 505), never routed."""
     text = "text/plain; charset=utf-8"
-    endpoint = renderer.endpoint
     answering = False  # a request was read and has no answer yet
 
     async def refuse(status: int, body: bytes, *, head: bool = False) -> None:
@@ -1184,7 +1204,7 @@ async def _handle_connection(
                 return
             answering = True
             try:
-                status, body, content_type = await _route(kernel, renderer, method, target)
+                status, body, content_type = await _checked_route(route, method, target)
             except Exception as exc:
                 # Said, and logged: not taken for the client going away (an OSError) nor
                 # left as a connection closed without an answer.
@@ -1271,29 +1291,66 @@ async def serve_metrics(
     the process nothing (counted in ``renderer.endpoint.limited``, logged at most once a
     second). Its counters are ``renderer.endpoint`` (:class:`EndpointStats`).
     """
-    if not 0 <= port <= 65535:
-        raise ValueError(f"metrics port must be within 0..65535, got {port!r}")
     if max_connections is None:
         max_connections = kernel.config.metrics.max_connections
+    if renderer is None:
+        renderer = MetricsRenderer.for_kernel(kernel)
+    if renderer.endpoint is None:
+        renderer.endpoint = EndpointStats()
+    chosen = renderer
+
+    async def route(path: str) -> tuple[int, bytes, str]:
+        return await _route(kernel, chosen, path)
+
+    await serve_routes(
+        route,
+        host,
+        port,
+        max_connections=max_connections,
+        endpoint=renderer.endpoint,
+        what="metrics",
+        task_status=task_status,
+    )
+
+
+async def serve_routes(
+    route: Route,
+    host: str,
+    port: int,
+    *,
+    max_connections: int = 32,
+    endpoint: EndpointStats | None = None,
+    what: str = "metrics",
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``route`` on ``host:port`` as :func:`serve_metrics` serves a kernel's paths,
+    until cancelled: one request per connection, the same refusals of what is no HTTP/1.x
+    request (400, 431, 505, never routed), the same 10 s bound on a request, the same
+    limit of ``max_connections`` open at once. ``route(method, target)`` gives the status,
+    the body and its content type (an exception is a 500 naming its type, logged).
+    ``endpoint`` counts the connections and refusals (a new :class:`EndpointStats` if
+    None); ``what`` names the server in its log lines and errors (``nexus run --workers``'
+    group endpoint serves its ``/healthz``, ``/readyz`` and ``/metrics`` so).
+    ``task_status.started`` gets the bound port."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{what} port must be within 0..65535, got {port!r}")
     if isinstance(max_connections, bool) or not isinstance(max_connections, int):
         raise TypeError(f"max_connections must be an integer, got {max_connections!r}")
     if max_connections < 1:
         raise ValueError(f"max_connections must be >= 1, got {max_connections!r}")
-    if renderer is None:
-        renderer = MetricsRenderer.for_kernel(kernel)
     try:
         listeners = await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
         # Said with the address: a bare "Address already in use" names neither.
         raise OSError(
             exc.errno,
-            f"the metrics server cannot listen on {host}:{port}: {exc.strerror or exc}",
+            f"the {what} server cannot listen on {host}:{port}: {exc.strerror or exc}",
         ) from exc
     bound = listeners[0].socket.getsockname()[1]
-    log_guarded(log, logging.INFO, "metrics on http://%s:%d/metrics", host, bound)
-    if renderer.endpoint is None:
-        renderer.endpoint = EndpointStats()
-    endpoint = renderer.endpoint
+    log_guarded(log, logging.INFO, "%s on http://%s:%d/metrics", what, host, bound)
+    if endpoint is None:
+        endpoint = EndpointStats()
+    counts = endpoint
     # Not trio.serve_listeners: it logs a failed accept with its traceback at each retry,
     # ten times a second while the process is out of descriptors, and counts nothing.
     failure_log = Throttle(1.0, clock=trio.current_time)
@@ -1306,9 +1363,9 @@ async def serve_metrics(
 
     async def handle(stream: trio.SocketStream) -> None:
         try:
-            await _handle_connection(stream, kernel, renderer)
+            await _answer_connection(stream, route, counts)
         finally:
-            endpoint.open -= 1
+            counts.open -= 1
             slots.release()
             await trio.aclose_forcefully(stream)
 
@@ -1316,7 +1373,7 @@ async def serve_metrics(
         async with listener:
             while True:
                 if slots.value == 0:
-                    endpoint.limited += 1
+                    counts.limited += 1
                     if limit_log.due():
                         log_guarded(
                             log,
@@ -1325,7 +1382,7 @@ async def serve_metrics(
                             " connections wait in the listen backlog until one closes (times"
                             " at the limit so far: %d)",
                             max_connections,
-                            endpoint.limited,
+                            counts.limited,
                         )
                 await slots.acquire()
                 try:
@@ -1334,7 +1391,7 @@ async def serve_metrics(
                     slots.release()
                     if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
                         raise
-                    endpoint.accept_failures += 1
+                    counts.accept_failures += 1
                     if failure_log.due():
                         log_guarded(
                             log,
@@ -1342,7 +1399,7 @@ async def serve_metrics(
                             "the metrics endpoint cannot accept a connection: %s (failures so"
                             " far: %d); retrying every %g s",
                             exc,
-                            endpoint.accept_failures,
+                            counts.accept_failures,
                             _ACCEPT_RETRY,
                         )
                     await trio.sleep(_ACCEPT_RETRY)
@@ -1350,8 +1407,8 @@ async def serve_metrics(
                 except BaseException:
                     slots.release()
                     raise
-                endpoint.accepted += 1
-                endpoint.open += 1
+                counts.accepted += 1
+                counts.open += 1
                 nursery.start_soon(handle, stream)
 
     async with trio.open_nursery() as nursery:

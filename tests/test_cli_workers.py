@@ -44,7 +44,7 @@ from nexus_trio.cli import app
 from nexus_trio.cli._cluster_cmd import WORKER_ENV, worker_argv
 
 RUN = typer.main.get_command(app).commands["run"]  # type: ignore[attr-defined]
-PARENT_SET = {"workers", "nats", "node", "json_out", "live", "metrics_port"}
+PARENT_SET = {"workers", "nats", "node", "json_out", "live", "metrics_port", "group_port"}
 
 
 def parse_run(args: list[str]) -> typer.Context:
@@ -59,6 +59,7 @@ def parse_run(args: list[str]) -> typer.Context:
 def test_no_spelling_of_workers_reaches_the_worker_command_line(spelling: list[str]) -> None:
     args = ["-n", "50", *spelling, "-d", "1", "--json", "--live", "--nats=nats://h:1"]
     args += ["--node", "n", "-w", "fanout", "--spawn", "python3 a.py", "--spawn=-x"]
+    args += ["--metrics-port", "9464", "--group-port=9470"]
     ctx = parse_run(args)
     assert ctx.params["workers"] is not None
     argv = worker_argv(ctx)

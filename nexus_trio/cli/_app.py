@@ -329,6 +329,18 @@ def run(
             "--metrics-host", help="Address of the metrics endpoint (config: \\[metrics] host)."
         ),
     ] = _METRICS_DEFAULTS.host,
+    group_port: Annotated[
+        int,
+        typer.Option(
+            "--group-port",
+            min=0,
+            max=65535,
+            parser=whole_number(0, 65535),
+            help="With --workers and --metrics-port P: the parent serves /healthz, /readyz"
+            " and /metrics for the whole group on this port (each worker's, asked on P + i);"
+            " 0 = off.",
+        ),
+    ] = 0,
     dump_on_signal: Annotated[
         bool,
         typer.Option(
@@ -479,6 +491,12 @@ def run(
             " start another swarm without --nats, on a private server of its own",
             param_hint="'--node'",
         )
+    if group_port and workers is None:
+        raise typer.BadParameter(
+            "is the port of a --workers run's parent (one endpoint for all its workers):"
+            " a single run serves its own on --metrics-port",
+            param_hint="'--group-port'",
+        )
     if workers is not None:  # (each worker checks all again; the above must not start them)
         _run_workers(
             ctx,
@@ -488,6 +506,7 @@ def run(
             loaded,
             app_hint,
             types_hint,
+            group_port=group_port,
         )
         return
     cfg = loaded.config
@@ -773,6 +792,8 @@ def _run_workers(
     loaded: LoadedConfig,
     app_hint: str,
     types_hint: str,
+    *,
+    group_port: int = 0,
 ) -> None:
     """``nexus run --workers N ...``: N worker processes, one summary added up.
 
@@ -785,6 +806,7 @@ def _run_workers(
     from ._cluster_cmd import (
         check_worker_count,
         default_workers,
+        group_port_problem,
         metrics_ports_problem,
         not_started_summary,
         refuse_workers_in_a_worker,
@@ -802,6 +824,9 @@ def _run_workers(
         raise typer.BadParameter(
             problem, param_hint="'--metrics-port'" if from_flag else "[metrics] port"
         )
+    problem = group_port_problem(group_port, cfg.metrics.port, count)
+    if problem is not None:
+        raise typer.BadParameter(problem, param_hint="'--group-port'")
     _check_nats(nats, "'--nats'" if nats is not None else "'--workers'")
     if nats is None:  # a private nats-server is started: its binary, before anything starts
         from .._nats import NatsServerError, find_nats_server
@@ -850,6 +875,8 @@ def _run_workers(
         metrics_port=cfg.metrics.port,
         shutdown_grace=cfg.kernel.shutdown_grace,
         server_lost_wait=cfg.nats.server_lost_wait,
+        group_port=group_port,
+        metrics_host=cfg.metrics.host,
     )
     # The workers' losses are in their summaries; the parent's own lines lost (its
     # standard error is theirs: on a full disk, all of them) are added, once written or

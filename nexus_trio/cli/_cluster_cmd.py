@@ -76,6 +76,7 @@ from ..logs import output_lock
 
 if TYPE_CHECKING:
     from .._nats import NatsServer
+    from ._group_endpoint import GroupEndpoint, GroupState
 
 log = logging.getLogger("nexus_trio.cli")
 
@@ -94,7 +95,9 @@ PRIVATE_SERVER_UNSETS: Final = (
 )
 #: parameters of ``nexus run`` that the parent sets for each worker itself (or that only
 #: the parent may act on), by their Python names
-_PARENT_PARAMS: Final = frozenset({"workers", "nats", "node", "json_out", "live", "metrics_port"})
+_PARENT_PARAMS: Final = frozenset(
+    {"workers", "nats", "node", "json_out", "live", "metrics_port", "group_port"}
+)
 #: set in each worker's environment: the number of workers that make up the swarm
 SWARM_ENV: Final = "NEXUS_SWARM_SIZE"
 #: set in each worker's environment: the file descriptor of the pipe on which it tells the
@@ -229,6 +232,24 @@ def metrics_ports_problem(port: int, count: int) -> str | None:
     return None
 
 
+def group_port_problem(group_port: int, metrics_port: int, count: int) -> str | None:
+    """Why the parent cannot serve the group's endpoint on ``group_port`` beside ``count``
+    workers serving theirs on ``metrics_port`` + i, or None."""
+    if not group_port:
+        return None
+    if not metrics_port:
+        return (
+            "the parent answers for the group by asking each worker's endpoint: give"
+            " --metrics-port P too (worker i serves on P + i)"
+        )
+    if metrics_port <= group_port < metrics_port + count:
+        return (
+            f"worker-{group_port - metrics_port} serves its metrics on {group_port}"
+            f" (--metrics-port {metrics_port} + i): give the group another port"
+        )
+    return None
+
+
 def worker_argv(ctx: typer.Context) -> list[str]:
     """``nexus run`` arguments for a worker, rebuilt from the parent's parsed options.
 
@@ -236,8 +257,8 @@ def worker_argv(ctx: typer.Context) -> list[str]:
     file and ``NEXUS_*`` variables reach the worker by themselves: same directory, same
     environment), each in its long ``--name=value`` form, which a value starting with
     ``-`` cannot be mistaken in. The options the parent sets per worker (``--workers``,
-    ``--nats``, ``--node``, ``--json``, ``--live/--no-live``, ``--metrics-port``) are
-    never passed on.
+    ``--nats``, ``--node``, ``--json``, ``--live/--no-live``, ``--metrics-port``,
+    ``--group-port``) are never passed on.
     """
     out: list[str] = []
     for param in ctx.command.params:
@@ -536,12 +557,18 @@ def run_workers(
     metrics_port: int = 0,
     shutdown_grace: float = 5.0,
     server_lost_wait: float = 2.0,
+    group_port: int = 0,
+    metrics_host: str = "127.0.0.1",
 ) -> tuple[dict[str, Any], int]:
     """Run ``workers`` worker processes to the end; return the added-up summary and the
     worst exit status. ``run_args`` are ``nexus run`` arguments (see :func:`worker_argv`).
     With a ``metrics_port`` P, worker i serves its ``/metrics``, ``/healthz`` and ``/readyz``
     on P + i (``--metrics-port``; one port for all, the second worker could not listen); with 0,
-    none serves them (whatever ``NEXUS_METRICS__PORT`` or the config file says).
+    none serves them (whatever ``NEXUS_METRICS__PORT`` or the config file says). With a
+    ``group_port`` Q (``--group-port``; it needs a ``metrics_port``) the parent serves the
+    group's ``/healthz``, ``/readyz`` and ``/metrics`` on ``metrics_host``:Q, from before
+    the first worker starts to the end (:mod:`._group_endpoint`); one that cannot listen
+    fails the run before anything starts (no worker is started, exit status 1).
     ``shutdown_grace`` is the workers' kernel shutdown grace (``[kernel]
     shutdown_grace_ms``, in seconds): a worker the others settled with that does not end
     :data:`_SETTLED_GRACE` seconds past it after they ended (frozen in its shutdown) is
@@ -563,6 +590,9 @@ def run_workers(
     problem = metrics_ports_problem(metrics_port, workers)
     if problem is not None:
         raise ValueError(f"--metrics-port: {problem}")
+    problem = group_port_problem(group_port, metrics_port, workers)
+    if problem is not None:
+        raise ValueError(f"--group-port: {problem}")
     from ._run import is_hangup, note_hangup, stop_signals, take_early_signals
 
     server: NatsServer | None = None
@@ -785,11 +815,47 @@ def run_workers(
     # From before the private nats-server starts: a signal at any point of the start is
     # a graceful stop (no worker is started after it), not the parent's end by SIGTERM's
     # (or SIGHUP's) default action or a KeyboardInterrupt.
+    def group_state() -> GroupState:
+        """What the group endpoint says of the workers (read from its thread)."""
+        from ._group_endpoint import ENDED, NOT_STARTED, RUNNING, STARTING, GroupState
+
+        states = []
+        for i in range(workers):
+            if i >= len(procs):
+                states.append((NOT_STARTED, ""))
+                continue
+            p = procs[i]
+            code = p.poll()
+            if code is not None:
+                states.append((ENDED, _how_it_ended(code)))
+            else:
+                states.append((STARTING if p.pid in start_deadlines else RUNNING, ""))
+        return GroupState(stopping=bool(stops_asked() or forced_by), workers=tuple(states))
+
+    group: GroupEndpoint | None = None
+    if group_port:
+        from ._group_endpoint import GroupEndpoint
+
+        group = GroupEndpoint(
+            metrics_host,
+            group_port,
+            [metrics_port + i for i in range(workers)],
+            group_state,
+        )
     previous = {sig: signal.signal(sig, forward) for sig in stop_signals()}
     for signum in take_early_signals():  # (as the command started: a SIGHUP)
         forward(signum, None)
     try:
-        url = start_server()
+        if group is not None:
+            try:
+                group.start()
+            except OSError as exc:
+                # (no worker is started: as a private nats-server that did not start)
+                server_failed = (
+                    f"the group endpoint did not start: {exc}; give --group-port a free port"
+                )
+                log_guarded(log, logging.ERROR, "the run failed: %s", server_failed)
+        url = start_server() if not server_failed else ""
         for i in range(workers):
             if signals_seen or server_failed:
                 break  # stopped before this one started: it is not started
@@ -978,6 +1044,8 @@ def run_workers(
             os.close(fd)
         for timer in lost_timers.values():
             timer.cancel()
+        if group is not None:
+            group.close()
         for proc in procs:
             _kill_group(proc)
         try:
@@ -990,8 +1058,11 @@ def run_workers(
     for i in range(workers):
         if i >= len(procs):  # a stop came while the workers started: nothing to count
             entries.append(_not_started_entry(i))
-            if server_failed:  # (or there was no nats-server for it)
-                entries[-1]["not_started"] = "not started: the private nats-server did not start"
+            if server_failed:  # (or there was no nats-server or group endpoint for it)
+                what = (
+                    "group endpoint" if "group endpoint" in server_failed else "private nats-server"
+                )
+                entries[-1]["not_started"] = f"not started: the {what} did not start"
             continue
         proc = procs[i]
         entry = summaries[i]

@@ -1,0 +1,320 @@
+"""The group endpoint of ``nexus run --workers N --group-port Q``: one ``/healthz``,
+``/readyz`` and ``/metrics`` for the whole process group, served by the parent.
+
+Each worker serves its own endpoint on P + i (``--metrics-port P``); the parent asks them
+over the metrics host (loopback for a wildcard), all at once, each with a short bound, and
+answers for the group, as a gunicorn master or an Erlang node's health answers for what
+it supervises:
+
+* ``/healthz`` — ``200 ok`` while the parent runs and every worker process is alive and,
+  once it said it was ready (it joined: its endpoint listens), answers its own
+  ``/healthz`` with 200 within :data:`ASK_TIMEOUT`; else ``503`` with one reason per
+  failing worker, in one line, each prefixed ``worker-i:`` (``worker-1: ended (killed by
+  SIGKILL)``, ``worker-1: no answer within 0.8 s``, ``worker-0: shutting down``). A
+  worker still starting is alive (the parent kills one not ready in its start's bound).
+  Once the run is asked to stop (a signal, a worker that died), ``503 shutting down``, as
+  a kernel's own ``/healthz``, followed by the workers that ended (``shutting down;
+  worker-1: ended (killed by SIGKILL)``): no worker is asked any more.
+* ``/readyz`` — ``200 ready`` only when every worker's own ``/readyz`` says ready;
+  else ``503`` with each failing worker's reasons (``worker-1: starting``, ``worker-0:
+  not joined``, ``worker-1: no answer within 0.8 s``), or ``shutting down`` (as above).
+* ``/metrics`` — every worker's series, each sample with a ``worker`` label added, and
+  ``nexus_group_worker_up{worker}`` (1 when its ``/metrics`` answered within
+  :data:`METRICS_TIMEOUT`, else 0 and its series are left out of this scrape).
+
+Requests that are no HTTP/1.x request are refused as a worker's endpoint refuses them
+(the same server: :func:`nexus_trio.metrics.serve_routes`). The endpoint runs its own Trio
+loop in a thread of the parent (which waits for its workers in threads); a worker that
+hangs (SIGSTOPped, a blocked loop) costs an answer its bound, never the parent.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Final
+
+import attrs
+import trio
+
+from .._logcall import log_guarded
+from ..metrics import serve_routes
+
+log = logging.getLogger("nexus_trio.cli")
+
+#: seconds a worker's ``/healthz`` or ``/readyz`` may take before the group's answer
+#: names it (under a Kubernetes probe's default ``timeoutSeconds``, 1)
+ASK_TIMEOUT: Final = 0.8
+#: seconds a worker's ``/metrics`` may take before a scrape of the group leaves it out
+METRICS_TIMEOUT: Final = 5.0
+#: the most of a worker's ``/healthz`` or ``/readyz`` answer read (its body is one line)
+_MAX_ANSWER: Final = 64 * 1024
+#: the most of a worker's ``/metrics`` answer read
+_MAX_METRICS: Final = 256 * 1024 * 1024
+#: the most of a worker's reasons quoted in the group's answer
+_MAX_REASON: Final = 500
+_TEXT: Final = "text/plain; charset=utf-8"
+#: how the parent says a worker is: not started yet, starting (not ready), running, or
+#: ended (then with how: ``exit code 1``, ``killed by SIGKILL``)
+NOT_STARTED: Final = "not started"
+STARTING: Final = "starting"
+RUNNING: Final = "running"
+ENDED: Final = "ended"
+
+
+@attrs.frozen
+class GroupState:
+    """What the parent says of its workers now."""
+
+    #: the run was asked to stop (a signal, a worker that died or failed)
+    stopping: bool
+    #: per worker, in order: (:data:`NOT_STARTED` / :data:`STARTING` / :data:`RUNNING` /
+    #: :data:`ENDED`, how it ended or "")
+    workers: tuple[tuple[str, str], ...]
+
+
+def connect_host(host: str) -> str:
+    """The address to reach an endpoint listening on ``host`` at: loopback for a wildcard."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host
+
+
+def _one_line(body: bytes) -> str:
+    text = " ".join(body.decode("utf-8", "replace").split())
+    return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
+
+
+async def ask(host: str, port: int, path: str, *, timeout: float, limit: int) -> tuple[int, bytes]:
+    """GET ``path`` of the endpoint on ``host:port``: its status and body. OSError (with a
+    reason fit for the group's answer) if it is not reached, does not answer within
+    ``timeout`` seconds or answers something else than HTTP/1.x or more than ``limit``
+    bytes."""
+    where = f"[{host}]" if ":" in host else host
+    request = f"GET {path} HTTP/1.1\r\nHost: {where}:{port}\r\nConnection: close\r\n\r\n"
+    data = bytearray()
+    with trio.move_on_after(timeout):
+        try:
+            stream = await trio.open_tcp_stream(host, port)
+        except OSError as exc:
+            raise OSError(f"no endpoint on {where}:{port} ({exc.strerror or exc})") from None
+        async with stream:
+            with contextlib.suppress(trio.BrokenResourceError):
+                await stream.send_all(request.encode("ascii"))
+            try:
+                while chunk := await stream.receive_some(65536):
+                    data += chunk
+                    if len(data) > limit:
+                        raise OSError(f"answered more than {limit} bytes")
+            except trio.BrokenResourceError as exc:
+                raise OSError(f"closed the connection ({exc})") from None
+        head, sep, body = bytes(data).partition(b"\r\n\r\n")
+        parts = head.split(b" ", 2)
+        if (
+            not sep
+            or len(parts) < 2
+            or not parts[0].startswith(b"HTTP/1.")
+            or not parts[1].isdigit()
+        ):
+            raise OSError("answered no HTTP/1.x response")
+        return int(parts[1]), body
+    raise OSError(f"no answer within {timeout:g} s")
+
+
+class GroupEndpoint:
+    """The parent's endpoint for its workers (see the module doc): :meth:`start` listens
+    (in a thread of its own), :meth:`close` stops it."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        worker_ports: Sequence[int],
+        state: Callable[[], GroupState],
+        *,
+        ask_timeout: float = ASK_TIMEOUT,
+        metrics_timeout: float = METRICS_TIMEOUT,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.worker_ports = tuple(worker_ports)
+        self.state = state
+        self.ask_timeout = ask_timeout
+        self.metrics_timeout = metrics_timeout
+        self._thread: threading.Thread | None = None
+        self._listening = threading.Event()
+        self._error: BaseException | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._scope: trio.CancelScope | None = None
+
+    def start(self) -> int:
+        """Listen; the bound port. OSError (naming the address) if it cannot listen."""
+        self._thread = threading.Thread(target=self._run, name="nexus-group-endpoint", daemon=True)
+        self._thread.start()
+        self._listening.wait()
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+        return self.port
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop serving (bounded: the thread is a daemon)."""
+        token, scope = self._token, self._scope
+        if token is not None and scope is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(scope.cancel)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._token = trio.lowlevel.current_trio_token()
+            with trio.CancelScope() as self._scope:
+                async with trio.open_nursery() as nursery:
+                    try:
+                        self.port = await nursery.start(
+                            functools.partial(serve_routes, what="group metrics"),
+                            self.route,
+                            self.host,
+                            self.port,
+                        )
+                    except OSError as exc:  # (it cannot listen: said by start)
+                        self._error = exc
+                        return
+                    finally:
+                        self._listening.set()
+
+        try:
+            trio.run(main)
+        except BaseException as exc:
+            if self._listening.is_set():
+                log_guarded(log, logging.ERROR, "the group endpoint failed", exc_info=exc)
+            else:
+                self._error = exc
+        finally:
+            self._listening.set()
+
+    async def route(self, path: str) -> tuple[int, bytes, str]:
+        if path in ("/healthz", "/readyz"):
+            problems = await self._problems(path)
+            if not problems:
+                return 200, b"ok\n" if path == "/healthz" else b"ready\n", _TEXT
+            return 503, "; ".join(problems).encode() + b"\n", _TEXT
+        if path == "/metrics":
+            return 200, await self._metrics(), _METRICS_FORMAT
+        if path == "/":
+            body = b"nexus_trio --workers group: GET /metrics, GET /healthz, GET /readyz\n"
+            return 200, body, _TEXT
+        return 404, b"not found\n", _TEXT
+
+    async def _problems(self, path: str) -> list[str]:
+        """Why the group is not healthy (``/healthz``) or not ready (``/readyz``)."""
+        state = self.state()
+        problems: list[str | None] = [None] * len(state.workers)
+        host = connect_host(self.host)
+
+        async def ask_worker(i: int) -> None:
+            try:
+                status, body = await ask(
+                    host, self.worker_ports[i], path, timeout=self.ask_timeout, limit=_MAX_ANSWER
+                )
+            except OSError as exc:
+                problems[i] = f"worker-{i}: {exc}"
+                return
+            if status != 200:
+                problems[i] = f"worker-{i}: {_one_line(body) or f'status {status}'}"
+
+        async with trio.open_nursery() as nursery:
+            for i, (how, end) in enumerate(state.workers):
+                if how == ENDED:
+                    problems[i] = f"worker-{i}: ended ({end})"
+                elif state.stopping:
+                    continue  # (said once for all, below: none is asked)
+                elif how == NOT_STARTED:
+                    problems[i] = f"worker-{i}: not started"
+                elif how == STARTING and path == "/readyz":
+                    problems[i] = f"worker-{i}: starting"
+                elif how == RUNNING:
+                    nursery.start_soon(ask_worker, i)
+        # (stopping: the workers that ended are still named, the one that died first too)
+        return ["shutting down"] * state.stopping + [p for p in problems if p is not None]
+
+    async def _metrics(self) -> bytes:
+        """Every worker's series with a ``worker`` label, and whether each answered."""
+        host = connect_host(self.host)
+        texts: list[str | None] = [None] * len(self.worker_ports)
+
+        async def scrape(i: int) -> None:
+            try:
+                status, body = await ask(
+                    host,
+                    self.worker_ports[i],
+                    "/metrics",
+                    timeout=self.metrics_timeout,
+                    limit=_MAX_METRICS,
+                )
+            except OSError as exc:
+                log_guarded(log, logging.DEBUG, "worker-%d's /metrics: %s", i, exc)
+                return
+            if status == 200:
+                texts[i] = body.decode("utf-8", "replace")
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(self.worker_ports)):
+                nursery.start_soon(scrape, i)
+        return render_group_metrics(texts)
+
+
+_METRICS_FORMAT: Final = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def render_group_metrics(texts: Sequence[str | None]) -> bytes:
+    """The Prometheus text of the workers' texts (None: that worker did not answer), each
+    sample labelled ``worker="worker-i"``, with ``nexus_group_worker_up``."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import GaugeMetricFamily, Metric
+    from prometheus_client.parser import text_string_to_metric_families
+    from prometheus_client.samples import Sample
+
+    families: dict[str, Metric] = {}
+    up = GaugeMetricFamily(
+        "nexus_group_worker_up",
+        "1 if the worker's /metrics answered this scrape of the group, else 0",
+        labels=["worker"],
+    )
+    for i, text in enumerate(texts):
+        worker = f"worker-{i}"
+        parsed: list[Metric] = []
+        if text is not None:
+            try:
+                parsed = list(text_string_to_metric_families(text))
+            except ValueError as exc:  # (not ours: said, and left out)
+                log_guarded(log, logging.WARNING, "%s's /metrics is not parsable: %s", worker, exc)
+                text = None
+        up.add_metric([worker], 0 if text is None else 1)
+        for family in parsed:
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(
+                    family.name, family.documentation, family.type, family.unit
+                )
+            merged.samples.extend(
+                Sample(s.name, {**s.labels, "worker": worker}, s.value, s.timestamp, s.exemplar)
+                for s in family.samples
+            )
+
+    class _Families:
+        def collect(self) -> Iterator[Metric]:
+            yield up
+            yield from families.values()
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families())
+    return generate_latest(registry)

@@ -1,0 +1,300 @@
+"""``nexus run --workers N --metrics-port P --group-port Q``: the parent's one ``/healthz``,
+``/readyz`` and ``/metrics`` for the whole group (``nexus_trio.cli._group_endpoint``)."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from typer.testing import CliRunner
+
+from nexus_trio.cli import app
+from nexus_trio.cli._cluster_cmd import run_workers
+from nexus_trio.cli._group_endpoint import (
+    ENDED,
+    RUNNING,
+    STARTING,
+    GroupEndpoint,
+    GroupState,
+    render_group_metrics,
+)
+from nexus_trio.metrics import serve_routes
+
+from .test_cli_workers import (
+    NO_SERVER,
+    StderrLines,
+    fake_python,
+    free_ports_in_a_row,
+    kill_tagged,
+    pytestmark_linux,
+    read_stdout,
+    signal_and_collect,
+    start_nexus,
+    tagged_processes,
+)
+from .test_cli_workers import tag as tag  # (the fixture)
+
+
+def get(port: int, path: str) -> tuple[int, str] | None:
+    """The status and body of GET ``path`` on ``port``, None if nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return int(response.status), response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return int(exc.code), exc.read().decode()
+    except (urllib.error.URLError, ConnectionError, http.client.HTTPException):
+        return None
+
+
+def raw(port: int, request: bytes) -> bytes:
+    """The status line a raw ``request`` gets on ``port``."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data.split(b"\r\n", 1)[0]
+
+
+def wait_until(check: object, what: str, proc: subprocess.Popen[str], stderr: StderrLines) -> None:
+    deadline = time.monotonic() + 60
+    while not check():  # type: ignore[operator]
+        assert proc.poll() is None, stderr.text()
+        assert time.monotonic() < deadline, f"{what}: {''.join(stderr.lines)}"
+        time.sleep(0.1)
+
+
+def worker_pid(tag: str, node: str) -> int:
+    (pid,) = [pid for pid, env in tagged_processes(tag).items() if env.get("NEXUS_WORKER") == node]
+    return pid
+
+
+@contextlib.contextmanager
+def group_run(tag: str, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], StderrLines, int]]:
+    """A real ``nexus run -W 2`` with worker ports P, P + 1 and the group's port P + 2,
+    ready (its group /readyz 200); the group's port."""
+    port = free_ports_in_a_row(3)
+    args = ["run", "-W", "2", "-n", "10", "-d", "0", "--json", "--metrics-port", str(port)]
+    proc = start_nexus([*args, "--group-port", str(port + 2)], tag, tmp_path)
+    try:
+        stderr = StderrLines(proc)
+        wait_until(lambda: get(port + 2, "/readyz") == (200, "ready\n"), "not ready", proc, stderr)
+        yield proc, stderr, port + 2
+    finally:
+        kill_tagged(tag)
+        proc.kill()
+
+
+HOSTILE = [
+    b"GARBAGE\r\n\r\n",
+    b"POST /readyz HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /readyz HTTP/2.0\r\nHost: x\r\n\r\n",
+    b"GET /readyz HTTP/1.1\r\n\r\n",
+    b"GET /readyz HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
+    b"GET /readyz HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 9000 + b"\r\n\r\n",
+    b"GET http://[::1/readyz HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n",
+]
+
+
+@pytestmark_linux
+def test_the_group_endpoint_answers_for_every_worker_and_names_a_stopped_one(
+    tag: str, tmp_path: Path
+) -> None:
+    """The parent's /healthz and /readyz say 200 once every worker's own says so, and
+    ``nexus health --ready`` against it exits 0; with worker-1 SIGSTOPped, both say 503
+    naming it (its endpoint does not answer: the parent's answer does not wait for it),
+    and ``nexus health --ready`` exits 1 naming it; resumed, 200 again. /metrics has every
+    worker's series labelled with its name. Hostile requests get what a worker's endpoint
+    answers them. (Before, a --workers run had no endpoint for the group: worker-0 said
+    ready while worker-1 was stuck.)"""
+    with group_run(tag, tmp_path) as (proc, stderr, port):
+        worker_port = port - 2
+        assert get(port, "/healthz") == (200, "ok\n")
+        health = [sys.executable, "-m", "nexus_trio.cli", "health", "--ready", "--port", str(port)]
+        ok = subprocess.run(health, capture_output=True, text=True, timeout=30, check=False)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        status, metrics = get(port, "/metrics") or (0, "")
+        assert status == 200
+        for node in ("worker-0", "worker-1"):
+            assert f'nexus_group_worker_up{{worker="{node}"}} 1.0' in metrics
+            assert f'nexus_ready{{worker="{node}"}} 1.0' in metrics
+        for request in HOSTILE:
+            assert raw(port, request) == raw(worker_port, request), request
+        pid = worker_pid(tag, "worker-1")
+        # (the worker's own endpoint is frozen with it: the parent's answer is bounded)
+        with contextlib.ExitStack() as resume:
+            resume.callback(lambda: pid in tagged_processes(tag) and _cont(pid))
+            _stop(pid)
+            for path in ("/healthz", "/readyz"):
+                assert get(port, path) == (503, "worker-1: no answer within 0.8 s\n"), path
+            stuck = subprocess.run(health, capture_output=True, text=True, timeout=30, check=False)
+            assert stuck.returncode == 1, stuck.stdout + stuck.stderr
+            assert "worker-1: no answer within 0.8 s" in " ".join(stuck.stderr.split())
+        assert get(port, "/readyz") == (200, "ready\n")
+        out, err = signal_and_collect(proc, stderr, signal.SIGTERM, 60)
+    assert proc.returncode == 0, err
+    assert json.loads(out)["error"] is None
+    assert f"group metrics on http://127.0.0.1:{port}/metrics" in err
+
+
+def _stop(pid: int) -> None:
+    import os
+
+    os.kill(pid, signal.SIGSTOP)
+
+
+def _cont(pid: int) -> None:
+    import os
+
+    os.kill(pid, signal.SIGCONT)
+
+
+@pytestmark_linux
+def test_a_killed_worker_makes_the_group_unhealthy_naming_it(tag: str, tmp_path: Path) -> None:
+    """A worker killed: the parent's /healthz and /readyz say 503 naming it (once the
+    parent has taken its end: how it ended) while the others stop, until the run ends."""
+    import os
+
+    with group_run(tag, tmp_path) as (proc, stderr, port):
+        pid = worker_pid(tag, "worker-1")
+        os.kill(pid, signal.SIGKILL)
+        while _state(pid) not in ("Z", None):  # (dead, reaped or not)
+            time.sleep(0.01)
+        answers = []
+        while (answer := get(port, "/healthz" if len(answers) % 2 else "/readyz")) is not None:
+            answers.append(answer)
+        proc.wait(timeout=60)
+        read_stdout(proc)
+        err = stderr.text()
+    assert answers, "the parent did not answer after the kill"
+    for status, body in answers:
+        assert status == 503, body
+        assert "worker-1: " in body, body
+    assert any("worker-1: ended (killed by SIGKILL)" in body for _, body in answers), answers
+    assert proc.returncode == 128 + signal.SIGKILL, err  # (the worst exit status)
+    assert "worker-1 (pid" in err and "died: killed by SIGKILL" in err
+
+
+def _state(pid: int) -> str | None:
+    """The state letter of ``pid`` (``Z``: a zombie), None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+async def test_a_worker_endpoint_that_hangs_does_not_hang_the_group_answer() -> None:
+    """worker-1's endpoint takes the connection and never answers (a frozen loop):
+    the group's /readyz says so after its bound, naming it, and asks worker-0 all the
+    same; a worker starting, or ended, is named without being asked."""
+
+    async def ready(path: str) -> tuple[int, bytes, str]:
+        return (200, b"ready\n", "text/plain") if path == "/readyz" else (404, b"", "text/plain")
+
+    # (the real clock, as tests/test_metrics.py's: sockets and autojump do not mix)
+    hanging = socket.socket()
+    hanging.bind(("127.0.0.1", 0))
+    hanging.listen(8)  # (never accepted: the connection is made, nothing answers)
+    with hanging:
+        async with trio.open_nursery() as nursery:
+            answering = await nursery.start(serve_routes, ready, "127.0.0.1", 0)
+            states = [(RUNNING, ""), (RUNNING, "")]
+            ports = [answering, hanging.getsockname()[1]]
+            endpoint = GroupEndpoint(
+                "127.0.0.1",
+                0,
+                ports,
+                lambda: GroupState(stopping=False, workers=tuple(states)),
+                ask_timeout=0.5,
+            )
+            assert await endpoint.route("/readyz") == (
+                503,
+                b"worker-1: no answer within 0.5 s\n",
+                "text/plain; charset=utf-8",
+            )
+            states[1] = (STARTING, "")
+            assert await endpoint.route("/readyz") == (
+                503,
+                b"worker-1: starting\n",
+                "text/plain; charset=utf-8",
+            )
+            # (one starting is alive: not asked; the parent kills one not ready in time)
+            assert (await endpoint.route("/healthz"))[:2] == (503, b"worker-0: status 404\n")
+            states[0] = (ENDED, "exit code 1")
+            states[1] = (RUNNING, "")
+            assert (await endpoint.route("/readyz"))[1] == (
+                b"worker-0: ended (exit code 1); worker-1: no answer within 0.5 s\n"
+            )
+            nursery.cancel_scope.cancel()
+
+
+def test_the_group_metrics_label_each_worker_and_say_which_did_not_answer() -> None:
+    text = (
+        "# HELP nexus_handled_total handled\n# TYPE nexus_handled_total counter\n"
+        "nexus_handled_total 3.0\n"
+        "# HELP nexus_dead_letters_total dead\n# TYPE nexus_dead_letters_total counter\n"
+        'nexus_dead_letters_total{reason="x"} 1.0\n'
+    )
+    out = render_group_metrics([text, None, text.replace("3.0", "5.0")]).decode()
+    assert 'nexus_handled_total{worker="worker-0"} 3.0' in out
+    assert 'nexus_handled_total{worker="worker-2"} 5.0' in out
+    assert 'nexus_dead_letters_total{reason="x",worker="worker-0"} 1.0' in out
+    assert out.count("# TYPE nexus_handled_total counter") == 1
+    assert 'nexus_group_worker_up{worker="worker-1"} 0.0' in out
+    assert 'nexus_group_worker_up{worker="worker-2"} 1.0' in out
+    assert "worker-1" not in out.replace('nexus_group_worker_up{worker="worker-1"}', "")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["-W", "2", "--group-port", "9470"], "give --metrics-port P too"),
+        (["-W", "2", "--metrics-port", "9464", "--group-port", "9465"], "worker-1 serves its"),
+        (["--group-port", "9470"], "is the port of a --workers run's parent"),
+    ],
+)
+def test_a_group_port_that_cannot_work_is_refused_naming_it(
+    args: list[str], expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nexus_trio.cli import _cluster_cmd
+
+    def no_workers(*args: object, **kwargs: object) -> tuple[dict[str, object], int]:
+        raise AssertionError("workers were started")
+
+    monkeypatch.setattr(_cluster_cmd, "run_workers", no_workers)
+    result = CliRunner().invoke(app, ["run", *args])
+    assert result.exit_code == 2, result.output
+    flat = " ".join(result.output.split())
+    assert "Invalid value for '--group-port'" in flat
+    assert expected in flat
+
+
+def test_a_group_port_taken_fails_the_run_before_any_worker_starts(tmp_path: Path) -> None:
+    seen = tmp_path / "started"
+    python = fake_python(tmp_path, {}, default=f"echo started >> {seen}")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        group_port = taken.getsockname()[1]
+        summary, status = run_workers(
+            2, [], nats_url=NO_SERVER, python=python, metrics_port=9000, group_port=group_port
+        )
+    assert status == 1
+    assert "the group endpoint did not start" in summary["error"]
+    assert f"cannot listen on 127.0.0.1:{group_port}" in summary["error"]
+    assert not seen.exists()
+    assert [w["exit"] for w in summary["per_worker"]] == ["not started", "not started"]
