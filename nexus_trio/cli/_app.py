@@ -51,6 +51,7 @@ from ._commands import (
     whole_number,
 )
 from ._encoding import stand_ins
+from ._hosts import probe_host, url_host
 
 if TYPE_CHECKING:
     from ..config import LoadedConfig
@@ -1088,9 +1089,9 @@ def health(
                     param_hint="'--port'",
                 )
         if host is None:
-            host = _probe_host(metrics.host)
+            host = probe_host(metrics.host)
     path = "/readyz" if ready else "/healthz"
-    url = f"http://{_url_host(host)}:{port}{path}"
+    url = f"http://{url_host(host)}:{port}{path}"
     status, body, problem = _probe_health(url, timeout)
     from ..logs import escape_control
 
@@ -1200,20 +1201,6 @@ class _NoSelfConnection(http.client.HTTPConnection):
 class _NoSelfConnectionHandler(urllib.request.HTTPHandler):
     def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
         return self.do_open(_NoSelfConnection, req)
-
-
-def _probe_host(bound: str) -> str:
-    """Where to reach an endpoint bound to ``bound``: a wildcard address (all interfaces)
-    is reached on this machine's loopback of the same family."""
-    if bound in ("", "0.0.0.0"):
-        return "127.0.0.1"
-    if bound == "::":
-        return "::1"
-    return bound
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 # --- commands of other modules ----------------------------------------------------------------

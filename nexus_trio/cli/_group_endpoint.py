@@ -44,6 +44,7 @@ import trio
 
 from .._logcall import log_guarded
 from ..metrics import serve_routes
+from ._hosts import probe_host, url_host
 
 log = logging.getLogger("nexus_trio.cli")
 
@@ -78,15 +79,6 @@ class GroupState:
     workers: tuple[tuple[str, str], ...]
 
 
-def connect_host(host: str) -> str:
-    """The address to reach an endpoint listening on ``host`` at: loopback for a wildcard."""
-    if host in ("", "0.0.0.0"):
-        return "127.0.0.1"
-    if host == "::":
-        return "::1"
-    return host
-
-
 def _one_line(body: bytes) -> str:
     text = " ".join(body.decode("utf-8", "replace").split())
     return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
@@ -97,7 +89,7 @@ async def ask(host: str, port: int, path: str, *, timeout: float, limit: int) ->
     reason fit for the group's answer) if it is not reached, does not answer within
     ``timeout`` seconds or answers something else than HTTP/1.x or more than ``limit``
     bytes."""
-    where = f"[{host}]" if ":" in host else host
+    where = url_host(host)
     request = f"GET {path} HTTP/1.1\r\nHost: {where}:{port}\r\nConnection: close\r\n\r\n"
     data = bytearray()
     with trio.move_on_after(timeout):
@@ -218,7 +210,7 @@ class GroupEndpoint:
         """Why the group is not healthy (``/healthz``) or not ready (``/readyz``)."""
         state = self.state()
         problems: list[str | None] = [None] * len(state.workers)
-        host = connect_host(self.host)
+        host = probe_host(self.host)
 
         async def ask_worker(i: int) -> None:
             try:
@@ -248,7 +240,7 @@ class GroupEndpoint:
 
     async def _metrics(self) -> bytes:
         """Every worker's series with a ``worker`` label, and whether each answered."""
-        host = connect_host(self.host)
+        host = probe_host(self.host)
         texts: list[str | None] = [None] * len(self.worker_ports)
 
         async def scrape(i: int) -> None:
