@@ -826,6 +826,8 @@ def run_workers(
                 continue
             p = procs[i]
             code = p.poll()
+            if code is None:  # (its watch's wait may not have taken its end yet)
+                code = _ended_unreaped(p.pid)
             if code is not None:
                 states.append((ENDED, _how_it_ended(code)))
             else:
@@ -1180,6 +1182,22 @@ def _summary_of(output: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     return summary if isinstance(summary, dict) else None
+
+
+def _ended_unreaped(pid: int) -> int | None:
+    """The ``Popen.returncode`` of a child that ended and has not been reaped yet, read
+    without reaping it (``WNOWAIT``: its watch's wait still takes it); None if it still
+    runs, was reaped meanwhile, or this system cannot tell."""
+    waitid = getattr(os, "waitid", None)
+    if waitid is None:
+        return None
+    try:
+        info = waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except OSError:  # (ChildProcessError: reaped meanwhile)
+        return None
+    if info is None:
+        return None
+    return int(info.si_status if info.si_code == os.CLD_EXITED else -info.si_status)
 
 
 def _how_it_ended(code: int) -> str:
