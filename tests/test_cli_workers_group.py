@@ -328,3 +328,47 @@ def test_a_worker_that_ended_is_told_before_it_is_reaped_without_reaping_it() ->
     with subprocess.Popen(["sleep", "60"]) as alive:
         assert _ended_unreaped(alive.pid) is None
         alive.kill()
+
+
+async def test_the_group_metrics_have_every_sample_of_every_worker_labelled() -> None:
+    """A real kernel's scrape (per-agent series, summaries, counters) as two workers':
+    every sample of each comes back in the group's text, parsed, with its worker label
+    and the same value, and nothing else but ``nexus_group_worker_up``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from nexus_trio import Config, MetricsConfig, agent
+    from nexus_trio.metrics import EndpointStats, MetricsRenderer
+    from nexus_trio.testing import open_test_kernel
+
+    @agent(name="echo")
+    async def echo(ctx: object, msg: object) -> int:
+        return 1
+
+    async with open_test_kernel(Config(metrics=MetricsConfig(per_agent=True))) as kernel:
+        kernel.spawn(echo)
+        await kernel.request("echo", None)
+        renderer = MetricsRenderer.for_kernel(kernel)
+        renderer.endpoint = EndpointStats()
+        text = (await renderer.render()).decode()
+
+    def samples(text: str) -> set[tuple[str, tuple[tuple[str, str], ...], float]]:
+        return {
+            (s.name, tuple(sorted(s.labels.items())), s.value)
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    one = samples(text)
+    assert len(one) > 50
+    group = samples(render_group_metrics([text, text]).decode())
+    expected = {
+        (name, tuple(sorted((*labels, ("worker", worker)))), value)
+        for worker in ("worker-0", "worker-1")
+        for name, labels, value in one
+    }
+    up = {s for s in group if s[0] == "nexus_group_worker_up"}
+    assert group - up == expected
+    assert up == {
+        ("nexus_group_worker_up", (("worker", "worker-0"),), 1.0),
+        ("nexus_group_worker_up", (("worker", "worker-1"),), 1.0),
+    }
