@@ -11,6 +11,7 @@ import struct
 import uuid
 from typing import Any, Final
 
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -541,6 +542,28 @@ def test_last_notice_wait_follows_server_lost_wait_or_must_be_above_it() -> None
     for bad in ("2", True, math.nan):
         with pytest.raises(ValueError, match=r"^server_lost_wait must be"):
             ClusterOptions(server_lost_wait=bad)  # type: ignore[arg-type]
+
+
+def test_an_evolved_copy_derives_last_notice_wait_again() -> None:
+    """Regression: ``last_notice_wait`` left out was derived once, at construction, and
+    ``attrs.evolve`` copied it as if given: evolving the defaults to a
+    ``server_lost_wait`` of 30 s was refused (15 s not above 30 s), and one of 10 s kept
+    15 s where 23 s was due. Left out (or None), it is derived when read, in a copy
+    too; one given is kept as given."""
+    base = ClusterOptions()
+    assert attrs.evolve(base, server_lost_wait=30).last_notice_wait == 43.0
+    assert attrs.evolve(base, server_lost_wait=10).last_notice_wait == 23.0
+    given = ClusterOptions(last_notice_wait=50.0)
+    assert attrs.evolve(given, server_lost_wait=30).last_notice_wait == 50.0
+    assert attrs.evolve(given, last_notice_wait=None).last_notice_wait == 15.0
+    assert attrs.evolve(base, last_notice_wait=20.0).last_notice_wait == 20.0
+    assert ClusterOptions(last_notice_wait=None).last_notice_wait == 15.0
+    with pytest.raises(ValueError, match=r"^last_notice_wait \(20 s\) must be above"):
+        attrs.evolve(given, server_lost_wait=30, last_notice_wait=20.0)
+    # (a bad one is named as the caller gives it, not as the private field that keeps it)
+    with pytest.raises(ValueError, match=r"^last_notice_wait must") as raised:
+        ClusterOptions(last_notice_wait=-1.0)
+    assert str(raised.value) == "last_notice_wait must be a finite number of seconds >= 0, got -1.0"
 
 
 @pytest.mark.parametrize(

@@ -228,31 +228,42 @@ _positive: Final = attrs.validators.gt(0.0)
 
 
 def _seconds(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    # (``not value >= 0``: NaN is refused too; an infinite wait would never count)
+    # (``not value >= 0``: NaN is refused too; an infinite wait would never count; named
+    # as the caller gives it: ``last_notice_wait``, not its private field)
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float)
         or not value >= 0
         or not math.isfinite(value)
     ):
-        raise ValueError(f"{attribute.name} must be a finite number of seconds >= 0, got {value!r}")
+        raise ValueError(
+            f"{attribute.alias or attribute.name} must be a finite number of seconds >= 0,"
+            f" got {value!r}"
+        )
+
+
+def _seconds_or_derived(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """:func:`_seconds`, or None: left out (derived when read)."""
+    if value is not None:
+        _seconds(inst, attribute, value)
 
 
 _at_least_one: Final = attrs.validators.ge(1)
 
+#: seconds the leave's close of a connection may take (``_disconnect``)
+_CLOSE_WAIT: Final = 3.0
+#: seconds the leave's send of its last notice may take while the control connection is
+#: up (held while it is down, cut once it has been down ``server_lost_wait``)
+_LAST_NOTICE_SEND_WAIT: Final = 2.0
 #: ``ClusterOptions.last_notice_wait`` left out is ``server_lost_wait`` plus this: the
-#: leave's own bound (some 10 s) and ``notice_wait_at_leave`` (2 s), with a second to
-#: spare; 15 s with the 2 s default wait, the fixed default until the forty-first pass
-_LAST_NOTICE_MARGIN: Final = 13.0
-
-
-def _last_notice_wait(options: ClusterOptions) -> float:
-    """``last_notice_wait`` derived from ``server_lost_wait`` (its validator, which runs
-    after, refuses a bad one)."""
-    wait = options.server_lost_wait
-    if isinstance(wait, bool) or not isinstance(wait, int | float):
-        return _LAST_NOTICE_MARGIN
-    return _LAST_NOTICE_MARGIN + wait
+#: bounds of the leave's steps between its announcement (which the others time their
+#: wait from) and its last notice: the record's delete, the flush (at most the leave's
+#: fixed bound), the data connection's close and the notice's send, with 2 s to spare
+#: (13 s; 15 s with the 2 s default wait, the fixed default until the forty-first pass).
+#: ``notice_wait_at_leave`` is no part of it: that wait comes after the notice is sent
+_LAST_NOTICE_MARGIN: Final = (
+    _LEAVE_RECORD_WAIT + _LEAVE_WAIT + _CLOSE_WAIT + _LAST_NOTICE_SEND_WAIT + 2.0
+)
 
 
 @final
@@ -313,18 +324,27 @@ class ClusterOptions:
     #: seconds a node awaits the last notice of a join that left cleanly, from when it
     #: heard the leave, before it counts what that join did not confirm in
     #: ``lost_at_leave`` (an upper bound). Keep it above how long a leave takes to send
-    #: its notice after it announced itself: some 10 s at most (its steps are bounded,
-    #: see Cluster._leave and _disconnect), plus ``notice_wait_at_leave``, plus
-    #: ``server_lost_wait`` (a leave rides out a failover that long). Left out, it is
-    #: ``server_lost_wait`` + 13 s (15 s by default); given, it must be above
+    #: its notice after it announced itself: 11 s at most (its steps are bounded, see
+    #: Cluster._leave and _disconnect), plus ``server_lost_wait`` (a leave rides out a
+    #: failover that long). Left out (or None), it is derived when read:
+    #: ``server_lost_wait`` + 13 s (15 s by default), also in a copy made by
+    #: ``attrs.evolve`` with another ``server_lost_wait``; given, it must be above
     #: ``server_lost_wait`` (else ``ValueError`` naming both), as Akka checks related
-    #: settings as the system starts
-    last_notice_wait: float = attrs.field(
-        default=attrs.Factory(_last_notice_wait, takes_self=True), validator=_seconds
+    #: settings as the system starts. (The field keeps what was given, None if nothing:
+    #: ``last_notice_wait`` is the property below.)
+    _last_notice_wait: float | None = attrs.field(
+        default=None, validator=_seconds_or_derived, alias="last_notice_wait"
     )
     #: seconds a clean leave waits for the last notices this node still awaits (those
     #: that have not come then are counted as late)
     notice_wait_at_leave: float = attrs.field(default=2.0, validator=_seconds)
+
+    @property
+    def last_notice_wait(self) -> float:
+        """Seconds a node awaits the last notice of a join that left cleanly: as given,
+        else ``server_lost_wait`` + 13 s (see the field ``_last_notice_wait``)."""
+        given = self._last_notice_wait
+        return self.server_lost_wait + _LAST_NOTICE_MARGIN if given is None else given
 
     def __attrs_post_init__(self) -> None:
         if not self.last_notice_wait > self.server_lost_wait:
@@ -5479,7 +5499,7 @@ class Cluster:
                         await self._unless_gone(
                             "control", self._notices_in.wait, trio.current_time() + wait
                         )
-            with trio.CancelScope(shield=True), trio.move_on_after(3):
+            with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_WAIT):
                 try:
                     await call_aio(nc.close)
                 except Exception as exc:
