@@ -3350,6 +3350,76 @@ async def test_the_durable_stops_send_share_stands_still_while_the_connection_is
         assert (closes, durable.unsettled_at_leave) == ([0.0], unsettled)
 
 
+class _NoticeControl:
+    """A control connection that records, for each publish, whether the cluster's watch
+    had it up (a publish while it is down went into nats-py's reconnect buffer, which
+    the close right after dropped)."""
+
+    is_closed = False
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.published: list[bool] = []
+
+    async def publish(self, _subject: str, _payload: bytes, headers: dict[str, str]) -> None:
+        assert wire.LEFT_HEADER in headers
+        self.published.append(self.cluster.connections.down_at("control") is None)
+
+
+@pytest.mark.parametrize(
+    ("back_after", "heard_ago", "took", "published"),
+    [
+        (0.0, None, 0.0, [True]),  # up: sent at once, as before
+        # server_lost_wait 5 s: a failover of 4 s; the notice waits for it, then goes
+        (4.0, None, 4.0, [True]),
+        (None, None, 5.0, []),  # down for good: given up at 5 s, not handed to nats-py
+        # the leave was heard 16 s ago: the others stop waiting (last_notice_wait 18 s)
+        # 2 s from now, and a notice after that is of no use
+        (None, 16.0, 2.0, []),
+    ],
+    ids=["up", "back-at-4s", "gone", "past-the-others-wait"],
+)
+async def test_the_last_notice_waits_for_the_control_connection_back(
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+    back_after: float | None,
+    heard_ago: float | None,
+    took: float,
+    published: list[bool],
+) -> None:
+    """Regression: the leave's last notice was handed to nats-py whatever the control
+    connection's state: one down (a failover within ``server_lost_wait``) took it into
+    its reconnect buffer, which the close right after dropped, and the others counted
+    all this join had not confirmed in ``lost_at_leave``. The send now waits for the
+    connection back (its 2 s bound standing still), at most until it has been down
+    ``server_lost_wait``, and never past the others' ``last_notice_wait``."""
+    async with open_kernel(_config()) as kernel, asyncio_loop():
+        cluster = Cluster(kernel, ["nats://127.0.0.1:1"], "a", ClusterOptions(server_lost_wait=5.0))
+        control = _NoticeControl(cluster)
+        start = trio.current_time()
+        if heard_ago is not None:
+            cluster._leave_heard_by = start - heard_ago
+        if back_after != 0.0:
+            _down(cluster, start)
+        async with trio.open_nursery() as nursery:
+            _outage(cluster, nursery, start, None, back_after)
+            with caplog.at_level(logging.WARNING, logger="nexus_trio.nats"):
+                await cluster._send_last_notice(control)  # type: ignore[arg-type]
+            nursery.cancel_scope.cancel()
+        assert trio.current_time() - start == pytest.approx(took)
+    assert control.published == published
+    said = [r.getMessage() for r in caplog.records if "last notice" in r.getMessage()]
+    assert said == (
+        [
+            "node a: leaving with its NATS connection down 5s or more (the server gone?):"
+            " its last notice not sent; the other nodes count what it had not confirmed in"
+            " lost_at_leave after their last_notice_wait"
+        ]
+        if back_after is None and heard_ago is None
+        else []
+    )
+
+
 @pytest.mark.parametrize("bad", [-1, -0.5, math.nan, math.inf, "2", True, None])
 def test_server_lost_wait_refuses_what_is_no_finite_number_of_seconds(bad: object) -> None:
     """A bad ``server_lost_wait`` is a ValueError naming the option (the config key's

@@ -620,6 +620,7 @@ class Cluster:
         "_json_requests",
         "_known_links",
         "_leave_announced",
+        "_leave_heard_by",
         "_left_before_delete",
         "_left_counted",
         "_left_streams",
@@ -976,6 +977,10 @@ class Cluster:
         #: set as the leave is announced: from then on no record of this node goes out
         #: (the others would take the node back as a member, the bucket hold it again)
         self._leave_announced = False
+        #: when (Trio's clock) the leave's announcement went out, if it did: the others
+        #: await this join's last notice ``last_notice_wait`` from when they heard it,
+        #: so a notice sent later is of no use (see _send_last_notice)
+        self._leave_heard_by: float | None = None
         #: the revision of this node's record in the nodes bucket as this node last wrote
         #: or read it: each write of the record expects it (see _write_record)
         self._record_revision = 0
@@ -5275,9 +5280,12 @@ class Cluster:
                 skipped.append("its names and placement records")
             # (heartbeats end here even if the announcement is skipped: see below)
             self._leave_announced = True
+            announced_at = trio.current_time()
             announced = await self._unless_gone(
-                "control", self._announce_leave, trio.current_time() + _LEAVE_RECORD_WAIT
+                "control", self._announce_leave, announced_at + _LEAVE_RECORD_WAIT
             )
+            if announced:
+                self._leave_heard_by = announced_at
             if not announced and self._gone("control"):
                 skipped.append("its membership record (the leave not announced)")
             if skipped:
@@ -5509,7 +5517,16 @@ class Cluster:
     async def _send_last_notice(self, control: NatsClient) -> None:
         """After a clean leave, once the data connection is closed (nothing more comes
         in): the last number this join took of each sender's stream, so that a sender
-        that numbered more before it heard the leave counts them (see _on_last_notice)."""
+        that numbered more before it heard the leave counts them (see _on_last_notice).
+
+        Sent on the control connection up: while it is down the send waits for it back
+        (its 2 s bound stands still, as the leave's other steps'), at most until it has
+        been down ``server_lost_wait`` (and never past the others' ``last_notice_wait``
+        from the announcement: a notice after it is of no use). A notice handed to
+        nats-py while the connection was down sat in its reconnect buffer, which the
+        close right after dropped: a failover within ``server_lost_wait`` lost the
+        notice, and the others counted all this join had not confirmed in
+        ``lost_at_leave``."""
         notice = json.dumps(
             {
                 "id_prefix": f"{self.id_prefix:016x}",
@@ -5518,13 +5535,20 @@ class Cluster:
             },
             separators=(",", ":"),
         )
-        with trio.CancelScope(shield=True), trio.move_on_after(2):
+
+        async def send() -> None:
+            await self.connections.wait_up("control")
+            await call_aio(
+                control.publish, self._heartbeat_subject, b"", headers={wire.LEFT_HEADER: notice}
+            )
+
+        heard_by = self._leave_heard_by
+        useless_at = math.inf if heard_by is None else heard_by + self.options.last_notice_wait
+        sent = False
+        with trio.CancelScope(shield=True), trio.move_on_at(useless_at):
             try:
-                await call_aio(
-                    control.publish,
-                    self._heartbeat_subject,
-                    b"",
-                    headers={wire.LEFT_HEADER: notice},
+                sent = await self._unless_gone(
+                    "control", send, trio.current_time() + _LAST_NOTICE_SEND_WAIT
                 )
             except Exception as exc:
                 log_guarded(
@@ -5534,6 +5558,17 @@ class Cluster:
                     self.node,
                     exc,
                 )
+                return
+        if not sent and self._gone("control"):
+            log_guarded(
+                log,
+                logging.WARNING,
+                "node %s: leaving with its NATS connection down %gs or more (the server"
+                " gone?): its last notice not sent; the other nodes count what it had not"
+                " confirmed in lost_at_leave after their last_notice_wait",
+                self.node,
+                self.options.server_lost_wait,
+            )
 
     def stats(self) -> ClusterStats:
         d = self.durable

@@ -436,7 +436,10 @@ class DurableChannel:
 
         A pull not ended by then (a fetch that outlived its cancel) is abandoned: what it
         fetched and did not hand over is left to JetStream, which delivers it again
-        after ``ack_wait``. Acks, naks and terms not sent when the queue closes (its
+        after ``ack_wait``. (That half runs on the clock while the data connection is
+        down, unlike the acks' half: ending the pull needs no connection, the fetch's
+        cancel is the client's own, and holding it would only make the leave longer.)
+        Acks, naks and terms not sent when the queue closes (its
         flush, the batch under way included, cut at the end of ``timeout``), or
         made after it (an answer that came later), are not sent: JetStream delivers
         those messages again too. Both are counted in ``unsettled_at_leave`` and
