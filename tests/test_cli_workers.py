@@ -1736,7 +1736,8 @@ def test_a_worker_every_other_one_counted_lost_is_killed_when_they_have_ended(
     """Regression: a worker frozen mid-run (SIGSTOP, a hung process) was counted lost by
     the others (it missed its heartbeats), who settled without it and ended at --duration;
     the parent went on waiting for it, for good: no summary, no exit, nothing logged. Once
-    every other worker ended and counted it lost, it is killed and counted as a dead one."""
+    every other worker ended and counted it lost, it is killed (5 s and the default
+    ``[nats] server_lost_wait``, 2 s, after they ended) and counted as a dead one."""
     from nexus_trio.cli._cluster_cmd import run_workers
 
     seen = {"worker-1": {"pid": 1, "handed_to": 5, "taken_from": 3}}
@@ -1744,7 +1745,7 @@ def test_a_worker_every_other_one_counted_lost_is_killed_when_they_have_ended(
         tmp_path, caplog, canned_summary("worker-0", seen), run_workers
     )
     assert (
-        f"worker-1 (pid {pid}) was counted lost by every other worker and still runs 5s"
+        f"worker-1 (pid {pid}) was counted lost by every other worker and still runs 7s"
         " after they ended: killing it" in caplog.text
     )
     assert status == 128 + signal.SIGKILL
@@ -1830,31 +1831,51 @@ def test_a_shutdown_grace_past_a_threads_longest_wait_kills_a_frozen_worker_at_t
     assert summary["per_worker"][1]["exit"] == "killed by SIGKILL"
 
 
+@pytest.mark.parametrize(
+    ("grace", "how", "ran"),
+    [
+        (
+            "_SETTLED_GRACE",
+            "settled with by",
+            "every other worker settled with it, it still ran 0.5s",
+        ),
+        ("_LOST_GRACE", "counted lost by", "counted lost by every other worker, it still ran"),
+    ],
+    ids=["settled-with", "counted-lost"],
+)
 def test_a_worker_riding_out_a_failover_is_given_its_server_lost_wait_before_it_is_killed(
-    tmp_path: Path, caplog, monkeypatch
+    tmp_path: Path, caplog, monkeypatch, grace: str, how: str, ran: str
 ) -> None:
     """Regression: the parent killed a worker the others settled with ``[kernel]
     shutdown_grace_ms`` + 20 s after they ended, whatever its ``[nats] server_lost_wait``:
     with a wait of 30 s, a worker riding out its server's failover (as the key allows) was
-    killed mid-wait. The kill timer adds the wait (the grace made 0.1 s, the shutdown
-    grace 0 and the wait 0.4 s here: the worker is killed 0.5 s after, said so)."""
+    killed mid-wait. Likewise (until the forty-second pass) one every other worker
+    counted lost, 5 s after they ended: one whose own connection was down (the others
+    judge it lost then) and rode out a failover within the wait. Each kill timer adds the
+    wait (the grace made 0.1 s, the shutdown grace 0 and the wait 0.4 s here: the worker
+    is killed 0.5 s after, said so)."""
     from nexus_trio.cli import _cluster_cmd
 
-    monkeypatch.setattr(_cluster_cmd, "_SETTLED_GRACE", 0.1, raising=False)
+    monkeypatch.setattr(_cluster_cmd, grace, 0.1, raising=False)
+    seen = {"worker-1": {"pid": 1, "handed_to": 5, "taken_from": 3}}
+    summary_0 = (
+        _worker_0_settled_with_both()
+        if grace == "_SETTLED_GRACE"
+        else canned_summary("worker-0", seen)
+    )
     summary, status, pid = _run_with_worker_1_frozen(
         tmp_path,
         caplog,
-        _worker_0_settled_with_both(),
+        summary_0,
         functools.partial(_cluster_cmd.run_workers, shutdown_grace=0, server_lost_wait=0.4),
     )
     assert (
-        f"worker-1 (pid {pid}) was settled with by every other worker and still runs 0.5s"
+        f"worker-1 (pid {pid}) was {how} every other worker and still runs 0.5s"
         " after they ended: killing it" in caplog.text
     )
     assert status == 128 + signal.SIGKILL
     assert summary["per_worker"][1]["error"] == (
-        f"worker-1 (pid {pid}) killed by SIGKILL: every other worker settled with it,"
-        " it still ran 0.5s after they ended"
+        f"worker-1 (pid {pid}) killed by SIGKILL: {ran} after they ended"
     )
 
 

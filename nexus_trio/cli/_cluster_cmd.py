@@ -20,8 +20,9 @@ and the others are stopped as by a first signal; its books are counted from what
 others saw of it, or, if it died after the swarm settled, from its last record. A worker
 that does not end but falls silent (SIGSTOP, a hang) is counted lost by the others, who
 end without it: once every worker still running is one so counted by every worker that
-ended with its summary, it is killed :data:`_LOST_GRACE` seconds later and counted as a
-dead one. One frozen after the swarm settled (the others settled with it and ended) is
+ended with its summary, it is killed :data:`_LOST_GRACE` seconds and its ``[nats]
+server_lost_wait`` later (one whose own connection is down rides out the wait) and
+counted as a dead one. One frozen after the swarm settled (the others settled with it and ended) is
 killed likewise, past its shutdown's bound (and its ``server_lost_wait``: a worker riding
 out a NATS failover waits that long), and counted with its last record.
 Whatever the others did, a worker asked to stop (the parent's signal passed on, or the
@@ -121,7 +122,10 @@ _READY: Final = -2
 _OUTPUT_GRACE: Final = 2.0
 #: the bytes a pipe holds when ``F_GETPIPE_SZ`` cannot say (Linux's default)
 _PIPE_CAPACITY: Final = 1 << 16
-#: seconds a worker every other one counted lost may run on after they ended (then killed)
+#: seconds a worker every other one counted lost may run on after they ended (then killed);
+#: its ``[nats] server_lost_wait`` is added too (a worker whose connection is down, the
+#: others' judge it lost, may be riding out a failover: its settle and its leave wait
+#: that long for the connection back)
 _LOST_GRACE: Final = 5.0
 #: seconds, on top of the workers' shutdown grace, a worker every other one settled with
 #: (or counted lost) may run on after they ended, to shut down and write its summary
@@ -574,9 +578,10 @@ def run_workers(
     :data:`_SETTLED_GRACE` seconds past it after they ended (frozen in its shutdown) is
     killed. ``server_lost_wait`` is the workers' ``[nats] server_lost_wait`` (seconds;
     the default is the key's): a worker may wait that long for its NATS connection back
-    at its settle and at its leave (a failover), so each of the parent's kill timers of
-    a worker that was not counted lost (the settled one's and the stop's, see
-    :func:`straggler_graces`) gives it that much longer; a stop is passed on as at once.
+    at its settle and at its leave (a failover), so each of the parent's kill timers (the
+    settled one's and the stop's, see :func:`straggler_graces`, and the one of a worker
+    every other one counted lost, :data:`_LOST_GRACE`) gives it that much longer; a
+    stop is passed on as at once.
 
     ValueError, before anything starts, if ``workers`` is below 1 or more than this host
     should run (the bound ``nexus run --workers`` checks: :func:`worker_count_problem`),
@@ -584,6 +589,8 @@ def run_workers(
     if workers < 1:
         raise ValueError(f"--workers must be at least 1, got {workers}")
     settled_grace, stop_grace = straggler_graces(shutdown_grace, server_lost_wait)
+    # (validated by straggler_graces)
+    lost_grace = min(_LOST_GRACE + server_lost_wait, _LONGEST_WAIT)
     problem = worker_count_problem(workers)
     if problem is not None:
         raise ValueError(f"--workers: {problem}")
@@ -721,7 +728,8 @@ def run_workers(
         # summary) is not counted lost: the others settled with it and ended. Once every
         # worker still running is one that every worker which ended with its summary
         # counted lost or settled with, the swarm ended without them: each is killed
-        # unless it ends within _LOST_GRACE (lost to all) or its shutdown's bound.
+        # unless it ends within _LOST_GRACE and its server_lost_wait (lost to all) or
+        # its shutdown's bound.
         running = [(j, p) for j, p in enumerate(procs) if p.poll() is None]
         books = [s for s in summaries if s is not None]
         if not running or not books:
@@ -735,7 +743,7 @@ def run_workers(
         for j, p in running:
             if p.pid not in lost_timers:
                 lost = f"worker-{j}" in lost_to_all
-                grace = _LOST_GRACE if lost else settled_grace
+                grace = lost_grace if lost else settled_grace
                 lost_timers[p.pid] = timer = threading.Timer(grace, kill_lost, (j, p, lost, grace))
                 timer.daemon = True
                 timer.start()
