@@ -645,7 +645,7 @@ class NatsConfig:
         "client private key file (PEM), with tls_cert", "/etc/nexus/nats-client-key.pem"
     )
     server_lost_wait: float = attrs.field(
-        default=2.0,
+        default=5.0,
         validator=_at_least(0),
         metadata=_doc(
             "seconds a NATS connection may stay down (a failover, a restarted server) before"

@@ -1736,16 +1736,19 @@ def test_a_worker_every_other_one_counted_lost_is_killed_when_they_have_ended(
     """Regression: a worker frozen mid-run (SIGSTOP, a hung process) was counted lost by
     the others (it missed its heartbeats), who settled without it and ended at --duration;
     the parent went on waiting for it, for good: no summary, no exit, nothing logged. Once
-    every other worker ended and counted it lost, it is killed (5 s and the default
-    ``[nats] server_lost_wait``, 2 s, after they ended) and counted as a dead one."""
+    every other worker ended and counted it lost, it is killed (5 s and the workers'
+    ``[nats] server_lost_wait``, 0 here, after they ended) and counted as a dead one."""
     from nexus_trio.cli._cluster_cmd import run_workers
 
     seen = {"worker-1": {"pid": 1, "handed_to": 5, "taken_from": 3}}
     summary, status, pid = _run_with_worker_1_frozen(
-        tmp_path, caplog, canned_summary("worker-0", seen), run_workers
+        tmp_path,
+        caplog,
+        canned_summary("worker-0", seen),
+        functools.partial(run_workers, server_lost_wait=0),
     )
     assert (
-        f"worker-1 (pid {pid}) was counted lost by every other worker and still runs 7s"
+        f"worker-1 (pid {pid}) was counted lost by every other worker and still runs 5s"
         " after they ended: killing it" in caplog.text
     )
     assert status == 128 + signal.SIGKILL
@@ -1785,12 +1788,15 @@ def test_a_worker_frozen_after_the_settle_is_killed_when_the_others_have_ended(
     from nexus_trio.cli import _cluster_cmd
 
     monkeypatch.setattr(_cluster_cmd, "_SETTLED_GRACE", 0.5, raising=False)
-    # (the workers' shutdown grace: 5 s by default, and their server_lost_wait, 2 s)
+    # (the workers' shutdown grace: 5 s by default, and their server_lost_wait, 0 here)
     summary, status, pid = _run_with_worker_1_frozen(
-        tmp_path, caplog, _worker_0_settled_with_both(), _cluster_cmd.run_workers
+        tmp_path,
+        caplog,
+        _worker_0_settled_with_both(),
+        functools.partial(_cluster_cmd.run_workers, server_lost_wait=0),
     )
     assert (
-        f"worker-1 (pid {pid}) was settled with by every other worker and still runs 7.5s"
+        f"worker-1 (pid {pid}) was settled with by every other worker and still runs 5.5s"
         " after they ended: killing it" in caplog.text
     )
     assert status == 128 + signal.SIGKILL
@@ -1799,7 +1805,7 @@ def test_a_worker_frozen_after_the_settle_is_killed_when_the_others_have_ended(
     assert (dead["pid"], dead["exit"], dead["died"]) == (pid, "killed by SIGKILL", True)
     assert dead["error"] == (
         f"worker-1 (pid {pid}) killed by SIGKILL: every other worker settled with it,"
-        " it still ran 7.5s after they ended"
+        " it still ran 5.5s after they ended"
     )
     assert dead["books"] == "its last record: it settled, then died"
     assert summary["conserved"] is True
@@ -1922,7 +1928,7 @@ def test_the_workers_server_lost_wait_reaches_the_parents_timers(
     assert (code, code_default) == (0, 0), (out, out_default)
     assert [(a["server_lost_wait"], a["shutdown_grace"]) for a in asked] == [
         (30.0, 5.0),
-        (2.0, 5.0),
+        (5.0, 5.0),
     ]
 
 

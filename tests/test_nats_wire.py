@@ -521,17 +521,17 @@ def test_bad_options_are_refused_naming_the_option(bad: dict[str, Any]) -> None:
 def test_last_notice_wait_follows_server_lost_wait_or_must_be_above_it() -> None:
     """``last_notice_wait`` must stay above ``server_lost_wait`` (a leave riding out a
     failover sends its last notice up to that late; the others counted what it took as
-    lost): left out, it is derived (``server_lost_wait`` + 13 s, 15 s by default, as
+    lost): left out, it is derived (``server_lost_wait`` + 13 s, 18 s by default, as
     Akka derives a setting from the one it follows); given, one not above it is a
     ValueError naming both, as Akka checks related settings at start."""
-    assert ClusterOptions().last_notice_wait == 15.0
+    assert ClusterOptions().last_notice_wait == 18.0
     assert ClusterOptions(server_lost_wait=30).last_notice_wait == 43.0
     assert ClusterOptions(server_lost_wait=0).last_notice_wait == 13.0
     assert ClusterOptions(server_lost_wait=30, last_notice_wait=30.5).last_notice_wait == 30.5
-    for asked in ({"server_lost_wait": 30, "last_notice_wait": 20}, {"last_notice_wait": 2.0}):
+    for asked in ({"server_lost_wait": 30, "last_notice_wait": 20}, {"last_notice_wait": 5.0}):
         with pytest.raises(ValueError, match=r"^last_notice_wait") as raised:
             ClusterOptions(**asked)  # type: ignore[arg-type]
-        wait = asked.get("server_lost_wait", 2.0)
+        wait = asked.get("server_lost_wait", 5.0)
         assert str(raised.value) == (
             f"last_notice_wait ({asked['last_notice_wait']:g} s) must be above"
             f" server_lost_wait ({wait:g} s): a leave riding out a failover sends its last"
@@ -555,9 +555,9 @@ def test_an_evolved_copy_derives_last_notice_wait_again() -> None:
     assert attrs.evolve(base, server_lost_wait=10).last_notice_wait == 23.0
     given = ClusterOptions(last_notice_wait=50.0)
     assert attrs.evolve(given, server_lost_wait=30).last_notice_wait == 50.0
-    assert attrs.evolve(given, last_notice_wait=None).last_notice_wait == 15.0
+    assert attrs.evolve(given, last_notice_wait=None).last_notice_wait == 18.0
     assert attrs.evolve(base, last_notice_wait=20.0).last_notice_wait == 20.0
-    assert ClusterOptions(last_notice_wait=None).last_notice_wait == 15.0
+    assert ClusterOptions(last_notice_wait=None).last_notice_wait == 18.0
     with pytest.raises(ValueError, match=r"^last_notice_wait \(20 s\) must be above"):
         attrs.evolve(given, server_lost_wait=30, last_notice_wait=20.0)
     # (a bad one is named as the caller gives it, not as the private field that keeps it)

@@ -259,7 +259,7 @@ _LAST_NOTICE_SEND_WAIT: Final = 2.0
 #: bounds of the leave's steps between its announcement (which the others time their
 #: wait from) and its last notice: the record's delete, the flush (at most the leave's
 #: fixed bound), the data connection's close and the notice's send, with 2 s to spare
-#: (13 s; 15 s with the 2 s default wait, the fixed default until the forty-first pass).
+#: (13 s; 18 s with the 5 s default wait; 15 s, fixed, until the forty-first pass).
 #: ``notice_wait_at_leave`` is no part of it: that wait comes after the notice is sent
 _LAST_NOTICE_MARGIN: Final = (
     _LEAVE_RECORD_WAIT + _LEAVE_WAIT + _CLOSE_WAIT + _LAST_NOTICE_SEND_WAIT + 2.0
@@ -297,8 +297,13 @@ class ClusterOptions:
     #: seconds a connection may stay down (the server gone, a failover) before the leave
     #: gives up the steps that need it (see Cluster._leave) and a ``--workers`` worker's
     #: settle fails (``NatsServerLost``); one back sooner comes through. Raise it above
-    #: how long a failover of your NATS servers takes (``[nats] server_lost_wait``)
-    server_lost_wait: float = attrs.field(default=2.0, validator=_seconds)
+    #: how long a failover of your NATS servers takes (``[nats] server_lost_wait``).
+    #: 5 s by default (2 s until the forty-second pass, which a restart of the server of
+    #: 3 s failed): the members' own loss window (``heartbeat_interval`` x
+    #: ``missed_heartbeats``), so an outage that loses no member does not make a leave
+    #: give up its steps (the others judged such a node lost), as Akka's failure
+    #: detector allows its ``acceptable-heartbeat-pause``
+    server_lost_wait: float = attrs.field(default=5.0, validator=_seconds)
     outbox_high_water: int = attrs.field(default=4096, validator=_at_least_one)
     outbox_limit: int = attrs.field(default=65536, validator=_at_least_one)
     inbound_limit: int = attrs.field(default=65536, validator=_at_least_one)
@@ -327,7 +332,7 @@ class ClusterOptions:
     #: its notice after it announced itself: 11 s at most (its steps are bounded, see
     #: Cluster._leave and _disconnect), plus ``server_lost_wait`` (a leave rides out a
     #: failover that long). Left out (or None), it is derived when read:
-    #: ``server_lost_wait`` + 13 s (15 s by default), also in a copy made by
+    #: ``server_lost_wait`` + 13 s (18 s by default), also in a copy made by
     #: ``attrs.evolve`` with another ``server_lost_wait``; given, it must be above
     #: ``server_lost_wait`` (else ``ValueError`` naming both), as Akka checks related
     #: settings as the system starts. (The field keeps what was given, None if nothing:

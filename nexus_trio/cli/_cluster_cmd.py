@@ -560,7 +560,7 @@ def run_workers(
     python: str | None = None,
     metrics_port: int = 0,
     shutdown_grace: float = 5.0,
-    server_lost_wait: float = 2.0,
+    server_lost_wait: float = 5.0,
     group_port: int = 0,
     metrics_host: str = "127.0.0.1",
 ) -> tuple[dict[str, Any], int]:

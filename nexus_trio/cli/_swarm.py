@@ -76,7 +76,7 @@ SETTLE_TIMEOUT: Final = 60.0
 #: (:class:`NatsServerLost`): a settle round's KV write to a server that is gone waited
 #: nats-py's timeout, ~8 s in all. The wait is the cluster's
 #: ``ClusterOptions.server_lost_wait`` (``[nats] server_lost_wait``), the leave's too
-SERVER_LOST_WAIT: Final = 2.0
+SERVER_LOST_WAIT: Final = 5.0
 #: the connection the announcement needs (its KV write and its heartbeat go on it)
 _ROLE: Final = "control"
 #: kinds of error frame sent back for a remote query that was refused (never taken in)
