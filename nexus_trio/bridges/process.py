@@ -55,7 +55,7 @@ import termios
 import uuid
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final, final
+from typing import TYPE_CHECKING, Any, Final, NoReturn, final
 
 import attrs
 import trio
@@ -908,9 +908,6 @@ class ProcessAgent(Agent):
         stdout = self._stdout
         assert stdout is not None
         stats = self.stats
-        # The first unusable line says more about a child that never registers than the
-        # timeout does (a program that is not a bridge agent prints something else).
-        first_bad = ""
         first_line = True
         with trio.move_on_after(self.options.register_timeout):
             while True:
@@ -925,29 +922,23 @@ class ProcessAgent(Agent):
                     raise ProcessAgentError(
                         self.label,
                         self._said_unfinished(f"exited (status {code}) before registering")
-                        + first_bad
                         + await self._last_words()
                         if code is not None
                         else self._said_unfinished(
                             "closed its stdout before registering (still running; it will be"
                             " killed)"
-                        )
-                        + first_bad,
+                        ),
                         process.pid,
                     )
                 stats.lines_in += 1
                 if isinstance(line, _Oversized):
+                    # (a register frame too long for the limit, most likely)
                     stats.oversized_lines += 1
-                    self._warn_line(
-                        _OVERSIZED, f"discarded a {line.size}-byte stdout line before register"
+                    self._not_a_register(
+                        process,
+                        f"{line.size:,} bytes, over the line limit of"
+                        f" {self.options.line_limit:,} bytes (discarded)",
                     )
-                    # (a register frame too long for the limit, most likely: named, or
-                    # the failure says the child wrote nothing)
-                    first_bad = first_bad or (
-                        f"; first bad stdout line: {line.size:,} bytes, over the line limit"
-                        f" of {self.options.line_limit:,} bytes (discarded)"
-                    )
-                    continue
                 if not line.strip():
                     continue
                 try:
@@ -956,6 +947,12 @@ class ProcessAgent(Agent):
                         raise _BadFrame(f"expected a register frame first, got {frame_type!r}")
                     if not isinstance(payload, dict):
                         raise _BadFrame("register payload must be an object")
+                    version = payload.get("protocol", 1)
+                    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+                        raise _BadFrame(
+                            f"unknown protocol {brief(version)} (an integer: 1, or 2 for the"
+                            " extensions)"
+                        )
                 except _BadFrame as exc:
                     if stdout.unterminated:
                         # The output ended halfway through a frame (its register, most
@@ -964,15 +961,9 @@ class ProcessAgent(Agent):
                         self._unfinished = len(line)
                         continue
                     stats.invalid_lines += 1
-                    self._warn_line(
-                        _INVALID, f"invalid line before register: {exc}: {_preview(line)}"
-                    )
                     # with why it is bad: a line that looks like a frame may be one of
                     # another version, or a register whose payload is not an object
-                    first_bad = first_bad or (
-                        f"; first bad stdout line: {_preview(line.strip())!r}: {exc}"
-                    )
-                    continue
+                    self._not_a_register(process, f"{_preview(line.strip())!r}: {exc}")
                 self._registered(payload)
                 self._child_registered = True
                 return
@@ -980,15 +971,25 @@ class ProcessAgent(Agent):
         # for it for ever: say so, or the timeout hides the mistake.
         if unended := _unended(stdout):
             unended = f"; {unended}"
-        elif first_bad:
-            unended = ""
         else:  # (silent: say what it should have written)
             unended = (
                 "; it wrote nothing on its stdout (its first line there must be its register frame)"
             )
         raise ProcessAgentError(
             self.label,
-            f"did not register within {self.options.register_timeout:g}s{first_bad}{unended}",
+            f"did not register within {self.options.register_timeout:g}s{unended}",
+            process.pid,
+        )
+
+    def _not_a_register(self, process: trio.Process, line: str) -> NoReturn:
+        """Fail the start at the child's first stdout line that is no register frame (as
+        an exit before registering does): a program that is not a bridge agent, or one
+        that writes a banner or its logs on stdout, would not register later, and waiting
+        out ``register_timeout`` would only hide why."""
+        raise ProcessAgentError(
+            self.label,
+            f"its first stdout line is not a register frame: {line} (a bridge agent's first"
+            " line on stdout is its register frame; logs and banners go to stderr)",
             process.pid,
         )
 
@@ -1004,11 +1005,8 @@ class ProcessAgent(Agent):
         ]
         if problems:
             self._warn(f"register: {'; '.join(problems)}")
-        version = payload.get("protocol", 1)
-        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-            self._warn(f"register: unknown protocol {brief(version)}; using protocol 1")
-            version = 1
-        self.protocol = min(version, PROTOCOL_VERSION)
+        # (an integer from 1: _await_register refused any other value)
+        self.protocol = min(payload.get("protocol", 1), PROTOCOL_VERSION)
         features = payload.get("features", [])
         if not isinstance(features, list):
             self._warn(f"register: 'features' must be a list of strings, got {brief(features)}")
