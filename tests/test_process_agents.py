@@ -1582,6 +1582,74 @@ async def test_an_answer_written_without_its_newline_is_named_when_its_message_i
     assert ' bytes with no newline after them (a frame ends with \\n): \'{"type": ' in said
 
 
+async def test_the_missing_newline_warning_is_logged_at_most_once_a_second_with_a_count(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, mock_clock: trio.testing.MockClock
+) -> None:
+    """Regression (forty-second pass): the warning that names an answer waiting for its
+    newline was logged at every message given up on, not throttled as the other
+    warnings a child's output repeats are: a child that answers so answers every message
+    so, and a short timeout gives up on many a second. It is logged at most once a second
+    per agent (the kernel's clock), the next one logged says how many were held back, and
+    the agent's stop says those still held. (Each child here writes its register and the
+    start of an answer in one write, then never ends it: every message is given up on,
+    and the next one replaces the child; the old code logged all five.)"""
+    caplog.set_level(logging.WARNING, logger="nexus_trio.bridge")
+    cmd = script(
+        tmp_path,
+        """
+        raw(b'{"type": "register", "payload": {"id": "x", "name": "u", "protocol": 2}}\\n'
+            + b'{"type": "response", "payload": {"reply_to": "')
+        while True:
+            next_message()
+        """,
+    )
+    async with mock_time_kernel() as kernel:
+        ref = kernel.spawn(process_agent(cmd, name="unended"))
+        await until_real(lambda: stats_of(kernel, ref).protocol == 2, "the register")
+
+        async def give_up(value: int) -> None:
+            written = stats_of(kernel, ref).lines_out
+            async with trio.open_nursery() as nursery:
+
+                async def ask() -> None:
+                    with pytest.raises(RequestTimeout):
+                        await kernel.request(ref, value, timeout=0.3)
+
+                nursery.start_soon(ask)
+                await until_real(
+                    lambda: stats_of(kernel, ref).lines_out == written + 1, "the message written"
+                )
+                mock_clock.jump(0.3)
+            # (the requester may wake before the handler's cancellation has run: the
+            # warning, if any, is made by the latter, at this instant of the clock)
+            await until_real(
+                lambda: stats_of(kernel, ref).abandoned == value + 1, "the message given up on"
+            )
+
+        for value in range(3):  # given up on at 0.3, 0.6, 0.9 s: the first one logged
+            await give_up(value)
+        mock_clock.jump(1.0)
+        await give_up(3)  # at 2.2 s, with the two held back
+        await give_up(4)  # at 2.5 s: held back, said at the stop
+        stats = stats_of(kernel, ref)
+        assert (stats.abandoned, stats.replaced, stats.starts) == (5, 4, 5)
+        await kernel.stop(ref)
+    said = [
+        r.getMessage()
+        for r in caplog.records
+        if "gave up on message" in r.getMessage() or "since the last one logged" in r.getMessage()
+    ]
+    assert len(said) == 3, said
+    assert "unanswered; it wrote 46 bytes with no newline after them" in said[0], said
+    assert said[0].endswith('\'{"type": "response", "payload": {"reply_to": "\''), said
+    assert said[1].endswith("(and 2 more since the last one logged)"), said
+    assert said[2].endswith(
+        "): 1 more messages given up on with a stdout line waiting for its newline since the"
+        " last one logged, not logged (at most one warning a second of a kind; the counters"
+        " count each)"
+    ), said
+
+
 async def test_message_whose_deadline_passes_while_the_child_is_replaced_does_not_mark_it_stuck() -> (
     None
 ):

@@ -128,6 +128,8 @@ _OVERSIZED: Final = "oversized stdout lines"
 _LINE_LIMIT: Final = 1 << 20
 _UNMATCHED: Final = "discarded answers"
 _REFUSED: Final = "refused sends"
+#: (an answer written without its newline, as a message is given up on)
+_UNENDED: Final = "messages given up on with a stdout line waiting for its newline"
 _STDERR_WARNING = re.compile(
     r"^\s*(Traceback|\w*(Error|Exception)\b|error\b|ERROR|WARN|WARNING|CRITICAL|FATAL|panic)"
     # the shipped bridges' report of a handler (or on_stop) that raised, of a result JSON
@@ -1212,7 +1214,10 @@ class ProcessAgent(Agent):
                 if self._stdout is not None and (unended := _unended(self._stdout)):
                     # (an answer written without its newline, process.stdout.write of the
                     # JSON alone, waits for it for ever: the timeout would hide why)
-                    self._warn(f"gave up on message {msg.id} unanswered; {unended}")
+                    # (a warning each message would repeat: a child that answers so
+                    # answers every message so, and a short timeout gives up on many a
+                    # second)
+                    self._warn_line(_UNENDED, f"gave up on message {msg.id} unanswered; {unended}")
                 if sent and self.cancels and await self._send_cancel(slot):
                     # Before the Cancelled goes on, so before any later frame: a child
                     # that abandons the work answers at once, and is not replaced,
