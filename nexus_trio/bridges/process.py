@@ -938,11 +938,13 @@ class ProcessAgent(Agent):
                     stats.oversized_lines += 1
                     self._not_a_register(
                         process,
-                        f"{line.size:,} bytes, over the line limit of"
+                        f"its first stdout line, which must be its register frame, was"
+                        f" {line.size:,} bytes, over the line limit of"
                         f" {self.options.line_limit:,} bytes (discarded)",
                     )
                 if not line.strip():
                     continue
+                frame_type = None
                 try:
                     frame_type, payload = self._parse(line)
                     if frame_type != "register":
@@ -965,7 +967,19 @@ class ProcessAgent(Agent):
                     stats.invalid_lines += 1
                     # with why it is bad: a line that looks like a frame may be one of
                     # another version, or a register whose payload is not an object
-                    self._not_a_register(process, f"{_preview(line.strip())!r}: {exc}")
+                    quoted = f"{_preview(line.strip())!r}: {exc}"
+                    self._not_a_register(
+                        process,
+                        f"its register frame is unusable: {quoted}"
+                        if frame_type == "register"
+                        else f"its first stdout line is not a register frame: {quoted}"
+                        + (
+                            ""
+                            if frame_type is not None
+                            else " (a bridge agent's first line on stdout is its register"
+                            " frame; logs and banners go to stderr)"
+                        ),
+                    )
                 self._registered(payload)
                 self._child_registered = True
                 return
@@ -983,17 +997,12 @@ class ProcessAgent(Agent):
             process.pid,
         )
 
-    def _not_a_register(self, process: trio.Process, line: str) -> NoReturn:
+    def _not_a_register(self, process: trio.Process, problem: str) -> NoReturn:
         """Fail the start at the child's first stdout line that is no register frame (as
         an exit before registering does): a program that is not a bridge agent, or one
         that writes a banner or its logs on stdout, would not register later, and waiting
         out ``register_timeout`` would only hide why."""
-        raise ProcessAgentError(
-            self.label,
-            f"its first stdout line is not a register frame: {line} (a bridge agent's first"
-            " line on stdout is its register frame; logs and banners go to stderr)",
-            process.pid,
-        )
+        raise ProcessAgentError(self.label, problem, process.pid)
 
     def _registered(self, payload: dict[str, Any]) -> None:
         # The address is the kernel's: id and name are only what the child calls itself,
@@ -1074,7 +1083,13 @@ class ProcessAgent(Agent):
                     if process.returncode is None:
                         self._warn(f"did not exit within {grace:g}s of shutdown; sending SIGTERM")
                 elif process.returncode is None:
-                    self._warn("is not answering; sending SIGTERM")
+                    # (one that never registered does not speak the protocol: it is no
+                    # worse for that, it is sent no shutdown frame)
+                    self._warn(
+                        "is not answering; sending SIGTERM"
+                        if self._child_registered
+                        else "has not registered (it is sent no shutdown frame); sending SIGTERM"
+                    )
                 if process.returncode is None:
                     self._signal_group(process, signal.SIGTERM)
                     with trio.move_on_after(grace):
