@@ -1916,6 +1916,25 @@ async def failed_start(kernel: Kernel, cmd: list[str], name: str) -> ProcessAgen
     return event.error
 
 
+@pytest.mark.parametrize("status", [0, 3])
+async def test_a_child_that_exits_silently_before_registering_is_said_to_have_written_nothing(
+    status: int,
+) -> None:
+    """Regression (forty-second pass, a user's first hour: ``nexus send "python3
+    script.py"`` of a script that is no bridge agent): a child that exited before
+    registering without a word on stdout or stderr failed with ``exited (status 0) before
+    registering`` alone, which says nothing of what it should have done. It says that it
+    wrote nothing on its stdout and what the first line there must be, as the register
+    timeout of a silent child does."""
+    cmd = [sys.executable, "-c", f"import sys; sys.exit({status})"]
+    async with bridge_kernel() as kernel:
+        error = await failed_start(kernel, cmd, "silent")
+    assert error.problem == (
+        f"exited (status {status}) before registering; it wrote nothing on its stdout (its"
+        " first line there must be its register frame)"
+    )
+
+
 @pytest.mark.parametrize(
     ("body", "said"),
     [

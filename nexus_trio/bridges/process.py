@@ -668,6 +668,12 @@ def _unended(stdout: _LineReader) -> str:
     )
 
 
+#: what the failed start of a child that wrote nothing on its stdout adds
+_WROTE_NOTHING: Final = (
+    "; it wrote nothing on its stdout (its first line there must be its register frame)"
+)
+
+
 def _preview(line: bytes, size: int = 120) -> str:
     text = line[:size].decode("utf-8", "replace")
     return text + ("..." if len(line) > size else "")
@@ -921,10 +927,14 @@ class ProcessAgent(Agent):
                 first_line = False
                 if line is None:
                     code = await self._exit_code(process)
+                    words = await self._last_words() if code is not None else ""
+                    if not (words or stats.lines_in or self._unfinished):
+                        # (a script that ran to its end, say, as a program that is no
+                        # bridge agent does: what it should have written)
+                        words = _WROTE_NOTHING
                     raise ProcessAgentError(
                         self.label,
-                        self._said_unfinished(f"exited (status {code}) before registering")
-                        + await self._last_words()
+                        self._said_unfinished(f"exited (status {code}) before registering") + words
                         if code is not None
                         else self._said_unfinished(
                             "closed its stdout before registering (still running; it will be"
@@ -985,12 +995,8 @@ class ProcessAgent(Agent):
                 return
         # A frame written without its newline (sys.stdout.write of the JSON alone) waits
         # for it for ever: say so, or the timeout hides the mistake.
-        if unended := _unended(stdout):
-            unended = f"; {unended}"
-        else:  # (silent: say what it should have written)
-            unended = (
-                "; it wrote nothing on its stdout (its first line there must be its register frame)"
-            )
+        # (silent: say what it should have written)
+        unended = f"; {unended}" if (unended := _unended(stdout)) else _WROTE_NOTHING
         raise ProcessAgentError(
             self.label,
             f"did not register within {self.options.register_timeout:g}s{unended}",
