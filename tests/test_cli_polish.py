@@ -497,6 +497,29 @@ def test_the_help_text_after_the_options_is_reflowed_not_ragged(command: str) ->
         paragraph = []
 
 
+def test_the_root_help_lists_each_command_s_summary_reflowed_not_ragged() -> None:
+    """Regression (forty-second pass): ``nexus --help`` listed ``health`` as ``... exit``,
+    ``0 if healthy`` (a line of 12 characters) and ``(ready), 1 otherwise.``: its summary
+    kept the line break of its docstring, which the panel's width broke again. Every
+    summary line but a command's last fills the panel's width, give or take a word."""
+    result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "80", "NO_COLOR": "1"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    start = next(i for i, line in enumerate(lines) if "Commands" in line and "╭" in line)
+    rows: list[list[str]] = []
+    for line in lines[start + 1 :]:
+        if line.startswith("╰"):
+            break
+        name, text = line[2:11].strip(), line[11:].rstrip("│ ")
+        if name:
+            rows.append([text])
+        else:
+            rows[-1].append(text.strip())
+    assert {row[0].split()[0] for row in rows} >= {"Print", "Run", "Check"}, rows
+    for row in rows:
+        assert all(len(text) >= 50 for text in row[:-1]), row
+
+
 def test_counts_the_cli_prints_say_one_in_the_singular(isolated: Path) -> None:
     """Regression: ``nexus run``'s summary said ``app greeter_app:greeter, 1 agents`` (and
     ``1 workers: ...``, ``agent tree (1 agents)``, ``ring workload · 1 agents``)."""

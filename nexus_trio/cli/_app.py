@@ -1072,8 +1072,7 @@ def health(
         ),
     ] = None,
 ) -> None:
-    """Check a running kernel's /healthz (with --ready: its /readyz): exit 0 if healthy
-    (ready), 1 otherwise."""
+    """Check a running kernel's /healthz (--ready: /readyz); exit 0 if healthy (ready), else 1."""
     if port is None or host is None:
         from ..config import ConfigError, load_config
 
