@@ -608,7 +608,9 @@ NOTES_ITS_STOP = textwrap.dedent(
 )
 
 
-def _send_to_noting_agent(tmp_path: Path, source: str) -> tuple[subprocess.Popen[str], Path]:
+def _send_to_noting_agent(
+    tmp_path: Path, source: str, **env: str
+) -> tuple[subprocess.Popen[str], Path]:
     """``nexus send`` of one message to the agent program ``source`` (NOTES_ITS_STOP or a
     variation), which notes what it gets in the file returned beside the process."""
     (tmp_path / "agent.py").write_text(source)
@@ -617,7 +619,7 @@ def _send_to_noting_agent(tmp_path: Path, source: str) -> tuple[subprocess.Popen
     proc = subprocess.Popen(
         [sys.executable, "-m", "nexus_trio.cli", "send", command, "1", "-t", "60"],
         cwd=tmp_path,
-        env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"},
+        env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1", **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -659,6 +661,33 @@ def test_a_sigterm_or_sighup_of_nexus_send_stops_the_agent_gracefully(
     assert f"nexus send: stopped by {signame}: no answer; the agent was stopped" in err
     assert "Traceback" not in err
     assert notes.read_text().split() == ["message", "SIGTERM"]
+
+
+def test_a_ctrl_c_of_nexus_send_says_the_message_had_no_answer_as_a_sigterm_does(
+    tmp_path: Path,
+) -> None:
+    """Regression (forty-second pass, a user's first hour): a Ctrl-C of ``nexus send``
+    while its agent worked on the message ended it with status 130 and an empty line:
+    nothing said that the message had no answer, where a SIGTERM says so. It says so
+    too. (The kernel's Ctrl-C: its shutdown gives the message the grace, 1 s here.)"""
+    proc, notes = _send_to_noting_agent(
+        tmp_path, NOTES_ITS_STOP, NEXUS_KERNEL__SHUTDOWN_GRACE_MS="1000"
+    )
+    try:
+        _wait_noted(proc, notes, "message")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130, err
+    assert out == ""
+    assert "KeyboardInterrupt: shutting down gracefully" in err
+    assert err.splitlines()[-1] == (
+        "nexus send: stopped by SIGINT (Ctrl-C): no answer; the agent was stopped"
+    ), err
+    assert "Traceback" not in err
+    assert notes.read_text().split()[-1] == "SIGTERM"
 
 
 #: as NOTES_ITS_STOP, but a SIGTERM takes it a while: it notes it, then exits 1.5 s later

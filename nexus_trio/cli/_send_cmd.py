@@ -185,6 +185,15 @@ def register(app: typer.Typer) -> None:
         except _Stopped as exc:
             typer.echo(f"nexus send: stopped by {exc}: no answer; the agent was stopped", err=True)
             raise typer.Exit(128 + exc.signum) from None
+        except KeyboardInterrupt:
+            # Ctrl-C: the kernel's (its shutdown stopped the agent, the message it held
+            # given up within the grace); said as a SIGTERM's end is, where typer wrote
+            # an empty line and nothing of the message
+            typer.echo(
+                "nexus send: stopped by SIGINT (Ctrl-C): no answer; the agent was stopped",
+                err=True,
+            )
+            raise typer.Exit(128 + signal.SIGINT) from None
         finally:
             agent_log.removeFilter(one_line)
         indent = None if compact else 2
