@@ -17,8 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from nexus_trio.cli import app
 from nexus_trio.cli._spawn import agent_names, program_name, register_timeout
+from tests.test_cli import flat
 from tests.test_process_agents import refused
 
 PYTHON = shlex.quote(sys.executable)
@@ -688,6 +691,29 @@ def test_a_ctrl_c_of_nexus_send_says_the_message_had_no_answer_as_a_sigterm_does
     ), err
     assert "Traceback" not in err
     assert notes.read_text().split()[-1] == "SIGTERM"
+
+
+def test_nexus_send_reads_the_payload_from_standard_input_given_as_dash(tmp_path: Path) -> None:
+    """Regression (forty-second pass, a user's first hour): a payload larger than one
+    argument may be (128 KiB on Linux: ``Argument list too long``) could not be sent at
+    all; ``-`` (not JSON, so no payload it was) reads it from standard input, as ``curl
+    -d @-`` and ``jq`` take theirs. Bad input is named as the argument's is."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "python_agent_example.py"
+    command = [sys.executable, "-m", "nexus_trio.cli", "send", f"{PYTHON} {example}", "-"]
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    big = json.dumps({"operation": "add", "a": 40, "b": 2, "note": "x" * 200_000})
+    sent = subprocess.run(
+        [*command, "--compact"], input=big, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert (sent.returncode, sent.stdout) == (0, '{"result": 42}\n'), sent.stderr
+    # (bad input is refused before any agent starts: in process)
+    for given, said in [
+        ("{oops", "Invalid value for 'JSON': not JSON: Expecting property name"),
+        (b"\xff", "standard input (-) is not UTF-8 text (invalid start byte at byte 0)"),
+    ]:
+        result = CliRunner().invoke(app, ["send", command[4], "-"], input=given, env=env)
+        assert result.exit_code == 2, result.output
+        assert said in flat(result.output), result.output
 
 
 #: as NOTES_ITS_STOP, but a SIGTERM takes it a while: it notes it, then exits 1.5 s later

@@ -71,7 +71,11 @@ def register(app: typer.Typer) -> None:
     def send(
         cmd: Annotated[str, typer.Argument(metavar="CMD", help="The agent's command line.")],
         payload: Annotated[
-            str, typer.Argument(metavar="JSON", help="The message payload (a JSON value).")
+            str,
+            typer.Argument(
+                metavar="JSON",
+                help="The message payload (a JSON value; - reads it from standard input).",
+            ),
         ],
         name: Annotated[
             str | None, typer.Option("--name", help="Agent name (also NEXUS_AGENT_NAME).")
@@ -130,7 +134,7 @@ def register(app: typer.Typer) -> None:
         from ..logs import configure_logging
 
         try:
-            value = _read_payload(payload)
+            value = _read_payload(_from_stdin() if payload == "-" else payload)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="'JSON'") from None
         try:
@@ -333,6 +337,21 @@ def _json_key(key: Any) -> str:
     if isinstance(key, bool | int | float) or key is None:
         return json.dumps(key)  # (an int's digits, a float's repr, true, null)
     return repr(key)
+
+
+def _from_stdin() -> str:
+    """The payload ``-`` stands for: standard input, whole (a payload larger than an
+    argument may be, 128 KiB on Linux, or one a program writes), as UTF-8 text."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:
+        raise ValueError("- reads the payload from standard input, and there is none")
+    data = stream.read()
+    try:
+        return str(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"standard input (-) is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
 
 
 def _read_payload(payload: str) -> Any:
