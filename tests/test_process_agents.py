@@ -3624,11 +3624,8 @@ async def test_an_answer_that_matches_no_message_is_logged_with_what_it_carried(
 #: register), answers each message with its payload and then writes the bad line once more
 FLOOD = """
 bad = {bad!r}
-if {before!r}:
-    raw(bad * {n})
 emit({{"type": "register", "payload": {{"id": str(uuid.uuid4()), "name": "f", "protocol": 2}}}})
-if not {before!r}:
-    raw(bad * {n})
+raw(bad * {n})
 while True:
     m = next_message()
     emit({{"type": "response", "payload": {{"reply_to": m["id"], "payload": m["payload"]}}}})
@@ -3637,21 +3634,19 @@ while True:
 
 
 @pytest.mark.parametrize(
-    ("bad", "before", "counter", "warned"),
+    ("bad", "counter", "warned"),
     [
-        (b"garbage\n", False, "invalid_lines", "not JSON"),
-        (b'{"type": "nonsense", "payload": 1}\n', False, "invalid_lines", "unknown frame"),
-        (b"x" * 300 + b"\n", False, "oversized_lines", "byte"),
+        (b"garbage\n", "invalid_lines", "not JSON"),
+        (b'{"type": "nonsense", "payload": 1}\n', "invalid_lines", "unknown frame"),
+        (b"x" * 300 + b"\n", "oversized_lines", "byte"),
         (
             b'{"type": "response", "payload": {"reply_to": "%s", "payload": 1}}\n'
             % str(uuid.uuid4()).encode(),
-            False,
             "unmatched_responses",
             "matches no message in flight",
         ),
         (
             b'{"type": "send", "payload": {"to": "nobody", "payload": 1}}\n',
-            False,
             "sends_failed",
             "refused",
         ),
@@ -3669,7 +3664,6 @@ async def test_a_flood_of_bad_lines_is_counted_whole_and_warned_about_once_a_sec
     caplog: pytest.LogCaptureFixture,
     mock_clock: trio.testing.MockClock,
     bad: bytes,
-    before: bool,
     counter: str,
     warned: str,
 ) -> None:
@@ -3679,7 +3673,7 @@ async def test_a_flood_of_bad_lines_is_counted_whole_and_warned_about_once_a_sec
     how many were held back meanwhile, and the counters still count every line."""
     caplog.set_level(logging.WARNING, logger="nexus_trio.bridge")
     n = 1000
-    cmd = script(tmp_path, FLOOD.format(bad=bad, before=before, n=n))
+    cmd = script(tmp_path, FLOOD.format(bad=bad, n=n))
 
     def warnings() -> list[str]:
         return [
@@ -3735,7 +3729,7 @@ async def test_bad_lines_held_back_when_the_agent_stops_are_said_at_its_stop(
     (Before, the log showed one warning of a thousand bad lines, the rest only counted.)"""
     caplog.set_level(logging.WARNING, logger="nexus_trio.bridge")
     n = 1000
-    cmd = script(tmp_path, FLOOD.format(bad=bad, before=False, n=n))
+    cmd = script(tmp_path, FLOOD.format(bad=bad, n=n))
     async with mock_time_kernel() as kernel:
         ref = kernel.spawn(process_agent(cmd, name="flood", line_limit=200))
         await until_real(lambda: getattr(stats_of(kernel, ref), counter) == n, f"{n} bad lines")
@@ -4733,7 +4727,7 @@ async def test_a_refused_send_to_a_huge_name_is_warned_about_in_a_short_line(
     name made a 600 kB log line."""
     caplog.set_level(logging.WARNING, logger="nexus_trio.bridge")
     bad = b'{"type": "send", "payload": {"to": "%s", "payload": 1}}\n' % (b"N" * 300_000)
-    cmd = script(tmp_path, FLOOD.format(bad=bad, before=False, n=1))
+    cmd = script(tmp_path, FLOOD.format(bad=bad, n=1))
     async with mock_time_kernel() as kernel:
         ref = kernel.spawn(process_agent(cmd, name="far"))
         await until_real(lambda: stats_of(kernel, ref).sends_failed == 1, "the refused send")
