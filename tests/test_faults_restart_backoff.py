@@ -436,3 +436,85 @@ def test_a_pending_restart_a_group_restart_takes_along_counts_once() -> None:
         assert_conserved(kernel)
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+# --- forty-second pass: what a backoff shows, and the intensity window's count -----------
+
+
+@pytest.mark.parametrize("with_start", [False, True])
+def test_during_a_backoff_the_agent_reads_restarting_with_the_restarts_that_have_run(
+    with_start: bool,
+) -> None:
+    """While ``c`` waits out its 1 s backoff, ``stats(agents=True)`` (and ``describe()``)
+    show it ``restarting`` with the restarts that have run (0, then 1): the one waiting
+    is the state, counted as its run begins. Then it reads 1, 2, ``running`` (with an
+    ``on_start`` or without: a run after a backoff has its task)."""
+
+    def read(kernel: Any) -> tuple[str, int, str]:
+        (c,) = [a for a in kernel.stats(agents=True).agents if a.name == "c"]
+        (node,) = [n for n in kernel.describe()["children"] if n.get("name") == "c"]
+        return c.state, c.restarts, node["state"]
+
+    async def main() -> None:
+        async with open_kernel(config()) as kernel:
+            kernel.spawn(agent(Starting if with_start else Failing, name="c"))
+            await trio.testing.wait_all_tasks_blocked()
+            seen = []
+            for _ in range(2):
+                await fail_then_wait(kernel, "c", 0.5)
+                seen.append(read(kernel))
+                await trio.sleep(BACKOFF)
+                seen.append(read(kernel))
+            assert seen == [
+                ("restarting", 0, "restarting"),
+                ("running", 1, "running"),
+                ("restarting", 1, "restarting"),
+                ("running", 2, "running"),
+            ]
+            assert kernel.stats().restarts == 2
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_restart_a_stop_called_off_during_its_backoff_still_counts_in_the_intensity() -> None:
+    """``s`` allows one restart a minute. ``a`` fails (its restart is decided, with a 1 s
+    backoff) and is stopped at 0.5 s, so its restart never runs and is not counted in
+    ``restarts``; but the failure counts in ``s``'s intensity window, as OTP's
+    ``add_restart`` counts a restart before it starts the child and Akka's
+    ``BackoffSupervisor`` counts ``maxNrOfRetries`` as it schedules the backoff: ``b``
+    failing at 0.7 s is the second restart within the minute, and ``s`` escalates."""
+
+    async def main() -> None:
+        async with open_kernel(config()) as kernel:
+            async with record_events(kernel) as recorder:
+                kernel.spawn(
+                    Supervisor(
+                        name="s",
+                        max_restarts=1,
+                        within=60.0,
+                        backoff=Backoff(BACKOFF, BACKOFF, jitter=0),
+                        children=[agent(Eager, name="a"), agent(Eager, name="b")],
+                    )
+                )
+                await trio.testing.wait_all_tasks_blocked()
+                await fail_then_wait(kernel, "a", 0.5)
+                await kernel.stop("a")
+                await trio.sleep(0.2)
+                await kernel.send("b", "boom")
+                await trio.testing.wait_all_tasks_blocked()
+            stats = kernel.stats()
+        assert [
+            (e.kind.value, e.name, e.reason, round(e.time, 3))
+            for e in recorder.events
+            if e.kind.value in ("failed", "stopped", "escalated", "restarted")
+        ][:5] == [
+            ("failed", "a", "RuntimeError", 0.0),
+            ("stopped", "a", "stopped", 0.5),
+            ("failed", "b", "RuntimeError", 0.7),
+            ("escalated", "s", "child b", 0.7),
+            ("failed", "s", "SupervisorEscalation", 0.7),
+        ]
+        assert stats.restarts == 0
+        assert_conserved(kernel)
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
