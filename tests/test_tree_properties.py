@@ -150,6 +150,57 @@ def subtree_members(forest: list[Tree]) -> dict[str, list[str]]:
     return members
 
 
+def random_supervisor(
+    rng: random.Random, backoff_max: float, timeout: float | None
+) -> Callable[[str, str, list[Any]], Supervisor]:
+    """What :func:`build` makes a supervisor with: random intensity and restart type, a
+    backoff of 1 ms up to ``backoff_max``, and (``timeout`` given) a ``shutdown_timeout``
+    of ``timeout`` or none at random."""
+
+    def make(name: str, strategy: str, children: list[Any]) -> Supervisor:
+        return Supervisor(
+            strategy=strategy,
+            children=children,
+            name=name,
+            max_restarts=rng.randint(1, 5),
+            within=5.0,
+            backoff=Backoff(0.001, backoff_max),
+            restart=rng.choice(RESTART_TYPES),
+            shutdown_timeout=math.inf if timeout is None else rng.choice([math.inf, timeout]),
+        )
+
+    return make
+
+
+def check_runs_stopped_once(
+    entered: Counter[int], returned: Counter[int], stopped: Counter[int]
+) -> None:
+    """Every run (a token) entered ``on_start`` once, and one whose ``on_start`` returned
+    had exactly one ``on_stop``; no run stopped twice."""
+    assert all(stopped[t] == 1 for t in returned), "an on_start that returned has no one on_stop"
+    assert all(n <= 1 for n in stopped.values()), "a run stopped twice"
+    assert all(n == 1 for n in entered.values())
+
+
+def check_linked_stop_first(
+    spawned_by: dict[int, list[uuid.UUID]],
+    runs_of: dict[uuid.UUID, list[int]],
+    returned: Counter[int],
+    stop_order: dict[int, int],
+) -> None:
+    """Each run's linked children (by id: ``spawned_by``) whose ``on_start`` returned had
+    their ``on_stop`` before their parent run's (``stop_order``: the calls' order)."""
+    for parent, children in spawned_by.items():
+        if parent not in stop_order:
+            continue
+        for child in children:
+            for run in runs_of.get(child, []):
+                if returned[run]:
+                    assert stop_order.get(run, -1) < stop_order[parent], (
+                        "a linked child stopped after its parent"
+                    )
+
+
 #: one example, on a mock clock, failing after REAL_LIMIT s of real time. (The
 #: properties' bodies call it by this name: Hypothesis derives a derandomized property's
 #: examples from its body's source, so another call there would change them all.)
@@ -592,16 +643,7 @@ def test_fault_injection_trees_stop_cleanly_and_count_every_failure(
                 restart=rng.choice(RESTART_TYPES),
                 shutdown_timeout=rng.choice([None, None, 0.5]),
             ),
-            lambda name, strategy, children: Supervisor(
-                strategy=strategy,
-                children=children,
-                name=name,
-                max_restarts=rng.randint(1, 5),
-                within=5.0,
-                backoff=Backoff(0.001, 0.01),
-                restart=rng.choice(RESTART_TYPES),
-                shutdown_timeout=rng.choice([math.inf, 0.5]) if sup_timeouts else math.inf,
-            ),
+            random_supervisor(rng, 0.01, 0.5 if sup_timeouts else None),
             counter,
             agent_names,
             sup_names,
@@ -730,18 +772,9 @@ def test_fault_injection_trees_stop_cleanly_and_count_every_failure(
     run_example(scenario)
 
     assert not late_starts, f"runs started after the tree began to stop: {late_starts}"
-    assert all(stopped[t] == 1 for t in returned), "an on_start that returned has no one on_stop"
-    assert all(n <= 1 for n in stopped.values()), "a run stopped twice"
-    assert all(n == 1 for n in entered.values())
-    for parent, children in spawned_by.items() if not sup_timeouts else ():
-        if parent not in stop_order:
-            continue
-        for child in children:
-            for run in runs_of.get(child, []):
-                if returned[run]:
-                    assert stop_order.get(run, -1) < stop_order[parent], (
-                        "a linked child stopped after its parent"
-                    )
+    check_runs_stopped_once(entered, returned, stopped)
+    if not sup_timeouts:
+        check_linked_stop_first(spawned_by, runs_of, returned, stop_order)
     failed_runs = [e for e in failed_agent_events if e.agent_id in agent_ids]
     assert len(failed_runs) == stats.failed + stats.run_failures, (
         f"{len(failed_runs)} failed events for {stats.failed} handler failures and "
