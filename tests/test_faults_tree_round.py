@@ -16,7 +16,9 @@ dead-lettered with a reason (``assert_conserved``, and no reason empty); every
 children stop before their parent's ``on_stop``; no request outlives its deadline, and
 each ends with an answer or one of the documented errors; a watcher handles at most one
 final ``stopped`` notice of a target (``noproc`` aside), never a ``failed`` after it,
-and no more ``failed`` notices than the target has ``failed`` events.
+and no more ``failed`` notices than the target has ``failed`` events; a watcher still
+there when its target stopped for good was told (the notice handled or dead-lettered);
+a supervisor's ``stopped`` event comes after those of everything under it.
 
 Derandomized, no example database (``fault_settings``): CI runs the examples a developer
 runs. Each example runs on a ``MockClock(autojump_threshold=0)`` inside
@@ -108,6 +110,11 @@ def test_trees_with_monitors_requests_and_hangs_keep_their_promises(
     #: (watcher, target, event, reason) of every notice handled, in order
     notices: list[tuple[uuid.UUID, uuid.UUID, str, str]] = []
     failed_events: Counter[uuid.UUID] = Counter()
+    #: (watcher, target) of every monitor set, and of every stopped notice dead-lettered
+    monitored: set[tuple[uuid.UUID, uuid.UUID]] = set()
+    notices_dead: set[tuple[uuid.UUID, uuid.UUID]] = set()
+    #: every agent stopped for good, by id, in the order of its stopped event
+    retired_order: dict[uuid.UUID, int] = {}
     #: the names of the tree's agents and supervisors, in the order of their stopped events
     stopped_names: list[str] = []
     stopping: set[int] = set()
@@ -180,7 +187,9 @@ def test_trees_with_monitors_requests_and_hangs_keep_their_promises(
             def monitor_someone(self, ctx: Context) -> None:
                 if agent_names:
                     with suppress(AgentNotFound):
-                        ctx.monitor(ctx.kernel.lookup(self.rng.choice(agent_names)))
+                        target = ctx.kernel.lookup(self.rng.choice(agent_names))
+                        ctx.monitor(target)
+                        monitored.add((ctx.id, target.id))
 
             async def on_start(self, ctx: Context) -> None:
                 entered[self.token] += 1
@@ -342,12 +351,19 @@ def test_trees_with_monitors_requests_and_hangs_keep_their_promises(
                             async for event in events:
                                 if event.kind is EventKind.FAILED:
                                     failed_events[event.agent_id] += 1
-                                elif event.kind is EventKind.STOPPED and event.name:
-                                    stopped_names.append(event.name)
+                                elif event.kind is EventKind.STOPPED:
+                                    retired_order[event.agent_id] = len(retired_order)
+                                    if event.name:
+                                        stopped_names.append(event.name)
 
                         async def collect_dead() -> None:
                             async for letter in dead:
                                 dead_reasons[letter.reason.value] += 1
+                                payload = letter.message.payload
+                                if isinstance(payload, dict) and payload["event"] == "stopped":
+                                    target = uuid.UUID(payload["agent"])
+                                    watcher = uuid.UUID(str(letter.recipient))
+                                    notices_dead.add((watcher, target))
 
                         outside.start_soon(collect_events)
                         outside.start_soon(collect_dead)
@@ -420,3 +436,12 @@ def test_trees_with_monitors_requests_and_hangs_keep_their_promises(
             failed_seen[pair] += 1
             assert failed_seen[pair] <= failed_events[target], "a failed notice made up"
     assert all(n <= 1 for n in final.values()), f"a target stopped twice for a watcher: {final}"
+    # ... and a watcher still there when its target stopped for good was told, the notice
+    # handled or dead-lettered (none is sent to a watcher that stopped first).
+    told = {(w, t) for w, t, event, _ in notices if event == "stopped"} | notices_dead
+    untold = [
+        (w, t)
+        for w, t in monitored
+        if retired_order.get(w, math.inf) > retired_order[t] and (w, t) not in told
+    ]
+    assert not untold, f"watchers never told their target stopped: {untold}"
