@@ -1185,6 +1185,18 @@ class AgentScan:
         return bool(order)
 
 
+@trio.lowlevel.enable_ki_protection
+async def _end_drain_if_cancelled(kernel: Kernel, closed: trio.Event) -> None:
+    """Wait for the close of ``open_kernel``'s block (``closed``); if a cancel from outside
+    (a cancel scope around the block) comes first, end the drain now: Trio's rule is a
+    prompt exit from a cancelled close (the tree still stops in order)."""
+    try:
+        await closed.wait()
+    except trio.Cancelled:
+        kernel._end_grace_by(trio.current_time())
+        raise
+
+
 def _closed_on(router: Router) -> KernelShuttingDown:
     """The error of a request still waiting for its answer when the kernel closes: it
     names the phase it is failed in, as every refusal of the shutdown does (``stopping``
@@ -1286,11 +1298,19 @@ async def open_kernel(
                 grace = 0.0 if trio.current_effective_deadline() == -math.inf else None
                 if grace is None and _is_interrupt(body_error):
                     kernel._log_interrupt()  # (a Ctrl-C in an agent's code logs it there)
+                closed = trio.Event()
+                if grace is None:
+                    # A cancel from outside that comes while the close waits for a drain
+                    # (its own, or one a handler or a task beside the block asked for,
+                    # ``shutdown(grace=math.inf)``) ends the drain then, as it would have
+                    # had it come before the block ended.
+                    nursery.start_soon(_end_drain_if_cancelled, kernel, closed)
                 try:
                     # (shielded: a shutdown asked from inside the tree may be under way)
                     with trio.CancelScope(shield=True):
                         await kernel.shutdown(grace)
                 finally:
+                    closed.set()
                     if kernel._router.phase < KernelPhase.STOPPING:
                         # The shutdown was cut short in its drain (a second Ctrl-C):
                         # the cancel below stops the tree, as its stop phase would (a

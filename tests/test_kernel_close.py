@@ -29,6 +29,7 @@ from nexus_trio import (
     open_kernel,
 )
 from nexus_trio import _cell as cell_module
+from nexus_trio.testing import assert_conserved
 
 from .conftest import make_config
 from .hang_guard import run_on_mock_clock, tasks_living
@@ -1496,3 +1497,58 @@ async def test_a_stop_begun_during_the_drain_ends_when_the_grace_ends_sooner(
     stats = kernel.stats()
     handled = 1 if ended_by == "nothing in flight" else 0
     assert (stats.handled, stats.dead_lettered, stats.in_flight) == (handled, 1 - handled, 0)
+
+
+class _StartsForever(Agent):
+    """Its ``on_start`` never returns: what is sent to it waits, so a drain with no end
+    (``shutdown(grace=math.inf)``) never ends by itself."""
+
+    async def on_start(self, ctx: Context) -> None:
+        await trio.sleep_forever()
+
+    async def handle(self, ctx: Context, msg: Message) -> Any:
+        return msg.payload
+
+
+class _AsksForever(Agent):
+    async def handle(self, ctx: Context, msg: Message) -> None:
+        await ctx.kernel.shutdown(grace=math.inf)
+
+
+@pytest.mark.parametrize("asked_by", ["handler", "beside"])
+def test_a_cancel_that_comes_while_the_close_waits_for_an_endless_drain_ends_it(
+    asked_by: str,
+) -> None:
+    """Regression (forty-second pass, found by tests/test_faults_tree_round.py with an
+    ``on_start`` that never returns): a shutdown with ``grace=math.inf`` asked by a
+    handler or by a task beside the block drains; the block ends (its close waits for
+    that drain), and a cancel scope around it is cancelled at 10 s. The close left
+    promptly only for a cancel that came before the block ended: this one was never
+    seen (the close waits shielded), and the kernel hung in the drain for ever. Now the
+    drain ends at the cancel, the tree stops in order (the ``on_start`` cancelled, its
+    queue dead-lettered ``shutdown``) and the block is left at 10 s."""
+    left: list[float] = []
+
+    async def main() -> None:
+        baseline = tasks_living()
+        with trio.move_on_after(10) as around:
+            async with trio.open_nursery() as beside:
+                async with open_kernel(make_config(shutdown_grace_ms=100)) as kernel:
+                    kernel.spawn(agent(_StartsForever, name="h"))
+                    kernel.spawn(agent(_AsksForever, name="a"))
+                    await trio.testing.wait_all_tasks_blocked()
+                    await kernel.send("h", "queued")
+                    if asked_by == "handler":
+                        await kernel.send("a", "shut down")
+                    else:
+                        beside.start_soon(kernel.shutdown, math.inf)
+                    await trio.sleep(0.1)
+        left.append(trio.current_time())
+        assert around.cancelled_caught
+        assert kernel.stopped
+        assert tasks_living() == baseline
+        assert kernel.stats().dead_letters_by_reason == {"shutdown": 1}
+        assert_conserved(kernel)
+
+    run_on_mock_clock(main, real_seconds=30)
+    assert left == [pytest.approx(10.0)]
