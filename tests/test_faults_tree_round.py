@@ -15,7 +15,8 @@ outside or from a handler) land at random points; a cancel around the block at 1
 s ends a drain that has no end. Properties: the kernel closes in bounded mock time and
 leaves no task (this found the close that never saw that cancel: see test_kernel_close.py's
 ``test_a_cancel_that_comes_while_the_close_waits_for_an_endless_drain_ends_it``); every
-accepted message is handled or dead-lettered with a reason (``assert_conserved``, and no reason empty); every
+accepted message is handled or dead-lettered with a reason (``assert_conserved``, and
+no reason empty); every
 ``on_start`` that returned has exactly one ``on_stop``, and no run stops twice; linked
 children stop before their parent's ``on_stop``; no request outlives its deadline, and
 each ends with an answer or one of the documented errors; a watcher handles at most one
@@ -366,65 +367,71 @@ def test_trees_with_monitors_requests_and_hangs_keep_their_promises(
         baseline = tasks_living()
         # A drain may have no end (``shutdown(grace=math.inf)``, an ``on_start`` that
         # never returns holding a message): the cancel at half the limit ends it.
-        with trio.fail_after(MOCK_LIMIT), trio.move_on_after(MOCK_LIMIT / 2):
-            async with trio.open_nursery() as outside:
-                # (with escalate_to_kernel, the kernel shuts itself down and says so)
-                with suppress(SupervisorEscalation):
-                    async with open_kernel(config, seed=seed) as kernel:
-                        kernels.append(kernel)
-                        events = kernel.events(100_000)
-                        dead = kernel.dead_letters(100_000)
+        with trio.fail_after(MOCK_LIMIT):
+            # (the streams' readers outside that cancel: they read to the streams' end)
+            async with trio.open_nursery() as readers:
+                with trio.move_on_after(MOCK_LIMIT / 2):
+                    async with trio.open_nursery() as outside:
+                        # (with escalate_to_kernel, the kernel shuts itself down and says so)
+                        with suppress(SupervisorEscalation):
+                            async with open_kernel(config, seed=seed) as kernel:
+                                kernels.append(kernel)
+                                events = kernel.events(100_000)
+                                dead = kernel.dead_letters(100_000)
 
-                        async def collect_events() -> None:
-                            async for event in events:
-                                if event.kind is EventKind.FAILED:
-                                    failed_events[event.agent_id] += 1
-                                elif event.kind is EventKind.STOPPED:
-                                    retired_order[event.agent_id] = len(retired_order)
-                                    if event.name:
-                                        stopped_names.append(event.name)
+                                async def collect_events() -> None:
+                                    async for event in events:
+                                        if event.kind is EventKind.FAILED:
+                                            failed_events[event.agent_id] += 1
+                                        elif event.kind is EventKind.STOPPED:
+                                            retired_order[event.agent_id] = len(retired_order)
+                                            if event.name:
+                                                stopped_names.append(event.name)
 
-                        async def collect_dead() -> None:
-                            async for letter in dead:
-                                dead_reasons[letter.reason.value] += 1
-                                payload = letter.message.payload
-                                if isinstance(payload, dict) and payload["event"] == "stopped":
-                                    target = uuid.UUID(payload["agent"])
-                                    watcher = uuid.UUID(str(letter.recipient))
-                                    notices_dead.add((watcher, target))
+                                async def collect_dead() -> None:
+                                    async for letter in dead:
+                                        dead_reasons[letter.reason.value] += 1
+                                        payload = letter.message.payload
+                                        if (
+                                            isinstance(payload, dict)
+                                            and payload["event"] == "stopped"
+                                        ):
+                                            target = uuid.UUID(payload["agent"])
+                                            watcher = uuid.UUID(str(letter.recipient))
+                                            notices_dead.add((watcher, target))
 
-                        outside.start_soon(collect_events)
-                        outside.start_soon(collect_dead)
-                        for spec in specs:
-                            kernel.spawn(spec)
+                                readers.start_soon(collect_events)
+                                readers.start_soon(collect_dead)
+                                for spec in specs:
+                                    kernel.spawn(spec)
 
-                        async def stop(name: str) -> None:
-                            with suppress(AgentNotFound):
-                                if name == "linked":
-                                    if linked_ids:
-                                        await kernel.stop(rng.choice(linked_ids))
-                                else:
-                                    await kernel.stop(kernel.lookup(name))
+                                async def stop(name: str) -> None:
+                                    with suppress(AgentNotFound):
+                                        if name == "linked":
+                                            if linked_ids:
+                                                await kernel.stop(rng.choice(linked_ids))
+                                        else:
+                                            await kernel.stop(kernel.lookup(name))
 
-                        for step in plan:
-                            with suppress(AgentNotFound, MailboxFull, KernelShuttingDown):
-                                if step[0] == "stop":
-                                    outside.start_soon(stop, step[1])
-                                elif step[0] == "pause":
-                                    await trio.sleep(step[1])
-                                elif step[0] == "request":
-                                    outside.start_soon(
-                                        timed_request,
-                                        kernel.request,
-                                        step[1],
-                                        ("ok", None),
-                                        step[2],
-                                    )
-                                elif step[0] == "shutdown":
-                                    outside.start_soon(kernel.shutdown, step[1])
-                                else:
-                                    await kernel.send(step[1], step[2])
-                        await trio.sleep(stop_after)
+                                for step in plan:
+                                    with suppress(AgentNotFound, MailboxFull, KernelShuttingDown):
+                                        if step[0] == "stop":
+                                            outside.start_soon(stop, step[1])
+                                        elif step[0] == "pause":
+                                            await trio.sleep(step[1])
+                                        elif step[0] == "request":
+                                            outside.start_soon(
+                                                timed_request,
+                                                kernel.request,
+                                                step[1],
+                                                ("ok", None),
+                                                step[2],
+                                            )
+                                        elif step[0] == "shutdown":
+                                            outside.start_soon(kernel.shutdown, step[1])
+                                        else:
+                                            await kernel.send(step[1], step[2])
+                                await trio.sleep(stop_after)
         assert tasks_living() == baseline, "the kernel left tasks behind"
         stats = kernels[0].stats()
         assert stats.in_flight == 0
