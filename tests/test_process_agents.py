@@ -2040,6 +2040,9 @@ async def test_a_stop_during_the_handshake_gives_it_up_and_leaves_nothing_behind
         await wait_until(lambda: stats_of(kernel, ref).pid is not None, "the child to start")
         pid = stats_of(kernel, ref).pid
         assert pid is not None
+        # (a child's command line reads empty until its exec has set it up, which may be
+        # after open_process returned: on a loaded machine this found no process at all)
+        await wait_until(lambda: live_processes(tag) != [], "the child's command line")
         assert live_processes(tag) == [pid]
         started = time.monotonic()
         if how == "kernel-stop":
