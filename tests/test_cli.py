@@ -1368,10 +1368,16 @@ def test_a_second_sigint_forces_the_exit_with_status_130(nexus, tmp_path):
     assert "forced exit" in "".join(run.stderr)
 
 
+#: An import that takes 120 s, in steps of 0.1 s: a signal that comes between Python's
+#: last look at its signals and the start of a sleep's system call does not interrupt
+#: that sleep (CPython looks again only when the call ends), and a single 120 s sleep
+#: then outlasted the test's 30 s (seen under load: the SIGINT is sent as soon as the
+#: line is read, as the import goes on to its sleep); a step's end takes it.
 SLOW_IMPORT = """
 import sys, time
 print("slow_import: importing", file=sys.stderr, flush=True)
-time.sleep(120)
+for _ in range(1200):
+    time.sleep(0.1)
 
 async def main(kernel):
     pass

@@ -2626,10 +2626,13 @@ def test_a_hangup_stops_the_workers_gracefully_and_a_second_one_does_not_force(
     assert tagged_processes(tag) == {}
 
 
+#: 120 s in steps of 0.1 s (see test_cli.SLOW_IMPORT: a signal that comes just before a
+#: sleep's system call does not interrupt that sleep; a step's end takes it)
 PARENT_SLOW_IMPORT = """
 import sys, time
 print("slow_import: importing", file=sys.stderr, flush=True)
-time.sleep(120)
+for _ in range(1200):
+    time.sleep(0.1)
 
 async def main(kernel):
     pass
@@ -2711,7 +2714,8 @@ from nexus_trio import Agent
 if os.environ.get("NEXUS_WORKER"):  # (the parent's check of the app is quick)
     try:  # (the line in it: a stop that comes as soon as it is written is caught here)
         print("slow_import: importing", file=sys.stderr, flush=True)
-        time.sleep(3600)
+        for _ in range(36000):  # (in steps: see PARENT_SLOW_IMPORT)
+            time.sleep(0.1)
         print("slow_import: slept to the end", file=sys.stderr, flush=True)
     except BaseException:
         if os.environ.get("SWALLOW") == "error":  # an import that makes an error of it
