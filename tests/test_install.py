@@ -380,7 +380,11 @@ def test_docker_command_and_healthcheck_work_against_a_running_kernel(tmp_path: 
     assert env["NEXUS_METRICS__PORT"] == "9464"
     env["NEXUS_METRICS__PORT"] = port
     env["NEXUS_METRICS__HOST"] = "127.0.0.1"
-    env["PYTHONPATH"] = str(ROOT / "examples")
+    # the examples, then the package under test as this test process has it (a checkout
+    # on PYTHONPATH, not only an installed one)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT / "examples"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    )
     env.pop("PATH")
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     config = tmp_path / "config.toml"
@@ -424,26 +428,29 @@ def test_docker_command_and_healthcheck_work_against_a_running_kernel(tmp_path: 
             env=env,
             cwd=tmp_path,
         )
-    try:
-        deadline = time.monotonic() + 60
-        while not healthy():
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "the kernel never became healthy"
-            time.sleep(0.2)
-        # The workload runs: wait for the first job of the pipeline service to be logged.
-        while "job 1: 20/20 tasks" not in log.read_text():
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "the pipeline service logged no job"
-            time.sleep(0.2)
-        assert healthy()
-        process.send_signal(signal.SIGTERM)  # docker stop
-        out, _ = process.communicate(timeout=60)
-        assert process.returncode == 0, out + log.read_text()
-        assert '"nexus_trio.app.pipeline"' in log.read_text()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
+    # (its stdout pipe closed whatever happens: a kernel that exited at once, failing the
+    # test, left it open, a ResourceWarning at exit)
+    with process:
+        try:
+            deadline = time.monotonic() + 60
+            while not healthy():
+                assert process.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, "the kernel never became healthy"
+                time.sleep(0.2)
+            # The workload runs: wait for the first job of the pipeline service to be logged.
+            while "job 1: 20/20 tasks" not in log.read_text():
+                assert process.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, "the pipeline service logged no job"
+                time.sleep(0.2)
+            assert healthy()
+            process.send_signal(signal.SIGTERM)  # docker stop
+            out, _ = process.communicate(timeout=60)
+            assert process.returncode == 0, out + log.read_text()
+            assert '"nexus_trio.app.pipeline"' in log.read_text()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
     assert not healthy(), "still healthy after the kernel stopped"
 
 
