@@ -22,6 +22,8 @@ from typer.testing import CliRunner
 from nexus_trio.cli import app
 from nexus_trio.cli._app import default_to_run
 
+from .test_install import examples_path
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 ROOT_OPTIONS = frozenset({"--help", "-h", "--version", "-V"})
@@ -195,7 +197,7 @@ def test_docker_run_image_with_the_originals_arguments_runs_the_demo(
         env[key] = value.replace("$PATH", env.get("PATH", ""))
     env["PATH"] = os.pathsep.join([str(BIN), os.environ.get("PATH", "")])
     env["NEXUS_METRICS__PORT"] = "0"  # the image's 9464 may be taken on this machine
-    env["PYTHONPATH"] = str(ROOT / "examples")
+    env["PYTHONPATH"] = examples_path()
     argv = [str(BIN / entrypoint[0]), *entrypoint[1:], *docker_args, "--json"]
     summary = run_summary(argv, env, tmp_path)
     # the demo the arguments ask for, not the image's default service

@@ -361,6 +361,14 @@ def dockerfile_instructions(stage: int = -1) -> dict[str, list[str]]:
     return found
 
 
+def examples_path() -> str:
+    """PYTHONPATH for a kernel run as the image runs it: the examples (the image's app),
+    then this test process's PYTHONPATH, so that it runs the package under test (a
+    checkout on PYTHONPATH, not only the installed one; CI sets none)."""
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return os.pathsep.join([str(ROOT / "examples"), *inherited])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -380,11 +388,7 @@ def test_docker_command_and_healthcheck_work_against_a_running_kernel(tmp_path: 
     assert env["NEXUS_METRICS__PORT"] == "9464"
     env["NEXUS_METRICS__PORT"] = port
     env["NEXUS_METRICS__HOST"] = "127.0.0.1"
-    # the examples, then the package under test as this test process has it (a checkout
-    # on PYTHONPATH, not only an installed one)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT / "examples"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    )
+    env["PYTHONPATH"] = examples_path()
     env.pop("PATH")
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     config = tmp_path / "config.toml"
