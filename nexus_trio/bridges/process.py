@@ -628,7 +628,29 @@ _REFUSALS: Final = (NexusError, TypeError, ValueError)
 
 
 class _BadFrame(Exception):
-    """A stdout line that is not a usable frame; the text says what is wrong."""
+    """A stdout line that is not a usable frame; the text says what is wrong, and
+    ``frame_type`` the line's ``type`` when it is a JSON object with a string one."""
+
+    def __init__(self, problem: str, frame_type: str | None = None) -> None:
+        super().__init__(problem)
+        self.frame_type = frame_type
+
+
+#: the frames of the protocol, both ways: a child whose first frame is one of them other
+#: than a usable register speaks the protocol, but wrongly; any other line before its
+#: register (a banner, a log line, a JSON log record) is noise, skipped
+_FRAME_TYPES: Final = frozenset(
+    {"register", "response", "error", "send", "pong", "message", "shutdown", "ping", "cancel"}
+)
+#: what a start's failure adds about lines a child wrote before registering
+_REGISTER_HINT: Final = (
+    " (a bridge agent's first frame on stdout is its register; logs go to stderr)"
+)
+
+
+def _lines(count: int, what: str) -> str:
+    """``1 line that is {what}``, ``3 lines that are {what}``."""
+    return f"{count:,} line that is {what}" if count == 1 else f"{count:,} lines that are {what}"
 
 
 class _Unmatched(Exception):
@@ -672,6 +694,26 @@ def _unended(stdout: _LineReader) -> str:
 _WROTE_NOTHING: Final = (
     "; it wrote nothing on its stdout (its first line there must be its register frame)"
 )
+
+
+def _first_line(skipped: int) -> str:
+    """Which line of its stdout a child's start failed at, ``skipped`` lines of noise
+    (no frames) before it."""
+    if not skipped:
+        return "its first stdout line"
+    return f"its first stdout line after {_lines(skipped, 'no frame')} (skipped)"
+
+
+def _skipped_said(skipped: int, first: bytes) -> str:
+    """What a failed start adds about the ``skipped`` lines of noise a child wrote before
+    registering (``first`` the first of them), or ``""``."""
+    if not skipped:
+        return ""
+    which = ", the first:" if skipped > 1 else ":"
+    return (
+        f"; it wrote {_lines(skipped, 'no register frame')}{which}"
+        f" {_preview(first.strip())!r}{_REGISTER_HINT}"
+    )
 
 
 def _preview(line: bytes, size: int = 120) -> str:
@@ -917,6 +959,10 @@ class ProcessAgent(Agent):
         assert stdout is not None
         stats = self.stats
         first_line = True
+        #: lines before the register that are no frame (a banner, a log line): skipped,
+        #: as the original kernel did, and said when the start fails
+        skipped = blank = 0
+        first_skipped = b""
         with trio.move_on_after(self.options.register_timeout):
             while True:
                 line = await stdout.next_line()
@@ -928,44 +974,53 @@ class ProcessAgent(Agent):
                 if line is None:
                     code = await self._exit_code(process)
                     words = await self._last_words() if code is not None else ""
-                    if not (words or stats.lines_in or self._unfinished):
+                    if not (words or skipped or blank or self._unfinished):
                         # (a script that ran to its end, say, as a program that is no
                         # bridge agent does: what it should have written)
                         words = _WROTE_NOTHING
                     raise ProcessAgentError(
                         self.label,
-                        self._said_unfinished(f"exited (status {code}) before registering") + words
+                        self._said_unfinished(f"exited (status {code}) before registering")
+                        + _skipped_said(skipped, first_skipped)
+                        + words
                         if code is not None
                         else self._said_unfinished(
                             "closed its stdout before registering (still running; it will be"
                             " killed)"
-                        ),
+                        )
+                        + _skipped_said(skipped, first_skipped),
                         process.pid,
                     )
                 stats.lines_in += 1
                 if isinstance(line, _Oversized):
-                    # (a register frame too long for the limit, most likely)
+                    # (a register frame too long for the limit, most likely: a banner is
+                    # never a megabyte long)
                     stats.oversized_lines += 1
                     self._not_a_register(
                         process,
-                        f"its first stdout line, which must be its register frame, was"
+                        f"{_first_line(skipped)}, which must be its register frame, was"
                         f" {line.size:,} bytes, over the line limit of"
                         f" {self.options.line_limit:,} bytes (discarded)",
                     )
                 if not line.strip():
+                    blank += 1
                     continue
-                frame_type = None
                 try:
                     frame_type, payload = self._parse(line)
                     if frame_type != "register":
-                        raise _BadFrame(f"expected a register frame first, got {frame_type!r}")
+                        raise _BadFrame(
+                            f"expected a register frame first, got {frame_type!r}", frame_type
+                        )
                     if not isinstance(payload, dict):
-                        raise _BadFrame("register payload must be an object")
+                        raise _BadFrame("register payload must be an object", frame_type)
                     version = payload.get("protocol", 1)
                     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+                        # (an original agent sends no protocol: one it cannot parse is
+                        # from an agent written for this kernel, wrongly)
                         raise _BadFrame(
                             f"unknown protocol {brief(version)} (an integer: 1, or 2 for the"
-                            " extensions)"
+                            " extensions)",
+                            frame_type,
                         )
                 except _BadFrame as exc:
                     if stdout.unterminated:
@@ -975,39 +1030,54 @@ class ProcessAgent(Agent):
                         self._unfinished = len(line)
                         continue
                     stats.invalid_lines += 1
-                    # with why it is bad: a line that looks like a frame may be one of
-                    # another version, or a register whose payload is not an object
                     quoted = f"{_preview(line.strip())!r}: {exc}"
+                    if exc.frame_type not in _FRAME_TYPES:
+                        # No frame of the protocol: a banner or a log line on stdout,
+                        # skipped (an agent of the original kernel may print one)
+                        skipped += 1
+                        if skipped == 1:
+                            first_skipped = line
+                            quoted += (
+                                "; waiting for its register frame (up to register_timeout,"
+                                f" {self.options.register_timeout:g}s){_REGISTER_HINT}"
+                            )
+                        self._warn_line(_INVALID, f"skipped a line before its register: {quoted}")
+                        continue
+                    # A frame, but no usable register: it speaks the protocol wrongly (or
+                    # another version of it), and would not register later.
                     self._not_a_register(
                         process,
                         f"its register frame is unusable: {quoted}"
-                        if frame_type == "register"
-                        else f"its first stdout line is not a register frame: {quoted}"
-                        + (
-                            ""
-                            if frame_type is not None
-                            else " (a bridge agent's first line on stdout is its register"
-                            " frame; logs and banners go to stderr)"
-                        ),
+                        if exc.frame_type == "register"
+                        else f"{_first_line(skipped)} is not a register frame: {quoted}",
                     )
                 self._registered(payload)
                 self._child_registered = True
                 return
         # A frame written without its newline (sys.stdout.write of the JSON alone) waits
         # for it for ever: say so, or the timeout hides the mistake.
-        # (silent: say what it should have written)
-        unended = f"; {unended}" if (unended := _unended(stdout)) else _WROTE_NOTHING
+        said = _skipped_said(skipped, first_skipped)
+        if unended := _unended(stdout):
+            said += f"; {unended}"
+        elif not said:  # (silent: say what it should have written)
+            said = (
+                f"; it wrote {_lines(blank, 'blank')} and nothing else on its stdout (its first"
+                " line there must be its register frame)"
+                if blank
+                else _WROTE_NOTHING
+            )
         raise ProcessAgentError(
             self.label,
-            f"did not register within {self.options.register_timeout:g}s{unended}",
+            f"did not register within {self.options.register_timeout:g}s{said}",
             process.pid,
         )
 
     def _not_a_register(self, process: trio.Process, problem: str) -> NoReturn:
-        """Fail the start at the child's first stdout line that is no register frame (as
-        an exit before registering does): a program that is not a bridge agent, or one
-        that writes a banner or its logs on stdout, would not register later, and waiting
-        out ``register_timeout`` would only hide why."""
+        """Fail the start at the child's first frame when it is no usable register (as
+        an exit before registering does), or at a line over the limit: a child that
+        speaks the protocol wrongly would not register later, and waiting out
+        ``register_timeout`` would only hide why. (Lines that are no frame, a banner or a
+        log line on stdout, are skipped: an agent of the original kernel may write one.)"""
         raise ProcessAgentError(self.label, problem, process.pid)
 
     def _registered(self, payload: dict[str, Any]) -> None:
@@ -1715,14 +1785,16 @@ class ProcessAgent(Agent):
             raise _BadFrame("JSON nested too deeply") from None
         if not isinstance(frame, dict):
             raise _BadFrame(f"a frame must be a JSON object, got {type(frame).__name__}")
-        if not unicode_text_read(line, frame):
-            # what Message.from_json refuses: it could reach no other node nor a log file
-            raise _BadFrame(LONE_SURROGATE)
         frame_type = frame.get("type")
         if not isinstance(frame_type, str):
+            frame_type = None
+        if not unicode_text_read(line, frame):
+            # what Message.from_json refuses: it could reach no other node nor a log file
+            raise _BadFrame(LONE_SURROGATE, frame_type)
+        if frame_type is None:
             raise _BadFrame("frame has no 'type' string")
         if "payload" not in frame:
-            raise _BadFrame(f"{frame_type!r} frame has no 'payload'")
+            raise _BadFrame(f"{frame_type!r} frame has no 'payload'", frame_type)
         return frame_type, frame["payload"]
 
     async def _dispatch(self, frame_type: str, payload: Any) -> None:
