@@ -48,8 +48,11 @@ class RestartStrategy(enum.Enum):
 
 #: Level names accepted in ``[logging] level`` (``trace`` and ``warn`` are the original's).
 LOG_LEVELS = ("trace", "debug", "info", "warn", "warning", "error", "critical")
-#: Formats accepted in ``[logging] format``.
-LOG_FORMATS = ("compact", "json", "pretty")
+#: Formats accepted in ``[logging] format``. ``full`` is the name of the original's default
+#: format (tracing-subscriber's ``Full``, one line: time, level, target, message, fields),
+#: which a config of the original may carry: an alias of ``compact``, the one-line format
+#: that writes the same parts in that order.
+LOG_FORMATS = ("compact", "full", "json", "pretty")
 #: Built-in demo workloads of ``nexus run`` (``[app] workload``).
 WORKLOADS = ("ring", "fanout", "request", "pool")
 
@@ -397,7 +400,8 @@ class RuntimeConfig:
 
 @attrs.frozen
 class LoggingConfig:
-    """``[logging]``: level, format (``compact``, ``json`` or ``pretty``) and queue."""
+    """``[logging]``: level, format (``compact``, ``json`` or ``pretty``; ``full`` is
+    ``compact``) and queue."""
 
     _section = "logging"
 
@@ -408,7 +412,10 @@ class LoggingConfig:
     format: str = attrs.field(
         default="compact",
         validator=_one_of(LOG_FORMATS),
-        metadata=_doc("compact (one line), json (one object per line) or pretty (rich)"),
+        metadata=_doc(
+            "compact (one line), json (one object per line) or pretty (rich);"
+            " full (the original's name) is compact"
+        ),
     )
     queue: int = attrs.field(
         default=10000,

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Final, TextIO, cast
 
-from ._config import LoggingConfig
+from ._config import LOG_FORMATS, LoggingConfig
 from ._logcall import log_calls_failed as log_calls_failed
 
 __all__ = [
@@ -1103,12 +1103,12 @@ def _make_handler(cfg: LoggingConfig, stream: TextIO | None) -> logging.Handler:
         writer = _LossyWriter(stream)
         handler = _make_rich_handler(Console(file=cast(TextIO, writer)), writer)
         handler.setFormatter(_PrettyFormatter())
-    elif cfg.format == "compact":
+    elif cfg.format in ("compact", "full"):  # (full: the original's name of it)
         handler = _StreamHandler(stream or sys.stderr)
         handler.setFormatter(CompactFormatter())
     else:
         raise ValueError(
-            f"[logging] format must be one of compact, json, pretty, got {cfg.format!r}"
+            f"[logging] format must be one of {', '.join(LOG_FORMATS)}, got {cfg.format!r}"
         )
     if cfg.queue and _is_os_file(stream if stream is not None else sys.stderr):
         cast(_CountsLostRecords, handler).write_through_queue(cfg.queue)
@@ -1137,9 +1137,9 @@ def configure_logging(
     """Send ``nexus_trio`` log records at ``level`` and above to ``stream`` in ``format``.
 
     ``level`` is a ``[logging] level`` name (``"debug"``, ``"info"``, ``"warning"``, ...)
-    and ``format`` one of ``"compact"``, ``"json"``, ``"pretty"``; a :class:`LoggingConfig`
-    (``configure_logging(config.logging)``) gives both. Typical use, first thing in a
-    program run with plain ``python``::
+    and ``format`` one of ``"compact"`` (also ``"full"``), ``"json"``, ``"pretty"``; a
+    :class:`LoggingConfig` (``configure_logging(config.logging)``) gives both. Typical
+    use, first thing in a program run with plain ``python``::
 
         nexus_trio.configure_logging()  # agents' ctx.log lines, with times, to stderr
 

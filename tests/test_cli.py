@@ -196,7 +196,7 @@ def test_a_demo_flag_with_agents_of_your_own_is_refused_naming_both(
     [
         (
             ["run", "-f", "xml"],
-            "'--log-format' / '-f': must be one of compact, json, pretty, got 'xml'",
+            "'--log-format' / '-f': must be one of compact, full, json, pretty, got 'xml'",
         ),
         (
             ["run", "-l", "verbose"],
@@ -216,7 +216,7 @@ def test_a_demo_flag_with_agents_of_your_own_is_refused_naming_both(
 def test_a_flag_of_choices_names_them_as_the_config_file_does(isolated, args, said):
     """Regression: ``-f xml`` was answered in pydantic's words, ``Value error, 'xml' is not
     one of 'compact', 'json', 'pretty'.``, where the config file's ``format = "xml"`` says
-    ``must be one of compact, json, pretty, got 'xml'``."""
+    ``must be one of compact, full, json, pretty, got 'xml'``."""
     result = invoke(args)
     assert result.exit_code == 2, result.output
     out = flat(result.output)
@@ -292,6 +292,7 @@ def test_a_flag_of_choices_takes_them_in_any_case() -> None:
     from nexus_trio.cli._send_cmd import SendKind
 
     assert one_of(LogFormat)("JSON") is LogFormat.json
+    assert one_of(LogFormat)("Full") is LogFormat.full  # (the original's name of compact)
     assert one_of(Workload)("Fanout") is Workload.fanout
     assert one_of(Workload)(Workload.ring) is Workload.ring  # (a default, as given)
     assert one_of(SendKind)("command") is SendKind.Command

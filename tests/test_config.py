@@ -410,7 +410,7 @@ BAD_VALUES = [
         "logging",
         "format",
         '"xml"',
-        '[logging] format must be one of compact, json, pretty, got "xml"',
+        '[logging] format must be one of compact, full, json, pretty, got "xml"',
     ),
     ("logging", "queue", "-1", "[logging] queue must be >= 0, got -1"),
     ("logging", "queue", '"lots"', '[logging] queue must be an integer, got "lots"'),
@@ -554,7 +554,7 @@ def test_invalid_override_names_the_key(home: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load(home, overrides={"logging.format": "yaml"})
     assert str(info.value) == (
-        "override logging.format: [logging] format must be one of compact, json, pretty, got 'yaml'"
+        "override logging.format: [logging] format must be one of compact, full, json, pretty, got 'yaml'"
     )
 
 
@@ -1109,3 +1109,16 @@ def test_agents_are_bounded_naming_the_file_variable_or_flag_and_the_bound(home:
         load(home, overrides={"app.agents": 10**8 + 1})
     assert str(info.value) == f"override app.agents: {message}"
     assert load(home, overrides={"app.agents": 10**8}).config.app.agents == 10**8
+
+
+def test_the_original_s_logging_format_full_is_taken_as_compact(home: Path) -> None:
+    """Regression (forty-second pass): ``[logging] format = "full"``, the name of the
+    original's default format (tracing-subscriber's ``Full``: one line of time, level,
+    target, message and fields), which a config of the original may carry, was refused
+    (``must be one of compact, json, pretty``). It is taken, as the one-line format that
+    writes those parts in that order, ``compact``; so is ``NEXUS_LOGGING__FORMAT=full``."""
+    write(home / "cwd" / "config.toml", '[logging]\nformat = "full"\n')
+    loaded = load(home)
+    assert loaded.config.logging.format == "full"
+    env = env_for(home, NEXUS_LOGGING__FORMAT="full")
+    assert load(home, env=env).config.logging == LoggingConfig(format="full")

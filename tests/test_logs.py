@@ -541,10 +541,24 @@ def test_configure_logging_takes_level_and_format_names(
     logging.getLogger("nexus_trio.kernel").warning("loud")
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     assert [line["msg"] for line in lines] == ["loud"]
-    with pytest.raises(ValueError, match=r"format must be one of compact, json, pretty, got 'xml'"):
+    with pytest.raises(
+        ValueError, match=r"format must be one of compact, full, json, pretty, got 'xml'"
+    ):
         nexus_trio.configure_logging("info", "xml")
     with pytest.raises(ValueError, match=r"level must be one of .*, got 'loud'"):
         nexus_trio.configure_logging("loud")
+
+
+def test_the_full_format_writes_the_compact_line(nexus_logger: logging.Logger) -> None:
+    """``full`` (the original's name of its one-line format, which its configs may carry)
+    writes what ``compact`` writes: it was refused."""
+    lines = []
+    for fmt in ("full", "compact"):
+        stream = configured(fmt)
+        logging.getLogger("nexus_trio.kernel").warning("loud", extra={"step": 1})
+        lines.append(stream.getvalue())
+    full, compact = (line.split(" ", 1)[1] for line in lines)  # (past the time)
+    assert full == compact == "WARNING  nexus_trio.kernel loud step=1\n"
 
 
 def configure_nothing(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -118,6 +118,7 @@ class LogLevel(enum.StrEnum):
 
 class LogFormat(enum.StrEnum):
     compact = "compact"
+    full = "full"  # (the original's name of compact's layout)
     json = "json"
     pretty = "pretty"
 

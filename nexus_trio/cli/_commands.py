@@ -170,7 +170,7 @@ _E = TypeVar("_E", bound=enum.StrEnum)
 def one_of(choices: type[_E]) -> Callable[[Any], _E]:
     """The ``parser=`` of a flag that takes one of ``choices``' values (in any case): a
     usage error naming the flag (click adds it) and the choices as the config file's error
-    does, ``must be one of compact, json, pretty, got 'xml'``. typer's own answer was
+    does, ``must be one of compact, full, json, pretty, got 'xml'``. typer's own answer was
     ``Value error, 'xml' is not one of 'compact', 'json', 'pretty'.`` (pydantic's words);
     the help still lists the choices (``<compact|json|pretty>``)."""
     by_value = {choice.value.lower(): choice for choice in choices}
