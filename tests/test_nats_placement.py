@@ -2763,6 +2763,36 @@ async def test_a_clean_leave_is_given_time_for_each_name_and_record_it_drops(
         assert b.stats().replaced == 0
 
 
+async def test_a_large_leave_s_flush_is_given_the_fixed_bound_the_others_notice_wait_holds(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: the leave's flush (after its announcement, which the others time their
+    ``last_notice_wait`` from) had the rest of the leave's bound, which grows 1 ms per
+    name and record: a node of 5,000 names and records whose flush stalled sent its last
+    notice up to 10 s after the announcement, past the 5 s the others' 13 s margin holds
+    for the flush (their wait then counted what it took as lost at leave). The per-entry
+    time is the drops' (before the announcement); the flush is given the fixed 5 s at
+    most. Here each entry is given 100 s: the flush's bound is read, not waited out."""
+    from nexus_trio._nats import _cluster
+
+    monkeypatch.setattr(_cluster, "_LEAVE_WAIT_PER_ENTRY", 100.0)
+    original = Cluster._flush_at_leave
+    given: list[float] = []
+
+    async def flush(self: Cluster) -> None:
+        given.append(trio.current_effective_deadline() - trio.current_time())
+        await original(self)
+
+    monkeypatch.setattr(Cluster, "_flush_at_leave", flush)
+    async with _node(nats.url, "b", **QUIET) as (_, b):
+        async with _node(nats.url, "a", **QUIET) as (_, a):
+            await _place_on(a, b, 3)
+            assert len(a._published_names) + a.placement.records_held == 6
+        assert len(given) == 1 and 0 < given[0] <= _cluster._LEAVE_WAIT, given
+        assert await _keys(b, "names") == []
+        assert await _keys(b, "nodes") == ["b"]  # a announced its leave
+
+
 async def test_a_rebalance_moves_hundreds_of_agents_at_once_and_each_exactly_once(
     nats: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
