@@ -726,3 +726,112 @@ def test_bench_workers_hop_times_a_crossing_hop_against_the_raw_nats_floor() -> 
         # naming the run if a ring handled no message
         assert all(us > 0 and math.isfinite(us) for us in hop[key]), hop
         assert min(hop[key]) <= hop[f"median_{key}"] <= max(hop[key])
+
+
+# --- a worker written off (counted lost, settled without) whose connection comes back ----------
+
+_LOST_1 = {**QUIET, "worker-1": {**QUIET["worker-1"], "_reachable": False}}
+_BACK_1 = {**QUIET, "worker-1": {**QUIET["worker-1"], "swarm_stopped": False}}
+_SAW_IT = {
+    **QUIET,
+    "worker-1": {**QUIET["worker-1"], "swarm_written_off_by": ["worker-0"], "swarm_settled": False},
+}
+
+
+async def test_a_settled_worker_does_not_wait_for_one_it_wrote_off_to_settle(
+    autojump_clock: object,
+) -> None:
+    """Regression: a worker that settled without another one (counted lost: frozen, or its
+    connection down past the loss window) waited, once that one was back, for it to say it
+    settled: it never could (its books do not balance with books that wrote it off), and
+    both waited out SETTLE_TIMEOUT. As Erlang's nodes take a node judged down that comes
+    back for a new incarnation, it is written off: this worker says so in its record
+    (``swarm_lost``) and waits only until the other's record says it saw that."""
+    from nexus_trio.cli._swarm import Swarm, SwarmLayout
+
+    cluster = _SwarmCluster([_LOST_1, _LOST_1, _BACK_1, _BACK_1, _SAW_IT])
+    swarm = Swarm(cluster, SwarmLayout(0, 2))  # type: ignore[arg-type]
+    assert await swarm.settle(timeout=5.0) is True
+    assert cluster.calls == 5  # announced on until worker-1's record said it saw it
+    assert trio.current_time() < 1.0
+    assert (cluster.record_extra["swarm_lost"], swarm.written_off) == (["worker-1"], {"worker-1"})
+    assert "worker-1" not in swarm.settled_books
+
+
+@pytest.mark.parametrize(
+    ("lost", "written_off"),
+    [(["worker-1"], True), (["worker-2", "worker-1"], True), ("worker-1", False), ([1], False)],
+    ids=["listed", "among-others", "not-a-list", "not-names"],
+)
+async def test_a_worker_back_after_the_others_wrote_it_off_ends_its_settle_at_once(
+    lost: object, written_off: bool, autojump_clock: object
+) -> None:
+    """Regression: a worker whose connection came back (or thawed) after the others settled
+    without it waited for books that could not balance (theirs wrote it off) until
+    SETTLE_TIMEOUT, and the parent killed it first. It ends its settle once a settled
+    worker's record lists it in ``swarm_lost``, says so in its own record (which that
+    worker waits for) and in ``written_off_by`` (the parent counts it from outside). A
+    record's list is read leniently: anything but a list of names lists nobody."""
+    from nexus_trio.cli._swarm import Swarm, SwarmLayout
+
+    # (unbalanced: worker-0's books count what it handed to worker-1 as lost with it)
+    settled_0 = _record(published=10, forwarded_in=0, swarm_settled=True, swarm_lost=lost)
+    rounds = [{"worker-0": settled_0, "worker-1": _record(published=0, forwarded_in=6)}]
+    cluster = _SwarmCluster(rounds)  # type: ignore[arg-type]
+    swarm = Swarm(cluster, SwarmLayout(1, 2))  # type: ignore[arg-type]
+    assert await swarm.settle(timeout=5.0) is False
+    if written_off:
+        assert trio.current_time() < 1.0
+        assert cluster.calls == 2  # its record announced once more, saying so
+        assert cluster.record_extra["swarm_written_off_by"] == ["worker-0"]
+        assert swarm.written_off_by == ("worker-0",)
+    else:
+        assert swarm.written_off_by == ()
+        assert "swarm_written_off_by" not in cluster.record_extra
+        assert trio.current_time() >= 5.0
+
+
+def _books(node: str, **fields: object) -> dict[str, object]:
+    summary: dict[str, object] = dict.fromkeys(
+        ("sent", "accepted", "handled", "replies_delivered", "forwarded", "forwarded_out"), 0
+    )
+    summary.update(forwarded_in=0, dead_letters=0, in_flight=0, lost_counted=0)
+    summary.update(node=node, died=False, error=None, conserved=True, lost_peers={})
+    summary.update(fields)
+    return summary
+
+
+def test_a_worker_every_other_one_wrote_off_is_counted_from_outside_once() -> None:
+    """Regression: a worker that every other one counted lost and settled without, and
+    that came back and printed its summary (thawed, or its connection back) before the
+    parent killed it, was counted twice: what it handled of what they handed to it in
+    its books, and in theirs as lost with it (``lost_with_nodes``): not conserved. It is
+    counted from outside as one that died (a new incarnation to them, as Erlang's nodes
+    take it), its own summary kept in its entry; the run fails as for a death."""
+    handed = {"pid": 2, "handed_to": 10, "taken_from": 0, "queries_and_replies": {}}
+    survivor = _books(
+        "worker-0",
+        sent=10,
+        accepted=10,
+        forwarded=10,
+        forwarded_out=10,
+        lost_counted=4,
+        lost_counted_by_kind={"lost_with_nodes": 4},
+        lost_peers={"worker-1": handed},
+    )
+    back = _books("worker-1", accepted=10, handled=10, forwarded_in=10, written_off_by=["worker-0"])
+    total = aggregate_summaries([survivor, back])
+    assert total["conserved"] is True, total["cluster_balance"]
+    assert (total["workers_written_off"], total["workers_died"]) == (["worker-1"], [])
+    entry = total["per_worker"][1]
+    assert (entry["books"], entry["sent"], entry["handed_to_it"]) == (
+        "counted by the other workers",
+        0,
+        10,
+    )
+    assert entry["own_summary"]["handled"] == 10 and entry["written_off"] is True
+    assert total["handled"] == 0 and total["handed_to_dead_workers"] == 10
+    # each one counted the other lost (a partition): neither is written off, books unknown
+    mutual = {**back, "lost_peers": {"worker-0": {**handed, "handed_to": 0}}}
+    total = aggregate_summaries([survivor, mutual])
+    assert (total["workers_written_off"], total["conserved"]) == ([], False)

@@ -332,6 +332,7 @@ def aggregate_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
     The records of ``settled_books`` are kept once in the total, not in every worker's
     entry (N of them in each of N entries): see :func:`_settled_books_once`."""
+    summaries = _written_off_as_dead(summaries)
     summaries = [_counted_from_outside(s, summaries) if s.get("died") else s for s in summaries]
     died = [s for s in summaries if s.get("died")]
     alive = [s for s in summaries if not s.get("died") and s.get("conserved") is not None]
@@ -368,7 +369,8 @@ def aggregate_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     errors = [s["error"] for s in summaries if s.get("error")]
     total["error"] = "; ".join(errors) if errors else None
     ended = total["handled"] + total["replies_delivered"] + total["dead_letters"]
-    total["workers_died"] = [str(s.get("node")) for s in died]
+    total["workers_died"] = [str(s.get("node")) for s in died if not s.get("written_off")]
+    total["workers_written_off"] = [str(s.get("node")) for s in died if s.get("written_off")]
     estimated = 0
     if died:
         # replaced by the exact counts of the dead workers' entries
@@ -401,6 +403,44 @@ def aggregate_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     total["settled_books"], total["settled_books_differ"] = _settled_books_once(summaries)
     total["per_worker"] = [_without_settled_books(s) for s in summaries]
     return total
+
+
+def _written_off_as_dead(summaries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The summaries with each worker that every other worker with books counted lost
+    (``lost_peers``) entered as one that died, its own summary kept under
+    ``own_summary``: it came back (its connection, or its process thawed) after they
+    settled without it, and they counted what they handed to it and took from it; its
+    own books would count that a second time (what it handled of it, and their
+    ``lost_with_nodes`` estimate of it). As Erlang's nodes take a node judged down that
+    comes back for a new incarnation: the books are the others' (see _swarm). Not when
+    every worker with books is one (each counted every other lost: a partition, whose
+    books are unknown)."""
+    books = [s for s in summaries if not s.get("died") and s.get("conserved") is not None]
+
+    def lost_to_all(summary: dict[str, Any]) -> bool:
+        others = [o for o in books if o is not summary]
+        node = summary.get("node")
+        return bool(others) and all(node in (o.get("lost_peers") or {}) for o in others)
+
+    written_off = [s for s in books if lost_to_all(s)]
+    if not written_off or len(written_off) == len(books):
+        return list(summaries)
+    kept = ("node", "pid", "exit", "exit_status", "agents")
+    out: list[dict[str, Any]] = []
+    for s in summaries:
+        if any(s is w for w in written_off):
+            entry = {key: s[key] for key in kept if key in s}
+            entry.update(
+                died=True,
+                written_off=True,
+                error=None,
+                conserved=None,
+                own_summary={key: value for key, value in s.items() if key not in kept},
+            )
+            out.append(entry)
+        else:
+            out.append(s)
+    return out
 
 
 def _settled_books_once(
@@ -1127,9 +1167,15 @@ def run_workers(
         )
     status = max(statuses, default=0)
     if status == 0 and (
-        not summary["conserved"] or summary["workers_died"] or server_died or server_failed
+        not summary["conserved"]
+        or summary["workers_died"]
+        or summary["workers_written_off"]
+        or server_died
+        or server_failed
     ):
-        status = 1  # a worker that died with exit code 0 (no summary) fails the run too
+        # a worker that died with exit code 0 (no summary) fails the run too, and one
+        # the others wrote off (counted lost, settled without it)
+        status = 1
     if forced_by:  # as a single run's second Ctrl-C
         from ._run import FORCED_EXIT
 

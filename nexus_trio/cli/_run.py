@@ -1386,6 +1386,8 @@ def build_summary(
         summary["swarm"] = state.swarm is not None
         if state.swarm is not None:
             summary["settled_books"] = state.swarm.settled_books
+            # (the settled workers that counted it lost: the parent counts it from outside)
+            summary["written_off_by"] = list(state.swarm.written_off_by)
     elif state.opts.nats is not None:
         summary["peers_heard"] = []  # it did not join (stopped first): it heard from none
     if opts.not_started is not None:

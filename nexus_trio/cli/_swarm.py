@@ -42,6 +42,15 @@ to it and took from it (:func:`cluster_counts`: numbered tells, queries and repl
 the parent's books count the dead worker from outside with them (see
 ``_cluster_cmd.aggregate_summaries``).
 
+A worker settled without (counted lost) that comes back after, its process thawed or
+its connection back, is written off all the same, as Erlang's nodes take a node judged
+down that comes back for a new incarnation: the books that settled without it cannot
+balance with its own. Each worker lists those it settled without in its record
+(``swarm_lost``) and waits for them only until their record says they saw it
+(``swarm_written_off_by``), not for them to settle; one that finds itself in a settled
+worker's ``swarm_lost`` ends its settle at once and names them in its summary
+(``written_off_by``); the parent counts it from outside, as one that died.
+
 PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
 
@@ -171,6 +180,14 @@ class Swarm:
         #: once, then at most once a second of the run's clock)
         self.announce_failures = 0
         self._announce_log = Throttle(clock=trio.current_time)
+        #: the workers this one settled without (it counted them lost then): written off
+        #: for good, as Erlang's nodes take a node judged down that comes back for a new
+        #: incarnation; its settle does not wait for them after (see :meth:`settle`)
+        self.written_off: frozenset[str] = frozenset()
+        #: the settled workers that wrote this one off (it came back, its connection or
+        #: its process, after they settled without it): its settle ends, its books are
+        #: theirs to count (the parent counts it from outside, as one that died)
+        self.written_off_by: tuple[str, ...] = ()
 
     async def wait_for_workers(self, timeout: float = START_TIMEOUT) -> bool:
         """Until every worker of the swarm is a live member (bounded): True, or False if
@@ -234,8 +251,15 @@ class Swarm:
                 cluster.record_extra["swarm_books"] = worker_books(cluster)
                 await self._announce()
                 snapshot = self._snapshot()
+                if self.written_off_by:
+                    # (said in its record, which the ones that wrote it off wait for)
+                    cluster.record_extra["swarm_written_off_by"] = list(self.written_off_by)
+                    await self._announce()
+                    break
                 if snapshot is not None and snapshot == previous:
                     lost = set(snapshot[-1])
+                    self.written_off = frozenset(lost)
+                    cluster.record_extra["swarm_lost"] = sorted(lost)
                     self.settled_books = {
                         node: {
                             **record.get("swarm_books", {}),
@@ -263,6 +287,16 @@ class Swarm:
                         break
                     await trio.sleep(0.05)
             return True
+        if self.written_off_by:
+            log_guarded(
+                log,
+                logging.WARNING,
+                "%s settled without this worker (%s counted it lost): its books are the"
+                " others' to count; leaving",
+                ", ".join(self.written_off_by),
+                "it" if len(self.written_off_by) == 1 else "they",
+            )
+            return False
         log_guarded(
             log, logging.WARNING, "the swarm did not settle within %gs; leaving anyway", timeout
         )
@@ -328,6 +362,13 @@ class Swarm:
             info = members.get(node)
             if node == me or info is None or not info.reachable:
                 continue
+            if node in self.written_off:
+                # back after this worker settled without it: it is not waited for to
+                # settle (its books cannot balance with these), only until its record
+                # says it saw this one's, which ends its settle (bounded all the same)
+                if me in _names(info.stats, "swarm_written_off_by"):
+                    continue
+                return False
             if not info.stats.get("swarm_settled"):
                 return False
         return True
@@ -335,6 +376,7 @@ class Swarm:
     def _observe(self) -> set[str]:
         """Keep the records of the workers seen now; the workers lost (see the module doc)."""
         members = {info.node: info for info in self.cluster.member_list()}
+        me = worker_name(self.layout.index)
         lost = set()
         for node in self.layout.workers:
             info = members.get(node)
@@ -346,6 +388,11 @@ class Swarm:
                 # left without stopping its traffic (its run failed): it sends no more, and
                 # its books are those of its last heartbeat: as if it had died
                 lost.add(node)
+        self.written_off_by = tuple(
+            node
+            for node, record in sorted(self.last_records.items())
+            if node != me and record.get("swarm_settled") and me in _names(record, "swarm_lost")
+        )
         return lost
 
     def _snapshot(self) -> tuple[Any, ...] | None:
@@ -372,6 +419,15 @@ class Swarm:
                 return None
         snapshot = tuple((r.get("published"), r.get("forwarded_in"), _dropped(r)) for r in records)
         return (*snapshot, tuple(sorted(lost)))
+
+
+def _names(record: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    """The worker names a record lists under ``key`` (none unless a list of strings: a
+    record is another process's, read leniently)."""
+    value = record.get(key)
+    if not isinstance(value, list):
+        return ()
+    return tuple(name for name in value if isinstance(name, str))
 
 
 def _dropped(record: Mapping[str, Any]) -> int:

@@ -250,7 +250,7 @@ def summary_table(summary: Mapping[str, Any], *, ascii_marks: bool = False) -> T
             f" · in {fmt_count(summary.get('forwarded_in', 0))}",
         )
         table.add_row("lost (counted)", fmt_count(summary.get("lost_counted", 0)))
-        if summary.get("workers_died"):
+        if summary.get("workers_died") or summary.get("workers_written_off"):
             table.add_row(
                 "handed to dead workers",
                 Text(fmt_count(summary.get("handed_to_dead_workers", 0)), style="bold red"),
@@ -311,7 +311,11 @@ def summary_table(summary: Mapping[str, Any], *, ascii_marks: bool = False) -> T
     law = (
         "every worker: accepted = handled + replies + forwarded out + dead letters;"
         " cluster: sent = handled + replies + dead letters + lost (counted) "
-        + ("+ handed to dead workers " if summary.get("workers_died") else "")
+        + (
+            "+ handed to dead workers "
+            if summary.get("workers_died") or summary.get("workers_written_off")
+            else ""
+        )
         if summary.get("workers")
         else "sent = handled + replies + forwarded + dead letters + in flight "
     )
