@@ -1767,6 +1767,47 @@ def test_a_worker_every_other_one_counted_lost_is_killed_when_they_have_ended(
     assert summary["error"] == dead["error"]
 
 
+@pytestmark_linux
+def test_a_worker_every_other_one_wrote_off_that_prints_its_summary_is_counted_from_outside(
+    tmp_path: Path,
+) -> None:
+    """Regression: a worker every other one counted lost and settled without that came
+    back (thawed, its connection back) and printed its summary before its kill timer was
+    added up as a live worker: what it handled of what worker-0 handed to it counted
+    twice, handled there and in worker-0's ``lost_with_nodes`` estimate (``conserved``
+    false). It is counted from outside, as a dead one, and the run fails (status 1)."""
+    from nexus_trio.cli._cluster_cmd import run_workers
+
+    ended = tmp_path / "worker-0-ended"
+    summary_0 = json.loads(
+        canned_summary("worker-0", {"worker-1": {"pid": 1, "handed_to": 5, "taken_from": 0}})
+    )
+    summary_0.update(sent=5, accepted=5, forwarded=5, forwarded_out=5, lost_counted=2)
+    summary_0["lost_counted_by_kind"] = {"lost_with_nodes": 2}
+    summary_1 = json.loads(canned_summary("worker-1"))
+    summary_1.update(accepted=5, handled=5, forwarded_in=5, written_off_by=["worker-0"])
+    python = fake_python(
+        tmp_path,
+        {
+            "worker-0": f"{echo(json.dumps(summary_0))}; touch {ended}; exit 0",
+            "worker-1": f"while [ ! -e {ended} ]; do sleep 0.02; done; sleep 0.2;"
+            f" {echo(json.dumps(summary_1))}; exit 0",
+        },
+    )
+    summary, status = run_workers(2, [], nats_url=NO_SERVER, python=python, server_lost_wait=0)
+    assert summary["conserved"] is True, summary["cluster_balance"]
+    assert (summary["workers_written_off"], summary["workers_died"]) == (["worker-1"], [])
+    assert status == 1
+    entry = summary["per_worker"][1]
+    assert (entry["exit"], entry["books"], entry["handed_to_it"]) == (
+        "exit code 0",
+        "counted by the other workers",
+        5,
+    )
+    assert entry["own_summary"]["handled"] == 5
+    assert summary["cluster_balance"]["lost_with_nodes_estimate_replaced"] == 2
+
+
 def _worker_0_settled_with_both() -> str:
     """worker-0's summary once it settled with itself and worker-1, all books at 0."""
     from nexus_trio.cli import _cluster_cmd
