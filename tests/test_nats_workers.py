@@ -11,7 +11,7 @@ import trio
 from nats import errors as nats_errors
 
 from nexus_trio import TransportUnavailable
-from nexus_trio._nats import ClusterOptions
+from nexus_trio._nats import ClusterOptions, NatsServer
 from nexus_trio.cli._cluster_cmd import aggregate_summaries, run_workers
 from nexus_trio.nats import ConnectionWatch
 
@@ -835,3 +835,28 @@ def test_a_worker_every_other_one_wrote_off_is_counted_from_outside_once() -> No
     mutual = {**back, "lost_peers": {"worker-0": {**handed, "handed_to": 0}}}
     total = aggregate_summaries([survivor, mutual])
     assert (total["workers_written_off"], total["conserved"]) == ([], False)
+
+
+async def test_a_peer_written_off_and_heard_again_stays_among_the_lost_peers(
+    nats: NatsServer,
+) -> None:
+    """Regression: ``lost_peers`` (by which the parent counts a worker from outside) listed
+    the members lost when the summary was made: a worker this one settled without that
+    was heard again before that (its connection back) was missing, and the parent then
+    added its own summary up as a live one's. The workers a settle wrote off
+    (``Swarm.written_off``) are listed all the same, with what was handed to them."""
+    import os
+
+    from nexus_trio.cli._swarm import cluster_counts
+
+    from .test_nats_placement import _lose, _meet, _node
+
+    async with _node(nats.url, "b") as (_, b), _node(nats.url, "a") as (_, a):
+        _meet(a, b)
+        _lose(a, "b")
+        assert cluster_counts(a)["lost_peers"]["b"]["pid"] == os.getpid()
+        _meet(a, b)  # heard again
+        assert "b" not in cluster_counts(a)["lost_peers"]  # (lost now only)
+        peers = cluster_counts(a, also_lost=frozenset({"b"}))["lost_peers"]
+        assert (set(peers), peers["b"]["pid"]) == ({"b"}, os.getpid())
+        assert set(cluster_counts(a, also_lost=frozenset({"c"}))["lost_peers"]) == set()

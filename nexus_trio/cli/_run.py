@@ -1105,7 +1105,12 @@ async def _run_async(
                             state.t_shutdown = trio.current_time()
                         await kernel.shutdown()
                         if cluster is not None:
-                            state.cluster_counts = cluster_counts(cluster)
+                            # (the workers its settle wrote off are lost peers for good,
+                            # also those heard again since: see _swarm)
+                            state.cluster_counts = cluster_counts(
+                                cluster,
+                                state.swarm.written_off if state.swarm is not None else (),
+                            )
                 finally:
                     state.block_left = True
         except SupervisorEscalation as exc:

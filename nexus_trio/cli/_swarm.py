@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
@@ -472,8 +472,10 @@ def _dropped_and_lost(s: ClusterStats) -> tuple[int, int]:
     return dropped, s.lost_in_transit + s.publish_failures + s.lost_with_nodes + s.lost_at_leave
 
 
-def cluster_counts(cluster: Cluster) -> dict[str, Any]:
-    """This worker's traffic with the others, for its summary."""
+def cluster_counts(cluster: Cluster, also_lost: Collection[str] = ()) -> dict[str, Any]:
+    """This worker's traffic with the others, for its summary. ``lost_peers`` lists the
+    members lost now and those of ``also_lost`` (:attr:`Swarm.written_off`: settled
+    without, heard again since), each with what it handed to them and took from them."""
     s = cluster.stats()
     dropped, lost = _dropped_and_lost(s)
     heard = cluster.ever_heard()
@@ -496,7 +498,7 @@ def cluster_counts(cluster: Cluster) -> dict[str, Any]:
         "lost_peers": {
             info.node: _seen_of_lost(cluster, info)
             for info in cluster.member_list()
-            if not info.reachable
+            if not info.reachable or info.node in also_lost
         },
         # what this worker keeps of its peers (bounded: see docs/distributed.md)
         "membership": {
