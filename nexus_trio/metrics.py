@@ -90,6 +90,7 @@ __all__ = [
     "KernelCollector",
     "MetricsRenderer",
     "MetricsSnapshot",
+    "Route",
     "build_registry",
     "readiness",
     "remove_collector",
@@ -1161,10 +1162,14 @@ async def _handle_connection(
 
 
 async def _answer_connection(
-    stream: trio.SocketStream, route: Route, endpoint: EndpointStats | None
+    stream: trio.SocketStream,
+    route: Route,
+    endpoint: EndpointStats | None,
+    what: str = "metrics",
 ) -> None:
     """Read one request from ``stream`` and answer it with ``route``: a request that is
-    no HTTP/1.x request is refused here (400, 431, 505), never routed."""
+    no HTTP/1.x request is refused here (400, 431, 505), never routed. ``what`` names the
+    server in the log lines (see serve_routes)."""
     text = "text/plain; charset=utf-8"
     answering = False  # a request was read and has no answer yet
 
@@ -1209,10 +1214,16 @@ async def _answer_connection(
                 # Said, and logged: not taken for the client going away (an OSError) nor
                 # left as a connection closed without an answer.
                 log_guarded(
-                    log, logging.ERROR, "metrics request %s %s failed", method, target, exc_info=exc
+                    log,
+                    logging.ERROR,
+                    "%s request %s %s failed",
+                    what,
+                    method,
+                    target,
+                    exc_info=exc,
                 )
                 status, content_type = 500, text
-                body = f"the metrics render failed: {type(exc).__name__}\n".encode()
+                body = f"the {what} render failed: {type(exc).__name__}\n".encode()
             answering = False
             if endpoint is not None and status in _REFUSALS:
                 endpoint.count_refused(status)
@@ -1231,7 +1242,8 @@ async def _answer_connection(
             log_guarded(
                 log,
                 logging.WARNING,
-                "metrics request %s %s: no answer within %s s",
+                "%s request %s %s: no answer within %s s",
+                what,
                 method,
                 target,
                 _REQUEST_TIMEOUT,
@@ -1243,7 +1255,7 @@ async def _answer_connection(
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass  # the client went away
     except Exception as exc:  # a scrape must never take the kernel down
-        log_guarded(log, logging.ERROR, "metrics request failed", exc_info=exc)
+        log_guarded(log, logging.ERROR, "%s request failed", what, exc_info=exc)
     finally:
         with trio.move_on_after(1) as scope:
             scope.shield = True
@@ -1326,8 +1338,10 @@ async def serve_routes(
     """Serve ``route`` on ``host:port`` as :func:`serve_metrics` serves a kernel's paths,
     until cancelled: one request per connection, the same refusals of what is no HTTP/1.x
     request (400, 431, 505, never routed), the same 10 s bound on a request, the same
-    limit of ``max_connections`` open at once. ``route(method, target)`` gives the status,
-    the body and its content type (an exception is a 500 naming its type, logged).
+    limit of ``max_connections`` open at once. ``await route(path)`` gives the status,
+    the body and its content type of a GET or HEAD of ``path`` (the target's path, its
+    query string cut; another method is refused with 405, never routed); an exception it
+    raises is a 500 naming its type, logged.
     ``endpoint`` counts the connections and refusals (a new :class:`EndpointStats` if
     None); ``what`` names the server in its log lines and errors (``nexus run --workers``'
     group endpoint serves its ``/healthz``, ``/readyz`` and ``/metrics`` so).
@@ -1363,7 +1377,7 @@ async def serve_routes(
 
     async def handle(stream: trio.SocketStream) -> None:
         try:
-            await _answer_connection(stream, route, counts)
+            await _answer_connection(stream, route, counts, what)
         finally:
             counts.open -= 1
             slots.release()
@@ -1378,9 +1392,10 @@ async def serve_routes(
                         log_guarded(
                             log,
                             logging.WARNING,
-                            "the metrics endpoint has %d connections open, its limit: new"
+                            "the %s endpoint has %d connections open, its limit: new"
                             " connections wait in the listen backlog until one closes (times"
                             " at the limit so far: %d)",
+                            what,
                             max_connections,
                             counts.limited,
                         )
@@ -1396,8 +1411,9 @@ async def serve_routes(
                         log_guarded(
                             log,
                             logging.ERROR,
-                            "the metrics endpoint cannot accept a connection: %s (failures so"
+                            "the %s endpoint cannot accept a connection: %s (failures so"
                             " far: %d); retrying every %g s",
+                            what,
                             exc,
                             counts.accept_failures,
                             _ACCEPT_RETRY,

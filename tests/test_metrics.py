@@ -46,6 +46,7 @@ from nexus_trio.metrics import (
     remove_readiness,
     render_snapshot,
     serve_metrics,
+    serve_routes,
     take_snapshot,
 )
 from nexus_trio.testing import open_test_kernel
@@ -1111,6 +1112,54 @@ async def test_accept_failing_for_lack_of_descriptors_is_counted_retried_and_log
     assert renderer.endpoint is not None
     assert renderer.endpoint.accept_failures == attempts
     assert values[("nexus_metrics_accept_failures_total", ())] == attempts
+
+
+async def test_serve_routes_names_its_server_in_every_log_line_and_error_answer(
+    mock_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Regression: ``serve_routes(..., what="group metrics")`` (``nexus run --workers``'
+    group endpoint) said "the metrics endpoint cannot accept a connection", "metrics
+    request GET /readyz failed" and answered "the metrics render failed" in the parent's
+    log, beside its workers' own metrics endpoints: ``what`` named the server in its
+    listen line and its listen error only, not in the lines its docstring promised."""
+    import errno
+    import os
+
+    mock_clock.autojump_threshold = 0
+
+    async def out_of_descriptors(self: trio.SocketListener) -> trio.SocketStream:
+        await trio.lowlevel.checkpoint()
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+
+    async def broken(path: str) -> tuple[int, bytes, str]:
+        raise RuntimeError(f"no answer for {path}")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(trio.SocketListener, "accept", out_of_descriptors)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                functools.partial(serve_routes, what="group metrics"), broken, "127.0.0.1", 0
+            )
+            await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+    client, server = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(metrics._answer_connection, server, broken, None, "group metrics")
+        await client.send_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while chunk := await client.receive_some(65536):
+            data += chunk
+        await client.aclose()
+    assert data.startswith(b"HTTP/1.1 500 ")
+    assert data.endswith(b"\r\n\r\nthe group metrics render failed: RuntimeError\n")
+    logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert logged == [
+        "the group metrics endpoint cannot accept a connection: [Errno 24] Too many open"
+        " files (failures so far: 1); retrying every 0.1 s",
+        "group metrics request GET /readyz failed",
+    ]
 
 
 async def settle() -> None:
