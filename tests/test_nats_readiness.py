@@ -15,6 +15,7 @@ import pytest
 import trio
 import trio.testing
 from nats.errors import Error as NatsError
+from nats.errors import TimeoutError as NatsTimeout
 
 from nexus_trio import TransportUnavailable, open_kernel
 from nexus_trio._nats import Cluster, NatsServer, join_cluster
@@ -164,6 +165,53 @@ async def test_a_node_whose_durable_fetches_get_no_answer_is_not_ready_until_one
         assert cluster.stats().durable_fetch_failures["own"] == failures >= 2
     finally:
         server.stop()
+
+
+class _LateStatuses:
+    """A node's pull subscription on an idle, healthy JetStream whose every request's
+    end (its 408) comes a hair after nats-py's fetch gave up, as 14 of 20 idle polls'
+    did on loopback: a status waits in the queue at each look, and the poll itself gets
+    nothing in time (nats-py discards that status at the next fetch)."""
+
+    pending_msgs = 1
+
+    def __init__(self, psub: Any) -> None:
+        self.psub = psub
+        self.polls = 0
+        self.heartbeats: list[float | None] = []
+
+    async def fetch(self, batch: int, timeout: float, heartbeat: float | None = None) -> Any:
+        import asyncio
+
+        self.heartbeats.append(heartbeat)
+        await asyncio.sleep(0.01)
+        self.polls += 1
+        raise NatsTimeout
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.psub, name)
+
+
+async def test_a_node_idle_after_failed_fetches_is_ready_again_though_each_poll_ends_late(
+    nats: NatsServer,
+) -> None:
+    """Regression: a fetch that got nothing in time while a status of the last one
+    waited in the queue (its 408, come late) read as "not known", and asked no
+    heartbeats (a queue not empty): on an idle node whose 408s kept coming late, a
+    failed fetch's ``jetstream unavailable since N s`` stayed for as long, 19 s and more
+    after JetStream was back (4 idle polls of 60 read as answered on loopback, 0 of the
+    rest as not answered). Something come in since the last fetch is JetStream's answer."""
+    async with local_node(nats.url) as (_kernel, cluster):
+        durable = cluster.durable
+        late = _LateStatuses(durable._psub)
+        durable._psub = late
+        durable.fetch_failing_since = trio.current_time()  # (the outage that just ended)
+        with trio.fail_after(30):
+            await until(lambda: late.polls >= 3)
+        assert cluster.readiness() is None
+        assert set(late.heartbeats) == {None}  # (never asked: a status waited each time)
+        assert durable.fetch_failures == 0
+        durable._psub = late.psub
 
 
 async def test_a_node_whose_durable_fetches_fail_is_not_ready_until_one_works(

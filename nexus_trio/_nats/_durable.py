@@ -987,9 +987,18 @@ class DurableChannel:
     async def _fetch(self, batch: int) -> tuple[list[NatsMsg], bool | None]:
         """asyncio side of a fetch of this node's own consumer (a long poll of
         FETCH_WAIT): its messages, and whether JetStream answered it: True (messages,
-        or its idle heartbeats while it had none), False (nothing at all came back),
-        None (not known: no heartbeats asked, see below). Run on the asyncio loop."""
+        or its idle heartbeats while it had none, or something that came in since the
+        last fetch ended), False (nothing at all came back), None (not known: no
+        heartbeats asked, see below). Run on the asyncio loop."""
         psub = self._psub
+        # Something in the subscription's queue came after the last fetch ended: most
+        # often the 408 that ends its request, a hair after nats-py's own timeout (14 of
+        # 20 idle polls on loopback), which the fetch below discards. JetStream answered
+        # then; counted so when this poll gets nothing in time either. (Read as "not
+        # known", a node whose fetches had failed stayed "jetstream unavailable" for as
+        # long as the 408s came late, 19 s and more, while each such poll asked no
+        # heartbeats: see below.)
+        late = bool(psub.pending_msgs)
         # Heartbeats only after a fetch that got nothing (while messages flow, each fetch
         # returns some: the requests they leave lingering would each send heartbeats),
         # and only when nats-py's fetch will not first hand out messages an earlier
@@ -997,7 +1006,7 @@ class DurableChannel:
         # refuses a heartbeat without one (400 heartbeat value too large), which the
         # fetch raised, dropping the messages it took from the queue (a delivery each).
         # (No await between the look and the fetch's own: nothing comes in between.)
-        probe = self._idle and not psub.pending_msgs
+        probe = self._idle and not late
         self._idle = True
         try:
             got: list[NatsMsg] = await psub.fetch(
@@ -1006,7 +1015,7 @@ class DurableChannel:
         except nats.js.errors.FetchTimeoutError:
             return [], True  # heartbeats came: nothing to pull within the poll
         except TimeoutError:  # (nats' is one)
-            return [], False if probe else None
+            return [], False if probe else (True if late else None)
         self._idle = not got
         return got, True
 
