@@ -250,6 +250,27 @@ async def test_a_worker_endpoint_that_hangs_does_not_hang_the_group_answer() -> 
             nursery.cancel_scope.cancel()
 
 
+async def test_a_worker_port_nothing_listens_on_is_named_with_the_os_reason() -> None:
+    """Regression: a worker whose port refused the connection was named ``worker-0: no
+    endpoint on 127.0.0.1:P (all attempts to connect to 127.0.0.1:P failed)``, the
+    address twice and no reason, where docs/cli.md shows ``(Connection refused)``: the
+    OS's words were in the cause of trio's error."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # (bound, never listening: a connection is refused)
+        port = closed.getsockname()[1]
+        endpoint = GroupEndpoint(
+            "127.0.0.1",
+            0,
+            [port],
+            lambda: GroupState(stopping=False, workers=((RUNNING, ""),)),
+        )
+        assert await endpoint.route("/healthz") == (
+            503,
+            f"worker-0: no endpoint on 127.0.0.1:{port} (Connection refused)\n".encode(),
+            "text/plain; charset=utf-8",
+        )
+
+
 def test_the_group_metrics_label_each_worker_and_say_which_did_not_answer() -> None:
     text = (
         "# HELP nexus_handled_total handled\n# TYPE nexus_handled_total counter\n"

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Final
@@ -84,6 +85,23 @@ def _one_line(body: bytes) -> str:
     return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
 
 
+def _connect_failure(exc: OSError) -> str:
+    """Why a connection failed, in the OS's words (``Connection refused``): trio's ``all
+    attempts to connect to H:P failed`` has them in its cause, one per address tried."""
+    cause = exc.__cause__
+    said: list[str] = []
+    if isinstance(cause, BaseExceptionGroup):
+        for error in cause.exceptions:
+            # (each says its address in its message: the errno's own words are enough)
+            if isinstance(error, OSError) and error.errno:
+                text = os.strerror(error.errno)
+            else:
+                text = str(error)
+            if text not in said:
+                said.append(text)
+    return "; ".join(said) or exc.strerror or str(exc)
+
+
 async def ask(host: str, port: int, path: str, *, timeout: float, limit: int) -> tuple[int, bytes]:
     """GET ``path`` of the endpoint on ``host:port``: its status and body. OSError (with a
     reason fit for the group's answer) if it is not reached, does not answer within
@@ -96,7 +114,7 @@ async def ask(host: str, port: int, path: str, *, timeout: float, limit: int) ->
         try:
             stream = await trio.open_tcp_stream(host, port)
         except OSError as exc:
-            raise OSError(f"no endpoint on {where}:{port} ({exc.strerror or exc})") from None
+            raise OSError(f"no endpoint on {where}:{port} ({_connect_failure(exc)})") from None
         async with stream:
             with contextlib.suppress(trio.BrokenResourceError):
                 await stream.send_all(request.encode("ascii"))
