@@ -16,7 +16,7 @@ import random
 import re
 import select
 import threading
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 import trio
@@ -807,6 +807,21 @@ async def test_when_the_rendering_scrape_is_cancelled_a_waiting_scrape_renders_a
         assert renders_started == 2 and renderer.renders == 1
 
 
+async def exchanged(
+    handle: Callable[[trio.abc.Stream], Awaitable[object]], request: bytes
+) -> bytes:
+    """What ``handle(stream)`` (one connection's handler) answers ``request``, whole."""
+    client, server = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handle, server)
+        await client.send_all(request)
+        data = b""
+        while chunk := await client.receive_some(65536):
+            data += chunk
+        await client.aclose()
+    return data
+
+
 async def test_a_request_whose_render_takes_too_long_gets_503_with_the_reason(mock_clock):
     from nexus_trio import metrics
 
@@ -820,14 +835,10 @@ async def test_a_request_whose_render_takes_too_long_gets_503_with_the_reason(mo
             return b""
 
         renderer.render = never  # type: ignore[method-assign]
-        client, server = trio.testing.memory_stream_pair()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(metrics._handle_connection, server, kernel, renderer)
-            await client.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            data = b""
-            while chunk := await client.receive_some(65536):
-                data += chunk
-            await client.aclose()
+        data = await exchanged(
+            functools.partial(metrics._handle_connection, kernel=kernel, renderer=renderer),
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
         assert data.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
         assert data.endswith(b"\r\n\r\nno answer within 10 s (the kernel is busy)\n")
         assert trio.current_time() >= 10
@@ -851,14 +862,10 @@ async def test_a_request_whose_render_fails_gets_500_and_the_failure_is_logged(
 
         renderer.render = failing  # type: ignore[method-assign]
         for method in ("GET", "HEAD"):
-            client, server = trio.testing.memory_stream_pair()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(metrics._handle_connection, server, kernel, renderer)
-                await client.send_all(f"{method} /metrics HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-                data = b""
-                while chunk := await client.receive_some(65536):
-                    data += chunk
-                await client.aclose()
+            data = await exchanged(
+                functools.partial(metrics._handle_connection, kernel=kernel, renderer=renderer),
+                f"{method} /metrics HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
+            )
             head, _, body = data.partition(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
             expected = f"the metrics render failed: {type(error).__name__}\n".encode()
@@ -1144,14 +1151,12 @@ async def test_serve_routes_names_its_server_in_every_log_line_and_error_answer(
             )
             await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
-    client, server = trio.testing.memory_stream_pair()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(metrics._answer_connection, server, broken, None, "group metrics")
-        await client.send_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
-        data = b""
-        while chunk := await client.receive_some(65536):
-            data += chunk
-        await client.aclose()
+    data = await exchanged(
+        functools.partial(
+            metrics._answer_connection, route=broken, endpoint=None, what="group metrics"
+        ),
+        b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
     assert data.startswith(b"HTTP/1.1 500 ")
     assert data.endswith(b"\r\n\r\nthe group metrics render failed: RuntimeError\n")
     logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
