@@ -23,6 +23,7 @@ from nexus_trio.cli import app
 from nexus_trio.cli._cluster_cmd import run_workers
 from nexus_trio.cli._group_endpoint import (
     ENDED,
+    NOT_STARTED,
     RUNNING,
     STARTING,
     GroupEndpoint,
@@ -269,6 +270,38 @@ async def test_a_worker_port_nothing_listens_on_is_named_with_the_os_reason() ->
             f"worker-0: no endpoint on 127.0.0.1:{port} (Connection refused)\n".encode(),
             "text/plain; charset=utf-8",
         )
+
+
+async def test_the_group_metrics_ask_no_worker_that_ended_or_has_not_started() -> None:
+    """Regression: a scrape of the group asked every worker's port, also one that ended
+    or had not started: what answered there (another process on the port the worker
+    left, or held when it could not listen) was said to be that worker, up 1 with its
+    series. Only a worker starting or running is asked now; the others are up 0."""
+    asked: list[str] = []
+
+    async def foreign(path: str) -> tuple[int, bytes, str]:
+        asked.append(path)
+        return 200, b"# TYPE foreign_up gauge\nforeign_up 1.0\n", "text/plain"
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve_routes, foreign, "127.0.0.1", 0)
+        states = [(ENDED, "exit code 1"), (NOT_STARTED, ""), (RUNNING, "")]
+        endpoint = GroupEndpoint(
+            "127.0.0.1",
+            0,
+            [port, port, port],
+            lambda: GroupState(stopping=False, workers=tuple(states)),
+        )
+        status, body, _type = await endpoint.route("/metrics")
+        nursery.cancel_scope.cancel()
+    text = body.decode()
+    assert status == 200
+    assert asked == ["/metrics"]  # (worker-2's only)
+    assert 'foreign_up{worker="worker-2"} 1.0' in text
+    assert 'worker-0"} 1.0' not in text and 'foreign_up{worker="worker-0"}' not in text
+    assert 'nexus_group_worker_up{worker="worker-0"} 0.0' in text
+    assert 'nexus_group_worker_up{worker="worker-1"} 0.0' in text
+    assert 'nexus_group_worker_up{worker="worker-2"} 1.0' in text
 
 
 def test_the_group_metrics_label_each_worker_and_say_which_did_not_answer() -> None:

@@ -20,7 +20,8 @@ it supervises:
   not joined``, ``worker-1: no answer within 0.8 s``), or ``shutting down`` (as above).
 * ``/metrics`` — every worker's series, each sample with a ``worker`` label added, and
   ``nexus_group_worker_up{worker}`` (1 when its ``/metrics`` answered within
-  :data:`METRICS_TIMEOUT`, else 0 and its series are left out of this scrape).
+  :data:`METRICS_TIMEOUT`, else 0 and its series are left out of this scrape; 0 for a
+  worker not started or ended, which is not asked).
 
 Requests that are no HTTP/1.x request are refused as a worker's endpoint refuses them
 (the same server: :func:`nexus_trio.metrics.serve_routes`). The endpoint runs its own Trio
@@ -257,9 +258,13 @@ class GroupEndpoint:
         return ["shutting down"] * state.stopping + [p for p in problems if p is not None]
 
     async def _metrics(self) -> bytes:
-        """Every worker's series with a ``worker`` label, and whether each answered."""
+        """Every worker's series with a ``worker`` label, and whether each answered. A
+        worker not started yet, or ended, is not asked (up 0): what answers on its port
+        then is not it (another process may have taken the port it left, or holds the
+        one it could not listen on)."""
         host = probe_host(self.host)
         texts: list[str | None] = [None] * len(self.worker_ports)
+        state = self.state()
 
         async def scrape(i: int) -> None:
             try:
@@ -277,8 +282,9 @@ class GroupEndpoint:
                 texts[i] = body.decode("utf-8", "replace")
 
         async with trio.open_nursery() as nursery:
-            for i in range(len(self.worker_ports)):
-                nursery.start_soon(scrape, i)
+            for i, (how, _end) in enumerate(state.workers):
+                if how in (STARTING, RUNNING):
+                    nursery.start_soon(scrape, i)
         return render_group_metrics(texts)
 
 
