@@ -123,17 +123,25 @@ def test_the_group_endpoint_answers_for_every_worker_and_names_a_stopped_one(
     ready while worker-1 was stuck.)"""
     with group_run(tag, tmp_path) as (proc, stderr, port):
         worker_port = port - 2
-        assert get(port, "/healthz") == (200, "ok\n")
+        # (each asked until it holds: on a loaded machine a worker may miss one 0.8 s
+        # bound; what is checked is that the group says 200 once both answer)
+        wait_until(lambda: get(port, "/healthz") == (200, "ok\n"), "not healthy", proc, stderr)
         # (in this process: the SIGSTOP below lasts less than the 5 s after which the
         # other worker counts worker-1 lost, also on a loaded machine)
         health = ["health", "--ready", "--port", str(port)]
-        ok = CliRunner().invoke(app, health)
-        assert ok.exit_code == 0, ok.output
-        status, metrics = get(port, "/metrics") or (0, "")
-        assert status == 200
-        for node in ("worker-0", "worker-1"):
-            assert f'nexus_group_worker_up{{worker="{node}"}} 1.0' in metrics
-            assert f'nexus_ready{{worker="{node}"}} 1.0' in metrics
+        wait_until(
+            lambda: CliRunner().invoke(app, health).exit_code == 0, "health != 0", proc, stderr
+        )
+
+        def all_up() -> bool:
+            status, metrics = get(port, "/metrics") or (0, "")
+            return status == 200 and all(
+                f'nexus_group_worker_up{{worker="{node}"}} 1.0' in metrics
+                and f'nexus_ready{{worker="{node}"}} 1.0' in metrics
+                for node in ("worker-0", "worker-1")
+            )
+
+        wait_until(all_up, "not every worker up and ready in /metrics", proc, stderr)
         for request in HOSTILE:
             assert raw(port, request) == raw(worker_port, request), request
         pid = worker_pid(tag, "worker-1")
@@ -142,7 +150,10 @@ def test_the_group_endpoint_answers_for_every_worker_and_names_a_stopped_one(
             resume.callback(lambda: pid in tagged_processes(tag) and _cont(pid))
             _stop(pid)
             for path in ("/healthz", "/readyz"):
-                assert get(port, path) == (503, "worker-1: no answer within 0.8 s\n"), path
+                status, body = get(port, path) or (0, "")
+                # (worker-0 may miss its bound too on a loaded machine: named then as well)
+                assert status == 503, (path, body)
+                assert "worker-1: no answer within 0.8 s" in body, (path, body)
             stuck = CliRunner().invoke(app, health)
             assert stuck.exit_code == 1, stuck.output
             assert "worker-1: no answer within 0.8 s" in " ".join(stuck.output.split())
