@@ -14,6 +14,8 @@ once. Real nats-server; the lost node is a child process, SIGKILLed.
 
 from __future__ import annotations
 
+import os
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,6 +29,7 @@ from nexus_trio import Context, Kernel, Message, agent
 from nexus_trio._nats import Cluster, DurableOptions, NatsServer
 from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import call_aio
+from nexus_trio._nats._durable import _Waiting
 from nexus_trio._nats._membership import NodeInfo, monotonic
 from nexus_trio._nats._placement import rendezvous_owner
 
@@ -259,7 +262,7 @@ async def test_a_by_id_message_the_takeover_fetched_once_its_node_was_heard_agai
                 "c", same, 1, "h", 0.0, {}, monotonic() + 3600, reachable=True, durable=True
             )
             for jsmsg in first:
-                ca.durable._take("c", jsmsg)
+                ca.durable._take("c", jsmsg, _Waiting(4))
             again = await call_aio(psub.fetch, 1, timeout=5.0)
             stats = ca.stats()
             await call_aio(again[0].ack)
@@ -268,3 +271,101 @@ async def test_a_by_id_message_the_takeover_fetched_once_its_node_was_heard_agai
     assert again[0].metadata.num_delivered == 2
     assert (stats.durable_given_back, stats.durable_dead, stats.durable_taken_over) == (1, 1, 1)
     assert gone.id != back.id  # (the dead one: terminated, not delivered again)
+
+
+#: the waiting ones are not delivered again within the test (60 s)
+LONG_WAIT = DurableOptions(
+    ack_wait=30.0,
+    max_deliver=2,
+    redelivery_delay=0.01,
+    missing_agent_delay=60.0,
+    missing_agent_delay_max=60.0,
+)
+
+
+async def test_messages_waiting_on_a_lost_node_s_consumer_leave_slots_to_its_other_messages(
+    nats: NatsServer,
+) -> None:
+    """Forty-second pass: c is SIGKILLed, its consumer has 4 unacknowledged slots
+    (``max_ack_pending``; a node makes it ``4 x max_in_flight``; its ``ack_wait`` 30 s, not
+    the child's 1 s, so that a loaded machine redelivers nothing); stored for it: 4 messages
+    by a name that runs nowhere, then one by the name of a's agent. The takeover's naks of
+    the 4 (missing-agent delays) held all 4 slots, and JetStream delivered the fifth no
+    more until they died (60 s here; 15 s at the default delays): the wait timed out. As
+    on a node's own consumer, at most 3/4 of the slots wait now: the fourth is terminated
+    (``durable_wait_full``, dead, taken over), and the fifth is forwarded and handled."""
+    handled: list[tuple[uuid.UUID, Any]] = []
+    child: NodeProcess | None = None
+    stream = "-durable"
+    try:
+        async with local_node(nats.url, "a", durable=LONG_WAIT) as (ka, ca):
+            ka.spawn(_keeper(handled, "keeper-a"))
+            stream = f"{ca.prefix}-durable"
+            with trio.fail_after(40):  # (a hang guard: a child's start is slow when loaded)
+                child = await NodeProcess(nats.url, "c").start()
+                await until(lambda: "c" in ca.live_nodes())
+                info = await call_aio(ca.data_js.consumer_info, stream, "c")
+                await call_aio(
+                    ca.data_js.add_consumer,
+                    stream,
+                    config=info.config.evolve(max_ack_pending=4, ack_wait=30.0),
+                )
+                await _kill(child, ca)
+            with trio.fail_after(15):
+                for n in range(4):
+                    await store_for(ca, "nowhere-a", n, node="c")
+                sent = await store_for(ca, "keeper-a", "not held up", node="c")
+                await until(lambda: len(handled) >= 1)
+                await until(lambda: ca.stats().durable_taken_over >= 2)
+                consumer = await call_aio(ca.data_js.consumer_info, stream, "c")
+            stats = ca.stats()
+    finally:
+        if child is not None:
+            await child.stop()
+    assert handled == [(sent.id, "not held up")]
+    assert (consumer.num_ack_pending, consumer.num_pending) == (3, 0)
+    counts = ("agent_missing", "wait_full", "dead", "taken_over", "forwarded")
+    assert {key: getattr(stats, f"durable_{key}") for key in counts} == {
+        "agent_missing": 3,
+        "wait_full": 1,
+        "dead": 1,
+        "taken_over": 2,
+        "forwarded": 1,
+    }
+
+
+async def test_a_takeover_s_fetches_that_get_no_answer_are_counted_and_it_goes_on_after() -> None:
+    """Forty-second pass: the takeover's fetches of a lost node's consumer asked no idle
+    heartbeats, so one JetStream did not answer at all (here the nats-server hung by
+    SIGSTOP behind connections that stay up) read as an idle poll: the messages waited,
+    nothing counted. They ask heartbeats as the node's own fetches do now: such a fetch
+    is counted in ``durable_fetch_failures{takeover}`` (idle polls count nothing), and
+    the takeover goes on once the server does (a message stored then is handled)."""
+    handled: list[tuple[uuid.UUID, Any]] = []
+    child: NodeProcess | None = None
+    server = await trio.to_thread.run_sync(NatsServer().start)
+    try:
+        async with local_node(server.url, "a", durable=DURABLE) as (ka, ca):
+            ka.spawn(_keeper(handled, "keeper-a"))
+            with trio.fail_after(40):  # (a hang guard: a child's start is slow when loaded)
+                child = await _lost_child(server.url, ca)
+            durable = ca.durable
+            with trio.fail_after(15):
+                await store_for(ca, "keeper-a", "before", node="c")
+                await until(lambda: len(handled) >= 1)  # (the takeover pulls)
+                assert durable.takeover_fetch_failures == 0
+                os.kill(server.pid, signal.SIGSTOP)
+                try:
+                    await until(lambda: durable.takeover_fetch_failures >= 1)
+                finally:
+                    os.kill(server.pid, signal.SIGCONT)
+                sent = await store_for(ca, "keeper-a", "after", node="c")
+                await until(lambda: len(handled) >= 2)
+            stats = ca.stats()
+    finally:
+        if child is not None:
+            await child.stop()
+        server.stop()
+    assert handled[1] == (sent.id, "after")
+    assert stats.durable_fetch_failures["takeover"] == durable.takeover_fetch_failures >= 1
+    assert stats.durable_dead == 0

@@ -32,7 +32,9 @@ original message id** (``ctx.message.kind is MessageKind.QUERY``):
 The messages stored for a node that is lost are taken over by one survivor (the
 rendezvous owner of ``durable:<node>`` over the reachable members), which pulls that
 node's consumer until the node is heard again: by name forwarded to where the name runs
-now (or waiting as above), by agent id dead at once; see :meth:`DurableChannel.take_over`.
+now (or waiting as above, bounded by that consumer's slots), by agent id dead at once;
+see :meth:`DurableChannel.take_over`. Its fetches ask idle heartbeats as the node's own
+do: one JetStream does not answer at all is a failed fetch (``takeover_fetch_failures``).
 
 While the node itself holds a message (fetched, not handed over yet: waiting behind
 the others of its batch, or for room in a full ``block`` mailbox, at most the send
@@ -65,6 +67,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 import uuid
 from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Any, Final, final
@@ -151,6 +154,39 @@ FETCH_HEARTBEAT: Final = 0.25
 _MAX_MESSAGES_EXCEEDED: Final = 10077
 
 
+async def _poll(psub: Any, batch: int, idle: bool) -> tuple[list[NatsMsg], bool | None]:
+    """A fetch of a durable consumer through ``psub`` (a long poll of FETCH_WAIT): its
+    messages, and whether JetStream answered it: True (messages, or its idle heartbeats
+    while it had none, or something that came in since the last fetch ended), False
+    (nothing at all came back), None (not known: no heartbeats asked, see below).
+    ``idle``: the consumer's last fetch got nothing. Run on the asyncio loop; for this
+    node's own consumer and for a lost node's it takes over."""
+    # Something in the subscription's queue came after the last fetch ended: most often
+    # the 408 that ends its request, a hair after nats-py's own timeout (14 of 20 idle
+    # polls on loopback), which the fetch below discards. JetStream answered then;
+    # counted so when this poll gets nothing in time either. (Read as "not known", a
+    # node whose fetches had failed stayed "jetstream unavailable" for as long as the
+    # 408s came late, 19 s and more, while each such poll asked no heartbeats: see below.)
+    late = bool(psub.pending_msgs)
+    # Heartbeats only after a fetch that got nothing (while messages flow, each fetch
+    # returns some: the requests they leave lingering would each send heartbeats), and
+    # only when nats-py's fetch will not first hand out messages an earlier request left
+    # in the subscription's queue: it asks no expiry then, and JetStream refuses a
+    # heartbeat without one (400 heartbeat value too large), which the fetch raised,
+    # dropping the messages it took from the queue (a delivery each). (No await between
+    # the look and the fetch's own: nothing comes in between.)
+    probe = idle and not late
+    try:
+        got: list[NatsMsg] = await psub.fetch(
+            batch=batch, timeout=FETCH_WAIT, heartbeat=FETCH_HEARTBEAT if probe else None
+        )
+    except nats.js.errors.FetchTimeoutError:
+        return [], True  # heartbeats came: nothing to pull within the poll
+    except TimeoutError:  # (nats' is one)
+        return [], False if probe else (True if late else None)
+    return got, True
+
+
 def _seconds(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     """A finite number of seconds, at least 0 (a JetStream nak delay in nanoseconds)."""
     if (
@@ -172,6 +208,46 @@ def missing_agent_delay(options: DurableOptions, delivered: int) -> float:
     # (2.0 ** 1000 is finite; the product may be inf, which the cap takes)
     delay = options.missing_agent_delay * 2.0 ** min(max(delivered - 1, 0), 1000)
     return min(delay, options.missing_agent_delay_max)
+
+
+@final
+class _Waiting:
+    """The messages by name nakked to wait for their agent on one durable consumer (this
+    node's own, or a lost node's it takes over), by stream sequence: when their
+    redelivery is due at the latest. JetStream counts each in the consumer's unacked
+    slots (``max_ack_pending``, ``4 x max_in_flight`` for a consumer a node makes) until
+    it is delivered again: at most three quarters of the slots wait, so the consumer's
+    other messages keep the rest (all of them waiting stalled every other durable message
+    of that consumer until they died, 15 s at the default delays)."""
+
+    def __init__(self, slots: int) -> None:
+        # (a consumer with no limit, max_ack_pending -1 or 0, stalls nothing)
+        self.bound = slots - slots // 4 if slots > 0 else sys.maxsize
+        self.due: dict[int, float] = {}
+
+    def delivered(self, jsmsg: NatsMsg) -> None:
+        """``jsmsg`` is a delivery of its message: it waits no more (if it did)."""
+        self.due.pop(jsmsg.metadata.sequence.stream, None)
+
+    def room(self, jsmsg: NatsMsg, options: DurableOptions) -> bool:
+        """Room for ``jsmsg`` (its agent missing) to wait for its redelivery, taken if so:
+        fewer than ``bound`` messages wait (those whose redelivery did not come when due,
+        the stream purged or made anew, another puller given it, are not counted), as
+        Akka's shard region buffers messages for a shard with no home up to its
+        ``buffer-size`` and drops the rest to dead letters. Keyed by stream sequence: a
+        stream made anew numbers from 1 again, so a stale entry of the old one is at most
+        replaced by (or dropped at the delivery of) the new message of its sequence, never
+        counted beside it, and goes when its time is up."""
+        due = self.due
+        now = trio.current_time()
+        if len(due) >= self.bound:
+            for seq in [seq for seq, at in due.items() if at <= now]:
+                del due[seq]
+            if len(due) >= self.bound:
+                return False
+        delay = missing_agent_delay(options, jsmsg.metadata.num_delivered)
+        due[jsmsg.metadata.sequence.stream] = now + delay + options.ack_wait + FETCH_WAIT
+        return True
 
 
 @final
@@ -321,18 +397,20 @@ class DurableChannel:
         self.not_forwarded = 0
         #: failed fetches of lost nodes' consumers (see take_over), each tried again
         self.takeover_fetch_failures = 0
-        # messages by name nakked here to wait for their agent (see failed), by stream
-        # sequence: when their redelivery is due at the latest. JetStream counts each in
-        # the consumer's max_ack_pending (4 x max_in_flight) until it is delivered again:
-        # at most wait_bound of them wait, so the node's other messages keep
-        # max_in_flight slots (all of them waiting stalled every other durable message
-        # of the node until they died, 15 s at the default delays)
-        self._waiting: dict[int, float] = {}
-        self.wait_bound = max(options.max_in_flight, 1) * 3
+        # messages by name nakked here to wait for their agent (see failed): at most
+        # 3 x max_in_flight of the consumer's 4 x max_in_flight unacked slots
+        self._waiting = _Waiting(max(options.max_in_flight, 1) * 4)
         self._wait_full_log = Throttle()
         #: deliveries by name whose agent this node did not have, terminated (dead)
-        #: because wait_bound messages waited for theirs already (see _may_wait)
+        #: because as many messages as their consumer's bound waited for theirs already
+        #: (see _Waiting): this node's own consumer's, or a lost node's it takes over
         self.wait_full = 0
+
+    @property
+    def wait_bound(self) -> int:
+        """How many messages by name may wait for their agent on this node's consumer at
+        once (``3 x max_in_flight``; see _Waiting)."""
+        return self._waiting.bound
 
     async def start(self, nursery: trio.Nursery) -> None:
         if not self.options.enabled:
@@ -599,6 +677,8 @@ class DurableChannel:
         cluster = self.cluster
         psub: Any = None
         said = False
+        idle = True  # (its last fetch got nothing: the next asks heartbeats, see _poll)
+        waiting = self._waiting  # (replaced once subscribed)
         try:
             with scope:
                 while (still := self._still_lost(node)) is not False:
@@ -617,36 +697,32 @@ class DurableChannel:
                                     node,
                                     "lost" if still else "gone, or running no durable path",
                                 )
-                            psub = await call_aio(self._subscribe, node)
-                        msgs: list[NatsMsg] = await call_aio_bounded(
-                            _PULL_CANCEL_WAIT,
-                            psub.fetch,
-                            batch=self.options.max_in_flight,
-                            timeout=1.0,
+                            psub, slots = await call_aio(self._subscribe_taken, node)
+                            waiting, idle = _Waiting(slots), True
+                        msgs, heard = await call_aio_bounded(
+                            _PULL_CANCEL_WAIT, _poll, psub, self.options.max_in_flight, idle
                         )
+                        idle = not msgs
                     except (nats.errors.TimeoutError, TimeoutError):
-                        if still is None and await self._dropped_when_drained(node):
-                            return
-                        continue
+                        msgs, heard = [], None
                     except (nats.errors.Error, OSError) as exc:
-                        self.takeover_fetch_failures += 1
-                        if self.cluster.held.due(
-                            self._takeover_log, "failed fetches of lost nodes' messages", logger=log
-                        ):
-                            log_guarded(
-                                log,
-                                logging.WARNING,
-                                "node %s: could not pull the durable messages of lost node %r:"
-                                " %r (tried again)",
-                                cluster.node,
-                                node,
-                                exc,
-                            )
+                        self._takeover_fetch_failed(node, repr(exc))
                         psub = None
                         await trio.sleep(cluster.options.reconnect_wait)
                         continue
+                    if heard is False:
+                        # nothing came back at all (a server hung behind a connection that
+                        # is up, a stream with no leader): as a refused fetch, counted
+                        self._takeover_fetch_failed(
+                            node, "no answer from JetStream within the fetch's wait"
+                        )
+                        continue
+                    if not msgs:
+                        if still is None and await self._dropped_when_drained(node):
+                            return
+                        continue
                     for jsmsg in msgs:
-                        self._take(node, jsmsg)
+                        self._take(node, jsmsg, waiting)
         finally:
             if self._takeovers.get(node) is scope:
                 del self._takeovers[node]
@@ -657,6 +733,32 @@ class DurableChannel:
                     contextlib.suppress(nats.errors.Error, OSError, ValueError, TimeoutError),
                 ):
                     await call_aio_bounded(_PULL_CANCEL_WAIT, psub.unsubscribe)
+
+    async def _subscribe_taken(self, node: str) -> tuple[Any, int]:
+        """The pull subscription of lost ``node``'s consumer and its unacked slots
+        (``max_ack_pending``, the lost node's settings: see :class:`_Waiting`). Run on
+        the asyncio loop."""
+        psub = await self._subscribe(node)
+        info = await psub.consumer_info()
+        return psub, info.config.max_ack_pending or 0
+
+    def _takeover_fetch_failed(self, node: str, why: str) -> None:
+        """A fetch of lost ``node``'s consumer failed (refused, or not answered at all):
+        counted in ``takeover_fetch_failures``, logged at once, then at most once a
+        second; tried again. (No part of readiness: this node's own fetches say whether
+        JetStream answers it.)"""
+        self.takeover_fetch_failures += 1
+        if self.cluster.held.due(
+            self._takeover_log, "failed fetches of lost nodes' messages", logger=log
+        ):
+            log_guarded(
+                log,
+                logging.WARNING,
+                "node %s: could not pull the durable messages of lost node %r: %s (tried again)",
+                self.cluster.node,
+                node,
+                why,
+            )
 
     async def _dropped_when_drained(self, node: str) -> bool:
         """Forgotten ``node``'s consumer deleted if nothing of it is pending or unacked:
@@ -679,8 +781,10 @@ class DurableChannel:
             await js.delete_consumer(self._stream, node)
         return True
 
-    def _take(self, node: str, jsmsg: NatsMsg) -> None:
-        """Settle ``jsmsg``, stored for lost ``node`` (see :meth:`take_over`)."""
+    def _take(self, node: str, jsmsg: NatsMsg, waiting: _Waiting) -> None:
+        """Settle ``jsmsg``, stored for lost ``node`` (see :meth:`take_over`); ``waiting``:
+        the messages of that consumer that wait for their names (see :class:`_Waiting`)."""
+        waiting.delivered(jsmsg)  # (delivered again)
         try:
             msg = wire.decode_message(jsmsg.data)
         except MessageDecodeError as exc:
@@ -717,10 +821,21 @@ class DurableChannel:
                 f"its name {to!r} ran on no reachable member within {self.options.max_deliver}"
                 f" deliveries since node {node!r} was lost",
             )
-        else:
+        elif waiting.room(jsmsg, self.options):
             # re-placed soon, or waiting for a member that runs its type
             self.agent_missing += 1
             self._settle(jsmsg, "wait")
+        else:
+            # (as on this node's own consumer: the rest of the lost node's messages keep
+            # a quarter of its consumer's unacked slots, see _Waiting)
+            self.wait_full += 1
+            self._dead_with_node(
+                jsmsg,
+                msg.id,
+                f"its name {to!r} runs on no reachable member, and {len(waiting.due)} messages"
+                f" of node {node!r} wait for theirs already (the bound, 3/4 of its consumer's"
+                " unacked slots: more would stall its other messages)",
+            )
 
     def _runs_now(self, jsmsg: NatsMsg, to: Any) -> tuple[str, uuid.UUID] | None:
         """Where the agent named ``to`` runs now: here, or on another reachable member
@@ -985,39 +1100,11 @@ class DurableChannel:
                 held.popleft()
 
     async def _fetch(self, batch: int) -> tuple[list[NatsMsg], bool | None]:
-        """asyncio side of a fetch of this node's own consumer (a long poll of
-        FETCH_WAIT): its messages, and whether JetStream answered it: True (messages,
-        or its idle heartbeats while it had none, or something that came in since the
-        last fetch ended), False (nothing at all came back), None (not known: no
-        heartbeats asked, see below). Run on the asyncio loop."""
-        psub = self._psub
-        # Something in the subscription's queue came after the last fetch ended: most
-        # often the 408 that ends its request, a hair after nats-py's own timeout (14 of
-        # 20 idle polls on loopback), which the fetch below discards. JetStream answered
-        # then; counted so when this poll gets nothing in time either. (Read as "not
-        # known", a node whose fetches had failed stayed "jetstream unavailable" for as
-        # long as the 408s came late, 19 s and more, while each such poll asked no
-        # heartbeats: see below.)
-        late = bool(psub.pending_msgs)
-        # Heartbeats only after a fetch that got nothing (while messages flow, each fetch
-        # returns some: the requests they leave lingering would each send heartbeats),
-        # and only when nats-py's fetch will not first hand out messages an earlier
-        # request left in the subscription's queue: it asks no expiry then, and JetStream
-        # refuses a heartbeat without one (400 heartbeat value too large), which the
-        # fetch raised, dropping the messages it took from the queue (a delivery each).
-        # (No await between the look and the fetch's own: nothing comes in between.)
-        probe = self._idle and not late
-        self._idle = True
-        try:
-            got: list[NatsMsg] = await psub.fetch(
-                batch=batch, timeout=FETCH_WAIT, heartbeat=FETCH_HEARTBEAT if probe else None
-            )
-        except nats.js.errors.FetchTimeoutError:
-            return [], True  # heartbeats came: nothing to pull within the poll
-        except TimeoutError:  # (nats' is one)
-            return [], False if probe else (True if late else None)
+        """asyncio side of a fetch of this node's own consumer (see :func:`_poll`)."""
+        idle, self._idle = self._idle, True
+        got, heard = await _poll(self._psub, batch, idle)
         self._idle = not got
-        return got, True
+        return got, heard
 
     def _fetch_failed(self, asked: float, why: str) -> None:
         """A fetch of this node's own consumer, asked at ``asked``, failed (refused, or not
@@ -1068,7 +1155,7 @@ class DurableChannel:
         except MessageDecodeError as exc:
             self._terminate_undecodable(jsmsg, exc)
             return
-        self._waiting.pop(jsmsg.metadata.sequence.stream, None)  # (delivered again)
+        self._waiting.delivered(jsmsg)  # (delivered again)
         if msg.id in self._done:
             self.duplicates += 1
             self._settle(jsmsg, "ack")
@@ -1349,7 +1436,7 @@ class DurableChannel:
         elif entry[1] > trio.current_time() and not self._newer_held(jsmsg):
             if not missing:
                 self._settle(jsmsg, "nak")
-            elif self._may_wait(jsmsg):
+            elif self._waiting.room(jsmsg, self.options):
                 self.agent_missing += 1
                 self._settle(jsmsg, "wait")
             else:
@@ -1367,27 +1454,10 @@ class DurableChannel:
                     msg_id,
                     query.to,
                     delivered,
-                    len(self._waiting),
+                    len(self._waiting.due),
                     self.wait_full,
                 )
         # else JetStream has delivered it again already, or its ack_wait is over: it will
-
-    def _may_wait(self, jsmsg: NatsMsg) -> bool:
-        """Room for ``jsmsg`` (its agent missing here) to wait for its redelivery, taken
-        if so: fewer than ``wait_bound`` messages wait (those whose redelivery did not
-        come here when due, the stream purged or another puller given it, are not
-        counted), as Akka's shard region buffers messages for a shard with no home up
-        to its ``buffer-size`` and drops the rest to dead letters."""
-        waiting = self._waiting
-        now = trio.current_time()
-        if len(waiting) >= self.wait_bound:
-            for seq in [seq for seq, due in waiting.items() if due <= now]:
-                del waiting[seq]
-            if len(waiting) >= self.wait_bound:
-                return False
-        delay = missing_agent_delay(self.options, jsmsg.metadata.num_delivered)
-        waiting[jsmsg.metadata.sequence.stream] = now + delay + self.options.ack_wait + FETCH_WAIT
-        return True
 
     def given_up(self, msg_id: uuid.UUID, error: BaseException) -> None:
         """The agent that took durable message ``msg_id`` over (its handler returned, the
