@@ -34,7 +34,7 @@ from nexus_trio._nats._membership import NodeInfo, monotonic
 from nexus_trio._nats._placement import rendezvous_owner
 
 from .nats_server import NodeProcess, until
-from .test_durable_missing_agent import store_for
+from .test_durable_missing_agent import ONE_SLOT_LONG_WAIT, store_for
 from .test_durable_moved_name import DURABLE, _stream_empty
 from .test_nats import local_node
 
@@ -273,16 +273,6 @@ async def test_a_by_id_message_the_takeover_fetched_once_its_node_was_heard_agai
     assert gone.id != back.id  # (the dead one: terminated, not delivered again)
 
 
-#: the waiting ones are not delivered again within the test (60 s)
-LONG_WAIT = DurableOptions(
-    ack_wait=30.0,
-    max_deliver=2,
-    redelivery_delay=0.01,
-    missing_agent_delay=60.0,
-    missing_agent_delay_max=60.0,
-)
-
-
 async def test_messages_waiting_on_a_lost_node_s_consumer_leave_slots_to_its_other_messages(
     nats: NatsServer,
 ) -> None:
@@ -298,7 +288,7 @@ async def test_messages_waiting_on_a_lost_node_s_consumer_leave_slots_to_its_oth
     child: NodeProcess | None = None
     stream = "-durable"
     try:
-        async with local_node(nats.url, "a", durable=LONG_WAIT) as (ka, ca):
+        async with local_node(nats.url, "a", durable=ONE_SLOT_LONG_WAIT) as (ka, ca):
             ka.spawn(_keeper(handled, "keeper-a"))
             stream = f"{ca.prefix}-durable"
             with trio.fail_after(40):  # (a hang guard: a child's start is slow when loaded)

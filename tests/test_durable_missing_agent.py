@@ -32,6 +32,17 @@ from nexus_trio._nats._durable import missing_agent_delay
 from .nats_server import until
 from .test_nats import local_node
 
+#: 4 unacknowledged slots in JetStream (``max_in_flight`` 1), 3 of them may wait; no
+#: waiting one is delivered again within a test (60 s)
+ONE_SLOT_LONG_WAIT = DurableOptions(
+    ack_wait=30.0,
+    max_deliver=2,
+    redelivery_delay=0.01,
+    max_in_flight=1,
+    missing_agent_delay=60.0,
+    missing_agent_delay_max=60.0,
+)
+
 
 def _record_naks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, float | None]]:
     """Every nak the node sends, as (its delivery's number, the delay it asks); sent on."""
@@ -229,14 +240,7 @@ async def test_messages_waiting_for_a_missing_agent_leave_max_in_flight_slots_to
         handled.append(cluster_of[0].stats().durable_dead)
         return "ok"
 
-    durable = DurableOptions(
-        ack_wait=30.0,
-        max_deliver=2,
-        redelivery_delay=0.01,
-        max_in_flight=1,  # 4 unacknowledged slots in JetStream, 3 of them may wait
-        missing_agent_delay=60.0,  # (no waiting one is delivered again in the test)
-        missing_agent_delay_max=60.0,
-    )
+    durable = ONE_SLOT_LONG_WAIT
     async with local_node(nats.url, durable=durable) as (kernel, cluster):
         cluster_of.append(cluster)
         kernel.spawn(here)
@@ -266,3 +270,45 @@ async def test_messages_waiting_for_a_missing_agent_leave_max_in_flight_slots_to
         " max_in_flight: more would hold every unacked slot of the node's consumer,"
         " max_ack_pending, and stall its other durable messages) (1 so far)"
     ]
+
+
+async def test_messages_that_waited_in_a_deleted_stream_hold_no_room_in_the_one_made_anew(
+    nats: NatsServer,
+) -> None:
+    """Forty-second pass: three messages for a missing name wait (the bound,
+    ``max_in_flight`` 1), and an operator deletes the stream: they are gone with it, and
+    the node makes the stream anew (its sequences from 1 again). Their entries stayed
+    until their time was up (here 91 s), holding the bound: the first message for a missing
+    name stored in the new stream (sequence 1, none of theirs: 3, 4, 5) was terminated
+    (``durable_wait_full``) though nothing waited. The node forgets them when it sees the
+    stream made anew: it waits. (An entry whose sequence a new message takes is replaced
+    by it, or dropped at its delivery: never counted beside it.)"""
+    durable = ONE_SLOT_LONG_WAIT
+
+    @agent(name="here-a")
+    async def here(ctx: Context, msg: Message) -> Any:
+        return "ok"
+
+    async with local_node(nats.url, durable=durable) as (kernel, cluster):
+        kernel.spawn(here)
+        stream = f"{cluster.prefix}-durable"
+        with trio.fail_after(15):
+            for n in range(2):  # (sequences 1 and 2: the waiting ones get 3, 4, 5)
+                await store_for(cluster, "here-a", n)
+            await until(lambda: cluster.stats().durable_acked >= 2)
+            for n in range(3):
+                await store_for(cluster, "gone-a", n)
+            await until(lambda: cluster.stats().durable_agent_missing >= 3)
+            await call_aio(cluster.data_js.delete_stream, stream)
+            await until(lambda: cluster.durable.fetch_failures >= 1)
+            await until(lambda: cluster.readiness() is None)  # (made anew, fetched from)
+            await store_for(cluster, "gone-a", "in the new stream")
+            await until(
+                lambda: (
+                    cluster.stats().durable_agent_missing + cluster.stats().durable_wait_full >= 4
+                )
+            )
+            consumer = await call_aio(cluster.data_js.consumer_info, stream, cluster.node)
+        stats = cluster.stats()
+    assert (stats.durable_agent_missing, stats.durable_wait_full, stats.durable_dead) == (4, 0, 0)
+    assert (consumer.num_ack_pending, consumer.num_pending) == (1, 0)

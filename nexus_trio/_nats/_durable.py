@@ -221,9 +221,24 @@ class _Waiting:
     of that consumer until they died, 15 s at the default delays)."""
 
     def __init__(self, slots: int) -> None:
-        # (a consumer with no limit, max_ack_pending -1 or 0, stalls nothing)
-        self.bound = slots - slots // 4 if slots > 0 else sys.maxsize
+        self.bound = 0
         self.due: dict[int, float] = {}
+        self._made: object = None
+        self.bind(slots, None)
+
+    def bind(self, slots: int, made: object) -> None:
+        """The consumer (re)bound: ``slots`` unacked slots (a consumer with no limit,
+        ``max_ack_pending`` -1 or 0, stalls nothing), ``made`` when it or its stream was
+        made (None: not known). One made anew (an operator deleted the stream: its
+        sequences begin at 1 again, what waited went with the old one) forgets what
+        waited: kept, those entries held the bound until their time was up (a message for
+        a missing name past it was terminated for nothing). Bound again to the same one
+        (a server restarted, a fetch refused), they are kept."""
+        self.bound = slots - slots // 4 if slots > 0 else sys.maxsize
+        if made != self._made:
+            if self._made is not None:
+                self.due.clear()
+            self._made = made
 
     def delivered(self, jsmsg: NatsMsg) -> None:
         """``jsmsg`` is a delivery of its message: it waits no more (if it did)."""
@@ -399,7 +414,8 @@ class DurableChannel:
         self.takeover_fetch_failures = 0
         # messages by name nakked here to wait for their agent (see failed): at most
         # 3 x max_in_flight of the consumer's 4 x max_in_flight unacked slots
-        self._waiting = _Waiting(max(options.max_in_flight, 1) * 4)
+        self._slots = max(options.max_in_flight, 1) * 4
+        self._waiting = _Waiting(self._slots)
         self._wait_full_log = Throttle()
         #: deliveries by name whose agent this node did not have, terminated (dead)
         #: because as many messages as their consumer's bound waited for theirs already
@@ -415,14 +431,17 @@ class DurableChannel:
     async def start(self, nursery: trio.Nursery) -> None:
         if not self.options.enabled:
             return
-        self._psub = await call_aio(self._setup)
+        self._psub, made = await call_aio(self._setup)
+        self._waiting.bind(self._slots, made)
         await self._ops.start()
         self._nursery = nursery
         nursery.start_soon(self._pull)
 
-    async def _setup(self) -> Any:
+    async def _setup(self) -> tuple[Any, object]:
         """Make the stream (unless it is there) and this node's consumer (or bind it);
-        the pull subscription. Run on the asyncio loop (``call_aio``)."""
+        the pull subscription, and when the stream was made (JetStream's ``created``:
+        another value later is a stream made anew). Run on the asyncio loop
+        (``call_aio``)."""
         cluster = self.cluster
         js = cluster.data_js
         opts = self.options
@@ -443,9 +462,12 @@ class DurableChannel:
         )
 
         # It may exist with other settings (another node's options): use it as it is.
+        info = None
         with contextlib.suppress(nats.js.errors.BadRequestError):
-            await js.add_stream(config=config)
-        return await self._subscribe(cluster.node)
+            info = await js.add_stream(config=config)
+        if info is None:
+            info = await js.stream_info(self._stream)
+        return await self._subscribe(cluster.node), info.created
 
     async def _subscribe(self, node: str) -> Any:
         """The pull subscription of ``node``'s durable consumer (made if missing, bound if
@@ -489,7 +511,7 @@ class DurableChannel:
         bind them again, and pull through the new subscription. What fails is retried at
         the next failed fetch."""
         try:
-            psub = await call_aio(self._setup)
+            psub, made = await call_aio(self._setup)
         except (nats.errors.Error, OSError) as exc:
             if self.cluster.held.due(
                 self._fetch_log, "failures to make the durable stream anew", logger=log
@@ -504,6 +526,7 @@ class DurableChannel:
                 )
             return
         old, self._psub = self._psub, psub
+        self._waiting.bind(self._slots, made)
         with contextlib.suppress(nats.errors.Error, OSError, ValueError):
             await call_aio(old.unsubscribe)
 
@@ -678,7 +701,8 @@ class DurableChannel:
         psub: Any = None
         said = False
         idle = True  # (its last fetch got nothing: the next asks heartbeats, see _poll)
-        waiting = self._waiting  # (replaced once subscribed)
+        # (bound to the consumer's slots once subscribed; kept across a resubscription)
+        waiting = _Waiting(0)
         try:
             with scope:
                 while (still := self._still_lost(node)) is not False:
@@ -697,8 +721,9 @@ class DurableChannel:
                                     node,
                                     "lost" if still else "gone, or running no durable path",
                                 )
-                            psub, slots = await call_aio(self._subscribe_taken, node)
-                            waiting, idle = _Waiting(slots), True
+                            psub, slots, made = await call_aio(self._subscribe_taken, node)
+                            waiting.bind(slots, made)
+                            idle = True
                         msgs, heard = await call_aio_bounded(
                             _PULL_CANCEL_WAIT, _poll, psub, self.options.max_in_flight, idle
                         )
@@ -734,13 +759,13 @@ class DurableChannel:
                 ):
                     await call_aio_bounded(_PULL_CANCEL_WAIT, psub.unsubscribe)
 
-    async def _subscribe_taken(self, node: str) -> tuple[Any, int]:
-        """The pull subscription of lost ``node``'s consumer and its unacked slots
-        (``max_ack_pending``, the lost node's settings: see :class:`_Waiting`). Run on
-        the asyncio loop."""
+    async def _subscribe_taken(self, node: str) -> tuple[Any, int, object]:
+        """The pull subscription of lost ``node``'s consumer, its unacked slots
+        (``max_ack_pending``, the lost node's settings) and when it was made (see
+        :class:`_Waiting`). Run on the asyncio loop."""
         psub = await self._subscribe(node)
         info = await psub.consumer_info()
-        return psub, info.config.max_ack_pending or 0
+        return psub, info.config.max_ack_pending or 0, info.created
 
     def _takeover_fetch_failed(self, node: str, why: str) -> None:
         """A fetch of lost ``node``'s consumer failed (refused, or not answered at all):
