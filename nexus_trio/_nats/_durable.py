@@ -764,7 +764,14 @@ class DurableChannel:
         (``max_ack_pending``, the lost node's settings) and when it was made (see
         :class:`_Waiting`). Run on the asyncio loop."""
         psub = await self._subscribe(node)
-        info = await psub.consumer_info()
+        try:
+            info = await psub.consumer_info()
+        except BaseException:
+            # (not handed back: its inbox would stay subscribed, fetch requests answered
+            # into it)
+            with contextlib.suppress(nats.errors.Error, OSError, ValueError):
+                await psub.unsubscribe()
+            raise
         return psub, info.config.max_ack_pending or 0, info.created
 
     def _takeover_fetch_failed(self, node: str, why: str) -> None:
