@@ -1,5 +1,8 @@
 """Where to reach an endpoint bound to an address, and how a URL names that address
-(``nexus health`` and the group endpoint of ``nexus run --workers``)."""
+(``nexus health`` and the group endpoint of ``nexus run --workers``).
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
+"""
 
 from __future__ import annotations
 
