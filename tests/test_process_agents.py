@@ -3983,6 +3983,25 @@ async def test_grandchild_that_leaves_the_group_with_setsid_is_killed_at_stop() 
     assert not os.path.exists(f"/proc/{escaped}")  # killed and reaped, not a zombie
 
 
+@pytest.mark.skipif(not _lineage.SUPPORTED, reason="descendants are found in Linux /proc")
+async def test_a_descendant_without_the_mark_is_killed_with_its_marked_parent() -> None:
+    """Regression: a grandchild that left the group started a child with an empty
+    environment (``env -i``): the sweep found the grandchild by its mark, not its child,
+    which outlived the stop (reparented to the kernel process)."""
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy(), shutdown_grace=0.3))
+        escaped, unmarked = await kernel.request(ref, {"op": "escape_unmarked"})
+        with open(f"/proc/{unmarked}/environ", "rb") as f:
+            assert _lineage.MARKER.encode() not in f.read()
+        await kernel.stop(ref)
+        assert stopped_bridge_stats(kernel).agents[ref.id].descendants_killed == 2
+        # killed and reaped (both were reparented to the kernel process), not zombies
+        await wait_until(
+            lambda: not any(os.path.exists(f"/proc/{pid}") for pid in (escaped, unmarked)),
+            "the grandchild and its child to be gone",
+        )
+
+
 async def test_escaped_grandchild_of_a_crashed_child_is_killed_before_the_restart() -> None:
     tag = new_tag()
     async with bridge_kernel() as kernel:

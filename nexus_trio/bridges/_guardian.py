@@ -6,7 +6,9 @@ whose only writer is the kernel. It reads until end of input, which comes when t
 exits for whatever reason (SIGKILL included, since the kernel holds the pipe and nothing
 else does), then SIGKILLs every process whose environment carries
 ``NEXUS_PROCESS_AGENT=OWNER.<child>``: the children of process agents and every
-descendant they started, also those that called ``setsid()`` or ignore end of input.
+descendant they started, also those that called ``setsid()`` or ignore end of input,
+the children of those (marked or not), and those caught in the middle of an exec
+(:class:`Sweep`; :mod:`._lineage` sweeps one child's token the same way).
 ``PR_SET_PDEATHSIG`` cannot do this job under trio: it fires when the *thread* that
 forked the child exits, and trio starts children from worker threads that retire after
 a few idle seconds. Standard library only, so that it starts fast and needs no imports
@@ -22,52 +24,194 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 MARKER = "NEXUS_PROCESS_AGENT"
 #: how long to keep sweeping for processes that a dying parent forked during the sweep
 SWEEP_FOR = 2.0
 
 
-def marked_processes(token_prefix: str) -> list[int]:
-    """Pids whose marker entry holds a token starting with ``token_prefix`` (own processes).
+#: ``flags`` bit of a kernel thread (<linux/sched.h>): it has no environment, ever
+_PF_KTHREAD = 0x00200000
+#: how long to wait between two reads of a process caught in the middle of its exec
+_EXEC_PAUSE = 0.001
 
-    The entry's value is a space-separated list of tokens: a process agent's child that is
-    itself a kernel adds its own children's token to the one it inherited.
-    """
-    entry_prefix = f"{MARKER}=".encode()
-    wanted = token_prefix.encode()
-    found = []
-    me = os.getpid()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
-            continue
+
+class Proc:
+    """What the sweeps read of a process in ``/proc`` (the readers are swapped in tests)."""
+
+    @staticmethod
+    def pids() -> list[int]:
+        return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+
+    @staticmethod
+    def environ(pid: int) -> bytes | None:
+        """Its environment (``b""`` while an exec sets it up); None if gone or not ours."""
         try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                environ = f.read()
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                return f.read()
         except OSError:
-            continue  # gone, or not ours to read
-        for item in environ.split(b"\0"):
-            if item.startswith(entry_prefix) and any(
-                token.startswith(wanted) for token in item[len(entry_prefix) :].split()
-            ):
-                found.append(int(entry))
-                break
-    return found
+            return None
+
+    @staticmethod
+    def kill(pid: int) -> None:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+    @staticmethod
+    def stat(pid: int) -> tuple[str, int, int, int, int] | None:
+        """``(state, parent pid, flags, start time, env_end)``; None if gone.
+
+        ``env_end`` (Linux 3.5+) is where its environment ends in its memory: 0 from the
+        moment an exec replaced its memory until the exec has set the new one up (the
+        window in which ``environ`` reads empty), and for a process that has released its
+        memory on the way out; -1 where the kernel does not show it.
+        """
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                # after the command name, which may hold anything but ends at the last ")"
+                fields = f.read().rsplit(")", 1)[1].split()
+            env_end = int(fields[48]) if len(fields) > 48 else -1
+            return fields[0], int(fields[1]), int(fields[6]), int(fields[19]), env_end
+        except (OSError, IndexError, ValueError):
+            return None
+
+
+def _has_token(environ: bytes, wanted: bytes) -> bool:
+    entry_prefix = f"{MARKER}=".encode()
+    for item in environ.split(b"\0"):
+        if item.startswith(entry_prefix) and any(
+            token.startswith(wanted) for token in item[len(entry_prefix) :].split()
+        ):
+            return True
+    return False
+
+
+_Stat = tuple[str, int, int, int, int]
+
+
+class Sweep:
+    """Find and SIGKILL the processes of one token prefix, also those caught mid-exec.
+
+    A process is *ours* if its environment carries a token of ``token_prefix``, or if its
+    parent is ours (the same process: same pid and start time, so that a reused pid is
+    not taken), which covers a child that dropped the mark while its parent lives. A live
+    process whose environment reads empty because an exec is under way (``env_end`` 0 in
+    its stat; not a zombie, not a kernel thread) is *unsure*: it is read again after a
+    short pause until its exec is done, then judged like the others. A scan reads every
+    process before it kills any (a parent killed first would take its children's link
+    with it). :meth:`run` ends after a scan that found nothing new and left nothing
+    unsure, or at its deadline.
+    """
+
+    def __init__(self, token_prefix: str, proc: type[Proc] = Proc) -> None:
+        self.wanted = token_prefix.encode()
+        self.proc = proc
+        self.me = os.getpid()
+        #: pid -> start time of the processes found ours (this sweep's)
+        self.ours: dict[int, int] = {}
+        #: the pids SIGKILLed, in order
+        self.killed: list[int] = []
+        self._done: set[tuple[int, int]] = set()
+
+    def _read(self, pid: int, environ: bytes | None) -> tuple[_Stat, bool | None] | None:
+        """``(stat, marked)`` of ``pid`` (its ``environ`` just read), ``marked`` None while
+        its exec is under way; None if it is gone, not ours to read, dead or a kernel thread."""
+        if environ is None:
+            return None  # gone, or not ours to read
+        stat = self.proc.stat(pid)
+        if stat is None or stat[0] in ("Z", "X") or stat[2] & _PF_KTHREAD:
+            return None
+        if not environ:
+            if stat[4] == 0:
+                return stat, None  # its exec has not set its environment up yet
+            # read while an exec ran, which has set it up since (env_end): once more
+            environ = self.proc.environ(pid) or b""
+        return stat, _has_token(environ, self.wanted)
+
+    def _scan(self) -> tuple[list[int], list[int]]:
+        """One read of every process: (ours, unsure)."""
+        table: dict[int, _Stat] = {}
+        marks: dict[int, bool | None] = {}
+        environs = {pid: self.proc.environ(pid) for pid in self.proc.pids() if pid != self.me}
+        marked = {pid for pid, env in environs.items() if env and _has_token(env, self.wanted)}
+        # (with no process of ours in sight, an unmarked one with an environment is no
+        # child to link: its stat is not read)
+        links = bool(marked or self.ours)
+        for pid, environ in environs.items():
+            if environ and not links:
+                continue
+            read = self._read(pid, environ)
+            if read is not None:
+                table[pid], marks[pid] = read
+        children: dict[int, list[int]] = {}
+        for pid, stat in table.items():
+            children.setdefault(stat[1], []).append(pid)
+        # the marked, those already found ours (still the same process), and their descendants
+        found = [pid for pid in table if marks[pid] or self.ours.get(pid, -1) == table[pid][3]]
+        for pid in found:
+            self.ours[pid] = table[pid][3]
+        i = 0
+        while i < len(found):
+            for child in children.get(found[i], ()):
+                if child not in self.ours or self.ours[child] != table[child][3]:
+                    self.ours[child] = table[child][3]
+                    found.append(child)
+            i += 1
+        unsure = [pid for pid in table if marks[pid] is None and pid not in self.ours]
+        return found, unsure
+
+    def _recheck(self, pid: int) -> bool | None:
+        """Read ``pid`` again: ours, not ours (or gone), or None: still mid-exec."""
+        read = self._read(pid, self.proc.environ(pid))
+        if read is None:
+            return False
+        stat, marked = read
+        parent = stat[1]
+        if not marked and parent in self.ours:
+            parent_stat = self.proc.stat(parent)
+            marked = parent_stat is not None and parent_stat[3] == self.ours[parent]
+        if marked:
+            self.ours[pid] = stat[3]
+            return True
+        return None if marked is None else False
+
+    def _kill_new(self, pids: list[int]) -> int:
+        """SIGKILL those of ``pids`` (found ours) that this sweep has not; how many."""
+        fresh = 0
+        for pid in pids:
+            key = (pid, self.ours[pid])
+            if key in self._done:
+                continue  # SIGKILLed, not yet gone
+            self._done.add(key)
+            self.proc.kill(pid)
+            self.killed.append(pid)
+            fresh += 1
+        return fresh
+
+    def run(
+        self,
+        for_seconds: float,
+        sleep: Callable[[float], object] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> list[int]:
+        """Sweep (at most ``for_seconds``); the pids killed, in order."""
+        deadline = clock() + for_seconds
+        while True:
+            ours, unsure = self._scan()
+            fresh = self._kill_new(ours)
+            while unsure and clock() < deadline:
+                sleep(_EXEC_PAUSE)
+                verdicts = {pid: self._recheck(pid) for pid in unsure}
+                fresh += self._kill_new([pid for pid, ours in verdicts.items() if ours])
+                unsure = [pid for pid, ours in verdicts.items() if ours is None]
+            if not fresh or clock() >= deadline:
+                return self.killed
 
 
 def sweep(owner: str) -> int:
     """SIGKILL the marked processes of ``owner`` until none is left (bounded); how many."""
-    killed: set[int] = set()
-    deadline = time.monotonic() + SWEEP_FOR
-    while time.monotonic() < deadline:
-        fresh = [pid for pid in marked_processes(f"{owner}.") if pid not in killed]
-        if not fresh:
-            break
-        for pid in fresh:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-            killed.add(pid)
-    return len(killed)
+    return len(Sweep(f"{owner}.").run(SWEEP_FOR))
 
 
 def main(argv: list[str]) -> int:

@@ -9,8 +9,9 @@ first started, the kernel process becomes a child subreaper
 to it instead of to PID 1, and it starts the guardian (:mod:`._guardian`), which kills all
 marked processes when the kernel process dies, even by SIGKILL. After each child exits,
 :func:`kill_descendants` kills the processes marked with that child's token — those that
-left its process group with ``setsid()`` included — and reaps those that were reparented
-to the kernel. Other platforms get the process-group kill only (see docs/bridges.md).
+left its process group with ``setsid()`` included, their children marked or not, those
+caught in the middle of an exec (:class:`._guardian.Sweep`) — and reaps those that were
+reparented to the kernel. Other platforms get the process-group kill only (see docs/bridges.md).
 
 PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
@@ -22,7 +23,6 @@ import contextlib
 import ctypes
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -33,7 +33,7 @@ from typing import Final
 
 import trio
 
-from ._guardian import MARKER, marked_processes
+from ._guardian import MARKER, SWEEP_FOR, Sweep
 
 log = logging.getLogger("nexus_trio.bridge")
 
@@ -126,17 +126,6 @@ def _release_guardian(guardian: subprocess.Popen[bytes]) -> None:
         guardian.wait(timeout=5)
 
 
-def _kill_marked(token: str, already: set[int]) -> list[int]:
-    killed = []
-    for pid in marked_processes(token):
-        if pid in already:
-            continue  # SIGKILLed, not yet gone
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-    return killed
-
-
 def _parent_of(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -225,13 +214,9 @@ def reap_group(pgid: int, wait: float = 0.0) -> int:
 
 
 def _kill_and_reap_marked(token: str) -> int:
-    killed: set[int] = set()
-    # A dying descendant may fork once more while we look: look again until none is new.
-    for _ in range(10):
-        fresh = _kill_marked(token, killed)
-        if not fresh:
-            break
-        killed.update(fresh)
+    # A dying descendant may fork once more while we look, and one may be caught in the
+    # middle of its exec: the sweep looks again until neither is left (see _guardian.Sweep).
+    killed = Sweep(token).run(SWEEP_FOR)
     _reap(sorted(killed))
     return len(killed)
 

@@ -162,6 +162,51 @@ def answer(args: argparse.Namespace, msg: dict[str, Any]) -> None:
             while True:
                 time.sleep(3600)
         respond(args, msg, pid)
+    elif op == "escape_unmarked":
+        # A grandchild that leaves our group and session (ignoring SIGTERM and end of
+        # input) and starts a child with an empty environment: no mark, a parent that has
+        # one. Answers [grandchild, its child].
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.setsid()
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            os.close(0)
+            os.close(read_end)
+            unmarked = os.fork()
+            if unmarked == 0:
+                os.execve("/bin/sleep", ["sleep", "300"], {})
+            os.write(write_end, str(unmarked).encode())
+            os.close(write_end)
+            while True:
+                time.sleep(3600)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as f:
+            unmarked = int(f.read())
+        respond(args, msg, [pid, unmarked])
+    elif op == "spawn_loop":
+        # A grandchild that leaves our group and forks and execs children without end
+        # (at most ``keep`` alive: the oldest is killed and reaped): a stop finds some of
+        # them in the middle of their exec.
+        argv = command.get("argv", ["/bin/sleep", "300"])
+        pid = os.fork()
+        if pid == 0:
+            os.setsid()
+            os.close(0)
+            for _ in range(int(command.get("loopers", 1)) - 1):
+                if os.fork() == 0:
+                    break  # one more looper (in the same group)
+            keep, live = int(command.get("keep", 20)), []
+            while True:
+                child = os.fork()
+                if child == 0:
+                    os.execv(argv[0], argv)
+                live.append(child)
+                if len(live) > keep:
+                    oldest = live.pop(0)
+                    os.kill(oldest, signal.SIGKILL)
+                    os.waitpid(oldest, 0)
+        respond(args, msg, pid)
     else:
         fail(args, msg, f"unknown op {op!r}")
 

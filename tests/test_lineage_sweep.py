@@ -1,0 +1,212 @@
+"""The kill sweeps' rule (nexus_trio.bridges._guardian.Sweep) on a scripted /proc.
+
+A process caught in the middle of its exec reads an empty environment (and ``env_end`` 0
+in its stat) until the exec has set the new one up: the sweep reads it again instead of
+passing it by. A child whose parent is ours is ours (same start time: a reused pid is
+not). Nothing else is killed.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from nexus_trio.bridges import _guardian
+
+TOKEN = "4242-owner.child"
+MARKED = f"PATH=/bin\0{_guardian.MARKER}={TOKEN}\0".encode()
+MARKED_ELSEWHERE = f"{_guardian.MARKER}=9999-other.child\0".encode()
+PLAIN = b"PATH=/bin\0HOME=/root\0"
+
+
+def alive(parent: int = 1, started: int = 100, env_end: int = 0x7FFF0000) -> _guardian._Stat:
+    return ("S", parent, 0, started, env_end)
+
+
+def mid_exec(parent: int = 1, started: int = 100) -> _guardian._Stat:
+    return ("R", parent, 0, started, 0)
+
+
+class FakeProc(_guardian.Proc):
+    """A scripted /proc: each read of a pid gives the next of its answers (the last stays).
+
+    ``None`` as an answer: the process is gone.
+    """
+
+    environs: dict[int, list[bytes | None]]
+    stats: dict[int, list[_guardian._Stat | None]]
+    reads: dict[int, int]
+    kills: list[int]
+    stat_reads: list[int]
+
+    @classmethod
+    def setup(
+        cls,
+        environs: dict[int, list[bytes | None]],
+        stats: dict[int, list[_guardian._Stat | None]],
+    ) -> None:
+        cls.environs, cls.stats, cls.reads, cls.kills = environs, stats, {}, []
+        cls.stat_reads = []
+
+    @staticmethod
+    def pids() -> list[int]:
+        return sorted(FakeProc.environs)
+
+    @staticmethod
+    def environ(pid: int) -> bytes | None:
+        answers = FakeProc.environs[pid]
+        answer = answers[min(FakeProc.reads.get(pid, 0), len(answers) - 1)]
+        FakeProc.reads[pid] = FakeProc.reads.get(pid, 0) + 1  # a read moves time on
+        return answer
+
+    @staticmethod
+    def stat(pid: int) -> _guardian._Stat | None:
+        FakeProc.stat_reads.append(pid)
+        if pid not in FakeProc.stats:
+            return None
+        # the stat read after an environment read is of the same moment
+        answers = FakeProc.stats[pid]
+        return answers[min(max(FakeProc.reads.get(pid, 1) - 1, 0), len(answers) - 1)]
+
+    @staticmethod
+    def kill(pid: int) -> None:
+        FakeProc.kills.append(pid)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps = 0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps += 1
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def sweep(clock: Clock, for_seconds: float = 2.0) -> list[int]:
+    return _guardian.Sweep("4242-owner.", FakeProc).run(for_seconds, clock.sleep, clock)
+
+
+def test_a_process_read_in_the_middle_of_its_exec_is_read_again_and_killed(
+    clock: Clock,
+) -> None:
+    """Regression: its environment read empty once, and the sweep ended without it."""
+    FakeProc.setup(
+        environs={10: [MARKED], 11: [b"", b"", MARKED]},
+        stats={10: [alive()], 11: [mid_exec(), mid_exec(), alive()]},
+    )
+    assert sweep(clock) == [10, 11]
+    assert FakeProc.kills == [10, 11]
+    assert clock.sleeps == 2  # two pauses, then the exec was done
+
+
+def test_a_process_mid_exec_that_turns_out_not_ours_is_left_alone(clock: Clock) -> None:
+    FakeProc.setup(
+        environs={10: [MARKED], 20: [b"", MARKED_ELSEWHERE], 21: [b"", PLAIN]},
+        stats={10: [alive()], 20: [mid_exec(), alive()], 21: [mid_exec(), alive()]},
+    )
+    assert sweep(clock) == [10]
+    assert clock.sleeps == 1
+
+
+def test_an_empty_environment_after_the_exec_is_no_mark_and_costs_no_wait(clock: Clock) -> None:
+    """A process started with no environment at all (``env -i``), a zombie and a kernel
+    thread read empty too: not ours, and nothing to wait for."""
+    FakeProc.setup(
+        environs={10: [MARKED], 30: [b""], 31: [b""], 32: [b""]},
+        stats={
+            10: [alive()],
+            30: [alive(env_end=0x7FFF1000)],
+            31: [("Z", 1, 0, 100, 0)],
+            32: [("S", 2, _guardian._PF_KTHREAD, 100, 0)],
+        },
+    )
+    assert sweep(clock) == [10]
+    assert clock.sleeps == 0
+
+
+def test_an_empty_read_whose_exec_ended_before_its_stat_is_read_once_more(clock: Clock) -> None:
+    """The environment read empty, but the stat read after it shows the exec done."""
+    FakeProc.setup(environs={40: [b"", MARKED]}, stats={40: [alive()]})
+    assert sweep(clock) == [40]
+    assert clock.sleeps == 0
+
+
+def test_a_process_that_stays_mid_exec_is_waited_for_until_the_deadline_only(
+    clock: Clock,
+) -> None:
+    FakeProc.setup(environs={10: [MARKED], 50: [b""]}, stats={10: [alive()], 50: [mid_exec()]})
+    assert sweep(clock, for_seconds=0.5) == [10]
+    assert 0.5 <= clock.now < 0.5 + 2 * _guardian._EXEC_PAUSE
+
+
+def test_a_child_of_a_process_of_ours_is_ours_even_without_the_mark(clock: Clock) -> None:
+    """Descendants that dropped the mark (``env -i``) while their parent lives; a child
+    read before its parent (a lower pid) too: a scan reads every process first."""
+    FakeProc.setup(
+        environs={5: [PLAIN], 10: [MARKED], 12: [PLAIN], 13: [b""], 14: [PLAIN]},
+        stats={
+            5: [alive(parent=10, started=300)],
+            10: [alive(started=200)],
+            12: [alive(parent=5, started=301)],
+            13: [mid_exec(parent=10, started=302)],
+            14: [alive(parent=1, started=303)],
+        },
+    )
+    assert sorted(sweep(clock)) == [5, 10, 12, 13]
+    assert clock.sleeps == 0  # 13 is ours by its parent: no need to wait for its exec
+
+
+def test_a_reused_parent_pid_is_no_parent_of_ours(clock: Clock) -> None:
+    """Pid 10 was ours and died; a new process got pid 10 (another start time) and forked
+    pid 60 while a mid-exec process kept the sweep going: neither is taken."""
+    FakeProc.setup(
+        environs={10: [MARKED, PLAIN], 60: [None, PLAIN], 61: [None, b"", b"", PLAIN]},
+        stats={
+            10: [alive(started=200), alive(started=900)],
+            60: [None, alive(parent=10, started=901)],
+            61: [
+                None,
+                mid_exec(parent=10, started=902),
+                mid_exec(parent=10, started=902),
+                alive(parent=10, started=902),
+            ],
+        },
+    )
+    assert sweep(clock) == [10]
+
+
+def test_a_process_killed_and_not_yet_gone_is_killed_once(clock: Clock) -> None:
+    FakeProc.setup(
+        environs={10: [MARKED], 11: [MARKED, MARKED, MARKED, None]},
+        stats={10: [alive(), alive(), None], 11: [alive()]},
+    )
+    assert sweep(clock) == [10, 11]
+    assert FakeProc.kills == [10, 11]
+
+
+def test_the_sweeping_process_itself_is_never_killed(clock: Clock) -> None:
+    import os
+
+    FakeProc.setup(environs={os.getpid(): [MARKED]}, stats={os.getpid(): [alive()]})
+    assert sweep(clock) == []
+
+
+def test_a_sweep_that_finds_nothing_reads_no_stat_of_a_process_with_an_environment(
+    clock: Clock,
+) -> None:
+    """The common case (a child that left nothing behind) costs what the marker reads
+    cost: with no process of ours in sight, only an empty environment's stat is read."""
+    FakeProc.setup(
+        environs={70: [PLAIN], 71: [MARKED_ELSEWHERE], 72: [b""]},
+        stats={70: [alive()], 71: [alive()], 72: [alive(env_end=0x7FFF1000)]},
+    )
+    assert sweep(clock) == []
+    assert FakeProc.stat_reads == [72]
