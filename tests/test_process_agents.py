@@ -3992,7 +3992,7 @@ async def test_a_descendant_without_the_mark_is_killed_with_its_marked_parent() 
         ref = kernel.spawn(process_agent(toy(), shutdown_grace=0.3))
         escaped, unmarked = await kernel.request(ref, {"op": "escape_unmarked"})
         with open(f"/proc/{unmarked}/environ", "rb") as f:
-            assert _lineage.MARKER.encode() not in f.read()
+            assert _lineage.MARKER.encode() not in f.read()  # (its exec has begun)
         await kernel.stop(ref)
         assert stopped_bridge_stats(kernel).agents[ref.id].descendants_killed == 2
         # killed and reaped (both were reparented to the kernel process), not zombies

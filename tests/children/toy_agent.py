@@ -173,9 +173,12 @@ def answer(args: argparse.Namespace, msg: dict[str, Any]) -> None:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             os.close(0)
             os.close(read_end)
+            exec_read, exec_write = os.pipe()  # (close-on-exec: its end is the exec)
             unmarked = os.fork()
             if unmarked == 0:
                 os.execve("/bin/sleep", ["sleep", "300"], {})
+            os.close(exec_write)
+            os.read(exec_read, 1)
             os.write(write_end, str(unmarked).encode())
             os.close(write_end)
             while True:
