@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from nats.aio.msg import Msg as NatsMsg
 
 from nexus_trio import Context, Message, agent
@@ -39,6 +40,7 @@ ONE_SLOT_LONG_WAIT = DurableOptions(
     max_deliver=2,
     redelivery_delay=0.01,
     max_in_flight=1,
+    max_waiting=3,  # 4 + 3 unacknowledged slots in JetStream, 3 of them may wait
     missing_agent_delay=60.0,
     missing_agent_delay_max=60.0,
 )
@@ -210,6 +212,9 @@ def test_the_missing_agent_delay_doubles_each_delivery_up_to_its_cap() -> None:
             {"missing_agent_delay": 2.0, "missing_agent_delay_max": 1.0},
             "missing_agent_delay_max (1s) must be at least missing_agent_delay (2s)",
         ),
+        ({"max_waiting": -1}, "max_waiting must be a whole number, at least 0; got -1"),
+        ({"max_waiting": 1.5}, "max_waiting must be a whole number, at least 0; got 1.5"),
+        ({"max_waiting": True}, "max_waiting must be a whole number, at least 0; got True"),
     ],
 )
 def test_bad_missing_agent_delays_are_refused_naming_the_option(
@@ -227,10 +232,11 @@ async def test_messages_waiting_for_a_missing_agent_leave_max_in_flight_slots_to
     max_in_flight`` unacknowledged slots until it is delivered again: with all of them
     held by messages for a missing name, a message for an agent that is there waited
     until one of those was dead (the sum of the delays: 15 s with the defaults, 14.75 s
-    measured with ``max_in_flight`` 2). At most ``3 x max_in_flight`` wait now: one past
-    that is terminated at once, counted (``durable_wait_full``, ``durable_dead``), its
-    reason logged, as Akka's shard region drops what its full buffer cannot take; the
-    node's other messages keep ``max_in_flight`` slots and are handled while they wait."""
+    measured with ``max_in_flight`` 2). At most ``max_waiting`` wait now (3 here): one
+    past that is terminated at once, counted (``durable_wait_full``, ``durable_dead``),
+    its reason logged, as Akka's shard region drops what its full buffer cannot take;
+    the consumer's ``max_ack_pending`` is ``4 x max_in_flight + max_waiting``, so the
+    node's other messages keep their slots and are handled while they wait."""
     caplog.set_level(logging.ERROR, logger="nexus_trio.nats.durable")
     handled: list[int] = []
     cluster_of: list[Cluster] = []
@@ -266,9 +272,8 @@ async def test_messages_waiting_for_a_missing_agent_leave_max_in_flight_slots_to
     said = [r.getMessage() for r in caplog.records if "too many" not in r.getMessage()]
     assert said == [
         f"node a: durable message {gone[3].id} for 'gone-a' terminated at delivery 1: no"
-        " agent has its name here, and 3 messages wait for theirs already (the bound, 3 x"
-        " max_in_flight: more would hold every unacked slot of the node's consumer,"
-        " max_ack_pending, and stall its other durable messages) (1 so far)"
+        " agent has its name here, and 3 messages wait for theirs already (the bound,"
+        " DurableOptions.max_waiting) (1 so far)"
     ]
 
 
@@ -312,3 +317,122 @@ async def test_messages_that_waited_in_a_deleted_stream_hold_no_room_in_the_one_
         stats = cluster.stats()
     assert (stats.durable_agent_missing, stats.durable_wait_full, stats.durable_dead) == (4, 0, 0)
     assert (consumer.num_ack_pending, consumer.num_pending) == (1, 0)
+
+
+async def test_a_burst_past_3_x_max_in_flight_to_a_name_missing_a_while_is_all_handled(
+    nats: NatsServer,
+) -> None:
+    """Regression (the forty-second pass's review): a burst of 250 durable messages, more
+    than ``3 x max_in_flight`` (192 by default, the bound before), to a name whose agent
+    is missing a while (a rolling restart of its node, a placed agent moving) all wait
+    for it (``max_waiting``, 10,000 by default) and are all handled once it comes (on
+    the old code 58 of them were terminated at once, dead); meanwhile a message for an
+    agent that is there is handled (the consumer has ``4 x max_in_flight +
+    max_waiting`` unacked slots)."""
+    from .test_durable_lost_node import _keeper  # (it imports this module)
+
+    burst = 250
+    handled: list[tuple[uuid.UUID, Any]] = []
+    here_handled: list[tuple[uuid.UUID, Any]] = []
+    durable = DurableOptions(missing_agent_delay=0.5, missing_agent_delay_max=2.0)
+    assert durable.max_waiting == 10_000
+    async with local_node(nats.url, durable=durable) as (kernel, cluster):
+        kernel.spawn(_keeper(here_handled, "there-a"))
+        with trio.fail_after(60):
+            for n in range(burst):
+                await store_for(cluster, "back-a", n)
+            # (each waits, or is terminated: the old bound)
+            await until(
+                lambda: (
+                    cluster.stats().durable_agent_missing + cluster.stats().durable_wait_full
+                    >= burst
+                )
+            )
+            waiting = await call_aio(
+                cluster.data_js.consumer_info, f"{cluster.prefix}-durable", cluster.node
+            )
+            await store_for(cluster, "there-a", "not held up")
+            await until(lambda: len(here_handled) >= 1)
+            kernel.spawn(_keeper(handled, "back-a"))
+            await until(
+                lambda: cluster.stats().durable_acked + cluster.stats().durable_dead >= burst + 1
+            )
+            consumer = await _settled(cluster)
+        stats = cluster.stats()
+    assert (stats.durable_wait_full, stats.durable_dead, stats.durable_acked) == (0, 0, burst + 1)
+    assert waiting.config.max_ack_pending == 64 * 4 + 10_000
+    assert waiting.num_ack_pending == burst
+    assert sorted(payload for _id, payload in handled) == list(range(burst))
+    assert [payload for _id, payload in here_handled] == ["not held up"]
+    assert consumer.num_ack_pending == 0
+
+
+async def test_a_server_that_caps_max_ack_pending_below_the_consumer_s_refuses_the_join_naming_it() -> (
+    None
+):
+    """A server (or account) may cap the consumers' ``max_ack_pending`` (none does by
+    default): one below ``4 x max_in_flight + max_waiting`` refuses the node's consumer,
+    and the join fails naming the options to lower, not with JetStream's bare 400; a node
+    whose sum fits joins."""
+    server = NatsServer(config="jetstream { limits { max_ack_pending: 1000 } }").start()
+    try:
+        with pytest.raises(ValueError, match="max_waiting") as refused:
+            async with local_node(server.url):
+                pass
+        fits = DurableOptions(max_in_flight=64, max_waiting=744)
+        async with local_node(server.url, durable=fits) as (_kernel, cluster):
+            consumer = await call_aio(
+                cluster.data_js.consumer_info, f"{cluster.prefix}-durable", cluster.node
+            )
+    finally:
+        server.stop()
+    assert str(refused.value) == (
+        "JetStream refuses node 'a''s durable consumer: its max_ack_pending, 4 x"
+        " DurableOptions.max_in_flight (64) + max_waiting (10000) = 10256, is over the limit"
+        " of the server or account (consumer max ack pending exceeds system limit of 1000);"
+        " lower max_waiting (or max_in_flight)"
+    )
+    assert consumer.config.max_ack_pending == 1000
+
+
+class _ScanCount(dict[int, float]):
+    """The wait list, counting its look-throughs (``items``)."""
+
+    scans = 0
+
+    def items(self) -> Any:
+        self.scans += 1
+        return super().items()
+
+
+def test_a_full_wait_list_is_looked_through_only_once_an_entry_may_be_overdue() -> None:
+    """With ``max_waiting`` 10,000 the wait list is large: a burst past the bound looked
+    through all of it for each message (old code: one scan per message terminated). Now
+    only once an entry's redelivery may be overdue; an overdue one still frees its room."""
+    from types import SimpleNamespace
+
+    from nexus_trio._nats._durable import DurableChannel
+    from nexus_trio._nats._held import HeldLines
+
+    def delivery(seq: int) -> Any:
+        return SimpleNamespace(
+            metadata=SimpleNamespace(num_delivered=1, sequence=SimpleNamespace(stream=seq))
+        )
+
+    async def main() -> tuple[list[bool], int, bool, int]:
+        options = DurableOptions(ack_wait=1.0, missing_agent_delay=1.0, max_waiting=2)
+        cluster: Any = SimpleNamespace(prefix="p", held=HeldLines())
+        channel = DurableChannel(cluster, options)
+        waiting = channel._waiting.due = _ScanCount()
+        room = channel._waiting.room
+        taken = [room(delivery(seq), options) for seq in range(1, 12)]
+        scans = waiting.scans
+        # past the delay, ack_wait and a fetch's wait: the two are overdue, room again
+        await trio.sleep(1.0 + 1.0 + 10.0)
+        return taken, scans, room(delivery(12), options), waiting.scans
+
+    taken, scans, after, scans_after = trio.run(
+        main, clock=trio.testing.MockClock(autojump_threshold=0)
+    )
+    assert taken == [True, True] + [False] * 9
+    assert (scans, after, scans_after) == (0, True, 1)

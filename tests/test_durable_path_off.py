@@ -160,12 +160,13 @@ async def test_a_node_that_joins_again_with_other_durable_options_makes_its_cons
     """c joins with ``ack_wait`` 5 s and ``max_deliver`` 2, leaves, and joins again with
     30 s and 3: its consumer (kept across the leave) has the new settings, which its pull
     assumes. (On the old code the consumer was bound as it was: 5 s and 2.)"""
-    first = DurableOptions(ack_wait=5.0, max_deliver=2)
+    first = DurableOptions(ack_wait=5.0, max_deliver=2, max_waiting=100)
     stream = "-durable"
     async with local_node(nats.url, "c", durable=first) as (_kc, cc):
         stream = f"{cc.prefix}-durable"
         before = await call_aio(cc.data_js.consumer_info, stream, "c")
     assert (before.config.ack_wait, before.config.max_deliver) == (5.0, 2)
+    assert before.config.max_ack_pending == first.max_in_flight * 4 + 100
     async with local_node(nats.url, "c", durable=DURABLE) as (_kc, cc):
         after = await call_aio(cc.data_js.consumer_info, stream, "c")
         # (a message stored now is pulled with the new settings: handled once)
@@ -179,7 +180,7 @@ async def test_a_node_that_joins_again_with_other_durable_options_makes_its_cons
         DURABLE.ack_wait,
         DURABLE.max_deliver,
     )
-    assert after.config.max_ack_pending == DURABLE.max_in_flight * 4
+    assert after.config.max_ack_pending == DURABLE.max_in_flight * 4 + DURABLE.max_waiting
     assert handled == [(sent.id, "x")]
 
 

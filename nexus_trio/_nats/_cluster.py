@@ -488,12 +488,13 @@ class ClusterStats:
     #: ``durable_wait_full``); a reason, not an outcome: no sum adds it to those
     durable_not_forwarded: int = 0
     #: deliveries of durable messages by name that no agent of this node had, terminated
-    #: (also in ``durable_dead``) because ``3 x max_in_flight`` of them waited for their
-    #: agents already: JetStream holds an unacked slot of the node's consumer
-    #: (``max_ack_pending``, ``4 x max_in_flight``) for each until it is delivered again,
-    #: and all of them waiting stalled every other durable message of the node; also those
-    #: of a lost node's consumer this node takes over (3/4 of that consumer's slots wait;
-    #: also in ``durable_taken_over``)
+    #: (also in ``durable_dead``) because ``DurableOptions.max_waiting`` of them waited
+    #: for their agents already: JetStream holds an unacked slot of the node's consumer
+    #: (``max_ack_pending``, ``4 x max_in_flight + max_waiting``) for each until it is
+    #: delivered again, and more waiting would stall every other durable message of the
+    #: node; also those of a lost node's consumer this node takes over (its slots beyond
+    #: ``4 x max_in_flight`` wait, or 3/4 of them on a consumer made before
+    #: ``max_waiting``; also in ``durable_taken_over``)
     durable_wait_full: int = 0
     #: durable messages by agent id stored for a lost node that this node's takeover
     #: fetched when that node was heard again (the same process: frozen, or cut off):

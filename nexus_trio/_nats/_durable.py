@@ -25,14 +25,17 @@ original message id** (``ctx.message.kind is MessageKind.QUERY``):
   a pool restarted by hand) -> nak with a delay that grows each delivery n,
   ``min(missing_agent_delay * 2**(n-1), missing_agent_delay_max)`` (1, 2, 4, 8 s by
   default: the message outlives a gap of 15 s), counted in ``agent_missing``; dead
-  after ``max_deliver`` as any other. Each holds an unacked slot of the consumer
-  (``max_ack_pending``, ``4 x max_in_flight``) while it waits: at most ``3 x
-  max_in_flight`` wait at a time, one past that is terminated at once (``wait_full``).
+  after ``max_deliver`` as any other. Each holds an unacked slot of the consumer while
+  it waits: at most ``max_waiting`` (10,000 by default: a rolling restart of a busy
+  name) wait at a time, one past that is terminated at once (``wait_full``), and the
+  consumer's ``max_ack_pending`` is ``4 x max_in_flight + max_waiting``, so those
+  waiting never take the slots the node's other messages need.
 
 The messages stored for a node that is lost are taken over by one survivor (the
 rendezvous owner of ``durable:<node>`` over the reachable members), which pulls that
 node's consumer until the node is heard again: by name forwarded to where the name runs
-now (or waiting as above, bounded by that consumer's slots), by agent id dead at once;
+now (or waiting as above, at most that consumer's slots beyond ``4 x max_in_flight``:
+see ``taken_bound``), by agent id dead at once;
 see :meth:`DurableChannel.take_over`. Its fetches ask idle heartbeats as the node's own
 do: one JetStream does not answer at all is a failed fetch (``takeover_fetch_failures``).
 
@@ -187,6 +190,15 @@ async def _poll(psub: Any, batch: int, idle: bool) -> tuple[list[NatsMsg], bool 
     return got, True
 
 
+def _count(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """A whole number, at least 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(
+            f"DurableOptions {attribute.name} must be a whole number, at least 0; got"
+            f" {value!r} ({type(value).__name__})"
+        )
+
+
 def _seconds(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     """A finite number of seconds, at least 0 (a JetStream nak delay in nanoseconds)."""
     if (
@@ -210,34 +222,60 @@ def missing_agent_delay(options: DurableOptions, delivered: int) -> float:
     return min(delay, options.missing_agent_delay_max)
 
 
+#: JetStream's error code for a consumer whose max_ack_pending is over the server's or
+#: the account's limit (``jetstream { limits { max_ack_pending } }``)
+_MAX_ACK_PENDING_OVER_LIMIT: Final = 10121
+
+
+def max_ack_pending(options: DurableOptions) -> int:
+    """The unacked slots of a node's own consumer: ``4 x max_in_flight`` for its messages
+    in flight (fetched, handed over, past ``ack_wait``) and ``max_waiting`` for those
+    that wait for a missing name's agent (see :class:`_Waiting`)."""
+    return max(options.max_in_flight, 1) * 4 + options.max_waiting
+
+
+def taken_bound(slots: int, options: DurableOptions) -> int:
+    """How many messages may wait for their names on a lost node's consumer with
+    ``slots`` unacked slots (its ``max_ack_pending``) that this node takes over: its slots
+    beyond ``4 x max_in_flight`` (its ``max_waiting``, when it was made with this node's
+    options), or three quarters of them on a consumer with no more than that (made by a
+    node of a version before ``max_waiting``); a consumer with no limit (-1 or 0) stalls
+    nothing."""
+    if slots <= 0:
+        return sys.maxsize
+    in_flight = max(options.max_in_flight, 1) * 4
+    return slots - in_flight if slots > in_flight else slots - slots // 4
+
+
 @final
 class _Waiting:
     """The messages by name nakked to wait for their agent on one durable consumer (this
     node's own, or a lost node's it takes over), by stream sequence: when their
     redelivery is due at the latest. JetStream counts each in the consumer's unacked
-    slots (``max_ack_pending``, ``4 x max_in_flight`` for a consumer a node makes) until
-    it is delivered again: at most three quarters of the slots wait, so the consumer's
-    other messages keep the rest (all of them waiting stalled every other durable message
-    of that consumer until they died, 15 s at the default delays)."""
+    slots (``max_ack_pending``) until it is delivered again: at most ``bound`` wait, so
+    the consumer's other messages keep the rest of the slots (all of them waiting
+    stalled every other durable message of that consumer until they died, 15 s at the
+    default delays)."""
 
-    def __init__(self, slots: int) -> None:
-        self.bound = 0
+    def __init__(self, bound: int) -> None:
+        self.bound = bound
         self.due: dict[int, float] = {}
+        # no entry of ``due`` is due before this (a lower bound: see room)
+        self._next_due = math.inf
         self._made: object = None
-        self.bind(slots, None)
 
-    def bind(self, slots: int, made: object) -> None:
-        """The consumer (re)bound: ``slots`` unacked slots (a consumer with no limit,
-        ``max_ack_pending`` -1 or 0, stalls nothing), ``made`` when it or its stream was
-        made (None: not known). One made anew (an operator deleted the stream: its
+    def bind(self, bound: int, made: object) -> None:
+        """The consumer (re)bound: at most ``bound`` wait; ``made``: when it or its stream
+        was made (None: not known). One made anew (an operator deleted the stream: its
         sequences begin at 1 again, what waited went with the old one) forgets what
         waited: kept, those entries held the bound until their time was up (a message for
         a missing name past it was terminated for nothing). Bound again to the same one
         (a server restarted, a fetch refused), they are kept."""
-        self.bound = slots - slots // 4 if slots > 0 else sys.maxsize
+        self.bound = bound
         if made != self._made:
             if self._made is not None:
                 self.due.clear()
+                self._next_due = math.inf
             self._made = made
 
     def delivered(self, jsmsg: NatsMsg) -> None:
@@ -256,12 +294,18 @@ class _Waiting:
         due = self.due
         now = trio.current_time()
         if len(due) >= self.bound:
-            for seq in [seq for seq, at in due.items() if at <= now]:
-                del due[seq]
+            # (looked through only once one may be overdue: with max_waiting 10,000
+            # waiting, a burst past the bound scanned them all for each message)
+            if self._next_due <= now:
+                for seq in [seq for seq, at in due.items() if at <= now]:
+                    del due[seq]
+                self._next_due = min(due.values(), default=math.inf)
             if len(due) >= self.bound:
                 return False
         delay = missing_agent_delay(options, jsmsg.metadata.num_delivered)
-        due[jsmsg.metadata.sequence.stream] = now + delay + options.ack_wait + FETCH_WAIT
+        at = now + delay + options.ack_wait + FETCH_WAIT
+        due[jsmsg.metadata.sequence.stream] = at
+        self._next_due = min(self._next_due, at)
         return True
 
 
@@ -289,6 +333,11 @@ class DurableOptions:
     #: delivery n: min(missing_agent_delay * 2**(n-1), missing_agent_delay_max) (0: at once)
     missing_agent_delay: float = attrs.field(default=1.0, validator=_seconds)
     missing_agent_delay_max: float = attrs.field(default=15.0, validator=_seconds)
+    #: how many such messages (by a name no agent has here yet) may wait for their agent
+    #: at a time; one past that is terminated at once, dead (``durable_wait_full``). Each
+    #: holds an unacked slot of the node's consumer in JetStream, whose
+    #: ``max_ack_pending`` is ``4 x max_in_flight + max_waiting`` (0: none waits)
+    max_waiting: int = attrs.field(default=10_000, validator=_count)
 
     def __attrs_post_init__(self) -> None:
         if self.missing_agent_delay_max < self.missing_agent_delay:
@@ -413,9 +462,9 @@ class DurableChannel:
         #: failed fetches of lost nodes' consumers (see take_over), each tried again
         self.takeover_fetch_failures = 0
         # messages by name nakked here to wait for their agent (see failed): at most
-        # 3 x max_in_flight of the consumer's 4 x max_in_flight unacked slots
-        self._slots = max(options.max_in_flight, 1) * 4
-        self._waiting = _Waiting(self._slots)
+        # max_waiting, which the consumer's max_ack_pending (4 x max_in_flight +
+        # max_waiting) holds beside the slots of the node's other messages
+        self._waiting = _Waiting(options.max_waiting)
         self._wait_full_log = Throttle()
         #: deliveries by name whose agent this node did not have, terminated (dead)
         #: because as many messages as their consumer's bound waited for theirs already
@@ -425,14 +474,26 @@ class DurableChannel:
     @property
     def wait_bound(self) -> int:
         """How many messages by name may wait for their agent on this node's consumer at
-        once (``3 x max_in_flight``; see _Waiting)."""
+        once (``DurableOptions.max_waiting``; see _Waiting)."""
         return self._waiting.bound
 
     async def start(self, nursery: trio.Nursery) -> None:
         if not self.options.enabled:
             return
-        self._psub, made = await call_aio(self._setup)
-        self._waiting.bind(self._slots, made)
+        try:
+            self._psub, made = await call_aio(self._setup)
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != _MAX_ACK_PENDING_OVER_LIMIT:
+                raise
+            opts = self.options
+            raise ValueError(
+                f"JetStream refuses node {self.cluster.node!r}'s durable consumer: its"
+                f" max_ack_pending, 4 x DurableOptions.max_in_flight ({opts.max_in_flight})"
+                f" + max_waiting ({opts.max_waiting}) = {max_ack_pending(opts)}, is over"
+                f" the limit of the server or account ({exc.description}); lower"
+                " max_waiting (or max_in_flight)"
+            ) from exc
+        self._waiting.bind(self.options.max_waiting, made)
         await self._ops.start()
         self._nursery = nursery
         nursery.start_soon(self._pull)
@@ -478,7 +539,7 @@ class DurableChannel:
         own: dict[str, Any] = {
             "ack_wait": opts.ack_wait,
             "max_deliver": opts.max_deliver,
-            "max_ack_pending": max(opts.max_in_flight, 1) * 4,
+            "max_ack_pending": max_ack_pending(opts),
         }
         # Its own consumer takes all of this node's settings; a lost node's (taken over)
         # only its max_deliver, which the takeover's settling assumes: its ack_wait is
@@ -526,7 +587,7 @@ class DurableChannel:
                 )
             return
         old, self._psub = self._psub, psub
-        self._waiting.bind(self._slots, made)
+        self._waiting.bind(self.options.max_waiting, made)
         with contextlib.suppress(nats.errors.Error, OSError, ValueError):
             await call_aio(old.unsubscribe)
 
@@ -722,7 +783,7 @@ class DurableChannel:
                                     "lost" if still else "gone, or running no durable path",
                                 )
                             psub, slots, made = await call_aio(self._subscribe_taken, node)
-                            waiting.bind(slots, made)
+                            waiting.bind(taken_bound(slots, self.options), made)
                             idle = True
                         msgs, heard = await call_aio_bounded(
                             _PULL_CANCEL_WAIT, _poll, psub, self.options.max_in_flight, idle
@@ -859,14 +920,14 @@ class DurableChannel:
             self._settle(jsmsg, "wait")
         else:
             # (as on this node's own consumer: the rest of the lost node's messages keep
-            # a quarter of its consumer's unacked slots, see _Waiting)
+            # the slots of its consumer beyond the bound, see taken_bound)
             self.wait_full += 1
             self._dead_with_node(
                 jsmsg,
                 msg.id,
                 f"its name {to!r} runs on no reachable member, and {len(waiting.due)} messages"
-                f" of node {node!r} wait for theirs already (the bound, 3/4 of its consumer's"
-                " unacked slots: more would stall its other messages)",
+                f" of node {node!r} wait for theirs already (the bound, {waiting.bound}, of"
+                " its consumer's unacked slots: more would stall its other messages)",
             )
 
     def _runs_now(self, jsmsg: NatsMsg, to: Any) -> tuple[str, uuid.UUID] | None:
@@ -1479,9 +1540,7 @@ class DurableChannel:
                     "durable messages terminated: too many waiting for their agents",
                     "node %s: durable message %s for %r terminated at delivery %d: no agent"
                     " has its name here, and %d messages wait for theirs already (the bound,"
-                    " 3 x max_in_flight: more would hold every unacked slot of the node's"
-                    " consumer, max_ack_pending, and stall its other durable messages)"
-                    " (%d so far)",
+                    " DurableOptions.max_waiting) (%d so far)",
                     self.cluster.node,
                     msg_id,
                     query.to,

@@ -161,8 +161,8 @@ CLUSTER_COUNTERS: Final = {
     ),
     "durable_wait_full": (
         "nexus_cluster_durable_wait_full",
-        "Durable deliveries by name whose agent was missing, terminated: 3/4 of their"
-        " consumer's unacked slots waited for theirs already.",
+        "Durable deliveries by name whose agent was missing, terminated: max_waiting of them"
+        " waited for theirs already.",
     ),
     "durable_unsettled_at_leave": (
         "nexus_cluster_durable_unsettled_at_leave",
