@@ -14,6 +14,7 @@ once. Real nats-server; the lost node is a child process, SIGKILLed.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import uuid
@@ -32,6 +33,7 @@ from nexus_trio._nats._aio import call_aio
 from nexus_trio._nats._durable import _Waiting
 from nexus_trio._nats._membership import NodeInfo, monotonic
 from nexus_trio._nats._placement import rendezvous_owner
+from nexus_trio._throttle import Throttle
 
 from .nats_server import NodeProcess, until
 from .test_durable_missing_agent import ONE_SLOT_LONG_WAIT, store_for
@@ -110,19 +112,24 @@ async def _survivors(
 
 
 async def test_a_lost_node_s_durable_messages_are_forwarded_or_dead_and_its_consumer_dropped(
-    nats: NatsServer,
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """c is SIGKILLed with messages stored for it: by the name of an agent on b (two:
     forwarded, handled once each), by c's agent's id (dead: it died with c) and by a
     name nowhere (dead after max_deliver). Exactly one survivor, the rendezvous owner
     of ``durable:c``, takes them (``durable_taken_over`` 4); the stream ends empty, and
     once c is forgotten its drained consumer is deleted. (On the old code nobody pulled
-    c's subject: the stream never emptied.)"""
+    c's subject: the stream never emptied.) The two dead are logged as their kind's
+    throttled lines are: one line with the count so far (the throttles' clock stands
+    still here), the other said at the leave."""
+    caplog.set_level(logging.ERROR, logger="nexus_trio.nats")
     handled: list[tuple[uuid.UUID, Any]] = []
     child: NodeProcess | None = None
     forget = {"forget_lost_after": 2.0}
     try:
         async with _survivors(nats.url, handled, durable=DURABLE, **forget) as (_ka, ca, cb):
+            for cluster in (ca, cb):
+                cluster.durable._lost_log = Throttle(1.0, clock=lambda: 0.0)
             with trio.fail_after(40):
                 child = await _lost_child(nats.url, ca, cb)
                 echo_c = uuid.UUID(child.ids["echo-c"])
@@ -148,6 +155,11 @@ async def test_a_lost_node_s_durable_messages_are_forwarded_or_dead_and_its_cons
     assert t.durable_forwarded == 2
     assert (stats[other].durable_taken_over, stats[other].durable_dead) == (0, 0)
     assert stats["b"].durable_acked == 2
+    lines = [r.getMessage() for r in caplog.records if r.name == "nexus_trio.nats.durable"]
+    dead = [line for line in lines if line.startswith(f"node {taker}: durable message ")]
+    assert len(dead) == 1 and dead[0].endswith(") (1 so far)"), lines
+    tail = f"node {taker}: 1 more durable messages of lost nodes terminated after the last"
+    assert len([line for line in lines if line.startswith(tail)]) == 1, lines
 
 
 #: the missing-agent delays give the comeback time to start: 1, 2, 4 s

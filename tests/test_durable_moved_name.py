@@ -12,6 +12,7 @@ new region. Real nats-server, two kernels.
 from __future__ import annotations
 
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -25,6 +26,7 @@ from nexus_trio._nats import Cluster, DurableOptions, NatsServer
 from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import call_aio
 from nexus_trio._nats._durable import FORWARD_HOPS, FORWARDS_HEADER
+from nexus_trio._throttle import Throttle
 
 from .nats_server import until
 from .test_durable_missing_agent import store_for
@@ -125,13 +127,19 @@ async def test_a_durable_message_forwarded_too_often_waits_where_it_is(
 
 
 async def test_a_durable_message_whose_forward_fails_at_its_last_delivery_is_dead_counted(
-    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A forward that JetStream does not take is nakked and tried again; at the message's
     last delivery (max_deliver) such a nak was delivered no more: the message stayed in
     the stream, neither handled nor counted (durable_dead 0). Now it is dead there,
-    counted, and the stream is empty."""
+    counted, and the stream is empty. Its WARNING lines (one a failed forward: an outage
+    was one a delivery of every message) are throttled, each kind its own: one line
+    with the count so far (the throttles' clock stands still here), the rest said at the
+    leave."""
+    caplog.set_level(logging.WARNING, logger="nexus_trio.nats")
     async with _a_and_b_running(nats, "unstored-a") as (ca, cb):
+        ca.durable._forward_failed_log = Throttle(1.0, clock=lambda: 0.0)
+        ca.durable._unforwarded_log = Throttle(1.0, clock=lambda: 0.0)
         js = ca.data_js
         real = js.publish
         forwards: list[str] = []
@@ -150,16 +158,29 @@ async def test_a_durable_message_whose_forward_fails_at_its_last_delivery_is_dea
         a, b = ca.stats(), cb.stats()
     assert len(forwards) == DURABLE.max_deliver
     assert (a.durable_forwarded, a.durable_dead, b.durable_acked) == (0, 1, 0)
+    lines = [r.getMessage() for r in caplog.records if r.name == "nexus_trio.nats.durable"]
+    nakked = [line for line in lines if line.endswith("(nakked: tried again) (1 so far)")]
+    assert len(nakked) == 1, lines
+    assert len([line for line in lines if "(nakked: tried again)" in line]) == 1, lines
+    held = DURABLE.max_deliver - 2  # (the first logged, the last one dead)
+    tail = f"node a: {held} more failed forwards of durable messages after the last line"
+    assert len([line for line in lines if line.startswith(tail)]) == 1, lines
+    dead = [line for line in lines if "dead after 3 deliveries (last: not forwarded" in line]
+    assert len(dead) == 1 and dead[0].endswith("that node handles it) (1 so far)"), lines
 
 
 async def test_a_durable_message_too_big_for_its_forward_s_headers_waits_where_it_is(
-    nats: NatsServer,
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A message that fit in max_payload with its own header, but not with the forward's
     (a longer Nats-Msg-Id, Nexus-Forwards): forwarded, the server closed the node's data
     connection (Maximum Payload Violation), for good. Now it is not forwarded: it waits
-    as a missing agent's message, dead after max_deliver, counted; the connection stays."""
+    as a missing agent's message, dead after max_deliver, counted; the connection stays.
+    Its WARNING line (one a delivery) is throttled: one line with the count so far (the
+    throttle's clock stands still here), the rest said at the leave."""
+    caplog.set_level(logging.WARNING, logger="nexus_trio.nats")
     async with _a_and_b_running(nats, "big-a") as (ca, cb):
+        ca.durable._too_big_log = Throttle(1.0, clock=lambda: 0.0)
         with trio.fail_after(30):
             msg = Message(sender=uuid.uuid4(), to="big-a", payload="")
             headers = {wire.MSG_ID_HEADER: str(msg.id)}
@@ -178,3 +199,9 @@ async def test_a_durable_message_too_big_for_its_forward_s_headers_waits_where_i
         a, b = ca.stats(), cb.stats()
         assert not ca.nc.is_closed
     assert (a.durable_forwarded, a.durable_dead, b.durable_acked) == (0, 1, 0)
+    lines = [r.getMessage() for r in caplog.records if r.name == "nexus_trio.nats.durable"]
+    big = [line for line in lines if "more than NATS takes in one message" in line]
+    assert len(big) == 1 and big[0].endswith("it waits here (1 so far)"), lines
+    held = DURABLE.max_deliver - 1  # (each delivery but the first)
+    tail = f"node a: {held} more durable messages too big to forward after the last line"
+    assert len([line for line in lines if line.startswith(tail)]) == 1, lines

@@ -51,6 +51,7 @@ from nexus_trio._nats import (
 from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import call_aio
 from nexus_trio._nats._direct import flush_after_subscribe
+from nexus_trio._throttle import Throttle
 
 from .hang_guard import real_time_limit
 from .nats_server import FAST, PATIENT, NodeProcess, nats_cluster, node_config, until
@@ -1156,8 +1157,106 @@ async def test_a_durable_message_dead_of_an_error_whose_repr_raises_ends_no_node
     assert len(dead) == 1, dead
     assert dead[0].endswith(
         "(last: handler_error: <_ReprRaises, whose repr() raised RuntimeError: repr of the"
-        " error failed>)"
+        " error failed>) (1 so far)"
     ), dead
+
+
+_DEAD_TAIL = re.compile(
+    r"node a: ([\d,]+) more (durable messages dead after max_deliver [^,]+?) after the last"
+    r" line logged about them, not logged \(at most a line a second; counted in durable_dead\)"
+)
+
+
+async def test_a_burst_of_durable_messages_failing_for_good_logs_a_line_a_second(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: each durable message dead after ``max_deliver`` (its handler failed
+    every time) logged an ERROR line of its own: a burst of 10,000 was 10,000 lines. The
+    kind is throttled as the path's other per-message lines are: the first line with its
+    full detail, then at most one a second with the count so far, the rest said at the
+    leave; ``durable_dead`` counts every one. (The throttle's clock stands still here:
+    the whole burst falls in one second, however slow the machine.)"""
+    from nexus_trio._nats import DurableOptions
+
+    caplog.set_level(logging.ERROR, logger="nexus_trio.nats")
+    now = [0.0]
+
+    @agent(name="fails-burst-a")
+    async def fails(ctx: Context, msg: Message) -> Any:
+        raise RuntimeError(f"never handled: {msg.payload}")
+
+    n, more = 40, 9
+    durable = DurableOptions(ack_wait=30.0, max_deliver=1, redelivery_delay=0.05)
+    async with local_node(nats.url, durable=durable) as (kernel, cluster):
+        kernel.spawn(fails)
+        cluster.durable._failed_dead_log = Throttle(1.0, clock=lambda: now[0])
+        with trio.fail_after(30):  # a hang guard
+            first = await cluster.send_durable("fails-burst-a", 0)
+            for i in range(1, n):
+                await cluster.send_durable("fails-burst-a", i)
+            while cluster.stats().durable_dead < n:  # noqa: ASYNC110 (a count: no event)
+                await trio.sleep(0.01)
+            now[0] = 1.5  # a second later: the next one is logged, with the count so far
+            nth = await cluster.send_durable("fails-burst-a", n)
+            while cluster.stats().durable_dead < n + 1:  # noqa: ASYNC110 (a count: no event)
+                await trio.sleep(0.01)
+            for i in range(more):  # within that second: held, said at the leave
+                await cluster.send_durable("fails-burst-a", n + 1 + i)
+            while cluster.stats().durable_dead < n + 1 + more:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        stats = cluster.stats()
+    assert stats.durable_dead == n + 1 + more
+    lines = [r.getMessage() for r in caplog.records if "dead after 1 deliveries" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert lines[0] == (
+        f"node a: durable message {first.id} dead after 1 deliveries (last: handler_error:"
+        " RuntimeError('never handled: 0')) (1 so far)"
+    ), lines[0]
+    assert lines[1].startswith(f"node a: durable message {nth.id} dead after 1 deliveries")
+    assert lines[1].endswith(f") ({n + 1} so far)"), lines[1]
+    tails = [m.groups() for r in caplog.records if (m := _DEAD_TAIL.search(r.getMessage()))]
+    assert tails == [(str(more), "durable messages dead after max_deliver failed deliveries")]
+
+
+async def test_a_burst_of_durable_messages_unanswered_for_good_logs_a_line_a_second(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: each durable message dead after ``max_deliver`` with no reply within
+    ``ack_wait`` logged an ERROR line of its own. Throttled as its own kind: one line for
+    the burst (the throttle's clock stands still), the rest said at the leave with their
+    count; ``durable_dead`` counts every one."""
+    from nexus_trio._nats import DurableOptions
+
+    caplog.set_level(logging.ERROR, logger="nexus_trio.nats")
+
+    @agent(name="silent-burst-a")
+    async def silent(ctx: Context, msg: Message) -> Any:
+        return None  # no reply: dead once its ack_wait is over (max_deliver 1)
+
+    n = 20
+    durable = DurableOptions(ack_wait=0.5, max_deliver=1, redelivery_delay=0.05)
+    async with local_node(nats.url, durable=durable) as (kernel, cluster):
+        kernel.spawn(silent)
+        cluster.durable._unanswered_dead_log = Throttle(1.0, clock=lambda: 0.0)
+        with trio.fail_after(30):  # a hang guard
+            for i in range(n):
+                await cluster.send_durable("silent-burst-a", i)
+            while cluster.stats().durable_dead < n:  # noqa: ASYNC110 (a count: no event)
+                await trio.sleep(0.05)
+        stats = cluster.stats()
+    assert stats.durable_dead == n
+    lines = [r.getMessage() for r in caplog.records if "dead after 1 deliveries" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert lines[0].endswith(
+        "dead after 1 deliveries (last: no reply within ack_wait 0.5s) (1 so far)"
+    )
+    tails = [m.groups() for r in caplog.records if (m := _DEAD_TAIL.search(r.getMessage()))]
+    assert tails == [
+        (
+            str(n - 1),
+            "durable messages dead after max_deliver deliveries unanswered within ack_wait",
+        )
+    ]
 
 
 async def _published_then_fetched_once_here(cluster: Cluster, target: AgentRef) -> None:

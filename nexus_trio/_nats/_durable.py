@@ -466,6 +466,20 @@ class DurableChannel:
         # max_waiting) holds beside the slots of the node's other messages
         self._waiting = _Waiting(options.max_waiting)
         self._wait_full_log = Throttle()
+        # the per-message lines a burst repeats (10,000 messages dying at once were
+        # 10,000 ERROR lines): each kind logged at once, then at most once a second with
+        # its count so far; the rest held (HeldLines: said at the leave). The counters
+        # stay exact: the log is what is bounded
+        self._failed_dead_log = Throttle()
+        self._failed_dead = 0
+        self._unanswered_dead_log = Throttle()
+        self._unanswered_dead = 0
+        self._with_node_dead = 0
+        self._too_big_log = Throttle()
+        self._too_big = 0
+        self._unforwarded_log = Throttle()
+        self._forward_failed_log = Throttle()
+        self._forward_failures = 0
         #: deliveries by name whose agent this node did not have, terminated (dead)
         #: because as many messages as their consumer's bound waited for theirs already
         #: (see _Waiting): this node's own consumer's, or a lost node's it takes over
@@ -942,14 +956,16 @@ class DurableChannel:
     def _dead_with_node(self, jsmsg: NatsMsg, msg_id: uuid.UUID, reason: str) -> None:
         """A lost node's message no delivery can succeed for: terminated, counted dead."""
         self.taken_over += 1
+        self._with_node_dead += 1
         self._terminate(
             jsmsg,
             self._lost_log,
             "durable messages of lost nodes terminated",
-            "node %s: durable message %s terminated: %s",
+            "node %s: durable message %s terminated: %s (%d so far)",
             self.cluster.node,
             msg_id,
             reason,
+            self._with_node_dead,
         )
 
     def _terminate(
@@ -958,11 +974,17 @@ class DurableChannel:
         """Terminate ``jsmsg``, counted dead; ``line`` logged (at most one a second of
         ``what``: the rest said with their count, see ``HeldLines``)."""
         self.dead += 1
-        if self.cluster.held.due(
-            throttle, what, counted="durable_dead", level=logging.ERROR, logger=log
-        ):
-            log_guarded(log, logging.ERROR, line, *args)
+        self._say(throttle, what, logging.ERROR, line, *args, counted="durable_dead")
         self._settle(jsmsg, "term")
+
+    def _say(
+        self, throttle: Throttle, what: str, level: int, line: str, *args: Any, counted: str = ""
+    ) -> None:
+        """Log ``line`` at ``level`` if ``throttle`` lets a line of ``what`` through (at
+        most one a second: the rest held, said at the leave, see ``HeldLines``;
+        ``counted``: the counter they are in)."""
+        if self.cluster.held.due(throttle, what, counted=counted, level=level, logger=log):
+            log_guarded(log, level, line, *args)
 
     # --- sending -------------------------------------------------------------------------------
 
@@ -1355,18 +1377,21 @@ class DurableChannel:
             # Its forward's headers made it too big: sent, the server would close this
             # node's data connection (Maximum Payload Violation), which nats-py then closes
             # for good; it waits here instead (dead after max_deliver, counted)
-            log_guarded(
-                log,
+            self._too_big += 1
+            self._say(
+                self._too_big_log,
+                "durable messages too big to forward",
                 logging.WARNING,
                 "node %s: durable message %s for %r not forwarded to node %s, where its"
                 " agent runs: %d bytes with the forward's headers, more than NATS takes"
-                " in one message (max_payload %d bytes); it waits here",
+                " in one message (max_payload %d bytes); it waits here (%d so far)",
                 self.cluster.node,
                 query.id,
                 query.to,
                 moved[0],
                 size,
                 limit,
+                self._too_big,
             )
             return False
         del self._in_flight[query.id]
@@ -1407,18 +1432,19 @@ class DurableChannel:
             del self._in_flight[msg_id]
             delivered = jsmsg.metadata.num_delivered
             if delivered >= self.options.max_deliver:
-                self.dead += 1
-                log_guarded(
-                    log,
-                    logging.ERROR,
+                self._unanswered_dead += 1
+                self._terminate(
+                    jsmsg,
+                    self._unanswered_dead_log,
+                    "durable messages dead after max_deliver deliveries unanswered within ack_wait",
                     "node %s: durable message %s dead after %d deliveries (last: no reply"
-                    " within ack_wait %gs)",
+                    " within ack_wait %gs) (%d so far)",
                     self.cluster.node,
                     msg_id,
                     delivered,
                     self.options.ack_wait,
+                    self._unanswered_dead,
                 )
-                self._settle(jsmsg, "term")
             else:
                 self._late.pop(msg_id, None)  # an older delivery's: this one is newer
                 self._late[msg_id] = (jsmsg, query)
@@ -1512,11 +1538,12 @@ class DurableChannel:
                 self._gone,
             )
         elif delivered >= self.options.max_deliver:
-            self.dead += 1
-            log_guarded(
-                log,
-                logging.ERROR,
-                "node %s: durable message %s dead after %d deliveries (last: %s%s)",
+            self._failed_dead += 1
+            self._terminate(
+                jsmsg,
+                self._failed_dead_log,
+                "durable messages dead after max_deliver failed deliveries",
+                "node %s: durable message %s dead after %d deliveries (last: %s%s) (%d so far)",
                 self.cluster.node,
                 msg_id,
                 delivered,
@@ -1524,8 +1551,8 @@ class DurableChannel:
                 # (the handler's error is user code: its repr may raise, and this runs in
                 # the task that follows the dead letters, whose end would end the node)
                 f": {error_repr(error)}" if error is not None else "",
+                self._failed_dead,
             )
-            self._settle(jsmsg, "term")
         elif entry[1] > trio.current_time() and not self._newer_held(jsmsg):
             if not missing:
                 self._settle(jsmsg, "nak")
@@ -1621,28 +1648,35 @@ class DurableChannel:
                 # a nak of its last delivery is delivered no more: it would stay in the
                 # stream, neither handled nor counted
                 self.dead_unforwarded += 1
-                log_guarded(
-                    log,
+                self._say(
+                    self._unforwarded_log,
+                    "durable messages dead after max_deliver failed forwards",
                     logging.ERROR,
                     "node %s: durable message %s dead after %d deliveries (last: not"
                     " forwarded to %s, where its agent runs: %r; if JetStream took the"
-                    " copy after all, that node handles it)",
+                    " copy after all, that node handles it) (%d so far)",
                     self.cluster.node,
                     msg_id,
                     delivered,
                     subject,
                     exc,
+                    self.dead_unforwarded,
+                    counted="durable_dead",
                 )
                 await jsmsg.term()
                 return
-            log_guarded(
-                log,
+            self._forward_failures += 1
+            self._say(
+                self._forward_failed_log,
+                "failed forwards of durable messages",
                 logging.WARNING,
-                "node %s: durable message %s not forwarded to %s: %r (nakked: tried again)",
+                "node %s: durable message %s not forwarded to %s: %r (nakked: tried again)"
+                " (%d so far)",
                 self.cluster.node,
                 msg_id,
                 subject,
                 exc,
+                self._forward_failures,
             )
             await jsmsg.nak(delay=self.options.redelivery_delay)
             return
