@@ -58,12 +58,12 @@ def _own_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def _store(cluster: Any, payloads: range) -> None:
-    """Store a durable message for the name ``back`` per payload, as a sender whose view
+async def store_burst(cluster: Any, payloads: range, to: str = "back") -> None:
+    """Store a durable message for the name ``to`` per payload, as a sender whose view
     still had it does, all at once (run on the asyncio loop)."""
     sends = []
     for n in payloads:
-        msg = Message(sender=uuid.uuid4(), to="back", payload=n)
+        msg = Message(sender=uuid.uuid4(), to=to, payload=n)
         sends.append(
             cluster.data_js.publish(
                 wire.durable_subject(cluster.prefix, cluster.node, uuid.uuid4()),
@@ -111,7 +111,7 @@ async def one_round(messages: int, missing: float) -> dict[str, Any]:
             out["node_rss_start_mib"] = _rss_mib("self")
             start = time.monotonic()
             for first in range(0, messages, 500):
-                await call_aio(_store, cluster, range(first, min(first + 500, messages)))
+                await call_aio(store_burst, cluster, range(first, min(first + 500, messages)))
             out["store_s"] = round(time.monotonic() - start, 2)
             out["server_rss_stored_mib"] = _rss_mib(pid)
             cpu0, scpu0 = _own_cpu(), _server_cpu(pid)
