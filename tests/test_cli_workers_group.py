@@ -437,3 +437,50 @@ async def test_the_group_metrics_have_every_sample_of_every_worker_labelled() ->
         ("nexus_group_worker_up", (("worker", "worker-0"),), 1.0),
         ("nexus_group_worker_up", (("worker", "worker-1"),), 1.0),
     }
+
+
+def test_the_group_endpoint_holds_the_metrics_max_connections(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``[metrics] max_connections`` bounds the group's endpoint as it bounds each
+    worker's: the parent's run is given it (here from ``NEXUS_METRICS__MAX_CONNECTIONS``),
+    and its endpoint serves with it. (Before, the group's endpoint always took 32.)"""
+    from nexus_trio.cli import _cluster_cmd, _group_endpoint
+
+    class Given(Exception):
+        pass
+
+    def run_workers_given(*args: object, **kwargs: object) -> tuple[dict[str, object], int]:
+        raise Given(kwargs)
+
+    monkeypatch.setattr(_cluster_cmd, "run_workers", run_workers_given)
+    args = ["run", "-W", "2", "--metrics-port", "9470", "--group-port", "9480"]
+    result = CliRunner().invoke(app, args, env={"NEXUS_METRICS__MAX_CONNECTIONS": "7"})
+    assert isinstance(result.exception, Given), result.output
+    assert result.exception.args[0]["max_connections"] == 7
+
+    served: list[dict[str, object]] = []
+
+    async def serve_given(
+        route: object,
+        host: str,
+        port: int,
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+        **kwargs: object,
+    ) -> None:
+        served.append(kwargs)
+        task_status.started(port)
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(_group_endpoint, "serve_routes", serve_given)
+    endpoint = GroupEndpoint(
+        "127.0.0.1",
+        9480,
+        [9470, 9471],
+        lambda: GroupState(stopping=False, workers=()),
+        max_connections=7,
+    )
+    assert endpoint.start() == 9480
+    endpoint.close()
+    assert served == [{"what": "group metrics", "max_connections": 7}]

@@ -879,6 +879,7 @@ def _run_workers(
         server_lost_wait=cfg.nats.server_lost_wait,
         group_port=group_port,
         metrics_host=cfg.metrics.host,
+        max_connections=cfg.metrics.max_connections,
     )
     # The workers' losses are in their summaries; the parent's own lines lost (its
     # standard error is theirs: on a full disk, all of them) are added, once written or

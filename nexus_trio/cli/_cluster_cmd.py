@@ -603,6 +603,7 @@ def run_workers(
     server_lost_wait: float = 5.0,
     group_port: int = 0,
     metrics_host: str = "127.0.0.1",
+    max_connections: int = 32,
 ) -> tuple[dict[str, Any], int]:
     """Run ``workers`` worker processes to the end; return the added-up summary and the
     worst exit status. ``run_args`` are ``nexus run`` arguments (see :func:`worker_argv`).
@@ -611,8 +612,10 @@ def run_workers(
     none serves them (whatever ``NEXUS_METRICS__PORT`` or the config file says). With a
     ``group_port`` Q (``--group-port``; it needs a ``metrics_port``) the parent serves the
     group's ``/healthz``, ``/readyz`` and ``/metrics`` on ``metrics_host``:Q, from before
-    the first worker starts to the end (:mod:`._group_endpoint`); one that cannot listen
-    fails the run before anything starts (no worker is started, exit status 1).
+    the first worker starts to the end (:mod:`._group_endpoint`), at most
+    ``max_connections`` connections open at once (``[metrics] max_connections``, as each
+    worker's own endpoint); one that cannot listen fails the run before anything starts
+    (no worker is started, exit status 1).
     ``shutdown_grace`` is the workers' kernel shutdown grace (``[kernel]
     shutdown_grace_ms``, in seconds): a worker the others settled with that does not end
     :data:`_SETTLED_GRACE` seconds past it after they ended (frozen in its shutdown) is
@@ -891,6 +894,7 @@ def run_workers(
             group_port,
             [metrics_port + i for i in range(workers)],
             group_state,
+            max_connections=max_connections,
         )
     previous = {sig: signal.signal(sig, forward) for sig in stop_signals()}
     for signum in take_early_signals():  # (as the command started: a SIGHUP)

@@ -152,6 +152,7 @@ class GroupEndpoint:
         *,
         ask_timeout: float = ASK_TIMEOUT,
         metrics_timeout: float = METRICS_TIMEOUT,
+        max_connections: int = 32,
     ) -> None:
         self.host = host
         self.port = port
@@ -159,6 +160,8 @@ class GroupEndpoint:
         self.state = state
         self.ask_timeout = ask_timeout
         self.metrics_timeout = metrics_timeout
+        #: at most this many connections open at once (``[metrics] max_connections``)
+        self.max_connections = max_connections
         self._thread: threading.Thread | None = None
         self._listening = threading.Event()
         self._error: BaseException | None = None
@@ -191,7 +194,11 @@ class GroupEndpoint:
                 async with trio.open_nursery() as nursery:
                     try:
                         self.port = await nursery.start(
-                            functools.partial(serve_routes, what="group metrics"),
+                            functools.partial(
+                                serve_routes,
+                                what="group metrics",
+                                max_connections=self.max_connections,
+                            ),
                             self.route,
                             self.host,
                             self.port,
