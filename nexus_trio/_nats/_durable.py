@@ -588,17 +588,15 @@ class DurableChannel:
         try:
             psub, made = await call_aio(self._setup)
         except (nats.errors.Error, OSError) as exc:
-            if self.cluster.held.due(
-                self._fetch_log, "failures to make the durable stream anew", logger=log
-            ):
-                log_guarded(
-                    log,
-                    logging.WARNING,
-                    "node %s: could not make the durable stream %s or its consumer anew: %r",
-                    self.cluster.node,
-                    self._stream,
-                    exc,
-                )
+            self._say(
+                self._fetch_log,
+                "failures to make the durable stream anew",
+                logging.WARNING,
+                "node %s: could not make the durable stream %s or its consumer anew: %r",
+                self.cluster.node,
+                self._stream,
+                exc,
+            )
             return
         old, self._psub = self._psub, psub
         self._waiting.bind(self.options.max_waiting, made)
@@ -855,17 +853,15 @@ class DurableChannel:
         second; tried again. (No part of readiness: this node's own fetches say whether
         JetStream answers it.)"""
         self.takeover_fetch_failures += 1
-        if self.cluster.held.due(
-            self._takeover_log, "failed fetches of lost nodes' messages", logger=log
-        ):
-            log_guarded(
-                log,
-                logging.WARNING,
-                "node %s: could not pull the durable messages of lost node %r: %s (tried again)",
-                self.cluster.node,
-                node,
-                why,
-            )
+        self._say(
+            self._takeover_log,
+            "failed fetches of lost nodes' messages",
+            logging.WARNING,
+            "node %s: could not pull the durable messages of lost node %r: %s (tried again)",
+            self.cluster.node,
+            node,
+            why,
+        )
 
     async def _dropped_when_drained(self, node: str) -> bool:
         """Forgotten ``node``'s consumer deleted if nothing of it is pending or unacked:
@@ -1229,15 +1225,15 @@ class DurableChannel:
         self.fetch_failures += 1
         if self.fetch_failing_since is None:
             self.fetch_failing_since = asked
-        if self.cluster.held.due(self._fetch_log, "durable fetches failed", logger=log):
-            log_guarded(
-                log,
-                logging.WARNING,
-                "node %s: durable fetch failed: %s (%d failed so far)",
-                self.cluster.node,
-                why,
-                self.fetch_failures,
-            )
+        self._say(
+            self._fetch_log,
+            "durable fetches failed",
+            logging.WARNING,
+            "node %s: durable fetch failed: %s (%d failed so far)",
+            self.cluster.node,
+            why,
+            self.fetch_failures,
+        )
 
     async def _drop_pull_requests(self) -> None:
         """The kernel's run is over: unsubscribe the inbox the pull's requests answer to.
