@@ -33,7 +33,7 @@ from typing import Final
 
 import trio
 
-from ._guardian import MARKER, SWEEP_FOR, Sweep
+from ._guardian import MARKER, SWEEP_FOR, Proc, Sweep
 
 log = logging.getLogger("nexus_trio.bridge")
 
@@ -127,11 +127,8 @@ def _release_guardian(guardian: subprocess.Popen[bytes]) -> None:
 
 
 def _parent_of(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
+    stat = Proc.stat(pid)  # (the sweeps' reader of /proc/<pid>/stat)
+    return None if stat is None else stat[1]
 
 
 def _reap(pids: list[int]) -> None:
