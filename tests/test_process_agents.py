@@ -1457,6 +1457,95 @@ async def test_register_with_bad_features_is_warned_about_briefly_and_the_agent_
 
 
 @pytest.mark.parametrize(
+    ("announced", "runs_as"), [(None, 1), (2, 2), (3, 2), (7, 2)], ids=["none", "2", "3", "7"]
+)
+async def test_a_register_of_a_later_protocol_runs_as_2_and_the_agent_is_told(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, announced: int | None, runs_as: int
+) -> None:
+    """Regression (forty-third pass): a register announcing protocol 3 or more ran as 2
+    without a word to anyone. Versions are additive (docs/protocol.md), so it still runs
+    as 2 (the highest the kernel speaks, as a TLS or Erlang distribution handshake
+    settles on the highest both speak), but the kernel's log names the agent and the
+    version, and the child can read ``NEXUS_KERNEL_PROTOCOL`` (2) in its environment
+    before it registers. A register of protocol 1 or 2 is not warned about. (Checked on
+    the old code: no warning, no ``NEXUS_KERNEL_PROTOCOL``.)"""
+    caplog.set_level(logging.WARNING, logger="nexus_trio.bridge")
+    payload: dict[str, Any] = {"id": "x", "name": "later"}
+    if announced is not None:
+        payload["protocol"] = announced
+    cmd = script(
+        tmp_path,
+        f"""
+        emit({{"type": "register", "payload": {payload!r}}})
+        while True:
+            m = next_message()
+            emit({{"type": "response", "payload": {{
+                "from": m["to"], "to": m["from"], "kind": "Response", "reply_to": m["id"],
+                "conversation_id": m.get("conversation_id"),
+                "payload": os.environ.get("NEXUS_KERNEL_PROTOCOL"),
+            }}}})
+        """,
+    )
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(cmd, name="later"))
+        assert await kernel.request(ref, "which?") == "2"
+        assert stats_of(kernel, ref).protocol == runs_as
+    warnings = [r.getMessage() for r in caplog.records if r.name == "nexus_trio.bridge"]
+    assert warnings == (
+        []
+        if runs_as == announced or announced is None
+        else [
+            f"process agent later ({ref.id}): register: it announced protocol {announced};"
+            " this kernel"
+            " speaks protocols 1 to 2 (NEXUS_KERNEL_PROTOCOL=2 in its environment): it runs"
+            " as protocol 2, and what later versions add is not used"
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("frame_type", "said"),
+    [
+        ("Response", "unknown frame type 'Response' (frame types are lower case: 'response')"),
+        ("ERROR", "unknown frame type 'ERROR' (frame types are lower case: 'error')"),
+        ("Message", "unknown frame type 'Message'"),  # (a frame the kernel writes, not reads)
+    ],
+    ids=["Response", "ERROR", "Message"],
+)
+async def test_a_frame_type_in_another_case_from_a_running_child_is_named_with_the_spelling(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, frame_type: str, said: str
+) -> None:
+    """Regression (forty-third pass): an answer of a running child typed ``"Response"``
+    was an ``unknown frame type 'Response'``, with no word that the type is right but for
+    its case. It is still refused (the original Nexus's serde refused it: the message is
+    dead-lettered as malformed), and the warning names the spelling expected. (Checked on
+    the old code: the warning lacked the parenthesis.)"""
+    caplog.set_level(logging.WARNING, logger="nexus_trio.bridge")
+    cmd = script(
+        tmp_path,
+        f"""
+        emit({{"type": "register", "payload": {{"id": "x", "name": "c", "protocol": 2}}}})
+        m = next_message()
+        emit({{"type": {frame_type!r}, "payload": {{"reply_to": m["id"], "payload": "no"}}}})
+        while True:
+            m = next_message()
+            emit({{"type": "response", "payload": {{"reply_to": m["id"], "payload": "ok"}}}})
+        """,
+    )
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(cmd, name="c"))
+        with pytest.raises(RequestFailed):
+            await kernel.request(ref, "first")
+        assert await kernel.request(ref, "second") == "ok"
+        assert stats_of(kernel, ref).invalid_lines == 1
+    warnings = [r.getMessage() for r in caplog.records if r.name == "nexus_trio.bridge"]
+    (warned,) = [text for text in warnings if "unknown frame type" in text]
+    assert warned.startswith(f'process agent c ({ref.id}): {said}: {{"type": "{frame_type}",'), (
+        warned
+    )
+
+
+@pytest.mark.parametrize(
     ("register", "problem"),
     [
         ({}, "register: no 'id'; no 'name'"),
@@ -1823,6 +1912,54 @@ async def test_a_frame_after_noise_that_is_no_register_fails_the_start_saying_th
 
 
 @pytest.mark.parametrize(
+    ("written", "said", "why"),
+    [
+        (
+            b'{"type": "Register", "payload": {"id": "x", "name": "p"}}',
+            _UNUSABLE,
+            "its type is 'Register', not 'register' (frame types are lower case)",
+        ),
+        (
+            b'{"type": "REGISTER", "payload": {"id": "x", "name": "p", "protocol": 2}}',
+            _UNUSABLE,
+            "its type is 'REGISTER', not 'register' (frame types are lower case)",
+        ),
+        (
+            b'{"type": "Register"}',
+            _UNUSABLE,
+            "'Register' frame has no 'payload' (frame types are lower case: 'register')",
+        ),
+        (
+            b'{"type": "Response", "payload": {}}',
+            _NOT_A_REGISTER,
+            "expected a register frame first, got 'Response' (frame types are lower case:"
+            " 'response')",
+        ),
+        (
+            b'{"type": "PONG", "payload": {"id": "1"}}',
+            _NOT_A_REGISTER,
+            "expected a register frame first, got 'PONG' (frame types are lower case: 'pong')",
+        ),
+    ],
+    ids=["Register", "REGISTER", "Register-no-payload", "Response", "PONG"],
+)
+async def test_a_frame_type_in_another_case_before_the_register_fails_the_start_at_once(
+    tmp_path: Path, written: bytes, said: str, why: str
+) -> None:
+    """Regression (forty-third pass): a first frame whose type was a frame type of the
+    protocol in another case (``"Register"``, ``"REGISTER"``) was skipped as noise, and the
+    start failed only at ``register_timeout``, naming it as a line that is no register
+    frame. It is certainly meant as a frame, and the original Nexus's serde refused it (an
+    unknown variant): the start fails at once, naming the line and the spelling expected.
+    (The register timeout is 600 s: the old code failed the test's 30 s bound.) Another
+    type in another case without a ``payload`` (a JSON log record's ``"type": "Error"``)
+    is still noise: see test_a_child_that_writes_only_noise_is_waited_for_and_told_what_it_wrote."""
+    assert await _register_timeout_problem(tmp_path, written + b"\n", register_timeout=600) == (
+        f"{said}: {written.decode()!r}: {why}"
+    )
+
+
+@pytest.mark.parametrize(
     ("written", "said"),
     [
         (
@@ -1846,8 +1983,13 @@ async def test_a_frame_after_noise_that_is_no_register_fails_the_start_saying_th
             "; it wrote 2 lines that are blank and nothing else on its stdout (its first line"
             " there must be its register frame)",
         ),
+        (
+            b'{"type": "Error", "msg": "disk full"}\n',
+            f'; it wrote 1 line that is no register frame: \'{{"type": "Error", "msg": "disk'
+            f" full\"}}'{REGISTER_HINT}",
+        ),
     ],
-    ids=["banner", "json-log-after-bom", "banner-then-unended", "blank"],
+    ids=["banner", "json-log-after-bom", "banner-then-unended", "blank", "json-log-typed"],
 )
 async def test_a_child_that_writes_only_noise_is_waited_for_and_told_what_it_wrote(
     tmp_path: Path, written: bytes, said: str
@@ -1861,6 +2003,60 @@ async def test_a_child_that_writes_only_noise_is_waited_for_and_told_what_it_wro
     assert await _register_timeout_problem(tmp_path, written) == (
         f"did not register within 2s{said}"
     )
+
+
+@pytest.mark.parametrize(
+    ("lines", "size", "said"),
+    [
+        (
+            100_000,
+            10,
+            "it wrote 100,000 lines that are no register frame (1,000,000 bytes) before"
+            " registering, the most skipped (100,000 lines or 16,777,216 bytes); the first:"
+            f" 'Loading..'{REGISTER_HINT}",
+        ),
+        (
+            # 16 lines of 1 MiB with their newlines, each within the line limit
+            16,
+            1_048_576,
+            "it wrote 16 lines that are no register frame (16,777,216 bytes) before"
+            " registering, the most skipped (100,000 lines or 16,777,216 bytes); the first:"
+            f" 'Loading..{'.' * 111}...'{REGISTER_HINT}",
+        ),
+        (99_999, 10, None),
+        (15, 1_048_576, None),
+    ],
+    ids=["lines", "bytes", "lines-under", "bytes-under"],
+)
+async def test_a_flood_of_noise_before_the_register_fails_the_start_at_once(
+    tmp_path: Path, lines: int, size: int, said: str | None
+) -> None:
+    """Regression (forty-third pass): a child that flooded its stdout with noise before
+    its register (lines that are no frame) cost the kernel 5-7 us of CPU a line until
+    ``register_timeout``, a core for 10 s by default (benchmarks/noise_before_register.py).
+    At 100,000 such lines, or 16 MiB of them, the start fails at once, saying
+    how much and the first line; one line fewer and then a register, and the agent starts
+    (an agent of the original kernel may print a banner). (The old code waited out the
+    600 s register timeout: the test's 30 s bound failed it.)"""
+    noise = b"Loading.." + b"." * (size - 10) + b"\n"  # size bytes with the newline
+    register = b'{"type": "register", "payload": {"id": "x", "name": "flood"}}\n'
+    answer = "while True:\n    respond_p1(next_message(), 'up')\n"
+    cmd = script(
+        tmp_path,
+        f"raw({noise!r} * {lines})\n"
+        + ("sys.stdin.buffer.read()\n" if said else f"raw({register!r})\n{answer}"),
+    )
+    async with bridge_kernel() as kernel:
+        with trio.fail_after(30):
+            spec = process_agent(cmd, name="flood", register_timeout=600, restart="temporary")
+            if said is None:
+                ref = kernel.spawn(spec)
+                assert await kernel.request(ref, "hi") == "up"
+                assert stats_of(kernel, ref).invalid_lines == lines
+                return
+        assert (await failed_run(kernel, spec)).problem == said
+    (final,) = stopped_bridge_stats(kernel).agents.values()
+    assert final.invalid_lines == lines
 
 
 @pytest.mark.parametrize("then", ["waits", "exits"])
@@ -1949,9 +2145,15 @@ async def test_first_start_stops_keeps_a_failed_first_start_and_its_exit_status(
 async def failed_start(kernel: Kernel, cmd: list[str], name: str) -> ProcessAgentError:
     """Spawn ``cmd`` as a temporary process agent that fails its start; its error, once
     the agent has retired."""
+    return await failed_run(kernel, process_agent(cmd, name=name, restart="temporary"))
+
+
+async def failed_run(kernel: Kernel, spec: AgentSpec) -> ProcessAgentError:
+    """Spawn ``spec`` (a temporary process agent) and wait for its run to fail; its error,
+    once the agent has retired."""
     with trio.fail_after(30):
         async with kernel.events() as events:
-            ref = kernel.spawn(process_agent(cmd, name=name, restart="temporary"))
+            ref = kernel.spawn(spec)
             async for event in events:
                 if event.agent_id == ref.id and event.kind is EventKind.FAILED:
                     break
@@ -4387,16 +4589,10 @@ async def test_a_child_that_cannot_be_started_is_said_why(tmp_path: Path, case: 
     if case == "cwd removed":
         os.rmdir(arguments["cwd"])
     async with bridge_kernel() as kernel:
-        async with kernel.events() as events:
-            ref = kernel.spawn(spec)
-            async for event in events:
-                if event.agent_id == ref.id and event.kind is EventKind.FAILED:
-                    break
-        await wait_until(lambda: not kernel.is_local(ref), "the agent to retire")
-    assert isinstance(event.error, ProcessAgentError)
-    assert problem in event.error.problem
+        error = await failed_run(kernel, spec)
+    assert problem in error.problem
     if case == "huge environment":
-        assert re.search(r"its largest string is 200,00\d bytes", event.error.problem)
+        assert re.search(r"its largest string is 200,00\d bytes", error.problem)
 
 
 def test_string_command_is_split_like_a_shell() -> None:

@@ -631,9 +631,13 @@ class _BadFrame(Exception):
     """A stdout line that is not a usable frame; the text says what is wrong, and
     ``frame_type`` the line's ``type`` when it is a JSON object with a string one."""
 
-    def __init__(self, problem: str, frame_type: str | None = None) -> None:
+    def __init__(
+        self, problem: str, frame_type: str | None = None, *, has_payload: bool = True
+    ) -> None:
         super().__init__(problem)
         self.frame_type = frame_type
+        #: False when the line is an object with a ``type`` string and no ``payload``
+        self.has_payload = has_payload
 
 
 #: the frames of the protocol, both ways: a child whose first frame is one of them other
@@ -642,6 +646,42 @@ class _BadFrame(Exception):
 _FRAME_TYPES: Final = frozenset(
     {"register", "response", "error", "send", "pong", "message", "shutdown", "ping", "cancel"}
 )
+
+
+#: the frames a child writes (a ``message`` from one is an unknown frame type)
+_CHILD_FRAME_TYPES: Final = frozenset({"register", "response", "error", "send", "pong"})
+
+
+def _case_slip(frame_type: str | None, types: frozenset[str] = _FRAME_TYPES) -> str:
+    """`` (frame types are lower case: 'register')`` when ``frame_type`` is one of
+    ``types`` spelled in another case (``"Register"``, ``"RESPONSE"``), else ``""``: the
+    original Nexus's serde read types as written and refused such a frame, and so does
+    the kernel, naming the spelling it expects."""
+    if frame_type is None or frame_type in types:
+        return ""
+    lower = frame_type.lower()
+    return f" (frame types are lower case: {lower!r})" if lower in types else ""
+
+
+def _meant_as_frame(exc: _BadFrame) -> bool:
+    """Whether a bad line before the register, whose ``type`` is no frame type of the
+    protocol, is a frame all the same, spelled in another case: a ``"Register"`` (or
+    ``"REGISTER"``) object is certainly meant as the register, and another frame type in
+    another case is when the object has a ``payload`` (a JSON log record with a ``"type":
+    "Error"`` has none: it stays noise, skipped)."""
+    if not _case_slip(exc.frame_type):
+        return False
+    assert exc.frame_type is not None  # (_case_slip says "" for None)
+    return exc.has_payload or exc.frame_type.lower() == "register"
+
+
+#: lines of noise (no frame) a child may write before its register: the start fails at
+#: the next (a child that floods its stdout would cost the kernel a core, 5-7 us a line,
+#: until register_timeout; 100,000 lines cost ~0.6 s of CPU, and no banner is that long)
+_NOISE_LINES: Final = 100_000
+#: bytes of noise a child may write before its register (lines up to line_limit long; a
+#: fixed bound: a line_limit raised for large answers needs no longer banner)
+_NOISE_BYTES: Final = 16 * 1024 * 1024
 #: what a start's failure adds about lines a child wrote before registering
 _REGISTER_HINT: Final = (
     " (a bridge agent's first frame on stdout is its register; logs go to stderr)"
@@ -881,6 +921,8 @@ class ProcessAgent(Agent):
         env = dict(os.environ if options.env is None else options.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
         env["NEXUS_AGENT_ID"] = str(ctx.id)
+        # (what an agent of a later protocol version reads to know it runs as this one)
+        env["NEXUS_KERNEL_PROTOCOL"] = str(PROTOCOL_VERSION)
         if ctx.name:
             env["NEXUS_AGENT_NAME"] = ctx.name
         # Descendants carry this mark: they are killed with the child, whatever they do.
@@ -961,7 +1003,7 @@ class ProcessAgent(Agent):
         first_line = True
         #: lines before the register that are no frame (a banner, a log line): skipped,
         #: as the original kernel did, and said when the start fails
-        skipped = blank = 0
+        skipped = blank = noise = 0
         first_skipped = b""
         with trio.move_on_after(self.options.register_timeout):
             while True:
@@ -1007,9 +1049,19 @@ class ProcessAgent(Agent):
                     continue
                 try:
                     frame_type, payload = self._parse(line)
+                    if frame_type.lower() == "register" != frame_type:
+                        # (certainly meant as the register: refused at once, as the
+                        # original Nexus's serde refused it, not skipped as noise)
+                        raise _BadFrame(
+                            f"its type is {frame_type!r}, not 'register' (frame types are"
+                            " lower case)",
+                            frame_type,
+                        )
                     if frame_type != "register":
                         raise _BadFrame(
-                            f"expected a register frame first, got {frame_type!r}", frame_type
+                            f"expected a register frame first, got {frame_type!r}"
+                            + _case_slip(frame_type),
+                            frame_type,
                         )
                     if not isinstance(payload, dict):
                         raise _BadFrame("register payload must be an object", frame_type)
@@ -1031,7 +1083,7 @@ class ProcessAgent(Agent):
                         continue
                     stats.invalid_lines += 1
                     quoted = f"{_preview(line.strip())!r}: {exc}"
-                    if exc.frame_type not in _FRAME_TYPES:
+                    if exc.frame_type not in _FRAME_TYPES and not _meant_as_frame(exc):
                         # No frame of the protocol: a banner or a log line on stdout,
                         # skipped (an agent of the original kernel may print one)
                         skipped += 1
@@ -1042,13 +1094,25 @@ class ProcessAgent(Agent):
                                 f" {self.options.register_timeout:g}s){_REGISTER_HINT}"
                             )
                         self._warn_line(_INVALID, f"skipped a line before its register: {quoted}")
+                        noise += len(line) + 1  # (and its newline)
+                        if skipped >= _NOISE_LINES or noise >= _NOISE_BYTES:
+                            # (a flood: no agent of the original kernel prints that much
+                            # before registering, and each line costs the kernel CPU)
+                            self._not_a_register(
+                                process,
+                                f"it wrote {_lines(skipped, 'no register frame')}"
+                                f" ({noise:,} bytes) before registering, the most skipped"
+                                f" ({_NOISE_LINES:,} lines or {_NOISE_BYTES:,} bytes);"
+                                " the first:"
+                                f" {_preview(first_skipped.strip())!r}{_REGISTER_HINT}",
+                            )
                         continue
                     # A frame, but no usable register: it speaks the protocol wrongly (or
                     # another version of it), and would not register later.
                     self._not_a_register(
                         process,
                         f"its register frame is unusable: {quoted}"
-                        if exc.frame_type == "register"
+                        if (exc.frame_type or "").lower() == "register"
                         else f"{_first_line(skipped)} is not a register frame: {quoted}",
                     )
                 self._registered(payload)
@@ -1093,7 +1157,18 @@ class ProcessAgent(Agent):
         if problems:
             self._warn(f"register: {'; '.join(problems)}")
         # (an integer from 1: _await_register refused any other value)
-        self.protocol = min(payload.get("protocol", 1), PROTOCOL_VERSION)
+        announced = payload.get("protocol", 1)
+        self.protocol = min(announced, PROTOCOL_VERSION)
+        if announced > PROTOCOL_VERSION:
+            # Versions are additive (docs/protocol.md): a later one is run as the highest
+            # this kernel speaks, as a TLS or Erlang distribution handshake settles on the
+            # highest both speak, and the agent is told, here and by NEXUS_KERNEL_PROTOCOL.
+            self._warn(
+                f"register: it announced protocol {announced}; this kernel speaks protocols 1"
+                f" to {PROTOCOL_VERSION} (NEXUS_KERNEL_PROTOCOL={PROTOCOL_VERSION} in its"
+                f" environment): it runs as protocol {PROTOCOL_VERSION}, and what later"
+                " versions add is not used"
+            )
         features = payload.get("features", [])
         if not isinstance(features, list):
             self._warn(f"register: 'features' must be a list of strings, got {brief(features)}")
@@ -1794,7 +1869,11 @@ class ProcessAgent(Agent):
         if frame_type is None:
             raise _BadFrame("frame has no 'type' string")
         if "payload" not in frame:
-            raise _BadFrame(f"{frame_type!r} frame has no 'payload'", frame_type)
+            raise _BadFrame(
+                f"{frame_type!r} frame has no 'payload'{_case_slip(frame_type)}",
+                frame_type,
+                has_payload=False,
+            )
         return frame_type, frame["payload"]
 
     async def _dispatch(self, frame_type: str, payload: Any) -> None:
@@ -1867,7 +1946,9 @@ class ProcessAgent(Agent):
         elif frame_type == "register":
             raise _BadFrame("already registered")
         else:
-            raise _BadFrame(f"unknown frame type {frame_type!r}")
+            raise _BadFrame(
+                f"unknown frame type {frame_type!r}{_case_slip(frame_type, _CHILD_FRAME_TYPES)}"
+            )
 
     def _in_order(self, answer: dict[str, Any]) -> _Tell | _Slot | None:
         """What a protocol-1 answer (no ``reply_to``) answers: a tell, the query, or nothing.
