@@ -2567,9 +2567,11 @@ def process_agent(
 
     ``cmd`` is an argument list (a string is split with :func:`shlex.split`); its program
     must exist when the spec is built. ``env`` replaces the environment of the child
-    (default: the kernel's); the child also gets ``NEXUS_AGENT_ID`` and
-    ``NEXUS_AGENT_NAME``. The child must write its ``register`` line within
-    ``register_timeout`` seconds; stdout lines longer than ``line_limit`` bytes are
+    (default: the kernel's); the child also gets ``NEXUS_AGENT_ID``,
+    ``NEXUS_AGENT_NAME`` and ``NEXUS_KERNEL_PROTOCOL`` (the highest protocol version the
+    kernel speaks). The child must write its ``register`` line within
+    ``register_timeout`` seconds (lines that are no frame before it are skipped, up to
+    100,000 lines or 16 MiB); stdout lines longer than ``line_limit`` bytes are
     discarded. Stopping sends ``shutdown`` and waits ``shutdown_grace`` seconds before
     SIGTERM, and as long again before SIGKILL. With ``ping_interval``, a child that
     announced protocol 2 is pinged whenever it has been idle that long and must answer
