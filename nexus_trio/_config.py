@@ -662,6 +662,225 @@ class NatsConfig:
     )
 
 
+# --- [cluster] and [durable]: the ClusterOptions and DurableOptions of a join (owned by
+# nexus_trio._nats, which builds its options from them: ClusterOptions.from_config) ---
+
+
+class CrossKeyError(ValueError):
+    """A value valid alone that a rule across keys refuses (``[durable] max_age`` below
+    ``duplicate_window``): ``keys`` are the ``"section.key"`` names of the rule, which
+    :func:`nexus_trio.config.load_config` says where each was set."""
+
+    def __init__(self, message: str, *keys: str) -> None:
+        super().__init__(message)
+        self.keys = keys
+
+
+#: A NATS subject token (``[cluster] prefix``): nexus_trio._nats checks the same.
+_SUBJECT_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _check_prefix(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if not isinstance(value, str) or not _SUBJECT_TOKEN.fullmatch(value):
+        raise ValueError(
+            f"[{_section_of(inst)}] {attribute.name} must be letters, digits, '-' or '_'"
+            f" (it is part of NATS subjects), got {shown(value)}"
+        )
+
+
+def _unset_or(check: Any) -> Any:
+    def optional(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is not None:
+            check(inst, attribute, value)
+
+    return optional
+
+
+def _key(default: Any, check: Any, doc: str, example: Any = None) -> Any:
+    # ``example``: the commented value of an unset key in the template
+    metadata: dict[str, Any] = _doc(doc)
+    if example is not None:
+        metadata["example"] = example
+    return attrs.field(default=default, validator=check, metadata=metadata)
+
+
+_COUNT = _at_least(1, integer=True)
+
+
+@attrs.frozen
+class ClusterConfig:
+    """``[cluster]``: membership, heartbeats, connection, bounds and leave of a node.
+
+    The fields of ``ClusterOptions`` of the same names (times in seconds), which ``nexus
+    run --nats``, each ``--workers`` worker and ``join_cluster`` without ``options`` use
+    (``ClusterOptions.from_config``)."""
+
+    _section = "cluster"
+
+    prefix: str = _key(
+        "nexus",
+        _check_prefix,
+        "first token of the cluster's NATS subjects and buckets; every node of a cluster"
+        " uses the same (another prefix: another cluster on the same servers)",
+    )
+    heartbeat_interval: float = _key(1.0, _positive, "seconds between a node's heartbeats")
+    missed_heartbeats: int = _key(
+        5, _COUNT, "heartbeats missed in a row before the others judge a node lost"
+    )
+    kv_replicas: int = _key(
+        1,
+        _COUNT,
+        "replicas of the cluster's KV buckets and durable stream (3 on a 3-server NATS"
+        " cluster); used by the node that makes them",
+    )
+    connect_timeout: float = _key(2.0, _positive, "seconds one attempt to reach NATS may take")
+    connect_attempts: int = _key(2, _COUNT, "attempts to reach NATS at the join")
+    join_timeout: float = _key(15.0, _positive, "seconds the whole join may take")
+    reconnect_wait: float = _key(
+        0.2, _at_least(0), "seconds between attempts to reconnect a lost connection"
+    )
+    max_reconnect_attempts: int = _key(
+        -1, _at_least(-1, integer=True), "attempts to reconnect a lost connection (-1 = forever)"
+    )
+    outbox_high_water: int = _key(
+        4096, _COUNT, "messages waiting for NATS past which send waits (per node)"
+    )
+    outbox_limit: int = _key(
+        65536, _COUNT, "messages waiting for NATS past which send_nowait raises"
+    )
+    inbound_limit: int = _key(
+        65536, _COUNT, "messages received and not yet delivered past which they are refused"
+    )
+    parked_limit: int = _key(
+        4096, _COUNT, "messages waiting for room in full local mailboxes past which refused"
+    )
+    node_window: int = _key(
+        8192, _COUNT, "tells to one node not yet taken there (credit; measured default)"
+    )
+    batch_frames: int = _key(
+        512, _COUNT, "a node batch is sent at this many messages (measured default)"
+    )
+    batch_bytes: int = _key(
+        256 * 1024, _COUNT, "a node batch is sent at this many bytes (measured default)"
+    )
+    inbound_streams_limit: int = _key(
+        4096, _COUNT, "sending joins of other nodes kept; past it the least active is evicted"
+    )
+    forget_lost_after: float = _key(
+        300.0, _positive, "seconds a lost member stays in the member table"
+    )
+    last_notice_wait: float | None = _key(
+        None,
+        _unset_or(_positive),
+        "seconds a node awaits the last notice of a node that left; unset ="
+        " [nats] server_lost_wait + 13; must be above [nats] server_lost_wait",
+        30.0,
+    )
+    notice_wait_at_leave: float = _key(
+        2.0, _at_least(0), "seconds a leave waits for the last notices it still awaits"
+    )
+
+
+@attrs.frozen
+class DurableConfig:
+    """``[durable]``: the at-least-once path over JetStream (``send_durable``).
+
+    The fields of ``DurableOptions`` of the same names (times in seconds), which
+    ``ClusterOptions.from_config`` puts in the options' ``durable``."""
+
+    _section = "durable"
+
+    enabled: bool = _key(
+        True, _boolean, "run the durable path (false: no stream, no consumer, no durable sends)"
+    )
+    ack_wait: float = _key(
+        30.0, _positive, "seconds a handler has before JetStream delivers the message again"
+    )
+    max_deliver: int = _key(5, _COUNT, "deliveries of a message before it is dead")
+    redelivery_delay: float = _key(
+        0.1, _at_least(0), "seconds before a failed message is delivered again"
+    )
+    max_in_flight: int = _key(64, _COUNT, "durable messages a node handles at once")
+    duplicate_window: float = _key(
+        120.0, _positive, "seconds JetStream refuses a resent message of the same id"
+    )
+    max_age: float | None = _key(
+        None,
+        _unset_or(_positive),
+        "seconds a stored message is kept, taken or not (unset = no bound);"
+        " at least duplicate_window",
+        86400.0,
+    )
+    max_messages: int | None = _key(
+        None,
+        _unset_or(_COUNT),
+        "messages the stream stores; a send past it is refused (unset = no bound)",
+        1_000_000,
+    )
+    missing_agent_delay: float = _key(
+        1.0,
+        _at_least(0),
+        "seconds a message for a name no agent has here waits; doubles each delivery",
+    )
+    missing_agent_delay_max: float = _key(
+        15.0, _at_least(0), "upper bound of that delay; at least missing_agent_delay"
+    )
+    max_waiting: int = _key(
+        10_000,
+        _at_least(0, integer=True),
+        "messages that may wait for their agent at once; one more is dead at once",
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if self.missing_agent_delay_max < self.missing_agent_delay:
+            raise CrossKeyError(
+                f"[durable] missing_agent_delay_max ({shown(self.missing_agent_delay_max)})"
+                f" must be at least [durable] missing_agent_delay"
+                f" ({shown(self.missing_agent_delay)}): it caps the delay that grows from it",
+                "durable.missing_agent_delay_max",
+                "durable.missing_agent_delay",
+            )
+        if self.max_age is not None and self.max_age < self.duplicate_window:
+            raise CrossKeyError(
+                f"[durable] max_age ({shown(self.max_age)}) must be at least [durable]"
+                f" duplicate_window ({shown(self.duplicate_window)}): JetStream refuses a"
+                " stream that forgets a message before the ids it keeps to refuse a resent one",
+                "durable.max_age",
+                "durable.duplicate_window",
+            )
+
+
+#: seconds ``ClusterOptions.last_notice_wait`` left out adds to ``server_lost_wait``
+#: (nexus_trio._nats' ``_LAST_NOTICE_MARGIN``; a test checks that they agree)
+LAST_NOTICE_MARGIN = 13.0
+
+
+def check_across_sections(config: Config) -> None:
+    """The rules across keys of two sections: ``[cluster] last_notice_wait`` above ``[nats]
+    server_lost_wait`` (else :class:`CrossKeyError` naming both); left unset, the wait
+    derived from ``server_lost_wait`` too (a wait so large, beyond 10**17 s, that adding
+    13 s to it changes no float would be refused by the options at the join)."""
+    given, lost_wait = config.cluster.last_notice_wait, config.nats.server_lost_wait
+    if given is None and not lost_wait + LAST_NOTICE_MARGIN > lost_wait:
+        raise CrossKeyError(
+            f"[nats] server_lost_wait ({shown(lost_wait)}) is too large: [cluster]"
+            f" last_notice_wait, unset, is server_lost_wait + {LAST_NOTICE_MARGIN:g}, which"
+            " must be above it and is not (a float that large ignores the addition);"
+            " lower server_lost_wait",
+            "nats.server_lost_wait",
+            "cluster.last_notice_wait",
+        )
+    if given is not None and not given > lost_wait:
+        raise CrossKeyError(
+            f"[cluster] last_notice_wait ({shown(given)}) must be above [nats]"
+            f" server_lost_wait ({shown(lost_wait)}): a leave riding out a failover sends"
+            " its last notice up to server_lost_wait late; raise last_notice_wait, or leave"
+            " it unset (server_lost_wait + 13)",
+            "cluster.last_notice_wait",
+            "nats.server_lost_wait",
+        )
+
+
 def _section_object(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     """A ``Config`` section is its config object: a dict (``Config(kernel={...})``) was
     taken and failed far from here, at ``open_kernel`` (``AttributeError: 'dict' object
@@ -697,6 +916,11 @@ class Config:
     metrics: MetricsConfig = attrs.field(factory=MetricsConfig, validator=_section_object)
     app: AppConfig = attrs.field(factory=AppConfig, validator=_section_object)
     nats: NatsConfig = attrs.field(factory=NatsConfig, validator=_section_object)
+    cluster: ClusterConfig = attrs.field(factory=ClusterConfig, validator=_section_object)
+    durable: DurableConfig = attrs.field(factory=DurableConfig, validator=_section_object)
+
+    def __attrs_post_init__(self) -> None:
+        check_across_sections(self)
 
 
 #: The TOML sections in file order, each with the class of its table.
@@ -708,4 +932,6 @@ SECTIONS: dict[str, type[Any]] = {
     "metrics": MetricsConfig,
     "app": AppConfig,
     "nats": NatsConfig,
+    "cluster": ClusterConfig,
+    "durable": DurableConfig,
 }

@@ -31,7 +31,7 @@ import cattrs
 import tomlkit
 import tomlkit.exceptions
 
-from ._config import SECTIONS, Config, shown, values_as_toml
+from ._config import SECTIONS, Config, CrossKeyError, shown, values_as_toml
 from ._errors import NexusError, nearest
 
 __all__ = [
@@ -181,10 +181,15 @@ def _unknown_top_level_text(key: str) -> str:
 def _check_value(section: str, key: str, value: Any, *, toml: bool = True) -> Any:
     """Validate one value alone; return it converted (e.g. a string to an enum member).
     ``toml``: it was read from TOML (a file, a variable), and a bad one is shown so."""
-    if not toml:
-        return getattr(SECTIONS[section](**{key: value}), key)
-    with values_as_toml():
-        table = SECTIONS[section](**{key: value})
+    try:
+        if not toml:
+            return getattr(SECTIONS[section](**{key: value}), key)
+        with values_as_toml():
+            table = SECTIONS[section](**{key: value})
+    except CrossKeyError:
+        # valid alone (a table's validators run before its rules across keys, which are
+        # checked on the whole table: load_config); no key of such a table converts
+        return value
     return getattr(table, key)
 
 
@@ -353,7 +358,14 @@ class _Findings:
 _Values = dict[str, dict[str, Any]]
 
 
-def _read_file(path: Path, values: _Values, sources: dict[str, str], found: _Findings) -> None:
+def _read_file(
+    path: Path,
+    values: _Values,
+    sources: dict[str, str],
+    found: _Findings,
+    key_lines: dict[str, int] | None = None,
+) -> None:
+    """Read ``path``'s keys into ``values`` (``key_lines``: each key's line is put there)."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -423,6 +435,8 @@ def _read_file(path: Path, values: _Values, sources: dict[str, str], found: _Fin
                 found.bad_value(ConfigError(str(exc), path=path, line=line, key=f"{section}.{key}"))
                 continue
             sources[f"{section}.{key}"] = source
+            if key_lines is not None and line is not None:
+                key_lines[f"{section}.{key}"] = line
 
 
 def _as_toml(value: Any) -> str:
@@ -626,9 +640,10 @@ def load_config(
             if _looked_up(candidate, Path.is_file):
                 file = candidate.absolute()
                 break
+    lines: dict[str, int] = {}
     if file is not None:
         check_file_permissions(file)
-        _read_file(file, values, sources, found)
+        _read_file(file, values, sources, found, lines)
     _read_env(env, values, sources, found)
     error = found.error(file, allow_unknown=allow_unknown)
     if error is not None:
@@ -643,14 +658,57 @@ def load_config(
         try:
             with values_as_toml():
                 tables[section] = cls(**values[section])
+        except CrossKeyError as exc:
+            broken.bad_value(_rule_error(exc, file, sources, lines))
         except ValueError as exc:  # a rule across keys
             broken.bad_value(ConfigError(str(exc), path=file, origin="config"))
     error = broken.error(file, allow_unknown=True)
     if error is not None:
         raise error
+    try:
+        with values_as_toml():
+            config = Config(**tables)  # (and the rules across sections: see Config)
+    except CrossKeyError as exc:
+        raise _rule_error(exc, file, sources, lines) from None
     for warning in warnings:
         log.warning("%s", warning)
-    return LoadedConfig(Config(**tables), file, sources, tuple(warnings), explicit=path is not None)
+    return LoadedConfig(config, file, sources, tuple(warnings), explicit=path is not None)
+
+
+def _rule_error(
+    exc: CrossKeyError, file: Path | None, sources: Mapping[str, str], lines: Mapping[str, int]
+) -> ConfigError:
+    """A rule across keys that the effective values break, as a ConfigError naming its
+    keys and where each was set: the file and line of the first set in the file (else
+    the variable or override of the first set there), the others in the message."""
+    where: list[str] = []
+    for dotted in exc.keys:
+        section, _, key = dotted.partition(".")
+        source = sources.get(dotted, "default")
+        if source.startswith("file ") and dotted in lines:
+            said = f"line {lines[dotted]}"
+        elif source.startswith("file "):
+            said = "the file"
+        elif source.startswith("env "):
+            said = f"environment variable {source.removeprefix('env ')}"
+        elif source == "cli":
+            said = "the command line"
+        else:
+            said = "its default"
+        where.append(f"[{section}] {key} from {said}")
+    message = f"{exc} ({'; '.join(where)})"
+    set_by = {dotted: sources.get(dotted, "default") for dotted in exc.keys}
+    for dotted, source in set_by.items():
+        if source.startswith("file "):
+            return ConfigError(message, path=file, line=lines.get(dotted), key=dotted)
+    for dotted, source in set_by.items():
+        if source.startswith("env "):
+            origin = f"environment variable {source.removeprefix('env ')}"
+            return ConfigError(message, origin=origin, key=dotted)
+    for dotted, source in set_by.items():
+        if source == "cli":
+            return ConfigError(message, origin=f"override {dotted}", key=dotted)
+    return ConfigError(message, path=file, origin="config", key=exc.keys[0])
 
 
 # --- rendering ---------------------------------------------------------------------------------

@@ -450,6 +450,68 @@ BAD_VALUES = [
     ("nats", "server_lost_wait", "nan", "[nats] server_lost_wait must be >= 0, got nan"),
     ("nats", "server_lost_wait", "inf", "[nats] server_lost_wait must be a finite number, got inf"),
     ("nats", "server_lost_wait", '"10"', '[nats] server_lost_wait must be a number, got "10"'),
+    (
+        "cluster",
+        "prefix",
+        '"a.b"',
+        "[cluster] prefix must be letters, digits, '-' or '_' (it is part of NATS subjects),"
+        ' got "a.b"',
+    ),
+    *(
+        ("cluster", key, "0", f"[cluster] {key} must be > 0, got 0")
+        for key in ("heartbeat_interval", "connect_timeout", "join_timeout", "forget_lost_after")
+    ),
+    *(
+        ("cluster", key, "0", f"[cluster] {key} must be >= 1, got 0")
+        for key in (
+            "missed_heartbeats",
+            "kv_replicas",
+            "connect_attempts",
+            "outbox_high_water",
+            "outbox_limit",
+            "inbound_limit",
+            "parked_limit",
+            "node_window",
+            "batch_frames",
+            "batch_bytes",
+            "inbound_streams_limit",
+        )
+    ),
+    ("cluster", "reconnect_wait", "-0.5", "[cluster] reconnect_wait must be >= 0, got -0.5"),
+    (
+        "cluster",
+        "max_reconnect_attempts",
+        "-2",
+        "[cluster] max_reconnect_attempts must be >= -1, got -2",
+    ),
+    ("cluster", "last_notice_wait", "0", "[cluster] last_notice_wait must be > 0, got 0"),
+    (
+        "cluster",
+        "notice_wait_at_leave",
+        "nan",
+        "[cluster] notice_wait_at_leave must be >= 0, got nan",
+    ),
+    ("durable", "enabled", '"no"', '[durable] enabled must be true or false, got "no"'),
+    ("durable", "ack_wait", "0", "[durable] ack_wait must be > 0, got 0"),
+    ("durable", "max_deliver", "1.5", "[durable] max_deliver must be an integer, got 1.5"),
+    ("durable", "redelivery_delay", "-1", "[durable] redelivery_delay must be >= 0, got -1"),
+    ("durable", "max_in_flight", "0", "[durable] max_in_flight must be >= 1, got 0"),
+    ("durable", "duplicate_window", "-1", "[durable] duplicate_window must be > 0, got -1"),
+    ("durable", "max_age", "inf", "[durable] max_age must be a finite number, got inf"),
+    ("durable", "max_messages", "0", "[durable] max_messages must be >= 1, got 0"),
+    (
+        "durable",
+        "missing_agent_delay",
+        "true",
+        "[durable] missing_agent_delay must be a number, got true",
+    ),
+    (
+        "durable",
+        "missing_agent_delay_max",
+        "-1",
+        "[durable] missing_agent_delay_max must be >= 0, got -1",
+    ),
+    ("durable", "max_waiting", "-1", "[durable] max_waiting must be >= 0, got -1"),
 ]
 
 
@@ -889,9 +951,13 @@ def test_template_round_trip_gives_the_defaults(home: Path) -> None:
     # Every key but the optional app.app, app.types and the [nats] keys of the server and
     # its credentials (all unset by default) is written out (those are commented examples).
     written = {k for k, v in loaded.sources.items() if v == f"file {path}"}
-    unset = {"app.app", "app.types"} | {
-        k for k in ALL_KEYS if k.startswith("nats.") and k != "nats.server_lost_wait"
-    }
+    unset = {
+        "app.app",
+        "app.types",
+        "cluster.last_notice_wait",
+        "durable.max_age",
+        "durable.max_messages",
+    } | {k for k in ALL_KEYS if k.startswith("nats.") and k != "nats.server_lost_wait"}
     assert written == ALL_KEYS - unset
 
 
@@ -1028,7 +1094,11 @@ def test_docs_describe_every_key() -> None:
 def test_docs_state_the_defaults_of_the_code() -> None:
     """Each key's row in docs/config.md, under its own section, gives the code's default."""
     docs = (Path(__file__).parent.parent / "docs" / "config.md").read_text(encoding="utf-8")
-    words = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven"}
+    words = dict(
+        enumerate(
+            ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"], 1
+        )
+    )
     assert f"one `Config` value: {words[len(SECTIONS)]} sections" in docs
     tables = re.split(r"^### ", docs, flags=re.M)
     for section, cls in SECTIONS.items():
@@ -1090,8 +1160,9 @@ def test_an_infinite_time_from_env_or_override_is_refused_naming_where(
     )
     with pytest.raises(ValueError, match=rf"^\[{section}\] {key} must be a finite number"):
         SECTIONS[section](**{key: math.inf})
-    # the largest finite value is still taken
-    assert getattr(SECTIONS[section](**{key: 1e308}), key) == 1e308
+    # the largest finite value is still taken (with the key it must not exceed, if any)
+    partner = {"missing_agent_delay": {"missing_agent_delay_max": 1e308}}.get(key, {})
+    assert getattr(SECTIONS[section](**{key: 1e308}, **partner), key) == 1e308
 
 
 def test_agents_are_bounded_naming_the_file_variable_or_flag_and_the_bound(home: Path) -> None:

@@ -209,8 +209,11 @@ def documented_valid(dotted: str, value: Any) -> bool:
         value = value.value
     if isinstance(value, int) and not isinstance(value, bool) and value > INT64_MAX:
         return False  # TOML's integers are 64-bit (docs: "Integers are TOML's")
-    if value is None:
-        return RULES[dotted] in ("non-empty string", '`"package.module:attr"`')  # unset keys
+    if value is None:  # unset keys
+        return rule in ("non-empty string", '`"package.module:attr"`') or rule.endswith(" or unset")
+    rule = rule.removesuffix(" or unset")
+    if rule == "subject token":
+        return isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_-]+", value) is not None
     if rule.startswith("integer >= "):
         return isinstance(value, int) and _is_number(value) and value >= int(rule.split()[-1])
     span = re.fullmatch(r"integer (\d+)\.\.(\d+)", rule)
@@ -241,6 +244,99 @@ def documented_valid(dotted: str, value: Any) -> bool:
     if not isinstance(value, str):
         return False
     return (value.lower() if "any case" in rule else value) in choices
+
+
+#: docs/config.md's rules across keys ("Rules across keys"): the first key at least (or
+#: above) the second; a rule of a key that is unset holds
+CROSS_RULES = [
+    ("durable.missing_agent_delay_max", "at least", "durable.missing_agent_delay"),
+    ("durable.max_age", "at least", "durable.duplicate_window"),
+    ("cluster.last_notice_wait", "above", "nats.server_lost_wait"),
+]
+_RULE_TEXT = re.compile(
+    r"\[(\w+)\] (\w+) \(([^)]*)\) must be (at least|above) \[(\w+)\] (\w+) \(([^)]*)\)"
+)
+
+
+def _bracketed(dotted: str) -> str:
+    section, key = dotted.split(".")
+    return f"[{section}] {key}"
+
+
+def rule_broken(relation: str, value: Any, bound: Any) -> bool:
+    if value is None:
+        return False
+    return bool(value < bound if relation == "at least" else value <= bound)
+
+
+#: docs/config.md: an unset last_notice_wait is server_lost_wait + 13, which must be above
+#: it too (a server_lost_wait beyond ~10**17 s is refused: the float ignores the 13)
+_TOO_LARGE = re.compile(r"\[nats\] server_lost_wait \(([^)]*)\) is too large: \[cluster\]")
+
+
+def derived_wait_broken(lost_wait: float) -> bool:
+    return not lost_wait + 13 > lost_wait
+
+
+def broken_rules(values: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
+    def get(dotted: str) -> Any:
+        section, key = dotted.split(".")
+        return values[section][key]
+
+    broken = [rule for rule in CROSS_RULES if rule_broken(rule[1], get(rule[0]), get(rule[2]))]
+    if get("cluster.last_notice_wait") is None and derived_wait_broken(
+        get("nats.server_lost_wait")
+    ):
+        broken.append(("cluster.last_notice_wait", "derived", "nats.server_lost_wait"))
+    return broken
+
+
+def test_the_docs_state_the_rules_across_keys() -> None:
+    text = (DOCS / "config.md").read_text(encoding="utf-8")
+    said = " ".join(text.split("**Rules across keys.**")[1].split("```")[0].split())
+    for first, relation, second in CROSS_RULES:
+        s1, k1 = first.split(".")
+        s2, k2 = second.split(".")
+        assert f"`[{s1}] {k1}`" in said or f"[{s1}] {k1}" in said.replace("`", ""), first
+        assert f"{k1}` (when set) {relation} `[{s2}]" in said or (
+            f"{k1}` {relation} `[{s2}]" in said
+        ), (first, relation, second)
+        assert f"[{s2}] {k2}" in said.replace("`", ""), second
+
+
+def check_rule_error(
+    error: ConfigError,
+    file: Path,
+    document: dict[str, Any],
+    env: dict[str, str],
+    overrides: dict[str, Any],
+    allow_unknown: bool,
+) -> None:
+    """A rule across keys refused: every value was valid alone, the message names a
+    documented rule and values that break it, and the error's place is where its key
+    was set."""
+    message = str(error)
+    assert file_problems(document, allow_unknown) == set(), message
+    found = _RULE_TEXT.search(message)
+    if found:
+        first, second = f"{found[1]}.{found[2]}", f"{found[5]}.{found[6]}"
+        assert (first, found[4], second) in CROSS_RULES, message
+        assert rule_broken(found[4], float(found[3]), float(found[7])), message
+    else:
+        too_large = _TOO_LARGE.search(message)
+        assert too_large, message
+        assert derived_wait_broken(float(too_large[1])), message
+        first, second = "nats.server_lost_wait", "cluster.last_notice_wait"
+    assert error.key in (first, second), message
+    section, key = error.key.split(".")
+    variable = f"NEXUS_{section.upper()}__{key.upper()}"
+    if error.origin == f"override {error.key}":
+        assert overrides.get(error.key) is not None, message
+    elif error.origin == f"environment variable {variable}":
+        assert variable in env, message
+    else:
+        assert error.path == file and message.startswith(f"{file}:"), message
+        assert key in document.get(section, {}), message
 
 
 def test_the_oracle_knows_every_key_and_agrees_with_the_defaults() -> None:
@@ -301,7 +397,9 @@ SECTION_NAMES = st.one_of(*[st.sampled_from(list(SECTIONS))] * 6, st.sampled_fro
 def valid_for(dotted: str) -> st.SearchStrategy[Any]:
     """Values docs/config.md calls valid for ``dotted`` (most drawn values are: so that a
     load gets past the file to the environment and the overrides)."""
-    rule = RULES[dotted]
+    rule = RULES[dotted].removesuffix(" or unset")
+    if rule == "subject token":
+        return st.from_regex(r"[A-Za-z0-9_-]{1,8}", fullmatch=True)
     if rule.startswith("integer >= "):
         return st.integers(int(rule.split()[-1]), INT64_MAX)
     span = re.fullmatch(r"integer (\d+)\.\.(\d+)", rule)
@@ -498,6 +596,10 @@ def test_any_config_loads_valid_values_or_raises_a_config_error_naming_the_key(
     try:
         loaded = load(home, file, env=env, overrides=overrides, allow_unknown=allow_unknown)
     except ConfigError as error:
+        if _RULE_TEXT.search(str(error)) or _TOO_LARGE.search(str(error)):
+            check_rule_error(error, file, document, env, overrides, allow_unknown)
+            event("refused: a rule across keys")
+            return
         check_error(error, file, document, env, overrides, allow_unknown)
         event(f"refused: {(error.origin or 'file').split(' ')[0]}, key {error.key is not None}")
         return
@@ -505,6 +607,7 @@ def test_any_config_loads_valid_values_or_raises_a_config_error_naming_the_key(
     # loaded: every effective value is one the docs call valid, from the layer that set it
     assert file_problems(document, allow_unknown) == set()
     values = attrs.asdict(loaded.config, recurse=True)
+    assert broken_rules(values) == []
     for dotted in RULES:
         section, key = dotted.split(".")
         value = values[section][key]

@@ -69,6 +69,7 @@ from nats.js.kv import KeyValue
 
 from .._agent import check_agent_name
 from .._brief import brief
+from .._config import Config
 from .._deadletter import DeadLetterReason
 from .._errors import (
     AgentNotFound,
@@ -351,6 +352,25 @@ class ClusterOptions:
         else ``server_lost_wait`` + 13 s (see the field ``_last_notice_wait``)."""
         given = self._last_notice_wait
         return self.server_lost_wait + _LAST_NOTICE_MARGIN if given is None else given
+
+    @classmethod
+    def from_config(cls, config: Config) -> ClusterOptions:
+        """The options of ``config``: its ``[cluster]`` keys (each the field of its name),
+        ``[nats] server_lost_wait`` and its ``[durable]`` keys (``durable``). ``nexus run
+        --nats`` (each ``--workers`` worker too) and :func:`join_cluster` without
+        ``options`` use these; a config that loaded makes options (its checks are theirs,
+        the rules across keys included)."""
+        section = config.cluster
+        given = {
+            field.alias: getattr(section, field.alias)
+            for field in attrs.fields(cls)
+            if field.alias not in ("server_lost_wait", "durable")
+        }
+        return cls(
+            **given,
+            server_lost_wait=config.nats.server_lost_wait,
+            durable=DurableOptions.from_config(config.durable),
+        )
 
     def __attrs_post_init__(self) -> None:
         if not self.last_notice_wait > self.server_lost_wait:
@@ -5723,8 +5743,10 @@ async def join_cluster(
     credentials and TLS settings) defaults to the ``[nats]`` section of the kernel's
     config, so ``NEXUS_NATS__PASSWORD`` and friends work without code; credentials
     written in a URL are taken out of it (and never logged). ``options`` defaults to
-    :class:`ClusterOptions` with ``server_lost_wait`` from ``[nats] server_lost_wait``
-    (``NEXUS_NATS__SERVER_LOST_WAIT``); ``options`` given are taken as they are. On entry: connect
+    :class:`ClusterOptions.from_config` of the kernel's config (its ``[cluster]`` and
+    ``[durable]`` keys and ``[nats] server_lost_wait``, from the file or
+    ``NEXUS_CLUSTER__HEARTBEAT_INTERVAL`` and friends); ``options`` given are taken as
+    they are. On entry: connect
     (:class:`TransportUnavailable` naming the URL, without credentials, if no server
     answers or the server refuses them), create the KV buckets if needed (ValueError if
     a live process of the cluster holds the name ``node``), announce the node, load the member and name tables, publish the kernel's named agents and attach
@@ -5740,8 +5762,9 @@ async def join_cluster(
     servers = [u.strip() for u in url.split(",")] if isinstance(url, str) else list(url)
     if auth is None:
         auth = NatsAuth.from_config(section)
-    # (the [nats] keys that are ClusterOptions fields: options given win, as auth does)
-    opts = options or ClusterOptions(server_lost_wait=section.server_lost_wait)
+    # (the config's [cluster], [durable] and [nats] server_lost_wait: options given win,
+    # as auth does)
+    opts = options or ClusterOptions.from_config(kernel.config)
     if prefix is not None:
         opts = attrs.evolve(opts, prefix=prefix)
     # (imported at a join, so that importing nexus_trio.nats loads no prometheus_client)

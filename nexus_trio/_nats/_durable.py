@@ -101,6 +101,7 @@ from ._auth import redact
 from ._placement import placement_weight
 
 if TYPE_CHECKING:
+    from .._config import DurableConfig
     from ._cluster import Cluster
     from ._membership import NodeInfo
 
@@ -338,6 +339,12 @@ class DurableOptions:
     #: holds an unacked slot of the node's consumer in JetStream, whose
     #: ``max_ack_pending`` is ``4 x max_in_flight + max_waiting`` (0: none waits)
     max_waiting: int = attrs.field(default=10_000, validator=_count)
+
+    @classmethod
+    def from_config(cls, section: DurableConfig) -> DurableOptions:
+        """The options of a config's ``[durable]`` section (each key is the field of its
+        name; the section's checks are these options' own, so any section makes options)."""
+        return cls(**{field.name: getattr(section, field.name) for field in attrs.fields(cls)})
 
     def __attrs_post_init__(self) -> None:
         if self.missing_agent_delay_max < self.missing_agent_delay:

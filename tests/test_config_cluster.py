@@ -1,0 +1,360 @@
+"""The ``[cluster]`` and ``[durable]`` sections: each key, from the file and from the
+environment, reaches the ``ClusterOptions`` a join without ``options`` uses
+(``ClusterOptions.from_config``: ``nexus run --nats``, each ``--workers`` worker,
+``join_cluster``); the rules across keys fail at the load, naming the keys and where each
+was set, never later inside a run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nexus_trio import Config
+from nexus_trio._config import (
+    LAST_NOTICE_MARGIN,
+    ClusterConfig,
+    CrossKeyError,
+    DurableConfig,
+    NatsConfig,
+)
+from nexus_trio.config import ConfigError, load_config, render_template
+from nexus_trio.nats import ClusterOptions, DurableOptions
+
+from . import test_config_fuzz
+from .test_cli import Nexus, conserved, nats_url, nexus  # noqa: F401 (fixtures)
+
+#: a valid value other than the default of each key, as TOML writes it, and as Python
+#: reads it back
+CLUSTER_VALUES: dict[str, tuple[str, Any]] = {
+    "prefix": ('"ops"', "ops"),
+    "heartbeat_interval": ("0.5", 0.5),
+    "missed_heartbeats": ("7", 7),
+    "kv_replicas": ("3", 3),
+    "connect_timeout": ("4.5", 4.5),
+    "connect_attempts": ("6", 6),
+    "join_timeout": ("40", 40),
+    "reconnect_wait": ("0", 0),
+    "max_reconnect_attempts": ("12", 12),
+    "outbox_high_water": ("100", 100),
+    "outbox_limit": ("200", 200),
+    "inbound_limit": ("300", 300),
+    "parked_limit": ("400", 400),
+    "node_window": ("500", 500),
+    "batch_frames": ("64", 64),
+    "batch_bytes": ("65536", 65536),
+    "inbound_streams_limit": ("50", 50),
+    "forget_lost_after": ("60.5", 60.5),
+    "last_notice_wait": ("30", 30),
+    "notice_wait_at_leave": ("0.25", 0.25),
+}
+DURABLE_VALUES: dict[str, tuple[str, Any]] = {
+    "enabled": ("false", False),
+    "ack_wait": ("12.5", 12.5),
+    "max_deliver": ("9", 9),
+    "redelivery_delay": ("0.75", 0.75),
+    "max_in_flight": ("16", 16),
+    "duplicate_window": ("90", 90),
+    "max_age": ("3600", 3600),
+    "max_messages": ("5000", 5000),
+    "missing_agent_delay": ("0.5", 0.5),
+    "missing_agent_delay_max": ("8", 8),
+    "max_waiting": ("0", 0),
+}
+KEYS = [("cluster", key) for key in CLUSTER_VALUES] + [("durable", key) for key in DURABLE_VALUES]
+
+
+def values_of(section: str) -> dict[str, tuple[str, Any]]:
+    return CLUSTER_VALUES if section == "cluster" else DURABLE_VALUES
+
+
+def option(options: ClusterOptions, section: str, key: str) -> Any:
+    return getattr(options.durable if section == "durable" else options, key)
+
+
+def load(tmp_path: Path, text: str | None = None, **env: str) -> Config:
+    path = None
+    if text is not None:
+        path = tmp_path / "config.toml"
+        path.write_text(text, encoding="utf-8")
+        path.chmod(0o600)
+    env.setdefault("HOME", str(tmp_path / "home"))
+    return load_config(path, env=env, cwd=tmp_path).config
+
+
+def test_every_option_is_a_key_and_the_values_here_are_no_defaults() -> None:
+    """A field added to the options later without its key fails here (the brief: every
+    field is a key, docs/config.md says why)."""
+    cluster = {f.alias for f in attrs.fields(ClusterOptions)} - {"server_lost_wait", "durable"}
+    assert cluster == {f.name for f in attrs.fields(ClusterConfig)} == set(CLUSTER_VALUES)
+    durable = {f.name for f in attrs.fields(DurableOptions)}
+    assert durable == {f.name for f in attrs.fields(DurableConfig)} == set(DURABLE_VALUES)
+    for section, key in KEYS:
+        default = option(ClusterOptions(), section, key)
+        assert values_of(section)[key][1] != default, (section, key)
+
+
+def test_a_config_without_the_keys_gives_the_options_of_before(tmp_path: Path) -> None:
+    """No key set (``Config()``, an empty file, the template ``nexus config init``
+    writes): ``ClusterOptions()``, the options every join used before the keys."""
+    assert ClusterOptions.from_config(Config()) == ClusterOptions()
+    assert ClusterOptions.from_config(load(tmp_path, "")) == ClusterOptions()
+    template = load(tmp_path, render_template())
+    assert template == Config()
+    assert ClusterOptions.from_config(template) == ClusterOptions()
+    # (last_notice_wait left out: derived from [nats] server_lost_wait, as before)
+    waited = ClusterOptions.from_config(Config(nats=NatsConfig(server_lost_wait=30.0)))
+    assert waited == ClusterOptions(server_lost_wait=30.0)
+    assert waited.last_notice_wait == 43.0
+
+
+@pytest.mark.parametrize(("section", "key"), KEYS)
+@pytest.mark.parametrize("where", ["file", "env"])
+def test_each_key_reaches_the_options_of_a_join(
+    tmp_path: Path, where: str, section: str, key: str
+) -> None:
+    written, value = values_of(section)[key]
+    if where == "file":
+        config = load(tmp_path, f"[{section}]\n{key} = {written}\n")
+    else:
+        config = load(tmp_path, **{f"NEXUS_{section.upper()}__{key.upper()}": written})
+    options = ClusterOptions.from_config(config)
+    got = option(options, section, key)
+    assert got == value and type(got) is type(value), (got, value)
+    # and nothing else changed
+    expected = (
+        attrs.evolve(ClusterOptions(), durable=attrs.evolve(DurableOptions(), **{key: value}))
+        if section == "durable"
+        else attrs.evolve(ClusterOptions(), **{key: value})
+    )
+    assert options == expected
+
+
+def test_all_keys_at_once_reach_the_options_from_file_and_env(tmp_path: Path) -> None:
+    text = "[nats]\nserver_lost_wait = 7\n"
+    for section in ("cluster", "durable"):
+        text += f"[{section}]\n"
+        text += "".join(f"{key} = {written}\n" for key, (written, _) in values_of(section).items())
+    options = ClusterOptions.from_config(load(tmp_path, text))
+    assert options.server_lost_wait == 7
+    for section, key in KEYS:
+        assert option(options, section, key) == values_of(section)[key][1], (section, key)
+    # a variable overrides the file's value
+    options = ClusterOptions.from_config(
+        load(tmp_path, text, NEXUS_CLUSTER__PREFIX="other", NEXUS_DURABLE__MAX_WAITING="12")
+    )
+    assert (options.prefix, options.durable.max_waiting) == ("other", 12)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text, encoding="utf-8")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "key", "message"),
+    [
+        (
+            "[durable]\nduplicate_window = 120\n# a comment\nmax_age = 60\n",
+            4,
+            "durable.max_age",
+            "[durable] max_age (60) must be at least [durable] duplicate_window (120):"
+            " JetStream refuses a stream that forgets a message before the ids it keeps to"
+            " refuse a resent one ([durable] max_age from line 4; [durable] duplicate_window"
+            " from line 2)",
+        ),
+        (
+            "[durable]\nmissing_agent_delay = 20.0\n",
+            None,  # the first key of the rule is its default: the line of the other
+            "durable.missing_agent_delay",
+            "[durable] missing_agent_delay_max (15.0) must be at least [durable]"
+            " missing_agent_delay (20.0): it caps the delay that grows from it ([durable]"
+            " missing_agent_delay_max from its default; [durable] missing_agent_delay from"
+            " line 2)",
+        ),
+        (
+            "[cluster]\nlast_notice_wait = 4.5\n",
+            None,
+            "cluster.last_notice_wait",
+            "[cluster] last_notice_wait (4.5) must be above [nats] server_lost_wait (5.0): a"
+            " leave riding out a failover sends its last notice up to server_lost_wait late;"
+            " raise last_notice_wait, or leave it unset (server_lost_wait + 13) ([cluster]"
+            " last_notice_wait from line 2; [nats] server_lost_wait from its default)",
+        ),
+        (
+            "[nats]\nserver_lost_wait = 40\n[cluster]\nlast_notice_wait = 40\n",
+            4,
+            "cluster.last_notice_wait",
+            "[cluster] last_notice_wait (40) must be above [nats] server_lost_wait (40): a"
+            " leave riding out a failover sends its last notice up to server_lost_wait late;"
+            " raise last_notice_wait, or leave it unset (server_lost_wait + 13) ([cluster]"
+            " last_notice_wait from line 4; [nats] server_lost_wait from line 2)",
+        ),
+    ],
+)
+def test_a_rule_across_keys_broken_in_the_file_names_the_file_line_and_keys(
+    tmp_path: Path, text: str, line: int | None, key: str, message: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, env={"HOME": str(tmp_path)}, cwd=tmp_path)
+    error = raised.value
+    line = line if line is not None else 2
+    assert str(error) == f"{path}:{line}: {message}"
+    assert (error.path, error.line, error.key) == (path, line, key)
+
+
+def test_a_rule_across_keys_names_the_variables_and_a_variable_may_mend_it(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load(tmp_path, NEXUS_DURABLE__MAX_AGE="10")
+    assert str(raised.value) == (
+        "environment variable NEXUS_DURABLE__MAX_AGE: [durable] max_age (10) must be at"
+        " least [durable] duplicate_window (120.0): JetStream refuses a stream that forgets"
+        " a message before the ids it keeps to refuse a resent one ([durable] max_age from"
+        " environment variable NEXUS_DURABLE__MAX_AGE; [durable] duplicate_window from its"
+        " default)"
+    )
+    assert raised.value.key == "durable.max_age"
+    # the file's value with the variable's: the file's line, the variable named
+    with pytest.raises(ConfigError) as raised:
+        load(tmp_path, "[nats]\nserver_lost_wait = 9\n", NEXUS_CLUSTER__LAST_NOTICE_WAIT="8")
+    assert str(raised.value).startswith(f"{tmp_path / 'config.toml'}:2: [cluster]")
+    assert str(raised.value).endswith(
+        "([cluster] last_notice_wait from environment variable"
+        " NEXUS_CLUSTER__LAST_NOTICE_WAIT; [nats] server_lost_wait from line 2)"
+    )
+    assert raised.value.key == "nats.server_lost_wait"
+    # a variable that mends the file's value: each value is checked alone first
+    config = load(tmp_path, "[durable]\nmax_age = 60\n", NEXUS_DURABLE__DUPLICATE_WINDOW="30")
+    assert ClusterOptions.from_config(config).durable.duplicate_window == 30
+    config = load(tmp_path, "[durable]\nmax_age = 60\n", NEXUS_DURABLE__MAX_AGE="600")
+    assert ClusterOptions.from_config(config).durable.max_age == 600
+    # a flag (an override) is named as one: after the variable, as a place to fix
+    home = tmp_path / "home"  # (no config file there)
+    env = {"HOME": str(tmp_path), "NEXUS_CLUSTER__LAST_NOTICE_WAIT": "8"}
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, env=env, cwd=home, overrides={"nats.server_lost_wait": 9.0})
+    assert str(raised.value).startswith("environment variable NEXUS_CLUSTER__LAST_NOTICE_WAIT:")
+    assert str(raised.value).endswith("[nats] server_lost_wait from the command line)")
+    with pytest.raises(ConfigError) as raised:
+        load_config(
+            None,
+            env={"HOME": str(tmp_path)},
+            cwd=home,
+            overrides={"nats.server_lost_wait": 2e17},
+        )
+    assert str(raised.value).startswith("override nats.server_lost_wait: [nats] server_lost_wait")
+    assert raised.value.key == "nats.server_lost_wait"
+
+
+def test_a_server_lost_wait_too_large_for_the_derived_wait_is_refused_at_the_load(
+    tmp_path: Path,
+) -> None:
+    """Regression (found by test_any_config_that_loads_makes_options): ``[nats]
+    server_lost_wait = 2e17`` loaded, and every join failed inside the run
+    (``ValueError: last_notice_wait (2e+17 s) must be above server_lost_wait``: the float
+    ignores the 13 s added). Refused at the load now, naming both keys; a given
+    ``last_notice_wait`` above it is taken."""
+    path = write(tmp_path, "[nats]\nserver_lost_wait = 2e17\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(path, env={"HOME": str(tmp_path)}, cwd=tmp_path)
+    assert str(raised.value) == (
+        f"{path}:2: [nats] server_lost_wait (2e+17) is too large: [cluster] last_notice_wait,"
+        " unset, is server_lost_wait + 13, which must be above it and is not (a float that"
+        " large ignores the addition); lower server_lost_wait ([nats] server_lost_wait from"
+        " line 2; [cluster] last_notice_wait from its default)"
+    )
+    assert raised.value.key == "nats.server_lost_wait"
+    config = load(tmp_path, "[nats]\nserver_lost_wait = 2e17\n[cluster]\nlast_notice_wait = 3e17\n")
+    assert ClusterOptions.from_config(config).last_notice_wait == 3e17
+    # the margin is the options' own
+    assert ClusterOptions().last_notice_wait - ClusterOptions().server_lost_wait == (
+        LAST_NOTICE_MARGIN
+    )
+
+
+def test_a_rule_across_keys_in_python_is_a_value_error_naming_the_keys() -> None:
+    with pytest.raises(CrossKeyError) as raised:
+        DurableConfig(max_age=60.0)
+    assert raised.value.keys == ("durable.max_age", "durable.duplicate_window")
+    assert isinstance(raised.value, ValueError)
+    with pytest.raises(ValueError, match=r"^\[cluster\] last_notice_wait \(3\) must be above"):
+        Config(cluster=ClusterConfig(last_notice_wait=3))
+    # a value valid alone of a section whose rule it breaks is named as itself first
+    with pytest.raises(ValueError, match=r"^\[durable\] max_age must be > 0, got -1"):
+        DurableConfig(max_age=-1)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_any_config_that_loads_makes_options(data: st.DataObject) -> None:
+    """What the config takes, the options take: no value (nor pair of values) gets past
+    the load to fail inside a run (drawn from docs/config.md's "valid" column)."""
+    sections: dict[str, dict[str, Any]] = {}
+    for section in ("cluster", "durable", "nats"):
+        keys = [k for k in test_config_fuzz.KNOWN[section] if section != "nats" or "wait" in k]
+        chosen = data.draw(st.lists(st.sampled_from(keys), unique=True, max_size=6))
+        sections[section] = {
+            key: data.draw(test_config_fuzz.valid_for(f"{section}.{key}")) for key in chosen
+        }
+    try:
+        config = Config(
+            cluster=ClusterConfig(**sections["cluster"]),
+            durable=DurableConfig(**sections["durable"]),
+            nats=NatsConfig(**sections["nats"]),
+        )
+    except CrossKeyError:
+        return  # (refused at the load: the tests above)
+    options = ClusterOptions.from_config(config)
+    assert options.durable == DurableOptions.from_config(config.durable)
+
+
+async def _stream_config(url: str, name: str) -> Any:
+    import nats
+
+    client = await nats.connect(url)
+    try:
+        return (await client.jetstream().stream_info(name)).config
+    finally:
+        await client.close()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="nats-server on loopback")
+@pytest.mark.parametrize("workers", [0, 2])
+def test_nexus_run_nats_joins_with_the_config_keys(
+    nexus: type[Nexus],  # noqa: F811
+    nats_url: str,  # noqa: F811
+    tmp_path: Path,
+    workers: int,
+) -> None:
+    """End to end: ``nexus run --nats`` (and ``--workers 2``, each worker loading the
+    same config) joins with ``[cluster]`` and ``[durable]`` of its config file and
+    environment: the buckets and the durable stream it makes on the server carry them."""
+    config = write(
+        tmp_path,
+        '[cluster]\nprefix = "ops"\nheartbeat_interval = 0.5\nmissed_heartbeats = 7\n'
+        "[durable]\nduplicate_window = 30\nmax_age = 600\n",
+    )
+    argv = ["run", "--nats", nats_url, "-c", str(config), "-n", "10", "-d", "1", "--json"]
+    argv += ["--workers", str(workers)] if workers else ["--node", "n1"]
+    run = nexus(argv, env={"NEXUS_DURABLE__MAX_MESSAGES": "777"})
+    status, out = run.finish(timeout=120)
+    assert status == 0, "".join(run.stderr)
+    if not workers:
+        assert conserved(json.loads(out))
+    durable = asyncio.run(_stream_config(nats_url, "ops-durable"))
+    assert (durable.duplicate_window, durable.max_age, durable.max_msgs) == (30, 600, 777)
+    # the members' bucket lives heartbeat_interval x missed_heartbeats
+    nodes = asyncio.run(_stream_config(nats_url, "KV_ops-nodes"))
+    assert nodes.max_age == 3.5
