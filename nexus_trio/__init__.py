@@ -15,10 +15,13 @@ from ._agent import Directive as Directive
 from ._agent import RestartType as RestartType
 from ._agent import agent as agent
 from ._config import AppConfig as AppConfig
+from ._config import ClusterConfig as ClusterConfig
 from ._config import Config as Config
+from ._config import DurableConfig as DurableConfig
 from ._config import KernelConfig as KernelConfig
 from ._config import LoggingConfig as LoggingConfig
 from ._config import MetricsConfig as MetricsConfig
+from ._config import NatsConfig as NatsConfig
 from ._config import OverflowPolicy as OverflowPolicy
 from ._config import RestartStrategy as RestartStrategy
 from ._config import RuntimeConfig as RuntimeConfig
@@ -79,11 +82,13 @@ __all__ = [
     "AgentStats",
     "AppConfig",
     "Backoff",
+    "ClusterConfig",
     "Config",
     "Context",
     "DeadLetter",
     "DeadLetterReason",
     "Directive",
+    "DurableConfig",
     "EventKind",
     "HistogramSnapshot",
     "Kernel",
@@ -101,6 +106,7 @@ __all__ = [
     "MessageKind",
     "MetricsConfig",
     "NameTaken",
+    "NatsConfig",
     "NexusError",
     "OverflowPolicy",
     "PoolRouting",

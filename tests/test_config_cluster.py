@@ -17,14 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nexus_trio import Config
-from nexus_trio._config import (
-    LAST_NOTICE_MARGIN,
-    ClusterConfig,
-    CrossKeyError,
-    DurableConfig,
-    NatsConfig,
-)
+from nexus_trio import ClusterConfig, Config, DurableConfig, NatsConfig
+from nexus_trio._config import LAST_NOTICE_MARGIN, CrossKeyError
 from nexus_trio.config import ConfigError, load_config, render_template
 from nexus_trio.nats import ClusterOptions, DurableOptions
 
