@@ -28,6 +28,7 @@ from nexus_trio import (
     TransportUnavailable,
 )
 from nexus_trio._child import StoppedForShutdown
+from nexus_trio._config import CrossKeyError
 from nexus_trio._errors import AgentStopped
 from nexus_trio._nats._placement import PlacementFailed, UnknownAgentType
 from nexus_trio._nats._wire import RemoteError
@@ -84,6 +85,7 @@ ERRORS: list[BaseException] = [
     AppError("'agents:app' is no agent"),
     NatsServerLost(["nats://127.0.0.1:4222"], "the connection stayed down 2s"),
     DeliveryRunFailed(3),
+    CrossKeyError("max_age below duplicate_window", "durable.max_age", "durable.duplicate_window"),
 ]
 
 
