@@ -49,10 +49,13 @@ from nexus_trio._nats._server import free_ports
 
 REPO = Path(__file__).resolve().parent.parent
 
-#: fast failure detection and redelivery so the tests stay short
+#: fast failure detection and redelivery so the tests stay short; ``server_lost_wait``
+#: given as the 5 s the tests were written against (left out, it would derive 0.6 s from
+#: the fast heartbeats, 2 s in PATIENT: see test_nats_wire)
 FAST = ClusterOptions(
     heartbeat_interval=0.2,
     missed_heartbeats=3,
+    server_lost_wait=5.0,
     durable=DurableOptions(ack_wait=1.0, max_deliver=4, redelivery_delay=0.05),
 )
 

@@ -566,6 +566,52 @@ def test_an_evolved_copy_derives_last_notice_wait_again() -> None:
     assert str(raised.value) == "last_notice_wait must be a finite number of seconds >= 0, got -1.0"
 
 
+def test_server_lost_wait_left_out_follows_the_heartbeat_options() -> None:
+    """Regression: ``server_lost_wait`` left out was a fixed 5 s, the members' loss
+    window (``heartbeat_interval`` x ``missed_heartbeats``) at their defaults only: a
+    node with a 10 s heartbeat gave up its leave's steps after 5 s of an outage its
+    members ride out for 50 s. Left out (or None), it is derived when read, in a copy
+    made by ``attrs.evolve`` too, and ``last_notice_wait`` follows it; given, it wins."""
+    assert ClusterOptions().server_lost_wait == 5.0
+    slow = ClusterOptions(heartbeat_interval=10)
+    assert (slow.server_lost_wait, slow.last_notice_wait) == (50.0, 63.0)
+    assert ClusterOptions(heartbeat_interval=0.5, missed_heartbeats=3).server_lost_wait == 1.5
+    assert ClusterOptions(server_lost_wait=None).server_lost_wait == 5.0
+    assert attrs.evolve(ClusterOptions(), missed_heartbeats=8).server_lost_wait == 8.0
+    given = ClusterOptions(heartbeat_interval=10, server_lost_wait=3)
+    assert (given.server_lost_wait, given.last_notice_wait) == (3, 16.0)
+    assert attrs.evolve(given, heartbeat_interval=20).server_lost_wait == 3
+    assert attrs.evolve(given, server_lost_wait=None).server_lost_wait == 50.0
+    # a given last_notice_wait is checked against the derived wait
+    with pytest.raises(ValueError, match=r"^last_notice_wait \(20 s\) must be above"):
+        ClusterOptions(heartbeat_interval=10, last_notice_wait=20.0)
+
+
+def test_the_repr_and_equality_show_the_values_a_node_uses() -> None:
+    """Regression: ``repr(ClusterOptions())`` showed the private ``_last_notice_wait=None``
+    (and would show ``_server_lost_wait=None``), and a derived 18 s ``last_notice_wait``
+    did not compare equal to one given as 18 s. The repr names each option as the caller
+    gives it, with the value the node uses (derived or given), and evaluates to equal
+    options; equality and the hash go by those values."""
+    shown = repr(ClusterOptions())
+    assert "_last_notice_wait" not in shown and "_server_lost_wait" not in shown
+    assert shown.startswith("ClusterOptions(prefix='nexus', heartbeat_interval=1.0,")
+    assert ", server_lost_wait=5.0, " in shown and ", last_notice_wait=18.0, " in shown
+    assert ", server_lost_wait=50.0, " in repr(ClusterOptions(heartbeat_interval=10))
+    assert eval(shown, {"ClusterOptions": ClusterOptions, "DurableOptions": DurableOptions}) == (
+        ClusterOptions()
+    )
+    explicit = ClusterOptions(server_lost_wait=5.0, last_notice_wait=18.0)
+    assert explicit == ClusterOptions() and hash(explicit) == hash(ClusterOptions())
+    assert {explicit, ClusterOptions()} == {ClusterOptions()}
+    assert ClusterOptions(last_notice_wait=19.0) != ClusterOptions()
+    assert ClusterOptions(heartbeat_interval=2) != ClusterOptions(heartbeat_interval=2.5)
+    assert ClusterOptions() != "ClusterOptions()"
+    # (what was left out is derived again in a copy: equal options may evolve apart)
+    assert attrs.evolve(ClusterOptions(), server_lost_wait=10).last_notice_wait == 23.0
+    assert attrs.evolve(explicit, server_lost_wait=10).last_notice_wait == 18.0
+
+
 @pytest.mark.parametrize(
     "name", ["echo", "a.b", "with space", "ünï", "x" * 255, "-", "\U0001f600" * 255]
 )

@@ -269,7 +269,7 @@ _LAST_NOTICE_MARGIN: Final = (
 
 
 @final
-@attrs.frozen
+@attrs.frozen(eq=False, repr=False)
 class ClusterOptions:
     """How a kernel takes part in the cluster.
 
@@ -300,12 +300,17 @@ class ClusterOptions:
     #: gives up the steps that need it (see Cluster._leave) and a ``--workers`` worker's
     #: settle fails (``NatsServerLost``); one back sooner comes through. Raise it above
     #: how long a failover of your NATS servers takes (``[nats] server_lost_wait``).
-    #: 5 s by default (2 s until the forty-second pass, which a restart of the server of
-    #: 3 s failed): the members' own loss window (``heartbeat_interval`` x
-    #: ``missed_heartbeats``), so an outage that loses no member does not make a leave
-    #: give up its steps (the others judged such a node lost), as Akka's failure
-    #: detector allows its ``acceptable-heartbeat-pause``
-    server_lost_wait: float = attrs.field(default=5.0, validator=_seconds)
+    #: Left out (or None), it is derived when read: the members' own loss window,
+    #: ``heartbeat_interval`` x ``missed_heartbeats`` (5 s by default; a fixed 5 s until
+    #: the forty-third pass, 2 s until the forty-second, which a restart of the server of
+    #: 3 s failed), so an outage that loses no member does not make a leave give up its
+    #: steps (the others judged such a node lost), as Akka's failure detector allows its
+    #: ``acceptable-heartbeat-pause``; a node with a 10 s heartbeat rides out 50 s. (The
+    #: field keeps what was given, None if nothing: ``server_lost_wait`` is the property
+    #: below.)
+    _server_lost_wait: float | None = attrs.field(
+        default=None, validator=_seconds_or_derived, alias="server_lost_wait"
+    )
     outbox_high_water: int = attrs.field(default=4096, validator=_at_least_one)
     outbox_limit: int = attrs.field(default=65536, validator=_at_least_one)
     inbound_limit: int = attrs.field(default=65536, validator=_at_least_one)
@@ -347,6 +352,16 @@ class ClusterOptions:
     notice_wait_at_leave: float = attrs.field(default=2.0, validator=_seconds)
 
     @property
+    def server_lost_wait(self) -> float:
+        """Seconds a connection may stay down before the leave gives up the steps that
+        need it: as given, else ``heartbeat_interval`` x ``missed_heartbeats`` (see the
+        field ``_server_lost_wait``)."""
+        given = self._server_lost_wait
+        if given is None:
+            return float(self.heartbeat_interval * self.missed_heartbeats)
+        return given
+
+    @property
     def last_notice_wait(self) -> float:
         """Seconds a node awaits the last notice of a join that left cleanly: as given,
         else ``server_lost_wait`` + 13 s (see the field ``_last_notice_wait``)."""
@@ -371,6 +386,33 @@ class ClusterOptions:
             server_lost_wait=config.nats.server_lost_wait,
             durable=DurableOptions.from_config(config.durable),
         )
+
+    def _effective(self) -> tuple[tuple[str, Any], ...]:
+        # (each option as the caller names it, with the value the node uses: a derived
+        # one as derived; see __repr__ and __eq__)
+        return tuple(
+            (field.alias or field.name, getattr(self, field.alias or field.name))
+            for field in attrs.fields(ClusterOptions)
+        )
+
+    def __repr__(self) -> str:
+        """The options by their public names, with the values a node uses: one left out
+        shows what it derives (``server_lost_wait=5.0, ..., last_notice_wait=18.0``), so
+        the repr, evaluated, gives options equal to these (:meth:`__eq__`)."""
+        shown = ", ".join(f"{name}={value!r}" for name, value in self._effective())
+        return f"ClusterOptions({shown})"
+
+    def __eq__(self, other: object) -> bool:
+        """Equal when a node would use the same values: a derived ``last_notice_wait``
+        of 18 s equals one given as 18 s (as a dataclass compares a value derived in
+        ``__post_init__``). What was left out is derived again in a copy made by
+        ``attrs.evolve``, so two equal options may evolve to different ones."""
+        if not isinstance(other, ClusterOptions):
+            return NotImplemented
+        return self._effective() == other._effective()
+
+    def __hash__(self) -> int:
+        return hash(self._effective())
 
     def __attrs_post_init__(self) -> None:
         if not self.last_notice_wait > self.server_lost_wait:
