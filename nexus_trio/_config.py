@@ -496,6 +496,14 @@ class MetricsConfig:
         validator=_at_least(1, integer=True),
         metadata=_doc("connections the endpoint keeps open at once; the next wait in the backlog"),
     )
+    group_port: int = attrs.field(
+        default=0,
+        validator=_check_port,
+        metadata=_doc(
+            "with nexus run --workers: the parent's port of /metrics, /healthz and /readyz"
+            " for the whole group (--group-port); 0 = none; a single run ignores it"
+        ),
+    )
 
 
 def _to_commands(value: Any) -> Any:

@@ -484,3 +484,174 @@ def test_the_group_endpoint_holds_the_metrics_max_connections(
     assert endpoint.start() == 9480
     endpoint.close()
     assert served == [{"what": "group metrics", "max_connections": 7}]
+
+
+@pytest.mark.parametrize("port_says", ["refused", "status"])
+async def test_a_worker_that_ended_while_it_was_asked_is_named_as_ended(port_says: str) -> None:
+    """Regression: a worker killed as the group asked it (its threads still exiting: its
+    state read running, its port refused, reset or answered a shutting-down 503) was
+    named by what its port said (``worker-0: no endpoint on 127.0.0.1:P (Connection
+    refused)``) where it had ended. Its state is read again (``waitid(WNOWAIT)``, see
+    group_state) before a failed answer is trusted: ``worker-0: ended (killed by
+    SIGKILL)``; one still running is named by its port, as before."""
+
+    async def closing(path: str) -> tuple[int, bytes, str]:
+        return 503, b"shutting down\n", "text/plain"
+
+    reads: list[int] = []
+    ends = {"ended": True}
+
+    def state() -> GroupState:
+        reads.append(1)  # (running when asked, ended once the answer came)
+        how = (ENDED, "killed by SIGKILL") if len(reads) > 1 and ends["ended"] else (RUNNING, "")
+        return GroupState(stopping=False, workers=(how,))
+
+    async with trio.open_nursery() as nursery:
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))  # (never listening: refused)
+            port = (
+                closed.getsockname()[1]
+                if port_says == "refused"
+                else await nursery.start(serve_routes, closing, "127.0.0.1", 0)
+            )
+            endpoint = GroupEndpoint("127.0.0.1", 0, [port], state)
+            for path in ("/healthz", "/readyz"):
+                reads.clear()
+                assert (await endpoint.route(path))[:2] == (
+                    503,
+                    b"worker-0: ended (killed by SIGKILL)\n",
+                )
+            ends["ended"] = False
+            reads.clear()
+            said = (await endpoint.route("/healthz"))[1].decode()
+            assert said == (
+                f"worker-0: no endpoint on 127.0.0.1:{port} (Connection refused)\n"
+                if port_says == "refused"
+                else "worker-0: shutting down\n"
+            )
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_group_metrics_count_their_scrapes_and_each_worker_failure() -> None:
+    """The group's /metrics has series of its own: ``nexus_group_scrapes_total``,
+    ``nexus_group_scrape_duration_seconds``, per worker asked
+    ``nexus_group_worker_scrape_duration_seconds`` and, across scrapes,
+    ``nexus_group_worker_scrape_failures_total`` by reason (a worker not asked, ended or
+    not started, is no failure: its ``nexus_group_worker_up`` says 0). Until the
+    forty-third pass it had ``nexus_group_worker_up`` only."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async def good(path: str) -> tuple[int, bytes, str]:
+        return 200, b"# TYPE x_total counter\nx_total 1.0\n", "text/plain"
+
+    async def bad_status(path: str) -> tuple[int, bytes, str]:
+        return 500, b"oops\n", "text/plain"
+
+    async def garbage(path: str) -> tuple[int, bytes, str]:
+        return 200, b"this is { not prometheus\n", "text/plain"
+
+    async with trio.open_nursery() as nursery:
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            ports = [
+                await nursery.start(serve_routes, good, "127.0.0.1", 0),
+                closed.getsockname()[1],
+                await nursery.start(serve_routes, bad_status, "127.0.0.1", 0),
+                await nursery.start(serve_routes, garbage, "127.0.0.1", 0),
+                closed.getsockname()[1],
+            ]
+            states = ((RUNNING, ""),) * 4 + ((ENDED, "exit code 1"),)
+            endpoint = GroupEndpoint(
+                "127.0.0.1", 0, ports, lambda: GroupState(stopping=False, workers=states)
+            )
+            await endpoint.route("/metrics")
+            body = (await endpoint.route("/metrics"))[1].decode()
+        nursery.cancel_scope.cancel()
+    got = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
+    }
+    assert got["nexus_group_scrapes_total", ()] == 2.0
+    assert got["nexus_group_scrape_duration_seconds", ()] >= 0.0
+    durations = {
+        labels: value
+        for (name, labels), value in got.items()
+        if name == "nexus_group_worker_scrape_duration_seconds"
+    }
+    assert sorted(durations) == [(("worker", f"worker-{i}"),) for i in range(4)]
+    assert all(value >= 0.0 for value in durations.values())
+    failures = {
+        (dict(labels)["worker"], dict(labels)["reason"]): value
+        for (name, labels), value in got.items()
+        if name == "nexus_group_worker_scrape_failures_total"
+    }
+    expected = {
+        (f"worker-{i}", reason): 0.0
+        for i in range(5)
+        for reason in ("no_answer", "status", "not_parsable")
+    }
+    expected |= {
+        ("worker-1", "no_answer"): 2.0,
+        ("worker-2", "status"): 2.0,
+        ("worker-3", "not_parsable"): 2.0,
+    }
+    assert failures == expected
+    assert got["x_total", (("worker", "worker-0"),)] == 1.0
+    assert [got["nexus_group_worker_up", (("worker", f"worker-{i}"),)] for i in range(5)] == [
+        1.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "expected"),
+    [
+        ("9470", [], 9470),
+        ("9470", ["--group-port", "9480"], 9480),  # (the flag wins)
+        ("9465", [], "Invalid value for [metrics] group_port: worker-1 serves its metrics"),
+        ("9465", ["--group-port", "9470"], 9470),
+    ],
+)
+def test_the_group_port_can_come_from_the_metrics_config(
+    env: str, args: list[str], expected: int | str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``[metrics] group_port`` (``NEXUS_METRICS__GROUP_PORT``) gives the group endpoint's
+    port when ``--group-port`` is not given (the flag wins); one that cannot work is
+    refused naming the key. Until the forty-third pass only the flag gave it."""
+    from nexus_trio.cli import _cluster_cmd
+
+    ports: list[int] = []
+
+    def started(count: int, *a: object, **k: object) -> tuple[dict[str, object], int]:
+        ports.append(int(str(k["group_port"])))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(_cluster_cmd, "run_workers", started)
+    monkeypatch.setenv("NEXUS_METRICS__GROUP_PORT", env)
+    result = CliRunner().invoke(
+        app, ["run", "-W", "2", "--metrics-port", "9464", "--nats", NO_SERVER, *args]
+    )
+    flat = " ".join(result.output.split())
+    if isinstance(expected, str):
+        assert result.exit_code == 2, flat
+        assert expected in flat
+        assert ports == []
+    else:
+        assert ports == [expected], flat
+
+
+def test_a_single_run_ignores_the_metrics_group_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A config shared by single runs and ``--workers`` runs: a single run is not refused
+    for ``[metrics] group_port`` (the ``--group-port`` flag there is)."""
+    from nexus_trio.cli import _run
+
+    ran: list[str] = []
+    monkeypatch.setattr(_run, "execute_run", lambda *a, **k: ran.append("run"))
+    monkeypatch.setenv("NEXUS_METRICS__GROUP_PORT", "9470")
+    result = CliRunner().invoke(app, ["run", "-d", "0.1"])
+    assert "group" not in " ".join(result.output.split()), result.output
+    assert ran == ["run"]

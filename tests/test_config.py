@@ -421,6 +421,12 @@ BAD_VALUES = [
     ("metrics", "per_agent_limit", "0", "[metrics] per_agent_limit must be >= 1, got 0"),
     ("metrics", "cache_ms", "-5", "[metrics] cache_ms must be >= 0, got -5"),
     ("metrics", "max_connections", "0", "[metrics] max_connections must be >= 1, got 0"),
+    (
+        "metrics",
+        "group_port",
+        "65536",
+        "[metrics] group_port must be an integer from 0 to 65535, got 65536",
+    ),
     ("app", "app", '"nocolon"', "[app] app must look like 'package.module:attr', got \"nocolon\""),
     ("app", "types", '"a:"', "[app] types must look like 'package.module:attr', got \"a:\""),
     ("app", "spawn", "[1]", "[app] spawn must be a list of non-empty command strings, got [1]"),

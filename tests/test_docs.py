@@ -307,9 +307,18 @@ def test_the_metric_names_in_the_docs_are_those_a_scrape_has() -> None:
     scraped = set(re.findall(r"^# TYPE (nexus_\w+) ", text, flags=re.M))
     assert len(scraped) > 20, scraped
     # and the series of a --workers run's group endpoint (--group-port), beside its workers'
-    from nexus_trio.cli._group_endpoint import render_group_metrics
+    from nexus_trio.cli._group_endpoint import (
+        RUNNING,
+        GroupEndpoint,
+        GroupState,
+        render_group_metrics,
+    )
 
-    group = render_group_metrics([text]).decode()
+    endpoint = GroupEndpoint(
+        "127.0.0.1", 0, [0], lambda: GroupState(stopping=False, workers=((RUNNING, ""),))
+    )
+    # (the endpoint's own series, as a scrape of it has them)
+    group = render_group_metrics([text], own=lambda: endpoint._own_series(0.0, {0: 0.0})).decode()
     scraped |= set(re.findall(r"^# TYPE (nexus_\w+) ", group, flags=re.M))
     documented = {
         page.relative_to(ROOT).as_posix(): set(METRIC.findall(prose(page))) for page in PAGES

@@ -340,7 +340,7 @@ def run(
             parser=whole_number(0, 65535),
             help="With --workers and --metrics-port P: the parent serves /healthz, /readyz"
             " and /metrics for the whole group on this port (each worker's, asked on P + i);"
-            " 0 = off.",
+            " 0 = off (config: \\[metrics] group_port).",
         ),
     ] = 0,
     dump_on_signal: Annotated[
@@ -826,9 +826,17 @@ def _run_workers(
         raise typer.BadParameter(
             problem, param_hint="'--metrics-port'" if from_flag else "[metrics] port"
         )
+    # (--group-port given wins over [metrics] group_port, which a single run ignores: a
+    # config shared by single runs and --workers runs is not refused in the former)
+    source = ctx.get_parameter_source("group_port")
+    group_from_flag = source is not None and source.name == "COMMANDLINE"
+    if not group_from_flag:
+        group_port = cfg.metrics.group_port
     problem = group_port_problem(group_port, cfg.metrics.port, count)
     if problem is not None:
-        raise typer.BadParameter(problem, param_hint="'--group-port'")
+        raise typer.BadParameter(
+            problem, param_hint="'--group-port'" if group_from_flag else "[metrics] group_port"
+        )
     _check_nats(nats, "'--nats'" if nats is not None else "'--workers'")
     if nats is None:  # a private nats-server is started: its binary, before anything starts
         from .._nats import NatsServerError, find_nats_server

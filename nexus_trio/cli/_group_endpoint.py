@@ -21,7 +21,14 @@ it supervises:
 * ``/metrics`` — every worker's series, each sample with a ``worker`` label added, and
   ``nexus_group_worker_up{worker}`` (1 when its ``/metrics`` answered within
   :data:`METRICS_TIMEOUT`, else 0 and its series are left out of this scrape; 0 for a
-  worker not started or ended, which is not asked).
+  worker not started or ended, which is not asked), and the endpoint's own series:
+  ``nexus_group_scrapes_total``, ``nexus_group_scrape_duration_seconds``,
+  ``nexus_group_worker_scrape_duration_seconds{worker}`` and
+  ``nexus_group_worker_scrape_failures_total{worker,reason}``.
+
+A worker whose answer failed is looked at again (its state, which reads its end with
+``waitid(WNOWAIT)``) before its port's words are trusted: one killed as it was asked is
+named ``ended (killed by SIGKILL)``, not by what its half-closed port said.
 
 Requests that are no HTTP/1.x request are refused as a worker's endpoint refuses them
 (the same server: :func:`nexus_trio.metrics.serve_routes`). The endpoint runs its own Trio
@@ -33,13 +40,15 @@ PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.te
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from typing import Final
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Final
 
 import attrs
 import trio
@@ -47,6 +56,9 @@ import trio
 from .._logcall import log_guarded
 from ..metrics import serve_routes
 from ._hosts import probe_host, url_host
+
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
 
 log = logging.getLogger("nexus_trio.cli")
 
@@ -68,6 +80,11 @@ NOT_STARTED: Final = "not started"
 STARTING: Final = "starting"
 RUNNING: Final = "running"
 ENDED: Final = "ended"
+#: why a worker asked gave a scrape of the group no usable /metrics (the ``reason``
+#: label of ``nexus_group_worker_scrape_failures_total``)
+NO_ANSWER: Final = "no_answer"
+BAD_STATUS: Final = "status"
+NOT_PARSABLE: Final = "not_parsable"
 
 
 @attrs.frozen
@@ -167,6 +184,10 @@ class GroupEndpoint:
         self._error: BaseException | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._scope: trio.CancelScope | None = None
+        #: scrapes of the group served, and per (worker, reason) the scrapes in which
+        #: that worker, asked, gave no usable /metrics (see _own_series)
+        self._scrapes = 0
+        self._scrape_failures: collections.Counter[tuple[int, str]] = collections.Counter()
 
     def start(self) -> int:
         """Listen; the bound port. OSError (naming the address) if it cannot listen."""
@@ -244,10 +265,11 @@ class GroupEndpoint:
                     host, self.worker_ports[i], path, timeout=self.ask_timeout, limit=_MAX_ANSWER
                 )
             except OSError as exc:
-                problems[i] = f"worker-{i}: {exc}"
+                problems[i] = self._ended_since(i) or f"worker-{i}: {exc}"
                 return
             if status != 200:
-                problems[i] = f"worker-{i}: {_one_line(body) or f'status {status}'}"
+                said = _one_line(body) or f"status {status}"
+                problems[i] = self._ended_since(i) or f"worker-{i}: {said}"
 
         async with trio.open_nursery() as nursery:
             for i, (how, end) in enumerate(state.workers):
@@ -264,6 +286,17 @@ class GroupEndpoint:
         # (stopping: the workers that ended are still named, the one that died first too)
         return ["shutting down"] * state.stopping + [p for p in problems if p is not None]
 
+    def _ended_since(self, i: int) -> str | None:
+        """``worker-i: ended (how)`` if worker ``i``, running when it was asked, has
+        ended since (the state reads its end with ``waitid(WNOWAIT)`` before its watch
+        reaps it), else None: a worker just killed, its threads still exiting, has a
+        port that refuses, resets or does not answer for a moment, and what its port
+        said is not trusted over its end."""
+        workers = self.state().workers
+        if i < len(workers) and workers[i][0] == ENDED:
+            return f"worker-{i}: ended ({workers[i][1]})"
+        return None
+
     async def _metrics(self) -> bytes:
         """Every worker's series with a ``worker`` label, and whether each answered. A
         worker not started yet, or ended, is not asked (up 0): what answers on its port
@@ -273,7 +306,11 @@ class GroupEndpoint:
         texts: list[str | None] = [None] * len(self.worker_ports)
         state = self.state()
 
+        took: dict[int, float] = {}
+        failures = self._scrape_failures
+
         async def scrape(i: int) -> None:
+            began = time.perf_counter()
             try:
                 status, body = await ask(
                     host,
@@ -284,23 +321,81 @@ class GroupEndpoint:
                 )
             except OSError as exc:
                 log_guarded(log, logging.DEBUG, "worker-%d's /metrics: %s", i, exc)
+                failures[i, NO_ANSWER] += 1
                 return
+            finally:
+                took[i] = time.perf_counter() - began
             if status == 200:
                 texts[i] = body.decode("utf-8", "replace")
+            else:
+                failures[i, BAD_STATUS] += 1
 
+        began = time.perf_counter()
         async with trio.open_nursery() as nursery:
             for i, (how, _end) in enumerate(state.workers):
                 if how in (STARTING, RUNNING):
                     nursery.start_soon(scrape, i)
-        return render_group_metrics(texts)
+        self._scrapes += 1
+        scrape_took = time.perf_counter() - began
+
+        def unparsable(i: int) -> None:
+            failures[i, NOT_PARSABLE] += 1
+
+        def own() -> Iterator[Metric]:
+            yield from self._own_series(scrape_took, took)
+
+        return render_group_metrics(texts, own=own, on_unparsable=unparsable)
+
+    def _own_series(self, scrape_took: float, took: dict[int, float]) -> Iterator[Metric]:
+        """The endpoint's own series (after its scrape's failures were all counted)."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        yield CounterMetricFamily(
+            "nexus_group_scrapes",
+            "scrapes of the group's /metrics served, this one included",
+            value=self._scrapes,
+        )
+        yield GaugeMetricFamily(
+            "nexus_group_scrape_duration_seconds",
+            "seconds this scrape of the group took to ask its workers (the slowest, or"
+            " the bound of one that did not answer)",
+            value=scrape_took,
+        )
+        durations = GaugeMetricFamily(
+            "nexus_group_worker_scrape_duration_seconds",
+            "seconds the worker's /metrics took to answer (or fail) this scrape of the"
+            " group; no sample for a worker not asked (not started, or ended)",
+            labels=["worker"],
+        )
+        for i in sorted(took):
+            durations.add_metric([f"worker-{i}"], took[i])
+        yield durations
+        failed = CounterMetricFamily(
+            "nexus_group_worker_scrape_failures",
+            "scrapes of the group in which the worker, asked, gave no usable /metrics, by"
+            " reason: no_answer (not reached, closed, or no answer within the bound),"
+            " status (not 200), not_parsable",
+            labels=["worker", "reason"],
+        )
+        for i in range(len(self.worker_ports)):
+            for reason in (NO_ANSWER, BAD_STATUS, NOT_PARSABLE):
+                failed.add_metric([f"worker-{i}", reason], self._scrape_failures[i, reason])
+        yield failed
 
 
 _METRICS_FORMAT: Final = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def render_group_metrics(texts: Sequence[str | None]) -> bytes:
+def render_group_metrics(
+    texts: Sequence[str | None],
+    *,
+    own: Callable[[], Iterable[Metric]] | None = None,
+    on_unparsable: Callable[[int], None] | None = None,
+) -> bytes:
     """The Prometheus text of the workers' texts (None: that worker did not answer), each
-    sample labelled ``worker="worker-i"``, with ``nexus_group_worker_up``."""
+    sample labelled ``worker="worker-i"``, with ``nexus_group_worker_up``, and the series
+    ``own()`` gives (the endpoint's own, read once the texts were parsed: each one not
+    parsable is told to ``on_unparsable`` with its worker's index first)."""
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.core import GaugeMetricFamily, Metric
     from prometheus_client.parser import text_string_to_metric_families
@@ -321,6 +416,8 @@ def render_group_metrics(texts: Sequence[str | None]) -> bytes:
             except ValueError as exc:  # (not ours: said, and left out)
                 log_guarded(log, logging.WARNING, "%s's /metrics is not parsable: %s", worker, exc)
                 text = None
+                if on_unparsable is not None:
+                    on_unparsable(i)
         up.add_metric([worker], 0 if text is None else 1)
         for family in parsed:
             merged = families.get(family.name)
@@ -336,6 +433,8 @@ def render_group_metrics(texts: Sequence[str | None]) -> bytes:
     class _Families:
         def collect(self) -> Iterator[Metric]:
             yield up
+            if own is not None:
+                yield from own()
             yield from families.values()
 
     registry = CollectorRegistry(auto_describe=False)
