@@ -3381,3 +3381,74 @@ def test_what_a_workers_app_prints_reaches_stderr_in_whole_lines() -> None:
     assert writes[3:] == ["partial", "<flush>"]
     out.flush()  # nothing held: only the target's flush
     assert writes[5:] == ["<flush>"]
+
+
+def test_a_summary_not_conserved_says_why_naming_the_worker() -> None:
+    """A worker counted lost by some workers and settled with by others (it came back
+    after one of them read its ``lost_peers``) cannot be counted exactly: its own books
+    and their ``lost_with_nodes`` estimate of it overlap by an amount no summary gives
+    (a summary lists what it took from the peers it lost only; the estimate is one for
+    all lost nodes). Until the forty-third pass the summary said a bare ``conserved:
+    false``; ``why_not_conserved`` now names the worker and the reason, and each other
+    kind of failure (a partition, books that do not balance, a dead worker's unknown
+    books, the cluster's difference); it is ``[]`` when the books are conserved."""
+    from rich.console import Console
+
+    from nexus_trio.cli._cluster_cmd import aggregate_summaries
+    from nexus_trio.cli._view import summary_table
+
+    def worker(node: str, lost_peers: dict | None = None, **counts: int) -> dict:
+        entry = {**json.loads(canned_summary(node, lost_peers)), "died": False}
+        entry.update(exit="exit code 0", **counts)
+        return entry
+
+    handed = {"pid": 1, "handed_to": 5, "taken_from": 0}
+    worker_0 = worker(
+        "worker-0",
+        {"worker-1": handed},
+        sent=5,
+        accepted=5,
+        forwarded=5,
+        forwarded_out=5,
+        lost_counted=2,
+    )
+    worker_0["lost_counted_by_kind"] = {"lost_with_nodes": 2}
+    worker_1 = worker("worker-1", accepted=5, handled=5, forwarded_in=5)
+    summary = aggregate_summaries([worker_0, worker_1, worker("worker-2")])
+    assert summary["conserved"] is False
+    assert summary["why_not_conserved"] == [
+        "worker-1: counted lost by worker-0 and settled with by worker-2: its own books"
+        " and their lost_with_nodes count of it both hold what they handed to it (5), by"
+        " how much each is not known",
+        "the cluster's books are off by -2: sent 5, handled, replied or dead 5, lost"
+        " (counted) 2, handed to dead workers 0",
+    ]
+    console = Console(width=300, record=True)
+    console.print(summary_table(summary))
+    text = console.export_text()
+    assert "why worker-1: counted lost by worker-0 and settled with by worker-2" in " ".join(
+        text.split()
+    )
+    # a partition: each counted the other lost (neither is written off), and worker-1
+    # handled 2 of the 5 worker-0 counted lost
+    partition = aggregate_summaries(
+        [
+            worker("worker-0", {"worker-1": handed}, sent=5, lost_counted=5),
+            worker("worker-1", {"worker-0": handed}, accepted=2, handled=2, forwarded_in=2),
+        ]
+    )
+    assert partition["conserved"] is False
+    assert partition["why_not_conserved"][:2] == [
+        f"worker-{i}: counted lost by every other worker, as each of them was by another"
+        " (a partition): each side's books count what went to the other as lost"
+        for i in (0, 1)
+    ]
+    # books that do not balance, a dead worker no survivor saw lost
+    unbalanced = worker("worker-0", accepted=3, conserved=False)
+    dead = {"node": "worker-1", "died": True, "error": "died", "conserved": None}
+    assert aggregate_summaries([unbalanced, dead])["why_not_conserved"] == [
+        "worker-0: its own books do not balance (accepted 3, not all handled, replied,"
+        " forwarded out or dead letters)",
+        "worker-1: died, its books unknown: not seen lost by worker-0",
+    ]
+    assert aggregate_summaries([worker("worker-0"), worker("worker-1")])["why_not_conserved"] == []

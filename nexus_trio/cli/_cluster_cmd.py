@@ -400,9 +400,76 @@ def aggregate_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
         and all(s.get("books") in (SEEN_FROM_OUTSIDE, FROM_ITS_RECORD, NEVER_JOINED) for s in died)
         and total["sent"] == ended + total["lost_counted"] + into_dead
     )
+    total["why_not_conserved"] = (
+        [] if total["conserved"] else _why_not_conserved(total, summaries, alive, died, not_started)
+    )
     total["settled_books"], total["settled_books_differ"] = _settled_books_once(summaries)
     total["per_worker"] = [_without_settled_books(s) for s in summaries]
     return total
+
+
+def _why_not_conserved(
+    total: Mapping[str, Any],
+    summaries: Sequence[dict[str, Any]],
+    alive: Sequence[dict[str, Any]],
+    died: Sequence[dict[str, Any]],
+    not_started: Sequence[dict[str, Any]],
+) -> list[str]:
+    """Why the books of :func:`aggregate_summaries` are not conserved, one reason a line,
+    each naming the worker it is about: a worker counted lost by some workers and settled
+    with by others (its own books and their count of what was lost with it overlap, and
+    neither says by how much: a summary lists what it took from the peers it lost only,
+    and ``lost_with_nodes`` is one estimate for all of them), workers that each counted
+    the other lost (a partition), a worker whose own books did not balance, a dead one
+    whose books are unknown, and the cluster's difference."""
+    why: list[str] = []
+    if not (alive or (not_started and not died)):
+        why.append("no worker reported its books")
+    counted = [*alive, *died, *not_started]
+    for s in summaries:
+        if not any(s is c for c in counted):
+            why.append(f"{s.get('node')}: no books in its summary")
+    for s in alive:
+        node = s.get("node")
+        others = [o for o in alive if o is not s]
+        lost_by = [str(o.get("node")) for o in others if node in (o.get("lost_peers") or {})]
+        settled_by = [str(o.get("node")) for o in others if str(o.get("node")) not in lost_by]
+        if lost_by and settled_by:
+            handed = sum(
+                int((o.get("lost_peers") or {})[node].get("handed_to") or 0)
+                for o in others
+                if str(o.get("node")) in lost_by
+            )
+            why.append(
+                f"{node}: counted lost by {', '.join(lost_by)} and settled with by"
+                f" {', '.join(settled_by)}: its own books and their lost_with_nodes count"
+                f" of it both hold what they handed to it ({handed}), by how much each is"
+                " not known"
+            )
+        elif lost_by:  # (lost to all others and not written off: a partition, see above)
+            why.append(
+                f"{node}: counted lost by every other worker, as each of them was by"
+                " another (a partition): each side's books count what went to the other as"
+                " lost"
+            )
+        if not s.get("conserved"):
+            why.append(
+                f"{node}: its own books do not balance (accepted {s.get('accepted')}, not"
+                " all handled, replied, forwarded out or dead letters)"
+            )
+    for s in died:
+        if s.get("books") not in (SEEN_FROM_OUTSIDE, FROM_ITS_RECORD, NEVER_JOINED):
+            why.append(f"{s.get('node')}: died, its books {s.get('books') or 'unknown'}")
+    balance = total["cluster_balance"]
+    ended, lost = balance["handled_replied_or_dead"], balance["lost_counted"]
+    into_dead = balance["handed_to_dead_workers"]
+    if balance["sent"] != ended + lost + into_dead:
+        why.append(
+            f"the cluster's books are off by {balance['sent'] - (ended + lost + into_dead)}:"
+            f" sent {balance['sent']}, handled, replied or dead {ended}, lost (counted)"
+            f" {lost}, handed to dead workers {into_dead}"
+        )
+    return why or ["unknown"]
 
 
 def _written_off_as_dead(summaries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

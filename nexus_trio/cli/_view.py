@@ -324,6 +324,8 @@ def summary_table(summary: Mapping[str, Any], *, ascii_marks: bool = False) -> T
         "accounting",
         Text(law + (tick if ok else f"{cross} MISMATCH"), style="green" if ok else "bold red"),
     )
+    for reason in () if ok else summary.get("why_not_conserved") or ():
+        table.add_row("  why", Text(str(reason), style="bold red"))
     return table
 
 
