@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -521,6 +522,14 @@ async def test_a_worker_that_ended_while_it_was_asked_is_named_as_ended(port_say
                     503,
                     b"worker-0: ended (killed by SIGKILL)\n",
                 )
+            # (nor is its scrape counted as a failure: it ended)
+            reads.clear()
+            scraped = (await endpoint.route("/metrics"))[1].decode()
+            assert 'nexus_group_worker_up{worker="worker-0"} 0.0' in scraped
+            counted = re.findall(
+                r"^nexus_group_worker_scrape_failures_total\{.*\} (\S+)$", scraped, re.M
+            )
+            assert counted == ["0.0"] * 3
             ends["ended"] = False
             reads.clear()
             said = (await endpoint.route("/healthz"))[1].decode()

@@ -321,13 +321,14 @@ class GroupEndpoint:
                 )
             except OSError as exc:
                 log_guarded(log, logging.DEBUG, "worker-%d's /metrics: %s", i, exc)
-                failures[i, NO_ANSWER] += 1
+                if not self._ended_since(i):  # (one that ended meanwhile is no failure)
+                    failures[i, NO_ANSWER] += 1
                 return
             finally:
                 took[i] = time.perf_counter() - began
             if status == 200:
                 texts[i] = body.decode("utf-8", "replace")
-            else:
+            elif not self._ended_since(i):
                 failures[i, BAD_STATUS] += 1
 
         began = time.perf_counter()
