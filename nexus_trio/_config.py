@@ -624,6 +624,14 @@ def _check_optional_text(inst: Any, attribute: attrs.Attribute[Any], value: Any)
         )
 
 
+def _unset_or(check: Any) -> Any:
+    def optional(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if value is not None:
+            check(inst, attribute, value)
+
+    return optional
+
+
 def _nats_key(doc: str, example: str, *, secret: bool = False) -> Any:
     # ``example``: the commented value in the template; ``secret``: `nexus config show`
     # prints that the key is set, never its value.
@@ -659,14 +667,19 @@ class NatsConfig:
     tls_key: str | None = _nats_key(
         "client private key file (PEM), with tls_cert", "/etc/nexus/nats-client-key.pem"
     )
-    server_lost_wait: float = attrs.field(
-        default=5.0,
-        validator=_at_least(0),
-        metadata=_doc(
-            "seconds a NATS connection may stay down (a failover, a restarted server) before"
-            " a node's leave gives up what needs it and a --workers worker fails"
-            " (NatsServerLost); raise it above how long your servers take to fail over"
-        ),
+    server_lost_wait: float | None = attrs.field(
+        default=None,
+        validator=_unset_or(_at_least(0)),
+        metadata={
+            **_doc(
+                "seconds a NATS connection may stay down (a failover, a restarted server)"
+                " before a node's leave gives up what needs it and a --workers worker fails"
+                " (NatsServerLost); unset = [cluster] heartbeat_interval x"
+                " missed_heartbeats (5); raise it above how long your servers take to fail"
+                " over"
+            ),
+            "example": 30.0,
+        },
     )
 
 
@@ -694,14 +707,6 @@ def _check_prefix(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> Non
             f"[{_section_of(inst)}] {attribute.name} must be letters, digits, '-' or '_'"
             f" (it is part of NATS subjects), got {shown(value)}"
         )
-
-
-def _unset_or(check: Any) -> Any:
-    def optional(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if value is not None:
-            check(inst, attribute, value)
-
-    return optional
 
 
 def _key(default: Any, check: Any, doc: str, example: Any = None) -> Any:
@@ -863,19 +868,44 @@ class DurableConfig:
 LAST_NOTICE_MARGIN = 13.0
 
 
+def loss_window(heartbeat_interval: float, missed_heartbeats: int) -> float:
+    """Seconds the other members still hold a silent node reachable: what
+    ``server_lost_wait`` left unset is (``ClusterOptions`` and ``[nats]`` alike)."""
+    return float(heartbeat_interval * missed_heartbeats)
+
+
+def server_lost_wait_of(config: Config) -> float:
+    """``[nats] server_lost_wait`` as a node joined from ``config`` uses it: as set, else
+    the ``[cluster]`` heartbeats' :func:`loss_window` (5 s at their defaults)."""
+    given = config.nats.server_lost_wait
+    if given is None:
+        return loss_window(config.cluster.heartbeat_interval, config.cluster.missed_heartbeats)
+    return given
+
+
 def check_across_sections(config: Config) -> None:
     """The rules across keys of two sections: ``[cluster] last_notice_wait`` above ``[nats]
     server_lost_wait`` (else :class:`CrossKeyError` naming both); left unset, the wait
     derived from ``server_lost_wait`` too (a wait so large, beyond 10**17 s, that adding
-    13 s to it changes no float would be refused by the options at the join)."""
-    given, lost_wait = config.cluster.last_notice_wait, config.nats.server_lost_wait
+    13 s to it changes no float would be refused by the options at the join).
+    ``server_lost_wait`` unset is the heartbeats' :func:`loss_window`, and the error then
+    names ``[cluster] heartbeat_interval`` and ``missed_heartbeats`` too."""
+    given, lost_wait = config.cluster.last_notice_wait, server_lost_wait_of(config)
+    lost_keys: tuple[str, ...] = ("nats.server_lost_wait",)
+    derived = ""
+    if config.nats.server_lost_wait is None:
+        lost_keys += ("cluster.heartbeat_interval", "cluster.missed_heartbeats")
+        derived = (
+            "; [nats] server_lost_wait is unset, so it is [cluster] heartbeat_interval x"
+            " missed_heartbeats: set it, or lower those"
+        )
     if given is None and not lost_wait + LAST_NOTICE_MARGIN > lost_wait:
         raise CrossKeyError(
             f"[nats] server_lost_wait ({shown(lost_wait)}) is too large: [cluster]"
             f" last_notice_wait, unset, is server_lost_wait + {LAST_NOTICE_MARGIN:g}, which"
             " must be above it and is not (a float that large ignores the addition);"
-            " lower server_lost_wait",
-            "nats.server_lost_wait",
+            f" lower server_lost_wait{derived}",
+            *lost_keys,
             "cluster.last_notice_wait",
         )
     if given is not None and not given > lost_wait:
@@ -883,9 +913,9 @@ def check_across_sections(config: Config) -> None:
             f"[cluster] last_notice_wait ({shown(given)}) must be above [nats]"
             f" server_lost_wait ({shown(lost_wait)}): a leave riding out a failover sends"
             " its last notice up to server_lost_wait late; raise last_notice_wait, or leave"
-            " it unset (server_lost_wait + 13)",
+            f" it unset (server_lost_wait + 13){derived}",
             "cluster.last_notice_wait",
-            "nats.server_lost_wait",
+            *lost_keys,
         )
 
 

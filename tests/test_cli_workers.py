@@ -1947,10 +1947,10 @@ def test_the_straggler_graces_grow_with_the_server_lost_wait() -> None:
         with pytest.raises(ValueError, match=r"^\[nats\] server_lost_wait must be"):
             _cluster_cmd.run_workers(1, [], server_lost_wait=bad)  # type: ignore[arg-type]
     # (run_workers' default is the key's)
-    from nexus_trio._config import NatsConfig
+    from nexus_trio._config import Config, server_lost_wait_of
 
     default = inspect.signature(_cluster_cmd.run_workers).parameters["server_lost_wait"]
-    assert default.default == NatsConfig().server_lost_wait
+    assert default.default == server_lost_wait_of(Config()) == 5.0
 
 
 @pytest.mark.usefixtures("restore_logging", "isolated")

@@ -963,7 +963,7 @@ def test_template_round_trip_gives_the_defaults(home: Path) -> None:
         "cluster.last_notice_wait",
         "durable.max_age",
         "durable.max_messages",
-    } | {k for k in ALL_KEYS if k.startswith("nats.") and k != "nats.server_lost_wait"}
+    } | {k for k in ALL_KEYS if k.startswith("nats.")}
     assert written == ALL_KEYS - unset
 
 

@@ -181,8 +181,24 @@ def write(tmp_path: Path, text: str) -> Path:
             "cluster.last_notice_wait",
             "[cluster] last_notice_wait (4.5) must be above [nats] server_lost_wait (5.0): a"
             " leave riding out a failover sends its last notice up to server_lost_wait late;"
-            " raise last_notice_wait, or leave it unset (server_lost_wait + 13) ([cluster]"
-            " last_notice_wait from line 2; [nats] server_lost_wait from its default)",
+            " raise last_notice_wait, or leave it unset (server_lost_wait + 13); [nats]"
+            " server_lost_wait is unset, so it is [cluster] heartbeat_interval x"
+            " missed_heartbeats: set it, or lower those ([cluster] last_notice_wait from line"
+            " 2; [nats] server_lost_wait from its default; [cluster] heartbeat_interval from"
+            " its default; [cluster] missed_heartbeats from its default)",
+        ),
+        (
+            # (unset, [nats] server_lost_wait is the heartbeats' window: 2 s x 5 = 10 s)
+            "[cluster]\nheartbeat_interval = 2.0\nlast_notice_wait = 8\n",
+            3,
+            "cluster.last_notice_wait",
+            "[cluster] last_notice_wait (8) must be above [nats] server_lost_wait (10.0): a"
+            " leave riding out a failover sends its last notice up to server_lost_wait late;"
+            " raise last_notice_wait, or leave it unset (server_lost_wait + 13); [nats]"
+            " server_lost_wait is unset, so it is [cluster] heartbeat_interval x"
+            " missed_heartbeats: set it, or lower those ([cluster] last_notice_wait from line"
+            " 3; [nats] server_lost_wait from its default; [cluster] heartbeat_interval from"
+            " line 2; [cluster] missed_heartbeats from its default)",
         ),
         (
             "[nats]\nserver_lost_wait = 40\n[cluster]\nlast_notice_wait = 40\n",

@@ -69,7 +69,7 @@ from nats.js.kv import KeyValue
 
 from .._agent import check_agent_name
 from .._brief import brief
-from .._config import Config
+from .._config import Config, loss_window
 from .._deadletter import DeadLetterReason
 from .._errors import (
     AgentNotFound,
@@ -358,7 +358,7 @@ class ClusterOptions:
         field ``_server_lost_wait``)."""
         given = self._server_lost_wait
         if given is None:
-            return float(self.heartbeat_interval * self.missed_heartbeats)
+            return loss_window(self.heartbeat_interval, self.missed_heartbeats)
         return given
 
     @property

@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .. import AppConfig, MetricsConfig, __version__
-from .._config import MAX_AGENTS, shown, values_as_toml
+from .._config import MAX_AGENTS, server_lost_wait_of, shown, values_as_toml
 from . import _bench_cmd, _send_cmd
 from ._commands import (
     PROGRAM_NAMES,
@@ -884,7 +884,7 @@ def _run_workers(
         nats_url=nats,
         metrics_port=cfg.metrics.port,
         shutdown_grace=cfg.kernel.shutdown_grace,
-        server_lost_wait=cfg.nats.server_lost_wait,
+        server_lost_wait=server_lost_wait_of(cfg),
         group_port=group_port,
         metrics_host=cfg.metrics.host,
         max_connections=cfg.metrics.max_connections,
