@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nexus_trio import ClusterConfig, Config, DurableConfig, NatsConfig
-from nexus_trio._config import LAST_NOTICE_MARGIN, CrossKeyError
+from nexus_trio._config import LAST_NOTICE_MARGIN, CrossKeyError, server_lost_wait_of
 from nexus_trio.config import ConfigError, load_config, render_template
 from nexus_trio.nats import ClusterOptions, DurableOptions
 
@@ -107,6 +107,20 @@ def test_a_config_without_the_keys_gives_the_options_of_before(tmp_path: Path) -
     waited = ClusterOptions.from_config(Config(nats=NatsConfig(server_lost_wait=30.0)))
     assert waited == ClusterOptions(server_lost_wait=30.0)
     assert waited.last_notice_wait == 43.0
+
+
+def test_server_lost_wait_unset_in_the_file_follows_the_heartbeat_keys(tmp_path: Path) -> None:
+    """``[nats] server_lost_wait`` unset is the ``[cluster]`` heartbeats' window, as
+    ``ClusterOptions`` left out derives it: a file that slows the heartbeats to 2 s x 7
+    gives a node (and the ``--workers`` parent's timers) 14 s, and the last notice's wait
+    27 s; a given value wins."""
+    config = load(tmp_path, "[cluster]\nheartbeat_interval = 2.0\nmissed_heartbeats = 7\n")
+    assert config.nats.server_lost_wait is None
+    assert server_lost_wait_of(config) == 14.0
+    options = ClusterOptions.from_config(config)
+    assert (options.server_lost_wait, options.last_notice_wait) == (14.0, 27.0)
+    given = load(tmp_path, "[nats]\nserver_lost_wait = 3\n[cluster]\nheartbeat_interval = 2.0\n")
+    assert server_lost_wait_of(given) == ClusterOptions.from_config(given).server_lost_wait == 3
 
 
 @pytest.mark.parametrize(("section", "key"), KEYS)
