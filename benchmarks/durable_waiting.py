@@ -138,9 +138,7 @@ async def one_round(messages: int, missing: float) -> dict[str, Any]:
             out["drain_s"] = round(time.monotonic() - start, 2)
             out["node_cpu_drain_s"] = round(_own_cpu() - cpu0, 2)
             out["server_cpu_drain_s"] = round(_server_cpu(pid) - scpu0, 2)
-            stats = cluster.stats()
-            for key in ("agent_missing", "wait_full", "dead", "acked"):
-                out[key] = getattr(stats, f"durable_{key}")
+            out.update(counters(cluster))
             out["handled"] = len(handled)
             out["handled_distinct"] = len(set(handled))
             await kernel.shutdown()
@@ -149,14 +147,26 @@ async def one_round(messages: int, missing: float) -> dict[str, Any]:
         server.stop()
 
 
+def counters(cluster: Any, prefix: str = "") -> dict[str, int]:
+    """The node's durable counters of a round (``prefix`` before each key)."""
+    stats = cluster.stats()
+    keys = ("agent_missing", "wait_full", "dead", "acked")
+    return {f"{prefix}{key}": getattr(stats, f"durable_{key}") for key in keys}
+
+
+def print_rounds(rounds: int, one: Any, *args: Any) -> None:
+    """Run ``one(*args)`` ``rounds`` times, each printed as a line of JSON."""
+    for _ in range(rounds):
+        print(json.dumps(trio.run(one, *args)), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=10_000)
     parser.add_argument("--missing", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
-    for _ in range(args.rounds):
-        print(json.dumps(trio.run(one_round, args.messages, args.missing)), flush=True)
+    print_rounds(args.rounds, one_round, args.messages, args.missing)
 
 
 if __name__ == "__main__":

@@ -326,14 +326,7 @@ async def test_messages_waiting_on_a_lost_node_s_consumer_leave_slots_to_its_oth
             await child.stop()
     assert handled == [(sent.id, "not held up")]
     assert (consumer.num_ack_pending, consumer.num_pending) == (3, 0)
-    counts = ("agent_missing", "wait_full", "dead", "taken_over", "forwarded")
-    assert {key: getattr(stats, f"durable_{key}") for key in counts} == {
-        "agent_missing": 3,
-        "wait_full": 1,
-        "dead": 1,
-        "taken_over": 2,
-        "forwarded": 1,
-    }
+    assert _takeover_counts(stats) == _THREE_WAIT_ONE_FULL
 
 
 async def test_a_takeover_s_fetches_that_get_no_answer_are_counted_and_it_goes_on_after() -> None:
@@ -371,3 +364,120 @@ async def test_a_takeover_s_fetches_that_get_no_answer_are_counted_and_it_goes_o
     assert handled[1] == (sent.id, "after")
     assert stats.durable_fetch_failures["takeover"] == durable.takeover_fetch_failures >= 1
     assert stats.durable_dead == 0
+
+
+#: a takeover's outcomes when 3 of its messages wait, the next is terminated (too many
+#: wait) and a message by a name that runs is forwarded
+_THREE_WAIT_ONE_FULL: dict[str, int] = {
+    "agent_missing": 3,
+    "wait_full": 1,
+    "dead": 1,
+    "taken_over": 2,
+    "forwarded": 1,
+}
+
+
+def _takeover_counts(stats: Any) -> dict[str, int]:
+    """A takeover's outcomes in ``stats`` (a ClusterStats)."""
+    counts = ("agent_missing", "wait_full", "dead", "taken_over", "forwarded")
+    return {key: getattr(stats, f"durable_{key}") for key in counts}
+
+
+def _lost_record(reachable: bool = False) -> NodeInfo:
+    """A member record of node c (made by hand: no process of c runs), lost or heard."""
+    return NodeInfo(
+        "c", 0xC0FFEE, 1, "h", 0.0, {}, monotonic() + 3600, reachable=reachable, durable=True
+    )
+
+
+@asynccontextmanager
+async def _a_and_c_of_four_slots(
+    url: str, handled: list[tuple[uuid.UUID, Any]]
+) -> AsyncIterator[tuple[Cluster, Any]]:
+    """Node a (``ONE_SLOT_LONG_WAIT``) running ``keeper-a`` (which keeps what it gets in
+    ``handled``), and node c's durable consumer with 4 unacknowledged slots (as a node of
+    ``max_in_flight`` 1 made it with ``max_waiting`` 0), ``ack_wait`` 30 s: a, and a pull
+    subscription of that consumer. c's record (set by hand) is dropped at the end."""
+    async with local_node(url, "a", durable=ONE_SLOT_LONG_WAIT) as (ka, ca):
+        ka.spawn(_keeper(handled, "keeper-a"))
+        try:
+            with trio.fail_after(10):
+                stream = f"{ca.prefix}-durable"
+                psub = await call_aio(ca.durable._subscribe, "c")
+                info = await call_aio(ca.data_js.consumer_info, stream, "c")
+                config = info.config.evolve(max_ack_pending=4, ack_wait=30.0)
+                await call_aio(ca.data_js.add_consumer, stream, config=config)
+            yield ca, psub
+        finally:
+            ca.members.members.pop("c", None)
+
+
+async def test_a_takeover_counts_the_slots_the_lost_node_held_against_its_waiting_bound(
+    nats: NatsServer,
+) -> None:
+    """Item 2 of the forty-third pass: c's consumer has 4 unacknowledged slots (made with
+    ``max_waiting`` 0), and c held one of them when it was lost (fetched, never answered:
+    held until its ``ack_wait``, 30 s). The takeover let 3 wait (3/4 of the slots), so
+    with c's one all 4 were held and the message by the name of a's agent, stored after
+    them, was delivered no more until they died (60 s here): the wait timed out. The
+    slots JetStream counts held at the takeover's bind (``num_ack_pending``) count against
+    its bound now: 2 wait, the next is terminated (``durable_wait_full``) and a's message
+    is forwarded and handled. (c's record is set by hand: no process of it runs.)"""
+    handled: list[tuple[uuid.UUID, Any]] = []
+    async with _a_and_c_of_four_slots(nats.url, handled) as (ca, psub):
+        with trio.fail_after(15):
+            await store_for(ca, "nowhere-a", "held by c", node="c")
+            held = await call_aio(psub.fetch, 1, timeout=5.0)
+            await call_aio(psub.unsubscribe)
+            for n in range(3):
+                await store_for(ca, "nowhere-a", n, node="c")
+            sent = await store_for(ca, "keeper-a", "not held up", node="c")
+            ca.members.members["c"] = _lost_record()
+            ca.durable.takeovers_changed()
+            await until(lambda: len(handled) >= 1)
+            await until(lambda: ca.stats().durable_taken_over >= 2)
+            consumer = await call_aio(ca.data_js.consumer_info, f"{ca.prefix}-durable", "c")
+        stats = ca.stats()
+    assert len(held) == 1
+    assert handled == [(sent.id, "not held up")]
+    assert (consumer.num_ack_pending, consumer.num_pending) == (3, 0)  # c's one, 2 waiting
+    assert _takeover_counts(stats) == {
+        "agent_missing": 2,
+        "wait_full": 1,
+        "dead": 1,
+        "taken_over": 2,
+        "forwarded": 1,
+    }
+    assert stats.durable_dead_reasons["wait_full"] == 1
+    assert stats.durable_dead_reasons["lost_node"] == 0
+
+
+async def test_messages_a_takeover_left_waiting_count_against_the_next_takeover_of_the_node(
+    nats: NatsServer,
+) -> None:
+    """Item 1 of the forty-third pass: the waiting bound was per takeover. c lost, its
+    takeover let 3 of its messages wait (its bound: 3/4 of 4 slots); c heard again, the
+    takeover ended; c lost again, the next takeover began with none counted while the 3
+    still held their slots (60 s delays here), let one more wait, and all 4 slots were
+    held: a's message stored after it was delivered no more (the wait timed out). One
+    bound per consumer now, kept across its takeovers (and the slots held at a bind
+    counted, see the test above): the fourth is terminated, a's message handled."""
+    handled: list[tuple[uuid.UUID, Any]] = []
+    async with _a_and_c_of_four_slots(nats.url, handled) as (ca, psub):
+        with trio.fail_after(20):
+            await call_aio(psub.unsubscribe)
+            for n in range(3):
+                await store_for(ca, "nowhere-a", n, node="c")
+            ca.members.members["c"] = _lost_record()
+            ca.durable.takeovers_changed()
+            await until(lambda: ca.stats().durable_agent_missing >= 3)
+            ca.members.members["c"] = _lost_record(reachable=True)  # heard again
+            await until(lambda: "c" not in ca.durable._takeovers)
+            ca.members.members["c"] = _lost_record()  # lost again
+            ca.durable.takeovers_changed()
+            await store_for(ca, "nowhere-a", 3, node="c")
+            sent = await store_for(ca, "keeper-a", "not held up", node="c")
+            await until(lambda: len(handled) >= 1)
+        stats = ca.stats()
+    assert handled == [(sent.id, "not held up")]
+    assert _takeover_counts(stats) == _THREE_WAIT_ONE_FULL

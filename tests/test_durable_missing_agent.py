@@ -19,6 +19,7 @@ import re
 import uuid
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -73,6 +74,12 @@ async def store_for(
         headers={wire.MSG_ID_HEADER: str(msg.id), **headers},
     )
     return msg
+
+
+def _own_counts(stats: Any) -> dict[str, int]:
+    """The outcomes of a node's own durable messages in ``stats`` (a ClusterStats)."""
+    counts = ("agent_missing", "wait_full", "dead", "acked")
+    return {key: getattr(stats, f"durable_{key}") for key in counts}
 
 
 async def _settled(cluster: Cluster) -> Any:
@@ -262,8 +269,7 @@ async def test_messages_waiting_for_a_missing_agent_leave_max_in_flight_slots_to
     # handled while three wait, once the fourth was terminated
     assert handled == [1]
     assert (consumer.num_ack_pending, consumer.num_pending) == (3, 0)
-    counts = ("agent_missing", "wait_full", "dead", "acked")
-    assert {key: getattr(stats, f"durable_{key}") for key in counts} == {
+    assert _own_counts(stats) == {
         "agent_missing": 3,
         "wait_full": 1,
         "dead": 1,
@@ -436,3 +442,168 @@ def test_a_full_wait_list_is_looked_through_only_once_an_entry_may_be_overdue() 
     )
     assert taken == [True, True] + [False] * 9
     assert (scans, after, scans_after) == (0, True, 1)
+
+
+async def test_messages_an_earlier_process_of_the_node_left_waiting_count_against_its_bound(
+    nats: NatsServer,
+) -> None:
+    """Item 1 of the forty-third pass: the waiting bound was per puller. A process of node
+    a let 4 messages wait (its bound, ``max_waiting`` 4; ``max_ack_pending`` 4 x 1 + 4 =
+    8) and left; they still held their slots (60 s delays). The next process of a began
+    with none counted, let 4 more wait, and all 8 slots were held: its message for an
+    agent that is there was delivered no more until they died (the wait timed out). The
+    slots JetStream counts held at the bind (``num_ack_pending``, those not nakked by
+    this process) count against the bound now, until they are delivered here again or
+    could be no longer held: the 4 new ones are terminated (``durable_wait_full``), the
+    message for ``here-a`` is handled."""
+    durable = attrs.evolve(ONE_SLOT_LONG_WAIT, max_waiting=4)
+
+    @agent(name="here-a")
+    async def here(ctx: Context, msg: Message) -> Any:
+        return "ok"
+
+    async with local_node(nats.url, durable=durable) as (_kernel, cluster):
+        with trio.fail_after(15):
+            for n in range(4):
+                await store_for(cluster, "gone-a", n)
+            await until(lambda: cluster.stats().durable_agent_missing >= 4)
+    async with local_node(nats.url, durable=durable) as (kernel, cluster):
+        kernel.spawn(here)
+        with trio.fail_after(15):
+            for n in range(4):
+                await store_for(cluster, "gone-a", f"again {n}")
+            await store_for(cluster, "here-a", "not held up")
+            await until(lambda: cluster.stats().durable_acked >= 1)
+            consumer = await call_aio(
+                cluster.data_js.consumer_info, f"{cluster.prefix}-durable", cluster.node
+            )
+        stats = cluster.stats()
+    assert (consumer.num_ack_pending, consumer.num_pending) == (4, 0)
+    assert _own_counts(stats) == {
+        "agent_missing": 0,
+        "wait_full": 4,
+        "dead": 4,
+        "acked": 1,
+    }
+
+
+def test_slots_other_pullers_held_at_the_bind_count_until_redelivered_or_overdue() -> None:
+    """Item 1 of the forty-third pass (the rule, on a MockClock): ``held`` at the bind,
+    less those nakked here, counts against the bound; a redelivery of none of this
+    puller's frees one; all are free once they could be held no longer."""
+    from types import SimpleNamespace
+
+    from nexus_trio._nats._durable import _Waiting
+
+    def delivery(seq: int, delivered: int = 1) -> Any:
+        return SimpleNamespace(
+            metadata=SimpleNamespace(num_delivered=delivered, sequence=SimpleNamespace(stream=seq))
+        )
+
+    async def main() -> list[Any]:
+        options = DurableOptions(
+            ack_wait=1.0, missing_agent_delay=20.0, missing_agent_delay_max=20.0, max_waiting=4
+        )
+        waiting = _Waiting(0)
+        waiting.bind(4, "made", held=3, held_for=10.0)
+        seen: list[Any] = [waiting.count]
+        seen.append(waiting.room(delivery(1), options))  # 3 + 1: the bound
+        seen.append(waiting.room(delivery(2), options))
+        waiting.delivered(delivery(7, delivered=2))  # one of theirs, delivered here again
+        waiting.delivered(delivery(8, delivered=1))  # a first delivery: none of theirs
+        seen.append(waiting.count)
+        waiting.bind(4, "made", held=4, held_for=10.0)  # again: 1 of the 4 is this one's
+        seen.append(waiting.count)
+        await trio.sleep(10.0)
+        seen.append(waiting.count)  # theirs overdue; this puller's not yet (20 + 1 + 1 s)
+        return seen
+
+    seen = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert seen == [3, True, False, 3, 4, 1]
+
+
+async def test_each_kind_of_dead_durable_message_has_a_counter_of_its_own(
+    nats: NatsServer,
+) -> None:
+    """Item 3 of the forty-third pass: each kind of dead durable message has a throttled
+    log line of its own saying its count so far (``(N so far)``), and only the sum was a
+    counter (``durable_dead``): an operator could not alert on one kind. Now
+    ``durable_dead_reasons`` (and ``nexus_cluster_durable_dead_reasons_total{reason}``)
+    counts each, their sum ``durable_dead``: a body no kernel wrote, an agent id gone, a
+    handler that failed and one that never answered on the last delivery (``max_deliver``
+    1 here)."""
+    from nexus_trio._nats._metrics import ClusterCollector
+
+    @agent(name="fails-a")
+    async def fails(ctx: Context, msg: Message) -> Any:
+        raise RuntimeError("no")
+
+    @agent(name="silent-a")
+    async def silent(ctx: Context, msg: Message) -> None:
+        return None
+
+    durable = DurableOptions(ack_wait=1.0, max_deliver=1, redelivery_delay=0.01)
+    async with local_node(nats.url, durable=durable) as (kernel, cluster):
+        kernel.spawn(fails)
+        kernel.spawn(silent)
+        with trio.fail_after(20):
+            subject = wire.durable_subject(cluster.prefix, cluster.node, uuid.uuid4())
+            await call_aio(
+                cluster.data_js.publish, subject, b"no message", headers={wire.MSG_ID_HEADER: "x"}
+            )
+            gone = Message(sender=uuid.uuid4(), to=uuid.UUID(int=(0xBADC0DE << 64) | 1))
+            await call_aio(
+                cluster.data_js.publish,
+                subject,
+                wire.encode_message(gone),
+                headers={wire.MSG_ID_HEADER: str(gone.id)},
+            )
+            await store_for(cluster, "fails-a", 1)
+            await store_for(cluster, "silent-a", 2)
+            await until(lambda: cluster.stats().durable_dead >= 4)
+        stats = cluster.stats()
+        families = {f.name: f for f in ClusterCollector(cluster.stats).collect()}
+    assert stats.durable_dead_reasons == {
+        "undecodable": 1,
+        "agent_gone": 1,
+        "failed": 1,
+        "unanswered": 1,
+        "wait_full": 0,
+        "lost_node": 0,
+        "unforwarded": 0,
+    }
+    assert sum(stats.durable_dead_reasons.values()) == stats.durable_dead == 4
+    samples = families["nexus_cluster_durable_dead_reasons"].samples
+    assert {s.labels["reason"]: s.value for s in samples if s.name.endswith("_total")} == {
+        key: float(value) for key, value in stats.durable_dead_reasons.items()
+    }
+
+
+async def test_a_failure_to_make_the_durable_stream_anew_is_counted(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 3 of the forty-third pass: after a refused fetch (an operator deleted the
+    stream) the node makes the stream and its consumer anew; a failure of that had a
+    throttled line and no counter. ``durable_remake_failures`` counts it now (and
+    ``nexus_cluster_durable_remake_failures_total``); the next failed fetch tries again."""
+    import nats.errors as nats_errors
+
+    async with local_node(nats.url, durable=ONE_SLOT_LONG_WAIT) as (_kernel, cluster):
+        durable = cluster.durable
+        real = durable._setup
+        calls: list[int] = []
+
+        async def setup() -> Any:
+            calls.append(1)
+            if len(calls) == 1:
+                raise nats_errors.TimeoutError
+            return await real()
+
+        with trio.fail_after(20):
+            monkeypatch.setattr(durable, "_setup", setup)
+            await call_aio(cluster.data_js.delete_stream, f"{cluster.prefix}-durable")
+            await until(lambda: cluster.stats().durable_remake_failures >= 1)
+            await until(lambda: len(calls) >= 2 and cluster.readiness() is None)
+        stats = cluster.stats()
+    assert stats.durable_remake_failures == 1
+    assert stats.durable_fetch_failures["own"] >= 2

@@ -158,6 +158,11 @@ async def test_a_durable_message_whose_forward_fails_at_its_last_delivery_is_dea
         a, b = ca.stats(), cb.stats()
     assert len(forwards) == DURABLE.max_deliver
     assert (a.durable_forwarded, a.durable_dead, b.durable_acked) == (0, 1, 0)
+    # (forty-third pass: the counts its lines say, counters of their own)
+    assert (a.durable_forward_failures, a.durable_dead_reasons["unforwarded"]) == (
+        DURABLE.max_deliver - 1,
+        1,
+    )
     lines = [r.getMessage() for r in caplog.records if r.name == "nexus_trio.nats.durable"]
     nakked = [line for line in lines if line.endswith("(nakked: tried again) (1 so far)")]
     assert len(nakked) == 1, lines
@@ -199,6 +204,8 @@ async def test_a_durable_message_too_big_for_its_forward_s_headers_waits_where_i
         a, b = ca.stats(), cb.stats()
         assert not ca.nc.is_closed
     assert (a.durable_forwarded, a.durable_dead, b.durable_acked) == (0, 1, 0)
+    # (forty-third pass: the count its line says, a counter of its own)
+    assert (a.durable_too_big, a.durable_dead_reasons["failed"]) == (DURABLE.max_deliver, 1)
     lines = [r.getMessage() for r in caplog.records if r.name == "nexus_trio.nats.durable"]
     big = [line for line in lines if "more than NATS takes in one message" in line]
     assert len(big) == 1 and big[0].endswith("it waits here (1 so far)"), lines

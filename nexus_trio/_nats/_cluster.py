@@ -563,6 +563,27 @@ class ClusterStats:
     #: nakked back to the node's consumer, which the node pulls itself again (its agent
     #: may live), not dead
     durable_given_back: int = 0
+    #: ``durable_dead`` by why each was given up (their sum), each kind with a throttled
+    #: log line of its own (at most one a second, the rest said at the leave): this
+    #: counts them all. ``undecodable`` (a body no kernel wrote), ``agent_gone`` (by an
+    #: agent id no agent of this node has any more), ``failed`` (its handler failed on
+    #: the last of ``max_deliver`` deliveries), ``unanswered`` (no answer within
+    #: ``ack_wait`` on the last), ``wait_full`` (``durable_wait_full``: this node's
+    #: consumer's and the takeovers'), ``lost_node`` (taken over from a lost node: by
+    #: agent id, or a name that ran nowhere within ``max_deliver``), ``unforwarded`` (its
+    #: forward to where its name runs failed on the last delivery)
+    durable_dead_reasons: dict[str, int] = attrs.field(factory=dict)
+    #: forwards of durable messages to where their name runs now that JetStream did not
+    #: take (each nakked and tried again; dead on the last delivery, ``unforwarded``
+    #: in ``durable_dead_reasons``)
+    durable_forward_failures: int = 0
+    #: deliveries of durable messages by name not forwarded to the node their agent runs
+    #: on because the forward's headers made them bigger than NATS's ``max_payload``:
+    #: they wait here (``durable_agent_missing`` not counted; dead after ``max_deliver``)
+    durable_too_big: int = 0
+    #: failures to make the durable stream or this node's consumer anew (or bind them
+    #: again) after JetStream refused a fetch, each tried again at the next failed fetch
+    durable_remake_failures: int = 0
     #: the outbox's sends that failed, each logged (at most a line a second, the rest
     #: said at the leave): a message the NATS client refused (also counted as what it
     #: was: ``publish_failures``, ``errors_unsent``, or a gap at its receiver) and one
@@ -5674,6 +5695,10 @@ class Cluster:
             durable_not_forwarded=d.not_forwarded,
             durable_wait_full=d.wait_full,
             durable_given_back=d.given_back,
+            durable_dead_reasons=d.dead_reasons(),
+            durable_forward_failures=d.forward_failures,
+            durable_too_big=d.too_big,
+            durable_remake_failures=d.remake_failures,
             publish_failures=self._publish_failures,
             lost_in_transit=self._seq_in.lost,
             parked=sum(len(q) for q in self._parked.values()),

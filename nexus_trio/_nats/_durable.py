@@ -223,6 +223,18 @@ def missing_agent_delay(options: DurableOptions, delivered: int) -> float:
     return min(delay, options.missing_agent_delay_max)
 
 
+#: why durable messages are given up (``ClusterStats.durable_dead_reasons``: their sum is
+#: ``durable_dead``), a throttled log line of its own each (see DurableChannel.dead_reasons)
+DEAD_REASONS: Final = (
+    "undecodable",
+    "agent_gone",
+    "failed",
+    "unanswered",
+    "wait_full",
+    "lost_node",
+    "unforwarded",
+)
+
 #: JetStream's error code for a consumer whose max_ack_pending is over the server's or
 #: the account's limit (``jetstream { limits { max_ack_pending } }``)
 _MAX_ACK_PENDING_OVER_LIMIT: Final = 10121
@@ -237,15 +249,27 @@ def max_ack_pending(options: DurableOptions) -> int:
 
 def taken_bound(slots: int, options: DurableOptions) -> int:
     """How many messages may wait for their names on a lost node's consumer with
-    ``slots`` unacked slots (its ``max_ack_pending``) that this node takes over: its slots
-    beyond ``4 x max_in_flight`` (its ``max_waiting``, when it was made with this node's
-    options), or three quarters of them on a consumer with no more than that (made by a
-    node of a version before ``max_waiting``); a consumer with no limit (-1 or 0) stalls
-    nothing."""
+    ``slots`` unacked slots (its ``max_ack_pending``, read from JetStream's consumer
+    info) that this node takes over: its slots beyond ``4 x max_in_flight`` (its
+    ``max_waiting``, when it was made with this node's options), or three quarters of
+    them on a consumer with no more than that (made with ``max_waiting`` 0, or by a node
+    of a version before it), always leaving at least one slot to the messages that do
+    not wait (a consumer of 1 to 3 slots had all of them waiting); a consumer with no
+    limit (-1 or 0) stalls nothing. Those held by other pullers when it is bound count
+    against it too (see :meth:`_Waiting.bind`)."""
     if slots <= 0:
         return sys.maxsize
     in_flight = max(options.max_in_flight, 1) * 4
-    return slots - in_flight if slots > in_flight else slots - slots // 4
+    return slots - in_flight if slots > in_flight else slots - max(slots // 4, 1)
+
+
+def held_at_most(ack_wait: float, options: DurableOptions) -> float:
+    """Seconds an unacked slot another puller held when a consumer was bound may stay
+    held: a message in flight there until ``ack_wait`` (the consumer's) after its fetch,
+    one nakked to wait for its name until its delay (at most
+    ``missing_agent_delay_max``; this node's, the only one known), each a fetch's wait
+    later at most."""
+    return max(ack_wait, options.missing_agent_delay_max) + FETCH_WAIT
 
 
 @final
@@ -256,7 +280,9 @@ class _Waiting:
     slots (``max_ack_pending``) until it is delivered again: at most ``bound`` wait, so
     the consumer's other messages keep the rest of the slots (all of them waiting
     stalled every other durable message of that consumer until they died, 15 s at the
-    default delays)."""
+    default delays). One per consumer in a process (this node's own, and one per lost
+    node kept across its takeovers); the slots other pullers held when it was bound
+    count against the bound too (see :meth:`bind`)."""
 
     def __init__(self, bound: int) -> None:
         self.bound = bound
@@ -264,24 +290,56 @@ class _Waiting:
         # no entry of ``due`` is due before this (a lower bound: see room)
         self._next_due = math.inf
         self._made: object = None
+        #: unacked slots of the consumer that other pullers held when it was bound (see
+        #: bind), counted as waiting until ``_others_until`` or their redelivery here
+        self.others = 0
+        self._others_until = -math.inf
 
-    def bind(self, bound: int, made: object) -> None:
+    @property
+    def count(self) -> int:
+        """How many count against the bound now: those nakked to wait here, and the
+        slots other pullers held at the bind (not overdue yet)."""
+        if self.others and self._others_until <= trio.current_time():
+            self.others = 0
+        return len(self.due) + self.others
+
+    def bind(self, bound: int, made: object, held: int = 0, held_for: float = 0.0) -> None:
         """The consumer (re)bound: at most ``bound`` wait; ``made``: when it or its stream
         was made (None: not known). One made anew (an operator deleted the stream: its
         sequences begin at 1 again, what waited went with the old one) forgets what
         waited: kept, those entries held the bound until their time was up (a message for
         a missing name past it was terminated for nothing). Bound again to the same one
-        (a server restarted, a fetch refused), they are kept."""
+        (a server restarted, a fetch refused), they are kept.
+
+        ``held``: the consumer's unacked slots JetStream counted at the bind
+        (``num_ack_pending``). Those not nakked here are another puller's (the lost
+        node's in flight or waiting, an earlier process of this node's, a survivor's that
+        took the consumer over): they count against the bound as waiting ones until they
+        are delivered here again or ``held_for`` seconds have passed (the longest they can
+        stay held, :func:`held_at_most`), so that this puller's waiting ones and theirs
+        together leave the consumer's other messages their slots. (Across processes
+        no puller sees another's naks after the bind: JetStream's ``max_ack_pending`` is
+        the bound then.)"""
         self.bound = bound
         if made != self._made:
             if self._made is not None:
                 self.due.clear()
                 self._next_due = math.inf
             self._made = made
+        self.others = max(held - len(self.due), 0)
+        self._others_until = trio.current_time() + held_for
 
     def delivered(self, jsmsg: NatsMsg) -> None:
-        """``jsmsg`` is a delivery of its message: it waits no more (if it did)."""
-        self.due.pop(jsmsg.metadata.sequence.stream, None)
+        """``jsmsg`` is a delivery of its message: it waits no more (if it did; if it
+        was none of this puller's and delivered before, one slot other pullers held is
+        free)."""
+        metadata = jsmsg.metadata
+        if (
+            self.due.pop(metadata.sequence.stream, None) is None
+            and self.others
+            and metadata.num_delivered > 1
+        ):
+            self.others -= 1
 
     def room(self, jsmsg: NatsMsg, options: DurableOptions) -> bool:
         """Room for ``jsmsg`` (its agent missing) to wait for its redelivery, taken if so:
@@ -294,14 +352,14 @@ class _Waiting:
         counted beside it, and goes when its time is up."""
         due = self.due
         now = trio.current_time()
-        if len(due) >= self.bound:
+        if len(due) + self.others >= self.bound:
             # (looked through only once one may be overdue: with max_waiting 10,000
             # waiting, a burst past the bound scanned them all for each message)
             if self._next_due <= now:
                 for seq in [seq for seq, at in due.items() if at <= now]:
                     del due[seq]
                 self._next_due = min(due.values(), default=math.inf)
-            if len(due) >= self.bound:
+            if self.count >= self.bound:
                 return False
         delay = missing_agent_delay(options, jsmsg.metadata.num_delivered)
         at = now + delay + options.ack_wait + FETCH_WAIT
@@ -472,6 +530,13 @@ class DurableChannel:
         # max_waiting, which the consumer's max_ack_pending (4 x max_in_flight +
         # max_waiting) holds beside the slots of the node's other messages
         self._waiting = _Waiting(options.max_waiting)
+        # the same for each lost node's consumer this node takes over, by node: one per
+        # consumer, kept across its takeovers (see take_over)
+        self._waits: dict[str, _Waiting] = {}
+        # of wait_full: those of lost nodes' consumers (also in _with_node_dead)
+        self._taken_wait_full = 0
+        #: failures to make the stream or this node's consumer anew (see _set_up_again)
+        self.remake_failures = 0
         self._wait_full_log = Throttle()
         # the per-message lines a burst repeats (10,000 messages dying at once were
         # 10,000 ERROR lines): each kind logged at once, then at most once a second with
@@ -492,6 +557,32 @@ class DurableChannel:
         #: (see _Waiting): this node's own consumer's, or a lost node's it takes over
         self.wait_full = 0
 
+    def dead_reasons(self) -> dict[str, int]:
+        """``dead`` (with ``dead_unforwarded``) by why each was given up, the counts of
+        the throttled lines (``(N so far)``) that say them: see
+        ``ClusterStats.durable_dead_reasons``."""
+        taken = self._taken_wait_full
+        counts = (
+            self._undecodable,
+            self._gone,
+            self._failed_dead,
+            self._unanswered_dead,
+            self.wait_full,
+            self._with_node_dead - taken,
+            self.dead_unforwarded,
+        )
+        return dict(zip(DEAD_REASONS, counts, strict=True))
+
+    @property
+    def forward_failures(self) -> int:
+        """Forwards JetStream did not take (nakked, tried again; see _send_forward)."""
+        return self._forward_failures
+
+    @property
+    def too_big(self) -> int:
+        """Deliveries by name not forwarded: too big with the forward's headers."""
+        return self._too_big
+
     @property
     def wait_bound(self) -> int:
         """How many messages by name may wait for their agent on this node's consumer at
@@ -502,7 +593,7 @@ class DurableChannel:
         if not self.options.enabled:
             return
         try:
-            self._psub, made = await call_aio(self._setup)
+            self._psub, made, held = await call_aio(self._setup)
         except nats.js.errors.BadRequestError as exc:
             if exc.err_code != _MAX_ACK_PENDING_OVER_LIMIT:
                 raise
@@ -514,16 +605,27 @@ class DurableChannel:
                 f" the limit of the server or account ({exc.description}); lower"
                 " max_waiting (or max_in_flight)"
             ) from exc
-        self._waiting.bind(self.options.max_waiting, made)
+        self._bind_own(made, held)
         await self._ops.start()
         self._nursery = nursery
         nursery.start_soon(self._pull)
 
-    async def _setup(self) -> tuple[Any, object]:
+    def _bind_own(self, made: object, held: int) -> None:
+        """This node's consumer (re)bound: its waiting ones bounded by ``max_waiting``,
+        ``held`` (its unacked slots at the bind) less what this node holds itself counted
+        as other pullers' (see :meth:`_Waiting.bind`)."""
+        opts = self.options
+        mine = len(self._in_flight) + len(self._held)
+        self._waiting.bind(
+            opts.max_waiting, made, max(held - mine, 0), held_at_most(opts.ack_wait, opts)
+        )
+
+    async def _setup(self) -> tuple[Any, object, int]:
         """Make the stream (unless it is there) and this node's consumer (or bind it);
-        the pull subscription, and when the stream was made (JetStream's ``created``:
-        another value later is a stream made anew). Run on the asyncio loop
-        (``call_aio``)."""
+        the pull subscription, when the stream was made (JetStream's ``created``:
+        another value later is a stream made anew) and the consumer's unacked slots then
+        (``num_ack_pending``: other pullers' too, see :meth:`_Waiting.bind`). Run on the
+        asyncio loop (``call_aio``)."""
         cluster = self.cluster
         js = cluster.data_js
         opts = self.options
@@ -549,7 +651,8 @@ class DurableChannel:
             info = await js.add_stream(config=config)
         if info is None:
             info = await js.stream_info(self._stream)
-        return await self._subscribe(cluster.node), info.created
+        psub, consumer = await self._subscribe_info(cluster.node)
+        return psub, info.created, consumer.num_ack_pending or 0
 
     async def _subscribe(self, node: str) -> Any:
         """The pull subscription of ``node``'s durable consumer (made if missing, bound if
@@ -593,8 +696,9 @@ class DurableChannel:
         bind them again, and pull through the new subscription. What fails is retried at
         the next failed fetch."""
         try:
-            psub, made = await call_aio(self._setup)
+            psub, made, held = await call_aio(self._setup)
         except (nats.errors.Error, OSError) as exc:
+            self.remake_failures += 1
             self._say(
                 self._fetch_log,
                 "failures to make the durable stream anew",
@@ -606,7 +710,7 @@ class DurableChannel:
             )
             return
         old, self._psub = self._psub, psub
-        self._waiting.bind(self.options.max_waiting, made)
+        self._bind_own(made, held)
         with contextlib.suppress(nats.errors.Error, OSError, ValueError):
             await call_aio(old.unsubscribe)
 
@@ -781,8 +885,10 @@ class DurableChannel:
         psub: Any = None
         said = False
         idle = True  # (its last fetch got nothing: the next asks heartbeats, see _poll)
-        # (bound to the consumer's slots once subscribed; kept across a resubscription)
-        waiting = _Waiting(0)
+        # (bound to the consumer's slots once subscribed; kept across a resubscription,
+        # and across takeovers of the node: lost, heard, lost again, its waiting ones
+        # hold their slots still)
+        waiting = self._waits.setdefault(node, _Waiting(0))
         try:
             with scope:
                 while (still := self._still_lost(node)) is not False:
@@ -801,8 +907,14 @@ class DurableChannel:
                                     node,
                                     "lost" if still else "gone, or running no durable path",
                                 )
-                            psub, slots, made = await call_aio(self._subscribe_taken, node)
-                            waiting.bind(taken_bound(slots, self.options), made)
+                            psub, info = await call_aio(self._subscribe_taken, node)
+                            opts = self.options
+                            waiting.bind(
+                                taken_bound(info.config.max_ack_pending or 0, opts),
+                                info.created,
+                                info.num_ack_pending or 0,
+                                held_at_most(info.config.ack_wait or 0.0, opts),
+                            )
                             idle = True
                         msgs, heard = await call_aio_bounded(
                             _PULL_CANCEL_WAIT, _poll, psub, self.options.max_in_flight, idle
@@ -839,10 +951,10 @@ class DurableChannel:
                 ):
                     await call_aio_bounded(_PULL_CANCEL_WAIT, psub.unsubscribe)
 
-    async def _subscribe_taken(self, node: str) -> tuple[Any, int, object]:
-        """The pull subscription of lost ``node``'s consumer, its unacked slots
-        (``max_ack_pending``, the lost node's settings) and when it was made (see
-        :class:`_Waiting`). Run on the asyncio loop."""
+    async def _subscribe_info(self, node: str) -> tuple[Any, Any]:
+        """The pull subscription of ``node``'s consumer (see :meth:`_subscribe`) and the
+        consumer's info read through it (its real settings, its unacked slots now). Run
+        on the asyncio loop."""
         psub = await self._subscribe(node)
         try:
             info = await psub.consumer_info()
@@ -852,7 +964,14 @@ class DurableChannel:
             with contextlib.suppress(nats.errors.Error, OSError, ValueError):
                 await psub.unsubscribe()
             raise
-        return psub, info.config.max_ack_pending or 0, info.created
+        return psub, info
+
+    async def _subscribe_taken(self, node: str) -> tuple[Any, Any]:
+        """The pull subscription of lost ``node``'s consumer and its info: its unacked
+        slots (``max_ack_pending``, the lost node's settings), those held now
+        (``num_ack_pending``), its ``ack_wait`` and when it was made (see
+        :class:`_Waiting`). Run on the asyncio loop."""
+        return await self._subscribe_info(node)
 
     def _takeover_fetch_failed(self, node: str, why: str) -> None:
         """A fetch of lost ``node``'s consumer failed (refused, or not answered at all):
@@ -874,9 +993,12 @@ class DurableChannel:
         """Forgotten ``node``'s consumer deleted if nothing of it is pending or unacked:
         True if it is gone (False if JetStream did not answer: asked again later)."""
         try:
-            return await call_aio(self._drop_drained, node)
+            dropped = await call_aio(self._drop_drained, node)
         except (nats.errors.Error, OSError):
             return False
+        if dropped:
+            self._waits.pop(node, None)  # (nothing of it waits: made anew if ever again)
+        return dropped
 
     async def _drop_drained(self, node: str) -> bool:
         """asyncio side of :meth:`_dropped_when_drained`."""
@@ -939,10 +1061,11 @@ class DurableChannel:
             # (as on this node's own consumer: the rest of the lost node's messages keep
             # the slots of its consumer beyond the bound, see taken_bound)
             self.wait_full += 1
+            self._taken_wait_full += 1
             self._dead_with_node(
                 jsmsg,
                 msg.id,
-                f"its name {to!r} runs on no reachable member, and {len(waiting.due)} messages"
+                f"its name {to!r} runs on no reachable member, and {waiting.count} messages"
                 f" of node {node!r} wait for theirs already (the bound, {waiting.bound}, of"
                 " its consumer's unacked slots: more would stall its other messages)",
             )
@@ -1575,7 +1698,7 @@ class DurableChannel:
                     msg_id,
                     query.to,
                     delivered,
-                    len(self._waiting.due),
+                    self._waiting.count,
                     self.wait_full,
                 )
         # else JetStream has delivered it again already, or its ack_wait is over: it will

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Final
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from ._durable import DEAD_REASONS
+
 if TYPE_CHECKING:
     from ._cluster import ClusterStats
 
@@ -168,6 +170,21 @@ CLUSTER_COUNTERS: Final = {
         "nexus_cluster_durable_unsettled_at_leave",
         "Durable messages this node's leave left unsettled (JetStream delivers them again).",
     ),
+    "durable_forward_failures": (
+        "nexus_cluster_durable_forward_failures",
+        "Forwards of durable messages to their name's node that JetStream did not take"
+        " (nakked, tried again).",
+    ),
+    "durable_too_big": (
+        "nexus_cluster_durable_too_big",
+        "Durable deliveries not forwarded: over max_payload with the forward's headers"
+        " (they wait here).",
+    ),
+    "durable_remake_failures": (
+        "nexus_cluster_durable_remake_failures",
+        "Failures to make the durable stream or this node's consumer anew after a refused"
+        " fetch (tried again).",
+    ),
 }
 
 #: ClusterStats field -> (series name, help): levels (``members`` is a count of a tuple)
@@ -248,6 +265,13 @@ CLUSTER_BREAKDOWNS: Final = {
         "consumer",
         "Failed fetches of durable consumers (tried again), by consumer: own or takeover.",
         frozenset({"own", "takeover"}),
+    ),
+    "durable_dead_reasons": (
+        "nexus_cluster_durable_dead_reasons",
+        "reason",
+        "Durable messages given up (durable_dead), by why: undecodable, agent_gone, failed,"
+        " unanswered, wait_full, lost_node, unforwarded.",
+        frozenset(DEAD_REASONS),
     ),
 }
 
