@@ -30,7 +30,7 @@ from nexus_trio import Context, Kernel, Message, agent
 from nexus_trio._nats import Cluster, DurableOptions, NatsServer
 from nexus_trio._nats import _wire as wire
 from nexus_trio._nats._aio import call_aio
-from nexus_trio._nats._durable import _Waiting
+from nexus_trio._nats._durable import _Waiting, taken_bound
 from nexus_trio._nats._membership import NodeInfo, monotonic
 from nexus_trio._nats._placement import rendezvous_owner
 from nexus_trio._throttle import Throttle
@@ -481,3 +481,13 @@ async def test_messages_a_takeover_left_waiting_count_against_the_next_takeover_
         stats = ca.stats()
     assert handled == [(sent.id, "not held up")]
     assert _takeover_counts(stats) == _THREE_WAIT_ONE_FULL
+
+
+def test_a_taken_over_consumer_of_few_slots_keeps_one_for_the_messages_that_do_not_wait() -> None:
+    """Item 2 of the forty-third pass: on a consumer with no more than ``4 x
+    max_in_flight`` slots three quarters may wait, which was all of them on one of 1 to 3
+    slots (``slots - slots // 4``): the takeover could fetch nothing else until they came
+    back. One slot is always left now (a consumer of one slot lets none wait)."""
+    options = DurableOptions(max_in_flight=1, max_waiting=0)
+    bounds = [taken_bound(slots, options) for slots in (1, 2, 3, 4, 5, 8)]
+    assert bounds == [0, 1, 2, 3, 1, 4]
