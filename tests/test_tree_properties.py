@@ -417,7 +417,8 @@ def test_chaos_trees_never_hang_or_leak(forest: list[Tree], seed: int) -> None:
     )
     targets = agent_names + sup_names
     steps = rng.randint(0, 40)
-    plan = []
+    # ("stop", name), ("pause", seconds) or ("send", name, (action, argument))
+    plan: list[tuple[Any, ...]] = []
     for _ in range(steps):
         kind = rng.random()
         if kind < 0.15:
