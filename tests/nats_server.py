@@ -151,14 +151,24 @@ def collector(records: list[Any]) -> Any:
 
 
 async def _serve_node(
-    url: str, node: str, replicas: int, kv_replicas: int, missed_heartbeats: int
+    url: str,
+    node: str,
+    replicas: int,
+    kv_replicas: int,
+    missed_heartbeats: int,
+    ack_wait: float = PATIENT.durable.ack_wait,
 ) -> None:
     # Patient: no test asks a child node to judge a member lost (the test's own node
     # judges a killed child), while a stall of the test's process (a loaded machine) for
     # longer than FAST's 0.6 s made the child judge the test's live node lost, and a
     # request the child then made to it failed with TransportUnavailable (the tests that
     # stall their process for long give more missed heartbeats still)
-    options = attrs.evolve(PATIENT, kv_replicas=kv_replicas, missed_heartbeats=missed_heartbeats)
+    options = attrs.evolve(
+        PATIENT,
+        kv_replicas=kv_replicas,
+        missed_heartbeats=missed_heartbeats,
+        durable=attrs.evolve(PATIENT.durable, ack_wait=ack_wait),
+    )
 
     @agent(name="echo")
     async def echo(ctx: Context, msg: Message) -> Any:
@@ -263,9 +273,16 @@ def _node_main(argv: list[str]) -> None:
     parser.add_argument("--replicas", type=int, default=0)
     parser.add_argument("--kv-replicas", type=int, default=1)
     parser.add_argument("--missed-heartbeats", type=int, default=PATIENT.missed_heartbeats)
+    parser.add_argument("--ack-wait", type=float, default=PATIENT.durable.ack_wait)
     args = parser.parse_args(argv)
     trio.run(
-        _serve_node, args.url, args.node, args.replicas, args.kv_replicas, args.missed_heartbeats
+        _serve_node,
+        args.url,
+        args.node,
+        args.replicas,
+        args.kv_replicas,
+        args.missed_heartbeats,
+        args.ack_wait,
     )
 
 
@@ -299,6 +316,7 @@ class NodeProcess:
         replicas: int = 0,
         kv_replicas: int = 1,
         missed_heartbeats: int = PATIENT.missed_heartbeats,
+        ack_wait: float = PATIENT.durable.ack_wait,
     ) -> None:
         self.node = node
         self.argv = [
@@ -316,6 +334,11 @@ class NodeProcess:
             str(kv_replicas),
             "--missed-heartbeats",
             str(missed_heartbeats),
+            # (its durable consumer's: a node that joins again under this name with
+            # another ack_wait changes the consumer's, and what waits for a nak's delay
+            # then waits the difference more)
+            "--ack-wait",
+            repr(ack_wait),
         ]
         self.process: trio.Process | None = None
         self.ids: dict[str, str] = {}

@@ -35,7 +35,7 @@ from nexus_trio._nats._membership import NodeInfo, monotonic
 from nexus_trio._nats._placement import rendezvous_owner
 from nexus_trio._throttle import Throttle
 
-from .nats_server import NodeProcess, until
+from .nats_server import PATIENT, NodeProcess, until
 from .test_durable_missing_agent import ONE_SLOT_LONG_WAIT, store_for
 from .test_durable_moved_name import DURABLE, _stream_empty
 from .test_nats import local_node
@@ -57,9 +57,12 @@ async def _store_for_id(cluster: Cluster, node: str, agent_id: uuid.UUID) -> Mes
     return msg
 
 
-async def _lost_child(url: str, *survivors: Cluster, name: str = "c") -> NodeProcess:
-    """Child node ``name`` started, seen by the survivors, SIGKILLed and judged lost."""
-    child = await NodeProcess(url, name).start()
+async def _lost_child(
+    url: str, *survivors: Cluster, name: str = "c", ack_wait: float = PATIENT.durable.ack_wait
+) -> NodeProcess:
+    """Child node ``name`` started (its durable consumer's ``ack_wait`` given), seen by
+    the survivors, SIGKILLed and judged lost."""
+    child = await NodeProcess(url, name, ack_wait=ack_wait).start()
     await until(lambda: all(name in s.live_nodes() for s in survivors))
     await _kill(child, *survivors)
     return child
@@ -162,7 +165,8 @@ async def test_a_lost_node_s_durable_messages_are_forwarded_or_dead_and_its_cons
     assert len([line for line in lines if line.startswith(tail)]) == 1, lines
 
 
-#: the missing-agent delays give the comeback time to start: 1, 2, 4 s
+#: the missing-agent delays give the comeback time to start: 1, 2, 4 s (the lost child's
+#: consumer is made with the same ack_wait: see the test)
 SLOW_MISSING = DurableOptions(
     ack_wait=30.0,
     max_deliver=4,
@@ -181,14 +185,23 @@ async def test_a_lost_node_that_comes_back_mid_takeover_handles_nothing_twice(
     comes back under the name while they wait and spawns that name: the survivor's
     takeover ends, c's own pull takes the rest. Every message is handled exactly once,
     nothing is dead, the stream ends empty. (On the old code nobody took c's messages
-    before it came back: the wait for the takeover timed out.)"""
+    before it came back: the wait for the takeover timed out.)
+
+    The lost c's consumer has the new c's ``ack_wait``: made by a child with FAST's 1 s,
+    the new c's 30 s changed it at the join, and what the survivor had nakked (a 1-4 s
+    delay) was not delivered again for ~30 s (seen: 20 unacked, the consumer's delivered
+    count still, 24 s after the join; nats-server seems to date a nak's delay from the
+    ack_wait at the nak). The test took 34-35 s at load 15 and failed its 40 s bound at
+    load 20; now the comeback's wait is the delays'. The child's start (15 s and more,
+    loaded) is bounded apart from what the test waits for."""
     handled: list[tuple[uuid.UUID, Any]] = []
     later: list[tuple[uuid.UUID, Any]] = []
     child: NodeProcess | None = None
     try:
         async with _survivors(nats.url, handled, durable=SLOW_MISSING) as (_ka, ca, cb):
-            with trio.fail_after(40):
-                child = await _lost_child(nats.url, ca, cb)
+            with trio.fail_after(60):  # a hang guard (its start alone has this bound)
+                child = await _lost_child(nats.url, ca, cb, ack_wait=SLOW_MISSING.ack_wait)
+            with trio.fail_after(30):
                 sent = [await store_for(ca, "keeper-a", i, node="c") for i in range(count)]
                 waiting = [await store_for(ca, "later-a", i, node="c") for i in range(count)]
                 survivors = (ca, cb)
