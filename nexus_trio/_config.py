@@ -197,6 +197,27 @@ def _fraction(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         )
 
 
+def _lowered(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
+def _in_any_case(choices: tuple[str, ...], value: Any) -> Any:
+    """A choice key's value: one of ``choices`` written in any case is taken in lower case,
+    as the flags take their choices and ``[logging] level`` its levels (``format = "JSON"``,
+    ``workload = "Ring"``, ``NEXUS_LOGGING__FORMAT=JSON``); anything else is left as it was
+    written, for the validator to refuse, quoting it."""
+    lowered = _lowered(value)
+    return lowered if lowered in choices else value
+
+
+def _to_log_format(value: Any) -> Any:
+    return _in_any_case(LOG_FORMATS, value)
+
+
+def _to_workload(value: Any) -> Any:
+    return _in_any_case(WORKLOADS, value)
+
+
 def _one_of(choices: tuple[str, ...]) -> Any:
     def check(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         if not isinstance(value, str) or value not in choices:
@@ -212,7 +233,7 @@ def _to_enum(enum_type: type[enum.Enum], section: str, key: str, value: Any) -> 
     if isinstance(value, enum_type):
         return value
     try:
-        return enum_type(value)
+        return enum_type(_lowered(value))
     except (ValueError, TypeError):
         known = ", ".join(shown(m.value) for m in enum_type)
         raise ValueError(f"[{section}] {key} must be one of {known}, got {shown(value)}") from None
@@ -411,6 +432,7 @@ class LoggingConfig:
     )
     format: str = attrs.field(
         default="compact",
+        converter=_to_log_format,
         validator=_one_of(LOG_FORMATS),
         metadata=_doc(
             "compact (one line), json (one object per line) or pretty (rich);"
@@ -608,6 +630,7 @@ class AppConfig:
     )
     workload: str = attrs.field(
         default="ring",
+        converter=_to_workload,
         validator=_one_of(WORKLOADS),
         metadata=_doc("demo workload: ring, fanout, request or pool"),
     )

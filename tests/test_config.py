@@ -603,6 +603,30 @@ def test_a_bad_value_of_a_variable_and_a_bad_choice_are_shown_as_toml_writes_the
     ]
 
 
+def test_a_choice_key_takes_its_choice_in_any_case_as_its_flag_and_the_level_do(
+    home: Path,
+) -> None:
+    """``-f JSON``, ``-w Ring`` and ``level = "DEBUG"`` were taken and ``format = "JSON"``
+    was refused (``must be one of compact, full, json, pretty, got "JSON"``): every choice
+    key is now read in any case, from a file, a variable and Python, and kept in lower case;
+    a choice that is none in any case is refused as before."""
+    write(
+        home / "cwd" / "config.toml",
+        '[kernel]\noverflow = "Drop_Oldest"\n[supervision]\nstrategy = "REST_FOR_ONE"\n'
+        '[app]\nworkload = "Fanout"\n',
+    )
+    loaded = load(home, env=env_for(home, NEXUS_LOGGING__FORMAT="JSON"))
+    assert loaded.config.kernel.overflow is OverflowPolicy.DROP_OLDEST
+    assert loaded.config.supervision.strategy is RestartStrategy.REST_FOR_ONE
+    assert loaded.config.app.workload == "fanout"
+    assert loaded.config.logging.format == "json"
+    assert LoggingConfig(format="Pretty").format == "pretty"
+    with pytest.raises(
+        ValueError, match="format must be one of compact, full, json, pretty, got 'Jsn'"
+    ):
+        LoggingConfig(format="Jsn")
+
+
 def test_every_key_has_a_bad_value_case() -> None:
     assert {f"{s}.{k}" for s, k, _, _ in BAD_VALUES} == ALL_KEYS
 
