@@ -300,12 +300,22 @@ def check_file_permissions(path: Path) -> None:
         )
 
 
-def _allow_unknown_from_env(env: Mapping[str, str]) -> bool:
-    raw = env.get(ALLOW_UNKNOWN_ENV, "").strip().lower()
-    if raw in ("", "0", "false", "no", "off"):
-        return False
-    if raw in ("1", "true", "yes", "on"):
+def _env_boolean(raw: str) -> bool | None:
+    """The boolean a variable's text means: 1, true, yes, on (0, false, no, off), in any
+    case and with spaces around; None for any other text."""
+    word = raw.strip().lower()
+    if word in ("1", "true", "yes", "on"):
         return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    return None
+
+
+def _allow_unknown_from_env(env: Mapping[str, str]) -> bool:
+    raw = env.get(ALLOW_UNKNOWN_ENV, "")
+    allow = _env_boolean(raw) if raw.strip() else False
+    if allow is not None:
+        return allow
     raise ConfigError(
         f"must be 1, true, yes or on (or 0, false, no, off), got {env[ALLOW_UNKNOWN_ENV]!r}",
         origin=f"environment variable {ALLOW_UNKNOWN_ENV}",
@@ -500,6 +510,8 @@ def _parse_env_value(section: str, field: attrs.Attribute[Any], raw: str) -> Any
         return None
     if _is_textual(field) and not text.startswith(('"', "'")):
         return raw
+    if _type_name(field) == "bool" and (boolean := _env_boolean(text)) is not None:
+        return boolean  # (also True, 1, yes: what NEXUS_ALLOW_UNKNOWN takes)
     is_list = _type_name(field).startswith("list")
     if is_list and not text.startswith("["):
         return raw

@@ -627,6 +627,31 @@ def test_a_choice_key_takes_its_choice_in_any_case_as_its_flag_and_the_level_do(
         LoggingConfig(format="Jsn")
 
 
+@pytest.mark.parametrize(
+    ("written", "meant"),
+    [("True", True), ("1", True), (" yes ", True), ("ON", True), ("FALSE", False), ("0", False)],
+)
+def test_a_true_false_variable_takes_the_words_nexus_allow_unknown_takes(
+    home: Path, written: str, meant: bool
+) -> None:
+    """``NEXUS_ALLOW_UNKNOWN=1`` (also ``True``, ``yes``, ``on``) was taken and
+    ``NEXUS_METRICS__PER_AGENT=1`` or ``=True`` refused (``must be true or false, got 1``):
+    a variable of a true/false key takes the same words now, in any case; other text is
+    still refused, and a file still takes TOML's ``true`` and ``false`` only."""
+    env = env_for(
+        home,
+        NEXUS_KERNEL__GC_FREEZE=written,
+        NEXUS_METRICS__PER_AGENT=written,
+        NEXUS_SUPERVISION__ESCALATE_TO_KERNEL=written,
+    )
+    config = load(home, env=env).config
+    assert config.kernel.gc_freeze is meant
+    assert config.metrics.per_agent is meant
+    assert config.supervision.escalate_to_kernel is meant
+    with pytest.raises(ConfigError, match='per_agent must be true or false, got "maybe"'):
+        load(home, env=env_for(home, NEXUS_METRICS__PER_AGENT="maybe"))
+
+
 def test_every_key_has_a_bad_value_case() -> None:
     assert {f"{s}.{k}" for s, k, _, _ in BAD_VALUES} == ALL_KEYS
 
