@@ -542,9 +542,9 @@ def app_reference_hint(value: str) -> str:
     did not work: the reference it likely meant, if there is one (``myagents.py:app``,
     ``./pkg/agents.py:app`` written as a file; ``myagents.app``, a dot for the colon;
     ``myagents:app `` with a stray space; ``myagents.py`` alone, a file without the
-    object: ``myagents:NAME``), else ''."""
+    object: ``myagents:NAME``, and ``myagents`` alone, a module without it), else ''."""
     text = value.strip()
-    placeholder = ":" not in text and _is_file(text)
+    placeholder = ":" not in text and (_is_file(text) or text.isidentifier())
     if placeholder:
         # (no object named: its '.py' is no attribute 'py')
         module, sep, attr = text, ":", "NAME"
@@ -561,7 +561,7 @@ def app_reference_hint(value: str) -> str:
         return ""
     hint = f"; did you mean {guess!r}?"
     if not as_file:
-        return hint
+        return hint + (" (NAME: the object in it to run)" if placeholder else "")
     hint += " (a module name, as 'python -m' takes it, not a file"
     return hint + ("; NAME: the object in it to run)" if placeholder else ")")
 

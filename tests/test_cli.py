@@ -463,6 +463,13 @@ def test_bad_app_messages_say_what_is_wrong(isolated):
     out = flat(invoke(["run", "--app", "./json/decoder.py"]).output)
     assert "did you mean 'json.decoder:NAME'?" in out
     assert ":py'" not in out
+    # a module alone (as uvicorn and flask --app are given one): its object to name too;
+    # it was refused without a suggestion
+    out = flat(invoke(["run", "--app", "myagents"]).output)
+    assert (
+        "[app] app must look like 'package.module:attr', got 'myagents'; did you mean"
+        " 'myagents:NAME'? (NAME: the object in it to run)" in out
+    )
 
 
 def test_nats_without_the_extra_exits_2_with_the_install_hint(isolated, monkeypatch):

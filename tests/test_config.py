@@ -427,7 +427,12 @@ BAD_VALUES = [
         "65536",
         "[metrics] group_port must be an integer from 0 to 65535, got 65536",
     ),
-    ("app", "app", '"nocolon"', "[app] app must look like 'package.module:attr', got \"nocolon\""),
+    (
+        "app",
+        "app",
+        '"no-colon"',
+        "[app] app must look like 'package.module:attr', got \"no-colon\"",
+    ),
     ("app", "types", '"a:"', "[app] types must look like 'package.module:attr', got \"a:\""),
     ("app", "spawn", "[1]", "[app] spawn must be a list of non-empty command strings, got [1]"),
     ("app", "agents", "0", "[app] agents must be >= 1, got 0"),
