@@ -532,8 +532,8 @@ def _read_env(
     env: Mapping[str, str], values: _Values, sources: dict[str, str], found: _Findings
 ) -> None:
     for name in sorted(env):
-        if not name.startswith(ENV_PREFIX):
-            continue
+        if not name.upper().startswith(ENV_PREFIX):
+            continue  # (the prefix in any case, as the section and key: nexus_kernel__...)
         if "__" not in name[len(ENV_PREFIX) :]:
             # Not configuration; but NEXUS_KERNEL_MAILBOX_CAPACITY, a section and a key
             # joined by one underscore, is an override mistyped: said, not ignored.

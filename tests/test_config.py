@@ -657,6 +657,19 @@ def test_a_true_false_variable_takes_the_words_nexus_allow_unknown_takes(
         load(home, env=env_for(home, NEXUS_METRICS__PER_AGENT="maybe"))
 
 
+def test_a_variable_is_read_with_its_prefix_in_any_case_as_its_section_and_key(
+    home: Path,
+) -> None:
+    """``NEXUS_kernel__mailbox_capacity`` was read and ``nexus_kernel__mailbox_capacity``
+    silently not (the default kept, nothing said): the prefix is read in any case too, and a
+    misspelt name in lower case is refused as in upper case."""
+    loaded = load(home, env=env_for(home, nexus_kernel__mailbox_capacity="64"))
+    assert loaded.config.kernel.mailbox_capacity == 64
+    assert loaded.sources["kernel.mailbox_capacity"] == "env nexus_kernel__mailbox_capacity"
+    with pytest.raises(ConfigError, match=r"nexus_kernal__batch_size: unknown section \[kernal\]"):
+        load(home, env=env_for(home, nexus_kernal__batch_size="8"))
+
+
 def test_every_key_has_a_bad_value_case() -> None:
     assert {f"{s}.{k}" for s, k, _, _ in BAD_VALUES} == ALL_KEYS
 
