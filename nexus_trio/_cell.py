@@ -1115,6 +1115,8 @@ class AgentCell(Child):
             return failure.error
         if isinstance(failure, _Carrier):
             failure = failure.error
+        if not (log.isEnabledFor(logging.ERROR) and self.ledger.failure_lines.allowed(self.label)):
+            return failure  # (counted; nothing formatted for a line not written)
         # A traceback shows no repr, and one whose __str__ raises shows "<exception str()
         # failed>": the line says what repr() raised, as the notices and dead letters do.
         said = failed_repr(failure)
@@ -1193,14 +1195,15 @@ class AgentCell(Child):
 
     @trio.lowlevel.enable_ki_protection
     def _on_stop_raised(self, exc: Exception, failure: BaseException | None) -> BaseException:
-        log_guarded(
-            log,
-            logging.ERROR,
-            "on_stop of agent %s raised",
-            self.label,
-            exc_info=exc,
-            extra=log_extra(self),
-        )
+        if log.isEnabledFor(logging.ERROR) and self.ledger.failure_lines.allowed(self.label):
+            log_guarded(
+                log,
+                logging.ERROR,
+                "on_stop of agent %s raised",
+                self.label,
+                exc_info=exc,
+                extra=log_extra(self),
+            )
         # As a ``terminate`` that crashes in OTP: the run ends with this failure (the
         # first one, if it had failed already).
         if failure is None:
@@ -1229,15 +1232,16 @@ class AgentCell(Child):
         if reason is DeadLetterReason.HANDLER_TIMEOUT:
             self.timed_out += 1
             self.ledger.timed_out += 1
-            log_guarded(
-                log,
-                logging.WARNING,
-                "handler of agent %s timed out after %gs on message %s",
-                self.label,
-                self.handle_timeout,
-                msg.id,
-                extra=log_extra(self, msg),
-            )
+            if log.isEnabledFor(logging.WARNING) and self.ledger.failure_lines.allowed(self.label):
+                log_guarded(
+                    log,
+                    logging.WARNING,
+                    "handler of agent %s timed out after %gs on message %s",
+                    self.label,
+                    self.handle_timeout,
+                    msg.id,
+                    extra=log_extra(self, msg),
+                )
         self.dead_lettered += 1
         self.ledger.dead_letter(msg, reason, self.id, self.name)
 

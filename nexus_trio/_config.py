@@ -311,6 +311,15 @@ class KernelConfig:
             " counted and said in one line a second (0 = a line for every failure)"
         ),
     )
+    log_kind_limit: int = attrs.field(
+        default=200,
+        validator=_at_least(0, integer=True),
+        metadata=_doc(
+            "log lines a second of each kind (handler failures, dead letters) over all its"
+            " agents or reasons together; the rest are counted and said in one line a second"
+            " (0 = no limit of the kind; a per-key limit of 0 lifts it for its kind too)"
+        ),
+    )
     gc_freeze: bool = attrs.field(
         default=True,
         validator=lambda inst, attribute, value: _boolean(inst, attribute, value),

@@ -98,7 +98,12 @@ class Kernel:
     def __init__(self, config: Config, *, seed: int | None = None) -> None:
         self.config = config
         kc = config.kernel
-        self._ledger = Ledger(kc.dead_letter_buffer, kc.dead_letter_log_limit, kc.failure_log_limit)
+        self._ledger = Ledger(
+            kc.dead_letter_buffer,
+            kc.dead_letter_log_limit,
+            kc.failure_log_limit,
+            kc.log_kind_limit,
+        )
         heap = HeapKeeper(kc.gc_freeze)
         self._router = Router(self._ledger, kc.send_timeout, heap)
         self._thread_limiter = trio.CapacityLimiter(config.runtime.blocking_thread_limit)

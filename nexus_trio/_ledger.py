@@ -52,6 +52,11 @@ def _unlink(index: dict[uuid.UUID, set[uuid.UUID]], key: uuid.UUID, value: uuid.
             del index[key]
 
 
+def _of_all(total: int) -> str:
+    """What a line of records not logged says of the kind's limit (if any)."""
+    return f" or {total:,} of all" if total else ""
+
+
 @final
 class Ledger:
     """Counters, dead letters, lifecycle events and monitors of one kernel."""
@@ -90,7 +95,11 @@ class Ledger:
     )
 
     def __init__(
-        self, dead_letter_buffer: int, dead_letter_log_limit: int = 0, failure_log_limit: int = 0
+        self,
+        dead_letter_buffer: int,
+        dead_letter_log_limit: int = 0,
+        failure_log_limit: int = 0,
+        log_kind_limit: int = 0,
     ) -> None:
         self.accepted = 0
         #: sends waiting for room in a full mailbox: counted in ``accepted`` (in flight)
@@ -145,14 +154,28 @@ class Ledger:
         #: set when a second has lines not logged: the kernel's task that says them at
         #: the second's end waits for it (see :meth:`say_unlogged_when_due`)
         self._unsaid_wake = trio.Event()
-        #: dead-letter log lines a second of each reason, and handler-failure lines (with
-        #: their tracebacks) a second of each agent: the rest counted and said in one
-        #: line a second (a storm of a million dead letters is not a million lines)
+        #: dead-letter log lines a second of each reason, and failure lines (a handler's,
+        #: with its traceback; a handler timeout; a run failed outside a handler) a
+        #: second of each agent, and of each kind over all its reasons or agents
+        #: (``log_kind_limit``: a thousand failing agents are not a thousand times the
+        #: agent's limit): the rest counted and said in one line a second (a storm of a
+        #: million dead letters is not a million lines). A per-key limit of 0 asks for a
+        #: line each: the kind's limit does not apply then either.
         self.dead_letter_lines = LineBudget(
-            dead_letter_log_limit, self._say_dead_letters, self._unsaid_wake_set, trio.current_time
+            dead_letter_log_limit,
+            self._say_dead_letters,
+            self._unsaid_wake_set,
+            trio.current_time,
+            total=log_kind_limit if dead_letter_log_limit else 0,
+            kind="dead_letter",
         )
         self.failure_lines = LineBudget(
-            failure_log_limit, self._say_failures, self._unsaid_wake_set, trio.current_time
+            failure_log_limit,
+            self._say_failures,
+            self._unsaid_wake_set,
+            trio.current_time,
+            total=log_kind_limit if failure_log_limit else 0,
+            kind="agent_failure",
         )
 
     # --- conservation -------------------------------------------------------------------
@@ -239,11 +262,12 @@ class Ledger:
             dead_letter_log,
             logging.INFO,
             "%s dead letters not logged in the last second (%s): past %s lines a second of"
-            " a reason; each is counted (stats().dead_letters_by_reason,"
+            " a reason%s; each is counted (stats().dead_letters_by_reason,"
             " nexus_dead_letters_total)",
             f"{total:,}",
             by_reason,
             self.dead_letter_lines.limit,
+            _of_all(self.dead_letter_lines.total),
             extra={"not_logged": total},
         )
 
@@ -252,11 +276,13 @@ class Ledger:
             agent_log,
             logging.ERROR,
             "%s handler failures not logged in the last second (%s): past %s lines a second"
-            " of an agent; each is counted (stats().failed, nexus_handler_failures_total)"
-            " and dead-lettered",
+            " of an agent%s; each is counted (stats().failed, nexus_handler_failures_total;"
+            " a handler timeout in timed_out, a run's failure outside a handler in"
+            " run_failures) and its message dead-lettered",
             f"{total:,}",
             by_agent,
             self.failure_lines.limit,
+            _of_all(self.failure_lines.total),
             extra={"not_logged": total},
         )
 

@@ -275,10 +275,13 @@ class KernelStats:
     #: fall by these; ``accepted - sends_waiting`` never falls (the metrics counter)
     sends_waiting: int = 0
     #: dead letters that got no log line of their own: past ``[kernel]
-    #: dead_letter_log_limit`` lines a second of their reason (said in one line a second)
+    #: dead_letter_log_limit`` lines a second of their reason or ``log_kind_limit`` of
+    #: all reasons (said in one line a second)
     dead_letter_lines_not_logged: int = 0
-    #: handler failures that got no log line (nor traceback) of their own: past ``[kernel]
-    #: failure_log_limit`` lines a second of their agent (said in one line a second)
+    #: handler failures (and handler timeouts, runs failed outside a handler) that got no
+    #: log line (nor traceback) of their own: past ``[kernel] failure_log_limit`` lines a
+    #: second of their agent or ``log_kind_limit`` of all agents (said in one line a
+    #: second)
     failure_lines_not_logged: int = 0
     #: tells to another node of a cluster this kernel left (its transport detached with
     #: ``left``, see ``Kernel.detach_transport``): accepted and dead-lettered

@@ -41,6 +41,7 @@ from typing import Any, Final, TextIO, cast
 
 from ._config import LOG_FORMATS, LoggingConfig
 from ._logcall import log_calls_failed as log_calls_failed
+from ._throttle import lines_dropped
 
 __all__ = [
     "FLUSH_TIMEOUT",
@@ -52,6 +53,7 @@ __all__ = [
     "install_default_logging",
     "level_number",
     "log_calls_failed",
+    "log_lines_dropped",
     "output_lock",
     "records_lost",
 ]
@@ -440,6 +442,24 @@ def output_lock() -> threading.Lock:
     child a new one (the one before may be held by a thread of the parent, which the child
     has not)."""
     return _OUTPUT_LOCK[0]
+
+
+def log_lines_dropped() -> dict[str, int]:
+    """How many log lines of each kind the kernel's bounds on floods held back in this
+    process so far (a kind with none is not there). Each such line stands for something
+    counted elsewhere (a dead letter, a failure, a malformed frame): only its line was not
+    written, and a later line of its kind said how many were not (``... not logged in
+    the last second``, ``(N so far)``).
+
+    The kinds: ``dead_letter`` and ``agent_failure`` (the kernel's, past ``[kernel]
+    dead_letter_log_limit`` / ``failure_log_limit`` lines a second of a reason or an
+    agent, or ``log_kind_limit`` of all), ``process_agent.*`` (a process agent's
+    per-line warnings and stderr lines), ``endpoint.*`` (the metrics endpoint's accept
+    failures and connection limit), and ``cluster.*``, ``durable.*`` and ``nats.*`` (a
+    node's warnings, at most a line a second each). ``/metrics`` has them as
+    ``nexus_log_lines_dropped_total{kind}``.
+    """
+    return lines_dropped()
 
 
 def records_lost() -> int:

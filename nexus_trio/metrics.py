@@ -59,7 +59,7 @@ import re
 import time
 import urllib.parse
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import attrs
@@ -73,7 +73,7 @@ from ._deadletter import DeadLetterReason
 from ._ledger import REJECTION_REASONS
 from ._logcall import log_guarded
 from ._throttle import Throttle
-from .logs import escape_control, log_calls_failed, records_lost
+from .logs import escape_control, log_calls_failed, log_lines_dropped, records_lost
 
 if TYPE_CHECKING:
     from ._kernel import AgentScan, Kernel
@@ -182,6 +182,8 @@ _REFUSALS: Final = (400, 404, 405, 431, 505)
 #: the labels of ``nexus_dead_letters_total`` and ``nexus_sends_rejected_total``, each
 #: exported from the first scrape (at 0)
 _DEAD_LETTER_REASONS: Final = frozenset(reason.value for reason in DeadLetterReason)
+#: the kinds of log lines dropped every kernel has (at 0 from the first scrape)
+_DROPPED_KINDS: Final = frozenset(("agent_failure", "dead_letter"))
 _REJECTION_REASONS: Final = frozenset(REJECTION_REASONS)
 
 
@@ -238,6 +240,9 @@ class MetricsSnapshot:
     #: log calls of the kernel that raised (a filter or handler of the application),
     #: process-wide (see :func:`nexus_trio.logs.log_calls_failed`)
     log_calls_failed: int = 0
+    #: log lines held back by the kernel's bounds on floods, by kind, process-wide (see
+    #: :func:`nexus_trio.logs.log_lines_dropped`)
+    log_lines_dropped: Mapping[str, int] = attrs.field(factory=dict)
     #: the counters of the endpoint the scrape came through (a copy), if any
     endpoint: EndpointStats | None = None
     #: the families of the collectors added to the kernel (:func:`add_collector`: a
@@ -493,9 +498,14 @@ async def take_snapshot_in_steps(
     return _end_snapshot(stats, up, logs, per_agent_limit, scan)
 
 
+#: what a snapshot reads of the process and the kernel's added parts: log records lost,
+#: log calls failed, the added collectors' families, whether ready, log lines dropped
+_Logs = tuple[int, int, tuple[Metric, ...], bool, dict[str, int]]
+
+
 def _begin_snapshot(
     kernel: Kernel, per_agent: bool, per_agent_limit: int
-) -> tuple[KernelStats, bool, tuple[int, int, tuple[Metric, ...], bool], AgentScan | None]:
+) -> tuple[KernelStats, bool, _Logs, AgentScan | None]:
     """The kernel-wide values, read now (the logging counts: records lost, calls that
     raised; the added collectors' families; whether it is ready), and the walk over the
     agents if ``per_agent``."""
@@ -504,18 +514,24 @@ def _begin_snapshot(
         scan = kernel.scan_agents(
             per_agent_limit, visits_per_step=_SCAN_VISITS, copies_per_step=_SCAN_COPIES
         )
-    logs = records_lost(), log_calls_failed(), _collect_added(kernel), readiness(kernel) is None
+    logs = (
+        records_lost(),
+        log_calls_failed(),
+        _collect_added(kernel),
+        readiness(kernel) is None,
+        log_lines_dropped(),
+    )
     return kernel.stats(), not kernel.shutting_down, logs, scan
 
 
 def _end_snapshot(
     stats: KernelStats,
     up: bool,
-    logs: tuple[int, int, tuple[Metric, ...], bool],
+    logs: _Logs,
     per_agent_limit: int,
     scan: AgentScan | None,
 ) -> MetricsSnapshot:
-    lost, failed, extra, ready = logs
+    lost, failed, extra, ready, dropped = logs
     if scan is None:
         return MetricsSnapshot(
             stats,
@@ -524,6 +540,7 @@ def _end_snapshot(
             per_agent_limit,
             log_records_lost=lost,
             log_calls_failed=failed,
+            log_lines_dropped=dropped,
             extra=extra,
             ready=ready,
         )
@@ -536,6 +553,7 @@ def _end_snapshot(
         scan.left_out,
         log_records_lost=lost,
         log_calls_failed=failed,
+        log_lines_dropped=dropped,
         extra=extra,
         ready=ready,
     )
@@ -676,6 +694,16 @@ def _families(snapshot: MetricsSnapshot) -> Iterator[Metric]:
         " the kernel went on. In this process.",
         snapshot.log_calls_failed,
     )
+    dropped = CounterMetricFamily(
+        "nexus_log_lines_dropped",
+        "Log lines held back by the kernel's bounds on floods (each said by its count in a"
+        " later line; what they stand for counted elsewhere), by kind. In this process.",
+        labels=["kind"],
+    )
+    lines = snapshot.log_lines_dropped
+    for kind in sorted(_DROPPED_KINDS.union(lines)):
+        dropped.add_metric([kind], lines.get(kind, 0))
+    yield dropped
     # Every reason there from the first scrape, at 0 (as Prometheus asks of series known
     # in advance): a series that appears at its first count hides that count from rate().
     dead = CounterMetricFamily(
@@ -1367,8 +1395,8 @@ async def serve_routes(
     counts = endpoint
     # Not trio.serve_listeners: it logs a failed accept with its traceback at each retry,
     # ten times a second while the process is out of descriptors, and counts nothing.
-    failure_log = Throttle(1.0, clock=trio.current_time)
-    limit_log = Throttle(1.0, clock=trio.current_time)
+    failure_log = Throttle(1.0, clock=trio.current_time, kind="endpoint.accept_failure")
+    limit_log = Throttle(1.0, clock=trio.current_time, kind="endpoint.connection_limit")
     # Past the limit, connections wait in accept (the listen backlog), not answered 503:
     # one waiting holds no descriptor nor task here, and costs the loop nothing (a flood
     # answered 503 would cost an accept, a write and a close each). Prometheus and health

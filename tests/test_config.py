@@ -357,6 +357,7 @@ BAD_VALUES = [
         "[kernel] dead_letter_log_limit must be >= 0, got -1",
     ),
     ("kernel", "failure_log_limit", "-1", "[kernel] failure_log_limit must be >= 0, got -1"),
+    ("kernel", "log_kind_limit", "-1", "[kernel] log_kind_limit must be >= 0, got -1"),
     (
         "supervision",
         "strategy",

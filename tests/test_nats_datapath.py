@@ -60,7 +60,7 @@ from nexus_trio._nats._direct import flush_after_subscribe
 from nexus_trio._nats._membership import encode_record
 from nexus_trio._nats._streams import parse_stream_name
 from nexus_trio.cli._swarm import cluster_counts
-from nexus_trio.logs import log_calls_failed
+from nexus_trio.logs import log_calls_failed, log_lines_dropped
 from nexus_trio.testing import assert_conserved
 
 from .hang_guard import real_time_limit
@@ -524,6 +524,40 @@ async def test_malformed_batches_are_counted_and_the_node_keeps_serving(nats: Na
     assert dropped["malformed_batch"] == len(hostile)
     # the tells the parsed heads announced are counted too, never silently gone
     assert dropped["malformed"] == 3
+
+
+async def test_a_flood_of_undecodable_messages_is_one_line_a_second_with_the_count_so_far(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """300 undecodable messages to an agent of node b (a broken or hostile peer): each was
+    a WARNING line of its own (300 lines); now the first is logged at once, then at most
+    one a second saying the count so far, the rest held for the leave's line: the last
+    line's count and those held add up to the 300 counted malformed."""
+    caplog.set_level(logging.WARNING, logger="nexus_trio.nats")
+    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (_ka, ca):
+        ref = kb.spawn(agent(_collector([]), name="col"))
+        await cb.names_published()
+        subject = wire.agent_subject(cb.prefix, "b", ref.id)
+        with trio.fail_after(30):
+            for n in range(300):
+                await call_aio(ca.nc.publish, subject, b"not a message %d" % n)
+            await until(lambda: cb.stats().inbound_dropped.get("malformed", 0) == 300)
+        lines = [
+            r.getMessage() for r in caplog.records if "undecodable message on" in r.getMessage()
+        ]
+        held = cb.held.held("malformed frames dropped")
+        dropped = log_lines_dropped().get("cluster.malformed", 0)
+    assert 1 <= len(lines) < 300
+    counts = [
+        int(m.group(1)) for line in lines if (m := re.search(r"\((\d+) malformed so far\)", line))
+    ]
+    assert len(counts) == len(lines)
+    assert counts[-1] + held == 300
+    assert dropped >= held
+    # the leave said what was held, if anything was
+    said = [r.getMessage() for r in caplog.records if "more malformed frames" in r.getMessage()]
+    said = [line.split(" after the last line")[0] for line in said]
+    assert said == ([f"node b: {held:,} more malformed frames dropped"] if held else [])
 
 
 # --- a raising log filter of the application -------------------------------------------------

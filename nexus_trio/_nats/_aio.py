@@ -282,7 +282,7 @@ class Outbox(Generic[T]):
         self.dropped = 0
         #: items sent at once by :meth:`put` (not through the asyncio task)
         self.direct = 0
-        self._failure_log = Throttle()
+        self._failure_log = Throttle(kind="nats.publish_failure")
         # the failures after the last line logged, said at the node's leave (``what``
         # they are, and ``counted``: the ClusterStats field counting them)
         self._held = HeldLines() if held is None else held

@@ -1019,23 +1019,26 @@ class Cluster:
         # watch gave the delete of its record: a record of that join the watch gives
         # meanwhile was written before the leave (see _apply_node_entry)
         self._left_before_delete: dict[str, int] = {}
-        self._loss_log = Throttle()
-        self._notice_log = Throttle()
+        self._loss_log = Throttle(kind="cluster.loss")
+        self._notice_log = Throttle(kind="cluster.notice")
         #: malformed membership records (anyone on the account can write one, by the
         #: thousand)
         self._records_refused = kvops.Refusals("a membership record", self.held)
         #: names bucket entries refused (see _apply_name_entry)
         self._names_refused = kvops.Refusals("a names bucket entry", self.held)
         #: records under this node's name from another process (see _apply_member_entry)
-        self._own_name_log = Throttle()
-        self._drop_log = Throttle()
+        self._own_name_log = Throttle(kind="cluster.own_name")
+        self._drop_log = Throttle(kind="cluster.drop")
+        #: undecodable frames from peers (a broken or hostile peer sends them by the
+        #: thousand: one line a second, each counted in inbound_dropped["malformed"])
+        self._malformed_log = Throttle(kind="cluster.malformed")
         #: see _tell_after_leave
         self._tells_after_leave = 0
         #: see _tell_after_leave
         self._requests_after_leave = 0
         #: see _node_lost
         self._requests_lost_with_nodes = 0
-        self._after_leave_log = Throttle()
+        self._after_leave_log = Throttle(kind="cluster.after_leave")
         self._data_up = trio.Event()  # set while the data connection is up
         self._data_up.set()
         #: when each connection ("data", "control") went down, while it is down (closed:
@@ -2635,15 +2638,27 @@ class Cluster:
             self._refuse(item, msg, self._left_the_cluster())
 
     def _undecodable(self, head: batch.BatchHead, exc: MessageDecodeError) -> None:
+        self._malformed("undecodable tell in a batch from %r", head.node, exc)
+
+    def _malformed(self, what: str, where: object, exc: Exception) -> None:
+        """A frame from a peer that could not be used (``what`` with ``where`` in it):
+        counted in ``inbound_dropped["malformed"]``; logged at once, then at most once a
+        second with the count so far (the rest held, said at the leave)."""
         self._dropped["malformed"] += 1
-        log_guarded(
-            log,
-            logging.WARNING,
-            "node %s: undecodable tell in a batch from %r: %s",
-            self.node,
-            head.node,
-            exc,
-        )
+        if self.held.due(
+            self._malformed_log,
+            "malformed frames dropped",
+            counted='inbound_dropped["malformed"]',
+        ):
+            log_guarded(
+                log,
+                logging.WARNING,
+                f"node %s: {what}: %s (%d malformed so far)",
+                self.node,
+                where,
+                exc,
+                self._dropped["malformed"],
+            )
 
     def _control_frame(self, head: batch.BatchHead, kind: int, body: bytes) -> None:
         try:
@@ -2661,15 +2676,7 @@ class Cluster:
                 self._cancels_received += 1
                 self._requester_gone(query_id, to)
         except batch.BatchError as exc:
-            self._dropped["malformed"] += 1
-            log_guarded(
-                log,
-                logging.WARNING,
-                "node %s: bad frame in a batch from %r: %s",
-                self.node,
-                head.node,
-                exc,
-            )
+            self._malformed("bad frame in a batch from %r", head.node, exc)
 
     def _requester_gone(self, query_id: uuid.UUID, to: Address) -> None:
         """The requester on another node of query ``query_id`` stopped waiting (its
@@ -2977,15 +2984,7 @@ class Cluster:
                         node=headers.get(wire.NODE_HEADER, node),
                     )
                 except ValueError as exc:
-                    self._dropped["malformed"] += 1
-                    log_guarded(
-                        log,
-                        logging.WARNING,
-                        "node %s: undecodable error frame on %s: %s",
-                        self.node,
-                        m.subject,
-                        exc,
-                    )
+                    self._malformed("undecodable error frame on %s", m.subject, exc)
                     error = RequestFailed(query_id, to, "malformed", exc)
                     counted = True
             else:
@@ -2997,15 +2996,7 @@ class Cluster:
         try:
             reply = _decode(m.data)
         except MessageDecodeError as exc:
-            self._dropped["malformed"] += 1
-            log_guarded(
-                log,
-                logging.WARNING,
-                "node %s: undecodable reply on %s: %s",
-                self.node,
-                m.subject,
-                exc,
-            )
+            self._malformed("undecodable reply on %s", m.subject, exc)
             return None
         self._took_reply(reply, query_id, None if asked is None else asked[1], m)
         return reply
@@ -3223,15 +3214,7 @@ class Cluster:
         try:
             msg = _decode(m.data)
         except MessageDecodeError as exc:
-            self._dropped["malformed"] += 1
-            log_guarded(
-                log,
-                logging.WARNING,
-                "node %s: undecodable message on %s: %s",
-                self.node,
-                m.subject,
-                exc,
-            )
+            self._malformed("undecodable message on %s", m.subject, exc)
             if m.reply:
                 self._publish_error(m.reply, RequestFailed(uuid.UUID(int=0), "?", "malformed", exc))
             return None

@@ -273,6 +273,20 @@ def held_at_most(ack_wait: float, options: DurableOptions) -> float:
 
 
 @final
+class _ErrorSaid:
+    """``": " + error_repr(error)`` ("" for no error) when a log line is formatted: a
+    line its throttle holds back makes no repr of the handler's error."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException | None) -> None:
+        self.error = error
+
+    def __str__(self) -> str:
+        return "" if self.error is None else f": {error_repr(self.error)}"
+
+
+@final
 class _Waiting:
     """The messages by name nakked to wait for their agent on one durable consumer (this
     node's own, or a lost node's it takes over), by stream sequence: when their
@@ -476,7 +490,7 @@ class DurableChannel:
         self._settles_queued = 0
         self._settles_sent = 0
         # failed fetches: logged at once, then at most once a second (an outage)
-        self._fetch_log = Throttle()
+        self._fetch_log = Throttle(kind="durable.fetch")
         #: failed fetches of this node's own consumer, each tried again
         self.fetch_failures = 0
         #: Trio time of the first of the failed fetches in a row of this node's own
@@ -488,10 +502,10 @@ class DurableChannel:
         self._idle = True
         # bodies no kernel wrote (a hostile or broken publisher): each terminated and
         # counted dead, logged at once, then at most once a second with a running count
-        self._undecodable_log = Throttle()
+        self._undecodable_log = Throttle(kind="durable.undecodable")
         self._undecodable = 0
         # for an agent id gone for good: terminated at once, logged likewise
-        self._gone_log = Throttle()
+        self._gone_log = Throttle(kind="durable.gone")
         self._gone = 0
         self.acked = 0
         self.redelivered = 0
@@ -518,9 +532,9 @@ class DurableChannel:
         # the lost nodes whose durable consumers this node pulls (see take_over)
         self._takeovers: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
-        self._lost_log = Throttle()
-        self._takeover_log = Throttle()
-        self._unpulled_log = Throttle()
+        self._lost_log = Throttle(kind="durable.lost")
+        self._takeover_log = Throttle(kind="durable.takeover")
+        self._unpulled_log = Throttle(kind="durable.unpulled")
         #: deliveries by name not forwarded to the node their agent runs on, whose
         #: durable path is off (see _moved_to): they wait here (``agent_missing``)
         self.not_forwarded = 0
@@ -537,20 +551,20 @@ class DurableChannel:
         self._taken_wait_full = 0
         #: failures to make the stream or this node's consumer anew (see _set_up_again)
         self.remake_failures = 0
-        self._wait_full_log = Throttle()
+        self._wait_full_log = Throttle(kind="durable.wait_full")
         # the per-message lines a burst repeats (10,000 messages dying at once were
         # 10,000 ERROR lines): each kind logged at once, then at most once a second with
         # its count so far; the rest held (HeldLines: said at the leave). The counters
         # stay exact: the log is what is bounded
-        self._failed_dead_log = Throttle()
+        self._failed_dead_log = Throttle(kind="durable.failed_dead")
         self._failed_dead = 0
-        self._unanswered_dead_log = Throttle()
+        self._unanswered_dead_log = Throttle(kind="durable.unanswered_dead")
         self._unanswered_dead = 0
         self._with_node_dead = 0
-        self._too_big_log = Throttle()
+        self._too_big_log = Throttle(kind="durable.too_big")
         self._too_big = 0
-        self._unforwarded_log = Throttle()
-        self._forward_failed_log = Throttle()
+        self._unforwarded_log = Throttle(kind="durable.unforwarded")
+        self._forward_failed_log = Throttle(kind="durable.forward_failed")
         self._forward_failures = 0
         #: deliveries by name whose agent this node did not have, terminated (dead)
         #: because as many messages as their consumer's bound waited for theirs already
@@ -1675,8 +1689,9 @@ class DurableChannel:
                 delivered,
                 reason,
                 # (the handler's error is user code: its repr may raise, and this runs in
-                # the task that follows the dead letters, whose end would end the node)
-                f": {error_repr(error)}" if error is not None else "",
+                # the task that follows the dead letters, whose end would end the node;
+                # made only for a line the throttle lets through)
+                _ErrorSaid(error),
                 self._failed_dead,
             )
         elif entry[1] > trio.current_time() and not self._newer_held(jsmsg):

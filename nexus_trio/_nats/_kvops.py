@@ -180,7 +180,7 @@ class Refusals:
         #: what an entry of the bucket is, for the log line ("a placement record")
         self.what = what
         self.count = 0
-        self._log = Throttle()
+        self._log = Throttle(kind="cluster.kv_entry_ignored")
         # the node's: the entries refused after the last line are said at its leave
         self._held = HeldLines() if held is None else held
 

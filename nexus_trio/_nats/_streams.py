@@ -127,7 +127,7 @@ class InboundStreams:
         self._senders: dict[Sender, dict[str, None]] = {}
         #: live streams evicted to make room (a retired stream going is not counted)
         self.evicted = 0
-        self._eviction_log = Throttle(clock=clock)
+        self._eviction_log = Throttle(clock=clock, kind="cluster.stream_eviction")
         # the node's: the evictions after the last line are said at its leave
         self._held = HeldLines() if held is None else held
 

@@ -75,7 +75,7 @@ from .._message import (
 )
 from .._plural import count_of
 from .._router import KernelPhase
-from .._throttle import Throttle
+from .._throttle import Throttle, count_dropped
 from . import _lineage
 
 if TYPE_CHECKING:
@@ -581,9 +581,11 @@ class _Flood:
 
     __slots__ = ("held", "throttle")
 
-    def __init__(self) -> None:
+    def __init__(self, kind: str) -> None:
         # The kernel's clock (trio's): a test moves it with a MockClock.
-        self.throttle = Throttle(1.0, clock=trio.current_time)
+        self.throttle = Throttle(
+            1.0, clock=trio.current_time, kind="process_agent." + kind.replace(" ", "_")
+        )
         self.held = 0
 
 
@@ -2233,6 +2235,7 @@ class ProcessAgent(Agent):
             self._stderr_last, self._stderr_last_at = last, at
         if not self._stderr_budget.take():
             stats.stderr_lines_not_logged += 1
+            count_dropped("process_agent.stderr")
             return
         if isinstance(line, _Oversized):
             log_guarded(
@@ -2311,7 +2314,7 @@ class ProcessAgent(Agent):
         """
         flood = self._floods.get(kind)
         if flood is None:
-            flood = self._floods[kind] = _Flood()
+            flood = self._floods[kind] = _Flood(kind)
         if not flood.throttle.due():
             flood.held += 1
             return
