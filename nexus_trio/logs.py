@@ -449,7 +449,8 @@ def log_lines_dropped() -> dict[str, int]:
     process so far (a kind with none is not there). Each such line stands for something
     counted elsewhere (a dead letter, a failure, a malformed frame): only its line was not
     written, and a later line of its kind said how many were not (``... not logged in
-    the last second``, ``(N so far)``).
+    the last second``, ``(N so far)``). The kernel's two kinds are counted here as that
+    line is said, within the second (``Kernel.stats()`` counts each at once).
 
     The kinds: ``dead_letter`` and ``agent_failure`` (the kernel's, past ``[kernel]
     dead_letter_log_limit`` / ``failure_log_limit`` lines a second of a reason or an
