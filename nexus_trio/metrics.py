@@ -574,6 +574,7 @@ class KernelCollector:
     ``nexus_dead_letter_stream_dropped``, ``nexus_event_stream_dropped``,
     ``nexus_tells_after_detach``, ``nexus_requests_after_detach``,
     ``nexus_dead_letter_lines_not_logged``, ``nexus_handler_failure_lines_not_logged``,
+    ``nexus_log_lines_dropped{kind}`` (process-wide),
     ``nexus_log_records_lost``,
     ``nexus_log_calls_failed`` (counters); ``nexus_agents_alive``,
     ``nexus_messages_in_flight``, ``nexus_sends_waiting``, ``nexus_max_mailbox_depth``,
