@@ -367,7 +367,9 @@ async def test_a_burst_past_3_x_max_in_flight_to_a_name_missing_a_while_is_all_h
         stats = cluster.stats()
     assert (stats.durable_wait_full, stats.durable_dead, stats.durable_acked) == (0, 0, burst + 1)
     assert waiting.config.max_ack_pending == 64 * 4 + 10_000
-    assert waiting.num_ack_pending == burst
+    # (all still held: a message whose delay ran out between two fetches is pending
+    # again, not acked-pending, for a moment: once at load ~20, 249 + 1)
+    assert waiting.num_ack_pending + waiting.num_pending == burst
     assert sorted(payload for _id, payload in handled) == list(range(burst))
     assert [payload for _id, payload in here_handled] == ["not held up"]
     assert consumer.num_ack_pending == 0
