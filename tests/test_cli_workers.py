@@ -1973,6 +1973,38 @@ def test_the_workers_server_lost_wait_reaches_the_parents_timers(
     ]
 
 
+@pytest.mark.usefixtures("restore_logging", "isolated")
+def test_the_workers_leave_and_join_keys_reach_the_parents_timers(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``[cluster] notice_wait_at_leave`` and ``join_timeout`` (forty-third pass: keys
+    since then) reach ``run_workers``, whose kill timers grow by what they exceed their
+    defaults: a worker whose leave waits 30 s for the others' last notices was killed
+    by a settled grace that made room for 2 s, and one whose join may take 200 s by a
+    start grace of 120 s; unset (and a heartbeat of 2 s x 7), the parent's
+    ``server_lost_wait`` is the heartbeats' 14 s, as its workers'."""
+    from nexus_trio.cli import _cluster_cmd
+
+    asked = record_run_workers(monkeypatch)
+    config = tmp_path / "cluster.toml"
+    config.write_text(
+        "[cluster]\nnotice_wait_at_leave = 30\njoin_timeout = 200\n"
+        "heartbeat_interval = 2.0\nmissed_heartbeats = 7\n"
+    )
+    args = ["-W", "2", "-d", "1", "--json", "--nats", "nats://127.0.0.1:1"]
+    code, out = invoke_run([*args, "-c", str(config)])
+    code_default, out_default = invoke_run(args)
+    assert (code, code_default) == (0, 0), (out, out_default)
+    keys = ("notice_wait_at_leave", "join_timeout", "server_lost_wait")
+    assert [tuple(a[k] for k in keys) for a in asked] == [(30.0, 200.0, 14.0), (2.0, 15.0, 5.0)]
+    # what the timers make of them: 28 s and 185 s more than at the defaults
+    assert _cluster_cmd.straggler_graces(5.0, 5.0, 30.0) == (58.0, 118.0)
+    assert _cluster_cmd.straggler_graces(5.0, 5.0, 2.0) == (30.0, 90.0)
+    assert _cluster_cmd.straggler_graces(5.0, 5.0, 0.5) == (30.0, 90.0)
+    assert (_cluster_cmd.start_grace(200.0), _cluster_cmd.start_grace(15.0)) == (305.0, 120.0)
+    assert _cluster_cmd.start_grace(1.0) == 120.0
+
+
 @pytestmark_linux
 @pytest.mark.parametrize(
     ("how", "wait"),

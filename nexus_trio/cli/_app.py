@@ -885,6 +885,8 @@ def _run_workers(
         metrics_port=cfg.metrics.port,
         shutdown_grace=cfg.kernel.shutdown_grace,
         server_lost_wait=server_lost_wait_of(cfg),
+        notice_wait_at_leave=cfg.cluster.notice_wait_at_leave,
+        join_timeout=cfg.cluster.join_timeout,
         group_port=group_port,
         metrics_host=cfg.metrics.host,
         max_connections=cfg.metrics.max_connections,

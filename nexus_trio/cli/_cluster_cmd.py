@@ -147,6 +147,13 @@ _STOP_GRACE: Final = 80.0
 #: ready is bounded by :data:`_STOP_GRACE` from then on instead, as systemd's stop of a
 #: unit still starting
 _START_GRACE: Final = 120.0
+#: the ``[cluster] join_timeout`` and ``notice_wait_at_leave`` (their defaults) that
+#: :data:`_START_GRACE` and :data:`_SETTLED_GRACE` / :data:`_STOP_GRACE` make room for:
+#: a worker configured to wait longer gets the difference on top (see :func:`start_grace`,
+#: :func:`straggler_graces`), so that a setting its own join or leave honours is not cut
+#: by the parent's kill timer
+_JOIN_TIMEOUT_COUNTED: Final = 15.0
+_NOTICE_WAIT_COUNTED: Final = 2.0
 #: bytes of a line of a worker's standard error the relay holds at most while it waits for
 #: the line's end (a longer one is passed on in pieces of this size)
 _LONGEST_LINE: Final = 1 << 20
@@ -635,13 +642,25 @@ def _merged_latency(histograms: Sequence[dict[str, float]]) -> dict[str, float]:
     return merged
 
 
-def straggler_graces(shutdown_grace: float, server_lost_wait: float) -> tuple[float, float]:
+def start_grace(join_timeout: float = _JOIN_TIMEOUT_COUNTED) -> float:
+    """Seconds a worker has to get ready (:data:`_START_GRACE`), and the swarm to see every
+    worker joined (``_swarm.START_TIMEOUT``, the same): longer by what ``[cluster]
+    join_timeout`` exceeds its default (a join configured to take 200 s was killed at
+    120 s), at most :data:`_LONGEST_WAIT`."""
+    return min(_START_GRACE + max(0.0, join_timeout - _JOIN_TIMEOUT_COUNTED), _LONGEST_WAIT)
+
+
+def straggler_graces(
+    shutdown_grace: float, server_lost_wait: float, notice_wait_at_leave: float = 2.0
+) -> tuple[float, float]:
     """Seconds a worker the others settled with may run on after they ended, and seconds
     a worker asked to stop may run on, before ``run_workers`` kills it: :data:`_SETTLED_GRACE`
     and :data:`_STOP_GRACE` on top of the workers' ``shutdown_grace`` and their
     ``server_lost_wait`` (a worker riding out a NATS failover waits that long at its
     settle, and its leave's steps as long: with ``[nats] server_lost_wait = 30`` the
-    fixed graces killed it mid-wait), each at most :data:`_LONGEST_WAIT`.
+    fixed graces killed it mid-wait), and what ``[cluster] notice_wait_at_leave`` exceeds
+    its default (a leave that waits for the others' last notices that long), each at most
+    :data:`_LONGEST_WAIT`.
 
     ValueError naming ``[nats] server_lost_wait`` if it is not a finite number of
     seconds >= 0 (the config refuses such a value first)."""
@@ -656,6 +675,7 @@ def straggler_graces(shutdown_grace: float, server_lost_wait: float) -> tuple[fl
             f" got {server_lost_wait!r}"
         )
     waits = shutdown_grace + server_lost_wait
+    waits += max(0.0, notice_wait_at_leave - _NOTICE_WAIT_COUNTED)
     return min(_SETTLED_GRACE + waits, _LONGEST_WAIT), min(_STOP_GRACE + waits, _LONGEST_WAIT)
 
 
@@ -668,6 +688,8 @@ def run_workers(
     metrics_port: int = 0,
     shutdown_grace: float = 5.0,
     server_lost_wait: float = 5.0,
+    notice_wait_at_leave: float = _NOTICE_WAIT_COUNTED,
+    join_timeout: float = _JOIN_TIMEOUT_COUNTED,
     group_port: int = 0,
     metrics_host: str = "127.0.0.1",
     max_connections: int = 32,
@@ -691,14 +713,19 @@ def run_workers(
     at its settle and at its leave (a failover), so each of the parent's kill timers (the
     settled one's and the stop's, see :func:`straggler_graces`, and the one of a worker
     every other one counted lost, :data:`_LOST_GRACE`) gives it that much longer; a
-    stop is passed on as at once.
+    stop is passed on as at once. ``notice_wait_at_leave`` and ``join_timeout`` are the
+    workers' ``[cluster]`` keys: the kill timers of a leave and of a start grow by what
+    they exceed their defaults (:func:`straggler_graces`, :func:`start_grace`).
 
     ValueError, before anything starts, if ``workers`` is below 1 or more than this host
     should run (the bound ``nexus run --workers`` checks: :func:`worker_count_problem`),
     or ``server_lost_wait`` is not a finite number of seconds >= 0."""
     if workers < 1:
         raise ValueError(f"--workers must be at least 1, got {workers}")
-    settled_grace, stop_grace = straggler_graces(shutdown_grace, server_lost_wait)
+    settled_grace, stop_grace = straggler_graces(
+        shutdown_grace, server_lost_wait, notice_wait_at_leave
+    )
+    ready_grace = start_grace(join_timeout)
     # (validated by straggler_graces)
     lost_grace = min(_LOST_GRACE + server_lost_wait, _LONGEST_WAIT)
     problem = worker_count_problem(workers)
@@ -884,9 +911,9 @@ def run_workers(
                 killed_here[p.pid] = f"it still ran {stop_grace:g}s after it was asked to stop"
             elif start_by is not None and start_by <= now:
                 message = "worker-%d (pid %d) is not ready %gs after it started"
-                grace = _START_GRACE
+                grace = ready_grace
                 killed_here[p.pid] = (
-                    f"it was not ready {_START_GRACE:g}s after it started (it had not"
+                    f"it was not ready {ready_grace:g}s after it started (it had not"
                     " imported its --app/--types, loaded its config and joined the cluster)"
                 )
             else:
@@ -1004,7 +1031,7 @@ def run_workers(
                 )
                 # (its start's deadline before it is in procs: a stop passed on to it
                 # from then on drops it, see pass_on)
-                start_deadlines[started.pid] = time.monotonic() + _START_GRACE
+                start_deadlines[started.pid] = time.monotonic() + ready_grace
                 procs.append(started)
             except BaseException:
                 os.close(ready_read)

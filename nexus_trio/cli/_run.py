@@ -947,7 +947,12 @@ async def _body(state: _State, kernel: Kernel) -> None:
             state.phase = "spawning"
             swarm = state.swarm
             # (a stop that came before, even as this worker joined: False at once)
-            if swarm is not None and not await swarm.wait_for_workers():
+            # (the swarm waits as the parent does for a worker to get ready: longer by
+            # what [cluster] join_timeout exceeds its default)
+            from ._cluster_cmd import start_grace
+
+            joined_within = start_grace(opts.config.cluster.join_timeout)
+            if swarm is not None and not await swarm.wait_for_workers(joined_within):
                 missing = ", ".join(swarm.not_joined)
                 log_guarded(
                     log,
