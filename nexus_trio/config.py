@@ -553,6 +553,20 @@ def _read_env(
         if key not in known:
             found.unknown_name(f"{origin}: {_unknown_key_text(section, key)}")
             continue
+        earlier = sources.get(f"{section}.{key}", "")
+        if earlier.startswith("env ") and env[earlier.removeprefix("env ")] != env[name]:
+            # (names in any case: NEXUS_KERNEL__X and nexus_kernel__x are one key, and
+            # which one won depended on their sort order)
+            other = earlier.removeprefix("env ")
+            found.bad_value(
+                ConfigError(
+                    f"[{section}] {key} is set twice, differently: {other}={env[other]!r}"
+                    f" and {name}={env[name]!r} (one key in any case: keep one)",
+                    origin=origin,
+                    key=f"{section}.{key}",
+                )
+            )
+            continue
         try:
             value = _parse_env_value(section, known[key], env[name])
             if _holds_huge_integer(value):

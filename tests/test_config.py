@@ -671,6 +671,23 @@ def test_a_variable_is_read_with_its_prefix_in_any_case_as_its_section_and_key(
         load(home, env=env_for(home, nexus_kernal__batch_size="8"))
 
 
+def test_one_key_set_differently_by_two_variables_in_other_cases_is_refused(home: Path) -> None:
+    """``NEXUS_KERNEL__MAILBOX_CAPACITY=64`` beside ``nexus_kernel__mailbox_capacity=32``:
+    one key, and the one read was whichever sorted last, without a word; now refused
+    naming both. The same value twice is taken."""
+    env = env_for(home, NEXUS_KERNEL__MAILBOX_CAPACITY="64", nexus_kernel__mailbox_capacity="32")
+    with pytest.raises(ConfigError) as info:
+        load(home, env=env)
+    assert str(info.value) == (
+        "environment variable nexus_kernel__mailbox_capacity: [kernel] mailbox_capacity is set"
+        " twice, differently: NEXUS_KERNEL__MAILBOX_CAPACITY='64' and"
+        " nexus_kernel__mailbox_capacity='32' (one key in any case: keep one)"
+    )
+    assert info.value.key == "kernel.mailbox_capacity"
+    same = env_for(home, NEXUS_KERNEL__MAILBOX_CAPACITY="64", Nexus_Kernel__Mailbox_Capacity="64")
+    assert load(home, env=same).config.kernel.mailbox_capacity == 64
+
+
 def test_every_key_has_a_bad_value_case() -> None:
     assert {f"{s}.{k}" for s, k, _, _ in BAD_VALUES} == ALL_KEYS
 
