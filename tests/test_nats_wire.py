@@ -532,11 +532,17 @@ def test_last_notice_wait_follows_server_lost_wait_or_must_be_above_it() -> None
         with pytest.raises(ValueError, match=r"^last_notice_wait") as raised:
             ClusterOptions(**asked)  # type: ignore[arg-type]
         wait = asked.get("server_lost_wait", 5.0)
+        derived = (
+            ""
+            if "server_lost_wait" in asked
+            else "; server_lost_wait, left out, is heartbeat_interval x missed_heartbeats"
+            " (1 x 5): give it, or lower those"
+        )
         assert str(raised.value) == (
             f"last_notice_wait ({asked['last_notice_wait']:g} s) must be above"
             f" server_lost_wait ({wait:g} s): a leave riding out a failover sends its last"
             " notice up to server_lost_wait late, and the others would count what it took"
-            " as lost; raise last_notice_wait, or leave it out (server_lost_wait + 13 s)"
+            f" as lost; raise last_notice_wait, or leave it out (server_lost_wait + 13 s){derived}"
         )
     # a bad server_lost_wait is still its own error, not the derivation's
     for bad in ("2", True, math.nan):
@@ -585,6 +591,42 @@ def test_server_lost_wait_left_out_follows_the_heartbeat_options() -> None:
     # a given last_notice_wait is checked against the derived wait
     with pytest.raises(ValueError, match=r"^last_notice_wait \(20 s\) must be above"):
         ClusterOptions(heartbeat_interval=10, last_notice_wait=20.0)
+
+
+def test_the_rule_across_options_says_what_a_left_out_wait_is_derived_from() -> None:
+    """Regression: with ``server_lost_wait`` left out, ``ClusterOptions(heartbeat_interval
+    =10, last_notice_wait=30)`` said only that 30 s must be above "server_lost_wait (50
+    s)", a value the caller never gave; and a wait so large that adding 13 s to it
+    changes no float (``heartbeat_interval=1e300``, or a given ``server_lost_wait`` of
+    2e17) said "leave it out" of a ``last_notice_wait`` that was left out. As the config's
+    rule says (``[nats] server_lost_wait is unset, so it is [cluster] heartbeat_interval x
+    missed_heartbeats``), the options name what a left-out wait derives from, and a
+    derived ``last_notice_wait`` that cannot be above is said to be the wait's size."""
+    with pytest.raises(ValueError, match=r"^last_notice_wait \(30 s\) must be above") as raised:
+        ClusterOptions(heartbeat_interval=10, last_notice_wait=30.0)
+    assert str(raised.value).endswith(
+        "; server_lost_wait, left out, is heartbeat_interval x missed_heartbeats (10 x 5):"
+        " give it, or lower those"
+    )
+    # given, it is not said to be derived
+    with pytest.raises(ValueError, match=r"^last_notice_wait \(30 s\) must be above") as raised:
+        ClusterOptions(heartbeat_interval=10, server_lost_wait=50, last_notice_wait=30.0)
+    assert "left out" not in str(raised.value).partition("leave it out")[2]
+    with pytest.raises(ValueError, match=r"^server_lost_wait \(2e\+17 s\) is too large") as raised:
+        ClusterOptions(server_lost_wait=2e17)
+    assert str(raised.value) == (
+        "server_lost_wait (2e+17 s) is too large: last_notice_wait, left out, is"
+        " server_lost_wait + 13 s, which must be above it and is not (a float that large"
+        " ignores the addition); lower server_lost_wait"
+    )
+    with pytest.raises(ValueError, match=r"^server_lost_wait \(1e\+301 s\) is too large") as raised:
+        ClusterOptions(heartbeat_interval=1e300, missed_heartbeats=10)
+    assert str(raised.value) == (
+        "server_lost_wait (1e+301 s) is too large: last_notice_wait, left out, is"
+        " server_lost_wait + 13 s, which must be above it and is not (a float that large"
+        " ignores the addition); lower server_lost_wait; server_lost_wait, left out, is"
+        " heartbeat_interval x missed_heartbeats (1e+300 x 10): give it, or lower those"
+    )
 
 
 def test_the_repr_and_equality_show_the_values_a_node_uses() -> None:

@@ -415,14 +415,31 @@ class ClusterOptions:
         return hash(self._effective())
 
     def __attrs_post_init__(self) -> None:
-        if not self.last_notice_wait > self.server_lost_wait:
-            raise ValueError(
-                f"last_notice_wait ({self.last_notice_wait:g} s) must be above"
-                f" server_lost_wait ({self.server_lost_wait:g} s): a leave riding out a"
-                " failover sends its last notice up to server_lost_wait late, and the"
-                " others would count what it took as lost; raise last_notice_wait, or"
-                " leave it out (server_lost_wait + 13 s)"
+        if self.last_notice_wait > self.server_lost_wait:
+            return
+        # (the rule of nexus_trio._config.check_across_sections, in the words of these
+        # options: a value left out is said to be derived, and from what)
+        derived = ""
+        if self._server_lost_wait is None:
+            derived = (
+                "; server_lost_wait, left out, is heartbeat_interval x missed_heartbeats"
+                f" ({self.heartbeat_interval:g} x {self.missed_heartbeats}): give it, or"
+                " lower those"
             )
+        if self._last_notice_wait is None:
+            raise ValueError(
+                f"server_lost_wait ({self.server_lost_wait:g} s) is too large:"
+                f" last_notice_wait, left out, is server_lost_wait + {_LAST_NOTICE_MARGIN:g}"
+                " s, which must be above it and is not (a float that large ignores the"
+                f" addition); lower server_lost_wait{derived}"
+            )
+        raise ValueError(
+            f"last_notice_wait ({self.last_notice_wait:g} s) must be above"
+            f" server_lost_wait ({self.server_lost_wait:g} s): a leave riding out a"
+            " failover sends its last notice up to server_lost_wait late, and the"
+            " others would count what it took as lost; raise last_notice_wait, or"
+            f" leave it out (server_lost_wait + 13 s){derived}"
+        )
 
 
 @final
