@@ -819,7 +819,8 @@ class ClusterConfig:
         _unset_or(_positive),
         "seconds a node awaits the last notice of a node that left; unset ="
         " [nats] server_lost_wait + 13; must be above [nats] server_lost_wait",
-        30.0,
+        # (above the [nats] example's 30 s: both uncommented load)
+        60.0,
     )
     notice_wait_at_leave: float = _key(
         2.0, _at_least(0), "seconds a leave waits for the last notices it still awaits"

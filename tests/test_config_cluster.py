@@ -237,6 +237,21 @@ def test_a_rule_across_keys_broken_in_the_file_names_the_file_line_and_keys(
     assert (error.path, error.line, error.key) == (path, line, key)
 
 
+def test_the_templates_examples_of_the_two_waits_uncommented_load(tmp_path: Path) -> None:
+    """Regression: ``nexus config init`` wrote ``# server_lost_wait = 30.0`` in ``[nats]``
+    and ``# last_notice_wait = 30.0`` in ``[cluster]``: a user who uncommented both (a
+    30 s failover, as the first one's text advises) got a file its own load refused
+    (``last_notice_wait (30.0) must be above [nats] server_lost_wait (30.0)``). The
+    examples of keys bound by a rule across keys keep that rule."""
+    text = render_template()
+    for key in ("server_lost_wait", "last_notice_wait"):
+        assert f"\n# {key} = " in text, key
+        text = text.replace(f"\n# {key} = ", f"\n{key} = ")
+    config = load(tmp_path, text)
+    options = ClusterOptions.from_config(config)
+    assert options.last_notice_wait > options.server_lost_wait == 30.0
+
+
 def test_a_rule_across_keys_names_the_variables_and_a_variable_may_mend_it(
     tmp_path: Path,
 ) -> None:
