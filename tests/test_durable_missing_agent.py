@@ -24,6 +24,7 @@ import pytest
 import trio
 import trio.testing
 from nats.aio.msg import Msg as NatsMsg
+from nats.errors import TimeoutError as NatsTimeoutError
 
 from nexus_trio import Context, Message, agent
 from nexus_trio._nats import Cluster, DurableOptions, NatsServer
@@ -609,3 +610,40 @@ async def test_a_failure_to_make_the_durable_stream_anew_is_counted(
         stats = cluster.stats()
     assert stats.durable_remake_failures == 1
     assert stats.durable_fetch_failures["own"] >= 2
+
+
+async def test_a_consumer_info_not_answered_at_the_bind_fails_no_join(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (review of the forty-third pass): the bind's count of the slots other
+    pullers hold (``num_ack_pending``) was a second consumer info request after the pull
+    subscription's, and one not answered (``nats.errors.TimeoutError``, a JetStream slow
+    at load) failed the durable path's start, and with it the whole join; at a remake it
+    failed the remake though the stream and consumer were made. The count refines the
+    wait bound only: not read, none is counted (the bound as before that pass), and the
+    node joins and handles its durable messages."""
+    from nats.js import JetStreamContext
+
+    asked: list[str] = []
+
+    async def not_answered(self: Any) -> Any:
+        asked.append("consumer_info")
+        raise NatsTimeoutError
+
+    monkeypatch.setattr(JetStreamContext.PullSubscription, "consumer_info", not_answered)
+    handled: list[Any] = []
+
+    @agent(name="here-b")
+    async def here(ctx: Context, msg: Message) -> Any:
+        handled.append(msg.payload)
+        return "ok"
+
+    async with local_node(nats.url, durable=ONE_SLOT_LONG_WAIT) as (kernel, cluster):
+        kernel.spawn(here)
+        with trio.fail_after(15):
+            await store_for(cluster, "here-b", "handled")
+            await until(lambda: cluster.stats().durable_acked >= 1)
+        stats = cluster.stats()
+    assert asked == ["consumer_info"]
+    assert handled == ["handled"]
+    assert (stats.durable_acked, stats.durable_dead, stats.durable_remake_failures) == (1, 0, 0)
