@@ -2059,6 +2059,38 @@ async def test_a_flood_of_noise_before_the_register_fails_the_start_at_once(
     assert final.invalid_lines == lines
 
 
+@pytest.mark.parametrize(
+    ("line", "lines", "said"),
+    [
+        (b"\n", 100_000, "100,000 lines that are no register frame (all blank; 100,000 bytes)"),
+        (
+            b" " * 1_048_575 + b"\n",
+            16,
+            "16 lines that are no register frame (all blank; 16,777,216 bytes)",
+        ),
+    ],
+    ids=["lines", "bytes"],
+)
+async def test_a_flood_of_blank_lines_before_the_register_fails_the_start_at_once(
+    tmp_path: Path, line: bytes, lines: int, said: str
+) -> None:
+    """Regression (review of the forty-third pass): the bound on noise before the register
+    counted the lines that are no frame but not the blank ones (skipped without a word),
+    so a child flooding its stdout with empty or all-blank lines (``yes ''``) still cost
+    the kernel CPU until ``register_timeout``. Blank lines count against the same bound
+    (100,000 lines or 16 MiB); the start fails at once, saying they were all blank. (The
+    old code waited out the 600 s register timeout: the test's 30 s bound failed it.)"""
+    cmd = script(tmp_path, f"raw({line!r} * {lines})\nsys.stdin.buffer.read()\n")
+    async with bridge_kernel() as kernel:
+        with trio.fail_after(30):
+            spec = process_agent(cmd, name="blank", register_timeout=600, restart="temporary")
+            problem = (await failed_run(kernel, spec)).problem
+    assert problem == (
+        f"it wrote {said} before registering, the most skipped (100,000 lines or 16,777,216"
+        f" bytes){REGISTER_HINT}"
+    )
+
+
 @pytest.mark.parametrize("then", ["waits", "exits"])
 async def test_a_register_line_over_the_line_limit_is_named_when_the_start_fails(
     tmp_path: Path, then: str

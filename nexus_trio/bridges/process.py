@@ -1048,6 +1048,9 @@ class ProcessAgent(Agent):
                     )
                 if not line.strip():
                     blank += 1
+                    noise += len(line) + 1  # (blank lines flood as well: `yes ''`)
+                    if skipped + blank >= _NOISE_LINES or noise >= _NOISE_BYTES:
+                        self._flooded(process, skipped, blank, noise, first_skipped)
                     continue
                 try:
                     frame_type, payload = self._parse(line)
@@ -1097,17 +1100,8 @@ class ProcessAgent(Agent):
                             )
                         self._warn_line(_INVALID, f"skipped a line before its register: {quoted}")
                         noise += len(line) + 1  # (and its newline)
-                        if skipped >= _NOISE_LINES or noise >= _NOISE_BYTES:
-                            # (a flood: no agent of the original kernel prints that much
-                            # before registering, and each line costs the kernel CPU)
-                            self._not_a_register(
-                                process,
-                                f"it wrote {_lines(skipped, 'no register frame')}"
-                                f" ({noise:,} bytes) before registering, the most skipped"
-                                f" ({_NOISE_LINES:,} lines or {_NOISE_BYTES:,} bytes);"
-                                " the first:"
-                                f" {_preview(first_skipped.strip())!r}{_REGISTER_HINT}",
-                            )
+                        if skipped + blank >= _NOISE_LINES or noise >= _NOISE_BYTES:
+                            self._flooded(process, skipped, blank, noise, first_skipped)
                         continue
                     # A frame, but no usable register: it speaks the protocol wrongly (or
                     # another version of it), and would not register later.
@@ -1136,6 +1130,22 @@ class ProcessAgent(Agent):
             self.label,
             f"did not register within {self.options.register_timeout:g}s{said}",
             process.pid,
+        )
+
+    def _flooded(
+        self, process: trio.Process, skipped: int, blank: int, noise: int, first: bytes
+    ) -> NoReturn:
+        """Fail the start: the child wrote ``skipped`` lines that are no frame and
+        ``blank`` blank ones (``noise`` bytes; ``first`` the first that is no frame)
+        before its register, the most skipped (a flood: no agent of the original kernel
+        prints that much before registering, and each line costs the kernel CPU)."""
+        blanks = "all blank; " if not skipped else f"{blank:,} of them blank; " if blank else ""
+        said = f"; the first: {_preview(first.strip())!r}" if skipped else ""
+        self._not_a_register(
+            process,
+            f"it wrote {_lines(skipped + blank, 'no register frame')} ({blanks}{noise:,}"
+            f" bytes) before registering, the most skipped ({_NOISE_LINES:,} lines or"
+            f" {_NOISE_BYTES:,} bytes){said}{_REGISTER_HINT}",
         )
 
     def _not_a_register(self, process: trio.Process, problem: str) -> NoReturn:
