@@ -507,6 +507,14 @@ def test_tokens_and_type_addresses() -> None:
         {"notice_wait_at_leave": math.nan},
         {"notice_wait_at_leave": True},
         {"notice_wait_at_leave": None},
+        # (forty-third pass: what the config refused, Python took)
+        {"heartbeat_interval": math.inf},
+        {"connect_timeout": math.nan},
+        {"join_timeout": math.inf},
+        {"reconnect_wait": math.inf},
+        {"forget_lost_after": math.inf},
+        {"max_reconnect_attempts": -5},
+        {"max_reconnect_attempts": 1.5},
     ],
 )
 def test_bad_options_are_refused_naming_the_option(bad: dict[str, Any]) -> None:
@@ -516,6 +524,25 @@ def test_bad_options_are_refused_naming_the_option(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="max_deliver"):
         DurableOptions(max_deliver=0)
     assert wire.agent_subject("p", "n", uuid.UUID(int=5)).startswith("p.node.n.agent.")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"ack_wait": math.inf},  # (the join failed: OverflowError in nanoseconds)
+        {"ack_wait": 0},
+        {"duplicate_window": math.nan},
+        {"max_age": math.inf},
+        {"redelivery_delay": math.inf},
+    ],
+)
+def test_bad_durable_options_are_refused_naming_the_option(bad: dict[str, Any]) -> None:
+    """Finite seconds, as the ``[durable]`` keys: ``ack_wait=inf`` was taken and failed
+    the join far from here."""
+    (name,) = bad
+    with pytest.raises(ValueError, match=f"^DurableOptions {name} must be a finite number"):
+        DurableOptions(**bad)
+    assert DurableOptions(max_age=None).max_age is None
 
 
 def test_last_notice_wait_follows_server_lost_wait_or_must_be_above_it() -> None:

@@ -225,7 +225,26 @@ class _LeftStream:
     due: float
 
 
-_positive: Final = attrs.validators.gt(0.0)
+def _positive(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    # (finite: ``heartbeat_interval=inf`` was taken and a node never beat; the config
+    # refuses what this refuses, with the key's words)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not value > 0
+        or not math.isfinite(value)
+    ):
+        raise ValueError(
+            f"{attribute.alias or attribute.name} must be a finite number of seconds > 0,"
+            f" got {value!r}"
+        )
+
+
+def _reconnect_attempts(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+        raise ValueError(
+            f"max_reconnect_attempts must be a whole number >= -1 (-1: for ever), got {value!r}"
+        )
 
 
 def _seconds(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
@@ -294,8 +313,8 @@ class ClusterOptions:
     connect_timeout: float = attrs.field(default=2.0, validator=_positive)
     connect_attempts: int = attrs.field(default=2, validator=_at_least_one)
     join_timeout: float = attrs.field(default=15.0, validator=_positive)
-    reconnect_wait: float = attrs.field(default=0.2, validator=attrs.validators.ge(0.0))
-    max_reconnect_attempts: int = -1
+    reconnect_wait: float = attrs.field(default=0.2, validator=_seconds)
+    max_reconnect_attempts: int = attrs.field(default=-1, validator=_reconnect_attempts)
     #: seconds a connection may stay down (the server gone, a failover) before the leave
     #: gives up the steps that need it (see Cluster._leave) and a ``--workers`` worker's
     #: settle fails (``NatsServerLost``); one back sooner comes through. Raise it above

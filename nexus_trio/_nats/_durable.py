@@ -214,6 +214,21 @@ def _seconds(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None
         )
 
 
+def _positive_seconds(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """A finite number of seconds above 0 (JetStream takes it in nanoseconds:
+    ``ack_wait=inf`` was taken and failed the join with an OverflowError)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not value > 0
+    ):
+        raise ValueError(
+            f"DurableOptions {attribute.name} must be a finite number of seconds above 0;"
+            f" got {value!r} ({type(value).__name__})"
+        )
+
+
 def missing_agent_delay(options: DurableOptions, delivered: int) -> float:
     """The nak delay for delivery ``delivered`` (1 the first) of a message by name whose
     agent the node does not have: doubles each delivery from ``missing_agent_delay``, at
@@ -388,15 +403,15 @@ class DurableOptions:
     """JetStream settings of the at-least-once path (seconds)."""
 
     enabled: bool = True
-    ack_wait: float = attrs.field(default=30.0, validator=attrs.validators.gt(0.0))
+    ack_wait: float = attrs.field(default=30.0, validator=_positive_seconds)
     max_deliver: int = attrs.field(default=5, validator=attrs.validators.ge(1))
-    redelivery_delay: float = attrs.field(default=0.1, validator=attrs.validators.ge(0.0))
+    redelivery_delay: float = attrs.field(default=0.1, validator=_seconds)
     max_in_flight: int = attrs.field(default=64, validator=attrs.validators.ge(1))
-    duplicate_window: float = attrs.field(default=120.0, validator=attrs.validators.gt(0.0))
+    duplicate_window: float = attrs.field(default=120.0, validator=_positive_seconds)
     #: bounds of the stream this node makes (None: none): a message older than
     #: ``max_age`` goes, taken or not; a send past ``max_messages`` stored is refused
     max_age: float | None = attrs.field(
-        default=None, validator=attrs.validators.optional(attrs.validators.gt(0.0))
+        default=None, validator=attrs.validators.optional(_positive_seconds)
     )
     max_messages: int | None = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.ge(1))
