@@ -336,7 +336,7 @@ def test_the_group_metrics_label_each_worker_and_say_which_did_not_answer() -> N
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["-W", "2", "--group-port", "9470"], "give --metrics-port P too"),
+        (["-W", "2", "--group-port", "9470"], "give --metrics-port P (or [metrics] port) too"),
         (["-W", "2", "--metrics-port", "9464", "--group-port", "9465"], "worker-1 serves its"),
         (["--group-port", "9470"], "is the port of a --workers run's parent"),
     ],

@@ -251,7 +251,7 @@ def group_port_problem(group_port: int, metrics_port: int, count: int) -> str | 
     if not metrics_port:
         return (
             "the parent answers for the group by asking each worker's endpoint: give"
-            " --metrics-port P too (worker i serves on P + i)"
+            " --metrics-port P (or [metrics] port) too (worker i serves on P + i)"
         )
     if metrics_port <= group_port < metrics_port + count:
         return (
