@@ -916,6 +916,20 @@ def server_lost_wait_of(config: Config) -> float:
     return given
 
 
+def derived_when_unset(config: Config, dotted: str) -> str | None:
+    """What a key left unset stands for in ``config``, for ``nexus config show``
+    (``"5.0 = [cluster] heartbeat_interval x missed_heartbeats"``), or None for a key
+    that derives nothing."""
+    if dotted == "nats.server_lost_wait":
+        return f"{server_lost_wait_of(config)!r} = [cluster] heartbeat_interval x missed_heartbeats"
+    if dotted == "cluster.last_notice_wait":
+        return (
+            f"{server_lost_wait_of(config) + LAST_NOTICE_MARGIN!r} = [nats] server_lost_wait"
+            f" + {LAST_NOTICE_MARGIN:g}"
+        )
+    return None
+
+
 def check_across_sections(config: Config) -> None:
     """The rules across keys of two sections: ``[cluster] last_notice_wait`` above ``[nats]
     server_lost_wait`` (else :class:`CrossKeyError` naming both); left unset, the wait

@@ -31,7 +31,7 @@ import cattrs
 import tomlkit
 import tomlkit.exceptions
 
-from ._config import SECTIONS, Config, CrossKeyError, shown, values_as_toml
+from ._config import SECTIONS, Config, CrossKeyError, derived_when_unset, shown, values_as_toml
 from ._errors import NexusError, nearest
 
 __all__ = [
@@ -890,7 +890,9 @@ def render_effective(loaded: LoadedConfig) -> str:
             value = effective[section][key]
             source = loaded.sources.get(f"{section}.{key}", "default")
             if value is None:
-                parts.append(f"# {key} is unset  # from {source}\n")
+                derived = derived_when_unset(loaded.config, f"{section}.{key}")
+                said = f": {derived}" if derived is not None else ""
+                parts.append(f"# {key} is unset{said}  # from {source}\n")
             elif _fields(section)[key].metadata.get("secret"):
                 parts.append(f"# {key} is set (not shown: a secret)  # from {source}\n")
             else:

@@ -1148,6 +1148,23 @@ def test_render_effective_of_defaults_comments_out_unset_keys(home: Path) -> Non
     assert load(home, again).config == Config()
 
 
+def test_render_effective_says_what_an_unset_wait_stands_for(home: Path) -> None:
+    """``[nats] server_lost_wait`` and ``[cluster] last_notice_wait`` unset are derived:
+    ``nexus config show`` says the value a node uses and from what (it said only that
+    they were unset); the text still loads back to the same config."""
+    loaded = load(home, env=env_for(home, NEXUS_CLUSTER__HEARTBEAT_INTERVAL="2"))
+    text = render_effective(loaded)
+    assert (
+        "# server_lost_wait is unset: 10.0 = [cluster] heartbeat_interval x missed_heartbeats"
+        "  # from default\n"
+    ) in text
+    assert (
+        "# last_notice_wait is unset: 23.0 = [nats] server_lost_wait + 13  # from default\n" in text
+    )
+    again = write(home / "again.toml", text)
+    assert load(home, again).config == loaded.config
+
+
 def test_render_effective_lists_warnings(home: Path) -> None:
     write(home / "cwd" / "config.toml", "[kernel]\nbatchsize = 1\n")
     text = render_effective(load(home, allow_unknown=True))
