@@ -2028,7 +2028,13 @@ async def test_a_name_whose_write_failed_is_written_when_the_bucket_takes_writes
 ) -> None:
     """Regression: JetStream was briefly down when c spawned a named agent: its entry
     was never written (only logged), so no other node could find the name, ever. Now
-    the write is retried: the name is free, c's entry is written."""
+    the write is retried: the name is free, c's entry is written.
+
+    The retry's answer is held here until a has found the name and its agent answered:
+    c's counters were read as soon as a had (a full run at load ~20 read ``(1, 0)``), but
+    the entry is in the bucket before c has the answer of its write (a loaded machine's
+    delay between the two, made certain here). Until then c does not know the write
+    landed and counts the name unwritten; the test waits for that answer."""
     async with (
         _node(nats.url, "a", **QUIET) as (ka, ca),
         _node(nats.url, "c", missed_heartbeats=1000) as (kc, cc),
@@ -2036,11 +2042,29 @@ async def test_a_name_whose_write_failed_is_written_when_the_bucket_takes_writes
         _meet(ca, cc)
         with trio.fail_after(60):  # a hang guard
             outage = _refuse_writes(cc, records=False, limit=1)
+            kv = cc._names_kv
+            assert kv is not None
+            refused_create, release = kv.create, asyncio.Event()
+
+            async def create(key: str, value: bytes, **kwargs: Any) -> int:
+                revision: int = await refused_create(key, value, **kwargs)
+                await release.wait()  # its answer, taken late
+                return revision
+
+            kv.create = create  # type: ignore[method-assign, assignment]
             ref = kc.spawn(COUNTING, name="plain")
             await cc.names_published()
             assert outage.failed == ["names:plain"]
             assert await ca.wait_for_name("plain", timeout=10) == ("c", ref.id)
             assert await ka.request("plain", "hi", timeout=5) == {"name": "plain", "handled": 1}
+            stats = cc.stats()  # the write landed, its answer not in yet
+            assert (stats.names_unwritten, stats.names_written_late) == (1, 0)
+            release.set()
+
+            async def answered() -> bool:  # c's retry has the write's answer
+                return cc.stats().names_unwritten == 0
+
+            await _until(answered)
             stats = cc.stats()
             assert (stats.names_unwritten, stats.names_written_late) == (0, 1)
 
@@ -2369,7 +2393,7 @@ async def test_a_clean_leave_while_a_name_is_written_on_a_retry_leaves_no_entry_
                 await trio.sleep(1.0)  # well after the leave's own work (real time)
                 release.set()
 
-            kv.create = create  # type: ignore[method-assign]
+            kv.create = create  # type: ignore[method-assign, assignment]
             with trio.fail_after(30):  # a hang guard
                 kc.spawn(COUNTING, name="plain")
                 await cc.names_published()
