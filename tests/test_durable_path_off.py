@@ -16,18 +16,19 @@ import json
 import uuid
 from typing import Any
 
+import attrs
 import nats.js.errors
 import pytest
 import trio
 
 from nexus_trio import TransportUnavailable
-from nexus_trio._nats import DurableOptions, NatsServer
+from nexus_trio._nats import Cluster, DurableOptions, NatsServer
 from nexus_trio._nats._aio import call_aio
 from nexus_trio._nats._durable import dead_by_id
-from nexus_trio._nats._membership import NodeInfo, decode_record, encode_record
+from nexus_trio._nats._membership import NodeInfo, decode_record, encode_record, monotonic
 from nexus_trio._nats._placement import rendezvous_owner
 
-from .nats_server import NodeProcess, until
+from .nats_server import NodeProcess, on_loop_of, until
 from .test_durable_lost_node import _keeper, _lost_child, _store_for_id, consumer_deleted
 from .test_durable_missing_agent import store_for
 from .test_durable_moved_name import DURABLE, _stream_empty
@@ -184,26 +185,43 @@ async def test_a_node_that_joins_again_with_other_durable_options_makes_its_cons
     assert handled == [(sent.id, "x")]
 
 
+@pytest.mark.parametrize("lost_first", [False, True], ids=["left", "lost-then-left"])
 async def test_a_node_back_with_its_durable_path_off_has_its_stored_messages_taken_over(
-    nats: NatsServer,
+    nats: NatsServer, lost_first: bool
 ) -> None:
     """b runs the durable path, leaves (its consumer stays), and messages are stored for
     it meanwhile (senders whose view still had it): one by the name of a's agent, one by
     the id of b's agent. b joins again with the path off: a, the one member that runs it,
     takes b's consumer over (the name forwarded to a and handled, the id dead: it can go
     nowhere else), and deletes it once drained. (On the old code no one pulled b's
-    subject: the wait for the handled message timed out.)"""
+    subject: the wait for the handled message timed out.)
+
+    ``lost-then-left`` (a CI timeout of ``left`` at load ~20): a judged b lost for a
+    moment before b's leave (its heartbeats late), so a's takeover of b, on hearing the
+    leave, found b's consumer drained and deleted it; what was stored for b after that
+    waited with no consumer, and a's takeover at b's comeback found none and ended: it
+    waited for ``max_age``, uncounted. A takeover that finds no consumer now looks at the
+    stream, and takes what is stored on the node's subject (the consumer made for it).
+    The loss is made by hand (the heartbeats 30 s apart: none heals it before the
+    leave); on the old ``_drop_drained`` the wait for the handled message timed out."""
     handled: list[tuple[uuid.UUID, Any]] = []
-    async with local_node(nats.url, "a", durable=DURABLE) as (ka, ca):
+    slow: dict[str, Any] = {"heartbeat_interval": 30.0, "missed_heartbeats": 3}
+    options = slow if lost_first else {}
+    async with local_node(nats.url, "a", durable=DURABLE, **options) as (ka, ca):
         ka.spawn(_keeper(handled, "keeper-a"))
         with trio.fail_after(30):
-            async with local_node(nats.url, "b", durable=DURABLE) as (kb, _cb):
+            async with local_node(nats.url, "b", durable=DURABLE, **options) as (kb, _cb):
                 on_b = kb.spawn(_keeper([], "keeper-b"))
                 await until(lambda: "b" in ca.members.members)
+                if lost_first:
+                    _lose(ca, "b")  # its heartbeats late: a takes its consumer over
+                    await until(lambda: "b" in ca.durable._takeovers)
             await until(lambda: "b" not in ca.members.members)
+            if lost_first:
+                await consumer_deleted(ca, "b")  # drained, its leave heard: deleted
             sent = await store_for(ca, "keeper-a", "for b", node="b")
             await _store_for_id(ca, "b", on_b.id)
-            async with local_node(nats.url, "b", durable=OFF) as (_kb, _cb):
+            async with local_node(nats.url, "b", durable=OFF, **options) as (_kb, _cb):
                 await until(lambda: len(handled) >= 1)
                 await until(lambda: ca.stats().durable_dead >= 1)
                 await _stream_empty(ca)
@@ -211,3 +229,13 @@ async def test_a_node_back_with_its_durable_path_off_has_its_stored_messages_tak
         a = ca.stats()
     assert handled == [(sent.id, "for b")]
     assert (a.durable_taken_over, a.durable_dead, a.durable_forwarded) == (2, 1, 1)
+
+
+def _lose(cluster: Cluster, node: str) -> None:
+    """``node`` missed its heartbeats as ``cluster`` sees it: what ``_check_members``
+    does on a loss check."""
+    info = cluster.members.members[node]
+    cluster.members.members[node] = attrs.evolve(info, last_seen=-1e9)
+    with on_loop_of(cluster):
+        for lost in cluster.members.newly_lost(monotonic()):
+            cluster._node_lost(lost)

@@ -1035,17 +1035,31 @@ class DurableChannel:
         return dropped
 
     async def _drop_drained(self, node: str) -> bool:
-        """asyncio side of :meth:`_dropped_when_drained`."""
+        """asyncio side of :meth:`_dropped_when_drained`. A node with no consumer is
+        drained only if nothing is stored on its subject either: a takeover of the node
+        before (lost for a moment before its leave) deleted its consumer when drained,
+        and what senders stored for it after (their views still had it) waited for
+        ``max_age``, uncounted (False then: the takeover makes the consumer, see
+        :meth:`_subscribe`, and takes them)."""
         js = self.cluster.data_js
         try:
             info = await js.consumer_info(self._stream, node)
         except nats.js.errors.NotFoundError:
-            return True
+            return not await self._stored_for(node)
         if info.num_pending or info.num_ack_pending:
             return False
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await js.delete_consumer(self._stream, node)
         return True
+
+    async def _stored_for(self, node: str) -> bool:
+        """Whether the stream holds a message on ``node``'s subject (asyncio side)."""
+        subject = wire.durable_subject(self.cluster.prefix, node, "*")
+        try:
+            info = await self.cluster.data_js.stream_info(self._stream, subjects_filter=subject)
+        except nats.js.errors.NotFoundError:
+            return False  # (no stream: nothing stored; made anew by a node's fetch)
+        return bool(info.state.subjects)
 
     def _take(self, node: str, jsmsg: NatsMsg, waiting: _Waiting) -> None:
         """Settle ``jsmsg``, stored for lost ``node`` (see :meth:`take_over`); ``waiting``:
