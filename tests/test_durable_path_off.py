@@ -12,6 +12,7 @@ child process, SIGKILLed.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from typing import Any
@@ -23,6 +24,7 @@ import trio
 
 from nexus_trio import TransportUnavailable
 from nexus_trio._nats import Cluster, DurableOptions, NatsServer
+from nexus_trio._nats import _durable as durable_module
 from nexus_trio._nats._aio import call_aio
 from nexus_trio._nats._durable import dead_by_id
 from nexus_trio._nats._membership import NodeInfo, decode_record, encode_record, monotonic
@@ -229,6 +231,73 @@ async def test_a_node_back_with_its_durable_path_off_has_its_stored_messages_tak
         a = ca.stats()
     assert handled == [(sent.id, "for b")]
     assert (a.durable_taken_over, a.durable_dead, a.durable_forwarded) == (2, 1, 1)
+
+
+async def test_a_takeover_deletes_no_consumer_of_a_node_back_during_its_fetch(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a takeover of a node no longer a member (its leave heard after a
+    loss) deletes its consumer once a fetch comes back empty with it drained, but it
+    judged that by what it had read of the node before the fetch (up to 1 s): b, back
+    in the meanwhile with the path on and bound to its consumer, had it deleted under it
+    (its next fetch refused, the consumer made anew, what it had fetched delivered
+    again). Here a's first fetch of b's consumer is held until b has left and a message
+    was stored for b (taken by that fetch: forwarded to a), the next one, begun with b
+    gone, until b is back. The takeover asks again after the fetch now, and ends with
+    b's consumer as b bound it; on the old loop it was deleted (consumer info: not
+    found, or made anew by b)."""
+    handled: list[tuple[uuid.UUID, Any]] = []
+    slow: dict[str, Any] = {"heartbeat_interval": 30.0, "missed_heartbeats": 3}
+    first, first_go = trio.Event(), asyncio.Event()
+    second, second_go = trio.Event(), asyncio.Event()
+    async with local_node(nats.url, "a", durable=DURABLE, **slow) as (ka, ca):
+        ka.spawn(_keeper(handled, "keeper-a"))
+        taken: list[Any] = []
+        subscribe_taken = ca.durable._subscribe_taken
+
+        async def recorded(node: str) -> tuple[Any, Any]:
+            psub, info = await subscribe_taken(node)
+            taken.append(psub)
+            return psub, info
+
+        real_poll = durable_module._poll
+
+        async def poll(psub: Any, batch: int, idle: bool) -> tuple[list[Any], bool | None]:
+            if not taken or psub is not taken[-1]:
+                return await real_poll(psub, batch, idle)  # (a's own, b's)
+            gone = "b" not in ca.members.members  # (what the takeover read before it)
+            if not first.is_set():
+                first.set()
+                await first_go.wait()
+            got = await real_poll(psub, batch, idle)
+            if gone and not got[0] and not second.is_set():
+                second.set()
+                await second_go.wait()
+            return got
+
+        stream = f"{ca.prefix}-durable"
+        monkeypatch.setattr(ca.durable, "_subscribe_taken", recorded)
+        monkeypatch.setattr(durable_module, "_poll", poll)
+        with trio.fail_after(30):
+            async with local_node(nats.url, "b", durable=DURABLE, **slow):
+                await until(lambda: "b" in ca.members.members)
+                _lose(ca, "b")  # its heartbeats late: a takes its consumer over
+                await first.wait()
+            await until(lambda: "b" not in ca.members.members)
+            sent = await store_for(ca, "keeper-a", "for b", node="b")
+            first_go.set()  # that fetch takes it
+            await second.wait()  # the next, begun with b gone, came back empty
+            async with local_node(nats.url, "b", durable=DURABLE, **slow) as (_kb, cb):
+                await until(lambda: (b := ca.members.members.get("b")) is not None and b.reachable)
+                bound = await call_aio(cb.data_js.consumer_info, stream, "b")
+                second_go.set()
+                await until(lambda: "b" not in ca.durable._takeovers)
+                after = await call_aio(cb.data_js.consumer_info, stream, "b")
+                await until(lambda: len(handled) >= 1)
+        a = ca.stats()
+    assert after.created == bound.created
+    assert handled == [(sent.id, "for b")]
+    assert (a.durable_taken_over, a.durable_forwarded) == (1, 1)
 
 
 def _lose(cluster: Cluster, node: str) -> None:

@@ -975,7 +975,11 @@ class DurableChannel:
                         )
                         continue
                     if not msgs:
-                        if still is None and await self._dropped_when_drained(node):
+                        # (asked again: the node may be back since the fetch began, its
+                        # process binding the consumer, which is no longer to delete)
+                        if self._still_lost(node) is None and await self._dropped_when_drained(
+                            node
+                        ):
                             return
                         continue
                     for jsmsg in msgs:
@@ -1046,8 +1050,8 @@ class DurableChannel:
             info = await js.consumer_info(self._stream, node)
         except nats.js.errors.NotFoundError:
             return not await self._stored_for(node)
-        if info.num_pending or info.num_ack_pending:
-            return False
+        if info.num_pending or info.num_ack_pending or self._still_lost(node) is not None:
+            return False  # (or the node back meanwhile: its consumer again)
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await js.delete_consumer(self._stream, node)
         return True
