@@ -189,7 +189,7 @@ async def test_a_node_that_joins_again_with_other_durable_options_makes_its_cons
 
 @pytest.mark.parametrize("lost_first", [False, True], ids=["left", "lost-then-left"])
 async def test_a_node_back_with_its_durable_path_off_has_its_stored_messages_taken_over(
-    nats: NatsServer, lost_first: bool
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch, lost_first: bool
 ) -> None:
     """b runs the durable path, leaves (its consumer stays), and messages are stored for
     it meanwhile (senders whose view still had it): one by the name of a's agent, one by
@@ -204,8 +204,8 @@ async def test_a_node_back_with_its_durable_path_off_has_its_stored_messages_tak
     waited with no consumer, and a's takeover at b's comeback found none and ended: it
     waited for ``max_age``, uncounted. A takeover that finds no consumer now looks at the
     stream, and takes what is stored on the node's subject (the consumer made for it).
-    The loss is made by hand (the heartbeats 30 s apart: none heals it before the
-    leave); on the old ``_drop_drained`` the wait for the handled message timed out."""
+    The loss is made by hand (and none of b's records heard until its leave: none heals
+    it); on the old ``_drop_drained`` the wait for the handled message timed out."""
     handled: list[tuple[uuid.UUID, Any]] = []
     slow: dict[str, Any] = {"heartbeat_interval": 30.0, "missed_heartbeats": 3}
     options = slow if lost_first else {}
@@ -216,11 +216,12 @@ async def test_a_node_back_with_its_durable_path_off_has_its_stored_messages_tak
                 on_b = kb.spawn(_keeper([], "keeper-b"))
                 await until(lambda: "b" in ca.members.members)
                 if lost_first:
-                    _lose(ca, "b")  # its heartbeats late: a takes its consumer over
+                    deaf = _lose(ca, "b", monkeypatch)  # a takes its consumer over
                     await until(lambda: "b" in ca.durable._takeovers)
             await until(lambda: "b" not in ca.members.members)
             if lost_first:
                 await consumer_deleted(ca, "b")  # drained, its leave heard: deleted
+                deaf.clear()
             sent = await store_for(ca, "keeper-a", "for b", node="b")
             await _store_for_id(ca, "b", on_b.id)
             async with local_node(nats.url, "b", durable=OFF, **options) as (_kb, _cb):
@@ -281,9 +282,10 @@ async def test_a_takeover_deletes_no_consumer_of_a_node_back_during_its_fetch(
         with trio.fail_after(30):
             async with local_node(nats.url, "b", durable=DURABLE, **slow):
                 await until(lambda: "b" in ca.members.members)
-                _lose(ca, "b")  # its heartbeats late: a takes its consumer over
+                deaf = _lose(ca, "b", monkeypatch)  # a takes its consumer over
                 await first.wait()
             await until(lambda: "b" not in ca.members.members)
+            deaf.clear()
             sent = await store_for(ca, "keeper-a", "for b", node="b")
             first_go.set()  # that fetch takes it
             await second.wait()  # the next, begun with b gone, came back empty
@@ -300,11 +302,22 @@ async def test_a_takeover_deletes_no_consumer_of_a_node_back_during_its_fetch(
     assert (a.durable_taken_over, a.durable_forwarded) == (1, 1)
 
 
-def _lose(cluster: Cluster, node: str) -> None:
-    """``node`` missed its heartbeats as ``cluster`` sees it: what ``_check_members``
-    does on a loss check."""
+def _lose(cluster: Cluster, node: str, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """``node`` missed its heartbeats as ``cluster`` sees it (what ``_check_members``
+    does on a loss check), and none of its records is heard after (one on its way, its
+    join's from the nodes bucket's watch, made it reachable again now and then) until
+    the list returned is emptied; its leave is heard."""
+    deaf = [node]
+    apply = Cluster._apply_member_entry
+
+    def heard(self: Cluster, key: str, value: bytes | None, op: str | None) -> None:
+        if self is not cluster or key not in deaf or op == "DEL" or not value:
+            apply(self, key, value, op)
+
+    monkeypatch.setattr(Cluster, "_apply_member_entry", heard)
     info = cluster.members.members[node]
     cluster.members.members[node] = attrs.evolve(info, last_seen=-1e9)
     with on_loop_of(cluster):
         for lost in cluster.members.newly_lost(monotonic()):
             cluster._node_lost(lost)
+    return deaf

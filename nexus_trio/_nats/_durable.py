@@ -1057,13 +1057,15 @@ class DurableChannel:
         return True
 
     async def _stored_for(self, node: str) -> bool:
-        """Whether the stream holds a message on ``node``'s subject (asyncio side)."""
+        """Whether the stream holds a message on ``node``'s subject (asyncio side): its
+        first one read (one message, where the stream's info would list every subject
+        of the node, one per agent addressed)."""
         subject = wire.durable_subject(self.cluster.prefix, node, "*")
         try:
-            info = await self.cluster.data_js.stream_info(self._stream, subjects_filter=subject)
+            await self.cluster.data_js.get_msg(self._stream, seq=1, subject=subject, next=True)
         except nats.js.errors.NotFoundError:
-            return False  # (no stream: nothing stored; made anew by a node's fetch)
-        return bool(info.state.subjects)
+            return False  # none (or no stream: made anew by a node's fetch)
+        return True
 
     def _take(self, node: str, jsmsg: NatsMsg, waiting: _Waiting) -> None:
         """Settle ``jsmsg``, stored for lost ``node`` (see :meth:`take_over`); ``waiting``:
