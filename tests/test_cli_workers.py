@@ -1859,10 +1859,15 @@ def test_a_shutdown_grace_past_a_threads_longest_wait_kills_a_frozen_worker_at_t
     1e303 ms here), the kill timer of a worker frozen after the settle raised OverflowError
     in its thread (a wait past ``threading.TIMEOUT_MAX``, 292 years, does not fit the
     platform's time): the parent waited for the frozen worker for good. The timer waits
-    the longest a thread's wait takes (made 0.5 s here, to see it fire)."""
+    the longest a thread's wait takes (made 0.5 s here, to see it fire). The start's
+    bound, also capped by it since the parent's timers follow ``join_timeout``, keeps
+    its 120 s: the fake worker-1 never says it is ready, and was killed at 0.5 s as not
+    ready before the settled timer could fire."""
     from nexus_trio.cli import _cluster_cmd
 
+    ready_grace = _cluster_cmd.start_grace()
     monkeypatch.setattr(_cluster_cmd, "_LONGEST_WAIT", 0.5, raising=False)
+    monkeypatch.setattr(_cluster_cmd, "start_grace", lambda join_timeout: ready_grace)
     summary, status, pid = _run_with_worker_1_frozen(
         tmp_path,
         caplog,

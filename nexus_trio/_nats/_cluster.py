@@ -759,6 +759,7 @@ class Cluster:
         "_loss_log",
         "_lost_at_leave",
         "_lost_numbered",
+        "_malformed_log",
         "_mark_subject",
         "_marks_sent",
         "_name_deletes",
