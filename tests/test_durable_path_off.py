@@ -321,3 +321,34 @@ def _lose(cluster: Cluster, node: str, monkeypatch: pytest.MonkeyPatch) -> list[
         for lost in cluster.members.newly_lost(monotonic()):
             cluster._node_lost(lost)
     return deaf
+
+
+async def test_what_is_stored_for_a_node_gone_for_good_is_taken_over_a_last_notice_wait_later(
+    nats: NatsServer,
+) -> None:
+    """b leaves cleanly and never comes back; senders whose views still had it store for
+    it after (one message by the name of a's agent, one by the id of b's agent). Its
+    consumer stays for a process of its name that comes back soon; ``last_notice_wait``
+    after the leave (1 s here) its rendezvous owner, a, looks at the stream and takes
+    what is stored over as a lost node's: the name forwarded to a and handled, the id
+    dead with its reason (an id is never used again), the consumer deleted once drained.
+    (Before, both waited in the stream for ``max_age``, for ever without one, uncounted:
+    the wait for the handled message timed out.)"""
+    handled: list[tuple[uuid.UUID, Any]] = []
+    quick = {"server_lost_wait": 0.5, "last_notice_wait": 1.0}
+    async with local_node(nats.url, "a", durable=DURABLE, **quick) as (ka, ca):
+        ka.spawn(_keeper(handled, "keeper-a"))
+        with trio.fail_after(30):
+            async with local_node(nats.url, "b", durable=DURABLE, **quick) as (kb, _cb):
+                on_b = kb.spawn(_keeper([], "keeper-b"))
+                await until(lambda: "b" in ca.members.members)
+            await until(lambda: "b" not in ca.members.members)
+            sent = await store_for(ca, "keeper-a", "for b", node="b")
+            await _store_for_id(ca, "b", on_b.id)
+            await until(lambda: len(handled) >= 1)
+            await until(lambda: ca.stats().durable_dead >= 1)
+            await _stream_empty(ca)
+            await consumer_deleted(ca, "b")
+        a = ca.stats()
+    assert handled == [(sent.id, "for b")]
+    assert (a.durable_taken_over, a.durable_dead, a.durable_forwarded) == (2, 1, 1)

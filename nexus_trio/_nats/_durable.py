@@ -546,6 +546,11 @@ class DurableChannel:
         self.given_back = 0
         # the lost nodes whose durable consumers this node pulls (see take_over)
         self._takeovers: dict[str, trio.CancelScope] = {}
+        # the nodes gone whose stored messages this node looks at later (see _look_later)
+        self._looks: dict[str, trio.CancelScope] = {}
+        # the other members that ran the durable path when membership last changed: one
+        # gone from them since (its leave heard, or forgotten) is looked at later
+        self._durable_members: set[str] = set()
         self._nursery: trio.Nursery | None = None
         self._lost_log = Throttle(kind="durable.lost")
         self._takeover_log = Throttle(kind="durable.takeover")
@@ -775,6 +780,8 @@ class DurableChannel:
         self._nursery = None  # (no takeover starts now)
         for scope in self._takeovers.values():
             scope.cancel()  # (what a takeover fetched is settled as it came: see _take)
+        for scope in self._looks.values():
+            scope.cancel()
         self._pulling.cancel()
         with trio.move_on_at(start + timeout / 2):
             await self._pull_ended.wait()
@@ -871,7 +878,19 @@ class DurableChannel:
             for n in cluster.live_nodes()
             if n != own and ((info := members.get(n)) is None or info.runs_durable)
         ]
-        for info in cluster.member_list():
+        members_now = cluster.member_list()
+        for node in [n for n in self._looks if n in cluster.members.members]:
+            self._looks.pop(node).cancel()  # (a member again: the members' rules)
+        gone = self._durable_members - {info.node for info in members_now}
+        self._durable_members = {i.node for i in members_now if i.runs_durable and i.node != own}
+        for node in sorted(gone):
+            key = f"durable:{node}"
+            mine = (placement_weight(own, key), own)
+            if node not in self._takeovers and all(
+                (placement_weight(other, key), other) < mine for other in live
+            ):
+                self._look_later(node)
+        for info in members_now:
             node = info.node
             # (a reachable member that runs no durable path pulls its consumer no more:
             # one made by an earlier process of its name, which ran it)
@@ -883,6 +902,50 @@ class DurableChannel:
             if all((placement_weight(other, key), other) < mine for other in live):
                 scope = self._takeovers[node] = trio.CancelScope()
                 self._nursery.start_soon(self.take_over, node, scope)
+
+    def _look_later(self, node: str) -> None:
+        """Look at the stream ``last_notice_wait`` from now for what is stored for
+        ``node``, gone from the members (its clean leave heard, or forgotten), and take it
+        over then if it is still gone (see :meth:`_look_again`)."""
+        nursery = self._nursery
+        if nursery is None or node in self._takeovers or node in self._looks:
+            return
+        scope = self._looks[node] = trio.CancelScope()
+        nursery.start_soon(self._look_again, node, scope)
+
+    async def _look_again(self, node: str, scope: trio.CancelScope) -> None:
+        """A node that left cleanly keeps its consumer, for a process of its name that
+        comes back soon (a rolling restart) to pull it itself; what senders stored for it
+        after (their views still had it), or anything its leave left, waited for
+        ``max_age`` (for ever without one), uncounted, when it never came back. Its
+        rendezvous owner among the survivors looks ``last_notice_wait`` after the leave
+        (the time the others wait for its last notice: a sender that still had it then
+        was cut off) and, the node still gone and something stored on its subject, takes
+        it over as a lost node's (by name forwarded to where the name runs now, by id dead
+        with its reason); that takeover looks again as long after it ends, until a look
+        finds nothing."""
+        stored = False
+        try:
+            with scope:
+                await trio.sleep(self.cluster.options.last_notice_wait)
+                if node in self.cluster.members.members:
+                    return  # (a member again: back, or lost: the members' rules)
+                try:
+                    stored = await call_aio(self._stored_for, node)
+                except (nats.errors.Error, OSError):
+                    stored = True  # (the takeover finds out, and retries as it fetches)
+        finally:
+            if self._looks.get(node) is scope:
+                del self._looks[node]
+        nursery = self._nursery
+        if (
+            stored
+            and nursery is not None
+            and node not in self._takeovers
+            and node not in self.cluster.members.members
+        ):
+            scope = self._takeovers[node] = trio.CancelScope()
+            nursery.start_soon(self.take_over, node, scope)
 
     def _still_lost(self, node: str) -> bool | None:
         """True while ``node`` is a lost member; False once it is heard again running
@@ -929,6 +992,7 @@ class DurableChannel:
         # and across takeovers of the node: lost, heard, lost again, its waiting ones
         # hold their slots still)
         waiting = self._waits.setdefault(node, _Waiting(0))
+        took = False  # (subscribed: a node gone is looked at again after, see _look_later)
         try:
             with scope:
                 while (still := self._still_lost(node)) is not False:
@@ -948,6 +1012,7 @@ class DurableChannel:
                                     "lost" if still else "gone, or running no durable path",
                                 )
                             psub, info = await call_aio(self._subscribe_taken, node)
+                            took = True
                             opts = self.options
                             waiting.bind(
                                 taken_bound(info.config.max_ack_pending or 0, opts),
@@ -987,6 +1052,9 @@ class DurableChannel:
         finally:
             if self._takeovers.get(node) is scope:
                 del self._takeovers[node]
+                if took and node not in self.cluster.members.members:
+                    # (what a sender with a stale view stores for it after the drain)
+                    self._look_later(node)
             if psub is not None:
                 # (the server then drops the fetch requests left: nothing goes to them)
                 with (
