@@ -1381,7 +1381,10 @@ class ProcessAgent(Agent):
             await self._write(frame, entry=slot)
             sent = True
             await slot.event.wait()
-        except trio.Cancelled:
+        except (trio.Cancelled, KeyboardInterrupt) as stopped:
+            # (a Ctrl-C that lands in this task, not the main one, ends the wait as a
+            # cancellation does: the child still works on the message, which is given up:
+            # on_stop then stops a stuck child, not one that would read its shutdown frame)
             if not slot.done and slot.written:
                 # Handle timeout, request timeout or stop: a late answer to this message
                 # is discarded, and a child that never answers is replaced. (Cancelled
@@ -1396,7 +1399,12 @@ class ProcessAgent(Agent):
                     # answers every message so, and a short timeout gives up on many a
                     # second)
                     self._warn_line(_UNENDED, f"gave up on message {msg.id} unanswered; {unended}")
-                if sent and self.cancels and await self._send_cancel(slot):
+                if (
+                    sent
+                    and self.cancels
+                    and isinstance(stopped, trio.Cancelled)
+                    and await self._send_cancel(slot)
+                ):
                     # Before the Cancelled goes on, so before any later frame: a child
                     # that abandons the work answers at once, and is not replaced,
                     # even by a message already queued (it waits for the answer).
