@@ -225,40 +225,37 @@ class _LeftStream:
     due: float
 
 
-def _positive(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    # (finite: ``heartbeat_interval=inf`` was taken and a node never beat; the config
-    # refuses what this refuses, with the key's words)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not value > 0
-        or not math.isfinite(value)
-    ):
-        raise ValueError(
-            f"{attribute.alias or attribute.name} must be a finite number of seconds > 0,"
-            f" got {value!r}"
-        )
+def _finite_seconds(bound: str) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
+    """A validator of a finite number of seconds ``>= 0`` or ``> 0`` (``bound``), named as
+    the caller gives it (``last_notice_wait``, not its private field). ``not value >= 0``
+    refuses NaN too; an infinite wait would never count (``heartbeat_interval=inf`` was
+    taken and a node never beat); the config refuses what this refuses, with the key's
+    words."""
+    above = bound == "> 0"
+
+    def check(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not (value > 0 if above else value >= 0)
+            or not math.isfinite(value)
+        ):
+            raise ValueError(
+                f"{attribute.alias or attribute.name} must be a finite number of seconds"
+                f" {bound}, got {value!r}"
+            )
+
+    return check
+
+
+_positive: Final = _finite_seconds("> 0")
+_seconds: Final = _finite_seconds(">= 0")
 
 
 def _reconnect_attempts(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < -1:
         raise ValueError(
             f"max_reconnect_attempts must be a whole number >= -1 (-1: for ever), got {value!r}"
-        )
-
-
-def _seconds(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    # (``not value >= 0``: NaN is refused too; an infinite wait would never count; named
-    # as the caller gives it: ``last_notice_wait``, not its private field)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not value >= 0
-        or not math.isfinite(value)
-    ):
-        raise ValueError(
-            f"{attribute.alias or attribute.name} must be a finite number of seconds >= 0,"
-            f" got {value!r}"
         )
 
 

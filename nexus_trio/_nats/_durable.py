@@ -73,6 +73,7 @@ import math
 import sys
 import uuid
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, final
 
 import attrs
@@ -200,33 +201,29 @@ def _count(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         )
 
 
-def _seconds(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    """A finite number of seconds, at least 0 (a JetStream nak delay in nanoseconds)."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ValueError(
-            f"DurableOptions {attribute.name} must be a finite number of seconds, at least"
-            f" 0; got {value!r} ({type(value).__name__})"
-        )
-
-
-def _positive_seconds(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    """A finite number of seconds above 0 (JetStream takes it in nanoseconds:
+def _finite_seconds(bound: str) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
+    """A validator of a finite number of seconds, ``bound`` ``", at least 0"`` (a
+    JetStream nak delay) or ``" above 0"`` (JetStream takes them in nanoseconds:
     ``ack_wait=inf`` was taken and failed the join with an OverflowError)."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or not value > 0
-    ):
-        raise ValueError(
-            f"DurableOptions {attribute.name} must be a finite number of seconds above 0;"
-            f" got {value!r} ({type(value).__name__})"
-        )
+    above = bound == " above 0"
+
+    def check(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or not (value > 0 if above else value >= 0)
+        ):
+            raise ValueError(
+                f"DurableOptions {attribute.name} must be a finite number of seconds{bound};"
+                f" got {value!r} ({type(value).__name__})"
+            )
+
+    return check
+
+
+_seconds: Final = _finite_seconds(", at least 0")
+_positive_seconds: Final = _finite_seconds(" above 0")
 
 
 def missing_agent_delay(options: DurableOptions, delivered: int) -> float:
