@@ -73,7 +73,7 @@ import math
 import sys
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, final
 
 import attrs
@@ -273,6 +273,15 @@ def taken_bound(slots: int, options: DurableOptions) -> int:
         return sys.maxsize
     in_flight = max(options.max_in_flight, 1) * 4
     return slots - in_flight if slots > in_flight else slots - max(slots // 4, 1)
+
+
+def _owner_of(node: str, own: str, live: Sequence[str]) -> bool:
+    """Whether this node (``own``) is the rendezvous owner of ``node``'s durable
+    messages among the survivors ``live`` (the other members that run the path): the
+    first survivor that beats it ends the test."""
+    key = f"durable:{node}"
+    mine = (placement_weight(own, key), own)
+    return all((placement_weight(other, key), other) < mine for other in live)
 
 
 def held_at_most(ack_wait: float, options: DurableOptions) -> float:
@@ -857,7 +866,9 @@ class DurableChannel:
         :meth:`take_over`). The survivors that see the same members pick the same one;
         one that is lost in turn is replaced at that loss. Two nodes pulling the same
         lost node's consumer (their views differ for a moment) is harmless: JetStream
-        delivers each message to one of them at a time."""
+        delivers each message to one of them at a time. A member that ran the path and
+        is gone since (its leave heard) is looked at later by its owner (see
+        :meth:`_look_later`)."""
         cluster = self.cluster
         if (
             self._nursery is None
@@ -881,11 +892,7 @@ class DurableChannel:
         gone = self._durable_members - {info.node for info in members_now}
         self._durable_members = {i.node for i in members_now if i.runs_durable and i.node != own}
         for node in sorted(gone):
-            key = f"durable:{node}"
-            mine = (placement_weight(own, key), own)
-            if node not in self._takeovers and all(
-                (placement_weight(other, key), other) < mine for other in live
-            ):
+            if node not in self._takeovers and _owner_of(node, own, live):
                 self._look_later(node)
         for info in members_now:
             node = info.node
@@ -893,12 +900,8 @@ class DurableChannel:
             # one made by an earlier process of its name, which ran it)
             if (info.reachable and info.runs_durable) or node == own or node in self._takeovers:
                 continue
-            key = f"durable:{node}"
-            mine = (placement_weight(own, key), own)
-            # (the first survivor that beats this node ends the test)
-            if all((placement_weight(other, key), other) < mine for other in live):
-                scope = self._takeovers[node] = trio.CancelScope()
-                self._nursery.start_soon(self.take_over, node, scope)
+            if _owner_of(node, own, live):
+                self._start_takeover(self._nursery, node)
 
     def _look_later(self, node: str) -> None:
         """Look at the stream ``last_notice_wait`` from now for what is stored for
@@ -941,8 +944,11 @@ class DurableChannel:
             and node not in self._takeovers
             and node not in self.cluster.members.members
         ):
-            scope = self._takeovers[node] = trio.CancelScope()
-            nursery.start_soon(self.take_over, node, scope)
+            self._start_takeover(nursery, node)
+
+    def _start_takeover(self, nursery: trio.Nursery, node: str) -> None:
+        scope = self._takeovers[node] = trio.CancelScope()
+        nursery.start_soon(self.take_over, node, scope)
 
     def _still_lost(self, node: str) -> bool | None:
         """True while ``node`` is a lost member; False once it is heard again running
