@@ -1348,6 +1348,39 @@ async def test_protocol_1_mode_speaks_the_original_shapes(lang: str, tmp_path: P
 
 
 @pytest.mark.parametrize("lang", LANGS)
+async def test_a_kernel_of_protocol_1_gets_protocol_1_from_the_bridges(
+    lang: str, tmp_path: Path
+) -> None:
+    """The bridges announce min(their own, NEXUS_KERNEL_PROTOCOL) and behave by it: under a
+    kernel that speaks only 1 they register as an original agent and refuse send()."""
+    env = {"NEXUS_KERNEL_PROTOCOL": "1", "NEXUS_AGENT_NAME": "under-old"}
+    async with open_child(probe_command(lang, tmp_path), env=env) as child:
+        register = await child.register()
+        assert set(register) == {"id", "name"}
+        response = await child.response_to(message({"do": "echo", "value": 7}))
+        assert set(response) == {"from", "to", "kind", "payload", "timestamp"}
+        sending = message({"do": "send", "to": "x", "payload": 1})
+        response = await child.response_to(sending)
+        assert response["payload"]["error"] == (
+            "send() needs protocol 2; this agent speaks protocol 1"
+        )
+        await child.write(SHUTDOWN)
+        assert await child.wait() == 0
+
+
+@pytest.mark.parametrize("lang", LANGS)
+@pytest.mark.parametrize(("kernel", "own", "announced"), [("3", None, 2), ("2", "1", None)])
+async def test_a_later_kernel_leaves_the_bridge_s_own_protocol(
+    lang: str, kernel: str, own: str | None, announced: int | None
+) -> None:
+    env = {"NEXUS_KERNEL_PROTOCOL": kernel, **({"NEXUS_PROTOCOL": own} if own else {})}
+    async with open_child(echo_command(lang), env=env) as child:
+        assert (await child.register()).get("protocol") == announced
+        await child.close_stdin()
+        assert await child.wait() == 0
+
+
+@pytest.mark.parametrize("lang", LANGS)
 async def test_agent_id_and_name_come_from_the_environment(lang: str) -> None:
     agent_id = str(uuid.uuid4())
     env = {"NEXUS_AGENT_ID": agent_id, "NEXUS_AGENT_NAME": "named-by-kernel"}
@@ -1364,7 +1397,13 @@ async def test_agent_id_and_name_come_from_the_environment(lang: str) -> None:
 
 @pytest.mark.parametrize("lang", LANGS)
 @pytest.mark.parametrize(
-    ("variable", "value"), [("NEXUS_PROTOCOL", "3"), ("NEXUS_AGENT_ID", "not-a-uuid")]
+    ("variable", "value"),
+    [
+        ("NEXUS_PROTOCOL", "3"),
+        ("NEXUS_AGENT_ID", "not-a-uuid"),
+        ("NEXUS_KERNEL_PROTOCOL", "two"),
+        ("NEXUS_KERNEL_PROTOCOL", "0"),
+    ],
 )
 async def test_bad_environment_exits_2_naming_the_variable(
     lang: str, variable: str, value: str

@@ -223,12 +223,24 @@ function protocolFrom(value, source) {
   return Number(text);
 }
 
+/** The highest version the kernel speaks (NEXUS_KERNEL_PROTOCOL); a later one is fine. */
+function kernelProtocolFrom(value) {
+  const text = String(value).trim();
+  if (!/^[0-9]+$/.test(text) || Number(text) < 1) {
+    throw new RangeError(
+      `NEXUS_KERNEL_PROTOCOL must be a protocol version (1, 2, ...), got ${JSON.stringify(value)}`,
+    );
+  }
+  return Number(text);
+}
+
 /**
  * Base class for an agent that runs as a child process of a nexus_trio kernel.
  *
  * Options: name (else NEXUS_AGENT_NAME, else the class's static defaultName, else the class
  * name), id (else NEXUS_AGENT_ID, else a fresh UUID), protocol 1|2 (else NEXUS_PROTOCOL,
- * else 2), input/output/errorOutput streams (default: the process's own).
+ * else 2; at most the kernel's NEXUS_KERNEL_PROTOCOL, the highest version both sides speak),
+ * input/output/errorOutput streams (default: the process's own).
  * Protocol 1 is the original Nexus wire format: no `protocol` in `register`, responses
  * without `id`/`reply_to`, errors as a response payload {error, error_type}, no ping/send.
  */
@@ -254,6 +266,11 @@ class NexusAgent {
       this.protocol = protocolFrom(env.NEXUS_PROTOCOL, 'NEXUS_PROTOCOL');
     } else {
       this.protocol = PROTOCOL_VERSION;
+    }
+    if (env.NEXUS_KERNEL_PROTOCOL) {
+      // A kernel that speaks only an earlier version gets that one (what it would run the
+      // agent as anyway), so the agent's own checks (send(), ping) follow it.
+      this.protocol = Math.min(this.protocol, kernelProtocolFrom(env.NEXUS_KERNEL_PROTOCOL));
     }
     this._input = options.input || process.stdin;
     this._output = options.output || null;

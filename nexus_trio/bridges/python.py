@@ -446,6 +446,17 @@ def _protocol_from(value: Any, source: str) -> int:
     return int(text)
 
 
+def _kernel_protocol_from(value: str) -> int:
+    """The highest version the kernel speaks, from ``NEXUS_KERNEL_PROTOCOL`` (any later one is
+    fine: the bridge then speaks its own highest; versions are additive)."""
+    text = value.strip()
+    if not text.isdigit() or not text.isascii() or int(text) < 1:
+        raise ValueError(
+            f"NEXUS_KERNEL_PROTOCOL must be a protocol version (1, 2, ...), got {value!r}"
+        )
+    return int(text)
+
+
 class NexusAgent:
     """Base class for an agent that runs as a child process of a nexus_trio kernel.
 
@@ -456,7 +467,8 @@ class NexusAgent:
     The name is, in order: the ``name`` argument, the environment variable
     ``NEXUS_AGENT_NAME``, the class attribute :attr:`default_name`, the class name. The id:
     ``agent_id``, ``NEXUS_AGENT_ID``, a fresh UUID. The protocol: ``protocol``,
-    ``NEXUS_PROTOCOL``, 2. Protocol 1 is the original Nexus wire format (no ``protocol`` in
+    ``NEXUS_PROTOCOL``, 2, and at most the kernel's ``NEXUS_KERNEL_PROTOCOL`` (the highest
+    version both sides speak, as the kernel settles on for a later one). Protocol 1 is the original Nexus wire format (no ``protocol`` in
     ``register``, responses without ``id``/``reply_to``, errors as a response payload
     ``{"error": ..., "error_type": ...}``, no ``ping`` and no agent-initiated ``send``).
 
@@ -492,6 +504,11 @@ class NexusAgent:
             self.protocol = _protocol_from(env["NEXUS_PROTOCOL"], "NEXUS_PROTOCOL")
         else:
             self.protocol = PROTOCOL_VERSION
+        if env.get("NEXUS_KERNEL_PROTOCOL"):
+            # A kernel that speaks only an earlier version gets that one (what it would run
+            # the agent as anyway), so the agent's own checks (send(), ping) follow it.
+            kernel = _kernel_protocol_from(env["NEXUS_KERNEL_PROTOCOL"])
+            self.protocol = min(self.protocol, kernel)
         self._stdin = stdin
         self._stdout = stdout
         self._stderr = stderr
