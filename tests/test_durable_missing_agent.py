@@ -17,6 +17,7 @@ import logging
 import math
 import re
 import uuid
+from collections import Counter
 from typing import Any
 
 import attrs
@@ -579,6 +580,50 @@ async def test_each_kind_of_dead_durable_message_has_a_counter_of_its_own(
     samples = families["nexus_cluster_durable_dead_reasons"].samples
     assert {s.labels["reason"]: s.value for s in samples if s.name.endswith("_total")} == {
         key: float(value) for key, value in stats.durable_dead_reasons.items()
+    }
+
+
+async def test_a_dead_line_held_back_makes_no_repr_of_the_handler_s_error(
+    nats: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The forty-fourth pass's test of the forty-third's ``_ErrorSaid``: a durable message
+    dead after ``max_deliver`` failed deliveries says its handler's error's repr in its
+    line, and that line is throttled (one a second, the rest held and counted). The repr
+    is user code (it may be slow or raise): the line makes it only when it is written.
+    Twenty messages die in a burst. Each error's repr is made once by the core for the
+    failed delivery's ``RequestFailed`` (what a caller of a query is raised); one held
+    back gets no other (on the old code, which made the line's before the throttle, each
+    got a second one)."""
+    made: Counter[int] = Counter()
+
+    class Tagged(RuntimeError):
+        def __init__(self, tag: int) -> None:
+            super().__init__(tag)
+            self.tag = tag
+
+        def __repr__(self) -> str:
+            made[self.tag] += 1
+            return f"Tagged({self.tag})"
+
+    @agent(name="fails-r")
+    async def fails(ctx: Context, msg: Message) -> Any:
+        raise Tagged(msg.payload)
+
+    durable = DurableOptions(ack_wait=5.0, max_deliver=1, redelivery_delay=0.01)
+    caplog.set_level(logging.ERROR, logger="nexus_trio")
+    async with local_node(nats.url, durable=durable) as (kernel, cluster):
+        kernel.spawn(fails)
+        with trio.fail_after(30):
+            for tag in range(20):
+                await store_for(cluster, "fails-r", tag)
+            await until(lambda: cluster.stats().durable_dead_reasons["failed"] >= 20)
+    lines = [r.getMessage() for r in caplog.records if r.name == "nexus_trio.nats.durable"]
+    written = [line for line in lines if "dead after 1 deliveries" in line]
+    said = {int(tag) for line in written for tag in re.findall(r"Tagged\((\d+)\)", line)}
+    assert 1 <= len(written) < 20
+    assert set(made) == set(range(20))
+    assert {tag: made[tag] for tag in made if tag not in said} == {
+        tag: 1 for tag in range(20) if tag not in said
     }
 
 
