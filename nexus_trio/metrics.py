@@ -60,7 +60,7 @@ import time
 import urllib.parse
 import weakref
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar, final
 
 import attrs
 import trio
@@ -210,6 +210,12 @@ class EndpointStats:
     #: GET and HEAD), 431 (a head past 8 KiB), 505 (an HTTP major version other than 1);
     #: every one of them there from the start
     refused: dict[int, int] = attrs.field(factory=lambda: dict.fromkeys(_REFUSALS, 0))
+    #: requests whose render (route) raised, each answered 500
+    render_failures: int = 0
+    #: requests not answered within the 10 s a request may take, each answered 503
+    unanswered: int = 0
+    #: requests whose connection failed otherwise (not the client going away)
+    request_failures: int = 0
 
     def copy(self) -> EndpointStats:
         """A copy, of this moment (``refused`` too)."""
@@ -806,6 +812,21 @@ def _endpoint_families(e: EndpointStats) -> Iterator[Metric]:
     for status, n in sorted(e.refused.items()):
         refused.add_metric([str(status)], n)
     yield refused
+    yield CounterMetricFamily(
+        "nexus_metrics_render_failures",
+        "Requests to the metrics endpoint whose render raised (answered 500).",
+        value=e.render_failures,
+    )
+    yield CounterMetricFamily(
+        "nexus_metrics_requests_unanswered",
+        "Requests to the metrics endpoint not answered within 10 s (answered 503).",
+        value=e.unanswered,
+    )
+    yield CounterMetricFamily(
+        "nexus_metrics_request_failures",
+        "Connections to the metrics endpoint that failed otherwise than by the client going away.",
+        value=e.request_failures,
+    )
 
 
 _AGENT_LABELS: Final = ["agent_id", "agent_name"]
@@ -1181,13 +1202,32 @@ async def _read_head(stream: trio.abc.Stream) -> tuple[bytes, bool]:
         data += chunk
 
 
+@final
+class _RequestLines:
+    """The throttles of an endpoint's per-request lines (a render that raised, a request
+    unanswered in time, a connection that failed otherwise): each logged at once, then at
+    most once a second with its count so far, the rest counted by kind (``endpoint.*``
+    in ``log_lines_dropped()``). A scraper hammering a broken render wrote a line and a
+    traceback a request."""
+
+    __slots__ = ("failed", "render_failed", "unanswered")
+
+    def __init__(self) -> None:
+        self.render_failed = Throttle(1.0, clock=trio.current_time, kind="endpoint.render_failure")
+        self.unanswered = Throttle(1.0, clock=trio.current_time, kind="endpoint.unanswered")
+        self.failed = Throttle(1.0, clock=trio.current_time, kind="endpoint.request_failure")
+
+
 async def _handle_connection(
-    stream: trio.SocketStream, kernel: Kernel, renderer: MetricsRenderer
+    stream: trio.SocketStream,
+    kernel: Kernel,
+    renderer: MetricsRenderer,
+    lines: _RequestLines | None = None,
 ) -> None:
     async def route(path: str) -> tuple[int, bytes, str]:
         return await _route(kernel, renderer, path)
 
-    await _answer_connection(stream, route, renderer.endpoint)
+    await _answer_connection(stream, route, renderer.endpoint, lines=lines)
 
 
 async def _answer_connection(
@@ -1195,16 +1235,22 @@ async def _answer_connection(
     route: Route,
     endpoint: EndpointStats | None,
     what: str = "metrics",
+    *,
+    lines: _RequestLines | None = None,
 ) -> None:
     """Read one request from ``stream`` and answer it with ``route``: a request that is
     no HTTP/1.x request is refused here (400, 431, 505), never routed. ``what`` names the
-    server in the log lines (see serve_routes)."""
+    server in the log lines (see serve_routes); ``lines`` throttles them (the endpoint's,
+    shared by its connections; None: this connection's own)."""
+    if lines is None:
+        lines = _RequestLines()
+    if endpoint is None:
+        endpoint = EndpointStats()  # (counted nowhere: a connection answered on its own)
     text = "text/plain; charset=utf-8"
     answering = False  # a request was read and has no answer yet
 
     async def refuse(status: int, body: bytes, *, head: bool = False) -> None:
-        if endpoint is not None:
-            endpoint.count_refused(status)
+        endpoint.count_refused(status)
         await stream.send_all(_response(status, body, text, head=head))
 
     try:
@@ -1242,19 +1288,23 @@ async def _answer_connection(
             except Exception as exc:
                 # Said, and logged: not taken for the client going away (an OSError) nor
                 # left as a connection closed without an answer.
-                log_guarded(
-                    log,
-                    logging.ERROR,
-                    "%s request %s %s failed",
-                    what,
-                    method,
-                    target,
-                    exc_info=exc,
-                )
+                endpoint.render_failures += 1
+                if lines.render_failed.due():
+                    log_guarded(
+                        log,
+                        logging.ERROR,
+                        "%s request %s %s failed (render failures so far: %d; at most a line"
+                        " a second)",
+                        what,
+                        method,
+                        target,
+                        endpoint.render_failures,
+                        exc_info=exc,
+                    )
                 status, content_type = 500, text
                 body = f"the {what} render failed: {type(exc).__name__}\n".encode()
             answering = False
-            if endpoint is not None and status in _REFUSALS:
+            if status in _REFUSALS:
                 endpoint.count_refused(status)
             head_bytes = _response(status, body, content_type, head=True)
             if method == "HEAD":
@@ -1268,15 +1318,19 @@ async def _answer_connection(
                 await stream.send_all(body)
         if answering:
             # Said, not a connection closed without a word (the client would not know why).
-            log_guarded(
-                log,
-                logging.WARNING,
-                "%s request %s %s: no answer within %s s",
-                what,
-                method,
-                target,
-                _REQUEST_TIMEOUT,
-            )
+            endpoint.unanswered += 1
+            if lines.unanswered.due():
+                log_guarded(
+                    log,
+                    logging.WARNING,
+                    "%s request %s %s: no answer within %g s (requests unanswered so far: %d;"
+                    " at most a line a second)",
+                    what,
+                    method,
+                    target,
+                    _REQUEST_TIMEOUT,
+                    endpoint.unanswered,
+                )
             body = f"no answer within {_REQUEST_TIMEOUT:g} s (the kernel is busy)\n".encode()
             with trio.move_on_after(1) as scope:
                 scope.shield = True
@@ -1284,7 +1338,16 @@ async def _answer_connection(
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         pass  # the client went away
     except Exception as exc:  # a scrape must never take the kernel down
-        log_guarded(log, logging.ERROR, "%s request failed", what, exc_info=exc)
+        endpoint.request_failures += 1
+        if lines.failed.due():
+            log_guarded(
+                log,
+                logging.ERROR,
+                "%s request failed (failures so far: %d; at most a line a second)",
+                what,
+                endpoint.request_failures,
+                exc_info=exc,
+            )
     finally:
         with trio.move_on_after(1) as scope:
             scope.shield = True
@@ -1404,9 +1467,11 @@ async def serve_routes(
     # probes come one at a time: only a flood or a leak of connections meets the limit.
     slots = trio.Semaphore(max_connections)
 
+    lines = _RequestLines()
+
     async def handle(stream: trio.SocketStream) -> None:
         try:
-            await _answer_connection(stream, route, counts, what)
+            await _answer_connection(stream, route, counts, what, lines=lines)
         finally:
             counts.open -= 1
             slots.release()

@@ -37,7 +37,9 @@ from nexus_trio import (
     agent,
     metrics,
 )
+from nexus_trio.logs import log_lines_dropped
 from nexus_trio.metrics import (
+    EndpointStats,
     KernelCollector,
     MetricsRenderer,
     add_readiness,
@@ -875,6 +877,86 @@ async def test_a_request_whose_render_fails_gets_500_and_the_failure_is_logged(
     assert [r.exc_info[1] for r in failures] == [error, error]
 
 
+async def test_a_scraper_hammering_a_broken_render_writes_a_line_a_second_and_counts_all(
+    mock_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Item 4 of the forty-fourth pass: the endpoint's per-request lines were written one a
+    request (a line and a traceback per failed render): a scraper hammering a broken
+    render flooded the log. Now each is logged at once, then at most once a second with
+    its count so far; the requests are counted (``nexus_metrics_render_failures_total``)
+    and the lines held back too (``endpoint.render_failure``)."""
+    from nexus_trio import metrics
+
+    async with open_test_kernel() as kernel:
+        renderer = MetricsRenderer(kernel, cache_seconds=0, process=False)
+        renderer.endpoint = EndpointStats()
+        lines = metrics._RequestLines()  # the endpoint's, as serve_routes makes them
+
+        async def failing() -> bytes:
+            await trio.lowlevel.checkpoint()
+            raise RuntimeError("broken")
+
+        renderer.render = failing  # type: ignore[method-assign]
+        handle = functools.partial(
+            metrics._handle_connection, kernel=kernel, renderer=renderer, lines=lines
+        )
+        before = log_lines_dropped().get("endpoint.render_failure", 0)
+        for _second in range(3):
+            for _ in range(50):
+                data = await exchanged(handle, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert data.startswith(b"HTTP/1.1 500 ")
+            mock_clock.jump(1.0)
+        text = (await MetricsRenderer(kernel, cache_seconds=0, process=False).render()).decode()
+    said = [r.getMessage() for r in caplog.records if r.name == "nexus_trio.metrics" and r.exc_info]
+    assert said == [
+        f"metrics request GET /metrics failed (render failures so far: {n}; at most a line a"
+        " second)"
+        for n in (1, 51, 101)
+    ]
+    assert renderer.endpoint.render_failures == 150
+    assert log_lines_dropped()["endpoint.render_failure"] - before == 147
+    assert "endpoint.render_failure" in text  # (the kernel's scrape: the kind's count)
+
+
+async def test_requests_unanswered_in_a_burst_write_one_line_and_count_all(
+    mock_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    from nexus_trio import metrics
+
+    mock_clock.autojump_threshold = 0
+    async with open_test_kernel() as kernel:
+        renderer = MetricsRenderer(kernel, cache_seconds=0, process=False)
+        renderer.endpoint = EndpointStats()
+        lines = metrics._RequestLines()
+        stuck = trio.Event()
+
+        async def never() -> bytes:
+            await stuck.wait()
+            return b""
+
+        renderer.render = never  # type: ignore[method-assign]
+        handle = functools.partial(
+            metrics._handle_connection, kernel=kernel, renderer=renderer, lines=lines
+        )
+        before = log_lines_dropped().get("endpoint.unanswered", 0)
+        answers: list[bytes] = []
+
+        async def scrape() -> None:
+            answers.append(await exchanged(handle, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(40):
+                nursery.start_soon(scrape)
+    assert len(answers) == 40 and all(a.startswith(b"HTTP/1.1 503 ") for a in answers)
+    said = [r.getMessage() for r in caplog.records if "no answer within" in r.getMessage()]
+    assert said == [
+        "metrics request GET /metrics: no answer within 10 s (requests unanswered so far: 1;"
+        " at most a line a second)"
+    ]
+    assert renderer.endpoint.unanswered == 40
+    assert log_lines_dropped()["endpoint.unanswered"] - before == 39
+
+
 async def test_a_raising_log_filter_does_not_take_the_metrics_endpoint_down() -> None:
     """A filter of the application on ``nexus_trio.metrics`` that raises: a request whose
     render fails still gets its 500, and the endpoint goes on serving (its log calls
@@ -1163,7 +1245,8 @@ async def test_serve_routes_names_its_server_in_every_log_line_and_error_answer(
     assert logged == [
         "the group metrics endpoint cannot accept a connection: [Errno 24] Too many open"
         " files (failures so far: 1); retrying every 0.1 s",
-        "group metrics request GET /readyz failed",
+        "group metrics request GET /readyz failed (render failures so far: 1; at most a line a"
+        " second)",
     ]
 
 
