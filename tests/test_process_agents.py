@@ -52,6 +52,7 @@ from nexus_trio import (
     open_kernel,
 )
 from nexus_trio._message import decode_message
+from nexus_trio._plural import count_of
 from nexus_trio.bridges import _lineage, bridge_stats, process_agent
 from nexus_trio.bridges import process as process_module
 from nexus_trio.bridges.process import (
@@ -62,7 +63,7 @@ from nexus_trio.bridges.process import (
     shell_syntax_problem,
     stopped_bridge_stats,
 )
-from nexus_trio.logs import log_calls_failed
+from nexus_trio.logs import log_calls_failed, log_lines_dropped
 from nexus_trio.testing import assert_conserved, dead_letters
 from tests.hang_guard import real_time_limit
 from tests.test_bridge_agents import NODE, NODE_PROBLEM, needs_node, node_or_skip
@@ -3565,6 +3566,57 @@ async def test_a_stderr_flood_is_logged_100_lines_at_once_then_10_a_second_and_c
     assert {(r.levelno, getattr(r, "agent_name", None)) for r in records} == {
         (logging.WARNING, "flood")
     }
+
+
+#: a child that writes 100 stderr lines at once (its own bucket's burst) once registered
+STDERR_BURST = STDERR_FLOOD.replace("range(1000)", "range(100)")
+
+
+async def test_stderr_lines_of_all_process_agents_are_bounded_by_the_kernel_s_kind_limit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, mock_clock: trio.testing.MockClock
+) -> None:
+    """Item 3 of the forty-fourth pass: each process agent's stderr lines had a bound of
+    their own (100 at once, then 10 a second), none over all of them: 1,000 agents
+    flooding gave 1,000 times that. Now they are also under ``[kernel] log_kind_limit``
+    lines a second of all a kernel's process agents, as the core's failure lines are:
+    three agents writing 100 lines each at once (each within its own burst) under a
+    limit of 150 log 150; the rest are counted (``stderr_lines_not_logged``,
+    ``process_agent.stderr``) and said by each agent's note a second later."""
+    caplog.set_level(logging.INFO, logger="nexus_trio.bridge.stderr")
+
+    def logged() -> list[str]:
+        return [
+            r.getMessage().split("] ", 1)[1]
+            for r in caplog.records
+            if r.name == "nexus_trio.bridge.stderr"
+        ]
+
+    before = log_lines_dropped().get("process_agent.stderr", 0)
+    async with mock_time_kernel(log_kind_limit=150) as kernel:
+        cmd = script(tmp_path, STDERR_BURST)
+        refs = [kernel.spawn(process_agent(cmd, name=f"burst-{i}")) for i in range(3)]
+
+        def counts() -> tuple[int, int]:
+            stats = [stats_of(kernel, ref) for ref in refs]
+            return sum(s.stderr_lines for s in stats), sum(s.stderr_lines_not_logged for s in stats)
+
+        await until_real(lambda: counts()[0] == 300, "the bursts")
+        assert counts() == (300, 150)
+        assert len(logged()) == 150
+        assert log_lines_dropped()["process_agent.stderr"] - before == 150
+        mock_clock.jump(1.0)
+        held = [stats_of(kernel, ref).stderr_lines_not_logged for ref in refs]
+
+        def notes() -> list[str]:
+            return [text for text in logged() if "not logged" in text]
+
+        await until_real(lambda: len(notes()) == sum(1 for n in held if n), "the notes")
+        assert sorted(notes()) == sorted(
+            f"{count_of(n, 'stderr line')} not logged (more than 100 at once, then 10 a second;"
+            f" {n} of them past 150 a second of all process agents)"
+            for n in held
+            if n
+        )
 
 
 #: a protocol-2 child that echoes, and on ``shutdown`` writes 2000 lines (some 250 kB,

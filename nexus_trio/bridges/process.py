@@ -75,7 +75,7 @@ from .._message import (
 )
 from .._plural import count_of
 from .._router import KernelPhase
-from .._throttle import Throttle, count_dropped
+from .._throttle import LineBudget, Throttle, count_dropped
 from . import _lineage
 
 if TYPE_CHECKING:
@@ -267,6 +267,23 @@ class _Book:
         factory=collections.OrderedDict
     )
     forgotten: int = 0
+    #: the kernel's bound of each kind of line over all its process agents (see
+    #: :meth:`lines_of`)
+    kinds: dict[str, LineBudget] = attrs.field(factory=dict)
+
+    def lines_of(self, kernel: Kernel, kind: str) -> LineBudget:
+        """The bound of the lines of ``kind`` (a child's stderr lines, a kind of per-line
+        warning) of all this kernel's process agents: ``[kernel] log_kind_limit`` a second
+        (0: none), as the core's handler failures and dead letters are bounded over all
+        agents; the lines it holds back are held by their agent (said by its next line of
+        the kind, or its note) and counted there, so it says nothing of its own."""
+        budget = self.kinds.get(kind)
+        if budget is None:
+            limit = kernel.config.kernel.log_kind_limit
+            budget = self.kinds[kind] = LineBudget(
+                0, _said_by_the_agents, _no_wake, trio.current_time, total=limit
+            )
+        return budget
 
     def run_started(self, ctx: Context, cmd: tuple[str, ...]) -> BridgeStats:
         """The counters of ``ctx``'s agent, kept across its runs (new on its first)."""
@@ -300,6 +317,14 @@ class _Book:
 
 
 _books: weakref.WeakKeyDictionary[Kernel, _Book] = weakref.WeakKeyDictionary()
+
+
+def _said_by_the_agents(total: int, by_key: str) -> None:
+    """(A kind bound's lines held back are said by their agents: see ``_Book.lines_of``.)"""
+
+
+def _no_wake() -> None:
+    """(Nothing to rouse: a kind bound says nothing of its own.)"""
 
 
 def bridge_stats(kernel: Kernel) -> dict[uuid.UUID, BridgeStats]:
@@ -595,7 +620,7 @@ class _StderrBudget:
     lines refilled at ``_STDERR_RATE`` a second, on the kernel's clock. The lines held
     back are counted until :meth:`noted`, due a second after the first of them."""
 
-    __slots__ = ("_at", "_tokens", "held", "note_at")
+    __slots__ = ("_at", "_tokens", "held", "held_by_kind", "note_at")
 
     def __init__(self) -> None:
         self._tokens = float(_STDERR_BURST)
@@ -603,6 +628,9 @@ class _StderrBudget:
         #: lines not logged since the last note, and when that note is due
         self.held = 0
         self.note_at = math.inf
+        #: of ``held``, those its own bucket let through and the kernel's bound of all
+        #: process agents' stderr lines held back
+        self.held_by_kind = 0
 
     def take(self) -> bool:
         """True if the next line may be logged; else it is held back (counted)."""
@@ -612,15 +640,21 @@ class _StderrBudget:
         if self._tokens >= 1:
             self._tokens -= 1
             return True
-        if not self.held:
-            self.note_at = now + 1.0
-        self.held += 1
+        self.hold()
         return False
 
-    def noted(self) -> int:
-        """The count of lines held back since the last note, and a fresh count."""
-        held, self.held, self.note_at = self.held, 0, math.inf
-        return held
+    def hold(self) -> None:
+        """Hold the next line back (counted, said by the next note)."""
+        if not self.held:
+            self.note_at = trio.current_time() + 1.0
+        self.held += 1
+
+    def noted(self) -> tuple[int, int]:
+        """The count of lines held back since the last note (and of them, those the
+        kernel's bound held back), and a fresh count."""
+        held, by_kind = self.held, self.held_by_kind
+        self.held, self.held_by_kind, self.note_at = 0, 0, math.inf
+        return held, by_kind
 
 
 #: what ``ctx.send`` raises for a message the kernel refused (nothing of it was taken): the
@@ -2218,7 +2252,7 @@ class ProcessAgent(Agent):
                     except (trio.ClosedResourceError, trio.BrokenResourceError):
                         line = None
                 if budget.held and trio.current_time() >= budget.note_at:
-                    self._note_stderr_not_logged(logger)
+                    self._note_stderr_not_logged(logger, bounded=True)
                 if wait.cancelled_caught:
                     continue
                 if line is None:
@@ -2251,7 +2285,8 @@ class ProcessAgent(Agent):
                 else line
             )
             self._stderr_last, self._stderr_last_at = last, at
-        if not self._stderr_budget.take():
+        budget = self._stderr_budget
+        if not budget.take() or not self._kind_allows("stderr", budget):
             stats.stderr_lines_not_logged += 1
             count_dropped("process_agent.stderr")
             return
@@ -2286,16 +2321,30 @@ class ProcessAgent(Agent):
             self._stderr_warning = False
         log_guarded(logger, level, "[%s] %s", self.label, text)
 
-    def _note_stderr_not_logged(self, logger: logging.LoggerAdapter[Any]) -> None:
-        held = self._stderr_budget.noted()
+    def _note_stderr_not_logged(
+        self, logger: logging.LoggerAdapter[Any], *, bounded: bool = False
+    ) -> None:
+        """Say how many stderr lines were not logged. ``bounded``: a note of a second's
+        end, itself a stderr line of the kernel's bound (one it holds back is said a
+        second later, its count kept); the end of the stderr says it in any case."""
+        budget = self._stderr_budget
+        if bounded and not self._kind_allows("stderr"):
+            budget.note_at = trio.current_time() + 1.0
+            return
+        held, by_kind = budget.noted()
+        of_all = ""
+        lines = self._lines_of("stderr")
+        if by_kind and lines is not None:
+            of_all = f"; {by_kind:,} of them past {lines.total:,} a second of all process agents"
         log_guarded(
             logger,
             logging.WARNING,
-            "[%s] %s not logged (more than %d at once, then %g a second)",
+            "[%s] %s not logged (more than %d at once, then %g a second%s)",
             self.label,
             count_of(held, "stderr line"),
             _STDERR_BURST,
             _STDERR_RATE,
+            of_all,
         )
 
     # --- logging -----------------------------------------------------------------------------------
@@ -2305,6 +2354,26 @@ class ProcessAgent(Agent):
         if self._extra is None and ctx is not None:
             self._extra = log_fields(ctx.id, ctx.name)
         return self._extra or {}
+
+    def _lines_of(self, kind: str) -> LineBudget | None:
+        """The kernel's bound of the lines of ``kind`` of all its process agents (None
+        before the start: no kernel yet)."""
+        ctx = self._ctx
+        if ctx is None:
+            return None
+        return _books.setdefault(ctx.kernel, _Book()).lines_of(ctx.kernel, kind)
+
+    def _kind_allows(self, kind: str, held_in: _StderrBudget | None = None) -> bool:
+        """Whether the kernel's bound of ``kind`` over all its process agents lets one
+        more line through this second (``[kernel] log_kind_limit``); one it holds back
+        is held in ``held_in`` (a stderr line: said by the agent's next note)."""
+        budget = self._lines_of(kind)
+        if budget is None or budget.allowed(kind):
+            return True
+        if held_in is not None:
+            held_in.hold()
+            held_in.held_by_kind += 1
+        return False
 
     def _warn(self, problem: str) -> None:
         log_guarded(
@@ -2335,6 +2404,12 @@ class ProcessAgent(Agent):
             flood = self._floods[kind] = _Flood(kind)
         if not flood.throttle.due():
             flood.held += 1
+            return
+        if not self._kind_allows(kind):
+            # Past the kernel's bound of the kind over all process agents: held as one
+            # of the agent's own (its next line of the kind says it), counted.
+            flood.held += 1
+            count_dropped(flood.throttle.kind)
             return
         if flood.held:
             problem = f"{problem} (and {flood.held:,} more since the last one logged)"
