@@ -1244,6 +1244,12 @@ async def _answer_connection(
     shared by its connections; None: this connection's own)."""
     if lines is None:
         lines = _RequestLines()
+
+    def say(throttle: Throttle, level: int, line: str, *args: object, **kw: Any) -> None:
+        """Log ``line`` if ``throttle`` lets one through (the rest counted by its kind)."""
+        if throttle.due():
+            log_guarded(log, level, line + "; at most a line a second)", *args, **kw)
+
     if endpoint is None:
         endpoint = EndpointStats()  # (counted nowhere: a connection answered on its own)
     text = "text/plain; charset=utf-8"
@@ -1289,18 +1295,16 @@ async def _answer_connection(
                 # Said, and logged: not taken for the client going away (an OSError) nor
                 # left as a connection closed without an answer.
                 endpoint.render_failures += 1
-                if lines.render_failed.due():
-                    log_guarded(
-                        log,
-                        logging.ERROR,
-                        "%s request %s %s failed (render failures so far: %d; at most a line"
-                        " a second)",
-                        what,
-                        method,
-                        target,
-                        endpoint.render_failures,
-                        exc_info=exc,
-                    )
+                say(
+                    lines.render_failed,
+                    logging.ERROR,
+                    "%s request %s %s failed (render failures so far: %d",
+                    what,
+                    method,
+                    target,
+                    endpoint.render_failures,
+                    exc_info=exc,
+                )
                 status, content_type = 500, text
                 body = f"the {what} render failed: {type(exc).__name__}\n".encode()
             answering = False
@@ -1319,18 +1323,16 @@ async def _answer_connection(
         if answering:
             # Said, not a connection closed without a word (the client would not know why).
             endpoint.unanswered += 1
-            if lines.unanswered.due():
-                log_guarded(
-                    log,
-                    logging.WARNING,
-                    "%s request %s %s: no answer within %g s (requests unanswered so far: %d;"
-                    " at most a line a second)",
-                    what,
-                    method,
-                    target,
-                    _REQUEST_TIMEOUT,
-                    endpoint.unanswered,
-                )
+            say(
+                lines.unanswered,
+                logging.WARNING,
+                "%s request %s %s: no answer within %g s (requests unanswered so far: %d",
+                what,
+                method,
+                target,
+                _REQUEST_TIMEOUT,
+                endpoint.unanswered,
+            )
             body = f"no answer within {_REQUEST_TIMEOUT:g} s (the kernel is busy)\n".encode()
             with trio.move_on_after(1) as scope:
                 scope.shield = True
@@ -1339,15 +1341,14 @@ async def _answer_connection(
         pass  # the client went away
     except Exception as exc:  # a scrape must never take the kernel down
         endpoint.request_failures += 1
-        if lines.failed.due():
-            log_guarded(
-                log,
-                logging.ERROR,
-                "%s request failed (failures so far: %d; at most a line a second)",
-                what,
-                endpoint.request_failures,
-                exc_info=exc,
-            )
+        say(
+            lines.failed,
+            logging.ERROR,
+            "%s request failed (failures so far: %d",
+            what,
+            endpoint.request_failures,
+            exc_info=exc,
+        )
     finally:
         with trio.move_on_after(1) as scope:
             scope.shield = True

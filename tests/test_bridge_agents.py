@@ -1315,8 +1315,14 @@ async def test_agent_initiated_send_frame(lang: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("lang", LANGS)
-async def test_protocol_1_mode_speaks_the_original_shapes(lang: str, tmp_path: Path) -> None:
-    env = {"NEXUS_PROTOCOL": "1", "NEXUS_AGENT_NAME": "old-timer"}
+@pytest.mark.parametrize("variable", ["NEXUS_PROTOCOL", "NEXUS_KERNEL_PROTOCOL"])
+async def test_protocol_1_mode_speaks_the_original_shapes(
+    lang: str, variable: str, tmp_path: Path
+) -> None:
+    """Chosen by the agent (``NEXUS_PROTOCOL``), or by a kernel that speaks only 1
+    (``NEXUS_KERNEL_PROTOCOL``: the bridges announce the lower of theirs and the kernel's
+    and behave by it; read since the forty-fourth pass)."""
+    env = {variable: "1", "NEXUS_AGENT_NAME": "old-timer"}
     async with open_child(probe_command(lang, tmp_path), env=env) as child:
         register = await child.register()
         assert set(register) == {"id", "name"}
@@ -1345,27 +1351,6 @@ async def test_protocol_1_mode_speaks_the_original_shapes(lang: str, tmp_path: P
         await child.write(SHUTDOWN)
         assert await child.wait() == 0
     assert any("unknown frame type" in line and "ping" in line for line in child.stderr_lines())
-
-
-@pytest.mark.parametrize("lang", LANGS)
-async def test_a_kernel_of_protocol_1_gets_protocol_1_from_the_bridges(
-    lang: str, tmp_path: Path
-) -> None:
-    """The bridges announce min(their own, NEXUS_KERNEL_PROTOCOL) and behave by it: under a
-    kernel that speaks only 1 they register as an original agent and refuse send()."""
-    env = {"NEXUS_KERNEL_PROTOCOL": "1", "NEXUS_AGENT_NAME": "under-old"}
-    async with open_child(probe_command(lang, tmp_path), env=env) as child:
-        register = await child.register()
-        assert set(register) == {"id", "name"}
-        response = await child.response_to(message({"do": "echo", "value": 7}))
-        assert set(response) == {"from", "to", "kind", "payload", "timestamp"}
-        sending = message({"do": "send", "to": "x", "payload": 1})
-        response = await child.response_to(sending)
-        assert response["payload"]["error"] == (
-            "send() needs protocol 2; this agent speaks protocol 1"
-        )
-        await child.write(SHUTDOWN)
-        assert await child.wait() == 0
 
 
 @pytest.mark.parametrize("lang", LANGS)
