@@ -8,6 +8,8 @@ not). Nothing else is killed.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from nexus_trio.bridges import _guardian
@@ -18,12 +20,14 @@ MARKED_ELSEWHERE = f"{_guardian.MARKER}=9999-other.child\0".encode()
 PLAIN = b"PATH=/bin\0HOME=/root\0"
 
 
-def alive(parent: int = 1, started: int = 100, env_end: int = 0x7FFF0000) -> _guardian._Stat:
-    return ("S", parent, 0, started, env_end)
+def alive(
+    parent: int = 1, started: int = 100, env_end: int = 0x7FFF0000, session: int = 1
+) -> _guardian._Stat:
+    return ("S", parent, 0, started, env_end, session)
 
 
-def mid_exec(parent: int = 1, started: int = 100) -> _guardian._Stat:
-    return ("R", parent, 0, started, 0)
+def mid_exec(parent: int = 1, started: int = 100, session: int = 1) -> _guardian._Stat:
+    return ("R", parent, 0, started, 0, session)
 
 
 class FakeProc(_guardian.Proc):
@@ -66,6 +70,14 @@ class FakeProc(_guardian.Proc):
         # the stat read after an environment read is of the same moment
         answers = FakeProc.stats[pid]
         return answers[min(max(FakeProc.reads.get(pid, 1) - 1, 0), len(answers) - 1)]
+
+    @staticmethod
+    def children(pid: int) -> list[int]:
+        return [
+            child
+            for child, answers in FakeProc.stats.items()
+            if answers[0] and answers[0][1] == pid
+        ]
 
     @staticmethod
     def kill(pid: int) -> None:
@@ -124,8 +136,8 @@ def test_an_empty_environment_after_the_exec_is_no_mark_and_costs_no_wait(clock:
         stats={
             10: [alive()],
             30: [alive(env_end=0x7FFF1000)],
-            31: [("Z", 1, 0, 100, 0)],
-            32: [("S", 2, _guardian._PF_KTHREAD, 100, 0)],
+            31: [("Z", 1, 0, 100, 0, 1)],
+            32: [("S", 2, _guardian._PF_KTHREAD, 100, 0, 1)],
         },
     )
     assert sweep(clock) == [10]
@@ -210,3 +222,51 @@ def test_a_sweep_that_finds_nothing_reads_no_stat_of_a_process_with_an_environme
     )
     assert sweep(clock) == []
     assert FakeProc.stat_reads == [72]
+
+
+def test_the_child_s_session_takes_its_members_that_started_before_it_was_seen_gone(
+    clock: Clock,
+) -> None:
+    """Item 2 of the forty-fourth pass: with the reaped child's session (its pid, 7, and
+    when it was seen gone, tick 200), an unmarked process of that session with no parent
+    that links it is ours (50, reparented to the sweeping process, the subreaper, and its
+    child 51, mid-exec); one of a session of the same number whose members started later
+    (52, a reused number: another program's) is not, nor one of another session (53)."""
+    me = os.getpid()
+    FakeProc.setup(
+        environs={50: [PLAIN], 51: [b""], 52: [PLAIN], 53: [PLAIN]},
+        stats={
+            50: [alive(parent=me, session=7, started=150)],
+            51: [mid_exec(parent=50, session=7, started=200)],
+            52: [alive(parent=me, session=7, started=201)],
+            53: [alive(parent=me, session=8, started=150)],
+        },
+    )
+    killed = _guardian.Sweep("4242-owner.", FakeProc, session=(7, 200)).run(2.0, clock.sleep, clock)
+    assert killed == [50, 51]
+    assert clock.sleeps == 0  # (one of the session is not waited for mid-exec)
+    # without the session: none of them (the escape the session closes)
+    FakeProc.setup(
+        environs={50: [PLAIN], 51: [PLAIN]},
+        stats={
+            50: [alive(parent=me, session=7, started=150)],
+            51: [alive(parent=50, session=7, started=150)],
+        },
+    )
+    assert sweep(clock) == []
+
+
+def test_with_no_orphan_of_the_session_a_scan_reads_no_stat_of_the_others(clock: Clock) -> None:
+    """The session costs a read of the sweeping process's children's stats, not of every
+    process's, when none of them is of the child's session (the common case)."""
+    me = os.getpid()
+    FakeProc.setup(
+        environs={60: [PLAIN], 61: [PLAIN], 62: [PLAIN]},
+        stats={
+            60: [alive(parent=me, session=60, started=150)],  # another agent's child
+            61: [alive(parent=1, session=7, started=150)],  # (not reached: nothing links it)
+            62: [alive(parent=1, session=9, started=150)],
+        },
+    )
+    assert _guardian.Sweep("4242-owner.", FakeProc, session=(7, 200)).run(0.0) == []
+    assert FakeProc.stat_reads == [60]

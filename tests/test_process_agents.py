@@ -8,6 +8,7 @@ examples. Every test checks that no child process is left behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -3519,6 +3520,15 @@ while True:
 """
 
 
+def stderr_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The child's stderr lines (and notes) logged, without their agent's label."""
+    return [
+        r.getMessage().split("] ", 1)[1]
+        for r in caplog.records
+        if r.name == "nexus_trio.bridge.stderr"
+    ]
+
+
 async def test_a_stderr_flood_is_logged_100_lines_at_once_then_10_a_second_and_counted(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, mock_clock: trio.testing.MockClock
 ) -> None:
@@ -3530,11 +3540,7 @@ async def test_a_stderr_flood_is_logged_100_lines_at_once_then_10_a_second_and_c
     caplog.set_level(logging.INFO, logger="nexus_trio.bridge.stderr")
 
     def logged() -> list[str]:
-        return [
-            r.getMessage().split("] ", 1)[1]
-            for r in caplog.records
-            if r.name == "nexus_trio.bridge.stderr"
-        ]
+        return stderr_logged(caplog)
 
     def notes() -> list[str]:
         return [text for text in logged() if "not logged" in text]
@@ -3585,11 +3591,7 @@ async def test_stderr_lines_of_all_process_agents_are_bounded_by_the_kernel_s_ki
     caplog.set_level(logging.INFO, logger="nexus_trio.bridge.stderr")
 
     def logged() -> list[str]:
-        return [
-            r.getMessage().split("] ", 1)[1]
-            for r in caplog.records
-            if r.name == "nexus_trio.bridge.stderr"
-        ]
+        return stderr_logged(caplog)
 
     before = log_lines_dropped().get("process_agent.stderr", 0)
     async with mock_time_kernel(log_kind_limit=150) as kernel:
@@ -4286,6 +4288,43 @@ async def test_a_descendant_without_the_mark_is_killed_with_its_marked_parent() 
             lambda: not any(os.path.exists(f"/proc/{pid}") for pid in (escaped, unmarked)),
             "the grandchild and its child to be gone",
         )
+
+
+def _stat_fields(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+@pytest.mark.skipif(not _lineage.SUPPORTED, reason="descendants are found in Linux /proc")
+async def test_a_descendant_out_of_the_group_unmarked_and_orphaned_is_killed_by_its_session() -> (
+    None
+):
+    """Item 2 of the forty-fourth pass (the escape docs/bridges.md named): a grandchild
+    leaves the child's process group with ``setpgid()``, starts a process with an empty
+    environment and exits. That process has no mark, no parent that links it (it is
+    reparented to the kernel, the subreaper) and is out of the group the stop kills: it
+    outlived the stop (the old sweep, swapped back in: still alive). It is still in the
+    child's session (``start_new_session``: the child's pid), and the sweep after the
+    child's exit now takes a process of that session that started before the child was
+    seen gone."""
+    async with bridge_kernel() as kernel:
+        ref = kernel.spawn(process_agent(toy(), shutdown_grace=0.3))
+        orphan = await kernel.request(ref, {"op": "escape_by_group"})
+        child = stats_of(kernel, ref).pid
+        try:
+            fields = _stat_fields(orphan)
+            # out of the group, in the session, the kernel's now, without the mark
+            assert int(fields[1]) == os.getpid() and int(fields[3]) == child
+            assert int(fields[2]) != child  # (its group: the grandchild's, gone)
+            with open(f"/proc/{orphan}/environ", "rb") as f:
+                assert _lineage.MARKER.encode() not in f.read()
+            await kernel.stop(ref)
+            assert stopped_bridge_stats(kernel).agents[ref.id].descendants_killed == 1
+            await wait_until(lambda: not os.path.exists(f"/proc/{orphan}"), "the orphan to go")
+        finally:
+            with contextlib.suppress(OSError):
+                os.kill(orphan, signal.SIGKILL)
+                os.waitpid(orphan, 0)
 
 
 async def test_escaped_grandchild_of_a_crashed_child_is_killed_before_the_restart() -> None:

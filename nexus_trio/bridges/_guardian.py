@@ -54,13 +54,23 @@ class Proc:
             return None
 
     @staticmethod
+    def children(pid: int) -> list[int]:
+        """The children of ``pid`` (each of its threads', Linux 3.5+); [] if unknown."""
+        found: list[int] = []
+        with contextlib.suppress(OSError, ValueError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    found.extend(int(child) for child in f.read().split())
+        return found
+
+    @staticmethod
     def kill(pid: int) -> None:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
 
     @staticmethod
-    def stat(pid: int) -> tuple[str, int, int, int, int] | None:
-        """``(state, parent pid, flags, start time, env_end)``; None if gone.
+    def stat(pid: int) -> tuple[str, int, int, int, int, int] | None:
+        """``(state, parent pid, flags, start time, env_end, session id)``; None if gone.
 
         ``env_end`` (Linux 3.5+) is where its environment ends in its memory: 0 from the
         moment an exec replaced its memory until the exec has set the new one up (the
@@ -72,7 +82,8 @@ class Proc:
                 # after the command name, which may hold anything but ends at the last ")"
                 fields = f.read().rsplit(")", 1)[1].split()
             env_end = int(fields[48]) if len(fields) > 48 else -1
-            return fields[0], int(fields[1]), int(fields[6]), int(fields[19]), env_end
+            state, parent, flags, start = fields[0], int(fields[1]), int(fields[6]), int(fields[19])
+            return state, parent, flags, start, env_end, int(fields[3])
         except (OSError, IndexError, ValueError):
             return None
 
@@ -87,7 +98,7 @@ def _has_token(environ: bytes, wanted: bytes) -> bool:
     return False
 
 
-_Stat = tuple[str, int, int, int, int]
+_Stat = tuple[str, int, int, int, int, int]
 
 
 class Sweep:
@@ -102,11 +113,22 @@ class Sweep:
     process before it kills any (a parent killed first would take its children's link
     with it). :meth:`run` ends after a scan that found nothing new and left nothing
     unsure, or at its deadline.
+
+    ``session``: ``(session id, time)`` of a child that ran in a session of its own (its
+    pid), now reaped, and when it was seen gone (clock ticks since boot, as
+    ``/proc/<pid>/stat`` dates a start): a process of that session that started no later
+    is ours too, token or not, parent or not (a descendant that cleared its environment,
+    left the child's group with ``setpgid()`` and lost its parent). The number is not
+    reused while a member of the session lives, nor was it before the child was reaped:
+    a session of that number whose members started later is another program's.
     """
 
-    def __init__(self, token_prefix: str, proc: type[Proc] = Proc) -> None:
+    def __init__(
+        self, token_prefix: str, proc: type[Proc] = Proc, session: tuple[int, int] | None = None
+    ) -> None:
         self.wanted = token_prefix.encode()
         self.proc = proc
+        self.session = session
         self.me = os.getpid()
         #: pid -> start time of the processes found ours (this sweep's)
         self.ours: dict[int, int] = {}
@@ -122,6 +144,9 @@ class Sweep:
         stat = self.proc.stat(pid)
         if stat is None or stat[0] in ("Z", "X") or stat[2] & _PF_KTHREAD:
             return None
+        session = self.session
+        if session is not None and stat[5] == session[0] and stat[3] <= session[1]:
+            return stat, True  # of the child's session
         if not environ:
             if stat[4] == 0:
                 return stat, None  # its exec has not set its environment up yet
@@ -137,7 +162,7 @@ class Sweep:
         marked = {pid for pid, env in environs.items() if env and _has_token(env, self.wanted)}
         # (with no process of ours in sight, an unmarked one with an environment is no
         # child to link: its stat is not read)
-        links = bool(marked or self.ours)
+        links = bool(marked or self.ours or self._session_orphans())
         for pid, environ in environs.items():
             if environ and not links:
                 continue
@@ -160,6 +185,20 @@ class Sweep:
             i += 1
         unsure = [pid for pid in table if marks[pid] is None and pid not in self.ours]
         return found, unsure
+
+    def _session_orphans(self) -> bool:
+        """Whether a process of the child's session (see the class) may be about with
+        neither a mark nor a parent of ours: one whose parent died was reparented to this
+        process, the subreaper, so such a tree hangs off one of its children. (Their stats
+        only, not every process's: a scan that finds nothing reads no stat.)"""
+        session = self.session
+        if session is None:
+            return False
+        for child in self.proc.children(self.me):
+            stat = self.proc.stat(child)
+            if stat is not None and stat[5] == session[0] and stat[3] <= session[1]:
+                return True
+        return False
 
     def _recheck(self, pid: int) -> bool | None:
         """Read ``pid`` again: ours, not ours (or gone), or None: still mid-exec."""

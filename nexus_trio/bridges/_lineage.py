@@ -10,8 +10,9 @@ to it instead of to PID 1, and it starts the guardian (:mod:`._guardian`), which
 marked processes when the kernel process dies, even by SIGKILL. After each child exits,
 :func:`kill_descendants` kills the processes marked with that child's token — those that
 left its process group with ``setsid()`` included, their children marked or not, those
-caught in the middle of an exec (:class:`._guardian.Sweep`) — and reaps those that were
-reparented to the kernel. Other platforms get the process-group kill only (see docs/bridges.md).
+caught in the middle of an exec (:class:`._guardian.Sweep`), and the processes of the
+child's session (its own: it is started with ``start_new_session``) that started before
+it was seen gone, marked or not — and reaps those that were reparented to the kernel. Other platforms get the process-group kill only (see docs/bridges.md).
 
 PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
 """
@@ -210,19 +211,26 @@ def reap_group(pgid: int, wait: float = 0.0) -> int:
         time.sleep(0.01)
 
 
-def _kill_and_reap_marked(token: str) -> int:
+def _kill_and_reap_marked(token: str, session: tuple[int, int] | None = None) -> int:
     # A dying descendant may fork once more while we look, and one may be caught in the
     # middle of its exec: the sweep looks again until neither is left (see _guardian.Sweep).
-    killed = Sweep(token).run(SWEEP_FOR)
+    killed = Sweep(token, session=session).run(SWEEP_FOR)
     _reap(sorted(killed))
     return len(killed)
 
 
-async def kill_descendants(token: str) -> int:
-    """SIGKILL every process carrying ``token`` and reap those reparented to us.
+def ticks_now() -> int:
+    """Now, in the clock ticks since boot that ``/proc/<pid>/stat`` dates a start in."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
+
+
+async def kill_descendants(token: str, session: tuple[int, int] | None = None) -> int:
+    """SIGKILL every process carrying ``token`` (with ``session``, ``(the reaped child's
+    session id, when it was seen gone)``: every process of that session that started no
+    later, too; see :class:`._guardian.Sweep`) and reap those reparented to us.
 
     Run after the child itself has exited; returns how many processes were killed.
     """
     if not SUPPORTED:
         return 0
-    return await trio.to_thread.run_sync(_kill_and_reap_marked, token)
+    return await trio.to_thread.run_sync(_kill_and_reap_marked, token, session)

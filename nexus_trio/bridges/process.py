@@ -820,6 +820,8 @@ class ProcessAgent(Agent):
         self._torn = False
         #: the marker token of each child not yet reaped, by pid
         self._tokens: dict[int, str] = {}
+        #: when each child of a token was seen gone (clock ticks since boot), by its pid
+        self._gone_at: dict[int, int] = {}
         self._write_lock = trio.Lock()
         self._stopping = False
         self._lost = False
@@ -1255,7 +1257,7 @@ class ProcessAgent(Agent):
     async def _exit_code(self, process: trio.Process) -> int | None:
         """The child's exit status, waiting at most :data:`_EXIT_AFTER_EOF` (None: it lives)."""
         with trio.move_on_after(_EXIT_AFTER_EOF):
-            await process.wait()
+            await self._wait_exit(process)
         code = process.returncode
         if code is not None:
             self.stats.last_exit = code
@@ -1276,7 +1278,7 @@ class ProcessAgent(Agent):
                             await self._write(_frame("shutdown", {}))
                         # End of input too: original-protocol agents may only stop at EOF.
                         await self._close_stdin(process)
-                        await process.wait()
+                        await self._wait_exit(process)
                     if process.returncode is None:
                         self._warn(f"did not exit within {grace:g}s of shutdown; sending SIGTERM")
                 elif process.returncode is None:
@@ -1290,7 +1292,7 @@ class ProcessAgent(Agent):
                 if process.returncode is None:
                     self._signal_group(process, signal.SIGTERM)
                     with trio.move_on_after(grace):
-                        await process.wait()
+                        await self._wait_exit(process)
             finally:
                 # Past this point nothing may be skipped: not even an outer cancellation.
                 with trio.CancelScope(shield=True):
@@ -1328,6 +1330,15 @@ class ProcessAgent(Agent):
         finally:
             done.set()
 
+    async def _wait_exit(self, process: trio.Process) -> None:
+        """``process.wait()``, noting when the child was seen gone (see :meth:`_kill_and_reap`)."""
+        await process.wait()
+        if _lineage.SUPPORTED and process.pid in self._tokens:
+            # As soon as it is seen reaped (here, or by a returncode poll at most one
+            # schedule point before): its session id, its pid, was no other program's
+            # until the reap; from then on it may be (see _guardian.Sweep).
+            self._gone_at.setdefault(process.pid, _lineage.ticks_now())
+
     async def _kill_and_reap(self, process: trio.Process) -> None:
         if process.returncode is None:
             if not self._stopping:
@@ -1335,7 +1346,7 @@ class ProcessAgent(Agent):
             else:
                 self._warn("still running; sending SIGKILL")
             self._signal_group(process, signal.SIGKILL)
-        await process.wait()
+        await self._wait_exit(process)
         self.stats.last_exit = process.returncode
         # The leader is gone; what is left of its group (grandchildren, maybe holding
         # the pipes) gets SIGTERM, a moment, then SIGKILL. Those that die are reparented
@@ -1352,7 +1363,13 @@ class ProcessAgent(Agent):
         if token is not None:
             # Those that left the group (setsid) or were started by a group member that
             # already died: found by their mark, reparented to us as the subreaper.
-            killed = await _lineage.kill_descendants(token)
+            # And those of its session (start_new_session: the child's pid) that left its
+            # group with setpgid(), cleared their mark (env -i) and lost their parent.
+            # (a child whose reap no wait here saw, a wait cancelled as it returned: by
+            # token and parent only, its session's number may be another's by now)
+            gone_at = self._gone_at.pop(process.pid, None)
+            session = None if gone_at is None else (process.pid, gone_at)
+            killed = await _lineage.kill_descendants(token, session)
             if killed:
                 self.stats.descendants_killed += killed
                 self._warn(f"killed {killed} descendant process(es) left behind by the child")
@@ -1777,7 +1794,7 @@ class ProcessAgent(Agent):
 
     async def _watch_exit(self, process: trio.Process, generation: int) -> None:
         """Notice the child's exit even when a grandchild keeps its stdout open."""
-        await process.wait()
+        await self._wait_exit(process)
         # Let the readers take what the child wrote before it exited (its last answer, its
         # last words on stderr): in one window, not one after the other. (A descendant that
         # holds both pipes made a crash wait twice, and a handle timeout under 2 s then

@@ -73,6 +73,18 @@ def fail(args: argparse.Namespace, msg: dict[str, Any], text: str) -> None:
         respond(args, msg, {"error": text, "error_type": "ValueError"})
 
 
+def start_unmarked() -> int:
+    """Start ``sleep 300`` with an empty environment (no mark); its pid once its exec has
+    begun (its close-on-exec pipe end closed)."""
+    exec_read, exec_write = os.pipe()
+    unmarked = os.fork()
+    if unmarked == 0:
+        os.execve("/bin/sleep", ["sleep", "300"], {})
+    os.close(exec_write)
+    os.read(exec_read, 1)
+    return unmarked
+
+
 def answer(args: argparse.Namespace, msg: dict[str, Any]) -> None:
     command = msg.get("payload")
     op = command.get("op") if isinstance(command, dict) else None
@@ -173,13 +185,7 @@ def answer(args: argparse.Namespace, msg: dict[str, Any]) -> None:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             os.close(0)
             os.close(read_end)
-            exec_read, exec_write = os.pipe()  # (close-on-exec: its end is the exec)
-            unmarked = os.fork()
-            if unmarked == 0:
-                os.execve("/bin/sleep", ["sleep", "300"], {})
-            os.close(exec_write)
-            os.read(exec_read, 1)
-            os.write(write_end, str(unmarked).encode())
+            os.write(write_end, str(start_unmarked()).encode())
             os.close(write_end)
             while True:
                 time.sleep(3600)
@@ -187,6 +193,24 @@ def answer(args: argparse.Namespace, msg: dict[str, Any]) -> None:
         with os.fdopen(read_end, "rb") as f:
             unmarked = int(f.read())
         respond(args, msg, [pid, unmarked])
+    elif op == "escape_by_group":
+        # A grandchild that leaves our process group with setpgid() (as a job-control
+        # shell's pipeline does; it stays in our session), starts a child with an empty
+        # environment (no mark) and exits: that child has lost its parent, its group and
+        # its mark; only our session holds it. Answers its pid.
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.setpgid(0, 0)
+            os.close(0)
+            os.close(read_end)
+            os.write(write_end, str(start_unmarked()).encode())
+            os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as f:
+            unmarked = int(f.read())
+        os.waitpid(pid, 0)
+        respond(args, msg, unmarked)
     elif op == "spawn_loop":
         # A grandchild that leaves our group and forks and execs children without end
         # (at most ``keep`` alive: the oldest is killed and reaped): a stop finds some of
