@@ -33,7 +33,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import attrs
 import pytest
@@ -3420,6 +3420,34 @@ def test_what_a_workers_app_prints_reaches_stderr_in_whole_lines() -> None:
     assert writes[5:] == ["<flush>"]
 
 
+_HANDED_5: Final = {"pid": 1, "handed_to": 5, "taken_from": 0}
+
+
+def _worker_entry(node: str, lost_peers: dict | None = None, **counts: object) -> dict:
+    """A live worker's entry of the parent's summaries (a canned summary, and counts)."""
+    entry = {**json.loads(canned_summary(node, lost_peers)), "died": False}
+    entry.update({"exit": "exit code 0", **counts})
+    return entry
+
+
+def _worker_0_that_lost_worker_1(**counts: object) -> dict:
+    """worker-0's entry: it sent 5 to worker-1 and judged it lost with 2 of them not
+    confirmed (its ``lost_with_nodes`` estimate)."""
+    return _worker_entry(
+        "worker-0",
+        {"worker-1": _HANDED_5},
+        **{
+            "sent": 5,
+            "accepted": 5,
+            "forwarded": 5,
+            "forwarded_out": 5,
+            "lost_counted": 2,
+            "lost_counted_by_kind": {"lost_with_nodes": 2},
+            **counts,
+        },
+    )
+
+
 def test_a_summary_not_conserved_says_why_naming_the_worker() -> None:
     """A worker counted lost by some workers and settled with by others (it came back
     after one of them read its ``lost_peers``) cannot be counted exactly: its own books
@@ -3434,22 +3462,9 @@ def test_a_summary_not_conserved_says_why_naming_the_worker() -> None:
     from nexus_trio.cli._cluster_cmd import aggregate_summaries
     from nexus_trio.cli._view import summary_table
 
-    def worker(node: str, lost_peers: dict | None = None, **counts: int) -> dict:
-        entry = {**json.loads(canned_summary(node, lost_peers)), "died": False}
-        entry.update(exit="exit code 0", **counts)
-        return entry
-
-    handed = {"pid": 1, "handed_to": 5, "taken_from": 0}
-    worker_0 = worker(
-        "worker-0",
-        {"worker-1": handed},
-        sent=5,
-        accepted=5,
-        forwarded=5,
-        forwarded_out=5,
-        lost_counted=2,
-    )
-    worker_0["lost_counted_by_kind"] = {"lost_with_nodes": 2}
+    worker = _worker_entry
+    handed = _HANDED_5
+    worker_0 = _worker_0_that_lost_worker_1()
     worker_1 = worker("worker-1", accepted=5, handled=5, forwarded_in=5)
     summary = aggregate_summaries([worker_0, worker_1, worker("worker-2")])
     assert summary["conserved"] is False
@@ -3489,3 +3504,81 @@ def test_a_summary_not_conserved_says_why_naming_the_worker() -> None:
         "worker-1: died, its books unknown: not seen lost by worker-0",
     ]
     assert aggregate_summaries([worker("worker-0"), worker("worker-1")])["why_not_conserved"] == []
+
+
+def test_a_worker_judged_lost_by_some_and_settled_with_by_others_is_counted_exactly() -> None:
+    """A worker counted lost by some workers and settled with by others (frozen past
+    their heartbeats, thawed before the rest judged it) could not be counted exactly:
+    its own books and their ``lost_with_nodes`` estimate of it overlapped by an amount
+    no summary gave (``conserved: false``, said why). Each worker's summary now gives
+    its estimate per node (``lost_with_nodes_by_node``): the parent replaces what it
+    counted lost with a worker that has books of its own (or was counted from outside)
+    by those books, and the books balance exactly. The split (and a partition, each
+    side's estimate of the other replaced) is said all the same, in ``lost_seen``, and
+    under the table's books. (Checked on the old code: ``conserved`` false, off by -2.)"""
+    from rich.console import Console
+
+    from nexus_trio.cli._cluster_cmd import aggregate_summaries
+    from nexus_trio.cli._view import summary_table
+
+    def worker(node: str, lost_peers: dict | None = None, **counts: object) -> dict:
+        return _worker_entry(node, lost_peers, **{"lost_with_nodes_by_node": {}, **counts})
+
+    handed = _HANDED_5
+    # (worker-1 handled all 5 after its thaw; worker-2 settled with it)
+    worker_0 = _worker_0_that_lost_worker_1(
+        lost_with_nodes_by_node={"worker-1": 2},
+        membership={"nodes_lost_by_node": {"worker-1": 1}},
+    )
+    worker_1 = worker("worker-1", accepted=5, handled=5, forwarded_in=5)
+    summary = aggregate_summaries([worker_0, worker_1, worker("worker-2")])
+    assert summary["conserved"] is True, summary["why_not_conserved"]
+    assert summary["lost_counted"] == 0
+    assert summary["cluster_balance"]["lost_with_nodes_estimate_replaced"] == 2
+    assert (summary["workers_died"], summary["workers_written_off"]) == ([], [])
+    assert summary["lost_seen"] == [
+        "worker-0 judged worker-1 lost 1 time: still lost at its end, or settled without"
+    ]
+    console = Console(width=300, record=True)
+    console.print(summary_table(summary))
+    text = " ".join(console.export_text().split())
+    assert "lost seen worker-0 judged worker-1 lost 1 time" in text
+    assert "MISMATCH" not in text
+    # an estimate of a node that is no worker of the run stays counted
+    other = {**worker_0, "lost_with_nodes_by_node": {"worker-1": 2, "elsewhere": 3}}
+    other.update(lost_counted=5, sent=8, dead_letters=0)
+    assert aggregate_summaries([other, worker_1, worker("worker-2")])["lost_counted"] == 3
+    # a partition: each judged the other lost and counted what it had not confirmed;
+    # each one's own books hold what it took: exact, and said
+    partition = aggregate_summaries(
+        [
+            worker(
+                "worker-0",
+                {"worker-1": handed},
+                sent=5,
+                lost_counted=3,
+                lost_with_nodes_by_node={"worker-1": 3},
+                membership={"nodes_lost_by_node": {"worker-1": 2}},
+            ),
+            worker(
+                "worker-1",
+                {"worker-0": {**handed, "handed_to": 0}},
+                accepted=5,
+                handled=5,
+                forwarded_in=5,
+            ),
+        ]
+    )
+    assert partition["conserved"] is True, partition["why_not_conserved"]
+    assert partition["lost_seen"] == [
+        "worker-0 judged worker-1 lost 2 times: still lost at its end, or settled without",
+        "worker-1 judged worker-0 lost: still lost at its end, or settled without",
+    ]
+    # a loss healed before the end (heard again, settled with): balanced, and said
+    healed = aggregate_summaries(
+        [worker("worker-0", membership={"nodes_lost_by_node": {"worker-1": 1}}), worker("worker-1")]
+    )
+    assert healed["conserved"] is True
+    assert healed["lost_seen"] == [
+        "worker-0 judged worker-1 lost 1 time: heard again, settled with"
+    ]

@@ -67,7 +67,10 @@ def test_two_workers_run_the_demo_and_their_summaries_are_added_up() -> None:
             "nodes_forgotten": 0,
             "inbound_streams": 1,
             "streams_evicted": 0,
+            "nodes_lost_by_node": {},
         }, worker
+        assert worker["lost_with_nodes_by_node"] == {}
+    assert summary["lost_seen"] == []  # (no worker judged another lost)
 
 
 def test_nexus_run_workers_3_json_is_one_swarm_whose_cluster_books_balance() -> None:
@@ -855,6 +858,8 @@ async def test_a_peer_written_off_and_heard_again_stays_among_the_lost_peers(
         _meet(a, b)
         _lose(a, "b")
         assert cluster_counts(a)["lost_peers"]["b"]["pid"] == os.getpid()
+        # (each loss named, by which the parent's summary says it: lost_seen)
+        assert cluster_counts(a)["membership"]["nodes_lost_by_node"] == {"b": 1}
         _meet(a, b)  # heard again
         assert "b" not in cluster_counts(a)["lost_peers"]  # (lost now only)
         peers = cluster_counts(a, also_lost=frozenset({"b"}))["lost_peers"]

@@ -502,6 +502,15 @@ class ClusterStats:
     #: messages counted in ``lost_with_nodes`` that their node, heard again (it was
     #: frozen or cut off, not dead), took after all: taken back out of it
     lost_with_nodes_taken_back: int = 0
+    #: ``lost_with_nodes`` per node it counts lost with (their sum; a node whose count
+    #: is back to 0 left out); None once more than 4,096 nodes had a count at once
+    #: (``_placement.LOST_WITH_NODES_MAX``: then only the sum is kept). By it the parent
+    #: of ``nexus run --workers`` counts a worker judged lost by some workers and settled
+    #: with by others exactly: its own books, not their estimate of it
+    lost_with_nodes_by_node: dict[str, int] | None = attrs.field(factory=dict)
+    #: ``nodes_lost`` per node (times judged lost, also those heard again or forgotten
+    #: since); None past 4,096 names (then only the sum is kept)
+    nodes_lost_by_node: dict[str, int] | None = attrs.field(factory=dict)
     #: placed agents this node re-spawned after their node was lost
     replaced: int = 0
     #: placed agents of lost nodes that no reachable member can run now (none has their
@@ -645,6 +654,9 @@ class ClusterStats:
     old_session_tells: int = 0
 
 
+#: the most node names ``ClusterStats.nodes_lost_by_node`` keeps (then None)
+_LOST_BY_NODE_MAX: Final = 4096
+
 _decode: Final = wire.decode_message
 
 
@@ -755,6 +767,7 @@ class Cluster:
         "_local_names",
         "_loss_log",
         "_lost_at_leave",
+        "_lost_by_node",
         "_lost_numbered",
         "_malformed_log",
         "_mark_subject",
@@ -1090,6 +1103,8 @@ class Cluster:
         self._disconnects = 0
         self._reconnects = 0
         self._nodes_lost = 0
+        #: times each node was judged lost (None past _LOST_BY_NODE_MAX names)
+        self._lost_by_node: dict[str, int] | None = {}
         self._nodes_forgotten = 0
         self._closing = False
         #: what readiness() says of the join: "not joined" until the join is done,
@@ -4811,6 +4826,11 @@ class Cluster:
 
     def _node_lost(self, info: NodeInfo, reason: str | None = None) -> None:
         self._nodes_lost += 1
+        lost_by_node = self._lost_by_node
+        if lost_by_node is not None:
+            lost_by_node[info.node] = lost_by_node.get(info.node, 0) + 1
+            if len(lost_by_node) > _LOST_BY_NODE_MAX:
+                self._lost_by_node = None  # (new names at every restart: bounded)
         if reason is None:
             silent = monotonic() - info.last_seen
             reason = (
@@ -5723,6 +5743,8 @@ class Cluster:
             forwarded_in=self._forwarded_in,
             lost_with_nodes=self.placement.lost_with_nodes,
             lost_with_nodes_taken_back=self.placement.lost_with_nodes_taken_back,
+            lost_with_nodes_by_node=self.placement.lost_with_node,
+            nodes_lost_by_node=None if self._lost_by_node is None else dict(self._lost_by_node),
             replaced=self.placement.replaced,
             placements_waiting=self.placement.placements_waiting,
             batches_published=self._batches_published,

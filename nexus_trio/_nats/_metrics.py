@@ -32,9 +32,20 @@ __all__ = [
 ]
 
 #: ClusterStats fields not exported as series of their own: ``node`` (the label of
-#: ``nexus_cluster_node_info``), and two counted only after the leave, when the node's
-#: series are gone (the kernel's dead letters, ``transport_unavailable``, count them)
-NOT_EXPORTED: Final = frozenset({"node", "tells_after_leave", "requests_after_leave"})
+#: ``nexus_cluster_node_info``), two counted only after the leave, when the node's
+#: series are gone (the kernel's dead letters, ``transport_unavailable``, count them),
+#: and two per-node breakdowns whose sums are series (``nexus_cluster_lost_with_nodes``,
+#: ``nexus_cluster_nodes_lost_total``): a label per node name would grow with every
+#: node ever lost
+NOT_EXPORTED: Final = frozenset(
+    {
+        "node",
+        "tells_after_leave",
+        "requests_after_leave",
+        "lost_with_nodes_by_node",
+        "nodes_lost_by_node",
+    }
+)
 
 #: ClusterStats field -> (series name without ``_total``, help): counts that only grow
 CLUSTER_COUNTERS: Final = {

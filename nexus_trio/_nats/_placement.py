@@ -259,6 +259,8 @@ class Placement:
         self.replaced = 0
         #: messages counted as lost with lost nodes (see :meth:`node_lost`)
         self.lost_with_nodes = 0
+        #: the same, per node (see :attr:`lost_with_node`)
+        self._lost_with: dict[str, int] | None = {}
         #: lost processes (node, id prefix) whose held messages this node counted
         self._counted: set[tuple[str, int]] = set()
         #: per node judged lost, what its loss counted here (see :meth:`heard_from`)
@@ -1053,12 +1055,12 @@ class Placement:
             # lost again: what the earlier loss still counted is past what it confirmed,
             # so in the count below (counted once)
             self._take_back_confirmed(earlier_loss, info)
-            self.lost_with_nodes -= earlier_loss.unconfirmed - earlier_loss.taken
+            self._count_lost(info.node, earlier_loss.taken - earlier_loss.unconfirmed)
         self._loss_counts[info.node] = _LossCount(
             info.id_prefix, info.session, confirmed, unconfirmed
         )
         if unconfirmed:
-            self.lost_with_nodes += unconfirmed
+            self._count_lost(info.node, unconfirmed)
             log_guarded(
                 log,
                 logging.WARNING,
@@ -1133,7 +1135,7 @@ class Placement:
         if loss is not None and loss.same_process(info):
             loss.held = held  # (taken back if it is heard again)
         if held:
-            self.lost_with_nodes += held
+            self._count_lost(info.node, held)
             log_guarded(
                 log,
                 logging.WARNING,
@@ -1143,6 +1145,30 @@ class Placement:
                 held,
                 info.node,
             )
+
+    def _count_lost(self, node: str, count: int) -> None:
+        """Count ``count`` messages lost with ``node`` (negative: taken back), in all and
+        per node."""
+        self.lost_with_nodes += count
+        per_node = self._lost_with
+        if per_node is None:
+            return
+        now = per_node.get(node, 0) + count
+        if now:
+            per_node[node] = now
+        else:
+            per_node.pop(node, None)
+        if len(per_node) > LOST_WITH_NODES_MAX:
+            self._lost_with = None  # (a node under a new name at every restart: bounded)
+
+    @property
+    def lost_with_node(self) -> dict[str, int] | None:
+        """``lost_with_nodes`` per node it counts lost with (their sum; nodes whose count
+        is back to 0 left out), also nodes forgotten since; None once more than
+        :data:`LOST_WITH_NODES_MAX` nodes had a count at once (then only the sum is
+        kept). By it the parent of ``nexus run --workers`` replaces this estimate of a
+        worker by that worker's own books (see ``_cluster_cmd.aggregate_summaries``)."""
+        return None if self._lost_with is None else dict(self._lost_with)
 
     def heard_from(self, info: NodeInfo) -> None:
         """A record of ``info``'s node was heard: if this node counted messages lost with
@@ -1163,7 +1189,7 @@ class Placement:
         self._take_back_confirmed(loss, info)
         if loss.held:
             back, loss.held = loss.held, 0
-            self.lost_with_nodes -= back
+            self._count_lost(info.node, -back)
             self.lost_with_nodes_taken_back += back
             self._counted.discard((info.node, info.id_prefix))  # (a new loss counts again)
             self._log_taken_back(info.node, back, "held there")
@@ -1176,7 +1202,7 @@ class Placement:
         )
         if taken > loss.taken:
             back, loss.taken = taken - loss.taken, taken
-            self.lost_with_nodes -= back
+            self._count_lost(info.node, -back)
             self.lost_with_nodes_taken_back += back
             self._log_taken_back(info.node, back, "sent by this node")
 
@@ -1585,6 +1611,10 @@ def _answer_id(obj: dict[str, Any], field: str, data: bytes, name: str, owner: s
         with contextlib.suppress(ValueError):
             return uuid.UUID(value)
     raise PlacementFailed(name, owner, f"malformed answer: {field}: {data[:200]!r}")
+
+
+#: the most nodes :attr:`Placement.lost_with_node` counts at once (past it, None)
+LOST_WITH_NODES_MAX: Final = 4096
 
 
 @attrs.define

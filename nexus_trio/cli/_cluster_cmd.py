@@ -332,6 +332,13 @@ def aggregate_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     replies + dead letters + lost (counted) + handed to dead workers. If a worker that
     outlived it did not see it lost, its books are unknown and ``conserved`` is false.
 
+    A worker judged lost by some workers and settled with by others (frozen past their
+    heartbeats, then thawed), or each side of a partition, is counted by its own books,
+    and what the others counted lost with it is taken out the same way, per node
+    (``lost_with_nodes_by_node``: see :func:`_estimates_of_workers`): the books are
+    exact across the split. Every loss a worker judged is said in ``lost_seen``
+    (:func:`lost_seen`), conserved or not.
+
     A worker that died after the swarm settled (every survivor reports its books as its
     last record said then, in ``settled_books``: final, the swarm had stopped and held
     nothing) is counted with that record instead (:func:`_counted_from_its_record`): its
@@ -378,13 +385,10 @@ def aggregate_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     ended = total["handled"] + total["replies_delivered"] + total["dead_letters"]
     total["workers_died"] = [str(s.get("node")) for s in died if not s.get("written_off")]
     total["workers_written_off"] = [str(s.get("node")) for s in died if s.get("written_off")]
-    estimated = 0
-    if died:
-        # replaced by the exact counts of the dead workers' entries
-        estimated = sum(
-            int((s.get("lost_counted_by_kind") or {}).get("lost_with_nodes", 0)) for s in alive
-        )
-        total["lost_counted"] -= estimated
+    # replaced by the exact counts of the dead workers' entries and the own books of
+    # the live ones (see _estimates_of_workers)
+    estimated = _estimates_of_workers(summaries, alive, bool(died))
+    total["lost_counted"] -= estimated
     total["cluster_balance"] = {
         "sent": total["sent"],
         "handled_replied_or_dead": ended,
@@ -410,9 +414,61 @@ def aggregate_summaries(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     total["why_not_conserved"] = (
         [] if total["conserved"] else _why_not_conserved(total, summaries, alive, died, not_started)
     )
+    total["lost_seen"] = lost_seen(summaries)
     total["settled_books"], total["settled_books_differ"] = _settled_books_once(summaries)
     total["per_worker"] = [_without_settled_books(s) for s in summaries]
     return total
+
+
+def _estimates_of_workers(
+    summaries: Sequence[dict[str, Any]], alive: Sequence[dict[str, Any]], any_died: bool
+) -> int:
+    """What the live workers counted lost with other workers of the run
+    (``lost_with_nodes``, an estimate from the lost one's last heartbeat): each of those
+    is counted exactly otherwise, by its own books (a worker judged lost by some and
+    settled with by others, or each side of a partition: what it took of what they
+    handed to it is in its books, handled, dead or lost in transit) or from outside (a
+    dead one: ``handed_to_it``). Per node when a worker's summary says
+    (``lost_with_nodes_by_node``); from one that does not (more nodes than it keeps),
+    all of its estimate if a worker died (as before the forty-fourth pass), else none."""
+    workers = {str(s.get("node")) for s in summaries}
+    estimated = 0
+    for s in alive:
+        by_node = s.get("lost_with_nodes_by_node")
+        if isinstance(by_node, dict):
+            estimated += sum(
+                int(count)
+                for node, count in by_node.items()
+                if node in workers and node != s.get("node")
+            )
+        elif any_died:
+            estimated += int((s.get("lost_counted_by_kind") or {}).get("lost_with_nodes", 0))
+    return estimated
+
+
+def lost_seen(summaries: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Every loss of a worker that another worker judged (its membership's
+    ``nodes_lost_by_node``, and the peers its summary lists lost), one line per pair,
+    said in the summary whether or not the books are conserved: as Akka's cluster
+    publishes every ``UnreachableMember`` and Erlang's ``net_kernel`` every
+    ``nodedown``, an operator is told of a partition or a freeze its numbers do not
+    show (the books balance once each side's own books replace the other's estimate)."""
+    lines: list[str] = []
+    for s in summaries:
+        if s.get("died") or s.get("conserved") is None:
+            continue
+        node = str(s.get("node"))
+        lost_peers = s.get("lost_peers") or {}
+        times = (s.get("membership") or {}).get("nodes_lost_by_node") or {}
+        for peer in sorted(set(lost_peers) | set(times)):
+            count = f" {count_of(int(times[peer]), 'time')}" if peer in times else ""
+            then = (
+                "still lost at its end, or settled without"
+                if peer in lost_peers
+                else "heard again, settled with"
+            )
+            lines.append(f"{node} judged {peer} lost{count}: {then}")
+    return lines
 
 
 def _why_not_conserved(
@@ -441,7 +497,13 @@ def _why_not_conserved(
         others = [o for o in alive if o is not s]
         lost_by = [str(o.get("node")) for o in others if node in (o.get("lost_peers") or {})]
         settled_by = [str(o.get("node")) for o in others if str(o.get("node")) not in lost_by]
-        if lost_by and settled_by:
+        unsplit = [
+            str(o.get("node"))
+            for o in others
+            if str(o.get("node")) in lost_by
+            and not isinstance(o.get("lost_with_nodes_by_node"), dict)
+        ]
+        if lost_by and settled_by and unsplit:
             handed = sum(
                 int((o.get("lost_peers") or {})[node].get("handed_to") or 0)
                 for o in others
@@ -453,7 +515,7 @@ def _why_not_conserved(
                 f" of it both hold what they handed to it ({handed}), by how much each is"
                 " not known"
             )
-        elif lost_by:  # (lost to all others and not written off: a partition, see above)
+        elif lost_by and unsplit:  # (lost to all, not written off: a partition, see above)
             why.append(
                 f"{node}: counted lost by every other worker, as each of them was by"
                 " another (a partition): each side's books count what went to the other as"

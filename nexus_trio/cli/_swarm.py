@@ -491,6 +491,10 @@ def cluster_counts(cluster: Cluster, also_lost: Collection[str] = ()) -> dict[st
             "lost_at_leave": s.lost_at_leave,
             "lost_with_nodes": s.lost_with_nodes,
         },
+        # the same per node (null: too many to keep): by it the parent replaces this
+        # worker's estimate of a worker that has books of its own or was counted from
+        # outside (see _cluster_cmd.aggregate_summaries)
+        "lost_with_nodes_by_node": s.lost_with_nodes_by_node,
         # every node it heard from (null: too many to keep): one missing from every
         # worker's never joined as far as they know (see _cluster_cmd._counted_from_outside)
         "peers_heard": None if heard is None else sorted(heard),
@@ -503,6 +507,9 @@ def cluster_counts(cluster: Cluster, also_lost: Collection[str] = ()) -> dict[st
         # what this worker keeps of its peers (bounded: see docs/distributed.md)
         "membership": {
             "nodes_lost": s.nodes_lost,
+            # per node, the times it was judged lost (also heard again since; null:
+            # too many to keep): the parent's summary says every one (``lost_seen``)
+            "nodes_lost_by_node": s.nodes_lost_by_node,
             "nodes_forgotten": s.nodes_forgotten,
             "inbound_streams": s.inbound_streams,
             "streams_evicted": s.streams_evicted,

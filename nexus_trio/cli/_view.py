@@ -307,6 +307,8 @@ def summary_table(summary: Mapping[str, Any], *, ascii_marks: bool = False) -> T
         )
     for worker in summary.get("per_worker") or ():
         table.add_row(f"  {worker.get('node') or 'worker'}", _worker_text(worker))
+    for line in summary.get("lost_seen") or ():  # (said conserved or not: see lost_seen)
+        table.add_row("  lost seen", Text(str(line), style="yellow"))
     ok = summary["conserved"]
     law = (
         "every worker: accepted = handled + replies + forwarded out + dead letters;"
