@@ -13,7 +13,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -541,6 +541,41 @@ async def test_a_worker_that_ended_while_it_was_asked_is_named_as_ended(port_say
         nursery.cancel_scope.cancel()
 
 
+Route = Callable[[str], Awaitable[tuple[int, bytes, str]]]
+
+
+def _scraped(body: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Each sample of a scrape: (name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
+    }
+
+
+@contextlib.asynccontextmanager
+async def _group_of(
+    routes: Sequence[Route | None], states: tuple[tuple[str, str], ...]
+) -> AsyncIterator[GroupEndpoint]:
+    """A group endpoint (not listening: asked through ``route``) over one worker endpoint
+    served per route, or, for None, a port bound and never listening (refused)."""
+    async with trio.open_nursery() as nursery:
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            ports = [
+                closed.getsockname()[1]
+                if route is None
+                else await nursery.start(serve_routes, route, "127.0.0.1", 0)
+                for route in routes
+            ]
+            yield GroupEndpoint(
+                "127.0.0.1", 0, ports, lambda: GroupState(stopping=False, workers=states)
+            )
+        nursery.cancel_scope.cancel()
+
+
 async def test_the_group_metrics_count_their_scrapes_and_each_worker_failure() -> None:
     """The group's /metrics has series of its own: ``nexus_group_scrapes_total``,
     ``nexus_group_scrape_duration_seconds``, per worker asked
@@ -548,7 +583,6 @@ async def test_the_group_metrics_count_their_scrapes_and_each_worker_failure() -
     ``nexus_group_worker_scrape_failures_total`` by reason (a worker not asked, ended or
     not started, is no failure: its ``nexus_group_worker_up`` says 0). Until the
     forty-third pass it had ``nexus_group_worker_up`` only."""
-    from prometheus_client.parser import text_string_to_metric_families
 
     async def good(path: str) -> tuple[int, bytes, str]:
         return 200, b"# TYPE x_total counter\nx_total 1.0\n", "text/plain"
@@ -559,28 +593,11 @@ async def test_the_group_metrics_count_their_scrapes_and_each_worker_failure() -
     async def garbage(path: str) -> tuple[int, bytes, str]:
         return 200, b"this is { not prometheus\n", "text/plain"
 
-    async with trio.open_nursery() as nursery:
-        with socket.socket() as closed:
-            closed.bind(("127.0.0.1", 0))
-            ports = [
-                await nursery.start(serve_routes, good, "127.0.0.1", 0),
-                closed.getsockname()[1],
-                await nursery.start(serve_routes, bad_status, "127.0.0.1", 0),
-                await nursery.start(serve_routes, garbage, "127.0.0.1", 0),
-                closed.getsockname()[1],
-            ]
-            states = ((RUNNING, ""),) * 4 + ((ENDED, "exit code 1"),)
-            endpoint = GroupEndpoint(
-                "127.0.0.1", 0, ports, lambda: GroupState(stopping=False, workers=states)
-            )
-            await endpoint.route("/metrics")
-            body = (await endpoint.route("/metrics"))[1].decode()
-        nursery.cancel_scope.cancel()
-    got = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(body)
-        for s in family.samples
-    }
+    states = ((RUNNING, ""),) * 4 + ((ENDED, "exit code 1"),)
+    async with _group_of([good, None, bad_status, garbage, None], states) as endpoint:
+        await endpoint.route("/metrics")
+        body = (await endpoint.route("/metrics"))[1].decode()
+    got = _scraped(body)
     assert got["nexus_group_scrapes_total", ()] == 2.0
     assert got["nexus_group_scrape_duration_seconds", ()] >= 0.0
     durations = {
@@ -664,3 +681,96 @@ def test_a_single_run_ignores_the_metrics_group_port(monkeypatch: pytest.MonkeyP
     result = CliRunner().invoke(app, ["run", "-d", "0.1"])
     assert "group" not in " ".join(result.output.split()), result.output
     assert ran == ["run"]
+
+
+async def test_the_group_metrics_count_each_workers_failed_probes() -> None:
+    """``nexus_group_worker_probe_failures_total{worker,probe,reason}``: the group's
+    ``/healthz`` and ``/readyz`` asks of a running worker that got no answer or not 200,
+    each label there at 0 from the first scrape; a worker not asked (ended, starting for
+    ``/healthz``) is no failure. Until the forty-fourth pass the group had no series of
+    them: a worker that failed its probes now and then showed only in the answers.
+    (Checked on the old code: no such series.)"""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async def fine(path: str) -> tuple[int, bytes, str]:
+        return 200, b"ok\n", "text/plain"
+
+    async def not_ready(path: str) -> tuple[int, bytes, str]:
+        if path == "/readyz":
+            return 503, b"not joined\n", "text/plain"
+        return 200, b"ok\n", "text/plain"
+
+    states = ((RUNNING, ""),) * 3 + ((ENDED, "exit code 1"),)
+    async with _group_of([fine, None, not_ready, None], states) as endpoint:
+        first = (await endpoint.route("/metrics"))[1].decode()
+        for path in ("/healthz", "/healthz", "/readyz"):
+            await endpoint.route(path)
+        body = (await endpoint.route("/metrics"))[1].decode()
+
+    def probe_failures(text: str) -> dict[tuple[str, str, str], float]:
+        return {
+            (s.labels["worker"], s.labels["probe"], s.labels["reason"]): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "nexus_group_worker_probe_failures_total"
+        }
+
+    zero = {
+        (f"worker-{i}", probe, reason): 0.0
+        for i in range(4)
+        for probe in ("healthz", "readyz")
+        for reason in ("no_answer", "status")
+    }
+    assert probe_failures(first) == zero
+    assert probe_failures(body) == zero | {
+        ("worker-1", "healthz", "no_answer"): 2.0,
+        ("worker-1", "readyz", "no_answer"): 1.0,
+        ("worker-2", "readyz", "status"): 1.0,
+    }
+
+
+async def test_a_workers_own_nexus_group_family_is_left_out_of_the_group_scrape_and_named(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The prefix ``nexus_group_`` is the group's: a worker's family named so (a user's
+    agent exporting ``nexus_group_worker_up``, say) was merged into the group's scrape,
+    where it clashed with the group's own family of that name (two families of one
+    name, which Prometheus refuses) or read as one of the group's. It is left out,
+    counted (``nexus_group_worker_families_refused_total{worker}``, each scrape) and
+    logged once per worker and name; its other families are kept. (Checked on the old
+    code: the worker's sample ``nexus_group_worker_up{worker="worker-0"} 5.0`` was in
+    the scrape.)"""
+
+    text = (
+        "# TYPE nexus_group_worker_up gauge\nnexus_group_worker_up 5.0\n"
+        "# TYPE nexus_group_mine_total counter\nnexus_group_mine_total 2.0\n"
+        "# TYPE x_total counter\nx_total 1.0\n"
+    )
+
+    async def clashing(path: str) -> tuple[int, bytes, str]:
+        return 200, text.encode(), "text/plain"
+
+    states = ((RUNNING, ""), (NOT_STARTED, ""))
+    async with _group_of([clashing, None], states) as endpoint:
+        with caplog.at_level("WARNING", logger="nexus_trio.cli"):
+            await endpoint.route("/metrics")
+            body = (await endpoint.route("/metrics"))[1].decode()
+    samples = _scraped(body)
+    assert body.count("# TYPE nexus_group_worker_up gauge") == 1
+    assert samples["nexus_group_worker_up", (("worker", "worker-0"),)] == 1.0
+    assert not [key for key in samples if key[0].startswith("nexus_group_mine")]
+    assert samples["x_total", (("worker", "worker-0"),)] == 1.0
+    refused = "nexus_group_worker_families_refused_total"
+    assert samples[refused, (("worker", "worker-0"),)] == 4.0  # (2 families, 2 scrapes)
+    assert samples[refused, (("worker", "worker-1"),)] == 0.0
+    said = [r.getMessage() for r in caplog.records if "left out of the group" in r.getMessage()]
+    assert said == [
+        f"worker-0's /metrics has a family {name!r}: left out of the group's scrape (the"
+        " prefix nexus_group_* is the group's own series; counted in"
+        " nexus_group_worker_families_refused_total)"
+        for name in ("nexus_group_worker_up", "nexus_group_mine")
+    ]
+    # the function alone: each one told
+    told: list[tuple[int, str]] = []
+    render_group_metrics([None, text], on_refused=lambda i, name: told.append((i, name)))
+    assert told == [(1, "nexus_group_worker_up"), (1, "nexus_group_mine")]

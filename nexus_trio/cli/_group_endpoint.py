@@ -23,8 +23,14 @@ it supervises:
   :data:`METRICS_TIMEOUT`, else 0 and its series are left out of this scrape; 0 for a
   worker not started or ended, which is not asked), and the endpoint's own series:
   ``nexus_group_scrapes_total``, ``nexus_group_scrape_duration_seconds``,
-  ``nexus_group_worker_scrape_duration_seconds{worker}`` and
-  ``nexus_group_worker_scrape_failures_total{worker,reason}``.
+  ``nexus_group_worker_scrape_duration_seconds{worker}``,
+  ``nexus_group_worker_scrape_failures_total{worker,reason}``,
+  ``nexus_group_worker_probe_failures_total{worker,probe,reason}`` (the ``/healthz`` and
+  ``/readyz`` asks of a running worker that got no answer or not 200, since the forty-fourth
+  pass) and ``nexus_group_worker_families_refused_total{worker}``. The prefix
+  ``nexus_group_`` is the group's: a worker's family named so (a user's agent, or the
+  worker, exporting one) is left out of the group's scrape, counted there and logged once
+  per worker and name, so that it can never clash with the group's own.
 
 A worker whose answer failed is looked at again (its state, which reads its end with
 ``waitid(WNOWAIT)``) before its port's words are trusted: one killed as it was asked is
@@ -85,6 +91,11 @@ ENDED: Final = "ended"
 NO_ANSWER: Final = "no_answer"
 BAD_STATUS: Final = "status"
 NOT_PARSABLE: Final = "not_parsable"
+#: the probes the group asks its workers (the ``probe`` label of
+#: ``nexus_group_worker_probe_failures_total``; its ``reason`` is NO_ANSWER or BAD_STATUS)
+PROBES: Final = ("healthz", "readyz")
+#: the prefix of the group's own series: a worker's family named so is left out
+GROUP_PREFIX: Final = "nexus_group_"
 
 
 @attrs.frozen
@@ -188,6 +199,12 @@ class GroupEndpoint:
         #: that worker, asked, gave no usable /metrics (see _own_series)
         self._scrapes = 0
         self._scrape_failures: collections.Counter[tuple[int, str]] = collections.Counter()
+        #: per (worker, probe, reason): its /healthz or /readyz asked, no answer or not 200
+        self._probe_failures: collections.Counter[tuple[int, str, str]] = collections.Counter()
+        #: per worker: its families left out of a scrape (the group's prefix), and the
+        #: (worker, family) pairs logged (once each)
+        self._families_refused: collections.Counter[int] = collections.Counter()
+        self._refusals_logged: set[tuple[int, str]] = set()
 
     def start(self) -> int:
         """Listen; the bound port. OSError (naming the address) if it cannot listen."""
@@ -258,6 +275,13 @@ class GroupEndpoint:
         state = self.state()
         problems: list[str | None] = [None] * len(state.workers)
         host = probe_host(self.host)
+        probe = path.removeprefix("/")
+
+        def failed(i: int, reason: str, said: str) -> None:
+            ended = self._ended_since(i)
+            if not ended:  # (one that ended meanwhile is no failure: it is said as ended)
+                self._probe_failures[i, probe, reason] += 1
+            problems[i] = ended or f"worker-{i}: {said}"
 
         async def ask_worker(i: int) -> None:
             try:
@@ -265,11 +289,10 @@ class GroupEndpoint:
                     host, self.worker_ports[i], path, timeout=self.ask_timeout, limit=_MAX_ANSWER
                 )
             except OSError as exc:
-                problems[i] = self._ended_since(i) or f"worker-{i}: {exc}"
+                failed(i, NO_ANSWER, str(exc))
                 return
             if status != 200:
-                said = _one_line(body) or f"status {status}"
-                problems[i] = self._ended_since(i) or f"worker-{i}: {said}"
+                failed(i, BAD_STATUS, _one_line(body) or f"status {status}")
 
         async with trio.open_nursery() as nursery:
             for i, (how, end) in enumerate(state.workers):
@@ -345,7 +368,17 @@ class GroupEndpoint:
         def own() -> Iterator[Metric]:
             yield from self._own_series(scrape_took, took)
 
-        return render_group_metrics(texts, own=own, on_unparsable=unparsable)
+        return render_group_metrics(
+            texts, own=own, on_unparsable=unparsable, on_refused=self._refused
+        )
+
+    def _refused(self, i: int, name: str) -> None:
+        """Worker ``i``'s family ``name`` (the group's prefix) was left out: counted, and
+        logged once per worker and name."""
+        self._families_refused[i] += 1
+        if (i, name) not in self._refusals_logged and len(self._refusals_logged) < 1024:
+            self._refusals_logged.add((i, name))
+            _log_refused(i, name)
 
     def _own_series(self, scrape_took: float, took: dict[int, float]) -> Iterator[Metric]:
         """The endpoint's own series (after its scrape's failures were all counted)."""
@@ -382,9 +415,46 @@ class GroupEndpoint:
             for reason in (NO_ANSWER, BAD_STATUS, NOT_PARSABLE):
                 failed.add_metric([f"worker-{i}", reason], self._scrape_failures[i, reason])
         yield failed
+        probes = CounterMetricFamily(
+            "nexus_group_worker_probe_failures",
+            "the group's /healthz or /readyz asks of the worker (running) that failed, by"
+            " probe (healthz, readyz) and reason: no_answer (not reached, closed, or no"
+            " answer within the bound), status (not 200: it said it is not healthy or"
+            " not ready)",
+            labels=["worker", "probe", "reason"],
+        )
+        for i in range(len(self.worker_ports)):
+            for probe in PROBES:
+                for reason in (NO_ANSWER, BAD_STATUS):
+                    probes.add_metric(
+                        [f"worker-{i}", probe, reason], self._probe_failures[i, probe, reason]
+                    )
+        yield probes
+        refused = CounterMetricFamily(
+            "nexus_group_worker_families_refused",
+            f"the worker's families left out of a scrape of the group (each time): named"
+            f" {GROUP_PREFIX}*, the prefix of the group's own series",
+            labels=["worker"],
+        )
+        for i in range(len(self.worker_ports)):
+            refused.add_metric([f"worker-{i}"], self._families_refused[i])
+        yield refused
 
 
 _METRICS_FORMAT: Final = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _log_refused(i: int, name: str) -> None:
+    log_guarded(
+        log,
+        logging.WARNING,
+        "worker-%d's /metrics has a family %r: left out of the group's scrape (the prefix"
+        " %s* is the group's own series; counted in"
+        " nexus_group_worker_families_refused_total)",
+        i,
+        name,
+        GROUP_PREFIX,
+    )
 
 
 def render_group_metrics(
@@ -392,11 +462,15 @@ def render_group_metrics(
     *,
     own: Callable[[], Iterable[Metric]] | None = None,
     on_unparsable: Callable[[int], None] | None = None,
+    on_refused: Callable[[int, str], None] = _log_refused,
 ) -> bytes:
     """The Prometheus text of the workers' texts (None: that worker did not answer), each
     sample labelled ``worker="worker-i"``, with ``nexus_group_worker_up``, and the series
     ``own()`` gives (the endpoint's own, read once the texts were parsed: each one not
-    parsable is told to ``on_unparsable`` with its worker's index first)."""
+    parsable is told to ``on_unparsable`` with its worker's index first). A worker's
+    family named with the group's prefix (:data:`GROUP_PREFIX`), or with a sample so
+    named, is left out and told to ``on_refused`` (its worker's index, its name): the
+    group's series are the group's own, never merged with a worker's."""
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.core import GaugeMetricFamily, Metric
     from prometheus_client.parser import text_string_to_metric_families
@@ -421,6 +495,11 @@ def render_group_metrics(
                     on_unparsable(i)
         up.add_metric([worker], 0 if text is None else 1)
         for family in parsed:
+            if family.name.startswith(GROUP_PREFIX) or any(
+                s.name.startswith(GROUP_PREFIX) for s in family.samples
+            ):
+                on_refused(i, family.name)
+                continue
             merged = families.get(family.name)
             if merged is None:
                 merged = families[family.name] = Metric(
