@@ -725,20 +725,46 @@ def test_the_instructions_script_counts_what_one_more_message_costs_by_function(
         "max": 2.0,
         "new": 1.0,
     }
-    bad = subprocess.run(
-        [sys.executable, str(script), "--short", "200", "--long", "200"],
-        capture_output=True,
-        text=True,
-    )
-    assert bad.returncode == 2
-    assert "--short must be at least 1 and less than --long" in bad.stderr
-    missing = subprocess.run(
-        [sys.executable, str(script), "--against", "/nowhere/trio"],
-        capture_output=True,
-        text=True,
-    )
-    assert missing.returncode == 2
-    assert "'/nowhere/trio' is not a folder" in missing.stderr
+    refused = _usage_error(script, "--short", "200", "--long", "200")
+    assert "--short must be at least 1 and less than --long" in refused
+    assert "'/nowhere/trio' is not a folder" in _usage_error(script, "--against", "/nowhere/trio")
+
+
+def _usage_error(script: Path, *args: str) -> str:
+    """What ``script`` with ``args`` says on stderr, which it refuses as a usage error."""
+    run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+    assert run.returncode == 2, run
+    return run.stderr
+
+
+def test_the_batch_codec_script_writes_todays_bytes_and_reads_back_what_was_sent() -> None:
+    """``benchmarks/batch_codec.py`` (docs/distributed.md, "A batch encoded whole,
+    forty-fourth pass"): its way with the heads packed at the seal writes the bytes of
+    today's encode (``encode_stored_tell``), and both layouts read back the messages
+    sent, so that its counts compare the same work; each way runs."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "batch_codec.py"
+    spec = importlib.util.spec_from_file_location("batch_codec", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    msgs = module.messages()
+    today = module.send(msgs)
+    assert module.send_deferred(msgs) == today
+    assert len(today) > 512 * len(b'{"task":"resize","n":0,"args":[1,2,3]}')
+    assert module._same(module.receive(today), msgs)
+    assert module._same(module.receive_columnar(module.send_columnar(msgs)), msgs)
+    assert not module._same(module.receive(today), module.messages())  # (a new time)
+    was_gc = gc.isenabled()
+    try:
+        for way in module.WAYS:
+            module.run_way(way, 1)
+    finally:
+        if was_gc:
+            gc.enable()
+    refused = _usage_error(script, "--short", "3", "--long", "3")
+    assert "--short must be at least 1 and less than --long" in refused
+    refused = _usage_error(script, "--ways", "send,sending")
+    assert "no way 'sending' (the ways: messages, send," in refused
 
 
 def test_the_instructions_script_leaves_no_run_going_when_one_fails(
