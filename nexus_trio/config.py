@@ -300,6 +300,10 @@ def check_file_permissions(path: Path) -> None:
         )
 
 
+#: what a true/false variable takes, as its errors say it
+_ENV_BOOLEAN_WORDS = "a variable also takes 1, yes, on or 0, no, off, in any case"
+
+
 def _env_boolean(raw: str) -> bool | None:
     """The boolean a variable's text means: 1, true, yes, on (0, false, no, off), in any
     case and with spaces around; None for any other text."""
@@ -510,8 +514,14 @@ def _parse_env_value(section: str, field: attrs.Attribute[Any], raw: str) -> Any
         return None
     if _is_textual(field) and not text.startswith(('"', "'")):
         return raw
-    if _type_name(field) == "bool" and (boolean := _env_boolean(text)) is not None:
-        return boolean  # (also True, 1, yes: what NEXUS_ALLOW_UNKNOWN takes)
+    if _type_name(field) == "bool":
+        if (boolean := _env_boolean(text)) is not None:
+            return boolean  # (also True, 1, yes: what NEXUS_ALLOW_UNKNOWN takes)
+        with values_as_toml():
+            got = shown(raw)
+        raise ValueError(
+            f"[{section}] {field.name} must be true or false ({_ENV_BOOLEAN_WORDS}), got {got}"
+        )
     is_list = _type_name(field).startswith("list")
     if is_list and not text.startswith("["):
         return raw

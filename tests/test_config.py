@@ -654,8 +654,31 @@ def test_a_true_false_variable_takes_the_words_nexus_allow_unknown_takes(
     assert config.kernel.gc_freeze is meant
     assert config.metrics.per_agent is meant
     assert config.supervision.escalate_to_kernel is meant
-    with pytest.raises(ConfigError, match='per_agent must be true or false, got "maybe"'):
+    with pytest.raises(ConfigError, match=r'per_agent must be true or false \(.*, got "maybe"'):
         load(home, env=env_for(home, NEXUS_METRICS__PER_AGENT="maybe"))
+
+
+@pytest.mark.parametrize(
+    ("written", "said"),
+    [("maybe", '"maybe"'), ("2", '"2"'), ("", '""'), ("enabled", '"enabled"')],
+)
+def test_a_bad_true_false_variable_says_every_word_a_variable_takes(
+    home: Path, written: str, said: str
+) -> None:
+    """``NEXUS_DURABLE__ENABLED=maybe`` said only ``must be true or false``, though a
+    variable also takes 1, yes, on and 0, no, off: the error says every word, and shows
+    the variable's text as written (``2`` is not read as the number 2 first)."""
+    for name, key in [
+        ("NEXUS_DURABLE__ENABLED", "[durable] enabled"),
+        ("NEXUS_METRICS__PER_AGENT", "[metrics] per_agent"),
+        ("NEXUS_SUPERVISION__ESCALATE_TO_KERNEL", "[supervision] escalate_to_kernel"),
+    ]:
+        with pytest.raises(ConfigError) as caught:
+            load(home, env=env_for(home, **{name: written}))
+        assert str(caught.value) == (
+            f"environment variable {name}: {key} must be true or false (a variable also"
+            f" takes 1, yes, on or 0, no, off, in any case), got {said}"
+        )
 
 
 def test_a_variable_is_read_with_its_prefix_in_any_case_as_its_section_and_key(
