@@ -113,14 +113,37 @@ _E = TypeVar("_E", bound=enum.Enum)
 
 def enum_member(kind: type[_E], value: Any, option: str) -> _E:
     """``value`` as a member of ``kind`` (a member or its value), or a ValueError that
-    names ``option`` and the values it accepts."""
+    names ``option`` and the values it accepts, and the one meant when the value is one
+    in another case or spelling (``'Block'``, ``'drop-newest'``, ``'BLOCK'``, ``'blok'``).
+
+    The value is taken as written: in Python a choice is an enum's value, exact, as
+    ``OverflowPolicy("Block")`` refuses it (a config file's key takes any case)."""
     if isinstance(value, kind):
         return value
     try:
         return kind(value)
     except ValueError:
         known = ", ".join(repr(member.value) for member in kind)
-        raise ValueError(f"{option} must be one of {known}, got {value!r}") from None
+        raise ValueError(
+            f"{option} must be one of {known}, got {value!r}{_meant(kind, value)}"
+        ) from None
+
+
+def _meant(kind: type[enum.Enum], value: Any) -> str:
+    """`` (did you mean 'block', or OverflowPolicy.BLOCK?)`` for a text near a member's
+    value (saying that the case matters when only the case or a ``-`` is off), else ''."""
+    if not isinstance(value, str):
+        return ""
+    from ._errors import nearest
+
+    by_value = {str(member.value): member for member in kind}
+    spelled = value.strip().lower().replace("-", "_").replace(" ", "_")
+    near = spelled if spelled in by_value else nearest(spelled, by_value)
+    if near is None:
+        return ""
+    member = by_value[near]
+    exact = " In Python a choice is its exact value." if near == spelled else ""
+    return f" (did you mean {near!r}, or {kind.__name__}.{member.name}?{exact})"
 
 
 def to_restart(value: Any) -> RestartType:

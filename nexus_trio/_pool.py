@@ -42,6 +42,7 @@ from ._agent import (
     as_spec,
     stop_for_good,
 )
+from ._child import enum_member
 from ._deadletter import DeadLetterReason
 from ._errors import AgentNotFound, MessageFailed, NexusError, RequestFailed, error_repr
 from ._message import Message, MessageKind
@@ -77,13 +78,7 @@ class PoolRouting(enum.Enum):
 
 
 def _to_routing(value: Any) -> PoolRouting:
-    if isinstance(value, PoolRouting):
-        return value
-    try:
-        return PoolRouting(value)
-    except ValueError:
-        known = ", ".join(repr(r.value) for r in PoolRouting)
-        raise ValueError(f"pool routing must be one of {known}, got {value!r}") from None
+    return enum_member(PoolRouting, value, "pool routing")
 
 
 def _check_size(size: Any, what: str = "pool size") -> int:

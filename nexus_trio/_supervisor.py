@@ -47,6 +47,7 @@ from ._child import (
     RestartType,
     RunDone,
     StoppedForShutdown,
+    enum_member,
     log_extra,
     to_restart,
 )
@@ -124,13 +125,7 @@ class Backoff:
 
 
 def _to_strategy(value: Any) -> RestartStrategy:
-    if isinstance(value, RestartStrategy):
-        return value
-    try:
-        return RestartStrategy(value)
-    except ValueError:
-        known = ", ".join(repr(s.value) for s in RestartStrategy)
-        raise ValueError(f"strategy must be one of {known}, got {value!r}") from None
+    return enum_member(RestartStrategy, value, "strategy")
 
 
 def _to_children(value: Iterable[Any]) -> tuple[Any, ...]:

@@ -2436,6 +2436,57 @@ def test_agent_options_refuse_nan(options: dict[str, Any], error: str) -> None:
 @pytest.mark.parametrize(
     ("make", "error"),
     [
+        (
+            lambda: agent(noop, overflow="Block"),
+            "overflow must be one of 'block', 'drop_newest', 'drop_oldest', 'reject', got"
+            " 'Block' (did you mean 'block', or OverflowPolicy.BLOCK? In Python a choice is"
+            " its exact value.)",
+        ),
+        (
+            lambda: agent(noop, overflow="drop-oldest"),
+            "got 'drop-oldest' (did you mean 'drop_oldest', or OverflowPolicy.DROP_OLDEST? In"
+            " Python a choice is its exact value.)",
+        ),
+        (
+            lambda: agent(noop, overflow="blok"),
+            "got 'blok' (did you mean 'block', or OverflowPolicy.BLOCK?)",
+        ),
+        (
+            lambda: agent(noop, restart="TRANSIENT"),
+            "got 'TRANSIENT' (did you mean 'transient', or RestartType.TRANSIENT? In",
+        ),
+        (
+            lambda: agent(noop, on_error="Escalate"),
+            "got 'Escalate' (did you mean 'escalate', or Directive.ESCALATE? In",
+        ),
+        (
+            lambda: Supervisor(strategy="One_For_All"),
+            "strategy must be one of 'one_for_one', 'one_for_all', 'rest_for_one', got"
+            " 'One_For_All' (did you mean 'one_for_all', or RestartStrategy.ONE_FOR_ALL? In",
+        ),
+        (
+            lambda: pool(noop, routing="Round-Robin"),
+            "got 'Round-Robin' (did you mean 'round_robin', or PoolRouting.ROUND_ROBIN? In",
+        ),
+    ],
+)
+def test_a_choice_in_another_case_or_spelling_is_refused_naming_the_one_meant(
+    make: Any, error: str
+) -> None:
+    """``@agent(overflow="Block")`` was refused with only the list of choices, though
+    the config key takes ``"Block"`` (any case): Python stays exact, as an enum's value
+    is (``OverflowPolicy("Block")`` refuses it too), and the error names the spelling
+    meant and its member; a text near no choice gets no guess."""
+    with pytest.raises(ValueError, match=re.escape(error)) as caught:
+        make()
+    assert str(caught.value).endswith(")")
+    with pytest.raises(ValueError, match=r"got 'sideways'$"):
+        agent(noop, overflow="sideways")
+
+
+@pytest.mark.parametrize(
+    ("make", "error"),
+    [
         (lambda: Supervisor(within=math.nan), "within must be a number > 0, got nan"),
         (lambda: Supervisor(shutdown_timeout=math.nan), "shutdown_timeout must be a number >= 0"),
         (

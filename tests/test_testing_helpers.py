@@ -341,7 +341,9 @@ def test_a_misspelt_reason_or_event_kind_lists_the_known_ones() -> None:
     with pytest.raises(ValueError, match=r"^event kind must be one of") as raised:
         recorder.of("strated")
     assert str(raised.value).startswith("event kind must be one of 'spawned', 'started', ")
-    assert str(raised.value).endswith(", got 'strated'")
+    assert str(raised.value).endswith(
+        ", got 'strated' (did you mean 'started', or EventKind.STARTED?)"
+    )
     with pytest.raises(ValueError, match=r"event kind must be one of .*, got 'strated'"):
         assert_events(recorder, None, ["spawned", "strated"])
 
@@ -353,7 +355,9 @@ def test_a_misspelt_reason_or_event_kind_lists_the_known_ones() -> None:
         dead_letters(NoLetters(), "handler_eror")  # type: ignore[arg-type]
     assert str(raised.value).startswith("reason must be one of 'no_such_agent', ")
     assert "'handler_error'" in str(raised.value)
-    assert str(raised.value).endswith(", got 'handler_eror'")
+    assert str(raised.value).endswith(
+        ", got 'handler_eror' (did you mean 'handler_error', or DeadLetterReason.HANDLER_ERROR?)"
+    )
 
 
 def test_nexus_kernel_with_a_mock_clock_that_does_not_jump_names_autojump_clock(
