@@ -930,6 +930,38 @@ def derived_when_unset(config: Config, dotted: str) -> str | None:
     return None
 
 
+def short_server_lost_wait(config: Config) -> str | None:
+    """A warning when ``[nats] server_lost_wait`` (as set, or derived from the
+    heartbeats) is above 0 and not above ``[cluster] reconnect_wait``; else None.
+
+    NATS clients try a lost server again at once, then once every ``reconnect_wait``: a
+    killed and restarted nats-server was reconnected to after one ``reconnect_wait``
+    (0.205 to 0.223 s at 0.2, 2.005 to 2.007 s at 2.0), so a wait no longer than it
+    gives up every outage but the shortest, a restart included. A warning, not an error:
+    the values are valid (0 gives up at once, as documented, and says nothing), and a
+    wait above it may still be shorter than a failover of your servers, which only you
+    know."""
+    wait, reconnect = server_lost_wait_of(config), config.cluster.reconnect_wait
+    if not 0 < wait <= reconnect:
+        return None
+    given = config.nats.server_lost_wait
+    cluster = config.cluster
+    what = (
+        f"[nats] server_lost_wait ({shown(given)})"
+        if given is not None
+        else f"[nats] server_lost_wait, unset, is [cluster] heartbeat_interval x"
+        f" missed_heartbeats ({shown(cluster.heartbeat_interval)} x"
+        f" {shown(cluster.missed_heartbeats)} = {wait:g}), which"
+    )
+    return (
+        f"{what} is not above [cluster] reconnect_wait ({shown(reconnect)}): a node gives"
+        " up a lost NATS connection before its second attempt to reconnect, so even a"
+        " restart of the server is not ridden out (a --workers worker fails with"
+        " NatsServerLost); set [nats] server_lost_wait above reconnect_wait and above how"
+        " long your servers take to fail over"
+    )
+
+
 def check_across_sections(config: Config) -> None:
     """The rules across keys of two sections: ``[cluster] last_notice_wait`` above ``[nats]
     server_lost_wait`` (else :class:`CrossKeyError` naming both); left unset, the wait

@@ -31,7 +31,15 @@ import cattrs
 import tomlkit
 import tomlkit.exceptions
 
-from ._config import SECTIONS, Config, CrossKeyError, derived_when_unset, shown, values_as_toml
+from ._config import (
+    SECTIONS,
+    Config,
+    CrossKeyError,
+    derived_when_unset,
+    short_server_lost_wait,
+    shown,
+    values_as_toml,
+)
 from ._errors import NexusError, nearest
 
 __all__ = [
@@ -706,6 +714,8 @@ def load_config(
             config = Config(**tables)  # (and the rules across sections: see Config)
     except CrossKeyError as exc:
         raise _rule_error(exc, file, sources, lines) from None
+    if (short := short_server_lost_wait(config)) is not None:
+        warnings = [*warnings, short]
     for warning in warnings:
         log.warning("%s", warning)
     return LoadedConfig(config, file, sources, tuple(warnings), explicit=path is not None)

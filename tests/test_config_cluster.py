@@ -123,6 +123,49 @@ def test_server_lost_wait_unset_in_the_file_follows_the_heartbeat_keys(tmp_path:
     assert server_lost_wait_of(given) == ClusterOptions.from_config(given).server_lost_wait == 3
 
 
+def test_a_server_lost_wait_not_above_reconnect_wait_is_a_warning_at_the_load(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A wait (given, or derived from fast heartbeats) no longer than ``[cluster]
+    reconnect_wait`` gave up every outage before the client's second attempt, a restart
+    of the server included, and the load said nothing: it warns now (logged, and in the
+    loaded config's warnings, which ``nexus config show`` prints), naming the keys and
+    their values. A wait above it, the defaults, and 0 (give up at once) say nothing."""
+
+    def warnings(text: str) -> tuple[str, ...]:
+        path = tmp_path / "config.toml"
+        path.write_text(text, encoding="utf-8")
+        path.chmod(0o600)
+        return load_config(path, env={"HOME": str(tmp_path)}, cwd=tmp_path).warnings
+
+    derived = warnings("[cluster]\nheartbeat_interval = 0.05\nmissed_heartbeats = 3\n")
+    assert derived == (
+        "[nats] server_lost_wait, unset, is [cluster] heartbeat_interval x missed_heartbeats"
+        " (0.05 x 3 = 0.15), which is not above [cluster] reconnect_wait (0.2): a node"
+        " gives up a lost NATS connection before its second attempt to reconnect, so even"
+        " a restart of the server is not ridden out (a --workers worker fails with"
+        " NatsServerLost); set [nats] server_lost_wait above reconnect_wait and above how"
+        " long your servers take to fail over",
+    )
+    assert [r.getMessage() for r in caplog.records] == list(derived)
+    given = warnings("[nats]\nserver_lost_wait = 2\n[cluster]\nreconnect_wait = 2.0\n")
+    assert len(given) == 1
+    assert given[0].startswith(
+        "[nats] server_lost_wait (2) is not above [cluster] reconnect_wait (2.0): a node"
+    )
+    assert warnings("[cluster]\nreconnect_wait = 5\n")[0].startswith(
+        "[nats] server_lost_wait, unset, is [cluster] heartbeat_interval x missed_heartbeats"
+        " (1.0 x 5 = 5), which is not above [cluster] reconnect_wait (5)"
+    )
+    for quiet in (
+        "",
+        "[cluster]\nheartbeat_interval = 0.2\nmissed_heartbeats = 3\n",  # 0.6 > 0.2
+        "[nats]\nserver_lost_wait = 2.5\n[cluster]\nreconnect_wait = 2.0\n",
+        "[nats]\nserver_lost_wait = 0\n[cluster]\nlast_notice_wait = 1\n",
+    ):
+        assert warnings(quiet) == (), quiet
+
+
 @pytest.mark.parametrize(("section", "key"), KEYS)
 @pytest.mark.parametrize("where", ["file", "env"])
 def test_each_key_reaches_the_options_of_a_join(
