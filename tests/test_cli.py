@@ -34,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from nexus_trio import __version__
+from nexus_trio._config import SECTIONS
 from nexus_trio.cli import app
 
 from .hang_guard import real_time_limit
@@ -98,6 +99,20 @@ def test_help_lists_the_commands_and_examples():
     assert {"--agents", "--num-agents", "-n", "--workers", "-W", "--live", "--no-live"} <= flags
     for flag in sorted(flags):
         assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", run_help), flag
+
+
+def test_the_help_of_run_says_where_the_keys_without_a_flag_are_set(isolated):
+    """``nexus run --help`` named only ``[app]``, ``[metrics]`` and ``[logging]``: a user
+    of the original looking for the cluster's settings (``[cluster]``, ``[durable]``,
+    NATS credentials) found no flag and no word of where they go. Every section is named
+    now, with the file, the variables and ``nexus config init``/``show``."""
+    run_help = flat(invoke(["run", "--help"]).stdout)
+    for section in SECTIONS:
+        assert f"[{section}]" in run_help, section
+    assert "NEXUS_SECTION__KEY variables" in run_help
+    assert "nexus config init FILE writes every key, commented" in run_help
+    assert "nexus config show prints what a run uses" in run_help
+    assert "at URL (config: [nats] url;" in run_help
 
 
 def test_the_help_of_agents_says_the_range_the_run_takes(isolated):

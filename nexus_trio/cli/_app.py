@@ -204,8 +204,14 @@ _RUN_EPILOG = (
     "Ctrl-C, SIGTERM or SIGHUP (the terminal hung up): graceful shutdown, then the summary; "
     "a second Ctrl-C or SIGTERM exits at once (status 130). SIGUSR1: the agent tree "
     "(states, mailbox depths) goes to the log.\n\n"
-    "Flags override the config file (\\[app], \\[metrics], \\[logging]) and NEXUS_* "
-    "variables. Exit status: 0 ok, 1 the run failed, 2 bad flag or config, 130 forced.\n"
+    "Flags override the config file (\\[app], \\[metrics], \\[logging], \\[nats] url) and "
+    "NEXUS_* variables. The keys without a flag (the kernel's limits: \\[kernel], "
+    "\\[supervision], \\[runtime]; NATS credentials and server_lost_wait: \\[nats]; the cluster: "
+    "\\[cluster]; the durable path: \\[durable]) are set in the config file or as "
+    "NEXUS_SECTION__KEY variables (NEXUS_CLUSTER__HEARTBEAT_INTERVAL=0.5): [i]nexus config "
+    "init FILE[/] writes every key, commented; [i]nexus config show[/] prints what a run "
+    "uses and where each value came from (docs/config.md).\n\n"
+    "Exit status: 0 ok, 1 the run failed, 2 bad flag or config, 130 forced.\n"
 )
 
 
@@ -358,7 +364,12 @@ def run(
     ] = None,
     nats: Annotated[
         str | None,
-        typer.Option("--nats", metavar="URL", help="Join a cluster through NATS at URL."),
+        typer.Option(
+            "--nats",
+            metavar="URL",
+            help="Join a cluster through NATS at URL (config: \\[nats] url; the cluster's"
+            " other keys: \\[nats], \\[cluster], \\[durable], no flags).",
+        ),
     ] = None,
     node: Annotated[
         str | None,
