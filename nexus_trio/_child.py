@@ -132,17 +132,15 @@ def enum_member(kind: type[_E], value: Any, option: str) -> _E:
 def _meant(kind: type[enum.Enum], value: Any) -> str:
     """`` (did you mean 'block', or OverflowPolicy.BLOCK?)`` for a text near a member's
     value (saying that the case matters when only the case or a ``-`` is off), else ''."""
-    if not isinstance(value, str):
-        return ""
-    from ._errors import nearest
+    from ._errors import meant_choice
 
     by_value = {str(member.value): member for member in kind}
-    spelled = value.strip().lower().replace("-", "_").replace(" ", "_")
-    near = spelled if spelled in by_value else nearest(spelled, by_value)
-    if near is None:
+    meant = meant_choice(value, by_value)
+    if meant is None:
         return ""
+    near, respelled = meant
     member = by_value[near]
-    exact = " In Python a choice is its exact value." if near == spelled else ""
+    exact = " In Python a choice is its exact value." if respelled else ""
     return f" (did you mean {near!r}, or {kind.__name__}.{member.name}?{exact})"
 
 

@@ -17,12 +17,14 @@ import enum
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
 import attrs
+
+from ._errors import meant_choice
 
 
 class OverflowPolicy(enum.Enum):
@@ -218,12 +220,19 @@ def _to_workload(value: Any) -> Any:
     return _in_any_case(WORKLOADS, value)
 
 
+def _meant_key_choice(value: Any, choices: Iterable[str]) -> str:
+    """`` (did you mean "drop_oldest"?)`` for a choice key's value near one of ``choices``
+    (``"drop-oldest"``, ``"blok"``), else ''."""
+    meant = meant_choice(value, choices)
+    return "" if meant is None else f" (did you mean {shown(meant[0])}?)"
+
+
 def _one_of(choices: tuple[str, ...]) -> Any:
     def check(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         if not isinstance(value, str) or value not in choices:
             raise ValueError(
                 f"[{_section_of(inst)}] {attribute.name} must be one of "
-                f"{', '.join(choices)}, got {shown(value)}"
+                f"{', '.join(choices)}, got {shown(value)}{_meant_key_choice(value, choices)}"
             )
 
     return check
@@ -235,8 +244,12 @@ def _to_enum(enum_type: type[enum.Enum], section: str, key: str, value: Any) -> 
     try:
         return enum_type(_lowered(value))
     except (ValueError, TypeError):
-        known = ", ".join(shown(m.value) for m in enum_type)
-        raise ValueError(f"[{section}] {key} must be one of {known}, got {shown(value)}") from None
+        values = [str(m.value) for m in enum_type]
+        known = ", ".join(shown(v) for v in values)
+        raise ValueError(
+            f"[{section}] {key} must be one of {known}, got {shown(value)}"
+            f"{_meant_key_choice(value, values)}"
+        ) from None
 
 
 def _to_overflow(value: Any) -> OverflowPolicy:

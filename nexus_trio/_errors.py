@@ -198,6 +198,21 @@ def nearest(word: str, choices: Iterable[str]) -> str | None:
     return near[0] if near else None
 
 
+def meant_choice(value: Any, choices: Iterable[str]) -> tuple[str, bool] | None:
+    """The one of ``choices`` a text ``value`` means, and whether only its spelling is off:
+    itself in another case or with ``-`` or spaces for ``_`` (``'Drop-Oldest'``:
+    ``('drop_oldest', True)``), else the :func:`nearest` (``'blok'``: ``('block',
+    False)``); None for a value that is no text or near no choice."""
+    if not isinstance(value, str):
+        return None
+    known = list(choices)
+    spelled = value.strip().lower().replace("-", "_").replace(" ", "_")
+    if spelled in known:
+        return spelled, True
+    near = nearest(spelled, known)
+    return None if near is None else (near, False)
+
+
 #: the most entries (ids and names) of a kernel's table an AgentNotFound looks through
 #: for a name near the one not found: difflib compares each, about 20 ms for 1,000
 #: similar names, a good part of a second for 10,000

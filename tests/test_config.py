@@ -361,9 +361,9 @@ BAD_VALUES = [
     (
         "supervision",
         "strategy",
-        '"one_for_none"',
+        '"random"',
         '[supervision] strategy must be one of "one_for_one", "one_for_all", "rest_for_one", '
-        'got "one_for_none"',
+        'got "random"',
     ),
     ("supervision", "max_restarts", "-1", "[supervision] max_restarts must be >= 0, got -1"),
     ("supervision", "within_ms", "0", "[supervision] within_ms must be > 0, got 0"),
@@ -679,6 +679,58 @@ def test_a_bad_true_false_variable_says_every_word_a_variable_takes(
             f"environment variable {name}: {key} must be true or false (a variable also"
             f" takes 1, yes, on or 0, no, off, in any case), got {said}"
         )
+
+
+@pytest.mark.parametrize(
+    ("name", "written", "said"),
+    [
+        (
+            "NEXUS_KERNEL__OVERFLOW",
+            "drop-oldest",
+            '[kernel] overflow must be one of "block", "drop_newest", "drop_oldest", "reject",'
+            ' got "drop-oldest" (did you mean "drop_oldest"?)',
+        ),
+        (
+            "NEXUS_KERNEL__OVERFLOW",
+            "Blok",
+            '[kernel] overflow must be one of "block", "drop_newest", "drop_oldest", "reject",'
+            ' got "Blok" (did you mean "block"?)',
+        ),
+        (
+            "NEXUS_SUPERVISION__STRATEGY",
+            "One-For-All",
+            '[supervision] strategy must be one of "one_for_one", "one_for_all",'
+            ' "rest_for_one", got "One-For-All" (did you mean "one_for_all"?)',
+        ),
+        (
+            "NEXUS_LOGGING__FORMAT",
+            "jsn",
+            '[logging] format must be one of compact, full, json, pretty, got "jsn" (did you'
+            ' mean "json"?)',
+        ),
+        (
+            "NEXUS_APP__WORKLOAD",
+            "fan-out",
+            '[app] workload must be one of ring, fanout, request, pool, got "fan-out" (did you'
+            ' mean "fanout"?)',
+        ),
+        (
+            "NEXUS_KERNEL__OVERFLOW",
+            "sideways",
+            '[kernel] overflow must be one of "block", "drop_newest", "drop_oldest", "reject",'
+            ' got "sideways"',
+        ),
+    ],
+)
+def test_a_choice_key_near_a_choice_names_the_one_meant(
+    home: Path, name: str, written: str, said: str
+) -> None:
+    """``NEXUS_KERNEL__OVERFLOW=drop-oldest`` was refused with the list of choices only,
+    as ``@agent(overflow="drop-oldest")`` was: both name the choice meant now (a ``-``
+    for ``_``, a typo); a value near none gets no guess."""
+    with pytest.raises(ConfigError) as caught:
+        load(home, env=env_for(home, **{name: written}))
+    assert str(caught.value) == f"environment variable {name}: {said}"
 
 
 def test_a_variable_is_read_with_its_prefix_in_any_case_as_its_section_and_key(
