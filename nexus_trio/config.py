@@ -643,6 +643,7 @@ def load_config(
     overrides: Mapping[str, Any] | None = None,
     cwd: Path | None = None,
     allow_unknown: bool | None = None,
+    log_warnings: bool = True,
 ) -> LoadedConfig:
     """Build the effective config: defaults < file < environment < ``overrides``.
 
@@ -658,6 +659,10 @@ def load_config(
     environment, raise :class:`ConfigError` listing each with a suggestion; with
     ``allow_unknown=True`` they are warnings instead (logged and returned in
     ``warnings``). ``allow_unknown=None`` reads ``NEXUS_ALLOW_UNKNOWN`` from ``env``.
+    ``log_warnings=False``: the warnings (those names, and a ``[nats] server_lost_wait``
+    not above ``[cluster] reconnect_wait``) are only returned, for a caller that logs
+    them once its logging is set up (``nexus`` does: logged before, they reached
+    standard error bare, through Python's last-resort handler, without a level or time).
     Every bad value and unknown name of the file and the environment is said at once, in
     one error of a line each (its ``problems`` are the bad values); an override's is said
     after them, as is a rule across keys of a table.
@@ -716,7 +721,7 @@ def load_config(
         raise _rule_error(exc, file, sources, lines) from None
     if (short := short_server_lost_wait(config)) is not None:
         warnings = [*warnings, short]
-    for warning in warnings:
+    for warning in warnings if log_warnings else ():
         log.warning("%s", warning)
     return LoadedConfig(config, file, sources, tuple(warnings), explicit=path is not None)
 

@@ -623,6 +623,42 @@ def test_the_advice_of_the_unknown_key_error_can_be_followed(isolated):
         assert followed.exit_code == 0, followed.output
 
 
+def test_a_load_warning_is_logged_in_the_runs_format_once_logging_is_set_up(tmp_path):
+    """The load's warnings (an unknown key under ``NEXUS_ALLOW_UNKNOWN=1``, a short
+    ``server_lost_wait``) were logged before ``nexus`` set up its logging: Python's
+    last-resort handler wrote them bare on stderr, with no level, no time, and not as
+    JSON under ``-f json`` (a log reader parsing each line failed on it). Now a run logs
+    them once its logging is set up, and ``config show`` says them as ``nexus:
+    warning:`` (besides its ``# warning:`` comments)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NEXUS_")} | {
+        "XDG_CONFIG_HOME": str(tmp_path / "xdg"),
+        "NEXUS_ALLOW_UNKNOWN": "1",
+        "NEXUS_KERNEL__FOO": "1",
+    }
+    cli = [sys.executable, "-m", "nexus_trio.cli"]
+    run = subprocess.run(
+        [*cli, "run", "-n", "2", "-d", "0.1", "-f", "json", "--no-live"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    said = [line for line in run.stderr.splitlines() if "NEXUS_KERNEL__FOO" in line]
+    assert len(said) == 1, run.stderr
+    record = json.loads(said[0])
+    assert (record["level"], record["logger"]) == ("warning", "nexus_trio.config")
+    assert record["msg"].startswith("environment variable NEXUS_KERNEL__FOO: unknown key")
+    show = subprocess.run(
+        [*cli, "config", "show"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert show.returncode == 0, show.stderr
+    assert show.stderr.startswith("nexus: warning: environment variable NEXUS_KERNEL__FOO:")
+    assert len(show.stderr.splitlines()) == 1
+    assert "# warning: environment variable NEXUS_KERNEL__FOO" in show.stdout
+
+
 def test_generate_config_flag_of_run_writes_the_template_and_exits(isolated):
     target = isolated / "gen.toml"
     result = invoke(["run", "--generate-config", str(target)])

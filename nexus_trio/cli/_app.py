@@ -52,6 +52,7 @@ from ._commands import (
 )
 from ._encoding import stand_ins
 from ._hosts import probe_host, url_host
+from ._warnings import log_config_warnings
 
 if TYPE_CHECKING:
     from ..config import LoadedConfig
@@ -478,7 +479,7 @@ def run(
         "metrics.host": given(metrics_host, "metrics_host"),
     }
     try:
-        loaded = load_config(config, overrides=overrides)
+        loaded = load_config(config, overrides=overrides, log_warnings=False)
     except ConfigError as exc:
         flag = flag_of.get(exc.key or "") if exc.origin and "override" in exc.origin else None
         if flag is not None:
@@ -556,6 +557,7 @@ def run(
     log_guarded(
         logging.getLogger("nexus_trio.config"), logging.INFO, "%s", loaded.describe_source()
     )
+    log_config_warnings(loaded)
 
     not_started = None
     try:
@@ -889,6 +891,7 @@ def _run_workers(
     configure_logging(
         cfg.logging, stream=None if cfg.logging.format == "pretty" else stderr_proxy()
     )
+    log_config_warnings(loaded)
     summary, status = run_workers(
         count,
         worker_argv(ctx),
@@ -1042,9 +1045,11 @@ def config_show(
     from ..config import ConfigError, load_config, render_effective
 
     try:
-        loaded = load_config(config)
+        loaded = load_config(config, log_warnings=False)
     except ConfigError as exc:
         raise _fail(str(exc)) from None
+    for warning in loaded.warnings:  # (also printed in the output, as # warning: comments)
+        typer.echo(f"nexus: warning: {warning}", err=True)
     typer.echo(render_effective(loaded), nl=False)
 
 
@@ -1100,7 +1105,7 @@ def health(
         from ..config import ConfigError, load_config
 
         try:
-            metrics = load_config(config).config.metrics
+            metrics = load_config(config, log_warnings=False).config.metrics
         except ConfigError as exc:
             raise _fail(str(exc)) from None
         if port is None:

@@ -24,6 +24,7 @@ from .._config import LOG_LEVELS
 from .._logcall import log_guarded
 from ._commands import Command, file_path, finite_at_least, one_of
 from ._encoding import encodes
+from ._warnings import log_config_warnings
 
 _EPILOG = """\
 [bold]Examples[/]
@@ -153,7 +154,7 @@ def register(app: typer.Typer) -> None:
         if shutil.which(argv[0]) is not None and (missing := missing_script(cmd, argv)):
             raise typer.BadParameter(missing, param_hint="'CMD'")
         try:
-            loaded = load_config(config, overrides={"logging.level": log_level})
+            loaded = load_config(config, overrides={"logging.level": log_level}, log_warnings=False)
         except ConfigError as exc:
             flag = "'--log-level'" if exc.key == "logging.level" else "'--config'"
             raise typer.BadParameter(str(exc), param_hint=flag) from None
@@ -173,6 +174,7 @@ def register(app: typer.Typer) -> None:
             hint = "'--name'" if "name" in str(exc) else "'CMD'"
             raise typer.BadParameter(str(exc), param_hint=hint) from None
         configure_logging(loaded.config.logging)
+        log_config_warnings(loaded)
 
         import trio
 
