@@ -15,12 +15,17 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
 from typer.testing import CliRunner
 
+from nexus_trio import open_kernel
+from nexus_trio.bridges.process import ProcessAgent, process_agent
 from nexus_trio.cli import app
 from nexus_trio.cli._spawn import agent_names, program_name, register_timeout
+from tests.conftest import make_config
 from tests.test_cli import flat
 from tests.test_process_agents import refused
 
@@ -693,6 +698,41 @@ def test_a_ctrl_c_of_nexus_send_says_the_message_had_no_answer_as_a_sigterm_does
     ), err
     assert "Traceback" not in err
     assert notes.read_text().split()[-1] == "SIGTERM"
+
+
+async def test_a_ctrl_c_that_lands_in_the_handler_after_its_write_stops_the_child_as_stuck(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cause of the rare failure of the test above ('shutdown' != 'SIGTERM': 1 of 42
+    runs at load before d4d9e80): Trio raises a Ctrl-C's KeyboardInterrupt in the code
+    that runs when it comes, unless that code is protected, and a process agent's handler
+    is not. A Ctrl-C sent once the child had noted the message landed, when this process
+    had been held off the CPU since the write (load), in the handler between its write and
+    its wait for the answer. The handler caught only ``Cancelled`` there: the message was
+    not given up but dropped from those in flight, so ``on_stop`` took the child for one
+    that reads its shutdown frame and sent it that, not the stuck child's SIGTERM. Here
+    the KeyboardInterrupt is raised at that very point: the kernel takes it as its Ctrl-C
+    (a graceful shutdown, then ``open_kernel`` raises it) and the child is sent SIGTERM."""
+    (tmp_path / "agent.py").write_text(NOTES_ITS_STOP)
+    notes = tmp_path / "notes"
+    write = ProcessAgent._write
+
+    async def interrupted_after_the_message(self: ProcessAgent, data: bytes, **how: Any) -> None:
+        await write(self, data, **how)
+        if json.loads(data)["type"] == "message":
+            raise KeyboardInterrupt  # (as Trio raises a Ctrl-C in unprotected code)
+
+    monkeypatch.setattr(ProcessAgent, "_write", interrupted_after_the_message)
+    spec = process_agent(
+        [sys.executable, "agent.py", str(notes)],
+        cwd=tmp_path,
+        restart="temporary",
+        shutdown_grace=1.0,
+    )
+    with trio.fail_after(60), pytest.raises(KeyboardInterrupt):  # (a guard, not a timing)
+        async with open_kernel(make_config(shutdown_grace_ms=1000)) as kernel:
+            await kernel.request(kernel.spawn(spec), 1, timeout=60)
+    assert notes.read_text().split() == ["message", "SIGTERM"]
 
 
 def test_nexus_send_reads_the_payload_from_standard_input_given_as_dash(tmp_path: Path) -> None:
