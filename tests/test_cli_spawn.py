@@ -735,6 +735,45 @@ async def test_a_ctrl_c_that_lands_in_the_handler_after_its_write_stops_the_chil
     assert notes.read_text().split() == ["message", "SIGTERM"]
 
 
+#: ``nexus``, its log's writer thread held back before each record (as at load, where it
+#: is behind the main thread): what the command writes last must not depend on it
+BEHIND_LOG_WRITER = """
+import sys, time
+from nexus_trio import logs
+write = logs._CountsLostRecords.write_queued
+def behind(self, *args):
+    time.sleep(0.3)  # (the writer thread held off the CPU: a simulated lag, no timing)
+    write(self, *args)
+logs._CountsLostRecords.write_queued = behind
+from nexus_trio.cli import main
+sys.argv[0] = "nexus"
+main()
+"""
+
+
+def test_nexus_send_writes_its_last_line_after_the_records_of_its_log(tmp_path: Path) -> None:
+    """Forty-fourth pass: the other rare failure of the Ctrl-C test above (1 of 48 at
+    load, a log record after ``nexus send: stopped by SIGINT ...``). The log's records go
+    to standard error from a writer thread (a pipe there), and ``nexus send`` wrote its
+    last line without waiting for the records queued: one written behind came after it.
+    It waits for them first now (``flush_logs``), as ``nexus run`` does before its
+    summary. Here the writer is held back on purpose, and the child fails to start."""
+    (tmp_path / "nexus_behind.py").write_text(BEHIND_LOG_WRITER)
+    failing = f"{PYTHON} -c 'import sys; sys.exit(3)'"
+    sent = subprocess.run(
+        [sys.executable, "nexus_behind.py", "send", failing, "1"],
+        cwd=tmp_path,
+        env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert sent.returncode == 1, sent.stderr
+    lines = sent.stderr.splitlines()
+    assert lines[-1].startswith("nexus send: the agent did not start: "), sent.stderr
+    assert any("ERROR" in line and "exited (status 3)" in line for line in lines[:-1])
+
+
 def test_nexus_send_reads_the_payload_from_standard_input_given_as_dash(tmp_path: Path) -> None:
     """Regression (forty-second pass, a user's first hour): a payload larger than one
     argument may be (128 KiB on Linux: ``Argument list too long``) could not be sent at

@@ -132,7 +132,7 @@ def register(app: typer.Typer) -> None:
         """Start an external agent, send it one message, print its answer as JSON."""
         from ..bridges.process import process_agent, shell_syntax_problem
         from ..config import ConfigError, load_config
-        from ..logs import configure_logging
+        from ..logs import configure_logging, flush_logs
 
         try:
             value = _read_payload(_from_stdin() if payload == "-" else payload)
@@ -184,7 +184,14 @@ def register(app: typer.Typer) -> None:
         one_line = OneLineBridgeErrors()
         agent_log.addFilter(one_line)
         try:
-            answer = trio.run(_exchange, loaded.config, spec, value, kind, timeout)
+            try:
+                answer = trio.run(_exchange, loaded.config, spec, value, kind, timeout)
+            finally:
+                # The records still queued for standard error (the log's writer thread,
+                # behind under load) are written before the line that ends the command,
+                # which is its last: they came after it now and then, as nexus run
+                # flushes them before its summary.
+                flush_logs()
         except _Failed as exc:
             typer.echo(f"nexus send: {exc}", err=True)
             raise typer.Exit(1) from None
