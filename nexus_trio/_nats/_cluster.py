@@ -605,6 +605,13 @@ class ClusterStats:
     #: nakked back to the node's consumer, which the node pulls itself again (its agent
     #: may live), not dead
     durable_given_back: int = 0
+    #: takeovers of a node no member any more that a sweep of the durable stream started
+    #: (its stored messages no look took: the look's owner left or died before it, or
+    #: they were stored after a look found nothing; their messages are counted in
+    #: ``durable_taken_over`` as any takeover's), and sweeps JetStream did not answer
+    #: (made again later; see ``DurableChannel._sweeps``)
+    durable_swept: int = 0
+    durable_sweep_failures: int = 0
     #: ``durable_dead`` by why each was given up (their sum), each kind with a throttled
     #: log line of its own (at most one a second, the rest said at the leave): this
     #: counts them all. ``undecodable`` (a body no kernel wrote), ``agent_gone`` (by an
@@ -5732,6 +5739,8 @@ class Cluster:
             durable_not_forwarded=d.not_forwarded,
             durable_wait_full=d.wait_full,
             durable_given_back=d.given_back,
+            durable_swept=d.swept,
+            durable_sweep_failures=d.sweep_failures,
             durable_dead_reasons=d.dead_reasons(),
             durable_forward_failures=d.forward_failures,
             durable_too_big=d.too_big,

@@ -36,7 +36,10 @@ rendezvous owner of ``durable:<node>`` over the reachable members), which pulls 
 node's consumer until the node is heard again: by name forwarded to where the name runs
 now (or waiting as above, at most that consumer's slots beyond ``4 x max_in_flight``:
 see ``taken_bound``), by agent id dead at once;
-see :meth:`DurableChannel.take_over`. Its fetches ask idle heartbeats as the node's own
+see :meth:`DurableChannel.take_over`. What is stored for a node no member any more (left
+cleanly, forgotten) is taken over the same way by its owner's look ``last_notice_wait``
+after it went, and what no look took (its owner went first, or it came after) by a
+sweep of the stream (see :meth:`DurableChannel._sweeps`). Its fetches ask idle heartbeats as the node's own
 do: one JetStream does not answer at all is a failed fetch (``takeover_fetch_failures``).
 
 While the node itself holds a message (fetched, not handed over yet: waiting behind
@@ -127,6 +130,11 @@ _DATA: Final = "data"
 _FORWARD: Final = "forward "
 #: likewise, of a forward of a message stored for a lost node (see DurableChannel.take_over)
 _TAKEN: Final = "taken "
+#: the periodic sweep of the stream for messages no node pulls (see
+#: DurableChannel._sweeps) comes this many ``last_notice_wait`` apart (72 s by default),
+#: by one live node (the rendezvous owner of this key)
+SWEEP_LOOKS: Final = 4
+_SWEEP_KEY: Final = "durable-sweep"
 
 
 def _forward_headers(jsmsg: NatsMsg) -> dict[str, str]:
@@ -275,11 +283,12 @@ def taken_bound(slots: int, options: DurableOptions) -> int:
     return slots - in_flight if slots > in_flight else slots - max(slots // 4, 1)
 
 
-def _owner_of(node: str, own: str, live: Sequence[str]) -> bool:
+def _owner_of(node: str, own: str, live: Sequence[str], key: str | None = None) -> bool:
     """Whether this node (``own``) is the rendezvous owner of ``node``'s durable
     messages among the survivors ``live`` (the other members that run the path): the
-    first survivor that beats it ends the test."""
-    key = f"durable:{node}"
+    first survivor that beats it ends the test. (``key``: another key than
+    ``durable:<node>``, the periodic sweep's.)"""
+    key = f"durable:{node}" if key is None else key
     mine = (placement_weight(own, key), own)
     return all((placement_weight(other, key), other) < mine for other in live)
 
@@ -557,6 +566,27 @@ class DurableChannel:
         # the other members that ran the durable path when membership last changed: one
         # gone from them since (its leave heard, or forgotten) is looked at later
         self._durable_members: set[str] = set()
+        # the live members that ran the durable path when membership last changed: one
+        # gone from them since (lost, left, forgotten) makes every node sweep the stream
+        # a last_notice_wait later (see _sweeps)
+        self._live_durable: set[str] = set()
+        # when the next sweep is due (Trio time; inf: none asked) and the event that
+        # wakes the sweeper when one is asked sooner; the sweeper's scope (ended at stop)
+        self._sweep_due = math.inf
+        self._sweep_asked = trio.Event()
+        self._sweeping = trio.CancelScope()
+        #: sweeps of the stream made (see _sweeps), and those JetStream did not answer
+        self.sweeps = 0
+        self.sweep_failures = 0
+        #: takeovers a sweep started: a gone node's stored messages no look took (its
+        #: owner left or died before its look, or they were stored after a look found
+        #: nothing; see _sweep)
+        self.swept = 0
+        self._sweep_log = Throttle(kind="durable.sweep")
+        # when each member that ran the path went from the members here, for a
+        # last_notice_wait (see _sweep); when this node's path started
+        self._left_at: dict[str, float] = {}
+        self._started = math.inf
         self._nursery: trio.Nursery | None = None
         self._lost_log = Throttle(kind="durable.lost")
         self._takeover_log = Throttle(kind="durable.takeover")
@@ -648,7 +678,9 @@ class DurableChannel:
         self._bind_own(made, held)
         await self._ops.start()
         self._nursery = nursery
+        self._started = trio.current_time()
         nursery.start_soon(self._pull)
+        nursery.start_soon(self._sweeps)
 
     def _bind_own(self, made: object, held: int) -> None:
         """This node's consumer (re)bound: its waiting ones bounded by ``max_waiting``,
@@ -788,6 +820,7 @@ class DurableChannel:
             scope.cancel()  # (what a takeover fetched is settled as it came: see _take)
         for scope in self._looks.values():
             scope.cancel()
+        self._sweeping.cancel()
         self._pulling.cancel()
         with trio.move_on_at(start + timeout / 2):
             await self._pull_ended.wait()
@@ -891,9 +924,20 @@ class DurableChannel:
             self._looks.pop(node).cancel()  # (a member again: the members' rules)
         gone = self._durable_members - {info.node for info in members_now}
         self._durable_members = {i.node for i in members_now if i.runs_durable and i.node != own}
+        now = trio.current_time()
         for node in sorted(gone):
+            self._left_at[node] = now
             if node not in self._takeovers and _owner_of(node, own, live):
                 self._look_later(node)
+        # A live member gone from the live ones (lost, left, forgotten): it may have owned
+        # looks that no one takes now, so each node sweeps a last_notice_wait later, and
+        # takes what it owns of what no node pulls (see _sweep)
+        live_durable = {
+            i.node for i in members_now if i.reachable and i.runs_durable and i.node != own
+        }
+        if self._live_durable - live_durable:
+            self._ask_sweep(now, cluster.options.last_notice_wait)
+        self._live_durable = live_durable
         for info in members_now:
             node = info.node
             # (a reachable member that runs no durable path pulls its consumer no more:
@@ -945,6 +989,120 @@ class DurableChannel:
             and node not in self.cluster.members.members
         ):
             self._start_takeover(nursery, node)
+
+    def _ask_sweep(self, now: float, after: float) -> None:
+        """Sweep the stream ``after`` seconds from ``now`` (or sooner, if one is due)."""
+        due = now + after
+        if due < self._sweep_due:
+            self._sweep_due = due
+            self._sweep_asked.set()
+
+    async def _sweeps(self) -> None:
+        """Sweep the stream (see :meth:`_sweep`) when asked (a live member gone: its looks
+        went with it), and every ``SWEEP_LOOKS x last_notice_wait`` if this node is the
+        rendezvous owner of the sweep among the live members that run the durable path
+        (one node a cluster: two requests a period), for what is stored after a look
+        found nothing (a sender cut off longer than ``last_notice_wait``)."""
+        every = SWEEP_LOOKS * self.cluster.options.last_notice_wait
+        periodic = trio.current_time() + every
+        with self._sweeping:
+            while True:
+                self._sweep_asked = trio.Event()
+                with trio.move_on_at(min(periodic, self._sweep_due)):
+                    await self._sweep_asked.wait()
+                    continue
+                now = trio.current_time()
+                asked = now >= self._sweep_due
+                if asked:
+                    self._sweep_due = math.inf
+                if now >= periodic:
+                    periodic = now + every
+                    asked = asked or _owner_of(
+                        "", self.cluster.node, sorted(self._live_durable), key=_SWEEP_KEY
+                    )
+                if asked:
+                    await self._sweep()
+
+    async def _sweep(self) -> None:
+        """Find the nodes no member any more whose subjects hold messages (see
+        :meth:`_unpulled`) and take over those this node owns (the rendezvous owner of
+        ``durable:<node>`` over the live members that run the durable path), as a look
+        does (see :meth:`_look_again`). A node that is a member again, or taken over or
+        looked at here already, is left to those. A sweep JetStream does not answer is
+        counted (``sweep_failures``), logged, and made again at the next period."""
+        self.sweeps += 1
+        try:
+            found = await call_aio(self._unpulled)
+        except (nats.errors.Error, OSError, TimeoutError) as exc:
+            self.sweep_failures += 1
+            self._say(
+                self._sweep_log,
+                "failed sweeps of the durable stream",
+                logging.WARNING,
+                "node %s: could not sweep the durable stream %s for messages no node pulls:"
+                " %r (swept again later)",
+                self.cluster.node,
+                self._stream,
+                exc,
+            )
+            return
+        nursery = self._nursery
+        members = self.cluster.members.members
+        own = self.cluster.node
+        live = sorted(self._live_durable)
+        # (a node gone less than last_notice_wait ago is left to its look, and to a
+        # sender that still had it; one this node never saw go, to this node's first
+        # last_notice_wait)
+        recent = trio.current_time() - self.cluster.options.last_notice_wait
+        for node, at in list(self._left_at.items()):
+            if at < recent:
+                del self._left_at[node]
+        for node in sorted(found):
+            if (
+                nursery is None
+                or node == own
+                or node in members
+                or self._left_at.get(node, self._started) >= recent
+                or node in self._takeovers
+                or node in self._looks
+                or not _owner_of(node, own, live)
+            ):
+                continue
+            self.swept += 1
+            self._start_takeover(nursery, node)
+
+    async def _unpulled(self) -> set[str]:
+        """The nodes whose subjects hold messages that may be pulled by no one (asyncio
+        side; the caller leaves out the members): those whose consumers hold some
+        (pending or unacked), and, when the stream holds more messages than all its
+        consumers do (a subject with no consumer: deleted when drained, stored for
+        after), the nodes of the stream's subjects that have no consumer (the subjects
+        read only then: one per agent addressed)."""
+        js = self.cluster.data_js
+        stored = (await js.stream_info(self._stream)).state.messages
+        nodes: set[str] = set()
+        named: set[str] = set()
+        held = 0
+        offset = 0
+        while True:
+            page = await js.consumers_info(self._stream, offset=offset)
+            offset += len(page)
+            for info in page:
+                named.add(info.name)
+                count = (info.num_pending or 0) + (info.num_ack_pending or 0)
+                held += count
+                if count:
+                    nodes.add(info.name)
+            if not page:
+                break
+        if stored > held:
+            head = f"{self.cluster.prefix}.durable."
+            state = (await js.stream_info(self._stream, subjects_filter=f"{head}>")).state
+            for subject in state.subjects or {}:
+                node = subject.removeprefix(head).partition(".")[0]
+                if node not in named:
+                    nodes.add(node)
+        return nodes
 
     def _start_takeover(self, nursery: trio.Nursery, node: str) -> None:
         scope = self._takeovers[node] = trio.CancelScope()

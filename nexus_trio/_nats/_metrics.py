@@ -172,6 +172,16 @@ CLUSTER_COUNTERS: Final = {
         "Durable messages by agent id of a lost node, fetched by the takeover once it was"
         " heard again: nakked back to it.",
     ),
+    "durable_swept": (
+        "nexus_cluster_durable_swept",
+        "Takeovers of a node no member any more that a sweep of the durable stream started:"
+        " stored messages no look took.",
+    ),
+    "durable_sweep_failures": (
+        "nexus_cluster_durable_sweep_failures",
+        "Sweeps of the durable stream for messages no node pulls that JetStream did not"
+        " answer (made again later).",
+    ),
     "durable_wait_full": (
         "nexus_cluster_durable_wait_full",
         "Durable deliveries by name whose agent was missing, terminated: max_waiting of them"

@@ -1,0 +1,177 @@
+"""A durable node gone for good: its stored messages never wait uncounted (forty-fourth
+pass, issue 14).
+
+The look at a node gone from the members (taken ``last_notice_wait`` after it went, by
+its rendezvous owner among the survivors) was a timer of that owner only: an owner that
+left or died before it fired took it along, and no one looked; a message stored for the
+gone node after a look found nothing (a sender cut off longer than ``last_notice_wait``)
+waited too. Both waited in the stream for ``max_age`` (for ever without one), uncounted.
+Now each node sweeps the stream a ``last_notice_wait`` after a live member goes, and one
+node every ``SWEEP_LOOKS x last_notice_wait``, and takes over what it owns of what no
+node pulls. Real nats-server, in-process nodes.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+import trio
+import trio_asyncio
+
+from nexus_trio._nats import Cluster, NatsServer
+from nexus_trio._nats._durable import _owner_of
+
+from .nats_server import until
+from .test_durable_lost_node import _keeper, _store_for_id, consumer_deleted
+from .test_durable_missing_agent import store_for
+from .test_durable_moved_name import DURABLE, _stream_empty
+from .test_durable_path_off import _lose
+from .test_nats import local_node
+
+QUICK = {"server_lost_wait": 0.5, "last_notice_wait": 1.0}
+
+
+def _roles() -> tuple[str, str, str]:
+    """(gone, owner, heir): ``owner`` is the rendezvous owner of the gone node's
+    messages over the two others, ``heir`` the other one."""
+    gone, one, other = "a", "b", "c"
+    if _owner_of(gone, one, [other]):
+        return gone, one, other
+    return gone, other, one
+
+
+async def _never(node: str, scope: trio.CancelScope) -> None:
+    """A look that never fires (its node leaves before it would)."""
+    await trio.sleep_forever()
+
+
+@pytest.mark.parametrize("owner_goes", ["leaves", "is lost"])
+async def test_when_the_owner_of_a_gone_node_s_look_goes_before_it_the_next_owner_takes_over(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch, owner_goes: str
+) -> None:
+    """a leaves cleanly and never comes back; its owner b (a timer set to look a
+    ``last_notice_wait`` later) leaves, or is lost (c no longer hears it), before that;
+    what was stored for a meanwhile (a
+    message by the name of c's agent, one by the id of a's agent) is taken over by c,
+    the owner now: the name forwarded to c and handled, the id dead with its reason,
+    a's consumer deleted once drained. (Before, c never looked at a: the wait for the
+    handled message timed out; checked by running this test on 091c5a6's _durable.py.)"""
+    gone, owner, heir = _roles()
+    handled: list[tuple[uuid.UUID, Any]] = []
+    async with local_node(nats.url, heir, durable=DURABLE, **QUICK) as (kh, ch):
+        kh.spawn(_keeper(handled, "keeper"))
+        with trio.fail_after(30):
+            async with local_node(nats.url, owner, durable=DURABLE, **QUICK) as (_ko, co):
+                co.durable._look_again = _never  # type: ignore[method-assign]
+                async with local_node(nats.url, gone, durable=DURABLE, **QUICK) as (kg, _cg):
+                    on_gone = kg.spawn(_keeper([], "keeper-gone"))
+                    await until(lambda: gone in ch.members.members)
+                    await until(lambda: gone in co.members.members)
+                await until(lambda: gone in co.durable._looks)
+                await until(lambda: gone not in ch.members.members)
+                assert gone not in ch.durable._looks  # (not its owner then)
+                sent = await store_for(ch, "keeper", "for the gone", node=gone)
+                await _store_for_id(ch, gone, on_gone.id)
+                if owner_goes == "is lost":
+                    deaf = _lose(ch, owner, monkeypatch)
+                    await _taken(ch, handled, gone)
+                    deaf.clear()
+            if owner_goes == "leaves":
+                await _taken(ch, handled, gone)
+        h = ch.stats()
+        swept = ch.durable.swept
+    assert handled == [(sent.id, "for the gone")]
+    assert (h.durable_taken_over, h.durable_dead, h.durable_forwarded) == (2, 1, 1)
+    assert swept == 1
+
+
+async def _taken(heir: Cluster, handled: list[tuple[uuid.UUID, Any]], gone: str) -> None:
+    """Once ``heir`` handled the message by name stored for ``gone``, counted the one by
+    id dead, and deleted ``gone``'s drained consumer."""
+    await until(lambda: len(handled) >= 1)
+    await until(lambda: heir.stats().durable_dead >= 1)
+    await _stream_empty(heir)
+    await consumer_deleted(heir, gone)
+
+
+async def _stored_again(cluster: Cluster, node: str) -> None:
+    """Once the look at gone ``node`` found nothing more (its takeover ended, the look
+    after it ended)."""
+    await until(lambda: node not in cluster.durable._takeovers)
+    await until(lambda: node not in cluster.durable._looks)
+
+
+async def test_what_is_stored_for_a_gone_node_after_a_look_found_nothing_is_swept_up(
+    nats: NatsServer,
+) -> None:
+    """b leaves cleanly; a looks, takes the message stored for b over (forwarded), its
+    consumer deleted once drained; the look after finds nothing. A sender cut off longer
+    than ``last_notice_wait`` stores one more for b then, on a subject no consumer has:
+    a's periodic sweep (``SWEEP_LOOKS x last_notice_wait``) finds it, by the stream's
+    count beyond its consumers' and its subjects, and takes it over. (Before, it waited
+    for ``max_age``, uncounted: checked by running this test on 091c5a6's _durable.py.)"""
+    handled: list[tuple[uuid.UUID, Any]] = []
+    async with local_node(nats.url, "a", durable=DURABLE, **QUICK) as (ka, ca):
+        ka.spawn(_keeper(handled, "keeper-a"))
+        with trio.fail_after(30):
+            async with local_node(nats.url, "b", durable=DURABLE, **QUICK):
+                await until(lambda: "b" in ca.members.members)
+            await until(lambda: "b" not in ca.members.members)
+            first = await store_for(ca, "keeper-a", "first", node="b")
+            await until(lambda: len(handled) >= 1)
+            await consumer_deleted(ca, "b")
+            await _stored_again(ca, "b")
+            later = await store_for(ca, "keeper-a", "later", node="b")
+            await until(lambda: len(handled) >= 2)
+            await _stream_empty(ca)
+            await consumer_deleted(ca, "b")
+        a = ca.stats()
+        swept, sweeps, failures = ca.durable.swept, ca.durable.sweeps, ca.durable.sweep_failures
+    assert handled == [(first.id, "first"), (later.id, "later")]
+    assert (a.durable_taken_over, a.durable_forwarded, a.durable_dead) == (2, 2, 0)
+    assert swept == 1
+    assert sweeps >= 1 and failures == 0
+
+
+async def test_a_node_that_rejoins_while_its_drained_consumer_is_deleted_gets_what_is_stored_for_it(
+    nats: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """b leaves; a takes over what was stored for it, drains b's consumer and deletes it;
+    b's new process joins and binds that consumer between a's check that it is drained
+    and the delete (held there: the one round trip of the delete request). b's pull then
+    fails on the deleted consumer and makes it anew: what is stored for b's agent while
+    it rejoins, and after, is handled by b, nothing dead."""
+    handled_a: list[tuple[uuid.UUID, Any]] = []
+    handled_b: list[tuple[uuid.UUID, Any]] = []
+    rejoin, bound = trio.Event(), trio.Event()
+    async with local_node(nats.url, "a", durable=DURABLE, **QUICK) as (ka, ca):
+        ka.spawn(_keeper(handled_a, "keeper-a"))
+        real = ca.data_js.delete_consumer
+
+        async def delete_late(stream: str, name: str) -> Any:
+            if name == "b" and not rejoin.is_set():
+                rejoin.set()
+                await trio_asyncio.trio_as_aio(bound.wait)()
+            return await real(stream, name)
+
+        monkeypatch.setattr(ca.data_js, "delete_consumer", delete_late)
+        with trio.fail_after(40):
+            async with local_node(nats.url, "b", durable=DURABLE, **QUICK):
+                await until(lambda: "b" in ca.members.members)
+            await until(lambda: "b" not in ca.members.members)
+            await store_for(ca, "keeper-a", "taken", node="b")
+            await rejoin.wait()
+            async with local_node(nats.url, "b", durable=DURABLE, **QUICK) as (kb, cb):
+                kb.spawn(_keeper(handled_b, "keeper-b"))
+                during = await store_for(ca, "keeper-b", "during", node="b")
+                bound.set()
+                await consumer_deleted(ca, "b")
+                after = await store_for(ca, "keeper-b", "after", node="b")
+                await until(lambda: len({i for i, _ in handled_b}) >= 2)
+                await _stream_empty(ca)
+                b = cb.stats()
+    assert [p for _, p in handled_a] == ["taken"]
+    assert {(i, p) for i, p in handled_b} == {(during.id, "during"), (after.id, "after")}
+    assert b.durable_dead == 0
