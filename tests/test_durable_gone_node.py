@@ -115,23 +115,37 @@ async def test_what_is_stored_for_a_gone_node_after_a_look_found_nothing_is_swep
     handled: list[tuple[uuid.UUID, Any]] = []
     async with local_node(nats.url, "a", durable=DURABLE, **QUICK) as (ka, ca):
         ka.spawn(_keeper(handled, "keeper-a"))
-        with trio.fail_after(30):
-            async with local_node(nats.url, "b", durable=DURABLE, **QUICK):
-                await until(lambda: "b" in ca.members.members)
-            await until(lambda: "b" not in ca.members.members)
-            first = await store_for(ca, "keeper-a", "first", node="b")
-            await until(lambda: len(handled) >= 1)
-            await consumer_deleted(ca, "b")
-            await _stored_again(ca, "b")
-            later = await store_for(ca, "keeper-a", "later", node="b")
-            await until(lambda: len(handled) >= 2)
-            await _stream_empty(ca)
-            await consumer_deleted(ca, "b")
+        steps: list[str] = []
+        try:
+            with trio.fail_after(30):
+                async with local_node(nats.url, "b", durable=DURABLE, **QUICK):
+                    await until(lambda: "b" in ca.members.members)
+                await until(lambda: "b" not in ca.members.members)
+                first = await store_for(ca, "keeper-a", "first", node="b")
+                await until(lambda: len(handled) >= 1)
+                steps.append("first handled")
+                await consumer_deleted(ca, "b")
+                steps.append("consumer deleted")
+                await _stored_again(ca, "b")
+                steps.append("looked again")
+                later = await store_for(ca, "keeper-a", "later", node="b")
+                await until(lambda: len(handled) >= 2)
+                steps.append("later handled")
+                await _stream_empty(ca)
+                await consumer_deleted(ca, "b")
+        except trio.TooSlowError as exc:
+            d = ca.durable
+            raise AssertionError(
+                f"timed out after {steps}: takeovers {list(d._takeovers)}, looks"
+                f" {list(d._looks)}, sweeps {d.sweeps} ({d.sweep_failures} failed), swept"
+                f" {d.swept}, stats {ca.stats()}"
+            ) from exc
         a = ca.stats()
         swept, sweeps, failures = ca.durable.swept, ca.durable.sweeps, ca.durable.sweep_failures
     assert handled == [(first.id, "first"), (later.id, "later")]
     assert (a.durable_taken_over, a.durable_forwarded, a.durable_dead) == (2, 2, 0)
-    assert swept == 1
+    # (1: a look that ran before the first was stored leaves it to a sweep, 2 then)
+    assert swept >= 1
     assert sweeps >= 1 and failures == 0
 
 
