@@ -1074,7 +1074,7 @@ class DurableChannel:
     async def _unpulled(self) -> set[str]:
         """The nodes whose subjects hold messages that may be pulled by no one (asyncio
         side; the caller leaves out the members): those whose consumers hold some
-        (pending or unacked), and, when the stream holds more messages than all its
+        (pending or unacked) and have no pull request waiting, and, when the stream holds more messages than all its
         consumers do (a subject with no consumer: deleted when drained, stored for
         after), the nodes of the stream's subjects that have no consumer (the subjects
         read only then: one per agent addressed)."""
@@ -1091,7 +1091,9 @@ class DurableChannel:
                 named.add(info.name)
                 count = (info.num_pending or 0) + (info.num_ack_pending or 0)
                 held += count
-                if count:
+                # (one with pull requests waiting is pulled: a process of that name whose
+                # join is not heard here yet, or another node's takeover)
+                if count and not info.num_waiting:
                     nodes.add(info.name)
             if not page:
                 break
