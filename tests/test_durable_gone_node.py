@@ -14,6 +14,7 @@ node pulls. Real nats-server, in-process nodes.
 from __future__ import annotations
 
 import uuid
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -21,7 +22,7 @@ import trio
 import trio_asyncio
 
 from nexus_trio._nats import Cluster, NatsServer
-from nexus_trio._nats._durable import _owner_of
+from nexus_trio._nats._durable import DurableChannel, _owner_of
 
 from .nats_server import until
 from .test_durable_lost_node import _keeper, _store_for_id, consumer_deleted
@@ -189,3 +190,54 @@ async def test_a_node_that_rejoins_while_its_drained_consumer_is_deleted_gets_wh
     assert [p for _, p in handled_a] == ["taken"]
     assert {(i, p) for i, p in handled_b} == {(during.id, "during"), (after.id, "after")}
     assert b.durable_dead == 0
+
+
+class _FakeJs:
+    """The two JetStream requests of a sweep, answered from fixed state: consumers
+    ``(name, pending, unacked, pull requests waiting)`` two a page, the stream's message
+    count and subjects."""
+
+    def __init__(self, consumers: list[tuple[str, int, int, int]], subjects: dict[str, int]):
+        self.consumers = consumers
+        self.subjects = subjects
+        self.subject_reads = 0
+
+    async def stream_info(self, name: str, subjects_filter: str | None = None) -> Any:
+        subjects = None
+        if subjects_filter is not None:
+            assert subjects_filter == "px.durable.>"
+            self.subject_reads += 1
+            subjects = dict(self.subjects)
+        messages = sum(self.subjects.values())
+        return SimpleNamespace(state=SimpleNamespace(messages=messages, subjects=subjects))
+
+    async def consumers_info(self, stream: str, offset: int = 0) -> list[Any]:
+        page = self.consumers[offset : offset + 2]
+        return [
+            SimpleNamespace(name=n, num_pending=p, num_ack_pending=u, num_waiting=w)
+            for n, p, u, w in page
+        ]
+
+
+async def _unpulled(js: _FakeJs) -> set[str]:
+    channel = DurableChannel.__new__(DurableChannel)
+    channel.cluster = SimpleNamespace(prefix="px", data_js=js)  # type: ignore[assignment]
+    channel._stream = "px-durable"
+    return await channel._unpulled()
+
+
+async def test_a_sweep_finds_held_consumers_nobody_pulls_and_subjects_with_no_consumer() -> None:
+    """A sweep's reading of JetStream (fakes): the consumers, read page by page, that hold
+    messages and have no pull request waiting (b; c is pulled, by a process whose join
+    was not heard yet or by another node's takeover; a holds nothing), and, since the
+    stream holds more than all of them, the nodes of subjects with no consumer (d); the
+    subjects are not read when the counts agree. (The pull-request check fails on a
+    mutant without it: c found.)"""
+    consumers = [("a", 0, 0, 1), ("b", 1, 1, 0), ("c", 1, 0, 1)]
+    subjects = {"px.durable.b.1": 2, "px.durable.c.2": 1, "px.durable.d.3": 2}
+    js = _FakeJs(consumers, subjects)
+    assert await _unpulled(js) == {"b", "d"}
+    assert js.subject_reads == 1
+    covered = _FakeJs(consumers, {"px.durable.b.1": 2, "px.durable.c.2": 1})
+    assert await _unpulled(covered) == {"b"}
+    assert covered.subject_reads == 0
