@@ -9,6 +9,9 @@ not). Nothing else is killed.
 from __future__ import annotations
 
 import os
+import subprocess
+import threading
+from typing import Any
 
 import pytest
 
@@ -270,3 +273,98 @@ def test_with_no_orphan_of_the_session_a_scan_reads_no_stat_of_the_others(clock:
     )
     assert _guardian.Sweep("4242-owner.", FakeProc, session=(7, 200)).run(0.0) == []
     assert FakeProc.stat_reads == [60]
+
+
+class NoChildLists(FakeProc):
+    """A /proc without ``task/<tid>/children`` (a kernel built without
+    ``CONFIG_PROC_CHILDREN``): the children of a process are unknown."""
+
+    @staticmethod
+    def children(pid: int) -> list[int] | None:
+        return None
+
+
+def test_with_no_children_lists_the_session_s_orphan_is_still_found(clock: Clock) -> None:
+    """Forty-fourth pass (review): with the lists of the sweeping process's children
+    unreadable, an orphan of the child's session (50, unmarked, reparented to the
+    sweeping process) was not looked for (``children`` gave [] and no stat was read): it
+    outlived the stop. Unknown children now mean every stat is read."""
+    me = os.getpid()
+    FakeProc.setup(
+        environs={50: [PLAIN], 53: [PLAIN]},
+        stats={
+            50: [alive(parent=me, session=7, started=150)],
+            53: [alive(parent=me, session=8, started=150)],
+        },
+    )
+    killed = _guardian.Sweep("4242-owner.", NoChildLists, session=(7, 200))
+    assert killed.run(2.0, clock.sleep, clock) == [50]
+
+
+def test_the_children_of_a_process_are_none_when_no_list_can_be_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``Proc.children`` says None (unknown), not [] (no child), when no thread's
+    ``children`` file can be read: [] would have the sweep skip the session's orphans."""
+    real_open = open
+
+    def no_child_lists(path: str, *args: Any, **kwargs: Any) -> Any:
+        if str(path).endswith("/children"):
+            raise FileNotFoundError(2, "No such file or directory", path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(_guardian, "open", no_child_lists, raising=False)
+    assert _guardian.Proc.children(os.getpid()) is None
+
+
+@pytest.mark.skipif(
+    not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"),
+    reason="needs the children lists of /proc (CONFIG_PROC_CHILDREN)",
+)
+def test_a_thread_that_ends_as_its_children_are_read_leaves_the_others_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A thread of the sweeping process (a worker thread retiring) that ends between the
+    listing of its threads and the read of its ``children`` file cut the read of the
+    threads after it: a child of one of those was not seen. Here the main thread's list,
+    read first, is gone; a child started by another thread is still found."""
+    me = os.getpid()
+    started: list[subprocess.Popen[bytes]] = []
+    ready, done = threading.Event(), threading.Event()
+
+    def start_child() -> None:  # its parent is this thread, which stays until the end
+        try:
+            started.append(subprocess.Popen(["sleep", "300"]))
+        finally:
+            ready.set()
+        done.wait()
+
+    thread = threading.Thread(target=start_child)
+    thread.start()
+    try:
+        ready.wait()
+        child = started[0].pid
+        real_open, real_listdir = open, os.listdir
+
+        def main_thread_gone(path: str, *args: Any, **kwargs: Any) -> Any:
+            if str(path) == f"/proc/{me}/task/{me}/children":
+                raise FileNotFoundError(2, "No such file or directory", path)
+            return real_open(path, *args, **kwargs)
+
+        def main_thread_first(path: Any) -> list[str]:
+            entries = real_listdir(path)
+            if str(path) == f"/proc/{me}/task":
+                entries = sorted(entries, key=lambda tid: tid != str(me))
+            return entries
+
+        monkeypatch.setattr(_guardian, "open", main_thread_gone, raising=False)
+        monkeypatch.setattr(_guardian.os, "listdir", main_thread_first)
+        found = _guardian.Proc.children(me)
+        monkeypatch.undo()
+        assert found is not None and child in found
+    finally:
+        for process in started:
+            process.kill()
+            process.wait()
+        done.set()
+        thread.join()

@@ -54,14 +54,22 @@ class Proc:
             return None
 
     @staticmethod
-    def children(pid: int) -> list[int]:
-        """The children of ``pid`` (each of its threads', Linux 3.5+); [] if unknown."""
+    def children(pid: int) -> list[int] | None:
+        """The children of ``pid`` (each of its threads', Linux 3.5+); None if unknown: no
+        thread's list could be read (a kernel built without ``CONFIG_PROC_CHILDREN``). A
+        thread that ended as its list was read leaves the others' read."""
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            return None
         found: list[int] = []
-        with contextlib.suppress(OSError, ValueError):
-            for tid in os.listdir(f"/proc/{pid}/task"):
+        read = False
+        for tid in tids:
+            with contextlib.suppress(OSError, ValueError):
                 with open(f"/proc/{pid}/task/{tid}/children") as f:
                     found.extend(int(child) for child in f.read().split())
-        return found
+                read = True
+        return found if read else None
 
     @staticmethod
     def kill(pid: int) -> None:
@@ -194,7 +202,10 @@ class Sweep:
         session = self.session
         if session is None:
             return False
-        for child in self.proc.children(self.me):
+        children = self.proc.children(self.me)
+        if children is None:
+            return True  # (its children unknown: any process may be one, every stat is read)
+        for child in children:
             stat = self.proc.stat(child)
             if stat is not None and stat[5] == session[0] and stat[3] <= session[1]:
                 return True
