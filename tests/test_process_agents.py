@@ -4327,6 +4327,38 @@ async def test_a_descendant_out_of_the_group_unmarked_and_orphaned_is_killed_by_
                 os.waitpid(orphan, 0)
 
 
+class _ExitedAsTheWaitTimedOut:
+    """A child that exited just as the wait for it timed out: the wait gave up, the poll
+    of ``returncode`` after it reaps it (as trio's ``Process.returncode`` does)."""
+
+    pid = 4242
+    returncode = 0
+
+    async def wait(self) -> int:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+async def test_a_child_reaped_by_the_poll_after_a_timed_out_wait_is_noted_gone_then(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forty-fourth pass (review): the time a child was seen gone bounds the starts its
+    session's sweep takes (a session of its number made after a pid reuse is not taken).
+    A child reaped by the poll of ``returncode`` after the wait of ``_exit_code`` timed
+    out (its stdout ended, it exited a moment later) was noted only at the next wait,
+    in ``_kill_and_reap``: after its last words were read, or at a restart, seconds
+    later, a window in which its number could go to another program's session. It is
+    noted at the poll now (on the old process.py: not noted)."""
+    monkeypatch.setattr(_lineage, "SUPPORTED", True)
+    monkeypatch.setattr(_lineage, "ticks_now", lambda: 777)
+    agent = ProcessAgent(process_module.ProcessOptions(cmd=("agent",)))
+    agent._stats = BridgeStats(uuid.uuid4(), "agent", ("agent",))
+    agent._tokens[4242] = "owner.child"
+    child: Any = _ExitedAsTheWaitTimedOut()
+    assert await agent._exit_code(child) == 0
+    assert agent._gone_at == {4242: 777}
+
+
 async def test_escaped_grandchild_of_a_crashed_child_is_killed_before_the_restart() -> None:
     tag = new_tag()
     async with bridge_kernel() as kernel:

@@ -1258,8 +1258,9 @@ class ProcessAgent(Agent):
         """The child's exit status, waiting at most :data:`_EXIT_AFTER_EOF` (None: it lives)."""
         with trio.move_on_after(_EXIT_AFTER_EOF):
             await self._wait_exit(process)
-        code = process.returncode
+        code = process.returncode  # (a poll: it reaps a child that exited meanwhile)
         if code is not None:
+            self._seen_gone(process)
             self.stats.last_exit = code
         return code
 
@@ -1333,10 +1334,16 @@ class ProcessAgent(Agent):
     async def _wait_exit(self, process: trio.Process) -> None:
         """``process.wait()``, noting when the child was seen gone (see :meth:`_kill_and_reap`)."""
         await process.wait()
+        self._seen_gone(process)
+
+    def _seen_gone(self, process: trio.Process) -> None:
+        """Note when the reaped child was seen gone, the first time (see
+        :meth:`_kill_and_reap`): as soon as it is seen reaped, by a wait or by the poll
+        of its ``returncode`` after one timed out (:meth:`_exit_code`, whose caller may
+        take seconds before the next wait: its last words, a restart), for its session
+        id, its pid, was no other program's until the reap; from then on it may be (see
+        _guardian.Sweep)."""
         if _lineage.SUPPORTED and process.pid in self._tokens:
-            # As soon as it is seen reaped (here, or by a returncode poll at most one
-            # schedule point before): its session id, its pid, was no other program's
-            # until the reap; from then on it may be (see _guardian.Sweep).
             self._gone_at.setdefault(process.pid, _lineage.ticks_now())
 
     async def _kill_and_reap(self, process: trio.Process) -> None:
