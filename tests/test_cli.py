@@ -657,6 +657,22 @@ def test_a_load_warning_is_logged_in_the_runs_format_once_logging_is_set_up(tmp_
     assert show.stderr.startswith("nexus: warning: environment variable NEXUS_KERNEL__FOO:")
     assert len(show.stderr.splitlines()) == 1
     assert "# warning: environment variable NEXUS_KERNEL__FOO" in show.stdout
+    # `health` without --port reads the config for its port: it says them too (it
+    # dropped them unsaid)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    health = subprocess.run(
+        [*cli, "health", "--timeout", "2"],
+        cwd=tmp_path,
+        env=env | {"NEXUS_METRICS__PORT": str(port)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert health.returncode == 1, health.stderr
+    assert health.stderr.startswith("nexus: warning: environment variable NEXUS_KERNEL__FOO:")
+    assert f"127.0.0.1:{port}/healthz: unreachable" in health.stdout + health.stderr
 
 
 def test_generate_config_flag_of_run_writes_the_template_and_exits(isolated):

@@ -1048,9 +1048,15 @@ def config_show(
         loaded = load_config(config, log_warnings=False)
     except ConfigError as exc:
         raise _fail(str(exc)) from None
-    for warning in loaded.warnings:  # (also printed in the output, as # warning: comments)
-        typer.echo(f"nexus: warning: {warning}", err=True)
+    _say_load_warnings(loaded)  # (also printed in the output, as # warning: comments)
     typer.echo(render_effective(loaded), nl=False)
+
+
+def _say_load_warnings(loaded: LoadedConfig) -> None:
+    """A command without logging of its own (``config show``, ``health``) says the load's
+    warnings on standard error, one ``nexus: warning:`` line each."""
+    for warning in loaded.warnings:
+        typer.echo(f"nexus: warning: {warning}", err=True)
 
 
 # --- health --------------------------------------------------------------------------------------
@@ -1105,9 +1111,11 @@ def health(
         from ..config import ConfigError, load_config
 
         try:
-            metrics = load_config(config, log_warnings=False).config.metrics
+            loaded = load_config(config, log_warnings=False)
         except ConfigError as exc:
             raise _fail(str(exc)) from None
+        _say_load_warnings(loaded)
+        metrics = loaded.config.metrics
         if port is None:
             port = metrics.port
             if not port:
