@@ -87,11 +87,18 @@ async def test_a_node_is_not_ready_while_it_joins_its_connection_is_down_or_it_l
 
 
 async def _wait_for(cluster: Cluster, ready: bool) -> None:
-    """Until the cluster's readiness is ``ready``: woken by its connections' changes."""
+    """Until the cluster's readiness is ``ready``: woken by its connections' changes, and,
+    with both up but the node not ready yet (``jetstream unavailable since N s`` until a
+    durable fetch of the server restarted is answered), by a poll of the real server's
+    state. (Regression: with the connections up, ``wait_up`` returned without a
+    checkpoint, so the loop spun: the fetch that would make the node ready never ran and
+    ``fail_after`` never fired; CI 213 hung here 10 minutes.)"""
     while (cluster.readiness() is None) != ready:
         if ready:
             for role in ("control", "data"):
                 await cluster.connections.wait_up(role)
+            if cluster.readiness() is not None:
+                await trio.sleep(0.05)
         else:
             await cluster.connections.wait_down("data")
 

@@ -1,4 +1,7 @@
-"""The config load's warnings, logged by a command once its logging is set up."""
+"""The config load's warnings, logged by a command once its logging is set up.
+
+PYTEST_DONT_REWRITE: under pytest this module runs as written (see nexus_trio.testing).
+"""
 
 from __future__ import annotations
 
