@@ -189,6 +189,78 @@ async def test_a_burst_of_512_tells_to_another_node_goes_in_one_batch(nats: Nats
     assert received == list(range(513))
 
 
+def _versions_read(cluster: Cluster) -> list[bytes]:
+    """The versions (magics) of the node batches ``cluster`` opens from now on."""
+    seen: list[bytes] = []
+    opened = cluster._open_batch
+
+    def spy(data: bytes) -> Any:
+        seen.append(data[:4])
+        return opened(data)
+
+    cluster._open_batch = spy  # type: ignore[method-assign]
+    return seen
+
+
+@asynccontextmanager
+async def _earlier_node(url: str, name: str) -> AsyncIterator[tuple[Kernel, Cluster]]:
+    """A node whose record lists no batch versions (a kernel before NXB3: NXB2 only)."""
+    cm = _node(url, name)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(batch, "READ_VERSIONS", None)
+        node = await cm.__aenter__()
+    try:
+        yield node
+    finally:
+        await cm.__aexit__(None, None, None)
+
+
+async def test_a_node_writes_columnar_batches_only_to_a_node_whose_record_lists_them(
+    nats: NatsServer,
+) -> None:
+    """Batch versions are negotiated by the membership record: a node of an earlier
+    version (no ``batches``) gets NXB2 from a node of this one, which gets NXB3 from
+    every node that reads it; both ways, every tell handled in order."""
+    async with _earlier_node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+        assert cb.members.members["a"].reads_batches("NXB3")
+        assert not ca.members.members["b"].reads_batches("NXB3")
+        to_b: list[Any] = []
+        to_a: list[Any] = []
+        await _collecting((ka, ca), (kb, cb), to_b)
+        ka_col = ka.spawn(agent(_collector(to_a), name="col-a"))
+        await ca.names_published()
+        await cb.wait_for_name("col-a")
+        read_by_b, read_by_a = _versions_read(cb), _versions_read(ca)
+        with trio.fail_after(30):
+            for i in range(40):
+                ka.send_nowait("col", i)
+                kb.send_nowait(ka_col.id, i)
+            assert await ka.request("col", "dump") == 41
+            assert await kb.request("col-a", "dump") == 40
+        assert to_b == [-1, *range(40)] and to_a == list(range(40))
+        assert read_by_b and set(read_by_b) == {b"NXB2"}
+        assert b"NXB3" in read_by_a and set(read_by_a) <= {b"NXB3"}
+    assert ca.stats().inbound_dropped == cb.stats().inbound_dropped == {}
+
+
+async def test_common_and_rare_tells_in_one_columnar_batch_arrive_in_order(
+    nats: NatsServer,
+) -> None:
+    """Per-sender order across a block's rows and the tells that go alone between them
+    (a trace id: no row carries one), in one burst between two nodes of this version."""
+    async with _node(nats.url, "b") as (kb, cb), _node(nats.url, "a") as (ka, ca):
+        received: list[Any] = []
+        await _collecting((ka, ca), (kb, cb), received)
+        versions = _versions_read(cb)
+        with trio.fail_after(30):
+            for i in range(60):
+                ka.send_nowait("col", i, trace_id=uuid.uuid4() if i % 7 in (3, 4) else None)
+            assert await ka.request("col", "dump") == 61
+        assert received == [-1, *range(60)]
+        assert set(versions) == {b"NXB3"}
+        assert cb.stats().inbound_dropped == {}
+
+
 async def test_a_tell_after_the_data_connection_closed_is_refused_on_the_fast_branch(
     nats: NatsServer,
 ) -> None:

@@ -42,6 +42,7 @@ from nexus_trio import (
     agent,
     open_kernel,
 )
+from nexus_trio._message import stored_fields
 from nexus_trio._nats import Cluster, ClusterOptions, NatsServer, join_cluster
 from nexus_trio._nats import _batch as batch
 from nexus_trio._nats import _wire as wire
@@ -1531,3 +1532,53 @@ async def test_a_late_tell_of_an_earlier_join_not_kept_leaves_the_current_stream
         assert stats.lost_in_transit == 0
         assert stats.inbound_dropped == {}
         assert (stats.inbound_streams, stats.inbound_streams_retired) == (1, 0)
+
+
+async def test_a_columnar_batch_with_a_bad_block_is_dropped_whole_and_the_next_one_read(
+    nats: NatsServer,
+) -> None:
+    """NXB3 (see ``_batch``): a block of rows is checked whole before any of its tells is
+    used; one whose row names an address past its table is the whole batch's fault
+    (``malformed_batch``, its tells ``malformed``), none delivered, the reader goes on: a
+    good columnar batch right after it is delivered, a tell before and after its block in
+    order."""
+    got: list[Any] = []
+
+    @agent(name="col")
+    async def collect(ctx: Context, msg: Message) -> Any:
+        got.append(msg.payload)
+        return len(got)
+
+    async with _node(nats.url, "a") as (ka, ca), _hostile(nats.url) as hostile:
+        ref = ka.spawn(collect, name="col")
+        me = uuid.uuid4()
+        msgs = [Message(me, "col", n) for n in range(3)]
+        rows = [(stored_fields(m), 0) for m in msgs]
+        entry = wire.table_entry("col")
+        assert entry is not None
+        good = wire.encode_block(rows, [entry], [b"0", b"1", b"2"])
+        bad = good[: 6 + 43 + 41] + b"\x00\x01" + good[6 + 43 + 43 :]  # row 1: address 1 of 1
+        name = b"h"
+
+        def nxb3(first: int, *frames: bytes) -> bytes:
+            head = struct.pack(">4sQQQQIH", b"NXB3", 1, 2, ca.id_prefix, first, 5, len(name))
+            return head + name + b"".join(frames)
+
+        before, after = _tell("col", "before"), _tell("col", "after")
+        with trio.fail_after(20):
+            await hostile.publish(
+                "nexus.node.a.batch",
+                nxb3(1, _frame(batch.TELL, before), _frame(batch.ROWS, bad), _frame(1, after)),
+            )
+            await hostile.publish(
+                "nexus.node.a.batch",
+                nxb3(6, _frame(batch.TELL, before), _frame(batch.ROWS, good), _frame(1, after)),
+            )
+            # after both on the same connection: in order behind them
+            answer = await hostile.ask(f"nexus.node.a.agent.{ref.id}", ref.id, "end")
+        assert answer == 6
+        assert got == ["before", 0, 1, 2, "after", "end"]
+        stats = ca.stats()
+        assert stats.disconnects == 0
+        assert stats.inbound_dropped == {"malformed_batch": 1, "malformed": 5}
+        assert stats.lost_in_transit == 0

@@ -25,11 +25,17 @@ from nexus_trio import (
     MessageKind,
     RequestFailed,
 )
-from nexus_trio._message import id_value
+from nexus_trio._message import id_value, stored_fields
 from nexus_trio._nats import ClusterOptions, DurableOptions, RemoteError, type_address
 from nexus_trio._nats import _batch as batch
 from nexus_trio._nats import _wire as wire
-from nexus_trio._nats._membership import MemberTable, NodeInfo, node_uuid
+from nexus_trio._nats._membership import (
+    MemberTable,
+    NodeInfo,
+    decode_record,
+    encode_record,
+    node_uuid,
+)
 
 from .hang_guard import SLOW_DRAWS
 from .test_message import NOT_JSON
@@ -940,7 +946,7 @@ def test_a_batch_whose_frames_do_not_add_up_is_refused_whole(
     ("body", "problem"),
     [
         (b"NXB1", "shorter than"),
-        (b"NXB3" + bytes(40), "not b'NXB2'"),
+        (b"NXB4" + bytes(40), "not b'NXB2' or b'NXB3'"),
         (b"NXB1" + bytes(36) + b"\x00\x05ab", "does not fit"),
         (b"NXB1" + bytes(36) + b"\x00\x01a", "first number 0"),
     ],
@@ -1295,3 +1301,144 @@ def test_a_batchs_tells_decode_as_one_by_one_with_errors_in_their_order() -> Non
         expected.append((err.value.field, str(err.value)))
     assert errors == expected
     assert [field for field, _ in errors] == ["<document>", "to", "payload", "payload"]
+
+
+# --- columnar node batches (NXB3) -------------------------------------------------------------
+
+
+def _frame_kinds(body: bytes) -> list[int]:
+    _head, offset = batch.read_head(body)
+    kinds = []
+    while offset < len(body):
+        length, kind = struct.unpack_from(">IB", body, offset)
+        kinds.append(kind)
+        offset += 4 + length
+    return kinds
+
+
+def test_rare_and_common_tells_in_one_columnar_batch_keep_their_order() -> None:
+    """Per-sender order holds across a block's rows and the single tells between them: a
+    tell with an optional id, to a name past 64 KiB, or of a time whose microseconds do
+    not fit 64 bits goes alone, after the rows before it (the block closes there) and
+    before the rows after it (a new block)."""
+    from .test_wire_fuzz import add_columnar
+
+    me, peer = uuid.uuid4(), uuid.uuid4()
+    msgs = [
+        Message(me, "sink", {"n": 0}),
+        Message(me, peer, [1, 2]),
+        Message(me, "sink", 2, conversation_id=uuid.uuid4()),  # rare: an optional id
+        Message(me, "sink", {"n": 3}),
+        Message(me, "x" * 70_000, 4),  # rare: a name past 64 KiB (format 1)
+        Message(me, peer, "five", kind=MessageKind.EVENT),
+        Message(me, "sink", 6, timestamp=2**70),  # rare: a time past 64 bits of us
+        Message(me, "sink", {"n": 7}),
+        Message(me, "sink", 8, trace_id=uuid.uuid4()),  # rare, last
+    ]
+    link = batch.NodeLink("b", 2, window=100, columnar=True)
+    for msg in msgs:
+        add_columnar(link, msg)
+    link.add_cancel(uuid.uuid4(), "sink")
+    body, tells = link.seal(b"a", 1, 7)
+    assert body[:4] == b"NXB3" and tells == len(msgs)
+    R, T, C = batch.ROWS, batch.TELL, batch.CANCEL
+    assert _frame_kinds(body) == [R, T, R, T, R, T, R, T, C]
+    head, offset = batch.read_head(body)
+    errors: list[MessageDecodeError] = []
+    read, controls = batch.read_columnar(body, offset, head.numbered, errors.append)
+    assert read == msgs and errors == [] and [k for k, _ in controls] == [C]
+    # a tell that does not decode among them is counted alone, the rest read in order
+    link = batch.NodeLink("b", 2, window=100, columnar=True)
+    add_columnar(link, msgs[0])
+    link.add_tell(b"\x80bad")
+    add_columnar(link, msgs[1])
+    body, _ = link.seal(b"a", 1, 7)
+    head, offset = batch.read_head(body)
+    read, _ = batch.read_columnar(body, offset, head.numbered, errors.append)
+    assert read == msgs[:2] and len(errors) == 1
+
+
+def _block_batch(block: bytes, numbered: int, columnar: bool = True) -> bytes:
+    link = batch.NodeLink("b", 2, window=100, columnar=columnar)
+    link.frames += [batch.frame_head(len(block) + 1, batch.ROWS), block]
+    link.tells = numbered
+    return link.seal(b"a", 1, 7)[0]
+
+
+def _good_block() -> tuple[bytes, list[Message]]:
+    """A block of three rows to two addresses (offsets: head 6, rows 43 each, then the
+    table: a name of 4 bytes, an id; then the payloads)."""
+    me = uuid.UUID(int=9)
+    msgs = [Message(me, "sink", 0), Message(me, uuid.UUID(int=3), [1]), Message(me, "sink", 2)]
+    rows = [(stored_fields(m), i) for m, i in zip(msgs, [0, 1, 0], strict=True)]
+    entries = [wire.table_entry("sink"), wire.table_entry(uuid.UUID(int=3))]
+    jsons = [wire.tell_payload_json(m.payload) for m in msgs]
+    return wire.encode_block(rows, [e for e in entries if e is not None], jsons), msgs
+
+
+def _patched(data: bytes, at: int, new: bytes) -> bytes:
+    return data[:at] + new + data[at + len(new) :]
+
+
+_TABLE_AT: Final = 6 + 3 * 43
+_JSON_AT: Final = _TABLE_AT + 6 + 18
+
+
+@pytest.mark.parametrize(
+    ("change", "numbered", "problem"),
+    [
+        (lambda b: _patched(b, 0, struct.pack(">I", 1000)), 1000, "1000 rows of 43 bytes"),
+        (lambda b: _patched(b, 0, struct.pack(">I", 0)), 0, "0 rows"),
+        (lambda b: _patched(b, 4, struct.pack(">H", 0)), 3, "0 addresses for 3 rows"),
+        (lambda b: _patched(b, 4, struct.pack(">H", 3)), 3, "address 2 of 3:"),
+        (lambda b: _patched(b, 4, struct.pack(">H", 4)), 3, "4 addresses for 3 rows"),
+        (lambda b: _patched(b, 6 + 43 + 41, struct.pack(">H", 2)), 3, "row 1: address 2 of 2"),
+        (lambda b: _patched(b, 6 + 2 * 43, b"\x63"), 3, "row 2: address 0 of 2, kind code 99"),
+        (lambda b: _patched(b, _TABLE_AT, struct.pack(">H", 900)), 3, "900 bytes do not fit"),
+        (lambda b: _patched(b, _TABLE_AT + 2, b"\xff"), 3, "not UTF-8"),
+        (lambda b: b[:_JSON_AT] + b"[0,[1]]", 3, "of 2, not an array of 3"),
+        (lambda b: b[:_JSON_AT] + b'{"a":1}', 3, "a JSON dict of 1, not an array of 3"),
+        (lambda b: b[:_JSON_AT] + b"[0,[1],", 3, "payloads"),
+        (lambda b: b[:3], 3, "a block of 3 bytes"),
+        (lambda b: b, 4, "batch head says 4 tells, it holds 3"),
+    ],
+)
+def test_a_bad_block_of_rows_is_refused_whole_saying_what_is_wrong(
+    change: Any, numbered: int, problem: str
+) -> None:
+    block, msgs = _good_block()
+    body = _block_batch(block, 3)
+    head, offset = batch.read_head(body)
+    assert batch.read_columnar(body, offset, 3, print)[0] == msgs
+    body = _block_batch(change(block), numbered)
+    head, offset = batch.parse_head(body)
+    with pytest.raises(batch.BatchError, match=re.escape(problem)):
+        batch.read_columnar(body, offset, head.numbered, print)
+
+
+def test_a_block_of_rows_is_no_frame_of_an_nxb2_batch() -> None:
+    block, _ = _good_block()
+    body = _block_batch(block, 3, columnar=False)
+    head, offset = batch.read_head(body)
+    assert body[:4] == b"NXB2" and not head.columnar
+    with pytest.raises(batch.BatchError, match="unknown kind 4"):
+        batch.split_frames(body, offset, head.numbered)
+
+
+def test_a_record_lists_the_batch_versions_its_node_reads() -> None:
+    """A record without ``batches`` (a kernel of an earlier version) reads NXB2 only: no
+    NXB3 is written to it; one that lists NXB3 gets it; a version this kernel does not
+    know is kept and never written; a bad list is refused naming the field."""
+    old = decode_record(encode_record("a", 1, 0.0, {}), 0.0)
+    assert old.batches is None
+    assert old.reads_batches("NXB2") and not old.reads_batches("NXB3")
+    new = decode_record(encode_record("a", 1, 0.0, {}, batches=("NXB2", "NXB3", "NXB9")), 0.0)
+    assert new.reads_batches("NXB3") and new.reads_batches("NXB2")
+    assert new.batches == frozenset({"NXB2", "NXB3", "NXB9"})
+    three = decode_record(encode_record("a", 1, 0.0, {}, batches=["NXB3"]), 0.0)
+    assert not three.reads_batches("NXB2")
+    for bad in ("NXB3", [3], [""], ["x" * 17], ["NXB2"] * 17):
+        record = json.loads(encode_record("a", 1, 0.0, {}))
+        record["batches"] = bad
+        with pytest.raises(ValueError, match="bad 'batches'"):
+            decode_record(json.dumps(record).encode(), 0.0)

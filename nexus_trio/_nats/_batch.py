@@ -34,18 +34,28 @@ from __future__ import annotations
 
 import struct
 import uuid
-from typing import Final, final
+from collections.abc import Callable
+from typing import Any, Final, final
 
 import trio
 
-from .._message import Address
+from .._errors import MessageDecodeError
+from .._message import Address, Message
+from . import _wire as wire
 from ._wire import NODE_NAME_MAX, is_node_name
 
 MAGIC: Final = b"NXB2"
+#: the columnar version: NXB2's head and frames, and a frame kind of its own (``ROWS``)
+#: for a block of common tells; written only to a node whose membership record lists it
+MAGIC_COLUMNAR: Final = b"NXB3"
+COLUMNAR: Final = "NXB3"
+#: the batch versions this node reads, as its membership record lists them (a record
+#: without the list is a node of an earlier version: NXB2 only)
+READ_VERSIONS: tuple[str, ...] | None = ("NXB2", COLUMNAR)
 #: NXB1, the version before binary tells, is still read (its tells are format 1 JSON,
 #: which the decoder of a tell reads too); a node of that version refuses NXB2 batches
 #: as a whole, counted and logged, instead of failing on each tell
-_READ_MAGICS: Final = frozenset((b"NXB1", MAGIC))
+_READ_MAGICS: Final = frozenset((b"NXB1", MAGIC, MAGIC_COLUMNAR))
 _HEAD: Final = struct.Struct(">4sQQQQIH")
 _FRAME: Final = struct.Struct(">IB")
 _CREDIT: Final = struct.Struct(">QQ")
@@ -59,7 +69,19 @@ frame_head: Final = _FRAME.pack
 TELL: Final = 1
 CANCEL: Final = 2
 CREDIT: Final = 3
+#: a block of rows (NXB3 only): see :func:`close_rows`
+ROWS: Final = 4
 _KINDS: Final = frozenset((TELL, CANCEL, CREDIT))
+
+#: what a row adds to its block besides its payload's JSON (the row, a comma)
+ROW_COST: Final = wire.ROW_SIZE + 1
+#: what a block costs once: its frame's length and kind, its head, the array's brackets
+BLOCK_COST: Final = FRAME_OVERHEAD + wire.BLOCK_HEAD_SIZE + 2
+#: the most addresses one block's table holds (an index is a u16)
+TABLE_MAX: Final = 0xFFFF
+#: the creation times (nanoseconds) a row carries: its microseconds in 64 bits
+NS_MIN: Final = -(1 << 63) * 1000
+NS_MAX: Final = (1 << 63) * 1000
 
 
 class BatchError(ValueError):
@@ -70,7 +92,7 @@ class BatchError(ValueError):
 class BatchHead:
     """What the fixed part of a batch says."""
 
-    __slots__ = ("dest_prefix", "first", "node", "numbered", "sender_prefix", "session")
+    __slots__ = ("columnar", "dest_prefix", "first", "node", "numbered", "sender_prefix", "session")
 
     def __init__(
         self,
@@ -80,7 +102,10 @@ class BatchHead:
         dest_prefix: int,
         first: int,
         numbered: int,
+        columnar: bool = False,
     ) -> None:
+        #: an NXB3 batch (see :func:`read_columnar`)
+        self.columnar = columnar
         self.node = node
         self.sender_prefix = sender_prefix
         self.session = session
@@ -95,7 +120,7 @@ def parse_head(data: bytes) -> tuple[BatchHead, int]:
         raise BatchError(f"batch of {len(data)} bytes is shorter than its {HEAD_SIZE}-byte head")
     magic, sender_prefix, session, dest_prefix, first, numbered, name_len = _HEAD.unpack_from(data)
     if magic not in _READ_MAGICS:
-        raise BatchError(f"batch starts with {magic!r}, not {MAGIC!r}")
+        raise BatchError(f"batch starts with {magic!r}, not {MAGIC!r} or {MAGIC_COLUMNAR!r}")
     end = HEAD_SIZE + name_len
     if name_len == 0 or end > len(data):
         raise BatchError(f"batch node name of {name_len} bytes does not fit")
@@ -111,7 +136,10 @@ def parse_head(data: bytes) -> tuple[BatchHead, int]:
         )
     if first < 1:
         raise BatchError(f"batch first number {first} (numbers start at 1)")
-    return BatchHead(node, sender_prefix, session, dest_prefix, first, numbered), end
+    head = BatchHead(
+        node, sender_prefix, session, dest_prefix, first, numbered, magic == MAGIC_COLUMNAR
+    )
+    return head, end
 
 
 def read_head(data: bytes) -> tuple[BatchHead, int]:
@@ -130,7 +158,7 @@ def read_head(data: bytes) -> tuple[BatchHead, int]:
 
 
 def split_frames(
-    data: bytes, offset: int, numbered: int
+    data: bytes, offset: int, numbered: int, blocks: list[int] | None = None
 ) -> tuple[list[bytes], list[tuple[int, bytes]]]:
     """The batch's frames from ``offset``: the bodies of its tells in order, and its
     control frames (``CANCEL``, ``CREDIT``) as ``(kind, body)`` in order. Checked as a
@@ -141,6 +169,10 @@ def split_frames(
     Tells and control frames come apart because nothing orders one against the other (a
     query never travels in a batch, so a cancel concerns no tell of it, and credit is for
     the stream the other way): a tell costs no tuple here and no kind test later.
+
+    ``blocks`` (an NXB3 batch, see :func:`read_columnar`): ``ROWS`` frames are taken too,
+    their bodies among the tells' in order, their places in ``tells`` added to
+    ``blocks``; the count of tells is then the caller's to check.
     """
     tells: list[bytes] = []
     controls: list[tuple[int, bytes]] = []
@@ -160,6 +192,9 @@ def split_frames(
                 add_tell(data[offset + FRAME_OVERHEAD : end])
             elif kind in _KINDS:
                 controls.append((kind, data[offset + FRAME_OVERHEAD : end]))
+            elif kind == ROWS and blocks is not None:
+                blocks.append(len(tells))
+                add_tell(data[offset + FRAME_OVERHEAD : end])
             else:
                 raise BatchError(
                     f"frame {len(tells) + len(controls)} at byte {offset}: unknown kind {kind}"
@@ -170,9 +205,52 @@ def split_frames(
         raise BatchError(
             f"frame {len(tells) + len(controls)} at byte {offset}: truncated length"
         ) from None
-    if len(tells) != numbered:
+    if blocks is None and len(tells) != numbered:
         raise BatchError(f"batch head says {numbered} tells, it holds {len(tells)}")
     return tells, controls
+
+
+def read_columnar(
+    data: bytes,
+    offset: int,
+    numbered: int,
+    undecodable: Callable[[MessageDecodeError], object],
+) -> tuple[list[Message], list[tuple[int, bytes]]]:
+    """The messages and control frames of an NXB3 batch from ``offset``, the messages in
+    the order of their frames (single tells and blocks of rows). Checked as a whole
+    before any message is used, as :func:`split_frames` checks a batch, and every block
+    whole (:func:`_wire.decode_block`: a block that does not check is the whole batch's
+    BatchError, none of its tells used, where a single tell that does not decode is
+    handed to ``undecodable`` alone, as in NXB2); a count of tells other than the head's
+    is a BatchError."""
+    places: list[int] = []
+    bodies, controls = split_frames(data, offset, numbered, places)
+    if not places:
+        if len(bodies) != numbered:
+            raise BatchError(f"batch head says {numbered} tells, it holds {len(bodies)}")
+        return wire.decode_tells(bodies, undecodable), controls
+    decoded: list[list[Message]] = []
+    count = len(bodies) - len(places)
+    for place in places:
+        body = bodies[place]
+        try:
+            msgs = wire.decode_block(body, 0, len(body))
+        except ValueError as exc:
+            raise BatchError(f"block of rows {len(decoded)}, after {place} tells: {exc}") from None
+        decoded.append(msgs)
+        count += len(msgs)
+    if count != numbered:
+        raise BatchError(f"batch head says {numbered} tells, it holds {count}")
+    out: list[Message] = []
+    start = 0
+    for place, msgs in zip(places, decoded, strict=True):
+        if place > start:
+            out += wire.decode_tells(bodies[start:place], undecodable)
+        out += msgs
+        start = place + 1
+    if start < len(bodies):
+        out += wire.decode_tells(bodies[start:], undecodable)
+    return out, controls
 
 
 def cancel_body(query_id: uuid.UUID, to: Address) -> bytes:
@@ -220,21 +298,36 @@ class NodeLink:
         "_peer_session",
         "_room",
         "cancels",
+        "columnar",
         "consumed",
         "credit_due",
         "dest_prefix",
+        "entries",
         "frames",
+        "jsons",
         "node",
+        "rows",
         "sent",
         "size",
+        "table",
         "tells",
         "window",
     )
 
-    def __init__(self, node: str, dest_prefix: int, window: int) -> None:
+    def __init__(self, node: str, dest_prefix: int, window: int, columnar: bool = False) -> None:
         self.node = node
         self.dest_prefix = dest_prefix
         self.window = window
+        #: whether the destination reads NXB3 (its membership record lists it): the
+        #: common tells then go as rows of a block (see :meth:`close_rows`)
+        self.columnar = columnar
+        #: the open block of rows: ``(stored_fields, index in entries)`` a tell, the
+        #: payloads' JSON, the table of addresses (its entries, and their index by the
+        #: address: a name, or an id's 128-bit value)
+        self.rows: list[tuple[tuple[Any, ...], int]] = []
+        self.jsons: list[bytes] = []
+        self.entries: list[bytes] = []
+        self.table: dict[str | int, int] = {}
         #: frames of the open batch, ready to join (a tell's as two parts: its length and
         #: kind, then its body)
         self.frames: list[bytes] = []
@@ -262,13 +355,29 @@ class NodeLink:
 
     def add_tell(self, body: bytes) -> int:
         """Add a tell's frame to the open batch; returns the batch's size in bytes now.
-        (Its length and kind go in as a part of their own: the body is not copied.)"""
+        (Its length and kind go in as a part of their own: the body is not copied.)
+        After the open block of rows, if any: in order."""
+        if self.rows:
+            self.close_rows()
         frames = self.frames
         frames.append(frame_head(len(body) + 1, TELL))
         frames.append(body)
         self.tells += 1
         size = self.size = self.size + len(body) + FRAME_OVERHEAD
         return size
+
+    def close_rows(self) -> None:
+        """The open block of rows, packed, as a ``ROWS`` frame after the frames before
+        it (a single tell or the seal comes next); ``size`` counted it row by row."""
+        rows = self.rows
+        if rows:
+            body = wire.encode_block(rows, self.entries, self.jsons)
+            self.frames.append(frame_head(len(body) + 1, ROWS))
+            self.frames.append(body)
+            self.rows = []
+            self.jsons = []
+            self.entries = []
+            self.table = {}
 
     def add_cancel(self, query_id: uuid.UUID, to: Address) -> None:
         body = cancel_body(query_id, to)
@@ -278,18 +387,26 @@ class NodeLink:
 
     @property
     def pending(self) -> bool:
-        return bool(self.frames) or self.credit_due is not None
+        return bool(self.frames) or bool(self.rows) or self.credit_due is not None
 
     def seal(self, node: bytes, sender_prefix: int, session: int) -> tuple[bytes, int]:
         """The open batch as one body (numbering its tells), and how many tells it holds;
         the link starts a new batch. ``node`` is this node's name, encoded."""
+        if self.rows:
+            self.close_rows()
         frames = self.frames
         if self.credit_due is not None:
             frames.insert(0, _FRAME.pack(_CREDIT.size + 1, CREDIT) + _CREDIT.pack(*self.credit_due))
             self.credit_due = None
         tells = self.tells
         head = _HEAD.pack(
-            MAGIC, sender_prefix, session, self.dest_prefix, self.sent + 1, tells, len(node)
+            MAGIC_COLUMNAR if self.columnar else MAGIC,
+            sender_prefix,
+            session,
+            self.dest_prefix,
+            self.sent + 1,
+            tells,
+            len(node),
         )
         body = b"".join((head, node, *frames))
         self.sent += tells

@@ -134,6 +134,25 @@ _FRAME_OVERHEAD: Final = batch.FRAME_OVERHEAD
 #: a tell frame's length and kind, packed (see _add_tell)
 _tell_frame_head: Final = batch.frame_head
 _TELL: Final = batch.TELL
+_ROW_COST: Final = batch.ROW_COST
+_BLOCK_COST: Final = batch.BLOCK_COST
+_TABLE_MAX: Final = batch.TABLE_MAX
+_NS_MIN: Final = batch.NS_MIN
+_NS_MAX: Final = batch.NS_MAX
+
+
+def _is_row(fields: tuple[Any, ...]) -> bool:
+    """Whether a tell (its ``stored_fields``) goes as a row of a columnar block: no
+    optional ids, a creation time whose microseconds fit 64 bits (the rest go as single
+    tells, in order with the rows)."""
+    return (
+        fields[6] is None
+        and fields[7] is None
+        and fields[8] is None
+        and _NS_MIN <= fields[5] < _NS_MAX
+    )
+
+
 _KV_OPS_DELETED: Final = ("DEL", "PURGE")
 #: deleted names whose delete's revision a node keeps (then the oldest are forgotten)
 _NAME_DELETES_KEPT: Final = 4096
@@ -209,7 +228,9 @@ _Parked = tuple[NatsMsg | None, Message, bool, str | None]
 #: body), and the stream to credit, named
 #: ``<node>:<session>.<id prefix>`` of its sender (None when it was meant for another
 #: process of this node's name)
-_OpenBatch = tuple[batch.BatchHead, list[bytes], list[tuple[int, bytes]], str | None]
+#: a batch checked and read: its head, its tells' messages in order (the undecodable
+#: ones counted and left out), its control frames, the stream its credit goes to
+_OpenBatch = tuple[batch.BatchHead, list[Message], list[tuple[int, bytes]], str | None]
 
 
 @final
@@ -726,6 +747,7 @@ class Cluster:
         "_batch_bytes",
         "_batch_frames",
         "_batch_subject",
+        "_batch_versions",
         "_batches_published",
         "_batches_received",
         "_bucket_births",
@@ -907,6 +929,8 @@ class Cluster:
         self._batch_bytes = batch.batch_limit(1 << 20, self.node, options.batch_bytes)
         # options read by every tell (the options are frozen)
         self._batch_frames = options.batch_frames
+        #: the node-batch versions this node reads, as its record lists them (see _batch)
+        self._batch_versions = batch.READ_VERSIONS
         self._high_water = options.outbox_high_water
         # this join's session: streams of an earlier join of this process are apart (and
         # its sessions in the order of its joins, see _streams.new_session)
@@ -1422,7 +1446,10 @@ class Cluster:
                 await self._deliver_alone(msg, routed, outside)
                 return
             link = self._link_for(msg, routed)
-        body = self._tell_body(msg, fields)
+        # its bytes (or its payload's JSON, for a row) before any wait: refused at once
+        # if they cannot be written
+        row = link.columnar and _is_row(fields)
+        body = self._row_json(msg, fields) if row else self._tell_body(msg, fields)
         # (link.has_room(), written out: every tell to another kernel comes here)
         if (
             link.sent + link.tells - link.consumed >= link.window
@@ -1447,11 +1474,12 @@ class Cluster:
                 if routing.cancelled_caught:
                     raise self._no_room(msg, link)
                 return
-        self._published += 1
-        if (
-            self._add_tell(link, body)
-            and trio.lowlevel.current_statistics().tasks_runnable < _SEAL_YIELD_RUNNABLE
-        ):
+        if row:
+            sealed = self._add_row(link, msg, fields, body)
+        else:
+            self._published += 1
+            sealed = self._add_tell(link, body)
+        if sealed and trio.lowlevel.current_statistics().tasks_runnable < _SEAL_YIELD_RUNNABLE:
             # A full batch was sealed: let the asyncio side write it to the socket now
             # (the destination starts on it while this sender goes on), without raising
             # Cancelled: the message is taken. (Not yielding here was tried and undone:
@@ -1487,6 +1515,22 @@ class Cluster:
             or len(self._outbox_queued) >= self._high_water
         ):
             return 0
+        if (
+            link.columnar
+            and fields[6] is None
+            and fields[8] is None
+            and _NS_MIN <= fields[5] < _NS_MAX
+        ):  # (_is_row, written out: reply_to is None here)
+            try:
+                json = wire.tell_payload_json(fields[2])
+            except wire.UNENCODABLE as exc:
+                raise self._unencodable(msg, exc) from exc
+            if (
+                self._add_row(link, msg, fields, json)
+                and trio.lowlevel.current_statistics().tasks_runnable < _SEAL_YIELD_RUNNABLE
+            ):
+                return 2
+            return 1
         try:
             body = wire.encode_stored_tell(msg, fields)
         except wire.UNENCODABLE as exc:
@@ -1495,10 +1539,11 @@ class Cluster:
         size = length + _FRAME_OVERHEAD
         limit = self._batch_bytes
         if size > limit and size > self._max_frame():
-            raise self._too_big(msg, body)
+            raise self._too_big(msg, len(body))
         self._published += 1
-        if link.size + size > limit and link.frames:
-            # the open batch has no room for it: sealed first (see _add_tell)
+        if (link.size + size > limit and link.frames) or link.rows:
+            # the open batch has no room for it: sealed first; or rows wait before it
+            # (see _add_tell)
             sealed = self._add_tell(link, body)
         else:
             # _add_tell, written out for a tell that fits its open batch
@@ -1586,11 +1631,15 @@ class Cluster:
                 self._put_alone(msg, routed)
                 return
             link = self._link_for(msg, routed)
-        body = self._tell_body(msg, fields)
+        row = link.columnar and _is_row(fields)
+        body = self._row_json(msg, fields) if row else self._tell_body(msg, fields)
         if not link.has_room():
             raise self._no_room(msg, link, waited=False)
-        self._add_tell(link, body)
-        self._published += 1
+        if row:
+            self._add_row(link, msg, fields, body)
+        else:
+            self._add_tell(link, body)
+            self._published += 1
 
     def cancel_query(self, query_id: uuid.UUID, to: Address) -> None:
         """The requester stopped waiting: a cancel frame goes to the node the query went
@@ -1836,7 +1885,16 @@ class Cluster:
                 self._notice_settled()
 
     def _new_link(self, stream: _Stream) -> batch.NodeLink:
-        link = self._links[stream] = batch.NodeLink(stream[0], stream[1], self.options.node_window)
+        """A link to process ``stream``: columnar (NXB3) if the record of that process, as
+        the member table holds it, lists NXB3 (a rejoin with another record gets a new
+        link, see _restart_streams), NXB2 otherwise."""
+        info = self.members.members.get(stream[0])
+        columnar = (
+            info is not None and info.id_prefix == stream[1] and info.reads_batches(batch.COLUMNAR)
+        )
+        link = self._links[stream] = batch.NodeLink(
+            stream[0], stream[1], self.options.node_window, columnar
+        )
         return link
 
     def _tell_body(self, msg: Message, fields: tuple[Any, ...]) -> bytes:
@@ -1849,12 +1907,12 @@ class Cluster:
         size = len(body) + _FRAME_OVERHEAD
         # the second test only for a big one: a tell that fits a batch fits NATS
         if size > self._batch_bytes and size > self._max_frame():
-            raise self._too_big(msg, body)
+            raise self._too_big(msg, len(body))
         return body
 
-    def _too_big(self, msg: Message, body: bytes) -> TransportUnavailable:
+    def _too_big(self, msg: Message, size: int) -> TransportUnavailable:
         return TransportUnavailable(
-            f"message {msg.id} to {msg.to} is {len(body)} bytes encoded: more than"
+            f"message {msg.id} to {msg.to} is {size} bytes encoded: more than"
             f" NATS accepts in one message (max_payload {self.max_payload()} bytes)"
         )
 
@@ -1874,16 +1932,24 @@ class Cluster:
         limit = self._batch_bytes
         sealed = False
         size = len(body)
-        if link.size + size + _FRAME_OVERHEAD > limit and link.frames:
+        if link.size + size + _FRAME_OVERHEAD > limit and (link.frames or link.rows):
             self._seal_batch(link)
             sealed = True
+        if link.rows:
+            link.close_rows()  # a single tell after rows: in order, after their block
         # link.add_tell(body), written out: every tell to another kernel comes here
         frames = link.frames
         frames.append(_tell_frame_head(size + 1, _TELL))
         frames.append(body)
+        return self._grown(link, size + _FRAME_OVERHEAD, sealed)
+
+    def _grown(self, link: batch.NodeLink, size: int, sealed: bool) -> bool:
+        """A tell of ``size`` bytes joined ``link``'s open batch (``sealed``: one was
+        sealed before it): count it, seal the batch if it is full now, else want it
+        flushed. True if a batch was sealed."""
         tells = link.tells = link.tells + 1
-        size = link.size = link.size + size + _FRAME_OVERHEAD
-        if size >= limit or tells >= self._batch_frames:
+        size = link.size = link.size + size
+        if size >= self._batch_bytes or tells >= self._batch_frames:
             self._seal_batch(link)
             return True
         # _want_flush, inline: every tell to another kernel comes here
@@ -1892,6 +1958,63 @@ class Cluster:
             dirty[link] = None
             self._flush_wanted.set()
         return sealed
+
+    def _row_json(self, msg: Message, fields: tuple[Any, ...]) -> bytes:
+        """The payload's JSON of a tell that goes as a row (see _add_row)."""
+        try:
+            return wire.tell_payload_json(fields[2])
+        except wire.UNENCODABLE as exc:
+            raise self._unencodable(msg, exc) from exc
+
+    def _add_row(
+        self, link: batch.NodeLink, msg: Message, fields: tuple[Any, ...], json: bytes
+    ) -> bool:
+        """Put a tell (``_is_row``, its payload's JSON ``json``) in its columnar link's
+        open block of rows, counted published; seal the batch when it is full, as
+        :meth:`_add_tell` does (one that does not fit goes in the next batch). Its head
+        is packed with the block's other rows at the block's close (``close_rows``). An
+        address the block's table cannot hold (a name past 64 KiB, a table full) goes as
+        a single tell, in order. True if a batch was sealed."""
+        to = fields[1]
+        key = to if to.__class__ is str else to.int
+        table = link.table
+        index = table.get(key)
+        size = len(json) + _ROW_COST
+        if index is None:
+            try:
+                entry = wire.table_entry(to)
+            except wire.UNENCODABLE as exc:
+                raise self._unencodable(msg, exc) from exc
+            if entry is None or len(table) >= _TABLE_MAX:
+                body = self._tell_body(msg, fields)
+                self._published += 1
+                return self._add_tell(link, body)
+            size += len(entry)
+        else:
+            entry = None
+        if not link.rows:
+            size += _BLOCK_COST
+        limit = self._batch_bytes
+        if size > limit and size > self._max_frame():
+            raise self._too_big(msg, size)
+        self._published += 1
+        sealed = False
+        if link.size + size > limit and (link.frames or link.rows):
+            self._seal_batch(link)
+            sealed = True
+            if entry is None:
+                entry = wire.table_entry(to)
+                assert entry is not None  # (it was in the table)
+            # a new block (and table) in the new batch
+            size = len(json) + _ROW_COST + len(entry) + _BLOCK_COST
+            table = link.table
+            index = None
+        if index is None:
+            index = table[key] = len(table)
+            link.entries.append(entry)  # type: ignore[arg-type]
+        link.rows.append((fields, index))
+        link.jsons.append(json)
+        return self._grown(link, size, sealed)
 
     def _want_flush(self, link: batch.NodeLink) -> None:
         # A link already dirty was flagged since the last flush (which empties _dirty
@@ -2447,8 +2570,8 @@ class Cluster:
             if self._inbox.closed:
                 self._refuse_inbound(opened)  # the leave closed it, as above
                 return
-            head, _, _, stream = opened
-            self._dropped["inbox_full"] += head.numbered
+            head, msgs, _, stream = opened
+            self._dropped["inbox_full"] += len(msgs)  # (the undecodable ones counted)
             self._credit(stream, head.numbered)
 
     def _on_other_batch(self, subject: str, data: bytes) -> None:
@@ -2521,13 +2644,24 @@ class Cluster:
             self._log_loss(lost, sender)
         self._credit(stream, _skipped_credit(head.first - 1) if fresh else lost)
         try:
-            tells, controls = batch.split_frames(data, offset, head.numbered)
+            msgs, controls = self._read_frames(head, data, offset)
         except batch.BatchError as exc:
             self._malformed_batch(exc, head)
             self._dropped["malformed"] += head.numbered
             self._credit(stream, head.numbered)
             return None
-        return head, tells, controls, stream
+        return head, msgs, controls, stream
+
+    def _read_frames(
+        self, head: batch.BatchHead, data: bytes, offset: int
+    ) -> tuple[list[Message], list[tuple[int, bytes]]]:
+        """The messages and control frames of a batch (checked whole: BatchError); a
+        tell that does not decode is counted (``malformed``) and left out."""
+        undecodable = functools.partial(self._undecodable, head)
+        if head.columnar:
+            return batch.read_columnar(data, offset, head.numbered, undecodable)
+        tells, controls = batch.split_frames(data, offset, head.numbered)
+        return wire.decode_tells(tells, undecodable), controls
 
     def _old_session_batch(
         self, head: batch.BatchHead, data: bytes, offset: int
@@ -2540,13 +2674,13 @@ class Cluster:
         later join's stream not retired); counted in ``old_session_tells``."""
         self._received += head.numbered
         try:
-            tells, controls = batch.split_frames(data, offset, head.numbered)
+            msgs, controls = self._read_frames(head, data, offset)
         except batch.BatchError as exc:
             self._malformed_batch(exc, head)
             self._dropped["malformed"] += head.numbered
             return None
         self._old_session_tells += head.numbered
-        return head, tells, controls, None
+        return head, msgs, controls, None
 
     def _malformed_batch(self, exc: batch.BatchError, head: batch.BatchHead | None = None) -> None:
         self._dropped["malformed_batch"] += 1
@@ -2568,11 +2702,10 @@ class Cluster:
     def _deliver_batch(self, opened: _OpenBatch) -> None:
         """Deliver a checked batch without waiting: its control frames, then its tells
         in order (tells for a full mailbox are parked behind it, as single messages are)."""
-        head, tells, controls, stream = opened
+        head, msgs, controls, stream = opened
         for kind, body in controls:
             self._control_frame(head, kind, body)
-        msgs = wire.decode_tells(tells, functools.partial(self._undecodable, head))
-        consumed = len(tells) - len(msgs)
+        consumed = head.numbered - len(msgs)  # (the undecodable ones: counted)
         # Runs of plain enqueues (one lookup per address) while nothing is parked here;
         # the message a run stops at takes the single way (_admit), then the next run.
         handle = self.handle
@@ -2626,18 +2759,13 @@ class Cluster:
         if not self.kernel.shutting_down:
             self._deliver_batch(opened)
             return
-        head, tells, controls, stream = opened
+        head, msgs, controls, stream = opened
         for kind, body in controls:
             self._control_frame(head, kind, body)
-        consumed = 0
+        consumed = head.numbered - len(msgs)  # (the undecodable ones: counted)
         try:
-            for body in tells:
+            for index, msg in enumerate(msgs):
                 consumed += 1
-                try:
-                    msg = wire.decode_tell(body)
-                except MessageDecodeError as exc:
-                    self._undecodable(head, exc)
-                    continue
                 try:
                     await self._into_kernel(msg)
                 except (AgentNotFound, MailboxFull, KernelShuttingDown) as exc:
@@ -2646,22 +2774,17 @@ class Cluster:
                     # The leave (see _stop_deliveries): this tell and the rest of the
                     # batch are refused, counted (see _settle_cancelled)
                     self._settle_cancelled(None, msg, False)
-                    self._refuse_tells(head, tells[consumed:])
-                    consumed = len(tells)
+                    self._refuse_tells(msgs[index + 1 :])
+                    consumed = head.numbered
                     raise
         finally:
             self._credit(stream, consumed)
 
-    def _refuse_tells(self, head: batch.BatchHead, tells: list[bytes]) -> None:
+    def _refuse_tells(self, msgs: list[Message]) -> None:
         """Leaving: tells of a batch that will not be delivered; refused, counted (the
         caller returns their credit)."""
         leaving = self._left_the_cluster()
-        for body in tells:
-            try:
-                msg = wire.decode_tell(body)
-            except MessageDecodeError as exc:
-                self._undecodable(head, exc)
-                continue
+        for msg in msgs:
             self._refuse(None, msg, leaving)
 
     def _settle_cancelled(self, m: NatsMsg | None, msg: Message, is_query: bool) -> None:
@@ -2675,9 +2798,9 @@ class Cluster:
         refused, counted (a query gets its error frame, a reply to this node goes in
         without a wait if it can, as on arrival)."""
         if isinstance(item, tuple):
-            head, tells, _, stream = item
-            self._refuse_tells(head, tells)
-            self._credit(stream, len(tells))
+            head, msgs, _, stream = item
+            self._refuse_tells(msgs)
+            self._credit(stream, head.numbered)
             return
         subject = item.subject
         if subject.startswith(self._node_subject_prefix):
@@ -2799,7 +2922,7 @@ class Cluster:
         only to return credit to it goes too (one that carried tells goes with its
         sequence marks, see _send_sequence_marks)."""
         link = self._links.get((node, prefix))
-        if link is not None and not link.sent and not link.frames:
+        if link is not None and not link.sent and not link.frames and not link.rows:
             self._drop_link((node, prefix))
 
     def _check_sequence(self, value: str, *, is_mark: bool) -> None:
@@ -4276,6 +4399,7 @@ class Cluster:
             self.options.node_window,
             self.placement.types,
             self.durable.options.enabled,
+            self._batch_versions,
         )
 
     async def _heartbeat_once(self) -> None:

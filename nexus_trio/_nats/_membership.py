@@ -92,6 +92,16 @@ class NodeInfo:
     #: durable consumer, takes lost nodes' over); None in the record of a kernel of an
     #: earlier version, which does not say: taken as running it
     durable: bool | None = None
+    #: the node-batch versions it reads ("NXB2", "NXB3", see ``_batch``); None in the
+    #: record of a kernel of an earlier version, which reads NXB2 only
+    batches: frozenset[str] | None = None
+
+    def reads_batches(self, version: str) -> bool:
+        """Whether a node batch of ``version`` may be written to the node: its record
+        lists it (NXB2 for a record that lists none: a kernel of an earlier version)."""
+        if self.batches is None:
+            return version == "NXB2"
+        return version in self.batches
 
     @property
     def runs_durable(self) -> bool:
@@ -127,6 +137,7 @@ def encode_record(
     window: int | None = None,
     types: Iterable[str] | None = None,
     durable: bool | None = None,
+    batches: Iterable[str] | None = None,
 ) -> bytes:
     record: dict[str, Any] = {
         "node": node,
@@ -144,6 +155,8 @@ def encode_record(
         record["types"] = sorted(types)
     if durable is not None:
         record["durable"] = durable
+    if batches is not None:
+        record["batches"] = list(batches)
     return json.dumps(
         record,
         separators=(",", ":"),
@@ -199,6 +212,7 @@ def decode_record(data: bytes, seen_at: float, node: str | None = None) -> NodeI
         window=field("window", _window) if "window" in obj else None,
         types=field("types", _types) if "types" in obj else None,
         durable=field("durable", _flag) if "durable" in obj else None,
+        batches=field("batches", _batches) if "batches" in obj else None,
     )
 
 
@@ -207,6 +221,25 @@ def _flag(value: Any) -> bool:
     if type(value) is not bool:
         raise ValueError("not true or false")
     return value
+
+
+#: the most batch versions a record may list, and the longest name of one
+BATCHES_MAX: Final = 16
+_BATCH_NAME_MAX: Final = 16
+
+
+def _batches(value: Any) -> frozenset[str]:
+    """A record's ``batches``: a list of at most :data:`BATCHES_MAX` version names
+    (strings of 1 to 16 characters; one this kernel does not know is kept, never
+    written to); ValueError if not."""
+    if type(value) is not list:
+        raise ValueError("not a list of batch versions")
+    if len(value) > BATCHES_MAX:
+        raise ValueError(f"{len(value)} versions, more than {BATCHES_MAX}")
+    for name in value:
+        if type(name) is not str or not 1 <= len(name) <= _BATCH_NAME_MAX:
+            raise ValueError(f"{brief(name, 60)} is no batch version")
+    return frozenset(value)
 
 
 def _window(value: Any) -> int:

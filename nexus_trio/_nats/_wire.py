@@ -526,6 +526,21 @@ _NAMED: dict[str, bytes] = {}
 NAME_CACHE_BYTES: Final = 256
 
 
+def name_entry(name: str) -> bytes | None:
+    """A name as a binary tell (and a columnar block's table of addresses) carries it:
+    its length in UTF-8 bytes (u16), then those bytes; None for a name past 64 KiB.
+    UnicodeEncodeError (one of :data:`UNENCODABLE`) for a name no UTF-8 can carry."""
+    entry = _NAMED.get(name)
+    if entry is None:
+        raw = name.encode()
+        if len(raw) > 0xFFFF:
+            return None
+        entry = _NAME_LEN.pack(len(raw)) + raw
+        if len(raw) <= NAME_CACHE_BYTES:
+            _remember(_NAMED, name, entry)
+    return entry
+
+
 def encode_tell(msg: Message) -> bytes:
     """The binary body of a tell in a node batch (see above)."""
     return encode_stored_tell(msg, stored_fields(msg))
@@ -538,14 +553,9 @@ def encode_stored_tell(msg: Message, fields: tuple[Any, ...]) -> bytes:
     tag = _BINARY
     if isinstance(to, str):
         tag |= _TO_NAME
-        to_bytes = _NAMED.get(to)
+        to_bytes = _NAMED.get(to) or name_entry(to)
         if to_bytes is None:
-            name = to.encode()
-            if len(name) > 0xFFFF:
-                return encode_message(msg)  # a name past 64 KiB: format 1 has no limit
-            to_bytes = _NAME_LEN.pack(len(name)) + name
-            if len(name) <= NAME_CACHE_BYTES:
-                _remember(_NAMED, to, to_bytes)
+            return encode_message(msg)  # a name past 64 KiB: format 1 has no limit
     else:
         to_bytes = to.int.to_bytes(16)
     optional = b""
@@ -562,9 +572,15 @@ def encode_stored_tell(msg: Message, fields: tuple[Any, ...]) -> bytes:
     except struct.error:
         # a timestamp outside 64 bits: format 1 carries any integer
         return encode_message(msg)
-    # The payload's JSON: its common kinds written here (one Python call fewer per tell),
-    # the rest by _payload_json (the read-back of a container, the checked way). A
-    # container is written at once if it is flat (see _flat) or holds flat containers
+    return b"".join((head, to_bytes, optional, tell_payload_json(payload)))
+
+
+def tell_payload_json(payload: Any) -> bytes:
+    """The JSON of a tell's payload as a node batch carries it (a binary tell's, a row's
+    of a columnar block: see ``_batch``); raises one of :data:`UNENCODABLE` for a
+    payload JSON has no type for."""
+    # Its common kinds written here, the rest by _payload_json (the read-back of a
+    # container, the checked way). A container is written at once if it is flat (see _flat) or holds flat containers
     # (``{"n": 0, "args": [1, 2]}``): that walk is written out here, not a call of
     # _flat (the call was 470 of the 6,090 instructions of bench_nats's payload, 1.4% of
     # a tell sent to another kernel; docs/distributed.md, fortieth pass), and a dict's
@@ -609,8 +625,7 @@ def encode_stored_tell(msg: Message, fields: tuple[Any, ...]) -> bytes:
                 break
         else:
             flat = True
-    json = _dumps(payload) if flat else _payload_json(payload)
-    return b"".join((head, to_bytes, optional, json))
+    return _dumps(payload) if flat else _payload_json(payload)
 
 
 def _optional_ids(
@@ -815,6 +830,140 @@ def decode_tells(
         except MessageDecodeError as exc:
             undecodable(exc)
     return msgs
+
+
+# --- columnar blocks (NXB3's ROWS frames, see _batch) -----------------------------------------
+
+#: a block's head: how many rows, how many addresses in its table
+_BLOCK_HEAD: Final = struct.Struct(">IH")
+#: a row: kind code, time (microseconds), id, sender, index of its address in the table
+_ROW: Final = struct.Struct(">Bq16s16sH")
+ROW_SIZE: Final = _ROW.size
+BLOCK_HEAD_SIZE: Final = _BLOCK_HEAD.size
+_KIND_CODES: Final = {kind: code for code, kind in enumerate(_KIND_LIST)}
+#: a table entry of an agent id: a name length of 0, then the id's 16 bytes
+_ID_ENTRY: Final = b"\x00\x00"
+
+
+def table_entry(to: Address) -> bytes | None:
+    """Address ``to`` as a block's table holds it: a name as a binary tell carries it
+    (:func:`name_entry`: None past 64 KiB), an agent id as two zero bytes and its 16."""
+    if isinstance(to, str):
+        return _NAMED.get(to) or name_entry(to)
+    return _ID_ENTRY + to.int.to_bytes(16)
+
+
+def encode_block(
+    rows: list[tuple[tuple[Any, ...], int]], entries: list[bytes], jsons: list[bytes]
+) -> bytes:
+    """The body of a block of common tells (no optional ids; see ``_batch``): ``rows``
+    as ``(stored_fields, index of the address in entries)``, the table ``entries``
+    (:func:`table_entry`), the payloads' JSON ``jsons`` (:func:`tell_payload_json`, one
+    a row), all packed here, in one comprehension and three joins::
+
+        block = rows u32 | addresses u16 | row* | entry* | "[" payload ("," payload)* "]"
+        row   = kind u8 | time us i64 | id 16 | sender 16 | address index u16
+        entry = name length u16 | name (UTF-8), or 0 u16 | agent id 16
+    """
+    pack = _ROW.pack
+    codes = _KIND_CODES
+    packed = [
+        pack(
+            codes[f[3]],
+            f[5] // 1000,
+            (f[4] if f[4].__class__ is int else f[4].int).to_bytes(16),
+            f[0].int.to_bytes(16),
+            index,
+        )
+        for f, index in rows
+    ]
+    return b"".join(
+        (
+            _BLOCK_HEAD.pack(len(rows), len(entries)),
+            b"".join(packed),
+            b"".join(entries),
+            b"[",
+            b",".join(jsons),
+            b"]",
+        )
+    )
+
+
+def decode_block(data: bytes, start: int, end: int) -> list[Message]:
+    """The messages of the block ``data[start:end]`` (:func:`encode_block`), in order;
+    checked whole before any is made (rows against the count, the table's entries
+    against the bytes, the address indexes against the table, the payloads against the
+    rows): ValueError saying what is wrong, no message of it used."""
+    if end - start < BLOCK_HEAD_SIZE:
+        raise ValueError(f"a block of {end - start} bytes (at least {BLOCK_HEAD_SIZE})")
+    count, entries = _BLOCK_HEAD.unpack_from(data, start)
+    rows_at = start + BLOCK_HEAD_SIZE
+    offset = rows_at + count * ROW_SIZE
+    if count < 1 or offset > end:
+        raise ValueError(f"{count} rows of {ROW_SIZE} bytes in its {end - rows_at} bytes")
+    if not 1 <= entries <= count:
+        raise ValueError(f"{entries} addresses for {count} rows")
+    names: list[Address] = []
+    for entry in range(entries):
+        if offset + 2 > end:
+            raise ValueError(f"address {entry} of {entries}: truncated")
+        (length,) = _NAME_LEN.unpack_from(data, offset)
+        offset += 2
+        if offset + (length or 16) > end:
+            raise ValueError(f"address {entry} of {entries}: {length or 16} bytes do not fit")
+        if length:
+            raw = data[offset : offset + length]
+            name = _NAMES.get(raw)
+            if name is None:
+                name = utf8_text(raw, f"address {entry}", offset)
+                if length <= NAME_CACHE_BYTES:
+                    _remember(_NAMES, raw, name)
+            names.append(name)
+            offset += length
+        else:
+            names.append(_agent_from_bytes(data[offset : offset + 16]))
+            offset += 16
+    try:
+        payloads = _read_json(data[offset:end], "payloads", offset)
+    except RecursionError:
+        raise ValueError("its payloads are nested too deeply") from None
+    except ValueError as exc:
+        raise ValueError(f"its payloads are no JSON ({exc})") from None
+    if payloads.__class__ is not list or len(payloads) != count:
+        raise ValueError(
+            f"its payloads are a JSON {type(payloads).__name__}"
+            f" of {len(payloads) if isinstance(payloads, list) else 1}, not an array of {count}"
+        )
+    known = _AGENT_BYTES.get
+    agent = _agent_from_bytes
+    kinds = _KIND_LIST
+    try:
+        return [
+            restore_message(
+                known(sender) or agent(sender),
+                names[to],
+                payload,
+                kinds[kind],
+                _from_bytes(msg_id),
+                us,
+                None,
+                None,
+                None,
+            )
+            for (kind, us, msg_id, sender, to), payload in zip(
+                _ROW.iter_unpack(data[rows_at : rows_at + count * ROW_SIZE]), payloads, strict=True
+            )
+        ]
+    except IndexError:
+        # (both unsigned: only past the end) said row by row, once, for the log
+        for row, (kind, _, _, _, to) in enumerate(
+            _ROW.iter_unpack(data[rows_at : rows_at + count * ROW_SIZE])
+        ):
+            if to >= entries or kind >= _KIND_COUNT:
+                raise ValueError(
+                    f"row {row}: address {to} of {entries}, kind code {kind} of {_KIND_COUNT}"
+                ) from None
+        raise
 
 
 _OPTIONAL_IDS: Final = _CONVERSATION | _REPLY_TO | _TRACE
