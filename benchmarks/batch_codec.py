@@ -17,13 +17,14 @@ encoded whole, forty-fourth pass"):
   JSON and its address bytes at the send (what must be taken then: the payload may
   change after the send, and a payload JSON refuses raises at the send); the heads (ids,
   time, kind, all fixed once sent) are packed at the seal, in one comprehension;
-* ``send_columnar``: a prototype of a new batch layout (not a wire format of the
-  kernel's): the heads packed at the seal as fixed-size rows (an address as an index
-  into the batch's table of addresses), the payloads as one JSON array;
-* ``receive`` / ``receive_columnar``: reading such a batch back into messages (today's
-  ``read_head``, ``split_frames`` and ``decode_tells``; the prototype's rows by one
-  ``iter_unpack`` and its payloads by one msgspec decode); these counts include the
-  sending side that made the batches (subtract ``send`` / ``send_columnar``).
+* ``send_columnar``: NXB3, the columnar batch (forty-fourth pass, its second part:
+  the prototype's layout made a wire format), as the kernel writes it: the heads
+  packed at the seal as fixed-size rows (an address as an index into the block's
+  table of addresses), the payloads as one JSON array;
+* ``receive`` / ``receive_columnar``: reading such a batch back into messages (NXB2:
+  ``read_head``, ``split_frames`` and ``decode_tells``; NXB3: ``read_head`` and
+  ``read_columnar``); these counts include the sending side that made the batches
+  (subtract ``send`` / ``send_columnar``).
 
 A check at the start reads back what each way wrote: the same messages.
 """
@@ -50,7 +51,6 @@ from nexus_trio._message import (  # noqa: E402
     Message,
     MessageKind,
     new_message,
-    restore_message,
     stored_fields,
 )
 from nexus_trio._nats import _batch as batch  # noqa: E402
@@ -61,17 +61,11 @@ TELLS = 512
 WAYS = ("messages", "send", "send_deferred", "send_columnar", "receive", "receive_columnar")
 
 _dumps = wire._dumps
-_loads = wire._loads
 _SCALARS = wire._NO_FLOAT
 _KINDS = tuple(MessageKind)
 _KIND_CODES = {kind: code for code, kind in enumerate(_KINDS)}
 #: a frame's length and kind, then a tell's tag, kind, time, id and sender (NXB2)
 _FRAMED_HEAD = struct.Struct(">IBBBq16s16s")
-#: the prototype's row: kind, time, id, sender, index of the address in the table
-_ROW = struct.Struct(">Bq16s16sH")
-_COUNTS = struct.Struct(">IH")
-_NAME_LEN = struct.Struct(">H")
-_from_bytes = int.from_bytes
 
 
 def messages() -> list[Message]:
@@ -147,32 +141,29 @@ def send_deferred(msgs: list[Message]) -> bytes:
 
 
 def send_columnar(msgs: list[Message]) -> bytes:
-    sent = []
-    jsons = []
-    add_fields = sent.append
-    add_json = jsons.append
-    size = 0
+    """NXB3 as the kernel writes it (``Cluster.take_tell`` and ``_add_row``: the
+    payload's JSON and the address's place in the block's table at the send, the rows
+    packed at the seal)."""
+    link = batch.NodeLink("responder", 7, 1 << 30, columnar=True)
+    table = link.table
     for msg in msgs:
         fields = stored_fields(msg)
-        json = payload_json(fields[2])
-        add_fields(fields)
-        add_json(json)
-        size += len(json) + 43
-    table: dict[Any, int] = {}
-    pack = _ROW.pack
-    rows = [
-        pack(
-            _KIND_CODES[f[3]],
-            f[5] // 1000,
-            f[4].to_bytes(16),
-            f[0].int.to_bytes(16),
-            table.setdefault(f[1], len(table)),
-        )
-        for f in sent
-    ]
-    names = b"".join(_NAME_LEN.pack(len(raw)) + raw for raw in (name.encode() for name in table))
-    head = b"NXB3" + _COUNTS.pack(len(rows), len(table))
-    return b"".join((head, *rows, names, b"[", b",".join(jsons), b"]"))
+        json = wire.tell_payload_json(fields[2])
+        to = fields[1]
+        key = to if to.__class__ is str else to.int
+        index = table.get(key)
+        size = len(json) + batch.ROW_COST
+        if index is None:
+            entry = wire.table_entry(to)
+            assert entry is not None
+            index = table[key] = len(table)
+            link.entries.append(entry)
+            size += len(entry)
+        link.rows.append((fields, index))
+        link.jsons.append(json)
+        link.tells += 1
+        link.size += size
+    return link.seal(b"client", 9, 11)[0]
 
 
 def receive(data: bytes) -> list[Message]:
@@ -182,33 +173,9 @@ def receive(data: bytes) -> list[Message]:
 
 
 def receive_columnar(data: bytes) -> list[Message]:
-    count, addresses = _COUNTS.unpack_from(data, 4)
-    end = 10 + count * _ROW.size
-    rows = _ROW.iter_unpack(data[10:end])
-    names = []
-    for _ in range(addresses):
-        (length,) = _NAME_LEN.unpack_from(data, end)
-        names.append(data[end + 2 : end + 2 + length].decode())
-        end += 2 + length
-    payloads = _loads(memoryview(data)[end:])
-    if len(payloads) != count:
-        raise ValueError(f"{len(payloads)} payloads for {count} rows")
-    known = wire._AGENT_BYTES.get
-    agent = wire._agent_from_bytes
-    return [
-        restore_message(
-            known(sender) or agent(sender),
-            names[to],
-            payload,
-            _KINDS[kind],
-            _from_bytes(msg_id),
-            us,
-            None,
-            None,
-            None,
-        )
-        for (kind, us, msg_id, sender, to), payload in zip(rows, payloads, strict=True)
-    ]
+    """NXB3 as the kernel reads it (``read_head``, ``read_columnar``)."""
+    head, offset = batch.read_head(data)
+    return batch.read_columnar(data, offset, head.numbered, print)[0]
 
 
 def _same(one: list[Message], other: list[Message]) -> bool:

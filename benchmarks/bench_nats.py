@@ -22,7 +22,10 @@ responder costs nothing while the other side runs):
 
 Payloads are the same small JSON object on both sides (the kernel adds its envelope).
 Prints p50/p99 request latency, tell throughput (``send``, and ``send_nowait``), and
-nexus/raw ratios.
+nexus/raw ratios; for nexus also the CPU time a tell of each process (the client's and
+the responder's ``time.process_time``, all threads, over each tell phase and its polls
+for the count: ``client_cpu_us_per_tell``, ``responder_cpu_us_per_tell``, and
+``..._nowait``), which moves less with the machine's load than a rate.
 """
 
 from __future__ import annotations
@@ -149,6 +152,8 @@ async def _nexus_responder(url: str) -> None:
         nonlocal count
         if msg.payload == "count":
             return count
+        if msg.payload == "cpu":  # this process's CPU seconds so far (all its threads)
+            return time.process_time()
         count += 1
         return None
 
@@ -189,6 +194,8 @@ async def _nexus_client(url: str, requests: int, tells: int) -> dict[str, float]
             # raises MailboxFull when the window is full, and the producer then waits
             # with ``send`` (what a producer that must lose nothing does).
             base = await kernel.request("sink", "count")
+            cpu_there = await kernel.request("sink", "cpu")
+            cpu_here = time.process_time()
             t0 = time.perf_counter()
             for _ in range(tells):
                 if nowait:
@@ -206,9 +213,15 @@ async def _nexus_client(url: str, requests: int, tells: int) -> dict[str, float]
                 await trio.sleep(0.001)
             if counted < tells:
                 raise RuntimeError(f"nexus: only {counted} tells of {tells} arrived")
-            return tells / (time.perf_counter() - t0)
+            rate = tells / (time.perf_counter() - t0)
+            # CPU a tell of each process (the polls for the count included: a few ms)
+            key = "_nowait" if nowait else ""
+            result[f"client_cpu_us_per_tell{key}"] = (time.process_time() - cpu_here) / tells * 1e6
+            cpu = await kernel.request("sink", "cpu") - cpu_there
+            result[f"responder_cpu_us_per_tell{key}"] = cpu / tells * 1e6
+            return rate
 
-        result = _summary(samples, tells, 1.0)
+        result.update(_summary(samples, tells, 1.0))
         result["tell_per_s"] = await tell_rate(nowait=False)
         result["tell_nowait_per_s"] = await tell_rate(nowait=True)
         stats = cluster.stats()

@@ -840,7 +840,6 @@ _BLOCK_HEAD: Final = struct.Struct(">IH")
 _ROW: Final = struct.Struct(">Bq16s16sH")
 ROW_SIZE: Final = _ROW.size
 BLOCK_HEAD_SIZE: Final = _BLOCK_HEAD.size
-_KIND_CODES: Final = {kind: code for code, kind in enumerate(_KIND_LIST)}
 #: a table entry of an agent id: a name length of 0, then the id's 16 bytes
 _ID_ENTRY: Final = b"\x00\x00"
 
@@ -866,10 +865,12 @@ def encode_block(
         entry = name length u16 | name (UTF-8), or 0 u16 | agent id 16
     """
     pack = _ROW.pack
-    codes = _KIND_CODES
+    command = _COMMAND_KIND
+    kinds = _KIND_LIST
     packed = [
         pack(
-            codes[f[3]],
+            # (not a dict of the kinds: an Enum member hashes in Python)
+            0 if f[3] is command else kinds.index(f[3]),
             f[5] // 1000,
             (f[4] if f[4].__class__ is int else f[4].int).to_bytes(16),
             f[0].int.to_bytes(16),
