@@ -1525,6 +1525,26 @@ class Cluster:
                 json = wire.tell_payload_json(fields[2])
             except wire.UNENCODABLE as exc:
                 raise self._unencodable(msg, exc) from exc
+            to = fields[1]
+            index = link.table.get(to if to.__class__ is str else to.int)
+            size = len(json) + _ROW_COST
+            if (
+                index is not None
+                and link.size + size < self._batch_bytes
+                and link.tells + 1 < self._batch_frames
+            ):
+                # _add_row, written out for a row of the open block that names an address
+                # of its table and leaves its batch open (a call a tell fewer)
+                self._published += 1
+                link.rows.append((fields, index))
+                link.jsons.append(json)
+                link.tells += 1
+                link.size += size
+                dirty = self._dirty
+                if link not in dirty:  # (_want_flush)
+                    dirty[link] = None
+                    self._flush_wanted.set()
+                return 1
             if (
                 self._add_row(link, msg, fields, json)
                 and trio.lowlevel.current_statistics().tasks_runnable < _SEAL_YIELD_RUNNABLE
