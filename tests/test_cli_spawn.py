@@ -720,6 +720,10 @@ async def test_a_ctrl_c_that_lands_in_the_handler_after_its_write_stops_the_chil
     async def interrupted_after_the_message(self: ProcessAgent, data: bytes, **how: Any) -> None:
         await write(self, data, **how)
         if json.loads(data)["type"] == "message":
+            # once the child has noted it (as in the failure: else a loaded machine's
+            # child may be sent SIGTERM before it read the line, CI 214)
+            while not (notes.exists() and "message" in notes.read_text()):  # noqa: ASYNC110
+                await trio.sleep(0.01)  # (another process's file: no event)
             raise KeyboardInterrupt  # (as Trio raises a Ctrl-C in unprotected code)
 
     monkeypatch.setattr(ProcessAgent, "_write", interrupted_after_the_message)
