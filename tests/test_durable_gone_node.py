@@ -22,7 +22,7 @@ import trio
 import trio_asyncio
 
 from nexus_trio._nats import Cluster, NatsServer
-from nexus_trio._nats._durable import DurableChannel, _owner_of
+from nexus_trio._nats._durable import _SWEEP_KEY, DurableChannel, _owner_of
 
 from .nats_server import until
 from .test_durable_lost_node import _keeper, _store_for_id, consumer_deleted
@@ -148,6 +148,59 @@ async def test_what_is_stored_for_a_gone_node_after_a_look_found_nothing_is_swep
     # (1: a look that ran before the first was stored leaves it to a sweep, 2 then)
     assert swept >= 1
     assert sweeps >= 1 and failures == 0
+
+
+def _sweep_roles() -> tuple[str, str, str]:
+    """(gone, owner, sweeper): ``owner`` is the rendezvous owner of the gone node's
+    messages over the two others, ``sweeper`` the owner of the periodic sweep over the
+    same two."""
+    for gone, owner, sweeper in [("a", "b", "c"), ("a", "c", "b"), ("b", "a", "c")]:
+        if _owner_of(gone, owner, [sweeper]) and _owner_of("", sweeper, [owner], key=_SWEEP_KEY):
+            return gone, owner, sweeper
+    raise AssertionError("no names that split the two roles")
+
+
+async def test_the_periodic_sweep_takes_over_what_another_node_owns(
+    nats: NatsServer,
+) -> None:
+    """The gone node's owner and the periodic sweeper are two nodes: the owner's look
+    (and every node's sweep when the gone node left) found nothing; a message stored for
+    it after (a sender cut off longer than ``last_notice_wait``) is taken over by the
+    periodic sweep, made by the sweeper, which takes each node it finds. (Before, the
+    sweeper took only the nodes it owned, and the owner swept only when a live member
+    went: the message waited for ``max_age``; the wait for it timed out on b7d8920's
+    _durable.py, swapped in.)"""
+    gone, owner, sweeper = _sweep_roles()
+    handled: list[tuple[uuid.UUID, Any]] = []
+    asked: dict[str, int] = {owner: 0, sweeper: 0}
+    async with (
+        local_node(nats.url, owner, durable=DURABLE, **QUICK) as (ko, co),
+        local_node(nats.url, sweeper, durable=DURABLE, **QUICK) as (_ks, cs),
+    ):
+        ko.spawn(_keeper(handled, "keeper"))
+        for node, cluster in ((owner, co), (sweeper, cs)):
+            real = cluster.durable._unpulled
+
+            async def counted(real: Any = real, node: str = node) -> set[str]:
+                found: set[str] = await real()
+                asked[node] += 1
+                return found
+
+            cluster.durable._unpulled = counted  # type: ignore[method-assign]
+        with trio.fail_after(30):
+            async with local_node(nats.url, gone, durable=DURABLE, **QUICK):
+                await until(lambda: gone in co.members.members and gone in cs.members.members)
+            await until(lambda: gone in co.durable._looks)
+            await until(lambda: gone not in co.durable._looks)
+            # (the sweeps asked by its leave are over too: they found nothing)
+            await until(lambda: asked[owner] >= 1 and asked[sweeper] >= 1)
+            sent = await store_for(co, "keeper", "after the look", node=gone)
+            await until(lambda: len(handled) >= 1)
+            await _stream_empty(co)
+            await consumer_deleted(co, gone)
+        swept = (co.durable.swept, cs.durable.swept)
+    assert handled == [(sent.id, "after the look")]
+    assert swept == (0, 1)
 
 
 async def test_a_node_that_rejoins_while_its_drained_consumer_is_deleted_gets_what_is_stored_for_it(

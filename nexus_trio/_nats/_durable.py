@@ -1015,21 +1015,26 @@ class DurableChannel:
                 asked = now >= self._sweep_due
                 if asked:
                     self._sweep_due = math.inf
+                every_node = False
                 if now >= periodic:
                     periodic = now + every
-                    asked = asked or _owner_of(
+                    every_node = _owner_of(
                         "", self.cluster.node, sorted(self._live_durable), key=_SWEEP_KEY
                     )
-                if asked:
-                    await self._sweep()
+                if asked or every_node:
+                    await self._sweep(every_node)
 
-    async def _sweep(self) -> None:
+    async def _sweep(self, every_node: bool = False) -> None:
         """Find the nodes no member any more whose subjects hold messages (see
         :meth:`_unpulled`) and take over those this node owns (the rendezvous owner of
         ``durable:<node>`` over the live members that run the durable path), as a look
-        does (see :meth:`_look_again`). A node that is a member again, or taken over or
-        looked at here already, is left to those. A sweep JetStream does not answer is
-        counted (``sweep_failures``), logged, and made again at the next period."""
+        does (see :meth:`_look_again`); ``every_node`` (the periodic sweep, made by one
+        node for the cluster): each one found, whoever owns it (its owner sweeps only
+        when a live member goes: what is stored after a look found nothing was left to
+        the sweeper's share of the owners, the other shares waited for ``max_age``). A
+        node that is a member again, or taken over or looked at here already, is left
+        to those. A sweep JetStream does not answer is counted (``sweep_failures``),
+        logged, and made again at the next period."""
         self.sweeps += 1
         try:
             found = await call_aio(self._unpulled)
@@ -1065,7 +1070,7 @@ class DurableChannel:
                 or self._left_at.get(node, self._started) >= recent
                 or node in self._takeovers
                 or node in self._looks
-                or not _owner_of(node, own, live)
+                or not (every_node or _owner_of(node, own, live))
             ):
                 continue
             self.swept += 1
