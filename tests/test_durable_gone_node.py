@@ -17,11 +17,13 @@ import uuid
 from types import SimpleNamespace
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio_asyncio
 
 from nexus_trio._nats import Cluster, NatsServer
+from nexus_trio._nats._aio import call_aio
 from nexus_trio._nats._durable import _SWEEP_KEY, DurableChannel, _owner_of
 
 from .nats_server import until
@@ -294,3 +296,36 @@ async def test_a_sweep_finds_held_consumers_nobody_pulls_and_subjects_with_no_co
     covered = _FakeJs(consumers, {"px.durable.b.1": 2, "px.durable.c.2": 1})
     assert await _unpulled(covered) == {"b"}
     assert covered.subject_reads == 0
+
+
+async def test_a_message_stored_for_a_node_as_it_leaves_does_not_go_to_its_ended_pull(
+    nats: NatsServer,
+) -> None:
+    """b's durable path stops (the first step of its leave) while a pull request of its
+    fetch waits on the server (the fetch cancelled here, its request alive there until
+    it expires); a message stored for b right then (by a sender that still has b) stays
+    in b's consumer: a's look takes it over after b's leave and a's agent handles it.
+    (Before, the stopped pull's request took it: delivered to an inbox nobody reads, it
+    waited out ack_wait, 60 s here, before anyone could have it: the timeouts of this
+    file's periodic-sweep and owner tests at load, 3 of 36 in one run of copies. On
+    b7d8920's _durable.py swapped in this test times out at 40 s.)"""
+    patient = attrs.evolve(DURABLE, ack_wait=60.0)
+    handled: list[tuple[uuid.UUID, Any]] = []
+    async with local_node(nats.url, "a", durable=patient, **QUICK) as (ka, ca):
+        ka.spawn(_keeper(handled, "keeper-a"))
+        stream = f"{ca.prefix}-durable"
+        with trio.fail_after(40):
+            async with local_node(nats.url, "b", durable=patient, **QUICK) as (_kb, cb):
+                await until(lambda: "b" in ca.members.members)
+
+                async def waiting() -> bool:
+                    info = await call_aio(ca.data_js.consumer_info, stream, "b")
+                    return bool(info.num_waiting)
+
+                while not await waiting():  # noqa: ASYNC110 (the server's state: no event)
+                    await trio.sleep(0.02)
+                await cb.durable.stop()
+                sent = await store_for(ca, "keeper-a", "as b leaves", node="b")
+            await until(lambda: len(handled) >= 1)
+            await _stream_empty(ca)
+    assert handled == [(sent.id, "as b leaves")]

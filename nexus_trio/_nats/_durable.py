@@ -102,6 +102,7 @@ from .._throttle import Throttle
 from . import _wire as wire
 from ._aio import Outbox, call_aio, call_aio_bounded
 from ._auth import redact
+from ._direct import flush
 from ._placement import placement_weight
 
 if TYPE_CHECKING:
@@ -839,6 +840,7 @@ class DurableChannel:
                 held,
                 self.options.ack_wait,
             )
+        await self._end_pull_requests(start + timeout / 2 + _PULL_CANCEL_WAIT)
         await self._close_ops(start + timeout)
         unsent = self._settles_queued - self._settles_sent
         if unsent > 0:
@@ -855,6 +857,37 @@ class DurableChannel:
             )
             # counted: a second stop (the leave's, after a caller's) counts them not again
             self._settles_sent = self._settles_queued
+
+    async def _end_pull_requests(self, until: float) -> None:
+        """Leaving: the pull's cancel ends the fetch here, not its request on the
+        server, which waits out the fetch's wait there (``FETCH_WAIT``): a message stored
+        for this node meanwhile (by a sender that has not heard the leave yet) went to
+        it, into an inbox nobody reads, and waited out ``ack_wait`` before the node's next
+        process or a survivor's takeover could have it. The inbox is unsubscribed, and the
+        server has it (a flush), before the leave is announced: the server drops a
+        request whose inbox has no subscriber (see :meth:`_drop_pull_requests`). Bounded
+        by ``until``; what fails is left to the requests' expiry, as before, and so are
+        they while the data connection is down, or its client holds unwritten bytes (a
+        reconnect under way the watch has not marked yet): the server dropped the inbox
+        with a connection that went, and what the client holds is the leave's to count
+        (see ``Cluster._take_client_buffer``), not to be pushed out by this flush."""
+        try:
+            nc = self.cluster.nc
+        except TransportUnavailable:
+            return  # (never connected)
+        if self.cluster.connections.down_at(_DATA) is not None or nc.pending_data_size:
+            return
+        psub = self._psub
+
+        async def unsubscribe() -> None:
+            await psub.unsubscribe()
+            await flush(nc, _PULL_CANCEL_WAIT)
+
+        with (
+            trio.move_on_at(until),
+            contextlib.suppress(nats.errors.Error, OSError, ValueError, TimeoutError),
+        ):
+            await call_aio_bounded(_PULL_CANCEL_WAIT, unsubscribe)
 
     async def _close_ops(self, until: float) -> None:
         """Leaving: close the queue of acks, naks and terms (they are sent on the data
