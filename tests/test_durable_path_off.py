@@ -41,6 +41,14 @@ OFF = DurableOptions(enabled=False)
 _NotFound = nats.js.errors.NotFoundError
 
 
+async def _one_handled_one_dead(ca: Cluster, handled: list[tuple[uuid.UUID, Any]]) -> None:
+    """Until the message by name stored for a gone node is handled on a, the one by id is
+    dead there, and the stream is empty."""
+    await until(lambda: len(handled) >= 1)
+    await until(lambda: ca.stats().durable_dead >= 1)
+    await _stream_empty(ca)
+
+
 def test_a_record_says_whether_its_node_runs_the_durable_path_and_a_hostile_value_is_refused() -> (
     None
 ):
@@ -109,9 +117,7 @@ async def test_a_lost_node_s_messages_are_taken_over_by_a_member_that_runs_the_d
                 child = await _lost_child(nats.url, ca, cb)
                 sent = await store_for(ca, "keeper-a", 1, node="c")
                 await _store_for_id(ca, "c", uuid.UUID(child.ids["echo-c"]))
-                await until(lambda: len(handled) >= 1)
-                await until(lambda: ca.stats().durable_dead >= 1)
-                await _stream_empty(ca)
+                await _one_handled_one_dead(ca, handled)
                 consumer = await call_aio(ca.data_js.consumer_info, f"{ca.prefix}-durable", "c")
             a, b = ca.stats(), cb.stats()
     finally:
@@ -225,9 +231,7 @@ async def test_a_node_back_with_its_durable_path_off_has_its_stored_messages_tak
             sent = await store_for(ca, "keeper-a", "for b", node="b")
             await _store_for_id(ca, "b", on_b.id)
             async with local_node(nats.url, "b", durable=OFF, **options) as (_kb, _cb):
-                await until(lambda: len(handled) >= 1)
-                await until(lambda: ca.stats().durable_dead >= 1)
-                await _stream_empty(ca)
+                await _one_handled_one_dead(ca, handled)
                 await consumer_deleted(ca, "b")
         a = ca.stats()
     assert handled == [(sent.id, "for b")]
@@ -345,9 +349,7 @@ async def test_what_is_stored_for_a_node_gone_for_good_is_taken_over_a_last_noti
             await until(lambda: "b" not in ca.members.members)
             sent = await store_for(ca, "keeper-a", "for b", node="b")
             await _store_for_id(ca, "b", on_b.id)
-            await until(lambda: len(handled) >= 1)
-            await until(lambda: ca.stats().durable_dead >= 1)
-            await _stream_empty(ca)
+            await _one_handled_one_dead(ca, handled)
             await consumer_deleted(ca, "b")
         a = ca.stats()
     assert handled == [(sent.id, "for b")]

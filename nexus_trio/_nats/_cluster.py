@@ -95,7 +95,7 @@ from . import _kvops as kvops
 from . import _wire as wire
 from ._aio import Inbox, Outbox, asyncio_loop, call_aio, current_aio_loop, on_loop
 from ._auth import NatsAuth, install_redaction, redact, split_credentials
-from ._durable import DurableChannel, DurableOptions
+from ._durable import DurableChannel, DurableOptions, is_finite_seconds
 from ._held import HeldLines
 from ._membership import (
     MemberTable,
@@ -255,12 +255,7 @@ def _finite_seconds(bound: str) -> Callable[[Any, attrs.Attribute[Any], Any], No
     above = bound == "> 0"
 
     def check(inst: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not (value > 0 if above else value >= 0)
-            or not math.isfinite(value)
-        ):
+        if not is_finite_seconds(value, above=above):
             raise ValueError(
                 f"{attribute.alias or attribute.name} must be a finite number of seconds"
                 f" {bound}, got {value!r}"

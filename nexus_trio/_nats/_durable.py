@@ -210,6 +210,18 @@ def _count(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         )
 
 
+def is_finite_seconds(value: Any, *, above: bool) -> bool:
+    """Whether ``value`` is a finite number of seconds, ``> 0`` if ``above`` else ``>= 0``
+    (a bool is no number of seconds; NaN and infinities are refused): the test of the
+    durable and cluster options' validators, each with its own words."""
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and math.isfinite(value)
+        and (value > 0 if above else value >= 0)
+    )
+
+
 def _finite_seconds(bound: str) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
     """A validator of a finite number of seconds, ``bound`` ``", at least 0"`` (a
     JetStream nak delay) or ``" above 0"`` (JetStream takes them in nanoseconds:
@@ -217,12 +229,7 @@ def _finite_seconds(bound: str) -> Callable[[Any, attrs.Attribute[Any], Any], No
     above = bound == " above 0"
 
     def check(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-            or not (value > 0 if above else value >= 0)
-        ):
+        if not is_finite_seconds(value, above=above):
             raise ValueError(
                 f"DurableOptions {attribute.name} must be a finite number of seconds{bound};"
                 f" got {value!r} ({type(value).__name__})"
