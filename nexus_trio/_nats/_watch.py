@@ -58,13 +58,23 @@ class ConnectionWatch:
         return down_at is not None and trio.current_time() >= down_at + wait
 
     async def wait_up(self, role: str) -> None:
-        """Return once the ``role`` connection is up (at once if it is); never if it
-        closed (bound it, or race it: :meth:`unless_gone`)."""
+        """Return once the ``role`` connection is up (at once if it is, after a
+        checkpoint); never if it closed (bound it, or race it: :meth:`unless_gone`).
+
+        Always a checkpoint, as Trio's own waits (``Event.wait`` on an event set): a loop
+        over it is cancellable and lets other tasks run while the connection is up."""
+        if role not in self._down_at:
+            await trio.lowlevel.checkpoint()
+            return
         while role in self._down_at:
             await self._changed.wait()
 
     async def wait_down(self, role: str) -> None:
-        """Return once the ``role`` connection is down (at once if it is)."""
+        """Return once the ``role`` connection is down (at once if it is, after a
+        checkpoint, as :meth:`wait_up`)."""
+        if role in self._down_at:
+            await trio.lowlevel.checkpoint()
+            return
         while role not in self._down_at:
             await self._changed.wait()
 
